@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Make .venv in the repo root and install mixlab into it (editable).
+# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh dev,peers
+# torch: if the venv has none, the CPU build 2.13.0 is installed; bring your own torch by installing
+# it into .venv first (any version >= 2.5 is kept as it is).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/python -m pip install -q torch==2.13.0
+fi
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+.venv/bin/python -m pip install -q -e "$spec" 2>&1 | grep -v -e "^WARNING: Location" -e "^$" || true
+.venv/bin/python -c "import mixlab" || { echo "setup failed: mixlab does not import" >&2; exit 1; }

@@ -1,0 +1,80 @@
+"""The KV cache: preallocated per-layer buffers, static or rolling (sliding window), one code path.
+
+Token number t of the (left-padded) batch is written to slot t % capacity. Each slot also records
+the absolute position of the token it holds (-1 = empty or padding), so attention masks come from
+positions alone: a key is visible to a query when 0 <= q_pos - k_pos < window. With capacity equal
+to the longest sequence the cache is static; with a sliding window the capacity can be smaller
+than the sequence and old slots are overwritten (the rolling buffer of Mistral 7B, arXiv
+2310.06825 §2). A chunk of T tokens never evicts a key that one of its own queries still needs
+while T <= capacity - window + 1; the model checks this.
+
+Shape legend: B batch, G key/value heads, C capacity (slots), Hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixlab.config import ModelConfig
+
+
+class CacheFullError(ValueError):
+    pass
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        prefill_chunk: int = 512,
+    ) -> None:
+        """`max_len`: the longest sequence (prompt + new tokens) this cache will hold.
+
+        With a sliding window, only `window + prefill_chunk - 1` slots are kept (rolling buffer).
+        """
+        if max_len > config.max_seq_len:
+            raise CacheFullError(
+                f"requested cache length {max_len} exceeds the model's context length {config.max_seq_len}"
+            )
+        capacity = max_len
+        if config.sliding_window is not None:
+            capacity = min(max_len, config.sliding_window + prefill_chunk - 1)
+        self.config = config
+        self.capacity = capacity
+        self.max_len = max_len
+        self.window = config.sliding_window
+        shape = (batch_size, config.n_kv_heads, capacity, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.pos_BC = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.t = 0  # tokens written so far (padded index)
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos_BC.shape[0]
+
+    def slots(self, T: int) -> torch.Tensor:
+        """The slots the next T tokens go to, checking that nothing still needed is overwritten."""
+        if self.t + T > self.max_len:
+            raise CacheFullError(f"the cache holds {self.max_len} tokens; {self.t} used, {T} more requested")
+        if self.t + T > self.capacity:
+            assert self.window is not None  # static caches have capacity == max_len
+            if T > self.capacity - self.window + 1:
+                raise CacheFullError(
+                    f"a chunk of {T} tokens would overwrite keys still inside the window "
+                    f"({self.window}) of a rolling cache with {self.capacity} slots; prefill in smaller chunks"
+                )
+        return (self.t + torch.arange(T, device=self.pos_BC.device)) % self.capacity
+
+    def n_filled(self, T: int) -> int:
+        """Slots in use once the next T tokens are written (the prefix of slots attention reads)."""
+        return min(self.t + T, self.capacity)
+
+    def reset(self) -> None:
+        self.pos_BC.fill_(-1)
+        self.t = 0

@@ -1,0 +1,56 @@
+"""`mixlab info` and `mixlab convert`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixlab.config import ModelConfig, get_preset
+
+
+def _config(spec: str) -> tuple[str, ModelConfig]:
+    p = Path(spec)
+    if p.is_dir():
+        return str(p), ModelConfig.from_dir(p)
+    return spec, get_preset(spec)
+
+
+def info(args: argparse.Namespace) -> int:
+    name, cfg = _config(args.model)
+    counts = cfg.param_counts()
+    kind = f"MoE, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}" if cfg.moe else "dense"
+    window = f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""
+    print(f"{name}: {kind}; {cfg.n_layers} layers, width {cfg.dim}, FFN {cfg.ffn_dim}, "
+          f"{cfg.n_heads} query / {cfg.n_kv_heads} KV heads of {cfg.head_dim}, vocab {cfg.vocab_size}, "
+          f"rope theta {cfg.rope_theta:g}, context {cfg.max_seq_len}{window}")
+    print(f"total parameters:  {counts['total']:,}")
+    print(f"active per token:  {counts['active']:,}  (attention, norms, router, top-{cfg.moe.top_k if cfg.moe else 1} "
+          "FFN per layer, embedding and output matrices)")
+    for part in ("embedding", "output", "attention", "ffn", "router", "norms"):
+        print(f"  {part + ':':<12}{counts[part]:>18,}")
+    print("weights:           " + ", ".join(
+        f"{n} {counts['total'] * b / 2**30:,.2f} GiB" for n, b in (("bf16", 2), ("int8", 1), ("int4", 0.5))))
+    print(f"KV cache per token: {cfg.kv_cache_bytes_per_token(2):,} bytes (bf16); "
+          f"{cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len / 2**30:,.2f} GiB at full context")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from mixlab.checkpoint import load_model, save_model
+
+    model = load_model(args.src, dtype=args.dtype)
+    save_model(model, args.dst, fmt=args.to, dtype=args.dtype)
+    print(f"wrote {args.dst} ({args.to})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameter counts, memory and KV-cache sizes of a preset or checkpoint")
+    p.add_argument("model", help="a preset name (e.g. mixtral-8x7b) or a checkpoint folder")
+    p.set_defaults(func=info)
+    p = sub.add_parser("convert", help="convert a checkpoint between formats")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["hf", "mistral"], default="hf")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.set_defaults(func=convert)

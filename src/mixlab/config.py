@@ -1,0 +1,338 @@
+"""Model configuration: one dataclass with a nested MoE part, presets, parameter counts, and the
+translation to and from transformers' `config.json` and Mistral's `params.json`.
+
+Nothing here allocates weights; `mixlab info` works on a 141B-parameter preset on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    # Training-time options; they do not change inference.
+    aux_loss_coef: float = 0.02  # Mixtral's router_aux_loss_coef
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss, arXiv 2202.08906
+    jitter: float = 0.0  # multiplicative input noise on the router, training only
+    capacity_factor: float | None = None  # None = dropless (Mixtral)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    ffn_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_seq_len: int = 32768
+    sliding_window: int | None = None  # None = full causal attention
+    tie_embeddings: bool = False
+    moe: MoEConfig | None = field(default_factory=MoEConfig)  # None = dense (Mistral 7B)
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        limit = 1 << 24  # 16M: far above any real width, far below an int overflow
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+                raise ConfigError(f"config field {name!r} must be an integer in [1, {limit}], got {v!r}")
+        if not isinstance(self.max_seq_len, int) or not 1 <= self.max_seq_len <= 1 << 24:
+            raise ConfigError(f"config field 'max_seq_len' must be in [1, {1 << 24}], got {self.max_seq_len!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"config field 'n_heads' ({self.n_heads}) must be a multiple of 'n_kv_heads' ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+            raise ConfigError(f"config field 'norm_eps' must be in (0, 1), got {self.norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise ConfigError(f"config field 'rope_theta' must be a finite number > 1, got {self.rope_theta!r}")
+        if self.sliding_window is not None and not (
+            isinstance(self.sliding_window, int) and self.sliding_window >= 1
+        ):
+            raise ConfigError(f"config field 'sliding_window' must be None or >= 1, got {self.sliding_window!r}")
+        if self.moe is not None:
+            m = self.moe
+            if not isinstance(m.num_experts, int) or not 1 <= m.num_experts <= 4096:
+                raise ConfigError(f"config field 'moe.num_experts' must be in [1, 4096], got {m.num_experts!r}")
+            if not isinstance(m.top_k, int) or not 1 <= m.top_k <= m.num_experts:
+                raise ConfigError(
+                    f"config field 'moe.top_k' must be in [1, num_experts={m.num_experts}], got {m.top_k!r}"
+                )
+            if m.capacity_factor is not None and not m.capacity_factor > 0:
+                raise ConfigError(f"config field 'moe.capacity_factor' must be > 0, got {m.capacity_factor!r}")
+
+    # -- derived fields ---------------------------------------------------------------------
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def param_counts(self) -> dict[str, int]:
+        """Exact parameter counts by part, without allocating anything.
+
+        `active` is what one token touches: embedding row lookup is counted as the whole embedding
+        matrix (as the Mixtral paper does to get 12.9B), attention, norms, router, top-k experts of
+        every layer, and the output matrix.
+        """
+        D, F = self.dim, self.ffn_dim
+        attn = D * self.q_dim + 2 * D * self.kv_dim + self.q_dim * D
+        norms = 2 * D
+        ffn_one = 3 * D * F
+        if self.moe is not None:
+            router = self.moe.num_experts * D
+            experts = self.moe.num_experts * ffn_one
+            experts_active = self.moe.top_k * ffn_one
+        else:
+            router, experts, experts_active = 0, ffn_one, ffn_one
+        embed = self.vocab_size * D
+        head = 0 if self.tie_embeddings else self.vocab_size * D
+        per_layer = attn + norms + router + experts
+        total = self.n_layers * per_layer + embed + head + D
+        active = self.n_layers * (attn + norms + router + experts_active) + embed + head + D
+        return {
+            "total": total,
+            "active": active,
+            "embedding": embed,
+            "output": head,
+            "attention": self.n_layers * attn,
+            "ffn": self.n_layers * experts,
+            "router": self.n_layers * router,
+            "norms": self.n_layers * norms + D,
+        }
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        return 2 * self.n_layers * self.kv_dim * bytes_per_element
+
+    # -- transformers config.json -----------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+        model_type = d.get("model_type")
+        if model_type not in ("mixtral", "mistral", "llama"):
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported (expected 'mixtral', 'mistral' or 'llama')"
+            )
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            if key not in d:
+                raise ConfigError(f"{source}: required field {key!r} is missing")
+        n_heads = d["num_attention_heads"]
+        hidden = d["hidden_size"]
+        if not isinstance(n_heads, int) or n_heads <= 0:
+            raise ConfigError(f"{source}: field 'num_attention_heads' must be a positive integer, got {n_heads!r}")
+        head_dim = d.get("head_dim") or (hidden // n_heads if isinstance(hidden, int) else hidden)
+        if d.get("head_dim") is None and isinstance(hidden, int) and hidden % n_heads:
+            raise ConfigError(
+                f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({n_heads}) "
+                "and no head_dim is given"
+            )
+        rope = d.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", d.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4))
+        rope_type = rope.get("rope_type", (d.get("rope_scaling") or {}).get("rope_type", "default"))
+        if rope_type not in (None, "default"):
+            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
+        moe = None
+        if model_type == "mixtral":
+            moe = MoEConfig(
+                num_experts=d.get("num_local_experts", 8),
+                top_k=d.get("num_experts_per_tok", 2),
+                aux_loss_coef=d.get("router_aux_loss_coef", 0.02),
+                jitter=d.get("router_jitter_noise", 0.0) or 0.0,
+            )
+        try:
+            return cls(
+                vocab_size=d["vocab_size"],
+                dim=hidden,
+                n_layers=d["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=d.get("num_key_value_heads") or n_heads,
+                head_dim=head_dim,
+                ffn_dim=d["intermediate_size"],
+                norm_eps=d.get("rms_norm_eps", 1e-5),
+                rope_theta=float(rope_theta),
+                max_seq_len=d.get("max_position_embeddings", 32768),
+                sliding_window=d.get("sliding_window") if model_type != "llama" else None,
+                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                moe=moe,
+                bos_id=d.get("bos_token_id", 1) if isinstance(d.get("bos_token_id", 1), int) else 1,
+                eos_id=d.get("eos_token_id", 2) if isinstance(d.get("eos_token_id", 2), int) else 2,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "architectures": ["MixtralForCausalLM" if self.is_moe else "MistralForCausalLM"],
+            "model_type": "mixtral" if self.is_moe else "mistral",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "sliding_window": self.sliding_window,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "attention_dropout": 0.0,
+            "torch_dtype": "float32",
+        }
+        if self.moe is not None:
+            d["num_local_experts"] = self.moe.num_experts
+            d["num_experts_per_tok"] = self.moe.top_k
+            d["router_aux_loss_coef"] = self.moe.aux_loss_coef
+            d["router_jitter_noise"] = self.moe.jitter
+            d["output_router_logits"] = False
+        return d
+
+    # -- Mistral params.json ----------------------------------------------------------------
+
+    @classmethod
+    def from_mistral_dict(cls, d: dict[str, Any], *, source: str = "params.json") -> ModelConfig:
+        """Read Mistral's `params.json`.
+
+        Published files often omit `rope_theta`; the published models used 1e6 for Mixtral (any file
+        with a `moe` section) and 1e4 for Mistral 7B v0.1 (dense), so that is the default here.
+        `sliding_window` (or the older `max_seq_len`-only files) follow the same rule: absent = none.
+        """
+        for key in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
+            if key not in d:
+                raise ConfigError(f"{source}: required field {key!r} is missing")
+        moe_d = d.get("moe")
+        moe = None
+        if moe_d is not None:
+            moe = MoEConfig(num_experts=moe_d.get("num_experts", 8), top_k=moe_d.get("num_experts_per_tok", 2))
+        default_theta = 1e6 if moe is not None else 1e4
+        try:
+            return cls(
+                vocab_size=d["vocab_size"],
+                dim=d["dim"],
+                n_layers=d["n_layers"],
+                n_heads=d["n_heads"],
+                n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
+                head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
+                ffn_dim=d["hidden_dim"],
+                norm_eps=d.get("norm_eps", 1e-5),
+                rope_theta=float(d.get("rope_theta") or default_theta),
+                max_seq_len=d.get("max_seq_len", 32768),
+                sliding_window=d.get("sliding_window"),
+                tie_embeddings=bool(d.get("tied_embeddings", False)),
+                moe=moe,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_mistral_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "head_dim": self.head_dim,
+            "hidden_dim": self.ffn_dim,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "norm_eps": self.norm_eps,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "max_seq_len": self.max_seq_len,
+        }
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
+        if self.tie_embeddings:
+            d["tied_embeddings"] = True
+        if self.moe is not None:
+            d["moe"] = {"num_experts": self.moe.num_experts, "num_experts_per_tok": self.moe.top_k}
+        return d
+
+    # -- files -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        """The config of a checkpoint folder: transformers `config.json` or Mistral `params.json`."""
+        p = Path(path)
+        for name, reader in (("config.json", cls.from_hf_dict), ("params.json", cls.from_mistral_dict)):
+            f = p / name
+            if f.is_file():
+                try:
+                    d = json.loads(f.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"{f}: not valid JSON ({e})") from None
+                if not isinstance(d, dict):
+                    raise ConfigError(f"{f}: expected a JSON object at the top level")
+                return reader(d, source=str(f))
+        raise ConfigError(f"{p}: no config.json (transformers) or params.json (Mistral) found")
+
+
+def _tiny(**kw: Any) -> ModelConfig:
+    base: dict[str, Any] = dict(
+        vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+        max_seq_len=512, moe=MoEConfig(num_experts=4, top_k=2),
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "mixtral-8x7b": ModelConfig(),
+    "mixtral-8x22b": ModelConfig(
+        vocab_size=32768, dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128, ffn_dim=16384,
+        max_seq_len=65536, rope_theta=1e6,
+    ),
+    "mistral-7b": ModelConfig(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+        rope_theta=1e4, max_seq_len=32768, sliding_window=4096, moe=None,
+    ),
+    # Mixtral-shaped, small enough for a laptop: the performance issue's benchmark model (~0.79B).
+    "mini-moe": ModelConfig(
+        vocab_size=32000, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, ffn_dim=3584,
+        rope_theta=1e6, max_seq_len=32768,
+    ),
+    # Test and demo sizes.
+    "tiny-moe": _tiny(),
+    "tiny-dense": _tiny(moe=None, sliding_window=32),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

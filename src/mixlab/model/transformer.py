@@ -1,0 +1,115 @@
+"""The decoder-only transformer (Mixtral when `config.moe` is set, Mistral 7B when it is None).
+
+Shape legend: B batch, T tokens in this call, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mixlab.cache import KVCache
+from mixlab.config import ModelConfig
+from mixlab.model.layers import Attention, DenseFFN, RMSNorm, attention_mask, rope_cos_sin
+from mixlab.model.moe import MoEBlock, Routing
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn: MoEBlock | DenseFFN = MoEBlock(config) if config.moe is not None else DenseFFN(config)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        slots: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Routing | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache, layer, slots)
+        h_BTD = self.ffn_norm(x_BTD)
+        if isinstance(self.ffn, MoEBlock):
+            y_BTD, routing = self.ffn(h_BTD)
+            return x_BTD + y_BTD, routing
+        return x_BTD + self.ffn(h_BTD), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self, *, std: float = 0.02, seed: int | None = None) -> None:
+        """Random initialisation for training from scratch: normal(0, std); output projections
+        (wo, w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    s = out_std if name.endswith(("wo.weight", "w2", "w2.weight")) else std
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
+
+    def set_moe_impl(self, impl: str) -> None:
+        for block in self.layers:
+            if isinstance(block.ffn, MoEBlock):
+                block.ffn.impl = impl
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        *,
+        positions_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_routing: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[Routing]]:
+        """Logits `[B, T, V]` (float, the model's dtype) for token ids `[B, T]`.
+
+        `positions_BT`: absolute position of each token, -1 for padding; default 0..T-1 (or
+        continuing the cache). With a cache, the tokens are appended to it. `return_routing` also
+        returns each MoE layer's `Routing`; `return_hidden` returns the final normed hidden state
+        `[B, T, D]` instead of logits (for chunked losses).
+        """
+        B, T = tokens_BT.shape
+        cfg = self.config
+        if positions_BT is None:
+            start = 0 if cache is None else cache.t
+            positions_BT = torch.arange(start, start + T, device=tokens_BT.device).expand(B, T)
+        x_BTD = self.tok_embeddings(tokens_BT)
+        cos, sin = rope_cos_sin(positions_BT, cfg.head_dim, cfg.rope_theta, x_BTD.dtype)
+        slots = None
+        if cache is not None:
+            slots = cache.slots(T)
+            cache.pos_BC[:, slots] = positions_BT
+            mask: torch.Tensor | None = attention_mask(positions_BT, cache.pos_BC[:, : cache.n_filled(T)], cfg.sliding_window)
+        elif (positions_BT < 0).any() or (cfg.sliding_window is not None and T > cfg.sliding_window):
+            mask = attention_mask(positions_BT, positions_BT, cfg.sliding_window)
+        else:
+            mask = None  # plain causal: lets SDPA take its fastest kernel
+        routings: list[Routing] = []
+        for i, block in enumerate(self.layers):
+            x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots)
+            if routing is not None and return_routing:
+                routings.append(routing)
+        if cache is not None:
+            cache.t += T
+        h_BTD = self.norm(x_BTD)
+        out = h_BTD if return_hidden else self.output(h_BTD)
+        return (out, routings) if return_routing else out

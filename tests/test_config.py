@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from mixlab.config import PRESETS, ConfigError, ModelConfig, MoEConfig, get_preset
+from mixlab.model import Transformer
+
+
+def test_mixtral_8x7b_counts_match_the_paper():
+    counts = get_preset("mixtral-8x7b").param_counts()
+    assert counts["total"] == 46_702_792_704
+    assert counts["active"] == 12_879_925_248
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_counts_equal_the_meta_model(name):
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    numel = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    assert cfg.param_counts()["total"] == numel
+
+
+def test_mini_moe_is_about_079b():
+    assert 0.78e9 < get_preset("mini-moe").param_counts()["total"] < 0.80e9
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"dim": -4}, "dim"),
+        ({"n_layers": 0}, "n_layers"),
+        ({"ffn_dim": 10**12}, "ffn_dim"),
+        ({"n_heads": 6, "n_kv_heads": 4}, "n_heads"),
+        ({"head_dim": 7}, "head_dim"),
+        ({"rope_theta": float("nan")}, "rope_theta"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"moe": MoEConfig(num_experts=4, top_k=5)}, "moe.top_k"),
+    ],
+)
+def test_out_of_range_values_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        get_preset("tiny-moe").replace(**changes)
+
+
+def test_hf_and_mistral_dicts_round_trip():
+    for cfg in PRESETS.values():
+        assert ModelConfig.from_hf_dict(cfg.to_hf_dict()).replace(moe=cfg.moe) == cfg
+        back = ModelConfig.from_mistral_dict(cfg.to_mistral_dict())
+        assert back.replace(moe=cfg.moe, bos_id=cfg.bos_id, eos_id=cfg.eos_id) == cfg
+
+
+def test_params_json_without_rope_theta_follows_the_published_models():
+    base = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 96, "vocab_size": 128}
+    assert ModelConfig.from_mistral_dict(base).rope_theta == 1e4
+    assert ModelConfig.from_mistral_dict({**base, "moe": {"num_experts": 8}}).rope_theta == 1e6
+
+
+def test_hf_config_heads_not_dividing_width_is_an_error():
+    d = get_preset("tiny-moe").to_hf_dict()
+    d.pop("head_dim")
+    d["num_attention_heads"] = 5
+    with pytest.raises(ConfigError, match="not divisible"):
+        ModelConfig.from_hf_dict(d)
