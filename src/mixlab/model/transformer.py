@@ -98,7 +98,8 @@ class Transformer(nn.Module):
         if cache is not None:
             slots = cache.slots(T)
             cache.pos_BC[:, slots] = positions_BT
-            mask: torch.Tensor | None = attention_mask(positions_BT, cache.pos_BC[:, : cache.n_filled(T)], cfg.sliding_window)
+            k_pos_BS = cache.pos_BC[:, : cache.n_filled(T)]
+            mask: torch.Tensor | None = attention_mask(positions_BT, k_pos_BS, cfg.sliding_window)
         elif (positions_BT < 0).any() or (cfg.sliding_window is not None and T > cfg.sliding_window):
             mask = attention_mask(positions_BT, positions_BT, cfg.sliding_window)
         else:

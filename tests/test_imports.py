@@ -1,0 +1,65 @@
+"""The import direction of docs/ARCHITECTURE.md: lower layers never import higher ones, the model
+never imports torch.distributed, and nothing imports the CLI."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "mixlab"
+
+# Each module group may import only groups with a lower or equal rank.
+RANK = {
+    "config": 0,
+    "ops": 1, "quant": 1,
+    "model": 2,
+    "cache": 2,
+    "checkpoint": 3,
+    "tokenizer": 3,
+    "generate": 4,
+    "train": 5, "analysis": 5, "demo": 6,
+    "cli": 7,
+}
+
+
+def _group(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "mixlab" or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+    return out
+
+
+def test_imports_point_down():
+    bad = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        me = _group(".".join(rel.parts))
+        if me is None or me not in RANK:
+            continue
+        for mod in _imports(path):
+            other = _group(mod)
+            if other is None or other == me or other not in RANK:
+                continue
+            if RANK[other] > RANK[me]:
+                bad.append(f"{path.relative_to(SRC)} imports {mod}")
+    assert not bad, "imports against the direction in docs/ARCHITECTURE.md:\n" + "\n".join(bad)
+
+
+def test_model_is_single_device():
+    for path in list((SRC / "model").rglob("*.py")) + list((SRC / "ops").rglob("*.py")):
+        assert not any(m.startswith("torch.distributed") for m in _imports(path)), path
+
+
+def test_every_module_has_a_known_place():
+    groups = {p.relative_to(SRC).parts[0].removesuffix(".py") for p in SRC.iterdir()
+              if p.suffix == ".py" or p.is_dir()} - {"__init__", "__pycache__", "__main__"}
+    assert groups <= set(RANK), f"add {sorted(groups - set(RANK))} to RANK and docs/ARCHITECTURE.md"
