@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-MODULES = ("mixlab.cli.model",)
+MODULES = ("mixlab.cli.model", "mixlab.cli.upcycle")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,41 @@
+"""`mixlab upcycle`: a dense Mistral/Llama checkpoint in, a Mixtral-style MoE checkpoint out."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def upcycle(args: argparse.Namespace) -> int:
+    from mixlab.checkpoint import parse_dtype
+    from mixlab.train.upcycle import upcycle as run
+
+    report = run(args.src, args.out, num_experts=args.experts, top_k=args.top_k, router_init=args.router_init,
+                 router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=parse_dtype(args.dtype))
+    c = report.config
+    assert c.moe is not None
+    print(f"wrote {args.out}: {c.moe.num_experts} experts, top-{c.moe.top_k}, {c.n_layers} layers; "
+          f"{report.dense_params:,} dense -> {report.moe_params:,} total / {report.moe_active_params:,} active "
+          f"parameters ({report.n_tensors} tensors)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from mixlab.train.upcycle import ROUTER_INITS
+
+    p = sub.add_parser("upcycle", help="make a Mixtral-style MoE from a dense Mistral/Llama checkpoint "
+                                       "(sparse upcycling: every expert starts as the layer's FFN)")
+    p.add_argument("--from", dest="src", required=True, metavar="DENSE_DIR",
+                   help="dense transformers checkpoint folder (MistralForCausalLM or LlamaForCausalLM)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--router-init", choices=ROUTER_INITS, default="normal",
+                   help="router weights: zeros, normal (std --router-std) or uniform (nn.Linear's default); "
+                        "the upcycled model computes the dense function whatever this is")
+    p.add_argument("--router-std", type=float, default=0.02, help="std of the normal router init (default 0.02)")
+    p.add_argument("--noise", type=float, default=0.0, metavar="STD",
+                   help="add independent Gaussian noise to each expert copy, std = STD x the weight's own std "
+                        "(default 0: exact copies)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the router and the noise (default 0)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.set_defaults(func=upcycle)

@@ -1,0 +1,274 @@
+"""Sparse upcycling: turn a dense Mistral/Llama-style checkpoint into a Mixtral-style MoE checkpoint.
+
+Komatsuzaki et al., "Sparse Upcycling" (arXiv 2212.05055): every expert of a layer starts as a copy
+of that layer's dense FFN, the router is new, everything else (embeddings, attention, norms, output
+head) is copied unchanged. Mixtral 8x7B was reportedly made this way from Mistral 7B.
+
+Why the MoE computes exactly the dense function right after upcycling (without noise): the MoE
+output is sum_k weight_k * FFN_{e_k}(x); the top-k weights are a softmax over the chosen logits, so
+they sum to 1, and every FFN_e is the same function, so the sum is FFN(x) whatever the router chose
+(zero, random or any other router init). Only float rounding of the weighted sum differs.
+
+The conversion streams: tensors are read lazily from memory-mapped safetensors, one key-map rule
+(at most one layer's experts) at a time, and handed to `write_sharded` as a generator, so peak
+memory is about one output shard (`max_shard_bytes`) plus one layer's experts, not the model.
+
+Shape legend: E experts, D model width, F FFN width.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mixlab.checkpoint.io import CheckpointError, TensorReader, tensor_files, write_sharded
+from mixlab.checkpoint.keymaps import Rule, detect_format, rules
+from mixlab.config import ConfigError, ModelConfig, MoEConfig
+
+__all__ = ["ROUTER_INITS", "UpcycleReport", "upcycle", "upcycle_config"]
+
+ROUTER_INITS = ("zeros", "normal", "uniform")
+
+# Small files copied next to the weights so the upcycled folder is usable as is.
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+               "tokenizer.model")
+
+_DENSE_TYPES = ("mistral", "llama")
+
+
+@dataclass(frozen=True)
+class UpcycleReport:
+    """What `upcycle` wrote: the MoE config and parameter counts before and after."""
+
+    config: ModelConfig
+    dense_params: int
+    moe_params: int
+    moe_active_params: int
+    n_tensors: int
+
+
+def _check_hf_config(d: dict[str, Any], source: str) -> None:
+    """Refuse dense configs whose architecture does not map onto Mistral's (and so Mixtral's)."""
+    model_type = d.get("model_type")
+    if model_type == "mixtral" or "num_local_experts" in d or "num_experts" in d:
+        raise ConfigError(f"{source}: this checkpoint is already a mixture of experts (model_type {model_type!r}); "
+                          "upcycling needs a dense Mistral- or Llama-style model")
+    if model_type not in _DENSE_TYPES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported for upcycling "
+                          f"(expected one of {', '.join(_DENSE_TYPES)})")
+    checks: list[tuple[str, Any, Any]] = [
+        ("hidden_act", d.get("hidden_act", "silu"), "silu"),  # Mixtral's experts are SwiGLU
+        ("attention_bias", bool(d.get("attention_bias", False)), False),  # Mixtral has no q/k/v/o biases
+        ("mlp_bias", bool(d.get("mlp_bias", False)), False),
+    ]
+    for name, got, want in checks:
+        if got != want:
+            raise ConfigError(f"{source}: field {name!r} is {got!r}; only {want!r} maps onto Mixtral")
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+    if rope_type not in (None, "default"):
+        raise ConfigError(f"{source}: field 'rope_scaling' has rope type {rope_type!r}; Mixtral only has plain RoPE "
+                          "('default')")
+
+
+def upcycle_config(dense: ModelConfig, *, num_experts: int, top_k: int) -> ModelConfig:
+    """The MoE config: the dense one with an E-expert, top-k MoE in place of each FFN."""
+    if dense.moe is not None:
+        raise ConfigError("the model is already a mixture of experts")
+    return dense.replace(moe=MoEConfig(num_experts=num_experts, top_k=top_k))
+
+
+def _read_dense_config(root: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    f = root / "config.json"
+    if not f.is_file():
+        hint = (" (Mistral params.json found: convert it first with `mixlab convert SRC DST --to hf`)"
+                if (root / "params.json").is_file() else "")
+        raise CheckpointError(f"{root}: no config.json (transformers format) found{hint}")
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: expected a JSON object at the top level")
+    _check_hf_config(d, str(f))
+    return ModelConfig.from_hf_dict(d, source=str(f)), d
+
+
+def _stored_dtype(where: dict[str, Path], name: str) -> str:
+    with safe_open(str(where[name]), framework="pt") as h:
+        code = h.get_slice(name).get_dtype()
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(code, code)
+
+
+def _layer_of(rule: Rule) -> int:
+    m = re.match(r"layers\.(\d+)\.", rule.ours)
+    return int(m.group(1)) if m else -1
+
+
+def _router(generator: torch.Generator, *, init: str, std: float, E: int, D: int) -> torch.Tensor:
+    if init == "zeros":
+        # All logits tie; top-k then picks by index. Training breaks the tie through the aux loss.
+        return torch.zeros(E, D)
+    if init == "normal":
+        return torch.randn(E, D, generator=generator) * std
+    if init == "uniform":  # nn.Linear's default (Kaiming-uniform with a=sqrt(5)): U(-1/sqrt(D), 1/sqrt(D))
+        bound = 1 / math.sqrt(D)
+        return torch.rand(E, D, generator=generator) * (2 * bound) - bound
+    raise ValueError(f"unknown router init {init!r}; expected one of {', '.join(ROUTER_INITS)}")
+
+
+def _experts(w: torch.Tensor, *, E: int, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """E copies of `w` stacked on dim 0; with `noise` > 0, each copy gets its own additive Gaussian
+    perturbation with std = noise * std(w), computed in float32 (so noise is relative to the
+    weight's own scale, the same for w1, w3 and w2 whatever their init)."""
+    if noise <= 0:
+        return w.unsqueeze(0).expand(E, *w.shape).clone()  # clone: safetensors refuses shared storage
+    w32 = w.float()
+    scale = noise * w32.std()
+    eps = torch.randn((E, *w.shape), generator=generator, dtype=torch.float32)
+    return (w32.unsqueeze(0) + scale * eps).to(w.dtype)
+
+
+def upcycle(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    num_experts: int = 8,
+    top_k: int = 2,
+    router_init: str = "normal",
+    router_std: float = 0.02,
+    noise: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 2**30,
+) -> UpcycleReport:
+    """Write at `dst` a Mixtral checkpoint (transformers format, legacy per-expert names) made from
+    the dense transformers Mistral/Llama checkpoint at `src`.
+
+    `router_init`: "zeros", "normal" (std `router_std`) or "uniform" (nn.Linear's default);
+    `noise`: relative std of the independent additive Gaussian noise on each expert copy (0 = exact
+    copies); `seed` seeds router and noise. `dtype`: convert (default: as stored). Atomic.
+    """
+    root, out = Path(src), Path(dst)
+    if router_init not in ROUTER_INITS:
+        raise ValueError(f"unknown router init {router_init!r}; expected one of {', '.join(ROUTER_INITS)}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    if not (math.isfinite(router_std) and router_std >= 0):
+        raise ValueError(f"router std must be a finite number >= 0, got {router_std!r}")
+    if out.resolve() == root.resolve():
+        raise ValueError(f"{out}: the output folder must differ from the input folder")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint folder")
+    dense, raw = _read_dense_config(root)
+    try:
+        moe = upcycle_config(dense, num_experts=num_experts, top_k=top_k)
+    except ConfigError as e:
+        raise ConfigError(f"--experts {num_experts} --top-k {top_k}: {e}") from None
+
+    where = tensor_files(root)
+    reader = TensorReader(where)
+    keys = reader.keys()
+    try:
+        fmt = detect_format(keys)
+    except ValueError as e:
+        raise CheckpointError(f"{root}: {e}") from None
+    if fmt != "hf" or any(".experts." in k or "block_sparse_moe" in k or k.endswith("mlp.gate.weight") for k in keys):
+        moe_key = next((k for k in sorted(keys) if "expert" in k or "block_sparse_moe" in k), fmt)
+        raise CheckpointError(f"{root}: tensor {moe_key!r} shows an MoE or non-transformers checkpoint; "
+                              "upcycling needs a dense transformers checkpoint")
+    dense_rules = rules(dense, "hf")
+    moe_rules = {r.ours: r for r in rules(moe, "hf")}
+    wanted = {n for r in dense_rules for n in r.theirs}
+    missing = sorted(wanted - keys)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{root}: missing tensors: {', '.join(missing[:5])}{more}")
+    ignorable = {"lm_head.weight"} if dense.tie_embeddings else set()
+    unexpected = sorted(k for k in keys - wanted - ignorable if not k.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        # e.g. q_proj.bias (attention_bias) or a vision tower: weights Mixtral has no place for.
+        raise CheckpointError(f"{where[unexpected[0]]}: tensor {unexpected[0]!r} (and {len(unexpected) - 1} more) "
+                              "has no counterpart in a Mixtral model; refusing to drop it")
+    for r in dense_rules:
+        try:
+            r.join([torch.empty(reader.shape(n), device="meta") for n in r.theirs])
+        except (RuntimeError, IndexError) as e:
+            shapes = [list(reader.shape(n)) for n in r.theirs]
+            raise CheckpointError(f"{where[r.theirs[0]]}: tensors {', '.join(r.theirs)} have shapes {shapes} "
+                                  f"that do not fit the config: {e}") from None
+
+    E, D = num_experts, dense.dim
+    g = torch.Generator().manual_seed(seed)
+    # Group rules by layer (globals first) so each layer's tensors are written next to each other.
+    ordered = sorted(dense_rules, key=_layer_of)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        with reader:
+            for r in ordered:
+                ts = [reader.get(n) for n in r.theirs]
+                for n, t in zip(r.theirs, ts, strict=True):
+                    if not t.is_floating_point():
+                        raise CheckpointError(f"{where[n]}: tensor {n!r} has dtype {t.dtype}, expected a float dtype")
+                t = r.join([t.to(dtype) for t in ts] if dtype is not None else ts)
+                layer = _layer_of(r)
+                if r.ours.endswith(".ffn.w13.weight"):  # [2F, D] -> [E, 2F, D]; the router comes first
+                    gate = _router(g, init=router_init, std=router_std, E=E, D=D).to(t.dtype)
+                    yield from zip(moe_rules[f"layers.{layer}.ffn.gate.weight"].theirs, [gate], strict=True)
+                    w13 = _experts(t, E=E, noise=noise, generator=g)
+                    yield from zip(moe_rules[f"layers.{layer}.ffn.w13"].theirs,
+                                   moe_rules[f"layers.{layer}.ffn.w13"].split(w13), strict=True)
+                elif r.ours.endswith(".ffn.w2.weight"):  # [D, F] -> [E, D, F]
+                    w2 = _experts(t, E=E, noise=noise, generator=g)
+                    yield from zip(moe_rules[f"layers.{layer}.ffn.w2"].theirs,
+                                   moe_rules[f"layers.{layer}.ffn.w2"].split(w2), strict=True)
+                else:  # embeddings, attention, norms, head: same tensors under the same names
+                    yield from zip(moe_rules[r.ours].theirs, moe_rules[r.ours].split(t), strict=True)
+
+    cfg = moe.to_hf_dict()
+    # transformers >= 5 reads rope_theta from rope_parameters; older versions from rope_theta.
+    cfg["rope_parameters"] = {"rope_theta": moe.rope_theta, "rope_type": "default"}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # keep lists (Llama 3) and pads as given
+        if key in raw:
+            cfg[key] = raw[key]
+    extra: dict[str, str] = {}
+    binary: list[Path] = []
+    for name in _SIDE_FILES:
+        f = root / name
+        if f.is_file():
+            try:
+                extra[name] = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                binary.append(f)
+
+    n_written = 0
+
+    def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal n_written
+        for item in tensors():
+            n_written += 1
+            yield item
+
+    embed = "model.embed_tokens.weight"
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else _stored_dtype(where, embed)
+    extra["config.json"] = json.dumps(cfg, indent=2) + "\n"
+    write_sharded(counted(), out, extra_files=extra, max_shard_bytes=max_shard_bytes,
+                  metadata={"mixlab": "upcycled", "source": root.name})
+    for f in binary:  # binary tokenizer files cannot go through write_sharded's text files
+        shutil.copyfile(f, out / f.name)
+    return UpcycleReport(
+        config=moe,
+        dense_params=dense.param_counts()["total"],
+        moe_params=moe.param_counts()["total"],
+        moe_active_params=moe.param_counts()["active"],
+        n_tensors=n_written,
+    )

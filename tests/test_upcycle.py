@@ -1,0 +1,213 @@
+"""Sparse upcycling: the upcycled MoE computes the dense model's function, in mixlab and in transformers.
+
+The MoE output is sum_k weight_k * FFN_{e_k}(x) with weights summing to 1 (softmax over the top-k
+logits) and every expert a copy of the dense FFN, so it equals FFN(x) whatever the router says.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import hf_mistral, hf_mixtral
+from mixlab import load_model
+from mixlab.checkpoint import CheckpointError
+from mixlab.cli import main as cli_main
+from mixlab.config import ConfigError
+from mixlab.train.upcycle import upcycle
+
+TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+def hf_llama(tmp: Path, **kw: object) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    args: dict[str, object] = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=5e5,
+    )
+    args.update(kw)
+    torch.manual_seed(3)
+    LlamaForCausalLM(LlamaConfig(**args)).eval().save_pretrained(tmp)
+    return tmp
+
+
+def hf_logits(path: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    path = hf_mistral(tmp_path_factory.mktemp("dense"))
+    return path, hf_logits(path)
+
+
+@pytest.mark.parametrize(("init", "seed", "experts", "top_k"), [
+    ("zeros", 0, 8, 2), ("normal", 0, 8, 2), ("normal", 1, 4, 2), ("normal", 2, 4, 1), ("uniform", 3, 8, 2),
+])
+def test_upcycled_equals_dense_whatever_the_router(dense, tmp_path, init, seed, experts, top_k):
+    src, ref = dense
+    upcycle(src, tmp_path / "moe", num_experts=experts, top_k=top_k, router_init=init, router_std=1.0, seed=seed)
+    moe = load_model(tmp_path / "moe")
+    assert moe.config.moe is not None and moe.config.moe.num_experts == experts
+    with torch.no_grad():
+        logits, routing = moe(TOKENS, return_routing=True)
+        dense_logits = load_model(src)(TOKENS)
+    # mixlab MoE == transformers MistralForCausalLM on the dense weights, and == mixlab dense
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=0)
+    if init != "zeros" and top_k < experts:  # the router really spreads tokens (so equality is not by luck)
+        assert len(routing[0].idx_TK.unique()) > top_k
+
+
+def test_transformers_mixtral_loads_upcycled(dense, tmp_path):
+    src, ref = dense
+    upcycle(src, tmp_path / "moe", num_experts=8, top_k=2, router_std=1.0, seed=0)
+    cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
+    dense_cfg = json.loads((src / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["architectures"] == ["MixtralForCausalLM"]
+    assert cfg["sliding_window"] == dense_cfg["sliding_window"] == 8
+    assert cfg["rope_theta"] == dense_cfg["rope_parameters"]["rope_theta"]
+    torch.testing.assert_close(hf_logits(tmp_path / "moe"), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_upcycles(tmp_path, tied):
+    src = hf_llama(tmp_path / "llama", tie_word_embeddings=tied)
+    upcycle(src, tmp_path / "moe", num_experts=4, top_k=2, seed=1)
+    cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert cfg["sliding_window"] is None and cfg["rope_theta"] == 5e5 and cfg["tie_word_embeddings"] is tied
+    torch.testing.assert_close(hf_logits(tmp_path / "moe"), hf_logits(src), atol=1e-5, rtol=0)
+
+
+def test_noise_makes_experts_differ_and_logits_stay_close(dense, tmp_path):
+    src, ref = dense
+    dense_w = load_file(str(src / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]
+    kls = []
+    for noise in (0.01, 0.1):
+        out = tmp_path / f"moe{noise}"
+        upcycle(src, out, num_experts=4, top_k=2, noise=noise, seed=0)
+        w = load_file(str(out / "model.safetensors"))
+        w1 = [w[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] for e in range(4)]
+        assert not torch.equal(w1[0], w1[1])
+        # each copy = dense + N(0, (noise * std(dense))^2): the spread matches the documented scale
+        rel = (w1[2] - dense_w).std() / dense_w.std()
+        assert 0.8 * noise < rel < 1.2 * noise
+        with torch.no_grad():
+            logits = load_model(out)(TOKENS)
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                        reduction="batchmean")
+        assert (logits - ref).abs().max() > 1e-6  # the noise is really there ...
+        assert (logits - ref).abs().max() < 20 * noise  # ... and small
+        kls.append(kl.item())
+    assert kls[0] < kls[1] < 1e-2
+
+
+def test_seeded(dense, tmp_path):
+    src, _ = dense
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        upcycle(src, tmp_path / name, num_experts=4, top_k=2, noise=0.05, seed=seed)
+    a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    gate = "model.layers.1.block_sparse_moe.gate.weight"
+    assert not torch.equal(a[gate], c[gate])
+
+
+def test_streams_into_shards_and_keeps_dtype(tmp_path):
+    from transformers import MistralForCausalLM
+
+    src = hf_mistral(tmp_path / "dense")
+    bf16 = tmp_path / "dense-bf16"
+    MistralForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(bf16)
+    upcycle(bf16, tmp_path / "moe", num_experts=8, top_k=2, max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "moe" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    with safe_open(str(tmp_path / "moe" / shards[-1]), framework="pt") as h:
+        assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert load_model(tmp_path / "moe").config.moe.num_experts == 8
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _edit_config(path: Path, **changes: object) -> Path:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_refuses_moe_checkpoint(tmp_path):
+    src = hf_mixtral(tmp_path / "mixtral")
+    with pytest.raises(ConfigError, match="already a mixture of experts"):
+        upcycle(src, tmp_path / "out")
+    # MoE weights behind a dense config.json are caught by their tensor names
+    _edit_config(src, model_type="mistral", architectures=["MistralForCausalLM"])
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["num_local_experts"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="block_sparse_moe"):
+        upcycle(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_missing_ffn_tensor(dense, tmp_path):
+    src, _ = dense
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        upcycle(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"model_type": "qwen2"}, "model_type 'qwen2' is not supported"),
+    ({"hidden_act": "gelu"}, "'hidden_act' is 'gelu'"),
+    ({"attention_bias": True}, "'attention_bias' is True"),
+    ({"mlp_bias": True}, "'mlp_bias' is True"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope type 'llama3'"),
+])
+def test_refuses_unsupported_architecture(tmp_path, changes, match):
+    src = _edit_config(hf_llama(tmp_path / "llama"), **changes)
+    with pytest.raises(ConfigError, match=match) as err:
+        upcycle(src, tmp_path / "out")
+    assert "config.json" in str(err.value)
+
+
+def test_refuses_extra_weights(tmp_path):
+    """A bias (here on q_proj) has no place in Mixtral: refuse rather than drop it silently."""
+    src = hf_llama(tmp_path / "llama")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"q_proj\.bias"):
+        upcycle(src, tmp_path / "out")
+
+
+def test_cli(dense, tmp_path, capsys):
+    src, ref = dense
+    out = tmp_path / "moe"
+    assert cli_main(["upcycle", "--from", str(src), "--out", str(out), "--experts", "4", "--top-k", "2",
+                     "--router-init", "zeros", "--seed", "3"]) == 0
+    assert "4 experts, top-2" in capsys.readouterr().out
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(TOKENS), ref, atol=1e-5, rtol=0)
+    assert cli_main(["upcycle", "--from", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "already a mixture of experts" in capsys.readouterr().err
+    assert cli_main(["upcycle", "--from", str(src), "--out", str(tmp_path / "x"), "--top-k", "9"]) == 2
+    assert "top_k" in capsys.readouterr().err
