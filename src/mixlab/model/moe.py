@@ -5,6 +5,7 @@ Shape legend: T tokens, D width, F expert FFN width, E experts, K experts per to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ class Routing:
     logits_TE: torch.Tensor
     idx_TK: torch.Tensor
     weight_TK: torch.Tensor
+    dropped: int = 0  # (token, slot) pairs over an expert's capacity (only with moe.capacity_factor)
 
 
 def route(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +55,29 @@ class MoEBlock(nn.Module):
         if self.training and self.moe.jitter > 0:
             r_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.moe.jitter, 1 + self.moe.jitter)
         # Route in float32: in bf16, near-tied logits flip expert choices and the softmax loses precision.
-        logits_TE = F.linear(r_TD.float(), self.gate.weight.float())
+        # Autocast is switched off here, or it would run this linear in bf16 despite the casts.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(r_TD.float(), self.gate.weight.float())
         idx_TK, weight_TK = route(logits_TE, self.moe.top_k)
+        dropped = 0
+        if self.moe.capacity_factor is not None:
+            weight_TK, dropped = apply_capacity(idx_TK, weight_TK, self.moe.num_experts, self.moe.capacity_factor)
         y_TD = moe_ffn(x_TD, self.w13, self.w2, idx_TK, weight_TK, impl=self.impl)
-        return y_TD.view(B, T, D), Routing(logits_TE, idx_TK, weight_TK)
+        return y_TD.view(B, T, D), Routing(logits_TE, idx_TK, weight_TK, dropped)
+
+
+def apply_capacity(
+    idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int, capacity_factor: float
+) -> tuple[torch.Tensor, int]:
+    """Token dropping (GShard arXiv 2006.16668 §2.2, Switch arXiv 2101.03961 §2.2): each expert takes
+    at most C = ceil(capacity_factor * T * K / E) (token, slot) pairs; first choices (slot 0) of all
+    tokens are served before second choices, in token order. Over-capacity pairs get weight 0, so
+    the token keeps only the residual for that slot. Returns the new weights and the number dropped."""
+    T, K = idx_TK.shape
+    capacity = math.ceil(capacity_factor * T * K / num_experts)
+    # Slot-major order: all slot-0 choices, then all slot-1 choices (priority to first choices).
+    flat_N = idx_TK.t().reshape(-1)
+    onehot_NE = F.one_hot(flat_N, num_experts)
+    position_N = ((onehot_NE.cumsum(0) - 1) * onehot_NE).sum(-1)  # arrival order within its expert
+    keep_TK = (position_N < capacity).view(K, T).t()
+    return weight_TK * keep_TK.to(weight_TK.dtype), int((~keep_TK).sum())
