@@ -39,6 +39,12 @@ def convert(args: argparse.Namespace) -> int:
     from mixlab.checkpoint import load_model, save_model
 
     model = load_model(args.src, dtype=args.dtype)
+    if args.to == "gguf":
+        from mixlab.checkpoint.gguf import write_gguf
+
+        write_gguf(model, args.dst, quant=args.quant, tokenizer=args.tokenizer)
+        print(f"wrote {args.dst} (gguf, {args.quant})")
+        return 0
     save_model(model, args.dst, fmt=args.to, dtype=args.dtype)
     print(f"wrote {args.dst} ({args.to})")
     return 0
@@ -51,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between formats")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", choices=["hf", "mistral"], default="hf")
+    p.add_argument("--to", choices=["hf", "mistral", "gguf"], default="hf")
+    p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
+                   help="GGUF only: how matrices are stored (norms and router stay f32)")
+    p.add_argument("--tokenizer", default=None,
+                   help="GGUF only: SentencePiece model for the vocabulary (default: Mixtral's, from mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.set_defaults(func=convert)

@@ -1,0 +1,222 @@
+"""Export a mixlab model to GGUF, the single-file format llama.cpp loads.
+
+Mixtral and Mistral are written as llama.cpp's `llama` architecture, as llama.cpp's own
+`convert_hf_to_gguf.py` does: MoE models add `llama.expert_count` / `llama.expert_used_count`, the
+router as `blk.N.ffn_gate_inp` and the experts stacked per layer as `blk.N.ffn_{gate,up,down}_exps`.
+
+Two conventions differ from mixlab's and are translated here:
+- Rotary layout. mixlab (like transformers) rotates the two halves of each head ("rotate half");
+  llama.cpp's `llama` rope rotates adjacent pairs (Meta's original layout). The q and k rows of
+  each head are permuted so that llama.cpp's pairs are mixlab's (i, i + Hd/2) pairs.
+- Dimension order. GGUF lists dimensions fastest-first; the writer reverses numpy's order, so a
+  torch `[out, in]` matrix is llama.cpp's `{in, out}` and `w13 [E, 2F, D]` splits into
+  `ffn_gate_exps` / `ffn_up_exps` `[E, F, D]`, exactly what llama.cpp expects.
+
+Norms and the router stay float32 in every file (llama.cpp's converter does the same: they are
+tiny, and routing decisions are sensitive to rounding). The file is streamed tensor by tensor and
+renamed into place at the end, so a failure never leaves a half-written `.gguf`.
+
+llama.cpp's `llama` architecture has no sliding-window attention: a dense model with a window
+gives the same logits only for sequences no longer than the window.
+
+Shape legend: E experts, F expert FFN width, D width, H query heads, G kv heads, Hd head dim.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixlab.config import ModelConfig
+
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+
+
+def default_tokenizer_path() -> Path:
+    """Mixtral's SentencePiece model as shipped inside mistral-common (32,000 pieces)."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def rope_permute(w_XD: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from the rotate-half layout to llama.cpp's adjacent-pairs layout.
+
+    Row j < Hd/2 of a head is paired with row j + Hd/2 in mixlab; llama.cpp pairs rows 2j, 2j+1.
+    """
+    X, D = w_XD.shape
+    Hd = X // n_heads
+    return w_XD.reshape(n_heads, 2, Hd // 2, D).transpose(1, 2).reshape(X, D)
+
+
+def _tensors(model: torch.nn.Module, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(GGUF name, tensor, may be quantised) in llama.cpp's names, mixlab's values."""
+    state = model.state_dict()
+    q, kv = config.q_dim, config.kv_dim
+    yield "token_embd.weight", state["tok_embeddings.weight"], True
+    for i in range(config.n_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        yield b + "attn_norm.weight", state[p + "attn_norm.weight"], False
+        wq, wk, wv = state[p + "attn.wqkv.weight"].split([q, kv, kv], dim=0)
+        yield b + "attn_q.weight", rope_permute(wq, config.n_heads), True
+        yield b + "attn_k.weight", rope_permute(wk, config.n_kv_heads), True
+        yield b + "attn_v.weight", wv, True
+        yield b + "attn_output.weight", state[p + "attn.wo.weight"], True
+        yield b + "ffn_norm.weight", state[p + "ffn_norm.weight"], False
+        if config.moe is not None:
+            yield b + "ffn_gate_inp.weight", state[p + "ffn.gate.weight"], False
+            w1, w3 = state[p + "ffn.w13"].chunk(2, dim=1)  # [E, F, D] each
+            yield b + "ffn_gate_exps.weight", w1, True
+            yield b + "ffn_up_exps.weight", w3, True
+            yield b + "ffn_down_exps.weight", state[p + "ffn.w2"], True
+        else:
+            w1, w3 = state[p + "ffn.w13.weight"].chunk(2, dim=0)
+            yield b + "ffn_gate.weight", w1, True
+            yield b + "ffn_up.weight", w3, True
+            yield b + "ffn_down.weight", state[p + "ffn.w2.weight"], True
+    yield "output_norm.weight", state["norm.weight"], False
+    if not config.tie_embeddings:  # llama.cpp reuses token_embd when output.weight is absent
+        yield "output.weight", state["output.weight"], True
+
+
+def _encode(t: torch.Tensor, qtype: object) -> np.ndarray:
+    """The bytes llama.cpp reads for tensor `t` stored as `qtype` (a GGMLQuantizationType)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if qtype == Q.BF16 and t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16)  # exact: no round trip through f32
+    a = t.detach().float().contiguous().numpy()
+    return quants.quantize(a, qtype)  # type: ignore[arg-type]
+
+
+def _vocab(config: ModelConfig, tokenizer: Path) -> tuple[list[bytes], list[float], list[int], dict[str, int]]:
+    """Pieces, scores and token types of a SentencePiece model, padded to the model's vocabulary."""
+    import sentencepiece as spm
+    from gguf import TokenType
+
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"{tokenizer}: tokenizer model not found (expected a SentencePiece .model file)")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(tokenizer))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{tokenizer}: not a SentencePiece model ({e})") from None
+    n = sp.GetPieceSize()
+    if n > config.vocab_size:
+        raise ValueError(
+            f"{tokenizer}: the tokenizer has {n} pieces but the model's vocab_size is {config.vocab_size}; "
+            "llama.cpp needs an embedding row for every piece (use a matching tokenizer)"
+        )
+    pieces, scores, types = [], [], []
+    for i in range(n):
+        pieces.append(sp.IdToPiece(i).encode("utf-8"))
+        scores.append(float(sp.GetScore(i)))
+        if sp.IsUnknown(i):
+            types.append(TokenType.UNKNOWN)
+        elif sp.IsControl(i):
+            types.append(TokenType.CONTROL)
+        elif sp.IsUnused(i):
+            types.append(TokenType.UNUSED)
+        elif sp.IsByte(i):
+            types.append(TokenType.BYTE)
+        else:
+            types.append(TokenType.NORMAL)
+    for i in range(n, config.vocab_size):  # embedding rows the tokenizer never produces
+        pieces.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(TokenType.UNUSED)
+    special = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    return pieces, scores, [int(t) for t in types], special
+
+
+def write_gguf(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    quant: str = "bf16",
+    tokenizer: str | Path | None = None,
+    name: str = "mixlab",
+) -> Path:
+    """Write `model` (a mixlab `Transformer`) to the GGUF file `path`; returns the path.
+
+    `quant`: how matrices are stored: "f32", "f16", "bf16" or "q8_0" (llama.cpp's 8-bit blocks of 32
+    with one f16 scale each; a matrix whose rows are not a multiple of 32 falls back to f16).
+    `tokenizer`: a SentencePiece model file (default: Mixtral's, from mistral-common).
+    """
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import LlamaFileType as FT
+
+    if quant not in QUANTS:
+        raise ValueError(f"unknown GGUF quantisation {quant!r}; expected one of {', '.join(QUANTS)}")
+    config: ModelConfig = model.config  # type: ignore[assignment]
+    dst = Path(path)
+    if dst.suffix != ".gguf":
+        raise ValueError(f"{dst}: a GGUF file name must end in .gguf")
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[quant]
+    ftype = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0}[quant]
+    pieces, scores, types, special = _vocab(config, Path(tokenizer) if tokenizer else default_tokenizer_path())
+
+    w = gguf.GGUFWriter(None, "llama")
+    w.add_name(name)
+    w.add_file_type(int(ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(config.vocab_size)
+    w.add_context_length(config.max_seq_len)
+    w.add_embedding_length(config.dim)
+    w.add_block_count(config.n_layers)
+    w.add_feed_forward_length(config.ffn_dim)
+    w.add_head_count(config.n_heads)
+    w.add_head_count_kv(config.n_kv_heads)
+    w.add_rope_dimension_count(config.head_dim)
+    if config.head_dim * config.n_heads != config.dim:
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+    w.add_rope_freq_base(float(config.rope_theta))
+    w.add_layer_norm_rms_eps(float(config.norm_eps))
+    if config.moe is not None:
+        w.add_expert_count(config.moe.num_experts)
+        w.add_expert_used_count(config.moe.top_k)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(special["bos"])
+    w.add_eos_token_id(special["eos"])
+    if special["unk"] >= 0:
+        w.add_unk_token_id(special["unk"])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    # Tensor infos first (sizes are known without converting anything), then the data, streamed.
+    plan: list[tuple[str, torch.Tensor, object]] = []
+    for tname, t, quantisable in _tensors(model, config):
+        tq = qtype if quantisable and t.ndim >= 2 else Q.F32
+        if tq == Q.Q8_0 and t.shape[-1] % 32:
+            tq = Q.F16
+        block, type_size = gguf.GGML_QUANT_SIZES[tq]
+        nbytes = t.numel() // block * type_size
+        w.add_tensor_info(tname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=tq)
+        plan.append((tname, t, tq))
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _tname, t, tq in plan:
+            w.write_tensor_data(_encode(t.detach().cpu(), tq))
+        w.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
