@@ -211,8 +211,8 @@ def write_gguf(
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _tname, t, tq in plan:
-            w.write_tensor_data(_encode(t.detach().cpu(), tq))
+        for _tname, t, tq_ in plan:
+            w.write_tensor_data(_encode(t.detach().cpu(), tq_))
         w.close()
         os.replace(tmp, dst)
     except BaseException:
