@@ -1,0 +1,96 @@
+"""Routing analysis (Mixtral paper §5): which experts each domain, layer and token is sent to.
+
+    from mixlab.analysis import analyze
+    report = analyze(model, tokenizer, "../shared/corpus", out="report/", layers=[0, 15, 31])
+
+`stats` holds the pure statistics, `collect` runs a model over a corpus in bounded memory,
+`report` writes JSON, HTML, Markdown and PNG figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mixlab.analysis.collect import (
+    Collected,
+    check_domains,
+    collect_routing,
+    find_domains,
+    load_analysis_tokenizer,
+    moe_layers,
+)
+from mixlab.analysis.report import build_report, write_report
+from mixlab.analysis.stats import RoutingCounts, consecutive_repeats, expert_counts, load_balance, random_baseline
+from mixlab.model import Transformer
+
+__all__ = [
+    "Collected",
+    "RoutingCounts",
+    "analyze",
+    "collect_routing",
+    "consecutive_repeats",
+    "expert_counts",
+    "find_domains",
+    "load_analysis_tokenizer",
+    "load_balance",
+    "random_baseline",
+]
+
+
+def default_layers(moe: list[int]) -> list[int]:
+    """First, middle and last MoE layer, as the paper's 0, 15, 31 for 32 layers."""
+    return sorted({moe[0], moe[(len(moe) - 1) // 2], moe[-1]})
+
+
+def parse_layers(spec: str | None, moe: list[int]) -> list[int]:
+    """'all', None (first/middle/last) or a comma list of layer indices; negative counts from the end."""
+    if spec is None or spec == "":
+        return default_layers(moe)
+    if spec == "all":
+        return list(moe)
+    n = max(moe) + 1
+    out = []
+    for part in spec.split(","):
+        try:
+            i = int(part)
+        except ValueError:
+            raise ValueError(f"--layers: expected 'all' or comma-separated integers, got {spec!r}") from None
+        i = i + n if i < 0 else i
+        if i not in moe:
+            raise ValueError(f"--layers: layer {part} is not an MoE layer of this model (MoE layers: "
+                             f"{moe[0]}..{moe[-1]})")
+        out.append(i)
+    return sorted(set(out))
+
+
+def analyze(
+    model: Transformer,
+    tokenizer: Any,
+    data: str | Path,
+    *,
+    out: str | Path,
+    layers: str | list[int] | None = None,
+    domains: list[str] | None = None,
+    split: str | None = "valid",
+    max_tokens: int = 50_000,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    samples_per_domain: int = 1,
+    sample_tokens: int = 150,
+    meta: dict[str, Any] | None = None,
+    figures: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Collect routing over every domain of `data`, write the report to `out`, return it."""
+    moe = moe_layers(model)
+    shown = parse_layers(layers, moe) if layers is None or isinstance(layers, str) else parse_layers(
+        ",".join(map(str, layers)), moe)
+    found = find_domains(data, names=domains)
+    check_domains(found, split=split)
+    collected = collect_routing(model, tokenizer, found, split=split, max_tokens=max_tokens, seq_len=seq_len,
+                                batch_size=batch_size, samples_per_domain=samples_per_domain,
+                                sample_tokens=sample_tokens, progress=progress)
+    report = build_report(collected, layers=shown, meta={"data": str(data), **(meta or {})})
+    write_report(report, out, figures=figures)
+    return report

@@ -1,0 +1,308 @@
+"""Run a model over a multi-domain corpus and accumulate its routing, in bounded memory.
+
+Owns: finding domain folders and their documents (text files, JSONL with a `text` field), the
+tokenizer used for analysis, cutting documents into model sequences, and the streaming loop that
+turns each batch's `Routing` into counts (`stats.RoutingCounts`) plus a few token-level samples
+for the Figure 8 view. Nothing here keeps per-token routing beyond one batch and the samples.
+
+Sequences: each document is `[BOS] + tokens`, cut into consecutive windows of at most `seq_len`
+tokens; each window is its own model row starting at position 0 (no packing, so no token ever
+attends across documents). Windows are batched with right padding, which causal attention and
+per-token routing leave without effect on the real tokens. Consecutive-token pairs are counted
+inside a window only: never across documents, windows or padding.
+
+Shape legend: B rows in a batch, S tokens per row, T = B*S flattened, K experts per token,
+L MoE layers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from mixlab.analysis.stats import RoutingCounts, pair_mask
+from mixlab.model import Transformer
+from mixlab.model.moe import MoEBlock
+
+# Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
+# and licence texts.
+NOT_DOMAINS = ("chat", "LICENSES")
+DATA_SUFFIXES = (".jsonl", ".txt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpus
+
+
+def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, Path]:
+    """Domain name -> folder. `data` is a corpus folder (one subfolder per domain) or a single
+    domain folder holding data files. `names` picks domains (by folder name) explicitly."""
+    root = Path(data)
+    if not root.is_dir():
+        raise NotADirectoryError(f"data folder {root} does not exist or is not a folder")
+    if names:
+        out = {}
+        for n in names:
+            if not (root / n).is_dir():
+                have = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "none"
+                raise ValueError(f"domain {n!r} not found in {root} (domain folders there: {have})")
+            out[n] = root / n
+        return out
+    subdirs = sorted(p for p in root.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_DOMAINS)
+    if subdirs:
+        return {p.name: p for p in subdirs}
+    if any(p.suffix in DATA_SUFFIXES for p in root.iterdir()):
+        return {root.name: root}
+    raise ValueError(f"{root}: no domain folders and no {'/'.join(DATA_SUFFIXES)} files")
+
+
+def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
+    """The domain's data files: those whose name starts with `split` if any do, else all."""
+    files = sorted(p for p in domain_dir.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if split:
+        picked = [p for p in files if p.name.startswith(split)]
+        files = picked or files
+    return files
+
+
+def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
+    """(source, text) for each usable document, in file order; raises ValueError naming the folder
+    when there is none. JSONL lines without a non-empty string `text` are skipped."""
+    files = data_files(domain_dir, split=split)
+    found, skipped = 0, 0
+    for path in files:
+        if path.suffix == ".txt":
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                found += 1
+                yield str(path.name), text
+            continue
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                body = row.get("text") if isinstance(row, dict) else None
+                if not isinstance(body, str) or not body.strip():
+                    skipped += 1
+                    continue
+                found += 1
+                source = row.get("source")
+                yield (source if isinstance(source, str) and source else f"{path.name}:{lineno}"), body
+    if not found:
+        what = ", ".join(p.name for p in files) or "no .jsonl/.txt files"
+        raise ValueError(
+            f"domain folder {domain_dir} has no usable data ({what}; {skipped} JSONL lines without a "
+            "'text' string): expected .txt files or .jsonl lines with a non-empty string field 'text'"
+        )
+
+
+def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> None:
+    """Fail early, before a model is loaded, if any domain has no usable document."""
+    for d in domains.values():
+        next(iter_documents(d, split=split))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer(Protocol):
+    bos_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...  # without BOS
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass
+class SentencePieceTokenizer:
+    path: Path
+    bos_id: int = field(init=False)
+    vocab_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.bos_id, self.vocab_size = self.sp.bos_id(), self.sp.vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.sp.decode(ids))
+
+
+def mixtral_tokenizer_path() -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | Path | None = None) -> Tokenizer:
+    """`path` if given; else a SentencePiece `tokenizer.model*` in the model folder; else
+    Mixtral's tokenizer (tokenizer.model.v1 from mistral-common, 32,000 pieces)."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer file {p} does not exist")
+        return SentencePieceTokenizer(p)
+    if model_dir is not None:
+        found = sorted(Path(model_dir).glob("tokenizer.model*"))
+        if found:
+            return SentencePieceTokenizer(found[0])
+    return SentencePieceTokenizer(mixtral_tokenizer_path())
+
+
+def token_pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds, by decoding growing prefixes (exact for any tokenizer whose
+    decode is prefix-stable; byte-fallback pieces of one character show up on its last byte)."""
+    out, prev = [], ""
+    for i in range(len(ids)):
+        cur = tokenizer.decode(ids[: i + 1])
+        out.append(cur[len(prev):] if cur.startswith(prev) else cur)
+        prev = cur
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming collection
+
+
+@dataclass
+class Sample:
+    """The start of one document with its routing, for the token-level view (paper Figure 8)."""
+
+    domain: str
+    source: str
+    pieces: list[str]
+    idx_LSK: np.ndarray  # expert ids per MoE layer, token, slot (first choice in slot 0)
+
+
+@dataclass
+class Collected:
+    moe_layers: list[int]  # transformer layer index of each MoE layer
+    num_experts: int
+    top_k: int
+    counts: dict[str, RoutingCounts]
+    documents: dict[str, int]
+    samples: list[Sample]
+    settings: dict[str, Any]
+
+
+def moe_layers(model: Transformer) -> list[int]:
+    layers = [i for i, b in enumerate(model.layers) if isinstance(b.ffn, MoEBlock)]
+    if not layers or model.config.moe is None:
+        raise ValueError(
+            "the model is dense (no MoE layer, so no router): routing analysis needs a mixture-of-experts "
+            "model (config with num_local_experts / moe)"
+        )
+    return layers
+
+
+def _windows(tokenizer: Tokenizer, text: str, seq_len: int) -> list[list[int]]:
+    ids = [tokenizer.bos_id, *tokenizer.encode(text)]
+    return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+
+
+def _route_batch(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    domain: str,
+    rows: list[list[int]],
+    wanted: list[tuple[int, str, list[int]]],
+    acc: RoutingCounts,
+) -> list[Sample]:
+    """Run one right-padded batch of rows through the model, add its routing to `acc`, and return
+    the samples asked for in `wanted`."""
+    B, S = len(rows), max(len(r) for r in rows)
+    tokens_BS = torch.zeros(B, S, dtype=torch.long)
+    segment_BS = torch.full((B, S), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        tokens_BS[b, : len(r)] = torch.tensor(r)
+        segment_BS[b, : len(r)] = b  # one segment per row: pairs never cross rows
+    device = next(model.parameters()).device
+    # return_hidden skips the output projection: only the routing is needed.
+    _, routings = model(tokens_BS.to(device), return_routing=True, return_hidden=True)
+    idx_per_layer = [r.idx_TK.cpu() for r in routings]
+    acc.update(idx_per_layer, valid_T=segment_BS.reshape(-1) >= 0, pairs_ok=pair_mask(segment_BS))
+    out = []
+    for b, source, ids in wanted:
+        idx_LSK = np.stack([i.view(B, S, -1)[b, : len(ids)].numpy() for i in idx_per_layer]).astype(np.int16)
+        out.append(Sample(domain, source, token_pieces(tokenizer, ids), idx_LSK))
+    return out
+
+
+@torch.inference_mode()
+def collect_routing(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    domains: dict[str, Path],
+    *,
+    split: str | None = "valid",
+    max_tokens: int = 50_000,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    samples_per_domain: int = 1,
+    sample_tokens: int = 150,
+    progress: bool = True,
+) -> Collected:
+    """Route up to `max_tokens` tokens of each domain through `model`; return counts and samples."""
+    from tqdm.auto import tqdm
+
+    layers = moe_layers(model)
+    moe = model.config.moe
+    assert moe is not None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.config.vocab_size}: "
+            "pass the tokenizer the model was trained with (--tokenizer)"
+        )
+    if seq_len < 2 or max_tokens < 1:
+        raise ValueError(f"need seq_len >= 2 and max_tokens >= 1, got seq_len={seq_len}, max_tokens={max_tokens}")
+    model.eval()
+    counts: dict[str, RoutingCounts] = {}
+    documents: dict[str, int] = {}
+    samples: list[Sample] = []
+
+    for domain, folder in domains.items():
+        acc = RoutingCounts(len(layers), moe.num_experts, moe.top_k)
+        rows: list[list[int]] = []
+        wanted: list[tuple[int, str, list[int]]] = []  # (row in batch, source, ids) to keep as samples
+        n_docs, budget = 0, max_tokens
+        with tqdm(total=max_tokens, desc=f"routing {domain}", unit="tok", disable=not progress, leave=False) as bar:
+            for source, text in iter_documents(folder, split=split):
+                if budget <= 0:
+                    break
+                n_docs += 1
+                for w, window in enumerate(_windows(tokenizer, text, seq_len)):
+                    window = window[:budget]
+                    if not window:
+                        break
+                    if w == 0 and n_docs <= samples_per_domain:
+                        wanted.append((len(rows), source, window[:sample_tokens]))
+                    rows.append(window)
+                    budget -= len(window)
+                    if len(rows) == batch_size or budget <= 0:
+                        samples += _route_batch(model, tokenizer, domain, rows, wanted, acc)
+                        bar.update(sum(len(r) for r in rows))
+                        rows, wanted = [], []
+            if rows:
+                samples += _route_batch(model, tokenizer, domain, rows, wanted, acc)
+                bar.update(sum(len(r) for r in rows))
+        counts[domain], documents[domain] = acc, n_docs
+
+    settings = {"split": split, "max_tokens_per_domain": max_tokens, "seq_len": seq_len, "batch_size": batch_size}
+    return Collected(layers, moe.num_experts, moe.top_k, counts, documents, samples, settings)

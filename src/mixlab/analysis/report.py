@@ -1,0 +1,314 @@
+"""Write a routing report: report.json (every number), index.html (tables and figures),
+tokens.html (tokens coloured by first-choice expert, paper Figure 8), summary.md, and PNG figures.
+
+Figures (need matplotlib, the optional extra `plot`; without it the report is written without them):
+expert_shares.png (paper Figure 7), repeats_by_layer.png (paper Figure 10), load_balance.png.
+Files are written to a temporary folder and moved into place, so a failed run leaves no half report.
+
+Shape legend: L MoE layers, E experts, S tokens of a sample, K experts per token.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import html
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mixlab.analysis.collect import Collected
+from mixlab.analysis.stats import load_balance, random_baseline
+
+# Light, distinguishable backgrounds for black text (first 8 close to the paper's Figure 8 palette).
+_PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
+            "#d9d9d9", "#bc80bd", "#ccebc5", "#ffed6f"]
+
+
+def expert_colors(num_experts: int) -> list[str]:
+    if num_experts <= len(_PALETTE):
+        return _PALETTE[:num_experts]
+    out = []
+    for e in range(num_experts):  # evenly spaced hues, light enough for black text
+        r, g, b = colorsys.hls_to_rgb(e / num_experts, 0.78, 0.65)
+        out.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+    return out
+
+
+def build_report(collected: Collected, *, layers: list[int], meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-ready report. `layers` (transformer layer indices) are those shown in the per-expert
+    figures and the token view; per-layer statistics cover every MoE layer."""
+    E, K = collected.num_experts, collected.top_k
+    total = None
+    domains = {}
+    for name, c in collected.counts.items():
+        domains[name] = {"documents": collected.documents[name], **c.summary()}
+        total = c if total is None else total.merged(c)
+    assert total is not None
+    pos = {layer: i for i, layer in enumerate(collected.moe_layers)}
+    return {
+        "meta": meta,
+        "settings": collected.settings,
+        "num_experts": E,
+        "top_k": K,
+        "moe_layers": collected.moe_layers,
+        "shown_layers": layers,
+        "random_baseline": random_baseline(num_experts=E, top_k=K),
+        "definitions": {
+            "selection_share": "tokens whose top-k contains the expert / tokens (sums to k)",
+            "assignment_share": "tokens whose top-k contains the expert / (tokens * k) (sums to 1; paper Fig. 7)",
+            "first_choice_share": "tokens whose first choice is the expert / tokens",
+            "repeat_first_choice": "consecutive token pairs of one document with the same first-choice expert / pairs",
+            "repeat_topk_overlap": "consecutive token pairs of one document whose top-k sets share an expert / pairs "
+                                   "(paper Table 5 'first or second choice' for k=2)",
+            "load_balance": "over assignments per expert: entropy (nats), entropy / ln E, max / mean, min / mean",
+        },
+        "domains": domains,
+        "all_domains": {"tokens": total.tokens, "pairs": total.pairs,
+                        "load_balance": [load_balance(c) for c in total.selected_LE],
+                        "repeat_first_choice": (total.same_first_L / max(total.pairs, 1)).tolist(),
+                        "repeat_topk_overlap": (total.overlap_L / max(total.pairs, 1)).tolist()},
+        "samples": [
+            {"domain": s.domain, "source": s.source, "pieces": s.pieces,
+             "topk": {str(layer): s.idx_LSK[pos[layer]].tolist() for layer in layers}}
+            for s in collected.samples
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def write_figures(report: dict[str, Any], out: Path) -> list[str]:
+    """PNG figures; returns their file names (none if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    E, names = report["num_experts"], list(report["domains"])
+    moe_layers, shown = report["moe_layers"], report["shown_layers"]
+    base = report["random_baseline"]
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = [cmap(i) for i in range(cmap.N)]
+    files = []
+
+    # Figure 7: share of assignments per expert, per domain, one panel per shown layer.
+    fig, axes = plt.subplots(len(shown), 1, figsize=(8, 2.3 * len(shown) + 0.6), squeeze=False, sharex=True)
+    width = 0.8 / len(names)
+    for ax, layer in zip(axes[:, 0], shown, strict=True):
+        i = moe_layers.index(layer)
+        for d, name in enumerate(names):
+            share = report["domains"][name]["assignment_share"][i]
+            xs = [e - 0.4 + width * (d + 0.5) for e in range(E)]
+            ax.bar(xs, share, width, label=name, color=colors[d % len(colors)])
+        ax.axhline(1 / E, color="gray", ls="--", lw=1)
+        ax.set_ylabel("share")
+        ax.set_title(f"layer {layer}", fontsize=10, loc="left")
+    axes[-1, 0].set_xticks(range(E))
+    axes[-1, 0].set_xlabel("expert (selected as any of the top-k; dashed: uniform 1/E)")
+    axes[0, 0].legend(fontsize=7, ncol=4, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "expert_shares.png", dpi=80)
+    plt.close(fig)
+    files.append("expert_shares.png")
+
+    # Figure 10: repeated consecutive assignments by layer.
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, key, b, title in ((axes[0], "repeat_first_choice", base["first_choice"], "first choice"),
+                              (axes[1], "repeat_topk_overlap", base["topk_overlap"],
+                               f"top-{report['top_k']} sets overlap (first or second choice)")):
+        for d, name in enumerate(names):
+            ax.plot(moe_layers, report["domains"][name][key], marker=".", label=name, color=colors[d % len(colors)])
+        ax.axhline(b, color="gray", ls="--", lw=1)
+        ax.set_title(f"{title}; dashed: random {b:.3f}", fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("share of consecutive pairs")
+        ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "repeats_by_layer.png", dpi=80)
+    plt.close(fig)
+    files.append("repeats_by_layer.png")
+
+    # Load balance per layer, all domains together.
+    lb = report["all_domains"]["load_balance"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    axes[0].plot(moe_layers, [x["entropy_norm"] for x in lb], marker=".")
+    axes[0].set_ylim(0, 1.02)
+    axes[0].set_title("load entropy / ln E (1 = balanced)", fontsize=10)
+    axes[1].plot(moe_layers, [x["max_over_mean"] for x in lb], marker=".", label="max / mean")
+    axes[1].plot(moe_layers, [x["min_over_mean"] for x in lb], marker=".", label="min / mean")
+    axes[1].axhline(1, color="gray", ls="--", lw=1)
+    axes[1].set_title("expert load relative to the mean", fontsize=10)
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(out / "load_balance.png", dpi=80)
+    plt.close(fig)
+    files.append("load_balance.png")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML and Markdown
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.tokens{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:14px;line-height:1.7;
+border:1px solid #ddd;padding:0.6em;margin:0.3em 0 1.2em}.tokens span{border-radius:2px}
+.legend span{display:inline-block;padding:1px 8px;margin:0 4px 4px 0;font-family:ui-monospace,monospace}
+.note{color:#555;font-size:90%}"""
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table, shared by the HTML page and summary.md."""
+    E, K, names = report["num_experts"], report["top_k"], list(report["domains"])
+    moe_layers, shown, base = report["moe_layers"], report["shown_layers"], report["random_baseline"]
+    idx = [moe_layers.index(layer) for layer in shown]
+    out = []
+    header = ["domain"] + [f"first, L{layer}" for layer in shown] + [f"top-{K} overlap, L{layer}" for layer in shown]
+    rows = [[n] + [_pct(report["domains"][n]["repeat_first_choice"][i]) for i in idx]
+            + [_pct(report["domains"][n]["repeat_topk_overlap"][i]) for i in idx] for n in names]
+    rows.append(["uniform random"] + [_pct(base["first_choice"])] * len(idx) + [_pct(base["topk_overlap"])] * len(idx))
+    out.append(("Repeated assignments of consecutive tokens (paper Table 5)", header, rows))
+    for layer, i in zip(shown, idx, strict=True):
+        rows = [[n] + [_pct(s) for s in report["domains"][n]["assignment_share"][i]] for n in names]
+        out.append((f"Layer {layer}: share of assignments per expert (paper Figure 7; uniform {_pct(1 / E)})",
+                    ["domain"] + [f"e{e}" for e in range(E)], rows))
+    lb = report["all_domains"]["load_balance"]
+    rows = [[str(layer), f"{x['entropy']:.3f}", f"{x['entropy_norm']:.3f}", f"{x['max_over_mean']:.2f}",
+             f"{x['min_over_mean']:.2f}"] for layer, x in zip(moe_layers, lb, strict=True)]
+    out.append(("Load balance per layer, all domains", ["layer", "entropy (nats)", "entropy / ln E", "max / mean",
+                                                         "min / mean"], rows))
+    rows = [[n, str(report["domains"][n]["documents"]), f"{report['domains'][n]['tokens']:,}",
+             f"{report['domains'][n]['pairs']:,}"] for n in names]
+    out.append(("Data", ["domain", "documents", "tokens", "consecutive pairs"], rows))
+    return out
+
+
+def _header_lines(report: dict[str, Any]) -> list[str]:
+    m, s = report["meta"], report["settings"]
+    return [
+        f"model: {m.get('model', '?')} ({report['num_experts']} experts, top-{report['top_k']}, "
+        f"{len(report['moe_layers'])} MoE layers); tokenizer: {m.get('tokenizer', '?')}",
+        f"data: {m.get('data', '?')} (split {s['split']}); up to {s['max_tokens_per_domain']:,} tokens per domain, "
+        f"sequences of at most {s['seq_len']} tokens",
+        "Repeats count consecutive tokens of one document within one model sequence, never across documents. "
+        f"Top-k overlap: the two tokens' top-{report['top_k']} sets share at least one expert; random baseline "
+        f"1 - C(E-k,k)/C(E,k) = {report['random_baseline']['topk_overlap']:.4f}, first choice 1/E = "
+        f"{report['random_baseline']['first_choice']:.4f}.",
+    ]
+
+
+def index_html(report: dict[str, Any], figures: list[str]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Routing report</title><style>{_CSS}</style>"
+             "</head><body><h1>Routing report</h1>"]
+    parts += [f"<p class='note'>{html.escape(line)}</p>" for line in _header_lines(report)]
+    parts.append("<p><a href='tokens.html'>Token view: tokens coloured by first-choice expert</a> · "
+                 "<a href='report.json'>report.json</a></p>")
+    for f in figures:
+        parts.append(f"<p><img src='{html.escape(f)}' alt='{html.escape(f)}'></p>")
+    if not figures:
+        parts.append("<p class='note'>No figures: install matplotlib (pip install 'mixlab[plot]').</p>")
+    for title, header, rows in _tables(report):
+        parts.append(f"<h2>{html.escape(title)}</h2>{_table(header, rows)}")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def tokens_html(report: dict[str, Any]) -> str:
+    """Each sample's tokens with the background of their first-choice expert (paper Figure 8);
+    hovering a token shows its top-k experts. All text is HTML-escaped."""
+    E, colors = report["num_experts"], expert_colors(report["num_experts"])
+    legend = "".join(f"<span class=e{e}>expert {e}</span>" for e in range(E))
+    classes = "".join(f".e{e}{{background:{c}}}" for e, c in enumerate(colors))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Routing: tokens by expert</title>"
+             f"<style>{_CSS}\n{classes}</style></head><body><h1>Tokens coloured by first-choice expert</h1>",
+             f"<p class='note'>{html.escape(_header_lines(report)[0])}. Each token's background is the expert it is "
+             "routed to first; hover a token for its top-k experts (first choice first).</p>",
+             f"<div class='legend'>{legend}</div>"]
+    if E > len(_PALETTE):
+        parts.append("<p class='note'>With more experts than distinct pastel colours, nearby hues are similar; "
+                     "hover for ids.</p>")
+    for layer in report["shown_layers"]:
+        parts.append(f"<h2>Layer {layer}</h2>")
+        for s in report["samples"]:
+            spans = []
+            for piece, topk in zip(s["pieces"], s["topk"][str(layer)], strict=True):
+                # A class per expert keeps the page small; the title lists the top-k (hover).
+                spans.append(f"<span class=e{topk[0]} title={','.join(map(str, topk))}>{html.escape(piece)}</span>")
+            parts.append(f"<h3>{html.escape(s['domain'])} <span class='note'>{html.escape(s['source'])}</span></h3>"
+                         f"<div class='tokens'>{''.join(spans)}</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def summary_md(report: dict[str, Any]) -> str:
+    parts = ["# Routing report", ""] + [f"- {line}" for line in _header_lines(report)] + [""]
+    for title, header, rows in _tables(report):
+        parts += [f"## {title}", "", _md_table(header, rows), ""]
+    return "\n".join(parts)
+
+
+_NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+
+
+def to_json(report: dict[str, Any]) -> str:
+    """Indented JSON with each innermost list of numbers on one line (readable and small)."""
+    text = json.dumps(report, indent=1, ensure_ascii=False, allow_nan=True)
+    return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\s*", ", ", m.group(1)) + "]", text) + "\n"
+
+
+def write_report(report: dict[str, Any], out: str | Path, *, figures: bool = True) -> list[str]:
+    """Write the report folder `out` atomically (replacing an earlier report there); returns file names."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a report is for reading
+    try:
+        pngs = write_figures(report, tmp) if figures else []
+        (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
+        (tmp / "index.html").write_text(index_html(report, pngs), encoding="utf-8")
+        (tmp / "tokens.html").write_text(tokens_html(report), encoding="utf-8")
+        (tmp / "summary.md").write_text(summary_md(report), encoding="utf-8")
+        names = sorted(p.name for p in tmp.iterdir())
+        if out.exists():
+            if not out.is_dir():
+                raise NotADirectoryError(f"report folder {out} exists and is not a folder")
+            for name in names:  # replace our files, keep others (e.g. a screenshot added later)
+                target = out / name
+                if target.exists():
+                    target.unlink()
+                os.replace(tmp / name, target)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+        return names
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

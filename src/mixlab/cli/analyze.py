@@ -1,0 +1,57 @@
+"""`mixlab analyze`: the routing analysis of the Mixtral paper §5 for any MoE checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def analyze(args: argparse.Namespace) -> int:
+    from mixlab.analysis import analyze as run
+    from mixlab.analysis.collect import check_domains, find_domains, load_analysis_tokenizer
+    from mixlab.checkpoint import load_model
+    from mixlab.config import ModelConfig
+
+    if ModelConfig.from_dir(args.model).moe is None:  # fail before reading weights or data
+        raise ValueError(f"{args.model}: the model is dense (no MoE layer, so no router); routing analysis "
+                         "needs a mixture-of-experts model")
+    domains = args.domains.split(",") if args.domains else None
+    check_domains(find_domains(args.data, names=domains), split=args.split)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
+    report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=domains,
+                 split=args.split or None, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                 batch_size=args.batch_size, samples_per_domain=args.samples,
+                 meta={"model": str(args.model), "tokenizer": str(getattr(tokenizer, "path", tokenizer))},
+                 progress=not args.quiet)
+    base = report["random_baseline"]
+    print(f"wrote {Path(args.out) / 'index.html'} ({len(report['domains'])} domains, "
+          f"{sum(d['tokens'] for d in report['domains'].values()):,} tokens)")
+    rf, ro = report["all_domains"]["repeat_first_choice"], report["all_domains"]["repeat_topk_overlap"]
+    print(f"repeat rate of consecutive tokens, layers {report['moe_layers'][0]}..{report['moe_layers'][-1]}: "
+          f"first choice {min(rf):.3f}-{max(rf):.3f} (random {base['first_choice']:.3f}), "
+          f"top-{report['top_k']} overlap {min(ro):.3f}-{max(ro):.3f} (random {base['topk_overlap']:.3f})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="routing analysis (Mixtral paper §5): experts per domain, layer and token")
+    p.add_argument("--model", required=True, help="checkpoint folder (transformers or Mistral format)")
+    p.add_argument("--data", required=True, help="corpus folder with one subfolder per domain (.jsonl with 'text', "
+                   ".txt), or one domain folder")
+    p.add_argument("--out", required=True, help="report folder to write")
+    p.add_argument("--layers", default=None, help="layers shown in the per-expert figures and token view: "
+                   "'all' or e.g. 0,15,31 (default: first, middle, last)")
+    p.add_argument("--domains", default=None, help="comma-separated domain folders (default: all but chat/)")
+    p.add_argument("--split", default="valid", help="use files whose name starts with this in each domain if any "
+                   "(default: valid; '' for all files)")
+    p.add_argument("--max-tokens", type=int, default=50_000, help="tokens per domain (default 50000)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per model sequence (default 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model file (default: the model folder's "
+                   "tokenizer.model*, else Mixtral's tokenizer.model.v1)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=analyze)
