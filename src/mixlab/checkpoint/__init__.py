@@ -1,27 +1,40 @@
 """Load and save models in every format users hold: transformers (legacy per-expert keys and v5
 fused keys, single or sharded) and Mistral's consolidated format.
 
-Loading builds the model on the meta device and assigns tensors read from memory-mapped
-safetensors, so peak memory stays near the model's size and nothing is half-loaded on error:
-every name, shape and dtype is checked before the first tensor is read.
+Loading checks everything before reading any data (names, shapes, dtypes, index, headers; see
+io.py), builds the model on the meta device, allocates each parameter once in the wanted dtype
+and reads the file bytes straight into it: peak memory is the model's size plus one tensor, and
+an error leaves nothing half-loaded (no model is returned).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from mixlab.checkpoint.io import CheckpointError, TensorReader, tensor_files, write_sharded
-from mixlab.checkpoint.keymaps import Rule, detect_format, rules
+from mixlab.checkpoint.io import (
+    DTYPES,
+    FLOAT_DTYPES,
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    TensorInfo,
+    TensorReader,
+    _is_weight_file,
+    _pickle_hint,
+    _sibling,
+    recover,
+    scan,
+    write_sharded,
+)
+from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig
 from mixlab.model import Transformer
 
-__all__ = ["CheckpointError", "load_model", "load_state", "save_model"]
+__all__ = ["CheckpointError", "describe", "load_model", "load_state", "save_model"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -35,60 +48,82 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPE_NAMES)}") from None
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Transformer(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _names(xs: list[str]) -> str:
+    more = f" (and {len(xs) - 5} more)" if len(xs) > 5 else ""
+    return ", ".join(xs[:5]) + more
 
 
-def load_state(path: str | Path, config: ModelConfig, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (mixlab name, tensor) for every tensor of the checkpoint at `path`, after checking
-    that names, shapes and dtypes all match `config`."""
-    root = Path(path)
-    where = tensor_files(root)
-    reader = TensorReader(where)
-    keys = reader.keys()
+def plan(root: Path, config: ModelConfig) -> tuple[str, list[Rule], dict[str, TensorInfo]]:
+    """Match the checkpoint at `root` against `config` without reading tensor data: the format,
+    the key-map rules, and every tensor's location. CheckpointError names the first problem."""
+    infos = scan(root)
     try:
-        fmt = detect_format(keys)
+        fmt = detect_format(set(infos))
     except ValueError as e:
         raise CheckpointError(f"{root}: {e}") from None
-    table: list[Rule] = rules(config, fmt)
+    table = rules(config, fmt)
     wanted = {name for r in table for name in r.theirs}
-    missing = sorted(wanted - keys)
+    missing = sorted(wanted - set(infos))
     if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{root}: missing tensors: {', '.join(missing[:5])}{more}")
-    # transformers writes lm_head even for tied embeddings; rotary caches are derived, not weights.
+        raise CheckpointError(f"{root}: missing tensors for this config ({fmt} format): {_names(missing)}")
+    # transformers may write lm_head for tied embeddings; rotary caches are derived, not weights.
     ignorable = {"lm_head.weight", "output.weight"} if config.tie_embeddings else set()
-    unexpected = sorted(k for k in keys - wanted - ignorable if not k.endswith("rotary_emb.inv_freq"))
+    unexpected = sorted(k for k in set(infos) - wanted - ignorable if not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(
-            f"{root}: unexpected tensors for this config: {', '.join(unexpected[:5])}{more} "
-            "(does the config match the weights?)"
-        )
-    expected = _expected_shapes(config)
-    # Check every shape and dtype before reading any data, by joining meta stand-ins.
+        raise CheckpointError(f"{root}: unexpected tensors for this config ({fmt} format): {_names(unexpected)} "
+                              "(does the config match the weights?)")
     for r in table:
-        shapes = [reader.shape(n) for n in r.theirs]
-        try:
-            joined = r.join([torch.empty(s, device="meta") for s in shapes])
-        except (RuntimeError, IndexError) as e:
-            raise CheckpointError(f"{root}: tensors {', '.join(r.theirs[:3])} have incompatible shapes {shapes}: {e}") from None
-        if tuple(joined.shape) != expected[r.ours]:
-            detail = ", ".join(f"{n} {list(s)}" for n, s in zip(r.theirs[:3], shapes[:3], strict=False))
-            raise CheckpointError(
-                f"{where[r.theirs[0]]}: wrong shape for {detail}: expected {list(expected[r.ours])} in total "
-                f"for {r.ours}, found {list(joined.shape)}"
-            )
-    with reader:
+        for name, shape in zip(r.theirs, r.shapes, strict=True):
+            info = infos[name]
+            if info.shape != shape:
+                raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                      f"expected {list(shape)} for this config")
+            if info.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, "
+                                      f"expected a floating-point dtype ({', '.join(FLOAT_DTYPES)})")
+    return fmt, table, infos
+
+
+def _stored_dtype(table: list[Rule], infos: dict[str, TensorInfo]) -> torch.dtype:
+    """The dtype holding most of the checkpoint's bytes (one dtype for the whole model)."""
+    nbytes: Counter[str] = Counter()
+    for r in table:
+        for name in r.theirs:
+            nbytes[infos[name].dtype] += infos[name].nbytes
+    return DTYPES[nbytes.most_common(1)[0][0]]
+
+
+def load_state(
+    path: str | Path,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The checkpoint at `path` as a state dict in mixlab's names, every tensor in `dtype` (default:
+    the stored dtype holding most bytes) on `device`. All checks happen before any data is read."""
+    root = Path(path)
+    _, table, infos = plan(root, config)
+    want = dtype or _stored_dtype(table, infos)
+    state: dict[str, torch.Tensor] = {}
+    with TensorReader(infos) as reader:
         for r in table:
-            ts = [reader.get(n) for n in r.theirs]
-            for n, t in zip(r.theirs, ts, strict=True):
-                if t.dtype not in _FLOAT_DTYPES:
-                    raise CheckpointError(f"{where[n]}: tensor {n!r} has dtype {t.dtype}, expected a float dtype")
-            t = r.join([t.to(dtype) for t in ts] if dtype is not None else ts)
-            yield r.ours, t
+            t = torch.empty(r.shape, dtype=want, device=device)
+            for name, view in zip(r.theirs, r.parts(t), strict=True):
+                reader.read_into(name, view)  # in place when layout and dtype allow; else via one temporary
+            state[r.ours] = t
+    return state
+
+
+def _refuse_pickle_or_recover(root: Path) -> None:
+    if root.suffix in PICKLE_SUFFIXES and root.is_file():
+        raise CheckpointError(_pickle_hint(root))
+    if _sibling(root, "new").exists() or _sibling(root, "old").exists():
+        try:
+            recover(root)  # an interrupted save_model: finish it (see io.py)
+        except OSError as e:
+            raise CheckpointError(f"{root}: an interrupted save left {_sibling(root, 'new')} / "
+                                  f"{_sibling(root, 'old')} and finishing it failed: {e}") from None
 
 
 def load_model(
@@ -100,19 +135,16 @@ def load_model(
 ) -> Transformer:
     """Load a checkpoint folder (transformers or Mistral format) into a mixlab `Transformer`.
 
-    `dtype`: convert every tensor at load (default: as stored). The model is in eval mode.
+    `dtype`: convert every tensor at load (default: as stored). `config`: use this instead of the
+    folder's config.json / params.json. The model is in eval mode.
     """
     root = Path(path)
-    if root.is_file() and root.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-        from mixlab.checkpoint.io import _pickle_hint
-
-        raise CheckpointError(_pickle_hint(root))
+    _refuse_pickle_or_recover(root)
     try:
         config = config or ModelConfig.from_dir(root)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    want = parse_dtype(dtype)
-    state = dict(load_state(root, config, dtype=want))
+    state = load_state(root, config, dtype=parse_dtype(dtype), device=device)
     with torch.device("meta"):
         model = Transformer(config)
     if config.tie_embeddings:
@@ -120,7 +152,7 @@ def load_model(
     model.load_state_dict(state, assign=True, strict=True)
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return model.to(device).eval()
+    return model.eval()
 
 
 def save_model(
@@ -130,32 +162,57 @@ def save_model(
     fmt: str = "hf",
     dtype: str | torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    copy_files: list[Path] | None = None,
 ) -> None:
-    """Save `model` as a checkpoint folder: `fmt="hf"` (transformers, legacy per-expert names, which
-    every transformers version reads) or `"mistral"` (params.json + consolidated.safetensors).
-    Atomic: a crash mid-save leaves any previous folder at `path` intact."""
+    """Save `model` as a checkpoint folder, atomically (a crash mid-save leaves any previous folder
+    at `path` intact; see io.py).
+
+    `fmt`: "hf" (transformers, legacy per-expert names, which every transformers version reads),
+    "hf-fused" (transformers >= 5 fused expert tensors) or "mistral" (params.json +
+    consolidated.safetensors). `copy_files`: side files (tokenizer, ...) to copy in.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
     config: ModelConfig = model.config
     want = parse_dtype(dtype)
-    if fmt not in ("hf", "mistral"):
-        raise ValueError(f"cannot save format {fmt!r}; expected 'hf' or 'mistral'")
     state = model.state_dict()
+    table = rules(config, fmt)
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for r in rules(config, fmt):
-            t = state[r.ours].detach().cpu()
-            if want is not None:
+    def tensors():  # type: ignore[no-untyped-def]
+        for r in table:
+            t = state[r.ours].detach()
+            if want is not None and t.dtype != want:
                 t = t.to(want)
             yield from zip(r.theirs, r.split(t), strict=True)
-        if fmt == "hf" and config.tie_embeddings:
-            pass  # transformers re-ties lm_head from embed_tokens
 
-    dtype_name = str(want or next(iter(state.values())).dtype).removeprefix("torch.")
-    if fmt == "hf":
+    stored = want or state["tok_embeddings.weight"].dtype
+    if fmt in ("hf", "hf-fused"):
         cfg = config.to_hf_dict()
-        cfg["torch_dtype"] = dtype_name
+        cfg["dtype"] = cfg["torch_dtype"] = str(stored).removeprefix("torch.")
         extra = {"config.json": json.dumps(cfg, indent=2) + "\n"}
-        write_sharded(tensors(), Path(path), extra_files=extra, max_shard_bytes=max_shard_bytes)
+        single = "model.safetensors"
     else:
         extra = {"params.json": json.dumps(config.to_mistral_dict(), indent=2) + "\n"}
-        write_sharded(tensors(), Path(path), extra_files=extra, max_shard_bytes=max_shard_bytes,
-                      single_name="consolidated.safetensors")
+        single = "consolidated.safetensors"
+    write_sharded(tensors(), Path(path), extra_files=extra, max_shard_bytes=max_shard_bytes,
+                  single_name=single, metadata={"mixlab_format": fmt}, copy_files=copy_files or [])
+
+
+def side_files(root: str | Path) -> list[Path]:
+    """The files of a checkpoint folder that are neither weights nor configs (tokenizer, README...)."""
+    return sorted(f for f in Path(root).iterdir() if f.is_file() and not _is_weight_file(f.name))
+
+
+def describe(path: str | Path) -> dict[str, object]:
+    """What is stored in a checkpoint folder, from the headers only: format, files, bytes per dtype."""
+    root = Path(path)
+    infos = scan(root)
+    try:
+        fmt = detect_format(set(infos))
+    except ValueError as e:
+        raise CheckpointError(f"{root}: {e}") from None
+    by_dtype: Counter[str] = Counter()
+    for i in infos.values():
+        by_dtype[i.dtype] += i.nbytes
+    return {"format": fmt, "files": len({i.file for i in infos.values()}), "tensors": len(infos),
+            "bytes": dict(by_dtype)}

@@ -1,22 +1,38 @@
-"""Checkpoint folders on disk: safetensors files (single or sharded with an index), read lazily
-and written atomically. Pickle files are refused, never unpickled.
+"""Checkpoint folders on disk: safetensors files (single or sharded with an index), validated
+before any data is read, read straight into preallocated tensors, and written atomically.
+Pickle files (`.bin`, `.pt`, `.pth`, ...) are refused, never unpickled.
+
+Reading does not memory-map: the header is parsed and checked here (offsets inside the file,
+byte counts matching dtype x shape, no overlaps), then each tensor's bytes are `pread` into the
+destination tensor's memory. A mapped file would count its touched pages in the process's
+resident memory on top of the copies; reading into place keeps peak memory at the model's size.
+The format: 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}`
+(offsets relative to the data section), then the raw bytes
+(https://github.com/huggingface/safetensors#format).
+
+Atomic saves (`write_sharded`), the guarantee: a save either completes or leaves the previous
+folder readable. Files go to a private temporary folder `.NAME.tmp-PID-*`, are fsynced, and the
+folder is renamed to `.NAME.new`: that rename is the commit point. Then the old `NAME` is renamed
+to `.NAME.old`, `.NAME.new` to `NAME`, and `.NAME.old` is deleted. If the process dies:
+before the commit, `NAME` is untouched (the next save removes the dead temporary folder); after
+it, `recover(NAME)` (run by every load and save of `NAME`) finishes the swap. One writer per
+folder at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 
 class CheckpointError(ValueError):
@@ -25,20 +41,45 @@ class CheckpointError(ValueError):
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAMES = ("model.safetensors.index.json", "consolidated.safetensors.index.json")
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+# safetensors dtype names; the float ones are what a model can be loaded from.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def _pickle_hint(path: Path) -> str:
     return (
-        f"{path}: pickle checkpoints are never unpickled by mixlab (loading one can run arbitrary code). "
-        "Convert it once in a trusted environment, e.g. "
+        f"{path}: pickle checkpoints are never unpickled by mixlab (unpickling can run arbitrary code). "
+        "Convert it once, in an environment you trust, to safetensors, e.g. "
         "`python -c \"import torch; from safetensors.torch import save_file; "
         f"save_file(torch.load('{path.name}', weights_only=True), 'model.safetensors')\"`, "
-        "or load it with transformers and call save_pretrained(..., safe_serialization=True)."
+        "or load it with transformers and call save_pretrained(out_dir) (which writes safetensors)."
     )
 
 
-def _check_header(path: Path) -> None:
-    """Validate the safetensors header before handing the file to the library, for a clear message."""
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: `file`, absolute byte range [start, end), dtype name, shape."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; CheckpointError naming the file and tensor on any fault."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -46,52 +87,103 @@ def _check_header(path: Path) -> None:
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100 * 2**20:
-                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{path}: truncated or corrupt safetensors file: header claims {n} bytes, the file has {size}"
+                )
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes)")
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    end = 0
-    for name, info in header.items():
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, the file has {size}"
-        )
+            dtype, shape, (b, e) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = isinstance(dtype, str) and all(isinstance(x, int) and x >= 0 for x in (*shape, b, e)) and b <= e
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {entry!r}")
+        if dtype in DTYPES:
+            want = math.prod(shape) * DTYPES[dtype].itemsize
+            if e - b != want:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header: tensor {name!r} ({dtype} {list(shape)}) needs {want} "
+                    f"bytes, its offsets span {e - b}"
+                )
+        out[name] = TensorInfo(path, dtype, shape, base + b, base + e)
+    end = max((t.end for t in out.values()), default=base)
+    if end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {end} bytes, the file has {size}")
+    spans = sorted((t.start, t.end, k) for k, t in out.items() if t.nbytes)
+    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {k0!r} and {k1!r} overlap")
+    return out
 
 
 def _inside(root: Path, name: str, index: Path) -> Path:
+    """The shard `name` of an index, which must stay inside `root`.
+
+    Symlinks out of the folder are refused, with one exception: the Hugging Face hub cache, where
+    `snapshots/REV/FILE` links to `../../blobs/SHA` of the same repository.
+    """
     p = Path(name)
-    if p.is_absolute() or ".." in p.parts:
+    if p.is_absolute() or ".." in p.parts or not p.parts:
         raise CheckpointError(f"{index}: weight_map entry {name!r} points outside the checkpoint folder")
+    if p.suffix != ".safetensors":
+        raise CheckpointError(f"{index}: weight_map entry {name!r} is not a .safetensors file")
     full = root / p
-    if full.resolve().parent != root.resolve() and root.resolve() not in full.resolve().parents:
-        raise CheckpointError(f"{index}: weight_map entry {name!r} resolves outside the checkpoint folder")
+    _check_inside(root, full, f"{index}: weight_map entry {name!r}")
     return full
 
 
-def tensor_files(root: Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file holding it, validating index and headers."""
+def _check_inside(root: Path, full: Path, what: str) -> None:
+    real, real_root = full.resolve(), root.resolve()
+    hub_blobs = real_root.parent.parent / "blobs" if real_root.parent.name == "snapshots" else None
+    if real_root not in real.parents and real.parent != hub_blobs:
+        raise CheckpointError(f"{what} resolves to {real}, outside the checkpoint folder (a symlink out?)")
+
+
+def _load_index(index: Path) -> dict[str, str]:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise CheckpointError(f"{index}: tensor {k!r} is listed twice in the index ({out[k]!r} and {v!r})")
+            out[k] = v
+        return out
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"{index}: not a valid index (expected a JSON object with a 'weight_map')") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
+    return weight_map
+
+
+def scan(root: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint folder `root`, by name, with its file and byte range.
+
+    Validates the index (shards present, inside the folder, each tensor in exactly one shard and
+    where the index says) and every header; reads no tensor data.
+    """
     if not root.is_dir():
+        if root.is_file() and root.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(_pickle_hint(root))
         raise CheckpointError(f"{root}: not a checkpoint folder")
     index = next((root / n for n in INDEX_NAMES if (root / n).is_file()), None)
-    files: list[Path]
     declared: dict[str, Path] = {}
     if index is not None:
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-            raise CheckpointError(f"{index}: not a valid index (expected a JSON object with 'weight_map')") from None
-        for tname, fname in weight_map.items():
-            declared[tname] = _inside(root, str(fname), index)
+        for tname, fname in _load_index(index).items():
+            declared[tname] = _inside(root, fname, index)
         files = sorted(set(declared.values()))
         for f in files:
             if not f.is_file():
@@ -103,112 +195,273 @@ def tensor_files(root: Path) -> dict[str, Path]:
             if pickles:
                 raise CheckpointError(_pickle_hint(pickles[0]))
             raise CheckpointError(f"{root}: no *.safetensors files found")
-    where: dict[str, Path] = {}
+        for f in files:
+            _check_inside(root, f, str(f))
+    where: dict[str, TensorInfo] = {}
     for f in files:
-        _check_header(f)
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                if k in where:
-                    raise CheckpointError(f"{root}: tensor {k!r} appears in two files: {where[k].name} and {f.name}")
-                where[k] = f
+        for k, info in read_header(f).items():
+            if k in where:
+                raise CheckpointError(f"{root}: tensor {k!r} appears in two files: {where[k].file.name} and {f.name}")
+            if index is not None and k not in declared:
+                raise CheckpointError(f"{f}: tensor {k!r} is not listed in {index.name}")
+            where[k] = info
     for tname, f in declared.items():
-        if where.get(tname) != f:
+        if tname not in where or where[tname].file != f:
             raise CheckpointError(f"{index}: tensor {tname!r} is mapped to {f.name} but is not in that file")
     return where
 
 
-class TensorReader:
-    """Open safetensors files (memory-mapped) and read tensors by name."""
+def tensor_files(root: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it (see `scan`)."""
+    return {k: v.file for k, v in scan(Path(root)).items()}
 
-    def __init__(self, where: dict[str, Path]) -> None:
-        self.where = where
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
+
+def _pread_into(fd: int, buf: memoryview, offset: int, info: TensorInfo, name: str) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{info.file}: file ended while reading tensor {name!r} (truncated?)")
+        done += n
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, writable, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class TensorReader:
+    """Read tensors of a checkpoint by name, straight from the files (no memory map).
+
+    `TensorReader(scan(root))` or, for older callers, `TensorReader(tensor_files(root))`.
+    """
+
+    def __init__(self, where: dict[str, TensorInfo] | dict[str, Path]) -> None:
+        infos: dict[str, TensorInfo] = {}
+        headers: dict[Path, dict[str, TensorInfo]] = {}
+        for k, v in where.items():
+            if isinstance(v, TensorInfo):
+                infos[k] = v
+            else:
+                if v not in headers:
+                    headers[v] = read_header(v)
+                infos[k] = headers[v][k]
+        self.infos = infos
+        self.where = {k: v.file for k, v in infos.items()}
+        self._fds: dict[Path, int] = {}
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def keys(self) -> set[str]:
-        return set(self.where)
-
-    def get(self, name: str) -> torch.Tensor:
-        f = self.where[name]
-        if f not in self._handles:
-            self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
-        return self._handles[f].get_tensor(name)
+        return set(self.infos)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        f = self.where[name]
-        if f not in self._handles:
-            self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
-        return tuple(self._handles[f].get_slice(name).get_shape())
+        return self.infos[name].shape
+
+    def dtype(self, name: str) -> str:
+        return self.infos[name].dtype
+
+    def _fd(self, f: Path) -> int:
+        if f not in self._fds:
+            self._fds[f] = os.open(f, os.O_RDONLY)
+        return self._fds[f]
+
+    def read_into(self, name: str, dest: torch.Tensor) -> None:
+        """Fill `dest` (any layout, dtype or device, same number of elements) with tensor `name`,
+        in the stored tensor's row-major order. Reads in place when `dest` is a contiguous CPU
+        tensor of the stored dtype; otherwise through one temporary of this tensor's size."""
+        info = self.infos[name]
+        if info.dtype not in DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which torch cannot read")
+        stored = DTYPES[info.dtype]
+        if dest.numel() != math.prod(info.shape):
+            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "
+                                  f"{dest.numel()} elements")
+        if dest.dtype == stored and dest.device.type == "cpu" and dest.is_contiguous():
+            _pread_into(self._fd(info.file), _bytes_of(dest), info.start, info, name)
+            return
+        tmp = torch.empty(info.shape, dtype=stored)
+        _pread_into(self._fd(info.file), _bytes_of(tmp), info.start, info, name)
+        dest.copy_(tmp.view(dest.shape))
+
+    def get(self, name: str) -> torch.Tensor:
+        """A new CPU tensor holding `name`, as stored."""
+        info = self.infos[name]
+        if info.dtype not in DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which torch cannot read")
+        t = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        self.read_into(name, t)
+        return t
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def write_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Write one safetensors file, streaming each tensor's bytes (no copy of contiguous tensors)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors:
+        if t.dtype not in _NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be written to safetensors here")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the library writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in tensors:
+            if t.numel():
+                f.write(_bytes_of(t.detach().to("cpu").contiguous()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sibling(dst: Path, tag: str) -> Path:
+    return dst.with_name(f".{dst.name}.{tag}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(dst: Path) -> None:
+    """Finish or undo a save of `dst` that a crash interrupted (see the module docstring)."""
+    dst = Path(dst)
+    new, old = _sibling(dst, "new"), _sibling(dst, "old")
+    if new.is_dir():  # committed: the new copy is complete, finish the swap
+        if dst.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(dst, old)
+        os.rename(new, dst)
+        _fsync_dir(dst.parent)
+    elif old.is_dir() and not dst.exists():  # not produced by the protocol, but never lose a copy
+        os.rename(old, dst)
+    if old.exists() and dst.exists():
+        shutil.rmtree(old)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_temporaries(dst: Path) -> None:
+    for p in dst.parent.glob(f".{dst.name}.tmp-*"):
+        try:
+            pid = int(p.name.removeprefix(f".{dst.name}.tmp-").split("-")[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+_WEIGHT_FILES = ("config.json", "params.json")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".index.json", *PICKLE_SUFFIXES, ".gguf")) or name in _WEIGHT_FILES
 
 
 def write_sharded(
-    tensors: Iterator[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
     dst: Path,
     *,
     extra_files: dict[str, str],
     max_shard_bytes: int = 5 * 2**30,
     single_name: str = "model.safetensors",
     metadata: dict[str, str] | None = None,
+    copy_files: Sequence[Path] = (),
 ) -> None:
-    """Write tensors as safetensors shards (with an index when more than one) plus `extra_files`
-    (name -> text), atomically: everything goes to a temporary folder next to `dst`, which then
-    replaces `dst` in one rename. A crash leaves the old `dst` untouched."""
+    """Write tensors as safetensors shards (with an index when more than one), plus `extra_files`
+    (name -> text) and `copy_files` (copied as they are), atomically (module docstring).
+
+    If `dst` exists it must look like a checkpoint folder; its files that are not weights or
+    configs (tokenizer files, README, ...) are carried over to the new folder.
+    """
     dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: exists and is not a folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    recover(dst)
+    _remove_dead_temporaries(dst)
+    if dst.is_dir():
+        names = [p.name for p in dst.iterdir()]
+        if names and not any(_is_weight_file(n) for n in names):
+            raise CheckpointError(f"{dst}: refusing to replace a folder that does not look like a checkpoint "
+                                  "(no config.json, params.json or *.safetensors)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
     try:
         stem = single_name.removesuffix(".safetensors")
-        shards: list[dict[str, torch.Tensor]] = [{}]
+        meta = {"format": "pt", **(metadata or {})}
+        seen: set[str] = set()
+        parts: list[list[str]] = []
+        shard: list[tuple[str, torch.Tensor]] = []
         size = 0
-        names: list[list[str]] = [[]]
-        shard_paths: list[Path] = []
 
-        def flush(final: bool) -> None:
-            nonlocal size
-            if not shards[-1]:
-                return
-            p = tmp / f"{stem}-part{len(shard_paths) + 1:05d}.safetensors"
-            save_file(shards[-1], str(p), metadata={"format": "pt", **(metadata or {})})
-            shard_paths.append(p)
-            shards[-1] = {}
-            size = 0
-            if not final:
-                names.append([])
+        def flush() -> None:
+            nonlocal shard, size
+            if shard:
+                write_safetensors(tmp / f"{stem}-part{len(parts) + 1:05d}.safetensors", shard, meta)
+                parts.append([name for name, _ in shard])
+                shard, size = [], 0
 
         for name, t in tensors:
+            if name in seen:
+                raise ValueError(f"tensor {name!r} is written twice")
+            seen.add(name)
             nbytes = t.numel() * t.element_size()
-            if size and size + nbytes > max_shard_bytes:
-                flush(final=False)
-            shards[-1][name] = t.contiguous()
-            names[-1].append(name)
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+            shard.append((name, t))
             size += nbytes
-        flush(final=True)
-        n = len(shard_paths)
-        if n == 1:
-            shard_paths[0].rename(tmp / single_name)
+        flush()
+        total = 0
+        if len(parts) == 1:
+            (tmp / f"{stem}-part00001.safetensors").rename(tmp / single_name)
         else:
             weight_map: dict[str, str] = {}
-            total = 0
-            for k, p in enumerate(shard_paths):
-                final_name = f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors"
-                p.rename(tmp / final_name)
-                with safe_open(str(tmp / final_name), framework="pt") as h:
-                    for key in h.keys():
-                        weight_map[key] = final_name
-                total += (tmp / final_name).stat().st_size
+            for k, names in enumerate(parts):
+                final = f"{stem}-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+                (tmp / f"{stem}-part{k + 1:05d}.safetensors").rename(tmp / final)
+                total += sum(i.nbytes for i in read_header(tmp / final).values())
+                weight_map.update(dict.fromkeys(names, final))
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / f"{single_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for fname, text in extra_files.items():
             (tmp / fname).write_text(text)
+        for src in copy_files:
+            if not (tmp / src.name).exists():
+                shutil.copyfile(src, tmp / src.name)
+        if dst.is_dir():  # keep the user's side files (tokenizer, README) that this save does not write
+            for f in dst.iterdir():
+                if f.is_file() and not _is_weight_file(f.name) and not (tmp / f.name).exists():
+                    shutil.copyfile(f, tmp / f.name)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,11 +469,7 @@ def write_sharded(
 
 
 def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Swap `tmp` into place as `dst`; the old `dst` is only removed after the new one is in place."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
+    """Commit `tmp` as the new `dst` (rename to `.NAME.new`), then swap it in; see `recover`."""
+    os.rename(tmp, _sibling(dst, "new"))
+    _fsync_dir(dst.parent)
+    recover(dst)
