@@ -9,7 +9,9 @@
 
 from mixlab.checkpoint import CheckpointError, load_model, save_model
 from mixlab.config import PRESETS, ConfigError, ModelConfig, MoEConfig, get_preset
+from mixlab.generate import generate, generate_stream
 from mixlab.model import Transformer
+from mixlab.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "PRESETS",
@@ -17,9 +19,13 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "MoEConfig",
+    "Tokenizer",
     "Transformer",
+    "generate",
+    "generate_stream",
     "get_preset",
     "load_model",
+    "load_tokenizer",
     "save_model",
 ]
 __version__ = "0.1.0"

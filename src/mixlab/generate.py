@@ -1,0 +1,353 @@
+"""Generation: prefill and decode with a KV cache, sampling, stop conditions, streaming.
+
+A batch of prompts of different lengths is left-padded: padding slots get position -1, which the
+model's attention mask hides, so every prompt sees exactly its own tokens (what transformers does
+with an attention mask). The prompt is prefilled in chunks of at most `prefill_chunk` tokens
+(bounding activation memory, and required by the rolling cache of sliding-window models); then
+each step feeds one token per prompt through `decode_step`, the one seam a faster decoder
+(CUDA graphs, torch.compile, speculative decoding) replaces.
+
+Every argument is checked before any compute, so a bad value fails at once with its name.
+
+Shape legend: B batch (prompts), T tokens, V vocabulary, L MoE layers, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import torch
+
+from mixlab.cache import KVCache
+from mixlab.model import Transformer
+
+if TYPE_CHECKING:
+    from mixlab.tokenizer import StreamDecoder, Tokenizer
+
+__all__ = ["Sampler", "Step", "decode_step", "generate", "generate_stream", "prefill"]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Turns next-token logits into token ids, in transformers' order: repetition penalty,
+    temperature, top-k, top-p, min-p. `temperature=0` is greedy (argmax, first index on ties)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, expected: str) -> ValueError:
+            return ValueError(f"invalid {name}={value!r}: expected {expected}")
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, v, "a finite number")
+        if self.temperature < 0:
+            raise bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", self.min_p, "a number in [0, 1] (0 = off)")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def filter(self, logits_BV: torch.Tensor, *, seen_BV: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits sampling draws from (`-inf` where a token is ruled out); not for greedy."""
+        if self.repetition_penalty != 1.0 and seen_BV is not None:
+            # CTRL (arXiv 1909.05858 §4.1): shrink the logits of tokens already present.
+            p = self.repetition_penalty
+            logits_BV = torch.where(seen_BV, torch.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
+        if self.greedy:
+            return logits_BV
+        logits_BV = logits_BV / self.temperature
+        if 0 < self.top_k < logits_BV.shape[-1]:
+            kth_B1 = torch.topk(logits_BV, self.top_k, dim=-1).values[:, -1:]
+            logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, -math.inf)
+        if self.top_p < 1.0:
+            # Nucleus sampling (arXiv 1904.09751): keep the smallest set whose mass reaches top_p.
+            sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+            probs_BV = sorted_BV.softmax(dim=-1)
+            drop_BV = probs_BV.cumsum(dim=-1) - probs_BV >= self.top_p  # never drops the most likely token
+            logits_BV = logits_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, -math.inf))
+        if self.min_p > 0.0:
+            # min-p (arXiv 2407.01082): drop tokens less likely than min_p times the most likely one.
+            probs_BV = logits_BV.softmax(dim=-1)
+            logits_BV = logits_BV.masked_fill(probs_BV < self.min_p * probs_BV.amax(-1, keepdim=True), -math.inf)
+        return logits_BV
+
+    def __call__(
+        self, logits_BV: torch.Tensor, *, seen_BV: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Next token ids `[B]` from float logits `[B, V]`; `seen_BV` marks tokens to penalise."""
+        logits_BV = self.filter(logits_BV, seen_BV=seen_BV)
+        if self.greedy:
+            return logits_BV.argmax(dim=-1)
+        return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@dataclass
+class Step:
+    """One decoding step: the new token of each prompt (None once that prompt has stopped) and,
+    when asked, the experts `[B, L, K]` each MoE layer chose in the forward pass that predicted it
+    (that is, for the previous token)."""
+
+    tokens: list[int | None]
+    experts_BLK: torch.Tensor | None = None
+
+
+def _forward(
+    model: Transformer, tokens_BT: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache, record_experts: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Last-position logits `[B, V]` (float32) and, optionally, that position's experts `[B, L, K]`."""
+    B, T = tokens_BT.shape
+    if record_experts:
+        h_BTD, routings = model(tokens_BT, positions_BT=positions_BT, cache=cache, return_hidden=True,
+                                return_routing=True)
+        experts_BLK = torch.stack([r.idx_TK.view(B, T, -1)[:, -1] for r in routings], dim=1) if routings else None
+    else:
+        h_BTD, experts_BLK = model(tokens_BT, positions_BT=positions_BT, cache=cache, return_hidden=True), None
+    # Only the last position's logits are needed: skip the [B, T, V] output projection of the rest.
+    return model.output(h_BTD[:, -1]).float(), experts_BLK
+
+
+def prefill(
+    model: Transformer, tokens_BT: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache, *,
+    chunk: int, record_experts: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Write the (left-padded) prompts into `cache` in chunks; return the last position's logits."""
+    T = tokens_BT.shape[1]
+    out: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    for s in range(0, T, chunk):
+        out = _forward(model, tokens_BT[:, s : s + chunk], positions_BT[:, s : s + chunk], cache, record_experts)
+    assert out is not None
+    return out
+
+
+def decode_step(
+    model: Transformer, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, cache: KVCache, *,
+    record_experts: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Feed one token per prompt; return next-token logits `[B, V]` (float32) and optional experts."""
+    return _forward(model, tokens_B1, positions_B1, cache, record_experts)
+
+
+def _check_prompts(
+    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, truncate: bool
+) -> list[list[int]]:
+    cfg = model.config
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"invalid max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+    if max_new_tokens >= cfg.max_seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {cfg.max_seq_len} tokens")
+    if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists (tokenize text first; "
+                         "wrap a single prompt as [ids])")
+    out = []
+    room = cfg.max_seq_len - max_new_tokens
+    for b, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+            raise ValueError(f"prompt {b} must be a list of token ids, got {type(p).__name__} "
+                             "(a single prompt must be wrapped as [ids])")
+        try:
+            ids = [operator.index(i) for i in p]
+        except TypeError:
+            raise ValueError(f"prompt {b} contains a non-integer token id") from None
+        bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {b} has token id {bad[0]} outside the model's vocabulary [0, {cfg.vocab_size})")
+        if not ids:
+            ids = [cfg.bos_id]  # an empty prompt: generate from the start-of-text token alone
+        if len(ids) > room:
+            if not truncate:
+                raise ValueError(
+                    f"prompt {b} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
+                    f"{len(ids) + max_new_tokens} positions but the model's context is {cfg.max_seq_len} "
+                    f"(pass truncate=True to keep the last {room} prompt tokens)"
+                )
+            keep_bos = ids[0] == cfg.bos_id
+            ids = [cfg.bos_id] + ids[len(ids) - room + 1 :] if keep_bos else ids[len(ids) - room :]
+        out.append(ids)
+    return out
+
+
+def _check_stop(
+    stop: Sequence[int | str] | int | str | None, tokenizer: Tokenizer | None, vocab_size: int
+) -> tuple[set[int], list[str]]:
+    if stop is None:
+        return set(), []
+    items = [stop] if isinstance(stop, (int, str)) else list(stop)
+    ids: set[int] = set()
+    strings: list[str] = []
+    for s in items:
+        if isinstance(s, str):
+            if not s:
+                raise ValueError("stop strings must not be empty")
+            strings.append(s)
+        elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab_size:
+            ids.add(s)
+        else:
+            raise ValueError(f"invalid stop item {s!r}: expected a token id in [0, {vocab_size}) or a string")
+    if strings and tokenizer is None:
+        raise ValueError(f"stop strings {strings!r} need a tokenizer: pass tokenizer=")
+    return ids, strings
+
+
+def generate_stream(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[int | str] | int | str | None = None,
+    stop_at_eos: bool = True,
+    tokenizer: Tokenizer | None = None,
+    truncate: bool = False,
+    prefill_chunk: int = 512,
+    record_experts: bool = False,
+) -> Iterator[Step]:
+    """Yield one `Step` per generated position, as soon as it is sampled.
+
+    `prompts`: token-id lists (an empty one becomes `[bos]`). A prompt stops after emitting a stop
+    token (`stop` ints, and the model's EOS unless `stop_at_eos=False`) or the token that completes
+    a `stop` string (needs `tokenizer`); the stop token is included. `seed` seeds a private
+    `torch.Generator`, so equal seeds give equal samples. `truncate=True` drops the oldest prompt
+    tokens (keeping BOS) instead of raising when prompt + max_new_tokens exceeds the context.
+    """
+    # Everything is validated here, eagerly; the returned generator does the compute.
+    sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
+    ids = _check_prompts(model, prompts, max_new_tokens, truncate)
+    stop_ids, stop_strings = _check_stop(stop, tokenizer, model.config.vocab_size)
+    if stop_at_eos:
+        stop_ids.add(model.config.eos_id)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"invalid seed={seed!r}: expected an integer or None")
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
+    if record_experts and model.config.moe is None:
+        raise ValueError("record_experts=True needs a MoE model; this one is dense")
+    return _generate(model, ids, max_new_tokens, sampler, seed, stop_ids, stop_strings, tokenizer,
+                     prefill_chunk, record_experts)
+
+
+def _generate(
+    model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, seed: int | None,
+    stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None, prefill_chunk: int,
+    record_experts: bool,
+) -> Iterator[Step]:
+    cfg = model.config
+    weight = model.tok_embeddings.weight
+    device, dtype = weight.device, weight.dtype
+    B = len(prompts)
+    lens = [len(p) for p in prompts]
+    T = max(lens)
+    tokens_BT = torch.zeros(B, T, dtype=torch.long)
+    positions_BT = torch.full((B, T), -1, dtype=torch.long)
+    for b, p in enumerate(prompts):  # left padding: the last token of every prompt is in column T-1
+        tokens_BT[b, T - len(p) :] = torch.tensor(p)
+        positions_BT[b, T - len(p) :] = torch.arange(len(p))
+    tokens_BT, positions_BT = tokens_BT.to(device), positions_BT.to(device)
+    chunk = min(prefill_chunk, T)
+    cache = KVCache(cfg, batch_size=B, max_len=T + max_new_tokens, dtype=dtype, device=device, prefill_chunk=chunk)
+
+    generator = None
+    if not sampler.greedy:
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+    seen_BV = None
+    if sampler.repetition_penalty != 1.0:
+        seen_BV = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            seen_BV[b, p] = True
+    decoders: list[StreamDecoder] = []
+    texts = [""] * B
+    longest_stop = max((len(s) for s in stop_strings), default=0)
+    if stop_strings:
+        assert tokenizer is not None
+        decoders = [tokenizer.stream(context=p[-4:]) for p in prompts]
+    done = [False] * B
+    positions_B1 = torch.tensor(lens, device=device)[:, None]
+
+    with torch.inference_mode():
+        logits_BV, experts_BLK = prefill(model, tokens_BT, positions_BT, cache, chunk=chunk,
+                                         record_experts=record_experts)
+        for step in range(max_new_tokens):
+            next_B = sampler(logits_BV, seen_BV=seen_BV, generator=generator)
+            out: list[int | None] = []
+            for b, tok in enumerate(next_B.tolist()):
+                if done[b]:
+                    out.append(None)
+                    continue
+                out.append(tok)
+                if tok in stop_ids:
+                    done[b] = True
+                elif decoders:
+                    piece = decoders[b].push(tok)
+                    texts[b] += piece
+                    # Search only where a match could end in the new text.
+                    tail = texts[b][max(0, len(texts[b]) - len(piece) - longest_stop + 1) :]
+                    if piece and any(s in tail for s in stop_strings):
+                        done[b] = True
+            yield Step(out, experts_BLK)
+            if all(done) or step == max_new_tokens - 1:
+                return
+            if seen_BV is not None:
+                seen_BV[torch.arange(B, device=device), next_B] = True
+            logits_BV, experts_BLK = decode_step(model, next_B[:, None], positions_B1, cache,
+                                                 record_experts=record_experts)
+            positions_B1 = positions_B1 + 1
+
+
+@overload
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             record_experts: Literal[False] = ..., **kw: Any) -> list[list[int]]: ...
+@overload
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             record_experts: Literal[True], **kw: Any) -> tuple[list[list[int]], list[torch.Tensor]]: ...
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    record_experts: bool = False,
+    **kw: Any,
+) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
+    """The new token ids of each prompt (stop token included). Keyword arguments are those of
+    `generate_stream`. With `record_experts=True`, also returns for each prompt a `[N, L, K]`
+    tensor: the experts chosen in every MoE layer at the step that produced each new token."""
+    out: list[list[int]] = [[] for _ in prompts]
+    experts: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens=max_new_tokens,
+                                record_experts=record_experts, **kw):
+        for b, tok in enumerate(step.tokens):
+            if tok is not None:
+                out[b].append(tok)
+                if step.experts_BLK is not None:
+                    experts[b].append(step.experts_BLK[b])
+    if record_experts:
+        return out, [torch.stack(e) for e in experts]
+    return out

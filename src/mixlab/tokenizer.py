@@ -1,0 +1,264 @@
+"""Text <-> token ids: Mixtral's SentencePiece tokenizer (or a transformers `tokenizer.json`),
+the Mixtral-Instruct chat template, and incremental decoding for streaming.
+
+Sources, in the order `load_tokenizer` looks for them:
+  - a `tokenizer.model` (SentencePiece, read with the `sentencepiece` library) or a
+    `tokenizer.json` (transformers, read with the optional `tokenizers` library) in a folder;
+  - by default, Mixtral's v1 tokenizer shipped inside `mistral-common`
+    (`mistral_common/data/tokenizer.model.v1`: 32,000 pieces, byte fallback, BOS 1, EOS 2).
+
+The chat template is mistral-common's instruct tokenizer v1 (the one Mixtral-8x7B-Instruct uses):
+`<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`, where `[INST]` is plain text (not a
+special token), each message is encoded separately (so each gets SentencePiece's leading "▁"),
+and system messages are joined with a blank line and prepended to the *first* user message
+(`InstructTokenizerV1.encode_user_message` in mistral-common 1.13; older releases used the last).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["ChatError", "StreamDecoder", "Tokenizer", "default_tokenizer_path", "load_tokenizer"]
+
+_REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
+
+
+class ChatError(ValueError):
+    """A conversation that the Mixtral-Instruct template cannot encode."""
+
+
+class _Backend(Protocol):
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def id_to_piece(self, i: int) -> str: ...
+
+
+class _SentencePiece:
+    def __init__(self, path: Path) -> None:
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a readable SentencePiece model: {e}") from None
+        self.vocab_size = int(self.sp.vocab_size())
+        self.bos_id, self.eos_id = int(self.sp.bos_id()), int(self.sp.eos_id())
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.sp.decode(list(ids)))  # control tokens (BOS, EOS) decode to ""
+
+    def id_to_piece(self, i: int) -> str:
+        return str(self.sp.id_to_piece(i))
+
+
+class _HFTokenizers:
+    """A transformers `tokenizer.json`, via the `tokenizers` library (installed with transformers)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise ValueError(f"{path}: reading tokenizer.json needs the `tokenizers` package "
+                             "(pip install tokenizers), or provide a SentencePiece tokenizer.model") from None
+        try:
+            self.tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path}: not a readable tokenizer.json: {e}") from None
+        self.vocab_size = int(self.tk.get_vocab_size(with_added_tokens=True))
+        names = {"bos": "<s>", "eos": "</s>"}
+        config = path.with_name("tokenizer_config.json")
+        if config.is_file():
+            cfg = json.loads(config.read_text())
+            for key in names:
+                tok = cfg.get(f"{key}_token")
+                if isinstance(tok, dict):  # older files store AddedToken dicts
+                    tok = tok.get("content")
+                if isinstance(tok, str):
+                    names[key] = tok
+        ids: dict[str, int] = {}
+        for key, name in names.items():
+            i = self.tk.token_to_id(name)
+            if i is None:
+                raise ValueError(f"{path}: no {key.upper()} token {name!r} in the vocabulary")
+            ids[key] = int(i)
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tk.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tk.decode(list(ids), skip_special_tokens=True))
+
+    def id_to_piece(self, i: int) -> str:
+        return str(self.tk.id_to_token(i))
+
+
+class Tokenizer:
+    """Encode and decode text, and encode chats with the Mixtral-Instruct template."""
+
+    def __init__(self, backend: _Backend, *, path: Path) -> None:
+        self._b = backend
+        self.path = path
+        self.vocab_size = backend.vocab_size
+        self.bos_id = backend.bos_id
+        self.eos_id = backend.eos_id
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._b.encode(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; BOS/EOS and other control tokens are dropped."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return self._b.decode(ids)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._b.id_to_piece(i)
+
+    def stream(self, *, context: Sequence[int] = ()) -> StreamDecoder:
+        """An incremental decoder; `context` (e.g. the prompt's last tokens) fixes leading spaces."""
+        return StreamDecoder(self, context=context)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, object]]) -> list[int]:
+        """Token ids of a conversation, ready for the model to write the next assistant reply.
+
+        `messages`: `{"role": "system" | "user" | "assistant", "content": str}` dicts; the last must
+        be a user message, or an assistant message with `"prefix": True` (the reply continues it).
+        Equal to mistral-common's `encode_chat_completion` with the v1 instruct tokenizer.
+        """
+        system, turns = _normalize_chat(messages)
+        ids = [self.bos_id]
+        first_user = True
+        for role, content, prefix in turns:
+            if role == "user":
+                if first_user and system:
+                    content = system + "\n\n" + content
+                first_user = False
+                ids += self.encode(f"[INST] {content} [/INST]", bos=False)
+            else:
+                if not content:
+                    raise ChatError("an assistant message has empty content")
+                ids += self.encode(content, bos=False, eos=not prefix)
+        return ids
+
+
+def _normalize_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, list[tuple[str, str, bool]]]:
+    """Validate a conversation as mistral-common does and return (system prompt, merged turns).
+
+    Consecutive messages of one role are joined with a blank line; system messages are collected
+    into one prompt; a conversation that does not start with a user turn gets an empty one.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ChatError("a chat is a non-empty list of {'role': ..., 'content': ...} messages")
+    allowed_next = {"system": {"user", "assistant", "system"}, "user": {"user", "assistant", "system"},
+                    "assistant": {"user", "assistant"}}
+    previous = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ChatError(f"message {i} must be a dict with a str 'role' and a str 'content', got {m!r}")
+        role = str(m["role"])
+        if role not in allowed_next:
+            raise ChatError(f"message {i} has role {role!r}; expected 'system', 'user' or 'assistant'")
+        if role == "system" and not m["content"]:
+            raise ChatError(f"message {i}: a system message must have content")
+        if m.get("prefix") and (role != "assistant" or i != len(messages) - 1):
+            raise ChatError(f"message {i}: only the last message, an assistant one, may have prefix=True")
+        if previous is not None and role not in allowed_next[previous]:
+            raise ChatError(f"message {i}: role {role!r} cannot follow role {previous!r}")
+        previous = role
+    last = messages[-1]
+    if len(messages) == 1 and last["role"] not in ("user", "system"):
+        raise ChatError("a conversation must start with a user or system message")
+    if len(messages) > 1 and last["role"] not in ("user", "system") and not last.get("prefix"):
+        raise ChatError(f"the last message must be a user message (or an assistant one with prefix=True), "
+                        f"got role {last['role']!r}")
+
+    system = "\n\n".join(str(m["content"]) for m in messages if m["role"] == "system")
+    turns: list[tuple[str, str, bool]] = []
+    run: list[Mapping[str, object]] = []
+    for m in [*messages, {"role": "<end>", "content": ""}]:
+        if run and m["role"] != run[0]["role"]:
+            if run[0]["role"] != "system":  # system runs leave the turns untouched
+                text = "\n\n".join(str(r["content"]) for r in run if r["content"])
+                turns.append((str(run[0]["role"]), text, any(bool(r.get("prefix")) for r in run)))
+            run = []
+        run.append(m)
+    if not turns or turns[0][0] != "user":
+        turns.insert(0, ("user", "", False))
+    return system, turns
+
+
+class StreamDecoder:
+    """Turns tokens into text as they arrive, never emitting half a character.
+
+    Decoding token by token is wrong twice over: SentencePiece drops the leading space of the
+    first piece it decodes, and byte-fallback pieces (`<0xE4>`) carry a fraction of a UTF-8
+    character. So, like text-generation-inference's incremental detokenizer, we decode a short
+    window twice (before and after the new token) and emit the difference once it no longer ends
+    in U+FFFD. `"".join(pushes) + flush()` equals `decode(context + tokens)` minus the context's text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, context: Sequence[int] = ()) -> None:
+        self.tok = tokenizer
+        self.ids = [int(i) for i in context]
+        self.prefix = 0  # window start: the text of ids[prefix:read] has been emitted
+        self.read = len(self.ids)
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text it completes (possibly "")."""
+        self.ids.append(int(token))
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith(_REPLACEMENT):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back (e.g. an incomplete byte sequence at the end)."""
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+def default_tokenizer_path() -> Path:
+    """Mixtral's v1 SentencePiece model inside the installed mistral-common package."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+    """Load a tokenizer from a file (`*.model`, `*.model.v1`, `tokenizer.json`) or a checkpoint
+    folder (its `tokenizer.model`, else its `tokenizer.json`); default: Mixtral's v1 tokenizer."""
+    p = default_tokenizer_path() if path is None else Path(path)
+    if p.is_dir():
+        for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"):
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise FileNotFoundError(f"{p}: no tokenizer.model or tokenizer.json in this folder")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such tokenizer file")
+    backend: _Backend = _HFTokenizers(p) if p.suffix == ".json" else _SentencePiece(p)
+    return Tokenizer(backend, path=p)

@@ -1,0 +1,239 @@
+"""Generation: greedy equals transformers' generate token for token (batched, left-padded, sliding
+window shorter than prompt + output); sampling filters equal transformers' logits processors;
+seeds; stop tokens and strings; expert records; every bad input fails before any compute."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hf_mistral, hf_mixtral
+from mixlab import load_model
+from mixlab.config import get_preset
+from mixlab.generate import Sampler, generate, generate_stream
+from mixlab.model import Transformer
+
+LENGTHS = (5, 9, 14, 20)  # with 32 new tokens: up to 52 positions, far beyond the window of 8
+
+
+def _prompts(vocab: int, lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_generate(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    T = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):  # left padding, as transformers recommends for decoder-only models
+        ids[b, T - len(p) :] = torch.tensor(p)
+        mask[b, T - len(p) :] = 1
+    ref.generation_config.eos_token_id = None  # a random model may emit EOS; compare all n tokens
+    ref.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+    return out[:, T:].tolist()
+
+
+@pytest.fixture(scope="module", params=["mixtral", "mistral-window"])
+def hf_checkpoint(request, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp(request.param)
+    # initializer_range 0.1 (not 0.02): a random model that varies its output makes a stronger test.
+    if request.param == "mixtral":
+        return hf_mixtral(path, num_local_experts=8, initializer_range=0.1)
+    return hf_mistral(path, sliding_window=8, initializer_range=0.1)
+
+
+@pytest.mark.parametrize("prefill_chunk", [512, 3])
+def test_greedy_equals_transformers(hf_checkpoint, prefill_chunk):
+    prompts = _prompts(128)
+    theirs = _hf_generate(hf_checkpoint, prompts, 32)
+    model = load_model(hf_checkpoint)
+    ours = generate(model, prompts, max_new_tokens=32, stop_at_eos=False, prefill_chunk=prefill_chunk)
+    assert ours == theirs
+    assert all(len(set(row)) > 4 for row in ours), "degenerate output would make this test weak"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Transformer:
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=128, max_seq_len=64)).eval()
+    model.init_weights(std=0.5, seed=0)  # large weights: peaked, varied next-token distributions
+    return model
+
+
+def test_batch_equals_one_by_one(tiny):
+    prompts = _prompts(128, (3, 11, 7))
+    batched = generate(tiny, prompts, max_new_tokens=12, stop_at_eos=False)
+    alone = [generate(tiny, [p], max_new_tokens=12, stop_at_eos=False)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_filters_equal_transformers_logits_processors():
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 3
+    input_ids = torch.randint(0, 50, (3, 10), generator=g)
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, input_ids, True)
+    for t, k, p, m, r in [(0.7, 10, 0.9, 0.0, 1.3), (1.5, 0, 0.5, 0.0, 1.0), (1.0, 0, 1.0, 0.2, 0.8),
+                          (0.9, 5, 0.8, 0.1, 1.1)]:
+        ours = Sampler(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r).filter(logits, seen_BV=seen)
+        theirs = logits
+        procs = [RepetitionPenaltyLogitsProcessor(r), TemperatureLogitsWarper(t)]
+        procs += [TopKLogitsWarper(k)] if k else []
+        procs += [TopPLogitsWarper(p)] if p < 1 else []
+        procs += [MinPLogitsWarper(m)] if m else []
+        for proc in procs:
+            theirs = proc(input_ids, theirs)
+        assert torch.equal(ours.isinf(), theirs.isinf()), (t, k, p, m, r)
+        torch.testing.assert_close(ours[~ours.isinf()], theirs[~theirs.isinf()])
+
+
+def test_restrictive_filters_equal_greedy(tiny):
+    prompts = _prompts(128, (6, 4))
+    greedy = generate(tiny, prompts, max_new_tokens=8, stop_at_eos=False)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}):
+        assert generate(tiny, prompts, max_new_tokens=8, stop_at_eos=False, temperature=1.0, seed=3, **kw) == greedy
+
+
+def test_seed_reproducible(tiny):
+    prompts = _prompts(128, (6, 4))
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, stop_at_eos=False)
+    a = generate(tiny, prompts, seed=1, **kw)
+    assert generate(tiny, prompts, seed=1, **kw) == a
+    assert generate(tiny, prompts, seed=2, **kw) != a
+
+
+def test_repetition_penalty_discourages_repeats(tiny):
+    prompt = [_prompts(128, (8,))[0]]
+    plain = generate(tiny, prompt, max_new_tokens=24, stop_at_eos=False)[0]
+    penalised = generate(tiny, prompt, max_new_tokens=24, stop_at_eos=False, repetition_penalty=1e6)[0]
+    assert len(set(plain)) < len(plain), "the plain run should repeat something for this test to bite"
+    assert len(set(penalised)) == len(penalised)
+    assert not set(penalised) & set(prompt[0])
+
+
+def test_stop_tokens_and_eos(tiny):
+    prompts = _prompts(128, (6, 4))
+    full = generate(tiny, prompts, max_new_tokens=16, stop_at_eos=False)
+    stop = full[0][5]
+    out = generate(tiny, prompts, max_new_tokens=16, stop=[stop], stop_at_eos=False)
+    assert out[0] == full[0][: full[0].index(stop) + 1]  # stops after the stop token, which is kept
+    assert out[1] == (full[1][: full[1].index(stop) + 1] if stop in full[1] else full[1])
+    eos_model = Transformer(tiny.config.replace(eos_id=stop)).eval()
+    eos_model.load_state_dict(tiny.state_dict())
+    assert generate(eos_model, prompts, max_new_tokens=16)[0] == out[0]
+
+
+def test_stream_yields_the_same_tokens(tiny):
+    prompts = _prompts(128, (6, 4))
+    full = generate(tiny, prompts, max_new_tokens=10, stop_at_eos=False)
+    steps = list(generate_stream(tiny, prompts, max_new_tokens=10, stop_at_eos=False))
+    assert len(steps) == 10
+    assert [[s.tokens[b] for s in steps] for b in range(2)] == full
+
+
+def test_stop_strings(tmp_path):
+    from mixlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=tok.vocab_size, max_seq_len=64)).eval()
+    model.init_weights(std=0.3, seed=1)
+    prompt = tok.encode("Once upon a time")
+    full = generate(model, [prompt], max_new_tokens=20, stop_at_eos=False)[0]
+    text = tok.decode(full)
+    needle = text[len(text) // 2 : len(text) // 2 + 3]
+    out = generate(model, [prompt], max_new_tokens=20, stop_at_eos=False, stop=[needle], tokenizer=tok)[0]
+    assert out == full[: len(out)]
+    assert needle in tok.decode(prompt[-4:] + out) and needle not in tok.decode(prompt[-4:] + out[:-1])
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(model, [prompt], max_new_tokens=4, stop=["x"])
+
+
+def test_recorded_experts_equal_full_forward(tiny):
+    prompts = _prompts(128, (5, 9))
+    tokens, experts = generate(tiny, prompts, max_new_tokens=6, stop_at_eos=False, record_experts=True)
+    L, K = tiny.config.n_layers, tiny.config.moe.top_k
+    for p, new, e in zip(prompts, tokens, experts, strict=True):
+        assert e.shape == (len(new), L, K)
+        seq = torch.tensor([p + new])
+        with torch.no_grad():
+            _, routings = tiny(seq, return_routing=True)
+        for layer, r in enumerate(routings):  # the token at position j-1 predicted new token j
+            want = r.idx_TK[len(p) - 1 : len(p) - 1 + len(new)]
+            assert torch.equal(e[:, layer].sort(-1).values, want.sort(-1).values)
+
+
+def test_empty_prompt_is_bos(tiny):
+    a = generate(tiny, [[], [5, 6]], max_new_tokens=5, stop_at_eos=False)
+    b = generate(tiny, [[tiny.config.bos_id], [5, 6]], max_new_tokens=5, stop_at_eos=False)
+    assert a == b
+
+
+def test_truncate_keeps_bos_and_the_end(tiny):
+    ctx = tiny.config.max_seq_len
+    long = [1] + _prompts(128, (ctx + 10,))[0]
+    with pytest.raises(ValueError, match=rf"{len(long)} tokens.*{len(long) + 8} positions.*context is {ctx}"):
+        generate(tiny, [long], max_new_tokens=8)
+    out = generate(tiny, [long], max_new_tokens=8, truncate=True, stop_at_eos=False)
+    kept = [1] + long[len(long) - (ctx - 8) + 1 :]
+    assert len(kept) == ctx - 8
+    assert out == generate(tiny, [kept], max_new_tokens=8, stop_at_eos=False)
+
+
+BAD = [
+    (dict(temperature=math.nan), "temperature=nan"),
+    (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(temperature=math.inf), "temperature=inf"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_p=math.nan), "top_p=nan"),
+    (dict(top_k=-1), "top_k=-1"),
+    (dict(top_k=2.5), "top_k=2.5"),
+    (dict(min_p=-0.1), "min_p=-0.1"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=-3), "max_new_tokens=-3"),
+    (dict(max_new_tokens=64), "max_new_tokens=64 leaves no room"),
+    (dict(seed="x"), "seed='x'"),
+    (dict(prompts=[[5, 128]]), "token id 128 outside the model's vocabulary"),
+    (dict(prompts=[[-1]]), "token id -1 outside"),
+    (dict(prompts=[5, 6]), "prompt 0 must be a list"),
+    (dict(prompts=[]), "non-empty list"),
+    (dict(prompts="hello"), "tokenize text first"),
+    (dict(prompts=[[1.5]]), "non-integer"),
+    (dict(prompts=[list(range(60))]), "prompt 0 has 60 tokens.*68 positions.*context is 64"),
+    (dict(stop=[500]), "stop item 500"),
+    (dict(stop=[""]), "must not be empty"),
+    (dict(prefill_chunk=0), "prefill_chunk=0"),
+]
+
+
+@pytest.mark.parametrize("kw,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_fails_before_compute(tiny, kw, message, monkeypatch):
+    def boom(*a, **k):  # any forward pass would mean validation came too late
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(tiny, "forward", boom)
+    args = dict(prompts=[[1, 5, 6]], max_new_tokens=8)
+    args.update(kw)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        generate_stream(tiny, **args)  # eager: no iteration needed
+
+
+def test_record_experts_needs_moe():
+    dense = Transformer(get_preset("tiny-dense")).eval()
+    with pytest.raises(ValueError, match="needs a MoE model"):
+        generate(dense, [[1]], max_new_tokens=2, record_experts=True)
