@@ -18,6 +18,27 @@ class ConfigError(ValueError):
     """A configuration value is missing or out of range; the message names the field."""
 
 
+# mixlab field -> the key that holds it in transformers' config.json / Mistral's params.json, so
+# errors name the key the user sees in the file.
+_HF_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+            "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
+            "max_seq_len": "max_position_embeddings", "sliding_window": "sliding_window",
+            "moe.num_experts": "num_local_experts", "moe.top_k": "num_experts_per_tok"}
+_MISTRAL_KEYS = {"ffn_dim": "hidden_dim", "moe.num_experts": "moe.num_experts",
+                 "moe.top_k": "moe.num_experts_per_tok"}
+
+
+def _in_file(e: ConfigError, source: str, keys: dict[str, str]) -> ConfigError:
+    """`e` prefixed with the file, naming the file's own key for the field."""
+    msg = str(e)
+    for ours, theirs in keys.items():
+        if f"'{ours}'" in msg and ours != theirs:
+            msg = msg.replace(f"'{ours}'", f"'{ours}' ({theirs!r} in this file)", 1)
+            break
+    return ConfigError(f"{source}: {msg}")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     num_experts: int = 8
@@ -84,6 +105,9 @@ class ModelConfig:
                 )
             if m.capacity_factor is not None and not m.capacity_factor > 0:
                 raise ConfigError(f"config field 'moe.capacity_factor' must be > 0, got {m.capacity_factor!r}")
+        total = self.param_counts()["total"]
+        if total > 1 << 44:  # ~17.6T parameters: a typo, not a model
+            raise ConfigError(f"config describes {total:,} parameters, more than 2**44; check the sizes")
 
     # -- derived fields ---------------------------------------------------------------------
 
@@ -192,7 +216,7 @@ class ModelConfig:
                 eos_id=d.get("eos_token_id", 2) if isinstance(d.get("eos_token_id", 2), int) else 2,
             )
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise _in_file(e, source, _HF_KEYS) from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -208,12 +232,14 @@ class ModelConfig:
             "hidden_act": "silu",
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
+            "rope_theta": self.rope_theta,  # transformers < 5
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},  # transformers >= 5
             "sliding_window": self.sliding_window,
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_id,
             "eos_token_id": self.eos_id,
             "attention_dropout": 0.0,
+            "dtype": "float32",  # transformers >= 5; save_model writes the stored dtype in both
             "torch_dtype": "float32",
         }
         if self.moe is not None:
@@ -259,7 +285,7 @@ class ModelConfig:
                 moe=moe,
             )
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise _in_file(e, source, _MISTRAL_KEYS) from None
 
     def to_mistral_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {

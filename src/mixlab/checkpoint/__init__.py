@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -178,7 +179,7 @@ def save_model(
     state = model.state_dict()
     table = rules(config, fmt)
 
-    def tensors():  # type: ignore[no-untyped-def]
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for r in table:
             t = state[r.ours].detach()
             if want is not None and t.dtype != want:

@@ -104,23 +104,23 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (b, e) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = isinstance(dtype, str) and all(isinstance(x, int) and x >= 0 for x in (*shape, b, e)) and b <= e
+            dtype, shape, (b, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = isinstance(dtype, str) and all(isinstance(x, int) and x >= 0 for x in (*shape, b, end)) and b <= end
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {entry!r}")
         if dtype in DTYPES:
             want = math.prod(shape) * DTYPES[dtype].itemsize
-            if e - b != want:
+            if end - b != want:
                 raise CheckpointError(
                     f"{path}: corrupt safetensors header: tensor {name!r} ({dtype} {list(shape)}) needs {want} "
-                    f"bytes, its offsets span {e - b}"
+                    f"bytes, its offsets span {end - b}"
                 )
-        out[name] = TensorInfo(path, dtype, shape, base + b, base + e)
-    end = max((t.end for t in out.values()), default=base)
-    if end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {end} bytes, the file has {size}")
+        out[name] = TensorInfo(path, dtype, shape, base + b, base + end)
+    need = max((t.end for t in out.values()), default=base)
+    if need > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {need} bytes, the file has {size}")
     spans = sorted((t.start, t.end, k) for k, t in out.items() if t.nbytes)
     for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
@@ -227,7 +227,8 @@ def _pread_into(fd: int, buf: memoryview, offset: int, info: TensorInfo, name: s
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, writable, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    arr: Any = t.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(arr).cast("B")
 
 
 class TensorReader:

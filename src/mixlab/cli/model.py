@@ -1,22 +1,26 @@
-"""`mixlab info` and `mixlab convert`."""
+"""`mixlab info` and `mixlab convert`: thin wrappers over mixlab.config and mixlab.checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from mixlab.config import ModelConfig, get_preset
+from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset
+
+CONVERT_FORMATS = ["hf", "mistral"]
 
 
 def _config(spec: str) -> tuple[str, ModelConfig]:
     p = Path(spec)
     if p.is_dir():
         return str(p), ModelConfig.from_dir(p)
-    return spec, get_preset(spec)
+    if spec in PRESETS:
+        return spec, get_preset(spec)
+    raise ConfigError(f"{spec!r} is neither a checkpoint folder nor a preset (presets: {', '.join(sorted(PRESETS))})")
 
 
 def info(args: argparse.Namespace) -> int:
-    name, cfg = _config(args.model)
+    name, cfg = _config(args.model)  # arithmetic on the config only: no weights are allocated
     counts = cfg.param_counts()
     kind = f"MoE, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}" if cfg.moe else "dense"
     window = f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""
@@ -25,27 +29,31 @@ def info(args: argparse.Namespace) -> int:
           f"rope theta {cfg.rope_theta:g}, context {cfg.max_seq_len}{window}")
     print(f"total parameters:  {counts['total']:,}")
     print(f"active per token:  {counts['active']:,}  (attention, norms, router, top-{cfg.moe.top_k if cfg.moe else 1} "
-          "FFN per layer, embedding and output matrices)")
+          "FFN per layer, the whole embedding and output matrices)")
     for part in ("embedding", "output", "attention", "ffn", "router", "norms"):
         print(f"  {part + ':':<12}{counts[part]:>18,}")
     print("weights:           " + ", ".join(
         f"{n} {counts['total'] * b / 2**30:,.2f} GiB" for n, b in (("bf16", 2), ("int8", 1), ("int4", 0.5))))
     print(f"KV cache per token: {cfg.kv_cache_bytes_per_token(2):,} bytes (bf16); "
           f"{cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len / 2**30:,.2f} GiB at full context")
+    if Path(args.model).is_dir():
+        from mixlab.checkpoint import describe
+
+        d = describe(args.model)  # headers only
+        stored = ", ".join(f"{_DTYPE_NAMES.get(k, k)} {v:,} bytes" for k, v in d["bytes"].items())  # type: ignore[attr-defined]
+        print(f"stored:            {d['format']} format, {d['tensors']} tensors in {d['files']} file(s): {stored}")
     return 0
 
 
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
 def convert(args: argparse.Namespace) -> int:
-    from mixlab.checkpoint import load_model, save_model
+    from mixlab.checkpoint import load_model, save_model, side_files
 
     model = load_model(args.src, dtype=args.dtype)
-    if args.to == "gguf":
-        from mixlab.checkpoint.gguf import write_gguf
-
-        write_gguf(model, args.dst, quant=args.quant, tokenizer=args.tokenizer)
-        print(f"wrote {args.dst} (gguf, {args.quant})")
-        return 0
-    save_model(model, args.dst, fmt=args.to, dtype=args.dtype)
+    save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
+               copy_files=side_files(args.src))
     print(f"wrote {args.dst} ({args.to})")
     return 0
 
@@ -54,13 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, memory and KV-cache sizes of a preset or checkpoint")
     p.add_argument("model", help="a preset name (e.g. mixtral-8x7b) or a checkpoint folder")
     p.set_defaults(func=info)
-    p = sub.add_parser("convert", help="convert a checkpoint between formats")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--to", choices=["hf", "mistral", "gguf"], default="hf")
-    p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
-                   help="GGUF only: how matrices are stored (norms and router stay f32)")
-    p.add_argument("--tokenizer", default=None,
-                   help="GGUF only: SentencePiece model for the vocabulary (default: Mixtral's, from mistral-common)")
+    p = sub.add_parser("convert", help="convert a checkpoint between formats (atomic write)")
+    p.add_argument("src", help="checkpoint folder: transformers or Mistral format")
+    p.add_argument("dst", help="output folder (replaced atomically if it exists)")
+    p.add_argument("--to", choices=CONVERT_FORMATS, default="hf")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard, in GiB (default 5)")
     p.set_defaults(func=convert)

@@ -1,0 +1,321 @@
+"""Checkpoint formats, round trips and atomic saves, checked against transformers.
+
+Round trips compare every tensor bit for bit; "transformers loads it" compares logits exactly
+(same weights, same code) after `from_pretrained` on what mixlab wrote.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import hf_mistral, hf_mixtral
+from mixlab import load_model, save_model
+from mixlab.checkpoint import io as ckio
+from mixlab.checkpoint.keymaps import FORMATS, rules
+from mixlab.cli import main
+from mixlab.config import PRESETS
+from mixlab.model import Transformer
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                assert k not in out
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
+
+
+def our_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(tokens)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense", "mini-moe", "mixtral-8x7b"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_key_maps_cover_the_model_exactly(name, fmt):
+    cfg = PRESETS[name]
+    if fmt == "hf-fused" and cfg.moe is None:
+        return
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items() if k != "output.weight" or not cfg.tie_embeddings}
+    table = rules(cfg, fmt)
+    assert {r.ours: r.shape for r in table} == expected
+    names = [n for r in table for n in r.theirs]
+    assert len(names) == len(set(names))
+
+
+def test_transformers_to_mixlab_to_transformers_is_bit_identical(tmp_path):
+    src = hf_mixtral(tmp_path / "hf", rope_theta=5e5)
+    model = load_model(src)
+    out = tmp_path / "ours"
+    save_model(model, out, max_shard_bytes=40_000)  # several shards and an index
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert_same_tensors(tensors_of(src), tensors_of(out))
+    assert torch.equal(hf_logits(out, TOKENS), hf_logits(src, TOKENS))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "mistral"])
+def test_mistral_format_round_trip_is_bit_identical(tmp_path, kind):
+    src = (hf_mixtral if kind == "mixtral" else hf_mistral)(tmp_path / "hf")
+    model = load_model(src)
+    mis = tmp_path / "mistral"
+    save_model(model, mis, fmt="mistral")
+    assert sorted(p.name for p in mis.iterdir()) == ["consolidated.safetensors", "params.json"]
+    keys = set(tensors_of(mis))
+    assert "layers.0.attention.wq.weight" in keys and "tok_embeddings.weight" in keys
+    if kind == "mixtral":
+        assert "layers.1.feed_forward.experts.3.w1.weight" in keys and "layers.0.feed_forward.gate.weight" in keys
+    back = load_model(mis)
+    torch.testing.assert_close(our_logits(back, TOKENS), hf_logits(src, TOKENS), atol=1e-4, rtol=0)
+    hf2 = tmp_path / "hf2"
+    save_model(back, hf2, fmt="hf")
+    assert_same_tensors(tensors_of(src), tensors_of(hf2))
+    assert torch.equal(hf_logits(hf2, TOKENS), hf_logits(src, TOKENS))
+
+
+def _rope_interleaved(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Mistral's reference rotary (mistral-inference rope.py): rotate consecutive pairs as complex numbers."""
+    hd = x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd)
+    angles = pos[:, None].float() * freqs  # [T, hd/2]
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], hd // 2, 2))
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+def test_mistral_q_k_rows_are_in_mistral_rotary_order(tmp_path):
+    """Independent of our own inverse: attention scores computed the way mistral-inference does
+    (interleaved rotary on the Mistral-format wq/wk) equal transformers' (rotate-half on its wq/wk)."""
+    from transformers import AutoModelForCausalLM
+
+    src = hf_mixtral(tmp_path / "hf")
+    save_model(load_model(src), tmp_path / "mistral", fmt="mistral")
+    ours = tensors_of(tmp_path / "mistral")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    cfg = ref.config
+    H, G, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    x = torch.randn(7, cfg.hidden_size)
+    pos = torch.arange(7)
+    theta = cfg.rope_parameters["rope_theta"]
+    from transformers.models.mixtral.modeling_mixtral import apply_rotary_pos_emb
+
+    attn = ref.model.layers[0].self_attn
+    q = (x @ attn.q_proj.weight.T).view(7, H, hd).transpose(0, 1)
+    k = (x @ attn.k_proj.weight.T).view(7, G, hd).transpose(0, 1)
+    emb = torch.cat([pos[:, None].float() * (1.0 / theta ** (torch.arange(0, hd, 2).float() / hd))] * 2, -1)
+    q, k = apply_rotary_pos_emb(q[None], k[None], emb.cos()[None], emb.sin()[None])
+    theirs = q[0] @ k[0].repeat_interleave(H // G, 0).transpose(-1, -2)
+    qm = _rope_interleaved((x @ ours["layers.0.attention.wq.weight"].T).view(7, H, hd).transpose(0, 1), pos, theta)
+    km = _rope_interleaved((x @ ours["layers.0.attention.wk.weight"].T).view(7, G, hd).transpose(0, 1), pos, theta)
+    mine = qm @ km.repeat_interleave(H // G, 0).transpose(-1, -2)
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_reads_transformers_v5_fused_expert_keys(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(3)
+    ref = MixtralForCausalLM(MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+    state = ref.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state and "model.layers.0.mlp.gate.weight" in state
+    folder = tmp_path / "fused"
+    ref.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    model = load_model(folder)
+    with torch.no_grad():
+        theirs = ref(TOKENS).logits
+    torch.testing.assert_close(our_logits(model, TOKENS), theirs, atol=1e-4, rtol=0)
+    # ... and writes them: transformers reads mixlab's fused save natively.
+    save_model(model, tmp_path / "fused2", fmt="hf-fused")
+    assert_same_tensors(tensors_of(folder), tensors_of(tmp_path / "fused2"))
+    assert torch.equal(hf_logits(tmp_path / "fused2", TOKENS), theirs)
+
+
+def test_tied_embeddings(tmp_path):
+    src = hf_mistral(tmp_path / "hf", tie_word_embeddings=True)
+    model = load_model(src)
+    assert model.output.weight is model.tok_embeddings.weight
+    torch.testing.assert_close(our_logits(model, TOKENS), hf_logits(src, TOKENS), atol=1e-4, rtol=0)
+    for fmt in ("hf", "mistral"):
+        save_model(model, tmp_path / fmt, fmt=fmt)
+        assert not {"lm_head.weight", "output.weight"} & set(tensors_of(tmp_path / fmt))
+        again = load_model(tmp_path / fmt)
+        assert again.output.weight is again.tok_embeddings.weight
+        assert torch.equal(our_logits(again, TOKENS), our_logits(model, TOKENS))
+    assert torch.equal(hf_logits(tmp_path / "hf", TOKENS), hf_logits(src, TOKENS))
+
+
+def test_dtype_chosen_at_load(tmp_path):
+    src = hf_mixtral(tmp_path / "hf")
+    f32 = load_model(src)
+    bf16 = load_model(src, dtype="bfloat16")
+    for (k, a), (_, b) in zip(f32.state_dict().items(), bf16.state_dict().items(), strict=True):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), k
+    save_model(bf16, tmp_path / "bf16")
+    assert {t.dtype for t in tensors_of(tmp_path / "bf16").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert load_model(tmp_path / "bf16").tok_embeddings.weight.dtype == torch.bfloat16  # default: as stored
+
+
+# -- atomic saves -----------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def test_crash_mid_save_leaves_the_old_folder_intact(tmp_path, monkeypatch):
+    model = load_model(hf_mixtral(tmp_path / "hf"))
+    dst = tmp_path / "out"
+    save_model(model, dst, max_shard_bytes=40_000)
+    before = snapshot(dst)
+    real = ckio.write_safetensors
+    calls = []
+
+    def crash_after_first_shard(*a, **kw):
+        if calls:
+            raise OSError("disk full (simulated)")
+        calls.append(1)
+        real(*a, **kw)
+
+    monkeypatch.setattr(ckio, "write_safetensors", crash_after_first_shard)
+    with pytest.raises(OSError, match="simulated"):
+        save_model(model, dst, fmt="mistral", max_shard_bytes=40_000)
+    assert snapshot(dst) == before and leftovers(dst) == []
+
+
+def test_crash_between_the_renames_is_recovered(tmp_path, monkeypatch):
+    src = hf_mixtral(tmp_path / "hf")
+    model = load_model(src)
+    dst = tmp_path / "out"
+    save_model(model, dst, fmt="mistral")  # the old copy
+    real = os.rename
+
+    def die_before_swapping_in(a, b):
+        if str(a).endswith(".out.new"):
+            raise SystemExit("killed (simulated)")
+        real(a, b)
+
+    monkeypatch.setattr(ckio.os, "rename", die_before_swapping_in)
+    with pytest.raises(SystemExit):
+        save_model(model, dst, fmt="hf")  # the new copy, committed but not swapped in
+    monkeypatch.setattr(ckio.os, "rename", real)
+    assert not dst.exists() and leftovers(dst) == [".out.new", ".out.old"]
+    loaded = load_model(dst)  # finishes the save
+    assert (dst / "config.json").exists() and leftovers(dst) == []
+    assert torch.equal(our_logits(loaded, TOKENS), our_logits(model, TOKENS))
+
+
+def test_recovery_from_every_crash_point(tmp_path):
+    model = load_model(hf_mixtral(tmp_path / "hf"))
+    dst = tmp_path / "out"
+    save_model(model, tmp_path / "new", fmt="hf")
+    save_model(model, tmp_path / "old", fmt="mistral")
+    states = {  # what a crash after each step of the protocol leaves
+        "committed": {"out": "old", ".out.new": "new"},
+        "old moved away": {".out.old": "old", ".out.new": "new"},
+        "new swapped in": {"out": "new", ".out.old": "old"},
+    }
+    for state in states.values():
+        for name, which in state.items():
+            os.system(f"cp -r {tmp_path / which} {tmp_path / name}")
+        load_model(dst)
+        assert (dst / "config.json").exists() and leftovers(dst) == []  # the new copy won
+        os.system(f"rm -rf {dst}")
+
+
+def test_save_cleans_dead_temporaries_and_keeps_side_files(tmp_path):
+    model = load_model(hf_mixtral(tmp_path / "hf"))
+    dst = tmp_path / "out"
+    save_model(model, dst)
+    (dst / "tokenizer.json").write_text("{}")
+    dead = tmp_path / ".out.tmp-999999999-x"  # a pid no process has
+    dead.mkdir()
+    save_model(model, dst, fmt="mistral")
+    assert not dead.exists()
+    assert sorted(p.name for p in dst.iterdir()) == ["consolidated.safetensors", "params.json", "tokenizer.json"]
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
+    model = load_model(hf_mixtral(tmp_path / "hf"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("x")
+    with pytest.raises(ValueError, match="does not look like a checkpoint"):
+        save_model(model, tmp_path / "notes")
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "x"
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_convert_round_trip(tmp_path, capsys):
+    src = hf_mixtral(tmp_path / "hf")
+    (src / "tokenizer.json").write_text("{}")
+    assert main(["convert", str(src), str(tmp_path / "m"), "--to", "mistral"]) == 0
+    assert (tmp_path / "m" / "params.json").exists() and (tmp_path / "m" / "tokenizer.json").exists()
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "h"), "--to", "hf"]) == 0
+    assert_same_tensors(tensors_of(src), tensors_of(tmp_path / "h"))
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nope" in err and err.startswith("mixlab convert: error:")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_info_prints_exact_counts(capsys):
+    assert main(["info", "mixtral-8x7b"]) == 0
+    out = capsys.readouterr().out
+    assert "46,702,792,704" in out and "12,879,925,248" in out
+    assert main(["info", "mixtral-8x22b"]) == 0  # 141B parameters: would not fit if allocated
+    assert main(["info", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_cli_info_on_a_checkpoint_reads_no_tensor_data(tmp_path, capsys, monkeypatch):
+    src = hf_mixtral(tmp_path / "hf")
+    cfg = load_model(src).config
+    counts = cfg.param_counts()
+
+    def no_reads(*a, **kw):
+        raise AssertionError("info read tensor data")
+
+    monkeypatch.setattr(ckio, "_pread_into", no_reads)
+    assert main(["info", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert f"{counts['total']:,}" in out and f"{counts['active']:,}" in out
+    assert "hf format" in out and "float32" in out
