@@ -1,0 +1,160 @@
+"""Data preparation and the resumable loader: layout, domains, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CORPUS
+from mixlab.train.data import (
+    BatchLoader,
+    ByteTokenizer,
+    DataError,
+    TokenDataset,
+    eval_windows,
+    prepare,
+    read_documents,
+)
+
+
+def _jsonl(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t, "source": "test"}) + "\n" for t in texts), encoding="utf-8")
+
+
+def _corpus(root: Path) -> Path:
+    _jsonl(root / "code" / "train.jsonl", [f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(20)])
+    _jsonl(root / "code" / "valid.jsonl", ["def g(y):\n    return y * 2\n" * 5])
+    _jsonl(root / "prose" / "train.jsonl", [f"The quick brown fox number {i} jumps. " * 4 for i in range(20)])
+    _jsonl(root / "prose" / "valid.jsonl", ["A lazy dog sleeps all day long. " * 5])
+    _jsonl(root / "chat" / "sft.jsonl", ["not pretraining text"])  # no train.jsonl: ignored
+    return root
+
+
+def test_prepare_corpus_layout(tmp_path: Path) -> None:
+    src = _corpus(tmp_path / "src")
+    meta = prepare(read_documents([src]), tmp_path / "ds")
+    assert meta["domains"] == ["code", "prose"]
+    assert meta["splits"]["train"]["code"]["docs"] == 20 and meta["splits"]["valid"]["prose"]["docs"] == 1
+    ds = TokenDataset(tmp_path / "ds")
+    toks = ds.tokens("train", "code")
+    assert toks.dtype == np.uint16
+    starts = np.fromfile(tmp_path / "ds" / "train" / "code.docs.bin", dtype=np.int64)
+    assert len(starts) == 20 and starts[0] == 0
+    tok = ds.tokenizer()
+    # Each document is [BOS] bytes [EOS]; decoding the first gives the text back.
+    first = toks[starts[0]: starts[1]].tolist()
+    assert first[0] == tok.bos_id and first[-1] == tok.eos_id
+    assert tok.decode(first) == "def f0(x):\n    return x + 0\n" * 3
+    assert not list((tmp_path).glob(".ds.tmp-*"))  # no temporary folder left behind
+
+
+def test_prepare_generic_folder_holds_out_validation(tmp_path: Path) -> None:
+    for i in range(20):
+        (tmp_path / "src" / "notes").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "notes" / f"n{i}.txt").write_text(f"note {i} " * 10, encoding="utf-8")
+    meta = prepare(read_documents([tmp_path / "src"]), tmp_path / "ds", valid_fraction=0.1, seed=3)
+    assert meta["splits"]["train"]["notes"]["docs"] == 18 and meta["splits"]["valid"]["notes"]["docs"] == 2
+
+
+def test_byte_tokenizer_roundtrip_unicode() -> None:
+    tok = ByteTokenizer()
+    text = "naïve café — ∑ 🙂"
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", b"", "file is empty"),
+        ("bad.txt", b"caf\xe9 au lait", "not valid UTF-8"),
+        ("notext.jsonl", b'{"text": "ok"}\n{"content": "no text field"}\n', "notext.jsonl:2: expected a JSON object "
+                                                                           "with a 'text' field"),
+        ("broken.jsonl", b'{"text": "ok"}\n{"text": \n', "broken.jsonl:2: not valid JSON"),
+        ("nontext.jsonl", b'{"text": 5}\n', "field 'text' must be a string"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(DataError, match=message.replace("(", r"\(")):
+        prepare(read_documents([f]), tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_missing_source_and_not_a_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file or folder"):
+        list(read_documents([tmp_path / "nope"]))
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        TokenDataset(tmp_path)
+
+
+def _dataset(tmp_path: Path) -> TokenDataset:
+    prepare(read_documents([_corpus(tmp_path / "src")]), tmp_path / "ds")
+    return TokenDataset(tmp_path / "ds")
+
+
+def test_loader_is_deterministic_and_resumable(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path)
+    a = BatchLoader(ds, seq_len=16, batch_size=4, seed=7)
+    straight = [a.next_batch() for _ in range(80)]  # crosses an epoch (the split has 295 windows)
+    assert a.epoch >= 1
+    b = BatchLoader(ds, seq_len=16, batch_size=4, seed=7)
+    for _ in range(13):
+        b.next_batch()
+    state = json.loads(json.dumps(b.state_dict()))  # the position survives a JSON round trip
+    c = BatchLoader(ds, seq_len=16, batch_size=4, seed=7)
+    c.load_state_dict(state)
+    for i in range(13, 80):
+        x, y, d = c.next_batch()
+        assert torch.equal(x, straight[i][0]) and torch.equal(y, straight[i][1]) and torch.equal(d, straight[i][2])
+    other = BatchLoader(ds, seq_len=16, batch_size=4, seed=8).next_batch()
+    assert not torch.equal(other[0], straight[0][0])
+    with pytest.raises(DataError, match="seq_len"):
+        BatchLoader(ds, seq_len=32, batch_size=4, seed=7).load_state_dict(state)
+
+
+def test_loader_targets_shift_and_windows_stay_in_one_domain(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path)
+    loader = BatchLoader(ds, seq_len=16, batch_size=8, seed=0)
+    tok = ds.tokenizer()
+    for _ in range(5):
+        x, y, d = loader.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row, dom in zip(x.tolist(), d.tolist(), strict=True):
+            text = tok.decode(row)
+            if loader.domains[dom] == "code":
+                assert "fox" not in text
+            else:
+                assert "def" not in text
+
+
+def test_seq_len_longer_than_the_data_is_an_error(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path)
+    with pytest.raises(DataError, match="no window of"):
+        BatchLoader(ds, split="valid", seq_len=10_000, batch_size=2)
+    w = eval_windows(ds, split="valid", domain="code", seq_len=16, max_windows=3)
+    assert w.shape == (3, 17)
+
+
+def test_truncated_shard_is_detected(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path)
+    f = tmp_path / "ds" / "train" / "code.tokens.bin"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(DataError, match="incomplete"):
+        TokenDataset(ds.path).tokens("train", "code")
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared corpus not present")
+def test_prepare_shared_corpus_two_domains(tmp_path: Path) -> None:
+    meta = prepare(read_documents([CORPUS], domains=["dm_mathematics", "github"]), tmp_path / "ds")
+    assert meta["domains"] == ["dm_mathematics", "github"]
+    ds = TokenDataset(tmp_path / "ds")
+    x, _, d = BatchLoader(ds, seq_len=64, batch_size=4, seed=0).next_batch()
+    assert x.shape == (4, 64) and set(d.tolist()) <= {0, 1}
