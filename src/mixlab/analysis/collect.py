@@ -241,7 +241,10 @@ def _route_batch(
     out = []
     for b, source, ids in wanted:
         idx_LSK = np.stack([i.view(B, S, -1)[b, : len(ids)].numpy() for i in idx_per_layer]).astype(np.int16)
-        out.append(Sample(domain, source, token_pieces(tokenizer, ids), idx_LSK))
+        pieces = token_pieces(tokenizer, ids)
+        if ids[0] == tokenizer.bos_id:  # BOS decodes to nothing; show that the model saw it
+            pieces[0] = "<s>"
+        out.append(Sample(domain, source, pieces, idx_LSK))
     return out
 
 

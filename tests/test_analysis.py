@@ -1,0 +1,278 @@
+"""Routing analysis: statistics on synthetic routers with known answers, the streaming collector
+against direct model calls, the CLI end to end, bad input, and the HTML in a real browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mixlab
+from mixlab.analysis import parse_layers
+from mixlab.analysis.collect import collect_routing, find_domains, iter_documents, load_analysis_tokenizer
+from mixlab.analysis.report import build_report, tokens_html
+from mixlab.analysis.stats import (
+    RoutingCounts,
+    consecutive_repeats,
+    expert_counts,
+    load_balance,
+    pair_mask,
+    random_baseline,
+)
+from mixlab.cli import main
+from mixlab.config import get_preset
+from mixlab.model.moe import route
+
+E, K = 8, 2
+
+
+def _all_pairs(T: int) -> np.ndarray:
+    return np.ones(T - 1, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics on synthetic routers
+
+
+def test_random_baseline_values() -> None:
+    b = random_baseline(num_experts=8, top_k=2)
+    assert b["first_choice"] == 1 / 8
+    assert b["topk_overlap"] == pytest.approx(1 - 6 / 8 * 5 / 7)  # the paper's Table 5 reference
+    assert b["topk_overlap"] == pytest.approx(13 / 28)
+    assert random_baseline(num_experts=4, top_k=3)["topk_overlap"] == 1.0  # 2k > E: always overlap
+    assert random_baseline(num_experts=64, top_k=1)["topk_overlap"] == pytest.approx(1 / 64)  # k=1: same as first
+    with pytest.raises(ValueError, match="top_k"):
+        random_baseline(num_experts=4, top_k=5)
+
+
+def test_always_same_expert_repeats_everything() -> None:
+    idx = np.tile([3, 5], (100, 1))
+    pairs, same, overlap = consecutive_repeats(idx, _all_pairs(100))
+    assert (pairs, same, overlap) == (99, 99, 99)
+
+
+def test_cycling_experts_never_repeats() -> None:
+    t = np.arange(200)
+    idx = np.stack([(2 * t) % E, (2 * t + 1) % E], axis=1)  # disjoint consecutive pairs of experts
+    pairs, same, overlap = consecutive_repeats(idx, _all_pairs(200))
+    assert (pairs, same, overlap) == (199, 0, 0)
+    # first choice changes but the second choice becomes the next first choice: overlap, not repeat
+    idx = np.stack([t % E, (t + 1) % E], axis=1)
+    pairs, same, overlap = consecutive_repeats(idx, _all_pairs(200))
+    assert (same, overlap) == (0, 199)
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(8, 2), (16, 4), (6, 1)])
+def test_uniform_random_router_matches_baseline(num_experts: int, top_k: int) -> None:
+    """Random router logits through mixlab's own top-k: repeat rates equal the computed baseline."""
+    g = torch.Generator().manual_seed(0)
+    T = 60_000
+    idx_TK, _ = route(torch.randn(T, num_experts, generator=g), top_k)
+    pairs, same, overlap = consecutive_repeats(idx_TK, _all_pairs(T))
+    base = random_baseline(num_experts=num_experts, top_k=top_k)
+    for got, p in ((same / pairs, base["first_choice"]), (overlap / pairs, base["topk_overlap"])):
+        assert abs(got - p) < 5 * math.sqrt(p * (1 - p) / pairs)  # 5 sigma, seeded
+
+
+def test_expert_shares_and_first_choice() -> None:
+    idx = np.array([[0, 1], [0, 2], [1, 0], [3, 2]])
+    selected, first = expert_counts(idx, num_experts=4)
+    assert selected.tolist() == [3, 2, 2, 1]
+    assert first.tolist() == [2, 1, 0, 1]
+    with pytest.raises(ValueError, match="expert ids"):
+        expert_counts(np.array([[0, 4]]), num_experts=4)
+
+
+def test_load_balance_entropy_and_max_over_mean() -> None:
+    balanced = load_balance(np.full(8, 10))
+    assert balanced["entropy"] == pytest.approx(math.log(8))
+    assert balanced["entropy_norm"] == pytest.approx(1.0)
+    assert balanced["max_over_mean"] == pytest.approx(1.0)
+    collapsed = load_balance(np.array([40, 0, 0, 0, 0, 0, 0, 0]))
+    assert collapsed["entropy"] == 0.0
+    assert collapsed["max_over_mean"] == pytest.approx(8.0)
+    half = load_balance(np.array([1, 1, 0, 0]))
+    assert half["entropy_norm"] == pytest.approx(0.5)  # ln 2 / ln 4
+
+
+def test_pairs_never_cross_documents_or_padding() -> None:
+    seg = np.array([0, 0, 0, 1, 1, -1, -1, 2])
+    assert pair_mask(seg).tolist() == [True, True, False, True, False, False, False]
+    # A router constant inside each document but different between documents repeats every time
+    # within documents; counting across the boundary would give 3/4.
+    idx = np.array([[0, 1]] * 3 + [[2, 3]] * 2)
+    pairs, same, overlap = consecutive_repeats(idx, pair_mask(np.array([0, 0, 0, 1, 1])))
+    assert (pairs, same, overlap) == (3, 3, 3)
+
+
+def test_routing_counts_accumulate_and_merge() -> None:
+    acc = RoutingCounts(2, 4, 2)
+    seg = torch.tensor([0, 0, 0, -1])
+    layer0 = torch.tensor([[0, 1], [0, 1], [2, 3], [3, 2]])  # last row is padding: not counted
+    layer1 = torch.tensor([[1, 0], [2, 3], [1, 2], [0, 1]])
+    acc.update([layer0, layer1], valid_T=seg >= 0, pairs_ok=pair_mask(seg))
+    s = acc.summary()
+    assert (s["tokens"], s["pairs"]) == (3, 2)
+    assert s["repeat_first_choice"] == [0.5, 0.0]
+    assert s["repeat_topk_overlap"] == [0.5, 0.5]  # layer 1: {2, 3} then {1, 2}
+    assert s["selection_share"][0] == [2 / 3, 2 / 3, 1 / 3, 1 / 3]
+    assert sum(s["assignment_share"][1]) == pytest.approx(1.0)
+    both = acc.merged(acc).summary()
+    assert both["tokens"] == 6 and both["repeat_first_choice"] == [0.5, 0.0]
+
+
+def test_parse_layers() -> None:
+    moe = list(range(32))
+    assert parse_layers(None, moe) == [0, 15, 31]  # the paper's layers
+    assert parse_layers("all", moe) == moe
+    assert parse_layers("0,-1", moe) == [0, 31]
+    with pytest.raises(ValueError, match="not an MoE layer"):
+        parse_layers("32", moe)
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_layers("first", moe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collection over a corpus, CLI end to end
+
+
+def _tiny_model(dense: bool = False) -> mixlab.Transformer:
+    cfg = get_preset("tiny-dense" if dense else "tiny-moe").replace(vocab_size=32000, dim=32, n_heads=2, n_kv_heads=1,
+                                                                    head_dim=16, ffn_dim=48)
+    if not dense:
+        cfg = cfg.replace(moe=mixlab.MoEConfig(num_experts=4, top_k=2))
+    model = mixlab.Transformer(cfg)
+    model.init_weights(seed=3)
+    return model.eval()
+
+
+def _corpus(root: Path) -> Path:
+    (root / "prose").mkdir(parents=True)
+    docs = ["A <b>bold</b> & \"quoted\" claim.\nSecond line.", "The quick brown fox jumps over the lazy dog. " * 6,
+            "Short one."]
+    with (root / "prose" / "valid.jsonl").open("w") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"text": d, "source": f"doc{i}"}) + "\n")
+    (root / "prose" / "train.jsonl").write_text(json.dumps({"text": "never read: split is valid"}) + "\n")
+    (root / "code").mkdir()
+    (root / "code" / "a.txt").write_text("def f(x):\n    return x * 2\n\nprint(f(3))\n")
+    (root / "chat").mkdir()  # not a text domain: skipped by default
+    (root / "chat" / "sft.jsonl").write_text(json.dumps({"messages": []}) + "\n")
+    return root
+
+
+def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
+    """The streamed, padded, windowed counts equal counts from one unpadded model call per window."""
+    model, tok = _tiny_model(), load_analysis_tokenizer()
+    corpus = _corpus(tmp_path / "corpus")
+    domains = find_domains(corpus)
+    assert list(domains) == ["code", "prose"]
+    seq_len = 16
+    got = collect_routing(model, tok, domains, seq_len=seq_len, batch_size=3, max_tokens=10_000, progress=False)
+    for name, folder in domains.items():
+        want = RoutingCounts(2, 4, 2)
+        for _, text in iter_documents(folder):
+            ids = [tok.bos_id, *tok.encode(text)]
+            for i in range(0, len(ids), seq_len):
+                window = torch.tensor([ids[i : i + seq_len]])
+                _, routings = model(window, return_routing=True)
+                seg = torch.zeros(window.shape[1], dtype=torch.long)
+                want.update([r.idx_TK for r in routings], valid_T=seg >= 0, pairs_ok=pair_mask(seg))
+        assert got.counts[name].summary() == want.summary()
+    assert got.documents == {"code": 1, "prose": 3}
+    assert [s.domain for s in got.samples] == ["code", "prose"]
+    pieces = got.samples[0].pieces  # the first window, decoded token by token
+    assert len(pieces) == seq_len and pieces[0] == "<s>"
+    assert (corpus / "code" / "a.txt").read_text().startswith("".join(pieces[1:]))
+
+
+def test_max_tokens_caps_each_domain(tmp_path: Path) -> None:
+    model, tok = _tiny_model(), load_analysis_tokenizer()
+    got = collect_routing(model, tok, find_domains(_corpus(tmp_path)), seq_len=8, max_tokens=20, progress=False)
+    assert {n: c.tokens for n, c in got.counts.items()} == {"code": 20, "prose": 20}
+    assert got.counts["prose"].pairs == 20 - 3  # windows of 8, 8, 4: pairs stop at every window edge
+
+
+def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    out = tmp_path / "report"
+    rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "corpus")),
+               "--out", str(out), "--layers", "all", "--seq-len", "32", "--quiet"])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "index.html", "tokens.html", "summary.md", "expert_shares.png",
+            "repeats_by_layer.png", "load_balance.png"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["random_baseline"]["topk_overlap"] == pytest.approx(1 - 2 / 4 * 1 / 3)  # E=4, k=2
+    assert list(report["domains"]) == ["code", "prose"]
+    for d in report["domains"].values():
+        assert len(d["repeat_first_choice"]) == 2 and all(0 <= x <= 1 for x in d["repeat_topk_overlap"])
+        assert all(sum(row) == pytest.approx(2.0) for row in d["selection_share"])
+    page = (out / "tokens.html").read_text()
+    text = re.sub(r"<[^>]+>", "", page)  # tokens split "<b>" over several spans: read the text alone
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot;" in text
+    assert "<b>" not in page
+
+
+def test_dense_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mixlab.save_model(_tiny_model(dense=True), tmp_path / "dense")
+    rc = main(["analyze", "--model", str(tmp_path / "dense"), "--data", str(_corpus(tmp_path / "c")),
+               "--out", str(tmp_path / "r"), "--quiet"])
+    assert rc == 2
+    assert "dense" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="dense"):
+        collect_routing(_tiny_model(dense=True), load_analysis_tokenizer(), {}, progress=False)
+
+
+def test_domain_without_usable_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    corpus = _corpus(tmp_path / "c")
+    rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--domains", "prose,chat",
+               "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "chat" in err and "no usable data" in err and "'text'" in err
+    assert not (tmp_path / "r").exists()
+    (corpus / "empty").mkdir()
+    rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(tmp_path / "r"),
+               "--quiet"])
+    assert rc == 2 and "empty" in capsys.readouterr().err
+    (corpus / "empty" / "valid.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"valid.jsonl:1: not valid JSON"):
+        list(iter_documents(corpus / "empty"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The token view in a real browser
+
+
+def test_token_view_renders_in_headless_chromium(tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    model, tok = _tiny_model(), load_analysis_tokenizer()
+    got = collect_routing(model, tok, find_domains(_corpus(tmp_path / "c")), seq_len=32, progress=False)
+    page = tmp_path / "tokens.html"
+    page.write_text(tokens_html(build_report(got, layers=[0, 1], meta={})), encoding="utf-8")
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run",
+            f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]
+    dom = subprocess.run([*args, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    # The browser parsed every token span (2 samples x 2 layers) and kept the escaped text as text.
+    n_tokens = sum(len(s.pieces) for s in got.samples)
+    assert dom.count("<span class=\"e") == 2 * n_tokens + 4  # + the 4-expert legend
+    assert "&lt;b&gt;bold&lt;/b&gt;" in re.sub(r"<[^>]+>", "", dom) and "<b>" not in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*args, f"--screenshot={shot}", "--window-size=900,700", page.as_uri()], capture_output=True,
+                   timeout=120)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5_000
