@@ -180,7 +180,8 @@ def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
     for name, folder in domains.items():
         want = RoutingCounts(2, 4, 2)
         for _, text in iter_documents(folder):
-            ids = [tok.bos_id, *tok.encode(text)]
+            ids = tok.encode(text)  # with BOS
+            assert ids[0] == tok.bos_id
             for i in range(0, len(ids), seq_len):
                 window = torch.tensor([ids[i : i + seq_len]])
                 _, routings = model(window, return_routing=True)

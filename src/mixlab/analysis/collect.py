@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,52 +118,26 @@ def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> N
 
 
 class Tokenizer(Protocol):
+    """What the analysis needs of a tokenizer (`mixlab.tokenizer.Tokenizer` has it)."""
+
     bos_id: int
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]: ...  # without BOS
+    def encode(self, text: str) -> list[int]: ...  # with BOS
 
     def decode(self, ids: list[int]) -> str: ...
 
 
-@dataclass
-class SentencePieceTokenizer:
-    path: Path
-    bos_id: int = field(init=False)
-    vocab_size: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        self.bos_id, self.vocab_size = self.sp.bos_id(), self.sp.vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.sp.encode(text))
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.sp.decode(ids))
-
-
-def mixtral_tokenizer_path() -> Path:
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-
-
 def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | Path | None = None) -> Tokenizer:
-    """`path` if given; else a SentencePiece `tokenizer.model*` in the model folder; else
+    """`path` if given; else the model folder's tokenizer.model / tokenizer.json if it has one; else
     Mixtral's tokenizer (tokenizer.model.v1 from mistral-common, 32,000 pieces)."""
+    from mixlab.tokenizer import load_tokenizer
+
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"tokenizer file {p} does not exist")
-        return SentencePieceTokenizer(p)
-    if model_dir is not None:
-        found = sorted(Path(model_dir).glob("tokenizer.model*"))
-        if found:
-            return SentencePieceTokenizer(found[0])
-    return SentencePieceTokenizer(mixtral_tokenizer_path())
+        return load_tokenizer(path)
+    if model_dir is not None and any((Path(model_dir) / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return load_tokenizer(model_dir)
+    return load_tokenizer()
 
 
 def token_pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
@@ -213,7 +187,7 @@ def moe_layers(model: Transformer) -> list[int]:
 
 
 def _windows(tokenizer: Tokenizer, text: str, seq_len: int) -> list[list[int]]:
-    ids = [tokenizer.bos_id, *tokenizer.encode(text)]
+    ids = tokenizer.encode(text)  # [BOS] + text
     return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
 
 

@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per model sequence (default 512)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece model file (default: the model folder's "
-                   "tokenizer.model*, else Mixtral's tokenizer.model.v1)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model folder's "
+                   "tokenizer.model / tokenizer.json, else Mixtral's tokenizer.model.v1)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
