@@ -125,6 +125,8 @@ def _refuse_pickle_or_recover(root: Path) -> None:
         except OSError as e:
             raise CheckpointError(f"{root}: an interrupted save left {_sibling(root, 'new')} / "
                                   f"{_sibling(root, 'old')} and finishing it failed: {e}") from None
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such checkpoint folder")
 
 
 def load_model(

@@ -1,0 +1,269 @@
+"""Every bad checkpoint the loader can meet gets a clear error naming the file, the tensor and what
+was expected; none of them reads a byte of tensor data first, and pickle is never unpickled."""
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import hf_mixtral
+from mixlab import CheckpointError, load_model, save_model
+from mixlab.checkpoint import io as ckio
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    return hf_mixtral(tmp_path / "ckpt")
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> Path:
+    save_model(load_model(hf_mixtral(tmp_path / "hf")), tmp_path / "sharded", max_shard_bytes=40_000)
+    return tmp_path / "sharded"
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+    """Fail the test if any tensor data is read: every check must come first."""
+
+    def refuse(*a, **kw):
+        raise AssertionError("tensor data was read before the error")
+
+    monkeypatch.setattr(ckio, "_pread_into", refuse)
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    return str(e.value)
+
+
+def index_of(folder: Path) -> tuple[Path, dict]:
+    p = folder / "model.safetensors.index.json"
+    return p, json.loads(p.read_text())
+
+
+# -- damaged files ----------------------------------------------------------------------------
+
+
+def test_truncated_file(ckpt, no_reads):
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    msg = load_error(ckpt)
+    assert str(f) in msg and "truncated" in msg and f"the file has {len(data) - 100}" in msg
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"\x01\x02", "truncated"),
+        (struct.pack("<Q", 10**9) + b"{}", "header claims 1000000000 bytes"),
+        (struct.pack("<Q", 6) + b"not js", "not JSON"),
+        (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    ],
+)
+def test_corrupt_header(ckpt, no_reads, content, words):
+    (ckpt / "model.safetensors").write_bytes(content)
+    msg = load_error(ckpt)
+    assert "model.safetensors" in msg and words in msg
+
+
+def test_header_offsets_that_do_not_match_the_shape(ckpt, no_reads):
+    header = json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 100]}}).encode()
+    (ckpt / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(100))
+    msg = load_error(ckpt)
+    assert "'model.norm.weight'" in msg and "needs 256 bytes" in msg and "span 100" in msg
+
+
+# -- shards and index -------------------------------------------------------------------------
+
+
+def test_shard_named_in_index_but_missing(sharded, no_reads):
+    _, index = index_of(sharded)
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (sharded / shard).unlink()
+    msg = load_error(sharded)
+    assert f"shard {shard!r} is named in the index but missing" in msg and "index.json" in msg
+
+
+def test_tensor_in_two_shards(sharded, no_reads):
+    _, index = index_of(sharded)
+    shards = sorted(set(index["weight_map"].values()))
+    save_file({"model.norm.weight": torch.ones(64)}, str(sharded / "extra.safetensors"))
+    index["weight_map"]["model.norm.weight"] = "extra.safetensors"  # listed once, present twice
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    original = next(s for s in shards if "model.norm.weight" in ckio.read_header(sharded / s))
+    msg = load_error(sharded)
+    assert "'model.norm.weight'" in msg and "two files" in msg and original in msg and "extra.safetensors" in msg
+
+
+def test_tensor_listed_twice_in_the_index(sharded, no_reads):
+    p, index = index_of(sharded)
+    dup = '"weight_map": {\n    "model.norm.weight": "model-00001-of-00002.safetensors",'
+    text = p.read_text().replace('"weight_map": {', dup, 1)
+    p.write_text(text)
+    msg = load_error(sharded)
+    assert "'model.norm.weight' is listed twice" in msg and str(p) in msg
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/outside.safetensors", "sub/../../x.safetensors"])
+def test_weight_map_escaping_the_folder(sharded, no_reads, entry):
+    p, index = index_of(sharded)
+    index["weight_map"]["model.norm.weight"] = entry
+    p.write_text(json.dumps(index))
+    msg = load_error(sharded)
+    assert repr(entry) in msg and "outside the checkpoint folder" in msg
+
+
+def test_symlink_out_of_the_folder(sharded, tmp_path, no_reads):
+    p, index = index_of(sharded)
+    shard = index["weight_map"]["model.norm.weight"]
+    (sharded / shard).rename(tmp_path / "elsewhere.safetensors")
+    (sharded / shard).symlink_to(tmp_path / "elsewhere.safetensors")
+    msg = load_error(sharded)
+    assert "elsewhere.safetensors" in msg and "outside the checkpoint folder" in msg
+
+
+def test_hugging_face_cache_symlinks_are_allowed(ckpt, tmp_path):
+    """The hub cache links snapshots/REV/FILE to ../../blobs/SHA; that layout must load."""
+    repo = tmp_path / "models--x--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        blob = repo / "blobs" / f"sha-{f.name}"
+        f.rename(blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    assert load_model(snap).config.n_layers == 2
+
+
+def test_index_that_is_not_an_index(sharded, no_reads):
+    (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    assert "not a valid index" in load_error(sharded)
+
+
+# -- names, shapes, dtypes --------------------------------------------------------------------
+
+
+def rewrite(folder: Path, change) -> None:
+    from safetensors.torch import load_file
+
+    f = folder / "model.safetensors"
+    state = load_file(str(f))
+    change(state)
+    save_file(state, str(f))
+
+
+def test_missing_tensor(ckpt, no_reads):
+    rewrite(ckpt, lambda s: s.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    msg = load_error(ckpt)
+    assert "missing tensors" in msg and "model.layers.1.block_sparse_moe.experts.2.w3.weight" in msg
+
+
+def test_unexpected_tensor(ckpt, no_reads):
+    rewrite(ckpt, lambda s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    msg = load_error(ckpt)
+    assert "unexpected tensors" in msg and "model.layers.0.self_attn.q_proj.bias" in msg
+
+
+def test_wrong_shape(ckpt, no_reads):
+    rewrite(ckpt, lambda s: s.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(64, 64)}))
+    msg = load_error(ckpt)
+    assert str(ckpt / "model.safetensors") in msg and "'model.layers.1.self_attn.k_proj.weight'" in msg
+    assert "has shape [64, 64], expected [32, 64]" in msg
+
+
+def test_transposed_expert_is_caught(ckpt, no_reads):
+    name = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+    rewrite(ckpt, lambda s: s.update({name: s[name].T.contiguous()}))
+    assert "has shape [96, 64], expected [64, 96]" in load_error(ckpt)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_wrong_dtype(ckpt, no_reads, dtype):
+    name = "model.norm.weight"  # sorts late: the check must come before reading anything
+    rewrite(ckpt, lambda s: s.update({name: torch.ones(64, dtype=dtype)}))
+    msg = load_error(ckpt)
+    assert f"'{name}'" in msg and "expected a floating-point dtype" in msg
+    assert {torch.int64: "I64", torch.int8: "I8", torch.bool: "BOOL"}[dtype] in msg
+
+
+def test_no_weights_at_all(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = load_model(hf_mixtral(tmp_path / "h")).config.to_hf_dict()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(cfg))
+    assert "no *.safetensors files" in load_error(tmp_path / "empty")
+    assert "no such checkpoint folder" in load_error(tmp_path / "absent")
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"hidden_size": -64}, "'hidden_size' in this file"),
+        ({"num_hidden_layers": 0}, "'num_hidden_layers' in this file"),
+        ({"intermediate_size": 10**13}, "'intermediate_size' in this file"),
+        ({"num_attention_heads": 5, "head_dim": 16}, "must be a multiple of"),
+        ({"num_attention_heads": 6, "head_dim": None}, "not divisible by num_attention_heads"),
+        ({"num_experts_per_tok": 9}, "'num_experts_per_tok' in this file"),
+        ({"vocab_size": "many"}, "'vocab_size'"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        ({"hidden_size": 1 << 24, "vocab_size": 1 << 24, "num_hidden_layers": 1 << 20}, "parameters, more than"),
+    ],
+)
+def test_config_out_of_range(ckpt, change, words):
+    p = ckpt / "config.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), **change}))
+    msg = load_error(ckpt)
+    assert str(p) in msg and words in msg
+
+
+def test_config_not_json(ckpt):
+    (ckpt / "config.json").write_text("{oops")
+    assert "not valid JSON" in load_error(ckpt)
+
+
+# -- pickle -----------------------------------------------------------------------------------
+
+
+class Trap:
+    """Unpickling this creates `marker`: the proof that a loader unpickled the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "consolidated.00.pth"])
+def test_pickle_is_refused_and_never_unpickled(tmp_path, name):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    marker = tmp_path / "unpickled"
+    (folder / name).write_bytes(pickle.dumps({"model.embed_tokens.weight": Trap(marker)}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "mixtral", "hidden_size": 64,
+                                                    "num_hidden_layers": 1, "num_attention_heads": 4,
+                                                    "intermediate_size": 96, "vocab_size": 128}))
+    for path in (folder, folder / name):
+        msg = load_error(path)
+        assert name in msg and "never unpickled" in msg and "safetensors" in msg and "weights_only=True" in msg
+    assert not marker.exists()
+    # The trap is real: unpickling it does create the file.
+    pickle.loads((folder / name).read_bytes())
+    assert marker.exists()
+    os.remove(marker)
+
+
+def test_safetensors_win_over_a_pickle_next_to_them(ckpt, tmp_path):
+    marker = tmp_path / "unpickled"
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(Trap(marker)))
+    assert load_model(ckpt).config.n_layers == 2 and not marker.exists()
