@@ -1,0 +1,114 @@
+"""`mixlab data prepare`, `mixlab train` and `mixlab demo`: thin wrappers over mixlab.train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+
+
+def data_prepare(args: argparse.Namespace) -> int:
+    from mixlab.train.data import prepare, read_documents
+
+    domains = args.domains.split(",") if args.domains else None
+    meta = prepare(read_documents(args.sources, domains=domains), args.out, tokenizer=args.tokenizer,
+                   valid_fraction=args.valid_fraction, seed=args.seed, progress=True)
+    for split, per in meta["splits"].items():
+        tokens = sum(v["tokens"] for v in per.values())
+        docs = sum(v["docs"] for v in per.values())
+        print(f"{split}: {tokens:,} tokens in {docs:,} documents over {len(per)} domains ({', '.join(per)})")
+    print(f"wrote {args.out} (tokenizer {meta['tokenizer']['type']}, vocabulary {meta['vocab_size']}, "
+          f"{meta['dtype']})")
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = ("data", "out", "model", "seq_len", "batch_size", "grad_accum", "steps", "lr", "warmup", "clip",
+            "weight_decay", "dtype", "device", "seed", "eval_every", "ckpt_every", "keep", "log_every")
+    over = {k: getattr(args, k) for k in keys}
+    for flag in ("activation_checkpointing", "compile", "deterministic"):
+        if getattr(args, flag):
+            over[flag] = True
+    if args.set:
+        mo: dict = {}
+        for item in args.set:
+            key, _, val = item.partition("=")
+            try:
+                value = json.loads(val)
+            except json.JSONDecodeError:
+                value = val
+            if key.startswith("moe."):
+                mo.setdefault("moe", {})[key[4:]] = value
+            else:
+                mo[key] = value
+        over["model_overrides"] = mo
+    return over
+
+
+def train_cmd(args: argparse.Namespace) -> int:
+    from mixlab.train.loop import load_train_config, train
+
+    cfg = load_train_config(args.config, **_overrides(args))
+    if not cfg.data:
+        raise ValueError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
+    result = train(cfg, resume=args.resume)
+    if result.stopped_by is not None:
+        name = signal.Signals(result.stopped_by).name
+        print(f"stopped by {name} at step {result.step}; checkpoint saved; continue with --resume")
+        return 128 + result.stopped_by
+    if result.evals:
+        ev = result.evals[-1]
+        print(f"step {result.step}: valid loss {ev['mean_loss']:.4f}; " + ", ".join(
+            f"{d} {v:.3f}" for d, v in ev["loss"].items()))
+    print(f"run folder: {result.out}")
+    return 0
+
+
+def demo_cmd(args: argparse.Namespace) -> int:
+    from mixlab.train.demo import run_demo
+
+    run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="training data tools")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = dsub.add_parser("prepare", help="tokenize text / JSONL files into packed, memory-mapped token shards")
+    q.add_argument("sources", nargs="+", help="files or folders (shared corpus layout: <domain>/train.jsonl, "
+                                              "<domain>/valid.jsonl; else domain = top-level subfolder)")
+    q.add_argument("--out", required=True, help="dataset folder to write")
+    q.add_argument("--tokenizer", default="bytes", help="bytes (default), mixtral, or a SentencePiece .model path")
+    q.add_argument("--domains", default=None, help="comma-separated domains to keep (default: all)")
+    q.add_argument("--valid-fraction", type=float, default=0.05,
+                   help="documents held out per domain when it has no valid file (default 0.05)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=data_prepare)
+
+    p = sub.add_parser("train", help="train a (MoE) model on a prepared dataset")
+    p.add_argument("config", nargs="?", default=None, help="training config file (.json or .toml)")
+    p.add_argument("--data", default=None, help="prepared dataset folder")
+    p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, hf/)")
+    p.add_argument("--model", default=None, help="preset name (default tiny-moe) or checkpoint folder")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="model config override, e.g. --set dim=256 --set moe.num_experts=8 (repeatable)")
+    for name, typ in (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("steps", int), ("lr", float),
+                      ("warmup", int), ("clip", float), ("weight_decay", float), ("seed", int),
+                      ("eval_every", int), ("ckpt_every", int), ("keep", int), ("log_every", int)):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype")
+    p.add_argument("--device", default=None)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.set_defaults(func=train_cmd)
+
+    p = sub.add_parser("demo", help="train a tiny MoE on text every Python install carries, then generate "
+                                    "and show which experts each kind of text uses")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: fill --minutes)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    p.add_argument("--data", default=None, help="train on a corpus in the shared layout instead")
+    p.add_argument("--out", default=None, help="keep the run folder here (default: a temporary folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=demo_cmd)

@@ -1,0 +1,187 @@
+"""Crash-safe training checkpoints: model, optimizer, RNG and run state, without pickle.
+
+A checkpoint is a folder `<run>/checkpoints/step_XXXXXXXX/`:
+
+    model.safetensors       the model's own parameter names (`layers.0.ffn.w13`, ...)
+    optimizer.safetensors   the optimizer state flattened to `state.<param name>.<key>` tensors
+    rng.safetensors         torch CPU (and CUDA) generator states
+    state.json              step, configs, data position, optimizer hyperparameters, and the byte
+                            size of every file above (the completeness check)
+
+It is written into a temporary folder (`.tmp-step_XXXXXXXX-*`) which is renamed into place only
+after every file is written and fsynced, so a crash or SIGKILL mid-save leaves at worst a `.tmp-`
+folder, never a half-written `step_` folder, and the previous checkpoint stays loadable. `torch.save`
+is never used: optimizer state goes through safetensors + JSON, so loading runs no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixlab.checkpoint.io import CheckpointError, read_header
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as (tensors named `state.<param name>.<key>`, JSON-able rest)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{names[idx]}.{key}"] = v
+            else:
+                scalars.setdefault(names[idx], {})[key] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars, "param_names": names}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    if info["param_names"] != names:
+        raise CheckpointError("the optimizer state in the checkpoint is for different parameters "
+                              "(the model's parameter list changed)")
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        _, rest = k.split(".", 1)
+        name, key = rest.rsplit(".", 1)
+        state.setdefault(index[name], {})[key] = v
+    for name, d in info["scalars"].items():
+        state.setdefault(index[name], {}).update(d)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoint folders under `root`, oldest first (temporary `.tmp-` folders excluded)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)), key=lambda p: p.name)
+
+
+def validate(ckpt: Path) -> dict[str, Any]:
+    """Read `state.json` and check every file it lists is present and complete; returns the state."""
+    sf = ckpt / "state.json"
+    if not sf.is_file():
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint (no state.json)")
+    try:
+        state: dict[str, Any] = json.loads(sf.read_text(encoding="utf-8"))
+        sizes = state["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{sf}: corrupt checkpoint state ({e})") from None
+    for name, size in sizes.items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint ({name} is missing)")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint ({name} has {f.stat().st_size} bytes, "
+                                  f"state.json says {size})")
+        read_header(f)
+    return state
+
+
+def latest(root: Path) -> Path | None:
+    """The newest checkpoint folder, validated. A damaged newest checkpoint is an error, not a reason
+    to silently go back further: the message says which folder to remove to resume from the previous."""
+    ckpts = list_checkpoints(root)
+    if not ckpts:
+        return None
+    try:
+        validate(ckpts[-1])
+    except CheckpointError as e:
+        prev = f"; remove it to resume from {ckpts[-2].name}" if len(ckpts) > 1 else ""
+        raise CheckpointError(f"{e}{prev}") from None
+    return ckpts[-1]
+
+
+def save(
+    root: Path,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically under `root`, then delete all but the newest `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    dst = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    try:
+        names = [n for n, _ in model.named_parameters()]
+        # Tied parameters appear once in named_parameters; state_dict holds both names.
+        _save({n: p for n, p in model.named_parameters()}, tmp / "model.safetensors")
+        opt_tensors, opt_info = flatten_optimizer(optimizer, names)
+        _save(opt_tensors, tmp / "optimizer.safetensors")
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        _save(rng, tmp / "rng.safetensors")
+        full = {**state, "step": step, "optimizer": opt_info,
+                "files": {f: (tmp / f).stat().st_size for f in FILES}}
+        with open(tmp / "state.json", "w", encoding="utf-8") as f:
+            json.dump(full, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if dst.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load weights, optimizer and RNG state from `ckpt` into the given objects; returns state.json."""
+    state = validate(ckpt)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    params = dict(model.named_parameters())
+    if set(weights) != set(params):
+        diff = sorted(set(weights) ^ set(params))[:5]
+        raise CheckpointError(f"{ckpt}: model parameters differ from this model's: {', '.join(diff)}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if weights[n].shape != p.shape:
+                raise CheckpointError(f"{ckpt}: {n} has shape {list(weights[n].shape)}, the model expects "
+                                      f"{list(p.shape)}")
+            p.copy_(weights[n])
+    if optimizer is not None:
+        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state["optimizer"], list(params)))
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    return state

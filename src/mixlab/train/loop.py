@@ -1,0 +1,435 @@
+"""The training loop: `TrainConfig` (one flat dataclass, read from JSON / TOML plus overrides) and
+`train(config)`.
+
+Shape legend: B batch, T sequence length, V vocabulary, L MoE layers, E experts.
+
+One optimizer step = `grad_accum` micro-batches of B windows of T tokens; loss = cross-entropy +
+aux_loss_coef * load-balancing loss + z_loss_coef * router z-loss (see losses.py). AdamW with linear
+warmup then cosine decay to `min_lr_ratio * lr`; gradient clipping by global norm; optional bf16
+autocast (the router stays float32: model/moe.py computes it outside autocast), activation
+checkpointing per block, and torch.compile.
+
+Run folder (`out`):
+
+    metrics.jsonl            one JSON record per logged step and per evaluation
+    checkpoints/step_*/      crash-safe checkpoints (checkpoints.py), the newest `keep`
+    hf/                      the final model in transformers format (+ mixlab_data.json: tokenizer)
+
+SIGINT / SIGTERM finish the current step, save a checkpoint and return; `resume=True` continues
+from the newest checkpoint exactly (same batches, RNG, optimizer state and schedule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import signal
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from mixlab.checkpoint import save_model
+from mixlab.checkpoint.io import CheckpointError
+from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset
+from mixlab.model import Transformer
+from mixlab.train import checkpoints
+from mixlab.train.data import BatchLoader, DataError, TokenDataset, eval_windows
+from mixlab.train.losses import expert_load, lm_loss, router_losses
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a prepared dataset folder (`mixlab data prepare`)
+    out: str = "runs/train"
+    # Model: a preset name or a checkpoint folder's config, then field overrides ("moe" a dict).
+    model: str = "tiny-moe"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_std: float = 0.02
+    # Data and batch.
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    # Optimisation.
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0
+    # Numerics and speed.
+    dtype: str = "float32"  # autocast dtype: float32 (off) or bfloat16
+    device: str = "cpu"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    moe_impl: str = "auto"
+    # Bookkeeping (these may change between a run and its resume).
+    eval_every: int = 200
+    eval_windows: int = 16  # per domain
+    ckpt_every: int = 200
+    keep: int = 3
+    log_every: int = 10
+    export_hf: bool = True
+    progress: bool = True
+    tensorboard: bool = True
+
+
+# Fields that may differ between a run and its resumption; everything else must match.
+RUN_ONLY = {"out", "eval_every", "eval_windows", "ckpt_every", "keep", "log_every", "export_hf", "progress",
+            "tensorboard", "compile", "activation_checkpointing", "device", "moe_impl"}
+
+
+def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+            d = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: training config file not found") from None
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: expected a table / object of training settings")
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    cfg = TrainConfig(**d)
+    for name in ("seq_len", "batch_size", "grad_accum", "steps"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"training setting {name!r} must be a positive integer, got {v!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"training setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    return cfg
+
+
+def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
+    """The preset (or checkpoint config) with overrides; vocabulary and BOS/EOS from the dataset."""
+    base = ModelConfig.from_dir(cfg.model) if Path(cfg.model).is_dir() else get_preset(cfg.model)
+    over = dict(cfg.model_overrides)
+    moe_over = over.pop("moe", None)
+    over.setdefault("vocab_size", dataset.vocab_size)
+    if over["vocab_size"] < dataset.vocab_size:
+        raise ConfigError(f"model vocab_size {over['vocab_size']} is smaller than the dataset's tokenizer "
+                          f"vocabulary ({dataset.vocab_size})")
+    over.setdefault("bos_id", int(dataset.meta["bos_id"]))
+    over.setdefault("eos_id", int(dataset.meta["eos_id"]))
+    try:
+        mc = base.replace(**over)
+        if moe_over:
+            if mc.moe is None:
+                raise ConfigError("model_overrides.moe given for a dense model")
+            mc = mc.replace(moe=dataclasses.replace(mc.moe, **moe_over))
+    except TypeError as e:
+        raise ConfigError(f"model_overrides: {e}") from None
+    if cfg.seq_len > mc.max_seq_len:
+        raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len})")
+    return mc
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `min_lr_ratio * lr` at `steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # No weight decay on norms (1-D) — decay pulls RMSNorm gains toward 0 (as nanoGPT / torchtitan).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True,
+    )
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in backward (use_reentrant=False also replays router jitter)."""
+    for block in model.layers:
+        fwd = block.forward
+        block.forward = functools.partial(activation_checkpoint, fwd, use_reentrant=False)
+
+
+def autocast(cfg: TrainConfig) -> torch.autocast:
+    dev = torch.device(cfg.device).type
+    return torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, split: str = "valid",
+             forward: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Loss, perplexity and expert load `[L, E]` per domain on fixed windows of `split`."""
+    fwd = forward or model
+    was_training = model.training
+    model.eval()
+    out: dict[str, Any] = {"loss": {}, "ppl": {}, "load": {}}
+    total, n_total = 0.0, 0
+    E = model.config.moe.num_experts if model.config.moe else 0
+    for domain in dataset.split_domains(split):
+        w = eval_windows(dataset, split=split, domain=domain, seq_len=cfg.seq_len, max_windows=cfg.eval_windows)
+        if len(w) == 0:
+            continue
+        s, n = 0.0, 0
+        load = None
+        for i in range(0, len(w), cfg.batch_size):
+            x = w[i: i + cfg.batch_size].to(cfg.device)
+            with autocast(cfg):
+                logits, routings = fwd(x[:, :-1], return_routing=True)
+            k = x[:, 1:].numel()
+            s += float(lm_loss(logits, x[:, 1:])) * k
+            n += k
+            if E:
+                ld = expert_load(routings, E) * k
+                load = ld if load is None else load + ld
+        out["loss"][domain] = s / n
+        out["ppl"][domain] = math.exp(min(s / n, 50.0))
+        if load is not None:
+            out["load"][domain] = (load / n).tolist()
+        total, n_total = total + s, n_total + n
+    out["mean_loss"] = total / max(n_total, 1)
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class TrainResult:
+    step: int
+    history: list[dict[str, Any]]  # one record per optimizer step of this run
+    evals: list[dict[str, Any]]
+    stopped_by: int | None  # the signal number that stopped the run, if any
+    model: Transformer
+    out: Path
+
+
+class _Metrics:
+    def __init__(self, out: Path, *, resume_step: int | None, tensorboard: bool) -> None:
+        self.path = out / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():
+            # Drop records written after the checkpoint we resume from: they will be redone.
+            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        elif self.path.exists():
+            self.path.unlink()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, rec: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
+                elif isinstance(v, dict):
+                    for kk, vv in v.items():
+                        if isinstance(vv, (int, float)):
+                            self.tb.add_scalar(f"{k}/{kk}", vv, rec["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _check_resume(state: dict[str, Any], cfg: TrainConfig, mc: ModelConfig, fingerprint: dict, ckpt: Path) -> None:
+    saved_model = state.get("model_config")
+    if saved_model != mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe) if mc.moe else None}:
+        now = mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe) if mc.moe else None}
+        diff = sorted(k for k in set(now) | set(saved_model or {}) if (saved_model or {}).get(k) != now.get(k))
+        raise CheckpointError(f"{ckpt}: saved with a different model config (fields: {', '.join(diff)}); "
+                              "use the original settings or a new --out folder")
+    saved = state.get("train_config", {})
+    now_t = dataclasses.asdict(cfg)
+    diff = sorted(k for k in now_t if k not in RUN_ONLY and saved.get(k) != now_t[k])
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now_t[k]!r}" for k in diff[:4])
+        raise CheckpointError(f"{ckpt}: saved with different training settings ({detail}); "
+                              "use the original settings or a new --out folder")
+    if state.get("data") != fingerprint:
+        raise CheckpointError(f"{ckpt}: saved for a different dataset (tokenizer or token counts differ from "
+                              f"{cfg.data})")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+          on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> TrainResult:
+    """Train per `cfg`. `resume`: continue from the newest checkpoint in `cfg.out` (an error if there
+    is none). `stop_after`: stop (with a checkpoint) after this many steps in total, as if killed.
+    `on_step(record)` is called after every step; returning True ends the run there (checkpointed,
+    exported)."""
+    dataset = TokenDataset(cfg.data)
+    mc = build_model_config(cfg, dataset)
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    newest = checkpoints.latest(ckpt_root)  # validates it: a damaged newest checkpoint raises
+    if resume and newest is None:
+        raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
+    if not resume and checkpoints.list_checkpoints(ckpt_root):
+        raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
+                              "or choose another --out")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, dataset, mc, out, ckpt_root, newest, resume=resume, stop_after=stop_after,
+                      on_step=on_step)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, ckpt_root: Path,
+           newest: Path | None, *, resume: bool, stop_after: int | None,
+           on_step: Callable[[dict[str, Any]], bool | None] | None) -> TrainResult:
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mc)
+    model.init_weights(std=cfg.init_std, seed=cfg.seed)
+    model.to(device).train()
+    model.set_moe_impl(cfg.moe_impl)
+    optimizer = make_optimizer(model, cfg)
+    loader = BatchLoader(dataset, split="train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    fingerprint = dataset.fingerprint()
+    step = 0
+    if resume:
+        assert newest is not None
+        state = checkpoints.validate(newest)
+        _check_resume(state, cfg, mc, fingerprint, newest)
+        state = checkpoints.load(newest, model=model, optimizer=optimizer)
+        loader.load_state_dict(state["data_position"])
+        step = int(state["step"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    forward: Callable[..., Any] = torch.compile(model) if cfg.compile else model
+    moe: MoEConfig | None = mc.moe
+    aux_coef, z_coef = (moe.aux_loss_coef, moe.z_loss_coef) if moe else (0.0, 0.0)
+    E = moe.num_experts if moe else 0
+
+    def save() -> Path:
+        return checkpoints.save(ckpt_root, step=step, model=model, optimizer=optimizer, keep=cfg.keep, state={
+            "model_config": mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe) if mc.moe else None},
+            "train_config": dataclasses.asdict(cfg), "data": fingerprint, "data_position": loader.state_dict(),
+        })
+
+    # Signals only set a flag: the step in flight finishes, then a checkpoint is written.
+    stop: list[int] = []
+    handlers: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, lambda s, _f: stop.append(s))
+        except ValueError:  # not the main thread: no signal handling
+            pass
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+    history: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    last_stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    try:
+        requested_stop = False  # on_step returned True (e.g. the demo's time budget ran out)
+        while step < last_stop and not stop and not requested_stop:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            ce_sum = aux_sum = z_sum = 0.0
+            load = torch.zeros(mc.n_layers if moe else 0, E)
+            for _ in range(cfg.grad_accum):
+                x_BT, y_BT, _dom = loader.next_batch()
+                x_BT, y_BT = x_BT.to(device), y_BT.to(device)
+                with autocast(cfg):
+                    logits_BTV, routings = forward(x_BT, return_routing=True)
+                ce = lm_loss(logits_BTV, y_BT)
+                aux, z = router_losses(routings)
+                loss = ce + aux_coef * aux + z_coef * z
+                (loss / cfg.grad_accum).backward()
+                ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
+                if E:
+                    load += expert_load(routings, E).cpu() / cfg.grad_accum
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            rec: dict[str, Any] = {
+                "step": step, "loss": ce_sum / cfg.grad_accum, "aux_loss": aux_sum / cfg.grad_accum,
+                "z_loss": z_sum / cfg.grad_accum, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_per_step / dt,
+            }
+            dropped = sum(int(getattr(r, "dropped", 0) or 0) for r in routings)
+            if moe and moe.capacity_factor is not None:
+                rec["dropped"] = dropped
+            history.append(rec)
+            if step % cfg.log_every == 0 or step == last_stop:
+                metrics.write(rec | {"expert_load": [[round(v, 4) for v in row] for row in load.tolist()]})
+            if bar is not None:
+                # Per-layer load as E * max_e f_e: 1.00 is perfectly balanced, E is total collapse.
+                imb = " ".join(f"{E * float(row.max()):.2f}" for row in load) if E else "-"
+                bar.set_postfix_str(f"loss {rec['loss']:.3f} aux {rec['aux_loss']:.3f} "
+                                    f"tok/s {rec['tokens_per_s']:,.0f} load/layer {imb}", refresh=False)
+                bar.update(1)
+            if on_step is not None and on_step(rec):
+                requested_stop = True
+            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+                ev = evaluate(model, dataset, cfg, forward=forward)
+                ev_rec = {"step": step, "eval_loss": ev["mean_loss"], "eval": ev["loss"], "eval_ppl": ev["ppl"]}
+                metrics.write(ev_rec)
+                evals.append(ev | {"step": step})
+                if bar is not None:
+                    bar.write(f"step {step}: valid loss {ev['mean_loss']:.4f} "
+                              f"(ppl {math.exp(min(ev['mean_loss'], 50)):.2f})")
+            if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
+                save()
+        if step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after):
+            if not checkpoints.list_checkpoints(ckpt_root) or checkpoints.list_checkpoints(ckpt_root)[-1].name != \
+                    f"step_{step:08d}":
+                save()
+        if (step == cfg.steps or requested_stop) and cfg.export_hf:
+            export(model, out / "hf", dataset)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    return TrainResult(step=step, history=history, evals=evals, stopped_by=stop[0] if stop else None,
+                       model=model, out=out)
+
+
+def export(model: Transformer, path: Path, dataset: TokenDataset) -> None:
+    """Save in transformers format, plus `mixlab_data.json` naming the tokenizer and domains."""
+    save_model(model, path, fmt="hf")
+    info = {"tokenizer": dataset.meta["tokenizer"], "domains": dataset.domains}
+    (path / "mixlab_data.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+__all__ = ["DataError", "TrainConfig", "TrainResult", "evaluate", "load_train_config", "train"]

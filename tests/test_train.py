@@ -1,0 +1,184 @@
+"""The training loop: exact resume, crash-safe checkpoints, signals, bad input, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mixlab.checkpoint import CheckpointError, load_model
+from mixlab.config import ConfigError
+from mixlab.train import checkpoints
+from mixlab.train.data import prepare, read_documents
+from mixlab.train.loop import TrainConfig, evaluate, load_train_config, lr_at, train
+
+TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
+        "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "jitter": 0.1, "z_loss_coef": 0.001}}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for dom, make in (("code", lambda i: f"def f{i}(x):\n    return x * {i}\n"),
+                      ("prose", lambda i: f"The {i}th cat sat on the mat and looked around. ")):
+        (root / "src" / dom).mkdir(parents=True)
+        for split, n in (("train", 40), ("valid", 4)):
+            lines = [json.dumps({"text": make(i) * 4}) for i in range(n)]
+            (root / "src" / dom / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare(read_documents([root / "src"]), root / "ds")
+    return root / "ds"
+
+
+def _cfg(dataset: Path, out: Path, **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(data=str(dataset), out=str(out), model="tiny-moe", model_overrides=TINY,
+                                seq_len=32, batch_size=4, steps=6, warmup=2, lr=3e-3, eval_every=0,
+                                ckpt_every=0, log_every=1, progress=False, tensorboard=False, export_hf=False,
+                                deterministic=True, grad_accum=2)
+    base.update(kw)
+    return load_train_config(None, **base)
+
+
+def test_resume_is_exact(dataset: Path, tmp_path: Path) -> None:
+    straight = train(_cfg(dataset, tmp_path / "a"))
+    first = train(_cfg(dataset, tmp_path / "b"), stop_after=3)
+    assert first.step == 3 and [c.name for c in checkpoints.list_checkpoints(tmp_path / "b" / "checkpoints")] == \
+        ["step_00000003"]
+    second = train(_cfg(dataset, tmp_path / "b"), resume=True)
+    assert second.step == 6
+    losses_a = [r["loss"] for r in straight.history]
+    losses_b = [r["loss"] for r in first.history + second.history]
+    aux_b = [r["aux_loss"] for r in first.history + second.history]
+    assert losses_a == losses_b  # bitwise equal, not approximately
+    assert [r["aux_loss"] for r in straight.history] == aux_b
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), second.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    # The metrics file of the resumed run has each step exactly once.
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_keep_last_k_and_export(dataset: Path, tmp_path: Path) -> None:
+    res = train(_cfg(dataset, tmp_path, ckpt_every=1, keep=2, export_hf=True, eval_every=3, deterministic=False))
+    names = [c.name for c in checkpoints.list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_00000005", "step_00000006"]
+    assert {"arxiv"}.isdisjoint(res.evals[-1]["loss"]) and set(res.evals[-1]["loss"]) == {"code", "prose"}
+    assert len(res.evals[-1]["load"]["code"]) == 2  # [L, E] per domain
+    # The transformers-format export loads back into the same function.
+    m = load_model(tmp_path / "hf")
+    x = torch.randint(0, 259, (1, 16))
+    res.model.eval()
+    torch.testing.assert_close(m(x), res.model(x), rtol=0, atol=0)
+    assert json.loads((tmp_path / "hf" / "mixlab_data.json").read_text())["tokenizer"]["type"] == "bytes"
+
+
+def test_sigterm_saves_and_resume_continues(dataset: Path, tmp_path: Path) -> None:
+    def kill_at_2(rec: dict[str, Any]) -> None:
+        if rec["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = train(_cfg(dataset, tmp_path, steps=5), on_step=kill_at_2)
+    assert res.stopped_by == signal.SIGTERM and res.step == 2
+    assert checkpoints.list_checkpoints(tmp_path / "checkpoints")[-1].name == "step_00000002"
+    assert train(_cfg(dataset, tmp_path, steps=5), resume=True).step == 5
+
+
+def test_bad_resume_states_are_clear_errors(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        train(_cfg(dataset, tmp_path), resume=True)
+    train(_cfg(dataset, tmp_path), stop_after=2)
+    with pytest.raises(CheckpointError, match="already holds checkpoints; pass --resume"):
+        train(_cfg(dataset, tmp_path))
+    with pytest.raises(CheckpointError, match="different training settings.*lr"):
+        train(_cfg(dataset, tmp_path, lr=1e-2), resume=True)
+    with pytest.raises(CheckpointError, match="different model config.*hidden_size"):
+        train(_cfg(dataset, tmp_path, model_overrides={**TINY, "dim": 64}), resume=True)
+    # A damaged newest checkpoint is refused, never skipped silently.
+    train(_cfg(dataset, tmp_path), resume=True, stop_after=3)
+    (tmp_path / "checkpoints" / "step_00000003" / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"step_00000003: incomplete checkpoint .*remove it to resume from "
+                                              "step_00000002"):
+        train(_cfg(dataset, tmp_path), resume=True)
+
+
+def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="beyond the model's context"):
+        train(_cfg(dataset, tmp_path, seq_len=128))
+    with pytest.raises(ConfigError, match="unknown training setting.*bogus"):
+        load_train_config(None, bogus=1)
+    f = tmp_path / "c.toml"
+    f.write_text("steps = 3\nlr = 'fast'\n[broken\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_train_config(f)
+    f.write_text("steps = 3\nseq_len = 16\n")
+    assert load_train_config(f, seq_len=None, batch_size=2).seq_len == 16
+
+
+def test_bf16_autocast_and_activation_checkpointing(dataset: Path, tmp_path: Path) -> None:
+    ref = train(_cfg(dataset, tmp_path / "a", steps=2, deterministic=False))
+    ckpt = train(_cfg(dataset, tmp_path / "b", steps=2, deterministic=False, activation_checkpointing=True))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in ref.history]),
+                               torch.tensor([r["loss"] for r in ckpt.history]), rtol=1e-5, atol=1e-5)
+    bf = train(_cfg(dataset, tmp_path / "c", steps=2, deterministic=False, dtype="bfloat16"))
+    assert all(abs(r["loss"] - q["loss"]) < 0.05 for r, q in zip(bf.history, ref.history, strict=True))
+    ev = evaluate(bf.model, __import__("mixlab.train.data", fromlist=["TokenDataset"]).TokenDataset(dataset),
+                  _cfg(dataset, tmp_path / "c", dtype="bfloat16"))
+    assert set(ev["loss"]) == {"code", "prose"} and all(v > 0 for v in ev["ppl"].values())
+
+
+def test_schedule_warmup_then_cosine() -> None:
+    cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+
+
+_CHILD = r"""
+import sys, time, torch
+from pathlib import Path
+import safetensors.torch
+from mixlab.config import get_preset
+from mixlab.model import Transformer
+from mixlab.train import checkpoints
+root = Path(sys.argv[1])
+m = Transformer(get_preset("tiny-moe")); m.init_weights(seed=0)
+opt = torch.optim.AdamW(m.parameters())
+m(torch.randint(0, 256, (1, 8))).sum().backward(); opt.step()
+checkpoints.save(root, step=1, model=m, optimizer=opt, state={}, keep=3)
+real = safetensors.torch.save_file
+def slow(*a, **k):
+    real(*a, **k)
+    print("WROTE", flush=True)
+    time.sleep(60)  # the parent SIGKILLs us here, mid-save
+safetensors.torch.save_file = slow
+checkpoints.save_file = slow
+checkpoints.save(root, step=2, model=m, optimizer=opt, state={}, keep=3)
+"""
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()  # blocks until the first file of step 2 is written
+        assert line.strip() == "WROTE"
+        assert any(p.name.startswith(".tmp-step_00000002") for p in root.iterdir())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    time.sleep(0.05)
+    assert checkpoints.latest(root) == root / "step_00000001"
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    m = Transformer(get_preset("tiny-moe"))
+    opt = torch.optim.AdamW(m.parameters())
+    checkpoints.load(root / "step_00000001", model=m, optimizer=opt)
+    assert len(opt.state) == len(list(m.parameters()))
