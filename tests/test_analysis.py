@@ -180,7 +180,7 @@ def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
     for name, folder in domains.items():
         want = RoutingCounts(2, 4, 2)
         for _, text in iter_documents(folder):
-            ids = tok.encode(text)  # with BOS
+            ids = tok.encode(text, bos=True)
             assert ids[0] == tok.bos_id
             for i in range(0, len(ids), seq_len):
                 window = torch.tensor([ids[i : i + seq_len]])
@@ -277,3 +277,21 @@ def test_token_view_renders_in_headless_chromium(tmp_path: Path) -> None:
     subprocess.run([*args, f"--screenshot={shot}", "--window-size=900,700", page.as_uri()], capture_output=True,
                    timeout=120)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5_000
+
+
+def test_byte_model_uses_the_tokenizer_named_by_training(tmp_path: Path) -> None:
+    """A model exported by `mixlab train` with the byte tokenizer: its mixlab_data.json is honoured,
+    and multi-byte characters appear whole in the token view."""
+    model = mixlab.Transformer(get_preset("tiny-moe").replace(vocab_size=259))
+    model.init_weights(seed=4)
+    mixlab.save_model(model, tmp_path / "m")
+    (tmp_path / "m" / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))
+    text = "Café déjà vu: ünïcode ✓"
+    (tmp_path / "c" / "one").mkdir(parents=True)
+    (tmp_path / "c" / "one" / "doc.txt").write_text(text)
+    assert main(["analyze", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "c"), "--out",
+                 str(tmp_path / "r"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["domains"]["one"]["tokens"] == len(text.encode()) + 1  # bytes + BOS
+    pieces = report["samples"][0]["pieces"]
+    assert pieces[0] == "<s>" and "".join(pieces[1:]) == text and "✓" in pieces

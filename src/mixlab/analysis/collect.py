@@ -18,6 +18,7 @@ L MoE layers.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,36 +119,59 @@ def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> N
 
 
 class Tokenizer(Protocol):
-    """What the analysis needs of a tokenizer (`mixlab.tokenizer.Tokenizer` has it)."""
+    """What the analysis needs of a tokenizer (`mixlab.tokenizer.Tokenizer` and the training
+    tokenizers of `mixlab.train.data` both have it)."""
 
     bos_id: int
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]: ...  # with BOS
+    def encode(self, text: str, *, bos: bool = ..., eos: bool = ...) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
 
 def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | Path | None = None) -> Tokenizer:
-    """`path` if given; else the model folder's tokenizer.model / tokenizer.json if it has one; else
-    Mixtral's tokenizer (tokenizer.model.v1 from mistral-common, 32,000 pieces)."""
+    """The tokenizer the model was trained with: `path` if given; else the model folder's
+    tokenizer.model / tokenizer.json; else the tokenizer named in its mixlab_data.json (written by
+    `mixlab train`, e.g. bytes); else Mixtral's (tokenizer.model.v1 from mistral-common)."""
     from mixlab.tokenizer import load_tokenizer
 
     if path is not None:
         return load_tokenizer(path)
-    if model_dir is not None and any((Path(model_dir) / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        return load_tokenizer(model_dir)
+    if model_dir is not None:
+        folder = Path(model_dir)
+        if any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+            return load_tokenizer(folder)
+        if (folder / "mixlab_data.json").is_file():
+            from mixlab.train.data import get_tokenizer
+
+            try:
+                spec = json.loads((folder / "mixlab_data.json").read_text(encoding="utf-8"))["tokenizer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{folder / 'mixlab_data.json'}: no readable 'tokenizer' entry ({e})") from None
+            return get_tokenizer(spec)
     return load_tokenizer()
 
 
+def tokenizer_name(tokenizer: Tokenizer) -> str:
+    for attr in ("path", "name"):
+        if getattr(tokenizer, attr, None):
+            return str(getattr(tokenizer, attr))
+    return type(tokenizer).__name__
+
+
 def token_pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds, by decoding growing prefixes (exact for any tokenizer whose
-    decode is prefix-stable; byte-fallback pieces of one character show up on its last byte)."""
-    out, prev = [], ""
+    """The text each token adds, by decoding growing prefixes. A character split over several
+    byte tokens appears on its last byte (the earlier ones decode to an incomplete U+FFFD)."""
+    out, shown = [], ""
     for i in range(len(ids)):
         cur = tokenizer.decode(ids[: i + 1])
-        out.append(cur[len(prev):] if cur.startswith(prev) else cur)
-        prev = cur
+        if cur.endswith("\ufffd") and i + 1 < len(ids):
+            out.append("")
+            continue
+        common = len(os.path.commonprefix([shown, cur]))
+        out.append(cur[common:])
+        shown = cur
     return out
 
 
@@ -187,7 +211,7 @@ def moe_layers(model: Transformer) -> list[int]:
 
 
 def _windows(tokenizer: Tokenizer, text: str, seq_len: int) -> list[list[int]]:
-    ids = tokenizer.encode(text)  # [BOS] + text
+    ids = tokenizer.encode(text, bos=True)
     return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
 
 

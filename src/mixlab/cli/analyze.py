@@ -8,7 +8,7 @@ from pathlib import Path
 
 def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis import analyze as run
-    from mixlab.analysis.collect import check_domains, find_domains, load_analysis_tokenizer
+    from mixlab.analysis.collect import check_domains, find_domains, load_analysis_tokenizer, tokenizer_name
     from mixlab.checkpoint import load_model
     from mixlab.config import ModelConfig
 
@@ -22,7 +22,7 @@ def analyze(args: argparse.Namespace) -> int:
     report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=domains,
                  split=args.split or None, max_tokens=args.max_tokens, seq_len=args.seq_len,
                  batch_size=args.batch_size, samples_per_domain=args.samples,
-                 meta={"model": str(args.model), "tokenizer": str(getattr(tokenizer, "path", tokenizer))},
+                 meta={"model": str(args.model), "tokenizer": tokenizer_name(tokenizer)},
                  progress=not args.quiet)
     base = report["random_baseline"]
     print(f"wrote {Path(args.out) / 'index.html'} ({len(report['domains'])} domains, "
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model folder's "
-                   "tokenizer.model / tokenizer.json, else Mixtral's tokenizer.model.v1)")
+                   "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
