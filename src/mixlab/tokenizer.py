@@ -75,6 +75,8 @@ class _HFTokenizers:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"{path}: not a readable tokenizer.json: {e}") from None
         self.vocab_size = int(self.tk.get_vocab_size(with_added_tokens=True))
+        # Text that spells "<s>" stays text, as with SentencePiece (no special tokens smuggled in by prompts).
+        self.tk.encode_special_tokens = True
         names = {"bos": "<s>", "eos": "</s>"}
         config = path.with_name("tokenizer_config.json")
         if config.is_file():

@@ -1,0 +1,244 @@
+"""The tokenizer equals mistral-common: ids on varied text, chat encodings on multi-turn
+conversations; decode inverts encode; streaming decode equals whole decode; tokenizer.json too."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import CORPUS
+from mixlab.tokenizer import ChatError, load_tokenizer
+
+TEXTS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "Unicode: naïve café, Ångström, Œuvre, ß, İstanbul, ǅ, ﬁ ligature, e\u0301 combining",
+    "中文测试：你好，世界。日本語のテキスト、カタカナ。한국어 문장입니다.",
+    "Emoji: 🤖🚀👩‍👩‍👧‍👦 🇫🇷 ❤️ 🏳️‍🌈",
+    "   leading spaces, trailing spaces   ",
+    "tabs\tand\t\ttabs\n\nnew\n\n\nlines\r\nwindows\u00a0nbsp",
+    " ",
+    "\n",
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\nprint(f(3))\n",
+    "for (int i = 0; i < n; ++i) { a[i] = b[i] * 2; }",
+    "3.14159 2718281828 1,000,000 -42 1e-9 0x1F 12:30 2026-11-28",
+    "Le cœur a ses raisons que la raison ne connaît point. L'été à Paris était très chaud.",
+    "Die Straße ist schön, aber die Größe der Bäume überrascht. Äpfel, Öl, Übermut.",
+    "El niño pequeño comió paella en la montaña. ¿Dónde está la biblioteca? ¡Olé!",
+    "La città è bellissima; perché non andiamo là? Più tardi, forse.",
+    "Здравствуй, мир! Ελληνικά κείμενα. עברית. العربية. हिन्दी",
+    "[INST] not a special token [/INST] <s> </s> <unk>",
+    "",
+]
+
+
+def _corpus_texts(n_per_domain: int = 3, max_chars: int = 1500) -> list[str]:
+    if not CORPUS.is_dir():
+        return []
+    rng = random.Random(0)
+    texts = []
+    for f in sorted(CORPUS.glob("*/valid.jsonl")):
+        lines = f.read_text(encoding="utf-8").splitlines()
+        for line in rng.sample(lines, min(n_per_domain, len(lines))):
+            text = json.loads(line)["text"]
+            start = rng.randrange(max(1, len(text) - max_chars))
+            texts.append(text[start : start + max_chars])  # may start mid-word: a harder case
+    return texts
+
+
+ALL_TEXTS = TEXTS + _corpus_texts()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def mistral_tok(tok):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.from_file(str(tok.path))
+
+
+def test_defaults_are_mixtral_v1(tok):
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+
+
+def test_ids_equal_mistral_common_and_roundtrip(tok, mistral_tok):
+    ref = mistral_tok.instruct_tokenizer.tokenizer
+    assert len(ALL_TEXTS) > len(TEXTS) or not CORPUS.is_dir()
+    for text in ALL_TEXTS:
+        for bos, eos in ((True, False), (False, False), (True, True)):
+            assert tok.encode(text, bos=bos, eos=eos) == ref.encode(text, bos=bos, eos=eos), text[:60]
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text == ref.decode(ids)
+
+
+def test_byte_fallback_pieces(tok):
+    ids = tok.encode("🤖", bos=False)
+    assert [tok.id_to_piece(i) for i in ids][-4:] == ["<0xF0>", "<0x9F>", "<0xA4>", "<0x96>"]
+
+
+def _check_stream(tok, ids, context=()):
+    dec = tok.stream(context=context)
+    pieces = [dec.push(i) for i in ids]
+    out = "".join(pieces) + dec.flush()
+    whole, before = tok.decode(list(context) + list(ids)), tok.decode(list(context))
+    assert out == whole[len(before) :]
+    return pieces
+
+
+def test_stream_decoding_equals_decode(tok):
+    for text in ALL_TEXTS:
+        _check_stream(tok, tok.encode(text))
+    pieces = _check_stream(tok, tok.encode("a 🤖 b", bos=False))
+    assert "\ufffd" not in "".join(pieces)  # the emoji's four byte tokens are held back, then emitted whole
+    assert "🤖" in pieces
+
+
+def test_stream_keeps_leading_space_after_context(tok):
+    prompt = tok.encode("The capital of France is")
+    new = tok.encode(" Paris, of course.", bos=False)[1:]  # drop the lone "▁" SentencePiece prepends
+    pieces = _check_stream(tok, new, context=prompt[-3:])
+    assert pieces[0] == " Paris"
+
+
+def test_stream_random_tokens(tok):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(3, tok.vocab_size, (30,), generator=g).tolist()
+        bytes_ = torch.randint(3, 259, (10,), generator=g).tolist()  # raw byte pieces, often invalid UTF-8
+        _check_stream(tok, ids[:15] + bytes_ + ids[15:])
+
+
+def test_decode_rejects_out_of_vocab(tok):
+    with pytest.raises(ValueError, match="token id 32000 is outside the vocabulary"):
+        tok.decode([5, 32000])
+
+
+CHATS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."},
+     {"role": "user", "content": "And 3+3?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Tell me a joke."},
+     {"role": "assistant", "content": "No."}, {"role": "user", "content": "Pourquoi ?"}],
+    [{"role": "user", "content": "first"}, {"role": "system", "content": "late system"},
+     {"role": "user", "content": "second"}, {"role": "assistant", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    [{"role": "system", "content": "one"}, {"role": "system", "content": "two"},
+     {"role": "assistant", "content": "I start."}, {"role": "user", "content": "ok"}],
+    [{"role": "system", "content": "only a system prompt"}],
+    [{"role": "user", "content": "Write code"}, {"role": "assistant", "content": "def f():", "prefix": True}],
+    [{"role": "user", "content": "  spaces  \n\n"}, {"role": "assistant", "content": "émoji 🤖"},
+     {"role": "user", "content": "中文"}],
+]
+
+
+def _corpus_chats(n: int = 20) -> list[list[dict[str, str]]]:
+    path = CORPUS / "chat" / "sft.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    chats = [json.loads(line)["messages"] for line in random.Random(0).sample(lines, n)]
+    out = []
+    for i, msgs in enumerate(chats):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]  # ask for the next reply
+        if i % 2:
+            msgs = [{"role": "system", "content": "Answer like a pirate."}, *msgs]
+        out.append(msgs)
+    return out
+
+
+def test_chat_equals_mistral_common(tok, mistral_tok):
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    for chat in CHATS + _corpus_chats():
+        ref = mistral_tok.encode_chat_completion(ChatCompletionRequest(messages=chat)).tokens
+        assert tok.encode_chat(chat) == ref, chat
+
+
+def test_chat_layout(tok):
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    ids = tok.encode_chat(chat)
+    assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1
+    # The system prompt goes into the first user turn (mistral-common >= 1.x, v1 template).
+    assert tok.decode(ids) == "[INST] S\n\nQ1 [/INST] A1 [INST] Q2 [/INST]"
+
+
+BAD_CHATS = [
+    ([], "non-empty list"),
+    ([{"role": "assistant", "content": "hi"}], "must start with a user or system"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "last message must be a user"),
+    ([{"role": "robot", "content": "x"}], "role 'robot'"),
+    ([{"role": "user", "content": 5}], "str 'content'"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"},
+      {"role": "user", "content": "q"}], "role 'system' cannot follow role 'assistant'"),
+    ([{"role": "system", "content": ""}, {"role": "user", "content": "q"}], "must have content"),
+    ([{"role": "user", "content": "q", "prefix": True}, {"role": "assistant", "content": "a"}], "prefix=True"),
+    ("hello", "non-empty list"),
+]
+
+
+@pytest.mark.parametrize("chat,message", BAD_CHATS, ids=[m for _, m in BAD_CHATS])
+def test_bad_chats(tok, chat, message):
+    with pytest.raises(ChatError, match=message):
+        tok.encode_chat(chat)
+
+
+def _legacy_tokenizer_json(tok, folder):
+    """A tokenizer.json laid out like Mixtral-8x7B-Instruct's on the Hub (legacy Llama: Prepend +
+    Replace normaliser, BPE with byte fallback), built from the SentencePiece model."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = tok._b.sp
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    scores = {p: sp.get_score(i) for p, i in vocab.items()}
+    merges = generate_merges(vocab, scores, skip_tokens={"<unk>", "<s>", "</s>"})
+    t = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
+    t.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def test_tokenizer_json_equals_sentencepiece(tok, tmp_path):
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    _legacy_tokenizer_json(tok, tmp_path)
+    hf = load_tokenizer(tmp_path)
+    assert hf.path.name == "tokenizer.json"
+    assert (hf.vocab_size, hf.bos_id, hf.eos_id) == (32000, 1, 2)
+    for text in ALL_TEXTS:
+        assert hf.encode(text) == tok.encode(text), text[:60]
+        assert hf.decode(tok.encode(text)) == text
+    assert hf.encode_chat(CHATS[2]) == tok.encode_chat(CHATS[2])
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such tokenizer file"):
+        load_tokenizer(tmp_path / "missing.model")
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a readable SentencePiece model"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not a readable tokenizer.json"):
+        load_tokenizer(tmp_path / "bad.json")
+
+
+def test_checkpoint_folder_tokenizer_model(tok, tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(tok.path.read_bytes())
+    assert load_tokenizer(tmp_path).encode("Grüß Gott") == tok.encode("Grüß Gott")
