@@ -26,6 +26,7 @@ from mixlab.analysis.stats import (
     load_balance,
     pair_mask,
     random_baseline,
+    total_variation,
 )
 from mixlab.cli import main
 from mixlab.config import get_preset
@@ -101,6 +102,12 @@ def test_load_balance_entropy_and_max_over_mean() -> None:
     assert collapsed["max_over_mean"] == pytest.approx(8.0)
     half = load_balance(np.array([1, 1, 0, 0]))
     assert half["entropy_norm"] == pytest.approx(0.5)  # ln 2 / ln 4
+
+
+def test_total_variation() -> None:
+    assert total_variation(np.array([1, 1, 0, 0]), np.array([2, 2, 0, 0])) == 0.0  # same shares
+    assert total_variation(np.array([1, 0]), np.array([0, 3])) == 1.0
+    assert total_variation(np.array([3, 1]), np.array([1, 1])) == pytest.approx(0.25)
 
 
 def test_pairs_never_cross_documents_or_padding() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mixlab.analysis.collect import Collected
-from mixlab.analysis.stats import load_balance, random_baseline
+from mixlab.analysis.stats import load_balance, random_baseline, total_variation
 
 # Light, distinguishable backgrounds for black text (first 8 close to the paper's Figure 8 palette).
 _PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
@@ -65,12 +65,18 @@ def build_report(collected: Collected, *, layers: list[int], meta: dict[str, Any
             "repeat_topk_overlap": "consecutive token pairs of one document whose top-k sets share an expert / pairs "
                                    "(paper Table 5 'first or second choice' for k=2)",
             "load_balance": "over assignments per expert: entropy (nats), entropy / ln E, max / mean, min / mean",
+            "domain_vs_all_tv": "total variation distance between a domain's assignment shares and all domains' "
+                                "(0 = routed like the whole corpus, 1 = disjoint experts)",
         },
         "domains": domains,
         "all_domains": {"tokens": total.tokens, "pairs": total.pairs,
                         "load_balance": [load_balance(c) for c in total.selected_LE],
                         "repeat_first_choice": (total.same_first_L / max(total.pairs, 1)).tolist(),
-                        "repeat_topk_overlap": (total.overlap_L / max(total.pairs, 1)).tolist()},
+                        "repeat_topk_overlap": (total.overlap_L / max(total.pairs, 1)).tolist(),
+                        "assignment_share": (total.selected_LE / max(total.tokens * K, 1)).tolist()},
+        "domain_vs_all_tv": {name: [total_variation(c.selected_LE[i], total.selected_LE[i])
+                                    for i in range(len(collected.moe_layers))]
+                             for name, c in collected.counts.items()},
         "samples": [
             {"domain": s.domain, "source": s.source, "pieces": s.pieces,
              "topk": {str(layer): s.idx_LSK[pos[layer]].tolist() for layer in layers}}
@@ -200,6 +206,9 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         rows = [[n] + [_pct(s) for s in report["domains"][n]["assignment_share"][i]] for n in names]
         out.append((f"Layer {layer}: share of assignments per expert (paper Figure 7; uniform {_pct(1 / E)})",
                     ["domain"] + [f"e{e}" for e in range(E)], rows))
+    rows = [[n] + [f"{report['domain_vs_all_tv'][n][i]:.3f}" for i in idx] for n in names]
+    out.append(("Domain specialisation: total variation distance of each domain's expert shares from all domains' "
+                "(0 = no specialisation)", ["domain"] + [f"L{layer}" for layer in shown], rows))
     lb = report["all_domains"]["load_balance"]
     rows = [[str(layer), f"{x['entropy']:.3f}", f"{x['entropy_norm']:.3f}", f"{x['max_over_mean']:.2f}",
              f"{x['min_over_mean']:.2f}"] for layer, x in zip(moe_layers, lb, strict=True)]

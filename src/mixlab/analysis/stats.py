@@ -120,6 +120,13 @@ def load_balance(counts_E: Array) -> dict[str, float]:
     }
 
 
+def total_variation(p_E: Array, q_E: Array) -> float:
+    """Half the L1 distance between two distributions over experts (0 = same, 1 = disjoint): how
+    differently a domain is routed from the corpus as a whole."""
+    p, q = _np(p_E).astype(np.float64), _np(q_E).astype(np.float64)
+    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+
+
 @dataclass
 class RoutingCounts:
     """Running counts for one data set (a domain) over all L MoE layers."""
