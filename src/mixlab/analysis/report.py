@@ -96,6 +96,7 @@ def write_figures(report: dict[str, Any], out: Path) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return []
     E, names = report["num_experts"], list(report["domains"])
@@ -119,21 +120,22 @@ def write_figures(report: dict[str, Any], out: Path) -> list[str]:
         ax.set_title(f"layer {layer}", fontsize=10, loc="left")
     axes[-1, 0].set_xticks(range(E))
     axes[-1, 0].set_xlabel("expert (selected as any of the top-k; dashed: uniform 1/E)")
-    axes[0, 0].legend(fontsize=7, ncol=4, loc="upper right")
-    fig.tight_layout()
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=8, ncol=min(len(names), 4), loc="upper center")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     fig.savefig(out / "expert_shares.png", dpi=80)
     plt.close(fig)
     files.append("expert_shares.png")
 
     # Figure 10: repeated consecutive assignments by layer.
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for ax, key, b, title in ((axes[0], "repeat_first_choice", base["first_choice"], "first choice"),
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, b, title in ((axes[0], "repeat_first_choice", base["first_choice"], "same first choice"),
                               (axes[1], "repeat_topk_overlap", base["topk_overlap"],
-                               f"top-{report['top_k']} sets overlap (first or second choice)")):
+                               f"top-{report['top_k']} sets overlap")):
         for d, name in enumerate(names):
             ax.plot(moe_layers, report["domains"][name][key], marker=".", label=name, color=colors[d % len(colors)])
         ax.axhline(b, color="gray", ls="--", lw=1)
-        ax.set_title(f"{title}; dashed: random {b:.3f}", fontsize=10)
+        ax.set_title(f"{title} (dashed: random {100 * b:.1f}%)", fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel("share of consecutive pairs")
         ax.set_ylim(0, 1)
@@ -155,6 +157,7 @@ def write_figures(report: dict[str, Any], out: Path) -> list[str]:
     axes[1].set_title("expert load relative to the mean", fontsize=10)
     axes[1].legend(fontsize=7)
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
     fig.tight_layout()
     fig.savefig(out / "load_balance.png", dpi=80)
