@@ -1,0 +1,160 @@
+"""`mixlab generate` (complete a prompt) and `mixlab chat` (interactive, multi-turn): stream text
+from a checkpoint. Thin: parsing and printing here, everything else in mixlab.generate/tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mixlab.generate import generate_stream
+from mixlab.tokenizer import Tokenizer, load_tokenizer
+
+_HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply"
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
+    import torch
+
+    from mixlab.checkpoint import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    folder = Path(args.model)
+    has_own = any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"))
+    tok = load_tokenizer(args.tokenizer or (folder if has_own else None))
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
+                         f"{model.config.vocab_size}; pass the matching --tokenizer")
+    return model, tok
+
+
+def _sampling(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=args.stop or None, tokenizer=tok)
+
+
+def _speed(n: int, seconds: float) -> str:
+    return f"{n} tokens in {seconds:.2f} s ({n / seconds if seconds > 0 else float('inf'):.1f} tokens/s)"
+
+
+def generate(args: argparse.Namespace) -> int:
+    model, tok = _load(args)
+    ids = tok.encode(args.prompt)
+    start = time.perf_counter()
+    steps = generate_stream(model, [ids], truncate=args.truncate, **_sampling(args, tok))
+    dec = tok.stream(context=ids[-4:])  # context: the first new word keeps its leading space
+    first = None
+    n = 0
+    for step in steps:
+        first = first or time.perf_counter()
+        t = step.tokens[0]
+        if t is None:
+            break
+        n += 1
+        if t != tok.eos_id:
+            sys.stdout.write(dec.push(t))
+            sys.stdout.flush()
+    sys.stdout.write(dec.flush() + "\n")
+    end = time.perf_counter()
+    assert first is not None
+    # The first new token costs a prefill; the rest are decode steps.
+    print(f"prompt: {_speed(len(ids), first - start)}; decode: {_speed(n - 1, end - first)}", file=sys.stderr)
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    model, tok = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict[str, str]] = []
+    room = model.config.max_seq_len - args.max_new_tokens
+    print(f"mixlab chat: {_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line (as in a shell)
+            print()
+            continue
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line!r}; {_HELP}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tok.encode_chat(system + messages)
+        while len(ids) > room and len(messages) > 2:  # forget the oldest exchange to fit the context
+            del messages[:2]
+            ids = tok.encode_chat(system + messages)
+        if len(ids) > room:
+            print(f"error: the message needs {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} only "
+                  f"{room} fit in the context of {model.config.max_seq_len}", file=sys.stderr)
+            messages.pop()
+            continue
+        reply: list[int] = []
+        dec = tok.stream()  # no context: the reply's first "▁" is dropped, as in the chat encoding
+        start = time.perf_counter()
+        try:
+            for step in generate_stream(model, [ids], **_sampling(args, tok)):
+                t = step.tokens[0]
+                if t is None or t == tok.eos_id:
+                    break
+                reply.append(t)
+                sys.stdout.write(dec.push(t))
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(dec.flush() + " [stopped]")
+        sys.stdout.write(dec.flush() + "\n")
+        sys.stdout.flush()
+        print(f"({_speed(len(reply), time.perf_counter() - start)})", file=sys.stderr)
+        text = tok.decode(reply)
+        if text:
+            messages.append({"role": "assistant", "content": text})
+        else:
+            messages.pop()  # nothing to answer with: forget the question rather than send it twice
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (transformers or Mistral format)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.model / tokenizer.json or a folder (default: the model folder's, "
+                        "else Mixtral's v1 tokenizer from mistral-common)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, help="0 = greedy (default: 0 for generate, 0.7 for chat)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same sampled text")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it does not fit")
+    _add_common(p)
+    p.set_defaults(func=generate, temperature=0.0)
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the Mixtral-Instruct template")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_common(p)
+    p.set_defaults(func=chat, temperature=0.7, top_p=0.95)

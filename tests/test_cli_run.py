@@ -1,0 +1,104 @@
+"""`mixlab generate` and `mixlab chat` through `mixlab.cli.main`, on a tiny random checkpoint
+(gibberish text, but every token equals what the library produces)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from mixlab import generate, load_model, load_tokenizer, save_model
+from mixlab.cli import main
+from mixlab.config import get_preset
+from mixlab.model import Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    save_model(model, path)
+    return path
+
+
+def test_generate_streams_the_library_output(tiny_dir, capsys):
+    threads = torch.get_num_threads()
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "Bonjour, le monde", "--max-new-tokens", "12",
+               "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
+    tok = load_tokenizer()
+    prompt = tok.encode("Bonjour, le monde")
+    ids = generate(load_model(tiny_dir), [prompt], max_new_tokens=12)[0]
+    ids = [i for i in ids if i != tok.eos_id]
+    assert out == tok.decode(prompt + ids)[len(tok.decode(prompt)) :] + "\n"
+    assert f"prompt: {len(prompt)} tokens in" in err and "tokens/s" in err and "decode:" in err
+
+
+def test_generate_sampling_is_seeded(tiny_dir, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--max-new-tokens", "10", "--temperature", "1.0",
+            "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "temperature=-1.0"),
+    (["--top-p", "0"], "top_p=0.0"),
+    (["--max-new-tokens", "0"], "max_new_tokens=0"),
+    (["--max-new-tokens", "127", "--prompt", "a b c"], "context is 128"),
+    (["--dtype", "int3"], "unknown dtype 'int3'"),
+])
+def test_generate_bad_flags_are_one_line_errors(tiny_dir, capsys, flags, message):
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_vocab(tmp_path, capsys):
+    save_model(Transformer(get_preset("tiny-moe")), tmp_path)  # vocab 256 < 32,000 pieces
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert "pass the matching --tokenizer" in capsys.readouterr().err
+
+
+def test_chat_multi_turn_reset_and_interrupt(tiny_dir, capsys, monkeypatch):
+    import mixlab.cli.run as run
+
+    seen: list[list[int]] = []
+    real = run.generate_stream
+
+    def spy(model, prompts, **kw):
+        seen.append(list(prompts[0]))
+        steps = real(model, prompts, **kw)
+        if len(seen) == 2:  # the second reply: Ctrl-C after two tokens
+            def interrupted():
+                for i, step in enumerate(steps):
+                    if i == 2:
+                        raise KeyboardInterrupt
+                    yield step
+            return interrupted()
+        return steps
+
+    monkeypatch.setattr(run, "generate_stream", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nHow are you?\n/reset\nAgain\n/exit\n"))
+    rc = main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "6", "--seed", "0", "--system", "Be kind."])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert len(seen) == 3 and "[stopped]" in out and "conversation cleared" in err
+    tok = load_tokenizer()
+    assert seen[0] == tok.encode_chat([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}])
+    # Turn 2 carries turn 1 (its reply included), turn 3 starts afresh after /reset.
+    assert seen[1][: len(seen[0])] == seen[0] and tok.eos_id in seen[1]
+    assert seen[2] == tok.encode_chat([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Again"}])
+
+
+def test_chat_quits_on_eof(tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["chat", "--model", str(tiny_dir)]) == 0
+    assert "/reset" in capsys.readouterr().err
