@@ -1,18 +1,23 @@
+"""Every MoE implementation equals the reference loop (float32, bfloat16, int8 weights)."""
+
 import pytest
 import torch
 
 from mixlab.model.moe import route
-from mixlab.ops.moe import IMPLS, moe_ffn
+from mixlab.ops.moe import IMPLS, choose_impl, moe_ffn
+from mixlab.ops.quant import quantize_int8
+
+FAST = [k for k in IMPLS if k != "reference"]
 
 
 def _weights(E=4, D=32, F=48, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(E, 2 * F, D, generator=g, dtype=dtype) * 0.1,
-            torch.randn(E, D, F, generator=g, dtype=dtype) * 0.1)
+    return (torch.randn(E, 2 * F, D, generator=g).to(dtype) * 0.1,
+            torch.randn(E, D, F, generator=g).to(dtype) * 0.1)
 
 
-@pytest.mark.parametrize("impl", [k for k in IMPLS if k != "reference"])
-@pytest.mark.parametrize(("T", "E", "K"), [(1, 4, 2), (7, 4, 1), (64, 8, 2), (33, 8, 4)])
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize(("T", "E", "K"), [(1, 4, 2), (1, 8, 1), (7, 4, 1), (64, 8, 2), (33, 8, 4)])
 def test_fast_paths_equal_the_reference_loop(impl, T, E, K):
     w13, w2 = _weights(E=E)
     x = torch.randn(T, 32)
@@ -21,6 +26,38 @@ def test_fast_paths_equal_the_reference_loop(impl, T, E, K):
     ref = moe_ffn(x, w13, w2, idx, weight, impl="reference")
     got = moe_ffn(x, w13, w2, idx, weight, impl=impl)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_fast_paths_equal_the_reference_loop_in_bfloat16(impl, T):
+    """Same math in the same order per token: bf16 results agree to bf16 rounding of the matmuls."""
+    w13, w2 = _weights(E=8, dtype=torch.bfloat16)
+    x = torch.randn(T, 32).bfloat16()
+    idx, weight = route(torch.randn(T, 8), 2)
+    ref = moe_ffn(x, w13, w2, idx, weight, impl="reference")
+    got = moe_ffn(x, w13, w2, idx, weight, impl=impl)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("T", [1, 3, 20])  # 1 and 3 rows take the int8 GEMV kernel, 20 the dequantised GEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_fast_paths_equal_the_dequantised_reference(impl, T, dtype):
+    w13, w2 = _weights(E=8, D=64, F=96)
+    (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
+    x = torch.randn(T, 64).to(dtype)
+    idx, weight = route(torch.randn(T, 8), 2)
+    kw = dict(w13_scale_E2F=s13.to(dtype), w2_scale_ED=s2.to(dtype))
+    ref = moe_ffn(x, q13, q2, idx, weight, impl="reference", **kw)
+    got = moe_ffn(x, q13, q2, idx, weight, impl=impl, **kw)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    else:  # the dequantised weight is rounded to bf16 before the matmul in one, the output after in the other
+        assert (got.float() - ref.float()).norm() / ref.float().norm() < 1e-2
+    # and int8 is close to the float weights it came from (8 bits per row: < 1% relative error)
+    full = moe_ffn(x.float(), w13, w2, idx, weight, impl="reference")
+    assert (got.float() - full).norm() / full.norm() < 0.02
 
 
 def test_unused_experts_are_fine():
@@ -32,6 +69,24 @@ def test_unused_experts_are_fine():
     for impl in IMPLS:
         out = moe_ffn(x, w13, w2, idx, weight, impl=impl)
         assert out.shape == (5, 32) and torch.isfinite(out).all()
+
+
+def test_fast_paths_are_differentiable_like_the_reference():
+    w13, w2 = _weights(E=4)
+    x = torch.randn(9, 32)
+    idx, weight = route(torch.randn(9, 4), 2)
+    grads = {}
+    for impl in ("reference", "sorted", "decode"):
+        a, b, xx = w13.clone().requires_grad_(), w2.clone().requires_grad_(), x.clone().requires_grad_()
+        moe_ffn(xx, a, b, idx, weight, impl=impl).square().sum().backward()
+        grads[impl] = (a.grad, b.grad, xx.grad)
+    for impl in ("sorted", "decode"):
+        for g, r in zip(grads[impl], grads["reference"], strict=True):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_picks_decode_for_one_token():
+    assert choose_impl(1) == "decode" and choose_impl(2) == "sorted"
 
 
 def test_topk_then_softmax_equals_softmax_topk_renormalise():

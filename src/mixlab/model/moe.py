@@ -62,7 +62,9 @@ class MoEBlock(nn.Module):
         dropped = 0
         if self.moe.capacity_factor is not None:
             weight_TK, dropped = apply_capacity(idx_TK, weight_TK, self.moe.num_experts, self.moe.capacity_factor)
-        y_TD = moe_ffn(x_TD, self.w13, self.w2, idx_TK, weight_TK, impl=self.impl)
+        # int8 weight-only experts (mixlab.ops.quant.quantize_model_int8) carry per-row scales.
+        y_TD = moe_ffn(x_TD, self.w13, self.w2, idx_TK, weight_TK, impl=self.impl,
+                       w13_scale_E2F=getattr(self, "w13_scale", None), w2_scale_ED=getattr(self, "w2_scale", None))
         return y_TD.view(B, T, D), Routing(logits_TE, idx_TK, weight_TK, dropped)
 
 

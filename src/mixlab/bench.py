@@ -1,0 +1,460 @@
+"""The inference benchmark: mixlab against transformers and llama.cpp, in one process, on the same
+weights and thread count, each figure also as a fraction of the machine's limit measured in the
+same run.
+
+What is measured (`run_bench`):
+- limits: memory read bandwidth (sum of a large float32 tensor) and bf16 matmul throughput (a large
+  square bf16 matmul), the two roofs every figure is compared to;
+- prefill tokens/s for prompts of P tokens (the last position's logits, as generation needs);
+- decode tokens/s at batch B after a 128-token prompt (greedy, one token per step);
+- the MoE layer alone (router + experts) for T tokens.
+
+The limit of a measurement is the roofline time max(bytes it must read / bandwidth, FLOPs it must
+do / matmul peak); "of limit" is that time over the measured time (1.0 = at the roof). Bytes count
+every weight a step touches once (the experts actually chosen, counted from the router), FLOPs are
+2 per multiply-add of the matmuls (attention scores included).
+
+Peers run in the same process, interleaved repetition by repetition, so load from other processes
+hits all of them alike; medians of `reps` (>= 5) after warm-up. A peer that is not installed is
+skipped with a note. Weights are random (`init_weights`), identical for every peer: mixlab's model
+is saved as a transformers folder and as GGUF files that the peers load.
+
+Shape legend: B batch, T tokens, P prompt tokens, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixlab.cache import KVCache
+from mixlab.config import ModelConfig, get_preset
+from mixlab.model import MoEBlock, Transformer
+from mixlab.ops.quant import quantize_model_int8
+
+
+@dataclass
+class Row:
+    """One measured figure: `value` in `unit` (higher is better), and the roofline time it could take."""
+
+    section: str
+    case: str
+    peer: str
+    value: float
+    unit: str
+    limit_s: float
+    median_s: float
+
+    @property
+    def of_limit(self) -> float:
+        return self.limit_s / self.median_s if self.median_s > 0 else float("nan")
+
+
+@dataclass
+class Report:
+    settings: dict[str, Any]
+    limits: dict[str, float]
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        out = ["# mixlab bench", ""]
+        out += [f"- {k}: {v}" for k, v in self.settings.items()]
+        out.append(f"- memory read bandwidth: {self.limits['bandwidth'] / 1e9:.1f} GB/s; "
+                   f"bf16 matmul: {self.limits['matmul'] / 1e9:.0f} GFLOP/s (measured in this run)")
+        out += [f"- note: {n}" for n in self.notes]
+        for section in dict.fromkeys(r.section for r in self.rows):
+            rows = [r for r in self.rows if r.section == section]
+            ours = [p for p in ("mixlab", "mixlab-int8") if any(r.peer == p for r in rows)]
+            out += ["", f"## {section}", "",
+                    f"| case | peer | {rows[0].unit} | of limit | " + " | ".join(f"{p} ÷ this" for p in ours) + " |",
+                    "|---|---|---:|---:|" + "---:|" * len(ours)]
+            for case in dict.fromkeys(r.case for r in rows):
+                by_peer = {r.peer: r for r in rows if r.case == case}
+                for r in by_peer.values():
+                    ratios = [f"{by_peer[p].value / r.value:.2f}x" if p in by_peer and p != r.peer else ""
+                              for p in ours]
+                    cells = [case, r.peer, f"{r.value:,.1f}", f"{r.of_limit:.0%}", *ratios]
+                    out.append("| " + " | ".join(cells) + " |")
+        return "\n".join(out) + "\n"
+
+
+def _median_time(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, run round-robin so that machine load hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure_limits(*, reps: int = 5, mib: int = 1024, n: int = 2048) -> dict[str, float]:
+    """Memory read bandwidth (bytes/s) and bf16 matmul throughput (FLOP/s) of this machine now."""
+    big = torch.ones(mib * 2**20 // 4)  # float32: summing it is a pure streaming read
+    bandwidth = big.numel() * 4 / _median_time(big.sum, reps)
+    del big
+    a = torch.randn(n, n).bfloat16()
+    b = torch.randn(n, n).bfloat16()
+    matmul = 2 * n**3 / _median_time(lambda: a @ b, reps)
+    return {"bandwidth": bandwidth, "matmul": matmul}
+
+
+# -- what a step must read and compute --------------------------------------------------------
+
+
+def _dense_bytes_per_layer(cfg: ModelConfig, elem: float) -> float:
+    attn = cfg.dim * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * cfg.dim
+    router = cfg.dim * cfg.moe.num_experts * 4 if cfg.moe else 0  # kept in float32
+    return attn * elem + router
+
+
+def _expert_bytes(cfg: ModelConfig, elem: float) -> float:
+    return 3 * cfg.dim * cfg.ffn_dim * elem
+
+
+def _matmul_flops_per_token(cfg: ModelConfig, ctx: float) -> float:
+    """FLOPs of one token: every active matrix (2 per weight) plus attention over `ctx` keys."""
+    counts = cfg.param_counts()
+    active_matrices = counts["active"] - counts["embedding"] - counts["norms"]
+    return 2 * active_matrices + 4 * ctx * cfg.q_dim * cfg.n_layers
+
+
+# -- peers ------------------------------------------------------------------------------------
+
+
+class Peer:
+    """One implementation under test: prefill P tokens; decode steps at batch B; the MoE layer."""
+
+    name: str = ""
+    elem_bytes: float = 2.0  # bytes per weight element
+
+    def prefill(self, tokens_BT: torch.Tensor) -> None: ...
+    def start_decode(self, prompt_BT: torch.Tensor, steps: int) -> None: ...
+    def decode(self) -> None: ...
+    def moe_layer(self, x_BTD: torch.Tensor) -> object: ...
+
+
+class MixlabPeer(Peer):
+    def __init__(self, model: Transformer, name: str, elem_bytes: float = 2.0) -> None:
+        self.model, self.name, self.elem_bytes = model, name, elem_bytes
+        self.cfg = model.config
+        self.dtype = model.tok_embeddings.weight.dtype
+
+    def _last_logits(self, tokens_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        h_BTD = self.model(tokens_BT, cache=cache, return_hidden=True)
+        assert isinstance(h_BTD, torch.Tensor)
+        return self.model.output(h_BTD[:, -1])
+
+    def prefill(self, tokens_BT: torch.Tensor) -> None:
+        cache = KVCache(self.cfg, batch_size=tokens_BT.shape[0], max_len=tokens_BT.shape[1], dtype=self.dtype,
+                        prefill_chunk=tokens_BT.shape[1])
+        with torch.inference_mode():
+            self._last_logits(tokens_BT, cache)
+
+    def start_decode(self, prompt_BT: torch.Tensor, steps: int) -> None:
+        B, P = prompt_BT.shape
+        self.cache = KVCache(self.cfg, batch_size=B, max_len=P + steps, dtype=self.dtype, prefill_chunk=P)
+        with torch.inference_mode():
+            self.next_B1 = self._last_logits(prompt_BT, self.cache).argmax(-1, keepdim=True)
+
+    def decode(self) -> None:
+        with torch.inference_mode():
+            self.next_B1 = self._last_logits(self.next_B1, self.cache).argmax(-1, keepdim=True)
+
+    def moe_layer(self, x_BTD: torch.Tensor) -> object:
+        block = self.model.layers[0].ffn
+        assert isinstance(block, MoEBlock)
+        with torch.inference_mode():
+            return block(x_BTD)
+
+
+class TransformersPeer(Peer):
+    def __init__(self, model: Any, impl: str) -> None:
+        self.model, self.impl = model, impl
+        self.name = f"transformers-{impl}"
+
+    def _use(self) -> None:
+        self.model.set_experts_implementation(self.impl)
+
+    def prefill(self, tokens_BT: torch.Tensor) -> None:
+        self._use()
+        with torch.inference_mode():
+            self.model(tokens_BT, use_cache=True, logits_to_keep=1)
+
+    def start_decode(self, prompt_BT: torch.Tensor, steps: int) -> None:
+        self._use()
+        with torch.inference_mode():
+            out = self.model(prompt_BT, use_cache=True, logits_to_keep=1)
+        self.kv, self.next_B1 = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode(self) -> None:
+        self._use()
+        with torch.inference_mode():
+            out = self.model(self.next_B1, cache=self.kv, use_cache=True, logits_to_keep=1)
+        self.kv, self.next_B1 = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def moe_layer(self, x_BTD: torch.Tensor) -> object:
+        self._use()
+        with torch.inference_mode():
+            return self.model.model.layers[0].mlp(x_BTD)
+
+
+class LlamaCppPeer(Peer):
+    """llama.cpp through llama-cpp-python; its Llama API decodes one sequence, so batch 1 only."""
+
+    def __init__(self, path: Path, name: str, threads: int, n_ctx: int, elem_bytes: float) -> None:
+        import llama_cpp
+
+        self.name, self.elem_bytes = name, elem_bytes
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=False, verbose=False)
+
+    def prefill(self, tokens_BT: torch.Tensor) -> None:
+        self.llm.reset()
+        self.llm.eval(tokens_BT[0].tolist())
+
+    def start_decode(self, prompt_BT: torch.Tensor, steps: int) -> None:
+        self.prefill(prompt_BT)
+        self._next()
+
+    def _next(self) -> None:
+        self.next = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+
+    def decode(self) -> None:
+        self.llm.eval([self.next])
+        self._next()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _transformers_model(folder: Path, threads: int) -> Any | None:
+    try:
+        from transformers import MixtralForCausalLM
+    except ImportError:
+        return None
+    model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    torch.set_num_threads(threads)  # loading may reset it
+    return model.eval()
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+@dataclass
+class BenchPlan:
+    preset: str = "mini-moe"
+    threads: int = 2
+    reps: int = 5
+    prefill: tuple[int, ...] = (128, 512, 2048)
+    decode_batch: tuple[int, ...] = (1, 4, 16)
+    decode_prompt: int = 128
+    decode_steps: int = 8  # per repetition
+    moe_tokens: tuple[int, ...] = (1, 32, 512, 4096)
+    peers: tuple[str, ...] = ("mixlab", "mixlab-int8", "transformers", "llama.cpp")
+    seed: int = 0
+    limit_mib: int = 1024  # size of the bandwidth probe
+    limit_n: int = 2048  # size of the matmul probe
+    vocab_size: int | None = None  # override the preset's (llama.cpp needs the tokenizer's 32000)
+
+    @classmethod
+    def quick(cls, preset: str = "tiny-moe") -> BenchPlan:
+        return cls(preset=preset, reps=2, prefill=(32,), decode_batch=(1, 2), decode_prompt=16, decode_steps=2,
+                   moe_tokens=(1, 16), vocab_size=32000, limit_mib=128, limit_n=512)
+
+
+def _versions() -> dict[str, str]:
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("transformers", "llama-cpp-python", "gguf"):
+        try:
+            v[dist] = version(dist)
+        except PackageNotFoundError:
+            v[dist] = "not installed"
+    return v
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: str | Path | None = None) -> Report:
+    """Run every measurement of `plan`; returns a `Report` (`.format()` gives the markdown table)."""
+    torch.set_num_threads(plan.threads)
+    torch.manual_seed(plan.seed)
+    cfg = get_preset(plan.preset)
+    if plan.vocab_size is not None:
+        cfg = cfg.replace(vocab_size=plan.vocab_size)
+    if cfg.moe is None:
+        raise ValueError(f"preset {plan.preset!r} is dense; the benchmark needs an MoE preset")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    settings: dict[str, Any] = {
+        "preset": f"{plan.preset} ({cfg.param_counts()['total'] / 1e6:,.0f}M parameters, "
+                  f"{cfg.param_counts()['active'] / 1e6:,.0f}M active)",
+        "dtype": "bfloat16 (int8 weight-only for mixlab-int8, q8_0 for llama.cpp-q8_0)",
+        "threads": plan.threads, "repetitions": f"median of {plan.reps} after warm-up, peers interleaved",
+        "cpu": f"{_cpu_name()}, {os.cpu_count()} logical CPUs",
+        "load average at start": " ".join(f"{x:.2f}" for x in load),
+        **_versions(),
+    }
+    log("measuring machine limits ...")
+    report = Report(settings, measure_limits(reps=plan.reps, mib=plan.limit_mib, n=plan.limit_n))
+
+    log(f"building {plan.preset} with random weights (bf16) ...")
+    model = Transformer(cfg)
+    model.init_weights(seed=plan.seed)
+    model = model.to(torch.bfloat16).eval()
+    peers: list[Peer] = []
+    if "mixlab" in plan.peers:
+        peers.append(MixlabPeer(model, "mixlab"))
+    if "mixlab-int8" in plan.peers:
+        int8 = quantize_model_int8(copy.deepcopy(model))
+        assert isinstance(int8, Transformer)
+        peers.append(MixlabPeer(int8, "mixlab-int8", elem_bytes=1.0))
+    tmp = tempfile.TemporaryDirectory(dir=workdir, prefix="mixlab-bench-")
+    root = Path(tmp.name)
+    try:
+        if "transformers" in plan.peers:
+            from mixlab.checkpoint import save_model
+
+            save_model(model, root / "hf", fmt="hf")
+            hf = _transformers_model(root / "hf", plan.threads)
+            if hf is None:
+                report.notes.append("transformers is not installed: skipped")
+            else:
+                peers += [TransformersPeer(hf, "eager"), TransformersPeer(hf, "grouped_mm")]
+            (root / "hf" / "model.safetensors").unlink(missing_ok=True)
+        if "llama.cpp" in plan.peers:
+            try:
+                import llama_cpp  # noqa: F401
+
+                from mixlab.checkpoint.gguf import write_gguf
+            except ImportError:
+                report.notes.append("llama-cpp-python (or gguf) is not installed: llama.cpp skipped")
+            else:
+                if cfg.vocab_size < 32000:
+                    report.notes.append(f"llama.cpp skipped: vocab_size {cfg.vocab_size} < the tokenizer's 32000")
+                else:
+                    n_ctx = max(max(plan.prefill), plan.decode_prompt + plan.decode_steps * (plan.reps + 2)) + 16
+                    for quant, elem in (("bf16", 2.0), ("q8_0", 34 / 32)):
+                        log(f"writing GGUF {quant} ...")
+                        path = write_gguf(model, root / f"m-{quant}.gguf", quant=quant)
+                        peers.append(LlamaCppPeer(path, f"llama.cpp-{quant}", plan.threads, n_ctx, elem))
+                    report.notes.append("llama.cpp decode runs at batch 1 only (llama-cpp-python's Llama API "
+                                        "decodes one sequence)")
+        _bench_prefill(plan, cfg, peers, report, log)
+        _bench_decode(plan, cfg, model, peers, report, log)
+        _bench_moe(plan, cfg, model, peers, report, log)
+    finally:
+        for p in peers:
+            if isinstance(p, LlamaCppPeer):
+                p.close()
+        tmp.cleanup()
+    return report
+
+
+def _bench_prefill(plan: BenchPlan, cfg: ModelConfig, peers: list[Peer], report: Report, log: Callable) -> None:
+    g = torch.Generator().manual_seed(plan.seed)
+    for P in plan.prefill:
+        log(f"prefill {P} ...")
+        tokens = torch.randint(3, cfg.vocab_size, (1, P), generator=g)
+        times = _interleaved({p.name: functools.partial(p.prefill, tokens) for p in peers}, plan.reps)
+        limit = P * _matmul_flops_per_token(cfg, ctx=P / 2) / report.limits["matmul"]
+        for p in peers:
+            t = times[p.name]
+            report.rows.append(Row("Prefill (tokens/s, batch 1)", f"P={P}", p.name, P / t, "tokens/s", limit, t))
+
+
+def _unique_experts(model: Transformer, prompt_BT: torch.Tensor) -> float:
+    """Mean number of distinct experts per layer that one decode step of this batch touches."""
+    cache = KVCache(model.config, batch_size=prompt_BT.shape[0], max_len=prompt_BT.shape[1] + 1,
+                    dtype=model.tok_embeddings.weight.dtype, prefill_chunk=prompt_BT.shape[1])
+    with torch.inference_mode():
+        model(prompt_BT, cache=cache)
+        _, routings = model(prompt_BT[:, -1:], cache=cache, return_routing=True)
+    return statistics.mean(r.idx_TK.unique().numel() for r in routings)
+
+
+def _bench_decode(plan: BenchPlan, cfg: ModelConfig, model: Transformer, peers: list[Peer], report: Report,
+                  log: Callable) -> None:
+    g = torch.Generator().manual_seed(plan.seed + 1)
+    for B in plan.decode_batch:
+        log(f"decode batch {B} ...")
+        prompt = torch.randint(3, cfg.vocab_size, (B, plan.decode_prompt), generator=g)
+        active = [p for p in peers if not (isinstance(p, LlamaCppPeer) and B > 1)]
+        steps = plan.decode_steps * (plan.reps + 1)
+        for p in active:
+            p.start_decode(prompt, steps + 1)
+
+        def run(p: Peer) -> None:
+            for _ in range(plan.decode_steps):
+                p.decode()
+
+        times = _interleaved({p.name: functools.partial(run, p) for p in active}, plan.reps)
+        n_exp = _unique_experts(model, prompt)
+        ctx = plan.decode_prompt + steps / 2
+        kv_bytes = B * ctx * cfg.kv_cache_bytes_per_token(2)
+        for p in active:
+            t = times[p.name] / plan.decode_steps
+            e = p.elem_bytes
+            weight_bytes = cfg.n_layers * (_dense_bytes_per_layer(cfg, e) + n_exp * _expert_bytes(cfg, e))
+            weight_bytes += cfg.vocab_size * cfg.dim * e  # output matrix
+            limit = max((weight_bytes + kv_bytes) / report.limits["bandwidth"],
+                        B * _matmul_flops_per_token(cfg, ctx) / report.limits["matmul"])
+            report.rows.append(Row("Decode (tokens/s)", f"B={B}", p.name, B / t, "tokens/s", limit, t))
+
+
+def _bench_moe(plan: BenchPlan, cfg: ModelConfig, model: Transformer, peers: list[Peer], report: Report,
+               log: Callable) -> None:
+    assert cfg.moe is not None
+    active = [p for p in peers if not isinstance(p, LlamaCppPeer)]
+    g = torch.Generator().manual_seed(plan.seed + 2)
+    block = model.layers[0].ffn
+    assert isinstance(block, MoEBlock)
+    for T in plan.moe_tokens:
+        log(f"MoE layer T={T} ...")
+        x = (torch.randn(1, T, cfg.dim, generator=g)).bfloat16()
+        times = _interleaved({p.name: functools.partial(p.moe_layer, x) for p in active}, plan.reps)
+        with torch.inference_mode():
+            _, routing = block(x)
+        n_exp = routing.idx_TK.unique().numel()
+        flops = 2 * T * cfg.moe.top_k * 3 * cfg.dim * cfg.ffn_dim
+        for p in active:
+            t = times[p.name]
+            limit = max(n_exp * _expert_bytes(cfg, p.elem_bytes) / report.limits["bandwidth"],
+                        flops / report.limits["matmul"])
+            report.rows.append(Row("MoE layer alone (tokens/s: router + experts, layer 0)", f"T={T}", p.name,
+                                   T / t, "tokens/s", limit, t))

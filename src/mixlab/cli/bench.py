@@ -1,0 +1,48 @@
+"""`mixlab bench`: inference speed of mixlab vs transformers and llama.cpp (see mixlab.bench)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def bench(args: argparse.Namespace) -> int:
+    from mixlab.bench import BenchPlan, run_bench
+
+    plan = BenchPlan.quick(args.preset or "tiny-moe") if args.quick else BenchPlan(preset=args.preset or "mini-moe")
+    plan.threads = args.threads
+    if args.reps is not None:
+        plan.reps = args.reps
+    for name in ("prefill", "decode_batch", "moe_tokens"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
+    if args.peers is not None:
+        plan.peers = tuple(args.peers.split(","))
+    report = run_bench(plan)
+    text = report.format()
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="inference speed vs transformers and llama.cpp, "
+                                     "as a fraction of this machine's limits")
+    p.add_argument("--preset", default=None, help="MoE preset (default mini-moe; tiny-moe with --quick)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny preset, few sizes, 2 repetitions")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=None, help="repetitions per figure (median; default 5)")
+    p.add_argument("--prefill", type=_ints, default=None, help="prompt lengths, e.g. 128,512,2048")
+    p.add_argument("--decode-batch", dest="decode_batch", type=_ints, default=None, help="e.g. 1,4,16")
+    p.add_argument("--moe-tokens", dest="moe_tokens", type=_ints, default=None, help="e.g. 1,32,512,4096")
+    p.add_argument("--peers", default=None, help="comma-separated subset of mixlab,mixlab-int8,transformers,llama.cpp")
+    p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    p.set_defaults(func=bench)
