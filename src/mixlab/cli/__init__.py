@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-MODULES = ("mixlab.cli.model", "mixlab.cli.run", "mixlab.cli.upcycle", "mixlab.cli.analyze", "mixlab.cli.train", "mixlab.cli.bench")
+MODULES = ("mixlab.cli.model", "mixlab.cli.run", "mixlab.cli.upcycle", "mixlab.cli.analyze", "mixlab.cli.train",
+           "mixlab.cli.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
