@@ -111,7 +111,8 @@ def main() -> None:
                 results[peer].append(run(peer, path))
                 print(json.dumps(results[peer][-1]), file=sys.stderr)
         print(f"checkpoint: mini-moe bf16, {len(files)} shards, {size:,} bytes ({size / 2**30:.2f} GiB); "
-              f"{args.runs} runs per peer, medians; torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"{args.runs} runs per peer, medians; torch {torch.__version__}, "
+              f"transformers {transformers.__version__}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         print("| peer | load time (s) | peak RSS (GiB) | peak RSS / checkpoint | RSS added by the load (GiB) |")
         print("|---|---|---|---|---|")

@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -225,8 +226,18 @@ def side_files(root: str | Path) -> list[Path]:
     return sorted(f for f in Path(root).iterdir() if f.is_file() and not _is_weight_file(f.name))
 
 
-def describe(path: str | Path) -> dict[str, object]:
-    """What is stored in a checkpoint folder, from the headers only: format, files, bytes per dtype."""
+@dataclass(frozen=True)
+class Stored:
+    """What a checkpoint folder holds, from its headers: format, file and tensor counts, bytes per dtype."""
+
+    format: str
+    files: int
+    tensors: int
+    bytes_by_dtype: dict[str, int]
+
+
+def describe(path: str | Path) -> Stored:
+    """What is stored in a checkpoint folder, from the headers only (no tensor data is read)."""
     root = Path(path)
     infos = scan(root)
     try:
@@ -236,5 +247,4 @@ def describe(path: str | Path) -> dict[str, object]:
     by_dtype: Counter[str] = Counter()
     for i in infos.values():
         by_dtype[i.dtype] += i.nbytes
-    return {"format": fmt, "files": len({i.file for i in infos.values()}), "tensors": len(infos),
-            "bytes": dict(by_dtype)}
+    return Stored(fmt, len({i.file for i in infos.values()}), len(infos), dict(by_dtype))

@@ -40,8 +40,8 @@ def info(args: argparse.Namespace) -> int:
         from mixlab.checkpoint import describe
 
         d = describe(args.model)  # headers only
-        stored = ", ".join(f"{_DTYPE_NAMES.get(k, k)} {v:,} bytes" for k, v in d["bytes"].items())  # type: ignore[attr-defined]
-        print(f"stored:            {d['format']} format, {d['tensors']} tensors in {d['files']} file(s): {stored}")
+        stored = ", ".join(f"{_DTYPE_NAMES.get(k, k)} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
+        print(f"stored:            {d.format} format, {d.tensors} tensors in {d.files} file(s): {stored}")
     return 0
 
 
