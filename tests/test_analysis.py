@@ -209,8 +209,9 @@ def test_max_tokens_caps_each_domain(tmp_path: Path) -> None:
     assert got.counts["prose"].pairs == 20 - 3  # windows of 8, 8, 4: pairs stop at every window edge
 
 
-def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    mixlab.save_model(_tiny_model(), tmp_path / "model")
+@pytest.mark.parametrize("fmt", ["hf", "mistral"])
+def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    mixlab.save_model(_tiny_model(), tmp_path / "model", fmt=fmt)
     out = tmp_path / "report"
     rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "corpus")),
                "--out", str(out), "--layers", "all", "--seq-len", "32", "--quiet"])
