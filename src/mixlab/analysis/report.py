@@ -175,7 +175,7 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-widt
 .tokens{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:14px;line-height:1.7;
 border:1px solid #ddd;padding:0.6em;margin:0.3em 0 1.2em}.tokens span{border-radius:2px}
 .legend span{display:inline-block;padding:1px 8px;margin:0 4px 4px 0;font-family:ui-monospace,monospace}
-.note{color:#555;font-size:90%}"""
+.note{color:#555;font-size:90%}h3{font-size:100%;margin:0.4em 0 0}"""
 
 
 def _pct(x: float) -> str:
@@ -267,15 +267,16 @@ def tokens_html(report: dict[str, Any]) -> str:
     if E > len(_PALETTE):
         parts.append("<p class='note'>With more experts than distinct pastel colours, nearby hues are similar; "
                      "hover for ids.</p>")
-    for layer in report["shown_layers"]:
-        parts.append(f"<h2>Layer {layer}</h2>")
-        for s in report["samples"]:
+    # One section per text, its layers one under the other, so a text's routing can be compared
+    # across depth as in the paper's Figure 8.
+    for s in report["samples"]:
+        parts.append(f"<h2>{html.escape(s['domain'])} <span class='note'>{html.escape(s['source'])}</span></h2>")
+        for layer in report["shown_layers"]:
             spans = []
             for piece, topk in zip(s["pieces"], s["topk"][str(layer)], strict=True):
                 # A class per expert keeps the page small; the title lists the top-k (hover).
                 spans.append(f"<span class=e{topk[0]} title={','.join(map(str, topk))}>{html.escape(piece)}</span>")
-            parts.append(f"<h3>{html.escape(s['domain'])} <span class='note'>{html.escape(s['source'])}</span></h3>"
-                         f"<div class='tokens'>{''.join(spans)}</div>")
+            parts.append(f"<h3>layer {layer}</h3><div class='tokens'>{''.join(spans)}</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
