@@ -6,6 +6,7 @@ Round trips compare every tensor bit for bit; "transformers loads it" compares l
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -253,10 +254,10 @@ def test_recovery_from_every_crash_point(tmp_path):
     }
     for state in states.values():
         for name, which in state.items():
-            os.system(f"cp -r {tmp_path / which} {tmp_path / name}")
+            shutil.copytree(tmp_path / which, tmp_path / name)
         load_model(dst)
         assert (dst / "config.json").exists() and leftovers(dst) == []  # the new copy won
-        os.system(f"rm -rf {dst}")
+        shutil.rmtree(dst)
 
 
 def test_save_cleans_dead_temporaries_and_keeps_side_files(tmp_path):

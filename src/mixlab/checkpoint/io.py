@@ -96,6 +96,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
@@ -369,9 +371,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_dead_temporaries(dst: Path) -> None:
-    for p in dst.parent.glob(f".{dst.name}.tmp-*"):
+    prefix = f".{dst.name}.tmp-"
+    for p in dst.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
         try:
-            pid = int(p.name.removeprefix(f".{dst.name}.tmp-").split("-")[0])
+            pid = int(p.name.removeprefix(prefix).split("-")[0])
         except ValueError:
             continue
         if not _pid_alive(pid):
