@@ -36,7 +36,7 @@ from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig
 from mixlab.model import Transformer
 
-__all__ = ["CheckpointError", "describe", "load_model", "load_state", "save_model"]
+__all__ = ["CheckpointError", "describe", "load_model", "load_state", "meta_model", "save_model"]
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -136,6 +136,12 @@ def _skip_init() -> Iterator[None]:
             setattr(torch.nn.init, n, f)
 
 
+def meta_model(config: ModelConfig) -> Transformer:
+    """The model with every parameter on the meta device (shapes only, no memory, no init)."""
+    with _skip_init():
+        return Transformer(config)
+
+
 def _refuse_pickle_or_recover(root: Path) -> None:
     if root.suffix in PICKLE_SUFFIXES and root.is_file():
         raise CheckpointError(_pickle_hint(root))
@@ -168,8 +174,7 @@ def load_model(
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     state = load_state(root, config, dtype=parse_dtype(dtype), device=device)
-    with _skip_init():
-        model = Transformer(config)
+    model = meta_model(config)
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=True)
