@@ -41,7 +41,7 @@ import torch
 from mixlab.cache import KVCache
 from mixlab.config import ModelConfig, get_preset
 from mixlab.model import MoEBlock, Transformer
-from mixlab.ops.quant import quantize_model_int8
+from mixlab.model.inference import prepare_for_inference
 
 
 @dataclass
@@ -277,7 +277,7 @@ class BenchPlan:
     decode_prompt: int = 128
     decode_steps: int = 8  # per repetition
     moe_tokens: tuple[int, ...] = (1, 32, 512, 4096)
-    peers: tuple[str, ...] = ("mixlab", "mixlab-int8", "transformers", "llama.cpp")
+    peers: tuple[str, ...] = ("mixlab", "mixlab-int8", "mixlab-unpacked", "transformers", "llama.cpp")
     seed: int = 0
     limit_mib: int = 1024  # size of the bandwidth probe
     limit_n: int = 2048  # size of the matmul probe
@@ -337,13 +337,14 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
     model = Transformer(cfg)
     model.init_weights(seed=plan.seed)
     model = model.to(torch.bfloat16).eval()
+    # mixlab as users run it for inference (packed weights), int8, and the plain eager model.
     peers: list[Peer] = []
     if "mixlab" in plan.peers:
-        peers.append(MixlabPeer(model, "mixlab"))
+        peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model)), "mixlab"))
     if "mixlab-int8" in plan.peers:
-        int8 = quantize_model_int8(copy.deepcopy(model))
-        assert isinstance(int8, Transformer)
-        peers.append(MixlabPeer(int8, "mixlab-int8", elem_bytes=1.0))
+        peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int8"), "mixlab-int8", 1.0))
+    if "mixlab-unpacked" in plan.peers:
+        peers.append(MixlabPeer(model, "mixlab-unpacked"))
     tmp = tempfile.TemporaryDirectory(dir=workdir, prefix="mixlab-bench-")
     root = Path(tmp.name)
     try:

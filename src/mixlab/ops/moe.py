@@ -11,7 +11,9 @@ projection. Every implementation computes, for each token t,
 
 and `reference` is the readable oracle every other implementation is tested against. With int8
 weight-only quantisation (`mixlab.ops.quant`) the weights are int8 and `w13_scale_E2F` /
-`w2_scale_ED` hold one scale per output row; every implementation accepts them.
+`w2_scale_ED` hold one scale per output row; every implementation accepts them. For CPU inference
+the experts may also be a list of oneDNN-packed matrices, one per expert (`mixlab.ops.linear.pack`);
+everything but `grouped` indexes them the same way.
 
 Implementations (all dropless):
 - `reference`: one loop over experts, gather and scatter per expert (mistral-inference's moe.py).
@@ -33,7 +35,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from mixlab.ops.quant import dequantize_int8, int8_linear
+from mixlab.ops.linear import linear
+from mixlab.ops.quant import dequantize_int8
 
 
 class MoEImpl(Protocol):
@@ -50,10 +53,6 @@ class MoEImpl(Protocol):
     ) -> torch.Tensor: ...
 
 
-def _linear(x_ND: torch.Tensor, w_XD: torch.Tensor, s_X: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x_ND, w_XD) if s_X is None else int8_linear(x_ND, w_XD, s_X)
-
-
 def _expert(
     x_ND: torch.Tensor,
     w13_2FD: torch.Tensor,
@@ -61,8 +60,8 @@ def _expert(
     s13_2F: torch.Tensor | None = None,
     s2_D: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    gate_NF, up_NF = _linear(x_ND, w13_2FD, s13_2F).chunk(2, dim=-1)
-    return _linear(F.silu(gate_NF) * up_NF, w2_DF, s2_D)
+    gate_NF, up_NF = linear(x_ND, w13_2FD, s13_2F).chunk(2, dim=-1)
+    return linear(F.silu(gate_NF) * up_NF, w2_DF, s2_D)
 
 
 def reference(
@@ -77,7 +76,7 @@ def reference(
 ) -> torch.Tensor:
     """The oracle: for each expert, the tokens that chose it (as mistral-inference's moe.py)."""
     out_TD = torch.zeros_like(x_TD)
-    for e in range(w13_E2FD.shape[0]):
+    for e in range(len(w13_E2FD)):
         tok_N, slot_N = torch.where(idx_TK == e)
         if tok_N.numel() == 0:
             continue
@@ -123,8 +122,7 @@ def sorted_grouped(
     The (token, slot) pairs are sorted by expert so each expert reads one contiguous block of rows;
     no token is ever dropped (MegaBlocks, arXiv 2211.15841).
     """
-    E = w13_E2FD.shape[0]
-    order_N, tok_N, counts_E = _sort_by_expert(idx_TK, E)
+    order_N, tok_N, counts_E = _sort_by_expert(idx_TK, len(w13_E2FD))
     xs_ND = x_TD[tok_N]
     ys = []
     start = 0
@@ -151,7 +149,8 @@ def grouped_mm(
     w2_scale_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """As `sorted`, with each projection one grouped matmul over all experts (`torch._grouped_mm`)."""
-    if w13_scale_E2F is not None or not hasattr(torch, "_grouped_mm") or x_TD.dtype == torch.float64:
+    plain = isinstance(w13_E2FD, torch.Tensor) and not w13_E2FD.is_mkldnn
+    if w13_scale_E2F is not None or not plain or not hasattr(torch, "_grouped_mm") or x_TD.dtype == torch.float64:
         return sorted_grouped(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK,
                               w13_scale_E2F=w13_scale_E2F, w2_scale_ED=w2_scale_ED)
     E = w13_E2FD.shape[0]

@@ -66,27 +66,3 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
-
-
-def quantize_model_int8(model: nn.Module) -> nn.Module:
-    """Quantise every matrix of a mixlab `Transformer` in place to int8 weight-only, except the
-    token embedding (one row per token is read, so it costs no bandwidth) and the router (tiny, and
-    kept in float32 so routing decisions do not move). Returns the model, in eval mode.
-
-    MoE experts become int8 buffers `w13`, `w2` with scales `w13_scale`, `w2_scale`; `moe_ffn`
-    receives both and picks an int8 kernel.
-    """
-    act_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    for module in list(model.modules()):
-        # An MoE block holds its experts stacked as 3-D parameters (ops may not import the model).
-        w13 = getattr(module, "w13", None)
-        if isinstance(w13, nn.Parameter) and w13.ndim == 3:
-            for name in ("w13", "w2"):
-                q, s = quantize_int8(getattr(module, name))
-                delattr(module, name)
-                module.register_buffer(name, q)
-                module.register_buffer(name + "_scale", s.to(act_dtype))
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child_name != "gate":
-                setattr(module, child_name, Int8Linear(child, scale_dtype=act_dtype))
-    return model.eval()

@@ -1,0 +1,66 @@
+"""Linear layers for CPU inference: one `linear(x, w, scale)` that runs plain, oneDNN-packed or int8
+weights.
+
+Why packing: eager `F.linear` hands oneDNN a plain row-major weight and oneDNN re-lays it out for
+its kernels on every call; for a few rows of activations (decoding) that reorder costs as much as
+the matmul. Packing once ahead of time (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's
+weight freezing does on CPU) removes it: on an AVX-512-bf16 CPU a packed bf16 matrix-vector product
+runs ~1.5-2x faster at 1-16 rows, and no slower at 512 (see BENCHMARKS.md). Packed weights are
+opaque oneDNN tensors: inference only (no autograd, no slicing, not saved in a state dict).
+
+Shape legend: N rows of activations, X output features, D input features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixlab.ops.quant import int8_linear
+
+
+def can_pack(w_XD: torch.Tensor) -> bool:
+    """oneDNN packing applies to float32/bf16 CPU matrices when torch was built with oneDNN."""
+    return (
+        w_XD.device.type == "cpu"
+        and w_XD.ndim == 2
+        and w_XD.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and (w_XD.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def pack(w_XD: torch.Tensor) -> torch.Tensor:
+    """The weight in oneDNN's blocked layout (tuned for few-row inputs; correct for any)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w_XD.detach().contiguous(), 1)
+
+
+def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T for a plain, packed (`pack`) or int8 (`scale_X` given) weight."""
+    if scale_X is not None:
+        return int8_linear(x_ND, w_XD, scale_X)
+    if w_XD.is_mkldnn:
+        lead = x_ND.shape[:-1]
+        y = torch.ops.mkldnn._linear_pointwise(x_ND.reshape(-1, x_ND.shape[-1]).contiguous(), w_XD, None,
+                                               "none", [], "")
+        return y.reshape(*lead, y.shape[-1])
+    return F.linear(x_ND, w_XD)
+
+
+class PackedLinear(nn.Module):
+    """A bias-free `nn.Linear` whose weight is packed for oneDNN (inference only)."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        if lin.bias is not None:
+            raise ValueError("PackedLinear supports bias-free linears only")
+        self.in_features: int = lin.in_features
+        self.out_features: int = lin.out_features
+        self.weight: torch.Tensor = pack(lin.weight)  # a plain attribute: opaque tensors are not state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
