@@ -42,19 +42,22 @@ def _hf_generate(path: Path, prompts: list[list[int]], n: int) -> list[list[int]
 
 
 @pytest.fixture(scope="module", params=["mixtral", "mistral-window"])
-def hf_checkpoint(request, tmp_path_factory) -> Path:
+def hf_case(request, tmp_path_factory) -> tuple[Path, list[list[int]], list[list[int]]]:
+    """A transformers checkpoint, 4 prompts, and transformers' 32 greedy tokens for each."""
     path = tmp_path_factory.mktemp(request.param)
     # initializer_range 0.1 (not 0.02): a random model that varies its output makes a stronger test.
     if request.param == "mixtral":
-        return hf_mixtral(path, num_local_experts=8, initializer_range=0.1)
-    return hf_mistral(path, sliding_window=8, initializer_range=0.1)
+        hf_mixtral(path, num_local_experts=8, initializer_range=0.1)
+    else:
+        hf_mistral(path, sliding_window=8, initializer_range=0.1)
+    prompts = _prompts(128)
+    return path, prompts, _hf_generate(path, prompts, 32)
 
 
 @pytest.mark.parametrize("prefill_chunk", [512, 3])
-def test_greedy_equals_transformers(hf_checkpoint, prefill_chunk):
-    prompts = _prompts(128)
-    theirs = _hf_generate(hf_checkpoint, prompts, 32)
-    model = load_model(hf_checkpoint)
+def test_greedy_equals_transformers(hf_case, prefill_chunk):
+    path, prompts, theirs = hf_case
+    model = load_model(path)
     ours = generate(model, prompts, max_new_tokens=32, stop_at_eos=False, prefill_chunk=prefill_chunk)
     assert ours == theirs
     assert all(len(set(row)) > 4 for row in ours), "degenerate output would make this test weak"
@@ -140,7 +143,10 @@ def test_stop_tokens_and_eos(tiny):
 def test_stream_yields_the_same_tokens(tiny):
     prompts = _prompts(128, (6, 4))
     full = generate(tiny, prompts, max_new_tokens=10, stop_at_eos=False)
-    steps = list(generate_stream(tiny, prompts, max_new_tokens=10, stop_at_eos=False))
+    steps = []
+    for step in generate_stream(tiny, prompts, max_new_tokens=10, stop_at_eos=False):
+        assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()  # nothing leaks into the loop
+        steps.append(step)
     assert len(steps) == 10
     assert [[s.tokens[b] for s in steps] for b in range(2)] == full
 
@@ -237,3 +243,9 @@ def test_record_experts_needs_moe():
     dense = Transformer(get_preset("tiny-dense")).eval()
     with pytest.raises(ValueError, match="needs a MoE model"):
         generate(dense, [[1]], max_new_tokens=2, record_experts=True)
+
+
+def test_tensor_prompts(tiny):
+    t = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    kw = dict(max_new_tokens=4, stop_at_eos=False)
+    assert generate(tiny, t, **kw) == generate(tiny, t.tolist(), **kw) == generate(tiny, list(t), **kw)

@@ -154,12 +154,16 @@ def _check_prompts(
     if max_new_tokens >= cfg.max_seq_len:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {cfg.max_seq_len} tokens")
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        prompts = prompts.tolist()  # [B, T] ids without padding
     if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists (tokenize text first; "
                          "wrap a single prompt as [ids])")
     out = []
     room = cfg.max_seq_len - max_new_tokens
     for b, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor) and p.dim() == 1:
+            p = p.tolist()
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
             raise ValueError(f"prompt {b} must be a list of token ids, got {type(p).__name__} "
                              "(a single prompt must be wrapped as [ids])")
@@ -290,29 +294,33 @@ def _generate(
     done = [False] * B
     positions_B1 = torch.tensor(lens, device=device)[:, None]
 
+    # Grad mode is entered around each computation, never across a `yield`: a context held open
+    # over a yield would leak inference mode into the caller's loop body.
     with torch.inference_mode():
         logits_BV, experts_BLK = prefill(model, tokens_BT, positions_BT, cache, chunk=chunk,
                                          record_experts=record_experts)
-        for step in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        with torch.inference_mode():
             next_B = sampler(logits_BV, seen_BV=seen_BV, generator=generator)
-            out: list[int | None] = []
-            for b, tok in enumerate(next_B.tolist()):
-                if done[b]:
-                    out.append(None)
-                    continue
-                out.append(tok)
-                if tok in stop_ids:
+        out: list[int | None] = []
+        for b, tok in enumerate(next_B.tolist()):
+            if done[b]:
+                out.append(None)
+                continue
+            out.append(tok)
+            if tok in stop_ids:
+                done[b] = True
+            elif decoders:
+                piece = decoders[b].push(tok)
+                texts[b] += piece
+                # Search only where a match could end in the new text.
+                tail = texts[b][max(0, len(texts[b]) - len(piece) - longest_stop + 1) :]
+                if piece and any(s in tail for s in stop_strings):
                     done[b] = True
-                elif decoders:
-                    piece = decoders[b].push(tok)
-                    texts[b] += piece
-                    # Search only where a match could end in the new text.
-                    tail = texts[b][max(0, len(texts[b]) - len(piece) - longest_stop + 1) :]
-                    if piece and any(s in tail for s in stop_strings):
-                        done[b] = True
-            yield Step(out, experts_BLK)
-            if all(done) or step == max_new_tokens - 1:
-                return
+        yield Step(out, experts_BLK)
+        if all(done) or step == max_new_tokens - 1:
+            return
+        with torch.inference_mode():
             if seen_BV is not None:
                 seen_BV[torch.arange(B, device=device), next_B] = True
             logits_BV, experts_BLK = decode_step(model, next_B[:, None], positions_B1, cache,
