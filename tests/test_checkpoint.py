@@ -271,6 +271,18 @@ def test_save_cleans_dead_temporaries_and_keeps_side_files(tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == ["consolidated.safetensors", "params.json", "tokenizer.json"]
 
 
+def test_relative_paths_without_a_name(tmp_path, monkeypatch):
+    model = load_model(hf_mixtral(tmp_path / "hf"))
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    save_model(model, ".", fmt="mistral")  # replaces the folder we are in (cwd is then a deleted folder)
+    monkeypatch.chdir(tmp_path)
+    save_model(model, "out/../out", fmt="hf")
+    monkeypatch.chdir(tmp_path / "out")
+    assert torch.equal(our_logits(load_model("."), TOKENS), our_logits(model, TOKENS))
+    assert leftovers(tmp_path / "out") == [] and (tmp_path / "out" / "config.json").exists()
+
+
 def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
     model = load_model(hf_mixtral(tmp_path / "hf"))
     (tmp_path / "notes").mkdir()

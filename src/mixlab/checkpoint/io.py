@@ -332,6 +332,7 @@ def write_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], m
 
 
 def _sibling(dst: Path, tag: str) -> Path:
+    dst = Path(os.path.abspath(dst))  # "." and "ckpt/.." have no usable name until made absolute
     return dst.with_name(f".{dst.name}.{tag}")
 
 
@@ -345,7 +346,7 @@ def _fsync_dir(path: Path) -> None:
 
 def recover(dst: Path) -> None:
     """Finish or undo a save of `dst` that a crash interrupted (see the module docstring)."""
-    dst = Path(dst)
+    dst = Path(os.path.abspath(dst))
     new, old = _sibling(dst, "new"), _sibling(dst, "old")
     if new.is_dir():  # committed: the new copy is complete, finish the swap
         if dst.exists():
@@ -406,7 +407,7 @@ def write_sharded(
     If `dst` exists it must look like a checkpoint folder; its files that are not weights or
     configs (tokenizer files, README, ...) are carried over to the new folder.
     """
-    dst = Path(dst)
+    dst = Path(os.path.abspath(dst))
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst}: exists and is not a folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
