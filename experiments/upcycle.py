@@ -1,0 +1,289 @@
+"""Does sparse upcycling pay at small scale? Dense vs upcycled MoE vs MoE from scratch, equal compute.
+
+    .venv/bin/python experiments/upcycle.py            # ~20 minutes on 2 CPU cores
+    .venv/bin/python experiments/upcycle.py --quick    # a 1-minute smoke run of the same pipeline
+
+1. Train a small dense Mistral-style model on the 8 pretraining domains of ../shared/corpus
+   (byte-level tokenizer, vocabulary 259, the training data module's default) for P steps.
+2. From that finished dense model, spend the same additional compute C two ways:
+   (a) continue training the dense model;
+   (b) upcycle it (`mixlab.train.upcycle.upcycle`, the same code as `mixlab upcycle`) to an MoE with
+       8 experts, top-2, and train that;
+   and (c) train the same MoE from scratch with the total compute of phase 1 plus (a).
+3. Report validation loss per domain against compute.
+
+Compute: FLOPs = 6 x N_active x tokens, with N_active the parameters one token's matmuls touch (all
+of attention, the router and the top-k experts of every layer, and the output head; not the
+embedding lookup, which is a gather). Attention's score/value FLOPs (O(T) per token) are left out:
+they are equal for all three models. Equal compute therefore means the MoE sees fewer tokens:
+N_active(MoE) / N_active(dense) times fewer.
+
+Shape legend: B batch, T sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mixlab.checkpoint import load_model, save_model
+from mixlab.config import ModelConfig, MoEConfig
+from mixlab.model import Transformer
+from mixlab.train.data import BatchLoader, TokenDataset, prepare, read_documents
+from mixlab.train.loop import TrainConfig, evaluate, lr_at, make_optimizer
+from mixlab.train.losses import lm_loss, router_losses
+from mixlab.train.upcycle import upcycle
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
+DOMAINS = ("arxiv", "dm_mathematics", "github", "gutenberg", "philosophy", "pubmed", "stackexchange", "wikipedia")
+
+
+@dataclass
+class Settings:
+    seq_len: int = 256
+    batch_size: int = 8
+    dense_steps: int = 400  # phase 1 (P)
+    extra_dense_steps: int = 400  # phase 2 for the dense model (C); the MoE runs get the same FLOPs
+    lr: float = 3e-3
+    lr_continue: float = 1.5e-3  # phase 2 re-warms to this (both (a) and (b): a fresh AdamW each)
+    min_lr_ratio: float = 0.1  # of `lr`: every run ends at the same learning rate
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    experts: int = 8
+    top_k: int = 2
+    aux_loss_coef: float = 0.02  # Mixtral's router_aux_loss_coef
+    router_std: float = 0.02
+    eval_every_frac: float = 1 / 6  # of each run's steps
+    eval_windows: int = 8  # per domain
+    seed: int = 0
+    model: dict = field(default_factory=lambda: dict(
+        dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=384))
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    c = cfg.param_counts()
+    return 6 * (c["active"] - c["embedding"])
+
+
+def train(
+    name: str,
+    model: Transformer,
+    loader: BatchLoader,
+    ds: TokenDataset,
+    *,
+    steps: int,
+    peak_lr: float,
+    s: Settings,
+    flops_start: float,
+    log: list[dict],
+) -> None:
+    """AdamW + warmup/cosine, LM loss + aux load-balancing loss (MoE), evaluating as it goes.
+
+    The optimizer, schedule and evaluation are the training loop's (`mixlab.train.loop`); only the
+    step loop is here, because `loop.train` starts from a fresh random init and this experiment must
+    start from given weights (the dense checkpoint, the upcycled one)."""
+    cfg = model.config
+    fpt = flops_per_token(cfg)
+    tc = TrainConfig(data=str(ds.path), seq_len=s.seq_len, batch_size=s.batch_size, steps=steps, lr=peak_lr,
+                     min_lr_ratio=s.min_lr_ratio * s.lr / peak_lr, warmup=max(1, int(s.warmup_frac * steps)),
+                     weight_decay=s.weight_decay, clip=s.grad_clip, eval_windows=s.eval_windows, seed=s.seed)
+    opt = make_optimizer(model, tc)
+    every = max(1, int(s.eval_every_frac * steps))
+    tokens_per_step = s.batch_size * s.seq_len
+    model.train()
+    t0 = time.perf_counter()
+
+    def record(step: int, train_loss: float | None) -> None:
+        ev = evaluate(model, ds, tc)
+        row = {"run": name, "step": step, "flops": flops_start + fpt * tokens_per_step * step,
+               "tokens": tokens_per_step * step, "train_loss": train_loss, "valid": ev["loss"],
+               "valid_mean": ev["mean_loss"], "expert_load": ev["load"], "seconds": time.perf_counter() - t0}
+        log.append(row)
+        print(f"  [{name}] step {step:5d}/{steps}  flops {row['flops']:.3e}  valid {row['valid_mean']:.4f}"
+              + (f"  train {train_loss:.4f}" if train_loss is not None else "") + f"  ({row['seconds']:.0f}s)",
+              flush=True)
+
+    record(0, None)
+    run_loss = 0.0
+    aux_coef = cfg.moe.aux_loss_coef if cfg.moe is not None else 0.0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc)
+        x_BT, y_BT, _ = loader.next_batch()
+        out = model(x_BT, return_routing=True)
+        assert isinstance(out, tuple)
+        logits_BTV, routings = out
+        loss = lm_loss(logits_BTV, y_BT)
+        aux, _z = router_losses(routings)  # zero for the dense model
+        opt.zero_grad(set_to_none=True)
+        (loss + aux_coef * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        run_loss = loss.item() if step == 0 else 0.95 * run_loss + 0.05 * loss.item()
+        if (step + 1) % every == 0 or step + 1 == steps:
+            record(step + 1, run_loss)
+
+
+def get_data(out: Path, data: Path | None) -> TokenDataset:
+    if data is not None:
+        ds = TokenDataset(data)
+        if ds.meta["tokenizer"].get("type") != "bytes" or set(DOMAINS) - set(ds.domains):
+            sys.exit(f"{data}: expected a byte-tokenized dataset with domains {', '.join(DOMAINS)}")
+        return ds
+    path = out / "data"
+    if not (path / "meta.json").is_file():
+        if not CORPUS.is_dir():
+            sys.exit(f"corpus not found at {CORPUS}")
+        print(f"preparing {CORPUS} (bytes tokenizer) -> {path}", flush=True)
+        prepare(read_documents([CORPUS], domains=DOMAINS), path, tokenizer="bytes")
+    return TokenDataset(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO.parent / "runs" / "upcycle")
+    ap.add_argument("--data", type=Path, default=None, help="a prepared byte-level dataset (default: prepare one)")
+    ap.add_argument("--quick", action="store_true", help="tiny step counts: a smoke test of the pipeline")
+    ap.add_argument("--figures", type=Path, default=REPO / "docs" / "figures")
+    # One thread: on a shared, oversubscribed CPU two threads spin at every barrier while the other is
+    # descheduled; measured 8x slower per step than one thread under a load average of 10 on 2 cores.
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    s = Settings()
+    if args.quick:
+        s.dense_steps, s.extra_dense_steps, s.eval_windows = 30, 20, 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    ds = get_data(args.out, args.data)
+    dense_cfg = ModelConfig(vocab_size=ds.vocab_size, max_seq_len=s.seq_len, rope_theta=1e4, moe=None,
+                            bos_id=ds.meta["bos_id"], eos_id=ds.meta["eos_id"], **s.model)
+    moe_cfg = dense_cfg.replace(moe=MoEConfig(num_experts=s.experts, top_k=s.top_k, aux_loss_coef=s.aux_loss_coef))
+    fd, fm = flops_per_token(dense_cfg), flops_per_token(moe_cfg)
+    tok_step = s.batch_size * s.seq_len
+    moe_extra_steps = round(s.extra_dense_steps * fd / fm)
+    moe_scratch_steps = round((s.dense_steps + s.extra_dense_steps) * fd / fm)
+    print(f"dense: {dense_cfg.param_counts()['total']:,} params, {fd:,} FLOPs/token; "
+          f"MoE {s.experts}x top-{s.top_k}: {moe_cfg.param_counts()['total']:,} params, {fm:,} FLOPs/token "
+          f"(x{fm / fd:.2f}); {tok_step} tokens/step", flush=True)
+    print(f"steps: dense {s.dense_steps} + (a) {s.extra_dense_steps} | (b) upcycled {moe_extra_steps} | "
+          f"(c) MoE from scratch {moe_scratch_steps}", flush=True)
+    log: list[dict] = []
+    t_start = time.perf_counter()
+
+    # 1. dense pretraining
+    dense = Transformer(dense_cfg)
+    dense.init_weights(std=0.02, seed=s.seed)
+    loader = BatchLoader(ds, split="train", seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
+                         domains=list(DOMAINS))
+    print("1. dense pretraining", flush=True)
+    train("dense", dense, loader, ds, steps=s.dense_steps, peak_lr=s.lr, s=s, flops_start=0.0, log=log)
+    save_model(dense, args.out / "dense")
+    data_pos = loader.state_dict()
+    p_flops = fd * tok_step * s.dense_steps
+
+    # 2a. continue dense, on the data that follows phase 1
+    print("2a. dense, continued", flush=True)
+    cont = load_model(args.out / "dense")
+    loader.load_state_dict(data_pos)
+    train("dense-continued", cont, loader, ds, steps=s.extra_dense_steps, peak_lr=s.lr_continue, s=s,
+          flops_start=p_flops, log=log)
+
+    # 2b. upcycle (the library function behind `mixlab upcycle`), then train on the same data stream
+    print("2b. upcycled MoE", flush=True)
+    report = upcycle(args.out / "dense", args.out / "upcycled-init", num_experts=s.experts, top_k=s.top_k,
+                     router_init="normal", router_std=s.router_std, seed=s.seed)
+    up = load_model(args.out / "upcycled-init")
+    assert up.config == report.config == moe_cfg, (up.config, moe_cfg)
+    loader.load_state_dict(data_pos)
+    train("upcycled", up, loader, ds, steps=moe_extra_steps, peak_lr=s.lr_continue, s=s,
+          flops_start=p_flops, log=log)
+
+    # 2c. the same MoE from scratch with the total compute
+    print("2c. MoE from scratch", flush=True)
+    scratch = Transformer(moe_cfg)
+    scratch.init_weights(std=0.02, seed=s.seed)
+    scratch_loader = BatchLoader(ds, split="train", seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
+                                 domains=list(DOMAINS))
+    train("moe-scratch", scratch, scratch_loader, ds, steps=moe_scratch_steps, peak_lr=s.lr, s=s,
+          flops_start=0.0, log=log)
+
+    wall = time.perf_counter() - t_start
+    result = {"settings": asdict(s), "dense_config": asdict(dense_cfg), "moe_config": asdict(moe_cfg),
+              "flops_per_token": {"dense": fd, "moe": fm}, "tokens_per_step": tok_step,
+              "steps": {"dense": s.dense_steps, "dense-continued": s.extra_dense_steps, "upcycled": moe_extra_steps,
+                        "moe-scratch": moe_scratch_steps},
+              "wall_seconds": wall, "torch": torch.__version__, "log": log}
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"done in {wall / 60:.1f} min; results in {args.out / 'results.json'}", flush=True)
+    summarize(result)
+    if not args.quick:
+        plot(result, args.figures)
+
+
+def summarize(result: dict) -> None:
+    finals = {}
+    for row in result["log"]:
+        finals[row["run"]] = row
+    names = list(finals)
+    print(f"\n{'domain':<16}" + "".join(f"{n:>17}" for n in names))
+    for d in DOMAINS:
+        print(f"{d:<16}" + "".join(f"{finals[n]['valid'][d]:>17.4f}" for n in names))
+    print(f"{'mean':<16}" + "".join(f"{finals[n]['valid_mean']:>17.4f}" for n in names))
+    print(f"{'PFLOPs':<16}" + "".join(f"{finals[n]['flops'] / 1e15:>17.4f}" for n in names))
+
+
+def plot(result: dict, figures: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures.mkdir(parents=True, exist_ok=True)
+    runs = ("dense", "dense-continued", "upcycled", "moe-scratch")
+    labels = {"dense": "dense (phase 1)", "dense-continued": "(a) dense, continued", "upcycled": "(b) upcycled MoE",
+              "moe-scratch": "(c) MoE from scratch"}
+    colors = {"dense": "0.4", "dense-continued": "tab:blue", "upcycled": "tab:red", "moe-scratch": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        rows = [x for x in result["log"] if x["run"] == r]
+        ax.plot([x["flops"] for x in rows], [x["valid_mean"] for x in rows], "o-", ms=3, label=labels[r],
+                color=colors[r])
+    ax.set_xlabel("training compute, FLOPs (6 x active params x tokens)")
+    ax.set_ylabel("validation loss, nats/byte (mean of 8 domains)")
+    ax.set_title("Sparse upcycling at small scale")
+    lo = min(x["valid_mean"] for x in result["log"] if x["step"] > 0)
+    ax.set_ylim(lo - 0.05, lo + 0.8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figures / "upcycling_loss_vs_compute.png", dpi=120)
+    plt.close(fig)
+
+    finals = {r: [x for x in result["log"] if x["run"] == r][-1] for r in runs[1:]}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    w = 0.27
+    for j, r in enumerate(runs[1:]):
+        ax.bar([i + (j - 1) * w for i in range(len(DOMAINS))], [finals[r]["valid"][d] for d in DOMAINS], w,
+               label=labels[r], color=colors[r])
+    ax.set_xticks(range(len(DOMAINS)), DOMAINS, rotation=20)
+    ax.set_ylabel("validation loss, nats/byte")
+    ax.set_title("Per-domain validation loss at equal total compute")
+    vals = [finals[r]["valid"][d] for r in runs[1:] for d in DOMAINS]
+    ax.set_ylim(min(vals) - 0.1, max(vals) + 0.05)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figures / "upcycling_per_domain.png", dpi=120)
+    plt.close(fig)
+    print(f"figures in {figures}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
