@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset
 
-CONVERT_FORMATS = ["hf", "mistral"]
+CONVERT_FORMATS = ["hf", "mistral", "gguf"]
 
 
 def _config(spec: str) -> tuple[str, ModelConfig]:
@@ -52,6 +52,12 @@ def convert(args: argparse.Namespace) -> int:
     from mixlab.checkpoint import load_model, save_model, side_files
 
     model = load_model(args.src, dtype=args.dtype)
+    if args.to == "gguf":
+        from mixlab.checkpoint.gguf import write_gguf
+
+        write_gguf(model, args.dst, quant=args.quant, tokenizer=args.tokenizer)
+        print(f"wrote {args.dst} (gguf, {args.quant})")
+        return 0
     save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
                copy_files=side_files(args.src))
     print(f"wrote {args.dst} ({args.to})")
@@ -66,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="checkpoint folder: transformers or Mistral format")
     p.add_argument("dst", help="output folder (replaced atomically if it exists)")
     p.add_argument("--to", choices=CONVERT_FORMATS, default="hf")
+    p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
+                   help="GGUF only: how matrices are stored (norms and router stay f32)")
+    p.add_argument("--tokenizer", default=None,
+                   help="GGUF only: SentencePiece model for the vocabulary (default: Mixtral's, from mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard, in GiB (default 5)")
     p.set_defaults(func=convert)
