@@ -24,7 +24,7 @@ def data_prepare(args: argparse.Namespace) -> int:
 
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("data", "out", "model", "seq_len", "batch_size", "grad_accum", "steps", "lr", "warmup", "clip",
-            "weight_decay", "dtype", "device", "seed", "eval_every", "ckpt_every", "keep", "log_every")
+            "weight_decay", "dtype", "device", "seed", "threads", "eval_every", "ckpt_every", "keep", "log_every")
     over = {k: getattr(args, k) for k in keys}
     for flag in ("activation_checkpointing", "compile", "deterministic"):
         if getattr(args, flag):
@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="model config override, e.g. --set dim=256 --set moe.num_experts=8 (repeatable)")
     for name, typ in (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("steps", int), ("lr", float),
-                      ("warmup", int), ("clip", float), ("weight_decay", float), ("seed", int),
+                      ("warmup", int), ("clip", float), ("weight_decay", float), ("seed", int), ("threads", int),
                       ("eval_every", int), ("ckpt_every", int), ("keep", int), ("log_every", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype")

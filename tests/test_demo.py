@@ -1,0 +1,52 @@
+"""`mixlab demo` end to end with a very short setting: corpus building, training, samples, routing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mixlab.cli import main
+from mixlab.train.demo import math_documents, routing_table, run_demo, stdlib_documents
+
+
+def test_embedded_corpus_has_three_kinds_of_text() -> None:
+    docs = stdlib_documents(max_bytes=30_000)
+    code = [d for d in docs if d.domain == "code"]
+    prose = [d for d in docs if d.domain == "prose"]
+    assert code and prose
+    assert any("def " in d.text for d in code)
+    assert not any('"""' in d.text for d in code[:3])  # docstrings were moved to the prose domain
+    maths = math_documents(max_bytes=5_000, seed=1)
+    first = maths[0].text.split("\n")
+    a, op, b = first[0].removeprefix("What is ").removesuffix("?").split()
+    want = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    assert first[1] == f"Answer: {want}"
+
+
+def test_demo_short_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    res = run_demo(steps=3, max_bytes=60_000, out=str(tmp_path / "demo"))
+    text = capsys.readouterr().out
+    assert res["steps"] == 3
+    assert set(res["eval"]["loss"]) == {"code", "math", "prose"}
+    assert "samples (greedy)" in text and "routing: share of each domain's expert choices" in text
+    assert "layer 3" in text and "What is 23 + 45?" in text
+    assert len(res["samples"]) == 4
+    assert json.loads((tmp_path / "demo" / "run" / "hf" / "config.json").read_text())["num_local_experts"] == 8
+
+
+def test_demo_on_a_corpus_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for dom, word in (("alpha", "apple"), ("beta", "banana")):
+        (tmp_path / "c" / dom).mkdir(parents=True)
+        for split, n in (("train", 30), ("valid", 3)):
+            lines = [json.dumps({"text": f"{word} {i} " * 30}) for i in range(n)]
+            (tmp_path / "c" / dom / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["demo", "--steps", "2", "--data", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "alpha" in out and "beta" in out and "routing" in out
+
+
+def test_routing_table_marks_top_expert() -> None:
+    table = routing_table({"a": [[0.7, 0.3]], "b": [[0.2, 0.8]]})
+    assert "70*" in table and "80*" in table and "distance from the average routing" in table
