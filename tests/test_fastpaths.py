@@ -96,3 +96,18 @@ def test_int8_model_equals_its_dequantised_weights(preset):
 def test_unknown_quantisation_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown quantisation 'int4'"):
         prepare_for_inference(_model(), quant="int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("B", "H", "G", "S"), [(1, 4, 2, 7), (3, 8, 8, 33), (2, 8, 1, 1)])
+def test_single_query_attention_equals_sdpa(dtype, B, H, G, S):
+    from mixlab.ops.attention import single_query_attention
+
+    q, k, v = torch.randn(B, H, 1, 16).to(dtype), torch.randn(B, G, S, 16).to(dtype), torch.randn(B, G, S, 16).to(dtype)
+    mask = torch.rand(B, 1, 1, S) < 0.7
+    mask[..., 0] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                           enable_gqa=True).to(dtype)
+    got = single_query_attention(q, k, v, mask)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, ref, **tol)

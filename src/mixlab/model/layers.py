@@ -13,6 +13,7 @@ from torch import nn
 
 from mixlab.cache import KVCache
 from mixlab.config import ModelConfig
+from mixlab.ops.attention import single_query_attention
 
 
 class RMSNorm(nn.Module):
@@ -88,9 +89,12 @@ class Attention(nn.Module):
             cache.v[layer][:, :, slots] = v_BGTHd.to(cache.v[layer].dtype)
             n = cache.n_filled(T)
             k_BGTHd, v_BGTHd = cache.k[layer][:, :, :n], cache.v[layer][:, :, :n]
-        y_BHTHd = F.scaled_dot_product_attention(
-            q_BHTHd, k_BGTHd, v_BGTHd, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-        )
+        if T == 1 and cache is not None:  # a decoding step: SDPA's fixed cost dominates one query
+            y_BHTHd = single_query_attention(q_BHTHd, k_BGTHd, v_BGTHd, mask)
+        else:
+            y_BHTHd = F.scaled_dot_product_attention(
+                q_BHTHd, k_BGTHd, v_BGTHd, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
         return self.wo(y_BHTHd.transpose(1, 2).reshape(B, T, self.n_heads * Hd))
 
 
