@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh plot
-exec .venv/bin/mixlab info mixtral-8x7b "$@"
+exec .venv/bin/mixlab demo "$@"

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mixlab.model import Transformer
 from mixlab.train.data import Document, TokenDataset, prepare, read_documents
 from mixlab.train.loop import TrainConfig, evaluate, train
 
@@ -205,7 +206,7 @@ def _time_one_step(cfg: TrainConfig) -> float:
     return sorted(times[1:])[0] if len(times) > 1 else times[0]
 
 
-def _samples(model: torch.nn.Module, dataset: TokenDataset, corpus: bool) -> dict[str, str]:
+def _samples(model: Transformer, dataset: TokenDataset, corpus: bool) -> dict[str, str]:
     from mixlab.generate import generate
 
     tok = dataset.tokenizer()
@@ -218,5 +219,5 @@ def _samples(model: torch.nn.Module, dataset: TokenDataset, corpus: bool) -> dic
         prompts = ["def __init__(self", "Return the number of ", "What is 23 + 45?\nAnswer:",
                    "What is 12 * 11?\nAnswer:"]
     ids = [tok.encode(p, bos=True) for p in prompts]
-    outs = generate(model, ids, max_new_tokens=120)  # type: ignore[arg-type]
+    outs = generate(model, ids, max_new_tokens=120)
     return {p: tok.decode(o) for p, o in zip(prompts, outs, strict=True)}
