@@ -170,7 +170,8 @@ def test_stop_strings(tmp_path):
 
 def test_recorded_experts_equal_full_forward(tiny):
     prompts = _prompts(128, (5, 9))
-    tokens, experts = generate(tiny, prompts, max_new_tokens=6, stop_at_eos=False, record_experts=True)
+    experts: list[torch.Tensor] = []
+    tokens = generate(tiny, prompts, max_new_tokens=6, stop_at_eos=False, experts_out=experts)
     L, K = tiny.config.n_layers, tiny.config.moe.top_k
     for p, new, e in zip(prompts, tokens, experts, strict=True):
         assert e.shape == (len(new), L, K)
@@ -242,7 +243,7 @@ def test_bad_input_fails_before_compute(tiny, kw, message, monkeypatch):
 def test_record_experts_needs_moe():
     dense = Transformer(get_preset("tiny-dense")).eval()
     with pytest.raises(ValueError, match="needs a MoE model"):
-        generate(dense, [[1]], max_new_tokens=2, record_experts=True)
+        generate(dense, [[1]], max_new_tokens=2, experts_out=[])
 
 
 def test_tensor_prompts(tiny):

@@ -18,7 +18,7 @@ import math
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -328,34 +328,43 @@ def _generate(
             positions_B1 = positions_B1 + 1
 
 
-@overload
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             record_experts: Literal[False] = ..., **kw: Any) -> list[list[int]]: ...
-@overload
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             record_experts: Literal[True], **kw: Any) -> tuple[list[list[int]], list[torch.Tensor]]: ...
-
-
 def generate(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    record_experts: bool = False,
-    **kw: Any,
-) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
-    """The new token ids of each prompt (stop token included). Keyword arguments are those of
-    `generate_stream`. With `record_experts=True`, also returns for each prompt a `[N, L, K]`
-    tensor: the experts chosen in every MoE layer at the step that produced each new token."""
-    out: list[list[int]] = [[] for _ in prompts]
-    experts: list[list[torch.Tensor]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, max_new_tokens=max_new_tokens,
-                                record_experts=record_experts, **kw):
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[int | str] | int | str | None = None,
+    stop_at_eos: bool = True,
+    tokenizer: Tokenizer | None = None,
+    truncate: bool = False,
+    prefill_chunk: int = 512,
+    experts_out: list[torch.Tensor] | None = None,
+) -> list[list[int]]:
+    """The new token ids of each prompt (stop token included); arguments as in `generate_stream`.
+
+    Pass a list as `experts_out` to receive, per prompt, a `[N, L, K]` tensor of the experts every
+    MoE layer chose at the step that produced each of its N new tokens.
+    """
+    record = experts_out is not None
+    steps = generate_stream(
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_at_eos=stop_at_eos,
+        tokenizer=tokenizer, truncate=truncate, prefill_chunk=prefill_chunk, record_experts=record,
+    )
+    out: list[list[int]] = [[] for _ in range(len(prompts))]
+    experts: list[list[torch.Tensor]] = [[] for _ in range(len(prompts))]
+    for step in steps:
         for b, tok in enumerate(step.tokens):
             if tok is not None:
                 out[b].append(tok)
                 if step.experts_BLK is not None:
                     experts[b].append(step.experts_BLK[b])
-    if record_experts:
-        return out, [torch.stack(e) for e in experts]
+    if experts_out is not None:
+        experts_out[:] = [torch.stack(e) for e in experts]
     return out
