@@ -1,0 +1,127 @@
+"""Training throughput: mixlab vs transformers' MixtralForCausalLM, side by side.
+
+One measured iteration = forward + loss (cross-entropy + 0.02 x load-balancing loss, which both
+models compute) + backward + AdamW step, on the same config, batch, dtype and thread count. The two
+models alternate iteration by iteration, so a busy shared CPU slows both alike; the ratio of the
+medians is the result. transformers is measured with each experts implementation it offers on CPU.
+
+    .venv/bin/python benchmarks/train.py                    # float32 and bf16 autocast
+    .venv/bin/python benchmarks/train.py --iters 10 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from mixlab.config import MoEConfig, get_preset
+from mixlab.model import Transformer
+from mixlab.train.losses import lm_loss, router_losses
+
+
+def configs(args: argparse.Namespace) -> tuple:
+    mc = get_preset("tiny-moe").replace(
+        vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+        head_dim=args.dim // args.heads, ffn_dim=args.ffn, max_seq_len=max(args.seq, 256),
+        moe=MoEConfig(num_experts=args.experts, top_k=args.top_k),
+    )
+    from transformers import MixtralConfig
+
+    hf = MixtralConfig(**{**mc.to_hf_dict(), "output_router_logits": True, "router_aux_loss_coef": 0.02})
+    return mc, hf
+
+
+def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[str, Callable[[], float]]:
+    from transformers import MixtralForCausalLM
+
+    mc, hf_cfg = configs(args)
+    torch.manual_seed(0)
+    ours = Transformer(mc)
+    ours.init_weights(seed=0)
+    hf_cfg._experts_implementation = hf_experts
+    theirs = MixtralForCausalLM(hf_cfg)
+    theirs.train()
+    ours.train()
+    x = torch.randint(3, mc.vocab_size, (args.batch, args.seq + 1))
+    inp, tgt = x[:, :-1], x[:, 1:]
+    auto = dict(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)
+
+    def step_ours() -> float:
+        t = time.perf_counter()
+        with torch.autocast(**auto):
+            logits, routings = ours(inp, return_routing=True)
+        aux, _ = router_losses(routings)
+        loss = lm_loss(logits, tgt) + 0.02 * aux
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    def step_theirs() -> float:
+        t = time.perf_counter()
+        with torch.autocast(**auto):
+            out = theirs(input_ids=inp, labels=x[:, :-1].clone(), output_router_logits=True)
+        out.loss.backward()  # transformers adds router_aux_loss_coef * aux_loss to the loss
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    return {"mixlab": step_ours, f"transformers ({hf_experts})": step_theirs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=259)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
+    p.add_argument("--hf-experts", default="eager,grouped_mm",
+                   help="transformers experts implementations to compare against (comma-separated)")
+    args = p.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    mc, _ = configs(args)
+    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                      "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                      "params": mc.param_counts()["total"], "batch": args.batch, "seq": args.seq}))
+    tokens = args.batch * args.seq
+    dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    for dtype in dtypes:
+        for hf_experts in args.hf_experts.split(","):
+            steps = make_steps(args, dtype, hf_experts)
+            times: dict[str, list[float]] = {k: [] for k in steps}
+            for i in range(args.warmup + args.iters):
+                for name, fn in steps.items():  # alternate: both see the same machine load
+                    dt = fn()
+                    if i >= args.warmup:
+                        times[name].append(dt)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            names = list(med)
+            ratio = med[names[1]] / med[names[0]]
+            row = {"dtype": dtype, **{f"{k} tok/s": round(tokens / v) for k, v in med.items()},
+                   "speedup": round(ratio, 2)}
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Loss curves from a run's `metrics.jsonl` (matplotlib, the optional `plot` extra).
+
+    python -m mixlab.train.plot RUN_DIR OUT.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = None) -> None:
+    """Training loss (per logged step) and validation loss per domain (per evaluation) to `png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            if ln.strip()]
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="0.6", lw=1, label="train (batch)")
+    if evals:
+        for dom in evals[-1]["eval"]:
+            ax.plot([r["step"] for r in evals], [r["eval"][dom] for r in evals], marker="o", ms=3, lw=1.2,
+                    label=f"valid {dom}")
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], color="k", lw=2.2,
+                label="valid (all domains)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_title(title or str(run))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m mixlab.train.plot RUN_DIR OUT.png")
+    plot_loss_curve(sys.argv[1], sys.argv[2])
