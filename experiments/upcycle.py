@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ import torch
 from mixlab.checkpoint import load_model, save_model
 from mixlab.config import ModelConfig, MoEConfig
 from mixlab.model import Transformer
-from mixlab.train.data import BatchLoader, TokenDataset, prepare, read_documents
+from mixlab.train.data import BatchLoader, TokenDataset, eval_windows, prepare, read_documents
 from mixlab.train.loop import TrainConfig, evaluate, lr_at, make_optimizer
 from mixlab.train.losses import lm_loss, router_losses
 from mixlab.train.upcycle import upcycle
@@ -156,13 +157,28 @@ def main() -> None:
     # One thread: on a shared, oversubscribed CPU two threads spin at every barrier while the other is
     # descheduled; measured 8x slower per step than one thread under a load average of 10 on 2 cores.
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one full comparison per seed")
+    ap.add_argument("--noise-table", action="store_true",
+                    help="only measure how far `upcycle --noise STD` moves the trained dense model's outputs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    s = Settings()
-    if args.quick:
-        s.dense_steps, s.extra_dense_steps, s.eval_windows = 30, 20, 2
+    if args.noise_table:
+        noise_table(args.out, args.out / f"seed{args.seeds[0]}")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     ds = get_data(args.out, args.data)
+    for seed in args.seeds:
+        s = Settings(seed=seed)
+        if args.quick:
+            s.dense_steps, s.extra_dense_steps, s.eval_windows = 30, 20, 2
+        summarize(run(s, ds, args.out / f"seed{seed}"))
+    if not args.quick:
+        plot(args.out, args.figures)
+
+
+def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
+    """One seed of the whole comparison; models and results.json go to `out`."""
+    out.mkdir(parents=True, exist_ok=True)
     dense_cfg = ModelConfig(vocab_size=ds.vocab_size, max_seq_len=s.seq_len, rope_theta=1e4, moe=None,
                             bos_id=ds.meta["bos_id"], eos_id=ds.meta["eos_id"], **s.model)
     moe_cfg = dense_cfg.replace(moe=MoEConfig(num_experts=s.experts, top_k=s.top_k, aux_loss_coef=s.aux_loss_coef))
@@ -170,7 +186,7 @@ def main() -> None:
     tok_step = s.batch_size * s.seq_len
     moe_extra_steps = round(s.extra_dense_steps * fd / fm)
     moe_scratch_steps = round((s.dense_steps + s.extra_dense_steps) * fd / fm)
-    print(f"dense: {dense_cfg.param_counts()['total']:,} params, {fd:,} FLOPs/token; "
+    print(f"seed {s.seed}: dense: {dense_cfg.param_counts()['total']:,} params, {fd:,} FLOPs/token; "
           f"MoE {s.experts}x top-{s.top_k}: {moe_cfg.param_counts()['total']:,} params, {fm:,} FLOPs/token "
           f"(x{fm / fd:.2f}); {tok_step} tokens/step", flush=True)
     print(f"steps: dense {s.dense_steps} + (a) {s.extra_dense_steps} | (b) upcycled {moe_extra_steps} | "
@@ -185,22 +201,22 @@ def main() -> None:
                          domains=list(DOMAINS))
     print("1. dense pretraining", flush=True)
     train("dense", dense, loader, ds, steps=s.dense_steps, peak_lr=s.lr, s=s, flops_start=0.0, log=log)
-    save_model(dense, args.out / "dense")
+    save_model(dense, out / "dense")
     data_pos = loader.state_dict()
     p_flops = fd * tok_step * s.dense_steps
 
     # 2a. continue dense, on the data that follows phase 1
     print("2a. dense, continued", flush=True)
-    cont = load_model(args.out / "dense")
+    cont = load_model(out / "dense")
     loader.load_state_dict(data_pos)
     train("dense-continued", cont, loader, ds, steps=s.extra_dense_steps, peak_lr=s.lr_continue, s=s,
           flops_start=p_flops, log=log)
 
     # 2b. upcycle (the library function behind `mixlab upcycle`), then train on the same data stream
     print("2b. upcycled MoE", flush=True)
-    report = upcycle(args.out / "dense", args.out / "upcycled-init", num_experts=s.experts, top_k=s.top_k,
+    report = upcycle(out / "dense", out / "upcycled-init", num_experts=s.experts, top_k=s.top_k,
                      router_init="normal", router_std=s.router_std, seed=s.seed)
-    up = load_model(args.out / "upcycled-init")
+    up = load_model(out / "upcycled-init")
     assert up.config == report.config == moe_cfg, (up.config, moe_cfg)
     loader.load_state_dict(data_pos)
     train("upcycled", up, loader, ds, steps=moe_extra_steps, peak_lr=s.lr_continue, s=s,
@@ -221,11 +237,39 @@ def main() -> None:
               "steps": {"dense": s.dense_steps, "dense-continued": s.extra_dense_steps, "upcycled": moe_extra_steps,
                         "moe-scratch": moe_scratch_steps},
               "wall_seconds": wall, "torch": torch.__version__, "log": log}
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"done in {wall / 60:.1f} min; results in {args.out / 'results.json'}", flush=True)
-    summarize(result)
-    if not args.quick:
-        plot(result, args.figures)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"seed {s.seed} done in {wall / 60:.1f} min; results in {out / 'results.json'}", flush=True)
+    return result
+
+
+@torch.no_grad()
+def noise_table(out: Path, run_dir: Path, stds: tuple[float, ...] = (0.0, 0.001, 0.01, 0.03, 0.1, 0.3)) -> None:
+    """Upcycle the experiment's trained dense model with each noise std; compare outputs to the dense
+    model's on validation windows: max |logit difference|, mean KL(dense || MoE), validation loss."""
+    ds = TokenDataset(out / "data")
+    dense_path = run_dir / "dense"
+    if not (dense_path / "config.json").is_file():
+        sys.exit(f"{dense_path}: run the experiment first (it trains the dense model)")
+    dense = load_model(dense_path)
+    x = torch.cat([eval_windows(ds, split="valid", domain=d, seq_len=256, max_windows=2) for d in DOMAINS])
+    ref = dense(x[:, :-1])
+    assert isinstance(ref, torch.Tensor)
+    print(f"{'noise std':>10} {'max |dlogit|':>13} {'KL(dense||moe)':>15} {'valid loss':>11} "
+          f"(dense: {lm_loss(ref, x[:, 1:]):.4f})")
+    rows = []
+    for std in stds:
+        upcycle(dense_path, run_dir / "noise-tmp", num_experts=8, top_k=2, noise=std, seed=0)
+        moe = load_model(run_dir / "noise-tmp")
+        logits = moe(x[:, :-1])
+        assert isinstance(logits, torch.Tensor)
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                        reduction="none").sum(-1).mean().item()
+        row = {"noise": std, "max_abs_logit_diff": (logits - ref).abs().max().item(), "kl": kl,
+               "valid_loss": lm_loss(logits, x[:, 1:]).item()}
+        rows.append(row)
+        print(f"{std:>10g} {row['max_abs_logit_diff']:>13.3e} {kl:>15.3e} {row['valid_loss']:>11.4f}", flush=True)
+    shutil.rmtree(run_dir / "noise-tmp")
+    (run_dir / "noise_table.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 def summarize(result: dict) -> None:
@@ -240,47 +284,82 @@ def summarize(result: dict) -> None:
     print(f"{'PFLOPs':<16}" + "".join(f"{finals[n]['flops'] / 1e15:>17.4f}" for n in names))
 
 
-def plot(result: dict, figures: Path) -> None:
+RUNS = ("dense", "dense-continued", "upcycled", "moe-scratch")
+LABELS = {"dense": "dense (phase 1)", "dense-continued": "(a) dense, continued", "upcycled": "(b) upcycled MoE",
+          "moe-scratch": "(c) MoE from scratch"}
+COLORS = {"dense": "0.4", "dense-continued": "tab:blue", "upcycled": "tab:red", "moe-scratch": "tab:green"}
+
+
+def plot(out: Path, figures: Path) -> None:
+    """Loss against compute (every seed) and final per-domain losses (mean over seeds, min-max bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("seed*/results.json"))]
+    if not results:
+        return
     figures.mkdir(parents=True, exist_ok=True)
-    runs = ("dense", "dense-continued", "upcycled", "moe-scratch")
-    labels = {"dense": "dense (phase 1)", "dense-continued": "(a) dense, continued", "upcycled": "(b) upcycled MoE",
-              "moe-scratch": "(c) MoE from scratch"}
-    colors = {"dense": "0.4", "dense-continued": "tab:blue", "upcycled": "tab:red", "moe-scratch": "tab:green"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
-        rows = [x for x in result["log"] if x["run"] == r]
-        ax.plot([x["flops"] for x in rows], [x["valid_mean"] for x in rows], "o-", ms=3, label=labels[r],
-                color=colors[r])
-    ax.set_xlabel("training compute, FLOPs (6 x active params x tokens)")
-    ax.set_ylabel("validation loss, nats/byte (mean of 8 domains)")
-    ax.set_title("Sparse upcycling at small scale")
-    lo = min(x["valid_mean"] for x in result["log"] if x["step"] > 0)
-    ax.set_ylim(lo - 0.05, lo + 0.8)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    p_flops = max(x["flops"] for x in results[0]["log"] if x["run"] == "dense")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for k, res in enumerate(results):
+            for r in RUNS:
+                rows = [x for x in res["log"] if x["run"] == r and (not zoom or x["flops"] >= p_flops)]
+                ax.plot([x["flops"] for x in rows], [x["valid_mean"] for x in rows], "o-" if k == 0 else "s--",
+                        ms=3, lw=1.5 if k == 0 else 1, alpha=1 if k == 0 else 0.6, color=COLORS[r],
+                        label=f"{LABELS[r]}, seed {res['settings']['seed']}")
+        ax.set_xlabel("training compute, FLOPs (6 x active non-embedding params x tokens)")
+        ax.set_ylabel("validation loss, nats/byte (mean of 8 domains)")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_title("phase 2 (after the dense model is trained)")
+            ys = [x["valid_mean"] for res in results for x in res["log"] if x["flops"] >= p_flops]
+            ax.set_ylim(min(ys) - 0.02, max(ys) + 0.02)
+        else:
+            ax.set_title("all runs")
+            lo = min(x["valid_mean"] for res in results for x in res["log"] if x["step"] > 0)
+            ax.set_ylim(lo - 0.05, lo + 1.0)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Sparse upcycling, {results[0]['moe_config']['moe']['num_experts']} experts top-"
+                 f"{results[0]['moe_config']['moe']['top_k']}, {len(results)} seed(s)")
     fig.tight_layout()
-    fig.savefig(figures / "upcycling_loss_vs_compute.png", dpi=120)
+    fig.savefig(figures / "upcycling_loss_vs_compute.png", dpi=110)
     plt.close(fig)
 
-    finals = {r: [x for x in result["log"] if x["run"] == r][-1] for r in runs[1:]}
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    finals = [{r: [x for x in res["log"] if x["run"] == r][-1]["valid"] for r in RUNS[1:]} for res in results]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     w = 0.27
-    for j, r in enumerate(runs[1:]):
-        ax.bar([i + (j - 1) * w for i in range(len(DOMAINS))], [finals[r]["valid"][d] for d in DOMAINS], w,
-               label=labels[r], color=colors[r])
-    ax.set_xticks(range(len(DOMAINS)), DOMAINS, rotation=20)
+    ax = axes[0]
+    for j, r in enumerate(RUNS[1:]):
+        vals = [[f[r][d] for f in finals] for d in DOMAINS]
+        mean = [sum(v) / len(v) for v in vals]
+        err = [[m - min(v) for m, v in zip(mean, vals, strict=True)],
+               [max(v) - m for m, v in zip(mean, vals, strict=True)]]
+        ax.bar([i + (j - 1) * w for i in range(len(DOMAINS))], mean, w, yerr=err, capsize=2, label=LABELS[r],
+               color=COLORS[r])
+    ax.set_xticks(range(len(DOMAINS)), DOMAINS, rotation=25, fontsize=8)
     ax.set_ylabel("validation loss, nats/byte")
-    ax.set_title("Per-domain validation loss at equal total compute")
-    vals = [finals[r]["valid"][d] for r in runs[1:] for d in DOMAINS]
-    ax.set_ylim(min(vals) - 0.1, max(vals) + 0.05)
-    ax.legend()
+    ax.set_title("final validation loss per domain (equal total compute)")
+    allv = [f[r][d] for f in finals for r in RUNS[1:] for d in DOMAINS]
+    ax.set_ylim(min(allv) - 0.2, max(allv) + 0.05)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for j, r in enumerate(RUNS[2:]):
+        diffs = [[f[r][d] - f["dense-continued"][d] for f in finals] for d in DOMAINS]
+        mean = [sum(v) / len(v) for v in diffs]
+        err = [[m - min(v) for m, v in zip(mean, diffs, strict=True)],
+               [max(v) - m for m, v in zip(mean, diffs, strict=True)]]
+        ax.bar([i + (j - 0.5) * w for i in range(len(DOMAINS))], mean, w, yerr=err, capsize=2, label=LABELS[r],
+               color=COLORS[r])
+    ax.axhline(0, color=COLORS["dense-continued"], lw=1)
+    ax.set_xticks(range(len(DOMAINS)), DOMAINS, rotation=25, fontsize=8)
+    ax.set_ylabel("loss minus (a) dense continued (below 0 = better)")
+    ax.set_title("difference to the continued dense model")
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(figures / "upcycling_per_domain.png", dpi=120)
+    fig.savefig(figures / "upcycling_per_domain.png", dpi=110)
     plt.close(fig)
     print(f"figures in {figures}", flush=True)
 

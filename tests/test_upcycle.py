@@ -211,3 +211,12 @@ def test_cli(dense, tmp_path, capsys):
     assert "already a mixture of experts" in capsys.readouterr().err
     assert cli_main(["upcycle", "--from", str(src), "--out", str(tmp_path / "x"), "--top-k", "9"]) == 2
     assert "top_k" in capsys.readouterr().err
+
+
+def test_side_files_copied(tmp_path):
+    src = hf_mistral(tmp_path / "dense")
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    (src / "tokenizer.model").write_bytes(bytes(range(256)))  # binary, as SentencePiece models are
+    upcycle(src, tmp_path / "moe", num_experts=2, top_k=1)
+    assert (tmp_path / "moe" / "tokenizer.model").read_bytes() == bytes(range(256))
+    assert json.loads((tmp_path / "moe" / "tokenizer_config.json").read_text()) == {"model_max_length": 256}

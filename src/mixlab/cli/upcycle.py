@@ -10,7 +10,8 @@ def upcycle(args: argparse.Namespace) -> int:
     from mixlab.train.upcycle import upcycle as run
 
     report = run(args.src, args.out, num_experts=args.experts, top_k=args.top_k, router_init=args.router_init,
-                 router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=parse_dtype(args.dtype))
+                 router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=parse_dtype(args.dtype),
+                 max_shard_bytes=int(args.max_shard_gb * 2**30))
     c = report.config
     assert c.moe is not None
     print(f"wrote {args.out}: {c.moe.num_experts} experts, top-{c.moe.top_k}, {c.n_layers} layers; "
@@ -38,4 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default 0: exact copies)")
     p.add_argument("--seed", type=int, default=0, help="seed for the router and the noise (default 0)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0,
+                   help="largest output shard, in GiB (default 2); peak memory is about one shard plus one layer")
     p.set_defaults(func=upcycle)

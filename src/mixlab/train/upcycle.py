@@ -21,14 +21,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mixlab.checkpoint.io import CheckpointError, TensorReader, tensor_files, write_sharded
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
@@ -38,11 +36,12 @@ __all__ = ["ROUTER_INITS", "UpcycleReport", "upcycle", "upcycle_config"]
 
 ROUTER_INITS = ("zeros", "normal", "uniform")
 
-# Small files copied next to the weights so the upcycled folder is usable as is.
+# Small files copied next to the weights.
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                "tokenizer.model")
 
 _DENSE_TYPES = ("mistral", "llama")
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,6 @@ def _read_dense_config(root: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{f}: expected a JSON object at the top level")
     _check_hf_config(d, str(f))
     return ModelConfig.from_hf_dict(d, source=str(f)), d
-
-
-def _stored_dtype(where: dict[str, Path], name: str) -> str:
-    with safe_open(str(where[name]), framework="pt") as h:
-        code = h.get_slice(name).get_dtype()
-    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(code, code)
 
 
 def _layer_of(rule: Rule) -> int:
@@ -240,16 +233,6 @@ def upcycle(
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # keep lists (Llama 3) and pads as given
         if key in raw:
             cfg[key] = raw[key]
-    extra: dict[str, str] = {}
-    binary: list[Path] = []
-    for name in _SIDE_FILES:
-        f = root / name
-        if f.is_file():
-            try:
-                extra[name] = f.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                binary.append(f)
-
     n_written = 0
 
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
@@ -258,13 +241,11 @@ def upcycle(
             n_written += 1
             yield item
 
-    embed = "model.embed_tokens.weight"
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else _stored_dtype(where, embed)
-    extra["config.json"] = json.dumps(cfg, indent=2) + "\n"
-    write_sharded(counted(), out, extra_files=extra, max_shard_bytes=max_shard_bytes,
-                  metadata={"mixlab": "upcycled", "source": root.name})
-    for f in binary:  # binary tokenizer files cannot go through write_sharded's text files
-        shutil.copyfile(f, out / f.name)
+    stored = _DTYPE_NAMES.get(reader.dtype("model.embed_tokens.weight"), "float32")
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else stored
+    side = [root / n for n in _SIDE_FILES if (root / n).is_file()]  # so the MoE folder is usable as is
+    write_sharded(counted(), out, extra_files={"config.json": json.dumps(cfg, indent=2) + "\n"}, copy_files=side,
+                  max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name})
     return UpcycleReport(
         config=moe,
         dense_params=dense.param_counts()["total"],
