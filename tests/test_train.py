@@ -182,3 +182,22 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path: Path)
     opt = torch.optim.AdamW(m.parameters())
     checkpoints.load(root / "step_00000001", model=m, optimizer=opt)
     assert len(opt.state) == len(list(m.parameters()))
+
+
+def test_capacity_factor_training_counts_dropped_tokens(dataset: Path, tmp_path: Path) -> None:
+    moe = {**TINY["moe"], "capacity_factor": 0.5}
+    res = train(_cfg(dataset, tmp_path, steps=1, grad_accum=1, model_overrides={**TINY, "moe": moe}))
+    assert res.history[0]["dropped"] > 0
+
+
+def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixlab.cli import main
+
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--seq-len", "4096"]) == 2
+    assert "beyond the model's context (max_seq_len 512)" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "no text field"}\n')
+    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "ds")]) == 2
+    assert "bad.jsonl:1: expected a JSON object with a 'text' field" in capsys.readouterr().err
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--resume"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
