@@ -242,3 +242,9 @@ def test_load_tokenizer_errors(tmp_path):
 def test_checkpoint_folder_tokenizer_model(tok, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(tok.path.read_bytes())
     assert load_tokenizer(tmp_path).encode("Grüß Gott") == tok.encode("Grüß Gott")
+
+
+def test_chat_refuses_v3_tokenizers():
+    v3 = next(load_tokenizer().path.parent.glob("*.model.v3"))
+    with pytest.raises(ChatError, match="only the v1 template"):
+        load_tokenizer(v3).encode_chat([{"role": "user", "content": "hi"}])

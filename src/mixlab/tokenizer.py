@@ -38,6 +38,7 @@ class _Backend(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def id_to_piece(self, i: int) -> str: ...
+    def special_id(self, piece: str) -> int | None: ...
 
 
 class _SentencePiece:
@@ -59,6 +60,10 @@ class _SentencePiece:
 
     def id_to_piece(self, i: int) -> str:
         return str(self.sp.id_to_piece(i))
+
+    def special_id(self, piece: str) -> int | None:
+        i = int(self.sp.piece_to_id(piece))
+        return i if i != self.sp.unk_id() and self.sp.IsControl(i) else None
 
 
 class _HFTokenizers:
@@ -104,6 +109,10 @@ class _HFTokenizers:
     def id_to_piece(self, i: int) -> str:
         return str(self.tk.id_to_token(i))
 
+    def special_id(self, piece: str) -> int | None:
+        i = self.tk.token_to_id(piece)
+        return None if i is None else int(i)
+
 
 class Tokenizer:
     """Encode and decode text, and encode chats with the Mixtral-Instruct template."""
@@ -146,6 +155,10 @@ class Tokenizer:
         be a user message, or an assistant message with `"prefix": True` (the reply continues it).
         Equal to mistral-common's `encode_chat_completion` with the v1 instruct tokenizer.
         """
+        if self._b.special_id("[INST]") is not None:
+            # v2/v3 tokenizers (Mistral 7B v0.3, Mixtral 8x22B) make [INST] a control token: another template.
+            raise ChatError(f"{self.path} defines [INST] as a special token (Mistral's v2/v3 chat template); "
+                            "only the v1 template (Mixtral 8x7B) is implemented: use mistral-common for this one")
         system, turns = _normalize_chat(messages)
         ids = [self.bos_id]
         first_user = True
