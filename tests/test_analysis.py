@@ -120,6 +120,20 @@ def test_pairs_never_cross_documents_or_padding() -> None:
     assert (pairs, same, overlap) == (3, 3, 3)
 
 
+def test_repeats_over_different_tokens_remove_identical_neighbours() -> None:
+    """A router that is a function of the token id repeats exactly on identical neighbours."""
+    tokens = np.array([5, 5, 5, 7, 9, 9, 4])
+    idx = np.stack([tokens % 8, (tokens + 1) % 8], axis=1)  # 5 -> {5, 6}, 7 -> {7, 0}, 9 -> {1, 2}, 4 -> {4, 5}
+    acc = RoutingCounts(1, 8, 2)
+    seg = np.zeros(7, int)
+    acc.update([idx], valid_T=seg >= 0, pairs_ok=pair_mask(seg), tokens_T=tokens)
+    s = acc.summary()
+    assert (s["pairs"], s["different_token_pairs"]) == (6, 3)
+    assert s["identical_token_pair_share"] == 0.5
+    assert s["repeat_first_choice"] == [0.5] and s["repeat_first_choice_different_tokens"] == [0.0]
+    assert s["repeat_topk_overlap_different_tokens"] == [0.0]
+
+
 def test_routing_counts_accumulate_and_merge() -> None:
     acc = RoutingCounts(2, 4, 2)
     seg = torch.tensor([0, 0, 0, -1])
@@ -193,7 +207,8 @@ def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
                 window = torch.tensor([ids[i : i + seq_len]])
                 _, routings = model(window, return_routing=True)
                 seg = torch.zeros(window.shape[1], dtype=torch.long)
-                want.update([r.idx_TK for r in routings], valid_T=seg >= 0, pairs_ok=pair_mask(seg))
+                want.update([r.idx_TK for r in routings], valid_T=seg >= 0, pairs_ok=pair_mask(seg),
+                            tokens_T=window)
         assert got.counts[name].summary() == want.summary()
     assert got.documents == {"code": 1, "prose": 3}
     assert [s.domain for s in got.samples] == ["code", "prose"]

@@ -235,7 +235,8 @@ def _route_batch(
     # return_hidden skips the output projection: only the routing is needed.
     _, routings = model(tokens_BS.to(device), return_routing=True, return_hidden=True)
     idx_per_layer = [r.idx_TK.cpu() for r in routings]
-    acc.update(idx_per_layer, valid_T=segment_BS.reshape(-1) >= 0, pairs_ok=pair_mask(segment_BS))
+    acc.update(idx_per_layer, valid_T=segment_BS.reshape(-1) >= 0, pairs_ok=pair_mask(segment_BS),
+               tokens_T=tokens_BS.reshape(-1))
     out = []
     for b, source, ids in wanted:
         idx_LSK = np.stack([i.view(B, S, -1)[b, : len(ids)].numpy() for i in idx_per_layer]).astype(np.int16)

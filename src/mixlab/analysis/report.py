@@ -64,6 +64,8 @@ def build_report(collected: Collected, *, layers: list[int], meta: dict[str, Any
             "repeat_first_choice": "consecutive token pairs of one document with the same first-choice expert / pairs",
             "repeat_topk_overlap": "consecutive token pairs of one document whose top-k sets share an expert / pairs "
                                    "(paper Table 5 'first or second choice' for k=2)",
+            "*_different_tokens": "the same over consecutive pairs of two different token ids",
+            "identical_token_pair_share": "consecutive pairs whose two token ids are equal / pairs",
             "load_balance": "over assignments per expert: entropy (nats), entropy / ln E, max / mean, min / mean",
             "domain_vs_all_tv": "total variation distance between a domain's assignment shares and all domains' "
                                 "(0 = routed like the whole corpus, 1 = disjoint experts)",
@@ -73,6 +75,10 @@ def build_report(collected: Collected, *, layers: list[int], meta: dict[str, Any
                         "load_balance": [load_balance(c) for c in total.selected_LE],
                         "repeat_first_choice": (total.same_first_L / max(total.pairs, 1)).tolist(),
                         "repeat_topk_overlap": (total.overlap_L / max(total.pairs, 1)).tolist(),
+                        "repeat_first_choice_different_tokens":
+                            (total.same_first_diff_L / max(total.diff_pairs, 1)).tolist(),
+                        "repeat_topk_overlap_different_tokens":
+                            (total.overlap_diff_L / max(total.diff_pairs, 1)).tolist(),
                         "assignment_share": (total.selected_LE / max(total.tokens * K, 1)).tolist()},
         "domain_vs_all_tv": {name: [total_variation(c.selected_LE[i], total.selected_LE[i])
                                     for i in range(len(collected.moe_layers))]
@@ -127,10 +133,16 @@ def write_figures(report: dict[str, Any], out: Path) -> list[str]:
     files.append("expert_shares.png")
 
     # Figure 10: repeated consecutive assignments by layer.
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, b, title in ((axes[0], "repeat_first_choice", base["first_choice"], "same first choice"),
-                              (axes[1], "repeat_topk_overlap", base["topk_overlap"],
-                               f"top-{report['top_k']} sets overlap")):
+    diff = any(report["domains"][n]["different_token_pairs"] for n in names)
+    fig, axes = plt.subplots(2 if diff else 1, 2, figsize=(10, 6.8 if diff else 3.6), squeeze=False)
+    panels = [(axes[0, 0], "repeat_first_choice", base["first_choice"], "same first choice"),
+              (axes[0, 1], "repeat_topk_overlap", base["topk_overlap"], f"top-{report['top_k']} sets overlap")]
+    if diff:
+        panels += [(axes[1, 0], "repeat_first_choice_different_tokens", base["first_choice"],
+                    "same first choice, different tokens"),
+                   (axes[1, 1], "repeat_topk_overlap_different_tokens", base["topk_overlap"],
+                    f"top-{report['top_k']} overlap, different tokens")]
+    for ax, key, b, title in panels:
         for d, name in enumerate(names):
             ax.plot(moe_layers, report["domains"][name][key], marker=".", label=name, color=colors[d % len(colors)])
         ax.axhline(b, color="gray", ls="--", lw=1)
@@ -139,7 +151,7 @@ def write_figures(report: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("layer")
         ax.set_ylabel("share of consecutive pairs")
         ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "repeats_by_layer.png", dpi=80)
     plt.close(fig)
@@ -205,6 +217,11 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
             + [_pct(report["domains"][n]["repeat_topk_overlap"][i]) for i in idx] for n in names]
     rows.append(["uniform random"] + [_pct(base["first_choice"])] * len(idx) + [_pct(base["topk_overlap"])] * len(idx))
     out.append(("Repeated assignments of consecutive tokens (paper Table 5)", header, rows))
+    if any(report["domains"][n]["different_token_pairs"] for n in names):
+        rows = [[n] + [_pct(report["domains"][n]["repeat_first_choice_different_tokens"][i]) for i in idx]
+                + [_pct(report["domains"][n]["repeat_topk_overlap_different_tokens"][i]) for i in idx] for n in names]
+        out.append(("The same, over pairs of two different tokens only (identical neighbours, e.g. runs of spaces, "
+                    "removed)", header, rows))
     for layer, i in zip(shown, idx, strict=True):
         rows = [[n] + [_pct(s) for s in report["domains"][n]["assignment_share"][i]] for n in names]
         out.append((f"Layer {layer}: share of assignments per expert (paper Figure 7; uniform {_pct(1 / E)})",
@@ -217,9 +234,10 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
              f"{x['min_over_mean']:.2f}"] for layer, x in zip(moe_layers, lb, strict=True)]
     out.append(("Load balance per layer, all domains", ["layer", "entropy (nats)", "entropy / ln E", "max / mean",
                                                          "min / mean"], rows))
-    rows = [[n, str(report["domains"][n]["documents"]), f"{report['domains'][n]['tokens']:,}",
-             f"{report['domains'][n]['pairs']:,}"] for n in names]
-    out.append(("Data", ["domain", "documents", "tokens", "consecutive pairs"], rows))
+    rows = [[n, str(d["documents"]), f"{d['tokens']:,}", f"{d['pairs']:,}",
+             "" if d["identical_token_pair_share"] is None else _pct(d["identical_token_pair_share"])]
+            for n, d in report["domains"].items()]
+    out.append(("Data", ["domain", "documents", "tokens", "consecutive pairs", "pairs of identical tokens"], rows))
     return out
 
 

@@ -136,25 +136,38 @@ class RoutingCounts:
     top_k: int
     tokens: int = 0
     pairs: int = 0
+    diff_pairs: int = 0  # consecutive pairs of two different token ids
     selected_LE: np.ndarray = field(init=False)
     first_LE: np.ndarray = field(init=False)
     same_first_L: np.ndarray = field(init=False)
     overlap_L: np.ndarray = field(init=False)
+    same_first_diff_L: np.ndarray = field(init=False)  # the same, over pairs of different tokens
+    overlap_diff_L: np.ndarray = field(init=False)
+
+    _ARRAYS = ("selected_LE", "first_LE", "same_first_L", "overlap_L", "same_first_diff_L", "overlap_diff_L")
 
     def __post_init__(self) -> None:
         L, E = self.num_layers, self.num_experts
         self.selected_LE = np.zeros((L, E), np.int64)
         self.first_LE = np.zeros((L, E), np.int64)
-        self.same_first_L = np.zeros(L, np.int64)
-        self.overlap_L = np.zeros(L, np.int64)
+        for name in self._ARRAYS[2:]:
+            setattr(self, name, np.zeros(L, np.int64))
 
-    def update(self, idx_per_layer: list[Array], *, valid_T: Array, pairs_ok: Array) -> None:
+    def update(self, idx_per_layer: list[Array], *, valid_T: Array, pairs_ok: Array,
+               tokens_T: Array | None = None) -> None:
         """Add one batch: each layer's top-k ids `[T, K]` (first choice in slot 0), `valid_T` the
-        non-padding tokens, `pairs_ok` the consecutive pairs to count (see `pair_mask`)."""
+        non-padding tokens, `pairs_ok` the consecutive pairs to count (see `pair_mask`). With the
+        token ids `tokens_T`, repeats are also counted over pairs of two different tokens only: a
+        router that is a function of the token id alone repeats on every identical pair (runs of
+        spaces in code, "\n\n"), which is not the positional locality the paper describes."""
         if len(idx_per_layer) != self.num_layers:
             raise ValueError(f"got routing for {len(idx_per_layer)} layers, expected {self.num_layers}")
         valid = _np(valid_T).astype(bool).reshape(-1)
         ok = _np(pairs_ok).astype(bool).reshape(-1)
+        diff = None
+        if tokens_T is not None:
+            tok = _np(tokens_T).reshape(-1)
+            diff = ok & (tok[:-1] != tok[1:])
         for layer, idx_TK in enumerate(idx_per_layer):
             idx = _np(idx_TK)
             sel, first = expert_counts(idx[valid], num_experts=self.num_experts)
@@ -163,22 +176,32 @@ class RoutingCounts:
             _, same, over = consecutive_repeats(idx, ok)
             self.same_first_L[layer] += same
             self.overlap_L[layer] += over
+            if diff is not None:
+                _, same, over = consecutive_repeats(idx, diff)
+                self.same_first_diff_L[layer] += same
+                self.overlap_diff_L[layer] += over
         self.tokens += int(valid.sum())
         self.pairs += int(ok.sum())
+        self.diff_pairs += int(diff.sum()) if diff is not None else 0
 
     def merged(self, other: RoutingCounts) -> RoutingCounts:
         out = RoutingCounts(self.num_layers, self.num_experts, self.top_k)
         out.tokens, out.pairs = self.tokens + other.tokens, self.pairs + other.pairs
-        for name in ("selected_LE", "first_LE", "same_first_L", "overlap_L"):
+        out.diff_pairs = self.diff_pairs + other.diff_pairs
+        for name in self._ARRAYS:
             setattr(out, name, getattr(self, name) + getattr(other, name))
         return out
 
     def summary(self) -> dict[str, Any]:
         """Every derived number, JSON-ready (lists indexed [layer][expert] or [layer])."""
-        t, p = max(self.tokens, 1), max(self.pairs, 1)
+        t, p, dp = max(self.tokens, 1), max(self.pairs, 1), max(self.diff_pairs, 1)
         return {
             "tokens": self.tokens,
             "pairs": self.pairs,
+            "different_token_pairs": self.diff_pairs,
+            "identical_token_pair_share": 1 - self.diff_pairs / p if self.diff_pairs else None,
+            "repeat_first_choice_different_tokens": (self.same_first_diff_L / dp).tolist(),
+            "repeat_topk_overlap_different_tokens": (self.overlap_diff_L / dp).tolist(),
             "selection_share": (self.selected_LE / t).tolist(),
             "assignment_share": (self.selected_LE / (t * self.top_k)).tolist(),
             "first_choice_share": (self.first_LE / t).tolist(),
@@ -186,5 +209,7 @@ class RoutingCounts:
             "repeat_topk_overlap": (self.overlap_L / p).tolist(),
             "load_balance": [load_balance(c) for c in self.selected_LE],
             "counts": {"selected": self.selected_LE.tolist(), "first": self.first_LE.tolist(),
-                       "same_first": self.same_first_L.tolist(), "overlap": self.overlap_L.tolist()},
+                       "same_first": self.same_first_L.tolist(), "overlap": self.overlap_L.tolist(),
+                       "same_first_different_tokens": self.same_first_diff_L.tolist(),
+                       "overlap_different_tokens": self.overlap_diff_L.tolist()},
         }
