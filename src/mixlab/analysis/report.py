@@ -290,10 +290,16 @@ def tokens_html(report: dict[str, Any]) -> str:
     for s in report["samples"]:
         parts.append(f"<h2>{html.escape(s['domain'])} <span class='note'>{html.escape(s['source'])}</span></h2>")
         for layer in report["shown_layers"]:
-            spans = []
+            # Neighbours with the same top-k list share one span; a class per expert and the top-k
+            # in the title (shown on hover) keep the page small.
+            runs: list[tuple[list[int], str]] = []
             for piece, topk in zip(s["pieces"], s["topk"][str(layer)], strict=True):
-                # A class per expert keeps the page small; the title lists the top-k (hover).
-                spans.append(f"<span class=e{topk[0]} title={','.join(map(str, topk))}>{html.escape(piece)}</span>")
+                if runs and runs[-1][0] == topk:
+                    runs[-1] = (topk, runs[-1][1] + piece)
+                else:
+                    runs.append((topk, piece))
+            spans = [f"<span class=e{topk[0]} title={','.join(map(str, topk))}>{html.escape(text)}</span>"
+                     for topk, text in runs]
             parts.append(f"<h3>layer {layer}</h3><div class='tokens'>{''.join(spans)}</div>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -21,7 +21,7 @@ def analyze(args: argparse.Namespace) -> int:
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
     report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=domains,
                  split=args.split or None, max_tokens=args.max_tokens, seq_len=args.seq_len,
-                 batch_size=args.batch_size, samples_per_domain=args.samples,
+                 batch_size=args.batch_size, samples_per_domain=args.samples, sample_tokens=args.sample_tokens,
                  meta={"model": str(args.model), "tokenizer": tokenizer_name(tokenizer)},
                  progress=not args.quiet)
     base = report["random_baseline"]
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per model sequence (default 512)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
+    p.add_argument("--sample-tokens", type=int, default=150, help="tokens shown per document in the token view")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model folder's "
                    "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
