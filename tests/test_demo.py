@@ -30,7 +30,7 @@ def test_demo_short_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     text = capsys.readouterr().out
     assert res["steps"] == 3
     assert set(res["eval"]["loss"]) == {"code", "math", "prose"}
-    assert "samples (greedy)" in text and "routing: share of each domain's expert choices" in text
+    assert "samples (temperature 0.6" in text and "routing: share of each domain's expert choices" in text
     assert "layer 3" in text and "What is 23 + 45?" in text
     assert len(res["samples"]) == 4
     assert json.loads((tmp_path / "demo" / "run" / "hf" / "config.json").read_text())["num_local_experts"] == 8
