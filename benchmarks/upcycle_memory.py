@@ -39,20 +39,23 @@ def main() -> None:
         model.init_weights(seed=0)
         save_model(model.to(torch.bfloat16), dense_dir, fmt="hf")
         del model
+        # The peak is read in a small wrapper process: a child forked straight from this (large)
+        # process would inherit its high-water mark (Linux carries ru_maxrss across fork + exec).
+        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+                "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+        def peak_rss(cmd: list[str]) -> int:
+            r = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True, text=True)
+            return int(r.stdout.split()[-1]) * 1024
+
         peaks, times = [], []
         for _ in range(args.runs):
-            cmd = [str(Path(sys.executable).parent / "mixlab"), "upcycle", "--from", str(dense_dir), "--out", str(out),
-                   "--experts", "8", "--top-k", "2", "--max-shard-gb", str(args.max_shard_gb)]
-            code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-                    "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
             t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True, text=True)
+            peaks.append(peak_rss([str(Path(sys.executable).parent / "mixlab"), "upcycle", "--from", str(dense_dir),
+                                   "--out", str(out), "--experts", "8", "--top-k", "2",
+                                   "--max-shard-gb", str(args.max_shard_gb)]))
             times.append(time.perf_counter() - t0)
-            peaks.append(int(r.stdout.split()[-1]) * 1024)
-        base = subprocess.run([sys.executable, "-c", "import mixlab.train.upcycle, mixlab.cli, resource; "
-                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-                              check=True, capture_output=True, text=True)
-        imports = int(base.stdout.split()[-1]) * 1024
+        imports = peak_rss([sys.executable, "-c", "import mixlab.cli, mixlab.train.upcycle"])
         dense_b, moe_b = folder_bytes(dense_dir), folder_bytes(out)
         E, F_, D = 8, cfg.ffn_dim, cfg.dim
         layer_b = (E * 3 * F_ * D + E * D) * 2

@@ -158,6 +158,8 @@ def main() -> None:
     # descheduled; measured 8x slower per step than one thread under a load average of 10 on 2 cores.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one full comparison per seed")
+    ap.add_argument("--add-equal-tokens", action="store_true",
+                    help="only add arm (d) to existing results (for results written before it existed)")
     ap.add_argument("--noise-table", action="store_true",
                     help="only measure how far `upcycle --noise STD` moves the trained dense model's outputs")
     args = ap.parse_args()
@@ -169,11 +171,37 @@ def main() -> None:
     ds = get_data(args.out, args.data)
     for seed in args.seeds:
         s = Settings(seed=seed)
+        if args.add_equal_tokens:
+            f = args.out / f"seed{seed}" / "results.json"
+            res = json.loads(f.read_text())
+            res["log"] = [x for x in res["log"] if x["run"] != "dense-equal-tokens"]
+            p_flops = max(x["flops"] for x in res["log"] if x["run"] == "dense")
+            loader = BatchLoader(ds, split="train", seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
+                                 domains=list(DOMAINS))
+            epoch, cursor = divmod(res["steps"]["dense"] * s.batch_size, loader.n_windows)  # where phase 1 ended
+            equal_tokens(s, ds, f.parent, res["log"], steps=res["steps"]["upcycled"],
+                         data_pos=loader.state_dict() | {"epoch": epoch, "cursor": cursor}, flops_start=p_flops)
+            res["steps"]["dense-equal-tokens"] = res["steps"]["upcycled"]
+            f.write_text(json.dumps(res, indent=2) + "\n")
+            continue
         if args.quick:
             s.dense_steps, s.extra_dense_steps, s.eval_windows = 30, 20, 2
         summarize(run(s, ds, args.out / f"seed{seed}"))
     if not args.quick:
         plot(args.out, args.figures)
+
+
+def equal_tokens(s: Settings, ds: TokenDataset, out: Path, log: list[dict], *, steps: int, data_pos: dict,
+                 flops_start: float) -> None:
+    """(d): the dense model continued on exactly the upcycled MoE's batches, with its own full schedule,
+    to separate "better per token" from "better per FLOP"."""
+    print("2d. dense, continued for the upcycled MoE's tokens", flush=True)
+    model = load_model(out / "dense")
+    loader = BatchLoader(ds, split="train", seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
+                         domains=list(DOMAINS))
+    loader.load_state_dict(data_pos)
+    train("dense-equal-tokens", model, loader, ds, steps=steps, peak_lr=s.lr_continue, s=s, flops_start=flops_start,
+          log=log)
 
 
 def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
@@ -222,6 +250,9 @@ def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
     train("upcycled", up, loader, ds, steps=moe_extra_steps, peak_lr=s.lr_continue, s=s,
           flops_start=p_flops, log=log)
 
+    # 2d. dense continued for as many tokens (not FLOPs) as the upcycled MoE saw: equal data
+    equal_tokens(s, ds, out, log, steps=moe_extra_steps, data_pos=data_pos, flops_start=p_flops)
+
     # 2c. the same MoE from scratch with the total compute
     print("2c. MoE from scratch", flush=True)
     scratch = Transformer(moe_cfg)
@@ -235,7 +266,8 @@ def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
     result = {"settings": asdict(s), "dense_config": asdict(dense_cfg), "moe_config": asdict(moe_cfg),
               "flops_per_token": {"dense": fd, "moe": fm}, "tokens_per_step": tok_step,
               "steps": {"dense": s.dense_steps, "dense-continued": s.extra_dense_steps, "upcycled": moe_extra_steps,
-                        "moe-scratch": moe_scratch_steps},
+                        "dense-equal-tokens": moe_extra_steps, "moe-scratch": moe_scratch_steps},
+              "data_position": data_pos,
               "wall_seconds": wall, "torch": torch.__version__, "log": log}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"seed {s.seed} done in {wall / 60:.1f} min; results in {out / 'results.json'}", flush=True)
@@ -277,17 +309,18 @@ def summarize(result: dict) -> None:
     for row in result["log"]:
         finals[row["run"]] = row
     names = list(finals)
-    print(f"\n{'domain':<16}" + "".join(f"{n:>17}" for n in names))
+    print(f"\n{'domain':<16}" + "".join(f"{n:>20}" for n in names))
     for d in DOMAINS:
-        print(f"{d:<16}" + "".join(f"{finals[n]['valid'][d]:>17.4f}" for n in names))
-    print(f"{'mean':<16}" + "".join(f"{finals[n]['valid_mean']:>17.4f}" for n in names))
-    print(f"{'PFLOPs':<16}" + "".join(f"{finals[n]['flops'] / 1e15:>17.4f}" for n in names))
+        print(f"{d:<16}" + "".join(f"{finals[n]['valid'][d]:>20.4f}" for n in names))
+    print(f"{'mean':<16}" + "".join(f"{finals[n]['valid_mean']:>20.4f}" for n in names))
+    print(f"{'PFLOPs':<16}" + "".join(f"{finals[n]['flops'] / 1e15:>20.4f}" for n in names))
 
 
-RUNS = ("dense", "dense-continued", "upcycled", "moe-scratch")
+RUNS = ("dense", "dense-continued", "upcycled", "moe-scratch", "dense-equal-tokens")
 LABELS = {"dense": "dense (phase 1)", "dense-continued": "(a) dense, continued", "upcycled": "(b) upcycled MoE",
-          "moe-scratch": "(c) MoE from scratch"}
-COLORS = {"dense": "0.4", "dense-continued": "tab:blue", "upcycled": "tab:red", "moe-scratch": "tab:green"}
+          "moe-scratch": "(c) MoE from scratch", "dense-equal-tokens": "(d) dense, (b)'s tokens"}
+COLORS = {"dense": "0.4", "dense-continued": "tab:blue", "upcycled": "tab:red", "moe-scratch": "tab:green",
+          "dense-equal-tokens": "tab:cyan"}
 
 
 def plot(out: Path, figures: Path) -> None:
@@ -328,11 +361,12 @@ def plot(out: Path, figures: Path) -> None:
     fig.savefig(figures / "upcycling_loss_vs_compute.png", dpi=110)
     plt.close(fig)
 
-    finals = [{r: [x for x in res["log"] if x["run"] == r][-1]["valid"] for r in RUNS[1:]} for res in results]
+    equal = RUNS[1:4]  # the three arms at equal total compute
+    finals = [{r: [x for x in res["log"] if x["run"] == r][-1]["valid"] for r in equal} for res in results]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     w = 0.27
     ax = axes[0]
-    for j, r in enumerate(RUNS[1:]):
+    for j, r in enumerate(equal):
         vals = [[f[r][d] for f in finals] for d in DOMAINS]
         mean = [sum(v) / len(v) for v in vals]
         err = [[m - min(v) for m, v in zip(mean, vals, strict=True)],
@@ -342,11 +376,11 @@ def plot(out: Path, figures: Path) -> None:
     ax.set_xticks(range(len(DOMAINS)), DOMAINS, rotation=25, fontsize=8)
     ax.set_ylabel("validation loss, nats/byte")
     ax.set_title("final validation loss per domain (equal total compute)")
-    allv = [f[r][d] for f in finals for r in RUNS[1:] for d in DOMAINS]
+    allv = [f[r][d] for f in finals for r in equal for d in DOMAINS]
     ax.set_ylim(min(allv) - 0.2, max(allv) + 0.05)
     ax.legend(fontsize=8)
     ax = axes[1]
-    for j, r in enumerate(RUNS[2:]):
+    for j, r in enumerate(equal[1:]):
         diffs = [[f[r][d] - f["dense-continued"][d] for f in finals] for d in DOMAINS]
         mean = [sum(v) / len(v) for v in diffs]
         err = [[m - min(v) for m, v in zip(mean, diffs, strict=True)],

@@ -220,3 +220,15 @@ def test_side_files_copied(tmp_path):
     upcycle(src, tmp_path / "moe", num_experts=2, top_k=1)
     assert (tmp_path / "moe" / "tokenizer.model").read_bytes() == bytes(range(256))
     assert json.loads((tmp_path / "moe" / "tokenizer_config.json").read_text()) == {"model_max_length": 256}
+
+
+def test_refuses_wrong_shape(dense, tmp_path):
+    src, _ = dense
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 95)
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"down_proj\.weight' has shape \[64, 95\].*implies \[64, 96\]"):
+        upcycle(broken, tmp_path / "out")

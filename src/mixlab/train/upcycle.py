@@ -119,16 +119,18 @@ def _router(generator: torch.Generator, *, init: str, std: float, E: int, D: int
     raise ValueError(f"unknown router init {init!r}; expected one of {', '.join(ROUTER_INITS)}")
 
 
-def _experts(w: torch.Tensor, *, E: int, noise: float, generator: torch.Generator) -> torch.Tensor:
-    """E copies of `w` stacked on dim 0; with `noise` > 0, each copy gets its own additive Gaussian
-    perturbation with std = noise * std(w), computed in float32 (so noise is relative to the
-    weight's own scale, the same for w1, w3 and w2 whatever their init)."""
-    if noise <= 0:
-        return w.unsqueeze(0).expand(E, *w.shape).clone()  # clone: safetensors refuses shared storage
-    w32 = w.float()
-    scale = noise * w32.std()
-    eps = torch.randn((E, *w.shape), generator=generator, dtype=torch.float32)
-    return (w32.unsqueeze(0) + scale * eps).to(w.dtype)
+def _copies(w: torch.Tensor, *, E: int, noise: float, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """E copies of `w`, one at a time. Exact copies are `w` itself: the shard writer streams each
+    tensor's bytes, so E names can share one tensor and a layer's experts cost no extra memory. With
+    `noise` > 0 each copy gets its own additive Gaussian perturbation with std = noise * std(w),
+    computed in float32 (relative to the weight's own scale, so the same for w1, w3 and w2)."""
+    scale = noise * w.float().std() if noise > 0 else 0.0
+    for _ in range(E):
+        if noise <= 0:
+            yield w
+        else:
+            eps = torch.randn(w.shape, generator=generator, dtype=torch.float32)
+            yield (w.float() + scale * eps).to(w.dtype)
 
 
 def upcycle(
@@ -192,13 +194,11 @@ def upcycle(
         # e.g. q_proj.bias (attention_bias) or a vision tower: weights Mixtral has no place for.
         raise CheckpointError(f"{where[unexpected[0]]}: tensor {unexpected[0]!r} (and {len(unexpected) - 1} more) "
                               "has no counterpart in a Mixtral model; refusing to drop it")
-    for r in dense_rules:
-        try:
-            r.join([torch.empty(reader.shape(n), device="meta") for n in r.theirs])
-        except (RuntimeError, IndexError) as e:
-            shapes = [list(reader.shape(n)) for n in r.theirs]
-            raise CheckpointError(f"{where[r.theirs[0]]}: tensors {', '.join(r.theirs)} have shapes {shapes} "
-                                  f"that do not fit the config: {e}") from None
+    for r in dense_rules:  # every shape, before anything is read or written
+        for n, want in zip(r.theirs, r.shapes, strict=True):
+            if tuple(reader.shape(n)) != tuple(want):
+                raise CheckpointError(f"{where[n]}: tensor {n!r} has shape {list(reader.shape(n))}, but "
+                                      f"{root / 'config.json'} implies {list(want)}")
 
     E, D = num_experts, dense.dim
     g = torch.Generator().manual_seed(seed)
@@ -214,16 +214,16 @@ def upcycle(
                         raise CheckpointError(f"{where[n]}: tensor {n!r} has dtype {t.dtype}, expected a float dtype")
                 t = r.join([t.to(dtype) for t in ts] if dtype is not None else ts)
                 layer = _layer_of(r)
-                if r.ours.endswith(".ffn.w13.weight"):  # [2F, D] -> [E, 2F, D]; the router comes first
+                if r.ours.endswith(".ffn.w13.weight"):  # the router, then [2F, D] -> E x (w1, w3)
                     gate = _router(g, init=router_init, std=router_std, E=E, D=D).to(t.dtype)
                     yield from zip(moe_rules[f"layers.{layer}.ffn.gate.weight"].theirs, [gate], strict=True)
-                    w13 = _experts(t, E=E, noise=noise, generator=g)
-                    yield from zip(moe_rules[f"layers.{layer}.ffn.w13"].theirs,
-                                   moe_rules[f"layers.{layer}.ffn.w13"].split(w13), strict=True)
-                elif r.ours.endswith(".ffn.w2.weight"):  # [D, F] -> [E, D, F]
-                    w2 = _experts(t, E=E, noise=noise, generator=g)
-                    yield from zip(moe_rules[f"layers.{layer}.ffn.w2"].theirs,
-                                   moe_rules[f"layers.{layer}.ffn.w2"].split(w2), strict=True)
+                if r.ours.endswith((".ffn.w13.weight", ".ffn.w2.weight")):
+                    # The MoE rule lists each expert's names in expert order (w1_0, w3_0, w1_1, ...);
+                    # the dense rule splits one copy into that expert's pieces (w1, w3 or w2).
+                    names = moe_rules[r.ours.removesuffix(".weight")].theirs
+                    k = len(names) // E
+                    for e, copy in enumerate(_copies(t, E=E, noise=noise, generator=g)):
+                        yield from zip(names[e * k:(e + 1) * k], r.split(copy), strict=True)
                 else:  # embeddings, attention, norms, head: same tensors under the same names
                     yield from zip(moe_rules[r.ours].theirs, moe_rules[r.ours].split(t), strict=True)
 
