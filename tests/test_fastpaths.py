@@ -50,10 +50,10 @@ def test_packed_model_equals_the_plain_model(preset):
     model = _model(preset=preset)
     tokens = torch.randint(0, 256, (2, 12))
     ref = _prefill_then_decode(model, tokens, 8)
-    packed = prepare_for_inference(copy.deepcopy(model))
-    assert not any(isinstance(m, torch.nn.Linear) and m is not getattr(m, "gate", None)
-                   for name, m in packed.named_modules() if not name.endswith("gate"))
-    torch.testing.assert_close(_prefill_then_decode(packed, tokens, 8), ref, atol=1e-5, rtol=1e-5)
+    for packed in (False, True):
+        fast = prepare_for_inference(copy.deepcopy(model), packed=packed)
+        assert not any(isinstance(m, torch.nn.Linear) for name, m in fast.named_modules() if not name.endswith("gate"))
+        torch.testing.assert_close(_prefill_then_decode(fast, tokens, 8), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not (can_pack(torch.empty(2, 2)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
@@ -62,7 +62,7 @@ def test_packed_bf16_model_matches_plain_bf16_model():
     model = _model(torch.bfloat16)
     tokens = torch.randint(0, 256, (1, 10))
     ref = _prefill_then_decode(model, tokens, 6).float()
-    got = _prefill_then_decode(prepare_for_inference(copy.deepcopy(model)), tokens, 6).float()
+    got = _prefill_then_decode(prepare_for_inference(copy.deepcopy(model), packed=True), tokens, 6).float()
     assert (got - ref).norm() / ref.norm() < 1e-2  # same bf16 rounding, possibly another summation order
 
 
@@ -111,3 +111,27 @@ def test_single_query_attention_equals_sdpa(dtype, B, H, G, S):
     got = single_query_attention(q, k, v, mask)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_compiled_gemv_equals_the_eager_matmul(dtype):
+    from mixlab.ops import gemv
+    from mixlab.ops.quant import quantize_int8
+
+    if not gemv.enabled():
+        pytest.skip("compiled kernels switched off (MIXLAB_COMPILE=0)")
+    x = torch.randn(1, 48)
+    w = torch.randn(40, 48)
+    s = None
+    if dtype == torch.int8:
+        w, s = quantize_int8(w)
+        ref = x @ (w.float() * s[:, None]).T
+    else:
+        x, w = x.to(dtype), w.to(dtype)
+        ref = (x.float() @ w.float().T).to(dtype)
+    got = gemv.gemv(x, w, s)
+    if got is None:
+        pytest.skip("torch.compile is unavailable here")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype != torch.bfloat16 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+    assert gemv.gemv(torch.randn(2, 48), torch.randn(40, 48)) is None  # one row only

@@ -76,7 +76,7 @@ class Report:
         out += [f"- note: {n}" for n in self.notes]
         for section in dict.fromkeys(r.section for r in self.rows):
             rows = [r for r in self.rows if r.section == section]
-            ours = [p for p in ("mixlab", "mixlab-int8") if any(r.peer == p for r in rows)]
+            ours = [p for p in ("mixlab", "mixlab-packed", "mixlab-int8") if any(r.peer == p for r in rows)]
             out += ["", f"## {section}", "",
                     f"| case | peer | {rows[0].unit} | of limit | " + " | ".join(f"{p} ÷ this" for p in ours) + " |",
                     "|---|---|---:|---:|" + "---:|" * len(ours)]
@@ -100,11 +100,15 @@ def _median_time(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                 log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Median seconds of each function, run round-robin so that machine load hits all alike."""
-    for fn in fns.values():
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
         for _ in range(warmup):
             fn()
+        if log:
+            log(f"  warm-up {k}: {time.perf_counter() - t0:.2f} s")
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
@@ -277,7 +281,7 @@ class BenchPlan:
     decode_prompt: int = 128
     decode_steps: int = 8  # per repetition
     moe_tokens: tuple[int, ...] = (1, 32, 512, 4096)
-    peers: tuple[str, ...] = ("mixlab", "mixlab-int8", "mixlab-unpacked", "transformers", "llama.cpp")
+    peers: tuple[str, ...] = ("mixlab", "mixlab-packed", "mixlab-int8", "transformers", "llama.cpp")
     seed: int = 0
     limit_mib: int = 1024  # size of the bandwidth probe
     limit_n: int = 2048  # size of the matmul probe
@@ -334,17 +338,19 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
     report = Report(settings, measure_limits(reps=plan.reps, mib=plan.limit_mib, n=plan.limit_n))
 
     log(f"building {plan.preset} with random weights (bf16) ...")
-    model = Transformer(cfg)
+    with torch.device("meta"):  # allocate straight in bf16: no float32 copy of the whole model
+        model = Transformer(cfg).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
     model.init_weights(seed=plan.seed)
-    model = model.to(torch.bfloat16).eval()
-    # mixlab as users run it for inference (packed weights), int8, and the plain eager model.
+    model.eval()
+    # mixlab as users run it for inference: compiled single-row kernels; oneDNN-packed; int8.
     peers: list[Peer] = []
     if "mixlab" in plan.peers:
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model)), "mixlab"))
+    if "mixlab-packed" in plan.peers:
+        peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), packed=True), "mixlab-packed"))
     if "mixlab-int8" in plan.peers:
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int8"), "mixlab-int8", 1.0))
-    if "mixlab-unpacked" in plan.peers:
-        peers.append(MixlabPeer(model, "mixlab-unpacked"))
     tmp = tempfile.TemporaryDirectory(dir=workdir, prefix="mixlab-bench-")
     root = Path(tmp.name)
     try:
@@ -392,7 +398,7 @@ def _bench_prefill(plan: BenchPlan, cfg: ModelConfig, peers: list[Peer], report:
     for P in plan.prefill:
         log(f"prefill {P} ...")
         tokens = torch.randint(3, cfg.vocab_size, (1, P), generator=g)
-        times = _interleaved({p.name: functools.partial(p.prefill, tokens) for p in peers}, plan.reps)
+        times = _interleaved({p.name: functools.partial(p.prefill, tokens) for p in peers}, plan.reps, log=log)
         limit = P * _matmul_flops_per_token(cfg, ctx=P / 2) / report.limits["matmul"]
         for p in peers:
             t = times[p.name]
@@ -424,7 +430,7 @@ def _bench_decode(plan: BenchPlan, cfg: ModelConfig, model: Transformer, peers: 
             for _ in range(plan.decode_steps):
                 p.decode()
 
-        times = _interleaved({p.name: functools.partial(run, p) for p in active}, plan.reps)
+        times = _interleaved({p.name: functools.partial(run, p) for p in active}, plan.reps, log=log)
         n_exp = _unique_experts(model, prompt)
         ctx = plan.decode_prompt + steps / 2
         kv_bytes = B * ctx * cfg.kv_cache_bytes_per_token(2)
@@ -448,7 +454,7 @@ def _bench_moe(plan: BenchPlan, cfg: ModelConfig, model: Transformer, peers: lis
     for T in plan.moe_tokens:
         log(f"MoE layer T={T} ...")
         x = (torch.randn(1, T, cfg.dim, generator=g)).bfloat16()
-        times = _interleaved({p.name: functools.partial(p.moe_layer, x) for p in active}, plan.reps)
+        times = _interleaved({p.name: functools.partial(p.moe_layer, x) for p in active}, plan.reps, log=log)
         with torch.inference_mode():
             _, routing = block(x)
         n_exp = routing.idx_TK.unique().numel()

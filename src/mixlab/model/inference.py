@@ -1,12 +1,12 @@
-"""Turn a trained model into a fast CPU inference model: oneDNN-packed weights, or int8 weight-only.
+"""Turn a trained model into a fast CPU inference model, in place and one way (no autograd; the model
+can no longer be trained or saved): `prepare_for_inference(model, quant=None, packed=False)`.
 
-Both are one-way, in-place transformations for inference (no autograd; the model can no longer be
-saved or trained), chosen by `prepare_for_inference(model, quant=...)`:
-
-- `quant=None` (default): every matrix but the embedding and the router is packed once into oneDNN's
-  blocked layout (`mixlab.ops.linear`), what inductor's weight freezing does, without compiling;
-  the numbers are bit-identical to the unpacked model on the same kernels' arithmetic (bf16 or f32).
-- `quant="int8"`: the same matrices become int8 with one scale per output row (`mixlab.ops.quant`):
+- default: every matrix runs through `mixlab.ops.linear.linear`: a compiled GEMV (ops/gemv.py) for
+  one row (decoding at batch 1, the memory-bound case) and eager GEMM otherwise.
+- `packed=True`: the matrices are packed once into oneDNN's blocked layout (what inductor's weight
+  freezing does), the fastest for 2-16 rows (batched decoding) and a little faster for prefill;
+  oneDNN's packed tensors cannot feed the compiled GEMV, so batch-1 decoding is a little slower.
+- `quant="int8"`: the matrices become int8 with one scale per output row (`mixlab.ops.quant`):
   half the bytes of bf16 for memory-bound decoding.
 
 The token embedding is left alone (a lookup reads one row per token) and so is the router (tiny,
@@ -20,7 +20,7 @@ from torch import nn
 
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Transformer
-from mixlab.ops.linear import PackedLinear, can_pack, pack
+from mixlab.ops.linear import InferenceLinear, can_pack, pack
 from mixlab.ops.quant import Int8Linear, quantize_int8
 
 
@@ -45,26 +45,28 @@ def quantize_model_int8(model: Transformer) -> Transformer:
     return model.eval()
 
 
-def pack_model(model: Transformer) -> Transformer:
-    """Pack every matrix except embedding and router for oneDNN, in place (experts: one per expert)."""
-    if not can_pack(model.output.weight):
-        return model.eval()
+def pack_model(model: Transformer, *, packed: bool = True) -> Transformer:
+    """Route every matrix except embedding and router through `ops.linear.linear`, in place;
+    `packed`: in oneDNN's layout (experts: one packed matrix per expert)."""
+    packed = packed and can_pack(model.output.weight)
     with torch.no_grad():
-        for block in model.modules():
-            if isinstance(block, MoEBlock):
-                for name in ("w13", "w2"):
-                    stacked = getattr(block, name)
-                    packed = [pack(stacked[e]) for e in range(stacked.shape[0])]
-                    delattr(block, name)
-                    setattr(block, name, packed)  # a plain list: moe_ffn indexes it like the stacked tensor
-        _replace_linears(model, PackedLinear)
-    return model.eval()
+        if packed:
+            for block in model.modules():
+                if isinstance(block, MoEBlock):
+                    for name in ("w13", "w2"):
+                        stacked = getattr(block, name)
+                        per_expert = [pack(stacked[e]) for e in range(stacked.shape[0])]
+                        delattr(block, name)
+                        setattr(block, name, per_expert)  # a plain list: moe_ffn indexes it like the stack
+        _replace_linears(model, InferenceLinear, packed=packed)
+    return model.eval().requires_grad_(False)
 
 
-def prepare_for_inference(model: Transformer, *, quant: str | None = None) -> Transformer:
-    """The fastest CPU inference form of `model`, in place: int8 (`quant="int8"`) or packed."""
+def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool = False) -> Transformer:
+    """The fast CPU inference form of `model`, in place: int8 (`quant="int8"`), oneDNN-packed
+    (`packed=True`), or plain weights with compiled single-row kernels (default)."""
     if quant is None:
-        return pack_model(model)
+        return pack_model(model, packed=packed)
     if quant == "int8":
-        return quantize_model_int8(model)
+        return quantize_model_int8(model).requires_grad_(False)
     raise ValueError(f"unknown quantisation {quant!r}; expected None or 'int8'")

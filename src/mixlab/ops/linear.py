@@ -5,8 +5,10 @@ Why packing: eager `F.linear` hands oneDNN a plain row-major weight and oneDNN r
 its kernels on every call; for a few rows of activations (decoding) that reorder costs as much as
 the matmul. Packing once ahead of time (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's
 weight freezing does on CPU) removes it: on an AVX-512-bf16 CPU a packed bf16 matrix-vector product
-runs ~1.5-2x faster at 1-16 rows, and no slower at 512 (see BENCHMARKS.md). Packed weights are
+runs ~1.5-2x faster at 2-16 rows, and no slower at 512 (see BENCHMARKS.md). Packed weights are
 opaque oneDNN tensors: inference only (no autograd, no slicing, not saved in a state dict).
+For exactly one row (decoding at batch 1), `linear` uses the compiled GEMV of `ops/gemv.py` on
+plain weights, faster still.
 
 Shape legend: N rows of activations, X output features, D input features.
 """
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixlab.ops.gemv import gemv
 from mixlab.ops.quant import int8_linear
 
 
@@ -40,6 +43,8 @@ def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None 
     """x @ w.T for a plain, packed (`pack`) or int8 (`scale_X` given) weight."""
     if scale_X is not None:
         return int8_linear(x_ND, w_XD, scale_X)
+    if x_ND.shape[:-1].numel() == 1 and (y := gemv(x_ND.reshape(1, -1), w_XD)) is not None:
+        return y.reshape(*x_ND.shape[:-1], w_XD.shape[0])  # one row: the compiled GEMV (ops/gemv.py)
     if w_XD.is_mkldnn:
         lead = x_ND.shape[:-1]
         y = torch.ops.mkldnn._linear_pointwise(x_ND.reshape(-1, x_ND.shape[-1]).contiguous(), w_XD, None,
@@ -48,19 +53,23 @@ def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None 
     return F.linear(x_ND, w_XD)
 
 
-class PackedLinear(nn.Module):
-    """A bias-free `nn.Linear` whose weight is packed for oneDNN (inference only)."""
+class InferenceLinear(nn.Module):
+    """A bias-free `nn.Linear` for inference through `linear`: compiled GEMV for one row, and a
+    oneDNN-packed (`packed=True`) or plain weight for more rows. No autograd."""
 
-    def __init__(self, lin: nn.Linear) -> None:
+    def __init__(self, lin: nn.Linear, *, packed: bool = False) -> None:
         super().__init__()
         if lin.bias is not None:
-            raise ValueError("PackedLinear supports bias-free linears only")
+            raise ValueError("InferenceLinear supports bias-free linears only")
         self.in_features: int = lin.in_features
         self.out_features: int = lin.out_features
-        self.weight: torch.Tensor = pack(lin.weight)  # a plain attribute: opaque tensors are not state
+        self.packed: bool = packed
+        w = lin.weight.detach()
+        self.weight: torch.Tensor = pack(w) if packed else w  # a plain attribute: packed tensors are opaque
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+        kind = "oneDNN-packed" if self.packed else "plain"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"

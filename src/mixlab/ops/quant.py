@@ -5,7 +5,8 @@ s = max|w_row| / 127. Activations stay in bf16/f32; only the weights shrink, whi
 for decoding: one token reads every weight it touches once, so time ≈ bytes / memory bandwidth and
 int8 halves the bytes of bf16.
 
-`int8_linear` picks the kernel by the number of rows: for a few rows (decoding) torch's fused CPU
+`int8_linear` picks the kernel by the number of rows: for one row (decoding at batch 1) the
+compiled GEMV of `mixlab.ops.gemv` streams the int8 weight once; for a few rows torch's fused CPU
 kernel `aten._weight_int8pack_mm` reads int8 and scales on the fly; for many rows (prefill) the
 matmul is compute-bound, so we dequantise once to the activation dtype and use the bf16 GEMM.
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mixlab.ops.gemv import gemv
 
 # Above this many rows dequantise-then-GEMM beats the int8 matrix-vector kernel (measured on
 # AVX-512 CPUs; the int8pack kernel is a GEMV at heart and does not block for many rows).
@@ -39,6 +42,9 @@ def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor) -> to
     """x @ (q * s).T without materialising the bf16 weight when x has few rows."""
     lead = x_ND.shape[:-1]
     x2 = x_ND.reshape(-1, x_ND.shape[-1])
+    y = gemv(x2, q_XD, s_X)
+    if y is not None:
+        return y.reshape(*lead, q_XD.shape[0])
     if x2.device.type == "cpu" and x2.shape[0] <= INT8PACK_MAX_ROWS and x2.dtype in (torch.bfloat16, torch.float32):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q_XD, s_X.to(x2.dtype))
     else:
