@@ -232,3 +232,21 @@ def test_refuses_wrong_shape(dense, tmp_path):
     save_file(tensors, str(broken / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"down_proj\.weight' has shape \[64, 95\].*implies \[64, 96\]"):
         upcycle(broken, tmp_path / "out")
+
+
+def test_noise_is_relative_to_each_matrix(dense, tmp_path):
+    """w1, w3 and w2 each get noise scaled by their own spread, even when their scales differ."""
+    src, _ = dense
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    (scaled / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] *= 10
+    save_file(tensors, str(scaled / "model.safetensors"))
+    upcycle(scaled, tmp_path / "moe", num_experts=2, top_k=1, noise=0.05, seed=0)
+    moe = load_file(str(tmp_path / "moe" / "model.safetensors"))
+    for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        w = tensors[f"model.layers.0.mlp.{theirs}.weight"]
+        copy = moe[f"model.layers.0.block_sparse_moe.experts.1.{ours}.weight"]
+        rel = ((copy - w).std() / w.std()).item()
+        assert 0.04 < rel < 0.06, (ours, rel)

@@ -2,16 +2,18 @@
 
 Komatsuzaki et al., "Sparse Upcycling" (arXiv 2212.05055): every expert of a layer starts as a copy
 of that layer's dense FFN, the router is new, everything else (embeddings, attention, norms, output
-head) is copied unchanged. Mixtral 8x7B was reportedly made this way from Mistral 7B.
+head) is copied unchanged. Mixtral 8x7B is widely believed to have been started this way from
+Mistral 7B (the Mixtral paper does not say).
 
 Why the MoE computes exactly the dense function right after upcycling (without noise): the MoE
 output is sum_k weight_k * FFN_{e_k}(x); the top-k weights are a softmax over the chosen logits, so
 they sum to 1, and every FFN_e is the same function, so the sum is FFN(x) whatever the router chose
 (zero, random or any other router init). Only float rounding of the weighted sum differs.
 
-The conversion streams: tensors are read lazily from memory-mapped safetensors, one key-map rule
-(at most one layer's experts) at a time, and handed to `write_sharded` as a generator, so peak
-memory is about one output shard (`max_shard_bytes`) plus one layer's experts, not the model.
+The conversion streams: after every name and shape is checked, tensors are read one key-map rule
+(at most one layer's FFN) at a time and handed to `write_sharded` as a generator, so peak memory is
+about the distinct data of one output shard (`max_shard_bytes`), not the model; exact expert
+copies share the dense tensor.
 
 Shape legend: E experts, D model width, F FFN width.
 """
@@ -119,18 +121,26 @@ def _router(generator: torch.Generator, *, init: str, std: float, E: int, D: int
     raise ValueError(f"unknown router init {init!r}; expected one of {', '.join(ROUTER_INITS)}")
 
 
-def _copies(w: torch.Tensor, *, E: int, noise: float, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """E copies of `w`, one at a time. Exact copies are `w` itself: the shard writer streams each
-    tensor's bytes, so E names can share one tensor and a layer's experts cost no extra memory. With
-    `noise` > 0 each copy gets its own additive Gaussian perturbation with std = noise * std(w),
-    computed in float32 (relative to the weight's own scale, so the same for w1, w3 and w2)."""
-    scale = noise * w.float().std() if noise > 0 else 0.0
-    for _ in range(E):
-        if noise <= 0:
-            yield w
-        else:
-            eps = torch.randn(w.shape, generator=generator, dtype=torch.float32)
-            yield (w.float() + scale * eps).to(w.dtype)
+def _expert_copies(
+    pieces: list[torch.Tensor], names: tuple[str, ...], *, E: int, noise: float, generator: torch.Generator
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every expert's copy of the dense `pieces` ([w1, w3] or [w2]); `names` lists
+    them expert by expert (w1_0, w3_0, w1_1, ...), as the MoE key-map rule does.
+
+    Exact copies are the dense tensors themselves: the shard writer streams each tensor's bytes, so
+    E names can share one tensor and a layer's experts cost no extra memory. With `noise` > 0, each
+    copy of each matrix gets its own additive Gaussian perturbation N(0, (noise * std(W))^2), with
+    std(W) the spread of that dense matrix's entries (so the noise is relative to each matrix's own
+    scale), drawn in float32 and cast back to the stored dtype."""
+    scales = [noise * w.float().std() for w in pieces]
+    k = len(pieces)
+    for e in range(E):
+        for name, w, scale in zip(names[e * k:(e + 1) * k], pieces, scales, strict=True):
+            if noise <= 0:
+                yield name, w
+            else:
+                eps = torch.randn(w.shape, generator=generator, dtype=torch.float32)
+                yield name, (w.float() + scale * eps).to(w.dtype)
 
 
 def upcycle(
@@ -218,12 +228,8 @@ def upcycle(
                     gate = _router(g, init=router_init, std=router_std, E=E, D=D).to(t.dtype)
                     yield from zip(moe_rules[f"layers.{layer}.ffn.gate.weight"].theirs, [gate], strict=True)
                 if r.ours.endswith((".ffn.w13.weight", ".ffn.w2.weight")):
-                    # The MoE rule lists each expert's names in expert order (w1_0, w3_0, w1_1, ...);
-                    # the dense rule splits one copy into that expert's pieces (w1, w3 or w2).
                     names = moe_rules[r.ours.removesuffix(".weight")].theirs
-                    k = len(names) // E
-                    for e, copy in enumerate(_copies(t, E=E, noise=noise, generator=g)):
-                        yield from zip(names[e * k:(e + 1) * k], r.split(copy), strict=True)
+                    yield from _expert_copies(r.split(t), names, E=E, noise=noise, generator=g)
                 else:  # embeddings, attention, norms, head: same tensors under the same names
                     yield from zip(moe_rules[r.ours].theirs, moe_rules[r.ours].split(t), strict=True)
 
