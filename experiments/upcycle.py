@@ -158,6 +158,7 @@ def main() -> None:
     # descheduled; measured 8x slower per step than one thread under a load average of 10 on 2 cores.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one full comparison per seed")
+    ap.add_argument("--no-scratch", action="store_true", help="skip arm (c), the MoE from scratch (the slowest)")
     ap.add_argument("--add-equal-tokens", action="store_true",
                     help="only add arm (d) to existing results (for results written before it existed)")
     ap.add_argument("--noise-table", action="store_true",
@@ -186,7 +187,7 @@ def main() -> None:
             continue
         if args.quick:
             s.dense_steps, s.extra_dense_steps, s.eval_windows = 30, 20, 2
-        summarize(run(s, ds, args.out / f"seed{seed}"))
+        summarize(run(s, ds, args.out / f"seed{seed}", scratch_arm=not args.no_scratch))
     if not args.quick:
         plot(args.out, args.figures)
 
@@ -204,7 +205,7 @@ def equal_tokens(s: Settings, ds: TokenDataset, out: Path, log: list[dict], *, s
           log=log)
 
 
-def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
+def run(s: Settings, ds: TokenDataset, out: Path, *, scratch_arm: bool = True) -> dict:
     """One seed of the whole comparison; models and results.json go to `out`."""
     out.mkdir(parents=True, exist_ok=True)
     dense_cfg = ModelConfig(vocab_size=ds.vocab_size, max_seq_len=s.seq_len, rope_theta=1e4, moe=None,
@@ -221,6 +222,15 @@ def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
           f"(c) MoE from scratch {moe_scratch_steps}", flush=True)
     log: list[dict] = []
     t_start = time.perf_counter()
+    steps = {"dense": s.dense_steps, "dense-continued": s.extra_dense_steps, "upcycled": moe_extra_steps,
+             "dense-equal-tokens": moe_extra_steps, "moe-scratch": moe_scratch_steps}
+
+    def save() -> dict:  # after every arm, so an interrupted run keeps what it finished
+        result = {"settings": asdict(s), "dense_config": asdict(dense_cfg), "moe_config": asdict(moe_cfg),
+                  "flops_per_token": {"dense": fd, "moe": fm}, "tokens_per_step": tok_step, "steps": steps,
+                  "wall_seconds": time.perf_counter() - t_start, "torch": torch.__version__, "log": log}
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        return result
 
     # 1. dense pretraining
     dense = Transformer(dense_cfg)
@@ -230,6 +240,7 @@ def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
     print("1. dense pretraining", flush=True)
     train("dense", dense, loader, ds, steps=s.dense_steps, peak_lr=s.lr, s=s, flops_start=0.0, log=log)
     save_model(dense, out / "dense")
+    save()
     data_pos = loader.state_dict()
     p_flops = fd * tok_step * s.dense_steps
 
@@ -239,6 +250,7 @@ def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
     loader.load_state_dict(data_pos)
     train("dense-continued", cont, loader, ds, steps=s.extra_dense_steps, peak_lr=s.lr_continue, s=s,
           flops_start=p_flops, log=log)
+    save()
 
     # 2b. upcycle (the library function behind `mixlab upcycle`), then train on the same data stream
     print("2b. upcycled MoE", flush=True)
@@ -249,9 +261,13 @@ def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
     loader.load_state_dict(data_pos)
     train("upcycled", up, loader, ds, steps=moe_extra_steps, peak_lr=s.lr_continue, s=s,
           flops_start=p_flops, log=log)
+    save()
 
     # 2d. dense continued for as many tokens (not FLOPs) as the upcycled MoE saw: equal data
     equal_tokens(s, ds, out, log, steps=moe_extra_steps, data_pos=data_pos, flops_start=p_flops)
+    save()
+    if not scratch_arm:
+        return save()
 
     # 2c. the same MoE from scratch with the total compute
     print("2c. MoE from scratch", flush=True)
@@ -262,15 +278,9 @@ def run(s: Settings, ds: TokenDataset, out: Path) -> dict:
     train("moe-scratch", scratch, scratch_loader, ds, steps=moe_scratch_steps, peak_lr=s.lr, s=s,
           flops_start=0.0, log=log)
 
-    wall = time.perf_counter() - t_start
-    result = {"settings": asdict(s), "dense_config": asdict(dense_cfg), "moe_config": asdict(moe_cfg),
-              "flops_per_token": {"dense": fd, "moe": fm}, "tokens_per_step": tok_step,
-              "steps": {"dense": s.dense_steps, "dense-continued": s.extra_dense_steps, "upcycled": moe_extra_steps,
-                        "dense-equal-tokens": moe_extra_steps, "moe-scratch": moe_scratch_steps},
-              "data_position": data_pos,
-              "wall_seconds": wall, "torch": torch.__version__, "log": log}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"seed {s.seed} done in {wall / 60:.1f} min; results in {out / 'results.json'}", flush=True)
+    result = save()
+    print(f"seed {s.seed} done in {result['wall_seconds'] / 60:.1f} min; results in {out / 'results.json'}",
+          flush=True)
     return result
 
 
@@ -343,7 +353,7 @@ def plot(out: Path, figures: Path) -> None:
                 ax.plot([x["flops"] for x in rows], [x["valid_mean"] for x in rows], "o-" if k == 0 else "s--",
                         ms=3, lw=1.5 if k == 0 else 1, alpha=1 if k == 0 else 0.6, color=COLORS[r],
                         label=f"{LABELS[r]}, seed {res['settings']['seed']}")
-        ax.set_xlabel("training compute, FLOPs (6 x active non-embedding params x tokens)")
+        ax.set_xlabel("training FLOPs = 6 x active non-embedding params x tokens")
         ax.set_ylabel("validation loss, nats/byte (mean of 8 domains)")
         ax.grid(alpha=0.3)
         if zoom:
@@ -362,12 +372,13 @@ def plot(out: Path, figures: Path) -> None:
     plt.close(fig)
 
     equal = RUNS[1:4]  # the three arms at equal total compute
-    finals = [{r: [x for x in res["log"] if x["run"] == r][-1]["valid"] for r in equal} for res in results]
+    finals = [{r: [x for x in res["log"] if x["run"] == r][-1]["valid"] for r in equal
+               if any(x["run"] == r for x in res["log"])} for res in results]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     w = 0.27
     ax = axes[0]
     for j, r in enumerate(equal):
-        vals = [[f[r][d] for f in finals] for d in DOMAINS]
+        vals = [[f[r][d] for f in finals if r in f] for d in DOMAINS]
         mean = [sum(v) / len(v) for v in vals]
         err = [[m - min(v) for m, v in zip(mean, vals, strict=True)],
                [max(v) - m for m, v in zip(mean, vals, strict=True)]]
@@ -376,12 +387,12 @@ def plot(out: Path, figures: Path) -> None:
     ax.set_xticks(range(len(DOMAINS)), DOMAINS, rotation=25, fontsize=8)
     ax.set_ylabel("validation loss, nats/byte")
     ax.set_title("final validation loss per domain (equal total compute)")
-    allv = [f[r][d] for f in finals for r in equal for d in DOMAINS]
+    allv = [f[r][d] for f in finals for r in equal if r in f for d in DOMAINS]
     ax.set_ylim(min(allv) - 0.2, max(allv) + 0.05)
     ax.legend(fontsize=8)
     ax = axes[1]
     for j, r in enumerate(equal[1:]):
-        diffs = [[f[r][d] - f["dense-continued"][d] for f in finals] for d in DOMAINS]
+        diffs = [[f[r][d] - f["dense-continued"][d] for f in finals if r in f] for d in DOMAINS]
         mean = [sum(v) / len(v) for v in diffs]
         err = [[m - min(v) for m, v in zip(mean, diffs, strict=True)],
                [max(v) - m for m, v in zip(mean, diffs, strict=True)]]
