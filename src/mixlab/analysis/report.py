@@ -315,9 +315,21 @@ def summary_md(report: dict[str, Any]) -> str:
 _NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
 
 
+def _rounded(x: Any) -> Any:
+    """Floats to 6 significant digits (shares are counts over at most ~1e6 tokens; the exact
+    counts are in the JSON too)."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
+
 def to_json(report: dict[str, Any]) -> str:
     """Indented JSON with each innermost list of numbers on one line (readable and small)."""
-    text = json.dumps(report, indent=1, ensure_ascii=False, allow_nan=True)
+    text = json.dumps(_rounded(report), indent=1, ensure_ascii=False, allow_nan=True)
     return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\s*", ", ", m.group(1)) + "]", text) + "\n"
 
 
