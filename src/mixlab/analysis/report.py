@@ -83,9 +83,10 @@ def build_report(collected: Collected, *, layers: list[int], meta: dict[str, Any
         "domain_vs_all_tv": {name: [total_variation(c.selected_LE[i], total.selected_LE[i])
                                     for i in range(len(collected.moe_layers))]
                              for name, c in collected.counts.items()},
-        "samples": [
+        "samples": [  # topk[layer][slot][token]
             {"domain": s.domain, "source": s.source, "pieces": s.pieces,
-             "topk": {str(layer): s.idx_LSK[pos[layer]].tolist() for layer in layers}}
+             # [K][tokens]: slot-major, so each slot is one line in the JSON
+             "topk": {str(layer): s.idx_LSK[pos[layer]].T.tolist() for layer in layers}}
             for s in collected.samples
         ],
     }
@@ -293,7 +294,8 @@ def tokens_html(report: dict[str, Any]) -> str:
             # Neighbours with the same top-k list share one span; a class per expert and the top-k
             # in the title (shown on hover) keep the page small.
             runs: list[tuple[list[int], str]] = []
-            for piece, topk in zip(s["pieces"], s["topk"][str(layer)], strict=True):
+            for piece, topk_tuple in zip(s["pieces"], zip(*s["topk"][str(layer)], strict=True), strict=True):
+                topk = list(topk_tuple)
                 if runs and runs[-1][0] == topk:
                     runs[-1] = (topk, runs[-1][1] + piece)
                 else:
