@@ -56,6 +56,8 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()
+
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     cfg = get_preset(args.preset)
@@ -110,6 +112,9 @@ def main() -> None:
         tn = statistics.median(times[name][args.new_tokens])
         rates[name] = (args.new_tokens - 1) / (tn - t1)
         print(f"{name:14}{args.prompt_len / t1:15.1f}{rates[name]:15.2f}{args.new_tokens / tn:19.2f}{tn:10.2f}")
+    for name in runners:
+        print(f"{name} run times (s): 1 token {[round(t, 2) for t in times[name][1]]}, "
+              f"{args.new_tokens} tokens {[round(t, 2) for t in times[name][args.new_tokens]]}")
     print(f"decode speed ratio mixlab / transformers: {rates['mixlab'] / rates['transformers']:.2f}x")
     same = sum(a == b for a, b in zip(outputs["mixlab"], outputs["transformers"], strict=True))
     print(f"greedy tokens equal to transformers': {same}/{args.new_tokens} ({args.dtype}: rounding may diverge)")
