@@ -41,7 +41,7 @@ def _cfg(dataset: Path, out: Path, **kw: Any) -> TrainConfig:
     base: dict[str, Any] = dict(data=str(dataset), out=str(out), model="tiny-moe", model_overrides=TINY,
                                 seq_len=32, batch_size=4, steps=6, warmup=2, lr=3e-3, eval_every=0,
                                 ckpt_every=0, log_every=1, progress=False, tensorboard=False, export_hf=False,
-                                deterministic=True, grad_accum=2)
+                                deterministic=True, grad_accum=2, threads=1)
     base.update(kw)
     return load_train_config(None, **base)
 
