@@ -101,8 +101,10 @@ def _median_time(fn: Callable[[], object], reps: int) -> float:
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
-                 log: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Median seconds of each function, run round-robin so that machine load hits all alike."""
+                 log: Callable[[str], None] | None = None, before: Callable[[], object] | None = None
+                 ) -> dict[str, float]:
+    """Median seconds of each function, run round-robin so that machine load hits all alike;
+    `before` runs (untimed) before each timed call."""
     for k, fn in fns.items():
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -112,6 +114,8 @@ def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -285,12 +289,13 @@ class BenchPlan:
     seed: int = 0
     limit_mib: int = 1024  # size of the bandwidth probe
     limit_n: int = 2048  # size of the matmul probe
+    flush_mib: int = 256  # read between MoE-layer calls to evict the layer from the CPU caches
     vocab_size: int | None = None  # override the preset's (llama.cpp needs the tokenizer's 32000)
 
     @classmethod
     def quick(cls, preset: str = "tiny-moe") -> BenchPlan:
         return cls(preset=preset, reps=2, prefill=(32,), decode_batch=(1, 2), decode_prompt=16, decode_steps=2,
-                   moe_tokens=(1, 16), vocab_size=32000, limit_mib=128, limit_n=512)
+                   moe_tokens=(1, 16), vocab_size=32000, limit_mib=128, limit_n=512, flush_mib=8)
 
 
 def _versions() -> dict[str, str]:
@@ -451,10 +456,14 @@ def _bench_moe(plan: BenchPlan, cfg: ModelConfig, model: Transformer, peers: lis
     g = torch.Generator().manual_seed(plan.seed + 2)
     block = model.layers[0].ffn
     assert isinstance(block, MoEBlock)
+    flush = torch.ones(plan.flush_mib * 2**20 // 4)
     for T in plan.moe_tokens:
         log(f"MoE layer T={T} ...")
         x = (torch.randn(1, T, cfg.dim, generator=g)).bfloat16()
-        times = _interleaved({p.name: functools.partial(p.moe_layer, x) for p in active}, plan.reps, log=log)
+        # Evict the layer's weights from the CPU caches before each call, as the other layers of a
+        # forward pass do: otherwise small T measures cache-resident weights, not memory.
+        times = _interleaved({p.name: functools.partial(p.moe_layer, x) for p in active}, plan.reps, log=log,
+                             before=flush.sum)
         with torch.inference_mode():
             _, routing = block(x)
         n_exp = routing.idx_TK.unique().numel()
