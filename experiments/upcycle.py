@@ -352,7 +352,11 @@ def plot(out: Path, figures: Path) -> None:
                 rows = [x for x in res["log"] if x["run"] == r and (not zoom or x["flops"] >= p_flops)]
                 ax.plot([x["flops"] for x in rows], [x["valid_mean"] for x in rows], "o-" if k == 0 else "s--",
                         ms=3, lw=1.5 if k == 0 else 1, alpha=1 if k == 0 else 0.6, color=COLORS[r],
-                        label=f"{LABELS[r]}, seed {res['settings']['seed']}")
+                        label=LABELS[r] if k == 0 else None)
+        seeds = [str(res["settings"]["seed"]) for res in results]
+        ax.plot([], [], "k-", label=f"seed {seeds[0]}")
+        if len(seeds) > 1:
+            ax.plot([], [], "k--", alpha=0.6, label=f"seed {', '.join(seeds[1:])}")
         ax.set_xlabel("training FLOPs = 6 x active non-embedding params x tokens")
         ax.set_ylabel("validation loss, nats/byte (mean of 8 domains)")
         ax.grid(alpha=0.3)
