@@ -161,10 +161,14 @@ def main() -> None:
     ap.add_argument("--no-scratch", action="store_true", help="skip arm (c), the MoE from scratch (the slowest)")
     ap.add_argument("--add-equal-tokens", action="store_true",
                     help="only add arm (d) to existing results (for results written before it existed)")
+    ap.add_argument("--table", action="store_true", help="only print the Markdown results table of docs/upcycling.md")
     ap.add_argument("--noise-table", action="store_true",
                     help="only measure how far `upcycle --noise STD` moves the trained dense model's outputs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.table:
+        markdown_table(args.out)
+        return
     if args.noise_table:
         noise_table(args.out, args.out / f"seed{args.seeds[0]}")
         return
@@ -324,6 +328,25 @@ def summarize(result: dict) -> None:
         print(f"{d:<16}" + "".join(f"{finals[n]['valid'][d]:>20.4f}" for n in names))
     print(f"{'mean':<16}" + "".join(f"{finals[n]['valid_mean']:>20.4f}" for n in names))
     print(f"{'PFLOPs':<16}" + "".join(f"{finals[n]['flops'] / 1e15:>20.4f}" for n in names))
+
+
+def markdown_table(out: Path) -> None:
+    """Final validation loss per domain (rows) and arm (columns); a cell lists the seeds' values."""
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("seed*/results.json"))]
+    arms = [r for r in RUNS if any(x["run"] == r for res in results for x in res["log"])]
+
+    def finals(r: str) -> list[dict]:
+        rows = [[x for x in res["log"] if x["run"] == r] for res in results]
+        return [x[-1] for x in rows if x]
+
+    seeds = ", ".join(str(res["settings"]["seed"]) for res in results)
+    print(f"| domain (seeds {seeds}) | " + " | ".join(LABELS[r] for r in arms) + " |")
+    print("|---|" + "---:|" * len(arms))
+    for d in [*DOMAINS, "mean"]:
+        row = [" / ".join(f"{f['valid_mean'] if d == 'mean' else f['valid'][d]:.3f}" for f in finals(r)) for r in arms]
+        print(f"| {'**mean**' if d == 'mean' else d} | " + " | ".join(row) + " |")
+    print("| TFLOPs (total) | " + " | ".join(f"{finals(r)[0]['flops'] / 1e12:.2f}" for r in arms) + " |")
+    print("| tokens in the arm | " + " | ".join(f"{finals(r)[0]['tokens'] / 1e6:.2f}M" for r in arms) + " |")
 
 
 RUNS = ("dense", "dense-continued", "upcycled", "moe-scratch", "dense-equal-tokens")
