@@ -22,7 +22,7 @@ def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = Non
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval" in r]
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="0.6", lw=1, label="train (batch)")
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="lightsteelblue", lw=1, label="train (batch)")
     if evals:
         for dom in evals[-1]["eval"]:
             ax.plot([r["step"] for r in evals], [r["eval"][dom] for r in evals], marker="o", ms=3, lw=1.2,
