@@ -158,3 +158,14 @@ def test_prepare_shared_corpus_two_domains(tmp_path: Path) -> None:
     ds = TokenDataset(tmp_path / "ds")
     x, _, d = BatchLoader(ds, seq_len=64, batch_size=4, seed=0).next_batch()
     assert x.shape == (4, 64) and set(d.tolist()) <= {0, 1}
+
+
+def test_prepare_with_mixtral_tokenizer(tmp_path: Path) -> None:
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"text": "Hello world, this is Mixtral."}) + "\n", encoding="utf-8")
+    meta = prepare(read_documents([f]), tmp_path / "ds", tokenizer="mixtral", valid_fraction=0)
+    assert meta["vocab_size"] == 32000 and meta["tokenizer"]["type"] == "file"
+    ds = TokenDataset(tmp_path / "ds")
+    ids = ds.tokens("train", "default").tolist()
+    assert ids[0] == 1 and ids[-1] == 2
+    assert ds.tokenizer().decode(ids) == "Hello world, this is Mixtral."

@@ -19,7 +19,8 @@ crosses document boundaries inside a window; the BOS/EOS tokens mark them.
 
 Tokenizers: `bytes` (the default: UTF-8 bytes shifted by 3, ids 0 = pad, 1 = BOS, 2 = EOS, vocabulary
 259; nothing to download, and a tiny embedding keeps small models small), `mixtral` (Mixtral's
-32,000-piece SentencePiece model shipped with mistral-common), or a path to any SentencePiece `.model`.
+32,000-piece SentencePiece model shipped with mistral-common), or a path to any SentencePiece `.model`
+or `tokenizer.json`, read through `mixlab.tokenizer`.
 """
 
 from __future__ import annotations
@@ -82,53 +83,46 @@ class ByteTokenizer:
         return {"type": "bytes", "offset": self.OFFSET, "vocab_size": self.vocab_size}
 
 
-class SentencePieceTokenizer:
-    """A SentencePiece model (Mixtral's by default) used directly."""
+class FileTokenizer:
+    """A tokenizer file read by `mixlab.tokenizer` (SentencePiece `.model` or `tokenizer.json`)."""
 
-    def __init__(self, path: str | Path, *, name: str | None = None) -> None:
-        import sentencepiece as spm
+    def __init__(self, path: str | Path | None, *, name: str | None = None) -> None:
+        from mixlab.tokenizer import default_tokenizer_path, load_tokenizer
 
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"tokenizer model {p} does not exist")
+        p = default_tokenizer_path() if path is None else Path(path)
+        if not p.exists():
+            raise DataError(f"tokenizer {p} does not exist")
         self.path = p
         self.name = name or str(p)
-        self.sp = spm.SentencePieceProcessor(model_file=str(p))
-        self.vocab_size = int(self.sp.vocab_size())
-        self.bos_id, self.eos_id = int(self.sp.bos_id()), int(self.sp.eos_id())
+        self.tok = load_tokenizer(p)
+        self.vocab_size, self.bos_id, self.eos_id = self.tok.vocab_size, self.tok.bos_id, self.tok.eos_id
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        ids: list[int] = self.sp.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return self.tok.encode(text, bos=bos, eos=eos)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return str(self.sp.decode(list(ids)))
+        return self.tok.decode(list(ids))
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "sentencepiece", "name": self.name, "path": str(self.path), "vocab_size": self.vocab_size}
-
-
-def mixtral_tokenizer_path() -> Path:
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+        return {"type": "file", "name": self.name, "path": str(self.path), "vocab_size": self.vocab_size}
 
 
 def get_tokenizer(spec: str | dict[str, Any]) -> TrainTokenizer:
-    """`"bytes"`, `"mixtral"`, a path to a SentencePiece `.model`, or a `spec()` dict from meta.json."""
+    """`"bytes"`, `"mixtral"`, a path to a SentencePiece `.model` or `tokenizer.json` (or a checkpoint
+    folder holding one), or a `spec()` dict from meta.json."""
     if isinstance(spec, dict):
         kind = spec.get("type")
         if kind == "bytes":
             return ByteTokenizer()
-        if kind == "sentencepiece":
+        if kind == "file":
             name = spec.get("name", "")
             return get_tokenizer("mixtral" if name == "mixtral" else str(spec.get("path")))
-        raise DataError(f"unknown tokenizer type {kind!r} in dataset metadata (expected 'bytes' or 'sentencepiece')")
+        raise DataError(f"unknown tokenizer type {kind!r} in dataset metadata (expected 'bytes' or 'file')")
     if spec == "bytes":
         return ByteTokenizer()
     if spec == "mixtral":
-        return SentencePieceTokenizer(mixtral_tokenizer_path(), name="mixtral")
-    return SentencePieceTokenizer(spec)
+        return FileTokenizer(None, name="mixtral")
+    return FileTokenizer(spec)
 
 
 # -- reading documents -----------------------------------------------------------------------------

@@ -90,7 +90,7 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption; everything else must match.
-RUN_ONLY = {"out", "eval_every", "eval_windows", "ckpt_every", "keep", "log_every", "export_hf", "progress",
+RUN_ONLY = {"data", "out", "eval_every", "eval_windows", "ckpt_every", "keep", "log_every", "export_hf", "progress",
             "tensorboard", "compile", "activation_checkpointing", "device", "moe_impl", "threads"}
 
 
