@@ -44,6 +44,7 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
     torch.manual_seed(0)
     ours = Transformer(mc)
     ours.init_weights(seed=0)
+    ours.set_moe_impl(args.moe_impl)
     hf_cfg._experts_implementation = hf_experts
     theirs = MixtralForCausalLM(hf_cfg)
     theirs.train()
@@ -74,7 +75,7 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
         opt_theirs.zero_grad(set_to_none=True)
         return time.perf_counter() - t
 
-    return {"mixlab": step_ours, f"transformers ({hf_experts})": step_theirs}
+    return {f"mixlab ({args.moe_impl})": step_ours, f"transformers ({hf_experts})": step_theirs}
 
 
 def main() -> None:
@@ -91,6 +92,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--moe-impl", default="auto", help="mixlab MoE implementation (mixlab.ops.moe.IMPLS or auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
     p.add_argument("--hf-experts", default="eager,grouped_mm",
