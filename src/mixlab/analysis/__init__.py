@@ -21,7 +21,15 @@ from mixlab.analysis.collect import (
     moe_layers,
 )
 from mixlab.analysis.report import build_report, write_report
-from mixlab.analysis.stats import RoutingCounts, consecutive_repeats, expert_counts, load_balance, random_baseline
+from mixlab.analysis.stats import (
+    RoutingCounts,
+    consecutive_repeats,
+    expert_counts,
+    load_balance,
+    pair_mask,
+    random_baseline,
+    total_variation,
+)
 from mixlab.model import Transformer
 
 __all__ = [
@@ -34,7 +42,10 @@ __all__ = [
     "find_domains",
     "load_analysis_tokenizer",
     "load_balance",
+    "pair_mask",
+    "parse_layers",
     "random_baseline",
+    "total_variation",
 ]
 
 

@@ -22,6 +22,9 @@ Definitions (all "shares" are fractions in [0, 1]):
   both tokens. The paper's random reference 1 - 6/8 * 5/7 ~ 46 % for E = 8, k = 2 is exactly the
   probability that two independent uniform 2-subsets of 8 experts intersect, which fixes this
   reading (see `random_baseline`).
+- the same two repeat rates over pairs of *different* token ids only: a router that is a function
+  of the token id repeats on every identical neighbour (runs of spaces), which is not locality.
+- domain specialisation: total variation distance between a domain's and all domains' shares.
 """
 
 from __future__ import annotations
