@@ -1,7 +1,9 @@
 """Does sparse upcycling pay at small scale? Dense vs upcycled MoE vs MoE from scratch, equal compute.
 
-    .venv/bin/python experiments/upcycle.py            # ~20 minutes on 2 CPU cores
-    .venv/bin/python experiments/upcycle.py --quick    # a 1-minute smoke run of the same pipeline
+    .venv/bin/python experiments/upcycle.py              # seeds 0 and 1: 20-35 min each on a shared 2-core CPU
+    .venv/bin/python experiments/upcycle.py --table      # the results table of docs/upcycling.md
+    .venv/bin/python experiments/upcycle.py --noise-table  # how far `--noise` moves the trained model
+    .venv/bin/python experiments/upcycle.py --quick      # a few-minute smoke run of the same pipeline
 
 1. Train a small dense Mistral-style model on the 8 pretraining domains of ../shared/corpus
    (byte-level tokenizer, vocabulary 259, the training data module's default) for P steps.
@@ -9,8 +11,10 @@
    (a) continue training the dense model;
    (b) upcycle it (`mixlab.train.upcycle.upcycle`, the same code as `mixlab upcycle`) to an MoE with
        8 experts, top-2, and train that;
-   and (c) train the same MoE from scratch with the total compute of phase 1 plus (a).
-3. Report validation loss per domain against compute.
+   and (c) train the same MoE from scratch with the total compute of phase 1 plus (a);
+   and (d) continue the dense model for as many tokens as (b) saw (equal data, fewer FLOPs).
+3. Report validation loss per domain against compute (`../runs/upcycle/seed*/results.json`,
+   docs/figures/upcycling_*.png).
 
 Compute: FLOPs = 6 x N_active x tokens, with N_active the parameters one token's matmuls touch (all
 of attention, the router and the top-k experts of every layer, and the output head; not the

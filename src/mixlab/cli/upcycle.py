@@ -35,10 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the upcycled model computes the dense function whatever this is")
     p.add_argument("--router-std", type=float, default=0.02, help="std of the normal router init (default 0.02)")
     p.add_argument("--noise", type=float, default=0.0, metavar="STD",
-                   help="add independent Gaussian noise to each expert copy, std = STD x the weight's own std "
-                        "(default 0: exact copies)")
+                   help="add independent Gaussian noise to each expert copy of each matrix, std = STD x that "
+                        "dense matrix's own std (default 0: exact copies)")
     p.add_argument("--seed", type=int, default=0, help="seed for the router and the noise (default 0)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", type=float, default=2.0,
-                   help="largest output shard, in GiB (default 2); peak memory is about one shard plus one layer")
+                   help="largest output shard, in GiB (default 2); peak memory is about one shard")
     p.set_defaults(func=upcycle)
