@@ -124,9 +124,14 @@ def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 
 
 def measure_limits(*, reps: int = 5, mib: int = 1024, n: int = 2048) -> dict[str, float]:
     """Memory read bandwidth (bytes/s) and bf16 matmul throughput (FLOP/s) of this machine now."""
-    big = torch.ones(mib * 2**20 // 4)  # float32: summing it is a pure streaming read
-    bandwidth = big.numel() * 4 / _median_time(big.sum, reps)
-    del big
+    # Two streaming reads of `mib` MiB of float32, the faster counts: a sum, and a matrix-vector
+    # product (MKL's float32 GEMV streams its matrix near the memory's speed).
+    big = torch.ones(mib * 2**20 // 4)
+    mat = big.view(-1, 4096)
+    vec = torch.ones(1, 4096)
+    bandwidth = big.numel() * 4 / min(_median_time(big.sum, reps),
+                                      _median_time(functools.partial(torch.nn.functional.linear, vec, mat), reps))
+    del big, mat
     a = torch.randn(n, n).bfloat16()
     b = torch.randn(n, n).bfloat16()
     matmul = 2 * n**3 / _median_time(lambda: a @ b, reps)

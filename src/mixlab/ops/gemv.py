@@ -24,15 +24,19 @@ from collections.abc import Callable
 import torch
 
 
-def _gemv(x_1D: torch.Tensor, w_XD: torch.Tensor, s_X: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T (times per-row scales for int8 weights), accumulated in float32."""
-    y_1X = (x_1D.float()[:, None, :] * w_XD.float()[None]).sum(-1)
-    if s_X is not None:
-        y_1X = y_1X * s_X.float()
-    return y_1X.to(x_1D.dtype)
+def _gemv(x_1D: torch.Tensor, w_XD: torch.Tensor) -> torch.Tensor:
+    """x @ w.T, accumulated in float32."""
+    return (x_1D.float()[:, None, :] * w_XD.float()[None]).sum(-1).to(x_1D.dtype)
 
 
-_compiled: Callable[..., torch.Tensor] | None = None
+def _gemv_scaled(x_1D: torch.Tensor, w_XD: torch.Tensor, s_X: torch.Tensor) -> torch.Tensor:
+    """x @ (w * s[:, None]).T for int8 weights with per-row scales, accumulated in float32."""
+    return ((x_1D.float()[:, None, :] * w_XD.float()[None]).sum(-1) * s_X.float()).to(x_1D.dtype)
+
+
+# One compiled function per variant, so that each keeps a handful of graphs (dynamo recompiles on
+# every new variant and falls back to slow eager code past its recompile limit).
+_compiled: dict[str, Callable[..., torch.Tensor]] = {}
 _disabled = os.environ.get("MIXLAB_COMPILE", "1") == "0"
 
 
@@ -48,13 +52,21 @@ def set_enabled(on: bool) -> None:
 
 def gemv(x_1D: torch.Tensor, w_XD: torch.Tensor, s_X: torch.Tensor | None = None) -> torch.Tensor | None:
     """The compiled GEMV for one CPU row and a plain weight, or None when it does not apply."""
-    global _compiled, _disabled
+    global _disabled
     if _disabled or x_1D.shape[0] != 1 or x_1D.device.type != "cpu" or w_XD.is_mkldnn or x_1D.requires_grad:
         return None
-    if _compiled is None:
-        _compiled = torch.compile(_gemv, dynamic=True)
+    # A fresh copy of the (tiny) input: its storage offset and strides then never vary. Duck sizing
+    # off: equal sizes that are equal by coincidence (an offset and a width) must not become guards.
+    x_1D = x_1D.clone()
+    from torch.fx.experimental import _config as fx_config
+
     try:
-        return _compiled(x_1D, w_XD, s_X)
+        with fx_config.patch(use_duck_shape=False):
+            if s_X is None:
+                fn = _compiled.get("plain") or _compiled.setdefault("plain", torch.compile(_gemv, dynamic=True))
+                return fn(x_1D, w_XD)
+            fn = _compiled.get("scaled") or _compiled.setdefault("scaled", torch.compile(_gemv_scaled, dynamic=True))
+            return fn(x_1D, w_XD, s_X)
     except Exception as e:  # no compiler, unsupported platform: fall back to eager kernels for good
         warnings.warn(f"mixlab: compiled GEMV unavailable ({type(e).__name__}: {e}); using eager kernels",
                       stacklevel=2)
