@@ -62,7 +62,7 @@ def test_packed_bf16_model_matches_plain_bf16_model():
     model = _model(torch.bfloat16)
     tokens = torch.randint(0, 256, (1, 10))
     ref = _prefill_then_decode(model, tokens, 6).float()
-    got = _prefill_then_decode(prepare_for_inference(copy.deepcopy(model), packed=True), tokens, 6).float()
+    got = _prefill_then_decode(prepare_for_inference(copy.deepcopy(model)), tokens, 6).float()
     assert (got - ref).norm() / ref.norm() < 1e-2  # same bf16 rounding, possibly another summation order
 
 

@@ -76,7 +76,7 @@ class Report:
         out += [f"- note: {n}" for n in self.notes]
         for section in dict.fromkeys(r.section for r in self.rows):
             rows = [r for r in self.rows if r.section == section]
-            ours = [p for p in ("mixlab", "mixlab-packed", "mixlab-int8") if any(r.peer == p for r in rows)]
+            ours = [p for p in ("mixlab", "mixlab-int8") if any(r.peer == p for r in rows)]
             out += ["", f"## {section}", "",
                     f"| case | peer | {rows[0].unit} | of limit | " + " | ".join(f"{p} ÷ this" for p in ours) + " |",
                     "|---|---|---:|---:|" + "---:|" * len(ours)]
@@ -290,7 +290,7 @@ class BenchPlan:
     decode_prompt: int = 128
     decode_steps: int = 8  # per repetition
     moe_tokens: tuple[int, ...] = (1, 32, 512, 4096)
-    peers: tuple[str, ...] = ("mixlab", "mixlab-packed", "mixlab-int8", "transformers", "llama.cpp")
+    peers: tuple[str, ...] = ("mixlab", "mixlab-gemv", "mixlab-int8", "transformers", "llama.cpp")
     seed: int = 0
     limit_mib: int = 1024  # size of the bandwidth probe
     limit_n: int = 2048  # size of the matmul probe
@@ -353,12 +353,12 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
     model = model.to_empty(device="cpu")
     model.init_weights(seed=plan.seed)
     model.eval()
-    # mixlab as users run it for inference: compiled single-row kernels; oneDNN-packed; int8.
+    # mixlab as users run it for inference (oneDNN-packed); plain weights + compiled GEMV; int8.
     peers: list[Peer] = []
     if "mixlab" in plan.peers:
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model)), "mixlab"))
-    if "mixlab-packed" in plan.peers:
-        peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), packed=True), "mixlab-packed"))
+    if "mixlab-gemv" in plan.peers:
+        peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), packed=False), "mixlab-gemv"))
     if "mixlab-int8" in plan.peers:
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int8"), "mixlab-int8", 1.0))
     tmp = tempfile.TemporaryDirectory(dir=workdir, prefix="mixlab-bench-")

@@ -1,11 +1,12 @@
 """Turn a trained model into a fast CPU inference model, in place and one way (no autograd; the model
-can no longer be trained or saved): `prepare_for_inference(model, quant=None, packed=False)`.
+can no longer be trained or saved): `prepare_for_inference(model, quant=None, packed=True)`.
 
-- default: every matrix runs through `mixlab.ops.linear.linear`: a compiled GEMV (ops/gemv.py) for
-  one row (decoding at batch 1, the memory-bound case) and eager GEMM otherwise.
-- `packed=True`: the matrices are packed once into oneDNN's blocked layout (what inductor's weight
-  freezing does), the fastest for 2-16 rows (batched decoding) and a little faster for prefill;
-  oneDNN's packed tensors cannot feed the compiled GEMV, so batch-1 decoding is a little slower.
+- default (`packed=True`): the matrices are packed once into oneDNN's blocked layout (what
+  inductor's weight freezing does): the fastest form measured end to end, for prefill, batched and
+  batch-1 decoding (BENCHMARKS.md).
+- `packed=False`: plain weights through `mixlab.ops.linear.linear`: the compiled GEMV of
+  ops/gemv.py for one row, eager GEMM otherwise (faster than packed in isolated GEMV
+  micro-benchmarks, ~6% slower for batch-1 decoding in the full model).
 - `quant="int8"`: the matrices become int8 with one scale per output row (`mixlab.ops.quant`):
   half the bytes of bf16 for memory-bound decoding.
 
@@ -62,9 +63,9 @@ def pack_model(model: Transformer, *, packed: bool = True) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool = False) -> Transformer:
+def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool = True) -> Transformer:
     """The fast CPU inference form of `model`, in place: int8 (`quant="int8"`), oneDNN-packed
-    (`packed=True`), or plain weights with compiled single-row kernels (default)."""
+    (default), or plain weights with compiled single-row kernels (`packed=False`)."""
     if quant is None:
         return pack_model(model, packed=packed)
     if quant == "int8":

@@ -61,7 +61,7 @@ def gemv(x_1D: torch.Tensor, w_XD: torch.Tensor, s_X: torch.Tensor | None = None
     from torch.fx.experimental import _config as fx_config
 
     try:
-        with fx_config.patch(use_duck_shape=False):
+        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             if s_X is None:
                 fn = _compiled.get("plain") or _compiled.setdefault("plain", torch.compile(_gemv, dynamic=True))
                 return fn(x_1D, w_XD)
