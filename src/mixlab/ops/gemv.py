@@ -6,7 +6,9 @@ GEMM kernels that treat one row as a tiny matrix and reach only part of the band
 compiles this reduction into a vectorised, multi-threaded C++ loop that streams the weight (bf16,
 float32 or int8) once, converts it to float32 in registers and accumulates in float32. On the
 benchmark CPU it beats eager `F.linear` on plain bf16 weights ~2x, oneDNN-packed weights ~1.2x and
-torch's int8 kernel `aten._weight_int8pack_mm` ~1.3x (BENCHMARKS.md).
+torch's int8 kernel `aten._weight_int8pack_mm` ~1.3x in isolation (BENCHMARKS.md); inside the
+whole model, plain weights with this kernel decode ~7% slower than packed weights, which is why
+`prepare_for_inference` packs by default; unprepared models and int8 models use it.
 
 Compiled with dynamic shapes, so one kernel serves every matrix size (one compile per weight dtype,
 a few seconds each, once per process). If compilation is unavailable (no C++ compiler), or
