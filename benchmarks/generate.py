@@ -29,6 +29,7 @@ from mixlab import save_model
 from mixlab.config import get_preset
 from mixlab.generate import generate
 from mixlab.model import Transformer
+from mixlab.model.inference import prepare_for_inference
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mini-moe")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--plain", action="store_true", help="the model as loaded, without prepare_for_inference")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -75,6 +77,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(ours, tmp, fmt="hf")
         theirs = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+    if not args.plain:  # what `mixlab generate` runs: oneDNN-packed weights (model/inference.py)
+        ours = prepare_for_inference(ours)
     theirs.generation_config.eos_token_id = None
     theirs.generation_config.pad_token_id = 0
 

@@ -24,7 +24,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    dtype = args.dtype
+    if dtype == "auto":  # bf16 where the CPU computes it natively (AVX-512-bf16 / AMX), else as stored
+        bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        dtype = "bfloat16" if bf16_ok else None
+    model = load_model(args.model, dtype=dtype, device=args.device)
+    if str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding; same results
+        from mixlab.model.inference import prepare_for_inference
+
+        model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant)
     folder = Path(args.model)
     has_own = any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"))
     tok = load_tokenizer(args.tokenizer or (folder if has_own else None))
@@ -143,7 +151,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="same seed, same sampled text")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    r.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
+    r.add_argument("--quant", choices=["none", "int8"], default="none", help="int8 weight-only quantisation")
     r.add_argument("--device", default="cpu")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 

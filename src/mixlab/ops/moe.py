@@ -84,7 +84,9 @@ def reference(
         if w13_scale_E2F is not None and w2_scale_ED is not None:  # int8: the dequantised weights
             w13 = dequantize_int8(w13, w13_scale_E2F[e], x_TD.dtype)
             w2 = dequantize_int8(w2, w2_scale_ED[e], x_TD.dtype)
-        y_ND = _expert(x_TD[tok_N], w13, w2)
+        # Plain F.linear, never the fast kernels of ops/linear.py: the oracle must not share them.
+        gate_NF, up_NF = F.linear(x_TD[tok_N], w13).chunk(2, dim=-1)
+        y_ND = F.linear(F.silu(gate_NF) * up_NF, w2)
         out_TD.index_add_(0, tok_N, (y_ND * weight_TK[tok_N, slot_N, None]).to(out_TD.dtype))
     return out_TD
 
