@@ -126,13 +126,17 @@ def sorted_grouped(
     """
     order_N, tok_N, counts_E = _sort_by_expert(idx_TK, len(w13_E2FD))
     xs_ND = x_TD[tok_N]
+    # unbind, not w[e]: in backward, each w[e] would materialise a zero-filled gradient of the whole
+    # stacked tensor (E of them per step); unbind's backward stacks the per-expert gradients once.
+    w13s = w13_E2FD.unbind(0) if isinstance(w13_E2FD, torch.Tensor) else w13_E2FD
+    w2s = w2_EDF.unbind(0) if isinstance(w2_EDF, torch.Tensor) else w2_EDF
     ys = []
     start = 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
             s13 = None if w13_scale_E2F is None else w13_scale_E2F[e]
             s2 = None if w2_scale_ED is None else w2_scale_ED[e]
-            ys.append(_expert(xs_ND[start : start + n], w13_E2FD[e], w2_EDF[e], s13, s2))
+            ys.append(_expert(xs_ND[start : start + n], w13s[e], w2s[e], s13, s2))
         start += n
     if not ys:  # no tokens
         return torch.zeros_like(x_TD)
