@@ -7,6 +7,7 @@ medians is the result. transformers is measured with each experts implementation
 
     .venv/bin/python benchmarks/train.py                    # float32 and bf16 autocast
     .venv/bin/python benchmarks/train.py --iters 10 --dtype float32
+    .venv/bin/python benchmarks/train.py --compile           # mixlab compiled, transformers eager
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)
 
+    fwd = torch.compile(ours) if args.compile else ours  # what `mixlab train --compile` does
+
     def step_ours() -> float:
         t = time.perf_counter()
         with torch.autocast(**auto):
-            logits, routings = ours(inp, return_routing=True)
+            logits, routings = fwd(inp, return_routing=True)
         aux, _ = router_losses(routings)
         loss = lm_loss(logits, tgt) + 0.02 * aux
         loss.backward()
@@ -94,6 +97,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--moe-impl", default="auto", help="mixlab MoE implementation (mixlab.ops.moe.IMPLS or auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile mixlab's model (warm-up compiles)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
     p.add_argument("--hf-experts", default="eager,grouped_mm",
                    help="transformers experts implementations to compare against (comma-separated)")
