@@ -317,14 +317,19 @@ class ModelConfig:
         for name, reader in (("config.json", cls.from_hf_dict), ("params.json", cls.from_mistral_dict)):
             f = p / name
             if f.is_file():
-                try:
-                    d = json.loads(f.read_text(encoding="utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ConfigError(f"{f}: not valid JSON ({e})") from None
-                if not isinstance(d, dict):
-                    raise ConfigError(f"{f}: expected a JSON object at the top level")
-                return reader(d, source=str(f))
+                return reader(read_json_object(f), source=str(f))
         raise ConfigError(f"{p}: no config.json (transformers) or params.json (Mistral) found")
+
+
+def read_json_object(f: Path) -> dict[str, Any]:
+    """A JSON file whose top level is an object, or ConfigError naming the file."""
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{f}: expected a JSON object at the top level")
+    return d
 
 
 def _tiny(**kw: Any) -> ModelConfig:

@@ -336,7 +336,8 @@ def _sibling(dst: Path, tag: str) -> Path:
     return dst.with_name(f".{dst.name}.{tag}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside `path` durable (fsync of the folder itself)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -354,7 +355,7 @@ def recover(dst: Path) -> None:
                 shutil.rmtree(old)
             os.rename(dst, old)
         os.rename(new, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     elif old.is_dir() and not dst.exists():  # not produced by the protocol, but never lose a copy
         os.rename(old, dst)
     if old.exists() and dst.exists():
@@ -468,7 +469,7 @@ def write_sharded(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -478,5 +479,5 @@ def write_sharded(
 def _replace_dir(tmp: Path, dst: Path) -> None:
     """Commit `tmp` as the new `dst` (rename to `.NAME.new`), then swap it in; see `recover`."""
     os.rename(tmp, _sibling(dst, "new"))
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     recover(dst)

@@ -27,18 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixlab.checkpoint.io import CheckpointError, read_header
+from mixlab.checkpoint.io import CheckpointError, fsync_dir, read_header
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -150,11 +142,11 @@ def save(
             json.dump(full, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dst.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(dst)
         tmp.rename(dst)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ import torch
 
 from mixlab.checkpoint.io import CheckpointError, TensorReader, tensor_files, write_sharded
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
-from mixlab.config import ConfigError, ModelConfig, MoEConfig
+from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object
 
 __all__ = ["ROUTER_INITS", "UpcycleReport", "upcycle", "upcycle_config"]
 
@@ -94,12 +94,7 @@ def _read_dense_config(root: Path) -> tuple[ModelConfig, dict[str, Any]]:
         hint = (" (Mistral params.json found: convert it first with `mixlab convert SRC DST --to hf`)"
                 if (root / "params.json").is_file() else "")
         raise CheckpointError(f"{root}: no config.json (transformers format) found{hint}")
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{f}: expected a JSON object at the top level")
+    d = read_json_object(f)
     _check_hf_config(d, str(f))
     return ModelConfig.from_hf_dict(d, source=str(f)), d
 
