@@ -14,7 +14,7 @@ def test_bench_runs_end_to_end_on_a_tiny_preset(tmp_path):
     report = run_bench(plan, log=lambda s: None, workdir=tmp_path)
     text = report.format()
     peers = {r.peer for r in report.rows}
-    assert {"mixlab", "mixlab-gemv", "mixlab-int8", "transformers-eager", "transformers-grouped_mm"} <= peers
+    assert {"mixlab", "mixlab-packed", "mixlab-int8", "transformers-eager", "transformers-grouped_mm"} <= peers
     try:
         import llama_cpp  # noqa: F401
     except ImportError:

@@ -111,27 +111,3 @@ def test_single_query_attention_equals_sdpa(dtype, B, H, G, S):
     got = single_query_attention(q, k, v, mask)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got, ref, **tol)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_compiled_gemv_equals_the_eager_matmul(dtype):
-    from mixlab.ops import gemv
-    from mixlab.ops.quant import quantize_int8
-
-    if not gemv.enabled():
-        pytest.skip("compiled kernels switched off (MIXLAB_COMPILE=0)")
-    x = torch.randn(1, 48)
-    w = torch.randn(40, 48)
-    s = None
-    if dtype == torch.int8:
-        w, s = quantize_int8(w)
-        ref = x @ (w.float() * s[:, None]).T
-    else:
-        x, w = x.to(dtype), w.to(dtype)
-        ref = (x.float() @ w.float().T).to(dtype)
-    got = gemv.gemv(x, w, s)
-    if got is None:
-        pytest.skip("torch.compile is unavailable here")
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype != torch.bfloat16 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(got.float(), ref.float(), **tol)
-    assert gemv.gemv(torch.randn(2, 48), torch.randn(40, 48)) is None  # one row only

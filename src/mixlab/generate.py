@@ -141,7 +141,15 @@ def decode_step(
     model: Transformer, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, cache: KVCache, *,
     record_experts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Feed one token per prompt; return next-token logits `[B, V]` (float32) and optional experts."""
+    """Feed one token per prompt; return next-token logits `[B, V]` (float32) and optional experts.
+
+    A model prepared for CPU inference decodes a single prompt through its native kernels
+    (`mixlab.model.native`); everything else runs the PyTorch forward pass."""
+    native = getattr(model, "native_decoder", None)
+    if native is not None and native.accepts(tokens_B1, cache):
+        logits_1V = native.step(int(tokens_B1), int(positions_B1), cache)
+        experts_BLK = native.chosen.long()[None] if record_experts and model.config.moe is not None else None
+        return logits_1V, experts_BLK
     return _forward(model, tokens_B1, positions_B1, cache, record_experts)
 
 

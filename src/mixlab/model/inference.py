@@ -1,14 +1,17 @@
 """Turn a trained model into a fast CPU inference model, in place and one way (no autograd; the model
-can no longer be trained or saved): `prepare_for_inference(model, quant=None, packed=True)`.
+can no longer be trained or saved): `prepare_for_inference(model, quant=None, packed=None)`.
 
-- default (`packed=True`): the matrices are packed once into oneDNN's blocked layout (what
-  inductor's weight freezing does): the fastest form measured end to end, for prefill, batched and
-  batch-1 decoding (BENCHMARKS.md).
-- `packed=False`: plain weights through `mixlab.ops.linear.linear`: the compiled GEMV of
-  ops/gemv.py for one row, eager GEMM otherwise (faster than packed in isolated GEMV
-  micro-benchmarks, ~6% slower for batch-1 decoding in the full model).
+- default: batch-1 decoding runs through the native kernels (`mixlab.ops.native`, attached as
+  `model.native_decoder`; `generate.decode_step` uses it), which stream each weight once at close
+  to the memory bandwidth. They need the weights plain (row-major), so prefill and batched decoding
+  run PyTorch's GEMMs on plain weights. If the kernels cannot be built (no C compiler,
+  `MIXLAB_NATIVE=0`), the weights are packed instead (next point).
+- `packed=True`: the matrices are packed once into oneDNN's blocked layout (what inductor's weight
+  freezing does): 8-18% faster prefill and faster batched decoding than plain weights, but batch-1
+  decoding through PyTorch's kernels (BENCHMARKS.md, "Inference speed"; the two layouts cannot
+  coexist without doubling the memory).
 - `quant="int8"`: the matrices become int8 with one scale per output row (`mixlab.ops.quant`):
-  half the bytes of bf16 for memory-bound decoding.
+  half the bytes of bf16 for memory-bound decoding (native kernels when available).
 
 The token embedding is left alone (a lookup reads one row per token) and so is the router (tiny,
 and float32 so that routing decisions do not move).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mixlab.model import native
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Transformer
 from mixlab.ops.linear import InferenceLinear, can_pack, pack
@@ -63,11 +67,20 @@ def pack_model(model: Transformer, *, packed: bool = True) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool = True) -> Transformer:
-    """The fast CPU inference form of `model`, in place: int8 (`quant="int8"`), oneDNN-packed
-    (default), or plain weights with compiled single-row kernels (`packed=False`)."""
-    if quant is None:
-        return pack_model(model, packed=packed)
+def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool | None = None) -> Transformer:
+    """The fast CPU inference form of `model`, in place: native batch-1 decoding on plain (or int8,
+    `quant="int8"`) weights when the native kernels are available, else (or with `packed=True`)
+    oneDNN-packed weights."""
+    if quant not in (None, "int8"):
+        raise ValueError(f"unknown quantisation {quant!r}; expected None or 'int8'")
     if quant == "int8":
-        return quantize_model_int8(model).requires_grad_(False)
-    raise ValueError(f"unknown quantisation {quant!r}; expected None or 'int8'")
+        if packed:
+            raise ValueError("packed=True applies to float weights; int8 weights are not packed")
+        quantize_model_int8(model).requires_grad_(False)
+        native.attach(model)
+        return model
+    if packed is None:
+        packed = not native.attach(model)
+    elif not packed:
+        native.attach(model)
+    return pack_model(model, packed=packed)

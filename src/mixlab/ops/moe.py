@@ -17,26 +17,36 @@ everything but `grouped` indexes them the same way.
 
 Implementations (all dropless):
 - `reference`: one loop over experts, gather and scatter per expert (mistral-inference's moe.py).
-- `sorted`: sort the N pairs by expert, one gather, one matmul per contiguous segment, one weighted
-  scatter-add (MegaBlocks, arXiv 2211.15841). Differentiable; the training path.
+- `sorted`: sort the N pairs by expert, one gather, one matmul per contiguous segment, one
+  permutation back to token order and a weighted sum over each token's K rows (MegaBlocks, arXiv
+  2211.15841). Differentiable, with a backward of gathers only; the training path.
 - `grouped`: as `sorted`, but the per-expert matmuls are one `torch._grouped_mm` call each.
 - `decode`: for one token (a decoding step): only its K experts run, on views of the stacked
   weights, with no sort, gather, scatter or weight copy. Decoding reads each chosen expert's
   weights once, so its speed is set by memory bandwidth; every skipped op is saved latency.
+- `native`: for a few tokens on CPU, the C kernel of `mixlab.ops.native` (`mx_moe`): the same sort
+  and gather, then each chosen expert's weights are streamed once for all its tokens at close to
+  the memory bandwidth, in one call (no autograd; plain float32/bf16 or int8 stacked weights).
 
-`auto` (the default) picks `decode` for a single token and `sorted` otherwise (on this CPU the
-grouped kernel is no faster than the segment loop; see BENCHMARKS.md).
+`auto` (the default) picks `native` for up to `NATIVE_MAX_TOKENS` tokens when it applies, else
+`decode` for a single token and `sorted` otherwise (on this CPU the grouped kernel is no faster
+than the segment loop; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from mixlab.ops import native
 from mixlab.ops.linear import linear
 from mixlab.ops.quant import dequantize_int8
+
+# Up to this many tokens the native kernel beats PyTorch's GEMMs (it streams weights; beyond, the
+# work is compute-bound and oneDNN's GEMM wins; measured in BENCHMARKS.md, "Inference speed").
+NATIVE_MAX_TOKENS = 64
 
 
 class MoEImpl(Protocol):
@@ -62,6 +72,16 @@ def _expert(
 ) -> torch.Tensor:
     gate_NF, up_NF = linear(x_ND, w13_2FD, s13_2F).chunk(2, dim=-1)
     return linear(F.silu(gate_NF) * up_NF, w2_DF, s2_D)
+
+
+def _expert_autograd(
+    x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor, s13_2F: torch.Tensor | None = None,
+    s2_D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`_expert` for training (no int8 scales): plain F.linear, differentiable and traceable by
+    torch.compile, never the inference kernels of ops/linear.py."""
+    gate_NF, up_NF = F.linear(x_ND, w13_2FD).chunk(2, dim=-1)
+    return F.linear(F.silu(gate_NF) * up_NF, w2_DF)
 
 
 def reference(
@@ -96,17 +116,75 @@ def _sort_by_expert(idx_TK: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.T
     flat_idx_N = idx_TK.reshape(-1)
     order_N = torch.argsort(flat_idx_N, stable=True)
     tok_N = order_N // idx_TK.shape[1]
-    counts_E = torch.bincount(flat_idx_N, minlength=E)
+    # scatter_add_, not bincount: a static shape, so torch.compile traces it (bincount's depends on the data).
+    counts_E = torch.zeros(E, dtype=torch.long, device=idx_TK.device)
+    counts_E.scatter_add_(0, flat_idx_N, torch.ones_like(flat_idx_N))
     return order_N, tok_N, counts_E
 
 
-def _combine(
-    x_TD: torch.Tensor, ys_ND: torch.Tensor, weight_TK: torch.Tensor, order_N: torch.Tensor, tok_N: torch.Tensor
-) -> torch.Tensor:
-    """The one weighted scatter-add back to token order."""
-    ys_ND = ys_ND * weight_TK.reshape(-1)[order_N, None].to(ys_ND.dtype)
-    out_TD = torch.zeros_like(x_TD)
-    return out_TD.index_add_(0, tok_N, ys_ND.to(out_TD.dtype))
+def _inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:
+    inv_N = torch.empty_like(order_N)
+    inv_N[order_N] = torch.arange(len(order_N), device=order_N.device)
+    return inv_N
+
+
+class _DispatchRows(torch.autograd.Function):
+    """`x_TD[order_N // K]`: each token's row once per (token, slot) pair, in expert-sorted order.
+
+    Every token appears exactly K times, so the backward is a gather through the inverse
+    permutation and a sum over the K copies (float32 for float32 x), instead of autograd's generic
+    `index` backward (a zero-filled buffer and an accumulating `index_put_`)."""
+
+    @staticmethod
+    def forward(x_TD: torch.Tensor, tok_N: torch.Tensor, inv_N: torch.Tensor) -> torch.Tensor:
+        return x_TD.index_select(0, tok_N)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.T = inputs[0].shape[0]
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx: Any, g_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inv_N,) = ctx.saved_tensors
+        return g_ND.index_select(0, inv_N).view(ctx.T, -1, g_ND.shape[-1]).sum(1), None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x_ND[perm_N]` for a permutation; the backward is the gather through its inverse `inv_N`."""
+
+    @staticmethod
+    def forward(x_ND: torch.Tensor, perm_N: torch.Tensor, inv_N: torch.Tensor) -> torch.Tensor:
+        return x_ND.index_select(0, perm_N)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx: Any, g_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inv_N,) = ctx.saved_tensors
+        return g_ND.index_select(0, inv_N), None, None
+
+
+def _combine(ys_ND: torch.Tensor, weight_TK: torch.Tensor, order_N: torch.Tensor, inv_N: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """Back to token order, weighted, each token's K rows summed (in `out_dtype`, as the reference's
+    `index_add_`; for K = 2 the same sum bit for bit). No scatter: the sorted rows are permuted back
+    (`_PermuteRows`), so the backward is a gather too."""
+    T, K = weight_TK.shape
+    ys_TKD = _PermuteRows.apply(ys_ND, inv_N, order_N).view(T, K, -1)
+    return (ys_TKD * weight_TK[..., None].to(ys_TKD.dtype)).sum(1, dtype=out_dtype)
+
+
+def _autocast_once(x_ND: torch.Tensor, *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, cast the activations and the stacked expert weights once here, instead of
+    F.linear casting each expert's slices separately (2E casts per layer forward, 2E backward)."""
+    dev = x_ND.device.type
+    if not torch.is_autocast_enabled(dev):
+        return (x_ND, *ws)
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) for t in (x_ND, *ws))
 
 
 def sorted_grouped(
@@ -119,29 +197,40 @@ def sorted_grouped(
     w13_scale_E2F: torch.Tensor | None = None,
     w2_scale_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dropless sort-by-expert: one gather, one matmul per expert segment, one weighted scatter-add.
+    """Dropless sort-by-expert: one gather, one matmul per expert segment, one permutation back.
 
     The (token, slot) pairs are sorted by expert so each expert reads one contiguous block of rows;
-    no token is ever dropped (MegaBlocks, arXiv 2211.15841).
+    no token is ever dropped (MegaBlocks, arXiv 2211.15841). For training, every backward step is a
+    gather, a `cat` or a `stack`: no zero-filled whole-tensor gradient and no accumulating scatter
+    (BENCHMARKS.md, "Training throughput"). Under autocast the activations and the stacked weights
+    are cast once per layer, not once per expert.
     """
-    order_N, tok_N, counts_E = _sort_by_expert(idx_TK, len(w13_E2FD))
-    xs_ND = x_TD[tok_N]
-    # unbind, not w[e]: in backward, each w[e] would materialise a zero-filled gradient of the whole
-    # stacked tensor (E of them per step); unbind's backward stacks the per-expert gradients once.
-    w13s = w13_E2FD.unbind(0) if isinstance(w13_E2FD, torch.Tensor) else w13_E2FD
-    w2s = w2_EDF.unbind(0) if isinstance(w2_EDF, torch.Tensor) else w2_EDF
+    E = len(w13_E2FD)
+    order_N, tok_N, counts_E = _sort_by_expert(idx_TK, E)
+    inv_N = _inverse_permutation(order_N)
+    xs_ND = _DispatchRows.apply(x_TD, tok_N, inv_N)
+    counts = counts_E.tolist()
+    compiling = torch.compiler.is_compiling()
+    expert = _expert
+    training = torch.is_grad_enabled() and isinstance(w13_E2FD, torch.Tensor) and w13_scale_E2F is None
+    if training and not w13_E2FD.is_mkldnn and x_TD.is_floating_point():
+        xs_ND, w13_E2FD, w2_EDF = _autocast_once(xs_ND, w13_E2FD, w2_EDF)
+        # unbind / split, not w[e] / xs[a:b]: in backward, each index or slice would materialise a
+        # zero-filled gradient of the whole tensor (E of them per layer); unbind and split backward
+        # stack / cat the per-expert gradients once.
+        w13_E2FD, w2_EDF = w13_E2FD.unbind(0), w2_EDF.unbind(0)  # type: ignore[assignment]
+        expert = _expert_autograd
+    # Under torch.compile the counts are symbolic: every expert runs (a zero-row matmul is harmless).
     ys = []
-    start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n:
+    for e, xs_nD in enumerate(xs_ND.split(counts)):
+        if compiling or counts[e]:
             s13 = None if w13_scale_E2F is None else w13_scale_E2F[e]
             s2 = None if w2_scale_ED is None else w2_scale_ED[e]
-            ys.append(_expert(xs_ND[start : start + n], w13s[e], w2s[e], s13, s2))
-        start += n
+            ys.append(expert(xs_nD, w13_E2FD[e], w2_EDF[e], s13, s2))
     if not ys:  # no tokens
         return torch.zeros_like(x_TD)
     ys_ND = torch.cat(ys) if len(ys) > 1 else ys[0]
-    return _combine(x_TD, ys_ND, weight_TK, order_N, tok_N)
+    return _combine(ys_ND, weight_TK, order_N, inv_N, x_TD.dtype)
 
 
 def grouped_mm(
@@ -166,7 +255,7 @@ def grouped_mm(
     h_N2F = torch._grouped_mm(xs_ND, w13_E2FD.transpose(1, 2), offs=offs_E)
     gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
     ys_ND = torch._grouped_mm((F.silu(gate_NF) * up_NF).contiguous(), w2_EDF.transpose(1, 2), offs=offs_E)
-    return _combine(x_TD, ys_ND, weight_TK, order_N, tok_N)
+    return _combine(ys_ND, weight_TK, order_N, _inverse_permutation(order_N), x_TD.dtype)
 
 
 def decode(
@@ -193,16 +282,39 @@ def decode(
     return out_TD
 
 
+def native_experts(
+    x_TD: torch.Tensor,
+    w13_E2FD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    idx_TK: torch.Tensor,
+    weight_TK: torch.Tensor,
+    *,
+    w13_scale_E2F: torch.Tensor | None = None,
+    w2_scale_ED: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The C kernel (`mixlab.ops.native.moe`) where it applies, else `sorted`."""
+    if not (x_TD.device.type == "cpu" and not (x_TD.requires_grad and torch.is_grad_enabled())
+            and native.usable(w13_E2FD, w2_EDF)):
+        return sorted_grouped(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK,
+                              w13_scale_E2F=w13_scale_E2F, w2_scale_ED=w2_scale_ED)
+    return native.moe(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, w13_scale_E2F, w2_scale_ED)
+
+
 IMPLS: dict[str, MoEImpl] = {
     "reference": reference,
     "sorted": sorted_grouped,
     "grouped": grouped_mm,
     "decode": decode,
+    "native": native_experts,
 }
 
 
-def choose_impl(T: int) -> str:
-    """What `auto` runs for T tokens: `decode` for one token, else the sorted segment loop."""
+def choose_impl(T: int, w13_E2FD: torch.Tensor | None = None, x_TD: torch.Tensor | None = None) -> str:
+    """What `auto` runs for T tokens: `native` for a few tokens on CPU when the weights allow it,
+    else `decode` for one token and the sorted segment loop for more."""
+    if (T <= NATIVE_MAX_TOKENS and w13_E2FD is not None and x_TD is not None and x_TD.device.type == "cpu"
+            and not (x_TD.requires_grad and torch.is_grad_enabled()) and native.usable(w13_E2FD)):
+        return "native"
     return "decode" if T == 1 else "sorted"
 
 
@@ -222,7 +334,7 @@ def moe_ffn(
     `w13_scale_E2F` / `w2_scale_ED`: per-row scales when the expert weights are int8.
     """
     if impl == "auto":
-        impl = choose_impl(x_TD.shape[0])
+        impl = choose_impl(x_TD.shape[0], w13_E2FD, x_TD)
     try:
         fn = IMPLS[impl]
     except KeyError:

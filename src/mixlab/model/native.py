@@ -1,0 +1,161 @@
+"""Batch-1 decoding through the native kernels (`mixlab/ops/native/decode.c`): one C call per token.
+
+`NativeDecoder(model)` describes the model to C once: raw pointers to its weights (no copies, except
+float32 copies of the small norm and router vectors and of int8 row scales), the work buffers of a
+step, and the shapes. A step is then one call, `mx_decode_step`, that runs every layer inside one
+OpenMP parallel region and writes the next-token logits. It writes the token's keys and values
+into the same `KVCache` PyTorch's path uses, so prefill (PyTorch, compute-bound) and decoding
+(native, bandwidth-bound) share one cache, and a batch of several prompts still decodes through
+PyTorch. `prepare_for_inference` attaches one as `model.native_decoder`; `generate.decode_step`
+uses it whenever it `accepts` the step.
+
+Weights must be plain contiguous float32 or bf16 tensors, or int8 with per-row scales (what
+`prepare_for_inference(model, quant="int8")` makes); oneDNN-packed weights are opaque to C.
+
+Shape legend: D width, H query heads, G kv heads, Hd head dim, C cache slots, E experts, K experts
+per token, F expert FFN width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from mixlab.cache import KVCache
+from mixlab.model.moe import MoEBlock
+from mixlab.model.transformer import Block, Transformer
+from mixlab.ops import native
+
+
+def _weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, row scales or None) of an `nn.Linear`, `InferenceLinear` or `Int8Linear`."""
+    w = lin.weight
+    assert isinstance(w, torch.Tensor)
+    return w.detach(), getattr(lin, "scale", None)
+
+
+class NativeDecoder:
+    def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
+        cfg = model.config
+        self.lib = lib
+        self._keep: list[object] = []  # everything whose address C holds
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous():
+                raise ValueError("native decoding needs plain contiguous CPU tensors (not oneDNN-packed)")
+            self._keep.append(t)
+            return t.data_ptr()
+
+        def f32(t: torch.Tensor | None) -> int | None:
+            return None if t is None else ptr(t.detach().float().contiguous())
+
+        def buf(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            t = torch.zeros(n, dtype=dtype)
+            self._keep.append(t)
+            return t
+
+        D, H, G, Hd, F_ = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+        E, K = (cfg.moe.num_experts, cfg.moe.top_k) if cfg.moe is not None else (1, 1)
+        if E > 256 or Hd > 1024:  # the sizes of decode.c's stack arrays
+            raise ValueError(f"native decoding supports up to 256 experts and head dim 1024, not {E} and {Hd}")
+        w_out, s_out = _weight(model.output)
+        wt = native.TYPE_CODES.get(w_out.dtype)
+        if wt is None:
+            raise ValueError(f"native decoding supports float32, bf16 and int8 weights, not {w_out.dtype}")
+        emb = model.tok_embeddings.weight.detach()
+        if emb.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"native decoding needs a float32 or bf16 embedding, not {emb.dtype}")
+
+        self.layers = (native.Layer * cfg.n_layers)()
+        for i, block in enumerate(model.layers):
+            assert isinstance(block, Block)
+            ffn = block.ffn
+            if isinstance(ffn, MoEBlock):
+                router = f32(ffn.gate.weight)
+                w13, w2 = ffn.w13.detach(), ffn.w2.detach()
+                s13, s2 = getattr(ffn, "w13_scale", None), getattr(ffn, "w2_scale", None)
+            else:
+                router = None
+                w13, s13 = _weight(ffn.w13)
+                w2, s2 = _weight(ffn.w2)
+            if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor):
+                raise ValueError("native decoding needs stacked expert tensors (not per-expert packed lists)")
+            (wqkv, s_qkv), (wo, s_o) = _weight(block.attn.wqkv), _weight(block.attn.wo)
+            if {t.dtype for t in (wqkv, wo, w13, w2)} != {w_out.dtype}:
+                raise ValueError("native decoding needs one weight dtype for every matrix")
+            self.layers[i] = native.Layer(
+                f32(block.attn_norm.weight), ptr(wqkv), f32(s_qkv), ptr(wo), f32(s_o),
+                f32(block.ffn_norm.weight), router, ptr(w13), f32(s13), ptr(w2), f32(s2),
+                None, None,  # the cache: set per step
+            )
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, Hd, 2, dtype=torch.float32) / Hd))  # as rope_cos_sin
+        self.c_model = native.Model(
+            D, H, G, Hd, E, K, F_, cfg.vocab_size, cfg.n_layers, cfg.sliding_window or 0,
+            cfg.norm_eps, wt, native.F32, native.TYPE_CODES[emb.dtype],
+            ptr(inv_freq), ptr(emb), f32(model.norm.weight), ptr(w_out), f32(s_out),
+            ctypes.addressof(self.layers),
+        )
+        self.chosen = buf(cfg.n_layers * K, torch.int32).view(cfg.n_layers, K)
+        self._scores = buf(0)
+        self.bufs = native.Buffers(
+            *(buf(n).data_ptr() for n in (D, D, (H + 2 * G) * Hd, H * Hd)),
+            0,  # scores: sized by the cache, set per step
+            *(buf(n).data_ptr() for n in (D, max(K * 2 * F_, D), K * F_, K * D, cfg.n_layers * K)),
+            *(buf(n, torch.int16).data_ptr() for n in (max(D, H * Hd), H * Hd, K * F_)),
+            self.chosen.data_ptr(),
+        )
+        self.V, self.n_heads = cfg.vocab_size, H
+        self._cache: KVCache | None = None
+
+    def __deepcopy__(self, memo: dict) -> NativeDecoder:
+        # The structures hold raw pointers into the original model's tensors.
+        raise TypeError("a NativeDecoder cannot be copied: copy the model before prepare_for_inference")
+
+    def accepts(self, tokens_B1: torch.Tensor, cache: KVCache) -> bool:
+        """Whether this step can run natively: one prompt, a CPU cache of float32 or bf16."""
+        return (
+            tokens_B1.shape == (1, 1)
+            and cache.batch_size == 1
+            and cache.k[0].device.type == "cpu"
+            and cache.k[0].dtype in (torch.float32, torch.bfloat16)
+            and all(k.is_contiguous() for k in cache.k + cache.v)
+        )
+
+    def _bind(self, cache: KVCache) -> None:
+        """Point the layers at `cache` (once per cache) and size the attention-score buffer."""
+        if cache is self._cache:
+            return
+        for i, layer in enumerate(self.layers):
+            layer.k_cache, layer.v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+        self.c_model.ct = native.TYPE_CODES[cache.k[0].dtype]
+        self._scores = torch.empty(self.n_heads * cache.capacity, dtype=torch.float32)
+        self.bufs.scores = self._scores.data_ptr()
+        self._cache = cache
+
+    def step(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
+        """Feed one token at `position`; return the next-token logits `[1, V]` (float32). The experts
+        each layer chose are in `self.chosen` `[L, K]` afterwards."""
+        self._bind(cache)
+        slot = int(cache.slots(1)[0])  # checks that the cache has room
+        logits = torch.empty(1, self.V, dtype=torch.float32)
+        self.lib.mx_decode_step(ctypes.byref(self.c_model), ctypes.byref(self.bufs), token, position,
+                                cache.pos_BC.data_ptr(), cache.capacity, slot, cache.n_filled(1),
+                                logits.data_ptr(), torch.get_num_threads())
+        cache.t += 1
+        return logits
+
+
+def attach(model: Transformer) -> bool:
+    """Attach a `NativeDecoder` as `model.native_decoder` when the kernels and weights allow it."""
+    lib = native.library()
+    if lib is None:
+        return False
+    try:
+        setattr(model, "native_decoder", NativeDecoder(model, lib))  # noqa: B010 (a plain attribute, not a module)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,693 @@
+/* Native CPU kernels for decoding: a whole batch-1 decoding step in one call, and the matrix
+ * products of batched decoding (a few rows) and of an MoE layer for a few tokens.
+ *
+ * Why C: decoding reads every weight it touches once, so a step should take (bytes read) / (memory
+ * bandwidth). PyTorch's eager CPU kernels are GEMM kernels that treat one row as a tiny matrix (about
+ * half the bandwidth), and a step made of ~80 small eager ops per layer adds milliseconds of fixed
+ * cost (BENCHMARKS.md, "Inference speed"). Here:
+ * - `mx_decode_step`: one token of one sequence through every layer (norm, fused qkv, rotary,
+ *   KV-cache write, attention, output projection, norm, router, top-k, the chosen experts' SwiGLU,
+ *   mixing, residuals) and the logits, inside one OpenMP parallel region whose threads meet at spin
+ *   barriers (a sleeping thread takes tens of microseconds to wake, a step has ~7 barriers a layer);
+ * - `mx_linear`: Y = X W^T for a few rows X, each weight row read once for all of them;
+ * - `mx_moe`: the experts of an MoE layer for a few tokens, each chosen expert read once;
+ * - `mx_gemv`: one matrix-vector product (tests, benchmarks).
+ * Matrix products stream the weights row by row with AVX-512 (bf16: `vdpbf16ps`) when the CPU has
+ * it, and portable loops otherwise.
+ *
+ * It computes what `mixlab.model.Transformer` computes for one token (tests compare the two); the
+ * residual stream and every intermediate are float32. Weight types (`wt`): MX_F32, MX_BF16 (raw
+ * bfloat16 bits) and MX_I8 (int8, one float32 scale per output row: w = q * s). bf16 weights
+ * multiply bf16-rounded activations, as PyTorch's bf16 matmuls do; f32 and int8 weights multiply
+ * float32 activations. KV-cache types (`ct`): MX_F32 or MX_BF16.
+ *
+ * Built at first use by `mixlab/ops/native/__init__.py` (cc -O3 -march=native -fopenmp); OpenMP
+ * then shares PyTorch's runtime (same libgomp soname), so the two never fight over threads.
+ *
+ * Shape legend: D model width, H query heads, G key/value heads, Hd head dim, C cache slots,
+ * E experts, K experts per token, F expert FFN width, V vocabulary.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <sched.h>
+#include <stdatomic.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+enum { MX_F32 = 0, MX_BF16 = 1, MX_I8 = 2 };
+
+/* ---------------------------------------------------------------------------------------------- */
+/* bfloat16 <-> float32                                                                            */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static void round_to_bf16(const float* x, uint16_t* xb, int64_t n) {
+    for (int64_t i = 0; i < n; i++) xb[i] = f32_to_bf16(x[i]);
+}
+
+static inline int64_t elem_size(int t) { return t == MX_F32 ? 4 : t == MX_BF16 ? 2 : 1; }
+
+static inline float load_elem(const void* p, int t, int64_t i) {
+    return t == MX_F32 ? ((const float*)p)[i] : bf16_to_f32(((const uint16_t*)p)[i]);
+}
+
+static inline void store_elem(void* p, int t, int64_t i, float v) {
+    if (t == MX_F32) ((float*)p)[i] = v;
+    else ((uint16_t*)p)[i] = f32_to_bf16(v);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Dot products of one weight row with one activation vector (or four): the inner loops of every   */
+/* matrix-vector product. Rows are read one at a time with four accumulators, so the weights       */
+/* stream as one sequential read, which the hardware prefetcher follows best (measured: 28 GB/s on */
+/* 1024-wide rows against 21 GB/s when four rows are read interleaved, on a CPU whose memory reads */
+/* 26-33 GB/s); the activations stay in L1.                                                        */
+
+#if defined(__AVX512BF16__)
+#define MX_BF(p) ((__m512bh)_mm512_loadu_si512(p))
+#endif
+#if defined(__AVX512F__)
+#define MX_I8F(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
+static inline float hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+}
+#endif
+
+static inline float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {
+    int64_t k = 0;
+    float s = 0.f;
+#if defined(__AVX512BF16__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 128 <= K; k += 128) {
+        a0 = _mm512_dpbf16_ps(a0, MX_BF(w + k), MX_BF(x + k));
+        a1 = _mm512_dpbf16_ps(a1, MX_BF(w + k + 32), MX_BF(x + k + 32));
+        a2 = _mm512_dpbf16_ps(a2, MX_BF(w + k + 64), MX_BF(x + k + 64));
+        a3 = _mm512_dpbf16_ps(a3, MX_BF(w + k + 96), MX_BF(x + k + 96));
+    }
+    for (; k + 32 <= K; k += 32) a0 = _mm512_dpbf16_ps(a0, MX_BF(w + k), MX_BF(x + k));
+    s = hsum4(a0, a1, a2, a3);
+#endif
+    for (; k < K; k++) s += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
+    return s;
+}
+
+static inline float dot_f32(const float* w, const float* x, int64_t K) {
+    int64_t k = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+    s = hsum4(a0, a1, a2, a3);
+#endif
+    for (; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
+static inline float dot_i8(const int8_t* w, const float* x, int64_t K) { /* unscaled */
+    int64_t k = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(MX_I8F(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(MX_I8F(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(MX_I8F(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(MX_I8F(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(MX_I8F(w + k), _mm512_loadu_ps(x + k), a0);
+    s = hsum4(a0, a1, a2, a3);
+#endif
+    for (; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
+/* The same row against four vectors (rows j..j+3 of a matrix with leading dimension ld): one read
+   of the weights serves four tokens. out[q] = w . x_q. */
+static inline void dot4_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, int64_t K, float* out) {
+    int64_t k = 0;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(__AVX512BF16__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+        const __m512bh wv = MX_BF(w + k);
+        a0 = _mm512_dpbf16_ps(a0, wv, MX_BF(x + k));
+        a1 = _mm512_dpbf16_ps(a1, wv, MX_BF(x + ld + k));
+        a2 = _mm512_dpbf16_ps(a2, wv, MX_BF(x + 2 * ld + k));
+        a3 = _mm512_dpbf16_ps(a3, wv, MX_BF(x + 3 * ld + k));
+    }
+    s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
+    s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
+#endif
+    for (; k < K; k++)
+        for (int q = 0; q < 4; q++) s[q] += bf16_to_f32(w[k]) * bf16_to_f32(x[q * ld + k]);
+    for (int q = 0; q < 4; q++) out[q] = s[q];
+}
+
+static inline void dot4_f32(const float* w, const float* x, int64_t ld, int64_t K, float* out) {
+    int64_t k = 0;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        const __m512 wv = _mm512_loadu_ps(w + k);
+        a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + ld + k), a1);
+        a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 2 * ld + k), a2);
+        a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 3 * ld + k), a3);
+    }
+    s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
+    s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
+#endif
+    for (; k < K; k++)
+        for (int q = 0; q < 4; q++) s[q] += w[k] * x[q * ld + k];
+    for (int q = 0; q < 4; q++) out[q] = s[q];
+}
+
+static inline void dot4_i8(const int8_t* w, const float* x, int64_t ld, int64_t K, float* out) {
+    int64_t k = 0;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        const __m512 wv = MX_I8F(w + k);
+        a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + ld + k), a1);
+        a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 2 * ld + k), a2);
+        a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 3 * ld + k), a3);
+    }
+    s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
+    s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
+#endif
+    for (; k < K; k++)
+        for (int q = 0; q < 4; q++) s[q] += w[k] * x[q * ld + k];
+    for (int q = 0; q < 4; q++) out[q] = s[q];
+}
+
+/* Four rows against four vectors (16 accumulators): for several tokens per weight (batched
+   decoding, MoE experts chosen by several tokens) the work is compute-bound, and this reuses each
+   loaded weight vector four times and each activation vector four times. out[i * ldo + q] =
+   w_i . x_q. */
+static inline void dot4x4_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, int64_t K, float* out,
+                               int64_t ldo) {
+#if defined(__AVX512BF16__)
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int q = 0; q < 4; q++) acc[i][q] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512bh x0 = MX_BF(x + k), x1 = MX_BF(x + ld + k), x2 = MX_BF(x + 2 * ld + k), x3 = MX_BF(x + 3 * ld + k);
+        for (int i = 0; i < 4; i++) {
+            /* the next four rows, one cache line per row per step: compute here is long enough
+               per byte that the hardware prefetcher alone leaves the memory bus idle */
+            _mm_prefetch((const char*)(w + (4 + i) * K + k), _MM_HINT_T0);
+            const __m512bh wv = MX_BF(w + i * K + k);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], wv, x0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], wv, x1);
+            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], wv, x2);
+            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], wv, x3);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int q = 0; q < 4; q++) {
+            float s = _mm512_reduce_add_ps(acc[i][q]);
+            for (int64_t kk = k; kk < K; kk++) s += bf16_to_f32(w[i * K + kk]) * bf16_to_f32(x[q * ld + kk]);
+            out[i * ldo + q] = s;
+        }
+#else
+    for (int i = 0; i < 4; i++) dot4_bf16(w + i * K, x, ld, K, out + i * ldo);
+#endif
+}
+
+/* A weight matrix as the kernels see it: its type, data, per-row scales (int8 only), row length. */
+typedef struct {
+    int wt;
+    const void* w;
+    const float* scale;
+    int64_t K;
+} mat;
+
+/* Y[j, r] = W[r, :] . X[j, :] for M vectors (rows of X and XB, leading dimension K; Y's is ldy) and
+   rows r in [r0, r1). X is float32, XB its bf16 rounding (read for bf16 weights only). */
+static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
+                      int64_t r1) {
+    const int64_t K = m.K;
+    int64_t r = r0;
+    if (m.wt == MX_BF16 && M >= 4)
+        for (; r + 4 <= r1; r += 4) {
+            int64_t j = 0;
+            float out[16];
+            for (; j + 4 <= M; j += 4) {
+                dot4x4_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, K, out, 4);
+                for (int i = 0; i < 4; i++)
+                    for (int q = 0; q < 4; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
+            }
+            for (; j < M; j++)
+                for (int i = 0; i < 4; i++) Y[j * ldy + r + i] = dot_bf16((const uint16_t*)m.w + (r + i) * K, XB + j * K, K);
+        }
+    for (; r < r1; r++) {
+        const float sc = m.wt == MX_I8 ? m.scale[r] : 1.f;
+        int64_t j = 0;
+        float out[4];
+        for (; j + 4 <= M; j += 4) {
+            if (m.wt == MX_BF16) dot4_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, K, out);
+            else if (m.wt == MX_I8) dot4_i8((const int8_t*)m.w + r * K, X + j * K, K, K, out);
+            else dot4_f32((const float*)m.w + r * K, X + j * K, K, K, out);
+            for (int q = 0; q < 4; q++) Y[(j + q) * ldy + r] = out[q] * sc;
+        }
+        for (; j < M; j++) {
+            const float d = m.wt == MX_BF16 ? dot_bf16((const uint16_t*)m.w + r * K, XB + j * K, K)
+                            : m.wt == MX_I8 ? dot_i8((const int8_t*)m.w + r * K, X + j * K, K)
+                                            : dot_f32((const float*)m.w + r * K, X + j * K, K);
+            Y[j * ldy + r] = d * sc;
+        }
+    }
+}
+
+/* y[r] for r in [r0, r1): one vector. */
+static void gemv_rows(mat m, const float* x, const uint16_t* xb, float* y, int64_t r0, int64_t r1) {
+    gemm_rows(m, x, xb, 1, y, 0, r0, r1);
+}
+
+/* Matrix `m` shifted by `rows` rows (an expert inside a stacked tensor). */
+static mat mat_at(mat m, int64_t rows) {
+    m.w = (const char*)m.w + rows * m.K * elem_size(m.wt);
+    if (m.scale) m.scale += rows;
+    return m;
+}
+
+/* The threads of one step: this thread's index t of nt, and a barrier they all share. */
+typedef struct {
+    _Atomic int count, phase;
+} barrier_t;
+
+typedef struct {
+    int t, nt;
+    barrier_t* bar;
+} team;
+
+/* Wait until every thread of the team arrives. Spinning, not sleeping: a step has ~7 barriers per
+   layer, each a few microseconds apart, and waking a sleeping thread costs tens of microseconds
+   (OMP_WAIT_POLICY=PASSIVE makes OpenMP's own barriers sleep). Yields after a while so that an
+   oversubscribed CPU still makes progress. */
+static void sync_team(team* tm) {
+    if (tm->nt == 1) return;
+    barrier_t* b = tm->bar;
+    const int phase = atomic_load_explicit(&b->phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == tm->nt - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (long spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase; spins++) {
+#if defined(__x86_64__) || defined(__i386__)
+        _mm_pause();
+#endif
+        if (spins > (1L << 16)) sched_yield();
+    }
+}
+
+/* This thread's share [lo, hi) of n rows, in blocks of 16 rows (whole cache lines of y). */
+static void my_rows(const team* tm, int64_t n, int64_t* lo, int64_t* hi) {
+    int64_t per = ((n + tm->nt - 1) / tm->nt + 15) & ~(int64_t)15;
+    *lo = tm->t * per < n ? tm->t * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Norm (single thread: D multiply-adds)                                                           */
+
+/* h = x / rms(x) * w; `w` float32. Also writes the bf16 rounding of h when `hb` is given. */
+static void rmsnorm(const float* x, const float* w, float eps, int64_t D, float* h, uint16_t* hb) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < D; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / D) + eps);
+    for (int64_t i = 0; i < D; i++) h[i] = x[i] * r * w[i];
+    if (hb) round_to_bf16(h, hb, D);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Attention                                                                                       */
+
+/* dot(q, row) and y += p * row over Hd elements of a cache row of type ct. */
+static inline float dot_row(const float* q, const void* row, int ct, int64_t Hd) {
+    int64_t i = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= Hd; i += 16) {
+        __m512 r = ct == MX_F32 ? _mm512_loadu_ps((const float*)row + i)
+                                : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)row + i))), 16));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), r, acc);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < Hd; i++) s += q[i] * load_elem(row, ct, i);
+    return s;
+}
+
+static inline void axpy_row(float* y, float p, const void* row, int ct, int64_t Hd) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 pv = _mm512_set1_ps(p);
+    for (; i + 16 <= Hd; i += 16) {
+        __m512 r = ct == MX_F32 ? _mm512_loadu_ps((const float*)row + i)
+                                : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)row + i))), 16));
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, r, _mm512_loadu_ps(y + i)));
+    }
+#endif
+    for (; i < Hd; i++) y[i] += p * load_elem(row, ct, i);
+}
+
+/* Rotary embedding ("rotate half" layout: element i pairs with i + Hd/2) of one head, in place. */
+static void rope(float* v, const float* cos_, const float* sin_, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos_[i] - b * sin_[i];
+        v[i + half] = b * cos_[i] + a * sin_[i];
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* The model as the Python side describes it (ctypes Structures with the same fields, in order).  */
+
+typedef struct { /* one layer's weights; scales are NULL unless wt == MX_I8; router NULL when dense */
+    const float* attn_norm;
+    const void* wqkv;
+    const float* wqkv_scale;
+    const void* wo;
+    const float* wo_scale;
+    const float* ffn_norm;
+    const float* router; /* [E, D] float32 */
+    const void* w13;     /* [E, 2F, D]: gate rows, then up rows */
+    const float* w13_scale;
+    const void* w2; /* [E, D, F] */
+    const float* w2_scale;
+    void* k_cache; /* [G, C, Hd] of type ct: this layer's cache for the one sequence */
+    void* v_cache;
+} mx_layer;
+
+typedef struct {
+    int64_t D, H, G, Hd, E, K, F, V, L, window; /* window 0: no sliding window */
+    float eps;
+    int wt, ct, et;            /* weight, cache and embedding types */
+    const float* inv_freq;     /* [Hd / 2] rotary frequencies */
+    const void* embed;         /* [V, D] of type et */
+    const float* out_norm;
+    const void* out;           /* [V, D] */
+    const float* out_scale;
+    const mx_layer* layers;    /* [L] */
+} mx_model;
+
+typedef struct { /* work buffers, float32 unless noted (bf16 copies: the rounded inputs of bf16 GEMVs) */
+    float *x, *h, *qkv, *att, *scores, *o, *g, *a, *y, *mix; /* scores [H, C]; g [max(K 2F, D)]; mix [L, K] */
+    uint16_t *hb, *attb, *ab;
+    int32_t* chosen; /* [L, K]: the experts each layer chose */
+} mx_bufs;
+
+/* x += wo @ attention(rope(wqkv @ norm(x))), writing this token's k, v into slot `slot`. */
+static void attn_block(team* tm, const mx_model* m, const mx_layer* ly, const mx_bufs* b, int64_t pos,
+                       const int64_t* cache_pos, int64_t C, int64_t slot, int64_t n, const float* cos_,
+                       const float* sin_) {
+    const int bf = m->wt == MX_BF16;
+    const int64_t D = m->D, Hd = m->Hd, G = m->G, QD = m->H * Hd, R = m->H / G, half = Hd / 2;
+    const int64_t es = elem_size(m->ct);
+    const float scale = 1.0f / sqrtf((float)Hd);
+    const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D}, mo = {m->wt, ly->wo, ly->wo_scale, QD};
+    int64_t lo, hi;
+    if (tm->t == 0) rmsnorm(b->x, ly->attn_norm, m->eps, D, b->h, bf ? b->hb : 0);
+    sync_team(tm);
+    my_rows(tm, QD + 2 * G * Hd, &lo, &hi);
+    gemv_rows(mqkv, b->h, b->hb, b->qkv, lo, hi);
+    sync_team(tm);
+    /* Per kv head g: rotate and store its key and value, then attend with its R query heads (query
+       head hh reads kv head hh / R), so no thread reads a cache row another one writes. */
+    for (int64_t g = tm->t; g < G; g += tm->nt) {
+        float* k = b->qkv + QD + g * Hd;
+        const float* v = b->qkv + QD + G * Hd + g * Hd;
+        char* kbase = (char*)ly->k_cache + g * C * Hd * es;
+        char* vbase = (char*)ly->v_cache + g * C * Hd * es;
+        rope(k, cos_, sin_, half);
+        for (int64_t i = 0; i < Hd; i++) {
+            store_elem(kbase, m->ct, slot * Hd + i, k[i]);
+            store_elem(vbase, m->ct, slot * Hd + i, v[i]);
+        }
+        for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
+            float* q = b->qkv + hh * Hd;
+            float* sc = b->scores + hh * C;
+            float* y = b->att + hh * Hd;
+            rope(q, cos_, sin_, half);
+            float mx = -INFINITY, sum = 0.f;
+            for (int64_t s = 0; s < n; s++) {
+                const int64_t p = s == slot ? pos : cache_pos[s];
+                const int visible = p >= 0 && p <= pos && (m->window <= 0 || pos - p < m->window);
+                sc[s] = visible ? dot_row(q, kbase + s * Hd * es, m->ct, Hd) * scale : -INFINITY;
+                if (sc[s] > mx) mx = sc[s];
+            }
+            for (int64_t s = 0; s < n; s++) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : expf(sc[s] - mx));
+            for (int64_t i = 0; i < Hd; i++) y[i] = 0.f;
+            for (int64_t s = 0; s < n; s++)
+                if (sc[s] != 0.f) axpy_row(y, sc[s] / sum, vbase + s * Hd * es, m->ct, Hd);
+            if (bf) round_to_bf16(y, b->attb + hh * Hd, Hd);
+        }
+    }
+    sync_team(tm);
+    my_rows(tm, D, &lo, &hi);
+    gemv_rows(mo, b->att, b->attb, b->o, lo, hi);
+    for (int64_t i = lo; i < hi; i++) b->x[i] += b->o[i];
+    sync_team(tm);
+}
+
+/* Router: top K of E logits (largest first, lowest index on ties), softmax over the K chosen. */
+static void route(const mx_model* m, const float* router, const float* h, int32_t* chosen, float* mix) {
+    float logits[256];
+    for (int64_t e = 0; e < m->E; e++) {
+        float s = 0.f;
+        for (int64_t i = 0; i < m->D; i++) s += router[e * m->D + i] * h[i];
+        logits[e] = s;
+    }
+    for (int64_t k = 0; k < m->K; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < m->E; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < k; j++) taken |= chosen[j] == e;
+            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+        }
+        chosen[k] = (int32_t)best;
+        mix[k] = logits[best];
+    }
+    const float top = mix[0];
+    float sum = 0.f;
+    for (int64_t k = 0; k < m->K; k++) sum += (mix[k] = expf(mix[k] - top));
+    for (int64_t k = 0; k < m->K; k++) mix[k] /= sum;
+}
+
+/* x += sum_k mix_k * w2[e_k] @ (silu(w1[e_k] @ h) * (w3[e_k] @ h)), h = norm(x). Dense: E = K = 1. */
+static void ffn_block(team* tm, const mx_model* m, const mx_layer* ly, const mx_bufs* b, int32_t* chosen,
+                      float* mix) {
+    const int bf = m->wt == MX_BF16;
+    const int64_t D = m->D, F = m->F, K = m->K;
+    const mat m13 = {m->wt, ly->w13, ly->w13_scale, D}, m2 = {m->wt, ly->w2, ly->w2_scale, F};
+    int64_t lo, hi;
+    if (tm->t == 0) {
+        rmsnorm(b->x, ly->ffn_norm, m->eps, D, b->h, bf ? b->hb : 0);
+        if (ly->router) {
+            /* Route on the activations the experts see (bf16-rounded for bf16 weights, as in torch). */
+            const float* hr = b->h;
+            if (bf) {
+                for (int64_t i = 0; i < D; i++) b->g[i] = bf16_to_f32(b->hb[i]); /* g: scratch until the experts */
+                hr = b->g;
+            }
+            route(m, ly->router, hr, chosen, mix);
+        } else {
+            chosen[0] = 0;
+            mix[0] = 1.f;
+        }
+    }
+    sync_team(tm);
+    /* Each thread computes gate rows [lo, hi) and the matching up rows [F + lo, F + hi) of every
+       chosen expert, so it applies SiLU to its own rows without waiting for the others. */
+    my_rows(tm, F, &lo, &hi);
+    for (int64_t k = 0; k < K; k++) {
+        const mat e13 = mat_at(m13, chosen[k] * 2 * F);
+        float* gk = b->g + k * 2 * F;
+        gemv_rows(e13, b->h, b->hb, gk, lo, hi);
+        gemv_rows(e13, b->h, b->hb, gk, F + lo, F + hi);
+        for (int64_t i = lo; i < hi; i++) {
+            const float gate = gk[i], up = gk[F + i];
+            b->a[k * F + i] = gate / (1.f + expf(-gate)) * up;
+            if (bf) b->ab[k * F + i] = f32_to_bf16(b->a[k * F + i]);
+        }
+    }
+    sync_team(tm);
+    /* Down projection: each thread owns rows [lo, hi) of every expert, then mixes them into x. */
+    my_rows(tm, D, &lo, &hi);
+    for (int64_t k = 0; k < K; k++)
+        gemv_rows(mat_at(m2, chosen[k] * D), b->a + k * F, bf ? b->ab + k * F : 0, b->y + k * D, lo, hi);
+    for (int64_t i = lo; i < hi; i++) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; k++) s += mix[k] * b->y[k * D + i];
+        b->x[i] += s;
+    }
+    sync_team(tm);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Entry points                                                                                    */
+
+/* One decoding step of one sequence: embed `token` at position `pos`, run every layer (writing the
+   token's keys and values into cache slot `slot`, attending over the first n slots), and write the
+   next-token logits [V]. `cache_pos` [C] holds each slot's position (-1 empty); slot gets `pos`. */
+void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t pos, int64_t* cache_pos,
+                    int64_t C, int64_t slot, int64_t n, float* logits, int nt) {
+    float cos_[512], sin_[512]; /* Hd / 2 <= 512, checked by the caller */
+    for (int64_t i = 0; i < m->Hd / 2; i++) {
+        const float ang = (float)pos * m->inv_freq[i]; /* a float32 product, as rope_cos_sin computes it */
+        cos_[i] = cosf(ang);
+        sin_[i] = sinf(ang);
+    }
+    for (int64_t i = 0; i < m->D; i++) b->x[i] = load_elem(m->embed, m->et, token * m->D + i);
+    barrier_t bar = {0, 0};
+#pragma omp parallel num_threads(nt)
+    {
+        team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
+        for (int64_t l = 0; l < m->L; l++) {
+            attn_block(&tm, m, &m->layers[l], b, pos, cache_pos, C, slot, n, cos_, sin_);
+            ffn_block(&tm, m, &m->layers[l], b, b->chosen + l * m->K, b->mix + l * m->K);
+        }
+        const mat mout = {m->wt, m->out, m->out_scale, m->D};
+        int64_t lo, hi;
+        if (tm.t == 0) rmsnorm(b->x, m->out_norm, m->eps, m->D, b->h, m->wt == MX_BF16 ? b->hb : 0);
+        sync_team(&tm);
+        my_rows(&tm, m->V, &lo, &hi);
+        gemv_rows(mout, b->h, b->hb, logits, lo, hi);
+    }
+    cache_pos[slot] = pos;
+}
+
+/* Y [M, N] = X [M, K] @ W.T for a few rows (batched decoding): each weight row is read once for all
+   M rows of X. XB: room for X rounded to bf16 (bf16 weights). M = 1 is a matrix-vector product. */
+void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
+               uint16_t* XB, float* Y, int nt) {
+    const mat m = {wt, w, w_scale, K};
+    if (wt == MX_BF16) round_to_bf16(X, XB, M * K);
+    barrier_t bar = {0, 0};
+#pragma omp parallel num_threads(nt)
+    {
+        team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
+        int64_t lo, hi;
+        my_rows(&tm, N, &lo, &hi);
+        gemm_rows(m, X, XB, M, Y, N, lo, hi);
+    }
+}
+
+/* The experts of an MoE layer for a few tokens (batched decoding, short prompts): out [T, D] =
+   sum_k mix[t, k] * expert_{idx[t, k]}(x[t]). The T*K (token, slot) pairs are sorted by expert and
+   gathered, so each chosen expert's weights are read once for all the tokens that chose it.
+   Work buffers (N = T*K pairs): xs [N, D], xsb [N, D] (bf16), g [N, 2F], a [N, F], ab [N, F] (bf16),
+   ys [N, D], order and inverse [N] (int32). */
+void mx_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const float* x, const int64_t* idx,
+            const float* mix, int wt, const void* w13, const float* w13_scale, const void* w2,
+            const float* w2_scale, float* out, float* xs, uint16_t* xsb, float* g, float* a, uint16_t* ab,
+            float* ys, int32_t* order, int32_t* inverse, int nt) {
+    const int bf = wt == MX_BF16;
+    const int64_t N = T * K;
+    int64_t start[257] = {0}; /* E <= 256, checked by the caller: pairs of expert e are [start[e], start[e+1]) */
+    for (int64_t p = 0; p < N; p++) start[idx[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    int64_t fill[256];
+    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
+    for (int64_t p = 0; p < N; p++) { /* stable: token order within each expert */
+        const int64_t at = fill[idx[p]]++;
+        order[at] = (int32_t)p;
+        inverse[p] = (int32_t)at;
+    }
+    const mat m13 = {wt, w13, w13_scale, D}, m2 = {wt, w2, w2_scale, F};
+    barrier_t bar = {0, 0};
+#pragma omp parallel num_threads(nt)
+    {
+        team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
+        int64_t lo, hi;
+        my_rows(&tm, N, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) {
+            memcpy(xs + i * D, x + (order[i] / K) * D, D * sizeof(float));
+            if (bf) round_to_bf16(xs + i * D, xsb + i * D, D);
+        }
+        sync_team(&tm);
+        /* gate rows [lo, hi) and up rows [F + lo, F + hi) of every expert: SiLU needs no barrier */
+        my_rows(&tm, F, &lo, &hi);
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t s0 = start[e], n = start[e + 1] - s0;
+            if (n == 0) continue;
+            const mat e13 = mat_at(m13, e * 2 * F);
+            gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, lo, hi);
+            gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, F + lo, F + hi);
+            for (int64_t j = s0; j < s0 + n; j++)
+                for (int64_t i = lo; i < hi; i++) {
+                    const float gate = g[j * 2 * F + i], up = g[j * 2 * F + F + i];
+                    a[j * F + i] = gate / (1.f + expf(-gate)) * up;
+                    if (bf) ab[j * F + i] = f32_to_bf16(a[j * F + i]);
+                }
+        }
+        sync_team(&tm);
+        /* down projections: this thread owns rows [lo, hi) of every expert and of the output */
+        my_rows(&tm, D, &lo, &hi);
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t s0 = start[e], n = start[e + 1] - s0;
+            if (n > 0) gemm_rows(mat_at(m2, e * D), a + s0 * F, ab + s0 * F, n, ys + s0 * D, D, lo, hi);
+        }
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t i = lo; i < hi; i++) {
+                float s = 0.f;
+                for (int64_t k = 0; k < K; k++) s += mix[t * K + k] * ys[inverse[t * K + k] * D + i];
+                out[t * D + i] = s;
+            }
+    }
+}
+
+/* One matrix-vector product y = W x (tests and benchmarks of the kernels alone). */
+void mx_gemv(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, const float* x, uint16_t* xb,
+             float* y, int nt) {
+    const mat m = {wt, w, w_scale, K};
+    if (wt == MX_BF16) round_to_bf16(x, xb, K);
+    barrier_t bar = {0, 0};
+#pragma omp parallel num_threads(nt)
+    {
+        team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
+        int64_t lo, hi;
+        my_rows(&tm, N, &lo, &hi);
+        gemv_rows(m, x, xb, y, lo, hi);
+    }
+}

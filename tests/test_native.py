@@ -1,0 +1,231 @@
+"""The native decoding kernels (`mixlab/ops/native/decode.c`) equal the PyTorch model: the GEMV alone,
+then whole decoding steps against a full recompute without cache, in float32 (tight), bf16 and int8."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from mixlab.cache import KVCache
+from mixlab.config import MoEConfig, get_preset
+from mixlab.generate import decode_step, generate, prefill
+from mixlab.model import Transformer
+from mixlab.model.inference import prepare_for_inference
+from mixlab.ops import native
+from mixlab.ops.quant import quantize_int8
+
+if native.library() is None:
+    if native.enabled() and shutil.which("cc"):
+        raise AssertionError("a C compiler is present but the native kernels did not build")
+    pytest.skip("native kernels switched off (MIXLAB_NATIVE=0) or no C compiler", allow_module_level=True)
+
+
+def _model(dtype=torch.float32, preset="tiny-moe", **changes) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(get_preset(preset).replace(**changes))
+    model.init_weights(seed=0, std=0.1)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize(("X", "D"), [(40, 48), (37, 70), (129, 1000), (16, 32)])
+def test_gemv_equals_matmul(dtype, X, D, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w = torch.randn(D), torch.randn(X, D)
+        if dtype == torch.int8:
+            q, s = quantize_int8(w)
+            got, ref = native.gemv(q, x, s), (q.float() @ x) * s
+        elif dtype == torch.bfloat16:  # bf16 weights multiply bf16-rounded activations
+            wb = w.bfloat16()
+            got, ref = native.gemv(wb, x), wb.float() @ x.bfloat16().float()
+        else:
+            got, ref = native.gemv(w, x), w @ x
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def _native_decode(model: Transformer, tokens_T: torch.Tensor, n_prompt: int, **cache_kw) -> torch.Tensor:
+    """Logits of each position after the prompt: PyTorch prefill, then native steps."""
+    T = tokens_T.shape[0]
+    dtype = model.tok_embeddings.weight.dtype
+    cache = KVCache(model.config, batch_size=1, max_len=T, dtype=dtype, **cache_kw)
+    dec = model.native_decoder
+    with torch.inference_mode():
+        pos = torch.arange(T)[None]
+        outs = [prefill(model, tokens_T[None, :n_prompt], pos[:, :n_prompt], cache, chunk=cache_kw.get(
+            "prefill_chunk", 512))[0]]
+        for t in range(n_prompt, T - 1):
+            outs.append(dec.step(int(tokens_T[t]), t, cache))
+    return torch.cat(outs)
+
+
+def _recompute(model: Transformer, tokens_T: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """The same logits from full forward passes without a cache (the plain reference)."""
+    with torch.inference_mode():
+        return model(tokens_T[None, :-1])[0, n_prompt - 1 :].float()
+
+
+CASES = {
+    "moe": {},
+    "dense-sliding-window": dict(preset="tiny-dense"),
+    "top-1": dict(moe=MoEConfig(num_experts=4, top_k=1)),
+    "8-experts-top-3": dict(moe=MoEConfig(num_experts=8, top_k=3)),
+    "mha-odd-head-dim": dict(n_heads=2, n_kv_heads=2, head_dim=24),
+    "tied-embeddings": dict(tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_native_decoding_equals_full_recompute_float32(case):
+    model = _model(**CASES[case])
+    prepare_for_inference(model)
+    assert model.native_decoder is not None
+    tokens = torch.randint(0, 256, (40,))
+    torch.testing.assert_close(_native_decode(model, tokens, 9), _recompute(model, tokens, 9), atol=1e-5, rtol=1e-5)
+
+
+def test_rolling_cache_wraps_around():
+    """A sliding-window model with a small rolling cache: native steps overwrite the oldest slots."""
+    model = _model(preset="tiny-dense", sliding_window=8)
+    prepare_for_inference(model)
+    tokens = torch.randint(0, 256, (50,))
+    got = _native_decode(model, tokens, 5, prefill_chunk=4)  # capacity 8 + 4 - 1 = 11 slots
+    torch.testing.assert_close(got, _recompute(model, tokens, 5), atol=1e-5, rtol=1e-5)
+
+
+def test_native_step_writes_the_cache_as_pytorch_does():
+    model = _model()
+    torch_model = copy.deepcopy(model)
+    prepare_for_inference(model)
+    tokens = torch.randint(0, 256, (1, 12))
+    caches = [KVCache(model.config, batch_size=1, max_len=12) for _ in range(2)]
+    with torch.inference_mode():
+        for m, cache in zip((model, torch_model), caches, strict=True):
+            prefill(m, tokens[:, :6], torch.arange(6)[None], cache, chunk=512)
+            for t in range(6, 12):
+                decode_step(m, tokens[:, t : t + 1], torch.tensor([[t]]), cache)
+    for layer in range(model.config.n_layers):
+        torch.testing.assert_close(caches[0].k[layer], caches[1].k[layer], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(caches[0].v[layer], caches[1].v[layer], atol=1e-6, rtol=1e-6)
+    assert torch.equal(caches[0].pos_BC, caches[1].pos_BC) and caches[0].t == caches[1].t == 12
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
+def test_bf16_native_decoding_is_as_close_to_float32_as_pytorch_bf16(preset):
+    model = _model(preset=preset)
+    tokens = torch.randint(0, 256, (30,))
+    ref = _recompute(model, tokens, 6)
+    bf16 = model.to(torch.bfloat16)
+    pytorch = _recompute(bf16, tokens, 6)
+    native_ = _native_decode(prepare_for_inference(bf16), tokens, 6)
+
+    def err(x: torch.Tensor) -> float:  # median over positions: a bf16 near-tie may flip one expert choice
+        return float(((x - ref).norm(dim=-1) / ref.norm(dim=-1)).median())
+
+    assert err(native_) < 0.05 and err(native_) <= 1.1 * err(pytorch)
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
+def test_int8_native_decoding_equals_the_dequantised_model(preset):
+    from mixlab.ops.quant import dequantize_int8
+
+    model = _model(preset=preset)
+    deq = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in deq.named_parameters():
+            if p.ndim >= 2 and "tok_embeddings" not in name and not name.endswith("gate.weight"):
+                p.copy_(dequantize_int8(*quantize_int8(p), p.dtype))
+    prepare_for_inference(model, quant="int8")
+    assert model.native_decoder is not None
+    tokens = torch.randint(0, 256, (24,))
+    torch.testing.assert_close(_native_decode(model, tokens, 5), _recompute(deq, tokens, 5), atol=1e-4, rtol=1e-4)
+
+
+def test_generate_takes_the_native_path_and_agrees_with_pytorch():
+    model = _model()
+    reference = copy.deepcopy(model)
+    prepare_for_inference(model)
+    calls = []
+    step = model.native_decoder.step
+    model.native_decoder.step = lambda *a: calls.append(1) or step(*a)
+    prompt = torch.randint(3, 256, (7,)).tolist()
+    experts, ref_experts = [], []
+    got = generate(model, [prompt], max_new_tokens=12, stop_at_eos=False, experts_out=experts)
+    ref = generate(reference, [prompt], max_new_tokens=12, stop_at_eos=False, experts_out=ref_experts)
+    assert len(calls) == 11  # every step after the prefill
+    assert got == ref
+    assert torch.equal(experts[0], ref_experts[0])
+
+
+def test_batches_fall_back_to_pytorch():
+    model = _model()
+    reference = copy.deepcopy(model)
+    prepare_for_inference(model)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (5, 9)]
+    assert generate(model, prompts, max_new_tokens=6) == generate(reference, prompts, max_new_tokens=6)
+
+
+def test_prepared_model_refuses_deepcopy_and_switch_off(monkeypatch):
+    model = prepare_for_inference(_model())
+    with pytest.raises(TypeError, match="copy the model before prepare_for_inference"):
+        copy.deepcopy(model)
+    monkeypatch.setenv("MIXLAB_NATIVE", "0")
+    off = prepare_for_inference(_model())
+    assert getattr(off, "native_decoder", None) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("T", [1, 3, 9, 32])
+def test_native_moe_equals_the_reference_loop(dtype, T):
+    from mixlab.ops.moe import moe_ffn
+
+    E, D, F, K = 6, 40, 72, 2
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, D, generator=g)
+    w13, w2 = torch.randn(E, 2 * F, D, generator=g) / 6, torch.randn(E, D, F, generator=g) / 8
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    weight = torch.softmax(torch.randn(T, K, generator=g), -1)
+    scales: dict[str, torch.Tensor] = {}
+    if dtype == torch.int8:
+        (w13, s13), (w2, s2) = quantize_int8(w13), quantize_int8(w2)
+        scales = dict(w13_scale_E2F=s13, w2_scale_ED=s2)
+    elif dtype == torch.bfloat16:
+        x, w13, w2 = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    ref = moe_ffn(x, w13, w2, idx, weight, impl="reference", **scales)
+    got = moe_ffn(x, w13, w2, idx, weight, impl="native", **scales)
+    assert got.dtype == x.dtype
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ref, **tol)
+
+
+def test_auto_picks_native_for_few_tokens_only_without_grad():
+    from mixlab.ops.moe import NATIVE_MAX_TOKENS, choose_impl
+
+    w, x = torch.randn(4, 8, 8), torch.randn(3, 8)
+    assert choose_impl(3, w, x) == "native"
+    assert choose_impl(NATIVE_MAX_TOKENS + 1, w, torch.randn(NATIVE_MAX_TOKENS + 1, 8)) == "sorted"
+    assert choose_impl(3, w.requires_grad_(), x) == "sorted"  # training needs autograd
+    with torch.no_grad():
+        assert choose_impl(3, w, x) == "native"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+def test_native_linear_equals_matmul(dtype, M):
+    x, w = torch.randn(M, 70), torch.randn(33, 70)
+    if dtype == torch.int8:
+        q, s = quantize_int8(w)
+        got, ref = native.linear(x, q, s), x @ (q.float() * s[:, None]).T
+    elif dtype == torch.bfloat16:
+        x, w = x.bfloat16(), w.bfloat16()
+        got, ref = native.linear(x, w).float(), (x.float() @ w.float().T)
+    else:
+        got, ref = native.linear(x, w), x @ w.T
+    torch.testing.assert_close(got.float(), ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
