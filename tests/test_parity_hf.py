@@ -35,3 +35,28 @@ def test_logits_and_experts_match_transformers(case, tmp_path):
         for layer, r in enumerate(routing):
             theirs = torch.topk(out.router_logits[layer].float(), k, dim=-1).indices
             assert torch.equal(r.idx_TK, theirs), f"layer {layer} chose different experts"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_native_decoding_matches_transformers(case, tmp_path):
+    """The prepared model (native C decoding) against transformers' full forward pass, token by token."""
+    from transformers import AutoModelForCausalLM
+
+    from mixlab.cache import KVCache
+    from mixlab.generate import decode_step, prefill
+    from mixlab.model.inference import prepare_for_inference
+
+    kind, kw = CASES[case]
+    path = (hf_mixtral if kind == "mixtral" else hf_mistral)(tmp_path, **kw)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = prepare_for_inference(load_model(path))
+    if getattr(ours, "native_decoder", None) is None:
+        pytest.skip("native kernels unavailable")
+    tokens = torch.randint(0, 128, (1, 20))
+    cache = KVCache(ours.config, batch_size=1, max_len=20)
+    with torch.no_grad():
+        want = ref(tokens).logits[0, 7:19]
+        got = [prefill(ours, tokens[:, :8], torch.arange(8)[None], cache, chunk=8)[0]]
+        for t in range(8, 19):
+            got.append(decode_step(ours, tokens[:, t : t + 1], torch.tensor([[t]]), cache)[0])
+    torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=0)
