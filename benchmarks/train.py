@@ -23,6 +23,7 @@ import torch
 
 from mixlab.config import MoEConfig, get_preset
 from mixlab.model import Transformer
+from mixlab.train.loop import TrainConfig, compile_model, make_optimizer
 from mixlab.train.losses import lm_loss, router_losses
 
 
@@ -53,10 +54,10 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
     x = torch.randint(3, mc.vocab_size, (args.batch, args.seq + 1))
     inp, tgt = x[:, :-1], x[:, 1:]
     auto = dict(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)
+    opt_ours = make_optimizer(ours, TrainConfig(lr=1e-4))  # what `mixlab train` builds (fused AdamW)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)  # a plain user setup
 
-    fwd = torch.compile(ours) if args.compile else ours  # what `mixlab train --compile` does
+    fwd = compile_model(ours) if args.compile else ours  # what `mixlab train --compile` does
 
     def step_ours() -> float:
         t = time.perf_counter()

@@ -32,16 +32,26 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     pos_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables `[B, 1, T, Hd]` for the "rotate half" layout (transformers' q/k row order)."""
+    """cos and signed sin tables `[B, T, 1, Hd]` for the "rotate half" layout (transformers' q/k row
+    order), broadcasting over the heads of `[B, T, heads, Hd]`. The sin table's first half is
+    negated: rotate_half's sign, folded in once per forward instead of once per layer (`apply_rope`)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos_BT.device, dtype=torch.float32) / head_dim))
     freqs_BTh = pos_BT.clamp(min=0).float()[..., None] * inv_freq
-    emb_BTHd = torch.cat((freqs_BTh, freqs_BTh), dim=-1)
-    return emb_BTHd.cos().to(dtype)[:, None], emb_BTHd.sin().to(dtype)[:, None]
+    sin_BTh = freqs_BTh.sin()
+    cos_BTHd = freqs_BTh.cos().repeat(1, 1, 2)  # both halves share each frequency
+    sin_BTHd = torch.cat((-sin_BTh, sin_BTh), dim=-1)
+    return cos_BTHd.to(dtype)[:, :, None], sin_BTHd.to(dtype)[:, :, None]
 
 
-def apply_rope(x_BHTHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x_BHTHd.chunk(2, dim=-1)
-    return x_BHTHd * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x_BTNHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin_table, rotate_half(x) = (-x2, x1) for the halves x1, x2 of each head.
+
+    The halves are swapped by `flip` on a `[2, Hd/2]` view and the sign comes with `sin` (`rope_cos_sin`
+    negates its first half): transformers' formula without its `neg` and `cat`, with the same
+    products and sums, so the same bits.
+    """
+    swapped = x_BTNHd.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return x_BTNHd * cos + swapped * sin
 
 
 def attention_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -54,6 +64,27 @@ def attention_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, window: int |
     # A padding query sees nothing; let it see everything so softmax stays finite (its output is unused).
     mask |= ~mask.any(-1, keepdim=True)
     return mask[:, None]
+
+
+def training_sdpa(
+    q_BHTHd: torch.Tensor, k_BGTHd: torch.Tensor, v_BGTHd: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA (causal when `mask` is None). When gradients will flow through bf16/fp16 attention on
+    CPU, it runs in float32: the CPU flash kernel's backward is faster in float32 than in bf16
+    (fwd+bwd 21 vs 32 ms at B=8, H=8, T=256, Hd=32 on 2 cores, BENCHMARKS.md) and more accurate;
+    the forward alone is as fast either way, so inference keeps its dtype."""
+    upcast = (q_BHTHd.device.type == "cpu" and q_BHTHd.dtype in (torch.bfloat16, torch.float16)
+              and torch.is_grad_enabled() and (q_BHTHd.requires_grad or k_BGTHd.requires_grad))
+    if not upcast:
+        return F.scaled_dot_product_attention(
+            q_BHTHd, k_BGTHd, v_BGTHd, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        )
+    with torch.autocast(device_type="cpu", enabled=False):  # autocast would cast SDPA's inputs back down
+        y_BHTHd = F.scaled_dot_product_attention(
+            q_BHTHd.float(), k_BGTHd.float(), v_BGTHd.float(), attn_mask=mask, is_causal=mask is None,
+            enable_gqa=True,
+        )
+    return y_BHTHd.to(q_BHTHd.dtype)
 
 
 class Attention(nn.Module):
@@ -76,13 +107,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         Hd = self.head_dim
-        q_BTX, k_BTX, v_BTX = self.wqkv(x_BTD).split(
-            [self.n_heads * Hd, self.n_kv_heads * Hd, self.n_kv_heads * Hd], dim=-1
-        )
-        q_BHTHd = q_BTX.view(B, T, self.n_heads, Hd).transpose(1, 2)
-        k_BGTHd = k_BTX.view(B, T, self.n_kv_heads, Hd).transpose(1, 2)
-        v_BGTHd = v_BTX.view(B, T, self.n_kv_heads, Hd).transpose(1, 2)
-        q_BHTHd, k_BGTHd = apply_rope(q_BHTHd, cos, sin), apply_rope(k_BGTHd, cos, sin)
+        H, G = self.n_heads, self.n_kv_heads
+        qk_BTX, v_BTX = self.wqkv(x_BTD).split([(H + G) * Hd, G * Hd], dim=-1)
+        # q and k rows are adjacent: rotate all H + G heads in one pass (half the elementwise ops).
+        q_BTHHd, k_BTGHd = apply_rope(qk_BTX.unflatten(-1, (H + G, Hd)), cos, sin).split([H, G], dim=2)
+        q_BHTHd, k_BGTHd = q_BTHHd.transpose(1, 2), k_BTGHd.transpose(1, 2)
+        v_BGTHd = v_BTX.view(B, T, G, Hd).transpose(1, 2)
         if cache is not None:
             assert slots is not None
             cache.k[layer][:, :, slots] = k_BGTHd.to(cache.k[layer].dtype)
@@ -92,9 +122,7 @@ class Attention(nn.Module):
         if T == 1 and cache is not None:  # a decoding step: SDPA's fixed cost dominates one query
             y_BHTHd = single_query_attention(q_BHTHd, k_BGTHd, v_BGTHd, mask)
         else:
-            y_BHTHd = F.scaled_dot_product_attention(
-                q_BHTHd, k_BGTHd, v_BGTHd, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-            )
+            y_BHTHd = training_sdpa(q_BHTHd, k_BGTHd, v_BGTHd, mask)
         return self.wo(y_BHTHd.transpose(1, 2).reshape(B, T, self.n_heads * Hd))
 
 

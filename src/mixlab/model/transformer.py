@@ -89,6 +89,8 @@ class Transformer(nn.Module):
         """
         B, T = tokens_BT.shape
         cfg = self.config
+        # Default positions hold no padding: skip the check (a host sync, and a torch.compile graph break).
+        may_pad = positions_BT is not None
         if positions_BT is None:
             start = 0 if cache is None else cache.t
             positions_BT = torch.arange(start, start + T, device=tokens_BT.device).expand(B, T)
@@ -100,7 +102,9 @@ class Transformer(nn.Module):
             cache.pos_BC[:, slots] = positions_BT
             k_pos_BS = cache.pos_BC[:, : cache.n_filled(T)]
             mask: torch.Tensor | None = attention_mask(positions_BT, k_pos_BS, cfg.sliding_window)
-        elif (positions_BT < 0).any() or (cfg.sliding_window is not None and T > cfg.sliding_window):
+        elif (may_pad and bool((positions_BT < 0).any())) or (
+            cfg.sliding_window is not None and T > cfg.sliding_window
+        ):
             mask = attention_mask(positions_BT, positions_BT, cfg.sliding_window)
         else:
             mask = None  # plain causal: lets SDPA take its fastest kernel

@@ -160,9 +160,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     # No weight decay on norms (1-D) — decay pulls RMSNorm gains toward 0 (as nanoGPT / torchtitan).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # fused: one kernel per parameter for the whole update (CPU and CUDA); the foreach path falls
+    # back to ~10 elementwise kernels per parameter on CPU, ~4x slower here (BENCHMARKS.md).
+    fused = torch.device(cfg.device).type in ("cpu", "cuda")
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True,
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True,
     )
 
 
@@ -171,6 +174,14 @@ def enable_activation_checkpointing(model: Transformer) -> None:
     for block in model.layers:
         fwd = block.forward
         block.forward = functools.partial(activation_checkpoint, fwd, use_reentrant=False)
+
+
+def compile_model(model: Transformer) -> Callable[..., Any]:
+    """torch.compile of the model as one graph (forward and backward): the sorted MoE path's
+    per-expert row counts (`.tolist()`) are captured as symbolic sizes instead of breaking the graph
+    once per MoE layer (tests/test_train_fastpaths.py checks that nothing else breaks it)."""
+    torch._dynamo.config.capture_scalar_outputs = True
+    return torch.compile(model)
 
 
 def autocast(cfg: TrainConfig) -> torch.autocast:
@@ -333,7 +344,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
-    forward: Callable[..., Any] = torch.compile(model) if cfg.compile else model
+    forward: Callable[..., Any] = compile_model(model) if cfg.compile else model
     moe: MoEConfig | None = mc.moe
     aux_coef, z_coef = (moe.aux_loss_coef, moe.z_loss_coef) if moe else (0.0, 0.0)
     E = moe.num_experts if moe else 0

@@ -66,10 +66,10 @@ def load_balancing_loss_layer(
     n_valid = w_T.sum().clamp(min=1)
     probs_TE = torch.softmax(logits_TE, dim=-1)
     P_E = (probs_TE * w_T[:, None]).sum(0) / n_valid
-    # One-hot of the K choices, counted only for valid tokens: a count per expert, no gradient.
+    # The K choices of each token, counted with weight 1 for valid tokens and 0 for masked ones: a
+    # count per expert, no gradient. Static shapes and no host sync, so torch.compile keeps it in-graph.
     counts_E = torch.zeros(E, dtype=logits_TE.dtype, device=logits_TE.device)
-    counts_E.index_add_(0, idx_TK[m_T].reshape(-1), torch.ones(int(m_T.sum()) * K, dtype=logits_TE.dtype,
-                                                                 device=logits_TE.device))
+    counts_E.scatter_add_(0, idx_TK.reshape(-1), w_T[:, None].expand(T, K).reshape(-1))
     f_E = counts_E / (n_valid * K)
     return E * (f_E * P_E).sum()
 
