@@ -104,6 +104,12 @@ def test_bf16_training_attention_runs_in_float32_and_matches_float32_sdpa() -> N
     assert (y.float() - ref).norm() / ref.norm() < 1e-2
     y.float().sum().backward()
     assert qb.grad is not None and qb.grad.dtype == torch.bfloat16
+    # in the model under autocast, RoPE leaves q and k in float32 and v in bf16: still float32 attention
+    qf, kf = q.clone().requires_grad_(), k.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2 = training_sdpa(qf, kf, vb, None)
+    ref2 = F.scaled_dot_product_attention(q, k, vb.float(), is_causal=True, enable_gqa=True)
+    assert y2.dtype == torch.bfloat16 and torch.equal(y2, ref2.bfloat16())
 
 
 def _tiny_model(seed: int = 0) -> Transformer:

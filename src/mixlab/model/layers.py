@@ -69,22 +69,27 @@ def attention_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, window: int |
 def training_sdpa(
     q_BHTHd: torch.Tensor, k_BGTHd: torch.Tensor, v_BGTHd: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """SDPA (causal when `mask` is None). When gradients will flow through bf16/fp16 attention on
-    CPU, it runs in float32: the CPU flash kernel's backward is faster in float32 than in bf16
-    (fwd+bwd 21 vs 32 ms at B=8, H=8, T=256, Hd=32 on 2 cores, BENCHMARKS.md) and more accurate;
-    the forward alone is as fast either way, so inference keeps its dtype."""
-    upcast = (q_BHTHd.device.type == "cpu" and q_BHTHd.dtype in (torch.bfloat16, torch.float16)
-              and torch.is_grad_enabled() and (q_BHTHd.requires_grad or k_BGTHd.requires_grad))
-    if not upcast:
+    """SDPA (causal when `mask` is None). When gradients will flow through attention that would run
+    in bf16/fp16 on CPU (low-precision inputs, or autocast, which casts SDPA's inputs down), it runs
+    in float32 instead: the CPU flash kernel's backward is faster in float32 than in bf16 (fwd+bwd
+    21 vs 32 ms at B=8, H=8, T=256, Hd=32 on 2 cores, BENCHMARKS.md) and more accurate. The
+    forward alone is as fast either way, so inference keeps its dtype. The output has the dtype
+    SDPA would have returned."""
+    qkv = (q_BHTHd, k_BGTHd, v_BGTHd)
+    dev = q_BHTHd.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    low = autocast or any(t.dtype in (torch.bfloat16, torch.float16) for t in qkv)
+    if not (dev == "cpu" and low and torch.is_grad_enabled() and any(t.requires_grad for t in qkv)):
         return F.scaled_dot_product_attention(
             q_BHTHd, k_BGTHd, v_BGTHd, attn_mask=mask, is_causal=mask is None, enable_gqa=True
         )
-    with torch.autocast(device_type="cpu", enabled=False):  # autocast would cast SDPA's inputs back down
+    out_dtype = torch.get_autocast_dtype(dev) if autocast else q_BHTHd.dtype
+    with torch.autocast(device_type=dev, enabled=False):
         y_BHTHd = F.scaled_dot_product_attention(
             q_BHTHd.float(), k_BGTHd.float(), v_BGTHd.float(), attn_mask=mask, is_causal=mask is None,
             enable_gqa=True,
         )
-    return y_BHTHd.to(q_BHTHd.dtype)
+    return y_BHTHd.to(out_dtype)
 
 
 class Attention(nn.Module):
