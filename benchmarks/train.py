@@ -1,13 +1,16 @@
 """Training throughput: mixlab vs transformers' MixtralForCausalLM, side by side.
 
 One measured iteration = forward + loss (cross-entropy + 0.02 x load-balancing loss, which both
-models compute) + backward + AdamW step, on the same config, batch, dtype and thread count. The two
+models compute) + backward + AdamW step, on the same config, batch, dtype and thread count; mixlab's
+column runs what `mixlab train` runs (its optimizer: fused AdamW; with --compile, its compile), the
+transformers column a plain user setup (AdamW, foreach). Neither clips gradients. The two
 models alternate iteration by iteration, so a busy shared CPU slows both alike; the ratio of the
 medians is the result. transformers is measured with each experts implementation it offers on CPU.
 
     .venv/bin/python benchmarks/train.py                    # float32 and bf16 autocast
     .venv/bin/python benchmarks/train.py --iters 10 --dtype float32
     .venv/bin/python benchmarks/train.py --compile           # mixlab compiled, transformers eager
+    .venv/bin/python benchmarks/train.py --profile 12        # then where each step's time goes
 """
 
 from __future__ import annotations
@@ -82,6 +85,19 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
     return {f"mixlab ({args.moe_impl})": step_ours, f"transformers ({hf_experts})": step_theirs}
 
 
+def top_ops(step: Callable[[], float], n: int, steps: int = 3) -> dict[str, float]:
+    """The n ops with the most self CPU time over `steps` profiled steps, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    ms = {e.key: round(e.self_cpu_time_total / steps / 1e3, 1) for e in ops}
+    return {"total": round(total / steps / 1e3, 1), **ms}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=259)
@@ -102,6 +118,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
     p.add_argument("--hf-experts", default="eager,grouped_mm",
                    help="transformers experts implementations to compare against (comma-separated)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, print each column's N costliest ops (ms per step, torch.profiler)")
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -128,6 +146,9 @@ def main() -> None:
             row = {"dtype": dtype, **{f"{k} tok/s": round(tokens / v) for k, v in med.items()},
                    "speedup": round(ratio, 2)}
             print(json.dumps(row))
+            if args.profile:
+                for name, fn in steps.items():
+                    print(json.dumps({"dtype": dtype, "profile": name, "ms per step": top_ops(fn, args.profile)}))
 
 
 if __name__ == "__main__":
