@@ -77,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(ours, tmp, fmt="hf")
         theirs = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-    if not args.plain:  # what `mixlab generate` runs: oneDNN-packed weights (model/inference.py)
+    if not args.plain:  # what `mixlab generate` runs: native decoding kernels (model/inference.py)
         ours = prepare_for_inference(ours)
     theirs.generation_config.eos_token_id = None
     theirs.generation_config.pad_token_id = 0

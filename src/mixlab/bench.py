@@ -3,8 +3,10 @@ weights and thread count, each figure also as a fraction of the machine's limit 
 same run.
 
 What is measured (`run_bench`):
-- limits: memory read bandwidth (sum of a large float32 tensor) and bf16 matmul throughput (a large
-  square bf16 matmul), the two roofs every figure is compared to;
+- limits: memory read bandwidth (the fastest of three streaming reads of a large float32 tensor: a
+  sum, PyTorch's and mixlab's native matrix-vector product; re-measured interleaved with the peers
+  for decoding, the higher counts) and bf16 matmul throughput (a large square bf16 matmul), the two
+  roofs every figure is compared to;
 - prefill tokens/s for prompts of P tokens (the last position's logits, as generation needs);
 - decode tokens/s at batch B after a 128-token prompt (greedy, one token per step);
 - the MoE layer alone (router + experts) for T tokens.
@@ -43,6 +45,7 @@ from mixlab.config import ModelConfig, get_preset
 from mixlab.generate import decode_step
 from mixlab.model import MoEBlock, Transformer
 from mixlab.model.inference import prepare_for_inference
+from mixlab.ops import native
 
 
 @dataclass
@@ -106,6 +109,13 @@ def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 
                  ) -> dict[str, float]:
     """Median seconds of each function, run round-robin so that machine load hits all alike;
     `before` runs (untimed) before each timed call."""
+    return {k: statistics.median(v) for k, v in _interleaved_runs(fns, reps, warmup, log, before).items()}
+
+
+def _interleaved_runs(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                      log: Callable[[str], None] | None = None, before: Callable[[], object] | None = None
+                      ) -> dict[str, list[float]]:
+    """The seconds of every repetition of each function (see `_interleaved`)."""
     for k, fn in fns.items():
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -120,19 +130,28 @@ def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def bandwidth_probe(*, reps: int = 5, mib: int = 1024) -> tuple[Callable[[], object], int]:
+    """The fastest streaming read of `mib` MiB this machine offers, and the bytes it reads: the
+    fastest of a float32 sum, PyTorch's float32 matrix-vector product (MKL streams its matrix near
+    the memory's speed) and, when built, mixlab's native one (whose sequential row reads beat both
+    on some CPUs: without it, mixlab's own decoding could show more than 100% of the "limit")."""
+    big = torch.ones(mib * 2**20 // 4)
+    mat = big.view(-1, 4096)
+    vec = torch.ones(1, 4096)
+    reads: list[Callable[[], object]] = [big.sum, functools.partial(torch.nn.functional.linear, vec, mat)]
+    if native.library() is not None:
+        reads.append(functools.partial(native.gemv, mat, vec[0]))
+    return min(reads, key=lambda fn: _median_time(fn, reps)), big.numel() * 4
 
 
 def measure_limits(*, reps: int = 5, mib: int = 1024, n: int = 2048) -> dict[str, float]:
     """Memory read bandwidth (bytes/s) and bf16 matmul throughput (FLOP/s) of this machine now."""
-    # Two streaming reads of `mib` MiB of float32, the faster counts: a sum, and a matrix-vector
-    # product (MKL's float32 GEMV streams its matrix near the memory's speed).
-    big = torch.ones(mib * 2**20 // 4)
-    mat = big.view(-1, 4096)
-    vec = torch.ones(1, 4096)
-    bandwidth = big.numel() * 4 / min(_median_time(big.sum, reps),
-                                      _median_time(functools.partial(torch.nn.functional.linear, vec, mat), reps))
-    del big, mat
+    probe, nbytes = bandwidth_probe(reps=reps, mib=mib)
+    bandwidth = nbytes / _median_time(probe, reps)
+    del probe
     a = torch.randn(n, n).bfloat16()
     b = torch.randn(n, n).bfloat16()
     matmul = 2 * n**3 / _median_time(lambda: a @ b, reps)
@@ -447,17 +466,30 @@ def _bench_decode(plan: BenchPlan, cfg: ModelConfig, model: Transformer, peers: 
             for _ in range(plan.decode_steps):
                 p.decode()
 
-        times = _interleaved({p.name: functools.partial(run, p) for p in active}, plan.reps, log=log)
+        # The memory bandwidth of this machine drifts by tens of percent within minutes (other tenants
+        # of the host): a bandwidth probe runs in every round of the interleaved repetitions, and
+        # each repetition's roof uses the bandwidth measured in its own round.
+        probe, probe_bytes = bandwidth_probe(reps=1, mib=plan.limit_mib)
+        runs = _interleaved_runs({p.name: functools.partial(run, p) for p in active} | {"(bandwidth)": probe},
+                                 plan.reps, log=log)
+        bandwidth_r = [probe_bytes / t for t in runs.pop("(bandwidth)")]
+        report.notes.append(f"decode B={B}: memory bandwidth measured in each round of the repetitions: "
+                            + ", ".join(f"{b / 1e9:.1f}" for b in bandwidth_r) + " GB/s")
+        del probe
         n_exp = _unique_experts(model, prompt)
         ctx = plan.decode_prompt + steps / 2
         kv_bytes = B * ctx * cfg.kv_cache_bytes_per_token(2)
         for p in active:
-            t = times[p.name] / plan.decode_steps
+            t = statistics.median(runs[p.name]) / plan.decode_steps
             e = p.elem_bytes
             weight_bytes = cfg.n_layers * (_dense_bytes_per_layer(cfg, e) + n_exp * _expert_bytes(cfg, e))
             weight_bytes += cfg.vocab_size * cfg.dim * e  # output matrix
-            limit = max((weight_bytes + kv_bytes) / report.limits["bandwidth"],
-                        B * _matmul_flops_per_token(cfg, ctx) / report.limits["matmul"])
+            # of limit = median over rounds of (roofline time at that round's bandwidth / time)
+            frac = statistics.median(
+                max((weight_bytes + kv_bytes) / bw, B * _matmul_flops_per_token(cfg, ctx) / report.limits["matmul"])
+                / (r / plan.decode_steps)
+                for bw, r in zip(bandwidth_r, runs[p.name], strict=True))
+            limit = frac * t
             report.rows.append(Row("Decode (tokens/s)", f"B={B}", p.name, B / t, "tokens/s", limit, t))
 
 

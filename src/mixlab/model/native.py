@@ -10,7 +10,9 @@ PyTorch. `prepare_for_inference` attaches one as `model.native_decoder`; `genera
 uses it whenever it `accepts` the step.
 
 Weights must be plain contiguous float32 or bf16 tensors, or int8 with per-row scales (what
-`prepare_for_inference(model, quant="int8")` makes); oneDNN-packed weights are opaque to C.
+`prepare_for_inference(model, quant="int8")` makes); oneDNN-packed weights are opaque to C. A decoder
+owns one set of work buffers, so one model decodes one step at a time (no concurrent `step` calls
+from several Python threads on the same model).
 
 Shape legend: D width, H query heads, G kv heads, Hd head dim, C cache slots, E experts, K experts
 per token, F expert FFN width, V vocabulary, L layers.

@@ -263,18 +263,29 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
                       int64_t r1) {
     const int64_t K = m.K;
     int64_t r = r0;
-    if (m.wt == MX_BF16 && M >= 4)
-        for (; r + 4 <= r1; r += 4) {
-            int64_t j = 0;
-            float out[16];
-            for (; j + 4 <= M; j += 4) {
-                dot4x4_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, K, out, 4);
-                for (int i = 0; i < 4; i++)
-                    for (int q = 0; q < 4; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
+    if (m.wt == MX_BF16 && M >= 4) {
+        /* Blocks of MB tokens whose activations (MB rows of K bf16) stay in L2 while every weight
+           row of [r0, r1) passes over them in 4 x 4 tiles. */
+        int64_t MB = (256 * 1024 / (K * 2)) & ~(int64_t)3;
+        MB = MB < 4 ? 4 : MB > 128 ? 128 : MB;
+        const int64_t rend = r0 + ((r1 - r0) & ~(int64_t)3);
+        for (int64_t jb = 0; jb < M; jb += MB) {
+            const int64_t je = jb + MB < M ? jb + MB : M;
+            for (r = r0; r < rend; r += 4) {
+                int64_t j = jb;
+                float out[16];
+                for (; j + 4 <= je; j += 4) {
+                    dot4x4_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, K, out, 4);
+                    for (int i = 0; i < 4; i++)
+                        for (int q = 0; q < 4; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
+                }
+                for (; j < je; j++)
+                    for (int i = 0; i < 4; i++)
+                        Y[j * ldy + r + i] = dot_bf16((const uint16_t*)m.w + (r + i) * K, XB + j * K, K);
             }
-            for (; j < M; j++)
-                for (int i = 0; i < 4; i++) Y[j * ldy + r + i] = dot_bf16((const uint16_t*)m.w + (r + i) * K, XB + j * K, K);
         }
+        r = rend;
+    }
     for (; r < r1; r++) {
         const float sc = m.wt == MX_I8 ? m.scale[r] : 1.f;
         int64_t j = 0;
