@@ -97,10 +97,19 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     flags = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_id()]).encode())
-    out = cache / f"mixlab-decode-{key.hexdigest()[:16]}.so"
+    name = f"mixlab-decode-{key.hexdigest()[:16]}.so"
+    if (cache / name).exists():
+        return cache / name
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache, os.W_OK):
+            raise PermissionError(cache)
+    except OSError:  # a read-only home (CI, containers): build in the temporary directory instead
+        cache = Path(tempfile.gettempdir()) / f"mixlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        cache.mkdir(parents=True, exist_ok=True)
+    out = cache / name
     if out.exists():
         return out
-    cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
     os.close(fd)
     try:
