@@ -157,3 +157,31 @@ def test_training_forward_compiles_as_one_graph() -> None:
         explained = torch._dynamo.explain(step)(tokens)
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_training_equals_eager_and_evaluates(tmp_path) -> None:
+    """`mixlab train --compile`: the same losses as eager, and evaluation runs (it once failed on
+    `forward or model`: a compiled module has no truth value)."""
+    import json
+
+    from mixlab.train.data import prepare, read_documents
+    from mixlab.train.loop import load_train_config, train
+
+    src = tmp_path / "src" / "prose"
+    src.mkdir(parents=True)
+    for split, n in (("train", 30), ("valid", 3)):
+        lines = [json.dumps({"text": f"The {i}th cat sat on the mat and looked around. " * 4}) for i in range(n)]
+        (src / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare(read_documents([tmp_path / "src"]), tmp_path / "ds")
+    tiny = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
+            "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2}}
+    losses = {}
+    for compiled in (False, True):
+        cfg = load_train_config(None, data=str(tmp_path / "ds"), out=str(tmp_path / f"out{compiled}"),
+                                model="tiny-moe", model_overrides=tiny, seq_len=16, batch_size=2, steps=2,
+                                warmup=1, eval_every=2, ckpt_every=0, progress=False, tensorboard=False,
+                                export_hf=False, threads=1, compile=compiled)
+        result = train(cfg)
+        losses[compiled] = [r["loss"] for r in result.history]
+    torch._dynamo.reset()
+    torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)

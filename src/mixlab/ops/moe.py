@@ -212,7 +212,8 @@ def sorted_grouped(
     counts = counts_E.tolist()
     compiling = torch.compiler.is_compiling()
     expert = _expert
-    training = torch.is_grad_enabled() and isinstance(w13_E2FD, torch.Tensor) and w13_scale_E2F is None
+    # Training (or anything torch.compile traces): plain differentiable F.linear, never the inference kernels.
+    training = (torch.is_grad_enabled() or compiling) and isinstance(w13_E2FD, torch.Tensor) and w13_scale_E2F is None
     if training and not w13_E2FD.is_mkldnn and x_TD.is_floating_point():
         xs_ND, w13_E2FD, w2_EDF = _autocast_once(xs_ND, w13_E2FD, w2_EDF)
         # unbind / split, not w[e] / xs[a:b]: in backward, each index or slice would materialise a

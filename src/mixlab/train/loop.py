@@ -193,7 +193,7 @@ def autocast(cfg: TrainConfig) -> torch.autocast:
 def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, split: str = "valid",
              forward: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Loss, perplexity and expert load `[L, E]` per domain on fixed windows of `split`."""
-    fwd = forward or model
+    fwd = forward if forward is not None else model  # not `or`: a compiled module has no truth value
     was_training = model.training
     model.eval()
     out: dict[str, Any] = {"loss": {}, "ppl": {}, "load": {}}
@@ -417,7 +417,10 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
             if on_step is not None and on_step(rec):
                 requested_stop = True
             if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                ev = evaluate(model, dataset, cfg, forward=forward)
+                # Eager, even with --compile: a no-grad graph would be a second compile (and more for
+                # the last, shorter batch) to save seconds, and evaluation runs inference kernels
+                # (ops/native) that torch.compile cannot trace.
+                ev = evaluate(model, dataset, cfg)
                 ev_rec = {"step": step, "eval_loss": ev["mean_loss"], "eval": ev["loss"], "eval_ppl": ev["ppl"]}
                 metrics.write(ev_rec)
                 evals.append(ev | {"step": step})
