@@ -229,3 +229,13 @@ def test_native_linear_equals_matmul(dtype, M):
     else:
         got, ref = native.linear(x, w), x @ w.T
     torch.testing.assert_close(got.float(), ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
+
+
+def test_torch_compile_of_a_prepared_model_keeps_to_pytorch_kernels():
+    """Under torch.compile the native kernels step aside (dynamo cannot trace a ctypes call)."""
+    model = _model()
+    tokens = torch.randint(0, 256, (1, 5))  # few tokens: eager inference would take the native MoE
+    with torch.no_grad():
+        ref = model(tokens)
+        got = torch.compile(model)(tokens)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -168,7 +168,10 @@ def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = N
 
 def usable(*weights: torch.Tensor | None) -> bool:
     """Whether the native kernels can take these weights: plain contiguous CPU tensors of a supported
-    dtype, nothing that needs a gradient, and the library built."""
+    dtype, nothing that needs a gradient, the library built, and no `torch.compile` tracing (dynamo
+    cannot trace a ctypes call)."""
+    if torch.compiler.is_compiling():
+        return False
     for w in weights:
         if w is None:
             continue
