@@ -21,6 +21,8 @@ if native.library() is None:
     if native.enabled() and shutil.which("cc"):
         raise AssertionError("a C compiler is present but the native kernels did not build")
     pytest.skip("native kernels switched off (MIXLAB_NATIVE=0) or no C compiler", allow_module_level=True)
+if not (native.fast(torch.float32) and native.fast(torch.bfloat16)):
+    pytest.skip("no AVX-512 / AVX512-BF16: mixlab keeps PyTorch's kernels here", allow_module_level=True)
 
 
 def _model(dtype=torch.float32, preset="tiny-moe", **changes) -> Transformer:

@@ -68,6 +68,8 @@ class NativeDecoder:
         wt = native.TYPE_CODES.get(w_out.dtype)
         if wt is None:
             raise ValueError(f"native decoding supports float32, bf16 and int8 weights, not {w_out.dtype}")
+        if not native.fast(w_out.dtype):
+            raise ValueError(f"the native {w_out.dtype} kernels are not vectorised on this CPU (no AVX-512)")
         emb = model.tok_embeddings.weight.detach()
         if emb.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"native decoding needs a float32 or bf16 embedding, not {emb.dtype}")

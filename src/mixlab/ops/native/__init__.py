@@ -144,8 +144,18 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
+    lib.mx_simd.restype = ctypes.c_int
     _lib = lib
     return _lib
+
+
+def fast(dtype: torch.dtype) -> bool:
+    """Whether the kernels for weights of `dtype` are vectorised on this CPU (AVX-512, and
+    AVX512-BF16 for bf16): only then do they beat PyTorch's, so only then does mixlab use them."""
+    lib = library()
+    if lib is None or dtype not in TYPE_CODES:
+        return False
+    return bool(lib.mx_simd() & (2 if dtype == torch.bfloat16 else 1))
 
 
 def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,7 +186,7 @@ def usable(*weights: torch.Tensor | None) -> bool:
         if w is None:
             continue
         if (not isinstance(w, torch.Tensor) or w.is_mkldnn or w.device.type != "cpu" or not w.is_contiguous()
-                or w.dtype not in TYPE_CODES or (w.requires_grad and torch.is_grad_enabled())):
+                or not fast(w.dtype) or (w.requires_grad and torch.is_grad_enabled())):
             return False
     return library() is not None
 

@@ -688,6 +688,20 @@ void mx_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const float* 
     }
 }
 
+/* What this build vectorises: bit 1 = AVX-512 (float32 and int8 kernels), bit 2 = AVX512-BF16
+   (bf16 kernels). Without them the portable loops are correct but slower than PyTorch's kernels,
+   so the Python side only routes work here for the dtypes this reports. */
+int mx_simd(void) {
+    int bits = 0;
+#if defined(__AVX512F__)
+    bits |= 1;
+#endif
+#if defined(__AVX512BF16__)
+    bits |= 2;
+#endif
+    return bits;
+}
+
 /* One matrix-vector product y = W x (tests and benchmarks of the kernels alone). */
 void mx_gemv(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, const float* x, uint16_t* xb,
              float* y, int nt) {
