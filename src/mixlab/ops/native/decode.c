@@ -116,41 +116,36 @@ static inline float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {
     return s;
 }
 
-static inline float dot_f32(const float* w, const float* x, int64_t K) {
-    int64_t k = 0;
-    float s = 0.f;
+/* float32 activations against float32 or int8 weights: the same loops, only the load of 16 weights
+   differs (int8: widened and converted in registers; the row scale is applied by the caller). */
 #if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+#define MX_LOADW_f32(p) _mm512_loadu_ps(p)
+#define MX_LOADW_i8(p) MX_I8F(p)
+#define MX_DOT_F(T, W)                                                                                          \
+    static inline float dot_##T(const W* w, const float* x, int64_t K) {                                        \
+        int64_t k = 0;                                                                                          \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps(); \
+        for (; k + 64 <= K; k += 64) {                                                                          \
+            a0 = _mm512_fmadd_ps(MX_LOADW_##T(w + k), _mm512_loadu_ps(x + k), a0);                              \
+            a1 = _mm512_fmadd_ps(MX_LOADW_##T(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);                    \
+            a2 = _mm512_fmadd_ps(MX_LOADW_##T(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);                    \
+            a3 = _mm512_fmadd_ps(MX_LOADW_##T(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);                    \
+        }                                                                                                       \
+        for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(MX_LOADW_##T(w + k), _mm512_loadu_ps(x + k), a0);     \
+        float s = hsum4(a0, a1, a2, a3);                                                                        \
+        for (; k < K; k++) s += w[k] * x[k];                                                                    \
+        return s;                                                                                               \
     }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-    s = hsum4(a0, a1, a2, a3);
-#endif
-    for (; k < K; k++) s += w[k] * x[k];
-    return s;
-}
-
-static inline float dot_i8(const int8_t* w, const float* x, int64_t K) { /* unscaled */
-    int64_t k = 0;
-    float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(MX_I8F(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(MX_I8F(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(MX_I8F(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(MX_I8F(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+#else
+#define MX_DOT_F(T, W)                                                                                          \
+    static inline float dot_##T(const W* w, const float* x, int64_t K) {                                        \
+        float s = 0.f;                                                                                          \
+        for (int64_t k = 0; k < K; k++) s += w[k] * x[k];                                                       \
+        return s;                                                                                               \
     }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(MX_I8F(w + k), _mm512_loadu_ps(x + k), a0);
-    s = hsum4(a0, a1, a2, a3);
 #endif
-    for (; k < K; k++) s += w[k] * x[k];
-    return s;
-}
+MX_DOT_F(f32, float)
+MX_DOT_F(i8, int8_t)
 
 /* The same row against four vectors (rows j..j+3 of a matrix with leading dimension ld): one read
    of the weights serves four tokens. out[q] = w . x_q. */
@@ -174,45 +169,32 @@ static inline void dot4_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, i
     for (int q = 0; q < 4; q++) out[q] = s[q];
 }
 
-static inline void dot4_f32(const float* w, const float* x, int64_t ld, int64_t K, float* out) {
-    int64_t k = 0;
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
 #if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-        const __m512 wv = _mm512_loadu_ps(w + k);
-        a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + ld + k), a1);
-        a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 2 * ld + k), a2);
-        a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 3 * ld + k), a3);
+#define MX_DOT4_F(T, W)                                                                                         \
+    static inline void dot4_##T(const W* w, const float* x, int64_t ld, int64_t K, float* out) {                \
+        int64_t k = 0;                                                                                          \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps(); \
+        for (; k + 16 <= K; k += 16) {                                                                          \
+            const __m512 wv = MX_LOADW_##T(w + k);                                                              \
+            a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k), a0);                                               \
+            a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + ld + k), a1);                                          \
+            a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 2 * ld + k), a2);                                      \
+            a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 3 * ld + k), a3);                                      \
+        }                                                                                                       \
+        float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),             \
+                      _mm512_reduce_add_ps(a3)};                                                                \
+        for (; k < K; k++)                                                                                      \
+            for (int q = 0; q < 4; q++) s[q] += w[k] * x[q * ld + k];                                           \
+        for (int q = 0; q < 4; q++) out[q] = s[q];                                                              \
     }
-    s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
-    s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
-#endif
-    for (; k < K; k++)
-        for (int q = 0; q < 4; q++) s[q] += w[k] * x[q * ld + k];
-    for (int q = 0; q < 4; q++) out[q] = s[q];
-}
-
-static inline void dot4_i8(const int8_t* w, const float* x, int64_t ld, int64_t K, float* out) {
-    int64_t k = 0;
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-        const __m512 wv = MX_I8F(w + k);
-        a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + ld + k), a1);
-        a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 2 * ld + k), a2);
-        a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 3 * ld + k), a3);
+#else
+#define MX_DOT4_F(T, W)                                                                                         \
+    static inline void dot4_##T(const W* w, const float* x, int64_t ld, int64_t K, float* out) {                \
+        for (int q = 0; q < 4; q++) out[q] = dot_##T(w, x + q * ld, K);                                         \
     }
-    s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
-    s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
 #endif
-    for (; k < K; k++)
-        for (int q = 0; q < 4; q++) s[q] += w[k] * x[q * ld + k];
-    for (int q = 0; q < 4; q++) out[q] = s[q];
-}
+MX_DOT4_F(f32, float)
+MX_DOT4_F(i8, int8_t)
 
 /* Four rows against four vectors (16 accumulators): for several tokens per weight (batched
    decoding, MoE experts chosen by several tokens) the work is compute-bound, and this reuses each
