@@ -30,6 +30,7 @@ import torch
 from mixlab.analysis.stats import RoutingCounts, pair_mask
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
+from mixlab.train.data import jsonl_texts
 
 # Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
 # and licence texts.
@@ -74,10 +75,11 @@ def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
 
 
 def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
-    """(source, text) for each usable document, in file order; raises ValueError naming the folder
-    when there is none. JSONL lines without a non-empty string `text` are skipped."""
+    """(source, text) for each usable document, in file order, streaming each file line by line;
+    raises ValueError naming the folder when there is none. JSONL lines without a non-empty string
+    `text` are skipped (`mixlab.train.data.jsonl_texts`, lenient)."""
     files = data_files(domain_dir, split=split)
-    found, skipped = 0, 0
+    found = 0
     for path in files:
         if path.suffix == ".txt":
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -86,25 +88,17 @@ def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator
                 yield str(path.name), text
             continue
         with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                body = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(body, str) or not body.strip():
-                    skipped += 1
-                    continue
-                found += 1
-                source = row.get("source")
-                yield (source if isinstance(source, str) and source else f"{path.name}:{lineno}"), body
+            for body, row, where in jsonl_texts(f, path, strict=False):
+                if body.strip():
+                    found += 1
+                    source = row.get("source")
+                    line = where.rsplit(":", 1)[1]
+                    yield (source if isinstance(source, str) and source else f"{path.name}:{line}"), body
     if not found:
         what = ", ".join(p.name for p in files) or "no .jsonl/.txt files"
         raise ValueError(
-            f"domain folder {domain_dir} has no usable data ({what}; {skipped} JSONL lines without a "
-            "'text' string): expected .txt files or .jsonl lines with a non-empty string field 'text'"
+            f"domain folder {domain_dir} has no usable data ({what}): expected .txt files or .jsonl lines "
+            "with a non-empty string field 'text'"
         )
 
 

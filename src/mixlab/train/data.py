@@ -147,6 +147,31 @@ def _read_text(path: Path) -> str:
                         "convert it to UTF-8 first") from None
 
 
+def jsonl_texts(lines: Iterable[str], path: Path, *, strict: bool = True) -> Iterator[tuple[str, dict, str]]:
+    """(text, row, "file:line") of each JSONL line whose `text` is a non-empty string; the one JSONL
+    reader of the project (training, routing analysis). Invalid JSON is always an error naming the
+    line. A line without a string `text` is an error when `strict` (training data must be what it
+    claims) and skipped otherwise (analysis reads whatever a corpus holds, e.g. chat files)."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            if not strict:
+                continue
+            if not isinstance(obj, dict) or "text" not in obj:
+                keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{where}: expected a JSON object with a 'text' field, found: {keys}")
+            raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+        if text:
+            yield text, obj, where
+
+
 def read_file(path: Path, *, domain: str, split: str) -> Iterator[Document]:
     """Documents of one file: a `.jsonl` file gives one per line (its `text` field), any other file
     is one document."""
@@ -155,21 +180,9 @@ def read_file(path: Path, *, domain: str, split: str) -> Iterator[Document]:
         yield Document(domain, split, text, str(path))
         return
     n = 0
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or "text" not in obj:
-            keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
-            raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field, found: {keys}")
-        if not isinstance(obj["text"], str):
-            raise DataError(f"{path}:{lineno}: field 'text' must be a string, got {type(obj['text']).__name__}")
-        if obj["text"]:
-            n += 1
-            yield Document(domain, split, obj["text"], f"{path}:{lineno}")
+    for body, _, where in jsonl_texts(text.split("\n"), path):
+        n += 1
+        yield Document(domain, split, body, where)
     if n == 0:
         raise DataError(f"{path}: no non-empty 'text' documents")
 
