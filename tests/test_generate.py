@@ -250,3 +250,55 @@ def test_tensor_prompts(tiny):
     t = torch.tensor([[5, 6, 7], [8, 9, 10]])
     kw = dict(max_new_tokens=4, stop_at_eos=False)
     assert generate(tiny, t, **kw) == generate(tiny, t.tolist(), **kw) == generate(tiny, list(t), **kw)
+
+
+def test_a_kept_cache_prefills_only_what_follows_the_shared_prefix(monkeypatch):
+    """A chat's cache across turns: same tokens as generating from scratch, far fewer prefilled."""
+    import importlib
+
+    from mixlab.cache import KVCache
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    gen = importlib.import_module("mixlab.generate")  # the module (mixlab.generate is also the function)
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny-moe"))
+    model.init_weights(seed=0, std=0.1)
+    model.eval()
+    prefilled: list[int] = []
+    real_prefill = gen.prefill
+    monkeypatch.setattr(gen, "prefill",
+                        lambda m, t, *a, **k: prefilled.append(t.shape[1]) or real_prefill(m, t, *a, **k))
+    cache = KVCache(model.config, batch_size=1, max_len=64)
+    p1 = torch.randint(3, 256, (10,)).tolist()
+    out1 = gen.generate(model, [p1], max_new_tokens=6, stop_at_eos=False, cache=cache)[0]
+    p2 = p1 + out1 + torch.randint(3, 256, (5,)).tolist()
+    out2 = gen.generate(model, [p2], max_new_tokens=6, stop_at_eos=False, cache=cache)[0]
+    assert prefilled == [10, 6]  # the cache held p1 and the 5 generated tokens fed back; 1 + 5 new
+    assert out2 == gen.generate(model, [p2], max_new_tokens=6, stop_at_eos=False)[0]
+    p3 = p1[:4] + torch.randint(3, 256, (3,)).tolist()  # a different turn: only the first 4 are shared
+    assert gen.generate(model, [p3], max_new_tokens=4, stop_at_eos=False, cache=cache) == \
+        gen.generate(model, [p3], max_new_tokens=4, stop_at_eos=False)
+    assert prefilled[-2] == 3
+
+
+def test_a_kept_rolling_cache_that_wrapped_starts_over():
+    from mixlab.cache import KVCache
+    from mixlab.config import get_preset
+    from mixlab.generate import generate
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-dense").replace(sliding_window=8))
+    model.init_weights(seed=0, std=0.1)
+    model.eval()
+    cache = KVCache(model.config, batch_size=1, max_len=100, prefill_chunk=4)  # 11 slots
+    p1 = torch.randint(3, 256, (9,)).tolist()
+    out1 = generate(model, [p1], max_new_tokens=8, stop_at_eos=False, cache=cache, prefill_chunk=4)[0]
+    assert cache.t > cache.capacity
+    p2 = p1 + out1 + [5, 6]
+    assert generate(model, [p2], max_new_tokens=5, stop_at_eos=False, cache=cache, prefill_chunk=4) == \
+        generate(model, [p2], max_new_tokens=5, stop_at_eos=False, prefill_chunk=4)
+    with pytest.raises(ValueError, match="single prompt"):
+        generate(model, [p1, p1], max_new_tokens=2, cache=cache)
+    with pytest.raises(ValueError, match="need"):
+        generate(model, [p1], max_new_tokens=95, cache=cache)

@@ -53,6 +53,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.pos_BC = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.t = 0  # tokens written so far (padded index)
+        self.tokens: list[int] = []  # batch 1: the ids written so far, kept by `generate` for prefix reuse
 
     @property
     def batch_size(self) -> int:
@@ -78,3 +79,16 @@ class KVCache:
     def reset(self) -> None:
         self.pos_BC.fill_(-1)
         self.t = 0
+        self.tokens = []
+
+    def rewind(self, n: int) -> None:
+        """Keep the first n tokens and forget the rest (a conversation's shared prefix). Only a cache
+        that never wrapped around holds all of its tokens; a wrapped rolling cache is reset."""
+        if not 0 <= n <= self.t:
+            raise ValueError(f"cannot rewind a cache holding {self.t} tokens to {n}")
+        if self.t > self.capacity:
+            self.reset()
+            return
+        self.pos_BC[:, n : self.t] = -1  # no wrap-around: token i sits in slot i
+        self.t = n
+        del self.tokens[n:]

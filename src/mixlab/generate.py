@@ -236,6 +236,7 @@ def generate_stream(
     truncate: bool = False,
     prefill_chunk: int = 512,
     record_experts: bool = False,
+    cache: KVCache | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position, as soon as it is sampled.
 
@@ -244,6 +245,10 @@ def generate_stream(
     a `stop` string (needs `tokenizer`); the stop token is included. `seed` seeds a private
     `torch.Generator`, so equal seeds give equal samples. `truncate=True` drops the oldest prompt
     tokens (keeping BOS) instead of raising when prompt + max_new_tokens exceeds the context.
+
+    `cache`: for one prompt, a `KVCache` (batch 1) kept across calls, as a chat does: the tokens it
+    already holds that begin this prompt (`cache.tokens`, recorded here) are not prefilled again,
+    the rest of it is overwritten. It must have room for the prompt and `max_new_tokens`.
     """
     # Everything is validated here, eagerly; the returned generator does the compute.
     sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -257,14 +262,23 @@ def generate_stream(
         raise ValueError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
     if record_experts and model.config.moe is None:
         raise ValueError("record_experts=True needs a MoE model; this one is dense")
+    if cache is not None:
+        weight = model.tok_embeddings.weight
+        if len(ids) != 1 or cache.batch_size != 1:
+            raise ValueError("cache= reuses the cache of a single prompt; pass one prompt and a batch-1 KVCache")
+        if cache.max_len < len(ids[0]) + max_new_tokens:
+            raise ValueError(f"the cache holds {cache.max_len} tokens; this prompt ({len(ids[0])}) and "
+                             f"max_new_tokens={max_new_tokens} need {len(ids[0]) + max_new_tokens}")
+        if cache.k[0].device != weight.device or cache.config != model.config:
+            raise ValueError("the cache was made for another model or device")
     return _generate(model, ids, max_new_tokens, sampler, seed, stop_ids, stop_strings, tokenizer,
-                     prefill_chunk, record_experts)
+                     prefill_chunk, record_experts, cache)
 
 
 def _generate(
     model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, seed: int | None,
     stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None, prefill_chunk: int,
-    record_experts: bool,
+    record_experts: bool, cache: KVCache | None,
 ) -> Iterator[Step]:
     cfg = model.config
     weight = model.tok_embeddings.weight
@@ -279,7 +293,19 @@ def _generate(
         positions_BT[b, T - len(p) :] = torch.arange(len(p))
     tokens_BT, positions_BT = tokens_BT.to(device), positions_BT.to(device)
     chunk = min(prefill_chunk, T)
-    cache = KVCache(cfg, batch_size=B, max_len=T + max_new_tokens, dtype=dtype, device=device, prefill_chunk=chunk)
+    if cache is None:
+        cache = KVCache(cfg, batch_size=B, max_len=T + max_new_tokens, dtype=dtype, device=device, prefill_chunk=chunk)
+    else:  # one prompt: keep the cached prefix it shares, prefill the rest (at least its last token)
+        held = cache.tokens[: cache.t] if cache.t <= cache.capacity else []
+        shared = 0
+        while shared < min(len(held), T - 1) and held[shared] == prompts[0][shared]:
+            shared += 1
+        cache.rewind(shared)
+        tokens_BT, positions_BT = tokens_BT[:, shared:], positions_BT[:, shared:]
+        chunk = min(prefill_chunk, T - shared)
+        if cache.window is not None:  # a chunk must not evict keys its own queries still need
+            chunk = min(chunk, cache.capacity - cache.window + 1)
+    cache.tokens = list(prompts[0]) if B == 1 else []
 
     generator = None
     if not sampler.greedy:
@@ -334,6 +360,8 @@ def _generate(
             logits_BV, experts_BLK = decode_step(model, next_B[:, None], positions_B1, cache,
                                                  record_experts=record_experts)
             positions_B1 = positions_B1 + 1
+        if B == 1:
+            cache.tokens.append(int(next_B[0]))
 
 
 def generate(
@@ -353,6 +381,7 @@ def generate(
     truncate: bool = False,
     prefill_chunk: int = 512,
     experts_out: list[torch.Tensor] | None = None,
+    cache: KVCache | None = None,
 ) -> list[list[int]]:
     """The new token ids of each prompt (stop token included); arguments as in `generate_stream`.
 
@@ -363,7 +392,7 @@ def generate(
     steps = generate_stream(
         model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_at_eos=stop_at_eos,
-        tokenizer=tokenizer, truncate=truncate, prefill_chunk=prefill_chunk, record_experts=record,
+        tokenizer=tokenizer, truncate=truncate, prefill_chunk=prefill_chunk, record_experts=record, cache=cache,
     )
     out: list[list[int]] = [[] for _ in range(len(prompts))]
     experts: list[list[torch.Tensor]] = [[] for _ in range(len(prompts))]

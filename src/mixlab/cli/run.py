@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mixlab.cache import KVCache
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import Tokenizer, load_tokenizer
 
@@ -82,6 +83,10 @@ def chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
     room = model.config.max_seq_len - args.max_new_tokens
+    # One cache for the whole conversation: each turn prefills only what follows the shared prefix.
+    weight = model.tok_embeddings.weight
+    cache = KVCache(model.config, batch_size=1, max_len=model.config.max_seq_len, dtype=weight.dtype,
+                    device=weight.device)
     print(f"mixlab chat: {_HELP}", file=sys.stderr)
     while True:
         try:
@@ -117,7 +122,7 @@ def chat(args: argparse.Namespace) -> int:
         dec = tok.stream()  # no context: the reply's first "▁" is dropped, as in the chat encoding
         start = time.perf_counter()
         try:
-            for step in generate_stream(model, [ids], **_sampling(args, tok)):
+            for step in generate_stream(model, [ids], cache=cache, **_sampling(args, tok)):
                 t = step.tokens[0]
                 if t is None or t == tok.eos_id:
                     break
