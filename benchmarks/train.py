@@ -26,7 +26,7 @@ import torch
 
 from mixlab.config import MoEConfig, get_preset
 from mixlab.model import Transformer
-from mixlab.train.loop import TrainConfig, compile_model, make_optimizer
+from mixlab.train.loop import TrainConfig, compile_model, keep_freed_memory, make_optimizer
 from mixlab.train.losses import lm_loss, router_losses
 
 
@@ -123,12 +123,15 @@ def main() -> None:
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    # What `mixlab train` does at start; process-wide, so transformers' column gets it too.
+    malloc_kept = keep_freed_memory()
     import transformers
 
     mc, _ = configs(args)
     print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
                       "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                      "params": mc.param_counts()["total"], "batch": args.batch, "seq": args.seq}))
+                      "params": mc.param_counts()["total"], "batch": args.batch, "seq": args.seq,
+                      "malloc keeps freed memory": malloc_kept}))
     tokens = args.batch * args.seq
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     for dtype in dtypes:

@@ -48,6 +48,9 @@ from mixlab.ops.quant import dequantize_int8
 # work is compute-bound and oneDNN's GEMM wins; measured in BENCHMARKS.md, "Inference speed").
 NATIVE_MAX_TOKENS = 64
 
+# Training pads each expert's segment to a multiple of this many rows (see `_sorted_training`).
+SEGMENT_ROWS = 32
+
 
 class MoEImpl(Protocol):
     def __call__(
@@ -167,6 +170,61 @@ class _PermuteRows(torch.autograd.Function):
         return g_ND.index_select(0, inv_N), None, None
 
 
+class _DispatchPadded(torch.autograd.Function):
+    """Each token's row once per (token, slot) pair, at its row `pos_N` of an expert-sorted buffer
+    of `P` rows whose expert segments are padded with zero rows (`_padded_segments`).
+
+    The backward is a gather through `pos_tok_N` (the padded row of each pair, in token order) and a
+    sum over each token's K copies: no scatter, no accumulation."""
+
+    @staticmethod
+    def forward(x_TD: torch.Tensor, tok_N: torch.Tensor, pos_N: torch.Tensor, pos_tok_N: torch.Tensor,
+                P: int) -> torch.Tensor:
+        out_PD = x_TD.new_zeros(P, x_TD.shape[1])
+        return out_PD.index_copy_(0, pos_N, x_TD.index_select(0, tok_N))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.T = inputs[0].shape[0]
+        ctx.save_for_backward(inputs[3])
+
+    @staticmethod
+    def backward(ctx: Any, g_PD: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        (pos_tok_N,) = ctx.saved_tensors
+        return g_PD.index_select(0, pos_tok_N).view(ctx.T, -1, g_PD.shape[-1]).sum(1), None, None, None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """`x_PD[rows_N]` for distinct rows; the backward puts each gradient row back in place (rows
+    never gathered, the segments' padding, get zero)."""
+
+    @staticmethod
+    def forward(x_PD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+        return x_PD.index_select(0, rows_N)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.P = inputs[0].shape[0]
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, g_ND: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rows_N,) = ctx.saved_tensors
+        return g_ND.new_zeros(ctx.P, g_ND.shape[1]).index_copy_(0, rows_N, g_ND), None
+
+
+def _padded_segments(flat_idx_N: torch.Tensor, order_N: torch.Tensor, counts: list[int], counts_E: torch.Tensor,
+                     inv_N: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Each expert's segment rounded up to a multiple of `SEGMENT_ROWS` rows: the padded counts, the
+    padded row of each sorted pair, and the padded row of each pair in token order."""
+    padded = [(c + SEGMENT_ROWS - 1) // SEGMENT_ROWS * SEGMENT_ROWS for c in counts]
+    pad_E = counts_E.new_tensor(padded) if not torch.compiler.is_compiling() else (
+        (counts_E + SEGMENT_ROWS - 1) // SEGMENT_ROWS * SEGMENT_ROWS)
+    shift_E = (pad_E.cumsum(0) - pad_E) - (counts_E.cumsum(0) - counts_E)  # where each segment moves
+    pos_N = torch.arange(len(order_N), device=order_N.device) + shift_E[flat_idx_N[order_N]]
+    return padded, pos_N, pos_N.index_select(0, inv_N)
+
+
 def _combine(ys_ND: torch.Tensor, weight_TK: torch.Tensor, order_N: torch.Tensor, inv_N: torch.Tensor,
              out_dtype: torch.dtype) -> torch.Tensor:
     """Back to token order, weighted, each token's K rows summed (in `out_dtype`, as the reference's
@@ -200,38 +258,58 @@ def sorted_grouped(
     """Dropless sort-by-expert: one gather, one matmul per expert segment, one permutation back.
 
     The (token, slot) pairs are sorted by expert so each expert reads one contiguous block of rows;
-    no token is ever dropped (MegaBlocks, arXiv 2211.15841). For training, every backward step is a
-    gather, a `cat` or a `stack`: no zero-filled whole-tensor gradient and no accumulating scatter
-    (BENCHMARKS.md, "Training throughput"). Under autocast the activations and the stacked weights
-    are cast once per layer, not once per expert.
+    no token is ever dropped (MegaBlocks, arXiv 2211.15841). Training (and anything torch.compile
+    traces) takes `_sorted_training`: plain differentiable F.linear, never the inference kernels.
     """
     E = len(w13_E2FD)
     order_N, tok_N, counts_E = _sort_by_expert(idx_TK, E)
     inv_N = _inverse_permutation(order_N)
-    xs_ND = _DispatchRows.apply(x_TD, tok_N, inv_N)
     counts = counts_E.tolist()
     compiling = torch.compiler.is_compiling()
-    expert = _expert
-    # Training (or anything torch.compile traces): plain differentiable F.linear, never the inference kernels.
     training = (torch.is_grad_enabled() or compiling) and isinstance(w13_E2FD, torch.Tensor) and w13_scale_E2F is None
     if training and not w13_E2FD.is_mkldnn and x_TD.is_floating_point():
-        xs_ND, w13_E2FD, w2_EDF = _autocast_once(xs_ND, w13_E2FD, w2_EDF)
-        # unbind / split, not w[e] / xs[a:b]: in backward, each index or slice would materialise a
-        # zero-filled gradient of the whole tensor (E of them per layer); unbind and split backward
-        # stack / cat the per-expert gradients once.
-        w13_E2FD, w2_EDF = w13_E2FD.unbind(0), w2_EDF.unbind(0)  # type: ignore[assignment]
-        expert = _expert_autograd
+        return _sorted_training(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, order_N, tok_N, inv_N, counts_E, counts)
+    xs_ND = _DispatchRows.apply(x_TD, tok_N, inv_N)
     # Under torch.compile the counts are symbolic: every expert runs (a zero-row matmul is harmless).
     ys = []
     for e, xs_nD in enumerate(xs_ND.split(counts)):
         if compiling or counts[e]:
             s13 = None if w13_scale_E2F is None else w13_scale_E2F[e]
             s2 = None if w2_scale_ED is None else w2_scale_ED[e]
-            ys.append(expert(xs_nD, w13_E2FD[e], w2_EDF[e], s13, s2))
+            ys.append(_expert(xs_nD, w13_E2FD[e], w2_EDF[e], s13, s2))
     if not ys:  # no tokens
         return torch.zeros_like(x_TD)
     ys_ND = torch.cat(ys) if len(ys) > 1 else ys[0]
     return _combine(ys_ND, weight_TK, order_N, inv_N, x_TD.dtype)
+
+
+def _sorted_training(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
+                     weight_TK: torch.Tensor, order_N: torch.Tensor, tok_N: torch.Tensor, inv_N: torch.Tensor,
+                     counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`sorted` for training: differentiable, with every backward step a gather, a `cat` or a `stack`.
+
+    Each expert's segment is padded with zero rows to a multiple of `SEGMENT_ROWS` (MegaBlocks'
+    block padding): the per-expert matmul shapes then come from a small set that oneDNN has already
+    compiled kernels for, instead of new row counts every step (zero rows add nothing to any
+    gradient; on average they add E * SEGMENT_ROWS / 2 rows of work). Under autocast the
+    activations and the stacked weights are cast once per layer, not once per expert.
+    """
+    T, K = weight_TK.shape
+    if T == 0:
+        return torch.zeros_like(x_TD)
+    padded, pos_N, pos_tok_N = _padded_segments(idx_TK.reshape(-1), order_N, counts, counts_E, inv_N)
+    xs_PD = _DispatchPadded.apply(x_TD, tok_N, pos_N, pos_tok_N, sum(padded))
+    xs_PD, w13_E2FD, w2_EDF = _autocast_once(xs_PD, w13_E2FD, w2_EDF)
+    # unbind / split, not w[e] / xs[a:b]: in backward, each index or slice would materialise a
+    # zero-filled gradient of the whole tensor (E of them per layer); unbind and split backward
+    # stack / cat the per-expert gradients once. Under torch.compile the counts are symbolic: every
+    # expert runs (a zero-row matmul is harmless).
+    compiling = torch.compiler.is_compiling()
+    ys = [_expert_autograd(xs_pD, w13_2FD, w2_DF)
+          for n, xs_pD, w13_2FD, w2_DF in zip(padded, xs_PD.split(padded), w13_E2FD.unbind(0), w2_EDF.unbind(0))
+          if compiling or n]
+    ys_TKD = _GatherRows.apply(torch.cat(ys), pos_tok_N).view(T, K, -1)
+    return (ys_TKD * weight_TK[..., None].to(ys_TKD.dtype)).sum(1, dtype=x_TD.dtype)
 
 
 def grouped_mm(
