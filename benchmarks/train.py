@@ -11,6 +11,11 @@ medians is the result. transformers is measured with each experts implementation
     .venv/bin/python benchmarks/train.py --iters 10 --dtype float32
     .venv/bin/python benchmarks/train.py --compile           # mixlab compiled, transformers eager
     .venv/bin/python benchmarks/train.py --profile 12        # then where each step's time goes
+
+Each row also gives each column's step as a fraction of the matmul peak measured in the same run
+(a 2048^3 matmul in the row's dtype): `step_flops` counts the step's matmul FLOPs. Like `mixlab
+train`, the process first asks malloc to keep freed memory (`keep_freed_memory`); both columns
+run in this process, so both get it.
 """
 
 from __future__ import annotations
@@ -85,6 +90,29 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
     return {f"mixlab ({args.moe_impl})": step_ours, f"transformers ({hf_experts})": step_theirs}
 
 
+def step_flops(mc, tokens: int, seq: int) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward): 6 x the matmul parameters
+    a token touches (attention, router, its top-k experts, output head; the embedding is a lookup)
+    per token, plus causal attention's scores and values (each token attends to seq/2 keys on
+    average: 2 x 2 x seq/2 x q_dim per layer forward)."""
+    D, F, K = mc.dim, mc.ffn_dim, mc.moe.top_k
+    per_layer = D * mc.q_dim * 2 + 2 * D * mc.kv_dim + mc.moe.num_experts * D + K * 3 * D * F
+    params = mc.n_layers * per_layer + mc.vocab_size * D
+    return tokens * (6 * params + 3 * mc.n_layers * 2 * seq * mc.q_dim)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Median GFLOP/s of an n x n x n matmul in `dtype` (the physical limit for a training step)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(ts) / 1e9
+
+
 def top_ops(step: Callable[[], float], n: int, steps: int = 3) -> dict[str, float]:
     """The n ops with the most self CPU time over `steps` profiled steps, in ms per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -133,6 +161,7 @@ def main() -> None:
                       "params": mc.param_counts()["total"], "batch": args.batch, "seq": args.seq,
                       "malloc keeps freed memory": malloc_kept}))
     tokens = args.batch * args.seq
+    flops = step_flops(mc, tokens, args.seq)
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     for dtype in dtypes:
         for hf_experts in args.hf_experts.split(","):
@@ -146,8 +175,10 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             names = list(med)
             ratio = med[names[1]] / med[names[0]]
+            peak = matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # same run, same load
             row = {"dtype": dtype, **{f"{k} tok/s": round(tokens / v) for k, v in med.items()},
-                   "speedup": round(ratio, 2)}
+                   "speedup": round(ratio, 2), "matmul peak GFLOP/s": round(peak),
+                   **{f"{k} % of peak": round(100 * flops / v / 1e9 / peak) for k, v in med.items()}}
             print(json.dumps(row))
             if args.profile:
                 for name, fn in steps.items():

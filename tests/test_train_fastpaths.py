@@ -15,7 +15,7 @@ from mixlab.config import MoEConfig, get_preset
 from mixlab.model import Transformer
 from mixlab.model.layers import apply_rope, rope_cos_sin, training_sdpa
 from mixlab.model.moe import route
-from mixlab.ops.moe import moe_ffn
+from mixlab.ops.moe import SEGMENT_ROWS, _padded_segments, _sort_by_expert, moe_ffn
 from mixlab.train.loop import TrainConfig, make_optimizer
 
 
@@ -43,6 +43,36 @@ def test_sorted_backward_equals_the_reference_loop(T: int, E: int, K: int) -> No
     got = _moe_grads("sorted", x, w13, w2, logits, K, g)
     for name, a, b in zip(("y", "dx", "dw13", "dw2", "dlogits"), got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sorted_backward_with_segments_on_and_off_the_padding_boundary() -> None:
+    """Experts with exactly SEGMENT_ROWS, SEGMENT_ROWS + 1, 1 and 0 pairs: padding rows are
+    computed but reach neither the output nor any gradient."""
+    T, E = 2 * SEGMENT_ROWS + 2, 4
+    x, w13, w2, logits, g = _case(T, 32, 48, E, seed=3)
+    logits.fill_(-30.0)
+    logits[:SEGMENT_ROWS, 0] = logits[:, 1] = 30.0  # expert 1: every token; expert 0: exactly SEGMENT_ROWS
+    logits[SEGMENT_ROWS:-1, 2] = 10.0  # expert 2: SEGMENT_ROWS + 1; expert 3: one token; none for 4th slot
+    logits[-1, 3] = 10.0
+    ref = _moe_grads("reference", x, w13, w2, logits, 2, g)
+    got = _moe_grads("sorted", x, w13, w2, logits, 2, g)
+    for name, a, b in zip(("y", "dx", "dw13", "dw2", "dlogits"), got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_padded_segments_place_each_pair_once_in_its_experts_aligned_segment() -> None:
+    idx_TK = torch.randint(0, 8, (50, 2), generator=torch.Generator().manual_seed(0))
+    order_N, _, counts_E = _sort_by_expert(idx_TK, 8)
+    inv_N = torch.empty_like(order_N)
+    inv_N[order_N] = torch.arange(len(order_N))
+    padded, pos_N, pos_tok_N = _padded_segments(idx_TK.reshape(-1), order_N, counts_E.tolist(), counts_E, inv_N)
+    for p, c in zip(padded, counts_E.tolist(), strict=True):
+        assert p % SEGMENT_ROWS == 0 and c <= p < c + SEGMENT_ROWS
+    assert pos_N.unique().numel() == len(pos_N) and int(pos_N.max()) < sum(padded)
+    starts = torch.tensor([0, *padded]).cumsum(0)
+    expert_N = idx_TK.reshape(-1)[order_N]
+    assert ((pos_N >= starts[expert_N]) & (pos_N < starts[expert_N] + counts_E[expert_N])).all()
+    torch.testing.assert_close(pos_tok_N, pos_N[inv_N])
 
 
 def test_sorted_backward_gives_zero_gradient_to_experts_without_tokens() -> None:

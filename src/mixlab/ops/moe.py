@@ -306,7 +306,8 @@ def _sorted_training(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.T
     # expert runs (a zero-row matmul is harmless).
     compiling = torch.compiler.is_compiling()
     ys = [_expert_autograd(xs_pD, w13_2FD, w2_DF)
-          for n, xs_pD, w13_2FD, w2_DF in zip(padded, xs_PD.split(padded), w13_E2FD.unbind(0), w2_EDF.unbind(0))
+          for n, xs_pD, w13_2FD, w2_DF in zip(padded, xs_PD.split(padded), w13_E2FD.unbind(0), w2_EDF.unbind(0),
+                                              strict=True)
           if compiling or n]
     ys_TKD = _GatherRows.apply(torch.cat(ys), pos_tok_N).view(T, K, -1)
     return (ys_TKD * weight_TK[..., None].to(ys_TKD.dtype)).sum(1, dtype=x_TD.dtype)
