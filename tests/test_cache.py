@@ -15,6 +15,7 @@ CASES = {
     # name: (config changes, prompt lengths, prefill chunk, new tokens)
     "moe-static": (dict(), (7, 12, 3), 512, 10),
     "moe-static-chunked": (dict(), (7, 12, 3), 4, 10),
+    "moe-static-growing": (dict(), (7, 12, 3), 4, 10, 3),  # reserve=3: the buffers grow 3 -> 6 -> 12 -> 22
     "moe-rolling": (dict(sliding_window=6), (7, 12, 3), 4, 14),
     "dense-rolling": (dict(moe=None, sliding_window=5), (9, 2), 3, 16),
     "dense-window-longer-than-sequence": (dict(moe=None, sliding_window=64), (9, 2), 5, 8),
@@ -23,7 +24,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cached_decoding_equals_full_recompute(case):
-    changes, lengths, chunk, n_new = CASES[case]
+    changes, lengths, chunk, n_new, *reserve = CASES[case]
     cfg = get_preset("tiny-moe").replace(vocab_size=96, max_seq_len=64, **changes)
     model = Transformer(cfg).eval()
     model.init_weights(std=0.1, seed=0)  # logits of order 1, so 1e-5 is a float32-rounding bound
@@ -33,7 +34,9 @@ def test_cached_decoding_equals_full_recompute(case):
     positions = torch.full((B, T + n_new), -1)
     for b, n in enumerate(lengths):  # left padding: prompt b occupies the last n of the first T columns
         positions[b, T - n :] = torch.arange(n + n_new)
-    cache = KVCache(cfg, batch_size=B, max_len=T + n_new, prefill_chunk=chunk)
+    cache = KVCache(cfg, batch_size=B, max_len=T + n_new, prefill_chunk=chunk, reserve=(reserve or [None])[0])
+    if reserve:
+        assert cache.capacity == reserve[0] and cache.k[0].shape[2] == reserve[0]
     if cfg.sliding_window and cfg.sliding_window + chunk - 1 < T + n_new:
         assert cache.capacity < T + n_new, "this case must exercise the rolling buffer"
     with torch.no_grad():
@@ -44,6 +47,8 @@ def test_cached_decoding_equals_full_recompute(case):
             logits, _ = decode_step(model, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
             torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0, msg=f"step {t}")
     assert cache.t == T + n_new
+    if reserve:
+        assert cache.capacity == cache.k[0].shape[2] == T + n_new  # grown to max_len, no further
 
 
 def test_rolling_cache_is_smaller_than_the_sequence():

@@ -269,7 +269,7 @@ def test_a_kept_cache_prefills_only_what_follows_the_shared_prefix(monkeypatch):
     real_prefill = gen.prefill
     monkeypatch.setattr(gen, "prefill",
                         lambda m, t, *a, **k: prefilled.append(t.shape[1]) or real_prefill(m, t, *a, **k))
-    cache = KVCache(model.config, batch_size=1, max_len=64)
+    cache = KVCache(model.config, batch_size=1, max_len=64, reserve=4)  # grows as mixlab chat's does
     p1 = torch.randint(3, 256, (10,)).tolist()
     out1 = gen.generate(model, [p1], max_new_tokens=6, stop_at_eos=False, cache=cache)[0]
     p2 = p1 + out1 + torch.randint(3, 256, (5,)).tolist()
@@ -280,6 +280,7 @@ def test_a_kept_cache_prefills_only_what_follows_the_shared_prefix(monkeypatch):
     assert gen.generate(model, [p3], max_new_tokens=4, stop_at_eos=False, cache=cache) == \
         gen.generate(model, [p3], max_new_tokens=4, stop_at_eos=False)
     assert prefilled[-2] == 3
+    assert 4 < cache.capacity < 64
 
 
 def test_a_kept_rolling_cache_that_wrapped_starts_over():

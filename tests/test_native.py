@@ -93,6 +93,16 @@ def test_native_decoding_equals_full_recompute_float32(case):
     torch.testing.assert_close(_native_decode(model, tokens, 9), _recompute(model, tokens, 9), atol=1e-5, rtol=1e-5)
 
 
+def test_native_steps_grow_a_reserved_cache():
+    """A cache made with `reserve` (as `mixlab chat` makes) grows during native steps; the decoder
+    follows its new buffers and the logits stay those of a full recompute."""
+    model = _model()
+    prepare_for_inference(model)
+    tokens = torch.randint(0, 256, (40,))
+    got = _native_decode(model, tokens, 9, reserve=10)
+    torch.testing.assert_close(got, _recompute(model, tokens, 9), atol=1e-5, rtol=1e-5)
+
+
 def test_rolling_cache_wraps_around():
     """A sliding-window model with a small rolling cache: native steps overwrite the oldest slots."""
     model = _model(preset="tiny-dense", sliding_window=8)

@@ -32,10 +32,14 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         prefill_chunk: int = 512,
+        reserve: int | None = None,
     ) -> None:
         """`max_len`: the longest sequence (prompt + new tokens) this cache will hold.
 
         With a sliding window, only `window + prefill_chunk - 1` slots are kept (rolling buffer).
+        `reserve`: without a window, allocate slots for this many tokens first and grow (doubling,
+        up to `max_len`) as tokens arrive: for a long-lived cache such as a chat's, which may hold
+        the model's whole context but usually holds far less (Mixtral's 32k tokens: 4.3 GB in bf16).
         """
         if max_len > config.max_seq_len:
             raise CacheFullError(
@@ -44,14 +48,16 @@ class KVCache:
         capacity = max_len
         if config.sliding_window is not None:
             capacity = min(max_len, config.sliding_window + prefill_chunk - 1)
+        elif reserve is not None:
+            capacity = min(max_len, max(1, reserve))
         self.config = config
-        self.capacity = capacity
         self.max_len = max_len
         self.window = config.sliding_window
-        shape = (batch_size, config.n_kv_heads, capacity, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.pos_BC = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.pos_BC = torch.full((batch_size, 0), -1, dtype=torch.long, device=device)
+        self.capacity = 0
+        self._resize(capacity, dtype=dtype, device=torch.device(device))
         self.t = 0  # tokens written so far (padded index)
         self.tokens: list[int] = []  # batch 1: the ids written so far, kept by `generate` for prefix reuse
 
@@ -59,12 +65,36 @@ class KVCache:
     def batch_size(self) -> int:
         return self.pos_BC.shape[0]
 
+    def _resize(self, capacity: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        """New buffers of `capacity` slots holding the current ones' (a static cache never wraps, so
+        slot i holds token i). Ordinary tensors even when growing under inference mode, so that the
+        cache stays writable outside it, as one made outside it is."""
+        with torch.inference_mode(False), torch.no_grad():
+            self._resize_buffers(capacity, dtype=dtype, device=device)
+
+    def _resize_buffers(self, capacity: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        B, C = self.pos_BC.shape
+        shape = (B, self.config.n_kv_heads, capacity, self.config.head_dim)
+        for buffers in (self.k, self.v):
+            old = list(buffers) or [None] * self.config.n_layers
+            buffers[:] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.config.n_layers)]
+            for new_, old_ in zip(buffers, old, strict=True):
+                if old_ is not None:
+                    new_[:, :, :C] = old_
+        pos_BC = torch.full((B, capacity), -1, dtype=torch.long, device=device)
+        pos_BC[:, :C] = self.pos_BC
+        self.pos_BC, self.capacity = pos_BC, capacity
+
     def slots(self, T: int) -> torch.Tensor:
-        """The slots the next T tokens go to, checking that nothing still needed is overwritten."""
+        """The slots the next T tokens go to, checking that nothing still needed is overwritten (a
+        static cache made with `reserve` grows here)."""
         if self.t + T > self.max_len:
             raise CacheFullError(f"the cache holds {self.max_len} tokens; {self.t} used, {T} more requested")
+        if self.t + T > self.capacity and self.window is None:  # static: grow (capacity < max_len)
+            self._resize(min(self.max_len, max(self.t + T, 2 * self.capacity)), dtype=self.k[0].dtype,
+                         device=self.k[0].device)
         if self.t + T > self.capacity:
-            assert self.window is not None  # static caches have capacity == max_len
+            assert self.window is not None
             if T > self.capacity - self.window + 1:
                 raise CacheFullError(
                     f"a chunk of {T} tokens would overwrite keys still inside the window "

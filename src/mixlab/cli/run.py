@@ -13,6 +13,8 @@ from mixlab.cache import KVCache
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import Tokenizer, load_tokenizer
 
+# Tokens a chat's KV cache has room for at first (it doubles as the conversation grows).
+CHAT_CACHE_RESERVE = 1024
 _HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply"
 
 
@@ -84,9 +86,10 @@ def chat(args: argparse.Namespace) -> int:
     messages: list[dict[str, str]] = []
     room = model.config.max_seq_len - args.max_new_tokens
     # One cache for the whole conversation: each turn prefills only what follows the shared prefix.
+    # It may come to hold the whole context, so it starts small and grows as the conversation does.
     weight = model.tok_embeddings.weight
     cache = KVCache(model.config, batch_size=1, max_len=model.config.max_seq_len, dtype=weight.dtype,
-                    device=weight.device)
+                    device=weight.device, reserve=CHAT_CACHE_RESERVE)
     print(f"mixlab chat: {_HELP}", file=sys.stderr)
     while True:
         try:

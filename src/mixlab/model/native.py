@@ -114,6 +114,7 @@ class NativeDecoder:
         )
         self.V, self.n_heads = cfg.vocab_size, H
         self._cache: KVCache | None = None
+        self._bound = 0  # the data pointer of the bound cache's first buffer
 
     def __deepcopy__(self, memo: dict) -> NativeDecoder:
         # The structures hold raw pointers into the original model's tensors.
@@ -130,21 +131,21 @@ class NativeDecoder:
         )
 
     def _bind(self, cache: KVCache) -> None:
-        """Point the layers at `cache` (once per cache) and size the attention-score buffer."""
-        if cache is self._cache:
+        """Point the layers at `cache` (again when its buffers grew) and size the attention-score buffer."""
+        if cache is self._cache and self._bound == cache.k[0].data_ptr():
             return
         for i, layer in enumerate(self.layers):
             layer.k_cache, layer.v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
         self.c_model.ct = native.TYPE_CODES[cache.k[0].dtype]
         self._scores = torch.empty(self.n_heads * cache.capacity, dtype=torch.float32)
         self.bufs.scores = self._scores.data_ptr()
-        self._cache = cache
+        self._cache, self._bound = cache, cache.k[0].data_ptr()
 
     def step(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
         """Feed one token at `position`; return the next-token logits `[1, V]` (float32). The experts
         each layer chose are in `self.chosen` `[L, K]` afterwards."""
+        slot = int(cache.slots(1)[0])  # checks that the cache has room (and grows one made with `reserve`)
         self._bind(cache)
-        slot = int(cache.slots(1)[0])  # checks that the cache has room
         logits = torch.empty(1, self.V, dtype=torch.float32)
         self.lib.mx_decode_step(ctypes.byref(self.c_model), ctypes.byref(self.bufs), token, position,
                                 cache.pos_BC.data_ptr(), cache.capacity, slot, cache.n_filled(1),
