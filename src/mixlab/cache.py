@@ -76,11 +76,10 @@ class KVCache:
         B, C = self.pos_BC.shape
         shape = (B, self.config.n_kv_heads, capacity, self.config.head_dim)
         for buffers in (self.k, self.v):
-            old = list(buffers) or [None] * self.config.n_layers
+            old = list(buffers)  # empty on the first allocation
             buffers[:] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.config.n_layers)]
-            for new_, old_ in zip(buffers, old, strict=True):
-                if old_ is not None:
-                    new_[:, :, :C] = old_
+            for new_, old_ in zip(buffers, old, strict=False):
+                new_[:, :, :C] = old_
         pos_BC = torch.full((B, capacity), -1, dtype=torch.long, device=device)
         pos_BC[:, :C] = self.pos_BC
         self.pos_BC, self.capacity = pos_BC, capacity
