@@ -19,7 +19,9 @@ Implementations (all dropless):
 - `reference`: one loop over experts, gather and scatter per expert (mistral-inference's moe.py).
 - `sorted`: sort the N pairs by expert, one gather, one matmul per contiguous segment, one
   permutation back to token order and a weighted sum over each token's K rows (MegaBlocks, arXiv
-  2211.15841). Differentiable, with a backward of gathers only; the training path.
+  2211.15841). Differentiable, with a backward of gathers only; the training path, where each
+  expert's segment is zero-padded to a multiple of `SEGMENT_ROWS` rows (MegaBlocks' block padding)
+  so that oneDNN reuses the GEMM kernels it compiled for earlier steps.
 - `grouped`: as `sorted`, but the per-expert matmuls are one `torch._grouped_mm` call each.
 - `decode`: for one token (a decoding step): only its K experts run, on views of the stacked
   weights, with no sort, gather, scatter or weight copy. Decoding reads each chosen expert's
