@@ -10,6 +10,7 @@ medians is the result. transformers is measured with each experts implementation
     .venv/bin/python benchmarks/train.py                    # float32 and bf16 autocast
     .venv/bin/python benchmarks/train.py --iters 10 --dtype float32
     .venv/bin/python benchmarks/train.py --compile           # mixlab compiled, transformers eager
+    .venv/bin/python benchmarks/train.py --compile --hf-compile   # both compiled
     .venv/bin/python benchmarks/train.py --profile 12        # then where each step's time goes
 
 Each row also gives each column's step as a fraction of the matmul peak measured in the same run
@@ -66,6 +67,7 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)  # a plain user setup
 
     fwd = compile_model(ours) if args.compile else ours  # what `mixlab train --compile` does
+    fwd_theirs = torch.compile(theirs) if args.hf_compile else theirs
 
     def step_ours() -> float:
         t = time.perf_counter()
@@ -81,13 +83,14 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
     def step_theirs() -> float:
         t = time.perf_counter()
         with torch.autocast(**auto):
-            out = theirs(input_ids=inp, labels=x[:, :-1].clone(), output_router_logits=True)
+            out = fwd_theirs(input_ids=inp, labels=x[:, :-1].clone(), output_router_logits=True)
         out.loss.backward()  # transformers adds router_aux_loss_coef * aux_loss to the loss
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
         return time.perf_counter() - t
 
-    return {f"mixlab ({args.moe_impl})": step_ours, f"transformers ({hf_experts})": step_theirs}
+    hf_name = f"transformers ({hf_experts}{'+compile' if args.hf_compile else ''})"
+    return {f"mixlab ({args.moe_impl})": step_ours, hf_name: step_theirs}
 
 
 def step_flops(mc, tokens: int, seq: int) -> float:
@@ -143,6 +146,8 @@ def main() -> None:
     p.add_argument("--moe-impl", default="auto", help="mixlab MoE implementation (mixlab.ops.moe.IMPLS or auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile mixlab's model (warm-up compiles)")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="torch.compile transformers' model too (its name then ends in +compile)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
     p.add_argument("--hf-experts", default="eager,grouped_mm",
                    help="transformers experts implementations to compare against (comma-separated)")
