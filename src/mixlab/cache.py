@@ -69,19 +69,16 @@ class KVCache:
         """New buffers of `capacity` slots holding the current ones' (a static cache never wraps, so
         slot i holds token i). Ordinary tensors even when growing under inference mode, so that the
         cache stays writable outside it, as one made outside it is."""
-        with torch.inference_mode(False), torch.no_grad():
-            self._resize_buffers(capacity, dtype=dtype, device=device)
-
-    def _resize_buffers(self, capacity: int, *, dtype: torch.dtype, device: torch.device) -> None:
         B, C = self.pos_BC.shape
         shape = (B, self.config.n_kv_heads, capacity, self.config.head_dim)
-        for buffers in (self.k, self.v):
-            old = list(buffers)  # empty on the first allocation
-            buffers[:] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.config.n_layers)]
-            for new_, old_ in zip(buffers, old, strict=False):
-                new_[:, :, :C] = old_
-        pos_BC = torch.full((B, capacity), -1, dtype=torch.long, device=device)
-        pos_BC[:, :C] = self.pos_BC
+        with torch.inference_mode(False), torch.no_grad():
+            for buffers in (self.k, self.v):
+                old = list(buffers)  # empty on the first allocation
+                buffers[:] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.config.n_layers)]
+                for new_, old_ in zip(buffers, old, strict=False):
+                    new_[:, :, :C] = old_
+            pos_BC = torch.full((B, capacity), -1, dtype=torch.long, device=device)
+            pos_BC[:, :C] = self.pos_BC
         self.pos_BC, self.capacity = pos_BC, capacity
 
     def slots(self, T: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ Implementations (all dropless):
 - `reference`: one loop over experts, gather and scatter per expert (mistral-inference's moe.py).
 - `sorted`: sort the N pairs by expert, one gather, one matmul per contiguous segment, one
   permutation back to token order and a weighted sum over each token's K rows (MegaBlocks, arXiv
-  2211.15841). Differentiable, with a backward of gathers only; the training path, where each
+  2211.15841). The training path: differentiable, its backward free of accumulating scatters; each
   expert's segment is zero-padded to a multiple of `SEGMENT_ROWS` rows (MegaBlocks' block padding)
   so that oneDNN reuses the GEMM kernels it compiled for earlier steps.
 - `grouped`: as `sorted`, but the per-expert matmuls are one `torch._grouped_mm` call each.
@@ -133,45 +133,6 @@ def _inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:
     return inv_N
 
 
-class _DispatchRows(torch.autograd.Function):
-    """`x_TD[order_N // K]`: each token's row once per (token, slot) pair, in expert-sorted order.
-
-    Every token appears exactly K times, so the backward is a gather through the inverse
-    permutation and a sum over the K copies (float32 for float32 x), instead of autograd's generic
-    `index` backward (a zero-filled buffer and an accumulating `index_put_`)."""
-
-    @staticmethod
-    def forward(x_TD: torch.Tensor, tok_N: torch.Tensor, inv_N: torch.Tensor) -> torch.Tensor:
-        return x_TD.index_select(0, tok_N)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.T = inputs[0].shape[0]
-        ctx.save_for_backward(inputs[2])
-
-    @staticmethod
-    def backward(ctx: Any, g_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inv_N,) = ctx.saved_tensors
-        return g_ND.index_select(0, inv_N).view(ctx.T, -1, g_ND.shape[-1]).sum(1), None, None
-
-
-class _PermuteRows(torch.autograd.Function):
-    """`x_ND[perm_N]` for a permutation; the backward is the gather through its inverse `inv_N`."""
-
-    @staticmethod
-    def forward(x_ND: torch.Tensor, perm_N: torch.Tensor, inv_N: torch.Tensor) -> torch.Tensor:
-        return x_ND.index_select(0, perm_N)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.save_for_backward(inputs[2])
-
-    @staticmethod
-    def backward(ctx: Any, g_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inv_N,) = ctx.saved_tensors
-        return g_ND.index_select(0, inv_N), None, None
-
-
 class _DispatchPadded(torch.autograd.Function):
     """Each token's row once per (token, slot) pair, at its row `pos_N` of an expert-sorted buffer
     of `P` rows whose expert segments are padded with zero rows (`_padded_segments`).
@@ -215,25 +176,27 @@ class _GatherRows(torch.autograd.Function):
         return g_ND.new_zeros(ctx.P, g_ND.shape[1]).index_copy_(0, rows_N, g_ND), None
 
 
+def _round_up(n: Any) -> Any:
+    """`n` (ints, symbolic sizes or a tensor) rounded up to a multiple of `SEGMENT_ROWS`."""
+    return (n + SEGMENT_ROWS - 1) // SEGMENT_ROWS * SEGMENT_ROWS
+
+
 def _padded_segments(flat_idx_N: torch.Tensor, order_N: torch.Tensor, counts: list[int], counts_E: torch.Tensor,
                      inv_N: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """Each expert's segment rounded up to a multiple of `SEGMENT_ROWS` rows: the padded counts, the
     padded row of each sorted pair, and the padded row of each pair in token order."""
-    padded = [(c + SEGMENT_ROWS - 1) // SEGMENT_ROWS * SEGMENT_ROWS for c in counts]
-    pad_E = counts_E.new_tensor(padded) if not torch.compiler.is_compiling() else (
-        (counts_E + SEGMENT_ROWS - 1) // SEGMENT_ROWS * SEGMENT_ROWS)
+    pad_E = _round_up(counts_E)
     shift_E = (pad_E.cumsum(0) - pad_E) - (counts_E.cumsum(0) - counts_E)  # where each segment moves
     pos_N = torch.arange(len(order_N), device=order_N.device) + shift_E[flat_idx_N[order_N]]
-    return padded, pos_N, pos_N.index_select(0, inv_N)
+    return [_round_up(c) for c in counts], pos_N, pos_N.index_select(0, inv_N)
 
 
-def _combine(ys_ND: torch.Tensor, weight_TK: torch.Tensor, order_N: torch.Tensor, inv_N: torch.Tensor,
-             out_dtype: torch.dtype) -> torch.Tensor:
-    """Back to token order, weighted, each token's K rows summed (in `out_dtype`, as the reference's
-    `index_add_`; for K = 2 the same sum bit for bit). No scatter: the sorted rows are permuted back
-    (`_PermuteRows`), so the backward is a gather too."""
+def _combine(ys_ND: torch.Tensor, weight_TK: torch.Tensor, inv_N: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Back to token order (`inv_N`: the sorted row of each (token, slot) pair), weighted, each
+    token's K rows summed (in `out_dtype`, as the reference's `index_add_`; for K = 2 the same sum
+    bit for bit)."""
     T, K = weight_TK.shape
-    ys_TKD = _PermuteRows.apply(ys_ND, inv_N, order_N).view(T, K, -1)
+    ys_TKD = ys_ND.index_select(0, inv_N).view(T, K, -1)
     return (ys_TKD * weight_TK[..., None].to(ys_TKD.dtype)).sum(1, dtype=out_dtype)
 
 
@@ -271,7 +234,7 @@ def sorted_grouped(
     training = (torch.is_grad_enabled() or compiling) and isinstance(w13_E2FD, torch.Tensor) and w13_scale_E2F is None
     if training and not w13_E2FD.is_mkldnn and x_TD.is_floating_point():
         return _sorted_training(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, order_N, tok_N, inv_N, counts_E, counts)
-    xs_ND = _DispatchRows.apply(x_TD, tok_N, inv_N)
+    xs_ND = x_TD.index_select(0, tok_N)
     # Under torch.compile the counts are symbolic: every expert runs (a zero-row matmul is harmless).
     ys = []
     for e, xs_nD in enumerate(xs_ND.split(counts)):
@@ -282,13 +245,14 @@ def sorted_grouped(
     if not ys:  # no tokens
         return torch.zeros_like(x_TD)
     ys_ND = torch.cat(ys) if len(ys) > 1 else ys[0]
-    return _combine(ys_ND, weight_TK, order_N, inv_N, x_TD.dtype)
+    return _combine(ys_ND, weight_TK, inv_N, x_TD.dtype)
 
 
 def _sorted_training(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
                      weight_TK: torch.Tensor, order_N: torch.Tensor, tok_N: torch.Tensor, inv_N: torch.Tensor,
                      counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """`sorted` for training: differentiable, with every backward step a gather, a `cat` or a `stack`.
+    """`sorted` for training: differentiable; every backward step is a gather, a non-accumulating
+    `index_copy_`, a `cat` or a `stack` (no `index_add_`, no zero-filled gradient per expert).
 
     Each expert's segment is padded with zero rows to a multiple of `SEGMENT_ROWS` (MegaBlocks'
     block padding): the per-expert matmul shapes then come from a small set that oneDNN has already
@@ -337,7 +301,7 @@ def grouped_mm(
     h_N2F = torch._grouped_mm(xs_ND, w13_E2FD.transpose(1, 2), offs=offs_E)
     gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
     ys_ND = torch._grouped_mm((F.silu(gate_NF) * up_NF).contiguous(), w2_EDF.transpose(1, 2), offs=offs_E)
-    return _combine(ys_ND, weight_TK, order_N, _inverse_permutation(order_N), x_TD.dtype)
+    return _combine(ys_ND, weight_TK, _inverse_permutation(order_N), x_TD.dtype)
 
 
 def decode(
