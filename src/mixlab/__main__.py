@@ -1,0 +1,7 @@
+"""`python -m mixlab ...` (and `torchrun -m mixlab ...`): the `mixlab` command."""
+
+import sys
+
+from mixlab.cli import main
+
+sys.exit(main())

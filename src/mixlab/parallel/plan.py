@@ -1,0 +1,297 @@
+"""`mixlab plan`: per-device memory and communication of a training or inference layout, before
+renting the devices.
+
+Parameter counts come from the model built on the meta device (no memory), split into expert
+weights (stacked `[E, ...]`, sharded by expert parallelism) and everything else ("dense": embedding,
+attention, norms, router, output). The byte rules are those of this project's code paths:
+
+training (`mixlab train`, AdamW):
+    parameters  float32 master weights (autocast computes in bf16 with `--dtype bfloat16`)  4 B
+    gradients   float32                                                                    4 B
+    optimizer   AdamW exp_avg + exp_avg_sq, float32                                        8 B
+    = 16 bytes per parameter, the mixed-precision Adam figure of ZeRO (arXiv 1910.02054 §3.1).
+    Expert weights are divided by the expert-parallel size `ep`; with `--fsdp` everything is further
+    sharded over the data-parallel ranks (dense weights over all N devices, expert weights over the
+    N / ep replicas of each expert shard), as torchtitan's FSDP + EP layout.
+    Activations: the tensors one block saves for backward in this implementation (see
+    `activation_elements_per_token`), for every block, or with activation checkpointing only each
+    block's input plus one block recomputed; plus the float32 logits and their gradient.
+    Transient weights: with FSDP, two blocks gathered unsharded (the current one and the prefetched
+    next); without FSDP under bf16 autocast, the bf16 copies of every weight that autograd keeps for
+    backward.
+
+inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or `--quant` int8
+    (one float32 scale per output row) / int4 (groups of 32 weights with one 16-bit scale, 4.5 bits
+    per weight, as llama.cpp's Q4_0); embedding and router stay in `--dtype`. Dense weights and the
+    KV cache are replicated on every rank (each rank runs the same sequences; only the experts are
+    split), expert weights are divided by `ep`.
+
+all-to-all bytes: with `ep > 1` each token's K routed copies travel to the rank owning the expert
+and back (dispatch + combine); with uniform routing a fraction (ep - 1) / ep leaves the rank.
+Training moves them 4 times per layer (forward dispatch/combine, their two gradients; 6 with
+activation checkpointing, which repeats the forward), inference twice per layer.
+
+Numbers are estimates of steady-state tensors, not of allocator fragmentation or framework
+workspace (CUDA context, NCCL buffers: typically 1-3 GB per GPU); `headroom` is what is left.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mixlab.config import ModelConfig
+
+GB = 1e9
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANT_BITS = {"int8": 8.0, "int4": 4.5}
+INT4_GROUP = 32
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '512MB', '1e11' -> bytes; ValueError naming the value."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"--device-mem: expected a size such as 80GB or 141GiB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """Exact parameter counts of the model built on the meta device."""
+
+    total: int
+    experts: int  # stacked expert weights [E, ...] (sharded by expert parallelism)
+    dense: int  # everything else
+    block_dense: int  # one transformer block's non-expert weights (FSDP gathers a block at a time)
+    block_experts: int  # one block's expert weights
+    embedding: int  # tok_embeddings (kept unquantised)
+    router: int
+    norms: int
+
+
+def is_expert_param(p: torch.Tensor, config: ModelConfig) -> bool:
+    """Stacked expert weights: 3-D with the experts first (`w13 [E, 2F, D]`, `w2 [E, D, F]`)."""
+    return config.moe is not None and p.dim() == 3 and p.shape[0] == config.moe.num_experts
+
+
+def count_params(config: ModelConfig) -> ParamSplit:
+    from mixlab.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    seen: set[int] = set()
+    total = experts = embedding = router = norms = 0
+    for name, p in model.named_parameters():  # tied weights appear once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        if is_expert_param(p, config):
+            experts += n
+        elif name.startswith("tok_embeddings"):
+            embedding += n
+        elif p.dim() == 1:
+            norms += n
+        elif ".gate." in name or name.endswith(("router.weight", "gate.weight")):
+            router += n
+    block = model.layers[0]
+    block_experts = sum(p.numel() for p in block.parameters() if is_expert_param(p, config))
+    block_dense = sum(p.numel() for p in block.parameters()) - block_experts
+    return ParamSplit(total=total, experts=experts, dense=total - experts, block_dense=block_dense,
+                      block_experts=block_experts, embedding=embedding, router=router, norms=norms)
+
+
+def activation_elements_per_token(config: ModelConfig) -> int:
+    """Elements one block saves for backward per token in mixlab's training path (model/layers.py,
+    ops/moe.py `_sorted_training`), assuming a fused attention kernel that keeps its output and
+    log-sum-exp rather than the T x T probabilities:
+
+        attention: norm input and output (2D), fused qkv output (q + 2kv), attention output (q)
+        FFN norm: input and output (2D); router logits (E, float32 counted as 2 elements)
+        MoE, per routed copy (K): dispatched row (D), w13 output (2F), silu(gate) and its product
+        with up (2F), expert output (D)  -> K (2D + 4F)     [dense FFN: D + 4F once]
+    """
+    D, F_ = config.dim, config.ffn_dim
+    attn = 2 * D + config.q_dim + 2 * config.kv_dim + config.q_dim
+    ffn = 2 * D
+    if config.moe is not None:
+        ffn += 2 * config.moe.num_experts + config.moe.top_k * (2 * D + 4 * F_)
+    else:
+        ffn += D + 4 * F_
+    return attn + ffn
+
+
+@dataclass
+class Plan:
+    mode: str
+    devices: int
+    ep: int
+    dp: int
+    fsdp: bool
+    seq: int
+    batch: int  # global sequences per step (training) / in flight (inference)
+    dtype: str
+    quant: str | None
+    activation_checkpointing: bool
+    device_mem: int
+    params: ParamSplit
+    memory: dict[str, float] = field(default_factory=dict)  # bytes per device
+    comm: dict[str, float] = field(default_factory=dict)  # bytes sent per device per step
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_mem
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "devices": self.devices, "ep": self.ep, "dp": self.dp, "fsdp": self.fsdp,
+                "seq": self.seq, "batch": self.batch, "dtype": self.dtype, "quant": self.quant,
+                "activation_checkpointing": self.activation_checkpointing, "device_mem": self.device_mem,
+                "params": self.params.__dict__, "memory": self.memory, "total": self.total, "fits": self.fits,
+                "comm": self.comm, "notes": self.notes}
+
+    def table(self) -> str:
+        """A Markdown table of the per-device memory and communication."""
+        p = self.params
+        ac = ", activation checkpointing" if self.activation_checkpointing else ""
+        lines = [
+            f"{self.mode}: {self.devices} device(s), ep={self.ep}, dp={self.dp}"
+            f"{', fsdp' if self.fsdp else ''}, seq {self.seq}, batch {self.batch}, {self.dtype}"
+            f"{', ' + self.quant if self.quant else ''}{ac}",
+            f"parameters: {p.total:,} ({p.experts:,} in experts, {p.dense:,} dense)",
+            "",
+            "| per device | GB |",
+            "|---|---:|",
+        ]
+        lines += [f"| {k} | {v / GB:,.2f} |" for k, v in self.memory.items()]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"| **total** | **{self.total / GB:,.2f}** |")
+        lines.append(f"| device memory ({verdict}; headroom {(self.device_mem - self.total) / GB:,.2f}) | "
+                     f"{self.device_mem / GB:,.2f} |")
+        if self.comm:
+            lines += ["", "| sent per device | MB |", "|---|---:|"]
+            lines += [f"| {k} | {v / 1e6:,.1f} |" for k, v in self.comm.items()]
+        lines += [f"\n{n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = int(80 * GB), ep: int = 1,
+         fsdp: bool = False, seq: int = 4096, batch: int | None = None, dtype: str = "bfloat16",
+         quant: str | None = None, activation_checkpointing: bool = False) -> Plan:
+    """Per-device memory (bytes) and communication per step for `mode` 'train' or 'infer'."""
+    if mode not in ("train", "infer"):
+        raise ValueError(f"--mode must be 'train' or 'infer', got {mode!r}")
+    if devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {devices}")
+    if ep < 1 or devices % ep:
+        raise ValueError(f"--ep must divide --devices ({devices}), got {ep}")
+    E = config.moe.num_experts if config.moe is not None else 0
+    if ep > 1 and (E == 0 or E % ep):
+        raise ValueError(f"--ep {ep} must divide the number of experts ({E or 'dense model: none'})")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if quant not in (None, *QUANT_BITS):
+        raise ValueError(f"--quant must be one of none, {', '.join(QUANT_BITS)}, got {quant!r}")
+    if mode == "train" and quant:
+        raise ValueError("--quant applies to --mode infer only")
+    if seq < 1:
+        raise ValueError(f"--seq must be >= 1, got {seq}")
+    dp = devices // ep
+    if batch is None:
+        batch = devices if mode == "train" else 1
+    if batch < 1 or (mode == "train" and batch % devices):
+        raise ValueError(f"--batch must be a positive multiple of --devices ({devices}) for training, got {batch}")
+    ps = count_params(config)
+    pl = Plan(mode=mode, devices=devices, ep=ep, dp=dp, fsdp=fsdp, seq=seq, batch=batch, dtype=dtype, quant=quant,
+              activation_checkpointing=activation_checkpointing, device_mem=device_mem, params=ps)
+    D, L = config.dim, config.n_layers
+    K = config.moe.top_k if config.moe is not None else 0
+    act_b = DTYPE_BYTES[dtype]
+    if mode == "train":
+        dense_local = ps.dense / (devices if fsdp else 1)
+        expert_local = ps.experts / ep / (dp if fsdp else 1)
+        local = dense_local + expert_local
+        pl.memory["parameters (float32)"] = 4 * local
+        pl.memory["gradients (float32)"] = 4 * local
+        pl.memory["optimizer (AdamW, 2 x float32)"] = 8 * local
+        tokens = batch // devices * seq  # per device per micro-batch
+        per_tok = activation_elements_per_token(config)
+        if activation_checkpointing:
+            acts = tokens * (L * D + per_tok) * act_b
+        else:
+            acts = tokens * L * per_tok * act_b
+        pl.memory["activations"] = acts
+        pl.memory["logits + gradient (float32)"] = 2 * tokens * config.vocab_size * 4
+        if fsdp:
+            unsharded = ps.block_dense + ps.block_experts / ep  # experts stay sharded by expert parallelism
+            pl.memory["FSDP gathered blocks (2)"] = 2 * unsharded * act_b
+        elif dtype != "float32":
+            pl.memory["bf16 weight copies kept for backward"] = local * act_b
+        if ep > 1:
+            per_layer = tokens * K * D * act_b * (ep - 1) / ep
+            passes = 6 if activation_checkpointing else 4
+            pl.comm["all-to-all (expert parallel), per step"] = passes * L * per_layer
+        if fsdp and devices > 1:
+            # all-gather in forward and backward, reduce-scatter of float32 gradients
+            frac_d, frac_e = (devices - 1) / devices, (dp - 1) / dp
+            gathered = ps.dense * frac_d + ps.experts / ep * frac_e
+            pl.comm["FSDP all-gather (forward + backward), per step"] = 2 * gathered * act_b
+            pl.comm["FSDP reduce-scatter (gradients), per step"] = 4 * gathered
+        elif devices > 1:
+            # ring all-reduce of float32 gradients: 2 (n-1)/n of the bytes each
+            ar = ps.dense * 2 * (devices - 1) / devices
+            if dp > 1:
+                ar += ps.experts / ep * 2 * (dp - 1) / dp
+            pl.comm["gradient all-reduce, per step"] = 4 * ar
+        if not pl.fits:
+            pl.notes.append("does not fit: try --fsdp, --activation-checkpointing, more --devices, a smaller "
+                            "--seq/--batch, or optimizer-state offload (not implemented here)")
+    else:
+        w_b = DTYPE_BYTES[dtype]
+        local_dense = ps.dense
+        local_experts = ps.experts / ep
+        if quant is None:
+            weights = (local_dense + local_experts) * w_b
+        else:
+            bits = QUANT_BITS[quant]
+            keep = ps.embedding + ps.router + ps.norms  # stay in --dtype
+            qdense = local_dense - keep
+            weights = keep * w_b + (qdense + local_experts) * bits / 8
+            if quant == "int8":  # one float32 scale per output row
+                weights += _int8_rows(config, ep) * 4
+        pl.memory[f"weights ({quant or dtype})"] = weights
+        pl.memory["KV cache (bfloat16)" if w_b == 2 else f"KV cache ({dtype})"] = \
+            batch * min(seq, config.max_seq_len) * config.kv_cache_bytes_per_token(w_b)
+        chunk = min(seq, 512)  # prefill runs in chunks (mixlab.generate)
+        pl.memory["activations (prefill chunk) + logits"] = (
+            batch * chunk * (activation_elements_per_token(config) * w_b) + batch * config.vocab_size * 4)
+        if ep > 1:
+            per_token = 2 * L * K * D * w_b * (ep - 1) / ep
+            pl.comm["all-to-all per generated token (whole batch)"] = batch * per_token
+            pl.comm["all-to-all for the prompt (whole batch)"] = batch * seq * per_token
+    return pl
+
+
+def _int8_rows(config: ModelConfig, ep: int) -> float:
+    """Output rows of the int8 matrices per device (one float32 scale each)."""
+    rows_attn = config.q_dim + 2 * config.kv_dim + config.dim
+    if config.moe is not None:
+        rows_ffn = config.moe.num_experts / ep * (2 * config.ffn_dim + config.dim)
+    else:
+        rows_ffn = 2 * config.ffn_dim + config.dim
+    return config.n_layers * (rows_attn + rows_ffn) + config.vocab_size
+
+
+__all__ = ["GB", "Plan", "ParamSplit", "activation_elements_per_token", "count_params", "is_expert_param",
+           "parse_bytes", "plan"]

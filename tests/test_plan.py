@@ -1,0 +1,117 @@
+"""`mixlab plan`: exact parameter counts from the meta-device model, and the memory arithmetic
+checked against published figures for Mixtral 8x7B and against the tensors autograd really saves."""
+
+import pytest
+import torch
+
+from mixlab.cli import main
+from mixlab.config import PRESETS, get_preset
+from mixlab.model import Transformer
+from mixlab.parallel.plan import GB, activation_elements_per_token, count_params, parse_bytes, plan
+
+MIXTRAL = get_preset("mixtral-8x7b")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_meta_counts_equal_config_counts(name):
+    cfg = get_preset(name)
+    ps = count_params(cfg)
+    assert ps.total == cfg.param_counts()["total"]
+    assert ps.experts + ps.dense == ps.total
+    if cfg.moe is None:
+        assert ps.experts == 0
+
+
+def test_mixtral_published_sizes():
+    ps = count_params(MIXTRAL)
+    # Mistral AI: "46.7B total parameters"; the experts are 96.6% of them.
+    assert ps.total == 46_702_792_704
+    assert ps.experts == 32 * 8 * 3 * 4096 * 14336
+    # "93 GB in bf16" (46.7B x 2 bytes); int8 about half; int4 as llama.cpp's Q4_0
+    # (TheBloke/Mixtral-8x7B-v0.1-GGUF: mixtral-8x7b-v0.1.Q4_0.gguf is 26.44 GB).
+    w = {q: plan(MIXTRAL, mode="infer", quant=q).memory for q in (None, "int8", "int4")}
+    assert w[None]["weights (bfloat16)"] / GB == pytest.approx(93.4, abs=0.05)
+    assert 46.7 < w["int8"]["weights (int8)"] / GB < 47.0
+    assert w["int4"]["weights (int4)"] / GB == pytest.approx(26.44, rel=0.01)
+    # KV cache: 32 layers x 8 KV heads x 128 x (K, V) x 2 bytes = 128 KiB per token; 32k context 4.29 GB.
+    p = plan(MIXTRAL, mode="infer", seq=32768)
+    assert p.memory["KV cache (bfloat16)"] == 32768 * 131072
+
+
+def test_mixtral_training_states_are_16_bytes_per_parameter():
+    """ZeRO (arXiv 1910.02054 §3.1): mixed-precision Adam holds 16 bytes per parameter; sharded with
+    EP=8 and FSDP on 8 devices, the devices together hold exactly that (747 GB), no more."""
+    p = plan(MIXTRAL, mode="train", devices=8, ep=8, fsdp=True)
+    states = sum(v for k, v in p.memory.items() if k.split(" ")[0] in ("parameters", "gradients", "optimizer"))
+    assert states * 8 == pytest.approx(16 * 46_702_792_704)
+    assert not p.fits  # 93 GB of states per 80 GB device: full AdamW training needs more than 8 x 80 GB
+    # Without FSDP the dense 1.6B are replicated: (1.6B + 45.1B / 8) x 16 bytes per device.
+    q = plan(MIXTRAL, mode="train", devices=8, ep=8)
+    assert q.memory["optimizer (AdamW, 2 x float32)"] == pytest.approx(8 * (1_605_636_096 + 45_097_156_608 / 8))
+    # Two nodes (16 devices, EP=8 x DP=2) with FSDP and activation checkpointing fit.
+    r = plan(MIXTRAL, mode="train", devices=16, ep=8, fsdp=True, activation_checkpointing=True)
+    assert r.fits and r.total < 60 * GB
+
+
+def test_all_to_all_bytes():
+    # EP=8: every token's 2 copies of a 4096-wide bf16 row, 7/8 leaving the rank, 4 times per layer.
+    p = plan(MIXTRAL, mode="train", devices=8, ep=8, seq=4096, batch=8)
+    assert p.comm["all-to-all (expert parallel), per step"] == pytest.approx(4 * 32 * 4096 * 2 * 4096 * 2 * 7 / 8)
+    assert "all-to-all (expert parallel), per step" not in plan(MIXTRAL, mode="train", devices=8).comm
+
+
+def test_activation_estimate_matches_saved_tensors():
+    """The per-block activation count against what autograd actually saves (tiny model, float32);
+    the CPU attention kernel also keeps its T x T probabilities, hence the margin."""
+
+    def saved_bytes(n_layers):
+        cfg = get_preset("tiny-moe").replace(n_layers=n_layers)
+        model = Transformer(cfg)
+        model.init_weights(seed=0)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randint(0, 256, (4, 128), generator=torch.Generator().manual_seed(0)))
+        return sum(saved.values())
+
+    per_block = (saved_bytes(3) - saved_bytes(1)) / 2
+    est = 4 * 128 * activation_elements_per_token(get_preset("tiny-moe")) * 4
+    assert 0.9 < per_block / est < 1.3
+
+
+def test_bad_layouts_and_sizes():
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("80GiB") == 80 * 2**30
+    with pytest.raises(ValueError, match="--device-mem"):
+        parse_bytes("eighty")
+    with pytest.raises(ValueError, match=r"--ep must divide --devices \(8\), got 3"):
+        plan(MIXTRAL, mode="train", devices=8, ep=3)
+    with pytest.raises(ValueError, match="number of experts"):
+        plan(MIXTRAL, mode="train", devices=16, ep=16)
+    with pytest.raises(ValueError, match="--quant applies"):
+        plan(MIXTRAL, mode="train", quant="int8")
+
+
+def test_cli(capsys):
+    assert main(["plan", "mixtral-8x7b", "--mode", "train", "--devices", "8", "--ep", "8", "--fsdp",
+                 "--device-mem", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "all-to-all" in out and "optimizer" in out
+    assert main(["plan", "mixtral-8x7b", "--mode", "infer", "--quant", "int4"]) == 0
+    assert "fits" in capsys.readouterr().out
+    assert main(["plan", "mixtral-8x7b", "--devices", "8", "--ep", "3"]) == 2
+    assert "--ep" in capsys.readouterr().err
+
+
+def test_python_dash_m_mixlab():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mixlab", "plan", "tiny-moe", "--mode", "infer"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "weights (bfloat16)" in r.stdout, r.stderr
