@@ -15,7 +15,7 @@ RANK = {
     "checkpoint": 3,
     "tokenizer": 3,
     "generate": 4,
-    "train": 5, "analysis": 5, "bench": 5, "demo": 6,
+    "train": 5, "analysis": 5, "eval": 5, "bench": 5, "demo": 6,
     "parallel": 6,
     "cli": 7,
 }

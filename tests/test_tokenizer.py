@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import CORPUS
+from conftest import CORPUS, hf_tokenizer_json
 from mixlab.tokenizer import ChatError, load_tokenizer
 
 TEXTS = [
@@ -193,30 +193,10 @@ def test_bad_chats(tok, chat, message):
         tok.encode_chat(chat)
 
 
-def _legacy_tokenizer_json(tok, folder):
-    """A tokenizer.json laid out like Mixtral-8x7B-Instruct's on the Hub (legacy Llama: Prepend +
-    Replace normaliser, BPE with byte fallback), built from the SentencePiece model."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
-    from tokenizers.models import BPE
-    from transformers.tokenization_utils_base import generate_merges
-
-    sp = tok._b.sp
-    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
-    scores = {p: sp.get_score(i) for p, i in vocab.items()}
-    merges = generate_merges(vocab, scores, skip_tokens={"<unk>", "<s>", "</s>"})
-    t = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                   decoders.Strip(" ", 1, 0)])
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
-    t.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-
-
 def test_tokenizer_json_equals_sentencepiece(tok, tmp_path):
     pytest.importorskip("tokenizers")
     pytest.importorskip("transformers")
-    _legacy_tokenizer_json(tok, tmp_path)
+    hf_tokenizer_json(tmp_path)
     hf = load_tokenizer(tmp_path)
     assert hf.path.name == "tokenizer.json"
     assert (hf.vocab_size, hf.bos_id, hf.eos_id) == (32000, 1, 2)

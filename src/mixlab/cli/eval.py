@@ -1,0 +1,62 @@
+"""`mixlab eval`: perplexity, bits per byte and word perplexity per domain (lm-eval's conventions),
+as a table and optionally JSON. Thin: the work is in mixlab.eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mixlab.cli.run import _load
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mixlab.eval.data import documents
+    from mixlab.eval.perplexity import evaluate_texts
+
+    if args.context < 1 or (args.stride is not None and not 1 <= args.stride <= args.context):
+        raise ValueError(f"--stride must be between 1 and --context ({args.context}); got {args.stride}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, tok = _load(args)
+    docs = list(documents(args.data, split=args.split, max_docs=args.max_docs))
+    if not docs:
+        raise ValueError(f"{args.data}: no documents to evaluate")
+    with tqdm(desc="eval", unit="tok", disable=args.quiet, file=sys.stderr) as bar:
+        report = evaluate_texts(model, lambda s: tok.encode(s, bos=False), docs, prefix=tok.bos_id,
+                                context=min(args.context, model.config.max_seq_len), stride=args.stride,
+                                batch_size=args.batch_size, progress=bar.update)
+    report.settings.update(model=str(args.model), data=str(args.data), split=args.split, dtype=str(args.dtype),
+                           quant=args.quant, tokenizer=str(tok.path))
+    result = report.to_json()
+    rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]
+    print(f"{'domain':<16}{'docs':>6}{'tokens':>10}{'token ppl':>12}{'bits/byte':>11}{'word ppl':>12}")
+    for d, m in rows:
+        print(f"{d:<16}{m['docs']:>6}{m['tokens']:>10}{m['token_perplexity']:>12.3f}{m['bits_per_byte']:>11.4f}"
+              f"{m['word_perplexity']:>12.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity, bits per byte and word perplexity per domain")
+    p.add_argument("--model", required=True, help="checkpoint folder (or a file mixlab loads)")
+    p.add_argument("--data", required=True, help="corpus folder (<domain>/<split>.jsonl), a .jsonl or a text file")
+    p.add_argument("--split", default="valid", help="which file of each domain folder (default: valid)")
+    p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="new tokens scored per window (default: = context, disjoint windows as lm-eval)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-docs", type=int, default=None, help="at most this many documents per domain")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quant", choices=["none", "int8"], default="none")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=evaluate)

@@ -1,0 +1,54 @@
+"""What `mixlab eval --data` accepts: a corpus folder (`<domain>/<split>.jsonl`, as shared/corpus),
+one `.jsonl` file (its `text` field; a `domain` field splits it, else the file's stem is the domain),
+or a plain text file (one document)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from mixlab.train.data import DataError, jsonl_texts
+
+
+def _jsonl(path: Path, default_domain: str) -> Iterator[tuple[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for text, row, _ in jsonl_texts(lines, path, strict=True):
+        domain = row.get("domain", default_domain)
+        yield (domain if isinstance(domain, str) else default_domain), text
+
+
+def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = None) -> Iterator[tuple[str, str]]:
+    """(domain, text) of every document under `data`, at most `max_docs` per domain."""
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
+    seen: dict[str, int] = {}
+
+    def take(pairs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+        for domain, text in pairs:
+            if max_docs is not None and seen.get(domain, 0) >= max_docs:
+                continue
+            seen[domain] = seen.get(domain, 0) + 1
+            yield domain, text
+
+    if root.is_dir():
+        files = sorted(root.glob(f"*/{split}.jsonl"))
+        if not files:
+            raise DataError(f"{root}: no <domain>/{split}.jsonl files (expected a corpus folder such as "
+                            "shared/corpus, a .jsonl file or a text file)")
+        for f in files:
+            yield from take(_jsonl(f, f.parent.name))
+    elif root.suffix == ".jsonl":
+        yield from take(_jsonl(root, root.stem))
+    else:
+        try:
+            text = root.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{root}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        yield from take(iter([(root.stem, text)]))
+
+
+__all__ = ["documents"]

@@ -1,0 +1,176 @@
+"""mixlab as an lm-evaluation-harness model (`lm-eval` is an optional extra: `pip install mixlab[eval]`).
+
+    import lm_eval, mixlab.eval.harness                      # importing registers the name "mixlab"
+    lm = mixlab.eval.harness.MixlabLM.from_path("ckpt/", dtype="float32", batch_size=8)
+    lm_eval.simple_evaluate(model=lm, tasks=["my_task"], task_manager=lm_eval.tasks.TaskManager(include_path="tasks/"))
+
+From the command line, `python -m mixlab.eval.harness` is `lm_eval` with the model registered:
+
+    python -m mixlab.eval.harness run --model mixlab --model_args pretrained=ckpt/,dtype=float32 --tasks ...
+
+It follows the conventions of lm-eval's `hf` model, so the two give the same numbers on the same
+checkpoint: texts are encoded without BOS unless `add_bos_token=True`; an empty context is
+replaced by the BOS token; context and continuation are encoded together and split (trailing
+spaces of the context move to the continuation, `TemplateLM._encode_pair`); rolling
+log-likelihoods use disjoint windows of `max_length` tokens (`mixlab.eval.perplexity`);
+generation is greedy unless `do_sample`/`temperature` ask otherwise, stops at each `until` string
+and at EOS, and the text is cut at the first stop string.
+
+Scoring is batched: requests are sorted by length (longest first) and right-padded into batches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from mixlab.eval.perplexity import rolling_windows, score_batch
+from mixlab.generate import generate
+from mixlab.model import Transformer
+from mixlab.tokenizer import Tokenizer, load_tokenizer
+
+
+@register_model("mixlab")
+class MixlabLM(TemplateLM):
+    def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | None = None, *,
+                 pretrained: str | None = None, dtype: str | None = None, device: str = "cpu",
+                 batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
+                 add_bos_token: bool = False, **unused: Any) -> None:
+        super().__init__()
+        if model is None:
+            if pretrained is None:
+                raise ValueError("MixlabLM needs a model or pretrained=PATH")
+            from mixlab.checkpoint import load_model
+
+            model = load_model(pretrained, dtype=dtype, device=device)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(pretrained) if pretrained is not None else load_tokenizer()
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
+        self._max_length = int(max_length) if max_length else model.config.max_seq_len
+        self.max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = bool(add_bos_token) if not isinstance(add_bos_token, str) \
+            else add_bos_token.lower() == "true"
+
+    @classmethod
+    def from_path(cls, path: str, **kw: Any) -> MixlabLM:
+        return cls(pretrained=path, **kw)
+
+    # -- what TemplateLM needs ----------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw: Any) -> list[int]:
+        bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        return self.tok.encode(string, bos=bos)
+
+    def tok_decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
+                              **kw: Any) -> list[tuple[float, bool]]:
+        """(cache key, context ids, continuation ids) -> (log-likelihood, is greedy), as the `hf`
+        model: the input is (context + continuation)[-(max_length + 1):][:-1]."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start: start + self.batch_size]
+            inputs, targets = [], []
+            for i in idx:
+                _, ctx, cont = requests[i]
+                inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])
+                targets.append(cont)
+            for i, res in zip(idx, score_batch(self.model, inputs, targets), strict=True):
+                out[i] = res
+                key = requests[i][0]
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, res)
+            bar.update(len(idx))
+        bar.close()
+        return [r for r in out if r is not None]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """The summed log-probability of each text, every token predicted once (disjoint windows)."""
+        out = []
+        for req in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
+            (text,) = req.args
+            ids = self.tok_encode(text)
+            seq = [self.prefix_token_id, *ids]
+            windows, pos = [], 0
+            for x, n in rolling_windows(ids, prefix=self.prefix_token_id, context=self.max_length):
+                windows.append((None, x, seq[pos + 1: pos + 1 + n]))
+                pos += n
+            # each window is scored on its own inputs: (context, continuation) = (x minus the
+            # continuation's inputs, continuation)
+            total = 0.0
+            for start in range(0, len(windows), self.batch_size):
+                chunk = windows[start: start + self.batch_size]
+                total += sum(lp for lp, _ in score_batch(self.model, [w[1] for w in chunk], [w[2] for w in chunk]))
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return out
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Batched generation: requests with the same generation settings run together (each
+        sequence stops on its own), longest context first."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1] or {}, sort_keys=True, default=str), []).append(i)
+        out: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+        for members in groups.values():
+            kw = dict(requests[members[0]].args[1] or {})
+            until = kw.pop("until", None)
+            until = [until] if isinstance(until, str) else [s for s in (until or []) if s]
+            max_gen = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            do_sample = bool(kw.pop("do_sample", False)) or float(kw.get("temperature", 0.0) or 0.0) > 0
+            temperature = float(kw.pop("temperature", 1.0) or 0.0) if do_sample else 0.0
+            top_p = float(kw.pop("top_p", 1.0) or 1.0) if do_sample else 1.0
+            ctx = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in members}
+            members = sorted(members, key=lambda i: -len(ctx[i]))
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start: start + self.batch_size]
+                news = generate(self.model, [ctx[i] for i in batch], max_new_tokens=max_gen, temperature=temperature,
+                                top_p=top_p, stop=until or None, tokenizer=self.tok, seed=int(kw.get("seed", 0)))
+                for i, new in zip(batch, news, strict=True):
+                    if new and new[-1] == self.eot_token_id:
+                        new = new[:-1]
+                    text = self.tok.decode(new)
+                    for s in until:  # cut at the first stop string, as lm-eval does
+                        text = text.split(s)[0]
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(batch))
+        bar.close()
+        return out
+
+
+def main() -> None:
+    """`lm_eval`'s command line with the `mixlab` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
+

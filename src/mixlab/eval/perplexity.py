@@ -1,0 +1,185 @@
+"""Perplexity, bits per byte and word perplexity of a model on text, with lm-evaluation-harness's
+conventions (its `wikitext` task), so that numbers compare across tools.
+
+Conventions (lm-eval's `loglikelihood_rolling` with `context_len=1`, and its `wikitext` metrics):
+- A document is encoded without BOS; its first window is preceded by one prefix token (BOS), so the
+  first token is predicted too. Each token is predicted exactly once.
+- Windows hold at most `context` tokens. With `stride == context` (the default, lm-eval's) they are
+  disjoint: each window predicts all of its tokens with no earlier context. With a smaller stride,
+  each window predicts `stride` new tokens and sees up to `context - stride` tokens before them
+  (the sliding evaluation of transformers' perplexity guide): lower perplexity, more compute.
+- Bytes are the UTF-8 bytes of the original text, words its whitespace-separated pieces
+  (`re.split(r"\\s+", text)`, as lm-eval counts them), tokens the predicted tokens.
+  token perplexity = exp(NLL / tokens), word perplexity = exp(NLL / words),
+  bits per byte = NLL / bytes / ln 2 (NLL in nats, summed over the text).
+
+Shape legend: B windows in a batch, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mixlab.model import Transformer
+
+
+@dataclass
+class Score:
+    """Summed negative log-likelihood (nats) over some text, and what it is divided by."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+    words: int = 0
+    docs: int = 0
+
+    def add(self, other: Score) -> None:
+        self.nll += other.nll
+        self.tokens += other.tokens
+        self.bytes += other.bytes
+        self.words += other.words
+        self.docs += other.docs
+
+    def metrics(self) -> dict[str, float | int]:
+        def exp(x: float) -> float:
+            return math.exp(x) if x < 700 else math.inf
+
+        return {
+            "token_perplexity": exp(self.nll / max(self.tokens, 1)),
+            "bits_per_byte": self.nll / max(self.bytes, 1) / math.log(2),
+            "word_perplexity": exp(self.nll / max(self.words, 1)),
+            "byte_perplexity": exp(self.nll / max(self.bytes, 1)),
+            "nll": self.nll, "tokens": self.tokens, "bytes": self.bytes, "words": self.words, "docs": self.docs,
+        }
+
+
+def count_words(text: str) -> int:
+    return len(re.split(r"\s+", text))
+
+
+def rolling_windows(ids: Sequence[int], *, prefix: int, context: int, stride: int | None = None
+                    ) -> list[tuple[list[int], int]]:
+    """The windows that score `ids`: each is (input tokens, how many of its last targets to score).
+
+    A window's targets are its inputs shifted by one, followed by the next token; the model scores
+    the last `n` targets. With `stride == context` these are lm-eval's `get_rolling_token_windows(
+    ..., context_len=1)` followed by `make_disjoint_window`."""
+    stride = context if stride is None else stride
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be between 1 and the context ({context}); got {stride}")
+    seq = [prefix, *ids]  # seq[i] predicts seq[i + 1]
+    out = []
+    done = 0  # tokens of `ids` scored so far
+    while done < len(ids):
+        n = min(context if done == 0 else stride, len(ids) - done)
+        end = done + n  # score ids[done:end], i.e. targets seq[done + 1 : end + 1]
+        start = max(0, end - context)
+        out.append((seq[start:end], n))
+        done = end
+    return out
+
+
+def logits_of(model: Transformer, tokens_BT: torch.Tensor) -> torch.Tensor:
+    """The model's logits `[B, T, V]`, whatever its forward returns."""
+    out = model(tokens_BT)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@torch.no_grad()
+def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+                ) -> list[tuple[float, bool]]:
+    """For each (inputs, targets) pair, where `targets` continues the last `len(targets)` positions of
+    `inputs` shifted by one: the summed log-probability of the targets and whether each is the
+    greedy choice. Inputs are right-padded into one batch (causal attention: padding after a
+    sequence never reaches it)."""
+    dev = next(model.parameters()).device
+    T = max(len(x) for x in inputs)
+    tokens_BT = torch.zeros(len(inputs), T, dtype=torch.long, device=dev)
+    for b, x in enumerate(inputs):
+        tokens_BT[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+    logp_BTV = torch.log_softmax(logits_of(model, tokens_BT).float(), dim=-1)
+    out = []
+    for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
+        n = len(y)
+        lp_nV = logp_BTV[b, len(x) - n : len(x)]
+        y_n = torch.as_tensor(list(y), dtype=torch.long, device=dev)
+        out.append((float(lp_nV.gather(-1, y_n[:, None]).sum()), bool((lp_nV.argmax(-1) == y_n).all())))
+    return out
+
+
+def score_ids(model: Transformer, ids: Sequence[int], *, prefix: int, context: int, stride: int | None = None,
+              batch_size: int = 8) -> float:
+    """Summed NLL (nats) of every token of `ids`, each predicted once (see `rolling_windows`)."""
+    windows = rolling_windows(ids, prefix=prefix, context=context, stride=stride)
+    seq = [prefix, *ids]
+    nll = 0.0
+    pos = 0
+    batch_in: list[list[int]] = []
+    batch_tg: list[list[int]] = []
+    for x, n in windows:
+        batch_in.append(x)
+        batch_tg.append(seq[pos + 1 : pos + 1 + n])
+        pos += n
+        if len(batch_in) == batch_size:
+            nll -= sum(lp for lp, _ in score_batch(model, batch_in, batch_tg))
+            batch_in, batch_tg = [], []
+    if batch_in:
+        nll -= sum(lp for lp, _ in score_batch(model, batch_in, batch_tg))
+    return nll
+
+
+@dataclass
+class Report:
+    """Scores per domain and overall, with the settings that produced them."""
+
+    domains: dict[str, Score] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)
+
+    def overall(self) -> Score:
+        total = Score()
+        for s in self.domains.values():
+            total.add(s)
+        return total
+
+    def to_json(self) -> dict[str, object]:
+        return {"settings": self.settings, "overall": self.overall().metrics(),
+                "domains": {d: s.metrics() for d, s in self.domains.items()}}
+
+
+def evaluate_texts(
+    model: Transformer,
+    encode: Callable[[str], list[int]],
+    docs: Iterable[tuple[str, str]],
+    *,
+    prefix: int,
+    context: int = 2048,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> Report:
+    """Score `(domain, text)` documents. `encode` turns text into ids without BOS; `prefix` is the
+    token before each document (BOS). `progress(tokens)` is called after each document."""
+    if context > model.config.max_seq_len:
+        raise ValueError(f"context {context} exceeds the model's context length {model.config.max_seq_len}")
+    if context < 1:
+        raise ValueError(f"context must be at least 1; got {context}")
+    report = Report(settings={"context": context, "stride": stride or context, "prefix_token": prefix})
+    was_training = model.training
+    model.eval()
+    try:
+        for domain, text in docs:
+            ids = encode(text)
+            s = report.domains.setdefault(domain, Score())
+            s.add(Score(nll=score_ids(model, ids, prefix=prefix, context=context, stride=stride,
+                                      batch_size=batch_size),
+                        tokens=len(ids), bytes=len(text.encode("utf-8")), words=count_words(text), docs=1))
+            if progress is not None:
+                progress(len(ids))
+    finally:
+        model.train(was_training)
+    return report

@@ -1,0 +1,207 @@
+"""Evaluation: lm-eval's rolling windows, perplexity against a full recompute, `mixlab eval`, and the
+lm-eval model against lm-eval's own `hf` model on the same transformers checkpoint (float32)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CORPUS, hf_mixtral, hf_tokenizer_json
+from mixlab import load_model, load_tokenizer
+from mixlab.cli import main
+from mixlab.eval.perplexity import evaluate_texts, logits_of, rolling_windows, score_ids
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "Mixtral routes every token to two of its eight experts.\nConsecutive tokens often share them.",
+    "x",
+    "Grüß Gott — naïve café, 東京, emoji 🙂 and tabs\tinside.",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random transformers Mixtral with Mixtral's 32,000-token vocabulary and a tokenizer.json."""
+    path = hf_mixtral(tmp_path_factory.mktemp("mx"), vocab_size=32000, hidden_size=32, intermediate_size=48,
+                      max_position_embeddings=64)
+    hf_tokenizer_json(path)
+    return path
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40, 64])
+@pytest.mark.parametrize("context", [1, 4, 16])
+def test_windows_equal_lm_eval(n: int, context: int) -> None:
+    utils = pytest.importorskip("lm_eval.utils")
+    ids = list(range(100, 100 + n))
+    theirs = [utils.make_disjoint_window(w) for w in
+              utils.get_rolling_token_windows(token_list=ids, prefix_token=1, max_seq_len=context, context_len=1)]
+    ours = rolling_windows(ids, prefix=1, context=context)
+    assert len(ours) == len(theirs)
+    seq = [1, *ids]
+    pos = 0
+    for (x, k), (ctx, cont) in zip(ours, theirs, strict=True):
+        assert seq[pos + 1: pos + 1 + k] == cont
+        assert x == (ctx + cont)[-(context + 1):][:-1]  # the input lm-eval's hf model builds
+        pos += k
+    assert pos == n
+
+
+def test_every_token_scored_once_equals_full_recompute(ckpt: Path) -> None:
+    model = load_model(ckpt)
+    ids = torch.randint(3, 32000, (50,)).tolist()
+    seq = torch.tensor([[1, *ids]])
+    with torch.no_grad():
+        logp = torch.log_softmax(logits_of(model, seq[:, :-1]).float(), -1)[0]
+    full = -float(logp.gather(-1, seq[0, 1:, None]).sum())
+    assert score_ids(model, ids, prefix=1, context=64) == pytest.approx(full, rel=1e-5)
+    # smaller windows see less context: a different (higher on average) number, same token count
+    for context, stride in ((8, None), (16, 4)):
+        nll = score_ids(model, ids, prefix=1, context=context, stride=stride, batch_size=3)
+        assert math.isfinite(nll) and nll != pytest.approx(full, rel=1e-6)
+    with pytest.raises(ValueError, match="stride"):
+        rolling_windows(ids, prefix=1, context=8, stride=9)
+
+
+def test_metrics_use_bytes_and_words_of_the_text(ckpt: Path) -> None:
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    r = evaluate_texts(model, lambda s: tok.encode(s, bos=False), [("a", t) for t in TEXTS], prefix=tok.bos_id,
+                       context=32)
+    s = r.domains["a"]
+    assert s.bytes == sum(len(t.encode()) for t in TEXTS)
+    assert s.words == sum(len(t.split()) + (t[-1].isspace()) for t in TEXTS)  # re.split keeps a trailing ""
+    m = s.metrics()
+    assert m["bits_per_byte"] == pytest.approx(s.nll / s.bytes / math.log(2))
+    assert m["word_perplexity"] == pytest.approx(math.exp(s.nll / s.words))
+
+
+def test_cli_eval_on_the_corpus(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "64",
+               "--dtype", "float32", "--json", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert len(res["domains"]) == 8 and res["overall"]["docs"] == 8
+    assert res["overall"]["tokens"] == sum(d["tokens"] for d in res["domains"].values())
+    assert "bits/byte" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--stride", "0"], "--stride"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--data", "/nonexistent/x.jsonl"], "no such file"),
+])
+def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--quiet"]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+# -- lm-evaluation-harness ------------------------------------------------------------------------
+
+TASKS = {
+    "mx_mc": """
+task: mx_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""",
+    "mx_ppl": """
+task: mx_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/ppl.jsonl
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+    "mx_gen": """
+task: mx_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/gen.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tasks")
+    mc = [{"question": q, "choices": c, "answer": a} for q, c, a in [
+        ("What is two plus two?", ["four", "five", "twenty two"], 0),
+        ("Which colour is the sky?", [" blue", " green"], 1),
+        ("Capital of France", ["Paris", "Rome", "Berlin", "Madrid"], 2),
+    ]]
+    (d / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in mc) + "\n")
+    (d / "ppl.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS) + "\n")
+    gen = [{"question": "Count: one, two,", "answer": " three"}, {"question": "Hello", "answer": " world"}]
+    (d / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in gen) + "\n")
+    for name, text in TASKS.items():
+        (d / f"{name}.yaml").write_text(text.format(data=d))
+    return d
+
+
+def _run(lm: object, tasks: Path) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=lm, tasks=sorted(TASKS), task_manager=TaskManager(include_path=str(tasks)),
+                                   log_samples=True, verbosity="ERROR")
+
+
+@pytest.mark.slow
+def test_harness_model_equals_lm_eval_hf(ckpt: Path, tasks: Path) -> None:
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from mixlab.eval.harness import MixlabLM
+
+    ours = _run(MixlabLM(pretrained=str(ckpt), dtype="float32", batch_size=2), tasks)
+    theirs = _run(HFLM(pretrained=str(ckpt), dtype="float32", batch_size=2, device="cpu"), tasks)
+    for task in TASKS:
+        for a, b in zip(ours["samples"][task], theirs["samples"][task], strict=True):
+            ra, rb = a["resps"], b["resps"]
+            if task == "mx_gen":
+                assert ra == rb
+            else:
+                for x, y in zip(ra, rb, strict=True):
+                    lx = x[0][0] if isinstance(x[0], (tuple, list)) else x[0]
+                    ly = y[0][0] if isinstance(y[0], (tuple, list)) else y[0]
+                    assert lx == pytest.approx(ly, abs=1e-4)
+        for metric, value in theirs["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), (task, metric)
+    # `mixlab eval` on the same texts gives lm-eval's bits per byte
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    r = evaluate_texts(model, lambda s: tok.encode(s, bos=False), [("t", t) for t in TEXTS], prefix=tok.bos_id,
+                       context=model.config.max_seq_len)
+    assert r.overall().metrics()["bits_per_byte"] == pytest.approx(
+        theirs["results"]["mx_ppl"]["bits_per_byte,none"], rel=1e-5)
