@@ -14,7 +14,7 @@ RANK = {
     "cache": 2,
     "checkpoint": 3,
     "tokenizer": 3,
-    "generate": 4,
+    "generate": 4, "graphs": 4,
     "train": 5, "analysis": 5, "eval": 5, "bench": 5, "demo": 6,
     "parallel": 6,
     "cli": 7,

@@ -346,18 +346,46 @@ def native_experts(
     return native.moe(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, w13_scale_E2F, w2_scale_ED)
 
 
+def triton(
+    x_TD: torch.Tensor,
+    w13_E2FD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    idx_TK: torch.Tensor,
+    weight_TK: torch.Tensor,
+    *,
+    w13_scale_E2F: torch.Tensor | None = None,
+    w2_scale_ED: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused Triton kernel (`mixlab.ops.triton_moe`; CUDA, or the CPU interpreter in tests)."""
+    from mixlab.ops.triton_moe import triton_moe
+
+    return triton_moe(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, w13_scale_E2F=w13_scale_E2F,
+                      w2_scale_ED=w2_scale_ED)
+
+
+def _triton_applies(x_TD: torch.Tensor, w13_E2FD: torch.Tensor) -> bool:
+    if x_TD.device.type != "cuda" or not isinstance(w13_E2FD, torch.Tensor) or w13_E2FD.dtype == torch.int8:
+        return False
+    from mixlab.ops.triton_moe import available
+
+    return available(x_TD)
+
+
 IMPLS: dict[str, MoEImpl] = {
     "reference": reference,
     "sorted": sorted_grouped,
     "grouped": grouped_mm,
     "decode": decode,
     "native": native_experts,
+    "triton": triton,
 }
 
 
 def choose_impl(T: int, w13_E2FD: torch.Tensor | None = None, x_TD: torch.Tensor | None = None) -> str:
     """What `auto` runs for T tokens: `native` for a few tokens on CPU when the weights allow it,
-    else `decode` for one token and the sorted segment loop for more."""
+    else `decode` for one token and the sorted segment loop for more. On CUDA: the Triton kernel."""
+    if x_TD is not None and w13_E2FD is not None and _triton_applies(x_TD, w13_E2FD):
+        return "triton"
     if (T <= NATIVE_MAX_TOKENS and w13_E2FD is not None and x_TD is not None and x_TD.device.type == "cpu"
             and not (x_TD.requires_grad and torch.is_grad_enabled()) and native.usable(w13_E2FD)):
         return "native"
