@@ -37,12 +37,13 @@ from pathlib import Path
 
 import torch
 
-from mixlab.checkpoint import load_model, save_model
+from mixlab.checkpoint import load_model
 from mixlab.config import ModelConfig, MoEConfig
 from mixlab.model import Transformer
-from mixlab.train.data import BatchLoader, TokenDataset, eval_windows, prepare, read_documents
-from mixlab.train.loop import TrainConfig, evaluate, lr_at, make_optimizer
-from mixlab.train.losses import lm_loss, router_losses
+from mixlab.train.data import TokenDataset, eval_windows, prepare, read_documents
+from mixlab.train.loop import TrainConfig, evaluate
+from mixlab.train.loop import train as loop_train
+from mixlab.train.losses import lm_loss
 from mixlab.train.upcycle import upcycle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,8 +81,7 @@ def flops_per_token(cfg: ModelConfig) -> int:
 
 def train(
     name: str,
-    model: Transformer,
-    loader: BatchLoader,
+    out: Path,
     ds: TokenDataset,
     *,
     steps: int,
@@ -89,59 +89,65 @@ def train(
     s: Settings,
     flops_start: float,
     log: list[dict],
-) -> None:
-    """AdamW + warmup/cosine, LM loss + aux load-balancing loss (MoE), evaluating as it goes.
-
-    The optimizer, schedule and evaluation are the training loop's (`mixlab.train.loop`); only the
-    step loop is here, because `loop.train` starts from a fresh random init and this experiment must
-    start from given weights (the dense checkpoint, the upcycled one)."""
-    cfg = model.config
-    fpt = flops_per_token(cfg)
-    tc = TrainConfig(data=str(ds.path), seq_len=s.seq_len, batch_size=s.batch_size, steps=steps, lr=peak_lr,
-                     min_lr_ratio=s.min_lr_ratio * s.lr / peak_lr, warmup=max(1, int(s.warmup_frac * steps)),
-                     weight_decay=s.weight_decay, clip=s.grad_clip, eval_windows=s.eval_windows, seed=s.seed)
-    opt = make_optimizer(model, tc)
+    init_from: Path | None = None,
+    model_cfg: ModelConfig | None = None,
+    data_offset: int = 0,
+    threads: int = 1,
+) -> Path:
+    """One arm: `mixlab.train.loop.train` (the trainer behind `mixlab train`) from `init_from` (a
+    checkpoint folder: the dense model, the upcycled one) or from a random init of `model_cfg`, on the
+    training stream from window `data_offset` on, evaluating as it goes. Returns the arm's
+    transformers-format export (`out/<name>/hf`)."""
+    run = out / name
+    if run.exists():
+        shutil.rmtree(run)  # a rerun of this arm starts over
+    cfg_dir = out / f"{name}-config"
+    if model_cfg is not None:
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        (cfg_dir / "config.json").write_text(json.dumps(model_cfg.to_hf_dict(), indent=2) + "\n")
     every = max(1, int(s.eval_every_frac * steps))
+    tc = TrainConfig(data=str(ds.path), out=str(run), model=str(cfg_dir), init_from=str(init_from or ""),
+                     data_offset=data_offset, seq_len=s.seq_len, batch_size=s.batch_size, steps=steps,
+                     lr=peak_lr, min_lr_ratio=s.min_lr_ratio * s.lr / peak_lr,
+                     warmup=max(1, int(s.warmup_frac * steps)), weight_decay=s.weight_decay, clip=s.grad_clip,
+                     eval_every=every, eval_windows=s.eval_windows, ckpt_every=0, keep=1, log_every=every,
+                     seed=s.seed, threads=threads, progress=False, tensorboard=False, export_hf=True)
+    mc = model_cfg if model_cfg is not None else ModelConfig.from_dir(init_from or "")
+    fpt = flops_per_token(mc)
     tokens_per_step = s.batch_size * s.seq_len
-    model.train()
     t0 = time.perf_counter()
 
-    def record(step: int, train_loss: float | None) -> None:
-        ev = evaluate(model, ds, tc)
+    def record(step: int, ev: dict, train_loss: float | None, seconds: float) -> None:
         row = {"run": name, "step": step, "flops": flops_start + fpt * tokens_per_step * step,
                "tokens": tokens_per_step * step, "train_loss": train_loss, "valid": ev["loss"],
-               "valid_mean": ev["mean_loss"], "expert_load": ev["load"], "seconds": time.perf_counter() - t0}
+               "valid_mean": ev["mean_loss"], "expert_load": ev["load"], "seconds": seconds}
         log.append(row)
         print(f"  [{name}] step {step:5d}/{steps}  flops {row['flops']:.3e}  valid {row['valid_mean']:.4f}"
-              + (f"  train {train_loss:.4f}" if train_loss is not None else "") + f"  ({row['seconds']:.0f}s)",
+              + (f"  train {train_loss:.4f}" if train_loss is not None else "") + f"  ({seconds:.0f}s)",
               flush=True)
 
-    record(0, None)
-    run_loss = 0.0
-    aux_coef = cfg.moe.aux_loss_coef if cfg.moe is not None else 0.0
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        x_BT, y_BT, _ = loader.next_batch()
-        out = model(x_BT, return_routing=True)
-        assert isinstance(out, tuple)
-        logits_BTV, routings = out
-        loss = lm_loss(logits_BTV, y_BT)
-        aux, _z = router_losses(routings)  # zero for the dense model
-        opt.zero_grad(set_to_none=True)
-        (loss + aux_coef * aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        opt.step()
-        run_loss = loss.item() if step == 0 else 0.95 * run_loss + 0.05 * loss.item()
-        if (step + 1) % every == 0 or step + 1 == steps:
-            record(step + 1, run_loss)
+    if init_from is not None:
+        start = load_model(init_from)
+    else:
+        start = Transformer(mc)
+        start.init_weights(std=tc.init_std, seed=tc.seed)  # the trainer's own initialisation
+    record(0, evaluate(start, ds, tc), None, 0.0)
+    result = loop_train(tc)
+    ema, seconds, evals = 0.0, 0.0, {e["step"]: e for e in result.evals}
+    for rec in result.history:
+        ema = rec["loss"] if rec["step"] == 1 else 0.95 * ema + 0.05 * rec["loss"]
+        seconds += tokens_per_step / rec["tokens_per_s"]
+        if rec["step"] in evals:
+            record(rec["step"], evals[rec["step"]], ema, seconds)
+    print(f"  [{name}] {time.perf_counter() - t0:.0f}s in all", flush=True)
+    return run / "hf"
 
 
 def get_data(out: Path, data: Path | None) -> TokenDataset:
     if data is not None:
         ds = TokenDataset(data)
-        if ds.meta["tokenizer"].get("type") != "bytes" or set(DOMAINS) - set(ds.domains):
-            sys.exit(f"{data}: expected a byte-tokenized dataset with domains {', '.join(DOMAINS)}")
+        if ds.meta["tokenizer"].get("type") != "bytes" or set(DOMAINS) != set(ds.domains):
+            sys.exit(f"{data}: expected a byte-tokenized dataset with exactly the domains {', '.join(DOMAINS)}")
         return ds
     path = out / "data"
     if not (path / "meta.json").is_file():
@@ -185,35 +191,28 @@ def main() -> None:
             res = json.loads(f.read_text())
             res["log"] = [x for x in res["log"] if x["run"] != "dense-equal-tokens"]
             p_flops = max(x["flops"] for x in res["log"] if x["run"] == "dense")
-            loader = BatchLoader(ds, split="train", seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
-                                 domains=list(DOMAINS))
-            epoch, cursor = divmod(res["steps"]["dense"] * s.batch_size, loader.n_windows)  # where phase 1 ended
             equal_tokens(s, ds, f.parent, res["log"], steps=res["steps"]["upcycled"],
-                         data_pos=loader.state_dict() | {"epoch": epoch, "cursor": cursor}, flops_start=p_flops)
+                         data_offset=res["steps"]["dense"] * s.batch_size, flops_start=p_flops, threads=args.threads)
             res["steps"]["dense-equal-tokens"] = res["steps"]["upcycled"]
             f.write_text(json.dumps(res, indent=2) + "\n")
             continue
         if args.quick:
             s.dense_steps, s.extra_dense_steps, s.eval_windows = 30, 20, 2
-        summarize(run(s, ds, args.out / f"seed{seed}", scratch_arm=not args.no_scratch))
+        summarize(run(s, ds, args.out / f"seed{seed}", scratch_arm=not args.no_scratch, threads=args.threads))
     if not args.quick:
         plot(args.out, args.figures)
 
 
-def equal_tokens(s: Settings, ds: TokenDataset, out: Path, log: list[dict], *, steps: int, data_pos: dict,
-                 flops_start: float) -> None:
+def equal_tokens(s: Settings, ds: TokenDataset, out: Path, log: list[dict], *, steps: int, data_offset: int,
+                 flops_start: float, threads: int = 1) -> None:
     """(d): the dense model continued on exactly the upcycled MoE's batches, with its own full schedule,
     to separate "better per token" from "better per FLOP"."""
     print("2d. dense, continued for the upcycled MoE's tokens", flush=True)
-    model = load_model(out / "dense")
-    loader = BatchLoader(ds, split="train", seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
-                         domains=list(DOMAINS))
-    loader.load_state_dict(data_pos)
-    train("dense-equal-tokens", model, loader, ds, steps=steps, peak_lr=s.lr_continue, s=s, flops_start=flops_start,
-          log=log)
+    train("dense-equal-tokens", out, ds, init_from=out / "dense" / "hf", data_offset=data_offset, steps=steps,
+          peak_lr=s.lr_continue, s=s, flops_start=flops_start, log=log, threads=threads)
 
 
-def run(s: Settings, ds: TokenDataset, out: Path, *, scratch_arm: bool = True) -> dict:
+def run(s: Settings, ds: TokenDataset, out: Path, *, scratch_arm: bool = True, threads: int = 1) -> dict:
     """One seed of the whole comparison; models and results.json go to `out`."""
     out.mkdir(parents=True, exist_ok=True)
     dense_cfg = ModelConfig(vocab_size=ds.vocab_size, max_seq_len=s.seq_len, rope_theta=1e4, moe=None,
@@ -241,50 +240,39 @@ def run(s: Settings, ds: TokenDataset, out: Path, *, scratch_arm: bool = True) -
         return result
 
     # 1. dense pretraining
-    dense = Transformer(dense_cfg)
-    dense.init_weights(std=0.02, seed=s.seed)
-    loader = BatchLoader(ds, split="train", seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
-                         domains=list(DOMAINS))
     print("1. dense pretraining", flush=True)
-    train("dense", dense, loader, ds, steps=s.dense_steps, peak_lr=s.lr, s=s, flops_start=0.0, log=log)
-    save_model(dense, out / "dense")
+    dense = train("dense", out, ds, model_cfg=dense_cfg, steps=s.dense_steps, peak_lr=s.lr, s=s, flops_start=0.0,
+                  log=log, threads=threads)
     save()
-    data_pos = loader.state_dict()
+    data_offset = s.dense_steps * s.batch_size  # phase 2 continues the training stream where phase 1 stopped
     p_flops = fd * tok_step * s.dense_steps
 
     # 2a. continue dense, on the data that follows phase 1
     print("2a. dense, continued", flush=True)
-    cont = load_model(out / "dense")
-    loader.load_state_dict(data_pos)
-    train("dense-continued", cont, loader, ds, steps=s.extra_dense_steps, peak_lr=s.lr_continue, s=s,
-          flops_start=p_flops, log=log)
+    train("dense-continued", out, ds, init_from=dense, data_offset=data_offset, steps=s.extra_dense_steps,
+          peak_lr=s.lr_continue, s=s, flops_start=p_flops, log=log, threads=threads)
     save()
 
     # 2b. upcycle (the library function behind `mixlab upcycle`), then train on the same data stream
     print("2b. upcycled MoE", flush=True)
-    report = upcycle(out / "dense", out / "upcycled-init", num_experts=s.experts, top_k=s.top_k,
+    report = upcycle(dense, out / "upcycled-init", num_experts=s.experts, top_k=s.top_k,
                      router_init="normal", router_std=s.router_std, seed=s.seed)
-    up = load_model(out / "upcycled-init")
-    assert up.config == report.config == moe_cfg, (up.config, moe_cfg)
-    loader.load_state_dict(data_pos)
-    train("upcycled", up, loader, ds, steps=moe_extra_steps, peak_lr=s.lr_continue, s=s,
-          flops_start=p_flops, log=log)
+    assert report.config == moe_cfg, (report.config, moe_cfg)
+    train("upcycled", out, ds, init_from=out / "upcycled-init", data_offset=data_offset, steps=moe_extra_steps,
+          peak_lr=s.lr_continue, s=s, flops_start=p_flops, log=log, threads=threads)
     save()
 
     # 2d. dense continued for as many tokens (not FLOPs) as the upcycled MoE saw: equal data
-    equal_tokens(s, ds, out, log, steps=moe_extra_steps, data_pos=data_pos, flops_start=p_flops)
+    equal_tokens(s, ds, out, log, steps=moe_extra_steps, data_offset=data_offset, flops_start=p_flops,
+                 threads=threads)
     save()
     if not scratch_arm:
         return save()
 
     # 2c. the same MoE from scratch with the total compute
     print("2c. MoE from scratch", flush=True)
-    scratch = Transformer(moe_cfg)
-    scratch.init_weights(std=0.02, seed=s.seed)
-    scratch_loader = BatchLoader(ds, split="train", seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
-                                 domains=list(DOMAINS))
-    train("moe-scratch", scratch, scratch_loader, ds, steps=moe_scratch_steps, peak_lr=s.lr, s=s,
-          flops_start=0.0, log=log)
+    train("moe-scratch", out, ds, model_cfg=moe_cfg, steps=moe_scratch_steps, peak_lr=s.lr, s=s, flops_start=0.0,
+          log=log, threads=threads)
 
     result = save()
     print(f"seed {s.seed} done in {result['wall_seconds'] / 60:.1f} min; results in {out / 'results.json'}",
@@ -297,7 +285,7 @@ def noise_table(out: Path, run_dir: Path, stds: tuple[float, ...] = (0.0, 0.001,
     """Upcycle the experiment's trained dense model with each noise std; compare outputs to the dense
     model's on validation windows: max |logit difference|, mean KL(dense || MoE), validation loss."""
     ds = TokenDataset(out / "data")
-    dense_path = run_dir / "dense"
+    dense_path = run_dir / "dense" / "hf"
     if not (dense_path / "config.json").is_file():
         sys.exit(f"{dense_path}: run the experiment first (it trains the dense model)")
     dense = load_model(dense_path)

@@ -201,3 +201,72 @@ def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.C
     assert "bad.jsonl:1: expected a JSON object with a 'text' field" in capsys.readouterr().err
     assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--resume"]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def _params(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def test_init_from_any_checkpoint(dataset: Path, tmp_path: Path) -> None:
+    """`init_from` starts from given weights: a transformers export, a run folder, a step folder, a
+    Mistral-format folder and an upcycled model. lr=0 leaves them untouched, so the run's final
+    weights equal the checkpoint's bit for bit."""
+    from mixlab.checkpoint import save_model
+    from mixlab.train.upcycle import upcycle
+
+    base = train(_cfg(dataset, tmp_path / "a", steps=2, export_hf=True, ckpt_every=1))
+    want = _params(base.model)
+    save_model(base.model, tmp_path / "mistral", fmt="mistral")
+    sources = {"hf": tmp_path / "a" / "hf", "run": tmp_path / "a", "mistral": tmp_path / "mistral",
+               "step": tmp_path / "a" / "checkpoints" / "step_00000002"}
+    for name, src in sources.items():
+        res = train(_cfg(dataset, tmp_path / f"from-{name}", steps=1, lr=0.0, init_from=str(src), model="bogus"))
+        got = _params(res.model)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[n], want[n]) for n in want), name
+    # Training-only fields may change; the loss is the start model's on the first batch.
+    res = train(_cfg(dataset, tmp_path / "b", steps=1, grad_accum=1, init_from=str(tmp_path / "a" / "hf"),
+                     model_overrides={"moe": {"aux_loss_coef": 0.0, "jitter": 0.0}}))
+    from mixlab.train.data import BatchLoader, TokenDataset
+    from mixlab.train.losses import lm_loss
+
+    x, y, _ = BatchLoader(TokenDataset(dataset), seq_len=32, batch_size=4).next_batch()
+    m = load_model(tmp_path / "a" / "hf")  # eval: no router jitter, as the run (jitter overridden to 0)
+    assert res.history[0]["loss"] == pytest.approx(float(lm_loss(m(x).detach(), y)), rel=1e-5)
+    # A dense model trained, upcycled, then trained as an MoE from the upcycled weights.
+    dense = {k: v for k, v in TINY.items() if k != "moe"}
+    train(_cfg(dataset, tmp_path / "dense", steps=1, model="tiny-dense", export_hf=True,
+               model_overrides={**dense, "sliding_window": None}))
+    upcycle(tmp_path / "dense" / "hf", tmp_path / "up", num_experts=4, top_k=2)
+    up = load_model(tmp_path / "up")
+    res = train(_cfg(dataset, tmp_path / "moe", steps=1, lr=0.0, init_from=str(tmp_path / "up")))
+    assert res.model.config.moe is not None and res.model.config.moe.num_experts == 4
+    assert all(torch.equal(p, q) for p, q in zip(res.model.parameters(), up.parameters(), strict=True))
+
+
+def test_init_from_errors(dataset: Path, tmp_path: Path) -> None:
+    train(_cfg(dataset, tmp_path / "a", steps=1, export_hf=True))
+    with pytest.raises(CheckpointError, match="nowhere: no such checkpoint folder"):
+        train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path / "nowhere")))
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path)))
+    with pytest.raises(CheckpointError, match="shape"):
+        train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path / "a" / "hf"), model_overrides={"ffn_dim": 64}))
+    with pytest.raises(ConfigError, match="smaller than the dataset's tokenizer vocabulary"):
+        train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path / "a" / "hf"), model_overrides={"vocab_size": 100}))
+    with pytest.raises(ConfigError, match="data_offset"):
+        _cfg(dataset, tmp_path, data_offset=-1)
+
+
+def test_data_offset_continues_the_stream(dataset: Path) -> None:
+    from mixlab.train.data import BatchLoader, TokenDataset
+
+    ds = TokenDataset(dataset)
+    a = BatchLoader(ds, seq_len=32, batch_size=4)
+    n = a.n_windows
+    for _ in range(n // 4 + 3):  # across an epoch boundary
+        a.next_batch()
+    b = BatchLoader(ds, seq_len=32, batch_size=4)
+    b.skip(4 * (n // 4 + 3))
+    assert a.state_dict() == b.state_dict() or torch.equal(a.next_batch()[0], b.next_batch()[0])
+    assert torch.equal(a.next_batch()[0], b.next_batch()[0])

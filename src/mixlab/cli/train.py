@@ -24,7 +24,8 @@ def data_prepare(args: argparse.Namespace) -> int:
 
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("data", "out", "model", "seq_len", "batch_size", "grad_accum", "steps", "lr", "warmup", "clip",
-            "weight_decay", "dtype", "device", "seed", "threads", "eval_every", "ckpt_every", "keep", "log_every")
+            "weight_decay", "dtype", "device", "seed", "threads", "eval_every", "ckpt_every", "keep", "log_every",
+            "init_from", "data_offset")
     over = {k: getattr(args, k) for k in keys}
     for flag in ("activation_checkpointing", "compile", "deterministic"):
         if getattr(args, flag):
@@ -90,9 +91,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="prepared dataset folder")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, hf/)")
     p.add_argument("--model", default=None, help="preset name (default tiny-moe) or checkpoint folder")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from these weights: any checkpoint folder mixlab loads (transformers, Mistral, "
+                        "an upcycled model), a checkpoints/step_* folder or a run folder; the model config "
+                        "is the checkpoint's")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="model config override, e.g. --set dim=256 --set moe.num_experts=8 (repeatable)")
-    for name, typ in (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("steps", int), ("lr", float),
+    for name, typ in (("data_offset", int), ("seq_len", int), ("batch_size", int), ("grad_accum", int),
+                      ("steps", int), ("lr", float),
                       ("warmup", int), ("clip", float), ("weight_decay", float), ("seed", int), ("threads", int),
                       ("eval_every", int), ("ckpt_every", int), ("keep", int), ("log_every", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)

@@ -76,6 +76,7 @@ class Transformer(nn.Module):
         tokens_BT: torch.Tensor,
         *,
         positions_BT: torch.Tensor | None = None,
+        segments_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_routing: bool = False,
         return_hidden: bool = False,
@@ -83,7 +84,9 @@ class Transformer(nn.Module):
         """Logits `[B, T, V]` (float, the model's dtype) for token ids `[B, T]`.
 
         `positions_BT`: absolute position of each token, -1 for padding; default 0..T-1 (or
-        continuing the cache). With a cache, the tokens are appended to it. `return_routing` also
+        continuing the cache). With a cache, the tokens are appended to it. `segments_BT`: packed
+        sequences (no cache): a token attends only to tokens of its own segment id, causally by
+        position, so positions restarting per segment give each the attention it gets alone. `return_routing` also
         returns each MoE layer's `Routing`; `return_hidden` returns the final normed hidden state
         `[B, T, D]` instead of logits (for chunked losses).
         """
@@ -102,6 +105,10 @@ class Transformer(nn.Module):
             cache.pos_BC[:, slots] = positions_BT
             k_pos_BS = cache.pos_BC[:, : cache.n_filled(T)]
             mask: torch.Tensor | None = attention_mask(positions_BT, k_pos_BS, cfg.sliding_window)
+        elif segments_BT is not None:  # block-diagonal causal
+            same_B1TT = (segments_BT[:, :, None] == segments_BT[:, None, :])[:, None]
+            mask = attention_mask(positions_BT, positions_BT, cfg.sliding_window) & same_B1TT
+            mask |= ~mask.any(-1, keepdim=True)  # a padding query (position -1) still sees something
         elif (may_pad and bool((positions_BT < 0).any())) or (
             cfg.sliding_window is not None and T > cfg.sliding_window
         ):

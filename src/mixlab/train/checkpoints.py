@@ -27,7 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixlab.checkpoint import load_model
 from mixlab.checkpoint.io import CheckpointError, fsync_dir, read_header
+from mixlab.config import ConfigError, ModelConfig, MoEConfig
+from mixlab.model import Transformer
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -177,3 +180,68 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if "torch_cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["torch_cuda"])
     return state
+
+
+# -- starting a run from existing weights --------------------------------------------------------
+
+
+def _step_config(state: dict[str, Any], where: Path) -> ModelConfig:
+    try:
+        d = dict(state["model_config"])
+        moe = d.pop("moe", None)
+        mc = ModelConfig.from_hf_dict(d, source=str(where / "state.json"))
+        return mc.replace(moe=MoEConfig(**moe) if moe else None)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}/state.json: no usable model_config ({e})") from None
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """The folder holding the weights `init_from` names: a checkpoint folder (transformers or Mistral
+    format, e.g. an upcycled model), a training checkpoint `step_*` folder, or a run folder (its
+    final `hf/` export, else its newest checkpoint)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such checkpoint folder")
+    if (p / "config.json").is_file() or (p / "params.json").is_file() or (p / "state.json").is_file():
+        return p
+    if (p / "hf" / "config.json").is_file():
+        return p / "hf"
+    newest = latest(p / "checkpoints")
+    if newest is not None:
+        return newest
+    raise CheckpointError(f"{p}: not a checkpoint folder (no config.json, params.json or state.json) "
+                          "nor a run folder (no hf/ export or checkpoints/step_*)")
+
+
+def init_config(path: str | Path) -> ModelConfig:
+    """The model config of the weights `path` names (see `resolve_weights`)."""
+    p = resolve_weights(path)
+    if (p / "state.json").is_file() and not (p / "config.json").is_file():
+        return _step_config(validate(p), p)
+    try:
+        return ModelConfig.from_dir(p)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_init(path: str | Path, config: ModelConfig) -> Transformer:
+    """A float32 model of `config` holding the weights `path` names (see `resolve_weights`). `config`
+    may differ from the stored one in training-only fields (MoE loss coefficients, jitter, capacity);
+    a different shape is an error naming the tensor."""
+    p = resolve_weights(path)
+    if (p / "state.json").is_file() and not (p / "config.json").is_file():
+        validate(p)
+        model = Transformer(config)
+        weights = load_file(str(p / "model.safetensors"))
+        params = dict(model.named_parameters())
+        if set(weights) != set(params):
+            diff = sorted(set(weights) ^ set(params))[:5]
+            raise CheckpointError(f"{p}: parameters differ from the model's: {', '.join(diff)}")
+        with torch.no_grad():
+            for n, t in params.items():
+                if weights[n].shape != t.shape:
+                    raise CheckpointError(f"{p}: {n} has shape {list(weights[n].shape)}, the model expects "
+                                          f"{list(t.shape)}")
+                t.copy_(weights[n])
+        return model
+    return load_model(p, config=config, dtype=torch.float32)

@@ -402,6 +402,16 @@ class BatchLoader:
         x = torch.from_numpy(np.stack(rows))
         return x[:, :-1].contiguous(), x[:, 1:].contiguous(), torch.tensor(doms)
 
+    def skip(self, n_windows: int) -> None:
+        """Advance by `n_windows` windows, as `n_windows / batch_size` batches would."""
+        if n_windows < 0:
+            raise DataError(f"cannot skip a negative number of windows ({n_windows})")
+        epoch, cursor = divmod(self.cursor + n_windows, self.n_windows)
+        if epoch:
+            self.epoch += epoch
+            self._perm = self._permutation(self.epoch)
+        self.cursor = cursor
+
     def state_dict(self) -> dict[str, Any]:
         return {"split": self.split, "seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "epoch": self.epoch, "cursor": self.cursor}

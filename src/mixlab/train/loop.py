@@ -54,11 +54,17 @@ class TrainConfig:
     model: str = "tiny-moe"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_std: float = 0.02
+    # Start from these weights instead of a random init: any checkpoint folder mixlab loads
+    # (transformers or Mistral format, an upcycled model), a training checkpoint `step_*` folder, or
+    # a run folder (its `hf/` export, else its newest checkpoint). The model config is the
+    # checkpoint's (`model` is ignored); `model_overrides` may change training-only fields.
+    init_from: str = ""
     # Data and batch.
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
     seed: int = 0
+    data_offset: int = 0  # training windows to skip first (continue the stream an earlier run stopped in)
     # Optimisation.
     steps: int = 1000
     lr: float = 1e-3
@@ -119,17 +125,26 @@ def load_train_config(path: str | Path | None = None, **overrides: Any) -> Train
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"training setting {name!r} must be a positive integer, got {v!r}")
+    if not isinstance(cfg.data_offset, int) or cfg.data_offset < 0:
+        raise ConfigError(f"training setting 'data_offset' must be a non-negative integer, got {cfg.data_offset!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"training setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
     return cfg
 
 
 def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
-    """The preset (or checkpoint config) with overrides; vocabulary and BOS/EOS from the dataset."""
-    base = ModelConfig.from_dir(cfg.model) if Path(cfg.model).is_dir() else get_preset(cfg.model)
+    """The preset (or checkpoint config) with overrides; vocabulary and BOS/EOS from the dataset.
+    With `init_from`, the starting checkpoint's config (its vocabulary must cover the dataset's)."""
     over = dict(cfg.model_overrides)
     moe_over = over.pop("moe", None)
-    over.setdefault("vocab_size", dataset.vocab_size)
+    if cfg.init_from:
+        base = checkpoints.init_config(cfg.init_from)
+        over.setdefault("vocab_size", base.vocab_size)
+        over.setdefault("bos_id", base.bos_id)
+        over.setdefault("eos_id", base.eos_id)
+    else:
+        base = ModelConfig.from_dir(cfg.model) if Path(cfg.model).is_dir() else get_preset(cfg.model)
+        over.setdefault("vocab_size", dataset.vocab_size)
     if over["vocab_size"] < dataset.vocab_size:
         raise ConfigError(f"model vocab_size {over['vocab_size']} is smaller than the dataset's tokenizer "
                           f"vocabulary ({dataset.vocab_size})")
@@ -341,12 +356,16 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
            on_step: Callable[[dict[str, Any]], bool | None] | None) -> TrainResult:
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = Transformer(mc)
-    model.init_weights(std=cfg.init_std, seed=cfg.seed)
+    if cfg.init_from:
+        model = checkpoints.load_init(cfg.init_from, mc)
+    else:
+        model = Transformer(mc)
+        model.init_weights(std=cfg.init_std, seed=cfg.seed)
     model.to(device).train()
     model.set_moe_impl(cfg.moe_impl)
     optimizer = make_optimizer(model, cfg)
     loader = BatchLoader(dataset, split="train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    loader.skip(cfg.data_offset)
     fingerprint = dataset.fingerprint()
     step = 0
     if resume:
