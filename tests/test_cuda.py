@@ -1,0 +1,103 @@
+"""CUDA end to end: loading straight to the GPU, prefill and decoding, the Triton kernel inside the
+model, CUDA-graph decoding, a training step and the CLI's bf16 default. Every test here needs a GPU
+and is skipped, with that reason, on a machine without one (benchmarks/gpu.sh runs them there)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hf_mixtral
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return hf_mixtral(tmp_path_factory.mktemp("hf"), num_local_experts=8, initializer_range=0.1)
+
+
+def _ids(n: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_loads_straight_to_the_gpu_and_equals_the_cpu(ckpt):
+    from mixlab import load_model
+
+    gpu = load_model(ckpt, device="cuda")
+    assert all(p.is_cuda for p in gpu.parameters())
+    cpu = load_model(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(_ids().cuda()).cpu(), cpu(_ids()), rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_runs_the_triton_kernel_on_cuda(ckpt, monkeypatch):
+    pytest.importorskip("triton")
+    from mixlab import load_model
+    from mixlab.ops import moe as moe_ops
+
+    calls = []
+    real = moe_ops.IMPLS["triton"]
+    monkeypatch.setitem(moe_ops.IMPLS, "triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = load_model(ckpt, device="cuda")
+    with torch.no_grad():
+        model(_ids().cuda())
+    assert calls, "moe_ffn did not choose the Triton kernel on CUDA"
+
+
+def test_generate_on_cuda_equals_cpu(ckpt):
+    from mixlab import generate, load_model
+
+    prompts = [[5, 9, 13, 3], [7, 8]]
+    want = generate(load_model(ckpt), prompts, max_new_tokens=12)
+    assert generate(load_model(ckpt, device="cuda"), prompts, max_new_tokens=12) == want
+
+
+def test_cuda_graph_decoding_equals_generate(ckpt):
+    pytest.importorskip("triton")
+    from mixlab import generate, load_model
+    from mixlab.graphs import StaticDecoder
+
+    model = load_model(ckpt, device="cuda")
+    prompts = [[5, 9, 13, 4], [7, 8], [3, 3, 3, 3, 3, 3]]
+    want = generate(model, prompts, max_new_tokens=16)
+    for B in (1, 4):
+        dec = StaticDecoder(model, batch_size=max(B, len(prompts)) if B > 1 else 1, max_len=64, graph=True)
+        got = [dec.generate([p], 16)[0] for p in prompts] if B == 1 else dec.generate(prompts, 16)
+        assert got == want
+
+
+def test_bfloat16_model_on_cuda_keeps_the_router_in_float32(ckpt):
+    from mixlab import load_model
+
+    model = load_model(ckpt, dtype="bfloat16", device="cuda")
+    with torch.no_grad():
+        _, routing = model(_ids().cuda(), return_routing=True)
+    assert routing[0].logits_TE.dtype == torch.float32
+
+
+def test_a_training_step_on_cuda_equals_the_cpu(ckpt):
+    from mixlab import load_model
+
+    losses = []
+    for device in ("cpu", "cuda"):
+        model = load_model(ckpt, device=device).train()
+        x = _ids(16, seed=1).to(device)
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        gnorm = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm()
+        losses.append((loss.item(), gnorm.item()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_cli_generate_on_cuda(tmp_path):
+    """`mixlab generate --device cuda` (bf16 by default there) with Mixtral's own tokenizer."""
+    path = hf_mixtral(tmp_path, vocab_size=32000)
+    r = subprocess.run([sys.executable, "-m", "mixlab", "generate", "--model", str(path), "--device", "cuda",
+                        "--prompt", "hello", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
