@@ -16,7 +16,7 @@ RANK = {
     "tokenizer": 3,
     "generate": 4, "graphs": 4,
     "train": 5, "analysis": 5, "eval": 5, "bench": 5, "demo": 6,
-    "parallel": 6,
+    "parallel": 6, "serve": 6,
     "cli": 7,
 }
 

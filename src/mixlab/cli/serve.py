@@ -1,0 +1,105 @@
+"""`mixlab serve`: the OpenAI-compatible server (mixlab.serve) over the engine (mixlab.engine).
+Thin: flags here; loading in cli.run._load; the server in mixlab.serve."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+from mixlab.cli.run import _load
+
+
+def _bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    try:
+        value = int(float(num) * units[t[len(num):]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MB or 2GB, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from mixlab.engine import Engine
+        from mixlab.serve import ServerConfig, create_app, run_server
+    except ImportError as e:
+        raise ValueError(f"mixlab serve needs the serve extra (pip install 'mixlab[serve]'): {e}") from None
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and args.api_key is None:
+        print(f"mixlab serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "address can use the model", file=sys.stderr)
+    model, tok = _load(args)
+    kw = dict(max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget)
+    if args.cache_bytes is not None:
+        kw["cache_bytes"] = args.cache_bytes
+    engine = Engine(model, tok, **kw)
+    runner = getattr(engine, "runner", None)
+    context = int(getattr(engine, "max_len", None) or getattr(runner, "max_len", None) or model.config.max_seq_len)
+    moe = model.config.moe
+    info = {"layers": model.config.n_layers, "experts": moe.num_experts if moe else 0,
+            "experts_per_token": moe.top_k if moe else 0, "vocab_size": model.config.vocab_size,
+            "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "quant": args.quant}
+    name = args.served_model_name or Path(args.model).name or "mixlab"
+    cfg = ServerConfig(model_name=name, context_len=context, max_tokens_limit=args.max_tokens_limit,
+                       api_key=args.api_key, max_body_bytes=args.max_body_bytes, cors_origins=args.allowed_origins,
+                       model_info=info)
+    app = create_app(engine, tok, cfg)
+    engine.start()
+    print(f"mixlab serve: {name} on http://{args.host}:{args.port} (chat page at /, API under /v1)", file=sys.stderr)
+    try:
+        run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+    finally:
+        engine.shutdown(timeout=10)
+    print("mixlab serve: stopped", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page that shows the experts")
+    p.add_argument("--model", required=True, help="checkpoint folder (or a file mixlab loads)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model's, else Mixtral's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /tokenize")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
+    p.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
+                   help="enable CORS for these origins (default: CORS off)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
+    r.add_argument("--quant", choices=["none", "int8"], default="none", help="int8 weight-only quantisation")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    e = p.add_argument_group("engine budgets and limits")
+    e.add_argument("--max-batch", type=_positive, default=16, help="sequences decoded together (default 16)")
+    e.add_argument("--cache-bytes", type=_bytes, default=None, help="KV cache budget, e.g. 2GB (default: engine's)")
+    e.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429 (default 256)")
+    e.add_argument("--token-budget", type=_positive, default=512, help="tokens per engine step (default 512)")
+    e.add_argument("--max-tokens-limit", type=_positive, default=None,
+                   help="largest max_tokens a request may ask (default: the context length)")
+    e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MB)")
+    e.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
+    e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=serve)

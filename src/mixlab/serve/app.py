@@ -1,0 +1,784 @@
+"""The OpenAI-compatible HTTP API over an engine (`create_app`), and the chat page at `/`.
+
+Requests become engine requests (`engine.submit(prompt_ids, SamplingParams)`, one per choice);
+their `RequestOutput`s, one per token, become OpenAI's response objects or server-sent events.
+The engine batches requests itself, so every handler here is a thin async translation: no model
+work runs on the event loop.
+
+Text conventions:
+  - completions continue the prompt: the text of each token is the engine's stream-decoder delta
+    (decoded with the prompt's last tokens as context, so a leading space is kept);
+  - a chat reply drops the one leading space SentencePiece's "▁" puts on its first word (as
+    `tokenizer.decode` of the reply alone, mistral-common and `mixlab chat` do);
+  - the logprob `token`s of a choice are those same deltas, so they concatenate to its text (a stop
+    token, EOS or `stop_token_ids`, has an entry whose text is empty or what the decoder held back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mixlab.engine import QueueFull, RequestOutput, SamplingParams
+from mixlab.serve.metrics import CONTENT_TYPE, Metrics
+from mixlab.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+)
+from mixlab.tokenizer import ChatError, Tokenizer
+
+__all__ = ["ServerConfig", "create_app"]
+
+FINGERPRINT = "mixlab-0.1.0"
+_STATIC = ("index.html", "chat.js", "chat.css")
+
+
+class EngineLike(Protocol):
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> Any: ...
+    def cancel(self, request: Any) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ServerConfig:
+    """What the server answers with and the bounds it enforces."""
+
+    model_name: str = "mixlab"
+    context_len: int = 4096  # prompt + max_tokens must fit (the engine's per-sequence room)
+    max_tokens_limit: int | None = None  # the largest max_tokens accepted (default: context_len)
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    cors_origins: list[str] = field(default_factory=list)
+    retry_after_s: int = 1
+    model_info: dict[str, Any] = field(default_factory=dict)  # extra /v1/models fields (layers, experts)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation errors -> OpenAI's 400 with the parameter named
+
+_EXPECTED = {
+    "stop": "a non-empty string or a list of at most 16 non-empty strings",
+    "prompt": "a non-empty string, list of strings, list of token ids or list of token-id lists",
+    "messages": "a non-empty list of {'role': 'system'|'user'|'assistant', 'content': str} messages",
+    "temperature": "a number in [0, 2]",
+    "top_p": "a number in (0, 1]",
+    "n": "an integer in [1, 16]",
+    "max_tokens": "an integer >= 1 (0 only with echo)",
+    "max_completion_tokens": "an integer >= 1",
+    "presence_penalty": "a number in [-2, 2]",
+    "frequency_penalty": "a number in [-2, 2]",
+    "top_k": "an integer >= 0 (0 or -1: off)",
+    "min_p": "a number in [0, 1]",
+    "repetition_penalty": "a number in (0, 10]",
+    "seed": "an integer in [-2**63, 2**63 - 1]",
+    "logprobs": "true/false (chat) or an integer in [0, 20] (completions)",
+    "top_logprobs": "an integer in [0, 20]",
+    "stream": "a boolean",
+    "echo": "a boolean",
+    "tokens": "a list of token ids",
+}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    parts: list[str] = []
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+            continue
+        p = str(p)
+        if p in _TYPE_TAGS or any(c in p for c in "[-("):  # pydantic's union-branch tags
+            break
+        parts.append(("." if parts else "") + p)
+    return "".join(parts) or None
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = list(exc.errors())
+    if not errors:
+        return ApiError(400, "invalid request body")
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    if tuple(e.get("loc", ())) == ("body",) and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        return ApiError(400, "the request body must be a JSON object (Content-Type: application/json)")
+    original = (e.get("ctx") or {}).get("error")
+    if original is not None and hasattr(original, "param"):  # our own cross-field checks
+        return ApiError(400, str(original), param=original.param)
+    param = _param(e.get("loc", ()))
+    if param is None:
+        return ApiError(400, f"invalid request body: {e.get('msg')}")
+    if e.get("type") == "missing":
+        return ApiError(400, f"missing required parameter {param!r}", param=param)
+    value = e.get("input")
+    shown = json.dumps(value)[:80] if _jsonable(value) else repr(value)[:80]
+    if param in _EXPECTED:
+        return ApiError(400, f"invalid {param}={shown}: expected {_EXPECTED[param]}", param=param)
+    msg = str(e.get("msg", "")).removeprefix("Value error, ")
+    return ApiError(400, f"invalid {param}={shown}: {msg[:1].lower() + msg[1:]}", param=param)
+
+
+def _jsonable(v: object) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# one choice: engine outputs -> text, logprobs, experts
+
+
+def _piece(tok: Tokenizer, i: int) -> str:
+    """A token's own text, for top-logprob alternatives ("▁" is a space, byte pieces are bytes)."""
+    p = tok.id_to_piece(i)
+    if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+        try:
+            return bytes([int(p[3:5], 16)]).decode("utf-8", errors="replace")
+        except ValueError:
+            return p
+    return p.replace("\u2581", " ")
+
+
+@dataclass
+class _Choice:
+    index: int
+    handle: Any
+    strip_space: bool  # a chat reply: drop the first word's leading space
+    hidden: bool = False  # max_tokens=0 with echo: the one generated token is not reported
+    text: str = ""
+    tokens: list[dict[str, Any]] = field(default_factory=list)  # logprob entries
+    experts: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top: list[Any] | None = None
+    started: bool = False
+
+    def take(self, out: RequestOutput, tok: Tokenizer, want_logprobs: bool) -> tuple[str, dict | None, dict | None]:
+        """Consume one output; return (text delta, logprob entry, experts entry) to report."""
+        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
+        self.completion_tokens = out.completion_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+            self.prompt_top = getattr(out, "prompt_top_logprobs", None)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+            self.error = out.error
+        if self.hidden:
+            if out.finish_reason is not None:
+                self.finish_reason = "length" if out.finish_reason in ("stop", "length") else out.finish_reason
+            self.completion_tokens = 0
+            return "", None, None
+        delta = out.text
+        if self.strip_space and not self.started and delta:
+            delta = delta[1:] if delta.startswith(" ") else delta
+        if delta:
+            self.started = True
+        self.text += delta
+        if out.token_id is None:
+            return delta, None, None
+        lp = ex = None
+        if want_logprobs and out.logprob is not None:
+            # a stop token gets an entry too (its text is only what the decoder still held back):
+            # lm-eval's scoring slices token_logprobs[ctxlen:-1], which assumes one per generated token
+            top = [{"token": (s := _piece(tok, i)), "logprob": v, "bytes": list(s.encode()), "id": i}
+                   for i, v in (out.top_logprobs or [])]
+            lp = {"token": delta, "logprob": out.logprob, "bytes": list(delta.encode()), "id": out.token_id,
+                  "top_logprobs": top}
+            self.tokens.append(lp)
+        if out.experts is not None:
+            ex = {"token_id": out.token_id, "text": delta, "experts": out.experts}
+            self.experts.append(ex)
+        return delta, lp, ex
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, engine: EngineLike, tok: Tokenizer, cfg: ServerConfig) -> None:
+        self.engine, self.tok, self.cfg = engine, tok, cfg
+        self.metrics = Metrics(engine.stats)
+        self.draining = False
+        self.limit = cfg.max_tokens_limit or cfg.context_len
+
+    # -- checks shared by the endpoints --
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.cfg.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.cfg.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", code="shutting_down",
+                           headers={"Retry-After": str(self.cfg.retry_after_s)})
+
+    def max_tokens(self, asked: int | None, prompt_len: int, *, where: str, default: int | None) -> int:
+        room = self.cfg.context_len - prompt_len
+        if room < 1:
+            raise ApiError(400, f"the {where} take {prompt_len} tokens, which leaves no room for a reply in the "
+                                f"context of {self.cfg.context_len} tokens", param=where,
+                           code="context_length_exceeded")
+        if asked is None:
+            return min(default if default is not None else room, room, self.limit)
+        if asked > self.limit:
+            raise ApiError(400, f"invalid max_tokens={asked}: this server allows at most {self.limit}",
+                           param="max_tokens")
+        if prompt_len + asked > self.cfg.context_len:
+            raise ApiError(400, f"the {where} ({prompt_len} tokens) + max_tokens={asked} = {prompt_len + asked} "
+                                f"exceeds the model's context of {self.cfg.context_len} tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        return asked
+
+    def sampling(self, body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int,
+                 logprobs: int | None, prompt_logprobs: bool = False) -> SamplingParams:
+        seed = body.seed
+        if seed is not None and choice:  # n > 1: each choice its own (reproducible) stream
+            seed = (seed + choice + 2**63) % 2**64 - 2**63
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if body.temperature is None else float(body.temperature),
+                top_p=1.0 if body.top_p is None else float(body.top_p), top_k=max(body.top_k, 0),
+                min_p=float(body.min_p), repetition_penalty=float(body.repetition_penalty),
+                presence_penalty=float(body.presence_penalty), frequency_penalty=float(body.frequency_penalty),
+                seed=seed, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs, return_experts=body.return_experts, ignore_eos=body.ignore_eos)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=_guess_param(str(e))) from None
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        V = self.tok.vocab_size if self.cfg.model_info.get("vocab_size") is None else self.cfg.model_info["vocab_size"]
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad:
+            raise ApiError(400, f"invalid {param}: token id {bad[0]} is outside the vocabulary [0, {V})", param=param)
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], rid: str) -> list[Any]:
+        handles: list[Any] = []
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+                handles.append(self.engine.submit(ids, p, request_id=f"{rid}-{i}"))
+        except QueueFull as e:
+            for h in handles:
+                h.cancel()
+            raise ApiError(429, f"the server is busy ({e}); retry after {self.cfg.retry_after_s} s",
+                           type="server_error", code="queue_full",
+                           headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+        except ValueError as e:
+            for h in handles:
+                h.cancel()
+            raise ApiError(400, str(e), param=_guess_param(str(e))) from None
+        for ids in prompts:
+            self.metrics.prompt_tokens.inc(len(ids))
+        return handles
+
+
+def _guess_param(message: str) -> str | None:
+    for name in ("max_tokens", "stop_token_ids", "stop", "temperature", "top_p", "top_k", "min_p",
+                 "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs",
+                 "return_experts"):
+        if name in message:
+            return name
+    if "prompt" in message:
+        return "prompt"
+    return None
+
+
+async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+    """The outputs of several handles as they arrive, tagged with their choice."""
+    if len(choices) == 1:
+        async for out in choices[0].handle.aiter():
+            yield choices[0], out
+        return
+    q: asyncio.Queue[tuple[_Choice, RequestOutput] | None] = asyncio.Queue()
+
+    async def pump(c: _Choice) -> None:
+        try:
+            async for out in c.handle.aiter():
+                await q.put((c, out))
+        finally:
+            await q.put(None)
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        left = len(tasks)
+        while left:
+            item = await q.get()
+            if item is None:
+                left -= 1
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+def _usage(choices: list[_Choice], prompt_lens: list[int], n: int) -> dict[str, Any]:
+    prompt = sum(prompt_lens)
+    done = sum(c.completion_tokens for c in choices)
+    cached = sum(c.cached_tokens for c in choices if c.index % n == 0)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (started by the caller) under `config`."""
+    cfg = config or ServerConfig()
+    srv = _Server(engine, tokenizer, cfg)
+    tok = tokenizer
+    app = FastAPI(title="mixlab", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"no route {request.method} {request.url.path}", code="not_found"),
+                            status_code=404)
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"method {request.method} is not allowed on {request.url.path}",
+                                       code="method_not_allowed"), status_code=405)
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[_Choice],
+                      prompt_lens: list[int], *, chat: bool, rid: str, want_logprobs: bool,
+                      echo: list[dict[str, Any]] | None) -> Response:
+        created = int(time.time())
+        t0 = time.perf_counter()
+        last: dict[int, float] = {}
+        obj = "chat.completion" if chat else "text_completion"
+
+        def observe(c: _Choice, out: RequestOutput) -> None:
+            if out.token_id is None or c.hidden:
+                return
+            now = time.perf_counter()
+            if c.index in last:
+                srv.metrics.itl.observe(now - last[c.index])
+            else:
+                srv.metrics.ttft.observe(now - t0)
+            last[c.index] = now
+            srv.metrics.generation_tokens.inc()
+
+        if not body.stream:
+            srv.metrics.in_progress += 1
+            try:
+                async def collect() -> None:
+                    async for c, out in _merged(choices):
+                        observe(c, out)
+                        c.take(out, tok, want_logprobs)
+
+                work = asyncio.ensure_future(collect())
+                gone = asyncio.ensure_future(_wait_disconnect(request))
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():  # the client left: stop its requests, free their cache
+                    for c in choices:
+                        c.handle.cancel()
+                    srv.metrics.cancelled.inc(len(choices))
+                    work.cancel()
+                    return Response(status_code=499)
+                gone.cancel()
+                work.result()
+            finally:
+                srv.metrics.in_progress -= 1
+                for c in choices:
+                    if c.finish_reason is None:
+                        c.handle.cancel()
+            failed = [c for c in choices if c.finish_reason in ("error", "cancelled")]
+            if failed:
+                c = failed[0]
+                raise ApiError(500 if c.finish_reason == "error" else 503,
+                               f"generation failed: {c.error or c.finish_reason}", code="engine_error")
+            out_choices = []
+            for c in choices:
+                ch: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
+                if chat:
+                    ch["message"] = {"role": "assistant", "content": c.text}
+                    ch["logprobs"] = {"content": [_chat_lp(e) for e in c.tokens], "refusal": None} \
+                        if want_logprobs else None
+                else:
+                    head = echo[c.index // body.n] if echo is not None else None
+                    ch["text"] = (head["text"] if head else "") + c.text
+                    ch["logprobs"] = _completion_lp(head, c, tok, generated=True) if want_logprobs else None
+                if body.return_experts:
+                    ch["experts"] = c.experts
+                out_choices.append(ch)
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": cfg.model_name,
+                                 "system_fingerprint": FINGERPRINT, "choices": out_choices,
+                                 "usage": _usage(choices, prompt_lens, body.n)})
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(ch: dict[str, Any]) -> dict[str, Any]:
+            d = {"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
+                 "system_fingerprint": FINGERPRINT, "choices": [ch]}
+            if include_usage:
+                d["usage"] = None
+            return d
+
+        async def events() -> AsyncIterator[bytes]:
+            srv.metrics.in_progress += 1
+            try:
+                if chat:
+                    for c in choices:
+                        yield _sse(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}))
+                echoed: set[int] = set()
+                async for c, out in _merged(choices):
+                    observe(c, out)
+                    delta, lp, ex = c.take(out, tok, want_logprobs)
+                    if echo is not None and c.index not in echoed and out.finish_reason not in ("error", "cancelled"):
+                        echoed.add(c.index)  # the prompt (and its logprobs) comes with the first output
+                        head = echo[c.index // body.n]
+                        yield _sse(chunk({"index": c.index, "text": head["text"], "logprobs":
+                                          _completion_lp(head, c, tok, generated=False) if want_logprobs else None,
+                                          "finish_reason": None}))
+                    if out.finish_reason in ("error", "cancelled"):
+                        msg = f"generation failed: {out.error or out.finish_reason}"
+                        yield _sse(error_body(msg, type="server_error", code="engine_error"))
+                        yield b"data: [DONE]\n\n"
+                        return
+                    finish = out.finish_reason
+                    if not delta and lp is None and ex is None and finish is None:
+                        continue
+                    if chat:
+                        ch: dict[str, Any] = {"index": c.index, "delta": {"content": delta} if delta else {},
+                                              "logprobs": {"content": [_chat_lp(lp)], "refusal": None}
+                                              if lp is not None else None, "finish_reason": finish}
+                    else:
+                        ch = {"index": c.index, "text": delta, "finish_reason": finish,
+                              "logprobs": _stream_completion_lp(lp) if want_logprobs else None}
+                    if ex is not None:
+                        ch["experts"] = [ex]
+                    yield _sse(chunk(ch))
+                if include_usage:
+                    yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
+                                "system_fingerprint": FINGERPRINT, "choices": [],
+                                "usage": _usage(choices, prompt_lens, body.n)})
+                yield b"data: [DONE]\n\n"
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
+                yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
+                yield b"data: [DONE]\n\n"
+            finally:  # a client that disconnects lands here too: its requests stop, their cache is freed
+                srv.metrics.in_progress -= 1
+                left = [c for c in choices if c.finish_reason is None]
+                for c in left:
+                    c.handle.cancel()
+                if left:
+                    srv.metrics.cancelled.inc(len(left))
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        srv.check_open()
+        srv.check_model(body.model)
+        messages: list[dict[str, Any]] = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = tok.encode_chat(messages)
+        except ChatError as e:
+            raise ApiError(400, f"invalid messages: {e}", param="messages") from None
+        max_tokens = srv.max_tokens(body.limit(), len(ids), where="messages", default=None)
+        top = body.top_logprobs or 0
+        lp = top if body.logprobs else None
+        params = [srv.sampling(body, max_tokens, i, lp) for i in range(body.n)]
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        handles = srv.submit([ids] * body.n, params, rid)
+        choices = [_Choice(i, h, strip_space=True) for i, h in enumerate(handles)]
+        return await respond(request, body, choices, [len(ids)], chat=True, rid=rid, want_logprobs=body.logprobs,
+                             echo=None)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        srv.check_open()
+        srv.check_model(body.model)
+        prompts: list[list[int]] = []
+        for j, p in enumerate(body.prompts()):
+            where = "prompt" if len(body.prompts()) == 1 else f"prompt[{j}]"
+            if isinstance(p, str):
+                prompts.append(tok.encode(p, bos=True))
+            else:
+                ids_j = [int(i) for i in p]  # type: ignore[call-overload]
+                srv.check_ids(ids_j, where)
+                prompts.append(ids_j)
+        hidden = body.max_tokens == 0
+        max_tokens = [srv.max_tokens(1 if hidden else body.max_tokens, len(p), where="prompt", default=16)
+                      for p in prompts]
+        want_lp = body.logprobs is not None
+        score_prompt = body.echo and want_lp
+        params, ids, choices_meta = [], [], []
+        for j, p in enumerate(prompts):
+            for i in range(body.n):
+                params.append(srv.sampling(body, max_tokens[j], i, body.logprobs, prompt_logprobs=score_prompt))
+                ids.append(p)
+                choices_meta.append(j)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        handles = srv.submit(ids, params, rid)
+        choices = [_Choice(k, h, strip_space=False, hidden=hidden) for k, h in enumerate(handles)]
+        echo = [_echo_head(tok, p) for p in prompts] if body.echo else None
+        return await respond(request, body, choices, [len(p) for p in prompts], chat=False, rid=rid,
+                             want_logprobs=want_lp, echo=echo)
+
+    # -- models, health, metrics, tokenizer ---------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(cfg)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        srv.check_model(model_id)
+        return _model_card(cfg)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if srv.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(srv.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        srv.check_model(body.model)
+        if body.messages is not None:
+            try:
+                ids = tok.encode_chat([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                       for m in body.messages])
+            except ChatError as e:
+                raise ApiError(400, f"invalid messages: {e}", param="messages") from None
+        else:
+            prompt = body.prompt or ""
+            special = {tok.id_to_piece(tok.bos_id): tok.bos_id, tok.id_to_piece(tok.eos_id): tok.eos_id}
+            # a prompt that is exactly a special token's name is that token (how lm-eval's remote
+            # tokenizer finds BOS/EOS ids); anywhere else such text stays text
+            ids = [special[prompt]] if prompt in special else tok.encode(prompt, bos=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": cfg.context_len}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:  # vLLM's endpoint; lm-eval's remote tokenizer reads it
+        return {"bos_token": tok.id_to_piece(tok.bos_id), "eos_token": tok.id_to_piece(tok.eos_id), "pad_token": None,
+                "model_max_length": cfg.context_len, "vocab_size": tok.vocab_size}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        srv.check_model(body.model)
+        srv.check_ids(body.tokens, "tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
+    # -- the chat page --------------------------------------------------------------------------------
+
+    files = {name: (resources.files("mixlab.serve") / "static" / name).read_bytes() for name in _STATIC}
+    types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",
+             "css": "text/css; charset=utf-8"}
+    csp = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
+
+    @app.get("/")
+    async def page() -> Response:
+        return Response(files["index.html"], media_type=types["html"], headers={"Content-Security-Policy": csp})
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> Response:
+        if name not in files:  # a fixed table: no path from the request reaches the filesystem
+            raise ApiError(404, f"no static file {name!r}", code="not_found")
+        return Response(files[name], media_type=types[name.rsplit(".", 1)[-1]],
+                        headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache"})
+
+    guarded = _Guard(app, srv)
+    if cfg.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        cors: Any = CORSMiddleware(guarded, allow_origins=cfg.cors_origins,  # type: ignore[arg-type]
+                                   allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+        return cors
+    return guarded  # type: ignore[return-value]
+
+
+def _echo_head(tok: Tokenizer, ids: list[int]) -> dict[str, Any]:
+    """The prompt's text as the concatenation of its tokens' stream-decoder deltas."""
+    dec = tok.stream()
+    pieces = [dec.push(i) for i in ids]
+    tail = dec.flush()
+    if tail:
+        pieces[-1] += tail
+    return {"ids": ids, "pieces": pieces, "text": "".join(pieces)}
+
+
+def _chat_lp(e: dict[str, Any]) -> dict[str, Any]:
+    return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
+            "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]}
+                             for t in e["top_logprobs"]]}
+
+
+def _top_dict(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
+    d: dict[str, float] = {}
+    for t in entries:
+        d.setdefault(t["token"], t["logprob"])  # two ids with one text: keep the likelier (listed first)
+    return d
+
+
+def _completion_lp(head: dict[str, Any] | None, c: _Choice, tok: Tokenizer, *, generated: bool) -> dict[str, Any]:
+    """The legacy logprobs object: the echoed prompt's tokens (when `head`), then
+    the generated ones (when `generated`)."""
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    pos = 0
+    if head is not None:
+        plp, ptop = c.prompt_logprobs, c.prompt_top
+        for k, s in enumerate(head["pieces"]):
+            tokens.append(s)
+            offsets.append(pos)
+            pos += len(s)
+            v = plp[k] if plp is not None and k < len(plp) else None
+            lps.append(v)
+            if v is None:
+                tops.append(None)
+            elif ptop is not None and ptop[k] is not None:
+                tops.append(_top_dict({"token": _piece(tok, a), "logprob": b} for a, b in ptop[k]))
+            else:
+                tops.append({s: v})
+    if generated:
+        for e in c.tokens:
+            tokens.append(e["token"])
+            offsets.append(pos)
+            pos += len(e["token"])
+            lps.append(e["logprob"])
+            tops.append(_top_dict(e["top_logprobs"]))
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _stream_completion_lp(e: dict[str, Any] | None) -> dict[str, Any] | None:
+    if e is None:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    return {"tokens": [e["token"]], "token_logprobs": [e["logprob"]], "top_logprobs": [_top_dict(e["top_logprobs"])],
+            "text_offset": []}
+
+
+def _model_card(cfg: ServerConfig) -> dict[str, Any]:
+    return {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "mixlab",
+            "max_model_len": cfg.context_len, "mixlab": dict(cfg.model_info)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the outermost layer: API key, body size, request counting
+
+
+class _Guard:
+    """ASGI middleware: the API key (constant-time compare) on /v1 and the tokenizer endpoints, the
+    body size limit (Content-Length or counted while buffering a chunked body), request counts."""
+
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+    KNOWN = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+             "/detokenize", "/tokenizer_info", "/"}
+
+    def __init__(self, app: FastAPI, srv: _Server) -> None:
+        self.app, self.srv = app, srv
+        self.state = app.state  # tests reach the server through app.state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        endpoint = path if path in self.KNOWN else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        status = {"code": 0}
+
+        async def counting_send(msg: Any) -> None:
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        async def reply(code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+            await JSONResponse(body, status_code=code, headers=headers)(scope, receive, counting_send)
+
+        try:
+            key = self.srv.cfg.api_key
+            if key is not None and path.startswith(self.PROTECTED):
+                auth = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+                given = auth[7:] if auth[:7].lower() == "bearer " else ""
+                if not hmac.compare_digest(given.encode(), key.encode()):
+                    await reply(401, error_body("missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                                code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
+                    return
+            limit = self.srv.cfg.max_body_bytes
+            if scope.get("method") in ("POST", "PUT", "PATCH"):
+                length = dict(scope.get("headers", [])).get(b"content-length")
+                too_big = error_body(f"the request body is over the limit of {limit} bytes", code="body_too_large")
+                if length is not None and (not length.isdigit() or int(length) > limit):
+                    await reply(413, too_big)
+                    return
+                chunks, size, more = [], 0, True
+                while more:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    chunks.append(msg.get("body", b""))
+                    size += len(chunks[-1])
+                    more = msg.get("more_body", False)
+                    if size > limit:
+                        await reply(413, too_big)
+                        return
+                body = b"".join(chunks)
+                sent = False
+
+                async def replay() -> dict[str, Any]:
+                    nonlocal sent
+                    if not sent:
+                        sent = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()  # later: the disconnect
+
+                await self.app(scope, replay, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.srv.metrics.requests.labels(endpoint, str(status["code"] or 499)).inc()

@@ -1,0 +1,71 @@
+"""Prometheus metrics of one server: its own registry (so several apps in one process, as in the
+tests, do not collide), request and token counters, latency histograms, and the engine's gauges
+(queue depth, running batch, cache bytes, per-layer expert load) read from `engine.stats()` at
+scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latency buckets: CPU decoding runs 5-100 ms per token; prefill of a long prompt takes seconds.
+_TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, Any]], in_progress: Callable[[], int]) -> None:
+        self.stats = stats
+        self.in_progress = in_progress
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        yield GaugeMetricFamily("mixlab_queue_depth", "requests waiting for a slot in the running batch",
+                                value=float(s.get("waiting", 0)))
+        yield GaugeMetricFamily("mixlab_running_requests", "requests in the running batch (the batch size)",
+                                value=float(s.get("running", 0)))
+        yield GaugeMetricFamily("mixlab_http_requests_in_progress", "HTTP generation requests being answered",
+                                value=float(self.in_progress()))
+        for key, doc in (("cache_used_bytes", "KV cache bytes held by running requests"),
+                         ("cache_total_bytes", "KV cache bytes the engine may use")):
+            if key in s:
+                yield GaugeMetricFamily(f"mixlab_kv_{key}", doc, value=float(s[key]))
+        if "steps" in s:
+            yield CounterMetricFamily("mixlab_engine_steps", "forward passes of the engine", value=float(s["steps"]))
+        load = s.get("expert_load") or []
+        if load:
+            fam = CounterMetricFamily("mixlab_expert_load_tokens",
+                                      "tokens each MoE layer sent to each expert (prompt and generated)",
+                                      labels=["layer", "expert"])
+            for layer, row in enumerate(load):
+                for expert, count in enumerate(row):
+                    fam.add_metric([str(layer), str(expert)], float(count))
+            yield fam
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mixlab_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("mixlab_prompt_tokens", "prompt tokens submitted", registry=r)
+        self.generation_tokens = Counter("mixlab_generation_tokens", "tokens generated", registry=r)
+        self.cancelled = Counter("mixlab_requests_cancelled", "engine requests cancelled because the client left",
+                                 registry=r)
+        self.ttft = Histogram("mixlab_time_to_first_token_seconds", "request arrival to its first generated token",
+                              buckets=_TTFT, registry=r)
+        self.itl = Histogram("mixlab_inter_token_latency_seconds", "time between consecutive generated tokens",
+                             buckets=_ITL, registry=r)
+        self.in_progress = 0
+        r.register(_EngineCollector(stats, lambda: self.in_progress))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

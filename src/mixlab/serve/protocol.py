@@ -1,0 +1,205 @@
+"""OpenAI's request bodies as pydantic models, and OpenAI's error body.
+
+Field names, types and ranges follow OpenAI's API reference (chat completions and the legacy
+completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` are vLLM's extras and
+`return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for integers).
+Unknown fields are ignored, as OpenAI-compatible servers do, except the ones whose meaning we do not
+implement (tools, response formats, logit biases, suffixes): those are refused with a 400 naming
+them rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+__all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest", "TokenizeRequest",
+           "error_body"]
+
+# Bounds on list sizes keep a single request from asking for unbounded work.
+MAX_N = 16
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0)]
+TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0)]
+Seed = Annotated[StrictInt, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
+StopStr = Annotated[StrictStr, Field(min_length=1)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class _Sampling(BaseModel):
+    """The parameters both endpoints share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    # extras (vLLM's names)
+    top_k: Annotated[StrictInt, Field(ge=-1)] = 0  # -1 and 0: off
+    min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[StrictFloat, Field(gt=0.0, le=10.0)] = 1.0
+    ignore_eos: StrictBool = False
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
+    # mixlab's extension: the experts every MoE layer sent each generated token to
+    return_experts: StrictBool = False
+    # accepted for compatibility, with no effect
+    user: StrictStr | None = None
+    # refused: features whose meaning is not implemented
+    logit_bias: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_common(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:
+            raise _field_error("stream_options", "stream_options is only allowed when stream is true")
+        if self.logit_bias:
+            raise _field_error("logit_bias", "logit_bias is not supported by this server")
+        return self
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class _FieldError(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _field_error(param: str, message: str) -> _FieldError:
+    return _FieldError(param, message)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    # "developer" is OpenAI's newer name for "system"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _field_error("top_logprobs", "top_logprobs needs logprobs set to true")
+        if self.max_tokens == 0:
+            raise _field_error("max_tokens", "max_tokens must be at least 1")
+        if self.tools or self.functions:
+            name = "tools" if self.tools else "functions"
+            raise _field_error(name, f"{name} (tool calling) is not supported by this server")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise _field_error("response_format", "only response_format {'type': 'text'} is supported")
+        return self
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+Prompt = (StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+          | Annotated[list[TokenId], Field(min_length=1)]
+          | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> CompletionRequest:
+        if self.suffix:
+            raise _field_error("suffix", "suffix (insertion) is not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise _field_error("best_of", f"best_of={self.best_of} is not supported (only best_of equal to n)")
+        if self.max_tokens == 0 and not self.echo:
+            raise _field_error("max_tokens", "max_tokens=0 is only allowed with echo (to score a prompt)")
+        if self.max_tokens == 0 and self.stream:
+            raise _field_error("max_tokens", "max_tokens=0 cannot be streamed")
+        return self
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The batch of prompts, each a str or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [[int(x) for x in p]]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[return-value]
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool = True
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise _field_error("prompt", "give exactly one of prompt (a string) or messages (a chat)")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=1_000_000)]

@@ -1,0 +1,74 @@
+"""Running an app with uvicorn, with a graceful drain on SIGTERM / SIGINT.
+
+On the first signal the server stops accepting connections and answers new requests on open
+connections with 503, lets in-flight requests finish for up to `drain_timeout` seconds, then
+cancels what is left (which cancels their engine requests); `run_server` then returns normally, so
+`mixlab serve` exits 0. `ServerThread` runs an app in a background thread (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+__all__ = ["ServerThread", "run_server"]
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        srv = getattr(getattr(self._app, "state", None), "server", None)
+        if srv is not None:
+            srv.draining = True  # requests arriving on open connections now get 503
+        super().handle_exit(sig, frame)
+
+
+def _config(app: Any, host: str, port: int, drain_timeout: float, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                          timeout_graceful_shutdown=max(1, round(drain_timeout)), access_log=False)
+
+
+def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
+               log_level: str = "info") -> None:
+    """Serve `app` until SIGTERM/SIGINT, then drain (see the module docstring)."""
+    server = _Server(_config(app, host, port, drain_timeout, log_level), app)
+    main = threading.current_thread() is threading.main_thread()
+    # uvicorn re-raises a captured signal after its shutdown, under the handlers installed before it
+    # started: make those no-ops so that a drained SIGTERM ends in a normal return (exit status 0).
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        server.run()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class ServerThread:
+    """`with ServerThread(app) as url:` serves `app` on a free loopback port in a daemon thread."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, drain_timeout: float = 5.0,
+                 log_level: str = "warning") -> None:
+        self.server = _Server(_config(app, host, port, drain_timeout, log_level), app)
+        self.thread = threading.Thread(target=self.server.run, name="mixlab-serve", daemon=True)
+        self.host = host
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://{self.host}:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

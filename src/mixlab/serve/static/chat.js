@@ -1,0 +1,124 @@
+// The chat page: streams /v1/chat/completions (server-sent events) with return_experts, and colours
+// each generated token by the expert it was sent to in the chosen layer. No dependencies, no build.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
+                 "#d9d9d9", "#bc80bd", "#ccebc5", "#ffed6f"];
+const colourOf = (e) => e < PALETTE.length ? PALETTE[e] : `hsl(${(e * 137.5) % 360}, 70%, 80%)`;
+let model = null, info = {}, messages = [], controller = null;
+
+function headers() {
+  const h = {"Content-Type": "application/json"};
+  const key = $("api_key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function loadModel() {
+  try {
+    const r = await fetch("/v1/models", {headers: headers()});
+    const j = await r.json();
+    if (!r.ok) throw new Error(j.error ? j.error.message : r.statusText);
+    model = j.data[0].id; info = j.data[0].mixlab || {};
+    $("model").textContent = `${model} · ${info.layers || "?"} layers · ${info.experts || 0} experts, top-${info.experts_per_token || 0}`;
+    const sel = $("layer"); sel.innerHTML = "";
+    for (let i = 0; i < (info.layers || 0); i++) sel.add(new Option(`layer ${i}`, String(i)));
+    if (!info.experts) { $("colour").disabled = true; }
+    legend();
+  } catch (e) { $("model").textContent = "cannot reach the server: " + e.message; }
+}
+
+function legend() {
+  const div = $("legend"); div.innerHTML = "";
+  for (let e = 0; e < (info.experts || 0); e++) {
+    const s = document.createElement("span"); s.textContent = `expert ${e}`; s.style.background = colourOf(e);
+    div.appendChild(s);
+  }
+}
+
+function addMessage(role, text) {
+  const div = document.createElement("div"); div.className = "msg " + role;
+  const who = document.createElement("span"); who.className = "who"; who.textContent = role;
+  const body = document.createElement("div"); body.className = "body"; body.textContent = text || "";
+  div.append(who, body); $("log").appendChild(div); $("log").scrollTop = $("log").scrollHeight;
+  return body;
+}
+
+function paint(span) {
+  const layer = Number($("layer").value || 0);
+  const ex = span._experts;
+  span.style.background = $("colour").checked && ex && ex[layer] ? colourOf(ex[layer][0]) : "";
+}
+function repaint() {
+  $("log").classList.toggle("colour", $("colour").checked);
+  document.querySelectorAll(".tok").forEach(paint);
+}
+
+function addToken(body, text, experts) {
+  const span = document.createElement("span"); span.className = "tok"; span.textContent = text;
+  if (experts) {
+    span._experts = experts;
+    span.title = experts.map((k, l) => `layer ${l}: experts ${k.join(", ")}`).join("\n");
+  }
+  paint(span); body.appendChild(span); $("log").scrollTop = $("log").scrollHeight;
+}
+
+async function send(text) {
+  messages.push({role: "user", content: text}); addMessage("user", text);
+  const body = addMessage("assistant", "");
+  const system = $("system").value.trim();
+  const req = {model, stream: true, return_experts: !!info.experts,
+               messages: (system ? [{role: "system", content: system}] : []).concat(messages),
+               temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value)};
+  controller = new AbortController(); busy(true);
+  let reply = "", pending = null;  // pending: experts of a token whose text is still held back
+  try {
+    const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
+                                                  signal: controller.signal});
+    if (!r.ok) { const j = await r.json(); throw new Error(j.error ? j.error.message : r.statusText); }
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, {stream: true});
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const line = buf.slice(0, cut).trim(); buf = buf.slice(cut + 2);
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") continue;
+        const ev = JSON.parse(data);
+        if (ev.error) throw new Error(ev.error.message);
+        for (const ch of ev.choices || []) {
+          const t = (ch.delta && ch.delta.content) || "";
+          const ex = ch.experts && ch.experts.length ? ch.experts[0].experts : null;
+          if (t) { addToken(body, t, ex || pending); pending = null; reply += t; }
+          else if (ex) pending = pending || ex;
+        }
+      }
+    }
+    messages.push({role: "assistant", content: reply || " "});
+    $("status").textContent = "";
+  } catch (e) {
+    if (e.name === "AbortError") { messages.push({role: "assistant", content: reply || " "}); }
+    else { messages.pop(); body.parentElement.classList.add("error"); addToken(body, " [" + e.message + "]", null); }
+  } finally { busy(false); controller = null; }
+}
+
+function busy(on) { $("send").disabled = on; $("stop").disabled = !on; }
+
+$("composer").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = $("input").value.trim();
+  if (text && !controller) { $("input").value = ""; send(text); }
+});
+$("input").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => controller && controller.abort());
+$("reset").addEventListener("click", () => { if (controller) controller.abort(); messages = []; $("log").innerHTML = ""; });
+$("colour").addEventListener("change", repaint);
+$("layer").addEventListener("change", repaint);
+$("api_key").addEventListener("change", loadModel);
+loadModel();

@@ -1,0 +1,443 @@
+"""`mixlab serve`: the OpenAI-compatible server, driven with the official `openai` client on a free
+loopback port (float32 tiny Mixtral with Mixtral's 32,000-token tokenizer). Outputs are checked
+against `mixlab.generate` and a plain forward pass; bad requests against OpenAI's error body."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+_engine = pytest.importorskip("mixlab.engine")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from conftest import hf_mixtral, hf_tokenizer_json  # noqa: E402
+from mixlab import generate, load_model, load_tokenizer  # noqa: E402
+from mixlab.serve import ServerConfig, ServerThread, create_app  # noqa: E402
+
+Engine, SamplingParams = _engine.Engine, _engine.SamplingParams
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 512
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = hf_mixtral(tmp_path_factory.mktemp("serve"), vocab_size=32000, hidden_size=32, intermediate_size=48,
+                      max_position_embeddings=CONTEXT)
+    hf_tokenizer_json(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_tok(ckpt: Path) -> tuple[Any, Any]:
+    return load_model(ckpt, dtype="float32"), load_tokenizer(ckpt)
+
+
+def _config(model: Any, **kw: Any) -> ServerConfig:
+    moe = model.config.moe
+    info = {"layers": model.config.n_layers, "experts": moe.num_experts, "experts_per_token": moe.top_k,
+            "vocab_size": model.config.vocab_size}
+    return ServerConfig(model_name=NAME, context_len=CONTEXT, model_info=info, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(model_tok: tuple[Any, Any]) -> Iterator[str]:
+    model, tok = model_tok
+    with Engine(model, tok, max_batch=8) as engine, ServerThread(create_app(engine, tok, _config(model))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Any:
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _reference(model: Any, tok: Any, ids: list[int], n: int, temperature: float, seed: int | None) -> list[int]:
+    out = generate(model, [ids], max_new_tokens=n, temperature=temperature, seed=seed)[0]
+    return out
+
+
+def _continuation(tok: Any, prompt: list[int], new: list[int]) -> str:
+    """The text `new` adds after `prompt` (what the engine's stream decoder emits)."""
+    ctx = prompt[-4:]
+    return tok.decode(ctx + new)[len(tok.decode(ctx)):]
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (0.9, 1234)])
+def test_chat_streamed_equals_unstreamed_equals_generate(client: Any, model_tok: tuple[Any, Any],
+                                                         temperature: float, seed: int | None) -> None:
+    model, tok = model_tok
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    kw = dict(model=NAME, messages=messages, max_tokens=24, temperature=temperature, seed=seed)
+    full = client.chat.completions.create(**kw)
+    text = full.choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+
+    ids = tok.encode_chat(messages)
+    new = _reference(model, tok, ids, 24, temperature, seed)
+    assert full.usage.prompt_tokens == len(ids) and full.usage.completion_tokens == len(new)
+    assert text == tok.decode(new)
+    assert full.choices[0].finish_reason == ("stop" if new[-1] == tok.eos_id else "length")
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (1.0, 7)])
+def test_completion_streamed_equals_unstreamed_equals_generate(client: Any, model_tok: tuple[Any, Any],
+                                                               temperature: float, seed: int | None) -> None:
+    model, tok = model_tok
+    prompt = "The quick brown fox"
+    kw = dict(model=NAME, prompt=prompt, max_tokens=20, temperature=temperature, seed=seed)
+    full = client.completions.create(**kw)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    assert streamed == full.choices[0].text
+    ids = tok.encode(prompt)
+    new = _reference(model, tok, ids, 20, temperature, seed)
+    assert full.choices[0].text == _continuation(tok, ids, new)
+    # a prompt given as token ids is the same request
+    by_ids = client.completions.create(**{**kw, "prompt": ids})
+    assert by_ids.choices[0].text == full.choices[0].text
+
+
+def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model_tok: tuple[Any, Any]) -> None:
+    model, tok = model_tok
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=16,
+                                       temperature=0.8, seed=3, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        tops = [x.logprob for x in t.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and t.logprob <= tops[0] + 1e-6
+        assert bytes(t.bytes) == t.token.encode()
+
+    prompt = "Consecutive tokens often share"
+    c = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=2, echo=True)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and c.choices[0].text.startswith(prompt)
+    # the prompt's logprobs (echo) and the greedy tokens' equal a plain forward pass
+    ids = tok.encode(prompt)
+    new = _reference(model, tok, ids, 12, 0.0, None)
+    seq = torch.tensor([ids + new])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(seq).float(), -1)[0]
+    expect = [float(ref[i, seq[0, i + 1]]) for i in range(seq.shape[1] - 1)]
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expect, abs=1e-4)
+    for k in range(len(ids), len(lp.tokens)):  # greedy: the chosen token is the most likely one
+        assert max(lp.top_logprobs[k].values()) == pytest.approx(lp.token_logprobs[k], abs=1e-6)
+    # scoring only (max_tokens=0 with echo), a batch of token-id prompts, as evaluation harnesses send
+    s = client.completions.create(model=NAME, prompt=[ids, ids[:3]], max_tokens=0, echo=True, logprobs=1)
+    assert [ch.index for ch in s.choices] == [0, 1]
+    assert s.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expect[: len(ids) - 1], abs=1e-4)
+    assert len(s.choices[1].logprobs.token_logprobs) == 3 and s.usage.completion_tokens == 0
+
+
+def test_n_choices_and_experts(client: Any, server: str, model_tok: tuple[Any, Any]) -> None:
+    model, tok = model_tok
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
+                                       n=3, temperature=1.0, seed=11, extra_body={"return_experts": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = {c.message.content for c in r.choices}
+    assert len(texts) > 1  # each choice samples its own stream
+    for c in r.choices:
+        experts = c.model_extra["experts"]
+        assert "".join(e["text"] for e in experts) == c.message.content
+        for e in experts:
+            assert len(e["experts"]) == model.config.n_layers
+            assert all(len(k) == 2 and len(set(k)) == 2 and all(0 <= x < 4 for x in k) for k in e["experts"])
+    # streamed: each chunk carries its token's experts
+    with httpx.stream("POST", server + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0,
+            "stream": True, "return_experts": True}, timeout=60) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    got = [e for ev in events for ch in ev["choices"] for e in ch.get("experts", [])]
+    assert len(got) == 6 and all(len(e["experts"]) == 2 for e in got)
+    # the same experts as the engine reports for the same greedy request
+    engine_out = Engine(model, tok, max_batch=1)
+    h = engine_out.submit(tok.encode_chat([{"role": "user", "content": "Hello"}]),
+                          SamplingParams(max_tokens=6, return_experts=True))
+    engine_out.run_until_idle()
+    assert [e["experts"] for e in got] == [o.experts for o in h.result() if o.token_id is not None]
+
+
+def test_concurrent_clients_get_their_single_request_output(client: Any) -> None:
+    jobs = [dict(prompt=f"Request number {i} says", max_tokens=10 + i, temperature=0.0 if i % 2 else 0.9, seed=i)
+            for i in range(8)]
+    alone = [client.completions.create(model=NAME, **j).choices[0].text for j in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda j: client.completions.create(model=NAME, **j).choices[0].text, jobs))
+    assert together == alone
+    chats = [dict(messages=[{"role": "user", "content": f"Tell me about {w}"}], max_tokens=12, temperature=0.7,
+                  seed=100 + i) for i, w in enumerate(["cats", "dogs", "rain", "tea", "rust", "maps", "jazz", "moss"])]
+    alone = [client.chat.completions.create(model=NAME, **c).choices[0].message.content for c in chats]
+
+    def streamed(c: dict[str, Any]) -> str:
+        return "".join(ch.choices[0].delta.content or "" for ch in
+                       client.chat.completions.create(model=NAME, stream=True, **c) if ch.choices)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(streamed, chats)) == alone
+
+
+def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any]) -> None:
+    model, tok = model_tok
+    m = httpx.get(server + "/v1/models").json()
+    assert m["data"][0]["id"] == NAME and m["data"][0]["max_model_len"] == CONTEXT
+    assert m["data"][0]["mixlab"]["experts"] == 4
+    assert httpx.get(server + f"/v1/models/{NAME}").status_code == 200
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    t = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert t["tokens"] == tok.encode("Hello world") and t["count"] == len(t["tokens"])
+    chat = [{"role": "user", "content": "Hi"}]
+    assert httpx.post(server + "/tokenize", json={"messages": chat}).json()["tokens"] == tok.encode_chat(chat)
+    assert httpx.post(server + "/detokenize", json={"tokens": t["tokens"]}).json()["prompt"] == "Hello world"
+    info = httpx.get(server + "/tokenizer_info").json()
+    assert info["bos_token"] == "<s>" and info["eos_token"] == "</s>"
+    assert httpx.post(server + "/tokenize", json={"prompt": "<s>", "add_special_tokens": False}).json()["tokens"] \
+        == [tok.bos_id]
+    text = httpx.get(server + "/metrics").text
+    for name in ("mixlab_requests_total", "mixlab_prompt_tokens_total", "mixlab_generation_tokens_total",
+                 "mixlab_queue_depth", "mixlab_running_requests", "mixlab_time_to_first_token_seconds_bucket",
+                 "mixlab_inter_token_latency_seconds_bucket", 'mixlab_expert_load_tokens_total{expert="3",layer="1"}'):
+        assert name in text, name
+    # CORS is off unless asked for
+    r = httpx.options(server + "/v1/models", headers={"Origin": "http://evil.example",
+                                                      "Access-Control-Request-Method": "GET"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+U = [{"role": "user", "content": "hi"}]
+
+BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/tests and TGI's validation.rs
+    (CHAT, {"messages": U, "temperature": -0.1}, 400, "temperature"),
+    (CHAT, {"messages": U, "temperature": 2.5}, 400, "temperature"),
+    (CHAT, {"messages": U, "temperature": "hot"}, 400, "temperature"),
+    (CHAT, {"messages": U, "top_p": 0}, 400, "top_p"),
+    (CHAT, {"messages": U, "top_p": 1.5}, 400, "top_p"),
+    (CHAT, {"messages": U, "top_k": -2}, 400, "top_k"),
+    (CHAT, {"messages": U, "top_k": 1.5}, 400, "top_k"),
+    (CHAT, {"messages": U, "min_p": 1.1}, 400, "min_p"),
+    (CHAT, {"messages": U, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (CHAT, {"messages": U, "presence_penalty": 3}, 400, "presence_penalty"),
+    (CHAT, {"messages": U, "frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    (CHAT, {"messages": U, "max_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": U, "max_tokens": -5}, 400, "max_tokens"),
+    (CHAT, {"messages": U, "max_tokens": True}, 400, "max_tokens"),
+    (CHAT, {"messages": U, "max_tokens": 10**6}, 400, "max_tokens"),
+    (CHAT, {"messages": U, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (CHAT, {"messages": U, "max_tokens": CONTEXT}, 400, "max_tokens"),  # prompt + max_tokens > context
+    (CHAT, {"messages": U, "n": 0}, 400, "n"),
+    (CHAT, {"messages": U, "n": 100}, 400, "n"),
+    (CHAT, {"messages": U, "stop": 5}, 400, "stop"),
+    (CHAT, {"messages": U, "stop": [""]}, 400, "stop"),
+    (CHAT, {"messages": U, "stop": ["x"] * 17}, 400, "stop"),
+    (CHAT, {"messages": U, "seed": 2**70}, 400, "seed"),
+    (CHAT, {"messages": U, "seed": "abc"}, 400, "seed"),
+    (CHAT, {"messages": U, "stream": "yes"}, 400, "stream"),
+    (CHAT, {"messages": U, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (CHAT, {"messages": U, "top_logprobs": 2}, 400, "top_logprobs"),
+    (CHAT, {"messages": U, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (CHAT, {"messages": U, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    (CHAT, {"messages": U, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CHAT, {"messages": U, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": U, "return_experts": "please"}, 400, "return_experts"),
+    (CHAT, {"messages": U, "stop_token_ids": [-1]}, 400, "stop_token_ids[0]"),
+    (CHAT, {"messages": U, "stop_token_ids": [32000]}, 400, "stop_token_ids"),
+    (CHAT, {}, 400, "messages"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": "hi"}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),  # template: ends with a user turn
+    (CHAT, {"messages": U * 2000}, 400, "messages"),  # longer than the context
+    (CHAT, {"messages": U, "model": "gpt-4"}, 404, "model"),
+    (COMP, {}, 400, "prompt"),
+    (COMP, {"prompt": []}, 400, "prompt"),
+    (COMP, {"prompt": [[]]}, 400, "prompt"),
+    (COMP, {"prompt": {"text": "x"}}, 400, "prompt"),
+    (COMP, {"prompt": [1, -3]}, 400, "prompt"),
+    (COMP, {"prompt": [1, 99999]}, 400, "prompt"),
+    (COMP, {"prompt": [[1, 2], [1, 99999]]}, 400, "prompt[1]"),
+    (COMP, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    (COMP, {"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    (COMP, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # 0 only to score a prompt (echo)
+    (COMP, {"prompt": "x", "echo": "no"}, 400, "echo"),
+    (COMP, {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    (COMP, {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    (COMP, {"prompt": "x " * 600}, 400, "prompt"),  # longer than the context
+    (COMP, {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("/detokenize", {"tokens": [5, 40000]}, 400, "tokens"),
+    ("/tokenize", {}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_requests_name_the_parameter(server: str, path: str, body: dict[str, Any], status: int,
+                                         param: str) -> None:
+    r = httpx.post(server + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert param.split("[")[0].split(".")[0] in err["message"], err
+
+
+def test_bad_request_messages_say_what_was_expected(server: str) -> None:
+    err = httpx.post(server + CHAT, json={"messages": U, "max_tokens": CONTEXT}).json()["error"]
+    assert re.search(rf"\(\d+ tokens\) \+ max_tokens={CONTEXT} = \d+ exceeds the model's context of {CONTEXT}",
+                     err["message"]), err
+    err = httpx.post(server + CHAT, json={"messages": U, "temperature": 7}).json()["error"]
+    assert err["message"] == "invalid temperature=7: expected a number in [0, 2]"
+    r = httpx.post(server + CHAT, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert httpx.get(server + "/v1/nothing").status_code == 404
+    assert httpx.get(server + CHAT).status_code == 405
+
+
+def test_auth_body_limit_queue_full_and_cors(model_tok: tuple[Any, Any]) -> None:
+    model, tok = model_tok
+    engine = Engine(model, tok, max_batch=1, max_queue=1)  # never started: submitted requests wait
+    app = create_app(engine, tok, _config(model, api_key="s3cret", max_body_bytes=2000,
+                                          cors_origins=["http://allowed.example"]))
+    with ServerThread(app) as url:
+        body = {"messages": U, "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(url + CHAT, json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # probes need no key
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
+        big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+        r = httpx.post(url + CHAT, json=big, headers=auth)
+        assert r.status_code == 413 and "2000 bytes" in r.json()["error"]["message"]
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: counted while read
+            yield json.dumps(big).encode()
+
+        assert httpx.post(url + CHAT, content=chunked(), headers=auth).status_code == 413
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=2))  # fills the queue (max_queue=1)
+        r = httpx.post(url + CHAT, json=body, headers=auth)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "queue_full"
+        r = httpx.options(url + "/v1/models", headers={"Origin": "http://allowed.example",
+                                                       "Access-Control-Request-Method": "GET"})
+        assert r.headers["access-control-allow-origin"] == "http://allowed.example"
+        # openai's client sends the key as a bearer token
+        c = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            c.models.list()
+    engine.shutdown()
+
+
+def _metric(url: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def _until(predicate: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_disconnect_cancels_and_frees_the_slot(server: str) -> None:
+    before = _metric(server, "mixlab_requests_cancelled_total")
+    body = {"messages": U, "max_tokens": CONTEXT - 40, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", server + CHAT, json={**body, "stream": True}, timeout=30) as resp:
+        lines = resp.iter_lines()
+        next(lines), next(lines)  # the stream has started
+        assert _metric(server, "mixlab_running_requests") == 1
+    # the client left after a few tokens: the engine request is cancelled and its cache freed
+    assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
+    assert _metric(server, "mixlab_kv_cache_used_bytes") == 0
+    assert _metric(server, "mixlab_requests_cancelled_total") == before + 1
+    # not streamed: a client that times out is a disconnect too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + CHAT, json=body, timeout=0.3)
+    assert _until(lambda: _metric(server, "mixlab_requests_cancelled_total") == before + 2)
+    assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_sigterm_drains_and_exits_0(ckpt: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "mixlab", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--dtype", "float32", "--threads", "1", "--drain-timeout", "60", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _until(lambda: _healthy(url), timeout=120), "the server did not come up"
+        got: list[str] = []
+        body = {"messages": U, "max_tokens": 150, "ignore_eos": True, "temperature": 0, "stream": True}
+        first = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", url + CHAT, json=body, timeout=60) as resp:
+                for line in resp.iter_lines():
+                    if line:
+                        got.append(line)
+                        first.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert first.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        t.join(90)
+        assert proc.wait(90) == 0, proc.stderr.read() if proc.stderr else ""
+        # the in-flight stream was finished, not cut
+        events = [json.loads(x[6:]) for x in got if x.startswith("data: {")]
+        assert got[-1] == "data: [DONE]"
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content") is not None) > 1
+        with pytest.raises(httpx.ConnectError):  # and it no longer accepts
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
