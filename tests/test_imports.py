@@ -14,7 +14,8 @@ RANK = {
     "cache": 2,
     "checkpoint": 3,
     "tokenizer": 3,
-    "generate": 4, "graphs": 4,
+    "engine": 4,
+    "generate": 4.5, "graphs": 4.5,  # generate: a thin user of the engine
     "train": 5, "analysis": 5, "eval": 5, "bench": 5, "demo": 6,
     "parallel": 6, "serve": 6,
     "cli": 7,

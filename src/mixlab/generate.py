@@ -14,7 +14,6 @@ Shape legend: B batch (prompts), T tokens, V vocabulary, L MoE layers, K experts
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,80 +22,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from mixlab.cache import KVCache
+from mixlab.engine.sampling import Sampler
 from mixlab.model import Transformer
 
 if TYPE_CHECKING:
     from mixlab.tokenizer import StreamDecoder, Tokenizer
 
 __all__ = ["Sampler", "Step", "decode_step", "generate", "generate_stream", "prefill"]
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """Turns next-token logits into token ids, in transformers' order: repetition penalty,
-    temperature, top-k, top-p, min-p. `temperature=0` is greedy (argmax, first index on ties)."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        def bad(name: str, value: object, expected: str) -> ValueError:
-            return ValueError(f"invalid {name}={value!r}: expected {expected}")
-
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(name, v, "a finite number")
-        if self.temperature < 0:
-            raise bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
-        if not 0 <= self.min_p <= 1:
-            raise bad("min_p", self.min_p, "a number in [0, 1] (0 = off)")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def filter(self, logits_BV: torch.Tensor, *, seen_BV: torch.Tensor | None = None) -> torch.Tensor:
-        """The logits sampling draws from (`-inf` where a token is ruled out); not for greedy."""
-        if self.repetition_penalty != 1.0 and seen_BV is not None:
-            # CTRL (arXiv 1909.05858 §4.1): shrink the logits of tokens already present.
-            p = self.repetition_penalty
-            logits_BV = torch.where(seen_BV, torch.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
-        if self.greedy:
-            return logits_BV
-        logits_BV = logits_BV / self.temperature
-        if 0 < self.top_k < logits_BV.shape[-1]:
-            kth_B1 = torch.topk(logits_BV, self.top_k, dim=-1).values[:, -1:]
-            logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, -math.inf)
-        if self.top_p < 1.0:
-            # Nucleus sampling (arXiv 1904.09751): keep the smallest set whose mass reaches top_p.
-            sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
-            probs_BV = sorted_BV.softmax(dim=-1)
-            drop_BV = probs_BV.cumsum(dim=-1) - probs_BV >= self.top_p  # never drops the most likely token
-            logits_BV = logits_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, -math.inf))
-        if self.min_p > 0.0:
-            # min-p (arXiv 2407.01082): drop tokens less likely than min_p times the most likely one.
-            probs_BV = logits_BV.softmax(dim=-1)
-            logits_BV = logits_BV.masked_fill(probs_BV < self.min_p * probs_BV.amax(-1, keepdim=True), -math.inf)
-        return logits_BV
-
-    def __call__(
-        self, logits_BV: torch.Tensor, *, seen_BV: torch.Tensor | None = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Next token ids `[B]` from float logits `[B, V]`; `seen_BV` marks tokens to penalise."""
-        logits_BV = self.filter(logits_BV, seen_BV=seen_BV)
-        if self.greedy:
-            return logits_BV.argmax(dim=-1)
-        return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
 @dataclass

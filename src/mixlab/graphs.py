@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mixlab.generate import Sampler
+from mixlab.engine.sampling import Sampler
 from mixlab.model.layers import apply_rope, rope_cos_sin
 from mixlab.model.transformer import Block, Transformer
 

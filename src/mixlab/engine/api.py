@@ -1,0 +1,176 @@
+"""The engine's public types: `SamplingParams` (per request), `RequestOutput` (streamed), `Handle`
+(a request's stream, iterable from threads and from asyncio), `QueueFull`.
+
+A request streams one `RequestOutput` per generated token. The output that carries a
+`finish_reason` is the last one: for "stop" and "length" it is the last token's own output (its
+`text` includes whatever the stream decoder still held back); for "cancelled" and "error" it is an
+extra output with `token_id=None`. Stop tokens (EOS, `stop_token_ids`) are reported as tokens but
+add no text; a stop string ends the text just before it (OpenAI's convention), and text that could
+still become a stop string is held back until it cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import operator
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+__all__ = ["Handle", "QueueFull", "RequestOutput", "SamplingParams"]
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is full (`max_queue`): retry later (HTTP 503/429)."""
+
+
+def _bad(name: str, value: object, expected: str) -> ValueError:
+    return ValueError(f"invalid {name}={value!r}: expected {expected}")
+
+
+def _number(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(name, v, "a finite number")
+    return float(v)
+
+
+def _int(name: str, v: object, lo: int, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise _bad(name, v, what)
+    return v
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. Penalties follow vLLM/OpenAI: `repetition_penalty` (CTRL, arXiv
+    1909.05858) over prompt and output tokens, `presence_penalty` / `frequency_penalty` over output
+    tokens; then temperature, top-k, top-p, min-p. `temperature=0` is greedy. `seed` seeds the
+    request's own generator: its samples do not depend on what else the engine runs."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings, matched on the decoded text
+    logprobs: int | None = None  # None: off; 0: the chosen token's logprob; n: plus the top n
+    prompt_logprobs: bool = False  # the logprob of every prompt token (None for the first)
+    return_experts: bool = False  # the experts of every MoE layer for each generated token
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            _number(name, getattr(self, name))
+        if self.temperature < 0:
+            raise _bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        _int("top_k", self.top_k, 0, "an integer >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise _bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
+        if not 0 <= self.min_p <= 1:
+            raise _bad("min_p", self.min_p, "a number in [0, 1] (0 = off)")
+        if self.repetition_penalty <= 0:
+            raise _bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
+        if self.seed is not None:
+            _int("seed", self.seed, -(2**63), "an integer or None")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise _bad("stop", self.stop, "a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, (list, tuple, set)):
+            raise _bad("stop_token_ids", self.stop_token_ids, "a list of token ids")
+        try:
+            self.stop_token_ids = [operator.index(i) for i in self.stop_token_ids]
+        except TypeError:
+            raise _bad("stop_token_ids", self.stop_token_ids, "a list of integer token ids") from None
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, 0, "None or an integer >= 0 (number of top alternatives)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RequestOutput:
+    """One streamed event of a request (see the module docstring for which output is the last)."""
+
+    request_id: str
+    token_id: int | None
+    text: str  # the text this token completes (a StreamDecoder delta; '' possible)
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    experts: list[list[int]] | None  # [layer][k] for this token, with return_experts
+    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens found in the cache (not prefilled again)
+    prompt_logprobs: list[float | None] | None  # only on the first output, when asked
+    error: str | None = None
+
+
+_DONE = object()
+
+
+class Handle:
+    """A submitted request: iterate it (blocking, from any thread) or `async for out in h.aiter()`
+    for its `RequestOutput`s; `cancel()` stops it (a final output with "cancelled" follows)."""
+
+    def __init__(self, request_id: str, canceller: Callable[[Handle], None]) -> None:
+        self.request_id = request_id
+        self._cancel = canceller
+        self._q: queue.Queue[object] = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aq: asyncio.Queue[object] | None = None
+        self.finished = False
+
+    def cancel(self) -> None:
+        self._cancel(self)
+
+    def _push(self, out: RequestOutput) -> None:
+        """Called by the engine thread."""
+        with self._lock:
+            items: list[object] = [out, _DONE] if out.finish_reason is not None else [out]
+            for item in items:
+                if self._aq is not None and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
+                else:
+                    self._q.put(item)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while True:
+            item = self._q.get()
+            if item is _DONE:
+                self.finished = True
+                return
+            assert isinstance(item, RequestOutput)
+            yield item
+
+    async def aiter(self) -> AsyncIterator[RequestOutput]:
+        with self._lock:
+            if self._aq is None:
+                self._loop = asyncio.get_running_loop()
+                self._aq = asyncio.Queue()
+                while not self._q.empty():  # outputs pushed before the switch
+                    self._aq.put_nowait(self._q.get_nowait())
+        assert self._aq is not None
+        while True:
+            item = await self._aq.get()
+            if item is _DONE:
+                self.finished = True
+                return
+            assert isinstance(item, RequestOutput)
+            yield item
+
+    def result(self) -> list[RequestOutput]:
+        """Block until the request finishes; all its outputs."""
+        return list(self)

@@ -1,0 +1,406 @@
+"""The engine: requests join and leave a running batch at every step (continuous batching).
+
+One background thread owns the model (`start()`); callers submit requests and read their outputs
+through thread-safe queues (`Handle`). Without `start()`, `step()` can be driven by the caller
+(what `mixlab.generate` does), never both at once.
+
+A step (`step`): admit waiting requests while the cache has room (else they wait), then one
+forward pass (`Runner.forward`) over every running sequence: one token for each decoding sequence
+plus chunks of prompts being prefilled, under `token_budget` tokens per step, so a long prompt is
+spread over several steps instead of freezing the other streams (chunked prefill, Sarathi-Serve
+arXiv 2403.02310). Then each row is sampled with its own settings and generator; a finished or
+cancelled sequence frees its cache at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams
+from mixlab.engine.runner import Item, Runner
+from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
+
+if TYPE_CHECKING:
+    from mixlab.model import Transformer
+    from mixlab.tokenizer import StreamDecoder, Tokenizer
+
+__all__ = ["Engine"]
+
+
+@dataclass(eq=False)
+class _Seq:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    handle: Handle
+    sampler: Sampler
+    stop_ids: set[int]
+    generator: torch.Generator | None
+    decoder: StreamDecoder | None
+    out: list[int] = field(default_factory=list)
+    n_cached: int = 0  # tokens of prompt + out whose keys and values are in the cache
+    cached_tokens: int = 0  # prompt tokens reused from the cache (prefix reuse)
+    text: str = ""  # decoded output text (for stop strings)
+    sent: int = 0  # characters of `text` already streamed
+    prompt_lp: list[float | None] | None = None
+    seen_1V: torch.Tensor | None = None  # prompt + output tokens (repetition penalty)
+    counts_1V: torch.Tensor | None = None  # output token counts (presence/frequency penalties)
+    first: bool = True
+    slot: int = -1  # the runner's cache slot
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.out
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_cached < len(self.prompt)
+
+
+class Engine:
+    """Continuous-batching inference over one model (see the module docstring).
+
+    `max_batch`: sequences decoded together; `cache_bytes`: the KV cache's memory budget (default:
+    room for `max_batch` sequences of the model's full context, at most 1 GiB... see `Runner`);
+    `max_queue`: waiting requests before `submit` raises `QueueFull`; `token_budget`: tokens per
+    step (decoding rows count one each; prompt chunks fill the rest); `prefill_chunk`: the longest
+    piece of one prompt per step.
+    """
+
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_batch: int = 16,
+        cache_bytes: int | None = None, max_queue: int = 256, token_budget: int = 512,
+        prefill_chunk: int | None = None, max_seq_len: int | None = None, prefix_cache: bool = True,
+    ) -> None:
+        for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("token_budget", token_budget)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"invalid {name}={v!r}: expected an integer >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch, self.max_queue, self.token_budget = max_batch, max_queue, token_budget
+        chunk = token_budget if prefill_chunk is None else prefill_chunk
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
+        self.prefill_chunk = min(chunk, token_budget)
+        self.runner = Runner(model, max_batch=max_batch, cache_bytes=cache_bytes, prefill_chunk=self.prefill_chunk,
+                             max_seq_len=max_seq_len, prefix_cache=prefix_cache)
+        self._lock = threading.Lock()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._cancel_ids: set[str] = set()
+        self._ids = itertools.count()
+        self._live: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._stepping = threading.Lock()
+        L = self.config.n_layers if self.config.moe is not None else 0
+        E = self.config.moe.num_experts if self.config.moe is not None else 0
+        self._expert_load = torch.zeros(L, E, dtype=torch.long)
+        self._stats = {"tokens_in": 0, "tokens_out": 0, "steps": 0, "cached_tokens": 0}
+
+    # ---- the caller's side ----
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="mixlab-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the thread; requests still waiting or running finish with "error"."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._stepping:
+            for seq in list(self._running) + list(self._waiting):
+                self._finish(seq, "error", error="the engine shut down")
+            self._waiting.clear()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               request_id: str | None = None) -> Handle:
+        """Queue a request; its outputs stream through the returned handle. Raises `ValueError` for a
+        bad prompt or parameters (before anything is queued) and `QueueFull` when `max_queue`
+        requests already wait."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, not {type(params).__name__}")
+        prompt = self._check_prompt(prompt_ids, params)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings {params.stop!r} need an engine made with a tokenizer")
+        cfg = self.config
+        bad = [i for i in params.stop_token_ids if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"invalid stop_token_ids: {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        if params.return_experts and cfg.moe is None:
+            raise ValueError("return_experts=True needs a MoE model; this one is dense")
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        handle = Handle(rid, self.cancel)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {cfg.eos_id})
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        decoder = self.tokenizer.stream(context=prompt[-4:]) if self.tokenizer is not None else None
+        seq = _Seq(rid, prompt, params, handle, Sampler(params.temperature, params.top_k, params.top_p,
+                   params.min_p, params.repetition_penalty), stop_ids, generator, decoder)
+        with self._lock:
+            if rid in self._live:
+                raise ValueError(f"request_id {rid!r} is already running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+            self._live.add(rid)
+            self._waiting.append(seq)
+        self._wake.set()
+        return handle
+
+    def _check_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
+            raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
+        try:
+            prompt = [operator.index(i) for i in prompt_ids]
+        except TypeError:
+            raise ValueError("prompt_ids contains a non-integer token id") from None
+        if not prompt:
+            raise ValueError("prompt_ids is empty (start it with the BOS token)")
+        V = self.config.vocab_size
+        bad = [i for i in prompt if not 0 <= i < V]
+        if bad:
+            raise ValueError(f"prompt_ids has token id {bad[0]} outside the model's vocabulary [0, {V})")
+        room = self.runner.max_len
+        if len(prompt) + params.max_tokens > room:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) + max_tokens={params.max_tokens} = "
+                             f"{len(prompt) + params.max_tokens} exceeds the context of {room} tokens")
+        return prompt
+
+    def cancel(self, request: str | Handle) -> None:
+        """Stop a request (waiting or running); its stream ends with finish_reason "cancelled"."""
+        rid = request.request_id if isinstance(request, Handle) else str(request)
+        with self._lock:
+            if rid in self._live:
+                self._cancel_ids.add(rid)
+        self._wake.set()
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            waiting = len(self._waiting)
+        return {
+            "running": len(self._running), "waiting": waiting,
+            "cache_used_bytes": self.runner.used_bytes(), "cache_total_bytes": self.runner.total_bytes,
+            **self._stats, "expert_load": self._expert_load.tolist(),
+        }
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._running or self._waiting or self._cancel_ids)
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                worked = self.step()
+            except Exception as e:  # noqa: BLE001 (a broken step fails its requests, not the engine)
+                self._fail_running(f"{type(e).__name__}: {e}")
+                worked = True
+            if not worked:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _fail_running(self, error: str) -> None:
+        for seq in list(self._running):
+            self._finish(seq, "error", error=error)
+
+    def step(self) -> bool:
+        """Admit, run one forward pass over every running sequence, sample, stream. Returns whether
+        there was anything to do."""
+        with self._stepping:
+            return self._step()
+
+    def _step(self) -> bool:
+        self._handle_cancels()
+        self._admit()
+        if not self._running:
+            return False
+        items: list[Item] = []
+        budget = max(self.token_budget - sum(not s.prefilling for s in self._running), 0)
+        for seq in self._running:
+            if not seq.prefilling:
+                items.append(Item(seq.slot, seq.tokens[-1:], seq.n_cached, logits="last",
+                                  experts=seq.params.return_experts))
+            elif budget > 0:
+                n = min(len(seq.prompt) - seq.n_cached, budget, self.prefill_chunk)
+                budget -= n
+                ends = seq.n_cached + n == len(seq.prompt)
+                want = "all" if seq.params.prompt_logprobs else ("last" if ends else "none")
+                items.append(Item(seq.slot, seq.prompt[seq.n_cached : seq.n_cached + n], seq.n_cached, logits=want,
+                                  experts=seq.params.return_experts and ends))
+        if not items:
+            return False
+        by_slot = {s.slot: s for s in self._running}
+        with torch.inference_mode():
+            results = self.runner.forward(items)
+        self._stats["steps"] += 1
+        for item, res in zip(items, results, strict=True):
+            seq = by_slot[item.slot]
+            seq.n_cached += len(item.tokens)
+            self._stats["tokens_in"] += len(item.tokens)
+            if res.expert_counts_LE is not None and self._expert_load.numel():
+                self._expert_load += res.expert_counts_LE
+            if seq.params.prompt_logprobs and seq.prompt_lp is not None and res.logits_TV is not None:
+                lp_TV = torch.log_softmax(res.logits_TV, dim=-1)
+                for j in range(len(item.tokens)):
+                    p = item.start + j + 1  # the prompt token this position predicts
+                    if p < len(seq.prompt):
+                        seq.prompt_lp.append(float(lp_TV[j, seq.prompt[p]]))
+            if seq.prefilling or res.logits_TV is None:
+                continue
+            self._emit(seq, res.logits_TV[-1:], res.experts_LK)
+        return True
+
+    def _handle_cancels(self) -> None:
+        with self._lock:
+            ids, self._cancel_ids = self._cancel_ids, set()
+            if not ids:
+                return
+            keep: deque[_Seq] = deque()
+            cancelled: list[_Seq] = []
+            for seq in self._waiting:
+                (cancelled if seq.rid in ids else keep).append(seq)
+            self._waiting = keep
+        for seq in cancelled + [s for s in self._running if s.rid in ids]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    return
+                seq = self._waiting[0]
+            alloc = self.runner.allocate(seq.prompt, len(seq.prompt) + seq.params.max_tokens,
+                                         reuse=not seq.params.prompt_logprobs)
+            if alloc is None:
+                return  # the cache is full: it waits (first come, first served)
+            with self._lock:
+                self._waiting.popleft()
+            seq.slot, seq.n_cached = alloc
+            seq.cached_tokens = seq.n_cached
+            self._stats["cached_tokens"] += seq.n_cached
+            if seq.params.prompt_logprobs:
+                seq.prompt_lp = [None]
+            V = self.config.vocab_size
+            if seq.params.repetition_penalty != 1.0:
+                seq.seen_1V = torch.zeros(1, V, dtype=torch.bool)
+                seq.seen_1V[0, seq.prompt] = True
+            if seq.params.presence_penalty or seq.params.frequency_penalty:
+                seq.counts_1V = torch.zeros(1, V)
+            self._running.append(seq)
+
+    def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None) -> None:
+        p = seq.params
+        tok = sample_row(logits_1V, p, seq.sampler, seen_1V=seq.seen_1V, counts_1V=seq.counts_1V,
+                         generator=seq.generator)
+        seq.out.append(tok)
+        self._stats["tokens_out"] += 1
+        if seq.seen_1V is not None:
+            seq.seen_1V[0, tok] = True
+        if seq.counts_1V is not None:
+            seq.counts_1V[0, tok] += 1
+        logprob, top = None, None
+        if p.logprobs is not None:
+            lp_V = torch.log_softmax(logits_1V[0], dim=-1)
+            logprob = float(lp_V[tok])
+            top = top_logprobs(lp_V, p.logprobs) if p.logprobs > 0 else []
+        finish, text = None, ""
+        if tok in seq.stop_ids:
+            finish = "stop"
+            text = self._flush_text(seq)
+        else:
+            if seq.decoder is not None:
+                seq.text += seq.decoder.push(tok)
+            text, hit = self._take_text(seq)
+            if hit:
+                finish = "stop"
+            elif len(seq.out) >= p.max_tokens:
+                finish = "length"
+                text += self._flush_text(seq)
+        experts = experts_LK.tolist() if experts_LK is not None and p.return_experts else None
+        out = RequestOutput(seq.rid, tok, text, logprob, top, experts, finish, len(seq.prompt), len(seq.out),
+                            seq.cached_tokens, seq.prompt_lp if seq.first else None)
+        seq.first = False
+        if finish is not None:
+            self._release(seq)
+        seq.handle._push(out)
+
+    def _take_text(self, seq: _Seq) -> tuple[str, bool]:
+        """The text that can be streamed now and whether a stop string completed."""
+        stops = seq.params.stop
+        if not stops:
+            text, seq.sent = seq.text[seq.sent :], len(seq.text)
+            return text, False
+        longest = max(map(len, stops))
+        start = max(0, seq.sent - longest + 1)
+        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            text = seq.text[seq.sent : end] if end > seq.sent else ""
+            seq.sent = len(seq.text)
+            return text, True
+        safe = max(seq.sent, len(seq.text) - longest + 1)  # a stop string may still begin after `safe`
+        text, seq.sent = seq.text[seq.sent : safe], safe
+        return text, False
+
+    def _flush_text(self, seq: _Seq) -> str:
+        if seq.decoder is not None:
+            seq.text += seq.decoder.flush()
+        if seq.params.stop:  # the held-back tail may still contain a stop string
+            end = min([i for i in (seq.text.find(s, max(0, seq.sent - max(map(len, seq.params.stop)) + 1))
+                                   for s in seq.params.stop) if i >= 0] or [len(seq.text)])
+            text = seq.text[seq.sent : max(end, seq.sent)]
+        else:
+            text = seq.text[seq.sent :]
+        seq.sent = len(seq.text)
+        return text
+
+    def _release(self, seq: _Seq) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+            self.runner.free(seq.slot, seq.tokens[: seq.n_cached])
+        with self._lock:
+            self._live.discard(seq.rid)
+
+    def _finish(self, seq: _Seq, reason: str, *, error: str | None = None) -> None:
+        self._release(seq)
+        seq.handle._push(RequestOutput(seq.rid, None, "", None, None, None, reason, len(seq.prompt), len(seq.out),
+                                       seq.cached_tokens, seq.prompt_lp if seq.first else None, error))
+        seq.first = False
+
+    def run_until_idle(self, *, poll: float = 0.0) -> None:
+        """Drive `step()` from the calling thread until no request is left (without `start()`)."""
+        while self.has_work():
+            if not self.step() and poll:
+                time.sleep(poll)

@@ -1,0 +1,243 @@
+"""The engine: staggered requests equal single runs and a plain full-recompute reference (float32),
+per-request seeded sampling, logprobs equal log_softmax of the reference logits, prompt logprobs,
+stop tokens and strings, cancel, a full cache queues, prefix reuse, threads and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from mixlab.config import get_preset
+from mixlab.engine import Engine, QueueFull, SamplingParams
+from mixlab.model import Transformer
+
+
+def _model(**kw) -> Transformer:
+    cfg = get_preset("tiny-moe").replace(vocab_size=128, max_seq_len=128, **kw)
+    model = Transformer(cfg).eval()
+    model.init_weights(std=0.5, seed=0)  # peaked, varied next-token distributions
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Transformer:
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def windowed() -> Transformer:
+    return _model(sliding_window=6)
+
+
+def _prompts(lengths, seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def _reference(model, prompt, n):
+    """Greedy tokens and each step's logits by recomputing the whole sequence (no cache)."""
+    ids, logits = list(prompt), []
+    for _ in range(n):
+        lg = model(torch.tensor([ids]))[0, -1].float()
+        logits.append(lg)
+        ids.append(int(lg.argmax()))
+    return ids[len(prompt):], logits
+
+
+def _run(engine, submissions, steps_between=1):
+    """Submit (prompt, params) one after another with `steps_between` engine steps in between,
+    then drain; the token ids of each request."""
+    handles = []
+    for prompt, params in submissions:
+        handles.append(engine.submit(prompt, params))
+        for _ in range(steps_between):
+            engine.step()
+    engine.run_until_idle()
+    return [[o.token_id for o in h if o.token_id is not None] for h in handles]
+
+
+PARAMS = [
+    SamplingParams(max_tokens=10, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.9, seed=3, ignore_eos=True),
+    SamplingParams(max_tokens=8, temperature=1.2, top_k=20, top_p=0.9, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=11, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.5,
+                   frequency_penalty=0.2),
+    SamplingParams(max_tokens=9, temperature=0.7, min_p=0.1, seed=11, ignore_eos=True),
+]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "windowed"])
+def test_staggered_equals_single_runs(model_name, request):
+    model = request.getfixturevalue(model_name)
+    prompts = _prompts((5, 17, 3, 30, 9))
+    subs = list(zip(prompts, PARAMS, strict=True))
+    alone = [_run(Engine(model, max_batch=1), [s])[0] for s in subs]
+    together = _run(Engine(model, max_batch=4, token_budget=8), subs, steps_between=2)
+    assert together == alone
+    for prompt, params, toks in zip(prompts, PARAMS, alone, strict=True):
+        if params.greedy and params.repetition_penalty == 1.0:
+            assert toks == _reference(model, prompt, params.max_tokens)[0]
+    assert all(len(set(t)) > 3 for t in alone), "degenerate output would make this test weak"
+
+
+def test_window_boundary_several_sequences(windowed):
+    prompts = _prompts((4, 9, 13), seed=1)
+    engine = Engine(windowed, max_batch=3, token_budget=5)
+    got = _run(engine, [(p, SamplingParams(max_tokens=20, ignore_eos=True)) for p in prompts])
+    assert got == [_reference(windowed, p, 20)[0] for p in prompts]
+
+
+def test_logprobs_equal_log_softmax_of_reference(tiny):
+    prompt = _prompts((7,))[0]
+    eng = Engine(tiny)
+    h = eng.submit(prompt, SamplingParams(max_tokens=6, logprobs=3, prompt_logprobs=True, ignore_eos=True))
+    eng.run_until_idle()
+    outs = list(h)
+    toks, ref_logits = _reference(tiny, prompt, 6)
+    assert [o.token_id for o in outs] == toks
+    for o, lg in zip(outs, ref_logits, strict=True):
+        lp = torch.log_softmax(lg, -1)
+        assert o.logprob == pytest.approx(float(lp[o.token_id]), abs=1e-4)
+        top = torch.topk(lp, 3)
+        assert [t for t, _ in o.top_logprobs] == top.indices.tolist()
+        assert [v for _, v in o.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    with torch.no_grad():
+        full = torch.log_softmax(tiny(torch.tensor([prompt]))[0].float(), -1)
+    want = [None] + [float(full[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    assert outs[0].prompt_logprobs[0] is None
+    assert outs[0].prompt_logprobs[1:] == pytest.approx(want[1:], abs=1e-4)
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+    assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 6
+
+
+def test_stop_tokens_and_finish_reasons(tiny):
+    prompt = _prompts((6,))[0]
+    toks, _ = _reference(tiny, prompt, 8)
+    eng = Engine(tiny)
+    h = eng.submit(prompt, SamplingParams(max_tokens=8, stop_token_ids=[toks[3]], ignore_eos=True))
+    eng.run_until_idle()
+    outs = list(h)
+    cut = toks.index(toks[3]) + 1
+    assert [o.token_id for o in outs] == toks[:cut]
+    assert [o.finish_reason for o in outs] == [None] * (cut - 1) + ["stop"]
+
+
+class _CharTok:
+    """A toy tokenizer: token i is the character chr(ord('a') + i % 26)."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    def stream(self, *, context=()):
+        from mixlab.tokenizer import StreamDecoder
+
+        return StreamDecoder(self, context=context)  # type: ignore[arg-type]
+
+
+def test_stop_strings_end_text_before_the_match(tiny):
+    prompt = _prompts((6,))[0]
+    toks, _ = _reference(tiny, prompt, 12)
+    text = _CharTok().decode(toks)
+    stop = text[5:8]
+    eng = Engine(tiny, _CharTok())  # type: ignore[arg-type]
+    h = eng.submit(prompt, SamplingParams(max_tokens=12, stop=[stop, "zzzzzzz"], ignore_eos=True))
+    eng.run_until_idle()
+    outs = list(h)
+    end = text.index(stop)
+    assert "".join(o.text for o in outs) == text[:end]
+    assert outs[-1].finish_reason == "stop"
+    assert [o.token_id for o in outs] == toks[: end + len(stop)]
+    # Without a match the whole text streams.
+    h = eng.submit(prompt, SamplingParams(max_tokens=12, stop=["@"], ignore_eos=True))
+    eng.run_until_idle()
+    assert "".join(o.text for o in h) == text
+
+
+def test_cancel_frees_cache(tiny):
+    eng = Engine(tiny, max_batch=2)
+    p1, p2 = _prompts((5, 8))
+    h1 = eng.submit(p1, SamplingParams(max_tokens=50, ignore_eos=True))
+    h2 = eng.submit(p2, SamplingParams(max_tokens=4, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    assert eng.stats()["cache_used_bytes"] > 0
+    h1.cancel()
+    eng.run_until_idle()
+    outs = list(h1)
+    assert outs[-1].finish_reason == "cancelled" and outs[-1].token_id is None
+    assert 0 < outs[-1].completion_tokens < 50
+    assert list(h2)[-1].finish_reason == "length"
+    st = eng.stats()
+    assert st["running"] == 0 and st["waiting"] == 0
+    assert eng.runner.used_bytes() == 0 or eng.runner.used_bytes() == st["cache_used_bytes"]
+
+
+def test_full_cache_queues_then_serves(tiny):
+    prompts = _prompts((10, 12, 9, 11))
+    per_seq = (12 + 6) * Engine(tiny).runner.per_token
+    eng = Engine(tiny, max_batch=4, cache_bytes=2 * per_seq)  # room for two sequences at a time
+    handles = [eng.submit(p, SamplingParams(max_tokens=6, ignore_eos=True)) for p in prompts]
+    eng.step()
+    st = eng.stats()
+    assert st["running"] == 2 and st["waiting"] == 2
+    assert st["cache_used_bytes"] <= st["cache_total_bytes"]
+    eng.run_until_idle()
+    got = [[o.token_id for o in h] for h in handles]
+    assert got == [_reference(tiny, p, 6)[0] for p in prompts]
+
+
+def test_queue_full_and_bad_input(tiny):
+    eng = Engine(tiny, max_queue=2)
+    eng.submit([1, 2], SamplingParams(max_tokens=2))
+    eng.submit([1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(QueueFull):
+        eng.submit([1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        eng.submit([1] * 100, SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.submit([1, 500], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="stop strings"):
+        eng.submit([1, 2], SamplingParams(stop=["x"]))
+
+
+def test_experts_and_stats(tiny):
+    prompt = _prompts((6,))[0]
+    eng = Engine(tiny)
+    h = eng.submit(prompt, SamplingParams(max_tokens=4, return_experts=True, ignore_eos=True))
+    eng.run_until_idle()
+    outs = list(h)
+    L, K = tiny.config.n_layers, tiny.config.moe.top_k
+    # The experts of the forward pass that produced each token (its input: the previous token).
+    ids = prompt + [o.token_id for o in outs]
+    with torch.no_grad():
+        _, routings = tiny(torch.tensor([ids[:-1]]), return_routing=True)
+    for j, o in enumerate(outs):
+        pos = len(prompt) - 1 + j
+        assert o.experts == [r.idx_TK[pos].tolist() for r in routings]
+        assert len(o.experts) == L and len(o.experts[0]) == K
+    st = eng.stats()
+    assert st["tokens_out"] == 4 and st["steps"] >= 4
+    assert sum(st["expert_load"][0]) == K * st["tokens_in"]
+
+
+def test_thread_and_asyncio(tiny):
+    prompts = _prompts((5, 7, 9))
+    want = [_reference(tiny, p, 5)[0] for p in prompts]
+    with Engine(tiny, max_batch=2) as eng:
+        hs = [eng.submit(p, SamplingParams(max_tokens=5, ignore_eos=True)) for p in prompts]
+        assert [[o.token_id for o in h] for h in hs] == want
+
+        async def main():
+            async def one(p):
+                return [o.token_id async for o in eng.submit(p, SamplingParams(max_tokens=5, ignore_eos=True)).aiter()]
+
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+        assert asyncio.run(main()) == want
+    # After shutdown nothing is left running.
+    assert eng.stats()["running"] == 0
