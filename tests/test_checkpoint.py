@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import hf_mistral, hf_mixtral
-from mixlab import load_model, save_model
+from mixlab import atomic, load_model, save_model
+from mixlab.atomic import MANIFEST
 from mixlab.checkpoint import io as ckio
 from mixlab.checkpoint import meta_model
 from mixlab.checkpoint.keymaps import FORMATS, rules
@@ -90,7 +91,7 @@ def test_mistral_format_round_trip_is_bit_identical(tmp_path, kind):
     model = load_model(src)
     mis = tmp_path / "mistral"
     save_model(model, mis, fmt="mistral")
-    assert sorted(p.name for p in mis.iterdir()) == ["consolidated.safetensors", "params.json"]
+    assert sorted(p.name for p in mis.iterdir()) == [MANIFEST, "consolidated.safetensors", "params.json"]
     keys = set(tensors_of(mis))
     assert "layers.0.attention.wq.weight" in keys and "tok_embeddings.weight" in keys
     if kind == "mixtral":
@@ -168,12 +169,12 @@ def test_tied_embeddings(tmp_path):
     assert model.output.weight is model.tok_embeddings.weight
     torch.testing.assert_close(our_logits(model, TOKENS), hf_logits(src, TOKENS), atol=1e-4, rtol=0)
     for fmt in ("hf", "mistral"):
-        save_model(model, tmp_path / fmt, fmt=fmt)
-        assert not {"lm_head.weight", "output.weight"} & set(tensors_of(tmp_path / fmt))
-        again = load_model(tmp_path / fmt)
+        save_model(model, tmp_path / f"out-{fmt}", fmt=fmt)
+        assert not {"lm_head.weight", "output.weight"} & set(tensors_of(tmp_path / f"out-{fmt}"))
+        again = load_model(tmp_path / f"out-{fmt}")
         assert again.output.weight is again.tok_embeddings.weight
         assert torch.equal(our_logits(again, TOKENS), our_logits(model, TOKENS))
-    assert torch.equal(hf_logits(tmp_path / "hf", TOKENS), hf_logits(src, TOKENS))
+    assert torch.equal(hf_logits(tmp_path / "out-hf", TOKENS), hf_logits(src, TOKENS))
 
 
 def test_dtype_chosen_at_load(tmp_path):
@@ -224,6 +225,7 @@ def test_crash_between_the_renames_is_recovered(tmp_path, monkeypatch):
     model = load_model(src)
     dst = tmp_path / "out"
     save_model(model, dst, fmt="mistral")  # the old copy
+    monkeypatch.setattr(atomic, "_EXCHANGE", None)  # the two-rename fallback (no RENAME_EXCHANGE)
     real = os.rename
 
     def die_before_swapping_in(a, b):
@@ -259,16 +261,20 @@ def test_recovery_from_every_crash_point(tmp_path):
         shutil.rmtree(dst)
 
 
-def test_save_cleans_dead_temporaries_and_keeps_side_files(tmp_path):
+def test_save_cleans_dead_temporaries_and_refuses_foreign_side_files(tmp_path):
     model = load_model(hf_mixtral(tmp_path / "hf"))
     dst = tmp_path / "out"
     save_model(model, dst)
-    (dst / "tokenizer.json").write_text("{}")
     dead = tmp_path / ".out.tmp-999999999-x"  # a pid no process has
     dead.mkdir()
     save_model(model, dst, fmt="mistral")
     assert not dead.exists()
-    assert sorted(p.name for p in dst.iterdir()) == ["consolidated.safetensors", "params.json", "tokenizer.json"]
+    assert sorted(p.name for p in dst.iterdir()) == [MANIFEST, "consolidated.safetensors", "params.json"]
+    (dst / "tokenizer.json").write_text("{}")  # the user's: replaced only on request
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        save_model(model, dst)
+    save_model(model, dst, copy_files=[dst / "tokenizer.json"], overwrite=True)
+    assert (dst / "tokenizer.json").read_text() == "{}" and (dst / "config.json").exists()
 
 
 def test_relative_paths_without_a_name(tmp_path, monkeypatch):
@@ -287,7 +293,7 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
     model = load_model(hf_mixtral(tmp_path / "hf"))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("x")
-    with pytest.raises(ValueError, match="does not look like a checkpoint"):
+    with pytest.raises(ValueError, match="holds files mixlab did not write"):
         save_model(model, tmp_path / "notes")
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "x"
 

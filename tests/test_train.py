@@ -142,7 +142,6 @@ def test_schedule_warmup_then_cosine() -> None:
 _CHILD = r"""
 import sys, time, torch
 from pathlib import Path
-import safetensors.torch
 from mixlab.config import get_preset
 from mixlab.model import Transformer
 from mixlab.train import checkpoints
@@ -151,13 +150,12 @@ m = Transformer(get_preset("tiny-moe")); m.init_weights(seed=0)
 opt = torch.optim.AdamW(m.parameters())
 m(torch.randint(0, 256, (1, 8))).sum().backward(); opt.step()
 checkpoints.save(root, step=1, model=m, optimizer=opt, state={}, keep=3)
-real = safetensors.torch.save_file
+real = checkpoints.write_safetensors
 def slow(*a, **k):
     real(*a, **k)
     print("WROTE", flush=True)
     time.sleep(60)  # the parent SIGKILLs us here, mid-save
-safetensors.torch.save_file = slow
-checkpoints.save_file = slow
+checkpoints.write_safetensors = slow
 checkpoints.save(root, step=2, model=m, optimizer=opt, state={}, keep=3)
 """
 
@@ -169,7 +167,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path: Path)
         assert child.stdout is not None
         line = child.stdout.readline()  # blocks until the first file of step 2 is written
         assert line.strip() == "WROTE"
-        assert any(p.name.startswith(".tmp-step_00000002") for p in root.iterdir())
+        assert any(p.name.startswith(".step_00000002.tmp-") for p in root.iterdir())
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)

@@ -9,6 +9,7 @@
 
 from mixlab.checkpoint import CheckpointError, load_model, save_model
 from mixlab.config import PRESETS, ConfigError, ModelConfig, MoEConfig, get_preset
+from mixlab.errors import DataError, GenerationError, MixlabError, OutputError, TrainingError
 from mixlab.generate import generate, generate_stream
 from mixlab.model import Transformer
 from mixlab.tokenizer import Tokenizer, load_tokenizer
@@ -17,6 +18,11 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "DataError",
+    "GenerationError",
+    "MixlabError",
+    "OutputError",
+    "TrainingError",
     "ModelConfig",
     "MoEConfig",
     "Tokenizer",

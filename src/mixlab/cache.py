@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 
 from mixlab.config import ModelConfig
+from mixlab.errors import MixlabError
 
 
-class CacheFullError(ValueError):
+class CacheFullError(MixlabError):
     pass
 
 

@@ -13,10 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing or out of range; the message names the field."""
-
+from mixlab.errors import ConfigError
 
 # mixlab field -> the key that holds it in transformers' config.json / Mistral's params.json, so
 # errors name the key the user sees in the file.

@@ -21,12 +21,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from mixlab.errors import MixlabError
+
 __all__ = ["ChatError", "StreamDecoder", "Tokenizer", "default_tokenizer_path", "load_tokenizer"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
 
 
-class ChatError(ValueError):
+class ChatError(MixlabError):
     """A conversation that the Mixtral-Instruct template cannot encode."""
 
 

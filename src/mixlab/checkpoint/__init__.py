@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mixlab.atomic import recover
+from mixlab.atomic import sibling as _sibling
 from mixlab.checkpoint.io import (
     DTYPES,
     FLOAT_DTYPES,
@@ -27,8 +29,6 @@ from mixlab.checkpoint.io import (
     TensorReader,
     _is_weight_file,
     _pickle_hint,
-    _sibling,
-    recover,
     scan,
     write_sharded,
 )
@@ -191,13 +191,19 @@ def save_model(
     dtype: str | torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     copy_files: list[Path] | None = None,
+    extra_files: dict[str, str] | None = None,
+    sources: list[str | Path] | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Save `model` as a checkpoint folder, atomically (a crash mid-save leaves any previous folder
     at `path` intact; see io.py).
 
     `fmt`: "hf" (transformers, legacy per-expert names, which every transformers version reads),
     "hf-fused" (transformers >= 5 fused expert tensors) or "mistral" (params.json +
-    consolidated.safetensors). `copy_files`: side files (tokenizer, ...) to copy in.
+    consolidated.safetensors). `copy_files`: side files (tokenizer, ...) to copy in; `extra_files`:
+    more files to write (name -> text). An existing folder at `path` is replaced only if mixlab wrote
+    everything in it, or with `overwrite`; a `path` that is or contains one of `sources` is refused
+    (OutputError, see mixlab.atomic).
     """
     if fmt not in FORMATS:
         raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -222,8 +228,9 @@ def save_model(
     else:
         extra = {"params.json": json.dumps(config.to_mistral_dict(), indent=2) + "\n"}
         single = "consolidated.safetensors"
-    write_sharded(tensors(), Path(path), extra_files=extra, max_shard_bytes=max_shard_bytes,
-                  single_name=single, metadata={"mixlab_format": fmt}, copy_files=copy_files or [])
+    write_sharded(tensors(), Path(path), extra_files={**extra, **(extra_files or {})},
+                  max_shard_bytes=max_shard_bytes, single_name=single, metadata={"mixlab_format": fmt},
+                  copy_files=copy_files or [], sources=sources or [], overwrite=overwrite)
 
 
 def side_files(root: str | Path) -> list[Path]:

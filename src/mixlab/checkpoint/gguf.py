@@ -14,7 +14,8 @@ Two conventions differ from mixlab's and are translated here:
 
 Norms and the router stay float32 in every file (llama.cpp's converter does the same: they are
 tiny, and routing decisions are sensitive to rounding). The file is streamed tensor by tensor and
-renamed into place at the end, so a failure never leaves a half-written `.gguf`.
+renamed into place at the end (mixlab.atomic.atomic_file), so a failure never leaves a half-written
+`.gguf`, and a killed export's temporary is removed by the next export to the same name.
 
 llama.cpp's `llama` architecture has no sliding-window attention: a dense model with a window
 gives the same logits only for sequences no longer than the window.
@@ -24,14 +25,15 @@ Shape legend: E experts, F expert FFN width, D width, H query heads, G kv heads,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mixlab.atomic import atomic_file, check_destination
 from mixlab.config import ModelConfig
+from mixlab.errors import OutputError
 
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 
@@ -141,12 +143,16 @@ def write_gguf(
     quant: str = "bf16",
     tokenizer: str | Path | None = None,
     name: str = "mixlab",
+    sources: list[str | Path] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` (a mixlab `Transformer`) to the GGUF file `path`; returns the path.
 
     `quant`: how matrices are stored: "f32", "f16", "bf16" or "q8_0" (llama.cpp's 8-bit blocks of 32
     with one f16 scale each; a matrix whose rows are not a multiple of 32 falls back to f16).
-    `tokenizer`: a SentencePiece model file (default: Mixtral's, from mistral-common).
+    `tokenizer`: a SentencePiece model file (default: Mixtral's, from mistral-common). An existing
+    file is replaced only if it is a GGUF file (or `overwrite`); a folder or a source is refused
+    before anything is written (mixlab.atomic).
     """
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -157,7 +163,8 @@ def write_gguf(
     config: ModelConfig = model.config  # type: ignore[assignment]
     dst = Path(path)
     if dst.suffix != ".gguf":
-        raise ValueError(f"{dst}: a GGUF file name must end in .gguf")
+        raise OutputError(f"{dst}: a GGUF file name must end in .gguf")
+    check_destination(dst, sources=sources or [], overwrite=overwrite, kind="file", magic=b"GGUF")
     qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[quant]
     ftype = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0}[quant]
     pieces, scores, types, special = _vocab(config, Path(tokenizer) if tokenizer else default_tokenizer_path())
@@ -205,18 +212,13 @@ def write_gguf(
         w.add_tensor_info(tname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=tq)
         plan.append((tname, t, tq))
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for _tname, t, tq_ in plan:
-            w.write_tensor_data(_encode(t.detach().cpu(), tq_))
-        w.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(dst, sources=sources or [], overwrite=overwrite, magic=b"GGUF") as tmp:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for _tname, t, tq_ in plan:
+                w.write_tensor_data(_encode(t.detach().cpu(), tq_))
+        finally:
+            w.close()
     return dst

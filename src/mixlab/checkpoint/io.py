@@ -10,13 +10,8 @@ The format: 8-byte little-endian header length, a JSON header `{name: {dtype, sh
 (offsets relative to the data section), then the raw bytes
 (https://github.com/huggingface/safetensors#format).
 
-Atomic saves (`write_sharded`), the guarantee: a save either completes or leaves the previous
-folder readable. Files go to a private temporary folder `.NAME.tmp-PID-*`, are fsynced, and the
-folder is renamed to `.NAME.new`: that rename is the commit point. Then the old `NAME` is renamed
-to `.NAME.old`, `.NAME.new` to `NAME`, and `.NAME.old` is deleted. If the process dies:
-before the commit, `NAME` is untouched (the next save removes the dead temporary folder); after
-it, `recover(NAME)` (run by every load and save of `NAME`) finishes the swap. One writer per
-folder at a time.
+Saves (`write_sharded`) go through mixlab.atomic: all or nothing, a manifest of the files
+written, and an existing folder replaced only if mixlab wrote everything in it.
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +28,8 @@ from typing import Any
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed or does not match the model; the message names the file."""
-
+from mixlab.atomic import atomic_folder
+from mixlab.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAMES = ("model.safetensors.index.json", "consolidated.safetensors.index.json")
@@ -331,60 +323,6 @@ def write_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], m
         os.fsync(f.fileno())
 
 
-def _sibling(dst: Path, tag: str) -> Path:
-    dst = Path(os.path.abspath(dst))  # "." and "ckpt/.." have no usable name until made absolute
-    return dst.with_name(f".{dst.name}.{tag}")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or creation inside `path` durable (fsync of the folder itself)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def recover(dst: Path) -> None:
-    """Finish or undo a save of `dst` that a crash interrupted (see the module docstring)."""
-    dst = Path(os.path.abspath(dst))
-    new, old = _sibling(dst, "new"), _sibling(dst, "old")
-    if new.is_dir():  # committed: the new copy is complete, finish the swap
-        if dst.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(dst, old)
-        os.rename(new, dst)
-        fsync_dir(dst.parent)
-    elif old.is_dir() and not dst.exists():  # not produced by the protocol, but never lose a copy
-        os.rename(old, dst)
-    if old.exists() and dst.exists():
-        shutil.rmtree(old)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_dead_temporaries(dst: Path) -> None:
-    prefix = f".{dst.name}.tmp-"
-    for p in dst.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        try:
-            pid = int(p.name.removeprefix(prefix).split("-")[0])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 _WEIGHT_FILES = ("config.json", "params.json")
 
 
@@ -401,26 +339,16 @@ def write_sharded(
     single_name: str = "model.safetensors",
     metadata: dict[str, str] | None = None,
     copy_files: Sequence[Path] = (),
+    sources: Sequence[str | Path] = (),
+    overwrite: bool = False,
 ) -> None:
     """Write tensors as safetensors shards (with an index when more than one), plus `extra_files`
-    (name -> text) and `copy_files` (copied as they are), atomically (module docstring).
+    (name -> text) and `copy_files` (copied as they are), atomically (mixlab.atomic).
 
-    If `dst` exists it must look like a checkpoint folder; its files that are not weights or
-    configs (tokenizer files, README, ...) are carried over to the new folder.
+    An existing `dst` is replaced only if it holds nothing but what a previous mixlab save wrote
+    (or `overwrite`); a `dst` that is or contains one of `sources` is refused (OutputError).
     """
-    dst = Path(os.path.abspath(dst))
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst}: exists and is not a folder")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    recover(dst)
-    _remove_dead_temporaries(dst)
-    if dst.is_dir():
-        names = [p.name for p in dst.iterdir()]
-        if names and not any(_is_weight_file(n) for n in names):
-            raise CheckpointError(f"{dst}: refusing to replace a folder that does not look like a checkpoint "
-                                  "(no config.json, params.json or *.safetensors)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
-    try:
+    with atomic_folder(dst, sources=sources, overwrite=overwrite, kind="checkpoint") as tmp:
         stem = single_name.removesuffix(".safetensors")
         meta = {"format": "pt", **(metadata or {})}
         seen: set[str] = set()
@@ -458,26 +386,7 @@ def write_sharded(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / f"{single_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for fname, text in extra_files.items():
-            (tmp / fname).write_text(text)
+            (tmp / fname).write_text(text, encoding="utf-8")
         for src in copy_files:
             if not (tmp / src.name).exists():
                 shutil.copyfile(src, tmp / src.name)
-        if dst.is_dir():  # keep the user's side files (tokenizer, README) that this save does not write
-            for f in dst.iterdir():
-                if f.is_file() and not _is_weight_file(f.name) and not (tmp / f.name).exists():
-                    shutil.copyfile(f, tmp / f.name)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Commit `tmp` as the new `dst` (rename to `.NAME.new`), then swap it in; see `recover`."""
-    os.rename(tmp, _sibling(dst, "new"))
-    fsync_dir(dst.parent)
-    recover(dst)

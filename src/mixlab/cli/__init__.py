@@ -1,8 +1,8 @@
 """The `mixlab` command: a table of subcommands, each a thin wrapper over library functions.
 
 Each module in `MODULES` defines `register(subparsers)`, which adds its subcommands and sets
-`func(args) -> int` on each. Library errors (ConfigError, CheckpointError, ValueError) become a
-one-line message and exit code 2, never a traceback.
+`func(args) -> int` on each. Library errors (mixlab.errors.MixlabError, other ValueErrors, OSError
+such as a full disk) become a one-line message and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except ValueError as e:  # MixlabError and the checks of the libraries below
         print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a missing file, no permission, a full disk (ENOSPC), ...: name the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mixlab {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixlab {args.command}: interrupted", file=sys.stderr)

@@ -55,11 +55,12 @@ def convert(args: argparse.Namespace) -> int:
     if args.to == "gguf":
         from mixlab.checkpoint.gguf import write_gguf
 
-        write_gguf(model, args.dst, quant=args.quant, tokenizer=args.tokenizer)
+        write_gguf(model, args.dst, quant=args.quant, tokenizer=args.tokenizer, sources=[args.src],
+                   overwrite=args.overwrite)
         print(f"wrote {args.dst} (gguf, {args.quant})")
         return 0
     save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
-               copy_files=side_files(args.src))
+               copy_files=side_files(args.src), sources=[args.src], overwrite=args.overwrite)
     print(f"wrote {args.dst} ({args.to})")
     return 0
 
@@ -70,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=info)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (atomic write)")
     p.add_argument("src", help="checkpoint folder: transformers or Mistral format")
-    p.add_argument("dst", help="output folder (replaced atomically if it exists)")
+    p.add_argument("dst", help="output folder (or .gguf file), written atomically; an existing one is replaced "
+                               "only if mixlab wrote it")
     p.add_argument("--to", choices=CONVERT_FORMATS, default="hf")
     p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
                    help="GGUF only: how matrices are stored (norms and router stay f32)")
@@ -78,4 +80,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GGUF only: SentencePiece model for the vocabulary (default: Mixtral's, from mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard, in GiB (default 5)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace dst even if it holds files mixlab did not write (never one holding the source)")
     p.set_defaults(func=convert)

@@ -12,7 +12,8 @@ def data_prepare(args: argparse.Namespace) -> int:
 
     domains = args.domains.split(",") if args.domains else None
     meta = prepare(read_documents(args.sources, domains=domains), args.out, tokenizer=args.tokenizer,
-                   valid_fraction=args.valid_fraction, seed=args.seed, progress=True)
+                   valid_fraction=args.valid_fraction, seed=args.seed, progress=True,
+                   sources=args.sources, overwrite=args.overwrite)
     for split, per in meta["splits"].items():
         tokens = sum(v["tokens"] for v in per.values())
         docs = sum(v["docs"] for v in per.values())
@@ -84,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--valid-fraction", type=float, default=0.05,
                    help="documents held out per domain when it has no valid file (default 0.05)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds files mixlab did not write (never one holding a source)")
     q.set_defaults(func=data_prepare)
 
     p = sub.add_parser("train", help="train a (MoE) model on a prepared dataset")

@@ -8,27 +8,30 @@ A checkpoint is a folder `<run>/checkpoints/step_XXXXXXXX/`:
     state.json              step, configs, data position, optimizer hyperparameters, and the byte
                             size of every file above (the completeness check)
 
-It is written into a temporary folder (`.tmp-step_XXXXXXXX-*`) which is renamed into place only
-after every file is written and fsynced, so a crash or SIGKILL mid-save leaves at worst a `.tmp-`
-folder, never a half-written `step_` folder, and the previous checkpoint stays loadable. `torch.save`
-is never used: optimizer state goes through safetensors + JSON, so loading runs no pickle.
+    .mixlab-manifest.json   every file's size and SHA-256, verified before a resume
+
+It is written through mixlab.atomic (a temporary `.step_XXXXXXXX.tmp-PID-*` renamed into place only
+after every file is written and fsynced), so a crash or SIGKILL mid-save leaves at worst a temporary
+folder, which the next save removes, never a half-written `step_` folder, and the previous checkpoint
+stays loadable. A checkpoint whose bytes changed after the save (same size, other content) fails its
+checksum. `torch.save` is never used: optimizer state goes through safetensors + JSON, so loading
+runs no pickle.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from mixlab.atomic import atomic_folder, read_manifest, verify
 from mixlab.checkpoint import load_model
-from mixlab.checkpoint.io import CheckpointError, fsync_dir, read_header
+from mixlab.checkpoint.io import CheckpointError, read_header, write_safetensors
 from mixlab.config import ConfigError, ModelConfig, MoEConfig
 from mixlab.model import Transformer
 
@@ -37,9 +40,7 @@ FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    write_safetensors(path, sorted(tensors.items()), {"format": "pt"})
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -98,6 +99,8 @@ def validate(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(f"{ckpt}: incomplete checkpoint ({name} has {f.stat().st_size} bytes, "
                                   f"state.json says {size})")
         read_header(f)
+    if read_manifest(ckpt) is not None:  # checkpoints from before manifests have sizes only
+        verify(ckpt)
     return state
 
 
@@ -126,10 +129,11 @@ def save(
 ) -> Path:
     """Write checkpoint `step` atomically under `root`, then delete all but the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
+    for p in root.glob(".tmp-step_*"):  # temporaries of the scheme before mixlab.atomic (one writer per run)
+        shutil.rmtree(p, ignore_errors=True)
     name = f"step_{step:08d}"
-    dst = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    try:
+    # Re-saving the same step (e.g. a signal right after a periodic save) replaces our own folder.
+    with atomic_folder(root / name, kind="training-checkpoint", checksums=True, overwrite=True) as tmp:
         names = [n for n, _ in model.named_parameters()]
         # Tied parameters appear once in named_parameters; state_dict holds both names.
         _save({n: p for n, p in model.named_parameters()}, tmp / "model.safetensors")
@@ -141,21 +145,10 @@ def save(
         _save(rng, tmp / "rng.safetensors")
         full = {**state, "step": step, "optimizer": opt_info,
                 "files": {f: (tmp / f).stat().st_size for f in FILES}}
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump(full, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if dst.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "state.json").write_text(json.dumps(full, indent=1), encoding="utf-8")
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return dst
+    return root / name
 
 
 def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

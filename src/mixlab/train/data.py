@@ -26,11 +26,8 @@ or `tokenizer.json`, read through `mixlab.tokenizer`.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,14 +35,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mixlab.atomic import atomic_folder, check_destination
+from mixlab.errors import DataError
+
 FORMAT = "mixlab.tokens"
 VERSION = 1
 VALID_STEMS = ("valid", "validation", "val", "dev", "test")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".tex")
 
-
-class DataError(ValueError):
-    """Bad training data: the message names the file, line or field and what was expected."""
 
 
 # -- tokenizers ------------------------------------------------------------------------------------
@@ -231,24 +228,28 @@ def prepare(
     valid_fraction: float = 0.05,
     seed: int = 0,
     progress: bool = False,
+    sources: Sequence[str | Path] = (),
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize `documents` and write a dataset folder at `out` (atomically); returns its metadata.
+    """Tokenize `documents` and write a dataset folder at `out` (atomically, mixlab.atomic); returns
+    its metadata. An existing `out` is replaced only if mixlab wrote everything in it (or
+    `overwrite`); an `out` that is or contains one of `sources` is refused.
 
     Documents whose split is not given ("") are assigned by domain: a domain that has any "valid"
     documents keeps its splits; otherwise a seeded `valid_fraction` of its documents is held out.
     """
+    if not (isinstance(valid_fraction, int | float) and 0 <= valid_fraction < 1):
+        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction!r}")
     tok = get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    check_destination(out, sources=sources, overwrite=overwrite)  # fail before reading the corpus
     by_domain: dict[str, list[Document]] = {}
     for d in documents:
         by_domain.setdefault(d.domain, []).append(d)
     if not by_domain:
         raise DataError("no documents to prepare")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     splits: dict[str, dict[str, dict[str, int]]] = {"train": {}, "valid": {}}
-    try:
+    with atomic_folder(out, sources=sources, overwrite=overwrite, kind="dataset") as tmp:
         for domain, docs in sorted(by_domain.items()):
             if not any(d.split == "valid" for d in docs):
                 order = list(range(len(docs)))
@@ -292,16 +293,6 @@ def prepare(
             "splits": splits,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

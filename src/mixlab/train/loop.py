@@ -483,9 +483,8 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
 
 def export(model: Transformer, path: Path, dataset: TokenDataset) -> None:
     """Save in transformers format, plus `mixlab_data.json` naming the tokenizer and domains."""
-    save_model(model, path, fmt="hf")
     info = {"tokenizer": dataset.meta["tokenizer"], "domains": dataset.domains}
-    (path / "mixlab_data.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    save_model(model, path, fmt="hf", extra_files={"mixlab_data.json": json.dumps(info, indent=2) + "\n"})
 
 
 __all__ = ["DataError", "TrainConfig", "TrainResult", "evaluate", "load_train_config", "train"]

@@ -246,7 +246,8 @@ def upcycle(
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else stored
     side = [root / n for n in _SIDE_FILES if (root / n).is_file()]  # so the MoE folder is usable as is
     write_sharded(counted(), out, extra_files={"config.json": json.dumps(cfg, indent=2) + "\n"}, copy_files=side,
-                  max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name})
+                  max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name},
+                  sources=[root])
     return UpcycleReport(
         config=moe,
         dense_params=dense.param_counts()["total"],

@@ -1,0 +1,342 @@
+"""Atomic outputs: the one scheme behind every folder mixlab writes (saved and converted
+checkpoints, training checkpoints, prepared datasets) and its single files (GGUF).
+
+The guarantees:
+- **All or nothing.** New content goes to a temporary sibling `.NAME.tmp-PID-XXXXXXXX`, is
+  fsynced, and replaces `NAME` in one step: on Linux `renameat2(RENAME_EXCHANGE)` swaps the two
+  folders atomically, so `NAME` never stops existing, and the old content (now in the temporary)
+  is deleted. Without it, two renames through `.NAME.new` (the commit point) and `.NAME.old`;
+  `recover(NAME)` finishes them after a crash. Files are replaced with `os.replace`.
+- **mixlab replaces only what it wrote.** Each folder gets a manifest (`MANIFEST`) of its files and
+  their sizes (and SHA-256 when asked). A destination that exists and holds anything not in its
+  manifest is refused unless `overwrite=True` (`--overwrite`); a destination that is or contains a
+  source is refused always (nothing that holds the input is ever deleted). A file destination is
+  replaced only if it starts with the expected magic bytes.
+- **Symlinks are written through:** a destination that is a link (or lies under one) is resolved;
+  the folder it points to is replaced and the link stays.
+- **Leftovers are cleaned by name:** a temporary `.NAME.tmp-PID-*` whose process is gone is deleted
+  by the next write of `NAME`; nothing else is touched.
+- **Usual modes:** folders are made with `os.mkdir` (0777 & ~umask), not mkdtemp's 0700.
+One writer per destination at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mixlab.errors import CheckpointError, OutputError
+
+MANIFEST = ".mixlab-manifest.json"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2() -> Any:
+    try:
+        f = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_EXCHANGE = _renameat2()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or file system cannot."""
+    if _EXCHANGE is None:
+        return False
+    if _EXCHANGE(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside `path` durable (fsync of the folder itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sibling(dst: Path, tag: str) -> Path:
+    dst = Path(os.path.abspath(dst))  # "." and "ckpt/.." have no usable name until made absolute
+    return dst.with_name(f".{dst.name}.{tag}")
+
+
+def recover(dst: Path) -> None:
+    """Finish or undo a two-rename replacement of `dst` that a crash interrupted (the fallback where
+    RENAME_EXCHANGE is unavailable): `.NAME.new` complete means committed."""
+    dst = Path(os.path.abspath(dst))
+    new, old = sibling(dst, "new"), sibling(dst, "old")
+    if new.is_dir():  # committed: the new copy is complete, finish the swap
+        if dst.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(dst, old)
+        os.rename(new, dst)
+        fsync_dir(dst.parent)
+    elif old.is_dir() and not dst.exists():  # not produced by the protocol, but never lose a copy
+        os.rename(old, dst)
+    if old.exists() and dst.exists():
+        shutil.rmtree(old)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def remove_leftovers(real: Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID[-*]` siblings of `real` left by processes that are gone; returns them."""
+    prefix = f".{real.name}.tmp-"
+    gone: list[Path] = []
+    if not real.parent.is_dir():
+        return gone
+    for p in real.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            pid = int(p.name.removeprefix(prefix).split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            _remove(p)
+            gone.append(p)
+    return gone
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a folder mixlab wrote, or None (absent or unreadable)."""
+    try:
+        m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
+        return None
+    return m
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every non-folder entry under `folder` (links not followed), and every empty subfolder, relative."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        r = Path(root)
+        for d in list(dirs):
+            if (r / d).is_symlink():
+                dirs.remove(d)
+                files.append(d)
+        out += [(r / f).relative_to(folder).as_posix() for f in files]
+        if r != folder and not dirs and not files:
+            out.append(r.relative_to(folder).as_posix() + "/")
+    return sorted(out)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What `folder` holds that mixlab's manifest there does not list (all of it without a manifest)."""
+    m = read_manifest(folder)
+    ours = set(m["files"]) | {MANIFEST} if m else set()
+    return [e for e in _entries(folder) if e not in ours]
+
+
+def _names(xs: Sequence[str]) -> str:
+    return ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
+
+
+def check_destination(
+    dst: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False, kind: str = "folder",
+    magic: bytes | None = None,
+) -> Path:
+    """The real path to write `dst` to, after the checks of the module docstring; OutputError if refused.
+
+    `kind`: "folder" or "file". `magic`: for files, the leading bytes that mark one mixlab may replace.
+    """
+    given = Path(dst)
+    real = Path(os.path.realpath(given))
+    shown = f"{given} (a link to {real})" if real != Path(os.path.abspath(given)) else str(given)
+    inside: Path | None = None
+    for s in sources:
+        src = Path(os.path.realpath(s))
+        if _contains(real, src):
+            what = "is" if src == real else "contains"
+            raise OutputError(f"{shown}: refusing to write there: it {what} the source {s}; choose another "
+                              "destination")
+        if _contains(src, real):
+            inside = Path(s)
+    if inside is not None:  # part of a source: --overwrite never deletes it (only what mixlab wrote)
+        overwrite = False
+    hint = (f"it lies inside the source {inside}; choose another destination" if inside is not None else
+            "pass --overwrite (overwrite=True) to replace it, or choose another destination")
+    if not os.path.lexists(real):
+        return real
+    if kind == "folder":
+        if not real.is_dir():
+            raise OutputError(f"{shown}: exists and is not a folder; remove it or choose another destination")
+        foreign = foreign_entries(real)
+        if foreign and not overwrite:
+            raise OutputError(f"{shown}: holds files mixlab did not write ({_names(foreign)}); {hint}")
+        return real
+    if real.is_dir():
+        raise OutputError(f"{shown}: is a folder; give a file name (for example {given / 'model.gguf'})")
+    if not real.is_file():
+        raise OutputError(f"{shown}: exists and is not a regular file")
+    if not overwrite and (magic is not None or inside is not None):
+        with open(real, "rb") as f:
+            head = f.read(len(magic or b""))
+        if magic is None or head != magic:
+            why = f" (it does not start with {magic!r})" if magic else ""
+            raise OutputError(f"{shown}: exists and may not be mixlab's{why}; {hint}")
+    return real
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, *, kind: str, checksums: bool = False) -> dict[str, Any]:
+    files: dict[str, dict[str, Any]] = {}
+    for e in _entries(folder):
+        if e == MANIFEST or e.endswith("/"):
+            continue
+        entry: dict[str, Any] = {"bytes": (folder / e).stat().st_size}
+        if checksums:
+            entry["sha256"] = sha256(folder / e)
+        files[e] = entry
+    m = {"written_by": "mixlab", "kind": kind, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(m, indent=1) + "\n", encoding="utf-8")
+    return m
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check a folder against its manifest (presence, sizes, SHA-256 where recorded); CheckpointError
+    naming the first file that differs. Returns the manifest."""
+    m = read_manifest(folder)
+    if m is None:
+        raise CheckpointError(f"{folder}: no readable {MANIFEST} (not written by mixlab, or damaged)")
+    for name, entry in m["files"].items():
+        f = folder / name
+        if not f.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        if f.stat().st_size != entry.get("bytes"):
+            raise CheckpointError(f"{f}: has {f.stat().st_size} bytes, the manifest says {entry.get('bytes')}")
+        if "sha256" in entry and sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"{f}: content differs from what was written (SHA-256 mismatch); the file is "
+                                  "damaged")
+    return m
+
+
+def _sync_tree(folder: Path) -> None:
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with open(Path(root) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(root))
+
+
+def _commit_folder(tmp: Path, real: Path) -> None:
+    if not os.path.lexists(real):
+        os.rename(tmp, real)
+    elif _exchange(tmp, real):
+        shutil.rmtree(tmp)  # the old content
+    else:  # two renames; `recover` finishes them after a crash
+        os.rename(tmp, sibling(real, "new"))
+        fsync_dir(real.parent)
+        recover(real)
+        return
+    fsync_dir(real.parent)
+
+
+def new_temporary(real: Path) -> Path:
+    """A fresh, empty temporary folder next to `real` with the usual mode, named for cleanup."""
+    while True:
+        tmp = real.with_name(f".{real.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def atomic_folder(
+    dst: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False, kind: str = "mixlab",
+    checksums: bool = False,
+) -> Iterator[Path]:
+    """Write a folder atomically: yields an empty temporary folder to fill; on success it gets a
+    manifest and replaces `dst`; on any error it is deleted and `dst` is untouched."""
+    real = Path(os.path.realpath(dst))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    recover(real)
+    remove_leftovers(real)
+    real = check_destination(dst, sources=sources, overwrite=overwrite, kind="folder")
+    tmp = new_temporary(real)
+    try:
+        yield tmp
+        write_manifest(tmp, kind=kind, checksums=checksums)
+        _sync_tree(tmp)
+        _commit_folder(tmp, real)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(
+    dst: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False, magic: bytes | None = None,
+) -> Iterator[Path]:
+    """Write one file atomically: yields a temporary path next to `dst` to write; on success it is
+    fsynced and renamed over `dst`; on any error it is deleted."""
+    real = Path(os.path.realpath(dst))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(real)
+    real = check_destination(dst, sources=sources, overwrite=overwrite, kind="file", magic=magic)
+    tmp = real.with_name(f".{real.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, real)
+        fsync_dir(real.parent)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+__all__ = ["MANIFEST", "atomic_file", "atomic_folder", "check_destination", "foreign_entries", "read_manifest",
+           "recover", "remove_leftovers", "verify"]

@@ -1,0 +1,265 @@
+"""The one atomic-output scheme (mixlab.atomic) behind convert, save_model, training checkpoints,
+`data prepare` and GGUF export: nothing mixlab did not write is ever deleted (issue 11, points 1-3
+and 9), symlinks are written through, leftovers of killed runs are cleaned by name, usual modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixlab import atomic
+from mixlab.checkpoint import load_model, save_model
+from mixlab.cli import main
+from mixlab.config import get_preset
+from mixlab.errors import MixlabError, OutputError
+from mixlab.model import Transformer
+
+
+def tiny(path: Path) -> Path:
+    m = Transformer(get_preset("tiny-moe"))
+    m.init_weights(seed=0)
+    save_model(m, path)
+    return path
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny(tmp_path_factory.mktemp("base") / "base")
+
+
+def test_convert_into_a_folder_holding_the_source_and_a_config_deletes_nothing(base, tmp_path, capsys):
+    # The probe: mkdir models; cp -r base models/a; cp base/config.json models/; convert models/a models
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "a").mkdir()
+    for f in base.iterdir():
+        (models / "a" / f.name).write_bytes(f.read_bytes())
+    (models / "sibling").mkdir()
+    (models / "sibling" / "keep.bin").write_bytes(b"precious")
+    (models / "config.json").write_bytes((base / "config.json").read_bytes())
+    before = tree(models)
+    for extra in ([], ["--overwrite"]):  # never a folder holding the source, even with --overwrite
+        assert main(["convert", str(models / "a"), str(models), "--to", "mistral", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "contains the source" in err and str(models) in err and "Traceback" not in err
+        assert tree(models) == before
+
+
+def test_convert_into_the_parent_of_the_source_or_onto_itself_is_refused(base, tmp_path, capsys):
+    parent = tmp_path / "p"
+    src = tiny(parent / "src")
+    before = tree(parent)
+    for dst in (parent, src, tmp_path):
+        assert main(["convert", str(src), str(dst), "--overwrite"]) == 2
+        assert "source" in capsys.readouterr().err
+    assert tree(parent) == before
+
+
+def test_a_folder_with_foreign_files_is_replaced_only_with_overwrite(base, tmp_path, capsys):
+    dst = tmp_path / "out"
+    assert main(["convert", str(base), str(dst), "--to", "mistral"]) == 0
+    assert main(["convert", str(base), str(dst)]) == 0  # mixlab wrote everything there: replaced
+    assert (dst / "config.json").exists() and not (dst / "params.json").exists()
+    (dst / "notes.txt").write_text("mine")
+    assert main(["convert", str(base), str(dst), "--to", "mistral"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "--overwrite" in err
+    assert (dst / "notes.txt").read_text() == "mine"
+    assert main(["convert", str(base), str(dst), "--to", "mistral", "--overwrite"]) == 0
+    assert (dst / "params.json").exists() and not (dst / "notes.txt").exists()
+    # Python API: the project's own exception type, same message.
+    (dst / "thesis.tex").write_text("x")
+    with pytest.raises(OutputError, match="thesis.tex"):
+        save_model(load_model(base), dst)
+    assert issubclass(OutputError, MixlabError) and issubclass(OutputError, ValueError)
+
+
+def test_a_folder_without_a_manifest_is_not_replaced(base, tmp_path):
+    dst = tmp_path / "notes"
+    dst.mkdir()
+    (dst / "config.json").write_text("{}")  # looks like a checkpoint, but mixlab did not write it
+    with pytest.raises(OutputError, match="did not write"):
+        save_model(load_model(base), dst)
+    assert (dst / "config.json").read_text() == "{}"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_model(load_model(base), empty)  # an empty folder holds nothing to lose
+    assert (empty / "model.safetensors").exists()
+
+
+def test_data_prepare_never_deletes_the_corpus_or_a_foreign_folder(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    (corpus / "prose").mkdir(parents=True)
+    for i in range(5):
+        (corpus / "prose" / f"{i}.txt").write_text(f"text number {i} " * 5)
+    before = tree(corpus)
+    for out in (corpus, tmp_path, corpus / "prose"):  # is, contains, lies inside the source
+        for extra in ([], ["--overwrite"]):
+            assert main(["data", "prepare", str(corpus), "--out", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert "source" in err and "Traceback" not in err
+        assert tree(corpus) == before
+    # An existing regular file named by --out is refused and left as it is (no .NAME.old-PID).
+    f = tmp_path / "ds"
+    f.write_text("a file")
+    assert main(["data", "prepare", str(corpus), "--out", str(f)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert f.read_text() == "a file" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    ds = tmp_path / "ds2"
+    assert main(["data", "prepare", str(corpus), "--out", str(ds)]) == 0
+    assert main(["data", "prepare", str(corpus), "--out", str(ds), "--seed", "1"]) == 0  # ours: replaced
+    (ds / "mine.txt").write_text("x")
+    assert main(["data", "prepare", str(corpus), "--out", str(ds)]) == 2
+    assert (ds / "mine.txt").exists()
+
+
+def test_the_output_folder_exists_at_every_moment_of_a_replacement(base, tmp_path, monkeypatch):
+    """RENAME_EXCHANGE swaps the folders: there is no moment without `out` (data.py's old scheme had one)."""
+    if atomic._EXCHANGE is None:
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    dst = tmp_path / "out"
+    save_model(load_model(base), dst)
+    seen = []
+    real_rmtree = atomic.shutil.rmtree
+
+    def watch(p, *a, **kw):
+        seen.append((dst / "params.json").exists() and (Path(p) / "config.json").exists())  # new in, old out
+        return real_rmtree(p, *a, **kw)
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", watch)
+    real_rename = os.rename
+
+    def rename(a, b):
+        if dst in (Path(a), Path(b)):
+            pytest.fail("renaming out away leaves a moment without it")
+        real_rename(a, b)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    save_model(load_model(base), dst, fmt="mistral")
+    assert seen == [True] and (dst / "params.json").exists()
+
+
+def test_a_symlinked_destination_is_written_through(base, tmp_path, capsys):
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)  # dangling at first
+    assert main(["convert", str(base), str(link)]) == 0
+    assert link.is_symlink() and (real / "config.json").exists()
+    assert main(["convert", str(base), str(link), "--to", "mistral"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(real) and (real / "params.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no .link.old left behind
+    assert main(["info", str(link)]) == 0
+    capsys.readouterr()
+    # A link to the source is the source.
+    src_link = tmp_path / "srclink"
+    src_link.symlink_to(base)
+    assert main(["convert", str(base), str(src_link), "--overwrite"]) == 2
+    assert "source" in capsys.readouterr().err
+
+
+def test_leftovers_of_killed_runs_are_cleaned_by_name_only(base, tmp_path):
+    dead = 999_999_999  # a pid no process has
+    gguf_tmp = tmp_path / f".m.gguf.tmp-{dead}"
+    gguf_tmp.write_bytes(b"x" * 100)
+    folder_tmp = tmp_path / f".out.tmp-{dead}-abcd"
+    folder_tmp.mkdir()
+    alive = tmp_path / f".out.tmp-{os.getppid()}-abcd"  # a live process's: not ours to remove
+    alive.mkdir()
+    other = tmp_path / ".outer.tmp-1"  # another destination's name
+    other.mkdir()
+    save_model(load_model(base), tmp_path / "out")
+    assert not folder_tmp.exists() and alive.exists() and other.exists()
+    from mixlab.checkpoint.gguf import write_gguf
+
+    pytest.importorskip("gguf")
+    big_vocab = Transformer(get_preset("tiny-moe").replace(vocab_size=32000))  # the tokenizer's 32000 pieces
+    big_vocab.init_weights(seed=0)
+    write_gguf(big_vocab, tmp_path / "m.gguf", quant="f16")
+    assert not gguf_tmp.exists() and (tmp_path / "m.gguf").exists()
+
+
+def test_training_checkpoint_leftovers_are_cleaned(tmp_path):
+    from mixlab.train import checkpoints
+
+    m = Transformer(get_preset("tiny-moe"))
+    m.init_weights(seed=0)
+    opt = torch.optim.AdamW(m.parameters())
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_00000002-x8k2").mkdir(parents=True)  # the scheme before mixlab.atomic
+    (root / f".step_00000003.tmp-{999_999_999}-ab").mkdir()
+    checkpoints.save(root, step=1, model=m, optimizer=opt, state={}, keep=3)
+    checkpoints.save(root, step=3, model=m, optimizer=opt, state={}, keep=3)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000003"]
+
+
+def test_outputs_have_the_usual_modes(base, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_model(load_model(base), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "model.safetensors").stat().st_mode) == 0o644
+
+
+def test_gguf_destination_that_is_a_folder_or_foreign_file_is_refused_before_writing(base, tmp_path, capsys,
+                                                                                     monkeypatch):
+    pytest.importorskip("gguf")
+    from mixlab.checkpoint import gguf as g
+
+    (tmp_path / "d.gguf").mkdir()
+    monkeypatch.setattr(g, "_encode", lambda *a: pytest.fail("wrote data before refusing"))
+    assert main(["convert", str(base), str(tmp_path / "d.gguf"), "--to", "gguf"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "x.gguf").write_text("my notes")
+    assert main(["convert", str(base), str(tmp_path / "x.gguf"), "--to", "gguf"]) == 2
+    assert "may not be mixlab" in capsys.readouterr().err
+    assert (tmp_path / "x.gguf").read_text() == "my notes"
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(base, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mixlab.checkpoint import io as ckio
+
+    def full(path, *a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(ckio, "write_safetensors", full)
+    assert main(["convert", str(base), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["nan-bytes", "f32-to-i32"])
+def test_a_training_checkpoint_changed_after_saving_is_refused_on_resume(tmp_path, damage):
+    from mixlab.errors import CheckpointError
+    from mixlab.train import checkpoints
+
+    m = Transformer(get_preset("tiny-moe"))
+    m.init_weights(seed=0)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randint(0, 256, (1, 8))).sum().backward()
+    opt.step()
+    root = tmp_path / "checkpoints"
+    checkpoints.save(root, step=1, model=m, optimizer=opt, state={}, keep=3)
+    checkpoints.save(root, step=2, model=m, optimizer=opt, state={}, keep=3)
+    f = root / "step_00000002" / "optimizer.safetensors"
+    raw = bytearray(f.read_bytes())
+    if damage == "nan-bytes":  # same size, NaN written over the last float
+        raw[-4:] = b"\x00\x00\xc0\x7f"
+    else:  # the header names another dtype of the same size
+        i = raw.index(b'"F32"')
+        raw[i:i + 5] = b'"I32"'
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors.*SHA-256.*resume from step_00000001"):
+        checkpoints.latest(root)
