@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import time
 import tomllib
@@ -339,6 +340,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                               "or choose another --out")
     was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if cfg.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; the variable must be set before its
+        # first use (torch raises at the first matmul otherwise).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
