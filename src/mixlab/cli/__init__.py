@@ -12,7 +12,7 @@ import importlib
 import sys
 
 MODULES = ("mixlab.cli.model", "mixlab.cli.run", "mixlab.cli.upcycle", "mixlab.cli.analyze", "mixlab.cli.train",
-           "mixlab.cli.bench", "mixlab.cli.parallel", "mixlab.cli.eval", "mixlab.cli.serve")
+           "mixlab.cli.bench", "mixlab.cli.parallel", "mixlab.cli.eval", "mixlab.cli.serve", "mixlab.cli.finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

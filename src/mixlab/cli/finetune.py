@@ -1,0 +1,72 @@
+"""`mixlab sft` and `mixlab dpo`: thin wrappers over mixlab.train.finetune."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+
+def _run(args: argparse.Namespace, task: str) -> int:
+    from mixlab.train.finetune import finetune, load_finetune_config
+
+    keys: tuple[str, ...] = (
+        "model", "data", "valid_data", "out", "tokenizer", "seq_len", "batch_size", "grad_accum", "steps", "lr",
+        "warmup", "weight_decay", "clip", "seed", "threads", "dtype", "device", "aux_loss_coef",
+            "eval_every", "ckpt_every", "keep", "log_every", "valid_fraction", "max_examples",
+            "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
+    if task == "dpo":
+        keys += ("beta", "loss", "label_smoothing")
+    over = {k: getattr(args, k) for k in keys}
+    over["task"] = task
+    for flag in ("freeze_router", "reference_free", "length_normalize"):
+        if getattr(args, flag, False):
+            over[flag] = True
+    if args.lora_rank:  # a LoRA run writes its adapter; plain merged weights only with --merge
+        over["export_hf"] = bool(args.merge)
+    cfg = load_finetune_config(args.config, **over)
+    result = finetune(cfg, resume=args.resume)
+    if result.stopped_by is not None:
+        print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint saved; "
+              "continue with --resume")
+        return 128 + result.stopped_by
+    if result.evals:
+        ev = result.evals[-1]
+        print(f"step {result.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if k != "step"))
+    print(f"run folder: {result.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for task, help_ in (("sft", "supervised fine-tuning on chat JSONL (messages), loss on assistant turns, packed"),
+                        ("dpo", "Direct Preference Optimisation on JSONL pairs (chosen, rejected, prompt|messages)")):
+        p = sub.add_parser(task, help=help_)
+        p.add_argument("config", nargs="?", default=None, help="fine-tuning config file (.toml or .json)")
+        p.add_argument("--model", default=None, help="starting weights: any checkpoint mixlab loads, or a run folder")
+        p.add_argument("--data", default=None, help="JSONL file")
+        p.add_argument("--valid-data", dest="valid_data", default=None,
+                       help="held-out JSONL file (default: hold out --valid-fraction of --data)")
+        p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, hf/, adapter/)")
+        p.add_argument("--tokenizer", default=None, help="bytes, mixtral or a path (default: the checkpoint's)")
+        for name, typ in (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("steps", int), ("lr", float),
+                          ("warmup", int), ("weight_decay", float), ("clip", float), ("seed", int), ("threads", int),
+                          ("aux_loss_coef", float), ("eval_every", int), ("ckpt_every", int), ("keep", int),
+                          ("log_every", int), ("valid_fraction", float), ("max_examples", int),
+                          ("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float)):
+            p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+        p.add_argument("--lora-targets", dest="lora_targets", default=None,
+                       help="comma-separated: attention, experts, router (default attention,experts)")
+        p.add_argument("--lora-base-dtype", dest="lora_base_dtype", choices=["float32", "bfloat16", "int8"],
+                       default=None, help="how the frozen base is held (int8: QLoRA-style)")
+        p.add_argument("--merge", action="store_true", help="LoRA: also write the merged plain checkpoint (out/hf)")
+        p.add_argument("--freeze-router", dest="freeze_router", action="store_true")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype")
+        p.add_argument("--device", default=None)
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        if task == "dpo":
+            p.add_argument("--beta", type=float, default=None, help="DPO beta (default 0.1)")
+            p.add_argument("--loss", choices=["sigmoid", "ipo"], default=None)
+            p.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=None)
+            p.add_argument("--reference-free", dest="reference_free", action="store_true")
+            p.add_argument("--length-normalize", dest="length_normalize", action="store_true",
+                           help="mean instead of sum of reply token log-probs")
+        p.set_defaults(func=lambda a, t=task: _run(a, t))

@@ -1,0 +1,190 @@
+"""Direct Preference Optimisation: preference-pair data, sequence log-probabilities, the losses.
+
+Shape legend: N pairs in a batch, T tokens, V vocabulary.
+
+Data: one JSON object per line with `chosen` and `rejected` (a reply string, or a list holding one
+assistant message) and the prompt as either `prompt` (a string; a Human:/Assistant: transcript such
+as Anthropic HH's becomes chat turns, anything else one user turn) or `messages` (chat turns ending
+with a user turn). Prompt and reply are rendered with the Mixtral-Instruct template (sft.py); only
+the reply's tokens (and its `</s>`) count in a sequence's log-probability.
+
+Losses, with pi/ref the policy/reference log-probabilities of the chosen (c) and rejected (r) reply
+and h = (pi_c - pi_r) - (ref_c - ref_r) (Rafailov et al. 2023, arXiv 2305.18290, eq. 7):
+
+    sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps: label smoothing,
+                                                                            cDPO, Mitchell 2023)
+    ipo      (h - 1 / (2 beta))^2                                         (Azar et al. 2023, eq. 17)
+
+`reference_free` sets ref = 0 (h = pi_c - pi_r). `length_normalize` uses the mean instead of the sum
+of the reply's token log-probs (IPO's paper uses sums; TRL's IPO uses means: pass it to match).
+Rewards as TRL logs them: beta (pi - ref), detached.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mixlab.tokenizer import ChatError
+from mixlab.train.data import DataError, TrainTokenizer
+from mixlab.train.sft import _messages, read_jsonl, render_turns
+
+LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass
+class Pair:
+    prompt: list[int]  # rendered prompt, ending with [/INST]
+    chosen: list[int]  # reply tokens with </s>
+    rejected: list[int]
+    where: str = ""
+
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def transcript_turns(prompt: str) -> list[dict[str, str]]:
+    """'Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user/assistant messages (a, b, c).
+    A string that is not such a transcript is one user message."""
+    marks = list(_TURN.finditer(prompt))
+    if not marks or marks[0].start() != 0 or marks[0].group(1) != "Human":
+        return [{"role": "user", "content": prompt}]
+    msgs = []
+    for m, nxt in zip(marks, [*marks[1:], None], strict=True):
+        content = prompt[m.end(): nxt.start() if nxt is not None else len(prompt)].strip()
+        msgs.append({"role": "user" if m.group(1) == "Human" else "assistant", "content": content})
+    if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
+        msgs.pop()  # the trailing "Assistant:" the reply continues
+    return msgs
+
+
+def _reply(obj: dict, field: str, where: str) -> str:
+    v = obj.get(field)
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
+        v = v[0].get("content")
+    if not isinstance(v, str) or not v:
+        raise DataError(f"{where}: field '{field}' must be a non-empty string (or one assistant message), got "
+                        f"{type(v).__name__ if not isinstance(v, str) else 'an empty string'}")
+    return v
+
+
+def read_pairs(path: str | Path, tok: TrainTokenizer) -> list[Pair]:
+    """Every preference pair of a JSONL file, tokenized; errors name the file, line and field."""
+    out = []
+    for obj, where in read_jsonl(path):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object with 'chosen', 'rejected' and 'prompt' or 'messages'")
+        if "messages" in obj:
+            msgs, field = _messages(obj, where), "messages"
+        elif isinstance(obj.get("prompt"), str):
+            msgs, field = transcript_turns(obj["prompt"]), "prompt"
+        else:
+            raise DataError(f"{where}: expected a string field 'prompt' or a list field 'messages', found: "
+                            f"{', '.join(sorted(obj))}")
+        chosen, rejected = _reply(obj, "chosen", where), _reply(obj, "rejected", where)
+        try:
+            prompt, _ = render_turns(msgs, tok, final_assistant=False)
+        except ChatError as e:
+            raise DataError(f"{where}: field '{field}': {e}") from None
+        out.append(Pair(prompt, tok.encode(chosen, bos=False, eos=True), tok.encode(rejected, bos=False, eos=True),
+                        where))
+    return out
+
+
+def fit(prompt: list[int], reply: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Cut to `max_len` tokens: the reply to at most half, then the prompt from the left (keeping
+    BOS), as TRL keeps the end of a long prompt."""
+    if len(prompt) + len(reply) <= max_len:
+        return prompt, reply
+    reply = reply[: max(max_len // 2, max_len - len(prompt))]
+    keep = max_len - len(reply)
+    return ([prompt[0]] + prompt[len(prompt) - keep + 1:]) if keep > 1 else prompt[:keep], reply
+
+
+@dataclass
+class PairBatch:
+    """2N sequences (the N chosen, then the N rejected), right-padded: tokens, targets, positions
+    (-1 = padding) and a mask of the reply tokens whose log-probs count, each `[2N, T]`."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor
+    reply: torch.Tensor
+    index: torch.Tensor  # [N] the pairs' indices in the dataset (for the stored reference log-probs)
+
+
+def collate_pairs(pairs: Sequence[Pair], index: Sequence[int], max_len: int) -> PairBatch:
+    seqs = []
+    for which in ("chosen", "rejected"):
+        for p in pairs:
+            prompt, reply = fit(p.prompt, getattr(p, which), max_len + 1)
+            seqs.append((prompt, reply))
+    T = max(len(a) + len(b) for a, b in seqs) - 1
+    n = len(seqs)
+    tokens = torch.zeros(n, T, dtype=torch.long)
+    targets = torch.zeros(n, T, dtype=torch.long)
+    positions = torch.full((n, T), -1, dtype=torch.long)
+    reply_mask = torch.zeros(n, T, dtype=torch.bool)
+    for i, (a, b) in enumerate(seqs):
+        ids = torch.tensor(a + b)
+        L = len(ids) - 1
+        tokens[i, :L], targets[i, :L] = ids[:-1], ids[1:]
+        positions[i, :L] = torch.arange(L)
+        reply_mask[i, len(a) - 1: L] = True  # targets that are reply tokens
+    return PairBatch(tokens, targets, positions, reply_mask, torch.tensor(list(index)))
+
+
+def sequence_logps(logits_NTV: torch.Tensor, targets_NT: torch.Tensor, mask_NT: torch.Tensor, *,
+                   mean: bool = False) -> torch.Tensor:
+    """Sum (or mean) over masked positions of log softmax(logits)[target], in float32: `[N]`."""
+    logp_NT = torch.log_softmax(logits_NTV.float(), dim=-1).gather(-1, targets_NT[..., None]).squeeze(-1)
+    m = mask_NT.to(logp_NT.dtype)
+    total = (logp_NT * m).sum(-1)
+    return total / m.sum(-1).clamp(min=1) if mean else total
+
+
+def dpo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean DPO loss over the N pairs of sequence log-probs `[N]`, and TRL's metrics (see the module
+    docstring for the formulas)."""
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {', '.join(LOSSES)}")
+    ref_c = torch.zeros_like(ref_chosen) if reference_free else ref_chosen
+    ref_r = torch.zeros_like(ref_rejected) if reference_free else ref_rejected
+    h = (chosen - rejected) - (ref_c - ref_r)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+    rc = beta * (chosen - ref_c).detach()
+    rr = beta * (rejected - ref_r).detach()
+    metrics = {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
+               "rewards/accuracies": (rc > rr).float().mean(), "rewards/margins": (rc - rr).mean(),
+               "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+    return losses.mean(), metrics
+
+
+def reference_fingerprint(pairs: Sequence[Pair], settings: dict[str, Any]) -> str:
+    """A hash of the tokenized pairs and the settings the reference log-probs depend on."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for p in pairs:
+        h.update(repr((p.prompt, p.chosen, p.rejected)).encode())
+    return h.hexdigest()

@@ -1,0 +1,551 @@
+"""Fine-tuning from existing weights: `FinetuneConfig` and `finetune(cfg)` for SFT (sft.py) and DPO
+(dpo.py), full or LoRA (lora.py), with the trainer's checkpoints, exact resume, progress, metrics
+and export (loop.py, checkpoints.py).
+
+Shape legend: B batch rows, T tokens, V vocabulary.
+
+Loss = task loss (SFT: cross-entropy on assistant tokens; DPO: dpo.dpo_loss) + aux_loss_coef x the
+load-balancing loss (+ z_loss_coef x z-loss) over the real (non-padding) tokens: the router keeps
+its balancing pressure during fine-tuning (TRL drops it in DPO, huggingface/trl#1544).
+`freeze_router` keeps the router's weights fixed (full fine-tuning; with LoRA the router is frozen
+unless "router" is a LoRA target).
+
+Run folder (`out`):
+
+    metrics.jsonl                 one record per logged step and per evaluation (TRL's DPO names)
+    checkpoints/step_*/           the trainable parameters (all, or the LoRA factors), optimizer,
+                                  RNG, data position (checkpoints.py)
+    reference_logps.safetensors   DPO: the frozen start model's log-probs of every pair, computed
+                                  once before training; a resume reuses them
+    hf/                           the final model, plain transformers format (LoRA merged in)
+    adapter/                      LoRA runs: the adapter in PEFT's format (lora.save_peft)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mixlab.checkpoint import save_model
+from mixlab.checkpoint.io import CheckpointError
+from mixlab.config import ConfigError
+from mixlab.model import Transformer
+from mixlab.model.moe import MoEBlock
+from mixlab.train import checkpoints, dpo, sft
+from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
+from mixlab.train.loop import _Metrics, keep_freed_memory
+from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
+from mixlab.train.losses import lm_loss, router_losses
+
+TASKS = ("sft", "dpo")
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "sft"  # sft | dpo
+    model: str = ""  # the starting weights: any folder `init_from` accepts (loop.TrainConfig)
+    data: str = ""  # SFT: chat JSONL (`messages`); DPO: pairs JSONL (`chosen`, `rejected`, `prompt`|`messages`)
+    valid_data: str = ""  # held-out file; default: hold out `valid_fraction` of `data` (seeded)
+    valid_fraction: float = 0.05
+    max_examples: int = 0  # use only the first N lines of `data` (0 = all)
+    out: str = "runs/finetune"
+    tokenizer: str = ""  # default: the checkpoint's (mixlab_data.json, tokenizer file), else mixtral
+    seq_len: int = 512
+    batch_size: int = 8  # SFT: packed rows; DPO: pairs
+    grad_accum: int = 1
+    steps: int = 100
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"  # autocast: float32 (off) or bfloat16
+    device: str = "cpu"
+    threads: int = 0
+    aux_loss_coef: float | None = None  # None: the checkpoint's (MoEConfig.aux_loss_coef)
+    freeze_router: bool = False
+    # DPO.
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo
+    reference_free: bool = False
+    label_smoothing: float = 0.0
+    length_normalize: bool = False
+    # LoRA (rank 0 = full fine-tuning).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attention,experts"  # comma-separated: attention, experts, router
+    lora_base_dtype: str = "float32"  # float32 | bfloat16 | int8
+    # Bookkeeping (may change between a run and its resume).
+    eval_every: int = 50
+    ckpt_every: int = 50
+    keep: int = 2
+    log_every: int = 10
+    export_hf: bool = True  # out/hf: plain weights (LoRA merged: `--merge`)
+    export_peft: bool = True  # out/adapter for LoRA runs
+    progress: bool = True
+    tensorboard: bool = False
+
+
+RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf", "export_peft", "progress",
+            "tensorboard", "device", "threads"}
+
+
+def load_finetune_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
+    """A `FinetuneConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+            d = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: fine-tuning config file not found") from None
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: expected a table / object of fine-tuning settings")
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown fine-tuning setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = FinetuneConfig(**d)
+    for name in ("seq_len", "batch_size", "grad_accum", "steps"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"fine-tuning setting {name!r} must be a positive integer, got {v!r}")
+    if cfg.task not in TASKS:
+        raise ConfigError(f"fine-tuning setting 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if cfg.loss not in dpo.LOSSES:
+        raise ConfigError(f"fine-tuning setting 'loss' must be one of {', '.join(dpo.LOSSES)}, got {cfg.loss!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"fine-tuning setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    if cfg.beta <= 0:
+        raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {cfg.beta}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"fine-tuning setting 'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
+    if not cfg.model:
+        raise ConfigError("no starting model: pass --model DIR (any checkpoint mixlab loads)")
+    if not cfg.data:
+        raise ConfigError("no data: pass --data FILE.jsonl")
+    if cfg.lora_rank:
+        try:
+            lora_config(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return cfg
+
+
+def lora_config(cfg: FinetuneConfig) -> LoraConfig:
+    return LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                      targets=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()),
+                      base_dtype=cfg.lora_base_dtype, seed=cfg.seed)
+
+
+def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, Any]]:
+    """The tokenizer: `cfg.tokenizer`, else the one the checkpoint was trained with (mixlab_data.json
+    of a mixlab export), else a tokenizer file in the checkpoint folder, else Mixtral's."""
+    if cfg.tokenizer:
+        tok = get_tokenizer(cfg.tokenizer)
+        return tok, tok.spec()
+    root = checkpoints.resolve_weights(cfg.model)
+    for d in (root, root.parent.parent):  # a step folder's run has hf/mixlab_data.json
+        f = d / "mixlab_data.json" if d == root else d / "hf" / "mixlab_data.json"
+        if f.is_file():
+            spec = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
+            return get_tokenizer(spec), spec
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (root / name).is_file():
+            tok = get_tokenizer(str(root / name))
+            return tok, tok.spec()
+    tok = get_tokenizer("mixtral")
+    return tok, tok.spec()
+
+
+def _lr_at(step: int, cfg: FinetuneConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+
+class _Trainable(nn.Module):
+    """The trainable parameters, in the optimizer's order, as a module for checkpoints.save/load
+    (which name optimizer state by `named_parameters()` position)."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        super().__init__()
+        self._named = named
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        return iter(self._named)
+
+
+class PairLoader:
+    """Seeded, resumable batches of pair indices: a permutation per (seed, epoch), position (epoch, cursor)."""
+
+    def __init__(self, n: int, *, batch_size: int, seed: int) -> None:
+        if n < 1:
+            raise DataError("no training pairs")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.cursor = 0, 0
+
+    def _perm(self) -> list[int]:
+        import numpy as np
+
+        return [int(i) for i in np.random.default_rng([self.seed, self.epoch]).permutation(self.n)]
+
+    def next_indices(self) -> list[int]:
+        out = []
+        perm = self._perm()
+        for _ in range(self.batch_size):
+            if self.cursor >= self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                perm = self._perm()
+            out.append(perm[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batch_size": self.batch_size, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("seed", "batch_size"):
+            if state.get(k) != getattr(self, k):
+                raise DataError(f"data position in the checkpoint has {k}={state.get(k)!r}, "
+                                f"this run {getattr(self, k)!r}")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def _autocast(cfg: FinetuneConfig) -> torch.autocast:
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16,
+                          enabled=cfg.dtype == "bfloat16")
+
+
+def sft_forward(model: nn.Module, b: sft.Packed, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(summed assistant-token cross-entropy, number of assistant tokens, routings) of a packed batch."""
+    logits, routings = model(b.tokens.to(device), positions_BT=b.positions.to(device),
+                             segments_BT=b.segments.to(device), return_routing=True)
+    tgt = b.targets.to(device)
+    n = (tgt != -100).sum()
+    return lm_loss(logits, tgt) * n.clamp(min=1), n, routings
+
+
+def pair_logps(model: nn.Module, b: dpo.PairBatch, device: torch.device, *, mean: bool) -> tuple[torch.Tensor, list]:
+    """Sequence log-probs `[2N]` (chosen then rejected) and the routings."""
+    logits, routings = model(b.tokens.to(device), positions_BT=b.positions.to(device), return_routing=True)
+    return dpo.sequence_logps(logits, b.targets.to(device), b.reply.to(device), mean=mean), routings
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
+    """The frozen model's log-probs of every pair's chosen and rejected reply (eval mode, float32)."""
+    was = model.training
+    model.eval()
+    dev = torch.device(cfg.device)
+    ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for i in range(0, len(pairs), cfg.batch_size):
+        idx = list(range(i, min(i + cfg.batch_size, len(pairs))))
+        b = dpo.collate_pairs([pairs[j] for j in idx], idx, cfg.seq_len)
+        with _autocast(cfg):
+            lp, _ = pair_logps(model, b, dev, mean=cfg.length_normalize)
+        ch[idx], rj[idx] = lp[: len(idx)].float().cpu(), lp[len(idx):].float().cpu()
+    model.train(was)
+    return {"chosen": ch, "rejected": rj}
+
+
+@torch.no_grad()
+def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneConfig) -> dict[str, float]:
+    """Cross-entropy per assistant token over the held-out conversations (token-weighted)."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in sft.PackedLoader(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False).all_batches():
+        with _autocast(cfg):
+            s, k, _ = sft_forward(model, b, torch.device(cfg.device))
+        total, n = total + float(s), n + int(k)
+    model.train(was)
+    return {"eval_loss": total / max(n, 1), "eval_tokens": n}
+
+
+@torch.no_grad()
+def evaluate_dpo(model: nn.Module, pairs: list[dpo.Pair], ref: dict[str, torch.Tensor],
+                 cfg: FinetuneConfig) -> dict[str, float]:
+    """Held-out DPO loss, implicit-reward preference accuracy, reward margin and the policy's
+    chosen - rejected log-prob margin, averaged over the held-out pairs."""
+    pol = reference_logps(model, pairs, cfg)
+    loss, m = dpo.dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=cfg.beta,
+                           loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+                           reference_free=cfg.reference_free)
+    return {"eval_loss": float(loss), "eval_rewards/accuracies": float(m["rewards/accuracies"]),
+            "eval_rewards/margins": float(m["rewards/margins"]),
+            "eval_logps/margin": float((pol["chosen"] - pol["rejected"]).mean()),
+            "eval_logps/chosen": float(m["logps/chosen"]), "eval_logps/rejected": float(m["logps/rejected"])}
+
+
+@dataclass
+class FinetuneResult:
+    step: int
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    stopped_by: int | None
+    model: Transformer
+    out: Path
+
+
+def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any]]:
+    read = sft.read_sft if cfg.task == "sft" else dpo.read_pairs
+    items: list[Any] = read(cfg.data, tok)
+    if cfg.max_examples:
+        items = items[: cfg.max_examples]
+    if cfg.valid_data:
+        return items, read(cfg.valid_data, tok)
+    return sft.split_holdout(items, cfg.valid_fraction, cfg.seed)
+
+
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after: int | None = None,
+             on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> FinetuneResult:
+    """Fine-tune per `cfg` (see the module docstring). `resume`: continue from the newest checkpoint in
+    `cfg.out`. `stop_after`: stop (with a checkpoint) after this many steps in total, as if killed."""
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    newest = checkpoints.latest(ckpt_root)
+    if resume and newest is None:
+        raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
+    if not resume and checkpoints.list_checkpoints(ckpt_root):
+        raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
+                              "or choose another --out")
+    was_threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
+    try:
+        return _finetune(cfg, out, ckpt_root, newest, resume=resume, stop_after=stop_after, on_step=on_step)
+    finally:
+        torch.set_num_threads(was_threads)
+
+
+def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | None, *, resume: bool,
+              stop_after: int | None, on_step: Callable[[dict[str, Any]], bool | None] | None) -> FinetuneResult:
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tok, tok_spec = resolve_tokenizer(cfg)
+    mc = checkpoints.init_config(cfg.model)
+    if tok.vocab_size > mc.vocab_size:
+        raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({mc.vocab_size})")
+    if cfg.seq_len > mc.max_seq_len:
+        raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len})")
+    model = checkpoints.load_init(cfg.model, mc).to(device)
+    train_items, valid_items = _data(cfg, tok)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ref: dict[str, torch.Tensor] = {}
+    vref: dict[str, torch.Tensor] = {}
+    if cfg.task == "dpo":
+        fp = dpo.reference_fingerprint(train_items + valid_items, {
+            "model": str(Path(cfg.model).resolve()), "seq_len": cfg.seq_len, "mean": cfg.length_normalize,
+            "dtype": cfg.dtype})
+        rf = out / "reference_logps.safetensors"
+        if rf.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(rf), "pt") as f:
+                stored = (f.metadata() or {}).get("fingerprint")
+            if stored != fp:
+                raise CheckpointError(f"{rf}: reference log-probs for other data or settings; remove it or "
+                                      "use another --out")
+            t = load_file(str(rf))
+        else:
+            if resume:
+                raise CheckpointError(f"{rf}: missing (a DPO run stores its reference log-probs before training)")
+            t = {f"{k}.{s}": v for k, items in (("train", train_items), ("valid", valid_items)) if items
+                 for s, v in reference_logps(model, items, cfg).items()}
+            tmp = rf.with_suffix(".tmp")
+            save_file(t, str(tmp), metadata={"fingerprint": fp})
+            tmp.replace(rf)
+        ref = {"chosen": t["train.chosen"], "rejected": t["train.rejected"]}
+        if valid_items:
+            vref = {"chosen": t["valid.chosen"], "rejected": t["valid.rejected"]}
+
+    if cfg.lora_rank:
+        apply_lora(model, lora_config(cfg))
+    elif cfg.freeze_router:
+        for block in model.layers:
+            if isinstance(block.ffn, MoEBlock):
+                block.ffn.gate.weight.requires_grad_(False)
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [(n, p) for n, p in named if p.dim() >= 2]
+    no_decay = [(n, p) for n, p in named if p.dim() < 2]
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+         {"params": [p for _, p in no_decay], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True)
+    trainable = _Trainable(decay + no_decay)
+
+    if cfg.task == "sft":
+        loader: Any = sft.PackedLoader(train_items, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    else:
+        loader = PairLoader(len(train_items), batch_size=cfg.batch_size, seed=cfg.seed)
+    step = 0
+    if resume:
+        assert newest is not None
+        state = checkpoints.validate(newest)
+        saved = state.get("finetune_config", {})
+        now = dataclasses.asdict(cfg)
+        diff = sorted(k for k in now if k not in RUN_ONLY and saved.get(k) != now[k])
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff[:4])
+            raise CheckpointError(f"{newest}: saved with different fine-tuning settings ({detail}); "
+                                  "use the original settings or a new --out folder")
+        state = checkpoints.load(newest, model=trainable, optimizer=optimizer)
+        loader.load_state_dict(state["data_position"])
+        step = int(state["step"])
+    (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard)
+    moe = mc.moe
+    aux_coef = (cfg.aux_loss_coef if cfg.aux_loss_coef is not None else moe.aux_loss_coef) if moe else 0.0
+    z_coef = moe.z_loss_coef if moe else 0.0
+
+    def save() -> Path:
+        return checkpoints.save(ckpt_root, step=step, model=trainable, optimizer=optimizer, keep=cfg.keep, state={
+            "finetune_config": dataclasses.asdict(cfg), "data_position": loader.state_dict(), "tokenizer": tok_spec})
+
+    def run_eval() -> dict[str, float]:
+        if not valid_items:
+            return {}
+        if cfg.task == "sft":
+            return evaluate_sft(model, valid_items, cfg)
+        return evaluate_dpo(model, valid_items, vref, cfg)
+
+    stop: list[int] = []
+    handlers: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, lambda s, _f: stop.append(s))
+        except ValueError:
+            pass
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+    history: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    if step == 0 and cfg.eval_every > 0 and valid_items:
+        ev = {"step": 0, **run_eval()}
+        metrics.write(ev)
+        evals.append(ev)
+    last_stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    requested_stop = False
+    try:
+        while step < last_stop and not stop and not requested_stop:
+            t0 = time.perf_counter()
+            lr = _lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            sums: dict[str, float] = {}
+            n_tok = 0
+            for _ in range(cfg.grad_accum):
+                with _autocast(cfg):
+                    if cfg.task == "sft":
+                        b = loader.next_batch()
+                        s, n, routings = sft_forward(model, b, device)
+                        task_loss = s / n.clamp(min=1)
+                        valid = b.valid
+                        parts = {"loss": task_loss}
+                        n_tok += int(b.valid.sum())
+                    else:
+                        idx = loader.next_indices()
+                        pb = dpo.collate_pairs([train_items[i] for i in idx], idx, cfg.seq_len)
+                        lp, routings = pair_logps(model, pb, device, mean=cfg.length_normalize)
+                        N = len(idx)
+                        task_loss, m = dpo.dpo_loss(lp[:N], lp[N:], ref["chosen"][idx].to(device),
+                                                    ref["rejected"][idx].to(device), beta=cfg.beta,
+                                                    loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+                                                    reference_free=cfg.reference_free)
+                        valid = pb.positions >= 0
+                        parts = {"loss": task_loss, **m}
+                        n_tok += int(valid.sum())
+                    aux, z = router_losses(routings, valid.to(device))
+                loss = task_loss + aux_coef * aux + z_coef * z
+                (loss / cfg.grad_accum).backward()
+                for k, v in {**parts, "aux_loss": aux, "z_loss": z}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            params = [p for _, p in named]
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            rec: dict[str, Any] = {"step": step, **sums, "lr": lr, "grad_norm": gnorm, "tokens_per_s": n_tok / dt}
+            history.append(rec)
+            if step % cfg.log_every == 0 or step == last_stop:
+                metrics.write(rec)
+            if bar is not None:
+                extra = f" acc {rec['rewards/accuracies']:.2f}" if "rewards/accuracies" in rec else ""
+                bar.set_postfix_str(f"loss {rec['loss']:.4f}{extra} aux {rec['aux_loss']:.3f} "
+                                    f"tok/s {rec['tokens_per_s']:,.0f}", refresh=False)
+                bar.update(1)
+            if on_step is not None and on_step(rec):
+                requested_stop = True
+            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps) and valid_items:
+                ev = {"step": step, **run_eval()}
+                metrics.write(ev)
+                evals.append(ev)
+                if bar is not None:
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if k != "step"))
+            if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
+                save()
+        if step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after):
+            names = [c.name for c in checkpoints.list_checkpoints(ckpt_root)]
+            if not names or names[-1] != f"step_{step:08d}":
+                save()
+        if step == cfg.steps or requested_stop:
+            export(model, out, cfg, tok_spec)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    return FinetuneResult(step=step, history=history, evals=evals, stopped_by=stop[0] if stop else None,
+                          model=model, out=out)
+
+
+def export(model: Transformer, out: Path, cfg: FinetuneConfig, tok_spec: dict[str, Any]) -> None:
+    """out/hf: plain weights (LoRA merged in); out/adapter: the LoRA adapter in PEFT's format (when
+    PEFT can express it; the reason is written to out/adapter_not_exported.txt otherwise)."""
+    info = json.dumps({"tokenizer": tok_spec}, indent=2) + "\n"
+    if cfg.lora_rank and cfg.export_peft:
+        try:
+            save_peft(model, out / "adapter")
+            (out / "adapter" / "mixlab_data.json").write_text(info, encoding="utf-8")
+        except (ValueError, ImportError) as e:
+            (out / "adapter_not_exported.txt").write_text(f"{e}\n", encoding="utf-8")
+    if cfg.export_hf:
+        plain = merge(model) if cfg.lora_rank else model
+        save_model(plain, out / "hf", fmt="hf")
+        (out / "hf" / "mixlab_data.json").write_text(info, encoding="utf-8")
+
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "load_finetune_config"]

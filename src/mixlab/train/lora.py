@@ -1,0 +1,346 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) on attention, every expert and optionally the router, on a
+frozen base held in float32, bfloat16 or int8 (QLoRA-style, Dettmers et al. 2023: the base is only
+read, dequantised on the fly); merging; and export in PEFT's format with transformers' Mixtral names.
+
+Shape legend: E experts, D width, F expert FFN width, X output rows, I input columns, r rank.
+
+A target W (`[X, I]`) becomes W + (alpha / r) B A with A `[r, I]` (PEFT's Kaiming-uniform init) and
+B `[X, r]` = 0, so a fresh adapter leaves the model's function unchanged.
+
+* Attention: `wqkv` and `wo` become `LoRALinear` modules: y = x W^T + s B A dropout(x)^T. mixlab's
+  fused `wqkv` shares one A across q, k and v; transformers' separate q_proj / k_proj / v_proj get
+  that A each and their rows of B, which is the same function (PEFT can express it exactly).
+* Experts: the stacked `w13` `[E, 2F, D]` and `w2` `[E, D, F]` get factors stacked over the expert
+  dimension, A `[E, r, I]`, B `[E, X, r]`, applied in weight space through a parametrisation
+  (W_e + s B_e A_e, one batched matmul for all experts), so the MoE still runs as one grouped
+  computation on ordinary stacked weights (every `moe_ffn` implementation, training's sorted path
+  included). Weight space means no dropout on expert inputs (`dropout` applies to attention and
+  the router's input is never dropped either). w1 and w3 share A_e like q/k/v.
+* Router (optional): `gate.weight` `[E, D]` gets A `[r, D]`, B `[E, r]`, also in weight space.
+
+PEFT export (`save_peft`, `adapter_config.json` + `adapter_model.safetensors`), by the installed
+transformers' Mixtral layout:
+* transformers >= 5 (fused experts): q/k/v/o_proj as `target_modules`; the experts' `gate_up_proj`
+  / `down_proj` and the router's bare `gate.weight` as PEFT `target_parameters` (its ParamWrapper
+  holds per-expert factors, exactly ours: lora_A `[E*r, I]`, lora_B `[X, r*E]`).
+* transformers < 5: `experts.N.w1/w2/w3` and `block_sparse_moe.gate` are nn.Linear modules.
+PEFT allows no dropout on parameter targets, so the exported config says 0 there
+(dropout does not change inference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from mixlab.checkpoint import meta_model, save_model
+from mixlab.checkpoint.io import write_sharded
+from mixlab.model import Transformer
+from mixlab.model.moe import MoEBlock
+from mixlab.model.transformer import Block
+from mixlab.ops.quant import dequantize_int8, quantize_int8
+
+TARGETS = ("attention", "experts", "router")
+BASE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attention", "experts")
+    base_dtype: str = "float32"  # how the frozen base is held: float32, bfloat16 or int8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"LoRA targets {list(self.targets)}: expected some of {', '.join(TARGETS)}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"LoRA base dtype {self.base_dtype!r}: expected one of {', '.join(BASE_DTYPES)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class FrozenWeight(nn.Module):
+    """A frozen weight held as float32, bfloat16 or int8 with one float32 scale per row (buffers, so
+    neither the optimizer nor the trainer's checkpoints see it)."""
+
+    q: torch.Tensor
+    s: torch.Tensor
+    w: torch.Tensor
+
+    def __init__(self, w: torch.Tensor, dtype: str) -> None:
+        super().__init__()
+        self.int8 = dtype == "int8"
+        if self.int8:
+            q, s = quantize_int8(w)
+            self.register_buffer("q", q)
+            self.register_buffer("s", s)
+        else:
+            self.register_buffer("w", w.detach().to(getattr(torch, dtype)).clone())
+
+    def get(self) -> torch.Tensor:
+        """The weight in float32 (the adapter math and the model's float32 activations need it)."""
+        return dequantize_int8(self.q, self.s, torch.float32) if self.int8 else self.w.float()
+
+
+def _init_A(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:
+    # PEFT: nn.init.kaiming_uniform_(lora_A, a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1 / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a low-rank update: y = x W^T + s B A dropout(x)^T."""
+
+    def __init__(self, base: nn.Linear, cfg: LoraConfig, g: torch.Generator) -> None:
+        super().__init__()
+        X, In = base.weight.shape
+        self.base = FrozenWeight(base.weight, cfg.base_dtype)
+        self.lora_A = nn.Parameter(_init_A((cfg.rank, In), In, g))
+        self.lora_B = nn.Parameter(torch.zeros(X, cfg.rank))
+        self.scale = cfg.scale
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:  # the merged weight (W + s B A)
+        return self.base.get() + self.scale * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base.get().to(x.dtype) if not torch.is_autocast_enabled(x.device.type)
+                     else self.base.get())
+        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+
+class WeightLoRA(nn.Module):
+    """Parametrisation W -> W0 + s B A for a weight `[X, I]` or stacked weights `[E, X, I]` (factors
+    stacked over E: one batched matmul). W0 is the frozen base kept here (float32/bf16/int8)."""
+
+    def __init__(self, w: torch.Tensor, cfg: LoraConfig, g: torch.Generator) -> None:
+        super().__init__()
+        *lead, X, In = w.shape
+        self.base = FrozenWeight(w, cfg.base_dtype)
+        self.lora_A = nn.Parameter(_init_A((*lead, cfg.rank, In), In, g))
+        self.lora_B = nn.Parameter(torch.zeros(*lead, X, cfg.rank))
+        self.scale = cfg.scale
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        return self.base.get() + self.scale * torch.matmul(self.lora_B, self.lora_A)
+
+
+def _parametrize(module: nn.Module, name: str, cfg: LoraConfig, g: torch.Generator) -> None:
+    w = getattr(module, name)
+    p = WeightLoRA(w.detach().float(), cfg, g)
+    # The original becomes an empty placeholder: the base lives (possibly as int8) in the parametrisation.
+    setattr(module, name, nn.Parameter(torch.empty(0), requires_grad=False))
+    parametrize.register_parametrization(module, name, p, unsafe=True)
+
+
+def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
+    """Freeze `model` and add adapters per `cfg`, in place; returns it. Only the adapter factors
+    (`*.lora_A`, `*.lora_B`) require gradients afterwards."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in _blocks(model):
+        if "attention" in cfg.targets:
+            setattr(block.attn, "wqkv", LoRALinear(block.attn.wqkv, cfg, g))  # noqa: B010 (an nn.Linear slot)
+            setattr(block.attn, "wo", LoRALinear(block.attn.wo, cfg, g))  # noqa: B010
+        ffn = block.ffn
+        if isinstance(ffn, MoEBlock):
+            if "experts" in cfg.targets:
+                _parametrize(ffn, "w13", cfg, g)
+                _parametrize(ffn, "w2", cfg, g)
+            if "router" in cfg.targets:
+                _parametrize(ffn.gate, "weight", cfg, g)
+        elif "experts" in cfg.targets:  # a dense model: its FFN stands in for "the experts"
+            setattr(ffn, "w13", LoRALinear(ffn.w13, cfg, g))  # noqa: B010 (an nn.Linear slot)
+            setattr(ffn, "w2", LoRALinear(ffn.w2, cfg, g))  # noqa: B010
+    # Embeddings, norms and the output head stay float32 (frozen): small next to the experts.
+    model._lora = cfg  # type: ignore[assignment]
+    return model
+
+
+def _blocks(model: Transformer) -> list[Block]:
+    return [cast(Block, b) for b in model.layers]
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter factors by mixlab name (`layers.0.attn.wqkv.lora_A`, `layers.0.ffn.w13.lora_A`)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith(("lora_A", "lora_B")):
+            out[name.replace("parametrizations.", "").replace(".0.lora_", ".lora_")] = p.detach()
+    return out
+
+
+def merged_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (mixlab names, float32) with every adapter folded in."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for mname, mod in model.named_modules():
+            if "parametrizations" in mname.split("."):  # inside a parametrisation: read through its owner
+                continue
+            prefix = f"{mname}." if mname else ""
+            if isinstance(mod, LoRALinear):
+                out[prefix + "weight"] = mod.weight.detach().clone()
+            elif parametrize.is_parametrized(mod):
+                for pname in mod.parametrizations:
+                    out[prefix + pname] = getattr(mod, pname).detach().clone()
+            for pname, p in mod.named_parameters(recurse=False):
+                if not parametrize.is_parametrized(mod, pname) and not pname.startswith("lora_"):
+                    out[prefix + pname] = p.detach().float().clone()
+    return out
+
+
+def merge(model: Transformer) -> Transformer:
+    """A plain `Transformer` (float32) equal to the adapter model."""
+    plain = meta_model(model.config)
+    state = merged_state(model)
+    if model.config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    plain.load_state_dict(state, assign=True, strict=True)
+    return plain.eval()
+
+
+def save_merged(model: Transformer, path: str | Path, **kw: Any) -> None:
+    """The merged model as a plain checkpoint folder (transformers format by default)."""
+    save_model(merge(model), path, **kw)
+
+
+# -- PEFT export ---------------------------------------------------------------------------------
+
+
+def hf_expert_layout() -> str:
+    """How the installed transformers holds Mixtral's experts: "modules" (experts.N.w1/w2/w3
+    nn.Linear, transformers < 5) or "fused" (experts.gate_up_proj / down_proj parameters)."""
+    from transformers.models.mixtral import modeling_mixtral as mm
+
+    return "fused" if hasattr(mm, "MixtralExperts") and not hasattr(mm, "MixtralBlockSparseTop2MLP") else "modules"
+
+
+@dataclass
+class PeftExport:
+    path: Path
+    target_modules: list[str]
+    not_expressible: list[str] = field(default_factory=list)  # targets PEFT cannot hold (merge instead)
+
+
+def peft_tensors(model: Transformer, *, expert_layout: str = "modules") -> tuple[dict[str, torch.Tensor],
+                                                                                     set[str], list[str]]:
+    """(PEFT state dict with transformers' Mixtral names, target module short names, targets that
+    cannot be expressed in this layout)."""
+    cfg = model.config
+    H, G, Hd, F_ = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    out: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    missing: list[str] = []
+
+    def put(module: str, A: torch.Tensor, B: torch.Tensor, scale_fix: float = 1.0) -> None:
+        out[f"base_model.model.{module}.lora_A.weight"] = A.detach().float().contiguous()
+        out[f"base_model.model.{module}.lora_B.weight"] = (B.detach().float() * scale_fix).contiguous()
+        targets.add(module.rsplit(".", 1)[-1])
+
+    params: set[str] = set()
+
+    def put_stacked(module: str, A_ErI: torch.Tensor, B_EXr: torch.Tensor) -> None:
+        # PEFT's ParamWrapper on a 3-D parameter: lora_A.weight [E*r, I] is expert-major, lora_B.weight
+        # [X, r*E] expert-minor (peft/tuners/lora/layer.py, get_delta_weight: "o r e, e r i -> e o i").
+        E, r, In = A_ErI.shape
+        out[f"base_model.model.{module}.lora_A.weight"] = A_ErI.detach().float().reshape(E * r, In).contiguous()
+        out[f"base_model.model.{module}.lora_B.weight"] = (
+            B_EXr.detach().float().permute(1, 2, 0).reshape(B_EXr.shape[1], r * E).contiguous())
+
+    for i, block in enumerate(_blocks(model)):
+        pre = f"model.layers.{i}"
+        wqkv, wo = cast(nn.Module, block.attn.wqkv), cast(nn.Module, block.attn.wo)
+        if isinstance(wqkv, LoRALinear) and isinstance(wo, LoRALinear):
+            A, B = wqkv.lora_A, wqkv.lora_B
+            Bq, Bk, Bv = B.split([H * Hd, G * Hd, G * Hd])
+            for nm, Bx in (("q_proj", Bq), ("k_proj", Bk), ("v_proj", Bv)):
+                put(f"{pre}.self_attn.{nm}", A, Bx)
+            put(f"{pre}.self_attn.o_proj", wo.lora_A, wo.lora_B)
+        ffn = block.ffn
+        if not isinstance(ffn, MoEBlock):  # Mistral's MLP: gate_proj / up_proj rows of w13, down_proj
+            w13, w2 = cast(nn.Module, ffn.w13), cast(nn.Module, ffn.w2)
+            if isinstance(w13, LoRALinear) and isinstance(w2, LoRALinear):
+                Bg, Bu = w13.lora_B.split([F_, F_])
+                put(f"{pre}.mlp.gate_proj", w13.lora_A, Bg)
+                put(f"{pre}.mlp.up_proj", w13.lora_A, Bu)
+                put(f"{pre}.mlp.down_proj", w2.lora_A, w2.lora_B)
+            continue
+        if parametrize.is_parametrized(ffn, "w13"):
+            p13 = _lora_of(ffn, "w13")
+            p2 = _lora_of(ffn, "w2")
+            if expert_layout == "modules":  # transformers < 5: one nn.Linear per expert and matrix
+                for e in range(ffn.moe.num_experts):
+                    B1, B3 = p13.lora_B[e].split([F_, F_])
+                    put(f"{pre}.block_sparse_moe.experts.{e}.w1", p13.lora_A[e], B1)
+                    put(f"{pre}.block_sparse_moe.experts.{e}.w3", p13.lora_A[e], B3)
+                    put(f"{pre}.block_sparse_moe.experts.{e}.w2", p2.lora_A[e], p2.lora_B[e])
+            else:  # transformers >= 5: PEFT wraps gate_up_proj, then down_proj around it (nested)
+                put_stacked(f"{pre}.mlp.experts.base_layer", p13.lora_A, p13.lora_B)
+                put_stacked(f"{pre}.mlp.experts", p2.lora_A, p2.lora_B)
+                params.update({"mlp.experts.gate_up_proj", "mlp.experts.down_proj"})
+        if parametrize.is_parametrized(ffn.gate, "weight"):
+            pg = _lora_of(ffn.gate, "weight")
+            if expert_layout == "modules":
+                put(f"{pre}.block_sparse_moe.gate", pg.lora_A, pg.lora_B)
+            else:  # MixtralTopKRouter holds a bare weight Parameter
+                out[f"base_model.model.{pre}.mlp.gate.lora_A.weight"] = pg.lora_A.detach().float().contiguous()
+                out[f"base_model.model.{pre}.mlp.gate.lora_B.weight"] = pg.lora_B.detach().float().contiguous()
+                params.add("mlp.gate.weight")
+    targets |= {f"param:{p}" for p in params}
+    return out, targets, sorted(set(missing))
+
+
+def _lora_of(module: nn.Module, name: str) -> WeightLoRA:
+    return cast(WeightLoRA, module.parametrizations[name][0])  # type: ignore[index]
+
+
+def save_peft(model: Transformer, path: str | Path, *, expert_layout: str | None = None) -> PeftExport:
+    """Write `adapter_config.json` + `adapter_model.safetensors` for
+    `peft.PeftModel.from_pretrained(MixtralForCausalLM..., path)`. Raises ValueError naming the
+    targets PEFT cannot express in the installed transformers' layout (use `save_merged`)."""
+    cfg: LoraConfig | None = getattr(model, "_lora", None)
+    if cfg is None:
+        raise ValueError("the model has no LoRA adapters (apply_lora first)")
+    layout = expert_layout or hf_expert_layout()
+    tensors, targets, missing = peft_tensors(model, expert_layout=layout)
+    if missing:
+        raise ValueError("PEFT cannot express these adapters with the installed transformers' Mixtral: "
+                         f"{'; '.join(missing)}; export merged weights instead (--merge)")
+    modules = sorted(t for t in targets if not t.startswith("param:"))
+    params = sorted(t.removeprefix("param:") for t in targets if t.startswith("param:"))
+    conf = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+        # PEFT refuses dropout on parameter targets; dropout only matters in training anyway.
+        "lora_dropout": 0.0 if params else cfg.dropout, "target_modules": modules or None,
+        "target_parameters": params or None, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": None, "base_model_name_or_path": None, "inference_mode": True,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "revision": None,
+    }
+    p = Path(path)
+    write_sharded(iter(sorted(tensors.items())), p, single_name="adapter_model.safetensors",
+                  extra_files={"adapter_config.json": json.dumps(conf, indent=2) + "\n",
+                               "mixlab_lora.json": json.dumps(asdict(cfg), indent=2) + "\n"},
+                  metadata={"format": "pt"}, max_shard_bytes=1 << 62, copy_files=[])
+    return PeftExport(p, modules + params)

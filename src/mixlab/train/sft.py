@@ -1,0 +1,237 @@
+"""Supervised fine-tuning data: chat JSONL -> Mixtral-Instruct tokens with an assistant-only loss,
+packed several conversations to a row without attention across them.
+
+Shape legend: B batch (rows), T tokens per row.
+
+Data: one JSON object per line with `messages`, a list of `{"role": "system" | "user" | "assistant",
+"content": str}` (OpenAI roles; system optional) ending with an assistant message. The conversation
+is rendered with the Mixtral-Instruct (v1) template, exactly as `Tokenizer.encode_chat` does:
+
+    <s>[INST] {system}\\n\\n{user} [/INST]{assistant}</s>[INST] {user} [/INST]{assistant}</s>
+
+Each piece is tokenized on its own (as mistral-common does), so every token belongs to one turn; the
+loss covers the tokens of assistant turns and their `</s>` (the model learns to stop), nothing else.
+
+Packing: conversations are laid end to end in rows of T tokens. Positions restart at 0 for each and
+a segment id per conversation makes attention block-diagonal causal (`Transformer.forward(
+segments_BT=...)`), so a packed conversation gets exactly the logits and loss it gets alone
+(tests/test_finetune.py). A conversation longer than T + 1 tokens is cut to its first T + 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mixlab.tokenizer import ChatError, _normalize_chat
+from mixlab.train.data import DataError, TrainTokenizer
+from mixlab.train.losses import IGNORE
+
+
+@dataclass
+class Example:
+    ids: list[int]  # the whole conversation
+    train: list[bool]  # True for tokens of assistant turns (predicting them is trained)
+    where: str = ""  # "file:line"
+
+
+def render_turns(messages: Sequence[Mapping[str, Any]], tok: TrainTokenizer, *,
+                 final_assistant: bool) -> tuple[list[int], list[bool]]:
+    """Token ids and the assistant mask of a conversation in the Mixtral-Instruct template.
+    `final_assistant`: the conversation ends with an assistant turn (closed by `</s>`); otherwise it
+    ends with a user turn, ready for the model's reply (`Tokenizer.encode_chat`)."""
+    msgs = [dict(m) for m in messages]
+    if final_assistant:
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise ChatError("the last message must be an assistant message (the reply to train on)")
+        msgs[-1]["prefix"] = True  # lets the chat validator accept a trailing assistant turn
+    system, turns = _normalize_chat(msgs)
+    ids, train = [tok.bos_id], [False]
+    first_user = True
+    for role, content, _prefix in turns:
+        if role == "user":
+            if first_user and system:
+                content = system + "\n\n" + content
+            first_user = False
+            seg = tok.encode(f"[INST] {content} [/INST]", bos=False, eos=False)
+            ids += seg
+            train += [False] * len(seg)
+        else:
+            if not content:
+                raise ChatError("an assistant message has empty content")
+            seg = tok.encode(content, bos=False, eos=True)
+            ids += seg
+            train += [True] * len(seg)
+    return ids, train
+
+
+def _messages(obj: Any, where: str, field: str = "messages") -> list[dict[str, Any]]:
+    if not isinstance(obj, dict) or field not in obj:
+        keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{where}: expected a JSON object with a '{field}' field, found: {keys}")
+    msgs = obj[field]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: field '{field}' must be a non-empty list of messages, got {type(msgs).__name__}")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{field}[{i}]' must be an object with 'role' and 'content'")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise DataError(f"{where}: field '{field}[{i}].{key}' must be a string, got "
+                                f"{type(m.get(key)).__name__}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: field '{field}[{i}].role' is {m['role']!r}; expected 'system', 'user' "
+                            "or 'assistant'")
+    return msgs
+
+
+def read_jsonl(path: str | Path) -> list[tuple[Any, str]]:
+    """(object, "file:line") of every non-empty line; invalid JSON is an error naming the line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such data file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((json.loads(line), f"{p}:{lineno}"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise DataError(f"{p}: no examples (the file is empty)")
+    return rows
+
+
+def read_sft(path: str | Path, tok: TrainTokenizer) -> list[Example]:
+    """Every conversation of a chat JSONL file, tokenized; errors name the file, line and field."""
+    out = []
+    for obj, where in read_jsonl(path):
+        msgs = _messages(obj, where)
+        try:
+            ids, train = render_turns(msgs, tok, final_assistant=True)
+        except ChatError as e:
+            raise DataError(f"{where}: field 'messages': {e}") from None
+        out.append(Example(ids, train, where))
+    return out
+
+
+@dataclass
+class Packed:
+    """One batch of packed rows: inputs, targets (IGNORE where not trained), positions (-1 padding)
+    and segment ids (-1 padding), each `[B, T]`."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor
+    segments: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:  # real (non-padding) tokens: the router losses count these
+        return self.positions >= 0
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> list[list[int]]:
+    """Greedy packing in the given order: lists of example indices whose inputs (len - 1 tokens,
+    at most `seq_len`) fit one row."""
+    rows: list[list[int]] = []
+    used = seq_len
+    for i, ex in enumerate(examples):
+        n = min(len(ex.ids) - 1, seq_len)
+        if used + n > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len: int) -> Packed:
+    B, T = len(rows), seq_len
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    positions = torch.full((B, T), -1, dtype=torch.long)
+    segments = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for s, i in enumerate(row):
+            ex = examples[i]
+            n = min(len(ex.ids) - 1, seq_len)
+            if t + n > T:
+                raise ValueError(f"row {b} holds {t + n} or more tokens, more than seq_len {T}")
+            ids = torch.tensor(ex.ids[: n + 1])
+            train = torch.tensor(ex.train[1: n + 1])
+            tokens[b, t: t + n] = ids[:-1]
+            targets[b, t: t + n] = torch.where(train, ids[1:], IGNORE)
+            positions[b, t: t + n] = torch.arange(n)
+            segments[b, t: t + n] = s
+            t += n
+    return Packed(tokens, targets, positions, segments)
+
+
+class PackedLoader:
+    """Deterministic, resumable batches of packed rows. Each epoch shuffles the conversations with a
+    permutation seeded by (seed, epoch) and packs them in that order; the position is (epoch,
+    cursor over rows), stored in checkpoints like `BatchLoader`'s."""
+
+    def __init__(self, examples: Sequence[Example], *, seq_len: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        if not examples:
+            raise DataError("no training conversations")
+        self.examples, self.seq_len, self.batch_size, self.seed, self.shuffle = (
+            examples, seq_len, batch_size, seed, shuffle)
+        self.epoch, self.cursor = 0, 0
+        self._rows = self._pack(0)
+
+    def _pack(self, epoch: int) -> list[list[int]]:
+        order = (np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)) if self.shuffle
+                 else np.arange(len(self.examples)))
+        return [[int(order[i]) for i in row] for row in pack([self.examples[int(i)] for i in order], self.seq_len)]
+
+    def next_batch(self) -> Packed:
+        rows = []
+        for _ in range(self.batch_size):
+            if self.cursor >= len(self._rows):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._rows = self._pack(self.epoch)
+            rows.append(self._rows[self.cursor])
+            self.cursor += 1
+        return collate(self.examples, rows, self.seq_len)
+
+    def all_batches(self) -> list[Packed]:
+        """Every row of epoch 0 once, in order (evaluation)."""
+        rows = self._pack(0)
+        return [collate(self.examples, rows[i: i + self.batch_size], self.seq_len)
+                for i in range(0, len(rows), self.batch_size)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size, "epoch": self.epoch,
+                "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("seed", "seq_len", "batch_size"):
+            if state.get(k) != getattr(self, k):
+                raise DataError(f"data position in the checkpoint has {k}={state.get(k)!r}, "
+                                f"but this run uses {getattr(self, k)!r}")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._rows = self._pack(self.epoch)
+
+
+def split_holdout(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, held out): a seeded `fraction` of the items held out (at least one when fraction > 0)."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"valid_fraction must be in [0, 1), got {fraction}")
+    n_val = max(1, round(len(items) * fraction)) if fraction > 0 else 0
+    perm = np.random.default_rng([seed, 12345]).permutation(len(items))
+    val = set(int(i) for i in perm[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]

@@ -1,0 +1,380 @@
+"""Fine-tuning: SFT data and packing, DPO losses against TRL and the papers, LoRA (zero init, merge,
+int8/bf16 base, PEFT round trip), exact resume of SFT and DPO runs, clear errors on bad data."""
+
+from __future__ import annotations
+
+import json
+import types
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mixlab.checkpoint import save_model
+from mixlab.config import ModelConfig, MoEConfig
+from mixlab.model import Transformer
+from mixlab.train import dpo, sft
+from mixlab.train.data import ByteTokenizer, DataError
+from mixlab.train.finetune import finetune, load_finetune_config
+from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
+from mixlab.train.losses import IGNORE, lm_loss
+
+CFG = ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=48,
+                  max_seq_len=256, rope_theta=1e4, moe=MoEConfig(num_experts=4, top_k=2))
+TOK = ByteTokenizer()
+CONVS = [
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+     {"role": "assistant", "content": "6, of course."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+]
+
+
+def _model(seed: int = 0) -> Transformer:
+    m = Transformer(CFG)
+    m.init_weights(std=0.1, seed=seed)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("base") / "hf"
+    save_model(_model(), root)
+    (root / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("chat")
+    rows = []
+    for i in range(24):
+        rows.append({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                  {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]})
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = []
+    for i in range(24):
+        pairs.append({"prompt": f"Human: Say the number {i}.\n\nAssistant:", "chosen": f"{i}",
+                      "rejected": f"I will not say {i + 1}."})
+    (root / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return root / "sft.jsonl", root / "dpo.jsonl"
+
+
+# -- SFT data ----------------------------------------------------------------------------------------
+
+
+def test_render_matches_encode_chat() -> None:
+    """The rendering is Tokenizer.encode_chat's (mistral-common's v1 template) plus the final reply."""
+    from mixlab.tokenizer import default_tokenizer_path, load_tokenizer
+
+    if not default_tokenizer_path().exists():
+        pytest.skip("the Mixtral tokenizer (mistral-common) is not installed")
+    tok = load_tokenizer(default_tokenizer_path())
+    from mixlab.train.data import FileTokenizer
+
+    ft = FileTokenizer(None, name="mixtral")
+    for conv in CONVS:
+        ids, train = sft.render_turns(conv, ft, final_assistant=True)
+        want = tok.encode_chat([*conv[:-1], {**conv[-1], "prefix": True}]) + [tok.eos_id]
+        assert ids == want
+        assert tok.decode([i for i, t in zip(ids, train, strict=True) if t]).replace("</s>", "") == \
+            tok.decode(tok.encode(" ".join(m["content"] for m in conv if m["role"] == "assistant"), bos=False))
+
+
+def test_loss_only_on_assistant_tokens() -> None:
+    ex = [sft.Example(*sft.render_turns(c, TOK, final_assistant=True)) for c in CONVS]
+    b = sft.collate(ex, [[0, 1, 2]], 220)
+    trained = b.targets[b.targets != IGNORE]
+    want = "".join(m["content"] + "\x00" for c in CONVS for m in c if m["role"] == "assistant")
+    assert TOK.decode([int(t) if t != TOK.eos_id else 3 for t in trained]) == want  # 3 = byte 0 stands for </s>
+    # Changing the target of any non-assistant token leaves the loss unchanged; an assistant one changes it.
+    m = _model()
+    logits = m(b.tokens, positions_BT=b.positions, segments_BT=b.segments)
+    raw = torch.cat([b.tokens[:, 1:], torch.zeros(1, 1, dtype=torch.long)], 1)  # next tokens (inputs shifted)
+    mask = b.targets != IGNORE
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(3, 259, raw.shape, generator=g)
+    changed = torch.where(mask, raw, noise)
+    base = lm_loss(logits, torch.where(mask, raw, IGNORE))
+    assert torch.equal(lm_loss(logits, torch.where(mask, changed, IGNORE)), base)
+    j = int(mask.nonzero()[0, 1])
+    raw2 = raw.clone()
+    raw2[0, j] = (raw2[0, j] + 1) % 259
+    assert not torch.equal(lm_loss(logits, torch.where(mask, raw2, IGNORE)), base)
+
+
+def test_packed_batch_equals_each_conversation_alone() -> None:
+    m = _model()
+    ex = [sft.Example(*sft.render_turns(c, TOK, final_assistant=True)) for c in CONVS]
+    packed = sft.collate(ex, [[0, 1, 2]], 230)
+    logits = m(packed.tokens, positions_BT=packed.positions, segments_BT=packed.segments)
+    total = torch.nn.functional.cross_entropy(logits[0], packed.targets[0], ignore_index=IGNORE, reduction="sum")
+    alone_total = torch.zeros(())
+    for s, e in enumerate(ex):
+        one = sft.collate([e], [[0]], len(e.ids) - 1)
+        lo = m(one.tokens)  # plain causal attention, positions 0..n-1
+        seg = packed.segments[0] == s
+        torch.testing.assert_close(logits[0, seg], lo[0], rtol=0, atol=1e-5)
+        alone_total += torch.nn.functional.cross_entropy(lo[0], one.targets[0], ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(total, alone_total, rtol=1e-6, atol=1e-5)
+
+
+def test_packing_and_loader_resume() -> None:
+    ex = [sft.Example(*sft.render_turns(c, TOK, final_assistant=True)) for c in CONVS * 10]
+    a = sft.PackedLoader(ex, seq_len=96, batch_size=2, seed=1)
+    for _ in range(7):
+        a.next_batch()
+    b = sft.PackedLoader(ex, seq_len=96, batch_size=2, seed=1)
+    b.load_state_dict(a.state_dict())
+    x, y = a.next_batch(), b.next_batch()
+    assert torch.equal(x.tokens, y.tokens) and torch.equal(x.segments, y.segments)
+    rows = sft.pack(ex, 96)
+    assert sorted(i for r in rows for i in r) == list(range(len(ex)))
+
+
+@pytest.mark.parametrize("line, match", [
+    ("not json", r"bad.jsonl:2: not valid JSON"),
+    ('{"msgs": []}', r"bad.jsonl:2: expected a JSON object with a 'messages' field, found: msgs"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', r"bad.jsonl:2: field 'messages\[0\].role' is 'robot'"),
+    ('{"messages": [{"role": "user", "content": 3}]}', r"bad.jsonl:2: field 'messages\[0\].content' must be a string"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', r"bad.jsonl:2: field 'messages': the last message must be "
+                                                          "an assistant"),
+])
+def test_malformed_sft_data(tmp_path: Path, line: str, match: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"messages": CONVS[0]}) + "\n" + line + "\n")
+    with pytest.raises(DataError, match=match):
+        sft.read_sft(f, TOK)
+
+
+@pytest.mark.parametrize("obj, match", [
+    ({"prompt": "Hi", "chosen": "a"}, r"bad.jsonl:1: field 'rejected' must be a non-empty string"),
+    ({"chosen": "a", "rejected": "b"}, r"bad.jsonl:1: expected a string field 'prompt' or a list field 'messages'"),
+    ({"messages": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
+     r"bad.jsonl:1: field 'messages': "),
+])
+def test_malformed_dpo_data(tmp_path: Path, obj: dict, match: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(obj) + "\n")
+    with pytest.raises(DataError, match=match):
+        dpo.read_pairs(f, TOK)
+
+
+def test_transcripts_become_chat_turns() -> None:
+    assert dpo.transcript_turns("Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert dpo.transcript_turns("just a question") == [{"role": "user", "content": "just a question"}]
+    corpus = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "chat" / "dpo.jsonl"
+    if not corpus.is_file():
+        pytest.skip("shared corpus not found")
+    rows = [json.loads(ln) for ln in corpus.read_text(encoding="utf-8").splitlines()[:300]]
+    same = [dpo.transcript_turns(r["prompt"]) == r["prompt_messages"] for r in rows if "prompt_messages" in r]
+    assert len(same) > 100 and sum(same) / len(same) > 0.97
+
+
+# -- DPO losses ----------------------------------------------------------------------------------------
+
+
+def _trl_loss(per_tok: torch.Tensor, comp: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, *,
+              loss_type: str, beta: float) -> tuple[torch.Tensor, dict]:
+    """TRL's DPOTrainer._compute_loss on the given per-token log-probs (its model replaced by a stub
+    returning them; precomputed reference log-probs)."""
+    from trl import DPOTrainer
+
+    n2, L = comp.shape
+    out = types.SimpleNamespace(log_probs=per_tok * comp[:, 1:], entropy=torch.zeros(n2, L - 1),
+                                mean_logits=torch.zeros(n2, L - 1), is_top1=torch.zeros(n2, L - 1, dtype=torch.bool))
+    acc = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    metrics: dict = defaultdict(lambda: defaultdict(list))
+    stub = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        beta=beta, label_smoothing=0.0, use_weighting=False, _metrics=metrics, _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(n2, L, dtype=torch.long), "attention_mask": torch.ones(n2, L, dtype=torch.long),
+              "completion_mask": comp, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    loss = DPOTrainer._compute_loss(stub, lambda **kw: out, inputs, return_outputs=False)
+    return loss, {k: v[-1] for k, v in metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "reference_free"])
+def test_dpo_loss_equals_trl_and_the_paper(loss_type: str) -> None:
+    pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(0)
+    N, L, beta = 5, 12, 0.3
+    comp = torch.zeros(2 * N, L, dtype=torch.long)
+    for i in range(2 * N):
+        comp[i, 3 + i % 4:] = 1  # replies of different lengths
+    per_tok = (-torch.rand(2 * N, L - 1, generator=g) * 3).requires_grad_()
+    ref = -torch.rand(2 * N, generator=g) * 20
+    ref_c, ref_r = ref[:N], ref[N:]
+    if loss_type == "reference_free":  # TRL has no switch for it: the reference-free loss is h with ref = 0
+        ref_c, ref_r = torch.zeros(N), torch.zeros(N)
+    want, trl_metrics = _trl_loss(per_tok, comp, ref_c, ref_r, loss_type="ipo" if loss_type == "ipo" else "sigmoid",
+                                  beta=beta)
+    (g_want,) = torch.autograd.grad(want, per_tok)
+    mask = comp[:, 1:].bool()
+    # sequence_logps on logits whose log-softmax at the target is per_tok: a 2-way vocabulary.
+    logits = torch.stack([per_tok, torch.log1p(-per_tok.exp().clamp(max=1 - 1e-7))], -1)
+    lp = dpo.sequence_logps(logits, torch.zeros_like(mask, dtype=torch.long), mask)
+    if loss_type == "ipo":  # TRL's IPO averages over reply tokens: our length_normalize
+        n = mask.sum(-1)
+        lp_n, ref_cn, ref_rn = lp / n, ref_c / n[:N], ref_r / n[N:]
+        got, m = dpo.dpo_loss(lp_n[:N], lp_n[N:], ref_cn, ref_rn, beta=beta, loss_type="ipo")
+    else:
+        got, m = dpo.dpo_loss(lp[:N], lp[N:], ref_c, ref_r, beta=beta, loss_type="sigmoid",
+                              reference_free=loss_type == "reference_free")
+    (g_got,) = torch.autograd.grad(got, per_tok)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-7)
+    if loss_type != "ipo":
+        for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                  "logps/rejected"):
+            assert float(m[k]) == pytest.approx(trl_metrics[k], rel=1e-5, abs=1e-6), k
+    # The paper's formulas, written out per pair.
+    with torch.no_grad():
+        pc, pr = lp[:N].double(), lp[N:].double()
+        rc, rr = ref_c.double(), ref_r.double()
+        h = (pc - rc) - (pr - rr)
+        if loss_type == "ipo":
+            n = mask.sum(-1).double()
+            hn = (pc / n[:N] - rc / n[:N]) - (pr / n[N:] - rr / n[N:])
+            paper = ((hn - 1 / (2 * beta)) ** 2).mean()  # Azar et al. eq. 17
+        else:
+            paper = (-torch.log(1 / (1 + torch.exp(-beta * h)))).mean()  # Rafailov et al. eq. 7
+        assert float(got) == pytest.approx(float(paper), rel=1e-6)
+
+
+def test_label_smoothing_is_conservative_dpo() -> None:
+    g = torch.Generator().manual_seed(1)
+    c, r, rc, rr = (torch.randn(6, generator=g) * 5 for _ in range(4))
+    eps, beta = 0.2, 0.5
+    got, _ = dpo.dpo_loss(c, r, rc, rr, beta=beta, label_smoothing=eps)
+    h = beta * ((c - rc) - (r - rr)).double()
+    want = (-(1 - eps) * torch.log(torch.sigmoid(h)) - eps * torch.log(torch.sigmoid(-h))).mean()  # cDPO
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------
+
+ALL = ("attention", "experts", "router")
+
+
+def _randomize_B(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_zero_init_adapters_leave_logits_unchanged() -> None:
+    x = torch.randint(0, 259, (2, 20))
+    ref = _model()(x)
+    m = apply_lora(_model(), LoraConfig(rank=4, targets=ALL))
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-6)
+    assert {n.rsplit(".", 1)[-1] for n, p in m.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16", "int8"])
+def test_merged_weights_equal_the_adapter_model(base_dtype: str) -> None:
+    x = torch.randint(0, 259, (2, 20))
+    m = apply_lora(_model(), LoraConfig(rank=4, alpha=8, targets=ALL, base_dtype=base_dtype))
+    _randomize_B(m)
+    want = m(x)
+    got = merge(m)(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    if base_dtype != "float32":  # the frozen base is really held low-precision
+        held = m.layers[0].ffn.parametrizations.w13[0].base  # type: ignore[union-attr,index]
+        assert (held.q.dtype if held.int8 else held.w.dtype) == (torch.int8 if base_dtype == "int8" else torch.bfloat16)
+
+
+def test_lora_gradients_reach_every_expert_factor() -> None:
+    m = apply_lora(_model(), LoraConfig(rank=2, targets=ALL))
+    _randomize_B(m)
+    m.train()
+    x = torch.randint(0, 259, (4, 32))
+    lm_loss(m(x), x).backward()
+    p13 = m.layers[0].ffn.parametrizations.w13[0]  # type: ignore[union-attr,index]
+    assert p13.lora_A.grad is not None and (p13.lora_A.grad.abs().sum((1, 2)) > 0).all()  # every expert used
+
+
+def test_peft_round_trip(tmp_path: Path) -> None:
+    """transformers + peft load mixlab's base checkpoint and adapter and give mixlab's logits."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import MixtralForCausalLM
+
+    base = _model()
+    save_model(base, tmp_path / "base")
+    m = apply_lora(_model(), LoraConfig(rank=4, alpha=8, targets=ALL))
+    _randomize_B(m, seed=3)
+    info = save_peft(m, tmp_path / "adapter")
+    assert "q_proj" in info.target_modules
+    hf = MixtralForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32).eval()
+    pm = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = torch.randint(0, 259, (2, 24))
+    with torch.no_grad():
+        got = pm(input_ids=x).logits
+        want = m(x)
+        plain = hf.get_base_model()(input_ids=x).logits if hasattr(hf, "get_base_model") else None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert plain is None or not torch.allclose(plain, want, atol=1e-3)  # the adapter did something
+
+
+# -- runs ----------------------------------------------------------------------------------------------
+
+
+def _cfg(ckpt: Path, data: Path, out: Path, **kw: Any) -> Any:
+    base: dict[str, Any] = dict(model=str(ckpt), data=str(data), out=str(out), seq_len=64, batch_size=3, steps=4,
+                                warmup=1, lr=3e-3, eval_every=2, ckpt_every=0, log_every=1, progress=False,
+                                valid_fraction=0.2, threads=1)
+    base.update(kw)
+    return load_finetune_config(None, **base)
+
+
+@pytest.mark.parametrize("task, lora", [("sft", 0), ("dpo", 0), ("sft", 4), ("dpo", 4)])
+def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path, task: str, lora: int) -> None:
+    data = chat_files[0] if task == "sft" else chat_files[1]
+    kw: dict[str, Any] = dict(task=task, lora_rank=lora, lora_targets="attention,experts,router", export_peft=lora > 0)
+    straight = finetune(_cfg(ckpt, data, tmp_path / "a", **kw))
+    first = finetune(_cfg(ckpt, data, tmp_path / "b", **kw), stop_after=2)
+    assert first.step == 2
+    ref_file = tmp_path / "b" / "reference_logps.safetensors"
+    stamp = ref_file.stat().st_mtime_ns if task == "dpo" else None
+    second = finetune(_cfg(ckpt, data, tmp_path / "b", **kw), resume=True)
+    assert second.step == 4
+    keys = ["loss", "aux_loss"] + (["rewards/accuracies", "rewards/margins", "logps/chosen"] if task == "dpo" else [])
+    for k in keys:
+        assert [r[k] for r in straight.history] == [r[k] for r in first.history + second.history], k
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), second.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    if task == "dpo":
+        assert ref_file.stat().st_mtime_ns == stamp  # computed once, reused by the resume
+        assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected"} <= set(straight.history[0])
+        assert "eval_rewards/accuracies" in straight.evals[-1]
+    assert (tmp_path / "a" / "hf" / "config.json").is_file()
+    if lora:
+        assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    from mixlab.cli import main
+
+    res = finetune(_cfg(ckpt, chat_files[0], tmp_path / "a", steps=12, eval_every=12))
+    assert res.evals[-1]["eval_loss"] < res.evals[0]["eval_loss"]
+    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "cli"),
+                 "--steps", "2", "--seq-len", "64", "--batch-size", "2", "--threads", "1", "--lora-rank", "2",
+                 "--merge"]) == 0
+    assert (tmp_path / "cli" / "hf" / "config.json").is_file() and (tmp_path / "cli" / "adapter").is_dir()
+    assert main(["dpo", "--model", str(tmp_path / "cli"), "--data", str(chat_files[1]), "--out",
+                 str(tmp_path / "cli-dpo"), "--steps", "1", "--seq-len", "64", "--batch-size", "2", "--threads", "1",
+                 "--loss", "ipo", "--beta", "0.5"]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "hello"}\n')
+    assert main(["sft", "--model", str(ckpt), "--data", str(bad), "--out", str(tmp_path / "x"), "--seq-len", "64"]) == 2
+    assert "bad.jsonl:1: field 'messages' must be a non-empty list" in capsys.readouterr().err
