@@ -62,6 +62,17 @@ class KVCache:
         self.t = 0  # tokens written so far (padded index)
         self.tokens: list[int] = []  # batch 1: the ids written so far, kept by `generate` for prefix reuse
 
+    @classmethod
+    def over(cls, config: ModelConfig, k: list[torch.Tensor], v: list[torch.Tensor], pos_BC: torch.Tensor, *,
+             max_len: int, t: int = 0) -> KVCache:
+        """A cache over existing buffers `[B, G, C, Hd]` per layer (one slot of the engine's pool,
+        which owns them and sets `t`); static when C >= max_len, else rolling."""
+        cache = cls.__new__(cls)
+        cache.config, cache.max_len, cache.window = config, max_len, config.sliding_window
+        cache.k, cache.v, cache.pos_BC, cache.capacity = k, v, pos_BC, pos_BC.shape[1]
+        cache.t, cache.tokens = t, []
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.pos_BC.shape[0]

@@ -265,12 +265,12 @@ class Engine:
         with torch.inference_mode():
             results = self.runner.forward(items)
         self._stats["steps"] += 1
+        if self.runner.last_counts_LE is not None and self._expert_load.numel():
+            self._expert_load += self.runner.last_counts_LE
         for item, res in zip(items, results, strict=True):
             seq = by_slot[item.slot]
             seq.n_cached += len(item.tokens)
             self._stats["tokens_in"] += len(item.tokens)
-            if res.expert_counts_LE is not None and self._expert_load.numel():
-                self._expert_load += res.expert_counts_LE
             if seq.params.prompt_logprobs and seq.prompt_lp is not None and res.logits_TV is not None:
                 lp_TV = torch.log_softmax(res.logits_TV, dim=-1)
                 for j in range(len(item.tokens)):

@@ -1,22 +1,47 @@
-"""The engine's model side: the KV cache of every running sequence and the forward pass of a step.
+"""The engine's model side: the KV cache of the running sequences and the forward pass of a step.
 
-This first version gives each sequence its own batch-1 `KVCache` and runs the items of a step one
-after the other (the native kernels decode a lone token); correct, not yet batched.
+The cache is a pool of per-sequence slots (mistral-inference's per-sequence cache with lengths):
+per layer one buffer `[S, G, C, Hd]`, where each running sequence owns one slot of C positions and
+`pos_SC` records the absolute position each position holds (-1 = empty), so masks come from
+positions alone, as in `mixlab.cache`. Token at position p goes to index p % C: with C >= the
+longest sequence the slot is static; for a sliding-window model C = window + prefill_chunk - 1
+and the slot is a rolling buffer (a chunk never evicts keys its own queries still need). The pool's
+size is a byte budget (`cache_bytes`); when every slot is taken, new requests wait.
 
-Shape legend: T tokens of an item, V vocabulary, L MoE layers, K experts per token, E experts.
+A finished sequence's slot keeps its keys and values until another request needs it: a new prompt
+that begins with the tokens a free slot holds (the earlier turns of a chat) takes that slot and
+skips prefilling them (prefix reuse; a rolling slot that wrapped around holds no whole prefix).
+
+A step (`forward`) runs every item of every sequence in one pass: each weight matrix multiplies
+the N tokens of the step at once (one decoding token per sequence plus prompt chunks), so a dense
+weight is streamed once per step for all rows and each expert once for all its tokens
+(`moe_ffn`: the native kernel up to 64 tokens); attention runs per sequence: the decoding rows
+together (single-query attention over their gathered slots), each prompt chunk through SDPA.
+A step with a single decoding token and nothing else runs the whole model in one native call
+(`mixlab.model.native.NativeDecoder` over the sequence's slot), the fastest batch-1 path.
+
+Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
+Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from mixlab.cache import KVCache
+from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
+from mixlab.model.moe import MoEBlock
+from mixlab.model.native import NativeDecoder
+from mixlab.model.transformer import Block, Transformer
+from mixlab.ops import native as native_ops
+from mixlab.ops.attention import single_query_attention
+from mixlab.ops.linear import linear
 
-if TYPE_CHECKING:
-    from mixlab.model import Transformer
+DEFAULT_CACHE_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -35,7 +60,6 @@ class Item:
 class Result:
     logits_TV: torch.Tensor | None  # float32; [1, V] for "last", [T, V] for "all"
     experts_LK: torch.Tensor | None  # the last position's experts
-    expert_counts_LE: torch.Tensor | None  # tokens routed to each expert in this item
 
 
 def bytes_per_token(model: Transformer) -> int:
@@ -44,68 +68,243 @@ def bytes_per_token(model: Transformer) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * elem
 
 
+def _lin(mod: nn.Module, x_ND: torch.Tensor) -> torch.Tensor:
+    """A model linear on N rows: plain `nn.Linear` weights through `ops.linear` (the native kernel
+    for a few rows, without preparing the model); prepared linears run themselves."""
+    if type(mod) is nn.Linear:
+        return linear(x_ND, mod.weight)
+    return mod(x_ND)
+
+
 class Runner:
+    """The slot pool and the batched forward pass (see the module docstring).
+
+    `max_seq_len`: positions per sequence (default: the model's context, or as many as
+    `cache_bytes` allows for `max_batch` sequences); `cache_bytes`: the pool's budget (default
+    2 GiB at most), giving min(max_batch, cache_bytes // slot bytes) slots.
+    """
+
     def __init__(self, model: Transformer, *, max_batch: int, cache_bytes: int | None, prefill_chunk: int,
                  max_seq_len: int | None, prefix_cache: bool) -> None:
         cfg = model.config
         self.model = model
-        self.max_len = min(cfg.max_seq_len, max_seq_len or cfg.max_seq_len)
         self.per_token = bytes_per_token(model)
-        self.total_bytes = cache_bytes if cache_bytes is not None else min(
-            max_batch * self.max_len * self.per_token, 2**30)
-        self.prefill_chunk = prefill_chunk
-        self.caches: dict[int, KVCache] = {}
-        self._next = 0
+        w = model.tok_embeddings.weight
+        self.dtype, self.device = w.dtype, w.device
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                        or not 1 < max_seq_len <= cfg.max_seq_len):
+            raise ValueError(f"invalid max_seq_len={max_seq_len!r}: expected an integer in [2, {cfg.max_seq_len}]")
+        if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
+                                        or cache_bytes < 1):
+            raise ValueError(f"invalid cache_bytes={cache_bytes!r}: expected a positive integer")
+        budget = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+        window = cfg.sliding_window
+
+        def capacity(n: int) -> int:  # positions a slot holds for sequences of up to n tokens
+            return n if window is None else min(n, window + prefill_chunk - 1)
+
+        if max_seq_len is None:
+            max_seq_len = cfg.max_seq_len
+            while capacity(max_seq_len) * self.per_token * max_batch > budget and max_seq_len > 2:
+                max_seq_len //= 2
+        self.max_len = max_seq_len
+        C = capacity(max_seq_len)
+        self.slot_bytes = C * self.per_token
+        S = min(max_batch, budget // self.slot_bytes)
+        if S < 1:
+            raise ValueError(f"cache_bytes={budget} cannot hold one sequence of {max_seq_len} tokens "
+                             f"({self.slot_bytes} bytes): raise cache_bytes or lower max_seq_len")
+        self.n_slots, self.capacity = S, C
+        self.total_bytes = S * self.slot_bytes
+        shape = (S, cfg.n_kv_heads, C, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
+        self.pos_SC = torch.full((S, C), -1, dtype=torch.long, device=self.device)
+        self.prefix_cache = prefix_cache
+        self.free_slots: OrderedDict[int, list[int]] = OrderedDict((s, []) for s in range(S))  # LRU first
+        self.last_counts_LE: torch.Tensor | None = None
+        self._views: dict[int, KVCache] = {}
+        self._native: NativeDecoder | None = None
+        self._native_key: list[int] | None = None
+
+    # ---- slots ----
 
     def used_bytes(self) -> int:
-        return sum(self._bytes(c) for c in self.caches.values())
-
-    def _bytes(self, c: KVCache) -> int:
-        return c.capacity * self.per_token
+        return (self.n_slots - len(self.free_slots)) * self.slot_bytes
 
     def allocate(self, prompt: list[int], need: int, *, reuse: bool) -> tuple[int, int] | None:
-        """A slot for a sequence of up to `need` tokens and how many prompt tokens it already holds,
-        or None when the cache has no room now."""
-        w = self.model.tok_embeddings.weight
-        cap = need if self.model.config.sliding_window is None else min(
-            need, self.model.config.sliding_window + self.prefill_chunk - 1)
-        if self.used_bytes() + cap * self.per_token > self.total_bytes and self.caches:
+        """A free slot for a sequence of up to `need` tokens and how many prompt tokens it already
+        holds (the longest shared prefix among free slots, leaving at least one token to run), or
+        None when every slot is taken."""
+        if not self.free_slots:
             return None
-        slot, self._next = self._next, self._next + 1
-        self.caches[slot] = KVCache(self.model.config, batch_size=1, max_len=need, dtype=w.dtype, device=w.device,
-                                    prefill_chunk=self.prefill_chunk)
-        return slot, 0
+        best, best_n = next(iter(self.free_slots)), 0  # default: the least recently used
+        if reuse and self.prefix_cache:
+            for s, held in self.free_slots.items():
+                n, m = 0, min(len(held), len(prompt) - 1)
+                while n < m and held[n] == prompt[n]:
+                    n += 1
+                if n > best_n:
+                    best, best_n = s, n
+        del self.free_slots[best]
+        self.pos_SC[best, best_n:] = -1  # an unwrapped slot holds token i at index i
+        if best_n == 0:
+            self.pos_SC[best] = -1
+        return best, best_n
 
     def free(self, slot: int, tokens: list[int]) -> None:
-        self.caches.pop(slot, None)
+        """Give the slot back; it keeps `tokens` (those written to it) for prefix reuse."""
+        self.free_slots[slot] = list(tokens) if len(tokens) <= self.capacity and self.prefix_cache else []
+
+    # ---- the forward pass ----
 
     def forward(self, items: list[Item]) -> list[Result]:
-        return [self._one(it) for it in items]
+        if len(items) == 1 and len(items[0].tokens) == 1:
+            out = self._native_step(items[0])
+            if out is not None:
+                return [out]
+        return self._batched(items)
 
-    def _one(self, it: Item) -> Result:
-        model, cache = self.model, self.caches[it.slot]
-        T = len(it.tokens)
-        tokens_1T = torch.tensor([it.tokens], device=cache.k[0].device)
-        positions_1T = torch.arange(it.start, it.start + T, device=tokens_1T.device)[None]
-        native = getattr(model, "native_decoder", None)
-        moe = model.config.moe is not None
-        if T == 1 and native is not None and native.accepts(tokens_1T, cache):
-            logits_1V = native.step(it.tokens[0], it.start, cache)
-            idx_LK = native.chosen.long().clone() if moe else None
-            return Result(logits_1V if it.logits != "none" else None, idx_LK if it.experts else None,
-                          self._counts([idx_LK]) if idx_LK is not None else None)
-        h_1TD, routings = model(tokens_1T, positions_BT=positions_1T, cache=cache, return_hidden=True,
-                                return_routing=True)
-        logits = None
-        if it.logits == "all":
-            logits = model.output(h_1TD[0]).float()
-        elif it.logits == "last":
-            logits = model.output(h_1TD[0, -1:]).float()
-        experts = torch.stack([r.idx_TK[-1] for r in routings]) if it.experts and routings else None
-        counts = self._counts([r.idx_TK for r in routings]) if routings else None
-        return Result(logits, experts, counts)
+    def _native_decoder(self) -> NativeDecoder | None:
+        """A `NativeDecoder` over the model's weights (the model's own when prepared), rebuilt when a
+        weight was replaced (the model can still be trained: the decoder only reads its tensors)."""
+        model = self.model
+        own = getattr(model, "native_decoder", None)
+        if own is not None:
+            return own
+        key = [p.data_ptr() for p in model.parameters()]
+        if self._native_key != key:
+            lib = native_ops.library() if self.device.type == "cpu" else None
+            self._native = None
+            if lib is not None:
+                try:
+                    self._native = NativeDecoder(model, lib)
+                except ValueError:
+                    self._native = None
+            self._native_key = key
+        return self._native
 
-    def _counts(self, idx_per_layer: list[torch.Tensor]) -> torch.Tensor:
+    def _native_step(self, it: Item) -> Result | None:
+        dec = self._native_decoder()
+        if dec is None:
+            return None
+        view = self._views.get(it.slot)
+        if view is None:
+            s = it.slot
+            view = KVCache.over(self.model.config, [k[s : s + 1] for k in self.k], [v[s : s + 1] for v in self.v],
+                                self.pos_SC[s : s + 1], max_len=self.max_len)
+            self._views[it.slot] = view
+        view.t = it.start
+        logits_1V = dec.step(it.tokens[0], it.start, view)
+        idx_LK = None
+        if self.model.config.moe is not None:
+            idx_LK = dec.chosen.long().clone()
+            self.last_counts_LE = self._counts(idx_LK[:, None])
+        return Result(logits_1V if it.logits != "none" else None, idx_LK if it.experts else None)
+
+    def _counts(self, idx_LNK: torch.Tensor) -> torch.Tensor:
         moe = self.model.config.moe
         assert moe is not None
-        return torch.stack([torch.bincount(i.reshape(-1).cpu(), minlength=moe.num_experts) for i in idx_per_layer])
+        E = moe.num_experts
+        L = idx_LNK.shape[0]
+        flat = (idx_LNK.reshape(L, -1) + torch.arange(L, device=idx_LNK.device)[:, None] * E).reshape(-1)
+        return torch.bincount(flat.cpu(), minlength=L * E).view(L, E)
+
+    def _batched(self, items: list[Item]) -> list[Result]:
+        model, cfg = self.model, self.model.config
+        C, dev = self.capacity, self.device
+        H, G, Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        tokens: list[int] = []
+        pos: list[int] = []
+        slot: list[int] = []
+        for it in items:
+            tokens += it.tokens
+            pos += range(it.start, it.start + len(it.tokens))
+            slot += [it.slot] * len(it.tokens)
+        N = len(tokens)
+        tokens_N = torch.tensor(tokens, device=dev)
+        pos_N = torch.tensor(pos, device=dev)
+        slot_N = torch.tensor(slot, device=dev)
+        idx_N = pos_N % C
+        self.pos_SC[slot_N, idx_N] = pos_N
+        # Rows of the step: decoding rows (one token) attend together, each chunk on its own.
+        offsets, o = [], 0
+        for it in items:
+            offsets.append(o)
+            o += len(it.tokens)
+        single = [i for i, it in enumerate(items) if len(it.tokens) == 1]
+        chunks = [i for i, it in enumerate(items) if len(it.tokens) > 1]
+        s_rows = torch.tensor([offsets[i] for i in single], device=dev)
+        s_slots = torch.tensor([items[i].slot for i in single], device=dev)
+        s_pos = pos_N[s_rows] if single else pos_N[:0]
+        s_n = min(C, max((items[i].start + 1 for i in single), default=0))
+        s_mask = None
+        if single:
+            s_mask = attention_mask(s_pos[:, None], self.pos_SC[s_slots, :s_n], cfg.sliding_window)
+        c_masks = []
+        for i in chunks:
+            it = items[i]
+            n = min(C, it.start + len(it.tokens))
+            q_pos = pos_N[offsets[i] : offsets[i] + len(it.tokens)]
+            c_masks.append(attention_mask(q_pos[None], self.pos_SC[it.slot : it.slot + 1, :n], cfg.sliding_window))
+
+        x_ND = model.tok_embeddings(tokens_N)
+        cos, sin = rope_cos_sin(pos_N[None], Hd, cfg.rope_theta, x_ND.dtype)  # [1, N, 1, Hd]
+        routed: list[torch.Tensor] = []
+        for li, block in enumerate(model.layers):
+            assert isinstance(block, Block)
+            attn = block.attn
+            h_ND = block.attn_norm(x_ND)
+            qk_NX, v_NX = _lin(attn.wqkv, h_ND).split([(H + G) * Hd, G * Hd], dim=-1)
+            q_NHHd, k_NGHd = apply_rope(qk_NX.view(1, N, H + G, Hd), cos, sin)[0].split([H, G], dim=1)
+            kc, vc = self.k[li], self.v[li]
+            kc[slot_N, :, idx_N] = k_NGHd.to(kc.dtype)
+            vc[slot_N, :, idx_N] = v_NX.view(N, G, Hd).to(vc.dtype)
+            y_NHHd = torch.empty_like(q_NHHd)
+            if single:
+                q_B1 = q_NHHd[s_rows][:, :, None]  # [B, H, 1, Hd]
+                k_B = kc[:, :, :s_n].index_select(0, s_slots)
+                v_B = vc[:, :, :s_n].index_select(0, s_slots)
+                y_NHHd[s_rows] = single_query_attention(q_B1, k_B, v_B, s_mask)[:, :, 0]
+            for i, mask in zip(chunks, c_masks, strict=True):
+                it = items[i]
+                T, a = len(it.tokens), offsets[i]
+                n = mask.shape[-1]
+                q_1HTHd = q_NHHd[a : a + T].transpose(0, 1)[None]
+                y = training_sdpa(q_1HTHd, kc[it.slot : it.slot + 1, :, :n], vc[it.slot : it.slot + 1, :, :n], mask)
+                y_NHHd[a : a + T] = y[0].transpose(0, 1)
+            x_ND = x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd))
+            h_ND = block.ffn_norm(x_ND)
+            if isinstance(block.ffn, MoEBlock):
+                y_1ND, routing = block.ffn(h_ND[None])
+                x_ND = x_ND + y_1ND[0]
+                routed.append(routing.idx_TK)
+            else:
+                x_ND = x_ND + block.ffn(h_ND)
+        self.last_counts_LE = self._counts(torch.stack(routed)) if routed else None
+
+        # Output projection only where logits are wanted.
+        rows: list[int] = []
+        spans: list[tuple[int, int] | None] = []
+        for i, it in enumerate(items):
+            T, a = len(it.tokens), offsets[i]
+            if it.logits == "none":
+                spans.append(None)
+                continue
+            r = list(range(a, a + T)) if it.logits == "all" else [a + T - 1]
+            spans.append((len(rows), len(rows) + len(r)))
+            rows += r
+        logits_RV = None
+        if rows:
+            h_RD = model.norm(x_ND[torch.tensor(rows, device=dev)])
+            logits_RV = _lin(model.output, h_RD).float()
+        out = []
+        for i, it in enumerate(items):
+            span = spans[i]
+            logits = logits_RV[span[0] : span[1]] if span is not None and logits_RV is not None else None
+            experts = None
+            if it.experts and routed:
+                last = offsets[i] + len(it.tokens) - 1
+                experts = torch.stack([r[last] for r in routed])
+            out.append(Result(logits, experts))
+        return out
