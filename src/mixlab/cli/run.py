@@ -4,6 +4,7 @@ from a checkpoint. Thin: parsing and printing here, everything else in mixlab.ge
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtype = "bfloat16" if bf16_ok else None
     model = load_model(args.model, dtype=dtype, device=args.device)
-    if str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding; same results
+    if getattr(args, "ep", None):
+        raise ValueError("--ep needs the Experts module (issue 12), not in this build")
+    elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding; same results
         from mixlab.model.inference import prepare_for_inference
 
         model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant)
@@ -56,7 +59,25 @@ def _speed(n: int, seconds: float) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
+    if args.ep:  # every process decodes the same tokens; the first one prints them
+        import torch.distributed as dist
+
+        from mixlab.parallel.mesh import shutdown
+
+        out, err = sys.stdout, sys.stderr
+        try:
+            model, tok = _load(args)
+            if dist.get_rank() != 0:
+                sys.stdout = sys.stderr = io.StringIO()
+            return _generate(args, model, tok)
+        finally:
+            sys.stdout, sys.stderr = out, err
+            shutdown()
     model, tok = _load(args)
+    return _generate(args, model, tok)
+
+
+def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer) -> int:
     ids = tok.encode(args.prompt)
     start = time.perf_counter()
     steps = generate_stream(model, [ids], truncate=args.truncate, **_sampling(args, tok))
@@ -170,6 +191,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
     p.add_argument("--prompt", required=True)
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it does not fit")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert parallelism: split the experts over N processes (launch with torchrun "
+                        "--nproc-per-node N); the tokens equal one process's")
     _add_common(p)
     p.set_defaults(func=generate, temperature=0.0)
     p = sub.add_parser("chat", help="interactive multi-turn chat with the Mixtral-Instruct template")

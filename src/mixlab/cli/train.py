@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+from typing import Any
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -47,13 +49,34 @@ def _overrides(args: argparse.Namespace) -> dict:
     return over
 
 
+def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
+    """The process layout for --ep / --fsdp, or under torchrun (WORLD_SIZE > 1); None for one process."""
+    if args.ep is None and not args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    if compile:
+        raise ValueError("--compile is not supported with --ep / --fsdp or under torchrun yet")
+    from mixlab.parallel.mesh import init
+    from mixlab.parallel.train import DistributedTraining
+
+    return DistributedTraining(init(ep=args.ep or 1, fsdp=args.fsdp, device=device))
+
+
 def train_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.loop import load_train_config, train
 
     cfg = load_train_config(args.config, **_overrides(args))
     if not cfg.data:
         raise ValueError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
-    result = train(cfg, resume=args.resume)
+    par = _parallel(args, cfg.device, cfg.compile)
+    try:
+        result = train(cfg, resume=args.resume, parallel=par)
+    finally:
+        if par is not None:
+            from mixlab.parallel.mesh import shutdown
+
+            shutdown()
+    if par is not None and not par.is_main:
+        return 0
     if result.stopped_by is not None:
         name = signal.Signals(result.stopped_by).name
         print(f"stopped by {name} at step {result.step}; checkpoint saved; continue with --resume")
@@ -71,6 +94,13 @@ def demo_cmd(args: argparse.Namespace) -> int:
 
     run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed)
     return 0
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--ep / --fsdp: training over several processes (launch with torchrun; docs/scaling.md)."""
+    p.add_argument("--ep", type=int, default=None, metavar="E",
+                   help="expert-parallel size: each process keeps E-th of the experts (divides the processes)")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer states (FSDP2)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,6 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_parallel_args(p)
     p.set_defaults(func=train_cmd)
 
     p = sub.add_parser("demo", help="train a tiny MoE on text every Python install carries, then generate "

@@ -43,8 +43,16 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     write_safetensors(path, sorted(tensors.items()), {"format": "pt"})
 
 
+def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter in the optimizer's own order (its state is indexed by position over
+    the parameter groups, which differs from `named_parameters` order)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as (tensors named `state.<param name>.<key>`, JSON-able rest)."""
+    """Optimizer state as (tensors named `state.<param name>.<key>`, JSON-able rest); `names` in the
+    optimizer's order (`optimizer_param_names`)."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -59,10 +67,11 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    if info["param_names"] != names:
+    if sorted(info["param_names"]) != sorted(names):
         raise CheckpointError("the optimizer state in the checkpoint is for different parameters "
                               "(the model's parameter list changed)")
-    index = {n: i for i, n in enumerate(names)}
+    # Positions as saved (checkpoints before the names followed the optimizer's order are read right too).
+    index = {n: i for i, n in enumerate(info["param_names"])}
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         _, rest = k.split(".", 1)
@@ -134,7 +143,7 @@ def save(
     name = f"step_{step:08d}"
     # Re-saving the same step (e.g. a signal right after a periodic save) replaces our own folder.
     with atomic_folder(root / name, kind="training-checkpoint", checksums=True, overwrite=True) as tmp:
-        names = [n for n, _ in model.named_parameters()]
+        names = optimizer_param_names(model, optimizer)
         # Tied parameters appear once in named_parameters; state_dict holds both names.
         _save({n: p for n, p in model.named_parameters()}, tmp / "model.safetensors")
         opt_tensors, opt_info = flatten_optimizer(optimizer, names)
@@ -154,6 +163,9 @@ def save(
 def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Load weights, optimizer and RNG state from `ckpt` into the given objects; returns state.json."""
     state = validate(ckpt)
+    if state.get("format") == "dcp":
+        _load_dcp(ckpt, model, optimizer)
+        return state
     weights = load_file(str(ckpt / "model.safetensors"))
     params = dict(model.named_parameters())
     if set(weights) != set(params):
@@ -167,7 +179,8 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             p.copy_(weights[n])
     if optimizer is not None:
         opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state["optimizer"], list(params)))
+        optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state["optimizer"],
+                                                      optimizer_param_names(model, optimizer)))
     rng = load_file(str(ckpt / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
@@ -223,8 +236,10 @@ def load_init(path: str | Path, config: ModelConfig) -> Transformer:
     a different shape is an error naming the tensor."""
     p = resolve_weights(path)
     if (p / "state.json").is_file() and not (p / "config.json").is_file():
-        validate(p)
         model = Transformer(config)
+        if validate(p).get("format") == "dcp":  # written by a sharded run
+            _load_dcp(p, model, None)
+            return model
         weights = load_file(str(p / "model.safetensors"))
         params = dict(model.named_parameters())
         if set(weights) != set(params):
@@ -238,3 +253,40 @@ def load_init(path: str | Path, config: ModelConfig) -> Transformer:
                 t.copy_(weights[n])
         return model
     return load_model(p, config=config, dtype=torch.float32)
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create every parameter's optimizer state (as the first step would) without changing any
+    parameter: one step with learning rate 0 and zero gradients. A checkpoint is then loaded into
+    that state in place (torch.distributed.checkpoint loads into existing tensors)."""
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _load_dcp(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """A checkpoint written by a sharded run (mixlab.parallel.checkpoint: torch.distributed.checkpoint's
+    safetensors files, each piece with its offset) read whole into this single-process model."""
+    import torch.distributed.checkpoint as dcp
+
+    sd: dict[str, torch.Tensor] = {}
+    if optimizer is not None:
+        init_optimizer_state(optimizer)
+    for name, p in model.named_parameters():
+        sd[name] = p.detach()
+        for key, v in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
+            if isinstance(v, torch.Tensor):
+                sd[f"state.{name}.{key}"] = v
+    try:
+        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), no_dist=True)
+    except Exception as e:  # DCP's own error types; name the folder and the first cause
+        raise CheckpointError(f"{ckpt}: cannot load into this model ({str(e).splitlines()[0][:300]})") from None
+    if optimizer is not None:  # resuming, not only taking the weights
+        torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_cpu"])

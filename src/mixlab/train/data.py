@@ -351,12 +351,20 @@ class BatchLoader:
     The windows of all domains are shuffled with a permutation seeded by (seed, epoch); the position
     is (epoch, cursor), a small dict that `state_dict()` returns and checkpoints store, so a resumed
     run sees exactly the batches the uninterrupted run would have seen.
+
+    `shard=(rank, world)` (training over `world` processes): each batch is still the global batch of
+    `batch_size` windows, in the same order, but this process reads only its rows
+    `[rank * batch_size / world, (rank + 1) * batch_size / world)`; the position is the global one.
     """
 
     def __init__(self, dataset: TokenDataset, *, split: str = "train", seq_len: int, batch_size: int,
-                 seed: int = 0, domains: list[str] | None = None) -> None:
+                 seed: int = 0, domains: list[str] | None = None, shard: tuple[int, int] = (0, 1)) -> None:
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        rank, world = shard
+        if batch_size % world or not 0 <= rank < world:
+            raise DataError(f"batch_size {batch_size} must be a multiple of the number of processes ({world})")
+        self.rows = range(rank * batch_size // world, (rank + 1) * batch_size // world)
         self.ds, self.split, self.seq_len, self.batch_size, self.seed = dataset, split, seq_len, batch_size, seed
         self.domains = domains or dataset.split_domains(split)
         counts = [max(0, (len(dataset.tokens(split, d)) - 1) // seq_len) for d in self.domains]
@@ -382,14 +390,15 @@ class BatchLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs `[B, T]`, targets `[B, T]`, domain index `[B]`)."""
         rows, doms = [], []
-        for _ in range(self.batch_size):
+        for i in range(self.batch_size):
             if self.cursor >= self.n_windows:
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._perm = self._permutation(self.epoch)
-            w, d = self.window(int(self._perm[self.cursor]))
+            if i in self.rows:
+                w, d = self.window(int(self._perm[self.cursor]))
+                rows.append(w)
+                doms.append(d)
             self.cursor += 1
-            rows.append(w)
-            doms.append(d)
         x = torch.from_numpy(np.stack(rows))
         return x[:, :-1].contiguous(), x[:, 1:].contiguous(), torch.tensor(doms)
 

@@ -33,7 +33,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
@@ -175,13 +175,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # No weight decay on norms (1-D) — decay pulls RMSNorm gains toward 0 (as nanoGPT / torchtitan).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # Sharded parameters (DTensors) on different device meshes (FSDP's dense weights over all ranks,
+    # experts over the data-parallel ranks) go in separate groups: one fused update cannot mix them.
+    groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        groups.setdefault((id(getattr(p, "device_mesh", None)), p.dim() >= 2), []).append(p)
     # fused: one kernel per parameter for the whole update (CPU and CUDA); the foreach path falls
     # back to ~10 elementwise kernels per parameter on CPU, ~4x slower here (BENCHMARKS.md).
     fused = torch.device(cfg.device).type in ("cpu", "cuda")
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
+         for (_, decay), ps in sorted(groups.items(), key=lambda kv: not kv[0][1])],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True,
     )
 
@@ -257,6 +261,25 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, spl
     return out
 
 
+class Parallel(Protocol):
+    """How `train` runs over several processes (`mixlab.parallel.train.DistributedTraining` builds
+    one: expert parallelism, FSDP, distributed checkpoints). `None` means one process."""
+
+    rank: int
+    world: int
+    is_main: bool  # writes metrics, progress and the export
+
+    def parallelize(self, model: Transformer) -> None: ...  # shard it, in place, before the optimizer
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over all processes
+    def any(self, flag: bool) -> bool: ...  # whether any process says so (signals reach ranks apart)
+    def sync_grads(self, model: Transformer) -> None: ...  # gradients of the global batch's mean loss
+    def clip_grad_norm(self, model: Transformer, max_norm: float) -> float: ...
+    def save(self, root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+             state: dict[str, Any], keep: int) -> Path: ...
+    def load(self, ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]: ...
+    def export(self, model: Transformer, path: Path, write: Callable[[Transformer, Path], None]) -> None: ...
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -303,6 +326,16 @@ class _Metrics:
             self.tb.close()
 
 
+class _NoMetrics(_Metrics):
+    """Ranks other than the first write nothing."""
+
+    def __init__(self) -> None:
+        self.tb = None
+
+    def write(self, rec: dict[str, Any]) -> None:
+        pass
+
+
 def _check_resume(state: dict[str, Any], cfg: TrainConfig, mc: ModelConfig, fingerprint: dict, ckpt: Path) -> None:
     saved_model = state.get("model_config")
     if saved_model != mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe) if mc.moe else None}:
@@ -323,11 +356,13 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, mc: ModelConfig, fing
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
-          on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> TrainResult:
+          on_step: Callable[[dict[str, Any]], bool | None] | None = None,
+          parallel: Parallel | None = None) -> TrainResult:
     """Train per `cfg`. `resume`: continue from the newest checkpoint in `cfg.out` (an error if there
     is none). `stop_after`: stop (with a checkpoint) after this many steps in total, as if killed.
     `on_step(record)` is called after every step; returning True ends the run there (checkpointed,
-    exported)."""
+    exported). `parallel`: run as one of several processes (see `Parallel`); the global batch, the
+    schedule and the checkpoints' contents are those of a one-process run."""
     dataset = TokenDataset(cfg.data)
     mc = build_model_config(cfg, dataset)
     out = Path(cfg.out)
@@ -349,7 +384,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     keep_freed_memory()
     try:
         return _train(cfg, dataset, mc, out, ckpt_root, newest, resume=resume, stop_after=stop_after,
-                      on_step=on_step)
+                      on_step=on_step, par=parallel)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(was_threads)
@@ -357,7 +392,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 
 def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, ckpt_root: Path,
            newest: Path | None, *, resume: bool, stop_after: int | None,
-           on_step: Callable[[dict[str, Any]], bool | None] | None) -> TrainResult:
+           on_step: Callable[[dict[str, Any]], bool | None] | None, par: Parallel | None = None) -> TrainResult:
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
@@ -367,8 +402,12 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
         model.init_weights(std=cfg.init_std, seed=cfg.seed)
     model.to(device).train()
     model.set_moe_impl(cfg.moe_impl)
+    main = par is None or par.is_main
+    if par is not None:
+        par.parallelize(model)
     optimizer = make_optimizer(model, cfg)
-    loader = BatchLoader(dataset, split="train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    loader = BatchLoader(dataset, split="train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                         shard=(par.rank, par.world) if par is not None else (0, 1))
     loader.skip(cfg.data_offset)
     fingerprint = dataset.fingerprint()
     step = 0
@@ -376,12 +415,16 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
         assert newest is not None
         state = checkpoints.validate(newest)
         _check_resume(state, cfg, mc, fingerprint, newest)
-        state = checkpoints.load(newest, model=model, optimizer=optimizer)
+        load_ckpt = par.load if par is not None else checkpoints.load
+        state = load_ckpt(newest, model=model, optimizer=optimizer)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")
-    metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard)
+    if main:
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
+                                               encoding="utf-8")
+    metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard) if main \
+        else _NoMetrics()
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     forward: Callable[..., Any] = compile_model(model) if cfg.compile else model
@@ -390,7 +433,8 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     E = moe.num_experts if moe else 0
 
     def save() -> Path:
-        return checkpoints.save(ckpt_root, step=step, model=model, optimizer=optimizer, keep=cfg.keep, state={
+        return (par.save if par is not None else checkpoints.save)(
+            ckpt_root, step=step, model=model, optimizer=optimizer, keep=cfg.keep, state={
             "model_config": mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe) if mc.moe else None},
             "train_config": dataclasses.asdict(cfg), "data": fingerprint, "data_position": loader.state_dict(),
         })
@@ -404,7 +448,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
         except ValueError:  # not the main thread: no signal handling
             pass
     bar = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
@@ -414,7 +458,11 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     last_stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     try:
         requested_stop = False  # on_step returned True (e.g. the demo's time budget ran out)
-        while step < last_stop and not stop and not requested_stop:
+        while step < last_stop and not requested_stop:
+            if par is not None and par.any(bool(stop)) and not stop:
+                stop.append(signal.SIGTERM)  # another process was signalled: all stop at the same step
+            if stop:
+                break
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
@@ -427,13 +475,22 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 with autocast(cfg):
                     logits_BTV, routings = forward(x_BT, return_routing=True)
                 ce = lm_loss(logits_BTV, y_BT)
-                aux, z = router_losses(routings)
+                aux, z = router_losses(routings, reduce=par.all_sum if par is not None else None)
                 loss = ce + aux_coef * aux + z_coef * z
                 (loss / cfg.grad_accum).backward()
                 ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
                 if E:
                     load += expert_load(routings, E).cpu() / cfg.grad_accum
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf))
+            max_norm = cfg.clip if cfg.clip > 0 else math.inf
+            if par is not None:
+                par.sync_grads(model)
+                gnorm = par.clip_grad_norm(model, max_norm)
+                # The logged values: means over the processes' equal shares = the global batch's.
+                sums = par.all_sum(torch.tensor([ce_sum, aux_sum, z_sum])) / par.world
+                ce_sum, aux_sum, z_sum = (float(v) for v in sums)
+                load = par.all_sum(load) / par.world
+            else:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -474,7 +531,10 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                     f"step_{step:08d}":
                 save()
         if (step == cfg.steps or requested_stop) and cfg.export_hf:
-            export(model, out / "hf", dataset)
+            if par is not None:
+                par.export(model, out / "hf", functools.partial(export, dataset=dataset))
+            else:
+                export(model, out / "hf", dataset)
     finally:
         if bar is not None:
             bar.close()

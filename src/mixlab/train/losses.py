@@ -27,7 +27,7 @@ averaged over layers. It keeps router logits small, which keeps the float32 soft
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +55,23 @@ def _mask_T(mask: torch.Tensor | None, n_tokens: int, device: torch.device) -> t
     return m
 
 
+def _choice_counts(logits_TE: torch.Tensor, idx_TK: torch.Tensor, w_T: torch.Tensor) -> torch.Tensor:
+    """`[E + 1]`: the K choices of each token per expert, counted with weight 1 for valid tokens and 0
+    for masked ones (no gradient), then the number of valid tokens. Static shapes and no host sync,
+    so torch.compile keeps it in-graph."""
+    T, E = logits_TE.shape
+    K = idx_TK.shape[1]
+    counts_E = torch.zeros(E, dtype=logits_TE.dtype, device=logits_TE.device)
+    counts_E.scatter_add_(0, idx_TK.reshape(-1), w_T[:, None].expand(T, K).reshape(-1))
+    return torch.cat([counts_E, w_T.sum()[None]])
+
+
 def load_balancing_loss_layer(
-    logits_TE: torch.Tensor, idx_TK: torch.Tensor, mask_T: torch.Tensor | None = None
+    logits_TE: torch.Tensor, idx_TK: torch.Tensor, mask_T: torch.Tensor | None = None, *,
+    counts_E1: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """E * sum_e f_e * P_e for one layer (see the module docstring); 1.0 for uniform routing."""
+    """E * sum_e f_e * P_e for one layer (see the module docstring); 1.0 for uniform routing.
+    `counts_E1`: the choice counts and valid tokens `f` comes from (default: these tokens')."""
     T, E = logits_TE.shape
     K = idx_TK.shape[1]
     m_T = _mask_T(mask_T, T, logits_TE.device)
@@ -66,11 +79,8 @@ def load_balancing_loss_layer(
     n_valid = w_T.sum().clamp(min=1)
     probs_TE = torch.softmax(logits_TE, dim=-1)
     P_E = (probs_TE * w_T[:, None]).sum(0) / n_valid
-    # The K choices of each token, counted with weight 1 for valid tokens and 0 for masked ones: a
-    # count per expert, no gradient. Static shapes and no host sync, so torch.compile keeps it in-graph.
-    counts_E = torch.zeros(E, dtype=logits_TE.dtype, device=logits_TE.device)
-    counts_E.scatter_add_(0, idx_TK.reshape(-1), w_T[:, None].expand(T, K).reshape(-1))
-    f_E = counts_E / (n_valid * K)
+    c_E1 = _choice_counts(logits_TE, idx_TK, w_T) if counts_E1 is None else counts_E1
+    f_E = c_E1[:E] / (c_E1[E].clamp(min=1) * K)
     return E * (f_E * P_E).sum()
 
 
@@ -83,17 +93,31 @@ def z_loss_layer(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) ->
 
 
 def router_losses(
-    routings: Sequence[Routing], mask: torch.Tensor | None = None
+    routings: Sequence[Routing], mask: torch.Tensor | None = None, *,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(load-balancing loss, z-loss), each averaged over the MoE layers; zeros for a dense model.
 
     `mask` (`[B, T]` or flat `[B*T]`, True = counts) is flattened the way the model flattens tokens
     for routing (batch-major), so it lines up with each `Routing`'s T axis.
+
+    `reduce` (training over several processes, each with its share of the batch): sums a tensor over
+    them. The fractions f then count the whole batch's choices, while P stays this process's mean;
+    averaging the processes' losses (and gradients) gives exactly the one-process loss on the whole
+    batch, since it is linear in P (with equal valid tokens per process).
     """
     if not routings:
         zero = torch.zeros(())
         return zero, zero
-    aux = torch.stack([load_balancing_loss_layer(r.logits_TE, r.idx_TK, mask) for r in routings]).mean()
+    counts: list[torch.Tensor | None] = [None] * len(routings)
+    if reduce is not None:
+        with torch.no_grad():
+            c_LE1 = torch.stack([_choice_counts(r.logits_TE, r.idx_TK, _mask_T(mask, r.logits_TE.shape[0],
+                                                                                r.logits_TE.device).float())
+                                 for r in routings])
+            counts = list(reduce(c_LE1).unbind(0))
+    aux = torch.stack([load_balancing_loss_layer(r.logits_TE, r.idx_TK, mask, counts_E1=c)
+                       for r, c in zip(routings, counts, strict=True)]).mean()
     z = torch.stack([z_loss_layer(r.logits_TE, mask) for r in routings]).mean()
     return aux, z
 

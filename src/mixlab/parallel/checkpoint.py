@@ -1,0 +1,135 @@
+"""Distributed training checkpoints (`torch.distributed.checkpoint`) and the consolidated export.
+
+Every rank writes the pieces it owns into one folder with DCP's safetensors writer
+(`HuggingFaceStorageWriter(save_distributed=True)`): each file is a plain safetensors file whose
+header records each piece's offset in the whole tensor, so reading one needs no pickle and any
+number of processes can read it back (DCP's planner reshards). The tensor names are those of a
+single-process checkpoint (`train/checkpoints.py`): parameters by name, optimizer state as
+`state.<param>.<key>`. Hence:
+
+- a single-process run resumes a sharded checkpoint (`checkpoints.load` reads this format), and a
+  sharded run resumes a single-process checkpoint (DCP's reader takes its `model.safetensors` and
+  `optimizer.safetensors` as whole tensors), on any number of processes;
+- crash safety is a one-process checkpoint's (`mixlab.atomic`): the ranks write into the temporary
+  folder rank 0 made; after a barrier rank 0 writes `state.json` and the manifest (sizes, SHA-256),
+  fsyncs and renames it into place.
+
+The state dict describes each tensor globally: FSDP parameters are DTensors already; the local
+expert shards of expert parallelism become DTensors on the (dp, ep) mesh, Shard(0) over ep (and
+FSDP's Shard(1) over dp, or replicated over dp without FSDP), wrapping the same storage, so DCP
+loads in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from mixlab.atomic import atomic_folder
+from mixlab.checkpoint.io import CheckpointError
+from mixlab.model import Transformer
+from mixlab.parallel.mesh import Layout
+from mixlab.train import checkpoints
+
+
+def _global(t: torch.Tensor, layout: Layout, expert: bool) -> torch.Tensor:
+    """`t` as DCP should see it: the whole tensor's layout (see the module docstring)."""
+    if not expert or layout.ep == 1:
+        return t
+    local = t.to_local() if isinstance(t, DTensor) else t
+    dp_place = t.placements[0] if isinstance(t, DTensor) else Replicate()
+    shape = list(t.shape)
+    shape[0] *= layout.ep
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, layout.mesh, [dp_place, Shard(0)], run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
+def state_dict(model: Transformer, optimizer: torch.optim.Optimizer, layout: Layout,
+               expert_names: set[str]) -> dict[str, torch.Tensor]:
+    """Parameters and optimizer state, named as a single-process checkpoint names them."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        ex = name in expert_names
+        sd[name] = _global(p.detach(), layout, ex)
+        for key, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                sd[f"state.{name}.{key}"] = _global(v, layout, ex) if v.dim() > 0 else v
+    return sd
+
+
+def save(root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+         keep: int, layout: Layout, expert_names: set[str]) -> Path:
+    """Write checkpoint `step` under `root` from all ranks (collective), atomically; keep the newest `keep`."""
+    name = f"step_{step:08d}"
+    # Rank 0 owns the atomic folder (mixlab.atomic: temporary sibling, manifest with SHA-256, fsync,
+    # rename); every rank writes its pieces into the temporary it names.
+    folder = atomic_folder(root / name, kind="training-checkpoint", checksums=True, overwrite=True) \
+        if layout.is_main else contextlib.nullcontext(None)
+    with folder as made:
+        box: list[Any] = [str(made) if made is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        tmp = Path(box[0])
+        dcp.save(state_dict(model, optimizer, layout, expert_names),
+                 storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        dist.barrier()
+        if layout.is_main:
+            save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            names = [n for n, _ in model.named_parameters()]
+            groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+                      for g in optimizer.param_groups]
+            files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.suffix == ".safetensors"}
+            full = {**state, "step": step, "format": "dcp", "world": layout.world, "ep": layout.ep,
+                    "fsdp": layout.fsdp, "optimizer": {"param_groups": groups, "scalars": {}, "param_names": names},
+                    "files": files}
+            (tmp / "state.json").write_text(json.dumps(full, indent=1), encoding="utf-8")
+    dist.barrier()  # committed
+    if layout.is_main:
+        for old in checkpoints.list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def load(ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer | None, layout: Layout,
+         expert_names: set[str]) -> dict[str, Any]:
+    """Load a checkpoint of either format (sharded by any number of processes, or single-process) into
+    this layout, in place; returns its state.json."""
+    state = checkpoints.validate(ckpt)
+    if optimizer is not None:
+        checkpoints.init_optimizer_state(optimizer)
+    sd = state_dict(model, optimizer, layout, expert_names) if optimizer is not None else {
+        n: _global(p.detach(), layout, n in expert_names) for n, p in model.named_parameters()}
+    try:
+        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)))
+    except Exception as e:  # DCP wraps per-rank failures; name the folder and the first cause
+        raise CheckpointError(f"{ckpt}: cannot load into this model ({str(e).splitlines()[0][:300]})") from None
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    return state
+
+
+def export(model: Transformer, path: Path, *, layout: Layout, expert_names: set[str],
+           write: Callable[[Transformer, Path], None]) -> None:
+    """One consolidated checkpoint from a sharded model: every tensor gathered whole (collective),
+    copied into a plain single-device model on rank 0 and written there by `write(model, path)`."""
+    full: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        t = _global(p.detach(), layout, name in expert_names)
+        full[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+    if layout.is_main:
+        plain = Transformer(model.config)
+        with torch.no_grad():
+            for name, q in plain.named_parameters():
+                q.copy_(full[name])
+        write(plain, path)
+    dist.barrier()

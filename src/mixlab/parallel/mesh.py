@@ -1,0 +1,87 @@
+"""The process layout: a 2-D `DeviceMesh` over (dp, ep) and the process group it comes from.
+
+World = dp * ep processes. Every process reads its own share of each global batch (data parallel
+over all `world` ranks). Expert weights are split over the `ep` ranks of a row of the mesh (each
+holds E / ep experts, tokens travel to them by all-to-all) and replicated (or FSDP-sharded) over the
+`dp` rows; dense weights are replicated (or FSDP-sharded) over all ranks. Consecutive ranks form an
+expert-parallel group, so with ep <= GPUs per node the all-to-all stays inside a node (as torchtitan).
+
+gloo on CPU, NCCL on CUDA. Under `torchrun` the rank and world come from its environment; a plain
+`python -m mixlab ... --ep 1 --fsdp` run becomes a world of one on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class Layout:
+    rank: int
+    world: int
+    ep: int
+    dp: int
+    fsdp: bool
+    device: torch.device
+    mesh: DeviceMesh  # 2-D, dims ("dp", "ep")
+    world_mesh: DeviceMesh  # 1-D over all ranks: dense weights' FSDP and data parallelism
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.ep
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("ep")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("dp")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
+    """Join (or start, for a world of one) the process group and build the mesh. `device`: "cpu"
+    (gloo) or "cuda" (NCCL, one GPU per process: `LOCAL_RANK`)."""
+    dev_type = torch.device(device).type
+    if dev_type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: distributed runs support cpu (gloo) and cuda (NCCL)")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # not under torchrun: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        if dev_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ep < 1 or world % ep:
+        raise ValueError(f"--ep {ep} must divide the number of processes ({world})")
+    torch_dev = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")
+    mesh = init_device_mesh(dev_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    world_mesh = init_device_mesh(dev_type, (world,), mesh_dim_names=("world",))
+    return Layout(rank=rank, world=world, ep=ep, dp=world // ep, fsdp=fsdp, device=torch_dev, mesh=mesh,
+                  world_mesh=world_mesh)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

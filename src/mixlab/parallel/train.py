@@ -1,0 +1,139 @@
+"""Training over several processes: `DistributedTraining`, the `mixlab.train.loop.Parallel` that
+`mixlab train --ep E [--fsdp]` (under torchrun) hands to the one training loop.
+
+Each of the `world` processes computes the mean loss of its share of the global batch; the gradient
+of the global mean loss is then the mean of their gradients:
+
+- dense weights: averaged over all processes (all-reduce, or FSDP2's reduce-scatter);
+- expert weights with expert parallelism: each shard already holds the sum of its expert group's
+  contributions (the all-to-all's backward brought them), so it is summed over the `dp` replicas
+  and divided by `world` (FSDP averages over `dp`; `sync_grads` divides by `ep`. FSDP's
+  `set_gradient_divide_factor` would do it in the reduce-scatter, but gloo has no PREMUL_SUM).
+
+The load-balancing loss's fractions f are summed over the processes (`router_losses(reduce=)`), so
+losses and gradients equal the one-process run's on the whole batch (tests/test_parallel.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+
+from mixlab.model import Transformer
+from mixlab.model.moe import MoEBlock
+from mixlab.parallel import checkpoint as dcp_ckpt
+from mixlab.parallel.mesh import Layout
+
+
+def apply_fsdp(model: Transformer, layout: Layout) -> None:
+    """FSDP2 (`fully_shard`) per block, the experts of each MoE layer as their own unit over the `dp`
+    ranks (sharded on dim 1: a rank may hold fewer experts than there are replicas), everything
+    else over all ranks; the root holds the embedding, final norm and output."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for block in model.layers:
+        experts = getattr(block.ffn, "experts", None)
+        if isinstance(block.ffn, MoEBlock) and isinstance(experts, torch.nn.Module):
+            fully_shard(experts, mesh=layout.mesh["dp"], shard_placement_fn=lambda p: Shard(1))
+        fully_shard(block, mesh=layout.world_mesh)
+    fully_shard(model, mesh=layout.world_mesh)
+    if hasattr(model, "forward_output"):  # the training loop's entry point, besides forward
+        register_fsdp_forward_method(model, "forward_output")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class DistributedTraining:
+    """Expert parallelism (`ep`), optional FSDP2, distributed checkpoints and the consolidated export
+    for `mixlab.train.loop.train(parallel=)`."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.rank, self.world, self.is_main = layout.rank, layout.world, layout.is_main
+        self.expert_names: set[str] = set()
+
+    def parallelize(self, model: Transformer) -> None:
+        if self.layout.ep > 1:
+            raise ValueError("--ep > 1 needs the Experts module (issue 12); this build has FSDP and data parallelism")
+        if self.layout.fsdp:
+            apply_fsdp(model, self.layout)
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        x = t.detach().to(self.layout.device, copy=True)
+        dist.all_reduce(x)
+        return x.to(t.device)
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.all_sum(torch.tensor([float(flag)]))[0] > 0)
+
+    def _split(self, model: Transformer) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        dense: list[torch.nn.Parameter] = []
+        experts: list[torch.nn.Parameter] = []
+        for name, p in model.named_parameters():
+            (experts if name in self.expert_names and self.layout.ep > 1 else dense).append(p)
+        return dense, experts
+
+    def sync_grads(self, model: Transformer) -> None:
+        """Average the gradients over the processes (see the module docstring)."""
+        dense, experts = self._split(model)
+        if self.layout.fsdp:  # reduce-scattered in backward, averaged over dp
+            for p in experts:
+                if p.grad is not None:
+                    _local(p.grad).div_(self.layout.ep)
+            return
+        for params, group, size in ((dense, None, self.world), (experts, self.layout.dp_group, self.layout.dp)):
+            if not params:
+                continue
+            for p in params:
+                if p.grad is None:  # unused on this rank (no token reached it): a zero gradient
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params if p.grad is not None]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            if size > 1:
+                dist.all_reduce(flat, group=group)
+            flat /= self.world
+            for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+                g.copy_(new)
+
+    def clip_grad_norm(self, model: Transformer, max_norm: float) -> float:
+        """The global gradient norm (every weight counted once) and clipping to `max_norm`, as
+        `torch.nn.utils.clip_grad_norm_` on the one-process model."""
+        dense, experts = self._split(model)
+        sq = torch.zeros((), dtype=torch.float64)
+        for params, replicas in ((dense, self.world), (experts, self.layout.dp)):
+            for p in params:
+                if p.grad is None:
+                    continue
+                g = _local(p.grad)
+                # A sharded gradient counts each piece once; a replicated one once over its replicas.
+                w = 1.0 if isinstance(p.grad, DTensor) else 1.0 / replicas
+                sq += g.detach().double().square().sum().cpu() * w
+        total = math.sqrt(float(self.all_sum(sq)))
+        coef = min(1.0, max_norm / (total + 1e-6))
+        if coef < 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    _local(p.grad).mul_(coef)
+        return total
+
+    def save(self, root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+             state: dict[str, Any], keep: int) -> Path:
+        return dcp_ckpt.save(root, step=step, model=model, optimizer=optimizer, state=state, keep=keep,
+                             layout=self.layout, expert_names=self.expert_names)
+
+    def load(self, ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return dcp_ckpt.load(ckpt, model=model, optimizer=optimizer, layout=self.layout,
+                             expert_names=self.expert_names)
+
+    def export(self, model: Transformer, path: Path, write: Callable[[Transformer, Path], None]) -> None:
+        dcp_ckpt.export(model, path, layout=self.layout, expert_names=self.expert_names, write=write)

@@ -1,0 +1,169 @@
+"""Training over several processes (gloo, loopback) equals one process: FSDP2 (expert parallelism
+follows with the Experts module); distributed checkpoints resumed on another number of processes;
+the consolidated export.
+
+Each group of processes is started once per module (torch.multiprocessing, spawn) and runs a list
+of jobs; the tests compare what they wrote with one-process runs in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mixlab.checkpoint import load_model
+from mixlab.train import checkpoints
+from mixlab.train.data import TokenDataset, prepare, read_documents
+from mixlab.train.loop import build_model_config, load_train_config, make_optimizer, train
+
+TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
+        "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "jitter": 0.0, "z_loss_coef": 0.001}}
+STEPS = 20
+TIMEOUT = 240  # seconds for one group of processes
+
+
+def _cfg(data: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = dict(data=str(data), out=str(out), model="tiny-moe", model_overrides=TINY, seq_len=32,
+                                batch_size=4, grad_accum=2, steps=STEPS, warmup=4, lr=3e-3, eval_every=0,
+                                ckpt_every=10, keep=5, log_every=1, progress=False, tensorboard=False,
+                                export_hf=True, deterministic=True, threads=1)
+    return base | kw
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if "loss" in json.loads(ln)]
+
+
+# -- what each process runs -------------------------------------------------------------------------
+
+
+def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from mixlab.parallel.mesh import init, shutdown
+    from mixlab.parallel.train import DistributedTraining
+
+    try:
+        for job in jobs:
+            par = DistributedTraining(init(ep=job["ep"], fsdp=job["fsdp"]))
+            cfg = load_train_config(None, **job["cfg"])
+            train(cfg, stop_after=job.get("stop_after"), resume=job.get("resume", False), parallel=par)
+    finally:
+        shutdown()
+
+
+def _run_group(world: int, jobs: list[dict[str, Any]]) -> float:
+    """Run `jobs` on `world` processes; returns the wall time."""
+    t0 = time.perf_counter()
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), jobs), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} processes did not finish within {TIMEOUT} s")
+    return time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One-process reference runs, then the 2-process and 4-process groups, each: 1 step (a
+    checkpoint: the first step's gradients are in AdamW's exp_avg), then resumed to 20 steps."""
+    root = tmp_path_factory.mktemp("parallel")
+    src = root / "src"
+    for dom, make in (("code", lambda i: f"def f{i}(x):\n    return x * {i}\n"),
+                      ("prose", lambda i: f"The {i}th cat sat on the mat and looked around. ")):
+        (src / dom).mkdir(parents=True)
+        lines = [json.dumps({"text": make(i) * 4}) for i in range(40)]
+        (src / dom / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (src / dom / "valid.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
+    data = root / "ds"
+    prepare(read_documents([src]), data)
+    out: dict[str, Path] = {"data": data}
+
+    def two_phase(name: str) -> list[dict[str, Any]]:
+        out[name] = root / name
+        cfg = _cfg(data, root / name)
+        return [{"cfg": cfg, "stop_after": 1}, {"cfg": cfg, "resume": True}]
+
+    for job in two_phase("single"):
+        train(load_train_config(None, **job["cfg"]), stop_after=job.get("stop_after"), resume=job.get("resume", False))
+    # Resume on another number of processes: one process's step 10 continued by 2, and back.
+    out["from1"] = root / "from1"
+    shutil.copytree(out["single"] / "checkpoints" / "step_00000010", out["from1"] / "checkpoints" / "step_00000010")
+    jobs2: list[dict[str, Any]] = []
+    for name, (ep, fsdp) in {"fsdp2": (1, True)}.items():
+        jobs2 += [j | {"ep": ep, "fsdp": fsdp, "kind": "train"} for j in two_phase(name)]
+    jobs2.append({"kind": "train", "ep": 1, "fsdp": True, "cfg": _cfg(data, out["from1"]), "resume": True})
+    _run_group(2, jobs2)
+    # ... and a 2-process checkpoint continued by one process.
+    out["from2"] = root / "from2"
+    shutil.copytree(out["fsdp2"] / "checkpoints" / "step_00000010", out["from2"] / "checkpoints" / "step_00000010")
+    train(load_train_config(None, **_cfg(data, out["from2"])), resume=True)
+    return out
+
+
+def _assert_close_runs(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
+        a, b = torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want])
+        rel = ((a - b).abs() / b.abs().clamp(min=1e-12)).max().item()
+        assert rel <= 1e-5, (key, rel, a.tolist(), b.tolist())
+
+
+def _first_step_grads(run: Path, data: Path) -> dict[str, torch.Tensor]:
+    """The first step's gradients (after clipping) from the step-1 checkpoint: AdamW's first
+    exp_avg is (1 - beta1) * grad. Reading it whole also checks a sharded checkpoint loads in one process."""
+    from mixlab.model import Transformer
+
+    cfg = load_train_config(None, **_cfg(data, run))
+    model = Transformer(build_model_config(cfg, TokenDataset(data)))
+    opt = make_optimizer(model, cfg)
+    checkpoints.load(run / "checkpoints" / "step_00000001", model=model, optimizer=opt)
+    return {n: opt.state[p]["exp_avg"] / (1 - cfg.beta1) for n, p in model.named_parameters()}
+
+
+LAYOUTS = ["fsdp2"]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_losses_and_gradients_equal_one_process(runs: dict[str, Path], name: str) -> None:
+    want = _history(runs["single"] / "metrics.jsonl")
+    assert len(want) == STEPS
+    _assert_close_runs(_history(runs[name] / "metrics.jsonl"), want)
+    got_g, want_g = _first_step_grads(runs[name], runs["data"]), _first_step_grads(runs["single"], runs["data"])
+    for n, g in want_g.items():
+        torch.testing.assert_close(got_g[n], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=n)
+
+
+@pytest.mark.parametrize("name", ["fsdp2"])
+def test_sharded_run_exports_one_consolidated_checkpoint(runs: dict[str, Path], name: str) -> None:
+    got, want = load_model(runs[name] / "hf"), load_model(runs["single"] / "hf")
+    assert (runs[name] / "hf" / "mixlab_data.json").is_file()
+    for (n, p), (_, q) in zip(got.named_parameters(), want.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_resume_across_world_sizes(runs: dict[str, Path]) -> None:
+    want = _history(runs["single"] / "metrics.jsonl")[10:]
+    _assert_close_runs(_history(runs["from1"] / "metrics.jsonl"), want)  # 1 process -> 2 (EP, FSDP)
+    _assert_close_runs(_history(runs["from2"] / "metrics.jsonl"), want)  # 2 -> 1
+    state = checkpoints.validate(runs["fsdp2"] / "checkpoints" / "step_00000020")
+    assert state["format"] == "dcp" and state["world"] == 2 and not list(
+        (runs["fsdp2"] / "checkpoints").glob(".step_*"))
