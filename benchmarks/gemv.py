@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if native.library() is None:
+    if native.load() is None:
         raise SystemExit("native kernels unavailable (MIXLAB_NATIVE=0 or no C compiler)")
     big = torch.ones(256 * 1024 * 1024)
     roof = gbps(lambda i: big.sum(), big.numel() * 4, 1, args.reps)

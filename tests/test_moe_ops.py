@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mixlab.model.moe import route
+from mixlab.ops import native
 from mixlab.ops.moe import IMPLS, choose_impl, moe_ffn
 from mixlab.ops.quant import quantize_int8
 
@@ -12,6 +13,12 @@ ON_CPU = [k for k in IMPLS if k != "triton"]
 FAST = [k if k != "triton" else pytest.param(k, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the Triton kernel needs CUDA (tests/test_triton_moe.py runs it "
     "in the interpreter on a CPU)")) for k in IMPLS if k != "reference"]
+
+
+def _need(impl: str, dtype: torch.dtype) -> None:
+    """Skip, saying why, when `impl` cannot run here (the native kernels are built on request)."""
+    if impl == "native" and not (native.load() is not None and native.fast(dtype)):
+        pytest.skip(f"native kernels unavailable or not vectorised for {dtype} on this CPU")
 
 
 def _weights(E=4, D=32, F=48, dtype=torch.float32):
@@ -23,6 +30,7 @@ def _weights(E=4, D=32, F=48, dtype=torch.float32):
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize(("T", "E", "K"), [(1, 4, 2), (1, 8, 1), (7, 4, 1), (64, 8, 2), (33, 8, 4)])
 def test_fast_paths_equal_the_reference_loop(impl, T, E, K):
+    _need(impl, torch.float32)
     w13, w2 = _weights(E=E)
     x = torch.randn(T, 32)
     logits = torch.randn(T, E)
@@ -36,6 +44,7 @@ def test_fast_paths_equal_the_reference_loop(impl, T, E, K):
 @pytest.mark.parametrize("T", [1, 5, 40])
 def test_fast_paths_equal_the_reference_loop_in_bfloat16(impl, T):
     """Same math in the same order per token: bf16 results agree to bf16 rounding of the matmuls."""
+    _need(impl, torch.bfloat16)
     w13, w2 = _weights(E=8, dtype=torch.bfloat16)
     x = torch.randn(T, 32).bfloat16()
     idx, weight = route(torch.randn(T, 8), 2)
@@ -48,6 +57,7 @@ def test_fast_paths_equal_the_reference_loop_in_bfloat16(impl, T):
 @pytest.mark.parametrize("T", [1, 3, 20])  # 1 and 3 rows take the int8 GEMV kernel, 20 the dequantised GEMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_fast_paths_equal_the_dequantised_reference(impl, T, dtype):
+    _need(impl, torch.int8)
     w13, w2 = _weights(E=8, D=64, F=96)
     (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
     x = torch.randn(T, 64).to(dtype)
@@ -71,6 +81,8 @@ def test_unused_experts_are_fine():
     idx[:, 1] = 3
     weight = torch.full((5, 2), 0.5)
     for impl in ON_CPU:
+        if impl == "native" and not native.fast(torch.float32):
+            continue
         out = moe_ffn(x, w13, w2, idx, weight, impl=impl)
         assert out.shape == (5, 32) and torch.isfinite(out).all()
 

@@ -4,7 +4,9 @@ then whole decoding steps against a full recompute without cache, in float32 (ti
 from __future__ import annotations
 
 import copy
+import ctypes
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from mixlab.model.inference import prepare_for_inference
 from mixlab.ops import native
 from mixlab.ops.quant import quantize_int8
 
-if native.library() is None:
+if native.load() is None:
     if native.enabled() and shutil.which("cc"):
         raise AssertionError("a C compiler is present but the native kernels did not build")
     pytest.skip("native kernels switched off (MIXLAB_NATIVE=0) or no C compiler", allow_module_level=True)
@@ -218,7 +220,8 @@ def test_native_moe_equals_the_reference_loop(dtype, T):
 
 
 def test_auto_picks_native_for_few_tokens_only_without_grad():
-    from mixlab.ops.moe import NATIVE_MAX_TOKENS, choose_impl
+    from mixlab.ops.moe import choose_impl
+    from mixlab.ops.registry import NATIVE_MAX_TOKENS
 
     w, x = torch.randn(4, 8, 8), torch.randn(3, 8)
     assert choose_impl(3, w, x) == "native"
@@ -243,11 +246,96 @@ def test_native_linear_equals_matmul(dtype, M):
     torch.testing.assert_close(got.float(), ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
 
 
-def test_torch_compile_of_a_prepared_model_keeps_to_pytorch_kernels():
-    """Under torch.compile the native kernels step aside (dynamo cannot trace a ctypes call)."""
-    model = _model()
-    tokens = torch.randint(0, 256, (1, 5))  # few tokens: eager inference would take the native MoE
-    with torch.no_grad():
+def _compile_stub(tmp_path, source: str):
+    (tmp_path / "stub.c").write_text(source)
+    out = tmp_path / "stub.so"
+    subprocess.run([native.compiler(), "-shared", "-fPIC", str(tmp_path / "stub.c"), "-o", str(out)], check=True)
+    return out
+
+
+def test_a_library_of_another_abi_version_is_refused(tmp_path):
+    """decode.c itself, built with a different MX_ABI_VERSION: refused with a message, never called."""
+    out = native.compile_library(native.compiler(), tmp_path / "old.so", defines=("MX_ABI_VERSION=1",))
+    with pytest.raises(native.NativeABIError, match=r"ABI version 1, but this mixlab expects 2; rebuild"):
+        native.load_library(out)
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("int mx_gemv(void) { return 0; }", r"no mx_abi_version; a library from an older decode.c"),
+    ("int mx_abi_version(void) { return 2; }\nlong long mx_sizeof(int w) { return w == 1 ? 7 : -1; }",
+     r"structure Layer is -1 bytes in the native library but 104 in Python"),
+    ("int mx_abi_version(void) { return 2; }\nlong long mx_sizeof(int w) { int s[] = {104, 144, 112, 176}; "
+     "return s[w]; }\nint mx_simd(void) { return 3; }\nint mx_cpu_features(void) { return 1; }",
+     r"built with SIMD bits 3 but this CPU has 1"),
+])
+def test_a_mismatched_library_is_refused(tmp_path, source, message):
+    with pytest.raises(native.NativeABIError, match=message):
+        native.load_library(_compile_stub(tmp_path, source))
+
+
+def test_struct_sizes_agree_with_the_library():
+    lib = native.library()
+    assert lib is not None
+    assert [lib.mx_sizeof(i) for i in range(4)] == [ctypes.sizeof(s) for s in native.STRUCTS] == [104, 144, 112, 176]
+
+
+def _prefilled(model: Transformer, n: int = 6) -> tuple[KVCache, torch.Tensor]:
+    cache = KVCache(model.config, batch_size=1, max_len=32)
+    tokens = torch.randint(0, 256, (1, n + 1))
+    with torch.inference_mode():
+        prefill(model, tokens[:, :n], torch.arange(n)[None], cache, chunk=512)
+    return cache, tokens[:, n:]
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_torch_compile_fullgraph_of_a_native_decode_step_equals_eager(quant):
+    """generate's decode step of a prepared model (one `torch.ops.mixlab.decode_step`) compiles
+    with fullgraph=True (no graph break) and gives eager's logits and cache."""
+    model = prepare_for_inference(_model(), quant=quant)
+    cache, token = _prefilled(model)
+    cache2 = copy.deepcopy(cache)
+    pos = torch.tensor([[cache.t]])
+    step = torch.compile(lambda tok, p, c: decode_step(model, tok, p, c)[0], fullgraph=True)
+    with torch.inference_mode():
+        ref = decode_step(model, token, pos, cache)[0]
+        got = step(token, pos, cache2)
+    assert torch.equal(got, ref)
+    assert cache2.t == cache.t and torch.equal(cache2.pos_BC, cache.pos_BC)
+    assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, cache2.k + cache2.v, strict=True))
+
+
+def test_torch_compile_fullgraph_of_a_batched_decode_step_equals_eager():
+    """Two sequences (PyTorch's forward, whose linears and experts are `torch.ops.mixlab.linear` and
+    `.moe`) compile with fullgraph=True and equal eager."""
+    model = prepare_for_inference(_model())
+    cache = KVCache(model.config, batch_size=2, max_len=32)
+    tokens = torch.randint(0, 256, (2, 7))
+    with torch.inference_mode():
+        prefill(model, tokens[:, :6], torch.arange(6).expand(2, 6), cache, chunk=512)
+    cache2 = copy.deepcopy(cache)
+    pos = torch.full((2, 1), 6)
+    fn = torch.compile(lambda tok, p, c: model(tok, positions_BT=p, cache=c), fullgraph=True)
+    with torch.inference_mode():
+        ref = model(tokens[:, 6:], positions_BT=pos, cache=cache)
+        got = fn(tokens[:, 6:], pos, cache2)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_torch_compile_runs_the_native_operators():
+    """The compiled graph calls the native kernels as opaque operators (no escape to PyTorch's)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = prepare_for_inference(_model())
+    tokens = torch.randint(0, 256, (1, 5))  # few tokens: the native MoE and linears
+    backend = CompileCounterWithBackend("eager")
+    seen: set[str] = set()
+
+    def record(gm: torch.fx.GraphModule, inputs: list) -> object:
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return backend(gm, inputs)
+
+    with torch.inference_mode():
         ref = model(tokens)
-        got = torch.compile(model)(tokens)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        got = torch.compile(model, backend=record, fullgraph=True)(tokens)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    assert {"mixlab.moe", "mixlab.linear"} <= seen, sorted(seen)

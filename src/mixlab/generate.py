@@ -24,6 +24,7 @@ import torch
 from mixlab.cache import KVCache
 from mixlab.engine.sampling import Sampler
 from mixlab.model import Transformer
+from mixlab.ops import registry
 
 if TYPE_CHECKING:
     from mixlab.tokenizer import StreamDecoder, Tokenizer
@@ -76,11 +77,12 @@ def decode_step(
     """Feed one token per prompt; return next-token logits `[B, V]` (float32) and optional experts.
 
     A model prepared for CPU inference decodes a single prompt through its native kernels
-    (`mixlab.model.native`); everything else runs the PyTorch forward pass."""
-    native = getattr(model, "native_decoder", None)
-    if native is not None and native.accepts(tokens_B1, cache):
-        logits_1V = native.step(int(tokens_B1), int(positions_B1), cache)
-        experts_BLK = native.chosen.long()[None] if record_experts and model.config.moe is not None else None
+    (`mixlab.model.native`) when the kernel registry chooses them; everything else runs the PyTorch
+    forward pass."""
+    dec = getattr(model, "native_decoder", None)
+    if dec is not None and registry.decode_impl(tokens_B1, dec.weight) == "native" and dec.accepts(tokens_B1, cache):
+        logits_1V = dec.step(tokens_B1, positions_B1, cache)
+        experts_BLK = dec.last_chosen.long()[None] if record_experts and model.config.moe is not None else None
         return logits_1V, experts_BLK
     return _forward(model, tokens_B1, positions_B1, cache, record_experts)
 

@@ -200,3 +200,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     _add_common(p)
     p.set_defaults(func=chat, temperature=0.7, top_p=0.95)
+    p = sub.add_parser("build-kernels", help="build and check the native CPU kernels ahead of time "
+                       "(otherwise built when a model is first prepared for inference)")
+    p.set_defaults(func=build_kernels)
+
+
+def build_kernels(args: argparse.Namespace) -> int:
+    from mixlab.ops.native.__main__ import main
+
+    return main()

@@ -2,12 +2,13 @@
 
 `NativeDecoder(model)` describes the model to C once: raw pointers to its weights (no copies, except
 float32 copies of the small norm and router vectors and of int8 row scales), the work buffers of a
-step, and the shapes. A step is then one call, `mx_decode_step`, that runs every layer inside one
-OpenMP parallel region and writes the next-token logits. It writes the token's keys and values
+step, and the shapes. A step is then one operator call, `torch.ops.mixlab.decode_step` (opaque to
+`torch.compile`), that runs `mx_decode_step`: every layer inside one OpenMP parallel region, writing
+the next-token logits. It writes the token's keys and values
 into the same `KVCache` PyTorch's path uses, so prefill (PyTorch, compute-bound) and decoding
 (native, bandwidth-bound) share one cache, and a batch of several prompts still decodes through
 PyTorch. `prepare_for_inference` attaches one as `model.native_decoder`; `generate.decode_step`
-uses it whenever it `accepts` the step.
+uses it when the registry (`mixlab.ops.registry.decode_impl`) chooses it and it `accepts` the cache.
 
 Weights must be plain contiguous float32 or bf16 tensors, or int8 with per-row scales (what
 `prepare_for_inference(model, quant="int8")` makes); oneDNN-packed weights are opaque to C. A decoder
@@ -28,7 +29,8 @@ from torch import nn
 from mixlab.cache import KVCache
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Block, Transformer
-from mixlab.ops import native
+from mixlab.ops import native, registry
+from mixlab.ops.native.ops import register_decoder
 
 
 def _weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -113,15 +115,19 @@ class NativeDecoder:
             self.chosen.data_ptr(),
         )
         self.V, self.n_heads = cfg.vocab_size, H
-        self._cache: KVCache | None = None
-        self._bound = 0  # the data pointer of the bound cache's first buffer
+        self.vocab_size, self.n_layers, self.top_k = cfg.vocab_size, cfg.n_layers, K
+        self.weight = w_out  # the output matrix: what the registry reads the format and dtype off
+        self._bound: tuple[int, ...] = ()  # the data pointers of the bound cache's buffers
+        self.last_chosen = self.chosen  # the experts of the last `step` (its own tensor under torch.compile)
+        self.handle = register_decoder(self)
 
     def __deepcopy__(self, memo: dict) -> NativeDecoder:
         # The structures hold raw pointers into the original model's tensors.
         raise TypeError("a NativeDecoder cannot be copied: copy the model before prepare_for_inference")
 
     def accepts(self, tokens_B1: torch.Tensor, cache: KVCache) -> bool:
-        """Whether this step can run natively: one prompt, a CPU cache of float32 or bf16."""
+        """Whether this cache can take a native step: one sequence, a CPU cache of float32 or bf16.
+        (Whether a native step runs at all is the registry's choice: `generate.decode_step`.)"""
         return (
             tokens_B1.shape == (1, 1)
             and cache.batch_size == 1
@@ -130,35 +136,49 @@ class NativeDecoder:
             and all(k.is_contiguous() for k in cache.k + cache.v)
         )
 
-    def _bind(self, cache: KVCache) -> None:
-        """Point the layers at `cache` (again when its buffers grew) and size the attention-score buffer."""
-        if cache is self._cache and self._bound == cache.k[0].data_ptr():
+    def _bind(self, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Point the layers at the cache buffers (again when they grew or changed) and size the
+        attention-score buffer."""
+        key = (pos_BC.data_ptr(), *(t.data_ptr() for t in k), *(t.data_ptr() for t in v))
+        if key == self._bound:
             return
         for i, layer in enumerate(self.layers):
-            layer.k_cache, layer.v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
-        self.c_model.ct = native.TYPE_CODES[cache.k[0].dtype]
-        self._scores = torch.empty(self.n_heads * cache.capacity, dtype=torch.float32)
+            layer.k_cache, layer.v_cache = k[i].data_ptr(), v[i].data_ptr()
+        self.c_model.ct = native.TYPE_CODES[k[0].dtype]
+        self._scores = torch.empty(self.n_heads * pos_BC.shape[1], dtype=torch.float32)
         self.bufs.scores = self._scores.data_ptr()
-        self._cache, self._bound = cache, cache.k[0].data_ptr()
+        self._bound = key
 
-    def step(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
-        """Feed one token at `position`; return the next-token logits `[1, V]` (float32). The experts
-        each layer chose are in `self.chosen` `[L, K]` afterwards."""
-        slot = int(cache.slots(1)[0])  # checks that the cache has room (and grows one made with `reserve`)
-        self._bind(cache)
-        logits = torch.empty(1, self.V, dtype=torch.float32)
+    def run(self, token: int, position: int, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+            slot: int, n: int, logits_1V: torch.Tensor) -> torch.Tensor:
+        """The C call of `torch.ops.mixlab.decode_step`: writes `logits_1V`; returns the experts each
+        layer chose `[L, K]` (this decoder's buffer, overwritten by the next step)."""
+        self._bind(pos_BC, k, v)
         self.lib.mx_decode_step(ctypes.byref(self.c_model), ctypes.byref(self.bufs), token, position,
-                                cache.pos_BC.data_ptr(), cache.capacity, slot, cache.n_filled(1),
-                                logits.data_ptr(), torch.get_num_threads())
+                                pos_BC.data_ptr(), pos_BC.shape[1], slot, n, logits_1V.data_ptr(),
+                                torch.get_num_threads())
+        return self.chosen
+
+    def step(self, token: torch.Tensor | int, position: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
+        """Feed one token at `position`; return the next-token logits `[1, V]` (float32). The experts
+        each layer chose are in `self.chosen` `[L, K]` afterwards. Traceable by torch.compile."""
+        cache.slots(1)  # checks that the cache has room (and grows one made with `reserve`)
+        slot, n = cache.t % cache.capacity, cache.n_filled(1)
+        logits_1V, chosen_LK = torch.ops.mixlab.decode_step(
+            self.handle, torch.as_tensor(token).reshape(()), torch.as_tensor(position).reshape(()), cache.pos_BC,
+            cache.k, cache.v, slot, n)
         cache.t += 1
-        return logits
+        self.last_chosen = chosen_LK
+        return logits_1V
 
 
 def attach(model: Transformer) -> bool:
-    """Attach a `NativeDecoder` as `model.native_decoder` when the kernels and weights allow it."""
-    lib = native.library()
-    if lib is None:
+    """Attach a `NativeDecoder` as `model.native_decoder` when the kernels and weights allow it
+    (building the kernels unless cached: inference preparation asks for them)."""
+    if not registry.prepare_native():
         return False
+    lib = native.library()
+    assert lib is not None
     try:
         setattr(model, "native_decoder", NativeDecoder(model, lib))  # noqa: B010 (a plain attribute, not a module)
     except ValueError:

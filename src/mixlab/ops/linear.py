@@ -7,8 +7,8 @@ the matmul. Packing once ahead of time (`torch.ops.mkldnn._reorder_linear_weight
 weight freezing does on CPU) removes it: on an AVX-512-bf16 CPU a packed bf16 matrix-vector product
 runs ~1.5-2x faster at 2-16 rows, and no slower at 512 (see BENCHMARKS.md). Packed weights are
 opaque oneDNN tensors: inference only (no autograd, no slicing, not saved in a state dict).
-Up to `native.MAX_ROWS` rows (batched decoding), plain and int8 weights go through the native kernel
-of `mixlab.ops.native`, and batch-1 decoding of a prepared model bypasses this module altogether.
+Which kernel runs is `mixlab.ops.registry`'s choice (few rows of plain or int8 weights: the native
+kernel `torch.ops.mixlab.linear`); batch-1 decoding of a prepared model bypasses this module.
 
 Shape legend: N rows of activations, X output features, D input features.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlab.ops import native
+from mixlab.ops import registry
 from mixlab.ops.quant import int8_linear
 
 
@@ -41,11 +41,12 @@ def pack(w_XD: torch.Tensor) -> torch.Tensor:
 
 def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T for a plain, packed (`pack`) or int8 (`scale_X` given) weight."""
-    if native.takes(x_ND, w_XD):
-        return native.linear(x_ND, w_XD, scale_X)
     if scale_X is not None:
         return int8_linear(x_ND, w_XD, scale_X)
-    if w_XD.is_mkldnn:
+    impl = registry.linear_impl(x_ND, w_XD)
+    if impl == "native":
+        return torch.ops.mixlab.linear(x_ND, w_XD, None)
+    if impl == "packed":
         lead = x_ND.shape[:-1]
         y = torch.ops.mkldnn._linear_pointwise(x_ND.reshape(-1, x_ND.shape[-1]).contiguous(), w_XD, None,
                                                "none", [], "")

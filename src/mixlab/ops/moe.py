@@ -26,13 +26,13 @@ Implementations (all dropless):
 - `decode`: for one token (a decoding step): only its K experts run, on views of the stacked
   weights, with no sort, gather, scatter or weight copy. Decoding reads each chosen expert's
   weights once, so its speed is set by memory bandwidth; every skipped op is saved latency.
-- `native`: for a few tokens on CPU, the C kernel of `mixlab.ops.native` (`mx_moe`): the same sort
+- `native`: for a few tokens on CPU, the C kernel `torch.ops.mixlab.moe` (`mx_moe`): the same sort
   and gather, then each chosen expert's weights are streamed once for all its tokens at close to
   the memory bandwidth, in one call (no autograd; plain float32/bf16 or int8 stacked weights).
 
-`auto` (the default) picks `native` for up to `NATIVE_MAX_TOKENS` tokens when it applies, else
-`decode` for a single token and `sorted` otherwise (on this CPU the grouped kernel is no faster
-than the segment loop; see BENCHMARKS.md).
+`auto` (the default) runs what `mixlab.ops.registry` chooses: `native` for a few tokens when the
+kernels are loaded, else `decode` for a single token and `sorted` otherwise (on this CPU the
+grouped kernel is no faster than the segment loop; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -42,13 +42,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from mixlab.ops import native
+from mixlab.ops import registry
 from mixlab.ops.linear import linear
 from mixlab.ops.quant import dequantize_int8
-
-# Up to this many tokens the native kernel beats PyTorch's GEMMs (it streams weights; beyond, the
-# work is compute-bound and oneDNN's GEMM wins; measured in BENCHMARKS.md, "Inference speed").
-NATIVE_MAX_TOKENS = 64
 
 # Training pads each expert's segment to a multiple of this many rows (see `_sorted_training`).
 SEGMENT_ROWS = 32
@@ -338,12 +334,9 @@ def native_experts(
     w13_scale_E2F: torch.Tensor | None = None,
     w2_scale_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The C kernel (`mixlab.ops.native.moe`) where it applies, else `sorted`."""
-    if not (x_TD.device.type == "cpu" and not (x_TD.requires_grad and torch.is_grad_enabled())
-            and native.usable(w13_E2FD, w2_EDF)):
-        return sorted_grouped(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK,
-                              w13_scale_E2F=w13_scale_E2F, w2_scale_ED=w2_scale_ED)
-    return native.moe(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, w13_scale_E2F, w2_scale_ED)
+    """The C kernel (`torch.ops.mixlab.moe`). It has no autograd and needs the kernels loaded
+    (`mixlab.ops.native.load`); `auto` runs it only where the registry says so."""
+    return torch.ops.mixlab.moe(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, w13_scale_E2F, w2_scale_ED)
 
 
 def triton(
@@ -363,14 +356,6 @@ def triton(
                       w2_scale_ED=w2_scale_ED)
 
 
-def _triton_applies(x_TD: torch.Tensor, w13_E2FD: torch.Tensor) -> bool:
-    if x_TD.device.type != "cuda" or not isinstance(w13_E2FD, torch.Tensor) or w13_E2FD.dtype == torch.int8:
-        return False
-    from mixlab.ops.triton_moe import available
-
-    return available(x_TD)
-
-
 IMPLS: dict[str, MoEImpl] = {
     "reference": reference,
     "sorted": sorted_grouped,
@@ -381,15 +366,13 @@ IMPLS: dict[str, MoEImpl] = {
 }
 
 
-def choose_impl(T: int, w13_E2FD: torch.Tensor | None = None, x_TD: torch.Tensor | None = None) -> str:
-    """What `auto` runs for T tokens: `native` for a few tokens on CPU when the weights allow it,
-    else `decode` for one token and the sorted segment loop for more. On CUDA: the Triton kernel."""
-    if x_TD is not None and w13_E2FD is not None and _triton_applies(x_TD, w13_E2FD):
-        return "triton"
-    if (T <= NATIVE_MAX_TOKENS and w13_E2FD is not None and x_TD is not None and x_TD.device.type == "cpu"
-            and not (x_TD.requires_grad and torch.is_grad_enabled()) and native.usable(w13_E2FD)):
-        return "native"
-    return "decode" if T == 1 else "sorted"
+def choose_impl(T: int, w13_E2FD: torch.Tensor | None = None, x_TD: torch.Tensor | None = None,
+                w13_scale_E2F: torch.Tensor | None = None) -> str:
+    """What `auto` runs for T tokens: `mixlab.ops.registry`'s choice (without tensors: for inference
+    on CPU with weights the native kernels do not take)."""
+    if w13_E2FD is None or x_TD is None:
+        return registry.choose("moe", device="cpu", fmt="strided", dtype=torch.float32, tokens=T, training=False)
+    return registry.moe_impl(x_TD, w13_E2FD, w13_scale_E2F)
 
 
 def moe_ffn(
@@ -408,7 +391,7 @@ def moe_ffn(
     `w13_scale_E2F` / `w2_scale_ED`: per-row scales when the expert weights are int8.
     """
     if impl == "auto":
-        impl = choose_impl(x_TD.shape[0], w13_E2FD, x_TD)
+        impl = registry.moe_impl(x_TD, w13_E2FD, w13_scale_E2F)
     try:
         fn = IMPLS[impl]
     except KeyError:

@@ -5,11 +5,11 @@ s = max|w_row| / 127. Activations stay in bf16/f32; only the weights shrink, whi
 for decoding: one token reads every weight it touches once, so time ≈ bytes / memory bandwidth and
 int8 halves the bytes of bf16.
 
-`int8_linear` picks the kernel by the number of rows: for a few rows (decoding) the native kernel of
-`mixlab.ops.native` (or, without it, torch's fused `aten._weight_int8pack_mm`) reads int8 and scales
-on the fly; for many rows (prefill) the
-matmul is compute-bound, so we dequantise once to the activation dtype and use the bf16 GEMM.
-Batch-1 decoding of a prepared model uses the native kernels instead (`mixlab.ops.native`).
+`int8_linear` runs the kernel `mixlab.ops.registry` picks by the number of rows: for a few rows
+(decoding) the native kernel (or, without it, torch's fused `aten._weight_int8pack_mm`) reads int8
+and scales on the fly; for many rows (prefill) the matmul is compute-bound, so the weight is
+dequantised once to the activation dtype for the bf16 GEMM. Batch-1 decoding of a prepared model
+runs the whole step natively instead (`mixlab.model.native`).
 
 Shape legend: N rows of activations, X output features, D input features.
 """
@@ -20,11 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlab.ops import native
-
-# Above this many rows dequantise-then-GEMM beats the int8 matrix-vector kernel (measured on
-# AVX-512 CPUs; the int8pack kernel is a GEMV at heart and does not block for many rows).
-INT8PACK_MAX_ROWS = 8
+from mixlab.ops import registry
 
 
 def quantize_int8(w_XD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +37,12 @@ def dequantize_int8(q_XD: torch.Tensor, s_X: torch.Tensor, dtype: torch.dtype) -
 
 def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor) -> torch.Tensor:
     """x @ (q * s).T without materialising the bf16 weight when x has few rows."""
-    if native.takes(x_ND, q_XD):
-        return native.linear(x_ND, q_XD, s_X)
+    impl = registry.linear_impl(x_ND, q_XD, s_X)
+    if impl == "native":
+        return torch.ops.mixlab.linear(x_ND, q_XD, s_X)
     lead = x_ND.shape[:-1]
     x2 = x_ND.reshape(-1, x_ND.shape[-1])
-    if x2.device.type == "cpu" and x2.shape[0] <= INT8PACK_MAX_ROWS and x2.dtype in (torch.bfloat16, torch.float32):
+    if impl == "int8pack":
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q_XD, s_X.to(x2.dtype))
     else:
         y = F.linear(x2, q_XD.to(x2.dtype)) * s_X.to(x2.dtype)

@@ -1,16 +1,26 @@
-"""The native CPU decoding kernels of `decode.c`: built at first use, loaded with ctypes.
+"""The native CPU decoding kernels of `decode.c`: built on request, loaded with ctypes, checked.
 
-`library()` returns the loaded kernels, or None when they cannot be had (`MIXLAB_NATIVE=0`, no C
-compiler, a failed build); callers then keep PyTorch's kernels, so mixlab runs everywhere and is
-fast where a compiler is at hand. The build runs `cc -O3 -march=native -fopenmp` (`$CC` overrides
-`cc`) once per source version, compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default
-`~/.cache/mixlab`) under a name that hashes all three, written to a temporary file and renamed, so
-concurrent first uses never load a half-written library. It takes about a second.
+Nothing here builds or loads anything by itself. `load()` does, and only three callers ask for it:
+inference preparation (`mixlab.model.inference.prepare_for_inference`), the ahead-of-time build
+(`python -m mixlab.ops.native`, `mixlab build-kernels`) and tests. Until then `library()` is None
+and every kernel choice (`mixlab.ops.registry`) takes PyTorch's kernels, so loading a model and
+running a forward pass never starts a compiler. `MIXLAB_NATIVE=0` turns the kernels off.
+
+The build runs `cc -O3 -march=native -fopenmp` (`$CC` overrides `cc`) once per source version,
+compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default `~/.cache/mixlab`) under a name
+that hashes all three, written to a temporary file and renamed, so concurrent builds never load a
+half-written library.
+
+Loading checks the library against this file (`check_abi`): its ABI version and the sizes of the
+structures of `mixlab.h` must equal ours, and the SIMD instructions it was compiled with must be
+ones this CPU has (detected at run time with cpuid); otherwise it is refused with a message
+(`NativeABIError`), never called with pointers it would misread.
 
 Why ctypes and not a PyTorch C++ extension: `decode.c` needs no PyTorch headers (it works on raw
 pointers the caller owns), so it compiles in a second instead of a minute, and one `ctypes` call per
 block costs microseconds. OpenMP: the library links `libgomp.so.1`, which resolves to the copy
-PyTorch has already loaded, so both use one thread pool.
+PyTorch has already loaded, so both use one thread pool. `mixlab.ops.native.ops` wraps the entry
+points as PyTorch operators (`torch.library.custom_op`), which is what the rest of mixlab calls.
 """
 
 from __future__ import annotations
@@ -27,17 +37,28 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
+SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
-# Element types as decode.c numbers them.
+# mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
+ABI_VERSION = 2
+
+# Element types as mixlab.h numbers them.
 F32, BF16, I8 = 0, 1, 2
 TYPE_CODES = {torch.float32: F32, torch.bfloat16: BF16, torch.int8: I8}
+# mixlab.h's MX_SIMD_* bits.
+SIMD_AVX512, SIMD_AVX512_BF16 = 1, 2
 
 _P, _I64, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
 
+class NativeABIError(RuntimeError):
+    """A native library that does not match this Python code (or this CPU)."""
+
+
 class Layer(ctypes.Structure):
-    """decode.c's `mx_layer`: one layer's weights (scales only for int8; router None when dense)."""
+    """mixlab.h's `mx_layer`: one layer's weights (scales only for int8; router None when dense)."""
 
     _fields_ = [(name, _P) for name in (
         "attn_norm", "wqkv", "wqkv_scale", "wo", "wo_scale", "ffn_norm", "router", "w13", "w13_scale",
@@ -45,7 +66,7 @@ class Layer(ctypes.Structure):
 
 
 class Model(ctypes.Structure):
-    """decode.c's `mx_model`: shapes, types and the weights outside the layers."""
+    """mixlab.h's `mx_model`: shapes, types and the weights outside the layers."""
 
     _fields_ = [*[(name, _I64) for name in ("D", "H", "G", "Hd", "E", "K", "F", "V", "L", "window")],
                 ("eps", _F), ("wt", _I), ("ct", _I), ("et", _I),
@@ -53,25 +74,39 @@ class Model(ctypes.Structure):
 
 
 class Buffers(ctypes.Structure):
-    """decode.c's `mx_bufs`: the work buffers of one step."""
+    """mixlab.h's `mx_bufs`: the work buffers of one step."""
 
     _fields_ = [(name, _P) for name in (
         "x", "h", "qkv", "att", "scores", "o", "g", "a", "y", "mix", "hb", "attb", "ab", "chosen")]
 
 
-_SIGNATURES: dict[str, list[type]] = {
+class MoEArgs(ctypes.Structure):
+    """mixlab.h's `mx_moe_args`: shapes, pointers and work buffers of `mx_moe`."""
+
+    _fields_ = [*[(name, _I64) for name in ("T", "D", "F", "E", "K")], ("wt", _I),
+                *[(name, _P) for name in ("x", "idx", "mix", "w13", "w13_scale", "w2", "w2_scale", "out",
+                                          "xs", "xsb", "g", "a", "ab", "ys", "order", "inverse")]]
+
+
+# mx_sizeof's structure numbers (mixlab.h MX_SIZEOF_*), in order.
+STRUCTS: tuple[type[ctypes.Structure], ...] = (Layer, Model, Buffers, MoEArgs)
+
+_SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
+    "mx_abi_version": (_I, []),
+    "mx_sizeof": (_I64, [_I]),
+    "mx_simd": (_I, []),
+    "mx_cpu_features": (_I, []),
     # model, buffers, token, pos, cache_pos, C, slot, n, logits, threads
-    "mx_decode_step": [_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I],
-    "mx_gemv": [_I, _P, _P, _I64, _I64, _P, _P, _P, _I],
+    "mx_decode_step": (None, [_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I]),
+    "mx_gemv": (None, [_I, _P, _P, _I64, _I64, _P, _P, _P, _I]),
     # wt w scale N K M X XB Y threads
-    "mx_linear": [_I, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I],
-    # T D F E K x idx mix | wt w13 s w2 s | out xs xsb g a ab ys order inverse threads
-    "mx_moe": [_I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
-               _P, _I],
+    "mx_linear": (None, [_I, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I]),
+    "mx_moe": (None, [_P, _I]),
 }
 
 _lib: ctypes.CDLL | None = None
-_tried = False
+_simd = 0  # SIMD bits usable here: compiled into the library and present on this CPU
+_failed: str | None = None  # why the last load failed (warned once)
 
 
 def enabled() -> bool:
@@ -88,18 +123,15 @@ def _cpu_id() -> str:
         return platform.machine() + platform.processor()
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(cc: str) -> Path:
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+
+
+def _cache_dir() -> Path:
     cache = Path(os.environ.get("MIXLAB_CACHE", Path.home() / ".cache" / "mixlab"))
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    flags = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_id()]).encode())
-    name = f"mixlab-decode-{key.hexdigest()[:16]}.so"
-    if (cache / name).exists():
-        return cache / name
     try:
         cache.mkdir(parents=True, exist_ok=True)
         if not os.access(cache, os.W_OK):
@@ -107,14 +139,18 @@ def _build(cc: str) -> Path:
     except OSError:  # a read-only home (CI, containers): build in the temporary directory instead
         cache = Path(tempfile.gettempdir()) / f"mixlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
         cache.mkdir(parents=True, exist_ok=True)
-    out = cache / name
-    if out.exists():
-        return out
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+    return cache
+
+
+def compile_library(cc: str, out: Path, *, defines: tuple[str, ...] = ()) -> Path:
+    """Compile `decode.c` into `out` (atomically: a temporary file renamed into place). `defines`:
+    extra `-D` flags (tests build deliberately mismatched libraries with them)."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        for attempt in (flags, [f for f in flags if f != "-fopenmp"]):  # no OpenMP: one thread, still fast
-            proc = subprocess.run([cc, *attempt, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-fopenmp")):  # no OpenMP: one thread, still fast
+            cmd = [cc, *flags, *(f"-D{d}" for d in defines), f"-I{HERE}", str(SOURCE), "-o", tmp, "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, out)
                 return out
@@ -124,45 +160,101 @@ def _build(cc: str) -> Path:
             os.unlink(tmp)
 
 
-def library() -> ctypes.CDLL | None:
-    """The native kernels, building them on first use; None (after one warning) if unavailable."""
-    global _lib, _tried
-    if _tried or not enabled():
-        return _lib if enabled() else None
-    _tried = True
-    cc = _compiler()
+def build(cc: str | None = None) -> Path:
+    """The built library for this source, compiler and CPU (compiled now unless cached)."""
+    cc = cc or compiler()
     if cc is None:
-        warnings.warn("mixlab: no C compiler found (set CC); decoding uses PyTorch kernels", stacklevel=2)
-        return None
+        raise RuntimeError("no C compiler found (set CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    text = "\0".join(p.read_text() for p in SOURCES)
+    key = hashlib.sha256("\0".join([text, cc, version, " ".join(FLAGS), _cpu_id()]).encode())
+    out = _cache_dir() / f"mixlab-decode-{key.hexdigest()[:16]}.so"
+    return out if out.exists() else compile_library(cc, out)
+
+
+def check_abi(lib: ctypes.CDLL, path: str | os.PathLike[str]) -> int:
+    """Refuse (`NativeABIError`) a library that does not match this code or this CPU; return the
+    SIMD bits it may use here."""
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"mixlab: native decoding kernels unavailable ({e}); decoding uses PyTorch kernels",
-                      stacklevel=2)
-        return None
-    for name, argtypes in _SIGNATURES.items():
+        lib.mx_abi_version.restype, lib.mx_abi_version.argtypes = _I, []
+        version = lib.mx_abi_version()
+    except AttributeError:
+        raise NativeABIError(f"{path}: no mx_abi_version; a library from an older decode.c (ABI 1) or not "
+                             f"mixlab's; expected ABI {ABI_VERSION}. Delete it and rebuild "
+                             f"(python -m mixlab.ops.native)") from None
+    if version != ABI_VERSION:
+        raise NativeABIError(f"{path}: native library ABI version {version}, but this mixlab expects "
+                             f"{ABI_VERSION}; rebuild it (python -m mixlab.ops.native)")
+    lib.mx_sizeof.restype, lib.mx_sizeof.argtypes = _I64, [_I]
+    for i, struct in enumerate(STRUCTS):
+        size, ours = lib.mx_sizeof(i), ctypes.sizeof(struct)
+        if size != ours:
+            raise NativeABIError(f"{path}: structure {struct.__name__} is {size} bytes in the native library but "
+                                 f"{ours} in Python (mixlab.h and ops/native/__init__.py disagree; ABI {version})")
+    lib.mx_simd.restype, lib.mx_cpu_features.restype = _I, _I
+    compiled, cpu = lib.mx_simd(), lib.mx_cpu_features()
+    if compiled & ~cpu:
+        raise NativeABIError(f"{path}: built with SIMD bits {compiled} but this CPU has {cpu} (a library built "
+                             f"for another CPU); rebuild it on this machine (python -m mixlab.ops.native)")
+    return compiled & cpu
+
+
+def load_library(path: str | os.PathLike[str]) -> tuple[ctypes.CDLL, int]:
+    """Open and check one library file: (library, usable SIMD bits)."""
+    lib = ctypes.CDLL(str(path))
+    simd = check_abi(lib, path)
+    for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = None
-    lib.mx_simd.restype = ctypes.c_int
-    _lib = lib
+        fn.restype = restype
+    return lib, simd
+
+
+def load() -> ctypes.CDLL | None:
+    """Build (unless cached) and load the native kernels; None, after one warning, when they cannot
+    be had (`MIXLAB_NATIVE=0`, no C compiler, a failed build, a refused library). The only function
+    here that compiles."""
+    global _lib, _simd, _failed
+    if not enabled():
+        return None
+    if _lib is not None or _failed is not None:
+        return _lib
+    try:
+        _lib, _simd = load_library(build())
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _failed = str(e)
+        warnings.warn(f"mixlab: native kernels unavailable ({e}); PyTorch kernels run instead", stacklevel=2)
+        return None
     return _lib
 
 
+def library() -> ctypes.CDLL | None:
+    """The loaded native kernels, or None: never builds or loads (see `load`)."""
+    return _lib if enabled() else None
+
+
 def fast(dtype: torch.dtype) -> bool:
-    """Whether the kernels for weights of `dtype` are vectorised on this CPU (AVX-512, and
-    AVX512-BF16 for bf16): only then do they beat PyTorch's, so only then does mixlab use them."""
-    lib = library()
-    if lib is None or dtype not in TYPE_CODES:
+    """Whether the loaded kernels for weights of `dtype` are vectorised on this CPU (AVX-512, and
+    AVX512-BF16 for bf16): only then do they beat PyTorch's, so only then does mixlab use them.
+    Reads what `load` found (no call into C): cheap, and traceable by torch.compile."""
+    if _lib is None or dtype not in TYPE_CODES or not enabled():
         return False
-    return bool(lib.mx_simd() & (2 if dtype == torch.bfloat16 else 1))
+    return bool(_simd & (SIMD_AVX512_BF16 if dtype == torch.bfloat16 else SIMD_AVX512))
+
+
+def _need() -> ctypes.CDLL:
+    if _lib is None:
+        raise RuntimeError("native kernels not loaded (mixlab.ops.native.load())")
+    return _lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
     """y = w @ x with the native kernel (float32 out): float32, bf16 or int8 (+ float32 row scales) weights."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("native kernels unavailable")
+    lib = _need()
     X, D = w_XD.shape
     if (w_XD.dtype == torch.int8) != (scale_X is not None):
         raise ValueError("int8 weights need row scales, and only int8 weights take them")
@@ -171,24 +263,9 @@ def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = N
     xb = torch.empty(D, dtype=torch.int16)
     y = torch.empty(X, dtype=torch.float32)
     s = None if scale_X is None else scale_X.float().contiguous()
-    lib.mx_gemv(TYPE_CODES[w_XD.dtype], w_XD.data_ptr(), None if s is None else s.data_ptr(), X, D,
-                x.data_ptr(), xb.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    lib.mx_gemv(TYPE_CODES[w_XD.dtype], w_XD.data_ptr(), _ptr(s), X, D, x.data_ptr(), xb.data_ptr(), y.data_ptr(),
+                torch.get_num_threads())
     return y
-
-
-def usable(*weights: torch.Tensor | None) -> bool:
-    """Whether the native kernels can take these weights: plain contiguous CPU tensors of a supported
-    dtype, nothing that needs a gradient, the library built, and no `torch.compile` tracing (dynamo
-    cannot trace a ctypes call)."""
-    if torch.compiler.is_compiling():
-        return False
-    for w in weights:
-        if w is None:
-            continue
-        if (not isinstance(w, torch.Tensor) or w.is_mkldnn or w.device.type != "cpu" or not w.is_contiguous()
-                or not fast(w.dtype) or (w.requires_grad and torch.is_grad_enabled())):
-            return False
-    return library() is not None
 
 
 # Up to this many rows of activations (batched decoding), `linear`, which reads each weight once for
@@ -196,27 +273,18 @@ def usable(*weights: torch.Tensor | None) -> bool:
 MAX_ROWS = 16
 
 
-def takes(x_ND: torch.Tensor, w_XD: torch.Tensor) -> bool:
-    """Whether `linear(x, w)` should run natively: a few CPU rows, no autograd, a usable weight."""
-    return (x_ND.shape[:-1].numel() <= MAX_ROWS and x_ND.device.type == "cpu"
-            and not (x_ND.requires_grad and torch.is_grad_enabled()) and usable(w_XD))
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (times the row scales for int8 weights) for a few rows: each weight row read once."""
-    lib = library()
-    assert lib is not None
+    """x @ w.T (times the row scales for int8 weights) for a few rows: each weight row read once.
+    The kernel itself; callers use the operator `torch.ops.mixlab.linear` (`ops.py`)."""
+    lib = _need()
     lead, (X, D) = x_ND.shape[:-1], w_XD.shape
     x = x_ND.reshape(-1, D).float().contiguous()
+    w = w_XD.contiguous()
     M = x.shape[0]
     y = torch.empty(M, X, dtype=torch.float32)
-    xb = torch.empty(M * D if w_XD.dtype == torch.bfloat16 else 0, dtype=torch.int16)
+    xb = torch.empty(M * D if w.dtype == torch.bfloat16 else 0, dtype=torch.int16)
     s = None if scale_X is None else scale_X.float().contiguous()
-    lib.mx_linear(TYPE_CODES[w_XD.dtype], w_XD.data_ptr(), _ptr(s), X, D, M, x.data_ptr(), xb.data_ptr(),
+    lib.mx_linear(TYPE_CODES[w.dtype], w.data_ptr(), _ptr(s), X, D, M, x.data_ptr(), xb.data_ptr(),
                   y.data_ptr(), torch.get_num_threads())
     return y.to(x_ND.dtype).reshape(*lead, X)
 
@@ -230,9 +298,9 @@ def moe(
     w13_scale_E2F: torch.Tensor | None = None,
     w2_scale_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The experts of an MoE layer for a few tokens (decode.c's `mx_moe`); see `mixlab.ops.moe`."""
-    lib = library()
-    assert lib is not None
+    """The experts of an MoE layer for a few tokens (decode.c's `mx_moe`); see `mixlab.ops.moe`.
+    The kernel itself; callers use the operator `torch.ops.mixlab.moe` (`ops.py`)."""
+    lib = _need()
     (T, D), (E, F2, _), K = x_TD.shape, w13_E2FD.shape, idx_TK.shape[1]
     F = F2 // 2
     if E > 256:
@@ -241,15 +309,17 @@ def moe(
     x = x_TD.float().contiguous()
     idx = idx_TK.to(torch.int64).contiguous()
     mix = weight_TK.float().contiguous()
-    bf = w13_E2FD.dtype == torch.bfloat16
+    w13, w2 = w13_E2FD.contiguous(), w2_EDF.contiguous()
+    bf = w13.dtype == torch.bfloat16
     out = torch.empty(T, D, dtype=torch.float32)
     f32 = [torch.empty(n, dtype=torch.float32) for n in (N * D, N * 2 * F, N * F, N * D)]
     b16 = [torch.empty(n if bf else 0, dtype=torch.int16) for n in (N * D, N * F)]
     i32 = [torch.empty(N, dtype=torch.int32) for _ in range(2)]
     s13 = None if w13_scale_E2F is None else w13_scale_E2F.float().contiguous()
     s2 = None if w2_scale_ED is None else w2_scale_ED.float().contiguous()
-    lib.mx_moe(T, D, F, E, K, x.data_ptr(), idx.data_ptr(), mix.data_ptr(), TYPE_CODES[w13_E2FD.dtype],
-               w13_E2FD.data_ptr(), _ptr(s13), w2_EDF.data_ptr(), _ptr(s2), out.data_ptr(),
-               f32[0].data_ptr(), b16[0].data_ptr(), f32[1].data_ptr(), f32[2].data_ptr(), b16[1].data_ptr(),
-               f32[3].data_ptr(), i32[0].data_ptr(), i32[1].data_ptr(), torch.get_num_threads())
+    args = MoEArgs(T, D, F, E, K, TYPE_CODES[w13.dtype], x.data_ptr(), idx.data_ptr(), mix.data_ptr(),
+                   w13.data_ptr(), _ptr(s13), w2.data_ptr(), _ptr(s2), out.data_ptr(),
+                   f32[0].data_ptr(), b16[0].data_ptr(), f32[1].data_ptr(), f32[2].data_ptr(), b16[1].data_ptr(),
+                   f32[3].data_ptr(), i32[0].data_ptr(), i32[1].data_ptr())
+    lib.mx_moe(ctypes.byref(args), torch.get_num_threads())
     return out.to(x_TD.dtype)

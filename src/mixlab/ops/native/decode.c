@@ -21,7 +21,8 @@
  * multiply bf16-rounded activations, as PyTorch's bf16 matmuls do; f32 and int8 weights multiply
  * float32 activations. KV-cache types (`ct`): MX_F32 or MX_BF16.
  *
- * Built at first use by `mixlab/ops/native/__init__.py` (cc -O3 -march=native -fopenmp); OpenMP
+ * The interface (types, structures, entry points, ABI version) is mixlab.h. Built on request by
+ * `mixlab/ops/native/__init__.py` (cc -O3 -march=native -fopenmp); OpenMP
  * then shares PyTorch's runtime (same libgomp soname), so the two never fight over threads.
  *
  * Shape legend: D model width, H query heads, G key/value heads, Hd head dim, C cache slots,
@@ -31,6 +32,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "mixlab.h"
 
 #include <sched.h>
 #include <stdatomic.h>
@@ -45,8 +48,6 @@ static int omp_get_num_threads(void) { return 1; }
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
-
-enum { MX_F32 = 0, MX_BF16 = 1, MX_I8 = 2 };
 
 /* ---------------------------------------------------------------------------------------------- */
 /* bfloat16 <-> float32                                                                            */
@@ -394,41 +395,7 @@ static void rope(float* v, const float* cos_, const float* sin_, int64_t half) {
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* The model as the Python side describes it (ctypes Structures with the same fields, in order).  */
-
-typedef struct { /* one layer's weights; scales are NULL unless wt == MX_I8; router NULL when dense */
-    const float* attn_norm;
-    const void* wqkv;
-    const float* wqkv_scale;
-    const void* wo;
-    const float* wo_scale;
-    const float* ffn_norm;
-    const float* router; /* [E, D] float32 */
-    const void* w13;     /* [E, 2F, D]: gate rows, then up rows */
-    const float* w13_scale;
-    const void* w2; /* [E, D, F] */
-    const float* w2_scale;
-    void* k_cache; /* [G, C, Hd] of type ct: this layer's cache for the one sequence */
-    void* v_cache;
-} mx_layer;
-
-typedef struct {
-    int64_t D, H, G, Hd, E, K, F, V, L, window; /* window 0: no sliding window */
-    float eps;
-    int wt, ct, et;            /* weight, cache and embedding types */
-    const float* inv_freq;     /* [Hd / 2] rotary frequencies */
-    const void* embed;         /* [V, D] of type et */
-    const float* out_norm;
-    const void* out;           /* [V, D] */
-    const float* out_scale;
-    const mx_layer* layers;    /* [L] */
-} mx_model;
-
-typedef struct { /* work buffers, float32 unless noted (bf16 copies: the rounded inputs of bf16 GEMVs) */
-    float *x, *h, *qkv, *att, *scores, *o, *g, *a, *y, *mix; /* scores [H, C]; g [max(K 2F, D)]; mix [L, K] */
-    uint16_t *hb, *attb, *ab;
-    int32_t* chosen; /* [L, K]: the experts each layer chose */
-} mx_bufs;
+/* The model as the Python side describes it: mx_layer, mx_model, mx_bufs in mixlab.h.            */
 
 /* x += wo @ attention(rope(wqkv @ norm(x))), writing this token's k, v into slot `slot`. */
 static void attn_block(team* tm, const mx_model* m, const mx_layer* ly, const mx_bufs* b, int64_t pos,
@@ -609,12 +576,15 @@ void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K
 /* The experts of an MoE layer for a few tokens (batched decoding, short prompts): out [T, D] =
    sum_k mix[t, k] * expert_{idx[t, k]}(x[t]). The T*K (token, slot) pairs are sorted by expert and
    gathered, so each chosen expert's weights are read once for all the tokens that chose it.
-   Work buffers (N = T*K pairs): xs [N, D], xsb [N, D] (bf16), g [N, 2F], a [N, F], ab [N, F] (bf16),
-   ys [N, D], order and inverse [N] (int32). */
-void mx_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const float* x, const int64_t* idx,
-            const float* mix, int wt, const void* w13, const float* w13_scale, const void* w2,
-            const float* w2_scale, float* out, float* xs, uint16_t* xsb, float* g, float* a, uint16_t* ab,
-            float* ys, int32_t* order, int32_t* inverse, int nt) {
+   Shapes, pointers and work buffers: `mx_moe_args` in mixlab.h. */
+void mx_moe(const mx_moe_args* p, int nt) {
+    const int64_t T = p->T, D = p->D, F = p->F, E = p->E, K = p->K;
+    const int wt = p->wt;
+    const int64_t* idx = p->idx;
+    const float *x = p->x, *mix = p->mix;
+    float *out = p->out, *xs = p->xs, *g = p->g, *a = p->a, *ys = p->ys;
+    uint16_t *xsb = p->xsb, *ab = p->ab;
+    int32_t *order = p->order, *inverse = p->inverse;
     const int bf = wt == MX_BF16;
     const int64_t N = T * K;
     int64_t start[257] = {0}; /* E <= 256, checked by the caller: pairs of expert e are [start[e], start[e+1]) */
@@ -627,7 +597,7 @@ void mx_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const float* 
         order[at] = (int32_t)p;
         inverse[p] = (int32_t)at;
     }
-    const mat m13 = {wt, w13, w13_scale, D}, m2 = {wt, w2, w2_scale, F};
+    const mat m13 = {wt, p->w13, p->w13_scale, D}, m2 = {wt, p->w2, p->w2_scale, F};
     barrier_t bar = {0, 0};
 #pragma omp parallel num_threads(nt)
     {
@@ -670,16 +640,46 @@ void mx_moe(int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const float* 
     }
 }
 
-/* What this build vectorises: bit 1 = AVX-512 (float32 and int8 kernels), bit 2 = AVX512-BF16
-   (bf16 kernels). Without them the portable loops are correct but slower than PyTorch's kernels,
-   so the Python side only routes work here for the dtypes this reports. */
+/* ---------------------------------------------------------------------------------------------- */
+/* The ABI check and CPU features (mixlab.h)                                                       */
+
+int mx_abi_version(void) { return MX_ABI_VERSION; }
+
+int64_t mx_sizeof(int which) {
+    switch (which) {
+    case MX_SIZEOF_LAYER: return (int64_t)sizeof(mx_layer);
+    case MX_SIZEOF_MODEL: return (int64_t)sizeof(mx_model);
+    case MX_SIZEOF_BUFS: return (int64_t)sizeof(mx_bufs);
+    case MX_SIZEOF_MOE_ARGS: return (int64_t)sizeof(mx_moe_args);
+    default: return -1;
+    }
+}
+
+/* What this build vectorises (MX_SIMD_*). Without them the portable loops are correct but slower
+   than PyTorch's kernels, so the Python side only routes work here for the dtypes this reports and
+   `mx_cpu_features` confirms. */
 int mx_simd(void) {
     int bits = 0;
 #if defined(__AVX512F__)
-    bits |= 1;
+    bits |= MX_SIMD_AVX512;
 #endif
 #if defined(__AVX512BF16__)
-    bits |= 2;
+    bits |= MX_SIMD_AVX512_BF16;
+#endif
+    return bits;
+}
+
+/* What the CPU running this process supports, asked at run time (cpuid): a library built with
+   -march=native for another CPU (a shared cache folder) must not run instructions this one lacks. */
+int mx_cpu_features(void) {
+    int bits = 0;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+        bits |= MX_SIMD_AVX512;
+#if (defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && __GNUC__ >= 12)
+    if (bits && __builtin_cpu_supports("avx512bf16")) bits |= MX_SIMD_AVX512_BF16;
+#endif
 #endif
     return bits;
 }

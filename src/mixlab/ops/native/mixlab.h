@@ -1,0 +1,114 @@
+/* The interface between mixlab's native kernels (decode.c) and Python (mixlab/ops/native/__init__.py):
+ * the weight types, the structures Python fills in, and the entry points.
+ *
+ * Python mirrors every structure here as a ctypes Structure with the same fields in the same order.
+ * Nothing can check field order across that boundary, so both sides carry MX_ABI_VERSION, and the
+ * library reports its structure sizes (`mx_sizeof`): Python refuses a library whose version or sizes
+ * differ from its own instead of passing it pointers it would misread. Any change to a structure,
+ * an enum or an entry point's arguments bumps MX_ABI_VERSION here and ABI_VERSION in __init__.py.
+ *
+ * Adding a kernel: declare the entry point below, define it in decode.c (or a new .c file listed in
+ * SOURCES in __init__.py), give its argument types in _SIGNATURES there, and wrap it as a
+ * torch.library custom op in ops.py. A new weight type: a new MX_* code below, its branch in
+ * decode.c's `gemm_rows`, and its torch dtype in TYPE_CODES.
+ *
+ * Shape legend: D model width, H query heads, G key/value heads, Hd head dim, C cache slots,
+ * E experts, K experts per token, F expert FFN width, V vocabulary, L layers, T tokens.
+ */
+
+#ifndef MIXLAB_H
+#define MIXLAB_H
+
+#include <stdint.h>
+
+#ifndef MX_ABI_VERSION
+#define MX_ABI_VERSION 2
+#endif
+
+/* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
+enum {
+    MX_F32 = 0,
+    MX_BF16 = 1, /* raw bfloat16 bits */
+    MX_I8 = 2,   /* int8, one float32 scale per output row: w = q * s */
+};
+
+/* What `mx_simd` (compiled in) and `mx_cpu_features` (this CPU, detected at run time) report. */
+enum {
+    MX_SIMD_AVX512 = 1,      /* AVX-512F (+BW/VL): float32 and int8 kernels */
+    MX_SIMD_AVX512_BF16 = 2, /* AVX512-BF16: bf16 kernels */
+};
+
+typedef struct { /* one layer's weights; scales are NULL unless wt == MX_I8; router NULL when dense */
+    const float* attn_norm;
+    const void* wqkv;
+    const float* wqkv_scale;
+    const void* wo;
+    const float* wo_scale;
+    const float* ffn_norm;
+    const float* router; /* [E, D] float32 */
+    const void* w13;     /* [E, 2F, D]: gate rows, then up rows */
+    const float* w13_scale;
+    const void* w2; /* [E, D, F] */
+    const float* w2_scale;
+    void* k_cache; /* [G, C, Hd] of type ct: this layer's cache for the one sequence */
+    void* v_cache;
+} mx_layer;
+
+typedef struct {
+    int64_t D, H, G, Hd, E, K, F, V, L, window; /* window 0: no sliding window */
+    float eps;
+    int wt, ct, et;         /* weight, cache and embedding types */
+    const float* inv_freq;  /* [Hd / 2] rotary frequencies */
+    const void* embed;      /* [V, D] of type et */
+    const float* out_norm;
+    const void* out;        /* [V, D] */
+    const float* out_scale;
+    const mx_layer* layers; /* [L] */
+} mx_model;
+
+typedef struct { /* work buffers, float32 unless noted (bf16 copies: the rounded inputs of bf16 GEMVs) */
+    float *x, *h, *qkv, *att, *scores, *o, *g, *a, *y, *mix; /* scores [H, C]; g [max(K 2F, D)]; mix [L, K] */
+    uint16_t *hb, *attb, *ab;
+    int32_t* chosen; /* [L, K]: the experts each layer chose */
+} mx_bufs;
+
+typedef struct { /* the experts of one MoE layer for T tokens (`mx_moe`); N = T * K (token, slot) pairs */
+    int64_t T, D, F, E, K; /* E <= 256 */
+    int wt;
+    const float* x;     /* [T, D] */
+    const int64_t* idx; /* [T, K] chosen experts */
+    const float* mix;   /* [T, K] their weights */
+    const void* w13;    /* [E, 2F, D] */
+    const float* w13_scale;
+    const void* w2; /* [E, D, F] */
+    const float* w2_scale;
+    float* out; /* [T, D] */
+    /* work buffers: xs [N, D], xsb [N, D] (bf16), g [N, 2F], a [N, F], ab [N, F] (bf16), ys [N, D],
+       order and inverse [N] */
+    float* xs;
+    uint16_t* xsb;
+    float *g, *a;
+    uint16_t* ab;
+    float* ys;
+    int32_t *order, *inverse;
+} mx_moe_args;
+
+/* Structures whose size `mx_sizeof` reports, in this order. */
+enum { MX_SIZEOF_LAYER = 0, MX_SIZEOF_MODEL = 1, MX_SIZEOF_BUFS = 2, MX_SIZEOF_MOE_ARGS = 3 };
+
+/* The ABI check: MX_ABI_VERSION, and sizeof of structure `which` (-1 for an unknown one). */
+int mx_abi_version(void);
+int64_t mx_sizeof(int which);
+/* SIMD bits (MX_SIMD_*) this build uses, and those this CPU has (run-time detection). */
+int mx_simd(void);
+int mx_cpu_features(void);
+
+void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t pos, int64_t* cache_pos,
+                    int64_t C, int64_t slot, int64_t n, float* logits, int nt);
+void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
+               uint16_t* XB, float* Y, int nt);
+void mx_moe(const mx_moe_args* p, int nt);
+void mx_gemv(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, const float* x, uint16_t* xb,
+             float* y, int nt);
+
+#endif

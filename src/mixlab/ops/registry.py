@@ -1,0 +1,132 @@
+"""Which kernel runs: the one place that decides.
+
+`choose(op, device=, fmt=, dtype=, tokens=, training=)` picks the implementation of an operation
+from the device, the weight format, the number of tokens (rows) and whether gradients are needed.
+Every caller asks it (`ops.linear`, `ops.quant`, `ops.moe`, `generate.decode_step`, the weight
+format modules) and none second-guesses it; `linear_impl`, `moe_impl` and `decode_impl` read those
+five facts off the tensors at hand.
+
+Operations and what they can get:
+- `linear` (x @ w.T): `native` (`torch.ops.mixlab.linear`: few rows, each weight row read once),
+  `packed` (oneDNN's linear on a packed weight), `int8pack` (torch's fused int8 matrix-vector
+  kernel), `int8` (dequantise, then GEMM), `torch` (`F.linear`).
+- `moe` (the experts of a layer): `triton` (CUDA: `mixlab.ops.triton_moe`, differentiable),
+  `native` (`torch.ops.mixlab.moe`), `decode` (one token: its K experts on weight views), `sorted`
+  (the sorted segment loop; training, and many tokens).
+- `decode_step` (one token of one sequence through the whole model): `native`
+  (`torch.ops.mixlab.decode_step`) or `torch` (the model's forward pass).
+
+The native kernels are chosen only once they are loaded (`mixlab.ops.native.load`, which inference
+preparation calls), for inference, on CPU, where this CPU vectorises their weight type. Nothing
+here builds or loads them, so a forward pass on a model nobody prepared never starts a compiler.
+
+Weight formats (`fmt`): `plain` (a contiguous float or int8 tensor), `packed` (oneDNN's blocked
+layout), `int8` (int8 with one scale per output row), `strided` (a plain tensor that is not
+contiguous: PyTorch only). Int4 with group-wise scales will be one more format here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixlab.ops import native
+from mixlab.ops.native import ops as _ops  # noqa: F401  (registers torch.ops.mixlab.*)
+
+# Up to this many rows `native` linear, which reads each weight once for all rows at close to the
+# memory bandwidth, beats PyTorch's GEMMs; up to this many tokens the native MoE kernel does
+# (beyond, the work is compute-bound and oneDNN's GEMM wins). Measured in BENCHMARKS.md.
+NATIVE_MAX_ROWS = native.MAX_ROWS
+NATIVE_MAX_TOKENS = 64
+# Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
+# that does not block for many rows).
+INT8PACK_MAX_ROWS = 8
+
+FORMATS = ("plain", "packed", "int8", "strided")
+OPS = ("linear", "moe", "decode_step")
+
+
+def weight_format(w: torch.Tensor, scale: torch.Tensor | None = None) -> str:
+    """The format of a weight tensor (and its int8 row scales, if any)."""
+    if w.is_mkldnn:
+        return "packed"
+    if scale is not None:
+        return "int8" if w.is_contiguous() else "strided"
+    return "plain" if w.is_contiguous() else "strided"
+
+
+def triton_ready(device: str) -> bool:
+    """Whether the Triton MoE kernel runs on `device` (CUDA with Triton installed)."""
+    if device != "cuda":
+        return False
+    from mixlab.ops.triton_moe import available  # imports triton: only asked on CUDA
+
+    return available()  # None: asks about CUDA
+
+
+def native_ready(dtype: torch.dtype) -> bool:
+    """Whether the native kernels are loaded and vectorised here for weights of `dtype`."""
+    return native.fast(dtype)
+
+
+def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, training: bool,
+           act_dtype: torch.dtype | None = None) -> str:
+    """The implementation of `op` for weights of format `fmt` and `dtype` on `device`, for `tokens`
+    rows or tokens, with (`training`) or without gradients. `act_dtype`: the activations' dtype
+    (linear only; torch's int8 kernel takes float32 and bf16)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    native_ok = (device == "cpu" and not training and fmt in ("plain", "int8") and native_ready(dtype))
+    if op == "linear":
+        if native_ok and tokens <= NATIVE_MAX_ROWS:
+            return "native"
+        if fmt == "packed":
+            return "packed"
+        if fmt == "int8" or dtype == torch.int8:
+            small = device == "cpu" and tokens <= INT8PACK_MAX_ROWS and act_dtype in (torch.bfloat16, torch.float32)
+            return "int8pack" if small else "int8"
+        return "torch"
+    if op == "moe":
+        if fmt == "plain" and dtype != torch.int8 and triton_ready(device):
+            return "triton"
+        if training:
+            return "sorted"
+        if native_ok and tokens <= NATIVE_MAX_TOKENS:
+            return "native"
+        return "decode" if tokens == 1 else "sorted"
+    if op == "decode_step":
+        return "native" if native_ok and tokens == 1 else "torch"
+    raise ValueError(f"unknown operation {op!r}; expected one of {', '.join(OPS)}")
+
+
+def _training(*ts: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def linear_impl(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> str:
+    """`choose("linear", ...)` for these tensors."""
+    return choose("linear", device=x_ND.device.type, fmt=weight_format(w_XD, scale_X), dtype=w_XD.dtype,
+                  tokens=x_ND.shape[:-1].numel(), training=_training(x_ND, w_XD), act_dtype=x_ND.dtype)
+
+
+def moe_impl(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w13_scale_E2F: torch.Tensor | None = None) -> str:
+    """`choose("moe", ...)` for these tensors (stacked expert weights; a list of per-expert packed
+    matrices is format `packed`)."""
+    if not isinstance(w13_E2FD, torch.Tensor):
+        fmt, dtype, w = "packed", x_TD.dtype, None
+    else:
+        fmt, dtype, w = weight_format(w13_E2FD, w13_scale_E2F), w13_E2FD.dtype, w13_E2FD
+    return choose("moe", device=x_TD.device.type, fmt=fmt, dtype=dtype, tokens=x_TD.shape[0],
+                  training=_training(x_TD, w))
+
+
+def decode_impl(tokens_BT: torch.Tensor, weight: torch.Tensor) -> str:
+    """`choose("decode_step", ...)` for a step of `tokens_BT` through a model with a native decoder
+    whose matrices look like `weight` (its output projection)."""
+    return choose("decode_step", device=tokens_BT.device.type, fmt=weight_format(weight), dtype=weight.dtype,
+                  tokens=tokens_BT.numel(), training=_training(weight))
+
+
+def prepare_native() -> bool:
+    """Load the native kernels for inference (building them unless cached): what inference
+    preparation calls. False (after one warning) when they cannot be had."""
+    return native.load() is not None

@@ -1,0 +1,82 @@
+"""The kernel registry (`mixlab.ops.registry`): what it chooses, and that nothing but inference
+preparation (or an explicit build) ever starts a C compiler."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from mixlab.checkpoint import load_model, save_model
+from mixlab.config import get_preset
+from mixlab.generate import generate
+from mixlab.model import Transformer
+from mixlab.ops import native, registry
+
+
+def test_a_forward_on_an_unprepared_model_never_starts_a_compiler(monkeypatch, tmp_path):
+    """Load a saved model and run forward passes (few tokens without grad, as decoding would; a
+    training forward; generation) with the native kernels not loaded: no subprocess may start and
+    nothing may be built or loaded."""
+    model = Transformer(get_preset("tiny-moe"))
+    model.init_weights(seed=0)
+    save_model(model, tmp_path / "m")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a forward pass started a process or a build: {args!r}")
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    for name in ("build", "compile_library", "load_library", "load"):
+        monkeypatch.setattr(native, name, refuse)
+
+    loaded = load_model(tmp_path / "m")
+    tokens = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        loaded(tokens)
+        loaded(tokens[:, :1])
+    loaded(tokens).float().sum().backward()
+    generate(loaded.eval(), [tokens[0].tolist()], max_new_tokens=3)
+    assert native.library() is None
+
+
+def test_choices():
+    c = registry.choose
+    kw = dict(device="cpu", fmt="plain", dtype=torch.float32, training=False)
+    loaded = native.fast(torch.float32)
+    # the native kernels only when loaded, for inference, on CPU, for few tokens
+    assert c("linear", tokens=4, **kw) == ("native" if loaded else "torch")
+    assert c("linear", tokens=registry.NATIVE_MAX_ROWS + 1, **kw) == "torch"
+    assert c("linear", tokens=4, **{**kw, "training": True}) == "torch"
+    assert c("linear", tokens=4, **{**kw, "device": "cuda"}) == "torch"
+    assert c("linear", tokens=4, **{**kw, "fmt": "packed"}) == "packed"
+    assert c("linear", tokens=4, **{**kw, "fmt": "strided"}) == "torch"
+    int8 = {**kw, "fmt": "int8", "dtype": torch.int8, "act_dtype": torch.bfloat16}
+    assert c("linear", tokens=registry.NATIVE_MAX_ROWS + 1, **int8) == "int8"
+    assert c("moe", tokens=3, **{**kw, "training": True}) == "sorted"
+    assert c("moe", tokens=1, **{**kw, "fmt": "packed"}) == "decode"
+    assert c("moe", tokens=registry.NATIVE_MAX_TOKENS + 1, **kw) == "sorted"
+    assert c("moe", tokens=3, **{**kw, "device": "meta"}) == "sorted"
+    assert c("decode_step", tokens=2, **kw) == "torch"
+    with pytest.raises(ValueError, match="unknown weight format 'nf4'"):
+        c("linear", tokens=1, **{**kw, "fmt": "nf4"})
+    with pytest.raises(ValueError, match="unknown operation 'conv'"):
+        c("conv", tokens=1, **kw)
+
+
+def test_without_the_kernels_nothing_chooses_them(monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    assert registry.linear_impl(x, w) == "torch"
+    assert registry.moe_impl(x, torch.randn(3, 8, 8)) == "sorted"
+    assert registry.decode_impl(torch.zeros(1, 1, dtype=torch.long), w) == "torch"
+
+
+def test_weight_formats():
+    w = torch.randn(4, 6)
+    assert registry.weight_format(w) == "plain"
+    assert registry.weight_format(w.t()) == "strided"
+    assert registry.weight_format(w.to(torch.int8), torch.ones(4)) == "int8"
