@@ -38,6 +38,7 @@ from mixlab.model.moe import MoEBlock
 from mixlab.model.native import NativeDecoder
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import native as native_ops
+from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
 from mixlab.ops.linear import linear
 
@@ -186,7 +187,8 @@ class Runner:
 
     def _native_step(self, it: Item) -> Result | None:
         dec = self._native_decoder()
-        if dec is None:
+        if dec is None or registry.choose("decode_step", device=self.device.type, tokens=1, training=False,
+                                          fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) != "native":
             return None
         view = self._views.get(it.slot)
         if view is None:
