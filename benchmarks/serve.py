@@ -1,0 +1,251 @@
+"""Serving throughput and latency: `mixlab serve` against llama.cpp's server on the same weights.
+
+Builds `mini-moe` (random weights, bf16, seeded), saves it as a transformers checkpoint and exports
+the same weights to GGUF (bf16), then for each server drives 1, 4 and 16 concurrent streaming
+clients over loopback, each sending `--requests` completions of mixed prompt lengths (token-id
+prompts of 16-48 tokens, mean 32) with `--max-tokens` greedy tokens and `ignore_eos`. Reports the
+aggregate generated tokens/s, time to first token and inter-token latency (p50, p99), the ratio to
+the peer, and the weight-streaming limit: the bytes a decoding step of B sequences must read
+(dense weights + the experts those B tokens touch) over the memory bandwidth measured in the same
+run.
+
+The peer is llama.cpp's own `llama-server` (`--llama-server PATH`, run with `-np 16` parallel slots
+and continuous batching), built from the llama.cpp source the llama-cpp-python sdist vendors; or
+`--llama-cpp-python` for `python -m llama_cpp.server` (one request at a time). Both servers get the
+same `--threads`. Everything binds to 127.0.0.1; every run is bounded by `--timeout`.
+
+    python benchmarks/serve.py --llama-server /path/to/llama-server --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mixlab.bench import _dense_bytes_per_layer, _expert_bytes, measure_limits  # noqa: E402
+from mixlab.checkpoint import save_model  # noqa: E402
+from mixlab.checkpoint.gguf import write_gguf  # noqa: E402
+from mixlab.config import get_preset  # noqa: E402
+from mixlab.model import Transformer  # noqa: E402
+
+PROMPT_LENS = (16, 24, 32, 40, 48)  # mean 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become healthy")
+
+
+def one_request(url: str, model: str, prompt: list[int], max_tokens: int, timeout: float) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    usage = None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                usage = ev["usage"]
+            if ev.get("choices"):
+                stamps.append(time.perf_counter())
+    tokens = int(usage["completion_tokens"]) if usage else len(stamps)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": gaps, "tokens": tokens}
+
+
+def load(url: str, model: str, clients: int, requests: int, max_tokens: int, seed: int, timeout: float,
+         vocab: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    jobs = [[[1] + [rng.randrange(100, vocab - 100) for _ in range(PROMPT_LENS[(c + r) % len(PROMPT_LENS)] - 1)]
+             for r in range(requests)] for c in range(clients)]
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client(prompts: list[list[int]]) -> None:
+        for p in prompts:
+            try:
+                res = one_request(url, model, p, max_tokens, timeout)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                return
+            with lock:
+                results.append(res)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]!r}")
+    gaps = sorted(g for r in results for g in r["gaps"])
+    ttfts = sorted(r["ttft"] for r in results)
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall, "ttft_p50": pct(ttfts, 0.5), "ttft_p99": pct(ttfts, 0.99),
+            "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)}
+
+
+def run_server(name: str, cmd: list[str], url: str, model: str, args: argparse.Namespace, vocab: int,
+               log: Any) -> list[dict[str, Any]]:
+    log(f"starting {name}: {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out = []
+    try:
+        wait_healthy(url, proc, args.timeout)
+        load(url, model, 2, 1, 8, 999, args.timeout, vocab)  # warm-up
+        for clients in args.clients:
+            runs = [load(url, model, clients, args.requests, args.max_tokens, args.seed + k, args.timeout, vocab)
+                    for k in range(args.repeats)]
+            med = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+            med["tok_s_runs"] = [round(r["tok_s"], 1) for r in runs]
+            med["server"] = name
+            log(f"  {name} {clients:>2} clients: {med['tok_s']:.1f} tok/s, TTFT p50 {med['ttft_p50']*1e3:.0f} ms "
+                f"p99 {med['ttft_p99']*1e3:.0f} ms, ITL p50 {med['itl_p50']*1e3:.0f} ms "
+                f"p99 {med['itl_p99']*1e3:.0f} ms")
+            out.append(med)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return out
+
+
+def step_limit(cfg: Any, bandwidth: float, batch: int, elem: float = 2.0) -> float:
+    """Tokens/s if a decoding step of `batch` sequences only had to stream its weights: dense weights
+    once, and per layer the experts `batch` tokens are expected to touch (uniform routing)."""
+    E, K = cfg.moe.num_experts, cfg.moe.top_k
+    touched = E * (1 - (1 - K / E) ** batch)
+    step_bytes = cfg.n_layers * (_dense_bytes_per_layer(cfg, elem) + touched * _expert_bytes(cfg, elem))
+    step_bytes += cfg.vocab_size * cfg.dim * elem  # the output matrix (embedding rows read are negligible)
+    return batch * bandwidth / step_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="mini-moe")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per point (the median is reported)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")
+    ap.add_argument("--llama-cpp-python", action="store_true", help="peer: python -m llama_cpp.server instead")
+    ap.add_argument("--skip-mixlab", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+
+    torch.set_num_threads(args.threads)
+    cfg = get_preset(args.preset)
+    log("measuring memory bandwidth ...")
+    limits = measure_limits(reps=5)
+    bw = limits["bandwidth"] if "bandwidth" in limits else next(iter(limits.values()))
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="mixlab-serve-bench-") as tmp:
+        root = Path(tmp)
+        log(f"building {args.preset} (random, bf16) ...")
+        with torch.device("meta"):
+            model = Transformer(cfg).to(torch.bfloat16)
+        model = model.to_empty(device="cpu")
+        model.init_weights(seed=args.seed)
+        model.eval()
+        save_model(model, root / "hf", fmt="hf")
+        gguf = write_gguf(model, root / "m-bf16.gguf", quant="bf16")
+        del model
+        n_ctx_slot = max(PROMPT_LENS) + args.max_tokens + 16
+        results: list[dict[str, Any]] = []
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        if not args.skip_mixlab:
+            port = free_port()
+            cmd = [sys.executable, "-m", "mixlab", "serve", "--model", str(root / "hf"), "--port", str(port),
+                   "--dtype", "bfloat16", "--threads", str(args.threads), "--max-batch", str(max(args.clients)),
+                   "--served-model-name", "m", "--log-level", "warning"]
+            proc_env_cmd = ["env", f"PYTHONPATH={env['PYTHONPATH']}", *cmd]
+            results += run_server("mixlab serve", proc_env_cmd, f"http://127.0.0.1:{port}", "m", args,
+                                  cfg.vocab_size, log)
+        peer = None
+        if args.llama_server:
+            port = free_port()
+            peer = "llama-server"
+            cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t",
+                   str(args.threads), "-tb", str(args.threads), "-np", str(max(args.clients)), "-c",
+                   str(n_ctx_slot * max(args.clients)), "--cont-batching", "--no-webui", "-ngl", "0"]
+            results += run_server(peer, cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
+        elif args.llama_cpp_python:
+            port = free_port()
+            peer = "llama-cpp-python[server]"
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
+                   str(port), "--n_threads", str(args.threads), "--n_ctx", str(n_ctx_slot * 2), "--model_alias", "m"]
+            results += run_server(peer, cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
+
+    for r in results:
+        r["limit_tok_s"] = step_limit(cfg, bw, r["clients"])
+    report = {"preset": args.preset, "threads": args.threads, "max_tokens": args.max_tokens,
+              "prompt_lens": PROMPT_LENS, "bandwidth_GBs": bw / 1e9, "peer": peer,
+              "load_average": os.getloadavg(), "torch": torch.__version__, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print("| server | clients | tokens/s (runs) | vs peer | of weight-streaming limit | TTFT p50 / p99 (ms) "
+          "| ITL p50 / p99 (ms) |\n|---|---|---|---|---|---|---|")
+    by = {(r["server"], r["clients"]): r for r in results}
+    for r in results:
+        p = by.get((peer, r["clients"])) if peer else None
+        ratio = f"{r['tok_s'] / p['tok_s']:.2f}x" if p else "-"
+        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} ({', '.join(map(str, r['tok_s_runs']))}) | "
+              f"{ratio} | {r['tok_s'] / r['limit_tok_s']:.0%} of {r['limit_tok_s']:.0f} | "
+              f"{r['ttft_p50']*1e3:.0f} / {r['ttft_p99']*1e3:.0f} | {r['itl_p50']*1e3:.0f} / {r['itl_p99']*1e3:.0f} |")
+    print(f"\nmemory bandwidth {bw / 1e9:.1f} GB/s; {args.threads} threads; load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
