@@ -289,8 +289,9 @@ def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneCon
 @torch.no_grad()
 def evaluate_dpo(model: nn.Module, pairs: list[dpo.Pair], ref: dict[str, torch.Tensor],
                  cfg: FinetuneConfig) -> dict[str, float]:
-    """Held-out DPO loss, implicit-reward preference accuracy, reward margin and the policy's
-    chosen - rejected log-prob margin, averaged over the held-out pairs."""
+    """Held-out DPO loss, implicit-reward preference accuracy and margin, and the policy's own
+    chosen - rejected log-prob margin and accuracy (chosen more likely than rejected), over the
+    held-out pairs. Before any DPO step the implicit rewards are all 0 (policy = reference)."""
     pol = reference_logps(model, pairs, cfg)
     loss, m = dpo.dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=cfg.beta,
                            loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
@@ -298,6 +299,7 @@ def evaluate_dpo(model: nn.Module, pairs: list[dpo.Pair], ref: dict[str, torch.T
     return {"eval_loss": float(loss), "eval_rewards/accuracies": float(m["rewards/accuracies"]),
             "eval_rewards/margins": float(m["rewards/margins"]),
             "eval_logps/margin": float((pol["chosen"] - pol["rejected"]).mean()),
+            "eval_logps/accuracy": float((pol["chosen"] > pol["rejected"]).float().mean()),
             "eval_logps/chosen": float(m["logps/chosen"]), "eval_logps/rejected": float(m["logps/rejected"])}
 
 
@@ -497,7 +499,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            rec: dict[str, Any] = {"step": step, **sums, "lr": lr, "grad_norm": gnorm, "tokens_per_s": n_tok / dt}
+            rec: dict[str, Any] = {"step": step, **sums, "lr": lr, "grad_norm": gnorm, "tokens": n_tok,
+                                   "tokens_per_s": n_tok / dt}
             history.append(rec)
             if step % cfg.log_every == 0 or step == last_stop:
                 metrics.write(rec)
