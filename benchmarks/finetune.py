@@ -159,7 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ckpt = make_checkpoint(root)
-        sft_path, dpo_path = data(root, 400, 200)
+        sft_path, dpo_path = data(root, 400, 96)
         for task in args.tasks:
             path = sft_path if task == "sft" else dpo_path
             ours, theirs = [], []

@@ -6,7 +6,7 @@
 1. Base: a Mixtral-shaped model (width 128, 4 layers, 8 experts top-2, byte tokenizer) trained with
    `mixlab train` on the 8 pretraining domains of ../shared/corpus (once, seed 0).
 2. Per seed: `mixlab sft` from the base on chat/sft.jsonl (its last 60 conversations held out),
-   then `mixlab dpo` from the SFT model on chat/dpo.jsonl (its last 100 pairs held out; its first 160
+   then `mixlab dpo` from the SFT model on chat/dpo.jsonl (its last 100 pairs held out; its first 192
    pairs for training: one epoch).
 3. docs/instruct.md's numbers: held-out preference accuracy before / after DPO, the chosen - rejected
    log-prob margin, held-out assistant loss; loss curves as PNG (docs/figures/instruct_*.png), chat
@@ -43,7 +43,7 @@ def split_chat(out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     s = (CORPUS / "chat" / "sft.jsonl").read_text(encoding="utf-8").splitlines()
     d = (CORPUS / "chat" / "dpo.jsonl").read_text(encoding="utf-8").splitlines()
-    files = {"sft_train": s[:-60], "sft_valid": s[-60:], "dpo_train": d[:160], "dpo_valid": d[-100:]}
+    files = {"sft_train": s[:-60], "sft_valid": s[-60:], "dpo_train": d[:192], "dpo_valid": d[-100:]}
     paths = {}
     for name, lines in files.items():
         paths[name] = out / f"{name}.jsonl"
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--base-steps", type=int, default=100)
     ap.add_argument("--sft-steps", type=int, default=25)
-    ap.add_argument("--dpo-steps", type=int, default=20)
+    ap.add_argument("--dpo-steps", type=int, default=24)
     args = ap.parse_args()
     if args.quick:
         args.base_steps, args.sft_steps, args.dpo_steps = 4, 3, 3
@@ -98,7 +98,7 @@ def main() -> None:
                                     seed=seed, **common))  # type: ignore[arg-type]
         d = finetune(FinetuneConfig(task="dpo", model=str(run / "sft"), data=str(chat["dpo_train"]),
                                     valid_data=str(chat["dpo_valid"]), out=str(run / "dpo"), steps=args.dpo_steps,
-                                    lr=5e-4, warmup=3, beta=0.1, eval_every=max(1, args.dpo_steps // 2),
+                                    lr=2e-4, warmup=3, beta=0.1, eval_every=max(1, args.dpo_steps // 2),
                                     seed=seed, **common))  # type: ignore[arg-type]
         # Held-out assistant loss of the DPO model (SFT's held-out conversations).
         valid = sft.read_sft(chat["sft_valid"], ByteTokenizer())

@@ -378,3 +378,19 @@ def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path:
     bad.write_text('{"messages": "hello"}\n')
     assert main(["sft", "--model", str(ckpt), "--data", str(bad), "--out", str(tmp_path / "x"), "--seq-len", "64"]) == 2
     assert "bad.jsonl:1: field 'messages' must be a non-empty list" in capsys.readouterr().err
+
+
+def test_padded_pair_logps_equal_each_sequence_alone() -> None:
+    from mixlab.train.finetune import pair_logps
+
+    m = _model()
+    pairs = [dpo.Pair(*(sft.render_turns(c[:-1], TOK, final_assistant=False)[0],
+                        TOK.encode(c[-1]["content"], eos=True), TOK.encode("no " + c[-1]["content"], eos=True)))
+             for c in CONVS]
+    b = dpo.collate_pairs(pairs, range(3), 200)
+    got, _ = pair_logps(m, b, torch.device("cpu"), mean=False)
+    for i, p in enumerate(pairs):
+        for j, reply in enumerate((p.chosen, p.rejected)):
+            ids = torch.tensor([p.prompt + reply])
+            lp = torch.log_softmax(m(ids[:, :-1]), -1)[0].gather(-1, ids[0, 1:, None])[:, 0]
+            assert float(got[j * 3 + i]) == pytest.approx(float(lp[len(p.prompt) - 1:].sum()), abs=1e-4)

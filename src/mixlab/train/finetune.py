@@ -250,8 +250,10 @@ def sft_forward(model: nn.Module, b: sft.Packed, device: torch.device) -> tuple[
 
 
 def pair_logps(model: nn.Module, b: dpo.PairBatch, device: torch.device, *, mean: bool) -> tuple[torch.Tensor, list]:
-    """Sequence log-probs `[2N]` (chosen then rejected) and the routings."""
-    logits, routings = model(b.tokens.to(device), positions_BT=b.positions.to(device), return_routing=True)
+    """Sequence log-probs `[2N]` (chosen then rejected) and the routings. Padding is on the right, so
+    plain causal attention never lets a real token see it: no mask (SDPA's causal kernel); the
+    padding's own outputs are ignored and the router losses mask it out."""
+    logits, routings = model(b.tokens.to(device), return_routing=True)
     return dpo.sequence_logps(logits, b.targets.to(device), b.reply.to(device), mean=mean), routings
 
 
