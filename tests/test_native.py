@@ -167,8 +167,8 @@ def test_generate_takes_the_native_path_and_agrees_with_pytorch():
     reference = copy.deepcopy(model)
     prepare_for_inference(model)
     calls = []
-    step = model.native_decoder.step
-    model.native_decoder.step = lambda *a: calls.append(1) or step(*a)
+    step = model.native_decoder.step_experts
+    model.native_decoder.step_experts = lambda *a: calls.append(1) or step(*a)
     prompt = torch.randint(3, 256, (7,)).tolist()
     experts, ref_experts = [], []
     got = generate(model, [prompt], max_new_tokens=12, stop_at_eos=False, experts_out=experts)

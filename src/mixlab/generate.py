@@ -81,8 +81,8 @@ def decode_step(
     forward pass."""
     dec = getattr(model, "native_decoder", None)
     if dec is not None and registry.decode_impl(tokens_B1, dec.weight) == "native" and dec.accepts(tokens_B1, cache):
-        logits_1V = dec.step(tokens_B1, positions_B1, cache)
-        experts_BLK = dec.last_chosen.long()[None] if record_experts and model.config.moe is not None else None
+        logits_1V, chosen_LK = dec.step_experts(tokens_B1, positions_B1, cache)
+        experts_BLK = chosen_LK.long()[None] if record_experts and model.config.moe is not None else None
         return logits_1V, experts_BLK
     return _forward(model, tokens_B1, positions_B1, cache, record_experts)
 

@@ -197,10 +197,10 @@ class Runner:
                                 self.pos_SC[s : s + 1], max_len=self.max_len)
             self._views[it.slot] = view
         view.t = it.start
-        logits_1V = dec.step(it.tokens[0], it.start, view)
+        logits_1V, chosen_LK = dec.step_experts(it.tokens[0], it.start, view)
         idx_LK = None
         if self.model.config.moe is not None:
-            idx_LK = dec.chosen.long().clone()
+            idx_LK = chosen_LK.long()
             self.last_counts_LE = self._counts(idx_LK[:, None])
         return Result(logits_1V if it.logits != "none" else None, idx_LK if it.experts else None)
 

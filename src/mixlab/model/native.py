@@ -12,8 +12,10 @@ uses it when the registry (`mixlab.ops.registry.decode_impl`) chooses it and it 
 
 Weights must be plain contiguous float32 or bf16 tensors, or int8 with per-row scales (what
 `prepare_for_inference(model, quant="int8")` makes); oneDNN-packed weights are opaque to C. A decoder
-owns one set of work buffers, so one model decodes one step at a time (no concurrent `step` calls
-from several Python threads on the same model).
+owns one set of work buffers and binds one cache at a time, so its C call holds a lock: threads that
+share a model decode one step at a time (a step already uses every core through OpenMP, so little
+throughput is lost; a server batches requests in one engine thread instead). `step_experts` returns
+each call's own experts, so concurrent callers never read another thread's.
 
 Shape legend: D width, H query heads, G kv heads, Hd head dim, C cache slots, E experts, K experts
 per token, F expert FFN width, V vocabulary, L layers.
@@ -22,6 +24,7 @@ per token, F expert FFN width, V vocabulary, L layers.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 from torch import nn
@@ -119,6 +122,7 @@ class NativeDecoder:
         self.weight = w_out  # the output matrix: what the registry reads the format and dtype off
         self._bound: tuple[int, ...] = ()  # the data pointers of the bound cache's buffers
         self.last_chosen = self.chosen  # the experts of the last `step` (its own tensor under torch.compile)
+        self._lock = threading.Lock()  # the work buffers and the bound cache are shared: one C call at a time
         self.handle = register_decoder(self)
 
     def __deepcopy__(self, memo: dict) -> NativeDecoder:
@@ -152,16 +156,23 @@ class NativeDecoder:
     def run(self, token: int, position: int, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
             slot: int, n: int, logits_1V: torch.Tensor) -> torch.Tensor:
         """The C call of `torch.ops.mixlab.decode_step`: writes `logits_1V`; returns the experts each
-        layer chose `[L, K]` (this decoder's buffer, overwritten by the next step)."""
-        self._bind(pos_BC, k, v)
-        self.lib.mx_decode_step(ctypes.byref(self.c_model), ctypes.byref(self.bufs), token, position,
-                                pos_BC.data_ptr(), pos_BC.shape[1], slot, n, logits_1V.data_ptr(),
-                                torch.get_num_threads())
-        return self.chosen
+        layer chose `[L, K]` (a copy: the next step overwrites the decoder's buffer). Thread-safe."""
+        with self._lock:
+            self._bind(pos_BC, k, v)
+            self.lib.mx_decode_step(ctypes.byref(self.c_model), ctypes.byref(self.bufs), token, position,
+                                    pos_BC.data_ptr(), pos_BC.shape[1], slot, n, logits_1V.data_ptr(),
+                                    torch.get_num_threads())
+            return self.chosen.clone()
 
     def step(self, token: torch.Tensor | int, position: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
         """Feed one token at `position`; return the next-token logits `[1, V]` (float32). The experts
-        each layer chose are in `self.chosen` `[L, K]` afterwards. Traceable by torch.compile."""
+        each layer chose are in `self.last_chosen` `[L, K]` afterwards (from several threads, use
+        `step_experts`). Traceable by torch.compile."""
+        return self.step_experts(token, position, cache)[0]
+
+    def step_experts(self, token: torch.Tensor | int, position: torch.Tensor | int,
+                     cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step`, returning (logits `[1, V]`, this step's experts `[L, K]` int32)."""
         cache.slots(1)  # checks that the cache has room (and grows one made with `reserve`)
         slot, n = cache.t % cache.capacity, cache.n_filled(1)
         logits_1V, chosen_LK = torch.ops.mixlab.decode_step(
@@ -169,7 +180,7 @@ class NativeDecoder:
             cache.k, cache.v, slot, n)
         cache.t += 1
         self.last_chosen = chosen_LK
-        return logits_1V
+        return logits_1V, chosen_LK
 
 
 def attach(model: Transformer) -> bool:
