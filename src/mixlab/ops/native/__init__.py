@@ -11,9 +11,9 @@ compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default `~/.cache/mix
 that hashes all three, written to a temporary file and renamed, so concurrent builds never load a
 half-written library.
 
-Loading checks the library against this file (`check_abi`): its ABI version and the sizes of the
-structures of `mixlab.h` must equal ours, and the SIMD instructions it was compiled with must be
-ones this CPU has (detected at run time with cpuid); otherwise it is refused with a message
+Loading checks the library against this file (`check_abi`): its ABI version, the sizes of the
+structures of `mixlab.h` and the offsets of their fields must equal ours, and the SIMD instructions
+it was compiled with must be ones this CPU has (detected at run time with cpuid); otherwise it is refused with a message
 (`NativeABIError`), never called with pointers it would misread.
 
 Why ctypes and not a PyTorch C++ extension: `decode.c` needs no PyTorch headers (it works on raw
@@ -94,6 +94,7 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (Layer, Model, Buffers, MoEArgs)
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mx_abi_version": (_I, []),
     "mx_sizeof": (_I64, [_I]),
+    "mx_offsetof": (_I64, [_I, _I]),
     "mx_simd": (_I, []),
     "mx_cpu_features": (_I, []),
     # model, buffers, token, pos, cache_pos, C, slot, n, logits, threads
@@ -185,17 +186,29 @@ def check_abi(lib: ctypes.CDLL, path: str | os.PathLike[str]) -> int:
     if version != ABI_VERSION:
         raise NativeABIError(f"{path}: native library ABI version {version}, but this mixlab expects "
                              f"{ABI_VERSION}; rebuild it (python -m mixlab.ops.native)")
-    lib.mx_sizeof.restype, lib.mx_sizeof.argtypes = _I64, [_I]
+    try:
+        lib.mx_sizeof.restype, lib.mx_sizeof.argtypes = _I64, [_I]
+        lib.mx_offsetof.restype, lib.mx_offsetof.argtypes = _I64, [_I, _I]
+        lib.mx_simd.restype, lib.mx_cpu_features.restype = _I, _I
+    except AttributeError as e:
+        raise NativeABIError(f"{path}: ABI {version} but an entry point is missing ({e})") from None
+    compiled, cpu = lib.mx_simd(), lib.mx_cpu_features()
+    if compiled & ~cpu:
+        raise NativeABIError(f"{path}: built with SIMD bits {compiled} but this CPU has {cpu} (a library built "
+                             f"for another CPU); rebuild it on this machine (python -m mixlab.ops.native)")
     for i, struct in enumerate(STRUCTS):
         size, ours = lib.mx_sizeof(i), ctypes.sizeof(struct)
         if size != ours:
             raise NativeABIError(f"{path}: structure {struct.__name__} is {size} bytes in the native library but "
                                  f"{ours} in Python (mixlab.h and ops/native/__init__.py disagree; ABI {version})")
-    lib.mx_simd.restype, lib.mx_cpu_features.restype = _I, _I
-    compiled, cpu = lib.mx_simd(), lib.mx_cpu_features()
-    if compiled & ~cpu:
-        raise NativeABIError(f"{path}: built with SIMD bits {compiled} but this CPU has {cpu} (a library built "
-                             f"for another CPU); rebuild it on this machine (python -m mixlab.ops.native)")
+        theirs = [lib.mx_offsetof(i, j) for j in range(len(struct._fields_) + 1)]
+        mine = [getattr(struct, name).offset for name, *_ in struct._fields_] + [-1]
+        if theirs != mine:
+            bad = next(j for j, (a, b) in enumerate(zip(theirs, mine, strict=True)) if a != b)
+            field = struct._fields_[bad][0] if bad < len(struct._fields_) else "(end)"
+            raise NativeABIError(f"{path}: structure {struct.__name__} field {bad} ({field}) is at offset "
+                                 f"{theirs[bad]} in the native library but {mine[bad]} in Python (mixlab.h and "
+                                 f"ops/native/__init__.py disagree; ABI {version})")
     return compiled & cpu
 
 
@@ -204,7 +217,10 @@ def load_library(path: str | os.PathLike[str]) -> tuple[ctypes.CDLL, int]:
     lib = ctypes.CDLL(str(path))
     simd = check_abi(lib, path)
     for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
+        fn = getattr(lib, name, None)
+        if fn is None:
+            raise NativeABIError(f"{path}: no entry point {name} (ABI {ABI_VERSION}); rebuild it "
+                                 f"(python -m mixlab.ops.native)")
         fn.argtypes = argtypes
         fn.restype = restype
     return lib, simd

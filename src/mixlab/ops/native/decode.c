@@ -30,6 +30,7 @@
  */
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -653,6 +654,41 @@ int64_t mx_sizeof(int which) {
     case MX_SIZEOF_MOE_ARGS: return (int64_t)sizeof(mx_moe_args);
     default: return -1;
     }
+}
+
+/* Field offsets in declaration order, one table per structure (keep them next to mixlab.h's
+   declarations when a field is added: Python compares them with its ctypes mirrors by position). */
+#define MX_OFF(S, f) (int64_t) offsetof(S, f)
+static const int64_t off_layer[] = {
+    MX_OFF(mx_layer, attn_norm), MX_OFF(mx_layer, wqkv), MX_OFF(mx_layer, wqkv_scale), MX_OFF(mx_layer, wo),
+    MX_OFF(mx_layer, wo_scale), MX_OFF(mx_layer, ffn_norm), MX_OFF(mx_layer, router), MX_OFF(mx_layer, w13),
+    MX_OFF(mx_layer, w13_scale), MX_OFF(mx_layer, w2), MX_OFF(mx_layer, w2_scale), MX_OFF(mx_layer, k_cache),
+    MX_OFF(mx_layer, v_cache), -1};
+static const int64_t off_model[] = {
+    MX_OFF(mx_model, D), MX_OFF(mx_model, H), MX_OFF(mx_model, G), MX_OFF(mx_model, Hd), MX_OFF(mx_model, E),
+    MX_OFF(mx_model, K), MX_OFF(mx_model, F), MX_OFF(mx_model, V), MX_OFF(mx_model, L), MX_OFF(mx_model, window),
+    MX_OFF(mx_model, eps), MX_OFF(mx_model, wt), MX_OFF(mx_model, ct), MX_OFF(mx_model, et),
+    MX_OFF(mx_model, inv_freq), MX_OFF(mx_model, embed), MX_OFF(mx_model, out_norm), MX_OFF(mx_model, out),
+    MX_OFF(mx_model, out_scale), MX_OFF(mx_model, layers), -1};
+static const int64_t off_bufs[] = {
+    MX_OFF(mx_bufs, x), MX_OFF(mx_bufs, h), MX_OFF(mx_bufs, qkv), MX_OFF(mx_bufs, att), MX_OFF(mx_bufs, scores),
+    MX_OFF(mx_bufs, o), MX_OFF(mx_bufs, g), MX_OFF(mx_bufs, a), MX_OFF(mx_bufs, y), MX_OFF(mx_bufs, mix),
+    MX_OFF(mx_bufs, hb), MX_OFF(mx_bufs, attb), MX_OFF(mx_bufs, ab), MX_OFF(mx_bufs, chosen), -1};
+static const int64_t off_moe[] = {
+    MX_OFF(mx_moe_args, T), MX_OFF(mx_moe_args, D), MX_OFF(mx_moe_args, F), MX_OFF(mx_moe_args, E),
+    MX_OFF(mx_moe_args, K), MX_OFF(mx_moe_args, wt), MX_OFF(mx_moe_args, x), MX_OFF(mx_moe_args, idx),
+    MX_OFF(mx_moe_args, mix), MX_OFF(mx_moe_args, w13), MX_OFF(mx_moe_args, w13_scale), MX_OFF(mx_moe_args, w2),
+    MX_OFF(mx_moe_args, w2_scale), MX_OFF(mx_moe_args, out), MX_OFF(mx_moe_args, xs), MX_OFF(mx_moe_args, xsb),
+    MX_OFF(mx_moe_args, g), MX_OFF(mx_moe_args, a), MX_OFF(mx_moe_args, ab), MX_OFF(mx_moe_args, ys),
+    MX_OFF(mx_moe_args, order), MX_OFF(mx_moe_args, inverse), -1};
+
+int64_t mx_offsetof(int which, int field) {
+    const int64_t* t = which == MX_SIZEOF_LAYER ? off_layer : which == MX_SIZEOF_MODEL ? off_model
+                     : which == MX_SIZEOF_BUFS  ? off_bufs  : which == MX_SIZEOF_MOE_ARGS ? off_moe : 0;
+    if (!t || field < 0) return -1;
+    for (int i = 0; i < field; i++)
+        if (t[i] < 0) return -1;
+    return t[field];
 }
 
 /* What this build vectorises (MX_SIMD_*). Without them the portable loops are correct but slower

@@ -3,8 +3,8 @@
  *
  * Python mirrors every structure here as a ctypes Structure with the same fields in the same order.
  * Nothing can check field order across that boundary, so both sides carry MX_ABI_VERSION, and the
- * library reports its structure sizes (`mx_sizeof`): Python refuses a library whose version or sizes
- * differ from its own instead of passing it pointers it would misread. Any change to a structure,
+ * library reports its structure sizes and field offsets (`mx_sizeof`, `mx_offsetof`): Python refuses
+ * a library whose version, sizes or offsets differ from its own instead of passing it pointers it would misread. Any change to a structure,
  * an enum or an entry point's arguments bumps MX_ABI_VERSION here and ABI_VERSION in __init__.py.
  *
  * Adding a kernel: declare the entry point below, define it in decode.c (or a new .c file listed in
@@ -96,9 +96,11 @@ typedef struct { /* the experts of one MoE layer for T tokens (`mx_moe`); N = T 
 /* Structures whose size `mx_sizeof` reports, in this order. */
 enum { MX_SIZEOF_LAYER = 0, MX_SIZEOF_MODEL = 1, MX_SIZEOF_BUFS = 2, MX_SIZEOF_MOE_ARGS = 3 };
 
-/* The ABI check: MX_ABI_VERSION, and sizeof of structure `which` (-1 for an unknown one). */
+/* The ABI check: MX_ABI_VERSION, sizeof of structure `which` (-1 for an unknown one), and the
+   offset of its field number `field` in declaration order (-1 past the last field). */
 int mx_abi_version(void);
 int64_t mx_sizeof(int which);
+int64_t mx_offsetof(int which, int field);
 /* SIMD bits (MX_SIMD_*) this build uses, and those this CPU has (run-time detection). */
 int mx_simd(void);
 int mx_cpu_features(void);
