@@ -26,6 +26,7 @@ Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts pe
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from mixlab.cache import KVCache
+from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
 from mixlab.model.moe import MoEBlock
 from mixlab.model.native import NativeDecoder
@@ -127,6 +129,9 @@ class Runner:
         self._views: dict[int, KVCache] = {}
         self._native: NativeDecoder | None = None
         self._native_key: list[int] | None = None
+        self.graphed: GraphedDecode | None = None
+        if self.device.type == "cuda" and os.environ.get("MIXLAB_CUDA_GRAPHS", "1") != "0":
+            self.graphed = GraphedDecode(self)
 
     # ---- slots ----
 
@@ -160,6 +165,8 @@ class Runner:
     # ---- the forward pass ----
 
     def forward(self, items: list[Item]) -> list[Result]:
+        if self.graphed is not None and items and all(len(it.tokens) == 1 for it in items):
+            return self.graphed.decode(items)  # CUDA: decode-only steps replay a recorded graph
         if len(items) == 1 and len(items[0].tokens) == 1:
             out = self._native_step(items[0])
             if out is not None:
