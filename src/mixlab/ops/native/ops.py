@@ -1,7 +1,7 @@
 """The native kernels as PyTorch operators: `torch.ops.mixlab.linear`, `.moe` and `.decode_step`.
 
-Each is a `torch.library.custom_op` with a fake implementation that gives only the output's shape
-and dtype, so `torch.compile` traces a call as one opaque node (no graph break, no escape hatch)
+Each is a PyTorch operator (`torch.library`) with a fake implementation that gives only the
+output's shape and dtype, so `torch.compile` traces a call as one opaque node (no graph break, no escape hatch)
 and runs the C kernel at run time. The operators are inference-only (no autograd formula): the
 registry (`mixlab.ops.registry`) never chooses them when gradients are needed.
 
@@ -24,19 +24,20 @@ import torch
 
 from mixlab.ops import native
 
+# linear and moe run many times per step (batched decoding): defined with `torch.library.Library`,
+# whose eager dispatch costs less than `custom_op`'s (BENCHMARKS.md); decode_step, once per token,
+# uses `custom_op` for its handling of mutated arguments.
+_LIB = torch.library.Library("mixlab", "DEF")
+_LIB.define("linear(Tensor x_ND, Tensor w_XD, Tensor? scale_X=None) -> Tensor")
+_LIB.define("moe(Tensor x_TD, Tensor w13_E2FD, Tensor w2_EDF, Tensor idx_TK, Tensor weight_TK, "
+            "Tensor? w13_scale_E2F=None, Tensor? w2_scale_ED=None) -> Tensor")
 
-@torch.library.custom_op("mixlab::linear", mutates_args=())
+
 def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (times the row scales of int8 weights) for a few rows, each weight row read once."""
     return native.linear(x_ND, w_XD, scale_X)
 
 
-@linear.register_fake
-def _(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
-    return x_ND.new_empty(*x_ND.shape[:-1], w_XD.shape[0])
-
-
-@torch.library.custom_op("mixlab::moe", mutates_args=())
 def moe(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
         weight_TK: torch.Tensor, w13_scale_E2F: torch.Tensor | None = None,
         w2_scale_ED: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,7 +45,16 @@ def moe(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK
     return native.moe(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, w13_scale_E2F, w2_scale_ED)
 
 
-@moe.register_fake
+_LIB.impl("linear", linear, "CPU")
+_LIB.impl("moe", moe, "CPU")
+
+
+@torch.library.register_fake("mixlab::linear", lib=_LIB)
+def _(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
+    return x_ND.new_empty(*x_ND.shape[:-1], w_XD.shape[0])
+
+
+@torch.library.register_fake("mixlab::moe", lib=_LIB)
 def _(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
       weight_TK: torch.Tensor, w13_scale_E2F: torch.Tensor | None = None,
       w2_scale_ED: torch.Tensor | None = None) -> torch.Tensor:
