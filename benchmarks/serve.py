@@ -59,11 +59,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        for path in ("/health", "/v1/models"):  # llama-cpp-python's server has no /health
+            try:
+                if httpx.get(url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
         time.sleep(0.5)
     raise RuntimeError("the server did not become healthy")
 
