@@ -15,6 +15,7 @@ Shape legend: B batch (prompts), T tokens, V vocabulary, L MoE layers, K experts
 from __future__ import annotations
 
 import operator
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from mixlab.cache import KVCache
+from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
+from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler
 from mixlab.model import Transformer
 from mixlab.ops import registry
@@ -171,6 +174,7 @@ def generate_stream(
     prefill_chunk: int = 512,
     record_experts: bool = False,
     cache: KVCache | None = None,
+    engine: Engine | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position, as soon as it is sampled.
 
@@ -183,6 +187,11 @@ def generate_stream(
     `cache`: for one prompt, a `KVCache` (batch 1) kept across calls, as a chat does: the tokens it
     already holds that begin this prompt (`cache.tokens`, recorded here) are not prefilled again,
     the rest of it is overwritten. It must have room for the prompt and `max_new_tokens`.
+
+    Without `cache=`, the prompts run as requests of a `mixlab.engine.Engine` driven from this
+    thread (one sequence each, batched in every step; the native kernels without preparing the
+    model). `engine`: an engine (not started) kept across calls, as a chat does: a prompt that
+    begins with tokens one of its free slots holds (the earlier turns) skips prefilling them.
     """
     # Everything is validated here, eagerly; the returned generator does the compute.
     sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -205,8 +214,67 @@ def generate_stream(
                              f"max_new_tokens={max_new_tokens} need {len(ids[0]) + max_new_tokens}")
         if cache.k[0].device != weight.device or cache.config != model.config:
             raise ValueError("the cache was made for another model or device")
+    if engine is not None:
+        if cache is not None or engine.model is not model:
+            raise ValueError("engine= must be an engine over this model, and excludes cache=")
+        if len(ids) > engine.runner.n_slots:
+            raise ValueError(f"{len(ids)} prompts need an engine with as many slots; it has {engine.runner.n_slots}")
+        if max(map(len, ids)) + max_new_tokens > engine.runner.max_len:
+            raise ValueError(f"prompt + max_new_tokens = {max(map(len, ids)) + max_new_tokens} tokens exceed the "
+                             f"engine's {engine.runner.max_len} per sequence")
+    if cache is None:
+        params = SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=sorted(stop_ids), stop=stop_strings,
+            return_experts=record_experts, ignore_eos=True)  # EOS, when it stops, is in stop_ids
+        return _through_engine(model, ids, params, tokenizer, prefill_chunk, engine)
     return _generate(model, ids, max_new_tokens, sampler, seed, stop_ids, stop_strings, tokenizer,
                      prefill_chunk, record_experts, cache)
+
+
+def _through_engine(model: Transformer, prompts: list[list[int]], params: SamplingParams,
+                    tokenizer: Tokenizer | None, prefill_chunk: int, engine: Engine | None) -> Iterator[Step]:
+    """The prompts as requests of an engine driven from this thread, regrouped into `Step`s: step i
+    holds the i-th new token of every prompt that has one."""
+    B = len(prompts)
+    longest = max(map(len, prompts)) + params.max_tokens
+    if engine is None:
+        engine = Engine(model, tokenizer, max_batch=B, token_budget=max(prefill_chunk, B),
+                        prefill_chunk=prefill_chunk, max_seq_len=longest,
+                        cache_bytes=B * longest * bytes_per_token(model), prefix_cache=False)
+    handles = [engine.submit(p, params) for p in prompts]
+    try:
+        yield from _regroup(engine, handles, params, model)
+    finally:  # an abandoned stream (a chat's Ctrl-C) frees its slots
+        for h in handles:
+            if not h.finished:
+                engine.cancel(h)
+        engine.run_until_idle()
+
+
+def _regroup(engine: Engine, handles: list[Handle], params: SamplingParams, model: Transformer) -> Iterator[Step]:
+    B = len(handles)
+    pending: list[deque[RequestOutput]] = [deque() for _ in range(B)]
+    ended = [False] * B
+    while True:
+        while not all(ended[b] or pending[b] for b in range(B)):
+            engine.step()
+            for b, h in enumerate(handles):
+                for out in h.poll():
+                    if out.finish_reason == "error":
+                        raise RuntimeError(f"generation failed: {out.error}")
+                    if out.token_id is not None:
+                        pending[b].append(out)
+                    ended[b] = ended[b] or out.finish_reason is not None
+        if not any(pending):
+            return
+        outs = [pending[b].popleft() if pending[b] else None for b in range(B)]
+        experts_BLK = None
+        if params.return_experts:
+            L, K = model.config.n_layers, model.config.moe.top_k if model.config.moe else 1
+            experts_BLK = torch.tensor([o.experts if o is not None and o.experts is not None else [[-1] * K] * L
+                                        for o in outs])
+        yield Step([o.token_id if o is not None else None for o in outs], experts_BLK)
 
 
 def _generate(

@@ -10,12 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mixlab.cache import KVCache
+from mixlab.engine import Engine
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import Tokenizer, load_tokenizer
 
-# Tokens a chat's KV cache has room for at first (it doubles as the conversation grows).
-CHAT_CACHE_RESERVE = 1024
 _HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply"
 
 
@@ -105,12 +103,12 @@ def chat(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
-    room = model.config.max_seq_len - args.max_new_tokens
-    # One cache for the whole conversation: each turn prefills only what follows the shared prefix.
-    # It may come to hold the whole context, so it starts small and grows as the conversation does.
-    weight = model.tok_embeddings.weight
-    cache = KVCache(model.config, batch_size=1, max_len=model.config.max_seq_len, dtype=weight.dtype,
-                    device=weight.device, reserve=CHAT_CACHE_RESERVE)
+    # One engine for the whole conversation: each turn prefills only what follows the prefix its
+    # cache slot holds from the earlier turns (prefix reuse). Its context: the model's, or as much as
+    # the engine's default cache budget holds.
+    engine = Engine(model, tok, max_batch=1)
+    context = engine.runner.max_len
+    room = context - args.max_new_tokens
     print(f"mixlab chat: {_HELP}", file=sys.stderr)
     while True:
         try:
@@ -139,14 +137,14 @@ def chat(args: argparse.Namespace) -> int:
             ids = tok.encode_chat(system + messages)
         if len(ids) > room:
             print(f"error: the message needs {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} only "
-                  f"{room} fit in the context of {model.config.max_seq_len}", file=sys.stderr)
+                  f"{room} fit in the context of {context}", file=sys.stderr)
             messages.pop()
             continue
         reply: list[int] = []
         dec = tok.stream()  # no context: the reply's first "▁" is dropped, as in the chat encoding
         start = time.perf_counter()
         try:
-            for step in generate_stream(model, [ids], cache=cache, **_sampling(args, tok)):
+            for step in generate_stream(model, [ids], engine=engine, **_sampling(args, tok)):
                 t = step.tokens[0]
                 if t is None or t == tok.eos_id:
                     break

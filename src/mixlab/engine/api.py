@@ -171,6 +171,20 @@ class Handle:
             assert isinstance(item, RequestOutput)
             yield item
 
+    def poll(self) -> list[RequestOutput]:
+        """The outputs available now, without blocking (for a caller that drives `Engine.step`)."""
+        out: list[RequestOutput] = []
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                return out
+            if item is _DONE:
+                self.finished = True
+                return out
+            assert isinstance(item, RequestOutput)
+            out.append(item)
+
     def result(self) -> list[RequestOutput]:
         """Block until the request finishes; all its outputs."""
         return list(self)

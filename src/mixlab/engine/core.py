@@ -158,7 +158,7 @@ class Engine:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {cfg.eos_id})
         generator = None
         if not params.greedy:
-            generator = torch.Generator()
+            generator = torch.Generator(device=self.runner.device)
             if params.seed is None:
                 generator.seed()
             else:
@@ -314,10 +314,10 @@ class Engine:
                 seq.prompt_lp = [None]
             V = self.config.vocab_size
             if seq.params.repetition_penalty != 1.0:
-                seq.seen_1V = torch.zeros(1, V, dtype=torch.bool)
+                seq.seen_1V = torch.zeros(1, V, dtype=torch.bool, device=self.runner.device)
                 seq.seen_1V[0, seq.prompt] = True
             if seq.params.presence_penalty or seq.params.frequency_penalty:
-                seq.counts_1V = torch.zeros(1, V)
+                seq.counts_1V = torch.zeros(1, V, device=self.runner.device)
             self._running.append(seq)
 
     def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None) -> None:

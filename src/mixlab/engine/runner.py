@@ -236,6 +236,8 @@ class Runner:
         slot_N = torch.tensor(slot, device=dev)
         idx_N = pos_N % C
         self.pos_SC[slot_N, idx_N] = pos_N
+        # Rows of the flattened [S * G * C, Hd] pool each token's key/value heads go to (one index_copy_).
+        rows_X = ((slot_N[:, None] * G + torch.arange(G, device=dev)) * C + idx_N[:, None]).reshape(-1)
         # Rows of the step: decoding rows (one token) attend together, each chunk on its own.
         offsets, o = [], 0
         for it in items:
@@ -267,8 +269,8 @@ class Runner:
             qk_NX, v_NX = _lin(attn.wqkv, h_ND).split([(H + G) * Hd, G * Hd], dim=-1)
             q_NHHd, k_NGHd = apply_rope(qk_NX.view(1, N, H + G, Hd), cos, sin)[0].split([H, G], dim=1)
             kc, vc = self.k[li], self.v[li]
-            kc[slot_N, :, idx_N] = k_NGHd.to(kc.dtype)
-            vc[slot_N, :, idx_N] = v_NX.view(N, G, Hd).to(vc.dtype)
+            kc.view(-1, Hd).index_copy_(0, rows_X, k_NGHd.reshape(N * G, Hd).to(kc.dtype))
+            vc.view(-1, Hd).index_copy_(0, rows_X, v_NX.reshape(N * G, Hd).to(vc.dtype))
             y_NHHd = torch.empty_like(q_NHHd)
             if single:
                 q_B1 = q_NHHd[s_rows][:, :, None]  # [B, H, 1, Hd]

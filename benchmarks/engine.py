@@ -1,0 +1,298 @@
+"""The inference engine under load: continuous batching on a CPU.
+
+Measured in one run, on one random model (`init_weights`), with the machine's limits measured in
+the same run (`mixlab.bench.measure_limits`; a bandwidth probe in every round of the decode
+repetitions, since the bandwidth of a shared machine drifts):
+
+1. Aggregate decode tokens/s with B = 1, 4, 16, 64 running sequences (128-token prompts, greedy,
+   one engine step = one token for each), rounds interleaved across B, medians; each as a fraction
+   of its limit: max(bytes the step reads / bandwidth, FLOPs / bf16 matmul peak), where the bytes
+   are every dense weight once, the distinct experts the step's tokens chose (counted from the
+   router) once, the output matrix and the KV cache read.
+   Also batch 1 through today's prepared path (`prepare_for_inference` + `decode_step`, one native
+   call per token) and through `mixlab.generate` on the unprepared model, interleaved with it.
+2. Steady arrivals: requests with mixed prompt lengths arriving at a fixed interval; time to first
+   token and inter-token latency, p50 and p99 (the engine is driven from this thread so every
+   output is timestamped when its step ends).
+3. A 2,000-token prompt arriving while 8 streams decode: their p99 inter-token latency during its
+   prefill, over the same without it (chunked prefill under `--token-budget`).
+
+Usage: .venv/bin/python benchmarks/engine.py [--preset mini-moe] [--dtype bfloat16] [--threads 2]
+       [--batches 1,4,16,64] [--reps 5] [--steps 4] [--token-budget 32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from mixlab.bench import _dense_bytes_per_layer, _expert_bytes, _matmul_flops_per_token, bandwidth_probe, measure_limits
+from mixlab.cache import KVCache
+from mixlab.config import get_preset
+from mixlab.engine import Engine, SamplingParams
+from mixlab.generate import decode_step, generate
+from mixlab.model import Transformer
+from mixlab.model.inference import prepare_for_inference
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+PROMPT = 128
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def _model(preset: str, dtype: torch.dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(get_preset(preset))
+    model = model.to_empty(device="cpu").to(dtype)
+    model.init_weights(seed=0)
+    return model.eval()
+
+
+def _fill(engine: Engine, B: int, g: torch.Generator, max_tokens: int) -> None:
+    V = engine.config.vocab_size
+    for _ in range(B):
+        engine.submit(torch.randint(3, V, (PROMPT,), generator=g).tolist(),
+                      SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    while engine.stats()["waiting"] or any(s.prefilling for s in engine._running):
+        engine.step()
+
+
+def decode_section(model: Transformer, args: argparse.Namespace, limits: dict[str, float]) -> dict[int, float]:
+    cfg = model.config
+    assert cfg.moe is not None
+    e = model.tok_embeddings.weight.element_size()
+    g = torch.Generator().manual_seed(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    total_steps = (args.reps + 1) * args.steps + 2
+    engines = {}
+    for B in batches:
+        engines[B] = Engine(model, max_batch=B, max_seq_len=PROMPT + total_steps + 8, token_budget=max(B, 64))
+        _fill(engines[B], B, g, total_steps + 4)
+    experts: dict[int, list[float]] = {B: [] for B in batches}
+
+    def run(B: int) -> None:
+        for _ in range(args.steps):
+            engines[B].step()
+            counts = engines[B].runner.last_counts_LE
+            assert counts is not None
+            experts[B].append(float((counts > 0).sum(1).float().mean()))
+
+    probe, probe_bytes = bandwidth_probe(reps=1, mib=256)
+    fns = {f"B={B}": functools.partial(run, B) for B in batches} | {"bw": probe}
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    bws = [probe_bytes / t for t in times.pop("bw")]
+    print(f"bandwidth per round (GB/s): {', '.join(f'{b / 1e9:.1f}' for b in bws)}")
+    print("\n| sequences | step ms (median) | aggregate tok/s | × batch 1 | distinct experts/layer | "
+          "limit ms | of limit |")
+    print("|---|---|---|---|---|---|---|")
+    rates = {}
+    for B in batches:
+        n_exp = statistics.mean(experts[B])
+        ctx = PROMPT + total_steps / 2
+        w_bytes = cfg.n_layers * (_dense_bytes_per_layer(cfg, e) + n_exp * _expert_bytes(cfg, e))
+        w_bytes += cfg.vocab_size * cfg.dim * e  # the output matrix
+        kv = B * ctx * cfg.kv_cache_bytes_per_token(e)
+        flops = B * _matmul_flops_per_token(cfg, ctx)
+        per_round = [(t / args.steps, max((w_bytes + kv) / bw, flops / limits["matmul"]))
+                     for t, bw in zip(times[f"B={B}"], bws, strict=True)]
+        step = statistics.median(t for t, _ in per_round)
+        frac = statistics.median(lim / t for t, lim in per_round)
+        rates[B] = B / step
+        print(f"| {B} | {step * 1e3:.1f} | {B / step:.2f} | {rates[B] / rates[batches[0]]:.2f} | {n_exp:.1f} | "
+              f"{statistics.median(lim for _, lim in per_round) * 1e3:.1f} | {frac:.2f} |")
+    for eng in engines.values():
+        eng.shutdown()
+    return rates
+
+
+def batch1_section(model: Transformer, args: argparse.Namespace) -> None:
+    """Engine batch 1 and `mixlab.generate` (unprepared) against today's prepared path."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    n = args.steps * 4
+    prompt = torch.randint(3, cfg.vocab_size, (PROMPT,), generator=g).tolist()
+
+    def gen_unprepared() -> None:
+        generate(model, [prompt], max_new_tokens=n + 1, stop_at_eos=False)
+
+    def gen_prefill_only() -> None:
+        generate(model, [prompt], max_new_tokens=1, stop_at_eos=False)
+
+    with torch.inference_mode():
+        times_g = {"generate": [], "generate1": []}
+        for _ in range(args.reps):
+            for k, fn in (("generate", gen_unprepared), ("generate1", gen_prefill_only)):
+                t0 = time.perf_counter()
+                fn()
+                times_g[k].append(time.perf_counter() - t0)
+    gen_decode = n / (statistics.median(times_g["generate"]) - statistics.median(times_g["generate1"]))
+    # Today's prepared path: prepare_for_inference (in place: same weights) + decode_step.
+    prepare_for_inference(model)
+    cache = KVCache(cfg, batch_size=1, max_len=PROMPT + n * (args.reps + 2) + 4,
+                    dtype=model.tok_embeddings.weight.dtype)
+    eng = Engine(model, max_batch=1, max_seq_len=PROMPT + n * (args.reps + 2) + 4)
+    _fill(eng, 1, g, n * (args.reps + 2))
+    tok = torch.tensor([prompt])
+    with torch.inference_mode():
+        model(tok, cache=cache)
+        pos = [PROMPT]
+
+        def prepared() -> None:
+            for _ in range(n):
+                logits, _ = decode_step(model, tok[:, -1:], torch.tensor([[pos[0]]]), cache)
+                logits.argmax(-1)
+                pos[0] += 1
+
+        def engine() -> None:
+            for _ in range(n):
+                eng.step()
+
+        times: dict[str, list[float]] = {"prepared": [], "engine": []}
+        for _ in range(args.reps):
+            for k, fn in (("prepared", prepared), ("engine", engine)):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    prep = n / statistics.median(times["prepared"])
+    engr = n / statistics.median(times["engine"])
+    print("\n| batch-1 decode | tok/s | × prepared path |")
+    print("|---|---|---|")
+    print(f"| prepare_for_inference + decode_step (today's prepared path) | {prep:.2f} | 1.00 |")
+    print(f"| engine, B=1 (prepared model) | {engr:.2f} | {engr / prep:.2f} |")
+    print(f"| load_model + generate (unprepared; separate rounds) | {gen_decode:.2f} | {gen_decode / prep:.2f} |")
+    eng.shutdown()
+
+
+def arrivals_section(model: Transformer, args: argparse.Namespace, interval: float) -> None:
+    cfg = model.config
+    g = torch.Generator().manual_seed(2)
+    n_req = args.requests
+    lengths = [int(x) for x in torch.randint(16, 512, (n_req,), generator=g)]
+    outs = [int(x) for x in torch.randint(16, 48, (n_req,), generator=g)]
+    eng = Engine(model, max_batch=16, max_seq_len=min(640, cfg.max_seq_len), token_budget=args.token_budget)
+    start = time.perf_counter()
+    due = [start + i * interval for i in range(n_req)]
+    handles: list = [None] * n_req
+    stamps: list[list[float]] = [[] for _ in range(n_req)]
+    nxt = 0
+    while nxt < n_req or eng.has_work():
+        now = time.perf_counter()
+        while nxt < n_req and due[nxt] <= now:
+            handles[nxt] = eng.submit(torch.randint(3, cfg.vocab_size, (lengths[nxt],), generator=g).tolist(),
+                                      SamplingParams(max_tokens=outs[nxt], ignore_eos=True))
+            nxt += 1
+        if not eng.step():
+            time.sleep(0.001)
+        t = time.perf_counter()
+        for i, h in enumerate(handles):
+            if h is not None:
+                stamps[i] += [t for o in h.poll() if o.token_id is not None]
+    ttft = [s[0] - due[i] for i, s in enumerate(stamps)]
+    itl = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False)]
+    total = sum(len(s) for s in stamps)
+    print(f"\nsteady arrivals: {n_req} requests every {interval:.2f} s, prompts 16-511 tokens, 16-47 new tokens, "
+          f"token budget {args.token_budget}, max batch 16: {total / (time.perf_counter() - start):.2f} tok/s overall")
+    print("| | p50 | p99 |\n|---|---|---|")
+    print(f"| time to first token (s) | {_pct(ttft, 0.5):.2f} | {_pct(ttft, 0.99):.2f} |")
+    print(f"| inter-token latency (s) | {_pct(itl, 0.5):.3f} | {_pct(itl, 0.99):.3f} |")
+    eng.shutdown()
+
+
+def long_prompt_section(model: Transformer, args: argparse.Namespace) -> None:
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    long_len = args.long_prompt
+    eng = Engine(model, max_batch=9, max_seq_len=min(long_len + 256, cfg.max_seq_len), token_budget=args.token_budget)
+    handles = [eng.submit(torch.randint(3, cfg.vocab_size, (64,), generator=g).tolist(),
+                          SamplingParams(max_tokens=long_len // max(1, args.token_budget - 8) + args.base_steps + 40,
+                                         ignore_eos=True))
+               for _ in range(8)]
+
+    def itls(steps: int, until=None) -> list[float]:
+        last = [None] * 8
+        gaps: list[float] = []
+        k = 0
+        while (until is None and k < steps) or (until is not None and not until()):
+            eng.step()
+            k += 1
+            t = time.perf_counter()
+            for i, h in enumerate(handles):
+                for o in h.poll():
+                    if o.token_id is None:
+                        continue
+                    if last[i] is not None:
+                        gaps.append(t - last[i])
+                    last[i] = t
+        return gaps
+
+    itls(6)  # prefill the 8 streams and settle
+    base = itls(args.base_steps)
+    long_h = eng.submit(torch.randint(3, cfg.vocab_size, (long_len,), generator=g).tolist(),
+                        SamplingParams(max_tokens=4, ignore_eos=True))
+    first: list[float] = []
+
+    def long_started() -> bool:
+        outs = long_h.poll()
+        if any(o.token_id is not None for o in outs):
+            first.append(time.perf_counter())
+            return True
+        return False
+
+    during = itls(0, until=long_started)
+    print(f"\n{long_len}-token prompt arriving while 8 streams decode (token budget {args.token_budget}, "
+          f"{len(during)} gaps during its prefill):")
+    print("| 8 streams' inter-token latency | p50 (s) | p99 (s) |\n|---|---|---|")
+    print(f"| without the long prompt | {_pct(base, 0.5):.3f} | {_pct(base, 0.99):.3f} |")
+    print(f"| while it prefills | {_pct(during, 0.5):.3f} | {_pct(during, 0.99):.3f} |")
+    print(f"p99 ratio: {_pct(during, 0.99) / _pct(base, 0.99):.2f}")
+    eng.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="mini-moe")
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--token-budget", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--long-prompt", type=int, default=2000)
+    ap.add_argument("--base-steps", type=int, default=12)
+    ap.add_argument("--sections", default="decode,batch1,arrivals,long")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# benchmarks/engine.py: {args.preset} {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
+    model = _model(args.preset, DTYPES[args.dtype])
+    limits = measure_limits(reps=3, mib=256)
+    print(f"limits: bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s, bf16 matmul {limits['matmul'] / 1e9:.0f} GFLOP/s")
+    sections = args.sections.split(",")
+    rates = decode_section(model, args, limits) if "decode" in sections else {1: 1.0, 4: 1.0}
+    if "arrivals" in sections:
+        arrivals_section(model, args, interval=6 * 4 / rates.get(4, rates[min(rates)]))
+    if "long" in sections:
+        long_prompt_section(model, args)
+    if "batch1" in sections:  # last: it prepares the model in place
+        batch1_section(model, args)
+
+
+if __name__ == "__main__":
+    main()
