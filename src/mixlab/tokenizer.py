@@ -44,11 +44,12 @@ class _Backend(Protocol):
 
 
 class _SentencePiece:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, proto: bytes | None = None) -> None:
         import sentencepiece as spm
 
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            self.sp = (spm.SentencePieceProcessor(model_file=str(path)) if proto is None
+                       else spm.SentencePieceProcessor(model_proto=proto))
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{path}: not a readable SentencePiece model: {e}") from None
         self.vocab_size = int(self.sp.vocab_size())
@@ -265,8 +266,9 @@ def default_tokenizer_path() -> Path:
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    """Load a tokenizer from a file (`*.model`, `*.model.v1`, `tokenizer.json`) or a checkpoint
-    folder (its `tokenizer.model`, else its `tokenizer.json`); default: Mixtral's v1 tokenizer."""
+    """Load a tokenizer from a file (`*.model`, `*.model.v1`, `tokenizer.json`, or a GGUF file's
+    metadata) or a checkpoint folder (its `tokenizer.model`, else its `tokenizer.json`); default:
+    Mixtral's v1 tokenizer."""
     p = default_tokenizer_path() if path is None else Path(path)
     if p.is_dir():
         for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"):
@@ -277,5 +279,9 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
             raise FileNotFoundError(f"{p}: no tokenizer.model or tokenizer.json in this folder")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such tokenizer file")
+    if p.suffix == ".gguf":
+        from mixlab.checkpoint.gguf_read import sentencepiece_proto
+
+        return Tokenizer(_SentencePiece(p, sentencepiece_proto(p)), path=p)
     backend: _Backend = _HFTokenizers(p) if p.suffix == ".json" else _SentencePiece(p)
     return Tokenizer(backend, path=p)

@@ -162,12 +162,20 @@ def load_model(
     device: str | torch.device = "cpu",
     config: ModelConfig | None = None,
 ) -> Transformer:
-    """Load a checkpoint folder (transformers or Mistral format) into a mixlab `Transformer`.
+    """Load a checkpoint folder (transformers or Mistral format) or a llama.cpp GGUF file
+    (`checkpoint/gguf_read.py`: Q4_0 matrices stay int4) into a mixlab `Transformer`.
 
     `dtype`: convert every tensor at load (default: as stored). `config`: use this instead of the
-    folder's config.json / params.json. The model is in eval mode.
+    folder's config.json / params.json (not for GGUF, whose metadata is its config). The model is in
+    eval mode.
     """
     root = Path(path)
+    if root.suffix == ".gguf" and not root.is_dir():
+        from mixlab.checkpoint.gguf_read import load_gguf
+
+        if config is not None:
+            raise ValueError("config= does not apply to GGUF files: their metadata is the config")
+        return load_gguf(root, dtype=parse_dtype(dtype), device=device)
     _refuse_pickle_or_recover(root)
     try:
         config = config or ModelConfig.from_dir(root)

@@ -35,7 +35,7 @@ from mixlab.atomic import atomic_file, check_destination
 from mixlab.config import ModelConfig
 from mixlab.errors import OutputError
 
-QUANTS = ("f32", "f16", "bf16", "q8_0")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def default_tokenizer_path() -> Path:
@@ -148,8 +148,9 @@ def write_gguf(
 ) -> Path:
     """Write `model` (a mixlab `Transformer`) to the GGUF file `path`; returns the path.
 
-    `quant`: how matrices are stored: "f32", "f16", "bf16" or "q8_0" (llama.cpp's 8-bit blocks of 32
-    with one f16 scale each; a matrix whose rows are not a multiple of 32 falls back to f16).
+    `quant`: how matrices are stored: "f32", "f16", "bf16", "q8_0" (llama.cpp's 8-bit blocks of 32
+    with one f16 scale each) or "q4_0" (4-bit blocks of 32: mixlab's int4 at groups of 32, byte for
+    byte); a matrix whose rows are not a multiple of 32 falls back to f16.
     `tokenizer`: a SentencePiece model file (default: Mixtral's, from mistral-common). An existing
     file is replaced only if it is a GGUF file (or `overwrite`); a folder or a source is refused
     before anything is written (mixlab.atomic).
@@ -165,8 +166,9 @@ def write_gguf(
     if dst.suffix != ".gguf":
         raise OutputError(f"{dst}: a GGUF file name must end in .gguf")
     check_destination(dst, sources=sources or [], overwrite=overwrite, kind="file", magic=b"GGUF")
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[quant]
-    ftype = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0}[quant]
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quant]
+    ftype = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0,
+             "q4_0": FT.MOSTLY_Q4_0}[quant]
     pieces, scores, types, special = _vocab(config, Path(tokenizer) if tokenizer else default_tokenizer_path())
 
     w = gguf.GGUFWriter(None, "llama")
@@ -205,7 +207,7 @@ def write_gguf(
     plan: list[tuple[str, torch.Tensor, object]] = []
     for tname, t, quantisable in _tensors(model, config):
         tq = qtype if quantisable and t.ndim >= 2 else Q.F32
-        if tq == Q.Q8_0 and t.shape[-1] % 32:
+        if tq in (Q.Q8_0, Q.Q4_0) and t.shape[-1] % 32:
             tq = Q.F16
         block, type_size = gguf.GGML_QUANT_SIZES[tq]
         nbytes = t.numel() // block * type_size

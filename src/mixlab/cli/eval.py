@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quant", choices=["none", "int8"], default="none")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

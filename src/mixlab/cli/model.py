@@ -55,7 +55,8 @@ def convert(args: argparse.Namespace) -> int:
     if args.to == "gguf":
         from mixlab.checkpoint.gguf import write_gguf
 
-        write_gguf(model, args.dst, quant=args.quant, tokenizer=args.tokenizer, sources=[args.src],
+        quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
+        write_gguf(model, args.dst, quant=quant, tokenizer=args.tokenizer, sources=[args.src],
                    overwrite=args.overwrite)
         print(f"wrote {args.dst} (gguf, {args.quant})")
         return 0
@@ -70,12 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a preset name (e.g. mixtral-8x7b) or a checkpoint folder")
     p.set_defaults(func=info)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (atomic write)")
-    p.add_argument("src", help="checkpoint folder: transformers or Mistral format")
+    p.add_argument("src", help="checkpoint folder (transformers or Mistral format) or a float GGUF file")
     p.add_argument("dst", help="output folder (or .gguf file), written atomically; an existing one is replaced "
                                "only if mixlab wrote it")
     p.add_argument("--to", choices=CONVERT_FORMATS, default="hf")
-    p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
-                   help="GGUF only: how matrices are stored (norms and router stay f32)")
+    p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "int4"], default="bf16",
+                   help="GGUF only: how matrices are stored (norms and router stay f32; int4 = q4_0, "
+                        "mixlab's int4 layout)")
     p.add_argument("--tokenizer", default=None,
                    help="GGUF only: SentencePiece model for the vocabulary (default: Mixtral's, from mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")

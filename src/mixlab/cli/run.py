@@ -38,8 +38,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
         model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant)
     folder = Path(args.model)
-    has_own = any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"))
-    tok = load_tokenizer(args.tokenizer or (folder if has_own else None))
+    has_own = folder.suffix == ".gguf" or any(
+        (folder / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"))
+    tok = load_tokenizer(args.tokenizer or (folder if has_own else None))  # a GGUF file: its own vocabulary
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                          f"{model.config.vocab_size}; pass the matching --tokenizer")
@@ -164,7 +165,7 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder (transformers or Mistral format)")
+    p.add_argument("--model", required=True, help="checkpoint folder (transformers or Mistral format) or a .gguf file")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.model / tokenizer.json or a folder (default: the model folder's, "
                         "else Mixtral's v1 tokenizer from mistral-common)")
@@ -180,7 +181,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", default="auto",
                    help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
-    r.add_argument("--quant", choices=["none", "int8"], default="none", help="int8 weight-only quantisation")
+    r.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantisation: int8 (per row) or int4 (groups of 32, Q4_0's arithmetic)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 

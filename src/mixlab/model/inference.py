@@ -12,6 +12,8 @@ can no longer be trained or saved): `prepare_for_inference(model, quant=None, pa
   coexist without doubling the memory).
 - `quant="int8"`: the matrices become int8 with one scale per output row (`mixlab.ops.quant`):
   half the bytes of bf16 for memory-bound decoding (native kernels when available).
+- `quant="int4"`: packed 4-bit weights with a float16 scale per group of `group` inputs (32, 64 or
+  128; llama.cpp's Q4_0 arithmetic at 32): a quarter of bf16's bytes plus the scales.
 
 The token embedding is left alone (a lookup reads one row per token) and so is the router (tiny,
 and float32 so that routing decisions do not move).
@@ -26,7 +28,7 @@ from mixlab.model import native
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Transformer
 from mixlab.ops.linear import InferenceLinear, can_pack, pack
-from mixlab.ops.quant import Int8Linear, quantize_int8
+from mixlab.ops.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 
 def _replace_linears(model: Transformer, make: type[nn.Module], **kw: object) -> None:
@@ -50,6 +52,20 @@ def quantize_model_int8(model: Transformer) -> Transformer:
     return model.eval()
 
 
+def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
+    """Int4 weight-only quantisation (groups of `group` inputs) of every matrix except embedding and
+    router, in place. Matrices already int4 (loaded from a GGUF Q4_0 file) are left as they are."""
+    for block in model.modules():
+        if isinstance(block, MoEBlock) and block.w13.dtype != torch.uint8:
+            for name in ("w13", "w2"):
+                q, s = quantize_int4(getattr(block, name), group)
+                delattr(block, name)
+                block.register_buffer(name, q)
+                block.register_buffer(name + "_scale", s)
+    _replace_linears(model, Int4Linear, group=group)
+    return model.eval()
+
+
 def pack_model(model: Transformer, *, packed: bool = True) -> Transformer:
     """Route every matrix except embedding and router through `ops.linear.linear`, in place;
     `packed`: in oneDNN's layout (experts: one packed matrix per expert)."""
@@ -67,16 +83,40 @@ def pack_model(model: Transformer, *, packed: bool = True) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool | None = None) -> Transformer:
-    """The fast CPU inference form of `model`, in place: native batch-1 decoding on plain (or int8,
-    `quant="int8"`) weights when the native kernels are available, else (or with `packed=True`)
-    oneDNN-packed weights."""
-    if quant not in (None, "int8"):
-        raise ValueError(f"unknown quantisation {quant!r}; expected None or 'int8'")
-    if quant == "int8":
+QUANTS = ("int8", "int4")
+
+
+def is_quantised(model: Transformer) -> bool:
+    """Whether some matrix of `model` already holds integer weights (e.g. loaded from a GGUF Q4_0 file)."""
+    return any(not t.is_floating_point() for name, t in model.named_buffers() if not name.endswith("_scale"))
+
+
+def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool | None = None,
+                          group: int = 32) -> Transformer:
+    """The fast CPU inference form of `model`, in place: native batch-1 decoding on plain (or int8 /
+    int4, `quant=`) weights when the native kernels are available, else (or with `packed=True`)
+    oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
+    int4 weights (a GGUF Q4_0 file) keeps them; with `quant="int4"` its float matrices become int4
+    too, else they stay as they are."""
+    if quant not in (None, *QUANTS):
+        raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
+    if is_quantised(model):
+        if quant == "int8":
+            raise ValueError("this model already holds int4 weights; int8 applies to float models")
         if packed:
-            raise ValueError("packed=True applies to float weights; int8 weights are not packed")
-        quantize_model_int8(model).requires_grad_(False)
+            raise ValueError("packed=True applies to float weights; this model holds int4 weights")
+        if quant is None:
+            model.eval().requires_grad_(False)
+            native.attach(model)
+            return model
+    if quant is not None:
+        if packed:
+            raise ValueError(f"packed=True applies to float weights; {quant} weights are not packed")
+        if quant == "int8":
+            quantize_model_int8(model)
+        else:
+            quantize_model_int4(model, group=group)
+        model.requires_grad_(False)
         native.attach(model)
         return model
     if packed is None:

@@ -11,7 +11,8 @@ projection. Every implementation computes, for each token t,
 
 and `reference` is the readable oracle every other implementation is tested against. With int8
 weight-only quantisation (`mixlab.ops.quant`) the weights are int8 and `w13_scale_E2F` /
-`w2_scale_ED` hold one scale per output row; every implementation accepts them. For CPU inference
+`w2_scale_ED` hold one scale per output row, or packed int4 (uint8) with float16 scales per group
+of inputs (`[E, 2F, D/G]`, `[E, D, F/G]`); every implementation accepts them. For CPU inference
 the experts may also be a list of oneDNN-packed matrices, one per expert (`mixlab.ops.linear.pack`);
 everything but `grouped` indexes them the same way.
 
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 
 from mixlab.ops import registry
 from mixlab.ops.linear import linear
-from mixlab.ops.quant import dequantize_int8
+from mixlab.ops.quant import dequantize
 
 # Training pads each expert's segment to a multiple of this many rows (see `_sorted_training`).
 SEGMENT_ROWS = 32
@@ -102,9 +103,9 @@ def reference(
         if tok_N.numel() == 0:
             continue
         w13, w2 = w13_E2FD[e], w2_EDF[e]
-        if w13_scale_E2F is not None and w2_scale_ED is not None:  # int8: the dequantised weights
-            w13 = dequantize_int8(w13, w13_scale_E2F[e], x_TD.dtype)
-            w2 = dequantize_int8(w2, w2_scale_ED[e], x_TD.dtype)
+        if w13_scale_E2F is not None and w2_scale_ED is not None:  # int8 / int4: the dequantised weights
+            w13 = dequantize(w13, w13_scale_E2F[e], x_TD.dtype)
+            w2 = dequantize(w2, w2_scale_ED[e], x_TD.dtype)
         # Plain F.linear, never the fast kernels of ops/linear.py: the oracle must not share them.
         gate_NF, up_NF = F.linear(x_TD[tok_N], w13).chunk(2, dim=-1)
         y_ND = F.linear(F.silu(gate_NF) * up_NF, w2)

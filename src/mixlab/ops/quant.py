@@ -1,4 +1,6 @@
-"""Int8 weight-only quantisation: symmetric, one scale per output row (as gpt-fast and torchao do).
+"""Weight-only quantisation: int8 with one scale per output row, and int4 with one scale per group.
+
+Int8: symmetric, one scale per output row (as gpt-fast and torchao do).
 
 A weight `w_XD` (X output rows, D inputs) is stored as `q_XD` int8 and `s_X` with w ≈ q * s[:, None],
 s = max|w_row| / 127. Activations stay in bf16/f32; only the weights shrink, which is what matters
@@ -11,7 +13,17 @@ and scales on the fly; for many rows (prefill) the matmul is compute-bound, so t
 dequantised once to the activation dtype for the bf16 GEMM. Batch-1 decoding of a prepared model
 runs the whole step natively instead (`mixlab.model.native`).
 
-Shape legend: N rows of activations, X output features, D input features.
+Int4: llama.cpp's Q4_0 arithmetic with groups of G = 32, 64 or 128 inputs. A group's scale is
+d = m / -8, m its element of largest magnitude (sign kept), and w ≈ (q - 8) * d with q in [0, 15].
+Two weights share a byte, laid out in chunks of 32 inputs exactly as a Q4_0 block stores them: byte
+j of a chunk holds input j in its low nibble and input j + 16 in its high nibble. So a Q4_0 tensor
+of llama.cpp's GGUF files loads with one strided copy (scales apart, nibbles apart; nothing is
+requantised), and a kernel turns 16 bytes into two 16-lane vectors of consecutive inputs with one
+mask and one shift. Scales are float16 (Q4_0's own), `[X, D / G]`; the packed weights are uint8
+`[X, D / 2]`: 4.5 bits per weight at G = 32, 4.125 at G = 128. A uint8 weight with scales is int4
+everywhere in mixlab (`dequantize` tells the two formats apart by dtype).
+
+Shape legend: N rows of activations, X output features, D input features, G group size.
 """
 
 from __future__ import annotations
@@ -35,8 +47,62 @@ def dequantize_int8(q_XD: torch.Tensor, s_X: torch.Tensor, dtype: torch.dtype) -
     return (q_XD.to(torch.float32) * s_X.float()[..., None]).to(dtype)
 
 
+INT4_GROUPS = (32, 64, 128)
+QK = 32  # the nibble-layout chunk (Q4_0's block)
+
+
+def quantize_int4(w_XD: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 `[..., X, D/2]`, float16 scales `[..., X, D/G]`) with llama.cpp Q4_0's rounding
+    (`quantize_row_q4_0_ref`): at G = 32 the bytes are those of a Q4_0 tensor."""
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, not {group}")
+    *lead, X, D = w_XD.shape
+    if D % group:
+        raise ValueError(f"int4 with groups of {group} needs a multiple of {group} inputs per row, not {D}")
+    w = w_XD.detach().float().reshape(*lead, X, D // group, group)
+    at = w.abs().argmax(dim=-1, keepdim=True)
+    d = torch.gather(w, -1, at) / -8.0  # [..., X, D/G, 1]
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    q = torch.clamp(torch.floor(w * inv + 8.5), max=15).to(torch.uint8).reshape(*lead, X, D // QK, 2, QK // 2)
+    packed = q[..., 0, :] | (q[..., 1, :] << 4)  # low nibble: input j of the chunk; high: input j + 16
+    return packed.reshape(*lead, X, D // 2).contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
+
+
+def unpack_int4(q_XDh: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes [0, 15] of packed int4 weights as uint8 `[..., X, D]` (inputs in order)."""
+    *lead, X, Dh = q_XDh.shape
+    b = q_XDh.reshape(*lead, X, Dh // (QK // 2), 1, QK // 2)
+    return torch.cat([b & 0xF, b >> 4], dim=-2).reshape(*lead, X, 2 * Dh)
+
+
+def dequantize_int4(q_XDh: torch.Tensor, s_XG: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(q - 8) * d for every weight, in `dtype` (computed in float32: exact for float32)."""
+    codes = unpack_int4(q_XDh)
+    *lead, X, D = codes.shape
+    G = s_XG.shape[-1]
+    w = (codes.to(torch.float32) - 8.0).reshape(*lead, X, G, D // G) * s_XG.float()[..., None]
+    return w.reshape(*lead, X, D).to(dtype)
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight of a quantised one: int8 with row scales, or packed int4 (uint8) with group scales."""
+    if q.dtype == torch.uint8:
+        return dequantize_int4(q, s, dtype)
+    return dequantize_int8(q, s, dtype)
+
+
+def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor) -> torch.Tensor:
+    """x @ dequantize_int4(q, s).T: the native kernel for a few rows where available, else the
+    dequantised weight through PyTorch's matmul (correct everywhere; the weight is rebuilt per call)."""
+    if registry.linear_impl(x_ND, q_XDh, s_XG) == "native":
+        return torch.ops.mixlab.linear(x_ND, q_XDh, s_XG)
+    return F.linear(x_ND, dequantize_int4(q_XDh, s_XG, x_ND.dtype))
+
+
 def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor) -> torch.Tensor:
     """x @ (q * s).T without materialising the bf16 weight when x has few rows."""
+    if q_XD.dtype == torch.uint8:
+        return int4_linear(x_ND, q_XD, s_X)
     impl = registry.linear_impl(x_ND, q_XD, s_X)
     if impl == "native":
         return torch.ops.mixlab.linear(x_ND, q_XD, s_X)
@@ -69,3 +135,39 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+class Int4Linear(nn.Module):
+    """A bias-free `nn.Linear` replacement holding packed int4 weights and float16 group scales
+    (inference only). Built from a float linear (`Int4Linear(lin, group=32)`) or from packed data
+    (`Int4Linear.from_packed`, e.g. a GGUF Q4_0 tensor)."""
+
+    def __init__(self, linear: nn.Linear | None = None, *, group: int = 32) -> None:
+        super().__init__()
+        self.weight: torch.Tensor
+        self.scale: torch.Tensor
+        if linear is None:
+            return
+        if linear.bias is not None:
+            raise ValueError("Int4Linear supports bias-free linears only")
+        q, s = quantize_int4(linear.weight, group)
+        self._set(q, s)
+
+    def _set(self, q: torch.Tensor, s: torch.Tensor) -> None:
+        self.out_features: int = q.shape[0]
+        self.in_features: int = q.shape[1] * 2
+        self.group: int = self.in_features // s.shape[1]
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", s)
+
+    @classmethod
+    def from_packed(cls, q_XDh: torch.Tensor, s_XG: torch.Tensor) -> Int4Linear:
+        m = cls()
+        m._set(q_XDh, s_XG)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group}"

@@ -9,7 +9,7 @@ five facts off the tensors at hand.
 Operations and what they can get:
 - `linear` (x @ w.T): `native` (`torch.ops.mixlab.linear`: few rows, each weight row read once),
   `packed` (oneDNN's linear on a packed weight), `int8pack` (torch's fused int8 matrix-vector
-  kernel), `int8` (dequantise, then GEMM), `torch` (`F.linear`).
+  kernel), `int8` / `int4` (dequantise, then GEMM), `torch` (`F.linear`).
 - `moe` (the experts of a layer): `triton` (CUDA: `mixlab.ops.triton_moe`, differentiable),
   `native` (`torch.ops.mixlab.moe`), `decode` (one token: its K experts on weight views), `sorted`
   (the sorted segment loop; training, and many tokens).
@@ -21,8 +21,9 @@ preparation calls), for inference, on CPU, where this CPU vectorises their weigh
 here builds or loads them, so a forward pass on a model nobody prepared never starts a compiler.
 
 Weight formats (`fmt`): `plain` (a contiguous float or int8 tensor), `packed` (oneDNN's blocked
-layout), `int8` (int8 with one scale per output row), `strided` (a plain tensor that is not
-contiguous: PyTorch only). Int4 with group-wise scales will be one more format here.
+layout), `int8` (int8 with one scale per output row), `int4` (packed 4-bit, uint8, with float16
+scales per group of inputs: `mixlab.ops.quant`), `strided` (a plain tensor that is not contiguous:
+PyTorch only).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ NATIVE_MAX_TOKENS = 64
 # that does not block for many rows).
 INT8PACK_MAX_ROWS = 8
 
-FORMATS = ("plain", "packed", "int8", "strided")
+FORMATS = ("plain", "packed", "int8", "int4", "strided")
 OPS = ("linear", "moe", "decode_step")
 
 
@@ -50,7 +51,9 @@ def weight_format(w: torch.Tensor, scale: torch.Tensor | None = None) -> str:
     if w.is_mkldnn:
         return "packed"
     if scale is not None:
-        return "int8" if w.is_contiguous() else "strided"
+        if not w.is_contiguous():
+            return "strided"
+        return "int4" if w.dtype == torch.uint8 else "int8"
     return "plain" if w.is_contiguous() else "strided"
 
 
@@ -75,12 +78,14 @@ def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, t
     (linear only; torch's int8 kernel takes float32 and bf16)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    native_ok = (device == "cpu" and not training and fmt in ("plain", "int8") and native_ready(dtype))
+    native_ok = (device == "cpu" and not training and fmt in ("plain", "int8", "int4") and native_ready(dtype))
     if op == "linear":
         if native_ok and tokens <= NATIVE_MAX_ROWS:
             return "native"
         if fmt == "packed":
             return "packed"
+        if fmt == "int4":
+            return "int4"
         if fmt == "int8" or dtype == torch.int8:
             small = device == "cpu" and tokens <= INT8PACK_MAX_ROWS and act_dtype in (torch.bfloat16, torch.float32)
             return "int8pack" if small else "int8"

@@ -1,0 +1,548 @@
+"""Read llama.cpp's GGUF files: `mixlab.load_model("model.gguf")`, validated as strictly as safetensors.
+
+The format (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), little-endian: magic `GGUF`,
+version (2 or 3), tensor count and key/value count (uint64), the key/values (string key, uint32 type,
+value; strings and arrays carry a uint64 length), the tensor infos (name, uint32 rank, uint64 dims
+fastest-first, uint32 ggml type, uint64 offset into the data section), padding to
+`general.alignment` (default 32), then the data. `read_header` parses all of it through one bounds
+checked cursor and checks everything before any tensor data is read: every length against the bytes
+left, counts against what the file can hold, ranks 1-4, dims >= 1 with products that do not
+overflow, known types with whole blocks per row, offsets aligned, inside the file and not
+overlapping, no duplicate keys or names. A malformed file raises `CheckpointError` naming the file,
+the field and what was expected.
+
+Mixtral/Mistral/Llama files (`general.architecture = llama`, as llama.cpp's `convert_hf_to_gguf.py`
+and mixlab's own `write_gguf` write them) become a mixlab `Transformer`:
+- F32, F16 and BF16 tensors are read straight into torch tensors (in `dtype` if given);
+- Q4_0 matrices stay 4-bit: mixlab's int4 layout is Q4_0's (`mixlab.ops.quant`), so a block's f16
+  scale and 16 nibble bytes are split apart and nothing is requantised (the embedding, a lookup
+  table, is dequantised);
+- Q8_0 is dequantised exactly (int8 x f16 is exact in float32), and every other type through the
+  `gguf` package's `quants.dequantize`.
+The q and k rows are put back from llama.cpp's adjacent-pairs rotary layout to mixlab's rotate-half
+layout (the inverse of `gguf.rope_permute`). The tokenizer comes from the metadata
+(`mixlab.tokenizer.load_tokenizer("model.gguf")`): a SentencePiece model is rebuilt from the
+`llama` vocabulary (pieces, scores, types).
+
+Shape legend: E experts, F expert FFN width, D width, X output rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mixlab.checkpoint.io import CheckpointError
+from mixlab.config import ConfigError, ModelConfig, MoEConfig
+
+MAGIC = b"GGUF"
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME (with the terminating zero)
+MAX_ELEMENTS = 2**60
+
+# ggml types mixlab reads itself: type id -> (name, elements per block, bytes per block).
+F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
+CORE_TYPES = {F32: ("F32", 1, 4), F16: ("F16", 1, 2), Q4_0: ("Q4_0", 32, 18), Q8_0: ("Q8_0", 32, 34),
+              BF16: ("BF16", 1, 2)}
+
+# GGUF metadata value types: id -> (struct format, size) for scalars; 8 string, 9 array.
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
+            7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+       12: "<f8"}
+STRING, ARRAY = 8, 9
+
+
+def _type_table() -> dict[int, tuple[str, int, int]]:
+    """Every ggml type the `gguf` package knows (for validation), else mixlab's own five."""
+    table = dict(CORE_TYPES)
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        return table
+    for t, (block, size) in GGML_QUANT_SIZES.items():
+        table.setdefault(int(t), (GGMLQuantizationType(t).name, int(block), int(size)))
+    return table
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    type: int
+    shape: tuple[int, ...]  # torch order (slowest first): GGUF's dims reversed
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return _type_table()[self.type][0]
+
+
+@dataclass
+class GGUFHeader:
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
+    data_start: int
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from the file's bytes; errors name the field being read."""
+
+    def __init__(self, path: Path, buf: memoryview) -> None:
+        self.path, self.buf, self.pos = path, buf, 0
+
+    def fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {what} (at byte {self.pos} of {len(self.buf)})")
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > len(self.buf) - self.pos:
+            raise self.fail(f"truncated GGUF: {what} needs {n} bytes, {len(self.buf) - self.pos} left")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str, size: int, what: str) -> Any:
+        return struct.unpack(fmt, self.take(size, what))[0]
+
+    def u32(self, what: str) -> int:
+        return int(self.scalar("<I", 4, what))
+
+    def u64(self, what: str) -> int:
+        return int(self.scalar("<Q", 8, what))
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"the length of {what}")
+        if n > len(self.buf) - self.pos:
+            raise self.fail(f"{what}: a string of {n} bytes runs past the end of the file")
+        raw = bytes(self.take(n, what))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what}: not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str, *, in_array: bool = False) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(*_SCALARS[vtype], what)
+        if vtype == STRING:
+            return self.string(what)
+        if vtype == ARRAY:
+            if in_array:
+                raise self.fail(f"{what}: nested arrays are not supported")
+            itype = self.u32(f"the item type of {what}")
+            n = self.u64(f"the length of {what}")
+            if itype in _SCALARS:
+                size = _SCALARS[itype][1]
+                if n > (len(self.buf) - self.pos) // size:
+                    raise self.fail(f"{what}: an array of {n} items of {size} bytes runs past the end of the file")
+                return np.frombuffer(self.take(n * size, what), dtype=_NP[itype]).copy()
+            if itype == STRING:
+                if n > (len(self.buf) - self.pos) // 8:  # every string has at least its 8-byte length
+                    raise self.fail(f"{what}: an array of {n} strings runs past the end of the file")
+                return [self.string(f"{what}[{i}]") for i in range(n)]
+            if itype == ARRAY:
+                raise self.fail(f"{what}: nested arrays are not supported")
+            raise self.fail(f"{what}: unknown array item type {itype} (expected 0-12)")
+        raise self.fail(f"{what}: unknown value type {vtype} (expected 0-12)")
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """Parse and validate a GGUF file's metadata and tensor infos (no tensor data is read)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such GGUF file")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        # The header is read whole, but never more than the file: a huge declared count or length
+        # is caught against the bytes that exist, before anything is allocated for it.
+        buf = memoryview(f.read(min(size, 1 << 31)))
+    c = _Cursor(p, buf)
+    if bytes(c.take(4, "the magic")) != MAGIC:
+        raise CheckpointError(f"{p}: not a GGUF file (the first 4 bytes are not 'GGUF')")
+    version = c.u32("the version")
+    if version not in (2, 3):
+        raise CheckpointError(f"{p}: unsupported GGUF version {version} (expected 2 or 3)")
+    n_tensors, n_kv = c.u64("the tensor count"), c.u64("the key/value count")
+    # Each tensor info takes at least 8 + 4 + 8 + 4 + 8 bytes, each key/value at least 8 + 4 + 1.
+    if n_tensors > size // 32:
+        raise c.fail(f"the tensor count {n_tensors} is more than a file of {size} bytes can hold")
+    if n_kv > size // 13:
+        raise c.fail(f"the key/value count {n_kv} is more than a file of {size} bytes can hold")
+    meta: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = c.string(f"key {i}")
+        if key in meta:
+            raise c.fail(f"duplicate metadata key {key!r}")
+        meta[key] = c.value(c.u32(f"the type of {key!r}"), repr(key))
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"{p}: general.alignment must be a positive power of two, not {alignment!r}")
+    types = _type_table()
+    infos: list[tuple[str, int, tuple[int, ...], int]] = []
+    seen: set[str] = set()
+    for i in range(n_tensors):
+        name = c.string(f"the name of tensor {i}")
+        if len(name.encode()) >= MAX_NAME:
+            raise c.fail(f"tensor {i}: name {name[:80]!r} is longer than {MAX_NAME - 1} bytes")
+        if name in seen:
+            raise c.fail(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        rank = c.u32(f"the rank of {name!r}")
+        if not 1 <= rank <= MAX_DIMS:
+            raise c.fail(f"tensor {name!r}: rank {rank} (expected 1 to {MAX_DIMS})")
+        dims = [c.u64(f"dimension {j} of {name!r}") for j in range(rank)]
+        n = 1
+        for d in dims:
+            if d < 1 or d > MAX_ELEMENTS:
+                raise c.fail(f"tensor {name!r}: dimension {d} (expected 1 to 2**60)")
+            n *= d
+            if n > MAX_ELEMENTS:
+                raise c.fail(f"tensor {name!r}: dimensions {dims} hold more than 2**60 elements")
+        ttype = c.u32(f"the type of {name!r}")
+        if ttype not in types:
+            raise c.fail(f"tensor {name!r}: unknown ggml type {ttype}")
+        tname, block, _ = types[ttype]
+        if dims[0] % block:
+            raise c.fail(f"tensor {name!r}: rows of {dims[0]} elements are not whole {tname} blocks of {block}")
+        offset = c.u64(f"the offset of {name!r}")
+        if offset % alignment:
+            raise c.fail(f"tensor {name!r}: offset {offset} is not a multiple of the alignment {alignment}")
+        infos.append((name, ttype, tuple(reversed(dims)), offset))
+    data_start = -(-c.pos // alignment) * alignment
+    tensors: dict[str, GGUFTensor] = {}
+    for name, ttype, shape, offset in infos:
+        _, block, bsize = types[ttype]
+        nbytes = math.prod(shape) // block * bsize
+        if data_start + offset + nbytes > size:
+            raise CheckpointError(f"{p}: tensor {name!r} ({types[ttype][0]} {list(shape)}, {nbytes} bytes at data "
+                                  f"offset {offset}) runs past the end of the file ({size} bytes; truncated?)")
+        tensors[name] = GGUFTensor(name, ttype, shape, data_start + offset, nbytes)
+    spans = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors.values())
+    for (_, end0, a), (start1, _, b) in zip(spans, spans[1:], strict=False):
+        if start1 < end0:
+            raise CheckpointError(f"{p}: tensors {a!r} and {b!r} overlap in the data section")
+    return GGUFHeader(p, version, meta, tensors, data_start)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metadata -> ModelConfig
+
+
+def _meta(h: GGUFHeader, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    v = h.metadata.get(key, default)
+    if v is None:
+        raise CheckpointError(f"{h.path}: metadata key {key!r} is missing")
+    if isinstance(v, np.generic):
+        v = v.item()
+    if kind is int and isinstance(v, bool) or not isinstance(v, kind):
+        raise CheckpointError(f"{h.path}: metadata {key!r} = {v!r} has the wrong type (expected {kind})")
+    return v
+
+
+def config_from_header(h: GGUFHeader) -> ModelConfig:
+    """The mixlab config of a `llama`-architecture GGUF file (Llama, Mistral, Mixtral)."""
+    arch = _meta(h, "general.architecture", str)
+    if arch != "llama":
+        raise CheckpointError(f"{h.path}: architecture {arch!r} is not supported (expected 'llama': "
+                              "Llama, Mistral and Mixtral files)")
+    a = "llama."
+    scaling = h.metadata.get(a + "rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise CheckpointError(f"{h.path}: rope scaling {scaling!r} is not supported")
+    n_heads = _meta(h, a + "attention.head_count", int)
+    dim = _meta(h, a + "embedding_length", int)
+    emb = h.tensors.get("token_embd.weight")
+    if emb is None or len(emb.shape) != 2:
+        raise CheckpointError(f"{h.path}: no 2-D tensor 'token_embd.weight'")
+    vocab = _meta(h, a + "vocab_size", int, emb.shape[0])
+    n_experts = _meta(h, a + "expert_count", int, 0)
+    moe = MoEConfig(num_experts=n_experts, top_k=_meta(h, a + "expert_used_count", int)) if n_experts else None
+    head_dim = _meta(h, a + "attention.key_length", int, dim // n_heads if n_heads else 0)
+    if _meta(h, a + "attention.value_length", int, head_dim) != head_dim:
+        raise CheckpointError(f"{h.path}: key and value head sizes differ; mixlab needs them equal")
+    rope_dims = _meta(h, a + "rope.dimension_count", int, head_dim)
+    if rope_dims != head_dim:
+        raise CheckpointError(f"{h.path}: rotary embedding on {rope_dims} of {head_dim} head dimensions "
+                              "is not supported (mixlab rotates whole heads)")
+    try:
+        return ModelConfig(
+            vocab_size=vocab, dim=dim, n_layers=_meta(h, a + "block_count", int), n_heads=n_heads,
+            n_kv_heads=_meta(h, a + "attention.head_count_kv", int, n_heads), head_dim=head_dim,
+            ffn_dim=_meta(h, a + "feed_forward_length", int),
+            norm_eps=float(_meta(h, a + "attention.layer_norm_rms_epsilon", (float, int))),
+            rope_theta=float(_meta(h, a + "rope.freq_base", (float, int), 10000.0)),
+            max_seq_len=_meta(h, a + "context_length", int), sliding_window=None,
+            tie_embeddings="output.weight" not in h.tensors, moe=moe,
+            bos_id=_meta(h, "tokenizer.ggml.bos_token_id", int, 1),
+            eos_id=_meta(h, "tokenizer.ggml.eos_token_id", int, 2),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{h.path}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor data
+
+
+def _rope_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `gguf.rope_permute` on the rows (works on packed int4 rows and their scales too)."""
+    X = w.shape[0]
+    Hd = X // n_heads
+    return w.reshape(n_heads, Hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class _Reader:
+    def __init__(self, h: GGUFHeader) -> None:
+        self.h = h
+        self.fd = os.open(h.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def raw(self, t: GGUFTensor) -> np.ndarray:
+        out = np.empty(t.nbytes, dtype=np.uint8)
+        view, done = memoryview(out.data), 0
+        while done < t.nbytes:
+            n = os.preadv(self.fd, [view[done:]], t.start + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.h.path}: unexpected end of file reading tensor {t.name!r}")
+            done += n
+        return out
+
+    def q4(self, t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Q4_0 tensor as mixlab int4: (packed uint8 [..., X, D/2], float16 scales [..., X, D/32])."""
+        *lead, D = t.shape
+        blocks = self.raw(t).reshape(*lead, D // 32, 18)
+        scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(*lead, D // 32)
+        packed = np.ascontiguousarray(blocks[..., 2:]).reshape(*lead, D // 2)
+        return torch.from_numpy(packed), torch.from_numpy(scales)
+
+    def floats(self, t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
+        """Any tensor as floats in `dtype` (dequantised where quantised)."""
+        raw = self.raw(t)
+        if t.type == F32:
+            x = torch.from_numpy(raw.view(np.float32))
+        elif t.type == F16:
+            x = torch.from_numpy(raw.view(np.float16))
+        elif t.type == BF16:
+            x = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+        elif t.type == Q8_0:
+            blocks = raw.reshape(-1, 34)
+            d = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
+            x = torch.from_numpy((blocks[:, 2:].view(np.int8).astype(np.float32) * d).reshape(-1))
+        elif t.type == Q4_0:
+            from mixlab.ops.quant import dequantize_int4
+
+            q, s = self.q4(t)
+            return dequantize_int4(q, s, dtype)
+        else:
+            try:
+                from gguf import GGMLQuantizationType
+                from gguf.quants import dequantize
+            except ImportError:
+                raise CheckpointError(f"{self.h.path}: tensor {t.name!r} is {t.type_name}; dequantising it needs the "
+                                      "gguf package (pip install gguf)") from None
+            row_bytes = t.nbytes // math.prod(t.shape[:-1])
+            x = torch.from_numpy(dequantize(raw.reshape(-1, row_bytes), GGMLQuantizationType(t.type)).reshape(-1))
+        return x.reshape(t.shape).to(dtype)
+
+
+def _expect(h: GGUFHeader, name: str, shape: tuple[int, ...]) -> GGUFTensor:
+    t = h.tensors.get(name)
+    if t is None:
+        raise CheckpointError(f"{h.path}: missing tensor {name!r}")
+    if t.shape != shape:
+        raise CheckpointError(f"{h.path}: tensor {name!r} has shape {list(t.shape)} (torch order), "
+                              f"expected {list(shape)} for this config")
+    return t
+
+
+def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], str]]:
+    """(mixlab name, GGUF tensors concatenated along dim 0 (dim 1 for stacked experts), kind) with
+    kind "norm", "embed", "router", "matrix", "q", "k" (rotary rows), "experts"."""
+    D, V, F_, q, kv = cfg.dim, cfg.vocab_size, cfg.ffn_dim, cfg.q_dim, cfg.kv_dim
+    out: list[tuple[str, list[GGUFTensor], str]] = [("tok_embeddings.weight", [_expect(h, "token_embd.weight", (V, D))],
+                                                     "embed")]
+    for i in range(cfg.n_layers):
+        b, m = f"blk.{i}.", f"layers.{i}."
+        out += [
+            (m + "attn_norm.weight", [_expect(h, b + "attn_norm.weight", (D,))], "norm"),
+            (m + "attn.wqkv.weight", [_expect(h, b + "attn_q.weight", (q, D)), _expect(h, b + "attn_k.weight", (kv, D)),
+                                      _expect(h, b + "attn_v.weight", (kv, D))], "qkv"),
+            (m + "attn.wo.weight", [_expect(h, b + "attn_output.weight", (D, q))], "matrix"),
+            (m + "ffn_norm.weight", [_expect(h, b + "ffn_norm.weight", (D,))], "norm"),
+        ]
+        if cfg.moe is not None:
+            E = cfg.moe.num_experts
+            out += [
+                (m + "ffn.gate.weight", [_expect(h, b + "ffn_gate_inp.weight", (E, D))], "router"),
+                (m + "ffn.w13", [_expect(h, b + "ffn_gate_exps.weight", (E, F_, D)),
+                                 _expect(h, b + "ffn_up_exps.weight", (E, F_, D))], "experts"),
+                (m + "ffn.w2", [_expect(h, b + "ffn_down_exps.weight", (E, D, F_))], "experts"),
+            ]
+        else:
+            out += [
+                (m + "ffn.w13.weight",
+                 [_expect(h, b + "ffn_gate.weight", (F_, D)), _expect(h, b + "ffn_up.weight", (F_, D))], "matrix"),
+                (m + "ffn.w2.weight", [_expect(h, b + "ffn_down.weight", (D, F_))], "matrix"),
+            ]
+    out.append(("norm.weight", [_expect(h, "output_norm.weight", (D,))], "norm"))
+    if not cfg.tie_embeddings:
+        out.append(("output.weight", [_expect(h, "output.weight", (V, D))], "matrix"))
+    wanted = {t.name for _, ts, _ in out for t in ts}
+    extra = sorted(set(h.tensors) - wanted - {"rope_freqs.weight"})
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise CheckpointError(f"{h.path}: unexpected tensors for a {'MoE' if cfg.moe else 'dense'} llama model: "
+                              f"{', '.join(extra[:5])}{more}")
+    return out
+
+
+def _default_dtype(h: GGUFHeader) -> torch.dtype:
+    """The float type holding most of the file's float bytes; float32 when every matrix is quantised."""
+    by = {F16: 0, BF16: 0}
+    for t in h.tensors.values():
+        if t.type in by and len(t.shape) >= 2:
+            by[t.type] += t.nbytes
+    kind = max(by, key=lambda k: by[k])
+    return {F16: torch.float16, BF16: torch.bfloat16}[kind] if by[kind] else torch.float32
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
+    """A mixlab `Transformer` from a GGUF file (see the module docstring); eval mode. Matrices stored
+    as Q4_0 are int4 modules (`Int4Linear`, int4 expert buffers); everything else is float in `dtype`
+    (default: the file's float type, float32 if it has none)."""
+    from mixlab.checkpoint import meta_model
+    from mixlab.model.moe import MoEBlock
+    from mixlab.ops.quant import Int4Linear
+
+    h = read_header(path)
+    cfg = config_from_header(h)
+    plan = _plan(h, cfg)
+    want = dtype or _default_dtype(h)
+    reader = _Reader(h)
+    state: dict[str, torch.Tensor] = {}
+    int4: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        for name, parts, kind in plan:
+            as_int4 = kind in ("qkv", "matrix", "experts") and all(t.type == Q4_0 for t in parts)
+            if kind == "experts" and as_int4:  # both expert tensors of a layer must be int4 (one set of scales)
+                other = [p for n, p, _ in plan if n.rsplit(".", 1)[0] == name.rsplit(".", 1)[0] and n != name]
+                as_int4 = all(t.type == Q4_0 for ps in other for t in ps)
+            if as_int4:
+                qs = [reader.q4(t) for t in parts]
+                if kind == "qkv":
+                    qs[0] = (_rope_unpermute(qs[0][0], cfg.n_heads), _rope_unpermute(qs[0][1], cfg.n_heads))
+                    qs[1] = (_rope_unpermute(qs[1][0], cfg.n_kv_heads), _rope_unpermute(qs[1][1], cfg.n_kv_heads))
+                cat = 1 if kind == "experts" else 0
+                int4[name] = (torch.cat([q for q, _ in qs], cat).contiguous(),
+                              torch.cat([s for _, s in qs], cat).contiguous())
+                continue
+            f32 = kind in ("norm", "router")  # tiny, kept float32 as in every mixlab model... cast below
+            xs = [reader.floats(t, torch.float32 if f32 else want) for t in parts]
+            if kind == "qkv":
+                xs[0], xs[1] = _rope_unpermute(xs[0], cfg.n_heads), _rope_unpermute(xs[1], cfg.n_kv_heads)
+            x = torch.cat(xs, 1 if kind == "experts" else 0) if len(xs) > 1 else xs[0]
+            state[name] = x.to(want).to(device)
+    finally:
+        reader.close()
+
+    model = meta_model(cfg)
+    for name, (q, s) in int4.items():  # swap the float modules / parameters for int4 ones
+        owner_name, attr = name.rsplit(".", 1)
+        if attr == "weight":  # a linear
+            parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, Int4Linear.from_packed(q.to(device), s.to(device)))
+        else:  # stacked experts
+            block = model.get_submodule(owner_name)
+            assert isinstance(block, MoEBlock)
+            delattr(block, attr)
+            block.register_buffer(attr, q.to(device))
+            block.register_buffer(attr + "_scale", s.to(device))
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, assign=True, strict=False)
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:  # a bug, not a file problem: every tensor was planned
+        raise RuntimeError(f"GGUF load left tensors unset: {missing[:5]}")
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if int4:
+        model.requires_grad_(False)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer: a SentencePiece model rebuilt from the `llama` vocabulary
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(num: int, wire: int, payload: bytes) -> bytes:
+    return _varint(num << 3 | wire) + payload
+
+
+def _pb_bytes(num: int, b: bytes) -> bytes:
+    return _field(num, 2, _varint(len(b)) + b)
+
+
+def _pb_int(num: int, v: int) -> bytes:
+    return _field(num, 0, _varint(v & (2**64 - 1)))
+
+
+def sentencepiece_proto(path: str | Path) -> bytes:
+    """A serialised SentencePiece `ModelProto` (BPE, byte fallback) equal to the GGUF file's `llama`
+    vocabulary: its pieces, scores and token types (GGUF numbers them as SentencePiece does), and
+    its special ids. Written with the protobuf wire format directly (no protobuf dependency)."""
+    h = read_header(path)
+    model = h.metadata.get("tokenizer.ggml.model")
+    if model != "llama":
+        raise CheckpointError(f"{h.path}: tokenizer {model!r} in the GGUF metadata is not supported (expected "
+                              "'llama', a SentencePiece vocabulary); pass a tokenizer file instead")
+    tokens = h.metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise CheckpointError(f"{h.path}: tokenizer.ggml.tokens is missing or not a list of strings")
+    n = len(tokens)
+    scores = h.metadata.get("tokenizer.ggml.scores", np.zeros(n, np.float32))
+    types = h.metadata.get("tokenizer.ggml.token_type", np.ones(n, np.int32))
+    if len(scores) != n or len(types) != n:
+        raise CheckpointError(f"{h.path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
+    pieces = b""
+    for tok, score, ttype in zip(tokens, scores, types, strict=True):
+        t = int(ttype)
+        if not 1 <= t <= 6:
+            t = 1
+        body = _pb_bytes(1, tok.encode("utf-8")) + _field(2, 5, struct.pack("<f", float(score))) + _pb_int(3, t)
+        pieces += _pb_bytes(1, body)
+
+    def special(key: str, default: int) -> int:
+        v = h.metadata.get(key, default)
+        return int(v) if isinstance(v, (int, np.integer)) and 0 <= int(v) < n else -1
+
+    trainer = (_pb_int(3, 2) + _pb_int(4, n) + _pb_int(35, 1)  # model_type BPE, vocab_size, byte_fallback
+               + _pb_int(40, max(special("tokenizer.ggml.unknown_token_id", 0), 0))
+               + _pb_int(41, special("tokenizer.ggml.bos_token_id", 1))
+               + _pb_int(42, special("tokenizer.ggml.eos_token_id", 2))
+               + _pb_int(43, special("tokenizer.ggml.padding_token_id", -1)))
+    prefix = bool(h.metadata.get("tokenizer.ggml.add_space_prefix", True))
+    normalizer = (_pb_bytes(1, b"identity") + _pb_int(3, int(prefix)) + _pb_int(4, 0) + _pb_int(5, 1))
+    return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)

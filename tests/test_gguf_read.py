@@ -1,0 +1,256 @@
+"""GGUF import: files written by llama.cpp's own `convert_hf_to_gguf.py` (and quantised by its
+`llama_model_quantize`) load into mixlab and compute llama.cpp's logits; malformed files are refused.
+
+Tolerances. F32: mixlab's logits equal the source checkpoint's exactly (same float32 weights, same
+code) and llama.cpp's within 1e-3 with its KV cache in float32. Q4_0 / Q8_0: mixlab keeps (Q4_0) or
+dequantises exactly (Q8_0) the stored weights, so its logits must equal llama.cpp's on a float32 file
+holding those same dequantised weights within 1e-3; llama.cpp on the quantised file itself also
+rounds every activation to 8 bits (its Q4_0 x Q8_0 dot products), which moves logits by ~1.5%
+relative on this random model: bounded by 5% and 90% equal argmaxes.
+
+The converter ships in llama-cpp-python's sdist (`pip download llama-cpp-python --no-binary :all:
+--no-deps`, vendor/llama.cpp); point `LLAMA_CPP_CONVERT` at its `convert_hf_to_gguf.py` (default:
+../shared/llama.cpp/convert_hf_to_gguf.py, with its gguf-py next to it). Without it the converter
+tests skip; the rest runs on files mixlab writes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mixlab.checkpoint import CheckpointError, load_model, save_model
+from mixlab.checkpoint.gguf import write_gguf
+from mixlab.checkpoint.gguf_read import read_header
+from mixlab.config import get_preset
+from mixlab.model import MoEBlock, Transformer
+from mixlab.ops.quant import Int4Linear, dequantize
+from mixlab.tokenizer import default_tokenizer_path, load_tokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVERT = Path(os.environ.get("LLAMA_CPP_CONVERT", ROOT.parent / "shared" / "llama.cpp" / "convert_hf_to_gguf.py"))
+T = 24
+
+
+def _model(kind: str) -> Transformer:
+    cfg = get_preset("tiny-moe" if kind == "moe" else "tiny-dense").replace(vocab_size=32000)
+    model = Transformer(cfg)
+    model.init_weights(std=0.1, seed=0)
+    with torch.no_grad():
+        for block in model.layers:
+            if isinstance(block.ffn, MoEBlock):
+                block.ffn.gate.weight.mul_(10)  # decisive routing: no near-ties for rounding to flip
+    return model.eval()
+
+
+def _llama_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, n_threads=2, type_k=0, type_v=0, verbose=False)
+    llm.eval(tokens)
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def _quantize(src: Path, dst: Path, ftype: int) -> Path:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    return dst
+
+
+def _dequantized(model: Transformer) -> Transformer:
+    """The same model with every int4 matrix as float32 (the weights llama.cpp dequantises to)."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, Int4Linear):
+                lin = nn.Linear(child.in_features, child.out_features, bias=False)
+                lin.weight = nn.Parameter(dequantize(child.weight, child.scale, torch.float32), requires_grad=False)
+                setattr(mod, name, lin)
+        if isinstance(mod, MoEBlock) and mod.w13.dtype == torch.uint8:
+            for name in ("w13", "w2"):
+                w = dequantize(getattr(mod, name), getattr(mod, name + "_scale"), torch.float32)
+                delattr(mod, name)
+                delattr(mod, name + "_scale")
+                setattr(mod, name, nn.Parameter(w, requires_grad=False))
+    return model
+
+
+@pytest.fixture(scope="module", params=["moe", "dense"])
+def converted(request, tmp_path_factory):
+    """(source model, llama.cpp's f32 GGUF of it, tokens) via convert_hf_to_gguf.py."""
+    if not CONVERT.is_file():
+        pytest.skip(f"llama.cpp's convert_hf_to_gguf.py not found at {CONVERT} (set LLAMA_CPP_CONVERT)")
+    root = tmp_path_factory.mktemp(f"conv-{request.param}")
+    model = _model(request.param)
+    save_model(model, root / "hf")
+    shutil.copy(default_tokenizer_path(), root / "hf" / "tokenizer.model")
+    env = dict(os.environ, PYTHONPATH=str(CONVERT.parent / "gguf-py"))
+    out = root / "m-f32.gguf"
+    proc = subprocess.run([sys.executable, str(CONVERT), str(root / "hf"), "--outtype", "f32", "--outfile", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    return model, out, torch.randint(3, 32000, (1, T))
+
+
+def test_f32_equals_source_and_llama_cpp(converted):
+    model, path, tokens = converted
+    loaded = load_model(path)
+    with torch.no_grad():
+        ref, got = model(tokens)[0].numpy(), loaded(tokens)[0].numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, _llama_logits(path, tokens[0].tolist()), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
+def test_quantised_equal_llama_cpp_on_the_same_weights(converted, quant, tmp_path):
+    model, path, tokens = converted
+    if quant == "q4_0" and model.config.moe is None:
+        pytest.skip("one quantised dense case is enough")
+    ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0 if quant == "q4_0" else llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    qpath = _quantize(path, tmp_path / f"m-{quant}.gguf", ftype)
+    loaded = load_model(qpath)
+    if quant == "q4_0":  # kept 4-bit: nothing requantised
+        assert isinstance(loaded.layers[0].attn.wqkv, Int4Linear)
+        assert loaded.layers[0].ffn.w13.dtype == torch.uint8 and loaded.layers[0].ffn.w13_scale.dtype == torch.float16
+    with torch.no_grad():
+        got = loaded(tokens)[0].numpy()
+    ids = tokens[0].tolist()
+    same_weights = _llama_logits(write_gguf(_dequantized(loaded), tmp_path / "deq.gguf", quant="f32"), ids)
+    np.testing.assert_allclose(got, same_weights, atol=1e-3, rtol=0)
+    theirs = _llama_logits(qpath, ids)
+    assert np.linalg.norm(got - theirs) / np.linalg.norm(theirs) < 0.05
+    assert (got.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+def test_int4_dequantisation_equals_gguf_quants(converted, tmp_path):
+    _, path, _ = converted
+    qpath = _quantize(path, tmp_path / "m-q4_0.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)
+    reader = gguf.GGUFReader(qpath)
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_output.weight")
+    theirs = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType.Q4_0)
+    wo = load_model(qpath).layers[0].attn.wo
+    np.testing.assert_array_equal(dequantize(wo.weight, wo.scale, torch.float32).numpy(), theirs)
+
+
+def test_tokenizer_from_metadata_equals_the_source(converted):
+    _, path, _ = converted
+    ours, src = load_tokenizer(path), load_tokenizer()
+    for text in ["Hello world!  Two  spaces\nnew line", "naïve café 日本語 🙂", " leading", "[INST] hi [/INST]"]:
+        assert ours.encode(text) == src.encode(text)
+        assert ours.decode(src.encode(text)) == src.decode(src.encode(text))
+    assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (src.bos_id, src.eos_id, src.vocab_size)
+
+
+def test_generate_cli_runs_a_gguf(converted, capsys):
+    from mixlab.cli import main
+
+    _, path, _ = converted
+    assert main(["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "3", "--dtype",
+                 "float32"]) == 0
+    assert "decode:" in capsys.readouterr().err
+
+
+def test_mixlab_written_gguf_roundtrips_exactly(tmp_path):
+    model = _model("moe")
+    loaded = load_model(write_gguf(model, tmp_path / "m.gguf", quant="f32"))
+    tokens = torch.randint(3, 32000, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Malformed files: each refused with a message naming the problem.
+
+
+def _s(x: str | bytes) -> bytes:
+    b = x.encode() if isinstance(x, str) else x
+    return struct.pack("<Q", len(b)) + b
+
+
+def _build(*, version: int = 3, n_tensors: int | None = None, kvs: list[bytes] | None = None,
+           tensors: list[tuple[str, list[int], int, int]] | None = None, data: bytes = b"\0" * 64,
+           magic: bytes = b"GGUF") -> bytes:
+    kvs = [_s("general.architecture") + struct.pack("<I", 8) + _s("llama")] if kvs is None else kvs
+    tensors = [("a.weight", [4, 2], 0, 0)] if tensors is None else tensors
+    out = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kvs))
+    out += b"".join(kvs)
+    for name, dims, ttype, offset in tensors:
+        out += _s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", ttype, offset)
+    return out + b"\0" * (-len(out) % 32) + data
+
+
+MALFORMED = {
+    "bad magic": (_build(magic=b"GGML"), "not a GGUF file"),
+    "version 1": (_build(version=1), "unsupported GGUF version 1"),
+    "truncated header": (_build()[:20], "truncated GGUF"),
+    "truncated tensor info": (_build(data=b"")[:60], "truncated GGUF"),
+    "truncated data": (_build(data=b"\0" * 8), "runs past the end of the file"),
+    "more tensors than present": (_build(n_tensors=3, data=b""), "truncated GGUF"),
+    "absurd tensor count": (_build(n_tensors=2**62), "tensor count"),
+    "absurd key/value count": (b"GGUF" + struct.pack("<IQQ", 3, 0, 2**60) + b"\0" * 64, "key/value count"),
+    "huge dimension": (_build(tensors=[("a.weight", [2**63, 2], 0, 0)]), "dimension"),
+    "overflowing product": (_build(tensors=[("a.weight", [2**31, 2**31, 2**31], 0, 0)]), "more than 2**60"),
+    "zero dimension": (_build(tensors=[("a.weight", [0, 2], 0, 0)]), "dimension 0"),
+    "rank 5": (_build(tensors=[("a.weight", [1, 1, 1, 1, 1], 0, 0)]), "rank 5"),
+    "unknown tensor type": (_build(tensors=[("a.weight", [4, 2], 999, 0)]), "unknown ggml type 999"),
+    "partial block": (_build(tensors=[("a.weight", [16, 2], 2, 0)]), "whole Q4_0 blocks"),
+    "unknown value type": (_build(kvs=[_s("k") + struct.pack("<I", 77)]), "unknown value type 77"),
+    "string past the end": (_build(kvs=[_s("k") + struct.pack("<IQ", 8, 2**40)]), "runs past the end"),
+    "key past the end": (b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**50) + b"k" * 64, "runs past the end"),
+    "array past the end": (_build(kvs=[_s("k") + struct.pack("<IIQ", 9, 6, 2**40)]), "runs past the end"),
+    "nested array": (_build(kvs=[_s("k") + struct.pack("<IIQ", 9, 9, 1)]), "nested arrays"),
+    "duplicate key": (_build(kvs=[_s("k") + struct.pack("<IB", 0, 1)] * 2), "duplicate metadata key"),
+    "duplicate tensor": (_build(tensors=[("a.weight", [4], 0, 0), ("a.weight", [4], 0, 32)]), "duplicate tensor"),
+    "misaligned offset": (_build(tensors=[("a.weight", [4], 0, 4)]), "not a multiple of the alignment"),
+    "overlapping tensors": (_build(tensors=[("a.weight", [16], 0, 0), ("b.weight", [4], 0, 32)], data=b"\0" * 128),
+                            "overlap"),
+    "bad alignment": (_build(kvs=[_s("general.alignment") + struct.pack("<II", 4, 3)]), "power of two"),
+    "invalid utf-8": (_build(kvs=[_s(b"\xff\xfe") + struct.pack("<IB", 0, 1)]), "UTF-8"),
+    "long name": (_build(tensors=[("x" * 70, [4], 0, 0)]), "longer than 63 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_gguf_is_refused_clearly(case, tmp_path):
+    raw, message = MALFORMED[case]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="bad.gguf: .*" + message.replace("*", r"\*")):
+        read_header(path)
+    with pytest.raises(CheckpointError, match=message.replace("*", r"\*")):
+        load_model(path)
+
+
+def test_valid_header_but_wrong_model_is_refused(tmp_path):
+    model = _model("moe")
+    path = write_gguf(model, tmp_path / "m.gguf", quant="f32")
+    raw = bytearray(path.read_bytes())
+    h = read_header(path)
+    assert len(h.tensors) == 1 + model.config.n_layers * 10 + 2
+    # A real file cut anywhere inside its data is refused before anything is read.
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(bytes(raw[: h.data_start + 1000]))
+    with pytest.raises(CheckpointError, match="runs past the end of the file"):
+        load_model(cut)
+    # An architecture mixlab does not implement.
+    other = tmp_path / "other.gguf"
+    n5 = struct.pack("<Q", 5)
+    other.write_bytes(bytes(raw).replace(n5 + b"llama", n5 + b"gemma", 1))
+    with pytest.raises(CheckpointError, match="architecture 'gemma' is not supported"):
+        load_model(other)

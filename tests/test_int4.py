@@ -1,0 +1,122 @@
+"""Int4 weight-only quantisation (`mixlab.ops.quant`): llama.cpp Q4_0's bytes and arithmetic at groups
+of 32, the model equal to its dequantised weights in every path (prefill, cached decoding, every MoE
+implementation), and `prepare_for_inference(quant="int4")`."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from mixlab.cache import KVCache
+from mixlab.config import get_preset
+from mixlab.model import MoEBlock, Transformer
+from mixlab.model.inference import prepare_for_inference
+from mixlab.ops.moe import IMPLS, moe_ffn
+from mixlab.ops.quant import Int4Linear, dequantize_int4, int4_linear, quantize_int4, unpack_int4
+
+
+def test_group_32_is_llama_cpp_q4_0_byte_for_byte():
+    gguf = pytest.importorskip("gguf")
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    w[0, :32] = 0.0  # an all-zero block: scale 0, codes 8
+    q, s = quantize_int4(w, 32)
+    raw = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0).reshape(48, 8, 18)
+    np.testing.assert_array_equal(np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0], s.numpy())
+    np.testing.assert_array_equal(raw[..., 2:].reshape(48, 128), q.numpy())
+    deq = gguf.quants.dequantize(raw.reshape(48, -1), gguf.GGMLQuantizationType.Q4_0)
+    np.testing.assert_array_equal(dequantize_int4(q, s, torch.float32).numpy(), deq)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_quantisation_error_is_bounded_by_half_a_step(group):
+    w = torch.randn(3, 16, 512)  # stacked, as experts are
+    q, s = quantize_int4(w, group)
+    assert q.shape == (3, 16, 256) and s.shape == (3, 16, 512 // group) and q.dtype == torch.uint8
+    codes = unpack_int4(q)
+    assert int(codes.max()) <= 15
+    err = (dequantize_int4(q, s, torch.float32) - w).abs().reshape(3, 16, -1, group)
+    step = s.float().abs()[..., None]
+    # Round to nearest: half a step, except that Q4_0 maps the extreme to -8, so the other sign's
+    # largest values clamp at +7 (a whole step); plus the float16 rounding of the scale.
+    assert bool((err <= step * 1.01).all())
+    assert float((err <= step * 0.51).float().mean()) > 0.95
+
+
+def test_bad_groups_are_clear_errors():
+    with pytest.raises(ValueError, match="group size must be one of"):
+        quantize_int4(torch.randn(4, 64), 16)
+    with pytest.raises(ValueError, match="multiple of 64 inputs per row, not 96"):
+        quantize_int4(torch.randn(4, 96), 64)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int4_linear_equals_dequantise_then_matmul(rows):
+    lin = torch.nn.Linear(256, 96, bias=False)
+    m = Int4Linear(lin, group=64)
+    x = torch.randn(rows, 256)
+    ref = x @ dequantize_int4(m.weight, m.scale, torch.float32).T
+    torch.testing.assert_close(m(x), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(int4_linear(x, m.weight, m.scale), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_every_moe_impl_takes_int4_experts(impl):
+    E, F, D, T, K = 4, 64, 128, 5, 2
+    w13, w2 = torch.randn(E, 2 * F, D) * 0.1, torch.randn(E, D, F) * 0.1
+    (q13, s13), (q2, s2) = quantize_int4(w13, 32), quantize_int4(w2, 32)
+    x = torch.randn(T, D)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    mix = torch.softmax(torch.randn(T, K), -1)
+    ref = moe_ffn(x, dequantize_int4(q13, s13, torch.float32), dequantize_int4(q2, s2, torch.float32), idx, mix,
+                  impl="reference")
+    got = moe_ffn(x, q13, q2, idx, mix, impl=impl, w13_scale_E2F=s13, w2_scale_ED=s2)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def _model(preset: str) -> Transformer:
+    model = Transformer(get_preset(preset))
+    model.init_weights(seed=0, std=0.1)
+    return model.eval()
+
+
+def _prefill_then_decode(model: Transformer, tokens_BT: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    B, T = tokens_BT.shape
+    cache = KVCache(model.config, batch_size=B, max_len=T, dtype=torch.float32)
+    with torch.inference_mode():
+        outs = [model(tokens_BT[:, :n_prompt], cache=cache)]
+        for t in range(n_prompt, T):
+            outs.append(model(tokens_BT[:, t : t + 1], cache=cache))
+    return torch.cat(outs, dim=1)
+
+
+def _dequantised_copy(model: Transformer, group: int) -> Transformer:
+    deq = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in deq.named_parameters():
+            if p.ndim >= 2 and "tok_embeddings" not in name and not name.endswith("gate.weight"):
+                p.copy_(dequantize_int4(*quantize_int4(p, group), p.dtype))
+    return deq
+
+
+@pytest.mark.parametrize(("preset", "group"), [("tiny-moe", 32), ("tiny-moe", 64), ("tiny-dense", 32)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_int4_model_equals_its_dequantised_weights(preset, group, batch):
+    model = _model(preset)
+    tokens = torch.randint(0, 256, (batch, 12), generator=torch.Generator().manual_seed(1))
+    ref = _prefill_then_decode(_dequantised_copy(model, group), tokens, 8)
+    int4 = prepare_for_inference(copy.deepcopy(model), quant="int4", group=group)
+    assert isinstance(int4.layers[0].attn.wqkv, Int4Linear) and int4.output.weight.dtype == torch.uint8
+    if isinstance(int4.layers[0].ffn, MoEBlock):
+        assert int4.layers[0].ffn.w13.dtype == torch.uint8
+    torch.testing.assert_close(_prefill_then_decode(int4, tokens, 8), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_int4_generate_through_the_public_api():
+    import mixlab
+
+    model = prepare_for_inference(_model("tiny-moe"), quant="int4")
+    out = mixlab.generate(model, [[1, 5, 9]], max_new_tokens=5)
+    assert len(out[0]) == 5
