@@ -62,7 +62,7 @@ def test_int4_linear_equals_dequantise_then_matmul(rows):
     torch.testing.assert_close(int4_linear(x, m.weight, m.scale), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", [k for k in IMPLS if k != "triton"])  # int4 is a CPU weight format
+@pytest.mark.parametrize("impl", [k for k in IMPLS if k not in ("triton", "native")])  # CPU, PyTorch paths
 def test_every_moe_impl_takes_int4_experts(impl):
     E, F, D, T, K = 4, 64, 128, 5, 2
     w13, w2 = torch.randn(E, 2 * F, D) * 0.1, torch.randn(E, D, F) * 0.1
