@@ -38,6 +38,16 @@ PROMPTS = ["What is 12 plus 30?", "Could you find me a bus to Fresno on March 3r
            "Write a short sentence about the sea."]
 
 
+class Finished:
+    """A finished fine-tuning run read back from its folder: history, evaluations, final model."""
+
+    def __init__(self, run: Path) -> None:
+        recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        self.history = [r for r in recs if "loss" in r]
+        self.evals = [r for r in recs if "eval_loss" in r]
+        self.model = load_model(run / "hf")
+
+
 def split_chat(out: Path) -> dict[str, Path]:
     """Held-out parts of each chat file, written as separate files."""
     out.mkdir(parents=True, exist_ok=True)
@@ -92,14 +102,19 @@ def main() -> None:
     for seed in args.seeds:
         t0 = time.perf_counter()
         run = out / f"seed{seed}"
-        s = finetune(FinetuneConfig(task="sft", model=str(base / "hf"), data=str(chat["sft_train"]),
-                                    valid_data=str(chat["sft_valid"]), out=str(run / "sft"), steps=args.sft_steps,
-                                    lr=2e-3, warmup=3, min_lr_ratio=0.1, eval_every=max(1, args.sft_steps // 2),
-                                    seed=seed, **common))  # type: ignore[arg-type]
-        d = finetune(FinetuneConfig(task="dpo", model=str(run / "sft"), data=str(chat["dpo_train"]),
-                                    valid_data=str(chat["dpo_valid"]), out=str(run / "dpo"), steps=args.dpo_steps,
-                                    lr=2e-4, warmup=3, beta=0.1, eval_every=max(1, args.dpo_steps // 2),
-                                    seed=seed, **common))  # type: ignore[arg-type]
+        if (run / "dpo" / "hf" / "config.json").is_file():  # finished earlier: read its records
+            s, d = Finished(run / "sft"), Finished(run / "dpo")
+        else:
+            s = finetune(FinetuneConfig(task="sft", model=str(base / "hf"), data=str(chat["sft_train"]),
+                                        valid_data=str(chat["sft_valid"]), out=str(run / "sft"),
+                                        steps=args.sft_steps, lr=2e-3, warmup=3, min_lr_ratio=0.1,
+                                        eval_every=max(1, args.sft_steps // 2), seed=seed,
+                                        **common))  # type: ignore[arg-type]
+            d = finetune(FinetuneConfig(task="dpo", model=str(run / "sft"), data=str(chat["dpo_train"]),
+                                        valid_data=str(chat["dpo_valid"]), out=str(run / "dpo"),
+                                        steps=args.dpo_steps, lr=2e-4, warmup=3, beta=0.1,
+                                        eval_every=max(1, args.dpo_steps // 2), seed=seed,
+                                        **common))  # type: ignore[arg-type]
         # Held-out assistant loss of the DPO model (SFT's held-out conversations).
         valid = sft.read_sft(chat["sft_valid"], ByteTokenizer())
         after_dpo_sft_loss = evaluate_sft(d.model, valid, FinetuneConfig(model="-", data="-", seq_len=256,
@@ -120,6 +135,7 @@ def main() -> None:
         results.append(row)
         print(f"seed {seed}: {row['seconds']:.0f}s; " + ", ".join(
             f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    (out / "results.json").write_text(json.dumps({"seeds": results}, indent=2) + "\n", encoding="utf-8")
     res = {"seeds": results, "base_seconds": t_base, "wall_seconds": time.perf_counter() - t_start,
            "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.seeds and args.seeds[0] == 0:
