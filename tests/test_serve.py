@@ -145,6 +145,11 @@ def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model
     expect = [float(ref[i, seq[0, i + 1]]) for i in range(seq.shape[1] - 1)]
     assert lp.token_logprobs[0] is None
     assert lp.token_logprobs[1:] == pytest.approx(expect, abs=1e-4)
+    # every position's alternatives, the prompt's included (lm-eval's is_greedy compares with their best)
+    best = ref.max(-1).values.tolist()
+    assert lp.top_logprobs[0] is None
+    assert [max(t.values()) for t in lp.top_logprobs[1:]] == pytest.approx(best[: len(lp.tokens) - 1], abs=1e-4)
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
     for k in range(len(ids), len(lp.tokens)):  # greedy: the chosen token is the most likely one
         assert max(lp.top_logprobs[k].values()) == pytest.approx(lp.token_logprobs[k], abs=1e-6)
     # scoring only (max_tokens=0 with echo), a batch of token-id prompts, as evaluation harnesses send

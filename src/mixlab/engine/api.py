@@ -115,6 +115,9 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens found in the cache (not prefilled again)
     prompt_logprobs: list[float | None] | None  # only on the first output, when asked
     error: str | None = None
+    # with prompt_logprobs and logprobs=n > 0: the n most likely tokens at each prompt position (None
+    # for the first), as OpenAI's echo + logprobs returns them (lm-eval's is_greedy reads them)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 _DONE = object()

@@ -52,6 +52,7 @@ class _Seq:
     text: str = ""  # decoded output text (for stop strings)
     sent: int = 0  # characters of `text` already streamed
     prompt_lp: list[float | None] | None = None
+    prompt_top: list[list[tuple[int, float]] | None] | None = None  # with prompt_logprobs and logprobs > 0
     seen_1V: torch.Tensor | None = None  # prompt + output tokens (repetition penalty)
     counts_1V: torch.Tensor | None = None  # output token counts (presence/frequency penalties)
     first: bool = True
@@ -277,6 +278,8 @@ class Engine:
                     p = item.start + j + 1  # the prompt token this position predicts
                     if p < len(seq.prompt):
                         seq.prompt_lp.append(float(lp_TV[j, seq.prompt[p]]))
+                        if seq.prompt_top is not None:
+                            seq.prompt_top.append(top_logprobs(lp_TV[j], seq.params.logprobs or 0))
             if seq.prefilling or res.logits_TV is None:
                 continue
             self._emit(seq, res.logits_TV[-1:], res.experts_LK)
@@ -312,6 +315,7 @@ class Engine:
             self._stats["cached_tokens"] += seq.n_cached
             if seq.params.prompt_logprobs:
                 seq.prompt_lp = [None]
+                seq.prompt_top = [None] if seq.params.logprobs else None
             V = self.config.vocab_size
             if seq.params.repetition_penalty != 1.0:
                 seq.seen_1V = torch.zeros(1, V, dtype=torch.bool, device=self.runner.device)
@@ -350,7 +354,8 @@ class Engine:
                 text += self._flush_text(seq)
         experts = experts_LK.tolist() if experts_LK is not None and p.return_experts else None
         out = RequestOutput(seq.rid, tok, text, logprob, top, experts, finish, len(seq.prompt), len(seq.out),
-                            seq.cached_tokens, seq.prompt_lp if seq.first else None)
+                            seq.cached_tokens, seq.prompt_lp if seq.first else None,
+                            prompt_top_logprobs=seq.prompt_top if seq.first else None)
         seq.first = False
         if finish is not None:
             self._release(seq)
@@ -396,7 +401,8 @@ class Engine:
     def _finish(self, seq: _Seq, reason: str, *, error: str | None = None) -> None:
         self._release(seq)
         seq.handle._push(RequestOutput(seq.rid, None, "", None, None, None, reason, len(seq.prompt), len(seq.out),
-                                       seq.cached_tokens, seq.prompt_lp if seq.first else None, error))
+                                       seq.cached_tokens, seq.prompt_lp if seq.first else None, error,
+                                       prompt_top_logprobs=seq.prompt_top if seq.first else None))
         seq.first = False
 
     def run_until_idle(self, *, poll: float = 0.0) -> None:

@@ -684,8 +684,8 @@ def _completion_lp(head: dict[str, Any] | None, c: _Choice, tok: Tokenizer, *, g
                 tops.append(None)
             elif ptop is not None and ptop[k] is not None:
                 tops.append(_top_dict({"token": _piece(tok, a), "logprob": b} for a, b in ptop[k]))
-            else:
-                tops.append({s: v})
+            else:  # logprobs=0: no alternatives asked for
+                tops.append({})
     if generated:
         for e in c.tokens:
             tokens.append(e["token"])
