@@ -62,7 +62,7 @@ def test_int4_linear_equals_dequantise_then_matmul(rows):
     torch.testing.assert_close(int4_linear(x, m.weight, m.scale), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", [k for k in IMPLS if k not in ("triton", "native")])  # CPU, PyTorch paths
+@pytest.mark.parametrize("impl", [k for k in IMPLS if k != "triton"])  # int4 is a CPU weight format
 def test_every_moe_impl_takes_int4_experts(impl):
     E, F, D, T, K = 4, 64, 128, 5, 2
     w13, w2 = torch.randn(E, 2 * F, D) * 0.1, torch.randn(E, D, F) * 0.1
@@ -120,3 +120,59 @@ def test_int4_generate_through_the_public_api():
     model = prepare_for_inference(_model("tiny-moe"), quant="int4")
     out = mixlab.generate(model, [[1, 5, 9]], max_new_tokens=5)
     assert len(out[0]) == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# The native AVX-512 kernels (decode.c, MX_Q4_*) equal the reference dequantise-then-matmul.
+
+
+def _native():
+    from mixlab.ops import native
+
+    if native.load() is None or not native.fast(torch.uint8):
+        pytest.skip("native kernels unavailable or not vectorised here (no AVX-512)")
+    return native
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_native_int4_linear_equals_dequantise_then_matmul(group, rows):
+    native = _native()
+    q, s = quantize_int4(torch.randn(80, 384), group)
+    x = torch.randn(rows, 384)
+    ref = x @ dequantize_int4(q, s, torch.float32).T
+    torch.testing.assert_close(native.linear(x, q, s), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.ops.mixlab.linear(x, q, s), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(native.gemv(q, x[0], s), ref[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_native_int4_moe_equals_the_reference(T):
+    _native()
+    E, F, D, K = 4, 64, 128, 2
+    q13, s13 = quantize_int4(torch.randn(E, 2 * F, D) * 0.1, 32)
+    q2, s2 = quantize_int4(torch.randn(E, D, F) * 0.1, 32)
+    x = torch.randn(T, D)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    mix = torch.softmax(torch.randn(T, K), -1)
+    ref = moe_ffn(x, dequantize_int4(q13, s13, torch.float32), dequantize_int4(q2, s2, torch.float32), idx, mix,
+                  impl="reference")
+    got = moe_ffn(x, q13, q2, idx, mix, impl="native", w13_scale_E2F=s13, w2_scale_ED=s2)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("preset", "group"), [("tiny-moe", 32), ("tiny-moe", 64), ("tiny-dense", 32)])
+def test_native_int4_decode_steps_equal_the_dequantised_model(preset, group):
+    _native()
+    model = _model(preset)
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    ref = _prefill_then_decode(_dequantised_copy(model, group), tokens, 6)
+    int4 = prepare_for_inference(copy.deepcopy(model), quant="int4", group=group)
+    assert getattr(int4, "native_decoder", None) is not None
+    dec = int4.native_decoder
+    cache = KVCache(int4.config, batch_size=1, max_len=12, dtype=torch.float32)
+    with torch.inference_mode():
+        outs = [int4(tokens[:, :6], cache=cache)[0]]
+        for t in range(6, 12):
+            outs.append(dec.step(int(tokens[0, t]), t, cache))
+    torch.testing.assert_close(torch.cat(outs)[None], ref, atol=1e-4, rtol=1e-4)

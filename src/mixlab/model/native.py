@@ -70,9 +70,18 @@ class NativeDecoder:
         if E > 256 or Hd > 1024:  # the sizes of decode.c's stack arrays
             raise ValueError(f"native decoding supports up to 256 experts and head dim 1024, not {E} and {Hd}")
         w_out, s_out = _weight(model.output)
-        wt = native.TYPE_CODES.get(w_out.dtype)
-        if wt is None:
-            raise ValueError(f"native decoding supports float32, bf16 and int8 weights, not {w_out.dtype}")
+        if w_out.dtype not in native.TYPE_CODES and w_out.dtype != torch.uint8:
+            raise ValueError(f"native decoding supports float32, bf16, int8 and int4 weights, not {w_out.dtype}")
+        wt = native.type_code(w_out, s_out)
+
+        def scales(w: torch.Tensor, s: torch.Tensor | None) -> int | None:
+            """int8 row scales as float32 copies; int4 float16 group scales as they are (same group)."""
+            if w.dtype != torch.uint8:
+                return f32(s)
+            assert s is not None
+            if native.type_code(w, s) != wt:
+                raise ValueError("native decoding needs one int4 group size for every matrix")
+            return ptr(s)
         if not native.fast(w_out.dtype):
             raise ValueError(f"the native {w_out.dtype} kernels are not vectorised on this CPU (no AVX-512)")
         emb = model.tok_embeddings.weight.detach()
@@ -97,15 +106,15 @@ class NativeDecoder:
             if {t.dtype for t in (wqkv, wo, w13, w2)} != {w_out.dtype}:
                 raise ValueError("native decoding needs one weight dtype for every matrix")
             self.layers[i] = native.Layer(
-                f32(block.attn_norm.weight), ptr(wqkv), f32(s_qkv), ptr(wo), f32(s_o),
-                f32(block.ffn_norm.weight), router, ptr(w13), f32(s13), ptr(w2), f32(s2),
+                f32(block.attn_norm.weight), ptr(wqkv), scales(wqkv, s_qkv), ptr(wo), scales(wo, s_o),
+                f32(block.ffn_norm.weight), router, ptr(w13), scales(w13, s13), ptr(w2), scales(w2, s2),
                 None, None,  # the cache: set per step
             )
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, Hd, 2, dtype=torch.float32) / Hd))  # as rope_cos_sin
         self.c_model = native.Model(
             D, H, G, Hd, E, K, F_, cfg.vocab_size, cfg.n_layers, cfg.sliding_window or 0,
             cfg.norm_eps, wt, native.F32, native.TYPE_CODES[emb.dtype],
-            ptr(inv_freq), ptr(emb), f32(model.norm.weight), ptr(w_out), f32(s_out),
+            ptr(inv_freq), ptr(emb), f32(model.norm.weight), ptr(w_out), scales(w_out, s_out),
             ctypes.addressof(self.layers),
         )
         self.chosen = buf(cfg.n_layers * K, torch.int32).view(cfg.n_layers, K)

@@ -44,9 +44,30 @@ SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
 ABI_VERSION = 2
 
-# Element types as mixlab.h numbers them.
-F32, BF16, I8 = 0, 1, 2
+# Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32)).
+F32, BF16, I8, Q4_32 = 0, 1, 2, 3
 TYPE_CODES = {torch.float32: F32, torch.bfloat16: BF16, torch.int8: I8}
+INT4_GROUPS = (32, 64, 128)
+
+
+def type_code(w: torch.Tensor, scale: torch.Tensor | None = None) -> int:
+    """mixlab.h's type of weight `w`: its dtype's, or for int4 (uint8, float16 group scales) the
+    MX_Q4_* of its group size."""
+    if w.dtype != torch.uint8:
+        return TYPE_CODES[w.dtype]
+    if scale is None or scale.dtype != torch.float16:
+        raise ValueError("int4 weights need float16 group scales")
+    group = 2 * w.shape[-1] // scale.shape[-1]
+    if group not in INT4_GROUPS:
+        raise ValueError(f"native int4 kernels take groups of {INT4_GROUPS}, not {group}")
+    return Q4_32 + INT4_GROUPS.index(group)
+
+
+def scale_arg(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The scales as C reads them: float32 row scales (int8), float16 group scales as stored (int4)."""
+    if scale is None:
+        return None
+    return scale.contiguous() if w.dtype == torch.uint8 else scale.float().contiguous()
 # mixlab.h's MX_SIMD_* bits.
 SIMD_AVX512, SIMD_AVX512_BF16 = 1, 2
 
@@ -253,7 +274,7 @@ def fast(dtype: torch.dtype) -> bool:
     """Whether the loaded kernels for weights of `dtype` are vectorised on this CPU (AVX-512, and
     AVX512-BF16 for bf16): only then do they beat PyTorch's, so only then does mixlab use them.
     Reads what `load` found (no call into C): cheap, and traceable by torch.compile."""
-    if _lib is None or dtype not in TYPE_CODES or not enabled():
+    if _lib is None or (dtype not in TYPE_CODES and dtype != torch.uint8) or not enabled():
         return False
     return bool(_simd & (SIMD_AVX512_BF16 if dtype == torch.bfloat16 else SIMD_AVX512))
 
@@ -272,14 +293,18 @@ def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = N
     """y = w @ x with the native kernel (float32 out): float32, bf16 or int8 (+ float32 row scales) weights."""
     lib = _need()
     X, D = w_XD.shape
-    if (w_XD.dtype == torch.int8) != (scale_X is not None):
-        raise ValueError("int8 weights need row scales, and only int8 weights take them")
+    if (w_XD.dtype in (torch.int8, torch.uint8)) != (scale_X is not None):
+        raise ValueError("int8 / int4 weights need scales, and only they take them")
     w_XD = w_XD.contiguous()
     x = x_D.float().contiguous()
     xb = torch.empty(D, dtype=torch.int16)
     y = torch.empty(X, dtype=torch.float32)
-    s = None if scale_X is None else scale_X.float().contiguous()
-    lib.mx_gemv(TYPE_CODES[w_XD.dtype], w_XD.data_ptr(), _ptr(s), X, D, x.data_ptr(), xb.data_ptr(), y.data_ptr(),
+    s = scale_arg(w_XD, scale_X)
+    if w_XD.dtype == torch.uint8:
+        D *= 2
+        x = x_D.float().contiguous()
+        xb = torch.empty(D, dtype=torch.int16)
+    lib.mx_gemv(type_code(w_XD, scale_X), w_XD.data_ptr(), _ptr(s), X, D, x.data_ptr(), xb.data_ptr(), y.data_ptr(),
                 torch.get_num_threads())
     return y
 
@@ -293,14 +318,14 @@ def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None 
     """x @ w.T (times the row scales for int8 weights) for a few rows: each weight row read once.
     The kernel itself; callers use the operator `torch.ops.mixlab.linear` (`ops.py`)."""
     lib = _need()
-    lead, (X, D) = x_ND.shape[:-1], w_XD.shape
+    lead, X, D = x_ND.shape[:-1], w_XD.shape[0], x_ND.shape[-1]
     x = x_ND.reshape(-1, D).float().contiguous()
     w = w_XD.contiguous()
     M = x.shape[0]
     y = torch.empty(M, X, dtype=torch.float32)
     xb = torch.empty(M * D if w.dtype == torch.bfloat16 else 0, dtype=torch.int16)
-    s = None if scale_X is None else scale_X.float().contiguous()
-    lib.mx_linear(TYPE_CODES[w.dtype], w.data_ptr(), _ptr(s), X, D, M, x.data_ptr(), xb.data_ptr(),
+    s = scale_arg(w, scale_X)
+    lib.mx_linear(type_code(w, scale_X), w.data_ptr(), _ptr(s), X, D, M, x.data_ptr(), xb.data_ptr(),
                   y.data_ptr(), torch.get_num_threads())
     return y.to(x_ND.dtype).reshape(*lead, X)
 
@@ -317,7 +342,7 @@ def moe(
     """The experts of an MoE layer for a few tokens (decode.c's `mx_moe`); see `mixlab.ops.moe`.
     The kernel itself; callers use the operator `torch.ops.mixlab.moe` (`ops.py`)."""
     lib = _need()
-    (T, D), (E, F2, _), K = x_TD.shape, w13_E2FD.shape, idx_TK.shape[1]
+    (T, D), (E, F2), K = x_TD.shape, w13_E2FD.shape[:2], idx_TK.shape[1]
     F = F2 // 2
     if E > 256:
         raise ValueError(f"native MoE supports up to 256 experts, not {E}")
@@ -331,9 +356,10 @@ def moe(
     f32 = [torch.empty(n, dtype=torch.float32) for n in (N * D, N * 2 * F, N * F, N * D)]
     b16 = [torch.empty(n if bf else 0, dtype=torch.int16) for n in (N * D, N * F)]
     i32 = [torch.empty(N, dtype=torch.int32) for _ in range(2)]
-    s13 = None if w13_scale_E2F is None else w13_scale_E2F.float().contiguous()
-    s2 = None if w2_scale_ED is None else w2_scale_ED.float().contiguous()
-    args = MoEArgs(T, D, F, E, K, TYPE_CODES[w13.dtype], x.data_ptr(), idx.data_ptr(), mix.data_ptr(),
+    s13, s2 = scale_arg(w13, w13_scale_E2F), scale_arg(w2, w2_scale_ED)
+    if w13.dtype == torch.uint8 and type_code(w13, w13_scale_E2F) != type_code(w2, w2_scale_ED):
+        raise ValueError("native int4 experts need one group size for w13 and w2")
+    args = MoEArgs(T, D, F, E, K, type_code(w13, w13_scale_E2F), x.data_ptr(), idx.data_ptr(), mix.data_ptr(),
                    w13.data_ptr(), _ptr(s13), w2.data_ptr(), _ptr(s2), out.data_ptr(),
                    f32[0].data_ptr(), b16[0].data_ptr(), f32[1].data_ptr(), f32[2].data_ptr(), b16[1].data_ptr(),
                    f32[3].data_ptr(), i32[0].data_ptr(), i32[1].data_ptr())

@@ -17,7 +17,8 @@
  *
  * It computes what `mixlab.model.Transformer` computes for one token (tests compare the two); the
  * residual stream and every intermediate are float32. Weight types (`wt`): MX_F32, MX_BF16 (raw
- * bfloat16 bits) and MX_I8 (int8, one float32 scale per output row: w = q * s). bf16 weights
+ * bfloat16 bits), MX_I8 (int8, one float32 scale per output row: w = q * s) and MX_Q4_* (int4 in
+ * Q4_0's layout with float16 scales per group; float32 activations, see `dotq_q4`). bf16 weights
  * multiply bf16-rounded activations, as PyTorch's bf16 matmuls do; f32 and int8 weights multiply
  * float32 activations. KV-cache types (`ct`): MX_F32 or MX_BF16.
  *
@@ -73,6 +74,27 @@ static void round_to_bf16(const float* x, uint16_t* xb, int64_t n) {
 }
 
 static inline int64_t elem_size(int t) { return t == MX_F32 ? 4 : t == MX_BF16 ? 2 : 1; }
+
+/* int4 weights (MX_Q4_*): the group size, and float16 scales to float32. */
+static inline int is_q4(int t) { return t >= MX_Q4_32 && t <= MX_Q4_128; }
+static inline int64_t q4_group(int t) { return (int64_t)32 << (t - MX_Q4_32); }
+
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, mant = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0) { /* zero or subnormal: mant * 2^-24 */
+        float f = (float)mant * 5.9604644775390625e-08f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else if (e == 31) {
+        u = sign | 0x7f800000u | (mant << 13);
+    } else {
+        u = sign | ((e + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 static inline float load_elem(const void* p, int t, int64_t i) {
     return t == MX_F32 ? ((const float*)p)[i] : bf16_to_f32(((const uint16_t*)p)[i]);
@@ -148,6 +170,49 @@ static inline float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {
 #endif
 MX_DOT_F(f32, float)
 MX_DOT_F(i8, int8_t)
+
+/* An int4 row (K/2 bytes, scales `s` per group of G) against float32 activations: per group, the
+   codes minus 8 times x, summed, times the group's scale. 16 bytes hold 32 inputs: the low nibbles
+   are inputs 0-15 of the chunk, the high ones 16-31, so one mask and one shift give two 16-lane
+   vectors of consecutive inputs. Q up to 4 vectors (rows of x, leading dimension ld) share each
+   decoded weight vector. */
+static inline void dotq_q4(const uint8_t* w, const uint16_t* s, const float* x, int64_t ld, int64_t K, int64_t G,
+                           int Q, float* out) {
+#if defined(__AVX512F__)
+    const __m512i mask = _mm512_set1_epi32(0xf);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < K / G; g++) {
+        __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k / 2)));
+            const __m512 lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, mask)), eight);
+            const __m512 hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), eight);
+            for (int q = 0; q < Q; q++) {
+                t[q] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + q * ld + k), t[q]);
+                t[q] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + q * ld + k + 16), t[q]);
+            }
+        }
+        const __m512 d = _mm512_set1_ps(f16_to_f32(s[g]));
+        for (int q = 0; q < Q; q++) acc[q] = _mm512_fmadd_ps(t[q], d, acc[q]);
+    }
+    for (int q = 0; q < Q; q++) out[q] = _mm512_reduce_add_ps(acc[q]);
+#else
+    for (int q = 0; q < Q; q++) {
+        float sum = 0.f;
+        for (int64_t g = 0; g < K / G; g++) {
+            float t = 0.f;
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32)
+                for (int64_t j = 0; j < 16; j++) {
+                    const uint8_t b = w[k / 2 + j];
+                    t += ((float)(b & 0xf) - 8.f) * x[q * ld + k + j] + ((float)(b >> 4) - 8.f) * x[q * ld + k + 16 + j];
+                }
+            sum += t * f16_to_f32(s[g]);
+        }
+        out[q] = sum;
+    }
+#endif
+}
 
 /* The same row against four vectors (rows j..j+3 of a matrix with leading dimension ld): one read
    of the weights serves four tokens. out[q] = w . x_q. */
@@ -270,6 +335,20 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
         }
         r = rend;
     }
+    if (is_q4(m.wt)) {
+        const int64_t G = q4_group(m.wt);
+        for (; r < r1; r++) {
+            const uint8_t* wr = (const uint8_t*)m.w + r * (K / 2);
+            const uint16_t* sr = (const uint16_t*)(const void*)m.scale + r * (K / G);
+            float out[4];
+            for (int64_t j = 0; j < M; j += 4) {
+                const int Q = M - j < 4 ? (int)(M - j) : 4;
+                dotq_q4(wr, sr, X + j * K, K, K, G, Q, out);
+                for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r] = out[q];
+            }
+        }
+        return;
+    }
     for (; r < r1; r++) {
         const float sc = m.wt == MX_I8 ? m.scale[r] : 1.f;
         int64_t j = 0;
@@ -296,6 +375,11 @@ static void gemv_rows(mat m, const float* x, const uint16_t* xb, float* y, int64
 
 /* Matrix `m` shifted by `rows` rows (an expert inside a stacked tensor). */
 static mat mat_at(mat m, int64_t rows) {
+    if (is_q4(m.wt)) {
+        m.w = (const char*)m.w + rows * (m.K / 2);
+        m.scale = (const float*)(const void*)((const uint16_t*)(const void*)m.scale + rows * (m.K / q4_group(m.wt)));
+        return m;
+    }
     m.w = (const char*)m.w + rows * m.K * elem_size(m.wt);
     if (m.scale) m.scale += rows;
     return m;

@@ -30,6 +30,12 @@ enum {
     MX_F32 = 0,
     MX_BF16 = 1, /* raw bfloat16 bits */
     MX_I8 = 2,   /* int8, one float32 scale per output row: w = q * s */
+    /* int4 (mixlab.ops.quant, llama.cpp Q4_0's layout): rows of K/2 bytes, each chunk of 32 inputs
+       in 16 bytes (input j low nibble, j + 16 high), w = (q - 8) * s with one float16 scale per
+       group of 32, 64 or 128 inputs; the `*_scale` pointers then point at float16 [rows, K / G]. */
+    MX_Q4_32 = 3,
+    MX_Q4_64 = 4,
+    MX_Q4_128 = 5,
 };
 
 /* What `mx_simd` (compiled in) and `mx_cpu_features` (this CPU, detected at run time) report. */
