@@ -64,6 +64,8 @@ def test_int4_linear_equals_dequantise_then_matmul(rows):
 
 @pytest.mark.parametrize("impl", [k for k in IMPLS if k != "triton"])  # int4 is a CPU weight format
 def test_every_moe_impl_takes_int4_experts(impl):
+    if impl == "native":
+        _native()  # loads the kernels (or skips)
     E, F, D, T, K = 4, 64, 128, 5, 2
     w13, w2 = torch.randn(E, 2 * F, D) * 0.1, torch.randn(E, D, F) * 0.1
     (q13, s13), (q2, s2) = quantize_int4(w13, 32), quantize_int4(w2, 32)
