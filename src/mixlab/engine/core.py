@@ -10,6 +10,13 @@ plus chunks of prompts being prefilled, under `token_budget` tokens per step, so
 spread over several steps instead of freezing the other streams (chunked prefill, Sarathi-Serve
 arXiv 2403.02310). Then each row is sampled with its own settings and generator; a finished or
 cancelled sequence frees its cache at once.
+
+Batch independence: each row's logits depend only on its own tokens, and its sampling only on its
+own generator, so a seeded request gives the same tokens whatever runs beside it, up to the
+rounding of the kernels a step picks (the one-call native step for a lone token, the native
+few-row kernels, oneDNN/MKL beyond 16 rows): in float32 the tests find the tokens identical; in
+bf16 the logits of the same row can differ in the last bits between batch sizes, which can flip a
+near-tie.
 """
 
 from __future__ import annotations
@@ -70,8 +77,10 @@ class _Seq:
 class Engine:
     """Continuous-batching inference over one model (see the module docstring).
 
-    `max_batch`: sequences decoded together; `cache_bytes`: the KV cache's memory budget (default:
-    room for `max_batch` sequences of the model's full context, at most 1 GiB... see `Runner`);
+    `max_batch`: sequences decoded together; `cache_bytes`: the KV cache's memory budget (default
+    2 GiB), `max_seq_len`: positions per sequence (default: the model's context, halved until
+    `max_batch` sequences fit the budget; see `runner.Runner`); `prefix_cache`: reuse prompt
+    prefixes that free slots hold;
     `max_queue`: waiting requests before `submit` raises `QueueFull`; `token_budget`: tokens per
     step (decoding rows count one each; prompt chunks fill the rest); `prefill_chunk`: the longest
     piece of one prompt per step.
