@@ -25,6 +25,16 @@ def ckpt(tmp_path_factory) -> Path:
     return hf_mixtral(tmp_path_factory.mktemp("hf"), num_local_experts=8, initializer_range=0.1)
 
 
+@pytest.fixture(scope="module")
+def ckpt32k(tmp_path_factory) -> Path:
+    """With Mixtral's vocabulary and a tokenizer.json, for the commands that tokenize text."""
+    from conftest import hf_tokenizer_json
+
+    path = hf_mixtral(tmp_path_factory.mktemp("hf32k"), vocab_size=32000, hidden_size=32, intermediate_size=48)
+    hf_tokenizer_json(path)
+    return path
+
+
 def _ids(n: int = 24, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (2, n), generator=torch.Generator().manual_seed(seed))
 
@@ -99,10 +109,9 @@ def test_a_training_step_on_cuda_equals_the_cpu(ckpt):
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
-def test_cli_generate_on_cuda(tmp_path):
-    """`mixlab generate --device cuda` (bf16 by default there) with Mixtral's own tokenizer."""
-    path = hf_mixtral(tmp_path, vocab_size=32000)
-    r = subprocess.run([sys.executable, "-m", "mixlab", "generate", "--model", str(path), "--device", "cuda",
+def test_cli_generate_on_cuda(ckpt32k):
+    """`mixlab generate --device cuda` (bf16 by default there)."""
+    r = subprocess.run([sys.executable, "-m", "mixlab", "generate", "--model", str(ckpt32k), "--device", "cuda",
                         "--prompt", "hello", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -134,3 +143,61 @@ def test_the_trainer_on_cuda_resumes_exactly(tmp_path):
     resumed = train(cfg(tmp_path / "b"), resume=True)
     assert [r["loss"] for r in straight.history][3:] == [r["loss"] for r in resumed.history]
     assert all(p.is_cuda for p in straight.model.parameters())
+
+
+def test_eval_on_cuda_equals_the_cpu(ckpt32k, tmp_path):
+    """`mixlab eval --device cuda` gives the CPU's token log-likelihoods (float32)."""
+    import json
+
+    from mixlab.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "The cat sat on the mat. " * (i + 3)}) + "\n" for i in range(3)))
+    res = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        assert main(["eval", "--model", str(ckpt32k), "--data", str(data), "--context", "32", "--dtype", "float32",
+                     "--device", device, "--json", str(out), "--quiet"]) == 0
+        res[device] = json.loads(out.read_text())["overall"]
+    assert res["cuda"]["tokens"] == res["cpu"]["tokens"]
+    assert res["cuda"]["bits_per_byte"] == pytest.approx(res["cpu"]["bits_per_byte"], rel=1e-4)
+
+
+def test_server_on_cuda(ckpt32k):
+    """The engine and the OpenAI-compatible server over a model on the GPU: a completion equals
+    `mixlab.generate` on the same model."""
+    from fastapi.testclient import TestClient
+
+    from mixlab import generate, load_model, load_tokenizer
+    from mixlab.engine import Engine
+    from mixlab.serve import ServerConfig, create_app
+
+    model, tok = load_model(ckpt32k, device="cuda"), load_tokenizer(ckpt32k)
+    moe = model.config.moe
+    info = {"layers": model.config.n_layers, "experts": moe.num_experts, "experts_per_token": moe.top_k,
+            "vocab_size": model.config.vocab_size}
+    cfg = ServerConfig(model_name="m", context_len=256, model_info=info)
+    with Engine(model, tok, max_batch=4) as engine:
+        client = TestClient(create_app(engine, tok, cfg))
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "Hello there", "max_tokens": 8,
+                                                 "temperature": 0})
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["text"]
+    ids = tok.encode("Hello there", bos=True)
+    full = tok.decode(ids + generate(model, [ids], max_new_tokens=8)[0])
+    assert text == full[len(tok.decode(ids)):]
+
+
+def test_sft_on_cuda(ckpt32k, tmp_path):
+    """`mixlab sft --device cuda` runs and exports."""
+    import json
+
+    from mixlab.cli import main
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}"},
+                                                     {"role": "assistant", "content": f"{i} {i} {i}"}]}) + "\n"
+                            for i in range(12)))
+    assert main(["sft", "--model", str(ckpt32k), "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2",
+                 "--seq-len", "64", "--batch-size", "2", "--device", "cuda", "--lora-rank", "2", "--merge"]) == 0
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()
