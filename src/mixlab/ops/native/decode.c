@@ -397,8 +397,13 @@ typedef struct {
 
 /* Wait until every thread of the team arrives. Spinning, not sleeping: a step has ~7 barriers per
    layer, each a few microseconds apart, and waking a sleeping thread costs tens of microseconds
-   (OMP_WAIT_POLICY=PASSIVE makes OpenMP's own barriers sleep). Yields after a while so that an
-   oversubscribed CPU still makes progress. */
+   (OMP_WAIT_POLICY=PASSIVE makes OpenMP's own barriers sleep). After 2^MX_SPIN_LOG2 pauses (longer
+   than the gap between two barriers on an idle CPU) it yields at every turn: on an oversubscribed
+   CPU the thread it waits for may be descheduled, and spinning would only burn the time slice that
+   thread needs (benchmarks/barrier_spin.py, BENCHMARKS.md). */
+#ifndef MX_SPIN_LOG2
+#define MX_SPIN_LOG2 10
+#endif
 static void sync_team(team* tm) {
     if (tm->nt == 1) return;
     barrier_t* b = tm->bar;
@@ -412,7 +417,7 @@ static void sync_team(team* tm) {
 #if defined(__x86_64__) || defined(__i386__)
         _mm_pause();
 #endif
-        if (spins > (1L << 16)) sched_yield();
+        if (spins > (1L << MX_SPIN_LOG2)) sched_yield();
     }
 }
 
