@@ -108,20 +108,25 @@ def _align(idx_TK: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, to
 if HAVE_TRITON:
 
     @triton.jit
+    def _tile(rows_ptr, expert_ptr, N, BLOCK_M: tl.constexpr):
+        """This program's tile: its expert (-1: past the end), padded row offsets, the pair each
+        row holds and which rows hold one."""
+        pid_m = tl.program_id(0)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(rows_ptr + offs_m)
+        return tl.load(expert_ptr + pid_m), offs_m, pair, pair < N
+
+    @triton.jit
     def _w13_kernel(
         x_ptr, w13_ptr, h_ptr, rows_ptr, expert_ptr,
         N, D, F, K,
         s_xt, s_xd, s_we, s_wf, s_wd, s_hp, s_hf,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        e = tl.load(expert_ptr + pid_m)
+        e, offs_m, pair, valid = _tile(rows_ptr, expert_ptr, N, BLOCK_M)
         if e < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(rows_ptr + offs_m)
-        valid = pair < N
+        pid_n = tl.program_id(1)
         tok = tl.where(valid, pair // K, 0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < F
@@ -154,14 +159,10 @@ if HAVE_TRITON:
         s_hp, s_hf, s_we, s_wd, s_wf, s_yn, s_yd,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        e = tl.load(expert_ptr + pid_m)
+        e, offs_m, pair, valid = _tile(rows_ptr, expert_ptr, N, BLOCK_M)
         if e < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(rows_ptr + offs_m)
-        valid = pair < N
+        pid_n = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         offs_k = tl.arange(0, BLOCK_K)
