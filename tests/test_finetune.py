@@ -394,3 +394,21 @@ def test_padded_pair_logps_equal_each_sequence_alone() -> None:
             ids = torch.tensor([p.prompt + reply])
             lp = torch.log_softmax(m(ids[:, :-1]), -1)[0].gather(-1, ids[0, 1:, None])[:, 0]
             assert float(got[j * 3 + i]) == pytest.approx(float(lp[len(p.prompt) - 1:].sum()), abs=1e-4)
+
+
+def test_unexpressible_adapter_exports_merged_weights(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import mixlab.train.finetune as ft
+    from mixlab.cli import main
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise ValueError("PEFT cannot express these adapters: experts")
+
+    monkeypatch.setattr(ft, "save_peft", refuse)
+    finetune(_cfg(ckpt, chat_files[0], tmp_path / "a", steps=1, lora_rank=2, export_hf=False, eval_every=0))
+    assert (tmp_path / "a" / "hf" / "config.json").is_file()
+    assert "experts" in (tmp_path / "a" / "adapter_not_exported.txt").read_text()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "b")]) == 2
+    assert "runs in one process" in capsys.readouterr().err

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
     from mixlab.train.finetune import finetune, load_finetune_config
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run folder
+        raise ValueError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
+                         "--fsdp) is not supported for fine-tuning yet")
 
     keys: tuple[str, ...] = (
         "model", "data", "valid_data", "out", "tokenizer", "seq_len", "batch_size", "grad_accum", "steps", "lr",

@@ -538,16 +538,19 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
 
 
 def export(model: Transformer, out: Path, cfg: FinetuneConfig, tok_spec: dict[str, Any]) -> None:
-    """out/hf: plain weights (LoRA merged in); out/adapter: the LoRA adapter in PEFT's format (when
-    PEFT can express it; the reason is written to out/adapter_not_exported.txt otherwise)."""
+    """out/hf: plain weights (LoRA merged in); out/adapter: the LoRA adapter in PEFT's format. When
+    PEFT cannot express the adapters, the reason goes to out/adapter_not_exported.txt and the merged
+    weights to out/hf."""
     info = json.dumps({"tokenizer": tok_spec}, indent=2) + "\n"
+    merged_instead = False
     if cfg.lora_rank and cfg.export_peft:
         try:
             save_peft(model, out / "adapter")
             (out / "adapter" / "mixlab_data.json").write_text(info, encoding="utf-8")
-        except (ValueError, ImportError) as e:
+        except (ValueError, ImportError) as e:  # PEFT cannot hold these adapters: merged weights instead
             (out / "adapter_not_exported.txt").write_text(f"{e}\n", encoding="utf-8")
-    if cfg.export_hf:
+            merged_instead = True
+    if cfg.export_hf or merged_instead:
         plain = merge(model) if cfg.lora_rank else model
         save_model(plain, out / "hf", fmt="hf")
         (out / "hf" / "mixlab_data.json").write_text(info, encoding="utf-8")
