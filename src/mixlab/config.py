@@ -21,7 +21,8 @@ _HF_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_h
             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
             "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
             "max_seq_len": "max_position_embeddings", "sliding_window": "sliding_window",
-            "moe.num_experts": "num_local_experts", "moe.top_k": "num_experts_per_tok"}
+            "moe.num_experts": "num_local_experts", "moe.top_k": "num_experts_per_tok", "bos_id": "bos_token_id",
+            "eos_id": "eos_token_id"}
 _MISTRAL_KEYS = {"ffn_dim": "hidden_dim", "moe.num_experts": "moe.num_experts",
                  "moe.top_k": "moe.num_experts_per_tok"}
 
@@ -102,6 +103,11 @@ class ModelConfig:
                 )
             if m.capacity_factor is not None and not m.capacity_factor > 0:
                 raise ConfigError(f"config field 'moe.capacity_factor' must be > 0, got {m.capacity_factor!r}")
+        for name in ("bos_id", "eos_id"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
+                raise ConfigError(f"config field {name!r} must be a token id in [0, vocab_size={self.vocab_size}), "
+                                  f"got {v!r}")
         total = self.param_counts()["total"]
         if total > 1 << 44:  # ~17.6T parameters: a typo, not a model
             raise ConfigError(f"config describes {total:,} parameters, more than 2**44; check the sizes")
@@ -182,7 +188,11 @@ class ModelConfig:
                 "and no head_dim is given"
             )
         rope = d.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", d.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4))
+        for key, v in (("rope_parameters", rope), ("rope_scaling", d.get("rope_scaling") or {})):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: field {key!r} must be an object, got {v!r}")
+        rope_theta = _number(rope.get("rope_theta", d.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4)),
+                             source, "rope_theta")
         rope_type = rope.get("rope_type", (d.get("rope_scaling") or {}).get("rope_type", "default"))
         if rope_type not in (None, "default"):
             raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
@@ -204,7 +214,7 @@ class ModelConfig:
                 head_dim=head_dim,
                 ffn_dim=d["intermediate_size"],
                 norm_eps=d.get("rms_norm_eps", 1e-5),
-                rope_theta=float(rope_theta),
+                rope_theta=rope_theta,
                 max_seq_len=d.get("max_position_embeddings", 32768),
                 sliding_window=d.get("sliding_window") if model_type != "llama" else None,
                 tie_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -262,6 +272,15 @@ class ModelConfig:
                 raise ConfigError(f"{source}: required field {key!r} is missing")
         moe_d = d.get("moe")
         moe = None
+        if moe_d is not None and not isinstance(moe_d, dict):
+            raise ConfigError(f"{source}: field 'moe' must be an object like {{\"num_experts\": 8, "
+                              f"\"num_experts_per_tok\": 2}}, got {moe_d!r}")
+        n_heads = d["n_heads"]
+        if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads <= 0:
+            raise ConfigError(f"{source}: field 'n_heads' must be a positive integer, got {n_heads!r}")
+        if not d.get("head_dim") and (not isinstance(d["dim"], int) or d["dim"] % n_heads):
+            raise ConfigError(f"{source}: dim ({d['dim']!r}) is not divisible by n_heads ({n_heads}) and no "
+                              "head_dim is given")
         if moe_d is not None:
             moe = MoEConfig(num_experts=moe_d.get("num_experts", 8), top_k=moe_d.get("num_experts_per_tok", 2))
         default_theta = 1e6 if moe is not None else 1e4
@@ -275,7 +294,7 @@ class ModelConfig:
                 head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
                 ffn_dim=d["hidden_dim"],
                 norm_eps=d.get("norm_eps", 1e-5),
-                rope_theta=float(d.get("rope_theta") or default_theta),
+                rope_theta=_number(d.get("rope_theta") or default_theta, source, "rope_theta"),
                 max_seq_len=d.get("max_seq_len", 32768),
                 sliding_window=d.get("sliding_window"),
                 tie_embeddings=bool(d.get("tied_embeddings", False)),
@@ -318,12 +337,24 @@ class ModelConfig:
         raise ConfigError(f"{p}: no config.json (transformers) or params.json (Mistral) found")
 
 
+def _number(v: Any, source: str, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ConfigError(f"{source}: field {key!r} must be a number, got {v!r}")
+    return float(v)
+
+
 def read_json_object(f: Path) -> dict[str, Any]:
     """A JSON file whose top level is an object, or ConfigError naming the file."""
     try:
+        if not f.is_file():  # a FIFO or device would block the read forever
+            raise ConfigError(f"{f}: not a regular file")
+        if f.stat().st_size > 64 * 2**20:
+            raise ConfigError(f"{f}: {f.stat().st_size:,} bytes is too large for a config file")
         d = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{f}: JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{f}: expected a JSON object at the top level")
     return d

@@ -126,7 +126,7 @@ def _check_prompts(
                 raise ValueError(
                     f"prompt {b} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
                     f"{len(ids) + max_new_tokens} positions but the model's context is {cfg.max_seq_len} "
-                    f"(pass truncate=True to keep the last {room} prompt tokens)"
+                    f"(pass truncate=True, or --truncate on the command line, to keep the last {room} prompt tokens)"
                 )
             keep_bos = ids[0] == cfg.bos_id
             ids = [cfg.bos_id] + ids[len(ids) - room + 1 :] if keep_bos else ids[len(ids) - room :]
@@ -139,6 +139,10 @@ def _check_stop(
 ) -> tuple[set[int], list[str]]:
     if stop is None:
         return set(), []
+    if isinstance(stop, (bytes, bytearray)) or (not isinstance(stop, (int, str)) and isinstance(stop, Sequence)
+                                                and any(isinstance(s, (bytes, bytearray)) for s in stop)):
+        raise ValueError(f"invalid stop={stop!r}: bytes are not accepted; pass stop strings as str (e.g. "
+                         "b'x'.decode()) or token ids as int")
     items = [stop] if isinstance(stop, (int, str)) else list(stop)
     ids: set[int] = set()
     strings: list[str] = []
@@ -199,8 +203,8 @@ def generate_stream(
     stop_ids, stop_strings = _check_stop(stop, tokenizer, model.config.vocab_size)
     if stop_at_eos:
         stop_ids.add(model.config.eos_id)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"invalid seed={seed!r}: expected an integer or None")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"invalid seed={seed!r}: expected an integer in [-2**63, 2**64) or None")
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
     if record_experts and model.config.moe is None:

@@ -23,9 +23,13 @@ from typing import Protocol
 
 from mixlab.errors import MixlabError
 
-__all__ = ["ChatError", "StreamDecoder", "Tokenizer", "default_tokenizer_path", "load_tokenizer"]
+__all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "default_tokenizer_path", "load_tokenizer"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
+
+
+class TextError(MixlabError):
+    """Text that is not valid Unicode (a lone surrogate, an undecodable byte from the terminal)."""
 
 
 class ChatError(MixlabError):
@@ -133,6 +137,14 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (Python's stand-in for an undecodable byte)
+            part = text[e.start:e.end]
+            escaped = all(0xDC80 <= ord(c) <= 0xDCFF for c in part)  # bytes os.fsdecode could not decode
+            shown = "bytes " + part.encode("utf-8", "surrogateescape").hex(" ") if escaped else ascii(part)
+            raise TextError(f"the text is not valid UTF-8: {shown} at character {e.start} (an undecodable byte "
+                            "or a lone surrogate); pass UTF-8 text") from None
         ids = self._b.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 

@@ -10,6 +10,9 @@ an error leaves nothing half-loaded (no model is returned).
 from __future__ import annotations
 
 import json
+import math
+import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +54,25 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPE_NAMES)}") from None
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device weights can be loaded onto, or ValueError naming it: not `meta` (holds no data), and
+    CUDA only where this torch has it."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if d.type == "meta":
+        raise ValueError("device 'meta' holds no data: load onto cpu or cuda")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available (this torch {torch.__version__} "
+                         f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA devices")
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: mixlab runs on cpu or cuda")
+    return d
+
+
 def _names(xs: list[str]) -> str:
     more = f" (and {len(xs) - 5} more)" if len(xs) > 5 else ""
     return ", ".join(xs[:5]) + more
@@ -64,6 +86,12 @@ def plan(root: Path, config: ModelConfig) -> tuple[str, list[Rule], dict[str, Te
         fmt = detect_format(set(infos))
     except ValueError as e:
         raise CheckpointError(f"{root}: {e}") from None
+    # The layer count first: a config claiming far more layers than the files hold fails here,
+    # before a rule table (or anything else) is built for it.
+    held = {int(m.group(1)) for k in infos if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", k))}
+    if len(held) != config.n_layers:
+        raise CheckpointError(f"{root}: the config has {config.n_layers} layers (num_hidden_layers / n_layers), "
+                              f"the weights hold {len(held)}")
     table = rules(config, fmt)
     wanted = {name for r in table for name in r.theirs}
     missing = sorted(wanted - set(infos))
@@ -114,6 +142,11 @@ def load_state(
             t = torch.empty(r.shape, dtype=want, device=device)
             for name, view in zip(r.theirs, r.parts(t), strict=True):
                 reader.read_into(name, view)  # in place when layout and dtype allow; else via one temporary
+                # A cheap NaN/Inf check (one reduction, no temporary the tensor's size): NaN and Inf
+                # propagate into the sum; weights never sum past float32's range.
+                if not math.isfinite(float(view.sum(dtype=torch.float32))):
+                    warnings.warn(f"{infos[name].file}: tensor {name!r} holds NaN or Inf values; the model's "
+                                  "outputs will be NaN", stacklevel=2)
             state[r.ours] = t
     return state
 
@@ -181,7 +214,7 @@ def load_model(
         config = config or ModelConfig.from_dir(root)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    state = load_state(root, config, dtype=parse_dtype(dtype), device=device)
+    state = load_state(root, config, dtype=parse_dtype(dtype), device=parse_device(device))
     model = meta_model(config)
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -73,7 +74,10 @@ class TensorInfo:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; CheckpointError naming the file and tensor on any fault."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block the read forever
+            raise CheckpointError(f"{path}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
@@ -88,6 +92,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(header, dict):
@@ -154,9 +160,11 @@ def _load_index(index: Path) -> dict[str, str]:
             out[k] = v
         return out
 
+    if not index.is_file():
+        raise CheckpointError(f"{index}: not a regular file")
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{index}: not a valid index (expected a JSON object with a 'weight_map')") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")

@@ -37,9 +37,10 @@ def info(args: argparse.Namespace) -> int:
     print(f"KV cache per token: {cfg.kv_cache_bytes_per_token(2):,} bytes (bf16); "
           f"{cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len / 2**30:,.2f} GiB at full context")
     if Path(args.model).is_dir():
-        from mixlab.checkpoint import describe
+        from mixlab.checkpoint import describe, plan
 
         d = describe(args.model)  # headers only
+        plan(Path(args.model), cfg)  # names, shapes and dtypes checked against the config, as load_model does
         stored = ", ".join(f"{_DTYPE_NAMES.get(k, k)} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
         print(f"stored:            {d.format} format, {d.tensors} tensors in {d.files} file(s): {stored}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 from mixlab.engine import Engine
 from mixlab.generate import generate_stream
-from mixlab.tokenizer import Tokenizer, load_tokenizer
+from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer
 
 _HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply"
 
@@ -25,7 +26,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        cpus = os.cpu_count() or 1
+        if args.threads > cpus:  # more threads than cores only makes OpenMP workers wait for each other
+            print(f"warning: --threads {args.threads} is more than the {cpus} CPUs here; using {cpus}",
+                  file=sys.stderr)
+        torch.set_num_threads(min(args.threads, cpus))
     dtype = args.dtype
     if dtype == "auto":  # bf16 where the CPU computes it natively (AVX-512-bf16 / AMX), else as stored
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -111,6 +116,8 @@ def chat(args: argparse.Namespace) -> int:
     context = engine.runner.max_len
     room = context - args.max_new_tokens
     print(f"mixlab chat: {_HELP}", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # a bad byte reaches encode (one clear error), not input()
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ").strip()
@@ -132,7 +139,12 @@ def chat(args: argparse.Namespace) -> int:
             print(f"unknown command {line!r}; {_HELP}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        ids = tok.encode_chat(system + messages)
+        try:
+            ids = tok.encode_chat(system + messages)
+        except TextError as e:  # reject this turn, keep the conversation
+            messages.pop()
+            print(f"error: {e}; the conversation is kept, type the message again", file=sys.stderr)
+            continue
         while len(ids) > room and len(messages) > 2:  # forget the oldest exchange to fit the context
             del messages[:2]
             ids = tok.encode_chat(system + messages)

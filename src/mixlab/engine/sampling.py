@@ -12,8 +12,17 @@ from dataclasses import dataclass
 import torch
 
 from mixlab.engine.api import SamplingParams
+from mixlab.errors import GenerationError
 
-__all__ = ["Sampler", "sample_row", "top_logprobs"]
+__all__ = ["Sampler", "check_logits", "sample_row", "top_logprobs"]
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """GenerationError when the model produced NaN logits (sampling from them is meaningless:
+    multinomial fails, argmax returns an arbitrary token)."""
+    if bool(torch.isnan(logits).any()):
+        raise GenerationError("the model produced NaN logits; its weights or inputs hold NaN/Inf (loading warns "
+                              "with the tensor's name), or a float16 overflow: try --dtype float32")
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,7 @@ class Sampler:
         self, logits_BV: torch.Tensor, *, seen_BV: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Next token ids `[B]` from float logits `[B, V]`; `seen_BV` marks tokens to penalise."""
+        check_logits(logits_BV)
         logits_BV = self.filter(logits_BV, seen_BV=seen_BV)
         if self.greedy:
             return logits_BV.argmax(dim=-1)

@@ -38,9 +38,10 @@ from typing import Any, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from mixlab.checkpoint import save_model
+from mixlab.checkpoint import parse_device, save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset
+from mixlab.errors import TrainingError
 from mixlab.model import Transformer
 from mixlab.train import checkpoints
 from mixlab.train.data import BatchLoader, DataError, TokenDataset, eval_windows
@@ -76,6 +77,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip: float = 1.0
+    # A step whose loss or gradient norm is NaN/Inf stops training with an error naming the step;
+    # with skip_nonfinite, the step's update is skipped instead (counted in metrics as "skipped").
+    skip_nonfinite: bool = False
     # Numerics and speed.
     dtype: str = "float32"  # autocast dtype: float32 (off) or bfloat16
     device: str = "cpu"
@@ -99,7 +103,7 @@ class TrainConfig:
 
 # Fields that may differ between a run and its resumption; everything else must match.
 RUN_ONLY = {"data", "out", "eval_every", "eval_windows", "ckpt_every", "keep", "log_every", "export_hf", "progress",
-            "tensorboard", "compile", "activation_checkpointing", "device", "moe_impl", "threads"}
+            "tensorboard", "compile", "activation_checkpointing", "device", "moe_impl", "threads", "skip_nonfinite"}
 
 
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -130,7 +134,37 @@ def load_train_config(path: str | Path | None = None, **overrides: Any) -> Train
         raise ConfigError(f"training setting 'data_offset' must be a non-negative integer, got {cfg.data_offset!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"training setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    _check_numbers(cfg)
     return cfg
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every numeric setting has the right type and range (a TOML `lr = "fast"` or `--lr nan` is an
+    error naming the setting, not a crash mid-training)."""
+    def number(name: str, *, positive: bool = False) -> None:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or \
+                (positive and v == 0):
+            want = "a finite number > 0" if positive else "a finite number >= 0"
+            raise ConfigError(f"training setting {name!r} must be {want}, got {v!r}")
+
+    def integer(name: str, low: int = 0, high: int = 2**63 - 1) -> None:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ConfigError(f"training setting {name!r} must be an integer in [{low}, {high}], got {v!r}")
+
+    number("eps", positive=True)
+    for name in ("lr", "min_lr_ratio", "weight_decay", "clip", "init_std", "beta1", "beta2"):
+        number(name)
+    for name in ("warmup", "threads", "eval_every", "eval_windows", "ckpt_every", "keep", "log_every", "seed"):
+        integer(name)
+    try:
+        parse_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"training setting 'device': {e}") from None
+    for name in ("beta1", "beta2", "min_lr_ratio"):
+        if getattr(cfg, name) > 1:
+            raise ConfigError(f"training setting {name!r} must be at most 1, got {getattr(cfg, name)!r}")
 
 
 def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
@@ -295,8 +329,18 @@ class _Metrics:
         self.path = out / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
             # Drop records written after the checkpoint we resume from: they will be redone.
-            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            # A torn last line (the process was killed mid-write) is dropped; damage elsewhere is an error.
+            lines = [ln for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+            keep = []
+            for i, ln in enumerate(lines):
+                try:
+                    rec = json.loads(ln)
+                except json.JSONDecodeError as e:
+                    if i == len(lines) - 1:
+                        break
+                    raise DataError(f"{self.path}: line {i + 1} is not valid JSON ({e}); fix or remove it") from None
+                if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
+                    keep.append(ln)
             self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
         elif self.path.exists():
             self.path.unlink()
@@ -491,7 +535,15 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 load = par.all_sum(load) / par.world
             else:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            optimizer.step()
+            bad = not all(math.isfinite(v) for v in (ce_sum, aux_sum, z_sum, gnorm))
+            if bad and not cfg.skip_nonfinite:
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(
+                    f"non-finite loss at step {step + 1} (loss {ce_sum / cfg.grad_accum:g}, gradient norm {gnorm:g}, "
+                    f"lr {lr:g}); lower the learning rate, or set skip_nonfinite = true to skip such steps. The "
+                    f"newest checkpoint in {ckpt_root} is from before it")
+            if not bad:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
@@ -499,6 +551,8 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 "step": step, "loss": ce_sum / cfg.grad_accum, "aux_loss": aux_sum / cfg.grad_accum,
                 "z_loss": z_sum / cfg.grad_accum, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_per_step / dt,
             }
+            if bad:
+                rec["skipped"] = True  # a non-finite step: no update (skip_nonfinite)
             dropped = sum(int(getattr(r, "dropped", 0) or 0) for r in routings)
             if moe and moe.capacity_factor is not None:
                 rec["dropped"] = dropped

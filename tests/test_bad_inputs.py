@@ -1,0 +1,341 @@
+"""Bad and hostile inputs through the `mixlab` command (issue 11): every case exits with code 2 and
+a one-line message naming the file, field, parameter or value, prints no traceback, and deletes
+nothing of the user's. Cases run in-process (`mixlab.cli.main`); the few that could hang, or whose
+exit code only a real process shows, run as subprocesses with a time limit. The Python API raises
+mixlab's own exception types (`mixlab.errors`) with the same messages."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixlab.checkpoint import load_model, save_model
+from mixlab.cli import main
+from mixlab.config import ModelConfig, get_preset
+from mixlab.errors import CheckpointError, ConfigError, DataError, GenerationError, MixlabError
+from mixlab.model import Transformer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _tiny(path: Path, vocab: int = 256, **cfg: object) -> Path:
+    m = Transformer(get_preset("tiny-moe").replace(vocab_size=vocab, **cfg))
+    m.init_weights(seed=0)
+    save_model(m, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny(tmp_path_factory.mktemp("m") / "base")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Vocabulary 32000: Mixtral's tokenizer fits, so generate and chat run."""
+    return _tiny(tmp_path_factory.mktemp("m") / "chat", vocab=32000)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mixlab.train.data import prepare, read_documents
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "src" / "prose").mkdir(parents=True)
+    for i in range(12):
+        (root / "src" / "prose" / f"{i}.txt").write_text(f"The {i}th cat sat on the mat. " * 8)
+    prepare(read_documents([root / "src"]), root / "ds")
+    return root / "ds"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_config(folder: Path, **changes: object) -> Path:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _params(folder: Path, **changes: object) -> Path:
+    """A Mistral-format copy with params.json edited."""
+    d = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").unlink()
+    params = {"dim": d["hidden_size"], "n_layers": d["num_hidden_layers"], "n_heads": d["num_attention_heads"],
+              "n_kv_heads": d["num_key_value_heads"], "hidden_dim": d["intermediate_size"],
+              "vocab_size": d["vocab_size"], "moe": {"num_experts": 4, "num_experts_per_tok": 2}}
+    params.update(changes)
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder
+
+
+def _train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(dataset), "--out", str(out), "--steps", "3", "--seq-len", "16",
+            "--batch-size", "2", "--eval-every", "0", "--ckpt-every", "0", "--log-every", "1", "--threads", "1",
+            "--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+            "--set", "head_dim=16", "--set", "ffn_dim=32", *extra]
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# Each case: (setup(tmp, base, chat_model, dataset) -> argv, words the message must contain).
+Case = Callable[[Path, Path, Path, Path], list[str]]
+CASES: dict[str, tuple[Case, list[str]]] = {
+    # 1-3: data loss
+    "convert into a folder holding the source": (
+        lambda t, b, c, d: (_copy(b, t / "models" / "a"), _copy(b, t / "models" / "b"),
+                            (t / "models" / "config.json").write_text("{}"),
+                            ["convert", str(t / "models" / "a"), str(t / "models"), "--to", "mistral"])[-1],
+        ["contains the source", "models"]),
+    "convert into the parent of the source, --overwrite": (
+        lambda t, b, c, d: (_copy(b, t / "p" / "src"),
+                            ["convert", str(t / "p" / "src"), str(t / "p"), "--overwrite"])[-1],
+        ["contains the source"]),
+    "convert into a foreign folder": (
+        lambda t, b, c, d: ((t / "notes").mkdir(), (t / "notes" / "thesis.tex").write_text("x"),
+                            ["convert", str(b), str(t / "notes")])[-1],
+        ["thesis.tex", "--overwrite"]),
+    "data prepare --out the corpus": (
+        lambda t, b, c, d: ((t / "corpus").mkdir(), (t / "corpus" / "a.txt").write_text("hello " * 20),
+                            ["data", "prepare", str(t / "corpus"), "--out", str(t / "corpus"), "--overwrite"])[-1],
+        ["is the source", "corpus"]),
+    "data prepare --out an existing file": (
+        lambda t, b, c, d: ((t / "corpus").mkdir(), (t / "corpus" / "a.txt").write_text("hello " * 20),
+                            (t / "ds").write_text("mine"),
+                            ["data", "prepare", str(t / "corpus"), "--out", str(t / "ds")])[-1],
+        ["ds", "not a folder"]),
+    # 5: NaN / Inf
+    "generate from NaN weights": (
+        lambda t, b, c, d: (_nan_copy(c, t / "nan"),
+                            ["generate", "--model", str(t / "nan"), "--prompt", "hi", "--max-new-tokens", "2",
+                             "--dtype", "float32"])[-1],
+        ["NaN logits"]),
+    "train --lr 1e10": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "1e10", "--warmup", "0"),
+                        ["non-finite loss at step", "skip_nonfinite"]),
+    # 6: text that is not UTF-8
+    "generate --prompt with undecodable bytes": (
+        lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", os.fsdecode(b"\xff\xfe"),
+                            "--max-new-tokens", "2"],
+        ["not valid UTF-8", "ff"]),
+    "generate --prompt with a lone surrogate": (
+        lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "a\ud800b", "--max-new-tokens", "2"],
+        ["not valid UTF-8", "character 1"]),
+    # 7: runaway resources
+    "num_hidden_layers 1000000": (
+        lambda t, b, c, d: ["generate", "--model", str(_edit_config(_copy(c, t / "m"), num_hidden_layers=1_000_000)),
+                            "--prompt", "hi"],
+        ["1000000 layers", "the weights hold 2"]),
+    "deeply nested safetensors header": (
+        lambda t, b, c, d: (_nested_header(_copy(b, t / "m")), ["info", str(t / "m")])[-1],
+        ["model.safetensors", "nested too deeply"]),
+    "deeply nested config.json": (
+        lambda t, b, c, d: ((_copy(b, t / "m") / "config.json").write_text('{"a": ' + _nested(100_000) + "}"),
+                            ["info", str(t / "m")])[-1],
+        ["config.json", "nested too deeply"]),
+    # 8: one-line errors naming the file, field or value
+    "rope_parameters as a list": (
+        lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), rope_parameters=[1, 2]))],
+        ["config.json", "rope_parameters"]),
+    "rope_theta 'abc'": (lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), rope_theta="abc",
+                                                                      rope_parameters=None))],
+                         ["config.json", "rope_theta", "'abc'"]),
+    "moe 'x' in params.json": (lambda t, b, c, d: ["info", str(_params(_copy(b, t / "m"), moe="x"))],
+                               ["params.json", "'moe'", "'x'"]),
+    "n_heads 0 without head_dim": (lambda t, b, c, d: ["info", str(_params(_copy(b, t / "m"), n_heads=0))],
+                                   ["params.json", "n_heads", "0"]),
+    "gguf destination is a folder": (
+        lambda t, b, c, d: ((t / "x.gguf").mkdir(), ["convert", str(c), str(t / "x.gguf"), "--to", "gguf"])[-1],
+        ["x.gguf", "is a folder"]),
+    "--device cuda without CUDA": (
+        lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "hi", "--device", "cuda"],
+        ["cuda", "not available"]),
+    "--device bogus": (lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "hi", "--device", "bogus"],
+                       ["'bogus'", "cpu"]),
+    "--device meta": (lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "hi", "--device", "meta"],
+                      ["meta", "no data"]),
+    "lr = 'fast' in TOML": (
+        lambda t, b, c, d: ((t / "c.toml").write_text('lr = "fast"\n'),
+                            ["train", str(t / "c.toml"), "--data", str(d), "--out", str(t / "run")])[-1],
+        ["'lr'", "'fast'"]),
+    "seed 10**23 in generate": (
+        lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "hi", "--temperature", "1",
+                            "--seed", str(10**23)],
+        ["seed", str(10**23)]),
+    "seed 10**23 in train": (lambda t, b, c, d: _train_args(d, t / "run", "--seed", str(10**23)),
+                             ["'seed'", str(10**23)]),
+    # 10: smaller
+    "bos_token_id outside the vocabulary": (
+        lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), bos_token_id=999))],
+        ["config.json", "bos_token_id", "999"]),
+    "info on tensors that do not match the config": (
+        lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), intermediate_size=64))],
+        ["shape", "expected"]),
+    "--valid-fraction -1": (
+        lambda t, b, c, d: ((t / "c").mkdir(), (t / "c" / "a.txt").write_text("x " * 10),
+                            ["data", "prepare", str(t / "c"), "--out", str(t / "o"), "--valid-fraction", "-1"])[-1],
+        ["valid_fraction", "-1"]),
+    "--valid-fraction 2": (
+        lambda t, b, c, d: ((t / "c").mkdir(), (t / "c" / "a.txt").write_text("x " * 10),
+                            ["data", "prepare", str(t / "c"), "--out", str(t / "o"), "--valid-fraction", "2"])[-1],
+        ["valid_fraction", "2"]),
+    "train --lr nan": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "nan"), ["'lr'", "nan"]),
+    "train --lr -1": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "-1"), ["'lr'", "-1"]),
+    "train --warmup -5": (lambda t, b, c, d: _train_args(d, t / "run", "--warmup", "-5"), ["'warmup'", "-5"]),
+    "train --threads -3": (lambda t, b, c, d: _train_args(d, t / "run", "--threads", "-3"), ["'threads'", "-3"]),
+    "prompt over the context names --truncate": (
+        lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "word " * 600, "--max-new-tokens", "8"],
+        ["--truncate"]),
+}
+
+
+def _nan_copy(src: Path, dst: Path) -> Path:
+    m = load_model(src)
+    with torch.no_grad():
+        m.layers[0].attn.wo.weight[0, 0] = math.nan
+    save_model(m, dst)
+    return dst
+
+
+def _nested_header(folder: Path) -> None:
+    f = folder / "model.safetensors"
+    header = b'{"x": ' + _nested(100_000).encode() + b"}"
+    f.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_case_is_a_clear_error(name, tmp_path, base, chat_model, dataset, capsys):
+    setup, words = CASES[name]
+    argv = setup(tmp_path, base, chat_model, dataset)
+    before = _snapshot(tmp_path)
+    inputs = _snapshot(base), _snapshot(chat_model), _snapshot(dataset)
+    with pytest.warns() if "NaN" in name else _nothing():
+        code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab ")]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    after = _snapshot(tmp_path)
+    assert all(after.get(k) == v for k, v in before.items()), "a file of the user's changed or vanished"
+    assert (_snapshot(base), _snapshot(chat_model), _snapshot(dataset)) == inputs
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def _run(args: list[str], timeout: float = 120, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run([sys.executable, "-m", "mixlab", *args], capture_output=True, timeout=timeout, env=env,
+                          input=stdin)
+
+
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_a_fifo_named_model_safetensors_is_refused_not_waited_on(tmp_path, base, command):
+    m = _copy(base, tmp_path / "m")
+    (m / "model.safetensors").unlink()
+    os.mkfifo(m / "model.safetensors")
+    args = ["info", str(m)] if command == "info" else ["generate", "--model", str(m), "--prompt", "hi"]
+    r = _run(args, timeout=60)  # a hang fails here (TimeoutExpired)
+    assert r.returncode == 2 and b"not a regular file" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_real_exit_codes_of_a_few_cases(tmp_path, base, chat_model):
+    r = _run(["generate", "--model", str(chat_model), "--prompt", os.fsdecode(b"\xff\xfe")])
+    assert r.returncode == 2 and b"not valid UTF-8" in r.stderr and b"Traceback" not in r.stderr
+    r = _run(["convert", str(base), str(base.parent)])
+    assert r.returncode == 2 and b"contains the source" in r.stderr
+
+
+def test_chat_rejects_a_bad_line_and_keeps_the_conversation(chat_model):
+    stdin = b"hello\n\xff\xfe bad\n/exit\n"
+    r = _run(["chat", "--model", str(chat_model), "--max-new-tokens", "2", "--temperature", "0"], stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    assert b"not valid UTF-8" in r.stderr and b"conversation is kept" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_threads_beyond_the_cpu_count_are_bounded_with_a_warning(chat_model, capsys):
+    old = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(chat_model), "--prompt", "hi", "--max-new-tokens", "2",
+                     "--threads", "10000"]) == 0
+        assert torch.get_num_threads() <= (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(old)
+    assert "more than the" in capsys.readouterr().err
+
+
+def test_torn_last_line_of_metrics_does_not_block_resume(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = _train_args(dataset, out, "--steps", "4", "--ckpt-every", "2", "--warmup", "0")
+    assert main(args) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # killed mid-write
+    assert main([*args, "--resume"]) == 0
+    assert all(json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_skip_nonfinite_skips_bad_steps(dataset, tmp_path, capsys):
+    from mixlab.train.loop import load_train_config, train
+
+    cfg = load_train_config(None, data=str(dataset), out=str(tmp_path / "run"), steps=3, seq_len=16, batch_size=2,
+                            eval_every=0, ckpt_every=0, log_every=1, threads=1, lr=1e10, warmup=0,
+                            skip_nonfinite=True, progress=False, tensorboard=False, export_hf=False,
+                            model_overrides={"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
+                                             "head_dim": 16, "ffn_dim": 32})
+    result = train(cfg)
+    assert result.step == 3 and any(r.get("skipped") for r in result.history)
+
+
+# -- the Python API raises mixlab's own types -------------------------------------------------
+
+
+def test_python_api_raises_mixlab_errors(tmp_path, base, chat_model):
+    from mixlab.generate import generate
+    from mixlab.tokenizer import load_tokenizer
+    from mixlab.train.data import Document, prepare
+
+    with pytest.raises(ConfigError, match="rope_theta.*'abc'"):
+        ModelConfig.from_hf_dict({**json.loads((base / "config.json").read_text()), "rope_theta": "abc",
+                                  "rope_parameters": None},
+                                 source="config.json")
+    with pytest.raises(CheckpointError, match="1000000 layers"):
+        load_model(_edit_config(_copy(base, tmp_path / "deep"), num_hidden_layers=1_000_000))
+    with pytest.raises(ValueError, match="meta"):
+        load_model(base, device="meta")
+    model = load_model(base)
+    with pytest.raises(ValueError, match="bytes are not accepted"):
+        generate(model, [[1, 5]], max_new_tokens=2, stop=b"x")
+    with pytest.raises(MixlabError, match="not valid UTF-8"):
+        load_tokenizer().encode("a\ud800")
+    with pytest.raises(DataError, match="valid_fraction"):
+        prepare([Document("d", "", "text", "x")], tmp_path / "ds", valid_fraction=2)
+    with pytest.warns(UserWarning, match=r"o_proj.weight' holds NaN"):
+        nan_model = load_model(_nan_copy(base, tmp_path / "nan"))
+    with pytest.raises(GenerationError, match="NaN logits"):
+        generate(nan_model, [[1, 5]], max_new_tokens=2)
+    assert all(issubclass(e, MixlabError) for e in (ConfigError, CheckpointError, DataError, GenerationError))
