@@ -102,6 +102,7 @@ def sample_row(
     then `sampler` (repetition penalty over `seen`, temperature, top-k, top-p, min-p). Each row is
     sampled alone with its own generator, so a seeded request draws the same numbers whatever else
     the engine runs."""
+    check_logits(logits_1V)
     if counts_1V is not None and (params.presence_penalty or params.frequency_penalty):
         logits_1V = logits_1V - counts_1V * params.frequency_penalty - (counts_1V > 0).float() * params.presence_penalty
     logits_1V = sampler.filter(logits_1V, seen_BV=seen_1V)
