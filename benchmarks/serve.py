@@ -2,12 +2,12 @@
 
 Builds `mini-moe` (random weights, bf16, seeded), saves it as a transformers checkpoint and exports
 the same weights to GGUF (bf16), then for each server drives 1, 4 and 16 concurrent streaming
-clients over loopback, each sending `--requests` completions of mixed prompt lengths (token-id
-prompts of 16-48 tokens, mean 32) with `--max-tokens` greedy tokens and `ignore_eos`. Reports the
-aggregate generated tokens/s, time to first token and inter-token latency (p50, p99), the ratio to
-the peer, and the weight-streaming limit: the bytes a decoding step of B sequences must read
-(dense weights + the experts those B tokens touch) over the memory bandwidth measured in the same
-run.
+clients over loopback, each sending `--requests` completions of mixed prompt lengths (text of
+15-47 random Mixtral tokens, about 16-48 tokens with BOS, mean 32) with `--max-tokens` greedy
+tokens and `ignore_eos`. Reports the aggregate generated tokens/s, time to first token and
+inter-token latency (p50, p99), the ratio to the peer, and the weight-streaming limit: the bytes a
+decoding step of B sequences must read (dense weights + the experts those B tokens touch) over the
+memory bandwidth measured in the same run.
 
 The peer is llama.cpp's own `llama-server` (`--llama-server PATH`, run with `-np 16` parallel slots
 and continuous batching), built from the llama.cpp source the llama-cpp-python sdist vendors; or
@@ -44,7 +44,9 @@ from mixlab.checkpoint import save_model  # noqa: E402
 from mixlab.checkpoint.gguf import write_gguf  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
+from mixlab.tokenizer import load_tokenizer  # noqa: E402
 
+TOK = load_tokenizer()
 PROMPT_LENS = (16, 24, 32, 40, 48)  # mean 32
 
 
@@ -69,7 +71,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError("the server did not become healthy")
 
 
-def one_request(url: str, model: str, prompt: list[int], max_tokens: int, timeout: float) -> dict[str, Any]:
+def one_request(url: str, model: str, prompt: str, max_tokens: int, timeout: float) -> dict[str, Any]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -93,13 +95,14 @@ def one_request(url: str, model: str, prompt: list[int], max_tokens: int, timeou
 def load(url: str, model: str, clients: int, requests: int, max_tokens: int, seed: int, timeout: float,
          vocab: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    jobs = [[[1] + [rng.randrange(100, vocab - 100) for _ in range(PROMPT_LENS[(c + r) % len(PROMPT_LENS)] - 1)]
+    # text prompts (llama-cpp-python's server takes no token ids): random Mixtral tokens, decoded
+    jobs = [[TOK.decode([rng.randrange(100, vocab - 100) for _ in range(PROMPT_LENS[(c + r) % len(PROMPT_LENS)] - 1)])
              for r in range(requests)] for c in range(clients)]
     results: list[dict[str, Any]] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
 
-    def client(prompts: list[list[int]]) -> None:
+    def client(prompts: list[str]) -> None:
         for p in prompts:
             try:
                 res = one_request(url, model, p, max_tokens, timeout)
@@ -133,8 +136,9 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int, see
 def run_server(name: str, cmd: list[str], url: str, model: str, args: argparse.Namespace, vocab: int,
                log: Any) -> list[dict[str, Any]]:
     log(f"starting {name}: {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    logfile = open(Path(tempfile.gettempdir()) / f"mixlab-serve-bench-{name.split()[0]}.log", "w")  # noqa: SIM115
+    # (a pipe nobody reads would fill with llama.cpp's loading log and block the server)
+    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out = []
     try:
         wait_healthy(url, proc, args.timeout)
@@ -156,6 +160,7 @@ def run_server(name: str, cmd: list[str], url: str, model: str, args: argparse.N
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        logfile.close()
     return out
 
 
@@ -226,7 +231,8 @@ def main() -> None:
             port = free_port()
             peer = "llama-cpp-python[server]"
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
-                   str(port), "--n_threads", str(args.threads), "--n_ctx", str(n_ctx_slot * 2), "--model_alias", "m"]
+                   str(port), "--n_threads", str(args.threads), "--n_ctx", str(n_ctx_slot * 2), "--model_alias", "m",
+                   "--interrupt_requests", "False"]  # by default a new request cuts the running stream short
             results += run_server(peer, cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
 
     for r in results:
