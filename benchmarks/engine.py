@@ -18,7 +18,8 @@ repetitions, since the bandwidth of a shared machine drifts):
    prefill, over the same without it (chunked prefill under `--token-budget`).
 
 Usage: .venv/bin/python benchmarks/engine.py [--preset mini-moe] [--dtype bfloat16] [--threads 2]
-       [--batches 1,4,16,64] [--reps 5] [--steps 4] [--token-budget 32] [--quick]
+       [--batches 1,4,16,64] [--reps 5] [--steps 4] [--token-budget 32] [--prompt 128]
+       [--requests 24] [--max-arrival-prompt 512] [--long-prompt 2000] [--sections decode,batch1,arrivals,long]
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def arrivals_section(model: Transformer, args: argparse.Namespace, interval: flo
     cfg = model.config
     g = torch.Generator().manual_seed(2)
     n_req = args.requests
-    lengths = [int(x) for x in torch.randint(16, 512, (n_req,), generator=g)]
+    lengths = [int(x) for x in torch.randint(16, args.max_arrival_prompt, (n_req,), generator=g)]
     outs = [int(x) for x in torch.randint(16, 48, (n_req,), generator=g)]
     eng = Engine(model, max_batch=16, max_seq_len=min(640, cfg.max_seq_len), token_budget=args.token_budget)
     start = time.perf_counter()
@@ -206,7 +207,8 @@ def arrivals_section(model: Transformer, args: argparse.Namespace, interval: flo
     ttft = [s[0] - due[i] for i, s in enumerate(stamps)]
     itl = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False)]
     total = sum(len(s) for s in stamps)
-    print(f"\nsteady arrivals: {n_req} requests every {interval:.2f} s, prompts 16-511 tokens, 16-47 new tokens, "
+    print(f"\nsteady arrivals: {n_req} requests every {interval:.2f} s, prompts 16-{args.max_arrival_prompt - 1} "
+          "tokens, 16-47 new tokens, "
           f"token budget {args.token_budget}, max batch 16: {total / (time.perf_counter() - start):.2f} tok/s overall")
     print("| | p50 | p99 |\n|---|---|---|")
     print(f"| time to first token (s) | {_pct(ttft, 0.5):.2f} | {_pct(ttft, 0.99):.2f} |")
@@ -265,6 +267,7 @@ def long_prompt_section(model: Transformer, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    global PROMPT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mini-moe")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
@@ -277,7 +280,10 @@ def main() -> None:
     ap.add_argument("--long-prompt", type=int, default=2000)
     ap.add_argument("--base-steps", type=int, default=12)
     ap.add_argument("--sections", default="decode,batch1,arrivals,long")
+    ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens of the decoding sequences")
+    ap.add_argument("--max-arrival-prompt", type=int, default=512)
     args = ap.parse_args()
+    PROMPT = args.prompt
     torch.set_num_threads(args.threads)
     print(f"# benchmarks/engine.py: {args.preset} {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
