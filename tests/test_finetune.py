@@ -18,7 +18,7 @@ from mixlab.model import Transformer
 from mixlab.train import dpo, sft
 from mixlab.train.data import ByteTokenizer, DataError
 from mixlab.train.finetune import finetune, load_finetune_config
-from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
+from mixlab.train.lora import LoraConfig, apply_lora, expert_lora, merge, save_peft
 from mixlab.train.losses import IGNORE, lm_loss
 
 CFG = ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=48,
@@ -287,7 +287,7 @@ def test_merged_weights_equal_the_adapter_model(base_dtype: str) -> None:
     got = merge(m)(x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     if base_dtype != "float32":  # the frozen base is really held low-precision
-        held = m.layers[0].ffn.parametrizations.w13[0].base  # type: ignore[union-attr,index]
+        held = expert_lora(m.layers[0].ffn, "w13").base
         assert (held.q.dtype if held.int8 else held.w.dtype) == (torch.int8 if base_dtype == "int8" else torch.bfloat16)
 
 
@@ -297,7 +297,7 @@ def test_lora_gradients_reach_every_expert_factor() -> None:
     m.train()
     x = torch.randint(0, 259, (4, 32))
     lm_loss(m(x), x).backward()
-    p13 = m.layers[0].ffn.parametrizations.w13[0]  # type: ignore[union-attr,index]
+    p13 = expert_lora(m.layers[0].ffn, "w13")
     assert p13.lora_A.grad is not None and (p13.lora_A.grad.abs().sum((1, 2)) > 0).all()  # every expert used
 
 

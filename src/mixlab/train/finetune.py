@@ -240,10 +240,21 @@ def _autocast(cfg: FinetuneConfig) -> torch.autocast:
                           enabled=cfg.dtype == "bfloat16")
 
 
+def logits_and_routing(model: nn.Module, tokens: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, list]:
+    """Logits and each MoE layer's routing, through `forward_output` where the model has it, else
+    `forward(return_routing=True)`."""
+    fo = getattr(model, "forward_output", None)
+    if fo is not None:
+        o = fo(tokens, **kw)
+        return o.logits_BTV, list(o.routing)
+    logits, routings = model(tokens, return_routing=True, **kw)
+    return logits, routings
+
+
 def sft_forward(model: nn.Module, b: sft.Packed, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(summed assistant-token cross-entropy, number of assistant tokens, routings) of a packed batch."""
-    logits, routings = model(b.tokens.to(device), positions_BT=b.positions.to(device),
-                             segments_BT=b.segments.to(device), return_routing=True)
+    logits, routings = logits_and_routing(model, b.tokens.to(device), positions_BT=b.positions.to(device),
+                                          segments_BT=b.segments.to(device))
     tgt = b.targets.to(device)
     n = (tgt != -100).sum()
     return lm_loss(logits, tgt) * n.clamp(min=1), n, routings
@@ -253,7 +264,7 @@ def pair_logps(model: nn.Module, b: dpo.PairBatch, device: torch.device, *, mean
     """Sequence log-probs `[2N]` (chosen then rejected) and the routings. Padding is on the right, so
     plain causal attention never lets a real token see it: no mask (SDPA's causal kernel); the
     padding's own outputs are ignored and the router losses mask it out."""
-    logits, routings = model(b.tokens.to(device), return_routing=True)
+    logits, routings = logits_and_routing(model, b.tokens.to(device))
     return dpo.sequence_logps(logits, b.targets.to(device), b.reply.to(device), mean=mean), routings
 
 

@@ -165,8 +165,8 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
         ffn = block.ffn
         if isinstance(ffn, MoEBlock):
             if "experts" in cfg.targets:
-                _parametrize(ffn, "w13", cfg, g)
-                _parametrize(ffn, "w2", cfg, g)
+                _parametrize(experts_owner(ffn), "w13", cfg, g)
+                _parametrize(experts_owner(ffn), "w2", cfg, g)
             if "router" in cfg.targets:
                 _parametrize(ffn.gate, "weight", cfg, g)
         elif "experts" in cfg.targets:  # a dense model: its FFN stands in for "the experts"
@@ -285,9 +285,9 @@ def peft_tensors(model: Transformer, *, expert_layout: str = "modules") -> tuple
                 put(f"{pre}.mlp.up_proj", w13.lora_A, Bu)
                 put(f"{pre}.mlp.down_proj", w2.lora_A, w2.lora_B)
             continue
-        if parametrize.is_parametrized(ffn, "w13"):
-            p13 = _lora_of(ffn, "w13")
-            p2 = _lora_of(ffn, "w2")
+        if parametrize.is_parametrized(experts_owner(ffn), "w13"):
+            p13 = expert_lora(ffn, "w13")
+            p2 = expert_lora(ffn, "w2")
             if expert_layout == "modules":  # transformers < 5: one nn.Linear per expert and matrix
                 for e in range(ffn.moe.num_experts):
                     B1, B3 = p13.lora_B[e].split([F_, F_])
@@ -312,6 +312,18 @@ def peft_tensors(model: Transformer, *, expert_layout: str = "modules") -> tuple
 
 def _lora_of(module: nn.Module, name: str) -> WeightLoRA:
     return cast(WeightLoRA, module.parametrizations[name][0])  # type: ignore[index]
+
+
+def experts_owner(ffn: nn.Module) -> nn.Module:
+    """The module holding the stacked expert weights `w13` / `w2`: the MoE block's `experts`
+    submodule where there is one, else the block itself."""
+    sub = getattr(ffn, "experts", None)
+    return sub if isinstance(sub, nn.Module) and hasattr(sub, "w13") else ffn
+
+
+def expert_lora(ffn: nn.Module, name: str) -> WeightLoRA:
+    """The adapter (factors and frozen base) on expert weight `name` ("w13" or "w2") of an MoE block."""
+    return _lora_of(experts_owner(ffn), name)
 
 
 def save_peft(model: Transformer, path: str | Path, *, expert_layout: str | None = None) -> PeftExport:
