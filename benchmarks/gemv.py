@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mixlab.ops import native
 from mixlab.ops.linear import pack
+from mixlab.ops.quant import quantize_int4
 
 # (rows, cols) of the matrices one mini-moe decoding step reads: expert w13, expert w2, wqkv, output.
 SHAPES = [(7168, 1024), (1024, 3584), (1536, 1024), (32000, 1024)]
@@ -47,14 +48,16 @@ def main() -> None:
     big = torch.ones(256 * 1024 * 1024)
     roof = gbps(lambda i: big.sum(), big.numel() * 4, 1, args.reps)
     print(f"torch {torch.__version__}, {args.threads} threads; memory read bandwidth (float32 sum): {roof:.1f} GB/s")
-    print("| shape (rows x cols) | native bf16 | oneDNN packed bf16 | F.linear bf16 | native int8 (int8 bytes) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| shape (rows x cols) | native bf16 | oneDNN packed bf16 | F.linear bf16 | native int8 (int8 bytes) "
+          "| native int4 (Q4_0 bytes: 18 per 32) |")
+    print("|---|---:|---:|---:|---:|---:|")
     copies = 16
     for X, D in SHAPES:
         ws = [torch.randn(X, D).bfloat16() for _ in range(copies)]
         packed = [pack(w) for w in ws]
         qs = [torch.randint(-127, 128, (X, D), dtype=torch.int8) for _ in range(copies)]
         s = torch.rand(X)
+        q4s = [quantize_int4(torch.randn(X, D), 32) for _ in range(copies)]
         x = torch.randn(1, D).bfloat16()
         xf = x[0].float()
         kernels: list[tuple[Callable[[int], object], int]] = [
@@ -62,8 +65,9 @@ def main() -> None:
             (lambda i, x=x, packed=packed: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], ""), 2),
             (lambda i, x=x, ws=ws: F.linear(x, ws[i]), 2),
             (lambda i, qs=qs, xf=xf, s=s: native.gemv(qs[i], xf, s), 1),
+            (lambda i, q4s=q4s, xf=xf: native.gemv(q4s[i][0], xf, q4s[i][1]), 18 / 32),
         ]
-        row = [gbps(fn, X * D * elem, copies, args.reps) for fn, elem in kernels]
+        row = [gbps(fn, int(X * D * elem), copies, args.reps) for fn, elem in kernels]
         print(f"| {X} x {D} | " + " | ".join(f"{v:.1f} GB/s" for v in row) + " |")
 
 

@@ -312,7 +312,7 @@ class BenchPlan:
     decode_prompt: int = 128
     decode_steps: int = 8  # per repetition
     moe_tokens: tuple[int, ...] = (1, 32, 512, 4096)
-    peers: tuple[str, ...] = ("mixlab", "mixlab-packed", "mixlab-int8", "transformers", "llama.cpp")
+    peers: tuple[str, ...] = ("mixlab", "mixlab-packed", "mixlab-int8", "mixlab-int4", "transformers", "llama.cpp")
     seed: int = 0
     limit_mib: int = 1024  # size of the bandwidth probe
     limit_n: int = 2048  # size of the matmul probe
@@ -387,6 +387,8 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), packed=True), "mixlab-packed"))
     if "mixlab-int8" in plan.peers:
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int8"), "mixlab-int8", 1.0))
+    if "mixlab-int4" in plan.peers:  # groups of 32: Q4_0's 18 bytes per 32 weights
+        peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int4"), "mixlab-int4", 18 / 32))
     tmp = tempfile.TemporaryDirectory(dir=workdir, prefix="mixlab-bench-")
     root = Path(tmp.name)
     try:
@@ -412,7 +414,8 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
                     report.notes.append(f"llama.cpp skipped: vocab_size {cfg.vocab_size} < the tokenizer's 32000")
                 else:
                     n_ctx = max(max(plan.prefill), plan.decode_prompt + plan.decode_steps * (plan.reps + 2)) + 16
-                    for quant, elem in (("bf16", 2.0), ("q8_0", 34 / 32)):
+                    # q4_0: every matrix Q4_0 (llama.cpp's quantiser with `pure`; mixlab writes the same bytes)
+                    for quant, elem in (("bf16", 2.0), ("q8_0", 34 / 32), ("q4_0", 18 / 32)):
                         log(f"writing GGUF {quant} ...")
                         path = write_gguf(model, root / f"m-{quant}.gguf", quant=quant)
                         peers.append(LlamaCppPeer(path, f"llama.cpp-{quant}", plan.threads, n_ctx, elem))

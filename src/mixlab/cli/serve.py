@@ -88,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", default="auto",
                    help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
-    r.add_argument("--quant", choices=["none", "int8"], default="none", help="int8 weight-only quantisation")
+    r.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantisation: int8 (per row) or int4 (groups of 32)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     e = p.add_argument_group("engine budgets and limits")

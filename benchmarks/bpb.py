@@ -1,0 +1,130 @@
+"""Bits per byte per domain of one model in bf16, int8 and int4 (mixlab) and in llama.cpp's Q8_0 and
+Q4_0 (llama-cpp-python's logits), all scored by `mixlab.eval`'s code: disjoint windows, each token
+predicted once, bytes counted from the original text (BENCHMARKS.md, "Quantisation: bits per byte").
+
+    python benchmarks/bpb.py --model RUN_OR_CHECKPOINT --data ../shared/corpus --max-docs 8 --out bpb.json
+
+The model is the corpus-trained byte-level MoE (vocabulary 259). llama.cpp needs a vocabulary in the
+GGUF file: a SentencePiece model of the byte tokenizer's 259 pieces (pad/unknown, BOS, EOS, 256
+byte pieces) is written for it; ids are fed to llama.cpp directly, so its tokenizer is never used.
+The F32 GGUF is written by mixlab and quantised by llama.cpp's own `llama_model_quantize` (default
+parameters: llama.cpp picks the types of the embedding and output matrices itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _byte_spm(path: Path) -> Path:
+    """A SentencePiece model of mixlab's byte tokenizer: 0 <unk> (pad), 1 <s>, 2 </s>, 3 + b = <0xBB>."""
+    from mixlab.checkpoint.gguf_read import _field, _pb_bytes, _pb_int
+
+    pieces = b""
+    for i, (piece, kind) in enumerate([("<unk>", 2), ("<s>", 3), ("</s>", 3)] +
+                                      [(f"<0x{b:02X}>", 6) for b in range(256)]):
+        body = _pb_bytes(1, piece.encode()) + _field(2, 5, struct.pack("<f", -float(i))) + _pb_int(3, kind)
+        pieces += _pb_bytes(1, body)
+    trainer = _pb_int(3, 2) + _pb_int(4, 259) + _pb_int(35, 1) + _pb_int(40, 0) + _pb_int(41, 1) + _pb_int(42, 2)
+    normalizer = _pb_bytes(1, b"identity") + _pb_int(3, 0) + _pb_int(4, 0) + _pb_int(5, 1)
+    path.write_bytes(pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer))
+    return path
+
+
+class LlamaCppModel(nn.Module):
+    """Enough of a mixlab model for `mixlab.eval.perplexity`: logits of a batch through llama.cpp."""
+
+    def __init__(self, path: Path, config: object, threads: int) -> None:
+        import llama_cpp
+
+        super().__init__()
+        self.config = config
+        self._p = nn.Parameter(torch.zeros(1), requires_grad=False)  # device lookup
+        self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=config.max_seq_len, n_batch=512,  # type: ignore[attr-defined]
+                                   n_threads=threads, type_k=0, type_v=0, verbose=False)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        out = []
+        for row in tokens_BT.tolist():
+            self.llm.reset()
+            self.llm.eval(row)
+            out.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+        return torch.stack(out)
+
+
+def main() -> int:
+    import llama_cpp
+
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.eval.data import documents
+    from mixlab.eval.perplexity import evaluate_texts
+    from mixlab.model.inference import prepare_for_inference
+    from mixlab.train.checkpoints import init_config, load_init
+    from mixlab.train.data import ByteTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a checkpoint folder, training step folder or run folder")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--split", default="valid")
+    ap.add_argument("--max-docs", type=int, default=None)
+    ap.add_argument("--context", type=int, default=256,
+                    help="tokens per window (default 256: the corpus model was trained on 256-token windows)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = init_config(args.model)
+    base = load_init(args.model, cfg).float().eval()
+    tok = ByteTokenizer()
+    docs = list(documents(args.data, split=args.split, max_docs=args.max_docs))
+    results: dict[str, dict] = {}
+
+    def run(name: str, model: nn.Module) -> None:
+        t0 = time.perf_counter()
+        rep = evaluate_texts(model, lambda s: tok.encode(s), docs, prefix=1, context=args.context)  # type: ignore[arg-type]
+        results[name] = rep.to_json()
+        print(f"{name}: {rep.overall().metrics()['bits_per_byte']:.4f} bits/byte ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr)
+
+    run("float32", base)
+    run("bf16", copy.deepcopy(base).to(torch.bfloat16))
+    run("int8", prepare_for_inference(copy.deepcopy(base), quant="int8"))
+    run("int4", prepare_for_inference(copy.deepcopy(base), quant="int4"))
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        f32 = write_gguf(base, root / "m-f32.gguf", quant="f32", tokenizer=_byte_spm(root / "bytes.model"))
+        for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
+                            ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = ftype, args.threads
+            out = root / f"m-{ftype}.gguf"
+            if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+                raise RuntimeError(f"llama_model_quantize failed for {name}")
+            run(name, LlamaCppModel(out, cfg, args.threads))
+    domains = sorted(results["float32"]["domains"])  # type: ignore[arg-type]
+    print("| domain | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for dname in [*domains, "overall"]:
+        cells = [(r["overall"] if dname == "overall" else r["domains"][dname])["bits_per_byte"]
+                 for r in results.values()]
+        print(f"| {dname} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
