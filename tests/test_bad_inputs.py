@@ -339,3 +339,16 @@ def test_python_api_raises_mixlab_errors(tmp_path, base, chat_model):
     with pytest.raises(GenerationError, match="NaN logits"):
         generate(nan_model, [[1, 5]], max_new_tokens=2)
     assert all(issubclass(e, MixlabError) for e in (ConfigError, CheckpointError, DataError, GenerationError))
+
+
+def test_a_model_trained_with_the_bytes_tokenizer_generates_and_chats(dataset, tmp_path, capsys, monkeypatch):
+    import io
+
+    out = tmp_path / "run"
+    assert main(_train_args(dataset, out, "--steps", "2", "--warmup", "0")) == 0
+    assert (out / "hf" / "mixlab_data.json").is_file()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out / "hf"), "--prompt", "The cat", "--max-new-tokens", "3"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    assert main(["chat", "--model", str(out / "hf"), "--max-new-tokens", "3"]) == 0
+    assert "Traceback" not in capsys.readouterr().err

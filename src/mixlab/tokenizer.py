@@ -121,6 +121,42 @@ class _HFTokenizers:
         return None if i is None else int(i)
 
 
+class _Bytes:
+    """UTF-8 bytes as tokens, as `mixlab train`'s default `bytes` tokenizer writes them: id = byte +
+    offset, 1 BOS, 2 EOS (named by a model's `mixlab_data.json`)."""
+
+    bos_id, eos_id = 1, 2
+
+    def __init__(self, offset: int, vocab_size: int) -> None:
+        self.offset, self.vocab_size = offset, vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        off = self.offset
+        return bytes(i - off for i in ids if off <= i < off + 256).decode("utf-8", errors="replace")
+
+    def id_to_piece(self, i: int) -> str:
+        return f"<0x{i - self.offset:02X}>" if self.offset <= i < self.offset + 256 else f"<special {i}>"
+
+    def special_id(self, piece: str) -> int | None:
+        return None
+
+
+def _from_mixlab_data(f: Path) -> Tokenizer | None:
+    """The tokenizer a trained model's `mixlab_data.json` names, when it is the `bytes` one."""
+    try:
+        spec = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise ChatError(f"{f}: no readable 'tokenizer' entry") from None
+    if isinstance(spec, dict) and spec.get("type") == "bytes":
+        return Tokenizer(_Bytes(int(spec.get("offset", 3)), int(spec.get("vocab_size", 259))), path=f)
+    if isinstance(spec, dict) and spec.get("type") == "file" and Path(str(spec.get("path"))).is_file():
+        return load_tokenizer(spec["path"])
+    return None
+
+
 class Tokenizer:
     """Encode and decode text, and encode chats with the Mixtral-Instruct template."""
 
@@ -279,8 +315,9 @@ def default_tokenizer_path() -> Path:
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """Load a tokenizer from a file (`*.model`, `*.model.v1`, `tokenizer.json`, or a GGUF file's
-    metadata) or a checkpoint folder (its `tokenizer.model`, else its `tokenizer.json`); default:
-    Mixtral's v1 tokenizer."""
+    metadata) or a checkpoint folder (its `tokenizer.model`, else its `tokenizer.json`, else the
+    tokenizer its `mixlab_data.json` names: a model `mixlab train` exported); default: Mixtral's v1
+    tokenizer."""
     p = default_tokenizer_path() if path is None else Path(path)
     if p.is_dir():
         for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"):
@@ -288,6 +325,8 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
                 p = p / name
                 break
         else:
+            if (p / "mixlab_data.json").is_file() and (tok := _from_mixlab_data(p / "mixlab_data.json")):
+                return tok
             raise FileNotFoundError(f"{p}: no tokenizer.model or tokenizer.json in this folder")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such tokenizer file")

@@ -44,7 +44,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant)
     folder = Path(args.model)
     has_own = folder.suffix == ".gguf" or any(
-        (folder / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"))
+        (folder / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json", "mixlab_data.json"))
     tok = load_tokenizer(args.tokenizer or (folder if has_own else None))  # a GGUF file: its own vocabulary
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
