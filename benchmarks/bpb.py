@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("--max-docs", type=int, default=None)
     ap.add_argument("--context", type=int, default=256,
                     help="tokens per window (default 256: the corpus model was trained on 256-token windows)")
+    ap.add_argument("--max-bytes", type=int, default=None,
+                    help="score only the first N characters of each document (a quick, smaller sample)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -89,7 +91,8 @@ def main() -> int:
     cfg = init_config(args.model)
     base = load_init(args.model, cfg).float().eval()
     tok = ByteTokenizer()
-    docs = list(documents(args.data, split=args.split, max_docs=args.max_docs))
+    docs = [(d, t[: args.max_bytes] if args.max_bytes else t)
+            for d, t in documents(args.data, split=args.split, max_docs=args.max_docs)]
     results: dict[str, dict] = {}
 
     def run(name: str, model: nn.Module) -> None:
