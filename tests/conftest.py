@@ -75,3 +75,53 @@ def hf_tokenizer_json(folder: Path) -> Path:
     t.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return folder / "tokenizer.json"
+
+
+def llama_cpp_converter() -> Path | None:
+    """llama.cpp's own `convert_hf_to_gguf.py` (with its gguf-py and conversion/ beside it), the
+    peer that writes the GGUF files the import tests read. It ships in llama-cpp-python's sdist: taken
+    from `LLAMA_CPP_CONVERT`, `../shared/llama.cpp/`, or extracted once from the sdist of the
+    installed llama-cpp-python (pip download: from pip's cache after setup built it) into
+    ~/.cache/mixlab. None when none can be had (the tests then skip with that reason)."""
+    import importlib.metadata
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    env = os.environ.get("LLAMA_CPP_CONVERT")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    shared = SHARED / "llama.cpp" / "convert_hf_to_gguf.py"
+    if shared.is_file():
+        return shared
+    try:
+        version = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    root = Path.home() / ".cache" / "mixlab" / f"llama.cpp-{version}"
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    dl = root.parent / f".sdist-{version}-{os.getpid()}"
+    tmp = root.parent / f".llama.cpp-{version}-{os.getpid()}"
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", str(dl)], check=True, timeout=600,
+                       capture_output=True)
+        (sdist,) = dl.glob("llama_cpp_python-*.tar.gz")
+        prefix = f"{sdist.name[: -len('.tar.gz')]}/vendor/llama.cpp/"
+        keep = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                       and m.name[len(prefix):].startswith(keep) and (m.isfile() or m.isdir())]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(tmp, members=members, filter="data")
+        os.replace(tmp, root)
+    except (subprocess.SubprocessError, OSError, ValueError, tarfile.TarError):
+        return None
+    finally:
+        shutil.rmtree(dl, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return script if script.is_file() else None

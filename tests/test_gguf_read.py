@@ -10,8 +10,8 @@ relative on this random model: bounded by 5% and 90% equal argmaxes.
 
 The converter ships in llama-cpp-python's sdist (`pip download llama-cpp-python --no-binary :all:
 --no-deps`, vendor/llama.cpp); point `LLAMA_CPP_CONVERT` at its `convert_hf_to_gguf.py` (default:
-../shared/llama.cpp/convert_hf_to_gguf.py, with its gguf-py next to it). Without it the converter
-tests skip; the rest runs on files mixlab writes.
+../shared/llama.cpp/, else extracted once from the installed version's sdist: `conftest.llama_cpp_converter`).
+Without it the converter tests skip; the rest runs on files mixlab writes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import llama_cpp_converter
 from mixlab.checkpoint import CheckpointError, load_model, save_model
 from mixlab.checkpoint.gguf import write_gguf
 from mixlab.checkpoint.gguf_read import read_header
@@ -41,7 +42,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVERT = Path(os.environ.get("LLAMA_CPP_CONVERT", ROOT.parent / "shared" / "llama.cpp" / "convert_hf_to_gguf.py"))
+CONVERT = llama_cpp_converter() or Path(os.environ.get("LLAMA_CPP_CONVERT", "convert_hf_to_gguf.py"))
 T = 24
 
 
