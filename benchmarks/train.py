@@ -66,13 +66,14 @@ def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[st
     opt_ours = make_optimizer(ours, TrainConfig(lr=1e-4))  # what `mixlab train` builds (fused AdamW)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)  # a plain user setup
 
-    fwd = compile_model(ours) if args.compile else ours  # what `mixlab train --compile` does
+    fwd = compile_model(ours) if args.compile else ours.forward_output  # what `mixlab train --compile` does
     fwd_theirs = torch.compile(theirs) if args.hf_compile else theirs
 
     def step_ours() -> float:
         t = time.perf_counter()
         with torch.autocast(**auto):
-            logits, routings = fwd(inp, return_routing=True)
+            o = fwd(inp)
+            logits, routings = o.logits_BTV, o.routing
         aux, _ = router_losses(routings)
         loss = lm_loss(logits, tgt) + 0.02 * aux
         loss.backward()

@@ -125,3 +125,29 @@ def llama_cpp_converter() -> Path | None:
         shutil.rmtree(dl, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return script if script.is_file() else None
+
+def _moe_impl_missing(impl: str) -> str | None:
+    """Why `impl` cannot run on this machine (None when it can): a parametrised test then skips with
+    that reason instead of silently testing the implementation the kernel falls back to."""
+    if impl == "triton" and not torch.cuda.is_available():
+        return "the Triton kernel needs CUDA (tests/test_triton_moe.py runs it in the interpreter on a CPU)"
+    if impl == "native":
+        from mixlab.ops import native
+
+        if native.library() is None or not native.fast(torch.float32):
+            return "the native MoE kernel is unavailable here (no C compiler, MIXLAB_NATIVE=0 or no AVX-512)"
+    if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    return None
+
+
+def moe_impls(*, reference: bool = False, auto: bool = False, exclude: tuple[str, ...] = ()) -> list[object]:
+    """Every MoE implementation as pytest params, each skipping with its reason where it cannot run."""
+    from mixlab.ops.moe import IMPLS
+
+    names = [k for k in IMPLS if (reference or k != "reference") and k not in exclude] + (["auto"] if auto else [])
+    out: list[object] = []
+    for k in names:
+        why = _moe_impl_missing(k)
+        out.append(pytest.param(k, marks=pytest.mark.skip(reason=why)) if why else k)
+    return out

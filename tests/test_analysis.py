@@ -205,7 +205,7 @@ def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
             assert ids[0] == tok.bos_id
             for i in range(0, len(ids), seq_len):
                 window = torch.tensor([ids[i : i + seq_len]])
-                _, routings = model(window, return_routing=True)
+                routings = model.forward_output(window).routing
                 seg = torch.zeros(window.shape[1], dtype=torch.long)
                 want.update([r.idx_TK for r in routings], valid_T=seg >= 0, pairs_ok=pair_mask(seg),
                             tokens_T=window)

@@ -90,7 +90,7 @@ def test_bfloat16_model_on_cuda_keeps_the_router_in_float32(ckpt):
 
     model = load_model(ckpt, dtype="bfloat16", device="cuda")
     with torch.no_grad():
-        _, routing = model(_ids().cuda(), return_routing=True)
+        routing = model.forward_output(_ids().cuda()).routing
     assert routing[0].logits_TE.dtype == torch.float32
 
 

@@ -215,7 +215,7 @@ def test_experts_and_stats(tiny):
     # The experts of the forward pass that produced each token (its input: the previous token).
     ids = prompt + [o.token_id for o in outs]
     with torch.no_grad():
-        _, routings = tiny(torch.tensor([ids[:-1]]), return_routing=True)
+        routings = tiny.forward_output(torch.tensor([ids[:-1]])).routing
     for j, o in enumerate(outs):
         pos = len(prompt) - 1 + j
         assert o.experts == [r.idx_TK[pos].tolist() for r in routings]

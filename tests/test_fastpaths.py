@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 
+from conftest import moe_impls
 from mixlab.cache import KVCache
 from mixlab.config import get_preset
 from mixlab.model import Transformer
 from mixlab.model.inference import prepare_for_inference
 from mixlab.ops import native
 from mixlab.ops.linear import can_pack
-from mixlab.ops.moe import IMPLS
 from mixlab.ops.quant import dequantize_int8
 
 
@@ -35,7 +35,7 @@ def _prefill_then_decode(model: Transformer, tokens_BT: torch.Tensor, n_prompt: 
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("impl", [k for k in IMPLS if k != "reference"] + ["auto"])
+@pytest.mark.parametrize("impl", moe_impls(auto=True))
 def test_every_moe_impl_equals_the_reference_in_the_model(impl):
     if impl == "native" and not (native.load() is not None and native.fast(torch.float32)):
         pytest.skip("native kernels unavailable (no C compiler, MIXLAB_NATIVE=0) or not vectorised on this CPU")

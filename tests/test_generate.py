@@ -177,7 +177,7 @@ def test_recorded_experts_equal_full_forward(tiny):
         assert e.shape == (len(new), L, K)
         seq = torch.tensor([p + new])
         with torch.no_grad():
-            _, routings = tiny(seq, return_routing=True)
+            routings = tiny.forward_output(seq).routing
         for layer, r in enumerate(routings):  # the token at position j-1 predicted new token j
             want = r.idx_TK[len(p) - 1 : len(p) - 1 + len(new)]
             assert torch.equal(e[:, layer].sort(-1).values, want.sort(-1).values)

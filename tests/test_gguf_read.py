@@ -34,7 +34,8 @@ from mixlab.checkpoint import CheckpointError, load_model, save_model
 from mixlab.checkpoint.gguf import write_gguf
 from mixlab.checkpoint.gguf_read import read_header
 from mixlab.config import get_preset
-from mixlab.model import MoEBlock, Transformer
+from mixlab.model import Experts, MoEBlock, Transformer
+from mixlab.model.formats import Int4Experts
 from mixlab.ops.quant import Int4Linear, dequantize
 from mixlab.tokenizer import default_tokenizer_path, load_tokenizer
 
@@ -81,12 +82,14 @@ def _dequantized(model: Transformer) -> Transformer:
                 lin = nn.Linear(child.in_features, child.out_features, bias=False)
                 lin.weight = nn.Parameter(dequantize(child.weight, child.scale, torch.float32), requires_grad=False)
                 setattr(mod, name, lin)
-        if isinstance(mod, MoEBlock) and mod.w13.dtype == torch.uint8:
-            for name in ("w13", "w2"):
-                w = dequantize(getattr(mod, name), getattr(mod, name + "_scale"), torch.float32)
-                delattr(mod, name)
-                delattr(mod, name + "_scale")
-                setattr(mod, name, nn.Parameter(w, requires_grad=False))
+        if isinstance(mod, MoEBlock) and isinstance(mod.experts, Int4Experts):
+            q = mod.experts
+            w13 = dequantize(q.w13, q.w13_scale, torch.float32)  # [E, 2F, D]
+            w2 = dequantize(q.w2, q.w2_scale, torch.float32)  # [E, D, F]
+            plain = Experts(w13.shape[0], w13.shape[2], w2.shape[2])
+            plain.w13 = nn.Parameter(w13, requires_grad=False)
+            plain.w2 = nn.Parameter(w2, requires_grad=False)
+            mod.experts = plain
     return model
 
 
@@ -127,7 +130,8 @@ def test_quantised_equal_llama_cpp_on_the_same_weights(converted, quant, tmp_pat
     loaded = load_model(qpath)
     if quant == "q4_0":  # kept 4-bit: nothing requantised
         assert isinstance(loaded.layers[0].attn.wqkv, Int4Linear)
-        assert loaded.layers[0].ffn.w13.dtype == torch.uint8 and loaded.layers[0].ffn.w13_scale.dtype == torch.float16
+        experts = loaded.layers[0].ffn.experts
+        assert experts.w13.dtype == torch.uint8 and experts.w13_scale.dtype == torch.float16
     with torch.no_grad():
         got = loaded(tokens)[0].numpy()
     ids = tokens[0].tolist()

@@ -112,7 +112,7 @@ def test_int4_model_equals_its_dequantised_weights(preset, group, batch):
     int4 = prepare_for_inference(copy.deepcopy(model), quant="int4", group=group)
     assert isinstance(int4.layers[0].attn.wqkv, Int4Linear) and int4.output.weight.dtype == torch.uint8
     if isinstance(int4.layers[0].ffn, MoEBlock):
-        assert int4.layers[0].ffn.w13.dtype == torch.uint8
+        assert int4.layers[0].ffn.experts.w13.dtype == torch.uint8
     torch.testing.assert_close(_prefill_then_decode(int4, tokens, 8), ref, atol=1e-4, rtol=1e-4)
 
 

@@ -102,7 +102,7 @@ def test_aux_loss_reaches_router_gradient() -> None:
     x = torch.randint(0, 256, (2, 16))
     for coef in (0.02, 0.0):
         m = _tiny_model(aux=coef)
-        _, routings = m(x, return_routing=True)
+        routings = m.forward_output(x).routing
         aux, _ = router_losses(routings)
         (coef * aux).backward()
         grad = m.layers[0].ffn.gate.weight.grad
@@ -137,7 +137,7 @@ def test_router_gradients_float32_match_float64() -> None:
     # The router's input: capture the normed hidden state fed to the MoE block.
     block_ffn = m.layers[1].ffn
     block_ffn.register_forward_pre_hook(lambda _mod, args: captured.__setitem__("x", args[0].detach()))
-    _, routings = m(x, return_routing=True)
+    routings = m.forward_output(x).routing
     r = routings[1]
     loss32 = 0.02 * load_balancing_loss_layer(r.logits_TE, r.idx_TK) + 0.001 * z_loss_layer(r.logits_TE)
     (g32,) = torch.autograd.grad(loss32, gate.weight)
@@ -185,7 +185,8 @@ def test_capacity_in_model_counts_drops_and_large_capacity_is_dropless() -> None
         cfg = m.config.replace(moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=cf))
         m2 = Transformer(cfg)
         m2.load_state_dict(m.state_dict())
-        out, routings = m2(x, return_routing=True)
+        o = m2.forward_output(x)
+        out, routings = o.logits_BTV, o.routing
         drops = sum(r.dropped for r in routings)
         assert (drops > 0) == expect_drops
         if not expect_drops:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import moe_impls
 from mixlab.model.moe import route
 from mixlab.ops import native
 from mixlab.ops.moe import IMPLS, choose_impl, moe_ffn
@@ -10,9 +11,7 @@ from mixlab.ops.quant import quantize_int8
 
 # The Triton kernel runs on CUDA; on a CPU, tests/test_triton_moe.py runs it in Triton's interpreter.
 ON_CPU = [k for k in IMPLS if k != "triton"]
-FAST = [k if k != "triton" else pytest.param(k, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the Triton kernel needs CUDA (tests/test_triton_moe.py runs it "
-    "in the interpreter on a CPU)")) for k in IMPLS if k != "reference"]
+FAST = moe_impls()
 
 
 def _need(impl: str, dtype: torch.dtype) -> None:
@@ -53,7 +52,7 @@ def test_fast_paths_equal_the_reference_loop_in_bfloat16(impl, T):
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-2)
 
 
-@pytest.mark.parametrize("impl", [k for k in ON_CPU if k != "reference"])  # int8 is a CPU weight format
+@pytest.mark.parametrize("impl", moe_impls(exclude=("triton",)))  # int8 is a CPU weight format
 @pytest.mark.parametrize("T", [1, 3, 20])  # 1 and 3 rows take the int8 GEMV kernel, 20 the dequantised GEMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_fast_paths_equal_the_dequantised_reference(impl, T, dtype):

@@ -65,7 +65,8 @@ def test_padded_segments_place_each_pair_once_in_its_experts_aligned_segment() -
     order_N, _, counts_E = _sort_by_expert(idx_TK, 8)
     inv_N = torch.empty_like(order_N)
     inv_N[order_N] = torch.arange(len(order_N))
-    padded, pos_N, pos_tok_N = _padded_segments(idx_TK.reshape(-1), order_N, counts_E.tolist(), counts_E, inv_N)
+    padded, pos_N, pos_tok_N = _padded_segments(idx_TK.reshape(-1), order_N, counts_E.tolist(), counts_E, inv_N,
+                                               SEGMENT_ROWS)
     for p, c in zip(padded, counts_E.tolist(), strict=True):
         assert p % SEGMENT_ROWS == 0 and c <= p < c + SEGMENT_ROWS
     assert pos_N.unique().numel() == len(pos_N) and int(pos_N.max()) < sum(padded)
@@ -179,7 +180,8 @@ def test_training_forward_compiles_as_one_graph() -> None:
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
 
     def step(x_BT: torch.Tensor) -> torch.Tensor:
-        logits, routings = model(x_BT[:, :-1], return_routing=True)
+        o = model.forward_output(x_BT[:, :-1])
+        logits, routings = o.logits_BTV, o.routing
         aux, z = router_losses(routings)
         return lm_loss(logits, x_BT[:, 1:]) + 0.02 * aux + 0.001 * z
 

@@ -60,7 +60,8 @@ def test_upcycled_equals_dense_whatever_the_router(dense, tmp_path, init, seed, 
     moe = load_model(tmp_path / "moe")
     assert moe.config.moe is not None and moe.config.moe.num_experts == experts
     with torch.no_grad():
-        logits, routing = moe(TOKENS, return_routing=True)
+        o = moe.forward_output(TOKENS)
+        logits, routing = o.logits_BTV, o.routing
         dense_logits = load_model(src)(TOKENS)
     # mixlab MoE == transformers MistralForCausalLM on the dense weights, and == mixlab dense
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)

@@ -200,8 +200,7 @@ class MixlabPeer(Peer):
         self.dtype = model.tok_embeddings.weight.dtype
 
     def _last_logits(self, tokens_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        h_BTD = self.model(tokens_BT, cache=cache, return_hidden=True)
-        assert isinstance(h_BTD, torch.Tensor)
+        h_BTD = self.model.forward_output(tokens_BT, cache=cache, logits=False).hidden_BTD
         return self.model.output(h_BTD[:, -1])
 
     def prefill(self, tokens_BT: torch.Tensor) -> None:
@@ -380,7 +379,7 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
     peers: list[Peer] = []
     if "mixlab" in plan.peers:
         fast = prepare_for_inference(copy.deepcopy(model))
-        if getattr(fast, "native_decoder", None) is None:
+        if fast.native_decoder is None:
             report.notes.append("mixlab's native kernels are unavailable (no C compiler?): mixlab = packed weights")
         peers.append(MixlabPeer(fast, "mixlab"))
     if "mixlab-packed" in plan.peers:
@@ -450,7 +449,7 @@ def _unique_experts(model: Transformer, prompt_BT: torch.Tensor) -> float:
                     dtype=model.tok_embeddings.weight.dtype, prefill_chunk=prompt_BT.shape[1])
     with torch.inference_mode():
         model(prompt_BT, cache=cache)
-        _, routings = model(prompt_BT[:, -1:], cache=cache, return_routing=True)
+        routings = model.forward_output(prompt_BT[:, -1:], cache=cache, logits=False).routing
     return statistics.mean(r.idx_TK.unique().numel() for r in routings)
 
 

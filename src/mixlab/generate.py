@@ -50,12 +50,11 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Last-position logits `[B, V]` (float32) and, optionally, that position's experts `[B, L, K]`."""
     B, T = tokens_BT.shape
-    if record_experts:
-        h_BTD, routings = model(tokens_BT, positions_BT=positions_BT, cache=cache, return_hidden=True,
-                                return_routing=True)
-        experts_BLK = torch.stack([r.idx_TK.view(B, T, -1)[:, -1] for r in routings], dim=1) if routings else None
-    else:
-        h_BTD, experts_BLK = model(tokens_BT, positions_BT=positions_BT, cache=cache, return_hidden=True), None
+    out = model.forward_output(tokens_BT, positions_BT=positions_BT, cache=cache, logits=False)
+    h_BTD, routings = out.hidden_BTD, out.routing
+    experts_BLK = None
+    if record_experts and routings:
+        experts_BLK = torch.stack([r.idx_TK.view(B, T, -1)[:, -1] for r in routings], dim=1)
     # Only the last position's logits are needed: skip the [B, T, V] output projection of the rest.
     return model.output(h_BTD[:, -1]).float(), experts_BLK
 
@@ -82,7 +81,7 @@ def decode_step(
     A model prepared for CPU inference decodes a single prompt through its native kernels
     (`mixlab.model.native`) when the kernel registry chooses them; everything else runs the PyTorch
     forward pass."""
-    dec = getattr(model, "native_decoder", None)
+    dec = model.native_decoder
     if dec is not None and registry.decode_impl(tokens_B1, dec.weight) == "native" and dec.accepts(tokens_B1, cache):
         logits_1V, chosen_LK = dec.step_experts(tokens_B1, positions_B1, cache)
         experts_BLK = chosen_LK.long()[None] if record_experts and model.config.moe is not None else None

@@ -30,6 +30,7 @@ Definitions (all "shares" are fractions in [0, 1]):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,7 +157,7 @@ class RoutingCounts:
         for name in self._ARRAYS[2:]:
             setattr(self, name, np.zeros(L, np.int64))
 
-    def update(self, idx_per_layer: list[Array], *, valid_T: Array, pairs_ok: Array,
+    def update(self, idx_per_layer: Sequence[Array], *, valid_T: Array, pairs_ok: Array,
                tokens_T: Array | None = None) -> None:
         """Add one batch: each layer's top-k ids `[T, K]` (first choice in slot 0), `valid_T` the
         non-padding tokens, `pairs_ok` the consecutive pairs to count (see `pair_mask`). With the

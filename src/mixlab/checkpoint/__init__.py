@@ -38,6 +38,7 @@ from mixlab.checkpoint.io import (
 from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig
 from mixlab.model import Transformer
+from mixlab.model.inference import inference_format
 
 __all__ = ["CheckpointError", "describe", "load_model", "load_state", "meta_model", "save_model"]
 
@@ -248,6 +249,10 @@ def save_model(
     """
     if fmt not in FORMATS:
         raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    prepared = inference_format(model)
+    if prepared is not None:
+        raise ValueError(f"cannot save a model prepared for inference ({prepared} weights): save the model "
+                         "before prepare_for_inference, or load it again from its checkpoint")
     config: ModelConfig = model.config
     want = parse_dtype(dtype)
     state = model.state_dict()

@@ -71,10 +71,10 @@ def _tensors(model: torch.nn.Module, config: ModelConfig) -> Iterator[tuple[str,
         yield b + "ffn_norm.weight", state[p + "ffn_norm.weight"], False
         if config.moe is not None:
             yield b + "ffn_gate_inp.weight", state[p + "ffn.gate.weight"], False
-            w1, w3 = state[p + "ffn.w13"].chunk(2, dim=1)  # [E, F, D] each
+            w1, w3 = state[p + "ffn.experts.w13"].chunk(2, dim=1)  # [E, F, D] each
             yield b + "ffn_gate_exps.weight", w1, True
             yield b + "ffn_up_exps.weight", w3, True
-            yield b + "ffn_down_exps.weight", state[p + "ffn.w2"], True
+            yield b + "ffn_down_exps.weight", state[p + "ffn.experts.w2"], True
         else:
             w1, w3 = state[p + "ffn.w13.weight"].chunk(2, dim=0)
             yield b + "ffn_gate.weight", w1, True

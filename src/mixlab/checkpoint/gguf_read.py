@@ -384,9 +384,9 @@ def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], 
             E = cfg.moe.num_experts
             out += [
                 (m + "ffn.gate.weight", [_expect(h, b + "ffn_gate_inp.weight", (E, D))], "router"),
-                (m + "ffn.w13", [_expect(h, b + "ffn_gate_exps.weight", (E, F_, D)),
+                (m + "ffn.experts.w13", [_expect(h, b + "ffn_gate_exps.weight", (E, F_, D)),
                                  _expect(h, b + "ffn_up_exps.weight", (E, F_, D))], "experts"),
-                (m + "ffn.w2", [_expect(h, b + "ffn_down_exps.weight", (E, D, F_))], "experts"),
+                (m + "ffn.experts.w2", [_expect(h, b + "ffn_down_exps.weight", (E, D, F_))], "experts"),
             ]
         else:
             out += [
@@ -421,6 +421,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     as Q4_0 are int4 modules (`Int4Linear`, int4 expert buffers); everything else is float in `dtype`
     (default: the file's float type, float32 if it has none)."""
     from mixlab.checkpoint import meta_model
+    from mixlab.model.formats import Int4Experts
     from mixlab.model.moe import MoEBlock
     from mixlab.ops.quant import Int4Linear
 
@@ -462,12 +463,11 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
             parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
             parent = model.get_submodule(parent_name)
             setattr(parent, child, Int4Linear.from_packed(q.to(device), s.to(device)))
-        else:  # stacked experts
-            block = model.get_submodule(owner_name)
+        elif attr == "w13":  # stacked experts: w13 and w2 together
+            block = model.get_submodule(owner_name.removesuffix(".experts"))
             assert isinstance(block, MoEBlock)
-            delattr(block, attr)
-            block.register_buffer(attr, q.to(device))
-            block.register_buffer(attr + "_scale", s.to(device))
+            q2, s2 = int4[owner_name + ".w2"]
+            block.experts = Int4Experts(q.to(device), s.to(device), q2.to(device), s2.to(device))
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=False)

@@ -8,7 +8,7 @@ whose on-disk names carry `{e}` covers every expert of the layer, in order.
 mixlab's own names (see model/): `tok_embeddings.weight`, `norm.weight`, `output.weight`, and per
 layer `layers.{i}.attn_norm.weight`, `layers.{i}.ffn_norm.weight`, `layers.{i}.attn.wqkv.weight`
 (q, k, v rows fused), `layers.{i}.attn.wo.weight`, and either `layers.{i}.ffn.gate.weight`,
-`layers.{i}.ffn.w13` `[E, 2F, D]`, `layers.{i}.ffn.w2` `[E, D, F]` (MoE) or
+`layers.{i}.ffn.experts.w13` `[E, 2F, D]`, `layers.{i}.ffn.experts.w2` `[E, D, F]` (MoE) or
 `layers.{i}.ffn.w13.weight` `[2F, D]`, `layers.{i}.ffn.w2.weight` (dense).
 """
 
@@ -103,8 +103,8 @@ def rules(config: ModelConfig, fmt: str) -> list[Rule]:
         "layers.{i}.attn.wqkv.weight": (c.q_dim + 2 * c.kv_dim, D),
         "layers.{i}.attn.wo.weight": (D, c.q_dim),
         "layers.{i}.ffn.gate.weight": (E, D),
-        "layers.{i}.ffn.w13": (E, 2 * F_, D),
-        "layers.{i}.ffn.w2": (E, D, F_),
+        "layers.{i}.ffn.experts.w13": (E, 2 * F_, D),
+        "layers.{i}.ffn.experts.w2": (E, D, F_),
         "layers.{i}.ffn.w13.weight": (2 * F_, D),
         "layers.{i}.ffn.w2.weight": (D, F_),
     }
@@ -129,14 +129,14 @@ def rules(config: ModelConfig, fmt: str) -> list[Rule]:
             X = L + "block_sparse_moe."
             table += [
                 ("layers.{i}.ffn.gate.weight", (X + "gate.weight",), _whole),
-                ("layers.{i}.ffn.w13", (X + "experts.{e}.w1.weight", X + "experts.{e}.w3.weight"), experts_w13),
-                ("layers.{i}.ffn.w2", (X + "experts.{e}.w2.weight",), experts_w2),
+                ("layers.{i}.ffn.experts.w13", (X + "experts.{e}.w1.weight", X + "experts.{e}.w3.weight"), experts_w13),
+                ("layers.{i}.ffn.experts.w2", (X + "experts.{e}.w2.weight",), experts_w2),
             ]
         else:  # transformers v5 fused experts: gate_up_proj is [E, 2F, D], gate (w1) rows first, as ours
             table += [
                 ("layers.{i}.ffn.gate.weight", (L + "mlp.gate.weight",), _whole),
-                ("layers.{i}.ffn.w13", (L + "mlp.experts.gate_up_proj",), _whole),
-                ("layers.{i}.ffn.w2", (L + "mlp.experts.down_proj",), _whole),
+                ("layers.{i}.ffn.experts.w13", (L + "mlp.experts.gate_up_proj",), _whole),
+                ("layers.{i}.ffn.experts.w2", (L + "mlp.experts.down_proj",), _whole),
             ]
         if not c.tie_embeddings:
             table.append(("output.weight", ("lm_head.weight",), _whole))
@@ -159,8 +159,8 @@ def rules(config: ModelConfig, fmt: str) -> list[Rule]:
         else:
             table += [
                 ("layers.{i}.ffn.gate.weight", (X + "gate.weight",), _whole),
-                ("layers.{i}.ffn.w13", (X + "experts.{e}.w1.weight", X + "experts.{e}.w3.weight"), experts_w13),
-                ("layers.{i}.ffn.w2", (X + "experts.{e}.w2.weight",), experts_w2),
+                ("layers.{i}.ffn.experts.w13", (X + "experts.{e}.w1.weight", X + "experts.{e}.w3.weight"), experts_w13),
+                ("layers.{i}.ffn.experts.w2", (X + "experts.{e}.w2.weight",), experts_w2),
             ]
         if not c.tie_embeddings:
             table.append(("output.weight", ("output.weight",), _whole))

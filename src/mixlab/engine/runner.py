@@ -177,7 +177,7 @@ class Runner:
         """A `NativeDecoder` over the model's weights (the model's own when prepared), rebuilt when a
         weight was replaced (the model can still be trained: the decoder only reads its tensors)."""
         model = self.model
-        own = getattr(model, "native_decoder", None)
+        own = model.native_decoder
         if own is not None:
             return own
         key = [p.data_ptr() for p in model.parameters()]

@@ -1,6 +1,6 @@
 """The model: layers, the MoE block and the transformer."""
 
-from mixlab.model.moe import MoEBlock, Routing, route
-from mixlab.model.transformer import Transformer
+from mixlab.model.moe import Experts, ExpertsBase, MoEBlock, Router, Routing, route
+from mixlab.model.transformer import ModelOutput, Transformer
 
-__all__ = ["MoEBlock", "Routing", "Transformer", "route"]
+__all__ = ["Experts", "ExpertsBase", "ModelOutput", "MoEBlock", "Router", "Routing", "Transformer", "route"]

@@ -1,5 +1,6 @@
 """Turn a trained model into a fast CPU inference model, in place and one way (no autograd; the model
-can no longer be trained or saved): `prepare_for_inference(model, quant=None, packed=None)`.
+can no longer be trained, and `save_model` refuses it): `prepare_for_inference(model, quant=, packed=)`.
+Each weight format is a module type (`mixlab.model.formats`); `inference_format` reads them back.
 
 - default: batch-1 decoding runs through the native kernels (`mixlab.ops.native`, attached as
   `model.native_decoder`; `generate.decode_step` uses it), which stream each weight once at close
@@ -25,17 +26,44 @@ import torch
 from torch import nn
 
 from mixlab.model import native
-from mixlab.model.moe import MoEBlock
+from mixlab.model.formats import EXPERT_FORMATS, Int4Experts, Int8Experts, PackedExperts
+from mixlab.model.moe import Experts, ExpertsBase, MoEBlock
 from mixlab.model.transformer import Transformer
-from mixlab.ops.linear import InferenceLinear, can_pack, pack
-from mixlab.ops.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from mixlab.ops.linear import InferenceLinear, can_pack
+from mixlab.ops.quant import Int4Linear, Int8Linear
 
 
 def _replace_linears(model: Transformer, make: type[nn.Module], **kw: object) -> None:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and not (isinstance(module, MoEBlock) and name == "gate"):
+            if isinstance(child, nn.Linear):
                 setattr(module, name, make(child, **kw))
+
+
+def _plain_experts(block: MoEBlock) -> Experts:
+    if type(block.experts) is not Experts:
+        raise ValueError(f"the model is already prepared for inference ({EXPERT_FORMATS.get(type(block.experts))} "
+                         "experts); prepare a plain model")
+    return block.experts
+
+
+def inference_format(model: nn.Module) -> str | None:
+    """What `prepare_for_inference` made of `model` ("int8", "packed", "plain inference"), or None
+    for a plain trainable model: read from the modules' types."""
+    kinds = set()
+    for m in model.modules():
+        if isinstance(m, ExpertsBase) and type(m) is not Experts:
+            kinds.add(EXPERT_FORMATS.get(type(m), type(m).__name__))
+        elif isinstance(m, Int8Linear):
+            kinds.add("int8")
+        elif isinstance(m, Int4Linear):
+            kinds.add("int4")
+        elif isinstance(m, InferenceLinear):
+            kinds.add("packed" if m.packed else "plain inference")
+    for kind in ("int4", "int8", "packed", "plain inference"):
+        if kind in kinds:
+            return kind
+    return None
 
 
 def quantize_model_int8(model: Transformer) -> Transformer:
@@ -43,11 +71,7 @@ def quantize_model_int8(model: Transformer) -> Transformer:
     act_dtype = model.tok_embeddings.weight.dtype
     for block in model.modules():
         if isinstance(block, MoEBlock):
-            for name in ("w13", "w2"):
-                q, s = quantize_int8(getattr(block, name))
-                delattr(block, name)
-                block.register_buffer(name, q)
-                block.register_buffer(name + "_scale", s.to(act_dtype))
+            block.experts = Int8Experts.quantize(_plain_experts(block), scale_dtype=act_dtype)
     _replace_linears(model, Int8Linear, scale_dtype=act_dtype)
     return model.eval()
 
@@ -56,29 +80,21 @@ def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
     """Int4 weight-only quantisation (groups of `group` inputs) of every matrix except embedding and
     router, in place. Matrices already int4 (loaded from a GGUF Q4_0 file) are left as they are."""
     for block in model.modules():
-        if isinstance(block, MoEBlock) and block.w13.dtype != torch.uint8:
-            for name in ("w13", "w2"):
-                q, s = quantize_int4(getattr(block, name), group)
-                delattr(block, name)
-                block.register_buffer(name, q)
-                block.register_buffer(name + "_scale", s)
+        if isinstance(block, MoEBlock) and not isinstance(block.experts, Int4Experts):
+            block.experts = Int4Experts.quantize(_plain_experts(block), group=group)
     _replace_linears(model, Int4Linear, group=group)
     return model.eval()
 
 
 def pack_model(model: Transformer, *, packed: bool = True) -> Transformer:
     """Route every matrix except embedding and router through `ops.linear.linear`, in place;
-    `packed`: in oneDNN's layout (experts: one packed matrix per expert)."""
+    `packed`: in oneDNN's layout (experts: `PackedExperts`, one packed matrix per expert)."""
     packed = packed and can_pack(model.output.weight)
     with torch.no_grad():
         if packed:
             for block in model.modules():
                 if isinstance(block, MoEBlock):
-                    for name in ("w13", "w2"):
-                        stacked = getattr(block, name)
-                        per_expert = [pack(stacked[e]) for e in range(stacked.shape[0])]
-                        delattr(block, name)
-                        setattr(block, name, per_expert)  # a plain list: moe_ffn indexes it like the stack
+                    block.experts = PackedExperts(_plain_experts(block))
         _replace_linears(model, InferenceLinear, packed=packed)
     return model.eval().requires_grad_(False)
 
@@ -87,8 +103,8 @@ QUANTS = ("int8", "int4")
 
 
 def is_quantised(model: Transformer) -> bool:
-    """Whether some matrix of `model` already holds integer weights (e.g. loaded from a GGUF Q4_0 file)."""
-    return any(not t.is_floating_point() for name, t in model.named_buffers() if not name.endswith("_scale"))
+    """Whether some matrix of `model` already holds int4 weights (e.g. loaded from a GGUF Q4_0 file)."""
+    return any(isinstance(m, Int4Experts | Int4Linear) for m in model.modules())
 
 
 def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool | None = None,
@@ -97,9 +113,12 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     int4, `quant=`) weights when the native kernels are available, else (or with `packed=True`)
     oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
     int4 weights (a GGUF Q4_0 file) keeps them; with `quant="int4"` its float matrices become int4
-    too, else they stay as they are."""
+    too, else they stay as they are. Any other prepared model is refused."""
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
+    prepared = inference_format(model)
+    if prepared is not None and not (prepared == "int4" and is_quantised(model)):
+        raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
     if is_quantised(model):
         if quant == "int8":
             raise ValueError("this model already holds int4 weights; int8 applies to float models")

@@ -1,19 +1,39 @@
-"""The sparse MoE block: a float32 router choosing top-k of E SwiGLU experts per token.
+"""The sparse MoE block in three parts: a float32 `Router` choosing top-k of E experts per token,
+`dispatch` / `combine` (`mixlab.ops.moe`: tokens grouped by expert and back), and an `Experts`
+module that owns the E SwiGLU experts' weights in one format and computes rows already grouped by
+expert, `forward(xs_ND, counts)`.
 
-Shape legend: T tokens, D width, F expert FFN width, E experts, K experts per token.
+Expert parallelism shards `Experts` on its expert dimension (dim 0 of `w13`, `w2`) and replaces
+dispatch / combine with an all-to-all, from outside the model. Each weight format is its own class:
+`Experts` here (plain float, trainable), the inference formats in `mixlab.model.formats`.
+
+Shape legend: T tokens, D width, F expert FFN width, E experts, K experts per token, N rows grouped
+by expert.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlab.config import ModelConfig
-from mixlab.ops.moe import moe_ffn
+from mixlab.config import ModelConfig, MoEConfig
+from mixlab.ops.moe import (
+    SEGMENT_ROWS,
+    choose_impl,
+    combine,
+    dispatch,
+    expert_grouped_mm,
+    expert_segments,
+    grouped_applies,
+    moe_ffn,
+    trains,
+)
 
 
 @dataclass
@@ -36,36 +56,104 @@ def route(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tens
     return idx_TK, torch.softmax(top_TK, dim=-1)
 
 
-class MoEBlock(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        assert config.moe is not None
-        self.moe = config.moe
-        E, F_, D = config.moe.num_experts, config.ffn_dim, config.dim
-        self.gate = nn.Linear(D, E, bias=False)  # the router
-        # Stacked experts: expert parallelism shards dim 0, grouped matmuls need no reshape.
-        self.w13 = nn.Parameter(torch.empty(E, 2 * F_, D))  # w1 (gate) rows [0, F), w3 (up) rows [F, 2F)
-        self.w2 = nn.Parameter(torch.empty(E, D, F_))
-        self.impl = "auto"
+class Router(nn.Module):
+    """The gate: `weight` `[E, D]`, top-k in float32, training-time jitter and optional capacity."""
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        B, T, D = x_BTD.shape
-        x_TD = x_BTD.reshape(-1, D)
+    def __init__(self, dim: int, moe: MoEConfig) -> None:
+        super().__init__()
+        self.moe = moe
+        self.weight = nn.Parameter(torch.empty(moe.num_experts, dim))
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
         r_TD = x_TD
         if self.training and self.moe.jitter > 0:
             r_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.moe.jitter, 1 + self.moe.jitter)
         # Route in float32: in bf16, near-tied logits flip expert choices and the softmax loses precision.
         # Autocast is switched off here, or it would run this linear in bf16 despite the casts.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(r_TD.float(), self.gate.weight.float())
+            logits_TE = F.linear(r_TD.float(), self.weight.float())
         idx_TK, weight_TK = route(logits_TE, self.moe.top_k)
         dropped = 0
         if self.moe.capacity_factor is not None:
             weight_TK, dropped = apply_capacity(idx_TK, weight_TK, self.moe.num_experts, self.moe.capacity_factor)
-        # int8 weight-only experts (mixlab.ops.quant.quantize_model_int8) carry per-row scales.
-        y_TD = moe_ffn(x_TD, self.w13, self.w2, idx_TK, weight_TK, impl=self.impl,
-                       w13_scale_E2F=getattr(self, "w13_scale", None), w2_scale_ED=getattr(self, "w2_scale", None))
-        return y_TD.view(B, T, D), Routing(logits_TE, idx_TK, weight_TK, dropped)
+        return Routing(logits_TE, idx_TK, weight_TK, dropped)
+
+
+class ExpertWeights(NamedTuple):
+    """An experts module's weights as the whole-layer kernels of `mixlab.ops.moe` take them: stacked
+    tensors (or one oneDNN-packed matrix per expert) and, for int8, per-row scales."""
+
+    w13: torch.Tensor | Sequence[torch.Tensor]  # [E, 2F, D]
+    w2: torch.Tensor | Sequence[torch.Tensor]  # [E, D, F]
+    w13_scale: torch.Tensor | None = None  # [E, 2F]
+    w2_scale: torch.Tensor | None = None  # [E, D]
+
+
+class ExpertsBase(nn.Module):
+    """E SwiGLU experts, w2 @ (silu(w1 @ x) * (w3 @ x)), whose weights are held in one format.
+
+    Subclasses (one per format) store the weights and say what they hold through `weights`;
+    `forward` computes rows already grouped by expert."""
+
+    num_experts: int
+
+    def weights(self) -> ExpertWeights:
+        raise NotImplementedError
+
+    def forward(self, xs_ND: torch.Tensor, counts: list[int], *, grouped: bool = False) -> torch.Tensor:
+        """`counts[e]` rows of expert e, in expert order (what `dispatch` makes) -> `[N, D]`.
+        `grouped`: one `torch._grouped_mm` per projection where this format allows it."""
+        w = self.weights()
+        if grouped and grouped_applies(w.w13, w.w13_scale, xs_ND):
+            assert isinstance(w.w13, torch.Tensor) and isinstance(w.w2, torch.Tensor)
+            return expert_grouped_mm(xs_ND, counts, w.w13, w.w2)
+        return expert_segments(xs_ND, counts, w.w13, w.w2, w.w13_scale, w.w2_scale)  # type: ignore[arg-type]
+
+
+class Experts(ExpertsBase):
+    """Plain float experts, stacked: `w13` `[E, 2F, D]` (w1 (gate) rows [0, F), w3 (up) rows
+    [F, 2F)), `w2` `[E, D, F]`. The trainable format; grouped matmuls need no reshape."""
+
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+
+    def weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w13, self.w2)
+
+
+class MoEBlock(nn.Module):
+    """Router -> dispatch -> Experts -> combine. `impl` chooses the expert computation (`auto`,
+    or one of `mixlab.ops.moe.IMPLS`): `sorted` and `grouped` run the three parts here; `reference`
+    (the oracle), `decode` (one token) and `native` (the C kernel) are whole-layer kernels."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.moe is not None
+        self.moe = config.moe
+        # Experts before the router: the parameter order (and so a seeded init_weights) of earlier versions.
+        self.experts: ExpertsBase = Experts(config.moe.num_experts, config.dim, config.ffn_dim)
+        self.gate = Router(config.dim, config.moe)
+        self.impl = "auto"
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, D)
+        routing = self.gate(x_TD)
+        w = self.experts.weights()
+        impl = choose_impl(x_TD.shape[0], w.w13, x_TD, w.w13_scale) if self.impl == "auto" else self.impl  # type: ignore[arg-type]
+        if impl in ("sorted", "grouped"):
+            # Training pads each expert's segment (see mixlab.ops.moe.SEGMENT_ROWS).
+            pad = SEGMENT_ROWS if impl == "sorted" and trains(x_TD, w.w13, w.w13_scale) else 1
+            xs_ND, d = dispatch(x_TD, routing.idx_TK, self.experts.num_experts, pad_to=pad)
+            ys_ND = self.experts(xs_ND, d.counts, grouped=impl == "grouped")
+            y_TD = combine(ys_ND, routing.weight_TK, d, x_TD.dtype)
+        else:
+            y_TD = moe_ffn(x_TD, w.w13, w.w2, routing.idx_TK, routing.weight_TK, impl=impl,  # type: ignore[arg-type]
+                           w13_scale_E2F=w.w13_scale, w2_scale_ED=w.w2_scale)
+        return y_TD.view(B, T, D), routing
 
 
 def apply_capacity(

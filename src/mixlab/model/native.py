@@ -94,14 +94,15 @@ class NativeDecoder:
             ffn = block.ffn
             if isinstance(ffn, MoEBlock):
                 router = f32(ffn.gate.weight)
-                w13, w2 = ffn.w13.detach(), ffn.w2.detach()
-                s13, s2 = getattr(ffn, "w13_scale", None), getattr(ffn, "w2_scale", None)
+                ew = ffn.experts.weights()
+                w13, w2, s13, s2 = ew.w13, ew.w2, ew.w13_scale, ew.w2_scale
             else:
                 router = None
                 w13, s13 = _weight(ffn.w13)
                 w2, s2 = _weight(ffn.w2)
             if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor):
                 raise ValueError("native decoding needs stacked expert tensors (not per-expert packed lists)")
+            w13, w2 = w13.detach(), w2.detach()
             (wqkv, s_qkv), (wo, s_o) = _weight(block.attn.wqkv), _weight(block.attn.wo)
             if {t.dtype for t in (wqkv, wo, w13, w2)} != {w_out.dtype}:
                 raise ValueError("native decoding needs one weight dtype for every matrix")
@@ -200,7 +201,7 @@ def attach(model: Transformer) -> bool:
     lib = native.library()
     assert lib is not None
     try:
-        setattr(model, "native_decoder", NativeDecoder(model, lib))  # noqa: B010 (a plain attribute, not a module)
+        model.native_decoder = NativeDecoder(model, lib)
     except ValueError:
         return False
     return True

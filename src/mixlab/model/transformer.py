@@ -6,6 +6,8 @@ Shape legend: B batch, T tokens in this call, D width, V vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +16,19 @@ from mixlab.cache import KVCache
 from mixlab.config import ModelConfig
 from mixlab.model.layers import Attention, DenseFFN, RMSNorm, attention_mask, rope_cos_sin
 from mixlab.model.moe import MoEBlock, Routing
+
+if TYPE_CHECKING:
+    from mixlab.model.native import NativeDecoder
+
+
+@dataclass
+class ModelOutput:
+    """What `Transformer.forward_output` computed: the final normed hidden state, each MoE layer's
+    `Routing` (first layer first; empty for a dense model) and the logits unless skipped."""
+
+    hidden_BTD: torch.Tensor
+    routing: list[Routing] = field(default_factory=list)
+    logits_BTV: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -52,6 +67,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Set by `prepare_for_inference` when the native kernels decode this model (model/native.py).
+        self.native_decoder: NativeDecoder | None = None
 
     def init_weights(self, *, std: float = 0.02, seed: int | None = None) -> None:
         """Random initialisation for training from scratch: normal(0, std); output projections
@@ -78,17 +95,29 @@ class Transformer(nn.Module):
         positions_BT: torch.Tensor | None = None,
         segments_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        return_routing: bool = False,
-        return_hidden: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[Routing]]:
-        """Logits `[B, T, V]` (float, the model's dtype) for token ids `[B, T]`.
+    ) -> torch.Tensor:
+        """Logits `[B, T, V]` (float, the model's dtype) for token ids `[B, T]` (see `forward_output`)."""
+        logits_BTV = self.forward_output(tokens_BT, positions_BT=positions_BT, segments_BT=segments_BT,
+                                         cache=cache).logits_BTV
+        assert logits_BTV is not None
+        return logits_BTV
+
+    def forward_output(
+        self,
+        tokens_BT: torch.Tensor,
+        *,
+        positions_BT: torch.Tensor | None = None,
+        segments_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits: bool = True,
+    ) -> ModelOutput:
+        """The final hidden state, each MoE layer's routing and (unless `logits=False`, e.g. for chunked
+        losses or when only the routing is needed) the logits `[B, T, V]` for token ids `[B, T]`.
 
         `positions_BT`: absolute position of each token, -1 for padding; default 0..T-1 (or
         continuing the cache). With a cache, the tokens are appended to it. `segments_BT`: packed
         sequences (no cache): a token attends only to tokens of its own segment id, causally by
-        position, so positions restarting per segment give each the attention it gets alone. `return_routing` also
-        returns each MoE layer's `Routing`; `return_hidden` returns the final normed hidden state
-        `[B, T, D]` instead of logits (for chunked losses).
+        position, so positions restarting per segment give each the attention it gets alone.
         """
         B, T = tokens_BT.shape
         cfg = self.config
@@ -118,10 +147,9 @@ class Transformer(nn.Module):
         routings: list[Routing] = []
         for i, block in enumerate(self.layers):
             x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots)
-            if routing is not None and return_routing:
+            if routing is not None:
                 routings.append(routing)
         if cache is not None:
             cache.t += T
         h_BTD = self.norm(x_BTD)
-        out = h_BTD if return_hidden else self.output(h_BTD)
-        return (out, routings) if return_routing else out
+        return ModelOutput(h_BTD, routings, self.output(h_BTD) if logits else None)

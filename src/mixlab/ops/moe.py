@@ -16,6 +16,11 @@ of inputs (`[E, 2F, D/G]`, `[E, D, F/G]`); every implementation accepts them. Fo
 the experts may also be a list of oneDNN-packed matrices, one per expert (`mixlab.ops.linear.pack`);
 everything but `grouped` indexes them the same way.
 
+The sorted paths come in three parts, which `mixlab.model.moe.MoEBlock` calls separately:
+`dispatch` (rows grouped by expert), the experts on grouped rows (`expert_segments`,
+`expert_grouped_mm`; `Experts.forward(xs_ND, counts)` in the model) and `combine` (back to token
+order, weighted). Expert parallelism replaces `dispatch` and `combine` with an all-to-all.
+
 Implementations (all dropless):
 - `reference`: one loop over experts, gather and scatter per expert (mistral-inference's moe.py).
 - `sorted`: sort the N pairs by expert, one gather, one matmul per contiguous segment, one
@@ -38,6 +43,7 @@ grouped kernel is no faster than the segment loop; see BENCHMARKS.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -47,7 +53,7 @@ from mixlab.ops import registry
 from mixlab.ops.linear import linear
 from mixlab.ops.quant import dequantize
 
-# Training pads each expert's segment to a multiple of this many rows (see `_sorted_training`).
+# Training pads each expert's segment to a multiple of this many rows (see `expert_segments`).
 SEGMENT_ROWS = 32
 
 
@@ -173,27 +179,57 @@ class _GatherRows(torch.autograd.Function):
         return g_ND.new_zeros(ctx.P, g_ND.shape[1]).index_copy_(0, rows_N, g_ND), None
 
 
-def _round_up(n: Any) -> Any:
-    """`n` (ints, symbolic sizes or a tensor) rounded up to a multiple of `SEGMENT_ROWS`."""
-    return (n + SEGMENT_ROWS - 1) // SEGMENT_ROWS * SEGMENT_ROWS
+def _round_up(n: Any, multiple: int) -> Any:
+    """`n` (ints, symbolic sizes or a tensor) rounded up to a multiple of `multiple`."""
+    return (n + multiple - 1) // multiple * multiple
 
 
 def _padded_segments(flat_idx_N: torch.Tensor, order_N: torch.Tensor, counts: list[int], counts_E: torch.Tensor,
-                     inv_N: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """Each expert's segment rounded up to a multiple of `SEGMENT_ROWS` rows: the padded counts, the
+                     inv_N: torch.Tensor, multiple: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Each expert's segment rounded up to a multiple of `multiple` rows: the padded counts, the
     padded row of each sorted pair, and the padded row of each pair in token order."""
-    pad_E = _round_up(counts_E)
+    pad_E = _round_up(counts_E, multiple)
     shift_E = (pad_E.cumsum(0) - pad_E) - (counts_E.cumsum(0) - counts_E)  # where each segment moves
     pos_N = torch.arange(len(order_N), device=order_N.device) + shift_E[flat_idx_N[order_N]]
-    return [_round_up(c) for c in counts], pos_N, pos_N.index_select(0, inv_N)
+    return [_round_up(c, multiple) for c in counts], pos_N, pos_N.index_select(0, inv_N)
 
 
-def _combine(ys_ND: torch.Tensor, weight_TK: torch.Tensor, inv_N: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Back to token order (`inv_N`: the sorted row of each (token, slot) pair), weighted, each
-    token's K rows summed (in `out_dtype`, as the reference's `index_add_`; for K = 2 the same sum
-    bit for bit)."""
+@dataclass
+class Dispatched:
+    """Where `dispatch` put the (token, slot) pairs, for `combine` to undo: `counts[e]` rows of
+    expert e's segment (padding included), `rows_N` the row of each pair in token order."""
+
+    counts: list[int]
+    rows_N: torch.Tensor
+    autograd: bool  # combine through `_GatherRows` (a gradient without accumulating scatters)
+
+
+def _needs_grad(x_TD: torch.Tensor) -> bool:
+    return (torch.is_grad_enabled() or torch.compiler.is_compiling()) and x_TD.is_floating_point()
+
+
+def dispatch(x_TD: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, *,
+             pad_to: int = 1) -> tuple[torch.Tensor, Dispatched]:
+    """Each token's row once per chosen expert, grouped by expert (expert 0's rows first): `xs_ND`
+    and the bookkeeping for `combine`. With `pad_to` > 1 each expert's segment is zero-padded to a
+    multiple of that many rows (see `SEGMENT_ROWS`). Expert parallelism replaces this and `combine`
+    with an all-to-all; `Experts.forward(xs_ND, counts)` stays as it is."""
+    order_N, tok_N, counts_E = _sort_by_expert(idx_TK, num_experts)
+    inv_N = _inverse_permutation(order_N)
+    counts = counts_E.tolist()
+    if pad_to == 1 and not _needs_grad(x_TD):
+        return x_TD.index_select(0, tok_N), Dispatched(counts, inv_N, autograd=False)
+    padded, pos_N, pos_tok_N = _padded_segments(idx_TK.reshape(-1), order_N, counts, counts_E, inv_N, pad_to)
+    xs_PD = _DispatchPadded.apply(x_TD, tok_N, pos_N, pos_tok_N, sum(padded))
+    return xs_PD, Dispatched(padded, pos_tok_N, autograd=True)
+
+
+def combine(ys_ND: torch.Tensor, weight_TK: torch.Tensor, d: Dispatched, out_dtype: torch.dtype) -> torch.Tensor:
+    """Back to token order, weighted, each token's K rows summed (in `out_dtype`, as the reference's
+    `index_add_`; for K = 2 the same sum bit for bit)."""
     T, K = weight_TK.shape
-    ys_TKD = ys_ND.index_select(0, inv_N).view(T, K, -1)
+    rows_TKD = _GatherRows.apply(ys_ND, d.rows_N) if d.autograd else ys_ND.index_select(0, d.rows_N)
+    ys_TKD = rows_TKD.view(T, K, ys_ND.shape[-1])
     return (ys_TKD * weight_TK[..., None].to(ys_TKD.dtype)).sum(1, dtype=out_dtype)
 
 
@@ -207,6 +243,63 @@ def _autocast_once(x_ND: torch.Tensor, *ws: torch.Tensor) -> tuple[torch.Tensor,
     return tuple(t.to(dt) for t in (x_ND, *ws))
 
 
+def trains(x_TD: torch.Tensor, w13_E2FD: Any, w13_scale_E2F: torch.Tensor | None = None) -> bool:
+    """Whether these plain float weights run the differentiable training path (gradients enabled or
+    torch.compile tracing): plain F.linear, traceable, never the inference kernels of ops/linear.py."""
+    return (_needs_grad(x_TD) and isinstance(w13_E2FD, torch.Tensor) and not w13_E2FD.is_mkldnn
+            and w13_scale_E2F is None)
+
+
+def expert_segments(
+    xs_ND: torch.Tensor,
+    counts: list[int],
+    w13_E2FD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w13_scale_E2F: torch.Tensor | None = None,
+    w2_scale_ED: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The experts on rows already grouped by expert (`counts[e]` rows of expert e, in order): one
+    SwiGLU per segment.
+
+    For training (`trains`) every backward step is a `cat` or a `stack` (unbind and split, not
+    w[e] / xs[a:b], whose backward would materialise a zero-filled gradient of the whole tensor per
+    expert), and under autocast the activations and stacked weights are cast once per layer. Under
+    torch.compile the counts are symbolic: every expert runs (a zero-row matmul is harmless).
+    """
+    compiling = torch.compiler.is_compiling()
+    if trains(xs_ND, w13_E2FD, w13_scale_E2F):
+        xs_ND, w13_E2FD, w2_EDF = _autocast_once(xs_ND, w13_E2FD, w2_EDF)
+        ys = [_expert_autograd(xs_nD, w13_2FD, w2_DF)
+              for n, xs_nD, w13_2FD, w2_DF in zip(counts, xs_ND.split(counts), w13_E2FD.unbind(0),
+                                                  w2_EDF.unbind(0), strict=True)
+              if compiling or n]
+    else:
+        ys = []
+        for e, xs_nD in enumerate(xs_ND.split(counts)):
+            if compiling or counts[e]:
+                s13 = None if w13_scale_E2F is None else w13_scale_E2F[e]
+                s2 = None if w2_scale_ED is None else w2_scale_ED[e]
+                ys.append(_expert(xs_nD, w13_E2FD[e], w2_EDF[e], s13, s2))
+    if not ys:  # no tokens
+        return xs_ND.new_zeros(0, xs_ND.shape[-1])  # experts map width D to D
+    return torch.cat(ys) if len(ys) > 1 else ys[0]
+
+
+def grouped_applies(w13_E2FD: Any, w13_scale_E2F: torch.Tensor | None, x_TD: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` can run these experts: plain float (not float64) stacked weights."""
+    return (isinstance(w13_E2FD, torch.Tensor) and not w13_E2FD.is_mkldnn and w13_scale_E2F is None
+            and hasattr(torch, "_grouped_mm") and x_TD.dtype != torch.float64)
+
+
+def expert_grouped_mm(xs_ND: torch.Tensor, counts: list[int], w13_E2FD: torch.Tensor,
+                      w2_EDF: torch.Tensor) -> torch.Tensor:
+    """`expert_segments` with each projection one grouped matmul over all experts."""
+    offs_E = torch.tensor(counts, device=xs_ND.device).cumsum(0).to(torch.int32)  # end row of each segment
+    h_N2F = torch._grouped_mm(xs_ND, w13_E2FD.transpose(1, 2), offs=offs_E)
+    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+    return torch._grouped_mm((F.silu(gate_NF) * up_NF).contiguous(), w2_EDF.transpose(1, 2), offs=offs_E)
+
+
 def sorted_grouped(
     x_TD: torch.Tensor,
     w13_E2FD: torch.Tensor,
@@ -217,63 +310,16 @@ def sorted_grouped(
     w13_scale_E2F: torch.Tensor | None = None,
     w2_scale_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dropless sort-by-expert: one gather, one matmul per expert segment, one permutation back.
+    """Dropless sort-by-expert: `dispatch`, one matmul per expert segment, `combine`.
 
     The (token, slot) pairs are sorted by expert so each expert reads one contiguous block of rows;
-    no token is ever dropped (MegaBlocks, arXiv 2211.15841). Training (and anything torch.compile
-    traces) takes `_sorted_training`: plain differentiable F.linear, never the inference kernels.
+    no token is ever dropped (MegaBlocks, arXiv 2211.15841). Training pads the segments to
+    `SEGMENT_ROWS` rows.
     """
-    E = len(w13_E2FD)
-    order_N, tok_N, counts_E = _sort_by_expert(idx_TK, E)
-    inv_N = _inverse_permutation(order_N)
-    counts = counts_E.tolist()
-    compiling = torch.compiler.is_compiling()
-    training = (torch.is_grad_enabled() or compiling) and isinstance(w13_E2FD, torch.Tensor) and w13_scale_E2F is None
-    if training and not w13_E2FD.is_mkldnn and x_TD.is_floating_point():
-        return _sorted_training(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, order_N, tok_N, inv_N, counts_E, counts)
-    xs_ND = x_TD.index_select(0, tok_N)
-    # Under torch.compile the counts are symbolic: every expert runs (a zero-row matmul is harmless).
-    ys = []
-    for e, xs_nD in enumerate(xs_ND.split(counts)):
-        if compiling or counts[e]:
-            s13 = None if w13_scale_E2F is None else w13_scale_E2F[e]
-            s2 = None if w2_scale_ED is None else w2_scale_ED[e]
-            ys.append(_expert(xs_nD, w13_E2FD[e], w2_EDF[e], s13, s2))
-    if not ys:  # no tokens
-        return torch.zeros_like(x_TD)
-    ys_ND = torch.cat(ys) if len(ys) > 1 else ys[0]
-    return _combine(ys_ND, weight_TK, inv_N, x_TD.dtype)
-
-
-def _sorted_training(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
-                     weight_TK: torch.Tensor, order_N: torch.Tensor, tok_N: torch.Tensor, inv_N: torch.Tensor,
-                     counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """`sorted` for training: differentiable; every backward step is a gather, a non-accumulating
-    `index_copy_`, a `cat` or a `stack` (no `index_add_`, no zero-filled gradient per expert).
-
-    Each expert's segment is padded with zero rows to a multiple of `SEGMENT_ROWS` (MegaBlocks'
-    block padding): the per-expert matmul shapes then come from a small set that oneDNN has already
-    compiled kernels for, instead of new row counts every step (zero rows add nothing to any
-    gradient; on average they add E * SEGMENT_ROWS / 2 rows of work). Under autocast the
-    activations and the stacked weights are cast once per layer, not once per expert.
-    """
-    T, K = weight_TK.shape
-    if T == 0:
-        return torch.zeros_like(x_TD)
-    padded, pos_N, pos_tok_N = _padded_segments(idx_TK.reshape(-1), order_N, counts, counts_E, inv_N)
-    xs_PD = _DispatchPadded.apply(x_TD, tok_N, pos_N, pos_tok_N, sum(padded))
-    xs_PD, w13_E2FD, w2_EDF = _autocast_once(xs_PD, w13_E2FD, w2_EDF)
-    # unbind / split, not w[e] / xs[a:b]: in backward, each index or slice would materialise a
-    # zero-filled gradient of the whole tensor (E of them per layer); unbind and split backward
-    # stack / cat the per-expert gradients once. Under torch.compile the counts are symbolic: every
-    # expert runs (a zero-row matmul is harmless).
-    compiling = torch.compiler.is_compiling()
-    ys = [_expert_autograd(xs_pD, w13_2FD, w2_DF)
-          for n, xs_pD, w13_2FD, w2_DF in zip(padded, xs_PD.split(padded), w13_E2FD.unbind(0), w2_EDF.unbind(0),
-                                              strict=True)
-          if compiling or n]
-    ys_TKD = _GatherRows.apply(torch.cat(ys), pos_tok_N).view(T, K, -1)
-    return (ys_TKD * weight_TK[..., None].to(ys_TKD.dtype)).sum(1, dtype=x_TD.dtype)
+    pad = SEGMENT_ROWS if trains(x_TD, w13_E2FD, w13_scale_E2F) else 1
+    xs_ND, d = dispatch(x_TD, idx_TK, len(w13_E2FD), pad_to=pad)
+    ys_ND = expert_segments(xs_ND, d.counts, w13_E2FD, w2_EDF, w13_scale_E2F, w2_scale_ED)
+    return combine(ys_ND, weight_TK, d, x_TD.dtype)
 
 
 def grouped_mm(
@@ -287,18 +333,11 @@ def grouped_mm(
     w2_scale_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """As `sorted`, with each projection one grouped matmul over all experts (`torch._grouped_mm`)."""
-    plain = isinstance(w13_E2FD, torch.Tensor) and not w13_E2FD.is_mkldnn
-    if w13_scale_E2F is not None or not plain or not hasattr(torch, "_grouped_mm") or x_TD.dtype == torch.float64:
+    if not grouped_applies(w13_E2FD, w13_scale_E2F, x_TD):
         return sorted_grouped(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK,
                               w13_scale_E2F=w13_scale_E2F, w2_scale_ED=w2_scale_ED)
-    E = w13_E2FD.shape[0]
-    order_N, tok_N, counts_E = _sort_by_expert(idx_TK, E)
-    offs_E = counts_E.cumsum(0).to(torch.int32)  # end row of each expert's segment
-    xs_ND = x_TD[tok_N]
-    h_N2F = torch._grouped_mm(xs_ND, w13_E2FD.transpose(1, 2), offs=offs_E)
-    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-    ys_ND = torch._grouped_mm((F.silu(gate_NF) * up_NF).contiguous(), w2_EDF.transpose(1, 2), offs=offs_E)
-    return _combine(ys_ND, weight_TK, _inverse_permutation(order_N), x_TD.dtype)
+    xs_ND, d = dispatch(x_TD, idx_TK, len(w13_E2FD))
+    return combine(expert_grouped_mm(xs_ND, d.counts, w13_E2FD, w2_EDF), weight_TK, d, x_TD.dtype)
 
 
 def decode(

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder `<run>/checkpoints/step_XXXXXXXX/`:
 
-    model.safetensors       the model's own parameter names (`layers.0.ffn.w13`, ...)
+    model.safetensors       the model's own parameter names (`layers.0.ffn.experts.w13`, ...)
     optimizer.safetensors   the optimizer state flattened to `state.<param name>.<key>` tensors
     rng.safetensors         torch CPU (and CUDA) generator states
     state.json              step, configs, data position, optimizer hyperparameters, and the byte

@@ -43,6 +43,7 @@ from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset
 from mixlab.errors import TrainingError
 from mixlab.model import Transformer
+from mixlab.model.transformer import ModelOutput
 from mixlab.train import checkpoints
 from mixlab.train.data import BatchLoader, DataError, TokenDataset, eval_windows
 from mixlab.train.losses import expert_load, lm_loss, router_losses
@@ -251,7 +252,7 @@ def compile_model(model: Transformer) -> Callable[..., Any]:
     per-expert row counts (`.tolist()`) are captured as symbolic sizes instead of breaking the graph
     once per MoE layer (tests/test_train_fastpaths.py checks that nothing else breaks it)."""
     torch._dynamo.config.capture_scalar_outputs = True
-    return torch.compile(model)
+    return torch.compile(model.forward_output)
 
 
 def autocast(cfg: TrainConfig) -> torch.autocast:
@@ -263,7 +264,7 @@ def autocast(cfg: TrainConfig) -> torch.autocast:
 def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, split: str = "valid",
              forward: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Loss, perplexity and expert load `[L, E]` per domain on fixed windows of `split`."""
-    fwd = forward if forward is not None else model  # not `or`: a compiled module has no truth value
+    fwd = forward if forward is not None else model.forward_output  # not `or`: a compiled function has no truth value
     was_training = model.training
     model.eval()
     out: dict[str, Any] = {"loss": {}, "ppl": {}, "load": {}}
@@ -278,7 +279,9 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, spl
         for i in range(0, len(w), cfg.batch_size):
             x = w[i: i + cfg.batch_size].to(cfg.device)
             with autocast(cfg):
-                logits, routings = fwd(x[:, :-1], return_routing=True)
+                o = fwd(x[:, :-1])
+                logits, routings = o.logits_BTV, o.routing
+                assert logits is not None
             k = x[:, 1:].numel()
             s += float(lm_loss(logits, x[:, 1:])) * k
             n += k
@@ -471,7 +474,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
         else _NoMetrics()
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
-    forward: Callable[..., Any] = compile_model(model) if cfg.compile else model
+    forward: Callable[..., ModelOutput] = compile_model(model) if cfg.compile else model.forward_output
     moe: MoEConfig | None = mc.moe
     aux_coef, z_coef = (moe.aux_loss_coef, moe.z_loss_coef) if moe else (0.0, 0.0)
     E = moe.num_experts if moe else 0
@@ -517,7 +520,9 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 x_BT, y_BT, _dom = loader.next_batch()
                 x_BT, y_BT = x_BT.to(device), y_BT.to(device)
                 with autocast(cfg):
-                    logits_BTV, routings = forward(x_BT, return_routing=True)
+                    o = forward(x_BT)
+                    logits_BTV, routings = o.logits_BTV, o.routing
+                    assert logits_BTV is not None
                 ce = lm_loss(logits_BTV, y_BT)
                 aux, z = router_losses(routings, reduce=par.all_sum if par is not None else None)
                 loss = ce + aux_coef * aux + z_coef * z

@@ -223,7 +223,7 @@ def upcycle(
                     gate = _router(g, init=router_init, std=router_std, E=E, D=D).to(t.dtype)
                     yield from zip(moe_rules[f"layers.{layer}.ffn.gate.weight"].theirs, [gate], strict=True)
                 if r.ours.endswith((".ffn.w13.weight", ".ffn.w2.weight")):
-                    names = moe_rules[r.ours.removesuffix(".weight")].theirs
+                    names = moe_rules[r.ours.replace(".ffn.", ".ffn.experts.").removesuffix(".weight")].theirs
                     yield from _expert_copies(r.split(t), names, E=E, noise=noise, generator=g)
                 else:  # embeddings, attention, norms, head: same tensors under the same names
                     yield from zip(moe_rules[r.ours].theirs, moe_rules[r.ours].split(t), strict=True)

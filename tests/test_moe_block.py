@@ -1,0 +1,123 @@
+"""The MoE block's parts: Router -> dispatch -> Experts -> combine equals the reference loop, the
+Experts module shards on its expert dimension (what expert parallelism does), weight formats are
+module types, and the model's forward has one return type."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mixlab.config import get_preset
+from mixlab.model import Experts, ModelOutput, MoEBlock, Transformer
+from mixlab.model.formats import Int4Experts, Int8Experts, PackedExperts
+from mixlab.model.inference import inference_format, prepare_for_inference
+from mixlab.ops.linear import can_pack
+from mixlab.ops.moe import SEGMENT_ROWS, combine, dispatch, moe_ffn
+
+
+def _experts(E: int = 4, D: int = 32, F: int = 48) -> Experts:
+    ex = Experts(E, D, F)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ex.w13.copy_(torch.randn(ex.w13.shape, generator=g) * 0.1)
+        ex.w2.copy_(torch.randn(ex.w2.shape, generator=g) * 0.1)
+    return ex
+
+
+def _routing(T: int, E: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    return idx, torch.softmax(torch.randn(T, K, generator=g), -1)
+
+
+@pytest.mark.parametrize("pad_to", [1, SEGMENT_ROWS])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_dispatch_experts_combine_equals_the_reference_loop(pad_to: int, grouped: bool) -> None:
+    ex = _experts()
+    x = torch.randn(13, 32)
+    idx, w = _routing(13, 4, 2)
+    ref = moe_ffn(x, ex.w13, ex.w2, idx, w, impl="reference")
+    with torch.no_grad():
+        xs, d = dispatch(x, idx, 4, pad_to=pad_to)
+        assert all(c % pad_to == 0 for c in d.counts) and sum(d.counts) == xs.shape[0]
+        got = combine(ex(xs, d.counts, grouped=grouped and pad_to == 1), w, d, x.dtype)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_shard_on_the_expert_dimension() -> None:
+    """Expert parallelism's view: two shards of `Experts` (experts [0, 2) and [2, 4)), each fed its
+    own experts' rows, together give the whole layer's rows."""
+    ex = _experts()
+    x = torch.randn(11, 32)
+    idx, w = _routing(11, 4, 2)
+    with torch.no_grad():
+        xs, d = dispatch(x, idx, 4)
+        whole = ex(xs, d.counts)
+        shards = []
+        for lo, hi in ((0, 2), (2, 4)):
+            shard = Experts(hi - lo, 32, 48)
+            shard.w13.copy_(ex.w13[lo:hi])
+            shard.w2.copy_(ex.w2[lo:hi])
+            a, b = sum(d.counts[:lo]), sum(d.counts[:hi])
+            shards.append(shard(xs[a:b], d.counts[lo:hi]))
+    torch.testing.assert_close(torch.cat(shards), whole)
+
+
+def test_moe_block_is_router_dispatch_experts_combine() -> None:
+    block = MoEBlock(get_preset("tiny-moe"))
+    assert type(block.experts) is Experts and block.experts.w13.shape[0] == block.gate.weight.shape[0]
+    names = {n for n, _ in block.named_parameters()}
+    assert names == {"gate.weight", "experts.w13", "experts.w2"}
+
+
+def _model(preset: str = "tiny-moe") -> Transformer:
+    model = Transformer(get_preset(preset))
+    model.init_weights(seed=0, std=0.1)
+    return model.eval()
+
+
+def test_forward_returns_logits_and_forward_output_the_rest() -> None:
+    model = _model()
+    tokens = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        logits = model(tokens)
+        out = model.forward_output(tokens)
+        lean = model.forward_output(tokens, logits=False)
+    assert isinstance(logits, torch.Tensor) and isinstance(out, ModelOutput)
+    assert out.logits_BTV is not None
+    torch.testing.assert_close(out.logits_BTV, logits)
+    assert len(out.routing) == model.config.n_layers and out.routing[0].idx_TK.shape == (14, 2)
+    assert lean.logits_BTV is None
+    torch.testing.assert_close(lean.hidden_BTD, out.hidden_BTD)
+    torch.testing.assert_close(model.output(out.hidden_BTD), logits)
+
+
+def test_weight_formats_are_module_types() -> None:
+    model = _model()
+    assert inference_format(model) is None and model.native_decoder is None
+    int8 = prepare_for_inference(copy.deepcopy(model), quant="int8")
+    assert inference_format(int8) == "int8"
+    assert all(type(b.ffn.experts) is Int8Experts for b in int8.layers)
+    assert int8.layers[0].ffn.experts.w13.dtype == torch.int8
+    assert set(dict(int8.layers[0].ffn.experts.named_buffers())) == {"w13", "w13_scale", "w2", "w2_scale"}
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare_for_inference(int8)
+    if can_pack(torch.empty(2, 2)):
+        packed = prepare_for_inference(copy.deepcopy(model), packed=True)
+        assert inference_format(packed) == "packed"
+        assert all(type(b.ffn.experts) is PackedExperts for b in packed.layers)
+    int4 = prepare_for_inference(copy.deepcopy(model), quant="int4")
+    assert inference_format(int4) == "int4"
+    assert all(type(b.ffn.experts) is Int4Experts for b in int4.layers)
+    assert int4.layers[0].ffn.experts.w13.dtype == torch.uint8
+
+
+def test_save_model_refuses_a_prepared_model(tmp_path) -> None:
+    from mixlab.checkpoint import save_model
+
+    model = prepare_for_inference(_model(), quant="int8")
+    with pytest.raises(ValueError, match=r"prepared for inference \(int8 weights\).*before prepare_for_inference"):
+        save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
