@@ -8,7 +8,7 @@ Each weight format is a module type (`mixlab.model.formats`); `inference_format`
   run PyTorch's GEMMs on plain weights. If the kernels cannot be built (no C compiler,
   `MIXLAB_NATIVE=0`), the weights are packed instead (next point).
 - `packed=True`: the matrices are packed once into oneDNN's blocked layout (what inductor's weight
-  freezing does): 8-18% faster prefill and faster batched decoding than plain weights, but batch-1
+  freezing does): faster prefill and batched decoding than plain weights, but batch-1
   decoding through PyTorch's kernels (BENCHMARKS.md, "Inference speed"; the two layouts cannot
   coexist without doubling the memory).
 - `quant="int8"`: the matrices become int8 with one scale per output row (`mixlab.ops.quant`):

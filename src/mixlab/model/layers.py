@@ -71,8 +71,8 @@ def training_sdpa(
 ) -> torch.Tensor:
     """SDPA (causal when `mask` is None). When gradients will flow through attention that would run
     in bf16/fp16 on CPU (low-precision inputs, or autocast, which casts SDPA's inputs down), it runs
-    in float32 instead: the CPU flash kernel's backward is faster in float32 than in bf16 (fwd+bwd
-    21 vs 32 ms at B=8, H=8, T=256, Hd=32 on 2 cores, BENCHMARKS.md) and more accurate. The
+    in float32 instead: the CPU flash kernel's backward is faster in float32 than in bf16 (numbers
+    in BENCHMARKS.md) and more accurate. The
     forward alone is as fast either way, so inference keeps its dtype. The output has the dtype
     SDPA would have returned."""
     qkv = (q_BHTHd, k_BGTHd, v_BGTHd)

@@ -5,7 +5,7 @@ Why packing: eager `F.linear` hands oneDNN a plain row-major weight and oneDNN r
 its kernels on every call; for a few rows of activations (decoding) that reorder costs as much as
 the matmul. Packing once ahead of time (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's
 weight freezing does on CPU) removes it: on an AVX-512-bf16 CPU a packed bf16 matrix-vector product
-runs ~1.5-2x faster at 2-16 rows, and no slower at 512 (see BENCHMARKS.md). Packed weights are
+runs faster at a few rows, and no slower at many (numbers in BENCHMARKS.md). Packed weights are
 opaque oneDNN tensors: inference only (no autograd, no slicing, not saved in a state dict).
 Which kernel runs is `mixlab.ops.registry`'s choice (few rows of plain or int8 weights: the native
 kernel `torch.ops.mixlab.linear`); batch-1 decoding of a prepared model bypasses this module.

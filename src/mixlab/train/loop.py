@@ -84,7 +84,7 @@ class TrainConfig:
     # Numerics and speed.
     dtype: str = "float32"  # autocast dtype: float32 (off) or bfloat16
     device: str = "cpu"
-    # CPU threads (0 = torch's default). On an oversubscribed CPU, 1 thread can be ~10x faster than 2:
+    # CPU threads (0 = torch's default). On an oversubscribed CPU, 1 thread can be much faster than 2 (BENCHMARKS.md):
     # OpenMP workers spin-wait for siblings that are descheduled.
     threads: int = 0
     activation_checkpointing: bool = False
@@ -216,7 +216,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     for p in model.parameters():
         groups.setdefault((id(getattr(p, "device_mesh", None)), p.dim() >= 2), []).append(p)
     # fused: one kernel per parameter for the whole update (CPU and CUDA); the foreach path falls
-    # back to ~10 elementwise kernels per parameter on CPU, ~4x slower here (BENCHMARKS.md).
+    # back to ~10 elementwise kernels per parameter on CPU, several times slower (BENCHMARKS.md).
     fused = torch.device(cfg.device).type in ("cpu", "cuda")
     return torch.optim.AdamW(
         [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
