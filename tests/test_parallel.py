@@ -1,16 +1,19 @@
-"""Training over several processes (gloo, loopback) equals one process: FSDP2 (expert parallelism
-follows with the Experts module); distributed checkpoints resumed on another number of processes;
-the consolidated export.
+"""Training and decoding over several processes (gloo, loopback) equal one process: expert
+parallelism (EP), FSDP2, both, and EP x DP; distributed checkpoints resumed on another number of
+processes; the consolidated export; a rank whose experts receive no token; EP decoding's tokens.
 
 Each group of processes is started once per module (torch.multiprocessing, spawn) and runs a list
 of jobs; the tests compare what they wrote with one-process runs in this process."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,10 @@ from mixlab.train.loop import build_model_config, load_train_config, make_optimi
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
         "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "jitter": 0.0, "z_loss_coef": 0.001}}
+pytestmark = pytest.mark.slow  # several groups of processes: about 2-3 minutes on 2 busy cores
+
 STEPS = 20
-TIMEOUT = 240  # seconds for one group of processes
+TIMEOUT = 420  # seconds for one group of processes (bounded; ~1-3 min on 2 busy cores)
 
 
 def _cfg(data: Path, out: Path, **kw: Any) -> dict[str, Any]:
@@ -51,6 +56,58 @@ def _history(path: Path) -> list[dict[str, Any]]:
 # -- what each process runs -------------------------------------------------------------------------
 
 
+def _route_to_first_half(model: torch.nn.Module) -> None:
+    """Routers that never choose the second half of the experts (those of EP rank 1)."""
+    import torch.nn.functional as F
+
+    from mixlab.model.moe import MoEBlock, Routing, route
+
+    for block in model.layers:
+        if isinstance(block.ffn, MoEBlock):
+            gate = block.ffn.gate
+
+            def fwd(x_TD: torch.Tensor, gate: Any = gate) -> Routing:
+                logits_TE = F.linear(x_TD.float(), gate.weight.float())
+                E = logits_TE.shape[1]
+                logits_TE = logits_TE - torch.cat([torch.zeros(E // 2), torch.full((E - E // 2,), 1e4)])
+                idx_TK, w_TK = route(logits_TE, gate.moe.top_k)
+                return Routing(logits_TE, idx_TK, w_TK)
+
+            gate.forward = fwd
+
+
+def _zero_tokens_job(rank: int) -> None:
+    """EP=2 where rank 1's experts receive no token: outputs and gradients equal one process's."""
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+    from mixlab.parallel.expert import apply_expert_parallel
+    from mixlab.parallel.mesh import init
+
+    layout = init(ep=2)
+    cfg = get_preset("tiny-moe").replace(vocab_size=64, **{k: v for k, v in TINY.items() if k != "moe"})
+    ref = Transformer(cfg)
+    ref.init_weights(seed=0)
+    model = copy.deepcopy(ref)
+    for m in (ref, model):
+        _route_to_first_half(m)
+    apply_expert_parallel(model, layout)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))  # the same on both ranks
+    w = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(2))
+    out, want = model(x), ref(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    (out * w).sum().backward()
+    (want * w).sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        g = ref_grads[name].grad
+        assert p.grad is not None, name  # a zero gradient, not a missing one
+        if ".experts." in name:  # both ranks sent their (identical) tokens to rank 0's experts
+            want_g = torch.zeros_like(p) if rank == 1 else 2 * g[: p.shape[0]]
+            torch.testing.assert_close(p.grad, want_g, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
 def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -60,6 +117,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> Non
 
     try:
         for job in jobs:
+            if job["kind"] == "zero_tokens":
+                _zero_tokens_job(rank)
+                continue
             par = DistributedTraining(init(ep=job["ep"], fsdp=job["fsdp"]))
             cfg = load_train_config(None, **job["cfg"])
             train(cfg, stop_after=job.get("stop_after"), resume=job.get("resume", False), parallel=par)
@@ -107,14 +167,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # Resume on another number of processes: one process's step 10 continued by 2, and back.
     out["from1"] = root / "from1"
     shutil.copytree(out["single"] / "checkpoints" / "step_00000010", out["from1"] / "checkpoints" / "step_00000010")
-    jobs2: list[dict[str, Any]] = []
-    for name, (ep, fsdp) in {"fsdp2": (1, True)}.items():
+    jobs2: list[dict[str, Any]] = [{"kind": "zero_tokens"}]
+    for name, (ep, fsdp) in {"ep2": (2, False), "fsdp2": (1, True), "ep2_fsdp": (2, True)}.items():
         jobs2 += [j | {"ep": ep, "fsdp": fsdp, "kind": "train"} for j in two_phase(name)]
-    jobs2.append({"kind": "train", "ep": 1, "fsdp": True, "cfg": _cfg(data, out["from1"]), "resume": True})
+    jobs2.append({"kind": "train", "ep": 2, "fsdp": True, "cfg": _cfg(data, out["from1"]), "resume": True})
     _run_group(2, jobs2)
+    jobs4: list[dict[str, Any]] = []
+    for name, (ep, fsdp) in {"ep2_dp2_fsdp": (2, True)}.items():
+        jobs4 += [j | {"ep": ep, "fsdp": fsdp, "kind": "train"} for j in two_phase(name)]
+    _run_group(4, jobs4)
     # ... and a 2-process checkpoint continued by one process.
     out["from2"] = root / "from2"
-    shutil.copytree(out["fsdp2"] / "checkpoints" / "step_00000010", out["from2"] / "checkpoints" / "step_00000010")
+    shutil.copytree(out["ep2_fsdp"] / "checkpoints" / "step_00000010", out["from2"] / "checkpoints" / "step_00000010")
     train(load_train_config(None, **_cfg(data, out["from2"])), resume=True)
     return out
 
@@ -139,7 +203,7 @@ def _first_step_grads(run: Path, data: Path) -> dict[str, torch.Tensor]:
     return {n: opt.state[p]["exp_avg"] / (1 - cfg.beta1) for n, p in model.named_parameters()}
 
 
-LAYOUTS = ["fsdp2"]
+LAYOUTS = ["ep2", "fsdp2", "ep2_fsdp", "ep2_dp2_fsdp"]
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -152,7 +216,7 @@ def test_losses_and_gradients_equal_one_process(runs: dict[str, Path], name: str
         torch.testing.assert_close(got_g[n], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=n)
 
 
-@pytest.mark.parametrize("name", ["fsdp2"])
+@pytest.mark.parametrize("name", ["ep2", "ep2_fsdp", "ep2_dp2_fsdp"])
 def test_sharded_run_exports_one_consolidated_checkpoint(runs: dict[str, Path], name: str) -> None:
     got, want = load_model(runs[name] / "hf"), load_model(runs["single"] / "hf")
     assert (runs[name] / "hf" / "mixlab_data.json").is_file()
@@ -164,6 +228,33 @@ def test_resume_across_world_sizes(runs: dict[str, Path]) -> None:
     want = _history(runs["single"] / "metrics.jsonl")[10:]
     _assert_close_runs(_history(runs["from1"] / "metrics.jsonl"), want)  # 1 process -> 2 (EP, FSDP)
     _assert_close_runs(_history(runs["from2"] / "metrics.jsonl"), want)  # 2 -> 1
-    state = checkpoints.validate(runs["fsdp2"] / "checkpoints" / "step_00000020")
+    state = checkpoints.validate(runs["ep2_fsdp"] / "checkpoints" / "step_00000020")
     assert state["format"] == "dcp" and state["world"] == 2 and not list(
-        (runs["fsdp2"] / "checkpoints").glob(".step_*"))
+        (runs["ep2_fsdp"] / "checkpoints").glob(".step_*"))
+
+
+def test_rank_without_tokens(runs: dict[str, Path]) -> None:
+    """Checked inside the processes (`_zero_tokens_job`); they would have failed the fixture."""
+
+
+def test_ep_decoding_equals_one_process(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m mixlab generate --ep 2` prints the tokens one process's model
+    generates (greedy, float32)."""
+    from mixlab import generate, load_tokenizer, save_model
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    save_model(model, tmp_path)
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "mixlab",
+                          "generate", "--model", str(tmp_path), "--prompt", "Bonjour, le monde", "--max-new-tokens",
+                          "12", "--dtype", "float32", "--threads", "1", "--ep", "2"],
+                         capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    tok = load_tokenizer()
+    prompt = tok.encode("Bonjour, le monde")
+    ids = [i for i in generate(load_model(tmp_path), [prompt], max_new_tokens=12)[0] if i != tok.eos_id]
+    assert len(ids) > 0 and two.stdout == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"

@@ -36,8 +36,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtype = "bfloat16" if bf16_ok else None
     model = load_model(args.model, dtype=dtype, device=args.device)
-    if getattr(args, "ep", None):
-        raise ValueError("--ep needs the Experts module (issue 12), not in this build")
+    if getattr(args, "ep", None):  # experts split over the processes (torchrun); PyTorch's kernels
+        from mixlab.parallel.expert import apply_expert_parallel
+        from mixlab.parallel.mesh import init
+
+        if args.quant != "none":
+            raise ValueError("--quant is not supported with --ep yet")
+        apply_expert_parallel(model, init(ep=args.ep, device=args.device))
     elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding; same results
         from mixlab.model.inference import prepare_for_inference
 

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.parallel import checkpoint as dcp_ckpt
+from mixlab.parallel.expert import apply_expert_parallel, expert_param_names
 from mixlab.parallel.mesh import Layout
 
 
@@ -61,8 +62,8 @@ class DistributedTraining:
         self.expert_names: set[str] = set()
 
     def parallelize(self, model: Transformer) -> None:
-        if self.layout.ep > 1:
-            raise ValueError("--ep > 1 needs the Experts module (issue 12); this build has FSDP and data parallelism")
+        self.expert_names = expert_param_names(model)
+        apply_expert_parallel(model, self.layout)
         if self.layout.fsdp:
             apply_fsdp(model, self.layout)
 

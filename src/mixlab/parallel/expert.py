@@ -1,0 +1,118 @@
+"""Expert parallelism, applied to a built single-device model from outside.
+
+Each rank of an expert-parallel group of size P keeps E / P consecutive experts of every MoE layer
+(dim 0 of the stacked `Experts.w13` / `w2`). The layer's forward becomes (GShard arXiv 2006.16668
+§2.2, without capacity: dropless, as torchtitan's and Megatron-Core's token dispatchers):
+
+    route locally -> rows grouped by (global) expert (`dispatch`) -> all-to-all to the experts' owners
+    -> regroup the received rows by local expert -> `Experts.forward(xs, counts)` -> the reverse
+    permutation and all-to-all -> `combine` (weights, each token's K rows summed)
+
+The splits are uneven (as many rows as were routed), so the all-to-all is `all_to_all_single` with
+split sizes, which gloo supports (its list form `all_to_all` it does not); its autograd form sends
+the gradients back the same way. The counts are exchanged first with one small all-to-all.
+
+Shape legend: T tokens, D width, E experts (global), L = E / P local experts, P group size,
+N rows grouped by expert, R rows received.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+
+from mixlab.model import Transformer
+from mixlab.model.moe import MoEBlock, Routing
+from mixlab.ops.moe import combine, dispatch
+from mixlab.parallel.mesh import Layout
+
+
+def expert_param_names(model: Transformer) -> set[str]:
+    """The names of the stacked expert weights (those expert parallelism shards on dim 0)."""
+    return {f"layers.{i}.ffn.experts.{w}" for i, b in enumerate(model.layers) if isinstance(b.ffn, MoEBlock)
+            for w in ("w13", "w2")}
+
+
+def _segments_index(sizes_PL: torch.Tensor) -> torch.Tensor:
+    """Rows arrive source-major (source p's rows for local experts 0..L-1, then p+1's); the index that
+    reorders them expert-major (expert 0's rows from every source first), as `Experts` expects."""
+    P, L = sizes_PL.shape
+    starts_PL = (sizes_PL.reshape(-1).cumsum(0) - sizes_PL.reshape(-1)).view(P, L)
+    sizes, starts = sizes_PL.t().reshape(-1).tolist(), starts_PL.t().reshape(-1).tolist()
+    parts = [torch.arange(s, s + n) for s, n in zip(starts, sizes, strict=True) if n]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    y = funcol.all_to_all_single_autograd(x, out_splits, in_splits, group)
+    return funcol.wait_tensor(y) if isinstance(y, funcol.AsyncCollectiveTensor) else y
+
+
+def ep_forward(ffn: MoEBlock, layout: Layout, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    """The MoE layer with its experts spread over the expert-parallel group (see the module docstring)."""
+    B, T, D = x_BTD.shape
+    x_TD = x_BTD.reshape(-1, D)
+    routing = ffn.gate(x_TD)
+    P = layout.ep
+    E = routing.logits_TE.shape[1]
+    L = E // P
+    xs_ND, d = dispatch(x_TD, routing.idx_TK, E, pad_to=1)
+    send_PL = torch.tensor(d.counts, dtype=torch.long).view(P, L)
+    # The counts first (NCCL exchanges device tensors, gloo CPU ones).
+    send_dev = send_PL.to(layout.device)
+    recv_dev = torch.empty_like(send_dev)
+    dist.all_to_all_single(recv_dev, send_dev, group=layout.ep_group)
+    recv_PL = recv_dev.cpu()
+    send, recv = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+    xr_RD = _all_to_all(xs_ND, recv, send, layout.ep_group)
+    order_R = _segments_index(recv_PL).to(x_TD.device)
+    ys_RD = ffn.experts(xr_RD.index_select(0, order_R), recv_PL.sum(0).tolist())
+    back_R = torch.empty_like(order_R)
+    back_R[order_R] = torch.arange(len(order_R), device=order_R.device)
+    ys_ND = _all_to_all(ys_RD.index_select(0, back_R), send, recv, layout.ep_group)
+    y_TD = combine(ys_ND, routing.weight_TK, d, x_TD.dtype)
+    return y_TD.view(B, T, D), routing
+
+
+def _experts_forward(experts: nn.Module, orig: Any, xs_ND: torch.Tensor, counts: list[int],
+                     **kw: Any) -> torch.Tensor:
+    """`Experts.forward`, plus a zero that keeps the (empty) input and the weights in the autograd
+    graph when this rank received no row at all: every rank then runs the all-to-all's backward (a
+    collective), and the weights' gradient is zeros rather than missing, so gradient reduction (FSDP's
+    reduce-scatter, the all-reduce) sees the same tensors on every rank."""
+    ys_ND = orig(xs_ND, counts, **kw)
+    if sum(counts) == 0 and torch.is_grad_enabled():
+        ys_ND = ys_ND + (xs_ND.sum() + sum(p.sum() for p in experts.parameters())) * 0.0
+    return ys_ND
+
+
+def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
+    """Keep this rank's E / ep experts of every MoE layer and route tokens to the others' by
+    all-to-all. In place; the model must hold all E experts (plain float `Experts`)."""
+    if layout.ep == 1:
+        return
+    for i, block in enumerate(model.layers):
+        ffn = block.ffn
+        if not isinstance(ffn, MoEBlock):
+            continue
+        experts = ffn.experts
+        E = experts.num_experts
+        if E % layout.ep:
+            raise ValueError(f"--ep {layout.ep} must divide the number of experts ({E})")
+        if not all(isinstance(getattr(experts, w, None), nn.Parameter) for w in ("w13", "w2")):
+            raise ValueError(f"layer {i}: expert parallelism needs plain float experts (w13, w2), not "
+                             f"{type(experts).__name__}")
+        L = E // layout.ep
+        lo = layout.ep_rank * L
+        with torch.no_grad():
+            for w in ("w13", "w2"):
+                full = getattr(experts, w)
+                setattr(experts, w, nn.Parameter(full[lo: lo + L].clone(), requires_grad=full.requires_grad))
+        experts.num_experts = L
+        experts.forward = functools.partial(_experts_forward, experts, experts.forward)  # type: ignore[method-assign]
+        ffn.forward = functools.partial(ep_forward, ffn, layout)  # type: ignore[method-assign]
