@@ -109,11 +109,11 @@ def worker_train(reps: int, threads: int) -> dict[str, dict[str, float]]:
 
     def step() -> None:
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            out = model(inp, return_routing=True)
-        if isinstance(out, tuple):
-            logits, routings = out
-        else:  # a forward that returns one output type
-            logits, routings = out.logits, out.routing
+            if hasattr(model, "forward_output"):  # one return type: forward_output has logits and routing
+                out = model.forward_output(inp)
+                logits, routings = out.logits_BTV, out.routing
+            else:  # the older tree: forward(return_routing=True) -> (logits, routings)
+                logits, routings = model(inp, return_routing=True)
         aux, _ = router_losses(routings)
         (lm_loss(logits, tgt) + 0.02 * aux).backward()
         opt.step()
