@@ -151,3 +151,19 @@ def moe_impls(*, reference: bool = False, auto: bool = False, exclude: tuple[str
         why = _moe_impl_missing(k)
         out.append(pytest.param(k, marks=pytest.mark.skip(reason=why)) if why else k)
     return out
+
+
+def gguf_test_model(kind: str):
+    """The GGUF tests' random model ("moe" or "dense") with Mixtral's vocabulary; routers scaled up
+    for decisive routing (no near-ties for weight rounding to flip)."""
+    from mixlab.config import get_preset
+    from mixlab.model import MoEBlock, Transformer
+
+    cfg = get_preset("tiny-moe" if kind == "moe" else "tiny-dense").replace(vocab_size=32000)
+    model = Transformer(cfg)
+    model.init_weights(std=0.1, seed=0)
+    with torch.no_grad():
+        for block in model.layers:
+            if isinstance(block.ffn, MoEBlock):
+                block.ffn.gate.weight.mul_(10)
+    return model.eval()

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import gguf_test_model
 from mixlab.checkpoint.gguf import rope_permute, write_gguf
 from mixlab.config import get_preset
-from mixlab.model import MoEBlock, Transformer
+from mixlab.model import Transformer
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
@@ -31,14 +32,7 @@ T = 24
 
 
 def _model(kind: str) -> Transformer:
-    cfg = get_preset("tiny-moe" if kind == "moe" else "tiny-dense").replace(vocab_size=32000)
-    model = Transformer(cfg)
-    model.init_weights(std=0.1, seed=0)
-    with torch.no_grad():
-        for block in model.layers:
-            if isinstance(block.ffn, MoEBlock):
-                block.ffn.gate.weight.mul_(10)  # decisive routing: see the module docstring
-    return model.eval()
+    return gguf_test_model(kind)
 
 
 def _llama_logits(path: Path, tokens: list[int]) -> np.ndarray:

@@ -29,11 +29,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import llama_cpp_converter
+from conftest import gguf_test_model, llama_cpp_converter
 from mixlab.checkpoint import CheckpointError, load_model, save_model
 from mixlab.checkpoint.gguf import write_gguf
 from mixlab.checkpoint.gguf_read import read_header
-from mixlab.config import get_preset
 from mixlab.model import Experts, MoEBlock, Transformer
 from mixlab.model.formats import Int4Experts
 from mixlab.ops.quant import Int4Linear, dequantize
@@ -48,14 +47,7 @@ T = 24
 
 
 def _model(kind: str) -> Transformer:
-    cfg = get_preset("tiny-moe" if kind == "moe" else "tiny-dense").replace(vocab_size=32000)
-    model = Transformer(cfg)
-    model.init_weights(std=0.1, seed=0)
-    with torch.no_grad():
-        for block in model.layers:
-            if isinstance(block.ffn, MoEBlock):
-                block.ffn.gate.weight.mul_(10)  # decisive routing: no near-ties for rounding to flip
-    return model.eval()
+    return gguf_test_model(kind)
 
 
 def _llama_logits(path: Path, tokens: list[int]) -> np.ndarray:
