@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from mixlab import atomic
 from mixlab.checkpoint import CheckpointError, load_model
 from mixlab.config import ConfigError
 from mixlab.train import checkpoints
@@ -106,6 +107,21 @@ def test_bad_resume_states_are_clear_errors(dataset: Path, tmp_path: Path) -> No
     with pytest.raises(CheckpointError, match=r"step_00000003: incomplete checkpoint .*remove it to resume from "
                                               "step_00000002"):
         train(_cfg(dataset, tmp_path), resume=True)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes(dataset: Path, tmp_path: Path) -> None:
+    # A checkpoint written before `data_offset` and `init_from` existed lacks them: their defaults
+    # are what that run used, so it resumes; a real change of either is still refused.
+    train(_cfg(dataset, tmp_path), stop_after=2)
+    state_file = tmp_path / "checkpoints" / "step_00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    for k in ("data_offset", "init_from"):
+        del state["train_config"][k]
+    state_file.write_text(json.dumps(state))
+    atomic.write_manifest(state_file.parent, kind=atomic.read_manifest(state_file.parent)["kind"], checksums=True)
+    with pytest.raises(CheckpointError, match="different training settings.*data_offset: checkpoint None vs now 5"):
+        train(_cfg(dataset, tmp_path, data_offset=5), resume=True)
+    assert train(_cfg(dataset, tmp_path), resume=True).step == 6
 
 
 def test_bad_settings(dataset: Path, tmp_path: Path) -> None:

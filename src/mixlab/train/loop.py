@@ -392,7 +392,9 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, mc: ModelConfig, fing
                               "use the original settings or a new --out folder")
     saved = state.get("train_config", {})
     now_t = dataclasses.asdict(cfg)
-    diff = sorted(k for k in now_t if k not in RUN_ONLY and saved.get(k) != now_t[k])
+    # A field added after the checkpoint was written is absent from it: its default is what that run used.
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    diff = sorted(k for k in now_t if k not in RUN_ONLY and saved.get(k, defaults.get(k)) != now_t[k])
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now_t[k]!r}" for k in diff[:4])
         raise CheckpointError(f"{ckpt}: saved with different training settings ({detail}); "
