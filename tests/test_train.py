@@ -124,6 +124,35 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes(dataset: Path, tmp_p
     assert train(_cfg(dataset, tmp_path), resume=True).step == 6
 
 
+def test_a_checkpoint_with_the_expert_names_before_the_experts_module_resumes_exactly(dataset: Path,
+                                                                                     tmp_path: Path) -> None:
+    # Round-1 checkpoints named the expert weights `layers.{i}.ffn.w13` (now `.ffn.experts.w13`).
+    from safetensors.torch import load_file, save_file
+
+    straight = train(_cfg(dataset, tmp_path / "a"))
+    train(_cfg(dataset, tmp_path / "b"), stop_after=3)
+    ckpt = tmp_path / "b" / "checkpoints" / "step_00000003"
+
+    def old(n: str) -> str:
+        return n.replace(".ffn.experts.", ".ffn.")
+
+    save_file({old(n): w for n, w in load_file(ckpt / "model.safetensors").items()}, ckpt / "model.safetensors")
+    opt = load_file(ckpt / "optimizer.safetensors")
+    assert any(".ffn.experts.w13." in k for k in opt)
+    save_file({old(k): v for k, v in opt.items()}, ckpt / "optimizer.safetensors")
+    state = json.loads((ckpt / "state.json").read_text())
+    info = state["optimizer"]
+    info["param_names"] = [old(n) for n in info["param_names"]]
+    info["scalars"] = {old(n): d for n, d in info["scalars"].items()}
+    state["files"] = {f: (ckpt / f).stat().st_size for f in state["files"]}
+    (ckpt / "state.json").write_text(json.dumps(state))
+    atomic.write_manifest(ckpt, kind=atomic.read_manifest(ckpt)["kind"], checksums=True)
+    resumed = train(_cfg(dataset, tmp_path / "b"), resume=True)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[3:]]
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
 def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="beyond the model's context"):
         train(_cfg(dataset, tmp_path, seq_len=128))

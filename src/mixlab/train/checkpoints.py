@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,36 @@ def save(
     return root / name
 
 
+# Parameter names of earlier mixlab versions, as (pattern, replacement): before the Experts module
+# the expert weights lived on the MoE block itself (`layers.0.ffn.w13`, now `layers.0.ffn.experts.w13`).
+_LEGACY = [(re.compile(r"^(layers\.\d+\.ffn)\.(w13|w2)$"), r"\1.experts.\2")]
+
+
+def _legacy_names(saved: Iterable[str], params: dict[str, Any]) -> dict[str, str]:
+    """Old name -> current name for each saved name the model lacks under that name but has renamed."""
+    out = {}
+    for n in saved:
+        if n in params:
+            continue
+        for pat, repl in _LEGACY:
+            new = pat.sub(repl, n)
+            if new != n and new in params:
+                out[n] = new
+    return out
+
+
+def _rename_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any],
+                      rename: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def key(k: str) -> str:
+        _, rest = k.split(".", 1)
+        name, field = rest.rsplit(".", 1)
+        return f"state.{rename.get(name, name)}.{field}"
+
+    info = {**info, "param_names": [rename.get(n, n) for n in info["param_names"]],
+            "scalars": {rename.get(n, n): d for n, d in info["scalars"].items()}}
+    return {key(k): v for k, v in tensors.items()}, info
+
+
 def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Load weights, optimizer and RNG state from `ckpt` into the given objects; returns state.json."""
     state = validate(ckpt)
@@ -168,6 +199,8 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         return state
     weights = load_file(str(ckpt / "model.safetensors"))
     params = dict(model.named_parameters())
+    rename = _legacy_names(weights, params)
+    weights = {rename.get(n, n): w for n, w in weights.items()}
     if set(weights) != set(params):
         diff = sorted(set(weights) ^ set(params))[:5]
         raise CheckpointError(f"{ckpt}: model parameters differ from this model's: {', '.join(diff)}")
@@ -179,6 +212,8 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             p.copy_(weights[n])
     if optimizer is not None:
         opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        if rename:
+            opt_tensors, state["optimizer"] = _rename_optimizer(opt_tensors, state["optimizer"], rename)
         optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state["optimizer"],
                                                       optimizer_param_names(model, optimizer)))
     rng = load_file(str(ckpt / "rng.safetensors"))
