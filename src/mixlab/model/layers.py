@@ -14,6 +14,7 @@ from torch import nn
 from mixlab.cache import KVCache
 from mixlab.config import ModelConfig
 from mixlab.ops.attention import single_query_attention
+from mixlab.ops.swiglu import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -140,5 +141,4 @@ class DenseFFN(nn.Module):
         self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x_BTD).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu(self.w13(x_BTD)))

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from mixlab.ops import registry
 from mixlab.ops.linear import linear
 from mixlab.ops.quant import dequantize
+from mixlab.ops.swiglu import swiglu
 
 # Training pads each expert's segment to a multiple of this many rows (see `expert_segments`).
 SEGMENT_ROWS = 32
@@ -78,18 +79,13 @@ def _expert(
     s13_2F: torch.Tensor | None = None,
     s2_D: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    gate_NF, up_NF = linear(x_ND, w13_2FD, s13_2F).chunk(2, dim=-1)
-    return linear(F.silu(gate_NF) * up_NF, w2_DF, s2_D)
+    return linear(swiglu(linear(x_ND, w13_2FD, s13_2F)), w2_DF, s2_D)
 
 
-def _expert_autograd(
-    x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor, s13_2F: torch.Tensor | None = None,
-    s2_D: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`_expert` for training (no int8 scales): plain F.linear, differentiable and traceable by
-    torch.compile, never the inference kernels of ops/linear.py."""
-    gate_NF, up_NF = F.linear(x_ND, w13_2FD).chunk(2, dim=-1)
-    return F.linear(F.silu(gate_NF) * up_NF, w2_DF)
+def _plain_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
+    """`_expert` in plain F.linear (no int8 scales): differentiable and traceable by torch.compile
+    for training, and the oracle's, never the inference kernels of ops/linear.py."""
+    return F.linear(swiglu(F.linear(x_ND, w13_2FD)), w2_DF)
 
 
 def reference(
@@ -112,9 +108,7 @@ def reference(
         if w13_scale_E2F is not None and w2_scale_ED is not None:  # int8 / int4: the dequantised weights
             w13 = dequantize(w13, w13_scale_E2F[e], x_TD.dtype)
             w2 = dequantize(w2, w2_scale_ED[e], x_TD.dtype)
-        # Plain F.linear, never the fast kernels of ops/linear.py: the oracle must not share them.
-        gate_NF, up_NF = F.linear(x_TD[tok_N], w13).chunk(2, dim=-1)
-        y_ND = F.linear(F.silu(gate_NF) * up_NF, w2)
+        y_ND = _plain_expert(x_TD[tok_N], w13, w2)  # never the fast kernels: the oracle must not share them
         out_TD.index_add_(0, tok_N, (y_ND * weight_TK[tok_N, slot_N, None]).to(out_TD.dtype))
     return out_TD
 
@@ -269,7 +263,7 @@ def expert_segments(
     compiling = torch.compiler.is_compiling()
     if trains(xs_ND, w13_E2FD, w13_scale_E2F):
         xs_ND, w13_E2FD, w2_EDF = _autocast_once(xs_ND, w13_E2FD, w2_EDF)
-        ys = [_expert_autograd(xs_nD, w13_2FD, w2_DF)
+        ys = [_plain_expert(xs_nD, w13_2FD, w2_DF)
               for n, xs_nD, w13_2FD, w2_DF in zip(counts, xs_ND.split(counts), w13_E2FD.unbind(0),
                                                   w2_EDF.unbind(0), strict=True)
               if compiling or n]
@@ -296,8 +290,7 @@ def expert_grouped_mm(xs_ND: torch.Tensor, counts: list[int], w13_E2FD: torch.Te
     """`expert_segments` with each projection one grouped matmul over all experts."""
     offs_E = torch.tensor(counts, device=xs_ND.device).cumsum(0).to(torch.int32)  # end row of each segment
     h_N2F = torch._grouped_mm(xs_ND, w13_E2FD.transpose(1, 2), offs=offs_E)
-    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-    return torch._grouped_mm((F.silu(gate_NF) * up_NF).contiguous(), w2_EDF.transpose(1, 2), offs=offs_E)
+    return torch._grouped_mm(swiglu(h_N2F).contiguous(), w2_EDF.transpose(1, 2), offs=offs_E)
 
 
 def sorted_grouped(
