@@ -36,12 +36,12 @@ import torch
 from mixlab.bench import _dense_bytes_per_layer, _expert_bytes, _matmul_flops_per_token, bandwidth_probe, measure_limits
 from mixlab.cache import KVCache
 from mixlab.config import get_preset
+from mixlab.dtypes import DTYPES
 from mixlab.engine import Engine, SamplingParams
 from mixlab.generate import decode_step, generate
 from mixlab.model import Transformer
 from mixlab.model.inference import prepare_for_inference
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 PROMPT = 128
 
 
@@ -270,7 +270,7 @@ def main() -> None:
     global PROMPT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mini-moe")
-    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--reps", type=int, default=5)

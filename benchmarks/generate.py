@@ -27,11 +27,10 @@ import torch
 import mixlab
 from mixlab import save_model
 from mixlab.config import get_preset
+from mixlab.dtypes import DTYPES
 from mixlab.generate import generate
 from mixlab.model import Transformer
 from mixlab.model.inference import prepare_for_inference
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def _cpu() -> str:
@@ -47,7 +46,7 @@ def _cpu() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mini-moe")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--plain", action="store_true", help="the model as loaded, without prepare_for_inference")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)

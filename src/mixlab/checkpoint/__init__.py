@@ -37,22 +37,11 @@ from mixlab.checkpoint.io import (
 )
 from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig
+from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
 
 __all__ = ["CheckpointError", "describe", "load_model", "load_state", "meta_model", "save_model"]
-
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPE_NAMES)}") from None
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -268,7 +257,7 @@ def save_model(
     stored = want or state["tok_embeddings.weight"].dtype
     if fmt in ("hf", "hf-fused"):
         cfg = config.to_hf_dict()
-        cfg["dtype"] = cfg["torch_dtype"] = str(stored).removeprefix("torch.")
+        cfg["dtype"] = cfg["torch_dtype"] = dtype_name(stored)
         extra = {"config.json": json.dumps(cfg, indent=2) + "\n"}
         single = "model.safetensors"
     else:

@@ -38,15 +38,15 @@ def info(args: argparse.Namespace) -> int:
           f"{cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len / 2**30:,.2f} GiB at full context")
     if Path(args.model).is_dir():
         from mixlab.checkpoint import describe, plan
+        from mixlab.checkpoint.io import DTYPES
+        from mixlab.dtypes import dtype_name
 
         d = describe(args.model)  # headers only
         plan(Path(args.model), cfg)  # names, shapes and dtypes checked against the config, as load_model does
-        stored = ", ".join(f"{_DTYPE_NAMES.get(k, k)} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
+        stored = ", ".join(f"{dtype_name(DTYPES[k]) if k in DTYPES else k} {v:,} bytes"
+                           for k, v in d.bytes_by_dtype.items())
         print(f"stored:            {d.format} format, {d.tensors} tensors in {d.files} file(s): {stored}")
     return 0
-
-
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 def convert(args: argparse.Namespace) -> int:

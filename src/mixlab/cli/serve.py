@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mixlab.cli.run import _load
+from mixlab.dtypes import dtype_name
 
 
 def _bytes(text: str) -> int:
@@ -59,7 +60,7 @@ def serve(args: argparse.Namespace) -> int:
     moe = model.config.moe
     info = {"layers": model.config.n_layers, "experts": moe.num_experts if moe else 0,
             "experts_per_token": moe.top_k if moe else 0, "vocab_size": model.config.vocab_size,
-            "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "quant": args.quant}
+            "dtype": dtype_name(model.tok_embeddings.weight.dtype), "quant": args.quant}
     name = args.served_model_name or Path(args.model).name or "mixlab"
     cfg = ServerConfig(model_name=name, context_len=context, max_tokens_limit=args.max_tokens_limit,
                        api_key=args.api_key, max_body_bytes=args.max_body_bytes, cors_origins=args.allowed_origins,

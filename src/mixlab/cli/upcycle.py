@@ -6,7 +6,7 @@ import argparse
 
 
 def upcycle(args: argparse.Namespace) -> int:
-    from mixlab.checkpoint import parse_dtype
+    from mixlab.dtypes import parse_dtype
     from mixlab.train.upcycle import upcycle as run
 
     report = run(args.src, args.out, num_experts=args.experts, top_k=args.top_k, router_init=args.router_init,

@@ -44,11 +44,12 @@ from typing import Any
 import torch
 
 from mixlab.config import ModelConfig
+from mixlab.dtypes import DTYPES
 
 GB = 1e9
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PLAN_DTYPES = ("float32", "bfloat16", "float16")
 QUANT_BITS = {"int8": 8.0, "int4": 4.5}
 INT4_GROUP = 32
 
@@ -199,8 +200,8 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
     E = config.moe.num_experts if config.moe is not None else 0
     if ep > 1 and (E == 0 or E % ep):
         raise ValueError(f"--ep {ep} must divide the number of experts ({E or 'dense model: none'})")
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if dtype not in PLAN_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(PLAN_DTYPES)}, got {dtype!r}")
     if quant not in (None, *QUANT_BITS):
         raise ValueError(f"--quant must be one of none, {', '.join(QUANT_BITS)}, got {quant!r}")
     if mode == "train" and quant:
@@ -217,7 +218,7 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
               activation_checkpointing=activation_checkpointing, device_mem=device_mem, params=ps)
     D, L = config.dim, config.n_layers
     K = config.moe.top_k if config.moe is not None else 0
-    act_b = DTYPE_BYTES[dtype]
+    act_b = DTYPES[dtype].itemsize
     if mode == "train":
         dense_local = ps.dense / (devices if fsdp else 1)
         expert_local = ps.experts / ep / (dp if fsdp else 1)
@@ -258,7 +259,7 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             pl.notes.append("does not fit: try --fsdp, --activation-checkpointing, more --devices, a smaller "
                             "--seq/--batch, or optimizer-state offload (not implemented here)")
     else:
-        w_b = DTYPE_BYTES[dtype]
+        w_b = DTYPES[dtype].itemsize
         local_dense = ps.dense
         local_experts = ps.experts / ep
         if quant is None:

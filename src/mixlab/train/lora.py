@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 
 from mixlab.checkpoint import meta_model, save_model
 from mixlab.checkpoint.io import write_sharded
+from mixlab.dtypes import parse_dtype
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Block
@@ -93,7 +94,7 @@ class FrozenWeight(nn.Module):
             self.register_buffer("q", q)
             self.register_buffer("s", s)
         else:
-            self.register_buffer("w", w.detach().to(getattr(torch, dtype)).clone())
+            self.register_buffer("w", w.detach().to(parse_dtype(dtype)).clone())
 
     def get(self) -> torch.Tensor:
         """The weight in float32 (the adapter math and the model's float32 activations need it)."""

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from mixlab.checkpoint.io import CheckpointError, TensorReader, tensor_files, write_sharded
+from mixlab.checkpoint.io import DTYPES, FLOAT_DTYPES, CheckpointError, TensorReader, tensor_files, write_sharded
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object
+from mixlab.dtypes import dtype_name
 
 __all__ = ["ROUTER_INITS", "UpcycleReport", "upcycle", "upcycle_config"]
 
@@ -43,7 +44,6 @@ _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "tokenizer.model")
 
 _DENSE_TYPES = ("mistral", "llama")
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 @dataclass(frozen=True)
@@ -242,8 +242,10 @@ def upcycle(
             n_written += 1
             yield item
 
-    stored = _DTYPE_NAMES.get(reader.dtype("model.embed_tokens.weight"), "float32")
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else stored
+    stored = reader.dtype("model.embed_tokens.weight")
+    if dtype is None:
+        dtype = DTYPES[stored] if stored in FLOAT_DTYPES else torch.float32
+    cfg["torch_dtype"] = dtype_name(dtype)
     side = [root / n for n in _SIDE_FILES if (root / n).is_file()]  # so the MoE folder is usable as is
     write_sharded(counted(), out, extra_files={"config.json": json.dumps(cfg, indent=2) + "\n"}, copy_files=side,
                   max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name},

@@ -1,0 +1,28 @@
+"""The one table of dtype names: what users, TOML files and config.json write ("bfloat16", "bf16")
+to a `torch.dtype` (`parse_dtype`), and back (`dtype_name`). The safetensors header names ("BF16")
+are that format's own table, `mixlab.checkpoint.io.DTYPES`; GGUF's are in `mixlab.checkpoint.gguf`."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype name (or a dtype, or None: as stored) as a `torch.dtype`, or ValueError naming it."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name config.json and mixlab's settings use: torch's own without the prefix ("bfloat16")."""
+    return str(dtype).removeprefix("torch.")
