@@ -11,10 +11,12 @@ memory bandwidth measured in the same run.
 
 The peer is llama.cpp's own `llama-server` (`--llama-server PATH`, run with `-np 16` parallel slots
 and continuous batching), built from the llama.cpp source the llama-cpp-python sdist vendors; or
-`--llama-cpp-python` for `python -m llama_cpp.server` (one request at a time). Both servers get the
-same `--threads`. Everything binds to 127.0.0.1; every run is bounded by `--timeout`.
+`--llama-cpp-python` for `python -m llama_cpp.server` (one request at a time); both may run. `--engine`
+adds the same load on an in-process `Engine` (no HTTP), which shows what serving costs on top of the
+engine. Every server gets the same `--threads`. Everything binds to 127.0.0.1; every run is bounded
+by `--timeout`. `--model-dir` keeps the checkpoint and GGUF for later runs.
 
-    python benchmarks/serve.py --llama-server /path/to/llama-server --threads 2
+    python benchmarks/serve.py --llama-server /path/to/llama-server --llama-cpp-python --engine --threads 2
 """
 
 from __future__ import annotations
@@ -92,8 +94,25 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int, timeout: flo
     return {"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": gaps, "tokens": tokens}
 
 
+def engine_request(engine: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """One request straight to an in-process `Engine` (what `mixlab serve` does for it, minus HTTP)."""
+    from mixlab.engine import SamplingParams
+
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    handle = engine.submit(TOK.encode(prompt, bos=True), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    for out in handle:
+        if out.token_id is not None:
+            tokens += 1
+            if out.text or out.finish_reason is not None:  # the server sends a chunk only for these
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": gaps, "tokens": tokens}
+
+
 def load(url: str, model: str, clients: int, requests: int, max_tokens: int, seed: int, timeout: float,
-         vocab: int) -> dict[str, Any]:
+         vocab: int, engine: Any = None) -> dict[str, Any]:
     rng = random.Random(seed)
     # text prompts (llama-cpp-python's server takes no token ids): random Mixtral tokens, decoded
     jobs = [[TOK.decode([rng.randrange(100, vocab - 100) for _ in range(PROMPT_LENS[(c + r) % len(PROMPT_LENS)] - 1)])
@@ -105,7 +124,8 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int, see
     def client(prompts: list[str]) -> None:
         for p in prompts:
             try:
-                res = one_request(url, model, p, max_tokens, timeout)
+                res = (engine_request(engine, p, max_tokens) if engine is not None
+                       else one_request(url, model, p, max_tokens, timeout))
             except BaseException as e:  # noqa: BLE001
                 errors.append(e)
                 return
@@ -139,20 +159,9 @@ def run_server(name: str, cmd: list[str], url: str, model: str, args: argparse.N
     logfile = open(Path(tempfile.gettempdir()) / f"mixlab-serve-bench-{name.split()[0]}.log", "w")  # noqa: SIM115
     # (a pipe nobody reads would fill with llama.cpp's loading log and block the server)
     proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out = []
     try:
         wait_healthy(url, proc, args.timeout)
-        load(url, model, 2, 1, 8, 999, args.timeout, vocab)  # warm-up
-        for clients in args.clients:
-            runs = [load(url, model, clients, args.requests, args.max_tokens, args.seed + k, args.timeout, vocab)
-                    for k in range(args.repeats)]
-            med = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
-            med["tok_s_runs"] = [round(r["tok_s"], 1) for r in runs]
-            med["server"] = name
-            log(f"  {name} {clients:>2} clients: {med['tok_s']:.1f} tok/s, TTFT p50 {med['ttft_p50']*1e3:.0f} ms "
-                f"p99 {med['ttft_p99']*1e3:.0f} ms, ITL p50 {med['itl_p50']*1e3:.0f} ms "
-                f"p99 {med['itl_p99']*1e3:.0f} ms")
-            out.append(med)
+        return measure(name, url, model, args, vocab, log)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -161,7 +170,39 @@ def run_server(name: str, cmd: list[str], url: str, model: str, args: argparse.N
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         logfile.close()
+
+
+def measure(name: str, url: str, model: str, args: argparse.Namespace, vocab: int, log: Any,
+            engine: Any = None) -> list[dict[str, Any]]:
+    """The load at each client count, `--repeats` times (the median run by tokens/s is reported)."""
+    load(url, model, 2, 1, 8, 999, args.timeout, vocab, engine)  # warm-up
+    out = []
+    for clients in args.clients:
+        runs = [load(url, model, clients, args.requests, args.max_tokens, args.seed + k, args.timeout, vocab, engine)
+                for k in range(args.repeats)]
+        med = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+        med["tok_s_runs"] = [round(r["tok_s"], 1) for r in runs]
+        med["server"] = name
+        log(f"  {name} {clients:>2} clients: {med['tok_s']:.1f} tok/s, TTFT p50 {med['ttft_p50']*1e3:.0f} ms "
+            f"p99 {med['ttft_p99']*1e3:.0f} ms, ITL p50 {med['itl_p50']*1e3:.0f} ms "
+            f"p99 {med['itl_p99']*1e3:.0f} ms")
+        out.append(med)
     return out
+
+
+def run_engine(hf: Path, args: argparse.Namespace, vocab: int, log: Any) -> list[dict[str, Any]]:
+    """The same load on an in-process `Engine` (no HTTP): what serving costs on top of the engine."""
+    from mixlab.checkpoint import load_model
+    from mixlab.engine import Engine
+    from mixlab.model.inference import prepare_for_inference
+
+    log("starting the engine in-process (no HTTP)")
+    model = prepare_for_inference(load_model(hf, dtype="bfloat16"))
+    engine = Engine(model, TOK, max_batch=max(args.clients)).start()
+    try:
+        return measure("engine (in-process)", "", "m", args, vocab, log, engine)
+    finally:
+        engine.shutdown(timeout=30)
 
 
 def step_limit(cfg: Any, bandwidth: float, batch: int, elem: float = 2.0) -> float:
@@ -172,6 +213,34 @@ def step_limit(cfg: Any, bandwidth: float, batch: int, elem: float = 2.0) -> flo
     step_bytes = cfg.n_layers * (_dense_bytes_per_layer(cfg, elem) + touched * _expert_bytes(cfg, elem))
     step_bytes += cfg.vocab_size * cfg.dim * elem  # the output matrix (embedding rows read are negligible)
     return batch * bandwidth / step_bytes
+
+
+def llama_server_version(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    return " ".join(line.strip() for line in (out.stdout + out.stderr).splitlines() if line.startswith("version"))
+
+
+def prepare_models(cfg: Any, root: Path, seed: int, log: Any) -> tuple[Path, Path]:
+    """The transformers checkpoint and the bf16 GGUF of the same random weights (kept in `root`)."""
+    hf, gguf = root / "hf", root / "m-bf16.gguf"
+    stamp = root / "done.json"
+    want = {"config": repr(cfg), "seed": seed}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want and gguf.is_file():
+        log(f"reusing the model files in {root}")
+        return hf, gguf
+    log("building the model (random, bf16) ...")
+    with torch.device("meta"):
+        model = Transformer(cfg).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    model.init_weights(seed=seed)
+    model.eval()
+    save_model(model, hf, fmt="hf")
+    write_gguf(model, gguf, quant="bf16")
+    stamp.write_text(json.dumps(want))
+    return hf, gguf
 
 
 def main() -> None:
@@ -185,73 +254,86 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")
-    ap.add_argument("--llama-cpp-python", action="store_true", help="peer: python -m llama_cpp.server instead")
+    ap.add_argument("--llama-cpp-python", action="store_true", help="also python -m llama_cpp.server")
+    ap.add_argument("--engine", action="store_true",
+                    help="also the same load on an in-process Engine (no HTTP): the cost of serving")
     ap.add_argument("--skip-mixlab", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--model-dir", default=None,
+                    help="keep the checkpoint and GGUF here and reuse them in later runs (default: a temporary folder)")
     args = ap.parse_args()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
+    load_before = os.getloadavg()
     log("measuring memory bandwidth ...")
-    limits = measure_limits(reps=5)
-    bw = limits["bandwidth"] if "bandwidth" in limits else next(iter(limits.values()))
+    bws = [measure_limits(reps=5)["bandwidth"]]
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="mixlab-serve-bench-") as tmp:
-        root = Path(tmp)
-        log(f"building {args.preset} (random, bf16) ...")
-        with torch.device("meta"):
-            model = Transformer(cfg).to(torch.bfloat16)
-        model = model.to_empty(device="cpu")
-        model.init_weights(seed=args.seed)
-        model.eval()
-        save_model(model, root / "hf", fmt="hf")
-        gguf = write_gguf(model, root / "m-bf16.gguf", quant="bf16")
-        del model
+        root = Path(args.model_dir) if args.model_dir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        hf, gguf = prepare_models(cfg, root, args.seed, log)
         n_ctx_slot = max(PROMPT_LENS) + args.max_tokens + 16
         results: list[dict[str, Any]] = []
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         if not args.skip_mixlab:
             port = free_port()
-            cmd = [sys.executable, "-m", "mixlab", "serve", "--model", str(root / "hf"), "--port", str(port),
+            cmd = [sys.executable, "-m", "mixlab", "serve", "--model", str(hf), "--port", str(port),
                    "--dtype", "bfloat16", "--threads", str(args.threads), "--max-batch", str(max(args.clients)),
                    "--served-model-name", "m", "--log-level", "warning"]
             proc_env_cmd = ["env", f"PYTHONPATH={env['PYTHONPATH']}", *cmd]
             results += run_server("mixlab serve", proc_env_cmd, f"http://127.0.0.1:{port}", "m", args,
                                   cfg.vocab_size, log)
-        peer = None
+        if args.engine:
+            results += run_engine(hf, args, cfg.vocab_size, log)
+        peers: list[str] = []
+        versions = {"torch": torch.__version__}
         if args.llama_server:
             port = free_port()
-            peer = "llama-server"
+            peers.append("llama-server")
+            versions["llama-server"] = llama_server_version(args.llama_server)
             cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t",
                    str(args.threads), "-tb", str(args.threads), "-np", str(max(args.clients)), "-c",
                    str(n_ctx_slot * max(args.clients)), "--cont-batching", "--no-webui", "-ngl", "0"]
-            results += run_server(peer, cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
-        elif args.llama_cpp_python:
+            results += run_server("llama-server", cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
+        if args.llama_cpp_python:
+            import llama_cpp
+
             port = free_port()
-            peer = "llama-cpp-python[server]"
+            peers.append("llama-cpp-python[server]")
+            versions["llama-cpp-python"] = llama_cpp.__version__
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
                    str(port), "--n_threads", str(args.threads), "--n_ctx", str(n_ctx_slot * 2), "--model_alias", "m",
                    "--interrupt_requests", "False"]  # by default a new request cuts the running stream short
-            results += run_server(peer, cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
+            results += run_server(peers[-1], cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
+    log("measuring memory bandwidth again ...")
+    bws.append(measure_limits(reps=5)["bandwidth"])
+    bw = max(bws)  # the machine's best: the stricter limit
 
     for r in results:
         r["limit_tok_s"] = step_limit(cfg, bw, r["clients"])
     report = {"preset": args.preset, "threads": args.threads, "max_tokens": args.max_tokens,
-              "prompt_lens": PROMPT_LENS, "bandwidth_GBs": bw / 1e9, "peer": peer,
-              "load_average": os.getloadavg(), "torch": torch.__version__, "results": results}
+              "requests_per_client": args.requests, "repeats": args.repeats, "prompt_lens": PROMPT_LENS,
+              "bandwidth_GBs": [b / 1e9 for b in bws], "peers": peers, "versions": versions,
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print("| server | clients | tokens/s (runs) | vs peer | of weight-streaming limit | TTFT p50 / p99 (ms) "
-          "| ITL p50 / p99 (ms) |\n|---|---|---|---|---|---|---|")
+    cols = "".join(f" vs {p} |" for p in peers)
+    print(f"| server | clients | tokens/s (runs) |{cols} of weight-streaming limit | TTFT p50 / p99 (ms) "
+          f"| ITL p50 / p99 (ms) |\n|---|---|---|{'---|' * len(peers)}---|---|---|")
     by = {(r["server"], r["clients"]): r for r in results}
     for r in results:
-        p = by.get((peer, r["clients"])) if peer else None
-        ratio = f"{r['tok_s'] / p['tok_s']:.2f}x" if p else "-"
-        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} ({', '.join(map(str, r['tok_s_runs']))}) | "
-              f"{ratio} | {r['tok_s'] / r['limit_tok_s']:.0%} of {r['limit_tok_s']:.0f} | "
+        ratios = ""
+        for peer in peers:
+            p = by.get((peer, r["clients"]))
+            ratios += f" {r['tok_s'] / p['tok_s']:.2f}x |" if p else " - |"
+        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} ({', '.join(map(str, r['tok_s_runs']))}) |"
+              f"{ratios} {r['tok_s'] / r['limit_tok_s']:.0%} of {r['limit_tok_s']:.0f} | "
               f"{r['ttft_p50']*1e3:.0f} / {r['ttft_p99']*1e3:.0f} | {r['itl_p50']*1e3:.0f} / {r['itl_p99']*1e3:.0f} |")
-    print(f"\nmemory bandwidth {bw / 1e9:.1f} GB/s; {args.threads} threads; load average {os.getloadavg()}")
+    print(f"\nmemory bandwidth {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s (before, after; the limit uses the "
+          f"higher); {args.threads} threads; {args.requests} requests per client, {args.repeats} runs per point; "
+          f"load average before {load_before}, after {os.getloadavg()}; {versions}")
 
 
 if __name__ == "__main__":
