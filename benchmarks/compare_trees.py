@@ -3,10 +3,11 @@ against this checkout), with llama.cpp as the fixed peer: decode at batch 1 (bf1
 llama.cpp), prefill at 128 and 512 tokens, and the training step.
 
 The trees run in turn, each in its own subprocess (`PYTHONPATH=TREE/src`), round after round, so load
-from other processes hits both alike; each worker measures with its own tree's `mixlab.bench`
-peers (what `mixlab bench` measures) and reports the median of its repetitions; the table gives the
-median over rounds and the load average seen at each worker's start. The model (`mini-moe`, random
-bf16 weights) and its GGUF files are written once, by this tree, and read by every worker.
+from other processes hits both alike; each worker measures with its own tree's benchmark peers
+(`mixlab.cli.benchmark`, `mixlab.bench` in older trees: what `mixlab bench` measures) and reports the
+median of its repetitions; the table gives the median over rounds and the load average seen at each
+worker's start. The model (`mini-moe`, random bf16 weights) and its GGUF files are written once, by
+this tree, and read by every worker.
 
     .venv/bin/python benchmarks/compare_trees.py --old /work/wt/oldmain --new . --rounds 3
 """
@@ -59,7 +60,10 @@ def _peer_figures(peer, vocab: int, reps: int) -> dict[str, float]:
 def worker_infer(model_dir: str, reps: int, threads: int) -> dict[str, dict[str, float]]:
     import torch
 
-    from mixlab.bench import MixlabPeer
+    try:
+        from mixlab.cli.benchmark import MixlabPeer
+    except ImportError:  # a tree from before bench.py moved into the CLI layer
+        from mixlab.bench import MixlabPeer  # type: ignore[no-redef]
     from mixlab.checkpoint import load_model
     from mixlab.model.inference import prepare_for_inference
 
@@ -74,7 +78,10 @@ def worker_infer(model_dir: str, reps: int, threads: int) -> dict[str, dict[str,
 
 
 def worker_llama(gguf_dir: str, vocab: int, reps: int, threads: int) -> dict[str, dict[str, float]]:
-    from mixlab.bench import LlamaCppPeer
+    try:
+        from mixlab.cli.benchmark import LlamaCppPeer
+    except ImportError:  # a tree from before bench.py moved into the CLI layer
+        from mixlab.bench import LlamaCppPeer  # type: ignore[no-redef]
 
     res = {}
     for quant in ("bf16", "q8_0"):

@@ -1,7 +1,7 @@
 """The inference engine under load: continuous batching on a CPU.
 
 Measured in one run, on one random model (`init_weights`), with the machine's limits measured in
-the same run (`mixlab.bench.measure_limits`; a bandwidth probe in every round of the decode
+the same run (`mixlab.cli.benchmark.measure_limits`; a bandwidth probe in every round of the decode
 repetitions, since the bandwidth of a shared machine drifts):
 
 1. Aggregate decode tokens/s with B = 1, 4, 16, 64 running sequences (128-token prompts, greedy,
@@ -33,8 +33,14 @@ import time
 
 import torch
 
-from mixlab.bench import _dense_bytes_per_layer, _expert_bytes, _matmul_flops_per_token, bandwidth_probe, measure_limits
 from mixlab.cache import KVCache
+from mixlab.cli.benchmark import (
+    _dense_bytes_per_layer,
+    _expert_bytes,
+    _matmul_flops_per_token,
+    bandwidth_probe,
+    measure_limits,
+)
 from mixlab.config import get_preset
 from mixlab.dtypes import DTYPES
 from mixlab.engine import Engine, SamplingParams

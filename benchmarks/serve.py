@@ -41,9 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mixlab.bench import _dense_bytes_per_layer, _expert_bytes, measure_limits  # noqa: E402
 from mixlab.checkpoint import save_model  # noqa: E402
 from mixlab.checkpoint.gguf import write_gguf  # noqa: E402
+from mixlab.cli.benchmark import _dense_bytes_per_layer, _expert_bytes, measure_limits  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
 from mixlab.tokenizer import load_tokenizer  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixlab.bench import BenchPlan, run_bench
+from mixlab.cli.benchmark import BenchPlan, run_bench
 
 
 def test_bench_runs_end_to_end_on_a_tiny_preset(tmp_path):

@@ -13,10 +13,11 @@ RANK = {
     "model": 2,
     "cache": 2,
     "checkpoint": 3,
-    "tokenizer": 3,
+    "tokenizer": 3, "corpus": 3,  # corpus: the text reader training, analysis and eval share
     "engine": 4,
     "generate": 4.5, "graphs": 4.5,  # generate: a thin user of the engine
-    "train": 5, "analysis": 5, "eval": 5, "bench": 5,
+    "analysis": 5, "eval": 5,
+    "train": 5.5,  # the trainer's evaluation is mixlab.eval's; analysis and eval never import train
     "parallel": 6, "serve": 6,
     "cli": 7,
 }

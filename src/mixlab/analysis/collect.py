@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from mixlab.analysis.stats import RoutingCounts, pair_mask
+from mixlab.corpus import jsonl_texts
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
-from mixlab.train.data import jsonl_texts
 
 # Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
 # and licence texts.
@@ -77,7 +77,7 @@ def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
 def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
     """(source, text) for each usable document, in file order, streaming each file line by line;
     raises ValueError naming the folder when there is none. JSONL lines without a non-empty string
-    `text` are skipped (`mixlab.train.data.jsonl_texts`, lenient)."""
+    `text` are skipped (`mixlab.corpus.jsonl_texts`, lenient)."""
     files = data_files(domain_dir, split=split)
     found = 0
     for path in files:
@@ -114,7 +114,7 @@ def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> N
 
 class Tokenizer(Protocol):
     """What the analysis needs of a tokenizer (`mixlab.tokenizer.Tokenizer` and the training
-    tokenizers of `mixlab.train.data` both have it)."""
+    tokenizers of `mixlab.corpus` both have it)."""
 
     bos_id: int
     vocab_size: int
@@ -137,7 +137,7 @@ def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | 
         if any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
             return load_tokenizer(folder)
         if (folder / "mixlab_data.json").is_file():
-            from mixlab.train.data import get_tokenizer
+            from mixlab.corpus import get_tokenizer
 
             try:
                 spec = json.loads((folder / "mixlab_data.json").read_text(encoding="utf-8"))["tokenizer"]

@@ -1,4 +1,4 @@
-"""`mixlab bench`: inference speed of mixlab vs transformers and llama.cpp (see mixlab.bench)."""
+"""`mixlab bench`: inference speed of mixlab vs transformers and llama.cpp (see mixlab.cli.benchmark)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from mixlab.bench import BenchPlan, run_bench
+    from mixlab.cli.benchmark import BenchPlan, run_bench
 
     plan = BenchPlan.quick(args.preset or "tiny-moe") if args.quick else BenchPlan(preset=args.preset or "mini-moe")
     plan.threads = args.threads

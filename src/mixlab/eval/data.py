@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixlab.train.data import DataError, jsonl_texts
+from mixlab.corpus import jsonl_texts
+from mixlab.errors import DataError
 
 
 def _jsonl(path: Path, default_domain: str) -> Iterator[tuple[str, str]]:

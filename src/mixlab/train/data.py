@@ -1,5 +1,7 @@
-"""Training data: tokenizers for training, `prepare` (text / JSONL -> packed token shards on disk),
-and a deterministic, resumable batch loader over memory-mapped shards.
+"""Training data: `prepare` (text / JSONL -> packed token shards on disk) and a deterministic,
+resumable batch loader over memory-mapped shards. The tokenizers and the text / JSONL reader live
+below training, in `mixlab.corpus` (routing analysis and evaluation read corpora too); their names
+are re-exported here.
 
 Shape legend: B batch, T sequence length.
 
@@ -17,204 +19,40 @@ Packing: a training example is a window of T+1 consecutive tokens of one domain'
 concatenated, as GPT-2 / nanoGPT pretraining does); windows never straddle two domains. Attention
 crosses document boundaries inside a window; the BOS/EOS tokens mark them.
 
-Tokenizers: `bytes` (the default: UTF-8 bytes shifted by 3, ids 0 = pad, 1 = BOS, 2 = EOS, vocabulary
-259; nothing to download, and a tiny embedding keeps small models small), `mixtral` (Mixtral's
-32,000-piece SentencePiece model shipped with mistral-common), or a path to any SentencePiece `.model`
-or `tokenizer.json`, read through `mixlab.tokenizer`.
+Tokenizers (`mixlab.corpus.get_tokenizer`): `bytes` (the default), `mixtral`, or a path to a
+SentencePiece `.model` or `tokenizer.json`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from mixlab.atomic import atomic_folder, check_destination
+from mixlab.corpus import (
+    ByteTokenizer,
+    Document,
+    FileTokenizer,
+    TrainTokenizer,
+    get_tokenizer,
+    jsonl_texts,
+    read_documents,
+)
 from mixlab.errors import DataError
+
+__all__ = [  # with mixlab.corpus's names that training code, scripts and tests import from here
+    "BatchLoader", "ByteTokenizer", "DataError", "Document", "FileTokenizer", "TokenDataset", "TrainTokenizer",
+    "eval_windows", "get_tokenizer", "jsonl_texts", "prepare", "read_documents",
+]
 
 FORMAT = "mixlab.tokens"
 VERSION = 1
-VALID_STEMS = ("valid", "validation", "val", "dev", "test")
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".tex")
-
-
-
-# -- tokenizers ------------------------------------------------------------------------------------
-
-
-class TrainTokenizer(Protocol):
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
-    def decode(self, ids: Iterable[int]) -> str: ...
-    def spec(self) -> dict[str, Any]: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: id = byte + 3; 0 pad, 1 BOS, 2 EOS. Vocabulary 259."""
-
-    OFFSET = 3
-    vocab_size = 256 + OFFSET
-    pad_id, bos_id, eos_id = 0, 1, 2
-
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        return self.encode_array(text, bos=bos, eos=eos).tolist()
-
-    def encode_array(self, text: str, *, bos: bool = False, eos: bool = False) -> np.ndarray:
-        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + self.OFFSET
-        parts = ([np.array([self.bos_id])] if bos else []) + [ids] + ([np.array([self.eos_id])] if eos else [])
-        return np.concatenate(parts)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return bytes(i - self.OFFSET for i in ids if i >= self.OFFSET).decode("utf-8", errors="replace")
-
-    def spec(self) -> dict[str, Any]:
-        return {"type": "bytes", "offset": self.OFFSET, "vocab_size": self.vocab_size}
-
-
-class FileTokenizer:
-    """A tokenizer file read by `mixlab.tokenizer` (SentencePiece `.model` or `tokenizer.json`)."""
-
-    def __init__(self, path: str | Path | None, *, name: str | None = None) -> None:
-        from mixlab.tokenizer import default_tokenizer_path, load_tokenizer
-
-        p = default_tokenizer_path() if path is None else Path(path)
-        if not p.exists():
-            raise DataError(f"tokenizer {p} does not exist")
-        self.path = p
-        self.name = name or str(p)
-        self.tok = load_tokenizer(p)
-        self.vocab_size, self.bos_id, self.eos_id = self.tok.vocab_size, self.tok.bos_id, self.tok.eos_id
-
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        return self.tok.encode(text, bos=bos, eos=eos)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids))
-
-    def spec(self) -> dict[str, Any]:
-        return {"type": "file", "name": self.name, "path": str(self.path), "vocab_size": self.vocab_size}
-
-
-def get_tokenizer(spec: str | dict[str, Any]) -> TrainTokenizer:
-    """`"bytes"`, `"mixtral"`, a path to a SentencePiece `.model` or `tokenizer.json` (or a checkpoint
-    folder holding one), or a `spec()` dict from meta.json."""
-    if isinstance(spec, dict):
-        kind = spec.get("type")
-        if kind == "bytes":
-            return ByteTokenizer()
-        if kind == "file":
-            name = spec.get("name", "")
-            return get_tokenizer("mixtral" if name == "mixtral" else str(spec.get("path")))
-        raise DataError(f"unknown tokenizer type {kind!r} in dataset metadata (expected 'bytes' or 'file')")
-    if spec == "bytes":
-        return ByteTokenizer()
-    if spec == "mixtral":
-        return FileTokenizer(None, name="mixtral")
-    return FileTokenizer(spec)
-
-
-# -- reading documents -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Document:
-    domain: str
-    split: str  # "train", "valid", or "" (not yet assigned)
-    text: str
-    where: str  # file[:line], for error messages
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{path}: file is empty")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                        "convert it to UTF-8 first") from None
-
-
-def jsonl_texts(lines: Iterable[str], path: Path, *, strict: bool = True) -> Iterator[tuple[str, dict, str]]:
-    """(text, row, "file:line") of each JSONL line whose `text` is a non-empty string; the one JSONL
-    reader of the project (training, routing analysis). Invalid JSON is always an error naming the
-    line. A line without a string `text` is an error when `strict` (training data must be what it
-    claims) and skipped otherwise (analysis reads whatever a corpus holds, e.g. chat files)."""
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-        text = obj.get("text") if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            if not strict:
-                continue
-            if not isinstance(obj, dict) or "text" not in obj:
-                keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{where}: expected a JSON object with a 'text' field, found: {keys}")
-            raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
-        if text:
-            yield text, obj, where
-
-
-def read_file(path: Path, *, domain: str, split: str) -> Iterator[Document]:
-    """Documents of one file: a `.jsonl` file gives one per line (its `text` field), any other file
-    is one document."""
-    text = _read_text(path)
-    if path.suffix != ".jsonl":
-        yield Document(domain, split, text, str(path))
-        return
-    n = 0
-    for body, _, where in jsonl_texts(text.split("\n"), path):
-        n += 1
-        yield Document(domain, split, body, where)
-    if n == 0:
-        raise DataError(f"{path}: no non-empty 'text' documents")
-
-
-def _split_of(path: Path) -> str:
-    return "valid" if path.stem.lower() in VALID_STEMS else "train"
-
-
-def discover(source: Path) -> list[tuple[Path, str, str]]:
-    """(file, domain, split) for a source: a file, a folder in the shared corpus layout
-    (`<domain>/train.jsonl`, `<domain>/valid.jsonl`), or any folder of text / JSONL files, where the
-    domain is the top-level subfolder name ("default" for files directly in the folder)."""
-    if source.is_file():
-        return [(source, "default", _split_of(source))]
-    if not source.is_dir():
-        raise DataError(f"{source}: no such file or folder")
-    corpus = sorted(d for d in source.iterdir() if d.is_dir() and (d / "train.jsonl").is_file())
-    if corpus:  # the shared corpus layout; other folders (chat/, LICENSES/) are not pretraining text
-        return [(f, d.name, _split_of(f)) for d in corpus for f in sorted(d.glob("*.jsonl"))]
-    out = []
-    for f in sorted(source.rglob("*")):
-        if f.is_file() and (f.suffix == ".jsonl" or f.suffix in TEXT_SUFFIXES):
-            rel = f.relative_to(source)
-            out.append((f, rel.parts[0] if len(rel.parts) > 1 else "default", _split_of(f)))
-    if not out:
-        raise DataError(f"{source}: no .jsonl or text files ({', '.join(TEXT_SUFFIXES)}) found")
-    return out
-
-
-def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | None = None) -> Iterator[Document]:
-    keep = set(domains) if domains else None
-    for s in sources:
-        for f, domain, split in discover(Path(s)):
-            if keep is None or domain in keep:
-                yield from read_file(f, domain=domain, split=split)
 
 
 # -- prepare ---------------------------------------------------------------------------------------

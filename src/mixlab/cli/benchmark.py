@@ -1,6 +1,7 @@
-"""The inference benchmark: mixlab against transformers and llama.cpp, in one process, on the same
-weights and thread count, each figure also as a fraction of the machine's limit measured in the
-same run.
+"""The inference benchmark behind `mixlab bench`: mixlab against transformers and llama.cpp, in one
+process, on the same weights and thread count, each figure also as a fraction of the machine's limit
+measured in the same run. A tool on top of the library, so it lives in the CLI layer (nothing in the
+package imports it; the scripts in benchmarks/ reuse its peers and limit probes).
 
 What is measured (`run_bench`):
 - limits: memory read bandwidth (the fastest of three streaming reads of a large float32 tensor: a
