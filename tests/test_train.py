@@ -166,6 +166,30 @@ def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
     assert load_train_config(f, seq_len=None, batch_size=2).seq_len == 16
 
 
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"bogus": 1}, "unknown {} setting.*bogus"),
+    ({"steps": 0}, "{} setting 'steps' must be a positive integer"),
+    ({"dtype": "float16"}, "{} setting 'dtype' must be 'float32' or 'bfloat16'"),
+    ({"lr": float("nan")}, "{} setting 'lr' must be a finite number >= 0"),
+    ({"eps": 0.0}, "{} setting 'eps' must be a finite number > 0"),
+    ({"warmup": 1.5}, "{} setting 'warmup' must be an integer"),
+    ({"beta2": 1.5}, "{} setting 'beta2' must be at most 1"),
+    ({"device": "meta"}, "{} setting 'device'"),
+])
+def test_training_and_fine_tuning_check_their_settings_alike(kw: dict, match: str, tmp_path: Path) -> None:
+    """One reader and checker (train/settings.py) behind both configs: the same error, naming the run kind."""
+    from mixlab.train.finetune import load_finetune_config
+
+    with pytest.raises(ConfigError, match=match.format("training")):
+        load_train_config(None, **kw)
+    with pytest.raises(ConfigError, match=match.format("fine-tuning")):
+        load_finetune_config(None, model="m", data="d.jsonl", **kw)
+    f = tmp_path / "c.json"
+    f.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a table / object of fine-tuning settings"):
+        load_finetune_config(f)
+
+
 def test_bf16_autocast_and_activation_checkpointing(dataset: Path, tmp_path: Path) -> None:
     ref = train(_cfg(dataset, tmp_path / "a", steps=2, deterministic=False))
     ckpt = train(_cfg(dataset, tmp_path / "b", steps=2, deterministic=False, activation_checkpointing=True))

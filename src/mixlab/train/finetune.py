@@ -28,7 +28,6 @@ import json
 import math
 import signal
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
 from mixlab.train.loop import _Metrics, keep_freed_memory
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import lm_loss, router_losses
+from mixlab.train.settings import check_settings, read_settings
 
 TASKS = ("sft", "dpo")
 
@@ -109,34 +109,12 @@ RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf",
 
 def load_finetune_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
     """A `FinetuneConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
-    d: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-            d = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: fine-tuning config file not found") from None
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: expected a table / object of fine-tuning settings")
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown fine-tuning setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = FinetuneConfig(**d)
-    for name in ("seq_len", "batch_size", "grad_accum", "steps"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"fine-tuning setting {name!r} must be a positive integer, got {v!r}")
+    cfg = read_settings(FinetuneConfig, path, overrides, what="fine-tuning")
+    check_settings(cfg, what="fine-tuning")
     if cfg.task not in TASKS:
         raise ConfigError(f"fine-tuning setting 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.loss not in dpo.LOSSES:
         raise ConfigError(f"fine-tuning setting 'loss' must be one of {', '.join(dpo.LOSSES)}, got {cfg.loss!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"fine-tuning setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
     if cfg.beta <= 0:
         raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {cfg.beta}")
     if not 0 <= cfg.label_smoothing < 0.5:

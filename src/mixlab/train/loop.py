@@ -29,7 +29,6 @@ import math
 import os
 import signal
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from mixlab.checkpoint import parse_device, save_model
+from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset
 from mixlab.errors import TrainingError
@@ -47,6 +46,7 @@ from mixlab.model.transformer import ModelOutput
 from mixlab.train import checkpoints
 from mixlab.train.data import BatchLoader, DataError, TokenDataset, eval_windows
 from mixlab.train.losses import expert_load, lm_loss, router_losses
+from mixlab.train.settings import INTEGERS, NUMBERS, check_settings, read_settings
 
 
 @dataclass
@@ -109,63 +109,11 @@ RUN_ONLY = {"data", "out", "eval_every", "eval_windows", "ckpt_every", "keep", "
 
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """A `TrainConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
-    d: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-            d = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: training config file not found") from None
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: expected a table / object of training settings")
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(known)}")
-    cfg = TrainConfig(**d)
-    for name in ("seq_len", "batch_size", "grad_accum", "steps"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"training setting {name!r} must be a positive integer, got {v!r}")
+    cfg = read_settings(TrainConfig, path, overrides, what="training")
+    check_settings(cfg, what="training", numbers=(*NUMBERS, "init_std"), integers=(*INTEGERS, "eval_windows"))
     if not isinstance(cfg.data_offset, int) or cfg.data_offset < 0:
         raise ConfigError(f"training setting 'data_offset' must be a non-negative integer, got {cfg.data_offset!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"training setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
-    _check_numbers(cfg)
     return cfg
-
-
-def _check_numbers(cfg: TrainConfig) -> None:
-    """Every numeric setting has the right type and range (a TOML `lr = "fast"` or `--lr nan` is an
-    error naming the setting, not a crash mid-training)."""
-    def number(name: str, *, positive: bool = False) -> None:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or \
-                (positive and v == 0):
-            want = "a finite number > 0" if positive else "a finite number >= 0"
-            raise ConfigError(f"training setting {name!r} must be {want}, got {v!r}")
-
-    def integer(name: str, low: int = 0, high: int = 2**63 - 1) -> None:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-            raise ConfigError(f"training setting {name!r} must be an integer in [{low}, {high}], got {v!r}")
-
-    number("eps", positive=True)
-    for name in ("lr", "min_lr_ratio", "weight_decay", "clip", "init_std", "beta1", "beta2"):
-        number(name)
-    for name in ("warmup", "threads", "eval_every", "eval_windows", "ckpt_every", "keep", "log_every", "seed"):
-        integer(name)
-    try:
-        parse_device(cfg.device)
-    except ValueError as e:
-        raise ConfigError(f"training setting 'device': {e}") from None
-    for name in ("beta1", "beta2", "min_lr_ratio"):
-        if getattr(cfg, name) > 1:
-            raise ConfigError(f"training setting {name!r} must be at most 1, got {getattr(cfg, name)!r}")
 
 
 def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
