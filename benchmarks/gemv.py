@@ -1,6 +1,7 @@
 """Matrix-vector speed on the matrix shapes of one `mini-moe` decoding step: mixlab's native kernel
 (`mixlab.ops.native`, what batch-1 decoding runs) against the PyTorch kernels it replaces
-(oneDNN-packed weights, plain `F.linear`), in GB/s of weights read, next to the machine's memory
+(oneDNN-packed weights, plain `F.linear`), and its int4 kernels (float32 activations, exact; activations
+rounded to int8, `act8`), in GB/s of weights read, next to the machine's memory
 read bandwidth measured in the same run (a float32 sum over 1 GiB).
 
     .venv/bin/python benchmarks/gemv.py [--threads 2] [--reps 7]
@@ -49,8 +50,8 @@ def main() -> None:
     roof = gbps(lambda i: big.sum(), big.numel() * 4, 1, args.reps)
     print(f"torch {torch.__version__}, {args.threads} threads; memory read bandwidth (float32 sum): {roof:.1f} GB/s")
     print("| shape (rows x cols) | native bf16 | oneDNN packed bf16 | F.linear bf16 | native int8 (int8 bytes) "
-          "| native int4 (Q4_0 bytes: 18 per 32) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "| native int4 (Q4_0 bytes: 18 per 32) | native int4 x int8 activations |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     copies = 16
     for X, D in SHAPES:
         ws = [torch.randn(X, D).bfloat16() for _ in range(copies)]
@@ -66,6 +67,7 @@ def main() -> None:
             (lambda i, x=x, ws=ws: F.linear(x, ws[i]), 2),
             (lambda i, qs=qs, xf=xf, s=s: native.gemv(qs[i], xf, s), 1),
             (lambda i, q4s=q4s, xf=xf: native.gemv(q4s[i][0], xf, q4s[i][1]), 18 / 32),
+            (lambda i, q4s=q4s, xf=xf: native.gemv(q4s[i][0], xf, q4s[i][1], act8=True), 18 / 32),
         ]
         row = [gbps(fn, int(X * D * elem), copies, args.reps) for fn, elem in kernels]
         print(f"| {X} x {D} | " + " | ".join(f"{v:.1f} GB/s" for v in row) + " |")

@@ -15,7 +15,14 @@ from mixlab.config import get_preset
 from mixlab.model import MoEBlock, Transformer
 from mixlab.model.inference import prepare_for_inference
 from mixlab.ops.moe import IMPLS, moe_ffn
-from mixlab.ops.quant import Int4Linear, dequantize_int4, int4_linear, quantize_int4, unpack_int4
+from mixlab.ops.quant import (
+    Int4Linear,
+    dequantize_int4,
+    int4_linear,
+    quantize_int4,
+    round_activations_q8,
+    unpack_int4,
+)
 
 
 def test_group_32_is_llama_cpp_q4_0_byte_for_byte():
@@ -169,12 +176,84 @@ def test_native_int4_decode_steps_equal_the_dequantised_model(preset, group):
     model = _model(preset)
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     ref = _prefill_then_decode(_dequantised_copy(model, group), tokens, 6)
-    int4 = prepare_for_inference(copy.deepcopy(model), quant="int4", group=group)
+    int4 = prepare_for_inference(copy.deepcopy(model), quant="int4", group=group, int4_activations="float32")
     assert getattr(int4, "native_decoder", None) is not None
     dec = int4.native_decoder
+    assert not dec.act8
     cache = KVCache(int4.config, batch_size=1, max_len=12, dtype=torch.float32)
     with torch.inference_mode():
         outs = [int4(tokens[:, :6], cache=cache)[0]]
         for t in range(6, 12):
             outs.append(dec.step(int(tokens[0, t]), t, cache))
     torch.testing.assert_close(torch.cat(outs)[None], ref, atol=1e-4, rtol=1e-4)
+
+
+# int4 x int8 activations (MX_Q4_*_A8, `int4_activations="int8"`): activations rounded per block of
+# 32 as llama.cpp's Q8_0 rounds them, then integer dot products. Compared with the reference
+# dequantise-then-matmul on the same rounded activations (1e-4: only float summation order differs),
+# and with the exact product within the rounding's worst case (half a step, max|x| / 254, per input).
+
+
+def _native_a8():
+    native = _native()
+    if not native.fast_int8_activations():
+        pytest.skip("no AVX512-VNNI: the int8-activation kernels are not used here")
+    return native
+
+
+def test_round_activations_q8_is_llama_cpp_q8_0():
+    gguf = pytest.importorskip("gguf")
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(3)) * 3
+    x[0, :32] = 0.0  # an all-zero block
+    raw = gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    deq = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
+    # Q8_0 stores d as float16; the kernels keep it in float32: equal codes, scales within f16 rounding
+    torch.testing.assert_close(round_activations_q8(x), torch.from_numpy(deq), atol=0, rtol=2e-3)
+    ours = round_activations_q8(x).reshape(6, 8, 32)
+    step = x.reshape(6, 8, 32).abs().amax(-1, keepdim=True) / 127
+    assert bool(((ours - x.reshape(6, 8, 32)).abs() <= step * 0.5001).all())
+
+
+@pytest.mark.parametrize(("group", "D"), [(32, 352), (32, 384), (64, 320), (64, 512), (128, 384), (128, 640)])
+@pytest.mark.parametrize("rows", [1, 3, 5, 17])
+def test_native_int4_int8_activations_equal_the_rounded_reference(group, D, rows):
+    native = _native_a8()
+    g = torch.Generator().manual_seed(rows * 1000 + D)
+    q, s = quantize_int4(torch.randn(72, D, generator=g), group)
+    x = torch.randn(rows, D, generator=g) * torch.rand(rows, D // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
+    x[0, :32] = 0.0  # an all-zero block: scale 0
+    w = dequantize_int4(q, s, torch.float32)
+    ref = round_activations_q8(x) @ w.T
+    torch.testing.assert_close(native.linear(x, q, s, act8=True), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(native.gemv(q, x[-1], s, act8=True), ref[-1], atol=1e-4, rtol=1e-4)
+    # against the exact product: within the rounding's worst case, sum over blocks of d/2 * sum |w|
+    exact = x @ w.T
+    half_step = (x.reshape(rows, -1, 32).abs().amax(-1) / 254).repeat_interleave(32, 1)  # [rows, D]
+    bound = half_step @ w.abs().T
+    assert bool(((native.linear(x, q, s, act8=True) - exact).abs() <= bound * 1.001 + 1e-4).all())
+
+
+@pytest.mark.parametrize(("preset", "group"), [("tiny-moe", 32), ("tiny-moe", 64), ("tiny-dense", 32)])
+def test_native_int4_decode_with_int8_activations(preset, group):
+    """A decode step with int8 activations equals the exact (float32) one within the activations'
+    rounding: logits within 2% (relative Frobenius) and the same greedy tokens on a random model."""
+    _native_a8()
+    model = _model(preset)
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for mode in ("float32", "int8"):
+        int4 = prepare_for_inference(copy.deepcopy(model), quant="int4", group=group, int4_activations=mode)
+        dec = int4.native_decoder
+        assert dec is not None and dec.act8 == (mode == "int8")
+        cache = KVCache(int4.config, batch_size=1, max_len=12, dtype=torch.float32)
+        with torch.inference_mode():
+            int4(tokens[:, :6], cache=cache)
+            outs[mode] = torch.cat([dec.step(int(tokens[0, t]), t, cache) for t in range(6, 12)])
+    a, b = outs["int8"], outs["float32"]
+    assert float((a - b).norm() / b.norm()) < 0.02
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 5 / 6
+
+
+def test_int4_activations_is_checked():
+    with pytest.raises(ValueError, match="int4_activations must be one of int8, float32, not 'int4'"):
+        prepare_for_inference(_model("tiny-moe"), quant="int4", int4_activations="int4")

@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-batch", dest="decode_batch", type=_ints, default=None, help="e.g. 1,4,16")
     p.add_argument("--moe-tokens", dest="moe_tokens", type=_ints, default=None, help="e.g. 1,32,512,4096")
     p.add_argument("--peers", default=None,
-                   help="comma-separated subset of mixlab,mixlab-packed,mixlab-int8,mixlab-int4,transformers,llama.cpp")
+                   help="comma-separated subset of mixlab,mixlab-packed,mixlab-int8,mixlab-int4,"
+                        "mixlab-int4-exact,transformers,llama.cpp")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     p.set_defaults(func=bench)

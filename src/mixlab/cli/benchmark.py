@@ -81,7 +81,8 @@ class Report:
         out += [f"- note: {n}" for n in self.notes]
         for section in dict.fromkeys(r.section for r in self.rows):
             rows = [r for r in self.rows if r.section == section]
-            ours = [p for p in ("mixlab", "mixlab-int8") if any(r.peer == p for r in rows)]
+            ours = [p for p in ("mixlab", "mixlab-int8", "mixlab-int4", "mixlab-int4-exact")
+                    if any(r.peer == p for r in rows)]
             out += ["", f"## {section}", "",
                     f"| case | peer | {rows[0].unit} | of limit | " + " | ".join(f"{p} ÷ this" for p in ours) + " |",
                     "|---|---|---:|---:|" + "---:|" * len(ours)]
@@ -289,6 +290,21 @@ class LlamaCppPeer(Peer):
         self.llm.close()
 
 
+def _llama_quantize(src: Path, dst: Path, threads: int) -> Path:
+    """A Q4_0 GGUF of `src` made by llama.cpp's quantiser (`llama_model_quantize`), every matrix Q4_0."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = threads
+    params.pure = True
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {src}")
+    return dst
+
+
 def _transformers_model(folder: Path, threads: int) -> Any | None:
     try:
         from transformers import MixtralForCausalLM
@@ -312,7 +328,8 @@ class BenchPlan:
     decode_prompt: int = 128
     decode_steps: int = 8  # per repetition
     moe_tokens: tuple[int, ...] = (1, 32, 512, 4096)
-    peers: tuple[str, ...] = ("mixlab", "mixlab-packed", "mixlab-int8", "mixlab-int4", "transformers", "llama.cpp")
+    peers: tuple[str, ...] = ("mixlab", "mixlab-packed", "mixlab-int8", "mixlab-int4", "mixlab-int4-exact",
+                              "transformers", "llama.cpp")
     seed: int = 0
     limit_mib: int = 1024  # size of the bandwidth probe
     limit_n: int = 2048  # size of the matmul probe
@@ -360,7 +377,9 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
     settings: dict[str, Any] = {
         "preset": f"{plan.preset} ({cfg.param_counts()['total'] / 1e6:,.0f}M parameters, "
                   f"{cfg.param_counts()['active'] / 1e6:,.0f}M active)",
-        "dtype": "bfloat16 (int8 weight-only for mixlab-int8, q8_0 for llama.cpp-q8_0)",
+        "dtype": "bfloat16 (int8 weight-only for mixlab-int8, q8_0 for llama.cpp-q8_0; int4 at groups of 32 "
+                 "for mixlab-int4 (activations rounded to int8 per 32, as llama.cpp-q4_0 does) and "
+                 "mixlab-int4-exact (float32 activations))",
         "threads": plan.threads, "repetitions": f"median of {plan.reps} after warm-up, peers interleaved",
         "cpu": f"{_cpu_name()}, {os.cpu_count()} logical CPUs",
         "load average at start": " ".join(f"{x:.2f}" for x in load),
@@ -387,8 +406,11 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), packed=True), "mixlab-packed"))
     if "mixlab-int8" in plan.peers:
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int8"), "mixlab-int8", 1.0))
-    if "mixlab-int4" in plan.peers:  # groups of 32: Q4_0's 18 bytes per 32 weights
+    if "mixlab-int4" in plan.peers:  # groups of 32: Q4_0's 18 bytes per 32 weights; int8 activations
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int4"), "mixlab-int4", 18 / 32))
+    if "mixlab-int4-exact" in plan.peers:  # the same weights times float32 activations (exact)
+        int4 = prepare_for_inference(copy.deepcopy(model), quant="int4", int4_activations="float32")
+        peers.append(MixlabPeer(int4, "mixlab-int4-exact", 18 / 32))
     tmp = tempfile.TemporaryDirectory(dir=workdir, prefix="mixlab-bench-")
     root = Path(tmp.name)
     try:
@@ -414,10 +436,15 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
                     report.notes.append(f"llama.cpp skipped: vocab_size {cfg.vocab_size} < the tokenizer's 32000")
                 else:
                     n_ctx = max(max(plan.prefill), plan.decode_prompt + plan.decode_steps * (plan.reps + 2)) + 16
-                    # q4_0: every matrix Q4_0 (llama.cpp's quantiser with `pure`; mixlab writes the same bytes)
+                    # bf16 and q8_0 written by mixlab; q4_0 made from the bf16 file by llama.cpp's own
+                    # quantiser (`_llama_quantize`) with `pure`: every matrix Q4_0, as mixlab-int4 holds it
+                    # (without `pure` llama.cpp would store the output matrix as Q6_K), router and norms f32.
                     for quant, elem in (("bf16", 2.0), ("q8_0", 34 / 32), ("q4_0", 18 / 32)):
                         log(f"writing GGUF {quant} ...")
-                        path = write_gguf(model, root / f"m-{quant}.gguf", quant=quant)
+                        if quant == "q4_0":
+                            path = _llama_quantize(root / "m-bf16.gguf", root / "m-q4_0.gguf", plan.threads)
+                        else:
+                            path = write_gguf(model, root / f"m-{quant}.gguf", quant=quant)
                         peers.append(LlamaCppPeer(path, f"llama.cpp-{quant}", plan.threads, n_ctx, elem))
                     report.notes.append("llama.cpp decode runs at batch 1 only (llama-cpp-python's Llama API "
                                         "decodes one sequence)")

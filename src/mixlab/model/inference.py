@@ -108,14 +108,21 @@ def is_quantised(model: Transformer) -> bool:
 
 
 def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool | None = None,
-                          group: int = 32) -> Transformer:
+                          group: int = 32, int4_activations: str | None = None) -> Transformer:
     """The fast CPU inference form of `model`, in place: native batch-1 decoding on plain (or int8 /
     int4, `quant=`) weights when the native kernels are available, else (or with `packed=True`)
     oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
     int4 weights (a GGUF Q4_0 file) keeps them; with `quant="int4"` its float matrices become int4
-    too, else they stay as they are. Any other prepared model is refused."""
+    too, else they stay as they are. Any other prepared model is refused. `int4_activations`: how
+    native decoding multiplies int4 weights, "int8" (activations rounded to int8 per block of 32,
+    as llama.cpp does; the default, fast) or "float32" (exact); see `mixlab.model.native`."""
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
+    if int4_activations is not None:
+        if int4_activations not in native.INT4_ACTIVATIONS:
+            raise ValueError(f"int4_activations must be one of {', '.join(native.INT4_ACTIVATIONS)}, "
+                             f"not {int4_activations!r}")
+        model.int4_activations = int4_activations
     prepared = inference_format(model)
     if prepared is not None and not (prepared == "int4" and is_quantised(model)):
         raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")

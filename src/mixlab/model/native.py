@@ -43,6 +43,23 @@ def _weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w.detach(), getattr(lin, "scale", None)
 
 
+# How int4 weights multiply activations in native decoding: "int8" rounds each activation vector to
+# int8 per block of 32 inputs (llama.cpp's Q8_0) and uses integer dot products (AVX512-VNNI), about 4x
+# less work per weight, which is what lets a step run at the memory's speed (BENCHMARKS.md); "float32"
+# multiplies the float32 activations exactly (the reference the tests compare the kernels against).
+# A model's choice: `prepare_for_inference(int4_activations=...)` (the attribute `int4_activations`).
+INT4_ACTIVATIONS = ("int8", "float32")
+DEFAULT_INT4_ACTIVATIONS = "int8"
+
+
+def int4_activations(model: nn.Module) -> str:
+    """The model's int4 activation mode (`INT4_ACTIVATIONS`; the default unless set)."""
+    mode = getattr(model, "int4_activations", None) or DEFAULT_INT4_ACTIVATIONS
+    if mode not in INT4_ACTIVATIONS:
+        raise ValueError(f"int4_activations must be one of {INT4_ACTIVATIONS}, not {mode!r}")
+    return str(mode)
+
+
 class NativeDecoder:
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         cfg = model.config
@@ -72,14 +89,16 @@ class NativeDecoder:
         w_out, s_out = _weight(model.output)
         if w_out.dtype not in native.TYPE_CODES and w_out.dtype != torch.uint8:
             raise ValueError(f"native decoding supports float32, bf16, int8 and int4 weights, not {w_out.dtype}")
-        wt = native.type_code(w_out, s_out)
+        # int8 activations only where VNNI runs them (elsewhere their portable loop is slower than float32's)
+        self.act8 = w_out.dtype == torch.uint8 and int4_activations(model) == "int8" and native.fast_int8_activations()
+        wt = native.type_code(w_out, s_out, act8=self.act8)
 
         def scales(w: torch.Tensor, s: torch.Tensor | None) -> int | None:
             """int8 row scales as float32 copies; int4 float16 group scales as they are (same group)."""
             if w.dtype != torch.uint8:
                 return f32(s)
             assert s is not None
-            if native.type_code(w, s) != wt:
+            if native.type_code(w, s, act8=self.act8) != wt:
                 raise ValueError("native decoding needs one int4 group size for every matrix")
             return ptr(s)
         if not native.fast(w_out.dtype):

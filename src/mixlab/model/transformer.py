@@ -69,6 +69,8 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Set by `prepare_for_inference` when the native kernels decode this model (model/native.py).
         self.native_decoder: NativeDecoder | None = None
+        # How native decoding multiplies int4 weights ("int8" / "float32" activations; None: the default).
+        self.int4_activations: str | None = None
 
     def init_weights(self, *, std: float = 0.02, seed: int | None = None) -> None:
         """Random initialisation for training from scratch: normal(0, std); output projections

@@ -91,6 +91,17 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return dequantize_int8(q, s, dtype)
 
 
+def round_activations_q8(x_ND: torch.Tensor) -> torch.Tensor:
+    """`x` (float32, last dimension a multiple of 32) rounded as the native int4 x int8 kernels round
+    activations (decode.c `quant_a8`, llama.cpp's Q8_0): per block of 32 inputs, d = max|x| / 127 and
+    x ≈ d * round-to-even(x * (127 / max|x|)), all in float32. What `int4_activations="int8"`
+    decoding multiplies the int4 weights by; the error per input is at most d / 2."""
+    xb = x_ND.float().reshape(*x_ND.shape[:-1], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax != 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127)).reshape(x_ND.shape)
+
+
 def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor) -> torch.Tensor:
     """x @ dequantize_int4(q, s).T: the native kernel for a few rows where available, else the
     dequantised weight through PyTorch's matmul (correct everywhere; the weight is rebuilt per call)."""

@@ -44,15 +44,17 @@ SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
 ABI_VERSION = 2
 
-# Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32)).
-F32, BF16, I8, Q4_32 = 0, 1, 2, 3
+# Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
+# rounded to int8, MX_Q4_32_A8 + log2(group / 32)).
+F32, BF16, I8, Q4_32, Q4_32_A8 = 0, 1, 2, 3, 6
 TYPE_CODES = {torch.float32: F32, torch.bfloat16: BF16, torch.int8: I8}
 INT4_GROUPS = (32, 64, 128)
 
 
-def type_code(w: torch.Tensor, scale: torch.Tensor | None = None) -> int:
+def type_code(w: torch.Tensor, scale: torch.Tensor | None = None, *, act8: bool = False) -> int:
     """mixlab.h's type of weight `w`: its dtype's, or for int4 (uint8, float16 group scales) the
-    MX_Q4_* of its group size."""
+    MX_Q4_* of its group size (`act8`: MX_Q4_*_A8, activations rounded to int8 per block of 32,
+    `mixlab.ops.quant.round_activations_q8`)."""
     if w.dtype != torch.uint8:
         return TYPE_CODES[w.dtype]
     if scale is None or scale.dtype != torch.float16:
@@ -60,7 +62,7 @@ def type_code(w: torch.Tensor, scale: torch.Tensor | None = None) -> int:
     group = 2 * w.shape[-1] // scale.shape[-1]
     if group not in INT4_GROUPS:
         raise ValueError(f"native int4 kernels take groups of {INT4_GROUPS}, not {group}")
-    return Q4_32 + INT4_GROUPS.index(group)
+    return (Q4_32_A8 if act8 else Q4_32) + INT4_GROUPS.index(group)
 
 
 def scale_arg(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
@@ -69,7 +71,7 @@ def scale_arg(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | Non
         return None
     return scale.contiguous() if w.dtype == torch.uint8 else scale.float().contiguous()
 # mixlab.h's MX_SIMD_* bits.
-SIMD_AVX512, SIMD_AVX512_BF16 = 1, 2
+SIMD_AVX512, SIMD_AVX512_BF16, SIMD_AVX512_VNNI = 1, 2, 4
 
 _P, _I64, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
@@ -279,6 +281,12 @@ def fast(dtype: torch.dtype) -> bool:
     return bool(_simd & (SIMD_AVX512_BF16 if dtype == torch.bfloat16 else SIMD_AVX512))
 
 
+def fast_int8_activations() -> bool:
+    """Whether the loaded kernels multiply int4 weights by int8-rounded activations with AVX512-VNNI
+    here (MX_Q4_*_A8; without VNNI they run a correct but slow portable loop)."""
+    return fast(torch.uint8) and bool(_simd & SIMD_AVX512_VNNI)
+
+
 def _need() -> ctypes.CDLL:
     if _lib is None:
         raise RuntimeError("native kernels not loaded (mixlab.ops.native.load())")
@@ -289,8 +297,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
-    """y = w @ x with the native kernel (float32 out): float32, bf16 or int8 (+ float32 row scales) weights."""
+def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = None, *,
+         act8: bool = False) -> torch.Tensor:
+    """y = w @ x with the native kernel (float32 out): float32, bf16, int8 (+ float32 row scales) or
+    int4 (uint8 + float16 group scales; `act8`: x rounded to int8 per block of 32) weights."""
     lib = _need()
     X, D = w_XD.shape
     if (w_XD.dtype in (torch.int8, torch.uint8)) != (scale_X is not None):
@@ -304,8 +314,8 @@ def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = N
         D *= 2
         x = x_D.float().contiguous()
         xb = torch.empty(D, dtype=torch.int16)
-    lib.mx_gemv(type_code(w_XD, scale_X), w_XD.data_ptr(), _ptr(s), X, D, x.data_ptr(), xb.data_ptr(), y.data_ptr(),
-                torch.get_num_threads())
+    lib.mx_gemv(type_code(w_XD, scale_X, act8=act8), w_XD.data_ptr(), _ptr(s), X, D, x.data_ptr(), xb.data_ptr(),
+                y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -314,8 +324,10 @@ def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = N
 MAX_ROWS = 16
 
 
-def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None, *,
+           act8: bool = False) -> torch.Tensor:
     """x @ w.T (times the row scales for int8 weights) for a few rows: each weight row read once.
+    `act8` (int4 weights): the rows of x rounded to int8 per block of 32 (MX_Q4_*_A8).
     The kernel itself; callers use the operator `torch.ops.mixlab.linear` (`ops.py`)."""
     lib = _need()
     lead, X, D = x_ND.shape[:-1], w_XD.shape[0], x_ND.shape[-1]
@@ -325,7 +337,7 @@ def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None 
     y = torch.empty(M, X, dtype=torch.float32)
     xb = torch.empty(M * D if w.dtype == torch.bfloat16 else 0, dtype=torch.int16)
     s = scale_arg(w, scale_X)
-    lib.mx_linear(type_code(w, scale_X), w.data_ptr(), _ptr(s), X, D, M, x.data_ptr(), xb.data_ptr(),
+    lib.mx_linear(type_code(w, scale_X, act8=act8), w.data_ptr(), _ptr(s), X, D, M, x.data_ptr(), xb.data_ptr(),
                   y.data_ptr(), torch.get_num_threads())
     return y.to(x_ND.dtype).reshape(*lead, X)
 
