@@ -202,6 +202,40 @@ def test_bf16_autocast_and_activation_checkpointing(dataset: Path, tmp_path: Pat
     assert set(ev["loss"]) == {"code", "prose"} and all(v > 0 for v in ev["ppl"].values())
 
 
+def test_evaluate_equals_mixlab_eval_on_the_same_windows(dataset: Path, tmp_path: Path) -> None:
+    """The trainer's validation (issue 18): per-domain loss through mixlab.eval's code equals
+    mixlab.eval's harness scoring (`score_batch`) of the same windows, and the loss the trainer computed
+    before with its own cross-entropy (`lm_loss`, gradients on); the expert load is weighted per token."""
+    from mixlab.eval import score_batch
+    from mixlab.train.data import TokenDataset, eval_windows
+    from mixlab.train.losses import expert_load, lm_loss
+
+    torch.manual_seed(0)
+    cfg = _cfg(dataset, tmp_path, steps=2, eval_windows=5, batch_size=2)  # 5 windows: a last, shorter batch
+    model = train(cfg).model
+    ds = TokenDataset(dataset)
+    ev = evaluate(model, ds, cfg)
+    assert set(ev["loss"]) == {"code", "prose"}
+    nll_all = n_all = 0.0
+    for dom in ("code", "prose"):
+        w = eval_windows(ds, split="valid", domain=dom, seq_len=cfg.seq_len, max_windows=cfg.eval_windows)
+        assert len(w) == 5
+        lps = score_batch(model.eval(), [x[:-1].tolist() for x in w], [x[1:].tolist() for x in w])
+        nll, n = -sum(lp for lp, _ in lps), w[:, 1:].numel()
+        assert ev["loss"][dom] == pytest.approx(nll / n, rel=1e-6)
+        assert ev["ppl"][dom] == pytest.approx(torch.tensor(nll / n).exp().item(), rel=1e-5)
+        old, load = 0.0, 0.0
+        for i in range(0, len(w), cfg.batch_size):  # the trainer's loss before it shared mixlab.eval's code
+            x = w[i : i + cfg.batch_size]
+            o = model.forward_output(x[:, :-1])
+            old += float(lm_loss(o.logits_BTV, x[:, 1:])) * x[:, 1:].numel()
+            load = load + expert_load(o.routing, 4) * x[:, 1:].numel()
+        assert ev["loss"][dom] == pytest.approx(old / n, rel=1e-5)
+        torch.testing.assert_close(torch.tensor(ev["load"][dom]), load / n, rtol=1e-5, atol=1e-6)
+        nll_all, n_all = nll_all + nll, n_all + n
+    assert ev["mean_loss"] == pytest.approx(nll_all / n_all, rel=1e-6)
+
+
 def test_schedule_warmup_then_cosine() -> None:
     cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)

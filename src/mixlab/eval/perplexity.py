@@ -13,6 +13,9 @@ Conventions (lm-eval's `loglikelihood_rolling` with `context_len=1`, and its `wi
   token perplexity = exp(NLL / tokens), word perplexity = exp(NLL / words),
   bits per byte = NLL / bytes / ln 2 (NLL in nats, summed over the text).
 
+The trainer's validation (`mixlab.train.loop.evaluate`) scores its fixed token windows with
+`score_windows` and reports `Score`s: one way to turn logits into a loss (`log_probs`, float32).
+
 Shape legend: B windows in a batch, T tokens, V vocabulary.
 """
 
@@ -37,6 +40,11 @@ class Score:
     bytes: int = 0
     words: int = 0
     docs: int = 0
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per predicted token (nats): the trainer's validation loss."""
+        return self.nll / max(self.tokens, 1)
 
     def add(self, other: Score) -> None:
         self.nll += other.nll
@@ -90,6 +98,28 @@ def logits_of(model: Transformer, tokens_BT: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities in float32: what every score here (and the trainer's validation loss) is
+    summed from, whatever dtype the model computes in."""
+    return torch.log_softmax(logits_BTV.float(), dim=-1)
+
+
+@torch.no_grad()
+def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows_BT: torch.Tensor, *,
+                  batch_size: int, device: torch.device | str = "cpu") -> Score:
+    """The summed NLL of token windows as a training step sees them: in each window of T tokens,
+    tokens 1..T-1 are predicted from those before them (no prefix token, no context across
+    windows). `logits_fn(inputs_BT) -> logits_BTV` runs the model (the trainer's forward under its
+    autocast, also collecting the routing). Bytes and words are not known from tokens: 0."""
+    s = Score()
+    for i in range(0, len(windows_BT), batch_size):
+        x_BT = windows_BT[i : i + batch_size].to(device)
+        y_BT = x_BT[:, 1:]
+        lp_BT = log_probs(logits_fn(x_BT[:, :-1])).gather(-1, y_BT[..., None])[..., 0]
+        s.add(Score(nll=-float(lp_BT.sum()), tokens=y_BT.numel(), docs=len(x_BT)))
+    return s
+
+
 @torch.no_grad()
 def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
                 ) -> list[tuple[float, bool]]:
@@ -102,7 +132,7 @@ def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Se
     tokens_BT = torch.zeros(len(inputs), T, dtype=torch.long, device=dev)
     for b, x in enumerate(inputs):
         tokens_BT[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-    logp_BTV = torch.log_softmax(logits_of(model, tokens_BT).float(), dim=-1)
+    logp_BTV = log_probs(logits_of(model, tokens_BT))
     out = []
     for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
         n = len(y)

@@ -41,6 +41,7 @@ from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset
 from mixlab.errors import TrainingError
+from mixlab.eval.perplexity import Score, score_windows
 from mixlab.model import Transformer
 from mixlab.model.transformer import ModelOutput
 from mixlab.train import checkpoints
@@ -211,37 +212,39 @@ def autocast(cfg: TrainConfig) -> torch.autocast:
 @torch.no_grad()
 def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, split: str = "valid",
              forward: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Loss, perplexity and expert load `[L, E]` per domain on fixed windows of `split`."""
+    """Loss, perplexity and expert load `[L, E]` per domain on fixed windows of `split`, scored by
+    mixlab.eval's `score_windows` (the code behind `mixlab eval`)."""
     fwd = forward if forward is not None else model.forward_output  # not `or`: a compiled function has no truth value
     was_training = model.training
     model.eval()
     out: dict[str, Any] = {"loss": {}, "ppl": {}, "load": {}}
-    total, n_total = 0.0, 0
+    total = Score()
     E = model.config.moe.num_experts if model.config.moe else 0
+    loads: list[torch.Tensor] = []  # expert load [L, E] of each batch, weighted by its tokens
+
+    def logits(x_BT: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg):
+            o = fwd(x_BT)
+        assert o.logits_BTV is not None
+        if E:
+            loads.append(expert_load(o.routing, E) * x_BT.numel())
+        return o.logits_BTV
+
     for domain in dataset.split_domains(split):
         w = eval_windows(dataset, split=split, domain=domain, seq_len=cfg.seq_len, max_windows=cfg.eval_windows)
         if len(w) == 0:
             continue
-        s, n = 0.0, 0
-        load = None
-        for i in range(0, len(w), cfg.batch_size):
-            x = w[i: i + cfg.batch_size].to(cfg.device)
-            with autocast(cfg):
-                o = fwd(x[:, :-1])
-                logits, routings = o.logits_BTV, o.routing
-                assert logits is not None
-            k = x[:, 1:].numel()
-            s += float(lm_loss(logits, x[:, 1:])) * k
-            n += k
-            if E:
-                ld = expert_load(routings, E) * k
-                load = ld if load is None else load + ld
-        out["loss"][domain] = s / n
-        out["ppl"][domain] = math.exp(min(s / n, 50.0))
-        if load is not None:
-            out["load"][domain] = (load / n).tolist()
-        total, n_total = total + s, n_total + n
-    out["mean_loss"] = total / max(n_total, 1)
+        loads.clear()
+        s = score_windows(logits, w, batch_size=cfg.batch_size, device=cfg.device)
+        out["loss"][domain] = s.loss
+        out["ppl"][domain] = math.exp(min(s.loss, 50.0))
+        if loads:
+            load = loads[0]
+            for ld in loads[1:]:
+                load = load + ld
+            out["load"][domain] = (load / s.tokens).tolist()
+        total.add(s)
+    out["mean_loss"] = total.loss
     model.train(was_training)
     return out
 
