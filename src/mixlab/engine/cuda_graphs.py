@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from mixlab.model.layers import apply_rope, rope_cos_sin
-from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Block
 
 if TYPE_CHECKING:
@@ -79,14 +78,10 @@ class GraphedDecode:
             vc[slot_B, :, idx_B] = v.view(B, G, Hd).to(vc.dtype)
             y = F.scaled_dot_product_attention(q_B1HHd.transpose(1, 2), kc[slot_B], vc[slot_B], attn_mask=mask_B11C,
                                                enable_gqa=True)
-            x_BD = x_BD + attn.wo(y.reshape(B, H * Hd))
-            h_BD = block.ffn_norm(x_BD)
-            if isinstance(block.ffn, MoEBlock):
-                y_1BD, routing = block.ffn(h_BD[None])
-                x_BD = x_BD + y_1BD[0]
+            x_1BD, routing = block.feed_forward((x_BD + attn.wo(y.reshape(B, H * Hd)))[None])
+            x_BD = x_1BD[0]
+            if routing is not None:
                 routed.append(routing.idx_TK)
-            else:
-                x_BD = x_BD + block.ffn(h_BD)
         logits_BV = model.output(model.norm(x_BD)).float()
         return logits_BV, (torch.stack(routed) if routed else None)
 

@@ -36,7 +36,6 @@ from torch import nn
 from mixlab.cache import KVCache
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
-from mixlab.model.moe import MoEBlock
 from mixlab.model.native import NativeDecoder
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import native as native_ops
@@ -284,14 +283,10 @@ class Runner:
                 q_1HTHd = q_NHHd[a : a + T].transpose(0, 1)[None]
                 y = training_sdpa(q_1HTHd, kc[it.slot : it.slot + 1, :, :n], vc[it.slot : it.slot + 1, :, :n], mask)
                 y_NHHd[a : a + T] = y[0].transpose(0, 1)
-            x_ND = x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd))
-            h_ND = block.ffn_norm(x_ND)
-            if isinstance(block.ffn, MoEBlock):
-                y_1ND, routing = block.ffn(h_ND[None])
-                x_ND = x_ND + y_1ND[0]
+            x_1ND, routing = block.feed_forward((x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd)))[None])
+            x_ND = x_1ND[0]
+            if routing is not None:
                 routed.append(routing.idx_TK)
-            else:
-                x_ND = x_ND + block.ffn(h_ND)
         self.last_counts_LE = self._counts(torch.stack(routed)) if routed else None
 
         # Output projection only where logits are wanted.

@@ -50,6 +50,11 @@ class Block(nn.Module):
         slots: torch.Tensor | None,
     ) -> tuple[torch.Tensor, Routing | None]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache, layer, slots)
+        return self.feed_forward(x_BTD)
+
+    def feed_forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
+        """The block's second half, x + ffn(ffn_norm(x)), and the routing of an MoE layer (the
+        engine's batched step and CUDA-graph step run their own attention, then this)."""
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoEBlock):
             y_BTD, routing = self.ffn(h_BTD)
