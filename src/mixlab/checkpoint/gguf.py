@@ -34,15 +34,9 @@ import torch
 from mixlab.atomic import atomic_file, check_destination
 from mixlab.config import ModelConfig
 from mixlab.errors import OutputError
+from mixlab.tokenizer import default_tokenizer_path
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-
-
-def default_tokenizer_path() -> Path:
-    """Mixtral's SentencePiece model as shipped inside mistral-common (32,000 pieces)."""
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
 def rope_permute(w_XD: torch.Tensor, n_heads: int) -> torch.Tensor:
