@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import os
 import random
 import sysconfig
@@ -161,7 +162,7 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
         ev = evaluate(model, dataset, cfg)
         say(f"\nvalidation loss after {result.step} steps (bits per byte):")
         for dom, loss in ev["loss"].items():
-            say(f"  {dom:<14} {loss:.3f} nats/token = {loss / 0.693147:.2f} bits/byte")
+            say(f"  {dom:<14} {loss:.3f} nats/token = {loss / math.log(2):.2f} bits/byte")
         samples = _samples(model, dataset, data is not None)
         say("\nsamples (temperature 0.6, top-k 20, seed 0):")
         for prompt, text in samples.items():
@@ -179,8 +180,7 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
 
 def _threads() -> int:
     """1 thread when the CPU is already busy (load >= cores), else torch's default. A busy CPU
-    deschedules OpenMP workers that the others spin-wait for: measured ~10x slower with 2 threads
-    than with 1 on a 2-core machine under load 10."""
+    deschedules OpenMP workers that the others spin-wait for (measurements in BENCHMARKS.md)."""
     try:
         busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
     except OSError:
