@@ -125,10 +125,21 @@ def load_state(
     the stored dtype holding most bytes) on `device`. All checks happen before any data is read."""
     root = Path(path)
     _, table, infos = plan(root, config)
+    return _read_state(table, infos, dtype=dtype, device=device)
+
+
+def _is_experts(r: Rule) -> bool:
+    return ".ffn.experts." in r.ours
+
+
+def _read_state(table: list[Rule], infos: dict[str, TensorInfo], *, dtype: torch.dtype | None,
+                device: str | torch.device, experts: bool = True) -> dict[str, torch.Tensor]:
     want = dtype or _stored_dtype(table, infos)
     state: dict[str, torch.Tensor] = {}
     with TensorReader(infos) as reader:
         for r in table:
+            if not experts and _is_experts(r):
+                continue
             t = torch.empty(r.shape, dtype=want, device=device)
             for name, view in zip(r.theirs, r.parts(t), strict=True):
                 reader.read_into(name, view)  # in place when layout and dtype allow; else via one temporary
@@ -184,6 +195,9 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     config: ModelConfig | None = None,
+    max_memory: int | str | None = None,
+    policy: str = "lru",
+    prefetch: bool = True,
 ) -> Transformer:
     """Load a checkpoint folder (transformers or Mistral format) or a llama.cpp GGUF file
     (`checkpoint/gguf_read.py`: Q4_0 matrices stay int4) into a mixlab `Transformer`.
@@ -191,26 +205,58 @@ def load_model(
     `dtype`: convert every tensor at load (default: as stored). `config`: use this instead of the
     folder's config.json / params.json (not for GGUF, whose metadata is its config). The model is in
     eval mode.
+
+    `max_memory` (bytes, or a size such as "4GB"): offload the experts (`checkpoint/offload.py`):
+    they stay on disk and are read on demand into an expert cache of that many bytes (`policy`
+    "lru" or "lfu"; `prefetch`: guess the next layer's experts and read them in the background).
+    Everything else is loaded as usual. Inference only, CPU only; `prepare_for_inference(quant=)`
+    then sets the cache's format (plain, int8 or int4).
     """
+    from mixlab.ops.offload import POLICIES, parse_bytes
+
     root = Path(path)
+    if max_memory is not None:
+        max_memory = parse_bytes(max_memory, what="max_memory")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown eviction policy {policy!r}; expected one of {', '.join(POLICIES)}")
     if root.suffix == ".gguf" and not root.is_dir():
         from mixlab.checkpoint.gguf_read import load_gguf
 
         if config is not None:
             raise ValueError("config= does not apply to GGUF files: their metadata is the config")
-        return load_gguf(root, dtype=parse_dtype(dtype), device=device)
+        return load_gguf(root, dtype=parse_dtype(dtype), device=device, max_memory=max_memory, policy=policy,
+                         prefetch=prefetch)
     _refuse_pickle_or_recover(root)
     try:
         config = config or ModelConfig.from_dir(root)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    state = load_state(root, config, dtype=parse_dtype(dtype), device=parse_device(device))
+    want, dev = parse_dtype(dtype), parse_device(device)
+    offload = max_memory is not None
+    if offload:
+        from mixlab.checkpoint.offload import check_offloadable
+
+        check_offloadable(config, root, dev)
+    _, table, infos = plan(root, config)
+    state = _read_state(table, infos, dtype=want, device=dev, experts=not offload)
     model = meta_model(config)
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(state, assign=True, strict=not offload)
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+    if offload:
+        from mixlab.checkpoint.offload import SafetensorsSource, offload_experts
+        from mixlab.ops.offload import SlotFormat
+
+        assert max_memory is not None
+        layers: dict[str, Rule] = {r.ours: r for r in table if _is_experts(r)}
+        tables = [(layers[f"layers.{i}.ffn.experts.w13"], layers[f"layers.{i}.ffn.experts.w2"])
+                  for i in range(config.n_layers)]
+        fmt = SlotFormat("plain", want or _stored_dtype(table, infos))
+        offload_experts(model, SafetensorsSource(infos, tables, config), max_memory=max_memory, fmt=fmt,
+                        policy=policy, prefetch=prefetch)
+        model.requires_grad_(False)
     return model.eval()
 
 

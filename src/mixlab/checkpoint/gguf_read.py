@@ -416,10 +416,12 @@ def _default_dtype(h: GGUFHeader) -> torch.dtype:
     return {F16: torch.float16, BF16: torch.bfloat16}[kind] if by[kind] else torch.float32
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+              max_memory: int | None = None, policy: str = "lru", prefetch: bool = True) -> Any:
     """A mixlab `Transformer` from a GGUF file (see the module docstring); eval mode. Matrices stored
     as Q4_0 are int4 modules (`Int4Linear`, int4 expert buffers); everything else is float in `dtype`
-    (default: the file's float type, float32 if it has none)."""
+    (default: the file's float type, float32 if it has none). `max_memory`: the experts stay in the
+    file, read on demand into an expert cache of that many bytes (`mixlab.checkpoint.offload`)."""
     from mixlab.checkpoint import meta_model
     from mixlab.model.formats import Int4Experts
     from mixlab.model.moe import MoEBlock
@@ -428,6 +430,12 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     h = read_header(path)
     cfg = config_from_header(h)
     plan = _plan(h, cfg)
+    offload = max_memory is not None
+    if offload:
+        from mixlab.checkpoint.offload import check_offloadable
+
+        check_offloadable(cfg, h.path, device)
+        plan = [p for p in plan if p[2] != "experts"]
     want = dtype or _default_dtype(h)
     reader = _Reader(h)
     state: dict[str, torch.Tensor] = {}
@@ -471,12 +479,20 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=False)
+    if offload:
+        from mixlab.checkpoint.offload import GGUFSource, offload_experts
+        from mixlab.ops.offload import SlotFormat
+
+        assert max_memory is not None
+        source = GGUFSource(h, cfg)
+        fmt = SlotFormat("int4", want, 32) if source.int4() else SlotFormat("plain", want)
+        offload_experts(model, source, max_memory=max_memory, fmt=fmt, policy=policy, prefetch=prefetch)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:  # a bug, not a file problem: every tensor was planned
         raise RuntimeError(f"GGUF load left tensors unset: {missing[:5]}")
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    if int4:
+    if int4 or offload:
         model.requires_grad_(False)
     return model.eval()
 

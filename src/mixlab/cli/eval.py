@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixlab.cli.run import _load
+from mixlab.cli.run import _load, add_offload_args, print_stats
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -39,6 +39,7 @@ def evaluate(args: argparse.Namespace) -> int:
               f"{m['word_perplexity']:>12.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print_stats(args, model)
     return 0
 
 
@@ -59,4 +60,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_offload_args(p)
     p.set_defaults(func=evaluate)

@@ -35,7 +35,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     if dtype == "auto":  # bf16 where the CPU computes it natively (AVX-512-bf16 / AMX), else as stored
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtype = "bfloat16" if bf16_ok else None
-    model = load_model(args.model, dtype=dtype, device=args.device)
+    offload = _offload_args(args)
+    if offload and getattr(args, "ep", None):
+        raise ValueError("--max-memory (expert offloading) does not combine with --ep")
+    model = load_model(args.model, dtype=dtype, device=args.device, **offload)
     if getattr(args, "ep", None):  # experts split over the processes (torchrun); PyTorch's kernels
         from mixlab.parallel.expert import apply_expert_parallel
         from mixlab.parallel.mesh import init
@@ -55,6 +58,43 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         raise ValueError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                          f"{model.config.vocab_size}; pass the matching --tokenizer")
     return model, tok
+
+
+def _offload_args(args: argparse.Namespace) -> dict[str, Any]:
+    """load_model's expert-offloading arguments from --max-memory / --offload-policy / --no-prefetch."""
+    from mixlab.ops.offload import parse_bytes
+
+    if getattr(args, "max_memory", None) is None:
+        return {}
+    return dict(max_memory=parse_bytes(args.max_memory, what="--max-memory"), policy=args.offload_policy,
+                prefetch=not args.no_prefetch)
+
+
+def print_stats(args: argparse.Namespace, model: Any) -> None:
+    """With --stats, the expert cache's hit rate, bytes read and waiting time (stderr)."""
+    from mixlab.model.formats import expert_cache
+
+    if not getattr(args, "stats", False):
+        return
+    cache = expert_cache(model)
+    if cache is None:
+        print("stats: the experts are resident (no --max-memory): nothing to report", file=sys.stderr)
+        return
+    print(f"{cache.stats.summary()}; {cache.num_slots} of {cache.num_layers * cache.num_experts} experts fit "
+          f"({cache.fmt.kind}, {cache.expert_bytes} bytes each)", file=sys.stderr)
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    """--max-memory, --offload-policy, --no-prefetch, --stats (generate, chat, serve, eval)."""
+    g = p.add_argument_group("expert offloading")
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="keep the experts on disk and cache at most SIZE bytes of them in memory "
+                        "(e.g. 4GB, 512MiB); attention, norms and embeddings stay resident")
+    g.add_argument("--offload-policy", choices=["lru", "lfu"], default="lru",
+                   help="expert cache eviction (default lru)")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="do not guess and read the next layer's experts in the background")
+    g.add_argument("--stats", action="store_true", help="report the expert cache's hit rate, bytes read, time waited")
 
 
 def _sampling(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
@@ -107,6 +147,7 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer) -> int:
     assert first is not None
     # The first new token costs a prefill; the rest are decode steps.
     print(f"prompt: {_speed(len(ids), first - start)}; decode: {_speed(n - 1, end - first)}", file=sys.stderr)
+    print_stats(args, model)
     return 0
 
 
@@ -128,6 +169,7 @@ def chat(args: argparse.Namespace) -> int:
             line = input("> ").strip()
         except EOFError:
             print()
+            print_stats(args, model)
             return 0
         except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line (as in a shell)
             print()
@@ -135,6 +177,7 @@ def chat(args: argparse.Namespace) -> int:
         if not line:
             continue
         if line in ("/exit", "/quit"):
+            print_stats(args, model)
             return 0
         if line == "/reset":
             messages.clear()
@@ -202,6 +245,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantisation: int8 (per row) or int4 (groups of 32, Q4_0's arithmetic)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    add_offload_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from mixlab.cli.run import _load
+from mixlab.cli.run import _load, add_offload_args, print_stats
 from mixlab.dtypes import dtype_name
 
 
@@ -72,6 +72,7 @@ def serve(args: argparse.Namespace) -> int:
         run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
     finally:
         engine.shutdown(timeout=10)
+    print_stats(args, model)
     print("mixlab serve: stopped", file=sys.stderr)
     return 0
 
@@ -104,4 +105,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_offload_args(p)
     p.set_defaults(func=serve)

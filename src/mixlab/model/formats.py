@@ -6,6 +6,8 @@ module's type says what it holds.
 - `PackedExperts`: one oneDNN-packed matrix per expert (`mixlab.ops.linear.pack`): opaque, not
   saved, no autograd.
 - `Int4Experts`: packed int4 with float16 scales per group of inputs (llama.cpp Q4_0's layout).
+- `OffloadedExperts`: on disk, read on demand into an expert cache (`mixlab.ops.offload`) that
+  holds them plain, int8 or int4.
 
 The linears outside the experts have their own format classes: `nn.Linear` (plain),
 `mixlab.ops.linear.InferenceLinear` (plain or packed, inference only) and
@@ -17,9 +19,12 @@ Shape legend: E experts, D width, F expert FFN width.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from mixlab.model.moe import Experts, ExpertsBase, ExpertWeights
+from mixlab.model.moe import Experts, ExpertsBase, ExpertWeights, Router, Routing
 from mixlab.ops.linear import pack
+from mixlab.ops.moe import choose_impl, moe_ffn
+from mixlab.ops.offload import ExpertCache
 from mixlab.ops.quant import quantize_int4, quantize_int8
 
 
@@ -103,3 +108,85 @@ class Int4Experts(_QuantizedExperts):
 EXPERT_FORMATS: dict[type[ExpertsBase], str] = {
     Experts: "plain", Int8Experts: "int8", PackedExperts: "packed", Int4Experts: "int4",
 }
+
+
+class OffloadedExperts(ExpertsBase):
+    """The E experts of MoE layer `layer` kept on disk: each forward pass reads the chosen ones into
+    the shared `ExpertCache` (`mixlab.ops.offload`; one pool of slots, a byte budget, LRU or LFU)
+    and runs the registry's kernel on the pool with expert ids replaced by slot ids, so results
+    equal resident experts of the cache's format (plain, int8 or int4). With prefetch, the next
+    MoE layer's router (`next_gate`) applied to this layer's input guesses its experts, which a
+    background thread reads while this layer computes (Eliseev & Mazur 2023). Inference only;
+    `weights()` is refused (no resident stacked weights: no native whole-model decoder)."""
+
+    def __init__(self, cache: ExpertCache, layer: int, num_experts: int, next_gate: Router | None = None) -> None:
+        super().__init__()
+        self.cache, self.layer, self.num_experts = cache, layer, num_experts
+        self._next = (next_gate,)  # a tuple: not registered as a submodule (the router belongs to its block)
+
+    def weights(self) -> ExpertWeights:
+        raise ValueError(f"layer {self.layer}'s experts are offloaded (read on demand into an expert cache); "
+                         "they have no resident stacked weights")
+
+    def _guess(self, x_TD: torch.Tensor, room: int) -> tuple[int, list[int]] | None:
+        """The next layer's likely experts, most chosen first (at most `room`), from its router."""
+        gate = self._next[0]
+        if gate is None or not self.cache.prefetch_enabled or room <= 0:
+            return None
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), gate.weight.float())
+        idx_TK = torch.topk(logits_TE, gate.moe.top_k, dim=-1).indices
+        counts_E = torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts)
+        order = torch.argsort(counts_E, descending=True, stable=True)[: int((counts_E > 0).sum())]
+        return self.layer + 1, order[:room].tolist()
+
+    def mix(self, x_TD: torch.Tensor, routing: Routing, impl: str) -> torch.Tensor:
+        cache = self.cache
+        idx_TK, weight_TK = routing.idx_TK, routing.weight_TK
+        needed = torch.unique(idx_TK).tolist()
+        S = cache.num_slots
+        passes = [needed[i : i + S] for i in range(0, len(needed), S)]
+        cache.stats.layer_calls += 1
+        cache.stats.passes += len(passes) > 1
+        pool = cache.pool()
+        w13, w2 = pool["w13"], pool["w2"]
+        s13, s2 = pool.get("w13_scale"), pool.get("w2_scale")
+        if impl == "auto":
+            impl = choose_impl(x_TD.shape[0], w13, x_TD, s13)
+        out_TD: torch.Tensor | None = None
+        for n, group in enumerate(passes):
+            last = n == len(passes) - 1
+            guess = self._guess(x_TD, S - len(group)) if last else None
+            slots = cache.acquire(self.layer, group, prefetch=guess)
+            try:
+                lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=idx_TK.device)
+                lut_E[group] = torch.tensor(slots, dtype=torch.long, device=idx_TK.device)
+                slot_TK = lut_E[idx_TK]
+                if len(passes) == 1:
+                    return moe_ffn(x_TD, w13, w2, slot_TK, weight_TK, impl=impl, w13_scale_E2F=s13, w2_scale_ED=s2)
+                # More distinct experts than slots: this pass mixes only its experts' pairs.
+                here_TK = slot_TK >= 0
+                tok_T = here_TK.any(1).nonzero().squeeze(1)
+                slot_tK = torch.where(here_TK, slot_TK, slots[0])[tok_T]
+                w_tK = (weight_TK * here_TK)[tok_T]
+                y_tD = moe_ffn(x_TD[tok_T], w13, w2, slot_tK, w_tK, impl=impl, w13_scale_E2F=s13, w2_scale_ED=s2)
+                out_TD = torch.zeros_like(x_TD) if out_TD is None else out_TD
+                out_TD.index_add_(0, tok_T, y_tD)
+            finally:
+                cache.release(slots)
+        assert out_TD is not None
+        return out_TD
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, offloaded ({self.cache.fmt.kind})"
+
+
+EXPERT_FORMATS[OffloadedExperts] = "offloaded"
+
+
+def expert_cache(model: torch.nn.Module) -> ExpertCache | None:
+    """The expert cache of a model whose experts are offloaded, else None."""
+    for m in model.modules():
+        if isinstance(m, OffloadedExperts):
+            return m.cache
+    return None

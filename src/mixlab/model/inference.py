@@ -15,6 +15,9 @@ Each weight format is a module type (`mixlab.model.formats`); `inference_format`
   half the bytes of bf16 for memory-bound decoding (native kernels when available).
 - `quant="int4"`: packed 4-bit weights with a float16 scale per group of `group` inputs (32, 64 or
   128; llama.cpp's Q4_0 arithmetic at 32): a quarter of bf16's bytes plus the scales.
+- offloaded experts (`load_model(..., max_memory=)`): the expert cache takes the format (`quant`)
+  and the linears are converted as above; no native whole-model decoder (the experts are not
+  resident), the registry's per-layer kernels run on the cache's slots.
 
 The token embedding is left alone (a lookup reads one row per token) and so is the router (tiny,
 and float32 so that routing decisions do not move).
@@ -26,10 +29,12 @@ import torch
 from torch import nn
 
 from mixlab.model import native
-from mixlab.model.formats import EXPERT_FORMATS, Int4Experts, Int8Experts, PackedExperts
+from mixlab.model.formats import EXPERT_FORMATS, Int4Experts, Int8Experts, OffloadedExperts, PackedExperts, expert_cache
 from mixlab.model.moe import Experts, ExpertsBase, MoEBlock
 from mixlab.model.transformer import Transformer
+from mixlab.ops import registry
 from mixlab.ops.linear import InferenceLinear, can_pack
+from mixlab.ops.offload import ExpertCache, SlotFormat
 from mixlab.ops.quant import Int4Linear, Int8Linear
 
 
@@ -48,7 +53,8 @@ def _plain_experts(block: MoEBlock) -> Experts:
 
 
 def inference_format(model: nn.Module) -> str | None:
-    """What `prepare_for_inference` made of `model` ("int8", "packed", "plain inference"), or None
+    """What `prepare_for_inference` made of `model` ("int8", "packed", "plain inference"; "offloaded"
+    for offloaded experts), or None
     for a plain trainable model: read from the modules' types."""
     kinds = set()
     for m in model.modules():
@@ -60,7 +66,7 @@ def inference_format(model: nn.Module) -> str | None:
             kinds.add("int4")
         elif isinstance(m, InferenceLinear):
             kinds.add("packed" if m.packed else "plain inference")
-    for kind in ("int4", "int8", "packed", "plain inference"):
+    for kind in ("offloaded", "int4", "int8", "packed", "plain inference"):
         if kind in kinds:
             return kind
     return None
@@ -123,6 +129,9 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
             raise ValueError(f"int4_activations must be one of {', '.join(native.INT4_ACTIVATIONS)}, "
                              f"not {int4_activations!r}")
         model.int4_activations = int4_activations
+    cache = expert_cache(model)
+    if cache is not None:
+        return _prepare_offloaded(model, cache, quant=quant, packed=packed, group=group)
     prepared = inference_format(model)
     if prepared is not None and not (prepared == "int4" and is_quantised(model)):
         raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
@@ -150,3 +159,39 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     elif not packed:
         native.attach(model)
     return pack_model(model, packed=packed)
+
+
+def _prepare_offloaded(model: Transformer, cache: ExpertCache, *, quant: str | None, packed: bool | None,
+                       group: int) -> Transformer:
+    """`prepare_for_inference` for a model whose experts are offloaded: the cache's slots take the
+    format, the linears are converted as for a resident model."""
+    if any(isinstance(m, Int8Linear | InferenceLinear) for m in model.modules()):
+        raise ValueError("the model is already prepared for inference; prepare a freshly loaded model")
+    if quant == "int8" and is_quantised(model):
+        raise ValueError("this model already holds int4 weights; int8 applies to float models")
+    if packed:
+        raise ValueError("packed=True packs resident experts; this model's experts are offloaded")
+    act_dtype = model.tok_embeddings.weight.dtype
+    if cache.fmt.kind == "int4":  # a GGUF Q4_0 file: its experts stay int4, as resident ones would
+        if quant == "int8":
+            raise ValueError("this model already holds int4 weights; int8 applies to float models")
+        if quant == "int4":
+            _replace_linears(model, Int4Linear, group=group)
+    elif quant == "int8":
+        cache.set_format(SlotFormat("int8", act_dtype))
+        _replace_linears(model, Int8Linear, scale_dtype=act_dtype)
+    elif quant == "int4":
+        cache.set_format(SlotFormat("int4", act_dtype, group))
+        _replace_linears(model, Int4Linear, group=group)
+    else:
+        native_ok = registry.prepare_native()
+        with torch.no_grad():
+            _replace_linears(model, InferenceLinear, packed=not native_ok and can_pack(model.output.weight))
+    cache.check()
+    registry.prepare_native()  # the per-layer kernels on the cache's slots
+    return model.eval().requires_grad_(False)
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether `model`'s experts are offloaded (`load_model(..., max_memory=)`)."""
+    return any(isinstance(m, OffloadedExperts) for m in model.modules())

@@ -100,6 +100,23 @@ class ExpertsBase(nn.Module):
     def weights(self) -> ExpertWeights:
         raise NotImplementedError
 
+    def mix(self, x_TD: torch.Tensor, routing: Routing, impl: str) -> torch.Tensor:
+        """The layer's output `[T, D]`: each token's chosen experts mixed with the router weights.
+        `impl` chooses the computation (`auto`, or one of `mixlab.ops.moe.IMPLS`): `sorted` and
+        `grouped` run dispatch -> `forward` -> combine here; `reference` (the oracle), `decode` (one
+        token) and `native` (the C kernel) are whole-layer kernels on `weights()`."""
+        w = self.weights()
+        if impl == "auto":
+            impl = choose_impl(x_TD.shape[0], w.w13, x_TD, w.w13_scale)  # type: ignore[arg-type]
+        if impl in ("sorted", "grouped"):
+            # Training pads each expert's segment (see mixlab.ops.moe.SEGMENT_ROWS).
+            pad = SEGMENT_ROWS if impl == "sorted" and trains(x_TD, w.w13, w.w13_scale) else 1
+            xs_ND, d = dispatch(x_TD, routing.idx_TK, self.num_experts, pad_to=pad)
+            ys_ND = self(xs_ND, d.counts, grouped=impl == "grouped")
+            return combine(ys_ND, routing.weight_TK, d, x_TD.dtype)
+        return moe_ffn(x_TD, w.w13, w.w2, routing.idx_TK, routing.weight_TK, impl=impl,  # type: ignore[arg-type]
+                       w13_scale_E2F=w.w13_scale, w2_scale_ED=w.w2_scale)
+
     def forward(self, xs_ND: torch.Tensor, counts: list[int], *, grouped: bool = False) -> torch.Tensor:
         """`counts[e]` rows of expert e, in expert order (what `dispatch` makes) -> `[N, D]`.
         `grouped`: one `torch._grouped_mm` per projection where this format allows it."""
@@ -125,9 +142,11 @@ class Experts(ExpertsBase):
 
 
 class MoEBlock(nn.Module):
-    """Router -> dispatch -> Experts -> combine. `impl` chooses the expert computation (`auto`,
-    or one of `mixlab.ops.moe.IMPLS`): `sorted` and `grouped` run the three parts here; `reference`
-    (the oracle), `decode` (one token) and `native` (the C kernel) are whole-layer kernels."""
+    """Router -> dispatch -> Experts -> combine (`ExpertsBase.mix`). `impl` chooses the expert
+    computation (`auto`, or one of `mixlab.ops.moe.IMPLS`): `sorted` and `grouped` run the three
+    parts; `reference` (the oracle), `decode` (one token) and `native` (the C kernel) are
+    whole-layer kernels. Offloaded experts (`mixlab.model.formats.OffloadedExperts`) read the
+    chosen experts into a cache first."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -142,17 +161,7 @@ class MoEBlock(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(-1, D)
         routing = self.gate(x_TD)
-        w = self.experts.weights()
-        impl = choose_impl(x_TD.shape[0], w.w13, x_TD, w.w13_scale) if self.impl == "auto" else self.impl  # type: ignore[arg-type]
-        if impl in ("sorted", "grouped"):
-            # Training pads each expert's segment (see mixlab.ops.moe.SEGMENT_ROWS).
-            pad = SEGMENT_ROWS if impl == "sorted" and trains(x_TD, w.w13, w.w13_scale) else 1
-            xs_ND, d = dispatch(x_TD, routing.idx_TK, self.experts.num_experts, pad_to=pad)
-            ys_ND = self.experts(xs_ND, d.counts, grouped=impl == "grouped")
-            y_TD = combine(ys_ND, routing.weight_TK, d, x_TD.dtype)
-        else:
-            y_TD = moe_ffn(x_TD, w.w13, w.w2, routing.idx_TK, routing.weight_TK, impl=impl,  # type: ignore[arg-type]
-                           w13_scale_E2F=w.w13_scale, w2_scale_ED=w.w2_scale)
+        y_TD = self.experts.mix(x_TD, routing, self.impl)
         return y_TD.view(B, T, D), routing
 
 

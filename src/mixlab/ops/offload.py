@@ -1,0 +1,421 @@
+"""Expert offloading: a byte-budgeted cache of experts read on demand from the checkpoint.
+
+An `ExpertCache` holds one pool of `S` slots shared by every MoE layer, each slot one expert's
+weights in one format (`SlotFormat`: plain float, int8 with row scales, int4 with group scales).
+The pool tensors are stacked like a layer's resident experts (`w13` `[S, 2F, D]`, `w2` `[S, D, F]`,
+scales `[S, ...]`), so a layer runs the same kernels as resident experts (the registry chooses
+them) on the pool with its expert ids replaced by slot ids: nothing is copied to compute.
+
+An `ExpertSource` fills a slot from disk (`mixlab.checkpoint.offload`: byte ranges of safetensors
+or GGUF files, `pread`, no mmap, so file pages never count in the process's memory).
+
+Eviction: LRU, or LFU (uses of each (layer, expert) over the whole run, ties broken by recency).
+Prefetch (Eliseev & Mazur 2023, arXiv 2312.17238 §3.2): the next layer's router applied to the
+current layer's hidden state guesses that layer's experts; a background thread reads them while
+this layer computes. A guess still queued when its layer starts is dropped (that layer's own loads
+run on the calling thread). Pinned slots (the experts of the layer computing now) are never
+evicted, so the pool must hold one token's top-k experts; batches needing more distinct experts
+than the pool holds run in passes.
+
+Shape legend: S slots, E experts, D width, F expert FFN width, G scale groups per row.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+import torch
+
+from mixlab.ops.quant import INT4_GROUPS, quantize_int4, quantize_int8
+
+POLICIES = ("lru", "lfu")
+KINDS = ("plain", "int8", "int4")
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, *, what: str = "--max-memory") -> int:
+    """A byte count from `4GB` (10^9), `4GiB` / `4G` (2^30), `512MB`, `1.5GB` or a plain integer;
+    ValueError naming `what` and the value otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n: float = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"{what}: {text!r} is not a size; expected a number of bytes with an optional unit "
+                             "(B, KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB or K, M, G, T: powers of 1024), "
+                             "e.g. 4GB")
+        n = float(m.group(1)) * _UNITS[unit]
+    if not math.isfinite(n) or n < 1:
+        raise ValueError(f"{what}: {text!r} must be at least one byte")
+    return int(n)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class SlotFormat:
+    """How a slot holds one expert: `kind` plain (`dtype` weights), int8 (row scales in `dtype`) or
+    int4 (float16 scales per `group` inputs). `dtype` is the model's float dtype: experts are
+    converted to it before being quantised, as resident experts are."""
+
+    kind: str
+    dtype: torch.dtype
+    group: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown expert format {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.kind == "int4" and self.group not in INT4_GROUPS:
+            raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, not {self.group}")
+
+    def shapes(self, dim: int, ffn_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-slot shape and dtype of each pool tensor (w13, w2 and, when quantised, their scales)."""
+        D, F = dim, ffn_dim
+        if self.kind == "plain":
+            return {"w13": ((2 * F, D), self.dtype), "w2": ((D, F), self.dtype)}
+        if self.kind == "int8":
+            return {"w13": ((2 * F, D), torch.int8), "w2": ((D, F), torch.int8),
+                    "w13_scale": ((2 * F,), self.dtype), "w2_scale": ((D,), self.dtype)}
+        G = self.group
+        return {"w13": ((2 * F, D // 2), torch.uint8), "w2": ((D, F // 2), torch.uint8),
+                "w13_scale": ((2 * F, D // G), torch.float16), "w2_scale": ((D, F // G), torch.float16)}
+
+    def expert_bytes(self, dim: int, ffn_dim: int) -> int:
+        return sum(math.prod(s) * d.itemsize for s, d in self.shapes(dim, ffn_dim).values())
+
+    def fill(self, slot: Slot, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> None:
+        """Write one expert given as float matrices into `slot` (quantising as this format says,
+        exactly as the resident formats quantise their stacked weights, row by row)."""
+        w13, w2 = w13_2FD.to(self.dtype), w2_DF.to(self.dtype)
+        if self.kind == "plain":
+            slot.w13.copy_(w13)
+            slot.w2.copy_(w2)
+            return
+        assert slot.w13_scale is not None and slot.w2_scale is not None
+        if self.kind == "int8":
+            (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
+        else:
+            (q13, s13), (q2, s2) = quantize_int4(w13, self.group), quantize_int4(w2, self.group)
+        slot.w13.copy_(q13)
+        slot.w13_scale.copy_(s13)
+        slot.w2.copy_(q2)
+        slot.w2_scale.copy_(s2)
+
+
+class Slot(NamedTuple):
+    """Views of one slot of the pool (what a source writes)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_scale: torch.Tensor | None
+    w2_scale: torch.Tensor | None
+
+
+class ExpertSource(Protocol):
+    """Reads experts from a checkpoint. `read` fills `slot` with expert `expert` of MoE layer
+    `layer` in `fmt` and returns the bytes it read from disk. Called from two threads at once."""
+
+    def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class CacheStats:
+    """What the cache did: `hits` / `misses` count (layer, expert) requests of the layers' forward
+    passes (a hit on an expert still being prefetched is a hit, and its wait is in `wait_s`);
+    `bytes_read` and `read_s` count every read (demand and prefetch); `wait_s` is the time the
+    computing thread spent blocked on expert loads; `prefetched` experts the prefetch thread read,
+    `prefetch_used` how many of those were used before eviction."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0
+    wait_s: float = 0.0
+    prefetched: int = 0
+    prefetch_used: int = 0
+    passes: int = 0  # layer calls that needed more than one pass (more distinct experts than slots)
+    layer_calls: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
+                "read_s": self.read_s, "wait_s": self.wait_s, "prefetched": self.prefetched,
+                "prefetch_used": self.prefetch_used, "multi_pass_calls": self.passes, "layer_calls": self.layer_calls}
+
+    def summary(self) -> str:
+        pf = f", prefetched {self.prefetched} (used {self.prefetch_used})" if self.prefetched else ""
+        return (f"expert cache: hit rate {self.hit_rate:.1%} ({self.hits} hits, {self.misses} misses), "
+                f"read {format_bytes(self.bytes_read)} in {self.read_s:.2f} s, waited {self.wait_s:.2f} s{pf}")
+
+
+@dataclass
+class _Request:
+    layer: int
+    experts: list[int]
+    valid_until: int  # the layer call count after which the guess is stale
+
+
+@dataclass
+class _SlotState:
+    key: tuple[int, int] | None = None
+    pins: int = 0
+    loading: bool = False
+    last: int = 0
+    prefetched: bool = False  # read by the prefetch thread and not used since
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class ExpertCache:
+    """`budget` bytes of expert slots over `num_layers` MoE layers of `num_experts` experts each,
+    filled from `source` (see the module docstring). `policy`: "lru" or "lfu"; `prefetch`: guess
+    and read the next layer's experts in a background thread. The pool is allocated on first use
+    (a format change before that costs nothing)."""
+
+    def __init__(self, source: ExpertSource, *, num_layers: int, num_experts: int, top_k: int, dim: int,
+                 ffn_dim: int, budget: int, fmt: SlotFormat, policy: str = "lru", prefetch: bool = True) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown eviction policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        self.source = source
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.dim, self.ffn_dim = dim, ffn_dim
+        self.budget = parse_bytes(budget, what="max_memory")
+        self.policy = policy
+        self.prefetch_enabled = prefetch
+        self.stats = CacheStats()
+        self._cond = threading.Condition()
+        self._uses: Counter[tuple[int, int]] = Counter()
+        self._clock = 0
+        self._calls = 0
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._pool: dict[str, torch.Tensor] | None = None
+        self.set_format(fmt)
+
+    # -- format and pool --------------------------------------------------------------------
+
+    def set_format(self, fmt: SlotFormat) -> None:
+        """Hold experts in `fmt` from now on (only before the pool is first used)."""
+        if self._pool is not None:
+            raise ValueError("the expert cache is in use; its format can change only before the first forward pass")
+        per = fmt.expert_bytes(self.dim, self.ffn_dim)
+        slots = min(self.budget // per, self.num_layers * self.num_experts)
+        self.fmt, self.expert_bytes, self.num_slots = fmt, per, slots
+        self._slots = [_SlotState() for _ in range(slots)]
+        self._where: dict[tuple[int, int], int] = {}
+
+    def check(self) -> None:
+        """ValueError unless the budget holds one token's top-k experts in this format (checked
+        when the format is final: inference preparation, or the first forward pass)."""
+        if self.num_slots < self.top_k:
+            total, per = self.num_layers * self.num_experts, self.expert_bytes
+            raise ValueError(
+                f"max_memory {format_bytes(self.budget)} holds {self.num_slots} experts of {format_bytes(per)} each "
+                f"({self.fmt.kind}); a layer computing one token needs its top-{self.top_k}: give at least "
+                f"{format_bytes(self.top_k * per)} (all {total} experts: {format_bytes(total * per)})")
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.num_layers * self.num_experts * self.expert_bytes
+
+    def pool(self) -> dict[str, torch.Tensor]:
+        """The pool tensors (allocated here on first use; `torch.empty`: pages count in memory only
+        once a slot is written)."""
+        if self._pool is None:
+            self.check()
+            with self._cond:
+                if self._pool is None:
+                    self._pool = {name: torch.empty((self.num_slots, *shape), dtype=dtype)
+                                  for name, (shape, dtype) in self.fmt.shapes(self.dim, self.ffn_dim).items()}
+        return self._pool
+
+    def slot(self, s: int) -> Slot:
+        p = self.pool()
+        return Slot(p["w13"][s], p["w2"][s], p["w13_scale"][s] if "w13_scale" in p else None,
+                    p["w2_scale"][s] if "w2_scale" in p else None)
+
+    # -- eviction ---------------------------------------------------------------------------
+
+    def _victim(self) -> int | None:
+        """A free slot, else the policy's choice among unpinned loaded slots; None if all are busy.
+        Called with the lock held."""
+        best, best_key = None, None
+        for s, st in enumerate(self._slots):
+            if st.pins or st.loading:
+                continue
+            if st.key is None:
+                return s
+            k = (self._uses[st.key], st.last) if self.policy == "lfu" else (st.last, 0)
+            if best_key is None or k < best_key:
+                best, best_key = s, k
+        return best
+
+    def _assign(self, s: int, key: tuple[int, int], *, prefetched: bool) -> None:
+        st = self._slots[s]
+        if st.key is not None:
+            del self._where[st.key]
+        st.key, st.loading, st.prefetched, st.last = key, True, prefetched, self._clock
+        st.ready.clear()
+        self._where[key] = s
+
+    def _load(self, s: int, layer: int, expert: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            n = self.source.read(layer, expert, self.fmt, self.slot(s))
+        except BaseException:
+            with self._cond:  # forget the half-written slot
+                st = self._slots[s]
+                if st.key is not None:
+                    self._where.pop(st.key, None)
+                st.key, st.loading = None, False
+                st.ready.set()
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self.stats.bytes_read += n
+            self.stats.read_s += time.perf_counter() - t0
+            self._slots[s].loading = False
+            self._slots[s].ready.set()
+            self._cond.notify_all()
+
+    # -- the computing thread ---------------------------------------------------------------
+
+    def acquire(self, layer: int, experts: Sequence[int], *,
+                prefetch: tuple[int, Sequence[int]] | None = None) -> list[int]:
+        """Slots holding `experts` of `layer` (at most `num_slots` distinct ones), pinned until
+        `release`; reads the missing ones on this thread and waits for any still being prefetched.
+        `prefetch`: (next layer, guessed experts), queued once these are pinned (so the guesses
+        never evict them) and before the reads here (so both overlap)."""
+        if len(experts) > self.num_slots:
+            raise ValueError(f"{len(experts)} experts asked at once; the cache holds {self.num_slots}")
+        self.pool()
+        t0 = time.perf_counter()
+        slots: list[int] = []
+        todo: list[tuple[int, int]] = []
+        wait: list[tuple[int, int]] = []
+        with self._cond:
+            self._calls += 1
+            for e in experts:
+                self._clock += 1
+                key = (layer, e)
+                self._uses[key] += 1
+                s = self._where.get(key)
+                if s is not None:
+                    self.stats.hits += 1
+                    st = self._slots[s]
+                    if st.prefetched:
+                        self.stats.prefetch_used += 1
+                        st.prefetched = False
+                    if st.loading:
+                        wait.append((s, e))
+                else:
+                    self.stats.misses += 1
+                    while (s := self._victim()) is None:  # every free slot is being prefetched: wait for one
+                        self._cond.wait()
+                    self._assign(s, key, prefetched=False)
+                    todo.append((s, e))
+                st = self._slots[s]
+                st.pins += 1
+                st.last = self._clock
+                slots.append(s)
+        if prefetch is not None:
+            self.prefetch(*prefetch)
+        try:
+            for s, e in todo:
+                self._load(s, layer, e)
+            for s, e in wait:
+                self._slots[s].ready.wait()
+                if self._slots[s].key != (layer, e):  # its prefetch failed: read it here
+                    with self._cond:
+                        self._assign(s, (layer, e), prefetched=False)
+                    self._load(s, layer, e)
+        except BaseException:
+            self.release(slots)
+            raise
+        finally:
+            self.stats.wait_s += time.perf_counter() - t0
+        return slots
+
+    def release(self, slots: Sequence[int]) -> None:
+        with self._cond:
+            for s in slots:
+                self._slots[s].pins -= 1
+            self._cond.notify_all()
+
+    # -- prefetch ---------------------------------------------------------------------------
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Ask the background thread to read `experts` of `layer` (the next layer to compute), in
+        order of preference; dropped if that layer starts first."""
+        if not self.prefetch_enabled or self._closed:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mixlab-expert-prefetch", daemon=True)
+            self._thread.start()
+        self._queue.put(_Request(layer, list(experts), self._calls))
+
+    def _run(self) -> None:
+        while True:
+            req = self._queue.get()
+            if req is None:
+                return
+            for e in req.experts:
+                key = (req.layer, e)
+                with self._cond:
+                    if self._closed or self._calls > req.valid_until:  # its layer started: stale
+                        break
+                    if key in self._where:
+                        continue
+                    s = self._victim()
+                    if s is None:
+                        break
+                    self._clock += 1
+                    self._assign(s, key, prefetched=True)
+                    self.stats.prefetched += 1
+                try:
+                    self._load(s, req.layer, e)
+                except Exception:  # noqa: BLE001  the computing thread reads it again and reports the error
+                    break
+
+    def close(self) -> None:
+        """Stop the prefetch thread (waits for the read in progress) and close the source."""
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self.source.close()
+
+    @property
+    def prefetching(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def reset_stats(self) -> None:
+        self.stats = CacheStats()
+
+    def cached(self) -> set[tuple[int, int]]:
+        with self._cond:
+            return {st.key for st in self._slots if st.key is not None and not st.loading}

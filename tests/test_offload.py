@@ -1,0 +1,242 @@
+"""Expert offloading (`load_model(..., max_memory=)`, `mixlab.ops.offload`): the outputs equal the
+resident model's at every budget, in every expert format (float32, int8, int4), with LRU and LFU,
+with and without prefetch, from every checkpoint layout (transformers per-expert and fused,
+Mistral, GGUF float and Q4_0); clear errors for budgets and sizes; the prefetch thread stops."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixlab import generate, load_model, save_model
+from mixlab.checkpoint import CheckpointError
+from mixlab.cli import main
+from mixlab.config import MoEConfig, get_preset
+from mixlab.model import Transformer
+from mixlab.model.formats import OffloadedExperts, expert_cache
+from mixlab.model.inference import inference_format, prepare_for_inference
+from mixlab.ops.offload import SlotFormat, parse_bytes
+
+CFG = get_preset("tiny-moe").replace(n_layers=3, moe=MoEConfig(num_experts=8, top_k=2), max_seq_len=128)
+EXPERTS = CFG.n_layers * CFG.moe.num_experts  # type: ignore[union-attr]
+
+
+def _model(vocab_size: int = CFG.vocab_size) -> Transformer:
+    model = Transformer(CFG.replace(vocab_size=vocab_size))
+    model.init_weights(std=0.1, seed=0)
+    with torch.no_grad():  # decisive routing: different tokens choose different experts
+        for block in model.layers:
+            block.ffn.gate.weight.mul_(10)  # type: ignore[union-attr]
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("offload") / "hf"
+    save_model(_model(), path)
+    return path
+
+
+def _expert_bytes(kind: str) -> int:
+    dtype = torch.float32 if kind != "int8" else torch.float32
+    return SlotFormat(kind, dtype).expert_bytes(CFG.dim, CFG.ffn_dim)
+
+
+def _budget(kind: str, fraction: float) -> int:
+    return max(2, int(fraction * EXPERTS)) * _expert_bytes(kind)
+
+
+def _outputs(model: Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    with torch.no_grad():
+        logits = model(tokens)
+    return logits, generate(model, [tokens[0].tolist()], max_new_tokens=6)
+
+
+TOKENS = torch.randint(0, CFG.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
+def test_equals_resident_every_format_and_budget(ckpt, quant, fraction):
+    kind = quant or "plain"
+    ref = prepare_for_inference(load_model(ckpt), quant=quant)
+    want_logits, want_ids = _outputs(ref, TOKENS)
+    # Every policy x prefetch combination once (float32 at half the experts), two elsewhere: keeps it fast.
+    combos = [("lru", True), ("lfu", False)]
+    if quant is None and fraction == 0.5:
+        combos += [("lru", False), ("lfu", True)]
+    for policy, prefetch in combos:
+        model = prepare_for_inference(load_model(ckpt, max_memory=_budget(kind, fraction), policy=policy,
+                                                 prefetch=prefetch), quant=quant)
+        cache = expert_cache(model)
+        assert cache is not None and cache.fmt.kind == kind
+        logits, ids = _outputs(model, TOKENS)
+        # One pass per layer (the batch's experts fit): the same kernel on the same bytes, bit for
+        # bit. More distinct experts than slots: passes summed in another order (float rounding).
+        tol = 0 if cache.stats.passes == 0 else 1e-5
+        torch.testing.assert_close(logits, want_logits, atol=tol, rtol=tol)
+        assert ids == want_ids, (policy, prefetch)
+        if fraction == 1.0:  # everything fits: each expert read once
+            assert cache.stats.misses + cache.stats.prefetched <= EXPERTS
+        assert cache.stats.hits + cache.stats.misses > 0 and cache.stats.bytes_read > 0
+        cache.close()
+
+
+@pytest.mark.parametrize("fmt", ["hf-fused", "mistral"])
+def test_other_safetensors_layouts(tmp_path, fmt):
+    path = tmp_path / fmt
+    save_model(_model(), path, fmt=fmt)
+    want = load_model(path)(TOKENS)
+    model = load_model(path, max_memory=_budget("plain", 0.3))
+    torch.testing.assert_close(model(TOKENS), want, atol=1e-5, rtol=1e-5)
+    assert expert_cache(model).stats.misses > 0  # type: ignore[union-attr]
+
+
+def test_bf16_checkpoint_reads_straight_into_slots(tmp_path):
+    path = tmp_path / "bf16"
+    save_model(_model(), path, dtype="bfloat16")
+    model = load_model(path, max_memory=_budget("plain", 0.5))
+    assert expert_cache(model).fmt.dtype == torch.bfloat16  # type: ignore[union-attr]
+    with torch.no_grad():  # the resident model's inference kernels (not its differentiable path)
+        torch.testing.assert_close(model(TOKENS), load_model(path)(TOKENS), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_0"])
+def test_gguf(tmp_path, quant):
+    from mixlab.checkpoint.gguf import write_gguf
+
+    path = write_gguf(_model(32000), tmp_path / "m.gguf", quant=quant)  # llama.cpp: Mixtral's vocabulary
+    ref = prepare_for_inference(load_model(path))
+    model = prepare_for_inference(load_model(path, max_memory=_budget("int4" if quant == "q4_0" else "plain", 0.4)))
+    assert expert_cache(model).fmt.kind == ("int4" if quant == "q4_0" else "plain")  # type: ignore[union-attr]
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), ref(TOKENS), atol=1e-5, rtol=1e-5)
+
+
+def test_modules_and_format(ckpt):
+    model = load_model(ckpt, max_memory="1GB")
+    assert all(isinstance(b.ffn.experts, OffloadedExperts) for b in model.layers)  # type: ignore[union-attr]
+    assert inference_format(model) == "offloaded"
+    with pytest.raises(ValueError, match="offloaded"):
+        model.layers[0].ffn.experts.weights()  # type: ignore[union-attr, operator]
+    with pytest.raises(ValueError, match="prepared for inference"):
+        save_model(model, ckpt.parent / "never")
+    with pytest.raises(ValueError, match="packed=True"):
+        prepare_for_inference(model, packed=True)
+    assert expert_cache(load_model(ckpt)) is None
+
+
+def test_budget_too_small_for_top_k(ckpt):
+    per = _expert_bytes("plain")
+    with pytest.raises(ValueError, match=r"holds 1 experts .* top-2: give at least"):
+        load_model(ckpt, max_memory=per + 1)(TOKENS)  # checked on first use without preparation
+    with pytest.raises(ValueError, match=r"holds 1 experts .* top-2: give at least"):
+        prepare_for_inference(load_model(ckpt, max_memory=per + 1))
+    budget = 2 * _expert_bytes("int4")  # enough for int4, not for float32 or int8
+    prepare_for_inference(load_model(ckpt, max_memory=budget), quant="int4")
+    with pytest.raises(ValueError, match=r"\(int8\); .* top-2"):
+        prepare_for_inference(load_model(ckpt, max_memory=budget), quant="int8")
+
+
+def test_budget_of_exactly_top_k_runs_batches_in_passes(ckpt):
+    want = load_model(ckpt)(TOKENS)
+    model = load_model(ckpt, max_memory=2 * _expert_bytes("plain"))
+    torch.testing.assert_close(model(TOKENS), want, atol=1e-5, rtol=1e-5)
+    assert expert_cache(model).stats.passes > 0  # type: ignore[union-attr]
+
+
+def test_prefetch_thread_stops_cleanly(ckpt):
+    model = load_model(ckpt, max_memory=_budget("plain", 0.5), prefetch=True)
+    cache = expert_cache(model)
+    assert cache is not None
+    generate(model, [TOKENS[0].tolist()], max_new_tokens=4)
+    assert cache.prefetching and cache.stats.prefetched > 0
+    thread = cache._thread
+    cache.close()
+    assert not cache.prefetching and thread is not None and not thread.is_alive()
+    assert thread not in threading.enumerate()
+    cache.close()  # twice is harmless
+
+
+def test_lru_and_lfu_evict_differently():
+    from mixlab.ops.offload import ExpertCache
+
+    class Source:
+        reads: list[tuple[int, int]] = []
+
+        def read(self, layer, expert, fmt, slot):
+            self.reads.append((layer, expert))
+            slot.w13.fill_(expert)
+            slot.w2.fill_(expert)
+            return 1
+
+        def close(self):
+            pass
+
+    def run(policy: str) -> list[tuple[int, int]]:
+        src = Source()
+        src.reads = []
+        fmt = SlotFormat("plain", torch.float32)
+        cache = ExpertCache(src, num_layers=1, num_experts=4, top_k=1, dim=2, ffn_dim=2,
+                            budget=2 * fmt.expert_bytes(2, 2), fmt=fmt, policy=policy, prefetch=False)
+        for e in (0, 0, 0, 1, 2, 0):  # LRU evicts 0 for 2 (then misses 0); LFU keeps the frequent 0
+            cache.release(cache.acquire(0, [e]))
+        assert cache.pool()["w13"][cache.acquire(0, [e])[0]].eq(e).all()
+        return src.reads
+
+    assert run("lru") == [(0, 0), (0, 1), (0, 2), (0, 0)]
+    assert run("lfu") == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_pickle_is_refused(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(tmp_path, max_memory="1GB")
+
+
+def test_dense_models_and_bad_values_are_refused(tmp_path, ckpt):
+    dense = tmp_path / "dense"
+    m = Transformer(get_preset("tiny-dense"))
+    m.init_weights(seed=0)
+    save_model(m, dense)
+    with pytest.raises(ValueError, match="dense"):
+        load_model(dense, max_memory="1GB")
+    with pytest.raises(ValueError, match="unknown eviction policy 'mru'"):
+        load_model(ckpt, max_memory="1GB", policy="mru")
+
+
+@pytest.mark.parametrize("text,want", [("4GB", 4 * 10**9), ("4GiB", 4 << 30), ("4g", 4 << 30), ("512MB", 512 * 10**6),
+                                       ("1.5GB", 1_500_000_000), ("1000", 1000), (" 2 KiB ", 2048), (77, 77)])
+def test_parse_bytes(text, want):
+    assert parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-1GB", "4XB", "0", "0.1", "nan", "inf", "1e9", "4 G B", "1,000"])
+def test_parse_bytes_errors(text):
+    with pytest.raises(ValueError, match="--max-memory"):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize("value,message", [("4XB", "--max-memory: '4XB' is not a size"),
+                                           ("0", "--max-memory: '0' must be at least one byte"),
+                                           ("10", "give at least")])
+def test_cli_bad_max_memory(ckpt, capsys, value, message):
+    rc = main(["generate", "--model", str(ckpt), "--prompt", "x", "--max-new-tokens", "2", "--max-memory", value])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_cli_generate_with_stats(tmp_path, capsys):
+    ckpt = tmp_path / "m"
+    save_model(_model(32000), ckpt)  # Mixtral's vocabulary: the CLI's default tokenizer
+    argv = ["generate", "--model", str(ckpt), "--prompt", "hello world", "--max-new-tokens", "5", "--dtype", "float32"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    assert main([*argv, "--max-memory", str(_budget("plain", 0.5)), "--offload-policy", "lfu", "--stats"]) == 0, \
+        capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == want
+    assert "expert cache: hit rate" in err and "read" in err and "waited" in err
