@@ -149,12 +149,13 @@ class GGUFSource:
         self.layers = [tuple(header.tensors[f"blk.{i}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down"))
                        for i in range(config.n_layers)]
         self.files = _Files({header.path})
+        from mixlab.checkpoint.gguf_read import Q4_0
+
+        self._int4 = all(t.type == Q4_0 for ts in self.layers for t in ts)
 
     def int4(self) -> bool:
         """Whether every expert tensor is Q4_0 (then the experts stay int4, groups of 32)."""
-        from mixlab.checkpoint.gguf_read import Q4_0
-
-        return all(t.type == Q4_0 for ts in self.layers for t in ts)
+        return self._int4
 
     def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot) -> int:
         from mixlab.checkpoint.gguf_read import GGUFTensor, _Reader

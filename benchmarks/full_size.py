@@ -1,0 +1,207 @@
+"""A full-size run: a random Mixtral-8x7B-shaped int4 (GGUF Q4_0) checkpoint, ~26 GB, decoded with
+expert offloading under a budget that fits a 24 GB machine.
+
+1. Writes the file tensor by tensor (random Q4_0 blocks: random nibbles, float16 scales around
+   0.003, so weights have a standard deviation near 0.014; norms 1, routers float32 N(0, 0.02)):
+   at most one tensor (264 MB) is in memory at a time. The file is fsynced and dropped from the
+   page cache, so decoding starts cold.
+2. In a fresh process (its own peak RSS): `load_model(file, dtype=bfloat16, max_memory=BUDGET)`
+   (attention and output stay int4 and resident, the embedding is dequantised to bf16, experts
+   stay in the file), `prepare_for_inference`, a 1-token prompt, `--tokens` greedy decode steps.
+   Reports tokens/s, hit rate, bytes read, time waited, resident size and peak RSS.
+3. Deletes the file (unless `--keep`).
+
+    python benchmarks/full_size.py --budget 8GB --tokens 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _q4_0(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random Q4_0 bytes for a tensor of `shape` (torch order): blocks of 2 scale bytes + 16 nibble bytes."""
+    rows = int(np.prod(shape[:-1]))
+    blocks = shape[-1] // 32
+    out = rng.integers(0, 256, size=(rows, blocks, 18), dtype=np.uint8)
+    scales = (0.003 * (1 + 0.25 * rng.standard_normal((rows, blocks)))).astype(np.float16)
+    out[..., :2] = scales.view(np.uint8).reshape(rows, blocks, 2)
+    return out.reshape(-1)
+
+
+def write_random_q4(path: Path, preset: str) -> int:
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    from mixlab.checkpoint.gguf import _vocab, default_tokenizer_path
+    from mixlab.config import get_preset
+
+    c = get_preset(preset)
+    assert c.moe is not None
+    D, F, E, V, q, kv = c.dim, c.ffn_dim, c.moe.num_experts, c.vocab_size, c.q_dim, c.kv_dim
+    w = gguf.GGUFWriter(None, "llama")
+    w.add_name(f"random {preset} q4_0")
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_0))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(V)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(D)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(F)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_layer_norm_rms_eps(float(c.norm_eps))
+    w.add_expert_count(E)
+    w.add_expert_used_count(c.moe.top_k)
+    pieces, scores, types, special = _vocab(c, default_tokenizer_path())
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(special["bos"])
+    w.add_eos_token_id(special["eos"])
+    plan: list[tuple[str, tuple[int, ...], object]] = [("token_embd.weight", (V, D), Q.Q4_0)]
+    for i in range(c.n_layers):
+        b = f"blk.{i}."
+        plan += [(b + "attn_norm.weight", (D,), Q.F32), (b + "attn_q.weight", (q, D), Q.Q4_0),
+                 (b + "attn_k.weight", (kv, D), Q.Q4_0), (b + "attn_v.weight", (kv, D), Q.Q4_0),
+                 (b + "attn_output.weight", (D, q), Q.Q4_0), (b + "ffn_norm.weight", (D,), Q.F32),
+                 (b + "ffn_gate_inp.weight", (E, D), Q.F32), (b + "ffn_gate_exps.weight", (E, F, D), Q.Q4_0),
+                 (b + "ffn_up_exps.weight", (E, F, D), Q.Q4_0), (b + "ffn_down_exps.weight", (E, D, F), Q.Q4_0)]
+    plan += [("output_norm.weight", (D,), Q.F32), ("output.weight", (V, D), Q.Q4_0)]
+    for name, shape, qt in plan:
+        block, size = gguf.GGML_QUANT_SIZES[qt]  # type: ignore[index]
+        w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) // block * size, raw_dtype=qt)
+    rng = np.random.default_rng(0)
+    tmp = path.with_suffix(".tmp")
+    w.write_header_to_file(tmp)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, shape, qt in plan:
+        if qt == Q.Q4_0:
+            data = _q4_0(shape, rng)
+        elif name.endswith("norm.weight"):
+            data = np.ones(shape, dtype=np.float32)
+        else:
+            data = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        w.write_tensor_data(data)
+        del data
+    w.close()
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # start cold
+    tmp.rename(path)
+    return path.stat().st_size
+
+
+def decode(args: argparse.Namespace) -> dict:
+    from mixlab import load_model
+    from mixlab.cache import KVCache
+    from mixlab.checkpoint.offload import resident_bytes
+    from mixlab.generate import generate_stream
+    from mixlab.model.formats import expert_cache
+    from mixlab.model.inference import prepare_for_inference
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = prepare_for_inference(load_model(args.path, dtype="bfloat16", max_memory=args.budget,
+                                             policy=args.policy, prefetch=not args.no_prefetch))
+    load_s = time.perf_counter() - t0
+    cache = expert_cache(model)
+    assert cache is not None
+    with open("/proc/self/statm") as f:
+        rss_loaded = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    kv = KVCache(model.config, batch_size=1, max_len=64, dtype=torch.bfloat16)
+    times = [time.perf_counter()]
+    tokens = []
+    for n, step in enumerate(generate_stream(model, [[model.config.bos_id]], max_new_tokens=args.tokens + 1,
+                                             cache=kv, temperature=0.0)):
+        times.append(time.perf_counter())
+        tokens.append(step.tokens[0])
+        if n == 0:
+            first = dict(cache.stats.as_dict())
+            cache.reset_stats()
+    st = cache.stats
+    out = dict(load_s=load_s, first_token_s=times[1] - times[0], decode_tokens=len(times) - 2,
+               decode_tok_s=(len(times) - 2) / (times[-1] - times[1]),
+               step_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+               tokens=tokens, first_step=first, decode=st.as_dict(), slots=cache.num_slots,
+               experts=cache.num_layers * cache.num_experts, expert_bytes=cache.expert_bytes,
+               resident_weight_bytes=resident_bytes(model), rss_loaded=rss_loaded,
+               peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, budget=cache.budget)
+    cache.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mixtral-8x7b")
+    ap.add_argument("--dir", default="/work/runs/full-size")
+    ap.add_argument("--budget", default="8GB")
+    ap.add_argument("--tokens", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--policy", default="lru", choices=["lru", "lfu"])
+    ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the file (and reuse it if present)")
+    ap.add_argument("--decode-only", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.decode_only:
+        args.path = args.decode_only
+        print(json.dumps(decode(args)))
+        return
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"random-{args.preset}-q4_0.gguf"
+    try:
+        if not path.exists():
+            t0 = time.perf_counter()
+            size = write_random_q4(path, args.preset)
+            dt = time.perf_counter() - t0
+            print(f"wrote {path} ({size / 1e9:.2f} GB) in {dt:.0f} s ({size / dt / 1e9:.2f} GB/s); "
+                  f"writer peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB", flush=True)
+        cmd = [sys.executable, __file__, "--decode-only", str(path), "--budget", args.budget, "--tokens",
+               str(args.tokens), "--threads", str(args.threads), "--policy", args.policy]
+        if args.no_prefetch:
+            cmd.append("--no-prefetch")
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            print(res.stderr, file=sys.stderr)
+            raise SystemExit(res.returncode)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        d = r["decode"]
+        gb = 1e9
+        print(f"budget {r['budget'] / gb:.2f} GB = {r['slots']} of {r['experts']} experts "
+              f"({r['expert_bytes'] / 1e6:.1f} MB each, int4); policy {args.policy}, "
+              f"prefetch {not args.no_prefetch}; {args.threads} threads")
+        print(f"load {r['load_s']:.1f} s; first token (1-token prompt) {r['first_token_s']:.1f} s")
+        print(f"decode: {r['decode_tokens']} tokens at {r['decode_tok_s']:.3f} tokens/s "
+              f"(steps {', '.join(f'{s:.1f}' for s in r['step_s'][1:])} s); hit rate {d['hit_rate']:.1%} "
+              f"({d['hits']} hits, {d['misses']} misses); read {d['bytes_read'] / gb:.2f} GB in {d['read_s']:.1f} s "
+              f"({d['bytes_read'] / max(d['read_s'], 1e-9) / gb:.2f} GB/s); waited {d['wait_s']:.1f} s; "
+              f"prefetched {d['prefetched']} (used {d['prefetch_used']})")
+        target = 1.1 * (r["budget"] + r["rss_loaded"])
+        print(f"resident weights {r['resident_weight_bytes'] / gb:.2f} GB; RSS after load "
+              f"{r['rss_loaded'] / gb:.2f} GB; peak RSS {r['peak_rss'] / gb:.2f} GB (target <= 1.1 x (budget + "
+              f"RSS after load) = {target / gb:.2f} GB: {'met' if r['peak_rss'] <= target else 'NOT met'})")
+        print(f"tokens: {r['tokens']}")
+    finally:
+        if not args.keep and path.exists():
+            path.unlink()
+            print(f"deleted {path}")
+
+
+if __name__ == "__main__":
+    main()
