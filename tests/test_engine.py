@@ -243,6 +243,37 @@ def test_thread_and_asyncio(tiny):
     assert eng.stats()["running"] == 0
 
 
+def test_asyncio_outputs_of_a_step_wake_the_loop_once(tiny):
+    # A step that streams to several requests hands all their outputs to the event loop in one
+    # call_soon_threadsafe (one self-pipe write), in order; what each request receives is unchanged.
+    prompts = _prompts((5, 7, 9), seed=3)
+    want = [_reference(tiny, p, 6)[0] for p in prompts]
+    wakeups = 0
+    with Engine(tiny, max_batch=3) as eng:
+
+        async def main():
+            nonlocal wakeups
+            loop = asyncio.get_running_loop()
+            plain = loop.call_soon_threadsafe
+
+            def counted(*a, **k):
+                nonlocal wakeups
+                wakeups += 1
+                return plain(*a, **k)
+
+            loop.call_soon_threadsafe = counted
+
+            async def one(p):
+                return [o.token_id async for o in eng.submit(p, SamplingParams(max_tokens=6, ignore_eos=True)).aiter()]
+
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+        assert asyncio.run(main()) == want
+        steps = eng.stats()["steps"]
+    outputs = 3 * (6 + 1)  # six tokens and the end of each stream
+    assert wakeups <= steps + 2 < outputs, (wakeups, steps)
+
+
 @pytest.mark.parametrize("model_name", ["tiny", "windowed"])
 def test_prefix_reuse_equals_full_prefill(model_name, request):
     model = request.getfixturevalue(model_name)

@@ -16,6 +16,7 @@ import math
 import operator
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -123,6 +124,66 @@ class RequestOutput:
 _DONE = object()
 
 
+class _Mailbox:
+    """Outputs on their way from the engine thread to one event loop. The engine thread adds a step's
+    outputs, then kicks once: one `call_soon_threadsafe` (one self-pipe write) hands them all over,
+    so a step that streams to B requests wakes the loop once, not B times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[object], object]] = []
+        self._scheduled = False
+
+    def add(self, aq: asyncio.Queue[object], item: object) -> None:
+        with self._lock:
+            self._items.append((aq, item))
+
+    def kick(self) -> None:
+        with self._lock:
+            if self._scheduled or not self._items:
+                return
+            self._scheduled = True
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop was closed: nobody is listening any more
+            with self._lock:
+                self._items.clear()
+                self._scheduled = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for aq, item in items:
+            aq.put_nowait(item)
+
+
+def _deliver(outputs: list[tuple[Handle, RequestOutput]]) -> None:
+    """Hand several requests' outputs over together (the engine thread, at the end of a step)."""
+    boxes: dict[int, _Mailbox] = {}
+    for handle, out in outputs:
+        box = handle._stage(out)
+        if box is not None:
+            boxes[id(box)] = box
+    for box in boxes.values():
+        box.kick()
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+_MAILBOXES_LOCK = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _MAILBOXES_LOCK:
+        box = _MAILBOXES.get(loop)
+        if box is None:
+            box = _MAILBOXES[loop] = _Mailbox(loop)
+        return box
+
+
 class Handle:
     """A submitted request: iterate it (blocking, from any thread) or `async for out in h.aiter()`
     for its `RequestOutput`s; `cancel()` stops it (a final output with "cancelled" follows)."""
@@ -132,7 +193,7 @@ class Handle:
         self._cancel = canceller
         self._q: queue.Queue[object] = queue.Queue()
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._box: _Mailbox | None = None
         self._aq: asyncio.Queue[object] | None = None
         self.finished = False
 
@@ -141,13 +202,20 @@ class Handle:
 
     def _push(self, out: RequestOutput) -> None:
         """Called by the engine thread."""
+        box = self._stage(out)
+        if box is not None:
+            box.kick()
+
+    def _stage(self, out: RequestOutput) -> _Mailbox | None:
+        """Queue `out` (and the end, after a final output); the mailbox to kick when a loop listens."""
         with self._lock:
             items: list[object] = [out, _DONE] if out.finish_reason is not None else [out]
             for item in items:
-                if self._aq is not None and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
+                if self._aq is not None and self._box is not None:
+                    self._box.add(self._aq, item)
                 else:
                     self._q.put(item)
+            return self._box if self._aq is not None else None
 
     def __iter__(self) -> Iterator[RequestOutput]:
         while True:
@@ -161,7 +229,7 @@ class Handle:
     async def aiter(self) -> AsyncIterator[RequestOutput]:
         with self._lock:
             if self._aq is None:
-                self._loop = asyncio.get_running_loop()
+                self._box = _mailbox(asyncio.get_running_loop())
                 self._aq = asyncio.Queue()
                 while not self._q.empty():  # outputs pushed before the switch
                     self._aq.put_nowait(self._q.get_nowait())

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams
-from mixlab.engine.runner import Item, Runner
+from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver
+from mixlab.engine.runner import Item, Result, Runner
 from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._stepping = threading.Lock()
+        self._outbox: list[tuple[Handle, RequestOutput]] = []  # this step's outputs, pushed when it ends
         L = self.config.n_layers if self.config.moe is not None else 0
         E = self.config.moe.num_experts if self.config.moe is not None else 0
         self._expert_load = torch.zeros(L, E, dtype=torch.long)
@@ -274,6 +275,14 @@ class Engine:
         by_slot = {s.slot: s for s in self._running}
         with torch.inference_mode():
             results = self.runner.forward(items)
+        try:
+            self._collect(items, results, by_slot)
+        finally:  # the step's outputs go out together: an event loop is woken once per step, not per token
+            outbox, self._outbox = self._outbox, []
+            _deliver(outbox)
+        return True
+
+    def _collect(self, items: list[Item], results: list[Result], by_slot: dict[int, _Seq]) -> None:
         self._stats["steps"] += 1
         if self.runner.last_counts_LE is not None and self._expert_load.numel():
             self._expert_load += self.runner.last_counts_LE
@@ -292,7 +301,6 @@ class Engine:
             if seq.prefilling or res.logits_TV is None:
                 continue
             self._emit(seq, res.logits_TV[-1:], res.experts_LK)
-        return True
 
     def _handle_cancels(self) -> None:
         with self._lock:
@@ -368,7 +376,7 @@ class Engine:
         seq.first = False
         if finish is not None:
             self._release(seq)
-        seq.handle._push(out)
+        self._outbox.append((seq.handle, out))
 
     def _take_text(self, seq: _Seq) -> tuple[str, bool]:
         """The text that can be streamed now and whether a stop string completed."""
