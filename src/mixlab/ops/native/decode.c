@@ -246,37 +246,41 @@ static void quant_a8(const float* x, int64_t K, a8vec a) {
         int8_t* lo = a.q + c * 128;
         int8_t* hi = lo + 64;
         for (int j = 0; j < 4; j++) {
-            const int64_t k0 = c * 128 + j * 32;
-            int32_t q[32];
-            float dd = 0.f;
-            if (k0 >= K) {
-                memset(q, 0, sizeof q);
-            } else {
+            const int64_t k0 = c * 128 + j * 32, l0 = c * 16 + j * 4; /* first input, first lane */
+            if (k0 >= K) { /* padding past the end: zero codes, sums and scales */
+                memset(lo + j * 16, 0, 16);
+                memset(hi + j * 16, 0, 16);
+                for (int u = 0; u < 4; u++) a.corr[l0 + u] = 0, a.d[l0 + u] = 0.f;
+                continue;
+            }
 #if defined(__AVX512F__)
-                const __m512 v0 = _mm512_loadu_ps(x + k0), v1 = _mm512_loadu_ps(x + k0 + 16);
-                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-                dd = amax / 127.f;
-                const __m512 id = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
-                _mm512_storeu_si512(q, _mm512_cvtps_epi32(_mm512_mul_ps(v0, id))); /* MXCSR: nearest even */
-                _mm512_storeu_si512(q + 16, _mm512_cvtps_epi32(_mm512_mul_ps(v1, id)));
+            const __m512 v0 = _mm512_loadu_ps(x + k0), v1 = _mm512_loadu_ps(x + k0 + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const __m512 id = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)); /* MXCSR: to nearest, ties even */
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+            _mm_storeu_si128((__m128i*)(void*)(lo + j * 16), _mm512_cvtepi32_epi8(q0)); /* |q| <= 127 */
+            _mm_storeu_si128((__m128i*)(void*)(hi + j * 16), _mm512_cvtepi32_epi8(q1));
+            /* lane u of the dot product multiplies codes 4u..4u+3 of both halves: sum each four */
+            __m512i t = _mm512_add_epi32(q0, q1);
+            t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_CDAB));
+            t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
+            int32_t sums[16];
+            _mm512_storeu_si512(sums, t);
+            for (int u = 0; u < 4; u++) a.corr[l0 + u] = -8 * sums[4 * u], a.d[l0 + u] = amax / 127.f;
 #else
-                float amax = 0.f;
-                for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
-                dd = amax / 127.f;
-                const float id = amax != 0.f ? 127.f / amax : 0.f;
-                for (int i = 0; i < 32; i++) q[i] = (int32_t)nearbyintf(x[k0 + i] * id);
-#endif
-            }
-            for (int i = 0; i < 16; i++) {
-                lo[j * 16 + i] = (int8_t)q[i];
-                hi[j * 16 + i] = (int8_t)q[16 + i];
-            }
+            float amax = 0.f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
+            const float id = amax != 0.f ? 127.f / amax : 0.f;
+            int32_t q[32];
+            for (int i = 0; i < 32; i++) q[i] = (int32_t)nearbyintf(x[k0 + i] * id);
+            for (int i = 0; i < 16; i++) lo[j * 16 + i] = (int8_t)q[i], hi[j * 16 + i] = (int8_t)q[16 + i];
             for (int u = 0; u < 4; u++) {
                 int32_t sum = 0;
                 for (int b = 0; b < 4; b++) sum += q[4 * u + b] + q[16 + 4 * u + b];
-                a.corr[c * 16 + j * 4 + u] = -8 * sum;
-                a.d[c * 16 + j * 4 + u] = dd;
+                a.corr[l0 + u] = -8 * sum, a.d[l0 + u] = amax / 127.f;
             }
+#endif
         }
     }
 }
@@ -310,6 +314,7 @@ static a8vec* a8_rows(const float* X, int64_t M, int64_t K) {
 static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* xa, int64_t K, int64_t G, int Q,
                              float* out) {
     const int64_t Kp = a8_kp(K), ns = 128 / G; /* scales per 128 inputs */
+    (void)ns;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     /* lane l (chunk l / 4) takes scale (l / 4) * 32 / G of its 128 inputs */
