@@ -43,8 +43,9 @@ def write_random_q4(path: Path, preset: str) -> int:
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    from mixlab.checkpoint.gguf import _vocab, default_tokenizer_path
+    from mixlab.checkpoint.gguf import _vocab
     from mixlab.config import get_preset
+    from mixlab.tokenizer import default_tokenizer_path
 
     c = get_preset(preset)
     assert c.moe is not None
