@@ -129,7 +129,7 @@ def decode(args: argparse.Namespace) -> dict:
     times = [time.perf_counter()]
     tokens = []
     for n, step in enumerate(generate_stream(model, [[model.config.bos_id]], max_new_tokens=args.tokens + 1,
-                                             cache=kv, temperature=0.0)):
+                                             cache=kv, temperature=0.0, stop_at_eos=False)):
         times.append(time.perf_counter())
         tokens.append(step.tokens[0])
         if n == 0:

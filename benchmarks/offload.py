@@ -3,8 +3,9 @@
 For each model: the budget as 25/50/75/100% of the experts' bytes (in the cache's format), LRU and
 LFU, with and without prefetch, plus the resident model. Every configuration runs in its own
 process (so its peak RSS, `ru_maxrss`, is its own): load with `max_memory`, prepare for inference,
-prefill a prompt, then greedy-decode `--tokens` tokens; the hit rate, bytes read and time waited
-are counted over the decode steps only (the prefill touches nearly every expert).
+prefill a prompt, then greedy-decode `--tokens` tokens, after a short warm-up generation and with
+the cache emptied; the hit rate, bytes read and time waited are counted over the decode steps
+only (the prefill touches nearly every expert).
 
 Models: `--model DIR` (e.g. the corpus-trained /work/runs/corpus-moe-train/hf, prompts from the
 corpus) and `--random D,F,L,E` (random weights written once to `--workdir`, bf16; big enough that
@@ -67,9 +68,14 @@ def run_one(args: argparse.Namespace) -> dict:
         cache.source.files.drop_pages = True  # type: ignore[attr-defined]
     rss_loaded = _rss_now()
     ids = _prompt(args.model_dir, args.prompt_len, model.config.vocab_size)
+    for _ in generate_stream(model, [ids[:4]], max_new_tokens=3, temperature=0.0):  # warm-up (kernels, allocator)
+        pass
+    if cache is not None:
+        cache.clear()  # start cold
     times = []
     start = time.perf_counter()
-    for n, _ in enumerate(generate_stream(model, [ids], max_new_tokens=args.tokens + 1, temperature=0.0)):
+    for n, _ in enumerate(generate_stream(model, [ids], max_new_tokens=args.tokens + 1, temperature=0.0,
+                                          stop_at_eos=False)):
         times.append(time.perf_counter())
         if n == 0 and cache is not None:
             cache.reset_stats()  # count the decode steps only

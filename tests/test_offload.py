@@ -240,3 +240,17 @@ def test_cli_generate_with_stats(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == want
     assert "expert cache: hit rate" in err and "read" in err and "waited" in err
+
+
+def test_clear_empties_the_cache(ckpt):
+    model = load_model(ckpt, max_memory=_budget("plain", 0.5), prefetch=False)
+    cache = expert_cache(model)
+    assert cache is not None
+    with torch.no_grad():
+        want = model(TOKENS)
+        assert cache.cached()
+        cache.clear()
+        assert not cache.cached()
+        cache.reset_stats()
+        torch.testing.assert_close(model(TOKENS), want, atol=0, rtol=0)
+    assert cache.stats.hits == 0 or cache.stats.misses > 0

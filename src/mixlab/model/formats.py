@@ -136,6 +136,8 @@ class OffloadedExperts(ExpertsBase):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), gate.weight.float())
         idx_TK = torch.topk(logits_TE, gate.moe.top_k, dim=-1).indices
+        if idx_TK.shape[0] == 1:
+            return self.layer + 1, idx_TK[0].tolist()[:room]
         counts_E = torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts)
         order = torch.argsort(counts_E, descending=True, stable=True)[: int((counts_E > 0).sum())]
         return self.layer + 1, order[:room].tolist()
@@ -143,7 +145,9 @@ class OffloadedExperts(ExpertsBase):
     def mix(self, x_TD: torch.Tensor, routing: Routing, impl: str) -> torch.Tensor:
         cache = self.cache
         idx_TK, weight_TK = routing.idx_TK, routing.weight_TK
-        needed = torch.unique(idx_TK).tolist()
+        few = idx_TK.shape[0] <= 4  # decoding: Python lists beat tensor ops on a handful of ids
+        ids = idx_TK.tolist() if few else None
+        needed = sorted({e for row in ids for e in row}) if ids is not None else torch.unique(idx_TK).tolist()
         S = cache.num_slots
         passes = [needed[i : i + S] for i in range(0, len(needed), S)]
         cache.stats.layer_calls += 1
@@ -159,9 +163,13 @@ class OffloadedExperts(ExpertsBase):
             guess = self._guess(x_TD, S - len(group)) if last else None
             slots = cache.acquire(self.layer, group, prefetch=guess)
             try:
-                lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=idx_TK.device)
-                lut_E[group] = torch.tensor(slots, dtype=torch.long, device=idx_TK.device)
-                slot_TK = lut_E[idx_TK]
+                if ids is not None and len(passes) == 1:
+                    where = dict(zip(group, slots, strict=True))
+                    slot_TK = torch.tensor([[where[e] for e in row] for row in ids], device=idx_TK.device)
+                else:
+                    lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=idx_TK.device)
+                    lut_E[group] = torch.tensor(slots, dtype=torch.long, device=idx_TK.device)
+                    slot_TK = lut_E[idx_TK]
                 if len(passes) == 1:
                     return moe_ffn(x_TD, w13, w2, slot_TK, weight_TK, impl=impl, w13_scale_E2F=s13, w2_scale_ED=s2)
                 # More distinct experts than slots: this pass mixes only its experts' pairs.

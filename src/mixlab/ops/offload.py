@@ -413,6 +413,16 @@ class ExpertCache:
     def prefetching(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def clear(self) -> None:
+        """Forget every cached expert (waits for reads in progress); the pool stays allocated."""
+        with self._cond:
+            while any(st.loading or st.pins for st in self._slots):
+                self._cond.wait()
+            for st in self._slots:
+                st.key, st.prefetched = None, False
+            self._where.clear()
+            self._uses.clear()
+
     def reset_stats(self) -> None:
         self.stats = CacheStats()
 
