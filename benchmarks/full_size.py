@@ -29,6 +29,15 @@ import numpy as np
 import torch
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _q4_0(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Random Q4_0 bytes for a tensor of `shape` (torch order): blocks of 2 scale bytes + 16 nibble bytes."""
     rows = int(np.prod(shape[:-1]))
@@ -142,7 +151,7 @@ def decode(args: argparse.Namespace) -> dict:
                tokens=tokens, first_step=first, decode=st.as_dict(), slots=cache.num_slots,
                experts=cache.num_layers * cache.num_experts, expert_bytes=cache.expert_bytes,
                resident_weight_bytes=resident_bytes(model), rss_loaded=rss_loaded,
-               peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, budget=cache.budget)
+               peak_rss=_peak_rss(), budget=cache.budget)
     cache.close()
     return out
 

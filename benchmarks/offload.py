@@ -2,7 +2,7 @@
 
 For each model: the budget as 25/50/75/100% of the experts' bytes (in the cache's format), LRU and
 LFU, with and without prefetch, plus the resident model. Every configuration runs in its own
-process (so its peak RSS, `ru_maxrss`, is its own): load with `max_memory`, prepare for inference,
+process (so its peak RSS, VmHWM, is its own): load with `max_memory`, prepare for inference,
 prefill a prompt, then greedy-decode `--tokens` tokens, after a short warm-up generation and with
 the cache emptied; the hit rate, bytes read and time waited are counted over the decode steps
 only (the prefill touches nearly every expert).
@@ -25,13 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _rss_now() -> int:
@@ -82,7 +90,7 @@ def run_one(args: argparse.Namespace) -> dict:
     decode_s = times[-1] - times[0]
     out = dict(budget=args.budget, policy=args.policy, prefetch=args.prefetch, quant=args.quant,
                prefill_s=times[0] - start, decode_tokens=len(times) - 1, decode_tok_s=(len(times) - 1) / decode_s,
-               rss_loaded=rss_loaded, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+               rss_loaded=rss_loaded, peak_rss=_peak_rss())
     if cache is not None:
         out.update(cache.stats.as_dict(), slots=cache.num_slots, expert_bytes=cache.expert_bytes,
                    total_expert_bytes=cache.total_expert_bytes)

@@ -12,10 +12,12 @@ or GGUF files, `pread`, no mmap, so file pages never count in the process's memo
 Eviction: LRU, or LFU (uses of each (layer, expert) over the whole run, ties broken by recency).
 Prefetch (Eliseev & Mazur 2023, arXiv 2312.17238 §3.2): the next layer's router applied to the
 current layer's hidden state guesses that layer's experts; a background thread reads them while
-this layer computes. A guess still queued when its layer starts is dropped (that layer's own loads
-run on the calling thread). Pinned slots (the experts of the layer computing now) are never
-evicted, so the pool must hold one token's top-k experts; batches needing more distinct experts
-than the pool holds run in passes.
+this layer computes. A guess still queued when its layer starts is dropped (that layer's own
+loads run on the calling thread), and a guess never evicts an expert the previous token used (with
+a budget of about top-k experts per layer there is then no room to guess, and prefetch does
+nothing). Pinned slots (the experts of the layer computing now) are never evicted, so the pool must
+hold one token's top-k experts; batches needing more distinct experts than the pool holds run in
+passes.
 
 Shape legend: S slots, E experts, D width, F expert FFN width, G scale groups per row.
 """
@@ -185,6 +187,7 @@ class _SlotState:
     loading: bool = False
     last: int = 0
     prefetched: bool = False  # read by the prefetch thread and not used since
+    last_call: int = 0  # the layer call that last used (or prefetched) it
     ready: threading.Event = field(default_factory=threading.Event)
 
 
@@ -259,12 +262,12 @@ class ExpertCache:
 
     # -- eviction ---------------------------------------------------------------------------
 
-    def _victim(self) -> int | None:
+    def _victim(self, *, since: int | None = None) -> int | None:
         """A free slot, else the policy's choice among unpinned loaded slots; None if all are busy.
-        Called with the lock held."""
+        `since` (prefetch): only slots not used by a layer call after that one. Lock held."""
         best, best_key = None, None
         for s, st in enumerate(self._slots):
-            if st.pins or st.loading:
+            if st.pins or st.loading or (since is not None and st.key is not None and st.last_call > since):
                 continue
             if st.key is None:
                 return s
@@ -339,7 +342,7 @@ class ExpertCache:
                     todo.append((s, e))
                 st = self._slots[s]
                 st.pins += 1
-                st.last = self._clock
+                st.last, st.last_call = self._clock, self._calls
                 slots.append(s)
         if prefetch is not None:
             self.prefetch(*prefetch)
@@ -389,11 +392,14 @@ class ExpertCache:
                         break
                     if key in self._where:
                         continue
-                    s = self._victim()
+                    # A guess never evicts what the last token used (one call per layer ago): those
+                    # experts are the best guess there is (consecutive tokens share experts, Mixtral §5).
+                    s = self._victim(since=self._calls - self.num_layers)
                     if s is None:
                         break
                     self._clock += 1
                     self._assign(s, key, prefetched=True)
+                    self._slots[s].last_call = self._calls
                     self.stats.prefetched += 1
                 try:
                     self._load(s, req.layer, e)
