@@ -22,6 +22,7 @@ by `--timeout`. `--model-dir` keeps the checkpoint and GGUF for later runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,17 +124,14 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int, see
     lock = threading.Lock()
     errors: list[BaseException] = []
 
-    # Each client opens its connection before the clock starts and all start together, so that the
-    # client's own set-up (an httpx.Client is milliseconds of Python) does not stagger the arrivals.
+    # Each client sets up before the clock starts and all start together, so that the client's own
+    # set-up (an httpx.Client is milliseconds of Python) does not stagger the arrivals. Each request
+    # opens its own loopback connection (llama-server may close a kept-alive one after a stream).
     start = threading.Barrier(clients + 1)
 
     def client(prompts: list[str]) -> None:
-        with httpx.Client(trust_env=False, timeout=timeout) as http:
-            try:
-                if engine is None:
-                    http.get(url + "/v1/models")  # connect (keep-alive)
-            finally:
-                start.wait()
+        with httpx.Client(trust_env=False, timeout=timeout, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+            start.wait()
             for p in prompts:
                 try:
                     res = (engine_request(engine, p, max_tokens) if engine is not None
@@ -165,15 +164,16 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int, see
             "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)}
 
 
-def run_server(name: str, cmd: list[str], url: str, model: str, args: argparse.Namespace, vocab: int,
-               log: Any) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def server_process(name: str, cmd: list[str], url: str, args: argparse.Namespace, log: Any) -> Iterator[None]:
+    """A server running `cmd` until the block ends (its output goes to a log file in the temp folder)."""
     log(f"starting {name}: {' '.join(cmd)}")
     logfile = open(Path(tempfile.gettempdir()) / f"mixlab-serve-bench-{name.split()[0]}.log", "w")  # noqa: SIM115
     # (a pipe nobody reads would fill with llama.cpp's loading log and block the server)
     proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_healthy(url, proc, args.timeout)
-        return measure(name, url, model, args, vocab, log)
+        yield
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -184,26 +184,9 @@ def run_server(name: str, cmd: list[str], url: str, model: str, args: argparse.N
         logfile.close()
 
 
-def measure(name: str, url: str, model: str, args: argparse.Namespace, vocab: int, log: Any,
-            engine: Any = None) -> list[dict[str, Any]]:
-    """The load at each client count, `--repeats` times (the median run by tokens/s is reported)."""
-    load(url, model, 2, 1, 8, 999, args.timeout, vocab, engine)  # warm-up
-    out = []
-    for clients in args.clients:
-        runs = [load(url, model, clients, args.requests, args.max_tokens, args.seed + k, args.timeout, vocab, engine)
-                for k in range(args.repeats)]
-        med = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
-        med["tok_s_runs"] = [round(r["tok_s"], 1) for r in runs]
-        med["server"] = name
-        log(f"  {name} {clients:>2} clients: {med['tok_s']:.1f} tok/s, TTFT p50 {med['ttft_p50']*1e3:.0f} ms "
-            f"p99 {med['ttft_p99']*1e3:.0f} ms, ITL p50 {med['itl_p50']*1e3:.0f} ms "
-            f"p99 {med['itl_p99']*1e3:.0f} ms")
-        out.append(med)
-    return out
-
-
-def run_engine(hf: Path, args: argparse.Namespace, vocab: int, log: Any) -> list[dict[str, Any]]:
-    """The same load on an in-process `Engine` (no HTTP): what serving costs on top of the engine."""
+@contextlib.contextmanager
+def engine_in_process(hf: Path, args: argparse.Namespace, log: Any) -> Iterator[Any]:
+    """The same model on an in-process `Engine` (no HTTP): what serving costs on top of the engine."""
     from mixlab.checkpoint import load_model
     from mixlab.engine import Engine
     from mixlab.model.inference import prepare_for_inference
@@ -212,9 +195,35 @@ def run_engine(hf: Path, args: argparse.Namespace, vocab: int, log: Any) -> list
     model = prepare_for_inference(load_model(hf, dtype="bfloat16"))
     engine = Engine(model, TOK, max_batch=max(args.clients)).start()
     try:
-        return measure("engine (in-process)", "", "m", args, vocab, log, engine)
+        yield engine
     finally:
         engine.shutdown(timeout=30)
+
+
+def measure(targets: list[tuple[str, str, Any]], args: argparse.Namespace, vocab: int,
+            log: Any) -> list[dict[str, Any]]:
+    """Every (name, url, engine) target at each client count, `--repeats` runs each, interleaved (round
+    k runs the targets in a rotated order) so that drift in the machine's speed touches all alike; the
+    median run by tokens/s is reported."""
+    for _, url, engine in targets:
+        load(url, "m", 2, 1, 8, 999, args.timeout, vocab, engine)  # warm-up
+    out = []
+    for clients in args.clients:
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+        for k in range(args.repeats):
+            for name, url, engine in targets[k % len(targets):] + targets[: k % len(targets)]:
+                runs[name].append(load(url, "m", clients, args.requests, args.max_tokens, args.seed + k,
+                                       args.timeout, vocab, engine))
+        for name, rs in runs.items():
+            med = dict(sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2])
+            med["tok_s_runs"] = [round(r["tok_s"], 1) for r in rs]
+            med["server"] = name
+            log(f"  {name} {clients:>2} clients: {med['tok_s']:.1f} tok/s {med['tok_s_runs']}, TTFT p50 "
+                f"{med['ttft_p50']*1e3:.0f} ms p99 {med['ttft_p99']*1e3:.0f} ms, ITL p50 {med['itl_p50']*1e3:.0f} ms "
+                f"p99 {med['itl_p99']*1e3:.0f} ms")
+            out.append(med)
+    order = {name: i for i, (name, _, _) in enumerate(targets)}
+    return sorted(out, key=lambda r: (order[r["server"]], r["clients"]))
 
 
 def step_limit(cfg: Any, bandwidth: float, batch: int, elem: float = 2.0) -> float:
@@ -287,38 +296,42 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         hf, gguf = prepare_models(cfg, root, args.seed, log)
         n_ctx_slot = max(PROMPT_LENS) + args.max_tokens + 16
-        results: list[dict[str, Any]] = []
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        if not args.skip_mixlab:
-            port = free_port()
-            cmd = [sys.executable, "-m", "mixlab", "serve", "--model", str(hf), "--port", str(port),
-                   "--dtype", "bfloat16", "--threads", str(args.threads), "--max-batch", str(max(args.clients)),
-                   "--served-model-name", "m", "--log-level", "warning"]
-            proc_env_cmd = ["env", f"PYTHONPATH={env['PYTHONPATH']}", *cmd]
-            results += run_server("mixlab serve", proc_env_cmd, f"http://127.0.0.1:{port}", "m", args,
-                                  cfg.vocab_size, log)
-        if args.engine:
-            results += run_engine(hf, args, cfg.vocab_size, log)
+        targets: list[tuple[str, str, Any]] = []
         peers: list[str] = []
         versions = {"torch": torch.__version__}
-        if args.llama_server:
-            port = free_port()
-            peers.append("llama-server")
-            versions["llama-server"] = llama_server_version(args.llama_server)
-            cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t",
-                   str(args.threads), "-tb", str(args.threads), "-np", str(max(args.clients)), "-c",
-                   str(n_ctx_slot * max(args.clients)), "--cont-batching", "--no-webui", "-ngl", "0"]
-            results += run_server("llama-server", cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
-        if args.llama_cpp_python:
-            import llama_cpp
+        with contextlib.ExitStack() as stack:
+            if not args.skip_mixlab:
+                port = free_port()
+                cmd = ["env", f"PYTHONPATH={env['PYTHONPATH']}", sys.executable, "-m", "mixlab", "serve", "--model",
+                       str(hf), "--port", str(port), "--dtype", "bfloat16", "--threads", str(args.threads),
+                       "--max-batch", str(max(args.clients)), "--served-model-name", "m", "--log-level", "warning"]
+                stack.enter_context(server_process("mixlab serve", cmd, f"http://127.0.0.1:{port}", args, log))
+                targets.append(("mixlab serve", f"http://127.0.0.1:{port}", None))
+            if args.engine:
+                targets.append(("engine (in-process)", "", stack.enter_context(engine_in_process(hf, args, log))))
+            if args.llama_server:
+                port = free_port()
+                peers.append("llama-server")
+                versions["llama-server"] = llama_server_version(args.llama_server)
+                cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t",
+                       str(args.threads), "-tb", str(args.threads), "-np", str(max(args.clients)), "-c",
+                       str(n_ctx_slot * max(args.clients)), "--cont-batching", "--no-webui", "-ngl", "0"]
+                stack.enter_context(server_process("llama-server", cmd, f"http://127.0.0.1:{port}", args, log))
+                targets.append(("llama-server", f"http://127.0.0.1:{port}", None))
+            if args.llama_cpp_python:
+                import llama_cpp
 
-            port = free_port()
-            peers.append("llama-cpp-python[server]")
-            versions["llama-cpp-python"] = llama_cpp.__version__
-            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
-                   str(port), "--n_threads", str(args.threads), "--n_ctx", str(n_ctx_slot * 2), "--model_alias", "m",
-                   "--interrupt_requests", "False"]  # by default a new request cuts the running stream short
-            results += run_server(peers[-1], cmd, f"http://127.0.0.1:{port}", "m", args, cfg.vocab_size, log)
+                port = free_port()
+                peers.append("llama-cpp-python[server]")
+                versions["llama-cpp-python"] = llama_cpp.__version__
+                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                       "--port", str(port), "--n_threads", str(args.threads), "--n_ctx", str(n_ctx_slot * 2),
+                       "--model_alias", "m",
+                       "--interrupt_requests", "False"]  # by default a new request cuts the running stream short
+                stack.enter_context(server_process(peers[-1], cmd, f"http://127.0.0.1:{port}", args, log))
+                targets.append((peers[-1], f"http://127.0.0.1:{port}", None))
+            results = measure(targets, args, cfg.vocab_size, log)
     log("measuring memory bandwidth again ...")
     bws.append(measure_limits(reps=5)["bandwidth"])
     bw = max(bws)  # the machine's best: the stricter limit
