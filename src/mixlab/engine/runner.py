@@ -18,7 +18,10 @@ weight is streamed once per step for all rows and each expert once for all its t
 (`moe_ffn`: the native kernel up to 64 tokens); attention runs per sequence: the decoding rows
 together (single-query attention over their gathered slots), each prompt chunk through SDPA.
 A step with a single decoding token and nothing else runs the whole model in one native call
-(`mixlab.model.native.NativeDecoder` over the sequence's slot), the fastest batch-1 path.
+(`mixlab.model.native.NativeDecoder` over the sequence's slot), the fastest batch-1 path; a step
+of several decoding tokens and no prompt chunk also runs in one native call (`decode_batch`:
+every weight streamed once for all of them, each sequence attending over its own slot at its own
+position). Steps that carry a prompt chunk take the PyTorch pass below.
 
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
 Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts.
@@ -170,6 +173,10 @@ class Runner:
             out = self._native_step(items[0])
             if out is not None:
                 return [out]
+        elif items and all(len(it.tokens) == 1 for it in items):
+            outs = self._native_batch(items)
+            if outs is not None:
+                return outs
         return self._batched(items)
 
     def _native_decoder(self) -> NativeDecoder | None:
@@ -209,6 +216,26 @@ class Runner:
             idx_LK = chosen_LK.long()
             self.last_counts_LE = self._counts(idx_LK[:, None])
         return Result(logits_1V if it.logits != "none" else None, idx_LK if it.experts else None)
+
+    def _native_batch(self, items: list[Item]) -> list[Result] | None:
+        """A pure-decoding step (one token per sequence) in one native call over the slot pool, when
+        the registry chooses it; None otherwise."""
+        dec = self._native_decoder()
+        if dec is None or registry.choose("decode_batch", device=self.device.type, tokens=len(items), training=False,
+                                          fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) != "native":
+            return None
+        tokens_B = torch.tensor([it.tokens[0] for it in items])
+        pos_B = torch.tensor([it.start for it in items])
+        seq_B = torch.tensor([it.slot for it in items])
+        logits_BV, chosen_LBK = torch.ops.mixlab.decode_batch(dec.handle, tokens_B, pos_B, seq_B, self.pos_SC,
+                                                               self.k, self.v)
+        idx_LBK = None
+        if self.model.config.moe is not None:
+            idx_LBK = chosen_LBK.long()
+            self.last_counts_LE = self._counts(idx_LBK)
+        return [Result(logits_BV[b : b + 1] if it.logits != "none" else None,
+                       idx_LBK[:, b] if it.experts and idx_LBK is not None else None)
+                for b, it in enumerate(items)]
 
     def _counts(self, idx_LNK: torch.Tensor) -> torch.Tensor:
         moe = self.model.config.moe

@@ -1,4 +1,4 @@
-"""Batch-1 decoding through the native kernels (`mixlab/ops/native/decode.c`): one C call per token.
+"""Decoding through the native kernels (`mixlab/ops/native/decode.c`): one C call per step.
 
 `NativeDecoder(model)` describes the model to C once: raw pointers to its weights (no copies, except
 float32 copies of the small norm and router vectors and of int8 row scales), the work buffers of a
@@ -9,6 +9,9 @@ into the same `KVCache` PyTorch's path uses, so prefill (PyTorch, compute-bound)
 (native, bandwidth-bound) share one cache, and a batch of several prompts still decodes through
 PyTorch. `prepare_for_inference` attaches one as `model.native_decoder`; `generate.decode_step`
 uses it when the registry (`mixlab.ops.registry.decode_impl`) chooses it and it `accepts` the cache.
+
+The same decoder runs a step of B sequences at once (`run_batch`, `torch.ops.mixlab.decode_batch`
+over the engine's slot pool, `mx_decode_batch`): each weight read once for all B tokens.
 
 Weights must be plain contiguous float32 or bf16 tensors, or int8 with per-row scales (what
 `prepare_for_inference(model, quant="int8")` makes); oneDNN-packed weights are opaque to C. A decoder
@@ -147,6 +150,11 @@ class NativeDecoder:
             self.chosen.data_ptr(),
         )
         self.V, self.n_heads = cfg.vocab_size, H
+        self._dims = (D, H, G, Hd, F_, K, cfg.n_layers)
+        self.c_batch = native.Batch()
+        self._batch_room = (0, 0, 0)  # (B, threads, C) the batched work buffers have room for
+        self._batch_keep: list[torch.Tensor] = []
+        self._caches = (ctypes.c_void_p * (2 * cfg.n_layers))()
         self.vocab_size, self.n_layers, self.top_k = cfg.vocab_size, cfg.n_layers, K
         self.weight = w_out  # the output matrix: what the registry reads the format and dtype off
         self._bound: tuple[int, ...] = ()  # the data pointers of the bound cache's buffers
@@ -188,10 +196,73 @@ class NativeDecoder:
         layer chose `[L, K]` (a copy: the next step overwrites the decoder's buffer). Thread-safe."""
         with self._lock:
             self._bind(pos_BC, k, v)
+            self.c_model.ct = native.TYPE_CODES[k[0].dtype]
             self.lib.mx_decode_step(ctypes.byref(self.c_model), ctypes.byref(self.bufs), token, position,
                                     pos_BC.data_ptr(), pos_BC.shape[1], slot, n, logits_1V.data_ptr(),
                                     torch.get_num_threads())
             return self.chosen.clone()
+
+    def _batch_buffers(self, B: int, nt: int, C: int) -> None:
+        """(Re)allocate the work buffers of `mx_decode_batch` for at least B sequences, nt threads and
+        C positions per slot."""
+        if all(a >= b for a, b in zip(self._batch_room, (B, nt, C), strict=True)):
+            return
+        B, nt, C = (max(a, b) for a, b in zip(self._batch_room, (B, nt, C), strict=True))
+        D, H, G, Hd, F_, K, _ = self._dims
+        N = B * K
+        f32 = {"x": B * D, "h": B * D, "o": B * D, "qkv": B * (H + 2 * G) * Hd, "att": B * H * Hd,
+               "rope": B * Hd, "scores": nt * C, "mix": B * K, "xs": N * D, "g": N * 2 * F_, "a": N * F_,
+               "ys": N * D}
+        bf = {"hb": B * D, "attb": B * H * Hd, "xsb": N * D, "ab": N * F_}
+        keep = []
+        for name, n in [*f32.items(), *bf.items()]:
+            t = torch.empty(n, dtype=torch.float32 if name in f32 else torch.int16)
+            keep.append(t)
+            setattr(self.c_batch, name, t.data_ptr())
+        for name, n, dtype in (("idx", N, torch.int64), ("order", N, torch.int32), ("inverse", N, torch.int32)):
+            t = torch.empty(n, dtype=dtype)
+            keep.append(t)
+            setattr(self.c_batch, name, t.data_ptr())
+        self._batch_keep = keep
+        self.c_batch.nt = nt
+        self._batch_room = (B, nt, C)
+
+    def run_batch(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, seqs_B: torch.Tensor,
+                  pos_SC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+                  logits_BV: torch.Tensor, chosen_LBK: torch.Tensor) -> None:
+        """The C call of `torch.ops.mixlab.decode_batch`: B sequences, one token each, each in its
+        own slot of the pool `k`/`v` (`[S, G, C, Hd]` per layer, contiguous, float32 or bf16).
+        Writes `logits_BV` and `chosen_LBK`. Thread-safe."""
+        B, (S, C) = tokens_B.shape[0], pos_SC.shape
+        L = self.n_layers
+        if not (tokens_B.shape == positions_B.shape == seqs_B.shape == (B,)) or B < 1:
+            raise ValueError(f"decode_batch needs B >= 1 tokens, positions and slots of shape [B], not "
+                             f"{tuple(tokens_B.shape)}, {tuple(positions_B.shape)}, {tuple(seqs_B.shape)}")
+        if len(k) != L or len(v) != L or any(t.shape[0] != S or t.shape[2] != C or not t.is_contiguous()
+                                               for t in (*k, *v)):
+            raise ValueError(f"decode_batch needs {L} contiguous cache buffers per side of shape [S={S}, G, C={C}, Hd]")
+        tok, pos, seq = (t.to(torch.int64).contiguous() for t in (tokens_B, positions_B, seqs_B))
+        if pos_SC.dtype != torch.int64 or not pos_SC.is_contiguous():
+            raise ValueError("decode_batch needs a contiguous int64 position table pos_SC")
+        if int(seq.min()) < 0 or int(seq.max()) >= S or len(set(seq.tolist())) != B:
+            raise ValueError(f"decode_batch needs B distinct slots in [0, {S}), not {seq.tolist()}")
+        if k[0].dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != k[0].dtype for t in (*k, *v)):
+            raise ValueError(f"decode_batch needs float32 or bf16 cache buffers of one dtype, not {k[0].dtype}")
+        if int(tok.min()) < 0 or int(tok.max()) >= self.V or int(pos.min()) < 0:
+            raise ValueError(f"decode_batch needs tokens in [0, {self.V}) and positions >= 0")
+        nt = torch.get_num_threads()
+        with self._lock:
+            self._batch_buffers(B, nt, C)
+            for i in range(L):
+                self._caches[i], self._caches[L + i] = k[i].data_ptr(), v[i].data_ptr()
+            cb = self.c_batch
+            cb.B, cb.C = B, C
+            cb.token, cb.pos, cb.seq, cb.cache_pos = tok.data_ptr(), pos.data_ptr(), seq.data_ptr(), pos_SC.data_ptr()
+            cb.k_cache = ctypes.addressof(self._caches)
+            cb.v_cache = ctypes.addressof(self._caches) + L * ctypes.sizeof(ctypes.c_void_p)
+            cb.logits, cb.chosen = logits_BV.data_ptr(), chosen_LBK.data_ptr()
+            self.c_model.ct = native.TYPE_CODES[k[0].dtype]
+            self.lib.mx_decode_batch(ctypes.byref(self.c_model), ctypes.byref(cb), nt)
 
     def step(self, token: torch.Tensor | int, position: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
         """Feed one token at `position`; return the next-token logits `[1, V]` (float32). The experts

@@ -42,7 +42,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32)).
@@ -111,8 +111,18 @@ class MoEArgs(ctypes.Structure):
                                           "xs", "xsb", "g", "a", "ab", "ys", "order", "inverse")]]
 
 
+class Batch(ctypes.Structure):
+    """mixlab.h's `mx_batch`: one decoding step of B sequences (`mx_decode_batch`) and its work buffers."""
+
+    _fields_ = [*[(name, _I64) for name in ("B", "C", "nt")],
+                *[(name, _P) for name in (
+                    "token", "pos", "seq", "cache_pos", "k_cache", "v_cache", "logits", "chosen", "x", "h", "o",
+                    "qkv", "att", "rope", "scores", "mix", "hb", "attb", "idx", "xs", "g", "a", "ys", "xsb", "ab",
+                    "order", "inverse")]]
+
+
 # mx_sizeof's structure numbers (mixlab.h MX_SIZEOF_*), in order.
-STRUCTS: tuple[type[ctypes.Structure], ...] = (Layer, Model, Buffers, MoEArgs)
+STRUCTS: tuple[type[ctypes.Structure], ...] = (Layer, Model, Buffers, MoEArgs, Batch)
 
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mx_abi_version": (_I, []),
@@ -122,6 +132,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mx_cpu_features": (_I, []),
     # model, buffers, token, pos, cache_pos, C, slot, n, logits, threads
     "mx_decode_step": (None, [_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I]),
+    "mx_decode_batch": (None, [_P, _P, _I]),  # model, batch, threads
     "mx_gemv": (None, [_I, _P, _P, _I64, _I64, _P, _P, _P, _I]),
     # wt w scale N K M X XB Y threads
     "mx_linear": (None, [_I, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I]),

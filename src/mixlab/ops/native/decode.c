@@ -9,6 +9,8 @@
  *   KV-cache write, attention, output projection, norm, router, top-k, the chosen experts' SwiGLU,
  *   mixing, residuals) and the logits, inside one OpenMP parallel region whose threads meet at spin
  *   barriers (a sleeping thread takes tens of microseconds to wake, a step has ~7 barriers a layer);
+ * - `mx_decode_batch`: the same step for B sequences at once, each with its own cache slot and
+ *   position: every weight read once for all B tokens (experts grouped by expert), one parallel region;
  * - `mx_linear`: Y = X W^T for a few rows X, each weight row read once for all of them;
  * - `mx_moe`: the experts of an MoE layer for a few tokens, each chosen expert read once;
  * - `mx_gemv`: one matrix-vector product (tests, benchmarks).
@@ -658,6 +660,25 @@ static void rope(float* v, const float* cos_, const float* sin_, int64_t half) {
 /* ---------------------------------------------------------------------------------------------- */
 /* The model as the Python side describes it: mx_layer, mx_model, mx_bufs in mixlab.h.            */
 
+/* One query head at position `pos` against the first n cache rows of its kv head (kbase, vbase:
+   [C, Hd] of type ct; cpos [C]: the position each row holds, -1 empty): y = softmax(q k^T * scale) v
+   over the rows whose position is visible (causal, within the sliding window). sc: [n] scratch. */
+static void attend(const mx_model* m, const float* q, const char* kbase, const char* vbase, const int64_t* cpos,
+                   int64_t n, int64_t pos, float scale, float* sc, float* y) {
+    const int64_t Hd = m->Hd, es = elem_size(m->ct);
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t p = cpos[s];
+        const int visible = p >= 0 && p <= pos && (m->window <= 0 || pos - p < m->window);
+        sc[s] = visible ? dot_row(q, kbase + s * Hd * es, m->ct, Hd) * scale : -INFINITY;
+        if (sc[s] > mx) mx = sc[s];
+    }
+    for (int64_t s = 0; s < n; s++) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : expf(sc[s] - mx));
+    for (int64_t i = 0; i < Hd; i++) y[i] = 0.f;
+    for (int64_t s = 0; s < n; s++)
+        if (sc[s] != 0.f) axpy_row(y, sc[s] / sum, vbase + s * Hd * es, m->ct, Hd);
+}
+
 /* x += wo @ attention(rope(wqkv @ norm(x))), writing this token's k, v into slot `slot`. */
 static void attn_block(team* tm, const mx_model* m, const mx_layer* ly, const mx_bufs* b, int64_t pos,
                        const int64_t* cache_pos, int64_t C, int64_t slot, int64_t n, const float* cos_,
@@ -687,21 +708,9 @@ static void attn_block(team* tm, const mx_model* m, const mx_layer* ly, const mx
         }
         for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
             float* q = b->qkv + hh * Hd;
-            float* sc = b->scores + hh * C;
-            float* y = b->att + hh * Hd;
             rope(q, cos_, sin_, half);
-            float mx = -INFINITY, sum = 0.f;
-            for (int64_t s = 0; s < n; s++) {
-                const int64_t p = s == slot ? pos : cache_pos[s];
-                const int visible = p >= 0 && p <= pos && (m->window <= 0 || pos - p < m->window);
-                sc[s] = visible ? dot_row(q, kbase + s * Hd * es, m->ct, Hd) * scale : -INFINITY;
-                if (sc[s] > mx) mx = sc[s];
-            }
-            for (int64_t s = 0; s < n; s++) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : expf(sc[s] - mx));
-            for (int64_t i = 0; i < Hd; i++) y[i] = 0.f;
-            for (int64_t s = 0; s < n; s++)
-                if (sc[s] != 0.f) axpy_row(y, sc[s] / sum, vbase + s * Hd * es, m->ct, Hd);
-            if (bf) round_to_bf16(y, b->attb + hh * Hd, Hd);
+            attend(m, q, kbase, vbase, cache_pos, n, pos, scale, b->scores + hh * C, b->att + hh * Hd);
+            if (bf) round_to_bf16(b->att + hh * Hd, b->attb + hh * Hd, Hd);
         }
     }
     sync_team(tm);
@@ -800,6 +809,7 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
         sin_[i] = sinf(ang);
     }
     for (int64_t i = 0; i < m->D; i++) b->x[i] = load_elem(m->embed, m->et, token * m->D + i);
+    cache_pos[slot] = pos; /* before attention, which reads the token's own position from it */
     barrier_t bar = {0, 0};
 #pragma omp parallel num_threads(nt)
     {
@@ -815,7 +825,6 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
         my_rows(&tm, m->V, &lo, &hi);
         gemv_rows(mout, b->h, b->hb, logits, lo, hi);
     }
-    cache_pos[slot] = pos;
 }
 
 /* Y [M, N] = X [M, K] @ W.T for a few rows (batched decoding): each weight row is read once for all
@@ -834,70 +843,200 @@ void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K
     }
 }
 
+/* The (token, slot) pairs of idx [N] sorted by expert, stably (token order within each expert):
+   the pairs of expert e are order[start[e] .. start[e + 1]), and pair p sits at inverse[p]. E <= 256. */
+static void group_experts(const int64_t* idx, int64_t N, int64_t E, int64_t* start, int32_t* order,
+                          int32_t* inverse) {
+    int64_t fill[256];
+    for (int64_t e = 0; e <= E; e++) start[e] = 0;
+    for (int64_t p = 0; p < N; p++) start[idx[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
+    for (int64_t p = 0; p < N; p++) {
+        const int64_t at = fill[idx[p]]++;
+        order[at] = (int32_t)p;
+        inverse[p] = (int32_t)at;
+    }
+}
+
+/* The experts of an MoE layer for T tokens inside a team (after group_experts): out[t] (or
+   out[t] += with `accumulate`) = sum_k mix[t, k] * expert_{idx[t, k]}(x[t]). Each chosen expert's
+   weights are read once for all the tokens that chose it. Work buffers: `mx_moe_args`. Ends with a
+   barrier. */
+typedef struct {
+    mat m13, m2;
+    int64_t T, D, F, E, K;
+    const float *x, *mix;
+    const int64_t* start;
+    const int32_t *order, *inverse;
+    float *xs, *g, *a, *ys, *out;
+    uint16_t *xsb, *ab;
+    int accumulate;
+} moe_job;
+
+static void moe_team(team* tm, const moe_job* j) {
+    const int64_t D = j->D, F = j->F, K = j->K, N = j->T * K;
+    const int bf = j->m13.wt == MX_BF16;
+    const int64_t* start = j->start;
+    float *xs = j->xs, *g = j->g, *a = j->a, *ys = j->ys;
+    uint16_t *xsb = j->xsb, *ab = j->ab;
+    int64_t lo, hi;
+    my_rows(tm, N, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
+        memcpy(xs + i * D, j->x + (j->order[i] / K) * D, D * sizeof(float));
+        if (bf) round_to_bf16(xs + i * D, xsb + i * D, D);
+    }
+    sync_team(tm);
+    /* gate rows [lo, hi) and up rows [F + lo, F + hi) of every expert: SiLU needs no barrier */
+    my_rows(tm, F, &lo, &hi);
+    for (int64_t e = 0; e < j->E; e++) {
+        const int64_t s0 = start[e], n = start[e + 1] - s0;
+        if (n == 0) continue;
+        const mat e13 = mat_at(j->m13, e * 2 * F);
+        gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, lo, hi);
+        gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, F + lo, F + hi);
+        for (int64_t r = s0; r < s0 + n; r++)
+            for (int64_t i = lo; i < hi; i++) {
+                const float gate = g[r * 2 * F + i], up = g[r * 2 * F + F + i];
+                a[r * F + i] = gate / (1.f + expf(-gate)) * up;
+                if (bf) ab[r * F + i] = f32_to_bf16(a[r * F + i]);
+            }
+    }
+    sync_team(tm);
+    /* down projections: this thread owns rows [lo, hi) of every expert and of the output */
+    my_rows(tm, D, &lo, &hi);
+    for (int64_t e = 0; e < j->E; e++) {
+        const int64_t s0 = start[e], n = start[e + 1] - s0;
+        if (n > 0) gemm_rows(mat_at(j->m2, e * D), a + s0 * F, ab + s0 * F, n, ys + s0 * D, D, lo, hi);
+    }
+    for (int64_t t = 0; t < j->T; t++)
+        for (int64_t i = lo; i < hi; i++) {
+            float s = 0.f;
+            for (int64_t k = 0; k < K; k++) s += j->mix[t * K + k] * ys[j->inverse[t * K + k] * D + i];
+            j->out[t * D + i] = j->accumulate ? j->out[t * D + i] + s : s;
+        }
+    sync_team(tm);
+}
+
 /* The experts of an MoE layer for a few tokens (batched decoding, short prompts): out [T, D] =
    sum_k mix[t, k] * expert_{idx[t, k]}(x[t]). The T*K (token, slot) pairs are sorted by expert and
    gathered, so each chosen expert's weights are read once for all the tokens that chose it.
    Shapes, pointers and work buffers: `mx_moe_args` in mixlab.h. */
 void mx_moe(const mx_moe_args* p, int nt) {
-    const int64_t T = p->T, D = p->D, F = p->F, E = p->E, K = p->K;
-    const int wt = p->wt;
-    const int64_t* idx = p->idx;
-    const float *x = p->x, *mix = p->mix;
-    float *out = p->out, *xs = p->xs, *g = p->g, *a = p->a, *ys = p->ys;
-    uint16_t *xsb = p->xsb, *ab = p->ab;
-    int32_t *order = p->order, *inverse = p->inverse;
-    const int bf = wt == MX_BF16;
-    const int64_t N = T * K;
-    int64_t start[257] = {0}; /* E <= 256, checked by the caller: pairs of expert e are [start[e], start[e+1]) */
-    for (int64_t p = 0; p < N; p++) start[idx[p] + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    int64_t fill[256];
-    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
-    for (int64_t p = 0; p < N; p++) { /* stable: token order within each expert */
-        const int64_t at = fill[idx[p]]++;
-        order[at] = (int32_t)p;
-        inverse[p] = (int32_t)at;
-    }
-    const mat m13 = {wt, p->w13, p->w13_scale, D}, m2 = {wt, p->w2, p->w2_scale, F};
+    int64_t start[257]; /* E <= 256, checked by the caller */
+    group_experts(p->idx, p->T * p->K, p->E, start, p->order, p->inverse);
+    const moe_job job = {{p->wt, p->w13, p->w13_scale, p->D}, {p->wt, p->w2, p->w2_scale, p->F},
+                         p->T, p->D, p->F, p->E, p->K, p->x, p->mix, start, p->order, p->inverse,
+                         p->xs, p->g, p->a, p->ys, p->out, p->xsb, p->ab, 0};
     barrier_t bar = {0, 0};
 #pragma omp parallel num_threads(nt)
     {
         team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
+        moe_team(&tm, &job);
+    }
+}
+
+/* One decoding step of B sequences, one token each, in one parallel region (`mx_batch` in
+   mixlab.h): per layer, the fused qkv, output and expert matrices multiply all B rows at once (each
+   weight row read once per step; experts grouped by expert, each chosen expert read once), while
+   norms, routing and attention run per sequence, each over its own slot of the cache pool at its
+   own position (rolling slots: index pos % C). It computes what B calls of mx_decode_step would. */
+void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
+    const int64_t B = p->B, C = p->C, D = m->D, Hd = m->Hd, half = Hd / 2, G = m->G, R = m->H / G;
+    const int64_t QD = m->H * Hd, QKV = QD + 2 * G * Hd, K = m->K, L = m->L;
+    const int64_t es = elem_size(m->ct);
+    const int bf = m->wt == MX_BF16;
+    const float scale = 1.0f / sqrtf((float)Hd);
+    if (nt > p->nt) nt = (int)p->nt; /* scores has room for p->nt threads */
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t i = 0; i < half; i++) {
+            const float ang = (float)p->pos[b] * m->inv_freq[i]; /* as mx_decode_step */
+            p->rope[b * Hd + i] = cosf(ang);
+            p->rope[b * Hd + half + i] = sinf(ang);
+        }
+        for (int64_t i = 0; i < D; i++) p->x[b * D + i] = load_elem(m->embed, m->et, p->token[b] * D + i);
+        p->cache_pos[p->seq[b] * C + p->pos[b] % C] = p->pos[b];
+    }
+    int64_t start[257]; /* E <= 256, checked by the caller */
+    barrier_t bar = {0, 0};
+#pragma omp parallel num_threads(nt)
+    {
+        team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
+        float *x = p->x, *h = p->h, *o = p->o, *qkv = p->qkv, *att = p->att;
+        uint16_t *hb = p->hb, *attb = p->attb;
+        float* sc = p->scores + tm.t * C;
         int64_t lo, hi;
-        my_rows(&tm, N, &lo, &hi);
-        for (int64_t i = lo; i < hi; i++) {
-            memcpy(xs + i * D, x + (order[i] / K) * D, D * sizeof(float));
-            if (bf) round_to_bf16(xs + i * D, xsb + i * D, D);
-        }
-        sync_team(&tm);
-        /* gate rows [lo, hi) and up rows [F + lo, F + hi) of every expert: SiLU needs no barrier */
-        my_rows(&tm, F, &lo, &hi);
-        for (int64_t e = 0; e < E; e++) {
-            const int64_t s0 = start[e], n = start[e + 1] - s0;
-            if (n == 0) continue;
-            const mat e13 = mat_at(m13, e * 2 * F);
-            gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, lo, hi);
-            gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, F + lo, F + hi);
-            for (int64_t j = s0; j < s0 + n; j++)
-                for (int64_t i = lo; i < hi; i++) {
-                    const float gate = g[j * 2 * F + i], up = g[j * 2 * F + F + i];
-                    a[j * F + i] = gate / (1.f + expf(-gate)) * up;
-                    if (bf) ab[j * F + i] = f32_to_bf16(a[j * F + i]);
+        for (int64_t l = 0; l < L; l++) {
+            const mx_layer* ly = &m->layers[l];
+            const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D}, mo = {m->wt, ly->wo, ly->wo_scale, QD};
+            for (int64_t b = tm.t; b < B; b += tm.nt)
+                rmsnorm(x + b * D, ly->attn_norm, m->eps, D, h + b * D, bf ? hb + b * D : 0);
+            sync_team(&tm);
+            my_rows(&tm, QKV, &lo, &hi);
+            gemm_rows(mqkv, h, hb, B, qkv, QKV, lo, hi);
+            sync_team(&tm);
+            /* Per (sequence, kv head): store the rotated key and the value at index pos % C of the
+               sequence's slot, then attend with the head's R query heads. */
+            for (int64_t w = tm.t; w < B * G; w += tm.nt) {
+                const int64_t b = w / G, g = w % G, pos = p->pos[b], at = pos % C, n = pos + 1 < C ? pos + 1 : C;
+                float* qb = qkv + b * QKV;
+                float* k = qb + QD + g * Hd;
+                const float* v = qb + QD + G * Hd + g * Hd;
+                const float *cs = p->rope + b * Hd, *sn = cs + half;
+                const int64_t off = ((p->seq[b] * G + g) * C) * Hd * es;
+                char* kbase = (char*)p->k_cache[l] + off;
+                char* vbase = (char*)p->v_cache[l] + off;
+                rope(k, cs, sn, half);
+                for (int64_t i = 0; i < Hd; i++) {
+                    store_elem(kbase, m->ct, at * Hd + i, k[i]);
+                    store_elem(vbase, m->ct, at * Hd + i, v[i]);
                 }
-        }
-        sync_team(&tm);
-        /* down projections: this thread owns rows [lo, hi) of every expert and of the output */
-        my_rows(&tm, D, &lo, &hi);
-        for (int64_t e = 0; e < E; e++) {
-            const int64_t s0 = start[e], n = start[e + 1] - s0;
-            if (n > 0) gemm_rows(mat_at(m2, e * D), a + s0 * F, ab + s0 * F, n, ys + s0 * D, D, lo, hi);
-        }
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t i = lo; i < hi; i++) {
-                float s = 0.f;
-                for (int64_t k = 0; k < K; k++) s += mix[t * K + k] * ys[inverse[t * K + k] * D + i];
-                out[t * D + i] = s;
+                for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
+                    float* q = qb + hh * Hd;
+                    float* y = att + b * QD + hh * Hd;
+                    rope(q, cs, sn, half);
+                    attend(m, q, kbase, vbase, p->cache_pos + p->seq[b] * C, n, pos, scale, sc, y);
+                    if (bf) round_to_bf16(y, attb + b * QD + hh * Hd, Hd);
+                }
             }
+            sync_team(&tm);
+            my_rows(&tm, D, &lo, &hi);
+            gemm_rows(mo, att, attb, B, o, D, lo, hi);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t i = lo; i < hi; i++) x[b * D + i] += o[b * D + i];
+            sync_team(&tm);
+            /* FFN norm and routing per sequence (o: scratch for the bf16-rounded router input) */
+            for (int64_t b = tm.t; b < B; b += tm.nt) {
+                int32_t* ch = p->chosen + (l * B + b) * K;
+                float* mix = p->mix + b * K;
+                rmsnorm(x + b * D, ly->ffn_norm, m->eps, D, h + b * D, bf ? hb + b * D : 0);
+                if (ly->router) {
+                    const float* hr = h + b * D;
+                    if (bf) {
+                        for (int64_t i = 0; i < D; i++) o[b * D + i] = bf16_to_f32(hb[b * D + i]);
+                        hr = o + b * D;
+                    }
+                    route(m, ly->router, hr, ch, mix);
+                } else {
+                    ch[0] = 0;
+                    mix[0] = 1.f;
+                }
+                for (int64_t k = 0; k < K; k++) p->idx[b * K + k] = ch[k];
+            }
+            sync_team(&tm);
+            if (tm.t == 0) group_experts(p->idx, B * K, m->E, start, p->order, p->inverse);
+            sync_team(&tm);
+            const moe_job job = {{m->wt, ly->w13, ly->w13_scale, D}, {m->wt, ly->w2, ly->w2_scale, m->F},
+                                 B, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
+                                 p->xs, p->g, p->a, p->ys, x, p->xsb, p->ab, 1};
+            moe_team(&tm, &job);
+        }
+        for (int64_t b = tm.t; b < B; b += tm.nt)
+            rmsnorm(x + b * D, m->out_norm, m->eps, D, h + b * D, bf ? hb + b * D : 0);
+        sync_team(&tm);
+        const mat mout = {m->wt, m->out, m->out_scale, D};
+        my_rows(&tm, m->V, &lo, &hi);
+        gemm_rows(mout, h, hb, B, p->logits, m->V, lo, hi);
     }
 }
 
@@ -912,6 +1051,7 @@ int64_t mx_sizeof(int which) {
     case MX_SIZEOF_MODEL: return (int64_t)sizeof(mx_model);
     case MX_SIZEOF_BUFS: return (int64_t)sizeof(mx_bufs);
     case MX_SIZEOF_MOE_ARGS: return (int64_t)sizeof(mx_moe_args);
+    case MX_SIZEOF_BATCH: return (int64_t)sizeof(mx_batch);
     default: return -1;
     }
 }
@@ -941,10 +1081,19 @@ static const int64_t off_moe[] = {
     MX_OFF(mx_moe_args, w2_scale), MX_OFF(mx_moe_args, out), MX_OFF(mx_moe_args, xs), MX_OFF(mx_moe_args, xsb),
     MX_OFF(mx_moe_args, g), MX_OFF(mx_moe_args, a), MX_OFF(mx_moe_args, ab), MX_OFF(mx_moe_args, ys),
     MX_OFF(mx_moe_args, order), MX_OFF(mx_moe_args, inverse), -1};
+static const int64_t off_batch[] = {
+    MX_OFF(mx_batch, B), MX_OFF(mx_batch, C), MX_OFF(mx_batch, nt), MX_OFF(mx_batch, token), MX_OFF(mx_batch, pos),
+    MX_OFF(mx_batch, seq), MX_OFF(mx_batch, cache_pos), MX_OFF(mx_batch, k_cache), MX_OFF(mx_batch, v_cache),
+    MX_OFF(mx_batch, logits), MX_OFF(mx_batch, chosen), MX_OFF(mx_batch, x), MX_OFF(mx_batch, h), MX_OFF(mx_batch, o),
+    MX_OFF(mx_batch, qkv), MX_OFF(mx_batch, att), MX_OFF(mx_batch, rope), MX_OFF(mx_batch, scores),
+    MX_OFF(mx_batch, mix), MX_OFF(mx_batch, hb), MX_OFF(mx_batch, attb), MX_OFF(mx_batch, idx), MX_OFF(mx_batch, xs),
+    MX_OFF(mx_batch, g), MX_OFF(mx_batch, a), MX_OFF(mx_batch, ys), MX_OFF(mx_batch, xsb), MX_OFF(mx_batch, ab),
+    MX_OFF(mx_batch, order), MX_OFF(mx_batch, inverse), -1};
 
 int64_t mx_offsetof(int which, int field) {
     const int64_t* t = which == MX_SIZEOF_LAYER ? off_layer : which == MX_SIZEOF_MODEL ? off_model
-                     : which == MX_SIZEOF_BUFS  ? off_bufs  : which == MX_SIZEOF_MOE_ARGS ? off_moe : 0;
+                     : which == MX_SIZEOF_BUFS  ? off_bufs  : which == MX_SIZEOF_MOE_ARGS ? off_moe
+                     : which == MX_SIZEOF_BATCH ? off_batch : 0;
     if (!t || field < 0) return -1;
     for (int i = 0; i < field; i++)
         if (t[i] < 0) return -1;

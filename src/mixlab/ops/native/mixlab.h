@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 2
+#define MX_ABI_VERSION 3
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -108,8 +108,32 @@ typedef struct { /* the experts of one MoE layer for T tokens (`mx_moe`); N = T 
     int32_t *order, *inverse;
 } mx_moe_args;
 
+typedef struct { /* one decoding step of B sequences, one token each (`mx_decode_batch`) */
+    int64_t B, C;          /* sequences; positions per cache slot */
+    int64_t nt;            /* threads `scores` has room for (a call uses at most this many) */
+    const int64_t* token;  /* [B] */
+    const int64_t* pos;    /* [B] each token's position */
+    const int64_t* seq;    /* [B] each sequence's slot in the pool (distinct) */
+    int64_t* cache_pos;    /* [S, C]: the position each cache index holds (-1 empty); row seq[b] gets
+                              pos[b] at index pos[b] % C */
+    void* const* k_cache;  /* [L]: each layer's pool [S, G, C, Hd] of type ct (not mx_layer's) */
+    void* const* v_cache;
+    float* logits;         /* [B, V] */
+    int32_t* chosen;       /* [L, B, K]: the experts each layer chose for each sequence */
+    /* work buffers, float32 unless noted; N = B * K (token, expert) pairs */
+    float *x, *h, *o;      /* [B, D] */
+    float *qkv, *att;      /* [B, (H + 2 G) Hd], [B, H Hd] */
+    float *rope, *scores;  /* [B, Hd] (cos, then sin), [nt, C] */
+    float* mix;            /* [B, K] */
+    uint16_t *hb, *attb;   /* bf16: [B, D], [B, H Hd] */
+    int64_t* idx;          /* [B, K] */
+    float *xs, *g, *a, *ys; /* [N, D], [N, 2F], [N, F], [N, D] */
+    uint16_t *xsb, *ab;    /* bf16: [N, D], [N, F] */
+    int32_t *order, *inverse; /* [N] */
+} mx_batch;
+
 /* Structures whose size `mx_sizeof` reports, in this order. */
-enum { MX_SIZEOF_LAYER = 0, MX_SIZEOF_MODEL = 1, MX_SIZEOF_BUFS = 2, MX_SIZEOF_MOE_ARGS = 3 };
+enum { MX_SIZEOF_LAYER = 0, MX_SIZEOF_MODEL = 1, MX_SIZEOF_BUFS = 2, MX_SIZEOF_MOE_ARGS = 3, MX_SIZEOF_BATCH = 4 };
 
 /* The ABI check: MX_ABI_VERSION, sizeof of structure `which` (-1 for an unknown one), and the
    offset of its field number `field` in declaration order (-1 past the last field). */
@@ -122,6 +146,9 @@ int mx_cpu_features(void);
 
 void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t pos, int64_t* cache_pos,
                     int64_t C, int64_t slot, int64_t n, float* logits, int nt);
+/* One decoding step of B sequences (`mx_batch`): every dense weight read once for all B tokens,
+   each chosen expert once for the tokens that chose it; writes logits [B, V] and chosen [L, B, K]. */
+void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt);
 void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
                uint16_t* XB, float* Y, int nt);
 void mx_moe(const mx_moe_args* p, int nt);

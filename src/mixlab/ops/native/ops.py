@@ -1,4 +1,5 @@
-"""The native kernels as PyTorch operators: `torch.ops.mixlab.linear`, `.moe` and `.decode_step`.
+"""The native kernels as PyTorch operators: `torch.ops.mixlab.linear`, `.moe`, `.decode_step` and
+`.decode_batch`.
 
 Each is a PyTorch operator (`torch.library`) with a fake implementation that gives only the
 output's shape and dtype, so `torch.compile` traces a call as one opaque node (no graph break, no escape hatch)
@@ -9,7 +10,9 @@ registry (`mixlab.ops.registry`) never chooses them when gradients are needed.
 (`mixlab.model.native.NativeDecoder`), named by the integer handle `register_decoder` returns: an
 operator cannot take a Python object, and the handle keeps the compiled graph's guard a constant.
 It writes the step's key and value into the KV cache and the token's position into the cache's
-position table, which it declares as mutated arguments.
+position table, which it declares as mutated arguments. `decode_batch` is the same step for B
+sequences at once (one token each, each in its own slot of a cache pool `[S, G, C, Hd]` per layer,
+the engine's), through the same decoder.
 
 Shape legend: N rows, D input features, X output features, T tokens, E experts, K experts per
 token, F expert FFN width, L layers, V vocabulary, B batch, C cache slots.
@@ -71,6 +74,10 @@ class Decoder(Protocol):
     def run(self, token: int, position: int, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
             slot: int, n: int, logits_1V: torch.Tensor) -> torch.Tensor: ...
 
+    def run_batch(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, seqs_B: torch.Tensor,
+                  pos_SC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+                  logits_BV: torch.Tensor, chosen_LBK: torch.Tensor) -> None: ...
+
 
 _DECODERS: weakref.WeakValueDictionary[int, Decoder] = weakref.WeakValueDictionary()
 _next_handle = [0]
@@ -108,3 +115,28 @@ def _(decoder: int, token: torch.Tensor, position: torch.Tensor, pos_BC: torch.T
     dec = _decoder(decoder)
     return (pos_BC.new_empty(1, dec.vocab_size, dtype=torch.float32),
             pos_BC.new_empty(dec.n_layers, dec.top_k, dtype=torch.int32))
+
+
+@torch.library.custom_op("mixlab::decode_batch", mutates_args=("pos_SC", "k", "v"))
+def decode_batch(decoder: int, tokens_B: torch.Tensor, positions_B: torch.Tensor, seqs_B: torch.Tensor,
+                 pos_SC: torch.Tensor, k: list[torch.Tensor],
+                 v: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of B sequences: token `tokens_B[b]` at position `positions_B[b]` of the
+    sequence in slot `seqs_B[b]` (distinct) of the pool `k`/`v` (`[S, G, C, Hd]` per layer, index
+    position % C; `pos_SC` the positions each index holds, updated). Returns the next-token logits
+    `[B, V]` (float32) and the experts each layer chose `[L, B, K]` (int32)."""
+    dec = _decoder(decoder)
+    B = tokens_B.shape[0]
+    logits_BV = torch.empty(B, dec.vocab_size, dtype=torch.float32)
+    chosen_LBK = torch.empty(dec.n_layers, B, dec.top_k, dtype=torch.int32)
+    dec.run_batch(tokens_B, positions_B, seqs_B, pos_SC, k, v, logits_BV, chosen_LBK)
+    return logits_BV, chosen_LBK
+
+
+@decode_batch.register_fake
+def _(decoder: int, tokens_B: torch.Tensor, positions_B: torch.Tensor, seqs_B: torch.Tensor,
+      pos_SC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    dec = _decoder(decoder)
+    B = tokens_B.shape[0]
+    return (pos_SC.new_empty(B, dec.vocab_size, dtype=torch.float32),
+            pos_SC.new_empty(dec.n_layers, B, dec.top_k, dtype=torch.int32))

@@ -1,0 +1,174 @@
+"""The batched native decoding step (`mx_decode_batch`, `torch.ops.mixlab.decode_batch`): one call for
+B sequences, each in its own slot of the engine's cache pool at its own position, equals the
+engine's PyTorch batched pass and B separate single-sequence runs (float32: logits within 1e-4,
+identical greedy tokens, identical caches), for sequences of different lengths, across a sliding
+window's boundary (rolling slots), dense and MoE models, float32, int8 and int4 weights, and B from
+1 to past 16."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from mixlab.config import get_preset
+from mixlab.engine import Engine, SamplingParams
+from mixlab.engine.runner import Item, Runner
+from mixlab.model import Transformer
+from mixlab.model.inference import prepare_for_inference
+from mixlab.ops import native, registry
+
+if native.load() is None:
+    if native.enabled() and shutil.which("cc"):
+        raise AssertionError("a C compiler is present but the native kernels did not build")
+    pytest.skip("native kernels switched off (MIXLAB_NATIVE=0) or no C compiler", allow_module_level=True)
+if not native.fast(torch.float32):
+    pytest.skip("no AVX-512: mixlab keeps PyTorch's kernels here", allow_module_level=True)
+
+CHUNK = 4  # prefill chunk: a windowed slot holds window + CHUNK - 1 positions
+
+
+def _model(preset: str = "tiny-moe", quant: str | None = None, **kw) -> Transformer:
+    cfg = get_preset(preset).replace(vocab_size=128, max_seq_len=128, **kw)
+    model = Transformer(cfg).eval().requires_grad_(False)
+    model.init_weights(std=0.5, seed=0)  # peaked, varied next-token distributions
+    if quant is not None:
+        prepare_for_inference(model, quant=quant)
+        assert model.native_decoder is not None
+    return model
+
+
+def _runner(model: Transformer, slots: int) -> Runner:
+    return Runner(model, max_batch=slots, cache_bytes=None, prefill_chunk=CHUNK, max_seq_len=64, prefix_cache=False)
+
+
+def _prefill(runner: Runner, prompts: list[list[int]]) -> list[int]:
+    """Prefill prompt i into slot i (chunks of CHUNK, PyTorch's pass); each one's greedy next token."""
+    nxt = []
+    for s, prompt in enumerate(prompts):
+        for a in range(0, len(prompt), CHUNK):
+            (res,) = runner._batched([Item(s, prompt[a : a + CHUNK], a)])
+        assert res.logits_TV is not None
+        nxt.append(int(res.logits_TV[-1].argmax()))
+    return nxt
+
+
+def _decode(runner: Runner, tokens: list[int], starts: list[int], how: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    items = [Item(s, [t], p, experts=True) for s, (t, p) in enumerate(zip(tokens, starts, strict=True))]
+    if how == "native":
+        out = runner._native_batch(items)
+        assert out is not None, "the registry did not choose the native batched step"
+    elif how == "torch":
+        out = runner._batched(items)
+    else:  # each sequence alone: the batch-1 step (native mx_decode_step when available)
+        out = [runner.forward([it])[0] for it in items]
+    logits = torch.cat([r.logits_TV for r in out if r.logits_TV is not None])
+    found = [r.experts_LK for r in out if r.experts_LK is not None]
+    experts = torch.stack(found) if found else None
+    return logits, experts
+
+
+def _compare(model: Transformer, B: int, steps: int, lengths: list[int] | None = None, atol: float = 1e-4) -> None:
+    g = torch.Generator().manual_seed(B)
+    lengths = lengths or [int(n) for n in torch.randint(1, 20, (B,), generator=g)]
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+    runners = {how: _runner(model, B) for how in ("native", "torch", "single")}
+    state = {how: (_prefill(r, prompts), [len(p) for p in prompts]) for how, r in runners.items()}
+    for _ in range(steps):
+        got = {}
+        for how, r in runners.items():
+            tokens, starts = state[how]
+            got[how] = _decode(r, tokens, starts, how)
+            state[how] = ([int(t) for t in got[how][0].argmax(-1)], [p + 1 for p in starts])
+        for how in ("torch", "single"):
+            torch.testing.assert_close(got["native"][0], got[how][0], atol=atol, rtol=1e-4)
+            assert state["native"][0] == state[how][0], how
+            if got["native"][1] is not None:
+                assert torch.equal(got["native"][1], got[how][1]), how
+    nat, ref = runners["native"], runners["torch"]
+    assert torch.equal(nat.pos_SC, ref.pos_SC)
+    for a, b in zip(nat.k + nat.v, ref.k + ref.v, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B", [1, 3, 17])
+def test_batched_step_equals_torch_and_single_runs(B):
+    _compare(_model(), B, steps=4)
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
+def test_rolling_slots_across_the_window_boundary(preset):
+    """Window 6 (slots of 6 + CHUNK - 1 positions): prompts end before, at and after the boundary and
+    decoding wraps every slot around."""
+    model = _model(preset, sliding_window=6)
+    assert _runner(model, 1).capacity == 9
+    _compare(model, 5, steps=12, lengths=[2, 5, 6, 9, 14])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantised_weights(quant):
+    _compare(_model(quant=quant), 18, steps=3)
+
+
+def test_bf16_batched_step_is_close_to_single_runs():
+    """bf16 (weights and cache): the batched and the batch-1 native steps round the same way
+    (float32 residual stream, bf16-rounded matmul inputs), so they agree to float32 summation order."""
+    model = _model().to(torch.bfloat16)
+    if not native.fast(torch.bfloat16):
+        pytest.skip("no AVX512-BF16")
+    runners = {how: _runner(model, 6) for how in ("native", "single")}
+    prompts = [list(range(3, 3 + n)) for n in (1, 4, 7, 2, 9, 3)]
+    toks = {how: _prefill(r, prompts) for how, r in runners.items()}
+    starts = [len(p) for p in prompts]
+    a, _ = _decode(runners["native"], toks["native"], starts, "native")
+    b, _ = _decode(runners["single"], toks["single"], starts, "single")
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_engine_uses_it_and_equals_single_runs():
+    """Through the engine: staggered requests (decode-only steps run natively once every prompt is
+    in) give the tokens of single-request runs."""
+    model = _model()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 11, 6, 17, 1)]
+    params = SamplingParams(max_tokens=9, ignore_eos=True)
+    singles = []
+    for p in prompts:
+        with Engine(model, max_batch=1, max_seq_len=64) as eng:
+            singles.append([o.token_id for o in eng.submit(p, params) if o.token_id is not None])
+    eng = Engine(model, max_batch=8, max_seq_len=64)
+    calls = []
+    run = eng.runner._native_batch
+    eng.runner._native_batch = lambda items: calls.append(len(items)) or run(items)  # type: ignore[method-assign]
+    handles = []
+    for p in prompts:
+        handles.append(eng.submit(p, params))
+        eng.step()
+    eng.run_until_idle()
+    assert [[o.token_id for o in h if o.token_id is not None] for h in handles] == singles
+    assert max(calls) == len(prompts)
+
+
+def test_registry_and_bad_input():
+    kw = dict(device="cpu", fmt="plain", dtype=torch.float32, training=False)
+    assert registry.choose("decode_batch", tokens=16, **kw) == "native"
+    assert registry.choose("decode_batch", tokens=registry.NATIVE_MAX_BATCH + 1, **kw) == "torch"
+    assert registry.choose("decode_batch", tokens=4, **{**kw, "training": True}) == "torch"
+    runner = _runner(_model(), 2)
+    dec = runner._native_decoder()
+    assert dec is not None
+    t = torch.tensor
+    with pytest.raises(ValueError, match="distinct slots"):
+        torch.ops.mixlab.decode_batch(dec.handle, t([1, 2]), t([0, 0]), t([0, 0]), runner.pos_SC, runner.k, runner.v)
+    with pytest.raises(ValueError, match="tokens in"):
+        torch.ops.mixlab.decode_batch(dec.handle, t([1, 999]), t([0, 0]), t([0, 1]), runner.pos_SC, runner.k, runner.v)
+
+
+def test_decoder_copy_refused_and_model_unchanged():
+    """The batched step reads the weights in place: the model's parameters are untouched."""
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    _compare(model, 2, steps=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
