@@ -1,13 +1,15 @@
 """A full-size run: a random Mixtral-8x7B-shaped int4 (GGUF Q4_0) checkpoint, ~26 GB, decoded with
 expert offloading under a budget that fits a 24 GB machine.
 
-1. Writes the file tensor by tensor (random Q4_0 blocks: random nibbles, float16 scales around
-   0.003, so weights have a standard deviation near 0.014; norms 1, routers float32 N(0, 0.02)):
+1. Writes the file tensor by tensor (random Q4_0 blocks: random nibbles, float16 scales of random
+   sign around 0.003, so weights have mean 0 and a standard deviation near 0.014; norms 1, routers float32 N(0, 0.02)):
    at most one tensor (264 MB) is in memory at a time. The file is fsynced and dropped from the
    page cache, so decoding starts cold.
 2. In a fresh process (its own peak RSS): `load_model(file, dtype=bfloat16, max_memory=BUDGET)`
    (attention and output stay int4 and resident, the embedding is dequantised to bf16, experts
-   stay in the file), `prepare_for_inference`, a 1-token prompt, `--tokens` greedy decode steps.
+   stay in the file), `prepare_for_inference`, a 1-token prompt, `--tokens` decode steps sampled
+   at temperature 1 (seeded: greedy decoding of random weights repeats one token, whose routing
+   then never changes and every expert hits).
    Reports tokens/s, hit rate, bytes read, time waited, resident size and peak RSS.
 3. Deletes the file (unless `--keep`).
 
@@ -43,7 +45,11 @@ def _q4_0(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     rows = int(np.prod(shape[:-1]))
     blocks = shape[-1] // 32
     out = rng.integers(0, 256, size=(rows, blocks, 18), dtype=np.uint8)
-    scales = (0.003 * (1 + 0.25 * rng.standard_normal((rows, blocks)))).astype(np.float16)
+    # Random signs: codes 0..15 give weights (q - 8) * d with mean -d/2 per block; a scale of random
+    # sign makes the mean zero (else every hidden state drifts along one direction and the router
+    # sends every token to the same experts).
+    sign = rng.integers(0, 2, size=(rows, blocks)) * 2 - 1
+    scales = (0.003 * sign * (1 + 0.25 * rng.standard_normal((rows, blocks)))).astype(np.float16)
     out[..., :2] = scales.view(np.uint8).reshape(rows, blocks, 2)
     return out.reshape(-1)
 
@@ -138,7 +144,7 @@ def decode(args: argparse.Namespace) -> dict:
     times = [time.perf_counter()]
     tokens = []
     for n, step in enumerate(generate_stream(model, [[model.config.bos_id]], max_new_tokens=args.tokens + 1,
-                                             cache=kv, temperature=0.0, stop_at_eos=False)):
+                                             cache=kv, temperature=1.0, seed=0, stop_at_eos=False)):
         times.append(time.perf_counter())
         tokens.append(step.tokens[0])
         if n == 0:
