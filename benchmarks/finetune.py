@@ -13,13 +13,17 @@ attention) and right-pads DPO pairs.
 
 Reported: tokens/s of the timed steps (real, non-padding tokens: for DPO, prompt and reply tokens of
 both sequences of each pair), median over `--repeats` runs that alternate the frameworks, and the
-ratio mixlab / TRL in the same run.
+ratio mixlab / TRL in the same run (the median of the per-run ratios). Each rate is given twice: per
+wall-clock second, and per CPU second of the training thread (`time.thread_time()`; with one torch
+thread all compute runs on it), which time slices lost to other processes on a shared machine do not
+inflate; the load average before and after each run is printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -77,17 +81,22 @@ def data(root: Path, n_sft: int, n_dpo: int) -> tuple[Path, Path]:
 
 
 def run_mixlab(task: str, ckpt: Path, path: Path, out: Path, *, steps: int, warm: int, batch: int,
-               seq: int) -> float:
+               seq: int) -> tuple[float, float]:
+    """(tokens per wall-clock second, tokens per CPU second of the training thread) of the timed steps."""
     from mixlab.train.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(task=task, model=str(ckpt), data=str(path), out=str(out), seq_len=seq, batch_size=batch,
                          steps=warm + steps, lr=1e-4, warmup=1, valid_fraction=0.0, eval_every=0, ckpt_every=0,
                          log_every=1000, progress=False, export_hf=False, aux_loss_coef=0.02)
-    hist = finetune(cfg).history[warm:]
-    return sum(r["tokens"] for r in hist) / sum(r["tokens"] / r["tokens_per_s"] for r in hist)
+    cpu: list[float] = []
+    hist = finetune(cfg, on_step=lambda _r: cpu.append(time.thread_time())).history
+    tokens = sum(r["tokens"] for r in hist[warm:])
+    return (tokens / sum(r["tokens"] / r["tokens_per_s"] for r in hist[warm:]),
+            tokens / (cpu[warm + steps - 1] - cpu[warm - 1]))
 
 
-def run_trl(task: str, ckpt: Path, path: Path, out: Path, *, steps: int, warm: int, batch: int, seq: int) -> float:
+def run_trl(task: str, ckpt: Path, path: Path, out: Path, *, steps: int, warm: int, batch: int,
+            seq: int) -> tuple[float, float]:
     from datasets import Dataset
     from transformers import MixtralForCausalLM, TrainerCallback
 
@@ -98,14 +107,16 @@ def run_trl(task: str, ckpt: Path, path: Path, out: Path, *, steps: int, warm: i
     tok = byte_tokenizer()
     model = MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     times: list[float] = []
-    tokens: list[int] = []
+    cpu: list[float] = []
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_step_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
             times.append(time.perf_counter())
+            cpu.append(time.thread_time())
 
         def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
             times.append(time.perf_counter())
+            cpu.append(time.thread_time())
 
     common = dict(output_dir=str(out), per_device_train_batch_size=batch, max_steps=warm + steps, learning_rate=1e-4,
                   lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
@@ -135,8 +146,9 @@ def run_trl(task: str, ckpt: Path, path: Path, out: Path, *, steps: int, warm: i
     hist = [h for h in trainer.state.log_history if "num_tokens" in h]
     per_step = [hist[i]["num_tokens"] - (hist[i - 1]["num_tokens"] if i else 0) for i in range(len(hist))]
     step_secs = [times[2 * i + 1] - times[2 * i] for i in range(len(times) // 2)]
-    tokens = per_step[warm: warm + steps]
-    return sum(tokens) / sum(step_secs[warm: warm + steps])
+    step_cpu = [cpu[2 * i + 1] - cpu[2 * i] for i in range(len(cpu) // 2)]
+    tokens = sum(per_step[warm: warm + steps])
+    return tokens / sum(step_secs[warm: warm + steps]), tokens / sum(step_cpu[warm: warm + steps])
 
 
 def main() -> None:
@@ -162,17 +174,25 @@ def main() -> None:
         sft_path, dpo_path = data(root, 400, 96)
         for task in args.tasks:
             path = sft_path if task == "sft" else dpo_path
-            ours, theirs = [], []
+            ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
             for r in range(args.repeats):
                 kw = dict(steps=args.steps, warm=args.warmup, batch=args.batch, seq=args.seq)
-                ours.append(run_mixlab(task, ckpt, path, root / f"m-{task}-{r}", **kw))
-                theirs.append(run_trl(task, ckpt, path, root / f"t-{task}-{r}", **kw))
+                load0 = os.getloadavg()[0]
+                (w, c) = run_mixlab(task, ckpt, path, root / f"m-{task}-{r}", **kw)
+                ours.append(w)
+                ours_cpu.append(c)
+                (w, c) = run_trl(task, ckpt, path, root / f"t-{task}-{r}", **kw)
+                theirs.append(w)
+                theirs_cpu.append(c)
                 print(f"  {task} run {r}: mixlab {ours[-1]:,.0f} tok/s, TRL {theirs[-1]:,.0f} tok/s "
-                      f"(x{ours[-1] / theirs[-1]:.2f})", flush=True)
-            mo, mt = statistics.median(ours), statistics.median(theirs)
-            print(f"{task}: mixlab {mo:,.0f} tok/s, TRL {mt:,.0f} tok/s, ratio x{mo / mt:.2f} "
-                  f"(per-run ratios {', '.join(f'{a / b:.2f}' for a, b in zip(ours, theirs, strict=True))})",
-                  flush=True)
+                      f"(x{ours[-1] / theirs[-1]:.2f}); per CPU second of the training thread: mixlab "
+                      f"{ours_cpu[-1]:,.0f}, TRL {theirs_cpu[-1]:,.0f} (x{ours_cpu[-1] / theirs_cpu[-1]:.2f}); "
+                      f"load average {load0:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
+            for label, a, b in (("wall clock", ours, theirs), ("CPU time", ours_cpu, theirs_cpu)):
+                ratios = [x / y for x, y in zip(a, b, strict=True)]
+                print(f"{task} ({label}): mixlab {statistics.median(a):,.0f} tok/s, TRL {statistics.median(b):,.0f} "
+                      f"tok/s, median per-run ratio x{statistics.median(ratios):.2f} (per-run ratios "
+                      f"{', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
 
 
 if __name__ == "__main__":

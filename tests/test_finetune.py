@@ -122,6 +122,27 @@ def test_packed_batch_equals_each_conversation_alone() -> None:
     torch.testing.assert_close(total, alone_total, rtol=1e-6, atol=1e-5)
 
 
+def test_one_conversation_per_row_takes_the_causal_path() -> None:
+    """Rows holding one conversation each (then right padding) skip the block-diagonal mask: the
+    same loss, token count and routing of the real tokens as the masked forward."""
+    from mixlab.train.finetune import sft_forward
+
+    m = _model()
+    ex = [sft.Example(*sft.render_turns(c, TOK, final_assistant=True)) for c in CONVS]
+    b = sft.collate(ex, [[0], [1], [2]], 120)
+    assert bool((b.segments <= 0).all()) and bool((b.positions < 0).any())
+    s, n, routings = sft_forward(m, b, torch.device("cpu"))
+    logits = m(b.tokens, positions_BT=b.positions, segments_BT=b.segments)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=IGNORE,
+                                            reduction="sum")
+    torch.testing.assert_close(s, ref, rtol=1e-6, atol=1e-5)
+    assert int(n) == int((b.targets != IGNORE).sum())
+    real = b.valid.flatten()
+    for r, o in zip(routings, m.forward_output(b.tokens, positions_BT=b.positions, segments_BT=b.segments).routing,
+                    strict=True):
+        assert torch.equal(r.idx_TK[real], o.idx_TK[real])
+
+
 def test_packing_and_loader_resume() -> None:
     ex = [sft.Example(*sft.render_turns(c, TOK, final_assistant=True)) for c in CONVS * 10]
     a = sft.PackedLoader(ex, seq_len=96, batch_size=2, seed=1)

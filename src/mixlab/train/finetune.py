@@ -230,9 +230,17 @@ def logits_and_routing(model: nn.Module, tokens: torch.Tensor, **kw: Any) -> tup
 
 
 def sft_forward(model: nn.Module, b: sft.Packed, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(summed assistant-token cross-entropy, number of assistant tokens, routings) of a packed batch."""
-    logits, routings = logits_and_routing(model, b.tokens.to(device), positions_BT=b.positions.to(device),
-                                          segments_BT=b.segments.to(device))
+    """(summed assistant-token cross-entropy, number of assistant tokens, routings) of a packed batch.
+
+    A batch whose rows each hold one conversation (segment 0 from position 0, then right padding:
+    every row at seq_len 256 of chat/sft.jsonl) needs no block-diagonal mask: plain causal attention
+    gives its real tokens the same attention, and SDPA takes its causal kernel without building
+    and reading a `[B, 1, T, T]` mask per layer. The padding's outputs are unused either way."""
+    if bool((b.segments <= 0).all()):
+        logits, routings = logits_and_routing(model, b.tokens.to(device))
+    else:
+        logits, routings = logits_and_routing(model, b.tokens.to(device), positions_BT=b.positions.to(device),
+                                              segments_BT=b.segments.to(device))
     tgt = b.targets.to(device)
     n = (tgt != -100).sum()
     return lm_loss(logits, tgt) * n.clamp(min=1), n, routings
@@ -279,18 +287,27 @@ def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneCon
 
 @torch.no_grad()
 def evaluate_dpo(model: nn.Module, pairs: list[dpo.Pair], ref: dict[str, torch.Tensor],
-                 cfg: FinetuneConfig) -> dict[str, float]:
+                 cfg: FinetuneConfig, *, policy: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward preference accuracy and margin, and the policy's own
-    chosen - rejected log-prob margin and accuracy (chosen more likely than rejected), over the
-    held-out pairs. Before any DPO step the implicit rewards are all 0 (policy = reference)."""
-    pol = reference_logps(model, pairs, cfg)
+    chosen - rejected log-prob margin and accuracy (chosen more likely than rejected: summed over the
+    reply, and per reply token), over the held-out pairs. Before any DPO step the implicit rewards
+    are all 0 (policy = reference; pass `policy=ref` to skip recomputing it)."""
+    pol = reference_logps(model, pairs, cfg) if policy is None else policy
     loss, m = dpo.dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=cfg.beta,
                            loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
                            reference_free=cfg.reference_free)
+    if cfg.length_normalize:  # the log-probs are already means over the reply
+        per_c, per_r = pol["chosen"], pol["rejected"]
+    else:
+        n_c = torch.tensor([len(dpo.fit(p.prompt, p.chosen, cfg.seq_len + 1)[1]) for p in pairs], dtype=torch.float32)
+        n_r = torch.tensor([len(dpo.fit(p.prompt, p.rejected, cfg.seq_len + 1)[1]) for p in pairs],
+                           dtype=torch.float32)
+        per_c, per_r = pol["chosen"] / n_c, pol["rejected"] / n_r
     return {"eval_loss": float(loss), "eval_rewards/accuracies": float(m["rewards/accuracies"]),
             "eval_rewards/margins": float(m["rewards/margins"]),
             "eval_logps/margin": float((pol["chosen"] - pol["rejected"]).mean()),
             "eval_logps/accuracy": float((pol["chosen"] > pol["rejected"]).float().mean()),
+            "eval_logps/accuracy_per_token": float((per_c > per_r).float().mean()),
             "eval_logps/chosen": float(m["logps/chosen"]), "eval_logps/rejected": float(m["logps/rejected"])}
 
 
@@ -428,7 +445,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             return {}
         if cfg.task == "sft":
             return evaluate_sft(model, valid_items, cfg)
-        return evaluate_dpo(model, valid_items, vref, cfg)
+        # Before the first step the policy is the reference (a float32 base: LoRA starts at 0), whose
+        # held-out log-probs are stored already. A bf16 / int8 LoRA base differs from it: evaluate.
+        same = step == 0 and (not cfg.lora_rank or cfg.lora_base_dtype == "float32")
+        return evaluate_dpo(model, valid_items, vref, cfg, policy=vref if same else None)
 
     stop: list[int] = []
     handlers: dict[signal.Signals, Any] = {}
