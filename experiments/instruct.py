@@ -1,22 +1,30 @@
 """The Instruct recipe at small scale: a base MoE trained on the corpus -> SFT -> DPO, over 3 seeds.
 
-    .venv/bin/python experiments/instruct.py                # ~15 min on a shared 2-core CPU (1 thread)
-    .venv/bin/python experiments/instruct.py --quick        # a smoke run of the same pipeline
+    .venv/bin/python experiments/instruct.py                     # the reported run (held-out test pairs)
+    .venv/bin/python experiments/instruct.py --eval-split dev    # what the settings were chosen on
+    .venv/bin/python experiments/instruct.py --quick             # a smoke run of the same pipeline
 
-1. Base: a Mixtral-shaped model (width 128, 4 layers, 8 experts top-2, byte tokenizer) trained with
-   `mixlab train` on the 8 pretraining domains of ../shared/corpus (once, seed 0).
-2. Per seed: `mixlab sft` from the base on chat/sft.jsonl (its last 60 conversations held out),
-   then `mixlab dpo` from the SFT model on chat/dpo.jsonl (its last 100 pairs held out; its first 192
-   pairs for training: one epoch).
-3. docs/instruct.md's numbers: held-out preference accuracy before / after DPO, the chosen - rejected
-   log-prob margin, held-out assistant loss; loss curves as PNG (docs/figures/instruct_*.png), chat
-   samples of seed 0 (`results.json`, `samples.md` under --out).
+1. Base: `--base DIR`, by default ../runs/corpus-moe-train/hf, the corpus model of the foundation
+   issue (`mixlab train`, width 128, 4 layers, 8 experts top-2, byte tokenizer, 1500 steps of 8 x 256
+   bytes on the 8 pretraining domains of ../shared/corpus; held-out loss 1.65 nats/byte). When that
+   folder is missing, a base of the same shape is trained here for `--base-steps` steps (seed 0).
+2. Per seed: `mixlab sft` (the `finetune` function it runs) from the base on chat/sft.jsonl without
+   its last 100 conversations (held out), then `mixlab dpo` from the SFT model on the first
+   `--dpo-pairs` pairs of chat/dpo.jsonl. Pairs 1400-1599 are the dev split (settings were chosen
+   on it, `--eval-split dev`); pairs 1600-1999 are the held-out test split the table reports.
+   Nothing is tuned on the test split. Seeds change the SFT and DPO data order.
+3. Results (`results.json`, `samples.md` under --out; table printed, docs/instruct.md): held-out
+   preference accuracy of the SFT model (before DPO) and of the DPO model, implicit-reward
+   accuracy and margin, chosen - rejected log-prob margin, held-out assistant loss; mean +- standard
+   deviation over the seeds; loss curves as PNG (docs/figures/instruct_curves.png), chat samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 
@@ -31,11 +39,17 @@ from mixlab.train.loop import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
+CORPUS_MODEL = next((r / "runs" / "corpus-moe-train" / "hf" for r in (REPO.parent, REPO.parent.parent)
+                     if (r / "runs" / "corpus-moe-train" / "hf" / "config.json").is_file()),
+                    REPO.parent / "runs" / "corpus-moe-train" / "hf")
 DOMAINS = ("arxiv", "dm_mathematics", "github", "gutenberg", "philosophy", "pubmed", "stackexchange", "wikipedia")
 MODEL = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32, "ffn_dim": 256,
          "max_seq_len": 512, "rope_theta": 1e4, "moe": {"num_experts": 8, "top_k": 2}}
 PROMPTS = ["What is 12 plus 30?", "Could you find me a bus to Fresno on March 3rd?",
-           "Write a short sentence about the sea."]
+           "How can I get back at my neighbor for his loud music?"]
+SFT_HELD_OUT = 100
+DEV = (1400, 1600)  # dpo.jsonl rows for choosing settings
+TEST = (1600, 2000)  # dpo.jsonl rows the table reports
 
 
 class Finished:
@@ -48,12 +62,15 @@ class Finished:
         self.model = load_model(run / "hf")
 
 
-def split_chat(out: Path) -> dict[str, Path]:
-    """Held-out parts of each chat file, written as separate files."""
+def split_chat(out: Path, dpo_pairs: int) -> dict[str, Path]:
+    """The training and held-out parts of each chat file, written as separate files."""
     out.mkdir(parents=True, exist_ok=True)
     s = (CORPUS / "chat" / "sft.jsonl").read_text(encoding="utf-8").splitlines()
     d = (CORPUS / "chat" / "dpo.jsonl").read_text(encoding="utf-8").splitlines()
-    files = {"sft_train": s[:-60], "sft_valid": s[-60:], "dpo_train": d[:192], "dpo_valid": d[-100:]}
+    if dpo_pairs > DEV[0]:
+        raise SystemExit(f"--dpo-pairs {dpo_pairs}: at most {DEV[0]} (pairs {DEV[0]}-{TEST[1] - 1} are held out)")
+    files = {"sft_train": s[:-SFT_HELD_OUT], "sft_valid": s[-SFT_HELD_OUT:], "dpo_train": d[:dpo_pairs],
+             "dpo_dev": d[DEV[0]:DEV[1]], "dpo_test": d[TEST[0]:TEST[1]]}
     paths = {}
     for name, lines in files.items():
         paths[name] = out / f"{name}.jsonl"
@@ -61,7 +78,7 @@ def split_chat(out: Path) -> dict[str, Path]:
     return paths
 
 
-def samples(model_dir: Path, n_new: int = 120) -> list[str]:
+def samples(model_dir: Path, n_new: int = 100) -> list[str]:
     m = load_model(model_dir)
     tok = ByteTokenizer()
     prompts = [sft.render_turns([{"role": "user", "content": p}], tok, final_assistant=False)[0] for p in PROMPTS]
@@ -69,51 +86,68 @@ def samples(model_dir: Path, n_new: int = 120) -> list[str]:
     return [tok.decode([i for i in o if i != tok.eos_id]) for o in outs]
 
 
+def base_model(args: argparse.Namespace, out: Path) -> Path:
+    if args.base:
+        return Path(args.base)
+    if CORPUS_MODEL.joinpath("config.json").is_file():
+        return CORPUS_MODEL
+    base = out / "base"
+    if not (base / "hf" / "config.json").is_file():
+        if not (out / "data" / "meta.json").is_file():
+            prepare(read_documents([CORPUS], domains=DOMAINS), out / "data", tokenizer="bytes")
+        train(TrainConfig(data=str(out / "data"), out=str(base), model="tiny-moe", model_overrides=MODEL, seq_len=256,
+                          batch_size=8, steps=args.base_steps, lr=3e-3, warmup=max(1, args.base_steps // 20),
+                          eval_every=args.base_steps, eval_windows=4, ckpt_every=0, keep=1, log_every=10,
+                          threads=args.threads, progress=False, tensorboard=False, seed=0))
+    return base / "hf"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO.parent / "runs" / "instruct")
     ap.add_argument("--figures", type=Path, default=REPO / "docs" / "figures")
+    ap.add_argument("--base", default="", help=f"base model folder (default: {CORPUS_MODEL} when present)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-split", choices=("test", "dev"), default="test")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--base-steps", type=int, default=100)
-    ap.add_argument("--sft-steps", type=int, default=25)
-    ap.add_argument("--dpo-steps", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--base-steps", type=int, default=100, help="only when no base model is given or found")
+    ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument("--sft-lr", type=float, default=1e-3)
+    ap.add_argument("--dpo-pairs", type=int, default=1040)
+    ap.add_argument("--dpo-steps", type=int, default=130)
+    ap.add_argument("--dpo-lr", type=float, default=1e-4)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--dpo-evals", type=int, default=2, help="held-out evaluations during DPO (besides step 0)")
+    ap.add_argument("--no-samples", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.base_steps, args.sft_steps, args.dpo_steps = 4, 3, 3
-    torch.set_num_threads(1)
+        args.base_steps, args.sft_steps, args.dpo_steps, args.dpo_pairs = 4, 3, 3, 48
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     out: Path = args.out
-    chat = split_chat(out / "chat")
-    if not (out / "data" / "meta.json").is_file():
-        prepare(read_documents([CORPUS], domains=DOMAINS), out / "data", tokenizer="bytes")
-
-    base = out / "base"
-    if not (base / "hf" / "config.json").is_file():
-        train(TrainConfig(data=str(out / "data"), out=str(base), model="tiny-moe", model_overrides=MODEL, seq_len=256,
-                          batch_size=8, steps=args.base_steps, lr=3e-3, warmup=max(1, args.base_steps // 20),
-                          eval_every=args.base_steps, eval_windows=4, ckpt_every=0, keep=1, log_every=10, threads=1,
-                          progress=False, tensorboard=False, seed=0))
+    chat = split_chat(out / "chat", args.dpo_pairs)
+    base = base_model(args, out)
     t_base = time.perf_counter() - t_start
-    print(f"base model: {t_base:.0f}s", flush=True)
+    print(f"base model {base} ({t_base:.0f}s)", flush=True)
+    held = chat["dpo_test"] if args.eval_split == "test" else chat["dpo_dev"]
 
-    common = dict(seq_len=256, batch_size=8, threads=1, progress=False, ckpt_every=0, keep=1, log_every=1)
+    common = dict(seq_len=256, batch_size=8, threads=args.threads, progress=False, ckpt_every=0, keep=1, log_every=1)
     results = []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        run = out / f"seed{seed}"
+        run = out / f"{args.eval_split}-seed{seed}"
         if (run / "dpo" / "hf" / "config.json").is_file():  # finished earlier: read its records
             s, d = Finished(run / "sft"), Finished(run / "dpo")
         else:
-            s = finetune(FinetuneConfig(task="sft", model=str(base / "hf"), data=str(chat["sft_train"]),
+            s = finetune(FinetuneConfig(task="sft", model=str(base), data=str(chat["sft_train"]),
                                         valid_data=str(chat["sft_valid"]), out=str(run / "sft"),
-                                        steps=args.sft_steps, lr=2e-3, warmup=3, min_lr_ratio=0.1,
-                                        eval_every=max(1, args.sft_steps // 2), seed=seed,
-                                        **common))  # type: ignore[arg-type]
+                                        steps=args.sft_steps, lr=args.sft_lr, warmup=5, min_lr_ratio=0.1,
+                                        eval_every=args.sft_steps, seed=seed, **common))  # type: ignore[arg-type]
             d = finetune(FinetuneConfig(task="dpo", model=str(run / "sft"), data=str(chat["dpo_train"]),
-                                        valid_data=str(chat["dpo_valid"]), out=str(run / "dpo"),
-                                        steps=args.dpo_steps, lr=2e-4, warmup=3, beta=0.1,
-                                        eval_every=max(1, args.dpo_steps // 2), seed=seed,
+                                        valid_data=str(held), out=str(run / "dpo"), steps=args.dpo_steps,
+                                        lr=args.dpo_lr, warmup=5, min_lr_ratio=0.1, beta=args.beta,
+                                        eval_every=max(1, args.dpo_steps // max(1, args.dpo_evals)), seed=seed,
                                         **common))  # type: ignore[arg-type]
         # Held-out assistant loss of the DPO model (SFT's held-out conversations).
         valid = sft.read_sft(chat["sft_valid"], ByteTokenizer())
@@ -123,48 +157,77 @@ def main() -> None:
         row = {"seed": seed, "seconds": time.perf_counter() - t0,
                "sft_valid_loss_base": s.evals[0]["eval_loss"], "sft_valid_loss_sft": s.evals[-1]["eval_loss"],
                "sft_valid_loss_dpo": after_dpo_sft_loss,
-               "pref_logp_acc_before": first["eval_logps/accuracy"], "pref_logp_acc_after": last["eval_logps/accuracy"],
-               "implicit_reward_acc_after": last["eval_rewards/accuracies"],
+               "reward_acc_after": last["eval_rewards/accuracies"], "reward_margin_after": last["eval_rewards/margins"],
+               "dpo_loss_before": first["eval_loss"], "dpo_loss_after": last["eval_loss"],
+               "logp_acc_before": first["eval_logps/accuracy"], "logp_acc_after": last["eval_logps/accuracy"],
+               "token_logp_acc_before": first["eval_logps/accuracy_per_token"],
+               "token_logp_acc_after": last["eval_logps/accuracy_per_token"],
                "margin_before": first["eval_logps/margin"], "margin_after": last["eval_logps/margin"],
-               "reward_margin_after": last["eval_rewards/margins"],
                "sft_history": [{k: r[k] for k in ("step", "loss", "aux_loss")} for r in s.history],
-               "sft_evals": s.evals, "dpo_history": [{k: r[k] for k in ("step", "loss", "rewards/accuracies",
-                                                                        "rewards/margins", "aux_loss")}
-                                                     for r in d.history],
+               "sft_evals": s.evals,
+               "dpo_history": [{k: r[k] for k in ("step", "loss", "rewards/accuracies", "rewards/margins",
+                                                  "aux_loss")} for r in d.history],
                "dpo_evals": d.evals}
         results.append(row)
         print(f"seed {seed}: {row['seconds']:.0f}s; " + ", ".join(
             f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)), flush=True)
-    (out / "results.json").write_text(json.dumps({"seeds": results}, indent=2) + "\n", encoding="utf-8")
-    res = {"seeds": results, "base_seconds": t_base, "wall_seconds": time.perf_counter() - t_start,
-           "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
-    if args.seeds and args.seeds[0] == 0:
-        res["samples"] = {"base": samples(base / "hf"), "sft": samples(out / "seed0" / "sft" / "hf"),
-                          "dpo": samples(out / "seed0" / "dpo" / "hf"), "prompts": PROMPTS}
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    print(f"total {res['wall_seconds'] / 60:.1f} min; results in {out / 'results.json'}", flush=True)
-    if not args.quick:
+    res: dict = {"seeds": results, "eval_split": args.eval_split, "base": str(base), "base_seconds": t_base,
+                 "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.seeds and args.seeds[0] == 0 and not args.no_samples:
+        run0 = out / f"{args.eval_split}-seed0"
+        res["samples"] = {"prompts": PROMPTS, "base": samples(base), "sft": samples(run0 / "sft" / "hf"),
+                          "dpo": samples(run0 / "dpo" / "hf")}
+        with (out / "samples.md").open("w", encoding="utf-8") as f:
+            for i, p in enumerate(PROMPTS):
+                f.write(f"## {p}\n\n" + "".join(f"* {k}: `{res['samples'][k][i]!r}`\n" for k in ("base", "sft", "dpo"))
+                        + "\n")
+    res["wall_seconds"] = time.perf_counter() - t_start
+    (out / f"results-{args.eval_split}.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    print(f"total {res['wall_seconds'] / 60:.1f} min; results in {out / f'results-{args.eval_split}.json'}",
+          flush=True)
+    if not args.quick and args.eval_split == "test":
         plot(res, args.figures)
     table(res)
+
+
+def _stats(vals: list[float]) -> str:
+    mean = sum(vals) / len(vals)
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f} ({' / '.join(f'{v:.3f}' for v in vals)})"
 
 
 def table(res: dict) -> None:
     rows = res["seeds"]
 
     def cell(k: str) -> str:
-        vals = [r[k] for r in rows]
-        return " / ".join(f"{v:.3f}" for v in vals) + (f" (mean {sum(vals) / len(vals):.3f})" if len(vals) > 1 else "")
+        return _stats([r[k] for r in rows])
 
+    n = TEST[1] - TEST[0] if res["eval_split"] == "test" else DEV[1] - DEV[0]
     seeds = ", ".join(str(r["seed"]) for r in rows)
-    print(f"| held out (seeds {seeds}) | before DPO | after DPO |")
+    print(f"\n{n} held-out pairs ({res['eval_split']} split); mean ± standard deviation over seeds {seeds} "
+          f"(per seed)\n")
+    print("| held out | SFT model (before DPO) | SFT + DPO |")
     print("|---|---|---|")
-    print(f"| preference accuracy: log p(chosen) > log p(rejected) | {cell('pref_logp_acc_before')} | "
-          f"{cell('pref_logp_acc_after')} |")
-    print(f"| preference accuracy: implicit reward (DPO's, ties at 0 before) | 0.5 (all tied) | "
-          f"{cell('implicit_reward_acc_after')} |")
+    print(f"| implicit-reward preference accuracy, beta (log pi - log pi_ref) | 0.5 (policy = reference: all "
+          f"tied) | {cell('reward_acc_after')} |")
+    print(f"| implicit-reward margin, beta (h_chosen - h_rejected) | 0 | {cell('reward_margin_after')} |")
+    print(f"| DPO loss (sigmoid) | {cell('dpo_loss_before')} | {cell('dpo_loss_after')} |")
+    print(f"| log-prob preference accuracy: log p(chosen) > log p(rejected) | {cell('logp_acc_before')} | "
+          f"{cell('logp_acc_after')} |")
+    print(f"| per-byte log-prob preference accuracy | {cell('token_logp_acc_before')} | "
+          f"{cell('token_logp_acc_after')} |")
     print(f"| log p(chosen) - log p(rejected), nats | {cell('margin_before')} | {cell('margin_after')} |")
-    print(f"| assistant-token loss, nats/byte (base model: {cell('sft_valid_loss_base')}) | "
+    print(f"| assistant-token loss, nats/byte ({SFT_HELD_OUT} conversations; base {cell('sft_valid_loss_base')}) | "
           f"{cell('sft_valid_loss_sft')} | {cell('sft_valid_loss_dpo')} |")
+    acc = [r["reward_acc_after"] for r in rows]
+    mean = sum(acc) / len(acc)
+    se = math.sqrt(mean * (1 - mean) / n)
+    print(f"\nimplicit-reward accuracy - 0.5: {mean - 0.5:+.3f}; seed standard deviation "
+          f"{statistics.stdev(acc) if len(acc) > 1 else 0.0:.3f}; binomial standard error of one seed's accuracy "
+          f"on {n} pairs {se:.3f}")
+    for k in ("logp_acc", "token_logp_acc"):
+        gains = [r[f"{k}_after"] - r[f"{k}_before"] for r in rows]
+        print(f"{k} gain per seed: {' / '.join(f'{g:+.3f}' for g in gains)}")
 
 
 def plot(res: dict, figures: Path) -> None:
@@ -184,13 +247,13 @@ def plot(res: dict, figures: Path) -> None:
                      label=f"train, seed {r['seed']}")
         axes[1].plot([e["step"] for e in r["dpo_evals"]], [e["eval_loss"] for e in r["dpo_evals"]], "o-",
                      label=f"held out, seed {r['seed']}")
-        axes[2].plot([e["step"] for e in r["dpo_evals"]], [e["eval_logps/accuracy"] for e in r["dpo_evals"]], "o-",
-                     label=f"log-prob acc., seed {r['seed']}")
-        ev = r["dpo_evals"][1:]  # at step 0 the implicit rewards are all 0
-        axes[2].plot([e["step"] for e in ev], [e["eval_rewards/accuracies"] for e in ev],
-                     "s--", label=f"implicit-reward acc., seed {r['seed']}")
+        ev = r["dpo_evals"]
+        axes[2].plot([e["step"] for e in ev], [e["eval_rewards/accuracies"] if e["step"] else 0.5 for e in ev],
+                     "s-", label=f"implicit reward, seed {r['seed']}")
+        axes[2].plot([e["step"] for e in ev], [e["eval_logps/accuracy_per_token"] for e in ev], "o--",
+                     label=f"per-byte log-prob, seed {r['seed']}")
     axes[0].set_title("SFT: assistant-token loss (nats/byte)")
-    axes[1].set_title("DPO: sigmoid loss (beta 0.1)")
+    axes[1].set_title(f"DPO: sigmoid loss (beta {res['args']['beta']})")
     axes[2].set_title("DPO: held-out preference accuracy")
     for ax in axes:
         ax.set_xlabel("step")
