@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixlab.cli.run import _load, add_offload_args, print_stats
+from mixlab.cli.run import _load, add_runtime_args, print_stats
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -55,10 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-docs", type=int, default=None, help="at most this many documents per domain")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_offload_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=evaluate)

@@ -238,6 +238,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, default=None, help="same seed, same sampled text")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_runtime_args(p)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """How `_load` loads the model: --dtype, --quant, --device, --threads and expert offloading
+    (generate, chat, serve, eval)."""
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", default="auto",
                    help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")

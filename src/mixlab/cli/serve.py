@@ -8,7 +8,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from mixlab.cli.run import _load, add_offload_args, print_stats
+from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.dtypes import dtype_name
 
 
@@ -87,13 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
     p.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
                    help="enable CORS for these origins (default: CORS off)")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--dtype", default="auto",
-                   help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
-    r.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
-                   help="weight-only quantisation: int8 (per row) or int4 (groups of 32)")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    add_runtime_args(p)
     e = p.add_argument_group("engine budgets and limits")
     e.add_argument("--max-batch", type=_positive, default=16, help="sequences decoded together (default 16)")
     e.add_argument("--cache-bytes", type=_bytes, default=None, help="KV cache budget, e.g. 2GB (default: engine's)")
@@ -105,5 +99,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    add_offload_args(p)
     p.set_defaults(func=serve)
