@@ -257,3 +257,21 @@ def test_native_int4_decode_with_int8_activations(preset, group):
 def test_int4_activations_is_checked():
     with pytest.raises(ValueError, match="int4_activations must be one of int8, float32, not 'int4'"):
         prepare_for_inference(_model("tiny-moe"), quant="int4", int4_activations="int4")
+
+
+@pytest.mark.parametrize("mode", ["float32", "int8"])
+def test_cli_int4_activations_flag(tmp_path, mode):
+    import argparse
+
+    from mixlab import save_model
+    from mixlab.cli.run import _load, register
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))  # Mixtral's vocabulary
+    model.init_weights(seed=0, std=0.1)
+    save_model(model, tmp_path)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["generate", "--model", str(tmp_path), "--prompt", "x", "--quant", "int4",
+                              "--int4-activations", mode, "--dtype", "float32"])
+    model, _ = _load(args)
+    assert model.int4_activations == mode

@@ -435,7 +435,8 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
                 if cfg.vocab_size < 32000:
                     report.notes.append(f"llama.cpp skipped: vocab_size {cfg.vocab_size} < the tokenizer's 32000")
                 else:
-                    n_ctx = max(max(plan.prefill), plan.decode_prompt + plan.decode_steps * (plan.reps + 2)) + 16
+                    n_ctx = max(max(plan.prefill, default=0),
+                                plan.decode_prompt + plan.decode_steps * (plan.reps + 2)) + 16
                     # bf16 and q8_0 written by mixlab; q4_0 made from the bf16 file by llama.cpp's own
                     # quantiser (`_llama_quantize`) with `pure`: every matrix Q4_0, as mixlab-int4 holds it
                     # (without `pure` llama.cpp would store the output matrix as Q6_K), router and norms f32.

@@ -49,7 +49,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding; same results
         from mixlab.model.inference import prepare_for_inference
 
-        model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant)
+        model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant,
+                                      int4_activations=getattr(args, "int4_activations", None))
     folder = Path(args.model)
     has_own = folder.suffix == ".gguf" or any(
         (folder / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json", "mixlab_data.json"))
@@ -249,6 +250,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
     r.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantisation: int8 (per row) or int4 (groups of 32, Q4_0's arithmetic)")
+    r.add_argument("--int4-activations", choices=["int8", "float32"], default=None,
+                   help="int4 decoding: activations rounded to int8 per block of 32 as llama.cpp does "
+                        "(default, fast) or float32 (exact)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     add_offload_args(p)
