@@ -3,6 +3,8 @@ Q4_0 (llama-cpp-python's logits), all scored by `mixlab.eval`'s code: disjoint w
 predicted once, bytes counted from the original text (BENCHMARKS.md, "Quantisation: bits per byte").
 
     python benchmarks/bpb.py --model RUN_OR_CHECKPOINT --data ../shared/corpus --max-docs 8 --out bpb.json
+    python benchmarks/bpb.py --model RUN_OR_CHECKPOINT --data ../shared/corpus --max-docs 1 --max-bytes 2048 \\
+        --int4-decode --no-llama-cpp      # what int4 decoding's int8-rounded activations cost
 
 The model is the corpus-trained byte-level MoE (vocabulary 259). llama.cpp needs a vocabulary in the
 GGUF file: a SentencePiece model of the byte tokenizer's 259 pieces (pad/unknown, BOS, EOS, 256
@@ -21,11 +23,15 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from mixlab.cache import KVCache
+from mixlab.model import Transformer
 
 
 def _byte_spm(path: Path) -> Path:
@@ -64,10 +70,50 @@ class LlamaCppModel(nn.Module):
         return torch.stack(out)
 
 
-def main() -> int:
+class NativeDecodeModel(nn.Module):
+    """Enough of a mixlab model for `mixlab.eval.perplexity`: the logits of each row, one native
+    decoding step per token (a fresh cache per row)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        if model.native_decoder is None:
+            raise SystemExit("native decoding unavailable here (no AVX-512 or no C compiler)")
+        self.model, self.config = model, model.config
+        self._p = nn.Parameter(torch.zeros(1), requires_grad=False)  # device lookup
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        dec = self.model.native_decoder
+        assert dec is not None
+        out = []
+        for row in tokens_BT.tolist():
+            cache = KVCache(self.config, batch_size=1, max_len=len(row), dtype=torch.float32)
+            with torch.inference_mode():
+                out.append(torch.cat([dec.step(t, i, cache) for i, t in enumerate(row)]))
+        return torch.stack(out)
+
+
+def llama_cpp_columns(base: nn.Module, cfg: object, threads: int, run: Callable[[str, nn.Module], None]) -> None:
+    """Score llama.cpp's Q8_0 and Q4_0 of `base`: mixlab's F32 GGUF quantised by llama.cpp's own
+    `llama_model_quantize` (default parameters), logits through llama-cpp-python."""
     import llama_cpp
 
     from mixlab.checkpoint.gguf import write_gguf
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        f32 = write_gguf(base, root / "m-f32.gguf", quant="f32", tokenizer=_byte_spm(root / "bytes.model"))
+        for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
+                            ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = ftype, threads
+            out = root / f"m-{ftype}.gguf"
+            if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+                raise RuntimeError(f"llama_model_quantize failed for {name}")
+            run(name, LlamaCppModel(out, cfg, threads))
+
+
+def main() -> int:
+
     from mixlab.eval.data import documents
     from mixlab.eval.perplexity import evaluate_texts
     from mixlab.model.inference import prepare_for_inference
@@ -85,6 +131,11 @@ def main() -> int:
                     help="score only the first N characters of each document (a quick, smaller sample)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--int4-decode", action="store_true",
+                    help="also score int4 as native batch-1 decoding computes it, token by token, with float32 "
+                         "activations (exact) and with activations rounded to int8 per 32 (the default, as "
+                         "llama.cpp's Q4_0 x Q8_0 dot products): what the faster rounding costs")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's Q8_0 and Q4_0 columns")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -106,17 +157,12 @@ def main() -> int:
     run("bf16", copy.deepcopy(base).to(torch.bfloat16))
     run("int8", prepare_for_inference(copy.deepcopy(base), quant="int8"))
     run("int4", prepare_for_inference(copy.deepcopy(base), quant="int4"))
-    with tempfile.TemporaryDirectory() as d:
-        root = Path(d)
-        f32 = write_gguf(base, root / "m-f32.gguf", quant="f32", tokenizer=_byte_spm(root / "bytes.model"))
-        for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
-                            ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.nthread = ftype, args.threads
-            out = root / f"m-{ftype}.gguf"
-            if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-                raise RuntimeError(f"llama_model_quantize failed for {name}")
-            run(name, LlamaCppModel(out, cfg, args.threads))
+    if args.int4_decode:
+        for mode in ("float32", "int8"):
+            run(f"int4 decode, {mode} activations",
+                NativeDecodeModel(prepare_for_inference(copy.deepcopy(base), quant="int4", int4_activations=mode)))
+    if not args.no_llama_cpp:
+        llama_cpp_columns(base, cfg, args.threads, run)
     domains = sorted(results["float32"]["domains"])  # type: ignore[arg-type]
     print("| domain | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
