@@ -30,14 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _peak_rss() -> int:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from offload import peak_rss  # benchmarks/offload.py (this script's folder is on sys.path)
 
 
 def _q4_0(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -58,37 +51,13 @@ def write_random_q4(path: Path, preset: str) -> int:
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    from mixlab.checkpoint.gguf import _vocab
+    from mixlab.checkpoint.gguf import gguf_writer
     from mixlab.config import get_preset
-    from mixlab.tokenizer import default_tokenizer_path
 
     c = get_preset(preset)
     assert c.moe is not None
     D, F, E, V, q, kv = c.dim, c.ffn_dim, c.moe.num_experts, c.vocab_size, c.q_dim, c.kv_dim
-    w = gguf.GGUFWriter(None, "llama")
-    w.add_name(f"random {preset} q4_0")
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_0))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_vocab_size(V)
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(D)
-    w.add_block_count(c.n_layers)
-    w.add_feed_forward_length(F)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_rope_freq_base(float(c.rope_theta))
-    w.add_layer_norm_rms_eps(float(c.norm_eps))
-    w.add_expert_count(E)
-    w.add_expert_used_count(c.moe.top_k)
-    pieces, scores, types, special = _vocab(c, default_tokenizer_path())
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(special["bos"])
-    w.add_eos_token_id(special["eos"])
+    w = gguf_writer(c, name=f"random {preset} q4_0", file_type=int(gguf.LlamaFileType.MOSTLY_Q4_0))
     plan: list[tuple[str, tuple[int, ...], object]] = [("token_embd.weight", (V, D), Q.Q4_0)]
     for i in range(c.n_layers):
         b = f"blk.{i}."
@@ -157,7 +126,7 @@ def decode(args: argparse.Namespace) -> dict:
                tokens=tokens, first_step=first, decode=st.as_dict(), slots=cache.num_slots,
                experts=cache.num_layers * cache.num_experts, expert_bytes=cache.expert_bytes,
                resident_weight_bytes=resident_bytes(model), rss_loaded=rss_loaded,
-               peak_rss=_peak_rss(), budget=cache.budget)
+               peak_rss=peak_rss(), budget=cache.budget)
     cache.close()
     return out
 

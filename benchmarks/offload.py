@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -90,7 +90,7 @@ def run_one(args: argparse.Namespace) -> dict:
     decode_s = times[-1] - times[0]
     out = dict(budget=args.budget, policy=args.policy, prefetch=args.prefetch, quant=args.quant,
                prefill_s=times[0] - start, decode_tokens=len(times) - 1, decode_tok_s=(len(times) - 1) / decode_s,
-               rss_loaded=rss_loaded, peak_rss=_peak_rss())
+               rss_loaded=rss_loaded, peak_rss=peak_rss())
     if cache is not None:
         out.update(cache.stats.as_dict(), slots=cache.num_slots, expert_bytes=cache.expert_bytes,
                    total_expert_bytes=cache.total_expert_bytes)

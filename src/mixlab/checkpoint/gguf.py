@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,6 +131,47 @@ def _vocab(config: ModelConfig, tokenizer: Path) -> tuple[list[bytes], list[floa
     return pieces, scores, [int(t) for t in types], special
 
 
+def gguf_writer(config: ModelConfig, *, name: str, file_type: int, tokenizer: str | Path | None = None) -> Any:
+    """A `gguf.GGUFWriter` holding the metadata llama.cpp reads for a Llama/Mistral/Mixtral model of
+    `config` (shapes, rope, experts, the SentencePiece vocabulary of `tokenizer`); tensors are the
+    caller's."""
+    import gguf
+
+    pieces, scores, types, special = _vocab(config, Path(tokenizer) if tokenizer else default_tokenizer_path())
+    w = gguf.GGUFWriter(None, "llama")
+    w.add_name(name)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(config.vocab_size)
+    w.add_context_length(config.max_seq_len)
+    w.add_embedding_length(config.dim)
+    w.add_block_count(config.n_layers)
+    w.add_feed_forward_length(config.ffn_dim)
+    w.add_head_count(config.n_heads)
+    w.add_head_count_kv(config.n_kv_heads)
+    w.add_rope_dimension_count(config.head_dim)
+    if config.head_dim * config.n_heads != config.dim:
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+    w.add_rope_freq_base(float(config.rope_theta))
+    w.add_layer_norm_rms_eps(float(config.norm_eps))
+    if config.moe is not None:
+        w.add_expert_count(config.moe.num_experts)
+        w.add_expert_used_count(config.moe.top_k)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(special["bos"])
+    w.add_eos_token_id(special["eos"])
+    if special["unk"] >= 0:
+        w.add_unk_token_id(special["unk"])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    return w
+
+
 def write_gguf(
     model: torch.nn.Module,
     path: str | Path,
@@ -163,39 +205,7 @@ def write_gguf(
     qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quant]
     ftype = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0,
              "q4_0": FT.MOSTLY_Q4_0}[quant]
-    pieces, scores, types, special = _vocab(config, Path(tokenizer) if tokenizer else default_tokenizer_path())
-
-    w = gguf.GGUFWriter(None, "llama")
-    w.add_name(name)
-    w.add_file_type(int(ftype))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_vocab_size(config.vocab_size)
-    w.add_context_length(config.max_seq_len)
-    w.add_embedding_length(config.dim)
-    w.add_block_count(config.n_layers)
-    w.add_feed_forward_length(config.ffn_dim)
-    w.add_head_count(config.n_heads)
-    w.add_head_count_kv(config.n_kv_heads)
-    w.add_rope_dimension_count(config.head_dim)
-    if config.head_dim * config.n_heads != config.dim:
-        w.add_key_length(config.head_dim)
-        w.add_value_length(config.head_dim)
-    w.add_rope_freq_base(float(config.rope_theta))
-    w.add_layer_norm_rms_eps(float(config.norm_eps))
-    if config.moe is not None:
-        w.add_expert_count(config.moe.num_experts)
-        w.add_expert_used_count(config.moe.top_k)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(special["bos"])
-    w.add_eos_token_id(special["eos"])
-    if special["unk"] >= 0:
-        w.add_unk_token_id(special["unk"])
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    w = gguf_writer(config, name=name, file_type=int(ftype), tokenizer=tokenizer)
 
     # Tensor infos first (sizes are known without converting anything), then the data, streamed.
     plan: list[tuple[str, torch.Tensor, object]] = []
