@@ -263,3 +263,137 @@ def test_a_training_checkpoint_changed_after_saving_is_refused_on_resume(tmp_pat
     f.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"optimizer.safetensors.*SHA-256.*resume from step_00000001"):
         checkpoints.latest(root)
+
+
+# -- small files and the writers outside checkpoint/io: whole or not at all ------------------------
+
+
+def _half_then_fail(real):
+    """A writer that writes half of its content, then fails like a full disk."""
+    import errno
+
+    def write(self, text, *a, **kw):
+        real(self, text[: len(text) // 2], *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(self))
+
+    return write
+
+
+def test_a_failed_small_file_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    dst = tmp_path / "train_config.json"
+    atomic.write_text(dst, '{"old": 1}\n')
+    monkeypatch.setattr(Path, "write_text", _half_then_fail(Path.write_text))
+    with pytest.raises(OSError, match="simulated"):
+        atomic.write_text(dst, '{"new": 2}\n' * 50)
+    monkeypatch.undo()
+    assert dst.read_text() == '{"old": 1}\n' and [p.name for p in tmp_path.iterdir()] == [dst.name]
+    atomic.write_text(dst, "new\n")
+    assert dst.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == [dst.name]
+
+
+def test_the_metrics_log_trimmed_on_resume_is_replaced_whole(tmp_path, monkeypatch):
+    import json
+
+    from mixlab.train.loop import _Metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    before = log.read_bytes()
+    monkeypatch.setattr(Path, "write_text", _half_then_fail(Path.write_text))
+    with pytest.raises(OSError, match="simulated"):
+        _Metrics(tmp_path, resume_step=2, tensorboard=False)  # drops step 3, to be redone
+    monkeypatch.undo()
+    assert log.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [log.name]
+    _Metrics(tmp_path, resume_step=2, tensorboard=False).close()
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2]
+
+
+def test_a_failed_loss_curve_plot_leaves_the_old_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from matplotlib.figure import Figure
+
+    from mixlab.train.plot import plot_loss_curve
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n"
+                                                    for s in (1, 2, 3)))
+    png = tmp_path / "out" / "loss.png"
+    plot_loss_curve(tmp_path, png)
+    before = png.read_bytes()
+    assert before.startswith(b"\x89PNG")
+    real = Figure.savefig
+
+    def half(self, fname, **kw):
+        real(self, fname, **kw)
+        with open(fname, "r+b") as f:
+            f.truncate(len(before) // 2)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Figure, "savefig", half)
+    with pytest.raises(OSError, match="simulated"):
+        plot_loss_curve(tmp_path, png, title="again")
+    assert png.read_bytes() == before and [p.name for p in png.parent.iterdir()] == ["loss.png"]
+
+
+_DCP_CRASH = r"""
+import sys
+from pathlib import Path
+
+import torch
+
+from mixlab.config import get_preset
+from mixlab.model import Transformer
+from mixlab.parallel import checkpoint as pc
+from mixlab.parallel.mesh import init, shutdown
+from mixlab.train import checkpoints
+
+root = Path(sys.argv[1])
+layout = init(ep=1)
+try:
+    torch.manual_seed(0)
+    m = Transformer(get_preset("tiny-moe"))
+    m.init_weights(seed=0)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randint(0, 256, (1, 8))).sum().backward()
+    opt.step()
+    kw = dict(model=m, optimizer=opt, state={}, keep=3, layout=layout, expert_names=set())
+    pc.save(root, step=1, **kw)
+    real = pc.save_file
+
+    def fail_after_the_shards(tensors, path, **a):  # DCP has written its shards by now
+        real(tensors, path, **a)
+        with open(path, "r+b") as f:
+            f.truncate(8)
+        raise OSError(28, "No space left on device (simulated)")
+
+    pc.save_file = fail_after_the_shards
+    try:
+        pc.save(root, step=2, **kw)
+        raise SystemExit("the save did not fail")
+    except OSError:
+        pass
+    pc.save_file = real
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["step_00000001"], names
+    assert checkpoints.latest(root).name == "step_00000001"
+    pc.save(root, step=2, **kw)
+    assert checkpoints.latest(root).name == "step_00000002"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
+    print("ok")
+finally:
+    shutdown()
+"""
+
+
+def test_a_distributed_checkpoint_that_fails_after_its_shards_is_not_committed(tmp_path):
+    """parallel/checkpoint.py: DCP writes its shards into the temporary folder rank 0 made; the
+    commit (state.json, manifest, rename) is rank 0's, so a failure before it leaves nothing."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _DCP_CRASH, str(tmp_path / "ckpts")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

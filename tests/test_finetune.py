@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.config import ModelConfig, MoEConfig
 from mixlab.model import Transformer
@@ -378,8 +379,11 @@ def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Pa
                 "logps/rejected"} <= set(straight.history[0])
         assert "eval_rewards/accuracies" in straight.evals[-1]
     assert (tmp_path / "a" / "hf" / "config.json").is_file()
-    if lora:
-        assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file()
+    exports = ["hf", "adapter"] if lora else ["hf"]
+    for name in exports:  # one atomic folder each, its manifest listing mixlab_data.json (replaceable later)
+        assert (tmp_path / "a" / name / "mixlab_data.json").is_file()
+        assert atomic.foreign_entries(tmp_path / "a" / name) == [], name
+    assert not [p.name for p in (tmp_path / "b").iterdir() if ".tmp" in p.name]
 
 
 def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
@@ -433,3 +437,27 @@ def test_unexpressible_adapter_exports_merged_weights(ckpt: Path, chat_files: tu
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "b")]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+def test_a_failed_reference_logps_save_leaves_no_file(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPO's reference log-probs are written whole or not at all: a run killed mid-write must not
+    leave a file the next run would trust (or refuse)."""
+    import mixlab.train.finetune as ft
+
+    real = ft.save_file
+
+    def half(tensors: Any, path: str, **kw: Any) -> None:
+        real(tensors, path, **kw)
+        with open(path, "r+b") as f:
+            f.truncate(16)
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(ft, "save_file", half)
+    cfg = _cfg(ckpt, chat_files[1], tmp_path / "run", task="dpo", steps=1, eval_every=0, export_hf=False)
+    with pytest.raises(OSError, match="simulated"):
+        finetune(cfg)
+    assert not [p.name for p in (tmp_path / "run").iterdir() if "reference" in p.name]
+    monkeypatch.undo()
+    finetune(cfg)
+    assert (tmp_path / "run" / "reference_logps.safetensors").is_file()

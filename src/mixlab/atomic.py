@@ -17,7 +17,9 @@ The guarantees:
 - **Leftovers are cleaned by name:** a temporary `.NAME.tmp-PID-*` whose process is gone is deleted
   by the next write of `NAME`; nothing else is touched.
 - **Usual modes:** folders are made with `os.mkdir` (0777 & ~umask), not mkdtemp's 0700.
-One writer per destination at a time.
+One writer per destination at a time. Small single files (settings JSON, reports, figures) go
+through `atomic_file` / `write_text`; the one exception is an append-only log (`metrics.jsonl`),
+whose torn last line a reader drops.
 """
 
 from __future__ import annotations
@@ -261,7 +263,8 @@ def verify(folder: Path) -> dict[str, Any]:
     return m
 
 
-def _sync_tree(folder: Path) -> None:
+def sync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (before renaming it, or files from it, into place)."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
             with open(Path(root) / name, "rb") as fh:
@@ -309,7 +312,7 @@ def atomic_folder(
     try:
         yield tmp
         write_manifest(tmp, kind=kind, checksums=checksums)
-        _sync_tree(tmp)
+        sync_tree(tmp)
         _commit_folder(tmp, real)
     except BaseException:
         _remove(tmp)
@@ -338,5 +341,12 @@ def atomic_file(
         raise
 
 
+def write_text(dst: str | Path, text: str, *, encoding: str = "utf-8") -> None:
+    """Write a small text file (a settings JSON, a report) atomically: readers see the old content or
+    the new, never a half-written file. An existing regular file there is replaced."""
+    with atomic_file(dst) as tmp:
+        tmp.write_text(text, encoding=encoding)
+
+
 __all__ = ["MANIFEST", "atomic_file", "atomic_folder", "check_destination", "foreign_entries", "read_manifest",
-           "recover", "remove_leftovers", "verify"]
+           "recover", "remove_leftovers", "verify", "write_text"]

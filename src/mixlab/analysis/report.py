@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mixlab import atomic
 from mixlab.analysis.collect import Collected
 from mixlab.analysis.stats import load_balance, random_baseline, total_variation
 
@@ -336,7 +337,11 @@ def to_json(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: str | Path, *, figures: bool = True) -> list[str]:
-    """Write the report folder `out` atomically (replacing an earlier report there); returns file names."""
+    """Write the report folder `out` atomically (replacing an earlier report there); returns file names.
+
+    A new folder is renamed into place whole. An existing one keeps files the report does not write
+    (e.g. a screenshot added later): each of the report's files is then replaced by its own rename,
+    so every file is whole, old or new, at every moment."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -348,17 +353,17 @@ def write_report(report: dict[str, Any], out: str | Path, *, figures: bool = Tru
         (tmp / "tokens.html").write_text(tokens_html(report), encoding="utf-8")
         (tmp / "summary.md").write_text(summary_md(report), encoding="utf-8")
         names = sorted(p.name for p in tmp.iterdir())
+        atomic.sync_tree(tmp)  # durable before any rename makes it visible
         if out.exists():
             if not out.is_dir():
                 raise NotADirectoryError(f"report folder {out} exists and is not a folder")
             for name in names:  # replace our files, keep others (e.g. a screenshot added later)
-                target = out / name
-                if target.exists():
-                    target.unlink()
-                os.replace(tmp / name, target)
+                os.replace(tmp / name, out / name)
+            atomic.fsync_dir(out)
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, out)
+            atomic.fsync_dir(out.parent)
         return names
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

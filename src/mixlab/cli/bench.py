@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from mixlab import atomic
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -31,7 +32,7 @@ def bench(args: argparse.Namespace) -> int:
     text = report.format()
     print(text)
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        atomic.write_text(args.out, text)
     return 0
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from mixlab import atomic
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 
 
@@ -38,7 +38,7 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"{d:<16}{m['docs']:>6}{m['tokens']:>10}{m['token_perplexity']:>12.3f}{m['bits_per_byte']:>11.4f}"
               f"{m['word_perplexity']:>12.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic.write_text(args.json, json.dumps(result, indent=2) + "\n")
     print_stats(args, model)
     return 0
 

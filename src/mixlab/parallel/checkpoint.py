@@ -10,9 +10,12 @@ single-process checkpoint (`train/checkpoints.py`): parameters by name, optimize
 - a single-process run resumes a sharded checkpoint (`checkpoints.load` reads this format), and a
   sharded run resumes a single-process checkpoint (DCP's reader takes its `model.safetensors` and
   `optimizer.safetensors` as whole tensors), on any number of processes;
-- crash safety is a one-process checkpoint's (`mixlab.atomic`): the ranks write into the temporary
-  folder rank 0 made; after a barrier rank 0 writes `state.json` and the manifest (sizes, SHA-256),
-  fsyncs and renames it into place.
+- crash safety is a one-process checkpoint's (`mixlab.atomic`): DCP writes its own shards, into
+  the temporary folder rank 0's `atomic_folder` made (all ranks), never into `step_*` itself; after
+  a barrier rank 0 writes `rng.safetensors`, `state.json` and the manifest (sizes, SHA-256), fsyncs
+  and renames the folder into place: that rename is the commit. A failure before it (any rank's
+  DCP write, rank 0's files) deletes the temporary and leaves the older checkpoints as they were
+  (tests/test_atomic.py).
 
 The state dict describes each tensor globally: FSDP parameters are DTensors already; the local
 expert shards of expert parallelism become DTensors on the (dp, ep) mesh, Shard(0) over ep (and

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError
@@ -388,9 +389,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 raise CheckpointError(f"{rf}: missing (a DPO run stores its reference log-probs before training)")
             t = {f"{k}.{s}": v for k, items in (("train", train_items), ("valid", valid_items)) if items
                  for s, v in reference_logps(model, items, cfg).items()}
-            tmp = rf.with_suffix(".tmp")
-            save_file(t, str(tmp), metadata={"fingerprint": fp})
-            tmp.replace(rf)
+            with atomic.atomic_file(rf) as tmp:
+                save_file(t, str(tmp), metadata={"fingerprint": fp})
         ref = {"chosen": t["train.chosen"], "rejected": t["train.rejected"]}
         if valid_items:
             vref = {"chosen": t["valid.chosen"], "rejected": t["valid.rejected"]}
@@ -430,7 +430,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         state = checkpoints.load(newest, model=trainable, optimizer=optimizer)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
-    (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(out / "finetune_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard)
     moe = mc.moe
     aux_coef = (cfg.aux_loss_coef if cfg.aux_loss_coef is not None else moe.aux_loss_coef) if moe else 0.0
@@ -550,19 +550,19 @@ def export(model: Transformer, out: Path, cfg: FinetuneConfig, tok_spec: dict[st
     """out/hf: plain weights (LoRA merged in); out/adapter: the LoRA adapter in PEFT's format. When
     PEFT cannot express the adapters, the reason goes to out/adapter_not_exported.txt and the merged
     weights to out/hf."""
-    info = json.dumps({"tokenizer": tok_spec}, indent=2) + "\n"
+    # Each export is one atomic folder with mixlab_data.json inside it (written with the weights, so
+    # the folder's manifest lists it and a later export may replace the folder).
+    info = {"mixlab_data.json": json.dumps({"tokenizer": tok_spec}, indent=2) + "\n"}
     merged_instead = False
     if cfg.lora_rank and cfg.export_peft:
         try:
-            save_peft(model, out / "adapter")
-            (out / "adapter" / "mixlab_data.json").write_text(info, encoding="utf-8")
+            save_peft(model, out / "adapter", extra_files=info)
         except (ValueError, ImportError) as e:  # PEFT cannot hold these adapters: merged weights instead
-            (out / "adapter_not_exported.txt").write_text(f"{e}\n", encoding="utf-8")
+            atomic.write_text(out / "adapter_not_exported.txt", f"{e}\n")
             merged_instead = True
     if cfg.export_hf or merged_instead:
         plain = merge(model) if cfg.lora_rank else model
-        save_model(plain, out / "hf", fmt="hf")
-        (out / "hf" / "mixlab_data.json").write_text(info, encoding="utf-8")
+        save_model(plain, out / "hf", fmt="hf", extra_files=info)
 
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "load_finetune_config"]

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset
@@ -295,7 +296,7 @@ class _Metrics:
                     raise DataError(f"{self.path}: line {i + 1} is not valid JSON ({e}); fix or remove it") from None
                 if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
                     keep.append(ln)
-            self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            atomic.write_text(self.path, "".join(ln + "\n" for ln in keep))
         elif self.path.exists():
             self.path.unlink()
         self.tb = None
@@ -308,6 +309,7 @@ class _Metrics:
                 pass
 
     def write(self, rec: dict[str, Any]) -> None:
+        # Append-only (not atomic): a crash can tear only the last line, which a resume drops.
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
@@ -421,8 +423,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
         step = int(state["step"])
     out.mkdir(parents=True, exist_ok=True)
     if main:
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
-                                               encoding="utf-8")
+        atomic.write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard) if main \
         else _NoMetrics()
     if cfg.activation_checkpointing:

@@ -327,10 +327,12 @@ def expert_lora(ffn: nn.Module, name: str) -> WeightLoRA:
     return _lora_of(experts_owner(ffn), name)
 
 
-def save_peft(model: Transformer, path: str | Path, *, expert_layout: str | None = None) -> PeftExport:
-    """Write `adapter_config.json` + `adapter_model.safetensors` for
-    `peft.PeftModel.from_pretrained(MixtralForCausalLM..., path)`. Raises ValueError naming the
-    targets PEFT cannot express in the installed transformers' layout (use `save_merged`)."""
+def save_peft(model: Transformer, path: str | Path, *, expert_layout: str | None = None,
+              extra_files: dict[str, str] | None = None) -> PeftExport:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (+ `extra_files`, name -> text) for
+    `peft.PeftModel.from_pretrained(MixtralForCausalLM..., path)`, as one atomic folder. Raises
+    ValueError naming the targets PEFT cannot express in the installed transformers' layout (use
+    `save_merged`)."""
     cfg: LoraConfig | None = getattr(model, "_lora", None)
     if cfg is None:
         raise ValueError("the model has no LoRA adapters (apply_lora first)")
@@ -354,6 +356,6 @@ def save_peft(model: Transformer, path: str | Path, *, expert_layout: str | None
     p = Path(path)
     write_sharded(iter(sorted(tensors.items())), p, single_name="adapter_model.safetensors",
                   extra_files={"adapter_config.json": json.dumps(conf, indent=2) + "\n",
-                               "mixlab_lora.json": json.dumps(asdict(cfg), indent=2) + "\n"},
+                               "mixlab_lora.json": json.dumps(asdict(cfg), indent=2) + "\n", **(extra_files or {})},
                   metadata={"format": "pt"}, max_shard_bytes=1 << 62, copy_files=[])
     return PeftExport(p, modules + params)

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from mixlab.atomic import atomic_file
+
 
 def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = None) -> None:
     """Training loss (per logged step) and validation loss per domain (per evaluation) to `png`."""
@@ -35,8 +37,8 @@ def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    with atomic_file(png) as tmp:  # the format from `png`'s suffix, not the temporary's name
+        fig.savefig(tmp, dpi=120, format=Path(png).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
 
 
