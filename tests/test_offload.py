@@ -82,6 +82,7 @@ def test_equals_resident_every_format_and_budget(ckpt, quant, fraction):
         if fraction == 1.0:  # everything fits: each expert read once
             assert cache.stats.misses + cache.stats.prefetched <= EXPERTS
         assert cache.stats.hits + cache.stats.misses > 0 and cache.stats.bytes_read > 0
+        assert cache.stats.prefetch_failed == 0
         cache.close()
 
 
@@ -114,6 +115,26 @@ def test_gguf(tmp_path, quant):
     assert expert_cache(model).fmt.kind == ("int4" if quant == "q4_0" else "plain")  # type: ignore[union-attr]
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS), ref(TOKENS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["int8", "gguf-q4_0"])
+def test_prefetch_reads_when_generate_allocates_the_pool(tmp_path, ckpt, source):
+    # generate's first forward allocates the pool under torch.inference_mode(); the prefetch thread
+    # must still write into it (it once failed every converting read: none of the full-size run's
+    # guesses was used).
+    if source == "int8":
+        path, quant, kind = ckpt, "int8", "int8"
+    else:
+        from mixlab.checkpoint.gguf import write_gguf
+
+        path, quant, kind = write_gguf(_model(32000), tmp_path / "m.gguf", quant="q4_0"), None, "int4"
+    want = generate(prepare_for_inference(load_model(path), quant=quant), [TOKENS[0].tolist()], max_new_tokens=8)
+    model = prepare_for_inference(load_model(path, max_memory=_budget(kind, 0.5), prefetch=True), quant=quant)
+    cache = expert_cache(model)
+    assert cache is not None and cache.fmt.kind == kind
+    assert generate(model, [TOKENS[0].tolist()], max_new_tokens=8) == want
+    assert cache.stats.prefetched > 0 and cache.stats.prefetch_failed == 0
+    cache.close()
 
 
 def test_modules_and_format(ckpt):

@@ -154,6 +154,7 @@ class CacheStats:
     wait_s: float = 0.0
     prefetched: int = 0
     prefetch_used: int = 0
+    prefetch_failed: int = 0  # prefetch reads that raised (the computing thread reads those experts itself)
     passes: int = 0  # layer calls that needed more than one pass (more distinct experts than slots)
     layer_calls: int = 0
 
@@ -165,10 +166,12 @@ class CacheStats:
     def as_dict(self) -> dict[str, float]:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
                 "read_s": self.read_s, "wait_s": self.wait_s, "prefetched": self.prefetched,
-                "prefetch_used": self.prefetch_used, "multi_pass_calls": self.passes, "layer_calls": self.layer_calls}
+                "prefetch_used": self.prefetch_used, "prefetch_failed": self.prefetch_failed,
+                "multi_pass_calls": self.passes, "layer_calls": self.layer_calls}
 
     def summary(self) -> str:
-        pf = f", prefetched {self.prefetched} (used {self.prefetch_used})" if self.prefetched else ""
+        failed = f", {self.prefetch_failed} failed" if self.prefetch_failed else ""
+        pf = f", prefetched {self.prefetched} (used {self.prefetch_used}{failed})" if self.prefetched else ""
         return (f"expert cache: hit rate {self.hit_rate:.1%} ({self.hits} hits, {self.misses} misses), "
                 f"read {format_bytes(self.bytes_read)} in {self.read_s:.2f} s, waited {self.wait_s:.2f} s{pf}")
 
@@ -287,7 +290,12 @@ class ExpertCache:
     def _load(self, s: int, layer: int, expert: int) -> None:
         t0 = time.perf_counter()
         try:
-            n = self.source.read(layer, expert, self.fmt, self.slot(s))
+            # Inference mode on both threads: the pool is allocated by whichever forward pass comes
+            # first, often under `torch.inference_mode()` (generate), and its inference tensors refuse
+            # in-place writes outside that mode. Inference mode is thread-local, so the prefetch thread
+            # never had it: every prefetch that converts (int8/int4, other dtypes, GGUF Q4_0) failed.
+            with torch.inference_mode():
+                n = self.source.read(layer, expert, self.fmt, self.slot(s))
         except BaseException:
             with self._cond:  # forget the half-written slot
                 st = self._slots[s]
@@ -404,6 +412,7 @@ class ExpertCache:
                 try:
                     self._load(s, req.layer, e)
                 except Exception:  # noqa: BLE001  the computing thread reads it again and reports the error
+                    self.stats.prefetch_failed += 1
                     break
 
     def close(self) -> None:
