@@ -169,3 +169,23 @@ def test_prepare_with_mixtral_tokenizer(tmp_path: Path) -> None:
     ids = ds.tokens("train", "default").tolist()
     assert ids[0] == 1 and ids[-1] == 2
     assert ds.tokenizer().decode(ids) == "Hello world, this is Mixtral."
+    # Bits per byte need the text's bytes, which the tokens alone do not give for this tokenizer.
+    assert meta["bytes"]["train"]["default"] == len(b"Hello world, this is Mixtral.")
+    assert ds.bytes_per_token("train", "default") == 29 / len(ids)
+    del ds.meta["bytes"]  # a dataset prepared before byte counts were recorded
+    assert ds.bytes_per_token("train", "default") is None
+
+
+def test_prepare_records_the_bytes_of_each_split_and_domain(tmp_path: Path) -> None:
+    texts = ["naïve café ☕ " * 3, "plain ascii text", "日本語のテキスト"]
+    _jsonl(tmp_path / "src" / "d" / "train.jsonl", texts[:2])
+    _jsonl(tmp_path / "src" / "d" / "valid.jsonl", texts[2:])
+    meta = prepare(read_documents([tmp_path / "src"]), tmp_path / "ds")
+    assert meta["bytes"] == {"train": {"d": sum(len(t.encode()) for t in texts[:2])},
+                             "valid": {"d": len(texts[2].encode())}}
+    ds = TokenDataset(tmp_path / "ds")
+    recorded = ds.bytes_per_token("valid", "d")
+    assert recorded == len(texts[2].encode()) / (len(texts[2].encode()) + 2)  # [BOS] bytes [EOS]
+    del ds.meta["bytes"]  # before byte counts were recorded: exact for the byte tokenizer anyway
+    assert ds.bytes_per_token("valid", "d") == recorded
+    assert ds.fingerprint() == {"tokenizer": meta["tokenizer"], "splits": meta["splits"]}  # resume unchanged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from mixlab.checkpoint import CheckpointError, load_model
 from mixlab.config import ConfigError
 from mixlab.train import checkpoints
 from mixlab.train.data import prepare, read_documents
-from mixlab.train.loop import TrainConfig, evaluate, load_train_config, lr_at, train
+from mixlab.train.loop import TrainConfig, eval_line, evaluate, load_train_config, lr_at, train
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
         "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "jitter": 0.1, "z_loss_coef": 0.001}}
@@ -72,6 +73,12 @@ def test_checkpoints_keep_last_k_and_export(dataset: Path, tmp_path: Path) -> No
     assert names == ["step_00000005", "step_00000006"]
     assert {"arxiv"}.isdisjoint(res.evals[-1]["loss"]) and set(res.evals[-1]["loss"]) == {"code", "prose"}
     assert len(res.evals[-1]["load"]["code"]) == 2  # [L, E] per domain
+    # Each evaluation's record has bits per byte next to the loss, overall and per domain.
+    recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ev_recs = [r for r in recs if "eval_loss" in r]
+    assert [r["step"] for r in ev_recs] == [3, 6]
+    assert ev_recs[-1]["eval_bpb"] == res.evals[-1]["mean_bpb"] > 0
+    assert set(ev_recs[-1]["eval_domain_bpb"]) == {"code", "prose"}
     # The transformers-format export loads back into the same function.
     m = load_model(tmp_path / "hf")
     x = torch.randint(0, 259, (1, 16))
@@ -216,7 +223,7 @@ def test_evaluate_equals_mixlab_eval_on_the_same_windows(dataset: Path, tmp_path
     ds = TokenDataset(dataset)
     ev = evaluate(model, ds, cfg)
     assert set(ev["loss"]) == {"code", "prose"}
-    nll_all = n_all = 0.0
+    nll_all = n_all = bytes_all = 0.0
     for dom in ("code", "prose"):
         w = eval_windows(ds, split="valid", domain=dom, seq_len=cfg.seq_len, max_windows=cfg.eval_windows)
         assert len(w) == 5
@@ -233,7 +240,16 @@ def test_evaluate_equals_mixlab_eval_on_the_same_windows(dataset: Path, tmp_path
         assert ev["loss"][dom] == pytest.approx(old / n, rel=1e-5)
         torch.testing.assert_close(torch.tensor(ev["load"][dom]), load / n, rtol=1e-5, atol=1e-6)
         nll_all, n_all = nll_all + nll, n_all + n
+        # Bits per byte: the windows' NLL over the bytes their tokens stand for, at the split's
+        # bytes per token (the byte tokenizer: each document is BOS, its UTF-8 bytes, EOS).
+        info = ds.meta["splits"]["valid"][dom]
+        assert ds.bytes_per_token("valid", dom) == (info["tokens"] - 2 * info["docs"]) / info["tokens"]
+        bytes_ = n * ds.bytes_per_token("valid", dom)
+        assert ev["bpb"][dom] == pytest.approx(nll / bytes_ / math.log(2), rel=1e-6)
+        bytes_all += bytes_
     assert ev["mean_loss"] == pytest.approx(nll_all / n_all, rel=1e-6)
+    assert ev["mean_bpb"] == pytest.approx(nll_all / bytes_all / math.log(2), rel=1e-6)
+    assert "bits/byte" in eval_line(ev) and f"{ev['mean_bpb']:.4f}" in eval_line(ev)
 
 
 def test_schedule_warmup_then_cosine() -> None:

@@ -62,7 +62,7 @@ def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
 
 
 def train_cmd(args: argparse.Namespace) -> int:
-    from mixlab.train.loop import load_train_config, train
+    from mixlab.train.loop import eval_line, load_train_config, train
 
     cfg = load_train_config(args.config, **_overrides(args))
     if not cfg.data:
@@ -83,7 +83,7 @@ def train_cmd(args: argparse.Namespace) -> int:
         return 128 + result.stopped_by
     if result.evals:
         ev = result.evals[-1]
-        print(f"step {result.step}: valid loss {ev['mean_loss']:.4f}; " + ", ".join(
+        print(f"step {result.step}: {eval_line(ev)}; " + ", ".join(
             f"{d} {v:.3f}" for d, v in ev["loss"].items()))
     print(f"run folder: {result.out}")
     return 0

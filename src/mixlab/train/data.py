@@ -7,7 +7,8 @@ Shape legend: B batch, T sequence length.
 
 A prepared dataset is a folder:
 
-    meta.json                       format, tokenizer, dtype, domains, per-split token/document counts
+    meta.json                       format, tokenizer, dtype, domains, per-split token/document counts,
+                                    per-split UTF-8 byte counts of the text (`bytes`: bits per byte)
     <split>/<domain>.tokens.bin     every document of that domain, concatenated: [bos] ids [eos] ...
     <split>/<domain>.docs.bin       int64 start offset of each document in tokens.bin
 
@@ -87,6 +88,9 @@ def prepare(
     if not by_domain:
         raise DataError("no documents to prepare")
     splits: dict[str, dict[str, dict[str, int]]] = {"train": {}, "valid": {}}
+    # UTF-8 bytes of the text, per split and domain: the trainer's validation reports bits per byte
+    # with them. Kept apart from `splits` (the data fingerprint checked on resume stays as it was).
+    n_bytes: dict[str, dict[str, int]] = {"train": {}, "valid": {}}
     with atomic_folder(out, sources=sources, overwrite=overwrite, kind="dataset") as tmp:
         for domain, docs in sorted(by_domain.items()):
             if not any(d.split == "valid" for d in docs):
@@ -101,7 +105,7 @@ def prepare(
                 if not chosen:
                     continue
                 ids, starts = [], []
-                n = 0
+                n = nb = 0
                 it: Iterable[Document] = chosen
                 if progress:
                     from tqdm import tqdm
@@ -115,10 +119,12 @@ def prepare(
                     starts.append(n)
                     ids.append(a)
                     n += len(a)
+                    nb += len(d.text.encode("utf-8"))
                 (tmp / split).mkdir(exist_ok=True)
                 np.concatenate(ids).astype(dtype).tofile(tmp / split / f"{domain}.tokens.bin")
                 np.asarray(starts, dtype=np.int64).tofile(tmp / split / f"{domain}.docs.bin")
                 splits[split][domain] = {"tokens": n, "docs": len(chosen)}
+                n_bytes[split][domain] = nb
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -129,6 +135,7 @@ def prepare(
             "dtype": np.dtype(dtype).name,
             "domains": sorted(by_domain),
             "splits": splits,
+            "bytes": n_bytes,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
@@ -177,6 +184,18 @@ class TokenDataset:
                                 "the dataset is incomplete, prepare it again")
             self._maps[key] = np.memmap(f, dtype=self.dtype, mode="r")
         return self._maps[key]
+
+    def bytes_per_token(self, split: str, domain: str) -> float | None:
+        """UTF-8 bytes of the text per token of one split and domain's stream (its BOS/EOS tokens
+        included), from `prepare`'s byte counts; for a dataset prepared before they were recorded,
+        exact for the byte tokenizer (each document is BOS, its bytes, EOS) and None otherwise."""
+        info = self.meta["splits"].get(split, {}).get(domain)
+        if info is None or not info["tokens"]:
+            return None
+        nb = self.meta.get("bytes", {}).get(split, {}).get(domain)
+        if nb is None and self.meta["tokenizer"].get("type") == "bytes":
+            nb = int(info["tokens"]) - 2 * int(info["docs"])
+        return None if nb is None else nb / int(info["tokens"])
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint records to refuse resuming on different data."""

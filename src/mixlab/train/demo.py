@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import math
 import os
 import random
 import sysconfig
@@ -162,7 +161,8 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
         ev = evaluate(model, dataset, cfg)
         say(f"\nvalidation loss after {result.step} steps (bits per byte):")
         for dom, loss in ev["loss"].items():
-            say(f"  {dom:<14} {loss:.3f} nats/token = {loss / math.log(2):.2f} bits/byte")
+            bpb = f" = {ev['bpb'][dom]:.2f} bits/byte" if dom in ev["bpb"] else ""
+            say(f"  {dom:<14} {loss:.3f} nats/token{bpb}")
         samples = _samples(model, dataset, data is not None)
         say("\nsamples (temperature 0.6, top-k 20, seed 0):")
         for prompt, text in samples.items():

@@ -11,7 +11,9 @@ checkpointing per block, and torch.compile.
 
 Run folder (`out`):
 
-    metrics.jsonl            one JSON record per logged step and per evaluation
+    metrics.jsonl            one JSON record per logged step and per evaluation (`eval_loss` and
+                             `eval_bpb`, bits per byte, over all domains; `eval`, `eval_ppl` and
+                             `eval_domain_bpb` per domain)
     checkpoints/step_*/      crash-safe checkpoints (checkpoints.py), the newest `keep`
     hf/                      the final model in transformers format (+ mixlab_data.json: tokenizer)
 
@@ -213,13 +215,21 @@ def autocast(cfg: TrainConfig) -> torch.autocast:
 @torch.no_grad()
 def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, split: str = "valid",
              forward: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Loss, perplexity and expert load `[L, E]` per domain on fixed windows of `split`, scored by
-    mixlab.eval's `score_windows` (the code behind `mixlab eval`)."""
+    """Loss, perplexity, bits per byte and expert load `[L, E]` per domain on fixed windows of
+    `split`, scored by mixlab.eval's `score_windows` (the code behind `mixlab eval`).
+
+    Bits per byte = NLL / ln 2 / the bytes of text the scored tokens stand for: their count times the
+    split's bytes per token (`TokenDataset.bytes_per_token`, from `prepare`). Exact when the windows
+    cover the split, an evenly spread sample's estimate otherwise; the BOS/EOS targets count, as in
+    the loss, so it differs slightly from `mixlab eval`'s per-document figure (lm-eval's convention).
+    `bpb` / `mean_bpb` are absent for a dataset without byte counts (another tokenizer, prepared
+    before they were recorded)."""
     fwd = forward if forward is not None else model.forward_output  # not `or`: a compiled function has no truth value
     was_training = model.training
     model.eval()
-    out: dict[str, Any] = {"loss": {}, "ppl": {}, "load": {}}
+    out: dict[str, Any] = {"loss": {}, "ppl": {}, "bpb": {}, "load": {}}
     total = Score()
+    total_bytes: float | None = 0.0
     E = model.config.moe.num_experts if model.config.moe else 0
     loads: list[torch.Tensor] = []  # expert load [L, E] of each batch, weighted by its tokens
 
@@ -239,6 +249,12 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, spl
         s = score_windows(logits, w, batch_size=cfg.batch_size, device=cfg.device)
         out["loss"][domain] = s.loss
         out["ppl"][domain] = math.exp(min(s.loss, 50.0))
+        bpt = dataset.bytes_per_token(split, domain)
+        if bpt:
+            out["bpb"][domain] = s.nll / (s.tokens * bpt) / math.log(2)
+            total_bytes = None if total_bytes is None else total_bytes + s.tokens * bpt
+        else:
+            total_bytes = None
         if loads:
             load = loads[0]
             for ld in loads[1:]:
@@ -246,8 +262,16 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, *, spl
             out["load"][domain] = (load / s.tokens).tolist()
         total.add(s)
     out["mean_loss"] = total.loss
+    if total_bytes:  # over all domains, weighted by their bytes
+        out["mean_bpb"] = total.nll / total_bytes / math.log(2)
     model.train(was_training)
     return out
+
+
+def eval_line(ev: dict[str, Any]) -> str:
+    """`evaluate`'s result in one progress line: mean validation loss, perplexity, bits per byte."""
+    bpb = f", {ev['mean_bpb']:.4f} bits/byte" if "mean_bpb" in ev else ""
+    return f"valid loss {ev['mean_loss']:.4f} (ppl {math.exp(min(ev['mean_loss'], 50)):.2f}{bpb})"
 
 
 class Parallel(Protocol):
@@ -532,11 +556,12 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 # (ops/native) that torch.compile cannot trace.
                 ev = evaluate(model, dataset, cfg)
                 ev_rec = {"step": step, "eval_loss": ev["mean_loss"], "eval": ev["loss"], "eval_ppl": ev["ppl"]}
+                if "mean_bpb" in ev:
+                    ev_rec |= {"eval_bpb": ev["mean_bpb"], "eval_domain_bpb": ev["bpb"]}
                 metrics.write(ev_rec)
                 evals.append(ev | {"step": step})
                 if bar is not None:
-                    bar.write(f"step {step}: valid loss {ev['mean_loss']:.4f} "
-                              f"(ppl {math.exp(min(ev['mean_loss'], 50)):.2f})")
+                    bar.write(f"step {step}: {eval_line(ev)}")
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
                 save()
         if step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after):
