@@ -173,6 +173,63 @@ def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
     assert load_train_config(f, seq_len=None, batch_size=2).seq_len == 16
 
 
+# Every setting and default before OptimizerSettings held the optimizer's fields once for both configs:
+# the TOML/JSON keys, flags and the settings checkpoints store (and compare on resume) are unchanged.
+TRAIN_SETTINGS_BEFORE = {
+    "data": "", "out": "runs/train", "model": "tiny-moe", "model_overrides": {}, "init_std": 0.02, "init_from": "",
+    "seq_len": 256, "batch_size": 8, "grad_accum": 1, "seed": 0, "data_offset": 0, "steps": 1000, "lr": 0.001,
+    "min_lr_ratio": 0.1, "warmup": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-08, "clip": 1.0,
+    "skip_nonfinite": False, "dtype": "float32", "device": "cpu", "threads": 0, "activation_checkpointing": False,
+    "compile": False, "deterministic": False, "moe_impl": "auto", "eval_every": 200, "eval_windows": 16,
+    "ckpt_every": 200, "keep": 3, "log_every": 10, "export_hf": True, "progress": True, "tensorboard": True}
+FINETUNE_SETTINGS_BEFORE = {
+    "task": "sft", "model": "", "data": "", "valid_data": "", "valid_fraction": 0.05, "max_examples": 0,
+    "out": "runs/finetune", "tokenizer": "", "seq_len": 512, "batch_size": 8, "grad_accum": 1, "steps": 100,
+    "lr": 1e-05, "min_lr_ratio": 0.1, "warmup": 10, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "eps": 1e-08,
+    "clip": 1.0, "seed": 0, "dtype": "float32", "device": "cpu", "threads": 0, "aux_loss_coef": None,
+    "freeze_router": False, "beta": 0.1, "loss": "sigmoid", "reference_free": False, "label_smoothing": 0.0,
+    "length_normalize": False, "lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0,
+    "lora_targets": "attention,experts", "lora_base_dtype": "float32", "eval_every": 50, "ckpt_every": 50, "keep": 2,
+    "log_every": 10, "export_hf": True, "export_peft": True, "progress": True, "tensorboard": False}
+
+
+def test_the_optimizer_settings_are_defined_once_and_the_surface_is_unchanged(tmp_path: Path) -> None:
+    import dataclasses
+
+    from mixlab.train.finetune import FinetuneConfig, load_finetune_config
+    from mixlab.train.settings import OptimizerSettings
+
+    assert dataclasses.asdict(TrainConfig()) == TRAIN_SETTINGS_BEFORE
+    assert dataclasses.asdict(FinetuneConfig()) == FINETUNE_SETTINGS_BEFORE
+    shared = {f.name for f in dataclasses.fields(OptimizerSettings)}
+    assert shared == {"steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2", "eps", "clip"}
+    for cls in (TrainConfig, FinetuneConfig):
+        assert issubclass(cls, OptimizerSettings) and cls.lr_at is OptimizerSettings.lr_at
+    # The same flat keys in a TOML file, for both.
+    f = tmp_path / "c.toml"
+    f.write_text("lr = 0.002\nbeta2 = 0.99\nwarmup = 3\nclip = 0.0\n")
+    t, ft = load_train_config(f), load_finetune_config(f, model="m", data="d.jsonl")
+    for c in (t, ft):
+        assert (c.lr, c.beta2, c.warmup, c.clip, c.max_grad_norm) == (0.002, 0.99, 3, 0.0, math.inf)
+    assert (t.weight_decay, ft.weight_decay, t.steps, ft.steps) == (0.1, 0.0, 1000, 100)
+
+
+def test_a_checkpoint_written_before_the_shared_optimizer_settings_resumes(dataset: Path, tmp_path: Path) -> None:
+    """Its train_config lists the fields in the old order (the optimizer's in the middle): resumed
+    exactly as a run that never stopped; a changed optimizer setting is still refused."""
+    straight = train(_cfg(dataset, tmp_path / "a", steps=4))
+    train(_cfg(dataset, tmp_path / "b", steps=4), stop_after=2)
+    state_file = tmp_path / "b" / "checkpoints" / "step_00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["train_config"] = {k: state["train_config"][k] for k in TRAIN_SETTINGS_BEFORE}
+    state_file.write_text(json.dumps(state))
+    atomic.write_manifest(state_file.parent, kind=atomic.read_manifest(state_file.parent)["kind"], checksums=True)
+    with pytest.raises(CheckpointError, match="different training settings.*beta1: checkpoint 0.9 vs now 0.8"):
+        train(_cfg(dataset, tmp_path / "b", steps=4, beta1=0.8), resume=True)
+    resumed = train(_cfg(dataset, tmp_path / "b", steps=4), resume=True)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[2:]]
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"bogus": 1}, "unknown {} setting.*bogus"),
     ({"steps": 0}, "{} setting 'steps' must be a positive integer"),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -48,13 +47,16 @@ from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
 from mixlab.train.loop import _Metrics, keep_freed_memory
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import lm_loss, router_losses
-from mixlab.train.settings import check_settings, read_settings
+from mixlab.train.settings import OptimizerSettings, check_resume_settings, check_settings, read_settings
 
 TASKS = ("sft", "dpo")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(OptimizerSettings):
+    """A fine-tuning run's settings. The optimizer's are `OptimizerSettings`' (shared with
+    pretraining), with fine-tuning's defaults: lr 1e-5, 100 steps, 10 warmup, no weight decay."""
+
     task: str = "sft"  # sft | dpo
     model: str = ""  # the starting weights: any folder `init_from` accepts (loop.TrainConfig)
     data: str = ""  # SFT: chat JSONL (`messages`); DPO: pairs JSONL (`chosen`, `rejected`, `prompt`|`messages`)
@@ -66,15 +68,11 @@ class FinetuneConfig:
     seq_len: int = 512
     batch_size: int = 8  # SFT: packed rows; DPO: pairs
     grad_accum: int = 1
+    # Optimisation: OptimizerSettings' fields; these defaults differ from pretraining's.
     steps: int = 100
     lr: float = 1e-5
-    min_lr_ratio: float = 0.1
     warmup: int = 10
     weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip: float = 1.0
     seed: int = 0
     dtype: str = "float32"  # autocast: float32 (off) or bfloat16
     device: str = "cpu"
@@ -156,14 +154,6 @@ def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, An
             return tok, tok.spec()
     tok = get_tokenizer("mixtral")
     return tok, tok.spec()
-
-
-def _lr_at(step: int, cfg: FinetuneConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    lo = cfg.lr * cfg.min_lr_ratio
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
 
 
 class _Trainable(nn.Module):
@@ -405,11 +395,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [(n, p) for n, p in named if p.dim() >= 2]
     no_decay = [(n, p) for n, p in named if p.dim() < 2]
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
-         {"params": [p for _, p in no_decay], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True)
+    # Both groups always, the second empty for LoRA: checkpoints hold two groups' settings.
+    optimizer = cfg.adamw([([p for _, p in decay], True), ([p for _, p in no_decay], False)], device=cfg.device)
     trainable = _Trainable(decay + no_decay)
 
     if cfg.task == "sft":
@@ -420,13 +407,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     if resume:
         assert newest is not None
         state = checkpoints.validate(newest)
-        saved = state.get("finetune_config", {})
-        now = dataclasses.asdict(cfg)
-        diff = sorted(k for k in now if k not in RUN_ONLY and saved.get(k) != now[k])
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff[:4])
-            raise CheckpointError(f"{newest}: saved with different fine-tuning settings ({detail}); "
-                                  "use the original settings or a new --out folder")
+        check_resume_settings(state.get("finetune_config", {}), cfg, run_only=RUN_ONLY, ckpt=newest,
+                              what="fine-tuning")
         state = checkpoints.load(newest, model=trainable, optimizer=optimizer)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
@@ -473,7 +455,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     try:
         while step < last_stop and not stop and not requested_stop:
             t0 = time.perf_counter()
-            lr = _lr_at(step, cfg)
+            lr = cfg.lr_at(step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             sums: dict[str, float] = {}
@@ -505,7 +487,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 for k, v in {**parts, "aux_loss": aux, "z_loss": z}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             params = [p for _, p in named]
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -50,11 +50,21 @@ from mixlab.model.transformer import ModelOutput
 from mixlab.train import checkpoints
 from mixlab.train.data import BatchLoader, DataError, TokenDataset, eval_windows
 from mixlab.train.losses import expert_load, lm_loss, router_losses
-from mixlab.train.settings import INTEGERS, NUMBERS, check_settings, read_settings
+from mixlab.train.settings import (
+    INTEGERS,
+    NUMBERS,
+    OptimizerSettings,
+    check_resume_settings,
+    check_settings,
+    read_settings,
+)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OptimizerSettings):
+    """A pretraining run's settings. The optimizer's (steps, lr, min_lr_ratio, warmup, weight_decay,
+    beta1, beta2, eps, clip) are `OptimizerSettings`', shared with fine-tuning."""
+
     data: str = ""  # a prepared dataset folder (`mixlab data prepare`)
     out: str = "runs/train"
     # Model: a preset name or a checkpoint folder's config, then field overrides ("moe" a dict).
@@ -72,16 +82,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     data_offset: int = 0  # training windows to skip first (continue the stream an earlier run stopped in)
-    # Optimisation.
-    steps: int = 1000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip: float = 1.0
+    # Optimisation: OptimizerSettings' fields, with its defaults.
     # A step whose loss or gradient norm is NaN/Inf stops training with an error naming the step;
     # with skip_nonfinite, the step's update is skipped instead (counted in metrics as "skipped").
     skip_nonfinite: bool = False
@@ -151,13 +152,9 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
     return mc
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: OptimizerSettings) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr_ratio * lr` at `steps`."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    lo = cfg.lr * cfg.min_lr_ratio
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+    return cfg.lr_at(step)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -167,14 +164,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
     for p in model.parameters():
         groups.setdefault((id(getattr(p, "device_mesh", None)), p.dim() >= 2), []).append(p)
-    # fused: one kernel per parameter for the whole update (CPU and CUDA); the foreach path falls
-    # back to ~10 elementwise kernels per parameter on CPU, several times slower (BENCHMARKS.md).
-    fused = torch.device(cfg.device).type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
-         for (_, decay), ps in sorted(groups.items(), key=lambda kv: not kv[0][1])],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True,
-    )
+    return cfg.adamw([(ps, decay) for (_, decay), ps in sorted(groups.items(), key=lambda kv: not kv[0][1])],
+                     device=cfg.device)
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:
@@ -367,15 +358,7 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, mc: ModelConfig, fing
         diff = sorted(k for k in set(now) | set(saved_model or {}) if (saved_model or {}).get(k) != now.get(k))
         raise CheckpointError(f"{ckpt}: saved with a different model config (fields: {', '.join(diff)}); "
                               "use the original settings or a new --out folder")
-    saved = state.get("train_config", {})
-    now_t = dataclasses.asdict(cfg)
-    # A field added after the checkpoint was written is absent from it: its default is what that run used.
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-    diff = sorted(k for k in now_t if k not in RUN_ONLY and saved.get(k, defaults.get(k)) != now_t[k])
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now_t[k]!r}" for k in diff[:4])
-        raise CheckpointError(f"{ckpt}: saved with different training settings ({detail}); "
-                              "use the original settings or a new --out folder")
+    check_resume_settings(state.get("train_config", {}), cfg, run_only=RUN_ONLY, ckpt=ckpt, what="training")
     if state.get("data") != fingerprint:
         raise CheckpointError(f"{ckpt}: saved for a different dataset (tokenizer or token counts differ from "
                               f"{cfg.data})")
@@ -489,7 +472,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
             if stop:
                 break
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
+            lr = cfg.lr_at(step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             ce_sum = aux_sum = z_sum = 0.0
@@ -508,7 +491,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
                 if E:
                     load += expert_load(routings, E).cpu() / cfg.grad_accum
-            max_norm = cfg.clip if cfg.clip > 0 else math.inf
+            max_norm = cfg.max_grad_norm
             if par is not None:
                 par.sync_grads(model)
                 gnorm = par.clip_grad_norm(model, max_norm)

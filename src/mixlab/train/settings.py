@@ -1,6 +1,8 @@
-"""Reading and checking the settings of a training or fine-tuning run (`TrainConfig`,
-`FinetuneConfig`): a JSON or TOML file of field names, then overrides; every bad value is an error
-naming the setting (a TOML `lr = "fast"` or `--lr nan` fails here, not mid-training)."""
+"""The settings of a training or fine-tuning run (`TrainConfig`, `FinetuneConfig`): what they share
+(`OptimizerSettings`: AdamW, its schedule and clipping, defined once), reading them (a JSON or TOML
+file of field names, then overrides), checking them (every bad value is an error naming the
+setting: a TOML `lr = "fast"` or `--lr nan` fails here, not mid-training) and comparing them with a
+checkpoint's on resume."""
 
 from __future__ import annotations
 
@@ -8,17 +10,68 @@ import dataclasses
 import json
 import math
 import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from mixlab.checkpoint import parse_device
+from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError
 
 T = TypeVar("T")
 
+
+@dataclass
+class OptimizerSettings:
+    """The optimisation settings training and fine-tuning share: AdamW (`adamw`), linear warmup over
+    `warmup` steps then cosine decay to `min_lr_ratio * lr` at `steps` (`lr_at`), gradient clipping
+    by global norm at `clip` (0: off; `max_grad_norm`).
+
+    `TrainConfig` and `FinetuneConfig` inherit these fields: they keep their flat names in TOML/JSON
+    files, flags, `train_config.json` / `finetune_config.json` and the settings a checkpoint stores,
+    so checkpoints written before this class existed resume unchanged. A config with other defaults
+    re-declares only the default (fine-tuning: smaller lr, shorter warmup, no weight decay)."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1  # on matrices only: never on norms or other 1-D parameters
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup over `warmup` steps, then cosine decay to `min_lr_ratio * lr` at `steps`."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        frac = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        lo = self.lr * self.min_lr_ratio
+        return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * frac))
+
+    @property
+    def max_grad_norm(self) -> float:
+        return self.clip if self.clip > 0 else math.inf
+
+    def adamw(self, groups: Iterable[tuple[Sequence[torch.nn.Parameter], bool]], *, device: str) -> torch.optim.AdamW:
+        """AdamW over parameter groups given as (parameters, decay?): `weight_decay` where decay is
+        True, 0 elsewhere. The groups are kept as given, even empty ones: a checkpoint's optimizer
+        state loads only into the same number of groups."""
+        # fused: one kernel per parameter for the whole update (CPU and CUDA); the foreach path falls
+        # back to ~10 elementwise kernels per parameter on CPU, several times slower (BENCHMARKS.md).
+        fused = torch.device(device).type in ("cpu", "cuda")
+        return torch.optim.AdamW(
+            [{"params": list(ps), "weight_decay": self.weight_decay if decay else 0.0} for ps, decay in groups],
+            lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps, fused=fused, foreach=None if fused else True)
+
+
 AUTOCAST_DTYPES = ("float32", "bfloat16")  # float32: autocast off
 # The numeric settings both runs have: (finite numbers >= 0, integers >= 0).
-NUMBERS = ("eps", "lr", "min_lr_ratio", "weight_decay", "clip", "beta1", "beta2")
+NUMBERS = tuple(f.name for f in dataclasses.fields(OptimizerSettings) if f.type == "float")
 INTEGERS = ("warmup", "threads", "eval_every", "ckpt_every", "keep", "log_every", "seed")
 
 
@@ -72,3 +125,16 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
     for name in ("beta1", "beta2", "min_lr_ratio"):
         if getattr(cfg, name) > 1:
             raise ConfigError(f"{what} setting {name!r} must be at most 1, got {getattr(cfg, name)!r}")
+
+
+def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str], ckpt: Path, what: str) -> None:
+    """CheckpointError unless `cfg` has the settings the checkpoint `ckpt` was saved with (`saved`:
+    its stored `asdict(cfg)`), except those in `run_only`. A field added after the checkpoint was
+    written is absent from it: its default is what that run used."""
+    now = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    diff = sorted(k for k in now if k not in run_only and saved.get(k, defaults.get(k)) != now[k])
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff[:4])
+        raise CheckpointError(f"{ckpt}: saved with different {what} settings ({detail}); "
+                              "use the original settings or a new --out folder")
