@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -319,3 +320,32 @@ def test_byte_model_uses_the_tokenizer_named_by_training(tmp_path: Path) -> None
     assert report["domains"]["one"]["tokens"] == len(text.encode()) + 1  # bytes + BOS
     pieces = report["samples"][0]["pieces"]
     assert pieces[0] == "<s>" and "".join(pieces[1:]) == text and "✓" in pieces
+
+
+def test_report_rewrites_keep_other_files_and_fail_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_report: a report folder is replaced file by file (each whole), files the report does not
+    write stay, a failure while writing leaves the old report, leftovers of killed runs are cleaned."""
+    from mixlab.analysis import report as rep
+
+    model, tok = _tiny_model(), load_analysis_tokenizer()
+    got = collect_routing(model, tok, find_domains(_corpus(tmp_path / "c")), seq_len=16, max_tokens=64,
+                          progress=False)
+    r = build_report(got, layers=[0, 1], meta={})
+    out = tmp_path / "r"
+    names = rep.write_report(r, out, figures=False)
+    (out / "screenshot.png").write_bytes(b"mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    dead = tmp_path / ".r.tmp-999999999-abcd"  # a killed run's temporary (no such process)
+    dead.mkdir()
+
+    def fail(_report: Any) -> str:
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(rep, "summary_md", fail)
+    with pytest.raises(OSError, match="simulated"):
+        rep.write_report(r, out, figures=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "r"]
+    monkeypatch.undo()
+    assert rep.write_report(r, out, figures=False) == names
+    assert (out / "screenshot.png").read_bytes() == b"mine" and oct((out / "report.json").stat().st_mode)[-3:] != "600"

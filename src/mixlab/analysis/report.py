@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -344,8 +343,8 @@ def write_report(report: dict[str, Any], out: str | Path, *, figures: bool = Tru
     so every file is whole, old or new, at every moment."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a report is for reading
+    atomic.remove_leftovers(out)  # temporaries of killed runs, by name
+    tmp = atomic.new_temporary(out)  # `.NAME.tmp-PID-*`, the usual mode
     try:
         pngs = write_figures(report, tmp) if figures else []
         (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
