@@ -1,9 +1,10 @@
-"""The batched native decoding step (`mx_decode_batch`, `torch.ops.mixlab.decode_batch`): one call for
-B sequences, each in its own slot of the engine's cache pool at its own position, equals the
-engine's PyTorch batched pass and B separate single-sequence runs (float32: logits within 1e-4,
-identical greedy tokens, identical caches), for sequences of different lengths, across a sliding
+"""The native engine step (`mx_decode_batch`, `torch.ops.mixlab.decode_batch`): one call for the items
+of several sequences, each in its own slot of the engine's cache pool at its own positions, equals
+the engine's PyTorch batched pass and separate single-sequence runs (float32: logits within 1e-4,
+identical greedy tokens, experts and caches), for sequences of different lengths, across a sliding
 window's boundary (rolling slots), dense and MoE models, float32, int8 and int4 weights, and B from
-1 to past 16."""
+1 to past 16: pure decoding steps (one token per sequence) and mixed steps (decoding tokens next to
+prompt chunks of random lengths, logits of the last row, of every row or of none)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from mixlab.config import get_preset
 from mixlab.engine import Engine, SamplingParams
-from mixlab.engine.runner import Item, Runner
+from mixlab.engine.runner import Item, Result, Runner
 from mixlab.model import Transformer
 from mixlab.model.inference import prepare_for_inference
 from mixlab.ops import native, registry
@@ -135,8 +136,8 @@ def test_bf16_batched_step_is_close_to_single_runs():
 
 
 def test_engine_uses_it_and_equals_single_runs():
-    """Through the engine: staggered requests (decode-only steps run natively once every prompt is
-    in) give the tokens of single-request runs."""
+    """Through the engine: staggered requests (every step natively: prompt chunks next to decoding
+    tokens, then decoding only) give the tokens of single-request runs."""
     model = _model()
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 11, 6, 17, 1)]
@@ -148,29 +149,41 @@ def test_engine_uses_it_and_equals_single_runs():
     eng = Engine(model, max_batch=8, max_seq_len=64)
     calls = []
     run = eng.runner._native_batch
-    eng.runner._native_batch = lambda items: calls.append(len(items)) or run(items)  # type: ignore[method-assign]
+    eng.runner._native_batch = lambda items: calls.append(items) or run(items)  # type: ignore[method-assign]
     handles = []
     for p in prompts:
         handles.append(eng.submit(p, params))
         eng.step()
     eng.run_until_idle()
     assert [[o.token_id for o in h if o.token_id is not None] for h in handles] == singles
-    assert max(calls) == len(prompts)
+    assert max(len(items) for items in calls) == len(prompts)
+    assert any(len(items) > 1 and any(len(it.tokens) > 1 for it in items) for items in calls)  # mixed steps
 
 
 def test_registry_and_bad_input():
     kw = dict(device="cpu", fmt="plain", dtype=torch.float32, training=False)
     assert registry.choose("decode_batch", tokens=16, **kw) == "native"
-    assert registry.choose("decode_batch", tokens=registry.NATIVE_MAX_BATCH + 1, **kw) == "torch"
+    assert registry.choose("decode_batch", tokens=registry.NATIVE_MAX_STEP_TOKENS + 1, **kw) == "torch"
     assert registry.choose("decode_batch", tokens=4, **{**kw, "training": True}) == "torch"
     runner = _runner(_model(), 2)
     dec = runner._native_decoder()
     assert dec is not None
     t = torch.tensor
-    with pytest.raises(ValueError, match="distinct slots"):
-        torch.ops.mixlab.decode_batch(dec.handle, t([1, 2]), t([0, 0]), t([0, 0]), runner.pos_SC, runner.k, runner.v)
+
+    def call(tokens, pos, seq, rows=(0,)):
+        torch.ops.mixlab.decode_batch(dec.handle, t(tokens), t(pos), t(seq), t(list(rows), dtype=torch.long),
+                                      runner.pos_SC, runner.k, runner.v)
+
+    with pytest.raises(ValueError, match="one run of consecutive positions"):
+        call([1, 2], [0, 0], [0, 0])  # one slot, the same position twice
+    with pytest.raises(ValueError, match="one run of consecutive positions"):
+        call([1, 2, 3], [0, 0, 1], [0, 1, 0])  # slot 0 split in two runs
     with pytest.raises(ValueError, match="tokens in"):
-        torch.ops.mixlab.decode_batch(dec.handle, t([1, 999]), t([0, 0]), t([0, 1]), runner.pos_SC, runner.k, runner.v)
+        call([1, 999], [0, 0], [0, 1])
+    with pytest.raises(ValueError, match="logit rows"):
+        call([1, 2], [0, 1], [0, 0], rows=(2,))
+    with pytest.raises(ValueError, match="slots in"):
+        call([1], [0], [5])
 
 
 def test_decoder_copy_refused_and_model_unchanged():
@@ -179,3 +192,134 @@ def test_decoder_copy_refused_and_model_unchanged():
     before = copy.deepcopy(model.state_dict())
     _compare(model, 2, steps=1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- mixed steps: decoding tokens next to prompt chunks ----
+
+def _token_by_token(runner: Runner, it: Item) -> Result:
+    """An item run one token at a time (the batch-1 step), with the logits and experts it asks for."""
+    outs = [runner.forward([Item(it.slot, [tok], it.start + j, experts=it.experts)])[0]
+            for j, tok in enumerate(it.tokens)]
+    logits = [o.logits_TV for o in outs if o.logits_TV is not None]
+    want = {"none": None, "last": logits[-1:], "all": logits}[it.logits]
+    return Result(torch.cat(want) if want is not None else None, outs[-1].experts_LK)
+
+
+def _mixed(model: Transformer, B: int, steps: int, *, seed: int = 0, lengths: list[int] | None = None,
+           max_chunk: int = CHUNK, atol: float = 1e-4, rtol: float = 1e-4,
+           peers: tuple[str, ...] = ("torch", "single")) -> int:
+    """B sequences through `steps` engine-like steps of a random schedule (each step, each sequence
+    sits out, prefills a chunk of 1..max_chunk prompt tokens asking for no, the last or every row's
+    logits, or decodes its last greedy token), natively in one call per step against `peers`: the
+    PyTorch pass over the same items ("torch") and each item alone, token by token through the
+    batch-1 native step ("single"). Every runner feeds back its own
+    greedy tokens; they must agree, and so must the logits, experts, positions and caches. Returns
+    how many steps mixed a prompt chunk with other items."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [int(n) for n in torch.randint(1, 24, (B,), generator=g)]
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+    runners = {how: _runner(model, B) for how in ("native", *peers)}
+    done = [0] * B  # prompt tokens run so far (the schedule is shared)
+    gen: dict[str, list[list[int]]] = {how: [[] for _ in range(B)] for how in runners}
+    mixed = 0
+    for _ in range(steps):
+        spec = []  # (slot, chunk length or 0 for a decoding token, logits mode, experts)
+        for s in range(B):
+            r = torch.rand(3, generator=g).tolist()
+            if r[0] < 0.15:
+                continue
+            if done[s] < len(prompts[s]):
+                n = min(int(torch.randint(1, max_chunk + 1, (1,), generator=g)), len(prompts[s]) - done[s])
+                ends = done[s] + n == len(prompts[s])
+                mode = ("last" if r[1] < 0.6 else "all") if ends else ("none" if r[1] < 0.6 else "all")
+                spec.append((s, n, mode, r[2] < 0.5))
+            else:
+                spec.append((s, 0, "last", r[2] < 0.5))
+        if not spec:
+            continue
+        mixed += any(n > 1 for _, n, _, _ in spec) and len(spec) > 1
+        got = {}
+        for how, runner in runners.items():
+            items = []
+            for s, n, mode, experts in spec:
+                if n:
+                    items.append(Item(s, prompts[s][done[s] : done[s] + n], done[s], logits=mode, experts=experts))
+                else:
+                    items.append(Item(s, gen[how][s][-1:], len(prompts[s]) + len(gen[how][s]) - 1, experts=experts))
+            if how == "native":
+                out = runner._native_batch(items)
+                assert out is not None, "the registry did not choose the native step"
+            elif how == "torch":
+                out = runner._batched(items)
+            else:
+                out = [_token_by_token(runner, it) for it in items]
+            got[how] = out
+            for (s, n, mode, _), res in zip(spec, out, strict=True):
+                if (n == 0 or done[s] + n == len(prompts[s])):
+                    assert res.logits_TV is not None
+                    gen[how][s].append(int(res.logits_TV[-1].argmax()))
+                assert (res.logits_TV is None) == (mode == "none")
+                if res.logits_TV is not None:
+                    assert res.logits_TV.shape[0] == (n if mode == "all" else 1)
+        for s, n, _, _ in spec:
+            done[s] += n
+        for how in peers:
+            for (s, _, _, experts), a, b in zip(spec, got["native"], got[how], strict=True):
+                if a.logits_TV is not None:
+                    torch.testing.assert_close(a.logits_TV, b.logits_TV, atol=atol, rtol=rtol)
+                if experts and model.config.moe is not None:
+                    assert a.experts_LK is not None and torch.equal(a.experts_LK, b.experts_LK), (how, s)
+            assert gen["native"] == gen[how], how
+    nat = runners["native"]
+    for how in peers:
+        ref = runners[how]
+        assert torch.equal(nat.pos_SC, ref.pos_SC), how
+        for a, b in zip(nat.k + nat.v, ref.k + ref.v, strict=True):
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    return mixed
+
+
+@pytest.mark.parametrize(("B", "seed"), [(1, 0), (4, 1), (9, 2)])
+def test_mixed_steps_equal_torch_and_single_runs(B, seed):
+    """Random prompt lengths and chunk splits, decoding next to prefilling, float32."""
+    mixed = _mixed(_model(), B, steps=14, seed=seed, max_chunk=8)
+    assert B == 1 or mixed >= 3
+
+
+def test_mixed_steps_use_the_expert_counts_of_every_token():
+    """The expert load the engine records counts every token of the step, chunks included."""
+    model = _model()
+    runners = [_runner(model, 3) for _ in range(2)]
+    items = [Item(0, [5, 6, 7, 8], 0), Item(1, [9], 0), Item(2, [10, 11], 0, logits="all")]
+    runners[0]._native_batch(items)
+    runners[1]._batched(items)
+    assert runners[0].last_counts_LE is not None and runners[1].last_counts_LE is not None
+    assert torch.equal(runners[0].last_counts_LE, runners[1].last_counts_LE)
+    assert int(runners[0].last_counts_LE.sum()) == 7 * model.config.n_layers * model.config.moe.top_k
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
+def test_mixed_steps_across_the_window_boundary(preset):
+    """Window 6, slots of 6 + CHUNK - 1 positions: prefill chunks cross the window and wrap the
+    rolling slots while other sequences decode."""
+    model = _model(preset, sliding_window=6)
+    _mixed(model, 5, steps=18, seed=3, lengths=[3, 7, 11, 17, 22])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_mixed_steps_quantised(quant):
+    _mixed(_model(quant=quant), 6, steps=8, seed=4)
+
+
+def test_mixed_steps_int4_int8_activations_equal_single_runs():
+    _mixed(_model(quant="int4", act="int8"), 5, steps=8, seed=5, peers=("single",))
+
+
+def test_mixed_steps_bf16_close_to_single_runs():
+    """bf16 weights and cache: the native mixed step and the batch-1 native step keep a float32
+    residual stream and round the same matmul inputs to bf16, so they agree to float32 summation
+    order (the PyTorch pass keeps a bf16 residual stream: further off, ~0.7 on these logits)."""
+    if not native.fast(torch.bfloat16):
+        pytest.skip("no AVX512-BF16")
+    model = _model().to(torch.bfloat16)
+    _mixed(model, 4, steps=8, seed=6, lengths=[5, 9, 3, 12], atol=2e-2, rtol=2e-2, peers=("single",))

@@ -18,10 +18,11 @@ weight is streamed once per step for all rows and each expert once for all its t
 (`moe_ffn`: the native kernel up to 64 tokens); attention runs per sequence: the decoding rows
 together (single-query attention over their gathered slots), each prompt chunk through SDPA.
 A step with a single decoding token and nothing else runs the whole model in one native call
-(`mixlab.model.native.NativeDecoder` over the sequence's slot), the fastest batch-1 path; a step
-of several decoding tokens and no prompt chunk also runs in one native call (`decode_batch`:
-every weight streamed once for all of them, each sequence attending over its own slot at its own
-position). Steps that carry a prompt chunk take the PyTorch pass below.
+(`mixlab.model.native.NativeDecoder` over the sequence's slot), the fastest batch-1 path; any other
+step, decoding tokens and prompt chunks mixed, also runs in one native call when the registry
+chooses it for the step's token count (`decode_batch`: every weight streamed once for all the
+step's tokens, each token attending over its own sequence's slot at its own position, causal inside
+a chunk). The PyTorch pass below is the reference, and runs on GPUs and for larger steps.
 
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
 Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts.
@@ -173,7 +174,7 @@ class Runner:
             out = self._native_step(items[0])
             if out is not None:
                 return [out]
-        elif items and all(len(it.tokens) == 1 for it in items):
+        elif items:
             outs = self._native_batch(items)
             if outs is not None:
                 return outs
@@ -218,24 +219,41 @@ class Runner:
         return Result(logits_1V if it.logits != "none" else None, idx_LK if it.experts else None)
 
     def _native_batch(self, items: list[Item]) -> list[Result] | None:
-        """A pure-decoding step (one token per sequence) in one native call over the slot pool, when
-        the registry chooses it; None otherwise."""
+        """A step (decoding tokens and prompt chunks) in one native call over the slot pool, when the
+        registry chooses it for the step's token count; None otherwise."""
         dec = self._native_decoder()
-        if dec is None or registry.choose("decode_batch", device=self.device.type, tokens=len(items), training=False,
+        n_tokens = sum(len(it.tokens) for it in items)
+        if dec is None or registry.choose("decode_batch", device=self.device.type, tokens=n_tokens, training=False,
                                           fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) != "native":
             return None
-        tokens_B = torch.tensor([it.tokens[0] for it in items])
-        pos_B = torch.tensor([it.start for it in items])
-        seq_B = torch.tensor([it.slot for it in items])
-        logits_BV, chosen_LBK = torch.ops.mixlab.decode_batch(dec.handle, tokens_B, pos_B, seq_B, self.pos_SC,
-                                                               self.k, self.v)
-        idx_LBK = None
+        tokens: list[int] = []
+        pos: list[int] = []
+        seq: list[int] = []
+        rows: list[int] = []
+        spans: list[tuple[int, int] | None] = []  # each item's logit rows in the output
+        last: list[int] = []  # each item's last token's row
+        for it in items:
+            T, a = len(it.tokens), len(tokens)
+            tokens += it.tokens
+            pos += range(it.start, it.start + T)
+            seq += [it.slot] * T
+            last.append(a + T - 1)
+            if it.logits == "none":
+                spans.append(None)
+                continue
+            r = range(a, a + T) if it.logits == "all" else [a + T - 1]
+            spans.append((len(rows), len(rows) + len(r)))
+            rows += r
+        logits_RV, chosen_LTK = torch.ops.mixlab.decode_batch(
+            dec.handle, torch.tensor(tokens), torch.tensor(pos), torch.tensor(seq),
+            torch.tensor(rows, dtype=torch.long), self.pos_SC, self.k, self.v)
+        idx_LTK = None
         if self.model.config.moe is not None:
-            idx_LBK = chosen_LBK.long()
-            self.last_counts_LE = self._counts(idx_LBK)
-        return [Result(logits_BV[b : b + 1] if it.logits != "none" else None,
-                       idx_LBK[:, b] if it.experts and idx_LBK is not None else None)
-                for b, it in enumerate(items)]
+            idx_LTK = chosen_LTK.long()
+            self.last_counts_LE = self._counts(idx_LTK)
+        return [Result(logits_RV[span[0] : span[1]] if span is not None else None,
+                       idx_LTK[:, t] if it.experts and idx_LTK is not None else None)
+                for it, span, t in zip(items, spans, last, strict=True)]
 
     def _counts(self, idx_LNK: torch.Tensor) -> torch.Tensor:
         moe = self.model.config.moe

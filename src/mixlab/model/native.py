@@ -10,8 +10,9 @@ into the same `KVCache` PyTorch's path uses, so prefill (PyTorch, compute-bound)
 PyTorch. `prepare_for_inference` attaches one as `model.native_decoder`; `generate.decode_step`
 uses it when the registry (`mixlab.ops.registry.decode_impl`) chooses it and it `accepts` the cache.
 
-The same decoder runs a step of B sequences at once (`run_batch`, `torch.ops.mixlab.decode_batch`
-over the engine's slot pool, `mx_decode_batch`): each weight read once for all B tokens.
+The same decoder runs an engine step of several sequences at once (`run_batch`,
+`torch.ops.mixlab.decode_batch` over the engine's slot pool, `mx_decode_batch`): a decoding token or
+a prompt chunk per sequence, each weight read once for all the step's tokens.
 
 Weights must be plain contiguous float32 or bf16 tensors, or int8 with per-row scales (what
 `prepare_for_inference(model, quant="int8")` makes); oneDNN-packed weights are opaque to C. A decoder
@@ -202,18 +203,18 @@ class NativeDecoder:
                                     torch.get_num_threads())
             return self.chosen.clone()
 
-    def _batch_buffers(self, B: int, nt: int, C: int) -> None:
-        """(Re)allocate the work buffers of `mx_decode_batch` for at least B sequences, nt threads and
+    def _batch_buffers(self, T: int, nt: int, C: int) -> None:
+        """(Re)allocate the work buffers of `mx_decode_batch` for at least T tokens, nt threads and
         C positions per slot."""
-        if all(a >= b for a, b in zip(self._batch_room, (B, nt, C), strict=True)):
+        if all(a >= b for a, b in zip(self._batch_room, (T, nt, C), strict=True)):
             return
-        B, nt, C = (max(a, b) for a, b in zip(self._batch_room, (B, nt, C), strict=True))
+        T, nt, C = (max(a, b) for a, b in zip(self._batch_room, (T, nt, C), strict=True))
         D, H, G, Hd, F_, K, _ = self._dims
-        N = B * K
-        f32 = {"x": B * D, "h": B * D, "o": B * D, "qkv": B * (H + 2 * G) * Hd, "att": B * H * Hd,
-               "rope": B * Hd, "scores": nt * C, "mix": B * K, "xs": N * D, "g": N * 2 * F_, "a": N * F_,
+        N = T * K
+        f32 = {"x": T * D, "h": T * D, "o": T * D, "qkv": T * (H + 2 * G) * Hd, "att": T * H * Hd,
+               "rope": T * Hd, "scores": nt * C, "mix": T * K, "xs": N * D, "g": N * 2 * F_, "a": N * F_,
                "ys": N * D}
-        bf = {"hb": B * D, "attb": B * H * Hd, "xsb": N * D, "ab": N * F_}
+        bf = {"hb": T * D, "attb": T * H * Hd, "xsb": N * D, "ab": N * F_}
         keep = []
         for name, n in [*f32.items(), *bf.items()]:
             t = torch.empty(n, dtype=torch.float32 if name in f32 else torch.int16)
@@ -225,42 +226,52 @@ class NativeDecoder:
             setattr(self.c_batch, name, t.data_ptr())
         self._batch_keep = keep
         self.c_batch.nt = nt
-        self._batch_room = (B, nt, C)
+        self._batch_room = (T, nt, C)
 
-    def run_batch(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, seqs_B: torch.Tensor,
-                  pos_SC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
-                  logits_BV: torch.Tensor, chosen_LBK: torch.Tensor) -> None:
-        """The C call of `torch.ops.mixlab.decode_batch`: B sequences, one token each, each in its
-        own slot of the pool `k`/`v` (`[S, G, C, Hd]` per layer, contiguous, float32 or bf16).
-        Writes `logits_BV` and `chosen_LBK`. Thread-safe."""
-        B, (S, C) = tokens_B.shape[0], pos_SC.shape
+    def run_batch(self, tokens_T: torch.Tensor, positions_T: torch.Tensor, seqs_T: torch.Tensor,
+                  rows_R: torch.Tensor, pos_SC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+                  logits_RV: torch.Tensor, chosen_LTK: torch.Tensor) -> None:
+        """The C call of `torch.ops.mixlab.decode_batch`: an engine step of T tokens, each sequence's
+        tokens consecutive rows at consecutive positions (one decoding token or a prompt chunk of at
+        most C), each sequence in its own slot of the pool `k`/`v` (`[S, G, C, Hd]` per layer,
+        contiguous, float32 or bf16). Writes the logits of rows `rows_R` into `logits_RV` and every
+        token's experts into `chosen_LTK`. Thread-safe."""
+        T, R, (S, C) = tokens_T.shape[0], rows_R.shape[0], pos_SC.shape
         L = self.n_layers
-        if not (tokens_B.shape == positions_B.shape == seqs_B.shape == (B,)) or B < 1:
-            raise ValueError(f"decode_batch needs B >= 1 tokens, positions and slots of shape [B], not "
-                             f"{tuple(tokens_B.shape)}, {tuple(positions_B.shape)}, {tuple(seqs_B.shape)}")
+        if not (tokens_T.shape == positions_T.shape == seqs_T.shape == (T,)) or T < 1:
+            raise ValueError(f"decode_batch needs T >= 1 tokens, positions and slots of shape [T], not "
+                             f"{tuple(tokens_T.shape)}, {tuple(positions_T.shape)}, {tuple(seqs_T.shape)}")
         if len(k) != L or len(v) != L or any(t.shape[0] != S or t.shape[2] != C or not t.is_contiguous()
                                                for t in (*k, *v)):
             raise ValueError(f"decode_batch needs {L} contiguous cache buffers per side of shape [S={S}, G, C={C}, Hd]")
-        tok, pos, seq = (t.to(torch.int64).contiguous() for t in (tokens_B, positions_B, seqs_B))
+        tok, pos, seq, rows = (t.to(torch.int64).contiguous() for t in (tokens_T, positions_T, seqs_T, rows_R))
         if pos_SC.dtype != torch.int64 or not pos_SC.is_contiguous():
             raise ValueError("decode_batch needs a contiguous int64 position table pos_SC")
-        if int(seq.min()) < 0 or int(seq.max()) >= S or len(set(seq.tolist())) != B:
-            raise ValueError(f"decode_batch needs B distinct slots in [0, {S}), not {seq.tolist()}")
+        if int(seq.min()) < 0 or int(seq.max()) >= S:
+            raise ValueError(f"decode_batch needs slots in [0, {S}), not {seq.tolist()}")
+        runs, counts = torch.unique_consecutive(seq, return_counts=True)
+        if (runs.numel() != torch.unique(runs).numel() or int(counts.max()) > C
+                or bool((pos[1:] - pos[:-1] != 1)[seq[1:] == seq[:-1]].any())):
+            raise ValueError(f"decode_batch needs each slot's tokens in one run of consecutive positions of at "
+                             f"most C={C} (distinct slots), not slots {seq.tolist()} at {pos.tolist()}")
         if k[0].dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != k[0].dtype for t in (*k, *v)):
             raise ValueError(f"decode_batch needs float32 or bf16 cache buffers of one dtype, not {k[0].dtype}")
         if int(tok.min()) < 0 or int(tok.max()) >= self.V or int(pos.min()) < 0:
             raise ValueError(f"decode_batch needs tokens in [0, {self.V}) and positions >= 0")
+        if R > T or (R and (int(rows.min()) < 0 or int(rows.max()) >= T)):
+            raise ValueError(f"decode_batch needs at most T={T} logit rows in [0, {T}), not {rows.tolist()}")
         nt = torch.get_num_threads()
         with self._lock:
-            self._batch_buffers(B, nt, C)
+            self._batch_buffers(T, nt, C)
             for i in range(L):
                 self._caches[i], self._caches[L + i] = k[i].data_ptr(), v[i].data_ptr()
             cb = self.c_batch
-            cb.B, cb.C = B, C
-            cb.token, cb.pos, cb.seq, cb.cache_pos = tok.data_ptr(), pos.data_ptr(), seq.data_ptr(), pos_SC.data_ptr()
+            cb.T, cb.C, cb.R = T, C, R
+            cb.token, cb.pos, cb.seq, cb.rows = tok.data_ptr(), pos.data_ptr(), seq.data_ptr(), rows.data_ptr()
+            cb.cache_pos = pos_SC.data_ptr()
             cb.k_cache = ctypes.addressof(self._caches)
             cb.v_cache = ctypes.addressof(self._caches) + L * ctypes.sizeof(ctypes.c_void_p)
-            cb.logits, cb.chosen = logits_BV.data_ptr(), chosen_LBK.data_ptr()
+            cb.logits, cb.chosen = logits_RV.data_ptr(), chosen_LTK.data_ptr()
             self.c_model.ct = native.TYPE_CODES[k[0].dtype]
             self.lib.mx_decode_batch(ctypes.byref(self.c_model), ctypes.byref(cb), nt)
 

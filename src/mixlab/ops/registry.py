@@ -15,9 +15,9 @@ Operations and what they can get:
   (the sorted segment loop; training, and many tokens).
 - `decode_step` (one token of one sequence through the whole model): `native`
   (`torch.ops.mixlab.decode_step`) or `torch` (the model's forward pass).
-- `decode_batch` (one token of each of `tokens` sequences through the whole model, the engine's
-  pure-decoding steps): `native` (`torch.ops.mixlab.decode_batch`, up to NATIVE_MAX_BATCH
-  sequences) or `torch` (the engine's batched PyTorch pass).
+- `decode_batch` (an engine step of `tokens` tokens through the whole model: one decoding token
+  per sequence and prompt chunks): `native` (`torch.ops.mixlab.decode_batch`, up to
+  NATIVE_MAX_STEP_TOKENS tokens) or `torch` (the engine's batched PyTorch pass).
 
 The native kernels are chosen only once they are loaded (`mixlab.ops.native.load`, which inference
 preparation calls), for inference, on CPU, where this CPU vectorises their weight type. Nothing
@@ -41,8 +41,9 @@ from mixlab.ops.native import ops as _ops  # noqa: F401  (registers torch.ops.mi
 # (beyond, the work is compute-bound and oneDNN's GEMM wins). Measured in BENCHMARKS.md.
 NATIVE_MAX_ROWS = native.MAX_ROWS
 NATIVE_MAX_TOKENS = 64
-# Up to this many sequences one native call runs a whole pure-decoding step (`mx_decode_batch`).
-NATIVE_MAX_BATCH = 64
+# Up to this many tokens (decoding tokens and prompt chunks together) one native call runs a whole
+# engine step (`mx_decode_batch`).
+NATIVE_MAX_STEP_TOKENS = 64
 # Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
 # that does not block for many rows).
 INT8PACK_MAX_ROWS = 8
@@ -106,7 +107,7 @@ def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, t
     if op == "decode_step":
         return "native" if native_ok and tokens == 1 else "torch"
     if op == "decode_batch":
-        return "native" if native_ok and 1 <= tokens <= NATIVE_MAX_BATCH else "torch"
+        return "native" if native_ok and 1 <= tokens <= NATIVE_MAX_STEP_TOKENS else "torch"
     raise ValueError(f"unknown operation {op!r}; expected one of {', '.join(OPS)}")
 
 

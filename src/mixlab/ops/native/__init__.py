@@ -42,7 +42,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32)).
@@ -112,11 +112,11 @@ class MoEArgs(ctypes.Structure):
 
 
 class Batch(ctypes.Structure):
-    """mixlab.h's `mx_batch`: one decoding step of B sequences (`mx_decode_batch`) and its work buffers."""
+    """mixlab.h's `mx_batch`: one engine step of T tokens (`mx_decode_batch`) and its work buffers."""
 
-    _fields_ = [*[(name, _I64) for name in ("B", "C", "nt")],
+    _fields_ = [*[(name, _I64) for name in ("T", "C", "nt", "R")],
                 *[(name, _P) for name in (
-                    "token", "pos", "seq", "cache_pos", "k_cache", "v_cache", "logits", "chosen", "x", "h", "o",
+                    "token", "pos", "seq", "rows", "cache_pos", "k_cache", "v_cache", "logits", "chosen", "x", "h", "o",
                     "qkv", "att", "rope", "scores", "mix", "hb", "attb", "idx", "xs", "g", "a", "ys", "xsb", "ab",
                     "order", "inverse")]]
 

@@ -9,8 +9,9 @@
  *   KV-cache write, attention, output projection, norm, router, top-k, the chosen experts' SwiGLU,
  *   mixing, residuals) and the logits, inside one OpenMP parallel region whose threads meet at spin
  *   barriers (a sleeping thread takes tens of microseconds to wake, a step has ~7 barriers a layer);
- * - `mx_decode_batch`: the same step for B sequences at once, each with its own cache slot and
- *   position: every weight read once for all B tokens (experts grouped by expert), one parallel region;
+ * - `mx_decode_batch`: an engine step of several sequences at once (a decoding token or a prompt
+ *   chunk each), each with its own cache slot and positions: every weight read once for all the
+ *   step's tokens (experts grouped by expert), one parallel region;
  * - `mx_linear`: Y = X W^T for a few rows X, each weight row read once for all of them;
  * - `mx_moe`: the experts of an MoE layer for a few tokens, each chosen expert read once;
  * - `mx_gemv`: one matrix-vector product (tests, benchmarks).
@@ -994,26 +995,33 @@ void mx_moe(const mx_moe_args* p, int nt) {
     }
 }
 
-/* One decoding step of B sequences, one token each, in one parallel region (`mx_batch` in
-   mixlab.h): per layer, the fused qkv, output and expert matrices multiply all B rows at once (each
-   weight row read once per step; experts grouped by expert, each chosen expert read once), while
-   norms, routing and attention run per sequence, each over its own slot of the cache pool at its
-   own position (rolling slots: index pos % C). It computes what B calls of mx_decode_step would. */
+/* One engine step in one parallel region (`mx_batch` in mixlab.h): T tokens, the items of several
+   sequences, each a decoding token or a prompt chunk at consecutive positions of its sequence. Per
+   layer the fused qkv, output and expert matrices multiply all T rows at once (each weight row read
+   once per step; experts grouped by expert, each chosen expert read once), while norms, routing and
+   attention run per token, each over its own sequence's slot of the cache pool (rolling slots:
+   index pos % C). Every token's key and value are stored before any query attends, so a chunk's
+   queries see its earlier tokens (causal, and within the sliding window, by position); the caller
+   sizes C so that a chunk never overwrites a key its own queries still need (engine/runner.py).
+   Logits only for the R rows asked for. It computes what the engine's PyTorch pass computes, and
+   for decoding tokens what mx_decode_step would. */
 void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
-    const int64_t B = p->B, C = p->C, D = m->D, Hd = m->Hd, half = Hd / 2, G = m->G, R = m->H / G;
+    const int64_t T = p->T, C = p->C, D = m->D, Hd = m->Hd, half = Hd / 2, G = m->G, R = m->H / G;
     const int64_t QD = m->H * Hd, QKV = QD + 2 * G * Hd, K = m->K, L = m->L;
     const int64_t es = elem_size(m->ct);
     const int bf = m->wt == MX_BF16;
     const float scale = 1.0f / sqrtf((float)Hd);
     if (nt > p->nt) nt = (int)p->nt; /* scores has room for p->nt threads */
-    for (int64_t b = 0; b < B; b++) {
+    int chunked = 0; /* whether some sequence has several tokens: then keys are stored first */
+    for (int64_t t = 0; t < T; t++) {
         for (int64_t i = 0; i < half; i++) {
-            const float ang = (float)p->pos[b] * m->inv_freq[i]; /* as mx_decode_step */
-            p->rope[b * Hd + i] = cosf(ang);
-            p->rope[b * Hd + half + i] = sinf(ang);
+            const float ang = (float)p->pos[t] * m->inv_freq[i]; /* as mx_decode_step */
+            p->rope[t * Hd + i] = cosf(ang);
+            p->rope[t * Hd + half + i] = sinf(ang);
         }
-        for (int64_t i = 0; i < D; i++) p->x[b * D + i] = load_elem(m->embed, m->et, p->token[b] * D + i);
-        p->cache_pos[p->seq[b] * C + p->pos[b] % C] = p->pos[b];
+        for (int64_t i = 0; i < D; i++) p->x[t * D + i] = load_elem(m->embed, m->et, p->token[t] * D + i);
+        p->cache_pos[p->seq[t] * C + p->pos[t] % C] = p->pos[t];
+        if (t > 0 && p->seq[t] == p->seq[t - 1]) chunked = 1;
     }
     int64_t start[257]; /* E <= 256, checked by the caller */
     barrier_t bar = {0, 0};
@@ -1027,74 +1035,83 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         for (int64_t l = 0; l < L; l++) {
             const mx_layer* ly = &m->layers[l];
             const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D}, mo = {m->wt, ly->wo, ly->wo_scale, QD};
-            for (int64_t b = tm.t; b < B; b += tm.nt)
-                rmsnorm(x + b * D, ly->attn_norm, m->eps, D, h + b * D, bf ? hb + b * D : 0);
+            for (int64_t t = tm.t; t < T; t += tm.nt)
+                rmsnorm(x + t * D, ly->attn_norm, m->eps, D, h + t * D, bf ? hb + t * D : 0);
             sync_team(&tm);
             my_rows(&tm, QKV, &lo, &hi);
-            gemm_rows(mqkv, h, hb, B, qkv, QKV, lo, hi);
+            gemm_rows(mqkv, h, hb, T, qkv, QKV, lo, hi);
             sync_team(&tm);
-            /* Per (sequence, kv head): store the rotated key and the value at index pos % C of the
-               sequence's slot, then attend with the head's R query heads. */
-            for (int64_t w = tm.t; w < B * G; w += tm.nt) {
-                const int64_t b = w / G, g = w % G, pos = p->pos[b], at = pos % C, n = pos + 1 < C ? pos + 1 : C;
-                float* qb = qkv + b * QKV;
-                float* k = qb + QD + g * Hd;
-                const float* v = qb + QD + G * Hd + g * Hd;
-                const float *cs = p->rope + b * Hd, *sn = cs + half;
-                const int64_t off = ((p->seq[b] * G + g) * C) * Hd * es;
-                char* kbase = (char*)p->k_cache[l] + off;
-                char* vbase = (char*)p->v_cache[l] + off;
-                rope(k, cs, sn, half);
-                for (int64_t i = 0; i < Hd; i++) {
-                    store_elem(kbase, m->ct, at * Hd + i, k[i]);
-                    store_elem(vbase, m->ct, at * Hd + i, v[i]);
+            /* Per (token, kv head): store the rotated key and the value at index pos % C of the
+               sequence's slot, then attend with the head's R query heads; when a sequence has
+               several tokens, every key is stored first (one more barrier). */
+            for (int pass = chunked ? 0 : 2; pass < (chunked ? 2 : 3); pass++) {
+                /* pass 0: store; 1: attend; 2: both (one token per sequence) */
+                for (int64_t w = tm.t; w < T * G; w += tm.nt) {
+                    const int64_t t = w / G, g = w % G, pos = p->pos[t], n = pos + 1 < C ? pos + 1 : C;
+                    float* qt = qkv + t * QKV;
+                    const float *cs = p->rope + t * Hd, *sn = cs + half;
+                    const int64_t off = ((p->seq[t] * G + g) * C) * Hd * es;
+                    char* kbase = (char*)p->k_cache[l] + off;
+                    char* vbase = (char*)p->v_cache[l] + off;
+                    if (pass != 1) {
+                        float* k = qt + QD + g * Hd;
+                        const float* v = qt + QD + G * Hd + g * Hd;
+                        const int64_t at = pos % C;
+                        rope(k, cs, sn, half);
+                        for (int64_t i = 0; i < Hd; i++) {
+                            store_elem(kbase, m->ct, at * Hd + i, k[i]);
+                            store_elem(vbase, m->ct, at * Hd + i, v[i]);
+                        }
+                    }
+                    if (pass == 0) continue;
+                    for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
+                        float* q = qt + hh * Hd;
+                        float* y = att + t * QD + hh * Hd;
+                        rope(q, cs, sn, half);
+                        attend(m, q, kbase, vbase, p->cache_pos + p->seq[t] * C, n, pos, scale, sc, y);
+                        if (bf) round_to_bf16(y, attb + t * QD + hh * Hd, Hd);
+                    }
                 }
-                for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
-                    float* q = qb + hh * Hd;
-                    float* y = att + b * QD + hh * Hd;
-                    rope(q, cs, sn, half);
-                    attend(m, q, kbase, vbase, p->cache_pos + p->seq[b] * C, n, pos, scale, sc, y);
-                    if (bf) round_to_bf16(y, attb + b * QD + hh * Hd, Hd);
-                }
+                sync_team(&tm);
             }
-            sync_team(&tm);
             my_rows(&tm, D, &lo, &hi);
-            gemm_rows(mo, att, attb, B, o, D, lo, hi);
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t i = lo; i < hi; i++) x[b * D + i] += o[b * D + i];
+            gemm_rows(mo, att, attb, T, o, D, lo, hi);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = lo; i < hi; i++) x[t * D + i] += o[t * D + i];
             sync_team(&tm);
-            /* FFN norm and routing per sequence (o: scratch for the bf16-rounded router input) */
-            for (int64_t b = tm.t; b < B; b += tm.nt) {
-                int32_t* ch = p->chosen + (l * B + b) * K;
-                float* mix = p->mix + b * K;
-                rmsnorm(x + b * D, ly->ffn_norm, m->eps, D, h + b * D, bf ? hb + b * D : 0);
+            /* FFN norm and routing per token (o: scratch for the bf16-rounded router input) */
+            for (int64_t t = tm.t; t < T; t += tm.nt) {
+                int32_t* ch = p->chosen + (l * T + t) * K;
+                float* mix = p->mix + t * K;
+                rmsnorm(x + t * D, ly->ffn_norm, m->eps, D, h + t * D, bf ? hb + t * D : 0);
                 if (ly->router) {
-                    const float* hr = h + b * D;
+                    const float* hr = h + t * D;
                     if (bf) {
-                        for (int64_t i = 0; i < D; i++) o[b * D + i] = bf16_to_f32(hb[b * D + i]);
-                        hr = o + b * D;
+                        for (int64_t i = 0; i < D; i++) o[t * D + i] = bf16_to_f32(hb[t * D + i]);
+                        hr = o + t * D;
                     }
                     route(m, ly->router, hr, ch, mix);
                 } else {
                     ch[0] = 0;
                     mix[0] = 1.f;
                 }
-                for (int64_t k = 0; k < K; k++) p->idx[b * K + k] = ch[k];
+                for (int64_t k = 0; k < K; k++) p->idx[t * K + k] = ch[k];
             }
             sync_team(&tm);
-            if (tm.t == 0) group_experts(p->idx, B * K, m->E, start, p->order, p->inverse);
+            if (tm.t == 0) group_experts(p->idx, T * K, m->E, start, p->order, p->inverse);
             sync_team(&tm);
             const moe_job job = {{m->wt, ly->w13, ly->w13_scale, D}, {m->wt, ly->w2, ly->w2_scale, m->F},
-                                 B, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
+                                 T, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
                                  p->xs, p->g, p->a, p->ys, x, p->xsb, p->ab, 1};
             moe_team(&tm, &job);
         }
-        for (int64_t b = tm.t; b < B; b += tm.nt)
-            rmsnorm(x + b * D, m->out_norm, m->eps, D, h + b * D, bf ? hb + b * D : 0);
+        /* the final norm of the rows whose logits are wanted, into h's first R rows */
+        for (int64_t r = tm.t; r < p->R; r += tm.nt)
+            rmsnorm(x + p->rows[r] * D, m->out_norm, m->eps, D, h + r * D, bf ? hb + r * D : 0);
         sync_team(&tm);
         const mat mout = {m->wt, m->out, m->out_scale, D};
         my_rows(&tm, m->V, &lo, &hi);
-        gemm_rows(mout, h, hb, B, p->logits, m->V, lo, hi);
+        gemm_rows(mout, h, hb, p->R, p->logits, m->V, lo, hi);
     }
 }
 
@@ -1140,8 +1157,8 @@ static const int64_t off_moe[] = {
     MX_OFF(mx_moe_args, g), MX_OFF(mx_moe_args, a), MX_OFF(mx_moe_args, ab), MX_OFF(mx_moe_args, ys),
     MX_OFF(mx_moe_args, order), MX_OFF(mx_moe_args, inverse), -1};
 static const int64_t off_batch[] = {
-    MX_OFF(mx_batch, B), MX_OFF(mx_batch, C), MX_OFF(mx_batch, nt), MX_OFF(mx_batch, token), MX_OFF(mx_batch, pos),
-    MX_OFF(mx_batch, seq), MX_OFF(mx_batch, cache_pos), MX_OFF(mx_batch, k_cache), MX_OFF(mx_batch, v_cache),
+    MX_OFF(mx_batch, T), MX_OFF(mx_batch, C), MX_OFF(mx_batch, nt), MX_OFF(mx_batch, R), MX_OFF(mx_batch, token),
+    MX_OFF(mx_batch, pos), MX_OFF(mx_batch, seq), MX_OFF(mx_batch, rows), MX_OFF(mx_batch, cache_pos), MX_OFF(mx_batch, k_cache), MX_OFF(mx_batch, v_cache),
     MX_OFF(mx_batch, logits), MX_OFF(mx_batch, chosen), MX_OFF(mx_batch, x), MX_OFF(mx_batch, h), MX_OFF(mx_batch, o),
     MX_OFF(mx_batch, qkv), MX_OFF(mx_batch, att), MX_OFF(mx_batch, rope), MX_OFF(mx_batch, scores),
     MX_OFF(mx_batch, mix), MX_OFF(mx_batch, hb), MX_OFF(mx_batch, attb), MX_OFF(mx_batch, idx), MX_OFF(mx_batch, xs),

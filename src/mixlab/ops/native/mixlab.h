@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 3
+#define MX_ABI_VERSION 4
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -108,25 +108,28 @@ typedef struct { /* the experts of one MoE layer for T tokens (`mx_moe`); N = T 
     int32_t *order, *inverse;
 } mx_moe_args;
 
-typedef struct { /* one decoding step of B sequences, one token each (`mx_decode_batch`) */
-    int64_t B, C;          /* sequences; positions per cache slot */
+typedef struct { /* one engine step (`mx_decode_batch`): T tokens, rows of B sequences' items */
+    int64_t T, C;          /* tokens (rows); positions per cache slot */
     int64_t nt;            /* threads `scores` has room for (a call uses at most this many) */
-    const int64_t* token;  /* [B] */
-    const int64_t* pos;    /* [B] each token's position */
-    const int64_t* seq;    /* [B] each sequence's slot in the pool (distinct) */
-    int64_t* cache_pos;    /* [S, C]: the position each cache index holds (-1 empty); row seq[b] gets
-                              pos[b] at index pos[b] % C */
+    int64_t R;             /* rows whose logits are wanted */
+    const int64_t* token;  /* [T] */
+    const int64_t* pos;    /* [T] each token's position */
+    const int64_t* seq;    /* [T] each token's slot in the pool: one sequence's tokens are consecutive
+                              rows at consecutive positions (a decoding token, or a prompt chunk) */
+    const int64_t* rows;   /* [R] the rows whose logits are written, in this order */
+    int64_t* cache_pos;    /* [S, C]: the position each cache index holds (-1 empty); row seq[t] gets
+                              pos[t] at index pos[t] % C */
     void* const* k_cache;  /* [L]: each layer's pool [S, G, C, Hd] of type ct (not mx_layer's) */
     void* const* v_cache;
-    float* logits;         /* [B, V] */
-    int32_t* chosen;       /* [L, B, K]: the experts each layer chose for each sequence */
-    /* work buffers, float32 unless noted; N = B * K (token, expert) pairs */
-    float *x, *h, *o;      /* [B, D] */
-    float *qkv, *att;      /* [B, (H + 2 G) Hd], [B, H Hd] */
-    float *rope, *scores;  /* [B, Hd] (cos, then sin), [nt, C] */
-    float* mix;            /* [B, K] */
-    uint16_t *hb, *attb;   /* bf16: [B, D], [B, H Hd] */
-    int64_t* idx;          /* [B, K] */
+    float* logits;         /* [R, V] */
+    int32_t* chosen;       /* [L, T, K]: the experts each layer chose for each token */
+    /* work buffers, float32 unless noted; N = T * K (token, expert) pairs */
+    float *x, *h, *o;      /* [T, D] */
+    float *qkv, *att;      /* [T, (H + 2 G) Hd], [T, H Hd] */
+    float *rope, *scores;  /* [T, Hd] (cos, then sin), [nt, C] */
+    float* mix;            /* [T, K] */
+    uint16_t *hb, *attb;   /* bf16: [T, D], [T, H Hd] */
+    int64_t* idx;          /* [T, K] */
     float *xs, *g, *a, *ys; /* [N, D], [N, 2F], [N, F], [N, D] */
     uint16_t *xsb, *ab;    /* bf16: [N, D], [N, F] */
     int32_t *order, *inverse; /* [N] */
@@ -146,8 +149,9 @@ int mx_cpu_features(void);
 
 void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t pos, int64_t* cache_pos,
                     int64_t C, int64_t slot, int64_t n, float* logits, int nt);
-/* One decoding step of B sequences (`mx_batch`): every dense weight read once for all B tokens,
-   each chosen expert once for the tokens that chose it; writes logits [B, V] and chosen [L, B, K]. */
+/* One engine step (`mx_batch`): each sequence's item is one decoding token or a prompt chunk of
+   consecutive positions; every dense weight read once for all T tokens, each chosen expert once for
+   the tokens that chose it; writes logits [R, V] (the rows asked for) and chosen [L, T, K]. */
 void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt);
 void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
                uint16_t* XB, float* Y, int nt);

@@ -10,9 +10,9 @@ registry (`mixlab.ops.registry`) never chooses them when gradients are needed.
 (`mixlab.model.native.NativeDecoder`), named by the integer handle `register_decoder` returns: an
 operator cannot take a Python object, and the handle keeps the compiled graph's guard a constant.
 It writes the step's key and value into the KV cache and the token's position into the cache's
-position table, which it declares as mutated arguments. `decode_batch` is the same step for B
-sequences at once (one token each, each in its own slot of a cache pool `[S, G, C, Hd]` per layer,
-the engine's), through the same decoder.
+position table, which it declares as mutated arguments. `decode_batch` is an engine step of
+several sequences at once (a decoding token or a prompt chunk each, each in its own slot of a cache
+pool `[S, G, C, Hd]` per layer, the engine's), through the same decoder.
 
 Shape legend: N rows, D input features, X output features, T tokens, E experts, K experts per
 token, F expert FFN width, L layers, V vocabulary, B batch, C cache slots.
@@ -74,9 +74,9 @@ class Decoder(Protocol):
     def run(self, token: int, position: int, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
             slot: int, n: int, logits_1V: torch.Tensor) -> torch.Tensor: ...
 
-    def run_batch(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, seqs_B: torch.Tensor,
-                  pos_SC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
-                  logits_BV: torch.Tensor, chosen_LBK: torch.Tensor) -> None: ...
+    def run_batch(self, tokens_T: torch.Tensor, positions_T: torch.Tensor, seqs_T: torch.Tensor,
+                  rows_R: torch.Tensor, pos_SC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+                  logits_RV: torch.Tensor, chosen_LTK: torch.Tensor) -> None: ...
 
 
 _DECODERS: weakref.WeakValueDictionary[int, Decoder] = weakref.WeakValueDictionary()
@@ -118,25 +118,25 @@ def _(decoder: int, token: torch.Tensor, position: torch.Tensor, pos_BC: torch.T
 
 
 @torch.library.custom_op("mixlab::decode_batch", mutates_args=("pos_SC", "k", "v"))
-def decode_batch(decoder: int, tokens_B: torch.Tensor, positions_B: torch.Tensor, seqs_B: torch.Tensor,
-                 pos_SC: torch.Tensor, k: list[torch.Tensor],
+def decode_batch(decoder: int, tokens_T: torch.Tensor, positions_T: torch.Tensor, seqs_T: torch.Tensor,
+                 rows_R: torch.Tensor, pos_SC: torch.Tensor, k: list[torch.Tensor],
                  v: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of B sequences: token `tokens_B[b]` at position `positions_B[b]` of the
-    sequence in slot `seqs_B[b]` (distinct) of the pool `k`/`v` (`[S, G, C, Hd]` per layer, index
-    position % C; `pos_SC` the positions each index holds, updated). Returns the next-token logits
-    `[B, V]` (float32) and the experts each layer chose `[L, B, K]` (int32)."""
+    """One engine step of T tokens: token `tokens_T[t]` at position `positions_T[t]` of the sequence
+    in slot `seqs_T[t]` of the pool `k`/`v` (`[S, G, C, Hd]` per layer, index position % C; `pos_SC`
+    the positions each index holds, updated). A sequence's tokens are consecutive rows at consecutive
+    positions: one decoding token, or a prompt chunk (causal attention inside it). Returns the
+    logits of rows `rows_R` `[R, V]` (float32) and the experts each layer chose `[L, T, K]` (int32)."""
     dec = _decoder(decoder)
-    B = tokens_B.shape[0]
-    logits_BV = torch.empty(B, dec.vocab_size, dtype=torch.float32)
-    chosen_LBK = torch.empty(dec.n_layers, B, dec.top_k, dtype=torch.int32)
-    dec.run_batch(tokens_B, positions_B, seqs_B, pos_SC, k, v, logits_BV, chosen_LBK)
-    return logits_BV, chosen_LBK
+    T, R = tokens_T.shape[0], rows_R.shape[0]
+    logits_RV = torch.empty(R, dec.vocab_size, dtype=torch.float32)
+    chosen_LTK = torch.empty(dec.n_layers, T, dec.top_k, dtype=torch.int32)
+    dec.run_batch(tokens_T, positions_T, seqs_T, rows_R, pos_SC, k, v, logits_RV, chosen_LTK)
+    return logits_RV, chosen_LTK
 
 
 @decode_batch.register_fake
-def _(decoder: int, tokens_B: torch.Tensor, positions_B: torch.Tensor, seqs_B: torch.Tensor,
+def _(decoder: int, tokens_T: torch.Tensor, positions_T: torch.Tensor, seqs_T: torch.Tensor, rows_R: torch.Tensor,
       pos_SC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     dec = _decoder(decoder)
-    B = tokens_B.shape[0]
-    return (pos_SC.new_empty(B, dec.vocab_size, dtype=torch.float32),
-            pos_SC.new_empty(dec.n_layers, B, dec.top_k, dtype=torch.int32))
+    return (pos_SC.new_empty(rows_R.shape[0], dec.vocab_size, dtype=torch.float32),
+            pos_SC.new_empty(dec.n_layers, tokens_T.shape[0], dec.top_k, dtype=torch.int32))
