@@ -95,6 +95,35 @@ def test_native_decoding_equals_full_recompute_float32(case):
     torch.testing.assert_close(_native_decode(model, tokens, 9), _recompute(model, tokens, 9), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("quant", [None, "bf16", "int8", "int4", "int4-exact"])
+def test_native_step_is_the_same_with_any_thread_count(quant):
+    """Each thread computes whole rows (and its own copy of the norms, the router and the int8
+    roundings), so the logits and experts do not depend on how many threads share a step: 3 threads
+    do not divide tiny-moe's 2 kv heads (the split that puts a barrier between the qkv product and
+    attention), 2 do (each thread attends with the heads whose rows it computed)."""
+    model = _model(torch.bfloat16 if quant == "bf16" else torch.float32)
+    kw = {} if quant in (None, "bf16") else {"quant": quant.removesuffix("-exact")}
+    if quant == "int4-exact":
+        kw["int4_activations"] = "float32"
+    prepare_for_inference(model, **kw)
+    assert model.native_decoder is not None
+    tokens = torch.randint(0, 256, (14,))
+    old = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            cache = KVCache(model.config, batch_size=1, max_len=14, dtype=model.tok_embeddings.weight.dtype)
+            dec = model.native_decoder
+            with torch.inference_mode():
+                got.append([dec.step_experts(int(t), i, cache) for i, t in enumerate(tokens)])
+    finally:
+        torch.set_num_threads(old)
+    for other in got[1:]:
+        for (logits, experts), (ref_logits, ref_experts) in zip(other, got[0], strict=True):
+            assert torch.equal(logits, ref_logits) and torch.equal(experts, ref_experts)
+
+
 def test_native_steps_grow_a_reserved_cache():
     """A cache made with `reserve` (as `mixlab chat` makes) grows during native steps; the decoder
     follows its new buffers and the logits stay those of a full recompute."""

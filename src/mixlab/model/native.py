@@ -2,9 +2,10 @@
 
 `NativeDecoder(model)` describes the model to C once: raw pointers to its weights (no copies, except
 float32 copies of the small norm and router vectors and of int8 row scales), the work buffers of a
-step, and the shapes. A step is then one operator call, `torch.ops.mixlab.decode_step` (opaque to
-`torch.compile`), that runs `mx_decode_step`: every layer inside one OpenMP parallel region, writing
-the next-token logits. It writes the token's keys and values
+step, and the shapes. A step is then one C call, `mx_decode_step`: every layer inside one OpenMP
+parallel region, writing the next-token logits. Under `torch.compile` the call is an operator,
+`torch.ops.mixlab.decode_step` (opaque to the compiler); eagerly `step` calls C directly (the
+operator's dispatch costs more than the rest of a step's Python). It writes the token's keys and values
 into the same `KVCache` PyTorch's path uses, so prefill (PyTorch, compute-bound) and decoding
 (native, bandwidth-bound) share one cache, and a batch of several prompts still decodes through
 PyTorch. `prepare_for_inference` attaches one as `model.native_decoder`; `generate.decode_step`
@@ -161,6 +162,8 @@ class NativeDecoder:
         self._bound: tuple[int, ...] = ()  # the data pointers of the bound cache's buffers
         self.last_chosen = self.chosen  # the experts of the last `step` (its own tensor under torch.compile)
         self._lock = threading.Lock()  # the work buffers and the bound cache are shared: one C call at a time
+        self._c_step = lib.mx_decode_step
+        self._c_model_ref, self._c_bufs_ref = ctypes.byref(self.c_model), ctypes.byref(self.bufs)
         self.handle = register_decoder(self)
 
     def __deepcopy__(self, memo: dict) -> NativeDecoder:
@@ -197,10 +200,8 @@ class NativeDecoder:
         layer chose `[L, K]` (a copy: the next step overwrites the decoder's buffer). Thread-safe."""
         with self._lock:
             self._bind(pos_BC, k, v)
-            self.c_model.ct = native.TYPE_CODES[k[0].dtype]
-            self.lib.mx_decode_step(ctypes.byref(self.c_model), ctypes.byref(self.bufs), token, position,
-                                    pos_BC.data_ptr(), pos_BC.shape[1], slot, n, logits_1V.data_ptr(),
-                                    torch.get_num_threads())
+            self._c_step(self._c_model_ref, self._c_bufs_ref, token, position, pos_BC.data_ptr(), pos_BC.shape[1],
+                         slot, n, logits_1V.data_ptr(), torch.get_num_threads())
             return self.chosen.clone()
 
     def _batch_buffers(self, T: int, nt: int, C: int) -> None:
@@ -284,6 +285,19 @@ class NativeDecoder:
     def step_experts(self, token: torch.Tensor | int, position: torch.Tensor | int,
                      cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """`step`, returning (logits `[1, V]`, this step's experts `[L, K]` int32)."""
+        if not torch.compiler.is_compiling():
+            # Eager: call C directly. The operator's dispatch (`torch.library.custom_op` with mutated
+            # arguments) costs more per call than everything else a step does in Python, ~0.3-0.7 ms
+            # against a ~4-5 ms int4 step (BENCHMARKS.md, issue 16); the operator stays for torch.compile.
+            t = cache.t
+            if t + 1 > cache.capacity:
+                cache.slots(1)  # checks that the cache has room (and grows one made with `reserve`)
+            logits_1V = torch.empty(1, self.V, dtype=torch.float32)
+            chosen_LK = self.run(int(token), int(position), cache.pos_BC, cache.k, cache.v, t % cache.capacity,
+                                 min(t + 1, cache.capacity), logits_1V)
+            cache.t = t + 1
+            self.last_chosen = chosen_LK
+            return logits_1V, chosen_LK
         cache.slots(1)  # checks that the cache has room (and grows one made with `reserve`)
         slot, n = cache.t % cache.capacity, cache.n_filled(1)
         logits_1V, chosen_LK = torch.ops.mixlab.decode_step(

@@ -8,7 +8,7 @@
  * - `mx_decode_step`: one token of one sequence through every layer (norm, fused qkv, rotary,
  *   KV-cache write, attention, output projection, norm, router, top-k, the chosen experts' SwiGLU,
  *   mixing, residuals) and the logits, inside one OpenMP parallel region whose threads meet at spin
- *   barriers (a sleeping thread takes tens of microseconds to wake, a step has ~7 barriers a layer);
+ *   barriers (a sleeping thread takes tens of microseconds to wake, a step has 4 barriers a layer);
  * - `mx_decode_batch`: an engine step of several sequences at once (a decoding token or a prompt
  *   chunk each), each with its own cache slot and positions: every weight read once for all the
  *   step's tokens (experts grouped by expert), one parallel region;
@@ -531,6 +531,22 @@ typedef struct {
     int64_t K;
 } mat;
 
+/* Y[j, r] = W[r, :] . xa[j] for int4 weights (MX_Q4_*_A8) and M <= MX_A8_ROWS activation vectors
+   already rounded to int8 (`quant_a8`), rows r in [r0, r1) (Y's leading dimension ldy). */
+static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ldy, int64_t r0, int64_t r1) {
+    const int64_t K = m.K, G = q4_group(m.wt);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t* wr = (const uint8_t*)m.w + r * (K / 2);
+        const uint16_t* sr = (const uint16_t*)(const void*)m.scale + r * (K / G);
+        float out[4];
+        for (int64_t j = 0; j < M; j += 4) {
+            const int Q = M - j < 4 ? (int)(M - j) : 4;
+            dotq_q4a8(wr, sr, xa + j, K, G, Q, out);
+            for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r] = out[q];
+        }
+    }
+}
+
 /* Y[j, r] = W[r, :] . X[j, :] for M vectors (rows of X and XB, leading dimension K; Y's is ldy) and
    rows r in [r0, r1). X is float32, XB its bf16 rounding (read for bf16 weights only). */
 static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
@@ -557,21 +573,11 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
         r = rend;
     }
     if (is_q4a8(m.wt)) {
-        const int64_t G = q4_group(m.wt);
         for (int64_t j0 = 0; j0 < M; j0 += MX_A8_ROWS) { /* activations rounded MX_A8_ROWS rows at a time */
             const int64_t Mj = M - j0 < MX_A8_ROWS ? M - j0 : MX_A8_ROWS;
             const a8vec* xa = a8_rows(X + j0 * K, Mj, K);
             if (!xa) return; /* out of memory: cannot happen for sane K (a few KB per row) */
-            for (int64_t rr = r; rr < r1; rr++) {
-                const uint8_t* wr = (const uint8_t*)m.w + rr * (K / 2);
-                const uint16_t* sr = (const uint16_t*)(const void*)m.scale + rr * (K / G);
-                float out[4];
-                for (int64_t j = 0; j < Mj; j += 4) {
-                    const int Q = Mj - j < 4 ? (int)(Mj - j) : 4;
-                    dotq_q4a8(wr, sr, xa + j, K, G, Q, out);
-                    for (int q = 0; q < Q; q++) Y[(j0 + j + q) * ldy + rr] = out[q];
-                }
-            }
+            gemm_rows_a8(m, xa, Mj, Y + j0 * ldy, ldy, r, r1);
         }
         return;
     }
@@ -635,7 +641,7 @@ typedef struct {
     barrier_t* bar;
 } team;
 
-/* Wait until every thread of the team arrives. Spinning, not sleeping: a step has ~7 barriers per
+/* Wait until every thread of the team arrives. Spinning, not sleeping: a step has ~4 barriers per
    layer, each a few microseconds apart, and waking a sleeping thread costs tens of microseconds
    (OMP_WAIT_POLICY=PASSIVE makes OpenMP's own barriers sleep). After 2^MX_SPIN_LOG2 pauses (longer
    than the gap between two barriers on an idle CPU) it yields at every turn: on an oversubscribed
@@ -669,15 +675,51 @@ static void my_rows(const team* tm, int64_t n, int64_t* lo, int64_t* hi) {
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* Norm (single thread: D multiply-adds)                                                           */
+/* Norm and router (vectorised: in the batch-1 step every thread computes them itself, see `priv`) */
 
 /* h = x / rms(x) * w; `w` float32. Also writes the bf16 rounding of h when `hb` is given. */
 static void rmsnorm(const float* x, const float* w, float eps, int64_t D, float* h, uint16_t* hb) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < D; i++) ss += (double)x[i] * x[i];
-    float r = 1.0f / sqrtf((float)(ss / D) + eps);
-    for (int64_t i = 0; i < D; i++) h[i] = x[i] * r * w[i];
+    int64_t i = 0;
+    float ss = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= D; i += 32) {
+        const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
+        a0 = _mm512_fmadd_ps(v0, v0, a0);
+        a1 = _mm512_fmadd_ps(v1, v1, a1);
+    }
+    ss = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    for (; i < D; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)D + eps);
+    i = 0;
+#if defined(__AVX512F__)
+    const __m512 rv = _mm512_set1_ps(r);
+    for (; i + 16 <= D; i += 16)
+        _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), rv), _mm512_loadu_ps(w + i)));
+#endif
+    for (; i < D; i++) h[i] = x[i] * r * w[i];
     if (hb) round_to_bf16(h, hb, D);
+}
+
+/* Router: top K of E logits (largest first, lowest index on ties), softmax over the K chosen. */
+static void route(const mx_model* m, const float* router, const float* h, int32_t* chosen, float* mix) {
+    float logits[256];
+    for (int64_t e = 0; e < m->E; e++) logits[e] = dot_f32(router + e * m->D, h, m->D);
+    for (int64_t k = 0; k < m->K; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < m->E; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < k; j++) taken |= chosen[j] == e;
+            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+        }
+        chosen[k] = (int32_t)best;
+        mix[k] = logits[best];
+    }
+    const float top = mix[0];
+    float sum = 0.f;
+    for (int64_t k = 0; k < m->K; k++) sum += (mix[k] = expf(mix[k] - top));
+    for (int64_t k = 0; k < m->K; k++) mix[k] /= sum;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -746,112 +788,169 @@ static void attend(const mx_model* m, const float* q, const char* kbase, const c
         if (sc[s] != 0.f) axpy_row(y, sc[s] / sum, vbase + s * Hd * es, m->ct, Hd);
 }
 
-/* x += wo @ attention(rope(wqkv @ norm(x))), writing this token's k, v into slot `slot`. */
-static void attn_block(team* tm, const mx_model* m, const mx_layer* ly, const mx_bufs* b, int64_t pos,
-                       const int64_t* cache_pos, int64_t C, int64_t slot, int64_t n, const float* cos_,
-                       const float* sin_) {
-    const int bf = m->wt == MX_BF16;
-    const int64_t D = m->D, Hd = m->Hd, G = m->G, QD = m->H * Hd, R = m->H / G, half = Hd / 2;
-    const int64_t es = elem_size(m->ct);
+/* What one thread of the batch-1 step keeps to itself: its own copy of each activation vector that
+   every thread multiplies (norm outputs; their int8 roundings for MX_Q4_*_A8 weights) and of the
+   router's choice. Every thread computes the norm, the router and the roundings itself (about a
+   microsecond each, vectorised) instead of one thread computing them while the others wait at two
+   extra barriers: a layer then has 4 barriers instead of 7 and no serial section (BENCHMARKS.md,
+   issue 16). */
+typedef struct {
+    float *h, *hr;   /* [D]: norm output; router input (h, bf16-rounded for bf16 weights) */
+    uint16_t* hb;    /* [D]: bf16 rounding of h */
+    int32_t* chosen; /* [K] */
+    float* mix;      /* [K] */
+    a8vec ha, atta;  /* int8 roundings of h [D] and of the attention output [H Hd] */
+    a8vec* aa;       /* [K]: of each chosen expert's SwiGLU output [F] */
+} priv;
+
+static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+static inline size_t a8_bytes(int64_t K) { return (size_t)a8_kp(K) * 2; } /* q [Kp], corr and d [Kp / 8] */
+
+static a8vec a8_at(char* at, int64_t K) {
+    const int64_t Kp = a8_kp(K);
+    const a8vec a = {(int8_t*)at, (int32_t*)(void*)(at + Kp), (float*)(void*)(at + Kp + Kp / 2)};
+    return a;
+}
+
+static size_t priv_bytes(const mx_model* m) {
+    const int64_t D = m->D, K = m->K;
+    return al64(2 * D * 4) + al64(D * 2) + al64(K * 4) * 2 + al64(K * sizeof(a8vec)) + al64(a8_bytes(D))
+           + al64(a8_bytes(m->H * m->Hd)) + K * al64(a8_bytes(m->F));
+}
+
+static priv priv_at(char* at, const mx_model* m) { /* `at` 64-byte aligned, priv_bytes(m) long */
+    const int64_t D = m->D, K = m->K;
+    priv p;
+    p.h = (float*)(void*)at, p.hr = p.h + D, at += al64(2 * D * 4);
+    p.hb = (uint16_t*)(void*)at, at += al64(D * 2);
+    p.chosen = (int32_t*)(void*)at, at += al64(K * 4);
+    p.mix = (float*)(void*)at, at += al64(K * 4);
+    p.aa = (a8vec*)(void*)at, at += al64(K * sizeof(a8vec));
+    p.ha = a8_at(at, D), at += al64(a8_bytes(D));
+    p.atta = a8_at(at, m->H * m->Hd), at += al64(a8_bytes(m->H * m->Hd));
+    for (int64_t k = 0; k < K; k++) p.aa[k] = a8_at(at, m->F), at += al64(a8_bytes(m->F));
+    return p;
+}
+
+/* An activation vector in the forms the weight types read: float32, its bf16 rounding (bf16
+   weights), its int8 rounding (MX_Q4_*_A8 weights). */
+typedef struct {
+    const float* x;
+    const uint16_t* xb;
+    const a8vec* xa;
+} act;
+
+/* y[r] = W[r, :] . a for rows r in [r0, r1). */
+static void act_rows(mat m, act a, float* y, int64_t r0, int64_t r1) {
+    if (is_q4a8(m.wt)) gemm_rows_a8(m, a.xa, 1, y, 0, r0, r1);
+    else gemv_rows(m, a.x, a.xb, y, r0, r1);
+}
+
+/* Rotate and store kv head g's key and value into slot `slot`, then attend with its R query heads
+   (query head hh reads kv head hh / R), so no thread reads a cache row another one writes. */
+static void attn_head(const mx_model* m, const mx_layer* ly, const mx_bufs* b, int64_t g, int64_t pos,
+                      const int64_t* cache_pos, int64_t C, int64_t slot, int64_t n, const float* cos_,
+                      const float* sin_) {
+    const int64_t Hd = m->Hd, G = m->G, QD = m->H * Hd, R = m->H / G, half = Hd / 2, es = elem_size(m->ct);
     const float scale = 1.0f / sqrtf((float)Hd);
+    float* k = b->qkv + QD + g * Hd;
+    const float* v = b->qkv + QD + G * Hd + g * Hd;
+    char* kbase = (char*)ly->k_cache + g * C * Hd * es;
+    char* vbase = (char*)ly->v_cache + g * C * Hd * es;
+    rope(k, cos_, sin_, half);
+    for (int64_t i = 0; i < Hd; i++) {
+        store_elem(kbase, m->ct, slot * Hd + i, k[i]);
+        store_elem(vbase, m->ct, slot * Hd + i, v[i]);
+    }
+    for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
+        float* q = b->qkv + hh * Hd;
+        rope(q, cos_, sin_, half);
+        attend(m, q, kbase, vbase, cache_pos, n, pos, scale, b->scores + hh * C, b->att + hh * Hd);
+        if (m->wt == MX_BF16) round_to_bf16(b->att + hh * Hd, b->attb + hh * Hd, Hd);
+    }
+}
+
+/* x += wo @ attention(rope(wqkv @ norm(x))), writing this token's k, v into slot `slot`. When the
+   threads divide the kv heads evenly, each computes the q, k and v rows of its own kv heads and
+   attends with them at once (no barrier between the product and attention). Ends with a barrier. */
+static void attn_block(team* tm, const priv* p, const mx_model* m, const mx_layer* ly, const mx_bufs* b,
+                       int64_t pos, const int64_t* cache_pos, int64_t C, int64_t slot, int64_t n,
+                       const float* cos_, const float* sin_) {
+    const int bf = m->wt == MX_BF16, a8 = is_q4a8(m->wt);
+    const int64_t D = m->D, Hd = m->Hd, G = m->G, QD = m->H * Hd, R = m->H / G;
     const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D}, mo = {m->wt, ly->wo, ly->wo_scale, QD};
     int64_t lo, hi;
-    if (tm->t == 0) rmsnorm(b->x, ly->attn_norm, m->eps, D, b->h, bf ? b->hb : 0);
-    sync_team(tm);
-    my_rows(tm, QD + 2 * G * Hd, &lo, &hi);
-    gemv_rows(mqkv, b->h, b->hb, b->qkv, lo, hi);
-    sync_team(tm);
-    /* Per kv head g: rotate and store its key and value, then attend with its R query heads (query
-       head hh reads kv head hh / R), so no thread reads a cache row another one writes. */
-    for (int64_t g = tm->t; g < G; g += tm->nt) {
-        float* k = b->qkv + QD + g * Hd;
-        const float* v = b->qkv + QD + G * Hd + g * Hd;
-        char* kbase = (char*)ly->k_cache + g * C * Hd * es;
-        char* vbase = (char*)ly->v_cache + g * C * Hd * es;
-        rope(k, cos_, sin_, half);
-        for (int64_t i = 0; i < Hd; i++) {
-            store_elem(kbase, m->ct, slot * Hd + i, k[i]);
-            store_elem(vbase, m->ct, slot * Hd + i, v[i]);
+    rmsnorm(b->x, ly->attn_norm, m->eps, D, p->h, bf ? p->hb : 0);
+    if (a8) quant_a8(p->h, D, p->ha);
+    const act h = {p->h, p->hb, &p->ha};
+    if (G % tm->nt == 0) {
+        for (int64_t g = tm->t; g < G; g += tm->nt) {
+            act_rows(mqkv, h, b->qkv, g * R * Hd, (g + 1) * R * Hd);
+            act_rows(mqkv, h, b->qkv, QD + g * Hd, QD + (g + 1) * Hd);
+            act_rows(mqkv, h, b->qkv, QD + G * Hd + g * Hd, QD + G * Hd + (g + 1) * Hd);
+            attn_head(m, ly, b, g, pos, cache_pos, C, slot, n, cos_, sin_);
         }
-        for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
-            float* q = b->qkv + hh * Hd;
-            rope(q, cos_, sin_, half);
-            attend(m, q, kbase, vbase, cache_pos, n, pos, scale, b->scores + hh * C, b->att + hh * Hd);
-            if (bf) round_to_bf16(b->att + hh * Hd, b->attb + hh * Hd, Hd);
-        }
+    } else {
+        my_rows(tm, QD + 2 * G * Hd, &lo, &hi);
+        act_rows(mqkv, h, b->qkv, lo, hi);
+        sync_team(tm);
+        for (int64_t g = tm->t; g < G; g += tm->nt) attn_head(m, ly, b, g, pos, cache_pos, C, slot, n, cos_, sin_);
     }
     sync_team(tm);
+    if (a8) quant_a8(b->att, QD, p->atta);
+    const act att = {b->att, b->attb, &p->atta};
     my_rows(tm, D, &lo, &hi);
-    gemv_rows(mo, b->att, b->attb, b->o, lo, hi);
+    act_rows(mo, att, b->o, lo, hi);
     for (int64_t i = lo; i < hi; i++) b->x[i] += b->o[i];
     sync_team(tm);
 }
 
-/* Router: top K of E logits (largest first, lowest index on ties), softmax over the K chosen. */
-static void route(const mx_model* m, const float* router, const float* h, int32_t* chosen, float* mix) {
-    float logits[256];
-    for (int64_t e = 0; e < m->E; e++) {
-        float s = 0.f;
-        for (int64_t i = 0; i < m->D; i++) s += router[e * m->D + i] * h[i];
-        logits[e] = s;
-    }
-    for (int64_t k = 0; k < m->K; k++) {
-        int64_t best = -1;
-        for (int64_t e = 0; e < m->E; e++) {
-            int taken = 0;
-            for (int64_t j = 0; j < k; j++) taken |= chosen[j] == e;
-            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
-        }
-        chosen[k] = (int32_t)best;
-        mix[k] = logits[best];
-    }
-    const float top = mix[0];
-    float sum = 0.f;
-    for (int64_t k = 0; k < m->K; k++) sum += (mix[k] = expf(mix[k] - top));
-    for (int64_t k = 0; k < m->K; k++) mix[k] /= sum;
-}
-
-/* x += sum_k mix_k * w2[e_k] @ (silu(w1[e_k] @ h) * (w3[e_k] @ h)), h = norm(x). Dense: E = K = 1. */
-static void ffn_block(team* tm, const mx_model* m, const mx_layer* ly, const mx_bufs* b, int32_t* chosen,
-                      float* mix) {
-    const int bf = m->wt == MX_BF16;
+/* x += sum_k mix_k * w2[e_k] @ (silu(w1[e_k] @ h) * (w3[e_k] @ h)), h = norm(x). Dense: E = K = 1.
+   `chosen`, `mix`: where the router's choice is reported (written by thread 0). Ends with a barrier. */
+static void ffn_block(team* tm, const priv* p, const mx_model* m, const mx_layer* ly, const mx_bufs* b,
+                      int32_t* chosen, float* mix) {
+    const int bf = m->wt == MX_BF16, a8 = is_q4a8(m->wt);
     const int64_t D = m->D, F = m->F, K = m->K;
     const mat m13 = {m->wt, ly->w13, ly->w13_scale, D}, m2 = {m->wt, ly->w2, ly->w2_scale, F};
     int64_t lo, hi;
-    if (tm->t == 0) {
-        rmsnorm(b->x, ly->ffn_norm, m->eps, D, b->h, bf ? b->hb : 0);
-        if (ly->router) {
-            /* Route on the activations the experts see (bf16-rounded for bf16 weights, as in torch). */
-            const float* hr = b->h;
-            if (bf) {
-                for (int64_t i = 0; i < D; i++) b->g[i] = bf16_to_f32(b->hb[i]); /* g: scratch until the experts */
-                hr = b->g;
-            }
-            route(m, ly->router, hr, chosen, mix);
-        } else {
-            chosen[0] = 0;
-            mix[0] = 1.f;
+    rmsnorm(b->x, ly->ffn_norm, m->eps, D, p->h, bf ? p->hb : 0);
+    if (ly->router) {
+        /* Route on the activations the experts see (bf16-rounded for bf16 weights, as in torch). */
+        const float* hr = p->h;
+        if (bf) {
+            for (int64_t i = 0; i < D; i++) p->hr[i] = bf16_to_f32(p->hb[i]);
+            hr = p->hr;
         }
+        route(m, ly->router, hr, p->chosen, p->mix);
+    } else {
+        p->chosen[0] = 0;
+        p->mix[0] = 1.f;
     }
-    sync_team(tm);
+    if (tm->t == 0)
+        for (int64_t k = 0; k < K; k++) chosen[k] = p->chosen[k], mix[k] = p->mix[k];
+    if (a8) quant_a8(p->h, D, p->ha);
+    const act h = {p->h, p->hb, &p->ha};
     /* Each thread computes gate rows [lo, hi) and the matching up rows [F + lo, F + hi) of every
        chosen expert, so it applies SiLU to its own rows without waiting for the others. */
     my_rows(tm, F, &lo, &hi);
     for (int64_t k = 0; k < K; k++) {
-        const mat e13 = mat_at(m13, chosen[k] * 2 * F);
+        const mat e13 = mat_at(m13, p->chosen[k] * 2 * F);
         float* gk = b->g + k * 2 * F;
-        gemv_rows(e13, b->h, b->hb, gk, lo, hi);
-        gemv_rows(e13, b->h, b->hb, gk, F + lo, F + hi);
+        act_rows(e13, h, gk, lo, hi);
+        act_rows(e13, h, gk, F + lo, F + hi);
         swiglu_row(gk + lo, gk + F + lo, b->a + k * F + lo, bf ? b->ab + k * F + lo : 0, hi - lo);
     }
     sync_team(tm);
     /* Down projection: each thread owns rows [lo, hi) of every expert, then mixes them into x. */
     my_rows(tm, D, &lo, &hi);
-    for (int64_t k = 0; k < K; k++)
-        gemv_rows(mat_at(m2, chosen[k] * D), b->a + k * F, bf ? b->ab + k * F : 0, b->y + k * D, lo, hi);
+    for (int64_t k = 0; k < K; k++) {
+        if (a8) quant_a8(b->a + k * F, F, p->aa[k]);
+        const act ak = {b->a + k * F, bf ? b->ab + k * F : 0, &p->aa[k]};
+        act_rows(mat_at(m2, p->chosen[k] * D), ak, b->y + k * D, lo, hi);
+    }
     for (int64_t i = lo; i < hi; i++) {
         float s = 0.f;
-        for (int64_t k = 0; k < K; k++) s += mix[k] * b->y[k * D + i];
+        for (int64_t k = 0; k < K; k++) s += p->mix[k] * b->y[k * D + i];
         b->x[i] += s;
     }
     sync_team(tm);
@@ -865,6 +964,21 @@ static void ffn_block(team* tm, const mx_model* m, const mx_layer* ly, const mx_
    next-token logits [V]. `cache_pos` [C] holds each slot's position (-1 empty); slot gets `pos`. */
 void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t pos, int64_t* cache_pos,
                     int64_t C, int64_t slot, int64_t n, float* logits, int nt) {
+    /* every thread's `priv`, in the calling thread's buffer (kept for its lifetime; concurrent
+       callers on other threads have their own) */
+    static _Thread_local char* scratch = 0;
+    static _Thread_local size_t cap = 0;
+    const size_t per = al64(priv_bytes(m)), need = per * (size_t)(nt < 1 ? 1 : nt) + 64;
+    if (need > cap) {
+        free(scratch);
+        scratch = (char*)malloc(need);
+        cap = scratch ? need : 0;
+        if (!scratch) { /* out of memory (a few hundred KB): no logits rather than wrong ones */
+            for (int64_t i = 0; i < m->V; i++) logits[i] = NAN;
+            return;
+        }
+    }
+    char* base = (char*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float cos_[512], sin_[512]; /* Hd / 2 <= 512, checked by the caller */
     for (int64_t i = 0; i < m->Hd / 2; i++) {
         const float ang = (float)pos * m->inv_freq[i]; /* a float32 product, as rope_cos_sin computes it */
@@ -877,16 +991,18 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
 #pragma omp parallel num_threads(nt)
     {
         team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
+        const priv p = priv_at(base + per * (size_t)tm.t, m);
         for (int64_t l = 0; l < m->L; l++) {
-            attn_block(&tm, m, &m->layers[l], b, pos, cache_pos, C, slot, n, cos_, sin_);
-            ffn_block(&tm, m, &m->layers[l], b, b->chosen + l * m->K, b->mix + l * m->K);
+            attn_block(&tm, &p, m, &m->layers[l], b, pos, cache_pos, C, slot, n, cos_, sin_);
+            ffn_block(&tm, &p, m, &m->layers[l], b, b->chosen + l * m->K, b->mix + l * m->K);
         }
         const mat mout = {m->wt, m->out, m->out_scale, m->D};
         int64_t lo, hi;
-        if (tm.t == 0) rmsnorm(b->x, m->out_norm, m->eps, m->D, b->h, m->wt == MX_BF16 ? b->hb : 0);
-        sync_team(&tm);
+        rmsnorm(b->x, m->out_norm, m->eps, m->D, p.h, m->wt == MX_BF16 ? p.hb : 0);
+        if (is_q4a8(m->wt)) quant_a8(p.h, m->D, p.ha);
+        const act h = {p.h, p.hb, &p.ha};
         my_rows(&tm, m->V, &lo, &hi);
-        gemv_rows(mout, b->h, b->hb, logits, lo, hi);
+        act_rows(mout, h, logits, lo, hi);
     }
 }
 
