@@ -679,19 +679,21 @@ static void my_rows(const team* tm, int64_t n, int64_t* lo, int64_t* hi) {
 
 /* h = x / rms(x) * w; `w` float32. Also writes the bf16 rounding of h when `hb` is given. */
 static void rmsnorm(const float* x, const float* w, float eps, int64_t D, float* h, uint16_t* hb) {
+    /* the sum of squares in float64 (exact squares): float32 sums moved logits past the tests'
+       1e-4 against PyTorch's mean on some rows */
     int64_t i = 0;
-    float ss = 0.f;
+    double ss = 0.0;
 #if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (; i + 32 <= D; i += 32) {
-        const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
-        a0 = _mm512_fmadd_ps(v0, v0, a0);
-        a1 = _mm512_fmadd_ps(v1, v1, a1);
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    for (; i + 16 <= D; i += 16) {
+        const __m512d v0 = _mm512_cvtps_pd(_mm256_loadu_ps(x + i)), v1 = _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8));
+        a0 = _mm512_fmadd_pd(v0, v0, a0);
+        a1 = _mm512_fmadd_pd(v1, v1, a1);
     }
-    ss = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    ss = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
 #endif
-    for (; i < D; i++) ss += x[i] * x[i];
-    const float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (; i < D; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / sqrtf((float)(ss / D) + eps);
     i = 0;
 #if defined(__AVX512F__)
     const __m512 rv = _mm512_set1_ps(r);
