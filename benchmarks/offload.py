@@ -1,11 +1,13 @@
 """Expert offloading: hit rate, decode tokens/s and peak RSS against the cache budget.
 
 For each model: the budget as 25/50/75/100% of the experts' bytes (in the cache's format), LRU and
-LFU, with and without prefetch, plus the resident model. Every configuration runs in its own
-process (so its peak RSS, VmHWM, is its own): load with `max_memory`, prepare for inference,
-prefill a prompt, then greedy-decode `--tokens` tokens, after a short warm-up generation and with
-the cache emptied; the hit rate, bytes read and time waited are counted over the decode steps
-only (the prefill touches nearly every expert).
+LFU, with and without prefetch (`--prefetch no,yes,always`: "yes" is the library's default, which
+reads guesses only while a read fits in the compute between two layers; "always" reads every
+guess), plus the resident model; `--repeats N` runs each N times and shows the median. Every
+configuration runs in its own process (so its peak RSS, VmHWM, is its own): load with
+`max_memory`, prepare for inference, prefill a prompt, then greedy-decode `--tokens` tokens, after
+a short warm-up generation and with the cache emptied; the hit rate, bytes read and time waited
+are counted over the decode steps only (the prefill touches nearly every expert).
 
 Models: `--model DIR` (e.g. the corpus-trained /work/runs/corpus-moe-train/hf, prompts from the
 corpus) and `--random D,F,L,E` (random weights written once to `--workdir`, bf16; big enough that
@@ -74,6 +76,8 @@ def run_one(args: argparse.Namespace) -> dict:
     cache = expert_cache(model)
     if cache is not None and args.drop_pages:
         cache.source.files.drop_pages = True  # type: ignore[attr-defined]
+    if cache is not None and getattr(args, "prefetch_always", False):
+        cache.prefetch_gate = False
     rss_loaded = _rss_now()
     ids = _prompt(args.model_dir, args.prompt_len, model.config.vocab_size)
     for _ in generate_stream(model, [ids[:4]], max_new_tokens=3, temperature=0.0):  # warm-up (kernels, allocator)
@@ -89,6 +93,7 @@ def run_one(args: argparse.Namespace) -> dict:
             cache.reset_stats()  # count the decode steps only
     decode_s = times[-1] - times[0]
     out = dict(budget=args.budget, policy=args.policy, prefetch=args.prefetch, quant=args.quant,
+               prefetch_always=getattr(args, "prefetch_always", False),
                prefill_s=times[0] - start, decode_tokens=len(times) - 1, decode_tok_s=(len(times) - 1) / decode_s,
                rss_loaded=rss_loaded, peak_rss=peak_rss())
     if cache is not None:
@@ -140,6 +145,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drop-pages", action="store_true")
+    ap.add_argument("--prefetch", default="no,yes", help="rows per budget and policy: no, yes (reads guesses while "
+                    "a read fits in the compute window), always (reads every guess)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per configuration (the table shows medians)")
+    ap.add_argument("--no-resident", action="store_true", help="skip the resident model's row")
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     args = ap.parse_args()
@@ -151,40 +160,53 @@ def main() -> None:
         ap.error("give --model DIR or --random D,F,L,E")
     model_dir = args.model or write_random(args.random, Path(args.workdir))
     total = expert_bytes_total(model_dir, args.quant)
-    configs: list[dict] = [dict(budget=None, policy="lru", prefetch=False)]
+    configs: list[dict] = [] if args.no_resident else [dict(budget=None, policy="lru", prefetch=False)]
     for frac in (float(x) for x in args.fractions.split(",")):
         for policy in args.policies.split(","):
-            for prefetch in (False, True):
-                configs.append(dict(budget=int(frac * total), policy=policy, prefetch=prefetch, fraction=frac))
+            for mode in args.prefetch.split(","):
+                configs.append(dict(budget=int(frac * total), policy=policy, prefetch=mode != "no",
+                                    prefetch_always=mode == "always", fraction=frac))
     print(f"model {model_dir}; experts {total / 1e6:.1f} MB ({args.quant}); torch {torch.__version__}; "
           f"{args.tokens} decode tokens after a {args.prompt_len}-token prompt; {args.threads} threads; "
-          f"drop pages: {args.drop_pages}", flush=True)
-    print("| budget | policy | prefetch | hit rate | decode tok/s | waited s | read MB | prefetched (used) "
-          "| peak RSS MB | loaded RSS MB | RSS target MB |")
+          f"drop pages: {args.drop_pages}; medians of {args.repeats} run(s) (decode tok/s of each in brackets)",
+          flush=True)
+    print("| budget | policy | prefetch | hit rate | decode tok/s | waited s | read MB "
+          "| prefetched (used; cancelled; skipped) | peak RSS MB | loaded RSS MB | RSS target MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for c in configs:
         one = dict(model_dir=model_dir, quant=args.quant, tokens=args.tokens, prompt_len=args.prompt_len,
                    threads=args.threads, drop_pages=args.drop_pages, **{k: v for k, v in c.items() if k != "fraction"})
-        res = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True,
-                             check=False)
-        if res.returncode != 0:
-            print(f"| {c} | failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode} |")
+        runs = []
+        for _ in range(args.repeats):
+            res = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True,
+                                 check=False)
+            if res.returncode != 0:
+                err = res.stderr.strip()
+                print(f"| {c} | failed: {err.splitlines()[-1] if err else res.returncode} |")
+                break
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        if len(runs) < args.repeats:
             continue
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        r["fraction"] = c.get("fraction")
+        # The median run by decode tokens/s (its other columns are that run's); peak RSS: the largest.
+        r = dict(sorted(runs, key=lambda x: x["decode_tok_s"])[len(runs) // 2])
+        r["peak_rss"] = max(x["peak_rss"] for x in runs)
+        r["fraction"], r["runs"] = c.get("fraction"), runs
         rows.append(r)
         mb = 1e6
+        each = " ({})".format(", ".join(f"{x['decode_tok_s']:.1f}" for x in runs)) if len(runs) > 1 else ""
         if r["budget"] is None:
-            print(f"| resident | - | - | - | {r['decode_tok_s']:.1f} | - | - | - | {r['peak_rss'] / mb:.0f} | "
+            print(f"| resident | - | - | - | {r['decode_tok_s']:.1f}{each} | - | - | - | {r['peak_rss'] / mb:.0f} | "
                   f"{r['rss_loaded'] / mb:.0f} | - |", flush=True)
             continue
         target = 1.1 * (r["budget"] + r["rss_loaded"])
         ok = "ok" if r["peak_rss"] <= target else "OVER"
-        print(f"| {r['fraction']:.0%} ({r['slots']} experts) | {r['policy']} | {'yes' if r['prefetch'] else 'no'} | "
-              f"{r['hit_rate']:.1%} | {r['decode_tok_s']:.1f} | {r['wait_s']:.2f} | {r['bytes_read'] / mb:.1f} | "
-              f"{r['prefetched']} ({r['prefetch_used']}) | {r['peak_rss'] / mb:.0f} | {r['rss_loaded'] / mb:.0f} | "
-              f"{target / mb:.0f} {ok} |", flush=True)
+        mode = "always" if r["prefetch_always"] else "yes" if r["prefetch"] else "no"
+        pf = (f"{r['prefetched']} ({r['prefetch_used']}; {r.get('prefetch_cancelled', 0)}; "
+              f"{r.get('prefetch_skipped', 0)})")
+        print(f"| {r['fraction']:.0%} ({r['slots']} experts) | {r['policy']} | {mode} | "
+              f"{r['hit_rate']:.1%} | {r['decode_tok_s']:.1f}{each} | {r['wait_s']:.2f} | {r['bytes_read'] / mb:.1f} | "
+              f"{pf} | {r['peak_rss'] / mb:.0f} | {r['rss_loaded'] / mb:.0f} | {target / mb:.0f} {ok} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -73,6 +73,7 @@ def test_equals_resident_every_format_and_budget(ckpt, quant, fraction):
                                                  prefetch=prefetch), quant=quant)
         cache = expert_cache(model)
         assert cache is not None and cache.fmt.kind == kind
+        cache.prefetch_gate = False  # read every guess (these reads are too short for the default to bother)
         logits, ids = _outputs(model, TOKENS)
         # One pass per layer (the batch's experts fit): the same kernel on the same bytes, bit for
         # bit. More distinct experts than slots: passes summed in another order (float rounding).
@@ -132,6 +133,7 @@ def test_prefetch_reads_when_generate_allocates_the_pool(tmp_path, ckpt, source)
     model = prepare_for_inference(load_model(path, max_memory=_budget(kind, 0.5), prefetch=True), quant=quant)
     cache = expert_cache(model)
     assert cache is not None and cache.fmt.kind == kind
+    cache.prefetch_gate = False
     assert generate(model, [TOKENS[0].tolist()], max_new_tokens=8) == want
     assert cache.stats.prefetched > 0 and cache.stats.prefetch_failed == 0
     cache.close()
@@ -173,6 +175,7 @@ def test_prefetch_thread_stops_cleanly(ckpt):
     model = load_model(ckpt, max_memory=_budget("plain", 0.5), prefetch=True)
     cache = expert_cache(model)
     assert cache is not None
+    cache.prefetch_gate = False
     generate(model, [TOKENS[0].tolist()], max_new_tokens=4)
     assert cache.prefetching and cache.stats.prefetched > 0
     thread = cache._thread
@@ -188,7 +191,7 @@ def test_lru_and_lfu_evict_differently():
     class Source:
         reads: list[tuple[int, int]] = []
 
-        def read(self, layer, expert, fmt, slot):
+        def read(self, layer, expert, fmt, slot, *, pause=None):
             self.reads.append((layer, expert))
             slot.w13.fill_(expert)
             slot.w2.fill_(expert)
@@ -210,6 +213,44 @@ def test_lru_and_lfu_evict_differently():
 
     assert run("lru") == [(0, 0), (0, 1), (0, 2), (0, 0)]
     assert run("lfu") == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_wrong_guess_is_cancelled_and_slow_reads_are_not_guessed():
+    import time
+
+    from mixlab.ops.offload import ExpertCache
+
+    class Source:  # prefetch reads come in 200 chunks of 5 ms; demand reads are instant
+        def read(self, layer, expert, fmt, slot, *, pause=None):
+            for _ in range(200 if pause is not None else 0):
+                time.sleep(0.005)
+                pause(1)
+            slot.w13.fill_(10 * layer + expert)
+            slot.w2.fill_(10 * layer + expert)
+            return 1
+
+        def close(self):
+            pass
+
+    fmt = SlotFormat("plain", torch.float32)
+    cache = ExpertCache(Source(), num_layers=2, num_experts=4, top_k=1, dim=2, ffn_dim=2,
+                        budget=3 * fmt.expert_bytes(2, 2), fmt=fmt, policy="lru", prefetch=True)
+    cache.release(cache.acquire(0, [0], prefetch=(1, [1])))  # guesses expert 1 of layer 1: a 1 s read starts
+    deadline = time.monotonic() + 10
+    while cache.stats.prefetched == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    (s,) = cache.acquire(1, [2])  # layer 1 wants expert 2: the guess is abandoned part way, its slot freed
+    assert cache.pool()["w13"][s].eq(12).all()
+    cache.release([s])
+    while cache.stats.prefetch_cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert cache.stats.prefetch_cancelled == 1 and cache.stats.prefetch_used == 0
+    assert cache.cached() == {(0, 0), (1, 2)}
+    # A read longer than the compute between two layers: guesses are counted, not read.
+    cache.read_s_mean, cache.window_s_mean = 0.02, 0.004
+    cache.prefetch(1, [0, 2])  # (1, 2) is cached: only (1, 0) is a guess to skip
+    assert cache.stats.prefetch_skipped == 1 and cache.stats.prefetched == 1
+    cache.close()
 
 
 def test_pickle_is_refused(tmp_path):

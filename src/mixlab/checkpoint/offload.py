@@ -12,6 +12,8 @@ mmap: the files' pages never count in the process's memory):
   types are read as floats.
 A slot of the cache's format is filled straight from the file when the stored bytes are that format
 (same float dtype, or Q4_0 into int4 groups of 32), else through one temporary per expert.
+Prefetch reads come in chunks of `CHUNK` bytes with the cache's `pause` called after each, so that
+a demand read never queues behind a whole guessed expert.
 
 Shape legend: E experts, D width, F expert FFN width.
 """
@@ -33,7 +35,7 @@ from mixlab.config import ModelConfig
 from mixlab.model.formats import OffloadedExperts
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Transformer
-from mixlab.ops.offload import ExpertCache, Slot, SlotFormat
+from mixlab.ops.offload import CHUNK, ExpertCache, Pause, Slot, SlotFormat
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,20 @@ class _Files:
         # disk (a machine whose memory cannot hold the file as well as the cache).
         self.drop_pages = False
 
-    def read(self, r: _Range, dest: memoryview) -> None:
+    def read(self, r: _Range, dest: memoryview, pause: Pause | None = None) -> None:
         fd, done = self.fds[r.file], 0
-        while done < r.nbytes:
-            n = os.preadv(fd, [dest[done:]], r.start + done)
-            if n <= 0:
-                raise CheckpointError(f"{r.file}: file ended while reading {r.what} (truncated?)")
-            done += n
-        if self.drop_pages:
-            os.posix_fadvise(fd, r.start, r.nbytes, os.POSIX_FADV_DONTNEED)
+        step = r.nbytes if pause is None else CHUNK
+        try:
+            while done < r.nbytes:
+                n = os.preadv(fd, [dest[done : min(done + step, r.nbytes)]], r.start + done)
+                if n <= 0:
+                    raise CheckpointError(f"{r.file}: file ended while reading {r.what} (truncated?)")
+                done += n
+                if pause is not None:
+                    pause(n)
+        finally:
+            if self.drop_pages:
+                os.posix_fadvise(fd, r.start, done, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         with self.lock:
@@ -104,7 +111,7 @@ class SafetensorsSource:
         files = {infos[n].file for r13, r2 in tables for n in (*r13.theirs, *r2.theirs)}
         self.files = _Files(files)
 
-    def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot) -> int:
+    def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot, *, pause: Pause | None = None) -> int:
         r13, r2 = self.tables[layer]
         parts13 = _expert_ranges(r13, self.infos, self.E, expert)
         parts2 = _expert_ranges(r2, self.infos, self.E, expert)
@@ -114,19 +121,19 @@ class SafetensorsSource:
             for dest, parts in ((slot.w13, parts13), (slot.w2, parts2)):
                 buf, at = _bytes(dest), 0
                 for p in parts:
-                    self.files.read(p, buf[at : at + p.nbytes])
+                    self.files.read(p, buf[at : at + p.nbytes], pause)
                     at += p.nbytes
             return n
-        w13 = self._floats(parts13, (2 * self.F, self.D))
-        w2 = self._floats(parts2, (self.D, self.F))
+        w13 = self._floats(parts13, (2 * self.F, self.D), pause)
+        w2 = self._floats(parts2, (self.D, self.F), pause)
         fmt.fill(slot, w13, w2)
         return n
 
-    def _floats(self, parts: list[_Range], shape: tuple[int, int]) -> torch.Tensor:
+    def _floats(self, parts: list[_Range], shape: tuple[int, int], pause: Pause | None) -> torch.Tensor:
         rows = []
         for p in parts:
             t = torch.empty(p.nbytes // DTYPES[p.dtype].itemsize, dtype=DTYPES[p.dtype])
-            self.files.read(p, _bytes(t))
+            self.files.read(p, _bytes(t), pause)
             rows.append(t)
         return (torch.cat(rows) if len(rows) > 1 else rows[0]).view(shape)
 
@@ -157,7 +164,7 @@ class GGUFSource:
         """Whether every expert tensor is Q4_0 (then the experts stay int4, groups of 32)."""
         return self._int4
 
-    def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot) -> int:
+    def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot, *, pause: Pause | None = None) -> int:
         from mixlab.checkpoint.gguf_read import GGUFTensor, _Reader
 
         subs = []
@@ -171,10 +178,12 @@ class GGUFSource:
             F = self.F
             for t, q, s in ((gate, slot.w13[:F], slot.w13_scale[:F]), (up, slot.w13[F:], slot.w13_scale[F:]),
                             (down, slot.w2, slot.w2_scale)):
-                blocks = self._raw(t).reshape(*t.shape[:-1], t.shape[-1] // 32, 18)
+                blocks = self._raw(t, pause).reshape(*t.shape[:-1], t.shape[-1] // 32, 18)
                 s.copy_(torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(s.shape)))
                 q.copy_(torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).reshape(q.shape)))
             return n
+        if pause is not None:  # other types read whole (no chunks): only a chance to stand aside first
+            pause(0)
         reader = _Reader.__new__(_Reader)  # its conversions, over this source's descriptor
         reader.h, reader.fd = self.h, self.files.fds[self.h.path]
         dt = fmt.dtype  # the model's float dtype, as load_gguf reads resident experts
@@ -182,12 +191,13 @@ class GGUFSource:
         fmt.fill(slot, w13, reader.floats(down, dt))
         return n
 
-    def _raw(self, t: object) -> np.ndarray:
+    def _raw(self, t: object, pause: Pause | None = None) -> np.ndarray:
         from mixlab.checkpoint.gguf_read import GGUFTensor
 
         assert isinstance(t, GGUFTensor)
         out = np.empty(t.nbytes, dtype=np.uint8)
-        self.files.read(_Range(self.h.path, t.start, t.nbytes, "U8", repr(t.name)), memoryview(out.data).cast("B"))
+        self.files.read(_Range(self.h.path, t.start, t.nbytes, "U8", repr(t.name)), memoryview(out.data).cast("B"),
+                        pause)
         return out
 
     def close(self) -> None:

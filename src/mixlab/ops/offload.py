@@ -12,12 +12,22 @@ or GGUF files, `pread`, no mmap, so file pages never count in the process's memo
 Eviction: LRU, or LFU (uses of each (layer, expert) over the whole run, ties broken by recency).
 Prefetch (Eliseev & Mazur 2023, arXiv 2312.17238 §3.2): the next layer's router applied to the
 current layer's hidden state guesses that layer's experts; a background thread reads them while
-this layer computes. A guess still queued when its layer starts is dropped (that layer's own
-loads run on the calling thread), and a guess never evicts an expert the previous token used (with
-a budget of about top-k experts per layer there is then no room to guess, and prefetch does
-nothing). Pinned slots (the experts of the layer computing now) are never evicted, so the pool must
-hold one token's top-k experts; batches needing more distinct experts than the pool holds run in
-passes.
+this layer computes. The disk is the bottleneck when experts are large (a 22 MB read takes ~20 ms,
+a layer's compute ~4 ms), so a guess must never delay a read the computing thread waits for: the
+prefetch thread reads in chunks of `CHUNK` bytes and, between chunks, stands aside while a demand
+read runs and abandons its read (freeing the slot) once the guessed layer has started without
+needing it. And guesses are read only while a read fits in the compute it can hide behind: the
+cache keeps running means of one expert's read time and of the time between one layer's experts
+being ready and the next layer asking for its own; when a read takes longer, a guess saves at most
+that window while its read still takes disk time and CPU (the copy out of the page cache) from the
+demand reads and the compute, so prefetch then only counts the guesses it skips (BENCHMARKS.md
+"Expert offloading": 22 MB experts read in ~20 ms against ~3.5 ms of compute per layer lost
+12.6 -> 9.9 tokens/s), and only while a read is long enough to be worth a thread's hand-off
+(`MIN_PREFETCH_READ_S`). A guess still queued when its layer starts is dropped, and a guess never
+evicts an expert the previous token used (with a budget of about top-k experts per layer there is
+then no room to guess, and prefetch does nothing). Pinned slots (the experts of the layer computing now)
+are never evicted, so the pool must hold one token's top-k experts; batches needing more distinct
+experts than the pool holds run in passes.
 
 Shape legend: S slots, E experts, D width, F expert FFN width, G scale groups per row.
 """
@@ -30,7 +40,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -39,6 +49,12 @@ import torch
 from mixlab.ops.quant import INT4_GROUPS, quantize_int4, quantize_int8
 
 POLICIES = ("lru", "lfu")
+CHUNK = 1 << 20  # prefetch reads pause or stop between chunks: a demand read waits for at most one (~1 ms)
+EWMA = 0.2  # weight of the newest sample in the running means of read time and compute window
+# A prefetch costs the computing thread ~0.25 ms (thread hand-offs of the GIL, measured on 2 cores:
+# the trained tiny model lost 337 -> 264 tokens/s with 3.2 prefetches per token whose reads took
+# ~0.1 ms from the page cache): a shorter read is cheaper done when needed.
+MIN_PREFETCH_READ_S = 5e-4
 KINDS = ("plain", "int8", "int4")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -62,6 +78,11 @@ def parse_bytes(text: str | int, *, what: str = "--max-memory") -> int:
     if not math.isfinite(n) or n < 1:
         raise ValueError(f"{what}: {text!r} must be at least one byte")
     return int(n)
+
+
+def _mean(mean: float | None, x: float) -> float:
+    """A running mean (exponentially weighted) updated with `x`."""
+    return x if mean is None else mean + EWMA * (x - mean)
 
 
 def format_bytes(n: float) -> str:
@@ -130,11 +151,20 @@ class Slot(NamedTuple):
     w2_scale: torch.Tensor | None
 
 
+class Cancelled(Exception):
+    """Raised by a prefetch read's `pause` callback: the guess is no longer wanted."""
+
+
+Pause = Callable[[int], None]
+
+
 class ExpertSource(Protocol):
     """Reads experts from a checkpoint. `read` fills `slot` with expert `expert` of MoE layer
-    `layer` in `fmt` and returns the bytes it read from disk. Called from two threads at once."""
+    `layer` in `fmt` and returns the bytes it read from disk. Called from two threads at once.
+    `pause` (prefetch reads), when given, is called after each chunk of at most `CHUNK` bytes read
+    from disk with that chunk's size: it may block (a demand read is running) or raise `Cancelled`."""
 
-    def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot) -> int: ...
+    def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot, *, pause: Pause | None = None) -> int: ...
 
     def close(self) -> None: ...
 
@@ -155,6 +185,8 @@ class CacheStats:
     prefetched: int = 0
     prefetch_used: int = 0
     prefetch_failed: int = 0  # prefetch reads that raised (the computing thread reads those experts itself)
+    prefetch_cancelled: int = 0  # prefetch reads abandoned part way: their layer started without needing them
+    prefetch_skipped: int = 0  # guesses not read: a read did not fit in the compute window
     passes: int = 0  # layer calls that needed more than one pass (more distinct experts than slots)
     layer_calls: int = 0
 
@@ -167,11 +199,17 @@ class CacheStats:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
                 "read_s": self.read_s, "wait_s": self.wait_s, "prefetched": self.prefetched,
                 "prefetch_used": self.prefetch_used, "prefetch_failed": self.prefetch_failed,
+                "prefetch_cancelled": self.prefetch_cancelled, "prefetch_skipped": self.prefetch_skipped,
                 "multi_pass_calls": self.passes, "layer_calls": self.layer_calls}
 
     def summary(self) -> str:
-        failed = f", {self.prefetch_failed} failed" if self.prefetch_failed else ""
+        failed = f", {self.prefetch_cancelled} cancelled" if self.prefetch_cancelled else ""
+        failed += f", {self.prefetch_failed} failed" if self.prefetch_failed else ""
+        if self.prefetch_skipped:
+            failed += f"; {self.prefetch_skipped} guesses skipped: reads longer than the compute they would hide"
         pf = f", prefetched {self.prefetched} (used {self.prefetch_used}{failed})" if self.prefetched else ""
+        if self.prefetch_skipped and not self.prefetched:
+            pf = f", prefetched 0{failed}"
         return (f"expert cache: hit rate {self.hit_rate:.1%} ({self.hits} hits, {self.misses} misses), "
                 f"read {format_bytes(self.bytes_read)} in {self.read_s:.2f} s, waited {self.wait_s:.2f} s{pf}")
 
@@ -215,6 +253,11 @@ class ExpertCache:
         self._uses: Counter[tuple[int, int]] = Counter()
         self._clock = 0
         self._calls = 0
+        self._demand = 0  # demand reads in progress (the prefetch thread stands aside meanwhile)
+        self.read_s_mean: float | None = None  # running mean of one expert's read time (whole reads)
+        self.window_s_mean: float | None = None  # ... of the time from a layer's experts ready to the next layer's ask
+        self._ready: tuple[int, float] | None = None  # (layer, when its experts were ready)
+        self.prefetch_gate = True  # False: read every guess, whatever the timings (benchmarks)
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -287,29 +330,44 @@ class ExpertCache:
         st.ready.clear()
         self._where[key] = s
 
-    def _load(self, s: int, layer: int, expert: int) -> None:
+    def _load(self, s: int, layer: int, expert: int, *, pause: Pause | None = None) -> None:
+        """Read expert `expert` of `layer` into slot `s`: a demand read (counted in `_demand`,
+        which the caller raised) or, with `pause`, a prefetch read."""
         t0 = time.perf_counter()
+        partial = [0]
+
+        def count(n: int) -> None:
+            partial[0] += n
+            assert pause is not None
+            pause(n)
+
         try:
             # Inference mode on both threads: the pool is allocated by whichever forward pass comes
             # first, often under `torch.inference_mode()` (generate), and its inference tensors refuse
             # in-place writes outside that mode. Inference mode is thread-local, so the prefetch thread
             # never had it: every prefetch that converts (int8/int4, other dtypes, GGUF Q4_0) failed.
             with torch.inference_mode():
-                n = self.source.read(layer, expert, self.fmt, self.slot(s))
+                n = self.source.read(layer, expert, self.fmt, self.slot(s), pause=count if pause else None)
         except BaseException:
             with self._cond:  # forget the half-written slot
                 st = self._slots[s]
                 if st.key is not None:
                     self._where.pop(st.key, None)
-                st.key, st.loading = None, False
+                st.key, st.loading, st.prefetched = None, False, False
                 st.ready.set()
+                self.stats.bytes_read += partial[0]
+                self.stats.read_s += time.perf_counter() - t0
+                self._demand -= pause is None
                 self._cond.notify_all()
             raise
         with self._cond:
+            dt = time.perf_counter() - t0
             self.stats.bytes_read += n
-            self.stats.read_s += time.perf_counter() - t0
+            self.stats.read_s += dt
+            self.read_s_mean = _mean(self.read_s_mean, dt)
             self._slots[s].loading = False
             self._slots[s].ready.set()
+            self._demand -= pause is None
             self._cond.notify_all()
 
     # -- the computing thread ---------------------------------------------------------------
@@ -324,6 +382,9 @@ class ExpertCache:
             raise ValueError(f"{len(experts)} experts asked at once; the cache holds {self.num_slots}")
         self.pool()
         t0 = time.perf_counter()
+        if self._ready is not None and self._ready[0] + 1 == layer:  # the compute a guess for this layer hid behind
+            w = t0 - self._ready[1]
+            self.window_s_mean = _mean(self.window_s_mean, w)
         slots: list[int] = []
         todo: list[tuple[int, int]] = []
         wait: list[tuple[int, int]] = []
@@ -348,6 +409,7 @@ class ExpertCache:
                         self._cond.wait()
                     self._assign(s, key, prefetched=False)
                     todo.append((s, e))
+                    self._demand += 1
                 st = self._slots[s]
                 st.pins += 1
                 st.last, st.last_call = self._clock, self._calls
@@ -355,19 +417,28 @@ class ExpertCache:
         if prefetch is not None:
             self.prefetch(*prefetch)
         try:
-            for s, e in todo:
-                self._load(s, layer, e)
+            for n, (s, e) in enumerate(todo):
+                try:
+                    self._load(s, layer, e)
+                except BaseException:
+                    with self._cond:  # the reads not started never will: let the prefetch thread go on
+                        self._demand -= len(todo) - n - 1
+                        self._cond.notify_all()
+                    raise
             for s, e in wait:
                 self._slots[s].ready.wait()
                 if self._slots[s].key != (layer, e):  # its prefetch failed: read it here
                     with self._cond:
                         self._assign(s, (layer, e), prefetched=False)
+                        self._demand += 1
                     self._load(s, layer, e)
         except BaseException:
             self.release(slots)
             raise
         finally:
-            self.stats.wait_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.stats.wait_s += t1 - t0
+        self._ready = (layer, t1)
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
@@ -383,10 +454,25 @@ class ExpertCache:
         order of preference; dropped if that layer starts first."""
         if not self.prefetch_enabled or self._closed:
             return
+        with self._cond:  # only what is missing (most guesses are cached: consecutive tokens share experts)
+            experts = [e for e in experts if (layer, e) not in self._where]
+        if not experts:
+            return
+        if not self.prefetch_pays():
+            self.stats.prefetch_skipped += len(experts)
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mixlab-expert-prefetch", daemon=True)
             self._thread.start()
         self._queue.put(_Request(layer, list(experts), self._calls))
+
+    def prefetch_pays(self) -> bool:
+        """Whether one expert's read fits in the compute between two layers and is longer than a
+        prefetch's own cost (running means; true until both are measured). A longer read hides at
+        most that window and takes the disk and a core from the reads and compute the next layer
+        waits for; a read under `MIN_PREFETCH_READ_S` saves less than handing it to a thread costs."""
+        r, w = self.read_s_mean, self.window_s_mean
+        return not self.prefetch_gate or r is None or w is None or MIN_PREFETCH_READ_S <= r <= w
 
     def _run(self) -> None:
         while True:
@@ -410,14 +496,39 @@ class ExpertCache:
                     self._slots[s].last_call = self._calls
                     self.stats.prefetched += 1
                 try:
-                    self._load(s, req.layer, e)
+                    self._load(s, req.layer, e, pause=self._pauser(s, req))
+                except Cancelled:
+                    self.stats.prefetch_cancelled += 1
+                    continue  # the next guess is stale too, or the cache is closing: both end the loop above
                 except Exception:  # noqa: BLE001  the computing thread reads it again and reports the error
                     self.stats.prefetch_failed += 1
                     break
 
+    def _pauser(self, s: int, req: _Request) -> Pause:
+        """The `pause` of a prefetch read into slot `s`: between chunks, wait while a demand read runs
+        (the disk serves one reader at a time: sharing it only delays the read being waited for);
+        give up once the guessed layer has started without pinning this slot (a wrong guess)."""
+
+        def pause(_: int) -> None:
+            st = self._slots[s]
+            if not self._demand and not self._closed and (st.pins or self._calls <= req.valid_until):
+                return  # the common case, without the lock
+            with self._cond:
+                while True:
+                    pinned = st.pins > 0  # its layer needs it: the computing thread waits for it
+                    if self._closed or (self._calls > req.valid_until and not pinned):
+                        raise Cancelled
+                    if pinned or self._demand == 0:
+                        return
+                    self._cond.wait()
+
+        return pause
+
     def close(self) -> None:
         """Stop the prefetch thread (waits for the read in progress) and close the source."""
-        self._closed = True
+        with self._cond:
+            self._closed = True  # a prefetch read paused between chunks gives up
+            self._cond.notify_all()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
