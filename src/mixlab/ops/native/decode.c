@@ -479,6 +479,23 @@ MX_DOT4_F(i8, int8_t)
    streams defeat the hardware prefetcher, and prefetching into L1 instead evicts the activations
    (measured on 64 MB of weights, 2 threads: T0 17-21 GB/s, T1 35-52 GB/s, one plain row-at-a-time
    stream 37-51 GB/s in the same runs). */
+#if defined(__AVX512F__)
+/* The sums of 16 vectors at once: lane j of the result = the sum of v[j]'s 16 lanes (15 adds and
+   30 shuffles, where 16 separate reductions take ~6 dependent steps each; measured +5% on the
+   experts' weight stream with 4-token tiles). */
+static inline __m512 hsum16(const __m512* v) {
+    __m512 u[8], w[4], x[2];
+    for (int j = 0; j < 8; j++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], a = v[2j], b = v[2j+1] */
+        u[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int k = 0; k < 4; k++) /* per 128-bit lane: the lane's partial sums of v[4k .. 4k+3] */
+        w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0x44), _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0xEE));
+    for (int m = 0; m < 2; m++) /* 128-bit lanes: halves of w[2m] and of w[2m+1] folded */
+        x[m] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0x44),
+                             _mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+}
+#endif
+
 #if defined(__AVX512BF16__)
 #define MX_TILE4(Q)                                                                                            \
     static void tile4x##Q##_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, int64_t K, float* out,       \
@@ -496,9 +513,14 @@ MX_DOT4_F(i8, int8_t)
                 for (int q = 0; q < Q; q++) acc[i][q] = _mm512_dpbf16_ps(acc[i][q], wv, xv[q]);                 \
             }                                                                                                   \
         }                                                                                                       \
+        __m512 v[16];                                                                                           \
+        for (int i = 0; i < 4; i++)                                                                             \
+            for (int q = 0; q < 4; q++) v[i * 4 + q] = q < Q ? acc[i][q] : _mm512_setzero_ps();                 \
+        float sums[16];                                                                                         \
+        _mm512_storeu_ps(sums, hsum16(v));                                                                      \
         for (int i = 0; i < 4; i++)                                                                             \
             for (int q = 0; q < Q; q++) {                                                                       \
-                float s = _mm512_reduce_add_ps(acc[i][q]);                                                      \
+                float s = sums[i * 4 + q];                                                                      \
                 for (int64_t kk = k; kk < K; kk++) s += bf16_to_f32(w[i * K + kk]) * bf16_to_f32(x[q * ld + kk]); \
                 out[i * ldo + q] = s;                                                                           \
             }                                                                                                   \
