@@ -16,10 +16,16 @@ repetitions, since the bandwidth of a shared machine drifts):
    output is timestamped when its step ends).
 3. A 2,000-token prompt arriving while 8 streams decode: their p99 inter-token latency during its
    prefill, over the same without it (chunked prefill under `--token-budget`).
+4. (`--sections mixed`) One engine step, natively in one call (`torch.ops.mixlab.decode_batch`)
+   against the engine's PyTorch pass over the same items, rounds interleaved, medians: decoding
+   tokens next to prompt chunks at short and long positions, and prompt chunks alone (where the
+   registry's NATIVE_MAX_STEP_TOKENS should sit). The slots hold random keys and values at their
+   positions (the time does not depend on them).
 
 Usage: .venv/bin/python benchmarks/engine.py [--preset mini-moe] [--dtype bfloat16] [--threads 2]
        [--batches 1,4,16,64] [--reps 5] [--steps 4] [--token-budget 32] [--prompt 128]
-       [--requests 24] [--max-arrival-prompt 512] [--long-prompt 2000] [--sections decode,batch1,arrivals,long]
+       [--requests 24] [--max-arrival-prompt 512] [--long-prompt 2000]
+       [--sections decode,batch1,arrivals,long[,mixed]]
 """
 
 from __future__ import annotations
@@ -272,6 +278,58 @@ def long_prompt_section(model: Transformer, args: argparse.Namespace) -> None:
     eng.shutdown()
 
 
+MIXED_SHAPES = (  # (label, decoding tokens and their position, prompt chunk length and its start)
+    ("16 decoding", 16, 128, 0, 0),
+    ("16 decoding + 32-token chunk", 16, 128, 32, 0),
+    ("8 decoding + 56-token chunk at 1000", 8, 128, 56, 1000),
+    ("8 decoding + 56-token chunk at 1944", 8, 128, 56, 1944),
+    ("64-token chunk", 0, 0, 64, 0),
+    ("128-token chunk", 0, 0, 128, 0),
+    ("256-token chunk", 0, 0, 256, 0),
+    ("512-token chunk", 0, 0, 512, 0),
+)
+
+
+def mixed_section(model: Transformer, args: argparse.Namespace) -> None:
+    from mixlab.engine.runner import Item, Runner
+    from mixlab.ops import native, registry
+
+    cfg = model.config
+    native.load()
+    runner = Runner(model, max_batch=17, cache_bytes=None, prefill_chunk=512, max_seq_len=2304, prefix_cache=False)
+    g = torch.Generator().manual_seed(4)
+    for k in runner.k + runner.v:
+        k.copy_(torch.randn(k.shape, generator=g) * 0.5)
+    C = runner.capacity
+    runner.pos_SC.copy_(torch.arange(C).expand_as(runner.pos_SC))
+    saved = registry.NATIVE_MAX_STEP_TOKENS
+    registry.NATIVE_MAX_STEP_TOKENS = 1 << 30  # time the native step past the registry's limit too
+    print("\none engine step: native (one call) vs the PyTorch pass, same items, "
+          f"{args.reps} interleaved rounds of {args.steps} steps, medians")
+    print("| step | tokens | native ms | PyTorch ms | speed-up |\n|---|---|---|---|---|")
+    try:
+        for label, n_dec, dec_pos, n_chunk, chunk_start in MIXED_SHAPES:
+            items = [Item(s, [int(torch.randint(3, cfg.vocab_size, (1,), generator=g))], dec_pos)
+                     for s in range(n_dec)]
+            if n_chunk:
+                items.append(Item(16, torch.randint(3, cfg.vocab_size, (n_chunk,), generator=g).tolist(), chunk_start))
+            times: dict[str, list[float]] = {"native": [], "torch": []}
+            with torch.inference_mode():
+                for r in range(args.reps + 1):
+                    for how in ("native", "torch") if r % 2 else ("torch", "native"):
+                        run = runner._native_batch if how == "native" else runner._batched
+                        for _ in range(args.steps):
+                            t0 = time.perf_counter()
+                            out = run(items)
+                            if r:  # round 0 warms up
+                                times[how].append(time.perf_counter() - t0)
+                            assert out is not None
+            nat, ref = statistics.median(times["native"]) * 1e3, statistics.median(times["torch"]) * 1e3
+            print(f"| {label} | {n_dec + n_chunk} | {nat:.1f} | {ref:.1f} | {ref / nat:.2f}x |")
+    finally:
+        registry.NATIVE_MAX_STEP_TOKENS = saved
+
+
 def main() -> None:
     global PROMPT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -302,6 +360,8 @@ def main() -> None:
         arrivals_section(model, args, interval=6 * 4 / rates.get(4, rates[min(rates)]))
     if "long" in sections:
         long_prompt_section(model, args)
+    if "mixed" in sections:
+        mixed_section(model, args)
     if "batch1" in sections:  # last: it prepares the model in place
         batch1_section(model, args)
 

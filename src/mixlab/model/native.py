@@ -213,8 +213,8 @@ class NativeDecoder:
         D, H, G, Hd, F_, K, _ = self._dims
         N = T * K
         f32 = {"x": T * D, "h": T * D, "o": T * D, "qkv": T * (H + 2 * G) * Hd, "att": T * H * Hd,
-               "rope": T * Hd, "scores": nt * C, "mix": T * K, "xs": N * D, "g": N * 2 * F_, "a": N * F_,
-               "ys": N * D}
+               "rope": T * Hd, "scores": nt * (2 * Hd + 6) * ((C + 15) // 16 * 16),  # decode.c chunk_scratch
+               "mix": T * K, "xs": N * D, "g": N * 2 * F_, "a": N * F_, "ys": N * D}
         bf = {"hb": T * D, "attb": T * H * Hd, "xsb": N * D, "ab": N * F_}
         keep = []
         for name, n in [*f32.items(), *bf.items()]:

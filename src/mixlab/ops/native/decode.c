@@ -1135,6 +1135,126 @@ void mx_moe(const mx_moe_args* p, int nt) {
     }
 }
 
+/* Per-thread scratch of `attend_chunk` for slots of C positions and head dim Hd, in floats. */
+static inline int64_t chunk_scratch(int64_t C, int64_t Hd) {
+    const int64_t Cp = (C + 15) & ~(int64_t)15;
+    return (2 * Hd + 6) * Cp;
+}
+
+/* The queries of one sequence's prompt chunk against its slot, for kv head g: rows t0 .. t0 + Tq - 1
+   of the step (consecutive positions), each with the group's R query heads, rotated here. A chunk's
+   Tq * R queries share every cache row, so the n rows it can see are first copied to float32 and
+   transposed (keys and values [Hd, n]): then the scores of 4 queries against 16 rows, and the
+   weighted sums, are plain vector multiply-adds without a horizontal sum per row (what `attend`
+   does for one query). Each query sees the rows whose positions are visible from its own (causal,
+   within the sliding window); softmax in float32 as `attend`. ws: `chunk_scratch` floats. */
+static void attend_chunk(const mx_model* m, const mx_batch* p, int64_t l, int64_t t0, int64_t Tq, int64_t g,
+                         float* ws) {
+    const int64_t C = p->C, Hd = m->Hd, half = Hd / 2, G = m->G, R = m->H / G, QD = m->H * Hd;
+    const int64_t QKV = QD + 2 * G * Hd, es = elem_size(m->ct), last = p->pos[t0 + Tq - 1];
+    const int64_t n = last + 1 < C ? last + 1 : C, np = (n + 15) & ~(int64_t)15, Cp = (C + 15) & ~(int64_t)15;
+    const int bf = m->wt == MX_BF16;
+    const float scale = 1.0f / sqrtf((float)Hd);
+    float *kt = ws, *vt = ws + Hd * Cp, *sc = ws + 2 * Hd * Cp; /* sc: 4 rows of Cp scores */
+    int32_t* cp = (int32_t*)(void*)(ws + (2 * Hd + 4) * Cp);
+    const int64_t off = ((p->seq[t0] * G + g) * C) * Hd * es;
+    const char* kbase = (const char*)p->k_cache[l] + off;
+    const char* vbase = (const char*)p->v_cache[l] + off;
+    const int64_t* cpos = p->cache_pos + p->seq[t0] * C;
+    for (int64_t s = 0; s < np; s++) {
+        cp[s] = s < n ? (int32_t)cpos[s] : -1;
+        for (int64_t i = 0; i < Hd; i++) {
+            kt[i * np + s] = s < n ? load_elem(kbase, m->ct, s * Hd + i) : 0.f;
+            vt[i * np + s] = s < n ? load_elem(vbase, m->ct, s * Hd + i) : 0.f;
+        }
+    }
+    const int64_t NQ = Tq * R; /* query u: token t0 + u / R, head g R + u % R */
+    for (int64_t u = 0; u < NQ; u++) {
+        const int64_t t = t0 + u / R;
+        rope(p->qkv + t * QKV + (g * R + u % R) * Hd, p->rope + t * Hd, p->rope + t * Hd + half, half);
+    }
+    for (int64_t u0 = 0; u0 < NQ; u0 += 4) {
+        const int Q = NQ - u0 < 4 ? (int)(NQ - u0) : 4;
+        const float* q[4];
+        int64_t qpos[4];
+        for (int j = 0; j < 4; j++) {
+            const int64_t u = u0 + (j < Q ? j : 0), t = t0 + u / R;
+            q[j] = p->qkv + t * QKV + (g * R + u % R) * Hd;
+            qpos[j] = p->pos[t];
+        }
+#if defined(__AVX512F__)
+        __m512 mx[4];
+        for (int j = 0; j < 4; j++) mx[j] = _mm512_set1_ps(-INFINITY);
+        for (int64_t b = 0; b < np; b += 16) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t i = 0; i < Hd; i++) {
+                const __m512 kv = _mm512_loadu_ps(kt + i * np + b);
+                for (int j = 0; j < 4; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j][i]), kv, acc[j]);
+            }
+            const __m512i cb = _mm512_loadu_si512(cp + b);
+            for (int j = 0; j < 4; j++) {
+                const __m512i pj = _mm512_set1_epi32((int32_t)qpos[j]);
+                __mmask16 vis = _mm512_cmpge_epi32_mask(cb, _mm512_setzero_si512()) & _mm512_cmple_epi32_mask(cb, pj);
+                if (m->window > 0)
+                    vis &= _mm512_cmplt_epi32_mask(_mm512_sub_epi32(pj, cb), _mm512_set1_epi32((int32_t)m->window));
+                const __m512 v = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(acc[j], _mm512_set1_ps(scale)));
+                _mm512_storeu_ps(sc + j * Cp + b, v);
+                mx[j] = _mm512_max_ps(mx[j], v);
+            }
+        }
+        float inv[4];
+        for (int j = 0; j < 4; j++) {
+            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx[j])); /* finite: a query sees itself */
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t b = 0; b < np; b += 16) {
+                const __m512 x = _mm512_loadu_ps(sc + j * Cp + b);
+                const __mmask16 vis = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+                const __m512 e = _mm512_maskz_mov_ps(vis, exp16(_mm512_max_ps(_mm512_sub_ps(x, top), _mm512_set1_ps(-104.f))));
+                _mm512_storeu_ps(sc + j * Cp + b, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            inv[j] = 1.f / _mm512_reduce_add_ps(sum);
+        }
+        for (int64_t i = 0; i < Hd; i++) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t b = 0; b < np; b += 16) {
+                const __m512 vv = _mm512_loadu_ps(vt + i * np + b);
+                for (int j = 0; j < 4; j++) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(sc + j * Cp + b), vv, acc[j]);
+            }
+            for (int j = 0; j < Q; j++) {
+                const int64_t u = u0 + j, t = t0 + u / R;
+                p->att[t * QD + (g * R + u % R) * Hd + i] = _mm512_reduce_add_ps(acc[j]) * inv[j];
+            }
+        }
+#else
+        for (int j = 0; j < Q; j++) { /* portable: one query at a time over the transposed rows */
+            float mxs = -INFINITY, sum = 0.f;
+            float* scj = sc + j * Cp;
+            for (int64_t s = 0; s < np; s++) {
+                const int64_t cs = cp[s];
+                const int visible = cs >= 0 && cs <= qpos[j] && (m->window <= 0 || qpos[j] - cs < m->window);
+                float d = 0.f;
+                for (int64_t i = 0; i < Hd; i++) d += q[j][i] * kt[i * np + s];
+                scj[s] = visible ? d * scale : -INFINITY;
+                if (scj[s] > mxs) mxs = scj[s];
+            }
+            for (int64_t s = 0; s < np; s++) sum += (scj[s] = scj[s] == -INFINITY ? 0.f : expf(scj[s] - mxs));
+            const int64_t u = u0 + j, t = t0 + u / R;
+            for (int64_t i = 0; i < Hd; i++) {
+                float y = 0.f;
+                for (int64_t s = 0; s < np; s++) y += scj[s] * vt[i * np + s];
+                p->att[t * QD + (g * R + u % R) * Hd + i] = y / sum;
+            }
+        }
+#endif
+        if (bf)
+            for (int j = 0; j < Q; j++) {
+                const int64_t u = u0 + j, t = t0 + u / R, at = t * QD + (g * R + u % R) * Hd;
+                round_to_bf16(p->att + at, p->attb + at, Hd);
+            }
+    }
+}
+
 /* One engine step in one parallel region (`mx_batch` in mixlab.h): T tokens, the items of several
    sequences, each a decoding token or a prompt chunk at consecutive positions of its sequence. Per
    layer the fused qkv, output and expert matrices multiply all T rows at once (each weight row read
@@ -1170,7 +1290,8 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
         float *x = p->x, *h = p->h, *o = p->o, *qkv = p->qkv, *att = p->att;
         uint16_t *hb = p->hb, *attb = p->attb;
-        float* sc = p->scores + tm.t * C;
+        float* ws = p->scores + tm.t * chunk_scratch(C, Hd);
+        float* sc = ws; /* attend's scores [C] */
         int64_t lo, hi;
         for (int64_t l = 0; l < L; l++) {
             const mx_layer* ly = &m->layers[l];
@@ -1204,6 +1325,14 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                         }
                     }
                     if (pass == 0) continue;
+                    if (pass == 1 && ((t > 0 && p->seq[t - 1] == p->seq[t]) || (t + 1 < T && p->seq[t + 1] == p->seq[t]))) {
+                        /* a prompt chunk: its first row's unit attends for all of its rows */
+                        if (t > 0 && p->seq[t - 1] == p->seq[t]) continue;
+                        int64_t Tq = 1;
+                        while (t + Tq < T && p->seq[t + Tq] == p->seq[t]) Tq++;
+                        attend_chunk(m, p, l, t, Tq, g, ws);
+                        continue;
+                    }
                     for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
                         float* q = qt + hh * Hd;
                         float* y = att + t * QD + hh * Hd;

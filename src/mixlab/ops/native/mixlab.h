@@ -126,7 +126,8 @@ typedef struct { /* one engine step (`mx_decode_batch`): T tokens, rows of B seq
     /* work buffers, float32 unless noted; N = T * K (token, expert) pairs */
     float *x, *h, *o;      /* [T, D] */
     float *qkv, *att;      /* [T, (H + 2 G) Hd], [T, H Hd] */
-    float *rope, *scores;  /* [T, Hd] (cos, then sin), [nt, C] */
+    float *rope, *scores;  /* [T, Hd] (cos, then sin); [nt, (2 Hd + 6) Cp], Cp = C rounded up to 16:
+                              each thread's attention scratch (decode.c `chunk_scratch`) */
     float* mix;            /* [T, K] */
     uint16_t *hb, *attb;   /* bf16: [T, D], [T, H Hd] */
     int64_t* idx;          /* [T, K] */
