@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mixlab.checkpoint.io import DTYPES, CheckpointError, TensorInfo
@@ -156,6 +155,7 @@ class GGUFSource:
         self.layers = [tuple(header.tensors[f"blk.{i}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down"))
                        for i in range(config.n_layers)]
         self.files = _Files({header.path})
+        self._buffers = threading.local()
         from mixlab.checkpoint.gguf_read import Q4_0
 
         self._int4 = all(t.type == Q4_0 for ts in self.layers for t in ts)
@@ -178,9 +178,12 @@ class GGUFSource:
             F = self.F
             for t, q, s in ((gate, slot.w13[:F], slot.w13_scale[:F]), (up, slot.w13[F:], slot.w13_scale[F:]),
                             (down, slot.w2, slot.w2_scale)):
-                blocks = self._raw(t, pause).reshape(*t.shape[:-1], t.shape[-1] // 32, 18)
-                s.copy_(torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(s.shape)))
-                q.copy_(torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).reshape(q.shape)))
+                # Blocks of 2 scale bytes + 16 nibble bytes, split straight into the slot by torch's
+                # strided copy (~2 GB/s on this machine, against ~0.6 GB/s through numpy temporaries).
+                rows, nb = q.shape[0], t.shape[-1] // 32
+                blocks = self._raw(t, pause).view(rows, nb, 18)
+                s.view(torch.uint8).view(rows, nb, 2).copy_(blocks[..., :2])
+                q.view(rows, nb, 16).copy_(blocks[..., 2:])
             return n
         if pause is not None:  # other types read whole (no chunks): only a chance to stand aside first
             pause(0)
@@ -191,13 +194,16 @@ class GGUFSource:
         fmt.fill(slot, w13, reader.floats(down, dt))
         return n
 
-    def _raw(self, t: object, pause: Pause | None = None) -> np.ndarray:
+    def _raw(self, t: object, pause: Pause | None = None) -> torch.Tensor:
+        """The bytes of `t`, in a buffer kept per reading thread (a fresh one per read costs its page faults)."""
         from mixlab.checkpoint.gguf_read import GGUFTensor
 
         assert isinstance(t, GGUFTensor)
-        out = np.empty(t.nbytes, dtype=np.uint8)
-        self.files.read(_Range(self.h.path, t.start, t.nbytes, "U8", repr(t.name)), memoryview(out.data).cast("B"),
-                        pause)
+        buf: torch.Tensor | None = getattr(self._buffers, "buf", None)
+        if buf is None or buf.numel() < t.nbytes:
+            buf = self._buffers.buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        out = buf[: t.nbytes]
+        self.files.read(_Range(self.h.path, t.start, t.nbytes, "U8", repr(t.name)), _bytes(out), pause)
         return out
 
     def close(self) -> None:
