@@ -219,7 +219,7 @@ def test_round_activations_q8_is_llama_cpp_q8_0():
 def test_native_int4_int8_activations_equal_the_rounded_reference(group, D, rows):
     native = _native_a8()
     g = torch.Generator().manual_seed(rows * 1000 + D)
-    q, s = quantize_int4(torch.randn(72, D, generator=g), group)
+    q, s = quantize_int4(torch.randn(74, D, generator=g), group)  # 74: batch 1 runs rows 4 at a time, and the rest
     x = torch.randn(rows, D, generator=g) * torch.rand(rows, D // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
     x[0, :32] = 0.0  # an all-zero block: scale 0
     w = dequantize_int4(q, s, torch.float32)

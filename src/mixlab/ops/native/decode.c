@@ -423,6 +423,58 @@ static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* x
 #endif
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MX_HI4(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), m4)
+/* Four consecutive int4 rows (w: rows of K / 2 bytes, s: their scales, K / G each) against one
+   activation vector (batch-1 decoding): `dotq_q4a8`'s arithmetic, with the activation's codes, sums
+   and scales loaded once per 128 inputs for the four rows, four independent accumulator chains, and
+   the next four rows prefetched as these are read (one 64-byte line per row per block: the next
+   group starts where this one ends). Measured on the mini-moe int4 step (2 threads): 11% faster than
+   one row at a time; without the prefetch 80% slower; prefetching two or three groups ahead, or
+   the high nibbles by `gf2p8affine` (one instruction less), no better. out[i] = row i . xa. */
+static inline void dotq_q4a8_rows4(const uint8_t* w, const uint16_t* s, const a8vec* xa, int64_t K, int64_t G,
+                                   float* out) {
+    const int64_t rb = K / 2, rs = K / G, ns = 128 / G, full = K / 128;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           G == 32 ? 2 : G == 64 ? 3 : 4);
+    const __mmask8 smask = (__mmask8)((1u << ns) - 1);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const uint8_t* next = w + 4 * rb;
+    for (int64_t c = 0; c < full; c++) {
+        const __m512i xl = _mm512_loadu_si512(xa->q + c * 128), xh = _mm512_loadu_si512(xa->q + c * 128 + 64);
+        const __m512i corr = _mm512_loadu_si512(xa->corr + c * 16);
+        const __m512 d = _mm512_loadu_ps(xa->d + c * 16);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char*)(next + c * 256 + i * 64), _MM_HINT_T0);
+            const __m512i b = _mm512_loadu_si512(w + i * rb + c * 64);
+            const __m128i sh = ns == 4 ? _mm_loadl_epi64((const __m128i*)(s + i * rs + c * 4))
+                                       : _mm_maskz_loadu_epi16(smask, s + i * rs + c * ns);
+            __m512i t = _mm512_dpbusd_epi32(corr, _mm512_and_si512(b, m4), xl);
+            t = _mm512_dpbusd_epi32(t, MX_HI4(b), xh);
+            const __m512 sw = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_cvtph_ps(sh)));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw, d), acc[i]);
+        }
+    }
+    if (full * 128 < K) { /* the last, partial block: dotq_q4a8's masked loads */
+        const int64_t c = full, left = K - c * 128;
+        const __m512i xl = _mm512_loadu_si512(xa->q + c * 128), xh = _mm512_loadu_si512(xa->q + c * 128 + 64);
+        const __m512i corr = _mm512_loadu_si512(xa->corr + c * 16);
+        const __m512 d = _mm512_loadu_ps(xa->d + c * 16);
+        for (int i = 0; i < 4; i++) {
+            const __m512i b = _mm512_maskz_loadu_epi8(((__mmask64)1 << (left / 2)) - 1, w + i * rb + c * 64);
+            const __m128i sh = _mm_maskz_loadu_epi16((__mmask8)((1u << (left / G)) - 1), s + i * rs + c * ns);
+            __m512i t = _mm512_dpbusd_epi32(corr, _mm512_and_si512(b, m4), xl);
+            t = _mm512_dpbusd_epi32(t, MX_HI4(b), xh);
+            const __m512 sw = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_cvtph_ps(sh)));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw, d), acc[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+#undef MX_HI4
+#endif
+
 /* The same row against four vectors (rows j..j+3 of a matrix with leading dimension ld): one read
    of the weights serves four tokens. out[q] = w . x_q. */
 static inline void dot4_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, int64_t K, float* out) {
@@ -557,7 +609,14 @@ typedef struct {
    already rounded to int8 (`quant_a8`), rows r in [r0, r1) (Y's leading dimension ldy). */
 static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ldy, int64_t r0, int64_t r1) {
     const int64_t K = m.K, G = q4_group(m.wt);
-    for (int64_t r = r0; r < r1; r++) {
+    int64_t r = r0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (M == 1) /* batch-1 decoding: four rows at a time */
+        for (; r + 4 <= r1; r += 4)
+            dotq_q4a8_rows4((const uint8_t*)m.w + r * (K / 2), (const uint16_t*)(const void*)m.scale + r * (K / G),
+                            xa, K, G, Y + r);
+#endif
+    for (; r < r1; r++) {
         const uint8_t* wr = (const uint8_t*)m.w + r * (K / 2);
         const uint16_t* sr = (const uint16_t*)(const void*)m.scale + r * (K / G);
         float out[4];
