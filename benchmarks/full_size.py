@@ -107,6 +107,7 @@ def decode(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t0
     cache = expert_cache(model)
     assert cache is not None
+    cache.prefetch_gate = not args.prefetch_always
     with open("/proc/self/statm") as f:
         rss_loaded = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     kv = KVCache(model.config, batch_size=1, max_len=64, dtype=torch.bfloat16)
@@ -126,7 +127,8 @@ def decode(args: argparse.Namespace) -> dict:
                tokens=tokens, first_step=first, decode=st.as_dict(), slots=cache.num_slots,
                experts=cache.num_layers * cache.num_experts, expert_bytes=cache.expert_bytes,
                resident_weight_bytes=resident_bytes(model), rss_loaded=rss_loaded,
-               peak_rss=peak_rss(), budget=cache.budget)
+               peak_rss=peak_rss(), budget=cache.budget, read_s_mean=cache.read_s_mean,
+               window_s_mean=cache.window_s_mean)
     cache.close()
     return out
 
@@ -140,6 +142,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--policy", default="lru", choices=["lru", "lfu"])
     ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--prefetch-always", action="store_true",
+                    help="read every guess (by default only while a read fits in the compute between two layers)")
     ap.add_argument("--keep", action="store_true", help="keep the file (and reuse it if present)")
     ap.add_argument("--decode-only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,6 +165,8 @@ def main() -> None:
                str(args.tokens), "--threads", str(args.threads), "--policy", args.policy]
         if args.no_prefetch:
             cmd.append("--no-prefetch")
+        if args.prefetch_always:
+            cmd.append("--prefetch-always")
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             print(res.stderr, file=sys.stderr)
@@ -170,13 +176,18 @@ def main() -> None:
         gb = 1e9
         print(f"budget {r['budget'] / gb:.2f} GB = {r['slots']} of {r['experts']} experts "
               f"({r['expert_bytes'] / 1e6:.1f} MB each, int4); policy {args.policy}, "
-              f"prefetch {not args.no_prefetch}; {args.threads} threads")
+              f"prefetch {'no' if args.no_prefetch else 'always' if args.prefetch_always else 'yes'}; "
+              f"{args.threads} threads")
         print(f"load {r['load_s']:.1f} s; first token (1-token prompt) {r['first_token_s']:.1f} s")
         print(f"decode: {r['decode_tokens']} tokens at {r['decode_tok_s']:.3f} tokens/s "
               f"(steps {', '.join(f'{s:.1f}' for s in r['step_s'][1:])} s); hit rate {d['hit_rate']:.1%} "
               f"({d['hits']} hits, {d['misses']} misses); read {d['bytes_read'] / gb:.2f} GB in {d['read_s']:.1f} s "
               f"({d['bytes_read'] / max(d['read_s'], 1e-9) / gb:.2f} GB/s); waited {d['wait_s']:.1f} s; "
-              f"prefetched {d['prefetched']} (used {d['prefetch_used']})")
+              f"prefetched {d['prefetched']} (used {d['prefetch_used']}, cancelled {d['prefetch_cancelled']}, "
+              f"failed {d['prefetch_failed']}; guesses skipped {d['prefetch_skipped']})")
+        if r["read_s_mean"] is not None and r["window_s_mean"] is not None:
+            print(f"running means: one expert's read {r['read_s_mean'] * 1e3:.1f} ms, compute between two layers "
+                  f"{r['window_s_mean'] * 1e3:.1f} ms")
         target = 1.1 * (r["budget"] + r["rss_loaded"])
         print(f"resident weights {r['resident_weight_bytes'] / gb:.2f} GB; RSS after load "
               f"{r['rss_loaded'] / gb:.2f} GB; peak RSS {r['peak_rss'] / gb:.2f} GB (target <= 1.1 x (budget + "

@@ -98,7 +98,8 @@ def run_one(args: argparse.Namespace) -> dict:
                rss_loaded=rss_loaded, peak_rss=peak_rss())
     if cache is not None:
         out.update(cache.stats.as_dict(), slots=cache.num_slots, expert_bytes=cache.expert_bytes,
-                   total_expert_bytes=cache.total_expert_bytes)
+                   total_expert_bytes=cache.total_expert_bytes, read_s_mean=cache.read_s_mean,
+                   window_s_mean=cache.window_s_mean)
         cache.close()
     return out
 
