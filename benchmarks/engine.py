@@ -25,7 +25,7 @@ repetitions, since the bandwidth of a shared machine drifts):
 Usage: .venv/bin/python benchmarks/engine.py [--preset mini-moe] [--dtype bfloat16] [--threads 2]
        [--batches 1,4,16,64] [--reps 5] [--steps 4] [--token-budget 32] [--prompt 128]
        [--requests 24] [--max-arrival-prompt 512] [--long-prompt 2000]
-       [--sections decode,batch1,arrivals,long[,mixed]]
+       [--sections decode,batch1,arrivals,long[,mixed]] [--mixed-steps native|torch|both]
 """
 
 from __future__ import annotations
@@ -192,13 +192,24 @@ def batch1_section(model: Transformer, args: argparse.Namespace) -> None:
     eng.shutdown()
 
 
-def arrivals_section(model: Transformer, args: argparse.Namespace, interval: float) -> None:
+def _mixed_steps(eng: Engine, how: str) -> str:
+    """`how` = "torch": steps that carry a prompt chunk take the engine's PyTorch pass (as before the
+    native mixed step), decoding-only steps stay native. Returns a label for the tables."""
+    if how == "torch":
+        run = eng.runner._native_batch
+        eng.runner._native_batch = (  # type: ignore[method-assign]
+            lambda items: None if any(len(it.tokens) > 1 for it in items) else run(items))
+    return f"mixed steps: {how}"
+
+
+def arrivals_section(model: Transformer, args: argparse.Namespace, interval: float, how: str = "native") -> None:
     cfg = model.config
     g = torch.Generator().manual_seed(2)
     n_req = args.requests
     lengths = [int(x) for x in torch.randint(16, args.max_arrival_prompt, (n_req,), generator=g)]
     outs = [int(x) for x in torch.randint(16, 48, (n_req,), generator=g)]
     eng = Engine(model, max_batch=16, max_seq_len=min(640, cfg.max_seq_len), token_budget=args.token_budget)
+    label = _mixed_steps(eng, how)
     start = time.perf_counter()
     due = [start + i * interval for i in range(n_req)]
     handles: list = [None] * n_req
@@ -221,18 +232,20 @@ def arrivals_section(model: Transformer, args: argparse.Namespace, interval: flo
     total = sum(len(s) for s in stamps)
     print(f"\nsteady arrivals: {n_req} requests every {interval:.2f} s, prompts 16-{args.max_arrival_prompt - 1} "
           "tokens, 16-47 new tokens, "
-          f"token budget {args.token_budget}, max batch 16: {total / (time.perf_counter() - start):.2f} tok/s overall")
+          f"token budget {args.token_budget}, max batch 16, {label}: {total / (time.perf_counter() - start):.2f} "
+          "tok/s overall")
     print("| | p50 | p99 |\n|---|---|---|")
     print(f"| time to first token (s) | {_pct(ttft, 0.5):.2f} | {_pct(ttft, 0.99):.2f} |")
     print(f"| inter-token latency (s) | {_pct(itl, 0.5):.3f} | {_pct(itl, 0.99):.3f} |")
     eng.shutdown()
 
 
-def long_prompt_section(model: Transformer, args: argparse.Namespace) -> None:
+def long_prompt_section(model: Transformer, args: argparse.Namespace, how: str = "native") -> None:
     cfg = model.config
     g = torch.Generator().manual_seed(3)
     long_len = args.long_prompt
     eng = Engine(model, max_batch=9, max_seq_len=min(long_len + 256, cfg.max_seq_len), token_budget=args.token_budget)
+    label = _mixed_steps(eng, how)
     handles = [eng.submit(torch.randint(3, cfg.vocab_size, (64,), generator=g).tolist(),
                           SamplingParams(max_tokens=long_len // max(1, args.token_budget - 8) + args.base_steps + 40,
                                          ignore_eos=True))
@@ -257,6 +270,7 @@ def long_prompt_section(model: Transformer, args: argparse.Namespace) -> None:
 
     itls(6)  # prefill the 8 streams and settle
     base = itls(args.base_steps)
+    t_long = time.perf_counter()
     long_h = eng.submit(torch.randint(3, cfg.vocab_size, (long_len,), generator=g).tolist(),
                         SamplingParams(max_tokens=4, ignore_eos=True))
     first: list[float] = []
@@ -269,8 +283,9 @@ def long_prompt_section(model: Transformer, args: argparse.Namespace) -> None:
         return False
 
     during = itls(0, until=long_started)
-    print(f"\n{long_len}-token prompt arriving while 8 streams decode (token budget {args.token_budget}, "
-          f"{len(during)} gaps during its prefill):")
+    print(f"\n{long_len}-token prompt arriving while 8 streams decode (token budget {args.token_budget}, {label}, "
+          f"{len(during)} gaps during its prefill, {(first[0] - t_long) if first else float('nan'):.1f} s to its "
+          "first token):")
     print("| 8 streams' inter-token latency | p50 (s) | p99 (s) |\n|---|---|---|")
     print(f"| without the long prompt | {_pct(base, 0.5):.3f} | {_pct(base, 0.99):.3f} |")
     print(f"| while it prefills | {_pct(during, 0.5):.3f} | {_pct(during, 0.99):.3f} |")
@@ -346,6 +361,8 @@ def main() -> None:
     ap.add_argument("--sections", default="decode,batch1,arrivals,long")
     ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens of the decoding sequences")
     ap.add_argument("--max-arrival-prompt", type=int, default=512)
+    ap.add_argument("--mixed-steps", default="native", choices=["native", "torch", "both"],
+                    help="arrivals and long prompt: steps with a prompt chunk natively, on the PyTorch pass, or both")
     args = ap.parse_args()
     PROMPT = args.prompt
     torch.set_num_threads(args.threads)
@@ -356,10 +373,13 @@ def main() -> None:
     print(f"limits: bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s, bf16 matmul {limits['matmul'] / 1e9:.0f} GFLOP/s")
     sections = args.sections.split(",")
     rates = decode_section(model, args, limits) if "decode" in sections else {1: 1.0, 4: 1.0}
+    hows = ["torch", "native"] if args.mixed_steps == "both" else [args.mixed_steps]
     if "arrivals" in sections:
-        arrivals_section(model, args, interval=6 * 4 / rates.get(4, rates[min(rates)]))
+        for how in hows:
+            arrivals_section(model, args, interval=6 * 4 / rates.get(4, rates[min(rates)]), how=how)
     if "long" in sections:
-        long_prompt_section(model, args)
+        for how in hows:
+            long_prompt_section(model, args, how=how)
     if "mixed" in sections:
         mixed_section(model, args)
     if "batch1" in sections:  # last: it prepares the model in place
