@@ -42,9 +42,10 @@ from mixlab.ops.native import ops as _ops  # noqa: F401  (registers torch.ops.mi
 NATIVE_MAX_ROWS = native.MAX_ROWS
 NATIVE_MAX_TOKENS = 64
 # Up to this many tokens (decoding tokens and prompt chunks together) one native call runs a whole
-# engine step (`mx_decode_batch`): it beat the engine's PyTorch pass at every measured size up to
-# 256 tokens (bf16 mini-moe, 2 threads; BENCHMARKS.md "Mixed steps").
-NATIVE_MAX_STEP_TOKENS = 256
+# engine step (`mx_decode_batch`): 1.1-1.2x faster than the engine's PyTorch pass from 16 decoding
+# tokens to 128-token chunks, even with it at 256 and 512 (the default token budget), where both are
+# compute-bound (bf16 mini-moe, 2 threads; BENCHMARKS.md "Mixed steps").
+NATIVE_MAX_STEP_TOKENS = 512
 # Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
 # that does not block for many rows).
 INT8PACK_MAX_ROWS = 8
