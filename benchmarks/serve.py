@@ -185,15 +185,22 @@ def server_process(name: str, cmd: list[str], url: str, args: argparse.Namespace
 
 
 @contextlib.contextmanager
-def engine_in_process(hf: Path, args: argparse.Namespace, log: Any) -> Iterator[Any]:
-    """The same model on an in-process `Engine` (no HTTP): what serving costs on top of the engine."""
+def engine_in_process(hf: Path, args: argparse.Namespace, log: Any, *, torch_mixed: bool = False) -> Iterator[Any]:
+    """The same model on an in-process `Engine` (no HTTP): what serving costs on top of the engine.
+    `torch_mixed`: steps that carry a prompt chunk take the engine's PyTorch pass (as before the
+    native mixed step), decoding-only steps stay native: the A/B of that step under this load."""
     from mixlab.checkpoint import load_model
     from mixlab.engine import Engine
     from mixlab.model.inference import prepare_for_inference
 
     log("starting the engine in-process (no HTTP)")
     model = prepare_for_inference(load_model(hf, dtype="bfloat16"))
-    engine = Engine(model, TOK, max_batch=max(args.clients)).start()
+    engine = Engine(model, TOK, max_batch=max(args.clients))
+    if torch_mixed:
+        run = engine.runner._native_batch
+        engine.runner._native_batch = (  # type: ignore[method-assign]
+            lambda items: None if any(len(it.tokens) > 1 for it in items) else run(items))
+    engine.start()
     try:
         yield engine
     finally:
@@ -278,6 +285,8 @@ def main() -> None:
     ap.add_argument("--llama-cpp-python", action="store_true", help="also python -m llama_cpp.server")
     ap.add_argument("--engine", action="store_true",
                     help="also the same load on an in-process Engine (no HTTP): the cost of serving")
+    ap.add_argument("--engine-torch-mixed", action="store_true",
+                    help="also an in-process engine whose steps with a prompt chunk take the PyTorch pass")
     ap.add_argument("--skip-mixlab", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--workdir", default=None)
@@ -310,6 +319,9 @@ def main() -> None:
                 targets.append(("mixlab serve", f"http://127.0.0.1:{port}", None))
             if args.engine:
                 targets.append(("engine (in-process)", "", stack.enter_context(engine_in_process(hf, args, log))))
+            if args.engine_torch_mixed:
+                targets.append(("engine, mixed steps on PyTorch", "",
+                                stack.enter_context(engine_in_process(hf, args, log, torch_mixed=True))))
             if args.llama_server:
                 port = free_port()
                 peers.append("llama-server")
