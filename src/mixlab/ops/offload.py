@@ -16,14 +16,15 @@ this layer computes. The disk is the bottleneck when experts are large (a 22 MB 
 a layer's compute ~4 ms), so a guess must never delay a read the computing thread waits for: the
 prefetch thread reads in chunks of `CHUNK` bytes and, between chunks, stands aside while a demand
 read runs and abandons its read (freeing the slot) once the guessed layer has started without
-needing it. And guesses are read only while a read fits in the compute it can hide behind: the
-cache keeps running means of one expert's read time and of the time between one layer's experts
-being ready and the next layer asking for its own; when a read takes longer, a guess saves at most
-that window while its read still takes disk time and CPU (the copy out of the page cache) from the
-demand reads and the compute, so prefetch then only counts the guesses it skips (BENCHMARKS.md
-"Expert offloading": 22 MB experts read in ~20 ms against ~3.5 ms of compute per layer lost
-12.6 -> 9.9 tokens/s), and only while a read is long enough to be worth a thread's hand-off
-(`MIN_PREFETCH_READ_S`). A guess still queued when its layer starts is dropped, and a guess never
+needing it. And guesses are read only while a read roughly fits in the compute it can hide behind:
+the cache keeps running means of one expert's read time and of the time between one layer's
+experts being ready and the next layer asking for its own; when a read takes much longer
+(`MAX_READ_PER_WINDOW`), a guess saves at most that window while its read still takes disk time and
+CPU (the copy out of the page cache) from the demand reads and the compute, so prefetch then only
+counts the guesses it skips (BENCHMARKS.md "Expert offloading": 22 MB experts read in ~18 ms
+against ~3 ms of compute per layer lost 10.4 -> 9.3 tokens/s; 99 MB Mixtral-sized experts read in
+~60 ms against ~65 ms gained 0.215 -> 0.295), and only while a read is long enough to be worth a
+thread's hand-off (`MIN_PREFETCH_READ_S`). A guess still queued when its layer starts is dropped, and a guess never
 evicts an expert the previous token used (with a budget of about top-k experts per layer there is
 then no room to guess, and prefetch does nothing). Pinned slots (the experts of the layer computing now)
 are never evicted, so the pool must hold one token's top-k experts; batches needing more distinct
@@ -55,6 +56,12 @@ EWMA = 0.2  # weight of the newest sample in the running means of read time and 
 # the trained tiny model lost 337 -> 264 tokens/s with 3.2 prefetches per token whose reads took
 # ~0.1 ms from the page cache): a shorter read is cheaper done when needed.
 MIN_PREFETCH_READ_S = 5e-4
+# A guess is read only while a read takes at most this many times the compute between two layers:
+# a right guess then hides at least half of its read. Measured: a random Mixtral-8x7B-shaped Q4_0
+# file (99 MB experts, read 60-66 ms, layers 62-68 ms apart) decodes 0.215 -> 0.295 tokens/s reading
+# every guess; a random 1024-wide bf16 model (22 MB experts read in 17.6 ms, layers 3.1 ms apart)
+# loses 10.4 -> 9.3.
+MAX_READ_PER_WINDOW = 2.0
 KINDS = ("plain", "int8", "int4")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -206,7 +213,7 @@ class CacheStats:
         failed = f", {self.prefetch_cancelled} cancelled" if self.prefetch_cancelled else ""
         failed += f", {self.prefetch_failed} failed" if self.prefetch_failed else ""
         if self.prefetch_skipped:
-            failed += f"; {self.prefetch_skipped} guesses skipped: reads longer than the compute they would hide"
+            failed += f"; {self.prefetch_skipped} guesses skipped: reads too short or too long to hide"
         pf = f", prefetched {self.prefetched} (used {self.prefetch_used}{failed})" if self.prefetched else ""
         if self.prefetch_skipped and not self.prefetched:
             pf = f", prefetched 0{failed}"
@@ -467,12 +474,13 @@ class ExpertCache:
         self._queue.put(_Request(layer, list(experts), self._calls))
 
     def prefetch_pays(self) -> bool:
-        """Whether one expert's read fits in the compute between two layers and is longer than a
-        prefetch's own cost (running means; true until both are measured). A longer read hides at
-        most that window and takes the disk and a core from the reads and compute the next layer
-        waits for; a read under `MIN_PREFETCH_READ_S` saves less than handing it to a thread costs."""
+        """Whether one expert's read is at most `MAX_READ_PER_WINDOW` times the compute between two
+        layers and longer than a prefetch's own cost (running means; true until both are measured).
+        A longer read hides little of itself and takes the disk and a core from the reads and
+        compute the next layer waits for; a read under `MIN_PREFETCH_READ_S` saves less than handing
+        it to a thread costs."""
         r, w = self.read_s_mean, self.window_s_mean
-        return not self.prefetch_gate or r is None or w is None or MIN_PREFETCH_READ_S <= r <= w
+        return not self.prefetch_gate or r is None or w is None or MIN_PREFETCH_READ_S <= r <= MAX_READ_PER_WINDOW * w
 
     def _run(self) -> None:
         while True:
