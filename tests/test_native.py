@@ -124,6 +124,19 @@ def test_native_step_is_the_same_with_any_thread_count(quant):
             assert torch.equal(logits, ref_logits) and torch.equal(experts, ref_experts)
 
 
+def test_huge_pages_keep_the_weights():
+    """`huge_pages` (MADV_COLLAPSE on the 2 MiB pages inside each weight) changes only the page size."""
+    from mixlab.model.native import huge_pages
+
+    t = torch.randn(3 << 20)  # 12 MiB: at least four whole 2 MiB pages
+    before = t.clone()
+    assert huge_pages([t, torch.randn(10)]) in (0, 1)  # 0 where refused (THP off, not Linux); the small one never
+    assert torch.equal(t, before)
+    model = _model()
+    prepare_for_inference(model)
+    assert model.native_decoder is not None and model.native_decoder.huge_pages == 0  # tiny: no 4 MiB weight
+
+
 def test_native_steps_grow_a_reserved_cache():
     """A cache made with `reserve` (as `mixlab chat` makes) grows during native steps; the decoder
     follows its new buffers and the logits stay those of a full recompute."""
