@@ -82,6 +82,8 @@ CASES = {
     "top-1": dict(moe=MoEConfig(num_experts=4, top_k=1)),
     "8-experts-top-3": dict(moe=MoEConfig(num_experts=8, top_k=3)),
     "mha-odd-head-dim": dict(n_heads=2, n_kv_heads=2, head_dim=24),
+    "head-dim-48": dict(n_heads=4, n_kv_heads=1, head_dim=48),  # attention's values: 32 + 16 per pass
+    "head-dim-128": dict(n_heads=2, n_kv_heads=2, head_dim=128),  # values: 128 per pass, Mixtral's
     "tied-embeddings": dict(tie_embeddings=True),
 }
 

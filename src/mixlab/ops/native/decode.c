@@ -852,23 +852,102 @@ static void rope(float* v, const float* cos_, const float* sin_, int64_t half) {
 /* ---------------------------------------------------------------------------------------------- */
 /* The model as the Python side describes it: mx_layer, mx_model, mx_bufs in mixlab.h.            */
 
+#if defined(__AVX512F__)
+/* Elements i..i+15 of a cache row of type ct, as float32. */
+static inline __m512 load16_row(const void* row, int ct, int64_t i) {
+    return ct == MX_F32 ? _mm512_loadu_ps((const float*)row + i)
+                        : _mm512_castsi512_ps(_mm512_slli_epi32(
+                              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)row + i))), 16));
+}
+
+/* y = sum_s p[s] * v_s over n rows (the first NC x 16 elements of each, from element i0), the NC
+   accumulators in registers for the whole pass. */
+#define MX_PV(NC)                                                                                               \
+    static void pv##NC(float* y, const float* p, const char* vbase, int ct, int64_t Hd, int64_t es, int64_t n,   \
+                       int64_t i0) {                                                                            \
+        __m512 acc[NC];                                                                                         \
+        for (int c = 0; c < NC; c++) acc[c] = _mm512_setzero_ps();                                              \
+        for (int64_t s = 0; s < n; s++) {                                                                       \
+            if (p[s] == 0.f) continue;                                                                          \
+            const __m512 ps = _mm512_set1_ps(p[s]);                                                             \
+            const char* row = vbase + s * Hd * es;                                                              \
+            for (int c = 0; c < NC; c++) acc[c] = _mm512_fmadd_ps(ps, load16_row(row, ct, i0 + 16 * c), acc[c]); \
+        }                                                                                                       \
+        for (int c = 0; c < NC; c++) _mm512_storeu_ps(y + i0 + 16 * c, acc[c]);                                  \
+    }
+MX_PV(1)
+MX_PV(2)
+MX_PV(4)
+MX_PV(8)
+#endif
+
 /* One query head at position `pos` against the first n cache rows of its kv head (kbase, vbase:
    [C, Hd] of type ct; cpos [C]: the position each row holds, -1 empty): y = softmax(q k^T * scale) v
-   over the rows whose position is visible (causal, within the sliding window). sc: [n] scratch. */
+   over the rows whose position is visible (causal, within the sliding window). sc: [n] scratch.
+   With AVX-512 and Hd a multiple of 16: scores 16 rows at a time (one transposed reduction for the
+   16 dot products), the exponentials 16 at a time, and the weighted sum of values with the output
+   in registers (8 vectors = 128 elements per pass over the rows). */
 static void attend(const mx_model* m, const float* q, const char* kbase, const char* vbase, const int64_t* cpos,
                    int64_t n, int64_t pos, float scale, float* sc, float* y) {
     const int64_t Hd = m->Hd, es = elem_size(m->ct);
+    const int ct = m->ct;
     float mx = -INFINITY, sum = 0.f;
-    for (int64_t s = 0; s < n; s++) {
+    int64_t s = 0;
+#if defined(__AVX512F__)
+    const int vec = Hd % 16 == 0;
+    if (vec)
+        for (; s + 16 <= n; s += 16) {
+            __m512 acc[16];
+            for (int j = 0; j < 16; j++) {
+                const char* row = kbase + (s + j) * Hd * es;
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t i = 0; i < Hd; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16_row(row, ct, i), a);
+                acc[j] = a;
+            }
+            _mm512_storeu_ps(sc + s, _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale)));
+        }
+#endif
+    for (; s < n; s++) sc[s] = dot_row(q, kbase + s * Hd * es, ct, Hd) * scale;
+    for (s = 0; s < n; s++) {
         const int64_t p = cpos[s];
         const int visible = p >= 0 && p <= pos && (m->window <= 0 || pos - p < m->window);
-        sc[s] = visible ? dot_row(q, kbase + s * Hd * es, m->ct, Hd) * scale : -INFINITY;
+        if (!visible) sc[s] = -INFINITY;
         if (sc[s] > mx) mx = sc[s];
     }
-    for (int64_t s = 0; s < n; s++) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : expf(sc[s] - mx));
+    s = 0;
+#if defined(__AVX512F__)
+    {
+        const __m512 mv = _mm512_set1_ps(mx);
+        __m512 sv = _mm512_setzero_ps();
+        for (; s + 16 <= n; s += 16) { /* exp(-inf) = 0: hidden rows drop out */
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), mv));
+            _mm512_storeu_ps(sc + s, e);
+            sv = _mm512_add_ps(sv, e);
+        }
+        sum = _mm512_reduce_add_ps(sv);
+    }
+#endif
+    for (; s < n; s++) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : expf(sc[s] - mx));
+    for (s = 0; s < n; s++) sc[s] /= sum;
+#if defined(__AVX512F__)
+    if (vec) {
+        for (int64_t i0 = 0; i0 < Hd;) {
+            const int64_t left = (Hd - i0) / 16;
+            const int nc = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            switch (nc) {
+            case 8: pv8(y, sc, vbase, ct, Hd, es, n, i0); break;
+            case 4: pv4(y, sc, vbase, ct, Hd, es, n, i0); break;
+            case 2: pv2(y, sc, vbase, ct, Hd, es, n, i0); break;
+            default: pv1(y, sc, vbase, ct, Hd, es, n, i0); break;
+            }
+            i0 += 16 * nc;
+        }
+        return;
+    }
+#endif
     for (int64_t i = 0; i < Hd; i++) y[i] = 0.f;
-    for (int64_t s = 0; s < n; s++)
-        if (sc[s] != 0.f) axpy_row(y, sc[s] / sum, vbase + s * Hd * es, m->ct, Hd);
+    for (s = 0; s < n; s++)
+        if (sc[s] != 0.f) axpy_row(y, sc[s], vbase + s * Hd * es, ct, Hd);
 }
 
 /* What one thread of the batch-1 step keeps to itself: its own copy of each activation vector that
