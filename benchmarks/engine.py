@@ -71,12 +71,16 @@ def _model(preset: str, dtype: torch.dtype) -> Transformer:
 
 
 def _fill(engine: Engine, B: int, g: torch.Generator, max_tokens: int) -> None:
+    """B requests prefilled and decoding, each with `max_tokens` left to decode after the last
+    one's prompt is in (the early ones decode while the later ones prefill)."""
     V = engine.config.vocab_size
+    head = B * PROMPT // engine.token_budget + B  # steps of prefill at most, each a token for the early ones
     for _ in range(B):
         engine.submit(torch.randint(3, V, (PROMPT,), generator=g).tolist(),
-                      SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+                      SamplingParams(max_tokens=max_tokens + head, ignore_eos=True))
     while engine.stats()["waiting"] or any(s.prefilling for s in engine._running):
         engine.step()
+    assert len(engine._running) == B, f"{len(engine._running)} of {B} sequences decoding after prefill"
 
 
 def decode_section(model: Transformer, args: argparse.Namespace, limits: dict[str, float]) -> dict[int, float]:
@@ -88,7 +92,8 @@ def decode_section(model: Transformer, args: argparse.Namespace, limits: dict[st
     total_steps = (args.reps + 1) * args.steps + 2
     engines = {}
     for B in batches:
-        engines[B] = Engine(model, max_batch=B, max_seq_len=PROMPT + total_steps + 8, token_budget=max(B, 64))
+        engines[B] = Engine(model, max_batch=B, max_seq_len=PROMPT + total_steps + 8 + B * PROMPT // max(B, 64) + B,
+                            token_budget=max(B, 64))
         _fill(engines[B], B, g, total_steps + 4)
     experts: dict[int, list[float]] = {B: [] for B in batches}
 
