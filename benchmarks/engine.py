@@ -300,6 +300,7 @@ def long_prompt_section(model: Transformer, args: argparse.Namespace, how: str =
 
 MIXED_SHAPES = (  # (label, decoding tokens and their position, prompt chunk length and its start)
     ("16 decoding", 16, 128, 0, 0),
+    ("16 decoding at 1944", 16, 1944, 0, 0),
     ("16 decoding + 32-token chunk", 16, 128, 32, 0),
     ("8 decoding + 56-token chunk at 1000", 8, 128, 56, 1000),
     ("8 decoding + 56-token chunk at 1944", 8, 128, 56, 1944),
