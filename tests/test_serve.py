@@ -56,11 +56,16 @@ def _config(model: Any, **kw: Any) -> ServerConfig:
     return ServerConfig(model_name=NAME, context_len=CONTEXT, model_info=info, **kw)
 
 
+ENGINES: dict[str, Engine] = {}  # the module server's engine, by URL (a test slows its steps down)
+
+
 @pytest.fixture(scope="module")
 def server(model_tok: tuple[Any, Any]) -> Iterator[str]:
     model, tok = model_tok
     with Engine(model, tok, max_batch=8) as engine, ServerThread(create_app(engine, tok, _config(model))) as url:
+        ENGINES[url] = engine
         yield url
+        del ENGINES[url]
 
 
 @pytest.fixture(scope="module")
@@ -388,11 +393,23 @@ def test_disconnect_cancels_and_frees_the_slot(server: str) -> None:
     assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
     assert _metric(server, "mixlab_kv_cache_used_bytes") == 0
     assert _metric(server, "mixlab_requests_cancelled_total") == before + 1
-    # not streamed: a client that times out is a disconnect too
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server + CHAT, json=body, timeout=0.3)
-    assert _until(lambda: _metric(server, "mixlab_requests_cancelled_total") == before + 2)
-    assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
+    # not streamed: a client that times out is a disconnect too. Each step is held up 5 ms so the
+    # ~470 tokens cannot finish inside the client's 0.3 s (the tiny model's native steps could).
+    runner = ENGINES[server].runner
+    forward = runner.forward
+
+    def slow(items: Any) -> Any:
+        time.sleep(0.005)
+        return forward(items)
+
+    runner.forward = slow  # type: ignore[method-assign]
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server + CHAT, json=body, timeout=0.3)
+        assert _until(lambda: _metric(server, "mixlab_requests_cancelled_total") == before + 2)
+        assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
+    finally:
+        del runner.forward  # the class's method again
 
 
 def _free_port() -> int:
