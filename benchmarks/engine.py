@@ -93,8 +93,9 @@ def decode_section(model: Transformer, args: argparse.Namespace, limits: dict[st
     total_steps = (args.reps + 1) * args.steps + 2
     engines = {}
     for B in batches:
+        # a budget that prefills every prompt in one step, so all B start decoding together
         engines[B] = Engine(model, max_batch=B, max_seq_len=PROMPT + total_steps + 8 + B * PROMPT // max(B, 64) + B,
-                            token_budget=max(B, 64))
+                            token_budget=B * PROMPT + B)
         _fill(engines[B], B, g, total_steps + 4)
     experts: dict[int, list[float]] = {B: [] for B in batches}
 
