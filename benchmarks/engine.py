@@ -94,9 +94,11 @@ def decode_section(model: Transformer, args: argparse.Namespace, limits: dict[st
     engines = {}
     for B in batches:
         # a budget that prefills every prompt in one step, so all B start decoding together
-        engines[B] = Engine(model, max_batch=B, max_seq_len=PROMPT + total_steps + 8 + B * PROMPT // max(B, 64) + B,
-                            token_budget=B * PROMPT + B)
+        engines[B] = Engine(model, max_batch=B, max_seq_len=PROMPT + total_steps + 8 + B, token_budget=B * PROMPT + B)
         _fill(engines[B], B, g, total_steps + 4)
+        dec = engines[B].runner._native_decoder()
+        if dec is not None:
+            dec.wait_huge_pages()  # not still collapsing the weights' pages while we measure
     experts: dict[int, list[float]] = {B: [] for B in batches}
 
     def run(B: int) -> None:

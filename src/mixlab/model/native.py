@@ -193,8 +193,20 @@ class NativeDecoder:
         self._c_step = lib.mx_decode_step
         self._c_model_ref, self._c_bufs_ref = ctypes.byref(self.c_model), ctypes.byref(self.bufs)
         self.handle = register_decoder(self)
-        self.huge_pages = huge_pages([t for t in self._keep if isinstance(t, torch.Tensor)
-                                      and t.numel() * t.element_size() >= 2 * _HUGE])
+        # 2 MiB pages for the weights, collapsed in the background: ~3 s per GB of weights, which
+        # would otherwise hold up a first `generate` (explicit preparation, `attach`, waits for it).
+        big = [t for t in self._keep if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= 2 * _HUGE]
+        self.huge_pages = 0  # ranges collapsed (set when the thread ends)
+        self._collapsing = threading.Thread(target=self._collapse, args=(big,), name="mixlab-huge-pages", daemon=True)
+        self._collapsing.start()
+
+    def _collapse(self, tensors: list[torch.Tensor]) -> None:
+        self.huge_pages = huge_pages(tensors)
+
+    def wait_huge_pages(self) -> int:
+        """Wait until the weights' pages are collapsed (`huge_pages`); how many ranges were."""
+        self._collapsing.join()
+        return self.huge_pages
 
     def __deepcopy__(self, memo: dict) -> NativeDecoder:
         # The structures hold raw pointers into the original model's tensors.
@@ -349,4 +361,5 @@ def attach(model: Transformer) -> bool:
         model.native_decoder = NativeDecoder(model, lib)
     except ValueError:
         return False
+    model.native_decoder.wait_huge_pages()  # preparation does the work now, not during the first steps
     return True

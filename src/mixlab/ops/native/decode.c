@@ -809,17 +809,22 @@ static void route(const mx_model* m, const float* router, const float* h, int32_
 /* Attention                                                                                       */
 
 /* dot(q, row) and y += p * row over Hd elements of a cache row of type ct. */
+#if defined(__AVX512F__)
+/* Elements i..i+15 of a cache row of type ct, as float32. */
+static inline __m512 load16_row(const void* row, int ct, int64_t i) {
+    return ct == MX_F32 ? _mm512_loadu_ps((const float*)row + i)
+                        : _mm512_castsi512_ps(_mm512_slli_epi32(
+                              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)row + i))), 16));
+}
+
+#endif
+
 static inline float dot_row(const float* q, const void* row, int ct, int64_t Hd) {
     int64_t i = 0;
     float s = 0.f;
 #if defined(__AVX512F__)
     __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= Hd; i += 16) {
-        __m512 r = ct == MX_F32 ? _mm512_loadu_ps((const float*)row + i)
-                                : _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)row + i))), 16));
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), r, acc);
-    }
+    for (; i + 16 <= Hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16_row(row, ct, i), acc);
     s = _mm512_reduce_add_ps(acc);
 #endif
     for (; i < Hd; i++) s += q[i] * load_elem(row, ct, i);
@@ -830,12 +835,7 @@ static inline void axpy_row(float* y, float p, const void* row, int ct, int64_t 
     int64_t i = 0;
 #if defined(__AVX512F__)
     const __m512 pv = _mm512_set1_ps(p);
-    for (; i + 16 <= Hd; i += 16) {
-        __m512 r = ct == MX_F32 ? _mm512_loadu_ps((const float*)row + i)
-                                : _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)row + i))), 16));
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, r, _mm512_loadu_ps(y + i)));
-    }
+    for (; i + 16 <= Hd; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, load16_row(row, ct, i), _mm512_loadu_ps(y + i)));
 #endif
     for (; i < Hd; i++) y[i] += p * load_elem(row, ct, i);
 }
@@ -853,13 +853,6 @@ static void rope(float* v, const float* cos_, const float* sin_, int64_t half) {
 /* The model as the Python side describes it: mx_layer, mx_model, mx_bufs in mixlab.h.            */
 
 #if defined(__AVX512F__)
-/* Elements i..i+15 of a cache row of type ct, as float32. */
-static inline __m512 load16_row(const void* row, int ct, int64_t i) {
-    return ct == MX_F32 ? _mm512_loadu_ps((const float*)row + i)
-                        : _mm512_castsi512_ps(_mm512_slli_epi32(
-                              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)row + i))), 16));
-}
-
 /* y = sum_s p[s] * v_s over n rows (the first NC x 16 elements of each, from element i0), the NC
    accumulators in registers for the whole pass. */
 #define MX_PV(NC)                                                                                               \
