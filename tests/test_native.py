@@ -290,18 +290,20 @@ def test_native_linear_equals_matmul(dtype, M):
     torch.testing.assert_close(got.float(), ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
 
 
-@pytest.mark.parametrize("K", [64, 100, 1056])
+@pytest.mark.parametrize("K", [64, 100, 1056, 2867])
 def test_native_bf16_tiles_equal_matmul(K):
-    """bf16 weights through the 4-row x 1-4 token tiles (every token count up to 17, row counts that
-    leave 1-3 rows for the plain loop, K with and without a tail past the last 32) == the float32
-    product of the bf16-rounded activations, tightly (float32 outputs)."""
+    """bf16 weights through the 4-row x 1-4 token tiles and the row-by-row kernels for 2-5 tokens
+    (every token count up to 17, row counts that leave 1-3 rows for the plain loop, K with and
+    without a tail past the last 32; K = 2867: 5 tokens the last count the row kernels take) == the
+    float32 product of the bf16-rounded activations, tightly (float32 outputs)."""
     g = torch.Generator().manual_seed(K)
     for N in (4, 7, 9):
         w = torch.randn(N, K, generator=g).bfloat16()
         for M in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17):
             x = torch.randn(M, K, generator=g)
             ref = x.bfloat16().float() @ w.float().T
-            torch.testing.assert_close(native.linear(x, w), ref, atol=1e-5, rtol=1e-5)
+            # float32 sums in another order: the rounding grows with K
+            torch.testing.assert_close(native.linear(x, w), ref, atol=1e-5 * max(1.0, K / 1056), rtol=1e-5)
 
 
 def _compile_stub(tmp_path, source: str):
