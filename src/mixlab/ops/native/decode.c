@@ -425,13 +425,21 @@ static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* x
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MX_HI4(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), m4)
+#ifndef MX_Q4_PREFETCH
+#define MX_Q4_PREFETCH 8192
+#endif
 /* Four consecutive int4 rows (w: rows of K / 2 bytes, s: their scales, K / G each) against one
    activation vector (batch-1 decoding): `dotq_q4a8`'s arithmetic, with the activation's codes, sums
    and scales loaded once per 128 inputs for the four rows, four independent accumulator chains, and
-   the next four rows prefetched as these are read (one 64-byte line per row per block: the next
-   group starts where this one ends). Measured on the mini-moe int4 step (2 threads): 11% faster than
-   one row at a time; without the prefetch 80% slower; prefetching two or three groups ahead, or
-   the high nibbles by `gf2p8affine` (one instruction less), no better. out[i] = row i . xa. */
+   a later group of four rows prefetched as these are read: four 64-byte lines per block, in address
+   order (the four rows of a group are contiguous), at least MX_Q4_PREFETCH bytes ahead, and that
+   group's scales with them. Measured on the mini-moe int4 step (2 threads): 11% faster than one
+   row at a time; without the prefetch 80% slower; the high nibbles by `gf2p8affine` (one
+   instruction less) no better. The distance: one group ahead (2 KB for 1024 inputs) was short of
+   the memory's latency once the memory reads faster than ~45 GB/s: 8 KB ahead plus the scales
+   (in-process A/B of the whole step, BENCHMARKS.md issue 16) was +15-20% at ~75 GB/s, +2-5% at
+   ~45 GB/s; 16 KB, T1 / NTA hints, or prefetching a range's first rows before it starts no better.
+   The kernel itself is not compute-bound: ~64 GB/s per core from L2. out[i] = row i . xa. */
 static inline void dotq_q4a8_rows4(const uint8_t* w, const uint16_t* s, const a8vec* xa, int64_t K, int64_t G,
                                    float* out) {
     const int64_t rb = K / 2, rs = K / G, ns = 128 / G, full = K / 128;
@@ -440,11 +448,15 @@ static inline void dotq_q4a8_rows4(const uint8_t* w, const uint16_t* s, const a8
                                            G == 32 ? 2 : G == 64 ? 3 : 4);
     const __mmask8 smask = (__mmask8)((1u << ns) - 1);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const uint8_t* next = w + 4 * rb;
+    const int64_t ahead = (MX_Q4_PREFETCH + 4 * rb - 1) / (4 * rb); /* groups of four rows */
+    const uint8_t* next = w + 4 * rb * ahead;
+    const char* snext = (const char*)(s + 4 * rs * ahead);
+    const int64_t sbytes = 4 * rs * 2; /* that group's scales: <= full * 64 bytes */
     for (int64_t c = 0; c < full; c++) {
         const __m512i xl = _mm512_loadu_si512(xa->q + c * 128), xh = _mm512_loadu_si512(xa->q + c * 128 + 64);
         const __m512i corr = _mm512_loadu_si512(xa->corr + c * 16);
         const __m512 d = _mm512_loadu_ps(xa->d + c * 16);
+        if (c * 64 < sbytes) _mm_prefetch(snext + c * 64, _MM_HINT_T0);
         for (int i = 0; i < 4; i++) {
             _mm_prefetch((const char*)(next + c * 256 + i * 64), _MM_HINT_T0);
             const __m512i b = _mm512_loadu_si512(w + i * rb + c * 64);
