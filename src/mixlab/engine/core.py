@@ -115,9 +115,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stepping = threading.Lock()
         self._outbox: list[tuple[Handle, RequestOutput]] = []  # this step's outputs, pushed when it ends
-        L = self.config.n_layers if self.config.moe is not None else 0
-        E = self.config.moe.num_experts if self.config.moe is not None else 0
-        self._expert_load = torch.zeros(L, E, dtype=torch.long)
         self._stats = {"tokens_in": 0, "tokens_out": 0, "steps": 0, "cached_tokens": 0}
 
     # ---- the caller's side ----
@@ -219,10 +216,11 @@ class Engine:
     def stats(self) -> dict[str, object]:
         with self._lock:
             waiting = len(self._waiting)
+        load = self.runner.expert_load()
         return {
             "running": len(self._running), "waiting": waiting,
             "cache_used_bytes": self.runner.used_bytes(), "cache_total_bytes": self.runner.total_bytes,
-            **self._stats, "expert_load": self._expert_load.tolist(),
+            **self._stats, "expert_load": load.tolist(),
         }
 
     def has_work(self) -> bool:
@@ -261,7 +259,7 @@ class Engine:
         budget = max(self.token_budget - sum(not s.prefilling for s in self._running), 0)
         for seq in self._running:
             if not seq.prefilling:
-                items.append(Item(seq.slot, seq.tokens[-1:], seq.n_cached, logits="last",
+                items.append(Item(seq.slot, seq.out[-1:] or seq.prompt[-1:], seq.n_cached, logits="last",
                                   experts=seq.params.return_experts))
             elif budget > 0:
                 n = min(len(seq.prompt) - seq.n_cached, budget, self.prefill_chunk)
@@ -284,8 +282,6 @@ class Engine:
 
     def _collect(self, items: list[Item], results: list[Result], by_slot: dict[int, _Seq]) -> None:
         self._stats["steps"] += 1
-        if self.runner.last_counts_LE is not None and self._expert_load.numel():
-            self._expert_load += self.runner.last_counts_LE
         for item, res in zip(items, results, strict=True):
             seq = by_slot[item.slot]
             seq.n_cached += len(item.tokens)

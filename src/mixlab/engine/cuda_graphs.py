@@ -119,7 +119,7 @@ class GraphedDecode:
         slot_B.copy_(torch.tensor([it.slot for it in items + pad], device=dev))
         logits_BV, idx_LBK = self._run(B)
         if idx_LBK is not None:
-            self.runner.last_counts_LE = self.runner._counts(idx_LBK[:, :n])
+            self.runner.record_experts(idx_LBK[:, :n].clone())
         out = []
         for i, it in enumerate(items):
             logits = None if it.logits == "none" else logits_BV[i : i + 1].clone()

@@ -31,6 +31,7 @@ Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts pe
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,9 +41,8 @@ from torch import nn
 from mixlab.cache import KVCache
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
-from mixlab.model.native import NativeDecoder
+from mixlab.model.native import NativeDecoder, shared_decoder
 from mixlab.model.transformer import Block, Transformer
-from mixlab.ops import native as native_ops
 from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
 from mixlab.ops.linear import linear
@@ -128,10 +128,15 @@ class Runner:
         self.pos_SC = torch.full((S, C), -1, dtype=torch.long, device=self.device)
         self.prefix_cache = prefix_cache
         self.free_slots: OrderedDict[int, list[int]] = OrderedDict((s, []) for s in range(S))  # LRU first
-        self.last_counts_LE: torch.Tensor | None = None
+        self._last_idx: torch.Tensor | None = None  # the last step's experts [L, N, K]
+        self._load_pending: list[torch.Tensor] = []  # steps' experts not yet counted into _load_LE
+        self._load_lock = threading.Lock()  # `expert_load` is read from other threads (metrics)
+        moe = model.config.moe
+        self._load_LE = torch.zeros(cfg.n_layers if moe else 0, moe.num_experts if moe else 0, dtype=torch.long)
         self._views: dict[int, KVCache] = {}
         self._native: NativeDecoder | None = None
-        self._native_key: list[int] | None = None
+        self._native_stale = True  # look the decoder up again before the next native step
+        self._step_choice: tuple[NativeDecoder | None, bool] = (None, False)
         self.graphed: GraphedDecode | None = None
         if self.device.type == "cuda" and os.environ.get("MIXLAB_CUDA_GRAPHS", "1") != "0":
             self.graphed = GraphedDecode(self)
@@ -147,6 +152,8 @@ class Runner:
         None when every slot is taken."""
         if not self.free_slots:
             return None
+        if len(self.free_slots) == self.n_slots:
+            self._native_stale = True  # a batch starts: the weights may have changed since the last
         best, best_n = next(iter(self.free_slots)), 0  # default: the least recently used
         if reuse and self.prefix_cache:
             for s, held in self.free_slots.items():
@@ -181,28 +188,26 @@ class Runner:
         return self._batched(items)
 
     def _native_decoder(self) -> NativeDecoder | None:
-        """A `NativeDecoder` over the model's weights (the model's own when prepared), rebuilt when a
-        weight was replaced (the model can still be trained: the decoder only reads its tensors)."""
-        model = self.model
-        own = model.native_decoder
+        """A `NativeDecoder` over the model's weights: the model's own when prepared, else one kept
+        for the model (`native.shared_decoder`), looked up again when a batch starts in an empty
+        pool (the model can be trained between batches, not while sequences run over its cache)."""
+        own = self.model.native_decoder
         if own is not None:
             return own
-        key = [p.data_ptr() for p in model.parameters()]
-        if self._native_key != key:
-            lib = native_ops.library() if self.device.type == "cpu" else None
-            self._native = None
-            if lib is not None:
-                try:
-                    self._native = NativeDecoder(model, lib)
-                except ValueError:
-                    self._native = None
-            self._native_key = key
+        if self._native_stale:
+            self._native = shared_decoder(self.model) if self.device.type == "cpu" else None
+            self._native_stale = False
         return self._native
 
     def _native_step(self, it: Item) -> Result | None:
         dec = self._native_decoder()
-        if dec is None or registry.choose("decode_step", device=self.device.type, tokens=1, training=False,
-                                          fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) != "native":
+        if dec is None:
+            return None
+        if self._step_choice[0] is not dec:  # the registry's choice for this decoder's lone-token steps
+            native_ok = registry.choose("decode_step", device=self.device.type, tokens=1, training=False,
+                                        fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) == "native"
+            self._step_choice = (dec, native_ok)
+        if not self._step_choice[1]:
             return None
         view = self._views.get(it.slot)
         if view is None:
@@ -212,11 +217,9 @@ class Runner:
             self._views[it.slot] = view
         view.t = it.start
         logits_1V, chosen_LK = dec.step_experts(it.tokens[0], it.start, view)
-        idx_LK = None
         if self.model.config.moe is not None:
-            idx_LK = chosen_LK.long()
-            self.last_counts_LE = self._counts(idx_LK[:, None])
-        return Result(logits_1V if it.logits != "none" else None, idx_LK if it.experts else None)
+            self.record_experts(chosen_LK[:, None])
+        return Result(logits_1V if it.logits != "none" else None, chosen_LK.long() if it.experts else None)
 
     def _native_batch(self, items: list[Item]) -> list[Result] | None:
         """A step (decoding tokens and prompt chunks) in one native call over the slot pool, when the
@@ -250,18 +253,48 @@ class Runner:
         idx_LTK = None
         if self.model.config.moe is not None:
             idx_LTK = chosen_LTK.long()
-            self.last_counts_LE = self._counts(idx_LTK)
+            self.record_experts(idx_LTK)
         return [Result(logits_RV[span[0] : span[1]] if span is not None else None,
                        idx_LTK[:, t] if it.experts and idx_LTK is not None else None)
                 for it, span, t in zip(items, spans, last, strict=True)]
+
+    # ---- expert load (what `/metrics` reports) ----
+
+    def record_experts(self, idx_LNK: torch.Tensor) -> None:
+        """Note a step's experts `[L, N, K]` (a tensor the caller no longer writes to). Counting is
+        deferred (`expert_load`): a bincount per step costs ~0.1 ms after a native step has streamed
+        the weights through the caches, ~1% of a batch-1 step."""
+        self._last_idx = idx_LNK
+        with self._load_lock:
+            self._load_pending.append(idx_LNK)
+            if len(self._load_pending) >= 256:
+                self._fold_load()
+
+    def _fold_load(self) -> None:
+        if self._load_pending:
+            L = self._load_LE.shape[0]
+            flat = torch.cat([t.reshape(L, -1).to(device="cpu", dtype=torch.long) for t in self._load_pending], dim=1)
+            self._load_LE += self._counts(flat)
+            self._load_pending.clear()
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens sent to each expert of each layer `[L, E]` since the runner was made (thread-safe)."""
+        with self._load_lock:
+            self._fold_load()
+            return self._load_LE.clone()
+
+    @property
+    def last_counts_LE(self) -> torch.Tensor | None:
+        """The last step's tokens per expert per layer `[L, E]`, or None (a dense model, no step yet)."""
+        return self._counts(self._last_idx) if self._last_idx is not None else None
 
     def _counts(self, idx_LNK: torch.Tensor) -> torch.Tensor:
         moe = self.model.config.moe
         assert moe is not None
         E = moe.num_experts
         L = idx_LNK.shape[0]
-        flat = (idx_LNK.reshape(L, -1) + torch.arange(L, device=idx_LNK.device)[:, None] * E).reshape(-1)
-        return torch.bincount(flat.cpu(), minlength=L * E).view(L, E)
+        flat = (idx_LNK.reshape(L, -1).long().cpu() + torch.arange(L)[:, None] * E).reshape(-1)
+        return torch.bincount(flat, minlength=L * E).view(L, E)
 
     def _batched(self, items: list[Item]) -> list[Result]:
         model, cfg = self.model, self.model.config
@@ -332,7 +365,8 @@ class Runner:
             x_ND = x_1ND[0]
             if routing is not None:
                 routed.append(routing.idx_TK)
-        self.last_counts_LE = self._counts(torch.stack(routed)) if routed else None
+        if routed:
+            self.record_experts(torch.stack(routed))
 
         # Output projection only where logits are wanted.
         rows: list[int] = []

@@ -9,20 +9,53 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mixlab.engine.api import SamplingParams
 from mixlab.errors import GenerationError
 
-__all__ = ["Sampler", "check_logits", "sample_row", "top_logprobs"]
+__all__ = ["Sampler", "check_logits", "greedy_token", "sample_row", "top_logprobs"]
+
+
+_NAN_MESSAGE = ("the model produced NaN logits; its weights or inputs hold NaN/Inf (loading warns with the "
+                "tensor's name), or a float16 overflow: try --dtype float32")
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray | None:
+    """A NumPy view of a CPU float32 tensor (no copy), or None. NumPy's reductions over one row of
+    logits are ~10x cheaper than PyTorch's here (argmax over 32k floats: ~2 us against ~20 us, plus
+    ~28 us for isnan().any()), which matters once per token in a decoding loop."""
+    if t.device.type != "cpu" or t.dtype != torch.float32 or t.requires_grad:
+        return None
+    return t.numpy()
 
 
 def check_logits(logits: torch.Tensor) -> None:
     """GenerationError when the model produced NaN logits (sampling from them is meaningless:
     multinomial fails, argmax returns an arbitrary token)."""
-    if bool(torch.isnan(logits).any()):
-        raise GenerationError("the model produced NaN logits; its weights or inputs hold NaN/Inf (loading warns "
-                              "with the tensor's name), or a float16 overflow: try --dtype float32")
+    a = _host_array(logits)
+    nan = bool(np.isnan(a).any()) if a is not None else bool(torch.isnan(logits).any())
+    if nan:
+        raise GenerationError(_NAN_MESSAGE)
+
+
+def greedy_token(logits_1V: torch.Tensor) -> int:
+    """argmax of one row of logits (the first index on ties); GenerationError when it holds NaN
+    (both NumPy's and PyTorch's argmax return the first NaN's index, so checking the chosen value is
+    checking the row)."""
+    a = _host_array(logits_1V)
+    if a is not None:
+        row = a.reshape(-1)
+        tok = int(row.argmax())
+        nan = math.isnan(float(row[tok]))
+    else:
+        row_t = logits_1V.reshape(-1)
+        tok = int(row_t.argmax())
+        nan = bool(torch.isnan(row_t[tok]))
+    if nan:
+        raise GenerationError(_NAN_MESSAGE)
+    return tok
 
 
 @dataclass(frozen=True)
@@ -102,6 +135,8 @@ def sample_row(
     then `sampler` (repetition penalty over `seen`, temperature, top-k, top-p, min-p). Each row is
     sampled alone with its own generator, so a seeded request draws the same numbers whatever else
     the engine runs."""
+    if sampler.greedy and counts_1V is None and seen_1V is None:
+        return greedy_token(logits_1V)  # the common case, once per token: one cheap pass
     check_logits(logits_1V)
     if counts_1V is not None and (params.presence_penalty or params.frequency_penalty):
         logits_1V = logits_1V - counts_1V * params.frequency_penalty - (counts_1V > 0).float() * params.presence_penalty

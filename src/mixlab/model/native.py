@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -363,3 +364,32 @@ def attach(model: Transformer) -> bool:
         return False
     model.native_decoder.wait_huge_pages()  # preparation does the work now, not during the first steps
     return True
+
+
+# Decoders over models that were not prepared (`shared_decoder`), one per model, dropped with it.
+_SHARED: weakref.WeakKeyDictionary[Transformer, tuple[list[tuple[int, int]], NativeDecoder | None]] = (
+    weakref.WeakKeyDictionary())
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_decoder(model: Transformer) -> NativeDecoder | None:
+    """A `NativeDecoder` over an unprepared model's own weights, kept for the model's lifetime (so
+    repeated `generate` calls build it and collapse its pages once), or None when the kernels or
+    the weights don't allow one. Rebuilt when a parameter was replaced or changed in place (the
+    model can still be trained: the decoder reads its tensors, but holds float32 copies of the
+    small bf16 norm and router vectors). Checking costs ~0.1 ms (every parameter's address and
+    version): callers check when a batch starts, not every step."""
+    lib = native.library() if model.tok_embeddings.weight.device.type == "cpu" else None
+    if lib is None:
+        return None
+    key = [(p.data_ptr(), p._version) for p in model.parameters()]
+    with _SHARED_LOCK:
+        held = _SHARED.get(model)
+        if held is not None and held[0] == key:
+            return held[1]
+        try:
+            dec: NativeDecoder | None = NativeDecoder(model, lib)
+        except ValueError:
+            dec = None
+        _SHARED[model] = (key, dec)
+        return dec
