@@ -17,8 +17,8 @@ from mixlab.ops import native, registry
 
 def test_a_forward_on_an_unprepared_model_never_starts_a_compiler(monkeypatch, tmp_path):
     """Load a saved model and run forward passes (few tokens without grad, as decoding would; a
-    training forward; generation) with the native kernels not loaded: no subprocess may start and
-    nothing may be built or loaded."""
+    training forward) with the native kernels not loaded: no subprocess may start and nothing may
+    be built or loaded."""
     model = Transformer(get_preset("tiny-moe"))
     model.init_weights(seed=0)
     save_model(model, tmp_path / "m")
@@ -39,8 +39,41 @@ def test_a_forward_on_an_unprepared_model_never_starts_a_compiler(monkeypatch, t
         loaded(tokens)
         loaded(tokens[:, :1])
     loaded(tokens).float().sum().backward()
-    generate(loaded.eval(), [tokens[0].tolist()], max_new_tokens=3)
     assert native.library() is None
+
+
+def test_generate_loads_the_kernels_without_a_preparation_call(monkeypatch, tmp_path):
+    """`load_model` + `generate` gets the native path (issue 13, "fast by default"): the engine under
+    `generate` loads the kernels (an inference entry point, as `prepare_for_inference` is), and its
+    lone-token steps then run the native decoder over the unprepared model's own weights."""
+    model = Transformer(get_preset("tiny-moe"))
+    model.init_weights(seed=0)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    calls: list[int] = []
+    real_load = native.load
+
+    def counting_load():  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real_load()
+
+    monkeypatch.setattr(native, "load", counting_load)
+    prompt = torch.randint(3, 256, (5,)).tolist()
+    out = generate(loaded, [prompt], max_new_tokens=4)
+    assert calls, "generate never asked for the native kernels"
+    if native.library() is None or not native.fast(torch.float32):
+        pytest.skip("native kernels unavailable here (no C compiler, MIXLAB_NATIVE=0 or no AVX-512)")
+    from mixlab.model import native as native_decoding
+
+    dec = native_decoding.shared_decoder(loaded)
+    assert dec is not None and loaded.native_decoder is None  # the model itself was not prepared
+    steps: list[int] = []
+    real_run = dec.run
+    monkeypatch.setattr(dec, "run", lambda *a, **k: steps.append(1) or real_run(*a, **k))
+    assert generate(loaded, [prompt], max_new_tokens=4) == out
+    assert len(steps) == 3  # the 3 tokens after the prefill's, one native call each
 
 
 def test_choices():

@@ -127,6 +127,12 @@ class Runner:
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
         self.pos_SC = torch.full((S, C), -1, dtype=torch.long, device=self.device)
         self.prefix_cache = prefix_cache
+        if self.device.type == "cpu":
+            # An engine is an inference entry point (`generate`, `chat` and `serve` run through it),
+            # so, like `prepare_for_inference`, it builds (once, cached) and loads the native kernels:
+            # `load_model` + `generate` gets the fast path without a preparation call. Forward passes
+            # and training never do (`ops.registry`).
+            registry.prepare_native()
         self.free_slots: OrderedDict[int, list[int]] = OrderedDict((s, []) for s in range(S))  # LRU first
         self._last_idx: torch.Tensor | None = None  # the last step's experts [L, N, K]
         self._load_pending: list[torch.Tensor] = []  # steps' experts not yet counted into _load_LE
