@@ -410,3 +410,21 @@ def test_torch_compile_runs_the_native_operators():
         got = torch.compile(model, backend=record, fullgraph=True)(tokens)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
     assert {"mixlab.moe", "mixlab.linear"} <= seen, sorted(seen)
+
+
+def test_a_model_whose_tensors_disagree_with_its_config_is_refused_not_read_past_the_end():
+    """Expert parallelism keeps E / ep experts per process while the config still says E: a native
+    decoder over such a model would read past the expert tensors (C trusts the shapes). It is
+    refused with the tensor's name, and the engine's shared decoder falls back to PyTorch."""
+    from torch import nn
+
+    from mixlab.model import native as native_decoding
+
+    model = _model()
+    native.load()
+    experts = model.layers[1].ffn.experts
+    with torch.no_grad():
+        experts.w13 = nn.Parameter(experts.w13[:2].clone())
+    with pytest.raises(ValueError, match=r"layer 1 w13 has shape \(2, "):
+        native_decoding.NativeDecoder(model, native.library())
+    assert native_decoding.shared_decoder(model) is None

@@ -50,6 +50,13 @@ def _weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w.detach(), getattr(lin, "scale", None)
 
 
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """ValueError unless `t` has `shape` (int4 weights: packed, two per byte along the last dim)."""
+    want = shape if t.dtype != torch.uint8 else (*shape[:-1], shape[-1] // 2)
+    if tuple(t.shape) != want:
+        raise ValueError(f"native decoding: {name} has shape {tuple(t.shape)}, the config says {want}")
+
+
 # How int4 weights multiply activations in native decoding: "int8" rounds each activation vector to
 # int8 per block of 32 inputs (llama.cpp's Q8_0) and uses integer dot products (AVX512-VNNI), about 4x
 # less work per weight, which is what lets a step run at the memory's speed (BENCHMARKS.md); "float32"
@@ -140,6 +147,8 @@ class NativeDecoder:
         emb = model.tok_embeddings.weight.detach()
         if emb.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"native decoding needs a float32 or bf16 embedding, not {emb.dtype}")
+        _check_shape("tok_embeddings", emb, (cfg.vocab_size, D))
+        _check_shape("output", w_out, (cfg.vocab_size, D))
 
         self.layers = (native.Layer * cfg.n_layers)()
         for i, block in enumerate(model.layers):
@@ -157,6 +166,12 @@ class NativeDecoder:
                 raise ValueError("native decoding needs stacked expert tensors (not per-expert packed lists)")
             w13, w2 = w13.detach(), w2.detach()
             (wqkv, s_qkv), (wo, s_o) = _weight(block.attn.wqkv), _weight(block.attn.wo)
+            lead = (E,) if isinstance(ffn, MoEBlock) else ()
+            # C trusts these shapes: a model changed from outside (expert parallelism keeps E / ep
+            # experts per process) must not be read past its tensors' ends.
+            for name, t, shape in (("wqkv", wqkv, ((H + 2 * G) * Hd, D)), ("wo", wo, (D, H * Hd)),
+                                   ("w13", w13, (*lead, 2 * F_, D)), ("w2", w2, (*lead, D, F_))):
+                _check_shape(f"layer {i} {name}", t, shape)
             if {t.dtype for t in (wqkv, wo, w13, w2)} != {w_out.dtype}:
                 raise ValueError("native decoding needs one weight dtype for every matrix")
             self.layers[i] = native.Layer(
