@@ -54,6 +54,7 @@ from mixlab.engine import Engine, SamplingParams
 from mixlab.generate import decode_step, generate_stream
 from mixlab.model import Transformer
 from mixlab.model.inference import prepare_for_inference
+from mixlab.model.native import shared_decoder
 
 PROMPT = 128
 
@@ -160,6 +161,12 @@ def batch1_section(model: Transformer, args: argparse.Namespace) -> None:
                 t_first = time.perf_counter()
         return time.perf_counter() - t_first
 
+    # The first generate builds the unprepared model's decoder, whose weights' huge pages are
+    # collapsed in the background (seconds): wait for that, or it steals a core from every round.
+    gen_unprepared()
+    dec = shared_decoder(plain)
+    if dec is not None:
+        dec.wait_huge_pages()
     # Today's prepared path: prepare_for_inference (in place: same weights) + decode_step.
     prepare_for_inference(model)
     cache = KVCache(cfg, batch_size=1, max_len=PROMPT + n * (args.reps + 2) + 4,
