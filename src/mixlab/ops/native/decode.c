@@ -426,7 +426,7 @@ static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* x
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MX_HI4(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), m4)
 #ifndef MX_Q4_PREFETCH
-#define MX_Q4_PREFETCH 8192
+#define MX_Q4_PREFETCH 16384
 #endif
 /* Four consecutive int4 rows (w: rows of K / 2 bytes, s: their scales, K / G each) against one
    activation vector (batch-1 decoding): `dotq_q4a8`'s arithmetic, with the activation's codes, sums
@@ -438,7 +438,8 @@ static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* x
    instruction less) no better. The distance: one group ahead (2 KB for 1024 inputs) was short of
    the memory's latency once the memory reads faster than ~45 GB/s: 8 KB ahead plus the scales
    (in-process A/B of the whole step, BENCHMARKS.md issue 16) was +15-20% at ~75 GB/s, +2-5% at
-   ~45 GB/s; 16 KB, T1 / NTA hints, or prefetching a range's first rows before it starts no better.
+   ~45 GB/s, and 16 KB another +1-2% (12 KB about the same, 6 KB and 24 KB slower); T1 / NTA hints,
+   or prefetching a range's first rows before it starts (see `seg` instead) no better.
    The kernel itself is not compute-bound: ~64 GB/s per core from L2. out[i] = row i . xa. */
 static inline void dotq_q4a8_rows4(const uint8_t* w, const uint16_t* s, const a8vec* xa, int64_t K, int64_t G,
                                    const char* next, const char* snext, int64_t sbytes, float* out) {
