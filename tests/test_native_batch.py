@@ -184,6 +184,13 @@ def test_registry_and_bad_input():
         call([1, 2], [0, 1], [0, 0], rows=(2,))
     with pytest.raises(ValueError, match="slots in"):
         call([1], [0], [5])
+    # the eager entry point (lists) also checks the buffers C writes into
+    with pytest.raises(ValueError, match="writes float32 logits"):
+        dec.batch([1], [0], [0], [0], runner.pos_SC, runner.k, runner.v,
+                  torch.empty(1, 3), torch.empty(dec.n_layers, 1, dec.top_k, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one run of consecutive positions"):
+        dec.batch([1, 2], [0, 2], [0, 0], [0], runner.pos_SC, runner.k, runner.v,
+                  torch.empty(1, dec.vocab_size), torch.empty(dec.n_layers, 2, dec.top_k, dtype=torch.int32))
 
 
 def test_decoder_copy_refused_and_model_unchanged():

@@ -296,7 +296,7 @@ class Engine:
                             seq.prompt_top.append(top_logprobs(lp_TV[j], seq.params.logprobs or 0))
             if seq.prefilling or res.logits_TV is None:
                 continue
-            self._emit(seq, res.logits_TV[-1:], res.experts_LK)
+            self._emit(seq, res.logits_TV[-1:], res.experts_LK, res.argmax)
 
     def _handle_cancels(self) -> None:
         with self._lock:
@@ -337,10 +337,14 @@ class Engine:
                 seq.counts_1V = torch.zeros(1, V, device=self.runner.device)
             self._running.append(seq)
 
-    def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None) -> None:
+    def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None,
+              argmax: int | None = None) -> None:
         p = seq.params
-        tok = sample_row(logits_1V, p, seq.sampler, seen_1V=seq.seen_1V, counts_1V=seq.counts_1V,
-                         generator=seq.generator)
+        if argmax is not None and seq.sampler.greedy and seq.seen_1V is None and seq.counts_1V is None:
+            tok = argmax  # the step's batched argmax of this row (NaN-free): greedy without penalties
+        else:
+            tok = sample_row(logits_1V, p, seq.sampler, seen_1V=seq.seen_1V, counts_1V=seq.counts_1V,
+                             generator=seq.generator)
         seq.out.append(tok)
         self._stats["tokens_out"] += 1
         if seq.seen_1V is not None:

@@ -295,30 +295,53 @@ class NativeDecoder:
         most C), each sequence in its own slot of the pool `k`/`v` (`[S, G, C, Hd]` per layer,
         contiguous, float32 or bf16). Writes the logits of rows `rows_R` into `logits_RV` and every
         token's experts into `chosen_LTK`. Thread-safe."""
-        T, R, (S, C) = tokens_T.shape[0], rows_R.shape[0], pos_SC.shape
-        L = self.n_layers
-        if not (tokens_T.shape == positions_T.shape == seqs_T.shape == (T,)) or T < 1:
+        tok, pos, seq, rows = (t.to(torch.int64).reshape(-1).tolist() for t in (tokens_T, positions_T, seqs_T, rows_R))
+        if not (tokens_T.shape == positions_T.shape == seqs_T.shape == (len(tok),)):
             raise ValueError(f"decode_batch needs T >= 1 tokens, positions and slots of shape [T], not "
                              f"{tuple(tokens_T.shape)}, {tuple(positions_T.shape)}, {tuple(seqs_T.shape)}")
+        self.batch(tok, pos, seq, rows, pos_SC, k, v, logits_RV, chosen_LTK)
+
+    def batch(self, tokens: list[int], positions: list[int], seqs: list[int], rows: list[int], pos_SC: torch.Tensor,
+              k: list[torch.Tensor], v: list[torch.Tensor], logits_RV: torch.Tensor, chosen_LTK: torch.Tensor) -> None:
+        """`run_batch` from Python lists (what the engine calls eagerly: checking a step's few
+        hundred integers in Python costs less than the tensor operations that would check them)."""
+        T, R, (S, C) = len(tokens), len(rows), pos_SC.shape
+        L = self.n_layers
+        if T < 1 or len(positions) != T or len(seqs) != T:
+            raise ValueError(f"decode_batch needs T >= 1 tokens, positions and slots, not {T}, {len(positions)}, "
+                             f"{len(seqs)}")
         if len(k) != L or len(v) != L or any(t.shape[0] != S or t.shape[2] != C or not t.is_contiguous()
                                                for t in (*k, *v)):
             raise ValueError(f"decode_batch needs {L} contiguous cache buffers per side of shape [S={S}, G, C={C}, Hd]")
-        tok, pos, seq, rows = (t.to(torch.int64).contiguous() for t in (tokens_T, positions_T, seqs_T, rows_R))
         if pos_SC.dtype != torch.int64 or not pos_SC.is_contiguous():
             raise ValueError("decode_batch needs a contiguous int64 position table pos_SC")
-        if int(seq.min()) < 0 or int(seq.max()) >= S:
-            raise ValueError(f"decode_batch needs slots in [0, {S}), not {seq.tolist()}")
-        runs, counts = torch.unique_consecutive(seq, return_counts=True)
-        if (runs.numel() != torch.unique(runs).numel() or int(counts.max()) > C
-                or bool((pos[1:] - pos[:-1] != 1)[seq[1:] == seq[:-1]].any())):
-            raise ValueError(f"decode_batch needs each slot's tokens in one run of consecutive positions of at "
-                             f"most C={C} (distinct slots), not slots {seq.tolist()} at {pos.tolist()}")
+        if min(seqs) < 0 or max(seqs) >= S:
+            raise ValueError(f"decode_batch needs slots in [0, {S}), not {seqs}")
+        seen: set[int] = set()
+        run = 0
+        for t in range(T):  # each slot's tokens: one run of consecutive positions, at most C long
+            if t and seqs[t] == seqs[t - 1]:
+                run += 1
+                ok = positions[t] == positions[t - 1] + 1 and run <= C
+            else:
+                run = 1
+                ok = seqs[t] not in seen
+                seen.add(seqs[t])
+            if not ok:
+                raise ValueError(f"decode_batch needs each slot's tokens in one run of consecutive positions of at "
+                                 f"most C={C} (distinct slots), not slots {seqs} at {positions}")
         if k[0].dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != k[0].dtype for t in (*k, *v)):
             raise ValueError(f"decode_batch needs float32 or bf16 cache buffers of one dtype, not {k[0].dtype}")
-        if int(tok.min()) < 0 or int(tok.max()) >= self.V or int(pos.min()) < 0:
+        if min(tokens) < 0 or max(tokens) >= self.V or min(positions) < 0:
             raise ValueError(f"decode_batch needs tokens in [0, {self.V}) and positions >= 0")
-        if R > T or (R and (int(rows.min()) < 0 or int(rows.max()) >= T)):
-            raise ValueError(f"decode_batch needs at most T={T} logit rows in [0, {T}), not {rows.tolist()}")
+        if R > T or (R and (min(rows) < 0 or max(rows) >= T)):
+            raise ValueError(f"decode_batch needs at most T={T} logit rows in [0, {T}), not {rows}")
+        if (logits_RV.shape != (R, self.V) or logits_RV.dtype != torch.float32 or not logits_RV.is_contiguous()
+                or chosen_LTK.shape != (L, T, self.top_k) or chosen_LTK.dtype != torch.int32
+                or not chosen_LTK.is_contiguous()):
+            raise ValueError(f"decode_batch writes float32 logits [{R}, {self.V}] and int32 experts "
+                             f"[{L}, {T}, {self.top_k}] (contiguous)")
+        tok, pos, seq, rws = (torch.tensor(x, dtype=torch.int64) for x in (tokens, positions, seqs, rows))
         nt = torch.get_num_threads()
         with self._lock:
             self._batch_buffers(T, nt, C)
@@ -326,7 +349,7 @@ class NativeDecoder:
                 self._caches[i], self._caches[L + i] = k[i].data_ptr(), v[i].data_ptr()
             cb = self.c_batch
             cb.T, cb.C, cb.R = T, C, R
-            cb.token, cb.pos, cb.seq, cb.rows = tok.data_ptr(), pos.data_ptr(), seq.data_ptr(), rows.data_ptr()
+            cb.token, cb.pos, cb.seq, cb.rows = tok.data_ptr(), pos.data_ptr(), seq.data_ptr(), rws.data_ptr()
             cb.cache_pos = pos_SC.data_ptr()
             cb.k_cache = ctypes.addressof(self._caches)
             cb.v_cache = ctypes.addressof(self._caches) + L * ctypes.sizeof(ctypes.c_void_p)
