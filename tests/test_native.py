@@ -84,6 +84,9 @@ CASES = {
     "mha-odd-head-dim": dict(n_heads=2, n_kv_heads=2, head_dim=24),
     "head-dim-48": dict(n_heads=4, n_kv_heads=1, head_dim=48),  # attention's values: 32 + 16 per pass
     "head-dim-128": dict(n_heads=2, n_kv_heads=2, head_dim=128),  # values: 128 per pass, Mixtral's
+    # four query heads per kv head (Mixtral's grouping): attend4, values 64 per pass (+ 16 at 80)
+    "gqa-4-head-dim-80": dict(n_heads=8, n_kv_heads=2, head_dim=80),
+    "gqa-4-head-dim-128-sliding-window": dict(n_heads=8, n_kv_heads=2, head_dim=128, sliding_window=16),
     "tied-embeddings": dict(tie_embeddings=True),
 }
 
