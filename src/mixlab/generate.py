@@ -27,7 +27,6 @@ from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
 from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler
 from mixlab.model import Transformer
-from mixlab.ops import registry
 
 if TYPE_CHECKING:
     from mixlab.tokenizer import StreamDecoder, Tokenizer
@@ -82,7 +81,7 @@ def decode_step(
     (`mixlab.model.native`) when the kernel registry chooses them; everything else runs the PyTorch
     forward pass."""
     dec = model.native_decoder
-    if dec is not None and registry.decode_impl(tokens_B1, dec.weight) == "native" and dec.accepts(tokens_B1, cache):
+    if dec is not None and dec.chooses(tokens_B1) and dec.accepts(tokens_B1, cache):  # registry.decode_impl
         logits_1V, chosen_LK = dec.step_experts(tokens_B1, positions_B1, cache)
         experts_BLK = chosen_LK.long()[None] if record_experts and model.config.moe is not None else None
         return logits_1V, experts_BLK

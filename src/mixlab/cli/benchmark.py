@@ -43,6 +43,7 @@ import torch
 
 from mixlab.cache import KVCache
 from mixlab.config import ModelConfig, get_preset
+from mixlab.engine.sampling import greedy_token
 from mixlab.generate import decode_step
 from mixlab.model import MoEBlock, Transformer
 from mixlab.model.inference import prepare_for_inference
@@ -221,7 +222,10 @@ class MixlabPeer(Peer):
         with torch.inference_mode():
             positions_B1 = torch.full_like(self.next_B1, self.cache.t)
             logits_BV, _ = decode_step(self.model, self.next_B1, positions_B1, self.cache)
-            self.next_B1 = logits_BV.argmax(-1, keepdim=True)
+            if logits_BV.shape[0] == 1:  # as `generate` picks a greedy token (NumPy: ~10x cheaper)
+                self.next_B1 = torch.tensor([[greedy_token(logits_BV)]])
+            else:
+                self.next_B1 = logits_BV.argmax(-1, keepdim=True)
 
     def moe_layer(self, x_BTD: torch.Tensor) -> object:
         block = self.model.layers[0].ffn

@@ -206,6 +206,7 @@ class NativeDecoder:
         self._bound: tuple[int, ...] = ()  # the data pointers of the bound cache's buffers
         self.last_chosen = self.chosen  # the experts of the last `step` (its own tensor under torch.compile)
         self._lock = threading.Lock()  # the work buffers and the bound cache are shared: one C call at a time
+        self._choice: tuple[tuple[object, ...], bool] = ((), False)  # `chooses`: (step kind, native?)
         self._c_step = lib.mx_decode_step
         self._c_model_ref, self._c_bufs_ref = ctypes.byref(self.c_model), ctypes.byref(self.bufs)
         self.handle = register_decoder(self)
@@ -236,13 +237,23 @@ class NativeDecoder:
             and cache.batch_size == 1
             and cache.k[0].device.type == "cpu"
             and cache.k[0].dtype in (torch.float32, torch.bfloat16)
-            and all(k.is_contiguous() for k in cache.k + cache.v)
+            and all(map(torch.Tensor.is_contiguous, cache.k))
+            and all(map(torch.Tensor.is_contiguous, cache.v))
         )
+
+    def chooses(self, tokens_B1: torch.Tensor) -> bool:
+        """The registry's choice (`registry.decode_impl`) of this decoder for a step of `tokens_B1`,
+        asked once per kind of step: between two native steps the weights have streamed through the
+        caches, so each Python call runs cold (~30 us for the registry's answer, per token)."""
+        key = (tokens_B1.numel(), tokens_B1.device.type, torch.is_grad_enabled() and self.weight.requires_grad)
+        if key != self._choice[0]:
+            self._choice = (key, registry.decode_impl(tokens_B1, self.weight) == "native")
+        return self._choice[1]
 
     def _bind(self, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
         """Point the layers at the cache buffers (again when they grew or changed) and size the
         attention-score buffer."""
-        key = (pos_BC.data_ptr(), *(t.data_ptr() for t in k), *(t.data_ptr() for t in v))
+        key = (pos_BC.data_ptr(), *map(torch.Tensor.data_ptr, k), *map(torch.Tensor.data_ptr, v))
         if key == self._bound:
             return
         for i, layer in enumerate(self.layers):
