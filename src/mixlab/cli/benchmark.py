@@ -216,14 +216,14 @@ class MixlabPeer(Peer):
         B, P = prompt_BT.shape
         self.cache = KVCache(self.cfg, batch_size=B, max_len=P + steps, dtype=self.dtype, prefill_chunk=P)
         with torch.inference_mode():
-            self.next_B1 = self._last_logits(prompt_BT, self.cache).argmax(-1, keepdim=True)
+            self.next_B1 = self._last_logits(prompt_BT, self.cache).argmax(-1, keepdim=True).clone()
 
     def decode(self) -> None:  # through generate's seam: native kernels at batch 1 when prepared
         with torch.inference_mode():
             positions_B1 = torch.full_like(self.next_B1, self.cache.t)
             logits_BV, _ = decode_step(self.model, self.next_B1, positions_B1, self.cache)
             if logits_BV.shape[0] == 1:  # as `generate` picks a greedy token (NumPy: ~10x cheaper)
-                self.next_B1 = torch.tensor([[greedy_token(logits_BV)]])
+                self.next_B1.fill_(greedy_token(logits_BV))  # the peer's own [1, 1] tensor (a new one: ~17 us cold)
             else:
                 self.next_B1 = logits_BV.argmax(-1, keepdim=True)
 
