@@ -297,7 +297,8 @@ def test_native_linear_equals_matmul(dtype, M):
 def test_native_bf16_tiles_equal_matmul(K):
     """bf16 weights through the 4-row x 1-4 token tiles and the row-by-row kernels for 2-5 tokens
     (every token count up to 17, row counts that leave 1-3 rows for the plain loop, K with and
-    without a tail past the last 32; K = 2867: 5 tokens the last count the row kernels take) == the
+    without a tail past the last 32 (K = 64, 1056: 4-token tiles through the inlined `tile4x4k32_bf16`);
+    K = 2867: 5 tokens the last count the row kernels take) == the
     float32 product of the bf16-rounded activations, tightly (float32 outputs)."""
     g = torch.Generator().manual_seed(K)
     for N in (4, 7, 9):

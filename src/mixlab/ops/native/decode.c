@@ -590,6 +590,30 @@ MX_TILE4(1)
 MX_TILE4(2)
 MX_TILE4(3)
 MX_TILE4(4)
+
+/* `tile4x4_bf16` for K a multiple of 32, inlined into `gemm_rows`' loop over the tiles: the same
+   loads, prefetches and sums, 4-16% faster as measured (C harness, 2 threads, kernels alternating
+   round by round at ~78 GB/s: the output matrix at 16 tokens 0.465 -> 0.540 of the one-token
+   stream's speed, 8 and 16 tokens on mini-moe's gate/up matrices 0.708 -> 0.747 and 0.468 -> 0.530;
+   the per-call setup of the out-of-line kernel, whose tile is only ~300 cycles at K = 1024). */
+static inline void tile4x4k32_bf16(const uint16_t* w, const uint16_t* x, int64_t K, float* out) {
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int q = 0; q < 4; q++) acc[i][q] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512bh xv[4];
+        for (int q = 0; q < 4; q++) xv[q] = MX_BF(x + q * K + k);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char*)(w + (4 + i) * K + k), _MM_HINT_T1);
+            const __m512bh wv = MX_BF(w + i * K + k);
+            for (int q = 0; q < 4; q++) acc[i][q] = _mm512_dpbf16_ps(acc[i][q], wv, xv[q]);
+        }
+    }
+    __m512 v[16];
+    for (int i = 0; i < 4; i++)
+        for (int q = 0; q < 4; q++) v[i * 4 + q] = acc[i][q];
+    _mm512_storeu_ps(out, hsum16(v));
+}
 #endif
 
 #if defined(__AVX512BF16__)
@@ -773,6 +797,14 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
                 for (int64_t j = jb; j < je; j += 4) {
                     const int Q = je - j < 4 ? (int)(je - j) : 4;
                     float out[16];
+#if defined(__AVX512BF16__)
+                    if (Q == 4 && (K & 31) == 0) {
+                        tile4x4k32_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, out);
+                        for (int i = 0; i < 4; i++)
+                            for (int q = 0; q < 4; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
+                        continue;
+                    }
+#endif
                     tile4_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, K, Q, out, 4);
                     for (int i = 0; i < 4; i++)
                         for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
