@@ -12,6 +12,7 @@ from mixlab.checkpoint import load_model, save_model
 from mixlab.config import get_preset
 from mixlab.generate import generate
 from mixlab.model import Transformer
+from mixlab.model.inference import prepare_for_inference
 from mixlab.ops import native, registry
 
 
@@ -74,6 +75,10 @@ def test_generate_loads_the_kernels_without_a_preparation_call(monkeypatch, tmp_
     monkeypatch.setattr(dec, "run", lambda *a, **k: steps.append(1) or real_run(*a, **k))
     assert generate(loaded, [prompt], max_new_tokens=4) == out
     assert len(steps) == 3  # the 3 tokens after the prefill's, one native call each
+    # preparing the model in place drops that decoder (it would keep the unconverted weights alive)
+    prepare_for_inference(loaded, quant="int8")
+    assert native_decoding._SHARED.get(loaded) is None
+    assert loaded.native_decoder is not None  # the engine uses the model's own from now on
 
 
 def test_choices():

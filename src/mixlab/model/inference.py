@@ -129,6 +129,9 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
             raise ValueError(f"int4_activations must be one of {', '.join(native.INT4_ACTIVATIONS)}, "
                              f"not {int4_activations!r}")
         model.int4_activations = int4_activations
+    # The engine's decoder over the unprepared weights (an earlier `generate`) would keep them alive
+    # once they are converted: the prepared model gets its own.
+    native.forget_shared(model)
     cache = expert_cache(model)
     if cache is not None:
         return _prepare_offloaded(model, cache, quant=quant, packed=packed, group=group)

@@ -442,3 +442,9 @@ def shared_decoder(model: Transformer) -> NativeDecoder | None:
             dec = None
         _SHARED[model] = (key, dec)
         return dec
+
+
+def forget_shared(model: Transformer) -> None:
+    """Drop the model's `shared_decoder` (and the references it holds to the model's tensors)."""
+    with _SHARED_LOCK:
+        _SHARED.pop(model, None)
