@@ -308,3 +308,24 @@ def test_batched_logprobs_equal_reference(tiny):
         assert [x.token_id for x in o] == toks
         for x, lg in zip(o, logits, strict=True):
             assert x.logprob == pytest.approx(float(torch.log_softmax(lg, -1)[x.token_id]), abs=1e-4)
+
+
+def test_greedy_tokens_from_numpy_equal_torch_argmax_and_nan_rows_raise():
+    """The greedy fast path (`row_argmax`: one NumPy call for a step's rows; `greedy_token`): the
+    first index on ties, as torch.argmax; a row with NaN gives None / GenerationError naming NaN;
+    tensors NumPy cannot view (float64 here, as a GPU tensor would be) go through PyTorch."""
+    from mixlab.engine.sampling import greedy_token, row_argmax
+    from mixlab.errors import GenerationError
+
+    x = torch.tensor([[0.0, 3.0, 3.0, -1.0], [1.0, float("nan"), 5.0, 0.0], [-2.0, -1.0, -3.0, -1.0]])
+    assert row_argmax(x) == [1, None, 1]
+    assert [greedy_token(x[i : i + 1]) for i in (0, 2)] == [int(x[0].argmax()), int(x[2].argmax())] == [1, 1]
+    with pytest.raises(GenerationError, match="NaN logits"):
+        greedy_token(x[1:2])
+    assert row_argmax(x.double()) == [None, None, None]
+    assert greedy_token(x[2:].double()) == 1
+    with pytest.raises(GenerationError, match="NaN logits"):
+        greedy_token(x[1:2].double())
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(16, 32000, generator=g)
+    assert row_argmax(y) == y.argmax(-1).tolist()

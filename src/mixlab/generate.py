@@ -81,7 +81,7 @@ def decode_step(
     (`mixlab.model.native`) when the kernel registry chooses them; everything else runs the PyTorch
     forward pass."""
     dec = model.native_decoder
-    if dec is not None and dec.chooses(tokens_B1) and dec.accepts(tokens_B1, cache):  # registry.decode_impl
+    if dec is not None and dec.chooses(tokens_B1.numel(), tokens_B1.device.type) and dec.accepts(tokens_B1, cache):
         logits_1V, chosen_LK = dec.step_experts(tokens_B1, positions_B1, cache)
         experts_BLK = chosen_LK.long()[None] if record_experts and model.config.moe is not None else None
         return logits_1V, experts_BLK

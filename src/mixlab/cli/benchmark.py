@@ -216,7 +216,7 @@ class MixlabPeer(Peer):
         B, P = prompt_BT.shape
         self.cache = KVCache(self.cfg, batch_size=B, max_len=P + steps, dtype=self.dtype, prefill_chunk=P)
         with torch.inference_mode():
-            self.next_B1 = self._last_logits(prompt_BT, self.cache).argmax(-1, keepdim=True).clone()
+            self.next_B1 = self._last_logits(prompt_BT, self.cache).argmax(-1, keepdim=True)
 
     def decode(self) -> None:  # through generate's seam: native kernels at batch 1 when prepared
         with torch.inference_mode():

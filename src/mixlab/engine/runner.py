@@ -35,12 +35,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from mixlab.cache import KVCache
 from mixlab.engine.cuda_graphs import GraphedDecode
+from mixlab.engine.sampling import row_argmax
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
 from mixlab.model.native import NativeDecoder, shared_decoder
 from mixlab.model.transformer import Block, Transformer
@@ -68,18 +68,6 @@ class Result:
     logits_TV: torch.Tensor | None  # float32; [1, V] for "last", [T, V] for "all"
     experts_LK: torch.Tensor | None  # the last position's experts
     argmax: int | None = None  # the last row's argmax when the step computed it (NaN-free rows only)
-
-
-def row_argmax(logits_RV: torch.Tensor) -> list[int | None]:
-    """Each row's argmax (first index on ties) in one NumPy call, None for a row holding NaN (its
-    argmax is that NaN's index; sampling then reports the error): greedy requests take their token
-    from here instead of one call per row."""
-    if logits_RV.device.type != "cpu" or logits_RV.dtype != torch.float32 or not logits_RV.shape[0]:
-        return [None] * logits_RV.shape[0]
-    a = logits_RV.numpy()
-    idx = a.argmax(axis=1)
-    best = a[np.arange(a.shape[0]), idx]
-    return [None if b != b else int(i) for i, b in zip(idx.tolist(), best.tolist(), strict=True)]
 
 
 def bytes_per_token(model: Transformer) -> int:
@@ -156,7 +144,6 @@ class Runner:
         self._views: dict[int, KVCache] = {}
         self._native: NativeDecoder | None = None
         self._native_stale = True  # look the decoder up again before the next native step
-        self._step_choice: tuple[NativeDecoder | None, bool] = (None, False)
         self.graphed: GraphedDecode | None = None
         if self.device.type == "cuda" and os.environ.get("MIXLAB_CUDA_GRAPHS", "1") != "0":
             self.graphed = GraphedDecode(self)
@@ -221,13 +208,7 @@ class Runner:
 
     def _native_step(self, it: Item) -> Result | None:
         dec = self._native_decoder()
-        if dec is None:
-            return None
-        if self._step_choice[0] is not dec:  # the registry's choice for this decoder's lone-token steps
-            native_ok = registry.choose("decode_step", device=self.device.type, tokens=1, training=False,
-                                        fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) == "native"
-            self._step_choice = (dec, native_ok)
-        if not self._step_choice[1]:
+        if dec is None or not dec.chooses(1, self.device.type):
             return None
         view = self._views.get(it.slot)
         if view is None:

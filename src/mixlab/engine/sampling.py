@@ -15,7 +15,7 @@ import torch
 from mixlab.engine.api import SamplingParams
 from mixlab.errors import GenerationError
 
-__all__ = ["Sampler", "check_logits", "greedy_token", "sample_row", "top_logprobs"]
+__all__ = ["Sampler", "check_logits", "greedy_token", "row_argmax", "sample_row", "top_logprobs"]
 
 
 _NAN_MESSAGE = ("the model produced NaN logits; its weights or inputs hold NaN/Inf (loading warns with the "
@@ -40,22 +40,25 @@ def check_logits(logits: torch.Tensor) -> None:
         raise GenerationError(_NAN_MESSAGE)
 
 
+def row_argmax(logits_RV: torch.Tensor) -> list[int | None]:
+    """Each row's argmax (the first index on ties) in one NumPy call; None for a row holding NaN
+    (NumPy's argmax returns the first NaN's index, so checking the chosen value checks the row) and
+    for every row of a tensor NumPy cannot view (not a CPU float32 one)."""
+    a = _host_array(logits_RV)
+    if a is None or not a.shape[0]:
+        return [None] * logits_RV.shape[0]
+    idx = a.argmax(axis=1)
+    best = a[np.arange(a.shape[0]), idx]
+    return [None if math.isnan(b) else int(i) for i, b in zip(idx.tolist(), best.tolist(), strict=True)]
+
+
 def greedy_token(logits_1V: torch.Tensor) -> int:
-    """argmax of one row of logits (the first index on ties); GenerationError when it holds NaN
-    (both NumPy's and PyTorch's argmax return the first NaN's index, so checking the chosen value is
-    checking the row)."""
-    a = _host_array(logits_1V)
-    if a is not None:
-        row = a.reshape(-1)
-        tok = int(row.argmax())
-        nan = math.isnan(float(row[tok]))
-    else:
-        row_t = logits_1V.reshape(-1)
-        tok = int(row_t.argmax())
-        nan = bool(torch.isnan(row_t[tok]))
-    if nan:
-        raise GenerationError(_NAN_MESSAGE)
-    return tok
+    """argmax of one row of logits (the first index on ties); GenerationError when it holds NaN."""
+    tok = row_argmax(logits_1V.reshape(1, -1))[0]
+    if tok is not None:
+        return tok
+    check_logits(logits_1V)  # NaN: raises; else a tensor NumPy cannot view
+    return int(logits_1V.reshape(-1).argmax())
 
 
 @dataclass(frozen=True)

@@ -241,13 +241,17 @@ class NativeDecoder:
             and all(map(torch.Tensor.is_contiguous, cache.v))
         )
 
-    def chooses(self, tokens_B1: torch.Tensor) -> bool:
-        """The registry's choice (`registry.decode_impl`) of this decoder for a step of `tokens_B1`,
-        asked once per kind of step: between two native steps the weights have streamed through the
-        caches, so each Python call runs cold (~30 us for the registry's answer, per token)."""
-        key = (tokens_B1.numel(), tokens_B1.device.type, torch.is_grad_enabled() and self.weight.requires_grad)
+    def chooses(self, tokens: int, device: str = "cpu") -> bool:
+        """The registry's choice of this decoder (`registry.choose("decode_step", ...)`) for a step of
+        `tokens` tokens on `device`, asked once per kind of step: between two native steps the
+        weights have streamed through the caches, so each Python call runs cold (~30 us for the
+        registry's answer, per token)."""
+        training = torch.is_grad_enabled() and self.weight.requires_grad
+        key = (tokens, device, training)
         if key != self._choice[0]:
-            self._choice = (key, registry.decode_impl(tokens_B1, self.weight) == "native")
+            native_ok = registry.choose("decode_step", device=device, fmt=registry.weight_format(self.weight),
+                                        dtype=self.weight.dtype, tokens=tokens, training=training) == "native"
+            self._choice = (key, native_ok)
         return self._choice[1]
 
     def _bind(self, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
