@@ -774,14 +774,15 @@ static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ld
    sums, and a 32-row x 12-token register tile loads 2 weight vectors (from the packed panel, in L1/L2)
    and 12 broadcasts per 24 products, where the 4 x 4 tiles load 8 vectors per 16 (the activations
    of a long chunk from L2: bound by L2's bandwidth at ~55-60% of the matmul peak). Each 32-row panel
-   (64 x K bytes) is packed once into a per-thread buffer and serves all M tokens. Measured (C,
-   `mx_linear` over 16 distinct matrices, 2 threads, interleaved with the tiles): 7168 x 1024 matrices
-   at 112 tokens 0.93x the time, 128 0.92-0.94x, 192 0.87x, 512 0.77-0.78x (907 GFLOP/s, torch's oneDNN
-   GEMM 874), but 1.03x at 96 and 1.10x at 64; 1024 x 3584 (the down projection, whose 4 x 4 tiles
-   block only 36 tokens in L2) at 32 tokens 0.90x, 64 0.68x, 96 0.60x, but 1.04-1.24x at 16-24.
-   The experts of a 512-token prompt chunk (8 mini-moe layers): 0.80-0.82x. */
+   (64 x K bytes) is packed once into a per-thread buffer and serves all M tokens, while the next
+   panel's rows are prefetched into L2. Measured (C, `mx_linear` over 16 distinct matrices, 2
+   threads, interleaved with the tiles): 7168 x 1024 matrices at 32 tokens 0.85x the time, 48 0.77x,
+   64 0.68x, 96 0.60x, 512 0.75x (915 GFLOP/s; torch's oneDNN GEMM 874), but 1.04x at 24 and 1.3x at
+   16; 1024 x 3584 (the down projection) at 24 tokens 0.83x, 64 0.61x, but 1.0-1.15x at 12-16 (the
+   packing's extra traffic where the product is memory-bound). The experts of a 512-token prompt
+   chunk (8 mini-moe layers) 0.71x; the engine's 512-token prefill step, see BENCHMARKS.md. */
 #define MX_BIG_Q 12 /* tokens per register tile */
-static inline int64_t big_min_tokens(int64_t K) { return K > 2048 ? 32 : 112; }
+static inline int64_t big_min_tokens(int64_t K) { return K > 2048 ? 24 : 32; }
 
 static inline void transpose16_epi32(__m512i r[16]) {
     __m512i t[16], u[16];
@@ -828,12 +829,15 @@ static void pack32_bf16(const uint16_t* w, int64_t K, uint16_t* P) {
         }
 }
 
-/* Y[q, 0..32) = packed panel P . x_q for Q tokens (x: rows of K bf16; Y's leading dimension ldy). */
+/* Y[q, 0..32) = packed panel P . x_q for Q tokens (x: rows of K bf16; Y's leading dimension ldy),
+   prefetching `npf` lines from `pf` into L2 on the way (one every 4 pairs of k). */
 #define MX_PANEL32(Q)                                                                                          \
-    static void panel32x##Q##_bf16(const uint16_t* P, const uint16_t* x, int64_t K, float* Y, int64_t ldy) {  \
+    static void panel32x##Q##_bf16(const uint16_t* P, const uint16_t* x, int64_t K, float* Y, int64_t ldy,    \
+                                   const char* pf, int64_t npf) {                                              \
         __m512 a0[Q], a1[Q];                                                                                   \
         for (int q = 0; q < Q; q++) a0[q] = a1[q] = _mm512_setzero_ps();                                       \
         for (int64_t kp = 0; kp < K / 2; kp++) {                                                               \
+            if ((kp & 3) == 0 && (kp >> 2) < npf) _mm_prefetch(pf + 64 * (kp >> 2), _MM_HINT_T1);                \
             const __m512bh w0 = MX_BF(P + kp * 64), w1 = MX_BF(P + kp * 64 + 32);                              \
             for (int q = 0; q < Q; q++) {                                                                      \
                 int32_t pair;                                                                                  \
@@ -860,7 +864,7 @@ MX_PANEL32(9)
 MX_PANEL32(10)
 MX_PANEL32(11)
 MX_PANEL32(12)
-typedef void (*panel_fn)(const uint16_t*, const uint16_t*, int64_t, float*, int64_t);
+typedef void (*panel_fn)(const uint16_t*, const uint16_t*, int64_t, float*, int64_t, const char*, int64_t);
 static const panel_fn PANEL32[MX_BIG_Q + 1] = {
     0, panel32x1_bf16, panel32x2_bf16, panel32x3_bf16, panel32x4_bf16, panel32x5_bf16, panel32x6_bf16,
     panel32x7_bf16, panel32x8_bf16, panel32x9_bf16, panel32x10_bf16, panel32x11_bf16, panel32x12_bf16};
@@ -875,9 +879,13 @@ static int64_t gemm_panels_bf16(mat m, const uint16_t* XB, int64_t M, float* Y, 
     int64_t r = r0;
     for (; r + 32 <= r1; r += 32) {
         pack32_bf16((const uint16_t*)m.w + r * K, K, P);
-        for (int64_t j = 0; j < M; j += MX_BIG_Q) {
+        /* the next panel's rows (64 x K bytes, K lines) prefetched into L2 over this one's tiles */
+        const int64_t nt = (M + MX_BIG_Q - 1) / MX_BIG_Q, per = (K + nt - 1) / nt;
+        const char* next = (const char*)((const uint16_t*)m.w + (r + 32) * K);
+        for (int64_t j = 0, t = 0; j < M; j += MX_BIG_Q, t++) {
             const int Q = M - j < MX_BIG_Q ? (int)(M - j) : MX_BIG_Q;
-            PANEL32[Q](P, XB + j * K, K, Y + j * ldy + r, ldy);
+            const int64_t n = r + 64 <= r1 ? (per < K - t * per ? per : K - t * per) : 0;
+            PANEL32[Q](P, XB + j * K, K, Y + j * ldy + r, ldy, next + 64 * t * per, n > 0 ? n : 0);
         }
     }
     return r;
