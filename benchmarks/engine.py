@@ -25,7 +25,7 @@ repetitions, since the bandwidth of a shared machine drifts):
 Usage: .venv/bin/python benchmarks/engine.py [--preset mini-moe] [--dtype bfloat16] [--threads 2]
        [--batches 1,4,16,64] [--reps 5] [--steps 4] [--token-budget 32] [--prompt 128]
        [--requests 24] [--max-arrival-prompt 512] [--long-prompt 2000]
-       [--sections decode,batch1,arrivals,long[,mixed]] [--mixed-steps native|torch|both]
+       [--sections decode,batch1,arrivals,long[,mixed]] [--mixed-steps native|torch|both] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -125,6 +126,7 @@ def decode_section(model: Transformer, args: argparse.Namespace, limits: dict[st
           "limit ms | of limit |")
     print("|---|---|---|---|---|---|---|")
     rates = {}
+    plotted: list[tuple[int, float, float, float]] = []  # (B, tok/s, limit tok/s, fraction of the limit)
     for B in batches:
         n_exp = statistics.mean(experts[B])
         ctx = PROMPT + total_steps / 2
@@ -137,11 +139,45 @@ def decode_section(model: Transformer, args: argparse.Namespace, limits: dict[st
         step = statistics.median(t for t, _ in per_round)
         frac = statistics.median(lim / t for t, lim in per_round)
         rates[B] = B / step
+        plotted.append((B, B / step, B / statistics.median(lim for _, lim in per_round), frac))
         print(f"| {B} | {step * 1e3:.1f} | {B / step:.2f} | {rates[B] / rates[batches[0]]:.2f} | {n_exp:.1f} | "
               f"{statistics.median(lim for _, lim in per_round) * 1e3:.1f} | {frac:.2f} |")
     for eng in engines.values():
         eng.shutdown()
+    if args.plot:
+        _plot_decode(plotted, statistics.median(bws), args)
     return rates
+
+
+def _plot_decode(points: list[tuple[int, float, float, float]], bandwidth: float, args: argparse.Namespace) -> None:
+    """Aggregate decode tokens/s against the number of sequences, with each batch's limit; atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bs = [b for b, *_ in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(bs, [r for _, r, _, _ in points], "o-", label="mixlab engine (label: fraction of the limit)")
+    ax.plot(bs, [lim for _, _, lim, _ in points], "k--", label="limit (weights touched / bandwidth, or FLOPs / peak)")
+    for b, r, _, frac in points:
+        ax.annotate(f"{frac:.0%}", (b, r), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(bs, [str(b) for b in bs])
+    ax.set_xlabel("sequences decoding together")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"{args.preset} {args.dtype}, {args.threads} threads, memory {bandwidth / 1e9:.0f} GB/s", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.margins(y=0.15)  # room for the lowest point's label
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(args.plot)
+    tmp = png.with_name(png.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, png)
+    print(f"wrote {png}")
 
 
 def batch1_section(model: Transformer, args: argparse.Namespace) -> None:
@@ -374,6 +410,8 @@ def main() -> None:
     ap.add_argument("--long-prompt", type=int, default=2000)
     ap.add_argument("--base-steps", type=int, default=12)
     ap.add_argument("--sections", default="decode,batch1,arrivals,long")
+    ap.add_argument("--plot", default=None, metavar="PNG",
+                    help="draw the decode section's tokens/s against sequences, with the limits (needs matplotlib)")
     ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens of the decoding sequences")
     ap.add_argument("--max-arrival-prompt", type=int, default=512)
     ap.add_argument("--mixed-steps", default="native", choices=["native", "torch", "both"],

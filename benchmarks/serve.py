@@ -7,7 +7,9 @@ clients over loopback, each sending `--requests` completions of mixed prompt len
 tokens and `ignore_eos`. Reports the aggregate generated tokens/s, time to first token and
 inter-token latency (p50, p99), the ratio to the peer, and the weight-streaming limit: the bytes a
 decoding step of B sequences must read (dense weights + the experts those B tokens touch) over the
-memory bandwidth measured in the same run.
+memory bandwidth measured in the same run: probed right before and after each run (the stricter of
+the two, since this kind of machine's bandwidth can change by the minute), the median of the runs'
+fractions; in brackets, against the best of the probes before and after the whole benchmark.
 
 The peer is llama.cpp's own `llama-server` (`--llama-server PATH`, run with `-np 16` parallel slots
 and continuous batching), built from the llama.cpp source the llama-cpp-python sdist vendors; or
@@ -17,6 +19,8 @@ engine. Every server gets the same `--threads`. Everything binds to 127.0.0.1; e
 by `--timeout`. `--model-dir` keeps the checkpoint and GGUF for later runs.
 
     python benchmarks/serve.py --llama-server /path/to/llama-server --llama-cpp-python --engine --threads 2
+
+`--json` keeps the numbers, `--plot PNG` draws them (tokens/s against the limit, p99 latencies).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from mixlab.checkpoint import save_model  # noqa: E402
 from mixlab.checkpoint.gguf import write_gguf  # noqa: E402
-from mixlab.cli.benchmark import _dense_bytes_per_layer, _expert_bytes, measure_limits  # noqa: E402
+from mixlab.cli.benchmark import _dense_bytes_per_layer, _expert_bytes, bandwidth_probe, measure_limits  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
 from mixlab.tokenizer import load_tokenizer  # noqa: E402
@@ -214,16 +218,29 @@ def measure(targets: list[tuple[str, str, Any]], args: argparse.Namespace, vocab
     median run by tokens/s is reported."""
     for _, url, engine in targets:
         load(url, "m", 2, 1, 8, 999, args.timeout, vocab, engine)  # warm-up
+    probe, probe_bytes = bandwidth_probe(reps=1, mib=256)
+
+    def bandwidth() -> float:  # the memory's read speed now (this machine's drifts by the minute)
+        t0 = time.perf_counter()
+        probe()
+        return probe_bytes / (time.perf_counter() - t0)
+
     out = []
+    last = bandwidth()
     for clients in args.clients:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
         for k in range(args.repeats):
             for name, url, engine in targets[k % len(targets):] + targets[: k % len(targets)]:
-                runs[name].append(load(url, "m", clients, args.requests, args.max_tokens, args.seed + k,
-                                       args.timeout, vocab, engine))
+                run = load(url, "m", clients, args.requests, args.max_tokens, args.seed + k, args.timeout, vocab,
+                           engine)
+                after = bandwidth()
+                run["bandwidth"] = max(last, after)  # the probes on either side: the stricter limit
+                last = after
+                runs[name].append(run)
         for name, rs in runs.items():
             med = dict(sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2])
             med["tok_s_runs"] = [round(r["tok_s"], 1) for r in rs]
+            med["bandwidth_runs"] = [r["bandwidth"] for r in rs]
             med["server"] = name
             log(f"  {name} {clients:>2} clients: {med['tok_s']:.1f} tok/s {med['tok_s_runs']}, TTFT p50 "
                 f"{med['ttft_p50']*1e3:.0f} ms p99 {med['ttft_p99']*1e3:.0f} ms, ITL p50 {med['itl_p50']*1e3:.0f} ms "
@@ -241,6 +258,46 @@ def step_limit(cfg: Any, bandwidth: float, batch: int, elem: float = 2.0) -> flo
     step_bytes = cfg.n_layers * (_dense_bytes_per_layer(cfg, elem) + touched * _expert_bytes(cfg, elem))
     step_bytes += cfg.vocab_size * cfg.dim * elem  # the output matrix (embedding rows read are negligible)
     return batch * bandwidth / step_bytes
+
+
+def plot(report: dict[str, Any], png: Path) -> None:
+    """Aggregate tokens/s, the fraction of the weight-streaming limit (per run, as the table), p99
+    time to first token and p99 inter-token latency against concurrent clients, one line per
+    server; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    servers = list(dict.fromkeys(r["server"] for r in results))
+    clients = sorted({r["clients"] for r in results})
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    panels = (("aggregate tokens/s", lambda r: r["tok_s"]),
+              ("of the weight-streaming limit", lambda r: r["of_limit"]),
+              ("p99 time to first token (ms)", lambda r: r["ttft_p99"] * 1e3),
+              ("p99 inter-token latency (ms)", lambda r: r["itl_p99"] * 1e3))
+    for server in servers:
+        rs = sorted((r for r in results if r["server"] == server), key=lambda r: r["clients"])
+        for ax, (_, value) in zip(axes, panels, strict=True):
+            ax.plot([r["clients"] for r in rs], [value(r) for r in rs], "o-", label=server)
+    for ax, (title, _) in zip(axes, panels, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes[0].legend(fontsize=8)
+    bws = ", ".join(f"{b:.0f}" for b in report["bandwidth_GBs"])
+    fig.suptitle(f"{report['preset']} bf16, {report['threads']} threads, {report['max_tokens']} greedy tokens "
+                 f"per request, {report['requests_per_client']} requests per client (memory bandwidth before / after: "
+                 f"{bws} GB/s)", fontsize=10)
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, png)
 
 
 def llama_server_version(path: str) -> str:
@@ -289,6 +346,8 @@ def main() -> None:
                     help="also an in-process engine whose steps with a prompt chunk take the PyTorch pass")
     ap.add_argument("--skip-mixlab", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, metavar="PNG",
+                    help="also draw tokens/s and p99 latencies against clients per server (needs matplotlib)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--model-dir", default=None,
                     help="keep the checkpoint and GGUF here and reuse them in later runs (default: a temporary folder)")
@@ -348,16 +407,24 @@ def main() -> None:
     bws.append(measure_limits(reps=5)["bandwidth"])
     bw = max(bws)  # the machine's best: the stricter limit
 
-    for r in results:
-        r["limit_tok_s"] = step_limit(cfg, bw, r["clients"])
+    for r in results:  # each run against the bandwidth probed beside it; the median of those fractions
+        fracs = [t / step_limit(cfg, b, r["clients"])
+                 for t, b in zip(r["tok_s_runs"], r["bandwidth_runs"], strict=True)]
+        r["of_limit"] = sorted(fracs)[len(fracs) // 2]
+        r["limit_tok_s"] = step_limit(cfg, r["bandwidth"], r["clients"])  # the median run's
+        r["limit_tok_s_whole_run"] = step_limit(cfg, bw, r["clients"])  # at the best of the outer probes
     report = {"preset": args.preset, "threads": args.threads, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests, "repeats": args.repeats, "prompt_lens": PROMPT_LENS,
               "bandwidth_GBs": [b / 1e9 for b in bws], "peers": peers, "versions": versions,
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, Path(args.plot))
+        log(f"wrote {args.plot}")
     cols = "".join(f" vs {p} |" for p in peers)
-    print(f"| server | clients | tokens/s (runs) |{cols} of weight-streaming limit | TTFT p50 / p99 (ms) "
+    print(f"| server | clients | tokens/s (runs) |{cols} of weight-streaming limit: per run (at the outer probes' "
+          f"best) | TTFT p50 / p99 (ms) "
           f"| ITL p50 / p99 (ms) |\n|---|---|---|{'---|' * len(peers)}---|---|---|")
     by = {(r["server"], r["clients"]): r for r in results}
     for r in results:
@@ -366,10 +433,13 @@ def main() -> None:
             p = by.get((peer, r["clients"]))
             ratios += f" {r['tok_s'] / p['tok_s']:.2f}x |" if p else " - |"
         print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} ({', '.join(map(str, r['tok_s_runs']))}) |"
-              f"{ratios} {r['tok_s'] / r['limit_tok_s']:.0%} of {r['limit_tok_s']:.0f} | "
+              f"{ratios} {r['of_limit']:.0%} ({r['tok_s'] / r['limit_tok_s_whole_run']:.0%} of "
+              f"{r['limit_tok_s_whole_run']:.0f}) | "
               f"{r['ttft_p50']*1e3:.0f} / {r['ttft_p99']*1e3:.0f} | {r['itl_p50']*1e3:.0f} / {r['itl_p99']*1e3:.0f} |")
-    print(f"\nmemory bandwidth {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s (before, after; the limit uses the "
-          f"higher); {args.threads} threads; {args.requests} requests per client, {args.repeats} runs per point; "
+    print(f"\nmemory bandwidth {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s (before, after: the limit in "
+          f"brackets uses the higher; per run: the stricter of the probes right before and after it, median of the "
+          f"runs' fractions); {args.threads} threads; {args.requests} requests per client, {args.repeats} runs per "
+          f"point; "
           f"load average before {load_before}, after {os.getloadavg()}; {versions}")
 
 
