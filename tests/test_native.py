@@ -313,14 +313,14 @@ def test_native_bf16_tiles_equal_matmul(K):
 @pytest.mark.parametrize("K", [1024, 2080, 2100])
 def test_native_bf16_panels_equal_matmul(K):
     """bf16 weights against many tokens (prompt chunks): the packed 32-row panels (`gemm_panels_bf16`,
-    from 32 tokens at K <= 2048 and from 24 above), last token tiles of every width 1-12 (token
+    from 64 tokens at K <= 2048 and from 24 above), last token tiles of every width 1-12 (token
     counts around the thresholds and past several tiles), row counts that leave 16 or 1-3 rows to
     the tiles and the plain loop (and a panel with no next one to prefetch), and K = 2100 (not a
     multiple of 32: the tiles instead) == the float32 product of the bf16-rounded activations."""
     g = torch.Generator().manual_seed(K)
     for N in (32, 48, 67):
         w = torch.randn(N, K, generator=g).bfloat16()
-        for M in (23, 24, 25, 26, 27, 31, 32, 33, 34, 35, 36, 40, 41, 42, 43, 45, 46, 130):
+        for M in (23, 24, 25, 26, 27, 31, 32, 33, 34, 35, 36, 40, 41, 42, 43, 45, 46, 63, 64, 65, 70, 71, 72, 130):
             x = torch.randn(M, K, generator=g)
             ref = x.bfloat16().float() @ w.float().T
             # float32 sums in other orders (each lane sums its pairs in sequence); |y| ~ sqrt(K) ~ 32-46

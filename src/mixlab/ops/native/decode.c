@@ -775,14 +775,14 @@ static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ld
    and 12 broadcasts per 24 products, where the 4 x 4 tiles load 8 vectors per 16 (the activations
    of a long chunk from L2: bound by L2's bandwidth at ~55-60% of the matmul peak). Each 32-row panel
    (64 x K bytes) is packed once into a per-thread buffer and serves all M tokens, while the next
-   panel's rows are prefetched into L2. Measured (C, `mx_linear` over 16 distinct matrices, 2
-   threads, interleaved with the tiles): 7168 x 1024 matrices at 32 tokens 0.85x the time, 48 0.77x,
-   64 0.68x, 96 0.60x, 512 0.75x (915 GFLOP/s; torch's oneDNN GEMM 874), but 1.04x at 24 and 1.3x at
-   16; 1024 x 3584 (the down projection) at 24 tokens 0.83x, 64 0.61x, but 1.0-1.15x at 12-16 (the
-   packing's extra traffic where the product is memory-bound). The experts of a 512-token prompt
-   chunk (8 mini-moe layers) 0.71x; the engine's 512-token prefill step, see BENCHMARKS.md. */
+   panel's rows are prefetched into L2. Measured (`benchmarks/kernels_ab.py`: `mx_linear` over 16
+   distinct matrices, 2 threads, interleaved with the tiles): 7168 x 1024 matrices at 64 tokens
+   0.955x the time, 96 0.80x, 128 0.81x, 512 0.75x (~910 GFLOP/s; torch's oneDNN GEMM 874), but
+   1.03-1.06x at 32-48 (1.27x in the fast memory state); 1024 x 3584 (the down projection) at 24
+   tokens 0.83x, 32 0.76x, 64 0.61x, but 1.0-1.15x at 12-16 (the packing's extra traffic where the
+   product is memory-bound). The experts of a 512-token prompt chunk (8 mini-moe layers) 0.71x. */
 #define MX_BIG_Q 12 /* tokens per register tile */
-static inline int64_t big_min_tokens(int64_t K) { return K > 2048 ? 24 : 32; }
+static inline int64_t big_min_tokens(int64_t K) { return K > 2048 ? 24 : 64; }
 
 static inline void transpose16_epi32(__m512i r[16]) {
     __m512i t[16], u[16];
@@ -871,7 +871,7 @@ static const panel_fn PANEL32[MX_BIG_Q + 1] = {
 
 /* Rows [r0, r1) of bf16 matrix m against M tokens (XB), 32 rows at a time: returns the first row
    not done (the last < 32 rows, or all of them when no panel buffer could be had). */
-static int64_t gemm_panels_bf16(mat m, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
+__attribute__((noinline)) static int64_t gemm_panels_bf16(mat m, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
                                 int64_t r1) {
     const int64_t K = m.K;
     uint16_t* P = big_panel(K);
@@ -892,10 +892,9 @@ static int64_t gemm_panels_bf16(mat m, const uint16_t* XB, int64_t M, float* Y, 
 }
 #endif
 
-/* Y[j, r] = W[r, :] . X[j, :] for M vectors (rows of X and XB, leading dimension K; Y's is ldy) and
-   rows r in [r0, r1). X is float32, XB its bf16 rounding (read for bf16 weights only). */
-static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
-                      int64_t r1) {
+/* `gemm_rows` for what the packed panels do not take (all of it, but for many bf16 tokens). */
+static void gemm_rows_few(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
+                          int64_t r1) {
     const int64_t K = m.K;
     int64_t r = r0;
 #if defined(__AVX512BF16__)
@@ -910,19 +909,15 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
         }
     }
 #endif
-#if defined(__AVX512BF16__)
-    if (m.wt == MX_BF16 && M >= big_min_tokens(K) && (K & 31) == 0) /* many tokens: packed panels */
-        r = gemm_panels_bf16(m, XB, M, Y, ldy, r, r1);
-#endif
-    if (m.wt == MX_BF16 && M >= 2 && (M > 5 || r == r0)) { /* (what the rows kernel or the panels left) */
+    if (m.wt == MX_BF16 && M >= 2 && r == r0) {
         /* Blocks of MB tokens whose activations (MB rows of K bf16) stay in L2 while every weight
-           row of [r, r1) passes over them in tiles of 4 rows x up to 4 tokens. */
+           row of [r0, r1) passes over them in tiles of 4 rows x up to 4 tokens. */
         int64_t MB = (256 * 1024 / (K * 2)) & ~(int64_t)3;
         MB = MB < 4 ? 4 : MB > 128 ? 128 : MB;
-        const int64_t rt = r, rend = rt + ((r1 - rt) & ~(int64_t)3);
+        const int64_t rend = r0 + ((r1 - r0) & ~(int64_t)3);
         for (int64_t jb = 0; jb < M; jb += MB) {
             const int64_t je = jb + MB < M ? jb + MB : M;
-            for (r = rt; r < rend; r += 4)
+            for (r = r0; r < rend; r += 4)
                 for (int64_t j = jb; j < je; j += 4) {
                     const int Q = je - j < 4 ? (int)(je - j) : 4;
                     float out[16];
@@ -981,6 +976,19 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
             Y[j * ldy + r] = d * sc;
         }
     }
+}
+
+/* Y[j, r] = W[r, :] . X[j, :] for M vectors (rows of X and XB, leading dimension K; Y's is ldy) and
+   rows r in [r0, r1). X is float32, XB its bf16 rounding (read for bf16 weights only). The panels'
+   dispatch stays out of `gemm_rows_few`: inside it, the 4-token tiles ran 1.11-1.17x slower at 16
+   tokens (the compiler's choices for the loop around them; measured). */
+static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
+                      int64_t r1) {
+#if defined(__AVX512BF16__)
+    if (m.wt == MX_BF16 && M >= big_min_tokens(m.K) && (m.K & 31) == 0) /* many tokens: packed panels */
+        r0 = gemm_panels_bf16(m, XB, M, Y, ldy, r0, r1);
+#endif
+    gemm_rows_few(m, X, XB, M, Y, ldy, r0, r1);
 }
 
 /* y[r] for r in [r0, r1): one vector. */

@@ -1,0 +1,209 @@
+"""In-process A/B of `decode.c` variants: each source file compiled with mixlab's flags into its own
+library (checked like the real one, `native.load_library`), all loaded at once and swapped in round
+by round, so that every variant meets the same memory state (this kind of machine's bandwidth can
+change by the minute: runs minutes apart cannot be compared). A bandwidth probe after every round
+sorts the rounds into slow and fast memory states (`--split` GB/s).
+
+    .venv/bin/python benchmarks/kernels_ab.py [--rounds 10] [--cases gu4,dn4,moe16,logits16] \
+        [--engine 1,16] [--prefill] main=old/decode.c new=src/mixlab/ops/native/decode.c
+
+Cases (mini-moe's shapes, bf16, random weights; `--threads`, default 2):
+- `gu{M}`, `dn{M}`: `mx_linear` of M tokens over 16 distinct gate/up (7168 x 1024) or down (1024 x
+  3584) matrices, so every weight comes from memory;
+- `lin{M}`: one 7168 x 1024 matrix; `logits{M}`: the 32000 x 1024 output matrix;
+- `moe{T}`: `mx_moe` for T tokens routed at random through 8 layers of distinct experts;
+- `--engine B,...`: whole engine steps of B decoding sequences (the model's shared native decoder
+  has its library swapped); `--prefill`: one engine step prefilling 16 prompts of 32 tokens.
+
+Each case reports per variant the median time, GB/s (the bytes it must read) and GFLOP/s, and the
+median over rounds of its time over the first variant's (below 1: faster), overall and per memory
+state. The first run compares every variant's outputs with the first's (max relative difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from mixlab.cli.benchmark import bandwidth_probe  # noqa: E402
+from mixlab.ops import native  # noqa: E402
+
+D, F, E, K, L, V = 1024, 3584, 8, 2, 8, 32000
+Case = tuple[Callable[[], torch.Tensor | None], float, float]  # (run, bytes, FLOPs)
+
+
+def kernel_cases(names: list[str], g: torch.Generator) -> dict[str, Case]:
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).bfloat16()
+
+    cases: dict[str, Case] = {}
+    for c in names:
+        kind, M = c.rstrip("0123456789"), int(c[len(c.rstrip("0123456789")):] or 0)
+        if kind in ("gu", "dn"):
+            shape = (2 * F, D) if kind == "gu" else (D, F)
+            ws = [w(*shape) for _ in range(16)]
+            x = torch.randn(M, shape[1], generator=g)
+            cases[c] = (lambda x=x, ws=ws: [native.linear(x, m) for m in ws][-1],
+                        16 * shape[0] * shape[1] * 2, 16 * 2 * M * shape[0] * shape[1])
+        elif kind in ("lin", "logits"):
+            rows = 2 * F if kind == "lin" else V
+            m, x = w(rows, D), torch.randn(M, D, generator=g)
+            cases[c] = (lambda x=x, m=m: native.linear(x, m), rows * D * 2, 2 * M * rows * D)
+        elif kind == "moe":
+            w13 = [w(E, 2 * F, D) for _ in range(L)]
+            w2 = [w(E, D, F) for _ in range(L)]
+            x, mix = torch.randn(M, D, generator=g), torch.softmax(torch.randn(M, K, generator=g), -1)
+            idx = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(M)]) for _ in range(L)]
+            nbytes = sum(len(set(i.flatten().tolist())) for i in idx) * 3 * D * F * 2
+
+            def moe(x=x, mix=mix, idx=idx, w13=w13, w2=w2) -> torch.Tensor:
+                for layer in range(L):
+                    y = native.moe(x, w13[layer], w2[layer], idx[layer], mix)
+                return y
+
+            cases[c] = (moe, nbytes, 2 * L * M * K * 3 * D * F)
+        else:
+            raise SystemExit(f"unknown case {c!r}: expected gu, dn, lin, logits or moe and a token count")
+    return cases
+
+
+def engine_cases(batches: list[int], prefill: bool, rounds: int, n_libs: int,
+                 steps: int) -> tuple[dict[str, Case], list]:
+    import engine as eb  # benchmarks/engine.py
+    from mixlab.engine import Engine, SamplingParams
+
+    model = eb._model("mini-moe", torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    cases: dict[str, Case] = {}
+    engines = []
+    total = (rounds + 2) * steps * n_libs + 8
+    for B in batches:
+        eng = Engine(model, max_batch=B, max_seq_len=eb.PROMPT + total + 8 + B, token_budget=B * eb.PROMPT + B)
+        eb._fill(eng, B, g, total + 4)
+        engines.append(eng)
+
+        def step(eng=eng) -> None:
+            for _ in range(steps):
+                eng.step()
+
+        cases[f"engine{B}"] = (step, 0.0, 0.0)
+    if prefill:
+        eng = Engine(model, max_batch=16, max_seq_len=128, token_budget=512, prefix_cache=False)
+        engines.append(eng)
+
+        def wave(eng=eng) -> None:
+            hs = [eng.submit(torch.randint(3, V, (32,), generator=g).tolist(),
+                             SamplingParams(max_tokens=1, ignore_eos=True)) for _ in range(16)]
+            eng.run_until_idle()
+            for h in hs:
+                list(h)
+
+        counts, out = model.config.param_counts(), V * D  # logits for the last rows only
+        matrices = counts["active"] - counts["embedding"] - counts["norms"] - out
+        cases["prefill512"] = (wave, 0.0, 2.0 * (512 * matrices + 16 * out))
+    return cases, engines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+", metavar="NAME=decode.c")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--cases", default="", help="comma-separated kernel cases (see above)")
+    ap.add_argument("--engine", default="", help="engine steps of these batch sizes, e.g. 1,16")
+    ap.add_argument("--steps", type=int, default=3, help="engine steps per round")
+    ap.add_argument("--prefill", action="store_true", help="an engine step prefilling 16 x 32 prompt tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", type=float, default=58.0, help="GB/s between the slow and fast memory states")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if native.load() is None or native.compiler() is None:
+        raise SystemExit("native kernels unavailable (MIXLAB_NATIVE=0 or no C compiler)")
+    libs = {}
+    with tempfile.TemporaryDirectory(prefix="mixlab-kernels-ab-") as tmp:
+        for spec in args.variants:
+            name, sep, path = spec.partition("=")
+            if not sep or not Path(path).is_file():
+                raise SystemExit(f"invalid variant {spec!r}: expected NAME=path/to/decode.c (an existing file)")
+            out = Path(tmp) / f"{name}.so"
+            cmd = [native.compiler(), *native.FLAGS, f"-I{native.HERE}", path, "-o", str(out), "-lm"]
+            subprocess.run(cmd, check=True)
+            libs[name] = native.load_library(out)
+    g = torch.Generator().manual_seed(0)
+    cases = kernel_cases([c for c in args.cases.split(",") if c], g)
+    batches = [int(b) for b in args.engine.split(",") if b]
+    engines: list = []
+    decoder = None
+    if batches or args.prefill:
+        more, engines = engine_cases(batches, args.prefill, args.rounds, len(libs), args.steps)
+        cases |= more
+        decoder = engines[0].runner._native_decoder()
+        decoder.wait_huge_pages()
+
+    def use(name: str) -> None:
+        native._lib, native._simd = libs[name]
+        if decoder is not None:
+            decoder.lib = libs[name][0]
+
+    first = next(iter(libs))
+    for c, (fn, _, _) in cases.items():  # outputs against the first variant's
+        if c.startswith(("engine", "prefill")):
+            continue
+        use(first)
+        ref = fn()
+        for name in list(libs)[1:]:
+            use(name)
+            got = fn()
+            assert ref is not None and got is not None
+            print(f"{c}: {name} vs {first}: max relative difference "
+                  f"{((got - ref).abs().max() / ref.abs().max()).item():.1e}")
+    probe, probe_bytes = bandwidth_probe(reps=1, mib=256)
+    times: dict[tuple[str, str], list[float]] = {(n, c): [] for n in libs for c in cases}
+    bws: list[float] = []
+    for r in range(args.rounds + 1):  # round 0 warms up
+        order = list(libs) if r % 2 == 0 else list(reversed(libs))
+        for c, (fn, _, _) in cases.items():
+            for name in order:
+                use(name)
+                t0 = time.perf_counter()
+                fn()
+                if r:
+                    times[(name, c)].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        probe()
+        if r:
+            bws.append(probe_bytes / (time.perf_counter() - t0))
+    use(first)
+    for eng in engines:
+        eng.shutdown()
+    print(f"\n# benchmarks/kernels_ab.py: {args.rounds} rounds, {args.threads} threads, torch {torch.__version__}; "
+          f"bandwidth per round {', '.join(f'{b / 1e9:.0f}' for b in bws)} GB/s")
+    states = {"slow": [i for i, b in enumerate(bws) if b < args.split * 1e9],
+              "fast": [i for i, b in enumerate(bws) if b >= args.split * 1e9]}
+    print(f"\n| case | variant | ms | GB/s | GFLOP/s | ÷ {first} | slow rounds | fast rounds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c, (_, nbytes, flops) in cases.items():
+        base = times[(first, c)]
+        for name in libs:
+            ts = times[(name, c)]
+            t = statistics.median(ts)
+            per = [a / b for a, b in zip(ts, base, strict=True)]
+            by_state = [f"{statistics.median(per[i] for i in sel):.3f} (n={len(sel)})" if sel else "-"
+                        for sel in states.values()]
+            print(f"| {c} | {name} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} | {flops / t / 1e9:.0f} | "
+                  f"{statistics.median(per):.3f} | {by_state[0]} | {by_state[1]} |")
+
+
+if __name__ == "__main__":
+    main()
