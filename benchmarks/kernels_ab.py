@@ -13,7 +13,8 @@ Cases (mini-moe's shapes, bf16, random weights; `--threads`, default 2):
 - `lin{M}`: one 7168 x 1024 matrix; `logits{M}`: the 32000 x 1024 output matrix;
 - `moe{T}`: `mx_moe` for T tokens routed at random through 8 layers of distinct experts;
 - `--engine B,...`: whole engine steps of B decoding sequences (the model's shared native decoder
-  has its library swapped); `--prefill`: one engine step prefilling 16 prompts of 32 tokens.
+  has its library swapped); `--prefill`: one engine step prefilling 16 prompts of 32 tokens;
+  `--quant int8|int4`: those on `prepare_for_inference(quant=...)` weights.
 
 Each case reports per variant the median time, GB/s (the bytes it must read) and GFLOP/s, and the
 median over rounds of its time over the first variant's (below 1: faster), overall and per memory
@@ -79,12 +80,15 @@ def kernel_cases(names: list[str], g: torch.Generator) -> dict[str, Case]:
     return cases
 
 
-def engine_cases(batches: list[int], prefill: bool, rounds: int, n_libs: int,
-                 steps: int) -> tuple[dict[str, Case], list]:
+def engine_cases(batches: list[int], prefill: bool, rounds: int, n_libs: int, steps: int,
+                 quant: str | None) -> tuple[dict[str, Case], list]:
     import engine as eb  # benchmarks/engine.py
     from mixlab.engine import Engine, SamplingParams
+    from mixlab.model.inference import prepare_for_inference
 
     model = eb._model("mini-moe", torch.bfloat16)
+    if quant:
+        model = prepare_for_inference(model, quant=quant)
     g = torch.Generator().manual_seed(0)
     cases: dict[str, Case] = {}
     engines = []
@@ -124,6 +128,7 @@ def main() -> None:
     ap.add_argument("--engine", default="", help="engine steps of these batch sizes, e.g. 1,16")
     ap.add_argument("--steps", type=int, default=3, help="engine steps per round")
     ap.add_argument("--prefill", action="store_true", help="an engine step prefilling 16 x 32 prompt tokens")
+    ap.add_argument("--quant", default=None, choices=["int8", "int4"], help="the engine cases' weights")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", type=float, default=58.0, help="GB/s between the slow and fast memory states")
     args = ap.parse_args()
@@ -146,7 +151,7 @@ def main() -> None:
     engines: list = []
     decoder = None
     if batches or args.prefill:
-        more, engines = engine_cases(batches, args.prefill, args.rounds, len(libs), args.steps)
+        more, engines = engine_cases(batches, args.prefill, args.rounds, len(libs), args.steps, args.quant)
         cases |= more
         decoder = engines[0].runner._native_decoder()
         decoder.wait_huge_pages()

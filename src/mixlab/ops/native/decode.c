@@ -710,12 +710,15 @@ static void tile4_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, int64_t
 #endif
 }
 
-/* A weight matrix as the kernels see it: its type, data, per-row scales (int8 only), row length. */
+/* A weight matrix as the kernels see it: its type, data, per-row scales (int8 only), row length;
+   `act16`: its activations may be rounded to bf16 (a bf16 model's engine step: int8 weights then
+   take the packed panels for many tokens, `gemm_panels`). */
 typedef struct {
     int wt;
     const void* w;
     const float* scale;
     int64_t K;
+    int act16;
 } mat;
 
 /* Rows from r0 on of a matrix: the product a batch-1 step runs next, whose first rows the one before
@@ -871,20 +874,81 @@ static const panel_fn PANEL32[MX_BIG_Q + 1] = {
 
 /* Rows [r0, r1) of bf16 matrix m against M tokens (XB), 32 rows at a time: returns the first row
    not done (the last < 32 rows, or all of them when no panel buffer could be had). */
-__attribute__((noinline)) static int64_t gemm_panels_bf16(mat m, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
-                                int64_t r1) {
-    const int64_t K = m.K;
+/* A grown-as-needed per-thread buffer of n uint16 (slot 0: int4 rows dequantised to bf16, slot 1: the
+   activations rounded to bf16), or null when memory runs out. */
+static uint16_t* thread_buf(int slot, int64_t n) {
+    static _Thread_local uint16_t* buf[2] = {0, 0};
+    static _Thread_local int64_t cap[2] = {0, 0};
+    if (n > cap[slot]) {
+        free(buf[slot]);
+        buf[slot] = (uint16_t*)aligned_alloc(64, (size_t)((n + 31) & ~(int64_t)31) * 2);
+        cap[slot] = buf[slot] ? n : 0;
+    }
+    return buf[slot];
+}
+
+/* 32 int4 rows (K / 2 bytes each, float16 scales per group of G) as bf16: (code - 8) x scale, rounded. */
+static void dequant32_q4_bf16(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, uint16_t* out) {
+    const __m512i mask = _mm512_set1_epi32(0xf);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    for (int i = 0; i < 32; i++) {
+        const uint8_t* wr = w + i * (K / 2);
+        const uint16_t* sr = s + i * (K / G);
+        for (int64_t k = 0; k < K; k += 32) {
+            const __m512 d = _mm512_set1_ps(f16_to_f32(sr[k / G]));
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wr + k / 2)));
+            const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, mask)), eight), d);
+            const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), eight), d);
+            _mm256_storeu_si256((__m256i*)(out + i * K + k), (__m256i)_mm512_cvtneps_pbh(lo));
+            _mm256_storeu_si256((__m256i*)(out + i * K + k + 16), (__m256i)_mm512_cvtneps_pbh(hi));
+        }
+    }
+}
+
+/* 32 int8 rows (K each, float32 scales per row) as bf16: code x scale, rounded. */
+static void dequant32_i8_bf16(const int8_t* w, const float* s, int64_t K, uint16_t* out) {
+    for (int i = 0; i < 32; i++) {
+        const __m512 d = _mm512_set1_ps(s[i]);
+        for (int64_t k = 0; k < K; k += 16)
+            _mm256_storeu_si256((__m256i*)(out + i * K + k), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(MX_I8F(w + i * K + k), d)));
+    }
+}
+
+/* Rows [r0, r1) of matrix m (bf16; int4 with int8-rounded activations, MX_Q4_*_A8; int8 where
+   `act16`) against M tokens, 32 rows at a time: returns the first row not done (the last < 32 rows,
+   or all of them when no buffer could be had). int4 and int8 panels are dequantised to bf16
+   (rounded) and multiplied by the activations rounded to bf16 (X; for int4 as fine as the int8
+   rounding of `quant_a8` or finer; for int8 the products a bf16 model's prompt gets): the engine's 512-token prefill step of int4 mini-moe
+   714 -> 308 ms (0.43x; in-process A/B, `benchmarks/kernels_ab.py --prefill --quant int4`). */
+__attribute__((noinline)) static int64_t gemm_panels(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y,
+                                                     int64_t ldy, int64_t r0, int64_t r1) {
+    const int64_t K = m.K, q4 = is_q4a8(m.wt), q8 = m.wt == MX_I8, row_bytes = q4 ? K / 2 : q8 ? K : 2 * K;
     uint16_t* P = big_panel(K);
-    if (!P) return r0;
+    uint16_t* W = q4 || q8 ? thread_buf(0, 32 * K) : 0;
+    if (q4 || q8) {
+        uint16_t* xb = thread_buf(1, M * K);
+        if (xb) round_to_bf16(X, xb, M * K);
+        XB = xb;
+    }
+    if (!P || ((q4 || q8) && (!W || !XB))) return r0;
     int64_t r = r0;
     for (; r + 32 <= r1; r += 32) {
-        pack32_bf16((const uint16_t*)m.w + r * K, K, P);
-        /* the next panel's rows (64 x K bytes, K lines) prefetched into L2 over this one's tiles */
-        const int64_t nt = (M + MX_BIG_Q - 1) / MX_BIG_Q, per = (K + nt - 1) / nt;
-        const char* next = (const char*)((const uint16_t*)m.w + (r + 32) * K);
+        if (q4) {
+            dequant32_q4_bf16((const uint8_t*)m.w + r * (K / 2),
+                              (const uint16_t*)(const void*)m.scale + r * (K / q4_group(m.wt)), K, q4_group(m.wt), W);
+            pack32_bf16(W, K, P);
+        } else if (q8) {
+            dequant32_i8_bf16((const int8_t*)m.w + r * K, m.scale + r, K, W);
+            pack32_bf16(W, K, P);
+        } else {
+            pack32_bf16((const uint16_t*)m.w + r * K, K, P);
+        }
+        /* the next panel's rows (32 x row_bytes) prefetched into L2 over this one's tiles */
+        const int64_t lines = 32 * row_bytes / 64, nt = (M + MX_BIG_Q - 1) / MX_BIG_Q, per = (lines + nt - 1) / nt;
+        const char* next = (const char*)m.w + (r + 32) * row_bytes;
         for (int64_t j = 0, t = 0; j < M; j += MX_BIG_Q, t++) {
             const int Q = M - j < MX_BIG_Q ? (int)(M - j) : MX_BIG_Q;
-            const int64_t n = r + 64 <= r1 ? (per < K - t * per ? per : K - t * per) : 0;
+            const int64_t n = r + 64 <= r1 ? (per < lines - t * per ? per : lines - t * per) : 0;
             PANEL32[Q](P, XB + j * K, K, Y + j * ldy + r, ldy, next + 64 * t * per, n > 0 ? n : 0);
         }
     }
@@ -985,8 +1049,9 @@ static void gemm_rows_few(mat m, const float* X, const uint16_t* XB, int64_t M, 
 static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
                       int64_t r1) {
 #if defined(__AVX512BF16__)
-    if (m.wt == MX_BF16 && M >= big_min_tokens(m.K) && (m.K & 31) == 0) /* many tokens: packed panels */
-        r0 = gemm_panels_bf16(m, XB, M, Y, ldy, r0, r1);
+    if ((m.wt == MX_BF16 || is_q4a8(m.wt) || (m.wt == MX_I8 && m.act16)) && M >= big_min_tokens(m.K) &&
+        (m.K & 31) == 0) /* many tokens */
+        r0 = gemm_panels(m, X, XB, M, Y, ldy, r0, r1);
 #endif
     gemm_rows_few(m, X, XB, M, Y, ldy, r0, r1);
 }
@@ -1797,6 +1862,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         if (t > 0 && p->seq[t] == p->seq[t - 1]) chunked = 1;
     }
     int64_t start[257]; /* E <= 256, checked by the caller */
+    const int a16 = m->et == MX_BF16; /* a bf16 model: see `mat` */
     barrier_t bar = {0, 0};
 #pragma omp parallel num_threads(nt)
     {
@@ -1808,7 +1874,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         int64_t lo, hi;
         for (int64_t l = 0; l < L; l++) {
             const mx_layer* ly = &m->layers[l];
-            const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D}, mo = {m->wt, ly->wo, ly->wo_scale, QD};
+            const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D, a16}, mo = {m->wt, ly->wo, ly->wo_scale, QD, a16};
             for (int64_t t = tm.t; t < T; t += tm.nt)
                 rmsnorm(x + t * D, ly->attn_norm, m->eps, D, h + t * D, bf ? hb + t * D : 0);
             sync_team(&tm);
@@ -1882,7 +1948,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
             sync_team(&tm);
             if (tm.t == 0) group_experts(p->idx, T * K, m->E, start, p->order, p->inverse);
             sync_team(&tm);
-            const moe_job job = {{m->wt, ly->w13, ly->w13_scale, D}, {m->wt, ly->w2, ly->w2_scale, m->F},
+            const moe_job job = {{m->wt, ly->w13, ly->w13_scale, D, a16}, {m->wt, ly->w2, ly->w2_scale, m->F, a16},
                                  T, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
                                  p->xs, p->g, p->a, p->ys, x, p->xsb, p->ab, 1};
             moe_team(&tm, &job);
@@ -1891,7 +1957,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         for (int64_t r = tm.t; r < p->R; r += tm.nt)
             rmsnorm(x + p->rows[r] * D, m->out_norm, m->eps, D, h + r * D, bf ? hb + r * D : 0);
         sync_team(&tm);
-        const mat mout = {m->wt, m->out, m->out_scale, D};
+        const mat mout = {m->wt, m->out, m->out_scale, D, a16};
         my_rows(&tm, m->V, &lo, &hi);
         gemm_rows(mout, h, hb, p->R, p->logits, m->V, lo, hi);
     }
