@@ -214,7 +214,9 @@ def test_round_activations_q8_is_llama_cpp_q8_0():
     assert bool(((ours - x.reshape(6, 8, 32)).abs() <= step * 0.5001).all())
 
 
-@pytest.mark.parametrize(("group", "D"), [(32, 352), (32, 384), (64, 320), (64, 512), (128, 384), (128, 640)])
+# 1120, 1664: batch 1's four-row kernel over several full blocks of 128, then a partial one
+@pytest.mark.parametrize(("group", "D"), [(32, 352), (32, 384), (32, 1120), (32, 1664), (64, 320), (64, 512),
+                                          (128, 384), (128, 640)])
 @pytest.mark.parametrize("rows", [1, 3, 5, 17])
 def test_native_int4_int8_activations_equal_the_rounded_reference(group, D, rows):
     native = _native_a8()

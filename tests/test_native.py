@@ -91,6 +91,34 @@ CASES = {
 }
 
 
+def test_swapping_the_library_swaps_the_batch1_step():
+    """In-process A/Bs (benchmarks/kernels_ab.py) assign `decoder.lib`: the batch-1 step, bound at
+    init for speed, must follow, or every variant would run the first library's step."""
+    model = _model()
+    prepare_for_inference(model)
+    dec = model.native_decoder
+    assert dec is not None and dec._c_step is dec.lib.mx_decode_step
+    tokens = torch.randint(0, 256, (12,))
+    ref = _native_decode(model, tokens, 5)
+    calls = []
+    real = dec.lib
+
+    class Spy:  # the same kernels, counting batch-1 steps
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def mx_decode_step(self, *args):
+            calls.append(1)
+            return real.mx_decode_step(*args)
+
+    dec.lib = Spy()
+    try:
+        torch.testing.assert_close(_native_decode(model, tokens, 5), ref, atol=0, rtol=0)
+    finally:
+        dec.lib = real
+    assert len(calls) == 12 - 1 - 5 and dec._c_step is real.mx_decode_step
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_native_decoding_equals_full_recompute_float32(case):
     model = _model(**CASES[case])

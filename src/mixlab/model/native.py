@@ -104,7 +104,7 @@ def int4_activations(model: nn.Module) -> str:
 class NativeDecoder:
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         cfg = model.config
-        self.lib = lib
+        self.lib = lib  # also binds `_c_step` (the batch-1 step's C function)
         self._keep: list[object] = []  # everything whose address C holds
 
         def ptr(t: torch.Tensor | None) -> int | None:
@@ -207,7 +207,6 @@ class NativeDecoder:
         self.last_chosen = self.chosen  # the experts of the last `step` (its own tensor under torch.compile)
         self._lock = threading.Lock()  # the work buffers and the bound cache are shared: one C call at a time
         self._choice: tuple[tuple[object, ...], bool] = ((), False)  # `chooses`: (step kind, native?)
-        self._c_step = lib.mx_decode_step
         self._c_model_ref, self._c_bufs_ref = ctypes.byref(self.c_model), ctypes.byref(self.bufs)
         self.handle = register_decoder(self)
         # 2 MiB pages for the weights, collapsed in the background: ~3 s per GB of weights, which
@@ -219,6 +218,18 @@ class NativeDecoder:
 
     def _collapse(self, tensors: list[torch.Tensor]) -> None:
         self.huge_pages = huge_pages(tensors)
+
+    @property
+    def lib(self) -> ctypes.CDLL:
+        """The kernels' library. Assigning another one (an in-process A/B of `decode.c` variants:
+        benchmarks/kernels_ab.py) rebinds the batch-1 step's C function too, which `run` keeps bound
+        rather than looking it up per token."""
+        return self._lib
+
+    @lib.setter
+    def lib(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._c_step = lib.mx_decode_step
 
     def wait_huge_pages(self) -> int:
         """Wait until the weights' pages are collapsed (`huge_pages`); how many ranges were."""
