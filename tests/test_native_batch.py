@@ -361,3 +361,23 @@ def test_long_chunk_through_the_panels_equals_short_chunks(quant):
     median, worst = (1e-5, 5e-3) if quant is None else (1e-2, 3e-2)  # bf16: the same roundings, other sums
     assert err.median() <= median and err.max() <= worst, (err.median(), err.max())
     assert (got[160].argmax(-1) == got[16].argmax(-1)).float().mean() >= 0.97
+
+
+def test_int8_batched_step_of_a_bf16_model_is_close_to_single_runs():
+    """int8 weights in a bf16 model: a batched step's few-token products convert the int8 rows to bf16
+    in registers (exact) and round the activations to bf16 (`gemm_rows_i8_bf16`); the batch-1 steps
+    keep float32 activations. They agree to that rounding."""
+    if not native.fast(torch.bfloat16):
+        pytest.skip("no AVX512-BF16")
+    model = _model().to(torch.bfloat16)
+    prepare_for_inference(model, quant="int8")
+    runners = {how: _runner(model, 6) for how in ("native", "single")}
+    prompts = [list(range(3, 3 + n)) for n in (1, 4, 7, 2, 9, 3)]
+    toks = {how: _prefill(r, prompts) for how, r in runners.items()}
+    assert toks["native"] == toks["single"]
+    starts = [len(p) for p in prompts]
+    a, _ = _decode(runners["native"], toks["native"], starts, "native")
+    b, _ = _decode(runners["single"], toks["single"], starts, "single")
+    err = (a.float() - b.float()).abs().amax(-1) / b.float().abs().amax(-1)
+    assert err.max() <= 3e-2, err
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 5 / 6

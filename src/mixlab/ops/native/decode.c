@@ -956,6 +956,57 @@ __attribute__((noinline)) static int64_t gemm_panels(mat m, const float* X, cons
 }
 #endif
 
+#if defined(__AVX512BF16__)
+/* int8 rows against Q = 1..8 bf16 activation vectors (a bf16 model's engine step, `mat.act16`): 32
+   weights converted to bf16 in registers (exact: |code| <= 127) and multiplied by each vector with
+   `vdpbf16ps`, where the float32 loop converts and multiplies 16 at a time against float32
+   activations (4 loads per 16 weights at 4 tokens). out[q] = w . x_q (unscaled). */
+#define MX_ROWI8(Q)                                                                                            \
+    static void rowi8x##Q##_bf16(const int8_t* w, const uint16_t* x, int64_t K, float* out) {                 \
+        __m512 a[Q];                                                                                           \
+        for (int q = 0; q < Q; q++) a[q] = _mm512_setzero_ps();                                                \
+        for (int64_t k = 0; k < K; k += 32) {                                                                  \
+            _mm_prefetch((const char*)(w + k) + MX_ROWS_PF, _MM_HINT_T0);                                      \
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(const void*)(w + k));                        \
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));             \
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));        \
+            const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);                                                   \
+            for (int q = 0; q < Q; q++) a[q] = _mm512_dpbf16_ps(a[q], wv, MX_BF(x + q * K + k));             \
+        }                                                                                                      \
+        for (int q = 0; q < Q; q++) out[q] = _mm512_reduce_add_ps(a[q]);                                       \
+    }
+MX_ROWI8(1)
+MX_ROWI8(2)
+MX_ROWI8(3)
+MX_ROWI8(4)
+MX_ROWI8(5)
+MX_ROWI8(6)
+MX_ROWI8(7)
+MX_ROWI8(8)
+typedef void (*rowi8_fn)(const int8_t*, const uint16_t*, int64_t, float*);
+static const rowi8_fn ROWI8[9] = {0, rowi8x1_bf16, rowi8x2_bf16, rowi8x3_bf16, rowi8x4_bf16,
+                                  rowi8x5_bf16, rowi8x6_bf16, rowi8x7_bf16, rowi8x8_bf16};
+
+/* Rows [r0, r1) of int8 matrix m (K % 32 == 0) against M tokens, the activations rounded to bf16:
+   returns r1, or r0 when no buffer could be had. */
+__attribute__((noinline)) static int64_t gemm_rows_i8_bf16(mat m, const float* X, int64_t M, float* Y, int64_t ldy,
+                                                           int64_t r0, int64_t r1) {
+    const int64_t K = m.K;
+    uint16_t* xb = thread_buf(1, M * K);
+    if (!xb) return r0;
+    round_to_bf16(X, xb, M * K);
+    for (int64_t r = r0; r < r1; r++) {
+        float out[8];
+        for (int64_t j = 0; j < M; j += 8) {
+            const int Q = M - j < 8 ? (int)(M - j) : 8;
+            ROWI8[Q]((const int8_t*)m.w + r * K, xb + j * K, K, out);
+            for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r] = out[q] * m.scale[r];
+        }
+    }
+    return r1;
+}
+#endif
+
 /* `gemm_rows` for what the packed panels do not take (all of it, but for many bf16 tokens). */
 static void gemm_rows_few(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
                           int64_t r1) {
@@ -1052,6 +1103,8 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
     if ((m.wt == MX_BF16 || is_q4a8(m.wt) || (m.wt == MX_I8 && m.act16)) && M >= big_min_tokens(m.K) &&
         (m.K & 31) == 0) /* many tokens */
         r0 = gemm_panels(m, X, XB, M, Y, ldy, r0, r1);
+    if (m.wt == MX_I8 && m.act16 && M >= 2 && (m.K & 31) == 0) /* a bf16 model's few tokens: int8 as bf16 */
+        r0 = gemm_rows_i8_bf16(m, X, M, Y, ldy, r0, r1);
 #endif
     gemm_rows_few(m, X, XB, M, Y, ldy, r0, r1);
 }
