@@ -37,10 +37,10 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from mixlab.atomic import OutputError, atomic_file, check_destination
 from mixlab.cache import KVCache
 from mixlab.cli.benchmark import (
     _dense_bytes_per_layer,
@@ -172,12 +172,10 @@ def _plot_decode(points: list[tuple[int, float, float, float]], bandwidth: float
     ax.margins(y=0.15)  # room for the lowest point's label
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = Path(args.plot)
-    tmp = png.with_name(png.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_file(args.plot) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
-    print(f"wrote {png}")
+    print(f"wrote {args.plot}")
 
 
 def batch1_section(model: Transformer, args: argparse.Namespace) -> None:
@@ -417,6 +415,11 @@ def main() -> None:
     ap.add_argument("--mixed-steps", default="native", choices=["native", "torch", "both"],
                     help="arrivals and long prompt: steps with a prompt chunk natively, on the PyTorch pass, or both")
     args = ap.parse_args()
+    if args.plot:  # refused now, not after minutes of measuring
+        try:
+            check_destination(args.plot, kind="file")
+        except OutputError as e:
+            raise SystemExit(f"--plot: {e}") from None
     PROMPT = args.prompt
     torch.set_num_threads(args.threads)
     print(f"# benchmarks/engine.py: {args.preset} {args.dtype}, {args.threads} threads, torch {torch.__version__}, "

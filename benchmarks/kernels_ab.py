@@ -132,6 +132,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", type=float, default=58.0, help="GB/s between the slow and fast memory states")
     args = ap.parse_args()
+    if args.rounds < 1 or args.steps < 1 or args.threads < 1:
+        raise SystemExit(f"--rounds, --steps and --threads must be >= 1, not {args.rounds}, {args.steps}, "
+                         f"{args.threads}")
     torch.set_num_threads(args.threads)
     if native.load() is None or native.compiler() is None:
         raise SystemExit("native kernels unavailable (MIXLAB_NATIVE=0 or no C compiler)")
@@ -143,8 +146,13 @@ def main() -> None:
                 raise SystemExit(f"invalid variant {spec!r}: expected NAME=path/to/decode.c (an existing file)")
             out = Path(tmp) / f"{name}.so"
             cmd = [native.compiler(), *native.FLAGS, f"-I{native.HERE}", path, "-o", str(out), "-lm"]
-            subprocess.run(cmd, check=True)
-            libs[name] = native.load_library(out)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"variant {name}: {path} does not compile:\n{proc.stderr.strip()[-2000:]}")
+            try:
+                libs[name] = native.load_library(out)
+            except native.NativeABIError as e:
+                raise SystemExit(f"variant {name}: {e}") from None
     g = torch.Generator().manual_seed(0)
     cases = kernel_cases([c for c in args.cases.split(",") if c], g)
     batches = [int(b) for b in args.engine.split(",") if b]

@@ -47,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mixlab.atomic import OutputError, atomic_file, check_destination, write_text  # noqa: E402
 from mixlab.checkpoint import save_model  # noqa: E402
 from mixlab.checkpoint.gguf import write_gguf  # noqa: E402
 from mixlab.cli.benchmark import _dense_bytes_per_layer, _expert_bytes, bandwidth_probe, measure_limits  # noqa: E402
@@ -294,10 +295,9 @@ def plot(report: dict[str, Any], png: Path) -> None:
                  f"per request, {report['requests_per_client']} requests per client (memory bandwidth before / after: "
                  f"{bws} GB/s)", fontsize=10)
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 def llama_server_version(path: str) -> str:
@@ -352,6 +352,12 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None,
                     help="keep the checkpoint and GGUF here and reuse them in later runs (default: a temporary folder)")
     args = ap.parse_args()
+    for flag, dst in (("--json", args.json), ("--plot", args.plot)):  # refused now, not after the run
+        if dst:
+            try:
+                check_destination(dst, kind="file")
+            except OutputError as e:
+                raise SystemExit(f"{flag}: {e}") from None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
     torch.set_num_threads(args.threads)
@@ -418,7 +424,7 @@ def main() -> None:
               "bandwidth_GBs": [b / 1e9 for b in bws], "peers": peers, "versions": versions,
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
     if args.plot:
         plot(report, Path(args.plot))
         log(f"wrote {args.plot}")

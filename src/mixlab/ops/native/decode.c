@@ -712,7 +712,7 @@ static void tile4_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, int64_t
 
 /* A weight matrix as the kernels see it: its type, data, per-row scales (int8 only), row length;
    `act16`: its activations may be rounded to bf16 (a bf16 model's engine step: int8 weights then
-   take the packed panels for many tokens, `gemm_panels`). */
+   run as bf16, `gemm_panels` for many tokens and `gemm_rows_i8_bf16` for a few). */
 typedef struct {
     int wt;
     const void* w;
@@ -809,18 +809,6 @@ static inline void transpose16_epi32(__m512i r[16]) {
     }
 }
 
-/* This thread's panel buffer, for rows of up to K elements (grown as needed, kept for its lifetime). */
-static uint16_t* big_panel(int64_t K) {
-    static _Thread_local uint16_t* buf = 0;
-    static _Thread_local int64_t cap = 0;
-    if (K > cap) {
-        free(buf);
-        buf = (uint16_t*)aligned_alloc(64, (size_t)K * 64);
-        cap = buf ? K : 0;
-    }
-    return buf;
-}
-
 /* P[(k / 2) * 64 + 2 * i + (k & 1)] = w[i * K + k] for rows i < 32 (row length K, K % 32 == 0). */
 static void pack32_bf16(const uint16_t* w, int64_t K, uint16_t* P) {
     for (int64_t k = 0; k < K; k += 32)
@@ -872,13 +860,12 @@ static const panel_fn PANEL32[MX_BIG_Q + 1] = {
     0, panel32x1_bf16, panel32x2_bf16, panel32x3_bf16, panel32x4_bf16, panel32x5_bf16, panel32x6_bf16,
     panel32x7_bf16, panel32x8_bf16, panel32x9_bf16, panel32x10_bf16, panel32x11_bf16, panel32x12_bf16};
 
-/* Rows [r0, r1) of bf16 matrix m against M tokens (XB), 32 rows at a time: returns the first row
-   not done (the last < 32 rows, or all of them when no panel buffer could be had). */
-/* A grown-as-needed per-thread buffer of n uint16 (slot 0: int4 rows dequantised to bf16, slot 1: the
-   activations rounded to bf16), or null when memory runs out. */
+/* A grown-as-needed per-thread buffer of n uint16 (kept for the thread's lifetime), or null when
+   memory runs out. Slots: 0 the packed panel, 1 int4/int8 rows dequantised to bf16, 2 the
+   activations rounded to bf16. */
 static uint16_t* thread_buf(int slot, int64_t n) {
-    static _Thread_local uint16_t* buf[2] = {0, 0};
-    static _Thread_local int64_t cap[2] = {0, 0};
+    static _Thread_local uint16_t* buf[3] = {0, 0, 0};
+    static _Thread_local int64_t cap[3] = {0, 0, 0};
     if (n > cap[slot]) {
         free(buf[slot]);
         buf[slot] = (uint16_t*)aligned_alloc(64, (size_t)((n + 31) & ~(int64_t)31) * 2);
@@ -918,15 +905,16 @@ static void dequant32_i8_bf16(const int8_t* w, const float* s, int64_t K, uint16
    `act16`) against M tokens, 32 rows at a time: returns the first row not done (the last < 32 rows,
    or all of them when no buffer could be had). int4 and int8 panels are dequantised to bf16
    (rounded) and multiplied by the activations rounded to bf16 (X; for int4 as fine as the int8
-   rounding of `quant_a8` or finer; for int8 the products a bf16 model's prompt gets): the engine's 512-token prefill step of int4 mini-moe
-   714 -> 308 ms (0.43x; in-process A/B, `benchmarks/kernels_ab.py --prefill --quant int4`). */
+   rounding of `quant_a8` or finer; for int8 the products a bf16 model's prompt gets): the engine's
+   512-token prefill step of int4 mini-moe 714 -> 308 ms (0.43x; in-process A/B,
+   `benchmarks/kernels_ab.py --prefill --quant int4`). */
 __attribute__((noinline)) static int64_t gemm_panels(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y,
                                                      int64_t ldy, int64_t r0, int64_t r1) {
     const int64_t K = m.K, q4 = is_q4a8(m.wt), q8 = m.wt == MX_I8, row_bytes = q4 ? K / 2 : q8 ? K : 2 * K;
-    uint16_t* P = big_panel(K);
-    uint16_t* W = q4 || q8 ? thread_buf(0, 32 * K) : 0;
+    uint16_t* P = thread_buf(0, 32 * K);
+    uint16_t* W = q4 || q8 ? thread_buf(1, 32 * K) : 0;
     if (q4 || q8) {
-        uint16_t* xb = thread_buf(1, M * K);
+        uint16_t* xb = thread_buf(2, M * K);
         if (xb) round_to_bf16(X, xb, M * K);
         XB = xb;
     }
@@ -992,7 +980,7 @@ static const rowi8_fn ROWI8[9] = {0, rowi8x1_bf16, rowi8x2_bf16, rowi8x3_bf16, r
 __attribute__((noinline)) static int64_t gemm_rows_i8_bf16(mat m, const float* X, int64_t M, float* Y, int64_t ldy,
                                                            int64_t r0, int64_t r1) {
     const int64_t K = m.K;
-    uint16_t* xb = thread_buf(1, M * K);
+    uint16_t* xb = thread_buf(2, M * K);
     if (!xb) return r0;
     round_to_bf16(X, xb, M * K);
     for (int64_t r = r0; r < r1; r++) {
