@@ -13,7 +13,8 @@ import torch
 
 from mixlab.cache import KVCache
 from mixlab.config import MoEConfig, get_preset
-from mixlab.generate import decode_step, generate, prefill
+from mixlab.errors import GenerationError
+from mixlab.generate import decode_step, generate, greedy_step, prefill
 from mixlab.model import Transformer
 from mixlab.model.inference import prepare_for_inference
 from mixlab.ops import native
@@ -242,8 +243,8 @@ def test_generate_takes_the_native_path_and_agrees_with_pytorch():
     reference = copy.deepcopy(model)
     prepare_for_inference(model)
     calls = []
-    step = model.native_decoder.step_experts
-    model.native_decoder.step_experts = lambda *a: calls.append(1) or step(*a)
+    step = model.native_decoder.step_top
+    model.native_decoder.step_top = lambda *a: calls.append(1) or step(*a)
     prompt = torch.randint(3, 256, (7,)).tolist()
     experts, ref_experts = [], []
     got = generate(model, [prompt], max_new_tokens=12, stop_at_eos=False, experts_out=experts)
@@ -251,6 +252,32 @@ def test_generate_takes_the_native_path_and_agrees_with_pytorch():
     assert len(calls) == 11  # every step after the prefill
     assert got == ref
     assert torch.equal(experts[0], ref_experts[0])
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_greedy_step_equals_decode_step_and_argmax(prepared):
+    """`greedy_step` (the native step's own argmax when prepared) gives the tokens `decode_step` plus
+    an argmax gives, and refuses NaN logits as the samplers do."""
+    model = _model()
+    reference = copy.deepcopy(model)
+    if prepared:
+        prepare_for_inference(model)
+        assert model.native_decoder is not None
+    prompt = torch.randint(3, 256, (1, 6))
+    caches = [KVCache(m.config, batch_size=1, max_len=20) for m in (model, reference)]
+    with torch.inference_mode():
+        for m, cache in zip((model, reference), caches, strict=True):
+            prefill(m, prompt, torch.arange(6)[None], cache, chunk=6)
+        tok = ref = 7
+        for t in range(6, 16):
+            tok = greedy_step(model, tok, t, caches[0])
+            logits, _ = decode_step(reference, torch.tensor([[ref]]), torch.tensor([[t]]), caches[1])
+            ref = int(logits.argmax())
+            assert tok == ref
+        with torch.no_grad():
+            model.output.weight[3] = float("nan")
+        with pytest.raises(GenerationError, match="NaN"):
+            greedy_step(model, tok, 16, caches[0])
 
 
 def test_batches_fall_back_to_pytorch():
@@ -393,24 +420,24 @@ def _compile_stub(tmp_path, source: str):
 def test_a_library_of_another_abi_version_is_refused(tmp_path):
     """decode.c itself, built with a different MX_ABI_VERSION: refused with a message, never called."""
     out = native.compile_library(native.compiler(), tmp_path / "old.so", defines=("MX_ABI_VERSION=1",))
-    with pytest.raises(native.NativeABIError, match=r"ABI version 1, but this mixlab expects 4; rebuild"):
+    with pytest.raises(native.NativeABIError, match=r"ABI version 1, but this mixlab expects 5; rebuild"):
         native.load_library(out)
 
 
-_ENTRY = "long long mx_sizeof(int w) { long long s[] = {104, 144, 112, 176, 256}; return s[w]; }\n"
+_ENTRY = "long long mx_sizeof(int w) { long long s[] = {104, 144, 120, 176, 264}; return s[w]; }\n"
 _SIMD = "int mx_simd(void) { return 0; }\nint mx_cpu_features(void) { return 0; }\n"
 
 
 @pytest.mark.parametrize(("source", "message"), [
     ("int mx_gemv(void) { return 0; }", r"no mx_abi_version; a library from an older decode.c"),
-    ("int mx_abi_version(void) { return 4; }\n" + _ENTRY, r"ABI 4 but an entry point is missing"),
-    ("int mx_abi_version(void) { return 4; }\nint mx_simd(void) { return 3; }\nint mx_cpu_features(void) "
+    ("int mx_abi_version(void) { return 5; }\n" + _ENTRY, r"ABI 5 but an entry point is missing"),
+    ("int mx_abi_version(void) { return 5; }\nint mx_simd(void) { return 3; }\nint mx_cpu_features(void) "
      "{ return 1; }\nlong long mx_sizeof(int w) { return 0; }\nlong long mx_offsetof(int w, int f) { return -1; }",
      r"built with SIMD bits 3 but this CPU has 1"),
-    ("int mx_abi_version(void) { return 4; }\n" + _SIMD + "long long mx_sizeof(int w) { return w == 0 ? 96 : 0; }"
+    ("int mx_abi_version(void) { return 5; }\n" + _SIMD + "long long mx_sizeof(int w) { return w == 0 ? 96 : 0; }"
      "\nlong long mx_offsetof(int w, int f) { return -1; }", r"structure Layer is 96 bytes in the native library "
      r"but 104 in Python"),
-    ("int mx_abi_version(void) { return 4; }\n" + _SIMD + _ENTRY + "long long mx_offsetof(int w, int f) "
+    ("int mx_abi_version(void) { return 5; }\n" + _SIMD + _ENTRY + "long long mx_offsetof(int w, int f) "
      "{ return f < 13 ? (f == 3 ? 999 : f * 8) : -1; }",
      r"structure Layer field 3 \(wo\) is at offset 999 in the native library but 24 in Python"),
 ])
@@ -423,7 +450,7 @@ def test_struct_sizes_agree_with_the_library():
     lib = native.library()
     assert lib is not None
     sizes = [ctypes.sizeof(s) for s in native.STRUCTS]
-    assert [lib.mx_sizeof(i) for i in range(5)] == sizes == [104, 144, 112, 176, 256]
+    assert [lib.mx_sizeof(i) for i in range(5)] == sizes == [104, 144, 120, 176, 264]
     assert lib.mx_offsetof(1, 10) == native.Model.eps.offset == 80 and lib.mx_offsetof(0, 13) == -1
 
 

@@ -65,10 +65,19 @@ def _decode(runner: Runner, tokens: list[int], starts: list[int], how: str) -> t
         out = runner._batched(items)
     else:  # each sequence alone: the batch-1 step (native mx_decode_step when available)
         out = [runner.forward([it])[0] for it in items]
+    _check_argmax(out, native=how != "torch")
     logits = torch.cat([r.logits_TV for r in out if r.logits_TV is not None])
     found = [r.experts_LK for r in out if r.experts_LK is not None]
     experts = torch.stack(found) if found else None
     return logits, experts
+
+
+def _check_argmax(out: list[Result], native: bool) -> None:
+    """Each result's greedy token, which the native steps compute in C as they write the logits,
+    is the first index of its last row's largest logit (NumPy's and PyTorch's argmax)."""
+    for r in out:
+        if r.logits_TV is not None and (native or r.argmax is not None):
+            assert r.argmax == int(r.logits_TV[-1].numpy().argmax())
 
 
 def _compare(model: Transformer, B: int, steps: int, lengths: list[int] | None = None, atol: float = 1e-4,
@@ -201,6 +210,44 @@ def test_decoder_copy_refused_and_model_unchanged():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("case", ["all equal", "tie in one thread's rows", "tie across threads", "nan"])
+def test_greedy_token_from_c_breaks_ties_and_refuses_nan(case):
+    """The greedy token the native steps (batch 1 and batched) find as their threads write the
+    logits: the first index of the largest logit, also when the tied logits are in different
+    threads' rows; none for a row holding NaN (the engine then reports it from the logits)."""
+    model = _model()
+    with torch.no_grad():
+        w = model.output.weight  # [128, D]: two threads write rows 0-63 and 64-127
+        if case == "all equal":
+            w[:] = w[5]
+        elif case == "tie in one thread's rows":  # the largest of +/- 10 w[5] . h is in 70/90 or 80/100
+            w[70], w[90], w[80], w[100] = 10 * w[5], 10 * w[5], -10 * w[5], -10 * w[5]
+        elif case == "tie across threads":
+            w[40], w[110], w[41], w[111] = 10 * w[5], 10 * w[5], -10 * w[5], -10 * w[5]
+        else:
+            w[77] = float("nan")
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = _runner(model, 3)
+        prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+        nxt = _prefill(runner, prompts)
+        items = [Item(s, [t], len(p)) for s, (t, p) in enumerate(zip(nxt, prompts, strict=True))]
+        batched = runner._native_batch(items)
+        assert batched is not None
+        single = [runner.forward([it])[0] for it in items]
+    finally:
+        torch.set_num_threads(old)
+    for res in batched + single:
+        assert res.logits_TV is not None
+        if case == "nan":
+            assert res.argmax is None
+            continue
+        assert res.argmax == int(res.logits_TV[-1].numpy().argmax())
+        assert res.argmax in {"all equal": (0,), "tie in one thread's rows": (70, 80),
+                              "tie across threads": (40, 41)}[case]
+
+
 # ---- mixed steps: decoding tokens next to prompt chunks ----
 
 def _token_by_token(runner: Runner, it: Item) -> Result:
@@ -261,6 +308,8 @@ def _mixed(model: Transformer, B: int, steps: int, *, seed: int = 0, lengths: li
             else:
                 out = [_token_by_token(runner, it) for it in items]
             got[how] = out
+            if how == "native":
+                _check_argmax(out, native=True)
             for (s, n, mode, _), res in zip(spec, out, strict=True):
                 if (n == 0 or done[s] + n == len(prompts[s])):
                     assert res.logits_TV is not None

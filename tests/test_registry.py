@@ -71,8 +71,8 @@ def test_generate_loads_the_kernels_without_a_preparation_call(monkeypatch, tmp_
     dec = native_decoding.shared_decoder(loaded)
     assert dec is not None and loaded.native_decoder is None  # the model itself was not prepared
     steps: list[int] = []
-    real_run = dec.run
-    monkeypatch.setattr(dec, "run", lambda *a, **k: steps.append(1) or real_run(*a, **k))
+    real_run = dec._run
+    monkeypatch.setattr(dec, "_run", lambda *a, **k: steps.append(1) or real_run(*a, **k))
     assert generate(loaded, [prompt], max_new_tokens=4) == out
     assert len(steps) == 3  # the 3 tokens after the prefill's, one native call each
     # preparing the model in place drops that decoder (it would keep the unconverted weights alive)

@@ -43,8 +43,7 @@ import torch
 
 from mixlab.cache import KVCache
 from mixlab.config import ModelConfig, get_preset
-from mixlab.engine.sampling import greedy_token
-from mixlab.generate import decode_step
+from mixlab.generate import decode_step, greedy_step
 from mixlab.model import MoEBlock, Transformer
 from mixlab.model.inference import prepare_for_inference
 from mixlab.ops import native
@@ -217,15 +216,16 @@ class MixlabPeer(Peer):
         self.cache = KVCache(self.cfg, batch_size=B, max_len=P + steps, dtype=self.dtype, prefill_chunk=P)
         with torch.inference_mode():
             self.next_B1 = self._last_logits(prompt_BT, self.cache).argmax(-1, keepdim=True)
+        self.next = int(self.next_B1[0, 0])
 
-    def decode(self) -> None:  # through generate's seam: native kernels at batch 1 when prepared
+    def decode(self) -> None:
         with torch.inference_mode():
+            if self.next_B1.shape[0] == 1:  # a greedy decoding loop's step: native kernels when prepared
+                self.next = greedy_step(self.model, self.next, self.cache.t, self.cache)
+                return
             positions_B1 = torch.full_like(self.next_B1, self.cache.t)
             logits_BV, _ = decode_step(self.model, self.next_B1, positions_B1, self.cache)
-            if logits_BV.shape[0] == 1:  # as `generate` picks a greedy token (NumPy: ~10x cheaper)
-                self.next_B1.fill_(greedy_token(logits_BV))  # the peer's own [1, 1] tensor (a new one: ~17 us cold)
-            else:
-                self.next_B1 = logits_BV.argmax(-1, keepdim=True)
+            self.next_B1 = logits_BV.argmax(-1, keepdim=True)
 
     def moe_layer(self, x_BTD: torch.Tensor) -> object:
         block = self.model.layers[0].ffn

@@ -217,10 +217,10 @@ class Runner:
                                 self.pos_SC[s : s + 1], max_len=self.max_len)
             self._views[it.slot] = view
         view.t = it.start
-        logits_1V, chosen_LK = dec.step_experts(it.tokens[0], it.start, view)
+        logits_1V, chosen_LK, top = dec.step_top(it.tokens[0], it.start, view)
         if self.model.config.moe is not None:
             self.record_experts(chosen_LK[:, None])
-        return Result(logits_1V if it.logits != "none" else None, chosen_LK.long() if it.experts else None)
+        return Result(logits_1V if it.logits != "none" else None, chosen_LK.long() if it.experts else None, top)
 
     def _native_batch(self, items: list[Item]) -> list[Result] | None:
         """A step (decoding tokens and prompt chunks) in one native call over the slot pool, when the
@@ -252,13 +252,13 @@ class Runner:
             logits_RV, chosen_LTK = torch.ops.mixlab.decode_batch(
                 dec.handle, torch.tensor(tokens), torch.tensor(pos), torch.tensor(seq),
                 torch.tensor(rows, dtype=torch.long), self.pos_SC, self.k, self.v)
+            tops = row_argmax(logits_RV)
         else:  # eager: call C directly (the operator's dispatch costs ~0.1 ms a step)
             logits_RV = torch.empty(len(rows), dec.vocab_size, dtype=torch.float32)
             chosen_LTK = torch.empty(dec.n_layers, len(tokens), dec.top_k, dtype=torch.int32)
-            dec.batch(tokens, pos, seq, rows, self.pos_SC, self.k, self.v, logits_RV, chosen_LTK)
+            tops = dec.batch(tokens, pos, seq, rows, self.pos_SC, self.k, self.v, logits_RV, chosen_LTK)
         if self.model.config.moe is not None:
             self.record_experts(chosen_LTK)
-        tops = row_argmax(logits_RV)
         return [Result(logits_RV[span[0] : span[1]] if span is not None else None,
                        chosen_LTK[:, t].long() if it.experts and self.model.config.moe is not None else None,
                        tops[span[1] - 1] if span is not None else None)

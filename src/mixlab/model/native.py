@@ -187,13 +187,14 @@ class NativeDecoder:
             ctypes.addressof(self.layers),
         )
         self.chosen = buf(cfg.n_layers * K, torch.int32).view(cfg.n_layers, K)
+        self._top = ctypes.c_int64(-1)  # the step's argmax (`known_argmax`)
         self._scores = buf(0)
         self.bufs = native.Buffers(
             *(buf(n).data_ptr() for n in (D, D, (H + 2 * G) * Hd, H * Hd)),
             0,  # scores: sized by the cache, set per step
             *(buf(n).data_ptr() for n in (D, max(K * 2 * F_, D), K * F_, K * D, cfg.n_layers * K)),
             *(buf(n, torch.int16).data_ptr() for n in (max(D, H * Hd), H * Hd, K * F_)),
-            self.chosen.data_ptr(),
+            self.chosen.data_ptr(), ctypes.addressof(self._top),
         )
         self.V, self.n_heads = cfg.vocab_size, H
         self._dims = (D, H, G, Hd, F_, K, cfg.n_layers)
@@ -243,9 +244,12 @@ class NativeDecoder:
     def accepts(self, tokens_B1: torch.Tensor, cache: KVCache) -> bool:
         """Whether this cache can take a native step: one sequence, a CPU cache of float32 or bf16.
         (Whether a native step runs at all is the registry's choice: `generate.decode_step`.)"""
+        return tokens_B1.shape == (1, 1) and self.accepts_cache(cache)
+
+    def accepts_cache(self, cache: KVCache) -> bool:
+        """`accepts` for the cache alone."""
         return (
-            tokens_B1.shape == (1, 1)
-            and cache.batch_size == 1
+            cache.batch_size == 1
             and cache.k[0].device.type == "cpu"
             and cache.k[0].dtype in (torch.float32, torch.bfloat16)
             and all(map(torch.Tensor.is_contiguous, cache.k))
@@ -282,11 +286,19 @@ class NativeDecoder:
             slot: int, n: int, logits_1V: torch.Tensor) -> torch.Tensor:
         """The C call of `torch.ops.mixlab.decode_step`: writes `logits_1V`; returns the experts each
         layer chose `[L, K]` (a copy: the next step overwrites the decoder's buffer). Thread-safe."""
+        return self._run(token, position, pos_BC, k, v, slot, n, logits_1V)[0]
+
+    def _run(self, token: int, position: int, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+             slot: int, n: int, logits_1V: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """`run`, also returning the logits' argmax from C (-1 when one is NaN). The experts are
+        written straight into a new tensor (a clone of a shared buffer costs more, cold)."""
+        chosen = torch.empty(self.n_layers, self.top_k, dtype=torch.int32)
         with self._lock:
             self._bind(pos_BC, k, v)
+            self.bufs.chosen = chosen.data_ptr()
             self._c_step(self._c_model_ref, self._c_bufs_ref, token, position, pos_BC.data_ptr(), pos_BC.shape[1],
                          slot, n, logits_1V.data_ptr(), torch.get_num_threads())
-            return self.chosen.clone()
+            return chosen, self._top.value
 
     def _batch_buffers(self, T: int, nt: int, C: int) -> None:
         """(Re)allocate the work buffers of `mx_decode_batch` for at least T tokens, nt threads and
@@ -328,9 +340,12 @@ class NativeDecoder:
         self.batch(tok, pos, seq, rows, pos_SC, k, v, logits_RV, chosen_LTK)
 
     def batch(self, tokens: list[int], positions: list[int], seqs: list[int], rows: list[int], pos_SC: torch.Tensor,
-              k: list[torch.Tensor], v: list[torch.Tensor], logits_RV: torch.Tensor, chosen_LTK: torch.Tensor) -> None:
+              k: list[torch.Tensor], v: list[torch.Tensor], logits_RV: torch.Tensor,
+              chosen_LTK: torch.Tensor) -> list[int | None]:
         """`run_batch` from Python lists (what the engine calls eagerly: checking a step's few
-        hundred integers in Python costs less than the tensor operations that would check them)."""
+        hundred integers in Python costs less than the tensor operations that would check them).
+        Returns each logit row's argmax, computed in C as the rows were written (the first index on
+        ties; None for a row holding NaN)."""
         T, R, (S, C) = len(tokens), len(rows), pos_SC.shape
         L = self.n_layers
         if T < 1 or len(positions) != T or len(seqs) != T:
@@ -368,6 +383,7 @@ class NativeDecoder:
             raise ValueError(f"decode_batch writes float32 logits [{R}, {self.V}] and int32 experts "
                              f"[{L}, {T}, {self.top_k}] (contiguous)")
         tok, pos, seq, rws = (torch.tensor(x, dtype=torch.int64) for x in (tokens, positions, seqs, rows))
+        top = torch.empty(R, dtype=torch.int64)
         nt = torch.get_num_threads()
         with self._lock:
             self._batch_buffers(T, nt, C)
@@ -379,9 +395,10 @@ class NativeDecoder:
             cb.cache_pos = pos_SC.data_ptr()
             cb.k_cache = ctypes.addressof(self._caches)
             cb.v_cache = ctypes.addressof(self._caches) + L * ctypes.sizeof(ctypes.c_void_p)
-            cb.logits, cb.chosen = logits_RV.data_ptr(), chosen_LTK.data_ptr()
+            cb.logits, cb.chosen, cb.top = logits_RV.data_ptr(), chosen_LTK.data_ptr(), top.data_ptr()
             self.c_model.ct = native.TYPE_CODES[k[0].dtype]
             self.lib.mx_decode_batch(ctypes.byref(self.c_model), ctypes.byref(cb), nt)
+        return [i if i >= 0 else None for i in top.tolist()]
 
     def step(self, token: torch.Tensor | int, position: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
         """Feed one token at `position`; return the next-token logits `[1, V]` (float32). The experts
@@ -392,6 +409,14 @@ class NativeDecoder:
     def step_experts(self, token: torch.Tensor | int, position: torch.Tensor | int,
                      cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """`step`, returning (logits `[1, V]`, this step's experts `[L, K]` int32)."""
+        return self.step_top(token, position, cache)[:2]
+
+    def step_top(self, token: torch.Tensor | int, position: torch.Tensor | int,
+                 cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """`step_experts`, also returning the greedy token: the logits' argmax (the first index on
+        ties, as NumPy's and PyTorch's), found by each thread over the logits it has just written
+        (None when one of them is NaN). Reading 32k logits again in Python, once the step has
+        streamed the weights through the CPU caches, costs ~45 us per token: ~2% of an int4 step."""
         if not torch.compiler.is_compiling():
             # Eager: call C directly. The operator's dispatch (`torch.library.custom_op` with mutated
             # arguments) costs more per call than everything else a step does in Python, ~0.3-0.7 ms
@@ -400,11 +425,11 @@ class NativeDecoder:
             if t + 1 > cache.capacity:
                 cache.slots(1)  # checks that the cache has room (and grows one made with `reserve`)
             logits_1V = torch.empty(1, self.V, dtype=torch.float32)
-            chosen_LK = self.run(int(token), int(position), cache.pos_BC, cache.k, cache.v, t % cache.capacity,
-                                 min(t + 1, cache.capacity), logits_1V)
+            chosen_LK, top = self._run(int(token), int(position), cache.pos_BC, cache.k, cache.v, t % cache.capacity,
+                                       min(t + 1, cache.capacity), logits_1V)
             cache.t = t + 1
             self.last_chosen = chosen_LK
-            return logits_1V, chosen_LK
+            return logits_1V, chosen_LK, top if top >= 0 else None
         cache.slots(1)  # checks that the cache has room (and grows one made with `reserve`)
         slot, n = cache.t % cache.capacity, cache.n_filled(1)
         logits_1V, chosen_LK = torch.ops.mixlab.decode_step(
@@ -412,7 +437,7 @@ class NativeDecoder:
             cache.k, cache.v, slot, n)
         cache.t += 1
         self.last_chosen = chosen_LK
-        return logits_1V, chosen_LK
+        return logits_1V, chosen_LK, None
 
 
 def attach(model: Transformer) -> bool:

@@ -42,7 +42,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32)).
@@ -100,7 +100,7 @@ class Buffers(ctypes.Structure):
     """mixlab.h's `mx_bufs`: the work buffers of one step."""
 
     _fields_ = [(name, _P) for name in (
-        "x", "h", "qkv", "att", "scores", "o", "g", "a", "y", "mix", "hb", "attb", "ab", "chosen")]
+        "x", "h", "qkv", "att", "scores", "o", "g", "a", "y", "mix", "hb", "attb", "ab", "chosen", "top")]
 
 
 class MoEArgs(ctypes.Structure):
@@ -118,7 +118,7 @@ class Batch(ctypes.Structure):
                 *[(name, _P) for name in (
                     "token", "pos", "seq", "rows", "cache_pos", "k_cache", "v_cache", "logits", "chosen", "x", "h", "o",
                     "qkv", "att", "rope", "scores", "mix", "hb", "attb", "idx", "xs", "g", "a", "ys", "xsb", "ab",
-                    "order", "inverse")]]
+                    "order", "inverse", "top")]]
 
 
 # mx_sizeof's structure numbers (mixlab.h MX_SIZEOF_*), in order.

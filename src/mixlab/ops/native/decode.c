@@ -1157,6 +1157,61 @@ static void my_rows(const team* tm, int64_t n, int64_t* lo, int64_t* hi) {
     *hi = *lo + per < n ? *lo + per : n;
 }
 
+/* The greedy token, taken where the logits are written: each thread finds the largest of the
+   logits it just wrote (still in its caches) and the caller combines the threads' answers, instead
+   of Python reading all V of them again once the step's weights have streamed through the caches
+   (NumPy's argmax ~45 us per token then, against a ~2.2-3 ms int4 step; BENCHMARKS.md issue 16). */
+typedef struct { float v; int64_t i; } top_t; /* i: first index of the largest v; -1 NaN; -2 empty */
+
+static top_t top_of(const float* x, int64_t n) {
+    if (n <= 0) return (top_t){0.f, -2};
+    float best;
+#if defined(__AVX512F__)
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, v);
+    }
+    best = _mm512_reduce_max_ps(mx);
+    for (; i < n; i++) {
+        if (x[i] != x[i]) nan = 1;
+        best = x[i] > best ? x[i] : best;
+    }
+    if (nan) return (top_t){NAN, -1};
+    const __m512 b = _mm512_set1_ps(best);
+    for (i = 0; i + 16 <= n; i += 16) {
+        const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), b, _CMP_EQ_OQ);
+        if (eq) return (top_t){best, i + __builtin_ctz(eq)};
+    }
+    for (; i < n; i++)
+        if (x[i] == best) return (top_t){best, i};
+#else
+    best = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (x[i] != x[i]) return (top_t){NAN, -1};
+        if (x[i] > best) best = x[i];
+    }
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] == best) return (top_t){best, i};
+#endif
+    return (top_t){best, 0}; /* not reached: best is one of x */
+}
+
+/* The threads' answers for consecutive ranges (each index already absolute), in range order. */
+static int64_t top_combine(const top_t* t, int n, int64_t stride) {
+    int64_t at = -2;
+    float best = 0.f;
+    for (int j = 0; j < n; j++) {
+        const top_t u = t[j * stride];
+        if (u.i == -1) return -1;
+        if (u.i >= 0 && (at < 0 || u.v > best)) at = u.i, best = u.v;
+    }
+    return at < 0 ? -1 : at;
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* Norm and router (vectorised: in the batch-1 step every thread computes them itself, see `priv`) */
 
@@ -1613,6 +1668,7 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
         cap = scratch ? need : 0;
         if (!scratch) { /* out of memory (a few hundred KB): no logits rather than wrong ones */
             for (int64_t i = 0; i < m->V; i++) logits[i] = NAN;
+            if (b->top) *b->top = -1;
             return;
         }
     }
@@ -1626,6 +1682,8 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
     for (int64_t i = 0; i < m->D; i++) b->x[i] = load_elem(m->embed, m->et, token * m->D + i);
     cache_pos[slot] = pos; /* before attention, which reads the token's own position from it */
     barrier_t bar = {0, 0};
+    top_t tops[nt < 1 ? 1 : nt];
+    int ran = 1;
 #pragma omp parallel num_threads(nt)
     {
         team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
@@ -1646,7 +1704,13 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
         if (is_q4a8(m->wt)) quant_a8(p.h, m->D, p.ha);
         const act h = {p.h, p.hb, &p.ha};
         act_rows(mout, h, logits, lo, hi, 0);
+        if (b->top) {
+            tops[tm.t] = top_of(logits + lo, hi - lo);
+            if (tops[tm.t].i >= 0) tops[tm.t].i += lo;
+        }
+        if (tm.t == 0) ran = tm.nt;
     }
+    if (b->top) *b->top = top_combine(tops, ran, 1);
 }
 
 /* Y [M, N] = X [M, K] @ W.T for a few rows (batched decoding): each weight row is read once for all
@@ -1905,6 +1969,11 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
     int64_t start[257]; /* E <= 256, checked by the caller */
     const int a16 = m->et == MX_BF16; /* a bf16 model: see `mat` */
     barrier_t bar = {0, 0};
+    /* each thread's argmax of its part of every logit row (`top_of`); none without memory */
+    top_t* tops = p->top && p->R ? (top_t*)malloc(sizeof(top_t) * (size_t)p->R * (size_t)(nt < 1 ? 1 : nt)) : 0;
+    if (p->top && p->R && !tops)
+        for (int64_t r = 0; r < p->R; r++) p->top[r] = -2;
+    int ran = 1;
 #pragma omp parallel num_threads(nt)
     {
         team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
@@ -2001,6 +2070,17 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         const mat mout = {m->wt, m->out, m->out_scale, D, a16};
         my_rows(&tm, m->V, &lo, &hi);
         gemm_rows(mout, h, hb, p->R, p->logits, m->V, lo, hi);
+        if (tops)
+            for (int64_t r = 0; r < p->R; r++) {
+                top_t u = top_of(p->logits + r * m->V + lo, hi - lo);
+                if (u.i >= 0) u.i += lo;
+                tops[r * nt + tm.t] = u;
+            }
+        if (tm.t == 0) ran = tm.nt;
+    }
+    if (tops) {
+        for (int64_t r = 0; r < p->R; r++) p->top[r] = top_combine(tops + r * nt, ran, 1);
+        free(tops);
     }
 }
 
@@ -2037,7 +2117,8 @@ static const int64_t off_model[] = {
 static const int64_t off_bufs[] = {
     MX_OFF(mx_bufs, x), MX_OFF(mx_bufs, h), MX_OFF(mx_bufs, qkv), MX_OFF(mx_bufs, att), MX_OFF(mx_bufs, scores),
     MX_OFF(mx_bufs, o), MX_OFF(mx_bufs, g), MX_OFF(mx_bufs, a), MX_OFF(mx_bufs, y), MX_OFF(mx_bufs, mix),
-    MX_OFF(mx_bufs, hb), MX_OFF(mx_bufs, attb), MX_OFF(mx_bufs, ab), MX_OFF(mx_bufs, chosen), -1};
+    MX_OFF(mx_bufs, hb), MX_OFF(mx_bufs, attb), MX_OFF(mx_bufs, ab), MX_OFF(mx_bufs, chosen), MX_OFF(mx_bufs, top),
+    -1};
 static const int64_t off_moe[] = {
     MX_OFF(mx_moe_args, T), MX_OFF(mx_moe_args, D), MX_OFF(mx_moe_args, F), MX_OFF(mx_moe_args, E),
     MX_OFF(mx_moe_args, K), MX_OFF(mx_moe_args, wt), MX_OFF(mx_moe_args, x), MX_OFF(mx_moe_args, idx),
@@ -2052,7 +2133,7 @@ static const int64_t off_batch[] = {
     MX_OFF(mx_batch, qkv), MX_OFF(mx_batch, att), MX_OFF(mx_batch, rope), MX_OFF(mx_batch, scores),
     MX_OFF(mx_batch, mix), MX_OFF(mx_batch, hb), MX_OFF(mx_batch, attb), MX_OFF(mx_batch, idx), MX_OFF(mx_batch, xs),
     MX_OFF(mx_batch, g), MX_OFF(mx_batch, a), MX_OFF(mx_batch, ys), MX_OFF(mx_batch, xsb), MX_OFF(mx_batch, ab),
-    MX_OFF(mx_batch, order), MX_OFF(mx_batch, inverse), -1};
+    MX_OFF(mx_batch, order), MX_OFF(mx_batch, inverse), MX_OFF(mx_batch, top), -1};
 
 int64_t mx_offsetof(int which, int field) {
     const int64_t* t = which == MX_SIZEOF_LAYER ? off_layer : which == MX_SIZEOF_MODEL ? off_model

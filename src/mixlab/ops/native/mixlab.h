@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 4
+#define MX_ABI_VERSION 5
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -85,6 +85,7 @@ typedef struct { /* work buffers, float32 unless noted (bf16 copies: the rounded
     float *x, *h, *qkv, *att, *scores, *o, *g, *a, *y, *mix; /* scores [H, C]; g [max(K 2F, D)]; mix [L, K] */
     uint16_t *hb, *attb, *ab;
     int32_t* chosen; /* [L, K]: the experts each layer chose */
+    int64_t* top;    /* [1] or NULL: the logits' argmax (first index on ties; -1 when one is NaN) */
 } mx_bufs;
 
 typedef struct { /* the experts of one MoE layer for T tokens (`mx_moe`); N = T * K (token, slot) pairs */
@@ -134,6 +135,7 @@ typedef struct { /* one engine step (`mx_decode_batch`): T tokens, rows of B seq
     float *xs, *g, *a, *ys; /* [N, D], [N, 2F], [N, F], [N, D] */
     uint16_t *xsb, *ab;    /* bf16: [N, D], [N, F] */
     int32_t *order, *inverse; /* [N] */
+    int64_t* top;          /* [R] or NULL: each logit row's argmax (first index on ties; -1 when one is NaN) */
 } mx_batch;
 
 /* Structures whose size `mx_sizeof` reports, in this order. */
