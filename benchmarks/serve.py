@@ -200,7 +200,7 @@ def engine_in_process(hf: Path, args: argparse.Namespace, log: Any, *, torch_mix
 
     log("starting the engine in-process (no HTTP)")
     model = prepare_for_inference(load_model(hf, dtype="bfloat16"))
-    engine = Engine(model, TOK, max_batch=max(args.clients))
+    engine = Engine(model, TOK, max_batch=max(args.clients), token_budget=args.token_budget)
     if torch_mixed:
         run = engine.runner._native_batch
         engine.runner._native_batch = (  # type: ignore[method-assign]
@@ -336,6 +336,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client per run")
     ap.add_argument("--repeats", type=int, default=3, help="runs per point (the median is reported)")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--token-budget", type=int, default=512,
+                    help="mixlab's tokens per engine step (mixlab serve's default 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")
@@ -352,6 +354,8 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None,
                     help="keep the checkpoint and GGUF here and reuse them in later runs (default: a temporary folder)")
     args = ap.parse_args()
+    if args.token_budget < 1:
+        raise SystemExit(f"--token-budget must be >= 1, not {args.token_budget}")
     for flag, dst in (("--json", args.json), ("--plot", args.plot)):  # refused now, not after the run
         if dst:
             try:
@@ -379,7 +383,8 @@ def main() -> None:
                 port = free_port()
                 cmd = ["env", f"PYTHONPATH={env['PYTHONPATH']}", sys.executable, "-m", "mixlab", "serve", "--model",
                        str(hf), "--port", str(port), "--dtype", "bfloat16", "--threads", str(args.threads),
-                       "--max-batch", str(max(args.clients)), "--served-model-name", "m", "--log-level", "warning"]
+                       "--max-batch", str(max(args.clients)), "--token-budget", str(args.token_budget),
+                       "--served-model-name", "m", "--log-level", "warning"]
                 stack.enter_context(server_process("mixlab serve", cmd, f"http://127.0.0.1:{port}", args, log))
                 targets.append(("mixlab serve", f"http://127.0.0.1:{port}", None))
             if args.engine:
