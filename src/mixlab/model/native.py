@@ -187,7 +187,7 @@ class NativeDecoder:
             ctypes.addressof(self.layers),
         )
         self.chosen = buf(cfg.n_layers * K, torch.int32).view(cfg.n_layers, K)
-        self._top = ctypes.c_int64(-1)  # the step's argmax (`known_argmax`)
+        self._top = ctypes.c_int64(-1)  # the step's argmax, written by C (`step_top`)
         self._scores = buf(0)
         self.bufs = native.Buffers(
             *(buf(n).data_ptr() for n in (D, D, (H + 2 * G) * Hd, H * Hd)),
@@ -205,7 +205,7 @@ class NativeDecoder:
         self.vocab_size, self.n_layers, self.top_k = cfg.vocab_size, cfg.n_layers, K
         self.weight = w_out  # the output matrix: what the registry reads the format and dtype off
         self._bound: tuple[int, ...] = ()  # the data pointers of the bound cache's buffers
-        self.last_chosen = self.chosen  # the experts of the last `step` (its own tensor under torch.compile)
+        self.last_chosen = self.chosen  # the experts of the last `step` (each step's own tensor)
         self._lock = threading.Lock()  # the work buffers and the bound cache are shared: one C call at a time
         self._choice: tuple[tuple[object, ...], bool] = ((), False)  # `chooses`: (step kind, native?)
         self._c_model_ref, self._c_bufs_ref = ctypes.byref(self.c_model), ctypes.byref(self.bufs)
@@ -285,7 +285,7 @@ class NativeDecoder:
     def run(self, token: int, position: int, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
             slot: int, n: int, logits_1V: torch.Tensor) -> torch.Tensor:
         """The C call of `torch.ops.mixlab.decode_step`: writes `logits_1V`; returns the experts each
-        layer chose `[L, K]` (a copy: the next step overwrites the decoder's buffer). Thread-safe."""
+        layer chose `[L, K]` (a tensor of this call's own). Thread-safe."""
         return self._run(token, position, pos_BC, k, v, slot, n, logits_1V)[0]
 
     def _run(self, token: int, position: int, pos_BC: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
