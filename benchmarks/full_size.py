@@ -161,6 +161,8 @@ def main() -> None:
             dt = time.perf_counter() - t0
             print(f"wrote {path} ({size / 1e9:.2f} GB) in {dt:.0f} s ({size / dt / 1e9:.2f} GB/s); "
                   f"writer peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB", flush=True)
+        with open(path, "rb") as f:  # every run starts cold, a reused file too (--keep)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         cmd = [sys.executable, __file__, "--decode-only", str(path), "--budget", args.budget, "--tokens",
                str(args.tokens), "--threads", str(args.threads), "--policy", args.policy]
         if args.no_prefetch:

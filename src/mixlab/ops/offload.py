@@ -23,7 +23,7 @@ experts being ready and the next layer asking for its own; when a read takes muc
 CPU (the copy out of the page cache) from the demand reads and the compute, so prefetch then only
 counts the guesses it skips (BENCHMARKS.md "Expert offloading": 22 MB experts read in ~18 ms
 against ~3 ms of compute per layer lost 10.4 -> 9.3 tokens/s; 99 MB Mixtral-sized experts read in
-~60 ms against ~65 ms gained 0.215 -> 0.295), and only while a read is long enough to be worth a
+~50-60 ms against 25-65 ms gained 12-37%), and only while a read is long enough to be worth a
 thread's hand-off (`MIN_PREFETCH_READ_S`). A guess still queued when its layer starts is dropped, and a guess never
 evicts an expert the previous token used (with a budget of about top-k experts per layer there is
 then no room to guess, and prefetch does nothing). Pinned slots (the experts of the layer computing now)
@@ -57,11 +57,13 @@ EWMA = 0.2  # weight of the newest sample in the running means of read time and 
 # ~0.1 ms from the page cache): a shorter read is cheaper done when needed.
 MIN_PREFETCH_READ_S = 5e-4
 # A guess is read only while a read takes at most this many times the compute between two layers:
-# a right guess then hides at least half of its read. Measured: a random Mixtral-8x7B-shaped Q4_0
-# file (99 MB experts, read 60-66 ms, layers 62-68 ms apart) decodes 0.215 -> 0.295 tokens/s reading
-# every guess; a random 1024-wide bf16 model (22 MB experts read in 17.6 ms, layers 3.1 ms apart)
-# loses 10.4 -> 9.3.
-MAX_READ_PER_WINDOW = 2.0
+# a right guess then hides at least a third of its read. Measured: a random Mixtral-8x7B-shaped
+# Q4_0 file (99 MB experts) decodes 0.215 -> 0.295 tokens/s reading every guess with reads of
+# 60-66 ms and layers 62-68 ms apart, and 0.314 -> 0.351 (half of the experts cached, cold file,
+# two runs each) with reads of 47-62 ms and layers 24-31 ms apart, where a gate at 2x read few
+# guesses (+1%); a random 1024-wide bf16 model (22 MB experts read in 17.6 ms, layers 3.1 ms apart,
+# 5.7x) loses 10.4 -> 9.3.
+MAX_READ_PER_WINDOW = 3.0
 KINDS = ("plain", "int8", "int4")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
