@@ -1201,11 +1201,11 @@ static top_t top_of(const float* x, int64_t n) {
 }
 
 /* The threads' answers for consecutive ranges (each index already absolute), in range order. */
-static int64_t top_combine(const top_t* t, int n, int64_t stride) {
+static int64_t top_combine(const top_t* t, int n) {
     int64_t at = -2;
     float best = 0.f;
     for (int j = 0; j < n; j++) {
-        const top_t u = t[j * stride];
+        const top_t u = t[j];
         if (u.i == -1) return -1;
         if (u.i >= 0 && (at < 0 || u.v > best)) at = u.i, best = u.v;
     }
@@ -1710,7 +1710,7 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
         }
         if (tm.t == 0) ran = tm.nt;
     }
-    if (b->top) *b->top = top_combine(tops, ran, 1);
+    if (b->top) *b->top = top_combine(tops, ran);
 }
 
 /* Y [M, N] = X [M, K] @ W.T for a few rows (batched decoding): each weight row is read once for all
@@ -2079,7 +2079,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         if (tm.t == 0) ran = tm.nt;
     }
     if (tops) {
-        for (int64_t r = 0; r < p->R; r++) p->top[r] = top_combine(tops + r * nt, ran, 1);
+        for (int64_t r = 0; r < p->R; r++) p->top[r] = top_combine(tops + r * nt, ran);
         free(tops);
     }
 }
