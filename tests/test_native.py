@@ -278,6 +278,10 @@ def test_greedy_step_equals_decode_step_and_argmax(prepared):
             model.output.weight[3] = float("nan")
         with pytest.raises(GenerationError, match="NaN"):
             greedy_step(model, tok, 16, caches[0])
+        if prepared:  # out-of-range ids are refused before C reads the embedding
+            for bad_tok, bad_pos in ((-1, 16), (256, 16), (3, -2)):
+                with pytest.raises(ValueError, match=r"token in \[0, 256\) and a position >= 0"):
+                    greedy_step(model, bad_tok, bad_pos, caches[0])
 
 
 def test_batches_fall_back_to_pytorch():

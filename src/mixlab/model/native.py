@@ -186,7 +186,6 @@ class NativeDecoder:
             ptr(inv_freq), ptr(emb), f32(model.norm.weight), ptr(w_out), scales(w_out, s_out),
             ctypes.addressof(self.layers),
         )
-        self.chosen = buf(cfg.n_layers * K, torch.int32).view(cfg.n_layers, K)
         self._top = ctypes.c_int64(-1)  # the step's argmax, written by C (`step_top`)
         self._scores = buf(0)
         self.bufs = native.Buffers(
@@ -194,7 +193,8 @@ class NativeDecoder:
             0,  # scores: sized by the cache, set per step
             *(buf(n).data_ptr() for n in (D, max(K * 2 * F_, D), K * F_, K * D, cfg.n_layers * K)),
             *(buf(n, torch.int16).data_ptr() for n in (max(D, H * Hd), H * Hd, K * F_)),
-            self.chosen.data_ptr(), ctypes.addressof(self._top),
+            None,  # chosen: each step's own tensor, set per step (`_run`)
+            ctypes.addressof(self._top),
         )
         self.V, self.n_heads = cfg.vocab_size, H
         self._dims = (D, H, G, Hd, F_, K, cfg.n_layers)
@@ -205,7 +205,7 @@ class NativeDecoder:
         self.vocab_size, self.n_layers, self.top_k = cfg.vocab_size, cfg.n_layers, K
         self.weight = w_out  # the output matrix: what the registry reads the format and dtype off
         self._bound: tuple[int, ...] = ()  # the data pointers of the bound cache's buffers
-        self.last_chosen = self.chosen  # the experts of the last `step` (each step's own tensor)
+        self.last_chosen = torch.zeros(cfg.n_layers, K, dtype=torch.int32)  # the experts of the last `step`
         self._lock = threading.Lock()  # the work buffers and the bound cache are shared: one C call at a time
         self._choice: tuple[tuple[object, ...], bool] = ((), False)  # `chooses`: (step kind, native?)
         self._c_model_ref, self._c_bufs_ref = ctypes.byref(self.c_model), ctypes.byref(self.bufs)
@@ -421,11 +421,14 @@ class NativeDecoder:
             # Eager: call C directly. The operator's dispatch (`torch.library.custom_op` with mutated
             # arguments) costs more per call than everything else a step does in Python, ~0.3-0.7 ms
             # against a ~4-5 ms int4 step (BENCHMARKS.md, issue 16); the operator stays for torch.compile.
-            t = cache.t
+            token, position, t = int(token), int(position), cache.t
+            if not (0 <= token < self.V and position >= 0):  # C would read past the embedding
+                raise ValueError(f"a native step needs a token in [0, {self.V}) and a position >= 0, "
+                                 f"not {token} at {position}")
             if t + 1 > cache.capacity:
                 cache.slots(1)  # checks that the cache has room (and grows one made with `reserve`)
             logits_1V = torch.empty(1, self.V, dtype=torch.float32)
-            chosen_LK, top = self._run(int(token), int(position), cache.pos_BC, cache.k, cache.v, t % cache.capacity,
+            chosen_LK, top = self._run(token, position, cache.pos_BC, cache.k, cache.v, t % cache.capacity,
                                        min(t + 1, cache.capacity), logits_1V)
             cache.t = t + 1
             self.last_chosen = chosen_LK
