@@ -118,6 +118,17 @@ def test_rolling_slots_across_the_window_boundary(preset):
     _compare(model, 5, steps=12, lengths=[2, 5, 6, 9, 14])
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_four_query_heads_per_kv_head(window):
+    """Mixtral's grouping (4 query heads per kv head: `attend4`, each cache row read once for the
+    four) with slots of 20+ rows (the softmax's 16-row vector masks; with a window, rows that have
+    left it and rolled slots) against the batch-1 steps, and against the PyTorch pass to its
+    float32 summation order (2.5e-4 on these peaked logits: main's attention differed as much)."""
+    model = _model(n_heads=8, n_kv_heads=2, head_dim=32, sliding_window=window)
+    _compare(model, 4, steps=10, lengths=[3, 17, 22, 30], peers=("single",))
+    _compare(model, 4, steps=10, lengths=[3, 17, 22, 30], atol=5e-4, peers=("torch",))
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantised_weights(quant):
     _compare(_model(quant=quant), 18, steps=3)

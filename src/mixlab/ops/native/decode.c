@@ -1335,8 +1335,28 @@ MX_PV(8)
    from `pos` (causal, within the sliding window); hidden rows get exactly 0. */
 static void attn_softmax(const mx_model* m, float* sc, const int64_t* cpos, int64_t n, int64_t pos) {
     float mx = -INFINITY, sum = 0.f;
-    int64_t s;
-    for (s = 0; s < n; s++) {
+    int64_t s = 0;
+#if defined(__AVX512F__)
+    { /* 16 rows at a time: the visibility mask from two 8-lane position compares, then the max (a
+         NaN score is skipped, as by the scalar compare below: vmaxps returns its second operand) */
+        const __m512i pv = _mm512_set1_epi64(pos), wv = _mm512_set1_epi64(m->window), zero = _mm512_setzero_si512();
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (; s + 16 <= n; s += 16) {
+            __mmask8 vis[2];
+            for (int h = 0; h < 2; h++) {
+                const __m512i c = _mm512_loadu_si512(cpos + s + 8 * h);
+                vis[h] = _mm512_cmpge_epi64_mask(c, zero) & _mm512_cmple_epi64_mask(c, pv);
+                if (m->window > 0) vis[h] &= _mm512_cmplt_epi64_mask(_mm512_sub_epi64(pv, c), wv);
+            }
+            const __m512 x = _mm512_mask_blend_ps((__mmask16)(vis[0] | (vis[1] << 8)), _mm512_set1_ps(-INFINITY),
+                                                  _mm512_loadu_ps(sc + s));
+            _mm512_storeu_ps(sc + s, x);
+            mv = _mm512_max_ps(x, mv);
+        }
+        mx = _mm512_reduce_max_ps(mv);
+    }
+#endif
+    for (; s < n; s++) {
         const int64_t p = cpos[s];
         const int visible = p >= 0 && p <= pos && (m->window <= 0 || pos - p < m->window);
         if (!visible) sc[s] = -INFINITY;
@@ -1356,7 +1376,14 @@ static void attn_softmax(const mx_model* m, float* sc, const int64_t* cpos, int6
     }
 #endif
     for (; s < n; s++) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : expf(sc[s] - mx));
-    for (s = 0; s < n; s++) sc[s] /= sum;
+    s = 0;
+#if defined(__AVX512F__)
+    { /* correctly rounded division, as the scalar one: the same floats */
+        const __m512 sv = _mm512_set1_ps(sum);
+        for (; s + 16 <= n; s += 16) _mm512_storeu_ps(sc + s, _mm512_div_ps(_mm512_loadu_ps(sc + s), sv));
+    }
+#endif
+    for (; s < n; s++) sc[s] /= sum;
 }
 
 /* One query head at position `pos` against the first n cache rows of its kv head (kbase, vbase:
@@ -1980,7 +2007,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         float *x = p->x, *h = p->h, *o = p->o, *qkv = p->qkv, *att = p->att;
         uint16_t *hb = p->hb, *attb = p->attb;
         float* ws = p->scores + tm.t * chunk_scratch(C, Hd);
-        float* sc = ws; /* attend's scores [C] */
+        float* sc = ws; /* attend's scores [C], attend4's [4, C] */
         int64_t lo, hi;
         for (int64_t l = 0; l < L; l++) {
             const mx_layer* ly = &m->layers[l];
@@ -2022,6 +2049,15 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                         attend_chunk(m, p, l, t, Tq, g, ws);
                         continue;
                     }
+#if defined(__AVX512F__)
+                    if (R == 4 && Hd % 16 == 0) { /* the group's four query heads at once, as attn_head */
+                        for (int64_t hh = g * R; hh < (g + 1) * R; hh++) rope(qt + hh * Hd, cs, sn, half);
+                        attend4(m, qt + g * R * Hd, kbase, vbase, p->cache_pos + p->seq[t] * C, n, pos, scale, sc, C,
+                                att + t * QD + g * R * Hd);
+                        if (bf) round_to_bf16(att + t * QD + g * R * Hd, attb + t * QD + g * R * Hd, R * Hd);
+                        continue;
+                    }
+#endif
                     for (int64_t hh = g * R; hh < (g + 1) * R; hh++) {
                         float* q = qt + hh * Hd;
                         float* y = att + t * QD + hh * Hd;
