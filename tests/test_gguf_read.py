@@ -170,6 +170,25 @@ def test_mixlab_written_gguf_roundtrips_exactly(tmp_path):
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", ["hf", "mistral"])
+def test_convert_cli_from_a_gguf_writes_its_weights_and_tokenizer(fmt, tmp_path, capsys):
+    """`mixlab convert X.gguf DST --to hf|mistral`: the folder holds the file's weights (the same
+    logits) and its vocabulary as `tokenizer.model` (the same encodings as the file's metadata)."""
+    from mixlab.cli import main
+
+    model = _model("moe")
+    src = write_gguf(model, tmp_path / "m.gguf", quant="f32")
+    assert main(["convert", str(src), str(tmp_path / fmt), "--to", fmt]) == 0
+    assert (tmp_path / fmt / "tokenizer.model").is_file()
+    tokens = torch.randint(3, 32000, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / fmt)(tokens), model(tokens), rtol=0, atol=0)
+    ours, theirs = load_tokenizer(tmp_path / fmt), load_tokenizer(src)
+    for text in ["Hello world!  Two  spaces", "naïve café 日本語 🙂", "[INST] hi [/INST]"]:
+        assert ours.encode(text) == theirs.encode(text)
+    assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (theirs.bos_id, theirs.eos_id, theirs.vocab_size)
+
+
 # ------------------------------------------------------------------------------------------------
 # Malformed files: each refused with a message naming the problem.
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
 from pathlib import Path
 
 from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset
@@ -61,8 +63,21 @@ def convert(args: argparse.Namespace) -> int:
                    overwrite=args.overwrite)
         print(f"wrote {args.dst} (gguf, {args.quant})")
         return 0
-    save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
-               copy_files=side_files(args.src), sources=[args.src], overwrite=args.overwrite)
+    with tempfile.TemporaryDirectory(prefix="mixlab-convert-") as tmp:
+        copy: list[Path] = []
+        if Path(args.src).is_file():  # a GGUF file: its vocabulary becomes the folder's tokenizer.model
+            from mixlab.checkpoint import CheckpointError
+            from mixlab.checkpoint.gguf_read import sentencepiece_proto
+
+            try:
+                (Path(tmp) / "tokenizer.model").write_bytes(sentencepiece_proto(args.src))
+                copy = [Path(tmp) / "tokenizer.model"]
+            except CheckpointError as e:
+                print(f"note: no tokenizer written ({e})", file=sys.stderr)
+        else:
+            copy = side_files(args.src)
+        save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                   copy_files=copy, sources=[args.src], overwrite=args.overwrite)
     print(f"wrote {args.dst} ({args.to})")
     return 0
 

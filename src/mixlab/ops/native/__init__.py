@@ -1,8 +1,9 @@
 """The native CPU decoding kernels of `decode.c`: built on request, loaded with ctypes, checked.
 
-Nothing here builds or loads anything by itself. `load()` does, and only three callers ask for it:
-inference preparation (`mixlab.model.inference.prepare_for_inference`), the ahead-of-time build
-(`python -m mixlab.ops.native`, `mixlab build-kernels`) and tests. Until then `library()` is None
+Nothing here builds or loads anything by itself. `load()` does, and only these callers ask for it:
+inference preparation (`mixlab.model.inference.prepare_for_inference`), the engine's `Runner` (so
+`generate`, `chat` and `serve`), `mixlab bench`, the ahead-of-time build (`python -m
+mixlab.ops.native`, `mixlab build-kernels`) and tests. Until then `library()` is None
 and every kernel choice (`mixlab.ops.registry`) takes PyTorch's kernels, so loading a model and
 running a forward pass never starts a compiler. `MIXLAB_NATIVE=0` turns the kernels off.
 
