@@ -31,3 +31,31 @@ def test_bench_runs_end_to_end_on_a_tiny_preset(tmp_path):
 def test_a_dense_preset_is_refused():
     with pytest.raises(ValueError, match="dense"):
         run_bench(BenchPlan(preset="tiny-dense"), log=lambda s: None)
+
+
+def test_llama_cpp_peer_decodes_greedily_with_its_own_logits(tmp_path):
+    """The llama.cpp peer feeds each step the argmax of the logits llama.cpp just computed (its
+    greedy sampler), as a greedy decoding loop does, so its routing changes from token to token. (It
+    once read `Llama.scores`, which `eval` leaves unwritten without `logits_all`: token 0 every step.)"""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    import torch
+
+    from conftest import gguf_test_model
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.cli.benchmark import LlamaCppPeer
+
+    path = write_gguf(gguf_test_model("moe"), tmp_path / "m.gguf", quant="f32")
+    prompt = torch.randint(3, 32000, (1, 8), generator=torch.Generator().manual_seed(0))
+    peer = LlamaCppPeer(path, "llama.cpp-f32", 2, 64, 4.0)
+    peer.start_decode(prompt, 12)
+    for _ in range(12):
+        peer.decode()
+    fed = peer.tokens + [peer.next]
+    peer.close()
+    ref = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    ref.eval(prompt[0].tolist() + fed[:-1])
+    want = [int(np.argmax(ref.scores[i])) for i in range(7, 7 + len(fed))]
+    ref.close()
+    assert fed == want
+    assert len(set(fed)) > 1

@@ -266,7 +266,13 @@ class TransformersPeer(Peer):
 
 
 class LlamaCppPeer(Peer):
-    """llama.cpp through llama-cpp-python; its Llama API decodes one sequence, so batch 1 only."""
+    """llama.cpp through llama-cpp-python; its Llama API decodes one sequence, so batch 1 only.
+
+    Decoding is greedy as llama.cpp itself does it (`llama-cli --temp 0`, `llama-server`): each step's
+    token comes from llama.cpp's greedy sampler over the logits it has just computed, in C, as
+    mixlab's `greedy_step` takes its argmax in C. (`Llama.eval` with `logits_all=False` does not
+    copy logits into `Llama.scores`: reading that array fed token 0 at every step, one unchanging
+    routing, which ran ~3-4% faster than real decoding; BENCHMARKS.md.)"""
 
     def __init__(self, path: Path, name: str, threads: int, n_ctx: int, elem_bytes: float) -> None:
         import llama_cpp
@@ -274,6 +280,8 @@ class LlamaCppPeer(Peer):
         self.name, self.elem_bytes = name, elem_bytes
         self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
                                    n_threads_batch=threads, logits_all=False, verbose=False)
+        self._greedy = llama_cpp.llama_sampler_init_greedy()
+        self.tokens: list[int] = []  # every token decoding fed, for checks
 
     def prefill(self, tokens_BT: torch.Tensor) -> None:
         self.llm.reset()
@@ -284,13 +292,19 @@ class LlamaCppPeer(Peer):
         self._next()
 
     def _next(self) -> None:
-        self.next = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+        import llama_cpp
+
+        self.next = int(llama_cpp.llama_sampler_sample(self._greedy, self.llm.ctx, -1))
 
     def decode(self) -> None:
+        self.tokens.append(self.next)
         self.llm.eval([self.next])
         self._next()
 
     def close(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_sampler_free(self._greedy)
         self.llm.close()
 
 
