@@ -197,6 +197,9 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "train --lr -1": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "-1"), ["'lr'", "-1"]),
     "train --warmup -5": (lambda t, b, c, d: _train_args(d, t / "run", "--warmup", "-5"), ["'warmup'", "-5"]),
     "train --threads -3": (lambda t, b, c, d: _train_args(d, t / "run", "--threads", "-3"), ["'threads'", "-3"]),
+    "eval on an empty text file": (
+        lambda t, b, c, d: ((t / "e.txt").write_text(""), ["eval", "--model", str(c), "--data", str(t / "e.txt")])[-1],
+        ["e.txt", "empty"]),
     "prompt over the context names --truncate": (
         lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "word " * 600, "--max-new-tokens", "8"],
         ["--truncate"]),
@@ -238,6 +241,20 @@ def test_cli_case_is_a_clear_error(name, tmp_path, base, chat_model, dataset, ca
     after = _snapshot(tmp_path)
     assert all(after.get(k) == v for k, v in before.items()), "a file of the user's changed or vanished"
     assert (_snapshot(base), _snapshot(chat_model), _snapshot(dataset)) == inputs
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "1e-12", "abc"])
+@pytest.mark.parametrize("command", ["convert", "upcycle"])
+def test_max_shard_gb_must_be_a_positive_finite_size(command, value, tmp_path, base, capsys):
+    """inf was an OverflowError traceback; 0 and -1 wrote one shard per tensor."""
+    argv = (["convert", str(base), str(tmp_path / "o")] if command == "convert"
+            else ["upcycle", "--from", str(base), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--max-shard-gb", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "--max-shard-gb: expected a" in err and repr(value) in err
+    assert not (tmp_path / "o").exists()
 
 
 class _nothing:

@@ -100,6 +100,14 @@ def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pyte
     assert message in capsys.readouterr().err
 
 
+def test_cli_eval_table_columns_never_run_together() -> None:
+    from mixlab.cli.eval import _num
+
+    assert _num(32432.825, 12, 3) == "   32432.825"
+    assert _num(5.0401427562e16, 12, 3) == "  5.0401e+16"  # fixed point would need 21 columns
+    assert _num(math.inf, 12, 3) == "         inf"
+
+
 # -- lm-evaluation-harness ------------------------------------------------------------------------
 
 TASKS = {

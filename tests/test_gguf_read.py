@@ -189,6 +189,32 @@ def test_convert_cli_from_a_gguf_writes_its_weights_and_tokenizer(fmt, tmp_path,
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (theirs.bos_id, theirs.eos_id, theirs.vocab_size)
 
 
+@pytest.mark.parametrize("to", ["hf", "mistral", "gguf"])
+def test_convert_cli_from_a_q4_0_gguf_dequantises(to, tmp_path, capsys):
+    """A Q4_0 source converts to every format (it was refused as 'prepared for inference' for
+    hf/mistral and, to GGUF, written with the packed nibbles as the matrices: a file no reader
+    loads): the output computes the int4 model's logits (its dequantised weights; a Q4_0 output
+    holds the same blocks)."""
+    from mixlab.cli import main
+
+    src = write_gguf(_model("moe"), tmp_path / "m.gguf", quant="q4_0")
+    dst = tmp_path / ("out.gguf" if to == "gguf" else to)
+    assert main(["convert", str(src), str(dst), "--to", to] + (["--quant", "q4_0"] if to == "gguf" else [])) == 0
+    tokens = torch.randint(3, 32000, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(dst)(tokens), load_model(src)(tokens), rtol=0, atol=1e-5)
+
+
+def test_write_gguf_refuses_a_model_prepared_for_inference(tmp_path):
+    from mixlab.model.inference import prepare_for_inference
+
+    for model in (load_model(write_gguf(_model("moe"), tmp_path / "m.gguf", quant="q4_0")),
+                  prepare_for_inference(_model("moe"), quant="int8")):
+        with pytest.raises(ValueError, match="prepared for inference"):
+            write_gguf(model, tmp_path / "x.gguf")
+        assert not (tmp_path / "x.gguf").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # Malformed files: each refused with a message naming the problem.
 

@@ -195,8 +195,14 @@ def write_gguf(
     from gguf import GGMLQuantizationType as Q
     from gguf import LlamaFileType as FT
 
+    from mixlab.model.inference import inference_format
+
     if quant not in QUANTS:
         raise ValueError(f"unknown GGUF quantisation {quant!r}; expected one of {', '.join(QUANTS)}")
+    prepared = inference_format(model)
+    if prepared is not None:  # its state_dict holds packed bytes / scales, not the matrices written below
+        raise ValueError(f"cannot write a model prepared for inference ({prepared} weights) as GGUF: write the "
+                         "model before prepare_for_inference, or load it again from its checkpoint")
     config: ModelConfig = model.config  # type: ignore[assignment]
     dst = Path(path)
     if dst.suffix != ".gguf":

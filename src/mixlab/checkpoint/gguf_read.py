@@ -417,11 +417,14 @@ def _default_dtype(h: GGUFHeader) -> torch.dtype:
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-              max_memory: int | None = None, policy: str = "lru", prefetch: bool = True) -> Any:
+              max_memory: int | None = None, policy: str = "lru", prefetch: bool = True,
+              keep_int4: bool = True) -> Any:
     """A mixlab `Transformer` from a GGUF file (see the module docstring); eval mode. Matrices stored
-    as Q4_0 are int4 modules (`Int4Linear`, int4 expert buffers); everything else is float in `dtype`
-    (default: the file's float type, float32 if it has none). `max_memory`: the experts stay in the
-    file, read on demand into an expert cache of that many bytes (`mixlab.checkpoint.offload`)."""
+    as Q4_0 are int4 modules (`Int4Linear`, int4 expert buffers), or with `keep_int4=False` floats
+    (dequantised: a plain model that saves and trains, as `mixlab convert` needs); everything else is
+    float in `dtype` (default: the file's float type, float32 if it has none). `max_memory`: the
+    experts stay in the file, read on demand into an expert cache of that many bytes
+    (`mixlab.checkpoint.offload`)."""
     from mixlab.checkpoint import meta_model
     from mixlab.model.formats import Int4Experts
     from mixlab.model.moe import MoEBlock
@@ -442,7 +445,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     int4: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for name, parts, kind in plan:
-            as_int4 = kind in ("qkv", "matrix", "experts") and all(t.type == Q4_0 for t in parts)
+            as_int4 = keep_int4 and kind in ("qkv", "matrix", "experts") and all(t.type == Q4_0 for t in parts)
             if kind == "experts" and as_int4:  # both expert tensors of a layer must be int4 (one set of scales)
                 other = [p for n, p, _ in plan if n.rsplit(".", 1)[0] == name.rsplit(".", 1)[0] and n != name]
                 as_int4 = all(t.type == Q4_0 for ps in other for t in ps)

@@ -11,6 +11,13 @@ from mixlab import atomic
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 
 
+def _num(x: float, width: int, places: int) -> str:
+    """`x` right-aligned in `width` columns, at least one blank before it: fixed point, or as 5.0403e+16
+    where that does not fit (an untrained model's word perplexity), so columns never run together."""
+    text = f"{x:.{places}f}"
+    return f"{text if len(text) < width else f'{x:.4e}':>{width}}"
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -21,10 +28,12 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--stride must be between 1 and --context ({args.context}); got {args.stride}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, tok = _load(args)
     docs = list(documents(args.data, split=args.split, max_docs=args.max_docs))
     if not docs:
         raise ValueError(f"{args.data}: no documents to evaluate")
+    if not any(text for _, text in docs):  # else a table of perplexity 1.000 over 0 tokens
+        raise ValueError(f"{args.data}: no text to evaluate (every document is empty)")
+    model, tok = _load(args)
     with tqdm(desc="eval", unit="tok", disable=args.quiet, file=sys.stderr) as bar:
         report = evaluate_texts(model, lambda s: tok.encode(s, bos=False), docs, prefix=tok.bos_id,
                                 context=min(args.context, model.config.max_seq_len), stride=args.stride,
@@ -35,8 +44,8 @@ def evaluate(args: argparse.Namespace) -> int:
     rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]
     print(f"{'domain':<16}{'docs':>6}{'tokens':>10}{'token ppl':>12}{'bits/byte':>11}{'word ppl':>12}")
     for d, m in rows:
-        print(f"{d:<16}{m['docs']:>6}{m['tokens']:>10}{m['token_perplexity']:>12.3f}{m['bits_per_byte']:>11.4f}"
-              f"{m['word_perplexity']:>12.3f}")
+        print(f"{d:<16}{m['docs']:>6}{m['tokens']:>10}{_num(m['token_perplexity'], 12, 3)}"
+              f"{_num(m['bits_per_byte'], 11, 4)}{_num(m['word_perplexity'], 12, 3)}")
     if args.json:
         atomic.write_text(args.json, json.dumps(result, indent=2) + "\n")
     print_stats(args, model)

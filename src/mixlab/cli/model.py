@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -10,6 +11,17 @@ from pathlib import Path
 from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset
 
 CONVERT_FORMATS = ["hf", "mistral", "gguf"]
+
+
+def shard_gib(text: str) -> float:
+    """argparse type of --max-shard-gb: a positive, finite number of GiB."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not (math.isfinite(v) and v * 2**30 >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of GiB, got {text!r}")
+    return v
 
 
 def _config(spec: str) -> tuple[str, ModelConfig]:
@@ -54,7 +66,14 @@ def info(args: argparse.Namespace) -> int:
 def convert(args: argparse.Namespace) -> int:
     from mixlab.checkpoint import load_model, save_model, side_files
 
-    model = load_model(args.src, dtype=args.dtype)
+    if Path(args.src).suffix == ".gguf" and Path(args.src).is_file():
+        from mixlab.checkpoint.gguf_read import load_gguf
+        from mixlab.dtypes import parse_dtype
+
+        # Q4_0 matrices dequantised: an int4 model would not save (and would write a broken GGUF)
+        model = load_gguf(args.src, dtype=parse_dtype(args.dtype), keep_int4=False)
+    else:
+        model = load_model(args.src, dtype=args.dtype)
     if args.to == "gguf":
         from mixlab.checkpoint.gguf import write_gguf
 
@@ -87,7 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a preset name (e.g. mixtral-8x7b) or a checkpoint folder")
     p.set_defaults(func=info)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (atomic write)")
-    p.add_argument("src", help="checkpoint folder (transformers or Mistral format) or a float GGUF file")
+    p.add_argument("src", help="checkpoint folder (transformers or Mistral format) or a GGUF file (quantised "
+                               "matrices dequantised)")
     p.add_argument("dst", help="output folder (or .gguf file), written atomically; an existing one is replaced "
                                "only if mixlab wrote it")
     p.add_argument("--to", choices=CONVERT_FORMATS, default="hf")
@@ -97,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="GGUF only: SentencePiece model for the vocabulary (default: Mixtral's, from mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard, in GiB (default 5)")
+    p.add_argument("--max-shard-gb", type=shard_gib, default=5.0, help="largest shard, in GiB (default 5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace dst even if it holds files mixlab did not write (never one holding the source)")
     p.set_defaults(func=convert)

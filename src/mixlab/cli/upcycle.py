@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mixlab.cli.model import shard_gib
+
 
 def upcycle(args: argparse.Namespace) -> int:
     from mixlab.dtypes import parse_dtype
@@ -39,6 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "dense matrix's own std (default 0: exact copies)")
     p.add_argument("--seed", type=int, default=0, help="seed for the router and the noise (default 0)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--max-shard-gb", type=float, default=2.0,
+    p.add_argument("--max-shard-gb", type=shard_gib, default=2.0,
                    help="largest output shard, in GiB (default 2); peak memory is about one shard")
     p.set_defaults(func=upcycle)
