@@ -205,6 +205,32 @@ def test_convert_cli_from_a_q4_0_gguf_dequantises(to, tmp_path, capsys):
         torch.testing.assert_close(load_model(dst)(tokens), load_model(src)(tokens), rtol=0, atol=1e-5)
 
 
+def test_convert_cli_to_gguf_keeps_the_sources_vocabulary(tmp_path, capsys):
+    """GGUF -> GGUF and folder -> GGUF write the source's vocabulary (a GGUF's metadata, a folder's
+    tokenizer.model), not Mixtral's: a 300-piece vocabulary was refused ('32000 pieces but the
+    model's vocab_size is 300'), and a 32000-piece one other than Mixtral's would have been replaced."""
+    import sentencepiece as spm
+
+    from mixlab.cli import main
+
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog, again and again\n" * 50)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "t.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                   hard_vocab_limit=False, minloglevel=2)
+    model = Transformer(_model("moe").config.replace(vocab_size=300))
+    model.init_weights(seed=0)
+    src = write_gguf(model, tmp_path / "m.gguf", quant="f32", tokenizer=tmp_path / "sp.model")
+    save_model(model, tmp_path / "hf", copy_files=[tmp_path / "sp.model"])
+    (tmp_path / "hf" / "sp.model").rename(tmp_path / "hf" / "tokenizer.model")
+    want = load_tokenizer(src)
+    for s_ in (src, tmp_path / "hf"):
+        dst = tmp_path / f"out-{s_.name}.gguf"
+        assert main(["convert", str(s_), str(dst), "--to", "gguf", "--quant", "f32"]) == 0
+        got = load_tokenizer(dst)
+        assert got.vocab_size == want.vocab_size == 300
+        assert got.encode("the lazy fox, again") == want.encode("the lazy fox, again")
+
+
 def test_write_gguf_refuses_a_model_prepared_for_inference(tmp_path):
     from mixlab.model.inference import prepare_for_inference
 

@@ -63,10 +63,25 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gguf_vocabulary(src: str, tmp: Path) -> Path | None:
+    """A GGUF file's vocabulary as a SentencePiece `tokenizer.model` in `tmp` (None, with a note, if
+    its metadata holds none)."""
+    from mixlab.checkpoint import CheckpointError
+    from mixlab.checkpoint.gguf_read import sentencepiece_proto
+
+    try:
+        (tmp / "tokenizer.model").write_bytes(sentencepiece_proto(src))
+    except CheckpointError as e:
+        print(f"note: no tokenizer written ({e})", file=sys.stderr)
+        return None
+    return tmp / "tokenizer.model"
+
+
 def convert(args: argparse.Namespace) -> int:
     from mixlab.checkpoint import load_model, save_model, side_files
 
-    if Path(args.src).suffix == ".gguf" and Path(args.src).is_file():
+    gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
+    if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
 
@@ -74,25 +89,25 @@ def convert(args: argparse.Namespace) -> int:
         model = load_gguf(args.src, dtype=parse_dtype(args.dtype), keep_int4=False)
     else:
         model = load_model(args.src, dtype=args.dtype)
-    if args.to == "gguf":
-        from mixlab.checkpoint.gguf import write_gguf
-
-        quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
-        write_gguf(model, args.dst, quant=quant, tokenizer=args.tokenizer, sources=[args.src],
-                   overwrite=args.overwrite)
-        print(f"wrote {args.dst} (gguf, {args.quant})")
-        return 0
     with tempfile.TemporaryDirectory(prefix="mixlab-convert-") as tmp:
-        copy: list[Path] = []
-        if Path(args.src).is_file():  # a GGUF file: its vocabulary becomes the folder's tokenizer.model
-            from mixlab.checkpoint import CheckpointError
-            from mixlab.checkpoint.gguf_read import sentencepiece_proto
+        if args.to == "gguf":
+            from mixlab.checkpoint.gguf import write_gguf
 
-            try:
-                (Path(tmp) / "tokenizer.model").write_bytes(sentencepiece_proto(args.src))
-                copy = [Path(tmp) / "tokenizer.model"]
-            except CheckpointError as e:
-                print(f"note: no tokenizer written ({e})", file=sys.stderr)
+            # the source's vocabulary (a GGUF's metadata, a folder's SentencePiece file), else Mixtral's
+            tokenizer = args.tokenizer
+            if tokenizer is None and gguf_src:
+                tokenizer = _gguf_vocabulary(args.src, Path(tmp))
+            elif tokenizer is None and Path(args.src).is_dir():
+                tokenizer = next((Path(args.src) / n for n in ("tokenizer.model", "tokenizer.model.v1")
+                                  if (Path(args.src) / n).is_file()), None)
+            quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
+            write_gguf(model, args.dst, quant=quant, tokenizer=tokenizer, sources=[args.src],
+                       overwrite=args.overwrite)
+            print(f"wrote {args.dst} (gguf, {args.quant})")
+            return 0
+        if gguf_src:  # its vocabulary becomes the folder's tokenizer.model
+            vocab = _gguf_vocabulary(args.src, Path(tmp))
+            copy = [vocab] if vocab is not None else []
         else:
             copy = side_files(args.src)
         save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
@@ -115,7 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GGUF only: how matrices are stored (norms and router stay f32; int4 = q4_0, "
                         "mixlab's int4 layout)")
     p.add_argument("--tokenizer", default=None,
-                   help="GGUF only: SentencePiece model for the vocabulary (default: Mixtral's, from mistral-common)")
+                   help="GGUF only: SentencePiece model for the vocabulary (default: the source's: a GGUF's, a "
+                        "folder's tokenizer.model; else Mixtral's, from mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", type=shard_gib, default=5.0, help="largest shard, in GiB (default 5)")
     p.add_argument("--overwrite", action="store_true",
