@@ -93,6 +93,7 @@ def test_cli_eval_on_the_corpus(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
     (["--stride", "0"], "--stride"),
     (["--batch-size", "0"], "--batch-size"),
     (["--data", "/nonexistent/x.jsonl"], "no such file"),
+    (["--json", "."], "is a folder; give a file name\n"),  # before evaluating; no 'for example x/model.gguf'
 ])
 def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--quiet"]

@@ -211,7 +211,8 @@ def check_destination(
             raise OutputError(f"{shown}: holds files mixlab did not write ({_names(foreign)}); {hint}")
         return real
     if real.is_dir():
-        raise OutputError(f"{shown}: is a folder; give a file name (for example {given / 'model.gguf'})")
+        example = f" (for example {given / 'model.gguf'})" if magic == b"GGUF" else ""
+        raise OutputError(f"{shown}: is a folder; give a file name{example}")
     if not real.is_file():
         raise OutputError(f"{shown}: exists and is not a regular file")
     if not overwrite and (magic is not None or inside is not None):

@@ -33,6 +33,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no documents to evaluate")
     if not any(text for _, text in docs):  # else a table of perplexity 1.000 over 0 tokens
         raise ValueError(f"{args.data}: no text to evaluate (every document is empty)")
+    if args.json:  # a folder there is refused now, not after the evaluation
+        atomic.check_destination(args.json, kind="file")
     model, tok = _load(args)
     with tqdm(desc="eval", unit="tok", disable=args.quiet, file=sys.stderr) as bar:
         report = evaluate_texts(model, lambda s: tok.encode(s, bos=False), docs, prefix=tok.bos_id,
