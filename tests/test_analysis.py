@@ -191,6 +191,14 @@ def _corpus(root: Path) -> Path:
     return root
 
 
+def test_find_domains_names_a_file_and_a_missing_folder(tmp_path: Path) -> None:
+    (tmp_path / "one.txt").write_text("text")
+    with pytest.raises(NotADirectoryError, match=r"one\.txt is a file; --data takes a folder"):
+        find_domains(tmp_path / "one.txt")
+    with pytest.raises(NotADirectoryError, match=r"nope does not exist"):
+        find_domains(tmp_path / "nope")
+
+
 def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
     """The streamed, padded, windowed counts equal counts from one unpadded model call per window."""
     model, tok = _tiny_model(), load_analysis_tokenizer()

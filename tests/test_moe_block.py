@@ -118,6 +118,6 @@ def test_save_model_refuses_a_prepared_model(tmp_path) -> None:
     from mixlab.checkpoint import save_model
 
     model = prepare_for_inference(_model(), quant="int8")
-    with pytest.raises(ValueError, match=r"prepared for inference \(int8 weights\).*before prepare_for_inference"):
+    with pytest.raises(ValueError, match=r"int8 inference weights \(prepared for inference.*before prepare_for"):
         save_model(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

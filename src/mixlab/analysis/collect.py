@@ -46,8 +46,11 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
     """Domain name -> folder. `data` is a corpus folder (one subfolder per domain) or a single
     domain folder holding data files. `names` picks domains (by folder name) explicitly."""
     root = Path(data)
+    if root.is_file():
+        raise NotADirectoryError(f"{root} is a file; --data takes a folder: a corpus (one subfolder per domain) "
+                                 "or one domain's folder of .jsonl / .txt files")
     if not root.is_dir():
-        raise NotADirectoryError(f"data folder {root} does not exist or is not a folder")
+        raise NotADirectoryError(f"data folder {root} does not exist")
     if names:
         out = {}
         for n in names:

@@ -286,8 +286,9 @@ def save_model(
         raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
     prepared = inference_format(model)
     if prepared is not None:
-        raise ValueError(f"cannot save a model prepared for inference ({prepared} weights): save the model "
-                         "before prepare_for_inference, or load it again from its checkpoint")
+        raise ValueError(f"cannot save a model with {prepared} inference weights (prepared for inference, or "
+                         "loaded from a Q4_0 GGUF): save it before prepare_for_inference, load it again from its "
+                         "checkpoint, or convert a GGUF with `mixlab convert` (which dequantises)")
     config: ModelConfig = model.config
     want = parse_dtype(dtype)
     state = model.state_dict()

@@ -201,8 +201,9 @@ def write_gguf(
         raise ValueError(f"unknown GGUF quantisation {quant!r}; expected one of {', '.join(QUANTS)}")
     prepared = inference_format(model)
     if prepared is not None:  # its state_dict holds packed bytes / scales, not the matrices written below
-        raise ValueError(f"cannot write a model prepared for inference ({prepared} weights) as GGUF: write the "
-                         "model before prepare_for_inference, or load it again from its checkpoint")
+        raise ValueError(f"cannot write a model with {prepared} inference weights (prepared for inference, or "
+                         "loaded from a Q4_0 GGUF) as GGUF: write it before prepare_for_inference, load it again "
+                         "from its checkpoint, or convert a GGUF with `mixlab convert` (which dequantises)")
     config: ModelConfig = model.config  # type: ignore[assignment]
     dst = Path(path)
     if dst.suffix != ".gguf":
