@@ -101,6 +101,13 @@ def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pyte
     assert message in capsys.readouterr().err
 
 
+def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A --context past the model's positions is scored at the model's length, and said so."""
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "100",
+                 "--dtype", "float32", "--quiet"]) == 0
+    assert "--context 100 is past the model's 64 positions; scoring windows of 64" in capsys.readouterr().err
+
+
 def test_cli_eval_table_columns_never_run_together() -> None:
     from mixlab.cli.eval import _num
 
