@@ -51,7 +51,7 @@ def test_llama_cpp_peer_decodes_greedily_with_its_own_logits(tmp_path):
     peer.start_decode(prompt, 12)
     for _ in range(12):
         peer.decode()
-    fed = peer.tokens + [peer.next]
+    fed = peer.llm.input_ids[8 : peer.llm.n_tokens].tolist() + [peer.next]  # what decoding fed, then the next
     peer.close()
     ref = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     ref.eval(prompt[0].tolist() + fed[:-1])

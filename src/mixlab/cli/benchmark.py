@@ -281,7 +281,6 @@ class LlamaCppPeer(Peer):
         self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
                                    n_threads_batch=threads, logits_all=False, verbose=False)
         self._greedy = llama_cpp.llama_sampler_init_greedy()
-        self.tokens: list[int] = []  # every token decoding fed, for checks
 
     def prefill(self, tokens_BT: torch.Tensor) -> None:
         self.llm.reset()
@@ -297,7 +296,6 @@ class LlamaCppPeer(Peer):
         self.next = int(llama_cpp.llama_sampler_sample(self._greedy, self.llm.ctx, -1))
 
     def decode(self) -> None:
-        self.tokens.append(self.next)
         self.llm.eval([self.next])
         self._next()
 

@@ -49,9 +49,6 @@ def evaluate(args: argparse.Namespace) -> int:
     rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]
     print(f"{'domain':<16}{'docs':>6}{'tokens':>10}{'token ppl':>12}{'bits/byte':>11}{'word ppl':>12}")
     for d, m in rows:
-        if not m["tokens"]:  # a domain whose documents are all empty: nothing was scored
-            print(f"{d:<16}{m['docs']:>6}{0:>10}{'-':>12}{'-':>11}{'-':>12}")
-            continue
         print(f"{d:<16}{m['docs']:>6}{m['tokens']:>10}{_num(m['token_perplexity'], 12, 3)}"
               f"{_num(m['bits_per_byte'], 11, 4)}{_num(m['word_perplexity'], 12, 3)}")
     if args.json:
