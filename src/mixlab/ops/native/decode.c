@@ -1995,6 +1995,12 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
     }
     int64_t start[257]; /* E <= 256, checked by the caller */
     const int a16 = m->et == MX_BF16; /* a bf16 model: see `mat` */
+    /* The last layer's experts run only for the rows whose logits are wanted (as llama.cpp skips
+       the unused outputs): a prompt chunk's other tokens only leave their keys and values, which
+       that layer's attention has stored. They are still routed (`chosen` is whole, so the
+       expert-load counts are), and their rows are moved to the front (`rows` ascending). */
+    int compact = p->R < T;
+    for (int64_t r = 0; r < p->R && compact; r++) compact = p->rows[r] >= r && (r == 0 || p->rows[r] > p->rows[r - 1]);
     barrier_t bar = {0, 0};
     /* each thread's argmax of its part of every logit row (`top_of`); none without memory */
     top_t* tops = p->top && p->R ? (top_t*)malloc(sizeof(top_t) * (size_t)p->R * (size_t)(nt < 1 ? 1 : nt)) : 0;
@@ -2092,16 +2098,29 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                 for (int64_t k = 0; k < K; k++) p->idx[t * K + k] = ch[k];
             }
             sync_team(&tm);
-            if (tm.t == 0) group_experts(p->idx, T * K, m->E, start, p->order, p->inverse);
+            const int64_t TE = compact && l == L - 1 ? p->R : T; /* the tokens this layer's experts run for */
+            if (tm.t == 0) {
+                if (TE < T)
+                    for (int64_t r = 0; r < TE; r++) { /* rows[r] >= r, ascending: in place, in order */
+                        const int64_t t = p->rows[r];
+                        memmove(x + r * D, x + t * D, (size_t)D * sizeof(float));
+                        memmove(h + r * D, h + t * D, (size_t)D * sizeof(float));
+                        if (bf) memmove(hb + r * D, hb + t * D, (size_t)D * sizeof(uint16_t));
+                        memmove(p->mix + r * K, p->mix + t * K, (size_t)K * sizeof(float));
+                        memmove(p->idx + r * K, p->idx + t * K, (size_t)K * sizeof(int64_t));
+                    }
+                group_experts(p->idx, TE * K, m->E, start, p->order, p->inverse);
+            }
             sync_team(&tm);
             const moe_job job = {{m->wt, ly->w13, ly->w13_scale, D, a16}, {m->wt, ly->w2, ly->w2_scale, m->F, a16},
-                                 T, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
+                                 TE, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
                                  p->xs, p->g, p->a, p->ys, x, p->xsb, p->ab, 1};
             moe_team(&tm, &job);
         }
-        /* the final norm of the rows whose logits are wanted, into h's first R rows */
+        /* the final norm of the rows whose logits are wanted (moved to the front when `compact`),
+           into h's first R rows */
         for (int64_t r = tm.t; r < p->R; r += tm.nt)
-            rmsnorm(x + p->rows[r] * D, m->out_norm, m->eps, D, h + r * D, bf ? hb + r * D : 0);
+            rmsnorm(x + (compact ? r : p->rows[r]) * D, m->out_norm, m->eps, D, h + r * D, bf ? hb + r * D : 0);
         sync_team(&tm);
         const mat mout = {m->wt, m->out, m->out_scale, D, a16};
         my_rows(&tm, m->V, &lo, &hi);
