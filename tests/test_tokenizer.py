@@ -115,6 +115,41 @@ def test_stream_random_tokens(tok):
         _check_stream(tok, ids[:15] + bytes_ + ids[15:])
 
 
+def _byte_ids(tok):
+    ids = {}
+    for i in range(tok.vocab_size):
+        piece = tok.id_to_piece(i)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            ids[int(piece[3:5], 16)] = i
+    assert len(ids) == 256
+    return ids
+
+
+def test_stream_emits_invalid_bytes_at_once_and_holds_a_character_being_spelled(tok):
+    """A U+FFFD that no later byte can change (lone continuation bytes, a lead byte followed by a
+    non-continuation) goes out with its token: a model emitting bad bytes does not stall the stream.
+    A character still being spelled (a lead byte and fewer continuation bytes than it needs) is held."""
+    b = _byte_ids(tok)
+    pieces = _check_stream(tok, [b[0x8C]] * 5 + tok.encode("Night", bos=False))
+    assert all(p for p in pieces[:5]), pieces  # each bad byte as it comes (was: all held until "Night")
+    pieces = _check_stream(tok, [b[0xE4], b[0xB8], b[0xAD]])  # 中
+    assert pieces == ["", "", "中"]
+    pieces = _check_stream(tok, [b[0xF0], b[0x9F], b[0xA4], b[0x96], b[0x8C]])  # 🤖 then a stray byte
+    assert pieces[:4] == ["", "", "", "🤖"] and pieces[4]
+    pieces = _check_stream(tok, [b[0xE4], b[0x41]] + tok.encode("ok", bos=False))  # cut short by "A"
+    assert pieces[0] == "" and pieces[1]
+    # edge cases of UTF-8 validity (overlong, surrogate, past U+10FFFF, bad leads), with text around
+    tricky = [[0xC0, 0x80], [0xE0, 0x80, 0x80], [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80], [0xF5, 0x80],
+              [0xFF], [0xC2], [0xE0, 0xA0], [0xF0, 0x90, 0x80], [0xED, 0x9F, 0xBF], [0xEF, 0xBF, 0xBD]]
+    g = torch.Generator().manual_seed(1)
+    for seq in tricky:
+        for tail in ([], tok.encode("x", bos=False), [b[0x80]], [b[0xE4]]):
+            _check_stream(tok, [b[x] for x in seq] + tail)
+    for _ in range(200):
+        raw = torch.randint(0, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        _check_stream(tok, [b[x] for x in raw], context=tok.encode("a")[-1:])
+
+
 def test_decode_rejects_out_of_vocab(tok):
     with pytest.raises(ValueError, match="token id 32000 is outside the vocabulary"):
         tok.decode([5, 32000])

@@ -16,7 +16,9 @@ and system messages are joined with a blank line and prepended to the *first* us
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +28,7 @@ from mixlab.errors import MixlabError
 __all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "default_tokenizer_path", "load_tokenizer"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
 
 
 class TextError(MixlabError):
@@ -279,7 +282,11 @@ class StreamDecoder:
     first piece it decodes, and byte-fallback pieces (`<0xE4>`) carry a fraction of a UTF-8
     character. So, like text-generation-inference's incremental detokenizer, we decode a short
     window twice (before and after the new token) and emit the difference once it no longer ends
-    in U+FFFD. `"".join(pushes) + flush()` equals `decode(context + tokens)` minus the context's text.
+    in U+FFFD, or once that U+FFFD is final: the byte pieces the window ends with are invalid
+    UTF-8 whatever follows (a lone continuation byte, say), not the start of a character still
+    being spelled. Holding those too would stall a stream for as long as a model emits bad
+    bytes (and decode an ever longer window). `"".join(pushes) + flush()` equals
+    `decode(context + tokens)` minus the context's text.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, context: Sequence[int] = ()) -> None:
@@ -293,10 +300,28 @@ class StreamDecoder:
         self.ids.append(int(token))
         before = self.tok.decode(self.ids[self.prefix : self.read])
         after = self.tok.decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith(_REPLACEMENT):
+        if len(after) > len(before) and (not after.endswith(_REPLACEMENT) or self._bytes_settled()):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before) :]
         return ""
+
+    def _bytes_settled(self) -> bool:
+        """Whether the byte pieces ending the window leave no character half-spelled: a pending
+        one starts at a lead byte among the last three bytes, so those decide. False when the
+        window does not end in byte pieces (a U+FFFD of some other origin stays held, as before)."""
+        tail = bytearray()
+        for i in reversed(self.ids[self.prefix :]):
+            m = _BYTE_PIECE.fullmatch(self.tok.id_to_piece(i))
+            if m is None:
+                break
+            tail.insert(0, int(m.group(1), 16))
+            if len(tail) == 3:
+                break
+        if not tail:
+            return False
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        dec.decode(bytes(tail), final=False)
+        return not dec.getstate()[0]  # no bytes kept back for a character still to come
 
     def flush(self) -> str:
         """Text still held back (e.g. an incomplete byte sequence at the end)."""
