@@ -156,6 +156,18 @@ def _piece(tok: Tokenizer, i: int) -> str:
     return p.replace("\u2581", " ")
 
 
+def _piece_bytes(tok: Tokenizer, i: int, text: str) -> list[int]:
+    """A top-logprob alternative's `bytes`, as OpenAI reports them: a byte piece's own byte (its
+    `token` text is U+FFFD), else the text's UTF-8."""
+    p = tok.id_to_piece(i)
+    if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+        try:
+            return [int(p[3:5], 16)]
+        except ValueError:
+            pass
+    return list(text.encode())
+
+
 @dataclass
 class _Choice:
     index: int
@@ -201,7 +213,7 @@ class _Choice:
         if want_logprobs and out.logprob is not None:
             # a stop token gets an entry too (its text is only what the decoder still held back):
             # lm-eval's scoring slices token_logprobs[ctxlen:-1], which assumes one per generated token
-            top = [{"token": (s := _piece(tok, i)), "logprob": v, "bytes": list(s.encode()), "id": i}
+            top = [{"token": (s := _piece(tok, i)), "logprob": v, "bytes": _piece_bytes(tok, i, s), "id": i}
                    for i, v in (out.top_logprobs or [])]
             lp = {"token": delta, "logprob": out.logprob, "bytes": list(delta.encode()), "id": out.token_id,
                   "top_logprobs": top}
