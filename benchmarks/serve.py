@@ -15,7 +15,9 @@ The peer is llama.cpp's own `llama-server` (`--llama-server PATH`, run with `-np
 and continuous batching), built from the llama.cpp source the llama-cpp-python sdist vendors; or
 `--llama-cpp-python` for `python -m llama_cpp.server` (one request at a time); both may run. `--engine`
 adds the same load on an in-process `Engine` (no HTTP), which shows what serving costs on top of the
-engine. Every server gets the same `--threads`. Everything binds to 127.0.0.1; every run is bounded
+engine, and where its time goes: steps with prompt tokens, decoding-only steps against their own
+limits, gaps between steps, and what a server with decoding steps exactly at their limits would
+reach on the same schedule (the prompt tokens cost compute the limit does not count). Every server gets the same `--threads`. Everything binds to 127.0.0.1; every run is bounded
 by `--timeout`. `--model-dir` keeps the checkpoint and GGUF for later runs.
 
     python benchmarks/serve.py --llama-server /path/to/llama-server --llama-cpp-python --engine --threads 2
@@ -205,6 +207,18 @@ def engine_in_process(hf: Path, args: argparse.Namespace, log: Any, *, torch_mix
         run = engine.runner._native_batch
         engine.runner._native_batch = (  # type: ignore[method-assign]
             lambda items: None if any(len(it.tokens) > 1 for it in items) else run(items))
+    steps: list[tuple[float, int, int]] = []  # each step's (seconds, tokens, prompt-chunk tokens)
+    forward = engine.runner.forward
+
+    def timed(items: list[Any]) -> Any:
+        t0 = time.perf_counter()
+        out = forward(items)
+        steps.append((time.perf_counter() - t0, sum(len(it.tokens) for it in items),
+                      sum(len(it.tokens) for it in items if len(it.tokens) > 1)))
+        return out
+
+    engine.runner.forward = timed  # type: ignore[method-assign]
+    engine.bench_steps = steps  # type: ignore[attr-defined]
     engine.start()
     try:
         yield engine
@@ -232,8 +246,12 @@ def measure(targets: list[tuple[str, str, Any]], args: argparse.Namespace, vocab
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
         for k in range(args.repeats):
             for name, url, engine in targets[k % len(targets):] + targets[: k % len(targets)]:
+                if engine is not None:
+                    engine.bench_steps.clear()
                 run = load(url, "m", clients, args.requests, args.max_tokens, args.seed + k, args.timeout, vocab,
                            engine)
+                if engine is not None:
+                    run["steps"] = list(engine.bench_steps)
                 after = bandwidth()
                 run["bandwidth"] = max(last, after)  # the probes on either side: the stricter limit
                 last = after
@@ -259,6 +277,21 @@ def step_limit(cfg: Any, bandwidth: float, batch: int, elem: float = 2.0) -> flo
     step_bytes = cfg.n_layers * (_dense_bytes_per_layer(cfg, elem) + touched * _expert_bytes(cfg, elem))
     step_bytes += cfg.vocab_size * cfg.dim * elem  # the output matrix (embedding rows read are negligible)
     return batch * bandwidth / step_bytes
+
+
+def breakdown(cfg: Any, r: dict[str, Any]) -> dict[str, float]:
+    """Where an in-process engine run's time went (its step log): prompt steps (any step with a
+    prompt chunk), decoding-only steps against their own limits at the run's bandwidth, gaps
+    between steps; and `bound`, the fraction of the weight-streaming limit a server reaches on this
+    run's schedule with decoding steps exactly at their limits, this prefill and no gaps."""
+    bw, steps = r["bandwidth"], r["steps"]
+    prompt_s = sum(dt for dt, _, n in steps if n)
+    decode = [(dt, n) for dt, n, p in steps if not p]
+    decode_s = sum(dt for dt, _ in decode)
+    at_limit_s = sum(n / step_limit(cfg, bw, n) for _, n in decode)
+    return {"prompt_s": prompt_s, "decode_s": decode_s, "gaps_s": r["wall_s"] - prompt_s - decode_s,
+            "decode_of_limit": at_limit_s / decode_s if decode_s else float("nan"),
+            "bound": r["tokens"] / (prompt_s + at_limit_s) / step_limit(cfg, bw, r["clients"])}
 
 
 def plot(report: dict[str, Any], png: Path) -> None:
@@ -424,6 +457,9 @@ def main() -> None:
         r["of_limit"] = sorted(fracs)[len(fracs) // 2]
         r["limit_tok_s"] = step_limit(cfg, r["bandwidth"], r["clients"])  # the median run's
         r["limit_tok_s_whole_run"] = step_limit(cfg, bw, r["clients"])  # at the best of the outer probes
+        if "steps" in r:
+            r["breakdown"] = breakdown(cfg, r)
+            del r["steps"]
     report = {"preset": args.preset, "threads": args.threads, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests, "repeats": args.repeats, "prompt_lens": PROMPT_LENS,
               "bandwidth_GBs": [b / 1e9 for b in bws], "peers": peers, "versions": versions,
@@ -447,7 +483,14 @@ def main() -> None:
               f"{ratios} {r['of_limit']:.0%} ({r['tok_s'] / r['limit_tok_s_whole_run']:.0%} of "
               f"{r['limit_tok_s_whole_run']:.0f}) | "
               f"{r['ttft_p50']*1e3:.0f} / {r['ttft_p99']*1e3:.0f} | {r['itl_p50']*1e3:.0f} / {r['itl_p99']*1e3:.0f} |")
-    print(f"\nmemory bandwidth {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s (before, after: the limit in "
+    for r in results:
+        if "breakdown" in r:
+            b = r["breakdown"]
+            print(f"\n{r['server']}, {r['clients']} clients (its median run, {r['wall_s']:.2f} s): steps with prompt "
+                  f"tokens {b['prompt_s']:.2f} s, decoding-only steps {b['decode_s']:.2f} s at {b['decode_of_limit']:.2f} "
+                  f"of their limits, gaps {b['gaps_s']:.2f} s; with those steps at their limits, this prefill and "
+                  f"no gaps: {b['bound']:.0%} of the weight-streaming limit", end="")
+    print(f"\n\nmemory bandwidth {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s (before, after: the limit in "
           f"brackets uses the higher; per run: the stricter of the probes right before and after it, median of the "
           f"runs' fractions); {args.threads} threads; {args.requests} requests per client, {args.repeats} runs per "
           f"point; "
