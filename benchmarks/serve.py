@@ -17,7 +17,8 @@ and continuous batching), built from the llama.cpp source the llama-cpp-python s
 adds the same load on an in-process `Engine` (no HTTP), which shows what serving costs on top of the
 engine, and where its time goes: steps with prompt tokens, decoding-only steps against their own
 limits, gaps between steps, and what a server with decoding steps exactly at their limits would
-reach on the same schedule (the prompt tokens cost compute the limit does not count). Every server gets the same `--threads`. Everything binds to 127.0.0.1; every run is bounded
+reach on the same schedule (the prompt tokens cost compute the limit does not count). Every server
+gets the same `--threads`. Everything binds to 127.0.0.1; every run is bounded
 by `--timeout`. `--model-dir` keeps the checkpoint and GGUF for later runs.
 
     python benchmarks/serve.py --llama-server /path/to/llama-server --llama-cpp-python --engine --threads 2
@@ -487,9 +488,9 @@ def main() -> None:
         if "breakdown" in r:
             b = r["breakdown"]
             print(f"\n{r['server']}, {r['clients']} clients (its median run, {r['wall_s']:.2f} s): steps with prompt "
-                  f"tokens {b['prompt_s']:.2f} s, decoding-only steps {b['decode_s']:.2f} s at {b['decode_of_limit']:.2f} "
-                  f"of their limits, gaps {b['gaps_s']:.2f} s; with those steps at their limits, this prefill and "
-                  f"no gaps: {b['bound']:.0%} of the weight-streaming limit", end="")
+                  f"tokens {b['prompt_s']:.2f} s, decoding-only steps {b['decode_s']:.2f} s at "
+                  f"{b['decode_of_limit']:.2f} of their limits, gaps {b['gaps_s']:.2f} s; with those steps at their "
+                  f"limits, this prefill and no gaps: {b['bound']:.0%} of the weight-streaming limit", end="")
     print(f"\n\nmemory bandwidth {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s (before, after: the limit in "
           f"brackets uses the higher; per run: the stricter of the probes right before and after it, median of the "
           f"runs' fractions); {args.threads} threads; {args.requests} requests per client, {args.repeats} runs per "
