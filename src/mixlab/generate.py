@@ -48,13 +48,14 @@ def _forward(
     model: Transformer, tokens_BT: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache, record_experts: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Last-position logits `[B, V]` (float32) and, optionally, that position's experts `[B, L, K]`."""
-    B, T = tokens_BT.shape
-    out = model.forward_output(tokens_BT, positions_BT=positions_BT, cache=cache, logits=False)
+    B = tokens_BT.shape[0]
+    # Only the last position's output is needed: the last layer's feed-forward block and the output
+    # projection run for it alone.
+    out = model.forward_output(tokens_BT, positions_BT=positions_BT, cache=cache, logits=False, last_only=True)
     h_BTD, routings = out.hidden_BTD, out.routing
     experts_BLK = None
     if record_experts and routings:
-        experts_BLK = torch.stack([r.idx_TK.view(B, T, -1)[:, -1] for r in routings], dim=1)
-    # Only the last position's logits are needed: skip the [B, T, V] output projection of the rest.
+        experts_BLK = torch.stack([r.idx_TK.view(B, -1, r.idx_TK.shape[-1])[:, -1] for r in routings], dim=1)
     return model.output(h_BTD[:, -1]).float(), experts_BLK
 
 

@@ -202,7 +202,7 @@ class MixlabPeer(Peer):
         self.dtype = model.tok_embeddings.weight.dtype
 
     def _last_logits(self, tokens_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        h_BTD = self.model.forward_output(tokens_BT, cache=cache, logits=False).hidden_BTD
+        h_BTD = self.model.forward_output(tokens_BT, cache=cache, logits=False, last_only=True).hidden_BTD
         return self.model.output(h_BTD[:, -1])
 
     def prefill(self, tokens_BT: torch.Tensor) -> None:

@@ -117,9 +117,15 @@ class Transformer(nn.Module):
         segments_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits: bool = True,
+        last_only: bool = False,
     ) -> ModelOutput:
         """The final hidden state, each MoE layer's routing and (unless `logits=False`, e.g. for chunked
         losses or when only the routing is needed) the logits `[B, T, V]` for token ids `[B, T]`.
+
+        `last_only`: only the last position's output is wanted (a prompt's prefill): the last layer
+        runs its feed-forward block for that position alone (the other positions still write their
+        keys and values into `cache`), as llama.cpp skips unused outputs; the hidden state, the
+        logits and the last layer's routing then cover one position `[B, 1, ...]`.
 
         `positions_BT`: absolute position of each token, -1 for padding; default 0..T-1 (or
         continuing the cache). With a cache, the tokens are appended to it. `segments_BT`: packed
@@ -152,8 +158,13 @@ class Transformer(nn.Module):
         else:
             mask = None  # plain causal: lets SDPA take its fastest kernel
         routings: list[Routing] = []
+        last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
-            x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots)
+            if last_only and i == last:
+                x_BTD = x_BTD + block.attn(block.attn_norm(x_BTD), cos, sin, mask, cache, i, slots)
+                x_BTD, routing = block.feed_forward(x_BTD[:, -1:])
+            else:
+                x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots)
             if routing is not None:
                 routings.append(routing)
         if cache is not None:
