@@ -48,9 +48,11 @@ class Block(nn.Module):
         cache: KVCache | None,
         layer: int,
         slots: torch.Tensor | None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, Routing | None]:
+        """`last_only`: the feed-forward block for the last position alone (`[B, 1, D]` out)."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache, layer, slots)
-        return self.feed_forward(x_BTD)
+        return self.feed_forward(x_BTD[:, -1:] if last_only else x_BTD)
 
     def feed_forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
         """The block's second half, x + ffn(ffn_norm(x)), and the routing of an MoE layer (the
@@ -160,11 +162,7 @@ class Transformer(nn.Module):
         routings: list[Routing] = []
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
-            if last_only and i == last:
-                x_BTD = x_BTD + block.attn(block.attn_norm(x_BTD), cos, sin, mask, cache, i, slots)
-                x_BTD, routing = block.feed_forward(x_BTD[:, -1:])
-            else:
-                x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots)
+            x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots, last_only and i == last)
             if routing is not None:
                 routings.append(routing)
         if cache is not None:
