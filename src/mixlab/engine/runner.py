@@ -342,9 +342,25 @@ class Runner:
             q_pos = pos_N[offsets[i] : offsets[i] + len(it.tokens)]
             c_masks.append(attention_mask(q_pos[None], self.pos_SC[it.slot : it.slot + 1, :n], cfg.sliding_window))
 
+        # The rows whose logits are wanted: the last layer's feed-forward block runs for them alone
+        # (the other rows only leave keys and values; they are still routed), as `mx_decode_batch`.
+        rows: list[int] = []
+        spans: list[tuple[int, int] | None] = []
+        for i, it in enumerate(items):
+            T, a = len(it.tokens), offsets[i]
+            if it.logits == "none":
+                spans.append(None)
+                continue
+            r = list(range(a, a + T)) if it.logits == "all" else [a + T - 1]
+            spans.append((len(rows), len(rows) + len(r)))
+            rows += r
+        rows_R = torch.tensor(rows, device=dev, dtype=torch.long)
+        some = len(rows) < N
+
         x_ND = model.tok_embeddings(tokens_N)
         cos, sin = rope_cos_sin(pos_N[None], Hd, cfg.rope_theta, x_ND.dtype)  # [1, N, 1, Hd]
         routed: list[torch.Tensor] = []
+        last_layer = len(model.layers) - 1
         for li, block in enumerate(model.layers):
             assert isinstance(block, Block)
             attn = block.attn
@@ -367,7 +383,11 @@ class Runner:
                 q_1HTHd = q_NHHd[a : a + T].transpose(0, 1)[None]
                 y = training_sdpa(q_1HTHd, kc[it.slot : it.slot + 1, :, :n], vc[it.slot : it.slot + 1, :, :n], mask)
                 y_NHHd[a : a + T] = y[0].transpose(0, 1)
-            x_1ND, routing = block.feed_forward((x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd)))[None])
+            x_1ND = (x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd)))[None]
+            if li == last_layer and some:
+                x_1ND, routing = block.feed_forward_rows(x_1ND, rows_R)  # x_ND: the wanted rows, in order
+            else:
+                x_1ND, routing = block.feed_forward(x_1ND)
             x_ND = x_1ND[0]
             if routing is not None:
                 routed.append(routing.idx_TK)
@@ -375,19 +395,9 @@ class Runner:
             self.record_experts(torch.stack(routed))
 
         # Output projection only where logits are wanted.
-        rows: list[int] = []
-        spans: list[tuple[int, int] | None] = []
-        for i, it in enumerate(items):
-            T, a = len(it.tokens), offsets[i]
-            if it.logits == "none":
-                spans.append(None)
-                continue
-            r = list(range(a, a + T)) if it.logits == "all" else [a + T - 1]
-            spans.append((len(rows), len(rows) + len(r)))
-            rows += r
         logits_RV = None
         if rows:
-            h_RD = model.norm(x_ND[torch.tensor(rows, device=dev)])
+            h_RD = model.norm(x_ND if some else x_ND[rows_R])
             logits_RV = _lin(model.output, h_RD).float()
         out = []
         for i, it in enumerate(items):

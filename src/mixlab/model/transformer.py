@@ -54,6 +54,22 @@ class Block(nn.Module):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache, layer, slots)
         return self.feed_forward(x_BTD[:, -1:] if last_only else x_BTD)
 
+    def feed_forward_rows(self, x_1TD: torch.Tensor, rows_R: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
+        """`feed_forward` for the positions `rows_R` of `x_1TD` alone, `[1, R, D]` out (an engine
+        step's last layer: only the rows whose logits are wanted). An MoE layer still routes every
+        position, and its routing covers all T."""
+        h_TD = self.ffn_norm(x_1TD[0])
+        if isinstance(self.ffn, MoEBlock):
+            routing = self.ffn.gate(h_TD)
+            if rows_R.numel() == 0:
+                return x_1TD[:, :0], routing
+            some = Routing(routing.logits_TE[rows_R], routing.idx_TK[rows_R], routing.weight_TK[rows_R])
+            y_RD = self.ffn.experts.mix(h_TD[rows_R], some, self.ffn.impl)
+            return (x_1TD[0, rows_R] + y_RD)[None], routing
+        if rows_R.numel() == 0:
+            return x_1TD[:, :0], None
+        return (x_1TD[0, rows_R] + self.ffn(h_TD[rows_R]))[None], None
+
     def feed_forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
         """The block's second half, x + ffn(ffn_norm(x)), and the routing of an MoE layer (the
         engine's batched step and CUDA-graph step run their own attention, then this)."""
