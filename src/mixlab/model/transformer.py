@@ -52,23 +52,31 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, Routing | None]:
         """`last_only`: the feed-forward block for the last position alone (`[B, 1, D]` out)."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache, layer, slots)
-        return self.feed_forward(x_BTD[:, -1:] if last_only else x_BTD)
+        if last_only and self._rows_alone():
+            return self.feed_forward(x_BTD[:, -1:])
+        y_BTD, routing = self.feed_forward(x_BTD)
+        return (y_BTD[:, -1:] if last_only else y_BTD), routing
+
+    def _rows_alone(self) -> bool:
+        """Whether the feed-forward block of some rows equals those rows of the whole pass: not with
+        an expert capacity, which drops tokens by the whole batch."""
+        return not (isinstance(self.ffn, MoEBlock) and self.ffn.moe.capacity_factor is not None)
 
     def feed_forward_rows(self, x_1TD: torch.Tensor, rows_R: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
         """`feed_forward` for the positions `rows_R` of `x_1TD` alone, `[1, R, D]` out (an engine
         step's last layer: only the rows whose logits are wanted). An MoE layer still routes every
-        position, and its routing covers all T."""
+        position, and its routing covers all T. The block is called as a whole (`self.ffn`), so
+        that a wrapped forward (expert parallelism's all-to-all) runs."""
+        if not self._rows_alone():
+            y_1TD, routing = self.feed_forward(x_1TD)
+            return y_1TD[:, rows_R], routing
         h_TD = self.ffn_norm(x_1TD[0])
-        if isinstance(self.ffn, MoEBlock):
-            routing = self.ffn.gate(h_TD)
-            if rows_R.numel() == 0:
-                return x_1TD[:, :0], routing
-            some = Routing(routing.logits_TE[rows_R], routing.idx_TK[rows_R], routing.weight_TK[rows_R])
-            y_RD = self.ffn.experts.mix(h_TD[rows_R], some, self.ffn.impl)
-            return (x_1TD[0, rows_R] + y_RD)[None], routing
+        routing = self.ffn.gate(h_TD) if isinstance(self.ffn, MoEBlock) else None
         if rows_R.numel() == 0:
-            return x_1TD[:, :0], None
-        return (x_1TD[0, rows_R] + self.ffn(h_TD[rows_R]))[None], None
+            return x_1TD[:, :0], routing
+        h_1RD = h_TD[rows_R][None]
+        y_1RD = self.ffn(h_1RD)[0] if isinstance(self.ffn, MoEBlock) else self.ffn(h_1RD)
+        return x_1TD[:, rows_R] + y_1RD, routing
 
     def feed_forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
         """The block's second half, x + ffn(ffn_norm(x)), and the routing of an MoE layer (the
