@@ -213,6 +213,23 @@ def test_registry_and_bad_input():
                   torch.empty(1, dec.vocab_size), torch.empty(dec.n_layers, 2, dec.top_k, dtype=torch.int32))
 
 
+def test_a_model_with_an_expert_capacity_stays_on_pytorch():
+    """The native kernels run every chosen expert; a model that drops tokens over an expert capacity
+    is not given to them (PyTorch's pass applies the capacity), so its engine steps equal it."""
+    import dataclasses
+
+    from mixlab.model.native import NativeDecoder, attach, shared_decoder
+
+    cfg = get_preset("tiny-moe").replace(vocab_size=128, max_seq_len=128)
+    model = Transformer(cfg.replace(moe=dataclasses.replace(cfg.moe, capacity_factor=0.5))).eval()
+    model.init_weights(std=0.5, seed=0)
+    with pytest.raises(ValueError, match=r"capacity \(moe.capacity_factor=0.5\)"):
+        NativeDecoder(model, native.library())
+    assert shared_decoder(model) is None and not attach(model) and model.native_decoder is None
+    runner = _runner(model, 2)
+    assert runner._native_batch([Item(0, [5, 6, 7], 0), Item(1, [9], 0)]) is None
+
+
 def test_decoder_copy_refused_and_model_unchanged():
     """The batched step reads the weights in place: the model's parameters are untouched."""
     model = _model()

@@ -125,6 +125,9 @@ class NativeDecoder:
 
         D, H, G, Hd, F_ = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
         E, K = (cfg.moe.num_experts, cfg.moe.top_k) if cfg.moe is not None else (1, 1)
+        if cfg.moe is not None and cfg.moe.capacity_factor is not None:  # PyTorch's pass drops them
+            raise ValueError(f"native decoding runs every chosen expert; this model drops tokens over an expert "
+                             f"capacity (moe.capacity_factor={cfg.moe.capacity_factor})")
         if E > 256 or Hd > 1024:  # the sizes of decode.c's stack arrays
             raise ValueError(f"native decoding supports up to 256 experts and head dim 1024, not {E} and {Hd}")
         w_out, s_out = _weight(model.output)
