@@ -116,12 +116,8 @@ def test_stream_random_tokens(tok):
 
 
 def _byte_ids(tok):
-    ids = {}
-    for i in range(tok.vocab_size):
-        piece = tok.id_to_piece(i)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            ids[int(piece[3:5], 16)] = i
-    assert len(ids) == 256
+    ids = {b: i for i in range(tok.vocab_size) if (b := tok.piece_byte(i)) is not None}
+    assert len(ids) == 256 and tok.piece_byte(tok.encode("hello", bos=False)[-1]) is None
     return ids
 
 

@@ -198,6 +198,11 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._b.id_to_piece(i)
 
+    def piece_byte(self, i: int) -> int | None:
+        """The byte a byte-fallback piece (`<0xE4>`) stands for; None for any other token."""
+        m = _BYTE_PIECE.fullmatch(self._b.id_to_piece(i))
+        return int(m.group(1), 16) if m else None
+
     def stream(self, *, context: Sequence[int] = ()) -> StreamDecoder:
         """An incremental decoder; `context` (e.g. the prompt's last tokens) fixes leading spaces."""
         return StreamDecoder(self, context=context)
@@ -311,10 +316,10 @@ class StreamDecoder:
         window does not end in byte pieces (a U+FFFD of some other origin stays held, as before)."""
         tail = bytearray()
         for i in reversed(self.ids[self.prefix :]):
-            m = _BYTE_PIECE.fullmatch(self.tok.id_to_piece(i))
-            if m is None:
+            b = self.tok.piece_byte(i)
+            if b is None:
                 break
-            tail.insert(0, int(m.group(1), 16))
+            tail.insert(0, b)
             if len(tail) == 3:
                 break
         if not tail:

@@ -145,27 +145,14 @@ def _jsonable(v: object) -> bool:
 # one choice: engine outputs -> text, logprobs, experts
 
 
-def _piece(tok: Tokenizer, i: int) -> str:
-    """A token's own text, for top-logprob alternatives ("▁" is a space, byte pieces are bytes)."""
-    p = tok.id_to_piece(i)
-    if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
-        try:
-            return bytes([int(p[3:5], 16)]).decode("utf-8", errors="replace")
-        except ValueError:
-            return p
-    return p.replace("\u2581", " ")
-
-
-def _piece_bytes(tok: Tokenizer, i: int, text: str) -> list[int]:
-    """A top-logprob alternative's `bytes`, as OpenAI reports them: a byte piece's own byte (its
-    `token` text is U+FFFD), else the text's UTF-8."""
-    p = tok.id_to_piece(i)
-    if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
-        try:
-            return [int(p[3:5], 16)]
-        except ValueError:
-            pass
-    return list(text.encode())
+def _piece(tok: Tokenizer, i: int) -> tuple[str, list[int]]:
+    """A token's own text and bytes, for top-logprob alternatives ("▁" is a space; a byte piece is
+    its byte, whose text is U+FFFD, as OpenAI reports a partial character)."""
+    b = tok.piece_byte(i)
+    if b is not None:
+        return bytes([b]).decode("utf-8", errors="replace"), [b]
+    text = tok.id_to_piece(i).replace("\u2581", " ")
+    return text, list(text.encode())
 
 
 @dataclass
@@ -213,8 +200,8 @@ class _Choice:
         if want_logprobs and out.logprob is not None:
             # a stop token gets an entry too (its text is only what the decoder still held back):
             # lm-eval's scoring slices token_logprobs[ctxlen:-1], which assumes one per generated token
-            top = [{"token": (s := _piece(tok, i)), "logprob": v, "bytes": _piece_bytes(tok, i, s), "id": i}
-                   for i, v in (out.top_logprobs or [])]
+            top = [{"token": text, "logprob": v, "bytes": raw, "id": i}
+                   for i, v in (out.top_logprobs or []) for text, raw in [_piece(tok, i)]]
             lp = {"token": delta, "logprob": out.logprob, "bytes": list(delta.encode()), "id": out.token_id,
                   "top_logprobs": top}
             self.tokens.append(lp)
@@ -695,7 +682,7 @@ def _completion_lp(head: dict[str, Any] | None, c: _Choice, tok: Tokenizer, *, g
             if v is None:
                 tops.append(None)
             elif ptop is not None and ptop[k] is not None:
-                tops.append(_top_dict({"token": _piece(tok, a), "logprob": b} for a, b in ptop[k]))
+                tops.append(_top_dict({"token": _piece(tok, a)[0], "logprob": b} for a, b in ptop[k]))
             else:  # logprobs=0: no alternatives asked for
                 tops.append({})
     if generated:
