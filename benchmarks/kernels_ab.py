@@ -43,6 +43,7 @@ from mixlab.ops import native  # noqa: E402
 
 D, F, E, K, L, V = 1024, 3584, 8, 2, 8, 32000
 Case = tuple[Callable[[], torch.Tensor | None], float, float]  # (run, bytes, FLOPs)
+PANELS = [False]  # the variant being run reads the weights' 32-row panels (`--panels`)
 
 
 def kernel_cases(names: list[str], g: torch.Generator) -> dict[str, Case]:
@@ -55,8 +56,10 @@ def kernel_cases(names: list[str], g: torch.Generator) -> dict[str, Case]:
         if kind in ("gu", "dn"):
             shape = (2 * F, D) if kind == "gu" else (D, F)
             ws = [w(*shape) for _ in range(16)]
+            ps = [native.pack_bf16(m) for m in ws]
             x = torch.randn(M, shape[1], generator=g)
-            cases[c] = (lambda x=x, ws=ws: [native.linear(x, m) for m in ws][-1],
+            cases[c] = (lambda x=x, ws=ws, ps=ps: [native.linear_packed(x, m, p) if PANELS[0] else native.linear(x, m)
+                                                   for m, p in zip(ws, ps, strict=True)][-1],
                         16 * shape[0] * shape[1] * 2, 16 * 2 * M * shape[0] * shape[1])
         elif kind in ("lin", "logits"):
             rows = 2 * F if kind == "lin" else V
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="engine steps per round")
     ap.add_argument("--prefill", action="store_true", help="an engine step prefilling 16 x 32 prompt tokens")
     ap.add_argument("--quant", default=None, choices=["int8", "int4"], help="the engine cases' weights")
+    ap.add_argument("--panels", action="store_true",
+                    help="also run each variant reading the bf16 weights' 32-row panels (NAME+panels: "
+                         "`NativeDecoder.pack`, `native.linear_packed`)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", type=float, default=58.0, help="GB/s between the slow and fast memory states")
     args = ap.parse_args()
@@ -164,10 +170,17 @@ def main() -> None:
         decoder = engines[0].runner._native_decoder()
         decoder.wait_huge_pages()
 
+    if args.panels:
+        libs |= {f"{name}+panels": lib for name, lib in list(libs.items())}
+        if decoder is not None:
+            decoder.pack()
+
     def use(name: str) -> None:
         native._lib, native._simd = libs[name]
+        PANELS[0] = name.endswith("+panels")
         if decoder is not None:
             decoder.lib = libs[name][0]
+            decoder.pack(PANELS[0])
 
     first = next(iter(libs))
     for c, (fn, _, _) in cases.items():  # outputs against the first variant's

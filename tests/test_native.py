@@ -414,6 +414,46 @@ def test_native_int4_panels_equal_bf16_matmul(group):
             assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
+@pytest.mark.parametrize("K", [64, 1024, 3584])
+def test_bf16_weights_kept_in_panels_equal_matmul(K):
+    """bf16 weights kept a second time in 32-row panels (`pack_bf16`, what `NativeDecoder.pack`
+    makes): the layout is mixlab.h's (checked element by element), and `linear_packed` (whole panels
+    from them: the streaming kernels up to 12 tokens, `panel32x*` past that; the rows outside whole
+    panels from the plain rows) == the float32 product of the bf16-rounded activations, for every
+    token count 1-13 and past several 12-token tiles, with 1 and 2 threads (row ranges that start
+    and end inside a panel: 2 threads split 96 rows at 48, 160 at 80)."""
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(64, K, generator=g).bfloat16()
+    P = native.pack_bf16(w)
+    r, k = torch.meshgrid(torch.arange(64), torch.arange(K), indexing="ij")
+    at = (r // 32) * 32 * K + (k // 2) * 64 + 2 * (r % 32) + k % 2  # mixlab.h, mx_pack_bf16
+    assert torch.equal(P.view(torch.int16).flatten()[at.flatten()], w.view(torch.int16).flatten())
+    threads = torch.get_num_threads()
+    try:
+        for nt, N in ((1, 64), (2, 96), (2, 160)):
+            torch.set_num_threads(nt)
+            w = torch.randn(N, K, generator=g).bfloat16()
+            P = native.pack_bf16(w)
+            for M in (*range(1, 14), 24, 25, 40):
+                x = torch.randn(M, K, generator=g)
+                ref = x.bfloat16().float() @ w.float().T
+                got = native.linear_packed(x, w, P)
+                torch.testing.assert_close(got, ref, atol=4e-5 * max(1.0, K / 1024), rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_panels_refuse_what_they_cannot_hold():
+    for w in (torch.randn(32, 64), torch.randn(40, 64).bfloat16(), torch.randn(32, 48).bfloat16()):
+        assert not native.packable(w)
+        with pytest.raises(ValueError, match="pack_bf16 needs a bf16 matrix with rows and row length multiples of 32"):
+            native.pack_bf16(w)
+    w = torch.randn(3, 32, 64).bfloat16()  # a stack of experts: 96 rows
+    assert native.packable(w) and native.pack_bf16(w).shape == w.shape
+    with pytest.raises(ValueError, match="linear_packed needs bf16 weights and their panels of the same shape"):
+        native.linear_packed(torch.randn(2, 64), w[0], torch.empty(64, 32, dtype=torch.bfloat16))
+
+
 def _compile_stub(tmp_path, source: str):
     (tmp_path / "stub.c").write_text(source)
     out = tmp_path / "stub.so"
@@ -424,25 +464,25 @@ def _compile_stub(tmp_path, source: str):
 def test_a_library_of_another_abi_version_is_refused(tmp_path):
     """decode.c itself, built with a different MX_ABI_VERSION: refused with a message, never called."""
     out = native.compile_library(native.compiler(), tmp_path / "old.so", defines=("MX_ABI_VERSION=1",))
-    with pytest.raises(native.NativeABIError, match=r"ABI version 1, but this mixlab expects 5; rebuild"):
+    with pytest.raises(native.NativeABIError, match=r"ABI version 1, but this mixlab expects 6; rebuild"):
         native.load_library(out)
 
 
-_ENTRY = "long long mx_sizeof(int w) { long long s[] = {104, 144, 120, 176, 264}; return s[w]; }\n"
+_ENTRY = "long long mx_sizeof(int w) { long long s[] = {136, 152, 120, 176, 264}; return s[w]; }\n"
 _SIMD = "int mx_simd(void) { return 0; }\nint mx_cpu_features(void) { return 0; }\n"
 
 
 @pytest.mark.parametrize(("source", "message"), [
     ("int mx_gemv(void) { return 0; }", r"no mx_abi_version; a library from an older decode.c"),
-    ("int mx_abi_version(void) { return 5; }\n" + _ENTRY, r"ABI 5 but an entry point is missing"),
-    ("int mx_abi_version(void) { return 5; }\nint mx_simd(void) { return 3; }\nint mx_cpu_features(void) "
+    ("int mx_abi_version(void) { return 6; }\n" + _ENTRY, r"ABI 6 but an entry point is missing"),
+    ("int mx_abi_version(void) { return 6; }\nint mx_simd(void) { return 3; }\nint mx_cpu_features(void) "
      "{ return 1; }\nlong long mx_sizeof(int w) { return 0; }\nlong long mx_offsetof(int w, int f) { return -1; }",
      r"built with SIMD bits 3 but this CPU has 1"),
-    ("int mx_abi_version(void) { return 5; }\n" + _SIMD + "long long mx_sizeof(int w) { return w == 0 ? 96 : 0; }"
+    ("int mx_abi_version(void) { return 6; }\n" + _SIMD + "long long mx_sizeof(int w) { return w == 0 ? 96 : 0; }"
      "\nlong long mx_offsetof(int w, int f) { return -1; }", r"structure Layer is 96 bytes in the native library "
-     r"but 104 in Python"),
-    ("int mx_abi_version(void) { return 5; }\n" + _SIMD + _ENTRY + "long long mx_offsetof(int w, int f) "
-     "{ return f < 13 ? (f == 3 ? 999 : f * 8) : -1; }",
+     r"but 136 in Python"),
+    ("int mx_abi_version(void) { return 6; }\n" + _SIMD + _ENTRY + "long long mx_offsetof(int w, int f) "
+     "{ return f < 17 ? (f == 3 ? 999 : f * 8) : -1; }",
      r"structure Layer field 3 \(wo\) is at offset 999 in the native library but 24 in Python"),
 ])
 def test_a_mismatched_library_is_refused(tmp_path, source, message):
@@ -454,8 +494,8 @@ def test_struct_sizes_agree_with_the_library():
     lib = native.library()
     assert lib is not None
     sizes = [ctypes.sizeof(s) for s in native.STRUCTS]
-    assert [lib.mx_sizeof(i) for i in range(5)] == sizes == [104, 144, 120, 176, 264]
-    assert lib.mx_offsetof(1, 10) == native.Model.eps.offset == 80 and lib.mx_offsetof(0, 13) == -1
+    assert [lib.mx_sizeof(i) for i in range(5)] == sizes == [136, 152, 120, 176, 264]
+    assert lib.mx_offsetof(1, 10) == native.Model.eps.offset == 80 and lib.mx_offsetof(0, 17) == -1
 
 
 def _prefilled(model: Transformer, n: int = 6) -> tuple[KVCache, torch.Tensor]:

@@ -409,6 +409,85 @@ def test_mixed_steps_bf16_close_to_single_runs():
     _mixed(model, 4, steps=8, seed=6, lengths=[5, 9, 3, 12], atol=2e-2, rtol=2e-2, peers=("single",))
 
 
+def test_weights_kept_in_panels_equal_the_rows_in_mixed_steps():
+    """A bf16 model's engine steps reading the weights' 32-row panels (`pack_weights=True`) against
+    the same model's steps reading the rows (a copy, `pack_weights=False`): prompt chunks of 1-40
+    tokens next to decoding tokens (experts with 1 to 12 and more tokens; the 64-row dense matrices
+    and the output split inside a panel by 2 threads), logits of none, the last or every row. They
+    differ in float32 summation order only, which can move a bf16 rounding of an activation or a
+    cached key by one unit (2^-8) further on: logits within 1e-2 of each row's scale (1e-3 at the
+    first step, which meets a fresh cache), identical experts and greedy tokens, caches within bf16's
+    rounding."""
+    if not native.fast(torch.bfloat16):
+        pytest.skip("no AVX512-BF16")
+    model = _model().to(torch.bfloat16)
+    models = {"panels": model, "rows": copy.deepcopy(model)}
+    runners = {how: Runner(m, max_batch=6, cache_bytes=None, prefill_chunk=64, max_seq_len=128, prefix_cache=False,
+                           pack_weights=how == "panels") for how, m in models.items()}
+    for r in runners.values():
+        r.prepare()
+    assert runners["panels"].packed_bytes > 0 and runners["rows"].packed_bytes == 0
+    assert runners["rows"]._native_decoder() is not runners["panels"]._native_decoder()
+    g = torch.Generator().manual_seed(7)
+    lengths = [1, 12, 40, 7, 25, 3]
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+    done = [0] * 6
+    gen: dict[str, list[list[int]]] = {how: [[] for _ in range(6)] for how in runners}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for step in range(10):
+            spec = []
+            for s in range(6):
+                if done[s] < len(prompts[s]):
+                    n = min(int(torch.randint(1, 17, (1,), generator=g)) if step else 40, len(prompts[s]) - done[s])
+                    mode = "last" if done[s] + n == len(prompts[s]) else ("none", "all")[step % 2]
+                    spec.append((s, n, mode))
+                else:
+                    spec.append((s, 0, "last"))
+            got = {}
+            for how, runner in runners.items():
+                items = [Item(s, prompts[s][done[s]:done[s] + n], done[s], logits=mode, experts=True) if n else
+                         Item(s, gen[how][s][-1:], len(prompts[s]) + len(gen[how][s]) - 1, experts=True)
+                         for s, n, mode in spec]
+                out = runner._native_batch(items)
+                assert out is not None
+                got[how] = out
+                for (s, n, _), res in zip(spec, out, strict=True):
+                    if n == 0 or done[s] + n == len(prompts[s]):
+                        gen[how][s].append(int(res.logits_TV[-1].argmax()))
+            for a, b in zip(got["panels"], got["rows"], strict=True):
+                assert (a.logits_TV is None) == (b.logits_TV is None)
+                if a.logits_TV is not None:
+                    scale = b.logits_TV.float().abs().amax(-1, keepdim=True)
+                    assert ((a.logits_TV.float() - b.logits_TV.float()).abs() / scale).max() <= (1e-2 if step else 1e-3)
+                assert torch.equal(a.experts_LK, b.experts_LK)
+            assert gen["panels"] == gen["rows"]
+            for s, n, _ in spec:
+                done[s] += n
+    finally:
+        torch.set_num_threads(threads)
+    pa, ro = runners["panels"], runners["rows"]
+    assert torch.equal(pa.pos_SC, ro.pos_SC)
+    for a, b in zip(pa.k + pa.v, ro.k + ro.v, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_pack_weights_automatic_and_checked():
+    """None packs a bf16 model whose panels fit in half the memory available, never float32
+    weights (nothing to pack); anything but a bool or None is refused."""
+    if not native.fast(torch.bfloat16):
+        pytest.skip("no AVX512-BF16")
+    for dtype, packed in ((torch.bfloat16, True), (torch.float32, False)):
+        r = Runner(_model().to(dtype), max_batch=2, cache_bytes=None, prefill_chunk=CHUNK, max_seq_len=64,
+                   prefix_cache=False)
+        r.prepare()
+        assert (r.packed_bytes > 0) == packed
+    with pytest.raises(ValueError, match="invalid pack_weights='yes': expected True, False or None"):
+        Runner(_model(), max_batch=2, cache_bytes=None, prefill_chunk=CHUNK, max_seq_len=64, prefix_cache=False,
+               pack_weights="yes")
+
+
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_long_chunk_through_the_panels_equals_short_chunks(quant):
     """A 160-token prompt chunk in one native step of a bf16 model, whose products of >= 64 tokens

@@ -51,7 +51,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mixlab serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)
     model, tok = _load(args)
-    kw = dict(max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget)
+    kw = dict(max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget,
+              pack_weights={"auto": None, "yes": True, "no": False}[args.pack_weights])
     if args.cache_bytes is not None:
         kw["cache_bytes"] = args.cache_bytes
     engine = Engine(model, tok, **kw)
@@ -94,6 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--cache-bytes", type=_bytes, default=None, help="KV cache budget, e.g. 2GB (default: engine's)")
     e.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429 (default 256)")
     e.add_argument("--token-budget", type=_positive, default=512, help="tokens per engine step (default 512)")
+    e.add_argument("--pack-weights", default="auto", choices=["auto", "yes", "no"],
+                   help="keep bf16 weights a second time in the native kernels' panels: faster engine steps, "
+                        "twice the weights' memory (auto: when that fits in half the memory available)")
     e.add_argument("--max-tokens-limit", type=_positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MB)")

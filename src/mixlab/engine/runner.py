@@ -84,16 +84,30 @@ def _lin(mod: nn.Module, x_ND: torch.Tensor) -> torch.Tensor:
     return mod(x_ND)
 
 
+def available_memory() -> int:
+    """Bytes of memory available for new allocations (Linux's MemAvailable), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class Runner:
     """The slot pool and the batched forward pass (see the module docstring).
 
     `max_seq_len`: positions per sequence (default: the model's context, or as many as
     `cache_bytes` allows for `max_batch` sequences); `cache_bytes`: the pool's budget (default
-    2 GiB at most), giving min(max_batch, cache_bytes // slot bytes) slots.
+    2 GiB at most), giving min(max_batch, cache_bytes // slot bytes) slots; `pack_weights`: see
+    `Engine` (the panels belong to the model's native decoder, shared by every engine over it:
+    False never packs, it does not unpack what another engine packed).
     """
 
     def __init__(self, model: Transformer, *, max_batch: int, cache_bytes: int | None, prefill_chunk: int,
-                 max_seq_len: int | None, prefix_cache: bool) -> None:
+                 max_seq_len: int | None, prefix_cache: bool, pack_weights: bool | None = None) -> None:
         cfg = model.config
         self.model = model
         self.per_token = bytes_per_token(model)
@@ -142,6 +156,10 @@ class Runner:
         moe = model.config.moe
         self._load_LE = torch.zeros(cfg.n_layers if moe else 0, moe.num_experts if moe else 0, dtype=torch.long)
         self._views: dict[int, KVCache] = {}
+        if pack_weights is not None and not isinstance(pack_weights, bool):
+            raise ValueError(f"invalid pack_weights={pack_weights!r}: expected True, False or None (automatic)")
+        self.pack_weights = pack_weights
+        self.packed_bytes = 0  # what the decoder keeps in panels (`NativeDecoder.pack`), once packed
         self._native: NativeDecoder | None = None
         self._native_stale = True  # look the decoder up again before the next native step
         self.graphed: GraphedDecode | None = None
@@ -200,11 +218,33 @@ class Runner:
         pool (the model can be trained between batches, not while sequences run over its cache)."""
         own = self.model.native_decoder
         if own is not None:
+            if self._native is not own:
+                self._native = own
+                self._pack(own)
             return own
         if self._native_stale:
-            self._native = shared_decoder(self.model) if self.device.type == "cpu" else None
+            dec = shared_decoder(self.model) if self.device.type == "cpu" else None
+            if dec is not None and dec is not self._native:
+                self._pack(dec)
+            self._native = dec
             self._native_stale = False
         return self._native
+
+    def prepare(self) -> None:
+        """Look up the native decoder now (packing its weights, `pack_weights`): what the first step
+        would otherwise do."""
+        if self.device.type == "cpu" and len(self.free_slots) == self.n_slots:
+            self._native_decoder()
+
+    def _pack(self, dec: NativeDecoder) -> None:
+        """Keep the decoder's bf16 weights in panels too (`NativeDecoder.pack`) when `pack_weights`
+        says so, or (None) when that copy takes at most half of the memory available now."""
+        want = self.pack_weights
+        if want is None:
+            need = dec.packable_bytes()
+            want = 0 < need <= available_memory() // 2
+        if want:
+            self.packed_bytes = dec.pack()
 
     def _native_step(self, it: Item) -> Result | None:
         dec = self._native_decoder()

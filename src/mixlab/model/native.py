@@ -93,6 +93,27 @@ def huge_pages(tensors: list[torch.Tensor]) -> int:
     return done
 
 
+_MADV_HUGEPAGE = 14
+
+
+def huge_empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised CPU tensor like `t` whose whole 2 MiB pages Linux backs with huge pages as they
+    are first written (`MADV_HUGEPAGE` before any write: nothing to collapse later); a plain
+    `torch.empty_like` elsewhere."""
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    if sys.platform.startswith("linux"):
+        try:
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+            madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+            start = (out.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+            end = (out.data_ptr() + out.numel() * out.element_size()) & ~(_HUGE - 1)
+            if end > start:
+                madvise(start, end - start, _MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass
+    return out
+
+
 def int4_activations(model: nn.Module) -> str:
     """The model's int4 activation mode (`INT4_ACTIVATIONS`; the default unless set)."""
     mode = getattr(model, "int4_activations", None) or DEFAULT_INT4_ACTIVATIONS
@@ -154,6 +175,9 @@ class NativeDecoder:
         _check_shape("output", w_out, (cfg.vocab_size, D))
 
         self.layers = (native.Layer * cfg.n_layers)()
+        # bf16 matrices `pack` may keep in panels: (layer, name) -> weight; (-1, "out"): the output
+        self._packable: dict[tuple[int, str], torch.Tensor] = {(-1, "out"): w_out.detach()}
+        self._packed: dict[tuple[int, str], torch.Tensor] | None = None
         for i, block in enumerate(model.layers):
             assert isinstance(block, Block)
             ffn = block.ffn
@@ -177,6 +201,8 @@ class NativeDecoder:
                 _check_shape(f"layer {i} {name}", t, shape)
             if {t.dtype for t in (wqkv, wo, w13, w2)} != {w_out.dtype}:
                 raise ValueError("native decoding needs one weight dtype for every matrix")
+            for name, t in (("wqkv", wqkv), ("wo", wo), ("w13", w13), ("w2", w2)):
+                self._packable[(i, name)] = t
             self.layers[i] = native.Layer(
                 f32(block.attn_norm.weight), ptr(wqkv), scales(wqkv, s_qkv), ptr(wo), scales(wo, s_o),
                 f32(block.ffn_norm.weight), router, ptr(w13), scales(w13, s13), ptr(w2), scales(w2, s2),
@@ -219,6 +245,37 @@ class NativeDecoder:
         self.huge_pages = 0  # ranges collapsed (set when the thread ends)
         self._collapsing = threading.Thread(target=self._collapse, args=(big,), name="mixlab-huge-pages", daemon=True)
         self._collapsing.start()
+
+    def packable_bytes(self) -> int:
+        """The memory `pack` adds: every bf16 weight matrix kept a second time, in panels (0 when the
+        weights are not bf16, or their shapes or this CPU do not allow panels)."""
+        return sum(t.numel() * t.element_size() for t in self._packable.values() if native.packable(t))
+
+    def pack(self, on: bool = True) -> int:
+        """Keep every bf16 weight matrix a second time in 32-row panels (`native.pack_bf16`) and let
+        the engine step (`batch`) read those: at a few tokens per expert, a panel streams as one
+        sequential read that serves every token, where a row is read once per token group (measured
+        in BENCHMARKS.md, "Serving"). The batch-1 step (`step`) keeps reading the rows. Costs
+        `packable_bytes` of memory, made once (the first call; ~0.1 s per GB) and kept with the
+        decoder; `pack(False)` stops reading them (A/B benchmarks) without freeing them. Returns
+        the bytes kept in panels. The panels are copies: a decoder over weights changed later is
+        rebuilt (`shared_decoder`), with no panels until packed again."""
+        with self._lock:
+            if on and self._packed is None:
+                self._packed = {}
+                for key, t in self._packable.items():
+                    if native.packable(t):
+                        P = huge_empty_like(t)
+                        native.pack_into(t, P)
+                        self._packed[key] = P
+            packed = self._packed or {}
+            for (i, name), P in packed.items():
+                at = P.data_ptr() if on else None
+                if i < 0:
+                    self.c_model.out_p = at
+                else:
+                    setattr(self.layers[i], f"{name}_p", at)
+            return sum(P.numel() * P.element_size() for P in packed.values()) if on else 0
 
     def _collapse(self, tensors: list[torch.Tensor]) -> None:
         self.huge_pages = huge_pages(tensors)

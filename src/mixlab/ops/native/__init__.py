@@ -43,7 +43,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32)).
@@ -86,7 +86,7 @@ class Layer(ctypes.Structure):
 
     _fields_ = [(name, _P) for name in (
         "attn_norm", "wqkv", "wqkv_scale", "wo", "wo_scale", "ffn_norm", "router", "w13", "w13_scale",
-        "w2", "w2_scale", "k_cache", "v_cache")]
+        "w2", "w2_scale", "k_cache", "v_cache", "wqkv_p", "wo_p", "w13_p", "w2_p")]
 
 
 class Model(ctypes.Structure):
@@ -94,7 +94,7 @@ class Model(ctypes.Structure):
 
     _fields_ = [*[(name, _I64) for name in ("D", "H", "G", "Hd", "E", "K", "F", "V", "L", "window")],
                 ("eps", _F), ("wt", _I), ("ct", _I), ("et", _I),
-                *[(name, _P) for name in ("inv_freq", "embed", "out_norm", "out", "out_scale", "layers")]]
+                *[(name, _P) for name in ("inv_freq", "embed", "out_norm", "out", "out_scale", "layers", "out_p")]]
 
 
 class Buffers(ctypes.Structure):
@@ -138,6 +138,9 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     # wt w scale N K M X XB Y threads
     "mx_linear": (None, [_I, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I]),
     "mx_moe": (None, [_P, _I]),
+    "mx_pack_bf16": (None, [_P, _I64, _I64, _P, _I]),  # w N K P threads
+    # w P N K M X XB Y threads
+    "mx_linear_packed": (None, [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I]),
 }
 
 _lib: ctypes.CDLL | None = None
@@ -351,6 +354,51 @@ def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None 
     s = scale_arg(w, scale_X)
     lib.mx_linear(type_code(w, scale_X, act8=act8), w.data_ptr(), _ptr(s), X, D, M, x.data_ptr(), xb.data_ptr(),
                   y.data_ptr(), torch.get_num_threads())
+    return y.to(x_ND.dtype).reshape(*lead, X)
+
+
+def packable(w: torch.Tensor) -> bool:
+    """Whether `pack_bf16` takes this matrix (or stack of matrices): bf16, rows and row length
+    multiples of 32, and the bf16 kernels vectorised here."""
+    return (w.dtype == torch.bfloat16 and w.dim() >= 2 and w.shape[-1] % 32 == 0
+            and (w.numel() // w.shape[-1]) % 32 == 0 and fast(torch.bfloat16))
+
+
+def pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """The rows of bf16 matrix `w` [..., N, K] (every leading index a block of rows: a stack of
+    experts) in 32-row panels, as decode.c's kernels for a few tokens read them (`mx_pack_bf16` in
+    mixlab.h gives the layout). Same shape and dtype; only the native kernels can read it."""
+    if not packable(w):
+        raise ValueError(f"pack_bf16 needs a bf16 matrix with rows and row length multiples of 32 (and "
+                         f"AVX512-BF16), not {w.dtype} {tuple(w.shape)}")
+    P = torch.empty_like(w, memory_format=torch.contiguous_format)
+    pack_into(w, P)
+    return P
+
+
+def pack_into(w: torch.Tensor, P: torch.Tensor) -> None:
+    """`pack_bf16(w)` written into P (a contiguous tensor of w's shape and dtype)."""
+    if not packable(w) or P.shape != w.shape or P.dtype != w.dtype or not P.is_contiguous():
+        raise ValueError(f"pack_into needs a packable bf16 matrix and a contiguous tensor of its shape, not "
+                         f"{w.dtype} {tuple(w.shape)} into {P.dtype} {tuple(P.shape)}")
+    w = w.detach().contiguous()
+    _need().mx_pack_bf16(w.data_ptr(), w.numel() // w.shape[-1], w.shape[-1], P.data_ptr(), torch.get_num_threads())
+
+
+def linear_packed(x_ND: torch.Tensor, w_XD: torch.Tensor, packed_XD: torch.Tensor) -> torch.Tensor:
+    """`linear` for bf16 weights that also have their panels (`pack_bf16(w_XD)`): whole 32-row
+    panels from `packed_XD`, rows outside them from `w_XD` (tests, benchmarks)."""
+    lib = _need()
+    lead, X, D = x_ND.shape[:-1], w_XD.shape[0], x_ND.shape[-1]
+    if w_XD.dtype != torch.bfloat16 or packed_XD.shape != w_XD.shape or packed_XD.dtype != torch.bfloat16:
+        raise ValueError("linear_packed needs bf16 weights and their panels of the same shape")
+    x = x_ND.reshape(-1, D).float().contiguous()
+    w, P = w_XD.contiguous(), packed_XD.contiguous()
+    M = x.shape[0]
+    y = torch.empty(M, X, dtype=torch.float32)
+    xb = torch.empty(M * D, dtype=torch.int16)
+    lib.mx_linear_packed(w.data_ptr(), P.data_ptr(), X, D, M, x.data_ptr(), xb.data_ptr(), y.data_ptr(),
+                         torch.get_num_threads())
     return y.to(x_ND.dtype).reshape(*lead, X)
 
 

@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 5
+#define MX_ABI_VERSION 6
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -67,6 +67,9 @@ typedef struct { /* one layer's weights; scales are NULL unless wt == MX_I8; rou
     const float* w2_scale;
     void* k_cache; /* [G, C, Hd] of type ct: this layer's cache for the one sequence */
     void* v_cache;
+    /* bf16 weights also kept in 32-row panels (`mx_pack_bf16`), or NULL: what the engine step
+       (`mx_decode_batch`) reads instead of the rows above; the batch-1 step reads the rows */
+    const void *wqkv_p, *wo_p, *w13_p, *w2_p;
 } mx_layer;
 
 typedef struct {
@@ -79,6 +82,7 @@ typedef struct {
     const void* out;        /* [V, D] */
     const float* out_scale;
     const mx_layer* layers; /* [L] */
+    const void* out_p;      /* `out` in 32-row panels (bf16), or NULL (see mx_layer's `*_p`) */
 } mx_model;
 
 typedef struct { /* work buffers, float32 unless noted (bf16 copies: the rounded inputs of bf16 GEMVs) */
@@ -159,6 +163,13 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt);
 void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
                uint16_t* XB, float* Y, int nt);
 void mx_moe(const mx_moe_args* p, int nt);
+/* P = the N rows of bf16 matrix w [N, K] in 32-row panels (N % 32 == 0, K % 32 == 0): panel r / 32
+   holds rows r..r+31 as P[(r / 32) * 32 K + (k / 2) * 64 + 2 (r % 32) + (k % 2)], so that one
+   64-byte vector holds 16 rows' weights for inputs (k, k + 1) and a panel streams as one sequential
+   read. `mx_linear_packed`: mx_linear for bf16 weights with their panels. */
+void mx_pack_bf16(const void* w, int64_t N, int64_t K, void* P, int nt);
+void mx_linear_packed(const void* w, const void* P, int64_t N, int64_t K, int64_t M, const float* X, uint16_t* XB,
+                      float* Y, int nt);
 void mx_gemv(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, const float* x, uint16_t* xb,
              float* y, int nt);
 
