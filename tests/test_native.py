@@ -418,7 +418,7 @@ def test_native_int4_panels_equal_bf16_matmul(group):
 def test_bf16_weights_kept_in_panels_equal_matmul(K):
     """bf16 weights kept a second time in 32-row panels (`pack_bf16`, what `NativeDecoder.pack`
     makes): the layout is mixlab.h's (checked element by element), and `linear_packed` (whole panels
-    from them: the streaming kernels up to 12 tokens, `panel32x*` past that; the rows outside whole
+    from them: the streaming kernels, tokens in even chunks of at most 12; the rows outside whole
     panels from the plain rows) == the float32 product of the bf16-rounded activations, for every
     token count 1-13 and past several 12-token tiles, with 1 and 2 threads (row ranges that start
     and end inside a panel: 2 threads split 96 rows at 48, 160 at 80)."""
