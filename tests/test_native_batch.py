@@ -474,15 +474,16 @@ def test_weights_kept_in_panels_equal_the_rows_in_mixed_steps():
 
 
 def test_pack_weights_automatic_and_checked():
-    """None packs a bf16 model whose panels fit in half the memory available, never float32
+    """None packs a bf16 model whose panels fit in half the memory available when several
+    sequences share the steps, never for one sequence (the batch-1 step reads the rows) nor float32
     weights (nothing to pack); anything but a bool or None is refused."""
     if not native.fast(torch.bfloat16):
         pytest.skip("no AVX512-BF16")
-    for dtype, packed in ((torch.bfloat16, True), (torch.float32, False)):
-        r = Runner(_model().to(dtype), max_batch=2, cache_bytes=None, prefill_chunk=CHUNK, max_seq_len=64,
+    for dtype, slots, packed in ((torch.bfloat16, 2, True), (torch.bfloat16, 1, False), (torch.float32, 2, False)):
+        r = Runner(_model().to(dtype), max_batch=slots, cache_bytes=None, prefill_chunk=CHUNK, max_seq_len=64,
                    prefix_cache=False)
         r.prepare()
-        assert (r.packed_bytes > 0) == packed
+        assert (r.packed_bytes > 0) == packed, (dtype, slots)
     with pytest.raises(ValueError, match="invalid pack_weights='yes': expected True, False or None"):
         Runner(_model(), max_batch=2, cache_bytes=None, prefill_chunk=CHUNK, max_seq_len=64, prefix_cache=False,
                pack_weights="yes")

@@ -68,6 +68,10 @@ def serve(args: argparse.Namespace) -> int:
                        model_info=info)
     app = create_app(engine, tok, cfg)
     engine.start()
+    packed = getattr(runner, "packed_bytes", 0)
+    if packed:
+        print(f"mixlab serve: the bf16 weights also kept in the native kernels' panels (+{packed / 2**30:.2f} GiB of "
+              "memory; --pack-weights no saves it, for slower steps)", file=sys.stderr)
     print(f"mixlab serve: {name} on http://{args.host}:{args.port} (chat page at /, API under /v1)", file=sys.stderr)
     try:
         run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)

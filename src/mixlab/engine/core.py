@@ -84,8 +84,9 @@ class Engine:
     `max_queue`: waiting requests before `submit` raises `QueueFull`; `token_budget`: tokens per
     step (decoding rows count one each; prompt chunks fill the rest); `prefill_chunk`: the longest
     piece of one prompt per step; `pack_weights`: keep the bf16 weights a second time in the native
-    kernels' panels (`NativeDecoder.pack`: ~1.1x faster steps, twice the weights' memory), None
-    (default) when that copy takes at most half the memory available (`runner.Runner`).
+    kernels' panels (`NativeDecoder.pack`: ~1.1x faster steps of several sequences, twice the
+    weights' memory, kept with the model's decoder), None (default) when the engine decodes several
+    sequences and that copy takes at most half the memory available (`runner.Runner`).
     """
 
     def __init__(

@@ -238,11 +238,13 @@ class Runner:
 
     def _pack(self, dec: NativeDecoder) -> None:
         """Keep the decoder's bf16 weights in panels too (`NativeDecoder.pack`) when `pack_weights`
-        says so, or (None) when that copy takes at most half of the memory available now."""
+        says so, or (None) when several sequences share the steps (one sequence decodes through the
+        batch-1 step, which reads the rows) and the copy takes at most half of the memory available
+        now."""
         want = self.pack_weights
         if want is None:
             need = dec.packable_bytes()
-            want = 0 < need <= available_memory() // 2
+            want = self.n_slots > 1 and 0 < need <= available_memory() // 2
         if want:
             self.packed_bytes = dec.pack()
 
