@@ -5,7 +5,7 @@ change by the minute: runs minutes apart cannot be compared). A bandwidth probe 
 sorts the rounds into slow and fast memory states (`--split` GB/s).
 
     .venv/bin/python benchmarks/kernels_ab.py [--rounds 10] [--cases gu4,dn4,moe16,logits16] \
-        [--engine 1,16] [--prefill] main=old/decode.c new=src/mixlab/ops/native/decode.c
+        [--engine 1,16] [--prefill] [--panels] main=old/decode.c new=src/mixlab/ops/native/decode.c
 
 Cases (mini-moe's shapes, bf16, random weights; `--threads`, default 2):
 - `gu{M}`, `dn{M}`: `mx_linear` of M tokens over 16 distinct gate/up (7168 x 1024) or down (1024 x
@@ -14,7 +14,9 @@ Cases (mini-moe's shapes, bf16, random weights; `--threads`, default 2):
 - `moe{T}`: `mx_moe` for T tokens routed at random through 8 layers of distinct experts;
 - `--engine B,...`: whole engine steps of B decoding sequences (the model's shared native decoder
   has its library swapped); `--prefill`: one engine step prefilling 16 prompts of 32 tokens;
-  `--quant int8|int4`: those on `prepare_for_inference(quant=...)` weights.
+  `--quant int8|int4`: those on `prepare_for_inference(quant=...)` weights;
+- `--panels`: each variant run twice, the second (`NAME+panels`) reading the bf16 weights' 32-row
+  panels (`gu`/`dn` through `native.linear_packed`, the engine cases through `NativeDecoder.pack`).
 
 Each case reports per variant the median time, GB/s (the bytes it must read) and GFLOP/s, and the
 median over rounds of its time over the first variant's (below 1: faster), overall and per memory
