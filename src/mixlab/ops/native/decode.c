@@ -821,15 +821,31 @@ static void pack32_bf16(const uint16_t* w, int64_t K, uint16_t* P) {
         }
 }
 
-/* Y[q, 0..32) = packed panel P . x_q for Q tokens (x: rows of K bf16; Y's leading dimension ldy),
-   prefetching `npf` lines from `pf` into L2 on the way (one every 4 pairs of k). */
-#define MX_PANEL32(Q)                                                                                          \
-    static void panel32x##Q##_bf16(const uint16_t* P, const uint16_t* x, int64_t K, float* Y, int64_t ldy,    \
-                                   const char* pf, int64_t npf) {                                              \
+/* Y[q, 0..32) = packed panel P . x_q for Q tokens (x: rows of K bf16; Y's leading dimension ldy).
+   Two families from one body: `panel32x*` (a panel packed per thread, `gemm_panels`) prefetch `npf`
+   lines from `pf` into L2 on the way (one every 4 pairs of k: the next panel's rows);
+   `packed32x*` (the panels kept packed, `mat.packed`, `mx_pack_bf16`) read the panel straight from
+   memory as one sequential stream, prefetched MX_PACKED_PF bytes ahead into L1. A panel of 32 rows
+   serves every token from one weight load per 16 rows and one 4-byte broadcast per token, where
+   `rows4_bf16` loads each token's vector once per row and the tiles read four rows as four streams:
+   in a C harness (48 matrices each of 1024 x 3584 and 3584 x 1024, 2 threads, kernels alternating
+   round by round, medians, ~45 GB/s memory) the kept panels streamed 40-46 GB/s at every token
+   count from 2 to 12, where the rows kernel streams 35-44 GB/s at 2-4 tokens and the tiles 25-38
+   at 6-12. */
+#ifndef MX_PACKED_PF
+#define MX_PACKED_PF 4096
+#endif
+#define MX_PANEL32_BODY(Q, STREAM)                                                                             \
+    {                                                                                                          \
         __m512 a0[Q], a1[Q];                                                                                   \
         for (int q = 0; q < Q; q++) a0[q] = a1[q] = _mm512_setzero_ps();                                       \
         for (int64_t kp = 0; kp < K / 2; kp++) {                                                               \
-            if ((kp & 3) == 0 && (kp >> 2) < npf) _mm_prefetch(pf + 64 * (kp >> 2), _MM_HINT_T1);                \
+            if (STREAM) {                                                                                      \
+                _mm_prefetch((const char*)(P + kp * 64) + MX_PACKED_PF, _MM_HINT_T0);                          \
+                _mm_prefetch((const char*)(P + kp * 64) + MX_PACKED_PF + 64, _MM_HINT_T0);                     \
+            } else if ((kp & 3) == 0 && (kp >> 2) < npf) {                                                     \
+                _mm_prefetch(pf + 64 * (kp >> 2), _MM_HINT_T1);                                                \
+            }                                                                                                  \
             const __m512bh w0 = MX_BF(P + kp * 64), w1 = MX_BF(P + kp * 64 + 32);                              \
             for (int q = 0; q < Q; q++) {                                                                      \
                 int32_t pair;                                                                                  \
@@ -843,6 +859,15 @@ static void pack32_bf16(const uint16_t* w, int64_t K, uint16_t* P) {
             _mm512_storeu_ps(Y + q * ldy, a0[q]);                                                              \
             _mm512_storeu_ps(Y + q * ldy + 16, a1[q]);                                                         \
         }                                                                                                      \
+    }
+#define MX_PANEL32(Q)                                                                                          \
+    static void panel32x##Q##_bf16(const uint16_t* P, const uint16_t* x, int64_t K, float* Y, int64_t ldy,    \
+                                   const char* pf, int64_t npf) MX_PANEL32_BODY(Q, 0)                          \
+    static void packed32x##Q##_bf16(const uint16_t* P, const uint16_t* x, int64_t K, float* Y, int64_t ldy) {  \
+        const char* pf = 0;                                                                                    \
+        const int64_t npf = 0;                                                                                 \
+        (void)pf, (void)npf;                                                                                   \
+        MX_PANEL32_BODY(Q, 1)                                                                                  \
     }
 MX_PANEL32(1)
 MX_PANEL32(2)
@@ -860,51 +885,6 @@ typedef void (*panel_fn)(const uint16_t*, const uint16_t*, int64_t, float*, int6
 static const panel_fn PANEL32[MX_BIG_Q + 1] = {
     0, panel32x1_bf16, panel32x2_bf16, panel32x3_bf16, panel32x4_bf16, panel32x5_bf16, panel32x6_bf16,
     panel32x7_bf16, panel32x8_bf16, panel32x9_bf16, panel32x10_bf16, panel32x11_bf16, panel32x12_bf16};
-
-/* The panels kept packed (`mat.packed`, `mx_pack_bf16`) for a few tokens: what `panel32x*` computes,
-   reading the panel straight from memory as one sequential stream, prefetched MX_PACKED_PF bytes
-   ahead into L1. A panel of 32 rows serves every token from one weight load per 16 rows and one
-   4-byte broadcast per token, where `rows4_bf16` loads each token's vector once per row and the
-   tiles read four rows as four streams: in a C harness (48 matrices each of 1024 x 3584 and
-   3584 x 1024, 2 threads, kernels alternating round by round, medians, ~45 GB/s memory), 40-46 GB/s
-   at every token count from 2 to 12, where the rows kernel streams 35-44 GB/s at 2-4 tokens and
-   the tiles 25-38 at 6-12. */
-#ifndef MX_PACKED_PF
-#define MX_PACKED_PF 4096
-#endif
-#define MX_PACKED32(Q)                                                                                         \
-    static void packed32x##Q##_bf16(const uint16_t* P, const uint16_t* x, int64_t K, float* Y, int64_t ldy) {  \
-        __m512 a0[Q], a1[Q];                                                                                   \
-        for (int q = 0; q < Q; q++) a0[q] = a1[q] = _mm512_setzero_ps();                                       \
-        for (int64_t kp = 0; kp < K / 2; kp++) {                                                               \
-            _mm_prefetch((const char*)(P + kp * 64) + MX_PACKED_PF, _MM_HINT_T0);                              \
-            _mm_prefetch((const char*)(P + kp * 64) + MX_PACKED_PF + 64, _MM_HINT_T0);                         \
-            const __m512bh w0 = MX_BF(P + kp * 64), w1 = MX_BF(P + kp * 64 + 32);                              \
-            for (int q = 0; q < Q; q++) {                                                                      \
-                int32_t pair;                                                                                  \
-                memcpy(&pair, x + q * K + 2 * kp, 4);                                                          \
-                const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);                                          \
-                a0[q] = _mm512_dpbf16_ps(a0[q], w0, b);                                                        \
-                a1[q] = _mm512_dpbf16_ps(a1[q], w1, b);                                                        \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int q = 0; q < Q; q++) {                                                                          \
-            _mm512_storeu_ps(Y + q * ldy, a0[q]);                                                              \
-            _mm512_storeu_ps(Y + q * ldy + 16, a1[q]);                                                         \
-        }                                                                                                      \
-    }
-MX_PACKED32(1)
-MX_PACKED32(2)
-MX_PACKED32(3)
-MX_PACKED32(4)
-MX_PACKED32(5)
-MX_PACKED32(6)
-MX_PACKED32(7)
-MX_PACKED32(8)
-MX_PACKED32(9)
-MX_PACKED32(10)
-MX_PACKED32(11)
-MX_PACKED32(12)
 typedef void (*packed_fn)(const uint16_t*, const uint16_t*, int64_t, float*, int64_t);
 static const packed_fn PACKED32[MX_BIG_Q + 1] = {
     0, packed32x1_bf16, packed32x2_bf16, packed32x3_bf16, packed32x4_bf16, packed32x5_bf16, packed32x6_bf16,
