@@ -1800,10 +1800,8 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
 
 /* Y [M, N] = X [M, K] @ W.T for a few rows (batched decoding): each weight row is read once for all
    M rows of X. XB: room for X rounded to bf16 (bf16 weights). M = 1 is a matrix-vector product. */
-void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
-               uint16_t* XB, float* Y, int nt) {
-    const mat m = {wt, w, w_scale, K};
-    if (wt == MX_BF16) round_to_bf16(X, XB, M * K);
+static void linear_rows(mat m, int64_t N, int64_t M, const float* X, uint16_t* XB, float* Y, int nt) {
+    if (m.wt == MX_BF16) round_to_bf16(X, XB, M * m.K);
     barrier_t bar = {0, 0};
 #pragma omp parallel num_threads(nt)
     {
@@ -1812,6 +1810,11 @@ void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K
         my_rows(&tm, N, &lo, &hi);
         gemm_rows(m, X, XB, M, Y, N, lo, hi);
     }
+}
+
+void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
+               uint16_t* XB, float* Y, int nt) {
+    linear_rows((mat){wt, w, w_scale, K}, N, M, X, XB, Y, nt);
 }
 
 void mx_pack_bf16(const void* w, int64_t N, int64_t K, void* P, int nt) {
@@ -1829,16 +1832,7 @@ void mx_pack_bf16(const void* w, int64_t N, int64_t K, void* P, int nt) {
 
 void mx_linear_packed(const void* w, const void* P, int64_t N, int64_t K, int64_t M, const float* X, uint16_t* XB,
                       float* Y, int nt) {
-    const mat m = {MX_BF16, w, 0, K, 0, (const uint16_t*)P};
-    round_to_bf16(X, XB, M * K);
-    barrier_t bar = {0, 0};
-#pragma omp parallel num_threads(nt)
-    {
-        team tm = {omp_get_thread_num(), omp_get_num_threads(), &bar};
-        int64_t lo, hi;
-        my_rows(&tm, N, &lo, &hi);
-        gemm_rows(m, X, XB, M, Y, N, lo, hi);
-    }
+    linear_rows((mat){MX_BF16, w, 0, K, 0, (const uint16_t*)P}, N, M, X, XB, Y, nt);
 }
 
 /* The (token, slot) pairs of idx [N] sorted by expert, stably (token order within each expert):
