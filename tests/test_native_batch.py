@@ -489,6 +489,26 @@ def test_pack_weights_automatic_and_checked():
                pack_weights="yes")
 
 
+def test_no_memory_for_the_panels_leaves_the_rows(monkeypatch):
+    """When the panels cannot be allocated, the engine warns and its steps read the rows."""
+    if not native.fast(torch.bfloat16):
+        pytest.skip("no AVX512-BF16")
+
+    def no_memory(w, P):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(native, "pack_into", no_memory)
+    model = _model().to(torch.bfloat16)
+    r = Runner(model, max_batch=2, cache_bytes=None, prefill_chunk=CHUNK, max_seq_len=64, prefix_cache=False,
+               pack_weights=True)
+    with pytest.warns(UserWarning, match=r"no memory for the weights' panels \(\d+ bytes\).*read the rows instead"):
+        r.prepare()
+    dec = r._native_decoder()
+    assert r.packed_bytes == 0 and dec._packed is None and dec.c_model.out_p is None
+    out = r._native_batch([Item(0, [5, 6, 7], 0), Item(1, [9], 0)])
+    assert out is not None and all(o.logits_TV is not None and torch.isfinite(o.logits_TV).all() for o in out)
+
+
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_long_chunk_through_the_panels_equals_short_chunks(quant):
     """A 160-token prompt chunk in one native step of a bf16 model, whose products of >= 64 tokens

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -246,7 +247,10 @@ class Runner:
             need = dec.packable_bytes()
             want = self.n_slots > 1 and 0 < need <= available_memory() // 2
         if want:
-            self.packed_bytes = dec.pack()
+            try:
+                self.packed_bytes = dec.pack()
+            except MemoryError as e:  # the rows still work: slower steps, not a failed request
+                warnings.warn(f"mixlab engine: {e}; the engine steps read the rows instead", stacklevel=2)
 
     def _native_step(self, it: Item) -> Result | None:
         dec = self._native_decoder()

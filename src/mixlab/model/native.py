@@ -262,12 +262,17 @@ class NativeDecoder:
         rebuilt (`shared_decoder`), with no panels until packed again."""
         with self._lock:
             if on and self._packed is None:
-                self._packed = {}
-                for key, t in self._packable.items():
-                    if native.packable(t):
-                        P = huge_empty_like(t)
-                        native.pack_into(t, P)
-                        self._packed[key] = P
+                packed = {}
+                try:
+                    for key, t in self._packable.items():
+                        if native.packable(t):
+                            P = huge_empty_like(t)
+                            native.pack_into(t, P)
+                            packed[key] = P
+                except (RuntimeError, MemoryError) as e:  # torch's allocator: RuntimeError
+                    packed.clear()
+                    raise MemoryError(f"no memory for the weights' panels ({self.packable_bytes()} bytes): {e}") from e
+                self._packed = packed
             packed = self._packed or {}
             for (i, name), P in packed.items():
                 at = P.data_ptr() if on else None
