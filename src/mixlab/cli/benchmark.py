@@ -46,6 +46,7 @@ from mixlab.config import ModelConfig, get_preset
 from mixlab.generate import decode_step, greedy_step
 from mixlab.model import MoEBlock, Transformer
 from mixlab.model.inference import prepare_for_inference
+from mixlab.model.native import huge_empty
 from mixlab.ops import native
 
 
@@ -139,8 +140,10 @@ def bandwidth_probe(*, reps: int = 5, mib: int = 1024) -> tuple[Callable[[], obj
     """The fastest streaming read of `mib` MiB this machine offers, and the bytes it reads: the
     fastest of a float32 sum, PyTorch's float32 matrix-vector product (MKL streams its matrix near
     the memory's speed) and, when built, mixlab's native one (whose sequential row reads beat both
-    on some CPUs: without it, mixlab's own decoding could show more than 100% of the "limit")."""
-    big = torch.ones(mib * 2**20 // 4)
+    on some CPUs: without it, mixlab's own decoding could show more than 100% of the "limit"). The
+    buffer sits on 2 MiB pages, as the weights decoding reads do (`NativeDecoder`): on 4 KiB pages
+    the same reads ran 0.90-0.93x as fast (BENCHMARKS.md, "The bandwidth probe on huge pages")."""
+    big = huge_empty((mib * 2**20 // 4,), torch.float32).fill_(1.0)
     mat = big.view(-1, 4096)
     vec = torch.ones(1, 4096)
     reads: list[Callable[[], object]] = [big.sum, functools.partial(torch.nn.functional.linear, vec, mat)]

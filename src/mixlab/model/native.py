@@ -97,10 +97,15 @@ _MADV_HUGEPAGE = 14
 
 
 def huge_empty_like(t: torch.Tensor) -> torch.Tensor:
-    """An uninitialised CPU tensor like `t` whose whole 2 MiB pages Linux backs with huge pages as they
-    are first written (`MADV_HUGEPAGE` before any write: nothing to collapse later); a plain
-    `torch.empty_like` elsewhere."""
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    """`huge_empty` of t's shape and dtype."""
+    return huge_empty(t.shape, t.dtype)
+
+
+def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor whose whole 2 MiB pages Linux backs with huge pages as
+    they are first written (`MADV_HUGEPAGE` before any write: nothing to collapse later); a plain
+    `torch.empty` elsewhere."""
+    out = torch.empty(shape, dtype=dtype)
     if sys.platform.startswith("linux"):
         try:
             madvise = ctypes.CDLL(None, use_errno=True).madvise
