@@ -237,13 +237,14 @@ def measure(targets: list[tuple[str, str, Any]], args: argparse.Namespace, vocab
     probe, probe_bytes = bandwidth_probe(reps=1, mib=256)
 
     def bandwidth() -> float:
-        """The memory's read speed now (this machine's drifts by the minute): the faster of two probes
-        after a 0.3 s pause. Right after a run a server's worker threads may still spin (OpenMP's
-        wait policy), and a probe that shares the cores with them reads slower memory (34-41 GB/s
-        against 48-50 on either side, measured), which would flatter that server's fraction."""
+        """The memory's read speed now (this machine's drifts by the minute): the fastest of four
+        probes after a 0.3 s pause. Right after a run a server's worker threads may still spin
+        (OpenMP's wait policy), and a probe that shares the cores with them reads slower memory
+        (34-41 GB/s against 48-50 on either side, measured), which would flatter that server's
+        fraction; and after a pause the first probes read ~5-10% slower than the next ones."""
         time.sleep(0.3)
         best = 0.0
-        for _ in range(2):
+        for _ in range(4):
             t0 = time.perf_counter()
             probe()
             best = max(best, probe_bytes / (time.perf_counter() - t0))
