@@ -244,6 +244,7 @@ def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any])
                  "mixlab_queue_depth", "mixlab_running_requests", "mixlab_time_to_first_token_seconds_bucket",
                  "mixlab_inter_token_latency_seconds_bucket", 'mixlab_expert_load_tokens_total{expert="3",layer="1"}'):
         assert name in text, name
+    assert re.search(r"^mixlab_weight_panels_bytes 0\.0$", text, re.M)  # float32 weights: no panels
     # CORS is off unless asked for
     r = httpx.options(server + "/v1/models", headers={"Origin": "http://evil.example",
                                                       "Access-Control-Request-Method": "GET"})

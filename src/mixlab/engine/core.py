@@ -225,7 +225,7 @@ class Engine:
         return {
             "running": len(self._running), "waiting": waiting,
             "cache_used_bytes": self.runner.used_bytes(), "cache_total_bytes": self.runner.total_bytes,
-            **self._stats, "expert_load": load.tolist(),
+            "weight_panels_bytes": self.runner.packed_bytes, **self._stats, "expert_load": load.tolist(),
         }
 
     def has_work(self) -> bool:

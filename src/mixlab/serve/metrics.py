@@ -38,6 +38,10 @@ class _EngineCollector(Collector):
                          ("cache_total_bytes", "KV cache bytes the engine may use")):
             if key in s:
                 yield GaugeMetricFamily(f"mixlab_kv_{key}", doc, value=float(s[key]))
+        if "weight_panels_bytes" in s:
+            yield GaugeMetricFamily("mixlab_weight_panels_bytes",
+                                    "memory holding the bf16 weights a second time in the native kernels' panels",
+                                    value=float(s["weight_panels_bytes"]))
         if "steps" in s:
             yield CounterMetricFamily("mixlab_engine_steps", "forward passes of the engine", value=float(s["steps"]))
         load = s.get("expert_load") or []
