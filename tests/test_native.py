@@ -450,8 +450,10 @@ def test_panels_refuse_what_they_cannot_hold():
             native.pack_bf16(w)
     w = torch.randn(3, 32, 64).bfloat16()  # a stack of experts: 96 rows
     assert native.packable(w) and native.pack_bf16(w).shape == w.shape
-    with pytest.raises(ValueError, match="linear_packed needs bf16 weights and their panels of the same shape"):
-        native.linear_packed(torch.randn(2, 64), w[0], torch.empty(64, 32, dtype=torch.bfloat16))
+    for x, P in ((torch.randn(2, 64), torch.empty(64, 32, dtype=torch.bfloat16)),  # panels of another shape
+                 (torch.randn(2, 96), native.pack_bf16(w[0]))):  # activations of another width
+        with pytest.raises(ValueError, match=r"linear_packed needs a bf16 matrix \[X, \d+\] and its panels"):
+            native.linear_packed(x, w[0], P)
 
 
 def _compile_stub(tmp_path, source: str):

@@ -67,7 +67,23 @@ DEFAULT_INT4_ACTIVATIONS = "int8"
 
 
 _HUGE = 2 << 20  # x86-64's 2 MiB pages
+_MADV_HUGEPAGE = 14  # back a range with huge pages as it is first written
 _MADV_COLLAPSE = 25  # Linux >= 6.1: back a range with huge pages now, whatever the THP setting
+
+
+def _advise_huge(t: torch.Tensor, advice: int) -> bool:
+    """`madvise(advice)` over the whole 2 MiB pages inside tensor t's memory; whether Linux took it
+    (False elsewhere, for a tensor smaller than a page, or when refused)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+    end = (t.data_ptr() + t.numel() * t.element_size()) & ~(_HUGE - 1)
+    return end > start and madvise(start, end - start, advice) == 0
 
 
 def huge_pages(tensors: list[torch.Tensor]) -> int:
@@ -77,28 +93,7 @@ def huge_pages(tensors: list[torch.Tensor]) -> int:
     A decoding step streams every weight once, 4 KiB pages at a time by default (PyTorch does not
     ask for transparent huge pages, which this machine only gives on request): one TLB miss and page
     walk per 4 KiB. With 2 MiB pages the int4 mini-moe step took 9% less time (BENCHMARKS.md, issue 16)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    done = 0
-    for t in tensors:
-        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        end = (t.data_ptr() + t.numel() * t.element_size()) & ~(_HUGE - 1)
-        if end > start and madvise(start, end - start, _MADV_COLLAPSE) == 0:
-            done += 1
-    return done
-
-
-_MADV_HUGEPAGE = 14
-
-
-def huge_empty_like(t: torch.Tensor) -> torch.Tensor:
-    """`huge_empty` of t's shape and dtype."""
-    return huge_empty(t.shape, t.dtype)
+    return sum(_advise_huge(t, _MADV_COLLAPSE) for t in tensors)
 
 
 def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -106,16 +101,7 @@ def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     they are first written (`MADV_HUGEPAGE` before any write: nothing to collapse later); a plain
     `torch.empty` elsewhere."""
     out = torch.empty(shape, dtype=dtype)
-    if sys.platform.startswith("linux"):
-        try:
-            madvise = ctypes.CDLL(None, use_errno=True).madvise
-            madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-            start = (out.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-            end = (out.data_ptr() + out.numel() * out.element_size()) & ~(_HUGE - 1)
-            if end > start:
-                madvise(start, end - start, _MADV_HUGEPAGE)
-        except (OSError, AttributeError):
-            pass
+    _advise_huge(out, _MADV_HUGEPAGE)
     return out
 
 
@@ -271,7 +257,7 @@ class NativeDecoder:
                 try:
                     for key, t in self._packable.items():
                         if native.packable(t):
-                            P = huge_empty_like(t)
+                            P = huge_empty(t.shape, t.dtype)
                             native.pack_into(t, P)
                             packed[key] = P
                 except (RuntimeError, MemoryError) as e:  # torch's allocator: RuntimeError

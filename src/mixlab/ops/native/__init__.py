@@ -390,8 +390,10 @@ def linear_packed(x_ND: torch.Tensor, w_XD: torch.Tensor, packed_XD: torch.Tenso
     panels from `packed_XD`, rows outside them from `w_XD` (tests, benchmarks)."""
     lib = _need()
     lead, X, D = x_ND.shape[:-1], w_XD.shape[0], x_ND.shape[-1]
-    if w_XD.dtype != torch.bfloat16 or packed_XD.shape != w_XD.shape or packed_XD.dtype != torch.bfloat16:
-        raise ValueError("linear_packed needs bf16 weights and their panels of the same shape")
+    if (w_XD.dtype != torch.bfloat16 or w_XD.dim() != 2 or packed_XD.shape != w_XD.shape
+            or packed_XD.dtype != torch.bfloat16 or w_XD.shape[1] != D):
+        raise ValueError(f"linear_packed needs a bf16 matrix [X, {D}] and its panels of the same shape, not "
+                         f"{w_XD.dtype} {tuple(w_XD.shape)} and {packed_XD.dtype} {tuple(packed_XD.shape)}")
     x = x_ND.reshape(-1, D).float().contiguous()
     w, P = w_XD.contiguous(), packed_XD.contiguous()
     M = x.shape[0]
