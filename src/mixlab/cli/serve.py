@@ -101,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--token-budget", type=_positive, default=512, help="tokens per engine step (default 512)")
     e.add_argument("--pack-weights", default="auto", choices=["auto", "yes", "no"],
                    help="keep bf16 weights a second time in the native kernels' panels: faster engine steps, "
-                        "twice the weights' memory (auto: when that fits in half the memory available)")
+                        "twice the weights' memory (auto: with --max-batch over 1, when that fits in half the memory "
+                        "available)")
     e.add_argument("--max-tokens-limit", type=_positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MB)")
