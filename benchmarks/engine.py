@@ -73,13 +73,13 @@ def _model(preset: str, dtype: torch.dtype) -> Transformer:
     return model.eval()
 
 
-def _fill(engine: Engine, B: int, g: torch.Generator, max_tokens: int) -> None:
-    """B requests prefilled and decoding, each with `max_tokens` left to decode after the last
-    one's prompt is in (the early ones decode while the later ones prefill)."""
+def _fill(engine: Engine, B: int, g: torch.Generator, max_tokens: int, prompt: int = PROMPT) -> None:
+    """B requests of `prompt` tokens prefilled and decoding, each with `max_tokens` left to decode
+    after the last one's prompt is in (the early ones decode while the later ones prefill)."""
     V = engine.config.vocab_size
-    head = B * PROMPT // engine.token_budget + B  # steps of prefill at most, each a token for the early ones
+    head = B * prompt // engine.token_budget + B  # steps of prefill at most, each a token for the early ones
     for _ in range(B):
-        engine.submit(torch.randint(3, V, (PROMPT,), generator=g).tolist(),
+        engine.submit(torch.randint(3, V, (prompt,), generator=g).tolist(),
                       SamplingParams(max_tokens=max_tokens + head, ignore_eos=True))
     while engine.stats()["waiting"] or any(s.prefilling for s in engine._running):
         engine.step()

@@ -12,11 +12,13 @@ Cases (mini-moe's shapes, bf16, random weights; `--threads`, default 2):
   3584) matrices, so every weight comes from memory;
 - `lin{M}`: one 7168 x 1024 matrix; `logits{M}`: the 32000 x 1024 output matrix;
 - `moe{T}`: `mx_moe` for T tokens routed at random through 8 layers of distinct experts;
-- `--engine B,...`: whole engine steps of B decoding sequences (the model's shared native decoder
-  has its library swapped); `--prefill`: one engine step prefilling 16 prompts of 32 tokens;
+- `--engine B,...`: whole engine steps of B decoding sequences, each after a prompt of `--context`
+  tokens (default 128; the model's shared native decoder has its library swapped); `--prefill`:
+  one engine step prefilling 16 prompts of 32 tokens;
   `--quant int8|int4`: those on `prepare_for_inference(quant=...)` weights;
 - `--panels`: each variant run twice, the second (`NAME+panels`) reading the bf16 weights' 32-row
-  panels (`gu`/`dn` through `native.linear_packed`, the engine cases through `NativeDecoder.pack`).
+  panels (`gu`/`dn`/`lin`/`logits` through `native.linear_packed`, the engine cases through
+  `NativeDecoder.pack`).
 
 Each case reports per variant the median time, GB/s (the bytes it must read) and GFLOP/s, and the
 median over rounds of its time over the first variant's (below 1: faster), overall and per memory
@@ -66,7 +68,9 @@ def kernel_cases(names: list[str], g: torch.Generator) -> dict[str, Case]:
         elif kind in ("lin", "logits"):
             rows = 2 * F if kind == "lin" else V
             m, x = w(rows, D), torch.randn(M, D, generator=g)
-            cases[c] = (lambda x=x, m=m: native.linear(x, m), rows * D * 2, 2 * M * rows * D)
+            p = native.pack_bf16(m)
+            cases[c] = (lambda x=x, m=m, p=p: native.linear_packed(x, m, p) if PANELS[0] else native.linear(x, m),
+                        rows * D * 2, 2 * M * rows * D)
         elif kind == "moe":
             w13 = [w(E, 2 * F, D) for _ in range(L)]
             w2 = [w(E, D, F) for _ in range(L)]
@@ -86,7 +90,7 @@ def kernel_cases(names: list[str], g: torch.Generator) -> dict[str, Case]:
 
 
 def engine_cases(batches: list[int], prefill: bool, rounds: int, n_libs: int, steps: int,
-                 quant: str | None) -> tuple[dict[str, Case], list]:
+                 quant: str | None, context: int) -> tuple[dict[str, Case], list]:
     import engine as eb  # benchmarks/engine.py
     from mixlab.engine import Engine, SamplingParams
     from mixlab.model.inference import prepare_for_inference
@@ -99,12 +103,14 @@ def engine_cases(batches: list[int], prefill: bool, rounds: int, n_libs: int, st
     engines = []
     total = (rounds + 2) * steps * n_libs + 8
     for B in batches:
-        eng = Engine(model, max_batch=B, max_seq_len=eb.PROMPT + total + 8 + B, token_budget=B * eb.PROMPT + B)
-        eb._fill(eng, B, g, total + 4)
+        eng = Engine(model, max_batch=B, max_seq_len=context + total + 8 + B, token_budget=min(B * context + B, 4096))
+        eb._fill(eng, B, g, total + 4, prompt=context)
         engines.append(eng)
 
-        def step(eng=eng) -> None:
+        def step(eng=eng, B=B) -> None:
             for _ in range(steps):
+                if len(eng._running) != B:  # a sequence ran out of tokens: the steps would not compare
+                    raise RuntimeError(f"engine{B}: {len(eng._running)} sequences left")
                 eng.step()
 
         cases[f"engine{B}"] = (step, 0.0, 0.0)
@@ -132,6 +138,8 @@ def main() -> None:
     ap.add_argument("--cases", default="", help="comma-separated kernel cases (see above)")
     ap.add_argument("--engine", default="", help="engine steps of these batch sizes, e.g. 1,16")
     ap.add_argument("--steps", type=int, default=3, help="engine steps per round")
+    ap.add_argument("--context", type=int, default=128,
+                    help="the engine cases' prompt tokens per sequence (the steps attend over about this many)")
     ap.add_argument("--prefill", action="store_true", help="an engine step prefilling 16 x 32 prompt tokens")
     ap.add_argument("--quant", default=None, choices=["int8", "int4"], help="the engine cases' weights")
     ap.add_argument("--panels", action="store_true",
@@ -140,9 +148,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", type=float, default=58.0, help="GB/s between the slow and fast memory states")
     args = ap.parse_args()
-    if args.rounds < 1 or args.steps < 1 or args.threads < 1:
-        raise SystemExit(f"--rounds, --steps and --threads must be >= 1, not {args.rounds}, {args.steps}, "
-                         f"{args.threads}")
+    if args.rounds < 1 or args.steps < 1 or args.threads < 1 or args.context < 1:
+        raise SystemExit(f"--rounds, --steps, --threads and --context must be >= 1, not {args.rounds}, {args.steps}, "
+                         f"{args.threads}, {args.context}")
     torch.set_num_threads(args.threads)
     if native.load() is None or native.compiler() is None:
         raise SystemExit("native kernels unavailable (MIXLAB_NATIVE=0 or no C compiler)")
@@ -167,7 +175,8 @@ def main() -> None:
     engines: list = []
     decoder = None
     if batches or args.prefill:
-        more, engines = engine_cases(batches, args.prefill, args.rounds, len(libs), args.steps, args.quant)
+        runs = len(libs) * (2 if args.panels else 1)  # each variant once more with its panels
+        more, engines = engine_cases(batches, args.prefill, args.rounds, runs, args.steps, args.quant, args.context)
         cases |= more
         decoder = engines[0].runner._native_decoder()
         decoder.wait_huge_pages()
