@@ -2,7 +2,8 @@
 library (checked like the real one, `native.load_library`), all loaded at once and swapped in round
 by round, so that every variant meets the same memory state (this kind of machine's bandwidth can
 change by the minute: runs minutes apart cannot be compared). A bandwidth probe after every round
-sorts the rounds into slow and fast memory states (`--split` GB/s).
+sorts the rounds into slow and fast memory states (`--split` GB/s); an untimed call follows it
+(right after the probe's pause the first reads run slow).
 
     .venv/bin/python benchmarks/kernels_ab.py [--rounds 10] [--cases gu4,dn4,moe16,logits16] \
         [--engine 1,16] [--prefill] [--panels] main=old/decode.c new=src/mixlab/ops/native/decode.c
@@ -175,7 +176,7 @@ def main() -> None:
     engines: list = []
     decoder = None
     if batches or args.prefill:
-        runs = len(libs) * (2 if args.panels else 1)  # each variant once more with its panels
+        runs = len(libs) * (2 if args.panels else 1) + 1  # each variant (again with panels), and a warm-up
         more, engines = engine_cases(batches, args.prefill, args.rounds, runs, args.steps, args.quant, args.context)
         cases |= more
         decoder = engines[0].runner._native_decoder()
@@ -210,6 +211,8 @@ def main() -> None:
     bws: list[float] = []
     for r in range(args.rounds + 1):  # round 0 warms up
         order = list(libs) if r % 2 == 0 else list(reversed(libs))
+        use(order[0])
+        next(iter(cases.values()))[0]()  # untimed: right after the probe's pause the first reads run slow
         for c, (fn, _, _) in cases.items():
             for name in order:
                 use(name)

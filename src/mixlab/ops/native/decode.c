@@ -831,15 +831,11 @@ static void pack32_bf16(const uint16_t* w, int64_t K, uint16_t* P) {
    in a C harness (48 matrices each of 1024 x 3584 and 3584 x 1024, 2 threads, kernels alternating
    round by round, medians, ~45 GB/s memory) the kept panels streamed 40-46 GB/s at every token
    count from 2 to 12, where the rows kernel streams 35-44 GB/s at 2-4 tokens and the tiles 25-38
-   at 6-12. The distance: 4 KB ahead was short of the memory's latency once it reads ~80 GB/s
-   (as `dotq_q4a8_rows4`'s). `kernels_ab.py --panels`, 8 KB against 4 KB: 4 tokens' gate/up took
-   0.95-0.96x the time, their down projection 0.87-0.94x, 12 tokens 0.85-0.95x where the probe
-   read ~82 GB/s (two runs of 10 rounds); 0.96-0.99x at ~50 GB/s, where the 16-sequence engine step
-   took 0.97x (6 and 10 KB about the same; 12 and 16 KB slower at 4 tokens; a second prefetch 16 KB
-   ahead into L2 slower everywhere; the panel's 16-token chunks interleaved block by block, so the
-   second finds each block in L1, slower in the engine step). */
+   at 6-12. 8 KB ahead instead of 4 took the same time in the 16-sequence engine step (kernels_ab.py
+   --panels, 16 rounds at ~50 GB/s and 10 at ~82 GB/s: 0.99-1.01x); interleaving a panel's
+   two 8-token chunks block by block was no faster. */
 #ifndef MX_PACKED_PF
-#define MX_PACKED_PF 8192
+#define MX_PACKED_PF 4096
 #endif
 #define MX_PANEL32_BODY(Q, STREAM)                                                                             \
     {                                                                                                          \
