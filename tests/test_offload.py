@@ -164,6 +164,16 @@ def test_budget_too_small_for_top_k(ckpt):
         prepare_for_inference(load_model(ckpt, max_memory=budget), quant="int8")
 
 
+def test_budget_too_small_for_any_format_is_refused_at_load(ckpt):
+    least = 2 * SlotFormat("int4", torch.float32, 128).expert_bytes(CFG.dim, CFG.ffn_dim)
+    with pytest.raises(ValueError, match=r"max_memory .* cannot hold one token's top-2 experts in any format: "
+                                         r"give at least .*\(int4, group 128\), .* as loaded \(plain\)"):
+        load_model(ckpt, max_memory=least - 1)
+    model = load_model(ckpt, max_memory=least)  # int4 could fit: checked when the format is final
+    with pytest.raises(ValueError, match=r"holds 0 experts .* top-2"):
+        prepare_for_inference(model)
+
+
 def test_budget_of_exactly_top_k_runs_batches_in_passes(ckpt):
     want = load_model(ckpt)(TOKENS)
     model = load_model(ckpt, max_memory=2 * _expert_bytes("plain"))

@@ -34,7 +34,8 @@ from mixlab.config import ModelConfig
 from mixlab.model.formats import OffloadedExperts
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Transformer
-from mixlab.ops.offload import CHUNK, ExpertCache, Pause, Slot, SlotFormat
+from mixlab.ops.offload import CHUNK, ExpertCache, Pause, Slot, SlotFormat, format_bytes
+from mixlab.ops.quant import INT4_GROUPS
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,14 @@ def offload_experts(model: Transformer, source: SafetensorsSource | GGUFSource, 
     bytes reading from `source`; returns the cache."""
     cfg = model.config
     assert cfg.moe is not None
+    # Refused now if no format fits a token's experts (a format that might is checked when it is final:
+    # `prepare_for_inference(quant=...)` can still make the slots smaller).
+    least = SlotFormat("int4", fmt.dtype, max(INT4_GROUPS)).expert_bytes(cfg.dim, cfg.ffn_dim)
+    if max_memory < cfg.moe.top_k * least:
+        raise ValueError(
+            f"max_memory {format_bytes(max_memory)} cannot hold one token's top-{cfg.moe.top_k} experts in any "
+            f"format: give at least {format_bytes(cfg.moe.top_k * least)} (int4, group {max(INT4_GROUPS)}), "
+            f"{format_bytes(cfg.moe.top_k * fmt.expert_bytes(cfg.dim, cfg.ffn_dim))} as loaded ({fmt.kind})")
     cache = ExpertCache(source, num_layers=cfg.n_layers, num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k,
                         dim=cfg.dim, ffn_dim=cfg.ffn_dim, budget=max_memory, fmt=fmt, policy=policy,
                         prefetch=prefetch)
