@@ -329,3 +329,30 @@ def test_greedy_tokens_from_numpy_equal_torch_argmax_and_nan_rows_raise():
     g = torch.Generator().manual_seed(0)
     y = torch.randn(16, 32000, generator=g)
     assert row_argmax(y) == y.argmax(-1).tolist()
+
+
+def test_prefill_chunk_default_cap_and_bad_values(tiny):
+    assert Engine(tiny).prefill_chunk == 128  # under the default token budget of 512
+    assert Engine(tiny, token_budget=64).prefill_chunk == 64
+    assert Engine(tiny, prefill_chunk=16).prefill_chunk == 16
+    for bad in (0, -3, True, None, 2.5):
+        with pytest.raises(ValueError, match=rf"invalid prefill_chunk={bad!r}: expected an integer >= 1"):
+            Engine(tiny, prefill_chunk=bad)
+
+
+def test_long_prompt_in_chunks_beside_a_decoding_stream(tiny):
+    """A long prompt arrives while another request decodes: each step carries at most
+    `prefill_chunk` of its tokens and a token for the decoding one, and both equal the reference."""
+    short, long = _prompts((5, 70), seed=9)
+    eng = Engine(tiny, max_batch=2, prefill_chunk=16)
+    seen = []
+    forward = eng.runner.forward
+    eng.runner.forward = lambda items: seen.append([len(it.tokens) for it in items]) or forward(items)
+    h_short = eng.submit(short, SamplingParams(max_tokens=12, ignore_eos=True))
+    eng.step()  # the short prompt prefilled: it decodes from now on
+    h_long = eng.submit(long, SamplingParams(max_tokens=3, ignore_eos=True))
+    eng.run_until_idle()
+    mixed = [s for s in seen[1:] if len(s) == 2]
+    assert [s[1] for s in mixed[:5]] == [16, 16, 16, 16, 6] and all(s[0] == 1 for s in mixed)
+    assert [o.token_id for o in h_short if o.token_id is not None] == _reference(tiny, short, 12)[0]
+    assert [o.token_id for o in h_long if o.token_id is not None] == _reference(tiny, long, 3)[0]

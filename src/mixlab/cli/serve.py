@@ -55,6 +55,8 @@ def serve(args: argparse.Namespace) -> int:
               pack_weights={"auto": None, "yes": True, "no": False}[args.pack_weights])
     if args.cache_bytes is not None:
         kw["cache_bytes"] = args.cache_bytes
+    if args.prefill_chunk is not None:
+        kw["prefill_chunk"] = args.prefill_chunk
     engine = Engine(model, tok, **kw)
     runner = getattr(engine, "runner", None)
     context = int(getattr(engine, "max_len", None) or getattr(runner, "max_len", None) or model.config.max_seq_len)
@@ -99,6 +101,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--cache-bytes", type=_bytes, default=None, help="KV cache budget, e.g. 2GB (default: engine's)")
     e.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429 (default 256)")
     e.add_argument("--token-budget", type=_positive, default=512, help="tokens per engine step (default 512)")
+    e.add_argument("--prefill-chunk", type=_positive, default=None,
+                   help="the longest piece of one prompt per step: smaller keeps the other streams' inter-token "
+                        "time lower while a long prompt prefills, larger brings that prompt's first token sooner "
+                        "when others are decoding (default: the engine's, 128)")
     e.add_argument("--pack-weights", default="auto", choices=["auto", "yes", "no"],
                    help="keep bf16 weights a second time in the native kernels' panels: faster engine steps, "
                         "twice the weights' memory (auto: with --max-batch over 1, when that fits in half the memory "

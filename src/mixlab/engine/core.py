@@ -6,9 +6,9 @@ through thread-safe queues (`Handle`). Without `start()`, `step()` can be driven
 
 A step (`step`): admit waiting requests while the cache has room (else they wait), then one
 forward pass (`Runner.forward`) over every running sequence: one token for each decoding sequence
-plus chunks of prompts being prefilled, under `token_budget` tokens per step, so a long prompt is
-spread over several steps instead of freezing the other streams (chunked prefill, Sarathi-Serve
-arXiv 2403.02310). Then each row is sampled with its own settings and generator; a finished or
+plus chunks of prompts being prefilled, under `token_budget` tokens per step and at most
+`prefill_chunk` of one prompt, so a long prompt is spread over several steps instead of freezing the
+other streams (chunked prefill, Sarathi-Serve arXiv 2403.02310). Then each row is sampled with its own settings and generator; a finished or
 cancelled sequence frees its cache at once.
 
 Batch independence: each row's logits depend only on its own tokens, and its sampling only on its
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from mixlab.tokenizer import StreamDecoder, Tokenizer
 
 __all__ = ["Engine"]
+
+PREFILL_CHUNK = 128  # the longest piece of one prompt per step, by default (see `Engine`)
 
 
 @dataclass(eq=False)
@@ -83,7 +85,10 @@ class Engine:
     prefixes that free slots hold;
     `max_queue`: waiting requests before `submit` raises `QueueFull`; `token_budget`: tokens per
     step (decoding rows count one each; prompt chunks fill the rest); `prefill_chunk`: the longest
-    piece of one prompt per step; `pack_weights`: keep the bf16 weights a second time in the native
+    piece of one prompt per step (default 128, at most `token_budget`: a long prompt's steps then
+    keep the streams decoding beside it at ~3x their usual inter-token time on a 2-core CPU, not
+    ~12x as with 512-token pieces, while a prompt alone prefills as fast in 128-token pieces as in
+    512; BENCHMARKS.md, "Long prompts beside decoding streams"); `pack_weights`: keep the bf16 weights a second time in the native
     kernels' panels (`NativeDecoder.pack`: ~1.1x faster steps of several sequences, twice the
     weights' memory, kept with the model's decoder), None (default) when the engine decodes several
     sequences and that copy takes at most half the memory available (`runner.Runner`).
@@ -92,7 +97,7 @@ class Engine:
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_batch: int = 16,
         cache_bytes: int | None = None, max_queue: int = 256, token_budget: int = 512,
-        prefill_chunk: int | None = None, max_seq_len: int | None = None, prefix_cache: bool = True,
+        prefill_chunk: int = PREFILL_CHUNK, max_seq_len: int | None = None, prefix_cache: bool = True,
         pack_weights: bool | None = None,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("token_budget", token_budget)):
@@ -102,10 +107,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_batch, self.max_queue, self.token_budget = max_batch, max_queue, token_budget
-        chunk = token_budget if prefill_chunk is None else prefill_chunk
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
-        self.prefill_chunk = min(chunk, token_budget)
+        self.prefill_chunk = min(prefill_chunk, token_budget)
         self.runner = Runner(model, max_batch=max_batch, cache_bytes=cache_bytes, prefill_chunk=self.prefill_chunk,
                              max_seq_len=max_seq_len, prefix_cache=prefix_cache, pack_weights=pack_weights)
         self._lock = threading.Lock()
