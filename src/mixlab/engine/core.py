@@ -7,9 +7,9 @@ through thread-safe queues (`Handle`). Without `start()`, `step()` can be driven
 A step (`step`): admit waiting requests while the cache has room (else they wait), then one
 forward pass (`Runner.forward`) over every running sequence: one token for each decoding sequence
 plus chunks of prompts being prefilled, under `token_budget` tokens per step and at most
-`prefill_chunk` of one prompt, so a long prompt is spread over several steps instead of freezing the
-other streams (chunked prefill, Sarathi-Serve arXiv 2403.02310). Then each row is sampled with its own settings and generator; a finished or
-cancelled sequence frees its cache at once.
+`prefill_chunk` of one prompt, so a long prompt is spread over several steps instead of freezing
+the other streams (chunked prefill, Sarathi-Serve arXiv 2403.02310). Then each row is sampled with
+its own settings and generator; a finished or cancelled sequence frees its cache at once.
 
 Batch independence: each row's logits depend only on its own tokens, and its sampling only on its
 own generator, so a seeded request gives the same tokens whatever runs beside it, up to the
@@ -86,12 +86,13 @@ class Engine:
     `max_queue`: waiting requests before `submit` raises `QueueFull`; `token_budget`: tokens per
     step (decoding rows count one each; prompt chunks fill the rest); `prefill_chunk`: the longest
     piece of one prompt per step (default 128, at most `token_budget`: a long prompt's steps then
-    keep the streams decoding beside it at ~3x their usual inter-token time on a 2-core CPU, not
+    keep the streams decoding beside it at ~4x their usual inter-token time on a 2-core CPU, not
     ~12x as with 512-token pieces, while a prompt alone prefills as fast in 128-token pieces as in
-    512; BENCHMARKS.md, "Long prompts beside decoding streams"); `pack_weights`: keep the bf16 weights a second time in the native
-    kernels' panels (`NativeDecoder.pack`: ~1.1x faster steps of several sequences, twice the
-    weights' memory, kept with the model's decoder), None (default) when the engine decodes several
-    sequences and that copy takes at most half the memory available (`runner.Runner`).
+    512; BENCHMARKS.md, "Long prompts beside decoding streams"); `pack_weights`: keep the bf16
+    weights a second time in the native kernels' panels (`NativeDecoder.pack`: ~1.1x faster steps
+    of several sequences, twice the weights' memory, kept with the model's decoder), None (default)
+    when the engine decodes several sequences and that copy takes at most half the memory
+    available (`runner.Runner`).
     """
 
     def __init__(
