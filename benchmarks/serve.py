@@ -53,7 +53,13 @@ sys.path.insert(0, str(ROOT / "src"))
 from mixlab.atomic import OutputError, atomic_file, check_destination, write_text  # noqa: E402
 from mixlab.checkpoint import save_model  # noqa: E402
 from mixlab.checkpoint.gguf import write_gguf  # noqa: E402
-from mixlab.cli.benchmark import _dense_bytes_per_layer, _expert_bytes, bandwidth_probe, measure_limits  # noqa: E402
+from mixlab.cli.benchmark import (  # noqa: E402
+    _dense_bytes_per_layer,
+    _expert_bytes,
+    bandwidth_probe,
+    measure_limits,
+    sustained_bandwidth,
+)
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
 from mixlab.tokenizer import load_tokenizer  # noqa: E402
@@ -234,21 +240,16 @@ def measure(targets: list[tuple[str, str, Any]], args: argparse.Namespace, vocab
     median run by tokens/s is reported."""
     for _, url, engine in targets:
         load(url, "m", 2, 1, 8, 999, args.timeout, vocab, engine)  # warm-up
-    probe, probe_bytes = bandwidth_probe(reps=1, mib=256)
+    probe, probe_bytes = bandwidth_probe(reps=1, mib=1024)  # as the outer probes: the weights span GBs
 
     def bandwidth() -> float:
-        """The memory's read speed now (this machine's drifts by the minute): the fastest of four
-        probes after a 0.3 s pause. Right after a run a server's worker threads may still spin
-        (OpenMP's wait policy), and a probe that shares the cores with them reads slower memory
-        (34-41 GB/s against 48-50 on either side, measured), which would flatter that server's
-        fraction; and after a pause the first probes read ~5-10% slower than the next ones."""
+        """The memory's read speed now (this machine's drifts by the minute), read without a break
+        for 0.6 s after a 0.3 s pause (`sustained_bandwidth`). Right after a run a server's worker
+        threads may still spin (OpenMP's wait policy), and a probe sharing the cores with them
+        reads slower memory; and reads that follow idle time run slow until reading has gone on
+        for a while. Either would understate the memory's speed and flatter the run's fraction."""
         time.sleep(0.3)
-        best = 0.0
-        for _ in range(4):
-            t0 = time.perf_counter()
-            probe()
-            best = max(best, probe_bytes / (time.perf_counter() - t0))
-        return best
+        return sustained_bandwidth(probe, probe_bytes, 0.6)
 
     out = []
     last = bandwidth()

@@ -149,13 +149,36 @@ def bandwidth_probe(*, reps: int = 5, mib: int = 1024) -> tuple[Callable[[], obj
     reads: list[Callable[[], object]] = [big.sum, functools.partial(torch.nn.functional.linear, vec, mat)]
     if native.load() is not None:  # the benchmark builds the kernels (what inference preparation does)
         reads.append(functools.partial(native.gemv, mat, vec[0]))
+    _keep_reading(big.sum, 0.3)  # reads after idle time run slow until reading has gone on (`sustained_bandwidth`)
     return min(reads, key=lambda fn: _median_time(fn, reps)), big.numel() * 4
 
 
+def _keep_reading(fn: Callable[[], object], seconds: float) -> list[float]:
+    """Call `fn` without a break for `seconds`; each call's duration."""
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or not times:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def sustained_bandwidth(probe: Callable[[], object], nbytes: int, seconds: float = 0.6) -> float:
+    """Bytes/s of `probe` (from `bandwidth_probe`) read without a break for `seconds`: the median of
+    the reads in the second half. Reads that follow idle time run slow until reading has gone on
+    for a while (on an AMD EPYC host, single 256 MiB reads 0.25 s apart read 33-78 GB/s where
+    reading without a break holds 90-95; BENCHMARKS.md, "The serving probe"), so a few reads after
+    a pause understate the memory's speed and flatter every fraction of it."""
+    times = _keep_reading(probe, seconds)
+    return nbytes / statistics.median(times[len(times) // 2 :])
+
+
 def measure_limits(*, reps: int = 5, mib: int = 1024, n: int = 2048) -> dict[str, float]:
-    """Memory read bandwidth (bytes/s) and bf16 matmul throughput (FLOP/s) of this machine now."""
+    """Memory read bandwidth (bytes/s, `sustained_bandwidth`) and bf16 matmul throughput (FLOP/s)
+    of this machine now."""
     probe, nbytes = bandwidth_probe(reps=reps, mib=mib)
-    bandwidth = nbytes / _median_time(probe, reps)
+    bandwidth = sustained_bandwidth(probe, nbytes, max(0.6, 0.12 * reps))
     del probe
     a = torch.randn(n, n).bfloat16()
     b = torch.randn(n, n).bfloat16()
