@@ -1,10 +1,13 @@
-"""The benchmark harness runs end to end on a tiny preset (no timing is asserted)."""
+"""The benchmark harness runs end to end on a tiny preset (no timing is asserted); the bandwidth
+probe reads on past a slow start."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from mixlab.cli.benchmark import BenchPlan, run_bench
+from mixlab.cli.benchmark import BenchPlan, run_bench, sustained_bandwidth
 
 
 def test_bench_runs_end_to_end_on_a_tiny_preset(tmp_path):
@@ -59,3 +62,17 @@ def test_llama_cpp_peer_decodes_greedily_with_its_own_logits(tmp_path):
     ref.close()
     assert fed == want
     assert len(set(fed)) > 1
+
+
+def test_sustained_bandwidth_reads_on_and_ignores_the_slow_start():
+    """The first reads after idle time run slow: the estimate is the median of the second half of
+    reads made without a break, not of the first few."""
+    calls = []
+
+    def probe():  # 5 slow reads (20 ms), then fast ones (2 ms)
+        calls.append(1)
+        time.sleep(0.02 if len(calls) <= 5 else 0.002)
+
+    bw = sustained_bandwidth(probe, 10**6, seconds=0.3)
+    assert len(calls) > 40  # it kept reading for the whole window
+    assert 10**6 / 0.004 < bw <= 10**6 / 0.002  # the fast reads' speed (sleep overshoots a little)
