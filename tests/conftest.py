@@ -134,7 +134,7 @@ def _moe_impl_missing(impl: str) -> str | None:
     if impl == "native":
         from mixlab.ops import native
 
-        if native.library() is None or not native.fast(torch.float32):
+        if native.load() is None or not native.fast(torch.float32):  # load: collection may come first
             return "the native MoE kernel is unavailable here (no C compiler, MIXLAB_NATIVE=0 or no AVX-512)"
     if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
         return "this torch has no torch._grouped_mm"
