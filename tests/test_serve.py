@@ -431,6 +431,42 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _serve_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
+    """`mixlab serve ARGV` in this process, up to the point where it would listen: (exit code, its
+    server's state, what it printed)."""
+    import mixlab.serve
+    from mixlab.cli import main
+
+    seen: list[Any] = []
+    monkeypatch.setattr(mixlab.serve, "run_server", lambda app, **kw: seen.append(app))
+    code = main(["serve", *argv, "--dtype", "float32", "--threads", "1"])
+    return code, seen[0].state.server if seen else None, capsys.readouterr().err
+
+
+def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, model_tok: tuple[Any, Any],
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from mixlab.engine.runner import bytes_per_token
+
+    per_token = bytes_per_token(model_tok[0])  # float32, as the CLI loads it here
+    model = str(ckpt)
+    # the budget holds 4 sequences of 128 tokens: the context shrinks from 512 to 128, and says so
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", model, "--max-batch", "4",
+                                "--cache-bytes", str(4 * 128 * per_token))
+    assert code == 0 and srv.cfg.context_len == 128
+    assert f"4 sequences of up to 128 tokens (the model's context is {CONTEXT}" in err
+    # --max-model-len: the whole context per request, and fewer sequences at once
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", model, "--max-batch", "4",
+                                "--cache-bytes", str(4 * 128 * per_token), "--max-model-len", str(CONTEXT))
+    assert code == 0 and srv.cfg.context_len == CONTEXT
+    assert f"1 sequences of up to {CONTEXT} tokens (--max-batch 4" in err
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", model, "--max-model-len", str(CONTEXT + 1))
+    assert code == 2 and srv is None and f"--max-model-len must be in [2, {CONTEXT}]" in err
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", model, "--cache-bytes", str(100 * per_token),
+                                "--max-model-len", "200")
+    assert code == 2 and srv is None and "cannot hold one sequence of 200 tokens" in err and "--cache-bytes" in err
+
+
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_0(ckpt: Path) -> None:
     port = _free_port()

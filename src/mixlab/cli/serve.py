@@ -35,6 +35,18 @@ def _positive(text: str) -> int:
     return v
 
 
+def cache_line(total_bytes: int, slots: int, context: int, model_context: int, max_batch: int) -> str:
+    """What the KV cache holds, said at startup: the context per request is what the cache budget
+    leaves for `max_batch` sequences, which can be far below the model's own."""
+    line = f"mixlab serve: KV cache {total_bytes / 2**30:.2f} GiB: {slots} sequences of up to {context} tokens"
+    if context < model_context:
+        line += (f" (the model's context is {model_context}: --cache-bytes, --max-model-len or a smaller --max-batch "
+                 "for longer requests)")
+    elif slots < max_batch:
+        line += f" (--max-batch {max_batch}: --cache-bytes or a smaller --max-model-len for more at once)"
+    return line
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         from mixlab.engine import Engine
@@ -57,7 +69,15 @@ def serve(args: argparse.Namespace) -> int:
         kw["cache_bytes"] = args.cache_bytes
     if args.prefill_chunk is not None:
         kw["prefill_chunk"] = args.prefill_chunk
-    engine = Engine(model, tok, **kw)
+    if args.max_model_len is not None:
+        if not 2 <= args.max_model_len <= model.config.max_seq_len:
+            raise ValueError(f"--max-model-len must be in [2, {model.config.max_seq_len}] (the model's context), "
+                             f"got {args.max_model_len}")
+        kw["max_seq_len"] = args.max_model_len
+    try:
+        engine = Engine(model, tok, **kw)
+    except ValueError as e:  # the budgets do not fit together: say which flags set them
+        raise ValueError(f"{e} (the flags: --cache-bytes, --max-model-len, --max-batch)") from None
     runner = getattr(engine, "runner", None)
     context = int(getattr(engine, "max_len", None) or getattr(runner, "max_len", None) or model.config.max_seq_len)
     moe = model.config.moe
@@ -74,6 +94,9 @@ def serve(args: argparse.Namespace) -> int:
     if packed:
         print(f"mixlab serve: the bf16 weights also kept in the native kernels' panels (+{packed / 2**30:.2f} GiB of "
               "memory; --pack-weights no saves it, for slower steps)", file=sys.stderr)
+    if runner is not None:
+        print(cache_line(runner.total_bytes, runner.n_slots, context, model.config.max_seq_len, args.max_batch),
+              file=sys.stderr)
     print(f"mixlab serve: {name} on http://{args.host}:{args.port} (chat page at /, API under /v1)", file=sys.stderr)
     try:
         run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
@@ -99,6 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = p.add_argument_group("engine budgets and limits")
     e.add_argument("--max-batch", type=_positive, default=16, help="sequences decoded together (default 16)")
     e.add_argument("--cache-bytes", type=_bytes, default=None, help="KV cache budget, e.g. 2GB (default: engine's)")
+    e.add_argument("--max-model-len", type=_positive, default=None,
+                   help="tokens per request, prompt and reply (default: the model's context, halved until "
+                        "--max-batch sequences fit in the KV cache budget; with it set, fewer may run at once)")
     e.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429 (default 256)")
     e.add_argument("--token-budget", type=_positive, default=512, help="tokens per engine step (default 512)")
     e.add_argument("--prefill-chunk", type=_positive, default=None,

@@ -236,7 +236,8 @@ class _Server:
     def max_tokens(self, asked: int | None, prompt_len: int, *, where: str, default: int | None) -> int:
         room = self.cfg.context_len - prompt_len
         if room < 1:
-            raise ApiError(400, f"the {where} take {prompt_len} tokens, which leaves no room for a reply in the "
+            verb = "take" if where == "messages" else "takes"
+            raise ApiError(400, f"the {where} {verb} {prompt_len} tokens, which leaves no room for a reply in the "
                                 f"context of {self.cfg.context_len} tokens", param=where,
                            code="context_length_exceeded")
         if asked is None:
