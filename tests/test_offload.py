@@ -14,11 +14,11 @@ import torch
 from mixlab import generate, load_model, save_model
 from mixlab.checkpoint import CheckpointError
 from mixlab.cli import main
-from mixlab.config import MoEConfig, get_preset
+from mixlab.config import MoEConfig, get_preset, parse_bytes
 from mixlab.model import Transformer
 from mixlab.model.formats import OffloadedExperts, expert_cache
 from mixlab.model.inference import inference_format, prepare_for_inference
-from mixlab.ops.offload import SlotFormat, parse_bytes
+from mixlab.ops.offload import SlotFormat
 
 CFG = get_preset("tiny-moe").replace(n_layers=3, moe=MoEConfig(num_experts=8, top_k=2), max_seq_len=128)
 EXPERTS = CFG.n_layers * CFG.moe.num_experts  # type: ignore[union-attr]
@@ -174,6 +174,17 @@ def test_budget_too_small_for_any_format_is_refused_at_load(ckpt):
         prepare_for_inference(model)
 
 
+def test_int4_experts_of_an_odd_width_are_refused_at_preparation(tmp_path):
+    """An ffn_dim that int4's groups do not divide: refused by `prepare_for_inference`, as for
+    resident experts, not by the first forward pass that reads an expert in."""
+    path = tmp_path / "odd"
+    model = Transformer(CFG.replace(ffn_dim=48))
+    model.init_weights(std=0.02, seed=0)
+    save_model(model, path)
+    with pytest.raises(ValueError, match=r"groups of 32 needs a multiple of 32 inputs per row, not 48 \(the experts'"):
+        prepare_for_inference(load_model(path, max_memory=1 << 20), quant="int4")
+
+
 def test_budget_of_exactly_top_k_runs_batches_in_passes(ckpt):
     want = load_model(ckpt)(TOKENS)
     model = load_model(ckpt, max_memory=2 * _expert_bytes("plain"))
@@ -284,13 +295,13 @@ def test_dense_models_and_bad_values_are_refused(tmp_path, ckpt):
 @pytest.mark.parametrize("text,want", [("4GB", 4 * 10**9), ("4GiB", 4 << 30), ("4g", 4 << 30), ("512MB", 512 * 10**6),
                                        ("1.5GB", 1_500_000_000), ("1000", 1000), (" 2 KiB ", 2048), (77, 77)])
 def test_parse_bytes(text, want):
-    assert parse_bytes(text) == want
+    assert parse_bytes(text, what="--max-memory") == want
 
 
 @pytest.mark.parametrize("text", ["", "GB", "-1GB", "4XB", "0", "0.1", "nan", "inf", "1e9", "4 G B", "1,000"])
 def test_parse_bytes_errors(text):
     with pytest.raises(ValueError, match="--max-memory"):
-        parse_bytes(text)
+        parse_bytes(text, what="--max-memory")
 
 
 @pytest.mark.parametrize("value,message", [("4XB", "--max-memory: '4XB' is not a size"),

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mixlab.cli import main
-from mixlab.config import PRESETS, get_preset
+from mixlab.config import PRESETS, get_preset, parse_bytes
 from mixlab.model import Transformer
-from mixlab.parallel.plan import GB, activation_elements_per_token, count_params, parse_bytes, plan
+from mixlab.parallel.plan import GB, activation_elements_per_token, count_params, plan
 
 MIXTRAL = get_preset("mixtral-8x7b")
 
@@ -86,9 +86,9 @@ def test_activation_estimate_matches_saved_tensors():
 
 
 def test_bad_layouts_and_sizes():
-    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("80GiB") == 80 * 2**30
-    with pytest.raises(ValueError, match="--device-mem"):
-        parse_bytes("eighty")
+    assert parse_bytes("80GB", what="--device-mem") == 80 * 10**9 and parse_bytes("80GiB", what="-") == 80 * 2**30
+    with pytest.raises(ValueError, match="--device-mem: 'eighty' is not a size"):
+        parse_bytes("eighty", what="--device-mem")
     with pytest.raises(ValueError, match=r"--ep must divide --devices \(8\), got 3"):
         plan(MIXTRAL, mode="train", devices=8, ep=3)
     with pytest.raises(ValueError, match="number of experts"):

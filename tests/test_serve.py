@@ -465,6 +465,10 @@ def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, 
     code, srv, err = _serve_cli(monkeypatch, capsys, "--model", model, "--cache-bytes", str(100 * per_token),
                                 "--max-model-len", "200")
     assert code == 2 and srv is None and "cannot hold one sequence of 200 tokens" in err and "--cache-bytes" in err
+    # sizes read as every mixlab flag reads them (--max-memory, --device-mem): GB = 10^9, GiB = 2^30
+    from mixlab.cli.serve import _bytes
+
+    assert _bytes("2GB") == 2 * 10**9 and _bytes("2GiB") == 2 << 30 and _bytes("4MiB") == 4 << 20
 
 
 @pytest.mark.slow

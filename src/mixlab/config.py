@@ -9,11 +9,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mixlab.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, *, what: str) -> int:
+    """A byte count from `4GB` (10^9), `4GiB` / `4G` (2^30), `512MB`, `1.5GB` or a plain integer;
+    ValueError naming `what` and the value otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n: float = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"{what}: {text!r} is not a size; expected a number of bytes with an optional unit "
+                             "(B, KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB or K, M, G, T: powers of 1024), "
+                             "e.g. 4GB")
+        n = float(m.group(1)) * _UNITS[unit]
+    if not math.isfinite(n) or n < 1:
+        raise ValueError(f"{what}: {text!r} must be at least one byte")
+    return int(n)
+
 
 # mixlab field -> the key that holds it in transformers' config.json / Mistral's params.json, so
 # errors name the key the user sees in the file.

@@ -212,7 +212,8 @@ def load_model(
     Everything else is loaded as usual. Inference only, CPU only; `prepare_for_inference(quant=)`
     then sets the cache's format (plain, int8 or int4).
     """
-    from mixlab.ops.offload import POLICIES, parse_bytes
+    from mixlab.config import parse_bytes
+    from mixlab.ops.offload import POLICIES
 
     root = Path(path)
     if max_memory is not None:

@@ -9,10 +9,12 @@ import json
 
 def plan_cmd(args: argparse.Namespace) -> int:
     from mixlab.cli.model import _config
-    from mixlab.parallel.plan import parse_bytes, plan
+    from mixlab.config import parse_bytes
+    from mixlab.parallel.plan import plan
 
     _, cfg = _config(args.model)
-    p = plan(cfg, mode=args.mode, devices=args.devices, device_mem=parse_bytes(args.device_mem), ep=args.ep,
+    p = plan(cfg, mode=args.mode, devices=args.devices, ep=args.ep,
+             device_mem=parse_bytes(args.device_mem, what="--device-mem"),
              fsdp=args.fsdp, seq=args.seq, batch=args.batch, dtype=args.dtype,
              quant=None if args.quant == "none" else args.quant, activation_checkpointing=args.activation_checkpointing)
     print(json.dumps(p.as_dict(), indent=1) if args.json else p.table())

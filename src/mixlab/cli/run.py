@@ -63,7 +63,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
 def _offload_args(args: argparse.Namespace) -> dict[str, Any]:
     """load_model's expert-offloading arguments from --max-memory / --offload-policy / --no-prefetch."""
-    from mixlab.ops.offload import parse_bytes
+    from mixlab.config import parse_bytes
 
     if getattr(args, "max_memory", None) is None:
         return {}

@@ -9,20 +9,16 @@ import sys
 from pathlib import Path
 
 from mixlab.cli.run import _load, add_runtime_args, print_stats
+from mixlab.config import parse_bytes
 from mixlab.dtypes import dtype_name
 
 
 def _bytes(text: str) -> int:
-    units = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-    t = text.strip().lower()
-    num = t.rstrip("kmgib")
+    """A size as every mixlab flag reads one (`config.parse_bytes`: 2GB = 2 x 10^9, 2GiB = 2 x 2^30)."""
     try:
-        value = int(float(num) * units[t[len(num):]])
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a size such as 512MB or 2GB, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return value
+        return parse_bytes(text, what="size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> int:
@@ -137,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "available)")
     e.add_argument("--max-tokens-limit", type=_positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
-    e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MB)")
+    e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import queue
-import re
 import threading
 import time
 from collections import Counter
@@ -47,6 +46,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from mixlab.config import parse_bytes
 from mixlab.ops.quant import INT4_GROUPS, quantize_int4, quantize_int8
 
 POLICIES = ("lru", "lfu")
@@ -65,29 +65,6 @@ MIN_PREFETCH_READ_S = 5e-4
 # 5.7x) loses 10.4 -> 9.3.
 MAX_READ_PER_WINDOW = 3.0
 KINDS = ("plain", "int8", "int4")
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str | int, *, what: str = "--max-memory") -> int:
-    """A byte count from `4GB` (10^9), `4GiB` / `4G` (2^30), `512MB`, `1.5GB` or a plain integer;
-    ValueError naming `what` and the value otherwise."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        n: float = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        unit = m.group(2).lower() if m else ""
-        if m is None or unit not in _UNITS:
-            raise ValueError(f"{what}: {text!r} is not a size; expected a number of bytes with an optional unit "
-                             "(B, KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB or K, M, G, T: powers of 1024), "
-                             "e.g. 4GB")
-        n = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(n) or n < 1:
-        raise ValueError(f"{what}: {text!r} must be at least one byte")
-    return int(n)
-
 
 def _mean(mean: float | None, x: float) -> float:
     """A running mean (exponentially weighted) updated with `x`."""
@@ -279,6 +256,10 @@ class ExpertCache:
         """Hold experts in `fmt` from now on (only before the pool is first used)."""
         if self._pool is not None:
             raise ValueError("the expert cache is in use; its format can change only before the first forward pass")
+        for name, n in (("dim", self.dim), ("ffn_dim", self.ffn_dim)):
+            if fmt.kind == "int4" and n % fmt.group:  # refused now, not when the first expert is read in
+                raise ValueError(f"int4 with groups of {fmt.group} needs a multiple of {fmt.group} inputs per row, "
+                                 f"not {n} (the experts' {name})")
         per = fmt.expert_bytes(self.dim, self.ffn_dim)
         slots = min(self.budget // per, self.num_layers * self.num_experts)
         self.fmt, self.expert_bytes, self.num_slots = fmt, per, slots

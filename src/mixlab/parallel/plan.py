@@ -37,7 +37,6 @@ workspace (CUDA context, NCCL buffers: typically 1-3 GB per GPU); `headroom` is 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,19 +46,9 @@ from mixlab.config import ModelConfig
 from mixlab.dtypes import DTYPES
 
 GB = 1e9
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 PLAN_DTYPES = ("float32", "bfloat16", "float16")
 QUANT_BITS = {"int8": 8.0, "int4": 4.5}
 INT4_GROUP = 32
-
-
-def parse_bytes(text: str) -> int:
-    """'80GB' (10^9), '80GiB' (2^30), '512MB', '1e11' -> bytes; ValueError naming the value."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"--device-mem: expected a size such as 80GB or 141GiB, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -294,5 +283,4 @@ def _int8_rows(config: ModelConfig, ep: int) -> float:
     return config.n_layers * (rows_attn + rows_ffn) + config.vocab_size
 
 
-__all__ = ["GB", "Plan", "ParamSplit", "activation_elements_per_token", "count_params", "is_expert_param",
-           "parse_bytes", "plan"]
+__all__ = ["GB", "Plan", "ParamSplit", "activation_elements_per_token", "count_params", "is_expert_param", "plan"]
