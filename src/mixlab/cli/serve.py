@@ -34,7 +34,8 @@ def _positive(text: str) -> int:
 def cache_line(total_bytes: int, slots: int, context: int, model_context: int, max_batch: int) -> str:
     """What the KV cache holds, said at startup: the context per request is what the cache budget
     leaves for `max_batch` sequences, which can be far below the model's own."""
-    line = f"mixlab serve: KV cache {total_bytes / 2**30:.2f} GiB: {slots} sequences of up to {context} tokens"
+    size = f"{total_bytes / 2**30:.2f} GiB" if total_bytes >= 2**30 else f"{total_bytes / 2**20:.2f} MiB"
+    line = f"mixlab serve: KV cache {size}: {slots} sequences of up to {context} tokens"
     if context < model_context:
         line += (f" (the model's context is {model_context}: --cache-bytes, --max-model-len or a smaller --max-batch "
                  "for longer requests)")
