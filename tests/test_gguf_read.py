@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from conftest import gguf_test_model, llama_cpp_converter
-from mixlab.checkpoint import CheckpointError, load_model, save_model
+from mixlab.checkpoint import CheckpointError, gguf_read, load_model, save_model
 from mixlab.checkpoint.gguf import write_gguf
 from mixlab.checkpoint.gguf_read import read_header
 from mixlab.model import Experts, MoEBlock, Transformer
@@ -294,8 +294,11 @@ MALFORMED = {
 }
 
 
+@pytest.mark.parametrize("first_read", [None, 40])  # the header parsed from the first 40 bytes, then 320, ...
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_gguf_is_refused_clearly(case, tmp_path):
+def test_malformed_gguf_is_refused_clearly(case, first_read, tmp_path, monkeypatch):
+    if first_read:
+        monkeypatch.setattr(gguf_read, "FIRST_READ", first_read)
     raw, message = MALFORMED[case]
     path = tmp_path / "bad.gguf"
     path.write_bytes(raw)
@@ -303,6 +306,44 @@ def test_malformed_gguf_is_refused_clearly(case, tmp_path):
         read_header(path)
     with pytest.raises(CheckpointError, match=message.replace("*", r"\*")):
         load_model(path)
+
+
+def test_a_header_longer_than_the_first_read_is_read_in_steps(tmp_path, monkeypatch, capsys):
+    """The header is read 16 MiB at first (a Mixtral file is tens of GB), more while it runs on:
+    the same header from a first read of 100 bytes, and `mixlab info` reads a GGUF's config."""
+    from mixlab.cli import main
+
+    path = write_gguf(_model("moe"), tmp_path / "m.gguf", quant="f32")
+    want = read_header(path)
+    reads: list[int] = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def seek(self, n):
+            return self.f.seek(n)
+
+        def read(self, n):
+            reads.append(n)
+            return self.f.read(n)
+
+    monkeypatch.setattr(gguf_read, "FIRST_READ", 100)
+    monkeypatch.setattr(gguf_read, "open", lambda p, mode: Counting(real_open(p, mode)), raising=False)
+    got = read_header(path)
+    assert reads[0] == 100 and reads == sorted(reads) and reads[-1] < path.stat().st_size
+    assert got.tensors == want.tensors and got.data_start == want.data_start
+    assert got.metadata.keys() == want.metadata.keys() and got.metadata["general.architecture"] == "llama"
+    monkeypatch.undo()
+    assert main(["info", str(path)]) == 0
+    assert "MoE, 4 experts, top-2" in capsys.readouterr().out
 
 
 def test_valid_header_but_wrong_model_is_refused(tmp_path):

@@ -46,6 +46,8 @@ MAGIC = b"GGUF"
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 64  # GGML_MAX_NAME (with the terminating zero)
 MAX_ELEMENTS = 2**60
+MAX_HEADER = 1 << 31  # the most of a file read for its header
+FIRST_READ = 16 << 20  # a Mixtral header, with its 32,000-token vocabulary, takes ~1 MB
 
 # ggml types mixlab reads itself: type id -> (name, elements per block, bytes per block).
 F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
@@ -94,18 +96,30 @@ class GGUFHeader:
     data_start: int
 
 
-class _Cursor:
-    """Bounds-checked little-endian reads from the file's bytes; errors name the field being read."""
+class _ShortRead(Exception):
+    """The header runs past the bytes read so far, and the file has more: read more and parse again."""
 
-    def __init__(self, path: Path, buf: memoryview) -> None:
-        self.path, self.buf, self.pos = path, buf, 0
+
+class _Cursor:
+    """Bounds-checked little-endian reads from the file's first bytes (`whole`: all of them, or as
+    many as a header may take); errors name the field being read."""
+
+    def __init__(self, path: Path, buf: memoryview, whole: bool) -> None:
+        self.path, self.buf, self.pos, self.whole = path, buf, 0, whole
 
     def fail(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: {what} (at byte {self.pos} of {len(self.buf)})")
 
+    def past_end(self, what: str) -> Exception:
+        """Running past the bytes read: the file's end (an error naming `what`), or only the
+        bytes read so far (`_ShortRead`: read more)."""
+        return self.fail(what) if self.whole else _ShortRead()
+
     def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or n > len(self.buf) - self.pos:
-            raise self.fail(f"truncated GGUF: {what} needs {n} bytes, {len(self.buf) - self.pos} left")
+        if n < 0:
+            raise self.fail(f"{what}: a negative length {n}")
+        if n > len(self.buf) - self.pos:
+            raise self.past_end(f"truncated GGUF: {what} needs {n} bytes, {len(self.buf) - self.pos} left")
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -122,7 +136,7 @@ class _Cursor:
     def string(self, what: str) -> str:
         n = self.u64(f"the length of {what}")
         if n > len(self.buf) - self.pos:
-            raise self.fail(f"{what}: a string of {n} bytes runs past the end of the file")
+            raise self.past_end(f"{what}: a string of {n} bytes runs past the end of the file")
         raw = bytes(self.take(n, what))
         try:
             return raw.decode("utf-8")
@@ -142,11 +156,11 @@ class _Cursor:
             if itype in _SCALARS:
                 size = _SCALARS[itype][1]
                 if n > (len(self.buf) - self.pos) // size:
-                    raise self.fail(f"{what}: an array of {n} items of {size} bytes runs past the end of the file")
+                    raise self.past_end(f"{what}: an array of {n} items of {size} bytes runs past the end of the file")
                 return np.frombuffer(self.take(n * size, what), dtype=_NP[itype]).copy()
             if itype == STRING:
                 if n > (len(self.buf) - self.pos) // 8:  # every string has at least its 8-byte length
-                    raise self.fail(f"{what}: an array of {n} strings runs past the end of the file")
+                    raise self.past_end(f"{what}: an array of {n} strings runs past the end of the file")
                 return [self.string(f"{what}[{i}]") for i in range(n)]
             if itype == ARRAY:
                 raise self.fail(f"{what}: nested arrays are not supported")
@@ -160,11 +174,23 @@ def read_header(path: str | Path) -> GGUFHeader:
     if not p.is_file():
         raise CheckpointError(f"{p}: no such GGUF file")
     size = p.stat().st_size
+    cap = min(size, MAX_HEADER)
+    n = min(cap, FIRST_READ)
     with open(p, "rb") as f:
-        # The header is read whole, but never more than the file: a huge declared count or length
-        # is caught against the bytes that exist, before anything is allocated for it.
-        buf = memoryview(f.read(min(size, 1 << 31)))
-    c = _Cursor(p, buf)
+        while True:
+            # Never more than the file, nor than MAX_HEADER: a huge declared count or length is
+            # caught against the bytes that exist, before anything is allocated for it. A header
+            # longer than the bytes read is parsed again from more (x8), not read whole at once.
+            f.seek(0)
+            buf = memoryview(f.read(n))
+            try:
+                return _parse_header(p, buf, size, whole=n >= cap)
+            except _ShortRead:
+                n = min(cap, 8 * n)
+
+
+def _parse_header(p: Path, buf: memoryview, size: int, *, whole: bool) -> GGUFHeader:
+    c = _Cursor(p, buf, whole)
     if bytes(c.take(4, "the magic")) != MAGIC:
         raise CheckpointError(f"{p}: not a GGUF file (the first 4 bytes are not 'GGUF')")
     version = c.u32("the version")

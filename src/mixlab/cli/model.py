@@ -28,9 +28,14 @@ def _config(spec: str) -> tuple[str, ModelConfig]:
     p = Path(spec)
     if p.is_dir():
         return str(p), ModelConfig.from_dir(p)
+    if p.suffix == ".gguf" and p.is_file():  # as load_model: the metadata is the config (the header only is read)
+        from mixlab.checkpoint.gguf_read import config_from_header, read_header
+
+        return str(p), config_from_header(read_header(p))
     if spec in PRESETS:
         return spec, get_preset(spec)
-    raise ConfigError(f"{spec!r} is neither a checkpoint folder nor a preset (presets: {', '.join(sorted(PRESETS))})")
+    raise ConfigError(f"{spec!r} is neither a checkpoint folder, a GGUF file nor a preset "
+                      f"(presets: {', '.join(sorted(PRESETS))})")
 
 
 def info(args: argparse.Namespace) -> int:
