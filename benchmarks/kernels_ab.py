@@ -104,7 +104,9 @@ def engine_cases(batches: list[int], prefill: bool, rounds: int, n_libs: int, st
     engines = []
     total = (rounds + 2) * steps * n_libs + 8
     for B in batches:
-        eng = Engine(model, max_batch=B, max_seq_len=context + total + 8 + B, token_budget=min(B * context + B, 4096))
+        budget = min(B * context + B, 4096)
+        head = B * context // budget + B  # engine._fill's prefill steps, each a token for the early sequences
+        eng = Engine(model, max_batch=B, max_seq_len=context + total + 8 + head, token_budget=budget)
         eb._fill(eng, B, g, total + 4, prompt=context)
         engines.append(eng)
 
