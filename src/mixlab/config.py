@@ -39,6 +39,14 @@ def parse_bytes(text: str | int, *, what: str) -> int:
     return int(n)
 
 
+def format_bytes(n: float) -> str:
+    """A byte count as `parse_bytes` reads it back (powers of 1000): 2.15 GB, 512.00 MB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 # mixlab field -> the key that holds it in transformers' config.json / Mistral's params.json, so
 # errors name the key the user sees in the file.
 _HF_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",

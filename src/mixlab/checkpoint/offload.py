@@ -30,11 +30,11 @@ import torch
 
 from mixlab.checkpoint.io import DTYPES, CheckpointError, TensorInfo
 from mixlab.checkpoint.keymaps import Rule
-from mixlab.config import ModelConfig
+from mixlab.config import ModelConfig, format_bytes
 from mixlab.model.formats import OffloadedExperts
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Transformer
-from mixlab.ops.offload import CHUNK, ExpertCache, Pause, Slot, SlotFormat, format_bytes
+from mixlab.ops.offload import CHUNK, ExpertCache, Pause, Slot, SlotFormat
 from mixlab.ops.quant import INT4_GROUPS
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from mixlab.cli.run import _load, add_runtime_args, print_stats
-from mixlab.config import parse_bytes
+from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
 
 
@@ -31,14 +31,10 @@ def _positive(text: str) -> int:
     return v
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
-
-
 def cache_line(total_bytes: int, slots: int, context: int, model_context: int, max_batch: int) -> str:
     """What the KV cache holds, said at startup: the context per request is what the cache budget
     leaves for `max_batch` sequences, which can be far below the model's own."""
-    line = f"mixlab serve: KV cache {_size(total_bytes)}: {slots} sequences of up to {context} tokens"
+    line = f"mixlab serve: KV cache {format_bytes(total_bytes)}: {slots} sequences of up to {context} tokens"
     if context < model_context:
         line += (f" (the model's context is {model_context}: --cache-bytes, --max-model-len or a smaller --max-batch "
                  "for longer requests)")
@@ -92,7 +88,7 @@ def serve(args: argparse.Namespace) -> int:
     engine.start()
     packed = getattr(runner, "packed_bytes", 0)
     if packed:
-        print(f"mixlab serve: the bf16 weights also kept in the native kernels' panels (+{_size(packed)} of "
+        print(f"mixlab serve: the bf16 weights also kept in the native kernels' panels (+{format_bytes(packed)} of "
               "memory; --pack-weights no saves it, for slower steps)", file=sys.stderr)
     if runner is not None:
         print(cache_line(runner.total_bytes, runner.n_slots, context, model.config.max_seq_len, args.max_batch),

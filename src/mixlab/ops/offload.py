@@ -46,7 +46,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from mixlab.config import parse_bytes
+from mixlab.config import format_bytes, parse_bytes
 from mixlab.ops.quant import INT4_GROUPS, quantize_int4, quantize_int8
 
 POLICIES = ("lru", "lfu")
@@ -69,13 +69,6 @@ KINDS = ("plain", "int8", "int4")
 def _mean(mean: float | None, x: float) -> float:
     """A running mean (exponentially weighted) updated with `x`."""
     return x if mean is None else mean + EWMA * (x - mean)
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)
