@@ -16,9 +16,9 @@ from mixlab.dtypes import dtype_name
 def _bytes(text: str) -> int:
     """A size as every mixlab flag reads one (`config.parse_bytes`: 2GB = 2 x 10^9, 2GiB = 2 x 2^30)."""
     try:
-        return parse_bytes(text, what="size")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return parse_bytes(text, what="")
+    except ValueError as e:  # argparse names the flag: the message without parse_bytes's `what: `
+        raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
 
 
 def _positive(text: str) -> int:
