@@ -4,6 +4,7 @@ against `mixlab.generate` and a plain forward pass; bad requests against OpenAI'
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -469,6 +470,8 @@ def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, 
     from mixlab.cli.serve import _bytes
 
     assert _bytes("2GB") == 2 * 10**9 and _bytes("2GiB") == 2 << 30 and _bytes("4MiB") == 4 << 20
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'1XB' is not a size; expected"):
+        _bytes("1XB")
 
 
 @pytest.mark.slow
