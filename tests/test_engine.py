@@ -83,6 +83,49 @@ def test_staggered_equals_single_runs(model_name, request):
     assert all(len(set(t)) > 3 for t in alone), "degenerate output would make this test weak"
 
 
+def _reference_biased(model, prompt, n, bias):
+    """Greedy tokens by full recompute with `bias` ({id: value}) added to every step's logits."""
+    ids = list(prompt)
+    for _ in range(n):
+        lg = model(torch.tensor([ids]))[0, -1].float()
+        for t, b in bias.items():
+            lg[t] += b
+        ids.append(int(lg.argmax()))
+    return ids[len(prompt):]
+
+
+def test_logit_bias_is_added_before_sampling(tiny):
+    prompt = _prompts((6,), seed=4)[0]
+    plain = _reference(tiny, prompt, 8)[0]
+    ban = {plain[0]: -100.0, plain[1]: -100.0}  # OpenAI's "ban": the greedy path must change
+    nudge = {t: 3.0 for t in range(40, 60)}
+    cases = [SamplingParams(max_tokens=8, ignore_eos=True, logit_bias=b) for b in (ban, nudge)]
+    eng = Engine(tiny, max_batch=2)
+    got = _run(eng, [(prompt, c) for c in cases])  # batched together with the plain row below
+    for toks, c in zip(got, cases, strict=True):
+        assert toks == _reference_biased(tiny, prompt, 8, c.logit_bias)
+    assert got[0][0] != plain[0] and plain[0] not in got[0] and plain[1] not in got[0]
+    # +100 forces a token, sampled or not; the logprobs stay the model's own (vLLM's raw logprobs)
+    forced = SamplingParams(max_tokens=5, temperature=0.8, seed=1, ignore_eos=True, logit_bias={123: 100},
+                            logprobs=0)
+    h = eng.submit(prompt, forced)
+    eng.run_until_idle()
+    outs = list(h)
+    assert [o.token_id for o in outs] == [123] * 5
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny(torch.tensor([prompt]))[0, -1].float(), -1)
+    assert outs[0].logprob == pytest.approx(float(lp[123]), abs=1e-4) and outs[0].logprob < -1
+
+
+@pytest.mark.parametrize("bias,match", [({-1: 1.0}, "outside the vocabulary"), ({10**6: 1.0}, "outside"),
+                                        ({"x": 1.0}, "integer token ids"), ({3: float("nan")}, "finite"),
+                                        ([3], "dict")])
+def test_logit_bias_refused_with_its_name(tiny, bias, match):
+    with pytest.raises(ValueError, match=match) as e:
+        Engine(tiny).submit([1, 2, 3], SamplingParams(max_tokens=2, logit_bias=bias))
+    assert "logit_bias" in str(e.value)
+
+
 def test_window_boundary_several_sequences(windowed):
     prompts = _prompts((4, 9, 13), seed=1)
     engine = Engine(windowed, max_batch=3, token_budget=5)

@@ -126,6 +126,19 @@ def test_completion_streamed_equals_unstreamed_equals_generate(client: Any, mode
     assert by_ids.choices[0].text == full.choices[0].text
 
 
+def test_logit_bias_through_the_openai_client(client: Any, model_tok: tuple[Any, Any]) -> None:
+    _, tok = model_tok
+    kw = dict(model=NAME, prompt="The quick brown fox", max_tokens=6, temperature=0)
+    ids = tok.encode("The quick brown fox")
+    plain = client.completions.create(**kw).choices[0].text
+    x = tok.encode("x")[-1]
+    forced = client.completions.create(**kw, logit_bias={str(x): 100}).choices[0].text
+    assert forced == _continuation(tok, ids, [x] * 6) != plain
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          logit_bias={str(x): 100}, temperature=0.9, seed=3)
+    assert chat.choices[0].message.content.strip() == _continuation(tok, ids, [x] * 4).strip()
+
+
 def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model_tok: tuple[Any, Any]) -> None:
     model, tok = model_tok
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=16,
@@ -287,7 +300,11 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (CHAT, {"messages": U, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (CHAT, {"messages": U, "top_logprobs": 2}, 400, "top_logprobs"),
     (CHAT, {"messages": U, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-    (CHAT, {"messages": U, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    (CHAT, {"messages": U, "logit_bias": {"5": 101}}, 400, "logit_bias.5"),
+    (CHAT, {"messages": U, "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    (CHAT, {"messages": U, "logit_bias": {"-3": 1}}, 400, "logit_bias"),
+    (CHAT, {"messages": U, "logit_bias": {"32000": 1}}, 400, "logit_bias"),
+    (COMP, {"prompt": "x", "logit_bias": [5, 10]}, 400, "logit_bias"),
     (CHAT, {"messages": U, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     (CHAT, {"messages": U, "response_format": {"type": "json_object"}}, 400, "response_format"),
     (CHAT, {"messages": U, "return_experts": "please"}, 400, "return_experts"),

@@ -47,7 +47,8 @@ def _int(name: str, v: object, lo: int, what: str) -> int:
 class SamplingParams:
     """How one request is decoded. Penalties follow vLLM/OpenAI: `repetition_penalty` (CTRL, arXiv
     1909.05858) over prompt and output tokens, `presence_penalty` / `frequency_penalty` over output
-    tokens; then temperature, top-k, top-p, min-p. `temperature=0` is greedy. `seed` seeds the
+    tokens; then temperature, top-k, top-p, min-p. `logit_bias` ({token id: bias}, OpenAI's) is added
+    to the logits before all of them. `temperature=0` is greedy. `seed` seeds the
     request's own generator: its samples do not depend on what else the engine runs."""
 
     max_tokens: int = 16
@@ -65,6 +66,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # the logprob of every prompt token (None for the first)
     return_experts: bool = False  # the experts of every MoE layer for each generated token
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits (logprobs: raw)
 
     def __post_init__(self) -> None:
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
@@ -92,6 +94,12 @@ class SamplingParams:
             self.stop_token_ids = [operator.index(i) for i in self.stop_token_ids]
         except TypeError:
             raise _bad("stop_token_ids", self.stop_token_ids, "a list of integer token ids") from None
+        if not isinstance(self.logit_bias, dict):
+            raise _bad("logit_bias", self.logit_bias, "a dict of token id -> bias")
+        try:
+            self.logit_bias = {operator.index(k): _number(f"logit_bias[{k!r}]", v) for k, v in self.logit_bias.items()}
+        except TypeError:
+            raise _bad("logit_bias", self.logit_bias, "a dict with integer token ids as keys") from None
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, "None or an integer >= 0 (number of top alternatives)")
 

@@ -64,6 +64,7 @@ class _Seq:
     prompt_top: list[list[tuple[int, float]] | None] | None = None  # with prompt_logprobs and logprobs > 0
     seen_1V: torch.Tensor | None = None  # prompt + output tokens (repetition penalty)
     counts_1V: torch.Tensor | None = None  # output token counts (presence/frequency penalties)
+    bias_1V: torch.Tensor | None = None  # logit_bias as a row
     first: bool = True
     slot: int = -1  # the runner's cache slot
 
@@ -169,6 +170,9 @@ class Engine:
         bad = [i for i in params.stop_token_ids if not 0 <= i < cfg.vocab_size]
         if bad:
             raise ValueError(f"invalid stop_token_ids: {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        bad = [i for i in params.logit_bias if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"invalid logit_bias: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
         if params.return_experts and cfg.moe is None:
             raise ValueError("return_experts=True needs a MoE model; this one is dense")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
@@ -345,16 +349,21 @@ class Engine:
                 seq.seen_1V[0, seq.prompt] = True
             if seq.params.presence_penalty or seq.params.frequency_penalty:
                 seq.counts_1V = torch.zeros(1, V, device=self.runner.device)
+            if seq.params.logit_bias:
+                seq.bias_1V = torch.zeros(1, V, device=self.runner.device)
+                ids, values = zip(*seq.params.logit_bias.items(), strict=True)
+                seq.bias_1V[0, list(ids)] = torch.tensor(values, device=self.runner.device)
             self._running.append(seq)
 
     def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None,
               argmax: int | None = None) -> None:
         p = seq.params
-        if argmax is not None and seq.sampler.greedy and seq.seen_1V is None and seq.counts_1V is None:
-            tok = argmax  # the step's batched argmax of this row (NaN-free): greedy without penalties
+        plain = seq.seen_1V is None and seq.counts_1V is None and seq.bias_1V is None
+        if argmax is not None and seq.sampler.greedy and plain:
+            tok = argmax  # the step's batched argmax of this row (NaN-free): greedy without penalties or biases
         else:
             tok = sample_row(logits_1V, p, seq.sampler, seen_1V=seq.seen_1V, counts_1V=seq.counts_1V,
-                             generator=seq.generator)
+                             bias_1V=seq.bias_1V, generator=seq.generator)
         seq.out.append(tok)
         self._stats["tokens_out"] += 1
         if seq.seen_1V is not None:

@@ -132,15 +132,17 @@ class Sampler:
 
 def sample_row(
     logits_1V: torch.Tensor, params: SamplingParams, sampler: Sampler, *, seen_1V: torch.Tensor | None,
-    counts_1V: torch.Tensor | None, generator: torch.Generator | None,
+    counts_1V: torch.Tensor | None, generator: torch.Generator | None, bias_1V: torch.Tensor | None = None,
 ) -> int:
-    """One row's next token: presence/frequency penalties on its output counts (OpenAI's formula),
-    then `sampler` (repetition penalty over `seen`, temperature, top-k, top-p, min-p). Each row is
-    sampled alone with its own generator, so a seeded request draws the same numbers whatever else
-    the engine runs."""
-    if sampler.greedy and counts_1V is None and seen_1V is None:
+    """One row's next token: `bias_1V` (OpenAI's logit_bias) added to the logits, presence/frequency
+    penalties on its output counts (OpenAI's formula), then `sampler` (repetition penalty over
+    `seen`, temperature, top-k, top-p, min-p). Each row is sampled alone with its own generator, so a
+    seeded request draws the same numbers whatever else the engine runs."""
+    if sampler.greedy and counts_1V is None and seen_1V is None and bias_1V is None:
         return greedy_token(logits_1V)  # the common case, once per token: one cheap pass
     check_logits(logits_1V)
+    if bias_1V is not None:
+        logits_1V = logits_1V + bias_1V
     if counts_1V is not None and (params.presence_penalty or params.frequency_penalty):
         logits_1V = logits_1V - counts_1V * params.frequency_penalty - (counts_1V > 0).float() * params.presence_penalty
     logits_1V = sampler.filter(logits_1V, seen_BV=seen_1V)

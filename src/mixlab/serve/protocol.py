@@ -4,8 +4,8 @@ Field names, types and ranges follow OpenAI's API reference (chat completions an
 completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` are vLLM's extras and
 `return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for integers).
 Unknown fields are ignored, as OpenAI-compatible servers do, except the ones whose meaning we do not
-implement (tools, response formats, logit biases, suffixes): those are refused with a 400 naming
-them rather than silently dropped.
+implement (tools, response formats, suffixes): those are refused with a 400 naming them rather than
+silently dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "Detokenize
 MAX_N = 16
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
@@ -80,18 +81,24 @@ class _Sampling(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     # mixlab's extension: the experts every MoE layer sent each generated token to
     return_experts: StrictBool = False
+    # {token id as a string: bias in [-100, 100]}, added to those logits before sampling
+    logit_bias: Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     # accepted for compatibility, with no effect
     user: StrictStr | None = None
-    # refused: features whose meaning is not implemented
-    logit_bias: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_common(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise _field_error("stream_options", "stream_options is only allowed when stream is true")
-        if self.logit_bias:
-            raise _field_error("logit_bias", "logit_bias is not supported by this server")
+        for key in self.logit_bias or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise _field_error("logit_bias", f"invalid logit_bias key {key!r}: expected a token id, "
+                                   "a string of digits such as \"1234\"")
         return self
+
+    def biases(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
