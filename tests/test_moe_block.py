@@ -121,3 +121,18 @@ def test_save_model_refuses_a_prepared_model(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"int8 inference weights \(prepared for inference.*before prepare_for"):
         save_model(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_freshly_built_model_is_initialised_like_pytorch_modules() -> None:
+    """`Transformer(cfg)` holds usable weights before `init_weights` (as nn.Linear does): the experts
+    and the router were `torch.empty` (garbage, sometimes NaN) until a checkpoint or init replaced them."""
+    cfg = get_preset("tiny-moe")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    for name in ("layers.0.ffn.experts.w13", "layers.0.ffn.experts.w2", "layers.0.ffn.gate.weight"):
+        p = dict(model.named_parameters())[name]
+        fan_in = p.shape[-1]
+        assert torch.isfinite(p).all() and p.abs().max() <= fan_in**-0.5 and p.std() > 0.3 * fan_in**-0.5, name
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]]))).all()
+    with torch.device("meta"):  # the meta device stays free of work
+        assert Transformer(get_preset("mixtral-8x7b")).layers[0].ffn.experts.w13.is_meta

@@ -63,6 +63,7 @@ class Router(nn.Module):
         super().__init__()
         self.moe = moe
         self.weight = nn.Parameter(torch.empty(moe.num_experts, dim))
+        nn.init.uniform_(self.weight, -dim**-0.5, dim**-0.5)  # nn.Linear's default; no work on "meta"
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         r_TD = x_TD
@@ -136,6 +137,10 @@ class Experts(ExpertsBase):
         self.num_experts = num_experts
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+        # nn.Linear's default per expert, U(±1/sqrt(fan_in)), as every other module of a freshly built
+        # model has (init_weights or a checkpoint replaces it; no work on the "meta" device)
+        nn.init.uniform_(self.w13, -dim**-0.5, dim**-0.5)
+        nn.init.uniform_(self.w2, -ffn_dim**-0.5, ffn_dim**-0.5)
 
     def weights(self) -> ExpertWeights:
         return ExpertWeights(self.w13, self.w2)
