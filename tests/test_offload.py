@@ -5,6 +5,7 @@ Mistral, GGUF float and Q4_0); clear errors for budgets and sizes; the prefetch 
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -337,3 +338,23 @@ def test_clear_empties_the_cache(ckpt):
         cache.reset_stats()
         torch.testing.assert_close(model(TOKENS), want, atol=0, rtol=0)
     assert cache.stats.hits == 0 or cache.stats.misses > 0
+
+
+def test_engine_stats_and_server_metrics_report_the_expert_cache(ckpt):
+    from mixlab.engine import Engine, SamplingParams
+    from mixlab.serve.metrics import Metrics
+
+    model = prepare_for_inference(load_model(ckpt, max_memory=_budget("plain", 0.3)))
+    cache = expert_cache(model)
+    with Engine(model, max_batch=2) as engine:
+        for h in [engine.submit(TOKENS[i].tolist(), SamplingParams(max_tokens=4, ignore_eos=True)) for i in (0, 1)]:
+            list(h)
+        s = engine.stats()["expert_cache"]
+    assert s["hits"] == cache.stats.hits and s["misses"] == cache.stats.misses > 0 and s["slots"] == cache.num_slots
+    text = Metrics(lambda: {"expert_cache": s}).render().decode()
+    values = {name: float(v) for name, v in re.findall(r"^(mixlab_expert_cache_\w+) (\S+)$", text, re.M)}
+    assert values["mixlab_expert_cache_misses_total"] == s["misses"]
+    assert values["mixlab_expert_cache_read_bytes_total"] == s["bytes_read"] > 0
+    assert values["mixlab_expert_cache_bytes"] == cache.num_slots * cache.expert_bytes
+    with Engine(load_model(ckpt), max_batch=1) as resident:  # resident experts: no such entry
+        assert "expert_cache" not in resident.stats()

@@ -11,6 +11,7 @@ from pathlib import Path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
+from mixlab.model.formats import expert_cache
 
 
 def _bytes(text: str) -> int:
@@ -90,6 +91,11 @@ def serve(args: argparse.Namespace) -> int:
     if packed:
         print(f"mixlab serve: the bf16 weights also kept in the native kernels' panels (+{format_bytes(packed)} of "
               "memory; --pack-weights no saves it, for slower steps)", file=sys.stderr)
+    cache = expert_cache(model)
+    if cache is not None:
+        print(f"mixlab serve: experts offloaded: {cache.num_slots} of {cache.num_layers * cache.num_experts} fit in "
+              f"{format_bytes(cache.num_slots * cache.expert_bytes)} ({cache.fmt.kind}, {cache.policy}, prefetch "
+              f"{'on' if cache.prefetch_enabled else 'off'}); /metrics: mixlab_expert_cache_*", file=sys.stderr)
     if runner is not None:
         print(cache_line(runner.total_bytes, runner.n_slots, context, model.config.max_seq_len, args.max_batch),
               file=sys.stderr)

@@ -35,6 +35,7 @@ import torch
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver
 from mixlab.engine.runner import Item, Result, Runner
 from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
+from mixlab.model.formats import expert_cache
 
 if TYPE_CHECKING:
     from mixlab.model import Transformer
@@ -231,11 +232,16 @@ class Engine:
         with self._lock:
             waiting = len(self._waiting)
         load = self.runner.expert_load()
-        return {
+        out = {
             "running": len(self._running), "waiting": waiting,
             "cache_used_bytes": self.runner.used_bytes(), "cache_total_bytes": self.runner.total_bytes,
             "weight_panels_bytes": self.runner.packed_bytes, **self._stats, "expert_load": load.tolist(),
         }
+        cache = expert_cache(self.model)
+        if cache is not None:  # offloaded experts (load_model(max_memory=)): what their cache did
+            out["expert_cache"] = {**cache.stats.as_dict(), "slots": cache.num_slots,
+                                   "slot_bytes": cache.expert_bytes}
+        return out
 
     def has_work(self) -> bool:
         with self._lock:

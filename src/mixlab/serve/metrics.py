@@ -42,6 +42,20 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily("mixlab_weight_panels_bytes",
                                     "memory holding the bf16 weights a second time in the native kernels' panels",
                                     value=float(s["weight_panels_bytes"]))
+        cache = s.get("expert_cache")
+        if cache:  # offloaded experts
+            for key, name, doc in (
+                    ("hits", "hits", "expert requests of the MoE layers found in the expert cache"),
+                    ("misses", "misses", "expert requests of the MoE layers read from disk first"),
+                    ("bytes_read", "read_bytes", "bytes of experts read from disk (on demand and prefetched)"),
+                    ("wait_s", "wait_seconds", "time the engine waited for expert reads"),
+                    ("prefetched", "prefetched", "experts read ahead by the prefetch thread"),
+                    ("prefetch_used", "prefetch_used", "prefetched experts used before eviction")):
+                yield CounterMetricFamily(f"mixlab_expert_cache_{name}", doc, value=float(cache[key]))
+            yield GaugeMetricFamily("mixlab_expert_cache_slots", "experts the expert cache holds at once",
+                                    value=float(cache["slots"]))
+            yield GaugeMetricFamily("mixlab_expert_cache_bytes", "memory of the expert cache's slots",
+                                    value=float(cache["slots"] * cache["slot_bytes"]))
         if "steps" in s:
             yield CounterMetricFamily("mixlab_engine_steps", "forward passes of the engine", value=float(s["steps"]))
         load = s.get("expert_load") or []
