@@ -117,6 +117,19 @@ def test_logit_bias_is_added_before_sampling(tiny):
     assert outs[0].logprob == pytest.approx(float(lp[123]), abs=1e-4) and outs[0].logprob < -1
 
 
+def test_min_tokens_holds_back_stop_tokens(tiny):
+    prompt = _prompts((6,), seed=5)[0]
+    eos = tiny.config.eos_id
+    eng = Engine(tiny)
+    h = eng.submit(prompt, SamplingParams(max_tokens=8, min_tokens=3, logit_bias={eos: 100}, logprobs=0))
+    eng.run_until_idle()
+    outs = list(h)
+    assert [o.token_id for o in outs][:3] == _reference_biased(tiny, prompt, 3, {eos: -1e9})
+    assert [o.token_id for o in outs][3] == eos and outs[-1].finish_reason == "stop" and len(outs) == 4
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+
+
 @pytest.mark.parametrize("bias,match", [({-1: 1.0}, "outside the vocabulary"), ({10**6: 1.0}, "outside"),
                                         ({"x": 1.0}, "integer token ids"), ({3: float("nan")}, "finite"),
                                         ([3], "dict")])

@@ -137,6 +137,10 @@ def test_logit_bias_through_the_openai_client(client: Any, model_tok: tuple[Any,
     chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                           logit_bias={str(x): 100}, temperature=0.9, seed=3)
     assert chat.choices[0].message.content.strip() == _continuation(tok, ids, [x] * 4).strip()
+    # vLLM's min_tokens: no EOS before it, even one that logit_bias all but forces
+    held = client.completions.create(**{**kw, "max_tokens": 8}, logit_bias={str(tok.eos_id): 100},
+                                     extra_body={"min_tokens": 2})
+    assert held.usage.completion_tokens == 3 and held.choices[0].finish_reason == "stop"
 
 
 def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model_tok: tuple[Any, Any]) -> None:
@@ -305,6 +309,8 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (CHAT, {"messages": U, "logit_bias": {"-3": 1}}, 400, "logit_bias"),
     (CHAT, {"messages": U, "logit_bias": {"32000": 1}}, 400, "logit_bias"),
     (COMP, {"prompt": "x", "logit_bias": [5, 10]}, 400, "logit_bias"),
+    (COMP, {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens"),
+    (COMP, {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     (CHAT, {"messages": U, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     (CHAT, {"messages": U, "response_format": {"type": "json_object"}}, 400, "response_format"),
     (CHAT, {"messages": U, "return_experts": "please"}, 400, "return_experts"),

@@ -66,10 +66,14 @@ class SamplingParams:
     prompt_logprobs: bool = False  # the logprob of every prompt token (None for the first)
     return_experts: bool = False  # the experts of every MoE layer for each generated token
     ignore_eos: bool = False
+    min_tokens: int = 0  # vLLM's: no stop token (EOS, stop_token_ids) before this many tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits (logprobs: raw)
 
     def __post_init__(self) -> None:
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
+        _int("min_tokens", self.min_tokens, 0, "an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            raise _bad("min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             _number(name, getattr(self, name))

@@ -22,6 +22,7 @@ near-tie.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import threading
 import time
@@ -364,12 +365,16 @@ class Engine:
     def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None,
               argmax: int | None = None) -> None:
         p = seq.params
-        plain = seq.seen_1V is None and seq.counts_1V is None and seq.bias_1V is None
+        bias_1V = seq.bias_1V
+        if len(seq.out) < p.min_tokens and seq.stop_ids:  # min_tokens: no stop token yet (-inf, not -100)
+            bias_1V = torch.zeros_like(logits_1V) if bias_1V is None else bias_1V.clone()
+            bias_1V[0, sorted(seq.stop_ids)] = -math.inf
+        plain = seq.seen_1V is None and seq.counts_1V is None and bias_1V is None
         if argmax is not None and seq.sampler.greedy and plain:
             tok = argmax  # the step's batched argmax of this row (NaN-free): greedy without penalties or biases
         else:
             tok = sample_row(logits_1V, p, seq.sampler, seen_1V=seq.seen_1V, counts_1V=seq.counts_1V,
-                             bias_1V=seq.bias_1V, generator=seq.generator)
+                             bias_1V=bias_1V, generator=seq.generator)
         seq.out.append(tok)
         self._stats["tokens_out"] += 1
         if seq.seen_1V is not None:

@@ -264,7 +264,7 @@ class _Server:
                 presence_penalty=float(body.presence_penalty), frequency_penalty=float(body.frequency_penalty),
                 seed=seed, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, return_experts=body.return_experts, ignore_eos=body.ignore_eos,
-                logit_bias=body.biases())
+                logit_bias=body.biases(), min_tokens=body.min_tokens)
         except ValueError as e:
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
 
@@ -295,8 +295,8 @@ class _Server:
 
 
 def _guess_param(message: str) -> str | None:
-    for name in ("max_tokens", "logit_bias", "stop_token_ids", "stop", "temperature", "top_p", "top_k", "min_p",
-                 "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs",
+    for name in ("min_tokens", "max_tokens", "logit_bias", "stop_token_ids", "stop", "temperature", "top_p",
+                 "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs",
                  "return_experts"):
         if name in message:
             return name

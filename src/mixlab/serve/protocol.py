@@ -1,7 +1,7 @@
 """OpenAI's request bodies as pydantic models, and OpenAI's error body.
 
 Field names, types and ranges follow OpenAI's API reference (chat completions and the legacy
-completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` are vLLM's extras and
+completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens` are vLLM's extras and
 `return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for integers).
 Unknown fields are ignored, as OpenAI-compatible servers do, except the ones whose meaning we do not
 implement (tools, response formats, suffixes): those are refused with a 400 naming them rather than
@@ -78,6 +78,7 @@ class _Sampling(BaseModel):
     min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] = 0.0
     repetition_penalty: Annotated[StrictFloat, Field(gt=0.0, le=10.0)] = 1.0
     ignore_eos: StrictBool = False
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     # mixlab's extension: the experts every MoE layer sent each generated token to
     return_experts: StrictBool = False
