@@ -221,3 +221,16 @@ def test_harness_model_equals_lm_eval_hf(ckpt: Path, tasks: Path) -> None:
                        context=model.config.max_seq_len)
     assert r.overall().metrics()["bits_per_byte"] == pytest.approx(
         theirs["results"]["mx_ppl"]["bits_per_byte,none"], rel=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_harness_model_takes_lm_eval_cli_default_device(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lm_eval's command line passes device="cuda:0" unless --device is given: on a machine without
+    CUDA the model runs on the CPU, as lm-eval's `hf` model does (it raised before)."""
+    pytest.importorskip("lm_eval")
+    from mixlab.eval.harness import MixlabLM
+
+    lm = MixlabLM(pretrained=str(ckpt), dtype="float32", device="cuda:0", batch_size=1)
+    assert next(lm.model.parameters()).device.type == "cpu"
+    assert "device 'cuda:0' is not available" in capsys.readouterr().err
+    assert next(MixlabLM(pretrained=str(ckpt), device=None).model.parameters()).device.type == "cpu"

@@ -8,6 +8,8 @@ From the command line, `python -m mixlab.eval.harness` is `lm_eval` with the mod
 
     python -m mixlab.eval.harness run --model mixlab --model_args pretrained=ckpt/,dtype=float32 --tasks ...
 
+(lm_eval's default `--device cuda:0` becomes the CPU where there is no GPU, as for its `hf` model.)
+
 It follows the conventions of lm-eval's `hf` model, so the two give the same numbers on the same
 checkpoint: texts are encoded without BOS unless `add_bos_token=True`; an empty context is
 replaced by the BOS token; context and continuation are encoded together and split (trailing
@@ -26,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
@@ -43,6 +46,12 @@ class MixlabLM(TemplateLM):
                  batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool = False, **unused: Any) -> None:
         super().__init__()
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm_eval's command line passes device="cuda:0" unless told otherwise; its `hf` model
+            # then runs on the CPU when there is no GPU, and so does this one
+            if device is not None:
+                print(f"mixlab: device {device!r} is not available (no CUDA); using cpu", file=sys.stderr)
+            device = "cpu"
         if model is None:
             if pretrained is None:
                 raise ValueError("MixlabLM needs a model or pretrained=PATH")
