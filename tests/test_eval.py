@@ -234,3 +234,15 @@ def test_harness_model_takes_lm_eval_cli_default_device(ckpt: Path, capsys: pyte
     assert next(lm.model.parameters()).device.type == "cpu"
     assert "device 'cuda:0' is not available" in capsys.readouterr().err
     assert next(MixlabLM(pretrained=str(ckpt), device=None).model.parameters()).device.type == "cpu"
+
+
+def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -> None:
+    """A folder transformers wrote without tokenizer files: Mixtral's v1 tokenizer, as `mixlab
+    generate` and `mixlab eval` use (the harness raised FileNotFoundError)."""
+    pytest.importorskip("lm_eval")
+    from mixlab.eval.harness import MixlabLM
+    from mixlab.tokenizer import default_tokenizer_path
+
+    path = hf_mixtral(tmp_path, vocab_size=32000, hidden_size=32, intermediate_size=48, max_position_embeddings=64)
+    lm = MixlabLM(pretrained=str(path), device="cpu")
+    assert lm.tok.path == default_tokenizer_path()

@@ -25,7 +25,8 @@ from typing import Protocol
 
 from mixlab.errors import MixlabError
 
-__all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "default_tokenizer_path", "load_tokenizer"]
+__all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "default_tokenizer_path", "load_tokenizer",
+           "model_tokenizer"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
@@ -341,6 +342,16 @@ def default_tokenizer_path() -> Path:
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def model_tokenizer(model: str | Path) -> Tokenizer:
+    """The tokenizer that goes with the checkpoint `model` loads from: a GGUF file's vocabulary, a
+    folder's own tokenizer (as `load_tokenizer` finds it), else Mixtral's v1 (a folder that
+    transformers or `mixlab convert` wrote without tokenizer files)."""
+    p = Path(model)
+    own = p.suffix == ".gguf" or any(
+        (p / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json", "mixlab_data.json"))
+    return load_tokenizer(p if own else None)
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:

@@ -8,12 +8,11 @@ import io
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from mixlab.engine import Engine
 from mixlab.generate import generate_stream
-from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer
+from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer, model_tokenizer
 
 _HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply"
 
@@ -51,10 +50,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
         model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant,
                                       int4_activations=getattr(args, "int4_activations", None))
-    folder = Path(args.model)
-    has_own = folder.suffix == ".gguf" or any(
-        (folder / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json", "mixlab_data.json"))
-    tok = load_tokenizer(args.tokenizer or (folder if has_own else None))  # a GGUF file: its own vocabulary
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else model_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                          f"{model.config.vocab_size}; pass the matching --tokenizer")

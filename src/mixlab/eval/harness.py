@@ -36,7 +36,7 @@ from tqdm import tqdm
 from mixlab.eval.perplexity import rolling_windows, score_batch
 from mixlab.generate import generate
 from mixlab.model import Transformer
-from mixlab.tokenizer import Tokenizer, load_tokenizer
+from mixlab.tokenizer import Tokenizer, load_tokenizer, model_tokenizer
 
 
 @register_model("mixlab")
@@ -59,7 +59,7 @@ class MixlabLM(TemplateLM):
 
             model = load_model(pretrained, dtype=dtype, device=device)
         if tokenizer is None:
-            tokenizer = load_tokenizer(pretrained) if pretrained is not None else load_tokenizer()
+            tokenizer = model_tokenizer(pretrained) if pretrained is not None else load_tokenizer()
         self.model = model.eval()
         self.tok = tokenizer
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
