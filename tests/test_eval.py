@@ -244,5 +244,6 @@ def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -
     from mixlab.tokenizer import default_tokenizer_path
 
     path = hf_mixtral(tmp_path, vocab_size=32000, hidden_size=32, intermediate_size=48, max_position_embeddings=64)
-    lm = MixlabLM(pretrained=str(path), device="cpu")
+    lm = MixlabLM(pretrained=str(path), device="cpu", batch_size="auto:4")  # lm_eval --batch_size auto:4
     assert lm.tok.path == default_tokenizer_path()
+    assert lm.batch_size == 8

@@ -62,7 +62,8 @@ class MixlabLM(TemplateLM):
             tokenizer = model_tokenizer(pretrained) if pretrained is not None else load_tokenizer()
         self.model = model.eval()
         self.tok = tokenizer
-        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
+        # lm_eval's "auto" and "auto:N" (search the largest batch N times): a fixed 8 here
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length) if max_length else model.config.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token) if not isinstance(add_bos_token, str) \
