@@ -91,6 +91,8 @@ def test_cli_eval_on_the_corpus(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.parametrize("argv,message", [
     (["--stride", "0"], "--stride"),
+    (["--context", "0"], "--context must be >= 1, got 0"),  # not "--stride must be between 1 and --context"
+    (["--max-docs", "-1"], "--max-docs must be >= 1, got -1"),  # not "no documents to evaluate"
     (["--batch-size", "0"], "--batch-size"),
     (["--data", "/nonexistent/x.jsonl"], "no such file"),
     (["--json", "."], "is a folder; give a file name\n"),  # before evaluating; no 'for example x/model.gguf'

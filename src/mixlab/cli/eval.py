@@ -24,7 +24,11 @@ def evaluate(args: argparse.Namespace) -> int:
     from mixlab.eval.data import documents
     from mixlab.eval.perplexity import evaluate_texts
 
-    if args.context < 1 or (args.stride is not None and not 1 <= args.stride <= args.context):
+    if args.context < 1:
+        raise ValueError(f"--context must be >= 1, got {args.context}")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ValueError(f"--max-docs must be >= 1, got {args.max_docs}")
+    if args.stride is not None and not 1 <= args.stride <= args.context:
         raise ValueError(f"--stride must be between 1 and --context ({args.context}); got {args.stride}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
