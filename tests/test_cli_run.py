@@ -100,5 +100,18 @@ def test_chat_multi_turn_reset_and_interrupt(tiny_dir, capsys, monkeypatch):
 
 def test_chat_quits_on_eof(tiny_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    assert main(["chat", "--model", str(tiny_dir)]) == 0
+    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "16"]) == 0
     assert "/reset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    # the default --max-new-tokens 256 in a context of 128: said once, not "only -128 fit" at every message
+    ([], "--max-new-tokens 256 leaves no room for a message in the context of 128 tokens"),
+    (["--max-new-tokens", "8", "--temperature", "-1"], "temperature=-1.0"),  # before any message is typed
+    (["--max-new-tokens", "8", "--top-p", "2"], "top_p=2.0"),
+])
+def test_chat_bad_flags_fail_at_start(tiny_dir, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", "--model", str(tiny_dir), *flags]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and "Traceback" not in err and "/reset" not in err

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from mixlab.engine import Engine
+from mixlab.engine import Engine, SamplingParams
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer, model_tokenizer
 
@@ -149,6 +149,9 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
+    # bad sampling flags fail now, not once the first message has been typed
+    SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
     model, tok = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
@@ -158,6 +161,9 @@ def chat(args: argparse.Namespace) -> int:
     engine = Engine(model, tok, max_batch=1)
     context = engine.runner.max_len
     room = context - args.max_new_tokens
+    if room < 1:  # else every message would be refused
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the context of "
+                         f"{context} tokens")
     print(f"mixlab chat: {_HELP}", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # a bad byte reaches encode (one clear error), not input()
         sys.stdin.reconfigure(errors="surrogateescape")
