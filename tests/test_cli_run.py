@@ -61,6 +61,14 @@ def test_generate_bad_flags_are_one_line_errors(tiny_dir, capsys, flags, message
     assert message in err and "Traceback" not in err
 
 
+def test_generate_truncate_reports_the_prompt_tokens_it_ran(tiny_dir, capsys):
+    """--truncate keeps the last 128 - 8 = 120 tokens: the speed line counts those (it counted all)."""
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "a " * 300, "--max-new-tokens", "8",
+                 "--truncate"]) == 0
+    n = len(load_tokenizer().encode("a " * 300))
+    assert "prompt: 120 tokens in" in capsys.readouterr().err and n > 120
+
+
 def test_generate_refuses_a_tokenizer_larger_than_the_vocab(tmp_path, capsys):
     save_model(Transformer(get_preset("tiny-moe")), tmp_path)  # vocab 256 < 32,000 pieces
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2

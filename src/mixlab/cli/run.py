@@ -142,8 +142,12 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer) -> int:
     sys.stdout.write(dec.flush() + "\n")
     end = time.perf_counter()
     assert first is not None
-    # The first new token costs a prefill; the rest are decode steps.
-    print(f"prompt: {_speed(len(ids), first - start)}; decode: {_speed(n - 1, end - first)}", file=sys.stderr)
+    # The first new token costs a prefill; the rest are decode steps. --truncate kept the prompt's
+    # last `room` tokens (generate_stream's rule): those are what the prefill ran.
+    room = model.config.max_seq_len - args.max_new_tokens
+    kept = f" (the last of {len(ids)}: --truncate)" if len(ids) > room else ""
+    print(f"prompt: {_speed(min(len(ids), room), first - start)}{kept}; decode: {_speed(n - 1, end - first)}",
+          file=sys.stderr)
     print_stats(args, model)
     return 0
 
