@@ -95,6 +95,11 @@ def test_bad_layouts_and_sizes():
         plan(MIXTRAL, mode="train", devices=16, ep=16)
     with pytest.raises(ValueError, match="--quant applies"):
         plan(MIXTRAL, mode="train", quant="int8")
+    # inference plans neither: the header said "fsdp" over the unsharded figures
+    with pytest.raises(ValueError, match="--fsdp applies to --mode train only"):
+        plan(MIXTRAL, mode="infer", devices=2, fsdp=True)
+    with pytest.raises(ValueError, match="--activation-checkpointing applies to --mode train only"):
+        plan(MIXTRAL, mode="infer", activation_checkpointing=True)
 
 
 def test_cli(capsys):

@@ -195,6 +195,8 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         raise ValueError(f"--quant must be one of none, {', '.join(QUANT_BITS)}, got {quant!r}")
     if mode == "train" and quant:
         raise ValueError("--quant applies to --mode infer only")
+    if mode == "infer" and (fsdp or activation_checkpointing):  # inference has no FSDP or backward pass
+        raise ValueError(f"--{'fsdp' if fsdp else 'activation-checkpointing'} applies to --mode train only")
     if seq < 1:
         raise ValueError(f"--seq must be >= 1, got {seq}")
     dp = devices // ep
