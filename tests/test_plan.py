@@ -102,6 +102,15 @@ def test_bad_layouts_and_sizes():
         plan(MIXTRAL, mode="infer", activation_checkpointing=True)
 
 
+def test_infer_seq_past_the_context_is_planned_at_the_context():
+    """The KV cache was capped at the model's context but the prompt's all-to-all and the header
+    used the --seq given."""
+    cfg = get_preset("tiny-moe")  # context 512
+    p, at = plan(cfg, mode="infer", devices=2, ep=2, seq=4096), plan(cfg, mode="infer", devices=2, ep=2, seq=512)
+    assert p.seq == 512 and p.memory == at.memory and p.comm == at.comm
+    assert p.notes == ["--seq 4096 is past the model's context: planned at its 512 tokens"] and not at.notes
+
+
 def test_cli(capsys):
     assert main(["plan", "mixtral-8x7b", "--mode", "train", "--devices", "8", "--ep", "8", "--fsdp",
                  "--device-mem", "80GB"]) == 0

@@ -204,9 +204,15 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         batch = devices if mode == "train" else 1
     if batch < 1 or (mode == "train" and batch % devices):
         raise ValueError(f"--batch must be a positive multiple of --devices ({devices}) for training, got {batch}")
+    context_note = None
+    if mode == "infer" and seq > config.max_seq_len:  # a sequence never holds more (generate refuses it)
+        context_note = f"--seq {seq} is past the model's context: planned at its {config.max_seq_len} tokens"
+        seq = config.max_seq_len
     ps = count_params(config)
     pl = Plan(mode=mode, devices=devices, ep=ep, dp=dp, fsdp=fsdp, seq=seq, batch=batch, dtype=dtype, quant=quant,
               activation_checkpointing=activation_checkpointing, device_mem=device_mem, params=ps)
+    if context_note:
+        pl.notes.append(context_note)
     D, L = config.dim, config.n_layers
     K = config.moe.top_k if config.moe is not None else 0
     act_b = DTYPES[dtype].itemsize
@@ -264,7 +270,7 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
                 weights += _int8_rows(config, ep) * 4
         pl.memory[f"weights ({quant or dtype})"] = weights
         pl.memory["KV cache (bfloat16)" if w_b == 2 else f"KV cache ({dtype})"] = \
-            batch * min(seq, config.max_seq_len) * config.kv_cache_bytes_per_token(w_b)
+            batch * seq * config.kv_cache_bytes_per_token(w_b)
         chunk = min(seq, 512)  # prefill runs in chunks (mixlab.generate)
         pl.memory["activations (prefill chunk) + logits"] = (
             batch * chunk * (activation_elements_per_token(config) * w_b) + batch * config.vocab_size * 4)
