@@ -315,6 +315,17 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_convert_to_a_gguf_name_writes_gguf(tmp_path, capsys):
+    """`convert SRC out.gguf` without --to: a GGUF file (it wrote a transformers folder named out.gguf)."""
+    src = hf_mixtral(tmp_path / "hf", vocab_size=32000, hidden_size=32, intermediate_size=48)  # Mixtral's pieces
+    assert main(["convert", str(src), str(tmp_path / "out.gguf"), "--quant", "f32"]) == 0
+    assert (tmp_path / "out.gguf").is_file() and "(gguf, f32)" in capsys.readouterr().out
+    a, b = load_model(src).state_dict(), load_model(tmp_path / "out.gguf").state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["convert", str(src), str(tmp_path / "plain")]) == 0  # any other name: a transformers folder
+    assert (tmp_path / "plain" / "config.json").is_file()
+
+
 def test_cli_info_prints_exact_counts(capsys):
     assert main(["info", "mixtral-8x7b"]) == 0
     out = capsys.readouterr().out

@@ -85,6 +85,8 @@ def _gguf_vocabulary(src: str, tmp: Path) -> Path | None:
 def convert(args: argparse.Namespace) -> int:
     from mixlab.checkpoint import load_model, save_model, side_files
 
+    if args.to is None:  # `convert SRC out.gguf` writes a GGUF file, not a folder named out.gguf
+        args.to = "gguf" if Path(args.dst).suffix == ".gguf" else "hf"
     gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
     if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
@@ -130,7 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "matrices dequantised)")
     p.add_argument("dst", help="output folder (or .gguf file), written atomically; an existing one is replaced "
                                "only if mixlab wrote it")
-    p.add_argument("--to", choices=CONVERT_FORMATS, default="hf")
+    p.add_argument("--to", choices=CONVERT_FORMATS, default=None,
+                   help="output format (default: gguf for a dst ending in .gguf, else hf)")
     p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "int4"], default="bf16",
                    help="GGUF only: how matrices are stored (norms and router stay f32; int4 = q4_0, "
                         "mixlab's int4 layout)")
