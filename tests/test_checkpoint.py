@@ -324,6 +324,11 @@ def test_cli_convert_to_a_gguf_name_writes_gguf(tmp_path, capsys):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["convert", str(src), str(tmp_path / "plain")]) == 0  # any other name: a transformers folder
     assert (tmp_path / "plain" / "config.json").is_file()
+    # GGUF-only flags on a folder were ignored (an unquantised folder for --quant q4_0): refused, nothing written
+    capsys.readouterr()
+    for flag, value in (("--quant", "q4_0"), ("--tokenizer", str(tmp_path / "tok.model"))):
+        assert main(["convert", str(src), str(tmp_path / "q"), flag, value]) == 2
+        assert f"{flag} applies to --to gguf only" in capsys.readouterr().err and not (tmp_path / "q").exists()
 
 
 def test_cli_info_prints_exact_counts(capsys):

@@ -87,6 +87,11 @@ def convert(args: argparse.Namespace) -> int:
 
     if args.to is None:  # `convert SRC out.gguf` writes a GGUF file, not a folder named out.gguf
         args.to = "gguf" if Path(args.dst).suffix == ".gguf" else "hf"
+    if args.to != "gguf":  # they would be ignored: an unquantised folder where a quantised one was asked for
+        for flag, value in (("--quant", args.quant), ("--tokenizer", args.tokenizer)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --to gguf only (this writes a {args.to} folder)")
+    args.quant = args.quant or "bf16"
     gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
     if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
@@ -134,8 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "only if mixlab wrote it")
     p.add_argument("--to", choices=CONVERT_FORMATS, default=None,
                    help="output format (default: gguf for a dst ending in .gguf, else hf)")
-    p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "int4"], default="bf16",
-                   help="GGUF only: how matrices are stored (norms and router stay f32; int4 = q4_0, "
+    p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "int4"], default=None,
+                   help="GGUF only: how matrices are stored (default bf16; norms and router stay f32; int4 = q4_0, "
                         "mixlab's int4 layout)")
     p.add_argument("--tokenizer", default=None,
                    help="GGUF only: SentencePiece model for the vocabulary (default: the source's: a GGUF's, a "
