@@ -288,6 +288,17 @@ def test_real_exit_codes_of_a_few_cases(tmp_path, base, chat_model):
     assert r.returncode == 2 and b"contains the source" in r.stderr
 
 
+def test_a_closed_pipe_ends_quietly():
+    """`mixlab plan ... | head -1`: the reader leaves; no 'error: Broken pipe' (it printed one)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    p = subprocess.Popen([sys.executable, "-m", "mixlab", "plan", "mixtral-8x7b", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before the command writes a byte
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and err == b"", err
+
+
 def test_chat_rejects_a_bad_line_and_keeps_the_conversation(chat_model):
     stdin = b"hello\n\xff\xfe bad\n/exit\n"
     r = _run(["chat", "--model", str(chat_model), "--max-new-tokens", "2", "--temperature", "0"], stdin=stdin)

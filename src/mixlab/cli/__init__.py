@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 MODULES = ("mixlab.cli.model", "mixlab.cli.run", "mixlab.cli.upcycle", "mixlab.cli.analyze", "mixlab.cli.train",
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # MixlabError and the checks of the libraries below
         print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mixlab info ... | head`: the reader has gone; nothing to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # a shell's code for a process ended by SIGPIPE
     except OSError as e:  # a missing file, no permission, a full disk (ENOSPC), ...: name the file
         where = f"{e.filename}: " if e.filename else ""
         print(f"mixlab {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
