@@ -236,6 +236,9 @@ def test_harness_model_takes_lm_eval_cli_default_device(ckpt: Path, capsys: pyte
     assert next(lm.model.parameters()).device.type == "cpu"
     assert "device 'cuda:0' is not available" in capsys.readouterr().err
     assert next(MixlabLM(pretrained=str(ckpt), device=None).model.parameters()).device.type == "cpu"
+    # dtype=auto, as for lm-eval's hf model: the checkpoint's own dtype (it was refused)
+    stored = next(load_model(ckpt).parameters()).dtype
+    assert next(MixlabLM(pretrained=str(ckpt), dtype="auto").model.parameters()).dtype == stored
 
 
 def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -> None:

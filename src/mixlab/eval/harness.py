@@ -57,7 +57,8 @@ class MixlabLM(TemplateLM):
                 raise ValueError("MixlabLM needs a model or pretrained=PATH")
             from mixlab.checkpoint import load_model
 
-            model = load_model(pretrained, dtype=dtype, device=device)
+            # dtype=auto (lm-eval's `hf` convention): as the checkpoint stores it
+            model = load_model(pretrained, dtype=None if dtype == "auto" else dtype, device=device)
         if tokenizer is None:
             tokenizer = model_tokenizer(pretrained) if pretrained is not None else load_tokenizer()
         self.model = model.eval()
