@@ -81,8 +81,11 @@ def test_chat_multi_turn_reset_and_interrupt(tiny_dir, capsys, monkeypatch):
     seen: list[list[int]] = []
     real = run.generate_stream
 
+    seeds: list[int | None] = []
+
     def spy(model, prompts, **kw):
         seen.append(list(prompts[0]))
+        seeds.append(kw["seed"])
         steps = real(model, prompts, **kw)
         if len(seen) == 2:  # the second reply: Ctrl-C after two tokens
             def interrupted():
@@ -99,6 +102,7 @@ def test_chat_multi_turn_reset_and_interrupt(tiny_dir, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert rc == 0
     assert len(seen) == 3 and "[stopped]" in out and "conversation cleared" in err
+    assert seeds == [0, 1, 2]  # each reply its own draws, the conversation reproducible
     tok = load_tokenizer()
     assert seen[0] == tok.encode_chat([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}])
     # Turn 2 carries turn 1 (its reply included), turn 3 starts afresh after /reset.

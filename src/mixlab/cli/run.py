@@ -169,6 +169,7 @@ def chat(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the context of "
                          f"{context} tokens")
     print(f"mixlab chat: {_HELP}", file=sys.stderr)
+    replies = 0
     if hasattr(sys.stdin, "reconfigure"):  # a bad byte reaches encode (one clear error), not input()
         sys.stdin.reconfigure(errors="surrogateescape")
     while True:
@@ -212,7 +213,10 @@ def chat(args: argparse.Namespace) -> int:
         dec = tok.stream()  # no context: the reply's first "▁" is dropped, as in the chat encoding
         start = time.perf_counter()
         try:
-            for step in generate_stream(model, [ids], engine=engine, **_sampling(args, tok)):
+            # reply i samples with --seed + i: the same conversation again, but not the same draws every turn
+            seed = None if args.seed is None else args.seed + replies
+            replies += 1
+            for step in generate_stream(model, [ids], engine=engine, **{**_sampling(args, tok), "seed": seed}):
                 t = step.tokens[0]
                 if t is None or t == tok.eos_id:
                     break
