@@ -171,6 +171,9 @@ def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
         load_train_config(f)
     f.write_text("steps = 3\nseq_len = 16\n")
     assert load_train_config(f, seq_len=None, batch_size=2).seq_len == 16
+    f.write_text("model_overrides = 3\n")
+    with pytest.raises(ConfigError, match="setting 'model_overrides' must be a table"):
+        load_train_config(f)
 
 
 # Every setting and default before OptimizerSettings held the optimizer's fields once for both configs:
@@ -239,6 +242,9 @@ def test_a_checkpoint_written_before_the_shared_optimizer_settings_resumes(datas
     ({"warmup": 1.5}, "{} setting 'warmup' must be an integer"),
     ({"beta2": 1.5}, "{} setting 'beta2' must be at most 1"),
     ({"device": "meta"}, "{} setting 'device'"),
+    ({"out": 5}, "{} setting 'out' must be a string, got 5"),  # TOML `out = 5`: not a TypeError mid-run
+    ({"progress": "no"}, "{} setting 'progress' must be true or false, got 'no'"),  # not truthy
+    ({"seq_len": True}, "{} setting 'seq_len' must be a positive integer, got True"),
 ])
 def test_training_and_fine_tuning_check_their_settings_alike(kw: dict, match: str, tmp_path: Path) -> None:
     """One reader and checker (train/settings.py) behind both configs: the same error, naming the run kind."""

@@ -101,10 +101,19 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
 def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
                    integers: tuple[str, ...] = INTEGERS) -> None:
     """The settings every run has: batch shape and steps positive integers, the autocast dtype, the
-    numbers finite and in range, the device one this torch has."""
+    numbers finite and in range, the device one this torch has; text, switch and table settings of
+    their type (a TOML `compile = "yes"` or `model = 5` fails here, not mid-run)."""
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), str(f.type)
+        if kind == "str" and not isinstance(v, str):
+            raise ConfigError(f"{what} setting {f.name!r} must be a string, got {v!r}")
+        if kind == "bool" and not isinstance(v, bool):
+            raise ConfigError(f"{what} setting {f.name!r} must be true or false, got {v!r}")
+        if kind.startswith("dict") and not isinstance(v, dict):
+            raise ConfigError(f"{what} setting {f.name!r} must be a table of fields, got {v!r}")
     for name in ("seq_len", "batch_size", "grad_accum", "steps"):
         v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{what} setting {name!r} must be a positive integer, got {v!r}")
     if cfg.dtype not in AUTOCAST_DTYPES:
         raise ConfigError(f"{what} setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
