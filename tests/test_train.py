@@ -171,6 +171,10 @@ def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
         load_train_config(f)
     f.write_text("steps = 3\nseq_len = 16\n")
     assert load_train_config(f, seq_len=None, batch_size=2).seq_len == 16
+    # `--set` (model_overrides from flags) changes the fields it names and keeps the file's others.
+    f.write_text("[model_overrides]\ndim = 32\n[model_overrides.moe]\nnum_experts = 4\ntop_k = 1\n")
+    assert load_train_config(f, model_overrides={"moe": {"jitter": 0.1}}).model_overrides == {
+        "dim": 32, "moe": {"num_experts": 4, "top_k": 1, "jitter": 0.1}}
     f.write_text("model_overrides = 3\n")
     with pytest.raises(ConfigError, match="setting 'model_overrides' must be a table"):
         load_train_config(f)

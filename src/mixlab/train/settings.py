@@ -77,7 +77,8 @@ INTEGERS = ("warmup", "threads", "eval_every", "ckpt_every", "keep", "log_every"
 
 def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, Any], *, what: str) -> T:
     """A `cls` dataclass from a JSON or TOML file (keys = field names), then `overrides` (None =
-    unset); `what` ("training", "fine-tuning") names the settings in errors."""
+    unset; a table is merged into the file's, key by key); `what` ("training", "fine-tuning")
+    names the settings in errors."""
     d: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -90,12 +91,21 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: expected a table / object of {what} settings")
-    d.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in overrides.items():
+        if v is not None:  # a table (model_overrides) is merged field by field: `--set` keeps the file's others
+            d[k] = _merged(d[k], v) if isinstance(d.get(k), dict) and isinstance(v, dict) else v
     known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ConfigError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(known)}")
     return cls(**d)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
