@@ -35,6 +35,11 @@ def test_mini_moe_is_about_079b():
         ({"rope_theta": float("nan")}, "rope_theta"),
         ({"sliding_window": 0}, "sliding_window"),
         ({"moe": MoEConfig(num_experts=4, top_k=5)}, "moe.top_k"),
+        # training-only fields (`--set moe.aux_loss_coef=nan` ended in a TypeError mid-run)
+        ({"moe": MoEConfig(num_experts=4, aux_loss_coef=float("nan"))}, "moe.aux_loss_coef"),
+        ({"moe": MoEConfig(num_experts=4, jitter=-1)}, "moe.jitter"),
+        ({"moe": MoEConfig(num_experts=4, z_loss_coef="x")}, "moe.z_loss_coef"),  # type: ignore[arg-type]
+        ({"moe": MoEConfig(num_experts=4, capacity_factor="x")}, "moe.capacity_factor"),  # type: ignore[arg-type]
     ],
 )
 def test_out_of_range_values_name_the_field(changes, field):

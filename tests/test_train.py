@@ -175,6 +175,15 @@ def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
     f.write_text("[model_overrides]\ndim = 32\n[model_overrides.moe]\nnum_experts = 4\ntop_k = 1\n")
     assert load_train_config(f, model_overrides={"moe": {"jitter": 0.1}}).model_overrides == {
         "dim": 32, "moe": {"num_experts": 4, "top_k": 1, "jitter": 0.1}}
+    from mixlab.train.data import TokenDataset
+    from mixlab.train.loop import build_model_config
+
+    for over, match in (({"dimm": 64}, "unknown model field.*dimm; known: vocab_size, dim"),
+                        ({"moe": {"jiter": 0.1}}, "unknown model field.*moe.jiter; known: moe.num_experts"),
+                        ({"moe": 3}, "'moe' must be a table"),
+                        ({"moe": {"aux_loss_coef": "nan"}}, "'moe.aux_loss_coef' must be a finite number")):
+        with pytest.raises(ConfigError, match=match):
+            build_model_config(_cfg(dataset, tmp_path, model_overrides=over), TokenDataset(dataset))
     f.write_text("model_overrides = 3\n")
     with pytest.raises(ConfigError, match="setting 'model_overrides' must be a table"):
         load_train_config(f)

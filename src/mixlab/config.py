@@ -133,8 +133,15 @@ class ModelConfig:
                 raise ConfigError(
                     f"config field 'moe.top_k' must be in [1, num_experts={m.num_experts}], got {m.top_k!r}"
                 )
-            if m.capacity_factor is not None and not m.capacity_factor > 0:
-                raise ConfigError(f"config field 'moe.capacity_factor' must be > 0, got {m.capacity_factor!r}")
+            for name in ("aux_loss_coef", "z_loss_coef", "jitter"):  # training-only, but a NaN or a string
+                v = getattr(m, name)                                 # would fail mid-run
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise ConfigError(f"config field 'moe.{name}' must be a finite number >= 0, got {v!r}")
+            c = m.capacity_factor
+            if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c)
+                                  or not c > 0):
+                raise ConfigError(f"config field 'moe.capacity_factor' must be None or a finite number > 0, "
+                                  f"got {c!r}")
         for name in ("bos_id", "eos_id"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
@@ -233,7 +240,7 @@ class ModelConfig:
             moe = MoEConfig(
                 num_experts=d.get("num_local_experts", 8),
                 top_k=d.get("num_experts_per_tok", 2),
-                aux_loss_coef=d.get("router_aux_loss_coef", 0.02),
+                aux_loss_coef=d.get("router_aux_loss_coef", 0.02) or 0.0,
                 jitter=d.get("router_jitter_noise", 0.0) or 0.0,
             )
         try:

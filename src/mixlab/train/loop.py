@@ -126,6 +126,14 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
     With `init_from`, the starting checkpoint's config (its vocabulary must cover the dataset's)."""
     over = dict(cfg.model_overrides)
     moe_over = over.pop("moe", None)
+    if moe_over is not None and not isinstance(moe_over, dict):
+        raise ConfigError(f"model_overrides: 'moe' must be a table of fields (moe.num_experts, ...), got {moe_over!r}")
+    for fields, given, prefix in ((ModelConfig, over, ""), (MoEConfig, moe_over or {}, "moe.")):
+        known = [f.name for f in dataclasses.fields(fields) if f.name != "moe"]
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ConfigError(f"model_overrides: unknown model field(s) {', '.join(prefix + k for k in unknown)}; "
+                              f"known: {', '.join(prefix + k for k in known)}")
     if cfg.init_from:
         base = checkpoints.init_config(cfg.init_from)
         over.setdefault("vocab_size", base.vocab_size)
