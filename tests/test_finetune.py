@@ -461,3 +461,14 @@ def test_a_failed_reference_logps_save_leaves_no_file(ckpt: Path, chat_files: tu
     monkeypatch.undo()
     finetune(cfg)
     assert (tmp_path / "run" / "reference_logps.safetensors").is_file()
+
+
+def test_an_export_folder_holding_other_files_is_refused_before_training(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    from mixlab.errors import OutputError
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"adapter: holds files mixlab did not write \(notes.txt\)"):
+        finetune(_cfg(ckpt, chat_files[0], tmp_path / "run", steps=1, lora_rank=2, export_hf=False))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -463,3 +463,16 @@ def test_data_offset_continues_the_stream(dataset: Path) -> None:
     b.skip(4 * (n // 4 + 3))
     assert a.state_dict() == b.state_dict() or torch.equal(a.next_batch()[0], b.next_batch()[0])
     assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+
+
+def test_an_export_folder_holding_other_files_is_refused_before_training(dataset: Path, tmp_path: Path) -> None:
+    """OUT/hf with files mixlab did not write: refused at the start, not after the whole run (whose
+    error then pointed to an --overwrite flag `mixlab train` does not have)."""
+    from mixlab.errors import OutputError
+
+    (tmp_path / "run" / "hf").mkdir(parents=True)
+    (tmp_path / "run" / "hf" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"hf: holds files mixlab did not write \(notes.txt\).*--out"):
+        train(_cfg(dataset, tmp_path / "run", export_hf=True))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert (tmp_path / "run" / "hf" / "notes.txt").read_text() == "mine"

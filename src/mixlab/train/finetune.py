@@ -44,7 +44,7 @@ from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
-from mixlab.train.loop import _Metrics, keep_freed_memory
+from mixlab.train.loop import _Metrics, check_export_folder, keep_freed_memory
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import lm_loss, router_losses
 from mixlab.train.settings import OptimizerSettings, check_resume_settings, check_settings, read_settings
@@ -334,6 +334,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after: int | Non
     if not resume and checkpoints.list_checkpoints(ckpt_root):
         raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
                               "or choose another --out")
+    if cfg.export_hf:
+        check_export_folder(out / "hf")
+    if cfg.lora_rank and cfg.export_peft:
+        check_export_folder(out / "adapter")
     was_threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -43,7 +43,7 @@ from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset
-from mixlab.errors import TrainingError
+from mixlab.errors import OutputError, TrainingError
 from mixlab.eval.perplexity import Score, score_windows
 from mixlab.model import Transformer
 from mixlab.model.transformer import ModelOutput
@@ -372,6 +372,16 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, mc: ModelConfig, fing
                               f"{cfg.data})")
 
 
+def check_export_folder(path: Path) -> None:
+    """Refuse, before any training, a run whose final export could not replace `path` (it holds
+    files mixlab did not write): the run would otherwise fail only at its end."""
+    if path.is_dir() and (foreign := atomic.foreign_entries(path)):
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{path}: holds files mixlab did not write ({shown}); the run exports its model "
+                          "there at the end: move them or choose another --out")
+    atomic.check_destination(path)  # e.g. a file of that name
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
           on_step: Callable[[dict[str, Any]], bool | None] | None = None,
           parallel: Parallel | None = None) -> TrainResult:
@@ -390,6 +400,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if not resume and checkpoints.list_checkpoints(ckpt_root):
         raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
                               "or choose another --out")
+    if cfg.export_hf and (parallel is None or parallel.is_main):
+        check_export_folder(out / "hf")
     was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if cfg.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; the variable must be set before its
