@@ -191,8 +191,16 @@ def discover(source: Path) -> list[tuple[Path, str, str]]:
 
 
 def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | None = None) -> Iterator[Document]:
+    """The documents of `sources` (see `discover`), only those of `domains` when given: a domain
+    that no source has is an error naming it (a misspelt `--domains` must not drop it silently)."""
     keep = set(domains) if domains else None
-    for s in sources:
-        for f, domain, split in discover(Path(s)):
-            if keep is None or domain in keep:
-                yield from read_file(f, domain=domain, split=split)
+    sources = list(sources)
+    files = [x for s in sources for x in discover(Path(s))]
+    missing = sorted(keep - {domain for _, domain, _ in files}) if keep is not None else []
+    if missing:
+        found = sorted({domain for _, domain, _ in files})
+        raise DataError(f"--domains: {', '.join(missing)} not found in {', '.join(map(str, sources))} "
+                        f"(domains there: {', '.join(found)})")
+    for f, domain, split in files:
+        if keep is None or domain in keep:
+            yield from read_file(f, domain=domain, split=split)
