@@ -218,7 +218,11 @@ def test_side_files_copied(tmp_path):
     src = hf_mistral(tmp_path / "dense")
     (src / "tokenizer_config.json").write_text('{"model_max_length": 256}')
     (src / "tokenizer.model").write_bytes(bytes(range(256)))  # binary, as SentencePiece models are
+    # a `mixlab train` export names its tokenizer here: without it an upcycled byte-level model was
+    # read with Mixtral's tokenizer (sft / generate / analyze refused it)
+    (src / "mixlab_data.json").write_text('{"tokenizer": {"type": "bytes"}}')
     upcycle(src, tmp_path / "moe", num_experts=2, top_k=1)
+    assert json.loads((tmp_path / "moe" / "mixlab_data.json").read_text()) == {"tokenizer": {"type": "bytes"}}
     assert (tmp_path / "moe" / "tokenizer.model").read_bytes() == bytes(range(256))
     assert json.loads((tmp_path / "moe" / "tokenizer_config.json").read_text()) == {"model_max_length": 256}
 

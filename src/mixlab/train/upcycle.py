@@ -39,9 +39,10 @@ __all__ = ["ROUTER_INITS", "UpcycleReport", "upcycle", "upcycle_config"]
 
 ROUTER_INITS = ("zeros", "normal", "uniform")
 
-# Small files copied next to the weights.
+# Small files copied next to the weights (mixlab_data.json: the tokenizer a `mixlab train` export was
+# trained with, e.g. bytes; without it the upcycled model would be read with Mixtral's).
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-               "tokenizer.model")
+               "tokenizer.model", "mixlab_data.json")
 
 _DENSE_TYPES = ("mistral", "llama")
 
