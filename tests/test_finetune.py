@@ -472,3 +472,17 @@ def test_an_export_folder_holding_other_files_is_refused_before_training(ckpt: P
     with pytest.raises(OutputError, match=r"adapter: holds files mixlab did not write \(notes.txt\)"):
         finetune(_cfg(ckpt, chat_files[0], tmp_path / "run", steps=1, lora_rank=2, export_hf=False))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_data_that_leaves_nothing_to_train_on_is_an_error(ckpt: Path, chat_files: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """A seq_len shorter than every prompt trained on nothing (loss 0.0000) without a word; a file
+    whose every line was held out said only 'no training conversations'."""
+    with pytest.raises(DataError, match=r"sft.jsonl: no conversation has an assistant token within its first "
+                                        r"seq_len \+ 1 = 9 tokens.*--seq-len"):
+        finetune(_cfg(ckpt, chat_files[0], tmp_path / "a", seq_len=8))
+    one = tmp_path / "one.jsonl"
+    one.write_text(chat_files[0].read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataError, match=r"one.jsonl: all 1 example\(s\) are held out.*--valid-fraction 0"):
+        finetune(_cfg(ckpt, one, tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -318,8 +318,18 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
     if cfg.max_examples:
         items = items[: cfg.max_examples]
     if cfg.valid_data:
-        return items, read(cfg.valid_data, tok)
-    return sft.split_holdout(items, cfg.valid_fraction, cfg.seed)
+        train, valid = items, read(cfg.valid_data, tok)
+    else:
+        train, valid = sft.split_holdout(items, cfg.valid_fraction, cfg.seed)
+        if not train:
+            raise DataError(f"{cfg.data}: all {len(items)} example(s) are held out for validation (valid_fraction "
+                            f"{cfg.valid_fraction}); add examples, or pass --valid-data FILE or --valid-fraction 0")
+    # A conversation is cut to its first seq_len + 1 tokens (sft.collate): if that leaves no
+    # assistant token anywhere, the run would train on nothing (loss 0) without a word.
+    if cfg.task == "sft" and not any(any(ex.train[1: cfg.seq_len + 1]) for ex in train):
+        raise DataError(f"{cfg.data}: no conversation has an assistant token within its first seq_len + 1 = "
+                        f"{cfg.seq_len + 1} tokens, so there is nothing to train on; raise seq_len (--seq-len)")
+    return train, valid
 
 
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after: int | None = None,
