@@ -486,3 +486,31 @@ def test_data_that_leaves_nothing_to_train_on_is_an_error(ckpt: Path, chat_files
     with pytest.raises(DataError, match=r"one.jsonl: all 1 example\(s\) are held out.*--valid-fraction 0"):
         finetune(_cfg(ckpt, one, tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"aux_loss_coef": float("nan")}, "'aux_loss_coef' must be a finite number >= 0"),  # trained to NaN weights
+    ({"max_examples": -3}, "'max_examples' must be an integer in"),  # silently dropped the last 3 lines
+    ({"lora_rank": 2, "lora_alpha": float("nan")}, "LoRA alpha must be a finite number > 0"),
+    ({"lora_rank": 2, "lora_alpha": -1.0}, "LoRA alpha must be a finite number > 0"),
+])
+def test_bad_fine_tuning_numbers_are_refused(kw: dict, match: str) -> None:
+    from mixlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_finetune_config(None, model="m", data="d.jsonl", **kw)
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--lora-rank", "0"], "--lora-rank must be a positive integer"),  # ran full fine-tuning instead
+    (["--merge"], "--merge merges LoRA adapters: it needs --lora-rank"),  # was ignored
+])
+def test_lora_flags_that_would_be_ignored_are_errors(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                     match: str) -> None:
+    from mixlab.cli import main
+
+    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "x"),
+                 "--steps", "1", "--seq-len", "64", *flags]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -26,6 +26,11 @@ def _run(args: argparse.Namespace, task: str) -> int:
     for flag in ("freeze_router", "reference_free", "length_normalize"):
         if getattr(args, flag, False):
             over[flag] = True
+    if args.lora_rank is not None and args.lora_rank < 1:  # 0 would silently mean full fine-tuning
+        raise ValueError(f"--lora-rank must be a positive integer (leave it out for full fine-tuning), "
+                         f"got {args.lora_rank}")
+    if args.merge and not args.lora_rank:
+        raise ValueError("--merge merges LoRA adapters: it needs --lora-rank R (full fine-tuning writes hf/ anyway)")
     if args.lora_rank:  # a LoRA run writes its adapter; plain merged weights only with --merge
         over["export_hf"] = bool(args.merge)
     cfg = load_finetune_config(args.config, **over)

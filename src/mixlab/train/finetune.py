@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -47,7 +48,13 @@ from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
 from mixlab.train.loop import _Metrics, check_export_folder, keep_freed_memory
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import lm_loss, router_losses
-from mixlab.train.settings import OptimizerSettings, check_resume_settings, check_settings, read_settings
+from mixlab.train.settings import (
+    INTEGERS,
+    OptimizerSettings,
+    check_resume_settings,
+    check_settings,
+    read_settings,
+)
 
 TASKS = ("sft", "dpo")
 
@@ -109,7 +116,10 @@ RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf",
 def load_finetune_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
     """A `FinetuneConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
     cfg = read_settings(FinetuneConfig, path, overrides, what="fine-tuning")
-    check_settings(cfg, what="fine-tuning")
+    check_settings(cfg, what="fine-tuning", integers=(*INTEGERS, "max_examples", "lora_rank"))
+    a = cfg.aux_loss_coef  # a NaN here trained to NaN weights without a word
+    if a is not None and (isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0):
+        raise ConfigError(f"fine-tuning setting 'aux_loss_coef' must be a finite number >= 0, got {a!r}")
     if cfg.task not in TASKS:
         raise ConfigError(f"fine-tuning setting 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.loss not in dpo.LOSSES:

@@ -65,6 +65,9 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         bad = [t for t in self.targets if t not in TARGETS]
