@@ -267,6 +267,19 @@ def test_dense_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
         collect_routing(_tiny_model(dense=True), load_analysis_tokenizer(), {}, progress=False)
 
 
+def test_bad_sample_and_batch_sizes_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--sample-tokens 0` ended in an IndexError traceback; a negative --samples was accepted."""
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    corpus = _corpus(tmp_path / "c")
+    for flags, shown in ((["--sample-tokens", "0"], "sample_tokens=0"), (["--samples", "-1"], "samples=-1"),
+                         (["--batch-size", "0"], "batch_size=0")):
+        rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(tmp_path / "r"),
+                   "--quiet", *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and "need batch_size >= 1, samples >= 0 and sample_tokens >= 1" in err and shown in err
+        assert not (tmp_path / "r").exists()
+
+
 def test_domain_without_usable_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mixlab.save_model(_tiny_model(), tmp_path / "model")
     corpus = _corpus(tmp_path / "c")

@@ -271,6 +271,9 @@ def collect_routing(
         )
     if seq_len < 2 or max_tokens < 1:
         raise ValueError(f"need seq_len >= 2 and max_tokens >= 1, got seq_len={seq_len}, max_tokens={max_tokens}")
+    if batch_size < 1 or samples_per_domain < 0 or sample_tokens < 1:
+        raise ValueError(f"need batch_size >= 1, samples >= 0 and sample_tokens >= 1, got batch_size={batch_size}, "
+                         f"samples={samples_per_domain}, sample_tokens={sample_tokens}")
     model.eval()
     counts: dict[str, RoutingCounts] = {}
     documents: dict[str, int] = {}
