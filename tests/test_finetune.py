@@ -514,3 +514,17 @@ def test_lora_flags_that_would_be_ignored_are_errors(ckpt: Path, chat_files: tup
                  "--steps", "1", "--seq-len", "64", *flags]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                 tmp_path: Path) -> None:
+    """`dpo --model RUN` of a LoRA SFT run without --merge (no hf/) fell through to its checkpoint and
+    said only "state.json: no usable model_config ('model_config')"."""
+    from mixlab.checkpoint import CheckpointError
+    from mixlab.train import checkpoints
+
+    finetune(_cfg(ckpt, chat_files[0], tmp_path / "lora", steps=1, lora_rank=2, export_hf=False, eval_every=0))
+    with pytest.raises(CheckpointError, match=r"step_00000001: a fine-tuning checkpoint .* hf/ export .*--merge"):
+        finetune(_cfg(tmp_path / "lora", chat_files[1], tmp_path / "dpo", task="dpo", steps=1))
+    with pytest.raises(CheckpointError, match="a fine-tuning checkpoint"):
+        checkpoints.init_config(tmp_path / "lora" / "checkpoints" / "step_00000001")

@@ -227,6 +227,11 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 
 def _step_config(state: dict[str, Any], where: Path) -> ModelConfig:
+    if "model_config" not in state and "finetune_config" in state:
+        raise CheckpointError(f"{where}: a fine-tuning checkpoint (it holds only the parameters that run trained, "
+                              "e.g. LoRA factors), not a model to start from; start from that run's hf/ export "
+                              "(written when it finishes; a LoRA run writes it with --merge), or continue it with "
+                              "--resume")
     try:
         d = dict(state["model_config"])
         moe = d.pop("moe", None)
