@@ -280,6 +280,26 @@ def test_bad_sample_and_batch_sizes_are_clear_errors(tmp_path: Path, capsys: pyt
         assert not (tmp_path / "r").exists()
 
 
+def test_a_folder_with_files_of_the_reports_names_is_refused(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out` at a folder holding the user's own index.html replaced it (after the whole analysis);
+    an earlier report there is still replaced, and other files are kept."""
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    corpus = _corpus(tmp_path / "c")
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("my page")
+    args = ["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--quiet", "--max-tokens", "64"]
+    assert main([*args, "--out", str(mine)]) == 2
+    assert "holds files a routing report would replace (index.html)" in capsys.readouterr().err
+    assert (mine / "index.html").read_text() == "my page" and sorted(p.name for p in mine.iterdir()) == ["index.html"]
+    report = tmp_path / "report"
+    assert main([*args, "--out", str(report)]) == 0
+    (report / "screenshot.png").write_bytes(b"png")
+    assert main([*args, "--out", str(report)]) == 0  # an earlier report: replaced, the screenshot kept
+    assert (report / "screenshot.png").read_bytes() == b"png"
+
+
 def test_domain_without_usable_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mixlab.save_model(_tiny_model(), tmp_path / "model")
     corpus = _corpus(tmp_path / "c")

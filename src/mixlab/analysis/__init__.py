@@ -20,7 +20,7 @@ from mixlab.analysis.collect import (
     load_analysis_tokenizer,
     moe_layers,
 )
-from mixlab.analysis.report import build_report, write_report
+from mixlab.analysis.report import build_report, check_report_folder, write_report
 from mixlab.analysis.stats import (
     RoutingCounts,
     consecutive_repeats,
@@ -97,6 +97,7 @@ def analyze(
     moe = moe_layers(model)
     shown = parse_layers(layers, moe) if layers is None or isinstance(layers, str) else parse_layers(
         ",".join(map(str, layers)), moe)
+    check_report_folder(out)  # before the routing, not after it
     found = find_domains(data, names=domains)
     check_domains(found, split=split)
     collected = collect_routing(model, tokenizer, found, split=split, max_tokens=max_tokens, seq_len=seq_len,

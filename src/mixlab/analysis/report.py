@@ -22,6 +22,7 @@ from typing import Any
 from mixlab import atomic
 from mixlab.analysis.collect import Collected
 from mixlab.analysis.stats import load_balance, random_baseline, total_variation
+from mixlab.errors import OutputError
 
 # Light, distinguishable backgrounds for black text (first 8 close to the paper's Figure 8 palette).
 _PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
@@ -335,6 +336,31 @@ def to_json(report: dict[str, Any]) -> str:
     return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\s*", ", ", m.group(1)) + "]", text) + "\n"
 
 
+REPORT_FILES = ("report.json", "index.html", "tokens.html", "summary.md", "expert_shares.png", "repeats_by_layer.png",
+                "load_balance.png")
+
+
+def check_report_folder(out: str | Path) -> None:
+    """OutputError unless `out` may receive a report: absent, a folder without any of the report's
+    file names, or an earlier report (its report.json is mixlab's). Files a report does not write
+    are kept either way; this only keeps a user's own index.html / summary.md from being replaced."""
+    out = Path(out)
+    if not out.is_dir():
+        if out.exists():
+            raise OutputError(f"report folder {out} exists and is not a folder")
+        return
+    clash = [n for n in REPORT_FILES if (out / n).exists()]
+    if not clash:
+        return
+    try:
+        earlier = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and {"moe_layers", "random_baseline", "domains"} <= set(earlier)):
+        raise OutputError(f"{out}: holds files a routing report would replace ({', '.join(clash)}) and no "
+                                 "earlier report; choose another --out")
+
+
 def write_report(report: dict[str, Any], out: str | Path, *, figures: bool = True) -> list[str]:
     """Write the report folder `out` atomically (replacing an earlier report there); returns file names.
 
@@ -342,6 +368,7 @@ def write_report(report: dict[str, Any], out: str | Path, *, figures: bool = Tru
     (e.g. a screenshot added later): each of the report's files is then replaced by its own rename,
     so every file is whole, old or new, at every moment."""
     out = Path(out)
+    check_report_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.remove_leftovers(out)  # temporaries of killed runs, by name
     tmp = atomic.new_temporary(out)  # `.NAME.tmp-PID-*`, the usual mode
