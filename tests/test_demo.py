@@ -50,3 +50,5 @@ def test_demo_on_a_corpus_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_routing_table_marks_top_expert() -> None:
     table = routing_table({"a": [[0.7, 0.3]], "b": [[0.2, 0.8]]})
     assert "70*" in table and "80*" in table and "distance from the average routing" in table
+    # a domain name as wide as the column ran into its numbers ("wikipediaL0 0.04")
+    assert "  wikipedia L0 " in routing_table({"wikipedia": [[0.5, 0.5]], "b": [[0.2, 0.8]]})

@@ -112,7 +112,7 @@ def routing_table(load: dict[str, list[list[float]]]) -> str:
         for li in range(n_layers):
             avg = [sum(load[o][li][e] for o in domains) / len(domains) for e in range(E)]
             tv.append(0.5 * sum(abs(load[d][li][e] - avg[e]) for e in range(E)))
-        lines.append(f"  {d:<{width}}" + "  ".join(f"L{i} {v:.2f}" for i, v in enumerate(tv)))
+        lines.append(f"  {d:<{width}} " + "  ".join(f"L{i} {v:.2f}" for i, v in enumerate(tv)))
     return "\n".join(lines)
 
 
