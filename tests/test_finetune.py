@@ -528,3 +528,18 @@ def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, cha
         finetune(_cfg(tmp_path / "lora", chat_files[1], tmp_path / "dpo", task="dpo", steps=1))
     with pytest.raises(CheckpointError, match="a fine-tuning checkpoint"):
         checkpoints.init_config(tmp_path / "lora" / "checkpoints" / "step_00000001")
+
+
+def test_resume_with_changed_data_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """An SFT run resumed after its data file was edited continued silently from a loader position
+    into other conversations (pretraining fingerprints its dataset; fine-tuning now does too)."""
+    from mixlab.checkpoint import CheckpointError
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(chat_files[0].read_text())
+    finetune(_cfg(ckpt, data, tmp_path / "run", eval_every=0), stop_after=2)
+    data.write_text(data.read_text().replace("plus 3 is 6", "plus 3 is 7"))
+    with pytest.raises(CheckpointError, match=r"step_00000002: saved for different data \(.*sft.jsonl"):
+        finetune(_cfg(ckpt, data, tmp_path / "run", eval_every=0), resume=True)
+    data.write_text(chat_files[0].read_text())
+    assert finetune(_cfg(ckpt, data, tmp_path / "run", eval_every=0), resume=True).step == 4

@@ -24,6 +24,7 @@ Run folder (`out`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import signal
@@ -342,6 +343,14 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
     return train, valid
 
 
+def _fingerprint(items: list[Any]) -> str:
+    """A hash of the tokenized training examples (SFT conversations or DPO pairs), in order."""
+    h = hashlib.sha256()
+    for x in items:
+        h.update(repr([v for k, v in vars(x).items() if k != "where"]).encode())
+    return h.hexdigest()
+
+
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after: int | None = None,
              on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> FinetuneResult:
     """Fine-tune per `cfg` (see the module docstring). `resume`: continue from the newest checkpoint in
@@ -427,12 +436,16 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         loader: Any = sft.PackedLoader(train_items, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     else:
         loader = PairLoader(len(train_items), batch_size=cfg.batch_size, seed=cfg.seed)
+    data_fp = _fingerprint(train_items)  # the loader position in a checkpoint means something only for these
     step = 0
     if resume:
         assert newest is not None
         state = checkpoints.validate(newest)
         check_resume_settings(state.get("finetune_config", {}), cfg, run_only=RUN_ONLY, ckpt=newest,
                               what="fine-tuning")
+        if state.get("data", data_fp) != data_fp:  # absent in checkpoints written before it was stored
+            raise CheckpointError(f"{newest}: saved for different data ({cfg.data} or the held-out split changed "
+                                  "since); use the original data or a new --out folder")
         state = checkpoints.load(newest, model=trainable, optimizer=optimizer)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
@@ -444,7 +457,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
 
     def save() -> Path:
         return checkpoints.save(ckpt_root, step=step, model=trainable, optimizer=optimizer, keep=cfg.keep, state={
-            "finetune_config": dataclasses.asdict(cfg), "data_position": loader.state_dict(), "tokenizer": tok_spec})
+            "finetune_config": dataclasses.asdict(cfg), "data_position": loader.state_dict(), "tokenizer": tok_spec,
+            "data": data_fp})
 
     def run_eval() -> dict[str, float]:
         if not valid_items:
