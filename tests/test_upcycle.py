@@ -214,6 +214,19 @@ def test_cli(dense, tmp_path, capsys):
     assert "top_k" in capsys.readouterr().err
 
 
+def test_an_out_folder_with_other_files_needs_overwrite(dense, tmp_path, capsys):
+    """The refusal told the user to 'pass --overwrite', which `mixlab upcycle` did not have."""
+    src, _ = dense
+    out = tmp_path / "moe"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli_main(["upcycle", "--from", str(src), "--out", str(out), "--experts", "2", "--top-k", "1"]) == 2
+    assert "holds files mixlab did not write (notes.txt); pass --overwrite" in capsys.readouterr().err
+    assert cli_main(["upcycle", "--from", str(src), "--out", str(out), "--experts", "2", "--top-k", "1",
+                     "--overwrite"]) == 0
+    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+
+
 def test_side_files_copied(tmp_path):
     src = hf_mistral(tmp_path / "dense")
     (src / "tokenizer_config.json").write_text('{"model_max_length": 256}')

@@ -13,7 +13,7 @@ def upcycle(args: argparse.Namespace) -> int:
 
     report = run(args.src, args.out, num_experts=args.experts, top_k=args.top_k, router_init=args.router_init,
                  router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=parse_dtype(args.dtype),
-                 max_shard_bytes=int(args.max_shard_gb * 2**30))
+                 max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
     c = report.config
     assert c.moe is not None
     print(f"wrote {args.out}: {c.moe.num_experts} experts, top-{c.moe.top_k}, {c.n_layers} layers; "
@@ -43,4 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", type=shard_gib, default=2.0,
                    help="largest output shard, in GiB (default 2); peak memory is about one shard")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds files mixlab did not write (never the input folder)")
     p.set_defaults(func=upcycle)

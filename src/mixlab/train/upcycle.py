@@ -151,13 +151,15 @@ def upcycle(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 2**30,
+    overwrite: bool = False,
 ) -> UpcycleReport:
     """Write at `dst` a Mixtral checkpoint (transformers format, legacy per-expert names) made from
     the dense transformers Mistral/Llama checkpoint at `src`.
 
     `router_init`: "zeros", "normal" (std `router_std`) or "uniform" (nn.Linear's default);
     `noise`: relative std of the independent additive Gaussian noise on each expert copy (0 = exact
-    copies); `seed` seeds router and noise. `dtype`: convert (default: as stored). Atomic.
+    copies); `seed` seeds router and noise. `dtype`: convert (default: as stored). Atomic; an
+    existing `dst` holding files mixlab did not write is replaced only with `overwrite`.
     """
     root, out = Path(src), Path(dst)
     if router_init not in ROUTER_INITS:
@@ -250,7 +252,7 @@ def upcycle(
     side = [root / n for n in _SIDE_FILES if (root / n).is_file()]  # so the MoE folder is usable as is
     write_sharded(counted(), out, extra_files={"config.json": json.dumps(cfg, indent=2) + "\n"}, copy_files=side,
                   max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name},
-                  sources=[root])
+                  sources=[root], overwrite=overwrite)
     return UpcycleReport(
         config=moe,
         dense_params=dense.param_counts()["total"],
