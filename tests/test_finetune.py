@@ -543,3 +543,17 @@ def test_resume_with_changed_data_is_refused(ckpt: Path, chat_files: tuple[Path,
         finetune(_cfg(ckpt, data, tmp_path / "run", eval_every=0), resume=True)
     data.write_text(chat_files[0].read_text())
     assert finetune(_cfg(ckpt, data, tmp_path / "run", eval_every=0), resume=True).step == 4
+
+
+def test_a_damaged_mixlab_data_json_names_the_file(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """A mixlab_data.json without 'tokenizer' ended in a KeyError traceback (bad JSON: a message
+    without the file)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ckpt, model)
+    for text in ("{}", "{bad", "[1]"):
+        (model / "mixlab_data.json").write_text(text)
+        with pytest.raises(DataError, match=r"model/mixlab_data.json: no readable 'tokenizer' entry.*--tokenizer"):
+            finetune(_cfg(model, chat_files[0], tmp_path / "run", steps=1))
+    assert finetune(_cfg(model, chat_files[0], tmp_path / "run", steps=1, tokenizer="bytes", eval_every=0)).step == 1

@@ -157,8 +157,11 @@ def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, An
     for d in (root, root.parent.parent):  # a step folder's run has hf/mixlab_data.json
         f = d / "mixlab_data.json" if d == root else d / "hf" / "mixlab_data.json"
         if f.is_file():
-            spec = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
-            return get_tokenizer(spec), spec
+            try:
+                spec = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
+                return get_tokenizer(spec), spec
+            except (ValueError, KeyError, TypeError) as e:  # damaged or hand-written: name the file
+                raise DataError(f"{f}: no readable 'tokenizer' entry ({e}); fix it, or pass --tokenizer") from None
     for name in ("tokenizer.model", "tokenizer.json"):
         if (root / name).is_file():
             tok = get_tokenizer(str(root / name))
