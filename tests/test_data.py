@@ -154,6 +154,19 @@ def test_seq_len_longer_than_the_data_is_an_error(tmp_path: Path) -> None:
     assert w.shape == (3, 17)
 
 
+def test_a_damaged_meta_json_is_a_clear_error(tmp_path: Path) -> None:
+    """A meta.json of the right format missing a field (or not an object) raised KeyError /
+    AttributeError tracebacks."""
+    _dataset(tmp_path)
+    mf = tmp_path / "ds" / "meta.json"
+    meta = json.loads(mf.read_text())
+    for bad, match in (({k: v for k, v in meta.items() if k != "vocab_size"}, "missing or bad field .*vocab_size"),
+                       ({**meta, "splits": [1]}, "missing or bad field"), ([1], "expected a JSON object")):
+        mf.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=rf"meta.json: {match}"):
+            TokenDataset(tmp_path / "ds")
+
+
 def test_truncated_shard_is_detected(tmp_path: Path) -> None:
     ds = _dataset(tmp_path)
     f = tmp_path / "ds" / "train" / "code.tokens.bin"

@@ -156,12 +156,20 @@ class TokenDataset:
             self.meta: dict[str, Any] = json.loads(mf.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{mf}: not valid JSON ({e})") from None
+        if not isinstance(self.meta, dict):
+            raise DataError(f"{mf}: expected a JSON object, found {type(self.meta).__name__}; "
+                            "prepare the dataset again")
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise DataError(f"{mf}: format {self.meta.get('format')!r} v{self.meta.get('version')} "
                             f"is not {FORMAT!r} v{VERSION}")
-        self.vocab_size = int(self.meta["vocab_size"])
-        self.dtype = np.dtype(self.meta["dtype"])
-        self.domains: list[str] = list(self.meta["domains"])
+        try:
+            self.vocab_size = int(self.meta["vocab_size"])
+            self.dtype = np.dtype(self.meta["dtype"])
+            self.domains: list[str] = list(self.meta["domains"])
+            if not isinstance(self.meta["splits"], dict) or not isinstance(self.meta["tokenizer"], dict):
+                raise TypeError("'splits' and 'tokenizer' must be objects")
+        except (KeyError, TypeError, ValueError) as e:  # a damaged or hand-edited meta.json
+            raise DataError(f"{mf}: missing or bad field ({e}); prepare the dataset again") from None
         self._maps: dict[tuple[str, str], np.ndarray] = {}
 
     def tokenizer(self) -> TrainTokenizer:
