@@ -412,3 +412,33 @@ def test_long_prompt_in_chunks_beside_a_decoding_stream(tiny):
     assert [s[1] for s in mixed[:5]] == [16, 16, 16, 16, 6] and all(s[0] == 1 for s in mixed)
     assert [o.token_id for o in h_short if o.token_id is not None] == _reference(tiny, short, 12)[0]
     assert [o.token_id for o in h_long if o.token_id is not None] == _reference(tiny, long, 3)[0]
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "none"
+    return text.split("[")[1].split("]")[0] if "[" in text else "none"
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="needs Linux transparent huge pages")
+def test_kv_cache_is_advised_onto_huge_pages(tiny):
+    """The slot pool's keys and values are madvise(MADV_HUGEPAGE)d before they are first written:
+    decoding attention streams them, and on 4 KiB pages the page walks slow each thread's stream
+    (BENCHMARKS.md, "Attention at long contexts")."""
+    eng = Engine(tiny, max_batch=512, cache_bytes=1 << 30)
+    t = eng.runner.k[0]
+    assert t.numel() * t.element_size() >= 4 << 20
+    start = (t.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)  # the first whole 2 MiB page inside
+    flags = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= start < hi
+            elif line.startswith("VmFlags:") and inside:
+                flags = line.split()[1:]
+                break
+    assert flags is not None and "hg" in flags, flags

@@ -43,7 +43,7 @@ from mixlab.cache import KVCache
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
-from mixlab.model.native import NativeDecoder, shared_decoder
+from mixlab.model.native import NativeDecoder, huge_empty, shared_decoder
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
@@ -140,8 +140,17 @@ class Runner:
         self.n_slots, self.capacity = S, C
         self.total_bytes = S * self.slot_bytes
         shape = (S, cfg.n_kv_heads, C, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
+
+        def buffer() -> torch.Tensor:
+            if self.device.type != "cpu":
+                return torch.zeros(shape, dtype=self.dtype, device=self.device)
+            # On 2 MiB pages: decoding attention streams each sequence's keys and values, and on
+            # 4 KiB pages the page walks hold one thread to ~17 GB/s (BENCHMARKS.md, "Attention at
+            # long contexts")
+            return huge_empty(shape, self.dtype).zero_()
+
+        self.k = [buffer() for _ in range(cfg.n_layers)]
+        self.v = [buffer() for _ in range(cfg.n_layers)]
         self.pos_SC = torch.full((S, C), -1, dtype=torch.long, device=self.device)
         self.prefix_cache = prefix_cache
         if self.device.type == "cpu":
