@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mixlab"
 
 # Each module group may import only groups with a lower or equal rank.
 RANK = {
-    "config": 0, "errors": 0, "atomic": 0, "dtypes": 0,
+    "config": 0, "errors": 0, "atomic": 0, "dtypes": 0, "pages": 0,
     "ops": 1,
     "model": 2,
     "cache": 2,

@@ -160,7 +160,7 @@ def test_native_step_is_the_same_with_any_thread_count(quant):
 
 def test_huge_pages_keep_the_weights():
     """`huge_pages` (MADV_COLLAPSE on the 2 MiB pages inside each weight) changes only the page size."""
-    from mixlab.model.native import huge_pages
+    from mixlab.pages import huge_pages
 
     t = torch.randn(3 << 20)  # 12 MiB: at least four whole 2 MiB pages
     before = t.clone()

@@ -46,8 +46,8 @@ from mixlab.config import ModelConfig, get_preset
 from mixlab.generate import decode_step, greedy_step
 from mixlab.model import MoEBlock, Transformer
 from mixlab.model.inference import prepare_for_inference
-from mixlab.model.native import huge_empty
 from mixlab.ops import native
+from mixlab.pages import huge_empty
 
 
 @dataclass

@@ -43,11 +43,12 @@ from mixlab.cache import KVCache
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
-from mixlab.model.native import NativeDecoder, huge_empty, shared_decoder
+from mixlab.model.native import NativeDecoder, shared_decoder
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
 from mixlab.ops.linear import linear
+from mixlab.pages import huge_empty
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 

@@ -29,7 +29,6 @@ per token, F expert FFN width, V vocabulary, L layers.
 from __future__ import annotations
 
 import ctypes
-import sys
 import threading
 import weakref
 
@@ -41,6 +40,7 @@ from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import native, registry
 from mixlab.ops.native.ops import register_decoder
+from mixlab.pages import HUGE, huge_empty, huge_pages
 
 
 def _weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -64,45 +64,6 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 # A model's choice: `prepare_for_inference(int4_activations=...)` (the attribute `int4_activations`).
 INT4_ACTIVATIONS = ("int8", "float32")
 DEFAULT_INT4_ACTIVATIONS = "int8"
-
-
-_HUGE = 2 << 20  # x86-64's 2 MiB pages
-_MADV_HUGEPAGE = 14  # back a range with huge pages as it is first written
-_MADV_COLLAPSE = 25  # Linux >= 6.1: back a range with huge pages now, whatever the THP setting
-
-
-def _advise_huge(t: torch.Tensor, advice: int) -> bool:
-    """`madvise(advice)` over the whole 2 MiB pages inside tensor t's memory; whether Linux took it
-    (False elsewhere, for a tensor smaller than a page, or when refused)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return False
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-    end = (t.data_ptr() + t.numel() * t.element_size()) & ~(_HUGE - 1)
-    return end > start and madvise(start, end - start, advice) == 0
-
-
-def huge_pages(tensors: list[torch.Tensor]) -> int:
-    """Ask Linux to back the whole 2 MiB pages inside each tensor with huge pages (`MADV_COLLAPSE`,
-    contents unchanged); returns how many ranges it collapsed (0 elsewhere, or when refused).
-
-    A decoding step streams every weight once, 4 KiB pages at a time by default (PyTorch does not
-    ask for transparent huge pages, which this machine only gives on request): one TLB miss and page
-    walk per 4 KiB. With 2 MiB pages the int4 mini-moe step took 9% less time (BENCHMARKS.md, issue 16)."""
-    return sum(_advise_huge(t, _MADV_COLLAPSE) for t in tensors)
-
-
-def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor whose whole 2 MiB pages Linux backs with huge pages as
-    they are first written (`MADV_HUGEPAGE` before any write: nothing to collapse later); a plain
-    `torch.empty` elsewhere."""
-    out = torch.empty(shape, dtype=dtype)
-    _advise_huge(out, _MADV_HUGEPAGE)
-    return out
 
 
 def int4_activations(model: nn.Module) -> str:
@@ -232,7 +193,7 @@ class NativeDecoder:
         self.handle = register_decoder(self)
         # 2 MiB pages for the weights, collapsed in the background: ~3 s per GB of weights, which
         # would otherwise hold up a first `generate` (explicit preparation, `attach`, waits for it).
-        big = [t for t in self._keep if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= 2 * _HUGE]
+        big = [t for t in self._keep if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= 2 * HUGE]
         self.huge_pages = 0  # ranges collapsed (set when the thread ends)
         self._collapsing = threading.Thread(target=self._collapse, args=(big,), name="mixlab-huge-pages", daemon=True)
         self._collapsing.start()

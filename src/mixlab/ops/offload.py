@@ -48,6 +48,7 @@ import torch
 
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.ops.quant import INT4_GROUPS, quantize_int4, quantize_int8
+from mixlab.pages import huge_empty
 
 POLICIES = ("lru", "lfu")
 CHUNK = 1 << 20  # prefetch reads pause or stop between chunks: a demand read waits for at most one (~1 ms)
@@ -274,13 +275,16 @@ class ExpertCache:
         return self.num_layers * self.num_experts * self.expert_bytes
 
     def pool(self) -> dict[str, torch.Tensor]:
-        """The pool tensors (allocated here on first use; `torch.empty`: pages count in memory only
+        """The pool tensors (allocated here on first use; uninitialised: pages count in memory only
         once a slot is written)."""
         if self._pool is None:
             self.check()
             with self._cond:
                 if self._pool is None:
-                    self._pool = {name: torch.empty((self.num_slots, *shape), dtype=dtype)
+                    # on 2 MiB pages: the kernels stream the slots as they stream resident weights
+                    # (greedy decoding at a 97% hit rate, mini-moe bf16: 1.04-1.10x tokens/s, in-process
+                    # A/B against the same slots on 4 KiB pages)
+                    self._pool = {name: huge_empty((self.num_slots, *shape), dtype)
                                   for name, (shape, dtype) in self.fmt.shapes(self.dim, self.ffn_dim).items()}
         return self._pool
 
