@@ -33,6 +33,10 @@ def test_mixtral_published_sizes():
     assert w[None]["weights (bfloat16)"] / GB == pytest.approx(93.4, abs=0.05)
     assert 46.7 < w["int8"]["weights (int8)"] / GB < 47.0
     assert w["int4"]["weights (int4)"] / GB == pytest.approx(26.44, rel=0.01)
+    # int8's row scales are in --dtype, as prepare_for_inference keeps them (the plan took 4 bytes)
+    f32 = plan(MIXTRAL, mode="infer", quant="int8", dtype="float32").memory["weights (int8)"]
+    rows = MIXTRAL.n_layers * (MIXTRAL.q_dim + 2 * MIXTRAL.kv_dim + MIXTRAL.dim + 8 * (2 * 14336 + 4096)) + 32000
+    assert f32 - w["int8"]["weights (int8)"] == 2 * (ps.embedding + ps.router + ps.norms) + 2 * rows
     # KV cache: 32 layers x 8 KV heads x 128 x (K, V) x 2 bytes = 128 KiB per token; 32k context 4.29 GB.
     p = plan(MIXTRAL, mode="infer", seq=32768)
     assert p.memory["KV cache (bfloat16)"] == 32768 * 131072

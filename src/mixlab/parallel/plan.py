@@ -21,7 +21,7 @@ training (`mixlab train`, AdamW):
     backward.
 
 inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or `--quant` int8
-    (one float32 scale per output row) / int4 (groups of 32 weights with one 16-bit scale, 4.5 bits
+    (one scale per output row, in `--dtype`) / int4 (groups of 32 weights with one 16-bit scale, 4.5 bits
     per weight, as llama.cpp's Q4_0); embedding and router stay in `--dtype`. Dense weights and the
     KV cache are replicated on every rank (each rank runs the same sequences; only the experts are
     split), expert weights are divided by `ep`.
@@ -266,8 +266,8 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             keep = ps.embedding + ps.router + ps.norms  # stay in --dtype
             qdense = local_dense - keep
             weights = keep * w_b + (qdense + local_experts) * bits / 8
-            if quant == "int8":  # one float32 scale per output row
-                weights += _int8_rows(config, ep) * 4
+            if quant == "int8":  # one scale per output row, in --dtype (as prepare_for_inference stores it)
+                weights += _int8_rows(config, ep) * w_b
         pl.memory[f"weights ({quant or dtype})"] = weights
         pl.memory["KV cache (bfloat16)" if w_b == 2 else f"KV cache ({dtype})"] = \
             batch * seq * config.kv_cache_bytes_per_token(w_b)
@@ -282,7 +282,7 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
 
 
 def _int8_rows(config: ModelConfig, ep: int) -> float:
-    """Output rows of the int8 matrices per device (one float32 scale each)."""
+    """Output rows of the int8 matrices per device (one scale each)."""
     rows_attn = config.q_dim + 2 * config.kv_dim + config.dim
     if config.moe is not None:
         rows_ffn = config.moe.num_experts / ep * (2 * config.ffn_dim + config.dim)
