@@ -18,7 +18,13 @@ import torch
 
 import mixlab
 from mixlab.analysis import parse_layers
-from mixlab.analysis.collect import collect_routing, find_domains, iter_documents, load_analysis_tokenizer
+from mixlab.analysis.collect import (
+    check_domains,
+    collect_routing,
+    find_domains,
+    iter_documents,
+    load_analysis_tokenizer,
+)
 from mixlab.analysis.report import build_report, tokens_html
 from mixlab.analysis.stats import (
     RoutingCounts,
@@ -390,3 +396,20 @@ def test_report_rewrites_keep_other_files_and_fail_whole(tmp_path: Path, monkeyp
     monkeypatch.undo()
     assert rep.write_report(r, out, figures=False) == names
     assert (out / "screenshot.png").read_bytes() == b"mine" and oct((out / "report.json").stat().st_mode)[-3:] != "600"
+
+
+def test_a_misspelt_split_is_refused(tmp_path: Path) -> None:
+    """Files named by split and a --split that names none of them: an error, not every file read
+    (training text included) through the "no such files: all of them" fallback."""
+    for d in ("code", "web"):
+        (tmp_path / d).mkdir()
+        for split in ("train", "valid"):
+            (tmp_path / d / f"{split}.jsonl").write_text(json.dumps({"text": f"{d} {split}"}) + "\n")
+    domains = find_domains(tmp_path)
+    with pytest.raises(ValueError, match=r"--split 'vaild' matches no data file .*train\.jsonl, valid\.jsonl"):
+        check_domains(domains, split="vaild")
+    check_domains(domains, split="valid")
+    check_domains(domains, split="")
+    (tmp_path / "notes").mkdir()  # folders whose files are not named by split keep the fallback
+    (tmp_path / "notes" / "a.txt").write_text("some text")
+    check_domains({"notes": tmp_path / "notes"}, split="valid")

@@ -68,6 +68,9 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
     raise ValueError(f"{root}: no domain folders and no {'/'.join(DATA_SUFFIXES)} files")
 
 
+SPLIT_NAMES = ("train", "valid", "test")  # files named by split (the shared corpus: train.jsonl, valid.jsonl)
+
+
 def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
     """The domain's data files: those whose name starts with `split` if any do, else all."""
     files = sorted(p for p in domain_dir.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
@@ -106,7 +109,15 @@ def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator
 
 
 def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> None:
-    """Fail early, before a model is loaded, if any domain has no usable document."""
+    """Fail early, before a model is loaded, if any domain has no usable document, or if `split`
+    names no file anywhere while the files are named by split (`train.jsonl`, `valid.jsonl`): a
+    misspelt `--split` would otherwise read every file, training text included."""
+    if split:
+        files = [p for d in domains.values() for p in data_files(d, split=None)]
+        named = sorted({p.name for p in files if p.name.startswith(SPLIT_NAMES)})
+        if named and not any(p.name.startswith(split) for p in files):
+            raise ValueError(f"--split {split!r} matches no data file in the {len(domains)} domain folder(s) "
+                             f"(files there: {', '.join(named)}); --split '' reads every file")
     for d in domains.values():
         next(iter_documents(d, split=split))
 
