@@ -386,6 +386,27 @@ def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Pa
     assert not [p.name for p in (tmp_path / "b").iterdir() if ".tmp" in p.name]
 
 
+def test_reference_free_dpo_skips_the_reference_pass(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """reference_free: no reference model, so no pass computing its log-probs and no file of them;
+    the loss and the rewards are those of ref = 0 (dpo.dpo_loss), held-out ones included."""
+    import mixlab.train.finetune as ft
+
+    real, calls = ft.reference_logps, []
+
+    def counted(model: Any, pairs: Any, cfg: Any) -> Any:
+        calls.append(len(pairs))
+        return real(model, pairs, cfg)
+
+    monkeypatch.setattr(ft, "reference_logps", counted)
+    res = finetune(_cfg(ckpt, chat_files[1], tmp_path / "rf", task="dpo", reference_free=True, steps=2, eval_every=2))
+    assert not (tmp_path / "rf" / "reference_logps.safetensors").exists()
+    first = res.history[0]
+    assert first["rewards/chosen"] == pytest.approx(0.1 * first["logps/chosen"], rel=1e-5)  # beta x (pi - 0)
+    assert len(calls) == len(res.evals)  # only the held-out policy's own log-probs, once per evaluation
+    assert "eval_rewards/accuracies" in res.evals[-1]
+
+
 def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     from mixlab.cli import main

@@ -16,7 +16,8 @@ Run folder (`out`):
     checkpoints/step_*/           the trainable parameters (all, or the LoRA factors), optimizer,
                                   RNG, data position (checkpoints.py)
     reference_logps.safetensors   DPO: the frozen start model's log-probs of every pair, computed
-                                  once before training; a resume reuses them
+                                  once before training; a resume reuses them (none with
+                                  reference_free: no reference, no pass over the pairs)
     hf/                           the final model, plain transformers format (LoRA merged in)
     adapter/                      LoRA runs: the adapter in PEFT's format (lora.save_peft)
 """
@@ -396,7 +397,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
 
     ref: dict[str, torch.Tensor] = {}
     vref: dict[str, torch.Tensor] = {}
-    if cfg.task == "dpo":
+    if cfg.task == "dpo" and cfg.reference_free:  # no reference model: its log-probs are 0 (dpo.dpo_loss)
+        ref = {"chosen": torch.zeros(len(train_items)), "rejected": torch.zeros(len(train_items))}
+        vref = {"chosen": torch.zeros(len(valid_items)), "rejected": torch.zeros(len(valid_items))}
+    elif cfg.task == "dpo":
         fp = dpo.reference_fingerprint(train_items + valid_items, {
             "model": str(Path(cfg.model).resolve()), "seq_len": cfg.seq_len, "mean": cfg.length_normalize,
             "dtype": cfg.dtype})
@@ -470,7 +474,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             return evaluate_sft(model, valid_items, cfg)
         # Before the first step the policy is the reference (a float32 base: LoRA starts at 0), whose
         # held-out log-probs are stored already. A bf16 / int8 LoRA base differs from it: evaluate.
-        same = step == 0 and (not cfg.lora_rank or cfg.lora_base_dtype == "float32")
+        same = step == 0 and not cfg.reference_free and (not cfg.lora_rank or cfg.lora_base_dtype == "float32")
         return evaluate_dpo(model, valid_items, vref, cfg, policy=vref if same else None)
 
     stop: list[int] = []
