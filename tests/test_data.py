@@ -213,3 +213,13 @@ def test_prepare_records_the_bytes_of_each_split_and_domain(tmp_path: Path) -> N
     del ds.meta["bytes"]  # before byte counts were recorded: exact for the byte tokenizer anyway
     assert ds.bytes_per_token("valid", "d") == recorded
     assert ds.fingerprint() == {"tokenizer": meta["tokenizer"], "splits": meta["splits"]}  # resume unchanged
+
+
+def test_cli_prepare_reports_an_empty_split_as_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixlab.cli import main
+
+    _jsonl(tmp_path / "src" / "notes.jsonl", ["some text here"] * 5)  # no valid.* file
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", str(tmp_path / "ds"), "--valid-fraction", "0",
+                 "--tokenizer", "bytes"]) == 0
+    out = capsys.readouterr().out
+    assert "valid: none" in out and "over 0 domain" not in out and "train: " in out

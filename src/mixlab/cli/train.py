@@ -19,7 +19,10 @@ def data_prepare(args: argparse.Namespace) -> int:
     for split, per in meta["splits"].items():
         tokens = sum(v["tokens"] for v in per.values())
         docs = sum(v["docs"] for v in per.values())
-        print(f"{split}: {tokens:,} tokens in {docs:,} documents over {len(per)} domains ({', '.join(per)})")
+        if not per:  # e.g. no valid split: --valid-fraction 0 and no valid.* files
+            print(f"{split}: none")
+            continue
+        print(f"{split}: {tokens:,} tokens in {docs:,} documents over {len(per)} domain(s) ({', '.join(per)})")
     print(f"wrote {args.out} (tokenizer {meta['tokenizer']['type']}, vocabulary {meta['vocab_size']}, "
           f"{meta['dtype']})")
     return 0
