@@ -353,3 +353,14 @@ def test_cli_info_on_a_checkpoint_reads_no_tensor_data(tmp_path, capsys, monkeyp
     out = capsys.readouterr().out
     assert f"{counts['total']:,}" in out and f"{counts['active']:,}" in out
     assert "hf format" in out and "float32" in out
+
+
+def test_cli_info_on_a_truncated_checkpoint_is_one_error(tmp_path, capsys):
+    """The checkpoint is checked before the summary is printed: a damaged one gets the error alone."""
+    src = hf_mixtral(tmp_path / "hf")
+    shard = next(src.glob("*.safetensors"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    assert main(["info", str(src)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "truncated" in err

@@ -40,6 +40,16 @@ def _config(spec: str) -> tuple[str, ModelConfig]:
 
 def info(args: argparse.Namespace) -> int:
     name, cfg = _config(args.model)  # arithmetic on the config only: no weights are allocated
+    stored = None
+    if Path(args.model).is_dir():  # checked before anything is printed: a damaged checkpoint is one error
+        from mixlab.checkpoint import describe, plan
+        from mixlab.checkpoint.io import DTYPES
+        from mixlab.dtypes import dtype_name
+
+        d = describe(args.model)  # headers only
+        plan(Path(args.model), cfg)  # names, shapes and dtypes checked against the config, as load_model does
+        stored = f"{d.format} format, {d.tensors} tensors in {d.files} file(s): " + ", ".join(
+            f"{dtype_name(DTYPES[k]) if k in DTYPES else k} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
     counts = cfg.param_counts()
     kind = f"MoE, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}" if cfg.moe else "dense"
     window = f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""
@@ -55,16 +65,8 @@ def info(args: argparse.Namespace) -> int:
         f"{n} {counts['total'] * b / 2**30:,.2f} GiB" for n, b in (("bf16", 2), ("int8", 1), ("int4", 0.5))))
     print(f"KV cache per token: {cfg.kv_cache_bytes_per_token(2):,} bytes (bf16); "
           f"{cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len / 2**30:,.2f} GiB at full context")
-    if Path(args.model).is_dir():
-        from mixlab.checkpoint import describe, plan
-        from mixlab.checkpoint.io import DTYPES
-        from mixlab.dtypes import dtype_name
-
-        d = describe(args.model)  # headers only
-        plan(Path(args.model), cfg)  # names, shapes and dtypes checked against the config, as load_model does
-        stored = ", ".join(f"{dtype_name(DTYPES[k]) if k in DTYPES else k} {v:,} bytes"
-                           for k, v in d.bytes_by_dtype.items())
-        print(f"stored:            {d.format} format, {d.tensors} tensors in {d.files} file(s): {stored}")
+    if stored:
+        print(f"stored:            {stored}")
     return 0
 
 
