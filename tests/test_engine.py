@@ -212,6 +212,29 @@ def test_stop_strings_end_text_before_the_match(tiny):
     assert "".join(o.text for o in h) == text
 
 
+def test_min_tokens_holds_back_stop_strings_too(tiny):
+    # vLLM's min_tokens (its PR 22014): a stop string in the text of the first min_tokens tokens does
+    # not end the request; the first one that ends after that text does
+    prompt = _prompts((6,))[0]
+    toks, _ = _reference(tiny, prompt, 24)
+    text = _CharTok().decode(toks)  # one character per token
+    j = next(j for j, c in enumerate(text) if c in text[j + 1 : 20])
+    stop, m = text[j], j + 1
+    eng = Engine(tiny, _CharTok())  # type: ignore[arg-type]
+    h = eng.submit(prompt, SamplingParams(max_tokens=24, min_tokens=m, stop=[stop], ignore_eos=True))
+    eng.run_until_idle()
+    outs = list(h)
+    end = text.index(stop, m)
+    assert "".join(o.text for o in outs) == text[:end] and outs[-1].finish_reason == "stop"
+    assert [o.token_id for o in outs] == toks[: end + 1]
+    # a stop string only in that text: the request runs to max_tokens
+    only = next(text[k : k + 2] for k in range(5) if text[k : k + 2] not in text[5:])
+    h = eng.submit(prompt, SamplingParams(max_tokens=24, min_tokens=6, stop=[only], ignore_eos=True))
+    eng.run_until_idle()
+    outs = list(h)
+    assert "".join(o.text for o in outs) == text and outs[-1].finish_reason == "length"
+
+
 def test_cancel_frees_cache(tiny):
     eng = Engine(tiny, max_batch=2)
     p1, p2 = _prompts((5, 8))

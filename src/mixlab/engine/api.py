@@ -66,7 +66,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # the logprob of every prompt token (None for the first)
     return_experts: bool = False  # the experts of every MoE layer for each generated token
     ignore_eos: bool = False
-    min_tokens: int = 0  # vLLM's: no stop token (EOS, stop_token_ids) before this many tokens
+    min_tokens: int = 0  # vLLM's: no stop token (EOS, stop_token_ids) or stop string before this many tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits (logprobs: raw)
 
     def __post_init__(self) -> None:

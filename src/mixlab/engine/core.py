@@ -62,6 +62,7 @@ class _Seq:
     cached_tokens: int = 0  # prompt tokens reused from the cache (prefix reuse)
     text: str = ""  # decoded output text (for stop strings)
     sent: int = 0  # characters of `text` already streamed
+    stop_floor: int = 0  # a stop string must end after this character: the text of the first min_tokens tokens
     prompt_lp: list[float | None] | None = None
     prompt_top: list[list[tuple[int, float]] | None] | None = None  # with prompt_logprobs and logprobs > 0
     seen_1V: torch.Tensor | None = None  # prompt + output tokens (repetition penalty)
@@ -393,6 +394,8 @@ class Engine:
         else:
             if seq.decoder is not None:
                 seq.text += seq.decoder.push(tok)
+            if len(seq.out) <= p.min_tokens:  # vLLM's min_tokens: stop strings too are not matched before it
+                seq.stop_floor = len(seq.text)
             text, hit = self._take_text(seq)
             if hit:
                 finish = "stop"
@@ -415,10 +418,8 @@ class Engine:
             text, seq.sent = seq.text[seq.sent :], len(seq.text)
             return text, False
         longest = max(map(len, stops))
-        start = max(0, seq.sent - longest + 1)
-        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
-        if hits:
-            end = min(hits)
+        end = self._find_stop(seq)
+        if end is not None:
             text = seq.text[seq.sent : end] if end > seq.sent else ""
             seq.sent = len(seq.text)
             return text, True
@@ -429,14 +430,23 @@ class Engine:
     def _flush_text(self, seq: _Seq) -> str:
         if seq.decoder is not None:
             seq.text += seq.decoder.flush()
+            if len(seq.out) <= seq.params.min_tokens:
+                seq.stop_floor = len(seq.text)
         if seq.params.stop:  # the held-back tail may still contain a stop string
-            end = min([i for i in (seq.text.find(s, max(0, seq.sent - max(map(len, seq.params.stop)) + 1))
-                                   for s in seq.params.stop) if i >= 0] or [len(seq.text)])
-            text = seq.text[seq.sent : max(end, seq.sent)]
+            end = self._find_stop(seq)
+            text = seq.text[seq.sent : len(seq.text) if end is None else max(end, seq.sent)]
         else:
             text = seq.text[seq.sent :]
         seq.sent = len(seq.text)
         return text
+
+    @staticmethod
+    def _find_stop(seq: _Seq) -> int | None:
+        """Where the first stop string in the unsent text begins: one that ends after `stop_floor` and
+        overlaps the unsent text (anything earlier was searched already)."""
+        hits = [i for i in (seq.text.find(s, max(0, seq.sent - len(s) + 1, seq.stop_floor - len(s) + 1))
+                            for s in seq.params.stop) if i >= 0]
+        return min(hits) if hits else None
 
     def _release(self, seq: _Seq) -> None:
         if seq in self._running:
