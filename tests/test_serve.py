@@ -159,6 +159,15 @@ def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model
     c = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=2, echo=True)
     lp = c.choices[0].logprobs
     assert "".join(lp.tokens) == c.choices[0].text and c.choices[0].text.startswith(prompt)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:k])) for k in range(len(lp.tokens))]
+    # streamed, the chunks' logprobs add up to the same lists (each text_offset in the choice's whole text)
+    got: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=2,
+                                           echo=True, stream=True):
+        for key, values in got.items():
+            values += getattr(chunk.choices[0].logprobs, key)
+    assert got["tokens"] == lp.tokens and got["text_offset"] == lp.text_offset
+    assert got["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
     # the prompt's logprobs (echo) and the greedy tokens' equal a plain forward pass
     ids = tok.encode(prompt)
     new = _reference(model, tok, ids, 12, 0.0, None)

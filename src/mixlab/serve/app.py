@@ -489,7 +489,10 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                                               if lp is not None else None, "finish_reason": finish}
                     else:
                         ch = {"index": c.index, "text": delta, "finish_reason": finish,
-                              "logprobs": _stream_completion_lp(lp) if want_logprobs else None}
+                              "logprobs": None}
+                        if want_logprobs:  # the token's offset in the choice's whole text (echoed prompt included)
+                            at = (len(echo[c.index // body.n]["text"]) if echo is not None else 0) + len(c.text)
+                            ch["logprobs"] = _stream_completion_lp(lp, at - len(delta))
                     if ex is not None:
                         ch["experts"] = [ex]
                     yield _sse(chunk(ch))
@@ -697,11 +700,11 @@ def _completion_lp(head: dict[str, Any] | None, c: _Choice, tok: Tokenizer, *, g
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _stream_completion_lp(e: dict[str, Any] | None) -> dict[str, Any] | None:
+def _stream_completion_lp(e: dict[str, Any] | None, offset: int) -> dict[str, Any] | None:
     if e is None:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     return {"tokens": [e["token"]], "token_logprobs": [e["logprob"]], "top_logprobs": [_top_dict(e["top_logprobs"])],
-            "text_offset": []}
+            "text_offset": [offset]}
 
 
 def _model_card(cfg: ServerConfig) -> dict[str, Any]:
