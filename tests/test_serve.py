@@ -399,6 +399,11 @@ def test_auth_body_limit_queue_full_and_cors(model_tok: tuple[Any, Any]) -> None
             yield json.dumps(big).encode()
 
         assert httpx.post(url + CHAT, content=chunked(), headers=auth).status_code == 413
+        # more completions (prompts x n) than the queue holds could never be queued: 400, not a 429 retried forever
+        r = httpx.post(url + CHAT, json={**body, "n": 2}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--max-queue" in r.text, r.text
+        r = httpx.post(url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
         engine.submit([1, 2, 3], SamplingParams(max_tokens=2))  # fills the queue (max_queue=1)
         r = httpx.post(url + CHAT, json=body, headers=auth)
         assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
