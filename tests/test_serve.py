@@ -365,6 +365,19 @@ def test_bad_requests_name_the_parameter(server: str, path: str, body: dict[str,
     assert param.split("[")[0].split(".")[0] in err["message"], err
 
 
+def test_null_parameters_take_their_defaults(server: str) -> None:
+    """OpenAI's schema makes these nullable (vLLM's fields are Optional); clients that serialise every
+    field send null for the ones not set. A required one stays required."""
+    nulls = dict.fromkeys(("n", "stream", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                           "repetition_penalty", "min_tokens", "ignore_eos", "return_experts", "seed", "stop"))
+    r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 2, "logprobs": None, **nulls}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    r = httpx.post(server + COMP, json={"prompt": "x", "max_tokens": 2, "echo": None, **nulls}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, r.text
+    r = httpx.post(server + CHAT, json={"messages": None}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
 def test_bad_request_messages_say_what_was_expected(server: str) -> None:
     err = httpx.post(server + CHAT, json={"messages": U, "max_tokens": CONTEXT}).json()["error"]
     assert re.search(rf"\(\d+ tokens\) \+ max_tokens={CONTEXT} = \d+ exceeds the model's context of {CONTEXT}",

@@ -88,6 +88,17 @@ class _Sampling(BaseModel):
     # accepted for compatibility, with no effect
     user: StrictStr | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        # OpenAI's schema makes n, stream, echo, logprobs, the penalties... nullable (null: the default),
+        # as vLLM's fields are; clients that serialise every field send them as null
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required() or fields[k].default is None}
+
     @model_validator(mode="after")
     def _check_common(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
