@@ -378,6 +378,17 @@ def test_null_parameters_take_their_defaults(server: str) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 
 
+def test_request_id_header(server: str, client: Any) -> None:
+    """X-Request-Id: the caller's comes back (vLLM's header), else each response gets its own (as
+    OpenAI's do; the openai client reads it as `_request_id`)."""
+    r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 1}, headers={"X-Request-Id": "trace-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+    assert httpx.get(server + "/nothing", headers={"X-Request-Id": "trace-43"}).headers["x-request-id"] == "trace-43"
+    a = client.chat.completions.create(model=NAME, messages=U, max_tokens=1)
+    b = client.completions.create(model=NAME, prompt="x", max_tokens=1)
+    assert a._request_id and b._request_id and a._request_id != b._request_id
+
+
 def test_bad_request_messages_say_what_was_expected(server: str) -> None:
     err = httpx.post(server + CHAT, json={"messages": U, "max_tokens": CONTEXT}).json()["error"]
     assert re.search(rf"\(\d+ tokens\) \+ max_tokens={CONTEXT} = \d+ exceeds the model's context of {CONTEXT}",

@@ -739,10 +739,14 @@ class _Guard:
         path: str = scope.get("path", "")
         endpoint = path if path in self.KNOWN else ("/v1/models" if path.startswith("/v1/models/") else "other")
         status = {"code": 0}
+        # the caller's X-Request-Id comes back on the response (vLLM's and OpenAI's header), else a new one
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"")[:256]
+        request_id = given if given.isascii() and given.strip() else f"req-{uuid.uuid4().hex}".encode()
 
         async def counting_send(msg: Any) -> None:
             if msg["type"] == "http.response.start":
                 status["code"] = msg["status"]
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", request_id)]}
             await send(msg)
 
         async def reply(code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
