@@ -254,6 +254,16 @@ def test_cancel_frees_cache(tiny):
     assert st["cache_used_bytes"] == 0
 
 
+def test_submit_after_shutdown_raises_instead_of_waiting_forever(tiny):
+    eng = Engine(tiny).start()
+    eng.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.submit([1, 2, 3], SamplingParams(max_tokens=2))
+    with eng:  # started again: it serves
+        outs = eng.submit([1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True)).result()
+    assert outs[-1].finish_reason == "length"
+
+
 def test_full_cache_queues_then_serves(tiny):
     prompts = _prompts((10, 12, 9, 11))
     per_seq = (12 + 6) * Engine(tiny).runner.per_token

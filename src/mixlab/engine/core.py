@@ -125,6 +125,7 @@ class Engine:
         self._live: set[str] = set()
         self._wake = threading.Event()
         self._stop = False
+        self._closed = False  # shut down: submit raises (nothing would ever run its request) until start()
         self._thread: threading.Thread | None = None
         self._stepping = threading.Lock()
         self._outbox: list[tuple[Handle, RequestOutput]] = []  # this step's outputs, pushed when it ends
@@ -135,13 +136,16 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is None:
             self.runner.prepare()  # the native decoder (and its panels) now, not in the first request's time
-            self._stop = False
+            self._stop = self._closed = False
             self._thread = threading.Thread(target=self._loop, name="mixlab-engine", daemon=True)
             self._thread.start()
         return self
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
-        """Stop the thread; requests still waiting or running finish with "error"."""
+        """Stop the thread; requests still waiting or running finish with "error", and `submit` raises
+        RuntimeError until `start()`."""
+        with self._lock:
+            self._closed = True
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -162,7 +166,7 @@ class Engine:
                request_id: str | None = None) -> Handle:
         """Queue a request; its outputs stream through the returned handle. Raises `ValueError` for a
         bad prompt or parameters (before anything is queued) and `QueueFull` when `max_queue`
-        requests already wait."""
+        requests already wait; RuntimeError after `shutdown()` (until `start()`)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, not {type(params).__name__}")
@@ -192,6 +196,8 @@ class Engine:
         seq = _Seq(rid, prompt, params, handle, Sampler(params.temperature, params.top_k, params.top_p,
                    params.min_p, params.repetition_penalty), stop_ids, generator, decoder)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is shut down (Engine.start() starts it again)")
             if rid in self._live:
                 raise ValueError(f"request_id {rid!r} is already running")
             if len(self._waiting) >= self.max_queue:
