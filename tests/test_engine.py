@@ -130,6 +130,13 @@ def test_min_tokens_holds_back_stop_tokens(tiny):
         SamplingParams(max_tokens=2, min_tokens=3)
 
 
+def test_seed_range_is_a_generator_s():
+    SamplingParams(seed=2**64 - 1)
+    SamplingParams(seed=-(2**63))
+    with pytest.raises(ValueError, match=r"seed=.*\[-2\*\*63, 2\*\*64\)"):
+        SamplingParams(seed=2**64)  # it was accepted, then failed in submit with torch's overflow message
+
+
 @pytest.mark.parametrize("bias,match", [({-1: 1.0}, "outside the vocabulary"), ({10**6: 1.0}, "outside"),
                                         ({"x": 1.0}, "integer token ids"), ({3: float("nan")}, "finite"),
                                         ([3], "dict")])

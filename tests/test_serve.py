@@ -255,6 +255,7 @@ def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any])
     m = httpx.get(server + "/v1/models").json()
     assert m["data"][0]["id"] == NAME and m["data"][0]["max_model_len"] == CONTEXT
     assert m["data"][0]["mixlab"]["experts"] == 4
+    assert abs(m["data"][0]["created"] - time.time()) < 3600  # a Unix time (it was 0: 1970 in some UIs)
     assert httpx.get(server + f"/v1/models/{NAME}").status_code == 200
     assert httpx.get(server + "/health").json() == {"status": "ok"}
     t = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}).json()

@@ -87,7 +87,9 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise _bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
         if self.seed is not None:
-            _int("seed", self.seed, -(2**63), "an integer or None")
+            _int("seed", self.seed, -(2**63), "an integer in [-2**63, 2**64) or None")
+            if self.seed >= 2**64:  # a generator's seed is 64 bits
+                raise _bad("seed", self.seed, "an integer in [-2**63, 2**64) or None")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):

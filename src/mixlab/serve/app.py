@@ -66,6 +66,7 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)
     retry_after_s: int = 1
     model_info: dict[str, Any] = field(default_factory=dict)  # extra /v1/models fields (layers, experts)
+    created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' `created`: when it loaded
 
 
 # ------------------------------------------------------------------------------------------------
@@ -712,7 +713,7 @@ def _stream_completion_lp(e: dict[str, Any] | None, offset: int) -> dict[str, An
 
 
 def _model_card(cfg: ServerConfig) -> dict[str, Any]:
-    return {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "mixlab",
+    return {"id": cfg.model_name, "object": "model", "created": cfg.created, "owned_by": "mixlab",
             "max_model_len": cfg.context_len, "mixlab": dict(cfg.model_info)}
 
 
