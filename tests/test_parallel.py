@@ -258,3 +258,47 @@ def test_ep_decoding_equals_one_process(tmp_path: Path) -> None:
     prompt = tok.encode("Bonjour, le monde")
     ids = [i for i in generate(load_model(tmp_path), [prompt], max_new_tokens=12)[0] if i != tok.eos_id]
     assert len(ids) > 0 and two.stdout == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
+
+
+# -- what a user sees when a distributed run goes wrong ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("small") / "src" / "code"
+    src.mkdir(parents=True)
+    (src / "train.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 8}) + "\n"
+                                             for i in range(20)), encoding="utf-8")
+    data = src.parents[1] / "ds"
+    prepare(read_documents([src.parent]), data, valid_fraction=0.1)
+    return data
+
+
+def _mixlab(args: list[str], *, nproc: int | None) -> subprocess.Popen[str]:
+    """`torchrun --nproc-per-node N -m mixlab ARGS` on loopback (or `python -m mixlab ARGS`), this src."""
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "mixlab"] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), "-m", "mixlab"]
+    return subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--seq-len", "16", "--batch-size", "2", "--steps", "2",
+            "--eval-every", "0", "--threads", "1", "--set", "dim=32", "--set", "ffn_dim=32", *extra]
+
+
+@pytest.mark.parametrize(("nproc", "flags", "message"), [
+    (None, ["--ep", "0"], "mixlab train: error: --ep 0: the expert-parallel size must be at least 1"),
+    (None, ["--ep", "2"], "mixlab train: error: --ep 2 needs 2 processes (or a multiple of 2) and this is one: "
+                          "launch it with `torchrun --nproc-per-node 2 -m mixlab ...`"),
+])
+def test_a_bad_layout_is_one_line_printed_once(small_data: Path, tmp_path: Path, nproc: int | None,
+                                               flags: list[str], message: str) -> None:
+    p = _mixlab(_train_args(small_data, tmp_path / "run", *flags), nproc=nproc)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
+    assert len(lines) == 1 and lines[0].startswith(message), err[-3000:]
+    assert "[rank" not in err, err[-3000:]  # no worker's traceback
+

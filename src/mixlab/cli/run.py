@@ -35,10 +35,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtype = "bfloat16" if bf16_ok else None
     offload = _offload_args(args)
-    if offload and getattr(args, "ep", None):
+    if offload and getattr(args, "ep", None) is not None:
         raise ValueError("--max-memory (expert offloading) does not combine with --ep")
     model = load_model(args.model, dtype=dtype, device=args.device, **offload)
-    if getattr(args, "ep", None):  # experts split over the processes (torchrun); PyTorch's kernels
+    if getattr(args, "ep", None) is not None:  # experts split over the processes (torchrun); PyTorch's kernels
         from mixlab.parallel.expert import apply_expert_parallel
         from mixlab.parallel.mesh import init
 
@@ -105,11 +105,12 @@ def _speed(n: int, seconds: float) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
-    if args.ep:  # every process decodes the same tokens; the first one prints them
+    if args.ep is not None:  # every process decodes the same tokens; the first one prints them
         import torch.distributed as dist
 
-        from mixlab.parallel.mesh import shutdown
+        from mixlab.parallel.mesh import check_ep, shutdown
 
+        check_ep(args.ep)  # before reading the checkpoint
         out, err = sys.stdout, sys.stderr
         try:
             model, tok = _load(args)

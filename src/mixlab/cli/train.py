@@ -61,7 +61,7 @@ def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
     from mixlab.parallel.mesh import init
     from mixlab.parallel.train import DistributedTraining
 
-    return DistributedTraining(init(ep=args.ep or 1, fsdp=args.fsdp, device=device))
+    return DistributedTraining(init(ep=1 if args.ep is None else args.ep, fsdp=args.fsdp, device=device))
 
 
 def train_cmd(args: argparse.Namespace) -> int:

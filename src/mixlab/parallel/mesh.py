@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from mixlab.errors import ConfigError
+
 
 @dataclass
 class Layout:
@@ -59,12 +61,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_ep(ep: int) -> None:
+    """Refuse an `--ep` this world cannot hold, before any process group is made (every rank
+    raises the same error; the CLI prints rank 0's). The world is torchrun's `WORLD_SIZE`, else one."""
+    under_torchrun = dist.is_initialized() or "WORLD_SIZE" in os.environ
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if ep < 1:
+        raise ConfigError(f"--ep {ep}: the expert-parallel size must be at least 1")
+    if world % ep == 0:
+        return
+    if not under_torchrun:
+        raise ConfigError(f"--ep {ep} needs {ep} processes (or a multiple of {ep}) and this is one: launch it "
+                          f"with `torchrun --nproc-per-node {ep} -m mixlab ...`")
+    raise ConfigError(f"--ep {ep} must divide the number of processes ({world}): use --ep "
+                      + " or ".join(str(d) for d in range(1, world + 1) if world % d == 0)
+                      + f", or run a multiple of {ep} processes")
+
+
 def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
     """Join (or start, for a world of one) the process group and build the mesh. `device`: "cpu"
     (gloo) or "cuda" (NCCL, one GPU per process: `LOCAL_RANK`)."""
     dev_type = torch.device(device).type
     if dev_type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device!r}: distributed runs support cpu (gloo) and cuda (NCCL)")
+    check_ep(ep)
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # not under torchrun: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -73,8 +93,6 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    if ep < 1 or world % ep:
-        raise ValueError(f"--ep {ep} must divide the number of processes ({world})")
     torch_dev = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(dev_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
     world_mesh = init_device_mesh(dev_type, (world,), mesh_dim_names=("world",))
