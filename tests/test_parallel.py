@@ -289,12 +289,20 @@ def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("nproc", "flags", "message"), [
+    (2, ["--ep", "3"], "mixlab train: error: --ep 3 must divide the number of processes (2)"),
+    (2, ["--ep", "0"], "mixlab train: error: --ep 0: the expert-parallel size must be at least 1"),
+    (2, ["--batch-size", "3"], "mixlab train: error: batch_size 3 must be a multiple of the number of processes (2)"),
+    (2, ["--ep", "2", "--out", "{foreign}"], "mixlab train: error: {foreign}/hf: holds files mixlab did not write"),
     (None, ["--ep", "0"], "mixlab train: error: --ep 0: the expert-parallel size must be at least 1"),
     (None, ["--ep", "2"], "mixlab train: error: --ep 2 needs 2 processes (or a multiple of 2) and this is one: "
                           "launch it with `torchrun --nproc-per-node 2 -m mixlab ...`"),
 ])
 def test_a_bad_layout_is_one_line_printed_once(small_data: Path, tmp_path: Path, nproc: int | None,
                                                flags: list[str], message: str) -> None:
+    foreign = tmp_path / "foreign"
+    (foreign / "hf").mkdir(parents=True)
+    (foreign / "hf" / "notes.txt").write_text("mine")  # the export could not replace it: refused up front
+    flags, message = [f.format(foreign=foreign) for f in flags], message.format(foreign=foreign)
     p = _mixlab(_train_args(small_data, tmp_path / "run", *flags), nproc=nproc)
     _, err = p.communicate(timeout=TIMEOUT)
     assert p.returncode != 0

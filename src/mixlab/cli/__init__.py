@@ -24,12 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> int | None:
+    """This process's rank when torchrun started several (`WORLD_SIZE` > 1), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return int(os.environ.get("RANK", "0") or 0)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank = _rank()
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # MixlabError and the checks of the libraries below
-        print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
+        # Under torchrun every rank checks the same arguments and files and raises the same error:
+        # rank 0 prints it, once.
+        if not rank:
+            print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `mixlab info ... | head`: the reader has gone; nothing to tell it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

@@ -400,7 +400,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if not resume and checkpoints.list_checkpoints(ckpt_root):
         raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
                               "or choose another --out")
-    if cfg.export_hf and (parallel is None or parallel.is_main):
+    if cfg.export_hf:  # on every rank (--out is shared): all refuse together, none waits for the others
         check_export_folder(out / "hf")
     was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if cfg.deterministic:
