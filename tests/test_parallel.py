@@ -310,3 +310,31 @@ def test_a_bad_layout_is_one_line_printed_once(small_data: Path, tmp_path: Path,
     assert len(lines) == 1 and lines[0].startswith(message), err[-3000:]
     assert "[rank" not in err, err[-3000:]  # no worker's traceback
 
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+def test_a_killed_rank_ends_the_run_with_one_line(small_data: Path, tmp_path: Path) -> None:
+    """SIGKILL one rank mid-run: the other stops at its next collective with one line naming why,
+    not a traceback, and torchrun returns in bounded time."""
+    out = tmp_path / "run"
+    p = _mixlab(_train_args(small_data, out, "--steps", "100000", "--log-every", "1", "--ep", "2"), nproc=2)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=60)[1][-3000:]
+            time.sleep(0.2)
+        workers = {int(dict(kv.split("=", 1) for kv in Path(f"/proc/{c}/environ").read_text().split("\0")
+                            if "=" in kv).get("RANK", -1)): c for c in _children(p.pid)}
+        os.kill(workers[1], 9)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "mixlab train: error: rank 0: another process of the run failed or was stopped"), err[-3000:]
+    assert "[rank0]: Traceback" not in err, err[-3000:]

@@ -31,6 +31,16 @@ def _rank() -> int | None:
     return None
 
 
+def _lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of the run has gone (gloo raises
+    a RuntimeError naming its transport; torch's own DistError family otherwise)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and (
+        "gloo" in text or "Connection closed by peer" in text or "Connection reset by peer" in text))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = _rank()
@@ -41,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         # rank 0 prints it, once.
         if not rank:
             print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if rank is None or not _lost_peer(e):
+            raise
+        cause = next((ln.split("] ", 1)[-1] for ln in str(e).splitlines() if ln.strip()), "")
+        print(f"mixlab {args.command}: error: rank {rank}: another process of the run failed or was stopped "
+              f"(see its message; {cause.split('. ')[0][:200]})", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `mixlab info ... | head`: the reader has gone; nothing to tell it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
