@@ -311,6 +311,21 @@ def test_a_bad_layout_is_one_line_printed_once(small_data: Path, tmp_path: Path,
     assert "[rank" not in err, err[-3000:]  # no worker's traceback
 
 
+def test_generate_under_torchrun_without_ep_is_refused(tmp_path: Path) -> None:
+    """Without --ep every process would decode alone and print the same text: one line asks for --ep."""
+    from mixlab import save_model
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    save_model(Transformer(get_preset("tiny-moe")), tmp_path)
+    p = _mixlab(["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "2"], nproc=2)
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0 and out == ""
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab generate:")]
+    assert lines == ["mixlab generate: error: torchrun started 2 processes, but mixlab generate without --ep runs "
+                     "in one: pass --ep 2 to split the experts over them"], err[-3000:]
+
+
 def _children(pid: int) -> list[int]:
     return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
 
