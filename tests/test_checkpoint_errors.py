@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import hf_mixtral
-from mixlab import CheckpointError, load_model, save_model
+from mixlab import CheckpointError, ModelConfig, Transformer, load_model, save_model
 from mixlab.checkpoint import io as ckio
 
 
@@ -267,3 +267,22 @@ def test_safetensors_win_over_a_pickle_next_to_them(ckpt, tmp_path):
     marker = tmp_path / "unpickled"
     (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(Trap(marker)))
     assert load_model(ckpt).config.n_layers == 2 and not marker.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.complex64])
+def test_a_dtype_that_cannot_hold_weights_is_refused(ckpt, tmp_path, no_reads, dtype):
+    # load_model(dtype=torch.int8) failed deep in load_state_dict after reading everything, and
+    # save_model(dtype=torch.int8) wrote an integer checkpoint that no loader accepts.
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        load_model(ckpt, dtype=dtype)
+    model = Transformer(ModelConfig.from_dir(ckpt))
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        save_model(model, tmp_path / "out", dtype=dtype)
+    assert not (tmp_path / "out").exists()
+
+
+def test_float64_is_a_weight_dtype(ckpt, tmp_path):
+    model = load_model(ckpt, dtype=torch.float64)
+    assert model.output.weight.dtype == torch.float64
+    save_model(model, tmp_path / "f64")
+    assert load_model(tmp_path / "f64").output.weight.dtype == torch.float64

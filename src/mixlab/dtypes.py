@@ -13,13 +13,25 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# What a model's weights may be held in: the named dtypes, and float64 (passed as torch.float64) for
+# high-precision comparisons. Not an integer dtype: `load_model(dtype=torch.int8)` would truncate the
+# weights (int8 weights are `prepare_for_inference(quant="int8")`'s, with their scales).
+WEIGHT_DTYPES = (*dict.fromkeys(DTYPES.values()), torch.float64)
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A dtype name (or a dtype, or None: as stored) as a `torch.dtype`, or ValueError naming it."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """A dtype name (or a float `torch.dtype`, or None: as stored) as a `torch.dtype`, or ValueError
+    naming it."""
+    if dtype is None:
+        return dtype
+    if isinstance(dtype, torch.dtype):
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"unsupported dtype {dtype}; expected one of "
+                             f"{', '.join(map(str, WEIGHT_DTYPES))} (or its name)")
         return dtype
     try:
         return DTYPES[dtype]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}") from None
 
 
