@@ -268,3 +268,17 @@ def test_noise_is_relative_to_each_matrix(dense, tmp_path):
         copy = moe[f"model.layers.0.block_sparse_moe.experts.1.{ours}.weight"]
         rel = ((copy - w).std() / w.std()).item()
         assert 0.04 < rel < 0.06, (ours, rel)
+
+
+def test_dtype_by_name_and_bad_arguments(dense, tmp_path):
+    # dtype="bfloat16" (as load_model and save_model take it) failed mid-write with "Invalid device
+    # string"; dtype=torch.int8 wrote an integer checkpoint; seed=None / 1.5 and noise="0.1" failed
+    # deep in torch.
+    upcycle(dense[0], tmp_path / "bf16", num_experts=2, top_k=1, dtype="bfloat16")
+    assert load_model(tmp_path / "bf16").output.weight.dtype == torch.bfloat16
+    for bad, match in [({"dtype": torch.int8}, "unsupported dtype"), ({"dtype": "int8"}, "unknown dtype"),
+                       ({"seed": None}, "seed"), ({"seed": 1.5}, "seed"), ({"noise": "0.1"}, "noise"),
+                       ({"router_std": None}, "router std")]:
+        with pytest.raises(ValueError, match=match):
+            upcycle(dense[0], tmp_path / "bad", num_experts=2, top_k=1, **bad)
+        assert not (tmp_path / "bad").exists()

@@ -33,7 +33,7 @@ import torch
 from mixlab.checkpoint.io import DTYPES, FLOAT_DTYPES, CheckpointError, TensorReader, tensor_files, write_sharded
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object
-from mixlab.dtypes import dtype_name
+from mixlab.dtypes import dtype_name, parse_dtype
 
 __all__ = ["ROUTER_INITS", "UpcycleReport", "upcycle", "upcycle_config"]
 
@@ -149,7 +149,7 @@ def upcycle(
     router_std: float = 0.02,
     noise: float = 0.0,
     seed: int = 0,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     max_shard_bytes: int = 2 * 2**30,
     overwrite: bool = False,
 ) -> UpcycleReport:
@@ -158,15 +158,19 @@ def upcycle(
 
     `router_init`: "zeros", "normal" (std `router_std`) or "uniform" (nn.Linear's default);
     `noise`: relative std of the independent additive Gaussian noise on each expert copy (0 = exact
-    copies); `seed` seeds router and noise. `dtype`: convert (default: as stored). Atomic; an
+    copies); `seed` (an integer) seeds router and noise. `dtype`: convert to this dtype or dtype name
+    ("bfloat16"; default: as stored). Atomic; an
     existing `dst` holding files mixlab did not write is replaced only with `overwrite`.
     """
     root, out = Path(src), Path(dst)
+    dtype = parse_dtype(dtype)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if router_init not in ROUTER_INITS:
         raise ValueError(f"unknown router init {router_init!r}; expected one of {', '.join(ROUTER_INITS)}")
-    if not (math.isfinite(noise) and noise >= 0):
+    if not (isinstance(noise, int | float) and math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    if not (math.isfinite(router_std) and router_std >= 0):
+    if not (isinstance(router_std, int | float) and math.isfinite(router_std) and router_std >= 0):
         raise ValueError(f"router std must be a finite number >= 0, got {router_std!r}")
     if out.resolve() == root.resolve():
         raise ValueError(f"{out}: the output folder must differ from the input folder")
