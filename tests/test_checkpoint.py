@@ -85,6 +85,19 @@ def test_transformers_to_mixlab_to_transformers_is_bit_identical(tmp_path):
     assert torch.equal(hf_logits(out, TOKENS), hf_logits(src, TOKENS))
 
 
+def test_max_shard_bytes_takes_sizes_and_refuses_nonsense(tmp_path):
+    # 0 and -1 silently wrote one tensor per shard (41 files); "1GB" failed mid-write with a TypeError.
+    model = load_model(hf_mixtral(tmp_path / "hf"))
+    save_model(model, tmp_path / "one", max_shard_bytes="1GB")
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.safetensors")) == ["model.safetensors"]
+    save_model(model, tmp_path / "kb", max_shard_bytes="40KB")
+    assert len(list((tmp_path / "kb").glob("model-*-of-*.safetensors"))) > 2
+    for bad in (0, -1, "lots", None, True):
+        with pytest.raises(ValueError, match="max_shard_bytes"):
+            save_model(model, tmp_path / "bad", max_shard_bytes=bad)
+        assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "mistral"])
 def test_mistral_format_round_trip_is_bit_identical(tmp_path, kind):
     src = (hf_mixtral if kind == "mixtral" else hf_mistral)(tmp_path / "hf")

@@ -267,7 +267,7 @@ def save_model(
     *,
     fmt: str = "hf",
     dtype: str | torch.dtype | None = None,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int | str = 5 * 2**30,
     copy_files: list[Path] | None = None,
     extra_files: dict[str, str] | None = None,
     sources: list[str | Path] | None = None,
@@ -278,7 +278,8 @@ def save_model(
 
     `fmt`: "hf" (transformers, legacy per-expert names, which every transformers version reads),
     "hf-fused" (transformers >= 5 fused expert tensors) or "mistral" (params.json +
-    consolidated.safetensors). `copy_files`: side files (tokenizer, ...) to copy in; `extra_files`:
+    consolidated.safetensors). `max_shard_bytes`: bytes per safetensors shard (or a size such as "2GB";
+    a larger tensor gets a shard of its own). `copy_files`: side files (tokenizer, ...) to copy in; `extra_files`:
     more files to write (name -> text). An existing folder at `path` is replaced only if mixlab wrote
     everything in it, or with `overwrite`; a `path` that is or contains one of `sources` is refused
     (OutputError, see mixlab.atomic).

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from mixlab.atomic import atomic_folder
+from mixlab.config import parse_bytes
 from mixlab.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -343,19 +344,22 @@ def write_sharded(
     dst: Path,
     *,
     extra_files: dict[str, str],
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int | str = 5 * 2**30,
     single_name: str = "model.safetensors",
     metadata: dict[str, str] | None = None,
     copy_files: Sequence[Path] = (),
     sources: Sequence[str | Path] = (),
     overwrite: bool = False,
 ) -> None:
-    """Write tensors as safetensors shards (with an index when more than one), plus `extra_files`
+    """Write tensors as safetensors shards of at most `max_shard_bytes` (bytes, or a size such as
+    "2GB"; a larger tensor gets a shard of its own; an index when more than one), plus `extra_files`
     (name -> text) and `copy_files` (copied as they are), atomically (mixlab.atomic).
 
     An existing `dst` is replaced only if it holds nothing but what a previous mixlab save wrote
     (or `overwrite`); a `dst` that is or contains one of `sources` is refused (OutputError).
     """
+    # Checked first: 0 or -1 wrote one tensor per shard, a size string failed mid-write.
+    shard_bytes = parse_bytes(max_shard_bytes, what="max_shard_bytes")
     with atomic_folder(dst, sources=sources, overwrite=overwrite, kind="checkpoint") as tmp:
         stem = single_name.removesuffix(".safetensors")
         meta = {"format": "pt", **(metadata or {})}
@@ -376,7 +380,7 @@ def write_sharded(
                 raise ValueError(f"tensor {name!r} is written twice")
             seen.add(name)
             nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > max_shard_bytes:
+            if shard and size + nbytes > shard_bytes:
                 flush()
             shard.append((name, t))
             size += nbytes

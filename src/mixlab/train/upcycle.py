@@ -150,7 +150,7 @@ def upcycle(
     noise: float = 0.0,
     seed: int = 0,
     dtype: str | torch.dtype | None = None,
-    max_shard_bytes: int = 2 * 2**30,
+    max_shard_bytes: int | str = 2 * 2**30,
     overwrite: bool = False,
 ) -> UpcycleReport:
     """Write at `dst` a Mixtral checkpoint (transformers format, legacy per-expert names) made from
