@@ -239,6 +239,16 @@ def test_max_tokens_caps_each_domain(tmp_path: Path) -> None:
     assert got.counts["prose"].pairs == 20 - 3  # windows of 8, 8, 4: pairs stop at every window edge
 
 
+def test_collect_gives_back_the_models_mode(tmp_path: Path) -> None:
+    """A model being trained stays in train mode (collect_routing left it in eval mode)."""
+    model, tok, domains = _tiny_model().train(), load_analysis_tokenizer(), find_domains(_corpus(tmp_path))
+    collect_routing(model, tok, domains, seq_len=8, max_tokens=20, progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    collect_routing(model, tok, domains, seq_len=8, max_tokens=20, progress=False)
+    assert not model.training
+
+
 @pytest.mark.parametrize("fmt", ["hf", "mistral"])
 def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
     mixlab.save_model(_tiny_model(), tmp_path / "model", fmt=fmt)

@@ -285,37 +285,42 @@ def collect_routing(
     if batch_size < 1 or samples_per_domain < 0 or sample_tokens < 1:
         raise ValueError(f"need batch_size >= 1, samples >= 0 and sample_tokens >= 1, got batch_size={batch_size}, "
                          f"samples={samples_per_domain}, sample_tokens={sample_tokens}")
+    # Routed in eval mode (no router jitter); the caller's mode is given back, as evaluate_texts does.
+    was_training = model.training
     model.eval()
-    counts: dict[str, RoutingCounts] = {}
-    documents: dict[str, int] = {}
-    samples: list[Sample] = []
+    try:
+        counts: dict[str, RoutingCounts] = {}
+        documents: dict[str, int] = {}
+        samples: list[Sample] = []
 
-    for domain, folder in domains.items():
-        acc = RoutingCounts(len(layers), moe.num_experts, moe.top_k)
-        rows: list[list[int]] = []
-        wanted: list[tuple[int, str, list[int]]] = []  # (row in batch, source, ids) to keep as samples
-        n_docs, budget = 0, max_tokens
-        with tqdm(total=max_tokens, desc=f"routing {domain}", unit="tok", disable=not progress, leave=False) as bar:
-            for source, text in iter_documents(folder, split=split):
-                if budget <= 0:
-                    break
-                n_docs += 1
-                for w, window in enumerate(_windows(tokenizer, text, seq_len)):
-                    window = window[:budget]
-                    if not window:
+        for domain, folder in domains.items():
+            acc = RoutingCounts(len(layers), moe.num_experts, moe.top_k)
+            rows: list[list[int]] = []
+            wanted: list[tuple[int, str, list[int]]] = []  # (row in batch, source, ids) to keep as samples
+            n_docs, budget = 0, max_tokens
+            with tqdm(total=max_tokens, desc=f"routing {domain}", unit="tok", disable=not progress, leave=False) as bar:
+                for source, text in iter_documents(folder, split=split):
+                    if budget <= 0:
                         break
-                    if w == 0 and n_docs <= samples_per_domain:
-                        wanted.append((len(rows), source, window[:sample_tokens]))
-                    rows.append(window)
-                    budget -= len(window)
-                    if len(rows) == batch_size or budget <= 0:
-                        samples += _route_batch(model, tokenizer, domain, rows, wanted, acc)
-                        bar.update(sum(len(r) for r in rows))
-                        rows, wanted = [], []
-            if rows:
-                samples += _route_batch(model, tokenizer, domain, rows, wanted, acc)
-                bar.update(sum(len(r) for r in rows))
-        counts[domain], documents[domain] = acc, n_docs
+                    n_docs += 1
+                    for w, window in enumerate(_windows(tokenizer, text, seq_len)):
+                        window = window[:budget]
+                        if not window:
+                            break
+                        if w == 0 and n_docs <= samples_per_domain:
+                            wanted.append((len(rows), source, window[:sample_tokens]))
+                        rows.append(window)
+                        budget -= len(window)
+                        if len(rows) == batch_size or budget <= 0:
+                            samples += _route_batch(model, tokenizer, domain, rows, wanted, acc)
+                            bar.update(sum(len(r) for r in rows))
+                            rows, wanted = [], []
+                if rows:
+                    samples += _route_batch(model, tokenizer, domain, rows, wanted, acc)
+                    bar.update(sum(len(r) for r in rows))
+            counts[domain], documents[domain] = acc, n_docs
+    finally:
+        model.train(was_training)
 
     settings = {"split": split, "max_tokens_per_domain": max_tokens, "seq_len": seq_len, "batch_size": batch_size}
     return Collected(layers, moe.num_experts, moe.top_k, counts, documents, samples, settings)
