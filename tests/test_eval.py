@@ -252,3 +252,16 @@ def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -
     lm = MixlabLM(pretrained=str(path), device="cpu", batch_size="auto:4")  # lm_eval --batch_size auto:4
     assert lm.tok.path == default_tokenizer_path()
     assert lm.batch_size == 8
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),
+                                           ({"prefix": 32000}, "prefix"), ({"prefix": -1}, "prefix")])
+def test_library_scoring_checks_its_arguments(ckpt: Path, kw: dict, match: str) -> None:
+    # batch_size=0 silently put all of a document's windows into one batch; prefix=32000 was an
+    # IndexError from the embedding.
+    model = load_model(ckpt)
+    args = {"prefix": 1, "context": 8, **kw}
+    with pytest.raises(ValueError, match=match):
+        evaluate_texts(model, lambda s: [5, 6, 7], [("a", "x")], **args)
+    with pytest.raises(ValueError, match=match):
+        score_ids(model, [5, 6, 7], **args)

@@ -142,9 +142,20 @@ def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Se
     return out
 
 
+def _check_scoring(model: Transformer, *, prefix: int, batch_size: int) -> None:
+    # batch_size < 1 put every window of a document into one batch; a prefix outside the vocabulary
+    # failed deep in the embedding with an IndexError.
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"invalid batch_size={batch_size!r}: expected an integer >= 1")
+    vocab = model.config.vocab_size
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix < vocab:
+        raise ValueError(f"invalid prefix={prefix!r}: expected a token id in [0, {vocab}) (the BOS id)")
+
+
 def score_ids(model: Transformer, ids: Sequence[int], *, prefix: int, context: int, stride: int | None = None,
               batch_size: int = 8) -> float:
     """Summed NLL (nats) of every token of `ids`, each predicted once (see `rolling_windows`)."""
+    _check_scoring(model, prefix=prefix, batch_size=batch_size)
     windows = rolling_windows(ids, prefix=prefix, context=context, stride=stride)
     seq = [prefix, *ids]
     nll = 0.0
@@ -198,6 +209,7 @@ def evaluate_texts(
         raise ValueError(f"context {context} exceeds the model's context length {model.config.max_seq_len}")
     if context < 1:
         raise ValueError(f"context must be at least 1; got {context}")
+    _check_scoring(model, prefix=prefix, batch_size=batch_size)
     report = Report(settings={"context": context, "stride": stride or context, "prefix_token": prefix})
     was_training = model.training
     model.eval()
