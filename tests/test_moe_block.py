@@ -94,6 +94,22 @@ def test_forward_returns_logits_and_forward_output_the_rest() -> None:
     torch.testing.assert_close(model.output(out.hidden_BTD), logits)
 
 
+@pytest.mark.parametrize(("args", "match"), [
+    ((torch.tensor([1, 2, 3]),), "tokens must be"),  # 1-D: "not enough values to unpack"
+    ((torch.tensor([[1.0, 2.0]]),), "tokens must be"),  # float ids: deep in the embedding
+    (([[1, 2, 3]],), "tokens must be"),  # a list: "'list' object has no attribute 'shape'"
+    ((torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1]])), "positions_BT"),  # deep in attention
+    ((torch.tensor([[1, 2, 3]]), torch.tensor([0, 1, 2])), "positions_BT"),
+])
+def test_forward_names_a_bad_argument(args: tuple, match: str) -> None:
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        model(args[0], positions_BT=args[1] if len(args) > 1 else None)
+    with pytest.raises(ValueError, match="segments_BT"):
+        model(torch.tensor([[1, 2, 3]]), segments_BT=torch.zeros(1, 2, dtype=torch.long))
+    assert model(torch.tensor([[1, 2, 3]], dtype=torch.int32)).shape == (1, 3, 256)
+
+
 def test_weight_formats_are_module_types() -> None:
     model = _model()
     assert inference_format(model) is None and model.native_decoder is None

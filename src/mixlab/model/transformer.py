@@ -31,6 +31,21 @@ class ModelOutput:
     logits_BTV: torch.Tensor | None = None
 
 
+def _check_inputs(tokens_BT: object, positions_BT: torch.Tensor | None, segments_BT: torch.Tensor | None) -> None:
+    """Shapes and dtypes only (no host sync; the ids' range is the embedding's to check): a 1-D
+    tensor, float ids or positions of another shape failed deep in attention or the embedding."""
+    if not isinstance(tokens_BT, torch.Tensor) or tokens_BT.dim() != 2 or tokens_BT.dtype not in (torch.long,
+                                                                                               torch.int32):
+        what = (f"a {tokens_BT.dim()}-D {tokens_BT.dtype} tensor of shape {list(tokens_BT.shape)}"
+                if isinstance(tokens_BT, torch.Tensor) else type(tokens_BT).__name__)
+        raise ValueError(f"tokens must be an int64 (or int32) tensor of token ids [batch, seq], got {what} "
+                         "(one sequence: ids[None])")
+    for name, t in (("positions_BT", positions_BT), ("segments_BT", segments_BT)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != tokens_BT.shape):
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor of the tokens' shape {list(tokens_BT.shape)}, got {got}")
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -158,6 +173,7 @@ class Transformer(nn.Module):
         sequences (no cache): a token attends only to tokens of its own segment id, causally by
         position, so positions restarting per segment give each the attention it gets alone.
         """
+        _check_inputs(tokens_BT, positions_BT, segments_BT)
         B, T = tokens_BT.shape
         cfg = self.config
         # Default positions hold no padding: skip the check (a host sync, and a torch.compile graph break).
