@@ -4,6 +4,7 @@ seeds; stop tokens and strings; expert records; every bad input fails before any
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -270,6 +271,19 @@ def test_bad_input_fails_before_compute(tiny, kw, message, monkeypatch):
     args.update(kw)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         generate_stream(tiny, **args)  # eager: no iteration needed
+
+
+def test_a_kept_cache_of_another_dtype_or_type_is_named(tiny):
+    # A float32 KVCache (the default) with a bf16 model failed deep in attention on mixed dtypes.
+    from mixlab.cache import KVCache
+
+    bf16 = copy.deepcopy(tiny).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="torch.float32 keys.*dtype=torch.bfloat16"):
+        generate(bf16, [[1, 5, 6]], max_new_tokens=4, cache=KVCache(bf16.config, batch_size=1, max_len=32))
+    with pytest.raises(ValueError, match="KVCache, not str"):
+        generate(tiny, [[1, 5, 6]], max_new_tokens=4, cache="cache")
+    kept = KVCache(bf16.config, batch_size=1, max_len=32, dtype=torch.bfloat16)
+    assert generate(bf16, [[1, 5, 6]], max_new_tokens=4, cache=kept) == generate(bf16, [[1, 5, 6]], max_new_tokens=4)
 
 
 def test_record_experts_needs_moe():

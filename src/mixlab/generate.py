@@ -235,6 +235,8 @@ def generate_stream(
         raise ValueError("record_experts=True needs a MoE model; this one is dense")
     if cache is not None:
         weight = model.tok_embeddings.weight
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache= takes a mixlab.cache.KVCache, not {type(cache).__name__}")
         if len(ids) != 1 or cache.batch_size != 1:
             raise ValueError("cache= reuses the cache of a single prompt; pass one prompt and a batch-1 KVCache")
         if cache.max_len < len(ids[0]) + max_new_tokens:
@@ -242,6 +244,9 @@ def generate_stream(
                              f"max_new_tokens={max_new_tokens} need {len(ids[0]) + max_new_tokens}")
         if cache.k[0].device != weight.device or cache.config != model.config:
             raise ValueError("the cache was made for another model or device")
+        if cache.k[0].dtype != weight.dtype:  # else attention fails deep inside on mixed dtypes
+            raise ValueError(f"the cache holds {cache.k[0].dtype} keys and values; this model computes in "
+                             f"{weight.dtype}: make it with KVCache(..., dtype={weight.dtype})")
     if engine is not None:
         if cache is not None or engine.model is not model:
             raise ValueError("engine= must be an engine over this model, and excludes cache=")
