@@ -170,6 +170,21 @@ def test_mixlab_written_gguf_roundtrips_exactly(tmp_path):
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("device", "match"), [("tpu", "unknown device"), ("meta", "holds no data"),
+                                              *([("cuda", "CUDA is not available")] if not torch.cuda.is_available()
+                                                else [])])
+def test_a_bad_device_for_a_gguf_is_named_before_reading(device, match, tmp_path, monkeypatch):
+    # A folder's device was checked first; a GGUF file's was read whole, then failed in torch's `.to`.
+    path = write_gguf(_model("moe"), tmp_path / "m.gguf", quant="f32")
+
+    def boom(*a, **k):
+        raise AssertionError("the file was read before the device was checked")
+
+    monkeypatch.setattr(gguf_read, "load_gguf", boom)
+    with pytest.raises(ValueError, match=match):
+        load_model(path, device=device)
+
+
 @pytest.mark.parametrize("fmt", ["hf", "mistral"])
 def test_convert_cli_from_a_gguf_writes_its_weights_and_tokenizer(fmt, tmp_path, capsys):
     """`mixlab convert X.gguf DST --to hf|mistral`: the folder holds the file's weights (the same

@@ -216,6 +216,7 @@ def load_model(
     from mixlab.ops.offload import POLICIES
 
     root = Path(path)
+    dev = parse_device(device)  # before any reading, for a GGUF file too
     if max_memory is not None:
         max_memory = parse_bytes(max_memory, what="max_memory")
         if policy not in POLICIES:
@@ -225,14 +226,14 @@ def load_model(
 
         if config is not None:
             raise ValueError("config= does not apply to GGUF files: their metadata is the config")
-        return load_gguf(root, dtype=parse_dtype(dtype), device=device, max_memory=max_memory, policy=policy,
+        return load_gguf(root, dtype=parse_dtype(dtype), device=dev, max_memory=max_memory, policy=policy,
                          prefetch=prefetch)
     _refuse_pickle_or_recover(root)
     try:
         config = config or ModelConfig.from_dir(root)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    want, dev = parse_dtype(dtype), parse_device(device)
+    want = parse_dtype(dtype)
     offload = max_memory is not None
     if offload:
         from mixlab.checkpoint.offload import check_offloadable
