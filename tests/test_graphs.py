@@ -65,6 +65,9 @@ def test_bad_arguments_are_refused():
         dec.generate([[1], [2]], 2)
     with pytest.raises(ValueError, match="max_len=16"):
         dec.generate([[1] * 10], 10)
+    for bad in (model.config.vocab_size, -1):  # an IndexError on CPU, a device-side assert on CUDA
+        with pytest.raises(ValueError, match=f"token id {bad} outside"):
+            dec.generate([[1, bad]], 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -102,6 +102,11 @@ class StaticDecoder:
             raise ValueError("prefill needs at least one prompt token")
         if len(prompt) > self.max_len:
             raise ValueError(f"a prompt of {len(prompt)} tokens exceeds max_len={self.max_len}")
+        # Checked here: on CUDA an id outside the vocabulary is a device-side assert that breaks the context.
+        V = self.cfg.vocab_size
+        bad = [i for i in prompt if not 0 <= i < V]
+        if bad:
+            raise ValueError(f"prompt has token id {bad[0]} outside the model's vocabulary [0, {V})")
         self.reset(row)
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
         logits = None
