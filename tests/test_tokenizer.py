@@ -151,6 +151,17 @@ def test_decode_rejects_out_of_vocab(tok):
         tok.decode([5, 32000])
 
 
+def test_decode_takes_integer_ids_only(tok):
+    # "123" decoded as the ids 1, 2, 3 and 15359.9 as 15359, silently; generate's list of lists was a
+    # TypeError from int().
+    hi = tok.encode("Hi", bos=False)
+    assert tok.decode(torch.tensor(hi)) == tok.decode([torch.tensor(hi[0])]) == "Hi"
+    for bad, match in (("123", "not a str"), (b"12", "not a bytes"), ([15359.9], "integer token ids"),
+                       ([hi], "tok.decode\\(out\\[0\\]\\)"), ([None], "integer token ids")):
+        with pytest.raises(ValueError, match=match):
+            tok.decode(bad)
+
+
 CHATS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."},

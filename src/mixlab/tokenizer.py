@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -189,8 +190,15 @@ class Tokenizer:
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; BOS/EOS and other control tokens are dropped."""
-        ids = [int(i) for i in ids]
+        """Text of `ids` (one sequence); BOS/EOS and other control tokens are dropped."""
+        # Not int(i): that decoded "123" as the ids 1, 2, 3 and 15359.9 as 15359, silently.
+        if isinstance(ids, str | bytes):
+            raise ValueError(f"decode takes token ids, not a {type(ids).__name__}")
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise ValueError("decode takes one sequence of integer token ids (for generate's output, one "
+                             "prompt's: tok.decode(out[0]))") from None
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
