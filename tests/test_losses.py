@@ -191,3 +191,15 @@ def test_capacity_in_model_counts_drops_and_large_capacity_is_dropless() -> None
         assert (drops > 0) == expect_drops
         if not expect_drops:
             torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_lm_loss_names_unshifted_or_flat_targets() -> None:
+    # Targets of the whole ids [B, T+1] failed inside cross_entropy with "Expected input batch_size
+    # (12) to match target batch_size (14)"; the docstring did not say the targets are shifted.
+    ids = torch.randint(0, 11, (2, 7))
+    logits = torch.randn(2, 6, 11)
+    with pytest.raises(ValueError, match=r"targets_BT \[2, 7\] must have the logits' shape.*\[2, 6\]"):
+        lm_loss(logits, ids)
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(lm_loss(logits, ids[:, 1:]), want)
+    torch.testing.assert_close(lm_loss(logits, ids[:, 1:].reshape(-1)), want)  # flat targets still work

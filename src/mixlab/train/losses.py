@@ -38,7 +38,12 @@ IGNORE = -100  # target id that cross-entropy skips (same convention as torch an
 
 
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32 over targets != IGNORE; 0 when all are ignored."""
+    """Mean cross-entropy in float32 over targets != IGNORE; 0 when all are ignored. The targets are
+    already shifted, `targets_BT[b, t]` being the token after position t: for ids `[B, T+1]`,
+    `lm_loss(model(ids[:, :-1]), ids[:, 1:])` (transformers' `labels=ids` shifts inside; this does not)."""
+    if logits_BTV.shape[:-1].numel() != targets_BT.numel():  # (flat targets [B*T] are fine)
+        raise ValueError(f"targets_BT {list(targets_BT.shape)} must have the logits' shape without the vocabulary "
+                         f"{list(logits_BTV.shape[:-1])} (shifted targets: model(ids[:, :-1]), ids[:, 1:])")
     logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1]).float()
     targets_N = targets_BT.reshape(-1)
     total = F.cross_entropy(logits_NV, targets_N, ignore_index=IGNORE, reduction="sum")
