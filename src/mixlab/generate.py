@@ -59,11 +59,14 @@ def _forward(
     return model.output(h_BTD[:, -1]).float(), experts_BLK
 
 
+@torch.no_grad()
 def prefill(
     model: Transformer, tokens_BT: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache, *,
     chunk: int, record_experts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Write the (left-padded) prompts into `cache` in chunks; return the last position's logits."""
+    """Write the (left-padded) prompts into `cache` in chunks; return the last position's logits.
+    No autograd, as in `decode_step` (so `greedy_step`): with grad mode on, each call's cache writes
+    chained onto the last, and a decoding loop kept every step's activations alive."""
     T = tokens_BT.shape[1]
     out: tuple[torch.Tensor, torch.Tensor | None] | None = None
     for s in range(0, T, chunk):
@@ -72,6 +75,7 @@ def prefill(
     return out
 
 
+@torch.no_grad()
 def decode_step(
     model: Transformer, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, cache: KVCache, *,
     record_experts: bool = False,
