@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mixlab
-from mixlab.analysis import parse_layers
+from mixlab.analysis import analyze, parse_layers
 from mixlab.analysis.collect import (
     check_domains,
     collect_routing,
@@ -237,6 +237,16 @@ def test_max_tokens_caps_each_domain(tmp_path: Path) -> None:
     got = collect_routing(model, tok, find_domains(_corpus(tmp_path)), seq_len=8, max_tokens=20, progress=False)
     assert {n: c.tokens for n, c in got.counts.items()} == {"code": 20, "prose": 20}
     assert got.counts["prose"].pairs == 20 - 3  # windows of 8, 8, 4: pairs stop at every window edge
+
+
+def test_analyze_takes_one_layer_and_refuses_a_string_of_domains(tmp_path: Path) -> None:
+    # layers=1 failed with "'int' object is not iterable"; domains="code" looked for 'c', 'o', 'd', 'e'.
+    model, tok, corpus = _tiny_model(), load_analysis_tokenizer(), _corpus(tmp_path / "c")
+    report = analyze(model, tok, corpus, out=tmp_path / "r", layers=1, max_tokens=20, seq_len=8, figures=False,
+                     progress=False)
+    assert report["shown_layers"] == [1]
+    with pytest.raises(ValueError, match=r"not the string 'code,prose': \['code', 'prose'\]"):
+        analyze(model, tok, corpus, out=tmp_path / "r2", domains="code,prose", progress=False)  # type: ignore[arg-type]
 
 
 def test_collect_gives_back_the_models_mode(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def analyze(
     data: str | Path,
     *,
     out: str | Path,
-    layers: str | list[int] | None = None,
+    layers: str | int | list[int] | None = None,
     domains: list[str] | None = None,
     split: str | None = "valid",
     max_tokens: int = 50_000,
@@ -95,6 +95,8 @@ def analyze(
 ) -> dict[str, Any]:
     """Collect routing over every domain of `data`, write the report to `out`, return it."""
     moe = moe_layers(model)
+    if isinstance(layers, int):  # one layer (was: "'int' object is not iterable")
+        layers = [layers]
     shown = parse_layers(layers, moe) if layers is None or isinstance(layers, str) else parse_layers(
         ",".join(map(str, layers)), moe)
     check_report_folder(out)  # before the routing, not after it

@@ -45,6 +45,9 @@ DATA_SUFFIXES = (".jsonl", ".txt")
 def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, Path]:
     """Domain name -> folder. `data` is a corpus folder (one subfolder per domain) or a single
     domain folder holding data files. `names` picks domains (by folder name) explicitly."""
+    if isinstance(names, str):  # iterated, "code" looked for the domains 'c', 'o', 'd', 'e'
+        raise ValueError(f"domains takes a list of domain names, not the string {names!r}: "
+                         f"{names.split(',')!r}")
     root = Path(data)
     if root.is_file():
         raise NotADirectoryError(f"{root} is a file; --data takes a folder: a corpus (one subfolder per domain) "
