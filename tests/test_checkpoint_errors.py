@@ -286,3 +286,13 @@ def test_float64_is_a_weight_dtype(ckpt, tmp_path):
     assert model.output.weight.dtype == torch.float64
     save_model(model, tmp_path / "f64")
     assert load_model(tmp_path / "f64").output.weight.dtype == torch.float64
+
+
+def test_wrong_types_of_config_and_model_are_named(ckpt, tmp_path):
+    # load_model(config={...}) and save_model(nn.Linear) were AttributeErrors ("'dict' object has no
+    # attribute 'n_layers'", "'Linear' object has no attribute 'config'").
+    with pytest.raises(ValueError, match="config= takes a mixlab ModelConfig.*not dict"):
+        load_model(ckpt, config={"dim": 64})
+    with pytest.raises(ValueError, match="saves a mixlab Transformer, not Linear"):
+        save_model(torch.nn.Linear(2, 2), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

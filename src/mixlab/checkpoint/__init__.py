@@ -215,6 +215,9 @@ def load_model(
     from mixlab.config import parse_bytes
     from mixlab.ops.offload import POLICIES
 
+    if config is not None and not isinstance(config, ModelConfig):
+        raise ValueError(f"config= takes a mixlab ModelConfig (e.g. ModelConfig.from_dir(path).replace(...)), "
+                         f"not {type(config).__name__}")
     root = Path(path)
     dev = parse_device(device)  # before any reading, for a GGUF file too
     if max_memory is not None:
@@ -285,6 +288,8 @@ def save_model(
     everything in it, or with `overwrite`; a `path` that is or contains one of `sources` is refused
     (OutputError, see mixlab.atomic).
     """
+    if not isinstance(model, Transformer):
+        raise ValueError(f"save_model saves a mixlab Transformer, not {type(model).__name__}")
     if fmt not in FORMATS:
         raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
     prepared = inference_format(model)
