@@ -120,6 +120,9 @@ def test_weight_formats_are_module_types() -> None:
     assert set(dict(int8.layers[0].ffn.experts.named_buffers())) == {"w13", "w13_scale", "w2", "w2_scale"}
     with pytest.raises(ValueError, match="already prepared"):
         prepare_for_inference(int8)
+    with pytest.raises(ValueError, match="already prepared"):  # a refusal leaves the model as it was
+        prepare_for_inference(int8, int4_activations="float32")
+    assert getattr(int8, "int4_activations", None) is None
     if can_pack(torch.empty(2, 2)):
         packed = prepare_for_inference(copy.deepcopy(model), packed=True)
         assert inference_format(packed) == "packed"

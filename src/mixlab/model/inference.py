@@ -128,16 +128,17 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
         if int4_activations not in native.INT4_ACTIVATIONS:
             raise ValueError(f"int4_activations must be one of {', '.join(native.INT4_ACTIVATIONS)}, "
                              f"not {int4_activations!r}")
+    cache = expert_cache(model)
+    prepared = inference_format(model)
+    if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)):
+        raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
+    if int4_activations is not None:  # set once the model is known to be preparable
         model.int4_activations = int4_activations
     # The engine's decoder over the unprepared weights (an earlier `generate`) would keep them alive
     # once they are converted: the prepared model gets its own.
     native.forget_shared(model)
-    cache = expert_cache(model)
     if cache is not None:
         return _prepare_offloaded(model, cache, quant=quant, packed=packed, group=group)
-    prepared = inference_format(model)
-    if prepared is not None and not (prepared == "int4" and is_quantised(model)):
-        raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
     if is_quantised(model):
         if quant == "int8":
             raise ValueError("this model already holds int4 weights; int8 applies to float models")
