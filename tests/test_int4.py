@@ -13,6 +13,7 @@ import torch
 from mixlab.cache import KVCache
 from mixlab.config import get_preset
 from mixlab.model import MoEBlock, Transformer
+from mixlab.model.formats import Int4Experts
 from mixlab.model.inference import prepare_for_inference
 from mixlab.ops.moe import IMPLS, moe_ffn
 from mixlab.ops.quant import (
@@ -277,3 +278,15 @@ def test_cli_int4_activations_flag(tmp_path, mode):
                               "--int4-activations", mode, "--dtype", "float32"])
     model, _ = _load(args)
     assert model.int4_activations == mode
+
+
+def test_a_width_the_groups_do_not_divide_is_refused_before_any_conversion():
+    """wo's input (6 heads x 8 = 48) is no multiple of 32, the experts' are: refused with the matrix
+    named, and nothing converted (the experts used to be int4 already when wo failed)."""
+    cfg = get_preset("tiny-moe").replace(n_heads=6, n_kv_heads=2, head_dim=8)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    with pytest.raises(ValueError, match=r"groups of 32 .* layers\.0\.attn\.wo has 48"):
+        prepare_for_inference(model, quant="int4")
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
+    assert not any(isinstance(b.ffn.experts, Int4Experts) for b in model.layers)

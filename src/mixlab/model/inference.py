@@ -35,7 +35,7 @@ from mixlab.model.transformer import Transformer
 from mixlab.ops import registry
 from mixlab.ops.linear import InferenceLinear, can_pack
 from mixlab.ops.offload import ExpertCache, SlotFormat
-from mixlab.ops.quant import Int4Linear, Int8Linear
+from mixlab.ops.quant import INT4_GROUPS, Int4Linear, Int8Linear
 
 
 def _replace_linears(model: Transformer, make: type[nn.Module], **kw: object) -> None:
@@ -84,7 +84,18 @@ def quantize_model_int8(model: Transformer) -> Transformer:
 
 def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
     """Int4 weight-only quantisation (groups of `group` inputs) of every matrix except embedding and
-    router, in place. Matrices already int4 (loaded from a GGUF Q4_0 file) are left as they are."""
+    router, in place. Matrices already int4 (loaded from a GGUF Q4_0 file) are left as they are.
+    Every matrix's input width is checked first: a refusal leaves the model unconverted."""
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, not {group}")
+    for name, m in model.named_modules():
+        widths = [m.in_features] if isinstance(m, nn.Linear) else []
+        if isinstance(m, MoEBlock) and not isinstance(m.experts, Int4Experts):
+            widths = [model.config.dim, model.config.ffn_dim]
+        bad = [w for w in widths if w % group]
+        if bad:
+            raise ValueError(f"int4 with groups of {group} needs a multiple of {group} inputs per row; {name} has "
+                             f"{bad[0]} (the groups: {', '.join(map(str, INT4_GROUPS))}); the model is unchanged")
     for block in model.modules():
         if isinstance(block, MoEBlock) and not isinstance(block.experts, Int4Experts):
             block.experts = Int4Experts.quantize(_plain_experts(block), group=group)
