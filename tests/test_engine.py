@@ -482,3 +482,24 @@ def test_kv_cache_is_advised_onto_huge_pages(tiny):
                 flags = line.split()[1:]
                 break
     assert flags is not None and "hg" in flags, flags
+
+
+def test_waiting_on_an_engine_nobody_runs_warns(tiny, monkeypatch):
+    """Iterating a request of an engine that was never started (and whose step() nobody calls) used
+    to block forever without a word: it now warns once, and still finishes once steps run."""
+    import threading
+
+    import mixlab.engine.api as api
+
+    monkeypatch.setattr(api, "STALL_WARNING_S", 0.05)
+    eng = Engine(tiny)
+    h = eng.submit([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    got: list = []
+    with pytest.warns(RuntimeWarning, match=r"never started .* `engine\.step\(\)`"):
+        t = threading.Thread(target=lambda: got.extend(h))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()  # still waiting, warned
+    eng.run_until_idle()  # the caller drives the steps: the request finishes
+    t.join(10)
+    assert not t.is_alive() and len([o for o in got if o.token_id is not None]) == 3

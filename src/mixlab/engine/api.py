@@ -16,6 +16,7 @@ import math
 import operator
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class RequestOutput:
 
 
 _DONE = object()
+STALL_WARNING_S = 10.0  # a blocked iteration checks this often whether anything can still arrive
 
 
 class _Mailbox:
@@ -202,9 +204,11 @@ class Handle:
     """A submitted request: iterate it (blocking, from any thread) or `async for out in h.aiter()`
     for its `RequestOutput`s; `cancel()` stops it (a final output with "cancelled" follows)."""
 
-    def __init__(self, request_id: str, canceller: Callable[[Handle], None]) -> None:
+    def __init__(self, request_id: str, canceller: Callable[[Handle], None],
+                 stalled: Callable[[], str | None] | None = None) -> None:
         self.request_id = request_id
         self._cancel = canceller
+        self._stalled = stalled  # why nothing can arrive (an engine nobody runs), or None
         self._q: queue.SimpleQueue[object] = queue.SimpleQueue()  # C-implemented: cheap per token
         self._lock = threading.Lock()
         self._box: _Mailbox | None = None
@@ -232,8 +236,16 @@ class Handle:
             return self._box if self._aq is not None else None
 
     def __iter__(self) -> Iterator[RequestOutput]:
+        warned = False
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get(timeout=STALL_WARNING_S)
+            except queue.Empty:  # still waiting: say so once if the engine runs no thread and no steps
+                why = self._stalled() if self._stalled is not None and not warned else None
+                if why:
+                    warnings.warn(f"request {self.request_id!r} is waiting: {why}", RuntimeWarning, stacklevel=2)
+                    warned = True
+                continue
             if item is _DONE:
                 self.finished = True
                 return

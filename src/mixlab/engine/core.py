@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver
 from mixlab.engine.runner import Item, Result, Runner
 from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
@@ -126,6 +127,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = False
         self._closed = False  # shut down: submit raises (nothing would ever run its request) until start()
+        self._last_step = time.monotonic()  # when step() last ran (or the engine was made)
         self._thread: threading.Thread | None = None
         self._stepping = threading.Lock()
         self._outbox: list[tuple[Handle, RequestOutput]] = []  # this step's outputs, pushed when it ends
@@ -183,7 +185,7 @@ class Engine:
         if params.return_experts and cfg.moe is None:
             raise ValueError("return_experts=True needs a MoE model; this one is dense")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
-        handle = Handle(rid, self.cancel)
+        handle = Handle(rid, self.cancel, self._stall_reason)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {cfg.eos_id})
         generator = None
         if not params.greedy:
@@ -276,7 +278,15 @@ class Engine:
         """Admit, run one forward pass over every running sequence, sample, stream. Returns whether
         there was anything to do."""
         with self._stepping:
+            self._last_step = time.monotonic()
             return self._step()
+
+    def _stall_reason(self) -> str | None:
+        """Why a request cannot progress, or None: no engine thread, and no `step()` for a while."""
+        if self._thread is not None or time.monotonic() - self._last_step < api.STALL_WARNING_S:
+            return None
+        return ("the engine was never started (use `with Engine(...) as engine:` or `engine.start()`) and "
+                "nothing has called `engine.step()` since")
 
     def _step(self) -> bool:
         self._handle_cancels()
