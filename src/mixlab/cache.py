@@ -15,21 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from mixlab import pages
 from mixlab.config import ModelConfig
 from mixlab.errors import MixlabError
-from mixlab.pages import huge_empty
 
 
 class CacheFullError(MixlabError):
     pass
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed buffer, on 2 MiB pages on CPU: decoding attention streams the keys and values, and
-    4 KiB pages slow each thread's stream (`mixlab.pages`)."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return huge_empty(shape, dtype).zero_()
 
 
 class KVCache:
@@ -95,7 +87,7 @@ class KVCache:
         with torch.inference_mode(False), torch.no_grad():
             for buffers in (self.k, self.v):
                 old = list(buffers)  # empty on the first allocation
-                buffers[:] = [_zeros(shape, dtype, device) for _ in range(self.config.n_layers)]
+                buffers[:] = [pages.zeros(shape, dtype, device) for _ in range(self.config.n_layers)]
                 for new_, old_ in zip(buffers, old, strict=False):
                     new_[:, :, :C] = old_
             pos_BC = torch.full((B, capacity), -1, dtype=torch.long, device=device)

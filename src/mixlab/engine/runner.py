@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mixlab import pages
 from mixlab.cache import KVCache
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
@@ -48,7 +49,6 @@ from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
 from mixlab.ops.linear import linear
-from mixlab.pages import huge_empty
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 
@@ -141,17 +141,8 @@ class Runner:
         self.n_slots, self.capacity = S, C
         self.total_bytes = S * self.slot_bytes
         shape = (S, cfg.n_kv_heads, C, cfg.head_dim)
-
-        def buffer() -> torch.Tensor:
-            if self.device.type != "cpu":
-                return torch.zeros(shape, dtype=self.dtype, device=self.device)
-            # On 2 MiB pages: decoding attention streams each sequence's keys and values, and on
-            # 4 KiB pages the page walks hold one thread to ~17 GB/s (BENCHMARKS.md, "Attention at
-            # long contexts")
-            return huge_empty(shape, self.dtype).zero_()
-
-        self.k = [buffer() for _ in range(cfg.n_layers)]
-        self.v = [buffer() for _ in range(cfg.n_layers)]
+        self.k = [pages.zeros(shape, self.dtype, self.device) for _ in range(cfg.n_layers)]  # 2 MiB pages on CPU
+        self.v = [pages.zeros(shape, self.dtype, self.device) for _ in range(cfg.n_layers)]
         self.pos_SC = torch.full((S, C), -1, dtype=torch.long, device=self.device)
         self.prefix_cache = prefix_cache
         if self.device.type == "cpu":
