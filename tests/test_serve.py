@@ -205,9 +205,13 @@ def test_top_logprob_bytes_of_a_byte_piece(model_tok: tuple[Any, Any]) -> None:
 
 def test_n_choices_and_experts(client: Any, server: str, model_tok: tuple[Any, Any]) -> None:
     model, tok = model_tok
+    before = _metric(server, "mixlab_prompt_tokens_total")
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
                                        n=3, temperature=1.0, seed=11, extra_body={"return_experts": True})
     assert [c.index for c in r.choices] == [0, 1, 2]
+    # the prompt counts once, in `usage` and in /metrics (it counted once per choice there)
+    assert r.usage.prompt_tokens == len(tok.encode_chat([{"role": "user", "content": "Hello"}]))
+    assert _metric(server, "mixlab_prompt_tokens_total") - before == r.usage.prompt_tokens
     texts = {c.message.content for c in r.choices}
     assert len(texts) > 1  # each choice samples its own stream
     for c in r.choices:

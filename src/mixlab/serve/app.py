@@ -275,7 +275,9 @@ class _Server:
         if bad:
             raise ApiError(400, f"invalid {param}: token id {bad[0]} is outside the vocabulary [0, {V})", param=param)
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams], rid: str, *, param: str) -> list[Any]:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], rid: str, *, param: str,
+               n: int) -> list[Any]:
+        """One engine request per choice: `prompts` holds each prompt `n` times in a row."""
         queue = getattr(self.engine, "max_queue", None)
         if queue is not None and len(prompts) > queue:  # it could never be queued: a 429 would be retried forever
             raise ApiError(400, f"this request asks for {len(prompts)} completions (prompts x n); the server queues at "
@@ -294,7 +296,7 @@ class _Server:
             for h in handles:
                 h.cancel()
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
-        for ids in prompts:
+        for ids in prompts[::n]:  # a prompt counts once however many choices it has, as in `usage`
             self.metrics.prompt_tokens.inc(len(ids))
         return handles
 
@@ -537,7 +539,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         lp = top if body.logprobs else None
         params = [srv.sampling(body, max_tokens, i, lp) for i in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        handles = srv.submit([ids] * body.n, params, rid, param="n")
+        handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
         choices = [_Choice(i, h, strip_space=True) for i, h in enumerate(handles)]
         return await respond(request, body, choices, [len(ids)], chat=True, rid=rid, want_logprobs=body.logprobs,
                              echo=None)
@@ -567,7 +569,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 ids.append(p)
                 choices_meta.append(j)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        handles = srv.submit(ids, params, rid, param="prompt" if len(prompts) > 1 else "n")
+        handles = srv.submit(ids, params, rid, param="prompt" if len(prompts) > 1 else "n", n=body.n)
         choices = [_Choice(k, h, strip_space=False, hidden=hidden) for k, h in enumerate(handles)]
         echo = [_echo_head(tok, p) for p in prompts] if body.echo else None
         return await respond(request, body, choices, [len(p) for p in prompts], chat=False, rid=rid,
