@@ -181,7 +181,14 @@ def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model
     best = ref.max(-1).values.tolist()
     assert lp.top_logprobs[0] is None
     assert [max(t.values()) for t in lp.top_logprobs[1:]] == pytest.approx(best[: len(lp.tokens) - 1], abs=1e-4)
-    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert all(len(t) <= 3 for t in lp.top_logprobs[1:])  # the top 2, then the token itself if it is not among them
+    assert all(v in t.values() for t, v in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True))
+    # logprobs=0 asks for no alternatives: each entry still names its token (it was {})
+    z = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=0, echo=True)
+    zl = z.choices[0].logprobs
+    assert zl.top_logprobs[0] is None
+    assert [list(t.values()) for t in zl.top_logprobs[1:]] == [[v] for v in zl.token_logprobs[1:]]
+    assert [next(iter(t)).strip() for t in zl.top_logprobs[1:]] == [s.strip() for s in zl.tokens[1:]]
     for k in range(len(ids), len(lp.tokens)):  # greedy: the chosen token is the most likely one
         assert max(lp.top_logprobs[k].values()) == pytest.approx(lp.token_logprobs[k], abs=1e-6)
     # scoring only (max_tokens=0 with echo), a batch of token-id prompts, as evaluation harnesses send

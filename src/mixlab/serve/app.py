@@ -499,7 +499,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                               "logprobs": None}
                         if want_logprobs:  # the token's offset in the choice's whole text (echoed prompt included)
                             at = (len(echo[c.index // body.n]["text"]) if echo is not None else 0) + len(c.text)
-                            ch["logprobs"] = _stream_completion_lp(lp, at - len(delta))
+                            ch["logprobs"] = _stream_completion_lp(lp, at - len(delta), tok)
                     if ex is not None:
                         ch["experts"] = [ex]
                     yield _sse(chunk(ch))
@@ -668,10 +668,13 @@ def _chat_lp(e: dict[str, Any]) -> dict[str, Any]:
                              for t in e["top_logprobs"]]}
 
 
-def _top_dict(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
+def _top_dict(entries: Iterable[dict[str, Any]], tok: Tokenizer, chosen: int, logprob: float) -> dict[str, float]:
+    """A legacy `top_logprobs` entry: the alternatives, then the chosen token if it is not among them
+    (OpenAI's "up to logprobs + 1 elements"; vLLM's too), so `logprobs: 0` still names the token."""
     d: dict[str, float] = {}
     for t in entries:
         d.setdefault(t["token"], t["logprob"])  # two ids with one text: keep the likelier (listed first)
+    d.setdefault(_piece(tok, chosen)[0], logprob)
     return d
 
 
@@ -693,25 +696,25 @@ def _completion_lp(head: dict[str, Any] | None, c: _Choice, tok: Tokenizer, *, g
             lps.append(v)
             if v is None:
                 tops.append(None)
-            elif ptop is not None and ptop[k] is not None:
-                tops.append(_top_dict({"token": _piece(tok, a)[0], "logprob": b} for a, b in ptop[k]))
-            else:  # logprobs=0: no alternatives asked for
-                tops.append({})
+            else:
+                alternatives = ptop[k] if ptop is not None and ptop[k] is not None else []  # none with logprobs=0
+                tops.append(_top_dict(({"token": _piece(tok, a)[0], "logprob": b} for a, b in alternatives),
+                                      tok, head["ids"][k], v))
     if generated:
         for e in c.tokens:
             tokens.append(e["token"])
             offsets.append(pos)
             pos += len(e["token"])
             lps.append(e["logprob"])
-            tops.append(_top_dict(e["top_logprobs"]))
+            tops.append(_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"]))
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _stream_completion_lp(e: dict[str, Any] | None, offset: int) -> dict[str, Any] | None:
+def _stream_completion_lp(e: dict[str, Any] | None, offset: int, tok: Tokenizer) -> dict[str, Any] | None:
     if e is None:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    return {"tokens": [e["token"]], "token_logprobs": [e["logprob"]], "top_logprobs": [_top_dict(e["top_logprobs"])],
-            "text_offset": [offset]}
+    return {"tokens": [e["token"]], "token_logprobs": [e["logprob"]],
+            "top_logprobs": [_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"])], "text_offset": [offset]}
 
 
 def _model_card(cfg: ServerConfig) -> dict[str, Any]:
