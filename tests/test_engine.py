@@ -503,3 +503,27 @@ def test_waiting_on_an_engine_nobody_runs_warns(tiny, monkeypatch):
     eng.run_until_idle()  # the caller drives the steps: the request finishes
     t.join(10)
     assert not t.is_alive() and len([o for o in got if o.token_id is not None]) == 3
+
+
+def test_async_waiting_on_an_engine_nobody_runs_warns(tiny, monkeypatch):
+    """The same for `aiter()` (it waited without a word), and the request still finishes once steps run."""
+    import asyncio
+
+    import mixlab.engine.api as api
+
+    monkeypatch.setattr(api, "STALL_WARNING_S", 0.05)
+    eng = Engine(tiny)
+    h = eng.submit([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+
+    async def consume() -> list:
+        async def drive() -> None:
+            await asyncio.sleep(0.3)  # long enough to warn
+            await asyncio.to_thread(eng.run_until_idle)
+        stepper = asyncio.create_task(drive())
+        got = [o async for o in h.aiter()]
+        await stepper
+        return got
+
+    with pytest.warns(RuntimeWarning, match=r"never started .* `engine\.step\(\)`"):
+        got = asyncio.run(consume())
+    assert len([o for o in got if o.token_id is not None]) == 3

@@ -235,16 +235,20 @@ class Handle:
                     self._q.put(item)
             return self._box if self._aq is not None else None
 
+    def _warn_if_stalled(self) -> bool:
+        """Still waiting: say so (once) if the engine runs no thread and no steps; whether it said so."""
+        why = self._stalled() if self._stalled is not None else None
+        if why:
+            warnings.warn(f"request {self.request_id!r} is waiting: {why}", RuntimeWarning, stacklevel=3)
+        return bool(why)
+
     def __iter__(self) -> Iterator[RequestOutput]:
         warned = False
         while True:
             try:
-                item = self._q.get(timeout=STALL_WARNING_S)
-            except queue.Empty:  # still waiting: say so once if the engine runs no thread and no steps
-                why = self._stalled() if self._stalled is not None and not warned else None
-                if why:
-                    warnings.warn(f"request {self.request_id!r} is waiting: {why}", RuntimeWarning, stacklevel=2)
-                    warned = True
+                item = self._q.get(timeout=None if warned else STALL_WARNING_S)
+            except queue.Empty:
+                warned = self._warn_if_stalled()
                 continue
             if item is _DONE:
                 self.finished = True
@@ -260,8 +264,17 @@ class Handle:
                 while not self._q.empty():  # outputs pushed before the switch
                     self._aq.put_nowait(self._q.get_nowait())
         assert self._aq is not None
+        warned = self._stalled is None
         while True:
-            item = await self._aq.get()
+            if warned or not self._aq.empty():
+                item = await self._aq.get()
+            else:
+                try:
+                    async with asyncio.timeout(STALL_WARNING_S):
+                        item = await self._aq.get()
+                except TimeoutError:
+                    warned = self._warn_if_stalled()
+                    continue
             if item is _DONE:
                 self.finished = True
                 return
