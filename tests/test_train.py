@@ -98,6 +98,18 @@ def test_sigterm_saves_and_resume_continues(dataset: Path, tmp_path: Path) -> No
     assert train(_cfg(dataset, tmp_path, steps=5), resume=True).step == 5
 
 
+def test_a_signal_at_the_last_step_still_finishes_the_run(dataset: Path, tmp_path: Path) -> None:
+    """Ctrl-C during the last step or the final export: the run is complete (and exported), so it is
+    not reported as stopped (the CLI said "continue with --resume" about a finished run)."""
+    def kill_at_3(rec: dict[str, Any]) -> None:
+        if rec["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    res = train(_cfg(dataset, tmp_path, steps=3, export_hf=True), on_step=kill_at_3)
+    assert res.step == 3 and res.stopped_by is None
+    assert (tmp_path / "hf" / "mixlab_data.json").exists()
+
+
 def test_bad_resume_states_are_clear_errors(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         train(_cfg(dataset, tmp_path), resume=True)

@@ -569,7 +569,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         metrics.close()
         for sig, h in handlers.items():
             signal.signal(sig, h)
-    return FinetuneResult(step=step, history=history, evals=evals, stopped_by=stop[0] if stop else None,
+    # a signal during the last step or the final export: the run is complete, not stopped
+    stopped_by = stop[0] if stop and step < cfg.steps else None
+    return FinetuneResult(step=step, history=history, evals=evals, stopped_by=stopped_by,
                           model=model, out=out)
 
 

@@ -582,7 +582,9 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
         metrics.close()
         for sig, h in handlers.items():
             signal.signal(sig, h)
-    return TrainResult(step=step, history=history, evals=evals, stopped_by=stop[0] if stop else None,
+    # a signal during the last step or the final export: the run is complete, not stopped
+    stopped_by = stop[0] if stop and step < cfg.steps else None
+    return TrainResult(step=step, history=history, evals=evals, stopped_by=stopped_by,
                        model=model, out=out)
 
 
