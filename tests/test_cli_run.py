@@ -127,3 +127,24 @@ def test_chat_bad_flags_fail_at_start(tiny_dir, capsys, monkeypatch, flags, mess
     assert main(["chat", "--model", str(tiny_dir), *flags]) == 2
     out, err = capsys.readouterr()
     assert message in err and "Traceback" not in err and "/reset" not in err
+
+
+def test_mixlab_warnings_print_as_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI prints mixlab's own warnings as `mixlab CMD: warning: ...` (they came as file:line plus a
+    source line); other libraries' warnings keep Python's form."""
+    import os
+    import warnings
+
+    from mixlab.cli import _warnings_as_lines
+
+    with warnings.catch_warnings(record=True) as others:  # restores warnings.showwarning afterwards
+        warnings.simplefilter("always")
+        _warnings_as_lines("train")
+        _warnings_as_lines("sft")  # a second main() in one process: the newest command, printed once
+        warnings.warn_explicit("3 of 9 conversations are cut", UserWarning,
+                               filename=os.path.join(os.sep, "x", "mixlab", "train", "finetune.py"), lineno=1)
+        warnings.warn_explicit("other", UserWarning, filename=os.path.join(os.sep, "x", "torch", "nn.py"), lineno=7)
+    err = capsys.readouterr().err
+    assert err.startswith("mixlab sft: warning: 3 of 9 conversations are cut\n")
+    assert err.count("conversations are cut") == 1 and "other" not in err
+    assert [str(w.message) for w in others] == ["other"]  # passed on to the previous handler

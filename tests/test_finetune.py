@@ -509,6 +509,25 @@ def test_data_that_leaves_nothing_to_train_on_is_an_error(ckpt: Path, chat_files
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
+    """Conversations longer than seq_len + 1 were cut without a word, even ones left with nothing to
+    train on: a warning says how many, and names the first that trains nothing."""
+    from mixlab.train.data import get_tokenizer
+    from mixlab.train.finetune import _data
+
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    long_prompt = {"messages": [{"role": "user", "content": "x" * 80}, {"role": "assistant", "content": "ok"}]}
+    long_reply = {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "y" * 80}]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (short, long_reply, long_prompt, short)))
+    cfg = load_finetune_config(None, model="m", data=str(data), seq_len=32, valid_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"chat.jsonl: 2 of 4 training conversations are longer than seq_len \+ 1 = "
+                                         r"33 tokens and are cut to it; 1 of them keep no assistant token and train "
+                                         r"nothing \(first: .*chat.jsonl:3\); raise --seq-len"):
+        train, _ = _data(cfg, get_tokenizer("bytes"))
+    assert len(train) == 4
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"aux_loss_coef": float("nan")}, "'aux_loss_coef' must be a finite number >= 0"),  # trained to NaN weights
     ({"max_examples": -3}, "'max_examples' must be an integer in"),  # silently dropped the last 3 lines

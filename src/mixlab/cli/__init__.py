@@ -11,6 +11,8 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+from typing import Any
 
 MODULES = ("mixlab.cli.model", "mixlab.cli.run", "mixlab.cli.upcycle", "mixlab.cli.analyze", "mixlab.cli.train",
            "mixlab.cli.bench", "mixlab.cli.parallel", "mixlab.cli.eval", "mixlab.cli.serve", "mixlab.cli.finetune")
@@ -41,8 +43,27 @@ def _lost_peer(e: BaseException) -> bool:
         "gloo" in text or "Connection closed by peer" in text or "Connection reset by peer" in text))
 
 
+def _warnings_as_lines(command: str) -> None:
+    """mixlab's own warnings print as one line, `mixlab CMD: warning: ...` (not file:line and source)."""
+    shown = warnings.showwarning
+    if getattr(shown, "mixlab_command", None) is not None:  # installed by an earlier main() in this process
+        shown = shown.__wrapped__  # type: ignore[attr-defined]
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if f"{os.sep}mixlab{os.sep}" in filename:
+            print(f"mixlab {command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.mixlab_command = command  # type: ignore[attr-defined]
+    show.__wrapped__ = shown  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _warnings_as_lines(args.command)
     rank = _rank()
     try:
         return int(args.func(args) or 0)

@@ -30,6 +30,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,6 +345,15 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
     if cfg.task == "sft" and not any(any(ex.train[1: cfg.seq_len + 1]) for ex in train):
         raise DataError(f"{cfg.data}: no conversation has an assistant token within its first seq_len + 1 = "
                         f"{cfg.seq_len + 1} tokens, so there is nothing to train on; raise seq_len (--seq-len)")
+    if cfg.task == "sft":  # some cut: say how many, and how many of those lose every trained token
+        cut = [ex for ex in train if len(ex.ids) > cfg.seq_len + 1]
+        if cut:
+            empty = [ex for ex in cut if not any(ex.train[1: cfg.seq_len + 1])]
+            lost = f"; {len(empty)} of them keep no assistant token and train nothing (first: {empty[0].where})" \
+                if empty else ""
+            warnings.warn(f"{cfg.data}: {len(cut)} of {len(train)} training conversations are longer than "
+                          f"seq_len + 1 = {cfg.seq_len + 1} tokens and are cut to it{lost}; raise --seq-len to "
+                          "keep them whole", stacklevel=3)
     return train, valid
 
 
