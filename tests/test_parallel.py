@@ -7,10 +7,12 @@ of jobs; the tests compare what they wrote with one-process runs in this process
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -331,9 +333,13 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
-def test_a_killed_rank_ends_the_run_with_one_line(small_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_killed_rank_ends_the_run_with_one_line(small_data: Path, tmp_path: Path, sig: signal.Signals,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL one rank mid-run: the other stops at its next collective with one line naming why,
-    not a traceback, and torchrun returns in bounded time."""
+    not a traceback, and torchrun returns in bounded time. A stopped rank (SIGSTOP: neither answers
+    nor dies) does the same after MIXLAB_DIST_TIMEOUT seconds (it held the others for 30 minutes)."""
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "5")
     out = tmp_path / "run"
     p = _mixlab(_train_args(small_data, out, "--steps", "100000", "--log-every", "1", "--ep", "2"), nproc=2)
     try:
@@ -343,11 +349,14 @@ def test_a_killed_rank_ends_the_run_with_one_line(small_data: Path, tmp_path: Pa
             time.sleep(0.2)
         workers = {int(dict(kv.split("=", 1) for kv in Path(f"/proc/{c}/environ").read_text().split("\0")
                             if "=" in kv).get("RANK", -1)): c for c in _children(p.pid)}
-        os.kill(workers[1], 9)
+        os.kill(workers[1], sig)
         _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
+        for w in workers.values() if "workers" in locals() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)  # a stopped worker would outlive the test
     assert p.returncode != 0
     lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
     assert len(lines) == 1 and lines[0].startswith(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,21 @@ def check_ep(ep: int) -> None:
                       + f", or run a multiple of {ep} processes")
 
 
+def _timeout() -> timedelta | None:
+    """`MIXLAB_DIST_TIMEOUT` (seconds): how long a collective waits for a process that neither
+    answers nor dies (a stopped or hung rank) before the run ends; unset: torch's default."""
+    raw = os.environ.get("MIXLAB_DIST_TIMEOUT", "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"MIXLAB_DIST_TIMEOUT={raw!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
 def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
     """Join (or start, for a world of one) the process group and build the mesh. `device`: "cpu"
     (gloo) or "cuda" (NCCL, one GPU per process: `LOCAL_RANK`)."""
@@ -91,7 +107,7 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
                               MASTER_PORT=str(_free_port()))
         if dev_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", timeout=_timeout())
     world, rank = dist.get_world_size(), dist.get_rank()
     torch_dev = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(dev_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
