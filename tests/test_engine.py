@@ -11,6 +11,7 @@ import torch
 
 from mixlab.config import get_preset
 from mixlab.engine import Engine, QueueFull, SamplingParams
+from mixlab.engine.api import MAX_LOGPROBS
 from mixlab.model import Transformer
 
 
@@ -135,6 +136,13 @@ def test_seed_range_is_a_generator_s():
     SamplingParams(seed=-(2**63))
     with pytest.raises(ValueError, match=r"seed=.*\[-2\*\*63, 2\*\*64\)"):
         SamplingParams(seed=2**64)  # it was accepted, then failed in submit with torch's overflow message
+
+
+def test_logprobs_is_bounded_as_the_server_bounds_it():
+    SamplingParams(logprobs=MAX_LOGPROBS)
+    for bad in (MAX_LOGPROBS + 1, 10**6, -1, True, 2.0):  # 10**6 listed the whole vocabulary at every position
+        with pytest.raises(ValueError, match=rf"logprobs=.*in \[0, {MAX_LOGPROBS}\]"):
+            SamplingParams(logprobs=bad)
 
 
 @pytest.mark.parametrize("bias,match", [({-1: 1.0}, "outside the vocabulary"), ({10**6: 1.0}, "outside"),

@@ -21,7 +21,9 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["Handle", "QueueFull", "RequestOutput", "SamplingParams"]
+__all__ = ["MAX_LOGPROBS", "Handle", "QueueFull", "RequestOutput", "SamplingParams"]
+
+MAX_LOGPROBS = 20  # top alternatives per token, at most: OpenAI's bound, and vLLM's default max_logprobs
 
 
 class QueueFull(RuntimeError):
@@ -63,7 +65,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings, matched on the decoded text
-    logprobs: int | None = None  # None: off; 0: the chosen token's logprob; n: plus the top n
+    logprobs: int | None = None  # None: off; 0: the chosen token's logprob; n <= MAX_LOGPROBS: plus the top n
     prompt_logprobs: bool = False  # the logprob of every prompt token (None for the first)
     return_experts: bool = False  # the experts of every MoE layer for each generated token
     ignore_eos: bool = False
@@ -107,8 +109,12 @@ class SamplingParams:
             self.logit_bias = {operator.index(k): _number(f"logit_bias[{k!r}]", v) for k, v in self.logit_bias.items()}
         except TypeError:
             raise _bad("logit_bias", self.logit_bias, "a dict with integer token ids as keys") from None
+        # Bounded: each alternative costs every token (and every prompt token with prompt_logprobs) a
+        # tuple; logprobs=10**6 listed the whole vocabulary at each position.
         if self.logprobs is not None:
-            _int("logprobs", self.logprobs, 0, "None or an integer >= 0 (number of top alternatives)")
+            expected = f"None or an integer in [0, {MAX_LOGPROBS}] (number of top alternatives)"
+            if _int("logprobs", self.logprobs, 0, expected) > MAX_LOGPROBS:
+                raise _bad("logprobs", self.logprobs, expected)
 
     @property
     def greedy(self) -> bool:

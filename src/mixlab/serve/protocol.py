@@ -14,13 +14,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
+from mixlab.engine.api import MAX_LOGPROBS  # the engine's bound on top alternatives
+
 __all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest", "TokenizeRequest",
            "error_body"]
 
 # Bounds on list sizes keep a single request from asking for unbounded work.
 MAX_N = 16
 MAX_STOP = 16
-MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
@@ -147,7 +148,7 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -178,7 +179,7 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     echo: StrictBool = False
-    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
 
