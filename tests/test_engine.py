@@ -138,6 +138,17 @@ def test_seed_range_is_a_generator_s():
         SamplingParams(seed=2**64)  # it was accepted, then failed in submit with torch's overflow message
 
 
+def test_a_tokenizer_of_the_wrong_type_is_refused_by_the_constructor(tiny, tmp_path):
+    # it was accepted, then every submit failed with "'str' object has no attribute 'stream'"
+    with pytest.raises(ValueError, match=r"mixlab Tokenizer .* not str \(load it: mixlab.load_tokenizer\('tok'\)\)"):
+        Engine(tiny, "tok")
+    with pytest.raises(ValueError, match="not PosixPath"):
+        Engine(tiny, tmp_path)
+    with pytest.raises(ValueError, match="not dict"):
+        Engine(tiny, {})
+    Engine(tiny, _CharTok())  # type: ignore[arg-type]  # anything that streams as a Tokenizer does
+
+
 def test_logprobs_is_bounded_as_the_server_bounds_it():
     SamplingParams(logprobs=MAX_LOGPROBS)
     for bad in (MAX_LOGPROBS + 1, 10**6, -1, True, 2.0):  # 10**6 listed the whole vocabulary at every position

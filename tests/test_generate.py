@@ -258,6 +258,7 @@ BAD = [
     (dict(stop=[500]), "stop item 500"),
     (dict(stop=[""]), "must not be empty"),
     (dict(prefill_chunk=0), "prefill_chunk=0"),
+    (dict(tokenizer="tok", stop=["x"]), "takes a mixlab Tokenizer"),
 ]
 
 

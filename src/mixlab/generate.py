@@ -27,6 +27,7 @@ from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
 from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler, greedy_token
 from mixlab.model import Transformer
+from mixlab.tokenizer import check_tokenizer
 
 if TYPE_CHECKING:
     from mixlab.tokenizer import StreamDecoder, Tokenizer
@@ -228,6 +229,7 @@ def generate_stream(
     # Everything is validated here, eagerly; the returned generator does the compute.
     sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
     ids = _check_prompts(model, prompts, max_new_tokens, truncate)
+    check_tokenizer(tokenizer)
     stop_ids, stop_strings = _check_stop(stop, tokenizer, model.config.vocab_size)
     if stop_at_eos:
         stop_ids.add(model.config.eos_id)

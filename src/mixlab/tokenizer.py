@@ -26,8 +26,8 @@ from typing import Protocol
 
 from mixlab.errors import MixlabError
 
-__all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "default_tokenizer_path", "load_tokenizer",
-           "model_tokenizer"]
+__all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_tokenizer", "default_tokenizer_path",
+           "load_tokenizer", "model_tokenizer"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
@@ -343,6 +343,16 @@ class StreamDecoder:
         after = self.tok.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return after[len(before) :]
+
+
+def check_tokenizer(tokenizer: object) -> None:
+    """ValueError unless `tokenizer` is None or streams text as a `Tokenizer` does: a path, or a
+    transformers tokenizer, passed as `tokenizer=` fails here with what to pass, not with an
+    AttributeError at the first request."""
+    if tokenizer is not None and not callable(getattr(tokenizer, "stream", None)):
+        hint = f" (load it: mixlab.load_tokenizer({str(tokenizer)!r}))" if isinstance(tokenizer, str | Path) else ""
+        raise ValueError(f"tokenizer= takes a mixlab Tokenizer (mixlab.load_tokenizer()) or None, not "
+                         f"{type(tokenizer).__name__}{hint}")
 
 
 def default_tokenizer_path() -> Path:

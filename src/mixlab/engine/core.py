@@ -38,6 +38,7 @@ from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, 
 from mixlab.engine.runner import Item, Result, Runner
 from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
 from mixlab.model.formats import expert_cache
+from mixlab.tokenizer import check_tokenizer
 
 if TYPE_CHECKING:
     from mixlab.model import Transformer
@@ -109,6 +110,7 @@ class Engine:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"invalid {name}={v!r}: expected an integer >= 1")
+        check_tokenizer(tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
