@@ -135,6 +135,13 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "generate --prompt with a lone surrogate": (
         lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "a\ud800b", "--max-new-tokens", "2"],
         ["not valid UTF-8", "character 1"]),
+    "generate --stop with undecodable bytes": (  # accepted, and it could never match
+        lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "hi", "--stop", os.fsdecode(b"a\xe4"),
+                            "--max-new-tokens", "2"],
+        ["stop string 'a\\udce4' is not valid UTF-8", "bytes e4 at character 1"]),
+    "chat --stop with undecodable bytes": (
+        lambda t, b, c, d: ["chat", "--model", str(c), "--stop", os.fsdecode(b"\xff")],
+        ["stop string", "not valid UTF-8", "bytes ff"]),
     # 7: runaway resources
     "num_hidden_layers 1000000": (
         lambda t, b, c, d: ["generate", "--model", str(_edit_config(_copy(c, t / "m"), num_hidden_layers=1_000_000)),

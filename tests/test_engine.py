@@ -149,6 +149,12 @@ def test_a_tokenizer_of_the_wrong_type_is_refused_by_the_constructor(tiny, tmp_p
     Engine(tiny, _CharTok())  # type: ignore[arg-type]  # anything that streams as a Tokenizer does
 
 
+def test_a_stop_string_that_is_not_utf8_is_refused():
+    # a lone surrogate (an undecodable byte of a command line) was accepted and could never match
+    with pytest.raises(ValueError, match="stop string .* is not valid UTF-8: bytes ff at character 0"):
+        SamplingParams(stop=["ok", "\udcff"])
+
+
 def test_logprobs_is_bounded_as_the_server_bounds_it():
     SamplingParams(logprobs=MAX_LOGPROBS)
     for bad in (MAX_LOGPROBS + 1, 10**6, -1, True, 2.0):  # 10**6 listed the whole vocabulary at every position

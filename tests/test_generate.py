@@ -259,6 +259,7 @@ BAD = [
     (dict(stop=[""]), "must not be empty"),
     (dict(prefill_chunk=0), "prefill_chunk=0"),
     (dict(tokenizer="tok", stop=["x"]), "takes a mixlab Tokenizer"),
+    (dict(stop=["a\udce4"]), "stop string .* is not valid UTF-8: bytes e4 at character 1"),
 ]
 
 

@@ -27,7 +27,7 @@ from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
 from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler, greedy_token
 from mixlab.model import Transformer
-from mixlab.tokenizer import check_tokenizer
+from mixlab.tokenizer import check_text, check_tokenizer
 
 if TYPE_CHECKING:
     from mixlab.tokenizer import StreamDecoder, Tokenizer
@@ -179,6 +179,7 @@ def _check_stop(
         if isinstance(s, str):
             if not s:
                 raise ValueError("stop strings must not be empty")
+            check_text(s, f"stop string {s!r}")
             strings.append(s)
         elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab_size:
             ids.add(s)

@@ -26,8 +26,8 @@ from typing import Protocol
 
 from mixlab.errors import MixlabError
 
-__all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_tokenizer", "default_tokenizer_path",
-           "load_tokenizer", "model_tokenizer"]
+__all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
+           "default_tokenizer_path", "load_tokenizer", "model_tokenizer"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
@@ -39,6 +39,19 @@ class TextError(MixlabError):
 
 class ChatError(MixlabError):
     """A conversation that the Mixtral-Instruct template cannot encode."""
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """TextError when `text` cannot be UTF-8: a lone surrogate, which is how Python holds a byte it could
+    not decode (a command-line argument or terminal input in another encoding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        part = text[e.start:e.end]
+        escaped = all(0xDC80 <= ord(c) <= 0xDCFF for c in part)  # bytes os.fsdecode could not decode
+        shown = "bytes " + part.encode("utf-8", "surrogateescape").hex(" ") if escaped else ascii(part)
+        raise TextError(f"{what} is not valid UTF-8: {shown} at character {e.start} (an undecodable byte "
+                        "or a lone surrogate); pass UTF-8 text") from None
 
 
 class _Backend(Protocol):
@@ -178,14 +191,7 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate (Python's stand-in for an undecodable byte)
-            part = text[e.start:e.end]
-            escaped = all(0xDC80 <= ord(c) <= 0xDCFF for c in part)  # bytes os.fsdecode could not decode
-            shown = "bytes " + part.encode("utf-8", "surrogateescape").hex(" ") if escaped else ascii(part)
-            raise TextError(f"the text is not valid UTF-8: {shown} at character {e.start} (an undecodable byte "
-                            "or a lone surrogate); pass UTF-8 text") from None
+        check_text(text)
         ids = self._b.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 

@@ -21,6 +21,8 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+from mixlab.tokenizer import check_text
+
 __all__ = ["MAX_LOGPROBS", "Handle", "QueueFull", "RequestOutput", "SamplingParams"]
 
 MAX_LOGPROBS = 20  # top alternatives per token, at most: OpenAI's bound, and vLLM's default max_logprobs
@@ -97,6 +99,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise _bad("stop", self.stop, "a list of non-empty strings")
+        for s in self.stop:  # one that no decoded text can contain would never stop anything
+            check_text(s, f"stop string {s!r}")
         if not isinstance(self.stop_token_ids, (list, tuple, set)):
             raise _bad("stop_token_ids", self.stop_token_ids, "a list of token ids")
         try:
