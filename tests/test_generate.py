@@ -124,7 +124,7 @@ def test_filters_equal_transformers_logits_processors():
     input_ids = torch.randint(0, 50, (3, 10), generator=g)
     seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, input_ids, True)
     for t, k, p, m, r in [(0.7, 10, 0.9, 0.0, 1.3), (1.5, 0, 0.5, 0.0, 1.0), (1.0, 0, 1.0, 0.2, 0.8),
-                          (0.9, 5, 0.8, 0.1, 1.1)]:
+                          (0.9, 5, 0.8, 0.1, 1.1), (1.0, 0, 1e-300, 0.0, 1.0)]:
         ours = Sampler(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r).filter(logits, seen_BV=seen)
         theirs = logits
         procs = [RepetitionPenaltyLogitsProcessor(r), TemperatureLogitsWarper(t)]
@@ -140,7 +140,8 @@ def test_filters_equal_transformers_logits_processors():
 def test_restrictive_filters_equal_greedy(tiny):
     prompts = _prompts(128, (6, 4))
     greedy = generate(tiny, prompts, max_new_tokens=8, stop_at_eos=False)
-    for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}):
+    # top_p=1e-300 is 0 in float32: it dropped every token (multinomial's RuntimeError)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"top_p": 1e-300}, {"min_p": 1.0}):
         assert generate(tiny, prompts, max_new_tokens=8, stop_at_eos=False, temperature=1.0, seed=3, **kw) == greedy
 
 

@@ -111,7 +111,10 @@ class Sampler:
             # Nucleus sampling (arXiv 1904.09751): keep the smallest set whose mass reaches top_p.
             sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
             probs_BV = sorted_BV.softmax(dim=-1)
-            drop_BV = probs_BV.cumsum(dim=-1) - probs_BV >= self.top_p  # never drops the most likely token
+            drop_BV = probs_BV.cumsum(dim=-1) - probs_BV >= self.top_p
+            # Never the most likely token: a top_p below float32's smallest number compares as 0, which
+            # dropped every token (NaN probabilities, multinomial's RuntimeError); transformers keeps it too.
+            drop_BV[:, 0] = False
             logits_BV = logits_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, -math.inf))
         if self.min_p > 0.0:
             # min-p (arXiv 2407.01082): drop tokens less likely than min_p times the most likely one.
