@@ -164,6 +164,8 @@ def test_logprobs_is_bounded_as_the_server_bounds_it():
 
 @pytest.mark.parametrize("bias,match", [({-1: 1.0}, "outside the vocabulary"), ({10**6: 1.0}, "outside"),
                                         ({"x": 1.0}, "integer token ids"), ({3: float("nan")}, "finite"),
+                                        ({3: 1e300}, r"logit_bias\[3\]=1e\+300: expected a number in \[-100, 100\]"),
+                                        ({3: -100.5}, r"\[-100, 100\]"),
                                         ([3], "dict")])
 def test_logit_bias_refused_with_its_name(tiny, bias, match):
     with pytest.raises(ValueError, match=match) as e:

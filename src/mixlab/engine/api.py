@@ -52,7 +52,7 @@ def _int(name: str, v: object, lo: int, what: str) -> int:
 class SamplingParams:
     """How one request is decoded. Penalties follow vLLM/OpenAI: `repetition_penalty` (CTRL, arXiv
     1909.05858) over prompt and output tokens, `presence_penalty` / `frequency_penalty` over output
-    tokens; then temperature, top-k, top-p, min-p. `logit_bias` ({token id: bias}, OpenAI's) is added
+    tokens; then temperature, top-k, top-p, min-p. `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's) is added
     to the logits before all of them. `temperature=0` is greedy. `seed` seeds the
     request's own generator: its samples do not depend on what else the engine runs."""
 
@@ -113,6 +113,9 @@ class SamplingParams:
             self.logit_bias = {operator.index(k): _number(f"logit_bias[{k!r}]", v) for k, v in self.logit_bias.items()}
         except TypeError:
             raise _bad("logit_bias", self.logit_bias, "a dict with integer token ids as keys") from None
+        for k, v in self.logit_bias.items():  # 1e300 became inf in float32 logits, then NaN probabilities
+            if not -100 <= v <= 100:
+                raise _bad(f"logit_bias[{k}]", v, "a number in [-100, 100] (OpenAI's bound: -100 bans the token)")
         # Bounded: each alternative costs every token (and every prompt token with prompt_logprobs) a
         # tuple; logprobs=10**6 listed the whole vocabulary at each position.
         if self.logprobs is not None:
