@@ -215,6 +215,44 @@ def test_stop_tokens_and_finish_reasons(tiny):
     assert [o.finish_reason for o in outs] == [None] * (cut - 1) + ["stop"]
 
 
+def test_one_request_s_failure_ends_that_request_only(tiny, monkeypatch):
+    # a sampling error of one row (NaN logits, say) failed every request of the step, and an engine
+    # driven by step() kept the failed request running: every later step raised again
+    import mixlab.engine.core as core
+    from mixlab.errors import GenerationError
+
+    real = core.sample_row
+
+    def sample_row(logits_1V, params, *a, **k):
+        if params.seed == 13:
+            raise GenerationError("the model produced NaN logits")
+        return real(logits_1V, params, *a, **k)
+
+    monkeypatch.setattr(core, "sample_row", sample_row)
+    prompt = _prompts((6,))[0]
+    for started in (True, False):
+        eng = Engine(tiny).start() if started else Engine(tiny)
+        ok = eng.submit(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+        bad = eng.submit(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=13, ignore_eos=True))
+        if not started:
+            eng.run_until_idle()
+        assert [o.token_id for o in ok] == _reference(tiny, prompt, 8)[0]
+        last = list(bad)[-1]
+        assert (last.finish_reason, last.error) == ("error", "the model produced NaN logits")
+        assert eng.stats()["running"] == 0 and eng.stats()["cache_used_bytes"] == 0
+        eng.shutdown()
+
+    def broken(items):  # a failing step (the forward pass) ends its requests with "error" before it raises
+        raise RuntimeError("boom")
+
+    eng = Engine(tiny)
+    h = eng.submit(prompt, SamplingParams(max_tokens=4))
+    monkeypatch.setattr(eng.runner, "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        eng.step()
+    assert list(h)[-1].error == "RuntimeError: boom" and not eng.has_work()
+
+
 class _CharTok:
     """A toy tokenizer: token i is the character chr(ord('a') + i % 26)."""
 

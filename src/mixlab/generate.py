@@ -26,6 +26,7 @@ from mixlab.cache import KVCache
 from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
 from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler, greedy_token
+from mixlab.errors import GenerationError
 from mixlab.model import Transformer
 from mixlab.tokenizer import check_text, check_tokenizer
 
@@ -301,8 +302,8 @@ def _regroup(engine: Engine, handles: list[Handle], params: SamplingParams, mode
             engine.step()
             for b, h in enumerate(handles):
                 for out in h.poll():
-                    if out.finish_reason == "error":
-                        raise RuntimeError(f"generation failed: {out.error}")
+                    if out.finish_reason == "error":  # this prompt's own failure (NaN logits, say)
+                        raise GenerationError(f"generation failed: {out.error}")
                     if out.token_id is not None:
                         pending[b].append(out)
                     ended[b] = ended[b] or out.finish_reason is not None

@@ -9,7 +9,8 @@ forward pass (`Runner.forward`) over every running sequence: one token for each 
 plus chunks of prompts being prefilled, under `token_budget` tokens per step and at most
 `prefill_chunk` of one prompt, so a long prompt is spread over several steps instead of freezing
 the other streams (chunked prefill, Sarathi-Serve arXiv 2403.02310). Then each row is sampled with
-its own settings and generator; a finished or cancelled sequence frees its cache at once.
+its own settings and generator; a finished or cancelled sequence frees its cache at once. A row
+that fails (NaN logits) ends its own request with "error"; a step that fails ends all of the step's.
 
 Batch independence: each row's logits depend only on its own tokens, and its sampling only on its
 own generator, so a seeded request gives the same tokens whatever runs beside it, up to the
@@ -37,6 +38,7 @@ from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver
 from mixlab.engine.runner import Item, Result, Runner
 from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
+from mixlab.errors import MixlabError
 from mixlab.model.formats import expert_cache
 from mixlab.tokenizer import check_tokenizer
 
@@ -265,8 +267,7 @@ class Engine:
         while not self._stop:
             try:
                 worked = self.step()
-            except Exception as e:  # noqa: BLE001 (a broken step fails its requests, not the engine)
-                self._fail_running(f"{type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001 (a broken step fails its requests, not the engine)
                 worked = True
             if not worked:
                 self._wake.wait(0.05)
@@ -281,7 +282,11 @@ class Engine:
         there was anything to do."""
         with self._stepping:
             self._last_step = time.monotonic()
-            return self._step()
+            try:
+                return self._step()
+            except Exception as e:  # the step's requests end with "error" (they stayed running, and every
+                self._fail_running(f"{type(e).__name__}: {e}")  # later step of a caller-driven engine failed)
+                raise
 
     def _stall_reason(self) -> str | None:
         """Why a request cannot progress, or None: no engine thread, and no `step()` for a while."""
@@ -326,16 +331,22 @@ class Engine:
             seq = by_slot[item.slot]
             seq.n_cached += len(item.tokens)
             self._stats["tokens_in"] += len(item.tokens)
-            if seq.params.prompt_logprobs and seq.prompt_lp is not None and res.logits_TV is not None:
-                lp_TV = torch.log_softmax(res.logits_TV, dim=-1)
-                for j in range(len(item.tokens)):
-                    p = item.start + j + 1  # the prompt token this position predicts
-                    if p < len(seq.prompt):
-                        seq.prompt_lp.append(float(lp_TV[j, seq.prompt[p]]))
-                        if seq.prompt_top is not None:
-                            seq.prompt_top.append(top_logprobs(lp_TV[j], seq.params.logprobs or 0))
-            if seq.prefilling or res.logits_TV is None:
-                continue
+            try:
+                self._collect_row(seq, item, res)
+            except Exception as e:  # noqa: BLE001 (one request's failure ends it, not the others of the step)
+                self._finish(seq, "error", error=str(e) if isinstance(e, MixlabError) else f"{type(e).__name__}: {e}")
+
+    def _collect_row(self, seq: _Seq, item: Item, res: Result) -> None:
+        """One row's results: its prompt logprobs, then (once its prompt is in) its next token."""
+        if seq.params.prompt_logprobs and seq.prompt_lp is not None and res.logits_TV is not None:
+            lp_TV = torch.log_softmax(res.logits_TV, dim=-1)
+            for j in range(len(item.tokens)):
+                p = item.start + j + 1  # the prompt token this position predicts
+                if p < len(seq.prompt):
+                    seq.prompt_lp.append(float(lp_TV[j, seq.prompt[p]]))
+                    if seq.prompt_top is not None:
+                        seq.prompt_top.append(top_logprobs(lp_TV[j], seq.params.logprobs or 0))
+        if not seq.prefilling and res.logits_TV is not None:
             self._emit(seq, res.logits_TV[-1:], res.experts_LK, res.argmax)
 
     def _handle_cancels(self) -> None:
