@@ -143,6 +143,9 @@ def test_restrictive_filters_equal_greedy(tiny):
     # top_p=1e-300 is 0 in float32: it dropped every token (multinomial's RuntimeError)
     for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"top_p": 1e-300}, {"min_p": 1.0}):
         assert generate(tiny, prompts, max_new_tokens=8, stop_at_eos=False, temperature=1.0, seed=3, **kw) == greedy
+    # below 1e-5 a temperature decodes greedily: 1e-45 made the logits inf (multinomial failed on NaN)
+    for t in (1e-45, 1e-6):
+        assert generate(tiny, prompts, max_new_tokens=8, stop_at_eos=False, temperature=t, seed=3) == greedy
 
 
 def test_seed_reproducible(tiny):

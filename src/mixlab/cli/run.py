@@ -251,7 +251,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "else Mixtral's v1 tokenizer from mistral-common)")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, help="0 = greedy (default: 0 for generate, 0.7 for chat)")
+    g.add_argument("--temperature", type=float, help="0 (below 1e-5) = greedy (default: 0 for generate, 0.7 for chat)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--min-p", type=float, default=0.0, help="0 = off")

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 
 from mixlab.tokenizer import check_text
 
-__all__ = ["MAX_LOGPROBS", "Handle", "QueueFull", "RequestOutput", "SamplingParams"]
+__all__ = ["GREEDY_TEMPERATURE", "MAX_LOGPROBS", "Handle", "QueueFull", "RequestOutput", "SamplingParams"]
 
+# Temperatures below this decode greedily (vLLM's rule): dividing the logits by a tinier one overflows
+# float32 (1e-45: inf logits, NaN probabilities), and the limit of sampling as it goes to 0 is greedy.
+GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # top alternatives per token, at most: OpenAI's bound, and vLLM's default max_logprobs
 
 
@@ -53,7 +56,7 @@ class SamplingParams:
     """How one request is decoded. Penalties follow vLLM/OpenAI: `repetition_penalty` (CTRL, arXiv
     1909.05858) over prompt and output tokens, `presence_penalty` / `frequency_penalty` over output
     tokens; then temperature, top-k, top-p, min-p. `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's) is added
-    to the logits before all of them. `temperature=0` is greedy. `seed` seeds the
+    to the logits before all of them. `temperature=0` (below 1e-5) is greedy. `seed` seeds the
     request's own generator: its samples do not depend on what else the engine runs."""
 
     max_tokens: int = 16
@@ -125,7 +128,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass

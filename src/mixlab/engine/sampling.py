@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mixlab.engine.api import SamplingParams
+from mixlab.engine.api import GREEDY_TEMPERATURE, SamplingParams
 from mixlab.errors import GenerationError
 
 __all__ = ["Sampler", "check_logits", "greedy_token", "row_argmax", "sample_row", "top_logprobs"]
@@ -64,7 +64,8 @@ def greedy_token(logits_1V: torch.Tensor) -> int:
 @dataclass(frozen=True)
 class Sampler:
     """Turns next-token logits into token ids, in transformers' order: repetition penalty,
-    temperature, top-k, top-p, min-p. `temperature=0` is greedy (argmax, first index on ties)."""
+    temperature, top-k, top-p, min-p. `temperature=0` (below `GREEDY_TEMPERATURE`, 1e-5) is greedy (argmax,
+    first index on ties)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -93,7 +94,7 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def filter(self, logits_BV: torch.Tensor, *, seen_BV: torch.Tensor | None = None) -> torch.Tensor:
         """The logits sampling draws from (`-inf` where a token is ruled out); not for greedy."""
