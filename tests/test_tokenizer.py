@@ -178,6 +178,11 @@ CHATS = [
     [{"role": "user", "content": "Write code"}, {"role": "assistant", "content": "def f():", "prefix": True}],
     [{"role": "user", "content": "  spaces  \n\n"}, {"role": "assistant", "content": "émoji 🤖"},
      {"role": "user", "content": "中文"}],
+    # empty system messages are skipped (mistral-common >= 1.x; mixlab refused them); empty user ones kept
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "a"}, {"role": "system", "content": ""}, {"role": "system", "content": "b"},
+     {"role": "user", "content": ""}, {"role": "user", "content": "x"}],
+    [{"role": "user", "content": "q"}, {"role": "system", "content": ""}],
 ]
 
 
@@ -223,7 +228,12 @@ BAD_CHATS = [
     ([{"role": "user", "content": 5}], "str 'content'"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"},
       {"role": "user", "content": "q"}], "role 'system' cannot follow role 'assistant'"),
-    ([{"role": "system", "content": ""}, {"role": "user", "content": "q"}], "must have content"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "q"}],
+     "message 1: an assistant message must have content"),
+    # one of several in a row: they were merged and the empty one dropped (mistral-common refuses it)
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": ""},
+      {"role": "user", "content": "q"}], "message 2: an assistant message must have content"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "prefix": True}], "message 1"),
     ([{"role": "user", "content": "q", "prefix": True}, {"role": "assistant", "content": "a"}], "prefix=True"),
     ("hello", "non-empty list"),
 ]

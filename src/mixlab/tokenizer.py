@@ -243,8 +243,6 @@ class Tokenizer:
                 first_user = False
                 ids += self.encode(f"[INST] {content} [/INST]", bos=False)
             else:
-                if not content:
-                    raise ChatError("an assistant message has empty content")
                 ids += self.encode(content, bos=False, eos=not prefix)
         return ids
 
@@ -253,7 +251,8 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, list
     """Validate a conversation as mistral-common does and return (system prompt, merged turns).
 
     Consecutive messages of one role are joined with a blank line; system messages are collected
-    into one prompt; a conversation that does not start with a user turn gets an empty one.
+    into one prompt (empty ones skipped); a conversation that does not start with a user turn gets an
+    empty one. Every assistant message must have content (each one: a run of them is merged).
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ChatError("a chat is a non-empty list of {'role': ..., 'content': ...} messages")
@@ -266,8 +265,8 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, list
         role = str(m["role"])
         if role not in allowed_next:
             raise ChatError(f"message {i} has role {role!r}; expected 'system', 'user' or 'assistant'")
-        if role == "system" and not m["content"]:
-            raise ChatError(f"message {i}: a system message must have content")
+        if role == "assistant" and not m["content"]:  # an empty system or user message is fine
+            raise ChatError(f"message {i}: an assistant message must have content")
         if m.get("prefix") and (role != "assistant" or i != len(messages) - 1):
             raise ChatError(f"message {i}: only the last message, an assistant one, may have prefix=True")
         if previous is not None and role not in allowed_next[previous]:
@@ -280,7 +279,7 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, list
         raise ChatError(f"the last message must be a user message (or an assistant one with prefix=True), "
                         f"got role {last['role']!r}")
 
-    system = "\n\n".join(str(m["content"]) for m in messages if m["role"] == "system")
+    system = "\n\n".join(str(m["content"]) for m in messages if m["role"] == "system" and m["content"])
     turns: list[tuple[str, str, bool]] = []
     run: list[Mapping[str, object]] = []
     for m in [*messages, {"role": "<end>", "content": ""}]:

@@ -63,8 +63,6 @@ def render_turns(messages: Sequence[Mapping[str, Any]], tok: TrainTokenizer, *,
             ids += seg
             train += [False] * len(seg)
         else:
-            if not content:
-                raise ChatError("an assistant message has empty content")
             seg = tok.encode(content, bos=False, eos=True)
             ids += seg
             train += [True] * len(seg)
