@@ -4,6 +4,7 @@ conversations; decode inverts encode; streaming decode equals whole decode; toke
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -88,7 +89,7 @@ def _check_stream(tok, ids, context=()):
     pieces = [dec.push(i) for i in ids]
     out = "".join(pieces) + dec.flush()
     whole, before = tok.decode(list(context) + list(ids)), tok.decode(list(context))
-    assert out == whole[len(before) :]
+    assert out == whole[len(os.path.commonprefix([whole, before])) :]  # = whole[len(before):] but mid-character
     return pieces
 
 
@@ -144,6 +145,24 @@ def test_stream_emits_invalid_bytes_at_once_and_holds_a_character_being_spelled(
     for _ in range(200):
         raw = torch.randint(0, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
         _check_stream(tok, [b[x] for x in raw], context=tok.encode("a")[-1:])
+
+
+def test_stream_after_a_context_that_ends_mid_character(tok):
+    """A prompt whose last byte pieces start a character (cut by token count, a reply continued):
+    the character the new tokens complete is the stream's text. It was lost: the window's text
+    before and after had the same length (U+FFFD, then the character)."""
+    b = _byte_ids(tok)
+    assert _check_stream(tok, [b[0xB5]], context=[b[0xD2]]) == ["ҵ"]
+    pieces = _check_stream(tok, [b[0xAD]] + tok.encode("ok", bos=False), context=tok.encode("a") + [b[0xE4], b[0xB8]])
+    assert pieces[0] == "中"
+    # not completed: the context's own U+FFFD is not sent again
+    assert "".join(_check_stream(tok, tok.encode("j", bos=False)[-1:], context=[b[0x41], b[0xD2]])) == " j"
+    g = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        raw = torch.randint(0x80, 256, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        tail = torch.randint(0, 256, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        _check_stream(tok, [b[x] for x in tail] + tok.encode("x", bos=False)[-1:],
+                      context=tok.encode("a") + [b[x] for x in raw])
 
 
 def test_decode_rejects_out_of_vocab(tok):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import json
 import operator
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -305,29 +306,37 @@ class StreamDecoder:
     UTF-8 whatever follows (a lone continuation byte, say), not the start of a character still
     being spelled. Holding those too would stall a stream for as long as a model emits bad
     bytes (and decode an ever longer window). `"".join(pushes) + flush()` equals
-    `decode(context + tokens)` minus the context's text.
+    `decode(context + tokens)` minus the context's text (minus the part they share, when the context
+    ends mid-character: the character the tokens complete is theirs).
     """
 
     def __init__(self, tokenizer: Tokenizer, *, context: Sequence[int] = ()) -> None:
         self.tok = tokenizer
         self.ids = [int(i) for i in context]
         self.prefix = 0  # window start: the text of ids[prefix:read] has been emitted
-        self.read = len(self.ids)
+        # A context that ends mid-character (a prompt cut by token count, a reply continued): its last
+        # byte pieces are not text yet, so the character the new tokens complete is theirs (it was
+        # lost); `shown`, the context's own text with its U+FFFD, keeps that U+FFFD from being sent twice.
+        shown = self.tok.decode(self.ids)
+        pending = self._pending_bytes() if shown.endswith(_REPLACEMENT) else None
+        self.read = len(self.ids) - (pending or 0)
+        self.shown = shown if pending else None
 
     def push(self, token: int) -> str:
         """Add one token; return the text it completes (possibly "")."""
         self.ids.append(int(token))
         before = self.tok.decode(self.ids[self.prefix : self.read])
         after = self.tok.decode(self.ids[self.prefix :])
-        if len(after) > len(before) and (not after.endswith(_REPLACEMENT) or self._bytes_settled()):
+        if len(after) > len(before) and (not after.endswith(_REPLACEMENT) or self._pending_bytes() == 0):
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
+            return self._new_text(before, after)
         return ""
 
-    def _bytes_settled(self) -> bool:
-        """Whether the byte pieces ending the window leave no character half-spelled: a pending
-        one starts at a lead byte among the last three bytes, so those decide. False when the
-        window does not end in byte pieces (a U+FFFD of some other origin stays held, as before)."""
+    def _pending_bytes(self) -> int | None:
+        """How many of the byte pieces ending the window start a character still being spelled (0-3;
+        0: the bytes are settled, whatever follows cannot change their text); None when the window
+        does not end in byte pieces (a U+FFFD of some other origin stays held, as before). A pending
+        character starts at a lead byte among the last three bytes, so those decide."""
         tail = bytearray()
         for i in reversed(self.ids[self.prefix :]):
             b = self.tok.piece_byte(i)
@@ -337,17 +346,24 @@ class StreamDecoder:
             if len(tail) == 3:
                 break
         if not tail:
-            return False
+            return None
         dec = codecs.getincrementaldecoder("utf-8")("replace")
         dec.decode(bytes(tail), final=False)
-        return not dec.getstate()[0]  # no bytes kept back for a character still to come
+        return len(dec.getstate()[0])  # the bytes kept back for a character still to come
+
+    def _new_text(self, before: str, after: str) -> str:
+        start = len(before)
+        if self.shown is not None:  # the first text after a context that ended mid-character
+            start = max(start, len(os.path.commonprefix([after, self.shown])))
+            self.shown = None
+        return after[start:]
 
     def flush(self) -> str:
         """Text still held back (e.g. an incomplete byte sequence at the end)."""
         before = self.tok.decode(self.ids[self.prefix : self.read])
         after = self.tok.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
+        return self._new_text(before, after)
 
 
 def check_tokenizer(tokenizer: object) -> None:
