@@ -38,6 +38,35 @@ def test_generate_streams_the_library_output(tiny_dir, capsys):
     assert f"prompt: {len(prompt)} tokens in" in err and "tokens/s" in err and "decode:" in err
 
 
+def test_stop_strings_end_the_printed_text_before_them(tiny_dir, capsys, monkeypatch):
+    # as the server (OpenAI) does: the text printed, and the reply chat keeps, ended with the token that
+    # completed the stop string, so the stop string and the rest of that token were printed and kept
+    args = ["--model", str(tiny_dir), "--max-new-tokens", "12", "--dtype", "float32", "--temperature", "0"]
+    assert main(["generate", "--prompt", "Bonjour", *args]) == 0
+    full = capsys.readouterr().out
+    stop = full[4:7]
+    assert main(["generate", "--prompt", "Bonjour", *args, "--stop", stop]) == 0
+    assert capsys.readouterr().out == full[: full.index(stop)] + "\n"
+
+    import mixlab.cli.run as run
+
+    seen: list[list[int]] = []
+    real = run.generate_stream
+    monkeypatch.setattr(run, "generate_stream", lambda model, prompts, **kw: seen.append(prompts[0]) or
+                        real(model, prompts, **kw))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n/exit\n"))
+    assert main(["chat", *args]) == 0
+    reply = capsys.readouterr().out.split("\n")[0].removeprefix("> ")
+    stop = reply[3:5]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n/exit\n"))
+    assert main(["chat", *args, "--stop", stop]) == 0
+    kept = reply[: reply.index(stop)]
+    assert capsys.readouterr().out.split("\n")[0] == "> " + kept
+    tok = load_tokenizer()
+    assert seen[-1] == tok.encode_chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": kept},
+                                        {"role": "user", "content": "Again"}])
+
+
 def test_generate_sampling_is_seeded(tiny_dir, capsys):
     args = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--max-new-tokens", "10", "--temperature", "1.0",
             "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7"]

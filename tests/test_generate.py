@@ -201,6 +201,11 @@ def test_stop_strings(tmp_path):
     out = generate(model, [prompt], max_new_tokens=20, stop_at_eos=False, stop=[needle], tokenizer=tok)[0]
     assert out == full[: len(out)]
     assert needle in tok.decode(prompt[-4:] + out) and needle not in tok.decode(prompt[-4:] + out[:-1])
+    # Step.text: the text the tokens complete, ending before the stop string (what the CLI prints)
+    steps = list(generate_stream(model, [prompt], max_new_tokens=20, stop_at_eos=False, stop=[needle], tokenizer=tok))
+    shown = "".join(s.text[0] for s in steps if s.text is not None)
+    whole = tok.decode(prompt + out)[len(tok.decode(prompt)) :]
+    assert len(steps) == len(out) and shown == whole[: whole.index(needle)]
     with pytest.raises(ValueError, match="need a tokenizer"):
         generate(model, [prompt], max_new_tokens=4, stop=["x"])
 

@@ -40,10 +40,13 @@ __all__ = ["Sampler", "Step", "decode_step", "generate", "generate_stream", "gre
 class Step:
     """One decoding step: the new token of each prompt (None once that prompt has stopped) and,
     when asked, the experts `[B, L, K]` each MoE layer chose in the forward pass that predicted it
-    (that is, for the previous token)."""
+    (that is, for the previous token). With a tokenizer (and without `cache=`), `text`: the text each
+    token completes, as the engine streams it: a stop string and what follows it in its token are
+    left out (OpenAI's convention, the server's), text that may begin one held until it cannot."""
 
     tokens: list[int | None]
     experts_BLK: torch.Tensor | None = None
+    text: list[str] | None = None
 
 
 def _forward(
@@ -315,7 +318,8 @@ def _regroup(engine: Engine, handles: list[Handle], params: SamplingParams, mode
             L, K = model.config.n_layers, model.config.moe.top_k if model.config.moe else 1
             experts_BLK = torch.tensor([o.experts if o is not None and o.experts is not None else [[-1] * K] * L
                                         for o in outs])
-        yield Step([o.token_id if o is not None else None for o in outs], experts_BLK)
+        text = [o.text if o is not None else "" for o in outs] if engine.tokenizer is not None else None
+        yield Step([o.token_id if o is not None else None for o in outs], experts_BLK, text)
 
 
 def _generate(

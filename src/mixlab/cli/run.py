@@ -136,19 +136,17 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer) -> int:
     ids = tok.encode(args.prompt)
     start = time.perf_counter()
     steps = generate_stream(model, [ids], truncate=args.truncate, **_sampling(args, tok))
-    dec = tok.stream(context=ids[-4:])  # context: the first new word keeps its leading space
     first = None
     n = 0
     for step in steps:
         first = first or time.perf_counter()
-        t = step.tokens[0]
-        if t is None:
+        if step.tokens[0] is None:
             break
         n += 1
-        if t != tok.eos_id:
-            sys.stdout.write(dec.push(t))
-            sys.stdout.flush()
-    sys.stdout.write(dec.flush() + "\n")
+        assert step.text is not None  # the engine's text: it ends before a --stop string
+        sys.stdout.write(step.text[0])
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     end = time.perf_counter()
     assert first is not None
     # The first new token costs a prefill; the rest are decode steps. --truncate kept the prompt's
@@ -218,26 +216,29 @@ def chat(args: argparse.Namespace) -> int:
                   f"{room} fit in the context of {context}", file=sys.stderr)
             messages.pop()
             continue
-        reply: list[int] = []
-        dec = tok.stream()  # no context: the reply's first "▁" is dropped, as in the chat encoding
+        n, shown = 0, list[str]()
         start = time.perf_counter()
         try:
             # reply i samples with --seed + i: the same conversation again, but not the same draws every turn
             seed = None if args.seed is None else args.seed + replies
             replies += 1
             for step in generate_stream(model, [ids], engine=engine, **{**_sampling(args, tok), "seed": seed}):
-                t = step.tokens[0]
-                if t is None or t == tok.eos_id:
+                if step.tokens[0] is None:
                     break
-                reply.append(t)
-                sys.stdout.write(dec.push(t))
+                n += step.tokens[0] != tok.eos_id
+                assert step.text is not None  # the engine's text: nothing from a --stop string on
+                delta = step.text[0]
+                if not any(shown) and delta.startswith(" "):  # the first word's "▁", as decode(reply) drops it
+                    delta = delta[1:]
+                shown.append(delta)
+                sys.stdout.write(delta)
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            sys.stdout.write(dec.flush() + " [stopped]")
-        sys.stdout.write(dec.flush() + "\n")
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        print(f"({_speed(len(reply), time.perf_counter() - start)})", file=sys.stderr)
-        text = tok.decode(reply)
+        print(f"({_speed(n, time.perf_counter() - start)})", file=sys.stderr)
+        text = "".join(shown)
         if text:
             messages.append({"role": "assistant", "content": text})
         else:
@@ -257,7 +258,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, default=None, help="same seed, same sampled text")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable): the text ends before it")
     add_runtime_args(p)
 
 
