@@ -69,7 +69,8 @@ def test_stop_strings_end_the_printed_text_before_them(tiny_dir, capsys, monkeyp
 
 def test_generate_sampling_is_seeded(tiny_dir, capsys):
     args = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--max-new-tokens", "10", "--temperature", "1.0",
-            "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7"]
+            "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7",
+            "--presence-penalty", "0.5", "--frequency-penalty", "0.3"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0

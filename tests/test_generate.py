@@ -165,6 +165,25 @@ def test_repetition_penalty_discourages_repeats(tiny):
     assert not set(penalised) & set(prompt[0])
 
 
+@torch.no_grad()
+def test_presence_and_frequency_penalties_equal_openai_s_formula(tiny):
+    # generate (and so mixlab generate / chat) had only repetition_penalty; the engine had these two
+    from mixlab.cache import KVCache
+
+    prompt = _prompts(128, (5,))[0]
+    ids, counts = list(prompt), torch.zeros(128)
+    for _ in range(12):  # a full recompute, the penalties over the output's token counts, greedy
+        logits = tiny(torch.tensor([ids]))[0, -1].float() - counts * 0.5 - (counts > 0).float() * 0.8
+        ids.append(int(logits.argmax()))
+        counts[ids[-1]] += 1
+    ref = ids[len(prompt) :]
+    kw = dict(max_new_tokens=12, stop_at_eos=False, presence_penalty=0.8, frequency_penalty=0.5)
+    assert generate(tiny, [prompt], **kw)[0] == ref != generate(tiny, [prompt], max_new_tokens=12, stop_at_eos=False)[0]
+    assert generate(tiny, [prompt], cache=KVCache(tiny.config, batch_size=1, max_len=32), **kw)[0] == ref
+    with pytest.raises(ValueError, match="frequency_penalty=nan"):
+        generate(tiny, [prompt], max_new_tokens=2, frequency_penalty=float("nan"))
+
+
 def test_stop_tokens_and_eos(tiny):
     prompts = _prompts(128, (6, 4))
     full = generate(tiny, prompts, max_new_tokens=16, stop_at_eos=False)

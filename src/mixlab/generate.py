@@ -24,8 +24,9 @@ import torch
 
 from mixlab.cache import KVCache
 from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
+from mixlab.engine.api import _number
 from mixlab.engine.runner import bytes_per_token
-from mixlab.engine.sampling import Sampler, greedy_token
+from mixlab.engine.sampling import Sampler, greedy_token, penalize
 from mixlab.errors import GenerationError
 from mixlab.model import Transformer
 from mixlab.tokenizer import check_text, check_tokenizer
@@ -204,6 +205,8 @@ def generate_stream(
     top_p: float = 1.0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     seed: int | None = None,
     stop: Sequence[int | str] | int | str | None = None,
     stop_at_eos: bool = True,
@@ -219,7 +222,9 @@ def generate_stream(
     `prompts`: token-id lists (an empty one becomes `[bos]`). A prompt stops after emitting a stop
     token (`stop` ints, and the model's EOS unless `stop_at_eos=False`) or the token that completes
     a `stop` string (needs `tokenizer`); the stop token is included. `seed` seeds a private
-    `torch.Generator`, so equal seeds give equal samples. `truncate=True` drops the oldest prompt
+    `torch.Generator`, so equal seeds give equal samples. Sampling as `SamplingParams` describes it:
+    `repetition_penalty` over prompt and output, `presence_penalty` / `frequency_penalty` (OpenAI's)
+    over the output, then temperature, top-k, top-p, min-p. `truncate=True` drops the oldest prompt
     tokens (keeping BOS) instead of raising when prompt + max_new_tokens exceeds the context.
 
     `cache`: for one prompt, a `KVCache` (batch 1) kept across calls, as a chat does: the tokens it
@@ -233,6 +238,7 @@ def generate_stream(
     """
     # Everything is validated here, eagerly; the returned generator does the compute.
     sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
+    penalties = (_number("presence_penalty", presence_penalty), _number("frequency_penalty", frequency_penalty))
     ids = _check_prompts(model, prompts, max_new_tokens, truncate)
     check_tokenizer(tokenizer)
     stop_ids, stop_strings = _check_stop(stop, tokenizer, model.config.vocab_size)
@@ -269,10 +275,11 @@ def generate_stream(
     if cache is None:
         params = SamplingParams(
             max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=sorted(stop_ids), stop=stop_strings,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, seed=seed, stop_token_ids=sorted(stop_ids), stop=stop_strings,
             return_experts=record_experts, ignore_eos=True)  # EOS, when it stops, is in stop_ids
         return _through_engine(model, ids, params, tokenizer, prefill_chunk, engine)
-    return _generate(model, ids, max_new_tokens, sampler, seed, stop_ids, stop_strings, tokenizer,
+    return _generate(model, ids, max_new_tokens, sampler, penalties, seed, stop_ids, stop_strings, tokenizer,
                      prefill_chunk, record_experts, cache)
 
 
@@ -323,7 +330,8 @@ def _regroup(engine: Engine, handles: list[Handle], params: SamplingParams, mode
 
 
 def _generate(
-    model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, seed: int | None,
+    model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler,
+    penalties: tuple[float, float], seed: int | None,
     stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None, prefill_chunk: int,
     record_experts: bool, cache: KVCache | None,
 ) -> Iterator[Step]:
@@ -366,6 +374,7 @@ def _generate(
         seen_BV = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
         for b, p in enumerate(prompts):
             seen_BV[b, p] = True
+    counts_BV = torch.zeros(B, cfg.vocab_size, device=device) if any(penalties) else None  # output token counts
     decoders: list[StreamDecoder] = []
     texts = [""] * B
     longest_stop = max((len(s) for s in stop_strings), default=0)
@@ -381,13 +390,15 @@ def _generate(
         logits_BV, experts_BLK = prefill(model, tokens_BT, positions_BT, cache, chunk=chunk,
                                          record_experts=record_experts)
     # Greedy decoding of one prompt takes the argmax the native step computed, when it did.
-    greedy_1 = B == 1 and sampler.greedy and seen_BV is None
+    greedy_1 = B == 1 and sampler.greedy and seen_BV is None and counts_BV is None
     top: int | None = None
     for step in range(max_new_tokens):
         with torch.inference_mode():
             if top is not None:
                 next_B = torch.tensor([top], device=device)
             else:
+                if counts_BV is not None:
+                    logits_BV = penalize(logits_BV, counts_BV, *penalties)
                 next_B = sampler(logits_BV, seen_BV=seen_BV, generator=generator)
         out: list[int | None] = []
         for b, tok in enumerate(next_B.tolist()):
@@ -410,6 +421,8 @@ def _generate(
         with torch.inference_mode():
             if seen_BV is not None:
                 seen_BV[torch.arange(B, device=device), next_B] = True
+            if counts_BV is not None:
+                counts_BV[torch.arange(B, device=device), next_B] += 1
             logits_BV, experts_BLK, top = _step_top(model, next_B[:, None], positions_B1, cache, record_experts)
             top = top if greedy_1 else None
             positions_B1 = positions_B1 + 1
@@ -427,6 +440,8 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     seed: int | None = None,
     stop: Sequence[int | str] | int | str | None = None,
     stop_at_eos: bool = True,
@@ -444,7 +459,8 @@ def generate(
     record = experts_out is not None
     steps = generate_stream(
         model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_at_eos=stop_at_eos,
+        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_at_eos=stop_at_eos,
         tokenizer=tokenizer, truncate=truncate, prefill_chunk=prefill_chunk, record_experts=record, cache=cache,
     )
     out: list[list[int]] = [[] for _ in range(len(prompts))]

@@ -104,7 +104,8 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
                 stop=args.stop or None, tokenizer=tok)
 
 
@@ -162,7 +163,8 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer) -> int:
 def chat(args: argparse.Namespace) -> int:
     # bad sampling flags fail now, not once the first message has been typed
     SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                   frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop)
     model, tok = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
@@ -257,6 +259,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's: minus this from the logit of every token already generated (0 = off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's: minus this times how often a token was generated (0 = off)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same sampled text")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable): the text ends before it")
     add_runtime_args(p)

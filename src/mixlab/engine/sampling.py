@@ -15,7 +15,7 @@ import torch
 from mixlab.engine.api import GREEDY_TEMPERATURE, SamplingParams
 from mixlab.errors import GenerationError
 
-__all__ = ["Sampler", "check_logits", "greedy_token", "row_argmax", "sample_row", "top_logprobs"]
+__all__ = ["Sampler", "check_logits", "greedy_token", "penalize", "row_argmax", "sample_row", "top_logprobs"]
 
 
 _NAN_MESSAGE = ("the model produced NaN logits; its weights or inputs hold NaN/Inf (loading warns with the "
@@ -134,6 +134,14 @@ class Sampler:
         return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
+def penalize(logits_BV: torch.Tensor, counts_BV: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: each token's logit minus `frequency` times its count
+    in the output so far, minus `presence` once it has appeared."""
+    if not presence and not frequency:
+        return logits_BV
+    return logits_BV - counts_BV * frequency - (counts_BV > 0).float() * presence
+
+
 def sample_row(
     logits_1V: torch.Tensor, params: SamplingParams, sampler: Sampler, *, seen_1V: torch.Tensor | None,
     counts_1V: torch.Tensor | None, generator: torch.Generator | None, bias_1V: torch.Tensor | None = None,
@@ -147,8 +155,8 @@ def sample_row(
     check_logits(logits_1V)
     if bias_1V is not None:
         logits_1V = logits_1V + bias_1V
-    if counts_1V is not None and (params.presence_penalty or params.frequency_penalty):
-        logits_1V = logits_1V - counts_1V * params.frequency_penalty - (counts_1V > 0).float() * params.presence_penalty
+    if counts_1V is not None:
+        logits_1V = penalize(logits_1V, counts_1V, params.presence_penalty, params.frequency_penalty)
     logits_1V = sampler.filter(logits_1V, seen_BV=seen_1V)
     if sampler.greedy:
         return int(logits_1V.argmax(dim=-1))
