@@ -316,6 +316,14 @@ def test_a_kept_cache_of_another_dtype_or_type_is_named(tiny):
     assert generate(bf16, [[1, 5, 6]], max_new_tokens=4, cache=kept) == generate(bf16, [[1, 5, 6]], max_new_tokens=4)
 
 
+def test_a_kept_engine_without_a_tokenizer_and_stop_strings_fail_before_iterating(tiny):
+    from mixlab.engine import Engine
+    from mixlab.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match="need an engine made with a tokenizer"):  # it was raised by next()
+        generate_stream(tiny, [[1, 5]], max_new_tokens=3, stop=["x"], tokenizer=load_tokenizer(), engine=Engine(tiny))
+
+
 def test_record_experts_needs_moe():
     dense = Transformer(get_preset("tiny-dense")).eval()
     with pytest.raises(ValueError, match="needs a MoE model"):

@@ -267,6 +267,9 @@ def generate_stream(
     if engine is not None:
         if cache is not None or engine.model is not model:
             raise ValueError("engine= must be an engine over this model, and excludes cache=")
+        if stop_strings and engine.tokenizer is None:  # else only the first step would say so
+            raise ValueError(f"stop strings {stop_strings!r} need an engine made with a tokenizer: "
+                             "Engine(model, tokenizer)")
         if len(ids) > engine.runner.n_slots:
             raise ValueError(f"{len(ids)} prompts need an engine with as many slots; it has {engine.runner.n_slots}")
         if max(map(len, ids)) + max_new_tokens > engine.runner.max_len:
