@@ -155,6 +155,13 @@ def test_a_stop_string_that_is_not_utf8_is_refused():
         SamplingParams(stop=["ok", "\udcff"])
 
 
+def test_stop_token_ids_are_token_ids():
+    assert SamplingParams(stop_token_ids=(5, 0)).stop_token_ids == [5, 0]
+    for bad in ([True], [-1], [1.5], "5"):  # [True] was token 1; [-1] could never stop
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            SamplingParams(stop_token_ids=bad)
+
+
 def test_logprobs_is_bounded_as_the_server_bounds_it():
     SamplingParams(logprobs=MAX_LOGPROBS)
     for bad in (MAX_LOGPROBS + 1, 10**6, -1, True, 2.0):  # 10**6 listed the whole vocabulary at every position

@@ -106,10 +106,14 @@ class SamplingParams:
             check_text(s, f"stop string {s!r}")
         if not isinstance(self.stop_token_ids, (list, tuple, set)):
             raise _bad("stop_token_ids", self.stop_token_ids, "a list of token ids")
-        try:
+        try:  # True is not token 1, and no token has a negative id: either would never stop anything meant
+            if any(isinstance(i, bool) for i in self.stop_token_ids):
+                raise TypeError
             self.stop_token_ids = [operator.index(i) for i in self.stop_token_ids]
         except TypeError:
             raise _bad("stop_token_ids", self.stop_token_ids, "a list of integer token ids") from None
+        if any(i < 0 for i in self.stop_token_ids):
+            raise _bad("stop_token_ids", self.stop_token_ids, "token ids >= 0")
         if not isinstance(self.logit_bias, dict):
             raise _bad("logit_bias", self.logit_bias, "a dict of token id -> bias")
         try:
