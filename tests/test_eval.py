@@ -254,6 +254,27 @@ def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -
     assert lm.batch_size == 8
 
 
+def test_harness_generation_kwargs_read_as_lm_eval(ckpt: Path) -> None:
+    """lm-eval's `normalize_gen_kwargs` (its `hf` model): do_sample=False is greedy even with a
+    temperature (it sampled), and `max_new_tokens` is a name of the token limit (it was ignored: 256
+    tokens, past this model's 64 positions)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from mixlab.eval.harness import MixlabLM
+
+    lm = MixlabLM(pretrained=str(ckpt), dtype="float32", batch_size=2)
+
+    def gen(**kw: object) -> list[str]:
+        reqs = [Instance("generate_until", {}, (q, dict(kw)), i) for i, q in enumerate(["Count: one, two,", "Hi"])]
+        return lm.generate_until(reqs, disable_tqdm=True)
+
+    greedy = gen(until=[], max_gen_toks=4, do_sample=False)
+    assert gen(until=[], max_gen_toks=4, do_sample=False, temperature=0.9) == greedy
+    assert gen(until=[], max_new_tokens=4) == greedy
+    assert gen(until=[], max_tokens=4, temperature=0.0) == greedy
+
+
 @pytest.mark.parametrize(("kw", "match"), [({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),
                                            ({"prefix": 32000}, "prefix"), ({"prefix": -1}, "prefix")])
 def test_library_scoring_checks_its_arguments(ckpt: Path, kw: dict, match: str) -> None:

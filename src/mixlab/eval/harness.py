@@ -151,16 +151,24 @@ class MixlabLM(TemplateLM):
             kw = dict(requests[members[0]].args[1] or {})
             until = kw.pop("until", None)
             until = [until] if isinstance(until, str) else [s for s in (until or []) if s]
-            max_gen = int(kw.pop("max_gen_toks", self.max_gen_toks))
-            do_sample = bool(kw.pop("do_sample", False)) or float(kw.get("temperature", 0.0) or 0.0) > 0
-            temperature = float(kw.pop("temperature", 1.0) or 0.0) if do_sample else 0.0
-            top_p = float(kw.pop("top_p", 1.0) or 1.0) if do_sample else 1.0
+            # lm-eval's reading (`normalize_gen_kwargs`, as its `hf` model): the token limit under any of
+            # its names, in this order; do_sample=False is greedy whatever the temperature, and an
+            # absent do_sample samples when the temperature is above 0
+            names = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+            max_gen = int(next((kw[n] for n in names if kw.get(n) is not None), self.max_gen_toks))
+            do_sample = kw.get("do_sample")
+            if do_sample is None:
+                do_sample = float(kw.get("temperature", 0.0) or 0.0) > 0
+            temperature = float(kw.get("temperature", 1.0) or 0.0) if do_sample else 0.0
+            top_p = float(kw.get("top_p", 1.0) or 1.0) if do_sample else 1.0
+            top_k = int(kw.get("top_k", 0) or 0) if do_sample else 0
             ctx = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in members}
             members = sorted(members, key=lambda i: -len(ctx[i]))
             for start in range(0, len(members), self.batch_size):
                 batch = members[start: start + self.batch_size]
                 news = generate(self.model, [ctx[i] for i in batch], max_new_tokens=max_gen, temperature=temperature,
-                                top_p=top_p, stop=until or None, tokenizer=self.tok, seed=int(kw.get("seed", 0)))
+                                top_p=top_p, top_k=top_k, stop=until or None, tokenizer=self.tok,
+                                seed=int(kw.get("seed", 0)))
                 for i, new in zip(batch, news, strict=True):
                     if new and new[-1] == self.eot_token_id:
                         new = new[:-1]
