@@ -275,6 +275,20 @@ def test_harness_generation_kwargs_read_as_lm_eval(ckpt: Path) -> None:
     assert gen(until=[], max_tokens=4, temperature=0.0) == greedy
 
 
+def test_harness_refuses_a_continuation_longer_than_max_length(ckpt: Path) -> None:
+    # it failed in torch's gather: "Size does not match at dimension 0 expected index [101, 1] ..."
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from mixlab.eval.harness import MixlabLM
+
+    lm = MixlabLM(pretrained=str(ckpt), dtype="float32", batch_size=2)
+    with pytest.raises(ValueError, match=r"continuation of \d+ tokens is longer than max_length=64"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("The", " word" * 80), 0)], disable_tqdm=True)
+    (lp, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("The", " word" * 30), 0)], disable_tqdm=True)
+    assert math.isfinite(lp)
+
+
 @pytest.mark.parametrize(("kw", "match"), [({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),
                                            ({"prefix": 32000}, "prefix"), ({"prefix": -1}, "prefix")])
 def test_library_scoring_checks_its_arguments(ckpt: Path, kw: dict, match: str) -> None:

@@ -107,6 +107,10 @@ class MixlabLM(TemplateLM):
             inputs, targets = [], []
             for i in idx:
                 _, ctx, cont = requests[i]
+                if len(cont) > self.max_length:  # its first tokens have no input position to be predicted at
+                    raise ValueError(f"a continuation of {len(cont)} tokens is longer than max_length="
+                                     f"{self.max_length}, so it cannot be scored (it starts "
+                                     f"{self.tok_decode(cont[:8])!r})")
                 inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])
                 targets.append(cont)
             for i, res in zip(idx, score_batch(self.model, inputs, targets), strict=True):
