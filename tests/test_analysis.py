@@ -433,3 +433,15 @@ def test_a_misspelt_split_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes").mkdir()  # folders whose files are not named by split keep the fallback
     (tmp_path / "notes" / "a.txt").write_text("some text")
     check_domains({"notes": tmp_path / "notes"}, split="valid")
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """A binary .jsonl failed with "'utf-8' codec can't decode byte ..." and no file name; a binary
+    .txt was routed as a page of U+FFFD."""
+    (tmp_path / "bin").mkdir()
+    junk = b"\xda\x00\xff\xfe binary"
+    for name in ("valid.jsonl", "valid.txt"):
+        (tmp_path / "bin" / name).write_bytes(junk)
+        with pytest.raises(ValueError, match=rf"bin/{name}: not UTF-8 text"):
+            check_domains(find_domains(tmp_path))
+        (tmp_path / "bin" / name).unlink()

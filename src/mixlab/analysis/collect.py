@@ -29,6 +29,7 @@ import torch
 
 from mixlab.analysis.stats import RoutingCounts, pair_mask
 from mixlab.corpus import jsonl_texts
+from mixlab.errors import DataError
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 
@@ -90,19 +91,22 @@ def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator
     files = data_files(domain_dir, split=split)
     found = 0
     for path in files:
-        if path.suffix == ".txt":
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if text.strip():
-                found += 1
-                yield str(path.name), text
-            continue
-        with path.open(encoding="utf-8") as f:
-            for body, row, where in jsonl_texts(f, path, strict=False):
-                if body.strip():
+        try:  # a binary file was read with U+FFFD for its bytes (.txt) or failed without its name (.jsonl)
+            if path.suffix == ".txt":
+                text = path.read_text(encoding="utf-8")
+                if text.strip():
                     found += 1
-                    source = row.get("source")
-                    line = where.rsplit(":", 1)[1]
-                    yield (source if isinstance(source, str) and source else f"{path.name}:{line}"), body
+                    yield str(path.name), text
+                continue
+            with path.open(encoding="utf-8") as f:
+                for body, row, where in jsonl_texts(f, path, strict=False):
+                    if body.strip():
+                        found += 1
+                        source = row.get("source")
+                        line = where.rsplit(":", 1)[1]
+                        yield (source if isinstance(source, str) and source else f"{path.name}:{line}"), body
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not found:
         what = ", ".join(p.name for p in files) or "no .jsonl/.txt files"
         raise ValueError(
