@@ -445,3 +445,19 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=rf"bin/{name}: not UTF-8 text"):
             check_domains(find_domains(tmp_path))
         (tmp_path / "bin" / name).unlink()
+
+
+def test_sequences_longer_than_the_model_are_clamped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--seq-len (default 512) past a model's context routed positions it never saw, silently; now
+    the CLI routes windows of the model's length and says so (as `mixlab eval --context`), and the
+    library refuses."""
+    model = _tiny_model()
+    model.config = model.config.replace(max_seq_len=16)
+    mixlab.save_model(model, tmp_path / "model")
+    out = tmp_path / "report"
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "c")),
+                 "--out", str(out), "--quiet"]) == 0
+    assert "--seq-len 512 is past the model's 16 positions" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["settings"]["seq_len"] == 16
+    with pytest.raises(ValueError, match="seq_len 17 exceeds the model's context length 16"):
+        collect_routing(model, load_analysis_tokenizer(), find_domains(tmp_path / "c"), seq_len=17, progress=False)

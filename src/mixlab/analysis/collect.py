@@ -289,6 +289,8 @@ def collect_routing(
         )
     if seq_len < 2 or max_tokens < 1:
         raise ValueError(f"need seq_len >= 2 and max_tokens >= 1, got seq_len={seq_len}, max_tokens={max_tokens}")
+    if seq_len > model.config.max_seq_len:  # positions the model never saw: routing nobody would see in use
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context length {model.config.max_seq_len}")
     if batch_size < 1 or samples_per_domain < 0 or sample_tokens < 1:
         raise ValueError(f"need batch_size >= 1, samples >= 0 and sample_tokens >= 1, got batch_size={batch_size}, "
                          f"samples={samples_per_domain}, sample_tokens={sample_tokens}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -19,8 +20,12 @@ def analyze(args: argparse.Namespace) -> int:
     check_domains(find_domains(args.data, names=domains), split=args.split)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
+    seq_len = min(args.seq_len, model.config.max_seq_len)
+    if seq_len < args.seq_len:  # as `mixlab eval --context`
+        print(f"note: --seq-len {args.seq_len} is past the model's {model.config.max_seq_len} positions; "
+              f"routing sequences of {seq_len}", file=sys.stderr)
     report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=domains,
-                 split=args.split or None, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                 split=args.split or None, max_tokens=args.max_tokens, seq_len=seq_len,
                  batch_size=args.batch_size, samples_per_domain=args.samples, sample_tokens=args.sample_tokens,
                  meta={"model": str(args.model), "tokenizer": tokenizer_name(tokenizer)},
                  progress=not args.quiet)
@@ -46,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="valid", help="use files whose name starts with this in each domain if any "
                    "(default: valid; '' for all files)")
     p.add_argument("--max-tokens", type=int, default=50_000, help="tokens per domain (default 50000)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per model sequence (default 512)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per model sequence (default 512; at most the "
+                   "model's context length)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
     p.add_argument("--sample-tokens", type=int, default=150, help="tokens shown per document in the token view")
