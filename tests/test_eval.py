@@ -252,6 +252,9 @@ def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -
     lm = MixlabLM(pretrained=str(path), device="cpu", batch_size="auto:4")  # lm_eval --batch_size auto:4
     assert lm.tok.path == default_tokenizer_path()
     assert lm.batch_size == 8
+    for bad in (0, "-1"):  # -1 scored nothing: loglikelihood returned []
+        with pytest.raises(ValueError, match=rf"invalid batch_size={bad!r}: expected an integer >= 1"):
+            MixlabLM(pretrained=str(path), device="cpu", batch_size=bad)
 
 
 def test_harness_generation_kwargs_read_as_lm_eval(ckpt: Path) -> None:

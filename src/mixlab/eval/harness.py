@@ -65,6 +65,8 @@ class MixlabLM(TemplateLM):
         self.tok = tokenizer
         # lm_eval's "auto" and "auto:N" (search the largest batch N times): a fixed 8 here
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        if self.batch_size < 1:  # 0 failed in range(); a negative size scored nothing and returned []
+            raise ValueError(f"invalid batch_size={batch_size!r}: expected an integer >= 1 or 'auto'")
         self._max_length = int(max_length) if max_length else model.config.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token) if not isinstance(add_bos_token, str) \
