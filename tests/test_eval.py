@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -276,6 +278,17 @@ def test_harness_generation_kwargs_read_as_lm_eval(ckpt: Path) -> None:
     assert gen(until=[], max_gen_toks=4, do_sample=False, temperature=0.9) == greedy
     assert gen(until=[], max_new_tokens=4) == greedy
     assert gen(until=[], max_tokens=4, temperature=0.0) == greedy
+
+
+def test_harness_keeps_lm_eval_s_own_models() -> None:
+    """lm-eval fills its model registry only while it is empty: once `mixlab` was registered, "hf"
+    and every other built-in model were unknown (`python -m mixlab.eval.harness run --model hf`
+    failed: "Supported model names: mixlab"). A fresh process, as the registry is global."""
+    pytest.importorskip("lm_eval")
+    code = ("import mixlab.eval.harness; from lm_eval.api.registry import get_model; "
+            "print(get_model('hf').__name__, get_model('mixlab').__name__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["HFLM", "MixlabLM"], run.stderr[-500:]
 
 
 def test_harness_refuses_a_continuation_longer_than_max_length(ckpt: Path) -> None:

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import lm_eval.models  # noqa: F401  lm-eval's own models: its registry fills itself only while empty
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
