@@ -461,3 +461,24 @@ def test_sequences_longer_than_the_model_are_clamped(tmp_path: Path, capsys: pyt
     assert json.loads((out / "report.json").read_text())["settings"]["seq_len"] == 16
     with pytest.raises(ValueError, match="seq_len 17 exceeds the model's context length 16"):
         collect_routing(model, load_analysis_tokenizer(), find_domains(tmp_path / "c"), seq_len=17, progress=False)
+
+
+def test_cli_analyzes_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--model FILE.gguf`, as generate / eval / serve take it (it failed: "no config.json ... found"):
+    the same counts as the folder it was converted from."""
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    assert main(["convert", str(tmp_path / "model"), str(tmp_path / "m.gguf"), "--quant", "f32"]) == 0
+    corpus = _corpus(tmp_path / "c")
+    reports = []
+    for src in ("model", "m.gguf"):
+        assert main(["analyze", "--model", str(tmp_path / src), "--data", str(corpus), "--out", str(tmp_path / src) +
+                     ".report", "--seq-len", "32", "--quiet"]) == 0
+        reports.append(json.loads((tmp_path / f"{src}.report" / "report.json").read_text()))
+    assert [r["domains"] for r in reports[1:]] == [reports[0]["domains"]]
+    assert reports[1]["meta"]["tokenizer"].endswith("m.gguf")
+    mixlab.save_model(_tiny_model(dense=True), tmp_path / "dense")
+    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "d.gguf"), "--quant", "f32"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", "--model", str(tmp_path / "d.gguf"), "--data", str(corpus), "--out",
+                 str(tmp_path / "r"), "--quiet"]) == 2
+    assert "the model is dense" in capsys.readouterr().err

@@ -13,7 +13,13 @@ def analyze(args: argparse.Namespace) -> int:
     from mixlab.checkpoint import load_model
     from mixlab.config import ModelConfig
 
-    if ModelConfig.from_dir(args.model).moe is None:  # fail before reading weights or data
+    if Path(args.model).suffix == ".gguf" and Path(args.model).is_file():  # its metadata is the config
+        from mixlab.checkpoint.gguf_read import config_from_header, read_header
+
+        config = config_from_header(read_header(args.model))
+    else:
+        config = ModelConfig.from_dir(args.model)
+    if config.moe is None:  # fail before reading weights or data
         raise ValueError(f"{args.model}: the model is dense (no MoE layer, so no router); routing analysis "
                          "needs a mixture-of-experts model")
     domains = args.domains.split(",") if args.domains else None
@@ -41,7 +47,7 @@ def analyze(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="routing analysis (Mixtral paper §5): experts per domain, layer and token")
-    p.add_argument("--model", required=True, help="checkpoint folder (transformers or Mistral format)")
+    p.add_argument("--model", required=True, help="checkpoint folder (transformers or Mistral format) or GGUF file")
     p.add_argument("--data", required=True, help="corpus folder with one subfolder per domain (.jsonl with 'text', "
                    ".txt), or one domain folder")
     p.add_argument("--out", required=True, help="report folder to write")
