@@ -105,6 +105,20 @@ def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pyte
     assert message in capsys.readouterr().err
 
 
+def test_cli_eval_json_never_writes_over_its_data_or_model(ckpt: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # --data x.jsonl --json x.jsonl replaced the documents with the results
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": TEXTS[1]}) + "\n")
+    before = data.read_bytes()
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", str(data), "--quiet"]) == 2
+    assert "refusing to write there: it is the source" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", str(ckpt / "config.json"),
+                 "--quiet"]) == 2
+    assert "may not be mixlab's; it lies inside the source" in capsys.readouterr().err
+
+
 def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A --context past the model's positions is scored at the model's length, and said so."""
     assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "100",

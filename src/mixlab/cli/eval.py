@@ -37,8 +37,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no documents to evaluate")
     if not any(text for _, text in docs):  # else a table of perplexity 1.000 over 0 tokens
         raise ValueError(f"{args.data}: no text to evaluate (every document is empty)")
-    if args.json:  # a folder there is refused now, not after the evaluation
-        atomic.check_destination(args.json, kind="file")
+    if args.json:  # a folder there, or the data or model (--json DATA.jsonl wrote over it), refused before the work
+        atomic.check_destination(args.json, kind="file", sources=[args.data, args.model])
     model, tok = _load(args)
     if args.context > model.config.max_seq_len:
         print(f"note: --context {args.context} is past the model's {model.config.max_seq_len} positions; "
