@@ -278,6 +278,7 @@ def test_dtype_by_name_and_bad_arguments(dense, tmp_path):
     assert load_model(tmp_path / "bf16").output.weight.dtype == torch.bfloat16
     for bad, match in [({"dtype": torch.int8}, "unsupported dtype"), ({"dtype": "int8"}, "unknown dtype"),
                        ({"seed": None}, "seed"), ({"seed": 1.5}, "seed"), ({"noise": "0.1"}, "noise"),
+                       ({"seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),  # was torch's "Overflow"
                        ({"router_std": None}, "router std")]:
         with pytest.raises(ValueError, match=match):
             upcycle(dense[0], tmp_path / "bad", num_experts=2, top_k=1, **bad)

@@ -164,8 +164,8 @@ def upcycle(
     """
     root, out = Path(src), Path(dst)
     dtype = parse_dtype(dtype)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:  # torch.Generator's range
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     if router_init not in ROUTER_INITS:
         raise ValueError(f"unknown router init {router_init!r}; expected one of {', '.join(ROUTER_INITS)}")
     if not (isinstance(noise, int | float) and math.isfinite(noise) and noise >= 0):
