@@ -124,7 +124,7 @@ def test_seeded(dense, tmp_path):
 
 
 def test_streams_into_shards_and_keeps_dtype(tmp_path):
-    from transformers import MistralForCausalLM
+    from transformers import MistralForCausalLM, MixtralForCausalLM
 
     src = hf_mistral(tmp_path / "dense")
     bf16 = tmp_path / "dense-bf16"
@@ -135,7 +135,9 @@ def test_streams_into_shards_and_keeps_dtype(tmp_path):
     assert len(shards) > 2
     with safe_open(str(tmp_path / "moe" / shards[-1]), framework="pt") as h:
         assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "moe" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"  # "dtype" said float32: transformers 5 loaded it so
+    assert MixtralForCausalLM.from_pretrained(tmp_path / "moe").dtype == torch.bfloat16
     assert load_model(tmp_path / "moe").config.moe.num_experts == 8
 
 

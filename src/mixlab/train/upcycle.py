@@ -252,7 +252,7 @@ def upcycle(
     stored = reader.dtype("model.embed_tokens.weight")
     if dtype is None:
         dtype = DTYPES[stored] if stored in FLOAT_DTYPES else torch.float32
-    cfg["torch_dtype"] = dtype_name(dtype)
+    cfg["dtype"] = cfg["torch_dtype"] = dtype_name(dtype)  # transformers >= 5 reads "dtype"
     side = [root / n for n in _SIDE_FILES if (root / n).is_file()]  # so the MoE folder is usable as is
     write_sharded(counted(), out, extra_files={"config.json": json.dumps(cfg, indent=2) + "\n"}, copy_files=side,
                   max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name},
