@@ -91,6 +91,21 @@ def test_cli_eval_on_the_corpus(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
     assert "bits/byte" in capsys.readouterr().out
 
 
+def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A word perplexity past float's range (one long word) was written as `Infinity`, which is not
+    JSON (JavaScript's JSON.parse refuses it): null now; the table still shows inf."""
+    data, out = tmp_path / "one_word.txt", tmp_path / "r.json"
+    data.write_text("x" * 400)
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[-1] == "inf"
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    res = json.loads(out.read_text(), parse_constant=refuse)
+    assert res["overall"]["word_perplexity"] is None and math.isfinite(res["overall"]["token_perplexity"])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--stride", "0"], "--stride"),
     (["--context", "0"], "--context must be >= 1, got 0"),  # not "--stride must be between 1 and --context"

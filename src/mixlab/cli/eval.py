@@ -56,7 +56,7 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"{d:<16}{m['docs']:>6}{m['tokens']:>10}{_num(m['token_perplexity'], 12, 3)}"
               f"{_num(m['bits_per_byte'], 11, 4)}{_num(m['word_perplexity'], 12, 3)}")
     if args.json:
-        atomic.write_text(args.json, json.dumps(result, indent=2) + "\n")
+        atomic.write_text(args.json, json.dumps(result, indent=2, allow_nan=False) + "\n")
     print_stats(args, model)
     return 0
 

@@ -188,8 +188,14 @@ class Report:
         return total
 
     def to_json(self) -> dict[str, object]:
-        return {"settings": self.settings, "overall": self.overall().metrics(),
-                "domains": {d: s.metrics() for d, s in self.domains.items()}}
+        """JSON-ready: a perplexity past float's range (inf, e.g. the word perplexity of text with
+        hardly any whitespace) is null, as JSON has no infinity (json.dumps wrote `Infinity`, which
+        JSON.parse and other strict readers refuse)."""
+        def finite(m: dict[str, float | int]) -> dict[str, float | int | None]:
+            return {k: v if math.isfinite(v) else None for k, v in m.items()}
+
+        return {"settings": self.settings, "overall": finite(self.overall().metrics()),
+                "domains": {d: finite(s.metrics()) for d, s in self.domains.items()}}
 
 
 def evaluate_texts(
