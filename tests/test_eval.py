@@ -286,6 +286,9 @@ def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -
     for bad in (0, "-1"):  # -1 scored nothing: loglikelihood returned []
         with pytest.raises(ValueError, match=rf"invalid batch_size={bad!r}: expected an integer >= 1"):
             MixlabLM(pretrained=str(path), device="cpu", batch_size=bad)
+    small = hf_mixtral(tmp_path / "small", vocab_size=256, hidden_size=32, intermediate_size=48)
+    with pytest.raises(ValueError, match="has 32000 tokens but the model's vocabulary has 256"):
+        MixlabLM(pretrained=str(small))  # no tokenizer files: Mixtral's (an IndexError when scoring)
 
 
 def test_harness_generation_kwargs_read_as_lm_eval(ckpt: Path) -> None:

@@ -62,6 +62,9 @@ class MixlabLM(TemplateLM):
             model = load_model(pretrained, dtype=None if dtype == "auto" else dtype, device=device)
         if tokenizer is None:
             tokenizer = model_tokenizer(pretrained) if pretrained is not None else load_tokenizer()
+        if tokenizer.vocab_size > model.config.vocab_size:  # as `mixlab eval`; it was an IndexError in the embedding
+            raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
+                             f"vocabulary has {model.config.vocab_size}; pass the model's own (tokenizer=)")
         self.model = model.eval()
         self.tok = tokenizer
         # lm_eval's "auto" and "auto:N" (search the largest batch N times): a fixed 8 here
