@@ -461,6 +461,10 @@ def test_sequences_longer_than_the_model_are_clamped(tmp_path: Path, capsys: pyt
     assert json.loads((out / "report.json").read_text())["settings"]["seq_len"] == 16
     with pytest.raises(ValueError, match="seq_len 17 exceeds the model's context length 16"):
         collect_routing(model, load_analysis_tokenizer(), find_domains(tmp_path / "c"), seq_len=17, progress=False)
+    # analyze()'s default is 512 or the model's context if shorter (a short model is not an error)
+    report = analyze(model, load_analysis_tokenizer(), tmp_path / "c", out=tmp_path / "r2", figures=False,
+                     progress=False)
+    assert report["settings"]["seq_len"] == 16
 
 
 def test_cli_analyzes_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,7 +85,7 @@ def analyze(
     domains: list[str] | None = None,
     split: str | None = "valid",
     max_tokens: int = 50_000,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     batch_size: int = 8,
     samples_per_domain: int = 1,
     sample_tokens: int = 150,
@@ -93,7 +93,10 @@ def analyze(
     figures: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Collect routing over every domain of `data`, write the report to `out`, return it."""
+    """Collect routing over every domain of `data`, write the report to `out`, return it.
+    `seq_len`: tokens per window (default 512, or the model's context if shorter)."""
+    if seq_len is None:
+        seq_len = min(512, model.config.max_seq_len)
     moe = moe_layers(model)
     if isinstance(layers, int):  # one layer (was: "'int' object is not iterable")
         layers = [layers]
