@@ -133,3 +133,12 @@ def test_python_dash_m_mixlab():
     r = subprocess.run([sys.executable, "-m", "mixlab", "plan", "tiny-moe", "--mode", "infer"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "weights (bfloat16)" in r.stdout, r.stderr
+
+
+def test_does_not_fit_suggests_only_what_the_layout_lacks():
+    """With --fsdp --activation-checkpointing on, the note still said to try both."""
+    both = plan(MIXTRAL, mode="train", devices=8, ep=8, fsdp=True, activation_checkpointing=True)
+    assert not both.fits and both.notes == ["does not fit: try more --devices, a smaller --seq/--batch, or "
+                                            "optimizer-state offload (not implemented here)"]
+    neither = plan(MIXTRAL, mode="train", devices=8, ep=8)
+    assert neither.notes[0].startswith("does not fit: try --fsdp, --activation-checkpointing, more --devices")

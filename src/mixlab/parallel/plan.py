@@ -252,9 +252,11 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             if dp > 1:
                 ar += ps.experts / ep * 2 * (dp - 1) / dp
             pl.comm["gradient all-reduce, per step"] = 4 * ar
-        if not pl.fits:
-            pl.notes.append("does not fit: try --fsdp, --activation-checkpointing, more --devices, a smaller "
-                            "--seq/--batch, or optimizer-state offload (not implemented here)")
+        if not pl.fits:  # suggest only what this layout does not already use
+            tries = [f for f, on in (("--fsdp", fsdp), ("--activation-checkpointing", activation_checkpointing))
+                     if not on]
+            pl.notes.append(f"does not fit: try {', '.join(tries + ['more --devices'])}, a smaller --seq/--batch, "
+                            "or optimizer-state offload (not implemented here)")
     else:
         w_b = DTYPES[dtype].itemsize
         local_dense = ps.dense
