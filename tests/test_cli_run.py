@@ -178,3 +178,28 @@ def test_mixlab_warnings_print_as_one_line(capsys: pytest.CaptureFixture[str]) -
     assert err.startswith("mixlab sft: warning: 3 of 9 conversations are cut\n")
     assert err.count("conversations are cut") == 1 and "other" not in err
     assert [str(w.message) for w in others] == ["other"]  # passed on to the previous handler
+
+
+def _options(parser, name="mixlab"):
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub, p in a.choices.items():
+                yield from _options(p, f"{name} {sub}")
+        elif not isinstance(a, argparse._HelpAction):
+            yield name, a
+
+
+def test_every_option_says_what_it_does():
+    """`mixlab train --help` listed --lr, --steps, ... with no word on what they set or their default."""
+    from mixlab.cli import build_parser
+    from mixlab.train.finetune import FinetuneConfig
+    from mixlab.train.loop import TrainConfig
+
+    missing = [f"{cmd} {a.option_strings or a.dest}" for cmd, a in _options(build_parser()) if not a.help]
+    assert not missing, missing
+    helps = {(cmd, a.dest): a.help for cmd, a in _options(build_parser())}
+    assert helps["mixlab train", "lr"] == f"peak learning rate (default {TrainConfig.lr:g})"
+    assert helps["mixlab sft", "lr"] == f"peak learning rate (default {FinetuneConfig.lr:g})"
+    assert helps["mixlab dpo", "aux_loss_coef"].endswith("(default the checkpoint's)")

@@ -59,12 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=50_000, help="tokens per domain (default 50000)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per model sequence (default 512; at most the "
                    "model's context length)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
-    p.add_argument("--sample-tokens", type=int, default=150, help="tokens shown per document in the token view")
+    p.add_argument("--sample-tokens", type=int, default=150,
+                   help="tokens shown per document in the token view (default 150)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model folder's "
                    "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=analyze)

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "as a fraction of this machine's limits")
     p.add_argument("--preset", default=None, help="MoE preset (default mini-moe; tiny-moe with --quick)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny preset, few sizes, 2 repetitions")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for every peer (default 2)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per figure (median; default 5)")
     p.add_argument("--prefill", type=_ints, default=None, help="prompt lengths, e.g. 128,512,2048 (none: skip)")
     p.add_argument("--decode-batch", dest="decode_batch", type=_ints, default=None, help="e.g. 1,4,16")

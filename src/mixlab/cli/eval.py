@@ -69,10 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens scored per window (default: = context, disjoint windows as lm-eval)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
     p.add_argument("--max-docs", type=int, default=None, help="at most this many documents per domain")
     p.add_argument("--json", default=None, help="write the results as JSON here")
-    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer file or folder (default: the model's, else Mixtral's v1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_runtime_args(p)
     p.set_defaults(func=evaluate)

@@ -47,9 +47,13 @@ def _run(args: argparse.Namespace, task: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mixlab.cli.train import add_setting_args
+    from mixlab.train.finetune import FinetuneConfig
+
     for task, help_ in (("sft", "supervised fine-tuning on chat JSONL (messages), loss on assistant turns, packed"),
                         ("dpo", "Direct Preference Optimisation on JSONL pairs (chosen, rejected, prompt|messages)")):
-        p = sub.add_parser(task, help=help_)
+        p = sub.add_parser(task, help=help_, description="Flags override the config file's settings, which "
+                                                           "override the defaults shown.")
         p.add_argument("config", nargs="?", default=None, help="fine-tuning config file (.toml or .json)")
         p.add_argument("--model", default=None, help="starting weights: any checkpoint mixlab loads, or a run folder")
         p.add_argument("--data", default=None, help="JSONL file")
@@ -57,26 +61,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="held-out JSONL file (default: hold out --valid-fraction of --data)")
         p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, hf/, adapter/)")
         p.add_argument("--tokenizer", default=None, help="bytes, mixtral or a path (default: the checkpoint's)")
-        for name, typ in (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("steps", int), ("lr", float),
-                          ("warmup", int), ("weight_decay", float), ("clip", float), ("seed", int), ("threads", int),
-                          ("aux_loss_coef", float), ("eval_every", int), ("ckpt_every", int), ("keep", int),
-                          ("log_every", int), ("valid_fraction", float), ("max_examples", int),
-                          ("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float)):
-            p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+        add_setting_args(p, (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("steps", int),
+                             ("lr", float), ("warmup", int), ("weight_decay", float), ("clip", float), ("seed", int),
+                             ("threads", int), ("aux_loss_coef", float), ("eval_every", int), ("ckpt_every", int),
+                             ("keep", int), ("log_every", int), ("valid_fraction", float), ("max_examples", int),
+                             ("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float)), FinetuneConfig)
         p.add_argument("--lora-targets", dest="lora_targets", default=None,
                        help="comma-separated: attention, experts, router (default attention,experts)")
         p.add_argument("--lora-base-dtype", dest="lora_base_dtype", choices=["float32", "bfloat16", "int8"],
                        default=None, help="how the frozen base is held (int8: QLoRA-style)")
         p.add_argument("--merge", action="store_true", help="LoRA: also write the merged plain checkpoint (out/hf)")
-        p.add_argument("--freeze-router", dest="freeze_router", action="store_true")
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype")
-        p.add_argument("--device", default=None)
+        p.add_argument("--freeze-router", dest="freeze_router", action="store_true",
+                       help="keep the router's weights fixed")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                       help="autocast dtype (default float32)")
+        p.add_argument("--device", default=None, help="cpu (default) or cuda")
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
         if task == "dpo":
             p.add_argument("--beta", type=float, default=None, help="DPO beta (default 0.1)")
-            p.add_argument("--loss", choices=["sigmoid", "ipo"], default=None)
-            p.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=None)
-            p.add_argument("--reference-free", dest="reference_free", action="store_true")
+            p.add_argument("--loss", choices=["sigmoid", "ipo"], default=None, help="DPO loss (default sigmoid)")
+            p.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=None,
+                           help="sigmoid loss: conservative DPO's label smoothing (default 0)")
+            p.add_argument("--reference-free", dest="reference_free", action="store_true",
+                           help="reference log-probs 0: no reference model")
             p.add_argument("--length-normalize", dest="length_normalize", action="store_true",
                            help="mean instead of sum of reply token log-probs")
         p.set_defaults(func=lambda a, t=task: _run(a, t))

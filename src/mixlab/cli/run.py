@@ -253,10 +253,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.model / tokenizer.json or a folder (default: the model folder's, "
                         "else Mixtral's v1 tokenizer from mistral-common)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=256, help="(default 256)")
     g.add_argument("--temperature", type=float, help="0 (below 1e-5) = greedy (default: 0 for generate, 0.7 for chat)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: 1 for generate, 0.95 for chat)")
     g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--presence-penalty", type=float, default=0.0,
@@ -279,14 +279,14 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--int4-activations", choices=["int8", "float32"], default=None,
                    help="int4 decoding: activations rounded to int8 per block of 32 as llama.cpp does "
                         "(default, fast) or float32 (exact)")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     add_offload_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (BOS added)")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it does not fit")
     p.add_argument("--ep", type=int, default=None, metavar="N",
                    help="expert parallelism: split the experts over N processes (launch with torchrun "
@@ -298,7 +298,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(func=chat, temperature=0.7, top_p=0.95)
     p = sub.add_parser("build-kernels", help="build and check the native CPU kernels ahead of time "
-                       "(otherwise built when a model is first prepared for inference)")
+                       "(otherwise built when generate, chat, serve or eval first needs them)")
     p.set_defaults(func=build_kernels)
 
 

@@ -114,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (or a file mixlab loads)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model's, else Mixtral's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="(default 8000)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize and /tokenizer_info")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
@@ -142,5 +142,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
-    e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info: one line per request)")
     p.set_defaults(func=serve)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -99,6 +100,32 @@ def demo_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each numeric run-setting flag of train / sft / dpo sets; its default is read off the config class.
+SETTING_HELP = {
+    "data_offset": "training windows to skip first, to continue the stream an earlier run stopped in",
+    "seq_len": "tokens per training row", "batch_size": "rows per micro-batch over all processes; DPO: pairs",
+    "grad_accum": "micro-batches per optimizer step", "steps": "optimizer steps", "lr": "peak learning rate",
+    "warmup": "linear warm-up steps before the cosine decay", "clip": "gradient clipping by global norm; 0: off",
+    "weight_decay": "AdamW weight decay on matrices", "seed": "data order and initialisation",
+    "threads": "CPU threads for torch; 0: torch's default", "eval_every": "steps between evaluations; 0: none",
+    "ckpt_every": "steps between checkpoints; 0: none", "keep": "newest checkpoints kept",
+    "log_every": "steps between metrics records", "aux_loss_coef": "load-balancing loss coefficient",
+    "valid_fraction": "share of --data held out when there is no --valid-data",
+    "max_examples": "use only the first N lines of --data; 0: all",
+    "lora_rank": "LoRA rank; leave it out for full fine-tuning", "lora_alpha": "LoRA scale numerator: alpha / rank",
+    "lora_dropout": "dropout on LoRA inputs (attention only)",
+}
+
+
+def add_setting_args(p: argparse.ArgumentParser, settings: tuple[tuple[str, type], ...], config: Any) -> None:
+    """One flag per numeric run setting (default None: the config file's value, else `config`'s default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, typ in settings:
+        shown = "the checkpoint's" if defaults[name] is None else f"{defaults[name]:g}"
+        text = SETTING_HELP[name] if name == "lora_rank" else f"{SETTING_HELP[name]} (default {shown})"
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
+
+
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     """--ep / --fsdp: training over several processes (launch with torchrun; docs/scaling.md)."""
     p.add_argument("--ep", type=int, default=None, metavar="E",
@@ -117,12 +144,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--domains", default=None, help="comma-separated domains to keep (default: all)")
     q.add_argument("--valid-fraction", type=float, default=0.05,
                    help="documents held out per domain when it has no valid file (default 0.05)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="which documents are held out (default 0)")
     q.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files mixlab did not write (never one holding a source)")
     q.set_defaults(func=data_prepare)
 
-    p = sub.add_parser("train", help="train a (MoE) model on a prepared dataset")
+    from mixlab.train.loop import TrainConfig
+
+    p = sub.add_parser("train", help="train a (MoE) model on a prepared dataset",
+                       description="Flags override the config file's settings, which override the defaults shown.")
     p.add_argument("config", nargs="?", default=None, help="training config file (.json or .toml)")
     p.add_argument("--data", default=None, help="prepared dataset folder")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, hf/)")
@@ -133,14 +163,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "is the checkpoint's")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="model config override, e.g. --set dim=256 --set moe.num_experts=8 (repeatable)")
-    for name, typ in (("data_offset", int), ("seq_len", int), ("batch_size", int), ("grad_accum", int),
-                      ("steps", int), ("lr", float),
-                      ("warmup", int), ("clip", float), ("weight_decay", float), ("seed", int), ("threads", int),
-                      ("eval_every", int), ("ckpt_every", int), ("keep", int), ("log_every", int)):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype")
-    p.add_argument("--device", default=None)
-    p.add_argument("--activation-checkpointing", action="store_true")
+    add_setting_args(p, (("data_offset", int), ("seq_len", int), ("batch_size", int), ("grad_accum", int),
+                         ("steps", int), ("lr", float), ("warmup", int), ("clip", float), ("weight_decay", float),
+                         ("seed", int), ("threads", int), ("eval_every", int), ("ckpt_every", int), ("keep", int),
+                         ("log_every", int)), TrainConfig)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype (default float32)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass instead of keeping its activations")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -153,5 +183,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
     p.add_argument("--data", default=None, help="train on a corpus in the shared layout instead")
     p.add_argument("--out", default=None, help="keep the run folder here (default: a temporary folder)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="corpus, held-out split, initialisation and data order (default 0)")
     p.set_defaults(func=demo_cmd)
