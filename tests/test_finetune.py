@@ -597,3 +597,10 @@ def test_a_damaged_mixlab_data_json_names_the_file(ckpt: Path, chat_files: tuple
         with pytest.raises(DataError, match=r"model/mixlab_data.json: no readable 'tokenizer' entry.*--tokenizer"):
             finetune(_cfg(model, chat_files[0], tmp_path / "run", steps=1))
     assert finetune(_cfg(model, chat_files[0], tmp_path / "run", steps=1, tokenizer="bytes", eval_every=0)).step == 1
+
+
+def test_eval_line_prints_counts_as_integers() -> None:
+    """The progress line read 'eval_loss 3.0280, eval_tokens 21202.0000'."""
+    from mixlab.train.finetune import eval_line
+
+    assert eval_line({"step": 3, "eval_loss": 3.02801, "eval_tokens": 21202}) == "eval_loss 3.0280, eval_tokens 21,202"

@@ -8,7 +8,7 @@ import signal
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
-    from mixlab.train.finetune import finetune, load_finetune_config
+    from mixlab.train.finetune import eval_line, finetune, load_finetune_config
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run folder
         raise ValueError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
         return 128 + result.stopped_by
     if result.evals:
         ev = result.evals[-1]
-        print(f"step {result.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if k != "step"))
+        print(f"step {result.step}: {eval_line(ev)}")
     print(f"run folder: {result.out}")
     return 0
 

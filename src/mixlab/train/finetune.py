@@ -278,6 +278,11 @@ def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig
     return {"chosen": ch, "rejected": rj}
 
 
+def eval_line(ev: dict[str, Any]) -> str:
+    """An evaluation's result in one progress line (counts as integers, the rest to 4 decimals)."""
+    return ", ".join(f"{k} {v:,.0f}" if k.endswith("_tokens") else f"{k} {v:.4f}" for k, v in ev.items() if k != "step")
+
+
 @torch.no_grad()
 def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneConfig) -> dict[str, float]:
     """Cross-entropy per assistant token over the held-out conversations (token-weighted)."""
@@ -564,7 +569,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 metrics.write(ev)
                 evals.append(ev)
                 if bar is not None:
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if k != "step"))
+                    bar.write(f"step {step}: {eval_line(ev)}")
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
                 save()
         if step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after):
