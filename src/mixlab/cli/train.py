@@ -140,7 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("sources", nargs="+", help="files or folders (shared corpus layout: <domain>/train.jsonl, "
                                               "<domain>/valid.jsonl; else domain = top-level subfolder)")
     q.add_argument("--out", required=True, help="dataset folder to write")
-    q.add_argument("--tokenizer", default="bytes", help="bytes (default), mixtral, or a SentencePiece .model path")
+    q.add_argument("--tokenizer", default="bytes",
+                   help="bytes (default), mixtral, or a path: a SentencePiece .model, a tokenizer.json or a folder "
+                        "holding one")
     q.add_argument("--domains", default=None, help="comma-separated domains to keep (default: all)")
     q.add_argument("--valid-fraction", type=float, default=0.05,
                    help="documents held out per domain when it has no valid file (default 0.05)")
