@@ -193,16 +193,23 @@ def _assert_close_runs(got: list[dict[str, Any]], want: list[dict[str, Any]]) ->
         assert rel <= 1e-5, (key, rel, a.tolist(), b.tolist())
 
 
-def _first_step_grads(run: Path, data: Path) -> dict[str, torch.Tensor]:
-    """The first step's gradients (after clipping) from the step-1 checkpoint: AdamW's first
-    exp_avg is (1 - beta1) * grad. Reading it whole also checks a sharded checkpoint loads in one process."""
+def _loaded_checkpoint(run: Path, data: Path, step: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A one-process model and optimizer with checkpoint `step` of `run` loaded into them."""
     from mixlab.model import Transformer
 
     cfg = load_train_config(None, **_cfg(data, run))
     model = Transformer(build_model_config(cfg, TokenDataset(data)))
     opt = make_optimizer(model, cfg)
-    checkpoints.load(run / "checkpoints" / "step_00000001", model=model, optimizer=opt)
-    return {n: opt.state[p]["exp_avg"] / (1 - cfg.beta1) for n, p in model.named_parameters()}
+    checkpoints.load(run / "checkpoints" / step, model=model, optimizer=opt)
+    return model, opt
+
+
+def _first_step_grads(run: Path, data: Path) -> dict[str, torch.Tensor]:
+    """The first step's gradients (after clipping) from the step-1 checkpoint: AdamW's first
+    exp_avg is (1 - beta1) * grad. Reading it whole also checks a sharded checkpoint loads in one process."""
+    model, opt = _loaded_checkpoint(run, data, "step_00000001")
+    beta1 = load_train_config(None, **_cfg(data, run)).beta1
+    return {n: opt.state[p]["exp_avg"] / (1 - beta1) for n, p in model.named_parameters()}
 
 
 LAYOUTS = ["ep2", "fsdp2", "ep2_fsdp", "ep2_dp2_fsdp"]
@@ -311,6 +318,16 @@ def test_a_bad_layout_is_one_line_printed_once(small_data: Path, tmp_path: Path,
     lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
     assert len(lines) == 1 and lines[0].startswith(message), err[-3000:]
     assert "[rank" not in err, err[-3000:]  # no worker's traceback
+
+
+def test_checkpoint_after_an_evaluation_holds_every_optimizer_state(small_data: Path, tmp_path: Path) -> None:
+    """An evaluation (forward only) left the FSDP root's parameters unsharded, so a checkpoint saved
+    right after it (eval_every = ckpt_every) lacked the AdamW states of the embedding, final norm and
+    output, and could not be resumed."""
+    cfg = _cfg(small_data, tmp_path / "run", steps=2, eval_every=2, ckpt_every=2, eval_windows=1)
+    _run_group(2, [{"kind": "train", "ep": 1, "fsdp": True, "cfg": cfg}])
+    _, opt = _loaded_checkpoint(tmp_path / "run", small_data, "step_00000002")
+    assert all(float(s["exp_avg"].abs().sum()) > 0 for s in opt.state.values())
 
 
 def test_generate_under_torchrun_without_ep_is_refused(tmp_path: Path) -> None:

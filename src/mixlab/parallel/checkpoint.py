@@ -61,6 +61,14 @@ def _global(t: torch.Tensor, layout: Layout, expert: bool) -> torch.Tensor:
 def state_dict(model: Transformer, optimizer: torch.optim.Optimizer, layout: Layout,
                expert_names: set[str]) -> dict[str, torch.Tensor]:
     """Parameters and optimizer state, named as a single-process checkpoint names them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # A forward without backward (an evaluation) leaves the FSDP root's parameters unsharded (FSDP2
+    # keeps the root's for the backward it expects): the module then holds other tensors than the
+    # optimizer's, whose states would be missing from the checkpoint (norm, embedding, output).
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
     sd: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         ex = name in expert_names
