@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mixlab.checkpoint import load_model
+from mixlab.checkpoint import CheckpointError, load_model
 from mixlab.train import checkpoints
 from mixlab.train.data import TokenDataset, prepare, read_documents
 from mixlab.train.loop import build_model_config, load_train_config, make_optimizer, train
@@ -328,6 +328,16 @@ def test_checkpoint_after_an_evaluation_holds_every_optimizer_state(small_data: 
     _run_group(2, [{"kind": "train", "ep": 1, "fsdp": True, "cfg": cfg}])
     _, opt = _loaded_checkpoint(tmp_path / "run", small_data, "step_00000002")
     assert all(float(s["exp_avg"].abs().sum()) > 0 for s in opt.state.values())
+    # A model it does not fit: one line naming the folder and the cause (DCP's CheckpointException
+    # is a BaseException: it went through `except Exception` as a traceback).
+    from mixlab.model import Transformer
+
+    train_cfg = load_train_config(None, **cfg)
+    wrong = Transformer(build_model_config(train_cfg, TokenDataset(small_data)).replace(ffn_dim=64))
+    why = r"step_00000002: cannot load into this model \(Size mismatch .*experts\.w13\)"
+    with pytest.raises(CheckpointError, match=why):
+        checkpoints.load(tmp_path / "run" / "checkpoints" / "step_00000002", model=wrong,
+                         optimizer=make_optimizer(wrong, train_cfg))
 
 
 def test_generate_under_torchrun_without_ep_is_refused(tmp_path: Path) -> None:

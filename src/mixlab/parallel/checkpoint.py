@@ -39,7 +39,6 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from mixlab.atomic import atomic_folder
-from mixlab.checkpoint.io import CheckpointError
 from mixlab.model import Transformer
 from mixlab.parallel.mesh import Layout
 from mixlab.train import checkpoints
@@ -120,10 +119,7 @@ def load(ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer | N
         checkpoints.init_optimizer_state(optimizer)
     sd = state_dict(model, optimizer, layout, expert_names) if optimizer is not None else {
         n: _global(p.detach(), layout, n in expert_names) for n, p in model.named_parameters()}
-    try:
-        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)))
-    except Exception as e:  # DCP wraps per-rank failures; name the folder and the first cause
-        raise CheckpointError(f"{ckpt}: cannot load into this model ({str(e).splitlines()[0][:300]})") from None
+    checkpoints.dcp_load(sd, ckpt)
     rng = load_file(str(ckpt / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     return state

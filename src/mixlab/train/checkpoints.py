@@ -311,10 +311,22 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def dcp_load(sd: dict[str, torch.Tensor], ckpt: Path, **kw: Any) -> None:
+    """`torch.distributed.checkpoint.load` of `ckpt` into `sd`, in place. A failure is a
+    CheckpointError naming the folder and the first rank's cause (DCP raises CheckpointException,
+    a BaseException, which `except Exception` lets through as a traceback)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), **kw)
+    except (Exception, dcp.CheckpointException) as e:
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) and e.failures else e
+        raise CheckpointError(f"{ckpt}: cannot load into this model ({str(cause).splitlines()[0][:300]})") from None
+
+
 def _load_dcp(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """A checkpoint written by a sharded run (mixlab.parallel.checkpoint: torch.distributed.checkpoint's
     safetensors files, each piece with its offset) read whole into this single-process model."""
-    import torch.distributed.checkpoint as dcp
 
     sd: dict[str, torch.Tensor] = {}
     if optimizer is not None:
@@ -324,9 +336,6 @@ def _load_dcp(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         for key, v in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
             if isinstance(v, torch.Tensor):
                 sd[f"state.{name}.{key}"] = v
-    try:
-        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), no_dist=True)
-    except Exception as e:  # DCP's own error types; name the folder and the first cause
-        raise CheckpointError(f"{ckpt}: cannot load into this model ({str(e).splitlines()[0][:300]})") from None
+    dcp_load(sd, ckpt, no_dist=True)
     if optimizer is not None:  # resuming, not only taking the weights
         torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_cpu"])
