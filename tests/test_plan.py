@@ -142,3 +142,11 @@ def test_does_not_fit_suggests_only_what_the_layout_lacks():
                                             "optimizer-state offload (not implemented here)"]
     neither = plan(MIXTRAL, mode="train", devices=8, ep=8)
     assert neither.notes[0].startswith("does not fit: try --fsdp, --activation-checkpointing, more --devices")
+
+
+def test_train_seq_past_the_context_is_noted():
+    """--seq 4096 (the default) on a 512-token model planned a training run that mixlab train refuses."""
+    cfg = get_preset("tiny-moe")  # context 512
+    assert plan(cfg, mode="train", seq=4096).notes[0] == (
+        "--seq 4096 is past the model's context (512 tokens): mixlab train refuses such a seq_len")
+    assert not plan(cfg, mode="train", seq=512).notes

@@ -208,6 +208,9 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
     if mode == "infer" and seq > config.max_seq_len:  # a sequence never holds more (generate refuses it)
         context_note = f"--seq {seq} is past the model's context: planned at its {config.max_seq_len} tokens"
         seq = config.max_seq_len
+    elif mode == "train" and seq > config.max_seq_len:  # planned as asked, but no run of it starts
+        context_note = (f"--seq {seq} is past the model's context ({config.max_seq_len} tokens): mixlab train "
+                        "refuses such a seq_len")
     ps = count_params(config)
     pl = Plan(mode=mode, devices=devices, ep=ep, dp=dp, fsdp=fsdp, seq=seq, batch=batch, dtype=dtype, quant=quant,
               activation_checkpointing=activation_checkpointing, device_mem=device_mem, params=ps)
