@@ -291,6 +291,20 @@ def test_dense_models_and_bad_values_are_refused(tmp_path, ckpt):
         load_model(dense, max_memory="1GB")
     with pytest.raises(ValueError, match="unknown eviction policy 'mru'"):
         load_model(ckpt, max_memory="1GB", policy="mru")
+    with pytest.raises(ValueError, match="prefetch must be True or False, not 'no'"):
+        load_model(ckpt, max_memory="1GB", prefetch="no")
+
+
+def test_offload_options_without_max_memory_are_refused(ckpt, capsys):
+    """policy= / prefetch= (--offload-policy / --no-prefetch) alone would do nothing: refused."""
+    with pytest.raises(ValueError, match=r"policy='lfu' without max_memory: .* pass max_memory= too"):
+        load_model(ckpt, policy="lfu")
+    with pytest.raises(ValueError, match=r"prefetch=False without max_memory"):
+        load_model(ckpt, prefetch=False)
+    for flag in (["--offload-policy", "lfu"], ["--no-prefetch"]):
+        rc = main(["generate", "--model", str(ckpt), "--prompt", "x", "--max-new-tokens", "2", *flag])
+        assert rc == 2 and "are for offloaded experts: pass --max-memory too" in capsys.readouterr().err
+    assert isinstance(load_model(ckpt, max_memory="1GB", policy="lfu").layers[0].ffn.experts, OffloadedExperts)
 
 
 @pytest.mark.parametrize("text,want", [("4GB", 4 * 10**9), ("4GiB", 4 << 30), ("4g", 4 << 30), ("512MB", 512 * 10**6),

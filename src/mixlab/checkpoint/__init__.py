@@ -196,8 +196,8 @@ def load_model(
     device: str | torch.device = "cpu",
     config: ModelConfig | None = None,
     max_memory: int | str | None = None,
-    policy: str = "lru",
-    prefetch: bool = True,
+    policy: str | None = None,
+    prefetch: bool | None = None,
 ) -> Transformer:
     """Load a checkpoint folder (transformers or Mistral format) or a llama.cpp GGUF file
     (`checkpoint/gguf_read.py`: Q4_0 matrices stay int4) into a mixlab `Transformer`.
@@ -208,9 +208,10 @@ def load_model(
 
     `max_memory` (bytes, or a size such as "4GB"): offload the experts (`checkpoint/offload.py`):
     they stay on disk and are read on demand into an expert cache of that many bytes (`policy`
-    "lru" or "lfu"; `prefetch`: guess the next layer's experts and read them in the background).
-    Everything else is loaded as usual. Inference only, CPU only; `prepare_for_inference(quant=)`
-    then sets the cache's format (plain, int8 or int4).
+    "lru" (default) or "lfu"; `prefetch` (default True): guess the next layer's experts and read them
+    in the background; both are refused without `max_memory`). Everything else is loaded as usual.
+    Inference only, CPU only; `prepare_for_inference(quant=)` then sets the cache's format (plain,
+    int8 or int4).
     """
     from mixlab.config import parse_bytes
     from mixlab.ops.offload import POLICIES
@@ -220,10 +221,18 @@ def load_model(
                          f"not {type(config).__name__}")
     root = Path(path)
     dev = parse_device(device)  # before any reading, for a GGUF file too
+    if max_memory is None and (policy is not None or prefetch is not None):  # they would do nothing
+        given = " and ".join(f"{k}={v!r}" for k, v in (("policy", policy), ("prefetch", prefetch)) if v is not None)
+        raise ValueError(f"{given} without max_memory: the eviction policy and prefetching are for offloaded "
+                         "experts; pass max_memory= too (e.g. max_memory='4GB')")
+    policy = "lru" if policy is None else policy
+    prefetch = True if prefetch is None else prefetch
     if max_memory is not None:
         max_memory = parse_bytes(max_memory, what="max_memory")
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        if not isinstance(prefetch, bool):
+            raise ValueError(f"prefetch must be True or False, not {prefetch!r}")
     if root.suffix == ".gguf" and not root.is_dir():
         from mixlab.checkpoint.gguf_read import load_gguf
 

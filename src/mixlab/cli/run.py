@@ -70,6 +70,8 @@ def _offload_args(args: argparse.Namespace) -> dict[str, Any]:
     from mixlab.config import parse_bytes
 
     if getattr(args, "max_memory", None) is None:
+        if getattr(args, "offload_policy", None) is not None or getattr(args, "no_prefetch", False):
+            raise ValueError("--offload-policy and --no-prefetch are for offloaded experts: pass --max-memory too")
         return {}
     return dict(max_memory=parse_bytes(args.max_memory, what="--max-memory"), policy=args.offload_policy,
                 prefetch=not args.no_prefetch)
@@ -95,7 +97,7 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="keep the experts on disk and cache at most SIZE bytes of them in memory "
                         "(e.g. 4GB, 512MiB); attention, norms and embeddings stay resident")
-    g.add_argument("--offload-policy", choices=["lru", "lfu"], default="lru",
+    g.add_argument("--offload-policy", choices=["lru", "lfu"], default=None,
                    help="expert cache eviction (default lru)")
     g.add_argument("--no-prefetch", action="store_true",
                    help="do not guess and read the next layer's experts in the background")
