@@ -63,7 +63,8 @@ TOKENS = torch.randint(0, CFG.vocab_size, (3, 12), generator=torch.Generator().m
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
 def test_equals_resident_every_format_and_budget(ckpt, quant, fraction):
     kind = quant or "plain"
-    ref = prepare_for_inference(load_model(ckpt), quant=quant)
+    # Offloaded int4 experts multiply exact activations: the resident model's "float32" mode.
+    ref = prepare_for_inference(load_model(ckpt), quant=quant, int4_activations="float32" if quant == "int4" else None)
     want_logits, want_ids = _outputs(ref, TOKENS)
     # Every policy x prefetch combination once (float32 at half the experts), two elsewhere: keeps it fast.
     combos = [("lru", True), ("lfu", False)]
@@ -173,6 +174,20 @@ def test_budget_too_small_for_any_format_is_refused_at_load(ckpt):
     model = load_model(ckpt, max_memory=least)  # int4 could fit: checked when the format is final
     with pytest.raises(ValueError, match=r"holds 0 experts .* top-2"):
         prepare_for_inference(model)
+
+
+def test_int8_activations_are_refused_for_offloaded_int4(ckpt, capsys):
+    """Offloaded experts have no native whole-model step, whose int8 activations int4_activations
+    chooses: asking for them is refused (it was ignored, and the tokens differed from the resident
+    model's); "float32", what they do, is accepted."""
+    model = load_model(ckpt, max_memory="1GB")
+    with pytest.raises(ValueError, match="int4_activations='int8' applies to resident models"):
+        prepare_for_inference(model, quant="int4", int4_activations="int8")
+    assert model.int4_activations is None and expert_cache(model).fmt.kind == "plain"  # type: ignore[union-attr]
+    prepare_for_inference(model, quant="int4", int4_activations="float32")
+    rc = main(["generate", "--model", str(ckpt), "--prompt", "x", "--max-new-tokens", "2", "--max-memory", "1GB",
+               "--quant", "int4", "--int4-activations", "int8"])
+    assert rc == 2 and "applies to resident models" in capsys.readouterr().err
 
 
 def test_int4_experts_of_an_odd_width_are_refused_at_preparation(tmp_path):

@@ -17,7 +17,8 @@ Each weight format is a module type (`mixlab.model.formats`); `inference_format`
   128; llama.cpp's Q4_0 arithmetic at 32): a quarter of bf16's bytes plus the scales.
 - offloaded experts (`load_model(..., max_memory=)`): the expert cache takes the format (`quant`)
   and the linears are converted as above; no native whole-model decoder (the experts are not
-  resident), the registry's per-layer kernels run on the cache's slots.
+  resident), the registry's per-layer kernels run on the cache's slots. Their int4 products take
+  exact float32 activations: a resident model gives the same tokens with `int4_activations="float32"`.
 
 The token embedding is left alone (a lookup reads one row per token) and so is the router (tiny,
 and float32 so that routing decisions do not move).
@@ -132,7 +133,8 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     int4 weights (a GGUF Q4_0 file) keeps them; with `quant="int4"` its float matrices become int4
     too, else they stay as they are. Any other prepared model is refused. `int4_activations`: how
     native decoding multiplies int4 weights, "int8" (activations rounded to int8 per block of 32,
-    as llama.cpp does; the default, fast) or "float32" (exact); see `mixlab.model.native`."""
+    as llama.cpp does; the default, fast) or "float32" (exact; what offloaded experts always do, so
+    "int8" is refused for them); see `mixlab.model.native`."""
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
     if int4_activations is not None:
@@ -143,6 +145,9 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     prepared = inference_format(model)
     if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)):
         raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
+    if cache is not None and int4_activations == "int8":  # it would be ignored: no native whole-model step
+        raise ValueError("int4_activations='int8' applies to resident models: offloaded experts run per-layer "
+                         "kernels that multiply exact float32 activations (what 'float32' gives a resident model)")
     if int4_activations is not None:  # set once the model is known to be preparable
         model.int4_activations = int4_activations
     # The engine's decoder over the unprepared weights (an earlier `generate`) would keep them alive
