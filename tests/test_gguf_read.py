@@ -378,3 +378,21 @@ def test_valid_header_but_wrong_model_is_refused(tmp_path):
     other.write_bytes(bytes(raw).replace(n5 + b"llama", n5 + b"gemma", 1))
     with pytest.raises(CheckpointError, match="architecture 'gemma' is not supported"):
         load_model(other)
+
+
+def test_a_type_nothing_dequantises_is_refused_before_reading(tmp_path, monkeypatch):
+    """I32 (or F64, Q8_1: types the gguf package has no dequantisation for) is named with its tensor
+    before any tensor is read; it was gguf's NotImplementedError from the middle of the load."""
+    path = write_gguf(_model("dense"), tmp_path / "m.gguf", quant="f32")
+    raw = bytearray(path.read_bytes())
+    name = b"blk.0.attn_norm.weight"
+    at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4 + 8  # past the rank and the one dim
+    assert struct.unpack_from("<I", raw, at)[0] == 0  # F32 -> I32: same size, a valid header
+    struct.pack_into("<I", raw, at, int(gguf.GGMLQuantizationType.I32))
+    bad = tmp_path / "i32.gguf"
+    bad.write_bytes(bytes(raw))
+    assert read_header(bad).tensors[name.decode()].type_name == "I32"
+    monkeypatch.setattr(gguf_read._Reader, "raw", lambda *a: pytest.fail("a tensor was read"))
+    with pytest.raises(CheckpointError, match="i32.gguf: tensor 'blk.0.attn_norm.weight' is I32, a type mixlab "
+                                              "cannot read"):
+        load_model(bad)

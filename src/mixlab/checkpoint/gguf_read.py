@@ -18,7 +18,8 @@ and mixlab's own `write_gguf` write them) become a mixlab `Transformer`:
   scale and 16 nibble bytes are split apart and nothing is requantised (the embedding, a lookup
   table, is dequantised);
 - Q8_0 is dequantised exactly (int8 x f16 is exact in float32), and every other type through the
-  `gguf` package's `quants.dequantize`.
+  `gguf` package's `quants.dequantize`; a type it has no dequantisation for (Q8_1, F64, the integer
+  types) is refused, naming the tensor, before any tensor is read.
 The q and k rows are put back from llama.cpp's adjacent-pairs rotary layout to mixlab's rotate-half
 layout (the inverse of `gguf.rope_permute`). The tokenizer comes from the metadata
 (`mixlab.tokenizer.load_tokenizer("model.gguf")`): a SentencePiece model is rebuilt from the
@@ -29,6 +30,7 @@ Shape legend: E experts, F expert FFN width, D width, X output rows.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -369,16 +371,31 @@ class _Reader:
 
             q, s = self.q4(t)
             return dequantize_int4(q, s, dtype)
-        else:
-            try:
-                from gguf import GGMLQuantizationType
-                from gguf.quants import dequantize
-            except ImportError:
-                raise CheckpointError(f"{self.h.path}: tensor {t.name!r} is {t.type_name}; dequantising it needs the "
-                                      "gguf package (pip install gguf)") from None
+        else:  # a type `_readable` accepted (checked before any tensor is read)
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize
+
             row_bytes = t.nbytes // math.prod(t.shape[:-1])
             x = torch.from_numpy(dequantize(raw.reshape(-1, row_bytes), GGMLQuantizationType(t.type)).reshape(-1))
         return x.reshape(t.shape).to(dtype)
+
+
+@functools.cache
+def _readable(ttype: int) -> bool:
+    """Whether `_Reader.floats` reads this ggml type: one of mixlab's own, or one the gguf package
+    dequantises (it has no dequantisation for some, e.g. Q8_1, F64 and the integer types)."""
+    if ttype in CORE_TYPES:
+        return True
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+    except ImportError:
+        return False
+    try:
+        dequantize(np.zeros((1, _type_table()[ttype][2]), np.uint8), GGMLQuantizationType(ttype))  # one block
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _expect(h: GGUFHeader, name: str, shape: tuple[int, ...]) -> GGUFTensor:
@@ -423,6 +440,12 @@ def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], 
     out.append(("norm.weight", [_expect(h, "output_norm.weight", (D,))], "norm"))
     if not cfg.tie_embeddings:
         out.append(("output.weight", [_expect(h, "output.weight", (V, D))], "matrix"))
+    for _, ts, _ in out:
+        for t in ts:
+            if not _readable(t.type):
+                raise CheckpointError(f"{h.path}: tensor {t.name!r} is {t.type_name}, a type mixlab cannot read as "
+                                      "weights (F32, F16, BF16, Q4_0, Q8_0, and the quantised types the gguf package "
+                                      "dequantises: pip install gguf)")
     wanted = {t.name for _, ts, _ in out for t in ts}
     extra = sorted(set(h.tensors) - wanted - {"rope_freqs.weight"})
     if extra:
