@@ -31,7 +31,8 @@ from torch import nn
 
 from conftest import gguf_test_model, llama_cpp_converter
 from mixlab.checkpoint import CheckpointError, gguf_read, load_model, save_model
-from mixlab.checkpoint.gguf import write_gguf
+from mixlab.checkpoint.gguf import _tensors as gguf_tensors
+from mixlab.checkpoint.gguf import gguf_writer, write_gguf
 from mixlab.checkpoint.gguf_read import read_header
 from mixlab.model import Experts, MoEBlock, Transformer
 from mixlab.model.formats import Int4Experts
@@ -396,3 +397,24 @@ def test_a_type_nothing_dequantises_is_refused_before_reading(tmp_path, monkeypa
     with pytest.raises(CheckpointError, match="i32.gguf: tensor 'blk.0.attn_norm.weight' is I32, a type mixlab "
                                               "cannot read"):
         load_model(bad)
+
+
+def test_rotary_frequency_factors_are_refused(tmp_path):
+    """llama.cpp's converter writes Llama 3.1's 'llama3' rope scaling as a `rope_freqs.weight` tensor
+    (no metadata key), which llama.cpp applies: it was ignored, and the logits differed from llama.cpp's."""
+    model = _model("dense")
+    cfg = model.config
+    w = gguf_writer(cfg, name="x", file_type=0)
+    items = [(n, t.detach().float().numpy(), tuple(t.shape)) for n, t, _ in gguf_tensors(model, cfg)]
+    items.append(("rope_freqs.weight", np.array([1.0] * 4 + [8.0] * 4, np.float32), (cfg.head_dim // 2,)))
+    for n, data, shape in items:
+        w.add_tensor_info(n, shape, np.dtype(np.float32), data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+    path = tmp_path / "freqs.gguf"
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, data, _ in items:
+        w.write_tensor_data(data)
+    w.close()
+    with pytest.raises(CheckpointError, match="freqs.gguf: rope_freqs.weight holds per-frequency rotary factors"):
+        load_model(path)

@@ -285,6 +285,9 @@ def config_from_header(h: GGUFHeader) -> ModelConfig:
     scaling = h.metadata.get(a + "rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise CheckpointError(f"{h.path}: rope scaling {scaling!r} is not supported")
+    if "rope_freqs.weight" in h.tensors:  # written without a rope.scaling.type; llama.cpp divides by its factors
+        raise CheckpointError(f"{h.path}: rope_freqs.weight holds per-frequency rotary factors (Llama 3.1's 'llama3' "
+                              "rope scaling), which mixlab's rotary embedding does not implement")
     n_heads = _meta(h, a + "attention.head_count", int)
     dim = _meta(h, a + "embedding_length", int)
     emb = h.tensors.get("token_embd.weight")
@@ -447,7 +450,7 @@ def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], 
                                       "weights (F32, F16, BF16, Q4_0, Q8_0, and the quantised types the gguf package "
                                       "dequantises: pip install gguf)")
     wanted = {t.name for _, ts, _ in out for t in ts}
-    extra = sorted(set(h.tensors) - wanted - {"rope_freqs.weight"})
+    extra = sorted(set(h.tensors) - wanted)
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         raise CheckpointError(f"{h.path}: unexpected tensors for a {'MoE' if cfg.moe else 'dense'} llama model: "
