@@ -418,3 +418,17 @@ def test_rotary_frequency_factors_are_refused(tmp_path):
     w.close()
     with pytest.raises(CheckpointError, match="freqs.gguf: rope_freqs.weight holds per-frequency rotary factors"):
         load_model(path)
+
+
+def test_info_shows_what_a_gguf_stores_and_checks_its_tensors(tmp_path, capsys):
+    """`mixlab info x.gguf` checks the tensors as `mixlab info DIR` and load_model do (it read the
+    config alone: rc 0 for a file no loader takes) and says what is stored, per ggml type."""
+    from mixlab.cli import main
+
+    path = write_gguf(_model("moe"), tmp_path / "m.gguf", quant="q4_0")
+    assert main(["info", str(path)]) == 0
+    assert "stored:            GGUF v3, 23 tensors: Q4_0 " in capsys.readouterr().out
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(path.read_bytes().replace(b"blk.1.ffn_up_exps", b"blk.1.ffn_xx_exps", 1))
+    assert main(["info", str(bad)]) == 2
+    assert "bad.gguf: missing tensor 'blk.1.ffn_up_exps.weight'" in capsys.readouterr().err

@@ -458,6 +458,18 @@ def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], 
     return out
 
 
+def describe(path: str | Path) -> str:
+    """What a GGUF file stores, from its header alone (`mixlab info`), checked against its config as
+    `load_gguf` checks it: version, tensor count and bytes per ggml type."""
+    h = read_header(path)
+    _plan(h, config_from_header(h))
+    by: dict[str, int] = {}
+    for t in h.tensors.values():
+        by[t.type_name] = by.get(t.type_name, 0) + t.nbytes
+    return f"GGUF v{h.version}, {len(h.tensors)} tensors: " + ", ".join(
+        f"{k} {v:,} bytes" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+
+
 def _default_dtype(h: GGUFHeader) -> torch.dtype:
     """The float type holding most of the file's float bytes; float32 when every matrix is quantised."""
     by = {F16: 0, BF16: 0}

@@ -50,6 +50,10 @@ def info(args: argparse.Namespace) -> int:
         plan(Path(args.model), cfg)  # names, shapes and dtypes checked against the config, as load_model does
         stored = f"{d.format} format, {d.tensors} tensors in {d.files} file(s): " + ", ".join(
             f"{dtype_name(DTYPES[k]) if k in DTYPES else k} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
+    elif Path(args.model).suffix == ".gguf":  # its tensors checked as load_model checks them
+        from mixlab.checkpoint.gguf_read import describe as describe_gguf
+
+        stored = describe_gguf(args.model)
     counts = cfg.param_counts()
     kind = f"MoE, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}" if cfg.moe else "dense"
     window = f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""
