@@ -159,7 +159,8 @@ def gguf_test_model(kind: str):
     from mixlab.config import get_preset
     from mixlab.model import MoEBlock, Transformer
 
-    cfg = get_preset("tiny-moe" if kind == "moe" else "tiny-dense").replace(vocab_size=32000)
+    # no sliding window: llama.cpp's `llama` architecture has none (write_gguf warns)
+    cfg = get_preset("tiny-moe" if kind == "moe" else "tiny-dense").replace(vocab_size=32000, sliding_window=None)
     model = Transformer(cfg)
     model.init_weights(std=0.1, seed=0)
     with torch.no_grad():

@@ -119,3 +119,17 @@ def test_convert_cli_writes_a_gguf_llama_cpp_reads(tmp_path, capsys):
     with torch.no_grad():
         ref = model(tokens)[0].numpy()
     np.testing.assert_allclose(_llama_logits(tmp_path / "m.gguf", tokens[0].tolist()), ref, atol=1e-3, rtol=0)
+
+
+def test_a_sliding_window_left_out_is_a_warning(tmp_path):
+    """llama.cpp's `llama` architecture has no sliding window: writing a model with one says so
+    (it was dropped silently, and the file's model attends to the whole context)."""
+    import warnings
+
+    model = _model("dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_gguf(model, tmp_path / "m.gguf", quant="f32")
+    model.config = model.config.replace(sliding_window=32)  # in a 512-token context
+    with pytest.warns(UserWarning, match=r"m.gguf: the model's sliding window \(32 tokens\) is not written"):
+        write_gguf(model, tmp_path / "m.gguf", quant="f32")

@@ -18,13 +18,14 @@ renamed into place at the end (mixlab.atomic.atomic_file), so a failure never le
 `.gguf`, and a killed export's temporary is removed by the next export to the same name.
 
 llama.cpp's `llama` architecture has no sliding-window attention: a dense model with a window
-gives the same logits only for sequences no longer than the window.
+gives the same logits only for sequences no longer than the window (`write_gguf` warns).
 
 Shape legend: E experts, F expert FFN width, D width, H query heads, G kv heads, Hd head dim.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,11 @@ def write_gguf(
     if dst.suffix != ".gguf":
         raise OutputError(f"{dst}: a GGUF file name must end in .gguf")
     check_destination(dst, sources=sources or [], overwrite=overwrite, kind="file", magic=b"GGUF")
+    if config.sliding_window is not None and config.sliding_window < config.max_seq_len:
+        warnings.warn(f"{dst}: the model's sliding window ({config.sliding_window} tokens) is not written: "
+                      "llama.cpp's llama architecture (and a mixlab load of the file) attends to the whole "
+                      f"context, so the logits equal this model's only up to {config.sliding_window} tokens",
+                      stacklevel=2)
     qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quant]
     ftype = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0,
              "q4_0": FT.MOSTLY_Q4_0}[quant]
