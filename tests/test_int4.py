@@ -290,3 +290,26 @@ def test_a_width_the_groups_do_not_divide_is_refused_before_any_conversion():
         prepare_for_inference(model, quant="int4")
     assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
     assert not any(isinstance(b.ffn.experts, Int4Experts) for b in model.layers)
+
+
+def test_int4_of_a_model_holding_q4_0_keeps_its_group(tmp_path):
+    """A GGUF Q4_0 file's int4 weights are in groups of 32: quant="int4" with group=64 for its float
+    matrices (here the output, as llama.cpp's quantiser leaves it Q8_0) is refused; it gave a model of
+    mixed groups, which the native decoder refuses, so decoding silently ran PyTorch's kernels."""
+    pytest.importorskip("gguf")
+    from mixlab.checkpoint import load_model
+    from mixlab.checkpoint.gguf import write_gguf
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000))
+    model.init_weights(seed=0)
+    path = write_gguf(model, tmp_path / "m.gguf", quant="q4_0")
+    loaded = load_model(path)
+    loaded.output = torch.nn.Linear(model.config.dim, model.config.vocab_size, bias=False)  # a float one, as Q8_0
+    with pytest.raises(ValueError, match=r"holds int4 weights in groups of 32 .* not 64: pass group=32"):
+        prepare_for_inference(loaded, quant="int4", group=64)
+    assert isinstance(loaded.output, torch.nn.Linear)  # unchanged
+    prepare_for_inference(loaded, quant="int4", group=32)
+    assert isinstance(loaded.output, Int4Linear) and loaded.output.group == 32
+    offloaded = load_model(path, max_memory="1MB")
+    with pytest.raises(ValueError, match=r"groups of 32 .* pass group=32"):
+        prepare_for_inference(offloaded, quant="int4", group=64)

@@ -125,16 +125,27 @@ def is_quantised(model: Transformer) -> bool:
     return any(isinstance(m, Int4Experts | Int4Linear) for m in model.modules())
 
 
+def _int4_groups(model: Transformer) -> set[int]:
+    """The group sizes of the int4 weights `model` already holds (a GGUF Q4_0 file: {32})."""
+    groups = {m.group for m in model.modules() if isinstance(m, Int4Linear)}
+    groups |= {2 * m.w13.shape[-1] // m.w13_scale.shape[-1] for m in model.modules() if isinstance(m, Int4Experts)}
+    cache = expert_cache(model)
+    if cache is not None and cache.fmt.kind == "int4":
+        groups.add(cache.fmt.group)
+    return groups
+
+
 def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool | None = None,
                           group: int = 32, int4_activations: str | None = None) -> Transformer:
     """The fast CPU inference form of `model`, in place: native batch-1 decoding on plain (or int8 /
     int4, `quant=`) weights when the native kernels are available, else (or with `packed=True`)
     oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
     int4 weights (a GGUF Q4_0 file) keeps them; with `quant="int4"` its float matrices become int4
-    too, else they stay as they are. Any other prepared model is refused. `int4_activations`: how
-    native decoding multiplies int4 weights, "int8" (activations rounded to int8 per block of 32,
-    as llama.cpp does; the default, fast) or "float32" (exact; what offloaded experts always do, so
-    "int8" is refused for them); see `mixlab.model.native`."""
+    too, in the same groups (another `group` is refused), else they stay as they are. Any other
+    prepared model is refused. `int4_activations`: how native decoding multiplies int4 weights,
+    "int8" (activations rounded to int8 per block of 32, as llama.cpp does; the default, fast) or
+    "float32" (exact; what offloaded experts always do, so "int8" is refused for them); see
+    `mixlab.model.native`."""
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
     if int4_activations is not None:
@@ -145,6 +156,10 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     prepared = inference_format(model)
     if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)):
         raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
+    if quant == "int4" and (held := _int4_groups(model)) and held != {group}:  # one group for the native step
+        raise ValueError(f"this model already holds int4 weights in groups of {', '.join(map(str, sorted(held)))} "
+                         f"(GGUF Q4_0: 32); quant='int4' converts its float matrices in the same groups, not "
+                         f"{group}: pass group={min(held)}")
     if cache is not None and int4_activations == "int8":  # it would be ignored: no native whole-model step
         raise ValueError("int4_activations='int8' applies to resident models: offloaded experts run per-layer "
                          "kernels that multiply exact float32 activations (what 'float32' gives a resident model)")
