@@ -313,3 +313,25 @@ def test_int4_of_a_model_holding_q4_0_keeps_its_group(tmp_path):
     offloaded = load_model(path, max_memory="1MB")
     with pytest.raises(ValueError, match=r"groups of 32 .* pass group=32"):
         prepare_for_inference(offloaded, quant="int4", group=64)
+
+
+def test_int4_and_float_matrices_mixed_warn_that_native_decoding_is_off(tmp_path):
+    """llama.cpp's Q4_0 files keep output.weight at Q6_K / Q8_0 (read as floats): the native step takes
+    one weight format, so such a model decoded with PyTorch's kernels without a word."""
+    pytest.importorskip("gguf")
+    import warnings
+
+    from mixlab.checkpoint import load_model
+    from mixlab.checkpoint.gguf import write_gguf
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000))
+    model.init_weights(seed=0)
+    path = write_gguf(model, tmp_path / "m.gguf", quant="q4_0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_for_inference(load_model(path))  # all int4: no warning
+    mixed = load_model(path)
+    mixed.output = torch.nn.Linear(model.config.dim, model.config.vocab_size, bias=False)
+    with pytest.warns(UserWarning, match=r"no native decoding: this model mixes int4 and float matrices \(output is"):
+        prepare_for_inference(mixed)
+    assert getattr(mixed, "native_decoder", None) is None

@@ -26,6 +26,8 @@ and float32 so that routing decisions do not move).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -177,7 +179,12 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
             raise ValueError("packed=True applies to float weights; this model holds int4 weights")
         if quant is None:
             model.eval().requires_grad_(False)
-            native.attach(model)
+            floats = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+            if not native.attach(model) and floats:  # the native step takes one weight format
+                warnings.warn(f"no native decoding: this model mixes int4 and float matrices ({floats[0]} is float: "
+                              "llama.cpp's quantiser keeps output.weight at Q6_K / Q8_0, read dequantised), so it "
+                              "decodes with PyTorch's kernels, several times slower; quant='int4' (--quant int4) "
+                              "makes those int4 too", stacklevel=2)
             return model
     if quant is not None:
         if packed:
