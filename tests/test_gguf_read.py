@@ -432,3 +432,16 @@ def test_info_shows_what_a_gguf_stores_and_checks_its_tensors(tmp_path, capsys):
     bad.write_bytes(path.read_bytes().replace(b"blk.1.ffn_up_exps", b"blk.1.ffn_xx_exps", 1))
     assert main(["info", str(bad)]) == 2
     assert "bad.gguf: missing tensor 'blk.1.ffn_up_exps.weight'" in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_folder_is_named_as_such(tmp_path):
+    """A GGUF file named otherwise (model.GGUF, no suffix) or a weights file given for its folder:
+    the error said 'no config.json (transformers) or params.json (Mistral) found' in a file."""
+    path = write_gguf(_model("moe"), tmp_path / "m.gguf", quant="q4_0")
+    for name in ("M.GGUF", "ggml-model-q4_0"):
+        shutil.copy(path, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{name}: a GGUF file whose name does not end in .gguf: rename it"):
+            load_model(tmp_path / name)
+    save_model(_model("moe"), tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="model.safetensors: a file, not a checkpoint folder: pass the folder"):
+        load_model(tmp_path / "hf" / "model.safetensors")

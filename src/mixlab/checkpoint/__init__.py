@@ -187,6 +187,12 @@ def _refuse_pickle_or_recover(root: Path) -> None:
                                   f"{_sibling(root, 'old')} and finishing it failed: {e}") from None
     if not root.exists():
         raise CheckpointError(f"{root}: no such checkpoint folder")
+    if root.is_file():  # a GGUF file is recognised by its name (as the CLI and the tokenizer do)
+        with open(root, "rb") as f:
+            gguf = f.read(4) == b"GGUF"
+        raise CheckpointError(f"{root}: a GGUF file whose name does not end in .gguf: rename it" if gguf else
+                              f"{root}: a file, not a checkpoint folder: pass the folder holding it (with its "
+                              "config.json or params.json), or a .gguf file")
 
 
 def load_model(
