@@ -445,3 +445,24 @@ def test_a_file_that_is_no_folder_is_named_as_such(tmp_path):
     save_model(_model("moe"), tmp_path / "hf")
     with pytest.raises(CheckpointError, match="model.safetensors: a file, not a checkpoint folder: pass the folder"):
         load_model(tmp_path / "hf" / "model.safetensors")
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_0"])
+def test_nan_weights_warn_as_for_safetensors(quant, tmp_path):
+    """A NaN in a float tensor or an int4 scale: warned, naming the tensor (safetensors loads did;
+    a GGUF gave NaN outputs without a word)."""
+    import warnings
+
+    path = write_gguf(_model("moe"), tmp_path / "m.gguf", quant=quant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(path)
+    raw = bytearray(path.read_bytes())
+    t = read_header(path).tensors["blk.1.attn_output.weight"]
+    if quant == "f32":
+        struct.pack_into("<f", raw, t.start + 4 * 7, float("nan"))
+    else:
+        struct.pack_into("<H", raw, t.start + 18 * 3, 0x7E00)  # block 3's float16 scale
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=r"m.gguf: tensor 'blk.1.attn_output.weight' holds NaN or Inf values"):
+        load_model(path)

@@ -34,6 +34,7 @@ import functools
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -470,6 +471,14 @@ def describe(path: str | Path) -> str:
         f"{k} {v:,} bytes" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
 
 
+def _check_finite(h: GGUFHeader, parts: list[GGUFTensor], x: torch.Tensor) -> None:
+    """Warn, as a safetensors load does, when the values read (or an int4 tensor's scales) hold NaN or
+    Inf: one reduction, no temporary the tensor's size."""
+    if not math.isfinite(float(x.sum(dtype=torch.float32))):
+        warnings.warn(f"{h.path}: tensor {' / '.join(repr(t.name) for t in parts)} holds NaN or Inf values; the "
+                      "model's outputs will be NaN", stacklevel=4)
+
+
 def _default_dtype(h: GGUFHeader) -> torch.dtype:
     """The float type holding most of the file's float bytes; float32 when every matrix is quantised."""
     by = {F16: 0, BF16: 0}
@@ -521,12 +530,14 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
                 cat = 1 if kind == "experts" else 0
                 int4[name] = (torch.cat([q for q, _ in qs], cat).contiguous(),
                               torch.cat([s for _, s in qs], cat).contiguous())
+                _check_finite(h, parts, int4[name][1])
                 continue
             f32 = kind in ("norm", "router")  # tiny, kept float32 as in every mixlab model... cast below
             xs = [reader.floats(t, torch.float32 if f32 else want) for t in parts]
             if kind == "qkv":
                 xs[0], xs[1] = _rope_unpermute(xs[0], cfg.n_heads), _rope_unpermute(xs[1], cfg.n_kv_heads)
             x = torch.cat(xs, 1 if kind == "experts" else 0) if len(xs) > 1 else xs[0]
+            _check_finite(h, parts, x)
             state[name] = x.to(want).to(device)
     finally:
         reader.close()
