@@ -14,7 +14,7 @@ from mixlab.cache import KVCache
 from mixlab.config import get_preset
 from mixlab.model import MoEBlock, Transformer
 from mixlab.model.formats import Int4Experts
-from mixlab.model.inference import prepare_for_inference
+from mixlab.model.inference import inference_format, prepare_for_inference
 from mixlab.ops.moe import IMPLS, moe_ffn
 from mixlab.ops.quant import (
     Int4Linear,
@@ -335,3 +335,12 @@ def test_int4_and_float_matrices_mixed_warn_that_native_decoding_is_off(tmp_path
     with pytest.warns(UserWarning, match=r"no native decoding: this model mixes int4 and float matrices \(output is"):
         prepare_for_inference(mixed)
     assert getattr(mixed, "native_decoder", None) is None
+
+
+def test_int4_activations_without_int4_weights_are_refused():
+    """int4_activations (--int4-activations) on a model that gets no int4 weights did nothing, silently."""
+    for quant in (None, "int8"):
+        model = _model("tiny-moe")
+        with pytest.raises(ValueError, match=r"int4_activations='float32' applies to int4 weights: pass quant='int4'"):
+            prepare_for_inference(model, quant=quant, int4_activations="float32")
+        assert model.int4_activations is None and inference_format(model) is None

@@ -162,6 +162,9 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
         raise ValueError(f"this model already holds int4 weights in groups of {', '.join(map(str, sorted(held)))} "
                          f"(GGUF Q4_0: 32); quant='int4' converts its float matrices in the same groups, not "
                          f"{group}: pass group={min(held)}")
+    if int4_activations is not None and quant != "int4" and not is_quantised(model):  # it would do nothing
+        raise ValueError(f"int4_activations={int4_activations!r} applies to int4 weights: pass quant='int4' "
+                         "(--quant int4), or a model holding them (a GGUF Q4_0 file)")
     if cache is not None and int4_activations == "int8":  # it would be ignored: no native whole-model step
         raise ValueError("int4_activations='int8' applies to resident models: offloaded experts run per-layer "
                          "kernels that multiply exact float32 activations (what 'float32' gives a resident model)")
