@@ -282,6 +282,7 @@ def _build(*, version: int = 3, n_tensors: int | None = None, kvs: list[bytes] |
 MALFORMED = {
     "bad magic": (_build(magic=b"GGML"), "not a GGUF file"),
     "version 1": (_build(version=1), "unsupported GGUF version 1"),
+    "big-endian": (b"GGUF" + struct.pack(">IQQ", 3, 1, 1) + b"\0" * 64, "a big-endian GGUF file"),
     "truncated header": (_build()[:20], "truncated GGUF"),
     "truncated tensor info": (_build(data=b"")[:60], "truncated GGUF"),
     "truncated data": (_build(data=b"\0" * 8), "runs past the end of the file"),

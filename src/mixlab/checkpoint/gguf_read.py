@@ -198,7 +198,10 @@ def _parse_header(p: Path, buf: memoryview, size: int, *, whole: bool) -> GGUFHe
         raise CheckpointError(f"{p}: not a GGUF file (the first 4 bytes are not 'GGUF')")
     version = c.u32("the version")
     if version not in (2, 3):
-        raise CheckpointError(f"{p}: unsupported GGUF version {version} (expected 2 or 3)")
+        big = int.from_bytes(version.to_bytes(4, "little"), "big") in (2, 3)  # gguf-py's --bigendian files
+        raise CheckpointError(f"{p}: a big-endian GGUF file; mixlab reads little-endian ones (as llama.cpp writes "
+                              "them on x86 and ARM)" if big else f"{p}: unsupported GGUF version {version} "
+                              "(expected 2 or 3)")
     n_tensors, n_kv = c.u64("the tensor count"), c.u64("the key/value count")
     # Each tensor info takes at least 8 + 4 + 8 + 4 + 8 bytes, each key/value at least 8 + 4 + 1.
     if n_tensors > size // 32:
