@@ -183,7 +183,8 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
         if quant is None:
             model.eval().requires_grad_(False)
             floats = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-            if not native.attach(model) and floats:  # the native step takes one weight format
+            # the native step takes one weight format (without the kernels at all, there is nothing to say)
+            if not native.attach(model) and floats and registry.prepare_native():
                 warnings.warn(f"no native decoding: this model mixes int4 and float matrices ({floats[0]} is float: "
                               "llama.cpp's quantiser keeps output.weight at Q6_K / Q8_0, read dequantised), so it "
                               "decodes with PyTorch's kernels, several times slower; quant='int4' (--quant int4) "
