@@ -467,3 +467,26 @@ def test_nan_weights_warn_as_for_safetensors(quant, tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match=r"m.gguf: tensor 'blk.1.attn_output.weight' holds NaN or Inf values"):
         load_model(path)
+
+
+def test_experts_stored_one_tensor_each_are_named(tmp_path):
+    """Mixtral GGUF files from before llama.cpp stacked the experts (blk.N.ffn_gate.E.weight): named
+    as such, not as a missing 'blk.0.ffn_gate_exps.weight'."""
+    model = _model("moe")
+    cfg = model.config
+    w = gguf_writer(cfg, name="x", file_type=0)
+    items = []
+    for n, t, _ in gguf_tensors(model, cfg):
+        parts = [(n.replace("_exps.", f".{e}."), t[e]) for e in range(t.shape[0])] if "_exps." in n else [(n, t)]
+        items += [(name, x.detach().float().contiguous().numpy()) for name, x in parts]
+    for n, data in items:
+        w.add_tensor_info(n, data.shape, np.dtype(np.float32), data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+    path = tmp_path / "split.gguf"
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, data in items:
+        w.write_tensor_data(data)
+    w.close()
+    with pytest.raises(CheckpointError, match=r"split.gguf: the experts are stored one tensor each \(blk.0.ffn_gate.0"):
+        load_model(path)

@@ -432,6 +432,10 @@ def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], 
         ]
         if cfg.moe is not None:
             E = cfg.moe.num_experts
+            if b + "ffn_gate_exps.weight" not in h.tensors and b + "ffn_gate.0.weight" in h.tensors:
+                raise CheckpointError(f"{h.path}: the experts are stored one tensor each ({b}ffn_gate.0.weight, ...: "
+                                      "GGUF files converted before llama.cpp stacked them in 2024, which its current "
+                                      "versions do not load either); convert the original checkpoint again")
             out += [
                 (m + "ffn.gate.weight", [_expect(h, b + "ffn_gate_inp.weight", (E, D))], "router"),
                 (m + "ffn.experts.w13", [_expect(h, b + "ffn_gate_exps.weight", (E, F_, D)),
