@@ -150,3 +150,21 @@ def test_train_seq_past_the_context_is_noted():
     assert plan(cfg, mode="train", seq=4096).notes[0] == (
         "--seq 4096 is past the model's context (512 tokens): mixlab train refuses such a seq_len")
     assert not plan(cfg, mode="train", seq=512).notes
+
+
+def test_a_q4_0_gguf_is_planned_as_int4(tmp_path, capsys):
+    """load_model keeps a GGUF's Q4_0 matrices 4-bit: `plan FILE.gguf --mode infer` plans int4 by
+    default (it planned bf16 weights, 3.6x the memory), --quant none still plans floats."""
+    import json
+
+    pytest.importorskip("gguf")
+    from mixlab.checkpoint.gguf import write_gguf
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000))
+    model.init_weights(seed=0)
+    q4, f32 = write_gguf(model, tmp_path / "q4.gguf", quant="q4_0"), write_gguf(model, tmp_path / "f.gguf", quant="f32")
+    for path, flags, want in ((q4, [], "int4"), (q4, ["--quant", "none"], None), (f32, [], None)):
+        assert main(["plan", str(path), "--mode", "infer", "--json", *flags]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["quant"] == want, (path, flags)
+        assert ("planned as int4" in err) == (want == "int4")

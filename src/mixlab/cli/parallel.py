@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def plan_cmd(args: argparse.Namespace) -> int:
@@ -13,10 +14,21 @@ def plan_cmd(args: argparse.Namespace) -> int:
     from mixlab.parallel.plan import plan
 
     _, cfg = _config(args.model)
+    quant = args.quant or "none"
+    if args.quant is None and args.mode == "infer" and str(args.model).endswith(".gguf"):
+        from mixlab.checkpoint.gguf_read import Q4_0, read_header
+
+        # load_model keeps a GGUF's Q4_0 matrices 4-bit (llama.cpp's Q4_0 files: all but the embedding / output)
+        mats = [t for n, t in read_header(args.model).tensors.items() if len(t.shape) >= 2
+                and n not in ("token_embd.weight", "output.weight") and "ffn_gate_inp" not in n]
+        if mats and all(t.type == Q4_0 for t in mats):
+            quant = "int4"
+            print(f"planned as int4: the matrices of {args.model} are Q4_0, kept 4-bit when loaded "
+                  "(--quant none plans them as floats)", file=sys.stderr)
     p = plan(cfg, mode=args.mode, devices=args.devices, ep=args.ep,
              device_mem=parse_bytes(args.device_mem, what="--device-mem"),
              fsdp=args.fsdp, seq=args.seq, batch=args.batch, dtype=args.dtype,
-             quant=None if args.quant == "none" else args.quant, activation_checkpointing=args.activation_checkpointing)
+             quant=None if quant == "none" else quant, activation_checkpointing=args.activation_checkpointing)
     print(json.dumps(p.as_dict(), indent=1) if args.json else p.table())
     return 0
 
@@ -37,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                    help="training: autocast dtype (master weights stay float32); inference: weight dtype")
-    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="inference weight format")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
+                   help="inference weight format (default none; int4 for a GGUF file whose matrices are Q4_0)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="training: keep only each block's input, recomputing the rest in the backward pass")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
