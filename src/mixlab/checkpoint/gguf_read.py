@@ -627,13 +627,14 @@ def sentencepiece_proto(path: str | Path) -> bytes:
     types = h.metadata.get("tokenizer.ggml.token_type", np.ones(n, np.int32))
     if len(scores) != n or len(types) != n:
         raise CheckpointError(f"{h.path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
-    pieces = b""
+    parts = []  # joined once: `+=` on bytes copied the whole vocabulary per piece (~0.8 s for 32k)
     for tok, score, ttype in zip(tokens, scores, types, strict=True):
         t = int(ttype)
         if not 1 <= t <= 6:
             t = 1
         body = _pb_bytes(1, tok.encode("utf-8")) + _field(2, 5, struct.pack("<f", float(score))) + _pb_int(3, t)
-        pieces += _pb_bytes(1, body)
+        parts.append(_pb_bytes(1, body))
+    pieces = b"".join(parts)
 
     def special(key: str, default: int) -> int:
         v = h.metadata.get(key, default)
