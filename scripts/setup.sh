@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Make .venv in the repo root and install mixlab into it (editable).
 # Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh dev,peers
-# torch: if the venv has none, the CPU build 2.13.0 is installed; bring your own torch by installing
-# it into .venv first (any version >= 2.5 is kept as it is).
+# torch: if the venv has none, torch 2.13.0 is installed: the CPU build where pip's index serves it
+# (this project's machines; elsewhere set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu, since
+# PyPI's Linux wheel is the CUDA one); bring your own torch by installing it into .venv first (any
+# version >= 2.5 is kept as it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -11,7 +13,7 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python -m pip install -q --upgrade pip
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install -q torch==2.13.0
+    .venv/bin/python -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
