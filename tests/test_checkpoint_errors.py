@@ -216,6 +216,12 @@ def test_no_weights_at_all(tmp_path):
         ({"num_experts_per_tok": 9}, "'num_experts_per_tok' in this file"),
         ({"vocab_size": "many"}, "'vocab_size'"),
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        # Fields transformers honours that mixlab's model lacks (they were ignored: other logits).
+        ({"rope_parameters": None, "rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 4.0}},
+         "'rope_scaling' has rope type 'linear'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope type 'yarn'"),
+        ({"hidden_act": "gelu"}, "'hidden_act' is 'gelu'"),
+        ({"attention_bias": True}, "'attention_bias' is True"),
         ({"hidden_size": 1 << 24, "vocab_size": 1 << 24, "num_hidden_layers": 1 << 20}, "parameters, more than"),
     ],
 )

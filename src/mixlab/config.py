@@ -227,14 +227,21 @@ class ModelConfig:
                 "and no head_dim is given"
             )
         rope = d.get("rope_parameters") or {}
-        for key, v in (("rope_parameters", rope), ("rope_scaling", d.get("rope_scaling") or {})):
+        for key in ("rope_parameters", "rope_scaling"):
+            v = d.get(key) or {}
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: field {key!r} must be an object, got {v!r}")
+            rope_type = v.get("rope_type", v.get("type", "default"))  # "type": transformers < 4.45 files
+            if rope_type not in (None, "default"):
+                raise ConfigError(f"{source}: field {key!r} has rope type {rope_type!r}; only plain RoPE "
+                                  "('default') is supported")
         rope_theta = _number(rope.get("rope_theta", d.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4)),
                              source, "rope_theta")
-        rope_type = rope.get("rope_type", (d.get("rope_scaling") or {}).get("rope_type", "default"))
-        if rope_type not in (None, "default"):
-            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
+        # Fields transformers honours that Mixtral / Mistral lack: refused, not silently ignored.
+        for name, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            got = d.get(name, want)
+            if got != want:
+                raise ConfigError(f"{source}: field {name!r} is {got!r}; only {want!r} is supported")
         moe = None
         if model_type == "mixtral":
             moe = MoEConfig(
