@@ -222,6 +222,7 @@ def test_no_weights_at_all(tmp_path):
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope type 'yarn'"),
         ({"hidden_act": "gelu"}, "'hidden_act' is 'gelu'"),
         ({"attention_bias": True}, "'attention_bias' is True"),
+        ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' must be true or false"),  # bool("false") is True
         ({"hidden_size": 1 << 24, "vocab_size": 1 << 24, "num_hidden_layers": 1 << 20}, "parameters, more than"),
     ],
 )

@@ -66,3 +66,10 @@ def test_hf_config_heads_not_dividing_width_is_an_error():
     d["num_attention_heads"] = 5
     with pytest.raises(ConfigError, match="not divisible"):
         ModelConfig.from_hf_dict(d)
+
+
+def test_params_json_tied_embeddings_must_be_a_bool():
+    base = {"dim": 64, "n_layers": 1, "n_heads": 4, "hidden_dim": 96, "vocab_size": 128}
+    assert ModelConfig.from_mistral_dict({**base, "tied_embeddings": True}).tie_embeddings
+    with pytest.raises(ConfigError, match="'tied_embeddings' must be true or false, got 'no'"):
+        ModelConfig.from_mistral_dict({**base, "tied_embeddings": "no"})  # was read as True

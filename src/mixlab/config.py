@@ -263,7 +263,7 @@ class ModelConfig:
                 rope_theta=rope_theta,
                 max_seq_len=d.get("max_position_embeddings", 32768),
                 sliding_window=d.get("sliding_window") if model_type != "llama" else None,
-                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                tie_embeddings=_flag(d.get("tie_word_embeddings", False), source, "tie_word_embeddings"),
                 moe=moe,
                 bos_id=d.get("bos_token_id", 1) if isinstance(d.get("bos_token_id", 1), int) else 1,
                 eos_id=d.get("eos_token_id", 2) if isinstance(d.get("eos_token_id", 2), int) else 2,
@@ -343,7 +343,7 @@ class ModelConfig:
                 rope_theta=_number(d.get("rope_theta") or default_theta, source, "rope_theta"),
                 max_seq_len=d.get("max_seq_len", 32768),
                 sliding_window=d.get("sliding_window"),
-                tie_embeddings=bool(d.get("tied_embeddings", False)),
+                tie_embeddings=_flag(d.get("tied_embeddings", False), source, "tied_embeddings"),
                 moe=moe,
             )
         except ConfigError as e:
@@ -387,6 +387,12 @@ def _number(v: Any, source: str, key: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ConfigError(f"{source}: field {key!r} must be a number, got {v!r}")
     return float(v)
+
+
+def _flag(v: Any, source: str, key: str) -> bool:
+    if not isinstance(v, bool):  # bool("false") is True
+        raise ConfigError(f"{source}: field {key!r} must be true or false, got {v!r}")
+    return v
 
 
 def read_json_object(f: Path) -> dict[str, Any]:
