@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from mixlab.cache import KVCache
 from mixlab.config import get_preset
 from mixlab.model import Experts, ModelOutput, MoEBlock, Transformer
 from mixlab.model.formats import Int4Experts, Int8Experts, PackedExperts
@@ -108,6 +109,13 @@ def test_forward_names_a_bad_argument(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match="segments_BT"):
         model(torch.tensor([[1, 2, 3]]), segments_BT=torch.zeros(1, 2, dtype=torch.long))
     assert model(torch.tensor([[1, 2, 3]], dtype=torch.int32)).shape == (1, 3, 256)
+
+
+def test_forward_names_a_cache_of_another_batch_size() -> None:
+    # It was "shape '[1, 3, 64]' is invalid for input of size 384" from a reshape in attention.
+    model = _model()
+    with pytest.raises(ValueError, match=r"the cache holds 2 sequences but the tokens are 1"):
+        model(torch.tensor([[1, 2, 3]]), cache=KVCache(model.config, batch_size=2, max_len=8))
 
 
 def test_weight_formats_are_module_types() -> None:

@@ -175,6 +175,9 @@ class Transformer(nn.Module):
         """
         _check_inputs(tokens_BT, positions_BT, segments_BT)
         B, T = tokens_BT.shape
+        if cache is not None and cache.batch_size != B:  # else a reshape fails deep in attention
+            raise ValueError(f"the cache holds {cache.batch_size} sequences but the tokens are {B} "
+                             f"(KVCache(config, batch_size={B}, ...))")
         cfg = self.config
         # Default positions hold no padding: skip the check (a host sync, and a torch.compile graph break).
         may_pad = positions_BT is not None
