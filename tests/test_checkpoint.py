@@ -117,6 +117,16 @@ def test_mistral_format_round_trip_is_bit_identical(tmp_path, kind):
     assert torch.equal(hf_logits(hf2, TOKENS), hf_logits(src, TOKENS))
 
 
+def test_a_folder_holding_both_formats_loads(tmp_path):
+    """Mistral's Hub repositories ship transformers' files and Mistral's consolidated ones side by
+    side; without an index both sets of names were read and refused as unexpected tensors."""
+    src = hf_mistral(tmp_path / "both")
+    save_model(load_model(src), tmp_path / "mistral", fmt="mistral")
+    for name in ("consolidated.safetensors", "params.json"):
+        shutil.copy(tmp_path / "mistral" / name, src)
+    assert torch.equal(our_logits(load_model(src), TOKENS), hf_logits(src, TOKENS))
+
+
 def _rope_interleaved(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Mistral's reference rotary (mistral-inference rope.py): rotate consecutive pairs as complex numbers."""
     hd = x.shape[-1]

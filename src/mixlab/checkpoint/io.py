@@ -193,6 +193,10 @@ def scan(root: Path) -> dict[str, TensorInfo]:
                 raise CheckpointError(f"{index}: shard {f.name!r} is named in the index but missing from {root}")
     else:
         files = sorted(root.glob("*.safetensors"))
+        # Mistral's repositories hold both formats side by side: transformers' files and Mistral's
+        # consolidated ones. Read transformers', as an index next to both would (INDEX_NAMES' order).
+        hf = [f for f in files if not f.name.startswith("consolidated")]
+        files = hf or files
         if not files:
             pickles = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
