@@ -117,6 +117,23 @@ def test_mistral_format_round_trip_is_bit_identical(tmp_path, kind):
     assert torch.equal(hf_logits(hf2, TOKENS), hf_logits(src, TOKENS))
 
 
+def test_keys_left_out_of_config_json_take_transformers_defaults(tmp_path):
+    """A Mistral config.json without rms_norm_eps and sliding_window is 1e-6 and 4096 to transformers;
+    mixlab read 1e-5 and no window (other logits, without a word)."""
+    from transformers import AutoConfig
+
+    src = hf_mistral(tmp_path / "hf", rms_norm_eps=1e-6, sliding_window=4096)
+    cfg = json.loads((src / "config.json").read_text())
+    for key in ("rms_norm_eps", "sliding_window", "max_position_embeddings", "rope_parameters"):
+        del cfg[key]
+    (src / "config.json").write_text(json.dumps(cfg))
+    ref, ours = AutoConfig.from_pretrained(src), load_model(src)
+    got = ours.config
+    assert (got.norm_eps, got.sliding_window, got.max_seq_len, got.rope_theta) == (
+        ref.rms_norm_eps, ref.sliding_window, ref.max_position_embeddings, ref.rope_parameters["rope_theta"])
+    torch.testing.assert_close(our_logits(ours, TOKENS), hf_logits(src, TOKENS), atol=1e-5, rtol=0)
+
+
 def test_a_folder_holding_both_formats_loads(tmp_path):
     """Mistral's Hub repositories ship transformers' files and Mistral's consolidated ones side by
     side; without an index both sets of names were read and refused as unexpected tensors."""

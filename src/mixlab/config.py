@@ -55,6 +55,16 @@ _HF_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_h
             "max_seq_len": "max_position_embeddings", "sliding_window": "sliding_window",
             "moe.num_experts": "num_local_experts", "moe.top_k": "num_experts_per_tok", "bos_id": "bos_token_id",
             "eos_id": "eos_token_id"}
+# transformers' defaults (MistralConfig, MixtralConfig, LlamaConfig) for keys a config.json may
+# leave out: without rms_norm_eps a Mistral is 1e-6 to transformers, and has a 4096-token window.
+# (A missing num_key_value_heads stays n_heads: the weights' shapes then say if it is wrong.)
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "sliding_window": 4096,
+                "max_position_embeddings": 131072},
+    "mixtral": {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+                "max_position_embeddings": 131072},
+    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "sliding_window": None, "max_position_embeddings": 2048},
+}
 _MISTRAL_KEYS = {"ffn_dim": "hidden_dim", "moe.num_experts": "moe.num_experts",
                  "moe.top_k": "moe.num_experts_per_tok"}
 
@@ -216,6 +226,7 @@ class ModelConfig:
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             if key not in d:
                 raise ConfigError(f"{source}: required field {key!r} is missing")
+        d = {**_HF_DEFAULTS[model_type], **d}
         n_heads = d["num_attention_heads"]
         hidden = d["hidden_size"]
         if not isinstance(n_heads, int) or n_heads <= 0:
@@ -235,8 +246,7 @@ class ModelConfig:
             if rope_type not in (None, "default"):
                 raise ConfigError(f"{source}: field {key!r} has rope type {rope_type!r}; only plain RoPE "
                                   "('default') is supported")
-        rope_theta = _number(rope.get("rope_theta", d.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4)),
-                             source, "rope_theta")
+        rope_theta = _number(rope.get("rope_theta", d["rope_theta"]), source, "rope_theta")
         # Fields transformers honours that Mixtral / Mistral lack: refused, not silently ignored.
         for name, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             got = d.get(name, want)
@@ -259,10 +269,10 @@ class ModelConfig:
                 n_kv_heads=d.get("num_key_value_heads") or n_heads,
                 head_dim=head_dim,
                 ffn_dim=d["intermediate_size"],
-                norm_eps=d.get("rms_norm_eps", 1e-5),
+                norm_eps=d["rms_norm_eps"],
                 rope_theta=rope_theta,
-                max_seq_len=d.get("max_position_embeddings", 32768),
-                sliding_window=d.get("sliding_window") if model_type != "llama" else None,
+                max_seq_len=d["max_position_embeddings"],
+                sliding_window=d["sliding_window"] if model_type != "llama" else None,
                 tie_embeddings=_flag(d.get("tie_word_embeddings", False), source, "tie_word_embeddings"),
                 moe=moe,
                 bos_id=d.get("bos_token_id", 1) if isinstance(d.get("bos_token_id", 1), int) else 1,
