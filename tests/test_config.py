@@ -55,8 +55,12 @@ def test_hf_and_mistral_dicts_round_trip():
 
 
 def test_params_json_without_rope_theta_follows_the_published_models():
+    # mistral-inference's rule: 1e4 with a sliding window (Mistral 7B v0.1), else 1e6 (Mixtral, Mistral
+    # 7B v0.2); a dense file without a window was given 1e4.
     base = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 96, "vocab_size": 128}
-    assert ModelConfig.from_mistral_dict(base).rope_theta == 1e4
+    assert ModelConfig.from_mistral_dict({**base, "sliding_window": 4096}).rope_theta == 1e4
+    assert ModelConfig.from_mistral_dict(base).rope_theta == 1e6
+    assert ModelConfig.from_mistral_dict({**base, "sliding_window": None}).rope_theta == 1e6
     assert ModelConfig.from_mistral_dict({**base, "moe": {"num_experts": 8}}).rope_theta == 1e6
 
 

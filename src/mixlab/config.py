@@ -319,9 +319,9 @@ class ModelConfig:
     def from_mistral_dict(cls, d: dict[str, Any], *, source: str = "params.json") -> ModelConfig:
         """Read Mistral's `params.json`.
 
-        Published files often omit `rope_theta`; the published models used 1e6 for Mixtral (any file
-        with a `moe` section) and 1e4 for Mistral 7B v0.1 (dense), so that is the default here.
-        `sliding_window` (or the older `max_seq_len`-only files) follow the same rule: absent = none.
+        Published files often omit `rope_theta`; mistral-inference then takes 1e4 for a file with a
+        `sliding_window` (Mistral 7B v0.1) and 1e6 for one without (Mixtral, Mistral 7B v0.2), and so
+        does this. An absent `sliding_window` means none.
         """
         for key in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
             if key not in d:
@@ -339,7 +339,7 @@ class ModelConfig:
                               "head_dim is given")
         if moe_d is not None:
             moe = MoEConfig(num_experts=moe_d.get("num_experts", 8), top_k=moe_d.get("num_experts_per_tok", 2))
-        default_theta = 1e6 if moe is not None else 1e4
+        default_theta = 1e6 if d.get("sliding_window") is None else 1e4  # mistral-inference's Transformer.freqs_cis
         try:
             return cls(
                 vocab_size=d["vocab_size"],
