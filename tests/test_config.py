@@ -77,3 +77,12 @@ def test_params_json_tied_embeddings_must_be_a_bool():
     assert ModelConfig.from_mistral_dict({**base, "tied_embeddings": True}).tie_embeddings
     with pytest.raises(ConfigError, match="'tied_embeddings' must be true or false, got 'no'"):
         ModelConfig.from_mistral_dict({**base, "tied_embeddings": "no"})  # was read as True
+
+
+def test_params_json_underscore_sliding_window_is_the_window():
+    # mistral-inference's TransformerArgs takes "_sliding_window" as the window; it was ignored.
+    base = {"dim": 64, "n_layers": 1, "n_heads": 4, "hidden_dim": 96, "vocab_size": 128}
+    cfg = ModelConfig.from_mistral_dict({**base, "_sliding_window": 16})
+    assert (cfg.sliding_window, cfg.rope_theta) == (16, 1e4)
+    with pytest.raises(ConfigError, match="not both"):
+        ModelConfig.from_mistral_dict({**base, "_sliding_window": 16, "sliding_window": 32})

@@ -321,7 +321,7 @@ class ModelConfig:
 
         Published files often omit `rope_theta`; mistral-inference then takes 1e4 for a file with a
         `sliding_window` (Mistral 7B v0.1) and 1e6 for one without (Mixtral, Mistral 7B v0.2), and so
-        does this. An absent `sliding_window` means none.
+        does this. An absent `sliding_window` (or `_sliding_window`, read the same) means none.
         """
         for key in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
             if key not in d:
@@ -339,7 +339,13 @@ class ModelConfig:
                               "head_dim is given")
         if moe_d is not None:
             moe = MoEConfig(num_experts=moe_d.get("num_experts", 8), top_k=moe_d.get("num_experts_per_tok", 2))
-        default_theta = 1e6 if d.get("sliding_window") is None else 1e4  # mistral-inference's Transformer.freqs_cis
+        # mistral-inference reads "_sliding_window" as the window too (TransformerArgs.__post_init__).
+        window = d.get("sliding_window")
+        if window is None:
+            window = d.get("_sliding_window")
+        elif d.get("_sliding_window") is not None:
+            raise ConfigError(f"{source}: set one of 'sliding_window' and '_sliding_window', not both")
+        default_theta = 1e6 if window is None else 1e4  # mistral-inference's Transformer.freqs_cis
         try:
             return cls(
                 vocab_size=d["vocab_size"],
@@ -352,7 +358,7 @@ class ModelConfig:
                 norm_eps=d.get("norm_eps", 1e-5),
                 rope_theta=_number(d.get("rope_theta") or default_theta, source, "rope_theta"),
                 max_seq_len=d.get("max_seq_len", 32768),
-                sliding_window=d.get("sliding_window"),
+                sliding_window=window,
                 tie_embeddings=_flag(d.get("tied_embeddings", False), source, "tied_embeddings"),
                 moe=moe,
             )
