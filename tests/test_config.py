@@ -86,3 +86,10 @@ def test_params_json_underscore_sliding_window_is_the_window():
     assert (cfg.sliding_window, cfg.rope_theta) == (16, 1e4)
     with pytest.raises(ConfigError, match="not both"):
         ModelConfig.from_mistral_dict({**base, "_sliding_window": 16, "sliding_window": 32})
+
+
+def test_hf_config_eos_token_id_list_takes_its_first_id():
+    d = {**ModelConfig(vocab_size=1000, moe=None).to_hf_dict(), "model_type": "llama"}
+    cfg = ModelConfig.from_hf_dict({**d, "bos_token_id": 500, "eos_token_id": [501, 509]})
+    assert (cfg.bos_id, cfg.eos_id) == (500, 501)  # eos was 2, an ordinary token here
+    assert ModelConfig.from_hf_dict({**d, "eos_token_id": None}).eos_id == 2

@@ -275,8 +275,8 @@ class ModelConfig:
                 sliding_window=d["sliding_window"] if model_type != "llama" else None,
                 tie_embeddings=_flag(d.get("tie_word_embeddings", False), source, "tie_word_embeddings"),
                 moe=moe,
-                bos_id=d.get("bos_token_id", 1) if isinstance(d.get("bos_token_id", 1), int) else 1,
-                eos_id=d.get("eos_token_id", 2) if isinstance(d.get("eos_token_id", 2), int) else 2,
+                bos_id=_token_id(d.get("bos_token_id"), 1),
+                eos_id=_token_id(d.get("eos_token_id"), 2),
             )
         except ConfigError as e:
             raise _in_file(e, source, _HF_KEYS) from None
@@ -403,6 +403,14 @@ def _number(v: Any, source: str, key: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ConfigError(f"{source}: field {key!r} must be a number, got {v!r}")
     return float(v)
+
+
+def _token_id(v: Any, default: int) -> int:
+    """config.json's bos/eos_token_id: an id, or a list of ids (Llama 3 Instruct's eos_token_id: the
+    first; it became `default`, so 2, an ordinary token of that vocabulary, ended generation)."""
+    if isinstance(v, list) and v:
+        v = v[0]
+    return v if isinstance(v, int) and not isinstance(v, bool) else default
 
 
 def _flag(v: Any, source: str, key: str) -> bool:
