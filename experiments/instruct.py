@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/instruct.py                     # the reported run (held-out test pairs)
     .venv/bin/python experiments/instruct.py --eval-split dev    # what the settings were chosen on
-    .venv/bin/python experiments/instruct.py --quick             # a smoke run of the same pipeline
+    .venv/bin/python experiments/instruct.py --quick             # a smoke run (../runs/instruct-quick)
 
 1. Base: `--base DIR`, by default ../runs/corpus-moe-train/hf, the corpus model of the foundation
    issue (`mixlab train`, width 128, 4 layers, 8 experts top-2, byte tokenizer, 1500 steps of 8 x 256
@@ -13,10 +13,14 @@
    `--dpo-pairs` pairs of chat/dpo.jsonl. Pairs 1400-1599 are the dev split (settings were chosen
    on it, `--eval-split dev`); pairs 1600-1999 are the held-out test split the table reports.
    Nothing is tuned on the test split. Seeds change the SFT and DPO data order.
-3. Results (`results.json`, `samples.md` under --out; table printed, docs/instruct.md): held-out
-   preference accuracy of the SFT model (before DPO) and of the DPO model, implicit-reward
-   accuracy and margin, chosen - rejected log-prob margin, held-out assistant loss; mean +- standard
-   deviation over the seeds; loss curves as PNG (docs/figures/instruct_curves.png), chat samples.
+3. Results (`results-test.json` / `results-dev.json`, `samples.md` under --out; table printed,
+   docs/instruct.md): held-out preference accuracy of the SFT model (before DPO) and of the DPO
+   model, implicit-reward accuracy and margin, chosen - rejected log-prob margin, held-out assistant
+   loss; mean +- standard deviation over the seeds; loss curves as PNG (docs/figures/instruct_curves.png), chat samples.
+
+A seed (or trained base) already finished under --out is read back, not trained again, when its saved
+settings (`finetune_config.json`, `train_config.json`) equal this run's; with other settings the run
+stops, naming them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -62,6 +67,21 @@ class Finished:
         self.model = load_model(run / "hf")
 
 
+def finished(run: Path, cfg: TrainConfig | FinetuneConfig) -> bool:
+    """Whether `run` holds a finished run of exactly these settings (read back instead of retrained). A
+    finished run of other settings (an earlier --quick run, other steps) stops the experiment: its
+    records would be reported as this run's."""
+    saved_file = run / ("train_config.json" if isinstance(cfg, TrainConfig) else "finetune_config.json")
+    if not (run / "hf" / "config.json").is_file() or not saved_file.is_file():
+        return False
+    saved, want = json.loads(saved_file.read_text(encoding="utf-8")), json.loads(json.dumps(asdict(cfg)))
+    diff = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in want.items() if saved.get(k) != v]
+    if diff:
+        raise SystemExit(f"{run}: holds a finished run with other settings: {', '.join(diff)}; "
+                         "choose another --out or delete it")
+    return True
+
+
 def split_chat(out: Path, dpo_pairs: int) -> dict[str, Path]:
     """The training and held-out parts of each chat file, written as separate files."""
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +89,8 @@ def split_chat(out: Path, dpo_pairs: int) -> dict[str, Path]:
     d = (CORPUS / "chat" / "dpo.jsonl").read_text(encoding="utf-8").splitlines()
     if dpo_pairs > DEV[0]:
         raise SystemExit(f"--dpo-pairs {dpo_pairs}: at most {DEV[0]} (pairs {DEV[0]}-{TEST[1] - 1} are held out)")
-    files = {"sft_train": s[:-SFT_HELD_OUT], "sft_valid": s[-SFT_HELD_OUT:], "dpo_train": d[:dpo_pairs],
+    # dpo_train's name carries its size: a finished run on other pairs is then told apart (`finished`)
+    files = {"sft_train": s[:-SFT_HELD_OUT], "sft_valid": s[-SFT_HELD_OUT:], f"dpo_train-{dpo_pairs}": d[:dpo_pairs],
              "dpo_dev": d[DEV[0]:DEV[1]], "dpo_test": d[TEST[0]:TEST[1]]}
     paths = {}
     for name, lines in files.items():
@@ -92,19 +113,21 @@ def base_model(args: argparse.Namespace, out: Path) -> Path:
     if CORPUS_MODEL.joinpath("config.json").is_file():
         return CORPUS_MODEL
     base = out / "base"
-    if not (base / "hf" / "config.json").is_file():
+    cfg = TrainConfig(data=str(out / "data"), out=str(base), model="tiny-moe", model_overrides=MODEL, seq_len=256,
+                      batch_size=8, steps=args.base_steps, lr=3e-3, warmup=max(1, args.base_steps // 20),
+                      eval_every=args.base_steps, eval_windows=4, ckpt_every=0, keep=1, log_every=10,
+                      threads=args.threads, progress=False, tensorboard=False, seed=0)
+    if not finished(base, cfg):
         if not (out / "data" / "meta.json").is_file():
             prepare(read_documents([CORPUS], domains=DOMAINS), out / "data", tokenizer="bytes")
-        train(TrainConfig(data=str(out / "data"), out=str(base), model="tiny-moe", model_overrides=MODEL, seq_len=256,
-                          batch_size=8, steps=args.base_steps, lr=3e-3, warmup=max(1, args.base_steps // 20),
-                          eval_every=args.base_steps, eval_windows=4, ckpt_every=0, keep=1, log_every=10,
-                          threads=args.threads, progress=False, tensorboard=False, seed=0))
+        train(cfg)
     return base / "hf"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=REPO.parent / "runs" / "instruct")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default ../runs/instruct (../runs/instruct-quick with --quick)")
     ap.add_argument("--figures", type=Path, default=REPO / "docs" / "figures")
     ap.add_argument("--base", default="", help=f"base model folder (default: {CORPUS_MODEL} when present)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -125,7 +148,7 @@ def main() -> None:
         args.base_steps, args.sft_steps, args.dpo_steps, args.dpo_pairs = 4, 3, 3, 48
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    out: Path = args.out
+    args.out = out = args.out or REPO.parent / "runs" / ("instruct-quick" if args.quick else "instruct")
     chat = split_chat(out / "chat", args.dpo_pairs)
     base = base_model(args, out)
     t_base = time.perf_counter() - t_start
@@ -137,18 +160,19 @@ def main() -> None:
     for seed in args.seeds:
         t0 = time.perf_counter()
         run = out / f"{args.eval_split}-seed{seed}"
-        if (run / "dpo" / "hf" / "config.json").is_file():  # finished earlier: read its records
+        sft_cfg = FinetuneConfig(task="sft", model=str(base), data=str(chat["sft_train"]),
+                                 valid_data=str(chat["sft_valid"]), out=str(run / "sft"), steps=args.sft_steps,
+                                 lr=args.sft_lr, warmup=5, min_lr_ratio=0.1, eval_every=args.sft_steps, seed=seed,
+                                 **common)  # type: ignore[arg-type]
+        dpo_cfg = FinetuneConfig(task="dpo", model=str(run / "sft"), data=str(chat[f"dpo_train-{args.dpo_pairs}"]),
+                                 valid_data=str(held), out=str(run / "dpo"), steps=args.dpo_steps, lr=args.dpo_lr,
+                                 warmup=5, min_lr_ratio=0.1, beta=args.beta,
+                                 eval_every=max(1, args.dpo_steps // max(1, args.dpo_evals)), seed=seed,
+                                 **common)  # type: ignore[arg-type]
+        if finished(run / "sft", sft_cfg) and finished(run / "dpo", dpo_cfg):  # finished earlier: read its records
             s, d = Finished(run / "sft"), Finished(run / "dpo")
         else:
-            s = finetune(FinetuneConfig(task="sft", model=str(base), data=str(chat["sft_train"]),
-                                        valid_data=str(chat["sft_valid"]), out=str(run / "sft"),
-                                        steps=args.sft_steps, lr=args.sft_lr, warmup=5, min_lr_ratio=0.1,
-                                        eval_every=args.sft_steps, seed=seed, **common))  # type: ignore[arg-type]
-            d = finetune(FinetuneConfig(task="dpo", model=str(run / "sft"), data=str(chat["dpo_train"]),
-                                        valid_data=str(held), out=str(run / "dpo"), steps=args.dpo_steps,
-                                        lr=args.dpo_lr, warmup=5, min_lr_ratio=0.1, beta=args.beta,
-                                        eval_every=max(1, args.dpo_steps // max(1, args.dpo_evals)), seed=seed,
-                                        **common))  # type: ignore[arg-type]
+            s, d = finetune(sft_cfg), finetune(dpo_cfg)
         # Held-out assistant loss of the DPO model (SFT's held-out conversations).
         valid = sft.read_sft(chat["sft_valid"], ByteTokenizer())
         after_dpo_sft_loss = evaluate_sft(d.model, valid, FinetuneConfig(model="-", data="-", seq_len=256,
