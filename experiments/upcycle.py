@@ -3,7 +3,7 @@
     .venv/bin/python experiments/upcycle.py              # seeds 0 and 1: 20-35 min each on a shared 2-core CPU
     .venv/bin/python experiments/upcycle.py --table      # the results table of docs/upcycling.md
     .venv/bin/python experiments/upcycle.py --noise-table  # how far `--noise` moves the trained model
-    .venv/bin/python experiments/upcycle.py --quick      # a few-minute smoke run of the same pipeline
+    .venv/bin/python experiments/upcycle.py --quick      # a few-minute smoke run (../runs/upcycle-quick)
 
 1. Train a small dense Mistral-style model on the 8 pretraining domains of ../shared/corpus
    (byte-level tokenizer, vocabulary 259, the training data module's default) for P steps.
@@ -160,7 +160,8 @@ def get_data(out: Path, data: Path | None) -> TokenDataset:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=REPO.parent / "runs" / "upcycle")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default ../runs/upcycle (../runs/upcycle-quick with --quick)")
     ap.add_argument("--data", type=Path, default=None, help="a prepared byte-level dataset (default: prepare one)")
     ap.add_argument("--quick", action="store_true", help="tiny step counts: a smoke test of the pipeline")
     ap.add_argument("--figures", type=Path, default=REPO / "docs" / "figures")
@@ -175,6 +176,8 @@ def main() -> None:
     ap.add_argument("--noise-table", action="store_true",
                     help="only measure how far `upcycle --noise STD` moves the trained dense model's outputs")
     args = ap.parse_args()
+    # a smoke run never replaces the reported run's models and results.json
+    args.out = args.out or REPO.parent / "runs" / ("upcycle-quick" if args.quick else "upcycle")
     torch.set_num_threads(args.threads)
     if args.table:
         markdown_table(args.out)
