@@ -29,13 +29,16 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from mixlab.atomic import atomic_file, write_text
 from mixlab.checkpoint import load_model
+from mixlab.errors import MixlabError
 from mixlab.generate import generate
 from mixlab.train import sft
 from mixlab.train.data import ByteTokenizer, prepare, read_documents
@@ -95,7 +98,7 @@ def split_chat(out: Path, dpo_pairs: int) -> dict[str, Path]:
     paths = {}
     for name, lines in files.items():
         paths[name] = out / f"{name}.jsonl"
-        paths[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_text(paths[name], "\n".join(lines) + "\n")
     return paths
 
 
@@ -201,12 +204,11 @@ def main() -> None:
         run0 = out / f"{args.eval_split}-seed0"
         res["samples"] = {"prompts": PROMPTS, "base": samples(base), "sft": samples(run0 / "sft" / "hf"),
                           "dpo": samples(run0 / "dpo" / "hf")}
-        with (out / "samples.md").open("w", encoding="utf-8") as f:
-            for i, p in enumerate(PROMPTS):
-                f.write(f"## {p}\n\n" + "".join(f"* {k}: `{res['samples'][k][i]!r}`\n" for k in ("base", "sft", "dpo"))
-                        + "\n")
+        write_text(out / "samples.md", "".join(
+            f"## {p}\n\n" + "".join(f"* {k}: `{res['samples'][k][i]!r}`\n" for k in ("base", "sft", "dpo")) + "\n"
+            for i, p in enumerate(PROMPTS)))
     res["wall_seconds"] = time.perf_counter() - t_start
-    (out / f"results-{args.eval_split}.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    write_text(out / f"results-{args.eval_split}.json", json.dumps(res, indent=2) + "\n")
     print(f"total {res['wall_seconds'] / 60:.1f} min; results in {out / f'results-{args.eval_split}.json'}",
           flush=True)
     if not args.quick and args.eval_split == "test":
@@ -284,9 +286,13 @@ def plot(res: dict, figures: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(figures / "instruct_curves.png", dpi=100)
+    with atomic_file(figures / "instruct_curves.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MixlabError as e:  # a missing model or dataset, a refused destination: one line, as `mixlab` prints
+        sys.exit(f"experiments/instruct.py: error: {e}")

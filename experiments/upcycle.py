@@ -37,8 +37,10 @@ from pathlib import Path
 
 import torch
 
+from mixlab.atomic import atomic_file, write_text
 from mixlab.checkpoint import load_model
 from mixlab.config import ModelConfig, MoEConfig
+from mixlab.errors import MixlabError
 from mixlab.model import Transformer
 from mixlab.train.data import TokenDataset, eval_windows, prepare, read_documents
 from mixlab.train.loop import TrainConfig, evaluate
@@ -104,7 +106,7 @@ def train(
     cfg_dir = out / f"{name}-config"
     if model_cfg is not None:
         cfg_dir.mkdir(parents=True, exist_ok=True)
-        (cfg_dir / "config.json").write_text(json.dumps(model_cfg.to_hf_dict(), indent=2) + "\n")
+        write_text(cfg_dir / "config.json", json.dumps(model_cfg.to_hf_dict(), indent=2) + "\n")
     every = max(1, int(s.eval_every_frac * steps))
     tc = TrainConfig(data=str(ds.path), out=str(run), model=str(cfg_dir), init_from=str(init_from or ""),
                      data_offset=data_offset, seq_len=s.seq_len, batch_size=s.batch_size, steps=steps,
@@ -191,13 +193,15 @@ def main() -> None:
         s = Settings(seed=seed)
         if args.add_equal_tokens:
             f = args.out / f"seed{seed}" / "results.json"
+            if not f.is_file():
+                sys.exit(f"{f}: not found; --add-equal-tokens adds arm (d) to a finished run's results")
             res = json.loads(f.read_text())
             res["log"] = [x for x in res["log"] if x["run"] != "dense-equal-tokens"]
             p_flops = max(x["flops"] for x in res["log"] if x["run"] == "dense")
             equal_tokens(s, ds, f.parent, res["log"], steps=res["steps"]["upcycled"],
                          data_offset=res["steps"]["dense"] * s.batch_size, flops_start=p_flops, threads=args.threads)
             res["steps"]["dense-equal-tokens"] = res["steps"]["upcycled"]
-            f.write_text(json.dumps(res, indent=2) + "\n")
+            write_text(f, json.dumps(res, indent=2) + "\n")
             continue
         if args.quick:
             s.dense_steps, s.extra_dense_steps, s.eval_windows = 30, 20, 2
@@ -239,7 +243,7 @@ def run(s: Settings, ds: TokenDataset, out: Path, *, scratch_arm: bool = True, t
         result = {"settings": asdict(s), "dense_config": asdict(dense_cfg), "moe_config": asdict(moe_cfg),
                   "flops_per_token": {"dense": fd, "moe": fm}, "tokens_per_step": tok_step, "steps": steps,
                   "wall_seconds": time.perf_counter() - t_start, "torch": torch.__version__, "log": log}
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
         return result
 
     # 1. dense pretraining
@@ -310,7 +314,7 @@ def noise_table(out: Path, run_dir: Path, stds: tuple[float, ...] = (0.0, 0.001,
         rows.append(row)
         print(f"{std:>10g} {row['max_abs_logit_diff']:>13.3e} {kl:>15.3e} {row['valid_loss']:>11.4f}", flush=True)
     shutil.rmtree(run_dir / "noise-tmp")
-    (run_dir / "noise_table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(run_dir / "noise_table.json", json.dumps(rows, indent=2) + "\n")
 
 
 def summarize(result: dict) -> None:
@@ -328,6 +332,8 @@ def summarize(result: dict) -> None:
 def markdown_table(out: Path) -> None:
     """Final validation loss per domain (rows) and arm (columns); a cell lists the seeds' values."""
     results = [json.loads(f.read_text()) for f in sorted(out.glob("seed*/results.json"))]
+    if not results:
+        sys.exit(f"{out}: no seed*/results.json; run the experiment first (or pass its --out)")
     arms = [r for r in RUNS if any(x["run"] == r for res in results for x in res["log"])]
 
     def finals(r: str) -> list[dict]:
@@ -390,7 +396,8 @@ def plot(out: Path, figures: Path) -> None:
     fig.suptitle(f"Sparse upcycling, {results[0]['moe_config']['moe']['num_experts']} experts top-"
                  f"{results[0]['moe_config']['moe']['top_k']}, {len(results)} seed(s)")
     fig.tight_layout()
-    fig.savefig(figures / "upcycling_loss_vs_compute.png", dpi=110)
+    with atomic_file(figures / "upcycling_loss_vs_compute.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
     equal = RUNS[1:4]  # the three arms at equal total compute
@@ -426,10 +433,14 @@ def plot(out: Path, figures: Path) -> None:
     ax.set_title("difference to the continued dense model")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(figures / "upcycling_per_domain.png", dpi=110)
+    with atomic_file(figures / "upcycling_per_domain.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     print(f"figures in {figures}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MixlabError as e:  # a missing model or dataset, a refused destination: one line, as `mixlab` prints
+        sys.exit(f"experiments/upcycle.py: error: {e}")
