@@ -400,7 +400,8 @@ def plot(out: Path, figures: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
-    equal = RUNS[1:4]  # the three arms at equal total compute
+    # the three arms at equal total compute that were run (--no-scratch leaves out (c))
+    equal = [r for r in RUNS[1:4] if any(x["run"] == r for res in results for x in res["log"])]
     finals = [{r: [x for x in res["log"] if x["run"] == r][-1]["valid"] for r in equal
                if any(x["run"] == r for x in res["log"])} for res in results]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
