@@ -76,3 +76,24 @@ def test_sustained_bandwidth_reads_on_and_ignores_the_slow_start():
     bw = sustained_bandwidth(probe, 10**6, seconds=0.3)
     assert len(calls) > 40  # it kept reading for the whole window
     assert 10**6 / 0.004 < bw <= 10**6 / 0.002  # the fast reads' speed (sleep overshoots a little)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--peers", "mixlab,llamacpp"], "unknown peer(s) 'llamacpp'"),
+    (["--reps", "0"], "--reps: expected an integer >= 1, got 0"),
+    (["--threads", "0"], "--threads: expected an integer >= 1, got 0"),
+])
+def test_bench_refuses_bad_arguments_before_measuring(argv, said, capsys):
+    from mixlab.cli import main
+
+    with pytest.raises(SystemExit) as e:  # argparse's error: before any model is built
+        main(["bench", "--quick", *argv])
+    assert e.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_bench_refuses_an_out_folder_before_measuring(tmp_path, capsys):
+    from mixlab.cli import main
+
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder; give a file name" in capsys.readouterr().err

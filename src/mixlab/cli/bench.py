@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mixlab import atomic
+from mixlab.cli.serve import positive
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -16,9 +17,22 @@ def _ints(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _peers(s: str) -> tuple[str, ...]:
+    from mixlab.cli.benchmark import BenchPlan
+
+    names = tuple(s.split(","))
+    unknown = [n for n in names if n not in BenchPlan.peers]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(map(repr, unknown))}; "
+                                         f"known: {','.join(BenchPlan.peers)}")
+    return names
+
+
 def bench(args: argparse.Namespace) -> int:
     from mixlab.cli.benchmark import BenchPlan, run_bench
 
+    if args.out:  # refused now, not after minutes of measuring
+        atomic.check_destination(args.out, kind="file")
     plan = BenchPlan.quick(args.preset or "tiny-moe") if args.quick else BenchPlan(preset=args.preset or "mini-moe")
     plan.threads = args.threads
     if args.reps is not None:
@@ -27,7 +41,7 @@ def bench(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
     if args.peers is not None:
-        plan.peers = tuple(args.peers.split(","))
+        plan.peers = args.peers
     report = run_bench(plan)
     text = report.format()
     print(text)
@@ -41,12 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "as a fraction of this machine's limits")
     p.add_argument("--preset", default=None, help="MoE preset (default mini-moe; tiny-moe with --quick)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny preset, few sizes, 2 repetitions")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for every peer (default 2)")
-    p.add_argument("--reps", type=int, default=None, help="repetitions per figure (median; default 5)")
+    p.add_argument("--threads", type=positive, default=2, help="CPU threads for every peer (default 2)")
+    p.add_argument("--reps", type=positive, default=None, help="repetitions per figure (median; default 5)")
     p.add_argument("--prefill", type=_ints, default=None, help="prompt lengths, e.g. 128,512,2048 (none: skip)")
     p.add_argument("--decode-batch", dest="decode_batch", type=_ints, default=None, help="e.g. 1,4,16")
     p.add_argument("--moe-tokens", dest="moe_tokens", type=_ints, default=None, help="e.g. 1,32,512,4096 (none: skip)")
-    p.add_argument("--peers", default=None,
+    p.add_argument("--peers", type=_peers, default=None,
                    help="comma-separated subset of mixlab,mixlab-packed,mixlab-int8,mixlab-int4,"
                         "mixlab-int4-exact,transformers,llama.cpp")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")

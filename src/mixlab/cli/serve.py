@@ -22,7 +22,7 @@ def _bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -122,14 +122,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="enable CORS for these origins (default: CORS off)")
     add_runtime_args(p)
     e = p.add_argument_group("engine budgets and limits")
-    e.add_argument("--max-batch", type=_positive, default=16, help="sequences decoded together (default 16)")
+    e.add_argument("--max-batch", type=positive, default=16, help="sequences decoded together (default 16)")
     e.add_argument("--cache-bytes", type=_bytes, default=None, help="KV cache budget, e.g. 2GB (default: engine's)")
-    e.add_argument("--max-model-len", type=_positive, default=None,
+    e.add_argument("--max-model-len", type=positive, default=None,
                    help="tokens per request, prompt and reply (default: the model's context, halved until "
                         "--max-batch sequences fit in the KV cache budget; with it set, fewer may run at once)")
-    e.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429 (default 256)")
-    e.add_argument("--token-budget", type=_positive, default=512, help="tokens per engine step (default 512)")
-    e.add_argument("--prefill-chunk", type=_positive, default=None,
+    e.add_argument("--max-queue", type=positive, default=256, help="waiting requests before 429 (default 256)")
+    e.add_argument("--token-budget", type=positive, default=512, help="tokens per engine step (default 512)")
+    e.add_argument("--prefill-chunk", type=positive, default=None,
                    help="the longest piece of one prompt per step: smaller keeps the other streams' inter-token "
                         "time lower while a long prompt prefills, larger brings that prompt's first token sooner "
                         "when others are decoding (default: the engine's, 128)")
@@ -137,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep bf16 weights a second time in the native kernels' panels: faster engine steps, "
                         "twice the weights' memory (auto: with --max-batch over 1, when that fits in half the memory "
                         "available)")
-    e.add_argument("--max-tokens-limit", type=_positive, default=None,
+    e.add_argument("--max-tokens-limit", type=positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")
     e.add_argument("--drain-timeout", type=float, default=30.0,
