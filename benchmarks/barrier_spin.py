@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mixlab.cache import KVCache
+from mixlab.cli.serve import positive
 from mixlab.config import MoEConfig, get_preset
 from mixlab.generate import prefill
 from mixlab.model import Transformer
@@ -27,9 +28,9 @@ from mixlab.ops import native
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--values", default="16,10,6")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=positive, default=7)
+    p.add_argument("--steps", type=positive, default=32)
+    p.add_argument("--threads", type=positive, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = get_preset("tiny-moe").replace(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,

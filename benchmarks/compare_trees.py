@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mixlab.cli.serve import positive
+
 PREFILL = (128, 512)
 DECODE_PROMPT, DECODE_STEPS = 128, 16
 
@@ -143,9 +145,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", type=Path, help="the tree measured as 'before'")
     p.add_argument("--new", type=Path, default=Path(__file__).resolve().parents[1])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=positive, default=3)
+    p.add_argument("--reps", type=positive, default=3)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--preset", default="mini-moe")
     p.add_argument("--workdir", default=None)
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)

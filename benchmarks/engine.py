@@ -49,6 +49,7 @@ from mixlab.cli.benchmark import (
     bandwidth_probe,
     measure_limits,
 )
+from mixlab.cli.serve import positive
 from mixlab.config import get_preset
 from mixlab.dtypes import DTYPES
 from mixlab.engine import Engine, SamplingParams
@@ -399,12 +400,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mini-moe")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--batches", default="1,4,16,64")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--token-budget", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--reps", type=positive, default=5)
+    ap.add_argument("--steps", type=positive, default=4)
+    ap.add_argument("--token-budget", type=positive, default=32)
+    ap.add_argument("--requests", type=positive, default=24)
     ap.add_argument("--long-prompt", type=int, default=2000)
     ap.add_argument("--base-steps", type=int, default=12)
     ap.add_argument("--sections", default="decode,batch1,arrivals,long")

@@ -22,6 +22,7 @@ import time
 import torch
 
 from mixlab.cli.benchmark import bandwidth_probe
+from mixlab.cli.serve import positive
 from mixlab.ops import native
 
 D, F, E, K, L = 1024, 3584, 8, 2, 8
@@ -29,9 +30,9 @@ D, F, E, K, L = 1024, 3584, 8, 2, 8
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--threads", type=positive, default=2)
+    p.add_argument("--reps", type=positive, default=7)
+    p.add_argument("--tokens", type=positive, nargs="+", default=[1, 4, 16, 32])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if native.load() is None:

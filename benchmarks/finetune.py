@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from mixlab.cli.serve import positive
+
 REPO = Path(__file__).resolve().parents[1]
 CHAT = REPO.parent / "shared" / "corpus" / "chat"
 
@@ -153,12 +155,12 @@ def run_trl(task: str, ckpt: Path, path: Path, out: Path, *, steps: int, warm: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=positive, default=1)
+    ap.add_argument("--steps", type=positive, default=8)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=positive, default=3)
+    ap.add_argument("--batch", type=positive, default=8)
+    ap.add_argument("--seq", type=positive, default=256)
     ap.add_argument("--tasks", nargs="+", default=["sft", "dpo"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixlab.cli.serve import positive
 from offload import peak_rss  # benchmarks/offload.py (this script's folder is on sys.path)
 
 
@@ -138,8 +139,8 @@ def main() -> None:
     ap.add_argument("--preset", default="mixtral-8x7b")
     ap.add_argument("--dir", default="/work/runs/full-size")
     ap.add_argument("--budget", default="8GB")
-    ap.add_argument("--tokens", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=positive, default=6)
+    ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--policy", default="lru", choices=["lru", "lfu"])
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--prefetch-always", action="store_true",

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mixlab.cli.serve import positive
 from mixlab.ops import native
 from mixlab.ops.linear import pack
 from mixlab.ops.quant import quantize_int4
@@ -40,8 +41,8 @@ def gbps(fn: Callable[[int], object], nbytes: int, copies: int, reps: int) -> fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=positive, default=2)
+    p.add_argument("--reps", type=positive, default=7)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if native.load() is None:

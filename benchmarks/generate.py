@@ -26,6 +26,7 @@ import torch
 
 import mixlab
 from mixlab import save_model
+from mixlab.cli.serve import positive
 from mixlab.config import get_preset
 from mixlab.dtypes import DTYPES
 from mixlab.generate import generate
@@ -48,10 +49,10 @@ def main() -> None:
     ap.add_argument("--preset", default="mini-moe")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--plain", action="store_true", help="the model as loaded, without prepare_for_inference")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--prompt-len", type=positive, default=128)
+    ap.add_argument("--new-tokens", type=positive, default=64)
+    ap.add_argument("--repeats", type=positive, default=3)
     args = ap.parse_args()
 
     import transformers

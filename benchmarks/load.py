@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mixlab.cli.serve import positive
+
 
 def rss_bytes() -> int:
     import psutil
@@ -76,9 +78,9 @@ def run(peer: str, path: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=positive, default=5)
     ap.add_argument("--dir", type=Path, default=None, help="reuse/keep the checkpoint here (default: a temp dir)")
-    ap.add_argument("--shard-mb", type=int, default=500)
+    ap.add_argument("--shard-mb", type=positive, default=500)
     ap.add_argument("--child", nargs=2, metavar=("PEER", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixlab.cli.benchmark import bandwidth_probe  # noqa: E402
+from mixlab.cli.serve import positive
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.engine import Engine, SamplingParams  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
@@ -91,11 +92,11 @@ def alone(model: Transformer, chunk: int, args: argparse.Namespace, seed: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--long", type=int, default=2048, help="the long prompt's tokens")
+    ap.add_argument("--long", type=positive, default=2048, help="the long prompt's tokens")
     ap.add_argument("--streams", type=int, default=15, help="requests decoding when it arrives")
     ap.add_argument("--chunks", default="512,256,128,64", help="prefill chunks to compare")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=positive, default=2)
+    ap.add_argument("--threads", type=positive, default=2)
     args = ap.parse_args()
     chunks = [int(c) for c in args.chunks.split(",") if c]
     if args.long < 1 or args.streams < 1 or args.rounds < 1 or args.threads < 1 or not chunks or min(chunks) < 1:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from mixlab.cli.serve import positive
+
 
 def peak_rss() -> int:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)."""
@@ -142,13 +144,13 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.25,0.5,0.75,1.0")
     ap.add_argument("--policies", default="lru,lfu")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=positive, default=32)
+    ap.add_argument("--prompt-len", type=positive, default=32)
+    ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--drop-pages", action="store_true")
     ap.add_argument("--prefetch", default="no,yes", help="rows per budget and policy: no, yes (reads guesses while "
                     "a read fits in the compute window), always (reads every guess)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per configuration (the table shows medians)")
+    ap.add_argument("--repeats", type=positive, default=1, help="runs per configuration (the table shows medians)")
     ap.add_argument("--no-resident", action="store_true", help="skip the resident model's row")
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one configuration

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from mixlab.cli.serve import positive
+
 COMM = ("all_to_all", "allreduce", "all_reduce", "reduce_scatter", "allgather", "all_gather", "broadcast", "gloo:")
 
 
@@ -98,13 +100,13 @@ def _run(rank: int, world: int, port: int, layout: dict[str, Any], a: dict[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8, help="global sequences per step")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--steps", type=positive, default=12)
+    ap.add_argument("--dim", type=positive, default=256)
+    ap.add_argument("--layers", type=positive, default=4)
+    ap.add_argument("--experts", type=positive, default=8)
+    ap.add_argument("--seq", type=positive, default=256)
+    ap.add_argument("--batch", type=positive, default=8, help="global sequences per step")
+    ap.add_argument("--threads", type=positive, default=1, help="torch threads per process")
     a = vars(ap.parse_args())
     layouts = {"1 process": (1, {"ep": 1, "fsdp": False}), "EP=2": (2, {"ep": 2, "fsdp": False}),
                "FSDP=2": (2, {"ep": 1, "fsdp": True}), "EP=2 + FSDP": (2, {"ep": 2, "fsdp": True}),

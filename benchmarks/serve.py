@@ -60,6 +60,7 @@ from mixlab.cli.benchmark import (  # noqa: E402
     measure_limits,
     sustained_bandwidth,
 )
+from mixlab.cli.serve import positive  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
 from mixlab.tokenizer import load_tokenizer  # noqa: E402
@@ -375,12 +376,12 @@ def prepare_models(cfg: Any, root: Path, seed: int, log: Any) -> tuple[Path, Pat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mini-moe")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--requests", type=int, default=2, help="requests per client per run")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per point (the median is reported)")
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--token-budget", type=int, default=512,
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--clients", type=positive, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=positive, default=2, help="requests per client per run")
+    ap.add_argument("--repeats", type=positive, default=3, help="runs per point (the median is reported)")
+    ap.add_argument("--max-tokens", type=positive, default=48)
+    ap.add_argument("--token-budget", type=positive, default=512,
                     help="mixlab's tokens per engine step (mixlab serve's default 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900)

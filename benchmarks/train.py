@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from mixlab.cli.serve import positive
 from mixlab.config import MoEConfig, get_preset
 from mixlab.model import Transformer
 from mixlab.train.loop import TrainConfig, compile_model, keep_freed_memory, make_optimizer
@@ -132,17 +133,17 @@ def top_ops(step: Callable[[], float], n: int, steps: int = 3) -> dict[str, floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=259)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--vocab", type=positive, default=259)
+    p.add_argument("--dim", type=positive, default=256)
+    p.add_argument("--layers", type=positive, default=4)
+    p.add_argument("--heads", type=positive, default=8)
+    p.add_argument("--kv-heads", type=positive, default=2)
+    p.add_argument("--ffn", type=positive, default=512)
+    p.add_argument("--experts", type=positive, default=8)
+    p.add_argument("--top-k", type=positive, default=2)
+    p.add_argument("--batch", type=positive, default=8)
+    p.add_argument("--seq", type=positive, default=256)
+    p.add_argument("--iters", type=positive, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--moe-impl", default="auto", help="mixlab MoE implementation (mixlab.ops.moe.IMPLS or auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

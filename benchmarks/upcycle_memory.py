@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mixlab import Transformer, get_preset, save_model
+from mixlab.cli.serve import positive
 
 
 def folder_bytes(p: Path) -> int:
@@ -29,7 +30,7 @@ def folder_bytes(p: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=positive, default=3)
     ap.add_argument("--max-shard-gb", type=float, default=0.25)
     args = ap.parse_args()
     cfg = get_preset("mini-moe").replace(moe=None)
