@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mixlab.cache import KVCache
+from mixlab.cli.bench import ints
 from mixlab.cli.serve import positive
 from mixlab.config import MoEConfig, get_preset
 from mixlab.generate import prefill
@@ -27,7 +28,7 @@ from mixlab.ops import native
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--values", default="16,10,6")
+    p.add_argument("--values", type=ints, default=(16, 10, 6))
     p.add_argument("--rounds", type=positive, default=7)
     p.add_argument("--steps", type=positive, default=32)
     p.add_argument("--threads", type=positive, default=2)
@@ -43,7 +44,7 @@ def main() -> None:
     assert cc is not None
     tmp = Path(tempfile.mkdtemp(prefix="mixlab-spin-"))
     decoders = {}
-    for v in (int(x) for x in args.values.split(",")):
+    for v in args.values:
         path = native.compile_library(cc, tmp / f"spin{v}.so", defines=(f"MX_SPIN_LOG2={v}",))
         decoders[v] = NativeDecoder(model, native.load_library(path)[0])
     res: dict[int, list[float]] = {v: [] for v in decoders}

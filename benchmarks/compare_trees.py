@@ -163,6 +163,9 @@ def main() -> int:
         print(json.dumps(out))
         return 0
 
+    for flag, tree in (("--old", args.old), ("--new", args.new)):
+        if tree is None or not (tree / "src" / "mixlab").is_dir():
+            p.error(f"{flag} {tree}: expected a mixlab source tree (with src/mixlab)")
     import torch
 
     from mixlab.checkpoint import save_model

@@ -395,6 +395,9 @@ def mixed_section(model: Transformer, args: argparse.Namespace) -> None:
         registry.NATIVE_MAX_STEP_TOKENS = saved
 
 
+SECTIONS = ("decode", "batch1", "arrivals", "long", "mixed")
+
+
 def main() -> None:
     global PROMPT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -408,7 +411,7 @@ def main() -> None:
     ap.add_argument("--requests", type=positive, default=24)
     ap.add_argument("--long-prompt", type=int, default=2000)
     ap.add_argument("--base-steps", type=int, default=12)
-    ap.add_argument("--sections", default="decode,batch1,arrivals,long")
+    ap.add_argument("--sections", default="decode,batch1,arrivals,long", help=f"of {','.join(SECTIONS)}")
     ap.add_argument("--plot", default=None, metavar="PNG",
                     help="draw the decode section's tokens/s against sequences, with the limits (needs matplotlib)")
     ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens of the decoding sequences")
@@ -416,6 +419,9 @@ def main() -> None:
     ap.add_argument("--mixed-steps", default="native", choices=["native", "torch", "both"],
                     help="arrivals and long prompt: steps with a prompt chunk natively, on the PyTorch pass, or both")
     args = ap.parse_args()
+    unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
+    if unknown:  # a misspelt section was skipped without a word
+        ap.error(f"--sections: unknown {', '.join(map(repr, unknown))}; known: {','.join(SECTIONS)}")
     if args.plot:  # refused now, not after minutes of measuring
         try:
             check_destination(args.plot, kind="file")

@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=positive, default=3)
     ap.add_argument("--batch", type=positive, default=8)
     ap.add_argument("--seq", type=positive, default=256)
-    ap.add_argument("--tasks", nargs="+", default=["sft", "dpo"])
+    ap.add_argument("--tasks", nargs="+", choices=("sft", "dpo"), default=["sft", "dpo"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mixlab.cli.serve import positive
+from mixlab.config import parse_bytes
 from offload import peak_rss  # benchmarks/offload.py (this script's folder is on sys.path)
 
 
@@ -148,6 +149,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the file (and reuse it if present)")
     ap.add_argument("--decode-only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:  # now, not after minutes of writing the file
+        parse_bytes(args.budget, what="--budget")
+    except ValueError as e:
+        ap.error(str(e))
     if args.decode_only:
         args.path = args.decode_only
         print(json.dumps(decode(args)))

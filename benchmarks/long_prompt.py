@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mixlab.cli.bench import ints
 from mixlab.cli.benchmark import bandwidth_probe  # noqa: E402
 from mixlab.cli.serve import positive
 from mixlab.config import get_preset  # noqa: E402
@@ -94,11 +95,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--long", type=positive, default=2048, help="the long prompt's tokens")
     ap.add_argument("--streams", type=int, default=15, help="requests decoding when it arrives")
-    ap.add_argument("--chunks", default="512,256,128,64", help="prefill chunks to compare")
+    ap.add_argument("--chunks", type=ints, default=(512, 256, 128, 64), help="prefill chunks to compare")
     ap.add_argument("--rounds", type=positive, default=2)
     ap.add_argument("--threads", type=positive, default=2)
     args = ap.parse_args()
-    chunks = [int(c) for c in args.chunks.split(",") if c]
+    chunks = list(args.chunks)
     if args.long < 1 or args.streams < 1 or args.rounds < 1 or args.threads < 1 or not chunks or min(chunks) < 1:
         raise SystemExit("--long, --streams, --rounds, --threads and every --chunks value must be >= 1")
     torch.set_num_threads(args.threads)

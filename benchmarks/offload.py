@@ -161,10 +161,21 @@ def main() -> None:
         return
     if (args.model is None) == (args.random is None):
         ap.error("give --model DIR or --random D,F,L,E")
+    try:
+        fractions = [float(x) for x in args.fractions.split(",")]
+        if args.random is not None:
+            D, F, L, E = (int(x) for x in args.random.split(","))
+    except ValueError:
+        ap.error(f"--fractions {args.fractions!r} / --random {args.random!r}: expected comma-separated numbers "
+                 "(--random: four integers D,F,L,E)")
+    for flag, values, known in (("--policies", args.policies, ("lru", "lfu")),
+                                ("--prefetch", args.prefetch, ("no", "yes", "always"))):
+        if unknown := [v for v in values.split(",") if v not in known]:  # "maybe" ran as "yes"
+            ap.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; known: {','.join(known)}")
     model_dir = args.model or write_random(args.random, Path(args.workdir))
     total = expert_bytes_total(model_dir, args.quant)
     configs: list[dict] = [] if args.no_resident else [dict(budget=None, policy="lru", prefetch=False)]
-    for frac in (float(x) for x in args.fractions.split(",")):
+    for frac in fractions:
         for policy in args.policies.split(","):
             for mode in args.prefetch.split(","):
                 configs.append(dict(budget=int(frac * total), policy=policy, prefetch=mode != "no",
