@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=positive, default=64)
     ap.add_argument("--repeats", type=positive, default=3)
     args = ap.parse_args()
+    if args.new_tokens < 2:  # the decode rate is (N - 1) tokens over the N-token run minus the 1-token run
+        ap.error(f"--new-tokens: expected at least 2, got {args.new_tokens}")
 
     import transformers
     from transformers import AutoModelForCausalLM
