@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mixlab.atomic import OutputError, check_destination, write_text
 from mixlab.cache import KVCache
 from mixlab.model import Transformer
 
@@ -137,6 +138,11 @@ def main() -> int:
                          "llama.cpp's Q4_0 x Q8_0 dot products): what the faster rounding costs")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's Q8_0 and Q4_0 columns")
     args = ap.parse_args()
+    if args.out:  # refused now, not after the run
+        try:
+            check_destination(args.out, kind="file")
+        except OutputError as e:
+            raise SystemExit(f"--out: {e}") from None
     torch.set_num_threads(args.threads)
 
     cfg = init_config(args.model)
@@ -171,7 +177,7 @@ def main() -> int:
                  for r in results.values()]
         print(f"| {dname} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.out, json.dumps(results, indent=2) + "\n")
     return 0
 
 

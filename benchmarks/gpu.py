@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mixlab.atomic import OutputError, check_destination, write_text  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.graphs import StaticDecoder  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
@@ -182,6 +183,11 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true", help="skip the random-weight Mixtral-8x7B model")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     args = ap.parse_args()
+    if args.out:  # refused now, not after the run
+        try:
+            check_destination(args.out, kind="file")
+        except OutputError as e:
+            raise SystemExit(f"--out: {e}") from None
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
     t0 = time.time()
@@ -196,7 +202,7 @@ def main() -> None:
     if not args.skip_full:
         result["models"].append(model_runs("mixtral-8x7b", result["limits"], new_tokens=32))
     result["seconds"] = time.time() - t0
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from mixlab.atomic import OutputError, check_destination, write_text
 from mixlab.cli.serve import positive
 
 
@@ -159,6 +160,11 @@ def main() -> None:
         one = argparse.Namespace(**json.loads(args.one))
         print(json.dumps(run_one(one)))
         return
+    if args.json:  # refused now, not after the run
+        try:
+            check_destination(args.json, kind="file")
+        except OutputError as e:
+            raise SystemExit(f"--json: {e}") from None
     if (args.model is None) == (args.random is None):
         ap.error("give --model DIR or --random D,F,L,E")
     try:
@@ -222,7 +228,7 @@ def main() -> None:
               f"{r['hit_rate']:.1%} | {r['decode_tok_s']:.1f}{each} | {r['wait_s']:.2f} | {r['bytes_read'] / mb:.1f} | "
               f"{pf} | {r['peak_rss'] / mb:.0f} | {r['rss_loaded'] / mb:.0f} | {target / mb:.0f} {ok} |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(args.json, json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
