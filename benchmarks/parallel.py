@@ -99,7 +99,7 @@ def _run(rank: int, world: int, port: int, layout: dict[str, Any], a: dict[str, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=positive, default=12)
     ap.add_argument("--dim", type=positive, default=256)
     ap.add_argument("--layers", type=positive, default=4)

@@ -29,7 +29,7 @@ def folder_bytes(p: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=positive, default=3)
     ap.add_argument("--max-shard-gb", type=float, default=0.25)
     args = ap.parse_args()
