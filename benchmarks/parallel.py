@@ -108,6 +108,10 @@ def main() -> None:
     ap.add_argument("--batch", type=positive, default=8, help="global sequences per step")
     ap.add_argument("--threads", type=positive, default=1, help="torch threads per process")
     a = vars(ap.parse_args())
+    if a["steps"] < 3:  # the first two are warm-up, not measured
+        ap.error(f"--steps: expected at least 3 (two warm-up steps, then the measured ones), got {a['steps']}")
+    if a["batch"] % 2:  # split over the 2 processes
+        ap.error(f"--batch: expected an even number of sequences (split over 2 processes), got {a['batch']}")
     layouts = {"1 process": (1, {"ep": 1, "fsdp": False}), "EP=2": (2, {"ep": 2, "fsdp": False}),
                "FSDP=2": (2, {"ep": 1, "fsdp": True}), "EP=2 + FSDP": (2, {"ep": 2, "fsdp": True}),
                "DP=2 (replicated)": (2, {"ep": 1, "fsdp": False})}
