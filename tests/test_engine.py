@@ -333,6 +333,28 @@ def test_cancel_frees_cache(tiny):
     assert st["cache_used_bytes"] == 0
 
 
+def test_cancel_reaches_only_the_request_it_was_meant_for(tiny):
+    """A request id can be used again once its request ended: the old handle's cancel(), or a
+    cancel of the old request that arrived while its last step ran, must not stop the new one."""
+    eng = Engine(tiny)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    old = eng.submit([1, 2, 3], params, request_id="chat")
+    forward = eng.runner.forward
+
+    def cancel_during_step(items):  # another thread's cancel while the old request's last step runs
+        eng.cancel("chat")
+        return forward(items)
+
+    eng.runner.forward = cancel_during_step
+    eng.step()  # the old request's only step: it ends, and its id is free again
+    eng.runner.forward = forward
+    assert old.result()[-1].finish_reason == "length"
+    new = eng.submit([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), request_id="chat")
+    old.cancel()
+    eng.run_until_idle()
+    assert [o.finish_reason for o in new.result()] == [None, None, "length"]
+
+
 def test_submit_after_shutdown_raises_instead_of_waiting_forever(tiny):
     eng = Engine(tiny).start()
     eng.shutdown()

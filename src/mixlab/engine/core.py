@@ -127,7 +127,7 @@ class Engine:
         self._running: list[_Seq] = []
         self._cancel_ids: set[str] = set()
         self._ids = itertools.count()
-        self._live: set[str] = set()
+        self._live: dict[str, Handle] = {}  # request id -> handle of the request that holds it now
         self._wake = threading.Event()
         self._stop = False
         self._closed = False  # shut down: submit raises (nothing would ever run its request) until start()
@@ -208,7 +208,7 @@ class Engine:
                 raise ValueError(f"request_id {rid!r} is already running")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
-            self._live.add(rid)
+            self._live[rid] = handle
             self._waiting.append(seq)
         self._wake.set()
         return handle
@@ -235,10 +235,13 @@ class Engine:
         return prompt
 
     def cancel(self, request: str | Handle) -> None:
-        """Stop a request (waiting or running); its stream ends with finish_reason "cancelled"."""
+        """Stop a request (waiting or running); its stream ends with finish_reason "cancelled". A
+        request that has ended is not cancelled, nor a later one given the same request id (when the
+        ended one's handle is given)."""
         rid = request.request_id if isinstance(request, Handle) else str(request)
         with self._lock:
-            if rid in self._live:
+            live = self._live.get(rid)
+            if live is not None and (live is request or not isinstance(request, Handle)):
                 self._cancel_ids.add(rid)
         self._wake.set()
 
@@ -481,8 +484,9 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
             self.runner.free(seq.slot, seq.tokens[: seq.n_cached])
-        with self._lock:
-            self._live.discard(seq.rid)
+        with self._lock:  # a cancel still pending was meant for this request: not for the next with its id
+            self._live.pop(seq.rid, None)
+            self._cancel_ids.discard(seq.rid)
 
     def _finish(self, seq: _Seq, reason: str, *, error: str | None = None) -> None:
         self._release(seq)
