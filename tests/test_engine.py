@@ -5,6 +5,8 @@ stop tokens and strings, cancel, a full cache queues, prefix reuse, threads and 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -481,6 +483,45 @@ def test_prefix_reuse_equals_full_prefill(model_name, request):
     # A prompt sharing nothing reuses nothing.
     other = _handles_run(eng, [(extra + base, params)])[0]
     assert other[0].cached_tokens == 0
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "windowed"])
+def test_many_requests_under_load_equal_single_runs_and_free_everything(model_name, request):
+    """Requests of mixed lengths (some filling the context, some sharing a long prefix or the same
+    prompt, so that free slots are reused) submitted to a running engine while others run, a few
+    cancelled on the way: each greedy stream equals the request's run alone (a cancelled one, a
+    prefix of it), and afterwards no slot, queue entry or thread is left."""
+    model = request.getfixturevalue(model_name)
+    g = torch.Generator().manual_seed(4)
+    base = _prompts((60,), seed=8)[0]
+    subs = []
+    for i in range(24):
+        if i % 4 == 0:  # the same long prefix, then tokens of its own
+            p = base[: 20 + 5 * (i % 7)] + _prompts((i % 5,), seed=i)[0]
+        elif i % 4 == 1:  # near the context limit (128)
+            p = _prompts((90 + i,), seed=i)[0]
+        else:
+            p = _prompts((1 + 3 * i,), seed=i)[0]
+        subs.append((p, min(int(torch.randint(1, 24, (1,), generator=g)), 128 - len(p))))
+    threads = threading.active_count()
+    with Engine(model, max_batch=4, token_budget=12, prefill_chunk=8) as eng:
+        handles = []
+        for i, (p, n) in enumerate(subs):
+            handles.append(eng.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)))
+            if i % 6 == 5:
+                handles[i - 2].cancel()  # waiting, prefilling or decoding by now: whichever it is
+            time.sleep(0.002)
+        outs = [h.result() for h in handles]
+        stats = eng.stats()
+        assert stats["running"] == stats["waiting"] == stats["cache_used_bytes"] == 0 and not eng.has_work()
+        if model.config.sliding_window is None:  # (a rolling slot of 13 positions holds no such prefix)
+            assert stats["cached_tokens"] > 0  # free slots' prefixes were reused
+    assert threading.active_count() == threads
+    alone = Engine(model, max_batch=1, prefix_cache=False)  # each request by itself (== _reference: tests above)
+    for (p, n), o in zip(subs, outs, strict=True):
+        toks = [x.token_id for x in o if x.token_id is not None]
+        want = _run(alone, [(p, SamplingParams(max_tokens=n, ignore_eos=True))])[0]
+        assert toks == (want[: len(toks)] if o[-1].finish_reason == "cancelled" else want)
 
 
 def _handles_run(engine, submissions):
