@@ -262,6 +262,44 @@ def test_one_request_s_failure_ends_that_request_only(tiny, monkeypatch):
     assert list(h)[-1].error == "RuntimeError: boom" and not eng.has_work()
 
 
+def test_a_request_whose_admission_fails_ends_with_error_and_frees_its_slot(tiny, monkeypatch):
+    # Admission allocates per request (a penalty's [1, V] rows): out of memory there (a GPU under
+    # load) lost the request, which was neither waiting nor running: its stream never ended and its
+    # slot was never freed. A failing slot allocation kept it at the head of the queue, failing
+    # every step after. Now it ends with "error"; the engine and the other requests go on.
+    prompts = _prompts((5, 7, 6), seed=2)
+    want = _reference(tiny, prompts[0], 4)[0]
+    real_zeros = torch.zeros
+
+    def zeros(*a, **k):
+        if k.get("dtype") is torch.bool:
+            raise RuntimeError("out of memory")
+        return real_zeros(*a, **k)
+
+    eng = Engine(tiny, max_batch=2)
+    plain = SamplingParams(max_tokens=4, ignore_eos=True)
+    ok = eng.submit(prompts[0], plain)
+    bad = eng.submit(prompts[1], SamplingParams(max_tokens=4, ignore_eos=True, repetition_penalty=1.2))
+    monkeypatch.setattr(torch, "zeros", zeros)
+    eng.step()
+    monkeypatch.setattr(torch, "zeros", real_zeros)
+    allocate = eng.runner.allocate
+
+    def failing(prompt, *a, **k):
+        if prompt == prompts[2]:
+            raise RuntimeError("no slot")
+        return allocate(prompt, *a, **k)
+
+    monkeypatch.setattr(eng.runner, "allocate", failing)
+    bad2 = eng.submit(prompts[2], plain)
+    eng.run_until_idle()
+    assert [o.token_id for o in ok.poll()] == want
+    assert [(o.finish_reason, o.error) for o in bad.poll()] == [("error", "RuntimeError: out of memory")]
+    assert [(o.finish_reason, o.error) for o in bad2.poll()] == [("error", "RuntimeError: no slot")]
+    st = eng.stats()
+    assert st["running"] == st["waiting"] == st["cache_used_bytes"] == 0 and not eng.has_work()
+
+
 class _CharTok:
     """A toy tokenizer: token i is the character chr(ord('a') + i % 26)."""
 

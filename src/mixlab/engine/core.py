@@ -10,7 +10,8 @@ plus chunks of prompts being prefilled, under `token_budget` tokens per step and
 `prefill_chunk` of one prompt, so a long prompt is spread over several steps instead of freezing
 the other streams (chunked prefill, Sarathi-Serve arXiv 2403.02310). Then each row is sampled with
 its own settings and generator; a finished or cancelled sequence frees its cache at once. A row
-that fails (NaN logits) ends its own request with "error"; a step that fails ends all of the step's.
+that fails (NaN logits) ends its own request with "error", as does a failed admission (out of
+memory for its state); a step that fails ends all of the step's.
 
 Batch independence: each row's logits depend only on its own tokens, and its sampling only on its
 own generator, so a seeded request gives the same tokens whatever runs beside it, up to the
@@ -371,29 +372,39 @@ class Engine:
                 if not self._waiting:
                     return
                 seq = self._waiting[0]
-            alloc = self.runner.allocate(seq.prompt, len(seq.prompt) + seq.params.max_tokens,
-                                         reuse=not seq.params.prompt_logprobs)
-            if alloc is None:
-                return  # the cache is full: it waits (first come, first served)
-            with self._lock:
-                self._waiting.popleft()
-            seq.slot, seq.n_cached = alloc
-            seq.cached_tokens = seq.n_cached
-            self._stats["cached_tokens"] += seq.n_cached
-            if seq.params.prompt_logprobs:
-                seq.prompt_lp = [None]
-                seq.prompt_top = [None] if seq.params.logprobs else None
-            V = self.config.vocab_size
-            if seq.params.repetition_penalty != 1.0:
-                seq.seen_1V = torch.zeros(1, V, dtype=torch.bool, device=self.runner.device)
-                seq.seen_1V[0, seq.prompt] = True
-            if seq.params.presence_penalty or seq.params.frequency_penalty:
-                seq.counts_1V = torch.zeros(1, V, device=self.runner.device)
-            if seq.params.logit_bias:
-                seq.bias_1V = torch.zeros(1, V, device=self.runner.device)
-                ids, values = zip(*seq.params.logit_bias.items(), strict=True)
-                seq.bias_1V[0, list(ids)] = torch.tensor(values, device=self.runner.device)
-            self._running.append(seq)
+            try:
+                alloc = self.runner.allocate(seq.prompt, len(seq.prompt) + seq.params.max_tokens,
+                                             reuse=not seq.params.prompt_logprobs)
+                if alloc is None:
+                    return  # the cache is full: it waits (first come, first served)
+                with self._lock:
+                    self._waiting.popleft()
+                seq.slot, seq.n_cached = alloc
+                self._running.append(seq)  # from here on, finishing it frees its slot
+                self._setup(seq)
+            except Exception as e:  # noqa: BLE001 (out of memory, say: this request fails, not the engine)
+                with self._lock:
+                    if self._waiting and self._waiting[0] is seq:
+                        self._waiting.popleft()
+                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+
+    def _setup(self, seq: _Seq) -> None:
+        """A newly admitted request's state: its prompt logprobs, penalty and bias rows."""
+        seq.cached_tokens = seq.n_cached
+        self._stats["cached_tokens"] += seq.n_cached
+        if seq.params.prompt_logprobs:
+            seq.prompt_lp = [None]
+            seq.prompt_top = [None] if seq.params.logprobs else None
+        V = self.config.vocab_size
+        if seq.params.repetition_penalty != 1.0:
+            seq.seen_1V = torch.zeros(1, V, dtype=torch.bool, device=self.runner.device)
+            seq.seen_1V[0, seq.prompt] = True
+        if seq.params.presence_penalty or seq.params.frequency_penalty:
+            seq.counts_1V = torch.zeros(1, V, device=self.runner.device)
+        if seq.params.logit_bias:
+            seq.bias_1V = torch.zeros(1, V, device=self.runner.device)
+            ids, values = zip(*seq.params.logit_bias.items(), strict=True)
+            seq.bias_1V[0, list(ids)] = torch.tensor(values, device=self.runner.device)
 
     def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None,
               argmax: int | None = None) -> None:
