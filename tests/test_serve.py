@@ -499,6 +499,39 @@ def test_disconnect_cancels_and_frees_the_slot(server: str) -> None:
         del runner.forward  # the class's method again
 
 
+def test_many_requests_some_abandoned_leave_nothing_behind(server: str) -> None:
+    """48 requests from 12 threads, a third streamed to the end, a third streamed and abandoned
+    after the first chunk: the completed ones get their single-request text, and afterwards the
+    engine runs and queues nothing, holds no cache, and no connection or thread is left open."""
+    jobs = [{"model": NAME, "prompt": f"Request {k} " * (1 + k % 5), "max_tokens": 6 + k % 9, "temperature": 0,
+             "ignore_eos": True} for k in range(12)] * 4
+    with httpx.Client(base_url=server, timeout=60) as c:
+        alone = [c.post(COMP, json=j).json()["choices"][0]["text"] for j in jobs[:12]]
+        threads, before = threading.active_count(), _metric(server, "mixlab_requests_cancelled_total")
+
+        def one(i: int) -> str | None:
+            if i % 3 == 0:
+                return str(c.post(COMP, json=jobs[i]).json()["choices"][0]["text"])
+            with c.stream("POST", COMP, json={**jobs[i], "stream": True}) as resp:
+                text = ""
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        if i % 3 == 2:
+                            return None  # the client leaves mid-stream
+                        text += json.loads(line[6:])["choices"][0]["text"]
+                return text
+
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(one, range(48)))
+    for i, text in enumerate(got):
+        assert text is None or text == alone[i % 12]
+    assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
+    for gauge in ("mixlab_queue_depth", "mixlab_kv_cache_used_bytes", "mixlab_http_requests_in_progress"):
+        assert _metric(server, gauge) == 0, gauge
+    assert 0 < _metric(server, "mixlab_requests_cancelled_total") - before <= 16  # the abandoned ones still running
+    assert _until(lambda: threading.active_count() <= threads)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
