@@ -296,6 +296,11 @@ class _Server:
             for h in handles:
                 h.cancel()
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
+        except RuntimeError as e:  # the engine was shut down under the server
+            for h in handles:
+                h.cancel()
+            raise ApiError(503, f"the engine is not running: {e}", type="server_error",
+                           code="engine_unavailable") from None
         for ids in prompts[::n]:  # a prompt counts once however many choices it has, as in `usage`
             self.metrics.prompt_tokens.inc(len(ids))
         return handles
