@@ -720,10 +720,12 @@ def test_error_mid_stream_sends_an_error_event_then_done(model_tok: tuple[Any, A
             rest = list(lines)
         # a request after that: OpenAI's error body, 503 (it was a plain-text 500 and a traceback)
         late = httpx.post(url + COMP, json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        health = httpx.get(url + "/health", timeout=30)  # it said 200 "ok"
     assert rest[-1] == "data: [DONE]"
     err = json.loads(rest[-2][6:])["error"]
     assert err["type"] == "server_error" and "shut down" in err["message"]
     assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unavailable"
+    assert health.status_code == 503 and health.json() == {"status": "engine stopped"}
     assert "shut down" in late.json()["error"]["message"]
 
 

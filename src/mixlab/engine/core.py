@@ -148,6 +148,11 @@ class Engine:
             self._thread.start()
         return self
 
+    @property
+    def closed(self) -> bool:
+        """Shut down: nothing submitted now would run (until `start()`)."""
+        return self._closed
+
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Stop the thread; requests still waiting or running finish with "error", and `submit` raises
         RuntimeError until `start()`."""

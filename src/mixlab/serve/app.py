@@ -595,6 +595,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     async def health() -> Response:
         if srv.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if getattr(srv.engine, "closed", False):  # a load balancer must stop sending requests here
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
