@@ -262,6 +262,24 @@ def test_one_request_s_failure_ends_that_request_only(tiny, monkeypatch):
     assert list(h)[-1].error == "RuntimeError: boom" and not eng.has_work()
 
 
+def test_a_failed_step_leaves_no_tokens_for_prefix_reuse(tiny, monkeypatch):
+    """A step that raises may have written part of its chunk (over a rolling slot's oldest
+    positions): the slots of its requests are freed without tokens to reuse (they kept the prompt)."""
+    prompt = _prompts((9,), seed=4)[0]
+    eng = Engine(tiny, max_batch=1)
+    h = eng.submit(prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()  # the prompt is in the slot
+
+    def broken(items):
+        raise RuntimeError("the step failed")
+
+    monkeypatch.setattr(eng.runner, "forward", broken)
+    with pytest.raises(RuntimeError, match="the step failed"):
+        eng.step()
+    assert h.result()[-1].finish_reason == "error"
+    assert all(kept == [] for kept in eng.runner.free_slots.values())
+
+
 def test_a_request_whose_admission_fails_ends_with_error_and_frees_its_slot(tiny, monkeypatch):
     # Admission allocates per request (a penalty's [1, V] rows): out of memory there (a GPU under
     # load) lost the request, which was neither waiting nor running: its stream never ended and its

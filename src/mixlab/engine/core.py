@@ -496,16 +496,18 @@ class Engine:
                             for s in seq.params.stop) if i >= 0]
         return min(hits) if hits else None
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: _Seq, *, keep: bool = True) -> None:
         if seq in self._running:
             self._running.remove(seq)
-            self.runner.free(seq.slot, seq.tokens[: seq.n_cached])
+            # `keep`: the slot's tokens stay for prefix reuse. Not after an error: a failed step may
+            # have written part of its chunk, over the oldest positions of a rolling slot
+            self.runner.free(seq.slot, seq.tokens[: seq.n_cached] if keep else [])
         with self._lock:  # a cancel still pending was meant for this request: not for the next with its id
             self._live.pop(seq.rid, None)
             self._cancel_ids.discard(seq.rid)
 
     def _finish(self, seq: _Seq, reason: str, *, error: str | None = None) -> None:
-        self._release(seq)
+        self._release(seq, keep=reason != "error")
         seq.handle._push(RequestOutput(seq.rid, None, "", None, None, None, reason, len(seq.prompt), len(seq.out),
                                        seq.cached_tokens, seq.prompt_lp if seq.first else None, error,
                                        prompt_top_logprobs=seq.prompt_top if seq.first else None))
