@@ -203,3 +203,21 @@ def test_every_option_says_what_it_does():
     assert helps["mixlab train", "lr"] == f"peak learning rate (default {TrainConfig.lr:g})"
     assert helps["mixlab sft", "lr"] == f"peak learning rate (default {FinetuneConfig.lr:g})"
     assert helps["mixlab dpo", "aux_loss_coef"].endswith("(default the checkpoint's)")
+
+
+def test_a_silent_rank_waits_for_rank_0_to_print(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun every rank raises the same argument error and rank 0 prints it. A rank that got
+    there first ended at once, and torchrun stopped rank 0 before it printed (a flaky test run showed
+    no line at all): the others now wait a moment before they exit."""
+    import mixlab.cli as cli
+
+    slept: list[float] = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["info", "no-such-preset-or-folder"]) == 2
+    assert slept == [cli.PEER_GRACE_S] and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["info", "no-such-preset-or-folder"]) == 2
+    assert slept == [cli.PEER_GRACE_S] and capsys.readouterr().err.startswith("mixlab info: error: ")

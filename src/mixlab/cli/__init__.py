@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+PEER_GRACE_S = 10.0  # how long a silent rank waits, on an error every rank raises, for rank 0 to print it
 
 
 def _rank() -> int | None:
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         # rank 0 prints it, once.
         if not rank:
             print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
+        else:  # torchrun stops the others when one ends: give rank 0 the time to get here and print
+            time.sleep(PEER_GRACE_S)
         return 2
     except RuntimeError as e:
         if rank is None or not _lost_peer(e):
