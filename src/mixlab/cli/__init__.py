@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PEER_GRACE_S = 10.0  # how long a silent rank waits, on an error every rank raises, for rank 0 to print it
+PEER_GRACE_S = 10.0  # how long ranks other than 0 wait, on an error, for rank 0 to print it (and the run to end)
 
 
 def _rank() -> int | None:
@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ValueError as e:  # MixlabError and the checks of the libraries below
         # Under torchrun every rank checks the same arguments and files and raises the same error:
-        # rank 0 prints it, once.
-        if not rank:
-            print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
-        else:  # torchrun stops the others when one ends: give rank 0 the time to get here and print
+        # rank 0 prints it, once. The others wait: when rank 0 ends, torchrun stops them (one that ended
+        # first got rank 0 stopped before it printed); one still here after the wait raised it alone.
+        if rank:
             time.sleep(PEER_GRACE_S)
+        where = f"rank {rank}: " if rank else ""
+        print(f"mixlab {args.command}: error: {where}{e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if rank is None or not _lost_peer(e):
