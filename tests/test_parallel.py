@@ -389,3 +389,19 @@ def test_a_killed_rank_ends_the_run_with_one_line(small_data: Path, tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith(
         "mixlab train: error: rank 0: another process of the run failed or was stopped"), err[-3000:]
     assert "[rank0]: Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "inf", "nan"])
+def test_a_bad_dist_timeout_is_named(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from mixlab.config import ConfigError
+    from mixlab.parallel.mesh import _timeout
+
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", value)
+    with pytest.raises(ConfigError, match=rf"MIXLAB_DIST_TIMEOUT='{value}': expected a number of seconds > 0"):
+        _timeout()
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "2.5")
+    assert _timeout() == timedelta(seconds=2.5)
+    monkeypatch.delenv("MIXLAB_DIST_TIMEOUT")
+    assert _timeout() is None
