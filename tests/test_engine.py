@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -451,6 +452,19 @@ def test_queue_full_and_bad_input(tiny):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="stop strings"):
         eng.submit([1, 2], SamplingParams(stop=["x"]))
+    with pytest.raises(ValueError, match="non-integer"):
+        eng.submit(np.array([1.0, 2.0]), SamplingParams())
+    with pytest.raises(ValueError, match="list of token ids, got ndarray"):
+        eng.submit(np.array([[1, 2]]), SamplingParams())
+
+
+def test_prompts_as_arrays_equal_lists(tiny):
+    eng = Engine(tiny)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    hs = [eng.submit(p, params) for p in ([1, 5, 9], np.array([1, 5, 9]), torch.tensor([1, 5, 9]))]
+    eng.run_until_idle()
+    toks = [[o.token_id for o in h] for h in hs]
+    assert toks[0] == toks[1] == toks[2] and len(toks[0]) == 3
 
 
 def test_experts_and_stats(tiny):

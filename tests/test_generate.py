@@ -154,6 +154,8 @@ def test_seed_reproducible(tiny):
     a = generate(tiny, prompts, seed=1, **kw)
     assert generate(tiny, prompts, seed=1, **kw) == a
     assert generate(tiny, prompts, seed=2, **kw) != a
+    # top_k -1 is off, as 0 is (vLLM's and the server's convention)
+    assert generate(tiny, prompts, seed=1, top_k=-1, **kw) == a == generate(tiny, prompts, seed=1, top_k=0, **kw)
 
 
 def test_repetition_penalty_discourages_repeats(tiny):
@@ -268,7 +270,7 @@ BAD = [
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(top_p=math.nan), "top_p=nan"),
-    (dict(top_k=-1), "top_k=-1"),
+    (dict(top_k=-2), "top_k=-2"),
     (dict(top_k=2.5), "top_k=2.5"),
     (dict(min_p=-0.1), "min_p=-0.1"),
     (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
@@ -403,3 +405,13 @@ def test_a_decoding_loop_of_ones_own_keeps_no_autograd_graph(tiny):
     assert not logits.requires_grad
     assert not any(t.requires_grad for t in cache.k + cache.v)
     assert torch.is_grad_enabled()
+
+
+def test_numpy_prompts(tiny):
+    import numpy as np
+
+    ids = np.array([[5, 6, 7], [8, 9, 10]], dtype=np.int64)
+    kw = dict(max_new_tokens=4, stop_at_eos=False)
+    assert generate(tiny, ids, **kw) == generate(tiny, ids.tolist(), **kw) == generate(tiny, list(ids), **kw)
+    with pytest.raises(ValueError, match="non-integer"):
+        generate(tiny, [np.array([1.5, 2.0])], **kw)

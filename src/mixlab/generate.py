@@ -24,7 +24,7 @@ import torch
 
 from mixlab.cache import KVCache
 from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
-from mixlab.engine.api import _number
+from mixlab.engine.api import _is_array, _number
 from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler, greedy_token, penalize
 from mixlab.errors import GenerationError
@@ -133,15 +133,15 @@ def _check_prompts(
     if max_new_tokens >= cfg.max_seq_len:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {cfg.max_seq_len} tokens")
-    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
-        prompts = prompts.tolist()  # [B, T] ids without padding
+    if _is_array(prompts, 2):
+        prompts = prompts.tolist()  # [B, T] ids without padding (a tensor or a NumPy array)
     if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists (tokenize text first; "
                          "wrap a single prompt as [ids])")
     out = []
     room = cfg.max_seq_len - max_new_tokens
     for b, p in enumerate(prompts):
-        if isinstance(p, torch.Tensor) and p.dim() == 1:
+        if _is_array(p, 1):
             p = p.tolist()
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
             raise ValueError(f"prompt {b} must be a list of token ids, got {type(p).__name__} "

@@ -257,7 +257,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="(default 256)")
     g.add_argument("--temperature", type=float, help="0 (below 1e-5) = greedy (default: 0 for generate, 0.7 for chat)")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-k", type=int, default=0, help="0 or -1 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: 1 for generate, 0.95 for chat)")
     g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")

@@ -20,6 +20,7 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 
 from mixlab.tokenizer import check_text
 
@@ -37,6 +38,11 @@ class QueueFull(RuntimeError):
 
 def _bad(name: str, value: object, expected: str) -> ValueError:
     return ValueError(f"invalid {name}={value!r}: expected {expected}")
+
+
+def _is_array(x: object, ndim: int) -> TypeGuard[Any]:
+    """A torch tensor or NumPy array of `ndim` dimensions (ids come as either)."""
+    return type(x).__module__.split(".")[0] in ("torch", "numpy") and getattr(x, "ndim", None) == ndim
 
 
 def _number(name: str, v: object) -> float:
@@ -87,7 +93,7 @@ class SamplingParams:
             _number(name, getattr(self, name))
         if self.temperature < 0:
             raise _bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
-        _int("top_k", self.top_k, 0, "an integer >= 0 (0 = off)")
+        _int("top_k", self.top_k, -1, "an integer >= -1 (0 or -1 = off)")
         if not 0 < self.top_p <= 1:
             raise _bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
         if not 0 <= self.min_p <= 1:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mixlab.engine import api
-from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver
+from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver, _is_array
 from mixlab.engine.runner import Item, Result, Runner
 from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
 from mixlab.errors import MixlabError
@@ -220,7 +220,7 @@ class Engine:
         return handle
 
     def _check_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
-        if isinstance(prompt_ids, torch.Tensor):
+        if _is_array(prompt_ids, 1):
             prompt_ids = prompt_ids.tolist()
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
             raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")

@@ -83,8 +83,8 @@ class Sampler:
                 raise bad(name, v, "a finite number")
         if self.temperature < 0:
             raise bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", self.top_k, "an integer >= -1 (0 or -1 = off)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
         if not 0 <= self.min_p <= 1:

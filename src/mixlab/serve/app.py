@@ -260,7 +260,7 @@ class _Server:
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if body.temperature is None else float(body.temperature),
-                top_p=1.0 if body.top_p is None else float(body.top_p), top_k=max(body.top_k, 0),
+                top_p=1.0 if body.top_p is None else float(body.top_p), top_k=body.top_k,
                 min_p=float(body.min_p), repetition_penalty=float(body.repetition_penalty),
                 presence_penalty=float(body.presence_penalty), frequency_penalty=float(body.frequency_penalty),
                 seed=seed, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
