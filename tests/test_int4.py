@@ -313,6 +313,9 @@ def test_int4_of_a_model_holding_q4_0_keeps_its_group(tmp_path):
     offloaded = load_model(path, max_memory="1MB")
     with pytest.raises(ValueError, match=r"groups of 32 .* pass group=32"):
         prepare_for_inference(offloaded, quant="int4", group=64)
+    for quant in (None, "int8"):  # group= without int4 would be ignored
+        with pytest.raises(ValueError, match=r"group=64 sets int4's inputs per scale: pass quant='int4'"):
+            prepare_for_inference(copy.deepcopy(model), quant=quant, group=64)
 
 
 def test_int4_and_float_matrices_mixed_warn_that_native_decoding_is_off(tmp_path):

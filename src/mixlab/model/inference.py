@@ -150,6 +150,8 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     `mixlab.model.native`."""
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
+    if group != 32 and quant != "int4":  # it would be ignored
+        raise ValueError(f"group={group!r} sets int4's inputs per scale: pass quant='int4' with it")
     if int4_activations is not None:
         if int4_activations not in native.INT4_ACTIVATIONS:
             raise ValueError(f"int4_activations must be one of {', '.join(native.INT4_ACTIVATIONS)}, "
