@@ -205,6 +205,15 @@ def test_find_domains_names_a_file_and_a_missing_folder(tmp_path: Path) -> None:
         find_domains(tmp_path / "nope")
 
 
+def test_a_report_written_inside_the_corpus_is_not_a_domain(tmp_path: Path) -> None:
+    corpus = _corpus(tmp_path / "corpus")
+    (corpus / "report").mkdir()  # what `mixlab analyze --out corpus/report` leaves
+    for name in ("report.json", "index.html", "summary.md", "expert_shares.png"):
+        (corpus / "report" / name).write_text("x")
+    (corpus / "nothing").mkdir()
+    assert list(find_domains(corpus)) == ["code", "prose"]
+
+
 def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
     """The streamed, padded, windowed counts equal counts from one unpadded model call per window."""
     model, tok = _tiny_model(), load_analysis_tokenizer()
@@ -336,6 +345,7 @@ def test_domain_without_usable_data_is_a_clear_error(tmp_path: Path, capsys: pyt
     assert "chat" in err and "no usable data" in err and "'text'" in err
     assert not (tmp_path / "r").exists()
     (corpus / "empty").mkdir()
+    (corpus / "empty" / "valid.jsonl").write_text("\n")
     rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(tmp_path / "r"),
                "--quiet"])
     assert rc == 2 and "empty" in capsys.readouterr().err

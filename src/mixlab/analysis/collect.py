@@ -43,6 +43,10 @@ DATA_SUFFIXES = (".jsonl", ".txt")
 # Corpus
 
 
+def _has_data(folder: Path) -> bool:
+    return any(p.suffix in DATA_SUFFIXES and p.is_file() for p in folder.iterdir())
+
+
 def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, Path]:
     """Domain name -> folder. `data` is a corpus folder (one subfolder per domain) or a single
     domain folder holding data files. `names` picks domains (by folder name) explicitly."""
@@ -63,11 +67,11 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
                 raise ValueError(f"domain {n!r} not found in {root} (domain folders there: {have})")
             out[n] = root / n
         return out
-    subdirs = sorted(p for p in root.iterdir()
-                     if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_DOMAINS)
+    subdirs = sorted(p for p in root.iterdir()  # a folder without data files (a report written there) is none
+                     if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_DOMAINS and _has_data(p))
     if subdirs:
         return {p.name: p for p in subdirs}
-    if any(p.suffix in DATA_SUFFIXES for p in root.iterdir()):
+    if _has_data(root):
         return {root.name: root}
     raise ValueError(f"{root}: no domain folders and no {'/'.join(DATA_SUFFIXES)} files")
 
