@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--seq", type=positive, default=256)
     ap.add_argument("--tasks", nargs="+", choices=("sft", "dpo"), default=["sft", "dpo"])
     args = ap.parse_args()
+    if args.warmup < 0:
+        ap.error(f"argument --warmup: expected an integer >= 0, got {args.warmup}")
     torch.set_num_threads(args.threads)
     import transformers
     import trl

@@ -49,6 +49,9 @@ def configs(args: argparse.Namespace) -> tuple:
     return mc, hf
 
 
+HF_EXPERTS = ("eager", "batched_mm", "grouped_mm")  # transformers' `experts_implementation` choices
+
+
 def make_steps(args: argparse.Namespace, dtype: str, hf_experts: str) -> dict[str, Callable[[], float]]:
     from transformers import MixtralForCausalLM
 
@@ -156,6 +159,12 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, print each column's N costliest ops (ms per step, torch.profiler)")
     args = p.parse_args()
+    if args.warmup < 0:
+        p.error(f"argument --warmup: expected an integer >= 0, got {args.warmup}")
+    bad = [n for n in args.hf_experts.split(",") if n not in HF_EXPERTS]
+    if bad:
+        p.error(f"argument --hf-experts: {bad[0]!r} is not one of transformers' experts implementations "
+                f"({', '.join(HF_EXPERTS)})")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     # What `mixlab train` does at start; process-wide, so transformers' column gets it too.
