@@ -556,6 +556,43 @@ def test_prefix_reuse_equals_full_prefill(model_name, request):
 
 
 @pytest.mark.parametrize("model_name", ["tiny", "windowed"])
+def test_running_prefixes_are_copied_not_recomputed(model_name, request):
+    """n samples of one prompt, and requests sharing a long system prompt, submitted together: the
+    later ones wait for the first's prefill and copy its keys and values (one prefill, not n), and
+    each request's tokens equal its run alone. A sliding-window slot that wraps shares nothing."""
+    model = request.getfixturevalue(model_name)
+    system = _prompts((40,), seed=11)[0]
+    tails = _prompts((3, 5), seed=12)
+    subs = [(system, SamplingParams(max_tokens=6, temperature=1.0, seed=i, ignore_eos=True)) for i in range(3)]
+    subs += [(system + t, SamplingParams(max_tokens=6, ignore_eos=True)) for t in tails]
+    eng = Engine(model, max_batch=8, token_budget=64, prefill_chunk=16)
+    outs = _handles_run(eng, subs)
+    alone = Engine(model, max_batch=1, prefix_cache=False)
+    for (p, params), o in zip(subs, outs, strict=True):
+        assert [x.token_id for x in o if x.token_id is not None] == _run(alone, [(p, params)])[0]
+    cached = [o[-1].cached_tokens for o in outs]
+    if model.config.sliding_window is None:
+        assert cached == [0, 39, 39, 40, 40]  # the first prefilled; the rest copied (a last token runs)
+        assert eng.stats()["tokens_in"] == 40 + 1 + 1 + 3 + 5 + 5 * 5  # prompts' own tokens, then 5 fed each
+    else:  # 40 tokens wrap a slot of window 6 + chunk 16 - 1 positions: nothing to copy
+        assert cached == [0] * 5
+
+
+def test_a_waiting_request_whose_source_is_cancelled_prefills_itself(tiny):
+    system = _prompts((40,), seed=11)[0]
+    eng = Engine(tiny, max_batch=4, prefill_chunk=8)
+    first = eng.submit(system, SamplingParams(max_tokens=4, ignore_eos=True))
+    second = eng.submit(system + [5], SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()  # the first prefills 8 tokens; the second waits for the rest
+    assert eng.stats()["running"] == 1 and eng.stats()["waiting"] == 1
+    first.cancel()
+    eng.run_until_idle()
+    out = list(second)
+    assert out[-1].cached_tokens == 8  # what the cancelled one had written, kept in its freed slot
+    assert [x.token_id for x in out if x.token_id is not None] == _reference(tiny, system + [5], 4)[0]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "windowed"])
 def test_many_requests_under_load_equal_single_runs_and_free_everything(model_name, request):
     """Requests of mixed lengths (some filling the context, some sharing a long prefix or the same
     prompt, so that free slots are reused) submitted to a running engine while others run, a few

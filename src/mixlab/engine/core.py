@@ -37,7 +37,7 @@ import torch
 
 from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver, _is_array
-from mixlab.engine.runner import Item, Result, Runner
+from mixlab.engine.runner import Item, Result, Runner, common_prefix
 from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
 from mixlab.errors import MixlabError
 from mixlab.model.formats import expert_cache
@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 __all__ = ["Engine"]
 
 PREFILL_CHUNK = 128  # the longest piece of one prompt per step, by default (see `Engine`)
+# A request waits to be admitted while a running prompt that shares at least this many of its first
+# tokens is still prefilling them: it then copies those keys and values instead of computing them.
+SHARE_WAIT = 16
 
 
 @dataclass(eq=False)
@@ -91,7 +94,9 @@ class Engine:
     `max_batch`: sequences decoded together; `cache_bytes`: the KV cache's memory budget (default
     2 GiB), `max_seq_len`: positions per sequence (default: the model's context, halved until
     `max_batch` sequences fit the budget; see `runner.Runner`); `prefix_cache`: reuse prompt
-    prefixes that free slots hold;
+    prefixes that free slots hold, or that running sequences hold (copied into the new slot; a request
+    whose prompt shares at least its first `SHARE_WAIT` tokens with a prompt still prefilling waits
+    for them: `n` samples of one prompt, or requests with one long system prompt, prefill it once);
     `max_queue`: waiting requests before `submit` raises `QueueFull`; `token_budget`: tokens per
     step (decoding rows count one each; prompt chunks fill the rest); `prefill_chunk`: the longest
     piece of one prompt per step (default 128, at most `token_budget`: a long prompt's steps then
@@ -371,6 +376,23 @@ class Engine:
         for seq in cancelled + [s for s in self._running if s.rid in ids]:
             self._finish(seq, "cancelled")
 
+    def _shared(self, seq: _Seq) -> tuple[_Seq | None, int, int]:
+        """The running sequence whose keys and values `seq`'s prompt can start from: (that sequence,
+        prompt tokens it holds now, prompt tokens it will hold once its own prompt is in). Only slots
+        that have not wrapped around qualify, and at least one prompt token is left to run."""
+        best: tuple[_Seq | None, int, int] = (None, 0, 0)
+        if seq.params.prompt_logprobs or not self.runner.prefix_cache:  # it needs every prompt position's logits
+            return best
+        for s in self._running:
+            if s.n_cached > self.runner.capacity:
+                continue
+            n = common_prefix(s.tokens, seq.prompt, len(seq.prompt) - 1)
+            now = min(n, s.n_cached)
+            later = now if len(s.prompt) > self.runner.capacity else max(now, min(n, len(s.prompt)))
+            if (later, now) > (best[2], best[1]):
+                best = (s, now, later)
+        return best
+
     def _admit(self) -> None:
         while len(self._running) < self.max_batch:
             with self._lock:
@@ -378,6 +400,9 @@ class Engine:
                     return
                 seq = self._waiting[0]
             try:
+                source, now, later = self._shared(seq)
+                if later > now and later >= SHARE_WAIT:
+                    return  # a running prompt that begins as this one does is still prefilling: copy it after
                 alloc = self.runner.allocate(seq.prompt, len(seq.prompt) + seq.params.max_tokens,
                                              reuse=not seq.params.prompt_logprobs)
                 if alloc is None:
@@ -385,6 +410,9 @@ class Engine:
                 with self._lock:
                     self._waiting.popleft()
                 seq.slot, seq.n_cached = alloc
+                if source is not None and now > seq.n_cached:  # a running sequence holds more of the prompt
+                    self.runner.copy_prefix(source.slot, seq.slot, now)
+                    seq.n_cached = now
                 self._running.append(seq)  # from here on, finishing it frees its slot
                 self._setup(seq)
             except Exception as e:  # noqa: BLE001 (out of memory, say: this request fails, not the engine)

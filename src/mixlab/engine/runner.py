@@ -10,7 +10,9 @@ size is a byte budget (`cache_bytes`); when every slot is taken, new requests wa
 
 A finished sequence's slot keeps its keys and values until another request needs it: a new prompt
 that begins with the tokens a free slot holds (the earlier turns of a chat) takes that slot and
-skips prefilling them (prefix reuse; a rolling slot that wrapped around holds no whole prefix).
+skips prefilling them (prefix reuse; a rolling slot that wrapped around holds no whole prefix). A
+running sequence's prefix is shared too, by copying its keys and values into the new slot
+(`copy_prefix`; the engine's `_admit` decides).
 
 A step (`forward`) runs every item of every sequence in one pass: each weight matrix multiplies
 the N tokens of the step at once (one decoding token per sequence plus prompt chunks), so a dense
@@ -70,6 +72,19 @@ class Result:
     logits_TV: torch.Tensor | None  # float32; [1, V] for "last", [T, V] for "all"
     experts_LK: torch.Tensor | None  # the last position's experts
     argmax: int | None = None  # the last row's argmax when the step computed it (NaN-free rows only)
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `limit` (slices compare at C speed: a long
+    prompt is searched in O(n log n) element comparisons without a Python loop over its tokens)."""
+    lo, hi = 0, max(min(len(a), len(b), limit), 0)
+    while lo < hi:  # a[:lo] == b[:lo] holds throughout
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def bytes_per_token(model: Transformer) -> int:
@@ -184,9 +199,7 @@ class Runner:
         best, best_n = next(iter(self.free_slots)), 0  # default: the least recently used
         if reuse and self.prefix_cache:
             for s, held in self.free_slots.items():
-                n, m = 0, min(len(held), len(prompt) - 1)
-                while n < m and held[n] == prompt[n]:
-                    n += 1
+                n = common_prefix(held, prompt, len(prompt) - 1)
                 if n > best_n:
                     best, best_n = s, n
         del self.free_slots[best]
@@ -194,6 +207,14 @@ class Runner:
         if best_n == 0:
             self.pos_SC[best] = -1
         return best, best_n
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give slot `dst` the keys and values of positions 0..n-1 that slot `src` holds (a running
+        sequence whose slot has not wrapped around: position i sits at index i)."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.pos_SC[dst, :n] = self.pos_SC[src, :n]
 
     def free(self, slot: int, tokens: list[int]) -> None:
         """Give the slot back; it keeps `tokens` (those written to it) for prefix reuse."""
