@@ -386,6 +386,27 @@ def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Pa
     assert not [p.name for p in (tmp_path / "b").iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_grad_accum_equals_one_large_batch(ckpt: Path, tmp_path: Path, task: str) -> None:
+    """grad_accum micro-batches of b rows = one batch of grad_accum x b rows: the same loss and gradient
+    (norm) per step. SFT micro-batches hold different numbers of assistant tokens: the step's loss is
+    the mean over all of them (a mean of per-micro-batch means weighted each token by 1 / its
+    micro-batch's count). The load-balancing loss is per micro-batch (docs/training.md): off here."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}." + "!" * i}]}
+            for i in range(12)]
+    pairs = [{"prompt": f"Human: Say {i}.\n\nAssistant:", "chosen": f"{i}", "rejected": f"No, {i + 1}." + "?" * i}
+             for i in range(12)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (rows if task == "sft" else pairs)))
+    runs = [finetune(_cfg(ckpt, data, tmp_path / f"r{k}", task=task, batch_size=4 // k, grad_accum=k, steps=2,
+                          eval_every=0, valid_fraction=0, export_hf=False, aux_loss_coef=0.0, clip=0.0)).history
+            for k in (1, 2, 4)]
+    for h in runs[1:]:
+        for k in ("loss", "grad_norm"):
+            torch.testing.assert_close([r[k] for r in h], [r[k] for r in runs[0]], rtol=2e-6, atol=0, msg=k)
+
+
 def test_reference_free_dpo_skips_the_reference_pass(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """reference_free: no reference model, so no pass computing its log-probs and no file of them;

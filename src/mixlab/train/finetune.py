@@ -50,7 +50,7 @@ from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
 from mixlab.train.loop import _Metrics, check_export_folder, keep_freed_memory
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
-from mixlab.train.losses import lm_loss, router_losses
+from mixlab.train.losses import IGNORE, lm_loss, router_losses
 from mixlab.train.settings import (
     INTEGERS,
     OptimizerSettings,
@@ -520,12 +520,18 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 g["lr"] = lr
             sums: dict[str, float] = {}
             n_tok = 0
-            for _ in range(cfg.grad_accum):
+            if cfg.task == "sft":
+                # The step's loss is the mean over all its micro-batches' assistant tokens, as one batch
+                # of grad_accum x batch_size rows would give (not the mean of per-micro-batch means,
+                # which weights a token by 1 / its micro-batch's count; transformers' num_items_in_batch).
+                batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+                n_step = max(1, sum(int((b.targets != IGNORE).sum()) for b in batches))
+            for i in range(cfg.grad_accum):
                 with _autocast(cfg):
                     if cfg.task == "sft":
-                        b = loader.next_batch()
-                        s, n, routings = sft_forward(model, b, device)
-                        task_loss = s / n.clamp(min=1)
+                        b = batches[i]
+                        s, _, routings = sft_forward(model, b, device)
+                        task_loss = s * (cfg.grad_accum / n_step)  # (loss / grad_accum) below: s / n_step
                         valid = b.valid
                         parts = {"loss": task_loss}
                         n_tok += int(b.valid.sum())
