@@ -203,3 +203,28 @@ def test_lm_loss_names_unshifted_or_flat_targets() -> None:
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(lm_loss(logits, ids[:, 1:]), want)
     torch.testing.assert_close(lm_loss(logits, ids[:, 1:].reshape(-1)), want)  # flat targets still work
+
+
+def test_aux_loss_is_transformers_over_top_k_per_layer() -> None:
+    """The documented difference from transformers' `load_balancing_loss_func` (docs/training.md), exactly:
+    for one layer mixlab's loss is transformers' / K (f normalised over all T*K choices, not per slot);
+    for several, the mean of those per-layer values (transformers pools the layers' tokens into one
+    product); padding masked the same way as its `attention_mask`."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    g = torch.Generator().manual_seed(0)
+    E, K, B, T = 8, 2, 3, 10
+    mask_BT = torch.ones(B, T, dtype=torch.bool)
+    mask_BT[0, 6:] = False
+    mask_BT[2, 3:] = False
+    layers = [torch.randn(B * T, E, generator=g) * s for s in (0.5, 1.0, 2.0)]
+    routings = [Routing(lg, route(lg, K)[0], torch.ones(B * T, K)) for lg in layers]
+
+    def hf(lgs: list[torch.Tensor], mask: torch.Tensor | None) -> float:
+        return float(load_balancing_loss_func(tuple(lgs), E, K, mask))
+
+    for mask in (None, mask_BT):
+        ours = [float(router_losses([r], mask)[0]) for r in routings]
+        assert ours == pytest.approx([hf([lg], mask) / K for lg in layers], rel=1e-6)
+        assert float(router_losses(routings, mask)[0]) == pytest.approx(sum(ours) / len(ours), rel=1e-6)
+        assert abs(float(router_losses(routings, mask)[0]) - hf(layers, mask) / K) > 1e-3  # pooling differs

@@ -67,6 +67,18 @@ def test_resume_is_exact(dataset: Path, tmp_path: Path) -> None:
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_grad_accum_equals_one_large_batch(dataset: Path, tmp_path: Path) -> None:
+    """2 micro-batches of 2 windows = one batch of 4: the same cross-entropy, z-loss and gradient
+    (norm). The load-balancing loss is computed per micro-batch, then averaged (docs/training.md):
+    off for the gradient comparison, and its logged value is not the large batch's."""
+    moe = {**TINY["moe"], "jitter": 0.0, "aux_loss_coef": 0.0}
+    runs = [train(_cfg(dataset, tmp_path / str(k), model_overrides={**TINY, "moe": moe}, steps=3, batch_size=4 // k,
+                       grad_accum=k, clip=0.0)).history for k in (1, 2)]
+    for key in ("loss", "z_loss", "grad_norm"):
+        torch.testing.assert_close([r[key] for r in runs[1]], [r[key] for r in runs[0]], rtol=1e-6, atol=0, msg=key)
+    assert runs[1][0]["aux_loss"] != runs[0][0]["aux_loss"]
+
+
 def test_checkpoints_keep_last_k_and_export(dataset: Path, tmp_path: Path) -> None:
     res = train(_cfg(dataset, tmp_path, ckpt_every=1, keep=2, export_hf=True, eval_every=3, deterministic=False))
     names = [c.name for c in checkpoints.list_checkpoints(tmp_path / "checkpoints")]
