@@ -123,6 +123,31 @@ def test_packed_batch_equals_each_conversation_alone() -> None:
     torch.testing.assert_close(total, alone_total, rtol=1e-6, atol=1e-5)
 
 
+def test_sft_loss_equals_trl_and_transformers(tmp_path: Path) -> None:
+    """The assistant-token loss of a batch, unpacked or packed, equals the loss transformers'
+    MixtralForCausalLM computes from TRL's SFT collator on the same conversations, one per row with
+    labels -100 outside the assistant turns (what SFTTrainer's assistant_only_loss builds): the same
+    tokens, the same shift, one mean over the batch's trained tokens."""
+    pytest.importorskip("trl")
+    from transformers import MixtralForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from mixlab.train.finetune import sft_forward
+
+    m = _model()
+    save_model(m, tmp_path / "base")
+    hf = MixtralForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32).eval()
+    ex = [sft.Example(*sft.render_turns(c, TOK, final_assistant=True)) for c in CONVS]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(
+        [{"input_ids": e.ids, "labels": [i if t else IGNORE for i, t in zip(e.ids, e.train, strict=True)]} for e in ex])
+    with torch.no_grad():
+        want = hf(**batch).loss
+        for rows in ([[0], [1], [2]], [[0, 1, 2]], [[0, 2], [1]]):
+            s, n, _ = sft_forward(m, sft.collate(ex, rows, 230), torch.device("cpu"))
+            assert int(n) == int((batch["labels"][:, 1:] != IGNORE).sum())
+            torch.testing.assert_close(s / n, want, rtol=1e-6, atol=1e-6)
+
+
 def test_one_conversation_per_row_takes_the_causal_path() -> None:
     """Rows holding one conversation each (then right padding) skip the block-diagonal mask: the
     same loss, token count and routing of the real tokens as the masked forward."""
