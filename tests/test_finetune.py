@@ -294,6 +294,19 @@ def test_dpo_loss_equals_trl_and_the_paper(loss_type: str) -> None:
         assert float(got) == pytest.approx(float(paper), rel=1e-6)
 
 
+def test_long_pairs_keep_the_prompt_end_and_the_reply_start() -> None:
+    """docs/instruct.md, "Truncation": BOS + the prompt's end + the reply's start (at most half when
+    the prompt is longer), max_len tokens in all; a pair that fits is unchanged."""
+    prompt, reply = [1, *range(100, 130)], [*range(200, 240), 2]
+    assert dpo.fit(prompt, reply, 80) == (prompt, reply)
+    p, r = dpo.fit(prompt, reply, 20)
+    assert (p, r) == ([1, *range(121, 130)], list(range(200, 210)))
+    p, r = dpo.fit(prompt[:4], reply, 20)  # a short prompt stays whole; the reply takes the rest
+    assert (p, r) == (prompt[:4], list(range(200, 216)))
+    b = dpo.collate_pairs([dpo.Pair(prompt, reply, reply[:3])], [0], 19)
+    assert b.tokens.shape == (2, 19) and int(b.reply[0].sum()) == 10 and int(b.reply[1].sum()) == 3
+
+
 def test_label_smoothing_is_conservative_dpo() -> None:
     g = torch.Generator().manual_seed(1)
     c, r, rc, rr = (torch.randn(6, generator=g) * 5 for _ in range(4))

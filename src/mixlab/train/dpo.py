@@ -99,7 +99,8 @@ def read_pairs(path: str | Path, tok: TrainTokenizer) -> list[Pair]:
 
 def fit(prompt: list[int], reply: list[int], max_len: int) -> tuple[list[int], list[int]]:
     """Cut to `max_len` tokens: the reply to at most half, then the prompt from the left (keeping
-    BOS), as TRL keeps the end of a long prompt."""
+    BOS), as TRL before 1.0 kept the end of a long prompt (`truncation_mode="keep_end"`). TRL 1.16 cuts
+    the concatenation instead (docs/instruct.md)."""
     if len(prompt) + len(reply) <= max_len:
         return prompt, reply
     reply = reply[: max(max_len // 2, max_len - len(prompt))]

@@ -6,7 +6,8 @@ Shape legend: B batch rows, T tokens, V vocabulary.
 
 Loss = task loss (SFT: cross-entropy on assistant tokens; DPO: dpo.dpo_loss) + aux_loss_coef x the
 load-balancing loss (+ z_loss_coef x z-loss) over the real (non-padding) tokens: the router keeps
-its balancing pressure during fine-tuning (TRL drops it in DPO, huggingface/trl#1544).
+its balancing pressure during fine-tuning (TRL 1.16 keeps it too; older TRL dropped it in DPO,
+huggingface/trl#1544).
 `freeze_router` keeps the router's weights fixed (full fine-tuning; with LoRA the router is frozen
 unless "router" is a LoRA target).
 
