@@ -382,6 +382,13 @@ def test_peft_round_trip(tmp_path: Path) -> None:
         plain = hf.get_base_model()(input_ids=x).logits if hasattr(hf, "get_base_model") else None
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert plain is None or not torch.allclose(plain, want, atol=1e-3)  # the adapter did something
+    # PEFT's merge_and_unload gives mixlab's merged weights (attention, experts and router).
+    save_model(merge(m), tmp_path / "merged")
+    ours = MixtralForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).state_dict()
+    theirs = pm.merge_and_unload().state_dict()
+    assert set(theirs) == set(ours)
+    for k, v in ours.items():
+        torch.testing.assert_close(theirs[k], v, rtol=1e-6, atol=1e-7, msg=k)
 
 
 # -- runs ----------------------------------------------------------------------------------------------
