@@ -405,6 +405,21 @@ def test_capacity_factor_training_counts_dropped_tokens(dataset: Path, tmp_path:
     moe = {**TINY["moe"], "capacity_factor": 0.5}
     res = train(_cfg(dataset, tmp_path, steps=1, grad_accum=1, model_overrides={**TINY, "moe": moe}))
     assert res.history[0]["dropped"] > 0
+    # With gradient accumulation the step's count is every micro-batch's (it was the last one's alone).
+    from mixlab.model import Transformer
+    from mixlab.train.data import BatchLoader, TokenDataset
+    from mixlab.train.loop import build_model_config
+
+    moe["jitter"] = 0.0
+    cfg = _cfg(dataset, tmp_path / "accum", steps=1, grad_accum=3, batch_size=2, model_overrides={**TINY, "moe": moe})
+    got = train(cfg).history[0]["dropped"]
+    ds = TokenDataset(dataset)
+    model = Transformer(build_model_config(cfg, ds))
+    model.init_weights(std=cfg.init_std, seed=cfg.seed)
+    loader = BatchLoader(ds, split="train", seq_len=cfg.seq_len, batch_size=2, seed=cfg.seed)
+    with torch.no_grad():
+        each = [sum(r.dropped for r in model.train().forward_output(loader.next_batch()[0]).routing) for _ in range(3)]
+    assert min(each) > 0 and got == sum(each)
 
 
 def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -496,6 +496,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
             for g in optimizer.param_groups:
                 g["lr"] = lr
             ce_sum = aux_sum = z_sum = 0.0
+            dropped = 0  # (token, slot) pairs over capacity, in all micro-batches (and processes)
             load = torch.zeros(mc.n_layers if moe else 0, E)
             for _ in range(cfg.grad_accum):
                 x_BT, y_BT, _dom = loader.next_batch()
@@ -511,13 +512,15 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
                 if E:
                     load += expert_load(routings, E).cpu() / cfg.grad_accum
+                dropped += sum(int(getattr(r, "dropped", 0) or 0) for r in routings)
             max_norm = cfg.max_grad_norm
             if par is not None:
                 par.sync_grads(model)
                 gnorm = par.clip_grad_norm(model, max_norm)
                 # The logged values: means over the processes' equal shares = the global batch's.
-                sums = par.all_sum(torch.tensor([ce_sum, aux_sum, z_sum])) / par.world
-                ce_sum, aux_sum, z_sum = (float(v) for v in sums)
+                sums = par.all_sum(torch.tensor([ce_sum, aux_sum, z_sum, dropped], dtype=torch.float64))
+                ce_sum, aux_sum, z_sum = (float(v) / par.world for v in sums[:3])
+                dropped = int(sums[3])
                 load = par.all_sum(load) / par.world
             else:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
@@ -539,7 +542,6 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
             }
             if bad:
                 rec["skipped"] = True  # a non-finite step: no update (skip_nonfinite)
-            dropped = sum(int(getattr(r, "dropped", 0) or 0) for r in routings)
             if moe and moe.capacity_factor is not None:
                 rec["dropped"] = dropped
             history.append(rec)
