@@ -61,3 +61,35 @@ def test_native_decoding_matches_transformers(case, tmp_path):
         for t in range(8, 19):
             got.append(decode_step(ours, tokens[:, t : t + 1], torch.tensor([[t]]), cache)[0])
     torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=0)
+
+
+def test_training_gradients_match_transformers(tmp_path):
+    """One MoE layer: mixlab's loss (cross-entropy + c x load balancing) and its gradients equal
+    transformers' with router_aux_loss_coef = c / K (its load-balancing value is K times mixlab's,
+    docs/training.md), for every weight, the router's included."""
+    from transformers import AutoModelForCausalLM
+
+    from mixlab.train.losses import lm_loss, router_losses
+
+    c, K = 0.5, 2
+    path = hf_mixtral(tmp_path, num_hidden_layers=1, router_aux_loss_coef=c / K, initializer_range=0.2)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    ours = load_model(path).train()
+    tokens = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    out = ref(tokens, labels=tokens, output_router_logits=True)
+    out.loss.backward()
+    o = ours.forward_output(tokens)  # the router losses over all 20 tokens, as transformers'
+    loss = lm_loss(o.logits_BTV[:, :-1], tokens[:, 1:]) + c * router_losses(o.routing)[0]
+    assert abs(float(router_losses(o.routing)[0]) - 1.0) > 1e-3  # not at the uniform minimum
+    loss.backward()
+    torch.testing.assert_close(loss, out.loss, rtol=1e-6, atol=1e-6)
+    pairs = {"tok_embeddings.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+             "layers.0.ffn.gate.weight": "model.layers.0.mlp.gate.weight",
+             "layers.0.attn.wo.weight": "model.layers.0.self_attn.o_proj.weight"}
+    theirs = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        if n in pairs:
+            g = theirs[pairs[n]].grad
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=n)
+    norm = [torch.sqrt(sum(p.grad.square().sum() for p in m.parameters() if p.grad is not None)) for m in (ours, ref)]
+    torch.testing.assert_close(norm[0], norm[1], rtol=1e-5, atol=0)
