@@ -492,6 +492,33 @@ def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path:
     assert "bad.jsonl:1: field 'messages' must be a non-empty list" in capsys.readouterr().err
 
 
+def test_pair_logps_equal_trl_collator_and_transformers(tmp_path: Path) -> None:
+    """Sequence log-probs of chosen and rejected replies equal those from TRL's DPO collator
+    (prompt + reply, its completion_mask) through transformers' model: the prompt masked, the reply
+    and its </s> counted, right padding ignored."""
+    pytest.importorskip("trl")
+    from transformers import MixtralForCausalLM
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from mixlab.train.finetune import pair_logps
+
+    m = _model()
+    save_model(m, tmp_path / "base")
+    hf = MixtralForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32).eval()
+    pairs = [dpo.Pair(sft.render_turns([{"role": "user", "content": f"Say {i}" * (i + 1)}], TOK,
+                                       final_assistant=False)[0],
+                      TOK.encode(f"{i}!" * (3 - i), bos=False, eos=True),
+                      TOK.encode(f"No {i + 1} " * (i + 2), bos=False, eos=True)) for i in range(3)]
+    b = DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs])
+    with torch.no_grad():
+        logits = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+        want = (lp * b["completion_mask"][:, 1:]).sum(-1)
+        got, _ = pair_logps(m, dpo.collate_pairs(pairs, [0, 1, 2], 200), torch.device("cpu"), mean=False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
+
+
 def test_padded_pair_logps_equal_each_sequence_alone() -> None:
     from mixlab.train.finetune import pair_logps
 
