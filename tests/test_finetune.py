@@ -4,6 +4,7 @@ int8/bf16 base, PEFT round trip), exact resume of SFT and DPO runs, clear errors
 from __future__ import annotations
 
 import json
+import math
 import types
 from collections import defaultdict
 from pathlib import Path
@@ -450,6 +451,19 @@ def test_grad_accum_equals_one_large_batch(ckpt: Path, tmp_path: Path, task: str
     for h in runs[1:]:
         for k in ("loss", "grad_norm"):
             torch.testing.assert_close([r[k] for r in h], [r[k] for r in runs[0]], rtol=2e-6, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
+def test_dpo_over_a_low_precision_lora_base_starts_at_its_reference(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                   tmp_path: Path, base_dtype: str) -> None:
+    """The reference is the policy before its first step: the adapters at zero over the base as held
+    (bf16 / int8), as PEFT's disable_adapter() is in TRL. The first step's loss is log 2 and its
+    rewards 0 (the reference was the float32 checkpoint: h was the quantisation error)."""
+    res = finetune(_cfg(ckpt, chat_files[1], tmp_path / "r", task="dpo", lora_rank=4, lora_base_dtype=base_dtype,
+                        steps=1, export_peft=False, export_hf=False))
+    first = res.history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(first["rewards/margins"]) < 1e-6 and abs(first["rewards/chosen"]) < 1e-6
 
 
 def test_reference_free_dpo_skips_the_reference_pass(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,

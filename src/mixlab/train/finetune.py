@@ -16,7 +16,8 @@ Run folder (`out`):
     metrics.jsonl                 one record per logged step and per evaluation (TRL's DPO names)
     checkpoints/step_*/           the trainable parameters (all, or the LoRA factors), optimizer,
                                   RNG, data position (checkpoints.py)
-    reference_logps.safetensors   DPO: the frozen start model's log-probs of every pair, computed
+    reference_logps.safetensors   DPO: the frozen start model's log-probs of every pair (with LoRA:
+                                  adapters at zero over the base as held, bf16 / int8), computed
                                   once before training; a resume reuses them (none with
                                   reference_free: no reference, no pass over the pairs)
     hf/                           the final model, plain transformers format (LoRA merged in)
@@ -411,6 +412,16 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     train_items, valid_items = _data(cfg, tok)
     out.mkdir(parents=True, exist_ok=True)
 
+    # LoRA first: the DPO reference is the policy before its first step, the adapters at zero over the
+    # base as held (PEFT's disable_adapter() in TRL): over a bf16 or int8 base that is not the float32
+    # checkpoint, and a reference from the checkpoint started DPO at h != 0 (loss != log 2).
+    if cfg.lora_rank:
+        apply_lora(model, lora_config(cfg))
+    elif cfg.freeze_router:
+        for block in model.layers:
+            if isinstance(block.ffn, MoEBlock):
+                block.ffn.gate.weight.requires_grad_(False)
+
     ref: dict[str, torch.Tensor] = {}
     vref: dict[str, torch.Tensor] = {}
     if cfg.task == "dpo" and cfg.reference_free:  # no reference model: its log-probs are 0 (dpo.dpo_loss)
@@ -419,7 +430,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     elif cfg.task == "dpo":
         fp = dpo.reference_fingerprint(train_items + valid_items, {
             "model": str(Path(cfg.model).resolve()), "seq_len": cfg.seq_len, "mean": cfg.length_normalize,
-            "dtype": cfg.dtype})
+            "dtype": cfg.dtype} | ({"base_dtype": cfg.lora_base_dtype} if cfg.lora_rank and
+                                   cfg.lora_base_dtype != "float32" else {}))
         rf = out / "reference_logps.safetensors"
         if rf.is_file():
             from safetensors import safe_open
@@ -441,12 +453,6 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         if valid_items:
             vref = {"chosen": t["valid.chosen"], "rejected": t["valid.rejected"]}
 
-    if cfg.lora_rank:
-        apply_lora(model, lora_config(cfg))
-    elif cfg.freeze_router:
-        for block in model.layers:
-            if isinstance(block.ffn, MoEBlock):
-                block.ffn.gate.weight.requires_grad_(False)
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [(n, p) for n, p in named if p.dim() >= 2]
@@ -488,9 +494,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             return {}
         if cfg.task == "sft":
             return evaluate_sft(model, valid_items, cfg)
-        # Before the first step the policy is the reference (a float32 base: LoRA starts at 0), whose
-        # held-out log-probs are stored already. A bf16 / int8 LoRA base differs from it: evaluate.
-        same = step == 0 and not cfg.reference_free and (not cfg.lora_rank or cfg.lora_base_dtype == "float32")
+        # Before the first step the policy is the reference, whose held-out log-probs are stored already.
+        same = step == 0 and not cfg.reference_free
         return evaluate_dpo(model, valid_items, vref, cfg, policy=vref if same else None)
 
     stop: list[int] = []
