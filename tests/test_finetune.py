@@ -640,6 +640,7 @@ def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
     ({"max_examples": -3}, "'max_examples' must be an integer in"),  # silently dropped the last 3 lines
     ({"lora_rank": 2, "lora_alpha": float("nan")}, "LoRA alpha must be a finite number > 0"),
     ({"lora_rank": 2, "lora_alpha": -1.0}, "LoRA alpha must be a finite number > 0"),
+    ({"loss": "ipo", "label_smoothing": 0.1}, "'label_smoothing' applies to the sigmoid loss only"),  # was ignored
 ])
 def test_bad_fine_tuning_numbers_are_refused(kw: dict, match: str) -> None:
     from mixlab.config import ConfigError

@@ -133,6 +133,9 @@ def load_finetune_config(path: str | Path | None = None, **overrides: Any) -> Fi
         raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {cfg.beta}")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"fine-tuning setting 'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.label_smoothing and cfg.loss != "sigmoid":  # dpo_loss's IPO has none: it was ignored without a word
+        raise ConfigError(f"fine-tuning setting 'label_smoothing' applies to the sigmoid loss only (conservative "
+                          f"DPO), not to loss {cfg.loss!r}; remove it or use loss 'sigmoid'")
     if not cfg.model:
         raise ConfigError("no starting model: pass --model DIR (any checkpoint mixlab loads)")
     if not cfg.data:
