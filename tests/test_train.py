@@ -62,6 +62,18 @@ def test_resume_is_exact(dataset: Path, tmp_path: Path) -> None:
     assert [r["aux_loss"] for r in straight.history] == aux_b
     for (n, p), (_, q) in zip(straight.model.named_parameters(), second.model.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+    # The learning rate of every step, across the resume, by hand: warmup 2 then cosine from 3e-3 to 3e-4 over 4.
+    hand = [3e-3 * (i + 1) / 2 for i in range(2)] + [3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi * j / 4))
+                                                     for j in range(4)]
+    assert [r["lr"] for r in first.history + second.history] == pytest.approx(hand, rel=1e-12)
+    # The final checkpoints too: AdamW's moments and step counts, the RNG state, the data position.
+    from safetensors.torch import load_file
+
+    a, b = (tmp_path / r / "checkpoints" / "step_00000006" for r in ("a", "b"))
+    for f in ("optimizer.safetensors", "rng.safetensors"):
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+    assert checkpoints.validate(a)["data_position"] == checkpoints.validate(b)["data_position"]
     # The metrics file of the resumed run has each step exactly once.
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
