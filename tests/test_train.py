@@ -312,8 +312,9 @@ def test_training_and_fine_tuning_check_their_settings_alike(kw: dict, match: st
 def test_bf16_autocast_and_activation_checkpointing(dataset: Path, tmp_path: Path) -> None:
     ref = train(_cfg(dataset, tmp_path / "a", steps=2, deterministic=False))
     ckpt = train(_cfg(dataset, tmp_path / "b", steps=2, deterministic=False, activation_checkpointing=True))
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in ref.history]),
-                               torch.tensor([r["loss"] for r in ckpt.history]), rtol=1e-5, atol=1e-5)
+    for key in ("loss", "aux_loss", "grad_norm"):  # the same gradients (recomputed with the same router jitter)
+        torch.testing.assert_close(torch.tensor([r[key] for r in ref.history]),
+                                   torch.tensor([r[key] for r in ckpt.history]), rtol=1e-6, atol=0, msg=key)
     bf = train(_cfg(dataset, tmp_path / "c", steps=2, deterministic=False, dtype="bfloat16"))
     assert all(abs(r["loss"] - q["loss"]) < 0.05 for r, q in zip(bf.history, ref.history, strict=True))
     ev = evaluate(bf.model, __import__("mixlab.train.data", fromlist=["TokenDataset"]).TokenDataset(dataset),
