@@ -453,6 +453,38 @@ def test_grad_accum_equals_one_large_batch(ckpt: Path, tmp_path: Path, task: str
             torch.testing.assert_close([r[k] for r in h], [r[k] for r in runs[0]], rtol=2e-6, atol=0, msg=k)
 
 
+def test_sft_step_equals_trl_sft_trainer(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """A whole SFT step against TRL's SFTTrainer (completion-only loss) on the same checkpoint and
+    conversations (2 accumulated micro-batches there; one batch and 2 micro-batches here): the same
+    loss and gradient norm (load-balancing loss off: transformers' differs by design, docs/training.md)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    exs = sft.read_sft(chat_files[0], TOK)
+    assert all(len(e.ids) > 33 for e in exs)  # one conversation per row of 64: mixlab's batch is all of them
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"b{i}": i + 3 for i in range(256)}  # ids given: never used
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    ds = Dataset.from_list([{"input_ids": e.ids, "completion_mask": [int(t) for t in e.train]} for e in exs])
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(exs) // 2,
+                     gradient_accumulation_steps=2, max_steps=1, learning_rate=1e-3, logging_steps=1,
+                     save_strategy="no", report_to="none", use_cpu=True, max_length=65, completion_only_loss=True,
+                     packing=False, router_aux_loss_coef=0.0, disable_tqdm=True, bf16=False)
+    trainer = SFTTrainer(model=MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32), args=args,
+                         train_dataset=ds, processing_class=tok)
+    trainer.train()
+    theirs = next(h for h in trainer.state.log_history if "loss" in h)
+    for accum in (1, 2):
+        ours = finetune(_cfg(ckpt, chat_files[0], tmp_path / f"m{accum}", batch_size=len(exs) // accum,
+                             grad_accum=accum, steps=1, eval_every=0, valid_fraction=0, export_hf=False,
+                             aux_loss_coef=0.0)).history[0]
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6), accum
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5), accum
+
+
 @pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
 def test_dpo_over_a_low_precision_lora_base_starts_at_its_reference(ckpt: Path, chat_files: tuple[Path, Path],
                                                                    tmp_path: Path, base_dtype: str) -> None:
