@@ -485,6 +485,51 @@ def test_sft_step_equals_trl_sft_trainer(ckpt: Path, chat_files: tuple[Path, Pat
         assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5), accum
 
 
+def test_dpo_steps_equal_trl_dpo_trainer(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two DPO steps against TRL's DPOTrainer (sigmoid, beta 0.1, precomputed reference log-probs, the
+    same AdamW, constant lr, clipping at 1) on the same checkpoint and pairs, tokenized to the same ids
+    by the byte tokenizer of benchmarks/finetune.py: the same loss, gradient norm, rewards and
+    accuracies at each step, one batch here or 2 accumulated micro-batches."""
+    pytest.importorskip("trl")
+    import importlib.util
+
+    from datasets import Dataset
+    from tokenizers import processors
+    from transformers import MixtralForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    spec = importlib.util.spec_from_file_location("bench_finetune", Path(__file__).parents[1] / "benchmarks" /
+                                                  "finetune.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = bench.byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    data = tmp_path / "dpo.jsonl"
+    data.write_text("".join(chat_files[1].read_text().splitlines(keepends=True)[:8]))
+    pairs = dpo.read_pairs(data, TOK)
+    rows = [json.loads(ln) for ln in data.read_text().splitlines()]
+    ds = Dataset.from_list([{"prompt": TOK.decode(p.prompt[1:]), "chosen": r["chosen"], "rejected": r["rejected"]}
+                            for p, r in zip(pairs, rows, strict=True)])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-3,
+                     lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+                     report_to="none", use_cpu=True, bf16=False, beta=0.1, loss_type=["sigmoid"],
+                     precompute_ref_log_probs=True, max_length=None, router_aux_loss_coef=0.0, disable_tqdm=True)
+    trainer = DPOTrainer(model=MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32), args=args,
+                         train_dataset=ds, processing_class=tok)
+    first = trainer.train_dataset[0]
+    assert first["prompt_ids"] == pairs[0].prompt and first["chosen_ids"] == pairs[0].chosen  # the same ids
+    trainer.train()
+    theirs = [h for h in trainer.state.log_history if "loss" in h]
+    for accum in (1, 2):
+        ours = finetune(_cfg(ckpt, data, tmp_path / f"m{accum}", task="dpo", batch_size=8 // accum, grad_accum=accum,
+                             steps=2, warmup=0, min_lr_ratio=1.0, lr=1e-3, beta2=0.999, clip=1.0, eval_every=0,
+                             valid_fraction=0, export_hf=False, aux_loss_coef=0.0)).history
+        for k in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                  "logps/chosen", "logps/rejected"):
+            assert [r[k] for r in ours] == pytest.approx([h[k] for h in theirs], rel=1e-5, abs=1e-6), (accum, k)
+
+
 @pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
 def test_dpo_over_a_low_precision_lora_base_starts_at_its_reference(ckpt: Path, chat_files: tuple[Path, Path],
                                                                    tmp_path: Path, base_dtype: str) -> None:
