@@ -535,10 +535,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 # which weights a token by 1 / its micro-batch's count; transformers' num_items_in_batch).
                 batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
                 n_step = max(1, sum(int((b.targets != IGNORE).sum()) for b in batches))
-            for i in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 with _autocast(cfg):
                     if cfg.task == "sft":
-                        b = batches[i]
+                        b = batches[micro]
                         s, _, routings = sft_forward(model, b, device)
                         task_loss = s * (cfg.grad_accum / n_step)  # (loss / grad_accum) below: s / n_step
                         valid = b.valid
