@@ -392,6 +392,34 @@ def test_peft_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(theirs[k], v, rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_lora_first_step_equals_peft_and_its_parameters_do_not(tmp_path: Path) -> None:
+    """docs/instruct.md: a fresh adapter exported to PEFT and loaded trainable gives mixlab's loss and
+    gradient norm (B = 0: only B has a gradient); PEFT's q/k/v get an A each, 2 r D more parameters per
+    layer than mixlab's shared one, so training goes apart from the second step."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import MixtralForCausalLM
+
+    save_model(_model(), tmp_path / "base")
+    m = apply_lora(_model(), LoraConfig(rank=4, alpha=8, targets=ALL)).train()
+    save_peft(m, tmp_path / "adapter")
+    hf = MixtralForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    pm = PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True).train()
+    x = torch.randint(3, 259, (3, 30), generator=torch.Generator().manual_seed(0))
+    ours = lm_loss(m(x[:, :-1]), x[:, 1:])
+    theirs = pm(input_ids=x, labels=x).loss
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    norms, counts = [], []
+    for model in (m, pm):
+        trained = [p for p in model.parameters() if p.requires_grad]
+        norms.append(torch.sqrt(sum(p.grad.square().sum() for p in trained if p.grad is not None)))
+        counts.append(sum(p.numel() for p in trained))
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
+    assert counts[1] - counts[0] == CFG.n_layers * 2 * 4 * CFG.dim
+
+
 # -- runs ----------------------------------------------------------------------------------------------
 
 
