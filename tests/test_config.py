@@ -54,6 +54,17 @@ def test_hf_and_mistral_dicts_round_trip():
         assert back.replace(moe=cfg.moe, bos_id=cfg.bos_id, eos_id=cfg.eos_id) == cfg
 
 
+def test_the_moe_training_settings_round_trip_through_config_json():
+    """A transformers-format export keeps the router's training settings, z-loss included (Mixtral's
+    config has no field for it: mixlab writes Switch Transformers' `router_z_loss_coef`), so that
+    fine-tuning the export trains as the run did; without one, z-loss is off."""
+    moe = MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001, jitter=0.05)
+    cfg = get_preset("tiny-moe").replace(moe=moe)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()).moe == moe
+    d = get_preset("tiny-moe").to_hf_dict()
+    assert "router_z_loss_coef" not in d and ModelConfig.from_hf_dict(d).moe.z_loss_coef == 0.0
+
+
 def test_params_json_without_rope_theta_follows_the_published_models():
     # mistral-inference's rule: 1e4 with a sliding window (Mistral 7B v0.1), else 1e6 (Mixtral, Mistral
     # 7B v0.2); a dense file without a window was given 1e4.

@@ -259,6 +259,7 @@ class ModelConfig:
                 top_k=d.get("num_experts_per_tok", 2),
                 aux_loss_coef=d.get("router_aux_loss_coef", 0.02) or 0.0,
                 jitter=d.get("router_jitter_noise", 0.0) or 0.0,
+                z_loss_coef=d.get("router_z_loss_coef", 0.0) or 0.0,  # mixlab's exports (Switch Transformers' name)
             )
         try:
             return cls(
@@ -310,6 +311,8 @@ class ModelConfig:
             d["num_experts_per_tok"] = self.moe.top_k
             d["router_aux_loss_coef"] = self.moe.aux_loss_coef
             d["router_jitter_noise"] = self.moe.jitter
+            if self.moe.z_loss_coef:  # not Mixtral's: kept so that fine-tuning an export trains as the run did
+                d["router_z_loss_coef"] = self.moe.z_loss_coef
             d["output_router_logits"] = False
         return d
 
