@@ -792,5 +792,24 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             driver.find_element(By.ID, "send").click()
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
                        and d.find_element(By.ID, "send").is_enabled())
+            # From here each engine step is held up 20 ms, so that a reply is still streaming when clicked at.
+            forward = engine.runner.forward
+            engine.runner.forward = lambda items: (time.sleep(0.02), forward(items))[1]  # type: ignore[method-assign]
+            limit.clear()
+            limit.send_keys("300")
+
+            def streaming(k: int) -> Any:  # the k-th reply has a few tokens and is still going
+                return lambda d: (len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == k and len(
+                    d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].find_elements(By.CLASS_NAME, "tok")) > 3)
+
+            # "New chat" during a reply: the new conversation starts empty (the stopped reply was
+            # appended to it, and sent as its first message with the next question)
+            driver.find_element(By.ID, "input").send_keys("Tell me a long story.")
+            driver.find_element(By.ID, "send").click()
+            wait.until(streaming(3))
+            driver.find_element(By.ID, "reset").click()
+            wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+            assert driver.execute_script("return messages") == []
+            assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
         finally:
             driver.quit()

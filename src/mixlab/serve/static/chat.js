@@ -64,11 +64,13 @@ function addToken(body, text, experts) {
 }
 
 async function send(text) {
-  messages.push({role: "user", content: text}); addMessage("user", text);
+  // this reply's conversation: "New chat" during the reply starts another one, which it must not touch
+  const history = messages;
+  history.push({role: "user", content: text}); addMessage("user", text);
   const body = addMessage("assistant", "");
   const system = $("system").value.trim();
   const req = {model, stream: true, return_experts: !!info.experts,
-               messages: (system ? [{role: "system", content: system}] : []).concat(messages),
+               messages: (system ? [{role: "system", content: system}] : []).concat(history),
                temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value)};
   controller = new AbortController(); busy(true);
   let reply = "", pending = null;  // pending: experts of a token whose text is still held back
@@ -98,11 +100,11 @@ async function send(text) {
         }
       }
     }
-    messages.push({role: "assistant", content: reply || " "});
+    history.push({role: "assistant", content: reply || " "});
     $("status").textContent = "";
   } catch (e) {
-    if (e.name === "AbortError") { messages.push({role: "assistant", content: reply || " "}); }
-    else { messages.pop(); body.parentElement.classList.add("error"); addToken(body, " [" + e.message + "]", null); }
+    if (e.name === "AbortError") { history.push({role: "assistant", content: reply || " "}); }
+    else { history.pop(); body.parentElement.classList.add("error"); addToken(body, " [" + e.message + "]", null); }
   } finally { busy(false); controller = null; }
 }
 
