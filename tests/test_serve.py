@@ -811,5 +811,21 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
             assert driver.execute_script("return messages") == []
             assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
+            # Stop during a reply cancels it in the engine; a reader who scrolled up is not pulled
+            # back down by each new token (the log jumped to its end on every one)
+            cancelled = _metric(url, "mixlab_requests_cancelled_total")
+            driver.execute_script("document.getElementById('input').value = arguments[0]", "A long question.\n" * 40)
+            driver.find_element(By.ID, "send").click()
+            wait.until(streaming(1))
+            log = driver.find_element(By.ID, "log")
+            assert driver.execute_script("return arguments[0].scrollHeight > arguments[0].clientHeight", log)
+            driver.execute_script("arguments[0].scrollTop = 0", log)
+            count = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok"))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")) > count + 3)
+            assert driver.execute_script("return arguments[0].scrollTop", log) == 0
+            driver.find_element(By.ID, "stop").click()
+            wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+            assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
+            assert _metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
         finally:
             driver.quit()

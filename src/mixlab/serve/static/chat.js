@@ -55,12 +55,14 @@ function repaint() {
 }
 
 function addToken(body, text, experts) {
+  const log = $("log"), follow = log.scrollHeight - log.scrollTop - log.clientHeight < 30;  // not scrolled up
   const span = document.createElement("span"); span.className = "tok"; span.textContent = text;
   if (experts) {
     span._experts = experts;
     span.title = experts.map((k, l) => `layer ${l}: experts ${k.join(", ")}`).join("\n");
   }
-  paint(span); body.appendChild(span); $("log").scrollTop = $("log").scrollHeight;
+  paint(span); body.appendChild(span);
+  if (follow) log.scrollTop = log.scrollHeight;  // a reader who scrolled up to read stays where they are
 }
 
 async function send(text) {
