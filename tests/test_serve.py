@@ -532,6 +532,33 @@ def test_many_requests_some_abandoned_leave_nothing_behind(server: str) -> None:
     assert _until(lambda: threading.active_count() <= threads)
 
 
+def test_host_header_checked_against_dns_rebinding(server: str, ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A page at a name an attacker points at 127.0.0.1 is same-origin with a loopback server: such
+    names get 403 (they got 200: the page could use the model and read every answer); IP addresses,
+    localhost and the names given are answered."""
+    port = server.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "EVIL.example.", "localhost.evil.example"):
+        r = httpx.get(server + "/v1/models", headers={"Host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", (host, r.text)
+    assert "--allowed-hosts localhost.evil.example" in r.text
+    r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 1}, headers={"Host": "evil.example"})
+    assert r.status_code == 403
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", "app.localhost", f"[::1]:{port}", "::1",
+                 "10.1.2.3"):
+        assert httpx.get(server + "/health", headers={"Host": host}).status_code == 200, host
+    # mixlab serve: on a loopback --host no other names unless --allowed-hosts; elsewhere any
+    for argv, allowed in ((), []), (("--allowed-hosts", "chat.example"), ["chat.example"]), \
+            (("--allowed-hosts", "*"), None), (("--host", "0.0.0.0", "--api-key", "k"), None), \
+            (("--host", "0.0.0.0", "--api-key", "k", "--allowed-hosts", "a.example"), ["a.example"]):
+        code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), *argv)
+        assert code == 0 and srv.cfg.allowed_hosts == allowed, argv
+    app = create_app(ENGINES[server], srv.tok, ServerConfig(allowed_hosts=["a.example"]))
+    with ServerThread(app) as url:
+        assert httpx.get(url + "/health", headers={"Host": "A.example:80"}).status_code == 200
+        assert httpx.get(url + "/health", headers={"Host": "b.example"}).status_code == 403
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -82,9 +82,12 @@ def serve(args: argparse.Namespace) -> int:
             "experts_per_token": moe.top_k if moe else 0, "vocab_size": model.config.vocab_size,
             "dtype": dtype_name(model.tok_embeddings.weight.dtype), "quant": args.quant}
     name = args.served_model_name or Path(args.model).name or "mixlab"
+    # on a loopback address only IP addresses and localhost by default (DNS rebinding, docs/serving.md);
+    # on another, any name (the machine's names and a proxy's cannot be told from the address)
+    hosts = args.allowed_hosts if args.allowed_hosts is not None else ([] if loopback else ["*"])
     cfg = ServerConfig(model_name=name, context_len=context, max_tokens_limit=args.max_tokens_limit,
                        api_key=args.api_key, max_body_bytes=args.max_body_bytes, cors_origins=args.allowed_origins,
-                       model_info=info)
+                       allowed_hosts=None if "*" in hosts else hosts, model_info=info)
     app = create_app(engine, tok, cfg)
     engine.start()
     packed = getattr(runner, "packed_bytes", 0)
@@ -120,6 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
     p.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
                    help="enable CORS for these origins (default: CORS off)")
+    p.add_argument("--allowed-hosts", nargs="*", default=None, metavar="NAME",
+                   help="host names the server answers to besides IP addresses and localhost, '*' for any (default "
+                        "on a loopback --host: none, against DNS rebinding; on another: any)")
     add_runtime_args(p)
     e = p.add_argument_group("engine budgets and limits")
     e.add_argument("--max-batch", type=positive, default=16, help="sequences decoded together (default 16)")

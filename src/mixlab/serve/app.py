@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import time
 import uuid
@@ -64,6 +65,9 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     cors_origins: list[str] = field(default_factory=list)
+    # Host header names answered besides IP addresses and localhost (DNS rebinding: a web page whose
+    # name an attacker points at 127.0.0.1 is same-origin with this server); None: any name
+    allowed_hosts: list[str] | None = field(default_factory=list)
     retry_after_s: int = 1
     model_info: dict[str, Any] = field(default_factory=dict)  # extra /v1/models fields (layers, experts)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' `created`: when it loaded
@@ -733,9 +737,32 @@ def _model_card(cfg: ServerConfig) -> dict[str, Any]:
 # the outermost layer: API key, body size, request counting
 
 
+def _host_name(header: str) -> str:
+    """The name in a Host header: no port, no IPv6 brackets, lower case, no final dot."""
+    name = header.strip().lower()
+    if name.startswith("["):
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    return name.rstrip(".")
+
+
+def _host_allowed(name: str, allowed: list[str]) -> bool:
+    """An IP address (DNS rebinding needs a name), localhost and its subdomains (RFC 6761: browsers
+    resolve them to loopback themselves), an empty Host (HTTP/1.0, not a browser), or a listed name."""
+    if not name or name == "localhost" or name.endswith(".localhost") or name in (a.lower() for a in allowed):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 class _Guard:
-    """ASGI middleware: the API key (constant-time compare) on /v1 and the tokenizer endpoints, the
-    body size limit (Content-Length or counted while buffering a chunked body), request counts."""
+    """ASGI middleware: the Host header (against DNS rebinding), the API key (constant-time compare)
+    on /v1 and the tokenizer endpoints, the body size limit (Content-Length or counted while
+    buffering a chunked body), request counts."""
 
     PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
     KNOWN = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
@@ -766,6 +793,13 @@ class _Guard:
             await JSONResponse(body, status_code=code, headers=headers)(scope, receive, counting_send)
 
         try:
+            host = _host_name(dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1"))
+            allowed = self.srv.cfg.allowed_hosts
+            if allowed is not None and not _host_allowed(host, allowed):
+                await reply(403, error_body(f"this server does not answer to the host name {host!r} (a defence against "
+                                            "DNS rebinding); to reach it by that name, start it with --allowed-hosts "
+                                            f"{host}", code="host_not_allowed"))
+                return
             key = self.srv.cfg.api_key
             if key is not None and path.startswith(self.PROTECTED):
                 auth = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
