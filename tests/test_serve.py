@@ -532,6 +532,45 @@ def test_many_requests_some_abandoned_leave_nothing_behind(server: str) -> None:
     assert _until(lambda: threading.active_count() <= threads)
 
 
+def test_a_body_that_arrives_too_slowly_is_answered_408(server: str, model_tok: tuple[Any, Any], ckpt: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A client that sends part of its body and then nothing, or trickles it (slowloris), held its
+    connection and what it had sent for ever; now the whole body must arrive within body_timeout_s."""
+    model, tok = model_tok
+    app = create_app(ENGINES[server], tok, _config(model, body_timeout_s=0.5))
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
+
+    def answer(s: socket.socket) -> bytes:
+        got = b""
+        while chunk := s.recv(4096):  # to the end: the server closes the connection
+            got += chunk
+        return got
+
+    with ServerThread(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            t0 = time.monotonic()
+            s.sendall(head + b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            got = answer(s)
+            assert 0.4 < time.monotonic() - t0 < 5
+        assert got.startswith(b"HTTP/1.1 408 ") and b"body_timeout" in got and b"within 0.5 s" in got, got
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # chunked, a byte every 0.1 s
+            s.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            t0 = time.monotonic()
+            with pytest.raises(OSError):  # the server closed the connection
+                for _ in range(100):
+                    s.sendall(b"1\r\n \r\n")
+                    time.sleep(0.1)
+            assert time.monotonic() - t0 < 5
+        # a body that arrives in time is answered as before
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    for bad in ("0", "-1", "nan", "inf"):
+        code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--body-timeout", bad)
+        assert code == 2 and srv is None and "--body-timeout must be a number of seconds > 0" in err, err
+
+
 def test_host_header_checked_against_dns_rebinding(server: str, ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A page at a name an attacker points at 127.0.0.1 is same-origin with a loopback server: such

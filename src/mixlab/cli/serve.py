@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"mixlab serve needs the serve extra (pip install 'mixlab[serve]'): {e}") from None
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if not 0 < args.body_timeout < math.inf:
+        raise ValueError(f"--body-timeout must be a number of seconds > 0, got {args.body_timeout}")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -86,8 +89,9 @@ def serve(args: argparse.Namespace) -> int:
     # on another, any name (the machine's names and a proxy's cannot be told from the address)
     hosts = args.allowed_hosts if args.allowed_hosts is not None else ([] if loopback else ["*"])
     cfg = ServerConfig(model_name=name, context_len=context, max_tokens_limit=args.max_tokens_limit,
-                       api_key=args.api_key, max_body_bytes=args.max_body_bytes, cors_origins=args.allowed_origins,
-                       allowed_hosts=None if "*" in hosts else hosts, model_info=info)
+                       api_key=args.api_key, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+                       cors_origins=args.allowed_origins, allowed_hosts=None if "*" in hosts else hosts,
+                       model_info=info)
     app = create_app(engine, tok, cfg)
     engine.start()
     packed = getattr(runner, "packed_bytes", 0)
@@ -146,6 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-tokens-limit", type=positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")
+    e.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a request's body may take to arrive, else 408 (default 60)")
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

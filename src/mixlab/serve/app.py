@@ -64,6 +64,7 @@ class ServerConfig:
     max_tokens_limit: int | None = None  # the largest max_tokens accepted (default: context_len)
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
+    body_timeout_s: float = 60.0  # a request's whole body must arrive within this time (else 408)
     cors_origins: list[str] = field(default_factory=list)
     # Host header names answered besides IP addresses and localhost (DNS rebinding: a web page whose
     # name an attacker points at 127.0.0.1 is same-origin with this server); None: any name
@@ -762,7 +763,7 @@ def _host_allowed(name: str, allowed: list[str]) -> bool:
 class _Guard:
     """ASGI middleware: the Host header (against DNS rebinding), the API key (constant-time compare)
     on /v1 and the tokenizer endpoints, the body size limit (Content-Length or counted while
-    buffering a chunked body), request counts."""
+    buffering a chunked body) and time limit, request counts."""
 
     PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
     KNOWN = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
@@ -816,16 +817,24 @@ class _Guard:
                     await reply(413, too_big)
                     return
                 chunks, size, more = [], 0, True
-                while more:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        return
-                    chunks.append(msg.get("body", b""))
-                    size += len(chunks[-1])
-                    more = msg.get("more_body", False)
-                    if size > limit:
-                        await reply(413, too_big)
-                        return
+                # a client that sends its body slowly or never finishes it (slowloris) would hold the
+                # connection and what it sent so far, up to the size limit, for ever
+                try:
+                    async with asyncio.timeout(self.srv.cfg.body_timeout_s):
+                        while more and size <= limit:
+                            msg = await receive()
+                            if msg["type"] == "http.disconnect":
+                                return
+                            chunks.append(msg.get("body", b""))
+                            size += len(chunks[-1])
+                            more = msg.get("more_body", False)
+                except TimeoutError:
+                    late = f"the request body did not arrive within {self.srv.cfg.body_timeout_s:g} s"
+                    await reply(408, error_body(late, code="body_timeout"), {"Connection": "close"})
+                    return
+                if size > limit:
+                    await reply(413, too_big)
+                    return
                 body = b"".join(chunks)
                 sent = False
 
