@@ -532,6 +532,20 @@ def test_many_requests_some_abandoned_leave_nothing_behind(server: str) -> None:
     assert _until(lambda: threading.active_count() <= threads)
 
 
+def test_an_api_key_no_client_can_send_is_refused(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """--api-key "" let every request in (a missing header compared equal to it) and silenced the
+    warning for a non-loopback --host; a key with a space or a non-ASCII character never matched."""
+    for key, why in (("", "is empty"), ("two words", "space"), (" k", "space"), ("ключ", "not printable ASCII")):
+        code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--api-key", key)
+        assert code == 2 and srv is None and "--api-key " in err and why in err, (key, err)
+        assert key not in err or not key.strip()  # the secret is not printed
+        with pytest.raises(ValueError, match="ServerConfig.api_key .*" + why):
+            ServerConfig(api_key=key)
+    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--api-key", "sk-A1/b+c=")
+    assert code == 0 and srv.cfg.api_key == "sk-A1/b+c="
+
+
 def test_a_body_that_arrives_too_slowly_is_answered_408(server: str, model_tok: tuple[Any, Any], ckpt: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:

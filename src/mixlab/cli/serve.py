@@ -49,10 +49,13 @@ def serve(args: argparse.Namespace) -> int:
     try:
         from mixlab.engine import Engine
         from mixlab.serve import ServerConfig, create_app, run_server
+        from mixlab.serve.app import api_key_problem
     except ImportError as e:
         raise ValueError(f"mixlab serve needs the serve extra (pip install 'mixlab[serve]'): {e}") from None
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.api_key is not None and (why := api_key_problem(args.api_key)):
+        raise ValueError(f"--api-key {why}")
     if not 0 < args.body_timeout < math.inf:
         raise ValueError(f"--body-timeout must be a number of seconds > 0, got {args.body_timeout}")
     try:

@@ -73,6 +73,21 @@ class ServerConfig:
     model_info: dict[str, Any] = field(default_factory=dict)  # extra /v1/models fields (layers, experts)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' `created`: when it loaded
 
+    def __post_init__(self) -> None:
+        if self.api_key is not None and (why := api_key_problem(self.api_key)):
+            raise ValueError(f"ServerConfig.api_key {why}")
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why no client could send `key` as `Authorization: Bearer KEY`, or None. An empty key let every
+    request through (an absent header compared equal to it); HTTP headers are ASCII and trimmed of
+    spaces, so a key with others never matched."""
+    if not key:
+        return "is empty: it would let every request in"
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        return "has a space or a character that is not printable ASCII: no client can send it in an HTTP header"
+    return None
+
 
 # ------------------------------------------------------------------------------------------------
 # validation errors -> OpenAI's 400 with the parameter named
