@@ -544,6 +544,15 @@ def test_an_api_key_no_client_can_send_is_refused(ckpt: Path, monkeypatch: pytes
             ServerConfig(api_key=key)
     code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--api-key", "sk-A1/b+c=")
     assert code == 0 and srv.cfg.api_key == "sk-A1/b+c="
+    # the key from the environment (vLLM's VLLM_API_KEY, llama-server's LLAMA_API_KEY): not in `ps`
+    monkeypatch.setenv("MIXLAB_API_KEY", "from-env")
+    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt))
+    assert code == 0 and srv.cfg.api_key == "from-env"
+    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--api-key", "flag")
+    assert code == 0 and srv.cfg.api_key == "flag"
+    monkeypatch.setenv("MIXLAB_API_KEY", "")  # set but empty: no key, as unset
+    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt))
+    assert code == 0 and srv.cfg.api_key is None
 
 
 def test_a_body_that_arrives_too_slowly_is_answered_408(server: str, model_tok: tuple[Any, Any], ckpt: Path,

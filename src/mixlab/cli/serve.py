@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -125,8 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model's, else Mixtral's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default 8000)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize and /tokenizer_info")
+    p.add_argument("--api-key", default=os.environ.get("MIXLAB_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize and /tokenizer_info "
+                        "(default: $MIXLAB_API_KEY, which other users cannot read in the process list as they can "
+                        "the command line)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
     p.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
                    help="enable CORS for these origins (default: CORS off)")
