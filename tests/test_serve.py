@@ -843,7 +843,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
     opts.binary_location = found[0]
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,800"):
         opts.add_argument(a)
-    with Engine(model, tok, max_batch=2) as engine, ServerThread(create_app(engine, tok, _config(model))) as url:
+    with Engine(model, tok, max_batch=2) as engine, ServerThread(app := create_app(engine, tok, _config(model))) as url:
         driver = webdriver.Chrome(service=Service(found[1]), options=opts)
         try:
             driver.set_page_load_timeout(30)
@@ -916,5 +916,45 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
             assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
             assert _metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
+            # Errors say what happened; the question leaves the conversation and goes back into the box
+            history = driver.execute_script("return messages")
+            limit.clear()
+            limit.send_keys(str(CONTEXT + 1))
+            driver.find_element(By.ID, "input").send_keys("Too long?")
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.error"))
+            wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+            error = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text
+            assert f"invalid max_tokens={CONTEXT + 1}: this server allows at most {CONTEXT}" in error
+            assert driver.find_elements(By.CSS_SELECTOR, ".msg.user")[-1].get_attribute("class") == "msg user unsent"
+            assert driver.find_element(By.ID, "input").get_attribute("value") == "Too long?"
+            assert driver.execute_script("return messages") == history
+            driver.execute_cdp_cmd("Network.enable", {})
+
+            def offline(on: bool) -> None:
+                driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+                    "offline": on, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+
+            offline(True)
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.error")) == 2
+                       and d.find_element(By.ID, "send").is_enabled())
+            assert "[cannot reach the server (" in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text
+            offline(False)
+            # a server with a key: the page says to enter it (it said "cannot reach the server: missing or
+            # wrong API key (send 'Authorization: Bearer KEY')"), and works once it is entered
+            app.state.server.cfg.api_key = "k3y"
+            driver.refresh()
+            wait.until(lambda d: "API key" in d.find_element(By.ID, "model").text)
+            assert driver.find_element(By.ID, "model").text == "the server needs its API key: enter it under Settings"
+            driver.find_element(By.ID, "api_key").send_keys("k3y\t")
+            wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+            limit = driver.find_element(By.ID, "max_tokens")
+            limit.clear()
+            limit.send_keys("3")
+            driver.find_element(By.ID, "input").send_keys("With the key.\n")
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
+                       and d.find_element(By.ID, "send").is_enabled())
+            assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
         finally:
             driver.quit()

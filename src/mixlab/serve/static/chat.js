@@ -14,18 +14,26 @@ function headers() {
   return h;
 }
 
+// What a failed response says: OpenAI's error body, else its status line (a proxy's HTML page, a
+// plain-text 500); a 401 means the page has no key, or the wrong one.
+async function failure(r) {
+  if (r.status === 401) return "the server needs its API key: enter it under Settings";
+  try { const j = await r.json(); if (j.error && j.error.message) return j.error.message; } catch (e) { /* not JSON */ }
+  return `${r.status} ${r.statusText}`.trim();
+}
+
 async function loadModel() {
   try {
     const r = await fetch("/v1/models", {headers: headers()});
+    if (!r.ok) throw new Error(await failure(r));
     const j = await r.json();
-    if (!r.ok) throw new Error(j.error ? j.error.message : r.statusText);
     model = j.data[0].id; info = j.data[0].mixlab || {};
     $("model").textContent = `${model} · ${info.layers || "?"} layers · ${info.experts || 0} experts, top-${info.experts_per_token || 0}`;
     const sel = $("layer"); sel.innerHTML = "";
     for (let i = 0; i < (info.layers || 0); i++) sel.add(new Option(`layer ${i}`, String(i)));
     if (!info.experts) { $("colour").disabled = true; }
     legend();
-  } catch (e) { $("model").textContent = "cannot reach the server: " + e.message; }
+  } catch (e) { $("model").textContent = e instanceof TypeError ? `cannot reach the server (${e.message})` : e.message; }
 }
 
 function legend() {
@@ -68,18 +76,19 @@ function addToken(body, text, experts) {
 async function send(text) {
   // this reply's conversation: "New chat" during the reply starts another one, which it must not touch
   const history = messages;
-  history.push({role: "user", content: text}); addMessage("user", text);
+  history.push({role: "user", content: text}); const asked = addMessage("user", text);
   const body = addMessage("assistant", "");
   const system = $("system").value.trim();
   const req = {model, stream: true, return_experts: !!info.experts,
                messages: (system ? [{role: "system", content: system}] : []).concat(history),
                temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value)};
   controller = new AbortController(); busy(true);
-  let reply = "", pending = null;  // pending: experts of a token whose text is still held back
+  let reply = "", pending = null, answered = false;  // pending: experts of a token whose text is still held back
   try {
     const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
                                                   signal: controller.signal});
-    if (!r.ok) { const j = await r.json(); throw new Error(j.error ? j.error.message : r.statusText); }
+    answered = true;
+    if (!r.ok) throw new Error(await failure(r));
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {
@@ -106,7 +115,13 @@ async function send(text) {
     $("status").textContent = "";
   } catch (e) {
     if (e.name === "AbortError") { history.push({role: "assistant", content: reply || " "}); }
-    else { history.pop(); body.parentElement.classList.add("error"); addToken(body, " [" + e.message + "]", null); }
+    else {  // the question leaves the conversation (shown struck out) and goes back into the box, to send again
+      history.pop(); asked.parentElement.classList.add("unsent");
+      if (!$("input").value) $("input").value = text;
+      const lost = answered ? "the connection to the server was lost" : "cannot reach the server";
+      body.parentElement.classList.add("error");
+      addToken(body, " [" + (e instanceof TypeError ? `${lost} (${e.message})` : e.message) + "]", null);
+    }
   } finally { busy(false); controller = null; }
 }
 
