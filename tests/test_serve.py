@@ -916,6 +916,20 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
             assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
             assert _metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
+            del engine.runner.forward  # full speed again
+            # Temperature and Max tokens left empty are left out (the server's defaults); they were sent as 0:
+            # greedy, and a 400 for max_tokens
+            driver.execute_script("window.sent = []; const f = window.fetch;"
+                                  "window.fetch = (u, o) => { sent.push(o && o.body); return f(u, o); }")
+            temperature.clear()
+            limit.clear()
+            driver.find_element(By.ID, "input").send_keys("Your defaults?\n")
+            wait.until(lambda d: streaming(2)(d) or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+            driver.find_element(By.ID, "stop").click()
+            wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+            sent = json.loads(driver.execute_script("return sent[0]"))
+            assert "temperature" not in sent and "max_tokens" not in sent and sent["stream"] is True, sent
+            assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
             # Errors say what happened; the question leaves the conversation and goes back into the box
             history = driver.execute_script("return messages")
             limit.clear()

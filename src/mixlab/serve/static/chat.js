@@ -73,6 +73,10 @@ function addToken(body, text, experts) {
   if (follow) log.scrollTop = log.scrollHeight;  // a reader who scrolled up to read stays where they are
 }
 
+// A settings field's number; left empty it is left out (JSON drops undefined): the server's default
+// (temperature 1, max_tokens the rest of the context), not the 0 that Number("") is.
+const number = (id) => $(id).value.trim() === "" ? undefined : Number($(id).value);
+
 async function send(text) {
   // this reply's conversation: "New chat" during the reply starts another one, which it must not touch
   const history = messages;
@@ -81,7 +85,7 @@ async function send(text) {
   const system = $("system").value.trim();
   const req = {model, stream: true, return_experts: !!info.experts,
                messages: (system ? [{role: "system", content: system}] : []).concat(history),
-               temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value)};
+               temperature: number("temperature"), max_tokens: number("max_tokens")};
   controller = new AbortController(); busy(true);
   let reply = "", pending = null, answered = false;  // pending: experts of a token whose text is still held back
   try {
