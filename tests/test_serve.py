@@ -860,6 +860,11 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             driver.find_element(By.ID, "colour").click()
             driver.find_element(By.ID, "layer").send_keys("layer 1")
             driver.find_element(By.ID, "input").send_keys("Which experts do you use for this sentence?")
+            # Enter that ends an input method's composition does not send (it sent half-composed text)
+            assert driver.execute_script(
+                "const e = new KeyboardEvent('keydown', {key: 'Enter', isComposing: true, bubbles: true});"
+                "arguments[0].dispatchEvent(e); return document.querySelectorAll('.msg').length",
+                driver.find_element(By.ID, "input")) == 0
             driver.find_element(By.ID, "send").click()
             # streamed: tokens appear one span at a time, and the send button comes back at the end
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")) > 0)

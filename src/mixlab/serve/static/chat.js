@@ -137,7 +137,10 @@ $("composer").addEventListener("submit", (ev) => {
   if (text && !controller) { $("input").value = ""; send(text); }
 });
 $("input").addEventListener("keydown", (ev) => {
-  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+  // Enter that ends an input method's composition (Chinese, Japanese, Korean...) is the IME's, not a send
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing && ev.keyCode !== 229) {
+    ev.preventDefault(); $("composer").requestSubmit();
+  }
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("reset").addEventListener("click", () => { if (controller) controller.abort(); messages = []; $("log").innerHTML = ""; });
