@@ -843,6 +843,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
     opts.binary_location = found[0]
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,800"):
         opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     with Engine(model, tok, max_batch=2) as engine, ServerThread(app := create_app(engine, tok, _config(model))) as url:
         driver = webdriver.Chrome(service=Service(found[1]), options=opts)
         try:
@@ -851,6 +852,10 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait = WebDriverWait(driver, 60)
             wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
             assert len(driver.find_elements(By.CSS_SELECTOR, "#layer option")) == model.config.n_layers
+            # the page asks for its own files alone, and each is there (a 404 for /favicon.ico was logged)
+            loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+            assert loaded and all(u.startswith(url + "/") for u in loaded), loaded
+            assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
             temperature = driver.find_element(By.ID, "temperature")
             temperature.clear()
             temperature.send_keys("0")
