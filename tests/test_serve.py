@@ -532,6 +532,20 @@ def test_many_requests_some_abandoned_leave_nothing_behind(server: str) -> None:
     assert _until(lambda: threading.active_count() <= threads)
 
 
+def test_sigterm_drain_answers_503_with_cors_on(server: str, model_tok: tuple[Any, Any]) -> None:
+    """With --allowed-origins the app is wrapped in CORS middleware, where the SIGTERM handler did not
+    find the server: requests on open connections were still served while draining, /health said ok."""
+    model, tok = model_tok
+    thread = ServerThread(create_app(ENGINES[server], tok, _config(model, cors_origins=["http://a.example"])))
+    with thread as url, httpx.Client(base_url=url, timeout=10) as c:
+        assert c.get("/health").status_code == 200  # the connection stays open
+        thread.server.handle_exit(signal.SIGTERM, None)
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "draining"}
+        r = c.post(COMP, json={"prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+
+
 def test_an_api_key_no_client_can_send_is_refused(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """--api-key "" let every request in (a missing header compared equal to it) and silenced the

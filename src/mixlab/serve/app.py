@@ -675,6 +675,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
         cors: Any = CORSMiddleware(guarded, allow_origins=cfg.cors_origins,  # type: ignore[arg-type]
                                    allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+        cors.state = app.state  # the drain on SIGTERM finds the server there (and tests do)
         return cors
     return guarded  # type: ignore[return-value]
 
