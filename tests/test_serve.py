@@ -573,9 +573,9 @@ def test_a_body_that_arrives_too_slowly_is_answered_408(server: str, model_tok: 
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A client that sends part of its body and then nothing, or trickles it (slowloris), held its
-    connection and what it had sent for ever; now the whole body must arrive within body_timeout_s."""
+    connection and what it had sent for ever; now the whole body must arrive within read_timeout_s."""
     model, tok = model_tok
-    app = create_app(ENGINES[server], tok, _config(model, body_timeout_s=0.5))
+    app = create_app(ENGINES[server], tok, _config(model, read_timeout_s=0.5))
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
 
     def answer(s: socket.socket) -> bytes:
@@ -604,8 +604,44 @@ def test_a_body_that_arrives_too_slowly_is_answered_408(server: str, model_tok: 
         r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
         assert r.status_code == 200, r.text
     for bad in ("0", "-1", "nan", "inf"):
-        code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--body-timeout", bad)
-        assert code == 2 and srv is None and "--body-timeout must be a number of seconds > 0" in err, err
+        code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--read-timeout", bad)
+        assert code == 2 and srv is None and "--read-timeout must be a number of seconds > 0" in err, err
+
+
+def test_a_request_head_that_arrives_too_slowly_closes_the_connection(server: str,
+                                                                      model_tok: tuple[Any, Any]) -> None:
+    """uvicorn waited for ever for a connection's request line and headers (and for the next
+    request's, once its first byte came): a client that sends none, or trickles them (slowloris),
+    held a connection for ever. Now they must come within read_timeout_s; a reply that takes longer
+    is not cut."""
+    model, tok = model_tok
+    app = create_app(ENGINES[server], tok, _config(model, read_timeout_s=0.5))
+    with ServerThread(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for first, then in ((b"", b""), (b"GET /health HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n"),
+                            (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"GET /health HT")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                t0 = time.monotonic()
+                s.sendall(first)
+                time.sleep(0.2)
+                s.sendall(then)  # a trickle: the keep-alive timeout stopped at the first byte
+                got = b""
+                while chunk := s.recv(4096):  # to the end: the server closes the connection
+                    got += chunk
+                assert 0.4 < time.monotonic() - t0 < 5, first
+                assert got.count(b"HTTP/1.1 200") == (1 if first.endswith(b"\r\n\r\n") else 0), got
+        # a streamed reply that lasts longer than the timeout runs to its end
+        runner = ENGINES[server].runner
+        forward = runner.forward
+        runner.forward = lambda items: (time.sleep(0.05), forward(items))[1]  # type: ignore[method-assign]
+        try:
+            body = {"prompt": "hi", "max_tokens": 20, "ignore_eos": True, "stream": True}
+            t0 = time.monotonic()
+            with httpx.stream("POST", url + COMP, json=body, timeout=30) as r:
+                lines = [x for x in r.iter_lines() if x]
+            assert time.monotonic() - t0 > 0.5 and lines[-1] == "data: [DONE]" and len(lines) == 21, lines
+        finally:
+            del runner.forward
 
 
 def test_host_header_checked_against_dns_rebinding(server: str, ckpt: Path, monkeypatch: pytest.MonkeyPatch,

@@ -57,8 +57,8 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.api_key is not None and (why := api_key_problem(args.api_key)):
         raise ValueError(f"--api-key {why}")
-    if not 0 < args.body_timeout < math.inf:
-        raise ValueError(f"--body-timeout must be a number of seconds > 0, got {args.body_timeout}")
+    if not 0 < args.read_timeout < math.inf:
+        raise ValueError(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -93,7 +93,7 @@ def serve(args: argparse.Namespace) -> int:
     # on another, any name (the machine's names and a proxy's cannot be told from the address)
     hosts = args.allowed_hosts if args.allowed_hosts is not None else ([] if loopback else ["*"])
     cfg = ServerConfig(model_name=name, context_len=context, max_tokens_limit=args.max_tokens_limit,
-                       api_key=args.api_key, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+                       api_key=args.api_key, max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout,
                        cors_origins=args.allowed_origins, allowed_hosts=None if "*" in hosts else hosts,
                        model_info=info)
     app = create_app(engine, tok, cfg)
@@ -156,8 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-tokens-limit", type=positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")
-    e.add_argument("--body-timeout", type=float, default=60.0,
-                   help="seconds a request's body may take to arrive, else 408 (default 60)")
+    e.add_argument("--read-timeout", type=float, default=60.0,
+                   help="seconds a request's headers, then its body, may take to arrive (slow clients; default 60)")
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -64,7 +64,7 @@ class ServerConfig:
     max_tokens_limit: int | None = None  # the largest max_tokens accepted (default: context_len)
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
-    body_timeout_s: float = 60.0  # a request's whole body must arrive within this time (else 408)
+    read_timeout_s: float = 60.0  # a request's head, then its whole body, must arrive within this time
     cors_origins: list[str] = field(default_factory=list)
     # Host header names answered besides IP addresses and localhost (DNS rebinding: a web page whose
     # name an attacker points at 127.0.0.1 is same-origin with this server); None: any name
@@ -836,7 +836,7 @@ class _Guard:
                 # a client that sends its body slowly or never finishes it (slowloris) would hold the
                 # connection and what it sent so far, up to the size limit, for ever
                 try:
-                    async with asyncio.timeout(self.srv.cfg.body_timeout_s):
+                    async with asyncio.timeout(self.srv.cfg.read_timeout_s):
                         while more and size <= limit:
                             msg = await receive()
                             if msg["type"] == "http.disconnect":
@@ -845,7 +845,7 @@ class _Guard:
                             size += len(chunks[-1])
                             more = msg.get("more_body", False)
                 except TimeoutError:
-                    late = f"the request body did not arrive within {self.srv.cfg.body_timeout_s:g} s"
+                    late = f"the request body did not arrive within {self.srv.cfg.read_timeout_s:g} s"
                     await reply(408, error_body(late, code="body_timeout"), {"Connection": "close"})
                     return
                 if size > limit:

@@ -1,4 +1,5 @@
-"""Running an app with uvicorn, with a graceful drain on SIGTERM / SIGINT.
+"""Running an app with uvicorn, with a graceful drain on SIGTERM / SIGINT and a deadline on each
+request's headers (`_H11`; the app's `ServerConfig.read_timeout_s`).
 
 On the first signal the server stops accepting connections and answers new requests on open
 connections with 503, lets in-flight requests finish for up to `drain_timeout` seconds, then
@@ -8,12 +9,14 @@ cancels what is left (which cancels their engine requests); `run_server` then re
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["ServerThread", "run_server"]
 
@@ -30,8 +33,44 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class _H11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head: uvicorn waits for ever for
+    a new connection's request line and headers, and for the next request's once bytes of it came
+    (its keep-alive timeout stops at the first byte), so a client that trickles them (slowloris)
+    holds a connection for ever. The body has its own deadline (app._Guard)."""
+
+    read_timeout = 60.0  # seconds; _config makes a subclass with the app's ServerConfig.read_timeout_s
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._expect_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._expect_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _expect_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.read_timeout, self._head_late)
+
+    def _head_late(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete  # else a request is being answered
+        if idle and not self.transport.is_closing():
+            self.transport.close()
+
+
 def _config(app: Any, host: str, port: int, drain_timeout: float, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+    srv = getattr(getattr(app, "state", None), "server", None)
+    timeout = srv.cfg.read_timeout_s if srv is not None else _H11.read_timeout
+    http = type("_H11", (_H11,), {"read_timeout": timeout})
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", http=http,
                           timeout_graceful_shutdown=max(1, round(drain_timeout)), access_log=False)
 
 
