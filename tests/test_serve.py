@@ -936,6 +936,23 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             shot = ROOT / "docs" / "serve-chat.png" if os.environ.get("MIXLAB_UPDATE_DOCS") else tmp_path / "chat.png"
             driver.save_screenshot(str(shot))
             assert shot.stat().st_size > 10_000
+            # another layer recolours the tokens already there; the legend names each expert's colour
+            legend = driver.find_elements(By.CSS_SELECTOR, "#legend span")
+            assert [e.text for e in legend] == [f"expert {e}" for e in range(model.config.moe.num_experts)]
+            palette = driver.execute_script(
+                "return [...document.querySelectorAll('#legend span')].map(s => getComputedStyle(s).backgroundColor)")
+
+            def painted(layer: int) -> tuple[list[str], list[str]]:  # each token's colour, its expert's in the legend
+                seen, titles = driver.execute_script(
+                    "const t = [...document.querySelectorAll('.msg.assistant .tok')];"
+                    "return [t.map(s => getComputedStyle(s).backgroundColor), t.map(s => s.title)]")
+                first = [int(t.split("\n")[layer].split("experts ")[1].split(",")[0]) for t in titles]
+                return seen, [palette[e] for e in first]
+
+            seen, expected = painted(1)
+            assert seen == expected
+            driver.find_element(By.ID, "layer").send_keys("layer 0")
+            assert painted(0)[0] == painted(0)[1] != seen
             # a second turn: multi-turn history is sent, the reply streams again
             driver.find_element(By.ID, "input").send_keys("And now?")
             driver.find_element(By.ID, "send").click()
@@ -981,17 +998,18 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             # greedy, and a 400 for max_tokens
             driver.execute_script("window.sent = []; const f = window.fetch;"
                                   "window.fetch = (u, o) => { sent.push(o && o.body); return f(u, o); }")
+            driver.find_element(By.ID, "reset").click()
             temperature.clear()
             limit.clear()
             driver.find_element(By.ID, "input").send_keys("Your defaults?\n")
-            wait.until(lambda d: streaming(2)(d) or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+            wait.until(lambda d: streaming(1)(d) or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
             driver.find_element(By.ID, "stop").click()
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
             sent = json.loads(driver.execute_script("return sent[0]"))
             assert "temperature" not in sent and "max_tokens" not in sent and sent["stream"] is True, sent
             assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
             # Errors say what happened; the question leaves the conversation and goes back into the box
-            history = driver.execute_script("return messages")
+            driver.find_element(By.ID, "reset").click()
             limit.clear()
             limit.send_keys(str(CONTEXT + 1))
             driver.find_element(By.ID, "input").send_keys("Too long?")
@@ -1002,7 +1020,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert f"invalid max_tokens={CONTEXT + 1}: this server allows at most {CONTEXT}" in error
             assert driver.find_elements(By.CSS_SELECTOR, ".msg.user")[-1].get_attribute("class") == "msg user unsent"
             assert driver.find_element(By.ID, "input").get_attribute("value") == "Too long?"
-            assert driver.execute_script("return messages") == history
+            assert driver.execute_script("return messages") == []
             driver.execute_cdp_cmd("Network.enable", {})
 
             def offline(on: bool) -> None:
