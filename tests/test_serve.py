@@ -868,6 +868,25 @@ def test_error_mid_stream_sends_an_error_event_then_done(model_tok: tuple[Any, A
     assert "shut down" in late.json()["error"]["message"]
 
 
+def test_the_page_is_self_contained_and_not_framable(server: str) -> None:
+    """The page's files: its own scripts and styles alone (CSP), no other site may frame it (it could:
+    clickjacking), no URL to anywhere else, no text put in as HTML, no path to the filesystem."""
+    static = ROOT / "src" / "mixlab" / "serve" / "static"
+    for f in static.iterdir():
+        text = f.read_text()
+        assert not re.search(r"https?:|//[a-z]|@import|url\(", text, re.I), f.name
+        assert not re.search(r"innerHTML\s*=(?!\s*\"\")|outerHTML|insertAdjacentHTML|document\.write|eval\(",
+                             text), f.name
+    for path in ("/", "/static/chat.js", "/static/chat.css"):
+        r = httpx.get(server + path)
+        assert r.status_code == 200
+        csp = dict(d.strip().split(" ", 1) for d in r.headers["content-security-policy"].split(";"))
+        assert csp["default-src"] == csp["script-src"] == csp["connect-src"] == "'self'"
+        assert csp["frame-ancestors"] == "'none'"
+    for name in ("../app.py", "..%2fapp.py", "index.htm", "chat.js.map"):
+        assert httpx.get(server + "/static/" + name).status_code == 404
+
+
 # -- the chat page ------------------------------------------------------------------------------------
 
 def _chromium() -> tuple[str, str] | None:

@@ -656,7 +656,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     files = {name: (resources.files("mixlab.serve") / "static" / name).read_bytes() for name in _STATIC}
     types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",
              "css": "text/css; charset=utf-8"}
-    csp = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
+    # its own files only; no other site may frame it (clickjacking: clicks on an invisible page)
+    csp = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+           "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
     @app.get("/")
     async def page() -> Response:
