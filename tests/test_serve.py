@@ -977,13 +977,28 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             driver.find_element(By.ID, "send").click()
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
                        and d.find_element(By.ID, "send").is_enabled())
+            # HTML in a question or in a reply is shown as text, never run (the reply is served here by
+            # the page's own fetch, as a model could write it)
+            html = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b>'
+            driver.execute_script(
+                "window.realFetch = window.fetch; const ev = (c) => 'data: ' + JSON.stringify("
+                "{choices: [{index: 0, delta: {content: c}}]}) + '\\n\\n';"
+                "window.fetch = async () => new Response(ev(arguments[0]) + 'data: [DONE]\\n\\n');", html)
+            driver.find_element(By.ID, "input").send_keys(html + "\n")
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 3
+                       and d.find_element(By.ID, "send").is_enabled())
+            driver.execute_script("window.fetch = window.realFetch")
+            assert driver.find_elements(By.CSS_SELECTOR, ".msg.user .body")[-1].text == html
+            assert driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .body")[-1].text == html
+            assert driver.find_elements(By.CSS_SELECTOR, "#log img, #log script, #log b") == []
+            assert driver.execute_script("return window.pwned") is None
             # From here each engine step is held up 20 ms, so that a reply is still streaming when clicked at.
             forward = engine.runner.forward
             engine.runner.forward = lambda items: (time.sleep(0.02), forward(items))[1]  # type: ignore[method-assign]
             limit.clear()
             limit.send_keys("300")
 
-            def streaming(k: int) -> Any:  # the k-th reply has a few tokens and is still going
+            def streaming(k: int) -> Any:  # the k-th reply has a few tokens
                 return lambda d: (len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == k and len(
                     d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].find_elements(By.CLASS_NAME, "tok")) > 3)
 
@@ -991,7 +1006,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             # appended to it, and sent as its first message with the next question)
             driver.find_element(By.ID, "input").send_keys("Tell me a long story.")
             driver.find_element(By.ID, "send").click()
-            wait.until(streaming(3))
+            wait.until(streaming(4))
             driver.find_element(By.ID, "reset").click()
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
             assert driver.execute_script("return messages") == []
