@@ -556,8 +556,9 @@ def test_an_api_key_no_client_can_send_is_refused(ckpt: Path, monkeypatch: pytes
         assert key not in err or not key.strip()  # the secret is not printed
         with pytest.raises(ValueError, match="ServerConfig.api_key .*" + why):
             ServerConfig(api_key=key)
-    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--api-key", "sk-A1/b+c=")
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--api-key", "sk-A1/b+c=", "--host", "::1")
     assert code == 0 and srv.cfg.api_key == "sk-A1/b+c="
+    assert "on http://[::1]:8000 (chat page" in err and srv.cfg.allowed_hosts == []  # a URL one can open; loopback
     # the key from the environment (vLLM's VLLM_API_KEY, llama-server's LLAMA_API_KEY): not in `ps`
     monkeypatch.setenv("MIXLAB_API_KEY", "from-env")
     code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt))

@@ -110,7 +110,8 @@ def serve(args: argparse.Namespace) -> int:
     if runner is not None:
         print(cache_line(runner.total_bytes, runner.n_slots, context, model.config.max_seq_len, args.max_batch),
               file=sys.stderr)
-    print(f"mixlab serve: {name} on http://{args.host}:{args.port} (chat page at /, API under /v1)", file=sys.stderr)
+    where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL is bracketed
+    print(f"mixlab serve: {name} on http://{where}:{args.port} (chat page at /, API under /v1)", file=sys.stderr)
     try:
         run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
     finally:
