@@ -1083,5 +1083,11 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
                        and d.find_element(By.ID, "send").is_enabled())
             assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+            # a narrow window (a phone): the chat keeps the width, the settings go below it (the chat
+            # was squeezed to 58 of 420 pixels beside them)
+            driver.set_window_size(420, 800)
+            widths = driver.execute_script("return [document.getElementById('log').clientWidth, "
+                                           "document.documentElement.scrollWidth, window.innerWidth]")
+            assert widths[0] > 300 and widths[1] <= widths[2], widths
         finally:
             driver.quit()
