@@ -947,8 +947,12 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             spans = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
             reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .body").text
             messages = [{"role": "user", "content": "Which experts do you use for this sentence?"}]
-            expected = tok.decode(generate(model, [tok.encode_chat(messages)], max_new_tokens=40)[0])
+            ids = generate(model, [tok.encode_chat(messages)], max_new_tokens=40)[0]
+            expected = tok.decode(ids)
             assert reply == expected.strip("\n") or reply.strip() == expected.strip()
+            # a reply cut at max tokens says so beside it (it looked finished)
+            notes = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .note")]
+            assert notes == (["(cut at max tokens)"] if len(ids) == 40 and tok.eos_id not in ids else [])
             colours = {s.value_of_css_property("background-color") for s in spans}
             assert len(colours) > 1 and "rgba(0, 0, 0, 0)" not in colours  # every token coloured, several experts
             assert spans[0].get_attribute("title").startswith("layer 0: experts ")

@@ -112,6 +112,10 @@ async function send(text) {
           const ex = ch.experts && ch.experts.length ? ch.experts[0].experts : null;
           if (t) { addToken(body, t, ex || pending); pending = null; reply += t; }
           else if (ex) pending = pending || ex;
+          if (ch.finish_reason === "length") {  // cut, not finished: say so beside the reply, not in it
+            const note = document.createElement("span"); note.className = "note muted";
+            note.textContent = "(cut at max tokens)"; body.after(note);
+          }
         }
       }
     }
