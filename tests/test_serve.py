@@ -666,10 +666,11 @@ def test_host_header_checked_against_dns_rebinding(server: str, ckpt: Path, monk
             (("--host", "0.0.0.0", "--api-key", "k", "--allowed-hosts", "a.example"), ["a.example"]):
         code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), *argv)
         assert code == 0 and srv.cfg.allowed_hosts == allowed, argv
-    app = create_app(ENGINES[server], srv.tok, ServerConfig(allowed_hosts=["a.example"]))
+    app = create_app(ENGINES[server], srv.tok, ServerConfig(allowed_hosts=["a.example", "B.example.:8000"]))
     with ServerThread(app) as url:
         assert httpx.get(url + "/health", headers={"Host": "A.example:80"}).status_code == 200
-        assert httpx.get(url + "/health", headers={"Host": "b.example"}).status_code == 403
+        assert httpx.get(url + "/health", headers={"Host": "b.example"}).status_code == 200  # given with a port
+        assert httpx.get(url + "/health", headers={"Host": "c.example"}).status_code == 403
 
 
 def _free_port() -> int:

@@ -769,7 +769,7 @@ def _host_name(header: str) -> str:
 def _host_allowed(name: str, allowed: list[str]) -> bool:
     """An IP address (DNS rebinding needs a name), localhost and its subdomains (RFC 6761: browsers
     resolve them to loopback themselves), an empty Host (HTTP/1.0, not a browser), or a listed name."""
-    if not name or name == "localhost" or name.endswith(".localhost") or name in (a.lower() for a in allowed):
+    if not name or name == "localhost" or name.endswith(".localhost") or name in map(_host_name, allowed):
         return True
     try:
         ipaddress.ip_address(name)
