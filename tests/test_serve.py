@@ -657,6 +657,13 @@ def test_host_header_checked_against_dns_rebinding(server: str, ckpt: Path, monk
     assert "--allowed-hosts localhost.evil.example" in r.text
     r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 1}, headers={"Host": "evil.example"})
     assert r.status_code == 403
+    # what a page on another site may send without CORS's consent (a form, text/plain) does no work
+    before = _metric(server, "mixlab_prompt_tokens_total")
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        r = httpx.post(server + CHAT, content=json.dumps({"messages": U, "max_tokens": 1}),
+                       headers={"Content-Type": kind})
+        assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], kind
+    assert _metric(server, "mixlab_prompt_tokens_total") == before
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", "app.localhost", f"[::1]:{port}", "::1",
                  "10.1.2.3"):
         assert httpx.get(server + "/health", headers={"Host": host}).status_code == 200, host
