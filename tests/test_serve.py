@@ -693,7 +693,11 @@ def _serve_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[st
     from mixlab.cli import main
 
     seen: list[Any] = []
-    monkeypatch.setattr(mixlab.serve, "run_server", lambda app, **kw: seen.append(app))
+    def run_server(app: Any, **kw: Any) -> None:  # as if it had bound its port
+        seen.append(app)
+        kw["on_start"](kw["port"])
+
+    monkeypatch.setattr(mixlab.serve, "run_server", run_server)
     code = main(["serve", *argv, "--dtype", "float32", "--threads", "1"])
     return code, seen[0].state.server if seen else None, capsys.readouterr().err
 
@@ -730,14 +734,31 @@ def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, 
 
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_0(ckpt: Path) -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    """Started with --port 0, the server says the port the system chose once it listens; SIGTERM lets
+    the stream in flight finish and exits 0."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "mixlab", "serve", "--model", str(ckpt), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "mixlab", "serve", "--model", str(ckpt), "--port", "0",
                              "--dtype", "float32", "--threads", "1", "--drain-timeout", "60", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    listening = threading.Event()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if " on http://127.0.0.1:" in line:
+                listening.set()
+
+    threading.Thread(target=read_stderr, daemon=True).start()
     try:
-        assert _until(lambda: _healthy(url), timeout=120), "the server did not come up"
+        assert listening.wait(120), "the server did not say where it listens: " + "".join(lines)
+        port = int(next(x for x in lines if " on http://" in x).split("http://127.0.0.1:")[1].split()[0])
+        assert port != 0
+        url = f"http://127.0.0.1:{port}"
+        assert _healthy(url) and httpx.head(url + "/health", timeout=5).status_code == 200
+        head = httpx.head(url + "/", timeout=5)
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and not head.content
         got: list[str] = []
         body = {"messages": U, "max_tokens": 150, "ignore_eos": True, "temperature": 0, "stream": True}
         first = threading.Event()
@@ -754,7 +775,7 @@ def test_sigterm_drains_and_exits_0(ckpt: Path) -> None:
         assert first.wait(60)
         proc.send_signal(signal.SIGTERM)
         t.join(90)
-        assert proc.wait(90) == 0, proc.stderr.read() if proc.stderr else ""
+        assert proc.wait(90) == 0, "".join(lines)
         # the in-flight stream was finished, not cut
         events = [json.loads(x[6:]) for x in got if x.startswith("data: {")]
         assert got[-1] == "data: [DONE]"

@@ -111,9 +111,14 @@ def serve(args: argparse.Namespace) -> int:
         print(cache_line(runner.total_bytes, runner.n_slots, context, model.config.max_seq_len, args.max_batch),
               file=sys.stderr)
     where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL is bracketed
-    print(f"mixlab serve: {name} on http://{where}:{args.port} (chat page at /, API under /v1)", file=sys.stderr)
+
+    def listening(port: int) -> None:  # once bound: --port 0 says the port the system chose
+        print(f"mixlab serve: {name} on http://{where}:{port} (chat page at /, API under /v1)", file=sys.stderr,
+              flush=True)
+
     try:
-        run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+        run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level,
+                   on_start=listening)
     finally:
         engine.shutdown(timeout=10)
     print_stats(args, model)

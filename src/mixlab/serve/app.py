@@ -611,7 +611,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.check_model(model_id)
         return _model_card(cfg)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if srv.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -660,7 +660,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     csp = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])  # HEAD: `curl -I`, uptime checks
     async def page() -> Response:
         return Response(files["index.html"], media_type=types["html"], headers={"Content-Security-Policy": csp})
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -22,9 +24,15 @@ __all__ = ["ServerThread", "run_server"]
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+    def __init__(self, config: uvicorn.Config, app: Any, on_start: Callable[[int], None] | None = None) -> None:
         super().__init__(config)
         self._app = app
+        self._on_start = on_start
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_start is not None:  # the port bound (--port 0: the one the system chose)
+            self._on_start(self.servers[0].sockets[0].getsockname()[1])
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         srv = getattr(getattr(self._app, "state", None), "server", None)
@@ -75,9 +83,10 @@ def _config(app: Any, host: str, port: int, drain_timeout: float, log_level: str
 
 
 def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
-               log_level: str = "info") -> None:
-    """Serve `app` until SIGTERM/SIGINT, then drain (see the module docstring)."""
-    server = _Server(_config(app, host, port, drain_timeout, log_level), app)
+               log_level: str = "info", on_start: Callable[[int], None] | None = None) -> None:
+    """Serve `app` until SIGTERM/SIGINT, then drain (see the module docstring). `on_start(port)` is
+    called once the server listens, with the port it bound."""
+    server = _Server(_config(app, host, port, drain_timeout, log_level), app, on_start)
     main = threading.current_thread() is threading.main_thread()
     # uvicorn re-raises a captured signal after its shutdown, under the handlers installed before it
     # started: make those no-ops so that a drained SIGTERM ends in a normal return (exit status 0).
