@@ -10,7 +10,8 @@ running a forward pass never starts a compiler. `MIXLAB_NATIVE=0` turns the kern
 The build runs `cc -O3 -march=native -fopenmp` (`$CC` overrides `cc`) once per source version,
 compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default `~/.cache/mixlab`) under a name
 that hashes all three, written to a temporary file and renamed, so concurrent builds never load a
-half-written library.
+half-written library; a cached file that is not whole (`intact`: cut short by a crash or a full disk)
+is rebuilt, never loaded (the loader would die of SIGBUS on its missing pages).
 
 Loading checks the library against this file (`check_abi`): its ABI version, the sizes of the
 structures of `mixlab.h` and the offsets of their fields must equal ours, and the SIMD instructions
@@ -32,9 +33,11 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
+from struct import calcsize, unpack_from
 
 import torch
 
@@ -199,16 +202,42 @@ def compile_library(cc: str, out: Path, *, defines: tuple[str, ...] = ()) -> Pat
             os.unlink(tmp)
 
 
-def build(cc: str | None = None) -> Path:
-    """The built library for this source, compiler and CPU (compiled now unless cached)."""
-    cc = cc or compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC)")
+def cached_path(cc: str) -> Path:
+    """Where the library for this source, compiler `cc` and CPU is cached (built or not)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     text = "\0".join(p.read_text() for p in SOURCES)
     key = hashlib.sha256("\0".join([text, cc, version, " ".join(FLAGS), _cpu_id()]).encode())
-    out = _cache_dir() / f"mixlab-decode-{key.hexdigest()[:16]}.so"
-    return out if out.exists() else compile_library(cc, out)
+    return _cache_dir() / f"mixlab-decode-{key.hexdigest()[:16]}.so"
+
+
+def intact(path: str | os.PathLike[str]) -> bool:
+    """Whether a library file is whole: an ELF file is at least as long as its header says (its
+    program and section header tables; linkers write the latter last). A truncated one (a crash
+    before its bytes reached the disk, a full disk while copying a cache) may not fail to load but
+    kill the process with SIGBUS when the loader touches the missing pages. Other formats (Mach-O):
+    not empty."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(64), os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if head[:4] != b"\x7fELF":
+        return size > 0 and sys.platform != "linux"
+    if len(head) < 64 or head[4] not in (1, 2) or head[5] not in (1, 2):
+        return False
+    order, (word, at) = "<>"[head[5] - 1], (("I", 28), ("Q", 32))[head[4] - 1]  # ELF32 / ELF64 fields
+    phoff, shoff = unpack_from(order + 2 * word, head, at)
+    phent, phnum, shent, shnum = unpack_from(order + "4H", head, at + 2 * calcsize(word) + 6)
+    return size >= max(phoff + phent * phnum, shoff + shent * shnum)
+
+
+def build(cc: str | None = None) -> Path:
+    """The built library for this source, compiler and CPU (compiled now unless cached whole)."""
+    cc = cc or compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    out = cached_path(cc)
+    return out if intact(out) else compile_library(cc, out)  # a damaged one is replaced
 
 
 def check_abi(lib: ctypes.CDLL, path: str | os.PathLike[str]) -> int:
@@ -252,6 +281,9 @@ def check_abi(lib: ctypes.CDLL, path: str | os.PathLike[str]) -> int:
 
 def load_library(path: str | os.PathLike[str]) -> tuple[ctypes.CDLL, int]:
     """Open and check one library file: (library, usable SIMD bits)."""
+    if os.path.exists(path) and not intact(path):
+        raise NativeABIError(f"{path}: not a whole library (truncated or empty); delete it and rebuild "
+                             f"(python -m mixlab.ops.native)")
     lib = ctypes.CDLL(str(path))
     simd = check_abi(lib, path)
     for name, (restype, argtypes) in _SIGNATURES.items():

@@ -1,0 +1,55 @@
+"""Building, caching and loading the native kernels (`mixlab.ops.native`) where things go wrong: a
+damaged cached library, a compiler that is missing or fails. Each ends in PyTorch's kernels after at
+most one warning, never a crash. Stub libraries stand in for decode.c where the test is about the
+file, not the kernels (compiling decode.c takes seconds)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mixlab.ops import native
+
+CC = native.compiler()
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
+
+
+def _stub(path, body: str = "int mx_abi_version(void) { return 1; }\n"):  # type: ignore[no-untyped-def]
+    src = path.with_suffix(".c")
+    src.write_text(body)
+    subprocess.run([CC, "-shared", "-fPIC", str(src), "-o", str(path)], check=True)
+    return path
+
+
+@needs_cc
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """A cached library cut short (a crash before its bytes reached the disk) is rebuilt: loading it
+    killed the process with SIGBUS, which no warning or fallback could catch."""
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))
+    path = native.cached_path(CC)
+    whole = _stub(tmp_path / "whole.so").read_bytes()
+    assert native.intact(tmp_path / "whole.so")
+    built: list[str] = []
+    monkeypatch.setattr(native, "compile_library", lambda cc, out: built.append(cc) or shutil.copy(
+        tmp_path / "whole.so", out) and out)
+    for cut in (0, 100, len(whole) // 2, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        assert not native.intact(path)
+        assert native.build() == path and built == [CC]
+        assert path.read_bytes() == whole
+        assert native.build() == path and built == [CC]  # whole now: cached
+        built.clear()
+
+
+@needs_cc
+def test_loading_a_truncated_library_is_refused_not_a_crash(tmp_path):
+    lib = _stub(tmp_path / "lib.so")
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])
+    code = (f"from mixlab.ops import native\ntry:\n    native.load_library({str(lib)!r})\n"
+            "except native.NativeABIError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # it was -7 (SIGBUS)
+    assert f"{lib}: not a whole library (truncated or empty)" in proc.stdout
