@@ -164,7 +164,7 @@ def main() -> None:
             if not sep or not Path(path).is_file():
                 raise SystemExit(f"invalid variant {spec!r}: expected NAME=path/to/decode.c (an existing file)")
             out = Path(tmp) / f"{name}.so"
-            cmd = [native.compiler(), *native.FLAGS, f"-I{native.HERE}", path, "-o", str(out), "-lm"]
+            cmd = [*native.command(native.compiler()), *native.FLAGS, f"-I{native.HERE}", path, "-o", str(out), "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"variant {name}: {path} does not compile:\n{proc.stderr.strip()[-2000:]}")

@@ -459,7 +459,8 @@ def test_panels_refuse_what_they_cannot_hold():
 def _compile_stub(tmp_path, source: str):
     (tmp_path / "stub.c").write_text(source)
     out = tmp_path / "stub.so"
-    subprocess.run([native.compiler(), "-shared", "-fPIC", str(tmp_path / "stub.c"), "-o", str(out)], check=True)
+    cc = native.command(native.compiler())
+    subprocess.run([*cc, "-shared", "-fPIC", str(tmp_path / "stub.c"), "-o", str(out)], check=True)
     return out
 
 

@@ -20,7 +20,7 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
 def _stub(path, body: str = "int mx_abi_version(void) { return 1; }\n"):  # type: ignore[no-untyped-def]
     src = path.with_suffix(".c")
     src.write_text(body)
-    subprocess.run([CC, "-shared", "-fPIC", str(src), "-o", str(path)], check=True)
+    subprocess.run([*native.command(CC), "-shared", "-fPIC", str(src), "-o", str(path)], check=True)
     return path
 
 
@@ -53,3 +53,31 @@ def test_loading_a_truncated_library_is_refused_not_a_crash(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]  # it was -7 (SIGBUS)
     assert f"{lib}: not a whole library (truncated or empty)" in proc.stdout
+
+
+@needs_cc
+def test_cc_may_carry_arguments(tmp_path, monkeypatch):
+    """`CC="ccache gcc"`, `CC="gcc -m64"`: split as make and setuptools split it (it was run as one
+    program name: "No such file or directory: 'cc -m64'", and no native kernels)."""
+    monkeypatch.setenv("CC", f"{CC} -m64")
+    assert native.compiler() == f"{CC} -m64" and native.command(native.compiler()) == [CC, "-m64"]
+    spaced = tmp_path / "my tools" / "cc"  # a path with a space is one program
+    spaced.parent.mkdir()
+    spaced.symlink_to(shutil.which(CC) or CC)
+    assert native.command(str(spaced)) == [str(spaced)]
+    stub = _stub(tmp_path / "stub.so")
+    runs: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(cmd, **kw):  # type: ignore[no-untyped-def]
+        runs.append(cmd)
+        if cmd[-1] == "--version":
+            return real_run(cmd, **kw)
+        shutil.copy(stub, cmd[cmd.index("-o") + 1])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path / "cache"))
+    path = native.build()
+    assert native.intact(path) and [r[:2] for r in runs] == [[CC, "-m64"], [CC, "-m64"]]
+    assert runs[1][2:3] == ["-O3"]

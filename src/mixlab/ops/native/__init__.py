@@ -31,6 +31,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -166,7 +167,15 @@ def _cpu_id() -> str:
 
 
 def compiler() -> str | None:
+    """`$CC` as given (it may carry arguments: "ccache gcc", "gcc -m64"), else the first of cc, gcc
+    and clang on the PATH."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def command(cc: str) -> list[str]:
+    """The compiler `cc` as the start of a command line: split as a shell splits `$CC`, unless it
+    names a file (a path with spaces)."""
+    return [cc] if os.path.isfile(cc) else shlex.split(cc)
 
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
@@ -191,7 +200,7 @@ def compile_library(cc: str, out: Path, *, defines: tuple[str, ...] = ()) -> Pat
     os.close(fd)
     try:
         for flags in (FLAGS, tuple(f for f in FLAGS if f != "-fopenmp")):  # no OpenMP: one thread, still fast
-            cmd = [cc, *flags, *(f"-D{d}" for d in defines), f"-I{HERE}", str(SOURCE), "-o", tmp, "-lm"]
+            cmd = [*command(cc), *flags, *(f"-D{d}" for d in defines), f"-I{HERE}", str(SOURCE), "-o", tmp, "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, out)
@@ -204,7 +213,7 @@ def compile_library(cc: str, out: Path, *, defines: tuple[str, ...] = ()) -> Pat
 
 def cached_path(cc: str) -> Path:
     """Where the library for this source, compiler `cc` and CPU is cached (built or not)."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    version = subprocess.run([*command(cc), "--version"], capture_output=True, text=True, check=False).stdout
     text = "\0".join(p.read_text() for p in SOURCES)
     key = hashlib.sha256("\0".join([text, cc, version, " ".join(FLAGS), _cpu_id()]).encode())
     return _cache_dir() / f"mixlab-decode-{key.hexdigest()[:16]}.so"
