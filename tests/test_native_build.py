@@ -5,9 +5,12 @@ file, not the kernels (compiling decode.c takes seconds)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -81,3 +84,22 @@ def test_cc_may_carry_arguments(tmp_path, monkeypatch):
     path = native.build()
     assert native.intact(path) and [r[:2] for r in runs] == [[CC, "-m64"], [CC, "-m64"]]
     assert runs[1][2:3] == ["-O3"]
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+def test_the_temporary_cache_is_never_a_folder_someone_else_can_write(tmp_path, monkeypatch):
+    """An unwritable cache (a read-only home) falls back to $TMPDIR/mixlab-UID. On a shared /tmp
+    anyone could have made that folder first, with a library of theirs under the name we would
+    load: it is reused only when it is ours and nobody else can write it, else a private folder."""
+    (tmp_path / "home-file").write_text("")
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path / "home-file" / "cache"))  # cannot be made
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shared = tmp_path / f"mixlab-{os.getuid()}"
+    assert native._cache_dir() == shared and stat.S_IMODE(shared.stat().st_mode) == 0o700
+    assert native._cache_dir() == shared  # ours: reused
+    shared.chmod(0o777)  # as someone else's would be
+    other = native._cache_dir()
+    assert other != shared and other.parent == tmp_path and stat.S_IMODE(other.stat().st_mode) == 0o700
+    shared.rmdir()
+    shared.symlink_to(other)
+    assert native._cache_dir() not in (shared, other)

@@ -8,9 +8,10 @@ and every kernel choice (`mixlab.ops.registry`) takes PyTorch's kernels, so load
 running a forward pass never starts a compiler. `MIXLAB_NATIVE=0` turns the kernels off.
 
 The build runs `cc -O3 -march=native -fopenmp` (`$CC` overrides `cc`) once per source version,
-compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default `~/.cache/mixlab`) under a name
-that hashes all three, written to a temporary file and renamed, so concurrent builds never load a
-half-written library; a cached file that is not whole (`intact`: cut short by a crash or a full disk)
+compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default `~/.cache/mixlab`; where that
+cannot be written, `$TMPDIR/mixlab-UID` if that folder is ours alone) under a name that hashes all
+three, written to a temporary file and renamed, so concurrent builds never load a half-written
+library; a cached file that is not whole (`intact`: cut short by a crash or a full disk)
 is rebuilt, never loaded (the loader would die of SIGBUS on its missing pages).
 
 Loading checks the library against this file (`check_abi`): its ABI version, the sizes of the
@@ -33,6 +34,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -189,7 +191,17 @@ def _cache_dir() -> Path:
             raise PermissionError(cache)
     except OSError:  # a read-only home (CI, containers): build in the temporary directory instead
         cache = Path(tempfile.gettempdir()) / f"mixlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-        cache.mkdir(parents=True, exist_ok=True)
+        # A shared /tmp: anyone may have made that folder first and put a library of theirs in it, which
+        # we would load. Only a folder that is ours and that nobody else can write is reused.
+        try:
+            cache.mkdir(mode=0o700, exist_ok=True)
+            st = cache.lstat()
+            ours = not hasattr(os, "getuid") or (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                                                 and not st.st_mode & 0o022)
+        except OSError:
+            ours = False
+        if not ours:
+            cache = Path(tempfile.mkdtemp(prefix="mixlab-"))  # private to this process; built again
     return cache
 
 
