@@ -6,6 +6,7 @@ file, not the kernels (compiling decode.c takes seconds)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 from mixlab.ops import native
 
@@ -103,3 +105,23 @@ def test_the_temporary_cache_is_never_a_folder_someone_else_can_write(tmp_path, 
     shared.rmdir()
     shared.symlink_to(other)
     assert native._cache_dir() not in (shared, other)
+
+
+@pytest.mark.parametrize(("cc", "message"), [
+    ("false", r"^false failed to build decode.c \(exit status 1\), no message$"),  # it ended in ":\n"
+    ("/nonexistent/cc", r"No such file or directory: '/nonexistent/cc'"),
+])
+def test_a_compiler_that_fails_or_is_missing_leaves_pytorch_kernels_after_one_warning(cc, message, tmp_path,
+                                                                                       monkeypatch):
+    if cc == "false" and shutil.which("false") is None:
+        pytest.skip("no `false` program")
+    monkeypatch.setenv("CC", cc)
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    with pytest.warns(UserWarning, match="native kernels unavailable") as caught:
+        assert native.load() is None and native.load() is None
+    assert len(caught) == 1
+    assert re.search(message, native._failed or "")
+    assert native.library() is None and not native.fast(torch.float32)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left

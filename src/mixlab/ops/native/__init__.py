@@ -217,7 +217,9 @@ def compile_library(cc: str, out: Path, *, defines: tuple[str, ...] = ()) -> Pat
             if proc.returncode == 0:
                 os.replace(tmp, out)
                 return out
-        raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{proc.stderr.strip()[-2000:]}")
+        err = proc.stderr.strip()[-2000:]
+        raise RuntimeError(f"{cc} failed to build {SOURCE.name} (exit status {proc.returncode})"
+                           + (f":\n{err}" if err else ", no message"))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
