@@ -125,3 +125,16 @@ def test_a_compiler_that_fails_or_is_missing_leaves_pytorch_kernels_after_one_wa
     assert re.search(message, native._failed or "")
     assert native.library() is None and not native.fast(torch.float32)
     assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+@needs_cc
+def test_a_built_library_is_readable_as_any_file_the_user_makes(tmp_path, monkeypatch):
+    """The library gets the umask's mode (0755 under umask 022), as the linker gives any library,
+    so the other users of a shared `$MIXLAB_CACHE` can load it; it was 0711 (a temporary file's
+    0600 plus x): loading it failed for them with 'Permission denied'."""
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "stub.c")  # the flags and steps of decode.c's build
+    native.SOURCE.write_text("int mx_abi_version(void) { return 1; }\n")
+    out = native.compile_library(CC, tmp_path / "lib.so")
+    (tmp_path / "plain").write_text("")
+    assert stat.S_IMODE(out.stat().st_mode) & 0o444 == stat.S_IMODE((tmp_path / "plain").stat().st_mode) & 0o444
+    assert native.intact(out) and sorted(p.name for p in tmp_path.iterdir()) == ["lib.so", "plain", "stub.c"]

@@ -208,8 +208,10 @@ def _cache_dir() -> Path:
 def compile_library(cc: str, out: Path, *, defines: tuple[str, ...] = ()) -> Path:
     """Compile `decode.c` into `out` (atomically: a temporary file renamed into place). `defines`:
     extra `-D` flags (tests build deliberately mismatched libraries with them)."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
-    os.close(fd)
+    # The linker makes the file in a private folder, so it gets the mode of any library it writes
+    # (umask's, readable by a shared cache's other users), not a temporary file's 0600 plus x.
+    tmp_dir = tempfile.mkdtemp(dir=out.parent, prefix=".mixlab-build-")
+    tmp = os.path.join(tmp_dir, out.name)
     try:
         for flags in (FLAGS, tuple(f for f in FLAGS if f != "-fopenmp")):  # no OpenMP: one thread, still fast
             cmd = [*command(cc), *flags, *(f"-D{d}" for d in defines), f"-I{HERE}", str(SOURCE), "-o", tmp, "-lm"]
@@ -221,8 +223,7 @@ def compile_library(cc: str, out: Path, *, defines: tuple[str, ...] = ()) -> Pat
         raise RuntimeError(f"{cc} failed to build {SOURCE.name} (exit status {proc.returncode})"
                            + (f":\n{err}" if err else ", no message"))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def cached_path(cc: str) -> Path:
