@@ -456,7 +456,7 @@ def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], 
             if not _readable(t.type):
                 raise CheckpointError(f"{h.path}: tensor {t.name!r} is {t.type_name}, a type mixlab cannot read as "
                                       "weights (F32, F16, BF16, Q4_0, Q8_0, and the quantised types the gguf package "
-                                      "dequantises: pip install gguf)")
+                                      "dequantises: pip install 'mixlab[gguf]')")
     wanted = {t.name for _, ts, _ in out for t in ts}
     extra = sorted(set(h.tensors) - wanted)
     if extra:

@@ -98,6 +98,11 @@ def convert(args: argparse.Namespace) -> int:
             if value is not None:
                 raise ValueError(f"{flag} applies to --to gguf only (this writes a {args.to} folder)")
     args.quant = args.quant or "bf16"
+    if args.to == "gguf":  # the optional package, asked for now, not after loading the model
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ValueError("writing GGUF files needs the gguf package: pip install 'mixlab[gguf]'") from None
     gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
     if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
