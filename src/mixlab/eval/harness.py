@@ -28,11 +28,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import lm_eval.models  # noqa: F401  lm-eval's own models: its registry fills itself only while empty
 import torch
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 from tqdm import tqdm
+
+try:
+    import lm_eval.models  # noqa: F401  lm-eval's own models: its registry fills itself only while empty
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # the optional extra: a line naming it, for `python -m` without a traceback
+    _hint = f"mixlab.eval.harness needs lm-eval: pip install 'mixlab[eval]' ({e})"
+    if __name__ == "__main__":
+        sys.exit(f"python -m {_hint}")
+    raise ImportError(_hint) from e
 
 from mixlab.eval.perplexity import rolling_windows, score_batch
 from mixlab.generate import generate

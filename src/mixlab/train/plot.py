@@ -14,7 +14,10 @@ from mixlab.atomic import atomic_file
 
 def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = None) -> None:
     """Training loss (per logged step) and validation loss per domain (per evaluation) to `png`."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(f"plotting needs matplotlib: pip install 'mixlab[plot]' ({e})") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -45,4 +48,7 @@ def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = Non
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit("usage: python -m mixlab.train.plot RUN_DIR OUT.png")
-    plot_loss_curve(sys.argv[1], sys.argv[2])
+    try:
+        plot_loss_curve(sys.argv[1], sys.argv[2])
+    except (ImportError, OSError, ValueError) as e:  # no matplotlib, no metrics.jsonl, a bad line in it
+        sys.exit(f"python -m mixlab.train.plot: error: {e}")
