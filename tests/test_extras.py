@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -48,3 +49,39 @@ def test_the_loss_curve_plot_without_matplotlib_names_the_extra(tmp_path, monkey
                                          r"pip install 'mixlab\[plot\]'"):
         runpy.run_module("mixlab.train.plot", run_name="__main__")
     assert not (tmp_path / "loss.png").exists()
+
+
+# Installed here for tests and peers, absent from a core install (pyproject's extras, and what they bring).
+OPTIONAL = ("gguf", "matplotlib", "lm_eval", "accelerate", "llama_cpp", "fastapi", "uvicorn", "starlette",
+            "prometheus_client", "triton", "transformers", "tokenizers", "peft", "trl", "psutil", "httpx", "openai")
+EXTRA_PACKAGES = ("mixlab.serve", "mixlab.eval.harness")  # the extras' own modules
+
+
+@pytest.mark.slow  # a fresh interpreter importing every module (~5 s)
+def test_the_core_install_imports_every_module_and_runs_the_cli():
+    """With every optional package absent, each module outside the extras' own imports (nothing at
+    a module's top imports an optional package) and `mixlab --help` / `mixlab info` work."""
+    code = f"""
+import contextlib, io, pkgutil, sys
+for name in {OPTIONAL!r}:
+    sys.modules[name] = None
+import mixlab
+from mixlab.cli import main
+bad = []
+for m in pkgutil.walk_packages(mixlab.__path__, "mixlab."):
+    if not m.name.startswith({EXTRA_PACKAGES!r}) and not m.name.endswith("__main__"):
+        try:
+            __import__(m.name)
+        except ImportError as e:
+            bad.append(f"{{m.name}}: {{e}}")
+assert not bad, bad
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert main(["info", "tiny-moe"]) == 0
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+assert "total parameters:" in out.getvalue() and "build-kernels" in out.getvalue()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
