@@ -17,5 +17,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-.venv/bin/python -m pip install -q -e "$spec" 2>&1 | grep -v -e "^WARNING: Location" -e "^$" || true
+# pip's own status decides (pipefail), not grep's: a failed install of an extra stops here
+if ! .venv/bin/python -m pip install -q -e "$spec" 2>&1 | { grep -v -e "^WARNING: Location" -e "^$" || true; }; then
+    echo "setup failed: pip could not install $spec (its message is above)" >&2
+    exit 1
+fi
 .venv/bin/python -c "import mixlab" || { echo "setup failed: mixlab does not import" >&2; exit 1; }

@@ -1,0 +1,53 @@
+"""scripts/setup.sh, run against a stand-in `.venv/bin/python` that records what it is asked and
+fails where a test says (a real setup installs torch and takes minutes)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A stand-in interpreter: logs its arguments; `pip install` exits with $PIP_STATUS after an error line.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/../calls"
+if [ "$1 $2 $3" = "-m pip install" ]; then
+    echo "WARNING: Location 'file:///x' is ignored"
+    [ "${PIP_STATUS:-0}" = 0 ] || { echo "ERROR: Could not build wheels for llama-cpp-python"; exit "$PIP_STATUS"; }
+fi
+exit 0
+"""
+
+
+def _setup(tmp_path: Path, *args: str, pip_status: int = 0) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    return subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh"), *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PIP_STATUS": str(pip_status)}, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_setup_fails_when_pip_fails(tmp_path):
+    """pip failing to install an extra (llama-cpp-python without a compiler, no network) stops setup
+    with an error; it went on and ended with 0, since `grep || true` ate pip's status, and test.sh
+    then ran without the packages."""
+    proc = _setup(tmp_path, "dev,peers", pip_status=1)
+    assert proc.returncode == 1
+    assert "ERROR: Could not build wheels" in proc.stdout and "WARNING: Location" not in proc.stdout
+    assert proc.stderr == "setup failed: pip could not install .[dev,peers] (its message is above)\n"
+    assert "import mixlab" not in (tmp_path / ".venv" / "calls").read_text()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_setup_installs_the_extras_asked_for(tmp_path):
+    proc = _setup(tmp_path, "plot")
+    assert proc.returncode == 0 and proc.stdout == proc.stderr == ""
+    calls = (tmp_path / ".venv" / "calls").read_text().splitlines()
+    assert calls == ["-c import torch", "-m pip install -q -e .[plot]", "-c import mixlab"]
