@@ -51,3 +51,19 @@ def test_setup_installs_the_extras_asked_for(tmp_path):
     assert proc.returncode == 0 and proc.stdout == proc.stderr == ""
     calls = (tmp_path / ".venv" / "calls").read_text().splitlines()
     assert calls == ["-c import torch", "-m pip install -q -e .[plot]", "-c import mixlab"]
+
+
+@pytest.mark.parametrize("platform", ["darwin", "win32"])
+def test_the_extras_ask_for_nothing_without_wheels_off_linux(platform):
+    """Triton publishes Linux wheels only: `pip install -e '.[dev]'` (scripts/test.sh) and `.[gpu]`
+    failed on macOS and Windows ('No matching distribution found for triton')."""
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    env = {"sys_platform": platform, "platform_system": {"darwin": "Darwin", "win32": "Windows"}[platform]}
+    for extra in ("dev", "gpu"):
+        wanted = [requirements.Requirement(r) for r in extras[extra]]
+        names = {r.name for r in wanted if r.marker is None or r.marker.evaluate(env)}
+        assert "triton" not in names, extra
+    linux = [requirements.Requirement(r) for r in extras["gpu"]]
+    assert [r.name for r in linux if r.marker is None or r.marker.evaluate({"sys_platform": "linux"})] == ["triton"]
