@@ -138,3 +138,27 @@ def test_a_built_library_is_readable_as_any_file_the_user_makes(tmp_path, monkey
     (tmp_path / "plain").write_text("")
     assert stat.S_IMODE(out.stat().st_mode) & 0o444 == stat.S_IMODE((tmp_path / "plain").stat().st_mode) & 0o444
     assert native.intact(out) and sorted(p.name for p in tmp_path.iterdir()) == ["lib.so", "plain", "stub.c"]
+
+
+def test_the_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    """$MIXLAB_CACHE, else $XDG_CACHE_HOME/mixlab, else ~/.cache/mixlab; an empty variable counts
+    as unset (an empty MIXLAB_CACHE cached into the working directory); no home directory at all
+    (Path.home() raises) falls back to the temporary directory (it left no native kernels)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path / "mine"))
+    assert native._cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv("MIXLAB_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native._cache_dir() == tmp_path / "xdg" / "mixlab"  # it was ~/.cache/mixlab, XDG ignored
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert native._cache_dir() == tmp_path / "home" / ".cache" / "mixlab"  # it was "." for MIXLAB_CACHE=""
+    monkeypatch.delenv("MIXLAB_CACHE")
+
+    def no_home() -> None:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native.Path, "home", no_home)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert native._cache_dir().parent == tmp_path / "tmp"

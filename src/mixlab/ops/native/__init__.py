@@ -8,11 +8,11 @@ and every kernel choice (`mixlab.ops.registry`) takes PyTorch's kernels, so load
 running a forward pass never starts a compiler. `MIXLAB_NATIVE=0` turns the kernels off.
 
 The build runs `cc -O3 -march=native -fopenmp` (`$CC` overrides `cc`) once per source version,
-compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default `~/.cache/mixlab`; where that
-cannot be written, `$TMPDIR/mixlab-UID` if that folder is ours alone) under a name that hashes all
-three, written to a temporary file and renamed, so concurrent builds never load a half-written
-library; a cached file that is not whole (`intact`: cut short by a crash or a full disk)
-is rebuilt, never loaded (the loader would die of SIGBUS on its missing pages).
+compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default `$XDG_CACHE_HOME/mixlab`, that
+is `~/.cache/mixlab`; where that cannot be written, `$TMPDIR/mixlab-UID` if that folder is ours
+alone) under a name that hashes all three, written to a temporary file and renamed, so concurrent
+builds never load a half-written library; a cached file that is not whole (`intact`: cut short by a
+crash or a full disk) is rebuilt, never loaded (the loader would die of SIGBUS on its missing pages).
 
 Loading checks the library against this file (`check_abi`): its ABI version, the sizes of the
 structures of `mixlab.h` and the offsets of their fields must equal ours, and the SIMD instructions
@@ -184,12 +184,15 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 
 
 def _cache_dir() -> Path:
-    cache = Path(os.environ.get("MIXLAB_CACHE", Path.home() / ".cache" / "mixlab"))
+    # An empty variable counts as unset (Path("") is the working directory); no home directory
+    # (Path.home() raises RuntimeError): the temporary directory, as for a read-only home.
     try:
+        cache = Path(os.environ.get("MIXLAB_CACHE") or
+                     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixlab")
         cache.mkdir(parents=True, exist_ok=True)
         if not os.access(cache, os.W_OK):
             raise PermissionError(cache)
-    except OSError:  # a read-only home (CI, containers): build in the temporary directory instead
+    except (OSError, RuntimeError):  # a read-only home (CI, containers): build in the temporary directory instead
         cache = Path(tempfile.gettempdir()) / f"mixlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
         # A shared /tmp: anyone may have made that folder first and put a library of theirs in it, which
         # we would load. Only a folder that is ours and that nobody else can write is reused.
