@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import types
 from collections import defaultdict
 from pathlib import Path
@@ -664,7 +665,8 @@ def test_unexpressible_adapter_exports_merged_weights(ckpt: Path, chat_files: tu
         raise ValueError("PEFT cannot express these adapters: experts")
 
     monkeypatch.setattr(ft, "save_peft", refuse)
-    finetune(_cfg(ckpt, chat_files[0], tmp_path / "a", steps=1, lora_rank=2, export_hf=False, eval_every=0))
+    with pytest.warns(UserWarning, match=r"LoRA adapter was not exported in PEFT's format \(PEFT cannot express"):
+        finetune(_cfg(ckpt, chat_files[0], tmp_path / "a", steps=1, lora_rank=2, export_hf=False, eval_every=0))
     assert (tmp_path / "a" / "hf" / "config.json").is_file()
     assert "experts" in (tmp_path / "a" / "adapter_not_exported.txt").read_text()
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -817,3 +819,17 @@ def test_eval_line_prints_counts_as_integers() -> None:
     from mixlab.train.finetune import eval_line
 
     assert eval_line({"step": 3, "eval_loss": 3.02801, "eval_tokens": 21202}) == "eval_loss 3.0280, eval_tokens 21,202"
+
+
+def test_a_lora_run_without_transformers_says_why_its_adapter_was_not_exported(
+        ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A core install (no transformers): PEFT's layout cannot be known, so the merged weights are
+    written; the reason names the package, and a warning says so (the run ended silently with
+    'No module named transformers' in adapter_not_exported.txt)."""
+    for name in ("transformers", "transformers.models.mixtral"):  # (the second: earlier tests imported it)
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.warns(UserWarning, match=r"not exported in PEFT's format \(PEFT's adapter layout follows the installed "
+                                         r"transformers' Mixtral, and transformers is not installed \(pip install"):
+        finetune(_cfg(ckpt, chat_files[0], tmp_path / "a", steps=1, lora_rank=2, export_hf=False, eval_every=0))
+    assert (tmp_path / "a" / "hf" / "config.json").is_file() and not (tmp_path / "a" / "adapter").exists()
+    assert "transformers is not installed" in (tmp_path / "a" / "adapter_not_exported.txt").read_text()

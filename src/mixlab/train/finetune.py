@@ -618,6 +618,8 @@ def export(model: Transformer, out: Path, cfg: FinetuneConfig, tok_spec: dict[st
             save_peft(model, out / "adapter", extra_files=info)
         except (ValueError, ImportError) as e:  # PEFT cannot hold these adapters: merged weights instead
             atomic.write_text(out / "adapter_not_exported.txt", f"{e}\n")
+            warnings.warn(f"the LoRA adapter was not exported in PEFT's format ({e}); the merged weights are in "
+                          f"{out / 'hf'}", stacklevel=2)
             merged_instead = True
     if cfg.export_hf or merged_instead:
         plain = merge(model) if cfg.lora_rank else model

@@ -234,7 +234,11 @@ def save_merged(model: Transformer, path: str | Path, **kw: Any) -> None:
 def hf_expert_layout() -> str:
     """How the installed transformers holds Mixtral's experts: "modules" (experts.N.w1/w2/w3
     nn.Linear, transformers < 5) or "fused" (experts.gate_up_proj / down_proj parameters)."""
-    from transformers.models.mixtral import modeling_mixtral as mm
+    try:
+        from transformers.models.mixtral import modeling_mixtral as mm
+    except ImportError as e:  # a guess would give an adapter PEFT loads wrongly or not at all
+        raise ImportError(f"PEFT's adapter layout follows the installed transformers' Mixtral, and transformers "
+                          f"is not installed (pip install transformers; {e})") from e
 
     return "fused" if hasattr(mm, "MixtralExperts") and not hasattr(mm, "MixtralBlockSparseTop2MLP") else "modules"
 
