@@ -162,3 +162,14 @@ def test_the_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     assert native._cache_dir().parent == tmp_path / "tmp"
+
+
+@pytest.mark.parametrize(("value", "on"), [("0", False), ("false", False), ("OFF", False), ("no", False),
+                                           (" 0 ", False), ("1", True), ("", True), ("yes", True)])
+def test_mixlab_native_switches_the_kernels_off_in_the_usual_spellings(value, on, monkeypatch):
+    """MIXLAB_NATIVE=false / off / no turned nothing off (only "0" did): the kernels still ran."""
+    monkeypatch.setenv("MIXLAB_NATIVE", value)
+    assert native.enabled() is on
+    if not on:
+        monkeypatch.setattr(native, "build", lambda: pytest.fail("built while switched off"))
+        assert native.load() is None and native.library() is None and not native.fast(torch.float32)

@@ -155,7 +155,8 @@ _failed: str | None = None  # why the last load failed (warned once)
 
 
 def enabled() -> bool:
-    return os.environ.get("MIXLAB_NATIVE", "1") != "0"
+    """False when `MIXLAB_NATIVE` is 0, false, no or off (any case)."""
+    return os.environ.get("MIXLAB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _cpu_id() -> str:
