@@ -4,12 +4,18 @@
 # torch: if the venv has none, torch 2.13.0 is installed: the CPU build where pip's index serves it
 # (this project's machines; elsewhere set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu, since
 # PyPI's Linux wheel is the CUDA one); bring your own torch by installing it into .venv first (any
-# version >= 2.5 is kept as it is).
+# version >= 2.5 is kept as it is). PYTHON picks the interpreter (default python3; 3.11 or newer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+    py="${PYTHON:-python3}"
+    if ! { command -v "$py" >/dev/null && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; }; then
+        found=$(command -v "$py" >/dev/null && "$py" -V 2>&1 || echo "not found")
+        echo "setup failed: mixlab needs Python 3.11 or newer; $py: $found (PYTHON=python3.11 bash $0)" >&2
+        exit 1
+    fi
+    "$py" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

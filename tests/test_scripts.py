@@ -67,3 +67,22 @@ def test_the_extras_ask_for_nothing_without_wheels_off_linux(platform):
         assert "triton" not in names, extra
     linux = [requirements.Requirement(r) for r in extras["gpu"]]
     assert [r.name for r in linux if r.marker is None or r.marker.evaluate({"sys_platform": "linux"})] == ["triton"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+@pytest.mark.parametrize("python", ["python3", "python9"])
+def test_setup_needs_python_3_11(tmp_path, python):
+    """An older python3 (or none) is refused before a .venv is made; pip failed later on with
+    'requires a different Python' and left a .venv of that Python, which every rerun reused."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts")
+    (tmp_path / "bin").mkdir()
+    old = tmp_path / "bin" / "python3"
+    old.write_text("#!/usr/bin/env bash\n[ \"$1\" = -V ] && { echo 'Python 3.10.12'; exit 0; }\nexit 1\n")
+    old.chmod(0o755)
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh")], capture_output=True, text=True,
+                          env={"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "PYTHON": python}, timeout=60)
+    found = "Python 3.10.12" if python == "python3" else "not found"
+    assert proc.returncode == 1 and not (tmp_path / ".venv").exists()
+    assert proc.stderr.endswith(f"setup failed: mixlab needs Python 3.11 or newer; {python}: {found} "
+                                f"(PYTHON=python3.11 bash {tmp_path / 'scripts' / 'setup.sh'})\n")
