@@ -86,3 +86,19 @@ def test_setup_needs_python_3_11(tmp_path, python):
     assert proc.returncode == 1 and not (tmp_path / ".venv").exists()
     assert proc.stderr.endswith(f"setup failed: mixlab needs Python 3.11 or newer; {python}: {found} "
                                 f"(PYTHON=python3.11 bash {tmp_path / 'scripts' / 'setup.sh'})\n")
+
+
+def test_every_data_file_of_the_package_ships_in_the_wheel():
+    """Each file under src/mixlab that is not Python (the C sources, the chat page, py.typed) is
+    matched by pyproject's package-data, so a wheel install has it; py.typed was missing, so type
+    checkers ignored an installed mixlab's annotations ('missing library stubs or py.typed')."""
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    src = ROOT / "src"
+    files = [p for p in (src / "mixlab").rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc", ".so")
+             and "__pycache__" not in p.parts]
+    assert src / "mixlab" / "py.typed" in files
+    globs = [(src.joinpath(*package.split(".")), glob) for package, globs in data.items() for glob in globs]
+    for path in files:
+        assert any(path.is_relative_to(root) and path.relative_to(root).match(glob) for root, glob in globs), (
+            f"{path.relative_to(ROOT)} is not package data")
