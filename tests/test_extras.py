@@ -85,3 +85,4 @@ assert "total parameters:" in out.getvalue() and "build-kernels" in out.getvalue
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+

@@ -1,5 +1,6 @@
-"""scripts/setup.sh, run against a stand-in `.venv/bin/python` that records what it is asked and
-fails where a test says (a real setup installs torch and takes minutes)."""
+"""Installing mixlab: scripts/setup.sh, run against a stand-in `.venv/bin/python` that records what
+it is asked and fails where a test says (a real setup installs torch and takes minutes); pyproject's
+extras and package data; the version."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from mixlab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +105,12 @@ def test_every_data_file_of_the_package_ships_in_the_wheel():
     for path in files:
         assert any(path.is_relative_to(root) and path.relative_to(root).match(glob) for root, glob in globs), (
             f"{path.relative_to(ROOT)} is not package data")
+
+
+def test_mixlab_version(capsys):
+    """`mixlab --version`, what a bug report asks for first (it was 'unrecognized arguments')."""
+    import mixlab
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"mixlab {mixlab.__version__}\n"

@@ -20,7 +20,10 @@ MODULES = ("mixlab.cli.model", "mixlab.cli.run", "mixlab.cli.upcycle", "mixlab.c
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixlab import __version__
+
     parser = argparse.ArgumentParser(prog="mixlab", description="Mixtral-style sparse MoE models.")
+    parser.add_argument("--version", action="version", version=f"mixlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in MODULES:
         importlib.import_module(name).register(sub)
