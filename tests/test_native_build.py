@@ -5,7 +5,9 @@ file, not the kernels (compiling decode.c takes seconds)."""
 
 from __future__ import annotations
 
+import copy
 import os
+import platform
 import re
 import shutil
 import stat
@@ -173,3 +175,36 @@ def test_mixlab_native_switches_the_kernels_off_in_the_usual_spellings(value, on
     if not on:
         monkeypatch.setattr(native, "build", lambda: pytest.fail("built while switched off"))
         assert native.load() is None and native.library() is None and not native.fast(torch.float32)
+
+
+@needs_cc
+@pytest.mark.slow  # builds decode.c (seconds)
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 SIMD flags")
+def test_a_cpu_without_avx512_bf16_keeps_pytorch_kernels_for_bf16(tmp_path, monkeypatch):
+    """A CPU without AVX512-BF16, simulated by a library built without it (CC="cc -mno-avx512bf16",
+    as -march=native there would build it): bf16 models decode with PyTorch's kernels, token for
+    token as with the kernels switched off; float32 ones still take the native kernels (where the
+    CPU has AVX-512) and equal them too."""
+    from mixlab.config import get_preset
+    from mixlab.generate import generate
+    from mixlab.model import Transformer
+
+    monkeypatch.setenv("CC", f"{CC} -mno-avx512bf16")
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))
+    lib, simd = native.load_library(native.build())
+    assert not simd & native.SIMD_AVX512_BF16
+    model = Transformer(get_preset("tiny-moe"))
+    model.init_weights(seed=0, std=0.1)
+    prompts = [torch.randint(3, 256, (7,)).tolist(), torch.randint(3, 256, (3,)).tolist()]
+    for dtype in (torch.bfloat16, torch.float32):
+        m = model.to(dtype).eval().requires_grad_(False)
+        monkeypatch.setenv("MIXLAB_NATIVE", "0")
+        off = [generate(copy.deepcopy(m), [p], max_new_tokens=12, stop_at_eos=False) for p in prompts]
+        off.append(generate(copy.deepcopy(m), prompts, max_new_tokens=12, stop_at_eos=False))
+        monkeypatch.setenv("MIXLAB_NATIVE", "1")
+        monkeypatch.setattr(native, "_lib", lib)
+        monkeypatch.setattr(native, "_simd", simd)
+        assert native.fast(dtype) == (dtype == torch.float32 and bool(simd & native.SIMD_AVX512))
+        on = [generate(copy.deepcopy(m), [p], max_new_tokens=12, stop_at_eos=False) for p in prompts]
+        on.append(generate(copy.deepcopy(m), prompts, max_new_tokens=12, stop_at_eos=False))
+        assert on == off, dtype
