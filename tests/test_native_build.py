@@ -208,3 +208,22 @@ def test_a_cpu_without_avx512_bf16_keeps_pytorch_kernels_for_bf16(tmp_path, monk
         on = [generate(copy.deepcopy(m), [p], max_new_tokens=12, stop_at_eos=False) for p in prompts]
         on.append(generate(copy.deepcopy(m), prompts, max_new_tokens=12, stop_at_eos=False))
         assert on == off, dtype
+
+
+@needs_cc
+def test_without_a_compiler_a_library_built_earlier_for_this_cpu_is_used(tmp_path, monkeypatch):
+    """An HPC job without the compiler module, a shell without the conda environment's compiler:
+    the library `mixlab build-kernels` built for this source and CPU is loaded (the cache's name
+    hashed the compiler's --version output, so without a compiler it could not be found, and
+    the kernels were off). A damaged one is not; none at all is one warning naming the cache."""
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))
+    path = native.cached_path(CC)
+    _stub(path)
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert native.compiler() is None
+    assert native.build() == path
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=f"^no C compiler found \\(set CC\\), and no library built earlier for "
+                                           f"this mixlab and CPU in {re.escape(str(tmp_path))}$"):
+        native.build()

@@ -13,6 +13,7 @@ is `~/.cache/mixlab`; where that cannot be written, `$TMPDIR/mixlab-UID` if that
 alone) under a name that hashes all three, written to a temporary file and renamed, so concurrent
 builds never load a half-written library; a cached file that is not whole (`intact`: cut short by a
 crash or a full disk) is rebuilt, never loaded (the loader would die of SIGBUS on its missing pages).
+Without a compiler, a library an earlier build left for this source and CPU is used.
 
 Loading checks the library against this file (`check_abi`): its ABI version, the sizes of the
 structures of `mixlab.h` and the offsets of their fields must equal ours, and the SIMD instructions
@@ -230,12 +231,17 @@ def compile_library(cc: str, out: Path, *, defines: tuple[str, ...] = ()) -> Pat
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def _source_key() -> str:
+    """The part of a cached library's name that the source, the flags and the CPU decide."""
+    text = "\0".join(p.read_text() for p in SOURCES)
+    return hashlib.sha256("\0".join([text, " ".join(FLAGS), _cpu_id()]).encode()).hexdigest()[:16]
+
+
 def cached_path(cc: str) -> Path:
     """Where the library for this source, compiler `cc` and CPU is cached (built or not)."""
     version = subprocess.run([*command(cc), "--version"], capture_output=True, text=True, check=False).stdout
-    text = "\0".join(p.read_text() for p in SOURCES)
-    key = hashlib.sha256("\0".join([text, cc, version, " ".join(FLAGS), _cpu_id()]).encode())
-    return _cache_dir() / f"mixlab-decode-{key.hexdigest()[:16]}.so"
+    compiler_key = hashlib.sha256(f"{cc}\0{version}".encode()).hexdigest()[:8]
+    return _cache_dir() / f"mixlab-decode-{_source_key()}-{compiler_key}.so"
 
 
 def intact(path: str | os.PathLike[str]) -> bool:
@@ -260,10 +266,18 @@ def intact(path: str | os.PathLike[str]) -> bool:
 
 
 def build(cc: str | None = None) -> Path:
-    """The built library for this source, compiler and CPU (compiled now unless cached whole)."""
+    """The built library for this source, compiler and CPU (compiled now unless cached whole).
+    Without a compiler, one an earlier build left for this source and CPU (`mixlab build-kernels`
+    where a compiler was at hand: an HPC job without the compiler module, a conda environment not
+    activated), built by any compiler."""
     cc = cc or compiler()
     if cc is None:
-        raise RuntimeError("no C compiler found (set CC)")
+        cache = _cache_dir()
+        built = [p for p in cache.glob(f"mixlab-decode-{_source_key()}-*.so") if intact(p)]
+        if not built:
+            raise RuntimeError(f"no C compiler found (set CC), and no library built earlier for this mixlab and "
+                               f"CPU in {cache}")
+        return max(built, key=lambda p: p.stat().st_mtime)
     out = cached_path(cc)
     return out if intact(out) else compile_library(cc, out)  # a damaged one is replaced
 
