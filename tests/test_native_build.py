@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,28 @@ def test_without_a_compiler_a_library_built_earlier_for_this_cpu_is_used(tmp_pat
     with pytest.raises(RuntimeError, match=f"^no C compiler found \\(set CC\\), and no library built earlier for "
                                            f"this mixlab and CPU in {re.escape(str(tmp_path))}$"):
         native.build()
+
+
+@needs_cc
+@pytest.mark.parametrize("with_compiler", [True, False])
+def test_a_library_in_a_read_only_cache_is_used(tmp_path, monkeypatch, with_compiler):
+    """A container run with --read-only whose image built the kernels into ~/.cache/mixlab: the
+    library there is loaded, not built again in the temporary directory (and, without a compiler
+    in the container, not lost)."""
+    home = tmp_path / "home-cache"
+    monkeypatch.setenv("MIXLAB_CACHE", str(home))
+    home.mkdir()
+    path = native.cached_path(CC)
+    assert path.parent == home
+    _stub(path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (
+        mode == os.W_OK and Path(p) == home))  # as a read-only mount answers
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert native._cache_dir().parent == tmp_path / "tmp"
+    monkeypatch.setattr(native, "compile_library", lambda *a: pytest.fail("built again"))
+    if not with_compiler:
+        monkeypatch.setenv("CC", "")
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert native.build() == path

@@ -13,7 +13,8 @@ is `~/.cache/mixlab`; where that cannot be written, `$TMPDIR/mixlab-UID` if that
 alone) under a name that hashes all three, written to a temporary file and renamed, so concurrent
 builds never load a half-written library; a cached file that is not whole (`intact`: cut short by a
 crash or a full disk) is rebuilt, never loaded (the loader would die of SIGBUS on its missing pages).
-Without a compiler, a library an earlier build left for this source and CPU is used.
+Without a compiler, a library an earlier build left for this source and CPU is used; so is one in a
+cache that has become read-only (a container run with --read-only), rather than building again.
 
 Loading checks the library against this file (`check_abi`): its ABI version, the sizes of the
 structures of `mixlab.h` and the offsets of their fields must equal ours, and the SIMD instructions
@@ -185,12 +186,18 @@ def command(cc: str) -> list[str]:
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 
 
+def _home_cache() -> Path:
+    """`$MIXLAB_CACHE`, else `$XDG_CACHE_HOME/mixlab`, else `~/.cache/mixlab` (an empty variable
+    counts as unset: Path("") is the working directory); RuntimeError without a home directory."""
+    return Path(os.environ.get("MIXLAB_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixlab")
+
+
 def _cache_dir() -> Path:
-    # An empty variable counts as unset (Path("") is the working directory); no home directory
-    # (Path.home() raises RuntimeError): the temporary directory, as for a read-only home.
+    """The folder builds go to: `_home_cache()`, else (not writable, no home directory) one in the
+    temporary directory."""
     try:
-        cache = Path(os.environ.get("MIXLAB_CACHE") or
-                     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixlab")
+        cache = _home_cache()
         cache.mkdir(parents=True, exist_ok=True)
         if not os.access(cache, os.W_OK):
             raise PermissionError(cache)
@@ -271,15 +278,23 @@ def build(cc: str | None = None) -> Path:
     where a compiler was at hand: an HPC job without the compiler module, a conda environment not
     activated), built by any compiler."""
     cc = cc or compiler()
+    # Where to look: the build folder and, when that is the temporary fallback, the home cache
+    # (read-only, but it may hold a library built before: a container run with --read-only).
+    cache = _cache_dir()
+    places = [cache]
+    try:
+        if _home_cache() != cache:
+            places.insert(0, _home_cache())
+    except RuntimeError:  # no home directory
+        pass
     if cc is None:
-        cache = _cache_dir()
-        built = [p for p in cache.glob(f"mixlab-decode-{_source_key()}-*.so") if intact(p)]
+        built = [p for d in places for p in d.glob(f"mixlab-decode-{_source_key()}-*.so") if intact(p)]
         if not built:
             raise RuntimeError(f"no C compiler found (set CC), and no library built earlier for this mixlab and "
-                               f"CPU in {cache}")
+                               f"CPU in {' or '.join(map(str, places))}")
         return max(built, key=lambda p: p.stat().st_mtime)
-    out = cached_path(cc)
-    return out if intact(out) else compile_library(cc, out)  # a damaged one is replaced
+    out = cached_path(cc)  # in `cache`; a damaged one there is replaced
+    return next((d / out.name for d in places if intact(d / out.name)), None) or compile_library(cc, out)
 
 
 def check_abi(lib: ctypes.CDLL, path: str | os.PathLike[str]) -> int:
