@@ -201,6 +201,25 @@ def test_int4_experts_of_an_odd_width_are_refused_at_preparation(tmp_path):
         prepare_for_inference(load_model(path, max_memory=1 << 20), quant="int4")
 
 
+def test_a_pool_of_more_slots_than_the_native_kernel_holds(tmp_path):
+    """2 layers of 144 experts and room for all 288: more slots than decode.c's MoE kernel holds
+    (`native.MAX_EXPERTS`, as Mixtral-8x22B's 448 experts with a budget above 256 of them). The
+    pool's layers run PyTorch's experts and equal the resident model; they failed with 'native MoE
+    supports up to 256 experts' once the native kernels were loaded."""
+    from mixlab.ops import native
+
+    cfg = CFG.replace(n_layers=2, dim=16, ffn_dim=16, head_dim=8, max_seq_len=32, moe=MoEConfig(144, 2))
+    model = Transformer(cfg)
+    model.init_weights(std=0.1, seed=0)
+    save_model(model, tmp_path / "m")
+    native.load()
+    offloaded = load_model(tmp_path / "m", max_memory=1 << 20, prefetch=False)
+    assert expert_cache(offloaded).num_slots == 2 * 144 > native.MAX_EXPERTS  # type: ignore[union-attr]
+    tokens = TOKENS[:, :5] % cfg.vocab_size
+    torch.testing.assert_close(offloaded(tokens), model.eval()(tokens), atol=1e-5, rtol=1e-5)
+    assert generate(offloaded, [[1, 2, 3]], max_new_tokens=3) == generate(model, [[1, 2, 3]], max_new_tokens=3)
+
+
 def test_budget_of_exactly_top_k_runs_batches_in_passes(ckpt):
     want = load_model(ckpt)(TOKENS)
     model = load_model(ckpt, max_memory=2 * _expert_bytes("plain"))

@@ -97,6 +97,8 @@ def test_choices():
     assert c("moe", tokens=3, **{**kw, "training": True}) == "sorted"
     assert c("moe", tokens=1, **{**kw, "fmt": "packed"}) == "decode"
     assert c("moe", tokens=registry.NATIVE_MAX_TOKENS + 1, **kw) == "sorted"
+    assert c("moe", tokens=3, experts=native.MAX_EXPERTS, **kw) == ("native" if loaded else "sorted")
+    assert c("moe", tokens=3, experts=native.MAX_EXPERTS + 1, **kw) == "sorted"  # decode.c's arrays hold 256
     assert c("moe", tokens=3, **{**kw, "device": "meta"}) == "sorted"
     assert c("decode_step", tokens=2, **kw) == "torch"
     with pytest.raises(ValueError, match="unknown weight format 'nf4'"):

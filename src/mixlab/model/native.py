@@ -101,8 +101,9 @@ class NativeDecoder:
         if cfg.moe is not None and cfg.moe.capacity_factor is not None:  # PyTorch's pass drops them
             raise ValueError(f"native decoding runs every chosen expert; this model drops tokens over an expert "
                              f"capacity (moe.capacity_factor={cfg.moe.capacity_factor})")
-        if E > 256 or Hd > 1024:  # the sizes of decode.c's stack arrays
-            raise ValueError(f"native decoding supports up to 256 experts and head dim 1024, not {E} and {Hd}")
+        if E > native.MAX_EXPERTS or Hd > 1024:  # the sizes of decode.c's stack arrays
+            raise ValueError(f"native decoding supports up to {native.MAX_EXPERTS} experts and head dim 1024, not "
+                             f"{E} and {Hd}")
         w_out, s_out = _weight(model.output)
         if w_out.dtype not in native.TYPE_CODES and w_out.dtype != torch.uint8:
             raise ValueError(f"native decoding supports float32, bf16, int8 and int4 weights, not {w_out.dtype}")

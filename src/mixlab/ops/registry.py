@@ -11,8 +11,8 @@ Operations and what they can get:
   `packed` (oneDNN's linear on a packed weight), `int8pack` (torch's fused int8 matrix-vector
   kernel), `int8` / `int4` (dequantise, then GEMM), `torch` (`F.linear`).
 - `moe` (the experts of a layer): `triton` (CUDA: `mixlab.ops.triton_moe`, differentiable),
-  `native` (`torch.ops.mixlab.moe`), `decode` (one token: its K experts on weight views), `sorted`
-  (the sorted segment loop; training, and many tokens).
+  `native` (`torch.ops.mixlab.moe`, stacks of up to 256 experts), `decode` (one token: its K
+  experts on weight views), `sorted` (the sorted segment loop; training, and many tokens).
 - `decode_step` (one token of one sequence through the whole model): `native`
   (`torch.ops.mixlab.decode_step`) or `torch` (the model's forward pass).
 - `decode_batch` (an engine step of `tokens` tokens through the whole model: one decoding token
@@ -80,10 +80,11 @@ def native_ready(dtype: torch.dtype) -> bool:
 
 
 def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, training: bool,
-           act_dtype: torch.dtype | None = None) -> str:
+           act_dtype: torch.dtype | None = None, experts: int = 0) -> str:
     """The implementation of `op` for weights of format `fmt` and `dtype` on `device`, for `tokens`
     rows or tokens, with (`training`) or without gradients. `act_dtype`: the activations' dtype
-    (linear only; torch's int8 kernel takes float32 and bf16)."""
+    (linear only; torch's int8 kernel takes float32 and bf16). `experts` (moe only): how many
+    experts the weights stack (the native kernel takes up to `native.MAX_EXPERTS`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     native_ok = (device == "cpu" and not training and fmt in ("plain", "int8", "int4") and native_ready(dtype))
@@ -103,7 +104,7 @@ def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, t
             return "triton"
         if training:
             return "sorted"
-        if native_ok and tokens <= NATIVE_MAX_TOKENS:
+        if native_ok and tokens <= NATIVE_MAX_TOKENS and experts <= native.MAX_EXPERTS:
             return "native"
         return "decode" if tokens == 1 else "sorted"
     if op == "decode_step":
@@ -131,7 +132,7 @@ def moe_impl(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w13_scale_E2F: torch.Te
     else:
         fmt, dtype, w = weight_format(w13_E2FD, w13_scale_E2F), w13_E2FD.dtype, w13_E2FD
     return choose("moe", device=x_TD.device.type, fmt=fmt, dtype=dtype, tokens=x_TD.shape[0],
-                  training=_training(x_TD, w))
+                  training=_training(x_TD, w), experts=len(w13_E2FD))
 
 
 def decode_impl(tokens_BT: torch.Tensor, weight: torch.Tensor) -> str:

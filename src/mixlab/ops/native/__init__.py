@@ -423,6 +423,10 @@ def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = N
     return y
 
 
+# decode.c's stack arrays hold this many experts (`mx_moe`'s grouping, the router's logits): the
+# registry gives stacks of more (an offloaded model's pool of slots can be one) to PyTorch.
+MAX_EXPERTS = 256
+
 # Up to this many rows of activations (batched decoding), `linear`, which reads each weight once for
 # all rows at close to the memory bandwidth, beats PyTorch's GEMMs (BENCHMARKS.md).
 MAX_ROWS = 16
@@ -507,8 +511,8 @@ def moe(
     lib = _need()
     (T, D), (E, F2), K = x_TD.shape, w13_E2FD.shape[:2], idx_TK.shape[1]
     F = F2 // 2
-    if E > 256:
-        raise ValueError(f"native MoE supports up to 256 experts, not {E}")
+    if E > MAX_EXPERTS:
+        raise ValueError(f"native MoE supports up to {MAX_EXPERTS} experts, not {E}")
     N = T * K
     x = x_TD.float().contiguous()
     idx = idx_TK.to(torch.int64).contiguous()
