@@ -197,8 +197,25 @@ def test_int4_experts_of_an_odd_width_are_refused_at_preparation(tmp_path):
     model = Transformer(CFG.replace(ffn_dim=48))
     model.init_weights(std=0.02, seed=0)
     save_model(model, path)
-    with pytest.raises(ValueError, match=r"groups of 32 needs a multiple of 32 inputs per row, not 48 \(the experts'"):
+    with pytest.raises(ValueError, match=r"groups of 32 needs a multiple of 32 inputs per row; layers.0.ffn has 48"):
         prepare_for_inference(load_model(path, max_memory=1 << 20), quant="int4")
+
+
+def test_int4_refused_for_an_attention_width_leaves_the_model_unchanged(tmp_path):
+    """Width and ffn_dim that int4's groups divide, but 3 heads of 40 (wo takes 120 inputs): the
+    refusal names wo and comes before anything is converted. It came from the first linear that
+    failed, after the expert cache had become int4 and wqkv an Int4Linear: a retry with int8 was
+    then refused ('already holds int4 weights'), and decoding mixed int4 and float matrices."""
+    path = tmp_path / "heads"
+    model = Transformer(CFG.replace(n_heads=3, n_kv_heads=1, head_dim=40))
+    model.init_weights(std=0.1, seed=0)
+    save_model(model, path)
+    offloaded = load_model(path, max_memory=1 << 20)
+    with pytest.raises(ValueError, match=r"multiple of 32 inputs per row; layers.0.attn.wo has 120 .* unchanged"):
+        prepare_for_inference(offloaded, quant="int4")
+    assert inference_format(offloaded) == "offloaded" and expert_cache(offloaded).fmt.kind == "plain"  # type: ignore[union-attr]
+    prepare_for_inference(offloaded, quant="int8")
+    torch.testing.assert_close(offloaded(TOKENS), prepare_for_inference(model, quant="int8")(TOKENS))
 
 
 def test_a_pool_of_more_slots_than_the_native_kernel_holds(tmp_path):

@@ -85,10 +85,9 @@ def quantize_model_int8(model: Transformer) -> Transformer:
     return model.eval()
 
 
-def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
-    """Int4 weight-only quantisation (groups of `group` inputs) of every matrix except embedding and
-    router, in place. Matrices already int4 (loaded from a GGUF Q4_0 file) are left as they are.
-    Every matrix's input width is checked first: a refusal leaves the model unconverted."""
+def _check_int4_widths(model: Transformer, group: int) -> None:
+    """ValueError, naming the first module, unless every float matrix int4 would convert has a
+    multiple of `group` inputs per row (checked before anything is converted)."""
     if group not in INT4_GROUPS:
         raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, not {group}")
     for name, m in model.named_modules():
@@ -99,6 +98,13 @@ def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
         if bad:
             raise ValueError(f"int4 with groups of {group} needs a multiple of {group} inputs per row; {name} has "
                              f"{bad[0]} (the groups: {', '.join(map(str, INT4_GROUPS))}); the model is unchanged")
+
+
+def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
+    """Int4 weight-only quantisation (groups of `group` inputs) of every matrix except embedding and
+    router, in place. Matrices already int4 (loaded from a GGUF Q4_0 file) are left as they are.
+    Every matrix's input width is checked first: a refusal leaves the model unconverted."""
+    _check_int4_widths(model, group)
     for block in model.modules():
         if isinstance(block, MoEBlock) and not isinstance(block.experts, Int4Experts):
             block.experts = Int4Experts.quantize(_plain_experts(block), group=group)
@@ -220,6 +226,8 @@ def _prepare_offloaded(model: Transformer, cache: ExpertCache, *, quant: str | N
     if packed:
         raise ValueError("packed=True packs resident experts; this model's experts are offloaded")
     act_dtype = model.tok_embeddings.weight.dtype
+    if quant == "int4":  # every width first: a refusal leaves the cache's format and the linears as they were
+        _check_int4_widths(model, group)
     if cache.fmt.kind == "int4":  # a GGUF Q4_0 file: its experts stay int4, as resident ones would
         if quant == "int8":
             raise ValueError("this model already holds int4 weights; int8 applies to float models")
