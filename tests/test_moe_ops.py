@@ -117,3 +117,21 @@ def test_unknown_impl_is_a_clear_error():
     w13, w2 = _weights()
     with pytest.raises(ValueError, match="unknown MoE implementation 'nope'"):
         moe_ffn(torch.randn(2, 32), w13, w2, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), impl="nope")
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize(("D", "F", "dtype"), [(33, 17, torch.float32), (72, 100, torch.bfloat16)])
+def test_fast_paths_at_widths_of_no_round_size(impl, D, F, dtype):
+    """Widths that are not multiples of 16 bytes (33 and 17 floats; an ffn_dim of 100 in bf16):
+    every implementation equals the reference loop. `grouped` failed ('strides should be multiple
+    of 16 bytes' from torch._grouped_mm, also in training with moe_impl='grouped' and in the Triton
+    kernel's bf16 backward on CUDA); it runs the sorted segments there now."""
+    _need(impl, dtype)
+    w13, w2 = _weights(E=4, D=D, F=F, dtype=dtype)
+    x = torch.randn(9, D).to(dtype)
+    idx, weight = route(torch.randn(9, 4), 2)
+    ref = moe_ffn(x, w13, w2, idx, weight, impl="reference")
+    got = moe_ffn(x, w13, w2, idx, weight, impl=impl)
+    # bf16: each implementation rounds its products differently, ~2 bf16 steps at these sizes
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)

@@ -280,9 +280,13 @@ def expert_segments(
 
 
 def grouped_applies(w13_E2FD: Any, w13_scale_E2F: torch.Tensor | None, x_TD: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` can run these experts: plain float (not float64) stacked weights."""
-    return (isinstance(w13_E2FD, torch.Tensor) and not w13_E2FD.is_mkldnn and w13_scale_E2F is None
-            and hasattr(torch, "_grouped_mm") and x_TD.dtype != torch.float64)
+    """Whether `torch._grouped_mm` can run these experts: plain float (not float64) stacked weights
+    whose rows (D and F elements) are multiples of 16 bytes, as its strides must be."""
+    if not (isinstance(w13_E2FD, torch.Tensor) and not w13_E2FD.is_mkldnn and w13_scale_E2F is None
+            and hasattr(torch, "_grouped_mm") and x_TD.dtype != torch.float64):
+        return False
+    E, F2, D = w13_E2FD.shape
+    return all(n * w13_E2FD.element_size() % 16 == 0 for n in (D, F2 // 2))
 
 
 def expert_grouped_mm(xs_ND: torch.Tensor, counts: list[int], w13_E2FD: torch.Tensor,
