@@ -598,3 +598,18 @@ def test_more_experts_than_the_kernels_hold_run_through_pytorch():
     assert model.native_decoder is None
     with torch.inference_mode():
         model(torch.tensor([prompts[0]]))
+
+
+@pytest.mark.parametrize("window", [2**31, 2**32 + 3])
+def test_a_window_longer_than_32_bits_is_no_window(window):
+    """A sliding window longer than the context hides nothing. The engine step's chunk attention
+    compared positions in 32 bits: a window of 2**31 hid every key (NaN logits), one of 2**32 + 3
+    attended to 3 tokens. Now the tokens equal a full recompute's."""
+    model = _model(sliding_window=window, max_seq_len=64)
+    prompts = [list(range(3, 23)), list(range(40, 49))]
+    got = generate(model, prompts, max_new_tokens=4, stop_at_eos=False)
+    for p, new in zip(prompts, got, strict=True):
+        ids = list(p)
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert new == ids[len(p):]

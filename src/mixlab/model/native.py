@@ -161,9 +161,12 @@ class NativeDecoder:
                 f32(block.ffn_norm.weight), router, ptr(w13), scales(w13, s13), ptr(w2), scales(w2, s2),
                 None, None,  # the cache: set per step
             )
+        # A window as long as the context hides nothing: 0 (none) for C, whose chunk attention
+        # compares positions in 32 bits (a window of 2**32 + 3 would read as 3).
+        window = cfg.sliding_window if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_seq_len else 0
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, Hd, 2, dtype=torch.float32) / Hd))  # as rope_cos_sin
         self.c_model = native.Model(
-            D, H, G, Hd, E, K, F_, cfg.vocab_size, cfg.n_layers, cfg.sliding_window or 0,
+            D, H, G, Hd, E, K, F_, cfg.vocab_size, cfg.n_layers, window,
             cfg.norm_eps, wt, native.F32, native.TYPE_CODES[emb.dtype],
             ptr(inv_freq), ptr(emb), f32(model.norm.weight), ptr(w_out), scales(w_out, s_out),
             ctypes.addressof(self.layers),
