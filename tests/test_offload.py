@@ -174,6 +174,8 @@ def test_budget_too_small_for_any_format_is_refused_at_load(ckpt):
     model = load_model(ckpt, max_memory=least)  # int4 could fit: checked when the format is final
     with pytest.raises(ValueError, match=r"holds 0 experts .* top-2"):
         prepare_for_inference(model)
+    with pytest.raises(ValueError, match=r"holds 0 experts .* top-2"):  # or by the first forward pass
+        load_model(ckpt, max_memory=least)(TOKENS)  # (it was range()'s 'arg 3 must not be zero')
 
 
 def test_int8_activations_are_refused_for_offloaded_int4(ckpt, capsys):

@@ -148,11 +148,11 @@ class OffloadedExperts(ExpertsBase):
         few = idx_TK.shape[0] <= 4  # decoding: Python lists beat tensor ops on a handful of ids
         ids = idx_TK.tolist() if few else None
         needed = sorted({e for row in ids for e in row}) if ids is not None else torch.unique(idx_TK).tolist()
+        pool = cache.pool()  # first: checks that the budget holds top-k experts in the final format
         S = cache.num_slots
         passes = [needed[i : i + S] for i in range(0, len(needed), S)]
         cache.stats.layer_calls += 1
         cache.stats.passes += len(passes) > 1
-        pool = cache.pool()
         w13, w2 = pool["w13"], pool["w2"]
         s13, s2 = pool.get("w13_scale"), pool.get("w2_scale")
         if impl == "auto":
