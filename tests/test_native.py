@@ -585,7 +585,8 @@ def test_more_experts_than_the_kernels_hold_run_through_pytorch():
     """decode.c's stack arrays hold `native.MAX_EXPERTS` experts: a model with more (the config
     allows 4096) decodes and runs engine steps through PyTorch's experts, with the same tokens as a
     full recompute; it used to fail with 'native MoE supports up to 256 experts' on its first
-    step of several tokens (the registry chose the native MoE kernel for any stack)."""
+    step of several tokens (the registry chose the native MoE kernel for any stack). Preparing it
+    says why it decodes without the native step."""
     model = _model(n_layers=1, dim=32, ffn_dim=16, moe=MoEConfig(num_experts=native.MAX_EXPERTS + 1, top_k=2))
     prompts = [[5, 9, 2, 7], [1, 3]]
     got = generate(model, prompts, max_new_tokens=4, stop_at_eos=False)
@@ -594,8 +595,10 @@ def test_more_experts_than_the_kernels_hold_run_through_pytorch():
         for _ in range(4):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert new == ids[len(p):]
-    prepare_for_inference(model, quant="int8")  # no native decoder; the experts' int8 kernels still run
-    assert model.native_decoder is None
+    with pytest.warns(UserWarning, match=r"no native decoding \(native decoding supports up to 256 experts .* not "
+                                         r"257 and 16\): this model decodes with PyTorch's kernels"):
+        prepare_for_inference(model, quant="int8")  # it fell back without a word
+    assert model.native_decoder is None  # the experts' int8 kernels still run
     with torch.inference_mode():
         model(torch.tensor([prompts[0]]))
 

@@ -6,7 +6,9 @@ Each weight format is a module type (`mixlab.model.formats`); `inference_format`
   `model.native_decoder`; `generate.decode_step` uses it), which stream each weight once at close
   to the memory bandwidth. They need the weights plain (row-major), so prefill and batched decoding
   run PyTorch's GEMMs on plain weights. If the kernels cannot be built (no C compiler,
-  `MIXLAB_NATIVE=0`), the weights are packed instead (next point).
+  `MIXLAB_NATIVE=0`), the weights are packed instead (next point); so are those of a model the
+  kernels do not take (float16 weights, more than 256 experts, a head dim above 1024, an expert
+  capacity), with a warning that says why.
 - `packed=True`: the matrices are packed once into oneDNN's blocked layout (what inductor's weight
   freezing does): faster prefill and batched decoding than plain weights, but batch-1
   decoding through PyTorch's kernels (BENCHMARKS.md, "Inference speed"; the two layouts cannot
@@ -192,7 +194,7 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
             model.eval().requires_grad_(False)
             floats = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
             # the native step takes one weight format (without the kernels at all, there is nothing to say)
-            if not native.attach(model) and floats and registry.prepare_native():
+            if not native.attach(model, warn=not floats) and floats and registry.prepare_native():
                 warnings.warn(f"no native decoding: this model mixes int4 and float matrices ({floats[0]} is float: "
                               "llama.cpp's quantiser keeps output.weight at Q6_K / Q8_0, read dequantised), so it "
                               "decodes with PyTorch's kernels, several times slower; quant='int4' (--quant int4) "

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import warnings
 import weakref
 
 import torch
@@ -464,16 +465,19 @@ class NativeDecoder:
         return logits_1V, chosen_LK, None
 
 
-def attach(model: Transformer) -> bool:
+def attach(model: Transformer, *, warn: bool = True) -> bool:
     """Attach a `NativeDecoder` as `model.native_decoder` when the kernels and weights allow it
-    (building the kernels unless cached: inference preparation asks for them)."""
+    (building the kernels unless cached: inference preparation asks for them). `warn`: when the
+    kernels run here (AVX-512) but this model's shapes or weights keep them out, say why."""
     if not registry.prepare_native():
         return False
     lib = native.library()
     assert lib is not None
     try:
         model.native_decoder = NativeDecoder(model, lib)
-    except ValueError:
+    except ValueError as e:
+        if warn and native.fast(torch.float32):
+            warnings.warn(f"no native decoding ({e}): this model decodes with PyTorch's kernels", stacklevel=3)
         return False
     model.native_decoder.wait_huge_pages()  # preparation does the work now, not during the first steps
     return True
