@@ -616,3 +616,24 @@ def test_a_window_longer_than_32_bits_is_no_window(window):
         for _ in range(4):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert new == ids[len(p):]
+
+
+def test_a_cache_made_for_another_model_is_refused():
+    """A KVCache of another model's shape (4 kv heads of 8 where the model has 2 of 16: the same
+    bytes) was taken by the native step, which read and wrote it with this model's strides; a
+    smaller one was written past its end (heap corruption: 'malloc(): unaligned tcache chunk').
+    Every step refuses it, naming both shapes; the decoder itself checks the buffers it binds."""
+    model = _model()
+    prepare_for_inference(model)
+    other = model.config.replace(n_kv_heads=4, head_dim=8)
+    cache = KVCache(other, batch_size=1, max_len=16)
+    with pytest.raises(ValueError, match=r"cache was made for another model: 2 layers of 4 kv heads of 8, where this "
+                                         r"one has 2 of 2 of 16"):
+        greedy_step(model, 1, 0, cache)
+    with pytest.raises(ValueError, match="another model"):
+        decode_step(model, torch.tensor([[1]]), torch.tensor([[0]]), cache)
+    with pytest.raises(ValueError, match="another model"):
+        prefill(model, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), cache, chunk=4)
+    with pytest.raises(ValueError, match=r"needs this model's cache: 2 layers of keys and values \(1, 2, 16, 16\)"):
+        model.native_decoder.step(1, 0, cache)
+    assert cache.t == 0

@@ -73,6 +73,7 @@ def prefill(
     """Write the (left-padded) prompts into `cache` in chunks; return the last position's logits.
     No autograd, as in `decode_step` (so `greedy_step`): with grad mode on, each call's cache writes
     chained onto the last, and a decoding loop kept every step's activations alive."""
+    _check_cache(model, cache)
     T = tokens_BT.shape[1]
     out: tuple[torch.Tensor, torch.Tensor | None] | None = None
     for s in range(0, T, chunk):
@@ -101,6 +102,7 @@ def greedy_step(model: Transformer, token: int, position: int, cache: KVCache) -
     ties; GenerationError when they hold NaN). What `decode_step` and an argmax do, for a decoding
     loop of its own: the native decoder finds the argmax as its threads write the logits, instead of
     Python reading them again (~45 us per token, ~2% of an int4 step)."""
+    _check_cache(model, cache)
     dec = model.native_decoder
     if dec is not None and dec.chooses(1, cache.pos_BC.device.type) and dec.accepts_cache(cache):
         logits_1V, _, top = dec.step_top(token, position, cache)
@@ -116,12 +118,22 @@ def _step_top(
     model: Transformer, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, cache: KVCache, record_experts: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
     """`decode_step`, also returning the greedy token when the native step computed it."""
+    _check_cache(model, cache)
     dec = model.native_decoder
     if dec is not None and dec.chooses(tokens_B1.numel(), tokens_B1.device.type) and dec.accepts(tokens_B1, cache):
         logits_1V, chosen_LK, top = dec.step_top(tokens_B1, positions_B1, cache)
         experts_BLK = chosen_LK.long()[None] if record_experts and model.config.moe is not None else None
         return logits_1V, experts_BLK, top
     return (*_forward(model, tokens_B1, positions_B1, cache, record_experts), None)
+
+
+def _check_cache(model: Transformer, cache: KVCache) -> None:
+    """ValueError unless `cache` holds this model's keys and values (layers, kv heads, head dim):
+    a step over another model's cache failed deep in attention, or, natively, wrote past its buffers."""
+    c, m = cache.config, model.config
+    if (c.n_layers, c.n_kv_heads, c.head_dim) != (m.n_layers, m.n_kv_heads, m.head_dim):
+        raise ValueError(f"the cache was made for another model: {c.n_layers} layers of {c.n_kv_heads} kv heads of "
+                         f"{c.head_dim}, where this one has {m.n_layers} of {m.n_kv_heads} of {m.head_dim}")
 
 
 def _check_prompts(

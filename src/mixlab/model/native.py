@@ -297,6 +297,12 @@ class NativeDecoder:
         key = (pos_BC.data_ptr(), *map(torch.Tensor.data_ptr, k), *map(torch.Tensor.data_ptr, v))
         if key == self._bound:
             return
+        _, _, G, Hd, _, _, L = self._dims
+        want = (1, G, pos_BC.shape[1], Hd)  # C writes and reads these: another model's cache would overflow
+        if len(k) != L or len(v) != L or any(tuple(t.shape) != want for t in (*k, *v)):
+            got = f"{len(k)} of {tuple(k[0].shape)}" if k else "none"
+            raise ValueError(f"a native step needs this model's cache: {L} layers of keys and values {want}, not "
+                             f"{got} (a cache made for another model?)")
         for i, layer in enumerate(self.layers):
             layer.k_cache, layer.v_cache = k[i].data_ptr(), v[i].data_ptr()
         self.c_model.ct = native.TYPE_CODES[k[0].dtype]
@@ -373,9 +379,10 @@ class NativeDecoder:
         if T < 1 or len(positions) != T or len(seqs) != T:
             raise ValueError(f"decode_batch needs T >= 1 tokens, positions and slots, not {T}, {len(positions)}, "
                              f"{len(seqs)}")
-        if len(k) != L or len(v) != L or any(t.shape[0] != S or t.shape[2] != C or not t.is_contiguous()
-                                               for t in (*k, *v)):
-            raise ValueError(f"decode_batch needs {L} contiguous cache buffers per side of shape [S={S}, G, C={C}, Hd]")
+        _, _, G, Hd, _, _, _ = self._dims
+        if len(k) != L or len(v) != L or any(t.shape != (S, G, C, Hd) or not t.is_contiguous() for t in (*k, *v)):
+            raise ValueError(f"decode_batch needs {L} contiguous cache buffers per side of shape [S={S}, G={G}, C={C}, "
+                             f"Hd={Hd}]")
         if pos_SC.dtype != torch.int64 or not pos_SC.is_contiguous():
             raise ValueError("decode_batch needs a contiguous int64 position table pos_SC")
         if min(seqs) < 0 or max(seqs) >= S:
