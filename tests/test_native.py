@@ -637,3 +637,24 @@ def test_a_cache_made_for_another_model_is_refused():
     with pytest.raises(ValueError, match=r"needs this model's cache: 2 layers of keys and values \(1, 2, 16, 16\)"):
         model.native_decoder.step(1, 0, cache)
     assert cache.t == 0
+
+
+def test_the_kernel_operators_refuse_shapes_that_disagree():
+    """torch.ops.mixlab.linear / moe with activations wider than the weights' rows read past the
+    weights and returned numbers (F.linear raises); now a ValueError naming both."""
+    x, w = torch.randn(2, 64), torch.randn(8, 32)
+    with pytest.raises(ValueError, match=r"linear: weights \(8, 32\) \(32 inputs per row\) do not take activations "
+                                         r"of width 64"):
+        torch.ops.mixlab.linear(x, w)
+    q, s = quantize_int8(w)
+    with pytest.raises(ValueError, match=r"with scales \(7,\)"):
+        torch.ops.mixlab.linear(x[:, :32], q, s[:7])
+    w13, w2 = torch.randn(4, 32, 32), torch.randn(4, 32, 16)
+    idx, weight = torch.tensor([[0, 1]] * 3), torch.full((3, 2), 0.5)
+    with pytest.raises(ValueError, match=r"moe w13: weights \(4, 32, 32\)"):
+        torch.ops.mixlab.moe(torch.randn(3, 64), w13, w2, idx, weight)
+    with pytest.raises(ValueError, match=r"moe w2: weights \(4, 32, 8\)"):
+        torch.ops.mixlab.moe(torch.randn(3, 32), w13, w2[..., :8], idx, weight)
+    with pytest.raises(ValueError, match=r"idx and weight \[T=3, K\]"):
+        torch.ops.mixlab.moe(torch.randn(3, 32), w13, w2, idx[:2], weight[:2])
+    assert torch.ops.mixlab.moe(torch.randn(3, 32), w13, w2, idx, weight).shape == (3, 32)

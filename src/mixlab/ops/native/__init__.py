@@ -401,14 +401,26 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check_weight(what: str, w: torch.Tensor, scale: torch.Tensor | None, D: int) -> None:
+    """ValueError unless weight `w` (`[..., X, D]`, int4 `[..., X, D / 2]`) and its scales (int8
+    `[..., X]`, int4 `[..., X, groups]`) take activations of width D: C reads them with these shapes."""
+    if (w.dtype in (torch.int8, torch.uint8)) != (scale is not None):
+        raise ValueError(f"{what}: int8 / int4 weights need scales, and only they take them")
+    width = w.shape[-1] * (2 if w.dtype == torch.uint8 else 1)
+    rows = None if scale is None else scale.shape[:-1] if w.dtype == torch.uint8 else scale.shape
+    if width != D or (rows is not None and rows != w.shape[:-1]):
+        scales = "" if scale is None else f" with scales {tuple(scale.shape)}"
+        raise ValueError(f"{what}: weights {tuple(w.shape)} ({width} inputs per row){scales} do not take "
+                         f"activations of width {D}")
+
+
 def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = None, *,
          act8: bool = False) -> torch.Tensor:
     """y = w @ x with the native kernel (float32 out): float32, bf16, int8 (+ float32 row scales) or
     int4 (uint8 + float16 group scales; `act8`: x rounded to int8 per block of 32) weights."""
     lib = _need()
     X, D = w_XD.shape
-    if (w_XD.dtype in (torch.int8, torch.uint8)) != (scale_X is not None):
-        raise ValueError("int8 / int4 weights need scales, and only they take them")
+    _check_weight("gemv", w_XD, scale_X, x_D.numel())
     w_XD = w_XD.contiguous()
     x = x_D.float().contiguous()
     xb = torch.empty(D, dtype=torch.int16)
@@ -439,6 +451,7 @@ def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None 
     The kernel itself; callers use the operator `torch.ops.mixlab.linear` (`ops.py`)."""
     lib = _need()
     lead, X, D = x_ND.shape[:-1], w_XD.shape[0], x_ND.shape[-1]
+    _check_weight("linear", w_XD, scale_X, D)
     x = x_ND.reshape(-1, D).float().contiguous()
     w = w_XD.contiguous()
     M = x.shape[0]
@@ -513,6 +526,11 @@ def moe(
     F = F2 // 2
     if E > MAX_EXPERTS:
         raise ValueError(f"native MoE supports up to {MAX_EXPERTS} experts, not {E}")
+    _check_weight("moe w13", w13_E2FD, w13_scale_E2F, D)
+    _check_weight("moe w2", w2_EDF, w2_scale_ED, F)
+    if w2_EDF.shape[:2] != (E, D) or idx_TK.shape != weight_TK.shape or idx_TK.shape[0] != T:
+        raise ValueError(f"native MoE: w2 {tuple(w2_EDF.shape)} must be [E={E}, D={D}, F], idx and weight [T={T}, K], "
+                         f"not {tuple(idx_TK.shape)} and {tuple(weight_TK.shape)}")
     N = T * K
     x = x_TD.float().contiguous()
     idx = idx_TK.to(torch.int64).contiguous()
