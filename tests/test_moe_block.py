@@ -163,3 +163,17 @@ def test_a_freshly_built_model_is_initialised_like_pytorch_modules() -> None:
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]]))).all()
     with torch.device("meta"):  # the meta device stays free of work
         assert Transformer(get_preset("mixtral-8x7b")).layers[0].ffn.experts.w13.is_meta
+
+
+def test_tied_router_logits_go_to_the_lowest_experts_as_in_the_native_router():
+    """A router of equal rows (an upcycled model's `--router-init zeros`, its experts made distinct by
+    `--noise`) ties every logit. torch.topk broke the ties its own way (experts 2 and 3 of 4), the
+    native kernels' router takes the lowest indices: a native decoding step and the full forward pass
+    disagreed by ~1 in the logits. Both take experts 0..k-1 now, with the rest in order."""
+    from mixlab.model.moe import route
+
+    idx, weight = route(torch.zeros(5, 4), 2)
+    assert idx.tolist() == [[0, 1]] * 5 and torch.equal(weight, torch.full((5, 2), 0.5))
+    logits = torch.tensor([[0.5, 2.0, 0.5, 2.0, 1.0, 2.0]])
+    assert route(logits, 4)[0].tolist() == [[1, 3, 5, 4]]
+    assert route(logits, 4)[0].is_contiguous()

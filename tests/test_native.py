@@ -658,3 +658,15 @@ def test_the_kernel_operators_refuse_shapes_that_disagree():
     with pytest.raises(ValueError, match=r"idx and weight \[T=3, K\]"):
         torch.ops.mixlab.moe(torch.randn(3, 32), w13, w2, idx[:2], weight[:2])
     assert torch.ops.mixlab.moe(torch.randn(3, 32), w13, w2, idx, weight).shape == (3, 32)
+
+
+def test_native_decoding_of_a_router_of_tied_logits_equals_full_recompute():
+    """Zero router rows (upcycling's --router-init zeros) tie every logit: the native router and the
+    forward pass take the same experts (the lowest indices), so the logits agree."""
+    model = _model()
+    with torch.no_grad():
+        for block in model.layers:
+            block.ffn.gate.weight.zero_()
+    prepare_for_inference(model)
+    tokens = torch.randint(0, 256, (16,))
+    torch.testing.assert_close(_native_decode(model, tokens, 5), _recompute(model, tokens, 5), atol=1e-5, rtol=1e-5)

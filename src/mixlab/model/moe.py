@@ -51,8 +51,14 @@ def route(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tens
 
     This equals transformers' softmax -> top-k -> renormalise, since softmax is monotone and
     renormalising the k largest probabilities cancels the full partition function.
+
+    Tied logits go to the lowest expert index, as in the native kernels' router (decode.c `route`):
+    `torch.topk` breaks ties as its kernel happens to (experts 2 and 3 of 4 equal logits), so a
+    router of equal rows (an upcycled model's `--router-init zeros`) chose other experts in every
+    path. A stable sort of E values per token costs no more than topk.
     """
-    top_TK, idx_TK = torch.topk(logits_TE, top_k, dim=-1)
+    sorted_TE, order_TE = torch.sort(logits_TE, dim=-1, descending=True, stable=True)
+    top_TK, idx_TK = sorted_TE[..., :top_k].contiguous(), order_TE[..., :top_k].contiguous()
     return idx_TK, torch.softmax(top_TK, dim=-1)
 
 
