@@ -34,6 +34,31 @@ def test_demo_short_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     assert "layer 3" in text and "What is 23 + 45?" in text
     assert len(res["samples"]) == 4
     assert json.loads((tmp_path / "demo" / "run" / "hf" / "config.json").read_text())["num_local_experts"] == 8
+    for png in ("loss.png", "routing.png"):  # what people would rather see than read
+        assert (tmp_path / "demo" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "routing.png (experts per domain and layer)" in text
+
+
+def test_demo_out_runs_again_and_leaves_other_folders_alone(tmp_path: Path) -> None:
+    from mixlab.train.demo import DEMO_MARK, _claim
+
+    out = tmp_path / "demo"
+    _claim(out)
+    (out / "run").mkdir()
+    (out / "loss.png").write_bytes(b"old")
+    _claim(out)  # an earlier demo's output: replaced, so that the same command runs again
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_MARK]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
+        _claim(mine)
+    (mine / DEMO_MARK).write_text("{}")
+    with pytest.raises(ValueError, match="notes.txt"):
+        _claim(mine)
+    assert (mine / "notes.txt").read_text() == "keep"
+    with pytest.raises(ValueError, match="is a file"):
+        _claim(mine / "notes.txt")
 
 
 def test_demo_on_a_corpus_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

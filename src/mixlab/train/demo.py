@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import os
 import random
+import shutil
 import sysconfig
 import tempfile
 import time
@@ -122,6 +124,8 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
     Returns {"eval": per-domain validation results, "samples": {prompt: text}, "steps": n}."""
     t_start = time.perf_counter()
     say = (lambda *_a: None) if quiet else print
+    if out:
+        _claim(Path(out))  # before any work: an --out holding other files is refused
     tmp = tempfile.TemporaryDirectory(prefix="mixlab-demo-")
     work = Path(out) if out else Path(tmp.name)
     threads, was_threads = _threads(), torch.get_num_threads()
@@ -170,12 +174,72 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
         if ev["load"]:
             say("\nrouting: share of each domain's expert choices (%) per layer, on validation text")
             say(routing_table(ev["load"]))
+        if out:
+            say(_plots(work, ev["load"], title=f"mixlab demo: tiny MoE, {result.step} steps"))
         say(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes"
             + (f"; model saved to {work / 'run' / 'hf'}" if out else ""))
         return {"eval": ev, "samples": samples, "steps": result.step}
     finally:
         torch.set_num_threads(was_threads)
         tmp.cleanup()
+
+
+DEMO_MARK = "mixlab_demo.json"  # what an --out folder the demo wrote holds: a rerun may replace it
+DEMO_FILES = {DEMO_MARK, "data", "run", "loss.png", "routing.png"}
+
+
+def _claim(out: Path) -> None:
+    """Make `out` the demo's: new, empty, or an earlier demo's output (replaced, so that the same
+    command runs again); a folder holding anything else is refused, untouched."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the demo's run, data and plots")
+    if out.is_dir() and any(out.iterdir()):
+        held = {p.name for p in out.iterdir()}
+        if DEMO_MARK not in held or not held <= DEMO_FILES:
+            other = ", ".join(sorted(held - DEMO_FILES)) or f"no {DEMO_MARK}"
+            raise ValueError(f"--out {out} holds other files ({other}); give a new or empty folder, or one an "
+                             "earlier demo wrote")
+        for name in held:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text(json.dumps({"written_by": "mixlab demo"}) + "\n", encoding="utf-8")
+
+
+def _plots(work: Path, load: dict[str, list[list[float]]], *, title: str) -> str:
+    """loss.png (training and validation loss) and routing.png (each domain's expert shares per
+    layer) in `work`, with matplotlib (the `plot` extra); the line to print."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "\n(no plots: pip install 'mixlab[plot]' for loss.png and routing.png)"
+    from mixlab.atomic import atomic_file
+    from mixlab.train.plot import plot_loss_curve
+
+    plot_loss_curve(work / "run", work / "loss.png", title=title)
+    if not load:
+        return f"\nloss curve: {work / 'loss.png'}"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = sorted(load)
+    n_layers, E = len(load[domains[0]]), len(load[domains[0]][0])
+    fig, axes = plt.subplots(1, n_layers, figsize=(2.2 * n_layers + 1.5, 0.45 * len(domains) + 1.8),
+                             sharey=True, squeeze=False, layout="constrained")
+    for li, ax in enumerate(axes[0]):
+        shares = [[100 * load[d][li][e] for e in range(E)] for d in domains]
+        im = ax.imshow(shares, cmap="viridis", vmin=0, vmax=100 / E * 3, aspect="auto")
+        ax.set_title(f"layer {li}", fontsize=9)
+        ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+    axes[0][0].set_yticks(range(len(domains)), domains, fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="% of the domain's choices")
+    fig.suptitle("which experts each kind of text uses (validation text; uniform = "
+                 f"{100 / E:.1f}%)", fontsize=10)
+    with atomic_file(work / "routing.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return f"\nplots: {work / 'loss.png'} (loss), {work / 'routing.png'} (experts per domain and layer)"
 
 
 def _threads() -> int:
