@@ -174,8 +174,11 @@ def test_mixlab_warnings_print_as_one_line(capsys: pytest.CaptureFixture[str]) -
         warnings.warn_explicit("3 of 9 conversations are cut", UserWarning,
                                filename=os.path.join(os.sep, "x", "mixlab", "train", "finetune.py"), lineno=1)
         warnings.warn_explicit("other", UserWarning, filename=os.path.join(os.sep, "x", "torch", "nn.py"), lineno=7)
+        warnings.warn_explicit("mixlab: native kernels unavailable", UserWarning,  # its own prefix: once
+                               filename=os.path.join(os.sep, "x", "mixlab", "ops", "native.py"), lineno=2)
     err = capsys.readouterr().err
     assert err.startswith("mixlab sft: warning: 3 of 9 conversations are cut\n")
+    assert "\nmixlab sft: warning: native kernels unavailable\n" in err
     assert err.count("conversations are cut") == 1 and "other" not in err
     assert [str(w.message) for w in others] == ["other"]  # passed on to the previous handler
 

@@ -253,3 +253,16 @@ def test_a_library_in_a_read_only_cache_is_used(tmp_path, monkeypatch, with_comp
         monkeypatch.setenv("CC", "")
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert native.build() == path
+
+
+def test_switches_from_the_environment_take_the_usual_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MIXLAB_NATIVE and MIXLAB_CUDA_GRAPHS (the engine's) read the same way: 0/false/no/off are off."""
+    from mixlab.ops.native import env_on
+
+    monkeypatch.delenv("MIXLAB_CUDA_GRAPHS", raising=False)
+    assert env_on("MIXLAB_CUDA_GRAPHS")
+    for off in ("0", "false", "No", " OFF "):
+        monkeypatch.setenv("MIXLAB_CUDA_GRAPHS", off)
+        assert not env_on("MIXLAB_CUDA_GRAPHS"), off
+    monkeypatch.setenv("MIXLAB_CUDA_GRAPHS", "1")
+    assert env_on("MIXLAB_CUDA_GRAPHS")

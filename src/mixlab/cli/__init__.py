@@ -59,7 +59,8 @@ def _warnings_as_lines(command: str) -> None:
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:
         if f"{os.sep}mixlab{os.sep}" in filename:
-            print(f"mixlab {command}: warning: {message}", file=sys.stderr if file is None else file)
+            text = str(message).removeprefix("mixlab: ")  # the line already begins with the command
+            print(f"mixlab {command}: warning: {text}", file=sys.stderr if file is None else file)
         else:
             shown(message, category, filename, lineno, file, line)
 

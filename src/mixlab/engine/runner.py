@@ -32,7 +32,6 @@ Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts pe
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -48,6 +47,7 @@ from mixlab.engine.sampling import row_argmax
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
 from mixlab.model.native import NativeDecoder, shared_decoder
 from mixlab.model.transformer import Block, Transformer
+from mixlab.ops import native as native_lib
 from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
 from mixlab.ops.linear import linear
@@ -180,7 +180,7 @@ class Runner:
         self._native: NativeDecoder | None = None
         self._native_stale = True  # look the decoder up again before the next native step
         self.graphed: GraphedDecode | None = None
-        if self.device.type == "cuda" and os.environ.get("MIXLAB_CUDA_GRAPHS", "1") != "0":
+        if self.device.type == "cuda" and native_lib.env_on("MIXLAB_CUDA_GRAPHS"):
             self.graphed = GraphedDecode(self)
 
     # ---- slots ----

@@ -156,9 +156,14 @@ _simd = 0  # SIMD bits usable here: compiled into the library and present on thi
 _failed: str | None = None  # why the last load failed (warned once)
 
 
+def env_on(name: str) -> bool:
+    """A switch from the environment, on by default: False when `name` is 0, false, no or off (any case)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
     """False when `MIXLAB_NATIVE` is 0, false, no or off (any case)."""
-    return os.environ.get("MIXLAB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_on("MIXLAB_NATIVE")
 
 
 def _cpu_id() -> str:
