@@ -133,3 +133,18 @@ def test_a_sliding_window_left_out_is_a_warning(tmp_path):
     model.config = model.config.replace(sliding_window=32)  # in a 512-token context
     with pytest.warns(UserWarning, match=r"m.gguf: the model's sliding window \(32 tokens\) is not written"):
         write_gguf(model, tmp_path / "m.gguf", quant="f32")
+
+
+def test_rows_that_blocks_do_not_fit_are_f16_and_said(tmp_path):
+    """q8_0 / q4_0 blocks hold 32 inputs: a matrix with 40 per row is stored as f16, as llama.cpp's
+    quantiser does, and a warning says so (it was silent); the file still reads back."""
+    import gguf
+
+    cfg = get_preset("tiny-dense").replace(vocab_size=32000, sliding_window=None, ffn_dim=40)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    with pytest.warns(UserWarning, match=r"matrices have rows that are not a multiple of 32 \(.*: 40 inputs\), "
+                                         r"which q8_0 blocks need: they are stored as f16"):
+        path = write_gguf(model, tmp_path / "m.gguf", quant="q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"

@@ -222,14 +222,19 @@ def write_gguf(
 
     # Tensor infos first (sizes are known without converting anything), then the data, streamed.
     plan: list[tuple[str, torch.Tensor, object]] = []
+    unblocked: list[tuple[str, int]] = []
     for tname, t, quantisable in _tensors(model, config):
         tq = qtype if quantisable and t.ndim >= 2 else Q.F32
         if tq in (Q.Q8_0, Q.Q4_0) and t.shape[-1] % 32:
             tq = Q.F16
+            unblocked.append((tname, t.shape[-1]))
         block, type_size = gguf.GGML_QUANT_SIZES[tq]
         nbytes = t.numel() // block * type_size
         w.add_tensor_info(tname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=tq)
         plan.append((tname, t, tq))
+    if unblocked:  # as llama.cpp's quantiser does, but said
+        warnings.warn(f"{len(unblocked)} matrices have rows that are not a multiple of 32 ({unblocked[0][0]}: "
+                      f"{unblocked[0][1]} inputs), which {quant} blocks need: they are stored as f16", stacklevel=2)
 
     with atomic_file(dst, sources=sources or [], overwrite=overwrite, magic=b"GGUF") as tmp:
         try:
