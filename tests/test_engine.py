@@ -592,6 +592,25 @@ def test_a_waiting_request_whose_source_is_cancelled_prefills_itself(tiny):
     assert [x.token_id for x in out if x.token_id is not None] == _reference(tiny, system + [5], 4)[0]
 
 
+def test_a_request_whose_prefix_copy_fails_ends_with_error_and_frees_its_slot(tiny, monkeypatch):
+    # The copy ran after the slot was allocated but before the request was running: a failing copy
+    # (a device error) ended the request with "error" and its slot was never freed.
+    system = _prompts((40,), seed=11)[0]
+    eng = Engine(tiny, max_batch=2, prefill_chunk=8)
+    first = eng.submit(system, SamplingParams(max_tokens=3, ignore_eos=True))
+
+    def failing(*a):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(eng.runner, "copy_prefix", failing)
+    second = eng.submit(system + [5], SamplingParams(max_tokens=3, ignore_eos=True))
+    eng.run_until_idle()
+    assert [(o.finish_reason, o.error) for o in second.poll()] == [("error", "RuntimeError: copy failed")]
+    assert [o.token_id for o in first.poll()] == _reference(tiny, system, 3)[0]
+    st = eng.stats()
+    assert st["running"] == st["waiting"] == st["cache_used_bytes"] == 0 and not eng.has_work()
+
+
 @pytest.mark.parametrize("model_name", ["tiny", "windowed"])
 def test_many_requests_under_load_equal_single_runs_and_free_everything(model_name, request):
     """Requests of mixed lengths (some filling the context, some sharing a long prefix or the same

@@ -410,10 +410,10 @@ class Engine:
                 with self._lock:
                     self._waiting.popleft()
                 seq.slot, seq.n_cached = alloc
+                self._running.append(seq)  # from here on, finishing it frees its slot
                 if source is not None and now > seq.n_cached:  # a running sequence holds more of the prompt
                     self.runner.copy_prefix(source.slot, seq.slot, now)
                     seq.n_cached = now
-                self._running.append(seq)  # from here on, finishing it frees its slot
                 self._setup(seq)
             except Exception as e:  # noqa: BLE001 (out of memory, say: this request fails, not the engine)
                 with self._lock:
