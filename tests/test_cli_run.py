@@ -56,12 +56,12 @@ def test_stop_strings_end_the_printed_text_before_them(tiny_dir, capsys, monkeyp
                         real(model, prompts, **kw))
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n/exit\n"))
     assert main(["chat", *args]) == 0
-    reply = capsys.readouterr().out.split("\n")[0].removeprefix("> ")
+    reply = capsys.readouterr().out.split("\n")[0]
     stop = reply[3:5]
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n/exit\n"))
     assert main(["chat", *args, "--stop", stop]) == 0
     kept = reply[: reply.index(stop)]
-    assert capsys.readouterr().out.split("\n")[0] == "> " + kept
+    assert capsys.readouterr().out.split("\n")[0] == kept  # piped input: no "> " prompt
     tok = load_tokenizer()
     assert seen[-1] == tok.encode_chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": kept},
                                         {"role": "user", "content": "Again"}])
@@ -236,3 +236,11 @@ def test_version_prints_the_package_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out == f"mixlab {mixlab.__version__}\n"
+
+
+def test_chat_with_piped_input_prints_only_the_replies(tiny_dir, capsys, monkeypatch):
+    """`printf 'a\\nb\\n' | mixlab chat > replies.txt` held '> ' prompts and a last empty line ('> \\n')."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "6", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 and not out.startswith(">") and "\n>" not in out

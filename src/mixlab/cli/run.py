@@ -183,11 +183,14 @@ def chat(args: argparse.Namespace) -> int:
     replies = 0
     if hasattr(sys.stdin, "reconfigure"):  # a bad byte reaches encode (one clear error), not input()
         sys.stdin.reconfigure(errors="surrogateescape")
+    # With piped input (a batch of messages) stdout holds only the replies, one per line.
+    prompt = "> " if sys.stdin.isatty() else ""
     while True:
         try:
-            line = input("> ").strip()
+            line = input(prompt).strip()
         except EOFError:
-            print()
+            if prompt:
+                print()
             print_stats(args, model)
             return 0
         except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line (as in a shell)
