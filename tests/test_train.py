@@ -530,3 +530,22 @@ def test_an_export_folder_holding_other_files_is_refused_before_training(dataset
         train(_cfg(dataset, tmp_path / "run", export_hf=True))
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert (tmp_path / "run" / "hf" / "notes.txt").read_text() == "mine"
+
+
+def test_progress_in_a_log_file_is_a_line_per_record(dataset: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """With stderr not a terminal (`mixlab train ... 2> log`), tqdm redrew its bar into the file at every
+    step and data prepare left a bar per domain and split; now the log gets one line per metrics record."""
+    from mixlab.cli import main
+
+    src = tmp_path / "src" / "prose"
+    src.mkdir(parents=True)
+    (src / "train.jsonl").write_text(json.dumps({"text": "The cat sat on the mat. " * 20}) + "\n")
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", str(tmp_path / "ds")]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--steps", "4", "--log-every", "2",
+                 "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--set", "dim=32",
+                 "--set", "n_layers=1"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "step/s" not in err
+    assert [ln.split(":")[0] for ln in err.splitlines()] == ["step 2/4", "step 4/4"]

@@ -313,7 +313,8 @@ def collect_routing(
             rows: list[list[int]] = []
             wanted: list[tuple[int, str, list[int]]] = []  # (row in batch, source, ids) to keep as samples
             n_docs, budget = 0, max_tokens
-            with tqdm(total=max_tokens, desc=f"routing {domain}", unit="tok", disable=not progress, leave=False) as bar:
+            with tqdm(total=max_tokens, desc=f"routing {domain}", unit="tok", disable=None if progress else True,
+                      leave=False) as bar:  # disable=None: drawn on a terminal only, not into a log file
                 for source, text in iter_documents(folder, split=split):
                     if budget <= 0:
                         break

@@ -43,7 +43,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.context > model.config.max_seq_len:
         print(f"note: --context {args.context} is past the model's {model.config.max_seq_len} positions; "
               f"scoring windows of {model.config.max_seq_len}", file=sys.stderr)
-    with tqdm(desc="eval", unit="tok", disable=args.quiet, file=sys.stderr) as bar:
+    with tqdm(desc="eval", unit="tok", disable=True if args.quiet else None, file=sys.stderr) as bar:
         report = evaluate_texts(model, lambda s: tok.encode(s, bos=False), docs, prefix=tok.bos_id,
                                 context=min(args.context, model.config.max_seq_len), stride=args.stride,
                                 batch_size=args.batch_size, progress=bar.update)

@@ -110,7 +110,7 @@ def prepare(
                 if progress:
                     from tqdm import tqdm
 
-                    it = tqdm(chosen, desc=f"{split}/{domain}", unit="doc", leave=False)
+                    it = tqdm(chosen, desc=f"{split}/{domain}", unit="doc", leave=False, disable=None)  # terminal only
                 for d in it:
                     if isinstance(tok, ByteTokenizer):
                         a = tok.encode_array(d.text, bos=True, eos=True)

@@ -50,7 +50,7 @@ from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
-from mixlab.train.loop import _Metrics, check_export_folder, keep_freed_memory
+from mixlab.train.loop import _Metrics, check_export_folder, keep_freed_memory, show_step
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import IGNORE, lm_loss, router_losses
 from mixlab.train.settings import (
@@ -512,7 +512,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     if cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     if step == 0 and cfg.eval_every > 0 and valid_items:
@@ -574,9 +574,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 metrics.write(rec)
             if bar is not None:
                 extra = f" acc {rec['rewards/accuracies']:.2f}" if "rewards/accuracies" in rec else ""
-                bar.set_postfix_str(f"loss {rec['loss']:.4f}{extra} aux {rec['aux_loss']:.3f} "
-                                    f"tok/s {rec['tokens_per_s']:,.0f}", refresh=False)
-                bar.update(1)
+                show_step(bar, step, cfg.steps, step % cfg.log_every == 0 or step == last_stop,
+                          f"loss {rec['loss']:.4f}{extra} aux {rec['aux_loss']:.3f} tok/s {rec['tokens_per_s']:,.0f}")
             if on_step is not None and on_step(rec):
                 requested_stop = True
             if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps) and valid_items:

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -479,7 +480,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     if cfg.progress and main:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
@@ -550,9 +551,9 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
             if bar is not None:
                 # Per-layer load as E * max_e f_e: 1.00 is perfectly balanced, E is total collapse.
                 imb = " ".join(f"{E * float(row.max()):.2f}" for row in load) if E else "-"
-                bar.set_postfix_str(f"loss {rec['loss']:.3f} aux {rec['aux_loss']:.3f} "
-                                    f"tok/s {rec['tokens_per_s']:,.0f} load/layer {imb}", refresh=False)
-                bar.update(1)
+                show_step(bar, step, cfg.steps, step % cfg.log_every == 0 or step == last_stop,
+                          f"loss {rec['loss']:.3f} aux {rec['aux_loss']:.3f} tok/s {rec['tokens_per_s']:,.0f} "
+                          f"load/layer {imb}")
             if on_step is not None and on_step(rec):
                 requested_stop = True
             if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -588,6 +589,16 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     stopped_by = stop[0] if stop and step < cfg.steps else None
     return TrainResult(step=step, history=history, evals=evals, stopped_by=stopped_by,
                        model=model, out=out)
+
+
+def show_step(bar: Any, step: int, steps: int, logged: bool, text: str) -> None:
+    """A finished step on the progress bar. Where stderr is not a terminal (a log file, a pipe), tqdm
+    (disable=None) draws nothing: a line per metrics record instead of a bar redrawn at every step."""
+    if not bar.disable:
+        bar.set_postfix_str(text, refresh=False)
+        bar.update(1)
+    elif logged:
+        print(f"step {step}/{steps}: {text}", file=sys.stderr, flush=True)
 
 
 def export(model: Transformer, path: Path, dataset: TokenDataset) -> None:
