@@ -445,7 +445,8 @@ def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.C
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "no text field"}\n')
     assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "ds")]) == 2
-    assert "bad.jsonl:1: expected a JSON object with a 'text' field" in capsys.readouterr().err
+    assert "mixlab data prepare: error: " in (err := capsys.readouterr().err)  # not 'mixlab data'
+    assert "bad.jsonl:1: expected a JSON object with a 'text' field" in err
     assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--resume"]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
 

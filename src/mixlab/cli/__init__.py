@@ -71,7 +71,8 @@ def _warnings_as_lines(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _warnings_as_lines(args.command)
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # data prepare
+    _warnings_as_lines(command)
     rank = _rank()
     try:
         return int(args.func(args) or 0)
@@ -82,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank:
             time.sleep(PEER_GRACE_S)
         where = f"rank {rank}: " if rank else ""
-        print(f"mixlab {args.command}: error: {where}{e}", file=sys.stderr)
+        print(f"mixlab {command}: error: {where}{e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if rank is None or not _lost_peer(e):
             raise
         cause = next((ln.split("] ", 1)[-1] for ln in str(e).splitlines() if ln.strip()), "")
-        print(f"mixlab {args.command}: error: rank {rank}: another process of the run failed or was stopped "
+        print(f"mixlab {command}: error: rank {rank}: another process of the run failed or was stopped "
               f"(see its message; {cause.split('. ')[0][:200]})", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `mixlab info ... | head`: the reader has gone; nothing to tell it
@@ -96,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # a shell's code for a process ended by SIGPIPE
     except OSError as e:  # a missing file, no permission, a full disk (ENOSPC), ...: name the file
         where = f"{e.filename}: " if e.filename else ""
-        print(f"mixlab {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"mixlab {command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mixlab {args.command}: interrupted", file=sys.stderr)
+        print(f"mixlab {command}: interrupted", file=sys.stderr)
         return 130
 
 
