@@ -380,6 +380,22 @@ def test_cli_info_prints_exact_counts(capsys):
     assert "no-such-model" in capsys.readouterr().err
 
 
+def test_cli_info_json_is_the_same_facts_for_scripts(tmp_path, capsys):
+    """`mixlab info X --json | jq` had no --json (plan had one): scripts parsed the table."""
+    import json
+
+    src = hf_mixtral(tmp_path / "hf")
+    cfg = load_model(src).config
+    assert main(["info", str(src), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["parameters"] == cfg.param_counts() and got["config"]["moe"]["top_k"] == cfg.moe.top_k
+    assert got["kv_cache_bytes_per_token"]["bf16"] == cfg.kv_cache_bytes_per_token(2)
+    assert got["stored"].startswith("hf format")
+    assert main(["info", "mixtral-8x7b", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["parameters"]["active"] == 12_879_925_248 and got["stored"] is None
+
+
 def test_cli_info_on_a_checkpoint_reads_no_tensor_data(tmp_path, capsys, monkeypatch):
     src = hf_mixtral(tmp_path / "hf")
     cfg = load_model(src).config

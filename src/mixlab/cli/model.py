@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 import tempfile
@@ -55,6 +57,11 @@ def info(args: argparse.Namespace) -> int:
 
         stored = describe_gguf(args.model)
     counts = cfg.param_counts()
+    if args.json:  # the same facts for scripts (`mixlab info DIR --json | jq .parameters.active`)
+        print(json.dumps({"model": name, "config": dataclasses.asdict(cfg), "parameters": counts,
+                          "kv_cache_bytes_per_token": {"bf16": cfg.kv_cache_bytes_per_token(2)},
+                          "stored": stored}, indent=1))
+        return 0
     kind = f"MoE, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}" if cfg.moe else "dense"
     window = f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""
     print(f"{name}: {kind}; {cfg.n_layers} layers, width {cfg.dim}, FFN {cfg.ffn_dim}, "
@@ -142,6 +149,8 @@ def convert(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, memory and KV-cache sizes of a preset or checkpoint")
     p.add_argument("model", help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON (the config, parameter counts, "
+                   "KV-cache bytes, what a checkpoint stores)")
     p.set_defaults(func=info)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (atomic write)")
     p.add_argument("src", help="checkpoint folder (transformers or Mistral format) or a GGUF file (quantised "
