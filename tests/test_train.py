@@ -550,3 +550,20 @@ def test_progress_in_a_log_file_is_a_line_per_record(dataset: Path, tmp_path: Pa
     err = capsys.readouterr().err
     assert "\r" not in err and "step/s" not in err
     assert [ln.split(":")[0] for ln in err.splitlines()] == ["step 2/4", "step 4/4"]
+
+
+def test_a_config_files_home_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TOML `out = "~/runs/a"` (no shell expands it) wrote the run to ./~/runs/a in the working folder."""
+    from mixlab.train.finetune import load_finetune_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    conf = tmp_path / "run.toml"
+    conf.write_text('data = "~/ds"\nout = "~/runs/a"\ninit_from = "~/ckpt"\nmodel = "tiny-moe"\n')
+    cfg = load_train_config(conf)
+    assert (cfg.data, cfg.out, cfg.init_from) == (str(tmp_path / "ds"), str(tmp_path / "runs/a"),
+                                                  str(tmp_path / "ckpt"))
+    assert cfg.model == "tiny-moe"
+    conf.write_text('model = "~/ckpt"\ndata = "~/chats.jsonl"\nvalid_data = "~/v.jsonl"\ntokenizer = "mixtral"\n')
+    ft = load_finetune_config(conf)
+    assert (ft.model, ft.data, ft.valid_data, ft.tokenizer) == (
+        str(tmp_path / "ckpt"), str(tmp_path / "chats.jsonl"), str(tmp_path / "v.jsonl"), "mixtral")

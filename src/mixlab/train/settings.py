@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError
 
 T = TypeVar("T")
+PATHS = ("data", "valid_data", "out", "model", "init_from", "tokenizer")  # the settings that may name a file
 
 
 @dataclass
@@ -98,6 +100,9 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ConfigError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    for k in PATHS:  # a file's `out = "~/runs/a"` (no shell expands it) is in the home folder, not ./~/runs/a
+        if isinstance(d.get(k), str):
+            d[k] = os.path.expanduser(d[k])
     return cls(**d)
 
 
