@@ -545,11 +545,13 @@ def test_progress_in_a_log_file_is_a_line_per_record(dataset: Path, tmp_path: Pa
     assert main(["data", "prepare", str(tmp_path / "src"), "--out", str(tmp_path / "ds")]) == 0
     assert capsys.readouterr().err == ""
     assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--steps", "4", "--log-every", "2",
-                 "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--set", "dim=32",
+                 "--seq-len", "16", "--batch-size", "2", "--eval-every", "4", "--set", "dim=32",
                  "--set", "n_layers=1"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "\r" not in err and "step/s" not in err
-    assert [ln.split(":")[0] for ln in err.splitlines()] == ["step 2/4", "step 4/4"]
+    # the evaluation during the run is progress too (it was on stdout, between the results)
+    assert [ln.split(":")[0] for ln in err.splitlines()] == ["step 2/4", "step 4/4", "step 4"]
+    assert out.splitlines()[-1] == f"run folder: {tmp_path / 'r'}"
 
 
 def test_a_config_files_home_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -583,7 +584,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 metrics.write(ev)
                 evals.append(ev)
                 if bar is not None:
-                    bar.write(f"step {step}: {eval_line(ev)}")
+                    bar.write(f"step {step}: {eval_line(ev)}", file=sys.stderr)
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
                 save()
         if step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after):

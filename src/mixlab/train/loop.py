@@ -567,7 +567,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 metrics.write(ev_rec)
                 evals.append(ev | {"step": step})
                 if bar is not None:
-                    bar.write(f"step {step}: {eval_line(ev)}")
+                    bar.write(f"step {step}: {eval_line(ev)}", file=sys.stderr)
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
                 save()
         if step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after):
