@@ -244,3 +244,14 @@ def test_chat_with_piped_input_prints_only_the_replies(tiny_dir, capsys, monkeyp
     assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "6", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 2 and not out.startswith(">") and "\n>" not in out
+
+
+def test_generate_prompt_dash_reads_stdin(tiny_dir, capsys, monkeypatch):
+    """`mixlab generate --prompt - < prompt.txt`: '-' was the prompt itself (a long prompt had to be an argument)."""
+    flags = ["--model", str(tiny_dir), "--max-new-tokens", "8", "--dtype", "float32"]
+    assert main(["generate", "--prompt", "Bonjour, le monde", *flags]) == 0
+    want = capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Bonjour, le monde\n"))  # the file's last newline is dropped
+    assert main(["generate", "--prompt", "-", *flags]) == 0
+    got = capsys.readouterr()
+    assert got.out == want.out and got.err.split(" tokens")[0] == want.err.split(" tokens")[0]

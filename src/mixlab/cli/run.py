@@ -116,6 +116,9 @@ def _speed(n: int, seconds: float) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
+    if args.prompt == "-":  # the prompt from stdin (a file, a pipe): one final newline dropped, as llama.cpp's -f
+        text = sys.stdin.read()
+        args.prompt = text[:-1] if text.endswith("\n") else text
     if args.ep is not None:  # every process decodes the same tokens; the first one prints them
         import torch.distributed as dist
 
@@ -291,7 +294,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
-    p.add_argument("--prompt", required=True, help="the text to continue (BOS added)")
+    p.add_argument("--prompt", required=True, help="the text to continue (BOS added); - reads it from stdin")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it does not fit")
     p.add_argument("--ep", type=int, default=None, metavar="N",
                    help="expert parallelism: split the experts over N processes (launch with torchrun "
