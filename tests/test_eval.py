@@ -120,6 +120,21 @@ def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pyte
     assert message in capsys.readouterr().err
 
 
+def test_cli_eval_json_dash_is_stdout(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mixlab eval ... --json - | jq` wrote a file named '-' and the table on stdout."""
+    data, out = tmp_path / "doc.txt", tmp_path / "r.json"
+    data.write_text("The cat sat on the mat. " * 20)
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", "-", "--quiet"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out) == json.loads(out.read_text())
+    assert got.err.endswith(table)
+    assert not (tmp_path / "-").exists()
+
+
 def test_cli_eval_json_never_writes_over_its_data_or_model(ckpt: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     # --data x.jsonl --json x.jsonl replaced the documents with the results

@@ -37,7 +37,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no documents to evaluate")
     if not any(text for _, text in docs):  # else a table of perplexity 1.000 over 0 tokens
         raise ValueError(f"{args.data}: no text to evaluate (every document is empty)")
-    if args.json:  # a folder there, or the data or model (--json DATA.jsonl wrote over it), refused before the work
+    to_stdout = args.json == "-"  # the JSON is stdout (for jq); the table goes to stderr
+    if args.json and not to_stdout:  # a folder, the data or the model (--json DATA.jsonl), refused before the work
         atomic.check_destination(args.json, kind="file", sources=[args.data, args.model])
     model, tok = _load(args)
     if args.context > model.config.max_seq_len:
@@ -51,11 +52,14 @@ def evaluate(args: argparse.Namespace) -> int:
                            quant=args.quant, tokenizer=str(tok.path))
     result = report.to_json()
     rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]
-    print(f"{'domain':<16}{'docs':>6}{'tokens':>10}{'token ppl':>12}{'bits/byte':>11}{'word ppl':>12}")
+    table = sys.stderr if to_stdout else sys.stdout
+    print(f"{'domain':<16}{'docs':>6}{'tokens':>10}{'token ppl':>12}{'bits/byte':>11}{'word ppl':>12}", file=table)
     for d, m in rows:
         print(f"{d:<16}{m['docs']:>6}{m['tokens']:>10}{_num(m['token_perplexity'], 12, 3)}"
-              f"{_num(m['bits_per_byte'], 11, 4)}{_num(m['word_perplexity'], 12, 3)}")
-    if args.json:
+              f"{_num(m['bits_per_byte'], 11, 4)}{_num(m['word_perplexity'], 12, 3)}", file=table)
+    if to_stdout:
+        print(json.dumps(result, indent=2, allow_nan=False))
+    elif args.json:
         atomic.write_text(args.json, json.dumps(result, indent=2, allow_nan=False) + "\n")
     print_stats(args, model)
     return 0
@@ -71,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="new tokens scored per window (default: = context, disjoint windows as lm-eval)")
     p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
     p.add_argument("--max-docs", type=int, default=None, help="at most this many documents per domain")
-    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--json", default=None,
+                   help="write the results as JSON to this file (-: to stdout, the table to stderr)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer file or folder (default: the model's, else Mixtral's v1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
