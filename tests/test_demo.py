@@ -61,13 +61,17 @@ def test_demo_out_runs_again_and_leaves_other_folders_alone(tmp_path: Path) -> N
         _claim(mine / "notes.txt")
 
 
-def test_demo_on_a_corpus_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _corpus(tmp_path: Path) -> Path:
     for dom, word in (("alpha", "apple"), ("beta", "banana")):
         (tmp_path / "c" / dom).mkdir(parents=True)
         for split, n in (("train", 30), ("valid", 3)):
             lines = [json.dumps({"text": f"{word} {i} " * 30}) for i in range(n)]
             (tmp_path / "c" / dom / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    assert main(["demo", "--steps", "2", "--data", str(tmp_path / "c")]) == 0
+    return tmp_path / "c"
+
+
+def test_demo_on_a_corpus_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--steps", "2", "--data", str(_corpus(tmp_path))]) == 0
     out = capsys.readouterr().out
     assert "alpha" in out and "beta" in out and "routing" in out
 
@@ -77,3 +81,24 @@ def test_routing_table_marks_top_expert() -> None:
     assert "70*" in table and "80*" in table and "distance from the average routing" in table
     # a domain name as wide as the column ran into its numbers ("wikipediaL0 0.04")
     assert "  wikipedia L0 " in routing_table({"wikipedia": [[0.5, 0.5]], "b": [[0.2, 0.8]]})
+
+
+def test_demo_stopped_by_ctrl_c_says_so_and_exits_130(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the demo's training went on to evaluate, sample and print 'model saved to .../hf'
+    (nothing was saved there), exit 0."""
+    import signal
+
+    import mixlab.train.demo as demo
+
+    real = demo.train
+
+    def interrupted(cfg, **kw):  # the loop's own SIGINT handling, as after Ctrl-C at the first step
+        return real(cfg, on_step=lambda rec: signal.raise_signal(signal.SIGINT))
+
+    monkeypatch.setattr(demo, "train", interrupted)
+    assert main(["demo", "--steps", "5", "--out", str(tmp_path / "d"), "--data", str(_corpus(tmp_path))]) == 130
+    out, err = capsys.readouterr()
+    assert "samples" not in out and "model saved" not in out
+    assert f"stopped by SIGINT at step 1; checkpoint in {tmp_path / 'd' / 'run' / 'checkpoints'}" in err
+    assert (tmp_path / "d" / "run" / "checkpoints" / "step_00000001").is_dir()

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 from typing import Any
 
 
@@ -96,7 +97,11 @@ def train_cmd(args: argparse.Namespace) -> int:
 def demo_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.demo import run_demo
 
-    run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed)
+    res = run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed)
+    if res.get("stopped_by") is not None:  # no results (the demo went on to print them, and a model it had not saved)
+        kept = f"; checkpoint in {os.path.join(args.out, 'run', 'checkpoints')}" if args.out else ""
+        print(f"stopped by {signal.Signals(res['stopped_by']).name} at step {res['steps']}{kept}", file=sys.stderr)
+        return 128 + res["stopped_by"]
     return 0
 
 

@@ -121,7 +121,8 @@ def routing_table(load: dict[str, list[list[float]]]) -> str:
 def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None = None, out: str | None = None,
              seed: int = 0, max_bytes: int = 1_200_000, quiet: bool = False) -> dict[str, Any]:
     """Build (or read) the corpus, train for `steps` or about `minutes`, print samples and routing.
-    Returns {"eval": per-domain validation results, "samples": {prompt: text}, "steps": n}."""
+    Returns {"eval": per-domain validation results, "samples": {prompt: text}, "steps": n}, or
+    {"steps": n, "stopped_by": signal number} when a signal stopped the training."""
     t_start = time.perf_counter()
     say = (lambda *_a: None) if quiet else print
     if out:
@@ -161,6 +162,8 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
             return time.perf_counter() > deadline
 
         result = train(cfg, on_step=over_time)
+        if result.stopped_by is not None:  # Ctrl-C or SIGTERM: stop here (the run's checkpoint kept with `out`)
+            return {"steps": result.step, "stopped_by": result.stopped_by}
         model = result.model.eval()
         ev = evaluate(model, dataset, cfg)
         say(f"\nvalidation loss after {result.step} steps (bits per byte):")
