@@ -255,3 +255,18 @@ def test_generate_prompt_dash_reads_stdin(tiny_dir, capsys, monkeypatch):
     assert main(["generate", "--prompt", "-", *flags]) == 0
     got = capsys.readouterr()
     assert got.out == want.out and got.err.split(" tokens")[0] == want.err.split(" tokens")[0]
+
+
+def test_every_dtype_flag_takes_the_same_spellings(capsys):
+    """`--dtype bf16` worked in generate, eval, convert, analyze and upcycle but was an 'invalid choice'
+    in train, sft, dpo and plan."""
+    from mixlab.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["train"], ["sft", "--model", "m", "--data", "d", "--out", "o"],
+                 ["dpo", "--model", "m", "--data", "d", "--out", "o"], ["plan", "tiny-moe"]):
+        assert parser.parse_args([*argv, "--dtype", "bf16"]).dtype == "bfloat16"
+        assert parser.parse_args([*argv, "--dtype", "fp32"]).dtype == "float32"
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([*argv, "--dtype", "half"])
+        assert e.value.code == 2 and "expected one of float32, bfloat16" in capsys.readouterr().err

@@ -30,6 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dtype_choice(*names: str) -> Any:
+    """argparse type of a --dtype limited to `names`: any spelling mixlab.dtypes knows (bf16, fp32, ...,
+    as generate, eval and convert take), given on as its full name."""
+    def parse(text: str) -> str:
+        from mixlab.dtypes import DTYPES, dtype_name
+
+        name = dtype_name(DTYPES[text]) if text in DTYPES else text
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {text!r}")
+        return name
+
+    return parse
+
+
 PEER_GRACE_S = 10.0  # how long ranks other than 0 wait, on an error, for rank 0 to print it (and the run to end)
 
 

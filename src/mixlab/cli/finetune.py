@@ -6,6 +6,8 @@ import argparse
 import os
 import signal
 
+from mixlab.cli import dtype_choice
+
 
 def _run(args: argparse.Namespace, task: str) -> int:
     from mixlab.train.finetune import eval_line, finetune, load_finetune_config
@@ -73,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--merge", action="store_true", help="LoRA: also write the merged plain checkpoint (out/hf)")
         p.add_argument("--freeze-router", dest="freeze_router", action="store_true",
                        help="keep the router's weights fixed")
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+        p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16"), default=None, metavar="{float32,bfloat16}",
                        help="autocast dtype (default float32)")
         p.add_argument("--device", default=None, help="cpu (default) or cuda")
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from mixlab.cli import dtype_choice
+
 
 def plan_cmd(args: argparse.Namespace) -> int:
     from mixlab.cli.model import _config
@@ -47,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None,
                    help="global sequences per step (training; default one per device) / in flight (inference, "
                         "default 1)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+    p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default="bfloat16",
+                   metavar="{float32,bfloat16,float16}",
                    help="training: autocast dtype (master weights stay float32); inference: weight dtype")
     p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
                    help="inference weight format (default none; int4 for a GGUF file whose matrices are Q4_0)")

@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import Any
 
+from mixlab.cli import dtype_choice
+
 
 def data_prepare(args: argparse.Namespace) -> int:
     from mixlab.train.data import prepare, read_documents
@@ -174,7 +176,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          ("steps", int), ("lr", float), ("warmup", int), ("clip", float), ("weight_decay", float),
                          ("seed", int), ("threads", int), ("eval_every", int), ("ckpt_every", int), ("keep", int),
                          ("log_every", int)), TrainConfig)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype (default float32)")
+    p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16"), default=None, metavar="{float32,bfloat16}",
+                   help="autocast dtype (default float32)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass instead of keeping its activations")
