@@ -228,16 +228,6 @@ def test_a_silent_rank_waits_for_rank_0_to_print(monkeypatch: pytest.MonkeyPatch
     assert slept == [cli.PEER_GRACE_S] and capsys.readouterr().err.startswith("mixlab info: error: ")
 
 
-def test_version_prints_the_package_version(capsys):
-    """`mixlab --version` was a usage error (exit 2, 'the following arguments are required: COMMAND')."""
-    import mixlab
-
-    with pytest.raises(SystemExit) as e:
-        main(["--version"])
-    assert e.value.code == 0
-    assert capsys.readouterr().out == f"mixlab {mixlab.__version__}\n"
-
-
 def test_chat_with_piped_input_prints_only_the_replies(tiny_dir, capsys, monkeypatch):
     """`printf 'a\\nb\\n' | mixlab chat > replies.txt` held '> ' prompts and a last empty line ('> \\n')."""
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n"))
