@@ -161,7 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output format (default: gguf for a dst ending in .gguf, else hf)")
     p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "int4"], default=None,
                    help="GGUF only: how matrices are stored (default bf16; norms and router stay f32; int4 = q4_0, "
-                        "mixlab's int4 layout)")
+                        "mixlab's int4 layout; with q8_0/q4_0, a matrix whose rows are not a multiple of 32 is "
+                        "stored as f16)")
     p.add_argument("--tokenizer", default=None,
                    help="GGUF only: SentencePiece model for the vocabulary (default: the source's: a GGUF's, a "
                         "folder's tokenizer.model; else Mixtral's, from mistral-common)")
