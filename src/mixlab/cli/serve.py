@@ -131,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (or a file mixlab loads)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model's, else Mixtral's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="(default 8000; 0: a free port, named in the startup line)")
     p.add_argument("--api-key", default=os.environ.get("MIXLAB_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize and /tokenizer_info "
                         "(default: $MIXLAB_API_KEY, which other users cannot read in the process list as they can "
