@@ -192,7 +192,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: fill --minutes)")
     p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
     p.add_argument("--data", default=None, help="train on a corpus in the shared layout instead")
-    p.add_argument("--out", default=None, help="keep the run folder here (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="keep the run folder here, with loss.png and routing.png (default: a "
+                                                "temporary folder); an earlier demo's --out is replaced")
     p.add_argument("--seed", type=int, default=0,
                    help="corpus, held-out split, initialisation and data order (default 0)")
     p.set_defaults(func=demo_cmd)
