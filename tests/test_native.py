@@ -581,6 +581,16 @@ def test_a_model_whose_tensors_disagree_with_its_config_is_refused_not_read_past
     assert native_decoding.shared_decoder(model) is None
 
 
+def _assert_generate_equals_recompute(model: Transformer, prompts: list[list[int]], n: int = 4) -> None:
+    """`generate`'s greedy tokens (the engine: native steps where it can) equal a full recompute's."""
+    got = generate(model, prompts, max_new_tokens=n, stop_at_eos=False)
+    for p, new in zip(prompts, got, strict=True):
+        ids = list(p)
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert new == ids[len(p):]
+
+
 def test_more_experts_than_the_kernels_hold_run_through_pytorch():
     """decode.c's stack arrays hold `native.MAX_EXPERTS` experts: a model with more (the config
     allows 4096) decodes and runs engine steps through PyTorch's experts, with the same tokens as a
@@ -588,19 +598,13 @@ def test_more_experts_than_the_kernels_hold_run_through_pytorch():
     step of several tokens (the registry chose the native MoE kernel for any stack). Preparing it
     says why it decodes without the native step."""
     model = _model(n_layers=1, dim=32, ffn_dim=16, moe=MoEConfig(num_experts=native.MAX_EXPERTS + 1, top_k=2))
-    prompts = [[5, 9, 2, 7], [1, 3]]
-    got = generate(model, prompts, max_new_tokens=4, stop_at_eos=False)
-    for p, new in zip(prompts, got, strict=True):
-        ids = list(p)
-        for _ in range(4):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        assert new == ids[len(p):]
+    _assert_generate_equals_recompute(model, [[5, 9, 2, 7], [1, 3]])
     with pytest.warns(UserWarning, match=r"no native decoding \(native decoding supports up to 256 experts .* not "
                                          r"257 and 16\): this model decodes with PyTorch's kernels"):
         prepare_for_inference(model, quant="int8")  # it fell back without a word
     assert model.native_decoder is None  # the experts' int8 kernels still run
     with torch.inference_mode():
-        model(torch.tensor([prompts[0]]))
+        model(torch.tensor([[5, 9, 2, 7]]))
 
 
 @pytest.mark.parametrize("window", [2**31, 2**32 + 3])
@@ -609,13 +613,7 @@ def test_a_window_longer_than_32_bits_is_no_window(window):
     compared positions in 32 bits: a window of 2**31 hid every key (NaN logits), one of 2**32 + 3
     attended to 3 tokens. Now the tokens equal a full recompute's."""
     model = _model(sliding_window=window, max_seq_len=64)
-    prompts = [list(range(3, 23)), list(range(40, 49))]
-    got = generate(model, prompts, max_new_tokens=4, stop_at_eos=False)
-    for p, new in zip(prompts, got, strict=True):
-        ids = list(p)
-        for _ in range(4):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        assert new == ids[len(p):]
+    _assert_generate_equals_recompute(model, [list(range(3, 23)), list(range(40, 49))])
 
 
 def test_a_cache_made_for_another_model_is_refused():
