@@ -397,3 +397,17 @@ def test_a_distributed_checkpoint_that_fails_after_its_shards_is_not_committed(t
     r = subprocess.run([sys.executable, "-c", _DCP_CRASH, str(tmp_path / "ckpts")], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_link_to_a_pipe_is_refused_before_the_work(tmp_path):
+    """`eval --json /dev/stdout` with stdout a pipe: the link resolves to no real path, so the check
+    let it through and the write failed after the whole evaluation (renaming a temporary file
+    beside 'pipe:[...]'). Now it is refused at once."""
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OutputError, match=r"is not a regular file \(a pipe or a device\)"):
+            atomic.check_destination(f"/proc/self/fd/{w}", kind="file")
+    finally:
+        os.close(r)
+        os.close(w)

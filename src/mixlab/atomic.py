@@ -202,6 +202,9 @@ def check_destination(
     hint = (f"it lies inside the source {inside}; choose another destination" if inside is not None else
             "pass --overwrite (overwrite=True) to replace it, or choose another destination")
     if not os.path.lexists(real):
+        if os.path.exists(given) and not given.is_dir():  # /dev/stdout: a link to a pipe with no real path
+            raise OutputError(f"{shown}: is not a regular file (a pipe or a device): the write goes through a "
+                              "temporary file renamed into place; choose a file")
         return real
     if kind == "folder":
         if not real.is_dir():
