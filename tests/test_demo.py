@@ -46,8 +46,13 @@ def test_demo_out_runs_again_and_leaves_other_folders_alone(tmp_path: Path) -> N
     _claim(out)
     (out / "run").mkdir()
     (out / "loss.png").write_bytes(b"old")
+    kept = tmp_path / "elsewhere"  # the user put the data on another disk and linked it in
+    kept.mkdir()
+    (kept / "shard.bin").write_bytes(b"mine")
+    (out / "data").symlink_to(kept)
     _claim(out)  # an earlier demo's output: replaced, so that the same command runs again
     assert sorted(p.name for p in out.iterdir()) == [DEMO_MARK]
+    assert (kept / "shard.bin").read_bytes() == b"mine"  # the link went, not what it points to
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")

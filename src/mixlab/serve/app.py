@@ -799,7 +799,8 @@ class _Guard:
         endpoint = path if path in self.KNOWN else ("/v1/models" if path.startswith("/v1/models/") else "other")
         status = {"code": 0}
         # the caller's X-Request-Id comes back on the response (vLLM's and OpenAI's header), else a new one
-        given = dict(scope.get("headers", [])).get(b"x-request-id", b"")[:256]
+        headers = dict(scope.get("headers", []))
+        given = headers.get(b"x-request-id", b"")[:256]
         request_id = given if given.isascii() and given.strip() else f"req-{uuid.uuid4().hex}".encode()
 
         async def counting_send(msg: Any) -> None:
@@ -812,7 +813,7 @@ class _Guard:
             await JSONResponse(body, status_code=code, headers=headers)(scope, receive, counting_send)
 
         try:
-            host = _host_name(dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1"))
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
             allowed = self.srv.cfg.allowed_hosts
             if allowed is not None and not _host_allowed(host, allowed):
                 await reply(403, error_body(f"this server does not answer to the host name {host!r} (a defence against "
@@ -821,7 +822,7 @@ class _Guard:
                 return
             key = self.srv.cfg.api_key
             if key is not None and path.startswith(self.PROTECTED):
-                auth = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+                auth = headers.get(b"authorization", b"").decode("latin-1")
                 given = auth[7:] if auth[:7].lower() == "bearer " else ""
                 if not hmac.compare_digest(given.encode(), key.encode()):
                     await reply(401, error_body("missing or wrong API key (send 'Authorization: Bearer KEY')",

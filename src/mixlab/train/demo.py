@@ -204,7 +204,7 @@ def _claim(out: Path) -> None:
                              "earlier demo wrote")
         for name in held:
             path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()  # a link, not its target
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARK).write_text(json.dumps({"written_by": "mixlab demo"}) + "\n", encoding="utf-8")
 
