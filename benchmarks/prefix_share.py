@@ -1,7 +1,10 @@
 """n samples of one long prompt through the engine: the running prefix shared (the default) against
 prefix_cache=False (each choice prefills the whole prompt), alternated round by round, medians.
+With --scored: n endings of one context scored as an evaluation harness does (prompt logprobs with
+one alternative, one token generated: lm-eval's multiple choice through `/v1/completions` with
+echo), each ending --ending tokens.
 
-    .venv/bin/python benchmarks/prefix_share.py --model DIR [--prompt 1024 --n 4 --rounds 3]
+    .venv/bin/python benchmarks/prefix_share.py --model DIR [--prompt 1024 --n 4 --rounds 3] [--scored]
 """
 
 import argparse
@@ -23,18 +26,25 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=positive, default=8)
     ap.add_argument("--rounds", type=positive, default=3)
     ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--scored", action="store_true", help="n endings of the prompt with prompt logprobs")
+    ap.add_argument("--ending", type=positive, default=8, help="tokens of each ending, with --scored")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = mixlab.load_model(args.model, dtype="bfloat16")
     g = torch.Generator().manual_seed(0)
     prompt = [1] + torch.randint(3, model.config.vocab_size, (args.prompt - 1,), generator=g).tolist()
+    if args.scored:
+        subs = [(prompt + torch.randint(3, model.config.vocab_size, (args.ending,), generator=g).tolist(),
+                 SamplingParams(max_tokens=1, logprobs=1, prompt_logprobs=True)) for _ in range(args.n)]
+    else:
+        subs = [(prompt, SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i, ignore_eos=True))
+                for i in range(args.n)]
     times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(args.rounds + 1):  # round 0 warms up (kernels, packing)
         for share in (True, False):
             eng = Engine(model, max_batch=args.n, prefix_cache=share)
             t = time.perf_counter()
-            hs = [eng.submit(prompt, SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i,
-                                                    ignore_eos=True)) for i in range(args.n)]
+            hs = [eng.submit(p, params) for p, params in subs]
             eng.run_until_idle()
             for h in hs:
                 h.result()

@@ -578,6 +578,40 @@ def test_running_prefixes_are_copied_not_recomputed(model_name, request):
         assert cached == [0] * 5
 
 
+@pytest.mark.parametrize("model_name", ["tiny", "windowed"])
+def test_scored_prompts_share_a_running_context_and_its_logprobs(model_name, request):
+    """An evaluation harness scores one context with several endings (prompt logprobs, `echo`):
+    the endings copy the first's keys and values and its logprobs up to the context's end instead of
+    prefilling it again, and every prompt logprob and alternative equals the request's run alone. A
+    source that computes no prompt logprobs, or other alternatives, is not shared."""
+    model = request.getfixturevalue(model_name)
+    context = _prompts((40,), seed=11)[0]
+    endings = _prompts((2, 3, 4), seed=13)
+    scored = SamplingParams(max_tokens=1, logprobs=2, prompt_logprobs=True, ignore_eos=True)
+    subs = [(context + e, scored) for e in endings]
+    subs += [(context + endings[0], SamplingParams(max_tokens=1, logprobs=3, prompt_logprobs=True))]
+    eng = Engine(model, max_batch=8, token_budget=64, prefill_chunk=16)
+    outs = _handles_run(eng, subs)
+    alone = Engine(model, max_batch=1, prefix_cache=False)
+    for (p, params), o in zip(subs, outs, strict=True):
+        want = _handles_run(alone, [(p, params)])[0][0]
+        assert o[0].prompt_logprobs[0] is None and len(o[0].prompt_logprobs) == len(p)
+        assert o[0].prompt_logprobs[1:] == pytest.approx(want.prompt_logprobs[1:], rel=1e-5)
+        for got_top, want_top in zip(o[0].prompt_top_logprobs[1:], want.prompt_top_logprobs[1:], strict=True):
+            assert [t for t, _ in got_top] == [t for t, _ in want_top]
+            assert [v for _, v in got_top] == pytest.approx([v for _, v in want_top], rel=1e-5)
+        assert o[0].token_id == want.token_id
+    cached = [o[0].cached_tokens for o in outs]
+    if model.config.sliding_window is None:
+        assert cached == [0, 39, 39, 0]  # the context minus its last token; other alternatives: none
+    else:
+        assert cached == [0] * 4
+    # Keys and values alone are not enough: a source that computes no prompt logprobs is not used.
+    plain = Engine(model, max_batch=4, token_budget=64, prefill_chunk=16)
+    outs = _handles_run(plain, [(context, SamplingParams(max_tokens=3, ignore_eos=True)), subs[1]])
+    assert outs[1][0].cached_tokens == 0
+
+
 def test_a_waiting_request_whose_source_is_cancelled_prefills_itself(tiny):
     system = _prompts((40,), seed=11)[0]
     eng = Engine(tiny, max_batch=4, prefill_chunk=8)

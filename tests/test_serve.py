@@ -198,6 +198,25 @@ def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model
     assert len(s.choices[1].logprobs.token_logprobs) == 3 and s.usage.completion_tokens == 0
 
 
+def test_scoring_endings_of_one_context_prefills_it_once(client: Any, model_tok: tuple[Any, Any]) -> None:
+    """lm-eval's multiple choice: one request scores a context with each ending (echo, logprobs=1,
+    max_tokens=0). The endings take the context's keys, values and logprobs from the first prompt
+    (usage counts them as cached) and every logprob equals a plain forward pass."""
+    model, _ = model_tok
+    g = torch.Generator().manual_seed(21)
+    context = torch.randint(3, 32000, (40,), generator=g).tolist()
+    prompts = [context + torch.randint(3, 32000, (k,), generator=g).tolist() for k in (2, 3, 4)]
+    r = client.completions.create(model=NAME, prompt=prompts, max_tokens=0, echo=True, logprobs=1)
+    assert r.usage.prompt_tokens_details.cached_tokens == 2 * 39
+    for p, ch in zip(prompts, r.choices, strict=True):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p])).float(), -1)[0]
+        lp = ch.logprobs
+        assert lp.token_logprobs[1:] == pytest.approx([float(ref[i, p[i + 1]]) for i in range(len(p) - 1)], abs=1e-4)
+        assert [max(t.values()) for t in lp.top_logprobs[1:]] == pytest.approx(ref.max(-1).values[:-1].tolist(),
+                                                                              abs=1e-4)
+
+
 def test_top_logprob_bytes_of_a_byte_piece(model_tok: tuple[Any, Any]) -> None:
     """A byte-fallback alternative reports its own byte (as OpenAI's `bytes` do), not U+FFFD's."""
     from mixlab.serve.app import _piece

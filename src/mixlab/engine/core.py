@@ -96,7 +96,9 @@ class Engine:
     `max_batch` sequences fit the budget; see `runner.Runner`); `prefix_cache`: reuse prompt
     prefixes that free slots hold, or that running sequences hold (copied into the new slot; a request
     whose prompt shares at least its first `SHARE_WAIT` tokens with a prompt still prefilling waits
-    for them: `n` samples of one prompt, or requests with one long system prompt, prefill it once);
+    for them: `n` samples of one prompt, or requests with one long system prompt, prefill it once;
+    a request with `prompt_logprobs` takes those too, from a running or ended request that computed
+    the same ones: lm-eval's endings of one context prefill it once);
     `max_queue`: waiting requests before `submit` raises `QueueFull`; `token_budget`: tokens per
     step (decoding rows count one each; prompt chunks fill the rest); `prefill_chunk`: the longest
     piece of one prompt per step (default 128, at most `token_budget`: a long prompt's steps then
@@ -134,6 +136,7 @@ class Engine:
         self._cancel_ids: set[str] = set()
         self._ids = itertools.count()
         self._live: dict[str, Handle] = {}  # request id -> handle of the request that holds it now
+        self._scored: dict[int, _Seq] = {}  # free slot -> the ended request with prompt logprobs it holds
         self._wake = threading.Event()
         self._stop = False
         self._closed = False  # shut down: submit raises (nothing would ever run its request) until start()
@@ -376,17 +379,32 @@ class Engine:
         for seq in cancelled + [s for s in self._running if s.rid in ids]:
             self._finish(seq, "cancelled")
 
+    @staticmethod
+    def _scored_prefix(source: _Seq, seq: _Seq) -> int:
+        """Prompt tokens whose keys and values *and prompt logprobs* `seq` (with `prompt_logprobs`)
+        may take from `source`: one short of their common prompt prefix (the logits of that prefix's
+        last position predict `seq`'s first token of its own, so they run again), and none when
+        `source` computes no prompt logprobs or other alternatives."""
+        if not source.params.prompt_logprobs or (source.params.logprobs or 0) != (seq.params.logprobs or 0):
+            return 0
+        return max(common_prefix(source.prompt, seq.prompt, len(seq.prompt)) - 1, 0)
+
     def _shared(self, seq: _Seq) -> tuple[_Seq | None, int, int]:
         """The running sequence whose keys and values `seq`'s prompt can start from: (that sequence,
         prompt tokens it holds now, prompt tokens it will hold once its own prompt is in). Only slots
-        that have not wrapped around qualify, and at least one prompt token is left to run."""
+        that have not wrapped around qualify, and at least one prompt token is left to run. A request
+        with prompt logprobs (an evaluation harness scoring one context with several endings) also
+        takes the source's logprobs (`_scored_prefix`)."""
         best: tuple[_Seq | None, int, int] = (None, 0, 0)
-        if seq.params.prompt_logprobs or not self.runner.prefix_cache:  # it needs every prompt position's logits
+        if not self.runner.prefix_cache:
             return best
         for s in self._running:
             if s.n_cached > self.runner.capacity:
                 continue
-            n = common_prefix(s.tokens, seq.prompt, len(seq.prompt) - 1)
+            if seq.params.prompt_logprobs:
+                n = self._scored_prefix(s, seq)
+            else:
+                n = common_prefix(s.tokens, seq.prompt, len(seq.prompt) - 1)
             now = min(n, s.n_cached)
             later = now if len(s.prompt) > self.runner.capacity else max(now, min(n, len(s.prompt)))
             if (later, now) > (best[2], best[1]):
@@ -403,31 +421,40 @@ class Engine:
                 source, now, later = self._shared(seq)
                 if later > now and later >= SHARE_WAIT:
                     return  # a running prompt that begins as this one does is still prefilling: copy it after
-                alloc = self.runner.allocate(seq.prompt, len(seq.prompt) + seq.params.max_tokens,
-                                             reuse=not seq.params.prompt_logprobs)
+                reuse: bool | dict[int, int] = True  # a free slot's prefix; with prompt logprobs, its logprobs too
+                if seq.params.prompt_logprobs:
+                    reuse = {slot: self._scored_prefix(s, seq) for slot, s in self._scored.items()}
+                alloc = self.runner.allocate(seq.prompt, len(seq.prompt) + seq.params.max_tokens, reuse=reuse)
                 if alloc is None:
                     return  # the cache is full: it waits (first come, first served)
                 with self._lock:
                     self._waiting.popleft()
                 seq.slot, seq.n_cached = alloc
+                kept = self._scored.pop(seq.slot, None)  # the slot's old keys are written over from here on
                 self._running.append(seq)  # from here on, finishing it frees its slot
                 if source is not None and now > seq.n_cached:  # a running sequence holds more of the prompt
                     self.runner.copy_prefix(source.slot, seq.slot, now)
                     seq.n_cached = now
-                self._setup(seq)
+                else:
+                    source = kept if seq.n_cached else None
+                self._setup(seq, source)
             except Exception as e:  # noqa: BLE001 (out of memory, say: this request fails, not the engine)
                 with self._lock:
                     if self._waiting and self._waiting[0] is seq:
                         self._waiting.popleft()
                 self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
-    def _setup(self, seq: _Seq) -> None:
-        """A newly admitted request's state: its prompt logprobs, penalty and bias rows."""
+    def _setup(self, seq: _Seq, source: _Seq | None = None) -> None:
+        """A newly admitted request's state: its prompt logprobs (those of the prompt tokens it took
+        from `source`, see `_scored_prefix`), penalty and bias rows."""
         seq.cached_tokens = seq.n_cached
         self._stats["cached_tokens"] += seq.n_cached
         if seq.params.prompt_logprobs:
-            seq.prompt_lp = [None]
-            seq.prompt_top = [None] if seq.params.logprobs else None
+            seq.prompt_lp, seq.prompt_top = [None], [None] if seq.params.logprobs else None
+            if seq.n_cached and source is not None and source.prompt_lp is not None:
+                seq.prompt_lp = source.prompt_lp[: seq.n_cached + 1]
+                if seq.prompt_top is not None and source.prompt_top is not None:
+                    seq.prompt_top = source.prompt_top[: seq.n_cached + 1]
         V = self.config.vocab_size
         if seq.params.repetition_penalty != 1.0:
             seq.seen_1V = torch.zeros(1, V, dtype=torch.bool, device=self.runner.device)
@@ -530,6 +557,8 @@ class Engine:
             # `keep`: the slot's tokens stay for prefix reuse. Not after an error: a failed step may
             # have written part of its chunk, over the oldest positions of a rolling slot
             self.runner.free(seq.slot, seq.tokens[: seq.n_cached] if keep else [])
+            if keep and seq.params.prompt_logprobs:
+                self._scored[seq.slot] = seq  # its prompt logprobs go with the keys the slot keeps
         with self._lock:  # a cancel still pending was meant for this request: not for the next with its id
             self._live.pop(seq.rid, None)
             self._cancel_ids.discard(seq.rid)

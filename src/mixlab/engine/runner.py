@@ -188,10 +188,11 @@ class Runner:
     def used_bytes(self) -> int:
         return (self.n_slots - len(self.free_slots)) * self.slot_bytes
 
-    def allocate(self, prompt: list[int], need: int, *, reuse: bool) -> tuple[int, int] | None:
+    def allocate(self, prompt: list[int], need: int, *, reuse: bool | dict[int, int]) -> tuple[int, int] | None:
         """A free slot for a sequence of up to `need` tokens and how many prompt tokens it already
         holds (the longest shared prefix among free slots, leaving at least one token to run), or
-        None when every slot is taken."""
+        None when every slot is taken. `reuse` as a dict: the most tokens each free slot it names
+        may give (slots it does not name give none)."""
         if not self.free_slots:
             return None
         if len(self.free_slots) == self.n_slots:
@@ -200,6 +201,8 @@ class Runner:
         if reuse and self.prefix_cache:
             for s, held in self.free_slots.items():
                 n = common_prefix(held, prompt, len(prompt) - 1)
+                if isinstance(reuse, dict):
+                    n = min(n, reuse.get(s, 0))
                 if n > best_n:
                     best, best_n = s, n
         del self.free_slots[best]
