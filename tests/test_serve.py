@@ -428,6 +428,13 @@ def test_bad_request_messages_say_what_was_expected(server: str) -> None:
     assert err["message"] == "invalid temperature=7: expected a number in [0, 2]"
     r = httpx.post(server + CHAT, content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    # a body that is not UTF-8 (PowerShell 5's Invoke-RestMethod sends Latin-1) or nested too deep to parse
+    # got FastAPI's {"detail": ...}, not OpenAI's body that clients read the message from
+    latin1 = '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")
+    for bad, why in ((latin1, "not UTF-8"), (b"[" * 100_000, "error parsing")):
+        r = httpx.post(server + CHAT, content=bad, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(server + "/v1/nothing").status_code == 404
     assert httpx.get(server + CHAT).status_code == 405
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from mixlab.engine import QueueFull, RequestOutput, SamplingParams
 from mixlab.serve.metrics import CONTENT_TYPE, Metrics
@@ -401,6 +402,16 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = _validation_error(exc)
         return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own, e.g. a JSON body that is not UTF-8 (a client sending Latin-1) or nested too
+        # deep to parse: its `{"detail"}` body is not OpenAI's, which clients read the message from
+        message, cause = str(exc.detail), exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            message = f"the request body is not valid JSON: it is not UTF-8 ({cause.reason} at byte {cause.start})"
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(message, type=kind), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc: Exception) -> JSONResponse:
