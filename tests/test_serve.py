@@ -473,6 +473,13 @@ def test_auth_body_limit_queue_full_and_cors(model_tok: tuple[Any, Any]) -> None
         r = httpx.options(url + "/v1/models", headers={"Origin": "http://allowed.example",
                                                        "Access-Control-Request-Method": "GET"})
         assert r.headers["access-control-allow-origin"] == "http://allowed.example"
+        # the openai JavaScript client in a browser sends its own headers: the preflight refused them (400)
+        stainless = "authorization,content-type,x-stainless-os,x-stainless-retry-count,openai-organization"
+        r = httpx.options(url + CHAT, headers={"Origin": "http://allowed.example", "Access-Control-Request-Method":
+                                               "POST", "Access-Control-Request-Headers": stainless})
+        assert r.status_code == 200 and r.headers["access-control-allow-headers"] == stainless, r.text
+        r = httpx.get(url + "/v1/models", headers={**auth, "Origin": "http://allowed.example"})
+        assert r.headers["access-control-expose-headers"].lower() == "x-request-id"  # its page can read the id
         # openai's client sends the key as a bearer token
         c = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):

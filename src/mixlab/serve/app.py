@@ -686,8 +686,10 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     if cfg.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
+        # any request header: the openai JavaScript client sends its X-Stainless-* ones, and a preflight
+        # that refused them kept browsers from every request (the origins are the operator's to trust)
         cors: Any = CORSMiddleware(guarded, allow_origins=cfg.cors_origins,  # type: ignore[arg-type]
-                                   allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+                                   allow_methods=["GET", "POST"], allow_headers=["*"], expose_headers=["X-Request-Id"])
         cors.state = app.state  # the drain on SIGTERM finds the server there (and tests do)
         return cors
     return guarded  # type: ignore[return-value]
