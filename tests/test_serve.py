@@ -126,6 +126,22 @@ def test_completion_streamed_equals_unstreamed_equals_generate(client: Any, mode
     assert by_ids.choices[0].text == full.choices[0].text
 
 
+def test_chat_continues_an_assistant_prefix(client: Any, server: str, model_tok: tuple[Any, Any]) -> None:
+    """Mistral's `"prefix": true` on a last assistant message: the reply continues it (the 400 for a last
+    assistant message asked for prefix=True, which the server dropped)."""
+    model, tok = model_tok
+    messages = [{"role": "user", "content": "Name three colours."}, {"role": "assistant", "content": "Red,",
+                                                                      "prefix": True}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    ids = tok.encode_chat(messages)
+    assert ids[-1] != tok.eos_id and r.usage.prompt_tokens == len(ids)
+    new = _reference(model, tok, ids, 8, 0.0, None)
+    assert r.choices[0].message.content == _continuation(tok, ids, new)  # its leading space kept
+    assert httpx.post(server + "/tokenize", json={"messages": messages}).json()["tokens"] == ids
+    r = httpx.post(server + CHAT, json={"messages": [{**messages[1], "role": "user"}, messages[0]]})
+    assert r.status_code == 400 and "prefix" in r.json()["error"]["message"], r.text
+
+
 def test_logit_bias_through_the_openai_client(client: Any, model_tok: tuple[Any, Any]) -> None:
     _, tok = model_tok
     kw = dict(model=NAME, prompt="The quick brown fox", max_tokens=6, temperature=0)

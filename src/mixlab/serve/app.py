@@ -9,7 +9,8 @@ Text conventions:
   - completions continue the prompt: the text of each token is the engine's stream-decoder delta
     (decoded with the prompt's last tokens as context, so a leading space is kept);
   - a chat reply drops the one leading space SentencePiece's "▁" puts on its first word (as
-    `tokenizer.decode` of the reply alone, mistral-common and `mixlab chat` do);
+    `tokenizer.decode` of the reply alone, mistral-common and `mixlab chat` do), unless it continues
+    a last assistant message sent with `"prefix": true`;
   - the logprob `token`s of a choice are those same deltas, so they concatenate to its text (a stop
     token, EOS or `stop_token_ids`, has an entry whose text is empty or what the decoder held back).
 """
@@ -564,10 +565,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         srv.check_open()
         srv.check_model(body.model)
-        messages: list[dict[str, Any]] = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = tok.encode_chat(messages)
+            ids = tok.encode_chat([m.template() for m in body.messages])
         except ChatError as e:
             raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         max_tokens = srv.max_tokens(body.limit(), len(ids), where="messages", default=None)
@@ -576,7 +575,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         params = [srv.sampling(body, max_tokens, i, lp) for i in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
-        choices = [_Choice(i, h, strip_space=True) for i, h in enumerate(handles)]
+        # a reply that continues an assistant prefix keeps its first word's leading space, as a completion does
+        continued = body.messages[-1].prefix
+        choices = [_Choice(i, h, strip_space=not continued) for i, h in enumerate(handles)]
         return await respond(request, body, choices, [len(ids)], chat=True, rid=rid, want_logprobs=body.logprobs,
                              echo=None)
 
@@ -639,8 +640,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.check_model(body.model)
         if body.messages is not None:
             try:
-                ids = tok.encode_chat([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                       for m in body.messages])
+                ids = tok.encode_chat([m.template() for m in body.messages])
             except ChatError as e:
                 raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         else:

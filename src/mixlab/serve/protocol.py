@@ -139,9 +139,16 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart]
     name: StrictStr | None = None
+    # Mistral's API: the last message, an assistant one, that the reply continues
+    prefix: StrictBool = False
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template(self) -> dict[str, Any]:
+        """The message as `Tokenizer.encode_chat` takes it."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text(),
+                "prefix": self.prefix}
 
 
 class ChatCompletionRequest(_Sampling):
