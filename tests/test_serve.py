@@ -348,6 +348,8 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (CHAT, {"messages": U, "max_tokens": True}, 400, "max_tokens"),
     (CHAT, {"messages": U, "max_tokens": 10**6}, 400, "max_tokens"),
     (CHAT, {"messages": U, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (CHAT, {"messages": U, "max_completion_tokens": 10**6}, 400, "max_completion_tokens"),  # it said max_tokens
+    (CHAT, {"messages": U, "max_tokens": 1, "max_completion_tokens": CONTEXT}, 400, "max_completion_tokens"),
     (CHAT, {"messages": U, "max_tokens": CONTEXT}, 400, "max_tokens"),  # prompt + max_tokens > context
     (CHAT, {"messages": U, "n": 0}, 400, "n"),
     (CHAT, {"messages": U, "n": 100}, 400, "n"),

@@ -256,7 +256,8 @@ class _Server:
             raise ApiError(503, "the server is shutting down", code="shutting_down",
                            headers={"Retry-After": str(self.cfg.retry_after_s)})
 
-    def max_tokens(self, asked: int | None, prompt_len: int, *, where: str, default: int | None) -> int:
+    def max_tokens(self, asked: int | None, prompt_len: int, *, where: str, default: int | None,
+                   param: str = "max_tokens") -> int:
         room = self.cfg.context_len - prompt_len
         if room < 1:
             verb = "take" if where == "messages" else "takes"
@@ -266,12 +267,11 @@ class _Server:
         if asked is None:
             return min(default if default is not None else room, room, self.limit)
         if asked > self.limit:
-            raise ApiError(400, f"invalid max_tokens={asked}: this server allows at most {self.limit}",
-                           param="max_tokens")
+            raise ApiError(400, f"invalid {param}={asked}: this server allows at most {self.limit}", param=param)
         if prompt_len + asked > self.cfg.context_len:
-            raise ApiError(400, f"the {where} ({prompt_len} tokens) + max_tokens={asked} = {prompt_len + asked} "
+            raise ApiError(400, f"the {where} ({prompt_len} tokens) + {param}={asked} = {prompt_len + asked} "
                                 f"exceeds the model's context of {self.cfg.context_len} tokens",
-                           param="max_tokens", code="context_length_exceeded")
+                           param=param, code="context_length_exceeded")
         return asked
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int,
@@ -569,7 +569,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             ids = tok.encode_chat([m.template() for m in body.messages])
         except ChatError as e:
             raise ApiError(400, f"invalid messages: {e}", param="messages") from None
-        max_tokens = srv.max_tokens(body.limit(), len(ids), where="messages", default=None)
+        limit = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the one obeyed
+        max_tokens = srv.max_tokens(body.limit(), len(ids), where="messages", default=None, param=limit)
         top = body.top_logprobs or 0
         lp = top if body.logprobs else None
         params = [srv.sampling(body, max_tokens, i, lp) for i in range(body.n)]
