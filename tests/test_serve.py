@@ -444,6 +444,11 @@ def test_bad_request_messages_say_what_was_expected(server: str) -> None:
                      err["message"]), err
     err = httpx.post(server + CHAT, json={"messages": U, "temperature": 7}).json()["error"]
     assert err["message"] == "invalid temperature=7: expected a number in [0, 2]"
+    # an image part: the message said only "input should be a valid string", though text parts are taken
+    image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    err = httpx.post(server + CHAT, json={"messages": [{"role": "user", "content": image}]}).json()["error"]
+    assert err["param"] == "messages[0].content" and "list of {'type': 'text'" in err["message"], err
+    assert "text only" in err["message"], err
     r = httpx.post(server + CHAT, content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     # a body that is not UTF-8 (PowerShell 5's Invoke-RestMethod sends Latin-1) or nested too deep to parse

@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -98,6 +99,8 @@ _EXPECTED = {
     "stop": "a non-empty string or a list of at most 16 non-empty strings",
     "prompt": "a non-empty string, list of strings, list of token ids or list of token-id lists",
     "messages": "a non-empty list of {'role': 'system'|'user'|'assistant', 'content': str} messages",
+    "messages.content": "a string or a list of {'type': 'text', 'text': str} parts (this model reads text only: no "
+                        "images, audio or files)",
     "temperature": "a number in [0, 2]",
     "top_p": "a number in (0, 1]",
     "n": "an integer in [1, 16]",
@@ -150,8 +153,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"missing required parameter {param!r}", param=param)
     value = e.get("input")
     shown = json.dumps(value)[:80] if _jsonable(value) else repr(value)[:80]
-    if param in _EXPECTED:
-        return ApiError(400, f"invalid {param}={shown}: expected {_EXPECTED[param]}", param=param)
+    expected = _EXPECTED.get(re.sub(r"\[\d+\]", "", param))  # messages[3].content: messages.content's
+    if expected is not None:
+        return ApiError(400, f"invalid {param}={shown}: expected {expected}", param=param)
     msg = str(e.get("msg", "")).removeprefix("Value error, ")
     return ApiError(400, f"invalid {param}={shown}: {msg[:1].lower() + msg[1:]}", param=param)
 
