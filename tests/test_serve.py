@@ -458,6 +458,16 @@ def test_bad_request_messages_say_what_was_expected(server: str) -> None:
         r = httpx.post(server + CHAT, content=bad, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
         assert r.json()["error"]["type"] == "invalid_request_error"
+    # JSON's "\ud83d" is a lone surrogate (half an emoji: a client cut a string by UTF-16 units); text the
+    # tokenizer cannot encode was a bare 500
+    half = "ab\ud83d"
+    for path, body, param in ((CHAT, {"messages": [{"role": "user", "content": half}]}, "messages[0].content"),
+                              (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": half}]}]},
+                               "messages[0].content"),
+                              (COMP, {"prompt": ["x", half]}, "prompt"), ("/tokenize", {"prompt": half}, "prompt")):
+        r = httpx.post(server + path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "lone surrogate \\ud83d at character 2" in r.json()["error"]["message"], r.text
     assert httpx.get(server + "/v1/nothing").status_code == 404
     assert httpx.get(server + CHAT).status_code == 405
 

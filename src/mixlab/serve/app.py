@@ -138,7 +138,8 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     errors = list(exc.errors())
     if not errors:
         return ApiError(400, "invalid request body")
-    e = errors[0]
+    # text that is not Unicode, whichever union branch reported it (the others say "not a list")
+    e = next((x for x in errors if x.get("type") == "string_unicode"), errors[0])
     if e.get("type") == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
     if tuple(e.get("loc", ())) == ("body",) and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
@@ -151,6 +152,8 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"invalid request body: {e.get('msg')}")
     if e.get("type") == "missing":
         return ApiError(400, f"missing required parameter {param!r}", param=param)
+    if e.get("type") == "string_unicode":
+        return ApiError(400, f"invalid {param}: {e.get('msg')}", param=param)
     value = e.get("input")
     shown = json.dumps(value)[:80] if _jsonable(value) else repr(value)[:80]
     expected = _EXPECTED.get(re.sub(r"\[\d+\]", "", param))  # messages[3].content: messages.content's

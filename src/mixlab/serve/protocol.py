@@ -12,7 +12,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from mixlab.engine.api import MAX_LOGPROBS  # the engine's bound on top alternatives
 
@@ -49,7 +60,22 @@ Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0)]
 TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[StrictInt, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
-StopStr = Annotated[StrictStr, Field(min_length=1)]
+StopStr = Annotated[StrictStr, Field(min_length=1)]  # pydantic checks a constrained str's Unicode itself
+
+
+def _unicode(text: str) -> str:
+    # JSON's "\ud83d" escape decodes to a lone surrogate (half an emoji, as a client that cut a string by
+    # UTF-16 units sends): no tokenizer can encode it, and the request failed with a bare 500
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        where = {"char": f"\\u{ord(text[e.start]):04x}", "at": e.start}
+        raise PydanticCustomError("string_unicode", "a lone surrogate {char} at character {at}: half of a "
+                                  "UTF-16 pair, not text", where) from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]  # what the tokenizer encodes
 TokenId = Annotated[StrictInt, Field(ge=0)]
 
 
@@ -130,14 +156,14 @@ def _field_error(param: str, message: str) -> _FieldError:
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     # "developer" is OpenAI's newer name for "system"
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    content: Text | list[TextPart]
     name: StrictStr | None = None
     # Mistral's API: the last message, an assistant one, that the reply continues
     prefix: StrictBool = False
@@ -177,7 +203,7 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-Prompt = (StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+Prompt = (Text | Annotated[list[Text], Field(min_length=1)]
           | Annotated[list[TokenId], Field(min_length=1)]
           | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
 
@@ -215,7 +241,7 @@ class CompletionRequest(_Sampling):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: StrictBool = True
 
