@@ -371,6 +371,9 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     (CHAT, {"messages": U, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     (CHAT, {"messages": U, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": U, "tool_choice": "required"}, 400, "tool_choice"),  # a call it would not make: was ignored
+    (CHAT, {"messages": U, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
+    (CHAT, {"messages": U, "function_call": {"name": "f"}}, 400, "function_call"),
     (CHAT, {"messages": U, "return_experts": "please"}, 400, "return_experts"),
     (CHAT, {"messages": U, "stop_token_ids": [-1]}, 400, "stop_token_ids[0]"),
     (CHAT, {"messages": U, "stop_token_ids": [32000]}, 400, "stop_token_ids"),
@@ -423,6 +426,11 @@ def test_null_parameters_take_their_defaults(server: str) -> None:
     assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
     r = httpx.post(server + COMP, json={"prompt": "x", "max_tokens": 2, "echo": None, **nulls}, timeout=30)
     assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, r.text
+    # what clients send with no tools: a plain reply
+    for extra in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {"function_call": "none"}, {"tools": []},
+                  {"parallel_tool_calls": False}, {"response_format": {"type": "text"}}):
+        r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 2, **extra}, timeout=30)
+        assert r.status_code == 200, (extra, r.text)
     r = httpx.post(server + CHAT, json={"messages": None}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 

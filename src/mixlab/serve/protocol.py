@@ -10,6 +10,7 @@ silently dropped.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -184,6 +185,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    # "none" and "auto" mean a plain reply when there are no tools; the others demand a call
+    tool_choice: Any = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -195,6 +199,11 @@ class ChatCompletionRequest(_Sampling):
         if self.tools or self.functions:
             name = "tools" if self.tools else "functions"
             raise _field_error(name, f"{name} (tool calling) is not supported by this server")
+        for name, choice in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
+            if choice not in (None, "none", "auto"):
+                raise _field_error(name, f"{name}={json.dumps(choice)[:80]} asks for a tool call, which this "
+                                         "server does not make (tool calling is not supported; 'none' and 'auto' "
+                                         "are accepted)")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise _field_error("response_format", "only response_format {'type': 'text'} is supported")
         return self
