@@ -1009,6 +1009,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
         pytest.skip("no chromium + chromedriver (apt-get install chromium chromium-driver)")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     model, tok = model_tok
@@ -1078,6 +1079,15 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
 
             seen, expected = painted(1)
             assert seen == expected
+            # entering an API key reloads the model's description and keeps the chosen layer (the list
+            # went back to layer 0 while the tokens stayed painted by layer 1)
+            driver.execute_script("document.getElementById('model').textContent = ''")
+            api_key = driver.find_element(By.ID, "api_key")
+            api_key.send_keys("unused\t")
+            wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+            assert driver.find_element(By.ID, "layer").get_attribute("value") == "1"
+            assert painted(1) == (seen, expected)
+            api_key.send_keys(Keys.CONTROL, "a", Keys.DELETE, "\t")
             driver.find_element(By.ID, "layer").send_keys("layer 0")
             assert painted(0)[0] == painted(0)[1] != seen
             # a second turn: multi-turn history is sent, the reply streams again

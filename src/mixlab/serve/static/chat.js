@@ -29,10 +29,11 @@ async function loadModel() {
     const j = await r.json();
     model = j.data[0].id; info = j.data[0].mixlab || {};
     $("model").textContent = `${model} · ${info.layers || "?"} layers · ${info.experts || 0} experts, top-${info.experts_per_token || 0}`;
-    const sel = $("layer"); sel.innerHTML = "";
+    const sel = $("layer"), keep = sel.value; sel.innerHTML = "";
     for (let i = 0; i < (info.layers || 0); i++) sel.add(new Option(`layer ${i}`, String(i)));
+    sel.value = keep; if (sel.selectedIndex < 0) sel.selectedIndex = 0;  // entering the key keeps the chosen layer
     if (!info.experts) { $("colour").disabled = true; }
-    legend();
+    legend(); repaint();
   } catch (e) { $("model").textContent = e instanceof TypeError ? `cannot reach the server (${e.message})` : e.message; }
 }
 
