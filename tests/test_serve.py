@@ -1110,6 +1110,19 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .body")[-1].text == html
             assert driver.find_elements(By.CSS_SELECTOR, "#log img, #log script, #log b") == []
             assert driver.execute_script("return window.pwned") is None
+            # a reload keeps the conversation, its tokens coloured as they were, and the settings (all lost)
+            driver.find_element(By.ID, "system").send_keys("Be brief.")
+            shown = ("return [messages,"
+                     "[...document.querySelectorAll('#log .msg')].map(m => [m.className, m.textContent]),"
+                     "[...document.querySelectorAll('.tok')].map(s => [getComputedStyle(s).backgroundColor, s.title]),"
+                     "['system', 'temperature', 'max_tokens', 'layer'].map(id => document.getElementById(id).value),"
+                     "document.getElementById('colour').checked]")
+            before = driver.execute_script(shown)
+            assert len(before[0]) == 6 and before[3] == ["Be brief.", "0", "40", "0"] and before[4] is True
+            driver.refresh()
+            wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+            assert driver.execute_script(shown) == before
+            temperature, limit = driver.find_element(By.ID, "temperature"), driver.find_element(By.ID, "max_tokens")
             # From here each engine step is held up 20 ms, so that a reply is still streaming when clicked at.
             forward = engine.runner.forward
             engine.runner.forward = lambda items: (time.sleep(0.02), forward(items))[1]  # type: ignore[method-assign]
@@ -1145,6 +1158,11 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
             assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
             assert _metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
+            # the stopped reply is kept, as far as it went
+            kept = driver.execute_script("return JSON.parse(localStorage.getItem('mixlab.chat')).messages")
+            assert [m["role"] for m in kept] == ["user", "assistant"]
+            assert kept[1]["content"] == driver.execute_script(
+                "return [...document.querySelectorAll('.msg.assistant .body')].pop().textContent")
             del engine.runner.forward  # full speed again
             # Temperature and Max tokens left empty are left out (the server's defaults); they were sent as 0:
             # greedy, and a 400 for max_tokens
@@ -1200,6 +1218,19 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
                        and d.find_element(By.ID, "send").is_enabled())
             assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+            # the key is kept for this tab alone (sessionStorage), never in localStorage; a stored
+            # conversation or settings that are not what the page writes are ignored, not fatal
+            driver.get_log("browser")  # the 400 and 401 above were logged
+            driver.execute_script(
+                "localStorage.setItem('mixlab.settings', '{'); localStorage.setItem('mixlab.chat', JSON.stringify("
+                "{version: 1, messages: [{role: 'assistant', content: 'x', tokens: [['x', [[0, 'one']]]]}]}))")
+            driver.refresh()
+            wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+            assert driver.find_element(By.ID, "api_key").get_attribute("value") == "k3y"
+            assert "k3y" not in driver.execute_script("return JSON.stringify({...localStorage})")
+            assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
+            assert driver.find_element(By.ID, "temperature").get_attribute("value") == "0.7"
+            assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
             # a narrow window (a phone): the chat keeps the width, the settings go below it (the chat
             # was squeezed to 58 of 420 pixels beside them)
             driver.set_window_size(420, 800)

@@ -5,7 +5,44 @@ const $ = (id) => document.getElementById(id);
 const PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
                  "#d9d9d9", "#bc80bd", "#ccebc5", "#ffed6f"];
 const colourOf = (e) => e < PALETTE.length ? PALETTE[e] : `hsl(${(e * 137.5) % 360}, 70%, 80%)`;
+// messages: the conversation, {role, content}; a reply also keeps its tokens, [text, experts per layer],
+// to be drawn again coloured, and cut: true when it stopped at max tokens
 let model = null, info = {}, messages = [], controller = null;
+
+// Kept across a reload: the conversation and the settings in localStorage (this browser, for this
+// server's address); the API key in sessionStorage only (this tab, until it is closed). A stored value
+// that is not what this page writes (corrupt, another version) is ignored.
+const SETTINGS = ["system", "temperature", "max_tokens", "colour", "layer"];
+function stored(key, valid) {
+  try { const v = JSON.parse(localStorage.getItem(key)); return v && v.version === 1 && valid(v) ? v : null; }
+  catch (e) { return null; }  // not JSON, or storage disabled
+}
+function store(key, value) {
+  try { localStorage.setItem(key, JSON.stringify({version: 1, ...value})); return true; }
+  catch (e) { return false; }  // storage full or disabled: the page works on without it
+}
+const isExperts = (ex) => ex === null || Array.isArray(ex) && ex.every((k) => Array.isArray(k) && k.every(Number.isInteger));
+const isToken = (t) => Array.isArray(t) && typeof t[0] === "string" && isExperts(t[1]);
+const isMessage = (m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string" &&
+  (m.tokens === undefined || Array.isArray(m.tokens) && m.tokens.every(isToken));
+function saveChat() {  // without the tokens if they do not fit: the text survives, uncoloured
+  if (!store("mixlab.chat", {messages})) store("mixlab.chat", {messages: messages.map(({role, content}) => ({role, content}))});
+}
+function saveSettings() {
+  const s = {};
+  for (const id of SETTINGS) s[id] = $(id).type === "checkbox" ? $(id).checked : $(id).value;
+  store("mixlab.settings", s);
+}
+function restore() {
+  const s = stored("mixlab.settings", (v) => SETTINGS.every((id) => typeof v[id] === (id === "colour" ? "boolean" : "string")));
+  if (s) {
+    for (const id of SETTINGS) if (id === "colour") $(id).checked = s[id]; else if (id !== "layer") $(id).value = s[id];
+    $("layer").add(new Option(`layer ${s.layer}`, s.layer));  // chosen again once the model's layers are listed
+  }
+  const c = stored("mixlab.chat", (v) => Array.isArray(v.messages) && v.messages.every(isMessage));
+  if (c) { messages = c.messages; render(); }
+  try { $("api_key").value = sessionStorage.getItem("mixlab.api_key") || ""; } catch (e) { /* storage disabled */ }
+}
 
 function headers() {
   const h = {"Content-Type": "application/json"};
@@ -43,6 +80,20 @@ function legend() {
     const s = document.createElement("span"); s.textContent = `expert ${e}`; s.style.background = colourOf(e);
     div.appendChild(s);
   }
+}
+
+function render() {  // the log, drawn from the conversation
+  $("log").innerHTML = "";
+  for (const m of messages) {
+    const body = addMessage(m.role, m.tokens ? "" : m.content);
+    for (const [t, ex] of m.tokens || []) addToken(body, t, ex);
+    if (m.cut) cutNote(body);
+  }
+}
+
+function cutNote(body) {  // cut, not finished: say so beside the reply, not in it
+  const note = document.createElement("span"); note.className = "note muted";
+  note.textContent = "(cut at max tokens)"; body.after(note);
 }
 
 function addMessage(role, text) {
@@ -85,10 +136,12 @@ async function send(text) {
   const body = addMessage("assistant", "");
   const system = $("system").value.trim();
   const req = {model, stream: true, return_experts: !!info.experts,
-               messages: (system ? [{role: "system", content: system}] : []).concat(history),
+               messages: (system ? [{role: "system", content: system}] : []).concat(
+                 history.map(({role, content}) => ({role, content}))),
                temperature: number("temperature"), max_tokens: number("max_tokens")};
   controller = new AbortController(); busy(true);
-  let reply = "", pending = null, answered = false;  // pending: experts of a token whose text is still held back
+  let reply = "", pending = null, answered = false, full = false;  // pending: experts of a token whose text is still held back
+  const tokens = [];  // [text, experts] as shown, kept with the reply
   try {
     const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
                                                   signal: controller.signal});
@@ -111,19 +164,16 @@ async function send(text) {
         for (const ch of ev.choices || []) {
           const t = (ch.delta && ch.delta.content) || "";
           const ex = ch.experts && ch.experts.length ? ch.experts[0].experts : null;
-          if (t) { addToken(body, t, ex || pending); pending = null; reply += t; }
+          if (t) { addToken(body, t, ex || pending); tokens.push([t, ex || pending]); pending = null; reply += t; }
           else if (ex) pending = pending || ex;
-          if (ch.finish_reason === "length") {  // cut, not finished: say so beside the reply, not in it
-            const note = document.createElement("span"); note.className = "note muted";
-            note.textContent = "(cut at max tokens)"; body.after(note);
-          }
+          if (ch.finish_reason === "length") { cutNote(body); full = true; }
         }
       }
     }
-    history.push({role: "assistant", content: reply || " "});
+    history.push({role: "assistant", content: reply || " ", tokens, ...(full ? {cut: true} : {})});
     $("status").textContent = "";
   } catch (e) {
-    if (e.name === "AbortError") { history.push({role: "assistant", content: reply || " "}); }
+    if (e.name === "AbortError") { history.push({role: "assistant", content: reply || " ", tokens}); }
     else {  // the question leaves the conversation (shown struck out) and goes back into the box, to send again
       history.pop(); asked.parentElement.classList.add("unsent");
       if (!$("input").value) $("input").value = text;
@@ -131,7 +181,7 @@ async function send(text) {
       body.parentElement.classList.add("error");
       addToken(body, " [" + (e instanceof TypeError ? `${lost} (${e.message})` : e.message) + "]", null);
     }
-  } finally { busy(false); controller = null; }
+  } finally { busy(false); controller = null; saveChat(); }
 }
 
 function busy(on) { $("send").disabled = on; $("stop").disabled = !on; }
@@ -148,8 +198,15 @@ $("input").addEventListener("keydown", (ev) => {
   }
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
-$("reset").addEventListener("click", () => { if (controller) controller.abort(); messages = []; $("log").innerHTML = ""; });
+$("reset").addEventListener("click", () => {
+  if (controller) controller.abort();
+  messages = []; $("log").innerHTML = ""; saveChat();
+});
 $("colour").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
-$("api_key").addEventListener("change", loadModel);
-loadModel();
+for (const id of SETTINGS) $(id).addEventListener("input", saveSettings);
+$("api_key").addEventListener("change", () => {
+  try { sessionStorage.setItem("mixlab.api_key", $("api_key").value); } catch (e) { /* storage disabled */ }
+  loadModel();
+});
+restore(); repaint(); loadModel();
