@@ -1123,6 +1123,21 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
             assert driver.execute_script(shown) == before
             temperature, limit = driver.find_element(By.ID, "temperature"), driver.find_element(By.ID, "max_tokens")
+            # Regenerate: the last reply is asked for again, with the conversation before it, and replaced
+            driver.execute_script(
+                "window.sent = []; window.realFetch = window.fetch; window.fetch = async (u, o) => { sent.push(o.body);"
+                "return new Response('data: ' + JSON.stringify({choices: [{index: 0, delta: {content: 'Again.'}}]})"
+                " + '\\n\\ndata: [DONE]\\n\\n'); }")
+            driver.find_element(By.ID, "regenerate").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .body")[-1].text == "Again."
+                       and d.find_element(By.ID, "regenerate").is_enabled())
+            driver.execute_script("window.fetch = window.realFetch")
+            asked = json.loads(driver.execute_script("return sent[0]"))["messages"]
+            assert asked == [{"role": "system", "content": "Be brief."}] + [
+                {"role": m["role"], "content": m["content"]} for m in before[0][:5]]
+            assert driver.execute_script("return messages.map(m => m.content)") == [
+                m["content"] for m in before[0][:5]] + ["Again."]
+            assert len(driver.find_elements(By.CSS_SELECTOR, ".msg")) == 6
             # From here each engine step is held up 20 ms, so that a reply is still streaming when clicked at.
             forward = engine.runner.forward
             engine.runner.forward = lambda items: (time.sleep(0.02), forward(items))[1]  # type: ignore[method-assign]
@@ -1142,6 +1157,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
             assert driver.execute_script("return messages") == []
             assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
+            assert not driver.find_element(By.ID, "regenerate").is_enabled()  # nothing to write again
             # Stop during a reply cancels it in the engine; a reader who scrolled up is not pulled
             # back down by each new token (the log jumped to its end on every one)
             cancelled = _metric(url, "mixlab_requests_cancelled_total")

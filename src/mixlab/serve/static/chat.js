@@ -129,17 +129,28 @@ function addToken(body, text, experts) {
 // (temperature 1, max_tokens the rest of the context), not the 0 that Number("") is.
 const number = (id) => $(id).value.trim() === "" ? undefined : Number($(id).value);
 
-async function send(text) {
-  // this reply's conversation: "New chat" during the reply starts another one, which it must not touch
-  const history = messages;
-  history.push({role: "user", content: text}); const asked = addMessage("user", text);
+function send(text) {
+  messages.push({role: "user", content: text});
+  answer(messages, addMessage("user", text));
+}
+
+function regenerate() {  // the last reply, written again
+  if (controller || !messages.length || messages[messages.length - 1].role !== "assistant") return;
+  messages.pop(); render();
+  answer(messages, $("log").lastElementChild.querySelector(".body"));
+}
+
+// The reply to the conversation `history`, which ends with the question `asked` shows; "New chat" during
+// the reply starts another conversation, which it must not touch.
+async function answer(history, asked) {
+  const text = history[history.length - 1].content;
   const body = addMessage("assistant", "");
   const system = $("system").value.trim();
   const req = {model, stream: true, return_experts: !!info.experts,
                messages: (system ? [{role: "system", content: system}] : []).concat(
                  history.map(({role, content}) => ({role, content}))),
                temperature: number("temperature"), max_tokens: number("max_tokens")};
-  controller = new AbortController(); busy(true);
+  controller = new AbortController(); buttons();
   let reply = "", pending = null, answered = false, full = false;  // pending: experts of a token whose text is still held back
   const tokens = [];  // [text, experts] as shown, kept with the reply
   try {
@@ -181,10 +192,13 @@ async function send(text) {
       body.parentElement.classList.add("error");
       addToken(body, " [" + (e instanceof TypeError ? `${lost} (${e.message})` : e.message) + "]", null);
     }
-  } finally { busy(false); controller = null; saveChat(); }
+  } finally { controller = null; buttons(); saveChat(); }
 }
 
-function busy(on) { $("send").disabled = on; $("stop").disabled = !on; }
+function buttons() {
+  $("send").disabled = !!controller; $("stop").disabled = !controller;
+  $("regenerate").disabled = !!controller || !messages.length || messages[messages.length - 1].role !== "assistant";
+}
 
 $("composer").addEventListener("submit", (ev) => {
   ev.preventDefault();
@@ -200,8 +214,9 @@ $("input").addEventListener("keydown", (ev) => {
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("reset").addEventListener("click", () => {
   if (controller) controller.abort();
-  messages = []; $("log").innerHTML = ""; saveChat();
+  messages = []; $("log").innerHTML = ""; buttons(); saveChat();
 });
+$("regenerate").addEventListener("click", regenerate);
 $("colour").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
 for (const id of SETTINGS) $(id).addEventListener("input", saveSettings);
@@ -209,4 +224,4 @@ $("api_key").addEventListener("change", () => {
   try { sessionStorage.setItem("mixlab.api_key", $("api_key").value); } catch (e) { /* storage disabled */ }
   loadModel();
 });
-restore(); repaint(); loadModel();
+restore(); repaint(); buttons(); loadModel();
