@@ -1138,6 +1138,17 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert driver.execute_script("return messages.map(m => m.content)") == [
                 m["content"] for m in before[0][:5]] + ["Again."]
             assert len(driver.find_elements(By.CSS_SELECTOR, ".msg")) == 6
+            # Copy puts a message's text on the clipboard; where there is none (a page on http:// from
+            # another machine), it selects the text for Ctrl+C
+            driver.execute_script("navigator.clipboard.writeText = async (t) => { window.copied = t; }")
+            copy = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .copy")[0]
+            copy.click()
+            first = driver.execute_script("return document.querySelector('.msg.assistant .body').textContent")
+            wait.until(lambda d: copy.text == "Copied")
+            assert driver.execute_script("return window.copied") == first == before[0][1]["content"]
+            driver.execute_script("Object.defineProperty(navigator, 'clipboard', {value: undefined})")
+            driver.find_elements(By.CSS_SELECTOR, ".msg.user .copy")[1].click()
+            wait.until(lambda d: d.execute_script("return getSelection().toString()") == "And now?")
             # From here each engine step is held up 20 ms, so that a reply is still streaming when clicked at.
             forward = engine.runner.forward
             engine.runner.forward = lambda items: (time.sleep(0.02), forward(items))[1]  # type: ignore[method-assign]

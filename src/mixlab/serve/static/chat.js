@@ -100,8 +100,19 @@ function addMessage(role, text) {
   const div = document.createElement("div"); div.className = "msg " + role;
   const who = document.createElement("span"); who.className = "who"; who.textContent = role;
   const body = document.createElement("div"); body.className = "body"; body.textContent = text || "";
-  div.append(who, body); $("log").appendChild(div); $("log").scrollTop = $("log").scrollHeight;
+  const button = document.createElement("button"); button.type = "button"; button.className = "copy";
+  button.textContent = "Copy"; button.title = `Copy this ${role} message`;
+  button.addEventListener("click", () => copy(body, button));
+  who.append(button); div.append(who, body); $("log").appendChild(div); $("log").scrollTop = $("log").scrollHeight;
   return body;
+}
+
+// The clipboard needs a secure context (https, or this machine's own address): elsewhere the text is
+// selected, for Ctrl+C.
+async function copy(body, button) {
+  try { await navigator.clipboard.writeText(body.textContent); button.textContent = "Copied"; }
+  catch (e) { getSelection().selectAllChildren(body); button.textContent = "Selected"; }
+  setTimeout(() => { button.textContent = "Copy"; }, 1500);
 }
 
 function paint(span) {
