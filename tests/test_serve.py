@@ -1264,5 +1264,30 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             widths = driver.execute_script("return [document.getElementById('log').clientWidth, "
                                            "document.documentElement.scrollWidth, window.innerWidth]")
             assert widths[0] > 300 and widths[1] <= widths[2], widths
+
+            async def under_chat(scope: dict[str, Any], receive: Any, send: Any) -> None:  # a proxy's /chat/ alone
+                if not scope["path"].startswith("/chat/"):
+                    await send({"type": "http.response.start", "status": 404, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+                await app({**scope, "path": scope["path"][5:], "raw_path": scope["path"][5:].encode()}, receive, send)
+
+            # behind a reverse proxy that serves the server under a path (code-server's /proxy/PORT/,
+            # JupyterHub), the page asks for its files and the API under its own address (it asked for
+            # /static/... and /v1/... at the proxy's root)
+            with ServerThread(under_chat) as proxy:
+                driver.get(proxy + "/chat/")
+                wait.until(lambda d: "API key" in d.find_element(By.ID, "model").text)
+                driver.find_element(By.ID, "api_key").send_keys("k3y\t")
+                wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+                limit = driver.find_element(By.ID, "max_tokens")
+                limit.clear()
+                limit.send_keys("3")
+                driver.find_element(By.ID, "input").send_keys("Under a path.\n")
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
+                           and d.find_element(By.ID, "send").is_enabled())
+                assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+                loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+                assert loaded and all(u.startswith(proxy + "/chat/") for u in loaded), loaded
         finally:
             driver.quit()

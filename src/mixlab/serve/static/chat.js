@@ -61,7 +61,7 @@ async function failure(r) {
 
 async function loadModel() {
   try {
-    const r = await fetch("/v1/models", {headers: headers()});
+    const r = await fetch("v1/models", {headers: headers()});
     if (!r.ok) throw new Error(await failure(r));
     const j = await r.json();
     model = j.data[0].id; info = j.data[0].mixlab || {};
@@ -165,7 +165,7 @@ async function answer(history, asked) {
   let reply = "", pending = null, answered = false, full = false;  // pending: experts of a token whose text is still held back
   const tokens = [];  // [text, experts] as shown, kept with the reply
   try {
-    const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
+    const r = await fetch("v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
                                                   signal: controller.signal});
     answered = true;
     if (!r.ok) throw new Error(await failure(r));
