@@ -1001,6 +1001,18 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+def _contrast(fg: str, bg: str) -> float:
+    """WCAG's contrast ratio of two CSS colours as the browser gives them, 'rgb(r, g, b)'."""
+
+    def luminance(colour: str) -> float:
+        c = [int(x) / 255 for x in re.findall(r"\d+", colour)[:3]]
+        r, g, b = (x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4 for x in c)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    hi, lo = sorted((luminance(fg), luminance(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
 @pytest.mark.slow
 def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, Any], tmp_path: Path) -> None:
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -1060,6 +1072,19 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             colours = {s.value_of_css_property("background-color") for s in spans}
             assert len(colours) > 1 and "rgba(0, 0, 0, 0)" not in colours  # every token coloured, several experts
             assert spans[0].get_attribute("title").startswith("layer 0: experts ")
+            # every field has a name a screen reader says (the message box had only a placeholder), and all
+            # text shown stands out from its background by WCAG AA's 4.5:1 (grey notes were 4.4:1)
+            assert driver.execute_script("return [...document.querySelectorAll('input, textarea, select, button')]"
+                                         ".filter(e => !e.labels.length && !e.ariaLabel && !e.textContent.trim())"
+                                         ".map(e => e.id)") == []
+            texts = driver.execute_script(
+                "const bg = (e) => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;"
+                "  if (c !== 'rgba(0, 0, 0, 0)') return c; } return 'rgb(255, 255, 255)'; };"
+                "return [...document.querySelectorAll('body *')].filter(e => e.offsetParent && !e.matches(':disabled')"
+                "  && [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()))"
+                ".map(e => [e.textContent.slice(0, 30), getComputedStyle(e).color, bg(e)])")
+            low = [(text, round(_contrast(fg, bg), 2)) for text, fg, bg in texts if _contrast(fg, bg) < 4.5]
+            assert len(texts) > 20 and low == [], low
             # The screenshot in docs/ is refreshed only when asked: a test run leaves the tree as it was.
             shot = ROOT / "docs" / "serve-chat.png" if os.environ.get("MIXLAB_UPDATE_DOCS") else tmp_path / "chat.png"
             driver.save_screenshot(str(shot))
@@ -1181,8 +1206,10 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             count = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok"))
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")) > count + 3)
             assert driver.execute_script("return arguments[0].scrollTop", log) == 0
+            assert log.get_attribute("aria-busy") == "true"  # read out once whole, not token by token
             driver.find_element(By.ID, "stop").click()
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+            assert log.get_attribute("aria-busy") == "false"
             assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
             assert _metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
             # the stopped reply is kept, as far as it went

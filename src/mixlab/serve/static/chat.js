@@ -207,6 +207,7 @@ async function answer(history, asked) {
 }
 
 function buttons() {
+  $("log").setAttribute("aria-busy", String(!!controller));  // a screen reader reads the reply once it is whole, not token by token
   $("send").disabled = !!controller; $("stop").disabled = !controller;
   $("regenerate").disabled = !!controller || !messages.length || messages[messages.length - 1].role !== "assistant";
 }
