@@ -1217,6 +1217,16 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert [m["role"] for m in kept] == ["user", "assistant"]
             assert kept[1]["content"] == driver.execute_script(
                 "return [...document.querySelectorAll('.msg.assistant .body')].pop().textContent")
+            # a conversation too big for localStorage is kept without its tokens' experts, else not at all
+            # (the conversation stored before it came back on a reload)
+            full = ("const refused = arguments[0], set = Storage.prototype.setItem;"
+                    "Storage.prototype.setItem = function (k, v) {"
+                    "  if (v.includes(refused)) throw new DOMException('full', 'QuotaExceededError');"
+                    "  return set.call(this, k, v); }; saveChat(); Storage.prototype.setItem = set;"
+                    "return JSON.parse(localStorage.getItem('mixlab.chat'))")
+            assert driver.execute_script(full, '"tokens"') == {"version": 1, "messages": [
+                {"role": m["role"], "content": m["content"]} for m in kept]}
+            assert driver.execute_script(full, '"messages"') is None
             del engine.runner.forward  # full speed again
             # Temperature and Max tokens left empty are left out (the server's defaults); they were sent as 0:
             # greedy, and a 400 for max_tokens

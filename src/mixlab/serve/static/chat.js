@@ -25,8 +25,10 @@ const isExperts = (ex) => ex === null || Array.isArray(ex) && ex.every((k) => Ar
 const isToken = (t) => Array.isArray(t) && typeof t[0] === "string" && isExperts(t[1]);
 const isMessage = (m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string" &&
   (m.tokens === undefined || Array.isArray(m.tokens) && m.tokens.every(isToken));
-function saveChat() {  // without the tokens if they do not fit: the text survives, uncoloured
-  if (!store("mixlab.chat", {messages})) store("mixlab.chat", {messages: messages.map(({role, content}) => ({role, content}))});
+function saveChat() {  // without the tokens if they do not fit (the text survives, uncoloured); else not at all
+  if (store("mixlab.chat", {messages}) ||
+      store("mixlab.chat", {messages: messages.map(({role, content}) => ({role, content})) })) return;
+  try { localStorage.removeItem("mixlab.chat"); } catch (e) { /* storage disabled */ }  // not an older conversation
 }
 function saveSettings() {
   const s = {};
