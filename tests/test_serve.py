@@ -1120,6 +1120,9 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             driver.find_element(By.ID, "send").click()
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
                        and d.find_element(By.ID, "send").is_enabled())
+            # the message box keeps the focus after a click on a button (the next message was typed into nothing)
+            focused = "return document.activeElement.id"
+            assert driver.execute_script(focused) == "input"
             # HTML in a question or in a reply is shown as text, never run (the reply is served here by
             # the page's own fetch, as a model could write it)
             html = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b>'
@@ -1191,7 +1194,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(streaming(4))
             driver.find_element(By.ID, "reset").click()
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
-            assert driver.execute_script("return messages") == []
+            assert driver.execute_script("return messages") == [] and driver.execute_script(focused) == "input"
             assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
             assert not driver.find_element(By.ID, "regenerate").is_enabled()  # nothing to write again
             # Stop during a reply cancels it in the engine; a reader who scrolled up is not pulled
@@ -1209,7 +1212,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert log.get_attribute("aria-busy") == "true"  # read out once whole, not token by token
             driver.find_element(By.ID, "stop").click()
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
-            assert log.get_attribute("aria-busy") == "false"
+            assert log.get_attribute("aria-busy") == "false" and driver.execute_script(focused) == "input"
             assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
             assert _metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
             # the stopped reply is kept, as far as it went

@@ -218,6 +218,7 @@ $("composer").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = $("input").value.trim();
   if (text && !controller) { $("input").value = ""; send(text); }
+  $("input").focus();  // after a click on Send, for the next message (the button it left is disabled)
 });
 $("input").addEventListener("keydown", (ev) => {
   // Enter that ends an input method's composition (Chinese, Japanese, Korean...) is the IME's, not a send
@@ -225,12 +226,12 @@ $("input").addEventListener("keydown", (ev) => {
     ev.preventDefault(); $("composer").requestSubmit();
   }
 });
-$("stop").addEventListener("click", () => controller && controller.abort());
+$("stop").addEventListener("click", () => { if (controller) controller.abort(); $("input").focus(); });
 $("reset").addEventListener("click", () => {
   if (controller) controller.abort();
-  messages = []; $("log").innerHTML = ""; buttons(); saveChat();
+  messages = []; $("log").innerHTML = ""; buttons(); saveChat(); $("input").focus();
 });
-$("regenerate").addEventListener("click", regenerate);
+$("regenerate").addEventListener("click", () => { regenerate(); $("input").focus(); });
 $("colour").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
 for (const id of SETTINGS) $(id).addEventListener("input", saveSettings);
