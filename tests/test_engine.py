@@ -822,3 +822,53 @@ def test_async_waiting_on_an_engine_nobody_runs_warns(tiny, monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"never started .* `engine\.step\(\)`"):
         got = asyncio.run(consume())
     assert len([o for o in got if o.token_id is not None]) == 3
+
+
+# -- batch invariance ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [None, 6])
+def test_batch_invariant_outputs_are_bitwise_those_of_each_request_alone(dtype, window):
+    """`batch_invariant=True`: each request's logprobs are bit for bit those of its run alone, whatever
+    runs beside it and however its prompt is cut into chunks, in bf16 too, where the default kernels
+    round differently between batch sizes (vLLM #23138: temperature 0 changing under load)."""
+    from mixlab.ops import native
+
+    if native.load() is None:
+        pytest.skip("needs the native kernels")
+    model = _model(sliding_window=window).to(dtype)
+    prompts = _prompts((3, 9, 17, 30, 41, 12), seed=21)
+    params = SamplingParams(max_tokens=12, logprobs=2, ignore_eos=True)
+
+    def run(engine, ps):
+        outs = _handles_run(engine, [(p, params) for p in ps])
+        return [[(o.token_id, o.logprob, o.top_logprobs) for o in h] for h in outs]
+
+    first = None
+    for max_batch, chunk in ((6, 128), (3, 5)):
+        kw = dict(token_budget=24, prefill_chunk=chunk, batch_invariant=True)
+        alone = [run(Engine(model, max_batch=1, **kw), [p])[0] for p in prompts]
+        together = run(Engine(model, max_batch=max_batch, **kw), prompts)  # prompts cut by the budget left too
+        assert together == alone  # exact: token ids, logprobs and alternatives
+        if window is None:  # without a sliding window, whatever the chunk size (with one, it sizes the
+            first = first or alone  # rolling slots, so the order of a query's keys)
+            assert alone == first
+    # and they are the model's: greedy tokens of a full recompute (float32, where no near-tie flips)
+    if dtype == torch.float32:
+        assert [[t for t, _, _ in o] for o in alone] == [_reference(model, p, 12)[0] for p in prompts]
+
+
+def test_batch_invariant_refuses_what_has_no_invariant_kernels(tiny):
+    from mixlab.model.inference import prepare_for_inference
+    from mixlab.ops import native
+
+    if native.load() is None:
+        pytest.skip("needs the native kernels")
+    with pytest.raises(ValueError, match="pack_weights"):
+        Engine(tiny, batch_invariant=True, pack_weights=True)
+    with pytest.raises(ValueError, match="batch_invariant"):
+        Engine(tiny, batch_invariant="yes")
+    int8 = prepare_for_inference(_model(), quant="int8")
+    with pytest.raises(ValueError, match="int8/int4"):
+        Engine(int8, batch_invariant=True)

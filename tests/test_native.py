@@ -467,24 +467,25 @@ def _compile_stub(tmp_path, source: str):
 def test_a_library_of_another_abi_version_is_refused(tmp_path):
     """decode.c itself, built with a different MX_ABI_VERSION: refused with a message, never called."""
     out = native.compile_library(native.compiler(), tmp_path / "old.so", defines=("MX_ABI_VERSION=1",))
-    with pytest.raises(native.NativeABIError, match=r"ABI version 1, but this mixlab expects 6; rebuild"):
+    with pytest.raises(native.NativeABIError, match=rf"ABI version 1, but this mixlab expects {native.ABI_VERSION}; rebuild"):
         native.load_library(out)
 
 
-_ENTRY = "long long mx_sizeof(int w) { long long s[] = {136, 152, 120, 176, 264}; return s[w]; }\n"
+_ENTRY = "long long mx_sizeof(int w) { long long s[] = {136, 152, 120, 176, 272}; return s[w]; }\n"
+_ABI = f"int mx_abi_version(void) {{ return {native.ABI_VERSION}; }}\n"
 _SIMD = "int mx_simd(void) { return 0; }\nint mx_cpu_features(void) { return 0; }\n"
 
 
 @pytest.mark.parametrize(("source", "message"), [
     ("int mx_gemv(void) { return 0; }", r"no mx_abi_version; a library from an older decode.c"),
-    ("int mx_abi_version(void) { return 6; }\n" + _ENTRY, r"ABI 6 but an entry point is missing"),
-    ("int mx_abi_version(void) { return 6; }\nint mx_simd(void) { return 3; }\nint mx_cpu_features(void) "
+    (_ABI + _ENTRY, rf"ABI {native.ABI_VERSION} but an entry point is missing"),
+    (_ABI + "int mx_simd(void) { return 3; }\nint mx_cpu_features(void) "
      "{ return 1; }\nlong long mx_sizeof(int w) { return 0; }\nlong long mx_offsetof(int w, int f) { return -1; }",
      r"built with SIMD bits 3 but this CPU has 1"),
-    ("int mx_abi_version(void) { return 6; }\n" + _SIMD + "long long mx_sizeof(int w) { return w == 0 ? 96 : 0; }"
+    (_ABI + _SIMD + "long long mx_sizeof(int w) { return w == 0 ? 96 : 0; }"
      "\nlong long mx_offsetof(int w, int f) { return -1; }", r"structure Layer is 96 bytes in the native library "
      r"but 136 in Python"),
-    ("int mx_abi_version(void) { return 6; }\n" + _SIMD + _ENTRY + "long long mx_offsetof(int w, int f) "
+    (_ABI + _SIMD + _ENTRY + "long long mx_offsetof(int w, int f) "
      "{ return f < 17 ? (f == 3 ? 999 : f * 8) : -1; }",
      r"structure Layer field 3 \(wo\) is at offset 999 in the native library but 24 in Python"),
 ])
@@ -497,7 +498,7 @@ def test_struct_sizes_agree_with_the_library():
     lib = native.library()
     assert lib is not None
     sizes = [ctypes.sizeof(s) for s in native.STRUCTS]
-    assert [lib.mx_sizeof(i) for i in range(5)] == sizes == [136, 152, 120, 176, 264]
+    assert [lib.mx_sizeof(i) for i in range(5)] == sizes == [136, 152, 120, 176, 272]
     assert lib.mx_offsetof(1, 10) == native.Model.eps.offset == 80 and lib.mx_offsetof(0, 17) == -1
 
 

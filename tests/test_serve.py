@@ -776,6 +776,20 @@ def _serve_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[st
     return code, seen[0].state.server if seen else None, capsys.readouterr().err
 
 
+def test_serve_batch_invariant_flag(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from mixlab.ops import native
+
+    if native.load() is None:
+        pytest.skip("needs the native kernels")
+    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--batch-invariant")
+    assert code == 0 and srv.engine.runner.batch_invariant
+    code, _, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--batch-invariant", "--pack-weights", "yes")
+    assert code != 0 and "--pack-weights yes has no use with --batch-invariant" in err
+    code, _, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--batch-invariant", "--quant", "int8")
+    assert code != 0 and "--batch-invariant: batch_invariant=True needs" in err and "int8/int4" in err
+
+
 def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, model_tok: tuple[Any, Any],
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,6 +73,10 @@ def serve(args: argparse.Namespace) -> int:
         kw["cache_bytes"] = args.cache_bytes
     if args.prefill_chunk is not None:
         kw["prefill_chunk"] = args.prefill_chunk
+    if args.batch_invariant:
+        if args.pack_weights == "yes":
+            raise ValueError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
+        kw["batch_invariant"] = True
     if args.max_model_len is not None:
         if not 2 <= args.max_model_len <= model.config.max_seq_len:
             raise ValueError(f"--max-model-len must be in [2, {model.config.max_seq_len}] (the model's context), "
@@ -81,6 +85,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine = Engine(model, tok, **kw)
     except ValueError as e:  # the budgets do not fit together: say which flags set them
+        if "batch_invariant" in str(e):
+            raise ValueError(f"--batch-invariant: {e}") from None
         raise ValueError(f"{e} (the flags: --cache-bytes, --max-model-len, --max-batch)") from None
     runner = getattr(engine, "runner", None)
     context = int(getattr(engine, "max_len", None) or getattr(runner, "max_len", None) or model.config.max_seq_len)
@@ -159,6 +165,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep bf16 weights a second time in the native kernels' panels: faster engine steps, "
                         "twice the weights' memory (auto: with --max-batch over 1, when that fits in half the memory "
                         "available)")
+    e.add_argument("--batch-invariant", action="store_true",
+                   help="every step through kernels whose arithmetic for a request does not depend on the others: "
+                        "its tokens and logprobs are bit for bit those of its run alone, in bf16 too (CPU native "
+                        "kernels, bf16 or float32 weights; slower steps)")
     e.add_argument("--max-tokens-limit", type=positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")

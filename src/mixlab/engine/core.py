@@ -18,7 +18,8 @@ own generator, so a seeded request gives the same tokens whatever runs beside it
 rounding of the kernels a step picks (the one-call native step for a lone token, the native
 few-row kernels, oneDNN/MKL beyond 16 rows): in float32 the tests find the tokens identical; in
 bf16 the logits of the same row can differ in the last bits between batch sizes, which can flip a
-near-tie.
+near-tie. `Engine(batch_invariant=True)` removes that rounding: every step runs one kernel family
+whose arithmetic for a row does not depend on the other rows (`mx_batch.invariant`).
 """
 
 from __future__ import annotations
@@ -108,14 +109,17 @@ class Engine:
     weights a second time in the native kernels' panels (`NativeDecoder.pack`: ~1.1x faster steps
     of several sequences, twice the weights' memory, kept with the model's decoder), None (default)
     when the engine decodes several sequences and that copy takes at most half the memory
-    available (`runner.Runner`).
+    available (`runner.Runner`); `batch_invariant`: every step through the native kernels'
+    batch-invariant arithmetic (CPU, bf16 or float32 weights): a request's logits, so its tokens,
+    are bit for bit those of its run alone whatever else runs (in bf16 too, where the default
+    kernels' rounding differs between batch sizes), at a cost in speed (BENCHMARKS.md).
     """
 
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_batch: int = 16,
         cache_bytes: int | None = None, max_queue: int = 256, token_budget: int = 512,
         prefill_chunk: int = PREFILL_CHUNK, max_seq_len: int | None = None, prefix_cache: bool = True,
-        pack_weights: bool | None = None,
+        pack_weights: bool | None = None, batch_invariant: bool = False,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -129,7 +133,8 @@ class Engine:
             raise ValueError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
         self.prefill_chunk = min(prefill_chunk, token_budget)
         self.runner = Runner(model, max_batch=max_batch, cache_bytes=cache_bytes, prefill_chunk=self.prefill_chunk,
-                             max_seq_len=max_seq_len, prefix_cache=prefix_cache, pack_weights=pack_weights)
+                             max_seq_len=max_seq_len, prefix_cache=prefix_cache, pack_weights=pack_weights,
+                             batch_invariant=batch_invariant)
         self._lock = threading.Lock()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []

@@ -124,7 +124,8 @@ class Runner:
     """
 
     def __init__(self, model: Transformer, *, max_batch: int, cache_bytes: int | None, prefill_chunk: int,
-                 max_seq_len: int | None, prefix_cache: bool, pack_weights: bool | None = None) -> None:
+                 max_seq_len: int | None, prefix_cache: bool, pack_weights: bool | None = None,
+                 batch_invariant: bool = False) -> None:
         cfg = model.config
         self.model = model
         self.per_token = bytes_per_token(model)
@@ -175,13 +176,25 @@ class Runner:
         self._views: dict[int, KVCache] = {}
         if pack_weights is not None and not isinstance(pack_weights, bool):
             raise ValueError(f"invalid pack_weights={pack_weights!r}: expected True, False or None (automatic)")
-        self.pack_weights = pack_weights
+        if not isinstance(batch_invariant, bool):
+            raise ValueError(f"invalid batch_invariant={batch_invariant!r}: expected True or False")
+        if batch_invariant and pack_weights:
+            raise ValueError("pack_weights=True has no use with batch_invariant=True (its steps never read the panels)")
+        self.batch_invariant = batch_invariant
+        self.pack_weights = False if batch_invariant else pack_weights
         self.packed_bytes = 0  # what the decoder keeps in panels (`NativeDecoder.pack`), once packed
         self._native: NativeDecoder | None = None
         self._native_stale = True  # look the decoder up again before the next native step
         self.graphed: GraphedDecode | None = None
         if self.device.type == "cuda" and native_lib.env_on("MIXLAB_CUDA_GRAPHS"):
             self.graphed = GraphedDecode(self)
+        if batch_invariant:  # every step through the native kernels' invariant arithmetic: check they run
+            dec = self._native_decoder() if self.device.type == "cpu" else None
+            if dec is None or dec.weight.dtype not in (torch.bfloat16, torch.float32):
+                raise ValueError("batch_invariant=True needs mixlab's native CPU kernels over bf16 or float32 weights "
+                                 f"(here: device {self.device.type}, weights {w.dtype}, native kernels "
+                                 f"{'over ' + str(dec.weight.dtype) if dec is not None else 'unavailable'}); "
+                                 "int8/int4 and GPU steps have no batch-invariant arithmetic")
 
     # ---- slots ----
 
@@ -226,6 +239,11 @@ class Runner:
     # ---- the forward pass ----
 
     def forward(self, items: list[Item]) -> list[Result]:
+        if self.batch_invariant:  # one kernel family for every step, whatever its tokens (`mx_batch.invariant`)
+            outs = self._native_batch(items, invariant=True) if items else []
+            if outs is None:
+                raise RuntimeError("batch_invariant: the native kernels are not available for this step")
+            return outs
         if self.graphed is not None and items and all(len(it.tokens) == 1 for it in items):
             return self.graphed.decode(items)  # CUDA: decode-only steps replay a recorded graph
         if len(items) == 1 and len(items[0].tokens) == 1:
@@ -293,13 +311,15 @@ class Runner:
             self.record_experts(chosen_LK[:, None])
         return Result(logits_1V if it.logits != "none" else None, chosen_LK.long() if it.experts else None, top)
 
-    def _native_batch(self, items: list[Item]) -> list[Result] | None:
+    def _native_batch(self, items: list[Item], *, invariant: bool = False) -> list[Result] | None:
         """A step (decoding tokens and prompt chunks) in one native call over the slot pool, when the
-        registry chooses it for the step's token count; None otherwise."""
+        registry chooses it for the step's token count (always with `invariant`: batch-invariant
+        arithmetic); None otherwise."""
         dec = self._native_decoder()
         n_tokens = sum(len(it.tokens) for it in items)
-        if dec is None or registry.choose("decode_batch", device=self.device.type, tokens=n_tokens, training=False,
-                                          fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) != "native":
+        if dec is None or (not invariant and registry.choose(
+                "decode_batch", device=self.device.type, tokens=n_tokens, training=False,
+                fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) != "native"):
             return None
         tokens: list[int] = []
         pos: list[int] = []
@@ -319,7 +339,7 @@ class Runner:
             r = range(a, a + T) if it.logits == "all" else [a + T - 1]
             spans.append((len(rows), len(rows) + len(r)))
             rows += r
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not invariant:
             logits_RV, chosen_LTK = torch.ops.mixlab.decode_batch(
                 dec.handle, torch.tensor(tokens), torch.tensor(pos), torch.tensor(seq),
                 torch.tensor(rows, dtype=torch.long), self.pos_SC, self.k, self.v)
@@ -327,7 +347,8 @@ class Runner:
         else:  # eager: call C directly (the operator's dispatch costs ~0.1 ms a step)
             logits_RV = torch.empty(len(rows), dec.vocab_size, dtype=torch.float32)
             chosen_LTK = torch.empty(dec.n_layers, len(tokens), dec.top_k, dtype=torch.int32)
-            tops = dec.batch(tokens, pos, seq, rows, self.pos_SC, self.k, self.v, logits_RV, chosen_LTK)
+            tops = dec.batch(tokens, pos, seq, rows, self.pos_SC, self.k, self.v, logits_RV, chosen_LTK,
+                             invariant=invariant)
         if self.model.config.moe is not None:
             self.record_experts(chosen_LTK)
         return [Result(logits_RV[span[0] : span[1]] if span is not None else None,

@@ -369,11 +369,12 @@ class NativeDecoder:
 
     def batch(self, tokens: list[int], positions: list[int], seqs: list[int], rows: list[int], pos_SC: torch.Tensor,
               k: list[torch.Tensor], v: list[torch.Tensor], logits_RV: torch.Tensor,
-              chosen_LTK: torch.Tensor) -> list[int | None]:
+              chosen_LTK: torch.Tensor, *, invariant: bool = False) -> list[int | None]:
         """`run_batch` from Python lists (what the engine calls eagerly: checking a step's few
         hundred integers in Python costs less than the tensor operations that would check them).
         Returns each logit row's argmax, computed in C as the rows were written (the first index on
-        ties; None for a row holding NaN)."""
+        ties; None for a row holding NaN). `invariant`: batch-invariant arithmetic (`mx_batch`'s
+        `invariant`: a row's numbers whatever else the step holds; slower)."""
         T, R, (S, C) = len(tokens), len(rows), pos_SC.shape
         L = self.n_layers
         if T < 1 or len(positions) != T or len(seqs) != T:
@@ -420,6 +421,7 @@ class NativeDecoder:
                 self._caches[i], self._caches[L + i] = k[i].data_ptr(), v[i].data_ptr()
             cb = self.c_batch
             cb.T, cb.C, cb.R = T, C, R
+            cb.invariant = int(invariant)
             cb.token, cb.pos, cb.seq, cb.rows = tok.data_ptr(), pos.data_ptr(), seq.data_ptr(), rws.data_ptr()
             cb.cache_pos = pos_SC.data_ptr()
             cb.k_cache = ctypes.addressof(self._caches)

@@ -51,7 +51,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32)).
@@ -127,7 +127,8 @@ class Batch(ctypes.Structure):
                 *[(name, _P) for name in (
                     "token", "pos", "seq", "rows", "cache_pos", "k_cache", "v_cache", "logits", "chosen", "x", "h", "o",
                     "qkv", "att", "rope", "scores", "mix", "hb", "attb", "idx", "xs", "g", "a", "ys", "xsb", "ab",
-                    "order", "inverse", "top")]]
+                    "order", "inverse", "top")],
+                ("invariant", _I64)]
 
 
 # mx_sizeof's structure numbers (mixlab.h MX_SIZEOF_*), in order.

@@ -720,6 +720,7 @@ typedef struct {
     int64_t K;
     int act16;
     const uint16_t* packed; /* bf16 only: the same rows in 32-row panels (`mx_pack_bf16`), or NULL */
+    int inv; /* batch-invariant: `gemm_rows_inv` (mx_batch.invariant) */
 } mat;
 
 /* Rows from r0 on of a matrix: the product a batch-1 step runs next, whose first rows the one before
@@ -1137,12 +1138,90 @@ static void gemm_rows_few(mat m, const float* X, const uint16_t* XB, int64_t M, 
     }
 }
 
+/* One row against Q <= 4 vectors with the arithmetic of `tile4x*_bf16` (one accumulator per vector
+   over K in steps of 32, `hsum16`, whose sum of a vector does not depend on its place among the 16),
+   so a row outside a 4-row tile gets the same bits as inside one. */
+static void tile1_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, int64_t K, int Q, float* out) {
+#if defined(__AVX512BF16__)
+    __m512 v[16];
+    for (int q = 0; q < 16; q++) v[q] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512bh wv = MX_BF(w + k);
+        for (int q = 0; q < Q; q++) v[q] = _mm512_dpbf16_ps(v[q], wv, MX_BF(x + q * ld + k));
+    }
+    float sums[16];
+    _mm512_storeu_ps(sums, hsum16(v));
+    for (int q = 0; q < Q; q++) {
+        float s = sums[q];
+        for (int64_t kk = k; kk < K; kk++) s += bf16_to_f32(w[kk]) * bf16_to_f32(x[q * ld + kk]);
+        out[q] = s;
+    }
+#else
+    for (int q = 0; q < Q; q++) out[q] = dot_bf16(w, x + q * ld, K); /* as `tile4_bf16` without AVX512-BF16 */
+#endif
+}
+
+/* `gemm_rows` with batch-invariant arithmetic (mx_batch.invariant): Y[j, r] is computed in the same
+   order whatever M, j or the rows around r, so a token's numbers never depend on the other tokens
+   of a step (vLLM's batch invariance, arXiv-free: "Defeating Nondeterminism in LLM Inference",
+   Thinking Machines 2025). bf16: tiles of 4 rows x up to 4 tokens and `tile1_bf16` for the rows
+   left over, over blocks of tokens kept in L2, as `gemm_rows_few`; float32: `dot4_f32`'s order for
+   every token. Never the panels, `rows4` or the one-token products, whose orders differ. */
+static void gemm_rows_inv(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
+                          int64_t r1) {
+    const int64_t K = m.K;
+    if (m.wt == MX_F32) {
+        for (int64_t r = r0; r < r1; r++) {
+            const float* w = (const float*)m.w + r * K;
+            for (int64_t j = 0; j < M; j++) { /* dot4_f32's arithmetic for one vector */
+                int64_t k = 0;
+                float s = 0.f;
+#if defined(__AVX512F__)
+                __m512 a = _mm512_setzero_ps();
+                for (; k + 16 <= K; k += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(X + j * K + k), a);
+                s = _mm512_reduce_add_ps(a);
+#endif
+                for (; k < K; k++) s += w[k] * X[j * K + k];
+                Y[j * ldy + r] = s;
+            }
+        }
+        return;
+    }
+    int64_t MB = (256 * 1024 / (K * 2)) & ~(int64_t)3;
+    MB = MB < 4 ? 4 : MB > 128 ? 128 : MB;
+    const uint16_t* W = (const uint16_t*)m.w;
+    for (int64_t jb = 0; jb < M; jb += MB) {
+        const int64_t je = jb + MB < M ? jb + MB : M;
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4)
+            for (int64_t j = jb; j < je; j += 4) {
+                const int Q = je - j < 4 ? (int)(je - j) : 4;
+                float out[16];
+                tile4_bf16(W + r * K, XB + j * K, K, K, Q, out, 4);
+                for (int i = 0; i < 4; i++)
+                    for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
+            }
+        for (; r < r1; r++)
+            for (int64_t j = jb; j < je; j += 4) {
+                const int Q = je - j < 4 ? (int)(je - j) : 4;
+                float out[4];
+                tile1_bf16(W + r * K, XB + j * K, K, K, Q, out);
+                for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r] = out[q];
+            }
+    }
+}
+
 /* Y[j, r] = W[r, :] . X[j, :] for M vectors (rows of X and XB, leading dimension K; Y's is ldy) and
    rows r in [r0, r1). X is float32, XB its bf16 rounding (read for bf16 weights only). The panels'
    dispatch stays out of `gemm_rows_few`: inside it, the 4-token tiles ran 1.11-1.17x slower at 16
    tokens (the compiler's choices for the loop around them; measured). */
 static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
                       int64_t r1) {
+    if (m.inv && (m.wt == MX_BF16 || m.wt == MX_F32)) {
+        gemm_rows_inv(m, X, XB, M, Y, ldy, r0, r1);
+        return;
+    }
 #if defined(__AVX512BF16__)
     if (m.packed && m.wt == MX_BF16 && (m.K & 31) == 0 && M >= 1) { /* kept in panels: whole panels from them */
         const int64_t a = (r0 + 31) & ~(int64_t)31, b = r1 & ~(int64_t)31;
@@ -2088,7 +2167,11 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
     const int bf = m->wt == MX_BF16;
     const float scale = 1.0f / sqrtf((float)Hd);
     if (nt > p->nt) nt = (int)p->nt; /* scores has room for p->nt threads */
-    int chunked = 0; /* whether some sequence has several tokens: then keys are stored first */
+    /* batch-invariant: every product through `gemm_rows_inv`, every query through `attend_chunk`
+       (whose sums over a query's keys do not depend on the chunk around it: keys it cannot see add
+       exact zeros), so a token's numbers do not depend on what else the step holds */
+    const int inv = p->invariant != 0;
+    int chunked = inv; /* whether some sequence has several tokens: then keys are stored first */
     for (int64_t t = 0; t < T; t++) {
         for (int64_t i = 0; i < half; i++) {
             const float ang = (float)p->pos[t] * m->inv_freq[i]; /* as mx_decode_step */
@@ -2123,8 +2206,8 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         int64_t lo, hi;
         for (int64_t l = 0; l < L; l++) {
             const mx_layer* ly = &m->layers[l];
-            const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D, a16, ly->wqkv_p},
-                      mo = {m->wt, ly->wo, ly->wo_scale, QD, a16, ly->wo_p};
+            const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D, a16, ly->wqkv_p, inv},
+                      mo = {m->wt, ly->wo, ly->wo_scale, QD, a16, ly->wo_p, inv};
             for (int64_t t = tm.t; t < T; t += tm.nt)
                 rmsnorm(x + t * D, ly->attn_norm, m->eps, D, h + t * D, bf ? hb + t * D : 0);
             sync_team(&tm);
@@ -2154,7 +2237,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                         }
                     }
                     if (pass == 0) continue;
-                    if (pass == 1 && ((t > 0 && p->seq[t - 1] == p->seq[t]) || (t + 1 < T && p->seq[t + 1] == p->seq[t]))) {
+                    if (pass == 1 && (inv || (t > 0 && p->seq[t - 1] == p->seq[t]) || (t + 1 < T && p->seq[t + 1] == p->seq[t]))) {
                         /* a prompt chunk: its first row's unit attends for all of its rows */
                         if (t > 0 && p->seq[t - 1] == p->seq[t]) continue;
                         int64_t Tq = 1;
@@ -2219,8 +2302,8 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                 group_experts(p->idx, TE * K, m->E, start, p->order, p->inverse);
             }
             sync_team(&tm);
-            const moe_job job = {{m->wt, ly->w13, ly->w13_scale, D, a16, ly->w13_p},
-                                 {m->wt, ly->w2, ly->w2_scale, m->F, a16, ly->w2_p},
+            const moe_job job = {{m->wt, ly->w13, ly->w13_scale, D, a16, ly->w13_p, inv},
+                                 {m->wt, ly->w2, ly->w2_scale, m->F, a16, ly->w2_p, inv},
                                  TE, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
                                  p->xs, p->g, p->a, p->ys, x, p->xsb, p->ab, 1};
             moe_team(&tm, &job);
@@ -2230,7 +2313,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
         for (int64_t r = tm.t; r < p->R; r += tm.nt)
             rmsnorm(x + (compact ? r : p->rows[r]) * D, m->out_norm, m->eps, D, h + r * D, bf ? hb + r * D : 0);
         sync_team(&tm);
-        const mat mout = {m->wt, m->out, m->out_scale, D, a16, m->out_p};
+        const mat mout = {m->wt, m->out, m->out_scale, D, a16, m->out_p, inv};
         my_rows(&tm, m->V, &lo, &hi);
         gemm_rows(mout, h, hb, p->R, p->logits, m->V, lo, hi);
         if (tops)
@@ -2297,7 +2380,7 @@ static const int64_t off_batch[] = {
     MX_OFF(mx_batch, qkv), MX_OFF(mx_batch, att), MX_OFF(mx_batch, rope), MX_OFF(mx_batch, scores),
     MX_OFF(mx_batch, mix), MX_OFF(mx_batch, hb), MX_OFF(mx_batch, attb), MX_OFF(mx_batch, idx), MX_OFF(mx_batch, xs),
     MX_OFF(mx_batch, g), MX_OFF(mx_batch, a), MX_OFF(mx_batch, ys), MX_OFF(mx_batch, xsb), MX_OFF(mx_batch, ab),
-    MX_OFF(mx_batch, order), MX_OFF(mx_batch, inverse), MX_OFF(mx_batch, top), -1};
+    MX_OFF(mx_batch, order), MX_OFF(mx_batch, inverse), MX_OFF(mx_batch, top), MX_OFF(mx_batch, invariant), -1};
 
 int64_t mx_offsetof(int which, int field) {
     const int64_t* t = which == MX_SIZEOF_LAYER ? off_layer : which == MX_SIZEOF_MODEL ? off_model

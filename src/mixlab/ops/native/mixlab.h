@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 6
+#define MX_ABI_VERSION 7
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -140,6 +140,8 @@ typedef struct { /* one engine step (`mx_decode_batch`): T tokens, rows of B seq
     uint16_t *xsb, *ab;    /* bf16: [N, D], [N, F] */
     int32_t *order, *inverse; /* [N] */
     int64_t* top;          /* [R] or NULL: each logit row's argmax (first index on ties; -1 when one is NaN) */
+    int64_t invariant;     /* nonzero: batch-invariant (each row's numbers whatever else the step holds;
+                              bf16 and float32 weights; see mx_decode_batch) */
 } mx_batch;
 
 /* Structures whose size `mx_sizeof` reports, in this order. */
