@@ -467,7 +467,8 @@ def _compile_stub(tmp_path, source: str):
 def test_a_library_of_another_abi_version_is_refused(tmp_path):
     """decode.c itself, built with a different MX_ABI_VERSION: refused with a message, never called."""
     out = native.compile_library(native.compiler(), tmp_path / "old.so", defines=("MX_ABI_VERSION=1",))
-    with pytest.raises(native.NativeABIError, match=rf"ABI version 1, but this mixlab expects {native.ABI_VERSION}; rebuild"):
+    expects = rf"ABI version 1, but this mixlab expects {native.ABI_VERSION}; rebuild"
+    with pytest.raises(native.NativeABIError, match=expects):
         native.load_library(out)
 
 
