@@ -620,6 +620,28 @@ def test_sigterm_drain_answers_503_with_cors_on(server: str, model_tok: tuple[An
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
 
 
+def test_an_unexpected_error_answers_500_with_openai_s_body(server: str, model_tok: tuple[Any, Any]) -> None:
+    """A bug (here a tokenizer that raises) answered a plain-text 'Internal Server Error', which the
+    openai client cannot read a message from."""
+    model, tok = model_tok
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tok, name)
+
+        def encode(self, *a: Any, **kw: Any) -> list[int]:
+            raise RuntimeError("tokenizer exploded")
+
+    with ServerThread(create_app(ENGINES[server], Broken(), _config(model))) as url:
+        r = httpx.post(url + "/tokenize", json={"prompt": "Hello"}, timeout=10)
+        assert r.status_code == 500
+        assert r.json()["error"] == {"message": "internal server error: RuntimeError: tokenizer exploded",
+                                     "type": "server_error", "param": None, "code": "internal_error"}
+        with pytest.raises(openai.InternalServerError, match="tokenizer exploded"):
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
+                model=NAME, prompt="Hello", max_tokens=1)
+
+
 def test_an_api_key_no_client_can_send_is_refused(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """--api-key "" let every request in (a missing header compared equal to it) and silenced the

@@ -421,6 +421,13 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(error_body(message, type=kind), status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # a bug of ours, not the request's: OpenAI's body still (clients read the message from it), and
+        # uvicorn logs the traceback as before
+        return JSONResponse(error_body(f"internal server error: {type(exc).__name__}: {exc}", type="server_error",
+                                       code="internal_error"), status_code=500)
+
     @app.exception_handler(404)
     async def _not_found(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"no route {request.method} {request.url.path}", code="not_found"),
