@@ -296,6 +296,35 @@ def test_concurrent_clients_get_their_single_request_output(client: Any) -> None
         assert list(pool.map(streamed, chats)) == alone
 
 
+@pytest.mark.parametrize("invariant", [True, False])
+def test_batch_invariant_bf16_server_gives_each_client_its_single_request_output(
+        tmp_path: Path, model_tok: tuple[Any, Any], invariant: bool) -> None:
+    """In bf16, `--batch-invariant`: eight concurrent clients get, bit for bit, the logprobs and text each
+    gets alone; without it the default kernels round differently between batch sizes (this checks the
+    test can tell)."""
+    from mixlab.ops import native
+
+    if native.load() is None:
+        pytest.skip("needs the native kernels")
+    path = hf_mixtral(tmp_path, vocab_size=32000, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                      num_key_value_heads=1, max_position_embeddings=CONTEXT)
+    model, tok = load_model(path, dtype="bfloat16"), model_tok[1]
+    jobs = [dict(prompt=f"Request number {i} says" + " more" * (3 * i), max_tokens=10 + i, logprobs=2,
+                 temperature=0.0 if i % 2 else 0.9, seed=i) for i in range(8)]
+    with Engine(model, tok, max_batch=8, batch_invariant=invariant) as engine, \
+            ServerThread(create_app(engine, tok, _config(model))) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def run(j: dict[str, Any]) -> tuple[str, list[float]]:
+            ch = c.completions.create(model=NAME, **j).choices[0]
+            return ch.text, ch.logprobs.token_logprobs
+
+        alone = [run(j) for j in jobs]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(run, jobs))
+    assert (together == alone) == invariant
+
+
 def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any]) -> None:
     model, tok = model_tok
     m = httpx.get(server + "/v1/models").json()
