@@ -283,12 +283,13 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-def _mixlab(args: list[str], *, nproc: int | None) -> subprocess.Popen[str]:
-    """`torchrun --nproc-per-node N -m mixlab ARGS` on loopback (or `python -m mixlab ARGS`), this src."""
+def _mixlab(args: list[str], *, nproc: int | None, script: Path | None = None) -> subprocess.Popen[str]:
+    """`torchrun --nproc-per-node N -m mixlab ARGS` on loopback (or `python -m mixlab ARGS`), this src;
+    `script`: torchrun runs that file instead of `-m mixlab`."""
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "mixlab"] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "mixlab"]
+        "--master-port", str(_free_port()), *([str(script)] if script else ["-m", "mixlab"])]
     return subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -318,6 +319,31 @@ def test_a_bad_layout_is_one_line_printed_once(small_data: Path, tmp_path: Path,
     lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
     assert len(lines) == 1 and lines[0].startswith(message), err[-3000:]
     assert "[rank" not in err, err[-3000:]  # no worker's traceback
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seed", "{rank}"], "(seed): rank 1 has seed = 1, rank 0 0;"),
+    (["--ep", "{rank_plus_1}"], "(--ep): rank 1 has --ep = 2, rank 0 1;"),
+    (["--set", "dim={rank_plus_1}6"],
+     "(model.hidden_size, model_overrides): rank 1 has model.hidden_size = 26, rank 0 16;"),
+])
+def test_processes_started_differently_are_refused(small_data: Path, tmp_path: Path, flags: list[str], message: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node's torchrun starts its processes from that node's command line and files. Processes
+    given another --seed trained apart without a word (each its own dense weights); another --ep or
+    model shape hung in a collective until the process group's timeout (30 minutes). Now one line
+    from rank 0 names what differs, before the first step."""
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")  # the old code's hang, bounded
+    script = tmp_path / "per_rank.py"  # `mixlab ARGS`, with {rank} / {rank_plus_1} filled in per process
+    script.write_text("import os, sys\nfrom mixlab.cli import main\nr = int(os.environ['RANK'])\n"
+                      "sys.exit(main([a.format(rank=r, rank_plus_1=r + 1) for a in sys.argv[1:]]))\n")
+    p = _mixlab(_train_args(small_data, tmp_path / "run", *flags), nproc=2, script=script)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
+    assert lines == [f"mixlab train: error: the processes of this run were started differently {message} start "
+                     "every process with the same command, config and data"], err[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_checkpoint_after_an_evaluation_holds_every_optimizer_state(small_data: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -94,6 +95,31 @@ def _timeout() -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
+def check_same(values: dict[str, Any]) -> None:
+    """Refuse a run whose processes disagree on `values` (settings, what a file holds): torchrun starts
+    each node's processes from that node's command line and files, and processes started apart hang
+    in a collective whose shapes differ (until the timeout) or train apart without a word. Collective
+    over all ranks; every rank raises the same error (the CLI prints rank 0's)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, values)
+    first = everyone[0]
+    diff = [(rank, key) for rank, v in enumerate(everyone) for key in sorted(set(first) | set(v))
+            if v.get(key) != first.get(key)]
+    if diff:
+        rank, key = diff[0]
+        keys = list(dict.fromkeys(k for _, k in diff))
+        raise ConfigError(f"the processes of this run were started differently ({', '.join(keys)}): rank {rank} has "
+                          f"{key} = {_short(everyone[rank].get(key))}, rank 0 {_short(first.get(key))}; start every "
+                          "process with the same command, config and data")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
     """Join (or start, for a world of one) the process group and build the mesh. `device`: "cpu"
     (gloo) or "cuda" (NCCL, one GPU per process: `LOCAL_RANK`)."""
@@ -108,6 +134,7 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
         if dev_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", timeout=_timeout())
+    check_same({"--ep": ep, "--fsdp": fsdp, "--device": dev_type})  # a mesh of another shape would hang
     world, rank = dist.get_world_size(), dist.get_rank()
     torch_dev = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(dev_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))

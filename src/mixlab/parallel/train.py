@@ -29,7 +29,7 @@ from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.parallel import checkpoint as dcp_ckpt
 from mixlab.parallel.expert import apply_expert_parallel, expert_param_names
-from mixlab.parallel.mesh import Layout
+from mixlab.parallel.mesh import Layout, check_same
 
 
 def apply_fsdp(model: Transformer, layout: Layout) -> None:
@@ -66,6 +66,9 @@ class DistributedTraining:
         apply_expert_parallel(model, self.layout)
         if self.layout.fsdp:
             apply_fsdp(model, self.layout)
+
+    def check_same(self, values: dict[str, Any]) -> None:
+        check_same(values)
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world == 1:

@@ -108,6 +108,9 @@ class TrainConfig(OptimizerSettings):
     tensorboard: bool = True
 
 
+# Fields that may differ between the processes of one run (each node its own copy of the data: its
+# contents are compared; CPU threads; what only rank 0 does); everything else must match.
+PER_PROCESS = {"data", "threads", "progress", "tensorboard"}
 # Fields that may differ between a run and its resumption; everything else must match.
 RUN_ONLY = {"data", "out", "eval_every", "eval_windows", "ckpt_every", "keep", "log_every", "export_hf", "progress",
             "tensorboard", "compile", "activation_checkpointing", "device", "moe_impl", "threads", "skip_nonfinite"}
@@ -282,6 +285,7 @@ class Parallel(Protocol):
     world: int
     is_main: bool  # writes metrics, progress and the export
 
+    def check_same(self, values: dict[str, Any]) -> None: ...  # refuse a run whose processes disagree on them
     def parallelize(self, model: Transformer) -> None: ...  # shard it, in place, before the optimizer
     def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over all processes
     def any(self, flag: bool) -> bool: ...  # whether any process says so (signals reach ranks apart)
@@ -423,6 +427,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, ckpt_root: Path,
            newest: Path | None, *, resume: bool, stop_after: int | None,
            on_step: Callable[[dict[str, Any]], bool | None] | None, par: Parallel | None = None) -> TrainResult:
+    if par is not None:  # before any other collective: processes started apart would hang or train apart
+        par.check_same({k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_PROCESS}
+                       | {f"model.{k}": v for k, v in mc.to_hf_dict().items()}
+                       | {"model.moe": dataclasses.asdict(mc.moe) if mc.moe else None,
+                          "the data (tokenizer, token counts)": dataset.fingerprint(), "--resume": resume})
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
