@@ -431,3 +431,19 @@ def test_a_bad_dist_timeout_is_named(value: str, monkeypatch: pytest.MonkeyPatch
     assert _timeout() == timedelta(seconds=2.5)
     monkeypatch.delenv("MIXLAB_DIST_TIMEOUT")
     assert _timeout() is None
+
+
+def test_world_size_without_rank_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WORLD_SIZE left in the environment without torchrun's RANK: a world of one was started and
+    its (dp, ep) mesh of 1 // 2 x 2 processes failed inside torch (an AssertionError's traceback)."""
+    import torch.distributed as dist
+
+    from mixlab.config import ConfigError
+    from mixlab.parallel.mesh import init
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set but RANK is not: launch with torchrun"):
+        init(ep=2)
+    assert not dist.is_initialized() and "RANK" not in os.environ

@@ -128,6 +128,9 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
         raise ValueError(f"--device {device!r}: distributed runs support cpu (gloo) and cuda (NCCL)")
     check_ep(ep)
     if not dist.is_initialized():
+        if "RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # half of torchrun's
+            raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not: launch with torchrun, "
+                              "which sets both (and MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE")
         if "RANK" not in os.environ:  # not under torchrun: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
