@@ -381,6 +381,29 @@ def test_generate_under_torchrun_without_ep_is_refused(tmp_path: Path) -> None:
                      "in one: pass --ep 2 to split the experts over them"], err[-3000:]
 
 
+def test_generate_processes_started_differently_are_refused(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`generate --ep` with another --max-new-tokens on one process: it finished first and the other
+    ended with 'another process of the run failed' (or waited for the timeout); now one line names it."""
+    from mixlab import save_model
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")
+    save_model(Transformer(get_preset("tiny-moe").replace(vocab_size=32000)), tmp_path / "model")  # Mixtral's tokenizer
+    script = tmp_path / "per_rank.py"
+    script.write_text("import os, sys\nfrom mixlab.cli import main\nr = int(os.environ['RANK'])\n"
+                      "sys.exit(main([a.format(rank_plus_1=r + 1) for a in sys.argv[1:]]))\n")
+    p = _mixlab(["generate", "--model", str(tmp_path / "model"), "--prompt", "hi", "--max-new-tokens", "{rank_plus_1}",
+                 "--dtype", "float32", "--threads", "1", "--ep", "2"], nproc=2, script=script)
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0 and out == "", err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab generate:")]
+    assert lines == ["mixlab generate: error: the processes of this run were started differently (--max-new-tokens): "
+                     "rank 1 has --max-new-tokens = 2, rank 0 1; start every process with the same command, config "
+                     "and data"], err[-3000:]
+
+
 def _children(pid: int) -> list[int]:
     return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
 

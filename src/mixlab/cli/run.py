@@ -122,12 +122,16 @@ def generate(args: argparse.Namespace) -> int:
     if args.ep is not None:  # every process decodes the same tokens; the first one prints them
         import torch.distributed as dist
 
-        from mixlab.parallel.mesh import check_ep, shutdown
+        from mixlab.parallel.mesh import check_ep, check_same, shutdown
 
         check_ep(args.ep)  # before reading the checkpoint
         out, err = sys.stdout, sys.stderr
         try:
             model, tok = _load(args)
+            # Processes that would stop after different numbers of steps (another --max-new-tokens,
+            # --stop, --seed, model) would leave the others in an all-to-all. Paths may differ per node.
+            check_same({"--" + k.replace("_", "-"): v for k, v in vars(args).items()
+                        if k not in ("func", "model", "tokenizer", "threads")} | {"the model config": model.config})
             if dist.get_rank() != 0:
                 sys.stdout = sys.stderr = io.StringIO()
             return _generate(args, model, tok)
