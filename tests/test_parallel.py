@@ -346,6 +346,26 @@ def test_processes_started_differently_are_refused(small_data: Path, tmp_path: P
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_checkpoint_one_rank_cannot_write_is_one_line(small_data: Path, tmp_path: Path) -> None:
+    """A rank whose piece of a checkpoint cannot be written (a full disk): DCP raises its
+    CheckpointException, a BaseException, on every rank, which went through as a traceback from each.
+    Now one line names the checkpoint and the rank's cause, and no checkpoint (or temporary) is left."""
+    script = tmp_path / "full_disk.py"  # rank 1's writes fail as on a full disk
+    script.write_text("import os, sys\nimport torch.distributed.checkpoint as dcp\nfrom mixlab.cli import main\n"
+                      "def write_data(self, plan, planner):\n    raise OSError(28, 'No space left on device')\n"
+                      "if os.environ['RANK'] == '1':\n    dcp.HuggingFaceStorageWriter.write_data = write_data\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    p = _mixlab(_train_args(small_data, out, "--ckpt-every", "1", "--ep", "2"), nproc=2, script=script)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
+    assert lines == [f"mixlab train: error: {out}/checkpoints/step_00000001: cannot write the checkpoint (rank 1: "
+                     "[Errno 28] No space left on device)"], err[-3000:]
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err, err[-3000:]
+    assert list((out / "checkpoints").iterdir()) == []
+
+
 def test_checkpoint_after_an_evaluation_holds_every_optimizer_state(small_data: Path, tmp_path: Path) -> None:
     """An evaluation (forward only) left the FSDP root's parameters unsharded, so a checkpoint saved
     right after it (eval_every = ckpt_every) lacked the AdamW states of the embedding, final norm and

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from mixlab.atomic import atomic_folder
+from mixlab.errors import CheckpointError
 from mixlab.model import Transformer
 from mixlab.parallel.mesh import Layout
 from mixlab.train import checkpoints
@@ -90,8 +91,13 @@ def save(root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Op
         box: list[Any] = [str(made) if made is not None else None]
         dist.broadcast_object_list(box, src=0)
         tmp = Path(box[0])
-        dcp.save(state_dict(model, optimizer, layout, expert_names),
-                 storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        try:
+            dcp.save(state_dict(model, optimizer, layout, expert_names),
+                     storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        except dcp.CheckpointException as e:  # a BaseException: it went through as a traceback on every rank
+            rank, (cause, _) = next(iter(e.failures.items()))
+            raise CheckpointError(f"{root / name}: cannot write the checkpoint (rank {rank}: "
+                                  f"{str(cause).splitlines()[0][:300]})") from None
         dist.barrier()
         if layout.is_main:
             save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
