@@ -246,9 +246,12 @@ def test_rank_without_tokens(runs: dict[str, Path]) -> None:
     """Checked inside the processes (`_zero_tokens_job`); they would have failed the fixture."""
 
 
-def test_ep_decoding_equals_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stdin", [False, True])
+def test_ep_decoding_equals_one_process(tmp_path: Path, stdin: bool) -> None:
     """`torchrun --nproc-per-node 2 -m mixlab generate --ep 2` prints the tokens one process's model
-    generates (greedy, float32)."""
+    generates (greedy, float32). `--prompt -`: the processes share one stdin; whichever read it
+    first had the prompt and the others decoded from an empty one (refused since the processes
+    compare their flags): rank 0 reads it and sends it to the others."""
     from mixlab import generate, load_tokenizer, save_model
     from mixlab.config import get_preset
     from mixlab.model import Transformer
@@ -259,9 +262,10 @@ def test_ep_decoding_equals_one_process(tmp_path: Path) -> None:
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "mixlab",
-                          "generate", "--model", str(tmp_path), "--prompt", "Bonjour, le monde", "--max-new-tokens",
-                          "12", "--dtype", "float32", "--threads", "1", "--ep", "2"],
-                         capture_output=True, text=True, env=env, timeout=TIMEOUT)
+                          "generate", "--model", str(tmp_path), "--prompt", "-" if stdin else "Bonjour, le monde",
+                          "--max-new-tokens", "12", "--dtype", "float32", "--threads", "1", "--ep", "2"],
+                         capture_output=True, text=True, env=env, timeout=TIMEOUT,
+                         input="Bonjour, le monde\n" if stdin else None)
     assert two.returncode == 0, two.stderr[-3000:]
     tok = load_tokenizer()
     prompt = tok.encode("Bonjour, le monde")

@@ -116,7 +116,10 @@ def _speed(n: int, seconds: float) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
-    if args.prompt == "-":  # the prompt from stdin (a file, a pipe): one final newline dropped, as llama.cpp's -f
+    from_stdin = args.prompt == "-"
+    # The prompt from stdin (a file, a pipe): one final newline dropped, as llama.cpp's -f. Under
+    # torchrun the processes share one stdin: the first reads it and sends it to the others (below).
+    if from_stdin and not (args.ep is not None and int(os.environ.get("RANK", "0") or 0) > 0):
         text = sys.stdin.read()
         args.prompt = text[:-1] if text.endswith("\n") else text
     if args.ep is not None:  # every process decodes the same tokens; the first one prints them
@@ -128,6 +131,10 @@ def generate(args: argparse.Namespace) -> int:
         out, err = sys.stdout, sys.stderr
         try:
             model, tok = _load(args)
+            if from_stdin:
+                box = [args.prompt]
+                dist.broadcast_object_list(box, src=0)
+                args.prompt = box[0]
             # Processes that would stop after different numbers of steps (another --max-new-tokens,
             # --stop, --seed, model) would leave the others in an all-to-all. Paths may differ per node.
             check_same({"--" + k.replace("_", "-"): v for k, v in vars(args).items()
