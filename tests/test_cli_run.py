@@ -228,6 +228,21 @@ def test_a_silent_rank_waits_for_rank_0_to_print(monkeypatch: pytest.MonkeyPatch
     assert slept == [cli.PEER_GRACE_S] and capsys.readouterr().err.startswith("mixlab info: error: ")
 
 
+@pytest.mark.parametrize("argv", [["info", "tiny-moe"], ["data", "prepare", "x", "--out", "y"],
+                                  ["demo", "--steps", "1"], ["plan", "tiny-moe"]])
+def test_a_one_process_command_under_torchrun_is_refused(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`torchrun --nproc-per-node 2 -m mixlab data prepare ...` (or demo, upcycle, analyze, ...) ran
+    the whole command in each process, every copy writing the same output folder; now one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 2
+    command = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
+    assert capsys.readouterr().err == (f"mixlab {command}: error: torchrun started 2 processes, but mixlab {command} "
+                                       "runs in one (each would do the same work and write the same output): run it "
+                                       "without torchrun\n")
+
+
 def test_chat_with_piped_input_prints_only_the_replies(tiny_dir, capsys, monkeypatch):
     """`printf 'a\\nb\\n' | mixlab chat > replies.txt` held '> ' prompts and a last empty line ('> \\n')."""
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n"))

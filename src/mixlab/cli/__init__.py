@@ -44,6 +44,10 @@ def dtype_choice(*names: str) -> Any:
     return parse
 
 
+# Commands that run over torchrun's processes (train; generate --ep) or refuse them with their own
+# reason (chat, serve and eval load through generate's `_load`; sft, dpo): any other would run once
+# per process, each writing the same output.
+TORCHRUN_AWARE = frozenset({"train", "generate", "chat", "serve", "eval", "sft", "dpo"})
 PEER_GRACE_S = 10.0  # how long ranks other than 0 wait, on an error, for rank 0 to print it (and the run to end)
 
 
@@ -89,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     _warnings_as_lines(command)
     rank = _rank()
     try:
+        if rank is not None and args.command not in TORCHRUN_AWARE:
+            from mixlab.errors import ConfigError
+
+            raise ConfigError(f"torchrun started {os.environ['WORLD_SIZE']} processes, but mixlab {command} runs in "
+                              "one (each would do the same work and write the same output): run it without torchrun")
         return int(args.func(args) or 0)
     except ValueError as e:  # MixlabError and the checks of the libraries below
         # Under torchrun every rank checks the same arguments and files and raises the same error:
