@@ -45,3 +45,10 @@ def test_every_flag_is_documented():
     named = set(FLAG.findall(docs))
     missing = {c or "mixlab": sorted(flags - named) for c, flags in _commands().items() if flags - named}
     assert not missing, f"flags no doc names: {missing}"
+
+
+def test_every_command_that_shows_progress_takes_quiet():
+    """--quiet was eval's and analyze's only; train, sft, dpo, data prepare and bench had no way to stop theirs."""
+    commands = _commands()
+    assert not [c for c in ("train", "sft", "dpo", "data prepare", "eval", "analyze", "bench")
+                if "--quiet" not in commands[c]]

@@ -569,3 +569,17 @@ def test_a_config_files_home_paths_are_expanded(tmp_path: Path, monkeypatch: pyt
     ft = load_finetune_config(conf)
     assert (ft.model, ft.data, ft.valid_data, ft.tokenizer) == (
         str(tmp_path / "ckpt"), str(tmp_path / "chats.jsonl"), str(tmp_path / "v.jsonl"), "mixtral")
+
+
+def test_quiet_drops_the_progress_lines_not_the_results(dataset: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--quiet was taken by eval and analyze only; train printed its progress lines whatever was asked."""
+    from mixlab.cli import main
+
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--steps", "2", "--log-every", "1",
+                 "--seq-len", "16", "--batch-size", "2", "--eval-every", "2", "--set", "dim=32",
+                 "--set", "n_layers=1", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.splitlines()[0].startswith("step 2: ") and out.splitlines()[-1] == f"run folder: {tmp_path / 'r'}"
+

@@ -44,10 +44,19 @@ def dtype_choice(*names: str) -> Any:
     return parse
 
 
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    """--quiet, as every command that shows progress takes it: no progress bars or progress lines
+    (stderr); results, warnings and errors print as without it."""
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or progress lines (results, warnings and errors still print)")
+
+
 # Commands that run over torchrun's processes (train; generate --ep) or refuse them with their own
 # reason (chat, serve and eval load through generate's `_load`; sft, dpo): any other would run once
 # per process, each writing the same output.
 TORCHRUN_AWARE = frozenset({"train", "generate", "chat", "serve", "eval", "sft", "dpo"})
+
+
 PEER_GRACE_S = 10.0  # how long ranks other than 0 wait, on an error, for rank 0 to print it (and the run to end)
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mixlab.cli import add_quiet_arg
+
 
 def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis import analyze as run
@@ -67,5 +69,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_arg(p)
     p.set_defaults(func=analyze)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mixlab import atomic
+from mixlab.cli import add_quiet_arg
 from mixlab.cli.serve import positive
 
 
@@ -42,7 +43,7 @@ def bench(args: argparse.Namespace) -> int:
             setattr(plan, name, getattr(args, name))
     if args.peers is not None:
         plan.peers = args.peers
-    report = run_bench(plan)
+    report = run_bench(plan, log=(lambda _: None) if args.quiet else print)
     text = report.format()
     print(text)
     if args.out:
@@ -64,4 +65,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated subset of mixlab,mixlab-packed,mixlab-int8,mixlab-int4,"
                         "mixlab-int4-exact,transformers,llama.cpp")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    add_quiet_arg(p)
     p.set_defaults(func=bench)

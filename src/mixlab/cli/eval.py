@@ -8,6 +8,7 @@ import json
 import sys
 
 from mixlab import atomic
+from mixlab.cli import add_quiet_arg
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 
 
@@ -79,6 +80,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the results as JSON to this file (-: to stdout, the table to stderr)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer file or folder (default: the model's, else Mixtral's v1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_arg(p)
     add_runtime_args(p)
     p.set_defaults(func=evaluate)

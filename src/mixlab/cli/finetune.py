@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 
-from mixlab.cli import dtype_choice
+from mixlab.cli import add_quiet_arg, dtype_choice
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
@@ -28,6 +28,8 @@ def _run(args: argparse.Namespace, task: str) -> int:
     for flag in ("freeze_router", "reference_free", "length_normalize"):
         if getattr(args, flag, False):
             over[flag] = True
+    if args.quiet:
+        over["progress"] = False
     if args.lora_rank is not None and args.lora_rank < 1:  # 0 would silently mean full fine-tuning
         raise ValueError(f"--lora-rank must be a positive integer (leave it out for full fine-tuning), "
                          f"got {args.lora_rank}")
@@ -79,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="autocast dtype (default float32)")
         p.add_argument("--device", default=None, help="cpu (default) or cuda")
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        add_quiet_arg(p)
         if task == "dpo":
             p.add_argument("--beta", type=float, default=None, help="DPO beta (default 0.1)")
             p.add_argument("--loss", choices=["sigmoid", "ipo"], default=None, help="DPO loss (default sigmoid)")

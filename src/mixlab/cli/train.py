@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from mixlab.cli import dtype_choice
+from mixlab.cli import add_quiet_arg, dtype_choice
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def data_prepare(args: argparse.Namespace) -> int:
 
     domains = args.domains.split(",") if args.domains else None
     meta = prepare(read_documents(args.sources, domains=domains), args.out, tokenizer=args.tokenizer,
-                   valid_fraction=args.valid_fraction, seed=args.seed, progress=True,
+                   valid_fraction=args.valid_fraction, seed=args.seed, progress=not args.quiet,
                    sources=args.sources, overwrite=args.overwrite)
     for split, per in meta["splits"].items():
         tokens = sum(v["tokens"] for v in per.values())
@@ -40,6 +40,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     for flag in ("activation_checkpointing", "compile", "deterministic"):
         if getattr(args, flag):
             over[flag] = True
+    if args.quiet:
+        over["progress"] = False
     if args.set:
         mo: dict = {}
         for item in args.set:
@@ -156,6 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="which documents are held out (default 0)")
     q.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files mixlab did not write (never one holding a source)")
+    add_quiet_arg(q)
     q.set_defaults(func=data_prepare)
 
     from mixlab.train.loop import TrainConfig
@@ -184,6 +187,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_quiet_arg(p)
     add_parallel_args(p)
     p.set_defaults(func=train_cmd)
 
