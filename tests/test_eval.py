@@ -133,6 +133,9 @@ def test_cli_eval_json_dash_is_stdout(ckpt: Path, tmp_path: Path, capsys: pytest
     assert json.loads(got.out) == json.loads(out.read_text())
     assert got.err.endswith(table)
     assert not (tmp_path / "-").exists()
+    # --json with no file, as info and plan take it (a switch there): stdout too, not an argparse error
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
 
 
 def test_cli_eval_json_never_writes_over_its_data_or_model(ckpt: Path, tmp_path: Path,

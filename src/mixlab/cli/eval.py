@@ -76,8 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="new tokens scored per window (default: = context, disjoint windows as lm-eval)")
     p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
     p.add_argument("--max-docs", type=int, default=None, help="at most this many documents per domain")
-    p.add_argument("--json", default=None,
-                   help="write the results as JSON to this file (-: to stdout, the table to stderr)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="the results as JSON: with no PATH (or -) on stdout, as info and plan print theirs, the "
+                        "table then on stderr; else written to the file PATH")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer file or folder (default: the model's, else Mixtral's v1)")
     add_quiet_arg(p)

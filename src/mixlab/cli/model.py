@@ -149,8 +149,8 @@ def convert(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, memory and KV-cache sizes of a preset or checkpoint")
     p.add_argument("model", help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
-    p.add_argument("--json", action="store_true", help="print the facts as JSON (the config, parameter counts, "
-                   "KV-cache bytes, what a checkpoint stores)")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON on stdout instead (the config, "
+                   "parameter counts, KV-cache bytes, what a checkpoint stores)")
     p.set_defaults(func=info)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (atomic write)")
     p.add_argument("src", help="checkpoint folder (transformers or Mistral format) or a GGUF file (quantised "

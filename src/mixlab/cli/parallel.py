@@ -56,5 +56,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inference weight format (default none; int4 for a GGUF file whose matrices are Q4_0)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="training: keep only each block's input, recomputing the rest in the backward pass")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON on stdout instead of the table")
     p.set_defaults(func=plan_cmd)
