@@ -61,6 +61,17 @@ def test_prepare_generic_folder_holds_out_validation(tmp_path: Path) -> None:
     assert meta["splits"]["train"]["notes"]["docs"] == 18 and meta["splits"]["valid"]["notes"]["docs"] == 2
 
 
+def test_each_domain_folder_given_is_its_own_domain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`data prepare corpus/code corpus/prose` put both folders' files in one domain, "default"."""
+    src = _corpus(tmp_path / "src")
+    meta = prepare(read_documents([src / "code", src / "prose"]), tmp_path / "ds")
+    assert meta["domains"] == ["code", "prose"]
+    assert meta["splits"]["train"]["code"]["docs"] == 20 and meta["splits"]["valid"]["prose"]["docs"] == 1
+    monkeypatch.chdir(src / "prose")  # `.` is the working folder, by its name
+    assert {d.domain for d in read_documents(["."])} == {"prose"}
+    assert {d.domain for d in read_documents([src / "code" / "train.jsonl"])} == {"default"}  # a file given
+
+
 def test_byte_tokenizer_roundtrip_unicode() -> None:
     tok = ByteTokenizer()
     text = "naïve café — ∑ 🙂"

@@ -8,7 +8,8 @@ nothing to download, and a tiny embedding keeps small models small), `mixtral` (
 `.model` or `tokenizer.json`, read through `mixlab.tokenizer`.
 
 A corpus is a file, a folder in the shared corpus layout (`<domain>/train.jsonl`,
-`<domain>/valid.jsonl`), or any folder of text / JSONL files (the domain: the top-level subfolder).
+`<domain>/valid.jsonl`), or any folder of text / JSONL files (the domain: the top-level subfolder, or
+the folder's own name for the files directly in it).
 """
 
 from __future__ import annotations
@@ -170,9 +171,10 @@ def _split_of(path: Path) -> str:
 
 
 def discover(source: Path) -> list[tuple[Path, str, str]]:
-    """(file, domain, split) for a source: a file, a folder in the shared corpus layout
-    (`<domain>/train.jsonl`, `<domain>/valid.jsonl`), or any folder of text / JSONL files, where the
-    domain is the top-level subfolder name ("default" for files directly in the folder)."""
+    """(file, domain, split) for a source: a file (domain "default"), a folder in the shared corpus
+    layout (`<domain>/train.jsonl`, `<domain>/valid.jsonl`), or any folder of text / JSONL files, where
+    the domain is the top-level subfolder name, and the folder's own name for files directly in it (as
+    `mixlab analyze` names one domain folder): `prepare code/ prose/` makes two domains, not one."""
     if source.is_file():
         return [(source, "default", _split_of(source))]
     if not source.is_dir():
@@ -181,10 +183,11 @@ def discover(source: Path) -> list[tuple[Path, str, str]]:
     if corpus:  # the shared corpus layout; other folders (chat/, LICENSES/) are not pretraining text
         return [(f, d.name, _split_of(f)) for d in corpus for f in sorted(d.glob("*.jsonl"))]
     out = []
+    own = source.resolve().name or "default"  # `.` is the working folder's name
     for f in sorted(source.rglob("*")):
         if f.is_file() and (f.suffix == ".jsonl" or f.suffix in TEXT_SUFFIXES):
             rel = f.relative_to(source)
-            out.append((f, rel.parts[0] if len(rel.parts) > 1 else "default", _split_of(f)))
+            out.append((f, rel.parts[0] if len(rel.parts) > 1 else own, _split_of(f)))
     if not out:
         raise DataError(f"{source}: no .jsonl or text files ({', '.join(TEXT_SUFFIXES)}) found")
     return out
