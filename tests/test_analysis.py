@@ -21,7 +21,6 @@ from mixlab.analysis import analyze, parse_layers
 from mixlab.analysis.collect import (
     check_domains,
     collect_routing,
-    find_domains,
     iter_documents,
     load_analysis_tokenizer,
 )
@@ -37,6 +36,7 @@ from mixlab.analysis.stats import (
 )
 from mixlab.cli import main
 from mixlab.config import get_preset
+from mixlab.corpus import find_domains
 from mixlab.model.moe import route
 
 E, K = 8, 2

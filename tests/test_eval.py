@@ -91,6 +91,19 @@ def test_cli_eval_on_the_corpus(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
     assert "bits/byte" in capsys.readouterr().out
 
 
+def test_eval_takes_one_domain_folder_as_analyze_does(tmp_path: Path) -> None:
+    """`mixlab eval --data corpus/code` (which `mixlab analyze` takes) was refused: no <domain>/valid.jsonl."""
+    from mixlab.eval.data import documents
+
+    one = list(documents(CORPUS / "github", max_docs=2))
+    assert one == [d for d in documents(CORPUS, max_docs=2) if d[0] == "github"] and len(one) == 2
+    (tmp_path / "chat").mkdir()  # not a text domain, for eval as for analyze (its lines have no 'text')
+    (tmp_path / "chat" / "valid.jsonl").write_text('{"messages": []}\n')
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "valid.jsonl").write_text('{"text": "x = 1"}\n')
+    assert list(documents(tmp_path)) == [("code", "x = 1")]
+
+
 def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A word perplexity past float's range (one long word) was written as `Infinity`, which is not
     JSON (JavaScript's JSON.parse refuses it): null now; the table still shows inf."""

@@ -207,3 +207,44 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
     for f, domain, split in files:
         if keep is None or domain in keep:
             yield from read_file(f, domain=domain, split=split)
+
+
+# -- domain folders (analysis, evaluation) ---------------------------------------------------------
+
+# Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
+# and licence texts.
+NOT_DOMAINS = ("chat", "LICENSES")
+DATA_SUFFIXES = (".jsonl", ".txt")
+
+
+def _has_data(folder: Path) -> bool:
+    return any(p.suffix in DATA_SUFFIXES and p.is_file() for p in folder.iterdir())
+
+
+def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, Path]:
+    """Domain name -> folder. `data` is a corpus folder (one subfolder per domain) or a single
+    domain folder holding data files. `names` picks domains (by folder name) explicitly."""
+    if isinstance(names, str):  # iterated, "code" looked for the domains 'c', 'o', 'd', 'e'
+        raise ValueError(f"domains takes a list of domain names, not the string {names!r}: "
+                         f"{names.split(',')!r}")
+    root = Path(data)
+    if root.is_file():
+        raise NotADirectoryError(f"{root} is a file; --data takes a folder: a corpus (one subfolder per domain) "
+                                 "or one domain's folder of .jsonl / .txt files")
+    if not root.is_dir():
+        raise NotADirectoryError(f"data folder {root} does not exist")
+    if names:
+        out = {}
+        for n in names:
+            if not (root / n).is_dir():
+                have = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "none"
+                raise DataError(f"domain {n!r} not found in {root} (domain folders there: {have})")
+            out[n] = root / n
+        return out
+    subdirs = sorted(p for p in root.iterdir()  # a folder without data files (a report written there) is none
+                     if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_DOMAINS and _has_data(p))
+    if subdirs:
+        return {p.name: p for p in subdirs}
+    if _has_data(root):  # `.` is the working folder, by its name
+        return {root.resolve().name or root.name: root}
+    raise DataError(f"{root}: no domain folders and no {'/'.join(DATA_SUFFIXES)} files")

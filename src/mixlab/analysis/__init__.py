@@ -16,7 +16,6 @@ from mixlab.analysis.collect import (
     Collected,
     check_domains,
     collect_routing,
-    find_domains,
     load_analysis_tokenizer,
     moe_layers,
 )
@@ -30,6 +29,7 @@ from mixlab.analysis.stats import (
     random_baseline,
     total_variation,
 )
+from mixlab.corpus import find_domains
 from mixlab.model import Transformer
 
 __all__ = [

@@ -1,9 +1,10 @@
 """Run a model over a multi-domain corpus and accumulate its routing, in bounded memory.
 
-Owns: finding domain folders and their documents (text files, JSONL with a `text` field), the
-tokenizer used for analysis, cutting documents into model sequences, and the streaming loop that
-turns each batch's `Routing` into counts (`stats.RoutingCounts`) plus a few token-level samples
-for the Figure 8 view. Nothing here keeps per-token routing beyond one batch and the samples.
+Owns: the documents of each domain folder (text files, JSONL with a `text` field; the folders are
+`mixlab.corpus.find_domains`'s, as `mixlab eval` finds them), the tokenizer used for analysis,
+cutting documents into model sequences, and the streaming loop that turns each batch's `Routing`
+into counts (`stats.RoutingCounts`) plus a few token-level samples for the Figure 8 view. Nothing
+here keeps per-token routing beyond one batch and the samples.
 
 Sequences: each document is `[BOS] + tokens`, cut into consecutive windows of at most `seq_len`
 tokens; each window is its own model row starting at position 0 (no packing, so no token ever
@@ -28,52 +29,13 @@ import numpy as np
 import torch
 
 from mixlab.analysis.stats import RoutingCounts, pair_mask
-from mixlab.corpus import jsonl_texts
+from mixlab.corpus import DATA_SUFFIXES, jsonl_texts
 from mixlab.errors import DataError
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 
-# Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
-# and licence texts.
-NOT_DOMAINS = ("chat", "LICENSES")
-DATA_SUFFIXES = (".jsonl", ".txt")
-
-
 # ----------------------------------------------------------------------------------------------
 # Corpus
-
-
-def _has_data(folder: Path) -> bool:
-    return any(p.suffix in DATA_SUFFIXES and p.is_file() for p in folder.iterdir())
-
-
-def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, Path]:
-    """Domain name -> folder. `data` is a corpus folder (one subfolder per domain) or a single
-    domain folder holding data files. `names` picks domains (by folder name) explicitly."""
-    if isinstance(names, str):  # iterated, "code" looked for the domains 'c', 'o', 'd', 'e'
-        raise ValueError(f"domains takes a list of domain names, not the string {names!r}: "
-                         f"{names.split(',')!r}")
-    root = Path(data)
-    if root.is_file():
-        raise NotADirectoryError(f"{root} is a file; --data takes a folder: a corpus (one subfolder per domain) "
-                                 "or one domain's folder of .jsonl / .txt files")
-    if not root.is_dir():
-        raise NotADirectoryError(f"data folder {root} does not exist")
-    if names:
-        out = {}
-        for n in names:
-            if not (root / n).is_dir():
-                have = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "none"
-                raise ValueError(f"domain {n!r} not found in {root} (domain folders there: {have})")
-            out[n] = root / n
-        return out
-    subdirs = sorted(p for p in root.iterdir()  # a folder without data files (a report written there) is none
-                     if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_DOMAINS and _has_data(p))
-    if subdirs:
-        return {p.name: p for p in subdirs}
-    if _has_data(root):
-        return {root.name: root}
-    raise ValueError(f"{root}: no domain folders and no {'/'.join(DATA_SUFFIXES)} files")
 
 
 SPLIT_NAMES = ("train", "valid", "test")  # files named by split (the shared corpus: train.jsonl, valid.jsonl)

@@ -69,7 +69,8 @@ def evaluate(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity, bits per byte and word perplexity per domain")
     p.add_argument("--model", required=True, help="checkpoint folder (or a file mixlab loads)")
-    p.add_argument("--data", required=True, help="corpus folder (<domain>/<split>.jsonl), a .jsonl or a text file")
+    p.add_argument("--data", required=True, help="corpus folder (<domain>/<split>.jsonl) or one domain's folder "
+                   "(as analyze takes them), a .jsonl or a text file")
     p.add_argument("--split", default="valid", help="which file of each domain folder (default: valid)")
     p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--stride", type=int, default=None,

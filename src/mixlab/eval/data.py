@@ -1,4 +1,5 @@
-"""What `mixlab eval --data` accepts: a corpus folder (`<domain>/<split>.jsonl`, as shared/corpus),
+"""What `mixlab eval --data` accepts: a corpus folder (`<domain>/<split>.jsonl`, as shared/corpus) or
+one domain's folder (`<split>.jsonl`), found as `mixlab analyze` finds them (`corpus.find_domains`),
 one `.jsonl` file (its `text` field; a `domain` field splits it, else the file's stem is the domain),
 or a plain text file (one document)."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixlab.corpus import jsonl_texts
+from mixlab.corpus import find_domains, jsonl_texts
 from mixlab.errors import DataError
 
 
@@ -36,12 +37,13 @@ def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = 
             yield domain, text
 
     if root.is_dir():
-        files = sorted(root.glob(f"*/{split}.jsonl"))
+        files = {name: d / f"{split}.jsonl" for name, d in find_domains(root).items()}
+        files = {name: f for name, f in files.items() if f.is_file()}
         if not files:
             raise DataError(f"{root}: no <domain>/{split}.jsonl files (expected a corpus folder such as "
-                            "shared/corpus, a .jsonl file or a text file)")
-        for f in files:
-            yield from take(_jsonl(f, f.parent.name))
+                            f"shared/corpus, one domain's folder holding {split}.jsonl, a .jsonl file or a text file)")
+        for name, f in files.items():
+            yield from take(_jsonl(f, name))
     elif root.suffix == ".jsonl":
         yield from take(_jsonl(root, root.stem))
     else:
