@@ -355,6 +355,19 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_max_shard_gb_takes_a_size_as_transformers_does(tmp_path):
+    """--max-shard-gb 5GB (transformers' max_shard_size="5GB") was refused: it took a number of GiB only."""
+    from mixlab.cli.model import shard_bytes
+
+    assert (shard_bytes("5"), shard_bytes("0.5")) == (5 * 2**30, 2**29)  # a number: GiB, as before
+    assert (shard_bytes("5GB"), shard_bytes("5GiB"), shard_bytes("500MiB")) == (5 * 10**9, 5 * 2**30, 500 * 2**20)
+    src = hf_mixtral(tmp_path / "hf")
+    assert main(["convert", str(src), str(tmp_path / "h"), "--max-shard-gb", "4KB"]) == 0
+    shards = sorted((tmp_path / "h").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    assert_same_tensors(tensors_of(src), tensors_of(tmp_path / "h"))
+
+
 def test_cli_convert_to_a_gguf_name_writes_gguf(tmp_path, capsys):
     """`convert SRC out.gguf` without --to: a GGUF file (it wrote a transformers folder named out.gguf)."""
     src = hf_mixtral(tmp_path / "hf", vocab_size=32000, hidden_size=32, intermediate_size=48)  # Mixtral's pieces

@@ -10,20 +10,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset
+from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset, parse_bytes
 
 CONVERT_FORMATS = ["hf", "mistral", "gguf"]
 
 
-def shard_gib(text: str) -> float:
-    """argparse type of --max-shard-gb: a positive, finite number of GiB."""
+def shard_bytes(text: str) -> int:
+    """argparse type of --max-shard-gb, in bytes: a positive, finite number of GiB (5), or a size with
+    its unit as transformers' `max_shard_size` takes it (5GB = 5 x 10^9 bytes, 5GiB = 5 x 2^30)."""
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+        try:
+            return parse_bytes(text, what="")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of GiB or a size such as 5GB or 500MiB, "
+                                             f"got {text!r}") from None
     if not (math.isfinite(v) and v * 2**30 >= 1):
         raise argparse.ArgumentTypeError(f"expected a positive, finite number of GiB, got {text!r}")
-    return v
+    return int(v * 2**30)
 
 
 def _config(spec: str) -> tuple[str, ModelConfig]:
@@ -140,7 +145,7 @@ def convert(args: argparse.Namespace) -> int:
             copy = [vocab] if vocab is not None else []
         else:
             copy = side_files(args.src)
-        save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
+        save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
                    copy_files=copy, sources=[args.src], overwrite=args.overwrite)
     print(f"wrote {args.dst} ({args.to})")
     return 0
@@ -167,7 +172,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GGUF only: SentencePiece model for the vocabulary (default: the source's: a GGUF's, a "
                         "folder's tokenizer.model; else Mixtral's, from mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--max-shard-gb", type=shard_gib, default=5.0, help="largest shard, in GiB (default 5)")
+    p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=5 * 2**30,
+                   metavar="SIZE", help="largest shard: a number of GiB, or a size with its unit, 5GB (10^9 bytes) "
+                                        "or 500MiB, as transformers' max_shard_size (default 5 GiB)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace dst even if it holds files mixlab did not write (never one holding the source)")
     p.set_defaults(func=convert)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixlab.cli.model import shard_gib
+from mixlab.cli.model import shard_bytes
 
 
 def upcycle(args: argparse.Namespace) -> int:
@@ -13,7 +13,7 @@ def upcycle(args: argparse.Namespace) -> int:
 
     report = run(args.src, args.out, num_experts=args.experts, top_k=args.top_k, router_init=args.router_init,
                  router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=parse_dtype(args.dtype),
-                 max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
+                 max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
     c = report.config
     assert c.moe is not None
     print(f"wrote {args.out}: {c.moe.num_experts} experts, top-{c.moe.top_k}, {c.n_layers} layers; "
@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "dense matrix's own std (default 0: exact copies)")
     p.add_argument("--seed", type=int, default=0, help="seed for the router and the noise (default 0)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--max-shard-gb", type=shard_gib, default=2.0,
-                   help="largest output shard, in GiB (default 2); peak memory is about one shard")
+    p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=2 * 2**30,
+                   metavar="SIZE", help="largest output shard: a number of GiB, or a size with its unit, 2GB "
+                                        "(10^9 bytes) or 500MiB (default 2 GiB); peak memory is about one shard")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files mixlab did not write (never the input folder)")
     p.set_defaults(func=upcycle)
