@@ -554,6 +554,19 @@ def test_progress_in_a_log_file_is_a_line_per_record(dataset: Path, tmp_path: Pa
     assert out.splitlines()[-1] == f"run folder: {tmp_path / 'r'}"
 
 
+def test_a_config_files_dtype_takes_the_spellings_the_flag_takes(tmp_path: Path) -> None:
+    """`dtype = "bf16"` in a config file was refused though `--dtype bf16` was taken."""
+    from mixlab.train.finetune import load_finetune_config
+
+    conf = tmp_path / "run.toml"
+    for spelling, name in (("bf16", "bfloat16"), ("fp32", "float32"), ("bfloat16", "bfloat16")):
+        conf.write_text(f'dtype = "{spelling}"\n')
+        assert load_train_config(conf).dtype == name and load_finetune_config(conf, model="m", data="d").dtype == name
+    conf.write_text('dtype = "fp16"\n')  # a dtype autocast does not train in, by its full name
+    with pytest.raises(ConfigError, match="'dtype' must be 'float32' or 'bfloat16', got 'float16'"):
+        load_train_config(conf)
+
+
 def test_a_config_files_home_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A TOML `out = "~/runs/a"` (no shell expands it) wrote the run to ./~/runs/a in the working folder."""
     from mixlab.train.finetune import load_finetune_config

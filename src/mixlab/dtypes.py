@@ -38,3 +38,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def dtype_name(dtype: torch.dtype) -> str:
     """The name config.json and mixlab's settings use: torch's own without the prefix ("bfloat16")."""
     return str(dtype).removeprefix("torch.")
+
+
+def full_name(text: str) -> str:
+    """Any spelling of `DTYPES` ("bf16") as its full name ("bfloat16"); other text as it is, for the
+    caller's check to name (a --dtype flag and a run's `dtype` setting read the same spellings)."""
+    return dtype_name(DTYPES[text]) if text in DTYPES else text

@@ -34,9 +34,9 @@ def dtype_choice(*names: str) -> Any:
     """argparse type of a --dtype limited to `names`: any spelling mixlab.dtypes knows (bf16, fp32, ...,
     as generate, eval and convert take), given on as its full name."""
     def parse(text: str) -> str:
-        from mixlab.dtypes import DTYPES, dtype_name
+        from mixlab.dtypes import full_name
 
-        name = dtype_name(DTYPES[text]) if text in DTYPES else text
+        name = full_name(text)
         if name not in names:
             raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {text!r}")
         return name

@@ -21,6 +21,7 @@ import torch
 from mixlab.checkpoint import parse_device
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError
+from mixlab.dtypes import full_name
 
 T = TypeVar("T")
 PATHS = ("data", "valid_data", "out", "model", "init_from", "tokenizer")  # the settings that may name a file
@@ -103,6 +104,8 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
     for k in PATHS:  # a file's `out = "~/runs/a"` (no shell expands it) is in the home folder, not ./~/runs/a
         if isinstance(d.get(k), str):
             d[k] = os.path.expanduser(d[k])
+    if isinstance(d.get("dtype"), str):  # `dtype = "bf16"`, as --dtype bf16 takes it
+        d["dtype"] = full_name(d["dtype"])
     return cls(**d)
 
 
