@@ -124,6 +124,22 @@ def test_sigterm_saves_and_resume_continues(dataset: Path, tmp_path: Path) -> No
     assert train(_cfg(dataset, tmp_path, steps=5), resume=True).step == 5
 
 
+def test_cli_train_stopped_by_a_signal_says_so_on_stderr(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`mixlab train` printed "stopped by SIGINT ..." on stdout, among the results (demo, and the
+    interrupted message of every command, print it on stderr)."""
+    import mixlab.train.loop as loop
+    from mixlab.cli import main
+
+    real = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg, **kw: real(cfg, on_step=lambda rec: signal.raise_signal(
+        signal.SIGINT), **kw))
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--steps", "3", "--seq-len", "16",
+                 "--batch-size", "2", "--set", "dim=32", "--set", "n_layers=1", "--quiet"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err == "stopped by SIGINT at step 1; checkpoint saved; continue with --resume\n"
+
+
 def test_a_signal_at_the_last_step_still_finishes_the_run(dataset: Path, tmp_path: Path) -> None:
     """Ctrl-C during the last step or the final export: the run is complete (and exported), so it is
     not reported as stopped (the CLI said "continue with --resume" about a finished run)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 
 from mixlab.cli import add_quiet_arg, dtype_choice
 
@@ -41,7 +42,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
     result = finetune(cfg, resume=args.resume)
     if result.stopped_by is not None:
         print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint saved; "
-              "continue with --resume")
+              "continue with --resume", file=sys.stderr)
         return 128 + result.stopped_by
     if result.evals:
         ev = result.evals[-1]

@@ -88,7 +88,7 @@ def train_cmd(args: argparse.Namespace) -> int:
         return 0
     if result.stopped_by is not None:
         name = signal.Signals(result.stopped_by).name
-        print(f"stopped by {name} at step {result.step}; checkpoint saved; continue with --resume")
+        print(f"stopped by {name} at step {result.step}; checkpoint saved; continue with --resume", file=sys.stderr)
         return 128 + result.stopped_by
     if result.evals:
         ev = result.evals[-1]
