@@ -4,9 +4,11 @@ Round trips compare every tensor bit for bit; "transformers loads it" compares l
 (same weights, same code) after `from_pretrained` on what mixlab wrote.
 """
 
+import io
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -353,6 +355,22 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nope" in err and err.startswith("mixlab convert: error:")
     assert not (tmp_path / "x").exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("dst", ["h", "out.gguf"])
+def test_cli_convert_shows_its_progress_on_a_terminal(tmp_path, monkeypatch, dst):
+    """convert of a multi-GB model ran for half a minute without a word; --quiet (and a log file) keep it so."""
+    src = hf_mixtral(tmp_path / "hf", vocab_size=32000, hidden_size=32, intermediate_size=48)
+    for quiet in ([], ["--quiet"]):
+        monkeypatch.setattr(sys, "stderr", _Terminal())
+        assert main(["convert", str(src), str(tmp_path / dst), "--overwrite", *quiet]) == 0
+        bar = sys.stderr.getvalue()
+        assert (f"writing {tmp_path / dst}:" in bar and "tensor/s" in bar) != bool(quiet), bar
 
 
 def test_cli_max_shard_gb_takes_a_size_as_transformers_does(tmp_path):

@@ -14,7 +14,7 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,6 +291,7 @@ def save_model(
     extra_files: dict[str, str] | None = None,
     sources: list[str | Path] | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> None:
     """Save `model` as a checkpoint folder, atomically (a crash mid-save leaves any previous folder
     at `path` intact; see io.py).
@@ -301,7 +302,7 @@ def save_model(
     a larger tensor gets a shard of its own). `copy_files`: side files (tokenizer, ...) to copy in; `extra_files`:
     more files to write (name -> text). An existing folder at `path` is replaced only if mixlab wrote
     everything in it, or with `overwrite`; a `path` that is or contains one of `sources` is refused
-    (OutputError, see mixlab.atomic).
+    (OutputError, see mixlab.atomic). `progress`: a bar of the tensors written, where stderr is a terminal.
     """
     if not isinstance(model, Transformer):
         raise ValueError(f"save_model saves a mixlab Transformer, not {type(model).__name__}")
@@ -333,7 +334,13 @@ def save_model(
     else:
         extra = {"params.json": json.dumps(config.to_mistral_dict(), indent=2) + "\n"}
         single = "consolidated.safetensors"
-    write_sharded(tensors(), Path(path), extra_files={**extra, **(extra_files or {})},
+    stream: Iterable[tuple[str, torch.Tensor]] = tensors()
+    if progress:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, total=sum(len(r.theirs) for r in table), desc=f"writing {path}", unit="tensor",
+                      leave=False, disable=None)  # terminal only
+    write_sharded(stream, Path(path), extra_files={**extra, **(extra_files or {})},
                   max_shard_bytes=max_shard_bytes, single_name=single, metadata={"mixlab_format": fmt},
                   copy_files=copy_files or [], sources=sources or [], overwrite=overwrite)
 

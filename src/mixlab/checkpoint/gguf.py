@@ -182,6 +182,7 @@ def write_gguf(
     name: str = "mixlab",
     sources: list[str | Path] | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write `model` (a mixlab `Transformer`) to the GGUF file `path`; returns the path.
 
@@ -190,7 +191,8 @@ def write_gguf(
     byte); a matrix whose rows are not a multiple of 32 falls back to f16.
     `tokenizer`: a SentencePiece model file (default: Mixtral's, from mistral-common). An existing
     file is replaced only if it is a GGUF file (or `overwrite`); a folder or a source is refused
-    before anything is written (mixlab.atomic).
+    before anything is written (mixlab.atomic). `progress`: a bar of the tensors written, where stderr
+    is a terminal.
     """
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -241,7 +243,10 @@ def write_gguf(
             w.write_header_to_file(tmp)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            for _tname, t, tq_ in plan:
+            from tqdm import tqdm
+
+            for _tname, t, tq_ in tqdm(plan, desc=f"writing {dst}", unit="tensor", leave=False,
+                                       disable=None if progress else True):  # terminal only
                 w.write_tensor_data(_encode(t.detach().cpu(), tq_))
         finally:
             w.close()

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mixlab.cli import add_quiet_arg
 from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset, parse_bytes
 
 CONVERT_FORMATS = ["hf", "mistral", "gguf"]
@@ -137,7 +138,7 @@ def convert(args: argparse.Namespace) -> int:
                                   if (Path(args.src) / n).is_file()), None)
             quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
             write_gguf(model, args.dst, quant=quant, tokenizer=tokenizer, sources=[args.src],
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, progress=not args.quiet)
             print(f"wrote {args.dst} (gguf, {args.quant})")
             return 0
         if gguf_src:  # its vocabulary becomes the folder's tokenizer.model
@@ -146,7 +147,7 @@ def convert(args: argparse.Namespace) -> int:
         else:
             copy = side_files(args.src)
         save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
-                   copy_files=copy, sources=[args.src], overwrite=args.overwrite)
+                   copy_files=copy, sources=[args.src], overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.dst} ({args.to})")
     return 0
 
@@ -177,4 +178,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "or 500MiB, as transformers' max_shard_size (default 5 GiB)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace dst even if it holds files mixlab did not write (never one holding the source)")
+    add_quiet_arg(p)
     p.set_defaults(func=convert)
