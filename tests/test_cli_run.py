@@ -275,3 +275,28 @@ def test_every_dtype_flag_takes_the_same_spellings(capsys):
         with pytest.raises(SystemExit) as e:
             parser.parse_args([*argv, "--dtype", "half"])
         assert e.value.code == 2 and "expected one of float32, bfloat16" in capsys.readouterr().err
+
+
+def test_home_in_a_path_on_the_command_line_is_expanded(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`--out=~/x` or a quoted '~/x' (no shell expands them) wrote ./~/x; a config file's paths were expanded."""
+    import argparse
+    import shutil
+
+    from mixlab.cli import build_parser, user_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_dir, tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "~/ck", "--overwrite", "~/out", "--quiet"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "~").exists()
+    paths = {"model", "data", "out", "tokenizer", "src", "dst", "sources", "config", "init_from", "valid_data"}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub_name, sub in a.choices.items():
+                    walk(sub, f"{name} {sub_name}".strip())
+            elif a.dest in paths or (a.dest == "json" and a.nargs == "?"):
+                assert a.type is user_path, f"mixlab {name} {a.dest}"
+
+    walk(build_parser(), "")

@@ -51,6 +51,12 @@ def add_quiet_arg(p: argparse.ArgumentParser) -> None:
                    help="no progress bars or progress lines (results, warnings and errors still print)")
 
 
+def user_path(text: str) -> str:
+    """argparse type of a file or folder: `~` is the home folder, as a shell expands it in a word of its
+    own but not in `--out=~/x` or a quoted '~/x' (and as a config file's paths are read)."""
+    return os.path.expanduser(text)
+
+
 # Commands that run over torchrun's processes (train; generate --ep) or refuse them with their own
 # reason (chat, serve and eval load through generate's `_load`; sft, dpo): any other would run once
 # per process, each writing the same output.

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg
+from mixlab.cli import add_quiet_arg, user_path
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -50,10 +50,12 @@ def analyze(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="routing analysis (Mixtral paper §5): experts per domain, layer and token")
-    p.add_argument("--model", required=True, help="checkpoint folder (transformers or Mistral format) or GGUF file")
-    p.add_argument("--data", required=True, help="corpus folder with one subfolder per domain (.jsonl with 'text', "
-                   ".txt), or one domain folder")
-    p.add_argument("--out", required=True, help="report folder to write")
+    p.add_argument("--model", type=user_path, required=True,
+                   help="checkpoint folder (transformers or Mistral format) or GGUF file")
+    p.add_argument("--data", type=user_path, required=True,
+                   help="corpus folder with one subfolder per domain (.jsonl with 'text', "
+                        ".txt), or one domain folder")
+    p.add_argument("--out", type=user_path, required=True, help="report folder to write")
     p.add_argument("--layers", default=None, help="layers shown in the per-expert figures and token view: "
                    "'all' or e.g. 0,15,31 (default: first, middle, last)")
     p.add_argument("--domains", default=None, help="comma-separated domain folders (default: all but chat/)")
@@ -66,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
     p.add_argument("--sample-tokens", type=int, default=150,
                    help="tokens shown per document in the token view (default 150)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model folder's "
-                   "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
+    p.add_argument("--tokenizer", type=user_path, default=None,
+                   help="tokenizer file or folder (default: the model folder's "
+                        "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     add_quiet_arg(p)

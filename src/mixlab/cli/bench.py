@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mixlab import atomic
-from mixlab.cli import add_quiet_arg
+from mixlab.cli import add_quiet_arg, user_path
 from mixlab.cli.serve import positive
 
 
@@ -64,6 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peers", type=_peers, default=None,
                    help="comma-separated subset of mixlab,mixlab-packed,mixlab-int8,mixlab-int4,"
                         "mixlab-int4-exact,transformers,llama.cpp")
-    p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    p.add_argument("--out", type=user_path, default=None, help="also write the markdown report to this file")
     add_quiet_arg(p)
     p.set_defaults(func=bench)

@@ -8,7 +8,7 @@ import json
 import sys
 
 from mixlab import atomic
-from mixlab.cli import add_quiet_arg
+from mixlab.cli import add_quiet_arg, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 
 
@@ -68,19 +68,20 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity, bits per byte and word perplexity per domain")
-    p.add_argument("--model", required=True, help="checkpoint folder (or a file mixlab loads)")
-    p.add_argument("--data", required=True, help="corpus folder (<domain>/<split>.jsonl) or one domain's folder "
-                   "(as analyze takes them), a .jsonl or a text file")
+    p.add_argument("--model", type=user_path, required=True, help="checkpoint folder (or a file mixlab loads)")
+    p.add_argument("--data", type=user_path, required=True,
+                   help="corpus folder (<domain>/<split>.jsonl) or one domain's folder "
+                        "(as analyze takes them), a .jsonl or a text file")
     p.add_argument("--split", default="valid", help="which file of each domain folder (default: valid)")
     p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens scored per window (default: = context, disjoint windows as lm-eval)")
     p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
     p.add_argument("--max-docs", type=int, default=None, help="at most this many documents per domain")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+    p.add_argument("--json", type=user_path, nargs="?", const="-", default=None, metavar="PATH",
                    help="the results as JSON: with no PATH (or -) on stdout, as info and plan print theirs, the "
                         "table then on stderr; else written to the file PATH")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer", type=user_path, default=None,
                    help="tokenizer file or folder (default: the model's, else Mixtral's v1)")
     add_quiet_arg(p)
     add_runtime_args(p)

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from mixlab.cli import add_quiet_arg, dtype_choice
+from mixlab.cli import add_quiet_arg, dtype_choice, user_path
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
@@ -59,13 +59,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         ("dpo", "Direct Preference Optimisation on JSONL pairs (chosen, rejected, prompt|messages)")):
         p = sub.add_parser(task, help=help_, description="Flags override the config file's settings, which "
                                                            "override the defaults shown.")
-        p.add_argument("config", nargs="?", default=None, help="fine-tuning config file (.toml or .json)")
-        p.add_argument("--model", default=None, help="starting weights: any checkpoint mixlab loads, or a run folder")
-        p.add_argument("--data", default=None, help="JSONL file")
-        p.add_argument("--valid-data", dest="valid_data", default=None,
+        p.add_argument("config", type=user_path, nargs="?", default=None,
+                       help="fine-tuning config file (.toml or .json)")
+        p.add_argument("--model", type=user_path, default=None,
+                       help="starting weights: any checkpoint mixlab loads, or a run folder")
+        p.add_argument("--data", type=user_path, default=None, help="JSONL file")
+        p.add_argument("--valid-data", type=user_path, dest="valid_data", default=None,
                        help="held-out JSONL file (default: hold out --valid-fraction of --data)")
-        p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, hf/, adapter/)")
-        p.add_argument("--tokenizer", default=None, help="bytes, mixtral or a path (default: the checkpoint's)")
+        p.add_argument("--out", type=user_path, default=None,
+                       help="run folder (checkpoints, metrics.jsonl, hf/, adapter/)")
+        p.add_argument("--tokenizer", type=user_path, default=None,
+                       help="bytes, mixtral or a path (default: the checkpoint's)")
         add_setting_args(p, (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("steps", int),
                              ("lr", float), ("warmup", int), ("weight_decay", float), ("clip", float), ("seed", int),
                              ("threads", int), ("aux_loss_coef", float), ("eval_every", int), ("ckpt_every", int),

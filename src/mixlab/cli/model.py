@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg
+from mixlab.cli import add_quiet_arg, user_path
 from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset, parse_bytes
 
 CONVERT_FORMATS = ["hf", "mistral", "gguf"]
@@ -154,22 +154,25 @@ def convert(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, memory and KV-cache sizes of a preset or checkpoint")
-    p.add_argument("model", help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
+    p.add_argument("model", type=user_path,
+                   help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
     p.add_argument("--json", action="store_true", help="print the facts as JSON on stdout instead (the config, "
                    "parameter counts, KV-cache bytes, what a checkpoint stores)")
     p.set_defaults(func=info)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (atomic write)")
-    p.add_argument("src", help="checkpoint folder (transformers or Mistral format) or a GGUF file (quantised "
-                               "matrices dequantised)")
-    p.add_argument("dst", help="output folder (or .gguf file), written atomically; an existing one is replaced "
-                               "only if mixlab wrote it")
+    p.add_argument("src", type=user_path,
+                   help="checkpoint folder (transformers or Mistral format) or a GGUF file (quantised "
+                        "matrices dequantised)")
+    p.add_argument("dst", type=user_path,
+                   help="output folder (or .gguf file), written atomically; an existing one is replaced "
+                        "only if mixlab wrote it")
     p.add_argument("--to", choices=CONVERT_FORMATS, default=None,
                    help="output format (default: gguf for a dst ending in .gguf, else hf)")
     p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "int4"], default=None,
                    help="GGUF only: how matrices are stored (default bf16; norms and router stay f32; int4 = q4_0, "
                         "mixlab's int4 layout; with q8_0/q4_0, a matrix whose rows are not a multiple of 32 is "
                         "stored as f16)")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer", type=user_path, default=None,
                    help="GGUF only: SentencePiece model for the vocabulary (default: the source's: a GGUF's, a "
                         "folder's tokenizer.model; else Mixtral's, from mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from mixlab.cli import dtype_choice
+from mixlab.cli import dtype_choice, user_path
 
 
 def plan_cmd(args: argparse.Namespace) -> int:
@@ -38,7 +38,8 @@ def plan_cmd(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="per-device memory (parameters, gradients, optimizer, activations, KV cache) "
                                     "and all-to-all bytes of a training or inference layout")
-    p.add_argument("model", help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
+    p.add_argument("model", type=user_path,
+                   help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
     p.add_argument("--mode", choices=["train", "infer"], default="train",
                    help="train (AdamW, default) or infer (weights and KV cache)")
     p.add_argument("--devices", type=int, default=1, help="number of devices (GPUs or processes)")

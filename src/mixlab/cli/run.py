@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from mixlab.cli import user_path
 from mixlab.engine import Engine, SamplingParams
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer, model_tokenizer
@@ -267,8 +268,9 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder (transformers or Mistral format) or a .gguf file")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--model", type=user_path, required=True,
+                   help="checkpoint folder (transformers or Mistral format) or a .gguf file")
+    p.add_argument("--tokenizer", type=user_path, default=None,
                    help="tokenizer.model / tokenizer.json or a folder (default: the model folder's, "
                         "else Mixtral's v1 tokenizer from mistral-common)")
     g = p.add_argument_group("sampling")

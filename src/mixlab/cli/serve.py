@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from mixlab.cli import user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
@@ -134,8 +135,9 @@ def serve(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page that shows the experts")
-    p.add_argument("--model", required=True, help="checkpoint folder (or a file mixlab loads)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model's, else Mixtral's)")
+    p.add_argument("--model", type=user_path, required=True, help="checkpoint folder (or a file mixlab loads)")
+    p.add_argument("--tokenizer", type=user_path, default=None,
+                   help="tokenizer file or folder (default: the model's, else Mixtral's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default 8000; 0: a free port, named in the startup line)")
     p.add_argument("--api-key", default=os.environ.get("MIXLAB_API_KEY") or None,

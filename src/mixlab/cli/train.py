@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, dtype_choice
+from mixlab.cli import add_quiet_arg, dtype_choice, user_path
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -146,10 +146,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="training data tools")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = dsub.add_parser("prepare", help="tokenize text / JSONL files into packed, memory-mapped token shards")
-    q.add_argument("sources", nargs="+", help="files or folders (shared corpus layout: <domain>/train.jsonl, "
-                                              "<domain>/valid.jsonl; else domain = top-level subfolder)")
-    q.add_argument("--out", required=True, help="dataset folder to write")
-    q.add_argument("--tokenizer", default="bytes",
+    q.add_argument("sources", type=user_path, nargs="+",
+                   help="files or folders (shared corpus layout: <domain>/train.jsonl, "
+                        "<domain>/valid.jsonl; else domain = top-level subfolder)")
+    q.add_argument("--out", type=user_path, required=True, help="dataset folder to write")
+    q.add_argument("--tokenizer", type=user_path, default="bytes",
                    help="bytes (default), mixtral, or a path: a SentencePiece .model, a tokenizer.json or a folder "
                         "holding one")
     q.add_argument("--domains", default=None, help="comma-separated domains to keep (default: all)")
@@ -165,11 +166,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train a (MoE) model on a prepared dataset",
                        description="Flags override the config file's settings, which override the defaults shown.")
-    p.add_argument("config", nargs="?", default=None, help="training config file (.json or .toml)")
-    p.add_argument("--data", default=None, help="prepared dataset folder")
-    p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, hf/)")
-    p.add_argument("--model", default=None, help="preset name (default tiny-moe) or checkpoint folder")
-    p.add_argument("--init-from", default=None, metavar="DIR",
+    p.add_argument("config", type=user_path, nargs="?", default=None, help="training config file (.json or .toml)")
+    p.add_argument("--data", type=user_path, default=None, help="prepared dataset folder")
+    p.add_argument("--out", type=user_path, default=None, help="run folder (checkpoints, metrics.jsonl, hf/)")
+    p.add_argument("--model", type=user_path, default=None, help="preset name (default tiny-moe) or checkpoint folder")
+    p.add_argument("--init-from", type=user_path, default=None, metavar="DIR",
                    help="start from these weights: any checkpoint folder mixlab loads (transformers, Mistral, "
                         "an upcycled model), a checkpoints/step_* folder or a run folder; the model config "
                         "is the checkpoint's")
@@ -195,9 +196,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "and show which experts each kind of text uses")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: fill --minutes)")
     p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
-    p.add_argument("--data", default=None, help="train on a corpus in the shared layout instead")
-    p.add_argument("--out", default=None, help="keep the run folder here, with loss.png and routing.png (default: a "
-                                                "temporary folder); an earlier demo's --out is replaced")
+    p.add_argument("--data", type=user_path, default=None, help="train on a corpus in the shared layout instead")
+    p.add_argument("--out", type=user_path, default=None,
+                   help="keep the run folder here, with loss.png and routing.png (default: a "
+                        "temporary folder); an earlier demo's --out is replaced")
     p.add_argument("--seed", type=int, default=0,
                    help="corpus, held-out split, initialisation and data order (default 0)")
     p.set_defaults(func=demo_cmd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mixlab.cli import user_path
 from mixlab.cli.model import shard_bytes
 
 
@@ -27,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("upcycle", help="make a Mixtral-style MoE from a dense Mistral/Llama checkpoint "
                                        "(sparse upcycling: every expert starts as the layer's FFN)")
-    p.add_argument("--from", dest="src", required=True, metavar="DENSE_DIR",
+    p.add_argument("--from", type=user_path, dest="src", required=True, metavar="DENSE_DIR",
                    help="dense transformers checkpoint folder (MistralForCausalLM or LlamaForCausalLM)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     p.add_argument("--router-init", choices=ROUTER_INITS, default="normal",
