@@ -126,6 +126,14 @@ def test_cli(capsys):
     assert "--ep" in capsys.readouterr().err
 
 
+def test_cli_takes_trains_names_for_seq_and_batch(capsys):
+    """`mixlab plan ... --seq-len 2048 --batch-size 16`, as the train run it plans is written, was refused."""
+    assert main(["plan", "mixtral-8x7b", "--devices", "8", "--seq", "2048", "--batch", "16", "--json"]) == 0
+    short = capsys.readouterr().out
+    assert main(["plan", "mixtral-8x7b", "--devices", "8", "--seq-len", "2048", "--batch-size", "16", "--json"]) == 0
+    assert capsys.readouterr().out == short and '"batch": 16' in short
+
+
 def test_python_dash_m_mixlab():
     import subprocess
     import sys

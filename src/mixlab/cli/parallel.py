@@ -46,10 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-mem", default="80GB", help="memory per device: 80GB (10^9 bytes) or 80GiB (2^30)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (divides --devices and the experts)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer states (FSDP2)")
-    p.add_argument("--seq", type=int, default=4096, help="sequence length (training) / context (KV cache)")
-    p.add_argument("--batch", type=int, default=None,
-                   help="global sequences per step (training; default one per device) / in flight (inference, "
-                        "default 1)")
+    p.add_argument("--seq", "--seq-len", dest="seq", type=int, default=4096,
+                   help="sequence length (training, train's --seq-len) / context (KV cache) (default 4096)")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None,
+                   help="global sequences per micro-batch (training, train's --batch-size; default one per device) / "
+                        "in flight (inference, default 1)")
     p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default="bfloat16",
                    metavar="{float32,bfloat16,float16}",
                    help="training: autocast dtype (master weights stay float32); inference: weight dtype")
