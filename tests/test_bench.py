@@ -92,6 +92,26 @@ def test_bench_refuses_bad_arguments_before_measuring(argv, said, capsys):
     assert said in capsys.readouterr().err
 
 
+def test_bench_progress_is_on_stderr_and_quiet_drops_it(monkeypatch, capsys):
+    """`mixlab bench > report.md` got "measuring machine limits ..." and the other progress lines in the report."""
+    import mixlab.cli.benchmark as benchmark
+    from mixlab.cli import main
+
+    class Report:
+        def format(self) -> str:
+            return "| the report |"
+
+    def run_bench(plan, *, log):
+        log("measuring machine limits ...")
+        return Report()
+
+    monkeypatch.setattr(benchmark, "run_bench", run_bench)
+    assert main(["bench", "--quick"]) == 0
+    assert capsys.readouterr() == ("| the report |\n", "measuring machine limits ...\n")
+    assert main(["bench", "--quick", "--quiet"]) == 0
+    assert capsys.readouterr() == ("| the report |\n", "")
+
+
 def test_bench_refuses_an_out_folder_before_measuring(tmp_path, capsys):
     from mixlab.cli import main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mixlab import atomic
 from mixlab.cli import add_quiet_arg, user_path
@@ -43,7 +44,8 @@ def bench(args: argparse.Namespace) -> int:
             setattr(plan, name, getattr(args, name))
     if args.peers is not None:
         plan.peers = args.peers
-    report = run_bench(plan, log=(lambda _: None) if args.quiet else print)
+    # progress on stderr: stdout is the report (`mixlab bench > report.md`)
+    report = run_bench(plan, log=(lambda _: None) if args.quiet else lambda line: print(line, file=sys.stderr))
     text = report.format()
     print(text)
     if args.out:
