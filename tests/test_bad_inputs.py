@@ -204,6 +204,9 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "train --lr -1": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "-1"), ["'lr'", "-1"]),
     "train --warmup -5": (lambda t, b, c, d: _train_args(d, t / "run", "--warmup", "-5"), ["'warmup'", "-5"]),
     "train --threads -3": (lambda t, b, c, d: _train_args(d, t / "run", "--threads", "-3"), ["'threads'", "-3"]),
+    # `--set dim` (no =) said "config field 'dim' must be an integer ..., got ''"
+    "train --set without =": (lambda t, b, c, d: _train_args(d, t / "run", "--set", "n_layers"),
+                              ["--set 'n_layers'", "FIELD=VALUE"]),
     "eval on an empty text file": (
         lambda t, b, c, d: ((t / "e.txt").write_text(""), ["eval", "--model", str(c), "--data", str(t / "e.txt")])[-1],
         ["e.txt", "empty"]),

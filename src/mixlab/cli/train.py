@@ -45,7 +45,9 @@ def _overrides(args: argparse.Namespace) -> dict:
     if args.set:
         mo: dict = {}
         for item in args.set:
-            key, _, val = item.partition("=")
+            key, eq, val = item.partition("=")
+            if not eq or not key:
+                raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set dim=256")
             try:
                 value = json.loads(val)
             except json.JSONDecodeError:
