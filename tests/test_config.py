@@ -104,3 +104,13 @@ def test_hf_config_eos_token_id_list_takes_its_first_id():
     cfg = ModelConfig.from_hf_dict({**d, "bos_token_id": 500, "eos_token_id": [501, 509]})
     assert (cfg.bos_id, cfg.eos_id) == (500, 501)  # eos was 2, an ordinary token here
     assert ModelConfig.from_hf_dict({**d, "eos_token_id": None}).eos_id == 2
+
+
+def test_a_run_folder_given_as_a_model_names_its_export(tmp_path):
+    """`mixlab generate --model RUN` (a train run folder) said only 'no config.json ... found'."""
+    (tmp_path / "run" / "hf").mkdir(parents=True)
+    (tmp_path / "run" / "hf" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"a training run folder: its exported model is {tmp_path / 'run' / 'hf'}"):
+        ModelConfig.from_dir(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"found$"):
+        ModelConfig.from_dir(tmp_path)

@@ -399,7 +399,9 @@ class ModelConfig:
             f = p / name
             if f.is_file():
                 return reader(read_json_object(f), source=str(f))
-        raise ConfigError(f"{p}: no config.json (transformers) or params.json (Mistral) found")
+        run = (p / "hf" / "config.json").is_file()  # `mixlab generate --model RUN`: the model is RUN/hf
+        hint = f" (a training run folder: its exported model is {p / 'hf'})" if run else ""
+        raise ConfigError(f"{p}: no config.json (transformers) or params.json (Mistral) found{hint}")
 
 
 def _number(v: Any, source: str, key: str) -> float:
