@@ -50,5 +50,5 @@ def test_every_flag_is_documented():
 def test_every_command_that_shows_progress_takes_quiet():
     """--quiet was eval's and analyze's only; train, sft, dpo, data prepare and bench had no way to stop theirs."""
     commands = _commands()
-    assert not [c for c in ("train", "sft", "dpo", "data prepare", "eval", "analyze", "bench", "convert")
+    assert not [c for c in ("train", "sft", "dpo", "data prepare", "eval", "analyze", "bench", "convert", "upcycle")
                 if "--quiet" not in commands[c]]

@@ -202,6 +202,23 @@ def test_refuses_extra_weights(tmp_path):
         upcycle(src, tmp_path / "out")
 
 
+def test_cli_shows_its_progress_on_a_terminal(dense, tmp_path, monkeypatch):
+    """A multi-GB upcycle wrote for minutes without a word; --quiet (and a log file) keep it so."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for quiet in ([], ["--quiet"]):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        assert cli_main(["upcycle", "--from", str(dense[0]), "--out", str(tmp_path / "moe"), "--experts", "2",
+                         *quiet]) == 0
+        bar = sys.stderr.getvalue()
+        assert (f"writing {tmp_path / 'moe'}:" in bar and "tensor/s" in bar) != bool(quiet), bar
+
+
 def test_cli(dense, tmp_path, capsys):
     src, ref = dense
     out = tmp_path / "moe"

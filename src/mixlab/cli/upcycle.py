@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixlab.cli import user_path
+from mixlab.cli import add_quiet_arg, user_path
 from mixlab.cli.model import shard_bytes
 
 
@@ -14,7 +14,8 @@ def upcycle(args: argparse.Namespace) -> int:
 
     report = run(args.src, args.out, num_experts=args.experts, top_k=args.top_k, router_init=args.router_init,
                  router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=parse_dtype(args.dtype),
-                 max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
+                 max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite,
+                 progress=not args.quiet)
     c = report.config
     assert c.moe is not None
     print(f"wrote {args.out}: {c.moe.num_experts} experts, top-{c.moe.top_k}, {c.n_layers} layers; "
@@ -47,4 +48,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "(10^9 bytes) or 500MiB (default 2 GiB); peak memory is about one shard")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files mixlab did not write (never the input folder)")
+    add_quiet_arg(p)
     p.set_defaults(func=upcycle)

@@ -140,6 +140,7 @@ def upcycle(
     dtype: str | torch.dtype | None = None,
     max_shard_bytes: int | str = 2 * 2**30,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> UpcycleReport:
     """Write at `dst` a Mixtral checkpoint (transformers format, legacy per-expert names) made from
     the dense transformers Mistral/Llama checkpoint at `src`.
@@ -148,7 +149,8 @@ def upcycle(
     `noise`: relative std of the independent additive Gaussian noise on each expert copy (0 = exact
     copies); `seed` (an integer) seeds router and noise. `dtype`: convert to this dtype or dtype name
     ("bfloat16"; default: as stored). Atomic; an
-    existing `dst` holding files mixlab did not write is replaced only with `overwrite`.
+    existing `dst` holding files mixlab did not write is replaced only with `overwrite`. `progress`: a
+    bar of the tensors written, where stderr is a terminal.
     """
     root, out = Path(src), Path(dst)
     dtype = parse_dtype(dtype)
@@ -233,7 +235,11 @@ def upcycle(
 
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
         nonlocal n_written
-        for item in tensors():
+        from tqdm import tqdm
+
+        total = sum(len(r.theirs) for r in moe_rules.values())
+        for item in tqdm(tensors(), total=total, desc=f"writing {out}", unit="tensor", leave=False,
+                         disable=None if progress else True):  # terminal only
             n_written += 1
             yield item
 
