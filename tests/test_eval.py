@@ -104,6 +104,24 @@ def test_eval_takes_one_domain_folder_as_analyze_does(tmp_path: Path) -> None:
     assert list(documents(tmp_path)) == [("code", "x = 1")]
 
 
+def test_eval_domains_picks_domains_as_analyze_does(ckpt: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """analyze took --domains; eval had no way to score some of a corpus's domains."""
+    from mixlab.eval.data import documents
+
+    assert {d for d, _ in documents(CORPUS, max_docs=1, domains=["github", "arxiv"])} == {"github", "arxiv"}
+    with pytest.raises(ValueError, match="domain 'nope' not found"):
+        list(documents(CORPUS, domains=["nope"]))
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "domain": "x"}\n{"text": "b", "domain": "y"}\n')
+    assert list(documents(tmp_path / "d.jsonl", domains=["y"])) == [("y", "b")]
+    with pytest.raises(ValueError, match=r"--domains: no document of z in .*d.jsonl \(domains with documents: y\)"):
+        list(documents(tmp_path / "d.jsonl", domains=["y", "z"]))
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--domains", "github", "--max-docs", "1",
+                 "--context", "32", "--json", str(out), "--quiet"]) == 0
+    assert list(json.loads(out.read_text())["domains"]) == ["github"]
+
+
 def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A word perplexity past float's range (one long word) was written as `Infinity`, which is not
     JSON (JavaScript's JSON.parse refuses it): null now; the table still shows inf."""

@@ -33,7 +33,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--stride must be between 1 and --context ({args.context}); got {args.stride}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    docs = list(documents(args.data, split=args.split, max_docs=args.max_docs))
+    domains = args.domains.split(",") if args.domains else None
+    docs = list(documents(args.data, split=args.split, max_docs=args.max_docs, domains=domains))
     if not docs:
         raise ValueError(f"{args.data}: no documents to evaluate")
     if not any(text for _, text in docs):  # else a table of perplexity 1.000 over 0 tokens
@@ -72,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=user_path, required=True,
                    help="corpus folder (<domain>/<split>.jsonl) or one domain's folder "
                         "(as analyze takes them), a .jsonl or a text file")
+    p.add_argument("--domains", default=None, help="comma-separated domains, as analyze takes them (default: all but "
+                   "chat/)")
     p.add_argument("--split", default="valid", help="which file of each domain folder (default: valid)")
     p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--stride", type=int, default=None,

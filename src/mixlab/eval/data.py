@@ -22,8 +22,10 @@ def _jsonl(path: Path, default_domain: str) -> Iterator[tuple[str, str]]:
         yield (domain if isinstance(domain, str) else default_domain), text
 
 
-def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = None) -> Iterator[tuple[str, str]]:
-    """(domain, text) of every document under `data`, at most `max_docs` per domain."""
+def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = None,
+              domains: list[str] | None = None) -> Iterator[tuple[str, str]]:
+    """(domain, text) of every document under `data`, at most `max_docs` per domain, only those of
+    `domains` when given (as `mixlab analyze --domains`: a name with no document is an error)."""
     root = Path(data)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
@@ -31,13 +33,15 @@ def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = 
 
     def take(pairs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
         for domain, text in pairs:
+            if domains is not None and domain not in domains:
+                continue
             if max_docs is not None and seen.get(domain, 0) >= max_docs:
                 continue
             seen[domain] = seen.get(domain, 0) + 1
             yield domain, text
 
     if root.is_dir():
-        files = {name: d / f"{split}.jsonl" for name, d in find_domains(root).items()}
+        files = {name: d / f"{split}.jsonl" for name, d in find_domains(root, names=domains).items()}
         files = {name: f for name, f in files.items() if f.is_file()}
         if not files:
             raise DataError(f"{root}: no <domain>/{split}.jsonl files (expected a corpus folder such as "
@@ -52,6 +56,10 @@ def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = 
         except UnicodeDecodeError as e:
             raise DataError(f"{root}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         yield from take(iter([(root.stem, text)]))
+    missing = [d for d in domains or () if d not in seen]
+    if missing:
+        raise DataError(f"--domains: no document of {', '.join(missing)} in {root} (domains with documents: "
+                        f"{', '.join(seen) or 'none'})")
 
 
 __all__ = ["documents"]
