@@ -81,6 +81,20 @@ def test_demo_on_a_corpus_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "alpha" in out and "beta" in out and "routing" in out
 
 
+@pytest.mark.parametrize(("argv", "said"), [(["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+                                            (["--minutes", "-1"], "--minutes must be a number > 0, got -1"),
+                                            (["--minutes", "nan"], "--minutes must be a number > 0, got nan")])
+def test_demo_refuses_bad_budgets_before_the_work(argv: list[str], said: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """--steps 0 printed an untrained model's samples as the demo; --minutes -1 trained past its deadline."""
+    try:
+        code = main(["demo", *argv])
+    except SystemExit as e:  # argparse's error
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and said in err
+
+
 def test_routing_table_marks_top_expert() -> None:
     table = routing_table({"a": [[0.7, 0.3]], "b": [[0.2, 0.8]]})
     assert "70*" in table and "80*" in table and "distance from the average routing" in table

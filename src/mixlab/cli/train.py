@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
 from typing import Any
 
 from mixlab.cli import add_quiet_arg, dtype_choice, user_path
+from mixlab.cli.serve import positive
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -103,6 +105,8 @@ def train_cmd(args: argparse.Namespace) -> int:
 def demo_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.demo import run_demo
 
+    if not (math.isfinite(args.minutes) and args.minutes > 0):  # -1 trained a step past its deadline
+        raise ValueError(f"--minutes must be a number > 0, got {args.minutes:g}")
     res = run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed)
     if res.get("stopped_by") is not None:  # no results (the demo went on to print them, and a model it had not saved)
         kept = f"; checkpoint in {os.path.join(args.out, 'run', 'checkpoints')}" if args.out else ""
@@ -196,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="train a tiny MoE on text every Python install carries, then generate "
                                     "and show which experts each kind of text uses")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: fill --minutes)")
+    p.add_argument("--steps", type=positive, default=None, help="optimizer steps (default: fill --minutes)")
     p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
     p.add_argument("--data", type=user_path, default=None, help="train on a corpus in the shared layout instead")
     p.add_argument("--out", type=user_path, default=None,
