@@ -357,6 +357,28 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("dst", ["notes", "notes.gguf"])
+def test_cli_convert_refuses_its_destination_before_reading_the_model(tmp_path, monkeypatch, capsys, dst):
+    """A foreign folder (or file) as the destination was refused only after the whole model was read."""
+    import mixlab.checkpoint
+
+    if dst.endswith(".gguf"):
+        pytest.importorskip("gguf")
+    src = hf_mixtral(tmp_path / "hf")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("x")
+    (tmp_path / "notes.gguf").write_text("not a GGUF file")
+
+    def load_model(*a, **kw):
+        raise AssertionError("the model was read")
+
+    monkeypatch.setattr(mixlab.checkpoint, "load_model", load_model)
+    assert main(["convert", str(src), str(tmp_path / dst), "--quant", "f32"] if dst.endswith(".gguf") else
+                ["convert", str(src), str(tmp_path / dst)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "x"
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -102,6 +102,7 @@ def _gguf_vocabulary(src: str, tmp: Path) -> Path | None:
 
 
 def convert(args: argparse.Namespace) -> int:
+    from mixlab.atomic import check_destination
     from mixlab.checkpoint import load_model, save_model, side_files
 
     if args.to is None:  # `convert SRC out.gguf` writes a GGUF file, not a folder named out.gguf
@@ -116,6 +117,9 @@ def convert(args: argparse.Namespace) -> int:
             import gguf  # noqa: F401
         except ImportError:
             raise ValueError("writing GGUF files needs the gguf package: pip install 'mixlab[gguf]'") from None
+    # refused now, not after reading a model of many GB (save_model and write_gguf check it again)
+    check_destination(args.dst, sources=[args.src], overwrite=args.overwrite,
+                      kind="file" if args.to == "gguf" else "folder", magic=b"GGUF" if args.to == "gguf" else None)
     gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
     if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
