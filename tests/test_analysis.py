@@ -496,3 +496,21 @@ def test_cli_analyzes_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["analyze", "--model", str(tmp_path / "d.gguf"), "--data", str(corpus), "--out",
                  str(tmp_path / "r"), "--quiet"]) == 2
     assert "the model is dense" in capsys.readouterr().err
+
+
+def test_cli_refuses_the_report_folder_before_reading_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's own index.html in --out was refused only after the model was read (minutes for a big one)."""
+    import mixlab.checkpoint
+
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "index.html").write_text("mine")
+
+    def load_model(*a: object, **kw: object) -> None:
+        raise AssertionError("the model was read")
+
+    monkeypatch.setattr(mixlab.checkpoint, "load_model", load_model)
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "c")), "--out",
+                 str(tmp_path / "r"), "--quiet"]) == 2
+    assert "index.html" in capsys.readouterr().err and (tmp_path / "r" / "index.html").read_text() == "mine"

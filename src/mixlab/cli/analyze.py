@@ -12,6 +12,7 @@ from mixlab.cli import add_quiet_arg, user_path
 def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis import analyze as run
     from mixlab.analysis.collect import check_domains, load_analysis_tokenizer, tokenizer_name
+    from mixlab.analysis.report import check_report_folder
     from mixlab.checkpoint import load_model
     from mixlab.config import ModelConfig
     from mixlab.corpus import find_domains
@@ -27,6 +28,7 @@ def analyze(args: argparse.Namespace) -> int:
                          "needs a mixture-of-experts model")
     domains = args.domains.split(",") if args.domains else None
     check_domains(find_domains(args.data, names=domains), split=args.split)
+    check_report_folder(args.out)  # as the data: refused now, not after reading the model
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
     seq_len = min(args.seq_len, model.config.max_seq_len)
