@@ -300,3 +300,17 @@ def test_home_in_a_path_on_the_command_line_is_expanded(tiny_dir, tmp_path, monk
                 assert a.type is user_path, f"mixlab {name} {a.dest}"
 
     walk(build_parser(), "")
+
+
+def test_too_many_threads_is_a_warning_line_as_every_warning_is(tiny_dir, capsys, monkeypatch):
+    """It printed "warning: --threads ..." without the command, unlike every other warning of the CLI
+    ("mixlab generate: warning: ...", through warnings so that -W filters apply)."""
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(tiny_dir), "--prompt", "a", "--max-new-tokens", "1",
+                     "--threads", "4", "--dtype", "float32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "mixlab generate: warning: --threads 4 is more than the 1 CPUs here; using 1\n" in err

@@ -8,6 +8,7 @@ import io
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 from mixlab.cli import user_path
@@ -36,8 +37,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         cpus = os.cpu_count() or 1
         if args.threads > cpus:  # more threads than cores only makes OpenMP workers wait for each other
-            print(f"warning: --threads {args.threads} is more than the {cpus} CPUs here; using {cpus}",
-                  file=sys.stderr)
+            warnings.warn(f"--threads {args.threads} is more than the {cpus} CPUs here; using {cpus}", stacklevel=2)
         torch.set_num_threads(min(args.threads, cpus))
     dtype = args.dtype
     if dtype == "auto":  # bf16 where the CPU computes it natively (AVX-512-bf16 / AMX), else as stored
