@@ -72,6 +72,14 @@ def test_each_domain_folder_given_is_its_own_domain(tmp_path: Path, monkeypatch:
     assert {d.domain for d in read_documents([src / "code" / "train.jsonl"])} == {"default"}  # a file given
 
 
+def test_a_file_in_two_sources_is_refused(tmp_path: Path) -> None:
+    """`data prepare src src/code` read src/code's files twice: duplicated documents, some in both splits."""
+    src = _corpus(tmp_path / "src")
+    for sources in ([src, src], [src, src / "code"], [src / "code", src / "code" / "train.jsonl"]):
+        with pytest.raises(DataError, match=r"train.jsonl is in two sources \(.*\); give each file once"):
+            list(read_documents(sources))
+
+
 def test_byte_tokenizer_roundtrip_unicode() -> None:
     tok = ByteTokenizer()
     text = "naïve café — ∑ 🙂"

@@ -195,10 +195,17 @@ def discover(source: Path) -> list[tuple[Path, str, str]]:
 
 def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | None = None) -> Iterator[Document]:
     """The documents of `sources` (see `discover`), only those of `domains` when given: a domain
-    that no source has is an error naming it (a misspelt `--domains` must not drop it silently)."""
+    that no source has is an error naming it (a misspelt `--domains` must not drop it silently), as
+    is a file two sources hold (its documents would be read twice, maybe into both splits)."""
     keep = set(domains) if domains else None
     sources = list(sources)
-    files = [x for s in sources for x in discover(Path(s))]
+    files, given = [], dict[Path, str]()
+    for s in sources:
+        for f, domain, split in discover(Path(s)):
+            if f.resolve() in given:  # `prepare a a`, `prepare corpus corpus/code`: each document twice
+                raise DataError(f"{f} is in two sources ({given[f.resolve()]} and {s}); give each file once")
+            given[f.resolve()] = str(s)
+            files.append((f, domain, split))
     missing = sorted(keep - {domain for _, domain, _ in files}) if keep is not None else []
     if missing:
         found = sorted({domain for _, domain, _ in files})
