@@ -97,6 +97,8 @@ def test_eval_takes_one_domain_folder_as_analyze_does(tmp_path: Path) -> None:
 
     one = list(documents(CORPUS / "github", max_docs=2))
     assert one == [d for d in documents(CORPUS, max_docs=2) if d[0] == "github"] and len(one) == 2
+    # a split's file given alone is its folder's domain, as in the corpus (it was "valid")
+    assert list(documents(CORPUS / "github" / "valid.jsonl", max_docs=2)) == one
     (tmp_path / "chat").mkdir()  # not a text domain, for eval as for analyze (its lines have no 'text')
     (tmp_path / "chat" / "valid.jsonl").write_text('{"messages": []}\n')
     (tmp_path / "code").mkdir()
