@@ -69,7 +69,12 @@ def test_each_domain_folder_given_is_its_own_domain(tmp_path: Path, monkeypatch:
     assert meta["splits"]["train"]["code"]["docs"] == 20 and meta["splits"]["valid"]["prose"]["docs"] == 1
     monkeypatch.chdir(src / "prose")  # `.` is the working folder, by its name
     assert {d.domain for d in read_documents(["."])} == {"prose"}
-    assert {d.domain for d in read_documents([src / "code" / "train.jsonl"])} == {"default"}  # a file given
+    _jsonl(tmp_path / "notes.jsonl", ["a note"])
+    assert {d.domain for d in read_documents([tmp_path / "notes.jsonl"])} == {"default"}  # a file given
+    # a split's file is its folder's domain, as eval names it: these made one domain "default"
+    files = [src / "code" / "train.jsonl", src / "code" / "valid.jsonl", src / "prose" / "train.jsonl"]
+    assert {(d.domain, d.split) for d in read_documents(files)} == {("code", "train"), ("code", "valid"),
+                                                                    ("prose", "train")}
 
 
 def test_a_file_in_two_sources_is_refused(tmp_path: Path) -> None:

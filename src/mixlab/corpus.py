@@ -170,13 +170,20 @@ def _split_of(path: Path) -> str:
     return "valid" if path.stem.lower() in VALID_STEMS else "train"
 
 
+def split_file_domain(path: Path) -> str | None:
+    """The domain of a split's file given alone: its folder's name (corpus/github/valid.jsonl is
+    github, as when the corpus folder is given); None for a file not named by a split."""
+    return path.resolve().parent.name if path.stem.lower() in ("train", *VALID_STEMS) else None
+
+
 def discover(source: Path) -> list[tuple[Path, str, str]]:
-    """(file, domain, split) for a source: a file (domain "default"), a folder in the shared corpus
+    """(file, domain, split) for a source: a file (domain "default", or its folder's name for a split's
+    file: `split_file_domain`), a folder in the shared corpus
     layout (`<domain>/train.jsonl`, `<domain>/valid.jsonl`), or any folder of text / JSONL files, where
     the domain is the top-level subfolder name, and the folder's own name for files directly in it (as
     `mixlab analyze` names one domain folder): `prepare code/ prose/` makes two domains, not one."""
     if source.is_file():
-        return [(source, "default", _split_of(source))]
+        return [(source, split_file_domain(source) or "default", _split_of(source))]
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
     corpus = sorted(d for d in source.iterdir() if d.is_dir() and (d / "train.jsonl").is_file())

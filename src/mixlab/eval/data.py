@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixlab.corpus import VALID_STEMS, find_domains, jsonl_texts
+from mixlab.corpus import find_domains, jsonl_texts, split_file_domain
 from mixlab.errors import DataError
 
 
@@ -21,12 +21,6 @@ def _jsonl(path: Path, default_domain: str) -> Iterator[tuple[str, str]]:
     for text, row, _ in jsonl_texts(lines, path, strict=True):
         domain = row.get("domain", default_domain)
         yield (domain if isinstance(domain, str) else default_domain), text
-
-
-def _file_domain(path: Path) -> str:
-    """The domain of a file given alone: its stem, or its folder's name for a split's file
-    (corpus/github/valid.jsonl is github, as when the corpus folder is given)."""
-    return path.resolve().parent.name if path.stem in ("train", *VALID_STEMS) else path.stem
 
 
 def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = None,
@@ -56,13 +50,13 @@ def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = 
         for name, f in files.items():
             yield from take(_jsonl(f, name))
     elif root.suffix == ".jsonl":
-        yield from take(_jsonl(root, _file_domain(root)))
+        yield from take(_jsonl(root, split_file_domain(root) or root.stem))
     else:
         try:
             text = root.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{root}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        yield from take(iter([(_file_domain(root), text)]))
+        yield from take(iter([(split_file_domain(root) or root.stem, text)]))
     missing = [d for d in domains or () if d not in seen]
     if missing:
         raise DataError(f"--domains: no document of {', '.join(missing)} in {root} (domains with documents: "
