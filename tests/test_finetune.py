@@ -363,6 +363,25 @@ def test_lora_gradients_reach_every_expert_factor() -> None:
     assert p13.lora_A.grad is not None and (p13.lora_A.grad.abs().sum((1, 2)) > 0).all()  # every expert used
 
 
+def test_an_adapter_model_generates_and_preparing_it_asks_for_a_merge() -> None:
+    # The engine's native decoder read LoRALinear's float scale as int8 row scales: generate raised
+    # an AttributeError from model/native.py; prepare_for_inference did too (int8: "already prepared").
+    from mixlab.generate import generate
+    from mixlab.model.inference import prepare_for_inference
+
+    m = apply_lora(_model(), LoraConfig(rank=4, targets=ALL))
+    _randomize_B(m, seed=1)
+    ids = [1, 72, 105]
+    with torch.no_grad():
+        for _ in range(6):  # greedy by full recompute
+            ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+    assert generate(m, [ids[:3]], max_new_tokens=6, stop_at_eos=False) == [ids[3:]]
+    for quant in (None, "int8"):
+        with pytest.raises(ValueError, match=r"LoRA adapters \(layers.0.attn.wqkv.lora_A\).*merge"):
+            prepare_for_inference(m, quant=quant)
+    assert generate(merge(m), [ids[:3]], max_new_tokens=6, stop_at_eos=False) == [ids[3:]]
+
+
 def test_peft_round_trip(tmp_path: Path) -> None:
     """transformers + peft load mixlab's base checkpoint and adapter and give mixlab's logits."""
     pytest.importorskip("peft")

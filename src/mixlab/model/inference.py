@@ -164,6 +164,12 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
         if int4_activations not in native.INT4_ACTIVATIONS:
             raise ValueError(f"int4_activations must be one of {', '.join(native.INT4_ACTIVATIONS)}, "
                              f"not {int4_activations!r}")
+    # An adapter model's linears are not `nn.Linear`s and its experts are parametrised: no format
+    # would convert them (int8 said "already prepared", the default failed inside the native decoder).
+    adapter = next((name for name, _ in model.named_parameters() if name.endswith(("lora_A", "lora_B"))), None)
+    if adapter is not None:
+        raise ValueError(f"the model holds LoRA adapters ({adapter}): merge them into a plain model first "
+                         "(model = mixlab.train.lora.merge(model)), then prepare that")
     cache = expert_cache(model)
     prepared = inference_format(model)
     if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)):

@@ -40,12 +40,18 @@ from mixlab.cache import KVCache
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import native, registry
+from mixlab.ops.linear import InferenceLinear
 from mixlab.ops.native.ops import register_decoder
+from mixlab.ops.quant import Int4Linear, Int8Linear
 from mixlab.pages import HUGE, huge_empty, huge_pages
 
 
 def _weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, row scales or None) of an `nn.Linear`, `InferenceLinear` or `Int8Linear`."""
+    """(weight, row scales or None) of an `nn.Linear`, `InferenceLinear`, `Int8Linear` or `Int4Linear`;
+    ValueError for any other module: a LoRA adapter's `LoRALinear` (mixlab.train.lora) has a float
+    `scale`, which was read as row scales (an AttributeError that `generate` raised mid-way)."""
+    if not isinstance(lin, nn.Linear | InferenceLinear | Int8Linear | Int4Linear):
+        raise ValueError(f"native decoding reads plain, int8 or int4 linear layers, not {type(lin).__name__}")
     w = lin.weight
     assert isinstance(w, torch.Tensor)
     return w.detach(), getattr(lin, "scale", None)
