@@ -332,6 +332,32 @@ def test_record_experts_needs_moe():
         generate(dense, [[1]], max_new_tokens=2, experts_out=[])
 
 
+def test_something_else_passed_as_the_model_is_named(tiny, tmp_path):
+    # A path, a state dict or a transformers model as `model` failed with an AttributeError inside.
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from mixlab.analysis import analyze
+    from mixlab.engine import Engine
+    from mixlab.eval import evaluate_texts, score_batch
+    from mixlab.model.inference import prepare_for_inference
+
+    hf = MixtralForCausalLM(MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, num_local_experts=2))
+    calls = [lambda m: generate(m, [[1, 5]], max_new_tokens=2), lambda m: Engine(m), prepare_for_inference,
+             lambda m: score_batch(m, [[1, 5]], [[5]]), lambda m: evaluate_texts(m, list, [], prefix=1),
+             lambda m: analyze(m, None, tmp_path, out=tmp_path / "r")]
+    for call in calls:
+        for model, hint in (("runs/x", r"not str \(load it: mixlab.load_model\('runs/x'\)\)"),
+                            (tiny.state_dict(), r"not OrderedDict \(mixlab.load_model\(path\)"),
+                            (hf, r"not MixtralForCausalLM \(a transformers model: save_pretrained it")):
+            with pytest.raises(ValueError, match=f"model must be a mixlab Transformer, {hint}"):
+                call(model)
+    with pytest.raises(ValueError, match=r"Transformer takes a mixlab ModelConfig, not str \(a preset: mixlab.get_pr"):
+        Transformer("tiny-moe")  # type: ignore[arg-type]
+    compiled = torch.compile(tiny)  # forwards `config`: still accepted (the engine runs the module it wraps)
+    assert generate(compiled, [[1, 5]], max_new_tokens=2) == generate(tiny, [[1, 5]], max_new_tokens=2)
+
+
 def test_tensor_prompts(tiny):
     t = torch.tensor([[5, 6, 7], [8, 9, 10]])
     kw = dict(max_new_tokens=4, stop_at_eos=False)

@@ -28,7 +28,7 @@ from mixlab.engine.api import _is_array, _number
 from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler, greedy_token, penalize
 from mixlab.errors import GenerationError
-from mixlab.model import Transformer
+from mixlab.model import Transformer, check_model
 from mixlab.tokenizer import check_text, check_tokenizer
 
 if TYPE_CHECKING:
@@ -249,6 +249,7 @@ def generate_stream(
     begins with tokens one of its free slots holds (the earlier turns) skips prefilling them.
     """
     # Everything is validated here, eagerly; the returned generator does the compute.
+    check_model(model)
     sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
     penalties = (_number("presence_penalty", presence_penalty), _number("frequency_penalty", frequency_penalty))
     ids = _check_prompts(model, prompts, max_new_tokens, truncate)

@@ -30,7 +30,7 @@ from mixlab.analysis.stats import (
     total_variation,
 )
 from mixlab.corpus import find_domains
-from mixlab.model import Transformer
+from mixlab.model import Transformer, check_model
 
 __all__ = [
     "Collected",
@@ -95,6 +95,7 @@ def analyze(
 ) -> dict[str, Any]:
     """Collect routing over every domain of `data`, write the report to `out`, return it.
     `seq_len`: tokens per window (default 512, or the model's context if shorter)."""
+    check_model(model)
     if seq_len is None:
         seq_len = min(512, model.config.max_seq_len)
     moe = moe_layers(model)

@@ -42,6 +42,7 @@ from mixlab.engine.runner import Item, Result, Runner, common_prefix
 from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
 from mixlab.errors import MixlabError
 from mixlab.model.formats import expert_cache
+from mixlab.model.transformer import check_model
 from mixlab.tokenizer import check_tokenizer
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ class Engine:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"invalid {name}={v!r}: expected an integer >= 1")
+        check_model(model)
         check_tokenizer(tokenizer)
         self.model = model
         self.tokenizer = tokenizer

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mixlab.model import Transformer
+from mixlab.model import Transformer, check_model
 
 
 @dataclass
@@ -127,6 +127,7 @@ def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Se
     `inputs` shifted by one: the summed log-probability of the targets and whether each is the
     greedy choice. Inputs are right-padded into one batch (causal attention: padding after a
     sequence never reaches it)."""
+    check_model(model)
     dev = next(model.parameters()).device
     T = max(len(x) for x in inputs)
     tokens_BT = torch.zeros(len(inputs), T, dtype=torch.long, device=dev)
@@ -145,6 +146,7 @@ def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Se
 def _check_scoring(model: Transformer, *, prefix: int, batch_size: int) -> None:
     # batch_size < 1 put every window of a document into one batch; a prefix outside the vocabulary
     # failed deep in the embedding with an IndexError.
+    check_model(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"invalid batch_size={batch_size!r}: expected an integer >= 1")
     vocab = model.config.vocab_size
@@ -211,6 +213,7 @@ def evaluate_texts(
 ) -> Report:
     """Score `(domain, text)` documents. `encode` turns text into ids without BOS; `prefix` is the
     token before each document (BOS). `progress(tokens)` is called after each document."""
+    check_model(model)
     if context > model.config.max_seq_len:
         raise ValueError(f"context {context} exceeds the model's context length {model.config.max_seq_len}")
     if context < 1:

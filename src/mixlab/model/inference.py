@@ -36,7 +36,7 @@ from torch import nn
 from mixlab.model import native
 from mixlab.model.formats import EXPERT_FORMATS, Int4Experts, Int8Experts, OffloadedExperts, PackedExperts, expert_cache
 from mixlab.model.moe import Experts, ExpertsBase, MoEBlock
-from mixlab.model.transformer import Transformer
+from mixlab.model.transformer import Transformer, check_model
 from mixlab.ops import registry
 from mixlab.ops.linear import InferenceLinear, can_pack
 from mixlab.ops.offload import ExpertCache, SlotFormat
@@ -156,6 +156,7 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     "int8" (activations rounded to int8 per block of 32, as llama.cpp does; the default, fast) or
     "float32" (exact; what offloaded experts always do, so "int8" is refused for them); see
     `mixlab.model.native`."""
+    check_model(model)
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
     if group != 32 and quant != "int4":  # it would be ignored

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +45,21 @@ def _check_inputs(tokens_BT: object, positions_BT: torch.Tensor | None, segments
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != tokens_BT.shape):
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a tensor of the tokens' shape {list(tokens_BT.shape)}, got {got}")
+
+
+def check_model(model: object) -> None:
+    """ValueError unless `model` is a mixlab `Transformer` (or a wrapper that forwards its attributes,
+    as `torch.compile`'s does): a path, a state dict or a transformers model passed as the model
+    failed with an AttributeError deep inside generation, the engine or preparation."""
+    if isinstance(getattr(model, "config", None), ModelConfig):
+        return
+    if isinstance(model, str | Path):
+        hint = f" (load it: mixlab.load_model({str(model)!r}))"
+    elif hasattr(getattr(model, "config", None), "model_type"):
+        hint = " (a transformers model: save_pretrained it and mixlab.load_model the folder)"
+    else:
+        hint = " (mixlab.load_model(path), or mixlab.Transformer(config))"
+    raise ValueError(f"model must be a mixlab Transformer, not {type(model).__name__}{hint}")
 
 
 class Block(nn.Module):
@@ -105,6 +121,9 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
+        if not isinstance(config, ModelConfig):  # else an AttributeError on its first field
+            raise ValueError(f"Transformer takes a mixlab ModelConfig, not {type(config).__name__} (a preset: "
+                             "mixlab.get_preset(name); a checkpoint's: mixlab.ModelConfig.from_dir(path))")
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
