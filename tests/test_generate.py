@@ -318,12 +318,27 @@ def test_a_kept_cache_of_another_dtype_or_type_is_named(tiny):
     assert generate(bf16, [[1, 5, 6]], max_new_tokens=4, cache=kept) == generate(bf16, [[1, 5, 6]], max_new_tokens=4)
 
 
-def test_a_kept_engine_without_a_tokenizer_and_stop_strings_fail_before_iterating(tiny):
+def test_a_kept_engine_without_a_tokenizer_and_stop_strings_fail_before_iterating():
     from mixlab.engine import Engine
     from mixlab.tokenizer import load_tokenizer
 
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000))  # the tokenizer's vocabulary
     with pytest.raises(ValueError, match="need an engine made with a tokenizer"):  # it was raised by next()
-        generate_stream(tiny, [[1, 5]], max_new_tokens=3, stop=["x"], tokenizer=load_tokenizer(), engine=Engine(tiny))
+        generate_stream(model, [[1, 5]], max_new_tokens=3, stop=["x"], tokenizer=load_tokenizer(), engine=Engine(model))
+
+
+def test_another_models_tokenizer_is_refused(tiny):
+    # Mixtral's 32000-token tokenizer over a 128-token model was accepted (the CLI refuses it): its text
+    # of the model's ids is not the model's.
+    from mixlab.engine import Engine
+    from mixlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    for call in (lambda: Engine(tiny, tok), lambda: generate(tiny, [[1, 5]], max_new_tokens=2, tokenizer=tok)):
+        with pytest.raises(ValueError, match="tokenizer= has 32000 tokens but the model's vocabulary has 128"):
+            call()
+    padded = Transformer(get_preset("tiny-moe").replace(vocab_size=32064))  # more: a padded vocabulary, fine
+    assert len(generate(padded, [[1, 5]], max_new_tokens=2, stop_at_eos=False, tokenizer=tok)[0]) == 2
 
 
 def test_record_experts_needs_moe():

@@ -253,7 +253,7 @@ def generate_stream(
     sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
     penalties = (_number("presence_penalty", presence_penalty), _number("frequency_penalty", frequency_penalty))
     ids = _check_prompts(model, prompts, max_new_tokens, truncate)
-    check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer, model.config.vocab_size)
     stop_ids, stop_strings = _check_stop(stop, tokenizer, model.config.vocab_size)
     if stop_at_eos:
         stop_ids.add(model.config.eos_id)

@@ -366,14 +366,20 @@ class StreamDecoder:
         return self._new_text(before, after)
 
 
-def check_tokenizer(tokenizer: object) -> None:
+def check_tokenizer(tokenizer: object, vocab_size: int | None = None) -> None:
     """ValueError unless `tokenizer` is None or streams text as a `Tokenizer` does: a path, or a
     transformers tokenizer, passed as `tokenizer=` fails here with what to pass, not with an
-    AttributeError at the first request."""
+    AttributeError at the first request. `vocab_size`: the model's; a tokenizer with more tokens is
+    another model's (as the CLI says; its text of the model's ids is not the model's, and was
+    streamed without a word). Fewer is fine: checkpoints pad their vocabularies."""
     if tokenizer is not None and not callable(getattr(tokenizer, "stream", None)):
         hint = f" (load it: mixlab.load_tokenizer({str(tokenizer)!r}))" if isinstance(tokenizer, str | Path) else ""
         raise ValueError(f"tokenizer= takes a mixlab Tokenizer (mixlab.load_tokenizer()) or None, not "
                          f"{type(tokenizer).__name__}{hint}")
+    n = getattr(tokenizer, "vocab_size", None)
+    if vocab_size is not None and isinstance(n, int) and n > vocab_size:
+        raise ValueError(f"tokenizer= has {n} tokens but the model's vocabulary has {vocab_size}: it is another "
+                         f"model's tokenizer (mixlab.load_tokenizer(checkpoint) loads the checkpoint's own)")
 
 
 def default_tokenizer_path() -> Path:

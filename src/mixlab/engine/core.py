@@ -126,7 +126,7 @@ class Engine:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"invalid {name}={v!r}: expected an integer >= 1")
         check_model(model)
-        check_tokenizer(tokenizer)
+        check_tokenizer(tokenizer, model.config.vocab_size)
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
