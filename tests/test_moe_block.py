@@ -101,6 +101,8 @@ def test_forward_returns_logits_and_forward_output_the_rest() -> None:
     (([[1, 2, 3]],), "tokens must be"),  # a list: "'list' object has no attribute 'shape'"
     ((torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1]])), "positions_BT"),  # deep in attention
     ((torch.tensor([[1, 2, 3]]), torch.tensor([0, 1, 2])), "positions_BT"),
+    ((torch.tensor([[1, 256, 3]]),), r"token ids must be in \[0, 256\).*span \[1, 256\]"),  # "index out of range"
+    ((torch.tensor([[-1, 2]]),), r"token ids must be in \[0, 256\).*span \[-1, 2\]"),
 ])
 def test_forward_names_a_bad_argument(args: tuple, match: str) -> None:
     model = _model()

@@ -33,8 +33,9 @@ class ModelOutput:
 
 
 def _check_inputs(tokens_BT: object, positions_BT: torch.Tensor | None, segments_BT: torch.Tensor | None) -> None:
-    """Shapes and dtypes only (no host sync; the ids' range is the embedding's to check): a 1-D
-    tensor, float ids or positions of another shape failed deep in attention or the embedding."""
+    """Shapes and dtypes only (no host sync; the ids' range is the embedding's to check, and
+    `forward_output` names it): a 1-D tensor, float ids or positions of another shape failed deep in
+    attention or the embedding."""
     if not isinstance(tokens_BT, torch.Tensor) or tokens_BT.dim() != 2 or tokens_BT.dtype not in (torch.long,
                                                                                                torch.int32):
         what = (f"a {tokens_BT.dim()}-D {tokens_BT.dtype} tensor of shape {list(tokens_BT.shape)}"
@@ -203,7 +204,11 @@ class Transformer(nn.Module):
         if positions_BT is None:
             start = 0 if cache is None else cache.t
             positions_BT = torch.arange(start, start + T, device=tokens_BT.device).expand(B, T)
-        x_BTD = self.tok_embeddings(tokens_BT)
+        try:
+            x_BTD = self.tok_embeddings(tokens_BT)
+        except IndexError:  # torch's "index out of range in self" named neither the ids nor the vocabulary
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) (the model's vocabulary); these span "
+                             f"[{int(tokens_BT.min())}, {int(tokens_BT.max())}]") from None
         cos, sin = rope_cos_sin(positions_BT, cfg.head_dim, cfg.rope_theta, x_BTD.dtype)
         slots = None
         if cache is not None:
