@@ -388,6 +388,23 @@ def test_harness_refuses_a_continuation_longer_than_max_length(ckpt: Path) -> No
     assert math.isfinite(lp)
 
 
+def test_score_batch_names_targets_it_cannot_score() -> None:
+    # A target longer than its input or outside the vocabulary failed in torch's gather ("Size does not
+    # match at dimension 0", "index 999 is out of bounds"); no inputs: "max() arg is an empty sequence".
+    from mixlab.config import get_preset
+    from mixlab.eval import score_batch
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-moe")).eval()
+    for targets, match in (([[4], [5, 6]], r"targets\[1\] has 2 tokens but inputs\[1\] only 1"),
+                           ([[4], [999]], r"targets\[1\] has token id 999 outside the model's vocabulary \[0, 256\)"),
+                           ([[4]], "one target list per input; got 2 inputs and 1 targets")):
+        with pytest.raises(ValueError, match=match):
+            score_batch(model, [[1, 2], [3]], targets)
+    assert score_batch(model, [], []) == []
+    assert len(score_batch(model, [[1, 2], [3]], [[2], [7]])) == 2
+
+
 @pytest.mark.parametrize(("kw", "match"), [({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),
                                            ({"prefix": 32000}, "prefix"), ({"prefix": -1}, "prefix")])
 def test_library_scoring_checks_its_arguments(ckpt: Path, kw: dict, match: str) -> None:

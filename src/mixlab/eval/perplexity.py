@@ -128,6 +128,20 @@ def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Se
     greedy choice. Inputs are right-padded into one batch (causal attention: padding after a
     sequence never reaches it)."""
     check_model(model)
+    # Checked here: a target longer than its input, or outside the vocabulary, failed in torch's gather.
+    if len(inputs) != len(targets):
+        raise ValueError(f"score_batch takes one target list per input; got {len(inputs)} inputs and "
+                         f"{len(targets)} targets")
+    V = model.config.vocab_size
+    for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
+        if len(y) > len(x):
+            raise ValueError(f"targets[{b}] has {len(y)} tokens but inputs[{b}] only {len(x)}: each target is "
+                             "scored at one of the inputs' last positions")
+        bad = [t for t in y if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"targets[{b}] has token id {bad[0]} outside the model's vocabulary [0, {V})")
+    if not inputs:
+        return []
     dev = next(model.parameters()).device
     T = max(len(x) for x in inputs)
     tokens_BT = torch.zeros(len(inputs), T, dtype=torch.long, device=dev)
