@@ -363,6 +363,24 @@ def test_lora_gradients_reach_every_expert_factor() -> None:
     assert p13.lora_A.grad is not None and (p13.lora_A.grad.abs().sum((1, 2)) > 0).all()  # every expert used
 
 
+def test_lora_arguments_are_checked_by_name() -> None:
+    # targets="attention" was read letter by letter; dropout="0.1" was a TypeError from a comparison;
+    # apply_lora over adapters a KeyError from torch ("attribute 'w13' already exists"), a str config an
+    # AttributeError.
+    assert LoraConfig(targets="attention").targets == ("attention",)
+    assert LoraConfig(targets="attention, router") == LoraConfig(targets=["attention", "router"])
+    for kw, match in (({"targets": "attn"}, r"LoRA targets \['attn'\]"), ({"targets": 5}, r"LoRA targets \[5\]"),
+                      ({"dropout": "0.1"}, "dropout must be a number"), ({"rank": True}, "rank must be"),
+                      ({"seed": "1"}, "seed must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            LoraConfig(**kw)
+    m = apply_lora(_model(), LoraConfig(rank=2))
+    with pytest.raises(ValueError, match=r"already holds LoRA adapters \(layers.0.attn.wqkv.lora_A\)"):
+        apply_lora(m, LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="apply_lora takes a LoraConfig"):
+        apply_lora(_model(), "r8")  # type: ignore[arg-type]
+
+
 def test_an_adapter_model_generates_and_preparing_it_asks_for_a_merge() -> None:
     # The engine's native decoder read LoRALinear's float scale as int8 row scales: generate raised
     # an AttributeError from model/native.py; prepare_for_inference did too (int8: "already prepared").

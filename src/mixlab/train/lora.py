@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from mixlab.checkpoint import meta_model, save_model
 from mixlab.checkpoint.io import write_sharded
 from mixlab.dtypes import parse_dtype
-from mixlab.model import Transformer
+from mixlab.model import Transformer, check_model
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Block
 from mixlab.ops.quant import dequantize_int8, quantize_int8
@@ -58,18 +58,24 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("attention", "experts")
+    targets: tuple[str, ...] = ("attention", "experts")  # also "attention,router", as FinetuneConfig's
     base_dtype: str = "float32"  # how the frozen base is held: float32, bfloat16 or int8
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) \
                 or self.alpha <= 0:
             raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be a number in [0, 1), got {self.dropout!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"LoRA seed must be an integer, got {self.seed!r}")
+        # A string was iterated as its letters ("LoRA targets ['a', 't', 't', ...]"); a list stays comparable.
+        targets = (self.targets.split(",") if isinstance(self.targets, str) else self.targets
+                   if isinstance(self.targets, list | tuple) else [self.targets])
+        object.__setattr__(self, "targets", tuple(t.strip() if isinstance(t, str) else t for t in targets))
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ValueError(f"LoRA targets {list(self.targets)}: expected some of {', '.join(TARGETS)}")
@@ -159,6 +165,13 @@ def _parametrize(module: nn.Module, name: str, cfg: LoraConfig, g: torch.Generat
 def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
     """Freeze `model` and add adapters per `cfg`, in place; returns it. Only the adapter factors
     (`*.lora_A`, `*.lora_B`) require gradients afterwards."""
+    check_model(model)
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(f"apply_lora takes a LoraConfig (e.g. LoraConfig(rank=8)), not {type(cfg).__name__}")
+    held = next((name for name, _ in model.named_parameters() if name.endswith(("lora_A", "lora_B"))), None)
+    if held is not None:  # torch's KeyError "attribute 'w13' already exists", or adapters over adapters
+        raise ValueError(f"the model already holds LoRA adapters ({held}): apply_lora once per model "
+                         "(merge(model) gives a plain model to adapt again)")
     g = torch.Generator().manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
