@@ -95,6 +95,31 @@ def test_the_docs_python_examples_run(tmp_path, monkeypatch):
             raise AssertionError(f"{name}'s example failed:\n{code}") from e
 
 
+def test_the_public_api_has_docstrings():
+    """`help()` says something for each class and function mixlab and mixlab.engine export (and
+    KVCache, which README's decoding loop takes), and their public methods: Transformer, get_preset,
+    KVCache, Tokenizer.encode and Engine.start had none, and ModelConfig showed only the signature a
+    dataclass gets."""
+    import inspect
+
+    import mixlab
+    import mixlab.engine
+    from mixlab.cache import KVCache
+
+    objs = [(n, getattr(mod, n)) for mod in (mixlab, mixlab.engine) for n in mod.__all__] + [("KVCache", KVCache)]
+    missing = []
+    for name, obj in objs:
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        doc = (obj.__doc__ or "").strip()
+        if not doc or doc.startswith(f"{obj.__name__}("):
+            missing.append(name)
+        if inspect.isclass(obj):
+            missing += [f"{name}.{m}" for m, f in vars(obj).items()
+                        if not m.startswith("_") and inspect.isfunction(f) and not f.__doc__]
+    assert not missing, f"no docstring: {missing}"
+
+
 def test_every_command_that_shows_progress_takes_quiet():
     """--quiet was eval's and analyze's only; train, sft, dpo, data prepare and bench had no way to stop theirs."""
     commands = _commands()

@@ -21,10 +21,15 @@ from mixlab.errors import MixlabError
 
 
 class CacheFullError(MixlabError):
-    pass
+    """A cache asked to hold more tokens than it (or the model's context) can."""
 
 
 class KVCache:
+    """The keys and values of a batch of sequences, per layer `[B, G, C, Hd]`, for `Transformer.forward`
+    (`cache=`), `generate(cache=)` and `greedy_step`: e.g. `KVCache(model.config, batch_size=1,
+    max_len=256, dtype=model.tok_embeddings.weight.dtype)`. Token t goes to slot t % C; with a
+    sliding window C is the window plus a prefill chunk (a rolling buffer), else `max_len`."""
+
     def __init__(
         self,
         config: ModelConfig,
@@ -116,6 +121,7 @@ class KVCache:
         return min(self.t + T, self.capacity)
 
     def reset(self) -> None:
+        """Empty the cache (its buffers are kept)."""
         self.pos_BC.fill_(-1)
         self.t = 0
         self.tokens = []

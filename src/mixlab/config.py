@@ -81,6 +81,10 @@ def _in_file(e: ConfigError, source: str, keys: dict[str, str]) -> ConfigError:
 
 @dataclass(frozen=True)
 class MoEConfig:
+    """The sparse feed-forward part of a `ModelConfig` (Mixtral's defaults): `num_experts` experts per
+    layer, `top_k` of them per token; the rest are training options. Checked by the `ModelConfig`
+    that holds it."""
+
     num_experts: int = 8
     top_k: int = 2
     # Training-time options; they do not change inference.
@@ -92,6 +96,12 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A model's shape (defaults: Mixtral 8x7B; `moe=None`: dense, as Mistral 7B), checked when made.
+    Frozen and comparable; `replace(**changes)` makes a changed copy (checked again). To and from
+    transformers' config.json (`to_hf_dict` / `from_hf_dict`), Mistral's params.json
+    (`to_mistral_dict` / `from_mistral_dict`) and a checkpoint folder (`from_dir`); named sizes:
+    `get_preset`."""
+
     vocab_size: int = 32000
     dim: int = 4096
     n_layers: int = 32
@@ -114,6 +124,7 @@ class ModelConfig:
     # -- validation -------------------------------------------------------------------------
 
     def validate(self) -> None:
+        """ConfigError naming the first field out of range (called when a config is made)."""
         limit = 1 << 24  # 16M: far above any real width, far below an int overflow
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
             v = getattr(self, name)
@@ -176,6 +187,7 @@ class ModelConfig:
         return self.n_kv_heads * self.head_dim
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes` applied (and checked), e.g. `get_preset("tiny-moe").replace(vocab_size=32000)`."""
         return dataclasses.replace(self, **changes)
 
     def param_counts(self) -> dict[str, int]:
@@ -212,6 +224,7 @@ class ModelConfig:
         }
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """Bytes of keys and values one token takes in every layer (default: 2 per element, bf16)."""
         return 2 * self.n_layers * self.kv_dim * bytes_per_element
 
     # -- transformers config.json -----------------------------------------------------------
@@ -283,6 +296,7 @@ class ModelConfig:
             raise _in_file(e, source, _HF_KEYS) from None
 
     def to_hf_dict(self) -> dict[str, Any]:
+        """transformers' config.json (MixtralConfig; MistralConfig for a dense model); `from_hf_dict` reads it."""
         d: dict[str, Any] = {
             "architectures": ["MixtralForCausalLM" if self.is_moe else "MistralForCausalLM"],
             "model_type": "mixtral" if self.is_moe else "mistral",
@@ -369,6 +383,7 @@ class ModelConfig:
             raise _in_file(e, source, _MISTRAL_KEYS) from None
 
     def to_mistral_dict(self) -> dict[str, Any]:
+        """Mistral's params.json (mistral-inference); `from_mistral_dict` reads it back."""
         d: dict[str, Any] = {
             "dim": self.dim,
             "n_layers": self.n_layers,
@@ -472,6 +487,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str) -> ModelConfig:
+    """The `ModelConfig` of a named size (`PRESETS`: mixtral-8x7b, mixtral-8x22b, mistral-7b, mini-moe,
+    and tiny-moe / tiny-dense for tests); ConfigError listing them otherwise."""
     try:
         return PRESETS[name]
     except KeyError:

@@ -190,6 +190,7 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text`, with BOS first (`bos=False`: without) and EOS last when `eos`."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         check_text(text)
@@ -212,6 +213,7 @@ class Tokenizer:
         return self._b.decode(ids)
 
     def id_to_piece(self, i: int) -> str:
+        """The vocabulary's piece for id `i` (`▁the`, `<0xE4>`, `</s>`)."""
         return self._b.id_to_piece(i)
 
     def piece_byte(self, i: int) -> int | None:

@@ -242,6 +242,7 @@ class Handle:
         self.finished = False
 
     def cancel(self) -> None:
+        """Stop the request; its last output (finish_reason "cancelled") still arrives."""
         self._cancel(self)
 
     def _push(self, out: RequestOutput) -> None:
@@ -283,6 +284,7 @@ class Handle:
             yield item
 
     async def aiter(self) -> AsyncIterator[RequestOutput]:
+        """The outputs in an event loop: `async for out in handle.aiter()` (no thread blocks)."""
         with self._lock:
             if self._aq is None:
                 self._box = _mailbox(asyncio.get_running_loop())

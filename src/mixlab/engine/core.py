@@ -156,6 +156,7 @@ class Engine:
     # ---- the caller's side ----
 
     def start(self) -> Engine:
+        """Start the background thread that runs the steps (`with Engine(...)` does); returns the engine."""
         if self._thread is None:
             self.runner.prepare()  # the native decoder (and its panels) now, not in the first request's time
             self._stop = self._closed = False
@@ -267,6 +268,8 @@ class Engine:
         self._wake.set()
 
     def stats(self) -> dict[str, object]:
+        """Running and waiting requests, KV cache bytes used and total, token and step counts, each
+        expert's load (and the expert cache's counters for offloaded experts): what /metrics shows."""
         with self._lock:
             waiting = len(self._waiting)
         load = self.runner.expert_load()
@@ -282,6 +285,7 @@ class Engine:
         return out
 
     def has_work(self) -> bool:
+        """Whether a request is running or waiting (or a cancel is pending): `step()` has work."""
         with self._lock:
             return bool(self._running or self._waiting or self._cancel_ids)
 

@@ -121,6 +121,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """A Mixtral (`config.moe` set) or Mistral (dense) decoder: token embedding, `config.n_layers`
+    `Block`s (attention, then the MoE or dense feed-forward block), final norm and output matrix.
+    Made with float32 parameters (nn.Linear's default initialisation; `init_weights` for training);
+    `mixlab.load_model` / `save_model` read and write checkpoints, whose names `checkpoint/keymaps.py`
+    maps to mixlab's. `forward(tokens_BT)` gives the logits, `forward_output` also each MoE layer's
+    routing; `mixlab.generate` decodes."""
+
     def __init__(self, config: ModelConfig) -> None:
         if not isinstance(config, ModelConfig):  # else an AttributeError on its first field
             raise ValueError(f"Transformer takes a mixlab ModelConfig, not {type(config).__name__} (a preset: "
@@ -152,6 +159,8 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
 
     def set_moe_impl(self, impl: str) -> None:
+        """Every MoE layer's expert computation: "auto" (the kernel registry's choice) or one of
+        `mixlab.ops.moe.IMPLS` (e.g. "reference", the readable loop)."""
         for block in self.layers:
             if isinstance(block.ffn, MoEBlock):
                 block.ffn.impl = impl
