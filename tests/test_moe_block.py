@@ -113,6 +113,14 @@ def test_forward_names_a_bad_argument(args: tuple, match: str) -> None:
     assert model(torch.tensor([[1, 2, 3]], dtype=torch.int32)).shape == (1, 3, 256)
 
 
+def test_repr_shows_the_sizes() -> None:
+    # print(model) showed "RMSNorm()", "Experts()" and "Router()": nothing of the MoE's shape.
+    text = repr(_model())
+    for part in ("RMSNorm(64, eps=1e-05)", "impl='auto'", "Experts(num_experts=4, dim=64, ffn_dim=128)",
+                 "Router(dim=64, num_experts=4, top_k=2)"):
+        assert part in text, text
+
+
 def test_forward_names_a_cache_of_another_batch_size() -> None:
     # It was "shape '[1, 3, 64]' is invalid for input of size 384" from a reshape in attention.
     model = _model()

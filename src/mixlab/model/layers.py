@@ -23,6 +23,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, cast back, then scale: the order transformers uses, so bf16 matches.
         x32 = x.float()

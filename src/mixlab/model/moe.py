@@ -71,6 +71,11 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(moe.num_experts, dim))
         nn.init.uniform_(self.weight, -dim**-0.5, dim**-0.5)  # nn.Linear's default; no work on "meta"
 
+    def extra_repr(self) -> str:
+        m = self.moe
+        return (f"dim={self.weight.shape[-1]}, num_experts={m.num_experts}, top_k={m.top_k}"
+                + (f", capacity_factor={m.capacity_factor}" if m.capacity_factor is not None else ""))
+
     def forward(self, x_TD: torch.Tensor) -> Routing:
         r_TD = x_TD
         if self.training and self.moe.jitter > 0:
@@ -140,7 +145,7 @@ class Experts(ExpertsBase):
 
     def __init__(self, num_experts: int, dim: int, ffn_dim: int) -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
         # nn.Linear's default per expert, U(±1/sqrt(fan_in)), as every other module of a freshly built
@@ -150,6 +155,9 @@ class Experts(ExpertsBase):
 
     def weights(self) -> ExpertWeights:
         return ExpertWeights(self.w13, self.w2)
+
+    def extra_repr(self) -> str:  # num_experts: this process's, under expert parallelism
+        return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}"
 
 
 class MoEBlock(nn.Module):
@@ -167,6 +175,9 @@ class MoEBlock(nn.Module):
         self.experts: ExpertsBase = Experts(config.moe.num_experts, config.dim, config.ffn_dim)
         self.gate = Router(config.dim, config.moe)
         self.impl = "auto"
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, T, D = x_BTD.shape
