@@ -68,6 +68,12 @@ def test_bad_arguments_are_refused():
     for bad in (model.config.vocab_size, -1):  # an IndexError on CPU, a device-side assert on CUDA
         with pytest.raises(ValueError, match=f"token id {bad} outside"):
             dec.generate([[1, bad]], 2)
+    for prompts in ([[1, 2.5]], ["ab"]):  # 2.5 was token 2, without a word; "ab" a TypeError from a comparison
+        with pytest.raises(ValueError, match="a prompt is a list of integer token ids"):
+            dec.generate(prompts, 2)
+    for n in (0, -1, 2.0):  # -1 and 0 returned [[]]
+        with pytest.raises(ValueError, match=f"max_new_tokens={n}"):
+            dec.generate([[1]], n)  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -17,6 +17,7 @@ full recompute; the CUDA path adds only the capture. Prefill runs through the sa
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -98,11 +99,18 @@ class StaticDecoder:
 
     def prefill(self, row: int, prompt: Sequence[int]) -> torch.Tensor:
         """Write `prompt` into sequence `row` (which starts over); returns the next-token logits `[V]`."""
+        # Checked here: on CUDA an id outside the vocabulary is a device-side assert that breaks the context;
+        # a float id (1.5) became token 1 without a word.
+        try:
+            if isinstance(prompt, str | bytes):
+                raise TypeError
+            prompt = [operator.index(i) for i in prompt]
+        except TypeError:
+            raise ValueError(f"a prompt is a list of integer token ids, not {prompt!r:.60}") from None
         if not prompt:
             raise ValueError("prefill needs at least one prompt token")
         if len(prompt) > self.max_len:
             raise ValueError(f"a prompt of {len(prompt)} tokens exceeds max_len={self.max_len}")
-        # Checked here: on CUDA an id outside the vocabulary is a device-side assert that breaks the context.
         V = self.cfg.vocab_size
         bad = [i for i in prompt if not 0 <= i < V]
         if bad:
@@ -148,6 +156,8 @@ class StaticDecoder:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampler: Sampler | None = None,
                  seed: int | None = None, eos_id: int | None = None) -> list[list[int]]:
         """New tokens for up to B prompts, decoded together (greedy by default)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"invalid max_new_tokens={max_new_tokens!r}: expected an integer >= 1")  # -1 gave []
         if len(prompts) > self.B:
             raise ValueError(f"{len(prompts)} prompts for a decoder of batch size {self.B}")
         if any(len(p) + max_new_tokens > self.max_len for p in prompts):
