@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -314,17 +315,35 @@ def test_a_checkpoint_written_before_the_shared_optimizer_settings_resumes(datas
     ({"seq_len": True}, "{} setting 'seq_len' must be a positive integer, got True"),
 ])
 def test_training_and_fine_tuning_check_their_settings_alike(kw: dict, match: str, tmp_path: Path) -> None:
-    """One reader and checker (train/settings.py) behind both configs: the same error, naming the run kind."""
-    from mixlab.train.finetune import load_finetune_config
+    """One reader and checker (train/settings.py) behind both configs: the same error, naming the run kind;
+    also for a config made in Python and passed to `train` / `finetune` (they ran unchecked: lr="3e-4"
+    failed inside AdamW, dtype="float16" trained in float32)."""
+    from mixlab.train.finetune import FinetuneConfig, finetune, load_finetune_config
 
     with pytest.raises(ConfigError, match=match.format("training")):
         load_train_config(None, **kw)
     with pytest.raises(ConfigError, match=match.format("fine-tuning")):
         load_finetune_config(None, model="m", data="d.jsonl", **kw)
+    if "bogus" not in kw:
+        with pytest.raises(ConfigError, match=match.format("training")):
+            train(TrainConfig(**{"data": "d", "out": str(tmp_path / "t"), **kw}))
+        with pytest.raises(ConfigError, match=match.format("fine-tuning")):
+            finetune(FinetuneConfig(**{"model": "m", "data": "d.jsonl", "out": str(tmp_path / "f"), **kw}))
     f = tmp_path / "c.json"
     f.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a table / object of fine-tuning settings"):
         load_finetune_config(f)
+
+
+def test_a_train_config_made_in_python_may_name_paths(dataset: Path, tmp_path: Path) -> None:
+    # A Path for data or out trained, then failed storing the settings ("Object of type PosixPath is not
+    # JSON serializable"); a str config was an AttributeError.
+    cfg = _cfg(dataset, tmp_path / "a", steps=2, grad_accum=1, ckpt_every=1)
+    res = train(dataclasses.replace(cfg, data=dataset, out=tmp_path / "a"))  # type: ignore[arg-type]
+    assert res.step == 2 and checkpoints.list_checkpoints(tmp_path / "a" / "checkpoints")
+    assert load_train_config(None, data=dataset).data == str(dataset)
+    with pytest.raises(ConfigError, match="train takes a TrainConfig .*, not str"):
+        train("config.toml")  # type: ignore[arg-type]
 
 
 def test_bf16_autocast_and_activation_checkpointing(dataset: Path, tmp_path: Path) -> None:

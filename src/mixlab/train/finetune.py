@@ -59,6 +59,7 @@ from mixlab.train.settings import (
     OptimizerSettings,
     check_resume_settings,
     check_settings,
+    paths_as_text,
     read_settings,
 )
 
@@ -121,7 +122,17 @@ RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf",
 
 def load_finetune_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
     """A `FinetuneConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
-    cfg = read_settings(FinetuneConfig, path, overrides, what="fine-tuning")
+    return check_finetune_config(read_settings(FinetuneConfig, path, overrides, what="fine-tuning"))
+
+
+def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """`cfg` with every setting checked (ConfigError naming the first bad one) and its path settings as
+    text: what `load_finetune_config` returns, and what `finetune` makes of a `FinetuneConfig` built in
+    Python (as `check_train_config`)."""
+    if not isinstance(cfg, FinetuneConfig):
+        raise ConfigError(f"finetune takes a FinetuneConfig (load_finetune_config(path, **overrides) reads one), "
+                          f"not {type(cfg).__name__}")
+    cfg = paths_as_text(cfg)
     check_settings(cfg, what="fine-tuning", integers=(*INTEGERS, "max_examples", "lora_rank"))
     a = cfg.aux_loss_coef  # a NaN here trained to NaN weights without a word
     if a is not None and (isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0):
@@ -380,6 +391,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after: int | Non
              on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> FinetuneResult:
     """Fine-tune per `cfg` (see the module docstring). `resume`: continue from the newest checkpoint in
     `cfg.out`. `stop_after`: stop (with a checkpoint) after this many steps in total, as if killed."""
+    cfg = check_finetune_config(cfg)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     newest = checkpoints.latest(ckpt_root)

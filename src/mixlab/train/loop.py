@@ -57,6 +57,7 @@ from mixlab.train.settings import (
     OptimizerSettings,
     check_resume_settings,
     check_settings,
+    paths_as_text,
     read_settings,
 )
 
@@ -118,7 +119,17 @@ RUN_ONLY = {"data", "out", "eval_every", "eval_windows", "ckpt_every", "keep", "
 
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """A `TrainConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
-    cfg = read_settings(TrainConfig, path, overrides, what="training")
+    return check_train_config(read_settings(TrainConfig, path, overrides, what="training"))
+
+
+def check_train_config(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with every setting checked (ConfigError naming the first bad one) and its path settings as
+    text: what `load_train_config` returns, and what `train` makes of a `TrainConfig` built in Python
+    (whose lr="3e-4" failed inside AdamW, dtype="fp16" trained in float32 without a word)."""
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"train takes a TrainConfig (load_train_config(path, **overrides) reads one), "
+                          f"not {type(cfg).__name__}")
+    cfg = paths_as_text(cfg)
     check_settings(cfg, what="training", numbers=(*NUMBERS, "init_std"), integers=(*INTEGERS, "eval_windows"))
     if not isinstance(cfg.data_offset, int) or cfg.data_offset < 0:
         raise ConfigError(f"training setting 'data_offset' must be a non-negative integer, got {cfg.data_offset!r}")
@@ -395,6 +406,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     `on_step(record)` is called after every step; returning True ends the run there (checkpointed,
     exported). `parallel`: run as one of several processes (see `Parallel`); the global batch, the
     schedule and the checkpoints' contents are those of a one-process run."""
+    cfg = check_train_config(cfg)
     dataset = TokenDataset(cfg.data)
     mc = build_model_config(cfg, dataset)
     out = Path(cfg.out)

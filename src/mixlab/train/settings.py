@@ -106,7 +106,15 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             d[k] = os.path.expanduser(d[k])
     if isinstance(d.get("dtype"), str):  # `dtype = "bf16"`, as --dtype bf16 takes it
         d["dtype"] = full_name(d["dtype"])
-    return cls(**d)
+    return paths_as_text(cls(**d))
+
+
+def paths_as_text(cfg: T) -> T:
+    """`cfg` with each path setting (`PATHS`) given as a `Path` turned into its text: settings made in
+    Python may name files by `Path`, but they are stored as JSON with every checkpoint (a `Path` there
+    was a TypeError once the first step had run)."""
+    paths = {k: os.fspath(v) for k in PATHS if isinstance(v := getattr(cfg, k, None), os.PathLike)}
+    return dataclasses.replace(cfg, **paths) if paths else cfg  # type: ignore[type-var]
 
 
 def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
