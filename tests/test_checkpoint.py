@@ -119,6 +119,15 @@ def test_mistral_format_round_trip_is_bit_identical(tmp_path, kind):
     assert torch.equal(hf_logits(hf2, TOKENS), hf_logits(src, TOKENS))
 
 
+def test_a_compiled_model_saves_the_model_it_wraps(tmp_path):
+    # torch.compile(model) was refused: "save_model saves a mixlab Transformer, not OptimizedModule".
+    model = Transformer(PRESETS["tiny-moe"])
+    save_model(torch.compile(model), tmp_path / "c")
+    back = load_model(tmp_path / "c").state_dict()
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
 def test_keys_left_out_of_config_json_take_transformers_defaults(tmp_path):
     """A Mistral config.json without rms_norm_eps and sliding_window is 1e-6 and 4096 to transformers;
     mixlab read 1e-5 and no window (other logits, without a word)."""

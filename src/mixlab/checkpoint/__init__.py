@@ -302,8 +302,12 @@ def save_model(
     a larger tensor gets a shard of its own). `copy_files`: side files (tokenizer, ...) to copy in; `extra_files`:
     more files to write (name -> text). An existing folder at `path` is replaced only if mixlab wrote
     everything in it, or with `overwrite`; a `path` that is or contains one of `sources` is refused
-    (OutputError, see mixlab.atomic). `progress`: a bar of the tensors written, where stderr is a terminal.
+    (OutputError, see mixlab.atomic). `progress`: a bar of the tensors written, where stderr is a terminal. A
+    `torch.compile` wrapper saves the model it wraps.
     """
+    # torch.compile(model) wraps it in an OptimizedModule (state dict names prefixed "_orig_mod."),
+    # which was refused as "not OptimizedModule".
+    model = getattr(model, "_orig_mod", model)
     if not isinstance(model, Transformer):
         raise ValueError(f"save_model saves a mixlab Transformer, not {type(model).__name__}")
     if fmt not in FORMATS:
