@@ -369,6 +369,8 @@ def test_something_else_passed_as_the_model_is_named(tiny, tmp_path):
                 call(model)
     with pytest.raises(ValueError, match=r"Transformer takes a mixlab ModelConfig, not str \(a preset: mixlab.get_pr"):
         Transformer("tiny-moe")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weights are on the meta device"):  # was "unknown device type for autocast"
+        generate(copy.deepcopy(tiny).to("meta"), [[1, 5]], max_new_tokens=2)
     compiled = torch.compile(tiny)  # forwards `config`: still accepted (the engine runs the module it wraps)
     assert generate(compiled, [[1, 5]], max_new_tokens=2) == generate(tiny, [[1, 5]], max_new_tokens=2)
 

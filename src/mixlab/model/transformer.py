@@ -51,8 +51,13 @@ def _check_inputs(tokens_BT: object, positions_BT: torch.Tensor | None, segments
 def check_model(model: object) -> None:
     """ValueError unless `model` is a mixlab `Transformer` (or a wrapper that forwards its attributes,
     as `torch.compile`'s does): a path, a state dict or a transformers model passed as the model
-    failed with an AttributeError deep inside generation, the engine or preparation."""
+    failed with an AttributeError deep inside generation, the engine or preparation; a model on the
+    meta device (built without data) with "unknown device type for autocast"."""
     if isinstance(getattr(model, "config", None), ModelConfig):
+        emb = getattr(getattr(model, "tok_embeddings", None), "weight", None)
+        if isinstance(emb, torch.Tensor) and emb.is_meta:
+            raise ValueError("the model's weights are on the meta device, which holds no data: load them "
+                             "(mixlab.load_model(path), or model.load_state_dict(state, assign=True))")
         return
     if isinstance(model, str | Path):
         hint = f" (load it: mixlab.load_model({str(model)!r}))"
