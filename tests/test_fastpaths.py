@@ -12,7 +12,7 @@ from conftest import moe_impls
 from mixlab.cache import KVCache
 from mixlab.config import get_preset
 from mixlab.model import Transformer
-from mixlab.model.inference import prepare_for_inference
+from mixlab.model.inference import inference_format, prepare_for_inference
 from mixlab.ops import native
 from mixlab.ops.linear import can_pack
 from mixlab.ops.quant import dequantize_int8
@@ -101,6 +101,10 @@ def test_int8_model_equals_its_dequantised_weights(preset):
 def test_unknown_quantisation_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown quantisation .int3."):
         prepare_for_inference(_model(), quant="int3")
+    model = _model()
+    with pytest.raises(ValueError, match="packed must be True, False or None, not 'no'"):  # "no" packed them
+        prepare_for_inference(model, packed="no")  # type: ignore[arg-type]
+    assert inference_format(model) is None  # refused before any conversion
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -159,6 +159,8 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     check_model(model)
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
+    if packed is not None and not isinstance(packed, bool):  # "no" is truthy: it packed the weights
+        raise ValueError(f"packed must be True, False or None, not {packed!r}")
     if group != 32 and quant != "int4":  # it would be ignored
         raise ValueError(f"group={group!r} sets int4's inputs per scale: pass quant='int4' with it")
     if int4_activations is not None:
