@@ -256,6 +256,10 @@ def test_analyze_takes_one_layer_and_refuses_a_string_of_domains(tmp_path: Path)
     assert report["shown_layers"] == [1]
     with pytest.raises(ValueError, match=r"not the string 'code,prose': \['code', 'prose'\]"):
         analyze(model, tok, corpus, out=tmp_path / "r2", domains="code,prose", progress=False)  # type: ignore[arg-type]
+    # a tokenizer's path (or None) failed with "'str' object has no attribute 'vocab_size'"
+    for bad, match in (("runs/m", r"not str: load_analysis_tokenizer\('runs/m'\)"), (None, "not NoneType")):
+        with pytest.raises(ValueError, match=f"tokenizer must be a tokenizer .*{match}"):
+            analyze(model, bad, corpus, out=tmp_path / "r3", progress=False)
 
 
 def test_collect_gives_back_the_models_mode(tmp_path: Path) -> None:

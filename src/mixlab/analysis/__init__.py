@@ -96,6 +96,11 @@ def analyze(
     """Collect routing over every domain of `data`, write the report to `out`, return it.
     `seq_len`: tokens per window (default 512, or the model's context if shorter)."""
     check_model(model)
+    if not callable(getattr(tokenizer, "encode", None)) or not isinstance(getattr(tokenizer, "vocab_size", None), int):
+        # a path or None got as far as the routing, then "'str' object has no attribute 'vocab_size'"
+        hint = f": load_analysis_tokenizer({str(tokenizer)!r})" if isinstance(tokenizer, str | Path) else ""
+        raise ValueError(f"tokenizer must be a tokenizer (load_analysis_tokenizer(model_dir) finds the model's), "
+                         f"not {type(tokenizer).__name__}{hint}")
     if seq_len is None:
         seq_len = min(512, model.config.max_seq_len)
     moe = moe_layers(model)
