@@ -322,6 +322,8 @@ def test_a_request_whose_admission_fails_ends_with_error_and_frees_its_slot(tiny
 class _CharTok:
     """A toy tokenizer: token i is the character chr(ord('a') + i % 26)."""
 
+    vocab_size = 128  # the tiny model's: every id has text
+
     def decode(self, ids):
         return "".join(chr(ord("a") + i % 26) for i in ids)
 
@@ -872,3 +874,19 @@ def test_batch_invariant_refuses_what_has_no_invariant_kernels(tiny):
     int8 = prepare_for_inference(_model(), quant="int8")
     with pytest.raises(ValueError, match="int8/int4"):
         Engine(int8, batch_invariant=True)
+
+
+def test_a_padded_vocabularys_id_streams_no_text():
+    # tiny-moe over Mixtral's tokenizer with a vocabulary padded to 32768: the first sampled id the
+    # tokenizer lacks ended the request with "token id 32500 is outside the vocabulary [0, 32000)"
+    from mixlab.tokenizer import load_tokenizer
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32768, max_seq_len=64)).eval()
+    tok = load_tokenizer()
+    x = tok.encode("x", bos=False)[-1]
+    engine = Engine(model, tok)
+    h = engine.submit([tok.bos_id, x], SamplingParams(max_tokens=3, logit_bias={32500: 100}))
+    engine.run_until_idle()
+    outs = list(h)
+    assert [o.token_id for o in outs] == [32500] * 3 and "".join(o.text for o in outs) == ""
+    assert outs[-1].finish_reason == "length" and outs[-1].error is None

@@ -243,6 +243,7 @@ def test_top_logprob_bytes_of_a_byte_piece(model_tok: tuple[Any, Any]) -> None:
     j = tok.encode("hello", bos=False)[-1]
     text = tok.id_to_piece(j).replace("\u2581", " ")
     assert _piece(tok, j) == (text, list(text.encode()))
+    assert _piece(tok, tok.vocab_size + 5) == ("", [])  # a padded vocabulary's id: no text, as streamed
 
 
 def test_n_choices_and_experts(client: Any, server: str, model_tok: tuple[Any, Any]) -> None:

@@ -309,12 +309,14 @@ class StreamDecoder:
     being spelled. Holding those too would stall a stream for as long as a model emits bad
     bytes (and decode an ever longer window). `"".join(pushes) + flush()` equals
     `decode(context + tokens)` minus the context's text (minus the part they share, when the context
-    ends mid-character: the character the tokens complete is theirs).
+    ends mid-character: the character the tokens complete is theirs). An id past the tokenizer's
+    vocabulary (a model's padded one: 32768 rows over Mixtral's 32000 tokens) has no text, as
+    transformers decodes it: it is skipped, here and in the context.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, context: Sequence[int] = ()) -> None:
         self.tok = tokenizer
-        self.ids = [int(i) for i in context]
+        self.ids = [int(i) for i in context if int(i) < tokenizer.vocab_size]
         self.prefix = 0  # window start: the text of ids[prefix:read] has been emitted
         # A context that ends mid-character (a prompt cut by token count, a reply continued): its last
         # byte pieces are not text yet, so the character the new tokens complete is theirs (it was
@@ -326,6 +328,8 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         """Add one token; return the text it completes (possibly "")."""
+        if int(token) >= self.tok.vocab_size:  # a padded vocabulary's row: no text
+            return ""
         self.ids.append(int(token))
         before = self.tok.decode(self.ids[self.prefix : self.read])
         after = self.tok.decode(self.ids[self.prefix :])

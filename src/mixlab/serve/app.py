@@ -177,7 +177,10 @@ def _jsonable(v: object) -> bool:
 
 def _piece(tok: Tokenizer, i: int) -> tuple[str, list[int]]:
     """A token's own text and bytes, for top-logprob alternatives ("▁" is a space; a byte piece is
-    its byte, whose text is U+FFFD, as OpenAI reports a partial character)."""
+    its byte, whose text is U+FFFD, as OpenAI reports a partial character; an id past the
+    tokenizer's vocabulary, a padded vocabulary's, has no text, as the stream decoder gives it)."""
+    if i >= tok.vocab_size:
+        return "", []
     b = tok.piece_byte(i)
     if b is not None:
         return bytes([b]).decode("utf-8", errors="replace"), [b]
@@ -675,7 +678,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         srv.check_model(body.model)
         srv.check_ids(body.tokens, "tokens")
-        return {"prompt": tok.decode(body.tokens)}
+        return {"prompt": tok.decode([i for i in body.tokens if i < tok.vocab_size])}  # padded ids: no text
 
     # -- the chat page --------------------------------------------------------------------------------
 
