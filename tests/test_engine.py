@@ -469,6 +469,19 @@ def test_prompts_as_arrays_equal_lists(tiny):
     assert toks[0] == toks[1] == toks[2] and len(toks[0]) == 3
 
 
+def test_an_empty_prompt_starts_from_bos_as_in_generate(tiny):
+    # generate turned [] into [bos]; Engine.submit([]) raised "start it with the BOS token"
+    from mixlab import generate
+
+    eng = Engine(tiny)
+    hs = [eng.submit(p, SamplingParams(max_tokens=3, ignore_eos=True)) for p in ([], [tiny.config.bos_id])]
+    eng.run_until_idle()
+    outs = [list(h) for h in hs]
+    toks = [[o.token_id for o in out] for out in outs]
+    assert toks[0] == toks[1] == generate(tiny, [[]], max_new_tokens=3, stop_at_eos=False)[0]
+    assert outs[0][-1].prompt_tokens == 1
+
+
 def test_experts_and_stats(tiny):
     prompt = _prompts((6,))[0]
     eng = Engine(tiny)

@@ -192,7 +192,8 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                request_id: str | None = None) -> Handle:
-        """Queue a request; its outputs stream through the returned handle. Raises `ValueError` for a
+        """Queue a request; its outputs stream through the returned handle (an empty prompt becomes
+        `[bos]`, as in `generate`: the model writes from the start of a text). Raises `ValueError` for a
         bad prompt or parameters (before anything is queued) and `QueueFull` when `max_queue`
         requests already wait; RuntimeError after `shutdown()` (until `start()`)."""
         params = SamplingParams() if params is None else params
@@ -245,7 +246,7 @@ class Engine:
         except TypeError:
             raise ValueError("prompt_ids contains a non-integer token id") from None
         if not prompt:
-            raise ValueError("prompt_ids is empty (start it with the BOS token)")
+            prompt = [self.config.bos_id]  # an empty prompt: generate from the start-of-text token alone
         V = self.config.vocab_size
         bad = [i for i in prompt if not 0 <= i < V]
         if bad:
