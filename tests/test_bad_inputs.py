@@ -372,6 +372,18 @@ def test_python_api_raises_mixlab_errors(tmp_path, base, chat_model):
     assert all(issubclass(e, MixlabError) for e in (ConfigError, CheckpointError, DataError, GenerationError))
 
 
+def test_a_path_that_is_not_a_path_is_named():
+    # pathlib's "expected str, bytes or os.PathLike object, not int" named no parameter
+    from mixlab.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match=r"^load_model's path must be a str or pathlib.Path, not int$"):
+        load_model(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^save_model's path must be a str or pathlib.Path, not int$"):
+        save_model(Transformer(get_preset("tiny-moe")), 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^load_tokenizer's path must be a str or pathlib.Path, not list$"):
+        load_tokenizer(["tokenizer.model"])  # type: ignore[arg-type]
+
+
 def test_a_model_trained_with_the_bytes_tokenizer_generates_and_chats(dataset, tmp_path, capsys, monkeypatch):
     import io
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,14 @@ def parse_bytes(text: str | int, *, what: str) -> int:
     if not math.isfinite(n) or n < 1:
         raise ValueError(f"{what}: {text!r} must be at least one byte")
     return int(n)
+
+
+def as_path(value: object, *, what: str) -> Path:
+    """`value` (a str or os.PathLike) as a Path; ValueError naming `what` otherwise (pathlib's
+    "expected str, bytes or os.PathLike object, not int" named no parameter)."""
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"{what} must be a str or pathlib.Path, not {type(value).__name__}")
+    return Path(value)
 
 
 def format_bytes(n: float) -> str:

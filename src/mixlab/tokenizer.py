@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from mixlab.config import as_path
 from mixlab.errors import MixlabError
 
 __all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
@@ -410,7 +411,7 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     metadata) or a checkpoint folder (its `tokenizer.model`, else its `tokenizer.json`, else the
     tokenizer its `mixlab_data.json` names: a model `mixlab train` exported); default: Mixtral's v1
     tokenizer."""
-    p = default_tokenizer_path() if path is None else Path(path)
+    p = default_tokenizer_path() if path is None else as_path(path, what="load_tokenizer's path")
     if p.is_dir():
         for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"):
             if (p / name).is_file():

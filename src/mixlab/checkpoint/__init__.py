@@ -36,7 +36,7 @@ from mixlab.checkpoint.io import (
     write_sharded,
 )
 from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
-from mixlab.config import ConfigError, ModelConfig
+from mixlab.config import ConfigError, ModelConfig, as_path
 from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
@@ -225,7 +225,7 @@ def load_model(
     if config is not None and not isinstance(config, ModelConfig):
         raise ValueError(f"config= takes a mixlab ModelConfig (e.g. ModelConfig.from_dir(path).replace(...)), "
                          f"not {type(config).__name__}")
-    root = Path(path)
+    root = as_path(path, what="load_model's path")
     dev = parse_device(device)  # before any reading, for a GGUF file too
     if max_memory is None and (policy is not None or prefetch is not None):  # they would do nothing
         given = " and ".join(f"{k}={v!r}" for k, v in (("policy", policy), ("prefetch", prefetch)) if v is not None)
@@ -310,6 +310,7 @@ def save_model(
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, Transformer):
         raise ValueError(f"save_model saves a mixlab Transformer, not {type(model).__name__}")
+    path = as_path(path, what="save_model's path")
     if fmt not in FORMATS:
         raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
     prepared = inference_format(model)
@@ -344,7 +345,7 @@ def save_model(
 
         stream = tqdm(stream, total=sum(len(r.theirs) for r in table), desc=f"writing {path}", unit="tensor",
                       leave=False, disable=None)  # terminal only
-    write_sharded(stream, Path(path), extra_files={**extra, **(extra_files or {})},
+    write_sharded(stream, path, extra_files={**extra, **(extra_files or {})},
                   max_shard_bytes=max_shard_bytes, single_name=single, metadata={"mixlab_format": fmt},
                   copy_files=copy_files or [], sources=sources or [], overwrite=overwrite)
 
