@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from mixlab.cache import KVCache
+from mixlab.cli import positive
 from mixlab.cli.bench import ints
-from mixlab.cli.serve import positive
 from mixlab.config import MoEConfig, get_preset
 from mixlab.generate import prefill
 from mixlab.model import Transformer

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 
 PREFILL = (128, 512)
 DECODE_PROMPT, DECODE_STEPS = 128, 16

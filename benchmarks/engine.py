@@ -42,6 +42,7 @@ import torch
 
 from mixlab.atomic import OutputError, atomic_file, check_destination
 from mixlab.cache import KVCache
+from mixlab.cli import positive
 from mixlab.cli.benchmark import (
     _dense_bytes_per_layer,
     _expert_bytes,
@@ -49,7 +50,6 @@ from mixlab.cli.benchmark import (
     bandwidth_probe,
     measure_limits,
 )
-from mixlab.cli.serve import positive
 from mixlab.config import get_preset
 from mixlab.dtypes import DTYPES
 from mixlab.engine import Engine, SamplingParams

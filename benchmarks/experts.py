@@ -21,8 +21,8 @@ import time
 
 import torch
 
+from mixlab.cli import positive
 from mixlab.cli.benchmark import bandwidth_probe
-from mixlab.cli.serve import positive
 from mixlab.ops import native
 
 D, F, E, K, L = 1024, 3584, 8, 2, 8

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = REPO.parent / "shared" / "corpus" / "chat"

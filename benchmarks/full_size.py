@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 from mixlab.config import parse_bytes
 from offload import peak_rss  # benchmarks/offload.py (this script's folder is on sys.path)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 from mixlab.ops import native
 from mixlab.ops.linear import pack
 from mixlab.ops.quant import quantize_int4

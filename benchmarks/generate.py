@@ -26,7 +26,7 @@ import torch
 
 import mixlab
 from mixlab import save_model
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 from mixlab.config import get_preset
 from mixlab.dtypes import DTYPES
 from mixlab.generate import generate

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 
 
 def rss_bytes() -> int:

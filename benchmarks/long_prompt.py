@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mixlab.cli import positive
 from mixlab.cli.bench import ints
 from mixlab.cli.benchmark import bandwidth_probe  # noqa: E402
-from mixlab.cli.serve import positive
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.engine import Engine, SamplingParams  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402

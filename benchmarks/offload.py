@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from mixlab.atomic import OutputError, check_destination, write_text
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 
 
 def peak_rss() -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 
 COMM = ("all_to_all", "allreduce", "all_reduce", "reduce_scatter", "allgather", "all_gather", "broadcast", "gloo:")
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 import mixlab
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 from mixlab.engine import Engine, SamplingParams
 
 

@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from mixlab.atomic import OutputError, atomic_file, check_destination, write_text  # noqa: E402
 from mixlab.checkpoint import save_model  # noqa: E402
 from mixlab.checkpoint.gguf import write_gguf  # noqa: E402
+from mixlab.cli import positive  # noqa: E402
 from mixlab.cli.benchmark import (  # noqa: E402
     _dense_bytes_per_layer,
     _expert_bytes,
@@ -60,7 +61,6 @@ from mixlab.cli.benchmark import (  # noqa: E402
     measure_limits,
     sustained_bandwidth,
 )
-from mixlab.cli.serve import positive  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
 from mixlab.tokenizer import load_tokenizer  # noqa: E402

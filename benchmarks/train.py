@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 from mixlab.config import MoEConfig, get_preset
 from mixlab.model import Transformer
 from mixlab.train.loop import TrainConfig, compile_model, keep_freed_memory, make_optimizer

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mixlab import Transformer, get_preset, save_model
-from mixlab.cli.serve import positive
+from mixlab.cli import positive
 
 
 def folder_bytes(p: Path) -> int:

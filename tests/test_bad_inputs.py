@@ -192,14 +192,6 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "info on tensors that do not match the config": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), intermediate_size=64))],
         ["shape", "expected"]),
-    "--valid-fraction -1": (
-        lambda t, b, c, d: ((t / "c").mkdir(), (t / "c" / "a.txt").write_text("x " * 10),
-                            ["data", "prepare", str(t / "c"), "--out", str(t / "o"), "--valid-fraction", "-1"])[-1],
-        ["valid_fraction", "-1"]),
-    "--valid-fraction 2": (
-        lambda t, b, c, d: ((t / "c").mkdir(), (t / "c" / "a.txt").write_text("x " * 10),
-                            ["data", "prepare", str(t / "c"), "--out", str(t / "o"), "--valid-fraction", "2"])[-1],
-        ["valid_fraction", "2"]),
     "train --lr nan": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "nan"), ["'lr'", "nan"]),
     "train --lr -1": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "-1"), ["'lr'", "-1"]),
     "train --warmup -5": (lambda t, b, c, d: _train_args(d, t / "run", "--warmup", "-5"), ["'warmup'", "-5"]),
@@ -266,6 +258,26 @@ def test_max_shard_gb_must_be_a_positive_finite_size(command, value, tmp_path, b
     assert e.value.code == 2 and "Traceback" not in err
     assert "--max-shard-gb: expected a" in err and repr(value) in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["data", "prepare", "c", "--out", "o", "--valid-fraction", "2"],
+     "--valid-fraction: expected a number in [0, 1), got 2"),
+    (["data", "prepare", "c", "--out", "o", "--valid-fraction", "-1"],
+     "--valid-fraction: expected a number in [0, 1), got -1"),
+    (["upcycle", "--from", "m", "--out", "o", "--noise", "-1"], "--noise: expected a number >= 0, got -1"),
+    (["upcycle", "--from", "m", "--out", "o", "--noise", "nan"], "--noise: expected a finite number, got 'nan'"),
+    (["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "0"],
+     "--max-new-tokens: expected an integer >= 1, got 0"),
+    (["chat", "--model", "m", "--max-new-tokens", "x"], "--max-new-tokens: expected an integer, got 'x'"),
+])
+def test_a_bad_number_names_the_flag(args, expected, capsys):
+    # the library's check said "valid_fraction must be in [0, 1)", "noise must be a finite number >= 0",
+    # "invalid max_new_tokens=0": its parameter, not the flag given
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err and "Traceback" not in err
 
 
 def _run(args: list[str], timeout: float = 120, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

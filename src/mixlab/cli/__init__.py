@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import time
@@ -42,6 +43,43 @@ def dtype_choice(*names: str) -> Any:
         return name
 
     return parse
+
+
+def positive(text: str) -> int:
+    """argparse type of an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def non_negative(text: str) -> float:
+    """argparse type of a finite number >= 0 (the error names the flag, not the library's parameter)."""
+    v = _finite(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """argparse type of a fraction in [0, 1)."""
+    v = _finite(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return v
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:

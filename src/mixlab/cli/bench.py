@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from mixlab import atomic
-from mixlab.cli import add_quiet_arg, user_path
-from mixlab.cli.serve import positive
+from mixlab.cli import add_quiet_arg, positive, user_path
 
 
 def ints(s: str) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ import time
 import warnings
 from typing import Any
 
-from mixlab.cli import user_path
+from mixlab.cli import positive, user_path
 from mixlab.engine import Engine, SamplingParams
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer, model_tokenizer
@@ -274,7 +274,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.model / tokenizer.json or a folder (default: the model folder's, "
                         "else Mixtral's v1 tokenizer from mistral-common)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="(default 256)")
+    g.add_argument("--max-new-tokens", type=positive, default=256, help="(default 256)")
     g.add_argument("--temperature", type=float, help="0 (below 1e-5) = greedy (default: 0 for generate, 0.7 for chat)")
     g.add_argument("--top-k", type=int, default=0, help="0 or -1 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: 1 for generate, 0.95 for chat)")

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from mixlab.cli import user_path
+from mixlab.cli import positive, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
@@ -23,16 +23,6 @@ def _bytes(text: str) -> int:
         return parse_bytes(text, what="")
     except ValueError as e:  # argparse names the flag: the message without parse_bytes's `what: `
         raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
-
-
-def positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
 
 
 def cache_line(total_bytes: int, slots: int, context: int, model_context: int, max_batch: int) -> str:

@@ -11,8 +11,7 @@ import signal
 import sys
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, dtype_choice, user_path
-from mixlab.cli.serve import positive
+from mixlab.cli import add_quiet_arg, dtype_choice, fraction, positive, user_path
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -160,7 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bytes (default), mixtral, or a path: a SentencePiece .model, a tokenizer.json or a folder "
                         "holding one")
     q.add_argument("--domains", default=None, help="comma-separated domains to keep (default: all)")
-    q.add_argument("--valid-fraction", type=float, default=0.05,
+    q.add_argument("--valid-fraction", type=fraction, default=0.05,
                    help="documents held out per domain when it has no valid file (default 0.05)")
     q.add_argument("--seed", type=int, default=0, help="which documents are held out (default 0)")
     q.add_argument("--overwrite", action="store_true",
