@@ -471,7 +471,7 @@ def test_sequences_longer_than_the_model_are_clamped(tmp_path: Path, capsys: pyt
     out = tmp_path / "report"
     assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "c")),
                  "--out", str(out), "--quiet"]) == 0
-    assert "--seq-len 512 is past the model's 16 positions" in capsys.readouterr().err
+    assert "mixlab analyze: note: --seq-len 512 is past the model's 16 positions" in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["settings"]["seq_len"] == 16
     with pytest.raises(ValueError, match="seq_len 17 exceeds the model's context length 16"):
         collect_routing(model, load_analysis_tokenizer(), find_domains(tmp_path / "c"), seq_len=17, progress=False)

@@ -189,7 +189,9 @@ def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, capsys: pytest.Cap
     """A --context past the model's positions is scored at the model's length, and said so."""
     assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "100",
                  "--dtype", "float32", "--quiet"]) == 0
-    assert "--context 100 is past the model's 64 positions; scoring windows of 64" in capsys.readouterr().err
+    # the note began "note: ", without the "mixlab eval: " its warnings and errors have
+    assert ("mixlab eval: note: --context 100 is past the model's 64 positions; scoring windows of 64"
+            in capsys.readouterr().err)
 
 
 def test_cli_eval_table_columns_never_run_together() -> None:

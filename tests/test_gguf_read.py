@@ -205,6 +205,24 @@ def test_convert_cli_from_a_gguf_writes_its_weights_and_tokenizer(fmt, tmp_path,
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (theirs.bos_id, theirs.eos_id, theirs.vocab_size)
 
 
+def test_convert_cli_notes_a_gguf_without_a_vocabulary_as_its_warnings_are(tmp_path, capsys, monkeypatch):
+    # the note began "note: ", without the "mixlab convert: " its warnings and errors have
+    import mixlab.checkpoint.gguf_read as gguf_read
+    from mixlab.cli import main
+    from mixlab.errors import CheckpointError
+
+    src = write_gguf(_model("moe"), tmp_path / "m.gguf", quant="f32")
+
+    def no_vocabulary(path: object) -> bytes:
+        raise CheckpointError(f"{path}: no tokenizer in its metadata")
+
+    monkeypatch.setattr(gguf_read, "sentencepiece_proto", no_vocabulary)
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"mixlab convert: note: no tokenizer written ({src}: no tokenizer in its metadata)" in err
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+
+
 @pytest.mark.parametrize("to", ["hf", "mistral", "gguf"])
 def test_convert_cli_from_a_q4_0_gguf_dequantises(to, tmp_path, capsys):
     """A Q4_0 source converts to every format (it was refused as 'prepared for inference' for

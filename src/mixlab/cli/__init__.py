@@ -82,6 +82,11 @@ def fraction(text: str) -> float:
     return v
 
 
+def note(command: str, text: str) -> None:
+    """A note on stderr, prefixed as warnings and errors are: `mixlab CMD: note: ...`."""
+    print(f"mixlab {command}: note: {text}", file=sys.stderr)
+
+
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
     """--quiet, as every command that shows progress takes it: no progress bars or progress lines
     (stderr); results, warnings and errors print as without it."""

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, user_path
+from mixlab.cli import add_quiet_arg, note, user_path
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -33,8 +32,8 @@ def analyze(args: argparse.Namespace) -> int:
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     if seq_len < args.seq_len:  # as `mixlab eval --context`
-        print(f"note: --seq-len {args.seq_len} is past the model's {model.config.max_seq_len} positions; "
-              f"routing sequences of {seq_len}", file=sys.stderr)
+        note("analyze", f"--seq-len {args.seq_len} is past the model's {model.config.max_seq_len} positions; "
+                        f"routing sequences of {seq_len}")
     report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=domains,
                  split=args.split or None, max_tokens=args.max_tokens, seq_len=seq_len,
                  batch_size=args.batch_size, samples_per_domain=args.samples, sample_tokens=args.sample_tokens,

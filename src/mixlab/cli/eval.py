@@ -8,7 +8,7 @@ import json
 import sys
 
 from mixlab import atomic
-from mixlab.cli import add_quiet_arg, user_path
+from mixlab.cli import add_quiet_arg, note, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 
 
@@ -44,8 +44,8 @@ def evaluate(args: argparse.Namespace) -> int:
         atomic.check_destination(args.json, kind="file", sources=[args.data, args.model])
     model, tok = _load(args)
     if args.context > model.config.max_seq_len:
-        print(f"note: --context {args.context} is past the model's {model.config.max_seq_len} positions; "
-              f"scoring windows of {model.config.max_seq_len}", file=sys.stderr)
+        note("eval", f"--context {args.context} is past the model's {model.config.max_seq_len} positions; "
+                     f"scoring windows of {model.config.max_seq_len}")
     with tqdm(desc="eval", unit="tok", disable=True if args.quiet else None, file=sys.stderr) as bar:
         report = evaluate_texts(model, lambda s: tok.encode(s, bos=False), docs, prefix=tok.bos_id,
                                 context=min(args.context, model.config.max_seq_len), stride=args.stride,

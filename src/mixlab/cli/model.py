@@ -6,11 +6,10 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, user_path
+from mixlab.cli import add_quiet_arg, note, user_path
 from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset, parse_bytes
 
 CONVERT_FORMATS = ["hf", "mistral", "gguf"]
@@ -96,7 +95,7 @@ def _gguf_vocabulary(src: str, tmp: Path) -> Path | None:
     try:
         (tmp / "tokenizer.model").write_bytes(sentencepiece_proto(src))
     except CheckpointError as e:
-        print(f"note: no tokenizer written ({e})", file=sys.stderr)
+        note("convert", f"no tokenizer written ({e})")
         return None
     return tmp / "tokenizer.model"
 
