@@ -903,3 +903,17 @@ def test_a_padded_vocabularys_id_streams_no_text():
     outs = list(h)
     assert [o.token_id for o in outs] == [32500] * 3 and "".join(o.text for o in outs) == ""
     assert outs[-1].finish_reason == "length" and outs[-1].error is None
+
+
+def test_engine_and_handle_reprs_say_their_state(tiny):
+    # both printed Python's default '<mixlab.engine.core.Engine object at 0x...>'
+    eng = Engine(tiny, max_batch=2)
+    h = eng.submit([1, 5, 9], SamplingParams(max_tokens=2, ignore_eos=True), request_id="r1")
+    assert repr(eng) == "Engine(running=0, waiting=1, max_batch=2, thread=False)"
+    assert repr(h) == "Handle(request_id='r1', state='in progress')"
+    eng.step()
+    assert repr(eng) == "Engine(running=1, waiting=0, max_batch=2, thread=False)"
+    eng.run_until_idle()
+    assert repr(h) == "Handle(request_id='r1', state='finished', finish_reason='length')"
+    eng.shutdown()
+    assert repr(eng) == "Engine(running=0, waiting=0, max_batch=2, thread=False, closed=True)"

@@ -240,6 +240,12 @@ class Handle:
         self._box: _Mailbox | None = None
         self._aq: asyncio.Queue[object] | None = None
         self.finished = False
+        self._finish_reason: str | None = None  # the final output's, once the engine has sent it
+
+    def __repr__(self) -> str:
+        if self._finish_reason is None:
+            return f"Handle(request_id={self.request_id!r}, state='in progress')"
+        return f"Handle(request_id={self.request_id!r}, state='finished', finish_reason={self._finish_reason!r})"
 
     def cancel(self) -> None:
         """Stop the request; its last output (finish_reason "cancelled") still arrives."""
@@ -254,6 +260,7 @@ class Handle:
     def _stage(self, out: RequestOutput) -> _Mailbox | None:
         """Queue `out` (and the end, after a final output); the mailbox to kick when a loop listens."""
         with self._lock:
+            self._finish_reason = out.finish_reason
             items: list[object] = [out, _DONE] if out.finish_reason is not None else [out]
             for item in items:
                 if self._aq is not None and self._box is not None:

@@ -153,6 +153,13 @@ class Engine:
         self._outbox: list[tuple[Handle, RequestOutput]] = []  # this step's outputs, pushed when it ends
         self._stats = {"tokens_in": 0, "tokens_out": 0, "steps": 0, "cached_tokens": 0}
 
+    def __repr__(self) -> str:
+        with self._lock:
+            running, waiting = len(self._running), len(self._waiting)
+        closed = ", closed=True" if self._closed else ""
+        return (f"Engine(running={running}, waiting={waiting}, max_batch={self.max_batch}, "
+                f"thread={self._thread is not None}{closed})")
+
     # ---- the caller's side ----
 
     def start(self) -> Engine:
