@@ -834,8 +834,8 @@ def test_serve_batch_invariant_flag(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
 
     if native.load() is None:
         pytest.skip("needs the native kernels")
-    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--batch-invariant")
-    assert code == 0 and srv.engine.runner.batch_invariant
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--batch-invariant")
+    assert code == 0 and srv.engine.runner.batch_invariant and "batch-invariant steps" in err
     code, _, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--batch-invariant", "--pack-weights", "yes")
     assert code != 0 and "--pack-weights yes has no use with --batch-invariant" in err
     code, _, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--batch-invariant", "--quant", "int8")

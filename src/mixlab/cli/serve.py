@@ -99,6 +99,9 @@ def serve(args: argparse.Namespace) -> int:
     if packed:
         print(f"mixlab serve: the bf16 weights also kept in the native kernels' panels (+{format_bytes(packed)} of "
               "memory; --pack-weights no saves it, for slower steps)", file=sys.stderr)
+    if args.batch_invariant:
+        print("mixlab serve: batch-invariant steps: each request's tokens and logprobs are those of its run alone, "
+              "whatever else runs (steps ~10% slower)", file=sys.stderr)
     cache = expert_cache(model)
     if cache is not None:
         print(f"mixlab serve: experts offloaded: {cache.num_slots} of {cache.num_layers * cache.num_experts} fit in "
