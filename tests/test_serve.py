@@ -355,6 +355,17 @@ def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any])
     assert "access-control-allow-origin" not in r.headers
 
 
+
+def test_head_is_answered_wherever_get_is(server: str) -> None:
+    """HEAD (`curl -I`, uptime checks, link checkers) answered 405 on every GET route but `/` and
+    `/health`: each now gives GET's status and headers, without the body."""
+    for path in ("/v1/models", f"/v1/models/{NAME}", "/health", "/metrics", "/tokenizer_info", "/",
+                 "/static/chat.js"):
+        got, head = httpx.get(server + path), httpx.head(server + path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+    assert httpx.head(server + "/v1/models/other").status_code == 404
+
 # -- errors -----------------------------------------------------------------------------------------
 
 CHAT = "/v1/chat/completions"

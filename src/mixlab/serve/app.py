@@ -632,11 +632,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     # -- models, health, metrics, tokenizer ---------------------------------------------------------
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(cfg)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str) -> dict[str, Any]:
         srv.check_model(model_id)
         return _model_card(cfg)
@@ -649,7 +649,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics() -> Response:
         return Response(srv.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -669,7 +669,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             ids = [special[prompt]] if prompt in special else tok.encode(prompt, bos=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": cfg.context_len}
 
-    @app.get("/tokenizer_info")
+    @app.api_route("/tokenizer_info", methods=["GET", "HEAD"])
     async def tokenizer_info() -> dict[str, Any]:  # vLLM's endpoint; lm-eval's remote tokenizer reads it
         return {"bos_token": tok.id_to_piece(tok.bos_id), "eos_token": tok.id_to_piece(tok.eos_id), "pad_token": None,
                 "model_max_length": cfg.context_len, "vocab_size": tok.vocab_size}
@@ -693,7 +693,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     async def page() -> Response:
         return Response(files["index.html"], media_type=types["html"], headers={"Content-Security-Policy": csp})
 
-    @app.get("/static/{name}")
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"])
     async def static(name: str) -> Response:
         if name not in files:  # a fixed table: no path from the request reaches the filesystem
             raise ApiError(404, f"no static file {name!r}", code="not_found")
