@@ -366,6 +366,15 @@ def test_head_is_answered_wherever_get_is(server: str) -> None:
         assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
     assert httpx.head(server + "/v1/models/other").status_code == 404
 
+
+def test_repeated_slashes_in_the_path_are_merged(server: str) -> None:
+    """A client's base URL with a trailing slash (`http://host:8000/` + `/v1/models`) got 404s."""
+    r = httpx.get(server + "//v1/models")
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == NAME
+    r = httpx.post(server + "/v1//completions", json={"prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert httpx.get(server + "//static//chat.js").status_code == 200
+
 # -- errors -----------------------------------------------------------------------------------------
 
 CHAT = "/v1/chat/completions"
@@ -532,6 +541,7 @@ def test_auth_body_limit_queue_full_and_cors(model_tok: tuple[Any, Any]) -> None
             r = httpx.post(url + CHAT, json=body, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "//v1/models").status_code == 401  # merged before the key is asked for
         assert httpx.get(url + "/health").status_code == 200  # probes need no key
         auth = {"Authorization": "Bearer s3cret"}
         assert httpx.get(url + "/v1/models", headers=auth).status_code == 200

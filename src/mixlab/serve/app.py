@@ -812,7 +812,7 @@ def _host_allowed(name: str, allowed: list[str]) -> bool:
 class _Guard:
     """ASGI middleware: the Host header (against DNS rebinding), the API key (constant-time compare)
     on /v1 and the tokenizer endpoints, the body size limit (Content-Length or counted while
-    buffering a chunked body) and time limit, request counts."""
+    buffering a chunked body) and time limit, request counts; repeated slashes in the path are merged."""
 
     PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
     KNOWN = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
@@ -827,6 +827,11 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
+        if "//" in path:  # a base URL that ends in "/" + "/v1/models": merged, as nginx does (it was a 404)
+            path = re.sub(r"/{2,}", "/", path)
+            scope = {**scope, "path": path}
+            if scope.get("raw_path"):
+                scope["raw_path"] = re.sub(rb"/{2,}", b"/", scope["raw_path"])
         endpoint = path if path in self.KNOWN else ("/v1/models" if path.startswith("/v1/models/") else "other")
         status = {"code": 0}
         # the caller's X-Request-Id comes back on the response (vLLM's and OpenAI's header), else a new one
