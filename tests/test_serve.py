@@ -1307,6 +1307,13 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert [m["role"] for m in kept] == ["user", "assistant"]
             assert kept[1]["content"] == driver.execute_script(
                 "return [...document.querySelectorAll('.msg.assistant .body')].pop().textContent")
+            # and says it was stopped (it looked finished), after a reload too
+            notes = "return [...document.querySelectorAll('.msg .note')].map(n => n.textContent)"
+            assert kept[1]["stopped"] is True and driver.execute_script(notes) == ["(stopped)"]
+            driver.refresh()
+            wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+            assert driver.execute_script(notes) == ["(stopped)"]
+            temperature, limit = driver.find_element(By.ID, "temperature"), driver.find_element(By.ID, "max_tokens")
             # a conversation too big for localStorage is kept without its tokens' experts, else not at all
             # (the conversation stored before it came back on a reload)
             full = ("const refused = arguments[0], set = Storage.prototype.setItem;"

@@ -6,7 +6,7 @@ const PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462
                  "#d9d9d9", "#bc80bd", "#ccebc5", "#ffed6f"];
 const colourOf = (e) => e < PALETTE.length ? PALETTE[e] : `hsl(${(e * 137.5) % 360}, 70%, 80%)`;
 // messages: the conversation, {role, content}; a reply also keeps its tokens, [text, experts per layer],
-// to be drawn again coloured, and cut: true when it stopped at max tokens
+// to be drawn again coloured, and cut: true when it stopped at max tokens, stopped: true when Stop ended it
 let model = null, info = {}, messages = [], controller = null;
 
 // Kept across a reload: the conversation and the settings in localStorage (this browser, for this
@@ -89,13 +89,14 @@ function render() {  // the log, drawn from the conversation
   for (const m of messages) {
     const body = addMessage(m.role, m.tokens ? "" : m.content);
     for (const [t, ex] of m.tokens || []) addToken(body, t, ex);
-    if (m.cut) cutNote(body);
+    for (const why in NOTES) if (m[why]) note(body, why);
   }
 }
 
-function cutNote(body) {  // cut, not finished: say so beside the reply, not in it
-  const note = document.createElement("span"); note.className = "note muted";
-  note.textContent = "(cut at max tokens)"; body.after(note);
+const NOTES = {cut: "(cut at max tokens)", stopped: "(stopped)"};
+function note(body, why) {  // a reply that did not finish: say so beside it, not in it
+  const span = document.createElement("span"); span.className = "note muted";
+  span.textContent = NOTES[why]; body.after(span);
 }
 
 function addMessage(role, text) {
@@ -190,14 +191,16 @@ async function answer(history, asked) {
           const ex = ch.experts && ch.experts.length ? ch.experts[0].experts : null;
           if (t) { addToken(body, t, ex || pending); tokens.push([t, ex || pending]); pending = null; reply += t; }
           else if (ex) pending = pending || ex;
-          if (ch.finish_reason === "length") { cutNote(body); full = true; }
+          if (ch.finish_reason === "length") { note(body, "cut"); full = true; }
         }
       }
     }
     history.push({role: "assistant", content: reply || " ", tokens, ...(full ? {cut: true} : {})});
     $("status").textContent = "";
   } catch (e) {
-    if (e.name === "AbortError") { history.push({role: "assistant", content: reply || " ", tokens}); }
+    if (e.name === "AbortError") {  // Stop (or New chat): the reply is kept as far as it went, and says so
+      history.push({role: "assistant", content: reply || " ", tokens, stopped: true}); note(body, "stopped");
+    }
     else {  // the question leaves the conversation (shown struck out) and goes back into the box, to send again
       history.pop(); asked.parentElement.classList.add("unsent");
       if (!$("input").value) $("input").value = text;
