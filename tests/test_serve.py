@@ -1202,6 +1202,16 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             api_key.send_keys(Keys.CONTROL, "a", Keys.DELETE, "\t")
             driver.find_element(By.ID, "layer").send_keys("layer 0")
             assert painted(0)[0] == painted(0)[1] != seen
+            # without a mouse (the title shows on hover alone): Tab reaches the reply, ←/→ go from token to
+            # token, and the status (a live region) says the token's experts
+            body = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .body")
+            body.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
+            on = driver.execute_script("const t = document.activeElement; return [t.parentElement === arguments[0] "
+                                       "&& [...arguments[0].children].indexOf(t), t.title]", body)
+            assert body.get_attribute("tabindex") == "0" and on == [1, spans[1].get_attribute("title")]
+            status = driver.find_element(By.ID, "status")
+            said = f'"{spans[1].get_attribute("textContent")}": {on[1].replace(chr(10), "; ")}'
+            assert status.get_attribute("role") == "status" and status.get_attribute("textContent") == said
             # a second turn: multi-turn history is sent, the reply streams again
             driver.find_element(By.ID, "input").send_keys("And now?")
             driver.find_element(By.ID, "send").click()

@@ -134,6 +134,7 @@ function addToken(body, text, experts) {
   if (experts) {
     span._experts = experts;
     span.title = experts.map((k, l) => `layer ${l}: experts ${k.join(", ")}`).join("\n");
+    body.tabIndex = 0;  // reached by Tab: see the arrow keys below
   }
   paint(span); body.appendChild(span);
   if (follow) log.scrollTop = log.scrollHeight;  // a reader who scrolled up to read stays where they are
@@ -235,6 +236,20 @@ $("reset").addEventListener("click", () => {
   messages = []; $("log").innerHTML = ""; buttons(); saveChat(); $("input").focus();
 });
 $("regenerate").addEventListener("click", () => { regenerate(); $("input").focus(); });
+// A token's experts without a mouse (its title shows on hover alone): Tab to a reply, then ←/→ go from
+// token to token, and #status, a live region, says the token and its experts
+$("log").addEventListener("keydown", (ev) => {
+  const body = ev.target.closest(".body"), step = {ArrowLeft: -1, ArrowRight: 1}[ev.key];
+  const toks = body && step ? [...body.querySelectorAll(".tok[title]")] : [];
+  if (!toks.length) return;
+  const at = toks.indexOf(ev.target);
+  const next = toks[at < 0 ? (step > 0 ? 0 : toks.length - 1) : Math.min(Math.max(at + step, 0), toks.length - 1)];
+  ev.preventDefault(); next.tabIndex = -1; next.focus();
+});
+$("log").addEventListener("focusin", (ev) => {
+  const t = ev.target;
+  if (t.matches(".tok[title]")) $("status").textContent = `"${t.textContent}": ${t.title.replaceAll("\n", "; ")}`;
+});
 $("colour").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
 for (const id of SETTINGS) $(id).addEventListener("input", saveSettings);
