@@ -1323,6 +1323,18 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             driver.refresh()
             wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
             assert driver.execute_script(notes) == ["(stopped)"]
+            # a reload while a reply streams keeps the question and the reply as far as it went (both were lost)
+            driver.find_element(By.ID, "reset").click()
+            driver.find_element(By.ID, "input").send_keys("Another long one.\n")
+            wait.until(streaming(1))
+            driver.refresh()
+            wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+            kept = driver.execute_script("return messages")
+            assert [m["role"] for m in kept] == ["user", "assistant"] and kept[0]["content"] == "Another long one."
+            assert kept[1]["interrupted"] is True and len(kept[1]["tokens"]) > 3
+            assert kept[1]["content"] == "".join(t for t, _ in kept[1]["tokens"])
+            assert driver.execute_script(notes) == ["(interrupted: the page was left)"]
+            assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
             temperature, limit = driver.find_element(By.ID, "temperature"), driver.find_element(By.ID, "max_tokens")
             # a conversation too big for localStorage is kept without its tokens' experts, else not at all
             # (the conversation stored before it came back on a reload)

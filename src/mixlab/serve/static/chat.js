@@ -6,8 +6,9 @@ const PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462
                  "#d9d9d9", "#bc80bd", "#ccebc5", "#ffed6f"];
 const colourOf = (e) => e < PALETTE.length ? PALETTE[e] : `hsl(${(e * 137.5) % 360}, 70%, 80%)`;
 // messages: the conversation, {role, content}; a reply also keeps its tokens, [text, experts per layer],
-// to be drawn again coloured, and cut: true when it stopped at max tokens, stopped: true when Stop ended it
-let model = null, info = {}, messages = [], controller = null;
+// to be drawn again coloured, and cut: true when it stopped at max tokens, stopped: true when Stop ended it,
+// interrupted: true when the page was left while it streamed (streaming: that reply's {history, tokens})
+let model = null, info = {}, messages = [], controller = null, streaming = null, leaving = false;
 
 // Kept across a reload: the conversation and the settings in localStorage (this browser, for this
 // server's address); the API key in sessionStorage only (this tab, until it is closed). A stored value
@@ -25,9 +26,10 @@ const isExperts = (ex) => ex === null || Array.isArray(ex) && ex.every((k) => Ar
 const isToken = (t) => Array.isArray(t) && typeof t[0] === "string" && isExperts(t[1]);
 const isMessage = (m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string" &&
   (m.tokens === undefined || Array.isArray(m.tokens) && m.tokens.every(isToken));
-function saveChat() {  // without the tokens if they do not fit (the text survives, uncoloured); else not at all
-  if (store("mixlab.chat", {messages}) ||
-      store("mixlab.chat", {messages: messages.map(({role, content}) => ({role, content})) })) return;
+// without the tokens if they do not fit (the text survives, uncoloured); else not at all
+function saveChat(list = messages) {
+  if (store("mixlab.chat", {messages: list}) ||
+      store("mixlab.chat", {messages: list.map(({role, content}) => ({role, content})) })) return;
   try { localStorage.removeItem("mixlab.chat"); } catch (e) { /* storage disabled */ }  // not an older conversation
 }
 function saveSettings() {
@@ -93,7 +95,7 @@ function render() {  // the log, drawn from the conversation
   }
 }
 
-const NOTES = {cut: "(cut at max tokens)", stopped: "(stopped)"};
+const NOTES = {cut: "(cut at max tokens)", stopped: "(stopped)", interrupted: "(interrupted: the page was left)"};
 function note(body, why) {  // a reply that did not finish: say so beside it, not in it
   const span = document.createElement("span"); span.className = "note muted";
   span.textContent = NOTES[why]; body.after(span);
@@ -168,6 +170,7 @@ async function answer(history, asked) {
   controller = new AbortController(); buttons();
   let reply = "", pending = null, answered = false, full = false;  // pending: experts of a token whose text is still held back
   const tokens = [];  // [text, experts] as shown, kept with the reply
+  streaming = {history, tokens};
   try {
     const r = await fetch("v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
                                                   signal: controller.signal});
@@ -199,8 +202,9 @@ async function answer(history, asked) {
     history.push({role: "assistant", content: reply || " ", tokens, ...(full ? {cut: true} : {})});
     $("status").textContent = "";
   } catch (e) {
-    if (e.name === "AbortError") {  // Stop (or New chat): the reply is kept as far as it went, and says so
-      history.push({role: "assistant", content: reply || " ", tokens, stopped: true}); note(body, "stopped");
+    if (e.name === "AbortError" || leaving) {  // Stop, New chat, the page left: kept as far as it went, said so
+      const why = leaving ? "interrupted" : "stopped";
+      history.push({role: "assistant", content: reply || " ", tokens, [why]: true}); note(body, why);
     }
     else {  // the question leaves the conversation (shown struck out) and goes back into the box, to send again
       history.pop(); asked.parentElement.classList.add("unsent");
@@ -209,7 +213,7 @@ async function answer(history, asked) {
       body.parentElement.classList.add("error");
       addToken(body, " [" + (e instanceof TypeError ? `${lost} (${e.message})` : e.message) + "]", null);
     }
-  } finally { controller = null; buttons(); saveChat(); }
+  } finally { controller = null; streaming = null; buttons(); saveChat(); }
 }
 
 function buttons() {
@@ -249,6 +253,16 @@ $("log").addEventListener("keydown", (ev) => {
 $("log").addEventListener("focusin", (ev) => {
   const t = ev.target;
   if (t.matches(".tok[title]")) $("status").textContent = `"${t.textContent}": ${t.title.replaceAll("\n", "; ")}`;
+});
+// The page left (a reload, a closed tab) while a reply streams: the conversation is stored with the question
+// and the reply as far as it went (both were lost), without touching `messages` (the page may come back).
+// The browser may then end the stream with a network error, which must not take the question back (`leaving`).
+addEventListener("pageshow", () => { leaving = false; });
+addEventListener("pagehide", () => {
+  leaving = true;
+  if (!streaming || streaming.history !== messages) return;  // none, or "New chat" since
+  const {tokens} = streaming, content = tokens.map(([t]) => t).join("") || " ";
+  saveChat(messages.concat([{role: "assistant", content, tokens, interrupted: true}]));
 });
 $("colour").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
