@@ -481,6 +481,10 @@ def test_null_parameters_take_their_defaults(server: str) -> None:
                   {"parallel_tool_calls": False}, {"response_format": {"type": "text"}}):
         r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 2, **extra}, timeout=30)
         assert r.status_code == 200, (extra, r.text)
+    # top_logprobs 0 without logprobs asks for nothing (vLLM accepts it; it was a 400), and gets nothing
+    for extra in ({"top_logprobs": 0}, {"top_logprobs": 0, "logprobs": False}):
+        r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 2, **extra}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, (extra, r.text)
     r = httpx.post(server + CHAT, json={"messages": None}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 

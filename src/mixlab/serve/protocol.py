@@ -192,8 +192,8 @@ class ChatCompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise _field_error("top_logprobs", "top_logprobs needs logprobs set to true")
+        if self.top_logprobs and not self.logprobs:  # 0 asks for nothing: accepted, as vLLM does
+            raise _field_error("top_logprobs", "top_logprobs > 0 needs logprobs set to true")
         if self.max_tokens == 0:
             raise _field_error("max_tokens", "max_tokens must be at least 1")
         if self.tools or self.functions:
