@@ -1396,15 +1396,18 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             driver.refresh()
             wait.until(lambda d: "API key" in d.find_element(By.ID, "model").text)
             assert driver.find_element(By.ID, "model").text == "the server needs its API key: enter it under Settings"
-            driver.find_element(By.ID, "api_key").send_keys("k3y\t")
-            wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
-            limit = driver.find_element(By.ID, "max_tokens")
-            limit.clear()
-            limit.send_keys("3")
-            driver.find_element(By.ID, "input").send_keys("With the key.\n")
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
-                       and d.find_element(By.ID, "send").is_enabled())
-            assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+            def with_the_key(message: str) -> None:  # enter the key, then one short exchange without an error
+                driver.find_element(By.ID, "api_key").send_keys("k3y\t")
+                wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+                limit = driver.find_element(By.ID, "max_tokens")
+                limit.clear()
+                limit.send_keys("3")
+                driver.find_element(By.ID, "input").send_keys(message + "\n")
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
+                           and d.find_element(By.ID, "send").is_enabled())
+                assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+
+            with_the_key("With the key.")
             # the key is kept for this tab alone (sessionStorage), never in localStorage; a stored
             # conversation or settings that are not what the page writes are ignored, not fatal
             driver.get_log("browser")  # the 400 and 401 above were logged
@@ -1438,15 +1441,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             with ServerThread(under_chat) as proxy:
                 driver.get(proxy + "/chat/")
                 wait.until(lambda d: "API key" in d.find_element(By.ID, "model").text)
-                driver.find_element(By.ID, "api_key").send_keys("k3y\t")
-                wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
-                limit = driver.find_element(By.ID, "max_tokens")
-                limit.clear()
-                limit.send_keys("3")
-                driver.find_element(By.ID, "input").send_keys("Under a path.\n")
-                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
-                           and d.find_element(By.ID, "send").is_enabled())
-                assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+                with_the_key("Under a path.")
                 loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
                 assert loaded and all(u.startswith(proxy + "/chat/") for u in loaded), loaded
         finally:
