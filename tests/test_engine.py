@@ -967,6 +967,22 @@ def test_batch_invariant_refuses_what_has_no_invariant_kernels(tiny):
         Engine(int8, batch_invariant=True)
 
 
+def test_batch_invariant_on_a_cpu_without_the_instructions_says_so(monkeypatch):
+    # a CPU without AVX512-BF16 (the library built, its bf16 kernels refused as unvectorised) was
+    # told "native kernels unavailable", as if nothing had been built
+    from mixlab.model import native as model_native
+    from mixlab.ops import native
+
+    if native.load() is None:
+        pytest.skip("needs the native kernels")
+    model = _model().to(torch.bfloat16)
+    monkeypatch.setattr(native, "fast", lambda dtype: dtype != torch.bfloat16)
+    model_native.forget_shared(model)
+    why = "not vectorised for torch.bfloat16 on this CPU: they need AVX-512 and AVX512-BF16"
+    with pytest.raises(ValueError, match=why):
+        Engine(model, batch_invariant=True)
+
+
 def test_a_padded_vocabularys_id_streams_no_text():
     # tiny-moe over Mixtral's tokenizer with a vocabulary padded to 32768: the first sampled id the
     # tokenizer lacks ended the request with "token id 32500 is outside the vocabulary [0, 32000)"

@@ -191,9 +191,14 @@ class Runner:
         if batch_invariant:  # every step through the native kernels' invariant arithmetic: check they run
             dec = self._native_decoder() if self.device.type == "cpu" else None
             if dec is None or dec.weight.dtype not in (torch.bfloat16, torch.float32):
+                kernels = "over " + str(dec.weight.dtype) if dec is not None else "unavailable"
+                if (dec is None and self.device.type == "cpu" and native_lib.library() is not None
+                        and w.dtype in (torch.bfloat16, torch.float32) and not native_lib.fast(w.dtype)):
+                    # built, but refused over these weights: this CPU lacks the instructions they need
+                    kernels = (f"not vectorised for {w.dtype} on this CPU: they need AVX-512"
+                               f"{' and AVX512-BF16' if w.dtype == torch.bfloat16 else ''}")
                 raise ValueError("batch_invariant=True needs mixlab's native CPU kernels over bf16 or float32 weights "
-                                 f"(here: device {self.device.type}, weights {w.dtype}, native kernels "
-                                 f"{'over ' + str(dec.weight.dtype) if dec is not None else 'unavailable'}); "
+                                 f"(here: device {self.device.type}, weights {w.dtype}, native kernels {kernels}); "
                                  "int8/int4 and GPU steps have no batch-invariant arithmetic")
 
     # ---- slots ----
