@@ -1052,6 +1052,38 @@ __attribute__((noinline)) static int64_t gemm_rows_i8_bf16(mat m, const float* X
 }
 #endif
 
+/* Rows of bf16 matrix m from r0 on, in whole tiles of 4 rows x up to 4 tokens, against M tokens:
+   blocks of MB tokens whose activations (MB rows of K bf16) stay in L2 while every weight row passes
+   over them. Returns the first row left (fewer than 4 before r1: the caller's). Inlined into its
+   callers (the loop around the tiles is where the compiler's choices cost, see `gemm_rows`). */
+static inline __attribute__((always_inline)) int64_t tiles_bf16(mat m, const uint16_t* XB, int64_t M, float* Y,
+                                                                int64_t ldy, int64_t r0, int64_t r1) {
+    const int64_t K = m.K;
+    int64_t MB = (256 * 1024 / (K * 2)) & ~(int64_t)3;
+    MB = MB < 4 ? 4 : MB > 128 ? 128 : MB;
+    const int64_t rend = r0 + ((r1 - r0) & ~(int64_t)3);
+    for (int64_t jb = 0; jb < M; jb += MB) {
+        const int64_t je = jb + MB < M ? jb + MB : M;
+        for (int64_t r = r0; r < rend; r += 4)
+            for (int64_t j = jb; j < je; j += 4) {
+                const int Q = je - j < 4 ? (int)(je - j) : 4;
+                float out[16];
+#if defined(__AVX512BF16__)
+                if (Q == 4 && (K & 31) == 0) {
+                    tile4x4k32_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, out);
+                    for (int i = 0; i < 4; i++)
+                        for (int q = 0; q < 4; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
+                    continue;
+                }
+#endif
+                tile4_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, K, Q, out, 4);
+                for (int i = 0; i < 4; i++)
+                    for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
+            }
+    }
+    return rend;
+}
+
 /* `gemm_rows` for what the packed panels do not take (all of it, but for many bf16 tokens). */
 static void gemm_rows_few(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
                           int64_t r1) {
@@ -1069,33 +1101,7 @@ static void gemm_rows_few(mat m, const float* X, const uint16_t* XB, int64_t M, 
         }
     }
 #endif
-    if (m.wt == MX_BF16 && M >= 2 && r == r0) {
-        /* Blocks of MB tokens whose activations (MB rows of K bf16) stay in L2 while every weight
-           row of [r0, r1) passes over them in tiles of 4 rows x up to 4 tokens. */
-        int64_t MB = (256 * 1024 / (K * 2)) & ~(int64_t)3;
-        MB = MB < 4 ? 4 : MB > 128 ? 128 : MB;
-        const int64_t rend = r0 + ((r1 - r0) & ~(int64_t)3);
-        for (int64_t jb = 0; jb < M; jb += MB) {
-            const int64_t je = jb + MB < M ? jb + MB : M;
-            for (r = r0; r < rend; r += 4)
-                for (int64_t j = jb; j < je; j += 4) {
-                    const int Q = je - j < 4 ? (int)(je - j) : 4;
-                    float out[16];
-#if defined(__AVX512BF16__)
-                    if (Q == 4 && (K & 31) == 0) {
-                        tile4x4k32_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, out);
-                        for (int i = 0; i < 4; i++)
-                            for (int q = 0; q < 4; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
-                        continue;
-                    }
-#endif
-                    tile4_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, K, Q, out, 4);
-                    for (int i = 0; i < 4; i++)
-                        for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
-                }
-        }
-        r = rend;
-    }
+    if (m.wt == MX_BF16 && M >= 2 && r == r0) r = tiles_bf16(m, XB, M, Y, ldy, r0, r1);
     if (is_q4a8(m.wt)) {
         for (int64_t j0 = 0; j0 < M; j0 += MX_A8_ROWS) { /* activations rounded MX_A8_ROWS rows at a time */
             const int64_t Mj = M - j0 < MX_A8_ROWS ? M - j0 : MX_A8_ROWS;
@@ -1164,10 +1170,9 @@ static void tile1_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, int64_t
 
 /* `gemm_rows` with batch-invariant arithmetic (mx_batch.invariant): Y[j, r] is computed in the same
    order whatever M, j or the rows around r, so a token's numbers never depend on the other tokens
-   of a step (vLLM's batch invariance, arXiv-free: "Defeating Nondeterminism in LLM Inference",
-   Thinking Machines 2025). bf16: tiles of 4 rows x up to 4 tokens and `tile1_bf16` for the rows
-   left over, over blocks of tokens kept in L2, as `gemm_rows_few`; float32: `dot4_f32`'s order for
-   every token. Never the panels, `rows4` or the one-token products, whose orders differ. */
+   of a step (the batch invariance of vLLM's mode and of Thinking Machines' "Defeating
+   Nondeterminism in LLM Inference", 2025). bf16: `tiles_bf16` and `tile1_bf16` for the rows left
+   over; float32: `dot4_f32`'s order for every token. Never the panels, `rows4` or the one-token products, whose orders differ. */
 static void gemm_rows_inv(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t r0,
                           int64_t r1) {
     const int64_t K = m.K;
@@ -1188,28 +1193,13 @@ static void gemm_rows_inv(mat m, const float* X, const uint16_t* XB, int64_t M, 
         }
         return;
     }
-    int64_t MB = (256 * 1024 / (K * 2)) & ~(int64_t)3;
-    MB = MB < 4 ? 4 : MB > 128 ? 128 : MB;
-    const uint16_t* W = (const uint16_t*)m.w;
-    for (int64_t jb = 0; jb < M; jb += MB) {
-        const int64_t je = jb + MB < M ? jb + MB : M;
-        int64_t r = r0;
-        for (; r + 4 <= r1; r += 4)
-            for (int64_t j = jb; j < je; j += 4) {
-                const int Q = je - j < 4 ? (int)(je - j) : 4;
-                float out[16];
-                tile4_bf16(W + r * K, XB + j * K, K, K, Q, out, 4);
-                for (int i = 0; i < 4; i++)
-                    for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q];
-            }
-        for (; r < r1; r++)
-            for (int64_t j = jb; j < je; j += 4) {
-                const int Q = je - j < 4 ? (int)(je - j) : 4;
-                float out[4];
-                tile1_bf16(W + r * K, XB + j * K, K, K, Q, out);
-                for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r] = out[q];
-            }
-    }
+    for (int64_t r = tiles_bf16(m, XB, M, Y, ldy, r0, r1); r < r1; r++) /* then the rows past the last tile */
+        for (int64_t j = 0; j < M; j += 4) {
+            const int Q = M - j < 4 ? (int)(M - j) : 4;
+            float out[4];
+            tile1_bf16((const uint16_t*)m.w + r * K, XB + j * K, K, K, Q, out);
+            for (int q = 0; q < Q; q++) Y[(j + q) * ldy + r] = out[q];
+        }
 }
 
 /* Y[j, r] = W[r, :] . X[j, :] for M vectors (rows of X and XB, leading dimension K; Y's is ldy) and
