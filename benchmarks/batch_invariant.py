@@ -14,6 +14,7 @@ import torch
 import mixlab
 from mixlab.cli import positive
 from mixlab.engine import Engine, SamplingParams
+from mixlab.errors import MixlabError
 
 
 def one_round(engine: Engine, prompts: list[list[int]], steps: int) -> tuple[float, float]:
@@ -40,7 +41,10 @@ def main() -> None:
     ap.add_argument("--threads", type=positive, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = mixlab.load_model(args.model, dtype="bfloat16")
+    try:
+        model = mixlab.load_model(args.model, dtype="bfloat16")
+    except MixlabError as e:  # a missing or broken folder: one line, as argparse says a bad flag
+        ap.error(f"--model: {e}")
     g = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, model.config.vocab_size, (31,), generator=g).tolist() for _ in range(16)]
     engines = {inv: Engine(model, max_batch=16, prefix_cache=False, batch_invariant=inv) for inv in (False, True)}

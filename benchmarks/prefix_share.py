@@ -16,6 +16,7 @@ import torch
 import mixlab
 from mixlab.cli import positive
 from mixlab.engine import Engine, SamplingParams
+from mixlab.errors import MixlabError
 
 
 def main() -> None:
@@ -30,7 +31,10 @@ def main() -> None:
     ap.add_argument("--ending", type=positive, default=8, help="tokens of each ending, with --scored")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = mixlab.load_model(args.model, dtype="bfloat16")
+    try:
+        model = mixlab.load_model(args.model, dtype="bfloat16")
+    except MixlabError as e:  # a missing or broken folder: one line, as argparse says a bad flag
+        ap.error(f"--model: {e}")
     g = torch.Generator().manual_seed(0)
     prompt = [1] + torch.randint(3, model.config.vocab_size, (args.prompt - 1,), generator=g).tolist()
     if args.scored:
