@@ -25,11 +25,13 @@ if TYPE_CHECKING:
 @dataclass
 class ModelOutput:
     """What `Transformer.forward_output` computed: the final normed hidden state, each MoE layer's
-    `Routing` (first layer first; empty for a dense model) and the logits unless skipped."""
+    `Routing` (first layer first; empty for a dense model), the logits unless skipped and, when asked
+    for (`hidden_states=True`), the residual stream: the embeddings, then each block's output."""
 
     hidden_BTD: torch.Tensor
     routing: list[Routing] = field(default_factory=list)
     logits_BTV: torch.Tensor | None = None
+    hidden_states: list[torch.Tensor] | None = None
 
 
 def _check_inputs(tokens_BT: object, positions_BT: torch.Tensor | None, segments_BT: torch.Tensor | None) -> None:
@@ -193,6 +195,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits: bool = True,
         last_only: bool = False,
+        hidden_states: bool = False,
     ) -> ModelOutput:
         """The final hidden state, each MoE layer's routing and (unless `logits=False`, e.g. for chunked
         losses or when only the routing is needed) the logits `[B, T, V]` for token ids `[B, T]`.
@@ -206,6 +209,11 @@ class Transformer(nn.Module):
         continuing the cache). With a cache, the tokens are appended to it. `segments_BT`: packed
         sequences (no cache): a token attends only to tokens of its own segment id, causally by
         position, so positions restarting per segment give each the attention it gets alone.
+
+        `hidden_states`: also return the residual stream, `n_layers + 1` tensors `[B, T, D]`: the
+        token embeddings, then each block's output (before the final norm; with `last_only` the last
+        one is `[B, 1, D]`). transformers' `output_hidden_states=True` gives the same first
+        `n_layers`, and as its last the final normed state, `hidden_BTD` here.
         """
         _check_inputs(tokens_BT, positions_BT, segments_BT)
         B, T = tokens_BT.shape
@@ -241,12 +249,15 @@ class Transformer(nn.Module):
         else:
             mask = None  # plain causal: lets SDPA take its fastest kernel
         routings: list[Routing] = []
+        states: list[torch.Tensor] | None = [x_BTD] if hidden_states else None
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
             x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots, last_only and i == last)
             if routing is not None:
                 routings.append(routing)
+            if states is not None:
+                states.append(x_BTD)
         if cache is not None:
             cache.t += T
         h_BTD = self.norm(x_BTD)
-        return ModelOutput(h_BTD, routings, self.output(h_BTD) if logits else None)
+        return ModelOutput(h_BTD, routings, self.output(h_BTD) if logits else None, states)
