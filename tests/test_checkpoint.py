@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 from conftest import hf_mistral, hf_mixtral
 from mixlab import atomic, load_model, save_model
 from mixlab.atomic import MANIFEST
+from mixlab.checkpoint import from_state_dict, meta_model, to_state_dict
 from mixlab.checkpoint import io as ckio
-from mixlab.checkpoint import meta_model
 from mixlab.checkpoint.keymaps import FORMATS, rules
 from mixlab.cli import main
-from mixlab.config import PRESETS
+from mixlab.config import PRESETS, ModelConfig
 from mixlab.model import Transformer
 
 
@@ -212,6 +212,57 @@ def test_reads_transformers_v5_fused_expert_keys(tmp_path):
     save_model(model, tmp_path / "fused2", fmt="hf-fused")
     assert_same_tensors(tensors_of(folder), tensors_of(tmp_path / "fused2"))
     assert torch.equal(hf_logits(tmp_path / "fused2", TOKENS), theirs)
+
+
+def test_state_dicts_in_memory_are_transformers_models_own(tmp_path):
+    """to_state_dict(model, fmt="hf-fused") loads strictly into transformers' MixtralForCausalLM built
+    from the model's config (same logits), and from_state_dict takes that model's state_dict() back,
+    bit for bit; every format (a tied and a dense model too) round-trips in memory. There was no way
+    but a checkpoint on disk."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    model = load_model(hf_mixtral(tmp_path / "hf"))
+    hf = MixtralForCausalLM(MixtralConfig(**model.config.to_hf_dict())).eval()
+    hf.load_state_dict(to_state_dict(model, fmt="hf-fused"), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, our_logits(model, TOKENS), atol=1e-5, rtol=0)
+    back = from_state_dict(hf.state_dict(), ModelConfig.from_hf_dict(hf.config.to_dict()))
+    assert not back.training
+    assert_same_tensors(back.state_dict(), model.state_dict())
+    q = to_state_dict(model)["model.layers.0.self_attn.q_proj.weight"]  # a view, not a copy
+    assert q.data_ptr() == model.layers[0].attn.wqkv.weight.data_ptr() and not q.requires_grad
+    tied = load_model(hf_mistral(tmp_path / "tied", tie_word_embeddings=True))
+    dense = AutoModelForCausalLM.from_pretrained(hf_mistral(tmp_path / "dense"), dtype=torch.float32)
+    assert_same_tensors(from_state_dict(dense.state_dict(), load_model(tmp_path / "dense").config).state_dict(),
+                        load_model(tmp_path / "dense").state_dict())
+    for m in (model, tied):
+        for fmt in FORMATS if m.config.moe else ("hf", "mistral"):
+            again = from_state_dict(to_state_dict(m, fmt=fmt), m.config)
+            assert_same_tensors(again.state_dict(), m.state_dict())
+        assert_same_tensors(from_state_dict(m.state_dict(), m.config).state_dict(), m.state_dict())  # mixlab's names
+    assert again.output.weight is again.tok_embeddings.weight
+
+
+def test_from_state_dict_names_what_does_not_fit(tmp_path):
+    model = load_model(hf_mixtral(tmp_path / "hf"))
+    state = to_state_dict(model)
+    with pytest.raises(ValueError, match=r"missing model.norm.weight; unexpected none"):
+        from_state_dict({k: v for k, v in state.items() if k != "model.norm.weight"}, model.config)
+    with pytest.raises(ValueError, match=r"missing none; unexpected model.layers.2.input_layernorm.weight"):
+        from_state_dict({**state, "model.layers.2.input_layernorm.weight": state["model.norm.weight"]}, model.config)
+    with pytest.raises(ValueError, match=r"model.norm.weight: expected shape \[64\], found \[63\]"):
+        from_state_dict({**state, "model.norm.weight": state["model.norm.weight"][:63]}, model.config)
+    with pytest.raises(ValueError, match="tensor names match no known format"):
+        from_state_dict({"weight": state["model.norm.weight"]}, model.config)
+    with pytest.raises(ValueError, match="does not match this config.*Missing key.*layers.1.ffn.gate.weight"):
+        from_state_dict({k: v for k, v in model.state_dict().items() if k != "layers.1.ffn.gate.weight"},
+                        model.config)
+    with pytest.raises(ValueError, match="config must be a mixlab ModelConfig"):
+        from_state_dict(state, model.config.to_hf_dict())
+    with pytest.raises(ValueError, match="cannot save format 'gguf'"):
+        to_state_dict(model, fmt="gguf")
+    with pytest.raises(ValueError, match="to_state_dict takes a mixlab Transformer, not dict"):
+        to_state_dict(state)
 
 
 def test_tied_embeddings(tmp_path):

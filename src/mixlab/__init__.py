@@ -7,7 +7,7 @@
     print(tok.decode(out[0]))
 """
 
-from mixlab.checkpoint import CheckpointError, load_model, save_model
+from mixlab.checkpoint import CheckpointError, from_state_dict, load_model, save_model, to_state_dict
 from mixlab.config import PRESETS, ConfigError, ModelConfig, MoEConfig, get_preset
 from mixlab.errors import DataError, GenerationError, MixlabError, OutputError, TrainingError
 from mixlab.generate import generate, generate_stream
@@ -27,11 +27,13 @@ __all__ = [
     "MoEConfig",
     "Tokenizer",
     "Transformer",
+    "from_state_dict",
     "generate",
     "generate_stream",
     "get_preset",
     "load_model",
     "load_tokenizer",
     "save_model",
+    "to_state_dict",
 ]
 __version__ = "0.1.0"

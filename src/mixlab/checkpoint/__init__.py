@@ -14,7 +14,7 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,8 @@ from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
 
-__all__ = ["CheckpointError", "describe", "load_model", "load_state", "meta_model", "save_model"]
+__all__ = ["CheckpointError", "describe", "from_state_dict", "load_model", "load_state", "meta_model", "save_model",
+           "to_state_dict"]
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -176,6 +177,17 @@ def meta_model(config: ModelConfig) -> Transformer:
         return Transformer(config)
 
 
+def _assign(config: ModelConfig, state: dict[str, torch.Tensor], *, strict: bool = True) -> Transformer:
+    """The model holding the tensors of `state` (mixlab's names) themselves, not copies."""
+    model = meta_model(config)
+    if config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, assign=True, strict=strict)
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
 def _refuse_pickle_or_recover(root: Path) -> None:
     if root.suffix in PICKLE_SUFFIXES and root.is_file():
         raise CheckpointError(_pickle_hint(root))
@@ -259,12 +271,7 @@ def load_model(
         check_offloadable(config, root, dev)
     _, table, infos = plan(root, config)
     state = _read_state(table, infos, dtype=want, device=dev, experts=not offload)
-    model = meta_model(config)
-    if config.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, assign=True, strict=not offload)
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    model = _assign(config, state, strict=not offload)
     if offload:
         from mixlab.checkpoint.offload import SafetensorsSource, offload_experts
         from mixlab.ops.offload import SlotFormat
@@ -278,6 +285,71 @@ def load_model(
                         policy=policy, prefetch=prefetch)
         model.requires_grad_(False)
     return model.eval()
+
+
+def _plain(model: Transformer, fmt: str, *, what: str) -> Transformer:
+    """The mixlab model behind `model` (a `torch.compile` wrapper's), checked to hold plain float
+    weights that `fmt` can name."""
+    # torch.compile(model) wraps it in an OptimizedModule (state dict names prefixed "_orig_mod."),
+    # which was refused as "not OptimizedModule".
+    model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, Transformer):
+        raise ValueError(f"{what} a mixlab Transformer, not {type(model).__name__}")
+    if fmt not in FORMATS:
+        raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    prepared = inference_format(model)
+    if prepared is not None:
+        raise ValueError(f"cannot save (or name in a checkpoint format) a model with {prepared} inference weights "
+                         "(prepared for inference, or loaded from a Q4_0 GGUF): save it before prepare_for_inference, "
+                         "load it again from its checkpoint, or convert a GGUF with `mixlab convert` (dequantising)")
+    return model
+
+
+def to_state_dict(model: Transformer, *, fmt: str = "hf") -> dict[str, torch.Tensor]:
+    """The model's weights under a checkpoint format's names and shapes, in memory: what
+    `save_model(model, path, fmt=fmt)` writes. "hf-fused" is the state dict of transformers >= 5's
+    `MixtralForCausalLM` (`hf.load_state_dict(to_state_dict(model, fmt="hf-fused"))`), "hf" that of
+    transformers 4 (per-expert tensors), "mistral" mistral-inference's. Detached views of the model's
+    tensors (q / k / v rows, each expert's w1 / w3 / w2), but for Mistral's wq / wk, copies in its
+    rotary row order."""
+    model = _plain(model, fmt, what="to_state_dict takes")
+    state = model.state_dict()
+    return {name: t for r in rules(model.config, fmt)
+            for name, t in zip(r.theirs, r.split(state[r.ours].detach()), strict=True)}
+
+
+def from_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> Transformer:
+    """A mixlab model from a state dict in a checkpoint format's names (found from the names, as
+    `load_model` finds them): `to_state_dict`'s, or a transformers Mixtral's or Mistral's
+    `state_dict()` (`config`: `ModelConfig.from_hf_dict(hf.config.to_dict())`), or in mixlab's own
+    (`model.state_dict()`, whose tensors the model then holds themselves, as `load_state_dict(assign=True)`
+    does; from other names they are copied). The tensors keep their dtype and device; a missing,
+    unexpected or misshaped tensor is a CheckpointError naming it. In eval mode, as `load_model`'s."""
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a mixlab ModelConfig (a transformers model's: "
+                         f"ModelConfig.from_hf_dict(hf.config.to_dict())), not {type(config).__name__}")
+    if any(k.endswith(".attn.wqkv.weight") for k in state):  # mixlab's own names
+        try:
+            return _assign(config, {k: t.detach() for k, t in state.items()}).eval()
+        except RuntimeError as e:  # torch names the missing, unexpected and misshaped tensors
+            raise CheckpointError(f"state dict does not match this config: {' '.join(str(e).split())}") from None
+    try:
+        table = rules(config, detect_format(set(state)))
+    except ValueError as e:
+        raise CheckpointError(f"state dict: {e}") from None
+    names = {n for r in table for n in r.theirs}
+    tied = {"lm_head.weight", "output.weight"} if config.tie_embeddings else set()  # the embeddings again
+    missing, extra = sorted(names - set(state)), sorted(set(state) - names - tied)
+    if missing or extra:
+        raise CheckpointError(f"state dict does not match this config: missing {_names(missing) or 'none'}; "
+                              f"unexpected {_names(extra) or 'none'}")
+    ours = {}
+    for r in table:
+        try:
+            ours[r.ours] = r.join([state[n].detach() for n in r.theirs])
+        except RuntimeError as e:
+            raise CheckpointError(f"state dict: {e} for this config") from None
+    return _assign(config, ours).eval()
 
 
 def save_model(
@@ -305,19 +377,8 @@ def save_model(
     (OutputError, see mixlab.atomic). `progress`: a bar of the tensors written, where stderr is a terminal. A
     `torch.compile` wrapper saves the model it wraps.
     """
-    # torch.compile(model) wraps it in an OptimizedModule (state dict names prefixed "_orig_mod."),
-    # which was refused as "not OptimizedModule".
-    model = getattr(model, "_orig_mod", model)
-    if not isinstance(model, Transformer):
-        raise ValueError(f"save_model saves a mixlab Transformer, not {type(model).__name__}")
+    model = _plain(model, fmt, what="save_model saves")
     path = as_path(path, what="save_model's path")
-    if fmt not in FORMATS:
-        raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    prepared = inference_format(model)
-    if prepared is not None:
-        raise ValueError(f"cannot save a model with {prepared} inference weights (prepared for inference, or "
-                         "loaded from a Q4_0 GGUF): save it before prepare_for_inference, load it again from its "
-                         "checkpoint, or convert a GGUF with `mixlab convert` (which dequantises)")
     config: ModelConfig = model.config
     want = parse_dtype(dtype)
     state = model.state_dict()
