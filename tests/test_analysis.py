@@ -109,12 +109,18 @@ def test_load_balance_entropy_and_max_over_mean() -> None:
     assert collapsed["max_over_mean"] == pytest.approx(8.0)
     half = load_balance(np.array([1, 1, 0, 0]))
     assert half["entropy_norm"] == pytest.approx(0.5)  # ln 2 / ln 4
+    with pytest.raises(ValueError, match=r"counts_E must hold one layer's numbers per expert \[E\], got shape \[2, 8"):
+        load_balance(np.full((2, 8), 10))  # was entropy_norm 4.0, max_over_mean 0.125: pooled over the rows
 
 
 def test_total_variation() -> None:
     assert total_variation(np.array([1, 1, 0, 0]), np.array([2, 2, 0, 0])) == 0.0  # same shares
     assert total_variation(np.array([1, 0]), np.array([0, 3])) == 1.0
     assert total_variation(np.array([3, 1]), np.array([1, 1])) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"p_E must hold one layer's numbers per expert"):
+        total_variation(np.array([[3, 1], [0, 4]]), np.array([[1, 1], [4, 0]]))  # was 0.71 (rows: 0.25, 1)
+    with pytest.raises(ValueError, match="p_E and q_E must cover the same experts, got 2 and 3"):
+        total_variation(np.array([3, 1]), np.array([1, 1, 1]))
 
 
 def test_pairs_never_cross_documents_or_padding() -> None:

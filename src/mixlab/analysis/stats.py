@@ -44,6 +44,16 @@ def _np(x: Array) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _counts_E(x: Array, name: str) -> np.ndarray:
+    """One layer's numbers per expert `[E]` as float64: a `[L, E]` array (`RoutingCounts.selected_LE`)
+    gave numbers pooled over the layers (an entropy 3 x ln E for 8 layers), with no error."""
+    c = _np(x).astype(np.float64)
+    if c.ndim != 1:
+        raise ValueError(f"{name} must hold one layer's numbers per expert [E], got shape {list(c.shape)} "
+                         "(for [layers, experts]: one call per row)")
+    return c
+
+
 def random_baseline(*, num_experts: int, top_k: int) -> dict[str, float]:
     """Repeat rates of a router that picks a uniformly random top-k set, independently per token.
 
@@ -107,7 +117,7 @@ def load_balance(counts_E: Array) -> dict[str, float]:
     expert's load relative to the mean, the factor that sizes expert capacity in a dropless or
     expert-parallel system (1 = balanced, E = collapse).
     """
-    c = _np(counts_E).astype(np.float64)
+    c = _counts_E(counts_E, "counts_E")
     E, total = c.shape[0], c.sum()
     if total <= 0:
         nan = float("nan")
@@ -127,7 +137,9 @@ def load_balance(counts_E: Array) -> dict[str, float]:
 def total_variation(p_E: Array, q_E: Array) -> float:
     """Half the L1 distance between two distributions over experts (0 = same, 1 = disjoint): how
     differently a domain is routed from the corpus as a whole."""
-    p, q = _np(p_E).astype(np.float64), _np(q_E).astype(np.float64)
+    p, q = _counts_E(p_E, "p_E"), _counts_E(q_E, "q_E")
+    if p.shape != q.shape:
+        raise ValueError(f"p_E and q_E must cover the same experts, got {p.shape[0]} and {q.shape[0]} entries")
     return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
 
 
