@@ -161,6 +161,17 @@ def test_routing_counts_accumulate_and_merge() -> None:
     assert sum(s["assignment_share"][1]) == pytest.approx(1.0)
     both = acc.merged(acc).summary()
     assert both["tokens"] == 6 and both["repeat_first_choice"] == [0.5, 0.0]
+    # Mismatched lengths were numpy's IndexError / broadcasting error, a 1-D routing an IndexError.
+    for kw, msg in ((dict(valid_T=seg[:3] >= 0), "valid_T has 3 entries for 4 routed tokens"),
+                    (dict(tokens_T=torch.arange(5)), "tokens_T has 5 entries for 4 routed tokens"),
+                    (dict(pairs_ok=pair_mask(seg)[:2]), r"pairs_ok has 2 entries for 4 routed tokens \(expected 3\)")):
+        with pytest.raises(ValueError, match=msg):
+            acc.update([layer0, layer1], **{"valid_T": seg >= 0, "pairs_ok": pair_mask(seg), **kw})
+    with pytest.raises(ValueError, match="layer 1's routing has 3 tokens, layer 0's 4"):
+        acc.update([layer0, layer1[:3]], valid_T=seg >= 0, pairs_ok=pair_mask(seg))
+    with pytest.raises(ValueError, match=r"expected expert ids of shape \[T, K\], got \[4\]"):
+        consecutive_repeats(layer0[:, 0], pair_mask(seg))
+    assert acc.summary() == s  # the refused updates counted nothing
 
 
 def test_parse_layers() -> None:
@@ -252,6 +263,9 @@ def test_max_tokens_caps_each_domain(tmp_path: Path) -> None:
     got = collect_routing(model, tok, find_domains(_corpus(tmp_path)), seq_len=8, max_tokens=20, progress=False)
     assert {n: c.tokens for n, c in got.counts.items()} == {"code": 20, "prose": 20}
     assert got.counts["prose"].pairs == 20 - 3  # windows of 8, 8, 4: pairs stop at every window edge
+    for bad in (tmp_path, ["code"]):  # were AttributeError: 'PosixPath' / 'list' object has no attribute 'items'
+        with pytest.raises(ValueError, match="domains must map each domain's name to its folder, as find_domains"):
+            collect_routing(model, tok, bad, progress=False)  # type: ignore[arg-type]
 
 
 def test_analyze_takes_one_layer_and_refuses_a_string_of_domains(tmp_path: Path) -> None:

@@ -250,6 +250,9 @@ def collect_routing(
     layers = moe_layers(model)
     moe = model.config.moe
     assert moe is not None
+    if not isinstance(domains, dict):  # a path or a list of names failed on 'no attribute items'
+        raise ValueError(f"domains must map each domain's name to its folder, as find_domains(data) returns, "
+                         f"not {type(domains).__name__}")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.config.vocab_size}: "

@@ -71,14 +71,19 @@ def random_baseline(*, num_experts: int, top_k: int) -> dict[str, float]:
     }
 
 
+def _ids_TK(idx_TK: Array) -> np.ndarray:
+    idx = _np(idx_TK)
+    if idx.ndim != 2:  # one layer's `Routing.idx_TK` (batch and sequence flattened), not [B, T, K] or [T]
+        raise ValueError(f"expected expert ids of shape [T, K], got {list(idx.shape)}")
+    return idx
+
+
 def expert_counts(idx_TK: Array, *, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
     """(selected_E, first_E): tokens whose top-k contains e, tokens whose first choice is e.
 
     A router never picks an expert twice for one token, so counting every slot counts tokens.
     """
-    idx = _np(idx_TK).astype(np.int64, copy=False)
-    if idx.ndim != 2:
-        raise ValueError(f"expected expert ids of shape [T, K], got {list(idx.shape)}")
+    idx = _ids_TK(idx_TK).astype(np.int64, copy=False)
     if idx.size and (idx.min() < 0 or idx.max() >= num_experts):
         raise ValueError(f"expert ids must lie in [0, {num_experts}), got [{idx.min()}, {idx.max()}]")
     selected_E = np.bincount(idx.reshape(-1), minlength=num_experts)
@@ -99,7 +104,7 @@ def pair_mask(segment_T: Array) -> np.ndarray:
 
 def consecutive_repeats(idx_TK: Array, pairs_ok: Array) -> tuple[int, int, int]:
     """(pairs, same first choice, top-k sets overlap) over the consecutive pairs in `pairs_ok`."""
-    idx = _np(idx_TK)
+    idx = _ids_TK(idx_TK)
     ok = _np(pairs_ok).astype(bool).reshape(-1)
     if ok.shape[0] != max(idx.shape[0] - 1, 0):
         raise ValueError(f"pairs_ok has {ok.shape[0]} entries for {idx.shape[0]} tokens (expected T-1)")
@@ -180,12 +185,17 @@ class RoutingCounts:
             raise ValueError(f"got routing for {len(idx_per_layer)} layers, expected {self.num_layers}")
         valid = _np(valid_T).astype(bool).reshape(-1)
         ok = _np(pairs_ok).astype(bool).reshape(-1)
-        diff = None
-        if tokens_T is not None:
-            tok = _np(tokens_T).reshape(-1)
-            diff = ok & (tok[:-1] != tok[1:])
-        for layer, idx_TK in enumerate(idx_per_layer):
-            idx = _np(idx_TK)
+        tok = None if tokens_T is None else _np(tokens_T).reshape(-1)
+        ids = [_ids_TK(idx_TK) for idx_TK in idx_per_layer]
+        T = ids[0].shape[0] if ids else valid.shape[0]
+        for layer, idx in enumerate(ids):  # all checked before anything is counted
+            if idx.shape[0] != T:
+                raise ValueError(f"layer {layer}'s routing has {idx.shape[0]} tokens, layer 0's {T}")
+        for name, a, n in (("valid_T", valid, T), ("tokens_T", tok, T), ("pairs_ok", ok, max(T - 1, 0))):
+            if a is not None and a.shape[0] != n:  # else numpy's indexing or broadcasting error
+                raise ValueError(f"{name} has {a.shape[0]} entries for {T} routed tokens (expected {n})")
+        diff = None if tok is None else ok & (tok[:-1] != tok[1:])
+        for layer, idx in enumerate(ids):
             sel, first = expert_counts(idx[valid], num_experts=self.num_experts)
             self.selected_LE[layer] += sel
             self.first_LE[layer] += first
