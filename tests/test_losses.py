@@ -164,6 +164,22 @@ def test_router_losses_average_layers_and_expert_load() -> None:
     torch.testing.assert_close(load, torch.tensor([[1 / 3, 2 / 3], [2 / 3, 1 / 3]]))
 
 
+def test_router_losses_and_expert_load_name_what_they_were_given() -> None:
+    """transformers' router logits failed on "'Tensor' object has no attribute 'logits_TE'"; expert_load
+    with a wrong expert count gave rows of the wrong length; a layer's experts and logits of different
+    token counts gave a load-balancing loss from the wrong tokens' counts."""
+    logits, idx = _fixed()
+    r = Routing(logits, idx, torch.ones(3, 1))
+    for f in (lambda: router_losses((logits,)), lambda: expert_load([logits], 2)):
+        with pytest.raises(ValueError, match=r"each MoE layer's Routing .*not Tensor .*Routing\(logits_TE, \*route"):
+            f()
+    assert router_losses([Routing(logits, *route(logits, 1))])[0] == router_losses([r])[0]  # the hint works
+    with pytest.raises(ValueError, match="num_experts=4, but the router chose among 2 experts"):
+        expert_load([r], 4)  # was [[1/3, 2/3, 0, 0]]
+    with pytest.raises(ValueError, match="idx_TK routes 2 tokens but logits_TE has 3"):
+        load_balancing_loss_layer(logits, idx[:2])
+
+
 def test_capacity_factor_drops_over_capacity_pairs() -> None:
     # 4 tokens, K=1, E=2, capacity_factor 1.0 -> C = 2 per expert; 3 tokens want expert 0.
     idx = torch.tensor([[0], [0], [1], [0]])

@@ -79,6 +79,8 @@ def load_balancing_loss_layer(
     `counts_E1`: the choice counts and valid tokens `f` comes from (default: these tokens')."""
     T, E = logits_TE.shape
     K = idx_TK.shape[1]
+    if idx_TK.shape[0] != T:  # else the counts took the first T*K weights of the wrong tokens, silently
+        raise ValueError(f"idx_TK routes {idx_TK.shape[0]} tokens but logits_TE has {T}: one layer's Routing")
     m_T = _mask_T(mask_T, T, logits_TE.device)
     w_T = m_T.to(logits_TE.dtype)
     n_valid = w_T.sum().clamp(min=1)
@@ -97,6 +99,18 @@ def z_loss_layer(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) ->
     return (z_T.square() * w_T).sum() / w_T.sum().clamp(min=1)
 
 
+def _check_routings(routings: Sequence[Routing], num_experts: int | None = None) -> None:
+    """Each item a layer's `Routing` (transformers' router logits failed on 'no attribute logits_TE'),
+    of `num_experts` experts (a smaller number gave rows of the wrong length, a larger one zeros)."""
+    for r in routings:
+        if not isinstance(r, Routing):
+            raise ValueError(f"routings must hold each MoE layer's Routing (model.forward_output(tokens).routing), "
+                             f"not {type(r).__name__} (router logits alone: Routing(logits_TE, *route(logits_TE, "
+                             "top_k)), route from mixlab.model)")
+        if num_experts is not None and r.logits_TE.shape[-1] != num_experts:
+            raise ValueError(f"num_experts={num_experts}, but the router chose among {r.logits_TE.shape[-1]} experts")
+
+
 def router_losses(
     routings: Sequence[Routing], mask: torch.Tensor | None = None, *,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -111,6 +125,7 @@ def router_losses(
     averaging the processes' losses (and gradients) gives exactly the one-process loss on the whole
     batch, since it is linear in P (with equal valid tokens per process).
     """
+    _check_routings(routings)
     if not routings:
         zero = torch.zeros(())
         return zero, zero
@@ -130,6 +145,7 @@ def router_losses(
 @torch.no_grad()
 def expert_load(routings: Sequence[Routing], num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`[L, E]` fraction of (valid token, slot) choices each expert received in each layer."""
+    _check_routings(routings, num_experts)
     rows = []
     for r in routings:
         m_T = _mask_T(mask, r.idx_TK.shape[0], r.idx_TK.device)
