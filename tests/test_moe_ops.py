@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from conftest import moe_impls
+from mixlab.config import get_preset
+from mixlab.model import Transformer
 from mixlab.model.moe import route
 from mixlab.ops import native
 from mixlab.ops.moe import IMPLS, choose_impl, moe_ffn
@@ -117,6 +119,10 @@ def test_unknown_impl_is_a_clear_error():
     w13, w2 = _weights()
     with pytest.raises(ValueError, match="unknown MoE implementation 'nope'"):
         moe_ffn(torch.randn(2, 32), w13, w2, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), impl="nope")
+    model = Transformer(get_preset("tiny-moe"))
+    with pytest.raises(ValueError, match="unknown MoE implementation 'nope'; known: auto, reference"):
+        model.set_moe_impl("nope")  # was accepted, and the next forward pass failed
+    assert {b.ffn.impl for b in model.layers} == {"auto"}
 
 
 @pytest.mark.parametrize("impl", FAST)

@@ -17,6 +17,7 @@ from mixlab.cache import KVCache
 from mixlab.config import ModelConfig
 from mixlab.model.layers import Attention, DenseFFN, RMSNorm, attention_mask, rope_cos_sin
 from mixlab.model.moe import MoEBlock, Routing
+from mixlab.ops.moe import check_impl
 
 if TYPE_CHECKING:
     from mixlab.model.native import NativeDecoder
@@ -167,7 +168,9 @@ class Transformer(nn.Module):
 
     def set_moe_impl(self, impl: str) -> None:
         """Every MoE layer's expert computation: "auto" (the kernel registry's choice) or one of
-        `mixlab.ops.moe.IMPLS` (e.g. "reference", the readable loop)."""
+        `mixlab.ops.moe.IMPLS` (e.g. "reference", the readable loop). An unknown name is refused here,
+        not at the next forward pass."""
+        check_impl(impl)
         for block in self.layers:
             if isinstance(block.ffn, MoEBlock):
                 block.ffn.impl = impl

@@ -403,6 +403,12 @@ IMPLS: dict[str, MoEImpl] = {
 }
 
 
+def check_impl(impl: str) -> None:
+    """ValueError unless `impl` is "auto" or one of `IMPLS`."""
+    if impl != "auto" and impl not in IMPLS:
+        raise ValueError(f"unknown MoE implementation {impl!r}; known: auto, {', '.join(IMPLS)}")
+
+
 def choose_impl(T: int, w13_E2FD: torch.Tensor | None = None, x_TD: torch.Tensor | None = None,
                 w13_scale_E2F: torch.Tensor | None = None) -> str:
     """What `auto` runs for T tokens: `mixlab.ops.registry`'s choice (without tensors: for inference
@@ -429,10 +435,8 @@ def moe_ffn(
     """
     if impl == "auto":
         impl = registry.moe_impl(x_TD, w13_E2FD, w13_scale_E2F)
-    try:
-        fn = IMPLS[impl]
-    except KeyError:
-        raise ValueError(f"unknown MoE implementation {impl!r}; known: auto, {', '.join(IMPLS)}") from None
+    check_impl(impl)
+    fn = IMPLS[impl]
     if (w13_scale_E2F is None) != (w2_scale_ED is None):
         raise ValueError("int8 experts need both w13_scale_E2F and w2_scale_ED")
     return fn(x_TD, w13_E2FD, w2_EDF, idx_TK, weight_TK, w13_scale_E2F=w13_scale_E2F, w2_scale_ED=w2_scale_ED)
