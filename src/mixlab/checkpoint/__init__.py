@@ -298,6 +298,9 @@ def _plain(model: Transformer, fmt: str, *, what: str) -> Transformer:
     if fmt not in FORMATS:
         raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
     prepared = inference_format(model)
+    if prepared == "offloaded":  # its experts are on disk, in the checkpoint it was loaded from
+        raise ValueError("cannot save (or name in a checkpoint format) a model whose experts are offloaded "
+                         "(load_model(..., max_memory=)): load it without max_memory, or copy its checkpoint")
     if prepared is not None:
         raise ValueError(f"cannot save (or name in a checkpoint format) a model with {prepared} inference weights "
                          "(prepared for inference, or loaded from a Q4_0 GGUF): save it before prepare_for_inference, "
