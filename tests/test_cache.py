@@ -51,6 +51,26 @@ def test_cached_decoding_equals_full_recompute(case):
         assert cache.capacity == cache.k[0].shape[2] == T + n_new  # grown to max_len, no further
 
 
+def test_attention_weights_through_a_rolling_cache_are_the_full_passes():
+    """forward_output(attentions=True) with a cache: each chunk's weights over the cache's slots (a
+    rolling buffer, the window 4 smaller than the sequence) are the uncached pass's, column by position."""
+    cfg = get_preset("tiny-moe").replace(vocab_size=96, sliding_window=4)
+    model = Transformer(cfg).eval()
+    model.init_weights(std=0.1, seed=0)
+    tokens = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(cfg, batch_size=2, max_len=13, prefill_chunk=5)
+    assert cache.capacity < 13
+    with torch.no_grad():
+        full = model.forward_output(tokens, attentions=True).attentions  # [B, H, 13, 13] per layer
+        for a, b in ((0, 5), (5, 10), (10, 11), (11, 13)):
+            got = model.forward_output(tokens[:, a:b], cache=cache, attentions=True).attentions
+            pos_BS = cache.pos_BC[:, : got[0].shape[-1]]  # the position each slot holds
+            for layer, w in enumerate(got):
+                want = full[layer][:, :, a:b].gather(-1, pos_BS.clamp(min=0)[:, None, None].expand_as(w))
+                torch.testing.assert_close(w, want * (pos_BS >= 0)[:, None, None], atol=1e-6, rtol=0)
+                torch.testing.assert_close(w.sum(-1), torch.ones_like(w[..., 0]))
+
+
 def test_rolling_cache_is_smaller_than_the_sequence():
     cfg = get_preset("tiny-dense").replace(sliding_window=8, max_seq_len=4096)
     cache = KVCache(cfg, batch_size=1, max_len=4096, prefill_chunk=16)

@@ -38,14 +38,15 @@ def test_logits_and_experts_match_transformers(case, tmp_path):
             assert torch.equal(r.idx_TK, theirs), f"layer {layer} chose different experts"
 
 
-def test_padded_batch_hidden_states_and_router_logits_match_transformers(tmp_path):
+def test_padded_batch_hidden_states_attentions_and_router_logits_match_transformers(tmp_path):
     """A left- and a right-padded row (positions -1 against transformers' attention_mask): on the real
     tokens, each layer's residual stream (`hidden_states=True`, transformers' output_hidden_states),
-    the router logits and the logits equal transformers'."""
+    its attention weights (`attentions=True`, output_attentions under eager attention), the router
+    logits and the logits equal transformers'."""
     from transformers import AutoModelForCausalLM
 
     path = hf_mixtral(tmp_path, num_hidden_layers=3, sliding_window=5)
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     ours = load_model(path)
     tokens = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(3, 12, dtype=torch.long)
@@ -53,8 +54,9 @@ def test_padded_batch_hidden_states_and_router_logits_match_transformers(tmp_pat
     mask[2, 7:] = 0  # right padding
     positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, -1)
     with torch.no_grad():
-        out = ref(tokens, attention_mask=mask, output_router_logits=True, output_hidden_states=True)
-        o = ours.forward_output(tokens, positions_BT=positions, hidden_states=True)
+        out = ref(tokens, attention_mask=mask, output_router_logits=True, output_hidden_states=True,
+                  output_attentions=True)
+        o = ours.forward_output(tokens, positions_BT=positions, hidden_states=True, attentions=True)
     real = mask.bool()
     assert len(o.hidden_states) == len(out.hidden_states) == 4
     for layer, (h, theirs) in enumerate(zip(o.hidden_states[:-1], out.hidden_states[:-1], strict=True)):
@@ -65,7 +67,12 @@ def test_padded_batch_hidden_states_and_router_logits_match_transformers(tmp_pat
         torch.testing.assert_close(r.logits_TE[real.reshape(-1)], out.router_logits[layer][real.reshape(-1)],
                                    atol=1e-5, rtol=0)
     torch.testing.assert_close(o.logits_BTV[real], out.logits[real], atol=1e-4, rtol=0)
-    assert ours.forward_output(tokens).hidden_states is None  # only when asked for
+    for layer, (a, theirs) in enumerate(zip(o.attentions, out.attentions, strict=True)):  # [B, H, T, S]
+        assert a.shape == theirs.shape == (3, 4, 12, 12)
+        torch.testing.assert_close(a.transpose(1, 2)[real], theirs.transpose(1, 2)[real], atol=1e-6, rtol=0,
+                                   msg=f"attention weights {layer}")
+    plain = ours.forward_output(tokens)
+    assert plain.hidden_states is None and plain.attentions is None  # only when asked for
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -7,6 +7,8 @@ heads, Hd head dim, F FFN width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,6 +72,19 @@ def attention_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, window: int |
     return mask[:, None]
 
 
+def attention_weights(q_BHTHd: torch.Tensor, k_BGSHd: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Hd) + mask) `[B, H, T, S]` in float32: the weights SDPA gives the values
+    but does not return (transformers' `output_attentions=True`, under its eager attention). `mask`
+    True = visible, broadcasting to `[B, H, T, S]`; None: causal, the queries being the last T keys."""
+    H, T, Hd = q_BHTHd.shape[1:]
+    G, S = k_BGSHd.shape[1:3]
+    k_BHSHd = k_BGSHd.float().repeat_interleave(H // G, dim=1)  # query head h reads kv head h // (H / G)
+    scores_BHTS = torch.matmul(q_BHTHd.float(), k_BHSHd.transpose(-1, -2)) / math.sqrt(Hd)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q_BHTHd.device).tril(S - T)
+    return torch.softmax(scores_BHTS.masked_fill(~mask, float("-inf")), dim=-1)
+
+
 def training_sdpa(
     q_BHTHd: torch.Tensor, k_BGTHd: torch.Tensor, v_BGTHd: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -113,7 +128,9 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         slots: torch.Tensor | None = None,
+        weights: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`weights`: a list to append this call's attention weights to (`attention_weights`)."""
         B, T, _ = x_BTD.shape
         Hd = self.head_dim
         H, G = self.n_heads, self.n_kv_heads
@@ -128,6 +145,8 @@ class Attention(nn.Module):
             cache.v[layer][:, :, slots] = v_BGTHd.to(cache.v[layer].dtype)
             n = cache.n_filled(T)
             k_BGTHd, v_BGTHd = cache.k[layer][:, :, :n], cache.v[layer][:, :, :n]
+        if weights is not None:
+            weights.append(attention_weights(q_BHTHd, k_BGTHd, mask))
         if T == 1 and cache is not None:  # a decoding step: SDPA's fixed cost dominates one query
             y_BHTHd = single_query_attention(q_BHTHd, k_BGTHd, v_BGTHd, mask)
         else:

@@ -27,12 +27,14 @@ if TYPE_CHECKING:
 class ModelOutput:
     """What `Transformer.forward_output` computed: the final normed hidden state, each MoE layer's
     `Routing` (first layer first; empty for a dense model), the logits unless skipped and, when asked
-    for (`hidden_states=True`), the residual stream: the embeddings, then each block's output."""
+    for, the residual stream (`hidden_states=True`: the embeddings, then each block's output) and each
+    layer's attention weights (`attentions=True`)."""
 
     hidden_BTD: torch.Tensor
     routing: list[Routing] = field(default_factory=list)
     logits_BTV: torch.Tensor | None = None
     hidden_states: list[torch.Tensor] | None = None
+    attentions: list[torch.Tensor] | None = None
 
 
 def _check_inputs(tokens_BT: object, positions_BT: torch.Tensor | None, segments_BT: torch.Tensor | None) -> None:
@@ -89,9 +91,11 @@ class Block(nn.Module):
         layer: int,
         slots: torch.Tensor | None,
         last_only: bool = False,
+        weights: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Routing | None]:
-        """`last_only`: the feed-forward block for the last position alone (`[B, 1, D]` out)."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache, layer, slots)
+        """`last_only`: the feed-forward block for the last position alone (`[B, 1, D]` out).
+        `weights`: a list to append the attention weights to."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache, layer, slots, weights)
         if last_only and self._rows_alone():
             return self.feed_forward(x_BTD[:, -1:])
         y_BTD, routing = self.feed_forward(x_BTD)
@@ -134,7 +138,7 @@ class Transformer(nn.Module):
     Made with float32 parameters (nn.Linear's default initialisation; `init_weights` for training);
     `mixlab.load_model` / `save_model` read and write checkpoints, whose names `checkpoint/keymaps.py`
     maps to mixlab's. `forward(tokens_BT)` gives the logits, `forward_output` also each MoE layer's
-    routing; `mixlab.generate` decodes."""
+    routing (and when asked, each layer's hidden state and attention weights); `mixlab.generate` decodes."""
 
     def __init__(self, config: ModelConfig) -> None:
         if not isinstance(config, ModelConfig):  # else an AttributeError on its first field
@@ -199,6 +203,7 @@ class Transformer(nn.Module):
         logits: bool = True,
         last_only: bool = False,
         hidden_states: bool = False,
+        attentions: bool = False,
     ) -> ModelOutput:
         """The final hidden state, each MoE layer's routing and (unless `logits=False`, e.g. for chunked
         losses or when only the routing is needed) the logits `[B, T, V]` for token ids `[B, T]`.
@@ -217,6 +222,11 @@ class Transformer(nn.Module):
         token embeddings, then each block's output (before the final norm; with `last_only` the last
         one is `[B, 1, D]`). transformers' `output_hidden_states=True` gives the same first
         `n_layers`, and as its last the final normed state, `hidden_BTD` here.
+
+        `attentions`: also return each layer's attention weights, float32 `[B, n_heads, T, S]`
+        (softmax(q k^T / sqrt(head_dim)) over the visible keys, which SDPA applies without returning
+        them; transformers' `output_attentions=True`). S: the T tokens, or with a cache its slots so far
+        (`cache.pos_BC` gives their positions). Computed apart from the pass itself, which is unchanged.
         """
         _check_inputs(tokens_BT, positions_BT, segments_BT)
         B, T = tokens_BT.shape
@@ -253,9 +263,10 @@ class Transformer(nn.Module):
             mask = None  # plain causal: lets SDPA take its fastest kernel
         routings: list[Routing] = []
         states: list[torch.Tensor] | None = [x_BTD] if hidden_states else None
+        weights: list[torch.Tensor] | None = [] if attentions else None
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
-            x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots, last_only and i == last)
+            x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots, last_only and i == last, weights)
             if routing is not None:
                 routings.append(routing)
             if states is not None:
@@ -263,4 +274,4 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.t += T
         h_BTD = self.norm(x_BTD)
-        return ModelOutput(h_BTD, routings, self.output(h_BTD) if logits else None, states)
+        return ModelOutput(h_BTD, routings, self.output(h_BTD) if logits else None, states, weights)
