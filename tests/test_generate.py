@@ -363,8 +363,8 @@ def test_something_else_passed_as_the_model_is_named(tiny, tmp_path):
              lambda m: analyze(m, None, tmp_path, out=tmp_path / "r")]
     for call in calls:
         for model, hint in (("runs/x", r"not str \(load it: mixlab.load_model\('runs/x'\)\)"),
-                            (tiny.state_dict(), r"not OrderedDict \(mixlab.load_model\(path\)"),
-                            (hf, r"not MixtralForCausalLM \(a transformers model: save_pretrained it")):
+                            (tiny.state_dict(), r"not OrderedDict \(a state dict: mixlab.from_state_dict\(state, conf"),
+                            (hf, r"not MixtralForCausalLM \(a transformers model: mixlab.from_state_dict\(hf.state_")):
             with pytest.raises(ValueError, match=f"model must be a mixlab Transformer, {hint}"):
                 call(model)
     with pytest.raises(ValueError, match=r"Transformer takes a mixlab ModelConfig, not str \(a preset: mixlab.get_pr"):

@@ -6,6 +6,7 @@ Shape legend: B batch, T tokens in this call, D width, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,7 +68,11 @@ def check_model(model: object) -> None:
     if isinstance(model, str | Path):
         hint = f" (load it: mixlab.load_model({str(model)!r}))"
     elif hasattr(getattr(model, "config", None), "model_type"):
-        hint = " (a transformers model: save_pretrained it and mixlab.load_model the folder)"
+        hint = (" (a transformers model: mixlab.from_state_dict(hf.state_dict(), "
+                "mixlab.ModelConfig.from_hf_dict(hf.config.to_dict())), or save_pretrained it and mixlab.load_model "
+                "the folder)")
+    elif isinstance(model, Mapping):
+        hint = " (a state dict: mixlab.from_state_dict(state, config), or mixlab.load_model(path))"
     else:
         hint = " (mixlab.load_model(path), or mixlab.Transformer(config))"
     raise ValueError(f"model must be a mixlab Transformer, not {type(model).__name__}{hint}")
