@@ -145,6 +145,14 @@ def test_repeats_over_different_tokens_remove_identical_neighbours() -> None:
     assert s["identical_token_pair_share"] == 0.5
     assert s["repeat_first_choice"] == [0.5] and s["repeat_first_choice_different_tokens"] == [0.0]
     assert s["repeat_topk_overlap_different_tokens"] == [0.0]
+    # Every pair identical was None (as if the token ids were not given), not 1; and pairs counted
+    # without token ids lowered the share of identical pairs among those counted with them.
+    runs = RoutingCounts(1, 8, 2)
+    runs.update([idx[:3]], valid_T=seg[:3] >= 0, pairs_ok=pair_mask(seg[:3]), tokens_T=tokens[:3])
+    assert runs.summary()["identical_token_pair_share"] == 1.0
+    runs.update([idx], valid_T=seg >= 0, pairs_ok=pair_mask(seg))  # no token ids: not compared
+    assert runs.summary()["identical_token_pair_share"] == 1.0
+    assert RoutingCounts(1, 8, 2).summary()["identical_token_pair_share"] is None
 
 
 def test_routing_counts_accumulate_and_merge() -> None:

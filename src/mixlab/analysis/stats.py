@@ -158,6 +158,7 @@ class RoutingCounts:
     tokens: int = 0
     pairs: int = 0
     diff_pairs: int = 0  # consecutive pairs of two different token ids
+    compared_pairs: int = 0  # pairs counted with their token ids (`update(tokens_T=)`)
     selected_LE: np.ndarray = field(init=False)
     first_LE: np.ndarray = field(init=False)
     same_first_L: np.ndarray = field(init=False)
@@ -209,11 +210,13 @@ class RoutingCounts:
         self.tokens += int(valid.sum())
         self.pairs += int(ok.sum())
         self.diff_pairs += int(diff.sum()) if diff is not None else 0
+        self.compared_pairs += int(ok.sum()) if diff is not None else 0
 
     def merged(self, other: RoutingCounts) -> RoutingCounts:
         out = RoutingCounts(self.num_layers, self.num_experts, self.top_k)
         out.tokens, out.pairs = self.tokens + other.tokens, self.pairs + other.pairs
         out.diff_pairs = self.diff_pairs + other.diff_pairs
+        out.compared_pairs = self.compared_pairs + other.compared_pairs
         for name in self._ARRAYS:
             setattr(out, name, getattr(self, name) + getattr(other, name))
         return out
@@ -225,7 +228,8 @@ class RoutingCounts:
             "tokens": self.tokens,
             "pairs": self.pairs,
             "different_token_pairs": self.diff_pairs,
-            "identical_token_pair_share": 1 - self.diff_pairs / p if self.diff_pairs else None,
+            "identical_token_pair_share": (1 - self.diff_pairs / self.compared_pairs if self.compared_pairs
+                                           else None),
             "repeat_first_choice_different_tokens": (self.same_first_diff_L / dp).tolist(),
             "repeat_topk_overlap_different_tokens": (self.overlap_diff_L / dp).tolist(),
             "selection_share": (self.selected_LE / t).tolist(),
