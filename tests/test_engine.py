@@ -1004,10 +1004,29 @@ def test_engine_and_handle_reprs_say_their_state(tiny):
     eng = Engine(tiny, max_batch=2)
     h = eng.submit([1, 5, 9], SamplingParams(max_tokens=2, ignore_eos=True), request_id="r1")
     assert repr(eng) == "Engine(running=0, waiting=1, max_batch=2, thread=False)"
-    assert repr(h) == "Handle(request_id='r1', state='in progress')"
+    assert repr(h) == "Handle(request_id='r1', state='waiting')"
     eng.step()
     assert repr(eng) == "Engine(running=1, waiting=0, max_batch=2, thread=False)"
+    assert repr(h) == "Handle(request_id='r1', state='decoding')"
     eng.run_until_idle()
     assert repr(h) == "Handle(request_id='r1', state='finished', finish_reason='length')"
     eng.shutdown()
     assert repr(eng) == "Engine(running=0, waiting=0, max_batch=2, thread=False, closed=True)"
+
+
+def test_handle_state_tells_waiting_from_prefilling_from_decoding(tiny):
+    # both a request in the queue and one running said state='in progress'
+    eng = Engine(tiny, max_batch=1, token_budget=2)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    a, b = eng.submit([1, 5, 9, 7, 3], params), eng.submit([1, 4], params)
+    assert (a.state, b.state) == ("waiting", "waiting")
+    eng.step()  # a: the first 2 of its 5 prompt tokens; b: no slot (max_batch=1)
+    assert (a.state, b.state) == ("prefilling", "waiting") and "state='prefilling'" in repr(a)
+    eng.step()
+    eng.step()  # a's prompt is in: its first token
+    assert (a.state, b.state) == ("decoding", "waiting") and "state='decoding'" in repr(a)
+    eng.step()  # a's last token
+    eng.step()
+    assert (a.state, b.state) == ("finished", "decoding")
+    eng.run_until_idle()
+    assert b.state == "finished" and [o.finish_reason for o in a][-1] == "length"

@@ -228,7 +228,8 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
 
 class Handle:
     """A submitted request: iterate it (blocking, from any thread) or `async for out in h.aiter()`
-    for its `RequestOutput`s; `cancel()` stops it (a final output with "cancelled" follows)."""
+    for its `RequestOutput`s; `cancel()` stops it (a final output with "cancelled" follows); `state`
+    says where it is."""
 
     def __init__(self, request_id: str, canceller: Callable[[Handle], None],
                  stalled: Callable[[], str | None] | None = None) -> None:
@@ -241,10 +242,17 @@ class Handle:
         self._aq: asyncio.Queue[object] | None = None
         self.finished = False
         self._finish_reason: str | None = None  # the final output's, once the engine has sent it
+        self._state = "waiting"  # set by the engine as the request moves on
+
+    @property
+    def state(self) -> str:
+        """"waiting" (in the queue, no cache slot yet), "prefilling" (its prompt is being run),
+        "decoding" (generating tokens) or "finished" (the engine has sent its last output)."""
+        return "finished" if self._finish_reason is not None else self._state
 
     def __repr__(self) -> str:
         if self._finish_reason is None:
-            return f"Handle(request_id={self.request_id!r}, state='in progress')"
+            return f"Handle(request_id={self.request_id!r}, state={self._state!r})"
         return f"Handle(request_id={self.request_id!r}, state='finished', finish_reason={self._finish_reason!r})"
 
     def cancel(self) -> None:

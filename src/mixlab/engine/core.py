@@ -367,6 +367,8 @@ class Engine:
             seq = by_slot[item.slot]
             seq.n_cached += len(item.tokens)
             self._stats["tokens_in"] += len(item.tokens)
+            if not seq.prefilling:
+                seq.handle._state = "decoding"
             try:
                 self._collect_row(seq, item, res)
             except Exception as e:  # noqa: BLE001 (one request's failure ends it, not the others of the step)
@@ -451,6 +453,7 @@ class Engine:
                 seq.slot, seq.n_cached = alloc
                 kept = self._scored.pop(seq.slot, None)  # the slot's old keys are written over from here on
                 self._running.append(seq)  # from here on, finishing it frees its slot
+                seq.handle._state = "prefilling"
                 if source is not None and now > seq.n_cached:  # a running sequence holds more of the prompt
                     self.runner.copy_prefix(source.slot, seq.slot, now)
                     seq.n_cached = now
