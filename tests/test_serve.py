@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -1092,6 +1093,28 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+@contextmanager
+def _browser() -> Iterator[Any]:
+    """A headless chromium (a fresh profile: storage of its own) through selenium; skips without one."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    found = _chromium()
+    if found is None:
+        pytest.skip("no chromium + chromedriver (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = found[0]
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,800"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(found[1]), options=opts)
+    try:
+        driver.set_page_load_timeout(30)
+        yield driver
+    finally:
+        driver.quit()
+
+
 def _contrast(fg: str, bg: str) -> float:
     """WCAG's contrast ratio of two CSS colours as the browser gives them, 'rgb(r, g, b)'."""
 
@@ -1106,25 +1129,13 @@ def _contrast(fg: str, bg: str) -> float:
 
 @pytest.mark.slow
 def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, Any], tmp_path: Path) -> None:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    found = _chromium()
-    if found is None:
-        pytest.skip("no chromium + chromedriver (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
     model, tok = model_tok
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = found[0]
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,800"):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     with Engine(model, tok, max_batch=2) as engine, ServerThread(app := create_app(engine, tok, _config(model))) as url:
-        driver = webdriver.Chrome(service=Service(found[1]), options=opts)
-        try:
-            driver.set_page_load_timeout(30)
+        with _browser() as driver:
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.common.keys import Keys
+            from selenium.webdriver.support.ui import WebDriverWait
+
             driver.get(url + "/")
             wait = WebDriverWait(driver, 60)
             wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
@@ -1412,8 +1423,9 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             # conversation or settings that are not what the page writes are ignored, not fatal
             driver.get_log("browser")  # the 400 and 401 above were logged
             driver.execute_script(
-                "localStorage.setItem('mixlab.settings', '{'); localStorage.setItem('mixlab.chat', JSON.stringify("
-                "{version: 1, messages: [{role: 'assistant', content: 'x', tokens: [['x', [[0, 'one']]]]}]}))")
+                "localStorage.setItem('mixlab.settings', '{'); const bad = JSON.stringify({version: 1, messages: "
+                "[{role: 'assistant', content: 'x', tokens: [['x', [[0, 'one']]]]}]});"
+                "localStorage.setItem('mixlab.chat', bad); sessionStorage.setItem('mixlab.chat', bad)")
             driver.refresh()
             wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
             assert driver.find_element(By.ID, "api_key").get_attribute("value") == "k3y"
@@ -1444,5 +1456,59 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
                 with_the_key("Under a path.")
                 loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
                 assert loaded and all(u.startswith(proxy + "/chat/") for u in loaded), loaded
-        finally:
-            driver.quit()
+
+
+def _page(driver: Any, url: str) -> None:
+    """Open the chat page and wait until it has the model's description."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 60).until(lambda d: "experts" in d.find_element(By.ID, "model").text)
+
+
+def _ask(driver: Any, question: str, *pieces: str, done: bool = True, lost: bool = False) -> None:
+    """Send `question` from the page, its reply streamed as these pieces by the page's own fetch (as a server
+    writes them), then `data: [DONE]` unless not `done`, then a network error if `lost`; wait for its end."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    events = "".join("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": p}}]}) + "\n\n"
+                     for p in pieces) + ("data: [DONE]\n\n" if done else "")
+    driver.execute_script(
+        "const [events, lost] = arguments, real = window.fetch; let n = 0;"
+        "const body = new ReadableStream({pull(c) { if (n++ === 0) c.enqueue(new TextEncoder().encode(events));"
+        "  else if (lost) c.error(new TypeError('network error')); else c.close(); }});"
+        "window.fetch = (u, o) => String(u).endsWith('chat/completions') ? Promise.resolve(new Response(body,"
+        "  {headers: {'Content-Type': 'text/event-stream'}})) : real(u, o);"
+        "window.replies = document.querySelectorAll('.msg.assistant').length;"
+        "document.getElementById('input').value = arguments[2]; document.getElementById('send').click()",
+        events, lost, question)
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+        "return !controller && document.querySelectorAll('.msg.assistant').length > replies"))
+
+
+SHOWN = "return [...document.querySelectorAll('#log .msg .body')].map(b => b.textContent)"
+
+
+@pytest.mark.slow
+def test_chat_page_two_tabs_keep_two_conversations(server: str) -> None:
+    # one conversation was kept per server address (localStorage): a reload of one tab showed the other's
+    with _browser() as driver:
+        _page(driver, server + "/")
+        first = driver.current_window_handle
+        _ask(driver, "From A", "A's reply.")
+        driver.switch_to.new_window("tab")
+        second = driver.current_window_handle
+        _page(driver, server + "/")
+        assert driver.execute_script(SHOWN) == ["From A", "A's reply."]  # a new tab starts from the last one saved
+        driver.execute_script("document.getElementById('reset').click()")
+        _ask(driver, "From B", "B's reply.")
+        driver.switch_to.window(first)
+        _page(driver, server + "/")
+        assert driver.execute_script(SHOWN) == ["From A", "A's reply."]
+        _ask(driver, "More from A", "Yes.")
+        driver.switch_to.window(second)
+        _page(driver, server + "/")
+        assert driver.execute_script(SHOWN) == ["From B", "B's reply."]
+        assert driver.execute_script("return messages.map(m => m.content)") == ["From B", "B's reply."]
+

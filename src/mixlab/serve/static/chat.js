@@ -10,16 +10,18 @@ const colourOf = (e) => e < PALETTE.length ? PALETTE[e] : `hsl(${(e * 137.5) % 3
 // interrupted: true when the page was left while it streamed (streaming: that reply's {history, tokens})
 let model = null, info = {}, messages = [], controller = null, streaming = null, leaving = false;
 
-// Kept across a reload: the conversation and the settings in localStorage (this browser, for this
-// server's address); the API key in sessionStorage only (this tab, until it is closed). A stored value
-// that is not what this page writes (corrupt, another version) is ignored.
+// Kept across a reload: the conversation in sessionStorage, this tab's own (two tabs on one server
+// keep two conversations), and the last one saved in localStorage too, which a new tab starts from (a
+// closed tab's conversation is not lost); the settings in localStorage (this browser, for this server's
+// address); the API key in sessionStorage only (this tab, until it is closed). A stored value that is
+// not what this page writes (corrupt, another version) is ignored.
 const SETTINGS = ["system", "temperature", "max_tokens", "colour", "layer"];
-function stored(key, valid) {
-  try { const v = JSON.parse(localStorage.getItem(key)); return v && v.version === 1 && valid(v) ? v : null; }
+function stored(key, valid, area = "localStorage") {
+  try { const v = JSON.parse(window[area].getItem(key)); return v && v.version === 1 && valid(v) ? v : null; }
   catch (e) { return null; }  // not JSON, or storage disabled
 }
-function store(key, value) {
-  try { localStorage.setItem(key, JSON.stringify({version: 1, ...value})); return true; }
+function store(key, value, area = "localStorage") {
+  try { window[area].setItem(key, JSON.stringify({version: 1, ...value})); return true; }
   catch (e) { return false; }  // storage full or disabled: the page works on without it
 }
 const isExperts = (ex) => ex === null || Array.isArray(ex) && ex.every((k) => Array.isArray(k) && k.every(Number.isInteger));
@@ -28,9 +30,11 @@ const isMessage = (m) => m && (m.role === "user" || m.role === "assistant") && t
   (m.tokens === undefined || Array.isArray(m.tokens) && m.tokens.every(isToken));
 // without the tokens if they do not fit (the text survives, uncoloured); else not at all
 function saveChat(list = messages) {
-  if (store("mixlab.chat", {messages: list}) ||
-      store("mixlab.chat", {messages: list.map(({role, content}) => ({role, content})) })) return;
-  try { localStorage.removeItem("mixlab.chat"); } catch (e) { /* storage disabled */ }  // not an older conversation
+  for (const area of ["sessionStorage", "localStorage"]) {
+    if (store("mixlab.chat", {messages: list}, area) ||
+        store("mixlab.chat", {messages: list.map(({role, content}) => ({role, content})) }, area)) continue;
+    try { window[area].removeItem("mixlab.chat"); } catch (e) { /* storage disabled */ }  // not an older conversation
+  }
 }
 function saveSettings() {
   const s = {};
@@ -43,7 +47,8 @@ function restore() {
     for (const id of SETTINGS) if (id === "colour") $(id).checked = s[id]; else if (id !== "layer") $(id).value = s[id];
     $("layer").add(new Option(`layer ${s.layer}`, s.layer));  // chosen again once the model's layers are listed
   }
-  const c = stored("mixlab.chat", (v) => Array.isArray(v.messages) && v.messages.every(isMessage));
+  const chat = (v) => Array.isArray(v.messages) && v.messages.every(isMessage);
+  const c = stored("mixlab.chat", chat, "sessionStorage") || stored("mixlab.chat", chat);  // this tab's, else the last
   if (c) { messages = c.messages; render(); }
   try { $("api_key").value = sessionStorage.getItem("mixlab.api_key") || ""; } catch (e) { /* storage disabled */ }
 }
