@@ -1346,7 +1346,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: "experts" in d.find_element(By.ID, "model").text)
             kept = driver.execute_script("return messages")
             assert [m["role"] for m in kept] == ["user", "assistant"] and kept[0]["content"] == "Another long one."
-            assert kept[1]["interrupted"] is True and len(kept[1]["tokens"]) > 3
+            assert kept[1]["interrupted"] == "the page was left" and len(kept[1]["tokens"]) > 3
             assert kept[1]["content"] == "".join(t for t, _ in kept[1]["tokens"])
             assert driver.execute_script(notes) == ["(interrupted: the page was left)"]
             assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
@@ -1512,3 +1512,31 @@ def test_chat_page_two_tabs_keep_two_conversations(server: str) -> None:
         assert driver.execute_script(SHOWN) == ["From B", "B's reply."]
         assert driver.execute_script("return messages.map(m => m.content)") == ["From B", "B's reply."]
 
+
+@pytest.mark.slow
+def test_chat_page_marks_a_reply_whose_stream_was_cut_off(server: str) -> None:
+    # a stream that ended without [DONE] (a proxy's timeout) looked like a finished reply; one that failed
+    # (a server killed: chromium's network error) lost the reply and took the question back
+    notes = "return [...document.querySelectorAll('.msg .note')].map(n => [n.textContent, n.className])"
+    with _browser() as driver:
+        _page(driver, server + "/")
+        _ask(driver, "Hi", "Half", " a reply", done=False)
+        cut = "the server closed the stream before the reply ended"
+        kept = driver.execute_script("return messages")
+        assert [m["content"] for m in kept] == ["Hi", "Half a reply"] and kept[1]["interrupted"] == cut
+        assert driver.execute_script(notes) == [[f"(interrupted: {cut})", "note error"]]
+        assert driver.execute_script("return document.getElementById('regenerate').disabled") is False
+        assert driver.execute_script("return document.querySelectorAll('.msg.unsent').length") == 0
+        _page(driver, server + "/")  # a reload still says so
+        assert driver.execute_script(notes) == [[f"(interrupted: {cut})", "note error"]]
+        _ask(driver, "Again", "Some", " of it", lost=True)
+        kept = driver.execute_script("return messages")
+        lost = "the connection to the server was lost (network error)"
+        assert [m["content"] for m in kept] == ["Hi", "Half a reply", "Again", "Some of it"]
+        assert kept[3]["interrupted"] == lost and driver.execute_script(notes)[1] == [f"(interrupted: {lost})",
+                                                                                     "note error"]
+        # with nothing shown yet, the question goes back into the box, as for any failed request
+        _ask(driver, "Once more", done=False)
+        assert len(driver.execute_script("return messages")) == 4
+        assert driver.execute_script(SHOWN)[-1] == f" [{cut}]"
+        assert driver.execute_script("return document.getElementById('input').value") == "Once more"

@@ -7,7 +7,8 @@ const PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462
 const colourOf = (e) => e < PALETTE.length ? PALETTE[e] : `hsl(${(e * 137.5) % 360}, 70%, 80%)`;
 // messages: the conversation, {role, content}; a reply also keeps its tokens, [text, experts per layer],
 // to be drawn again coloured, and cut: true when it stopped at max tokens, stopped: true when Stop ended it,
-// interrupted: true when the page was left while it streamed (streaming: that reply's {history, tokens})
+// interrupted: why else it ended early (the page was left while it streamed, the stream was cut off;
+// true from an older page: the page was left) (streaming: that reply's {history, tokens})
 let model = null, info = {}, messages = [], controller = null, streaming = null, leaving = false;
 
 // Kept across a reload: the conversation in sessionStorage, this tab's own (two tabs on one server
@@ -96,14 +97,15 @@ function render() {  // the log, drawn from the conversation
   for (const m of messages) {
     const body = addMessage(m.role, m.tokens ? "" : m.content);
     for (const [t, ex] of m.tokens || []) addToken(body, t, ex);
-    for (const why in NOTES) if (m[why]) note(body, why);
+    for (const why in NOTES) if (m[why]) note(body, why, m[why]);
   }
 }
 
-const NOTES = {cut: "(cut at max tokens)", stopped: "(stopped)", interrupted: "(interrupted: the page was left)"};
-function note(body, why) {  // a reply that did not finish: say so beside it, not in it
-  const span = document.createElement("span"); span.className = "note muted";
-  span.textContent = NOTES[why]; body.after(span);
+const NOTES = {cut: () => "(cut at max tokens)", stopped: () => "(stopped)",
+               interrupted: (said) => `(interrupted: ${said === true ? "the page was left" : said})`};
+function note(body, why, said) {  // a reply that did not finish: say so beside it, not in it
+  const span = document.createElement("span"); span.className = why === "interrupted" ? "note error" : "note muted";
+  span.textContent = NOTES[why](said); body.after(span);
 }
 
 function addMessage(role, text) {
@@ -173,7 +175,7 @@ async function answer(history, asked) {
                  history.map(({role, content}) => ({role, content}))),
                temperature: number("temperature"), max_tokens: number("max_tokens")};
   controller = new AbortController(); buttons();
-  let reply = "", pending = null, answered = false, full = false;  // pending: experts of a token whose text is still held back
+  let reply = "", pending = null, answered = false, full = false, ended = false;  // pending: experts of a token whose text is still held back
   const tokens = [];  // [text, experts] as shown, kept with the reply
   streaming = {history, tokens};
   try {
@@ -192,7 +194,7 @@ async function answer(history, asked) {
         const line = buf.slice(0, cut).trim(); buf = buf.slice(cut + 2);
         if (!line.startsWith("data:")) continue;
         const data = line.slice(5).trim();
-        if (data === "[DONE]") continue;
+        if (data === "[DONE]") { ended = true; continue; }
         const ev = JSON.parse(data);
         if (ev.error) throw new Error(ev.error.message);
         for (const ch of ev.choices || []) {
@@ -204,19 +206,24 @@ async function answer(history, asked) {
         }
       }
     }
+    // a stream cut off (a proxy's timeout) ends without [DONE]: the reply did not finish
+    if (!ended) throw new Error("the server closed the stream before the reply ended");
     history.push({role: "assistant", content: reply || " ", tokens, ...(full ? {cut: true} : {})});
     $("status").textContent = "";
   } catch (e) {
-    if (e.name === "AbortError" || leaving) {  // Stop, New chat, the page left: kept as far as it went, said so
-      const why = leaving ? "interrupted" : "stopped";
-      history.push({role: "assistant", content: reply || " ", tokens, [why]: true}); note(body, why);
+    const lost = answered ? "the connection to the server was lost" : "cannot reach the server";
+    const error = leaving ? "the page was left" : e instanceof TypeError ? `${lost} (${e.message})` : e.message;
+    // Stop, New chat, the page left, a failure once the reply had begun (a server killed): the reply is
+    // kept as far as it went, and said so
+    if (leaving || e.name === "AbortError" || tokens.length) {
+      const [why, said] = e.name === "AbortError" && !leaving ? ["stopped", true] : ["interrupted", error];
+      history.push({role: "assistant", content: reply || " ", tokens, [why]: said}); note(body, why, said);
     }
     else {  // the question leaves the conversation (shown struck out) and goes back into the box, to send again
       history.pop(); asked.parentElement.classList.add("unsent");
       if (!$("input").value) $("input").value = text;
-      const lost = answered ? "the connection to the server was lost" : "cannot reach the server";
       body.parentElement.classList.add("error");
-      addToken(body, " [" + (e instanceof TypeError ? `${lost} (${e.message})` : e.message) + "]", null);
+      addToken(body, ` [${error}]`, null);
     }
   } finally { controller = null; streaming = null; buttons(); saveChat(); }
 }
@@ -267,7 +274,7 @@ addEventListener("pagehide", () => {
   leaving = true;
   if (!streaming || streaming.history !== messages) return;  // none, or "New chat" since
   const {tokens} = streaming, content = tokens.map(([t]) => t).join("") || " ";
-  saveChat(messages.concat([{role: "assistant", content, tokens, interrupted: true}]));
+  saveChat(messages.concat([{role: "assistant", content, tokens, interrupted: "the page was left"}]));
 });
 $("colour").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
