@@ -1540,3 +1540,25 @@ def test_chat_page_marks_a_reply_whose_stream_was_cut_off(server: str) -> None:
         assert len(driver.execute_script("return messages")) == 4
         assert driver.execute_script(SHOWN)[-1] == f" [{cut}]"
         assert driver.execute_script("return document.getElementById('input').value") == "Once more"
+
+
+@pytest.mark.slow
+def test_chat_page_refuses_a_setting_that_is_not_a_number(server: str) -> None:
+    # "1e" or "-" in a number field is an empty value to the script, so it was sent as the server's
+    # default (temperature 1, max_tokens the rest of the context) while the field still showed it
+    from selenium.webdriver.common.by import By
+
+    with _browser() as driver:
+        _page(driver, server + "/")
+        for field, typed, label in (("temperature", "-", "Temperature"), ("max_tokens", "1e", "Max tokens")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(typed)
+            assert driver.execute_script("return arguments[0].validity.badInput", box) is True
+            _ask(driver, "Hi", "Hello.")  # not sent: no reply
+            shown = driver.execute_script(SHOWN)
+            assert shown[-1] == f" [{label} is not a number: correct it under Settings]", shown
+            state = driver.execute_script("return [messages.length, document.getElementById('input').value]")
+            assert state == [0, "Hi"]
+            box.clear()
+            box.send_keys("1")

@@ -150,8 +150,12 @@ function addToken(body, text, experts) {
 }
 
 // A settings field's number; left empty it is left out (JSON drops undefined): the server's default
-// (temperature 1, max_tokens the rest of the context), not the 0 that Number("") is.
-const number = (id) => $(id).value.trim() === "" ? undefined : Number($(id).value);
+// (temperature 1, max_tokens the rest of the context), not the 0 that Number("") is. What the browser
+// cannot read as a number ("1e", "-") is empty to a script too: refused, not sent as the default.
+function number(id) {
+  if ($(id).validity.badInput) throw new Error(`${$(id).labels[0].textContent.trim()} is not a number: correct it under Settings`);
+  return $(id).value.trim() === "" ? undefined : Number($(id).value);
+}
 
 function send(text) {
   messages.push({role: "user", content: text});
@@ -170,15 +174,15 @@ async function answer(history, asked) {
   const text = history[history.length - 1].content;
   const body = addMessage("assistant", "");
   const system = $("system").value.trim();
-  const req = {model, stream: true, return_experts: !!info.experts,
-               messages: (system ? [{role: "system", content: system}] : []).concat(
-                 history.map(({role, content}) => ({role, content}))),
-               temperature: number("temperature"), max_tokens: number("max_tokens")};
   controller = new AbortController(); buttons();
   let reply = "", pending = null, answered = false, full = false, ended = false;  // pending: experts of a token whose text is still held back
   const tokens = [];  // [text, experts] as shown, kept with the reply
   streaming = {history, tokens};
   try {
+    const req = {model, stream: true, return_experts: !!info.experts,
+                 messages: (system ? [{role: "system", content: system}] : []).concat(
+                   history.map(({role, content}) => ({role, content}))),
+                 temperature: number("temperature"), max_tokens: number("max_tokens")};
     const r = await fetch("v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
                                                   signal: controller.signal});
     answered = true;
