@@ -1171,8 +1171,9 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             # a reply cut at max tokens says so beside it (it looked finished)
             notes = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .note")]
             assert notes == (["(cut at max tokens)"] if len(ids) == 40 and tok.eos_id not in ids else [])
-            colours = {s.value_of_css_property("background-color") for s in spans}
-            assert len(colours) > 1 and "rgba(0, 0, 0, 0)" not in colours  # every token coloured, several experts
+            # every token coloured (but the last of a reply cut at max tokens: it never ran), several experts
+            colours = {s.value_of_css_property("background-color") for s in spans[:-1]}
+            assert len(colours) > 1 and "rgba(0, 0, 0, 0)" not in colours
             assert spans[0].get_attribute("title").startswith("layer 0: experts ")
             # every field has a name a screen reader says (the message box had only a placeholder), and all
             # text shown stands out from its background by WCAG AA's 4.5:1 (grey notes were 4.4:1)
@@ -1199,7 +1200,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
 
             def painted(layer: int) -> tuple[list[str], list[str]]:  # each token's colour, its expert's in the legend
                 seen, titles = driver.execute_script(
-                    "const t = [...document.querySelectorAll('.msg.assistant .tok')];"
+                    "const t = [...document.querySelectorAll('.msg.assistant .tok[title]')];"
                     "return [t.map(s => getComputedStyle(s).backgroundColor), t.map(s => s.title)]")
                 first = [int(t.split("\n")[layer].split("experts ")[1].split(",")[0]) for t in titles]
                 return seen, [palette[e] for e in first]
@@ -1562,3 +1563,40 @@ def test_chat_page_refuses_a_setting_that_is_not_a_number(server: str) -> None:
             assert state == [0, "Hi"]
             box.clear()
             box.send_keys("1")
+
+
+@pytest.mark.slow
+def test_chat_page_colours_each_token_by_its_own_experts(server: str, model_tok: tuple[Any, Any]) -> None:
+    # a token's experts in a stream are those chosen in the step that generated it, as the token before it
+    # ran through the model: the page showed each token with the previous token's choice (paper Figure 8,
+    # and `mixlab analyze`'s token view, show a token's own)
+    model, tok = model_tok
+    question, n = "Colour me.", 12
+    with _browser() as driver:
+        _page(driver, server + "/")
+        driver.execute_script("document.getElementById('temperature').value = '0';"
+                              "document.getElementById('max_tokens').value = arguments[0];"
+                              "document.getElementById('input').value = arguments[1];"
+                              "document.getElementById('send').click()", str(n), question)
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return messages.length === 2"))
+        shown = driver.execute_script("return messages[1].tokens")
+        titles = driver.execute_script("return [...document.querySelectorAll('.msg.assistant .tok')].map(s => s.title)")
+    ids = tok.encode_chat([{"role": "user", "content": question}])
+    new = generate(model, [ids], max_new_tokens=n)[0]
+    chosen: dict[int, torch.Tensor] = {}
+    hooks = [b.ffn.gate.register_forward_hook(lambda m, i, o, layer=layer: chosen.__setitem__(layer, o.idx_TK))
+             for layer, b in enumerate(model.layers)]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids + new]))
+    finally:
+        for h in hooks:
+            h.remove()
+    own = [[chosen[layer].reshape(len(ids) + len(new), -1)[len(ids) + i].tolist() for layer in chosen]
+           for i in range(len(new))]
+    assert "".join(t for t, _ in shown) == tok.decode(new) and len(shown) == len(new) == n  # a token a span
+    assert [ex for _, ex in shown] == own[:-1] + [None]  # the last token never ran through the model
+    assert titles[0] == "\n".join(f"layer {layer}: experts {', '.join(map(str, k))}" for layer, k in enumerate(own[0]))
+    assert titles[-1] == ""

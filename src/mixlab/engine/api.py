@@ -150,7 +150,8 @@ class RequestOutput:
     text: str  # the text this token completes (a StreamDecoder delta; '' possible)
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
-    experts: list[list[int]] | None  # [layer][k] for this token, with return_experts
+    # with return_experts: [layer][k] chosen in the step that generated this token, as the token before it ran
+    experts: list[list[int]] | None
     finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int
     completion_tokens: int

@@ -140,13 +140,17 @@ function repaint() {
 function addToken(body, text, experts) {
   const log = $("log"), follow = log.scrollHeight - log.scrollTop - log.clientHeight < 30;  // not scrolled up
   const span = document.createElement("span"); span.className = "tok"; span.textContent = text;
+  body.appendChild(span); giveExperts(span, experts);
+  if (follow) log.scrollTop = log.scrollHeight;  // a reader who scrolled up to read stays where they are
+  return span;
+}
+function giveExperts(span, experts) {  // a token's experts per layer (or null): its title and colour
   if (experts) {
     span._experts = experts;
     span.title = experts.map((k, l) => `layer ${l}: experts ${k.join(", ")}`).join("\n");
-    body.tabIndex = 0;  // reached by Tab: see the arrow keys below
+    span.parentElement.tabIndex = 0;  // the reply is reached by Tab: see the arrow keys below
   }
-  paint(span); body.appendChild(span);
-  if (follow) log.scrollTop = log.scrollHeight;  // a reader who scrolled up to read stays where they are
+  paint(span);
 }
 
 // A settings field's number; left empty it is left out (JSON drops undefined): the server's default
@@ -175,7 +179,8 @@ async function answer(history, asked) {
   const body = addMessage("assistant", "");
   const system = $("system").value.trim();
   controller = new AbortController(); buttons();
-  let reply = "", pending = null, answered = false, full = false, ended = false;  // pending: experts of a token whose text is still held back
+  let reply = "", answered = false, full = false, ended = false;
+  let last = null;  // the last token shown, [text, experts] and its span, until its experts come
   const tokens = [];  // [text, experts] as shown, kept with the reply
   streaming = {history, tokens};
   try {
@@ -204,8 +209,13 @@ async function answer(history, asked) {
         for (const ch of ev.choices || []) {
           const t = (ch.delta && ch.delta.content) || "";
           const ex = ch.experts && ch.experts.length ? ch.experts[0].experts : null;
-          if (t) { addToken(body, t, ex || pending); tokens.push([t, ex || pending]); pending = null; reply += t; }
-          else if (ex) pending = pending || ex;
+          // A token's experts are chosen as it runs through the model, in the step that generates the next
+          // token: they come with the next token (those of the first, the prompt's last token's, are not
+          // shown; a reply cut at max tokens ends with a token never run). A token whose text is held back
+          // (part of a character) shows in the next one's span, which takes that one's experts.
+          if (ex && last) { last.token[1] = ex; giveExperts(last.span, ex); }
+          last = null;
+          if (t) { const token = [t, null]; tokens.push(token); last = {token, span: addToken(body, t, null)}; reply += t; }
           if (ch.finish_reason === "length") { note(body, "cut"); full = true; }
         }
       }
