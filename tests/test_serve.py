@@ -1600,3 +1600,16 @@ def test_chat_page_colours_each_token_by_its_own_experts(server: str, model_tok:
     assert [ex for _, ex in shown] == own[:-1] + [None]  # the last token never ran through the model
     assert titles[0] == "\n".join(f"layer {layer}: experts {', '.join(map(str, k))}" for layer, k in enumerate(own[0]))
     assert titles[-1] == ""
+
+
+@pytest.mark.slow
+def test_chat_page_breaks_a_long_word_in_a_narrow_window(server: str) -> None:
+    # a word longer than the log is wide (a URL, base64) widened the question's bubble past it: the log
+    # scrolled sideways, the question's other lines too
+    with _browser() as driver:
+        driver.set_window_size(360, 740)
+        _page(driver, server + "/")
+        _ask(driver, "see " + "x" * 300 + " and more words", "y" * 300)
+        widths = driver.execute_script("const log = document.getElementById('log');"
+                                       "return [log.scrollWidth, log.clientWidth]")
+        assert widths[0] <= widths[1], widths
