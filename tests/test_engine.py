@@ -1014,6 +1014,25 @@ def test_engine_and_handle_reprs_say_their_state(tiny):
     assert repr(eng) == "Engine(running=0, waiting=0, max_batch=2, thread=False, closed=True)"
 
 
+def test_a_handle_read_to_its_end_does_not_wait_again(tiny):
+    # a second result(), or a loop over a handle already read, waited forever for outputs that never come
+    with Engine(tiny, max_batch=2) as eng:
+        h = eng.submit([1, 5, 9], SamplingParams(max_tokens=3, ignore_eos=True), request_id="r1")
+        assert len(h.result()) == 3 and h.finished
+        again: list = []
+        reader = threading.Thread(target=lambda: again.append(list(h)), daemon=True)
+        reader.start()
+        reader.join(5)
+        assert again == [[]] and h.poll() == []
+
+        async def rest() -> list:
+            return [o async for o in h.aiter()]
+
+        assert asyncio.run(asyncio.wait_for(rest(), 5)) == []
+        with pytest.raises(RuntimeError, match="request 'r1': its outputs were read already"):
+            h.result()
+
+
 def test_handle_state_tells_waiting_from_prefilling_from_decoding(tiny):
     # both a request in the queue and one running said state='in progress'
     eng = Engine(tiny, max_batch=1, token_budget=2)

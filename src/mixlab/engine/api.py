@@ -229,8 +229,8 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
 
 class Handle:
     """A submitted request: iterate it (blocking, from any thread) or `async for out in h.aiter()`
-    for its `RequestOutput`s; `cancel()` stops it (a final output with "cancelled" follows); `state`
-    says where it is."""
+    for its `RequestOutput`s, once (`finished` once the last is read; iterating again yields nothing);
+    `cancel()` stops it (a final output with "cancelled" follows); `state` says where it is."""
 
     def __init__(self, request_id: str, canceller: Callable[[Handle], None],
                  stalled: Callable[[], str | None] | None = None) -> None:
@@ -287,7 +287,7 @@ class Handle:
 
     def __iter__(self) -> Iterator[RequestOutput]:
         warned = False
-        while True:
+        while not self.finished:  # every output read already: nothing more will come (it waited forever)
             try:
                 item = self._q.get(timeout=None if warned else STALL_WARNING_S)
             except queue.Empty:
@@ -309,7 +309,7 @@ class Handle:
                     self._aq.put_nowait(self._q.get_nowait())
         assert self._aq is not None
         warned = self._stalled is None
-        while True:
+        while not self.finished:  # every output read already: nothing more will come (it waited forever)
             if warned or not self._aq.empty():
                 item = await self._aq.get()
             else:
@@ -339,5 +339,7 @@ class Handle:
         return out
 
     def result(self) -> list[RequestOutput]:
-        """Block until the request finishes; all its outputs."""
+        """Block until the request finishes; all its outputs (those not read yet)."""
+        if self.finished:
+            raise RuntimeError(f"request {self.request_id!r}: its outputs were read already (a handle gives them once)")
         return list(self)
