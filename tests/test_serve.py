@@ -1613,3 +1613,26 @@ def test_chat_page_breaks_a_long_word_in_a_narrow_window(server: str) -> None:
         widths = driver.execute_script("const log = document.getElementById('log');"
                                        "return [log.scrollWidth, log.clientWidth]")
         assert widths[0] <= widths[1], widths
+
+
+@pytest.mark.slow
+def test_chat_page_tells_a_wrong_api_key_from_a_missing_one(model_tok: tuple[Any, Any]) -> None:
+    # with a key entered, a 401 still said "the server needs its API key: enter it under Settings"
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model, tok = model_tok
+    said = "return document.getElementById('model').textContent"
+    with Engine(model, tok, max_batch=1) as engine, ServerThread(
+            create_app(engine, tok, _config(model, api_key="k3y"))) as url, _browser() as driver:
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.execute_script(said) == "the server needs its API key: enter it under Settings")
+        driver.execute_script("const key = document.getElementById('api_key'); key.value = 'wrong';"
+                              "key.dispatchEvent(new Event('change'))")
+        wait.until(lambda d: d.execute_script(said) == "the server refused this API key: check it under Settings")
+        driver.execute_script("document.getElementById('input').value = 'Hi'; document.getElementById('send').click()")
+        wait.until(lambda d: d.execute_script("return !controller && document.querySelectorAll('.msg.error').length"))
+        assert driver.execute_script(SHOWN) == ["Hi", " [the server refused this API key: check it under Settings]"]
+        driver.execute_script("const key = document.getElementById('api_key'); key.value = 'k3y';"
+                              "key.dispatchEvent(new Event('change'))")
+        wait.until(lambda d: "experts" in d.execute_script(said))

@@ -64,7 +64,8 @@ function headers() {
 // What a failed response says: OpenAI's error body, else its status line (a proxy's HTML page, a
 // plain-text 500); a 401 means the page has no key, or the wrong one.
 async function failure(r) {
-  if (r.status === 401) return "the server needs its API key: enter it under Settings";
+  if (r.status === 401) return $("api_key").value.trim() ? "the server refused this API key: check it under Settings"
+                                                          : "the server needs its API key: enter it under Settings";
   try { const j = await r.json(); if (j.error && j.error.message) return j.error.message; } catch (e) { /* not JSON */ }
   return `${r.status} ${r.statusText}`.trim();
 }
