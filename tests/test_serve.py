@@ -1636,3 +1636,24 @@ def test_chat_page_tells_a_wrong_api_key_from_a_missing_one(model_tok: tuple[Any
         driver.execute_script("const key = document.getElementById('api_key'); key.value = 'k3y';"
                               "key.dispatchEvent(new Event('change'))")
         wait.until(lambda d: "experts" in d.execute_script(said))
+
+
+@pytest.mark.slow
+def test_chat_page_describes_the_model_once_the_server_answers(server: str) -> None:
+    # a page loaded while the server could not be reached kept saying so after it answered replies, which
+    # came without experts (the page asked for none: it knew of no experts, nor layers)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    said = "return document.getElementById('model').textContent"
+    with _browser() as driver:
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/models"]})
+        driver.get(server + "/")
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(said).startswith("cannot reach the server"))
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        driver.execute_script("document.getElementById('max_tokens').value = '4';"
+                              "document.getElementById('input').value = 'Hi'; document.getElementById('send').click()")
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script("return messages.length === 2"))
+        assert "experts" in driver.execute_script(said)
+        assert driver.execute_script("return document.querySelectorAll('#layer option').length") == 2
+        assert driver.execute_script("return document.querySelectorAll('.msg.assistant .tok[title]').length") > 0

@@ -80,7 +80,7 @@ async function loadModel() {
     const sel = $("layer"), keep = sel.value; sel.innerHTML = "";
     for (let i = 0; i < (info.layers || 0); i++) sel.add(new Option(`layer ${i}`, String(i)));
     sel.value = keep; if (sel.selectedIndex < 0) sel.selectedIndex = 0;  // entering the key keeps the chosen layer
-    if (!info.experts) { $("colour").disabled = true; }
+    $("colour").disabled = !info.experts;
     legend(); repaint();
   } catch (e) { $("model").textContent = e instanceof TypeError ? `cannot reach the server (${e.message})` : e.message; }
 }
@@ -185,6 +185,7 @@ async function answer(history, asked) {
   const tokens = [];  // [text, experts] as shown, kept with the reply
   streaming = {history, tokens};
   try {
+    if (model === null) await loadModel();  // not reached when the page loaded: the model's layers and experts first
     const req = {model, stream: true, return_experts: !!info.experts,
                  messages: (system ? [{role: "system", content: system}] : []).concat(
                    history.map(({role, content}) => ({role, content}))),
