@@ -1657,3 +1657,30 @@ def test_chat_page_describes_the_model_once_the_server_answers(server: str) -> N
         assert "experts" in driver.execute_script(said)
         assert driver.execute_script("return document.querySelectorAll('#layer option').length") == 2
         assert driver.execute_script("return document.querySelectorAll('.msg.assistant .tok[title]').length") > 0
+
+
+@pytest.mark.slow
+def test_chat_page_esc_stops_a_reply(server: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with _browser() as driver:
+        _page(driver, server + "/")
+        # a reply that streams one token, then waits until the page gives up on it
+        driver.execute_script(
+            "const real = window.fetch; window.fetch = (u, o) => String(u).endsWith('chat/completions') ?"
+            "  Promise.resolve(new Response(new ReadableStream({start(c) {"
+            "    c.enqueue(new TextEncoder().encode('data: ' + JSON.stringify({choices: [{index: 0, delta: "
+            "      {content: 'Once'}}]}) + '\\n\\n'));"
+            "    o.signal.addEventListener('abort', () => c.error(new DOMException('aborted', 'AbortError'))); }}))) :"
+            "  real(u, o)")
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("Tell me a story.\n")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok"))
+        driver.find_element(By.ID, "system").send_keys(Keys.ESCAPE)  # the focus elsewhere: still stops it
+        wait.until(lambda d: d.execute_script("return !controller"))
+        assert driver.execute_script("return messages[1]") == {"role": "assistant", "content": "Once",
+                                                               "tokens": [["Once", None]], "stopped": True}
+        assert driver.execute_script("return document.activeElement.id") == "input"

@@ -263,6 +263,8 @@ $("input").addEventListener("keydown", (ev) => {
   }
 });
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); $("input").focus(); });
+// Esc stops a reply from wherever the focus is (while an input method composes, Esc is the IME's)
+addEventListener("keydown", (ev) => { if (ev.key === "Escape" && controller && !ev.isComposing) $("stop").click(); });
 $("reset").addEventListener("click", () => {
   if (controller) controller.abort();
   messages = []; $("log").innerHTML = ""; buttons(); saveChat(); $("input").focus();
