@@ -85,6 +85,20 @@ def test_a_file_in_two_sources_is_refused(tmp_path: Path) -> None:
             list(read_documents(sources))
 
 
+def test_a_domain_in_two_source_folders_is_refused(tmp_path: Path) -> None:
+    """`data prepare x/data y/data` merged both folders into one domain, `data`, without a word."""
+    for folder in ("x/data", "y/data"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "a.txt").write_text(f"text of {folder}", encoding="utf-8")
+    with pytest.raises(DataError, match=r"domain 'data' is in two source folders \(.*x/data and .*y/data\)"):
+        list(read_documents([tmp_path / "x/data", tmp_path / "y/data"]))
+    with pytest.raises(DataError, match="domain 'code' is in two source folders"):  # corpora's domain folders too
+        list(read_documents([_corpus(tmp_path / "c1"), _corpus(tmp_path / "c2")]))
+    _jsonl(tmp_path / "a.jsonl", ["a"])
+    _jsonl(tmp_path / "b.jsonl", ["b"])
+    assert {d.domain for d in read_documents([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])} == {"default"}
+
+
 def test_byte_tokenizer_roundtrip_unicode() -> None:
     tok = ByteTokenizer()
     text = "naïve café — ∑ 🙂"

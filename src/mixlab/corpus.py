@@ -203,15 +203,22 @@ def discover(source: Path) -> list[tuple[Path, str, str]]:
 def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | None = None) -> Iterator[Document]:
     """The documents of `sources` (see `discover`), only those of `domains` when given: a domain
     that no source has is an error naming it (a misspelt `--domains` must not drop it silently), as
-    is a file two sources hold (its documents would be read twice, maybe into both splits)."""
+    is a file two sources hold (its documents would be read twice, maybe into both splits) and a
+    domain two source folders give (`x/data y/data` are both `data`: one domain, silently merged).
+    Files given alone may share a domain (`a.txt b.txt` are both `default`)."""
     keep = set(domains) if domains else None
     sources = list(sources)
-    files, given = [], dict[Path, str]()
+    files, given, folder_of = [], dict[Path, str](), dict[str, str]()
     for s in sources:
         for f, domain, split in discover(Path(s)):
             if f.resolve() in given:  # `prepare a a`, `prepare corpus corpus/code`: each document twice
                 raise DataError(f"{f} is in two sources ({given[f.resolve()]} and {s}); give each file once")
             given[f.resolve()] = str(s)
+            if Path(s).is_dir():
+                if folder_of.setdefault(domain, str(s)) != str(s):
+                    raise DataError(f"domain {domain!r} is in two source folders ({folder_of[domain]} and {s}): "
+                                    "rename one to keep them apart, or put their files in one folder to make "
+                                    "one domain")
             files.append((f, domain, split))
     missing = sorted(keep - {domain for _, domain, _ in files}) if keep is not None else []
     if missing:

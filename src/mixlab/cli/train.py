@@ -153,7 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = dsub.add_parser("prepare", help="tokenize text / JSONL files into packed, memory-mapped token shards")
     q.add_argument("sources", type=user_path, nargs="+",
                    help="files or folders (shared corpus layout: <domain>/train.jsonl, "
-                        "<domain>/valid.jsonl; else domain = top-level subfolder)")
+                        "<domain>/valid.jsonl; else domain = top-level subfolder, or the folder's own name for "
+                        "its files; two folders giving one domain are refused)")
     q.add_argument("--out", type=user_path, required=True, help="dataset folder to write")
     q.add_argument("--tokenizer", type=user_path, default="bytes",
                    help="bytes (default), mixtral, or a path: a SentencePiece .model, a tokenizer.json or a folder "
