@@ -18,12 +18,7 @@ import torch
 
 import mixlab
 from mixlab.analysis import analyze, parse_layers
-from mixlab.analysis.collect import (
-    check_domains,
-    collect_routing,
-    iter_documents,
-    load_analysis_tokenizer,
-)
+from mixlab.analysis.collect import collect_routing, load_analysis_tokenizer
 from mixlab.analysis.report import build_report, tokens_html
 from mixlab.analysis.stats import (
     RoutingCounts,
@@ -36,7 +31,7 @@ from mixlab.analysis.stats import (
 )
 from mixlab.cli import main
 from mixlab.config import get_preset
-from mixlab.corpus import find_domains
+from mixlab.corpus import check_domains, find_domains, iter_documents
 from mixlab.model.moe import route
 
 E, K = 8, 2

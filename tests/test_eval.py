@@ -106,6 +106,29 @@ def test_eval_takes_one_domain_folder_as_analyze_does(tmp_path: Path) -> None:
     assert list(documents(tmp_path)) == [("code", "x = 1")]
 
 
+def test_eval_reads_domain_folders_as_analyze_does(tmp_path: Path) -> None:
+    """A corpus of domain folders holding .txt files, which analyze reads, was refused by eval (no
+    <domain>/valid.jsonl); a domain with train.jsonl alone was left out by eval and read in place of
+    its valid text (its training text) by analyze: both are now one error naming the folder."""
+    from mixlab.analysis import check_domains, find_domains
+    from mixlab.eval.data import documents
+
+    for domain, text in (("code", "x = 1"), ("prose", "The cat sat.")):
+        (tmp_path / "c" / domain).mkdir(parents=True)
+        (tmp_path / "c" / domain / "a.txt").write_text(text)
+    assert list(documents(tmp_path / "c")) == [("code", "x = 1"), ("prose", "The cat sat.")]
+    assert list(documents(tmp_path / "c" / "code")) == [("code", "x = 1")]
+    (tmp_path / "s" / "web").mkdir(parents=True)
+    (tmp_path / "s" / "web" / "valid.jsonl").write_text('{"text": "w"}\n')
+    (tmp_path / "s" / "code").mkdir()
+    (tmp_path / "s" / "code" / "train.jsonl").write_text('{"text": "training text"}\n')
+    for run in (lambda: list(documents(tmp_path / "s")), lambda: check_domains(find_domains(tmp_path / "s"))):
+        with pytest.raises(ValueError, match=r"domain folder .*s/code has no 'valid' file \(files there: "
+                                             r"train.jsonl\); --domains leaves it out"):
+            run()
+    assert list(documents(tmp_path / "s", domains=["web"])) == [("web", "w")]
+
+
 def test_eval_domains_picks_domains_as_analyze_does(ckpt: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """analyze took --domains; eval had no way to score some of a corpus's domains."""

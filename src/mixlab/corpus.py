@@ -1,6 +1,7 @@
 """Text corpora below everything that reads them (training, routing analysis, evaluation): the
-tokenizers a dataset is made with, named by a spec (`get_tokenizer`), and the one reader of text and
-JSONL files (`jsonl_texts`, `read_documents`).
+tokenizers a dataset is made with, named by a spec (`get_tokenizer`), the one reader of text and
+JSONL files (`jsonl_texts`, `read_documents`), and the domain folders that routing analysis and
+evaluation both read (`find_domains`, `iter_documents`, `check_domains`).
 
 Tokenizers: `bytes` (UTF-8 bytes shifted by 3, ids 0 = pad, 1 = BOS, 2 = EOS, vocabulary 259;
 nothing to download, and a tiny embedding keeps small models small), `mixtral` (Mixtral's
@@ -269,3 +270,65 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
     if _has_data(root):  # `.` is the working folder, by its name
         return {root.resolve().name or root.name: root}
     raise DataError(f"{root}: no domain folders and no {'/'.join(DATA_SUFFIXES)} files")
+
+
+SPLIT_NAMES = ("train", "valid", "test")  # files named by split (the shared corpus: train.jsonl, valid.jsonl)
+
+
+def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
+    """The domain's data files: those whose name starts with `split` if any do; none if others are
+    named by split (a domain with train.jsonl alone has no valid text: its training text is not
+    read in its place); else (a folder of text files) all."""
+    files = sorted(p for p in domain_dir.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if split:
+        picked = [p for p in files if p.name.startswith(split)]
+        files = picked if picked or any(p.name.startswith(SPLIT_NAMES) for p in files) else files
+    return files
+
+
+def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
+    """(source, text) for each usable document of a domain folder (`find_domains`), in file order,
+    streaming each file line by line: a `.txt` file is one document, a `.jsonl` line one (lines
+    without a non-empty string `text` are skipped: `jsonl_texts`, lenient); routing analysis and
+    evaluation read domains through it. Raises DataError naming the folder when there is none."""
+    files = data_files(domain_dir, split=split)
+    found = 0
+    for path in files:
+        try:  # a binary file was read with U+FFFD for its bytes (.txt) or failed without its name (.jsonl)
+            if path.suffix == ".txt":
+                text = path.read_text(encoding="utf-8")
+                if text.strip():
+                    found += 1
+                    yield str(path.name), text
+                continue
+            with path.open(encoding="utf-8") as f:
+                for body, row, where in jsonl_texts(f, path, strict=False):
+                    if body.strip():
+                        found += 1
+                        source = row.get("source")
+                        line = where.rsplit(":", 1)[1]
+                        yield (source if isinstance(source, str) and source else f"{path.name}:{line}"), body
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not found:
+        every = data_files(domain_dir, split=None)
+        if every and not files:
+            raise DataError(f"domain folder {domain_dir} has no {split!r} file (files there: "
+                            f"{', '.join(p.name for p in every)}); --domains leaves it out")
+        what = ", ".join(p.name for p in files) or "no .jsonl/.txt files"
+        raise DataError(f"domain folder {domain_dir} has no usable data ({what}): expected .txt files or .jsonl "
+                        "lines with a non-empty string field 'text'")
+
+
+def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> None:
+    """Fail early, before a model is loaded, if any domain has no usable document, or if `split`
+    names no file anywhere while the files are named by split (`train.jsonl`, `valid.jsonl`): a
+    misspelt `--split` would otherwise read nothing, or every file, training text included."""
+    if split:
+        files = [p for d in domains.values() for p in data_files(d, split=None)]
+        named = sorted({p.name for p in files if p.name.startswith(SPLIT_NAMES)})
+        if named and not any(p.name.startswith(split) for p in files):
+            raise DataError(f"--split {split!r} matches no data file in the {len(domains)} domain folder(s) "
+                            f"(files there: {', '.join(named)}); --split '' reads every file")
+    for d in domains.values():
+        next(iter_documents(d, split=split))

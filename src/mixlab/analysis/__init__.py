@@ -14,7 +14,6 @@ from typing import Any
 
 from mixlab.analysis.collect import (
     Collected,
-    check_domains,
     collect_routing,
     load_analysis_tokenizer,
     moe_layers,
@@ -29,7 +28,7 @@ from mixlab.analysis.stats import (
     random_baseline,
     total_variation,
 )
-from mixlab.corpus import find_domains
+from mixlab.corpus import check_domains, find_domains
 from mixlab.model import Transformer, check_model
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Run a model over a multi-domain corpus and accumulate its routing, in bounded memory.
 
-Owns: the documents of each domain folder (text files, JSONL with a `text` field; the folders are
-`mixlab.corpus.find_domains`'s, as `mixlab eval` finds them), the tokenizer used for analysis,
+Owns: the tokenizer used for analysis (the domain folders and their documents are
+`mixlab.corpus.find_domains`'s and `iter_documents`', which `mixlab eval` reads too),
 cutting documents into model sequences, and the streaming loop that turns each batch's `Routing`
 into counts (`stats.RoutingCounts`) plus a few token-level samples for the Figure 8 view. Nothing
 here keeps per-token routing beyond one batch and the samples.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,71 +28,9 @@ import numpy as np
 import torch
 
 from mixlab.analysis.stats import RoutingCounts, pair_mask
-from mixlab.corpus import DATA_SUFFIXES, jsonl_texts
-from mixlab.errors import DataError
+from mixlab.corpus import iter_documents
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
-
-# ----------------------------------------------------------------------------------------------
-# Corpus
-
-
-SPLIT_NAMES = ("train", "valid", "test")  # files named by split (the shared corpus: train.jsonl, valid.jsonl)
-
-
-def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
-    """The domain's data files: those whose name starts with `split` if any do, else all."""
-    files = sorted(p for p in domain_dir.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
-    if split:
-        picked = [p for p in files if p.name.startswith(split)]
-        files = picked or files
-    return files
-
-
-def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
-    """(source, text) for each usable document, in file order, streaming each file line by line;
-    raises ValueError naming the folder when there is none. JSONL lines without a non-empty string
-    `text` are skipped (`mixlab.corpus.jsonl_texts`, lenient)."""
-    files = data_files(domain_dir, split=split)
-    found = 0
-    for path in files:
-        try:  # a binary file was read with U+FFFD for its bytes (.txt) or failed without its name (.jsonl)
-            if path.suffix == ".txt":
-                text = path.read_text(encoding="utf-8")
-                if text.strip():
-                    found += 1
-                    yield str(path.name), text
-                continue
-            with path.open(encoding="utf-8") as f:
-                for body, row, where in jsonl_texts(f, path, strict=False):
-                    if body.strip():
-                        found += 1
-                        source = row.get("source")
-                        line = where.rsplit(":", 1)[1]
-                        yield (source if isinstance(source, str) and source else f"{path.name}:{line}"), body
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    if not found:
-        what = ", ".join(p.name for p in files) or "no .jsonl/.txt files"
-        raise ValueError(
-            f"domain folder {domain_dir} has no usable data ({what}): expected .txt files or .jsonl lines "
-            "with a non-empty string field 'text'"
-        )
-
-
-def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> None:
-    """Fail early, before a model is loaded, if any domain has no usable document, or if `split`
-    names no file anywhere while the files are named by split (`train.jsonl`, `valid.jsonl`): a
-    misspelt `--split` would otherwise read every file, training text included."""
-    if split:
-        files = [p for d in domains.values() for p in data_files(d, split=None)]
-        named = sorted({p.name for p in files if p.name.startswith(SPLIT_NAMES)})
-        if named and not any(p.name.startswith(split) for p in files):
-            raise ValueError(f"--split {split!r} matches no data file in the {len(domains)} domain folder(s) "
-                             f"(files there: {', '.join(named)}); --split '' reads every file")
-    for d in domains.values():
-        next(iter_documents(d, split=split))
-
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer

@@ -10,11 +10,11 @@ from mixlab.cli import add_quiet_arg, note, user_path
 
 def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis import analyze as run
-    from mixlab.analysis.collect import check_domains, load_analysis_tokenizer, tokenizer_name
+    from mixlab.analysis.collect import load_analysis_tokenizer, tokenizer_name
     from mixlab.analysis.report import check_report_folder
     from mixlab.checkpoint import load_model
     from mixlab.config import ModelConfig
-    from mixlab.corpus import find_domains
+    from mixlab.corpus import check_domains, find_domains
 
     if Path(args.model).suffix == ".gguf" and Path(args.model).is_file():  # its metadata is the config
         from mixlab.checkpoint.gguf_read import config_from_header, read_header

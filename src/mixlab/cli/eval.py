@@ -71,11 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity, bits per byte and word perplexity per domain")
     p.add_argument("--model", type=user_path, required=True, help="checkpoint folder (or a file mixlab loads)")
     p.add_argument("--data", type=user_path, required=True,
-                   help="corpus folder (<domain>/<split>.jsonl) or one domain's folder "
-                        "(as analyze takes them), a .jsonl or a text file")
+                   help="corpus folder (<domain>/<split>.jsonl, or domain folders of .txt / .jsonl files) or "
+                        "one domain's folder (as analyze reads them), a .jsonl or a text file")
     p.add_argument("--domains", default=None, help="comma-separated domains, as analyze takes them (default: all but "
                    "chat/)")
-    p.add_argument("--split", default="valid", help="which file of each domain folder (default: valid)")
+    p.add_argument("--split", default="valid", help="read the files whose name starts with this in each domain "
+                   "folder, as analyze does (default: valid; '' for all files)")
     p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens scored per window (default: = context, disjoint windows as lm-eval)")

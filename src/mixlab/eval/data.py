@@ -1,15 +1,16 @@
 """What `mixlab eval --data` accepts: a corpus folder (`<domain>/<split>.jsonl`, as shared/corpus) or
-one domain's folder (`<split>.jsonl`), found as `mixlab analyze` finds them (`corpus.find_domains`),
-one `.jsonl` file (its `text` field; a `domain` field splits it, else the file's stem is the domain,
-or its folder's name for a split's file: github/valid.jsonl is github), or a plain text file (one
-document)."""
+one domain's folder, found and read as `mixlab analyze` reads them (`corpus.find_domains`,
+`iter_documents`: the files whose name starts with the split, or every .jsonl / .txt file of a
+folder whose files are not named by split), one `.jsonl` file (its `text` field; a `domain` field
+splits it, else the file's stem is the domain, or its folder's name for a split's file:
+github/valid.jsonl is github), or a plain text file (one document)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixlab.corpus import find_domains, jsonl_texts, split_file_domain
+from mixlab.corpus import check_domains, find_domains, iter_documents, jsonl_texts, split_file_domain
 from mixlab.errors import DataError
 
 
@@ -41,14 +42,11 @@ def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = 
             seen[domain] = seen.get(domain, 0) + 1
             yield domain, text
 
-    if root.is_dir():
-        files = {name: d / f"{split}.jsonl" for name, d in find_domains(root, names=domains).items()}
-        files = {name: f for name, f in files.items() if f.is_file()}
-        if not files:
-            raise DataError(f"{root}: no <domain>/{split}.jsonl files (expected a corpus folder such as "
-                            f"shared/corpus, one domain's folder holding {split}.jsonl, a .jsonl file or a text file)")
-        for name, f in files.items():
-            yield from take(_jsonl(f, name))
+    if root.is_dir():  # as `mixlab analyze` reads it
+        found = find_domains(root, names=domains)
+        check_domains(found, split=split)
+        for name, folder in found.items():
+            yield from take((name, text) for _, text in iter_documents(folder, split=split))
     elif root.suffix == ".jsonl":
         yield from take(_jsonl(root, split_file_domain(root) or root.stem))
     else:
