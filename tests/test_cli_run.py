@@ -255,6 +255,21 @@ def test_chat_with_piped_input_prints_only_the_replies(tiny_dir, capsys, monkeyp
     assert out.count("\n") == 2 and not out.startswith(">") and "\n>" not in out
 
 
+def test_generate_and_chat_quiet_print_the_text_alone(tiny_dir, capsys, monkeypatch):
+    """generate and chat had no --quiet (every other long command has one): their speed lines and
+    chat's help line could not be turned off; --quiet leaves stderr empty and stdout as it was."""
+    flags = ["--model", str(tiny_dir), "--max-new-tokens", "6", "--seed", "0"]
+    for command, stdin in (["generate", "--prompt", "Bonjour"], ""), (["chat"], "Hello\n/reset\nAgain\n"):
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        assert main([*command, *flags]) == 0
+        loud = capsys.readouterr()
+        assert "tokens/s" in loud.err
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        assert main([*command, *flags, "--quiet"]) == 0
+        quiet = capsys.readouterr()
+        assert quiet.out == loud.out and quiet.err == ("(conversation cleared)\n" if stdin else "")
+
+
 def test_generate_prompt_dash_reads_stdin(tiny_dir, capsys, monkeypatch):
     """`mixlab generate --prompt - < prompt.txt`: '-' was the prompt itself (a long prompt had to be an argument)."""
     flags = ["--model", str(tiny_dir), "--max-new-tokens", "8", "--dtype", "float32"]

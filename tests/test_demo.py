@@ -121,3 +121,19 @@ def test_demo_stopped_by_ctrl_c_says_so_and_exits_130(tmp_path: Path, capsys: py
     assert "samples" not in out and "model saved" not in out
     assert f"stopped by SIGINT at step 1; checkpoint in {tmp_path / 'd' / 'run' / 'checkpoints'}" in err
     assert (tmp_path / "d" / "run" / "checkpoints" / "step_00000001").is_dir()
+
+
+def test_demo_quiet_prints_the_results_alone(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """demo had no --quiet, and printed its progress lines ('preparing the corpus ...', the step time)
+    on stdout among the results; they are on stderr, with the training's progress, and --quiet
+    leaves stderr empty and the results (losses, samples, routing) on stdout."""
+    (tmp_path / "c" / "code").mkdir(parents=True)
+    (tmp_path / "c" / "code" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 20}) + "\n" for i in range(40)))
+    flags = ["demo", "--steps", "2", "--data", str(tmp_path / "c")]
+    assert main(flags) == 0
+    loud = capsys.readouterr()
+    assert "preparing the corpus" in loud.err and "preparing" not in loud.out
+    assert main([*flags, "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and "validation loss after 2 steps" in quiet.out and "routing: share" in quiet.out

@@ -90,10 +90,11 @@ def note(command: str, text: str) -> None:
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
-    """--quiet, as every command that shows progress takes it: no progress bars or progress lines
-    (stderr); results, warnings and errors print as without it."""
+    """--quiet, as every command that shows progress takes it: no progress bars, progress or speed
+    lines (stderr); results, warnings and errors print as without it."""
     p.add_argument("--quiet", action="store_true",
-                   help="no progress bars or progress lines (results, warnings and errors still print)")
+                   help="no progress bars, progress or speed lines on stderr (results, warnings and errors still "
+                        "print)")
 
 
 def user_path(text: str) -> str:

@@ -11,7 +11,7 @@ import time
 import warnings
 from typing import Any
 
-from mixlab.cli import positive, user_path
+from mixlab.cli import add_quiet_arg, positive, user_path
 from mixlab.engine import Engine, SamplingParams
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer, model_tokenizer
@@ -171,8 +171,9 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer) -> int:
     # last `room` tokens (generate_stream's rule): those are what the prefill ran.
     room = model.config.max_seq_len - args.max_new_tokens
     kept = f" (the last of {len(ids)}: --truncate)" if len(ids) > room else ""
-    print(f"prompt: {_speed(min(len(ids), room), first - start)}{kept}; decode: {_speed(n - 1, end - first)}",
-          file=sys.stderr)
+    if not args.quiet:
+        print(f"prompt: {_speed(min(len(ids), room), first - start)}{kept}; decode: {_speed(n - 1, end - first)}",
+              file=sys.stderr)
     print_stats(args, model)
     return 0
 
@@ -194,7 +195,8 @@ def chat(args: argparse.Namespace) -> int:
     if room < 1:  # else every message would be refused
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the context of "
                          f"{context} tokens")
-    print(f"mixlab chat: {_HELP}", file=sys.stderr)
+    if not args.quiet:
+        print(f"mixlab chat: {_HELP}", file=sys.stderr)
     replies = 0
     if hasattr(sys.stdin, "reconfigure"):  # a bad byte reaches encode (one clear error), not input()
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -259,7 +261,8 @@ def chat(args: argparse.Namespace) -> int:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         sys.stdout.flush()
-        print(f"({_speed(n, time.perf_counter() - start)})", file=sys.stderr)
+        if not args.quiet:
+            print(f"({_speed(n, time.perf_counter() - start)})", file=sys.stderr)
         text = "".join(shown)
         if text:
             messages.append({"role": "assistant", "content": text})
@@ -287,6 +290,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="same seed, same sampled text")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable): the text ends before it")
     add_runtime_args(p)
+    add_quiet_arg(p)
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

@@ -106,7 +106,8 @@ def demo_cmd(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.minutes) and args.minutes > 0):  # -1 trained a step past its deadline
         raise ValueError(f"--minutes must be a number > 0, got {args.minutes:g}")
-    res = run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed)
+    res = run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed,
+                   quiet=args.quiet)
     if res.get("stopped_by") is not None:  # no results (the demo went on to print them, and a model it had not saved)
         kept = f"; checkpoint in {os.path.join(args.out, 'run', 'checkpoints')}" if args.out else ""
         print(f"stopped by {signal.Signals(res['stopped_by']).name} at step {res['steps']}{kept}", file=sys.stderr)
@@ -208,4 +209,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "temporary folder); an earlier demo's --out is replaced")
     p.add_argument("--seed", type=int, default=0,
                    help="corpus, held-out split, initialisation and data order (default 0)")
+    add_quiet_arg(p)
     p.set_defaults(func=demo_cmd)

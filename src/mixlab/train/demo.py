@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import sysconfig
 import tempfile
 import time
@@ -120,11 +121,12 @@ def routing_table(load: dict[str, list[list[float]]]) -> str:
 
 def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None = None, out: str | None = None,
              seed: int = 0, max_bytes: int = 1_200_000, quiet: bool = False) -> dict[str, Any]:
-    """Build (or read) the corpus, train for `steps` or about `minutes`, print samples and routing.
+    """Build (or read) the corpus, train for `steps` or about `minutes`, print samples and routing
+    (stdout; the progress lines and the training's progress on stderr, none with `quiet`).
     Returns {"eval": per-domain validation results, "samples": {prompt: text}, "steps": n}, or
     {"steps": n, "stopped_by": signal number} when a signal stopped the training."""
     t_start = time.perf_counter()
-    say = (lambda *_a: None) if quiet else print
+    log = (lambda *_a: None) if quiet else (lambda text: print(text, file=sys.stderr))
     if out:
         _claim(Path(out))  # before any work: an --out holding other files is refused
     tmp = tempfile.TemporaryDirectory(prefix="mixlab-demo-")
@@ -134,16 +136,16 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
         torch.set_num_threads(threads)
     try:
         if data:
-            say(f"preparing the corpus at {data} (byte tokenizer) ...")
+            log(f"preparing the corpus at {data} (byte tokenizer) ...")
             documents = list(read_documents([data]))
         else:
-            say("building the demo corpus: Python's standard library (code, docstrings) + arithmetic ...")
+            log("building the demo corpus: Python's standard library (code, docstrings) + arithmetic ...")
             documents = stdlib_documents(max_bytes=max_bytes, seed=seed) + \
                 math_documents(max_bytes=max_bytes // 2, seed=seed)
         meta = prepare(documents, work / "data", tokenizer="bytes", valid_fraction=0.05, seed=seed)
         dataset = TokenDataset(work / "data")
         for dom, info in meta["splits"]["train"].items():
-            say(f"  {dom:<14} {info['tokens']:>10,} train tokens in {info['docs']:,} documents")
+            log(f"  {dom:<14} {info['tokens']:>10,} train tokens in {info['docs']:,} documents")
         cfg = TrainConfig(data=str(work / "data"), out=str(work / "run"), model="tiny-moe",
                           model_overrides=DEMO_MODEL, seq_len=128, batch_size=16, lr=3e-3, warmup=30,
                           eval_every=0, eval_windows=8, ckpt_every=0, log_every=10, seed=seed,
@@ -153,7 +155,7 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
             step_s = _time_one_step(cfg)
             # Keep ~25% of the budget for setup, evaluation and sampling on a slower machine.
             steps = max(10, int(minutes * 60 * 0.8 / step_s))
-            say(f"one step takes ~{step_s:.2f}s here: training {steps} steps "
+            log(f"one step takes ~{step_s:.2f}s here: training {steps} steps "
                 f"({steps * cfg.batch_size * cfg.seq_len:,} tokens) in ~{minutes:g} minutes")
         cfg.steps, cfg.warmup = steps, min(cfg.warmup, max(1, steps // 10))
         deadline = t_start + minutes * 60 * 1.25  # a loaded machine: stop early rather than overrun
@@ -166,20 +168,20 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
             return {"steps": result.step, "stopped_by": result.stopped_by}
         model = result.model.eval()
         ev = evaluate(model, dataset, cfg)
-        say(f"\nvalidation loss after {result.step} steps (bits per byte):")
+        print(f"\nvalidation loss after {result.step} steps (bits per byte):")
         for dom, loss in ev["loss"].items():
             bpb = f" = {ev['bpb'][dom]:.2f} bits/byte" if dom in ev["bpb"] else ""
-            say(f"  {dom:<14} {loss:.3f} nats/token{bpb}")
+            print(f"  {dom:<14} {loss:.3f} nats/token{bpb}")
         samples = _samples(model, dataset, data is not None)
-        say("\nsamples (temperature 0.6, top-k 20, seed 0):")
+        print("\nsamples (temperature 0.6, top-k 20, seed 0):")
         for prompt, text in samples.items():
-            say(f"--- {prompt!r}\n{prompt}{text}")
+            print(f"--- {prompt!r}\n{prompt}{text}")
         if ev["load"]:
-            say("\nrouting: share of each domain's expert choices (%) per layer, on validation text")
-            say(routing_table(ev["load"]))
+            print("\nrouting: share of each domain's expert choices (%) per layer, on validation text")
+            print(routing_table(ev["load"]))
         if out:
-            say(_plots(work, ev["load"], title=f"mixlab demo: tiny MoE, {result.step} steps"))
-        say(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes"
+            print(_plots(work, ev["load"], title=f"mixlab demo: tiny MoE, {result.step} steps"))
+        print(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes"
             + (f"; model saved to {work / 'run' / 'hf'}" if out else ""))
         return {"eval": ev, "samples": samples, "steps": result.step}
     finally:
