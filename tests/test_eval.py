@@ -83,9 +83,10 @@ def test_metrics_use_bytes_and_words_of_the_text(ckpt: Path) -> None:
 def test_cli_eval_on_the_corpus(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "64",
-               "--dtype", "float32", "--json", str(out), "--quiet"])
+               "--dtype", "fp32", "--json", str(out), "--quiet"])
     assert rc == 0
     res = json.loads(out.read_text())
+    assert res["settings"]["dtype"] == "float32"  # what ran: it was the flag's text, "fp32" (or "auto")
     assert len(res["domains"]) == 8 and res["overall"]["docs"] == 8
     assert res["overall"]["tokens"] == sum(d["tokens"] for d in res["domains"].values())
     assert "bits/byte" in capsys.readouterr().out
@@ -210,6 +211,9 @@ def test_cli_eval_json_never_writes_over_its_data_or_model(ckpt: Path, tmp_path:
 
 def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A --context past the model's positions is scored at the model's length, and said so."""
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "100",
+                 "--quiet", "--json"]) == 0  # --dtype auto: the one that ran is recorded
+    assert json.loads(capsys.readouterr().out)["settings"]["dtype"] in ("bfloat16", "float32")
     assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "100",
                  "--dtype", "float32", "--quiet"]) == 0
     # the note began "note: ", without the "mixlab eval: " its warnings and errors have

@@ -50,7 +50,9 @@ def evaluate(args: argparse.Namespace) -> int:
         report = evaluate_texts(model, lambda s: tok.encode(s, bos=False), docs, prefix=tok.bos_id,
                                 context=min(args.context, model.config.max_seq_len), stride=args.stride,
                                 batch_size=args.batch_size, progress=bar.update)
-    report.settings.update(model=str(args.model), data=str(args.data), split=args.split, dtype=str(args.dtype),
+    # the dtype that ran: --dtype auto's choice, and bf16 as bfloat16 (the weights may be int8 / int4: --quant)
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    report.settings.update(model=str(args.model), data=str(args.data), split=args.split, dtype=dtype,
                            quant=args.quant, tokenizer=str(tok.path))
     result = report.to_json()
     rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]
