@@ -261,3 +261,20 @@ def test_cli_prepare_reports_an_empty_split_as_none(tmp_path: Path, capsys: pyte
                  "--tokenizer", "bytes"]) == 0
     out = capsys.readouterr().out
     assert "valid: none" in out and "over 0 domain" not in out and "train: " in out
+
+
+def test_cli_domains_take_blanks_after_the_commas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--domains "code, prose"` (data prepare, eval, analyze) looked for a domain named ' prose'."""
+    from mixlab.cli import main
+
+    src = _corpus(tmp_path / "src")
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "ds"), "--domains", "code, prose",
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "ds" / "meta.json").read_text())["domains"] == ["code", "prose"]
+    for command in (["data", "prepare", str(src), "--out", str(tmp_path / "ds2")],
+                    ["eval", "--model", "m", "--data", "d"], ["analyze", "--model", "m", "--data", "d", "--out", "r"]):
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--domains", "code,"])
+        assert e.value.code == 2
+        assert "argument --domains: expected comma-separated names, e.g. code,prose; got 'code,'" in \
+            capsys.readouterr().err

@@ -84,6 +84,15 @@ def fraction(text: str) -> float:
     return v
 
 
+def names(text: str) -> list[str]:
+    """argparse type of a comma-separated list of names (--domains code,prose): blanks around a name
+    are dropped ('code, prose'); an empty name is refused."""
+    out = [n.strip() for n in text.split(",")]
+    if not all(out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, e.g. code,prose; got {text!r}")
+    return out
+
+
 def note(command: str, text: str) -> None:
     """A note on stderr, prefixed as warnings and errors are: `mixlab CMD: note: ...`."""
     print(f"mixlab {command}: note: {text}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, note, user_path
+from mixlab.cli import add_quiet_arg, names, note, user_path
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -25,8 +25,7 @@ def analyze(args: argparse.Namespace) -> int:
     if config.moe is None:  # fail before reading weights or data
         raise ValueError(f"{args.model}: the model is dense (no MoE layer, so no router); routing analysis "
                          "needs a mixture-of-experts model")
-    domains = args.domains.split(",") if args.domains else None
-    check_domains(find_domains(args.data, names=domains), split=args.split)
+    check_domains(find_domains(args.data, names=args.domains), split=args.split)
     check_report_folder(args.out)  # as the data: refused now, not after reading the model
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
@@ -34,7 +33,7 @@ def analyze(args: argparse.Namespace) -> int:
     if seq_len < args.seq_len:  # as `mixlab eval --context`
         note("analyze", f"--seq-len {args.seq_len} is past the model's {model.config.max_seq_len} positions; "
                         f"routing sequences of {seq_len}")
-    report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=domains,
+    report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=args.domains,
                  split=args.split or None, max_tokens=args.max_tokens, seq_len=seq_len,
                  batch_size=args.batch_size, samples_per_domain=args.samples, sample_tokens=args.sample_tokens,
                  meta={"model": str(args.model), "tokenizer": tokenizer_name(tokenizer)},
@@ -59,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=user_path, required=True, help="report folder to write")
     p.add_argument("--layers", default=None, help="layers shown in the per-expert figures and token view: "
                    "'all' or e.g. 0,15,31 (default: first, middle, last)")
-    p.add_argument("--domains", default=None, help="comma-separated domain folders (default: all but chat/)")
+    p.add_argument("--domains", type=names, default=None,
+                   help="comma-separated domain folders (default: all but chat/)")
     p.add_argument("--split", default="valid", help="use files whose name starts with this in each domain if any "
                    "(default: valid; '' for all files)")
     p.add_argument("--max-tokens", type=int, default=50_000, help="tokens per domain (default 50000)")

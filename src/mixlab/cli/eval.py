@@ -8,7 +8,7 @@ import json
 import sys
 
 from mixlab import atomic
-from mixlab.cli import add_quiet_arg, note, user_path
+from mixlab.cli import add_quiet_arg, names, note, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 
 
@@ -33,8 +33,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--stride must be between 1 and --context ({args.context}); got {args.stride}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    domains = args.domains.split(",") if args.domains else None
-    docs = list(documents(args.data, split=args.split, max_docs=args.max_docs, domains=domains))
+    docs = list(documents(args.data, split=args.split, max_docs=args.max_docs, domains=args.domains))
     if not docs:
         raise ValueError(f"{args.data}: no documents to evaluate")
     if not any(text for _, text in docs):  # else a table of perplexity 1.000 over 0 tokens
@@ -75,8 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=user_path, required=True,
                    help="corpus folder (<domain>/<split>.jsonl, or domain folders of .txt / .jsonl files) or "
                         "one domain's folder (as analyze reads them), a .jsonl or a text file")
-    p.add_argument("--domains", default=None, help="comma-separated domains, as analyze takes them (default: all but "
-                   "chat/)")
+    p.add_argument("--domains", type=names, default=None,
+                   help="comma-separated domains, as analyze takes them (default: all but chat/)")
     p.add_argument("--split", default="valid", help="read the files whose name starts with this in each domain "
                    "folder, as analyze does (default: valid; '' for all files)")
     p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")

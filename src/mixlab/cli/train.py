@@ -11,14 +11,13 @@ import signal
 import sys
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, dtype_choice, fraction, positive, user_path
+from mixlab.cli import add_quiet_arg, dtype_choice, fraction, names, positive, user_path
 
 
 def data_prepare(args: argparse.Namespace) -> int:
     from mixlab.train.data import prepare, read_documents
 
-    domains = args.domains.split(",") if args.domains else None
-    meta = prepare(read_documents(args.sources, domains=domains), args.out, tokenizer=args.tokenizer,
+    meta = prepare(read_documents(args.sources, domains=args.domains), args.out, tokenizer=args.tokenizer,
                    valid_fraction=args.valid_fraction, seed=args.seed, progress=not args.quiet,
                    sources=args.sources, overwrite=args.overwrite)
     for split, per in meta["splits"].items():
@@ -160,7 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--tokenizer", type=user_path, default="bytes",
                    help="bytes (default), mixtral, or a path: a SentencePiece .model, a tokenizer.json or a folder "
                         "holding one")
-    q.add_argument("--domains", default=None, help="comma-separated domains to keep (default: all)")
+    q.add_argument("--domains", type=names, default=None, help="comma-separated domains to keep (default: all)")
     q.add_argument("--valid-fraction", type=fraction, default=0.05,
                    help="documents held out per domain when it has no valid file (default 0.05)")
     q.add_argument("--seed", type=int, default=0, help="which documents are held out (default 0)")
