@@ -278,3 +278,13 @@ def test_cli_domains_take_blanks_after_the_commas(tmp_path: Path, capsys: pytest
         assert e.value.code == 2
         assert "argument --domains: expected comma-separated names, e.g. code,prose; got 'code,'" in \
             capsys.readouterr().err
+
+
+def test_cli_prepare_names_its_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`data prepare --tokenizer mixtral` (or a path) ended 'wrote ds (tokenizer file, ...)', naming none."""
+    from mixlab.cli import main
+
+    _jsonl(tmp_path / "src" / "notes.jsonl", ["some text here"])
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", str(tmp_path / "ds"), "--valid-fraction", "0",
+                 "--tokenizer", "mixtral", "--quiet"]) == 0
+    assert f"wrote {tmp_path / 'ds'} (tokenizer mixtral, vocabulary 32000, uint16)" in capsys.readouterr().out

@@ -27,7 +27,8 @@ def data_prepare(args: argparse.Namespace) -> int:
             print(f"{split}: none")
             continue
         print(f"{split}: {tokens:,} tokens in {docs:,} documents over {len(per)} domain(s) ({', '.join(per)})")
-    print(f"wrote {args.out} (tokenizer {meta['tokenizer']['type']}, vocabulary {meta['vocab_size']}, "
+    tokenizer = meta["tokenizer"].get("name", meta["tokenizer"]["type"])  # bytes, mixtral or the file's path
+    print(f"wrote {args.out} (tokenizer {tokenizer}, vocabulary {meta['vocab_size']}, "
           f"{meta['dtype']})")
     return 0
 
