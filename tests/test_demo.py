@@ -123,17 +123,44 @@ def test_demo_stopped_by_ctrl_c_says_so_and_exits_130(tmp_path: Path, capsys: py
     assert (tmp_path / "d" / "run" / "checkpoints" / "step_00000001").is_dir()
 
 
+def _small_corpus(tmp_path: Path) -> str:
+    """One domain of 40 short documents: a demo run of a few steps on it takes a second or two."""
+    (tmp_path / "c" / "code").mkdir(parents=True)
+    (tmp_path / "c" / "code" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 20}) + "\n" for i in range(40)))
+    return str(tmp_path / "c")
+
+
 def test_demo_quiet_prints_the_results_alone(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """demo had no --quiet, and printed its progress lines ('preparing the corpus ...', the step time)
     on stdout among the results; they are on stderr, with the training's progress, and --quiet
     leaves stderr empty and the results (losses, samples, routing) on stdout."""
-    (tmp_path / "c" / "code").mkdir(parents=True)
-    (tmp_path / "c" / "code" / "train.jsonl").write_text(
-        "".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 20}) + "\n" for i in range(40)))
-    flags = ["demo", "--steps", "2", "--data", str(tmp_path / "c")]
+    flags = ["demo", "--steps", "2", "--data", _small_corpus(tmp_path)]
     assert main(flags) == 0
     loud = capsys.readouterr()
     assert "preparing the corpus" in loud.err and "preparing" not in loud.out
     assert main([*flags, "--quiet"]) == 0
     quiet = capsys.readouterr()
     assert quiet.err == "" and "validation loss after 2 steps" in quiet.out and "routing: share" in quiet.out
+
+
+def test_demo_steps_alone_set_no_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`demo --steps N` stopped, silently, at the default 4 minutes' deadline (5 minutes) whatever N;
+    --steps alone now runs every step, and a --minutes budget that runs out says so."""
+    import mixlab.train.demo as demo
+
+    class Clock:  # each reading 10 minutes after the last: every deadline has passed at the first step
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.now += 600
+            return cls.now
+
+    monkeypatch.setattr(demo, "time", Clock)
+    data = _small_corpus(tmp_path)
+    assert run_demo(steps=3, data=data, quiet=True)["steps"] == 3
+    with pytest.warns(UserWarning, match=r"the time budget \(1 minutes, stopping at 1.25 x\) ran out after 1 of 3 "
+                                         "steps"):
+        assert run_demo(steps=3, minutes=1, data=data, quiet=True)["steps"] == 1

@@ -104,7 +104,7 @@ def train_cmd(args: argparse.Namespace) -> int:
 def demo_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.demo import run_demo
 
-    if not (math.isfinite(args.minutes) and args.minutes > 0):  # -1 trained a step past its deadline
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):  # -1: a step past it
         raise ValueError(f"--minutes must be a number > 0, got {args.minutes:g}")
     res = run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed,
                    quiet=args.quiet)
@@ -202,7 +202,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a tiny MoE on text every Python install carries, then generate "
                                     "and show which experts each kind of text uses")
     p.add_argument("--steps", type=positive, default=None, help="optimizer steps (default: fill --minutes)")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training time budget (default 4; with --steps, none: every step runs)")
     p.add_argument("--data", type=user_path, default=None, help="train on a corpus in the shared layout instead")
     p.add_argument("--out", type=user_path, default=None,
                    help="keep the run folder here, with loss.png and routing.png (default: a "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import math
 import os
 import random
 import shutil
@@ -21,6 +22,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +121,10 @@ def routing_table(load: dict[str, list[list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None = None, out: str | None = None,
-             seed: int = 0, max_bytes: int = 1_200_000, quiet: bool = False) -> dict[str, Any]:
-    """Build (or read) the corpus, train for `steps` or about `minutes`, print samples and routing
+def run_demo(*, steps: int | None = None, minutes: float | None = None, data: str | None = None,
+             out: str | None = None, seed: int = 0, max_bytes: int = 1_200_000, quiet: bool = False) -> dict[str, Any]:
+    """Build (or read) the corpus, train for `steps` or about `minutes` (default 4 without `steps`;
+    the training stops at 1.25 x `minutes`, with a warning, on a slower machine), print samples and routing
     (stdout; the progress lines and the training's progress on stderr, none with `quiet`).
     Returns {"eval": per-domain validation results, "samples": {prompt: text}, "steps": n}, or
     {"steps": n, "stopped_by": signal number} when a signal stopped the training."""
@@ -152,13 +155,16 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
                           export_hf=out is not None, progress=not quiet, tensorboard=False,
                           threads=threads)
         if steps is None:
+            minutes = 4.0 if minutes is None else minutes
             step_s = _time_one_step(cfg)
             # Keep ~25% of the budget for setup, evaluation and sampling on a slower machine.
             steps = max(10, int(minutes * 60 * 0.8 / step_s))
             log(f"one step takes ~{step_s:.2f}s here: training {steps} steps "
                 f"({steps * cfg.batch_size * cfg.seq_len:,} tokens) in ~{minutes:g} minutes")
         cfg.steps, cfg.warmup = steps, min(cfg.warmup, max(1, steps // 10))
-        deadline = t_start + minutes * 60 * 1.25  # a loaded machine: stop early rather than overrun
+        # A loaded machine: stop early rather than overrun. --steps alone sets no deadline (a default
+        # 4 minutes cut `--steps 5000` short).
+        deadline = math.inf if minutes is None else t_start + minutes * 60 * 1.25
 
         def over_time(_rec: dict[str, Any]) -> bool:
             return time.perf_counter() > deadline
@@ -166,6 +172,9 @@ def run_demo(*, steps: int | None = None, minutes: float = 4.0, data: str | None
         result = train(cfg, on_step=over_time)
         if result.stopped_by is not None:  # Ctrl-C or SIGTERM: stop here (the run's checkpoint kept with `out`)
             return {"steps": result.step, "stopped_by": result.stopped_by}
+        if result.step < steps:
+            warnings.warn(f"the time budget ({minutes:g} minutes, stopping at 1.25 x) ran out after {result.step} "
+                          f"of {steps} steps", stacklevel=2)
         model = result.model.eval()
         ev = evaluate(model, dataset, cfg)
         print(f"\nvalidation loss after {result.step} steps (bits per byte):")
