@@ -82,6 +82,9 @@ def test_sustained_bandwidth_reads_on_and_ignores_the_slow_start():
     (["--peers", "mixlab,llamacpp"], "unknown peer(s) 'llamacpp'"),
     (["--reps", "0"], "--reps: expected an integer >= 1, got 0"),
     (["--threads", "0"], "--threads: expected an integer >= 1, got 0"),
+    (["--decode-batch", "1,0"], "--decode-batch: expected comma-separated integers >= 1, got '1,0'"),
+    (["--prefill", "-3"], "--prefill: expected comma-separated integers >= 1, got '-3'"),
+    (["--moe-tokens", "x"], "--moe-tokens: expected comma-separated integers >= 1, got 'x'"),
 ])
 def test_bench_refuses_bad_arguments_before_measuring(argv, said, capsys):
     from mixlab.cli import main

@@ -10,12 +10,13 @@ from mixlab.cli import add_quiet_arg, positive, user_path
 
 
 def ints(s: str) -> tuple[int, ...]:
+    """Sizes, each >= 1 (a prompt of 0 tokens or a batch of 0 sequences was a traceback mid-run)."""
     if s == "none":  # skip this section
         return ()
     try:
-        return tuple(int(x) for x in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+        return tuple(positive(x) for x in s.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {s!r}") from None
 
 
 def _peers(s: str) -> tuple[str, ...]:
