@@ -330,16 +330,20 @@ def test_dense_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_bad_sample_and_batch_sizes_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`--sample-tokens 0` ended in an IndexError traceback; a negative --samples was accepted."""
+    """`--sample-tokens 0` ended in an IndexError traceback; a negative --samples was accepted. The
+    sizes' flags are refused by argparse, naming the flag, before the model is read (it was after)."""
     mixlab.save_model(_tiny_model(), tmp_path / "model")
     corpus = _corpus(tmp_path / "c")
-    for flags, shown in ((["--sample-tokens", "0"], "sample_tokens=0"), (["--samples", "-1"], "samples=-1"),
-                         (["--batch-size", "0"], "batch_size=0")):
-        rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(tmp_path / "r"),
-                   "--quiet", *flags])
-        err = capsys.readouterr().err
-        assert rc == 2 and "need batch_size >= 1, samples >= 0 and sample_tokens >= 1" in err and shown in err
-        assert not (tmp_path / "r").exists()
+    argv = ["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(tmp_path / "r"),
+            "--quiet"]
+    rc = main([*argv, "--samples", "-1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "need batch_size >= 1, samples >= 0 and sample_tokens >= 1" in err and "samples=-1" in err
+    for flag in ("--sample-tokens", "--batch-size", "--max-tokens", "--seq-len"):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, flag, "0"])
+        assert e.value.code == 2 and f"argument {flag}: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_folder_with_files_of_the_reports_names_is_refused(tmp_path: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, names, note, user_path
+from mixlab.cli import add_quiet_arg, names, note, positive, user_path
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -62,12 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated domain folders (default: all but chat/)")
     p.add_argument("--split", default="valid", help="use files whose name starts with this in each domain if any "
                    "(default: valid; '' for all files)")
-    p.add_argument("--max-tokens", type=int, default=50_000, help="tokens per domain (default 50000)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per model sequence (default 512; at most the "
+    p.add_argument("--max-tokens", type=positive, default=50_000, help="tokens per domain (default 50000)")
+    p.add_argument("--seq-len", type=positive, default=512, help="tokens per model sequence (default 512; at most the "
                    "model's context length)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--batch-size", type=positive, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
-    p.add_argument("--sample-tokens", type=int, default=150,
+    p.add_argument("--sample-tokens", type=positive, default=150,
                    help="tokens shown per document in the token view (default 150)")
     p.add_argument("--tokenizer", type=user_path, default=None,
                    help="tokenizer file or folder (default: the model folder's "
