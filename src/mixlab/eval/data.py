@@ -21,7 +21,7 @@ def _jsonl(path: Path, default_domain: str) -> Iterator[tuple[str, str]]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for text, row, _ in jsonl_texts(lines, path, strict=True):
         domain = row.get("domain", default_domain)
-        yield (domain if isinstance(domain, str) else default_domain), text
+        yield (domain if isinstance(domain, str) and domain.strip() else default_domain), text  # "" too
 
 
 def documents(data: str | Path, *, split: str = "valid", max_docs: int | None = None,
