@@ -164,3 +164,14 @@ def test_demo_steps_alone_set_no_deadline(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.warns(UserWarning, match=r"the time budget \(1 minutes, stopping at 1.25 x\) ran out after 1 of 3 "
                                          "steps"):
         assert run_demo(steps=3, minutes=1, data=data, quiet=True)["steps"] == 1
+
+
+def test_demo_refuses_a_corpus_with_no_validation_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A corpus of one document per domain held none out: the demo trained, printed no loss, then
+    failed on its samples' prompts ('prompts must be a non-empty list ...'); it is refused first."""
+    for domain in ("code", "prose"):
+        (tmp_path / "c" / domain).mkdir(parents=True)
+        (tmp_path / "c" / domain / "a.txt").write_text(f"one {domain} document " * 50)
+    assert main(["demo", "--steps", "2", "--data", str(tmp_path / "c"), "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "c: no validation text" in err and "give more documents or a valid.jsonl" in err

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mixlab.errors import DataError
 from mixlab.model import Transformer
 from mixlab.train.data import Document, TokenDataset, prepare, read_documents
 from mixlab.train.loop import TrainConfig, evaluate, train
@@ -146,6 +147,10 @@ def run_demo(*, steps: int | None = None, minutes: float | None = None, data: st
             documents = stdlib_documents(max_bytes=max_bytes, seed=seed) + \
                 math_documents(max_bytes=max_bytes // 2, seed=seed)
         meta = prepare(documents, work / "data", tokenizer="bytes", valid_fraction=0.05, seed=seed)
+        if not meta["splits"]["valid"]:  # else trained, then no losses and no sample prompts (an error)
+            raise DataError(f"{data}: no validation text: a domain's valid file, or 5% of its documents (one of "
+                            "two or more), is held out for the losses and the samples' prompts; give more "
+                            "documents or a valid.jsonl")
         dataset = TokenDataset(work / "data")
         for dom, info in meta["splits"]["train"].items():
             log(f"  {dom:<14} {info['tokens']:>10,} train tokens in {info['docs']:,} documents")
