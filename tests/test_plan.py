@@ -175,4 +175,4 @@ def test_a_q4_0_gguf_is_planned_as_int4(tmp_path, capsys):
         assert main(["plan", str(path), "--mode", "infer", "--json", *flags]) == 0
         out, err = capsys.readouterr()
         assert json.loads(out)["quant"] == want, (path, flags)
-        assert ("planned as int4" in err) == (want == "int4")
+        assert ("mixlab plan: note: planned as int4" in err) == (want == "int4")  # prefixed as every note

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from mixlab.cli import dtype_choice, user_path
+from mixlab.cli import dtype_choice, note, user_path
 
 
 def plan_cmd(args: argparse.Namespace) -> int:
@@ -25,8 +24,8 @@ def plan_cmd(args: argparse.Namespace) -> int:
                 and n not in ("token_embd.weight", "output.weight") and "ffn_gate_inp" not in n]
         if mats and all(t.type == Q4_0 for t in mats):
             quant = "int4"
-            print(f"planned as int4: the matrices of {args.model} are Q4_0, kept 4-bit when loaded "
-                  "(--quant none plans them as floats)", file=sys.stderr)
+            note("plan", f"planned as int4: the matrices of {args.model} are Q4_0, kept 4-bit when loaded "
+                         "(--quant none plans them as floats)")
     p = plan(cfg, mode=args.mode, devices=args.devices, ep=args.ep,
              device_mem=parse_bytes(args.device_mem, what="--device-mem"),
              fsdp=args.fsdp, seq=args.seq, batch=args.batch, dtype=args.dtype,
