@@ -291,6 +291,31 @@ def test_dtype_chosen_at_load(tmp_path):
     assert load_model(tmp_path / "bf16").tok_embeddings.weight.dtype == torch.bfloat16  # default: as stored
 
 
+def test_the_nan_check_reads_bf16_weights_without_converting_them(tmp_path, monkeypatch):
+    # sum(dtype=torch.float32) converted bf16 element by element: ~25x slower than bf16's own sum,
+    # half the time of loading the bf16 mini-moe checkpoint (12.9 s -> 6.1 s under load)
+    src = hf_mixtral(tmp_path / "hf")
+    sums, sum_ = [], torch.Tensor.sum
+
+    def spy(t, *args, **kwargs):
+        sums.append((t.dtype, kwargs.get("dtype")))
+        return sum_(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sum", spy)
+    load_model(src, dtype="bfloat16")
+    assert sums and set(sums) == {(torch.bfloat16, None)}  # one per tensor read, none converting
+    monkeypatch.undo()
+    # float16's own sum overflows where float32's would not: its extremes are checked instead
+    big = torch.full((70_000,), 60_000.0, dtype=torch.float16)
+    assert big.sum().isinf() and ckio.all_finite(big)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            x = torch.ones(1000, dtype=dt)
+            x[500] = bad
+            assert not ckio.all_finite(x) and not ckio.all_finite(x[::4][100:]), (dt, bad)
+        assert ckio.all_finite(torch.ones(3, dtype=dt)) and ckio.all_finite(torch.ones(0, dtype=dt))
+
+
 # -- atomic saves -----------------------------------------------------------------------------
 
 

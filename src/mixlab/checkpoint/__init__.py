@@ -10,7 +10,6 @@ an error leaves nothing half-loaded (no model is returned).
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from collections import Counter
@@ -32,6 +31,7 @@ from mixlab.checkpoint.io import (
     TensorReader,
     _is_weight_file,
     _pickle_hint,
+    all_finite,
     scan,
     write_sharded,
 )
@@ -144,9 +144,7 @@ def _read_state(table: list[Rule], infos: dict[str, TensorInfo], *, dtype: torch
             t = torch.empty(r.shape, dtype=want, device=device)
             for name, view in zip(r.theirs, r.parts(t), strict=True):
                 reader.read_into(name, view)  # in place when layout and dtype allow; else via one temporary
-                # A cheap NaN/Inf check (one reduction, no temporary the tensor's size): NaN and Inf
-                # propagate into the sum; weights never sum past float32's range.
-                if not math.isfinite(float(view.sum(dtype=torch.float32))):
+                if not all_finite(view):
                     warnings.warn(f"{infos[name].file}: tensor {name!r} holds NaN or Inf values; the model's "
                                   "outputs will be NaN", stacklevel=2)
             state[r.ours] = t

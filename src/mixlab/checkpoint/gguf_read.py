@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixlab.checkpoint.io import CheckpointError
+from mixlab.checkpoint.io import CheckpointError, all_finite
 from mixlab.config import ConfigError, ModelConfig, MoEConfig
 
 MAGIC = b"GGUF"
@@ -480,8 +480,8 @@ def describe(path: str | Path) -> str:
 
 def _check_finite(h: GGUFHeader, parts: list[GGUFTensor], x: torch.Tensor) -> None:
     """Warn, as a safetensors load does, when the values read (or an int4 tensor's scales) hold NaN or
-    Inf: one reduction, no temporary the tensor's size."""
-    if not math.isfinite(float(x.sum(dtype=torch.float32))):
+    Inf (`all_finite`)."""
+    if not all_finite(x):
         warnings.warn(f"{h.path}: tensor {' / '.join(repr(t.name) for t in parts)} holds NaN or Inf values; the "
                       "model's outputs will be NaN", stacklevel=4)
 
