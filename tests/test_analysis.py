@@ -261,6 +261,32 @@ def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
     assert (corpus / "code" / "a.txt").read_text().startswith("".join(pieces[1:]))
 
 
+def test_collect_runs_no_expert_of_the_last_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the routing is wanted: the last layer's experts (1/L of the expert work) were computed
+    for nothing. Its routing still covers every position, as the whole pass's does."""
+    from mixlab.model.moe import ExpertsBase
+
+    model, tok = _tiny_model(), load_analysis_tokenizer()
+    tokens_BT = torch.randint(0, 32000, (3, 11), generator=torch.Generator().manual_seed(0))
+    ran, mix = [], ExpertsBase.mix
+    monkeypatch.setattr(ExpertsBase, "mix", lambda self, *a, **kw: ran.append(self) or mix(self, *a, **kw))
+    layers = [block.ffn.experts for block in model.layers]
+    for capacity in (0.5, None):  # with a capacity the last layer's experts run: drops need the whole batch
+        last = model.layers[-1].ffn
+        last.moe = last.gate.moe = mixlab.MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity)
+        ran.clear()
+        full = model.forward_output(tokens_BT).routing
+        assert ran == layers
+        ran.clear()
+        out = model.forward_output(tokens_BT, routing_only=True)
+        assert ran == (layers if capacity else layers[:-1]) and out.logits_BTV is None
+        for a, b in zip(out.routing, full, strict=True):
+            assert torch.equal(a.idx_TK, b.idx_TK) and torch.equal(a.weight_TK, b.weight_TK)
+    ran.clear()
+    collect_routing(model, tok, find_domains(_corpus(tmp_path)), seq_len=8, max_tokens=20, progress=False)
+    assert ran and layers[-1] not in ran
+
+
 def test_max_tokens_caps_each_domain(tmp_path: Path) -> None:
     model, tok = _tiny_model(), load_analysis_tokenizer()
     got = collect_routing(model, tok, find_domains(_corpus(tmp_path)), seq_len=8, max_tokens=20, progress=False)

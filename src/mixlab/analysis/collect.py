@@ -152,8 +152,8 @@ def _route_batch(
         tokens_BS[b, : len(r)] = torch.tensor(r)
         segment_BS[b, : len(r)] = b  # one segment per row: pairs never cross rows
     device = next(model.parameters()).device
-    # logits=False skips the output projection: only the routing is needed.
-    routings = model.forward_output(tokens_BS.to(device), logits=False).routing
+    # Only the routing is needed: no output projection, and none of the last layer's experts.
+    routings = model.forward_output(tokens_BS.to(device), routing_only=True).routing
     idx_per_layer = [r.idx_TK.cpu() for r in routings]
     acc.update(idx_per_layer, valid_T=segment_BS.reshape(-1) >= 0, pairs_ok=pair_mask(segment_BS),
                tokens_T=tokens_BS.reshape(-1))

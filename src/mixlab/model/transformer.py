@@ -97,10 +97,16 @@ class Block(nn.Module):
         slots: torch.Tensor | None,
         last_only: bool = False,
         weights: list[torch.Tensor] | None = None,
+        routing_only: bool = False,
     ) -> tuple[torch.Tensor, Routing | None]:
         """`last_only`: the feed-forward block for the last position alone (`[B, 1, D]` out).
-        `weights`: a list to append the attention weights to."""
+        `weights`: a list to append the attention weights to.
+        `routing_only`: every position routed, no expert computed (`[B, 0, D]` out)."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache, layer, slots, weights)
+        if routing_only:
+            B, T, D = x_BTD.shape
+            none_R = torch.zeros(0, dtype=torch.long, device=x_BTD.device)
+            return x_BTD[:, :0], self.feed_forward_rows(x_BTD.reshape(1, B * T, D), none_R)[1]
         if last_only and self._rows_alone():
             return self.feed_forward(x_BTD[:, -1:])
         y_BTD, routing = self.feed_forward(x_BTD)
@@ -209,14 +215,19 @@ class Transformer(nn.Module):
         last_only: bool = False,
         hidden_states: bool = False,
         attentions: bool = False,
+        routing_only: bool = False,
     ) -> ModelOutput:
         """The final hidden state, each MoE layer's routing and (unless `logits=False`, e.g. for chunked
-        losses or when only the routing is needed) the logits `[B, T, V]` for token ids `[B, T]`.
+        losses) the logits `[B, T, V]` for token ids `[B, T]`.
 
         `last_only`: only the last position's output is wanted (a prompt's prefill): the last layer
         runs its feed-forward block for that position alone (the other positions still write their
         keys and values into `cache`), as llama.cpp skips unused outputs; the hidden state, the
         logits and the last layer's routing then cover one position `[B, 1, ...]`.
+
+        `routing_only`: only the routing is wanted (routing analysis): the last layer routes every
+        position but computes none of its experts; no logits, and the hidden state covers no
+        position `[B, 0, D]`.
 
         `positions_BT`: absolute position of each token, -1 for padding; default 0..T-1 (or
         continuing the cache). With a cache, the tokens are appended to it. `segments_BT`: packed
@@ -271,7 +282,8 @@ class Transformer(nn.Module):
         weights: list[torch.Tensor] | None = [] if attentions else None
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
-            x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots, last_only and i == last, weights)
+            x_BTD, routing = block(x_BTD, cos, sin, mask, cache, i, slots, last_only and i == last, weights,
+                                   routing_only and i == last)
             if routing is not None:
                 routings.append(routing)
             if states is not None:
@@ -279,4 +291,5 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.t += T
         h_BTD = self.norm(x_BTD)
-        return ModelOutput(h_BTD, routings, self.output(h_BTD) if logits else None, states, weights)
+        return ModelOutput(h_BTD, routings, self.output(h_BTD) if logits and not routing_only else None, states,
+                           weights)
