@@ -436,6 +436,28 @@ def test_score_batch_names_targets_it_cannot_score() -> None:
     assert len(score_batch(model, [[1, 2], [3]], [[2], [7]])) == 2
 
 
+def test_score_batch_takes_the_log_softmax_of_the_target_rows_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every row of the padded batch went through the float32 log-softmax ([B, T, V]), a harness
+    # request's context and the padding included, to read a few target rows.
+    from mixlab.config import get_preset
+    from mixlab.eval import perplexity
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-moe"))
+    model.init_weights(seed=0)
+    inputs, targets = [[1, 5, 9, 200, 3, 4, 7, 8], [1, 2, 3], [1, 6]], [[7, 8, 2], [4], [11, 12]]
+    rows, log_probs = [], perplexity.log_probs
+    monkeypatch.setattr(perplexity, "log_probs", lambda x: rows.append(x.shape[0]) or log_probs(x))
+    got = perplexity.score_batch(model.eval(), inputs, targets)
+    assert sum(rows) == sum(map(len, targets))
+    with torch.no_grad():  # the same numbers, bit for bit, as the log-softmax of the whole batch
+        lp_BTV = log_probs(model(torch.tensor([x + [0] * (8 - len(x)) for x in inputs])))
+    for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
+        lp_nV = lp_BTV[b, len(x) - len(y) : len(x)]
+        assert got[b] == (float(lp_nV.gather(-1, torch.tensor(y)[:, None]).sum()),
+                          bool((lp_nV.argmax(-1) == torch.tensor(y)).all()))
+
+
 @pytest.mark.parametrize(("kw", "match"), [({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),
                                            ({"prefix": 32000}, "prefix"), ({"prefix": -1}, "prefix")])
 def test_library_scoring_checks_its_arguments(ckpt: Path, kw: dict, match: str) -> None:

@@ -147,11 +147,12 @@ def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Se
     tokens_BT = torch.zeros(len(inputs), T, dtype=torch.long, device=dev)
     for b, x in enumerate(inputs):
         tokens_BT[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-    logp_BTV = log_probs(logits_of(model, tokens_BT))
+    logits_BTV = logits_of(model, tokens_BT)
     out = []
     for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
         n = len(y)
-        lp_nV = logp_BTV[b, len(x) - n : len(x)]
+        # the target rows alone: a harness request's context and the padding need no float32 log-softmax
+        lp_nV = log_probs(logits_BTV[b, len(x) - n : len(x)])
         y_n = torch.as_tensor(list(y), dtype=torch.long, device=dev)
         out.append((float(lp_nV.gather(-1, y_n[:, None]).sum()), bool((lp_nV.argmax(-1) == y_n).all())))
     return out
