@@ -4,6 +4,7 @@ and 9), symlinks are written through, leftovers of killed runs are cleaned by na
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -411,3 +412,31 @@ def test_a_link_to_a_pipe_is_refused_before_the_work(tmp_path):
     finally:
         os.close(r)
         os.close(w)
+
+
+@contextlib.contextmanager
+def file_size_limit():
+    """Writes past 64 KiB fail as on a full disk: EFBIG, an OSError naming no file (as ENOSPC does)."""
+    import resource
+    import signal
+
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_write_failing_without_a_file_name_names_the_destination(base, tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "big.txt").write_text("word " * 20_000)  # 100 KB: 200 KB of uint16 tokens
+    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+    for argv, dst in ((["convert", str(base), str(ckpt)], ckpt),
+                      (["data", "prepare", str(tmp_path / "src"), "--out", str(data), "--quiet"], data)):
+        with file_size_limit():
+            assert main(argv) == 2
+        # was 'error: File too large' (convert) and 'error: 200002 requested and 65536 written' (data prepare)
+        assert capsys.readouterr().err.endswith(f": error: {dst}: File too large\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

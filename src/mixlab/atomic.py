@@ -289,6 +289,13 @@ def _commit_folder(tmp: Path, real: Path) -> None:
     fsync_dir(real.parent)
 
 
+def _naming(e: BaseException, dst: str | Path) -> BaseException:
+    """`e`, or for an OSError that names no file (a full disk: ENOSPC, EDQUOT) one naming `dst`."""
+    if isinstance(e, OSError) and e.filename is None:
+        return OSError(e.errno, e.strerror or str(e), str(dst))
+    return e
+
+
 def new_temporary(real: Path) -> Path:
     """A fresh, empty temporary folder next to `real` with the usual mode, named for cleanup."""
     while True:
@@ -318,8 +325,10 @@ def atomic_folder(
         write_manifest(tmp, kind=kind, checksums=checksums)
         sync_tree(tmp)
         _commit_folder(tmp, real)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if (named := _naming(e, dst)) is not e:
+            raise named from e
         raise
 
 
@@ -340,8 +349,10 @@ def atomic_file(
             os.fsync(fh.fileno())
         os.replace(tmp, real)
         fsync_dir(real.parent)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if (named := _naming(e, dst)) is not e:
+            raise named from e
         raise
 
 

@@ -121,8 +121,9 @@ def prepare(
                     n += len(a)
                     nb += len(d.text.encode("utf-8"))
                 (tmp / split).mkdir(exist_ok=True)
-                np.concatenate(ids).astype(dtype).tofile(tmp / split / f"{domain}.tokens.bin")
-                np.asarray(starts, dtype=np.int64).tofile(tmp / split / f"{domain}.docs.bin")
+                # write_bytes, not ndarray.tofile: a full disk is then ENOSPC, not "N requested and M written"
+                (tmp / split / f"{domain}.tokens.bin").write_bytes(np.concatenate(ids).astype(dtype).data)
+                (tmp / split / f"{domain}.docs.bin").write_bytes(np.asarray(starts, dtype=np.int64).data)
                 splits[split][domain] = {"tokens": n, "docs": len(chosen)}
                 n_bytes[split][domain] = nb
         meta = {
