@@ -711,6 +711,15 @@ def test_unexpressible_adapter_exports_merged_weights(ckpt: Path, chat_files: tu
     assert "runs in one process" in capsys.readouterr().err
 
 
+def test_a_second_run_into_the_same_out_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
+    from mixlab.errors import OutputError
+
+    with atomic.exclusive(tmp_path / "run", what="run folder"):  # a run in another process holds it
+        with pytest.raises(OutputError, match="another process is writing this run folder now"):
+            finetune(_cfg(ckpt, chat_files[0], tmp_path / "run", steps=1))
+        assert list((tmp_path / "run").iterdir()) == []
+
+
 def test_a_failed_reference_logps_save_leaves_no_file(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """DPO's reference log-probs are written whole or not at all: a run killed mid-write must not

@@ -19,6 +19,7 @@ import torch
 from mixlab import atomic
 from mixlab.checkpoint import CheckpointError, load_model
 from mixlab.config import ConfigError
+from mixlab.errors import OutputError
 from mixlab.train import checkpoints
 from mixlab.train.data import prepare, read_documents
 from mixlab.train.loop import TrainConfig, eval_line, evaluate, load_train_config, lr_at, train
@@ -169,6 +170,19 @@ def test_bad_resume_states_are_clear_errors(dataset: Path, tmp_path: Path) -> No
     with pytest.raises(CheckpointError, match=r"step_00000003: incomplete checkpoint .*remove it to resume from "
                                               "step_00000002"):
         train(_cfg(dataset, tmp_path), resume=True)
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(dataset: Path, tmp_path: Path) -> None:
+    # Two runs into one --out interleaved their checkpoints and metrics (both "succeeded").
+    with atomic.exclusive(tmp_path / "run", what="run folder"):  # as a run in another process holds it
+        with pytest.raises(OutputError, match="run: another process is writing this run folder now"):
+            train(_cfg(dataset, tmp_path / "run"))
+        assert list((tmp_path / "run").iterdir()) == []
+    assert train(_cfg(dataset, tmp_path / "run", steps=1)).step == 1  # released: the run goes ahead
+    # A run refused before it wrote anything leaves no folder it made.
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        train(_cfg(dataset, tmp_path / "new"), resume=True)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_checkpoint_from_before_a_setting_existed_resumes(dataset: Path, tmp_path: Path) -> None:
@@ -558,8 +572,6 @@ def test_data_offset_continues_the_stream(dataset: Path) -> None:
 def test_an_export_folder_holding_other_files_is_refused_before_training(dataset: Path, tmp_path: Path) -> None:
     """OUT/hf with files mixlab did not write: refused at the start, not after the whole run (whose
     error then pointed to an --overwrite flag `mixlab train` does not have)."""
-    from mixlab.errors import OutputError
-
     (tmp_path / "run" / "hf").mkdir(parents=True)
     (tmp_path / "run" / "hf" / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match=r"hf: holds files mixlab did not write \(notes.txt\).*--out"):

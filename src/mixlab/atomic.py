@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -356,6 +357,29 @@ def atomic_file(
         raise
 
 
+@contextlib.contextmanager
+def exclusive(folder: Path, *, what: str) -> Iterator[None]:
+    """Hold `folder` (made if missing) for this process alone while the block runs: a second process
+    asking for it meanwhile gets an OutputError (a `flock` on the folder itself, which the system
+    drops when the holder ends, even killed). A folder made here and left empty is removed."""
+    made = not folder.is_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            made = False
+            raise OutputError(f"{folder}: another process is writing this {what} now; wait for it to end, or "
+                              "choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+
+
 def write_text(dst: str | Path, text: str, *, encoding: str = "utf-8") -> None:
     """Write a small text file (a settings JSON, a report) atomically: readers see the old content or
     the new, never a half-written file. An existing regular file there is replaced."""
@@ -363,5 +387,5 @@ def write_text(dst: str | Path, text: str, *, encoding: str = "utf-8") -> None:
         tmp.write_text(text, encoding=encoding)
 
 
-__all__ = ["MANIFEST", "atomic_file", "atomic_folder", "check_destination", "foreign_entries", "read_manifest",
-           "recover", "remove_leftovers", "verify", "write_text"]
+__all__ = ["MANIFEST", "atomic_file", "atomic_folder", "check_destination", "exclusive", "foreign_entries",
+           "read_manifest", "recover", "remove_leftovers", "verify", "write_text"]

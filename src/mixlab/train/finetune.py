@@ -394,24 +394,25 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after: int | Non
     cfg = check_finetune_config(cfg)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
-    newest = checkpoints.latest(ckpt_root)
-    if resume and newest is None:
-        raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
-    if not resume and checkpoints.list_checkpoints(ckpt_root):
-        raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
-                              "or choose another --out")
-    if cfg.export_hf:
-        check_export_folder(out / "hf")
-    if cfg.lora_rank and cfg.export_peft:
-        check_export_folder(out / "adapter")
-    was_threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    try:
-        return _finetune(cfg, out, ckpt_root, newest, resume=resume, stop_after=stop_after, on_step=on_step)
-    finally:
-        torch.set_num_threads(was_threads)
+    with atomic.exclusive(out, what="run folder"):  # one run at a time in OUT
+        newest = checkpoints.latest(ckpt_root)
+        if resume and newest is None:
+            raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
+        if not resume and checkpoints.list_checkpoints(ckpt_root):
+            raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
+                                  "or choose another --out")
+        if cfg.export_hf:
+            check_export_folder(out / "hf")
+        if cfg.lora_rank and cfg.export_peft:
+            check_export_folder(out / "adapter")
+        was_threads = torch.get_num_threads()
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        keep_freed_memory()
+        try:
+            return _finetune(cfg, out, ckpt_root, newest, resume=resume, stop_after=stop_after, on_step=on_step)
+        finally:
+            torch.set_num_threads(was_threads)
 
 
 def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | None, *, resume: bool,

@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -411,29 +412,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     mc = build_model_config(cfg, dataset)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
-    newest = checkpoints.latest(ckpt_root)  # validates it: a damaged newest checkpoint raises
-    if resume and newest is None:
-        raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
-    if not resume and checkpoints.list_checkpoints(ckpt_root):
-        raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
-                              "or choose another --out")
-    if cfg.export_hf:  # on every rank (--out is shared): all refuse together, none waits for the others
-        check_export_folder(out / "hf")
-    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    if cfg.deterministic:
-        # cuBLAS is deterministic only with a fixed workspace; the variable must be set before its
-        # first use (torch raises at the first matmul otherwise).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    try:
-        return _train(cfg, dataset, mc, out, ckpt_root, newest, resume=resume, stop_after=stop_after,
-                      on_step=on_step, par=parallel)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(was_threads)
+    # one run at a time in OUT (rank 0 holds it for all of a distributed run's processes)
+    with atomic.exclusive(out, what="run folder") if parallel is None or parallel.is_main else nullcontext():
+        newest = checkpoints.latest(ckpt_root)  # validates it: a damaged newest checkpoint raises
+        if resume and newest is None:
+            raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
+        if not resume and checkpoints.list_checkpoints(ckpt_root):
+            raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
+                                  "or choose another --out")
+        if cfg.export_hf:  # on every rank (--out is shared): all refuse together, none waits for the others
+            check_export_folder(out / "hf")
+        was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+        if cfg.deterministic:
+            # cuBLAS is deterministic only with a fixed workspace; the variable must be set before its
+            # first use (torch raises at the first matmul otherwise).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        keep_freed_memory()
+        try:
+            return _train(cfg, dataset, mc, out, ckpt_root, newest, resume=resume, stop_after=stop_after,
+                          on_step=on_step, par=parallel)
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+            torch.set_num_threads(was_threads)
 
 
 def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, ckpt_root: Path,
