@@ -110,6 +110,14 @@ def test_batch_equals_one_by_one(tiny):
     assert batched == alone
 
 
+def test_more_prompts_than_an_engine_queues_by_default(tiny):
+    # 300 prompts raised QueueFull('256 requests are waiting (max_queue=256)'): the engine generate makes
+    # kept the Engine's default queue, and every prompt waits before the first step.
+    prompts = [[1, 3 + i % 100] for i in range(300)]
+    out = generate(tiny, prompts, max_new_tokens=2, stop_at_eos=False)
+    assert len(out) == 300 and out[299] == generate(tiny, [prompts[299]], max_new_tokens=2, stop_at_eos=False)[0]
+
+
 def test_filters_equal_transformers_logits_processors():
     from transformers.generation.logits_process import (
         MinPLogitsWarper,

@@ -306,7 +306,7 @@ def _through_engine(model: Transformer, prompts: list[list[int]], params: Sampli
     B = len(prompts)
     longest = max(map(len, prompts)) + params.max_tokens
     if engine is None:
-        engine = Engine(model, tokenizer, max_batch=B, token_budget=max(prefill_chunk, B),
+        engine = Engine(model, tokenizer, max_batch=B, max_queue=B, token_budget=max(prefill_chunk, B),
                         prefill_chunk=prefill_chunk, max_seq_len=longest,
                         cache_bytes=B * longest * bytes_per_token(model), prefix_cache=False)
     handles = [engine.submit(p, params) for p in prompts]
