@@ -155,6 +155,9 @@ def test_chat_quits_on_eof(tiny_dir, capsys, monkeypatch):
     ([], "--max-new-tokens 256 leaves no room for a message in the context of 128 tokens"),
     (["--max-new-tokens", "8", "--temperature", "-1"], "temperature=-1.0"),  # before any message is typed
     (["--max-new-tokens", "8", "--top-p", "2"], "top_p=2.0"),
+    # a system prompt that leaves no room: said once (each message was refused as 'the message needs N tokens')
+    (["--max-new-tokens", "8", "--system", "word " * 150], "--system takes 161 tokens (in the chat template); with "
+                                                             "--max-new-tokens 8 only 120 fit in the context of 128"),
 ])
 def test_chat_bad_flags_fail_at_start(tiny_dir, capsys, monkeypatch, flags, message):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))

@@ -195,6 +195,10 @@ def chat(args: argparse.Namespace) -> int:
     if room < 1:  # else every message would be refused
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the context of "
                          f"{context} tokens")
+    if system and (n := len(tok.encode_chat([*system, {"role": "user", "content": ""}]))) > room:
+        raise ValueError(f"--system takes {n} tokens (in the chat template); with --max-new-tokens "
+                         f"{args.max_new_tokens} only {room} fit in the context of {context}, so every message "
+                         "would be refused")
     if not args.quiet:
         print(f"mixlab chat: {_HELP}", file=sys.stderr)
     replies = 0
