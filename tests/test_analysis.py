@@ -234,6 +234,22 @@ def test_a_report_written_inside_the_corpus_is_not_a_domain(tmp_path: Path) -> N
     assert list(find_domains(corpus)) == ["code", "prose"]
 
 
+def test_a_report_into_the_model_or_data_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out MODEL or --out CORPUS wrote the report's files among the weights or the data (the model
+    folder then held files mixlab did not write: its manifest no longer covered it)."""
+    import mixlab
+
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    corpus = _corpus(tmp_path / "corpus")
+    before = sorted(p.name for p in (tmp_path / "model").iterdir())
+    for out, why in ((tmp_path / "model", "is the input"), (corpus, "is the input"), (tmp_path, "contains the input")):
+        assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(out),
+                     "--quiet"]) == 2
+        assert f"error: {out}: refusing to write the report there: it {why}" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
+    assert not (corpus / "index.html").exists() and not (tmp_path / "index.html").exists()
+
+
 def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:
     """The streamed, padded, windowed counts equal counts from one unpadded model call per window."""
     model, tok = _tiny_model(), load_analysis_tokenizer()

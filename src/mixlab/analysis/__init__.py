@@ -107,7 +107,7 @@ def analyze(
         layers = [layers]
     shown = parse_layers(layers, moe) if layers is None or isinstance(layers, str) else parse_layers(
         ",".join(map(str, layers)), moe)
-    check_report_folder(out)  # before the routing, not after it
+    check_report_folder(out, sources=[data])  # before the routing, not after it
     found = find_domains(data, names=domains)
     check_domains(found, split=split)
     collected = collect_routing(model, tokenizer, found, split=split, max_tokens=max_tokens, seq_len=seq_len,

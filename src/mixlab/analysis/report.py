@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,11 +341,20 @@ REPORT_FILES = ("report.json", "index.html", "tokens.html", "summary.md", "exper
                 "load_balance.png")
 
 
-def check_report_folder(out: str | Path) -> None:
+def check_report_folder(out: str | Path, *, sources: Sequence[str | Path] = ()) -> None:
     """OutputError unless `out` may receive a report: absent, a folder without any of the report's
     file names, or an earlier report (its report.json is mixlab's). Files a report does not write
-    are kept either way; this only keeps a user's own index.html / summary.md from being replaced."""
+    are kept either way; this only keeps a user's own index.html / summary.md from being replaced.
+    `sources` (the data, the model folder): never a folder that is or holds one of them (the report's
+    files would join the input's; a folder inside the corpus, `corpus/report`, is fine)."""
     out = Path(out)
+    real = Path(os.path.realpath(out))
+    for src in sources:
+        src_real = Path(os.path.realpath(src))
+        if src_real.is_dir() and (real == src_real or real in src_real.parents):  # (a .gguf model: any folder)
+            what = "is" if real == src_real else "contains"
+            raise OutputError(f"{out}: refusing to write the report there: it {what} the input {src}; choose "
+                              "another --out")
     if not out.is_dir():
         if out.exists():
             raise OutputError(f"report folder {out} exists and is not a folder")

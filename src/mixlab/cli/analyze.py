@@ -26,7 +26,7 @@ def analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: the model is dense (no MoE layer, so no router); routing analysis "
                          "needs a mixture-of-experts model")
     check_domains(find_domains(args.data, names=args.domains), split=args.split)
-    check_report_folder(args.out)  # as the data: refused now, not after reading the model
+    check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
     seq_len = min(args.seq_len, model.config.max_seq_len)
