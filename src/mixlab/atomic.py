@@ -372,6 +372,8 @@ def exclusive(folder: Path, *, what: str) -> Iterator[None]:
             made = False
             raise OutputError(f"{folder}: another process is writing this {what} now; wait for it to end, or "
                               "choose another --out") from None
+        except OSError:  # a file system without locks (some FUSE mounts): unguarded, as before
+            pass
         yield
     finally:
         os.close(fd)
