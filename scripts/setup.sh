@@ -4,7 +4,7 @@
 # torch: if the venv has none, torch 2.13.0 is installed: the CPU build where pip's index serves it
 # (this project's machines; elsewhere set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu, since
 # PyPI's Linux wheel is the CUDA one); bring your own torch by installing it into .venv first (any
-# version >= 2.5 is kept as it is). PYTHON picks the interpreter (default python3; 3.11 or newer).
+# version >= 2.13 is kept as it is). PYTHON picks the interpreter (default python3; 3.11 or newer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
