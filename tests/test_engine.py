@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -119,6 +120,27 @@ def test_logit_bias_is_added_before_sampling(tiny):
     with torch.no_grad():
         lp = torch.log_softmax(tiny(torch.tensor([prompt]))[0, -1].float(), -1)
     assert outs[0].logprob == pytest.approx(float(lp[123]), abs=1e-4) and outs[0].logprob < -1
+
+
+def test_sync_token_decides_every_token(tiny):
+    """`sync_token` (expert-parallel decoding: rank 0's token on every process) replaces each token,
+    greedy (the step's argmax) or sampled, before it is used: the next step's input and the stop."""
+    prompt = _prompts((6,), seed=4)[0]
+    eos = tiny.config.eos_id
+    for params in (SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, temperature=0.9, seed=1)):
+        seen: list[int] = []
+        chosen = iter([40, 41, 42, eos, 43])
+
+        def sync(t: int, seen: list[int] = seen, chosen: Iterator[int] = chosen) -> int:
+            seen.append(t)
+            return next(chosen)
+
+        got = _run(Engine(tiny, sync_token=sync), [(prompt, params)])[0]
+        assert got == [40, 41, 42, eos] and len(seen) == 4  # ended by the EOS sync_token gave
+        if params.temperature == 0:  # what was sampled came from the replaced tokens
+            with torch.no_grad():
+                want = [int(tiny(torch.tensor([prompt + [40, 41, 42][:i]]))[0, -1].argmax()) for i in range(4)]
+            assert seen == want
 
 
 def test_min_tokens_holds_back_stop_tokens(tiny):

@@ -273,6 +273,34 @@ def test_ep_decoding_equals_one_process(tmp_path: Path, stdin: bool) -> None:
     assert len(ids) > 0 and two.stdout == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
 
 
+def test_ep_decoding_takes_rank_0_s_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each process samples from its own logits (another node's kernels may round differently) and,
+    without --seed, its own draws: rank 1 here samples EOS at once, as a process whose draw differed.
+    It stopped while rank 0 went on, which ended with 'another process of the run failed' (or waited
+    for the timeout); every process now continues with rank 0's token: one process's seeded text."""
+    from mixlab import generate, load_tokenizer, save_model
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    save_model(model, tmp_path / "model")
+    script = tmp_path / "rank1_samples_eos.py"
+    script.write_text("import os, sys\nimport mixlab.engine.core as core\nfrom mixlab.cli import main\n"
+                      "if os.environ['RANK'] == '1':\n    core.sample_row = lambda *a, **k: 2  # EOS\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    p = _mixlab(["generate", "--model", str(tmp_path / "model"), "--prompt", "Bonjour", "--max-new-tokens", "8",
+                 "--temperature", "1", "--seed", "3", "--dtype", "float32", "--threads", "1", "--ep", "2"],
+                nproc=2, script=script)
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    tok = load_tokenizer()
+    prompt = tok.encode("Bonjour")
+    ids = [i for i in generate(model, [prompt], max_new_tokens=8, temperature=1.0, seed=3)[0] if i != tok.eos_id]
+    assert len(ids) > 1 and out == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
+
+
 # -- what a user sees when a distributed run goes wrong ---------------------------------------------
 
 

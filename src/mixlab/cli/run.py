@@ -9,10 +9,12 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from mixlab.cli import add_quiet_arg, positive, user_path
 from mixlab.engine import Engine, SamplingParams
+from mixlab.engine.runner import bytes_per_token
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer, model_tokenizer
 
@@ -126,6 +128,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.ep is not None:  # every process decodes the same tokens; the first one prints them
         import torch.distributed as dist
 
+        from mixlab.parallel.expert import rank0_token
         from mixlab.parallel.mesh import check_ep, check_same, shutdown
 
         check_ep(args.ep)  # before reading the checkpoint
@@ -142,7 +145,7 @@ def generate(args: argparse.Namespace) -> int:
                         if k not in ("func", "model", "tokenizer", "threads")} | {"the model config": model.config})
             if dist.get_rank() != 0:
                 sys.stdout = sys.stderr = io.StringIO()
-            return _generate(args, model, tok)
+            return _generate(args, model, tok, sync_token=rank0_token(model.tok_embeddings.weight.device))
         finally:
             sys.stdout, sys.stderr = out, err
             shutdown()
@@ -150,10 +153,16 @@ def generate(args: argparse.Namespace) -> int:
     return _generate(args, model, tok)
 
 
-def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer) -> int:
+def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
+              sync_token: Callable[[int], int] | None = None) -> int:
     ids = tok.encode(args.prompt)
+    engine = None
+    if sync_token is not None:  # --ep: generate_stream's own engine (one prompt), every token rank 0's
+        longest = max(min(len(ids) + args.max_new_tokens, model.config.max_seq_len), 2)
+        engine = Engine(model, tok, max_batch=1, token_budget=512, prefill_chunk=512, max_seq_len=longest,
+                        cache_bytes=longest * bytes_per_token(model), prefix_cache=False, sync_token=sync_token)
     start = time.perf_counter()
-    steps = generate_stream(model, [ids], truncate=args.truncate, **_sampling(args, tok))
+    steps = generate_stream(model, [ids], truncate=args.truncate, engine=engine, **_sampling(args, tok))
     first = None
     n = 0
     for step in steps:

@@ -30,7 +30,7 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -113,7 +113,10 @@ class Engine:
     available (`runner.Runner`); `batch_invariant`: every step through the native kernels'
     batch-invariant arithmetic (CPU, bf16 or float32 weights): a request's logits, so its tokens,
     are bit for bit those of its run alone whatever else runs (in bf16 too, where the default
-    kernels' rounding differs between batch sizes), at a cost in speed (BENCHMARKS.md).
+    kernels' rounding differs between batch sizes), at a cost in speed (BENCHMARKS.md);
+    `sync_token`: every sampled token goes through it before it is used (expert-parallel decoding's
+    `mixlab.parallel.expert.rank0_token`: each process continues with rank 0's token, so processes
+    whose draws or rounding differ cannot part and stop at different steps).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Engine:
         cache_bytes: int | None = None, max_queue: int = 256, token_budget: int = 512,
         prefill_chunk: int = PREFILL_CHUNK, max_seq_len: int | None = None, prefix_cache: bool = True,
         pack_weights: bool | None = None, batch_invariant: bool = False,
+        sync_token: Callable[[int], int] | None = None,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -130,6 +134,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
+        self.sync_token = sync_token
         self.max_batch, self.max_queue, self.token_budget = max_batch, max_queue, token_budget
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
@@ -501,6 +506,8 @@ class Engine:
         else:
             tok = sample_row(logits_1V, p, seq.sampler, seen_1V=seq.seen_1V, counts_1V=seq.counts_1V,
                              bias_1V=bias_1V, generator=seq.generator)
+        if self.sync_token is not None:
+            tok = self.sync_token(tok)
         seq.out.append(tok)
         self._stats["tokens_out"] += 1
         if seq.seen_1V is not None:

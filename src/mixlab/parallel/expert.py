@@ -19,6 +19,7 @@ N rows grouped by expert, R rows received.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -116,3 +117,15 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
         experts.num_experts = L
         experts.forward = functools.partial(_experts_forward, experts, experts.forward)  # type: ignore[method-assign]
         ffn.forward = functools.partial(ep_forward, ffn, layout)  # type: ignore[method-assign]
+
+
+def rank0_token(device: torch.device) -> Callable[[int], int]:
+    """`Engine(sync_token=...)` for expert-parallel decoding: every process continues with the token
+    rank 0 sampled. Each process samples from its own generator (unseeded: another draw per process)
+    and its own logits (another node's kernels may round differently); a process that took another
+    token would stop at another step and leave the others waiting in an all-to-all."""
+    def sync(token: int) -> int:
+        t = torch.tensor([token], dtype=torch.long, device=device)  # NCCL sends device tensors
+        dist.broadcast(t, src=0)
+        return int(t.item())
+    return sync
