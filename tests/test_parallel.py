@@ -233,6 +233,20 @@ def test_sharded_run_exports_one_consolidated_checkpoint(runs: dict[str, Path], 
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_convert_reads_a_sharded_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
+    """`mixlab convert RUN/checkpoints/step_*` of a sharded run (each rank's pieces, DCP) in one
+    process: the weights of the consolidated export (it said 'no config.json ... found')."""
+    from mixlab.cli import main
+
+    step = runs["ep2_fsdp"] / "checkpoints" / "step_00000020"
+    assert main(["convert", str(step), str(tmp_path / "out"), "--quiet"]) == 0
+    got, want = load_model(tmp_path / "out"), load_model(runs["ep2_fsdp"] / "hf")
+    for (n, p), (_, q) in zip(got.named_parameters(), want.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    data = "mixlab_data.json"
+    assert (tmp_path / "out" / data).read_text() == (runs["ep2_fsdp"] / "hf" / data).read_text()
+
+
 def test_resume_across_world_sizes(runs: dict[str, Path]) -> None:
     want = _history(runs["single"] / "metrics.jsonl")[10:]
     _assert_close_runs(_history(runs["from1"] / "metrics.jsonl"), want)  # 1 process -> 2 (EP, FSDP)

@@ -115,6 +115,31 @@ def test_checkpoints_keep_last_k_and_export(dataset: Path, tmp_path: Path) -> No
     assert json.loads((tmp_path / "hf" / "mixlab_data.json").read_text())["tokenizer"]["type"] == "bytes"
 
 
+def test_convert_and_info_read_training_checkpoints(dataset: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`mixlab convert RUN/checkpoints/step_* OUT` (and `info`) said 'no config.json ... found': a
+    checkpoint is now written as the run's export would be (weights and mixlab_data.json, the tokenizer
+    generate reads), a run folder as --init-from reads it (its hf/, else its newest checkpoint)."""
+    from mixlab.cli import main
+
+    train(_cfg(dataset, tmp_path / "r", steps=2, ckpt_every=1, export_hf=True))
+    step = tmp_path / "r" / "checkpoints" / "step_00000002"
+    assert main(["convert", str(step), str(tmp_path / "out"), "--quiet"]) == 0
+    for f in ("model.safetensors", "mixlab_data.json", "config.json"):  # the final export's bytes, file for file
+        assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "r" / "hf" / f).read_bytes(), f
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in (tmp_path / "r/hf").iterdir())
+    assert main(["info", str(step)]) == 0
+    assert "stored:            training checkpoint of step 2: 3 files" in capsys.readouterr().out
+    (tmp_path / "r" / "hf" / "config.json").unlink()  # a run stopped before its export: its newest checkpoint
+    (tmp_path / "r" / "hf" / "model.safetensors").unlink()
+    assert main(["convert", str(tmp_path / "r"), str(tmp_path / "out2"), "--quiet"]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'out2'} (hf, from {step})\n"
+    assert (tmp_path / "out2/model.safetensors").read_bytes() == (tmp_path / "out/model.safetensors").read_bytes()
+    # Commands that load a model name the folder to convert, in one line.
+    assert main(["generate", "--model", str(step), "--prompt", "x"]) == 2
+    assert f"(a training checkpoint: `mixlab convert {step} OUT` writes its model" in capsys.readouterr().err
+
+
 def test_sigterm_saves_and_resume_continues(dataset: Path, tmp_path: Path) -> None:
     def kill_at_2(rec: dict[str, Any]) -> None:
         if rec["step"] == 2:

@@ -423,8 +423,16 @@ class ModelConfig:
             f = p / name
             if f.is_file():
                 return reader(read_json_object(f), source=str(f))
-        run = (p / "hf" / "config.json").is_file()  # `mixlab generate --model RUN`: the model is RUN/hf
-        hint = f" (a training run folder: its exported model is {p / 'hf'})" if run else ""
+        hint = ""  # a training run's folders: name the one that holds a model, or the command that writes one
+        if (p / "hf" / "config.json").is_file():  # `mixlab generate --model RUN`: the model is RUN/hf
+            hint = f" (a training run folder: its exported model is {p / 'hf'})"
+        elif (p / "state.json").is_file():
+            hint = f" (a training checkpoint: `mixlab convert {p} OUT` writes its model as a transformers checkpoint)"
+        elif (p / "checkpoints").is_dir():
+            hint = (f" (a training run folder without an hf/ export: `mixlab convert {p} OUT` exports its newest "
+                    "checkpoint)")
+        elif any(p.glob("step_*/state.json")):
+            hint = " (a training run's checkpoints: `mixlab convert` writes one of its step_* folders as a model)"
         raise ConfigError(f"{p}: no config.json (transformers) or params.json (Mistral) found{hint}")
 
 

@@ -32,8 +32,14 @@ def shard_bytes(text: str) -> int:
 
 
 def _config(spec: str) -> tuple[str, ModelConfig]:
+    """The folder or file read (a training run's: its hf/ export, else its newest checkpoint) and its config."""
     p = Path(spec)
     if p.is_dir():
+        from mixlab.train.checkpoints import init_config, is_training, resolve_weights
+
+        if is_training(p):  # a run folder or its checkpoints/step_*: as --init-from reads them
+            p = resolve_weights(p)
+            return str(p), init_config(p)
         return str(p), ModelConfig.from_dir(p)
     if p.suffix == ".gguf" and p.is_file():  # as load_model: the metadata is the config (the header only is read)
         from mixlab.checkpoint.gguf_read import config_from_header, read_header
@@ -48,13 +54,17 @@ def _config(spec: str) -> tuple[str, ModelConfig]:
 def info(args: argparse.Namespace) -> int:
     name, cfg = _config(args.model)  # arithmetic on the config only: no weights are allocated
     stored = None
-    if Path(args.model).is_dir():  # checked before anything is printed: a damaged checkpoint is one error
+    from mixlab.train.checkpoints import describe_step, is_step
+
+    if Path(name).is_dir() and is_step(Path(name)):
+        stored = describe_step(Path(name))
+    elif Path(name).is_dir():  # checked before anything is printed: a damaged checkpoint is one error
         from mixlab.checkpoint import describe, plan
         from mixlab.checkpoint.io import DTYPES
         from mixlab.dtypes import dtype_name
 
-        d = describe(args.model)  # headers only
-        plan(Path(args.model), cfg)  # names, shapes and dtypes checked against the config, as load_model does
+        d = describe(name)  # headers only
+        plan(Path(name), cfg)  # names, shapes and dtypes checked against the config, as load_model does
         stored = f"{d.format} format, {d.tensors} tensors in {d.files} file(s): " + ", ".join(
             f"{dtype_name(DTYPES[k]) if k in DTYPES else k} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
     elif Path(args.model).suffix == ".gguf":  # its tensors checked as load_model checks them
@@ -103,6 +113,7 @@ def _gguf_vocabulary(src: str, tmp: Path) -> Path | None:
 def convert(args: argparse.Namespace) -> int:
     from mixlab.atomic import check_destination
     from mixlab.checkpoint import load_model, save_model, side_files
+    from mixlab.train import checkpoints
 
     if args.to is None:  # `convert SRC out.gguf` writes a GGUF file, not a folder named out.gguf
         args.to = "gguf" if Path(args.dst).suffix == ".gguf" else "hf"
@@ -120,12 +131,21 @@ def convert(args: argparse.Namespace) -> int:
     check_destination(args.dst, sources=[args.src], overwrite=args.overwrite,
                       kind="file" if args.to == "gguf" else "folder", magic=b"GGUF" if args.to == "gguf" else None)
     gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
+    src, extra = Path(args.src), {}
     if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
 
         # Q4_0 matrices dequantised: an int4 model would not save (and would write a broken GGUF)
         model = load_gguf(args.src, dtype=parse_dtype(args.dtype), keep_int4=False)
+    elif src.is_dir() and checkpoints.is_training(src):  # a run folder or its checkpoints/step_*
+        src = checkpoints.resolve_weights(src)  # the run's hf/ export, else its newest checkpoint
+        if checkpoints.is_step(src):  # the float32 weights, and the tokenizer the run's export names
+            model = checkpoints.load_init(src, checkpoints.init_config(src))
+            data = checkpoints.validate(src).get("data")
+            extra = checkpoints.data_file(data) if data else {}
+        else:
+            model = load_model(src, dtype=args.dtype)
     else:
         model = load_model(args.src, dtype=args.dtype)
     with tempfile.TemporaryDirectory(prefix="mixlab-convert-") as tmp:
@@ -136,9 +156,9 @@ def convert(args: argparse.Namespace) -> int:
             tokenizer = args.tokenizer
             if tokenizer is None and gguf_src:
                 tokenizer = _gguf_vocabulary(args.src, Path(tmp))
-            elif tokenizer is None and Path(args.src).is_dir():
-                tokenizer = next((Path(args.src) / n for n in ("tokenizer.model", "tokenizer.model.v1")
-                                  if (Path(args.src) / n).is_file()), None)
+            elif tokenizer is None and src.is_dir():
+                tokenizer = next((src / n for n in ("tokenizer.model", "tokenizer.model.v1")
+                                  if (src / n).is_file()), None)
             quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
             write_gguf(model, args.dst, quant=quant, tokenizer=tokenizer, sources=[args.src],
                        overwrite=args.overwrite, progress=not args.quiet)
@@ -148,24 +168,27 @@ def convert(args: argparse.Namespace) -> int:
             vocab = _gguf_vocabulary(args.src, Path(tmp))
             copy = [vocab] if vocab is not None else []
         else:
-            copy = side_files(args.src)
+            copy = [] if checkpoints.is_step(src) else side_files(src)
         save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
-                   copy_files=copy, sources=[args.src], overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {args.dst} ({args.to})")
+                   copy_files=copy, extra_files=extra, sources=[args.src], overwrite=args.overwrite,
+                   progress=not args.quiet)
+    print(f"wrote {args.dst} ({args.to}{f', from {src}' if src != Path(args.src) else ''})")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, memory and KV-cache sizes of a preset or checkpoint")
     p.add_argument("model", type=user_path,
-                   help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
+                   help="a preset name (e.g. mixtral-8x7b), a checkpoint folder, a .gguf file, a training "
+                        "checkpoint (RUN/checkpoints/step_*) or a run folder")
     p.add_argument("--json", action="store_true", help="print the facts as JSON on stdout instead (the config, "
                    "parameter counts, KV-cache bytes, what a checkpoint stores)")
     p.set_defaults(func=info)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (atomic write)")
     p.add_argument("src", type=user_path,
-                   help="checkpoint folder (transformers or Mistral format) or a GGUF file (quantised "
-                        "matrices dequantised)")
+                   help="checkpoint folder (transformers or Mistral format), a GGUF file (quantised "
+                        "matrices dequantised), a training checkpoint (RUN/checkpoints/step_*) or a run folder "
+                        "(its hf/, else its newest checkpoint)")
     p.add_argument("dst", type=user_path,
                    help="output folder (or .gguf file), written atomically; an existing one is replaced "
                         "only if mixlab wrote it")

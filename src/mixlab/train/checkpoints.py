@@ -259,10 +259,40 @@ def resolve_weights(path: str | Path) -> Path:
                           "nor a run folder (no hf/ export or checkpoints/step_*)")
 
 
+def is_step(p: Path) -> bool:
+    """Whether folder `p` is a training checkpoint (`state.json`, no `config.json`)."""
+    return (p / "state.json").is_file() and not (p / "config.json").is_file()
+
+
+def is_training(p: Path) -> bool:
+    """Whether folder `p` is a training checkpoint or a run folder rather than a model checkpoint: what
+    `mixlab convert` and `info` read through `resolve_weights` (as `--init-from` does)."""
+    if (p / "config.json").is_file() or (p / "params.json").is_file():
+        return False
+    return (p / "state.json").is_file() or (p / "hf" / "config.json").is_file() or (p / "checkpoints").is_dir()
+
+
+def data_file(fingerprint: dict[str, Any]) -> dict[str, str]:
+    """`mixlab_data.json` of an export: the tokenizer and domains of the data a model was trained on
+    (`mixlab generate` takes its tokenizer from it), from the dataset's fingerprint a checkpoint stores."""
+    domains = sorted({d for split in fingerprint["splits"].values() for d in split})
+    info = {"tokenizer": fingerprint["tokenizer"], "domains": domains}
+    return {"mixlab_data.json": json.dumps(info, indent=2) + "\n"}
+
+
+def describe_step(ckpt: Path) -> str:
+    """What a training checkpoint holds (`mixlab info`), its files checked as a resume checks them."""
+    state = validate(ckpt)
+    sharded = f", written by {state.get('world')} processes" if state.get("format") == "dcp" else ""
+    sizes = state["files"]
+    return (f"training checkpoint of step {state.get('step')}{sharded}: {len(sizes)} files, "
+            f"{sum(sizes.values()):,} bytes (float32 weights, optimizer state, RNG)")
+
+
 def init_config(path: str | Path) -> ModelConfig:
     """The model config of the weights `path` names (see `resolve_weights`)."""
     p = resolve_weights(path)
-    if (p / "state.json").is_file() and not (p / "config.json").is_file():
+    if is_step(p):
         return _step_config(validate(p), p)
     try:
         return ModelConfig.from_dir(p)
@@ -275,7 +305,7 @@ def load_init(path: str | Path, config: ModelConfig) -> Transformer:
     may differ from the stored one in training-only fields (MoE loss coefficients, jitter, capacity);
     a different shape is an error naming the tensor."""
     p = resolve_weights(path)
-    if (p / "state.json").is_file() and not (p / "config.json").is_file():
+    if is_step(p):
         model = Transformer(config)
         if validate(p).get("format") == "dcp":  # written by a sharded run
             _load_dcp(p, model, None)

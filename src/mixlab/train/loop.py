@@ -627,8 +627,7 @@ def show_step(bar: Any, step: int, steps: int, logged: bool, text: str) -> None:
 
 def export(model: Transformer, path: Path, dataset: TokenDataset) -> None:
     """Save in transformers format, plus `mixlab_data.json` naming the tokenizer and domains."""
-    info = {"tokenizer": dataset.meta["tokenizer"], "domains": dataset.domains}
-    save_model(model, path, fmt="hf", extra_files={"mixlab_data.json": json.dumps(info, indent=2) + "\n"})
+    save_model(model, path, fmt="hf", extra_files=checkpoints.data_file(dataset.fingerprint()))
 
 
 __all__ = ["DataError", "TrainConfig", "TrainResult", "evaluate", "load_train_config", "train"]
