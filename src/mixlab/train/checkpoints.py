@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,9 @@ def dcp_load(sd: dict[str, torch.Tensor], ckpt: Path, **kw: Any) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), **kw)
+        with warnings.catch_warnings():  # one process reading on purpose (no_dist), not a mistake to warn about
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), **kw)
     except (Exception, dcp.CheckpointException) as e:
         cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) and e.failures else e
         raise CheckpointError(f"{ckpt}: cannot load into this model ({str(cause).splitlines()[0][:300]})") from None
