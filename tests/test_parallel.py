@@ -290,6 +290,32 @@ def test_ep_decoding_equals_one_process(tmp_path: Path, stdin: bool) -> None:
     assert len(ids) > 0 and two.stdout == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
 
 
+def test_ep_decoding_of_a_q4_0_gguf(tmp_path: Path) -> None:
+    """`generate --model FILE.gguf --ep 2` on llama.cpp's Q4_0 file ended with 'expert parallelism needs
+    plain float experts (w13, w2), not Int4Experts' (its Q4_0 experts load 4-bit); under --ep they are
+    dequantised, as convert does: the tokens of one process over the dequantised model."""
+    from mixlab import generate, load_tokenizer, save_model
+    from mixlab.checkpoint.gguf_read import load_gguf
+    from mixlab.cli import main
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    save_model(model, tmp_path / "model")
+    gguf = tmp_path / "model.gguf"
+    assert main(["convert", str(tmp_path / "model"), str(gguf), "--quant", "q4_0", "--quiet"]) == 0
+    p = _mixlab(["generate", "--model", str(gguf), "--prompt", "Bonjour", "--max-new-tokens", "6", "--dtype", "float32",
+                 "--threads", "1", "--ep", "2"], nproc=2)
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    tok = load_tokenizer()
+    prompt = tok.encode("Bonjour")
+    plain = load_gguf(gguf, dtype=torch.float32, keep_int4=False)
+    ids = [i for i in generate(plain, [prompt], max_new_tokens=6)[0] if i != tok.eos_id]
+    assert len(ids) > 1 and out == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
+
+
 def test_ep_decoding_takes_rank_0_s_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each process samples from its own logits (another node's kernels may round differently) and,
     without --seed, its own draws: rank 1 here samples EOS at once, as a process whose draw differed.

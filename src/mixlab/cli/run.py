@@ -48,7 +48,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     offload = _offload_args(args)
     if offload and getattr(args, "ep", None) is not None:
         raise ValueError("--max-memory (expert offloading) does not combine with --ep")
-    model = load_model(args.model, dtype=dtype, device=args.device, **offload)
+    if getattr(args, "ep", None) is not None and str(args.model).endswith(".gguf") and os.path.isfile(args.model):
+        from mixlab.checkpoint.gguf_read import load_gguf
+        from mixlab.dtypes import parse_dtype
+
+        # Q4_0 matrices dequantised: expert parallelism splits float experts (it refused int4 ones)
+        model = load_gguf(args.model, dtype=parse_dtype(dtype), device=args.device, keep_int4=False)
+    else:
+        model = load_model(args.model, dtype=dtype, device=args.device, **offload)
     if getattr(args, "ep", None) is not None:  # experts split over the processes (torchrun); PyTorch's kernels
         from mixlab.parallel.expert import apply_expert_parallel
         from mixlab.parallel.mesh import init
