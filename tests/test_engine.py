@@ -143,6 +143,22 @@ def test_sync_token_decides_every_token(tiny):
             assert seen == want
 
 
+def test_with_sync_token_a_row_s_failure_is_the_step_s(tiny):
+    """A failed sync_token (expert-parallel decoding: another process died in the broadcast) ended the
+    request with "error", so `mixlab generate --ep` printed 'generation failed: RuntimeError: ...
+    Connection closed by peer' instead of the CLI's line for a lost process; step() now raises it."""
+    def lost(tok: int) -> int:
+        raise RuntimeError("Connection closed by peer")
+
+    eng = Engine(tiny, sync_token=lost)
+    h = eng.submit(_prompts((6,), seed=4)[0], SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        while eng.step():
+            pass
+    outs = list(h)
+    assert outs[-1].finish_reason == "error" and "Connection closed by peer" in (outs[-1].error or "")
+
+
 def test_min_tokens_holds_back_stop_tokens(tiny):
     prompt = _prompts((6,), seed=5)[0]
     eos = tiny.config.eos_id

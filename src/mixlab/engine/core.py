@@ -116,7 +116,8 @@ class Engine:
     kernels' rounding differs between batch sizes), at a cost in speed (BENCHMARKS.md);
     `sync_token`: every sampled token goes through it before it is used (expert-parallel decoding's
     `mixlab.parallel.expert.rank0_token`: each process continues with rank 0's token, so processes
-    whose draws or rounding differ cannot part and stop at different steps).
+    whose draws or rounding differ cannot part and stop at different steps); a row that fails then
+    fails the step (`step()` raises), as the processes must stay in step.
     """
 
     def __init__(
@@ -377,6 +378,8 @@ class Engine:
             try:
                 self._collect_row(seq, item, res)
             except Exception as e:  # noqa: BLE001 (one request's failure ends it, not the others of the step)
+                if self.sync_token is not None:  # processes in step (a lost peer in its collective): the step's
+                    raise
                 self._finish(seq, "error", error=str(e) if isinstance(e, MixlabError) else f"{type(e).__name__}: {e}")
 
     def _collect_row(self, seq: _Seq, item: Item, res: Result) -> None:
