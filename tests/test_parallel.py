@@ -564,6 +564,23 @@ def test_sigterm_to_one_rank_stops_every_rank_after_a_checkpoint(small_data: Pat
     assert state["step"] == step and state["world"] == 2
 
 
+def test_ep_on_a_dense_model_is_refused() -> None:
+    """`--ep 2` on a dense model ran two whole copies (generate: each decoding alone, one printing),
+    with no word that nothing was split."""
+    from types import SimpleNamespace
+
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+    from mixlab.parallel.expert import apply_expert_parallel
+
+    layout: Any = SimpleNamespace(ep=2, ep_rank=0)
+    with pytest.raises(ValueError, match="--ep 2: the model is dense .no MoE layer., there are no experts to split"):
+        apply_expert_parallel(Transformer(get_preset("tiny-dense")), layout)
+    moe = Transformer(get_preset("tiny-moe"))
+    apply_expert_parallel(moe, layout)
+    assert moe.layers[0].ffn.experts.w13.shape[0] == get_preset("tiny-moe").moe.num_experts // 2
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "inf", "nan"])
 def test_a_bad_dist_timeout_is_named(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import timedelta

@@ -97,6 +97,9 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
     all-to-all. In place; the model must hold all E experts (plain float `Experts`)."""
     if layout.ep == 1:
         return
+    if not any(isinstance(b.ffn, MoEBlock) for b in model.layers):  # else N copies of one process's work
+        raise ValueError(f"--ep {layout.ep}: the model is dense (no MoE layer), there are no experts to split; "
+                         "leave out --ep (under torchrun, mixlab train then runs data parallel)")
     for i, block in enumerate(model.layers):
         ffn = block.ffn
         if not isinstance(ffn, MoEBlock):
