@@ -572,6 +572,10 @@ def test_init_from_errors(dataset: Path, tmp_path: Path) -> None:
         train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path / "nowhere")))
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path)))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # a file that is there: not 'no such checkpoint folder'
+    with pytest.raises(CheckpointError, match=f"m.gguf: a file; training starts from a checkpoint folder: "
+                                              f"`mixlab convert {tmp_path / 'm.gguf'} DIR` writes it as one"):
+        train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path / "m.gguf")))
     with pytest.raises(CheckpointError, match="shape"):
         train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path / "a" / "hf"), model_overrides={"ffn_dim": 64}))
     with pytest.raises(ConfigError, match="smaller than the dataset's tokenizer vocabulary"):

@@ -247,6 +247,9 @@ def resolve_weights(path: str | Path) -> Path:
     format, e.g. an upcycled model), a training checkpoint `step_*` folder, or a run folder (its
     final `hf/` export, else its newest checkpoint)."""
     p = Path(path)
+    if p.is_file():  # it said 'no such checkpoint folder' of a file that is there
+        hint = f": `mixlab convert {p} DIR` writes it as one (Q4_0 matrices dequantised)" if p.suffix == ".gguf" else ""
+        raise CheckpointError(f"{p}: a file; training starts from a checkpoint folder{hint}")
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint folder")
     if (p / "config.json").is_file() or (p / "params.json").is_file() or (p / "state.json").is_file():
