@@ -77,9 +77,6 @@ class DistributedTraining:
         dist.all_reduce(x)
         return x.to(t.device)
 
-    def any(self, flag: bool) -> bool:
-        return bool(self.all_sum(torch.tensor([float(flag)]))[0] > 0)
-
     def _split(self, model: Transformer) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         dense: list[torch.nn.Parameter] = []
         experts: list[torch.nn.Parameter] = []

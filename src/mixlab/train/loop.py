@@ -300,7 +300,6 @@ class Parallel(Protocol):
     def check_same(self, values: dict[str, Any]) -> None: ...  # refuse a run whose processes disagree on them
     def parallelize(self, model: Transformer) -> None: ...  # shard it, in place, before the optimizer
     def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over all processes
-    def any(self, flag: bool) -> bool: ...  # whether any process says so (signals reach ranks apart)
     def sync_grads(self, model: Transformer) -> None: ...  # gradients of the global batch's mean loss
     def clip_grad_norm(self, model: Transformer, max_norm: float) -> float: ...
     def save(self, root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
@@ -512,8 +511,10 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     try:
         requested_stop = False  # on_step returned True (e.g. the demo's time budget ran out)
         while step < last_stop and not requested_stop:
-            if par is not None and par.any(bool(stop)) and not stop:
-                stop.append(signal.SIGTERM)  # another process was signalled: all stop at the same step
+            if par is not None:  # another process was signalled: all stop at the same step, saying which signal
+                got = par.all_sum(torch.tensor([float(signal.SIGINT in stop), float(signal.SIGTERM in stop)]))
+                if got.any() and not stop:
+                    stop.append(signal.SIGINT if got[0] > 0 else signal.SIGTERM)
             if stop:
                 break
             t0 = time.perf_counter()
