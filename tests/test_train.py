@@ -130,6 +130,15 @@ def test_convert_and_info_read_training_checkpoints(dataset: Path, tmp_path: Pat
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in (tmp_path / "r/hf").iterdir())
     assert main(["info", str(step)]) == 0
     assert "stored:            training checkpoint of step 2: 3 files" in capsys.readouterr().out
+    opt = step / "optimizer.safetensors"  # info reads headers, as for a model folder; convert every byte
+    data = bytearray(opt.read_bytes())
+    data[-1] ^= 1
+    opt.write_bytes(bytes(data))
+    assert main(["info", str(step)]) == 0
+    assert main(["convert", str(step), str(tmp_path / "out3"), "--quiet"]) == 2
+    assert "optimizer.safetensors" in capsys.readouterr().err
+    data[-1] ^= 1
+    opt.write_bytes(bytes(data))
     (tmp_path / "r" / "hf" / "config.json").unlink()  # a run stopped before its export: its newest checkpoint
     (tmp_path / "r" / "hf" / "model.safetensors").unlink()
     assert main(["convert", str(tmp_path / "r"), str(tmp_path / "out2"), "--quiet"]) == 0
