@@ -476,6 +476,28 @@ def test_generate_under_torchrun_without_ep_is_refused(tmp_path: Path) -> None:
                      "in one: pass --ep 2 to split the experts over them"], err[-3000:]
 
 
+@pytest.mark.parametrize("command", ["eval", "serve", "chat"])
+def test_commands_without_ep_under_torchrun_say_to_run_alone(command: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """eval, serve and chat under torchrun said '... but mixlab eval without --ep runs in one', naming
+    a flag they do not take."""
+    from mixlab import save_model
+    from mixlab.cli import main
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    save_model(Transformer(get_preset("tiny-moe")), tmp_path / "m")
+    (tmp_path / "t.txt").write_text("hello world\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    extra = ["--data", str(tmp_path / "t.txt")] if command == "eval" else []
+    assert main([command, "--model", str(tmp_path / "m"), *extra]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mixlab {command}: error: torchrun started 2 processes, but mixlab {command} runs in one (it takes no "
+        "--ep): run it without torchrun")
+
+
 def test_generate_processes_started_differently_are_refused(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`generate --ep` with another --max-new-tokens on one process: it finished first and the other

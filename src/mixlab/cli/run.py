@@ -29,10 +29,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and getattr(args, "ep", None) is None:  # N copies of one process's work, each printing
-        hint = f"pass --ep {world} to split the experts over them" if hasattr(args, "ep") else \
-            "run it without torchrun"
-        raise ConfigError(f"torchrun started {world} processes, but mixlab {args.command} without --ep runs in "
-                          f"one: {hint}")
+        if hasattr(args, "ep"):
+            raise ConfigError(f"torchrun started {world} processes, but mixlab {args.command} without --ep runs in "
+                              f"one: pass --ep {world} to split the experts over them")
+        raise ConfigError(f"torchrun started {world} processes, but mixlab {args.command} runs in one (it takes no "
+                          "--ep): run it without torchrun")
 
     if args.threads is not None:
         if args.threads < 1:
