@@ -149,6 +149,39 @@ def test_convert_and_info_read_training_checkpoints(dataset: Path, tmp_path: Pat
     assert f"(a training checkpoint: `mixlab convert {step} OUT` writes its model" in capsys.readouterr().err
 
 
+def test_gguf_of_a_trained_model_carries_its_sentencepiece_vocabulary(tmp_path: Path) -> None:
+    """`mixlab convert RUN/hf x.gguf` (or a step) of a model trained on data prepared with a
+    SentencePiece model of its own wrote Mixtral's vocabulary into the GGUF (llama.cpp then decoded its
+    ids as other text); it now takes the file mixlab_data.json names. The bytes tokenizer has none: one
+    line says so (it said Mixtral's 32000 pieces did not fit the model's 259)."""
+    pytest.importorskip("gguf")
+    import sentencepiece as spm
+
+    from mixlab.checkpoint.gguf_read import read_header
+    from mixlab.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=64,
+                                   model_type="bpe", minloglevel=2)
+    (tmp_path / "src" / "code").mkdir(parents=True)
+    (tmp_path / "src" / "code" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"def g{i}(y):\n    return y - {i}\n" * 4}) + "\n" for i in range(30)))
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", str(tmp_path / "ds"), "--tokenizer",
+                 str(tmp_path / "sp.model"), "--quiet"]) == 0
+    train(_cfg(tmp_path / "ds", tmp_path / "r", steps=1, ckpt_every=1, export_hf=True, seq_len=16,
+               model_overrides={**TINY, "vocab_size": 64}))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    for src in (tmp_path / "r" / "hf", tmp_path / "r" / "checkpoints" / "step_00000001"):
+        out = tmp_path / f"{src.name}.gguf"
+        assert main(["convert", str(src), str(out), "--quant", "f32", "--quiet"]) == 0
+        assert read_header(out).metadata["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(64)]
+    bytes_run = tmp_path / "b"
+    train(_cfg(tmp_path / "ds", bytes_run, steps=1, export_hf=True, seq_len=16, model_overrides=TINY))
+    (bytes_run / "hf" / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))
+    assert main(["convert", str(bytes_run / "hf"), str(tmp_path / "b.gguf"), "--quiet"]) == 2
+
+
 def test_sigterm_saves_and_resume_continues(dataset: Path, tmp_path: Path) -> None:
     def kill_at_2(rec: dict[str, Any]) -> None:
         if rec["step"] == 2:

@@ -110,6 +110,22 @@ def _gguf_vocabulary(src: str, tmp: Path) -> Path | None:
     return tmp / "tokenizer.model"
 
 
+def _trained_vocabulary(src: Path, extra: dict[str, str]) -> Path | None:
+    """The SentencePiece file a model mixlab trained was trained with, as its `mixlab_data.json` (an
+    export's, or the one `extra` holds for a checkpoint) names it: the vocabulary a GGUF must carry
+    (Mixtral's, the default, would decode its ids as other text)."""
+    f = src / "mixlab_data.json"
+    text = extra.get("mixlab_data.json") or (f.read_text(encoding="utf-8") if f.is_file() else None)
+    spec = json.loads(text).get("tokenizer") if text else None
+    if not isinstance(spec, dict):
+        return None
+    if spec.get("type") == "bytes":
+        raise ValueError(f"{src} was trained with mixlab's bytes tokenizer, which llama.cpp has no vocabulary "
+                         "type for: a GGUF needs a SentencePiece model (train with --tokenizer mixtral or a .model)")
+    path = Path(str(spec.get("path", "")))
+    return path if spec.get("type") == "file" and path.is_file() and path.suffix != ".json" else None
+
+
 def convert(args: argparse.Namespace) -> int:
     from mixlab.atomic import check_destination
     from mixlab.checkpoint import load_model, save_model, side_files
@@ -158,7 +174,7 @@ def convert(args: argparse.Namespace) -> int:
                 tokenizer = _gguf_vocabulary(args.src, Path(tmp))
             elif tokenizer is None and src.is_dir():
                 tokenizer = next((src / n for n in ("tokenizer.model", "tokenizer.model.v1")
-                                  if (src / n).is_file()), None)
+                                  if (src / n).is_file()), None) or _trained_vocabulary(src, extra)
             quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
             write_gguf(model, args.dst, quant=quant, tokenizer=tokenizer, sources=[args.src],
                        overwrite=args.overwrite, progress=not args.quiet)
@@ -200,7 +216,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "stored as f16)")
     p.add_argument("--tokenizer", type=user_path, default=None,
                    help="GGUF only: SentencePiece model for the vocabulary (default: the source's: a GGUF's, a "
-                        "folder's tokenizer.model; else Mixtral's, from mistral-common)")
+                        "folder's tokenizer.model, or the one a trained model's data used; else Mixtral's, from "
+                        "mistral-common)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=5 * 2**30,
                    metavar="SIZE", help="largest shard: a number of GiB, or a size with its unit, 5GB (10^9 bytes) "
