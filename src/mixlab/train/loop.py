@@ -511,11 +511,13 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     try:
         requested_stop = False  # on_step returned True (e.g. the demo's time budget ran out)
         while step < last_stop and not requested_stop:
-            if par is not None:  # another process was signalled: all stop at the same step, saying which signal
+            stopping = bool(stop)
+            if par is not None:  # all stop at the same step, on what the exchange says: a signal that arrives
                 got = par.all_sum(torch.tensor([float(signal.SIGINT in stop), float(signal.SIGTERM in stop)]))
-                if got.any() and not stop:
+                stopping = bool(got.any())  # during it is the next step's (else that process alone would stop)
+                if stopping and not stop:  # another process was signalled: say which signal
                     stop.append(signal.SIGINT if got[0] > 0 else signal.SIGTERM)
-            if stop:
+            if stopping:
                 break
             t0 = time.perf_counter()
             lr = cfg.lr_at(step)
