@@ -525,16 +525,11 @@ def _children(pid: int) -> list[int]:
     return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
-def test_a_killed_rank_ends_the_run_with_one_line(small_data: Path, tmp_path: Path, sig: signal.Signals,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGKILL one rank mid-run: the other stops at its next collective with one line naming why,
-    not a traceback, and torchrun returns in bounded time. A stopped rank (SIGSTOP: neither answers
-    nor dies) does the same after MIXLAB_DIST_TIMEOUT seconds (it held the others for 30 minutes)."""
-    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "5")
-    out = tmp_path / "run"
+def _signal_rank_1(small_data: Path, out: Path, sig: signal.Signals) -> tuple[subprocess.Popen[str], str]:
+    """Start `torchrun ... train --ep 2` into `out`, send `sig` to rank 1 once two steps are logged,
+    and return torchrun's process and stderr; no worker outlives the call (a stopped one would)."""
     p = _mixlab(_train_args(small_data, out, "--steps", "100000", "--log-every", "1", "--ep", "2"), nproc=2)
+    workers: dict[int, int] = {}
     try:
         deadline = time.monotonic() + TIMEOUT
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
@@ -547,9 +542,21 @@ def test_a_killed_rank_ends_the_run_with_one_line(small_data: Path, tmp_path: Pa
     finally:
         if p.poll() is None:
             p.kill()
-        for w in workers.values() if "workers" in locals() else ():
+        for w in workers.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w, signal.SIGKILL)  # a stopped worker would outlive the test
+    return p, err
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_killed_rank_ends_the_run_with_one_line(small_data: Path, tmp_path: Path, sig: signal.Signals,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL one rank mid-run: the other stops at its next collective with one line naming why,
+    not a traceback, and torchrun returns in bounded time. A stopped rank (SIGSTOP: neither answers
+    nor dies) does the same after MIXLAB_DIST_TIMEOUT seconds (it held the others for 30 minutes)."""
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "5")
+    p, err = _signal_rank_1(small_data, tmp_path / "run", sig)
     assert p.returncode != 0
     lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
     assert len(lines) == 1 and lines[0].startswith(
@@ -564,21 +571,9 @@ def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(small_data: Pa
     """SIGTERM to one process of `torchrun ... train --ep 2` (a scheduler's preemption): every process
     stops after the same step, that step's checkpoint is written, and rank 0 says so in one line and
     exits 128 + the signal (torchrun's own summary follows, as for any non-zero exit). Rank 0 named
-    SIGTERM (exit 143) whatever signal another process got."""
+    SIGTERM (exit 143) whatever signal another process got, before; it names the signal."""
     out = tmp_path / "run"
-    p = _mixlab(_train_args(small_data, out, "--steps", "100000", "--log-every", "1", "--ep", "2"), nproc=2)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=60)[1][-3000:]
-            time.sleep(0.2)
-        workers = {int(dict(kv.split("=", 1) for kv in Path(f"/proc/{c}/environ").read_text().split("\0")
-                            if "=" in kv).get("RANK", -1)): c for c in _children(p.pid)}
-        os.kill(workers[1], sig)
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    p, err = _signal_rank_1(small_data, out, sig)
     assert p.returncode != 0 and f"exitcode  : {128 + sig}" in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("stopped by") or ln.startswith("mixlab train:")]
     assert len(lines) == 1 and lines[0].startswith(f"stopped by {sig.name} at step "), err[-3000:]
