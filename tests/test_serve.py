@@ -1544,6 +1544,43 @@ def test_chat_page_marks_a_reply_whose_stream_was_cut_off(server: str) -> None:
 
 
 @pytest.mark.slow
+def test_chat_page_leaves_out_the_oldest_exchanges_that_no_longer_fit(server: str) -> None:
+    # once a conversation outgrew the context, every send failed with the server's 400
+    # (context_length_exceeded); the page now sends it without its oldest exchanges, as `mixlab chat` does
+    error = {"error": {"message": "the messages (274 tokens) + max_tokens=300 = 574 exceeds the model's context of "
+                                  "512 tokens", "type": "invalid_request_error", "param": "max_tokens",
+                       "code": "context_length_exceeded"}}
+    events = "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": "Short."}}]}) + "\n\ndata: [DONE]\n\n"
+    with _browser() as driver:
+        _page(driver, server + "/")
+        driver.execute_script(  # the server's answers: a context holds a question and one exchange before it
+            "const [events, error] = arguments; window.sent = [];"
+            "window.fetch = (u, o) => { const m = JSON.parse(o.body).messages; window.sent.push(m.map(x => x.content));"
+            "  return Promise.resolve(m.length > 3 ? new Response(JSON.stringify(error), {status: 400,"
+            "  headers: {'Content-Type': 'application/json'}}) : new Response(events,"
+            "  {headers: {'Content-Type': 'text/event-stream'}})); };", events, error)
+        for q in ("One", "Two", "Three", "Four"):
+            driver.execute_script("window.replies = document.querySelectorAll('.msg.assistant').length;"
+                                  "document.getElementById('input').value = arguments[0];"
+                                  "document.getElementById('send').click()", q)
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+                "return !controller && document.querySelectorAll('.msg.assistant').length > replies"))
+        sent = driver.execute_script("return window.sent")
+        assert sent == [["One"], ["One", "Short.", "Two"], ["One", "Short.", "Two", "Short.", "Three"],
+                        ["Two", "Short.", "Three"], ["One", "Short.", "Two", "Short.", "Three", "Short.", "Four"],
+                        ["Two", "Short.", "Three", "Short.", "Four"], ["Three", "Short.", "Four"]]
+        assert driver.execute_script(SHOWN) == ["One", "Short.", "Two", "Short.", "Three", "Short.", "Four", "Short."]
+        notes = "return [...document.querySelectorAll('.msg .note')].map(n => n.textContent)"
+        left_out = "left out: the conversation outgrew the model's context)"
+        said = [f"(the oldest exchange {left_out}", f"(the 2 oldest exchanges {left_out}"]
+        assert driver.execute_script(notes) == said
+        _page(driver, server + "/")  # kept with the conversation
+        assert driver.execute_script(notes) == said
+
+
+@pytest.mark.slow
 def test_chat_page_refuses_a_setting_that_is_not_a_number(server: str) -> None:
     # "1e" or "-" in a number field is an empty value to the script, so it was sent as the server's
     # default (temperature 1, max_tokens the rest of the context) while the field still showed it

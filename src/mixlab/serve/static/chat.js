@@ -102,9 +102,10 @@ function render() {  // the log, drawn from the conversation
   }
 }
 
-const NOTES = {cut: () => "(cut at max tokens)", stopped: () => "(stopped)",
+const NOTES = {trimmed: (n) => `(the ${n === 1 ? "oldest exchange" : n + " oldest exchanges"} left out: the conversation outgrew the model's context)`,
+               cut: () => "(cut at max tokens)", stopped: () => "(stopped)",
                interrupted: (said) => `(interrupted: ${said === true ? "the page was left" : said})`};
-function note(body, why, said) {  // a reply that did not finish: say so beside it, not in it
+function note(body, why, said) {  // a reply that did not finish, or read less: say so beside it, not in it
   const span = document.createElement("span"); span.className = why === "interrupted" ? "note error" : "note muted";
   span.textContent = NOTES[why](said); body.after(span);
 }
@@ -180,20 +181,28 @@ async function answer(history, asked) {
   const body = addMessage("assistant", "");
   const system = $("system").value.trim();
   controller = new AbortController(); buttons();
-  let reply = "", answered = false, full = false, ended = false;
+  let reply = "", answered = false, full = false, ended = false, skip = 0;
   let last = null;  // the last token shown, [text, experts] and its span, until its experts come
   const tokens = [];  // [text, experts] as shown, kept with the reply
   streaming = {history, tokens};
   try {
     if (model === null) await loadModel();  // not reached when the page loaded: the model's layers and experts first
-    const req = {model, stream: true, return_experts: !!info.experts,
-                 messages: (system ? [{role: "system", content: system}] : []).concat(
-                   history.map(({role, content}) => ({role, content}))),
-                 temperature: number("temperature"), max_tokens: number("max_tokens")};
-    const r = await fetch("v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
-                                                  signal: controller.signal});
+    let r;
+    for (;;) {  // a conversation that outgrew the context: its oldest exchanges left out, as `mixlab chat` does
+      const req = {model, stream: true, return_experts: !!info.experts,
+                   messages: (system ? [{role: "system", content: system}] : []).concat(
+                     history.slice(skip).map(({role, content}) => ({role, content}))),
+                   temperature: number("temperature"), max_tokens: number("max_tokens")};
+      r = await fetch("v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
+                                              signal: controller.signal});
+      if (r.status !== 400 || history.length - skip < 3) break;  // the question alone is left: its error stands
+      const j = await r.clone().json().catch(() => null);
+      if (!(j && j.error && j.error.code === "context_length_exceeded")) break;
+      skip += 2;  // a question and its reply
+    }
     answered = true;
     if (!r.ok) throw new Error(await failure(r));
+    if (skip) note(body, "trimmed", skip / 2);
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {
@@ -224,7 +233,8 @@ async function answer(history, asked) {
     }
     // a stream cut off (a proxy's timeout) ends without [DONE]: the reply did not finish
     if (!ended) throw new Error("the server closed the stream before the reply ended");
-    history.push({role: "assistant", content: reply || " ", tokens, ...(full ? {cut: true} : {})});
+    history.push({role: "assistant", content: reply || " ", tokens, ...(full ? {cut: true} : {}),
+                  ...(skip ? {trimmed: skip / 2} : {})});
     $("status").textContent = "";
   } catch (e) {
     const lost = answered ? "the connection to the server was lost" : "cannot reach the server";
@@ -233,7 +243,8 @@ async function answer(history, asked) {
     // kept as far as it went, and said so
     if (leaving || e.name === "AbortError" || tokens.length) {
       const [why, said] = e.name === "AbortError" && !leaving ? ["stopped", true] : ["interrupted", error];
-      history.push({role: "assistant", content: reply || " ", tokens, [why]: said}); note(body, why, said);
+      history.push({role: "assistant", content: reply || " ", tokens, [why]: said, ...(skip ? {trimmed: skip / 2} : {})});
+      note(body, why, said);
     }
     else {  // the question leaves the conversation (shown struck out) and goes back into the box, to send again
       history.pop(); asked.parentElement.classList.add("unsent");
