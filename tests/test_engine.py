@@ -520,6 +520,15 @@ def test_an_empty_prompt_starts_from_bos_as_in_generate(tiny):
     assert outs[0][-1].prompt_tokens == 1
 
 
+def _own_routing(model, prompt, outs):
+    """Each generated token's experts as it runs through the model: a full forward over the prompt and
+    every generated token."""
+    ids = prompt + [o.token_id for o in outs]
+    with torch.no_grad():
+        routings = model.forward_output(torch.tensor([ids])).routing
+    return [[r.idx_TK[len(prompt) + j].tolist() for r in routings] for j in range(len(outs))]
+
+
 def test_experts_and_stats(tiny):
     prompt = _prompts((6,))[0]
     eng = Engine(tiny)
@@ -527,17 +536,50 @@ def test_experts_and_stats(tiny):
     eng.run_until_idle()
     outs = list(h)
     L, K = tiny.config.n_layers, tiny.config.moe.top_k
-    # The experts of the forward pass that produced each token (its input: the previous token).
-    ids = prompt + [o.token_id for o in outs]
-    with torch.no_grad():
-        routings = tiny.forward_output(torch.tensor([ids[:-1]])).routing
-    for j, o in enumerate(outs):
-        pos = len(prompt) - 1 + j
-        assert o.experts == [r.idx_TK[pos].tolist() for r in routings]
-        assert len(o.experts) == L and len(o.experts[0]) == K
+    # Each token's own experts, the last token's too (it runs once more after the request finished).
+    assert [o.experts for o in outs] == _own_routing(tiny, prompt, outs)
+    assert len(outs[0].experts) == L and len(outs[0].experts[0]) == K
+    assert outs[-1].finish_reason == "length"
     st = eng.stats()
-    assert st["tokens_out"] == 4 and st["steps"] >= 4
+    assert st["tokens_out"] == 4 and st["steps"] >= 5
     assert sum(st["expert_load"][0]) == K * st["tokens_in"]
+    assert st["running"] == 0 and st["cache_used_bytes"] == 0
+
+
+def test_experts_are_each_token_s_own_beside_other_requests(tiny):
+    """return_experts beside requests without it, finishes on stop tokens and at max_tokens, a cancel:
+    the tokens are those of the same requests without return_experts, each token carries its own
+    experts, and a cancelled request still gets the token it generated."""
+    prompts = _prompts((5, 9, 3, 7), seed=4)
+    params = [SamplingParams(max_tokens=12, return_experts=True, stop_token_ids=[124]),  # ends on its 4th token
+              SamplingParams(max_tokens=7, ignore_eos=True),
+              SamplingParams(max_tokens=9, temperature=1.0, seed=5, return_experts=True),  # EOS, 2nd token
+              SamplingParams(max_tokens=40, return_experts=True, ignore_eos=True)]
+    plain = [SamplingParams(**{**p.__dict__, "return_experts": False}) for p in params]
+    eng = Engine(tiny, max_batch=4)
+    want = _run(eng, list(zip(prompts, plain, strict=True)))
+    eng = Engine(tiny, max_batch=4)
+    handles = [eng.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    for _ in range(6):
+        eng.step()
+    handles[3].cancel()
+    eng.run_until_idle()
+    for i, (prompt, h) in enumerate(zip(prompts, handles, strict=True)):
+        outs = list(h)
+        toks = [o for o in outs if o.token_id is not None]
+        if i == 3:  # cancelled: every token it generated came out; the last one without experts
+            assert outs[-1].finish_reason == "cancelled" and toks
+            assert [o.token_id for o in toks] == want[3][: len(toks)]
+            assert toks[-1].experts is None
+            toks = toks[:-1]
+        else:
+            assert [o.token_id for o in toks] == want[i]
+            assert outs[-1].finish_reason == ("length" if i == 1 else "stop")
+        if params[i].return_experts:
+            assert [o.experts for o in toks] == _own_routing(tiny, prompt, toks)
+        else:
+            assert all(o.experts is None for o in toks)
+    assert eng.stats()["cache_used_bytes"] == 0
 
 
 def test_thread_and_asyncio(tiny):

@@ -13,6 +13,7 @@ import torch
 
 from conftest import hf_mistral, hf_mixtral
 from mixlab import load_model
+from mixlab.cache import KVCache
 from mixlab.config import get_preset
 from mixlab.generate import Sampler, generate, generate_stream
 from mixlab.model import Transformer
@@ -239,19 +240,22 @@ def test_stop_strings(tmp_path):
         generate(model, [prompt], max_new_tokens=4, stop=["x"])
 
 
-def test_recorded_experts_equal_full_forward(tiny):
-    prompts = _prompts(128, (5, 9))
+@pytest.mark.parametrize("cached", [False, True])
+def test_recorded_experts_equal_full_forward(tiny, cached):
+    """Each new token's own experts (its position in a full forward), the last token's too, through
+    the engine and through a caller's cache."""
+    prompts = _prompts(128, (5, 9))[: 1 if cached else 2]
     experts: list[torch.Tensor] = []
-    tokens = generate(tiny, prompts, max_new_tokens=6, stop_at_eos=False, experts_out=experts)
+    cache = KVCache(tiny.config, batch_size=1, max_len=32) if cached else None
+    tokens = generate(tiny, prompts, max_new_tokens=6, stop_at_eos=False, experts_out=experts, cache=cache)
     L, K = tiny.config.n_layers, tiny.config.moe.top_k
     for p, new, e in zip(prompts, tokens, experts, strict=True):
         assert e.shape == (len(new), L, K)
         seq = torch.tensor([p + new])
         with torch.no_grad():
             routings = tiny.forward_output(seq).routing
-        for layer, r in enumerate(routings):  # the token at position j-1 predicted new token j
-            want = r.idx_TK[len(p) - 1 : len(p) - 1 + len(new)]
-            assert torch.equal(e[:, layer].sort(-1).values, want.sort(-1).values)
+        for layer, r in enumerate(routings):
+            assert torch.equal(e[:, layer], r.idx_TK[len(p) : len(p) + len(new)])
 
 
 def test_empty_prompt_is_bos(tiny):

@@ -249,7 +249,7 @@ def test_generate_takes_the_native_path_and_agrees_with_pytorch():
     experts, ref_experts = [], []
     got = generate(model, [prompt], max_new_tokens=12, stop_at_eos=False, experts_out=experts)
     ref = generate(reference, [prompt], max_new_tokens=12, stop_at_eos=False, experts_out=ref_experts)
-    assert len(calls) == 11  # every step after the prefill
+    assert len(calls) == 12  # every step after the prefill, and the last token's for its experts
     assert got == ref
     assert torch.equal(experts[0], ref_experts[0])
 

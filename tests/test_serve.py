@@ -1171,8 +1171,8 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             # a reply cut at max tokens says so beside it (it looked finished)
             notes = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .note")]
             assert notes == (["(cut at max tokens)"] if len(ids) == 40 and tok.eos_id not in ids else [])
-            # every token coloured (but the last of a reply cut at max tokens: it never ran), several experts
-            colours = {s.value_of_css_property("background-color") for s in spans[:-1]}
+            # every token coloured by its own experts (the last one's too), several experts
+            colours = {s.value_of_css_property("background-color") for s in spans}
             assert len(colours) > 1 and "rgba(0, 0, 0, 0)" not in colours
             assert spans[0].get_attribute("title").startswith("layer 0: experts ")
             # every field has a name a screen reader says (the message box had only a placeholder), and all
@@ -1604,9 +1604,8 @@ def test_chat_page_refuses_a_setting_that_is_not_a_number(server: str) -> None:
 
 @pytest.mark.slow
 def test_chat_page_colours_each_token_by_its_own_experts(server: str, model_tok: tuple[Any, Any]) -> None:
-    # a token's experts in a stream are those chosen in the step that generated it, as the token before it
-    # ran through the model: the page showed each token with the previous token's choice (paper Figure 8,
-    # and `mixlab analyze`'s token view, show a token's own)
+    # each token is shown with its own experts (paper Figure 8, and `mixlab analyze`'s token view), the
+    # last one's too: the server runs a finished reply's last token once more for them
     model, tok = model_tok
     question, n = "Colour me.", 12
     with _browser() as driver:
@@ -1634,9 +1633,9 @@ def test_chat_page_colours_each_token_by_its_own_experts(server: str, model_tok:
     own = [[chosen[layer].reshape(len(ids) + len(new), -1)[len(ids) + i].tolist() for layer in chosen]
            for i in range(len(new))]
     assert "".join(t for t, _ in shown) == tok.decode(new) and len(shown) == len(new) == n  # a token a span
-    assert [ex for _, ex in shown] == own[:-1] + [None]  # the last token never ran through the model
-    assert titles[0] == "\n".join(f"layer {layer}: experts {', '.join(map(str, k))}" for layer, k in enumerate(own[0]))
-    assert titles[-1] == ""
+    assert [ex for _, ex in shown] == own
+    assert titles == ["\n".join(f"layer {layer}: experts {', '.join(map(str, k))}" for layer, k in enumerate(ex))
+                      for ex in own]
 
 
 @pytest.mark.slow

@@ -40,10 +40,12 @@ __all__ = ["Sampler", "Step", "decode_step", "generate", "generate_stream", "gre
 @dataclass
 class Step:
     """One decoding step: the new token of each prompt (None once that prompt has stopped) and,
-    when asked, the experts `[B, L, K]` each MoE layer chose in the forward pass that predicted it
-    (that is, for the previous token). With a tokenizer (and without `cache=`), `text`: the text each
-    token completes, as the engine streams it: a stop string and what follows it in its token are
-    left out (OpenAI's convention, the server's), text that may begin one held until it cannot."""
+    when asked (`record_experts`), the experts `[B, L, K]` each MoE layer sent that token to as it ran
+    through the model (a token runs in the forward pass after the one that predicted it, so such a
+    step comes one forward pass later, and the last runs once more for them). With a tokenizer (and
+    without `cache=`), `text`: the text each token completes, as the engine streams it: a stop string
+    and what follows it in its token are left out (OpenAI's convention, the server's), text that may
+    begin one held until it cannot."""
 
     tokens: list[int | None]
     experts_BLK: torch.Tensor | None = None
@@ -403,8 +405,7 @@ def _generate(
     # Grad mode is entered around each computation, never across a `yield`: a context held open
     # over a yield would leak inference mode into the caller's loop body.
     with torch.inference_mode():
-        logits_BV, experts_BLK = prefill(model, tokens_BT, positions_BT, cache, chunk=chunk,
-                                         record_experts=record_experts)
+        logits_BV, _ = prefill(model, tokens_BT, positions_BT, cache, chunk=chunk)
     # Greedy decoding of one prompt takes the argmax the native step computed, when it did.
     greedy_1 = B == 1 and sampler.greedy and seen_BV is None and counts_BV is None
     top: int | None = None
@@ -431,9 +432,11 @@ def _generate(
                 tail = texts[b][max(0, len(texts[b]) - len(piece) - longest_stop + 1) :]
                 if piece and any(s in tail for s in stop_strings):
                     done[b] = True
-        yield Step(out, experts_BLK)
-        if all(done) or step == max_new_tokens - 1:
-            return
+        last = all(done) or step == max_new_tokens - 1
+        if not record_experts:
+            yield Step(out)
+            if last:
+                return
         with torch.inference_mode():
             if seen_BV is not None:
                 seen_BV[torch.arange(B, device=device), next_B] = True
@@ -444,6 +447,10 @@ def _generate(
             positions_B1 = positions_B1 + 1
         if B == 1:
             cache.tokens.append(int(next_B[0]))
+        if record_experts:  # these tokens have run: their own experts
+            yield Step(out, experts_BLK)
+            if last:
+                return
 
 
 def generate(
@@ -470,7 +477,7 @@ def generate(
     """The new token ids of each prompt (stop token included); arguments as in `generate_stream`.
 
     Pass a list as `experts_out` to receive, per prompt, a `[N, L, K]` tensor of the experts every
-    MoE layer chose at the step that produced each of its N new tokens.
+    MoE layer sent each of its N new tokens to (`Step`).
     """
     record = experts_out is not None
     steps = generate_stream(

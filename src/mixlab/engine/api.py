@@ -150,7 +150,8 @@ class RequestOutput:
     text: str  # the text this token completes (a StreamDecoder delta; '' possible)
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
-    # with return_experts: [layer][k] chosen in the step that generated this token, as the token before it ran
+    # with return_experts: [layer][k], the experts this token went to as it ran through the model (its
+    # output is sent once they are known: one step after the token, see `Engine`)
     experts: list[list[int]] | None
     finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int

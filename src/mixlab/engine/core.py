@@ -11,7 +11,9 @@ plus chunks of prompts being prefilled, under `token_budget` tokens per step and
 the other streams (chunked prefill, Sarathi-Serve arXiv 2403.02310). Then each row is sampled with
 its own settings and generator; a finished or cancelled sequence frees its cache at once. A row
 that fails (NaN logits) ends its own request with "error", as does a failed admission (out of
-memory for its state); a step that fails ends all of the step's.
+memory for its state); a step that fails ends all of the step's. With `return_experts` a token's
+output waits for the step that runs that token (its experts are chosen then), and a finished request
+runs its last token once more for its experts before its cache is freed.
 
 Batch independence: each row's logits depend only on its own tokens, and its sampling only on its
 own generator, so a seeded request gives the same tokens whatever runs beside it, up to the
@@ -80,6 +82,10 @@ class _Seq:
     bias_1V: torch.Tensor | None = None  # logit_bias as a row
     first: bool = True
     slot: int = -1  # the runner's cache slot
+    # return_experts: the last token's output, held until that token has run through the model (the
+    # next step, or one more step after the request finished: `routing_only`) and its experts are known
+    held: RequestOutput | None = None
+    routing_only: bool = False  # finished: its last token runs once more for its experts alone
 
     @property
     def tokens(self) -> list[int]:
@@ -346,8 +352,8 @@ class Engine:
         budget = max(self.token_budget - sum(not s.prefilling for s in self._running), 0)
         for seq in self._running:
             if not seq.prefilling:
-                items.append(Item(seq.slot, seq.out[-1:] or seq.prompt[-1:], seq.n_cached, logits="last",
-                                  experts=seq.params.return_experts))
+                items.append(Item(seq.slot, seq.out[-1:] or seq.prompt[-1:], seq.n_cached,
+                                  logits="none" if seq.routing_only else "last", experts=seq.params.return_experts))
             elif budget > 0:
                 n = min(len(seq.prompt) - seq.n_cached, budget, self.prefill_chunk)
                 budget -= n
@@ -392,7 +398,10 @@ class Engine:
                     seq.prompt_lp.append(float(lp_TV[j, seq.prompt[p]]))
                     if seq.prompt_top is not None:
                         seq.prompt_top.append(top_logprobs(lp_TV[j], seq.params.logprobs or 0))
-        if not seq.prefilling and res.logits_TV is not None:
+        if seq.routing_only:  # a finished request's last token has run: its output goes out, complete
+            self._give_held(seq, res.experts_LK)
+            self._release(seq)
+        elif not seq.prefilling and res.logits_TV is not None:
             self._emit(seq, res.logits_TV[-1:], res.experts_LK, res.argmax)
 
     def _handle_cancels(self) -> None:
@@ -537,14 +546,28 @@ class Engine:
             elif len(seq.out) >= p.max_tokens:
                 finish = "length"
                 text += self._flush_text(seq)
-        experts = experts_LK.tolist() if experts_LK is not None and p.return_experts else None
-        out = RequestOutput(seq.rid, tok, text, logprob, top, experts, finish, len(seq.prompt), len(seq.out),
+        out = RequestOutput(seq.rid, tok, text, logprob, top, None, finish, len(seq.prompt), len(seq.out),
                             seq.cached_tokens, seq.prompt_lp if seq.first else None,
                             prompt_top_logprobs=seq.prompt_top if seq.first else None)
         seq.first = False
+        if p.return_experts:
+            # This step ran the previous token (the prompt's last, for the first output): its experts
+            # complete that token's output. This token's come with the next step; a finished request
+            # runs its last token once more for them (`routing_only`), its cache slot still held.
+            self._give_held(seq, experts_LK)
+            seq.held = out
+            seq.routing_only = finish is not None
+            return
         if finish is not None:
             self._release(seq)
         self._outbox.append((seq.handle, out))
+
+    def _give_held(self, seq: _Seq, experts_LK: torch.Tensor | None) -> None:
+        """Send the held output of `seq` (return_experts) with the experts its token went to."""
+        if seq.held is not None:
+            seq.held.experts = experts_LK.tolist() if experts_LK is not None else None
+            self._outbox.append((seq.handle, seq.held))
+            seq.held = None
 
     def _take_text(self, seq: _Seq) -> tuple[str, bool]:
         """The text that can be streamed now and whether a stop string completed."""
@@ -597,6 +620,11 @@ class Engine:
 
     def _finish(self, seq: _Seq, reason: str, *, error: str | None = None) -> None:
         self._release(seq, keep=reason != "error")
+        held, seq.held = seq.held, None
+        if held is not None:  # return_experts: a token whose experts never came still goes out (without them)
+            seq.handle._push(held)
+            if held.finish_reason is not None:  # the request had ended; only its last token's routing was lost
+                return
         seq.handle._push(RequestOutput(seq.rid, None, "", None, None, None, reason, len(seq.prompt), len(seq.out),
                                        seq.cached_tokens, seq.prompt_lp if seq.first else None, error,
                                        prompt_top_logprobs=seq.prompt_top if seq.first else None))

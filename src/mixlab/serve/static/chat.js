@@ -182,7 +182,6 @@ async function answer(history, asked) {
   const system = $("system").value.trim();
   controller = new AbortController(); buttons();
   let reply = "", answered = false, full = false, ended = false, skip = 0;
-  let last = null;  // the last token shown, [text, experts] and its span, until its experts come
   const tokens = [];  // [text, experts] as shown, kept with the reply
   streaming = {history, tokens};
   try {
@@ -220,13 +219,9 @@ async function answer(history, asked) {
         for (const ch of ev.choices || []) {
           const t = (ch.delta && ch.delta.content) || "";
           const ex = ch.experts && ch.experts.length ? ch.experts[0].experts : null;
-          // A token's experts are chosen as it runs through the model, in the step that generates the next
-          // token: they come with the next token (those of the first, the prompt's last token's, are not
-          // shown; a reply cut at max tokens ends with a token never run). A token whose text is held back
-          // (part of a character) shows in the next one's span, which takes that one's experts.
-          if (ex && last) { last.token[1] = ex; giveExperts(last.span, ex); }
-          last = null;
-          if (t) { const token = [t, null]; tokens.push(token); last = {token, span: addToken(body, t, null)}; reply += t; }
+          // Each chunk carries its token's own experts. A token whose text is held back (part of a
+          // character) shows in the next one's span, which takes that one's experts.
+          if (t) { tokens.push([t, ex]); addToken(body, t, ex); reply += t; }
           if (ch.finish_reason === "length") { note(body, "cut"); full = true; }
         }
       }
