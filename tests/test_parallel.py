@@ -358,13 +358,15 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-def _mixlab(args: list[str], *, nproc: int | None, script: Path | None = None) -> subprocess.Popen[str]:
+def _mixlab(args: list[str], *, nproc: int | None, script: Path | None = None,
+            restarts: int = 0) -> subprocess.Popen[str]:
     """`torchrun --nproc-per-node N -m mixlab ARGS` on loopback (or `python -m mixlab ARGS`), this src;
-    `script`: torchrun runs that file instead of `-m mixlab`."""
+    `script`: torchrun runs that file instead of `-m mixlab`; `restarts`: torchrun's --max-restarts."""
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "mixlab"] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), *([str(script)] if script else ["-m", "mixlab"])]
+        "--master-port", str(_free_port()), "--max-restarts", str(restarts),
+        *([str(script)] if script else ["-m", "mixlab"])]
     return subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -525,6 +527,12 @@ def _children(pid: int) -> list[int]:
     return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
 
 
+def _workers(pid: int) -> dict[int, int]:
+    """torchrun's worker processes by rank."""
+    return {int(dict(kv.split("=", 1) for kv in Path(f"/proc/{c}/environ").read_text().split("\0")
+                     if "=" in kv).get("RANK", -1)): c for c in _children(pid)}
+
+
 def _signal_rank_1(small_data: Path, out: Path, sig: signal.Signals) -> tuple[subprocess.Popen[str], str]:
     """Start `torchrun ... train --ep 2` into `out`, send `sig` to rank 1 once two steps are logged,
     and return torchrun's process and stderr; no worker outlives the call (a stopped one would)."""
@@ -535,8 +543,7 @@ def _signal_rank_1(small_data: Path, out: Path, sig: signal.Signals) -> tuple[su
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
             assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=60)[1][-3000:]
             time.sleep(0.2)
-        workers = {int(dict(kv.split("=", 1) for kv in Path(f"/proc/{c}/environ").read_text().split("\0")
-                            if "=" in kv).get("RANK", -1)): c for c in _children(p.pid)}
+        workers = _workers(p.pid)
         os.kill(workers[1], sig)
         _, err = p.communicate(timeout=120)
     finally:
@@ -546,6 +553,33 @@ def _signal_rank_1(small_data: Path, out: Path, sig: signal.Signals) -> tuple[su
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w, signal.SIGKILL)  # a stopped worker would outlive the test
     return p, err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+def test_torchrun_restarts_a_failed_run_and_auto_resume_continues_it(small_data: Path, tmp_path: Path) -> None:
+    """A rank killed mid-run (a lost node, the OOM killer): `torchrun --max-restarts 1` starts the same
+    command again, and with `--auto-resume` the run continues from its newest checkpoint to the end
+    (with `--resume` the first start fails; without either the restart refuses the run folder). torchrun
+    itself ends the other rank when one dies."""
+    out = tmp_path / "run"
+    p = _mixlab(_train_args(small_data, out, "--steps", "6", "--log-every", "1", "--ckpt-every", "1", "--ep", "2",
+                            "--auto-resume"), nproc=2, restarts=1)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while len(checkpoints.list_checkpoints(out / "checkpoints")) < 2:
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=60)[1][-3000:]
+            time.sleep(0.2)
+        os.kill(_workers(p.pid)[1], signal.SIGKILL)
+        _, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == list(range(1, 7))  # each step once: the restart went on, not over
+    assert checkpoints.list_checkpoints(out / "checkpoints")[-1].name == "step_00000006"
+    assert (out / "hf" / "config.json").is_file()
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")

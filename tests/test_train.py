@@ -221,6 +221,38 @@ def test_a_signal_at_the_last_step_still_finishes_the_run(dataset: Path, tmp_pat
     assert (tmp_path / "hf" / "mixlab_data.json").exists()
 
 
+def test_auto_resume_starts_then_continues(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`--auto-resume`: the same command, rerun as it is (torchrun --max-restarts, a scheduler's
+    requeue), starts a run the first time and continues it from its newest checkpoint after that,
+    as `--resume` would (which refuses to start one), and reaches the weights of a run never stopped."""
+    from mixlab.cli import main
+
+    args = ["train", "--data", str(dataset), "--seq-len", "16", "--batch-size", "2", "--steps", "4", "--threads", "1",
+            "--eval-every", "0", "--log-every", "1", "--set", "dim=32", "--set", "n_layers=1", "--deterministic",
+            "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    import mixlab.train.loop as loop
+
+    real = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg, **kw: real(cfg, stop_after=2, **kw))
+    assert main([*args, "--out", str(tmp_path / "r"), "--auto-resume"]) == 0  # starts: nothing to resume
+    assert [c.name for c in checkpoints.list_checkpoints(tmp_path / "r" / "checkpoints")] == ["step_00000002"]
+    monkeypatch.setattr(loop, "train", real)
+    assert main([*args, "--out", str(tmp_path / "r"), "--auto-resume"]) == 0  # continues from step 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == [1, 2, 3, 4]
+    a, b = (load_model(tmp_path / r / "hf") for r in ("straight", "r"))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # one or the other
+        main([*args, "--out", str(tmp_path / "r"), "--resume", "--auto-resume"])
+    assert "--auto-resume: not allowed with argument --resume" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="invalid resume='yes': expected True, False or 'auto'"):
+        train(_cfg(dataset, tmp_path / "x"), resume="yes")
+
+
 def test_bad_resume_states_are_clear_errors(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         train(_cfg(dataset, tmp_path), resume=True)

@@ -106,6 +106,20 @@ def add_quiet_arg(p: argparse.ArgumentParser) -> None:
                         "print)")
 
 
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """--resume and --auto-resume, as the training commands take them; `resume_arg` reads them."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--auto-resume", dest="auto_resume", action="store_true",
+                   help="continue from the newest checkpoint in --out if it holds one, else start: the same "
+                        "command can be rerun as it is (torchrun --max-restarts, a scheduler's requeue)")
+
+
+def resume_arg(args: argparse.Namespace) -> bool | str:
+    """What `train` / `finetune` take as `resume` from `add_resume_args`' flags."""
+    return "auto" if args.auto_resume else bool(args.resume)
+
+
 def user_path(text: str) -> str:
     """argparse type of a file or folder: `~` is the home folder, as a shell expands it in a word of its
     own but not in `--out=~/x` or a quoted '~/x' (and as a config file's paths are read)."""

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from mixlab.cli import add_quiet_arg, dtype_choice, user_path
+from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, resume_arg, user_path
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
     if args.lora_rank:  # a LoRA run writes its adapter; plain merged weights only with --merge
         over["export_hf"] = bool(args.merge)
     cfg = load_finetune_config(args.config, **over)
-    result = finetune(cfg, resume=args.resume)
+    result = finetune(cfg, resume=resume_arg(args))
     if result.stopped_by is not None:
         print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint saved; "
               "continue with --resume", file=sys.stderr)
@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16"), default=None, metavar="{float32,bfloat16}",
                        help="autocast dtype (default float32)")
         p.add_argument("--device", default=None, help="cpu (default) or cuda")
-        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        add_resume_args(p)
         add_quiet_arg(p)
         if task == "dpo":
             p.add_argument("--beta", type=float, default=None, help="DPO beta (default 0.1)")

@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, dtype_choice, fraction, names, positive, user_path
+from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, fraction, names, positive, resume_arg, user_path
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -81,7 +81,7 @@ def train_cmd(args: argparse.Namespace) -> int:
         raise ValueError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
     par = _parallel(args, cfg.device, cfg.compile)
     try:
-        result = train(cfg, resume=args.resume, parallel=par)
+        result = train(cfg, resume=resume_arg(args), parallel=par)
     finally:
         if par is not None:
             from mixlab.parallel.mesh import shutdown
@@ -194,7 +194,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="recompute each block in the backward pass instead of keeping its activations")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_resume_args(p)
     add_quiet_arg(p)
     add_parallel_args(p)
     p.set_defaults(func=train_cmd)

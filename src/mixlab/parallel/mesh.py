@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from mixlab.errors import ConfigError
@@ -120,6 +121,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _attempt_store() -> dist.Store | None:
+    """Under torchrun (its agent's store, `TORCHELASTIC_USE_AGENT_STORE`): that store seen through
+    this attempt's own prefix. torchrun keeps one store across the restarts of `--max-restarts`, and
+    the process group of a restarted run read the addresses its dead predecessors left there (gloo:
+    "Connection refused" with --master-addr, a hang with --standalone; torch 2.13, pytorch#135712).
+    None elsewhere: `init_process_group`'s own store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=_timeout() or default_pg_timeout)
+    return dist.PrefixStore(f"mixlab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+
+
 def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
     """Join (or start, for a world of one) the process group and build the mesh. `device`: "cpu"
     (gloo) or "cuda" (NCCL, one GPU per process: `LOCAL_RANK`)."""
@@ -136,7 +150,13 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
                               MASTER_PORT=str(_free_port()))
         if dev_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", timeout=_timeout())
+        backend = "nccl" if dev_type == "cuda" else "gloo"
+        store = _attempt_store()
+        if store is None:
+            dist.init_process_group(backend, timeout=_timeout())
+        else:
+            dist.init_process_group(backend, timeout=_timeout(), store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
     check_same({"--ep": ep, "--fsdp": fsdp, "--device": dev_type})  # a mesh of another shape would hang
     world, rank = dist.get_world_size(), dist.get_rank()
     torch_dev = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")

@@ -57,6 +57,7 @@ from mixlab.train.losses import IGNORE, lm_loss, router_losses
 from mixlab.train.settings import (
     INTEGERS,
     OptimizerSettings,
+    check_resume_arg,
     check_resume_settings,
     check_settings,
     paths_as_text,
@@ -387,15 +388,19 @@ def _fingerprint(items: list[Any]) -> str:
     return h.hexdigest()
 
 
-def finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after: int | None = None,
+def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int | None = None,
              on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> FinetuneResult:
     """Fine-tune per `cfg` (see the module docstring). `resume`: continue from the newest checkpoint in
-    `cfg.out`. `stop_after`: stop (with a checkpoint) after this many steps in total, as if killed."""
+    `cfg.out`; "auto": continue from it when there is one, else start. `stop_after`: stop (with a
+    checkpoint) after this many steps in total, as if killed."""
     cfg = check_finetune_config(cfg)
+    check_resume_arg(resume)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     with atomic.exclusive(out, what="run folder"):  # one run at a time in OUT
         newest = checkpoints.latest(ckpt_root)
+        # "auto": a command rerun as it was (torchrun --max-restarts, a scheduler's requeue)
+        resume = newest is not None if resume == "auto" else bool(resume)
         if resume and newest is None:
             raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
         if not resume and checkpoints.list_checkpoints(ckpt_root):

@@ -56,6 +56,7 @@ from mixlab.train.settings import (
     INTEGERS,
     NUMBERS,
     OptimizerSettings,
+    check_resume_arg,
     check_resume_settings,
     check_settings,
     paths_as_text,
@@ -398,15 +399,17 @@ def check_export_folder(path: Path) -> None:
     atomic.check_destination(path)  # e.g. a file of that name
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+def train(cfg: TrainConfig, *, resume: bool | str = False, stop_after: int | None = None,
           on_step: Callable[[dict[str, Any]], bool | None] | None = None,
           parallel: Parallel | None = None) -> TrainResult:
     """Train per `cfg`. `resume`: continue from the newest checkpoint in `cfg.out` (an error if there
-    is none). `stop_after`: stop (with a checkpoint) after this many steps in total, as if killed.
-    `on_step(record)` is called after every step; returning True ends the run there (checkpointed,
-    exported). `parallel`: run as one of several processes (see `Parallel`); the global batch, the
-    schedule and the checkpoints' contents are those of a one-process run."""
+    is none); "auto": continue from it when there is one, else start. `stop_after`: stop (with a
+    checkpoint) after this many steps in total, as if killed. `on_step(record)` is called after every
+    step; returning True ends the run there (checkpointed, exported). `parallel`: run as one of
+    several processes (see `Parallel`); the global batch, the schedule and the checkpoints' contents
+    are those of a one-process run."""
     cfg = check_train_config(cfg)
+    check_resume_arg(resume)
     dataset = TokenDataset(cfg.data)
     mc = build_model_config(cfg, dataset)
     out = Path(cfg.out)
@@ -414,6 +417,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     # one run at a time in OUT (rank 0 holds it for all of a distributed run's processes)
     with atomic.exclusive(out, what="run folder") if parallel is None or parallel.is_main else nullcontext():
         newest = checkpoints.latest(ckpt_root)  # validates it: a damaged newest checkpoint raises
+        # "auto": a command rerun as it was (torchrun --max-restarts, a scheduler's requeue)
+        resume = newest is not None if resume == "auto" else bool(resume)
         if resume and newest is None:
             raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
         if not resume and checkpoints.list_checkpoints(ckpt_root):

@@ -162,6 +162,12 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
             raise ConfigError(f"{what} setting {name!r} must be at most 1, got {getattr(cfg, name)!r}")
 
 
+def check_resume_arg(resume: object) -> None:
+    """`resume`: True, False or "auto" (continue when the run folder holds a checkpoint, else start)."""
+    if not (isinstance(resume, bool) or resume == "auto"):
+        raise ValueError(f"invalid resume={resume!r}: expected True, False or 'auto'")
+
+
 def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str], ckpt: Path, what: str) -> None:
     """CheckpointError unless `cfg` has the settings the checkpoint `ckpt` was saved with (`saved`:
     its stored `asdict(cfg)`), except those in `run_only`. A field added after the checkpoint was
