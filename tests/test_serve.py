@@ -1639,6 +1639,26 @@ def test_chat_page_colours_each_token_by_its_own_experts(server: str, model_tok:
 
 
 @pytest.mark.slow
+def test_chat_page_follows_a_server_restarted_with_another_model(server: str) -> None:
+    # a page left open while its server was restarted with another model sent the name it had loaded
+    # (each request names it) and got "404: the model ... does not exist" on every send until reloaded
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with _browser() as driver:
+        _page(driver, server + "/")
+        served = driver.execute_script("const m = model; model = 'the-model-before'; "
+                                       "document.getElementById('model').textContent = 'the-model-before'; return m")
+        driver.execute_script("document.getElementById('max_tokens').value = '4';"
+                              "document.getElementById('input').value = 'Hello?';"
+                              "document.getElementById('send').click()")
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return messages.length === 2 && !controller"))
+        assert driver.execute_script("return [model, messages[1].role, messages[1].tokens.length]") == \
+            [served, "assistant", 4]
+        assert driver.execute_script("return document.getElementById('model').textContent").startswith(served + " ·")
+        assert not driver.execute_script("return document.querySelectorAll('.msg.error').length")
+
+
+@pytest.mark.slow
 def test_chat_page_breaks_a_long_word_in_a_narrow_window(server: str) -> None:
     # a word longer than the log is wide (a URL, base64) widened the question's bubble past it: the log
     # scrolled sideways, the question's other lines too

@@ -186,7 +186,7 @@ async function answer(history, asked) {
   streaming = {history, tokens};
   try {
     if (model === null) await loadModel();  // not reached when the page loaded: the model's layers and experts first
-    let r;
+    let r, reloaded = false;
     for (;;) {  // a conversation that outgrew the context: its oldest exchanges left out, as `mixlab chat` does
       const req = {model, stream: true, return_experts: !!info.experts,
                    messages: (system ? [{role: "system", content: system}] : []).concat(
@@ -194,6 +194,10 @@ async function answer(history, asked) {
                    temperature: number("temperature"), max_tokens: number("max_tokens")};
       r = await fetch("v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
                                               signal: controller.signal});
+      if (r.status === 404 && !reloaded) {  // the server was restarted with another model: take that one, once
+        const j = await r.clone().json().catch(() => null);
+        if (j && j.error && j.error.code === "model_not_found") { reloaded = true; await loadModel(); continue; }
+      }
       if (r.status !== 400 || history.length - skip < 3) break;  // the question alone is left: its error stands
       const j = await r.clone().json().catch(() => null);
       if (!(j && j.error && j.error.code === "context_length_exceeded")) break;
