@@ -1639,6 +1639,27 @@ def test_chat_page_colours_each_token_by_its_own_experts(server: str, model_tok:
 
 
 @pytest.mark.slow
+def test_chat_page_on_a_touch_screen_enter_is_a_new_line(server: str) -> None:
+    # Enter always sent: on a phone's keyboard (no Shift+Enter) a message could not have two lines
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with _browser() as driver:
+        driver.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
+        _page(driver, server + "/")
+        assert driver.execute_script("return matchMedia('(pointer: coarse)').matches")
+        box = driver.find_element(By.ID, "input")
+        assert "Enter: new line" in box.get_attribute("placeholder")
+        driver.execute_script("document.getElementById('max_tokens').value = '3'")
+        box.send_keys("first line\nsecond line")
+        assert box.get_attribute("value") == "first line\nsecond line"
+        assert driver.execute_script("return messages.length") == 0  # nothing sent
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return messages.length === 2 && !controller"))
+        assert driver.execute_script("return messages[0].content") == "first line\nsecond line"
+
+
+@pytest.mark.slow
 def test_chat_page_follows_a_server_restarted_with_another_model(server: str) -> None:
     # a page left open while its server was restarted with another model sent the name it had loaded
     # (each request names it) and got "404: the model ... does not exist" on every send until reloaded

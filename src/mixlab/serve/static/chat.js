@@ -266,9 +266,13 @@ $("composer").addEventListener("submit", (ev) => {
   if (text && !controller) { $("input").value = ""; send(text); }
   $("input").focus();  // after a click on Send, for the next message (the button it left is disabled)
 });
+// On a touch screen Enter is a new line (its keyboard has no Shift+Enter) and the Send button sends
+const touch = matchMedia("(pointer: coarse)");
+if (touch.matches) $("input").placeholder = "Write a message (Enter: new line; Send sends it)";
 $("input").addEventListener("keydown", (ev) => {
   // Enter that ends an input method's composition (Chinese, Japanese, Korean...) is the IME's, not a send
-  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing && ev.keyCode !== 229) {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing && ev.keyCode !== 229
+      && (!touch.matches || ev.ctrlKey || ev.metaKey)) {
     ev.preventDefault(); $("composer").requestSubmit();
   }
 });
