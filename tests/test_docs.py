@@ -125,3 +125,21 @@ def test_every_command_that_shows_progress_takes_quiet():
     commands = _commands()
     assert not [c for c in ("train", "sft", "dpo", "data prepare", "eval", "analyze", "bench", "convert", "upcycle")
                 if "--quiet" not in commands[c]]
+
+
+def test_convert_of_a_bytes_model_to_gguf_names_a_flag_that_exists(tmp_path, capsys):
+    """The refusal said 'train with --tokenizer mixtral', a flag `mixlab train` does not take: the
+    tokenizer is chosen when the data is prepared (`mixlab data prepare --tokenizer`)."""
+    import pytest
+
+    pytest.importorskip("gguf")
+    import mixlab
+    from mixlab.cli import main
+
+    model = mixlab.Transformer(mixlab.get_preset("tiny-moe").replace(vocab_size=259))
+    mixlab.save_model(model, tmp_path / "hf")
+    (tmp_path / "hf" / "mixlab_data.json").write_text('{"tokenizer": {"type": "bytes"}}')
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "x.gguf"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    flags = re.findall(r"`mixlab (data prepare) (--[a-z-]+)", err)
+    assert flags and all(flag in _commands()[cmd] for cmd, flag in flags), err

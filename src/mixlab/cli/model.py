@@ -121,7 +121,8 @@ def _trained_vocabulary(src: Path, extra: dict[str, str]) -> Path | None:
         return None
     if spec.get("type") == "bytes":
         raise ValueError(f"{src} was trained with mixlab's bytes tokenizer, which llama.cpp has no vocabulary "
-                         "type for: a GGUF needs a SentencePiece model (train with --tokenizer mixtral or a .model)")
+                         "type for: a GGUF needs a SentencePiece model (prepare the data with `mixlab data prepare "
+                         "--tokenizer mixtral` or a .model, then train on it)")
     path = Path(str(spec.get("path", "")))
     return path if spec.get("type") == "file" and path.is_file() and path.suffix != ".json" else None
 
