@@ -143,3 +143,15 @@ def test_convert_of_a_bytes_model_to_gguf_names_a_flag_that_exists(tmp_path, cap
     err = capsys.readouterr().err
     flags = re.findall(r"`mixlab (data prepare) (--[a-z-]+)", err)
     assert flags and all(flag in _commands()[cmd] for cmd, flag in flags), err
+
+
+def test_scaling_md_plans_are_what_mixlab_plan_prints(capsys):
+    """docs/scaling.md shows `mixlab plan`'s output under each command it ran; a change to the
+    counts or the layout's bytes must change the page too."""
+    from mixlab.cli import main
+
+    plans = re.findall(r"### `mixlab plan ([^`]*)`\s*```\n(.*?)```", (ROOT / "docs" / "scaling.md").read_text(), re.S)
+    assert len(plans) >= 5
+    for args, shown in plans:
+        assert main(["plan", *args.split()]) == 0
+        assert capsys.readouterr().out.strip() == shown.strip(), f"docs/scaling.md: mixlab plan {args}"
