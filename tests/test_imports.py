@@ -36,6 +36,8 @@ def _imports(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "mixlab":  # `from mixlab import atomic`
+            out += [f"mixlab.{a.name}" for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.append(node.module)
     return out
@@ -72,3 +74,11 @@ def test_rank_holds_no_dead_entries():
     groups = {p.relative_to(SRC).parts[0].removesuffix(".py") for p in SRC.iterdir()
               if p.suffix == ".py" or p.is_dir()} - {"__init__", "__pycache__", "__main__"}
     assert set(RANK) <= groups, f"RANK names modules that do not exist: {sorted(set(RANK) - groups)}"
+
+
+def test_from_mixlab_import_is_checked_too(tmp_path: Path) -> None:
+    """`from mixlab import cli` (or `atomic`, as engine/runner.py imports `pages`) named the module
+    `mixlab`, which belongs to no group, so such an import escaped the direction check."""
+    f = tmp_path / "x.py"
+    f.write_text("from mixlab import cli, pages\nfrom mixlab.ops import moe\n")
+    assert [_group(m) for m in _imports(f)] == ["cli", "pages", "ops"]
