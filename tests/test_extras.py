@@ -86,3 +86,24 @@ assert "total parameters:" in out.getvalue() and "build-kernels" in out.getvalue
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+
+
+def test_the_loss_curve_plot_shows_a_fine_tuning_runs_held_out_loss(tmp_path, monkeypatch):
+    """`mixlab sft` / `dpo` log `eval_loss` without train's per-domain `eval`: their held-out loss
+    was left out of the figure (only the training batches were drawn)."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from matplotlib.figure import Figure
+
+    recs = [{"step": 0, "eval_loss": 2.5}, {"step": 4, "loss": 2.4}, {"step": 4, "eval_loss": 2.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    drawn, real = {}, Figure.savefig
+
+    def savefig(self, *a, **k):
+        drawn.update((ln.get_label(), list(ln.get_ydata())) for ln in self.axes[0].get_lines())
+        real(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    plot_loss_curve(tmp_path, tmp_path / "loss.png")
+    assert drawn == {"train (batch)": [2.4], "valid": [2.5, 2.2]}

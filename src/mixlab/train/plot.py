@@ -13,7 +13,8 @@ from mixlab.atomic import atomic_file
 
 
 def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = None) -> None:
-    """Training loss (per logged step) and validation loss per domain (per evaluation) to `png`."""
+    """Training loss (per logged step) and validation loss (per evaluation; per domain too where the
+    run records it, as `mixlab train` does; `sft` and `dpo` record the held-out loss alone) to `png`."""
     try:
         import matplotlib
     except ImportError as e:
@@ -25,17 +26,19 @@ def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = Non
     recs = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
             if ln.strip()]
     train = [r for r in recs if "loss" in r]
-    evals = [r for r in recs if "eval" in r]
+    evals = [r for r in recs if "eval_loss" in r]
+    domains = [r for r in evals if "eval" in r]
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="lightsteelblue", lw=1, label="train (batch)")
+    for dom in domains[-1]["eval"] if domains else []:
+        ax.plot([r["step"] for r in domains], [r["eval"][dom] for r in domains], marker="o", ms=3, lw=1.2,
+                label=f"valid {dom}")
     if evals:
-        for dom in evals[-1]["eval"]:
-            ax.plot([r["step"] for r in evals], [r["eval"][dom] for r in evals], marker="o", ms=3, lw=1.2,
-                    label=f"valid {dom}")
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], color="k", lw=2.2,
-                label="valid (all domains)")
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], color="k", lw=2.2, marker="o", ms=3,
+                label="valid (all domains)" if domains else "valid")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats per token)")
+    dpo = any("rewards/margins" in r for r in train)  # a `mixlab dpo` run's loss is the preference loss
+    ax.set_ylabel("DPO loss" if dpo else "cross-entropy (nats per token)")
     ax.set_title(title or str(run))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
