@@ -155,3 +155,16 @@ def test_scaling_md_plans_are_what_mixlab_plan_prints(capsys):
     for args, shown in plans:
         assert main(["plan", *args.split()]) == 0
         assert capsys.readouterr().out.strip() == shown.strip(), f"docs/scaling.md: mixlab plan {args}"
+
+
+def test_the_files_the_docs_link_or_name_exist():
+    """Every relative link of README.md and docs/*.md, and every repository path they name in code
+    (`src/mixlab/...`, `tests/...`, `benchmarks/...`, `experiments/...`, `scripts/...`, `docs/...`), is there."""
+    missing = []
+    for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = f.read_text()
+        links = [f.parent / m for m in re.findall(r"\]\(([^)#\s]+)", text) if not m.startswith("http")]
+        paths = [ROOT / m.split("::")[0] for m in
+                 re.findall(r"`((?:src/mixlab|tests|benchmarks|experiments|scripts|docs)/[\w./-]*\w)", text)]
+        missing += [f"{f.name}: {p.relative_to(ROOT)}" for p in links + paths if not p.exists()]
+    assert not missing, missing
