@@ -9,6 +9,7 @@ from mixlab.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w-])")
+COMMANDS = re.compile(r"mixlab ((?:[a-z][a-z-]*\\\|)*[a-z][a-z-]*(?: prepare)?)")  # `mixlab a\|b`: both
 FOREIGN = {"--tasks", "--nproc-per-node"}  # lm-eval's and torchrun's, in the eval and torchrun rows
 
 
@@ -33,11 +34,20 @@ def test_readme_command_table_names_only_flags_its_commands_take():
     assert len(rows) > 15
     for row in rows:
         head = row.split(" | ")[0]
-        names = re.findall(r"mixlab ((?:[a-z][a-z-]*\\\|)*[a-z][a-z-]*(?: prepare)?)", head)
+        names = COMMANDS.findall(head)
         cmds = [c for name in names for c in name.split("\\|")] or [""]
         taken = set().union(*(commands[c] for c in cmds))
         bad = set(FLAG.findall(row)) - taken - FOREIGN
         assert not bad, f"README's row for {cmds} names {sorted(bad)}, which they do not take"
+
+
+def test_every_command_has_a_row_in_readmes_table():
+    """A subcommand added to `mixlab --help` without a row in README's command table was found only by reading."""
+    heads = [line.split(" | ")[0] for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
+    named = {c for head in heads for name in COMMANDS.findall(head)
+             for c in name.split("\\|")}
+    groups = {c.split()[0] for c in _commands() if " " in c}  # `data`: its subcommands have the rows
+    assert set(_commands()) - named - groups - {""} == set()
 
 
 def test_every_flag_is_documented():
