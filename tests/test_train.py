@@ -182,6 +182,20 @@ def test_gguf_of_a_trained_model_carries_its_sentencepiece_vocabulary(tmp_path: 
     assert main(["convert", str(bytes_run / "hf"), str(tmp_path / "b.gguf"), "--quiet"]) == 2
 
 
+def test_a_valid_split_too_short_for_one_window_warns_instead_of_reporting_a_zero_loss(tmp_path: Path) -> None:
+    """A valid split shorter than seq_len + 1 tokens in every domain has no window: each evaluation
+    reported 'valid loss 0.0000 (ppl 1.00)' and wrote eval_loss 0.0 to metrics.jsonl."""
+    (tmp_path / "src" / "prose").mkdir(parents=True)
+    (tmp_path / "src" / "prose" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"The {i}th cat sat on the mat. " * 4}) + "\n" for i in range(20)))
+    (tmp_path / "src" / "prose" / "valid.jsonl").write_text(json.dumps({"text": "Short."}) + "\n")
+    prepare(read_documents([tmp_path / "src"]), tmp_path / "ds")
+    with pytest.warns(UserWarning, match=r"the 'valid' split has no window of 33 tokens, so there is no validation"):
+        res = train(_cfg(tmp_path / "ds", tmp_path / "run", steps=2, eval_every=1))
+    assert res.step == 2 and res.evals == []
+    assert not [ln for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in ln]
+
+
 def test_sigterm_saves_and_resume_continues(dataset: Path, tmp_path: Path) -> None:
     def kill_at_2(rec: dict[str, Any]) -> None:
         if rec["step"] == 2:

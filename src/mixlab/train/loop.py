@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -467,6 +468,13 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     loader = BatchLoader(dataset, split="train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                          shard=(par.rank, par.world) if par is not None else (0, 1))
     loader.skip(cfg.data_offset)
+    # a valid split shorter than seq_len + 1 tokens in every domain has no window: its loss would read 0
+    evaluates = cfg.eval_every > 0 and any(
+        len(eval_windows(dataset, split="valid", domain=d, seq_len=cfg.seq_len, max_windows=1))
+        for d in dataset.split_domains("valid"))
+    if cfg.eval_every > 0 and not evaluates and main:
+        warnings.warn(f"{dataset.path}: the 'valid' split has no window of {cfg.seq_len + 1} tokens, so there is no "
+                      "validation loss; use a shorter seq_len or more validation data", stacklevel=2)
     fingerprint = dataset.fingerprint()
     step = 0
     if resume:
@@ -588,7 +596,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                           f"load/layer {imb}")
             if on_step is not None and on_step(rec):
                 requested_stop = True
-            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if evaluates and (step % cfg.eval_every == 0 or step == cfg.steps):
                 # Eager, even with --compile: a no-grad graph would be a second compile (and more for
                 # the last, shorter batch) to save seconds, and evaluation runs inference kernels
                 # (ops/native) that torch.compile cannot trace.
