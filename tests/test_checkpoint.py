@@ -513,6 +513,11 @@ def test_cli_info_prints_exact_counts(capsys):
     assert main(["info", "mixtral-8x7b"]) == 0
     out = capsys.readouterr().out
     assert "46,702,792,704" in out and "12,879,925,248" in out
+    assert "weights:           bf16 86.99 GiB, int8 43.50 GiB, int4 21.75 GiB" in out
+    assert "131,072 bytes (bf16); 4.00 GiB at full context" in out
+    assert main(["info", "tiny-moe"]) == 0  # a small model's sizes read 0.00 GiB
+    out = capsys.readouterr().out
+    assert "bf16 0.49 MiB, int8 0.24 MiB, int4 0.12 MiB" in out and "0.12 MiB at full context" in out
     assert main(["info", "mixtral-8x22b"]) == 0  # 141B parameters: would not fit if allocated
     assert main(["info", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err

@@ -51,6 +51,16 @@ def test_the_loss_curve_plot_without_matplotlib_names_the_extra(tmp_path, monkey
     assert not (tmp_path / "loss.png").exists()
 
 
+def test_the_loss_curve_plot_s_help_goes_to_stdout(monkeypatch, capsys):
+    # --help printed the usage to stderr and exited 1, as an error
+    monkeypatch.setattr(sys, "argv", ["plot", "--help"])
+    monkeypatch.delitem(sys.modules, "mixlab.train.plot", raising=False)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("mixlab.train.plot", run_name="__main__")
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and "RUN_DIR" in out and "OUT.png" in out and err == ""
+
+
 # Installed here for tests and peers, absent from a core install (pyproject's extras, and what they bring).
 OPTIONAL = ("gguf", "matplotlib", "lm_eval", "accelerate", "llama_cpp", "fastapi", "uvicorn", "starlette",
             "prometheus_client", "triton", "transformers", "tokenizers", "peft", "trl", "psutil", "httpx", "openai")

@@ -51,6 +51,14 @@ def _config(spec: str) -> tuple[str, ModelConfig]:
                       f"(presets: {', '.join(sorted(PRESETS))})")
 
 
+
+def _binary(n: float) -> str:
+    """A size in GiB, or MiB / KiB where GiB would read 0.00 (a small model's)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size / 100:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n / 2**10:,.2f} KiB"
+
 def info(args: argparse.Namespace) -> int:
     name, cfg = _config(args.model)  # arithmetic on the config only: no weights are allocated
     stored = None
@@ -88,9 +96,9 @@ def info(args: argparse.Namespace) -> int:
     for part in ("embedding", "output", "attention", "ffn", "router", "norms"):
         print(f"  {part + ':':<12}{counts[part]:>18,}")
     print("weights:           " + ", ".join(
-        f"{n} {counts['total'] * b / 2**30:,.2f} GiB" for n, b in (("bf16", 2), ("int8", 1), ("int4", 0.5))))
+        f"{n} {_binary(counts['total'] * b)}" for n, b in (("bf16", 2), ("int8", 1), ("int4", 0.5))))
     print(f"KV cache per token: {cfg.kv_cache_bytes_per_token(2):,} bytes (bf16); "
-          f"{cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len / 2**30:,.2f} GiB at full context")
+          f"{_binary(cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len)} at full context")
     if stored:
         print(f"stored:            {stored}")
     return 0

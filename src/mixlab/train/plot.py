@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -49,9 +50,12 @@ def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = Non
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m mixlab.train.plot RUN_DIR OUT.png")
+    parser = argparse.ArgumentParser(prog="python -m mixlab.train.plot",
+                                     description="Draw a run's training and validation loss (metrics.jsonl).")
+    parser.add_argument("run", metavar="RUN_DIR", help="a run folder of mixlab train, sft or dpo")
+    parser.add_argument("png", metavar="OUT.png", help="the image to write (its suffix picks the format)")
+    args = parser.parse_args()
     try:
-        plot_loss_curve(sys.argv[1], sys.argv[2])
+        plot_loss_curve(args.run, args.png)
     except (ImportError, OSError, ValueError) as e:  # no matplotlib, no metrics.jsonl, a bad line in it
         sys.exit(f"python -m mixlab.train.plot: error: {e}")
