@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import hf_mistral, hf_mixtral
-from mixlab import load_model
+from mixlab import load_model, save_model
 from mixlab.checkpoint import CheckpointError
 from mixlab.cli import main as cli_main
 from mixlab.config import ConfigError
@@ -88,6 +88,22 @@ def test_llama_upcycles(tmp_path, tied):
     cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert cfg["sliding_window"] is None and cfg["rope_theta"] == 5e5 and cfg["tie_word_embeddings"] is tied
     torch.testing.assert_close(hf_logits(tmp_path / "moe"), hf_logits(src), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mistral_format_upcycles(tmp_path, tied):
+    # a params.json + consolidated.safetensors folder (Mistral's downloads, `mixlab convert --to mistral`)
+    # was refused ("convert it first with mixlab convert SRC DST --to hf")
+    src = hf_llama(tmp_path / "llama", tie_word_embeddings=tied)
+    save_model(load_model(src), tmp_path / "mistral", fmt="mistral")
+    assert not (tmp_path / "mistral" / "config.json").exists()
+    upcycle(tmp_path / "mistral", tmp_path / "moe", num_experts=4, top_k=2, router_std=1.0, seed=1)
+    torch.testing.assert_close(hf_logits(tmp_path / "moe"), hf_logits(src), atol=1e-5, rtol=0)
+    # a Mistral-format MoE is refused as a transformers one is
+    save_model(load_model(tmp_path / "moe"), tmp_path / "moe_mistral", fmt="mistral")
+    with pytest.raises(ConfigError, match=r"params\.json: this checkpoint is already a mixture of experts"):
+        upcycle(tmp_path / "moe_mistral", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_noise_makes_experts_differ_and_logits_stay_close(dense, tmp_path):

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("upcycle", help="make a Mixtral-style MoE from a dense Mistral/Llama checkpoint "
                                        "(sparse upcycling: every expert starts as the layer's FFN)")
     p.add_argument("--from", type=user_path, dest="src", required=True, metavar="DENSE_DIR",
-                   help="dense transformers checkpoint folder (MistralForCausalLM or LlamaForCausalLM)")
+                   help="dense checkpoint folder: transformers (MistralForCausalLM or LlamaForCausalLM) or "
+                        "Mistral format (params.json)")
     p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")

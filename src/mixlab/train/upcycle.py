@@ -77,15 +77,22 @@ def upcycle_config(dense: ModelConfig, *, num_experts: int, top_k: int) -> Model
     return dense.replace(moe=MoEConfig(num_experts=num_experts, top_k=top_k))
 
 
-def _read_dense_config(root: Path) -> tuple[ModelConfig, dict[str, Any]]:
+def _read_dense_config(root: Path) -> tuple[ModelConfig, dict[str, Any], str, Path]:
+    """The dense config, the file's fields, the tensors' format ("hf" for a transformers config.json,
+    "mistral" for Mistral's params.json) and the config file."""
     f = root / "config.json"
+    if f.is_file():  # read first, as ModelConfig.from_dir does
+        d = read_json_object(f)
+        _check_hf_config(d, str(f))
+        return ModelConfig.from_hf_dict(d, source=str(f)), d, "hf", f
+    f = root / "params.json"
     if not f.is_file():
-        hint = (" (Mistral params.json found: convert it first with `mixlab convert SRC DST --to hf`)"
-                if (root / "params.json").is_file() else "")
-        raise CheckpointError(f"{root}: no config.json (transformers format) found{hint}")
+        raise CheckpointError(f"{root}: no config.json (transformers) or params.json (Mistral) found")
     d = read_json_object(f)
-    _check_hf_config(d, str(f))
-    return ModelConfig.from_hf_dict(d, source=str(f)), d
+    if d.get("moe") is not None:
+        raise ConfigError(f"{f}: this checkpoint is already a mixture of experts (field 'moe'); upcycling "
+                          "needs a dense Mistral- or Llama-style model")
+    return ModelConfig.from_mistral_dict(d, source=str(f)), d, "mistral", f
 
 
 def _layer_of(rule: Rule) -> int:
@@ -143,7 +150,8 @@ def upcycle(
     progress: bool = False,
 ) -> UpcycleReport:
     """Write at `dst` a Mixtral checkpoint (transformers format, legacy per-expert names) made from
-    the dense transformers Mistral/Llama checkpoint at `src`.
+    the dense Mistral/Llama checkpoint at `src` (transformers' config.json, or Mistral's params.json
+    and consolidated tensors).
 
     `router_init`: "zeros", "normal" (std `router_std`) or "uniform" (nn.Linear's default);
     `noise`: relative std of the independent additive Gaussian noise on each expert copy (0 = exact
@@ -166,7 +174,7 @@ def upcycle(
         raise ValueError(f"{out}: the output folder must differ from the input folder")
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint folder")
-    dense, raw = _read_dense_config(root)
+    dense, raw, src_fmt, config_file = _read_dense_config(root)
     try:
         moe = upcycle_config(dense, num_experts=num_experts, top_k=top_k)
     except ConfigError as e:
@@ -179,18 +187,21 @@ def upcycle(
         fmt = detect_format(keys)
     except ValueError as e:
         raise CheckpointError(f"{root}: {e}") from None
-    if fmt != "hf" or any(".experts." in k or "block_sparse_moe" in k or k.endswith("mlp.gate.weight") for k in keys):
-        moe_key = next((k for k in sorted(keys) if "expert" in k or "block_sparse_moe" in k), fmt)
-        raise CheckpointError(f"{root}: tensor {moe_key!r} shows an MoE or non-transformers checkpoint; "
-                              "upcycling needs a dense transformers checkpoint")
-    dense_rules = rules(dense, "hf")
+    moe_keys = sorted(k for k in keys if ".experts." in k or "block_sparse_moe" in k or k.endswith(".gate.weight"))
+    if moe_keys:  # a router or experts behind a dense config
+        raise CheckpointError(f"{root}: tensor {moe_keys[0]!r} shows a mixture of experts; upcycling needs a "
+                              "dense checkpoint")
+    if fmt != src_fmt:
+        raise CheckpointError(f"{root}: the tensors are named in the {fmt!r} format, but {config_file.name} is "
+                              f"a {'transformers' if src_fmt == 'hf' else 'Mistral'} config")
+    dense_rules = rules(dense, src_fmt)
     moe_rules = {r.ours: r for r in rules(moe, "hf")}
     wanted = {n for r in dense_rules for n in r.theirs}
     missing = sorted(wanted - keys)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{root}: missing tensors: {', '.join(missing[:5])}{more}")
-    ignorable = {"lm_head.weight"} if dense.tie_embeddings else set()
+    ignorable = {"lm_head.weight" if src_fmt == "hf" else "output.weight"} if dense.tie_embeddings else set()
     unexpected = sorted(k for k in keys - wanted - ignorable if not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         # e.g. q_proj.bias (attention_bias) or a vision tower: weights Mixtral has no place for.
@@ -200,7 +211,7 @@ def upcycle(
         for n, want in zip(r.theirs, r.shapes, strict=True):
             if tuple(reader.shape(n)) != tuple(want):
                 raise CheckpointError(f"{where[n]}: tensor {n!r} has shape {list(reader.shape(n))}, but "
-                                      f"{root / 'config.json'} implies {list(want)}")
+                                      f"{config_file} implies {list(want)}")
 
     E, D = num_experts, dense.dim
     g = torch.Generator().manual_seed(seed)
@@ -243,7 +254,7 @@ def upcycle(
             n_written += 1
             yield item
 
-    stored = reader.dtype("model.embed_tokens.weight")
+    stored = reader.dtype(dense_rules[0].theirs[0])  # the embeddings
     if dtype is None:
         dtype = DTYPES[stored] if stored in FLOAT_DTYPES else torch.float32
     cfg["dtype"] = cfg["torch_dtype"] = dtype_name(dtype)  # transformers >= 5 reads "dtype"
