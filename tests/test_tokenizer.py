@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CORPUS, hf_tokenizer_json
-from mixlab.tokenizer import ChatError, load_tokenizer
+from mixlab.tokenizer import ChatError, TextError, load_tokenizer
 
 TEXTS = [
     "Hello, world!",
@@ -261,6 +261,14 @@ BAD_CHATS = [
 @pytest.mark.parametrize("chat,message", BAD_CHATS, ids=[m for _, m in BAD_CHATS])
 def test_bad_chats(tok, chat, message):
     with pytest.raises(ChatError, match=message):
+        tok.encode_chat(chat)
+
+
+def test_bad_text_in_a_chat_names_its_message(tok):
+    # it said "the text is not valid UTF-8: '\\ud800' at character 12": the position in the template's
+    # "[INST] ..." string, of no message
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "ab\ud800"}]
+    with pytest.raises(TextError, match=r"message 1's content is not valid UTF-8: '\\ud800' at character 2"):
         tok.encode_chat(chat)
 
 

@@ -266,6 +266,7 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, list
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ChatError(f"message {i} must be a dict with a str 'role' and a str 'content', got {m!r}")
+        check_text(str(m["content"]), f"message {i}'s content")  # its own position, not the template's
         role = str(m["role"])
         if role not in allowed_next:
             raise ChatError(f"message {i} has role {role!r}; expected 'system', 'user' or 'assistant'")
