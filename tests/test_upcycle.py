@@ -106,6 +106,18 @@ def test_mistral_format_upcycles(tmp_path, tied):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_training_run_is_refused_naming_its_model(dense, tmp_path):
+    # it said "no config.json (transformers format) found" of a run folder and of its checkpoints
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000003" / "state.json").write_text("{}")
+    (run / "hf").symlink_to(dense[0])
+    with pytest.raises(ConfigError, match=r"a training run folder: its exported model is .*run/hf"):
+        upcycle(run, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"a training checkpoint: `mixlab convert .*step_00000003 OUT`"):
+        upcycle(run / "checkpoints" / "step_00000003", tmp_path / "out")
+
+
 def test_noise_makes_experts_differ_and_logits_stay_close(dense, tmp_path):
     src, ref = dense
     dense_w = load_file(str(src / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]

@@ -86,8 +86,8 @@ def _read_dense_config(root: Path) -> tuple[ModelConfig, dict[str, Any], str, Pa
         _check_hf_config(d, str(f))
         return ModelConfig.from_hf_dict(d, source=str(f)), d, "hf", f
     f = root / "params.json"
-    if not f.is_file():
-        raise CheckpointError(f"{root}: no config.json (transformers) or params.json (Mistral) found")
+    if not f.is_file():  # from_dir's error: for a training run or checkpoint, it names the folder to use
+        ModelConfig.from_dir(root)
     d = read_json_object(f)
     if d.get("moe") is not None:
         raise ConfigError(f"{f}: this checkpoint is already a mixture of experts (field 'moe'); upcycling "
