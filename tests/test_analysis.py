@@ -319,6 +319,8 @@ def test_analyze_takes_one_layer_and_refuses_a_string_of_domains(tmp_path: Path)
     report = analyze(model, tok, corpus, out=tmp_path / "r", layers=1, max_tokens=20, seq_len=8, figures=False,
                      progress=False)
     assert report["shown_layers"] == [1]
+    assert report["meta"]["tokenizer"] == str(tok.path)  # was absent: "tokenizer: ?" in the report's pages
+    assert f"tokenizer: {tok.path}" in (tmp_path / "r" / "summary.md").read_text()
     with pytest.raises(ValueError, match=r"not the string 'code,prose': \['code', 'prose'\]"):
         analyze(model, tok, corpus, out=tmp_path / "r2", domains="code,prose", progress=False)  # type: ignore[arg-type]
     # a tokenizer's path (or None) failed with "'str' object has no attribute 'vocab_size'"

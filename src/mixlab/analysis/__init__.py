@@ -17,6 +17,7 @@ from mixlab.analysis.collect import (
     collect_routing,
     load_analysis_tokenizer,
     moe_layers,
+    tokenizer_name,
 )
 from mixlab.analysis.report import build_report, check_report_folder, write_report
 from mixlab.analysis.stats import (
@@ -113,6 +114,8 @@ def analyze(
     collected = collect_routing(model, tokenizer, found, split=split, max_tokens=max_tokens, seq_len=seq_len,
                                 batch_size=batch_size, samples_per_domain=samples_per_domain,
                                 sample_tokens=sample_tokens, progress=progress)
-    report = build_report(collected, layers=shown, meta={"data": str(data), **(meta or {})})
+    # the report names the tokenizer (it said "tokenizer: ?" unless the caller passed it in `meta`)
+    meta = {"data": str(data), "tokenizer": tokenizer_name(tokenizer), **(meta or {})}
+    report = build_report(collected, layers=shown, meta=meta)
     write_report(report, out, figures=figures)
     return report
