@@ -357,6 +357,22 @@ def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any])
 
 
 
+def test_text_parts_are_joined_as_mistral_common_joins_them() -> None:
+    # parts were joined with nothing: [a, b] was "[INST] ab [/INST]", mistral-common's "[INST] a\n\nb [/INST]"
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest as Reference
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from mixlab.serve.protocol import ChatCompletionRequest
+
+    tok = load_tokenizer()
+    parts = [{"type": "text", "text": "a "}, {"type": "text", "text": ""}, {"type": "text", "text": "b"}]
+    messages = [{"role": "system", "content": parts}, {"role": "user", "content": parts},
+                {"role": "assistant", "content": parts}, {"role": "user", "content": [{"type": "text", "text": "c"}]}]
+    ours = tok.encode_chat([m.template() for m in ChatCompletionRequest(messages=messages).messages])
+    reference = MistralTokenizer.from_file(str(tok.path)).encode_chat_completion(Reference(messages=messages))
+    assert ours == reference.tokens
+
+
 def test_head_is_answered_wherever_get_is(server: str) -> None:
     """HEAD (`curl -I`, uptime checks, link checkers) answered 405 on every GET route but `/` and
     `/health`: each now gives GET's status and headers, without the body."""

@@ -170,7 +170,8 @@ class ChatMessage(BaseModel):
     prefix: StrictBool = False
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        # text parts joined with a blank line, empty ones skipped: mistral-common's v1 request normaliser
+        return self.content if isinstance(self.content, str) else "\n\n".join(p.text for p in self.content if p.text)
 
     def template(self) -> dict[str, Any]:
         """The message as `Tokenizer.encode_chat` takes it."""
