@@ -303,6 +303,26 @@ def test_checkpoint_folder_tokenizer_model(tok, tmp_path):
     assert load_tokenizer(tmp_path).encode("Grüß Gott") == tok.encode("Grüß Gott")
 
 
+def test_a_folder_with_mistrals_versioned_tokenizer_uses_it(tok, tmp_path):
+    # Mistral 7B v0.3's download holds tokenizer.model.v3 alone: the folder's model was given Mixtral's v1
+    # (other ids for the same text: "Hello world" is [1, 22557, 1526] in v1, [1, 23325, 2294] in v3)
+    from mixlab.analysis import load_analysis_tokenizer
+    from mixlab.tokenizer import model_tokenizer
+
+    v3 = next(tok.path.parent.glob("*.model.v3"))
+    (tmp_path / "params.json").write_text("{}")
+    (tmp_path / "tokenizer.model.v3").write_bytes(v3.read_bytes())
+    want = load_tokenizer(v3).encode("Hello world")
+    assert want != tok.encode("Hello world")
+    for found in (model_tokenizer(tmp_path), load_tokenizer(tmp_path), load_analysis_tokenizer(tmp_path)):
+        assert found.encode("Hello world") == want
+    # a Tekken tokenizer (tekken.json) is not read as Mixtral's either
+    (tmp_path / "tokenizer.model.v3").unlink()
+    (tmp_path / "tekken.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"tekken\.json: Mistral's Tekken tokenizer is not supported"):
+        model_tokenizer(tmp_path)
+
+
 def test_chat_refuses_v3_tokenizers():
     v3 = next(load_tokenizer().path.parent.glob("*.model.v3"))
     with pytest.raises(ChatError, match="only the v1 template"):

@@ -29,7 +29,7 @@ from mixlab.config import as_path
 from mixlab.errors import MixlabError
 
 __all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
-           "default_tokenizer_path", "load_tokenizer", "model_tokenizer"]
+           "default_tokenizer_path", "load_tokenizer", "model_tokenizer", "tokenizer_file"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
@@ -397,27 +397,41 @@ def default_tokenizer_path() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
+def tokenizer_file(folder: Path) -> Path | None:
+    """The tokenizer file of a checkpoint folder: its `tokenizer.model`, `tokenizer.model.v1` or
+    `tokenizer.json`, else a versioned SentencePiece file of Mistral's (`tokenizer.model.v3`, the only
+    one in Mistral 7B v0.3's download: its vocabulary is not Mixtral's); None when there is none.
+    Mistral's Tekken tokenizer (`tekken.json`, Mistral NeMo and later) is refused: Mixtral's in its
+    place would give the model other text's ids."""
+    for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"):
+        if (folder / name).is_file():
+            return folder / name
+    versioned = sorted(f for f in folder.glob("tokenizer.model.v*") if f.is_file())
+    if versioned:
+        return versioned[-1]
+    if (folder / "tekken.json").is_file():
+        raise ValueError(f"{folder / 'tekken.json'}: Mistral's Tekken tokenizer is not supported (SentencePiece "
+                         "and tokenizer.json are); pass a tokenizer that is")
+    return None
+
+
 def model_tokenizer(model: str | Path) -> Tokenizer:
     """The tokenizer that goes with the checkpoint `model` loads from: a GGUF file's vocabulary, a
     folder's own tokenizer (as `load_tokenizer` finds it), else Mixtral's v1 (a folder that
     transformers or `mixlab convert` wrote without tokenizer files)."""
     p = Path(model)
-    own = p.suffix == ".gguf" or any(
-        (p / n).is_file() for n in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json", "mixlab_data.json"))
+    own = p.suffix == ".gguf" or (p.is_dir() and (tokenizer_file(p) or (p / "mixlab_data.json").is_file()))
     return load_tokenizer(p if own else None)
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """Load a tokenizer from a file (`*.model`, `*.model.v1`, `tokenizer.json`, or a GGUF file's
-    metadata) or a checkpoint folder (its `tokenizer.model`, else its `tokenizer.json`, else the
-    tokenizer its `mixlab_data.json` names: a model `mixlab train` exported); default: Mixtral's v1
-    tokenizer."""
+    metadata) or a checkpoint folder (its tokenizer file, `tokenizer_file`, else the tokenizer its
+    `mixlab_data.json` names: a model `mixlab train` exported); default: Mixtral's v1 tokenizer."""
     p = default_tokenizer_path() if path is None else as_path(path, what="load_tokenizer's path")
     if p.is_dir():
-        for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"):
-            if (p / name).is_file():
-                p = p / name
-                break
+        if (f := tokenizer_file(p)) is not None:
+            p = f
         else:
             if (p / "mixlab_data.json").is_file() and (tok := _from_mixlab_data(p / "mixlab_data.json")):
                 return tok

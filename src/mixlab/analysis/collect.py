@@ -50,9 +50,9 @@ class Tokenizer(Protocol):
 
 def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | Path | None = None) -> Tokenizer:
     """The tokenizer the model was trained with: `path` if given; else a GGUF file's vocabulary or
-    the model folder's tokenizer.model / tokenizer.json; else the tokenizer named in its mixlab_data.json (written by
+    the model folder's tokenizer file (`tokenizer_file`); else the tokenizer named in its mixlab_data.json (written by
     `mixlab train`, e.g. bytes); else Mixtral's (tokenizer.model.v1 from mistral-common)."""
-    from mixlab.tokenizer import load_tokenizer
+    from mixlab.tokenizer import load_tokenizer, tokenizer_file
 
     if path is not None:
         return load_tokenizer(path)
@@ -60,7 +60,7 @@ def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | 
         return load_tokenizer(model_dir)  # the vocabulary in the file's metadata
     if model_dir is not None:
         folder = Path(model_dir)
-        if any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        if tokenizer_file(folder) is not None:
             return load_tokenizer(folder)
         if (folder / "mixlab_data.json").is_file():
             from mixlab.corpus import get_tokenizer
