@@ -281,7 +281,9 @@ def test_side_files_copied(tmp_path):
     # a `mixlab train` export names its tokenizer here: without it an upcycled byte-level model was
     # read with Mixtral's tokenizer (sft / generate / analyze refused it)
     (src / "mixlab_data.json").write_text('{"tokenizer": {"type": "bytes"}}')
+    (src / "tokenizer.model.v3").write_bytes(b"v3")  # Mistral's versioned file (was left behind)
     upcycle(src, tmp_path / "moe", num_experts=2, top_k=1)
+    assert (tmp_path / "moe" / "tokenizer.model.v3").read_bytes() == b"v3"
     assert json.loads((tmp_path / "moe" / "mixlab_data.json").read_text()) == {"tokenizer": {"type": "bytes"}}
     assert (tmp_path / "moe" / "tokenizer.model").read_bytes() == bytes(range(256))
     assert json.loads((tmp_path / "moe" / "tokenizer_config.json").read_text()) == {"model_max_length": 256}

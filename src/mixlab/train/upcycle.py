@@ -258,7 +258,8 @@ def upcycle(
     if dtype is None:
         dtype = DTYPES[stored] if stored in FLOAT_DTYPES else torch.float32
     cfg["dtype"] = cfg["torch_dtype"] = dtype_name(dtype)  # transformers >= 5 reads "dtype"
-    side = [root / n for n in _SIDE_FILES if (root / n).is_file()]  # so the MoE folder is usable as is
+    # so the MoE folder is usable as is; tokenizer.model.v3: Mistral 7B v0.3's (mixlab.tokenizer.tokenizer_file)
+    side = [root / n for n in _SIDE_FILES if (root / n).is_file()] + sorted(root.glob("tokenizer.model.v*"))
     write_sharded(counted(), out, extra_files={"config.json": json.dumps(cfg, indent=2) + "\n"}, copy_files=side,
                   max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name},
                   sources=[root], overwrite=overwrite)
