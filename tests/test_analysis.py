@@ -313,6 +313,25 @@ def test_max_tokens_caps_each_domain(tmp_path: Path) -> None:
             collect_routing(model, tok, bad, progress=False)  # type: ignore[arg-type]
 
 
+def test_a_repeat_rate_over_no_pairs_is_none_not_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # one token per domain: no consecutive pair, and the report said the router never repeats (0.0%, under
+    # the random 12.5%), in report.json, the tables, the figure and the command's summary line
+    model, tok, corpus = _tiny_model(), load_analysis_tokenizer(), _corpus(tmp_path / "c")
+    report = analyze(model, tok, corpus, out=tmp_path / "r", max_tokens=1, seq_len=8, progress=False)
+    for d in [*report["domains"].values(), report["all_domains"]]:
+        assert d["pairs"] == 0 and d["repeat_first_choice"] == d["repeat_topk_overlap_different_tokens"] == [None] * 2
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["all_domains"]["repeat_topk_overlap"] == [None] * 2
+    assert "| code | – | – | – | – |" in (tmp_path / "r" / "summary.md").read_text()
+    mixlab.save_model(model, tmp_path / "m")
+    assert main(["analyze", "--model", str(tmp_path / "m"), "--data", str(corpus), "--out", str(tmp_path / "r2"),
+                 "--max-tokens", "1", "--quiet"]) == 0
+    assert "repeat rate" not in capsys.readouterr().out
+    # with pairs, the rates are numbers
+    counts = RoutingCounts(1, E, K)
+    counts.update([np.array([[0, 1], [0, 2]])], valid_T=np.ones(2, bool), pairs_ok=np.ones(1, bool))
+    assert counts.summary()["repeat_first_choice"] == [1.0]
+
+
 def test_analyze_takes_one_layer_and_refuses_a_string_of_domains(tmp_path: Path) -> None:
     # layers=1 failed with "'int' object is not iterable"; domains="code" looked for 'c', 'o', 'd', 'e'.
     model, tok, corpus = _tiny_model(), load_analysis_tokenizer(), _corpus(tmp_path / "c")

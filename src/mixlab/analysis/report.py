@@ -13,6 +13,7 @@ from __future__ import annotations
 import colorsys
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 
 from mixlab import atomic
 from mixlab.analysis.collect import Collected
-from mixlab.analysis.stats import load_balance, random_baseline, total_variation
+from mixlab.analysis.stats import random_baseline, total_variation
 from mixlab.errors import OutputError
 
 # Light, distinguishable backgrounds for black text (first 8 close to the paper's Figure 8 palette).
@@ -50,6 +51,7 @@ def build_report(collected: Collected, *, layers: list[int], meta: dict[str, Any
         domains[name] = {"documents": collected.documents[name], **c.summary()}
         total = c if total is None else total.merged(c)
     assert total is not None
+    pooled = total.summary()  # all domains together
     pos = {layer: i for i, layer in enumerate(collected.moe_layers)}
     return {
         "meta": meta,
@@ -73,15 +75,9 @@ def build_report(collected: Collected, *, layers: list[int], meta: dict[str, Any
                                 "(0 = routed like the whole corpus, 1 = disjoint experts)",
         },
         "domains": domains,
-        "all_domains": {"tokens": total.tokens, "pairs": total.pairs,
-                        "load_balance": [load_balance(c) for c in total.selected_LE],
-                        "repeat_first_choice": (total.same_first_L / max(total.pairs, 1)).tolist(),
-                        "repeat_topk_overlap": (total.overlap_L / max(total.pairs, 1)).tolist(),
-                        "repeat_first_choice_different_tokens":
-                            (total.same_first_diff_L / max(total.diff_pairs, 1)).tolist(),
-                        "repeat_topk_overlap_different_tokens":
-                            (total.overlap_diff_L / max(total.diff_pairs, 1)).tolist(),
-                        "assignment_share": (total.selected_LE / max(total.tokens * K, 1)).tolist()},
+        "all_domains": {key: pooled[key] for key in (
+            "tokens", "pairs", "load_balance", "repeat_first_choice", "repeat_topk_overlap",
+            "repeat_first_choice_different_tokens", "repeat_topk_overlap_different_tokens", "assignment_share")},
         "domain_vs_all_tv": {name: [total_variation(c.selected_LE[i], total.selected_LE[i])
                                     for i in range(len(collected.moe_layers))]
                              for name, c in collected.counts.items()},
@@ -147,7 +143,8 @@ def write_figures(report: dict[str, Any], out: Path) -> list[str]:
                     f"top-{report['top_k']} overlap, different tokens")]
     for ax, key, b, title in panels:
         for d, name in enumerate(names):
-            ax.plot(moe_layers, report["domains"][name][key], marker=".", label=name, color=colors[d % len(colors)])
+            rates = [math.nan if r is None else r for r in report["domains"][name][key]]  # None: no pairs
+            ax.plot(moe_layers, rates, marker=".", label=name, color=colors[d % len(colors)])
         ax.axhline(b, color="gray", ls="--", lw=1)
         ax.set_title(f"{title} (dashed: random {100 * b:.1f}%)", fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -193,8 +190,8 @@ border:1px solid #ddd;padding:0.6em;margin:0.3em 0 1.2em}.tokens span{border-rad
 .note{color:#555;font-size:90%}h3{font-size:100%;margin:0.4em 0 0}"""
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"  # None: a rate over no pairs
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -238,7 +235,7 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     out.append(("Load balance per layer, all domains", ["layer", "entropy (nats)", "entropy / ln E", "max / mean",
                                                          "min / mean"], rows))
     rows = [[n, str(d["documents"]), f"{d['tokens']:,}", f"{d['pairs']:,}",
-             "" if d["identical_token_pair_share"] is None else _pct(d["identical_token_pair_share"])]
+             _pct(d["identical_token_pair_share"])]
             for n, d in report["domains"].items()]
     out.append(("Data", ["domain", "documents", "tokens", "consecutive pairs", "pairs of identical tokens"], rows))
     return out

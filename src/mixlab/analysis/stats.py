@@ -25,6 +25,7 @@ Definitions (all "shares" are fractions in [0, 1]):
 - the same two repeat rates over pairs of *different* token ids only: a router that is a function
   of the token id repeats on every identical neighbour (runs of spaces), which is not locality.
 - domain specialisation: total variation distance between a domain's and all domains' shares.
+- a repeat rate over no pairs is None (0 would read as "never repeats").
 """
 
 from __future__ import annotations
@@ -148,6 +149,11 @@ def total_variation(p_E: Array, q_E: Array) -> float:
     return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
 
 
+def _rates(count_L: np.ndarray, pairs: int) -> list[float | None]:
+    """count / pairs per layer; None where there is no pair (0 would read as "never repeats")."""
+    return (count_L / pairs).tolist() if pairs else [None] * len(count_L)
+
+
 @dataclass
 class RoutingCounts:
     """Running counts for one data set (a domain) over all L MoE layers."""
@@ -222,21 +228,22 @@ class RoutingCounts:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """Every derived number, JSON-ready (lists indexed [layer][expert] or [layer])."""
-        t, p, dp = max(self.tokens, 1), max(self.pairs, 1), max(self.diff_pairs, 1)
+        """Every derived number, JSON-ready (lists indexed [layer][expert] or [layer]). A repeat rate over
+        no pairs (a domain of one-token windows; no two different neighbours) is None, not 0."""
+        t = max(self.tokens, 1)
         return {
             "tokens": self.tokens,
             "pairs": self.pairs,
             "different_token_pairs": self.diff_pairs,
             "identical_token_pair_share": (1 - self.diff_pairs / self.compared_pairs if self.compared_pairs
                                            else None),
-            "repeat_first_choice_different_tokens": (self.same_first_diff_L / dp).tolist(),
-            "repeat_topk_overlap_different_tokens": (self.overlap_diff_L / dp).tolist(),
+            "repeat_first_choice_different_tokens": _rates(self.same_first_diff_L, self.diff_pairs),
+            "repeat_topk_overlap_different_tokens": _rates(self.overlap_diff_L, self.diff_pairs),
             "selection_share": (self.selected_LE / t).tolist(),
             "assignment_share": (self.selected_LE / (t * self.top_k)).tolist(),
             "first_choice_share": (self.first_LE / t).tolist(),
-            "repeat_first_choice": (self.same_first_L / p).tolist(),
-            "repeat_topk_overlap": (self.overlap_L / p).tolist(),
+            "repeat_first_choice": _rates(self.same_first_L, self.pairs),
+            "repeat_topk_overlap": _rates(self.overlap_L, self.pairs),
             "load_balance": [load_balance(c) for c in self.selected_LE],
             "counts": {"selected": self.selected_LE.tolist(), "first": self.first_LE.tolist(),
                        "same_first": self.same_first_L.tolist(), "overlap": self.overlap_L.tolist(),

@@ -42,9 +42,10 @@ def analyze(args: argparse.Namespace) -> int:
     print(f"wrote {Path(args.out) / 'index.html'} ({len(report['domains'])} domains, "
           f"{sum(d['tokens'] for d in report['domains'].values()):,} tokens)")
     rf, ro = report["all_domains"]["repeat_first_choice"], report["all_domains"]["repeat_topk_overlap"]
-    print(f"repeat rate of consecutive tokens, layers {report['moe_layers'][0]}..{report['moe_layers'][-1]}: "
-          f"first choice {min(rf):.3f}-{max(rf):.3f} (random {base['first_choice']:.3f}), "
-          f"top-{report['top_k']} overlap {min(ro):.3f}-{max(ro):.3f} (random {base['topk_overlap']:.3f})")
+    if report["all_domains"]["pairs"]:  # else the rates are None: no two tokens of one window
+        print(f"repeat rate of consecutive tokens, layers {report['moe_layers'][0]}..{report['moe_layers'][-1]}: "
+              f"first choice {min(rf):.3f}-{max(rf):.3f} (random {base['first_choice']:.3f}), "
+              f"top-{report['top_k']} overlap {min(ro):.3f}-{max(ro):.3f} (random {base['topk_overlap']:.3f})")
     return 0
 
 
