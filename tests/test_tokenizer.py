@@ -323,6 +323,27 @@ def test_a_folder_with_mistrals_versioned_tokenizer_uses_it(tok, tmp_path):
         model_tokenizer(tmp_path)
 
 
+def test_a_model_trained_on_mixtrals_tokenizer_elsewhere_finds_it_here(tok, tmp_path):
+    # mixlab_data.json names Mixtral's tokenizer by the path of the venv that prepared the data: on another
+    # machine generate, chat and serve said "no tokenizer.model or tokenizer.json in this folder"
+    from mixlab.tokenizer import model_tokenizer
+
+    spec = {"type": "file", "name": "mixtral", "path": "/elsewhere/mistral_common/data/tokenizer.model.v1"}
+    (tmp_path / "mixlab_data.json").write_text(json.dumps({"tokenizer": spec}))
+    assert model_tokenizer(tmp_path).path == tok.path
+    # a tokenizer file of its own that is gone is named
+    spec = {"type": "file", "name": "/gone/sp.model", "path": "/gone/sp.model"}
+    (tmp_path / "mixlab_data.json").write_text(json.dumps({"tokenizer": spec}))
+    with pytest.raises(FileNotFoundError, match=r"mixlab_data.json: the model's tokenizer, /gone/sp.model, is not"):
+        model_tokenizer(tmp_path)
+    # data prepared with --tokenizer FOLDER names the folder
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp" / "tokenizer.model").write_bytes(tok.path.read_bytes())
+    spec = {"type": "file", "name": str(tmp_path / "sp"), "path": str(tmp_path / "sp")}
+    (tmp_path / "mixlab_data.json").write_text(json.dumps({"tokenizer": spec}))
+    assert model_tokenizer(tmp_path).encode("Grüß Gott") == tok.encode("Grüß Gott")
+
+
 def test_chat_refuses_v3_tokenizers():
     v3 = next(load_tokenizer().path.parent.glob("*.model.v3"))
     with pytest.raises(ChatError, match="only the v1 template"):

@@ -165,14 +165,21 @@ class _Bytes:
 
 
 def _from_mixlab_data(f: Path) -> Tokenizer | None:
-    """The tokenizer a trained model's `mixlab_data.json` names, when it is the `bytes` one."""
+    """The tokenizer a trained model's `mixlab_data.json` names (as `mixlab.corpus.get_tokenizer` reads
+    it): the `bytes` one, Mixtral's (`mixtral`: this installation's file, wherever the data was
+    prepared), or a tokenizer file."""
     try:
         spec = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise ChatError(f"{f}: no readable 'tokenizer' entry") from None
     if isinstance(spec, dict) and spec.get("type") == "bytes":
         return Tokenizer(_Bytes(int(spec.get("offset", 3)), int(spec.get("vocab_size", 259))), path=f)
-    if isinstance(spec, dict) and spec.get("type") == "file" and Path(str(spec.get("path"))).is_file():
+    if isinstance(spec, dict) and spec.get("type") == "file":
+        if spec.get("name") == "mixtral":  # its path is mistral-common's in the venv that prepared the data
+            return load_tokenizer()
+        if not Path(str(spec.get("path"))).exists():  # a file, or a folder holding one (data prepare takes both)
+            raise FileNotFoundError(f"{f}: the model's tokenizer, {spec.get('path')}, is not there; copy it "
+                                    "into this folder as tokenizer.model (or pass the tokenizer)")
         return load_tokenizer(spec["path"])
     return None
 
