@@ -86,7 +86,7 @@ def _read_dense_config(root: Path) -> tuple[ModelConfig, dict[str, Any], str, Pa
         _check_hf_config(d, str(f))
         return ModelConfig.from_hf_dict(d, source=str(f)), d, "hf", f
     f = root / "params.json"
-    if not f.is_file():  # from_dir's error: for a training run or checkpoint, it names the folder to use
+    if not f.is_file():  # neither file: from_dir raises, naming the folder to use for a training run or checkpoint
         ModelConfig.from_dir(root)
     d = read_json_object(f)
     if d.get("moe") is not None:
