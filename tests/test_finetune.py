@@ -199,6 +199,19 @@ def test_malformed_sft_data(tmp_path: Path, line: str, match: str) -> None:
         sft.read_sft(f, TOK)
 
 
+def test_line_separators_inside_json_strings_stay_in_their_line(tmp_path: Path) -> None:
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(ensure_ascii=False),
+    datasets' to_json(force_ascii=False)); str.splitlines() broke the line there ('not valid JSON
+    (Unterminated string ...)'). Lines end at \\n (and \\r\\n) only."""
+    conv = [{"role": "user", "content": "a\u2028b\u2029c\x85d\x1ce"}, {"role": "assistant", "content": "f\u2028g"}]
+    f = tmp_path / "chat.jsonl"
+    f.write_bytes((json.dumps({"messages": CONVS[0]}) + "\r\n" + json.dumps({"messages": conv}, ensure_ascii=False)
+                   + "\n").encode())
+    exs = sft.read_sft(f, TOK)
+    assert [e.where for e in exs] == [f"{f}:1", f"{f}:2"]
+    assert exs[1].ids == sft.render_turns(conv, TOK, final_assistant=True)[0]
+
+
 @pytest.mark.parametrize("obj, match", [
     ({"prompt": "Hi", "chosen": "a"}, r"bad.jsonl:1: field 'rejected' must be a non-empty string"),
     ({"chosen": "a", "rejected": "b"}, r"bad.jsonl:1: expected a string field 'prompt' or a list field 'messages'"),

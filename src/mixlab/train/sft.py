@@ -99,7 +99,9 @@ def read_jsonl(path: str | Path) -> list[tuple[Any, str]]:
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not UTF-8 text (byte {e.start})") from None
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (JSON Lines): str.splitlines() also breaks at U+2028, U+0085 and others,
+    # which JSON strings may hold unescaped (json.dumps(ensure_ascii=False) writes them so).
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
