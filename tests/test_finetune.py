@@ -212,6 +212,14 @@ def test_line_separators_inside_json_strings_stay_in_their_line(tmp_path: Path) 
     assert exs[1].ids == sft.render_turns(conv, TOK, final_assistant=True)[0]
 
 
+def test_bytes_that_are_not_utf8_name_the_line(tmp_path: Path) -> None:
+    f = tmp_path / "chat.jsonl"
+    bad = b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "x"}]}'
+    f.write_bytes(json.dumps({"messages": CONVS[0]}).encode() + b"\n" + bad + b"\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:2: not UTF-8 text \(b'\\xe9' at byte 46 of the line\)"):
+        sft.read_sft(f, TOK)
+
+
 @pytest.mark.parametrize("obj, match", [
     ({"prompt": "Hi", "chosen": "a"}, r"bad.jsonl:1: field 'rejected' must be a non-empty string"),
     ({"chosen": "a", "rejected": "b"}, r"bad.jsonl:1: expected a string field 'prompt' or a list field 'messages'"),

@@ -93,11 +93,15 @@ def read_jsonl(path: str | Path) -> list[tuple[Any, str]]:
     """(object, "file:line") of every non-empty line; invalid JSON is an error naming the line."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{p}: no such data file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # name the line, as every other error here does
+        lineno, line_start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{p}:{lineno}: not UTF-8 text ({raw[e.start:e.start + 1]!r} at byte {e.start - line_start} "
+                        "of the line); convert the file to UTF-8") from None
     rows = []
     # Lines end at "\n" only (JSON Lines): str.splitlines() also breaks at U+2028, U+0085 and others,
     # which JSON strings may hold unescaped (json.dumps(ensure_ascii=False) writes them so).
