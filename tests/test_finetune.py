@@ -374,6 +374,19 @@ def test_merged_weights_equal_the_adapter_model(base_dtype: str) -> None:
         assert (held.q.dtype if held.int8 else held.w.dtype) == (torch.int8 if base_dtype == "int8" else torch.bfloat16)
 
 
+def test_adapters_are_made_on_the_device_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply_lora made every factor on the CPU (its seeded generator's device): over a model on a GPU the
+    first forward failed ('Expected all tensors to be on the same device'), so `mixlab sft --device cuda
+    --lora-rank R` could not run. No GPU here: the meta device stands in for another one."""
+    from mixlab.train import lora
+
+    monkeypatch.setattr(lora, "check_model", lambda m: None)  # it refuses meta weights (no data), rightly
+    with torch.device("meta"):
+        m = Transformer(CFG)
+    apply_lora(m, LoraConfig(rank=2, targets=("attention", "experts", "router")))
+    assert {n: p.device.type for n, p in m.named_parameters() if p.device.type != "meta"} == {}
+
+
 def test_lora_gradients_reach_every_expert_factor() -> None:
     m = apply_lora(_model(), LoraConfig(rank=2, targets=ALL))
     _randomize_B(m)

@@ -112,6 +112,7 @@ class FrozenWeight(nn.Module):
 
 def _init_A(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:
     # PEFT: nn.init.kaiming_uniform_(lora_A, a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    # Drawn on the CPU (`g`), then moved to the weight's device: the same factors on every device.
     bound = 1 / math.sqrt(fan_in)
     return (torch.rand(shape, generator=g) * 2 - 1) * bound
 
@@ -123,8 +124,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         X, In = base.weight.shape
         self.base = FrozenWeight(base.weight, cfg.base_dtype)
-        self.lora_A = nn.Parameter(_init_A((cfg.rank, In), In, g))
-        self.lora_B = nn.Parameter(torch.zeros(X, cfg.rank))
+        self.lora_A = nn.Parameter(_init_A((cfg.rank, In), In, g).to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(X, cfg.rank, device=base.weight.device))
         self.scale = cfg.scale
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
@@ -146,8 +147,8 @@ class WeightLoRA(nn.Module):
         super().__init__()
         *lead, X, In = w.shape
         self.base = FrozenWeight(w, cfg.base_dtype)
-        self.lora_A = nn.Parameter(_init_A((*lead, cfg.rank, In), In, g))
-        self.lora_B = nn.Parameter(torch.zeros(*lead, X, cfg.rank))
+        self.lora_A = nn.Parameter(_init_A((*lead, cfg.rank, In), In, g).to(w.device))
+        self.lora_B = nn.Parameter(torch.zeros(*lead, X, cfg.rank, device=w.device))
         self.scale = cfg.scale
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
@@ -158,7 +159,7 @@ def _parametrize(module: nn.Module, name: str, cfg: LoraConfig, g: torch.Generat
     w = getattr(module, name)
     p = WeightLoRA(w.detach().float(), cfg, g)
     # The original becomes an empty placeholder: the base lives (possibly as int8) in the parametrisation.
-    setattr(module, name, nn.Parameter(torch.empty(0), requires_grad=False))
+    setattr(module, name, nn.Parameter(torch.empty(0, device=w.device), requires_grad=False))
     parametrize.register_parametrization(module, name, p, unsafe=True)
 
 
