@@ -222,7 +222,10 @@ def test_bytes_that_are_not_utf8_name_the_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("obj, match", [
     ({"prompt": "Hi", "chosen": "a"}, r"bad.jsonl:1: field 'rejected' must be a non-empty string"),
-    ({"chosen": "a", "rejected": "b"}, r"bad.jsonl:1: expected a string field 'prompt' or a list field 'messages'"),
+    ({"chosen": "a", "rejected": "b"}, r"bad.jsonl:1: expected a field 'prompt' \(a string or a list of messages\) "
+                                        "or 'messages'"),
+    ({"prompt": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}], "chosen": "a", "rejected": "b"},
+     r"bad.jsonl:1: field 'prompt\[1\].role' is 'robot'"),
     ({"messages": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
      r"bad.jsonl:1: field 'messages': "),
 ])
@@ -231,6 +234,20 @@ def test_malformed_dpo_data(tmp_path: Path, obj: dict, match: str) -> None:
     f.write_text(json.dumps(obj) + "\n")
     with pytest.raises(DataError, match=match):
         dpo.read_pairs(f, TOK)
+
+
+def test_a_prompt_of_messages_is_trl_conversational_format(tmp_path: Path) -> None:
+    """TRL's conversational preference rows (prompt, chosen and rejected as message lists) read as the
+    same pair as `messages` + string replies; the prompt list was refused ('expected a string field
+    'prompt' or a list field 'messages', found: chosen, prompt, rejected')."""
+    conv = CONVS[1][:-1]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"prompt": conv, "chosen": [{"role": "assistant", "content": "6."}],
+                             "rejected": [{"role": "assistant", "content": "7."}]}) + "\n"
+                 + json.dumps({"messages": conv, "chosen": "6.", "rejected": "7."}) + "\n")
+    trl_row, ours = dpo.read_pairs(f, TOK)
+    assert (trl_row.prompt, trl_row.chosen, trl_row.rejected) == (ours.prompt, ours.chosen, ours.rejected)
+    assert trl_row.prompt == sft.render_turns(conv, TOK, final_assistant=False)[0]
 
 
 def test_transcripts_become_chat_turns() -> None:

@@ -3,10 +3,11 @@
 Shape legend: N pairs in a batch, T tokens, V vocabulary.
 
 Data: one JSON object per line with `chosen` and `rejected` (a reply string, or a list holding one
-assistant message) and the prompt as either `prompt` (a string; a Human:/Assistant: transcript such
-as Anthropic HH's becomes chat turns, anything else one user turn) or `messages` (chat turns ending
-with a user turn). Prompt and reply are rendered with the Mixtral-Instruct template (sft.py); only
-the reply's tokens (and its `</s>`) count in a sequence's log-probability.
+assistant message) and the prompt as either `prompt` (a string: a Human:/Assistant: transcript such
+as Anthropic HH's becomes chat turns, anything else one user turn; or chat turns, TRL's conversational
+format) or `messages` (chat turns ending with a user turn). Prompt and reply are rendered with the
+Mixtral-Instruct template (sft.py); only the reply's tokens (and its `</s>`) count in a sequence's
+log-probability.
 
 Losses, with pi/ref the policy/reference log-probabilities of the chosen (c) and rejected (r) reply
 and h = (pi_c - pi_r) - (ref_c - ref_r) (Rafailov et al. 2023, arXiv 2305.18290, eq. 7):
@@ -82,11 +83,13 @@ def read_pairs(path: str | Path, tok: TrainTokenizer) -> list[Pair]:
             raise DataError(f"{where}: expected a JSON object with 'chosen', 'rejected' and 'prompt' or 'messages'")
         if "messages" in obj:
             msgs, field = _messages(obj, where), "messages"
+        elif isinstance(obj.get("prompt"), list):  # TRL's conversational format
+            msgs, field = _messages(obj, where, "prompt"), "prompt"
         elif isinstance(obj.get("prompt"), str):
             msgs, field = transcript_turns(obj["prompt"]), "prompt"
         else:
-            raise DataError(f"{where}: expected a string field 'prompt' or a list field 'messages', found: "
-                            f"{', '.join(sorted(obj))}")
+            raise DataError(f"{where}: expected a field 'prompt' (a string or a list of messages) or 'messages' (a "
+                            f"list of messages), found: {', '.join(sorted(obj))}")
         chosen, rejected = _reply(obj, "chosen", where), _reply(obj, "rejected", where)
         try:
             prompt, _ = render_turns(msgs, tok, final_assistant=False)
