@@ -189,6 +189,8 @@ def test_packing_and_loader_resume() -> None:
     ('{"msgs": []}', r"bad.jsonl:2: expected a JSON object with a 'messages' field, found: msgs"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', r"bad.jsonl:2: field 'messages\[0\].role' is 'robot'"),
     ('{"messages": [{"role": "user", "content": 3}]}', r"bad.jsonl:2: field 'messages\[0\].content' must be a string"),
+    ('{"messages": [{"role": "user", "text": "hi"}]}', r"bad.jsonl:2: field 'messages\[0\].content' is missing \(the "
+                                                       r"message has: role, text\)$"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', r"bad.jsonl:2: field 'messages': the last message must be "
                                                           "an assistant"),
 ])
@@ -221,7 +223,9 @@ def test_bytes_that_are_not_utf8_name_the_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("obj, match", [
-    ({"prompt": "Hi", "chosen": "a"}, r"bad.jsonl:1: field 'rejected' must be a non-empty string"),
+    ({"prompt": "Hi", "chosen": "a", "reject": "b"}, r"bad.jsonl:1: field 'rejected' is missing \(the row has: "
+                                                     r"chosen, prompt, reject\)$"),
+    ({"prompt": "Hi", "chosen": "", "rejected": "b"}, r"bad.jsonl:1: field 'chosen' must be a non-empty string"),
     ({"chosen": "a", "rejected": "b"}, r"bad.jsonl:1: expected a field 'prompt' \(a string or a list of messages\) "
                                         "or 'messages'"),
     ({"prompt": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}], "chosen": "a", "rejected": "b"},

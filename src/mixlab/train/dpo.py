@@ -66,7 +66,9 @@ def transcript_turns(prompt: str) -> list[dict[str, str]]:
 
 
 def _reply(obj: dict, field: str, where: str) -> str:
-    v = obj.get(field)
+    if field not in obj:
+        raise DataError(f"{where}: field '{field}' is missing (the row has: {', '.join(sorted(obj))})")
+    v = obj[field]
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
         v = v[0].get("content")
     if not isinstance(v, str) or not v:

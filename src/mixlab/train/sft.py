@@ -80,9 +80,11 @@ def _messages(obj: Any, where: str, field: str = "messages") -> list[dict[str, A
         if not isinstance(m, dict):
             raise DataError(f"{where}: field '{field}[{i}]' must be an object with 'role' and 'content'")
         for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                raise DataError(f"{where}: field '{field}[{i}].{key}' must be a string, got "
-                                f"{type(m.get(key)).__name__}")
+            if key not in m:  # a field of another name ('text'): say which ones the message has
+                raise DataError(f"{where}: field '{field}[{i}].{key}' is missing (the message has: "
+                                f"{', '.join(sorted(m)) or 'no fields'})")
+            if not isinstance(m[key], str):
+                raise DataError(f"{where}: field '{field}[{i}].{key}' must be a string, got {type(m[key]).__name__}")
         if m["role"] not in ("system", "user", "assistant"):
             raise DataError(f"{where}: field '{field}[{i}].role' is {m['role']!r}; expected 'system', 'user' "
                             "or 'assistant'")
