@@ -902,6 +902,25 @@ def test_resume_with_changed_data_is_refused(ckpt: Path, chat_files: tuple[Path,
     assert finetune(_cfg(ckpt, data, tmp_path / "run", eval_every=0), resume=True).step == 4
 
 
+def test_a_dpo_resume_with_other_settings_or_data_names_them(ckpt: Path, chat_files: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    """A DPO resume with another seq_len, or after its data was edited, blamed the reference file ('reference
+    log-probs for other data or settings; remove it or use another --out'), and removing it only gave
+    'missing': the checkpoint's checks, which name the setting or the data, now come first."""
+    from mixlab.checkpoint import CheckpointError
+
+    data = tmp_path / "dpo.jsonl"
+    data.write_text(chat_files[1].read_text())
+    kw: dict[str, Any] = dict(task="dpo", eval_every=0)
+    finetune(_cfg(ckpt, data, tmp_path / "run", **kw), stop_after=1)
+    with pytest.raises(CheckpointError, match=r"step_00000001: saved with different fine-tuning settings \(seq_len: "
+                                              r"checkpoint 64 vs now 48\)"):
+        finetune(_cfg(ckpt, data, tmp_path / "run", seq_len=48, **kw), resume=True)
+    data.write_text(data.read_text().replace("Say the number 3.", "Say the number 33."))
+    with pytest.raises(CheckpointError, match=r"step_00000001: saved for different data"):
+        finetune(_cfg(ckpt, data, tmp_path / "run", **kw), resume=True)
+
+
 def test_a_damaged_mixlab_data_json_names_the_file(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
     """A mixlab_data.json without 'tokenizer' ended in a KeyError traceback (bad JSON: a message
     without the file)."""

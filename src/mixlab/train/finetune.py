@@ -432,6 +432,15 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len})")
     model = checkpoints.load_init(cfg.model, mc).to(device)
     train_items, valid_items = _data(cfg, tok)
+    data_fp = _fingerprint(train_items)  # the loader position in a checkpoint means something only for these
+    if resume:  # before the DPO reference file's check, which would blame that file for a changed setting
+        assert newest is not None
+        state = checkpoints.validate(newest)
+        check_resume_settings(state.get("finetune_config", {}), cfg, run_only=RUN_ONLY, ckpt=newest,
+                              what="fine-tuning")
+        if state.get("data", data_fp) != data_fp:  # absent in checkpoints written before it was stored
+            raise CheckpointError(f"{newest}: saved for different data ({cfg.data} or the held-out split changed "
+                                  "since); use the original data or a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
 
     # LoRA first: the DPO reference is the policy before its first step, the adapters at zero over the
@@ -487,16 +496,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         loader: Any = sft.PackedLoader(train_items, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     else:
         loader = PairLoader(len(train_items), batch_size=cfg.batch_size, seed=cfg.seed)
-    data_fp = _fingerprint(train_items)  # the loader position in a checkpoint means something only for these
     step = 0
     if resume:
         assert newest is not None
-        state = checkpoints.validate(newest)
-        check_resume_settings(state.get("finetune_config", {}), cfg, run_only=RUN_ONLY, ckpt=newest,
-                              what="fine-tuning")
-        if state.get("data", data_fp) != data_fp:  # absent in checkpoints written before it was stored
-            raise CheckpointError(f"{newest}: saved for different data ({cfg.data} or the held-out split changed "
-                                  "since); use the original data or a new --out folder")
         state = checkpoints.load(newest, model=trainable, optimizer=optimizer)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
