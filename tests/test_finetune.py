@@ -885,6 +885,18 @@ def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, cha
         finetune(_cfg(tmp_path / "lora", chat_files[1], tmp_path / "dpo", task="dpo", steps=1))
     with pytest.raises(CheckpointError, match="a fine-tuning checkpoint"):
         checkpoints.init_config(tmp_path / "lora" / "checkpoints" / "step_00000001")
+    # Its adapter/ folder said only 'not a checkpoint folder (no config.json, ...)', and `generate --model RUN`
+    # said to `mixlab convert` it, which fails as above; both now say how to get the merged model, which works:
+    from mixlab.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match=r"adapter: .* \(a LoRA adapter in PEFT's format, not a model: the merged "
+                                          r"model is its run's hf/ folder; .* --resume --merge\)"):
+        checkpoints.init_config(tmp_path / "lora" / "adapter")
+    with pytest.raises(ConfigError, match=r"lora: .* \(a fine-tuning run folder without an hf/ export; .* --resume "
+                                          r"--merge\)"):
+        ModelConfig.from_dir(tmp_path / "lora")
+    finetune(_cfg(ckpt, chat_files[0], tmp_path / "lora", steps=1, lora_rank=2, eval_every=0), resume=True)
+    assert checkpoints.init_config(tmp_path / "lora") == ModelConfig.from_dir(ckpt)
 
 
 def test_resume_with_changed_data_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -424,8 +424,13 @@ class ModelConfig:
             if f.is_file():
                 return reader(read_json_object(f), source=str(f))
         hint = ""  # a training run's folders: name the one that holds a model, or the command that writes one
+        merge = "a LoRA run writes it with --merge; a finished one does with its command again plus --resume --merge"
         if (p / "hf" / "config.json").is_file():  # `mixlab generate --model RUN`: the model is RUN/hf
             hint = f" (a training run folder: its exported model is {p / 'hf'})"
+        elif (p / "adapter_config.json").is_file():  # RUN/adapter of `mixlab sft --lora-rank R`
+            hint = f" (a LoRA adapter in PEFT's format, not a model: the merged model is its run's hf/ folder; {merge})"
+        elif (p / "finetune_config.json").is_file():  # a LoRA run without --merge: no hf/
+            hint = f" (a fine-tuning run folder without an hf/ export; {merge})"
         elif (p / "state.json").is_file():
             hint = f" (a training checkpoint: `mixlab convert {p} OUT` writes its model as a transformers checkpoint)"
         elif (p / "checkpoints").is_dir():

@@ -232,8 +232,8 @@ def _step_config(state: dict[str, Any], where: Path) -> ModelConfig:
     if "model_config" not in state and "finetune_config" in state:
         raise CheckpointError(f"{where}: a fine-tuning checkpoint (it holds only the parameters that run trained, "
                               "e.g. LoRA factors), not a model to start from; start from that run's hf/ export "
-                              "(written when it finishes; a LoRA run writes it with --merge), or continue it with "
-                              "--resume")
+                              "(written when it finishes; a LoRA run writes it with --merge, a finished one with "
+                              "its command again plus --resume --merge), or continue it with --resume")
     try:
         d = dict(state["model_config"])
         moe = d.pop("moe", None)
@@ -260,6 +260,8 @@ def resolve_weights(path: str | Path) -> Path:
     newest = latest(p / "checkpoints")
     if newest is not None:
         return newest
+    if (p / "adapter_config.json").is_file():
+        ModelConfig.from_dir(p)  # raises, saying what a LoRA adapter folder is and where its merged model is
     raise CheckpointError(f"{p}: not a checkpoint folder (no config.json, params.json or state.json) "
                           "nor a run folder (no hf/ export or checkpoints/step_*)")
 
