@@ -485,6 +485,27 @@ def test_peft_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(theirs[k], v, rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_a_lora_runs_adapter_names_its_base_for_auto_peft(ckpt: Path, chat_files: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """RUN/adapter/adapter_config.json had base_model_name_or_path null, so PEFT's
+    AutoPeftModelForCausalLM.from_pretrained(RUN/adapter) could not find the base (it asked the Hub
+    for 'None'); it now names the checkpoint the run started from, and gives the merged model's logits."""
+    pytest.importorskip("peft")
+    from peft import AutoPeftModelForCausalLM
+    from transformers import MixtralForCausalLM
+
+    out = tmp_path / "lora"
+    finetune(_cfg(ckpt, chat_files[0], out, steps=2, lr=1e-2, lora_rank=2, lora_targets="attention,experts,router",
+                  eval_every=0))
+    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(ckpt.resolve())
+    x = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = AutoPeftModelForCausalLM.from_pretrained(out / "adapter", dtype=torch.float32).eval()(x).logits
+        want = MixtralForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_first_step_equals_peft_and_its_parameters_do_not(tmp_path: Path) -> None:
     """docs/instruct.md: a fresh adapter exported to PEFT and loaded trainable gives mixlab's loss and
     gradient norm (B = 0: only B has a gradient); PEFT's q/k/v get an A each, 2 r D more parameters per

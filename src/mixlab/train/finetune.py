@@ -634,8 +634,12 @@ def export(model: Transformer, out: Path, cfg: FinetuneConfig, tok_spec: dict[st
     info = {"mixlab_data.json": json.dumps({"tokenizer": tok_spec}, indent=2) + "\n"}
     merged_instead = False
     if cfg.lora_rank and cfg.export_peft:
+        # The base, for peft's AutoPeftModelForCausalLM.from_pretrained(out / "adapter"): a folder
+        # transformers loads (not a Mistral one or a training checkpoint, which it cannot).
+        base = checkpoints.resolve_weights(cfg.model).resolve()
         try:
-            save_peft(model, out / "adapter", extra_files=info)
+            save_peft(model, out / "adapter", extra_files=info,
+                      base_model=str(base) if (base / "config.json").is_file() else None)
         except (ValueError, ImportError) as e:  # PEFT cannot hold these adapters: merged weights instead
             atomic.write_text(out / "adapter_not_exported.txt", f"{e}\n")
             warnings.warn(f"the LoRA adapter was not exported in PEFT's format ({e}); the merged weights are in "

@@ -349,9 +349,11 @@ def expert_lora(ffn: nn.Module, name: str) -> WeightLoRA:
 
 
 def save_peft(model: Transformer, path: str | Path, *, expert_layout: str | None = None,
-              extra_files: dict[str, str] | None = None) -> PeftExport:
+              extra_files: dict[str, str] | None = None, base_model: str | None = None) -> PeftExport:
     """Write `adapter_config.json` + `adapter_model.safetensors` (+ `extra_files`, name -> text) for
-    `peft.PeftModel.from_pretrained(MixtralForCausalLM..., path)`, as one atomic folder. Raises
+    `peft.PeftModel.from_pretrained(MixtralForCausalLM..., path)`, as one atomic folder; `base_model`
+    (its `base_model_name_or_path`: a transformers checkpoint folder or hub name) lets
+    `peft.AutoPeftModelForCausalLM.from_pretrained(path)` find the base itself. Raises
     ValueError naming the targets PEFT cannot express in the installed transformers' layout (use
     `save_merged`)."""
     cfg: LoraConfig | None = getattr(model, "_lora", None)
@@ -370,7 +372,7 @@ def save_peft(model: Transformer, path: str | Path, *, expert_layout: str | None
         "lora_dropout": 0.0 if params else cfg.dropout, "target_modules": modules or None,
         "target_parameters": params or None, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": None, "base_model_name_or_path": None, "inference_mode": True,
+        "modules_to_save": None, "base_model_name_or_path": base_model, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "revision": None,
     }
