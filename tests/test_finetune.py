@@ -843,7 +843,14 @@ def test_data_that_leaves_nothing_to_train_on_is_an_error(ckpt: Path, chat_files
     one.write_text(chat_files[0].read_text().splitlines()[0] + "\n")
     with pytest.raises(DataError, match=r"one.jsonl: all 1 example\(s\) are held out.*--valid-fraction 0"):
         finetune(_cfg(ckpt, one, tmp_path / "b"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # Held-out conversations with nothing to evaluate gave 'eval_loss 0.0000' (over 0 tokens).
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 80},
+                                             {"role": "assistant", "content": "y"}]}) + "\n")
+    with pytest.raises(DataError, match=r"long.jsonl: no held-out conversation has an assistant token within its "
+                                        r"first seq_len \+ 1 = 65 tokens"):
+        finetune(_cfg(ckpt, chat_files[0], tmp_path / "c", valid_data=str(long)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:

@@ -352,7 +352,7 @@ class FinetuneResult:
 
 
 def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any]]:
-    read = sft.read_sft if cfg.task == "sft" else dpo.read_pairs
+    read: Callable[[str, TrainTokenizer], list[Any]] = sft.read_sft if cfg.task == "sft" else dpo.read_pairs
     items: list[Any] = read(cfg.data, tok)
     if cfg.max_examples:
         items = items[: cfg.max_examples]
@@ -368,6 +368,12 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
     if cfg.task == "sft" and not any(any(ex.train[1: cfg.seq_len + 1]) for ex in train):
         raise DataError(f"{cfg.data}: no conversation has an assistant token within its first seq_len + 1 = "
                         f"{cfg.seq_len + 1} tokens, so there is nothing to train on; raise seq_len (--seq-len)")
+    # The same for the held-out ones: their evaluation reported eval_loss 0.0000 over 0 tokens.
+    if cfg.task == "sft" and cfg.eval_every > 0 and valid and not any(any(ex.train[1: cfg.seq_len + 1])
+                                                                      for ex in valid):
+        raise DataError(f"{cfg.valid_data or cfg.data}: no held-out conversation has an assistant token within its "
+                        f"first seq_len + 1 = {cfg.seq_len + 1} tokens, so the evaluation would measure nothing; raise "
+                        "seq_len (--seq-len), or hold out other conversations")
     if cfg.task == "sft":  # some cut: say how many, and how many of those lose every trained token
         cut = [ex for ex in train if len(ex.ids) > cfg.seq_len + 1]
         if cut:
