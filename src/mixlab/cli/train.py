@@ -126,7 +126,7 @@ SETTING_HELP = {
     "ckpt_every": "steps between checkpoints; 0: none", "keep": "newest checkpoints kept",
     "log_every": "steps between metrics records", "aux_loss_coef": "load-balancing loss coefficient",
     "valid_fraction": "share of --data held out when there is no --valid-data",
-    "max_examples": "use only the first N lines of --data; 0: all",
+    "max_examples": "use only the first N examples (non-empty lines) of --data; 0: all",
     "lora_rank": "LoRA rank; leave it out for full fine-tuning", "lora_alpha": "LoRA scale numerator: alpha / rank",
     "lora_dropout": "dropout on LoRA inputs (attention only)",
 }

@@ -77,7 +77,7 @@ class FinetuneConfig(OptimizerSettings):
     data: str = ""  # SFT: chat JSONL (`messages`); DPO: pairs JSONL (`chosen`, `rejected`, `prompt`|`messages`)
     valid_data: str = ""  # held-out file; default: hold out `valid_fraction` of `data` (seeded)
     valid_fraction: float = 0.05
-    max_examples: int = 0  # use only the first N lines of `data` (0 = all)
+    max_examples: int = 0  # use only the first N examples (non-empty lines) of `data` (0 = all)
     out: str = "runs/finetune"
     tokenizer: str = ""  # default: the checkpoint's (mixlab_data.json, tokenizer file), else mixtral
     seq_len: int = 512
