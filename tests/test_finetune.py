@@ -927,6 +927,30 @@ def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, cha
     assert checkpoints.init_config(tmp_path / "lora") == ModelConfig.from_dir(ckpt)
 
 
+def test_a_pretraining_run_stopped_before_its_export_brings_its_tokenizer(chat_files: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    """`sft --model RUN` of a `mixlab train` run stopped before its hf/ export starts from its newest
+    checkpoint, whose tokenizer (bytes here) was looked for only in RUN/hf/mixlab_data.json: Mixtral's
+    was taken instead ('the tokenizer's vocabulary (32000) is larger than the model's (259)', or the
+    wrong tokens for a model of 32,000 or more). The checkpoint's state.json names it."""
+    from mixlab.corpus import read_documents
+    from mixlab.train.data import prepare
+    from mixlab.train.loop import load_train_config, train
+
+    (tmp_path / "src" / "prose").mkdir(parents=True)
+    (tmp_path / "src" / "prose" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"The {i}th cat sat on the mat. " * 4}) + "\n" for i in range(20)))
+    prepare(read_documents([tmp_path / "src"]), tmp_path / "ds")
+    train(load_train_config(None, data=str(tmp_path / "ds"), out=str(tmp_path / "pre"), model="tiny-moe",
+                            model_overrides={k: getattr(CFG, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
+                                                                          "head_dim", "ffn_dim")},
+                            seq_len=32, batch_size=2, steps=1, progress=False, export_hf=False, threads=1))
+    assert not (tmp_path / "pre" / "hf").exists()
+    res = finetune(_cfg(tmp_path / "pre", chat_files[0], tmp_path / "sft", steps=1, eval_every=0))
+    assert res.step == 1
+    assert json.loads((tmp_path / "sft" / "hf" / "mixlab_data.json").read_text())["tokenizer"]["type"] == "bytes"
+
+
 def test_resume_with_changed_data_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
     """An SFT run resumed after its data file was edited continued silently from a loader position
     into other conversations (pretraining fingerprints its dataset; fine-tuning now does too)."""

@@ -168,12 +168,17 @@ def lora_config(cfg: FinetuneConfig) -> LoraConfig:
 
 
 def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, Any]]:
-    """The tokenizer: `cfg.tokenizer`, else the one the checkpoint was trained with (mixlab_data.json
-    of a mixlab export), else a tokenizer file in the checkpoint folder, else Mixtral's."""
+    """The tokenizer: `cfg.tokenizer`, else the one the checkpoint was trained with (a training
+    checkpoint's state.json, mixlab_data.json of a mixlab export), else a tokenizer file in the
+    checkpoint folder, else Mixtral's."""
     if cfg.tokenizer:
         tok = get_tokenizer(cfg.tokenizer)
         return tok, tok.spec()
     root = checkpoints.resolve_weights(cfg.model)
+    if checkpoints.is_step(root):  # a training checkpoint names its data's tokenizer (a run stopped before hf/)
+        data = checkpoints.validate(root, checksums=False).get("data")
+        if isinstance(data, dict) and isinstance(data.get("tokenizer"), dict):
+            return get_tokenizer(data["tokenizer"]), data["tokenizer"]
     for d in (root, root.parent.parent):  # a step folder's run has hf/mixlab_data.json
         f = d / "mixlab_data.json" if d == root else d / "hf" / "mixlab_data.json"
         if f.is_file():
