@@ -983,6 +983,17 @@ def test_a_dpo_resume_with_other_settings_or_data_names_them(ckpt: Path, chat_fi
     data.write_text(data.read_text().replace("Say the number 3.", "Say the number 33."))
     with pytest.raises(CheckpointError, match=r"step_00000001: saved for different data"):
         finetune(_cfg(ckpt, data, tmp_path / "run", **kw), resume=True)
+    # Other held-out pairs (--valid-data) pass the checkpoint's checks: the reference file names them
+    # (it said 'remove it', and then only 'missing').
+    data.write_text(chat_files[1].read_text())
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("".join(data.read_text().splitlines(keepends=True)[:2]))
+    finetune(_cfg(ckpt, data, tmp_path / "run2", valid_data=str(valid), **kw), stop_after=1)
+    valid.write_text("".join(data.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(CheckpointError, match=r"reference_logps.safetensors: reference log-probs for other held-out "
+                                              r"pairs \(.*valid.jsonl changed since the run started\); resume with "
+                                              "the original ones"):
+        finetune(_cfg(ckpt, data, tmp_path / "run2", valid_data=str(valid), **kw), resume=True)
 
 
 def test_a_damaged_mixlab_data_json_names_the_file(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:

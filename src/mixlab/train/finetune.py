@@ -480,6 +480,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
 
             with safe_open(str(rf), "pt") as f:
                 stored = (f.metadata() or {}).get("fingerprint")
+            if stored != fp and resume:  # the checkpoint matched the settings and training pairs above
+                raise CheckpointError(f"{rf}: reference log-probs for other held-out pairs "
+                                      f"({cfg.valid_data or cfg.data} changed since the run started); resume with the "
+                                      "original ones, or use another --out")
             if stored != fp:
                 raise CheckpointError(f"{rf}: reference log-probs for other data or settings; remove it or "
                                       "use another --out")
