@@ -336,3 +336,37 @@ def test_too_many_threads_is_a_warning_line_as_every_warning_is(tiny_dir, capsys
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert "mixlab generate: warning: --threads 4 is more than the 1 CPUs here; using 1\n" in err
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_and_130():
+    # Ctrl-C in a command's first seconds landed in `import torch`, run by `import mixlab` before the
+    # CLI's handler: a traceback (or, inside torch's import of numpy, swallowed and numpy broken).
+    # Here SIGINT arrives as torch starts to import, as `python -m mixlab` (and the console script) run.
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, runpy\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "sys.argv = ['mixlab', 'info', 'tiny-moe']\n"
+            "runpy.run_module('mixlab', run_name='__main__', alter_sys=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr, done.stdout) == (130, "mixlab: interrupted\n", "")
+
+
+def test_import_mixlab_waits_for_torch_only_when_the_api_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, mixlab\n"
+            "assert 'torch' not in sys.modules\n"
+            "import mixlab.generate\n"  # the submodule of the function's name leaves the function in place
+            "from mixlab import atomic, load_model\n"
+            "assert callable(mixlab.generate) and mixlab.generate is mixlab.generate.__globals__['generate']\n"
+            "assert mixlab.Transformer.__name__ == 'Transformer' and atomic.__name__ == 'mixlab.atomic'\n"
+            "assert set(mixlab.__all__) <= set(dir(mixlab))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -11,7 +11,9 @@ import argparse
 import importlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Any
@@ -171,8 +173,27 @@ def _warnings_as_lines(command: str) -> None:
     warnings.showwarning = show
 
 
+def _exit_interrupted(signum: int, frame: Any) -> None:
+    os.write(sys.stderr.fileno(), b"mixlab: interrupted\n")
+    os._exit(130)
+
+
+def _build_parser_interruptible() -> argparse.ArgumentParser:
+    """build_parser, which imports the subcommands and so torch: the first seconds of every command,
+    where Ctrl-C lands most often. A KeyboardInterrupt raised inside those imports would be a traceback,
+    or be swallowed by torch's import of numpy and break it; Ctrl-C there exits at once, as later
+    (one line, 130): nothing has been written yet."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return build_parser()
+    previous = signal.signal(signal.SIGINT, _exit_interrupted)
+    try:
+        return build_parser()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _build_parser_interruptible().parse_args(argv)
     command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # data prepare
     _warnings_as_lines(command)
     rank = _rank()
