@@ -130,6 +130,27 @@ def test_eval_reads_domain_folders_as_analyze_does(tmp_path: Path) -> None:
     assert list(documents(tmp_path / "s", domains=["web"])) == [("web", "w")]
 
 
+def test_eval_and_analyze_read_the_files_data_prepare_reads(tmp_path: Path) -> None:
+    """`data prepare` reads .md / .rst / .py / .tex files and a domain's subfolders; eval and analyze
+    read .txt and .jsonl files at a domain's top alone: a domain of .md files was no domain, and one of
+    .txt and .md files was scored on its .txt files. A routing report written into the corpus (its
+    summary.md) is none of the three's text."""
+    from mixlab.corpus import read_documents
+    from mixlab.eval.data import documents
+
+    files = {"docs/a.md": "# Title", "docs/guide/b.rst": "Guide", "mixed/c.txt": "plain", "mixed/d.py": "x = 1",
+             "mixed/e.tex": "\\section{S}", "mixed/f.jsonl": '{"text": "line"}\n', "report/summary.md": "| a |",
+             "report/report.json": "{}"}
+    for name, text in files.items():
+        (tmp_path / "c" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / name).write_text(text)
+    prepared = sorted((d.domain, d.text) for d in read_documents([tmp_path / "c"]))
+    assert prepared == [("docs", "# Title"), ("docs", "Guide"), ("mixed", "\\section{S}"), ("mixed", "line"),
+                        ("mixed", "plain"), ("mixed", "x = 1")]
+    assert sorted(documents(tmp_path / "c")) == prepared
+    assert sorted(documents(tmp_path / "c" / "mixed")) == prepared[2:]
+
+
 def test_eval_domains_picks_domains_as_analyze_does(ckpt: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """analyze took --domains; eval had no way to score some of a corpus's domains."""

@@ -27,6 +27,14 @@ from mixlab.errors import DataError
 
 VALID_STEMS = ("valid", "validation", "val", "dev", "test")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".tex")
+DATA_SUFFIXES = (".jsonl", *TEXT_SUFFIXES)  # every file kind a corpus is read from: prepare, analysis, eval
+
+
+def is_data_file(path: Path) -> bool:
+    """A corpus file mixlab reads (a `.jsonl` file, or text: one document), outside a routing report
+    (`mixlab analyze --out corpus/report` writes a summary.md beside its report.json)."""
+    return (path.suffix in DATA_SUFFIXES and path.is_file()
+            and not (path.parent / "report.json").is_file())
 
 # -- tokenizers ------------------------------------------------------------------------------------
 
@@ -193,11 +201,11 @@ def discover(source: Path) -> list[tuple[Path, str, str]]:
     out = []
     own = source.resolve().name or "default"  # `.` is the working folder's name
     for f in sorted(source.rglob("*")):
-        if f.is_file() and (f.suffix == ".jsonl" or f.suffix in TEXT_SUFFIXES):
+        if is_data_file(f):
             rel = f.relative_to(source)
             out.append((f, rel.parts[0] if len(rel.parts) > 1 else own, _split_of(f)))
     if not out:
-        raise DataError(f"{source}: no .jsonl or text files ({', '.join(TEXT_SUFFIXES)}) found")
+        raise DataError(f"{source}: no data files ({', '.join(DATA_SUFFIXES)}) found")
     return out
 
 
@@ -236,11 +244,15 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
 # Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
 # and licence texts.
 NOT_DOMAINS = ("chat", "LICENSES")
-DATA_SUFFIXES = (".jsonl", ".txt")
+
+
+def _files(folder: Path) -> list[Path]:
+    """A domain folder's data files, in its subfolders too (as `prepare` reads a domain)."""
+    return sorted(p for p in folder.rglob("*") if is_data_file(p))
 
 
 def _has_data(folder: Path) -> bool:
-    return any(p.suffix in DATA_SUFFIXES and p.is_file() for p in folder.iterdir())
+    return any(is_data_file(p) for p in folder.rglob("*"))
 
 
 def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, Path]:
@@ -252,7 +264,7 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
     root = Path(data)
     if root.is_file():
         raise NotADirectoryError(f"{root} is a file; --data takes a folder: a corpus (one subfolder per domain) "
-                                 "or one domain's folder of .jsonl / .txt files")
+                                 f"or one domain's folder of data files ({', '.join(DATA_SUFFIXES)})")
     if not root.is_dir():
         raise NotADirectoryError(f"data folder {root} does not exist")
     if names:
@@ -269,7 +281,7 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
         return {p.name: p for p in subdirs}
     if _has_data(root):  # `.` is the working folder, by its name
         return {root.resolve().name or root.name: root}
-    raise DataError(f"{root}: no domain folders and no {'/'.join(DATA_SUFFIXES)} files")
+    raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)})")
 
 
 SPLIT_NAMES = ("train", "valid", "test")  # files named by split (the shared corpus: train.jsonl, valid.jsonl)
@@ -279,7 +291,7 @@ def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
     """The domain's data files: those whose name starts with `split` if any do; none if others are
     named by split (a domain with train.jsonl alone has no valid text: its training text is not
     read in its place); else (a folder of text files) all."""
-    files = sorted(p for p in domain_dir.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    files = _files(domain_dir)
     if split:
         picked = [p for p in files if p.name.startswith(split)]
         files = picked if picked or any(p.name.startswith(SPLIT_NAMES) for p in files) else files
@@ -288,18 +300,19 @@ def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
 
 def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
     """(source, text) for each usable document of a domain folder (`find_domains`), in file order,
-    streaming each file line by line: a `.txt` file is one document, a `.jsonl` line one (lines
+    streaming each file line by line: a text file (`.txt`, `.md`, ...: `TEXT_SUFFIXES`) is one
+    document, a `.jsonl` line one (lines
     without a non-empty string `text` are skipped: `jsonl_texts`, lenient); routing analysis and
     evaluation read domains through it. Raises DataError naming the folder when there is none."""
     files = data_files(domain_dir, split=split)
     found = 0
     for path in files:
         try:  # a binary file was read with U+FFFD for its bytes (.txt) or failed without its name (.jsonl)
-            if path.suffix == ".txt":
+            if path.suffix != ".jsonl":
                 text = path.read_text(encoding="utf-8")
                 if text.strip():
                     found += 1
-                    yield str(path.name), text
+                    yield str(path.relative_to(domain_dir)), text
                 continue
             with path.open(encoding="utf-8") as f:
                 for body, row, where in jsonl_texts(f, path, strict=False):
@@ -315,9 +328,9 @@ def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator
         if every and not files:
             raise DataError(f"domain folder {domain_dir} has no {split!r} file (files there: "
                             f"{', '.join(p.name for p in every)}); --domains leaves it out")
-        what = ", ".join(p.name for p in files) or "no .jsonl/.txt files"
-        raise DataError(f"domain folder {domain_dir} has no usable data ({what}): expected .txt files or .jsonl "
-                        "lines with a non-empty string field 'text'")
+        what = ", ".join(p.name for p in files) or "no data files"
+        raise DataError(f"domain folder {domain_dir} has no usable data ({what}): expected text files "
+                        f"({', '.join(TEXT_SUFFIXES)}) or .jsonl lines with a non-empty string field 'text'")
 
 
 def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> None:
