@@ -284,6 +284,33 @@ def test_greedy_step_equals_decode_step_and_argmax(prepared):
                     greedy_step(model, bad_tok, bad_pos, caches[0])
 
 
+def test_greedy_step_decodes_an_unprepared_model_natively(monkeypatch):
+    """`greedy_step` on a model as loaded (not prepared, trainable, grad mode on: what a user's own
+    decoding loop holds) ran PyTorch's forward pass, ~10x slower than the native step `generate`
+    runs for the same model. It now steps natively over the model's own weights (the engine's
+    `shared_decoder`), which follows a weight changed in place between steps."""
+    from mixlab.model.native import NativeDecoder
+
+    model = _model().requires_grad_(True)
+    reference = copy.deepcopy(model)
+    calls = []
+    real = NativeDecoder.step_top
+    monkeypatch.setattr(NativeDecoder, "step_top", lambda self, *a: calls.append(1) or real(self, *a))
+    caches = [KVCache(m.config, batch_size=1, max_len=16) for m in (model, reference)]
+    for m, cache in zip((model, reference), caches, strict=True):
+        prefill(m, torch.tensor([[5, 6, 7]]), torch.arange(3)[None], cache, chunk=4)
+    tok = ref = 9
+    for t in range(3, 8):
+        if t == 6:  # a weight changed in place (a training step) shows in the very next token
+            with torch.no_grad():
+                for m in (model, reference):
+                    m.output.weight.neg_()  # the argmax becomes the argmin
+        tok = greedy_step(model, tok, t, caches[0])
+        ref = int(decode_step(reference, torch.tensor([[ref]]), torch.tensor([[t]]), caches[1])[0].argmax())
+        assert tok == ref
+    assert len(calls) == 5 and torch.is_grad_enabled() and model.native_decoder is None
+
+
 def test_batches_fall_back_to_pytorch():
     model = _model()
     reference = copy.deepcopy(model)

@@ -29,6 +29,8 @@ from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler, greedy_token, penalize
 from mixlab.errors import GenerationError
 from mixlab.model import Transformer, check_model
+from mixlab.model.native import shared_decoder
+from mixlab.ops import registry
 from mixlab.tokenizer import check_text, check_tokenizer
 
 if TYPE_CHECKING:
@@ -93,19 +95,26 @@ def decode_step(
 
     A model prepared for CPU inference decodes a single prompt through its native kernels
     (`mixlab.model.native`) when the kernel registry chooses them; everything else runs the PyTorch
-    forward pass."""
+    forward pass, the reference the kernels are tested against (~10x slower on CPU: a decoding loop
+    of one's own over a model not prepared takes `greedy_step`, native either way)."""
     logits_BV, experts_BLK, _ = _step_top(model, tokens_B1, positions_B1, cache, record_experts)
     return logits_BV, experts_BLK
 
 
+@torch.no_grad()
 def greedy_step(model: Transformer, token: int, position: int, cache: KVCache) -> int:
     """One greedy decoding step of one sequence: feed `token` at `position` (written into `cache`,
     batch 1) and return the next token, the argmax of the next-token logits (the first index on
     ties; GenerationError when they hold NaN). What `decode_step` and an argmax do, for a decoding
     loop of its own: the native decoder finds the argmax as its threads write the logits, instead of
-    Python reading them again (~45 us per token, ~2% of an int4 step)."""
+    Python reading them again (~45 us per token, ~2% of an int4 step). A model not prepared for
+    inference decodes natively too, from its own weights, as `generate` does (`shared_decoder`,
+    which checks each call that the weights have not changed: ~0.1 ms)."""
     _check_cache(model, cache)
     dec = model.native_decoder
+    if dec is None and cache.pos_BC.device.type == "cpu" and not torch.compiler.is_compiling():
+        registry.prepare_native()  # loads the kernels (building them once), as the engine does
+        dec = shared_decoder(model)
     if dec is not None and dec.chooses(1, cache.pos_BC.device.type) and dec.accepts_cache(cache):
         logits_1V, _, top = dec.step_top(token, position, cache)
     else:
