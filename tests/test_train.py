@@ -21,8 +21,16 @@ from mixlab.checkpoint import CheckpointError, load_model
 from mixlab.config import ConfigError
 from mixlab.errors import OutputError
 from mixlab.train import checkpoints
-from mixlab.train.data import prepare, read_documents
-from mixlab.train.loop import TrainConfig, eval_line, evaluate, load_train_config, lr_at, train
+from mixlab.train.data import TokenDataset, prepare, read_documents
+from mixlab.train.loop import (
+    TrainConfig,
+    build_model_config,
+    eval_line,
+    evaluate,
+    load_train_config,
+    lr_at,
+    train,
+)
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
         "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "jitter": 0.1, "z_loss_coef": 0.001}}
@@ -760,3 +768,30 @@ def test_quiet_drops_the_progress_lines_not_the_results(dataset: Path, tmp_path:
     assert err == ""
     assert out.splitlines()[0].startswith("step 2: ") and out.splitlines()[-1] == f"run folder: {tmp_path / 'r'}"
 
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_up_front(dataset: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train --batch-size 100000000000` grew the loader's rows until the machine struggled: it is
+    now one line naming the value and how many rows fit; sane values are not refused."""
+    from mixlab.cli import main
+    from mixlab.train import settings
+
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(dataset), "--out", str(out), "--batch-size", "100000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "mixlab train: error: batch_size 100000000000 cannot fit: one micro-batch (256 tokens an item)" in err
+    assert "of memory is free on cpu; at most " in err and not out.exists()
+    # the floor: float32 logits and each layer's bf16 input, per token (tiny-moe: 259 x 4 + 8 x 64 x 2)
+    mc = build_model_config(_cfg(dataset, tmp_path / "x"), TokenDataset(dataset))
+    per_row = 32 * (4 * mc.vocab_size + 2 * mc.dim * mc.n_layers)
+    monkeypatch.setattr(settings, "available_memory", lambda: 10 * per_row)
+    settings.check_batch_fits(mc, batch_size=10, seq_len=32, device="cpu")
+    settings.check_batch_fits(mc, batch_size=20, seq_len=32, device="cpu", processes=2)
+    with pytest.raises(ValueError, match=r"batch_size 11 cannot fit: .* at most 10 fit"):
+        settings.check_batch_fits(mc, batch_size=11, seq_len=32, device="cpu")
+    with pytest.raises(ValueError, match=r"batch_size 6 cannot fit: one micro-batch \(64 tokens an item\).* at most 5"):
+        settings.check_batch_fits(mc, batch_size=6, seq_len=32, device="cpu", rows_per_item=2)  # DPO's pairs
+    with pytest.raises(ValueError, match=r"batch_size 21 cannot fit: a process's share of .* at most 20 fit"):
+        settings.check_batch_fits(mc, batch_size=21, seq_len=32, device="cpu", processes=2)

@@ -57,6 +57,7 @@ from mixlab.train.losses import IGNORE, lm_loss, router_losses
 from mixlab.train.settings import (
     INTEGERS,
     OptimizerSettings,
+    check_batch_fits,
     check_resume_arg,
     check_resume_settings,
     check_settings,
@@ -441,6 +442,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({mc.vocab_size})")
     if cfg.seq_len > mc.max_seq_len:
         raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len})")
+    check_batch_fits(mc, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
+                     rows_per_item=2 if cfg.task == "dpo" else 1)
     model = checkpoints.load_init(cfg.model, mc).to(device)
     train_items, valid_items = _data(cfg, tok)
     data_fp = _fingerprint(train_items)  # the loader position in a checkpoint means something only for these

@@ -57,6 +57,7 @@ from mixlab.train.settings import (
     INTEGERS,
     NUMBERS,
     OptimizerSettings,
+    check_batch_fits,
     check_resume_arg,
     check_resume_settings,
     check_settings,
@@ -413,6 +414,8 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, stop_after: int | Non
     check_resume_arg(resume)
     dataset = TokenDataset(cfg.data)
     mc = build_model_config(cfg, dataset)
+    check_batch_fits(mc, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
+                     processes=parallel.world if parallel is not None else 1)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     # one run at a time in OUT (rank 0 holds it for all of a distributed run's processes)

@@ -20,8 +20,9 @@ import torch
 
 from mixlab.checkpoint import parse_device
 from mixlab.checkpoint.io import CheckpointError
-from mixlab.config import ConfigError
+from mixlab.config import ConfigError, ModelConfig, format_bytes
 from mixlab.dtypes import full_name
+from mixlab.engine.runner import available_memory
 
 T = TypeVar("T")
 PATHS = ("data", "valid_data", "out", "model", "init_from", "tokenizer")  # the settings that may name a file
@@ -160,6 +161,30 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
     for name in ("beta1", "beta2", "min_lr_ratio"):
         if getattr(cfg, name) > 1:
             raise ConfigError(f"{what} setting {name!r} must be at most 1, got {getattr(cfg, name)!r}")
+
+
+def check_batch_fits(mc: ModelConfig, *, batch_size: int, seq_len: int, device: str, rows_per_item: int = 1,
+                     processes: int = 1) -> None:
+    """ConfigError when one micro-batch cannot fit in the memory free on `device`: a batch_size of
+    10^11 otherwise grew the loader's rows until the machine struggled. The estimate is a floor (the
+    float32 logits and each layer's bf16 input, not the weights, the optimizer or the rest of a
+    block's activations), so no batch that fits is refused. `rows_per_item`: DPO's 2 sequences per
+    pair; `processes`: a distributed run's, each holding its share of the rows."""
+    dev = parse_device(device)
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+    elif dev.type == "cpu":
+        free = available_memory()
+    else:
+        return
+    per_item = rows_per_item * seq_len * (4 * mc.vocab_size + 2 * mc.dim * mc.n_layers)
+    need = -(-batch_size // processes) * per_item
+    if free and need > free:
+        share = " a process's share of" if processes > 1 else ""
+        raise ConfigError(f"batch_size {batch_size} cannot fit:{share} one micro-batch ({rows_per_item * seq_len} "
+                          f"tokens an item) needs at least {format_bytes(need)} for its logits and layer inputs "
+                          f"alone, where {format_bytes(free)} of memory is free on {dev.type}; at most "
+                          f"{free // per_item * processes} fit (grad_accum makes larger steps)")
 
 
 def check_resume_arg(resume: object) -> None:
