@@ -914,6 +914,37 @@ def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, 
         _bytes("1XB")
 
 
+def test_serve_refuses_a_batch_or_cache_that_cannot_fit(ckpt: Path, model_tok: tuple[Any, Any],
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-batch 1000000000 started a server of 4 million sequences of 2 tokens, which no request
+    fits, with a note; a --cache-bytes beyond the memory zeroed it until the machine swapped. Both
+    are refused before the server starts, naming the value and the limit."""
+    from mixlab.config import format_bytes
+    from mixlab.engine import runner
+
+    per_token = runner.bytes_per_token(model_tok[0])
+    budget = 2 * 4 * per_token  # 4 sequences of 2 tokens
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--cache-bytes", str(budget),
+                                "--max-batch", "5")
+    assert code == 2 and srv is None
+    assert (f"error: max_batch=5 sequences cannot fit in the KV cache's {format_bytes(budget)} (cache_bytes), "
+            "even of 2 tokens each: at most 4 (the flags: --cache-bytes, --max-model-len, --max-batch)") in err
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--cache-bytes", str(budget),
+                                "--max-batch", "4")
+    assert code == 0 and srv.cfg.context_len == 2
+    monkeypatch.setattr(runner, "available_memory", lambda: 100 * per_token)
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--max-batch", "1",
+                                "--max-model-len", "128")
+    assert code == 2 and srv is None
+    assert (f"a KV cache of {format_bytes(128 * per_token)} (1 sequences of 128 positions, cache_bytes="
+            f"{runner.DEFAULT_CACHE_BYTES}) cannot fit: {format_bytes(100 * per_token)} of memory is available; at "
+            f"most cache_bytes={100 * per_token}") in err
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--max-batch", "1",
+                                "--max-model-len", "64")
+    assert code == 0
+
+
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_0(ckpt: Path) -> None:
     """Started with --port 0, the server says the port the system chose once it listens; SIGTERM lets

@@ -42,6 +42,7 @@ from torch import nn
 
 from mixlab import pages
 from mixlab.cache import KVCache
+from mixlab.config import format_bytes
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
@@ -147,6 +148,10 @@ class Runner:
             max_seq_len = cfg.max_seq_len
             while capacity(max_seq_len) * self.per_token * max_batch > budget and max_seq_len > 2:
                 max_seq_len //= 2
+            most = budget // (capacity(max_seq_len) * self.per_token)
+            if 0 < most < max_batch:  # ran fewer, each of 2 tokens: no request fits
+                raise ValueError(f"max_batch={max_batch} sequences cannot fit in the KV cache's "
+                                 f"{format_bytes(budget)} (cache_bytes), even of 2 tokens each: at most {most}")
         self.max_len = max_seq_len
         C = capacity(max_seq_len)
         self.slot_bytes = C * self.per_token
@@ -156,6 +161,11 @@ class Runner:
                              f"({self.slot_bytes} bytes): raise cache_bytes or lower max_seq_len")
         self.n_slots, self.capacity = S, C
         self.total_bytes = S * self.slot_bytes
+        free = available_memory() if self.device.type == "cpu" else 0
+        if free and self.total_bytes > free:  # zeroed below: the machine would swap or kill a process
+            raise ValueError(f"a KV cache of {format_bytes(self.total_bytes)} ({S} sequences of {C} positions, "
+                             f"cache_bytes={budget}) cannot fit: {format_bytes(free)} of memory is available; at "
+                             f"most cache_bytes={free}")
         shape = (S, cfg.n_kv_heads, C, cfg.head_dim)
         self.k = [pages.zeros(shape, self.dtype, self.device) for _ in range(cfg.n_layers)]  # 2 MiB pages on CPU
         self.v = [pages.zeros(shape, self.dtype, self.device) for _ in range(cfg.n_layers)]
