@@ -205,6 +205,21 @@ def test_convert_cli_from_a_gguf_writes_its_weights_and_tokenizer(fmt, tmp_path,
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (theirs.bos_id, theirs.eos_id, theirs.vocab_size)
 
 
+def test_float32_metadata_reads_as_written(tmp_path, capsys):
+    """GGUF stores the norm epsilon as a float32: it read back as 9.999999747378752e-06, which a
+    GGUF -> transformers conversion wrote into config.json for the source's 1e-05."""
+    import json
+
+    from mixlab.cli import main
+
+    model = Transformer(_model("moe").config.replace(norm_eps=1e-5, rope_theta=1e6))
+    model.init_weights(seed=0)
+    src = write_gguf(model, tmp_path / "m.gguf", quant="f32")
+    assert (load_model(src).config.norm_eps, load_model(src).config.rope_theta) == (1e-5, 1e6)
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rms_norm_eps"] == 1e-5
+
+
 def test_convert_cli_notes_a_gguf_without_a_vocabulary_as_its_warnings_are(tmp_path, capsys, monkeypatch):
     # the note began "note: ", without the "mixlab convert: " its warnings and errors have
     import mixlab.checkpoint.gguf_read as gguf_read

@@ -147,6 +147,8 @@ class _Cursor:
             raise self.fail(f"{what}: not valid UTF-8") from None
 
     def value(self, vtype: int, what: str, *, in_array: bool = False) -> Any:
+        if vtype == 6:  # a float32 as the shortest decimal it holds: 1e-05, not 9.999999747378752e-06
+            return float(str(np.float32(self.scalar("<f", 4, what))))
         if vtype in _SCALARS:
             return self.scalar(*_SCALARS[vtype], what)
         if vtype == STRING:
