@@ -502,6 +502,38 @@ def test_nan_weights_warn_as_for_safetensors(quant, tmp_path):
         load_model(path)
 
 
+def test_a_split_gguf_loads_from_its_first_part(tmp_path, capsys):
+    """A GGUF split in parts (llama.cpp's gguf-split, `convert_hf_to_gguf.py --split-max-size`: the
+    large Mixtral files) loads from its first part, as llama.cpp loads it: it was refused as 'missing
+    tensor' (the first part's tensors alone). Offloaded experts read from their own parts; another
+    part, or a part missing, is named."""
+    from mixlab.cli import main
+
+    model = _model("moe")
+    w = gguf_writer(model.config, name="x", file_type=0)
+    w.split_max_tensors = 8  # gguf-py's own splitting, what llama.cpp's converter runs
+    for n, t, _ in gguf_tensors(model, model.config):
+        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    w.write_header_to_file(tmp_path / "m.gguf")
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    first, second, third = (tmp_path / f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3))
+    tokens = torch.randint(3, 32000, (1, 8))
+    with torch.no_grad():
+        want = model(tokens)
+        torch.testing.assert_close(load_model(first)(tokens), want, rtol=0, atol=0)
+        torch.testing.assert_close(load_model(first, max_memory="1GB")(tokens), want, rtol=0, atol=0)
+    np.testing.assert_allclose(_llama_logits(first, tokens[0].tolist()), want[0].numpy(), atol=1e-3, rtol=0)
+    assert main(["info", str(first)]) == 0
+    assert "GGUF v3 in 3 parts, 23 tensors" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match=r"m-00002-of-00003.gguf: part 2 of a GGUF split in 3: pass its first"):
+        load_model(second)
+    third.unlink()
+    with pytest.raises(CheckpointError, match=r"part 3 of this GGUF split in 3, m-00003-of-00003.gguf, is missing"):
+        load_model(first)
+
+
 def test_experts_stored_one_tensor_each_are_named(tmp_path):
     """Mixtral GGUF files from before llama.cpp stacked the experts (blk.N.ffn_gate.E.weight): named
     as such, not as a missing 'blk.0.ffn_gate_exps.weight'."""

@@ -9,7 +9,8 @@ checked cursor and checks everything before any tensor data is read: every lengt
 left, counts against what the file can hold, ranks 1-4, dims >= 1 with products that do not
 overflow, known types with whole blocks per row, offsets aligned, inside the file and not
 overlapping, no duplicate keys or names. A malformed file raises `CheckpointError` naming the file,
-the field and what was expected.
+the field and what was expected. A GGUF split in parts (llama.cpp's `gguf-split`) is read from its
+first part, `PREFIX-00001-of-0000N.gguf`: its metadata, and every part's tensors from their own files.
 
 Mixtral/Mistral/Llama files (`general.architecture = llama`, as llama.cpp's `convert_hf_to_gguf.py`
 and mixlab's own `write_gguf` write them) become a mixlab `Transformer`:
@@ -33,9 +34,10 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,7 @@ class GGUFTensor:
     shape: tuple[int, ...]  # torch order (slowest first): GGUF's dims reversed
     start: int  # absolute byte offset in the file
     nbytes: int
+    file: Path  # the part of a split GGUF holding it (else the file itself)
 
     @property
     def type_name(self) -> str:
@@ -174,8 +177,44 @@ class _Cursor:
 
 
 def read_header(path: str | Path) -> GGUFHeader:
-    """Parse and validate a GGUF file's metadata and tensor infos (no tensor data is read)."""
-    p = Path(path)
+    """Parse and validate a GGUF file's metadata and tensor infos (no tensor data is read); for the
+    first part of a split GGUF, every part's tensors (`_join_parts`)."""
+    h = _read_one(Path(path))
+    return _join_parts(h) if "split.count" in h.metadata else h
+
+
+def _join_parts(h: GGUFHeader) -> GGUFHeader:
+    """A GGUF split in parts, as llama.cpp's `gguf-split` and `convert_hf_to_gguf.py --split-max-*`
+    write them and llama.cpp loads them (`PREFIX-00001-of-0000N.gguf` first, holding the metadata;
+    each part its own header and tensors): the first part's header with every part's tensors, each
+    read from its own file."""
+    n, no = _meta(h, "split.count", int), _meta(h, "split.no", int, 0)
+    if n <= 1:
+        return h
+    m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.gguf", h.path.name)
+    if no != 0 or m is None or (int(m[2]), int(m[3])) != (1, n):
+        raise CheckpointError(f"{h.path}: part {no + 1} of a GGUF split in {n}: pass its first part, named "
+                              f"PREFIX-00001-of-{n:05d}.gguf (as llama.cpp takes it)")
+    tensors = dict(h.tensors)
+    for i in range(1, n):
+        path = h.path.with_name(f"{m[1]}-{i + 1:05d}-of-{n:05d}.gguf")
+        if not path.is_file():
+            raise CheckpointError(f"{h.path}: part {i + 1} of this GGUF split in {n}, {path.name}, is missing")
+        part = _read_one(path)
+        if (part.metadata.get("split.no"), part.metadata.get("split.count")) != (i, n):
+            raise CheckpointError(f"{path}: not part {i + 1} of {n} of {h.path.name} (its split.no and split.count "
+                                  f"are {part.metadata.get('split.no')} and {part.metadata.get('split.count')})")
+        twice = sorted(tensors.keys() & part.tensors.keys())
+        if twice:
+            raise CheckpointError(f"{path}: tensor {twice[0]!r} is also in an earlier part")
+        tensors.update(part.tensors)
+    want = h.metadata.get("split.tensors.count", len(tensors))
+    if want != len(tensors):
+        raise CheckpointError(f"{h.path}: its {n} parts hold {len(tensors)} tensors, split.tensors.count says {want}")
+    return replace(h, tensors=tensors)
+
+
+def _read_one(p: Path) -> GGUFHeader:
     if not p.is_file():
         raise CheckpointError(f"{p}: no such GGUF file")
     size = p.stat().st_size
@@ -258,7 +297,7 @@ def _parse_header(p: Path, buf: memoryview, size: int, *, whole: bool) -> GGUFHe
         if data_start + offset + nbytes > size:
             raise CheckpointError(f"{p}: tensor {name!r} ({types[ttype][0]} {list(shape)}, {nbytes} bytes at data "
                                   f"offset {offset}) runs past the end of the file ({size} bytes; truncated?)")
-        tensors[name] = GGUFTensor(name, ttype, shape, data_start + offset, nbytes)
+        tensors[name] = GGUFTensor(name, ttype, shape, data_start + offset, nbytes, p)
     spans = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors.values())
     for (_, end0, a), (start1, _, b) in zip(spans, spans[1:], strict=False):
         if start1 < end0:
@@ -339,18 +378,19 @@ def _rope_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 class _Reader:
     def __init__(self, h: GGUFHeader) -> None:
         self.h = h
-        self.fd = os.open(h.path, os.O_RDONLY)
+        self.fds = {f: os.open(f, os.O_RDONLY) for f in sorted({t.file for t in h.tensors.values()})}
 
     def close(self) -> None:
-        os.close(self.fd)
+        for fd in self.fds.values():
+            os.close(fd)
 
     def raw(self, t: GGUFTensor) -> np.ndarray:
         out = np.empty(t.nbytes, dtype=np.uint8)
         view, done = memoryview(out.data), 0
         while done < t.nbytes:
-            n = os.preadv(self.fd, [view[done:]], t.start + done)
+            n = os.preadv(self.fds[t.file], [view[done:]], t.start + done)
             if n <= 0:
-                raise CheckpointError(f"{self.h.path}: unexpected end of file reading tensor {t.name!r}")
+                raise CheckpointError(f"{t.file}: unexpected end of file reading tensor {t.name!r}")
             done += n
         return out
 
@@ -476,7 +516,9 @@ def describe(path: str | Path) -> str:
     by: dict[str, int] = {}
     for t in h.tensors.values():
         by[t.type_name] = by.get(t.type_name, 0) + t.nbytes
-    return f"GGUF v{h.version}, {len(h.tensors)} tensors: " + ", ".join(
+    parts = len({t.file for t in h.tensors.values()})
+    split = f" in {parts} parts" if parts > 1 else ""
+    return f"GGUF v{h.version}{split}, {len(h.tensors)} tensors: " + ", ".join(
         f"{k} {v:,} bytes" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
 
 

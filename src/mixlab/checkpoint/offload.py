@@ -155,7 +155,7 @@ class GGUFSource:
         self.h, self.E, self.D, self.F = header, config.moe.num_experts, config.dim, config.ffn_dim
         self.layers = [tuple(header.tensors[f"blk.{i}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down"))
                        for i in range(config.n_layers)]
-        self.files = _Files({header.path})
+        self.files = _Files({t.file for ts in self.layers for t in ts})
         self._buffers = threading.local()
         from mixlab.checkpoint.gguf_read import Q4_0
 
@@ -171,7 +171,8 @@ class GGUFSource:
         subs = []
         for t in self.layers[layer]:
             per = t.nbytes // self.E
-            subs.append(GGUFTensor(f"{t.name} expert {expert}", t.type, t.shape[1:], t.start + expert * per, per))
+            subs.append(GGUFTensor(f"{t.name} expert {expert}", t.type, t.shape[1:], t.start + expert * per, per,
+                                   t.file))
         n = sum(s.nbytes for s in subs)
         gate, up, down = subs
         if fmt.kind == "int4" and fmt.group == 32 and self.int4():
@@ -189,7 +190,7 @@ class GGUFSource:
         if pause is not None:  # other types read whole (no chunks): only a chance to stand aside first
             pause(0)
         reader = _Reader.__new__(_Reader)  # its conversions, over this source's descriptor
-        reader.h, reader.fd = self.h, self.files.fds[self.h.path]
+        reader.h, reader.fds = self.h, self.files.fds
         dt = fmt.dtype  # the model's float dtype, as load_gguf reads resident experts
         w13 = torch.cat([reader.floats(gate, dt), reader.floats(up, dt)])
         fmt.fill(slot, w13, reader.floats(down, dt))
@@ -204,7 +205,7 @@ class GGUFSource:
         if buf is None or buf.numel() < t.nbytes:
             buf = self._buffers.buf = torch.empty(t.nbytes, dtype=torch.uint8)
         out = buf[: t.nbytes]
-        self.files.read(_Range(self.h.path, t.start, t.nbytes, "U8", repr(t.name)), _bytes(out), pause)
+        self.files.read(_Range(t.file, t.start, t.nbytes, "U8", repr(t.name)), _bytes(out), pause)
         return out
 
     def close(self) -> None:
