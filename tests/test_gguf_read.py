@@ -428,9 +428,24 @@ def test_a_type_nothing_dequantises_is_refused_before_reading(tmp_path, monkeypa
     bad.write_bytes(bytes(raw))
     assert read_header(bad).tensors[name.decode()].type_name == "I32"
     monkeypatch.setattr(gguf_read._Reader, "raw", lambda *a: pytest.fail("a tensor was read"))
-    with pytest.raises(CheckpointError, match="i32.gguf: tensor 'blk.0.attn_norm.weight' is I32, a type mixlab "
-                                              "cannot read"):
-        load_model(bad)
+    with pytest.raises(CheckpointError, match=r"i32.gguf: tensor 'blk.0.attn_norm.weight' is I32, a type mixlab "
+                                              r"cannot read as weights \(it reads BF16, F16, F32, .*Q4_K, .*Q8_0"):
+        load_model(bad)  # it said "the quantised types the gguf package dequantises: pip install 'mixlab[gguf]'"
+
+
+def test_a_quantised_type_without_the_gguf_package_says_to_install_it(tmp_path, monkeypatch):
+    """Without the gguf extra, a type other than mixlab's own five (llama.cpp's Q4_0 files keep
+    output.weight at Q6_K) was 'unknown ggml type 14 (at byte ...)': it now says to install it."""
+    path = write_gguf(_model("dense"), tmp_path / "m.gguf", quant="f32")
+    raw = bytearray(path.read_bytes())
+    name = b"output.weight"
+    at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4 + 16  # past the rank and two dims
+    struct.pack_into("<I", raw, at, int(gguf.GGMLQuantizationType.Q6_K))  # a valid Q6_K header, its data cut short
+    path.write_bytes(bytes(raw))
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(CheckpointError, match=r"m.gguf: tensor 'output.weight' has ggml type 14, which mixlab reads "
+                                              r"through the gguf package: pip install 'mixlab\[gguf\]'"):
+        load_model(path)
 
 
 def test_rotary_frequency_factors_are_refused(tmp_path):

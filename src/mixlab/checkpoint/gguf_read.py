@@ -280,6 +280,9 @@ def _parse_header(p: Path, buf: memoryview, size: int, *, whole: bool) -> GGUFHe
             if n > MAX_ELEMENTS:
                 raise c.fail(f"tensor {name!r}: dimensions {dims} hold more than 2**60 elements")
         ttype = c.u32(f"the type of {name!r}")
+        if ttype not in types and len(types) == len(CORE_TYPES):  # most of llama.cpp's files hold a K-quant
+            raise CheckpointError(f"{p}: tensor {name!r} has ggml type {ttype}, which mixlab reads through the gguf "
+                                  "package: pip install 'mixlab[gguf]' (without it: F32, F16, BF16, Q4_0, Q8_0)")
         if ttype not in types:
             raise c.fail(f"tensor {name!r}: unknown ggml type {ttype}")
         tname, block, _ = types[ttype]
@@ -496,9 +499,10 @@ def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], 
     for _, ts, _ in out:
         for t in ts:
             if not _readable(t.type):
+                types = _type_table()
+                readable = ", ".join(types[k][0] for k in sorted(types, key=lambda k: types[k][0]) if _readable(k))
                 raise CheckpointError(f"{h.path}: tensor {t.name!r} is {t.type_name}, a type mixlab cannot read as "
-                                      "weights (F32, F16, BF16, Q4_0, Q8_0, and the quantised types the gguf package "
-                                      "dequantises: pip install 'mixlab[gguf]')")
+                                      f"weights (it reads {readable})")
     wanted = {t.name for _, ts, _ in out for t in ts}
     extra = sorted(set(h.tensors) - wanted)
     if extra:
