@@ -544,6 +544,10 @@ def test_a_split_gguf_loads_from_its_first_part(tmp_path, capsys):
     assert "GGUF v3 in 3 parts, 23 tensors" in capsys.readouterr().out
     with pytest.raises(CheckpointError, match=r"m-00002-of-00003.gguf: part 2 of a GGUF split in 3: pass its first"):
         load_model(second)
+    first.rename(tmp_path / "renamed.gguf")
+    with pytest.raises(CheckpointError, match=r"renamed.gguf: the first part of a GGUF split in 3, not named PREFIX-"):
+        load_model(tmp_path / "renamed.gguf")
+    (tmp_path / "renamed.gguf").rename(first)
     third.unlink()
     with pytest.raises(CheckpointError, match=r"part 3 of this GGUF split in 3, m-00003-of-00003.gguf, is missing"):
         load_model(first)

@@ -192,9 +192,12 @@ def _join_parts(h: GGUFHeader) -> GGUFHeader:
     if n <= 1:
         return h
     m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.gguf", h.path.name)
-    if no != 0 or m is None or (int(m[2]), int(m[3])) != (1, n):
+    if no != 0:
         raise CheckpointError(f"{h.path}: part {no + 1} of a GGUF split in {n}: pass its first part, named "
                               f"PREFIX-00001-of-{n:05d}.gguf (as llama.cpp takes it)")
+    if m is None or (int(m[2]), int(m[3])) != (1, n):  # the other parts are found by their names
+        raise CheckpointError(f"{h.path}: the first part of a GGUF split in {n}, not named PREFIX-00001-of-{n:05d}"
+                              ".gguf as its parts must be (llama.cpp's names, by which they are found): rename it")
     tensors = dict(h.tensors)
     for i in range(1, n):
         path = h.path.with_name(f"{m[1]}-{i + 1:05d}-of-{n:05d}.gguf")
