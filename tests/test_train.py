@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,7 +158,8 @@ def test_convert_and_info_read_training_checkpoints(dataset: Path, tmp_path: Pat
     assert f"(a training checkpoint: `mixlab convert {step} OUT` writes its model" in capsys.readouterr().err
 
 
-def test_gguf_of_a_trained_model_carries_its_sentencepiece_vocabulary(tmp_path: Path) -> None:
+def test_gguf_of_a_trained_model_carries_its_sentencepiece_vocabulary(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`mixlab convert RUN/hf x.gguf` (or a step) of a model trained on data prepared with a
     SentencePiece model of its own wrote Mixtral's vocabulary into the GGUF (llama.cpp then decoded its
     ids as other text); it now takes the file mixlab_data.json names. The bytes tokenizer has none: one
@@ -184,6 +186,18 @@ def test_gguf_of_a_trained_model_carries_its_sentencepiece_vocabulary(tmp_path: 
         out = tmp_path / f"{src.name}.gguf"
         assert main(["convert", str(src), str(out), "--quant", "f32", "--quiet"]) == 0
         assert read_header(out).metadata["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(64)]
+    # a folder whose only tokenizer is a Mistral-style tokenizer.model.v3 (Mistral 7B v0.3's): that one,
+    # not Mixtral's v1 (which it got)
+    shutil.copytree(tmp_path / "r" / "hf", tmp_path / "v3")
+    (tmp_path / "v3" / "mixlab_data.json").unlink()
+    shutil.copy(tmp_path / "sp.model", tmp_path / "v3" / "tokenizer.model.v3")
+    assert main(["convert", str(tmp_path / "v3"), str(tmp_path / "v3.gguf"), "--quant", "f32", "--quiet"]) == 0
+    assert read_header(tmp_path / "v3.gguf").metadata["tokenizer.ggml.tokens"] == [sp.id_to_piece(i)
+                                                                                   for i in range(64)]
+    # the tokenizer mixlab_data.json names, gone (another machine): named, not replaced by Mixtral's
+    (tmp_path / "sp.model").rename(tmp_path / "elsewhere.model")
+    assert main(["convert", str(tmp_path / "r" / "hf"), str(tmp_path / "gone.gguf"), "--quiet"]) == 2
+    assert f"the model's tokenizer, {tmp_path / 'sp.model'}, is not there" in capsys.readouterr().err
     bytes_run = tmp_path / "b"
     train(_cfg(tmp_path / "ds", bytes_run, steps=1, export_hf=True, seq_len=16, model_overrides=TINY))
     (bytes_run / "hf" / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))

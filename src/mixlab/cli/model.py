@@ -122,6 +122,8 @@ def _trained_vocabulary(src: Path, extra: dict[str, str]) -> Path | None:
     """The SentencePiece file a model mixlab trained was trained with, as its `mixlab_data.json` (an
     export's, or the one `extra` holds for a checkpoint) names it: the vocabulary a GGUF must carry
     (Mixtral's, the default, would decode its ids as other text)."""
+    from mixlab.tokenizer import tokenizer_file
+
     f = src / "mixlab_data.json"
     text = extra.get("mixlab_data.json") or (f.read_text(encoding="utf-8") if f.is_file() else None)
     spec = json.loads(text).get("tokenizer") if text else None
@@ -131,13 +133,21 @@ def _trained_vocabulary(src: Path, extra: dict[str, str]) -> Path | None:
         raise ValueError(f"{src} was trained with mixlab's bytes tokenizer, which llama.cpp has no vocabulary "
                          "type for: a GGUF needs a SentencePiece model (prepare the data with `mixlab data prepare "
                          "--tokenizer mixtral` or a .model, then train on it)")
+    if spec.get("type") != "file" or spec.get("name") == "mixtral":
+        return None  # Mixtral's (wherever mistral-common was when the data was prepared): write_gguf's default
     path = Path(str(spec.get("path", "")))
-    return path if spec.get("type") == "file" and path.is_file() and path.suffix != ".json" else None
+    if path.is_dir():  # data prepare --tokenizer FOLDER
+        path = tokenizer_file(path) or path
+    if not path.is_file():
+        raise FileNotFoundError(f"{f if f.is_file() else src}: the model's tokenizer, {spec.get('path')}, is not "
+                                "there; pass it with --tokenizer FILE.model")
+    return path
 
 
 def convert(args: argparse.Namespace) -> int:
     from mixlab.atomic import check_destination
     from mixlab.checkpoint import load_model, save_model, side_files
+    from mixlab.tokenizer import tokenizer_file
     from mixlab.train import checkpoints
 
     if args.to is None:  # `convert SRC out.gguf` writes a GGUF file, not a folder named out.gguf
@@ -181,9 +191,11 @@ def convert(args: argparse.Namespace) -> int:
             tokenizer = args.tokenizer
             if tokenizer is None and gguf_src:
                 tokenizer = _gguf_vocabulary(args.src, Path(tmp))
-            elif tokenizer is None and src.is_dir():
-                tokenizer = next((src / n for n in ("tokenizer.model", "tokenizer.model.v1")
-                                  if (src / n).is_file()), None) or _trained_vocabulary(src, extra)
+            elif tokenizer is None and src.is_dir():  # tokenizer.model, .v1, else Mistral's .v3 (Mistral 7B v0.3)
+                tokenizer = tokenizer_file(src) or _trained_vocabulary(src, extra)
+            if tokenizer is not None and Path(tokenizer).suffix == ".json":  # Mixtral's would be another vocabulary
+                raise ValueError(f"{tokenizer}: a GGUF carries a SentencePiece vocabulary and this model's tokenizer "
+                                 "is a tokenizer.json; pass its SentencePiece model with --tokenizer FILE.model")
             quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
             write_gguf(model, args.dst, quant=quant, tokenizer=tokenizer, sources=[args.src],
                        overwrite=args.overwrite, progress=not args.quiet)
