@@ -193,6 +193,9 @@ def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest
     (["--batch-size", "0"], "--batch-size"),
     (["--data", "/nonexistent/x.jsonl"], "no such file"),
     (["--json", "."], "is a folder; give a file name\n"),  # before evaluating; no 'for example x/model.gguf'
+    # --context clamped to the model's 64: it was 'stride must be between 1 and the context (64); got 100'
+    (["--stride", "100", "--max-docs", "1"], "--stride 100 is past the model's 64 positions, the windows' length: "
+                                             "give --stride 64 or less\n"),
 ])
 def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--quiet"]

@@ -42,13 +42,16 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json and not to_stdout:  # a folder, the data or the model (--json DATA.jsonl), refused before the work
         atomic.check_destination(args.json, kind="file", sources=[args.data, args.model])
     model, tok = _load(args)
-    if args.context > model.config.max_seq_len:
-        note("eval", f"--context {args.context} is past the model's {model.config.max_seq_len} positions; "
-                     f"scoring windows of {model.config.max_seq_len}")
+    context = min(args.context, model.config.max_seq_len)
+    if args.stride is not None and args.stride > context:  # it failed in rolling_windows, naming no flag
+        raise ValueError(f"--stride {args.stride} is past the model's {context} positions, the windows' length: "
+                         f"give --stride {context} or less")
+    if args.context > context:
+        note("eval", f"--context {args.context} is past the model's {context} positions; scoring windows of {context}")
     with tqdm(desc="eval", unit="tok", disable=True if args.quiet else None, file=sys.stderr) as bar:
         report = evaluate_texts(model, lambda s: tok.encode(s, bos=False), docs, prefix=tok.bos_id,
-                                context=min(args.context, model.config.max_seq_len), stride=args.stride,
-                                batch_size=args.batch_size, progress=bar.update)
+                                context=context, stride=args.stride, batch_size=args.batch_size,
+                                progress=bar.update)
     # the dtype that ran: --dtype auto's choice, and bf16 as bfloat16 (the weights may be int8 / int4: --quant)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     report.settings.update(model=str(args.model), data=str(args.data), split=args.split, dtype=dtype,
