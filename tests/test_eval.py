@@ -68,6 +68,31 @@ def test_every_token_scored_once_equals_full_recompute(ckpt: Path) -> None:
         rolling_windows(ids, prefix=1, context=8, stride=9)
 
 
+@pytest.mark.parametrize("stride", [4, 16])
+def test_strided_windows_equal_transformers_perplexity_guide(ckpt: Path, stride: int) -> None:
+    """--context C --stride S is the strided recipe of transformers' perplexity guide on [BOS] + ids
+    with max_length = C + 1 (docs/evaluation.md) where the text ends on a window's end."""
+    from transformers import MixtralForCausalLM
+
+    hf = MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    C = 16
+    ids = torch.randint(3, 32000, (C + 3 * stride,), generator=torch.Generator().manual_seed(0)).tolist()
+    seq = torch.tensor([[1, *ids]])
+    nll, prev_end = 0.0, 0
+    for begin in range(0, seq.size(1), stride):  # the guide's loop, summing NLL rather than averaging
+        end = min(begin + C + 1, seq.size(1))
+        x = seq[:, begin:end]
+        y = x.clone()
+        y[:, : -(end - prev_end)] = -100
+        with torch.no_grad():
+            nll += float(hf(x, labels=y).loss) * int((y[:, 1:] != -100).sum())
+        prev_end = end
+        if end == seq.size(1):
+            break
+    assert score_ids(load_model(ckpt, dtype="float32"), ids, prefix=1, context=C, stride=stride) == \
+        pytest.approx(nll, rel=1e-6)
+
+
 def test_metrics_use_bytes_and_words_of_the_text(ckpt: Path) -> None:
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     r = evaluate_texts(model, lambda s: tok.encode(s, bos=False), [("a", t) for t in TEXTS], prefix=tok.bos_id,

@@ -5,9 +5,11 @@ Conventions (lm-eval's `loglikelihood_rolling` with `context_len=1`, and its `wi
 - A document is encoded without BOS; its first window is preceded by one prefix token (BOS), so the
   first token is predicted too. Each token is predicted exactly once.
 - Windows hold at most `context` tokens. With `stride == context` (the default, lm-eval's) they are
-  disjoint: each window predicts all of its tokens with no earlier context. With a smaller stride,
-  each window predicts `stride` new tokens and sees up to `context - stride` tokens before them
-  (the sliding evaluation of transformers' perplexity guide): lower perplexity, more compute.
+  disjoint: each window predicts all of its tokens with no earlier context, except the last, which
+  ends at the text's end and takes the `context` tokens before it. With a smaller stride, each
+  window predicts `stride` new tokens, the first from `context - stride + 1` tokens (the sliding
+  evaluation of transformers' perplexity guide with its `max_length = context + 1`, except a short
+  last window, which sees a whole context here): lower perplexity, more compute.
 - Bytes are the UTF-8 bytes of the original text, words its whitespace-separated pieces
   (`re.split(r"\\s+", text)`, as lm-eval counts them), tokens the predicted tokens.
   token perplexity = exp(NLL / tokens), word perplexity = exp(NLL / words),
