@@ -443,6 +443,21 @@ def test_harness_generation_kwargs_read_as_lm_eval(ckpt: Path) -> None:
     assert gen(until=[], max_tokens=4, temperature=0.0) == greedy
 
 
+@pytest.mark.parametrize("max_gen", [16, 20])
+def test_harness_refuses_generating_past_max_length(ckpt: Path, max_gen: int) -> None:
+    """max_gen_toks >= max_length: lm-eval's `hf` model refuses it; this one kept the whole context
+    (ctx[-0:]) or dropped its first tokens (ctx[4:]) and generated past max_length."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from mixlab.eval.harness import MixlabLM
+
+    lm = MixlabLM(pretrained=str(ckpt), dtype="float32", max_length=16)
+    req = Instance("generate_until", {}, ("one two three", {"until": ["\n"], "max_gen_toks": max_gen}), 0)
+    with pytest.raises(ValueError, match=f"max_gen_toks={max_gen} leaves no room for a context in max_length=16"):
+        lm.generate_until([req], disable_tqdm=True)
+
+
 def test_harness_keeps_lm_eval_s_own_models() -> None:
     """lm-eval fills its model registry only while it is empty: once `mixlab` was registered, "hf"
     and every other built-in model were unknown (`python -m mixlab.eval.harness run --model hf`

@@ -179,6 +179,9 @@ class MixlabLM(TemplateLM):
             temperature = float(kw.get("temperature", 1.0) or 0.0) if do_sample else 0.0
             top_p = float(kw.get("top_p", 1.0) or 1.0) if do_sample else 1.0
             top_k = int(kw.get("top_k", 0) or 0) if do_sample else 0
+            if max_gen >= self.max_length:  # as the `hf` model; the slice below kept ctx[-0:] (all) or ctx[k:]
+                raise ValueError(f"max_gen_toks={max_gen} leaves no room for a context in max_length="
+                                 f"{self.max_length}: generate fewer tokens or raise max_length")
             ctx = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in members}
             members = sorted(members, key=lambda i: -len(ctx[i]))
             for start in range(0, len(members), self.batch_size):
