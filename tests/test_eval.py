@@ -260,6 +260,20 @@ def test_cli_eval_json_never_writes_over_its_data_or_model(ckpt: Path, tmp_path:
     assert "may not be mixlab's; it lies inside the source" in capsys.readouterr().err
 
 
+def test_cli_eval_json_under_a_file_is_refused_before_the_work(ckpt: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--json notes.txt/r.json evaluated everything, then said 'notes.txt: File exists'."""
+    import mixlab.cli.eval
+
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setattr(mixlab.cli.eval, "_load", lambda args: pytest.fail("the model was loaded"))
+    out = tmp_path / "notes.txt" / "sub" / "r.json"
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--json", str(out), "--quiet"]) == 2
+    assert f"{out}: {tmp_path / 'notes.txt'} is a file, not a folder; choose another destination" in \
+        capsys.readouterr().err
+
+
 def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A --context past the model's positions is scored at the model's length, and said so."""
     assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "100",

@@ -206,6 +206,10 @@ def check_destination(
         if os.path.exists(given) and not given.is_dir():  # /dev/stdout: a link to a pipe with no real path
             raise OutputError(f"{shown}: is not a regular file (a pipe or a device): the write goes through a "
                               "temporary file renamed into place; choose a file")
+        # the missing folders above are made by the write; a file there failed it with 'File exists'
+        above = next(p for p in real.parents if os.path.lexists(p))
+        if not above.is_dir():
+            raise OutputError(f"{shown}: {above} is a file, not a folder; choose another destination")
         return real
     if kind == "folder":
         if not real.is_dir():
