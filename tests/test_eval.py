@@ -112,6 +112,7 @@ def test_cli_eval_on_the_corpus(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["settings"]["dtype"] == "float32"  # what ran: it was the flag's text, "fp32" (or "auto")
+    assert res["settings"]["max_docs"] == 1 and res["settings"]["domains"] is None  # a subset says so
     assert len(res["domains"]) == 8 and res["overall"]["docs"] == 8
     assert res["overall"]["tokens"] == sum(d["tokens"] for d in res["domains"].values())
     assert "bits/byte" in capsys.readouterr().out
@@ -217,14 +218,17 @@ def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest
     (["--max-docs", "-1"], "--max-docs must be >= 1, got -1"),  # not "no documents to evaluate"
     (["--batch-size", "0"], "--batch-size"),
     (["--data", "/nonexistent/x.jsonl"], "no such file"),
+    (["--data", "{prepared}"], "this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus"),
     (["--json", "."], "is a folder; give a file name\n"),  # before evaluating; no 'for example x/model.gguf'
     # --context clamped to the model's 64: it was 'stride must be between 1 and the context (64); got 100'
     (["--stride", "100", "--max-docs", "1"], "--stride 100 is past the model's 64 positions, the windows' length: "
                                              "give --stride 64 or less\n"),
 ])
-def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                         tmp_path: Path) -> None:
     base = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--quiet"]
-    assert main(base + argv) == 2
+    (tmp_path / "meta.json").write_text("{}")  # what `mixlab data prepare` writes beside its shards
+    assert main(base + [a.replace("{prepared}", str(tmp_path)) for a in argv]) == 2
     assert message in capsys.readouterr().err
 
 

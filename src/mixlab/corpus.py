@@ -281,7 +281,9 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
         return {p.name: p for p in subdirs}
     if _has_data(root):  # `.` is the working folder, by its name
         return {root.resolve().name or root.name: root}
-    raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)})")
+    hint = ("; this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus it was "
+            "prepared from") if (root / "meta.json").is_file() else ""
+    raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)}){hint}")
 
 
 SPLIT_NAMES = ("train", "valid", "test")  # files named by split (the shared corpus: train.jsonl, valid.jsonl)

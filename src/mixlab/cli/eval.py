@@ -55,7 +55,7 @@ def evaluate(args: argparse.Namespace) -> int:
     # the dtype that ran: --dtype auto's choice, and bf16 as bfloat16 (the weights may be int8 / int4: --quant)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     report.settings.update(model=str(args.model), data=str(args.data), split=args.split, dtype=dtype,
-                           quant=args.quant, tokenizer=str(tok.path))
+                           quant=args.quant, tokenizer=str(tok.path), domains=args.domains, max_docs=args.max_docs)
     result = report.to_json()
     rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]
     table = sys.stderr if to_stdout else sys.stdout
