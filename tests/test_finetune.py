@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import types
 from collections import defaultdict
@@ -819,6 +820,25 @@ def test_a_failed_reference_logps_save_leaves_no_file(ckpt: Path, chat_files: tu
     monkeypatch.undo()
     finetune(cfg)
     assert (tmp_path / "run" / "reference_logps.safetensors").is_file()
+
+
+def test_a_fresh_dpo_run_recomputes_a_reference_file_of_other_settings(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """A DPO run that ended before its first checkpoint leaves its reference log-probs; the same --out run
+    again with other settings was refused ('remove it or use another --out') although no checkpoint
+    depends on the file: a fresh run now computes its own."""
+    from safetensors import safe_open
+
+    def fingerprint() -> str | None:
+        with safe_open(str(tmp_path / "run" / "reference_logps.safetensors"), "pt") as f:
+            return (f.metadata() or {}).get("fingerprint")
+
+    kw: dict[str, Any] = dict(task="dpo", steps=1, eval_every=0, export_hf=False, ckpt_every=0)
+    finetune(_cfg(ckpt, chat_files[1], tmp_path / "run", seq_len=64, **kw), stop_after=0)
+    first = fingerprint()
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as a run killed before its first checkpoint leaves it
+    assert finetune(_cfg(ckpt, chat_files[1], tmp_path / "run", seq_len=48, **kw)).step == 1
+    assert fingerprint() not in (None, first)
 
 
 def test_an_export_folder_holding_other_files_is_refused_before_training(ckpt: Path, chat_files: tuple[Path, Path],

@@ -478,6 +478,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             "dtype": cfg.dtype} | ({"base_dtype": cfg.lora_base_dtype} if cfg.lora_rank and
                                    cfg.lora_base_dtype != "float32" else {}))
         rf = out / "reference_logps.safetensors"
+        t = None
         if rf.is_file():
             from safetensors import safe_open
 
@@ -487,13 +488,12 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 raise CheckpointError(f"{rf}: reference log-probs for other held-out pairs "
                                       f"({cfg.valid_data or cfg.data} changed since the run started); resume with the "
                                       "original ones, or use another --out")
-            if stored != fp:
-                raise CheckpointError(f"{rf}: reference log-probs for other data or settings; remove it or "
-                                      "use another --out")
-            t = load_file(str(rf))
-        else:
-            if resume:
-                raise CheckpointError(f"{rf}: missing (a DPO run stores its reference log-probs before training)")
+            # a fresh run (no checkpoint in --out) computes its own over a file of other data or settings
+            # (one left by a run that ended before its first checkpoint)
+            t = load_file(str(rf)) if stored == fp else None
+        elif resume:
+            raise CheckpointError(f"{rf}: missing (a DPO run stores its reference log-probs before training)")
+        if t is None:
             t = {f"{k}.{s}": v for k, items in (("train", train_items), ("valid", valid_items)) if items
                  for s, v in reference_logps(model, items, cfg).items()}
             with atomic.atomic_file(rf) as tmp:
