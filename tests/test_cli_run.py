@@ -346,6 +346,8 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_130():
     import sys
 
     code = ("import os, signal, sys, runpy\n"
+            # SIGINT as at a terminal: a script's background job inherits it ignored (and the CLI leaves it so)
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "class Interrupt:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name == 'torch':\n"
