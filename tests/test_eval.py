@@ -197,6 +197,27 @@ def test_eval_domains_picks_domains_as_analyze_does(ckpt: Path, tmp_path: Path,
     assert list(json.loads(out.read_text())["domains"]) == ["github"]
 
 
+def test_cli_eval_scores_a_batch_that_fits_in_memory(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--batch-size beyond what the free memory holds (the windows of one long document are batched
+    together: 100000 on a book asked for terabytes of logits) scores fewer at a time, says so, and
+    gives the same numbers."""
+    import mixlab.engine.runner as runner
+
+    argv = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "32",
+            "--dtype", "fp32", "--quiet", "--json"]
+    assert main([*argv, str(tmp_path / "a.json"), "--batch-size", "2"]) == 0
+    capsys.readouterr()
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    monkeypatch.setattr(runner, "available_memory", lambda: 3 * 2 * 4 * 32 * vocab)  # three windows' logits
+    assert main([*argv, str(tmp_path / "b.json"), "--batch-size", "100000"]) == 0
+    err = capsys.readouterr().err
+    assert "--batch-size 100000: a batch's logits take" in err and "scoring at most 3 at a time" in err
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["overall"]["tokens"] == b["overall"]["tokens"]
+    assert b["overall"]["nll"] == pytest.approx(a["overall"]["nll"], rel=1e-6)
+
+
 def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A word perplexity past float's range (one long word) was written as `Infinity`, which is not
     JSON (JavaScript's JSON.parse refuses it): null now; the table still shows inf."""
