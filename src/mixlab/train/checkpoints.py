@@ -130,6 +130,22 @@ def latest(root: Path) -> Path | None:
     return ckpts[-1]
 
 
+def to_resume(out: Path, resume: bool | str) -> Path | None:
+    """The checkpoint a run into `out` continues from: the newest in `out/checkpoints` (validated, as
+    `latest`) when `resume` is True, or "auto" and there is one; None to start afresh. Starting over
+    checkpoints, or resuming without one, is an error."""
+    if not (isinstance(resume, bool) or resume == "auto"):
+        raise ValueError(f"invalid resume={resume!r}: expected True, False or 'auto'")
+    root = out / "checkpoints"
+    newest = latest(root)
+    if resume is True and newest is None:
+        raise CheckpointError(f"{root}: no checkpoint to resume from")
+    if resume is False and list_checkpoints(root):
+        raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
+                              "or choose another --out")
+    return newest if resume else None
+
+
 def save(
     root: Path,
     *,

@@ -58,7 +58,6 @@ from mixlab.train.settings import (
     INTEGERS,
     OptimizerSettings,
     check_batch_fits,
-    check_resume_arg,
     check_resume_settings,
     check_settings,
     paths_as_text,
@@ -406,18 +405,12 @@ def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int
     `cfg.out`; "auto": continue from it when there is one, else start. `stop_after`: stop (with a
     checkpoint) after this many steps in total, as if killed."""
     cfg = check_finetune_config(cfg)
-    check_resume_arg(resume)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     with atomic.exclusive(out, what="run folder"):  # one run at a time in OUT
-        newest = checkpoints.latest(ckpt_root)
         # "auto": a command rerun as it was (torchrun --max-restarts, a scheduler's requeue)
-        resume = newest is not None if resume == "auto" else bool(resume)
-        if resume and newest is None:
-            raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
-        if not resume and checkpoints.list_checkpoints(ckpt_root):
-            raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
-                                  "or choose another --out")
+        newest = checkpoints.to_resume(out, resume)
+        resume = newest is not None
         if cfg.export_hf:
             check_export_folder(out / "hf")
         if cfg.lora_rank and cfg.export_peft:

@@ -58,7 +58,6 @@ from mixlab.train.settings import (
     NUMBERS,
     OptimizerSettings,
     check_batch_fits,
-    check_resume_arg,
     check_resume_settings,
     check_settings,
     paths_as_text,
@@ -411,7 +410,6 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, stop_after: int | Non
     several processes (see `Parallel`); the global batch, the schedule and the checkpoints' contents
     are those of a one-process run."""
     cfg = check_train_config(cfg)
-    check_resume_arg(resume)
     dataset = TokenDataset(cfg.data)
     mc = build_model_config(cfg, dataset)
     check_batch_fits(mc, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
@@ -420,14 +418,9 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, stop_after: int | Non
     ckpt_root = out / "checkpoints"
     # one run at a time in OUT (rank 0 holds it for all of a distributed run's processes)
     with atomic.exclusive(out, what="run folder") if parallel is None or parallel.is_main else nullcontext():
-        newest = checkpoints.latest(ckpt_root)  # validates it: a damaged newest checkpoint raises
         # "auto": a command rerun as it was (torchrun --max-restarts, a scheduler's requeue)
-        resume = newest is not None if resume == "auto" else bool(resume)
-        if resume and newest is None:
-            raise CheckpointError(f"{ckpt_root}: no checkpoint to resume from")
-        if not resume and checkpoints.list_checkpoints(ckpt_root):
-            raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
-                                  "or choose another --out")
+        newest = checkpoints.to_resume(out, resume)
+        resume = newest is not None
         if cfg.export_hf:  # on every rank (--out is shared): all refuse together, none waits for the others
             check_export_folder(out / "hf")
         was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()

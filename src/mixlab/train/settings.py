@@ -187,12 +187,6 @@ def check_batch_fits(mc: ModelConfig, *, batch_size: int, seq_len: int, device: 
                           f"{free // per_item * processes} fit (grad_accum makes larger steps)")
 
 
-def check_resume_arg(resume: object) -> None:
-    """`resume`: True, False or "auto" (continue when the run folder holds a checkpoint, else start)."""
-    if not (isinstance(resume, bool) or resume == "auto"):
-        raise ValueError(f"invalid resume={resume!r}: expected True, False or 'auto'")
-
-
 def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str], ckpt: Path, what: str) -> None:
     """CheckpointError unless `cfg` has the settings the checkpoint `ckpt` was saved with (`saved`:
     its stored `asdict(cfg)`), except those in `run_only`. A field added after the checkpoint was
