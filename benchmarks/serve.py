@@ -17,7 +17,11 @@ and continuous batching), built from the llama.cpp source the llama-cpp-python s
 adds the same load on an in-process `Engine` (no HTTP), which shows what serving costs on top of the
 engine, and where its time goes: steps with prompt tokens, decoding-only steps against their own
 limits, gaps between steps, and what a server with decoding steps exactly at their limits would
-reach on the same schedule (the prompt tokens cost compute the limit does not count). Every server
+reach on the same schedule (the prompt tokens cost compute the limit does not count). Below the
+table, what the machine allows: the load's FLOPs (every prompt and fed-back position, every row of
+logits) at the bf16 matmul peak probed with the bandwidth, against the limit's streaming time: no
+server can beat max(streaming, FLOPs), nor, running dense products and experts one after the other
+each at its own roofline, the second figure. Every server
 gets the same `--threads`. Everything binds to 127.0.0.1; every run is bounded
 by `--timeout`. `--model-dir` keeps the checkpoint and GGUF for later runs.
 
@@ -154,6 +158,7 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int, see
                 except BaseException as e:  # noqa: BLE001
                     errors.append(e)
                     return
+                res["prompt_tokens"] = len(TOK.encode(p, bos=True))  # the same text and tokenizer everywhere
                 with lock:
                     results.append(res)
 
@@ -175,6 +180,7 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int, see
 
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "load": [(r["prompt_tokens"], r["tokens"]) for r in results],
             "tok_s": tokens / wall, "ttft_p50": pct(ttfts, 0.5), "ttft_p99": pct(ttfts, 0.99),
             "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)}
 
@@ -289,6 +295,39 @@ def step_limit(cfg: Any, bandwidth: float, batch: int, elem: float = 2.0) -> flo
     step_bytes = cfg.n_layers * (_dense_bytes_per_layer(cfg, elem) + touched * _expert_bytes(cfg, elem))
     step_bytes += cfg.vocab_size * cfg.dim * elem  # the output matrix (embedding rows read are negligible)
     return batch * bandwidth / step_bytes
+
+
+def load_flops(cfg: Any, load: list[tuple[int, int]]) -> tuple[float, float]:
+    """The FLOPs any server must spend on a load (each request: P prompt tokens, G generated), as
+    (dense, experts): the P + G - 1 positions run through every layer (the last token is never fed
+    back), each attending to the keys it sees, and the output matrix for the G tokens sampled."""
+    E, K = cfg.moe.num_experts, cfg.moe.top_k
+    attn = cfg.dim * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * cfg.dim
+    dense = experts = 0.0
+    for P, G in load:
+        n = P + G - 1
+        keys = sum(min(i + 1, cfg.sliding_window or i + 1) for i in range(n))
+        dense += cfg.n_layers * (2 * (attn + cfg.dim * E) * n + 4 * cfg.q_dim * keys) + 2 * cfg.vocab_size * cfg.dim * G
+        experts += cfg.n_layers * K * 2 * _expert_bytes(cfg, 1.0) * n  # 3 D F weights, 2 FLOPs each
+    return dense, experts
+
+
+def ceilings(cfg: Any, r: dict[str, Any], bandwidth: float, matmul: float) -> dict[str, float]:
+    """What the machine allows on run r's load, as fractions of its weight-streaming limit: the
+    limit's time (decoding steps of r["clients"] tokens, each streaming its weights at `bandwidth`)
+    against the time its FLOPs take at the `matmul` peak (bf16, measured). `any`: no server can
+    beat max(streaming, FLOPs); `serial`: the dense products (attention, output matrix) and the
+    experts each at their own roofline max(bytes / bandwidth, FLOPs / peak), one after the other
+    (the same cores stream and compute; a prompt's FLOPs may hide under the experts' streaming)."""
+    E, K, B = cfg.moe.num_experts, cfg.moe.top_k, r["clients"]
+    steps = r["tokens"] / B
+    dense_s = steps * (cfg.n_layers * _dense_bytes_per_layer(cfg, 2.0) + cfg.vocab_size * cfg.dim * 2.0) / bandwidth
+    expert_s = steps * cfg.n_layers * E * (1 - (1 - K / E) ** B) * _expert_bytes(cfg, 2.0) / bandwidth
+    f_dense, f_experts = load_flops(cfg, r["load"])
+    stream_s = dense_s + expert_s  # = tokens / step_limit(cfg, bandwidth, B)
+    return {"flops": f_dense + f_experts, "stream_s": stream_s,
+            "any": min(1.0, stream_s * matmul / (f_dense + f_experts)),
+            "serial": stream_s / (max(dense_s, f_dense / matmul) + max(expert_s, f_experts / matmul))}
 
 
 def breakdown(cfg: Any, r: dict[str, Any]) -> dict[str, float]:
@@ -412,8 +451,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
     load_before = os.getloadavg()
-    log("measuring memory bandwidth ...")
-    bws = [measure_limits(reps=5)["bandwidth"]]
+    log("measuring memory bandwidth and matmul throughput ...")
+    lims = [measure_limits(reps=5)]
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="mixlab-serve-bench-") as tmp:
         root = Path(args.model_dir) if args.model_dir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -459,9 +498,11 @@ def main() -> None:
                 stack.enter_context(server_process(peers[-1], cmd, f"http://127.0.0.1:{port}", args, log))
                 targets.append((peers[-1], f"http://127.0.0.1:{port}", None))
             results = measure(targets, args, cfg.vocab_size, log)
-    log("measuring memory bandwidth again ...")
-    bws.append(measure_limits(reps=5)["bandwidth"])
+    log("measuring memory bandwidth and matmul throughput again ...")
+    lims.append(measure_limits(reps=5))
+    bws = [lim["bandwidth"] for lim in lims]
     bw = max(bws)  # the machine's best: the stricter limit
+    matmul = max(lim["matmul"] for lim in lims)  # the faster peak: the more generous ceiling
 
     for r in results:  # each run against the bandwidth probed beside it; the median of those fractions
         fracs = [t / step_limit(cfg, b, r["clients"])
@@ -469,12 +510,14 @@ def main() -> None:
         r["of_limit"] = sorted(fracs)[len(fracs) // 2]
         r["limit_tok_s"] = step_limit(cfg, r["bandwidth"], r["clients"])  # the median run's
         r["limit_tok_s_whole_run"] = step_limit(cfg, bw, r["clients"])  # at the best of the outer probes
+        r["ceilings"] = ceilings(cfg, r, r["bandwidth"], matmul)
         if "steps" in r:
             r["breakdown"] = breakdown(cfg, r)
             del r["steps"]
     report = {"preset": args.preset, "threads": args.threads, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests, "repeats": args.repeats, "prompt_lens": PROMPT_LENS,
-              "bandwidth_GBs": [b / 1e9 for b in bws], "peers": peers, "versions": versions,
+              "bandwidth_GBs": [b / 1e9 for b in bws], "matmul_GFLOPs": [lim["matmul"] / 1e9 for lim in lims],
+              "peers": peers, "versions": versions,
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results}
     if args.json:
         write_text(args.json, json.dumps(report, indent=2) + "\n")
@@ -502,6 +545,19 @@ def main() -> None:
                   f"tokens {b['prompt_s']:.2f} s, decoding-only steps {b['decode_s']:.2f} s at "
                   f"{b['decode_of_limit']:.2f} of their limits, gaps {b['gaps_s']:.2f} s; with those steps at their "
                   f"limits, this prefill and no gaps: {b['bound']:.0%} of the weight-streaming limit", end="")
+    print(f"\n\nWhat this machine allows (the median run's bandwidth, matmul {matmul / 1e9:.0f} GFLOP/s: the faster "
+          "probe), as fractions of the weight-streaming limit:", end="")
+    for clients in sorted({r["clients"] for r in results}):
+        rs = [r for r in results if r["clients"] == clients]
+        c = [r["ceilings"] for r in rs]
+
+        def each(key: str, fmt: str, c: list[dict[str, float]] = c) -> str:
+            return ", ".join(format(x[key], fmt) for x in c)
+
+        print(f"\n- {clients} clients: the load's {c[0]['flops'] / 1e9:.0f} GFLOP at that peak against the limit's "
+              f"{each('stream_s', '.2f')} s of streaming: no server above {each('any', '.0%')}; dense products and "
+              f"experts each at their own roofline, one after the other: {each('serial', '.0%')} "
+              f"({', '.join(r['server'] for r in rs)})", end="")
     print(f"\n\nmemory bandwidth {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s (before, after: the limit in "
           f"brackets uses the higher; per run: the stricter of the probes right before and after it, median of the "
           f"runs' fractions); {args.threads} threads; {args.requests} requests per client, {args.repeats} runs per "
