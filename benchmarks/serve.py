@@ -366,6 +366,11 @@ def plot(report: dict[str, Any], png: Path) -> None:
         rs = sorted((r for r in results if r["server"] == server), key=lambda r: r["clients"])
         for ax, (_, value) in zip(axes, panels, strict=True):
             ax.plot([r["clients"] for r in rs], [value(r) for r in rs], "o-", label=server)
+    ceiling = [sorted(r["ceilings"]["any"] for r in results if r["clients"] == c) for c in clients]
+    axes[1].plot(clients, [cs[len(cs) // 2] for cs in ceiling], "k--", lw=1,
+                 label="no server above (this load's FLOPs at the matmul peak)")
+    axes[1].axhline(0.8, color="tab:red", ls=":", lw=1, label="target at 16 clients")
+    axes[1].legend(fontsize=7)
     for ax, (title, _) in zip(axes, panels, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xticks(clients, [str(c) for c in clients])
