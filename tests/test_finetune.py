@@ -291,8 +291,10 @@ def _trl_loss(per_tok: torch.Tensor, comp: torch.Tensor, ref_c: torch.Tensor, re
     return loss, {k: v[-1] for k, v in metrics["train"].items()}
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "reference_free"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid_norm", "reference_free"])
 def test_dpo_loss_equals_trl_and_the_paper(loss_type: str) -> None:
+    """Loss, gradients and logged metrics equal TRL 1.16's on the same per-token log-probs; its `ipo`
+    and `sigmoid_norm` are mixlab's loss with `lengths` (length_normalize), its rewards sums."""
     pytest.importorskip("trl")
     g = torch.Generator().manual_seed(0)
     N, L, beta = 5, 12, 0.3
@@ -304,39 +306,37 @@ def test_dpo_loss_equals_trl_and_the_paper(loss_type: str) -> None:
     ref_c, ref_r = ref[:N], ref[N:]
     if loss_type == "reference_free":  # TRL has no switch for it: the reference-free loss is h with ref = 0
         ref_c, ref_r = torch.zeros(N), torch.zeros(N)
-    want, trl_metrics = _trl_loss(per_tok, comp, ref_c, ref_r, loss_type="ipo" if loss_type == "ipo" else "sigmoid",
-                                  beta=beta)
+    want, trl_metrics = _trl_loss(per_tok, comp, ref_c, ref_r, beta=beta,
+                                  loss_type="sigmoid" if loss_type == "reference_free" else loss_type)
     (g_want,) = torch.autograd.grad(want, per_tok)
     mask = comp[:, 1:].bool()
     # sequence_logps on logits whose log-softmax at the target is per_tok: a 2-way vocabulary.
     logits = torch.stack([per_tok, torch.log1p(-per_tok.exp().clamp(max=1 - 1e-7))], -1)
     lp = dpo.sequence_logps(logits, torch.zeros_like(mask, dtype=torch.long), mask)
-    if loss_type == "ipo":  # TRL's IPO averages over reply tokens: our length_normalize
-        n = mask.sum(-1)
-        lp_n, ref_cn, ref_rn = lp / n, ref_c / n[:N], ref_r / n[N:]
-        got, m = dpo.dpo_loss(lp_n[:N], lp_n[N:], ref_cn, ref_rn, beta=beta, loss_type="ipo")
-    else:
-        got, m = dpo.dpo_loss(lp[:N], lp[N:], ref_c, ref_r, beta=beta, loss_type="sigmoid",
-                              reference_free=loss_type == "reference_free")
+    n = mask.sum(-1)
+    got, m = dpo.dpo_loss(lp[:N], lp[N:], ref_c, ref_r, beta=beta, loss_type="ipo" if loss_type == "ipo" else "sigmoid",
+                          reference_free=loss_type == "reference_free",
+                          lengths=(n[:N], n[N:]) if loss_type in ("ipo", "sigmoid_norm") else None)
     (g_got,) = torch.autograd.grad(got, per_tok)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-7)
-    if loss_type != "ipo":
-        for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                  "logps/rejected"):
-            assert float(m[k]) == pytest.approx(trl_metrics[k], rel=1e-5, abs=1e-6), k
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected"):
+        assert float(m[k]) == pytest.approx(trl_metrics[k], rel=1e-5, abs=1e-6), k
     # The paper's formulas, written out per pair.
     with torch.no_grad():
         pc, pr = lp[:N].double(), lp[N:].double()
         rc, rr = ref_c.double(), ref_r.double()
         h = (pc - rc) - (pr - rr)
+        hn = (pc - rc) / n[:N] - (pr - rr) / n[N:]  # per-token log-ratios
         if loss_type == "ipo":
-            n = mask.sum(-1).double()
-            hn = (pc / n[:N] - rc / n[:N]) - (pr / n[N:] - rr / n[N:])
             paper = ((hn - 1 / (2 * beta)) ** 2).mean()  # Azar et al. eq. 17
         else:
-            paper = (-torch.log(1 / (1 + torch.exp(-beta * h)))).mean()  # Rafailov et al. eq. 7
+            paper = (-torch.log(1 / (1 + torch.exp(-beta * (hn if loss_type == "sigmoid_norm" else h))))).mean()
         assert float(got) == pytest.approx(float(paper), rel=1e-6)
+    if loss_type == "ipo":  # the rewards are sums, not beta times the per-token log-ratios the loss takes
+        assert float(m["rewards/margins"]) == pytest.approx(float(beta * h.mean()), rel=1e-5)
+        assert abs(float(m["rewards/margins"]) - float(beta * hn.mean())) > 0.1
 
 
 def test_long_pairs_keep_the_prompt_end_and_the_reply_start() -> None:
@@ -629,11 +629,14 @@ def test_sft_step_equals_trl_sft_trainer(ckpt: Path, chat_files: tuple[Path, Pat
         assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5), accum
 
 
-def test_dpo_steps_equal_trl_dpo_trainer(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
-    """Two DPO steps against TRL's DPOTrainer (sigmoid, beta 0.1, precomputed reference log-probs, the
-    same AdamW, constant lr, clipping at 1) on the same checkpoint and pairs, tokenized to the same ids
-    by the byte tokenizer of benchmarks/finetune.py: the same loss, gradient norm, rewards and
-    accuracies at each step, one batch here or 2 accumulated micro-batches."""
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_steps_equal_trl_dpo_trainer(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                         loss_type: str) -> None:
+    """Two DPO steps against TRL's DPOTrainer (sigmoid, or ipo: mixlab's with length_normalize; beta
+    0.1, precomputed reference log-probs, the same AdamW, constant lr, clipping at 1) on the same
+    checkpoint and pairs, tokenized to the same ids by the byte tokenizer of benchmarks/finetune.py:
+    the same loss, gradient norm, rewards and accuracies at each step, one batch here or 2 accumulated
+    micro-batches."""
     pytest.importorskip("trl")
     import importlib.util
 
@@ -657,7 +660,7 @@ def test_dpo_steps_equal_trl_dpo_trainer(ckpt: Path, chat_files: tuple[Path, Pat
                             for p, r in zip(pairs, rows, strict=True)])
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-3,
                      lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-                     report_to="none", use_cpu=True, bf16=False, beta=0.1, loss_type=["sigmoid"],
+                     report_to="none", use_cpu=True, bf16=False, beta=0.1, loss_type=[loss_type],
                      precompute_ref_log_probs=True, max_length=None, router_aux_loss_coef=0.0, disable_tqdm=True)
     trainer = DPOTrainer(model=MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32), args=args,
                          train_dataset=ds, processing_class=tok)
@@ -668,7 +671,8 @@ def test_dpo_steps_equal_trl_dpo_trainer(ckpt: Path, chat_files: tuple[Path, Pat
     for accum in (1, 2):
         ours = finetune(_cfg(ckpt, data, tmp_path / f"m{accum}", task="dpo", batch_size=8 // accum, grad_accum=accum,
                              steps=2, warmup=0, min_lr_ratio=1.0, lr=1e-3, beta2=0.999, clip=1.0, eval_every=0,
-                             valid_fraction=0, export_hf=False, aux_loss_coef=0.0)).history
+                             valid_fraction=0, export_hf=False, aux_loss_coef=0.0, loss=loss_type,
+                             length_normalize=loss_type == "ipo")).history
         for k in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                   "logps/chosen", "logps/rejected"):
             assert [r[k] for r in ours] == pytest.approx([h[k] for h in theirs], rel=1e-5, abs=1e-6), (accum, k)
@@ -750,7 +754,7 @@ def test_pair_logps_equal_trl_collator_and_transformers(tmp_path: Path) -> None:
         logits = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
         want = (lp * b["completion_mask"][:, 1:]).sum(-1)
-        got, _ = pair_logps(m, dpo.collate_pairs(pairs, [0, 1, 2], 200), torch.device("cpu"), mean=False)
+        got, _ = pair_logps(m, dpo.collate_pairs(pairs, [0, 1, 2], 200), torch.device("cpu"))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
 
 
@@ -762,7 +766,7 @@ def test_padded_pair_logps_equal_each_sequence_alone() -> None:
                         TOK.encode(c[-1]["content"], eos=True), TOK.encode("no " + c[-1]["content"], eos=True)))
              for c in CONVS]
     b = dpo.collate_pairs(pairs, range(3), 200)
-    got, _ = pair_logps(m, b, torch.device("cpu"), mean=False)
+    got, _ = pair_logps(m, b, torch.device("cpu"))
     for i, p in enumerate(pairs):
         for j, reply in enumerate((p.chosen, p.rejected)):
             ids = torch.tensor([p.prompt + reply])

@@ -95,5 +95,6 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--reference-free", dest="reference_free", action="store_true",
                            help="reference log-probs 0: no reference model")
             p.add_argument("--length-normalize", dest="length_normalize", action="store_true",
-                           help="mean instead of sum of reply token log-probs")
+                           help="the loss compares per-token log-ratios (sum / reply tokens): TRL's ipo "
+                                "and sigmoid_norm; the logged rewards stay sums")
         p.set_defaults(func=lambda a, t=task: _run(a, t))

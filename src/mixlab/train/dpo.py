@@ -16,9 +16,11 @@ and h = (pi_c - pi_r) - (ref_c - ref_r) (Rafailov et al. 2023, arXiv 2305.18290,
                                                                             cDPO, Mitchell 2023)
     ipo      (h - 1 / (2 beta))^2                                         (Azar et al. 2023, eq. 17)
 
-`reference_free` sets ref = 0 (h = pi_c - pi_r). `length_normalize` uses the mean instead of the sum
-of the reply's token log-probs (IPO's paper uses sums; TRL's IPO uses means: pass it to match).
-Rewards as TRL logs them: beta (pi - ref), detached.
+`reference_free` sets ref = 0 (h = pi_c - pi_r). pi and ref are sums over the reply's tokens; with
+`lengths` (n_c, n_r, the replies' token counts: `length_normalize`) the loss takes
+h = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r instead, per-token log-ratios: TRL 1.16's `ipo` (which
+always does; IPO's paper writes sums) and `sigmoid_norm`. The metrics are TRL's either way, from the
+sums: rewards beta (pi - ref), detached, and logps pi.
 """
 
 from __future__ import annotations
@@ -146,13 +148,10 @@ def collate_pairs(pairs: Sequence[Pair], index: Sequence[int], max_len: int) -> 
     return PairBatch(tokens, targets, positions, reply_mask, torch.tensor(list(index)))
 
 
-def sequence_logps(logits_NTV: torch.Tensor, targets_NT: torch.Tensor, mask_NT: torch.Tensor, *,
-                   mean: bool = False) -> torch.Tensor:
-    """Sum (or mean) over masked positions of log softmax(logits)[target], in float32: `[N]`."""
+def sequence_logps(logits_NTV: torch.Tensor, targets_NT: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
+    """Sum over masked positions of log softmax(logits)[target], in float32: `[N]`."""
     logp_NT = torch.log_softmax(logits_NTV.float(), dim=-1).gather(-1, targets_NT[..., None]).squeeze(-1)
-    m = mask_NT.to(logp_NT.dtype)
-    total = (logp_NT * m).sum(-1)
-    return total / m.sum(-1).clamp(min=1) if mean else total
+    return (logp_NT * mask_NT.to(logp_NT.dtype)).sum(-1)
 
 
 def dpo_loss(
@@ -165,14 +164,20 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean DPO loss over the N pairs of sequence log-probs `[N]`, and TRL's metrics (see the module
-    docstring for the formulas)."""
+    """Mean DPO loss over the N pairs of summed sequence log-probs `[N]`, and TRL's metrics (see the
+    module docstring for the formulas; `lengths`: the chosen and rejected replies' token counts `[N]`,
+    to compare per-token log-ratios)."""
     if loss_type not in LOSSES:
         raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {', '.join(LOSSES)}")
     ref_c = torch.zeros_like(ref_chosen) if reference_free else ref_chosen
     ref_r = torch.zeros_like(ref_rejected) if reference_free else ref_rejected
-    h = (chosen - rejected) - (ref_c - ref_r)
+    if lengths is None:
+        h = (chosen - rejected) - (ref_c - ref_r)
+    else:
+        n_c, n_r = (n.to(chosen.dtype).clamp(min=1) for n in lengths)
+        h = (chosen - ref_c) / n_c - (rejected - ref_r) / n_r
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
     else:

@@ -276,17 +276,17 @@ def sft_forward(model: nn.Module, b: sft.Packed, device: torch.device) -> tuple[
     return lm_loss(logits, tgt) * n.clamp(min=1), n, routings
 
 
-def pair_logps(model: nn.Module, b: dpo.PairBatch, device: torch.device, *, mean: bool) -> tuple[torch.Tensor, list]:
-    """Sequence log-probs `[2N]` (chosen then rejected) and the routings. Padding is on the right, so
-    plain causal attention never lets a real token see it: no mask (SDPA's causal kernel); the
-    padding's own outputs are ignored and the router losses mask it out."""
+def pair_logps(model: nn.Module, b: dpo.PairBatch, device: torch.device) -> tuple[torch.Tensor, list]:
+    """Sequence log-probs `[2N]` (chosen then rejected; sums over the reply) and the routings. Padding
+    is on the right, so plain causal attention never lets a real token see it: no mask (SDPA's causal
+    kernel); the padding's own outputs are ignored and the router losses mask it out."""
     logits, routings = logits_and_routing(model, b.tokens.to(device))
-    return dpo.sequence_logps(logits, b.targets.to(device), b.reply.to(device), mean=mean), routings
+    return dpo.sequence_logps(logits, b.targets.to(device), b.reply.to(device)), routings
 
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-    """The frozen model's log-probs of every pair's chosen and rejected reply (eval mode, float32)."""
+    """The frozen model's log-probs of every pair's chosen and rejected reply (sums; eval mode, float32)."""
     was = model.training
     model.eval()
     dev = torch.device(cfg.device)
@@ -295,7 +295,7 @@ def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig
         idx = list(range(i, min(i + cfg.batch_size, len(pairs))))
         b = dpo.collate_pairs([pairs[j] for j in idx], idx, cfg.seq_len)
         with _autocast(cfg):
-            lp, _ = pair_logps(model, b, dev, mean=cfg.length_normalize)
+            lp, _ = pair_logps(model, b, dev)
         ch[idx], rj[idx] = lp[: len(idx)].float().cpu(), lp[len(idx):].float().cpu()
     model.train(was)
     return {"chosen": ch, "rejected": rj}
@@ -328,16 +328,12 @@ def evaluate_dpo(model: nn.Module, pairs: list[dpo.Pair], ref: dict[str, torch.T
     reply, and per reply token), over the held-out pairs. Before any DPO step the implicit rewards
     are all 0 (policy = reference; pass `policy=ref` to skip recomputing it)."""
     pol = reference_logps(model, pairs, cfg) if policy is None else policy
+    n_c = torch.tensor([len(dpo.fit(p.prompt, p.chosen, cfg.seq_len + 1)[1]) for p in pairs], dtype=torch.float32)
+    n_r = torch.tensor([len(dpo.fit(p.prompt, p.rejected, cfg.seq_len + 1)[1]) for p in pairs], dtype=torch.float32)
     loss, m = dpo.dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=cfg.beta,
                            loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                           reference_free=cfg.reference_free)
-    if cfg.length_normalize:  # the log-probs are already means over the reply
-        per_c, per_r = pol["chosen"], pol["rejected"]
-    else:
-        n_c = torch.tensor([len(dpo.fit(p.prompt, p.chosen, cfg.seq_len + 1)[1]) for p in pairs], dtype=torch.float32)
-        n_r = torch.tensor([len(dpo.fit(p.prompt, p.rejected, cfg.seq_len + 1)[1]) for p in pairs],
-                           dtype=torch.float32)
-        per_c, per_r = pol["chosen"] / n_c, pol["rejected"] / n_r
+                           reference_free=cfg.reference_free, lengths=(n_c, n_r) if cfg.length_normalize else None)
+    per_c, per_r = pol["chosen"] / n_c, pol["rejected"] / n_r
     return {"eval_loss": float(loss), "eval_rewards/accuracies": float(m["rewards/accuracies"]),
             "eval_rewards/margins": float(m["rewards/margins"]),
             "eval_logps/margin": float((pol["chosen"] - pol["rejected"]).mean()),
@@ -466,8 +462,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         ref = {"chosen": torch.zeros(len(train_items)), "rejected": torch.zeros(len(train_items))}
         vref = {"chosen": torch.zeros(len(valid_items)), "rejected": torch.zeros(len(valid_items))}
     elif cfg.task == "dpo":
+        # "mean": False: the file holds sums (one of means, which length_normalize once stored, is not reused)
         fp = dpo.reference_fingerprint(train_items + valid_items, {
-            "model": str(Path(cfg.model).resolve()), "seq_len": cfg.seq_len, "mean": cfg.length_normalize,
+            "model": str(Path(cfg.model).resolve()), "seq_len": cfg.seq_len, "mean": False,
             "dtype": cfg.dtype} | ({"base_dtype": cfg.lora_base_dtype} if cfg.lora_rank and
                                    cfg.lora_base_dtype != "float32" else {}))
         rf = out / "reference_logps.safetensors"
@@ -579,12 +576,14 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                     else:
                         idx = loader.next_indices()
                         pb = dpo.collate_pairs([train_items[i] for i in idx], idx, cfg.seq_len)
-                        lp, routings = pair_logps(model, pb, device, mean=cfg.length_normalize)
+                        lp, routings = pair_logps(model, pb, device)
                         N = len(idx)
+                        n = pb.reply.sum(-1).to(device)  # reply tokens
                         task_loss, m = dpo.dpo_loss(lp[:N], lp[N:], ref["chosen"][idx].to(device),
                                                     ref["rejected"][idx].to(device), beta=cfg.beta,
                                                     loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                                                    reference_free=cfg.reference_free)
+                                                    reference_free=cfg.reference_free,
+                                                    lengths=(n[:N], n[N:]) if cfg.length_normalize else None)
                         valid = pb.positions >= 0
                         parts = {"loss": task_loss, **m}
                         n_tok += int(valid.sum())
