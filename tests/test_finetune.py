@@ -187,7 +187,17 @@ def test_packing_and_loader_resume() -> None:
 
 @pytest.mark.parametrize("line, match", [
     ("not json", r"bad.jsonl:2: not valid JSON"),
-    ('{"msgs": []}', r"bad.jsonl:2: expected a JSON object with a 'messages' field, found: msgs"),
+    ('{"msgs": []}', r"bad.jsonl:2: expected a JSON object with 'messages' \(or 'prompt' and 'completion'\), found: "
+                     "msgs"),
+    ('{"prompt": "Hi"}', r"bad.jsonl:2: field 'completion' is missing \(the row has: prompt\)$"),
+    ('{"prompt": "Hi", "completion": 3}', r"bad.jsonl:2: field 'completion' must be a non-empty string \(or one "
+                                          r"assistant message\), got int$"),
+    ('{"prompt": {"role": "user"}, "completion": "x"}', r"bad.jsonl:2: field 'prompt' must be a string or a list of "
+                                                        "messages, got dict$"),
+    ('{"prompt": [{"role": "user", "content": 1}], "completion": "x"}', r"bad.jsonl:2: field 'prompt\[0\].content' "
+                                                                       "must be a string"),
+    ('{"prompt": [{"role": "assistant", "content": "a"}], "completion": "x"}', r"bad.jsonl:2: field 'prompt': "),
+    ('{"completion": "x"}', r"bad.jsonl:2: expected a field 'prompt' \(a string or a list of messages\)"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', r"bad.jsonl:2: field 'messages\[0\].role' is 'robot'"),
     ('{"messages": [{"role": "user", "content": 3}]}', r"bad.jsonl:2: field 'messages\[0\].content' must be a string"),
     ('{"messages": [{"role": "user", "text": "hi"}]}', r"bad.jsonl:2: field 'messages\[0\].content' is missing \(the "
@@ -200,6 +210,28 @@ def test_malformed_sft_data(tmp_path: Path, line: str, match: str) -> None:
     f.write_text(json.dumps({"messages": CONVS[0]}) + "\n" + line + "\n")
     with pytest.raises(DataError, match=match):
         sft.read_sft(f, TOK)
+
+
+def test_prompt_completion_is_trl_format(tmp_path: Path) -> None:
+    """TRL's prompt-completion rows, conversational and standard, read as the `messages` line they
+    stand for (the same tokens and loss mask); the loss covers only the completion, so an assistant
+    turn in the prompt is context. They were refused ('expected a JSON object with a 'messages' field')."""
+    system, user, reply = CONVS[1][:2], CONVS[1][3], CONVS[1][4]
+    rows = [{"prompt": [*system, CONVS[1][3]], "completion": [reply]},
+            {"messages": [*system, user, reply]},
+            {"prompt": "and 3+3?", "completion": "6, of course."},
+            {"messages": [user, reply]},
+            {"prompt": CONVS[1][:4], "completion": reply["content"]}]
+    f = tmp_path / "pc.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conv, conv_msgs, std, std_msgs, multi = sft.read_sft(f, TOK)
+    assert (conv.ids, conv.train) == (conv_msgs.ids, conv_msgs.train)
+    assert (std.ids, std.train) == (std_msgs.ids, std_msgs.train)
+    full_ids, full_train = sft.render_turns(CONVS[1], TOK, final_assistant=True)
+    assert multi.ids == full_ids
+    n = len(TOK.encode(reply["content"], eos=True))  # the completion and its </s>
+    assert multi.train == [False] * (len(full_ids) - n) + [True] * n
+    assert sum(full_train) > n  # `messages` trains the earlier assistant turn too
 
 
 def test_line_separators_inside_json_strings_stay_in_their_line(tmp_path: Path) -> None:
@@ -256,14 +288,14 @@ def test_a_prompt_of_messages_is_trl_conversational_format(tmp_path: Path) -> No
 
 
 def test_transcripts_become_chat_turns() -> None:
-    assert dpo.transcript_turns("Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") == [
+    assert sft.transcript_turns("Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") == [
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
-    assert dpo.transcript_turns("just a question") == [{"role": "user", "content": "just a question"}]
+    assert sft.transcript_turns("just a question") == [{"role": "user", "content": "just a question"}]
     corpus = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "chat" / "dpo.jsonl"
     if not corpus.is_file():
         pytest.skip("shared corpus not found")
     rows = [json.loads(ln) for ln in corpus.read_text(encoding="utf-8").splitlines()[:300]]
-    same = [dpo.transcript_turns(r["prompt"]) == r["prompt_messages"] for r in rows if "prompt_messages" in r]
+    same = [sft.transcript_turns(r["prompt"]) == r["prompt_messages"] for r in rows if "prompt_messages" in r]
     assert len(same) > 100 and sum(same) / len(same) > 0.97
 
 

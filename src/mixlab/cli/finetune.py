@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from mixlab.cli.train import add_setting_args
     from mixlab.train.finetune import FinetuneConfig
 
-    for task, help_ in (("sft", "supervised fine-tuning on chat JSONL (messages), loss on assistant turns, packed"),
+    for task, help_ in (("sft", "supervised fine-tuning on chat JSONL (messages, or prompt + completion), loss on "
+                                "assistant turns, packed"),
                         ("dpo", "Direct Preference Optimisation on JSONL pairs (chosen, rejected, prompt|messages)")):
         p = sub.add_parser(task, help=help_, description="Flags override the config file's settings, which "
                                                            "override the defaults shown.")

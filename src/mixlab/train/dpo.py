@@ -25,7 +25,6 @@ sums: rewards beta (pi - ref), detached, and logps pi.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ import torch.nn.functional as F
 
 from mixlab.tokenizer import ChatError
 from mixlab.train.data import DataError, TrainTokenizer
-from mixlab.train.sft import _messages, read_jsonl, render_turns
+from mixlab.train.sft import prompt_turns, read_jsonl, render_turns, reply_text
+from mixlab.train.sft import transcript_turns as transcript_turns  # its former home: benchmarks/finetune.py
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -49,52 +49,14 @@ class Pair:
     where: str = ""
 
 
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
-
-
-def transcript_turns(prompt: str) -> list[dict[str, str]]:
-    """'Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user/assistant messages (a, b, c).
-    A string that is not such a transcript is one user message."""
-    marks = list(_TURN.finditer(prompt))
-    if not marks or marks[0].start() != 0 or marks[0].group(1) != "Human":
-        return [{"role": "user", "content": prompt}]
-    msgs = []
-    for m, nxt in zip(marks, [*marks[1:], None], strict=True):
-        content = prompt[m.end(): nxt.start() if nxt is not None else len(prompt)].strip()
-        msgs.append({"role": "user" if m.group(1) == "Human" else "assistant", "content": content})
-    if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
-        msgs.pop()  # the trailing "Assistant:" the reply continues
-    return msgs
-
-
-def _reply(obj: dict, field: str, where: str) -> str:
-    if field not in obj:
-        raise DataError(f"{where}: field '{field}' is missing (the row has: {', '.join(sorted(obj))})")
-    v = obj[field]
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
-        v = v[0].get("content")
-    if not isinstance(v, str) or not v:
-        raise DataError(f"{where}: field '{field}' must be a non-empty string (or one assistant message), got "
-                        f"{type(v).__name__ if not isinstance(v, str) else 'an empty string'}")
-    return v
-
-
 def read_pairs(path: str | Path, tok: TrainTokenizer) -> list[Pair]:
     """Every preference pair of a JSONL file, tokenized; errors name the file, line and field."""
     out = []
     for obj, where in read_jsonl(path):
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with 'chosen', 'rejected' and 'prompt' or 'messages'")
-        if "messages" in obj:
-            msgs, field = _messages(obj, where), "messages"
-        elif isinstance(obj.get("prompt"), list):  # TRL's conversational format
-            msgs, field = _messages(obj, where, "prompt"), "prompt"
-        elif isinstance(obj.get("prompt"), str):
-            msgs, field = transcript_turns(obj["prompt"]), "prompt"
-        else:
-            raise DataError(f"{where}: expected a field 'prompt' (a string or a list of messages) or 'messages' (a "
-                            f"list of messages), found: {', '.join(sorted(obj))}")
-        chosen, rejected = _reply(obj, "chosen", where), _reply(obj, "rejected", where)
+        msgs, field = prompt_turns(obj, where)
+        chosen, rejected = reply_text(obj, "chosen", where), reply_text(obj, "rejected", where)
         try:
             prompt, _ = render_turns(msgs, tok, final_assistant=False)
         except ChatError as e:

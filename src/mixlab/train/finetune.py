@@ -74,7 +74,8 @@ class FinetuneConfig(OptimizerSettings):
 
     task: str = "sft"  # sft | dpo
     model: str = ""  # the starting weights: any folder `init_from` accepts (loop.TrainConfig)
-    data: str = ""  # SFT: chat JSONL (`messages`); DPO: pairs JSONL (`chosen`, `rejected`, `prompt`|`messages`)
+    data: str = ""  # SFT: chat JSONL (`messages` or `prompt` + `completion`); DPO: pairs JSONL (`chosen`,
+    # `rejected`, `prompt`|`messages`)
     valid_data: str = ""  # held-out file; default: hold out `valid_fraction` of `data` (seeded)
     valid_fraction: float = 0.05
     max_examples: int = 0  # use only the first N examples (non-empty lines) of `data` (0 = all)

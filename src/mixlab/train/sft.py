@@ -4,13 +4,18 @@ packed several conversations to a row without attention across them.
 Shape legend: B batch (rows), T tokens per row.
 
 Data: one JSON object per line with `messages`, a list of `{"role": "system" | "user" | "assistant",
-"content": str}` (OpenAI roles; system optional) ending with an assistant message. The conversation
-is rendered with the Mixtral-Instruct (v1) template, exactly as `Tokenizer.encode_chat` does:
+"content": str}` (OpenAI roles; system optional) ending with an assistant message, or TRL's
+prompt-completion format: `prompt` (chat turns ending with a user turn, or a string: a Human:/Assistant:
+transcript becomes its turns, anything else one user turn, as in DPO data) and `completion` (a string
+or one assistant message). The conversation is rendered with the Mixtral-Instruct (v1) template,
+exactly as `Tokenizer.encode_chat` does:
 
     <s>[INST] {system}\\n\\n{user} [/INST]{assistant}</s>[INST] {user} [/INST]{assistant}</s>
 
 Each piece is tokenized on its own (as mistral-common does), so every token belongs to one turn; the
-loss covers the tokens of assistant turns and their `</s>` (the model learns to stop), nothing else.
+loss covers the tokens of assistant turns and their `</s>` (the model learns to stop), nothing else;
+with `prompt`/`completion`, only the completion's (TRL's completion-only loss: assistant turns in the
+prompt are context).
 
 Packing: conversations are laid end to end in rows of T tokens. Positions restart at 0 for each and
 a segment id per conversation makes attention block-diagonal causal (`Transformer.forward(
@@ -21,6 +26,7 @@ segments_BT=...)`), so a packed conversation gets exactly the logits and loss it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +97,53 @@ def _messages(obj: Any, where: str, field: str = "messages") -> list[dict[str, A
     return msgs
 
 
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def transcript_turns(prompt: str) -> list[dict[str, str]]:
+    """'Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user/assistant messages (a, b, c).
+    A string that is not such a transcript is one user message."""
+    marks = list(_TURN.finditer(prompt))
+    if not marks or marks[0].start() != 0 or marks[0].group(1) != "Human":
+        return [{"role": "user", "content": prompt}]
+    msgs = []
+    for m, nxt in zip(marks, [*marks[1:], None], strict=True):
+        content = prompt[m.end(): nxt.start() if nxt is not None else len(prompt)].strip()
+        msgs.append({"role": "user" if m.group(1) == "Human" else "assistant", "content": content})
+    if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
+        msgs.pop()  # the trailing "Assistant:" the reply continues
+    return msgs
+
+
+def prompt_turns(obj: dict, where: str) -> tuple[list[dict[str, Any]], str]:
+    """The chat turns of a row's prompt and the field they came from: `messages`, or `prompt` as chat
+    turns (TRL's conversational format) or a string (`transcript_turns`)."""
+    if "messages" in obj:
+        return _messages(obj, where), "messages"
+    if isinstance(obj.get("prompt"), list):
+        return _messages(obj, where, "prompt"), "prompt"
+    if isinstance(obj.get("prompt"), str):
+        return transcript_turns(obj["prompt"]), "prompt"
+    if "prompt" in obj:
+        raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, got "
+                        f"{type(obj['prompt']).__name__}")
+    raise DataError(f"{where}: expected a field 'prompt' (a string or a list of messages) or 'messages' (a "
+                    f"list of messages), found: {', '.join(sorted(obj)) or 'no fields'}")
+
+
+def reply_text(obj: dict, field: str, where: str) -> str:
+    """A row's reply: a non-empty string, or a list holding one assistant message."""
+    if field not in obj:
+        raise DataError(f"{where}: field '{field}' is missing (the row has: {', '.join(sorted(obj))})")
+    v = obj[field]
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
+        v = v[0].get("content")
+    if not isinstance(v, str) or not v:
+        raise DataError(f"{where}: field '{field}' must be a non-empty string (or one assistant message), got "
+                        f"{type(v).__name__ if not isinstance(v, str) else 'an empty string'}")
+    return v
+
+
 def read_jsonl(path: str | Path) -> list[tuple[Any, str]]:
     """(object, "file:line") of every non-empty line; invalid JSON is an error naming the line."""
     p = Path(path)
@@ -120,14 +173,25 @@ def read_jsonl(path: str | Path) -> list[tuple[Any, str]]:
 
 
 def read_sft(path: str | Path, tok: TrainTokenizer) -> list[Example]:
-    """Every conversation of a chat JSONL file, tokenized; errors name the file, line and field."""
+    """Every conversation of a chat JSONL file (`messages`, or `prompt` and `completion`), tokenized;
+    errors name the file, line and field."""
     out = []
     for obj, where in read_jsonl(path):
-        msgs = _messages(obj, where)
+        if not isinstance(obj, dict) or not {"messages", "prompt", "completion"} & obj.keys():
+            raise DataError(f"{where}: expected a JSON object with 'messages' (or 'prompt' and 'completion'), found: "
+                            f"{', '.join(sorted(obj)) or 'no fields' if isinstance(obj, dict) else type(obj).__name__}")
+        if "messages" in obj:
+            msgs, field, completion = _messages(obj, where), "messages", None
+        else:  # TRL's prompt-completion format
+            msgs, field = prompt_turns(obj, where)
+            completion = reply_text(obj, "completion", where)
         try:
-            ids, train = render_turns(msgs, tok, final_assistant=True)
+            ids, train = render_turns(msgs, tok, final_assistant=completion is None)
         except ChatError as e:
-            raise DataError(f"{where}: field 'messages': {e}") from None
+            raise DataError(f"{where}: field '{field}': {e}") from None
+        if completion is not None:  # only the completion is trained
+            reply = tok.encode(completion, bos=False, eos=True)
+            ids, train = ids + reply, [False] * len(ids) + [True] * len(reply)
         out.append(Example(ids, train, where))
     return out
 
