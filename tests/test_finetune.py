@@ -934,6 +934,12 @@ def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
     ({"lora_rank": 2, "lora_alpha": float("nan")}, "LoRA alpha must be a finite number > 0"),
     ({"lora_rank": 2, "lora_alpha": -1.0}, "LoRA alpha must be a finite number > 0"),
     ({"loss": "ipo", "label_smoothing": 0.1}, "'label_smoothing' applies to the sigmoid loss only"),  # was ignored
+    ({"beta": float("nan")}, "'beta' must be a finite number >= 0, got nan"),  # trained to NaN weights
+    ({"beta": float("inf")}, "'beta' must be a finite number >= 0, got inf"),
+    ({"beta": 0.0}, "'beta' must be > 0, got 0.0"),
+    ({"beta": "0.1"}, "'beta' must be a finite number >= 0, got '0.1'"),  # a TOML string: TypeError in '<='
+    ({"label_smoothing": "0.1"}, "'label_smoothing' must be a finite number >= 0, got '0.1'"),
+    ({"valid_fraction": "0.1"}, "'valid_fraction' must be a finite number >= 0, got '0.1'"),
 ])
 def test_bad_fine_tuning_numbers_are_refused(kw: dict, match: str) -> None:
     from mixlab.config import ConfigError

@@ -56,6 +56,7 @@ from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import IGNORE, lm_loss, router_losses
 from mixlab.train.settings import (
     INTEGERS,
+    NUMBERS,
     OptimizerSettings,
     check_batch_fits,
     check_resume_settings,
@@ -135,7 +136,8 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"finetune takes a FinetuneConfig (load_finetune_config(path, **overrides) reads one), "
                           f"not {type(cfg).__name__}")
     cfg = paths_as_text(cfg)
-    check_settings(cfg, what="fine-tuning", integers=(*INTEGERS, "max_examples", "lora_rank"))
+    check_settings(cfg, what="fine-tuning", numbers=(*NUMBERS, "beta", "label_smoothing", "valid_fraction"),
+                   integers=(*INTEGERS, "max_examples", "lora_rank"))
     a = cfg.aux_loss_coef  # a NaN here trained to NaN weights without a word
     if a is not None and (isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0):
         raise ConfigError(f"fine-tuning setting 'aux_loss_coef' must be a finite number >= 0, got {a!r}")
