@@ -259,8 +259,14 @@ def test_bytes_that_are_not_utf8_name_the_line(tmp_path: Path) -> None:
     ({"prompt": "Hi", "chosen": "a", "reject": "b"}, r"bad.jsonl:1: field 'rejected' is missing \(the row has: "
                                                      r"chosen, prompt, reject\)$"),
     ({"prompt": "Hi", "chosen": "", "rejected": "b"}, r"bad.jsonl:1: field 'chosen' must be a non-empty string"),
-    ({"chosen": "a", "rejected": "b"}, r"bad.jsonl:1: expected a field 'prompt' \(a string or a list of messages\) "
-                                        "or 'messages'"),
+    ({"chosen": "a", "rejected": "b"}, r"bad.jsonl:1: no field 'prompt' or 'messages', so 'chosen' and 'rejected' "
+                                        r"must be whole conversations .*; they share no first turn$"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                 {"role": "user", "content": "more"}, {"role": "assistant", "content": "c"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     r"bad.jsonl:1: .*after the 1 turn\(s\) they share, 'chosen' has 3 turn\(s\), the first by 'assistant'$"),
+    ({"chosen": 3, "rejected": "b"}, r"bad.jsonl:1: field 'chosen' must be a string or a list of messages, got int$"),
+    ({"prompt": "Hi", "rejected": "b"}, r"bad.jsonl:1: field 'chosen' is missing"),
     ({"prompt": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}], "chosen": "a", "rejected": "b"},
      r"bad.jsonl:1: field 'prompt\[1\].role' is 'robot'"),
     ({"messages": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
@@ -285,6 +291,27 @@ def test_a_prompt_of_messages_is_trl_conversational_format(tmp_path: Path) -> No
     trl_row, ours = dpo.read_pairs(f, TOK)
     assert (trl_row.prompt, trl_row.chosen, trl_row.rejected) == (ours.prompt, ours.chosen, ours.rejected)
     assert trl_row.prompt == sft.render_turns(conv, TOK, final_assistant=False)[0]
+
+
+def test_an_implicit_prompt_is_split_as_trl_does(tmp_path: Path) -> None:
+    """TRL's implicit-prompt rows (`chosen` and `rejected` whole conversations, no `prompt`) read as
+    the explicit rows trl.extract_prompt makes of them; raw Anthropic HH rows (transcript strings) as
+    their turns. They were refused ('expected a field 'prompt' ... found: chosen, rejected')."""
+    pytest.importorskip("trl")
+    from trl import extract_prompt
+
+    conv = CONVS[1][:-1]
+    rows = [{"chosen": [*conv, {"role": "assistant", "content": "6."}],
+             "rejected": [*conv, {"role": "assistant", "content": "7."}]},
+            {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: 6.",
+             "rejected": "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: 7."}]
+    f = tmp_path / "implicit.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [*rows, extract_prompt(rows[0]),
+                                                        {"messages": CONVS[1][1:4], "chosen": "6.", "rejected": "7."}]))
+    implicit, hh, explicit, hh_explicit = dpo.read_pairs(f, TOK)
+    for got, want in ((implicit, explicit), (hh, hh_explicit)):
+        assert (got.prompt, got.chosen, got.rejected) == (want.prompt, want.chosen, want.rejected)
+    assert TOK.decode(hh.prompt) == "[INST] 2+2? [/INST]4[INST] and 3+3? [/INST]"  # (decode drops <s>, </s>)
 
 
 def test_transcripts_become_chat_turns() -> None:

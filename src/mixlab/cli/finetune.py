@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     for task, help_ in (("sft", "supervised fine-tuning on chat JSONL (messages, or prompt + completion), loss on "
                                 "assistant turns, packed"),
-                        ("dpo", "Direct Preference Optimisation on JSONL pairs (chosen, rejected, prompt|messages)")):
+                        ("dpo", "Direct Preference Optimisation on JSONL pairs (chosen, rejected, prompt|messages, or "
+                                "chosen and rejected whole conversations)")):
         p = sub.add_parser(task, help=help_, description="Flags override the config file's settings, which "
                                                            "override the defaults shown.")
         p.add_argument("config", type=user_path, nargs="?", default=None,

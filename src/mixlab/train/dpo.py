@@ -5,7 +5,8 @@ Shape legend: N pairs in a batch, T tokens, V vocabulary.
 Data: one JSON object per line with `chosen` and `rejected` (a reply string, or a list holding one
 assistant message) and the prompt as either `prompt` (a string: a Human:/Assistant: transcript such
 as Anthropic HH's becomes chat turns, anything else one user turn; or chat turns, TRL's conversational
-format) or `messages` (chat turns ending with a user turn). Prompt and reply are rendered with the
+format) or `messages` (chat turns ending with a user turn); or no prompt, `chosen` and `rejected` whole
+conversations (TRL's implicit prompt: `split_implicit_prompt`). Prompt and reply are rendered with the
 Mixtral-Instruct template (sft.py); only the reply's tokens (and its `</s>`) count in a sequence's
 log-probability.
 
@@ -35,8 +36,7 @@ import torch.nn.functional as F
 
 from mixlab.tokenizer import ChatError
 from mixlab.train.data import DataError, TrainTokenizer
-from mixlab.train.sft import prompt_turns, read_jsonl, render_turns, reply_text
-from mixlab.train.sft import transcript_turns as transcript_turns  # its former home: benchmarks/finetune.py
+from mixlab.train.sft import _messages, prompt_turns, read_jsonl, render_turns, reply_text, transcript_turns
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -49,12 +49,39 @@ class Pair:
     where: str = ""
 
 
+def split_implicit_prompt(obj: dict, where: str) -> dict[str, Any]:
+    """A row of TRL's implicit-prompt format (`chosen` and `rejected` whole conversations: message lists,
+    or Human:/Assistant: transcripts such as Anthropic HH's raw rows) as prompt, chosen and rejected: the
+    turns both begin with are the prompt (at most all but the last, as `trl.extract_prompt`), and what
+    follows must be one assistant reply in each."""
+    convs = []
+    for f in ("chosen", "rejected"):
+        if not isinstance(obj[f], str | list):
+            raise DataError(f"{where}: field '{f}' must be a string or a list of messages, got {type(obj[f]).__name__}")
+        convs.append(transcript_turns(obj[f]) if isinstance(obj[f], str) else _messages(obj, where, f))
+    c, r = convs
+    k = 0  # turns both begin with
+    while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+        k += 1
+    what = ("no field 'prompt' or 'messages', so 'chosen' and 'rejected' must be whole conversations that differ "
+            "only in one last assistant reply (TRL's implicit prompt)")
+    if k == 0:
+        raise DataError(f"{where}: {what}; they share no first turn")
+    for field, turns in zip(("chosen", "rejected"), convs, strict=True):
+        if len(turns) != k + 1 or turns[k]["role"] != "assistant":
+            raise DataError(f"{where}: {what}; after the {k} turn(s) they share, '{field}' has {len(turns) - k} "
+                            f"turn(s), the first by {turns[k]['role']!r}")
+    return {"prompt": c[:k], "chosen": [c[k]], "rejected": [r[k]]}
+
+
 def read_pairs(path: str | Path, tok: TrainTokenizer) -> list[Pair]:
     """Every preference pair of a JSONL file, tokenized; errors name the file, line and field."""
     out = []
     for obj, where in read_jsonl(path):
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with 'chosen', 'rejected' and 'prompt' or 'messages'")
+        if "prompt" not in obj and "messages" not in obj and "chosen" in obj and "rejected" in obj:
+            obj = split_implicit_prompt(obj, where)
         msgs, field = prompt_turns(obj, where)
         chosen, rejected = reply_text(obj, "chosen", where), reply_text(obj, "rejected", where)
         try:
