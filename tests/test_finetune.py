@@ -961,6 +961,8 @@ def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
     ({"lora_rank": 2, "lora_alpha": float("nan")}, "LoRA alpha must be a finite number > 0"),
     ({"lora_rank": 2, "lora_alpha": -1.0}, "LoRA alpha must be a finite number > 0"),
     ({"loss": "ipo", "label_smoothing": 0.1}, "'label_smoothing' applies to the sigmoid loss only"),  # was ignored
+    ({"lora_rank": 2, "lora_targets": "attention,router", "freeze_router": True},  # trained the router's adapter
+     "'freeze_router' keeps the router fixed, but 'router' is one of the LoRA targets"),
     ({"beta": float("nan")}, "'beta' must be a finite number >= 0, got nan"),  # trained to NaN weights
     ({"beta": float("inf")}, "'beta' must be a finite number >= 0, got inf"),
     ({"beta": 0.0}, "'beta' must be > 0, got 0.0"),

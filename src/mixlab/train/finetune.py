@@ -158,9 +158,12 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError("no data: pass --data FILE.jsonl")
     if cfg.lora_rank:
         try:
-            lora_config(cfg)
+            lc = lora_config(cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if cfg.freeze_router and "router" in lc.targets:  # the router's adapter trained without a word
+            raise ConfigError("fine-tuning setting 'freeze_router' keeps the router fixed, but 'router' is one of "
+                              "the LoRA targets; remove one of them")
     return cfg
 
 
