@@ -234,6 +234,28 @@ def test_prompt_completion_is_trl_format(tmp_path: Path) -> None:
     assert sum(full_train) > n  # `messages` trains the earlier assistant turn too
 
 
+def test_a_prompt_ending_in_an_assistant_prefix_is_continued(tmp_path: Path) -> None:
+    """A prompt whose last message is an assistant one with prefix=True (mistral-common's, as
+    Tokenizer.encode_chat renders it) is continued by the completion or reply: no </s> after the
+    prefix (there was one, so the model was trained to go on after its own end of turn)."""
+    from mixlab.tokenizer import default_tokenizer_path, load_tokenizer
+    from mixlab.train.data import FileTokenizer
+
+    prompt = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Sure,", "prefix": True}]
+    f = tmp_path / "prefix.jsonl"
+    f.write_text(json.dumps({"prompt": prompt, "completion": " here."}) + "\n"
+                 + json.dumps({"messages": [prompt[0], {"role": "assistant", "content": "Sure, here."}]}) + "\n")
+    ex, whole = sft.read_sft(f, TOK)
+    assert ex.ids == whole.ids and sum(ex.train) == len(" here.") + 1
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": prompt, "chosen": " here.", "rejected": " no."}) + "\n")
+    (pair,) = dpo.read_pairs(pairs, TOK)
+    assert pair.prompt == ex.ids[:-len(pair.chosen)]
+    if default_tokenizer_path().exists():  # the Mixtral tokenizer (mistral-common)
+        want = load_tokenizer(default_tokenizer_path()).encode_chat(prompt)
+        assert sft.render_turns(prompt, FileTokenizer(None, name="mixtral"), final_assistant=False)[0] == want
+
+
 def test_line_separators_inside_json_strings_stay_in_their_line(tmp_path: Path) -> None:
     """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(ensure_ascii=False),
     datasets' to_json(force_ascii=False)); str.splitlines() broke the line there ('not valid JSON

@@ -60,7 +60,7 @@ def render_turns(messages: Sequence[Mapping[str, Any]], tok: TrainTokenizer, *,
     system, turns = _normalize_chat(msgs)
     ids, train = [tok.bos_id], [False]
     first_user = True
-    for role, content, _prefix in turns:
+    for role, content, prefix in turns:
         if role == "user":
             if first_user and system:
                 content = system + "\n\n" + content
@@ -68,8 +68,8 @@ def render_turns(messages: Sequence[Mapping[str, Any]], tok: TrainTokenizer, *,
             seg = tok.encode(f"[INST] {content} [/INST]", bos=False, eos=False)
             ids += seg
             train += [False] * len(seg)
-        else:
-            seg = tok.encode(content, bos=False, eos=True)
+        else:  # a prompt's last assistant turn with prefix=True is continued by the reply: no </s>
+            seg = tok.encode(content, bos=False, eos=final_assistant or not prefix)
             ids += seg
             train += [True] * len(seg)
     return ids, train
