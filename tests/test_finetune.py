@@ -790,7 +790,10 @@ def test_reference_free_dpo_skips_the_reference_pass(ckpt: Path, chat_files: tup
     first = res.history[0]
     assert first["rewards/chosen"] == pytest.approx(0.1 * first["logps/chosen"], rel=1e-5)  # beta x (pi - 0)
     assert len(calls) == len(res.evals)  # only the held-out policy's own log-probs, once per evaluation
-    assert "eval_rewards/accuracies" in res.evals[-1]
+    last = res.evals[-1]  # each of TRL's metrics on the held-out pairs too, as TRL's evaluate logs them
+    assert {f"eval_{k}" for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                                  "logps/chosen", "logps/rejected")} <= last.keys()
+    assert last["eval_rewards/chosen"] == pytest.approx(0.1 * last["eval_logps/chosen"], rel=1e-5)
 
 
 def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,

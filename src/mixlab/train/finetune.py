@@ -340,7 +340,9 @@ def evaluate_dpo(model: nn.Module, pairs: list[dpo.Pair], ref: dict[str, torch.T
                            loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
                            reference_free=cfg.reference_free, lengths=(n_c, n_r) if cfg.length_normalize else None)
     per_c, per_r = pol["chosen"] / n_c, pol["rejected"] / n_r
-    return {"eval_loss": float(loss), "eval_rewards/accuracies": float(m["rewards/accuracies"]),
+    return {"eval_loss": float(loss), "eval_rewards/chosen": float(m["rewards/chosen"]),
+            "eval_rewards/rejected": float(m["rewards/rejected"]),
+            "eval_rewards/accuracies": float(m["rewards/accuracies"]),
             "eval_rewards/margins": float(m["rewards/margins"]),
             "eval_logps/margin": float((pol["chosen"] - pol["rejected"]).mean()),
             "eval_logps/accuracy": float((pol["chosen"] > pol["rejected"]).float().mean()),
