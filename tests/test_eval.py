@@ -15,7 +15,7 @@ import torch
 from conftest import CORPUS, hf_mixtral, hf_tokenizer_json
 from mixlab import load_model, load_tokenizer
 from mixlab.cli import main
-from mixlab.eval.perplexity import evaluate_texts, logits_of, rolling_windows, score_ids
+from mixlab.eval.perplexity import evaluate_texts, rolling_windows, score_ids
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 6,
@@ -57,7 +57,7 @@ def test_every_token_scored_once_equals_full_recompute(ckpt: Path) -> None:
     ids = torch.randint(3, 32000, (50,)).tolist()
     seq = torch.tensor([[1, *ids]])
     with torch.no_grad():
-        logp = torch.log_softmax(logits_of(model, seq[:, :-1]).float(), -1)[0]
+        logp = torch.log_softmax(model(seq[:, :-1]).float(), -1)[0]
     full = -float(logp.gather(-1, seq[0, 1:, None]).sum())
     assert score_ids(model, ids, prefix=1, context=64) == pytest.approx(full, rel=1e-5)
     # smaller windows see less context: a different (higher on average) number, same token count
@@ -91,6 +91,26 @@ def test_strided_windows_equal_transformers_perplexity_guide(ckpt: Path, stride:
             break
     assert score_ids(load_model(ckpt, dtype="float32"), ids, prefix=1, context=C, stride=stride) == \
         pytest.approx(nll, rel=1e-6)
+
+
+def test_strided_windows_compute_logits_only_where_they_score(ckpt: Path) -> None:
+    """A strided window (and lm-eval's last window) scores its last tokens only, but every position
+    of it went through the output layer ([B, T, V] float logits, then discarded): now only the scored
+    rows do, and the NLL is what the whole logits gave (float32)."""
+    model = load_model(ckpt, dtype="float32")
+    ids = torch.randint(3, 32000, (45,), generator=torch.Generator().manual_seed(1)).tolist()
+    rows: list[int] = []
+    hook = model.output.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[:-1].numel()))
+    nll = score_ids(model, ids, prefix=1, context=16, stride=4, batch_size=3)
+    hook.remove()
+    assert sum(rows) == len(ids)  # 16 + 4 + ... once each; it was 16 a window (and the padding)
+    seq, old, pos = [1, *ids], 0.0, 0  # the old path: each window's whole logits, then its last n rows
+    with torch.no_grad():
+        for x, n in rolling_windows(ids, prefix=1, context=16, stride=4):
+            lp = torch.log_softmax(model(torch.tensor([x])).float(), -1)[0, -n:]
+            old -= float(lp.gather(-1, torch.tensor(seq[pos + 1: pos + 1 + n])[:, None]).sum())
+            pos += n
+    assert nll == pytest.approx(old, rel=1e-6)
 
 
 def test_metrics_use_bytes_and_words_of_the_text(ckpt: Path) -> None:

@@ -18,7 +18,7 @@ Conventions (lm-eval's `loglikelihood_rolling` with `context_len=1`, and its `wi
 The trainer's validation (`mixlab.train.loop.evaluate`) scores its fixed token windows with
 `score_windows` and reports `Score`s: one way to turn logits into a loss (`log_probs`, float32).
 
-Shape legend: B windows in a batch, T tokens, V vocabulary.
+Shape legend: B windows in a batch, T tokens, D model width, V vocabulary, R the scored rows of a batch.
 """
 
 from __future__ import annotations
@@ -94,12 +94,6 @@ def rolling_windows(ids: Sequence[int], *, prefix: int, context: int, stride: in
     return out
 
 
-def logits_of(model: Transformer, tokens_BT: torch.Tensor) -> torch.Tensor:
-    """The model's logits `[B, T, V]`, whatever its forward returns."""
-    out = model(tokens_BT)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
     """Log-probabilities in float32: what every score here (and the trainer's validation loss) is
     summed from, whatever dtype the model computes in."""
@@ -149,14 +143,17 @@ def score_batch(model: Transformer, inputs: Sequence[Sequence[int]], targets: Se
     tokens_BT = torch.zeros(len(inputs), T, dtype=torch.long, device=dev)
     for b, x in enumerate(inputs):
         tokens_BT[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-    logits_BTV = logits_of(model, tokens_BT)
-    out = []
-    for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
-        n = len(y)
-        # the target rows alone: a harness request's context and the padding need no float32 log-softmax
-        lp_nV = log_probs(logits_BTV[b, len(x) - n : len(x)])
-        y_n = torch.as_tensor(list(y), dtype=torch.long, device=dev)
-        out.append((float(lp_nV.gather(-1, y_n[:, None]).sum()), bool((lp_nV.argmax(-1) == y_n).all())))
+    # The output layer on the target rows alone: a harness request's context, a strided window's
+    # earlier tokens and the padding need no logits (R rows x V, not B x T x V, and no log-softmax).
+    h_BTD = model.forward_output(tokens_BT, logits=False).hidden_BTD
+    h_RD = torch.cat([h_BTD[b, len(x) - len(y) : len(x)] for b, (x, y) in enumerate(zip(inputs, targets, strict=True))])
+    lp_RV = log_probs(model.output(h_RD))
+    y_R = torch.as_tensor([t for y in targets for t in y], dtype=torch.long, device=dev)
+    lp_R, greedy_R = lp_RV.gather(-1, y_R[:, None])[:, 0], lp_RV.argmax(-1) == y_R
+    out, r = [], 0
+    for y in targets:
+        out.append((float(lp_R[r : r + len(y)].sum()), bool(greedy_R[r : r + len(y)].all())))
+        r += len(y)
     return out
 
 
