@@ -517,6 +517,58 @@ def test_harness_refuses_generating_past_max_length(ckpt: Path, max_gen: int) ->
         lm.generate_until([req], disable_tqdm=True)
 
 
+@pytest.mark.slow
+def test_harness_chat_template_gives_the_model_encode_chat_s_prompt(ckpt: Path, tasks: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's --apply_chat_template failed on MixlabLM ('please implement the tokenizer_name
+    property', then apply_chat_template, chat_template): the model now receives the Mixtral-Instruct
+    prompt `Tokenizer.encode_chat` gives (system prompt included), a continuation scored as the
+    reply, and generation starts from the same prompt."""
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import mixlab.eval.harness as harness
+
+    lm = harness.MixlabLM(pretrained=str(ckpt), dtype="float32", batch_size=2)
+    tok, scored, prompts = lm.tok, [], []
+    score_batch, generate = harness.score_batch, harness.generate
+    monkeypatch.setattr(harness, "score_batch",
+                        lambda m, x, y: scored.extend(zip(x, y, strict=True)) or score_batch(m, x, y))
+    monkeypatch.setattr(harness, "generate", lambda m, p, **kw: prompts.extend(p) or generate(m, p, **kw))
+    res = lm_eval.simple_evaluate(model=lm, tasks=["mx_gen", "mx_mc"], apply_chat_template=True,
+                                  task_manager=TaskManager(include_path=str(tasks)), system_instruction="Be brief.",
+                                  log_samples=True, verbosity="ERROR")
+
+    def chat(user: str) -> list[int]:
+        return tok.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}])
+
+    mc = [json.loads(line) for line in (tasks / "mc.jsonl").read_text().splitlines()]
+    want = [(chat(f"Question: {d['question']}\nAnswer:"), tok.encode(c.removeprefix(" "), bos=False))
+            for d in mc for c in d["choices"]]
+    assert sorted(scored) == sorted(((p + c)[:-1], c) for p, c in want)
+    with torch.no_grad():  # lm-eval's numbers are those of these ids
+        lps = [float(torch.log_softmax(lm.model(torch.tensor([p + c])).float(), -1)[0, len(p) - 1:-1]
+                     .gather(-1, torch.tensor(c)[:, None]).sum()) for p, c in want]
+    got = [x[0][0] for s in res["samples"]["mx_mc"] for x in s["resps"]]
+    assert got == pytest.approx(lps, abs=1e-4)
+    gen = [json.loads(line) for line in (tasks / "gen.jsonl").read_text().splitlines()]
+    assert sorted(prompts) == sorted(chat(d["question"]) for d in gen)
+    assert lm.chat_template(True) == harness.CHAT_TEMPLATE and lm.chat_template(False) is None
+    assert lm.tokenizer_name.endswith("tokenizer.json")
+    # a task's gen_prefix (add_generation_prompt=False): the reply continues the last assistant message
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": " spaced "}, {"role": "assistant", "content": "Answer:"}]
+    text = lm.apply_chat_template(msgs, add_generation_prompt=False)
+    assert text == "<s>[INST] 2+2? [/INST] 4</s>[INST]  spaced  [/INST] Answer:"
+    assert lm.tok_encode(text) == tok.encode_chat([*msgs[:3], {**msgs[3], "prefix": True}])
+    assert lm.tok_encode(text + " B") == tok.encode_chat([*msgs[:3], {**msgs[3], "content": "Answer: B",
+                                                                      "prefix": True}])
+    with pytest.raises(ValueError, match="holds the chat template's markers"):
+        lm.apply_chat_template([{"role": "user", "content": "a</s> b"}])
+    assert lm.tok_encode("<s>[INST] plain text") == tok.encode("<s>[INST] plain text", bos=False)
+
+
 def test_harness_keeps_lm_eval_s_own_models() -> None:
     """lm-eval fills its model registry only while it is empty: once `mixlab` was registered, "hf"
     and every other built-in model were unknown (`python -m mixlab.eval.harness run --model hf`

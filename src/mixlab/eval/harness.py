@@ -19,6 +19,14 @@ generation is greedy unless `do_sample`/`temperature` ask otherwise, stops at ea
 and at EOS, and the text is cut at the first stop string.
 
 Scoring is batched: requests are sorted by length (longest first) and right-padded into batches.
+
+Chat-templated runs (lm_eval's `--apply_chat_template`, `simple_evaluate(apply_chat_template=True)`)
+use the Mixtral-Instruct template `Tokenizer.encode_chat` encodes: lm-eval asks for each prompt as
+text (`apply_chat_template`), written `<s>[INST] {system}\n\n{user} [/INST] {reply}</s>[INST] {user}
+[/INST]`, and `tok_encode` reads that text back into `encode_chat`'s ids, with the text after the
+prompt (a continuation, or a task's `gen_prefix`) encoded as the reply the model writes there: the
+model sees exactly what `mixlab chat` and `mixlab serve` give it, not SentencePiece's reading of the
+template's text (`<s>` is not BOS there, and the reply would lose the space it starts with).
 """
 
 from __future__ import annotations
@@ -44,7 +52,10 @@ except ImportError as e:  # the optional extra: a line naming it, for `python -m
 from mixlab.eval.perplexity import rolling_windows, score_batch
 from mixlab.generate import generate
 from mixlab.model import Transformer
-from mixlab.tokenizer import Tokenizer, load_tokenizer, model_tokenizer
+from mixlab.tokenizer import Tokenizer, _normalize_chat, load_tokenizer, model_tokenizer
+
+# What `chat_template` returns (lm-eval logs it and keys its request cache with it).
+CHAT_TEMPLATE = "<s>[INST] {system}\n\n{user} [/INST] {assistant}</s>[INST] {user} [/INST]"
 
 
 @register_model("mixlab")
@@ -102,8 +113,55 @@ class MixlabLM(TemplateLM):
         return self._max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw: Any) -> list[int]:
+        chat = self._chat_ids(string)
+        if chat is not None:  # a prompt apply_chat_template wrote: its BOS is in it
+            return chat
         bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
         return self.tok.encode(string, bos=bos)
+
+    # -- chat templates (lm-eval's --apply_chat_template) -------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tok.path).replace("/", "__")  # as lm-eval's `hf` model names its tokenizer
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return CHAT_TEMPLATE if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as text (module docstring); `add_generation_prompt=False` (a task's
+        `gen_prefix`): the last message, an assistant one, is left open for the reply to continue."""
+        messages: list[dict[str, Any]] = [dict(m) for m in chat_history]
+        if not add_generation_prompt and messages and messages[-1].get("role") == "assistant":
+            messages[-1]["prefix"] = True
+        system, turns = _normalize_chat(messages)
+        text = "<s>"
+        for i, (role, content, prefix) in enumerate(turns):
+            if role == "user":
+                text += f"[INST] {system + chr(10) * 2 + content if i == 0 and system else content} [/INST]"
+            else:
+                text += f" {content}" + ("" if prefix else "</s>")
+        if self._chat_ids(text) != self.tok.encode_chat(messages):  # the text holds the template's own markers
+            raise ValueError(f"a message holds the chat template's markers ([INST], [/INST], </s>), so its "
+                             f"prompt cannot be written as text for lm-eval: {chat_history!r}")
+        return text
+
+    def _chat_ids(self, text: str) -> list[int] | None:
+        """`encode_chat`'s ids of a text `apply_chat_template` wrote, the text after it the last reply
+        (its first space the template's); None for any other text."""
+        if not text.startswith("<s>[INST] "):
+            return None
+        messages: list[dict[str, Any]] = []
+        parts = text[len("<s>"):].split("</s>")
+        for i, part in enumerate(parts):
+            user, sep, reply = part.removeprefix("[INST] ").partition(" [/INST]")
+            if not part.startswith("[INST] ") or not sep:
+                return None
+            messages.append({"role": "user", "content": user})
+            reply, last = reply.removeprefix(" "), i == len(parts) - 1
+            if reply or not last:
+                messages.append({"role": "assistant", "content": reply, "prefix": last})
+        return self.tok.encode_chat(messages)
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids))
