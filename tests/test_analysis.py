@@ -309,7 +309,7 @@ def test_max_tokens_caps_each_domain(tmp_path: Path) -> None:
     assert {n: c.tokens for n, c in got.counts.items()} == {"code": 20, "prose": 20}
     assert got.counts["prose"].pairs == 20 - 3  # windows of 8, 8, 4: pairs stop at every window edge
     for bad in (tmp_path, ["code"]):  # were AttributeError: 'PosixPath' / 'list' object has no attribute 'items'
-        with pytest.raises(ValueError, match="domains must map each domain's name to its folder, as find_domains"):
+        with pytest.raises(ValueError, match="domains must map each domain's name to its folder or files, as find_"):
             collect_routing(model, tok, bad, progress=False)  # type: ignore[arg-type]
 
 
@@ -530,8 +530,10 @@ def test_a_misspelt_split_is_refused(tmp_path: Path) -> None:
         for split in ("train", "valid"):
             (tmp_path / d / f"{split}.jsonl").write_text(json.dumps({"text": f"{d} {split}"}) + "\n")
     domains = find_domains(tmp_path)
-    with pytest.raises(ValueError, match=r"--split 'vaild' matches no data file .*train\.jsonl, valid\.jsonl"):
+    with pytest.raises(ValueError, match=r"--split 'vaild' is not a split name: expected one of train, valid"):
         check_domains(domains, split="vaild")
+    with pytest.raises(ValueError, match=r"--split 'test' matches no data file .*train\.jsonl, valid\.jsonl"):
+        check_domains(domains, split="test")
     check_domains(domains, split="valid")
     check_domains(domains, split="")
     (tmp_path / "notes").mkdir()  # folders whose files are not named by split keep the fallback

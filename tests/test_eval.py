@@ -197,6 +197,42 @@ def test_eval_and_analyze_read_the_files_data_prepare_reads(tmp_path: Path) -> N
     assert sorted(documents(tmp_path / "c" / "mixed")) == prepared[2:]
 
 
+def test_eval_analyze_and_prepare_find_one_set_of_domains_and_splits(tmp_path: Path) -> None:
+    """One rule (corpus.discover, corpus.split_of) for the three. eval and analyze took a domain
+    folder's subfolders for the domains and dropped its own files (prepare: a domain named after the
+    folder); they read a domain's validation text by a name prefix (valid*), so test.jsonl and
+    dev.jsonl, which prepare holds out, were 'no valid file' and valid_2.jsonl was read where prepare
+    trained on it; prepare trained on validation-00000-of-00001.jsonl and, in the corpus layout,
+    dropped a domain of .txt files beside train.jsonl domains."""
+    from mixlab.analysis import check_domains, find_domains
+    from mixlab.corpus import iter_documents, read_documents
+    from mixlab.eval.data import documents
+
+    files = {"c/github/train.jsonl": "gt", "c/github/valid.jsonl": "gv", "c/github/extra/valid.jsonl": "xv",
+             "c/github/extra/train.jsonl": "xt", "c/math/train-00000-of-00001.jsonl": "mt",
+             "c/math/validation-00000-of-00001.jsonl": "mv", "c/arxiv/train.jsonl": "at", "c/arxiv/test.jsonl": "av",
+             "c/web/train.jsonl": "wt", "c/web/dev.jsonl": "wv", "c/code/a.txt": "ca", "c/code/test_a.txt": "ct",
+             "c/SOURCES.md": "not text", "c/chat/sft.jsonl": "chat"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps({"text": text}) + "\n" if name.endswith(".jsonl") else text)
+    for data in (tmp_path / "c", tmp_path / "c" / "github"):
+        prepared = [d for d in read_documents([data])]
+        found = find_domains(data)
+        check_domains(found)
+        assert sorted(found) == sorted({d.domain for d in prepared})  # the same domains, the same files
+        for domain, domain_files in found.items():
+            assert sorted(t for _, t in iter_documents(domain_files, split="")) == \
+                sorted(d.text for d in prepared if d.domain == domain)
+        held_out = {d.domain for d in prepared if d.split == "valid"}  # --split valid: what prepare holds out
+        assert sorted(documents(data)) == sorted((d.domain, d.text) for d in prepared
+                                                 if d.split == "valid" or d.domain not in held_out)
+    assert sorted(documents(tmp_path / "c")) == [("arxiv", "av"), ("code", "ca"), ("code", "ct"),
+                                                 ("github", "gv"), ("github", "xv"), ("math", "mv"), ("web", "wv")]
+    assert sorted(documents(tmp_path / "c" / "github")) == [("extra", "xv"), ("github", "gv")]
+    assert list(documents(tmp_path / "c", split="test", domains=["arxiv"])) == [("arxiv", "av")]  # test.jsonl alone
+
+
 def test_eval_domains_picks_domains_as_analyze_does(ckpt: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """analyze took --domains; eval had no way to score some of a corpus's domains."""

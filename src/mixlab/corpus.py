@@ -10,13 +10,16 @@ nothing to download, and a tiny embedding keeps small models small), `mixtral` (
 
 A corpus is a file, a folder in the shared corpus layout (`<domain>/train.jsonl`,
 `<domain>/valid.jsonl`), or any folder of text / JSONL files (the domain: the top-level subfolder, or
-the folder's own name for the files directly in it).
+the folder's own name for the files directly in it). `discover` is that rule, and `split_of` the one
+reading of a file's split from its name, for `data prepare`, routing analysis and evaluation alike.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +31,9 @@ from mixlab.errors import DataError
 VALID_STEMS = ("valid", "validation", "val", "dev", "test")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".tex")
 DATA_SUFFIXES = (".jsonl", *TEXT_SUFFIXES)  # every file kind a corpus is read from: prepare, analysis, eval
+# Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
+# and licence texts.
+NOT_DOMAINS = ("chat", "LICENSES")
 
 
 def is_data_file(path: Path) -> bool:
@@ -175,35 +181,65 @@ def read_file(path: Path, *, domain: str, split: str) -> Iterator[Document]:
         raise DataError(f"{path}: no non-empty 'text' documents")
 
 
+SPLIT_WORDS = ("train", *VALID_STEMS)
+# a split's name, alone or with a shard number: valid.jsonl, train_2.txt, validation-00000-of-00001.jsonl
+_SPLIT_FILE = re.compile(rf"({'|'.join(SPLIT_WORDS)})(?:[-_.]?\d+(?:-of-\d+)?)?")
+
+
+def split_of(path: Path) -> str | None:
+    """The split a data file's name gives (lowercased): its stem is `train` or a validation name
+    (`VALID_STEMS`: valid, validation, val, dev, test), alone or with a shard number (`train_2`,
+    `validation-00000-of-00001`); None for any other name (`notes`, `test_parser`, `valid_extra`).
+    The one rule: `data prepare` holds the validation names out as its valid split, and
+    `eval` / `analyze --split` pick files by it (`in_split`)."""
+    m = _SPLIT_FILE.fullmatch(path.stem.lower())
+    return m.group(1) if m else None
+
+
+def in_split(path: Path, split: str) -> bool:
+    """Whether `path` is one of `--split split`'s files: `valid`, every file `data prepare` holds out
+    (named by a validation name); another split name, the files named by it (`test`: test.jsonl)."""
+    word = split_of(path)
+    return word is not None and (word == split or (split == "valid" and word in VALID_STEMS))
+
+
 def _split_of(path: Path) -> str:
-    return "valid" if path.stem.lower() in VALID_STEMS else "train"
+    return "valid" if split_of(path) in VALID_STEMS else "train"
 
 
 def split_file_domain(path: Path) -> str | None:
     """The domain of a split's file given alone: its folder's name (corpus/github/valid.jsonl is
     github, as when the corpus folder is given); None for a file not named by a split."""
-    return path.resolve().parent.name if path.stem.lower() in ("train", *VALID_STEMS) else None
+    return path.resolve().parent.name if split_of(path) is not None else None
 
 
-def discover(source: Path) -> list[tuple[Path, str, str]]:
+def _files(folder: Path) -> list[Path]:
+    """A domain folder's data files, in its subfolders too (as `prepare` reads a domain)."""
+    return sorted(p for p in folder.rglob("*") if is_data_file(p))
+
+
+def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[Path, str, str]]:
     """(file, domain, split) for a source: a file (domain "default", or its folder's name for a split's
-    file: `split_file_domain`), a folder in the shared corpus
-    layout (`<domain>/train.jsonl`, `<domain>/valid.jsonl`), or any folder of text / JSONL files, where
-    the domain is the top-level subfolder name, and the folder's own name for files directly in it (as
-    `mixlab analyze` names one domain folder): `prepare code/ prose/` makes two domains, not one."""
+    file: `split_file_domain`) or a folder, whose domains are its subfolders holding data files
+    (`.jsonl` and text, their subfolders included) and the files directly in it, a domain named after
+    the folder: `prepare code/ prose/` makes two domains, and so does a domain folder holding files
+    and a subfolder of them. Beside the domain folders of the shared corpus layout (a subfolder holds
+    a split's `.jsonl`: `<domain>/train.jsonl`, `<domain>/valid.jsonl`), only files named by split are
+    read (its SOURCES.md or README is no text). `chat/`, `LICENSES/` (`NOT_DOMAINS`) and hidden
+    folders are no domain unless `names` names them. The one rule: `data prepare`, routing analysis
+    and evaluation all find domains with it."""
     if source.is_file():
         return [(source, split_file_domain(source) or "default", _split_of(source))]
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
-    corpus = sorted(d for d in source.iterdir() if d.is_dir() and (d / "train.jsonl").is_file())
-    if corpus:  # the shared corpus layout; other folders (chat/, LICENSES/) are not pretraining text
-        return [(f, d.name, _split_of(f)) for d in corpus for f in sorted(d.glob("*.jsonl"))]
-    out = []
+    named = set(names or ())
+    subdirs = sorted(d for d in source.iterdir() if d.is_dir() and (
+        d.name in named or not (d.name.startswith(".") or d.name in NOT_DOMAINS)))
+    corpus = any(split_of(f) for d in subdirs for f in d.glob("*.jsonl"))
     own = source.resolve().name or "default"  # `.` is the working folder's name
-    for f in sorted(source.rglob("*")):
-        if is_data_file(f):
-            rel = f.relative_to(source)
-            out.append((f, rel.parts[0] if len(rel.parts) > 1 else own, _split_of(f)))
+    out = [(f, own, _split_of(f)) for f in sorted(source.iterdir())
+           if is_data_file(f) and not (corpus and split_of(f) is None)]  # SOURCES.md beside a corpus's domains
+    out += [(f, d.name, _split_of(f)) for d in subdirs for f in _files(d)]
     if not out:
         raise DataError(f"{source}: no data files ({', '.join(DATA_SUFFIXES)}) found")
     return out
@@ -219,7 +255,7 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
     sources = list(sources)
     files, given, folder_of = [], dict[Path, str](), dict[str, str]()
     for s in sources:
-        for f, domain, split in discover(Path(s)):
+        for f, domain, split in discover(Path(s), names=keep):
             if f.resolve() in given:  # `prepare a a`, `prepare corpus corpus/code`: each document twice
                 raise DataError(f"{f} is in two sources ({given[f.resolve()]} and {s}); give each file once")
             given[f.resolve()] = str(s)
@@ -241,23 +277,21 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
 
 # -- domain folders (analysis, evaluation) ---------------------------------------------------------
 
-# Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
-# and licence texts.
-NOT_DOMAINS = ("chat", "LICENSES")
+Domain = Path | Sequence[Path]  # a domain: its folder (every data file in it) or its files
 
 
-def _files(folder: Path) -> list[Path]:
-    """A domain folder's data files, in its subfolders too (as `prepare` reads a domain)."""
-    return sorted(p for p in folder.rglob("*") if is_data_file(p))
+def _domain_files(domain: Domain) -> tuple[Path, list[Path]]:
+    """(the folder that names the domain in messages and sources, its data files)."""
+    if isinstance(domain, Path):
+        return domain, _files(domain)
+    files = sorted(domain)
+    return (Path(os.path.commonpath([p.parent for p in files])) if files else Path(".")), files
 
 
-def _has_data(folder: Path) -> bool:
-    return any(is_data_file(p) for p in folder.rglob("*"))
-
-
-def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, Path]:
-    """Domain name -> folder. `data` is a corpus folder (one subfolder per domain) or a single
-    domain folder holding data files. `names` picks domains (by folder name) explicitly."""
+def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, list[Path]]:
+    """Domain name -> its data files, as `data prepare` finds them (`discover`): a corpus folder's
+    domains (one subfolder each; files at its root are a domain named after it), or a single domain
+    folder holding data files. `names` picks domains by name."""
     if isinstance(names, str):  # iterated, "code" looked for the domains 'c', 'o', 'd', 'e'
         raise ValueError(f"domains takes a list of domain names, not the string {names!r}: "
                          f"{names.split(',')!r}")
@@ -267,46 +301,41 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
                                  f"or one domain's folder of data files ({', '.join(DATA_SUFFIXES)})")
     if not root.is_dir():
         raise NotADirectoryError(f"data folder {root} does not exist")
+    found: dict[str, list[Path]] = {}
+    try:
+        for f, domain, _ in discover(root, names=names):
+            found.setdefault(domain, []).append(f)
+    except DataError:
+        hint = ("; this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus it was "
+                "prepared from") if (root / "meta.json").is_file() else ""
+        raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)}){hint}") from None
     if names:
-        out = {}
-        for n in names:
-            if not (root / n).is_dir():
-                have = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "none"
-                raise DataError(f"domain {n!r} not found in {root} (domain folders there: {have})")
-            out[n] = root / n
-        return out
-    subdirs = sorted(p for p in root.iterdir()  # a folder without data files (a report written there) is none
-                     if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_DOMAINS and _has_data(p))
-    if subdirs:
-        return {p.name: p for p in subdirs}
-    if _has_data(root):  # `.` is the working folder, by its name
-        return {root.resolve().name or root.name: root}
-    hint = ("; this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus it was "
-            "prepared from") if (root / "meta.json").is_file() else ""
-    raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)}){hint}")
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise DataError(f"domain {missing[0]!r} not found in {root} (domains there: {', '.join(sorted(found))})")
+        return {n: found[n] for n in names}
+    return dict(sorted(found.items()))
 
 
-SPLIT_NAMES = ("train", "valid", "test")  # files named by split (the shared corpus: train.jsonl, valid.jsonl)
-
-
-def data_files(domain_dir: Path, *, split: str | None = "valid") -> list[Path]:
-    """The domain's data files: those whose name starts with `split` if any do; none if others are
-    named by split (a domain with train.jsonl alone has no valid text: its training text is not
-    read in its place); else (a folder of text files) all."""
-    files = _files(domain_dir)
+def data_files(domain: Domain, *, split: str | None = "valid") -> list[Path]:
+    """The domain's data files: those of `split` (`in_split`) if any are; none if others are named
+    by split (a domain with train.jsonl alone has no valid text: its training text is not read in its
+    place); else (a folder of text files) all."""
+    files = _domain_files(domain)[1]
     if split:
-        picked = [p for p in files if p.name.startswith(split)]
-        files = picked if picked or any(p.name.startswith(SPLIT_NAMES) for p in files) else files
+        picked = [p for p in files if in_split(p, split)]
+        files = picked if picked or any(split_of(p) for p in files) else files
     return files
 
 
-def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
-    """(source, text) for each usable document of a domain folder (`find_domains`), in file order,
+def iter_documents(domain: Domain, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
+    """(source, text) for each usable document of a domain (`find_domains`), in file order,
     streaming each file line by line: a text file (`.txt`, `.md`, ...: `TEXT_SUFFIXES`) is one
     document, a `.jsonl` line one (lines
     without a non-empty string `text` are skipped: `jsonl_texts`, lenient); routing analysis and
     evaluation read domains through it. Raises DataError naming the folder when there is none."""
-    files = data_files(domain_dir, split=split)
+    domain_dir, every = _domain_files(domain)
+    files = data_files(every, split=split)
     found = 0
     for path in files:
         try:  # a binary file was read with U+FFFD for its bytes (.txt) or failed without its name (.jsonl)
@@ -326,7 +355,6 @@ def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not found:
-        every = data_files(domain_dir, split=None)
         if every and not files:
             raise DataError(f"domain folder {domain_dir} has no {split!r} file (files there: "
                             f"{', '.join(p.name for p in every)}); --domains leaves it out")
@@ -335,14 +363,18 @@ def iter_documents(domain_dir: Path, *, split: str | None = "valid") -> Iterator
                         f"({', '.join(TEXT_SUFFIXES)}) or .jsonl lines with a non-empty string field 'text'")
 
 
-def check_domains(domains: dict[str, Path], *, split: str | None = "valid") -> None:
-    """Fail early, before a model is loaded, if any domain has no usable document, or if `split`
-    names no file anywhere while the files are named by split (`train.jsonl`, `valid.jsonl`): a
-    misspelt `--split` would otherwise read nothing, or every file, training text included."""
+def check_domains(domains: Mapping[str, Domain], *, split: str | None = "valid") -> None:
+    """Fail early, before a model is loaded, if any domain has no usable document, if `split` is no
+    split name, or if it names no file anywhere while the files are named by split (`train.jsonl`,
+    `valid.jsonl`): a misspelt `--split` would otherwise read nothing, or every file, training text
+    included."""
     if split:
-        files = [p for d in domains.values() for p in data_files(d, split=None)]
-        named = sorted({p.name for p in files if p.name.startswith(SPLIT_NAMES)})
-        if named and not any(p.name.startswith(split) for p in files):
+        if split not in SPLIT_WORDS:
+            raise DataError(f"--split {split!r} is not a split name: expected one of {', '.join(SPLIT_WORDS)} "
+                            "(valid: every file data prepare holds out), or '' for every file")
+        files = [p for d in domains.values() for p in _domain_files(d)[1]]
+        named = sorted({p.name for p in files if split_of(p)})
+        if named and not any(in_split(p, split) for p in files):
             raise DataError(f"--split {split!r} matches no data file in the {len(domains)} domain folder(s) "
                             f"(files there: {', '.join(named)}); --split '' reads every file")
     for d in domains.values():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from mixlab.analysis.stats import RoutingCounts, pair_mask
-from mixlab.corpus import iter_documents
+from mixlab.corpus import Domain, iter_documents
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 
@@ -171,7 +172,7 @@ def _route_batch(
 def collect_routing(
     model: Transformer,
     tokenizer: Tokenizer,
-    domains: dict[str, Path],
+    domains: Mapping[str, Domain],
     *,
     split: str | None = "valid",
     max_tokens: int = 50_000,
@@ -188,8 +189,8 @@ def collect_routing(
     moe = model.config.moe
     assert moe is not None
     if not isinstance(domains, dict):  # a path or a list of names failed on 'no attribute items'
-        raise ValueError(f"domains must map each domain's name to its folder, as find_domains(data) returns, "
-                         f"not {type(domains).__name__}")
+        raise ValueError(f"domains must map each domain's name to its folder or files, as find_domains(data) "
+                         f"returns, not {type(domains).__name__}")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.config.vocab_size}: "

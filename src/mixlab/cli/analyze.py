@@ -61,8 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "'all' or e.g. 0,15,31 (default: first, middle, last)")
     p.add_argument("--domains", type=names, default=None,
                    help="comma-separated domain folders (default: all but chat/)")
-    p.add_argument("--split", default="valid", help="use files whose name starts with this in each domain if any "
-                   "(default: valid; '' for all files)")
+    p.add_argument("--split", default="valid", help="read each domain's files of this split, as eval and data "
+                   "prepare name them (default: valid: valid, validation, val, dev, test files; train; test; ...; "
+                   "'' for all files)")
     p.add_argument("--max-tokens", type=positive, default=50_000, help="tokens per domain (default 50000)")
     p.add_argument("--seq-len", type=positive, default=512, help="tokens per model sequence (default 512; at most the "
                    "model's context length)")

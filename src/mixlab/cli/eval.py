@@ -98,8 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "one domain's folder (as analyze reads them), a .jsonl or a text file")
     p.add_argument("--domains", type=names, default=None,
                    help="comma-separated domains, as analyze takes them (default: all but chat/)")
-    p.add_argument("--split", default="valid", help="read the files whose name starts with this in each domain "
-                   "folder, as analyze does (default: valid; '' for all files)")
+    p.add_argument("--split", default="valid", help="read each domain's files of this split, as analyze and data "
+                   "prepare name them (default: valid: valid, validation, val, dev, test files; train; test; ...; "
+                   "'' for all files)")
     p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens scored per window (default: = context, disjoint windows as lm-eval)")

@@ -1,7 +1,8 @@
 """What `mixlab eval --data` accepts: a corpus folder (`<domain>/<split>.jsonl`, as shared/corpus) or
-one domain's folder, found and read as `mixlab analyze` reads them (`corpus.find_domains`,
-`iter_documents`: the files whose name starts with the split, or every file `data prepare` reads
-(.jsonl, .txt, .md, ...) of a folder whose files are not named by split), one `.jsonl` file (its
+one domain's folder, its domains found as `mixlab data prepare` and `mixlab analyze` find them
+(`corpus.find_domains`, `discover`) and read as `analyze` reads them (`iter_documents`: the files of
+the split, `corpus.in_split`, or every file `data prepare` reads (.jsonl, .txt, .md, ...) of a domain
+whose files are not named by split), one `.jsonl` file (its
 `text` field; a `domain` field splits it, else the file's stem is the domain, or its folder's name for a split's file:
 github/valid.jsonl is github), or a plain text file (one document)."""
 
