@@ -196,9 +196,14 @@ def test_training_checkpoint_leftovers_are_cleaned(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp-step_00000002-x8k2").mkdir(parents=True)  # the scheme before mixlab.atomic
     (root / f".step_00000003.tmp-{999_999_999}-ab").mkdir()
+    # A save killed at a step no later save repeats (a signal's stop, resumed from an earlier step): it
+    # stayed, as large as a checkpoint. A live process's temporary is another writer's.
+    (root / f".step_00000007.tmp-{999_999_999}-cd").mkdir()
+    (root / f".step_00000005.tmp-{os.getppid()}-ef").mkdir()
     checkpoints.save(root, step=1, model=m, optimizer=opt, state={}, keep=3)
     checkpoints.save(root, step=3, model=m, optimizer=opt, state={}, keep=3)
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000003"]
+    assert sorted(p.name for p in root.iterdir()) == [f".step_00000005.tmp-{os.getppid()}-ef", "step_00000001",
+                                                      "step_00000003"]
 
 
 def test_outputs_have_the_usual_modes(base, tmp_path):
@@ -359,6 +364,7 @@ try:
     m(torch.randint(0, 256, (1, 8))).sum().backward()
     opt.step()
     kw = dict(model=m, optimizer=opt, state={}, keep=3, layout=layout, expert_names=set())
+    (root / ".step_00000007.tmp-999999999-cd").mkdir(parents=True)  # a killed save of a step not written again
     pc.save(root, step=1, **kw)
     real = pc.save_file
 
@@ -389,7 +395,8 @@ finally:
 
 def test_a_distributed_checkpoint_that_fails_after_its_shards_is_not_committed(tmp_path):
     """parallel/checkpoint.py: DCP writes its shards into the temporary folder rank 0 made; the
-    commit (state.json, manifest, rename) is rank 0's, so a failure before it leaves nothing."""
+    commit (state.json, manifest, rename) is rank 0's, so a failure before it leaves nothing. The
+    temporary of an earlier killed save is removed, whatever its step."""
     import subprocess
     import sys
 

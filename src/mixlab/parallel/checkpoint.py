@@ -83,6 +83,8 @@ def save(root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Op
          keep: int, layout: Layout, expert_names: set[str]) -> Path:
     """Write checkpoint `step` under `root` from all ranks (collective), atomically; keep the newest `keep`."""
     name = f"step_{step:08d}"
+    if layout.is_main:
+        checkpoints.remove_leftovers(root)
     # Rank 0 owns the atomic folder (mixlab.atomic: temporary sibling, manifest with SHA-256, fsync,
     # rename); every rank writes its pieces into the temporary it names.
     folder = atomic_folder(root / name, kind="training-checkpoint", checksums=True, overwrite=True) \

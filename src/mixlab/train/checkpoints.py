@@ -12,8 +12,8 @@ A checkpoint is a folder `<run>/checkpoints/step_XXXXXXXX/`:
 
 It is written through mixlab.atomic (a temporary `.step_XXXXXXXX.tmp-PID-*` renamed into place only
 after every file is written and fsynced), so a crash or SIGKILL mid-save leaves at worst a temporary
-folder, which the next save removes, never a half-written `step_` folder, and the previous checkpoint
-stays loadable. A checkpoint whose bytes changed after the save (same size, other content) fails its
+folder, which the next save removes (`remove_leftovers`), never a half-written `step_` folder, and the
+previous checkpoint stays loadable. A checkpoint whose bytes changed after the save (same size, other content) fails its
 checksum. `torch.save` is never used: optimizer state goes through safetensors + JSON, so loading
 runs no pickle.
 """
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from mixlab import atomic
 from mixlab.atomic import atomic_folder, read_manifest, verify
 from mixlab.checkpoint import load_model
 from mixlab.checkpoint.io import CheckpointError, read_header, write_safetensors
@@ -146,6 +147,17 @@ def to_resume(out: Path, resume: bool | str) -> Path | None:
     return newest if resume else None
 
 
+def remove_leftovers(root: Path) -> None:
+    """Delete the temporaries under `root` of saves whose process is gone, whatever their step.
+    mixlab.atomic cleans only those of the name it writes, and a save killed at a step no later
+    save repeats (the checkpoint of a signal's stop at step 7, killed by torchrun's shutdown timeout,
+    resumed from step 5 with checkpoints every 5) left a temporary as large as a checkpoint for good."""
+    for p in root.glob(".tmp-step_*"):  # the scheme before mixlab.atomic (one writer per run)
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".step_*.tmp-*"):  # `.step_XXXXXXXX.tmp-PID-*`: removed where PID is gone
+        atomic.remove_leftovers(root / p.name[1:].partition(".tmp-")[0])
+
+
 def save(
     root: Path,
     *,
@@ -157,8 +169,7 @@ def save(
 ) -> Path:
     """Write checkpoint `step` atomically under `root`, then delete all but the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
-    for p in root.glob(".tmp-step_*"):  # temporaries of the scheme before mixlab.atomic (one writer per run)
-        shutil.rmtree(p, ignore_errors=True)
+    remove_leftovers(root)
     name = f"step_{step:08d}"
     # Re-saving the same step (e.g. a signal right after a periodic save) replaces our own folder.
     with atomic_folder(root / name, kind="training-checkpoint", checksums=True, overwrite=True) as tmp:
