@@ -668,3 +668,21 @@ def test_world_size_without_rank_is_named(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set but RANK is not: launch with torchrun"):
         init(ep=2)
     assert not dist.is_initialized() and "RANK" not in os.environ
+
+
+def test_a_gpu_index_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torchrun ... train --device cuda:0`: each process's NCCL group was on the GPU of its LOCAL_RANK
+    while its model went to cuda:0 (all of them on one GPU; collectives of tensors on another GPU than
+    their group's). It is refused before the process group, in one line saying what to pass."""
+    import torch.distributed as dist
+
+    from mixlab.config import ConfigError
+    from mixlab.parallel.mesh import init
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"^--device cuda:0: under torchrun each process uses the GPU of its "
+                                          r"LOCAL_RANK; pass --device cuda \(CUDA_VISIBLE_DEVICES"):
+        init(ep=2, device="cuda:0")
+    assert not dist.is_initialized()

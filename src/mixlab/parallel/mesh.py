@@ -136,11 +136,15 @@ def _attempt_store() -> dist.Store | None:
 
 def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
     """Join (or start, for a world of one) the process group and build the mesh. `device`: "cpu"
-    (gloo) or "cuda" (NCCL, one GPU per process: `LOCAL_RANK`)."""
-    dev_type = torch.device(device).type
+    (gloo) or "cuda" (NCCL, one GPU per process: `LOCAL_RANK`'s; `cuda:N` in a world of one)."""
+    dev_type, index = torch.device(device).type, torch.device(device).index
     if dev_type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device!r}: distributed runs support cpu (gloo) and cuda (NCCL)")
     check_ep(ep)
+    if index is not None and dev_type == "cuda" and "RANK" in os.environ and not dist.is_initialized():
+        # every process would put its model on that GPU while NCCL used its LOCAL_RANK's
+        raise ConfigError(f"--device {device}: under torchrun each process uses the GPU of its LOCAL_RANK; pass "
+                          "--device cuda (CUDA_VISIBLE_DEVICES chooses which GPUs a node's processes get)")
     if not dist.is_initialized():
         if "RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # half of torchrun's
             raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not: launch with torchrun, "
@@ -149,7 +153,7 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         if dev_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) if index is None else index)
         backend = "nccl" if dev_type == "cuda" else "gloo"
         store = _attempt_store()
         if store is None:
