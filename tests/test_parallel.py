@@ -344,6 +344,39 @@ def test_ep_decoding_takes_rank_0_s_tokens(tmp_path: Path, monkeypatch: pytest.M
     assert len(ids) > 1 and out == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
 
 
+def test_ep_decoding_loads_the_weights_on_the_process_s_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torchrun ... generate --ep 2 --device cuda` loaded every process's weights on "cuda" before the
+    process group was made, i.e. on GPU 0 (torch's current device until init sets the LOCAL_RANK's),
+    while each process's NCCL group was on its own GPU. The process group comes first now, and the
+    weights go to its device (a GPU faked here: the load itself runs on the CPU)."""
+    import argparse
+    from types import SimpleNamespace
+
+    import mixlab.checkpoint
+    import mixlab.parallel.mesh as mesh
+    from mixlab import save_model
+    from mixlab.cli.run import _load
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    save_model(Transformer(get_preset("tiny-moe").replace(vocab_size=32000)), tmp_path)  # Mixtral's tokenizer
+    gpu = torch.device("cuda", 1)
+    events: list[tuple[str, Any]] = []
+    monkeypatch.setattr(mesh, "init", lambda **kw: events.append(("init", kw["device"])) or SimpleNamespace(
+        device=gpu, ep=1))
+    real = mixlab.checkpoint.load_model
+
+    def load(path: Any, *, device: Any, **kw: Any) -> Any:
+        events.append(("load", device))
+        return real(path, **kw)
+
+    monkeypatch.setattr(mixlab.checkpoint, "load_model", load)
+    args = argparse.Namespace(command="generate", ep=1, model=str(tmp_path), tokenizer=None, threads=None,
+                              dtype="float32", device="cuda", quant="none", max_memory=None)
+    _load(args)
+    assert events == [("init", "cuda"), ("load", gpu)]
+
+
 # -- what a user sees when a distributed run goes wrong ---------------------------------------------
 
 

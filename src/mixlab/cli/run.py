@@ -47,23 +47,28 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtype = "bfloat16" if bf16_ok else None
     offload = _offload_args(args)
-    if offload and getattr(args, "ep", None) is not None:
-        raise ValueError("--max-memory (expert offloading) does not combine with --ep")
-    if getattr(args, "ep", None) is not None and str(args.model).endswith(".gguf") and os.path.isfile(args.model):
+    layout, device = None, args.device
+    if getattr(args, "ep", None) is not None:  # experts split over the processes (torchrun); PyTorch's kernels
+        from mixlab.parallel.mesh import init
+
+        if offload:
+            raise ValueError("--max-memory (expert offloading) does not combine with --ep")
+        if args.quant != "none":
+            raise ValueError("--quant is not supported with --ep yet")
+        layout = init(ep=args.ep, device=args.device)
+        device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
+    if layout is not None and str(args.model).endswith(".gguf") and os.path.isfile(args.model):
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
 
         # Q4_0 matrices dequantised: expert parallelism splits float experts (it refused int4 ones)
-        model = load_gguf(args.model, dtype=parse_dtype(dtype), device=args.device, keep_int4=False)
+        model = load_gguf(args.model, dtype=parse_dtype(dtype), device=device, keep_int4=False)
     else:
-        model = load_model(args.model, dtype=dtype, device=args.device, **offload)
-    if getattr(args, "ep", None) is not None:  # experts split over the processes (torchrun); PyTorch's kernels
+        model = load_model(args.model, dtype=dtype, device=device, **offload)
+    if layout is not None:
         from mixlab.parallel.expert import apply_expert_parallel
-        from mixlab.parallel.mesh import init
 
-        if args.quant != "none":
-            raise ValueError("--quant is not supported with --ep yet")
-        apply_expert_parallel(model, init(ep=args.ep, device=args.device))
+        apply_expert_parallel(model, layout)
     elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding; same results
         from mixlab.model.inference import prepare_for_inference
 
