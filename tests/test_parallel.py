@@ -456,6 +456,33 @@ def test_processes_started_differently_are_refused(small_data: Path, tmp_path: P
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_run_folder_a_process_does_not_share_is_refused(small_data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes whose --out is not one shared folder (each its own disk; here rank 1 runs in another
+    working folder with a relative --out): every process writes its checkpoint pieces into --out and
+    rank 0 commits the folder, so rank 1's pieces were missing from every checkpoint, and at the end
+    rank 1, seeing no checkpoint of the last step, began another save that rank 0 never joined: the
+    run hung until the process group's timeout (30 minutes). Refused before the first step."""
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")  # the old code's hang, bounded
+    (tmp_path / "node1").mkdir()
+    script = tmp_path / "own_folder.py"  # rank 1 sees another folder under the same name
+    script.write_text(f"import os, sys\nfrom mixlab.cli import main\nif os.environ['RANK'] == '1':\n"
+                      f"    os.chdir({str(tmp_path / 'node1')!r})\nsys.exit(main(sys.argv[1:]))\n")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        p = _mixlab(_train_args(small_data, Path("run"), "--ep", "2", "--ckpt-every", "1"), nproc=2, script=script)
+    finally:
+        os.chdir(cwd)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
+    assert lines == ["mixlab train: error: run: rank 1 of 2 cannot see the files rank 0 writes there; every process "
+                     "writes its pieces of each checkpoint into --out: put it on a filesystem all nodes share"], \
+        err[-3000:]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "node1" / "run" / "checkpoints").exists()
+
+
 def test_a_checkpoint_one_rank_cannot_write_is_one_line(small_data: Path, tmp_path: Path) -> None:
     """A rank whose piece of a checkpoint cannot be written (a full disk): DCP raises its
     CheckpointException, a BaseException, on every rank, which went through as a traceback from each.

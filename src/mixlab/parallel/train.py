@@ -17,6 +17,7 @@ losses and gradients equal the one-process run's on the whole batch (tests/test_
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from mixlab.errors import OutputError
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.parallel import checkpoint as dcp_ckpt
@@ -69,6 +71,27 @@ class DistributedTraining:
 
     def check_same(self, values: dict[str, Any]) -> None:
         check_same(values)
+
+    def check_shared(self, folder: Path) -> None:
+        """Refuse a run folder that some process does not see as rank 0 does (not on a filesystem all
+        nodes share): every process writes its pieces of each checkpoint into it and rank 0 commits
+        the folder, so such a process's pieces were missing from every checkpoint without a word,
+        found only by a resume that could not load them. Collective; every rank raises the same error."""
+        probe = folder / f".mixlab-shared-{secrets.token_hex(8)}"
+        if self.is_main:
+            probe.touch()
+        box: list[Any] = [probe.name]
+        dist.broadcast_object_list(box, src=0)
+        seen: list[Any] = [None] * self.world
+        dist.all_gather_object(seen, (folder / box[0]).is_file())
+        if self.is_main:
+            probe.unlink()
+        blind = [rank for rank, ok in enumerate(seen) if not ok]
+        if blind:
+            who = f"rank {blind[0]}" if len(blind) == 1 else f"ranks {', '.join(map(str, blind))}"
+            raise OutputError(f"{folder}: {who} of {self.world} cannot see the files rank 0 writes there; every "
+                              "process writes its pieces of each checkpoint into --out: put it on a filesystem all "
+                              "nodes share")
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world == 1:

@@ -300,6 +300,7 @@ class Parallel(Protocol):
     is_main: bool  # writes metrics, progress and the export
 
     def check_same(self, values: dict[str, Any]) -> None: ...  # refuse a run whose processes disagree on them
+    def check_shared(self, folder: Path) -> None: ...  # refuse a folder some process does not see as rank 0 does
     def parallelize(self, model: Transformer) -> None: ...  # shard it, in place, before the optimizer
     def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over all processes
     def sync_grads(self, model: Transformer) -> None: ...  # gradients of the global batch's mean loss
@@ -448,6 +449,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                        | {f"model.{k}": v for k, v in mc.to_hf_dict().items()}
                        | {"model.moe": dataclasses.asdict(mc.moe) if mc.moe else None,
                           "the data (tokenizer, token counts)": dataset.fingerprint(), "--resume": resume})
+        par.check_shared(out)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
