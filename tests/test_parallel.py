@@ -483,6 +483,25 @@ def test_a_run_folder_a_process_does_not_share_is_refused(small_data: Path, tmp_
     assert not (tmp_path / "run").exists() and not (tmp_path / "node1" / "run" / "checkpoints").exists()
 
 
+def test_a_stale_listing_of_the_checkpoints_on_one_node_does_not_hang_the_end(small_data: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the end of a run saves a checkpoint was decided by each process from a listing of
+    checkpoints/: a node whose listing was stale (NFS caches folders; rank 1 here sees none) began a
+    save at the last step that rank 0, seeing that step's checkpoint, never joined, and the run hung
+    until the process group's timeout. Every process now decides from the steps it saved."""
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")  # the old code's hang, bounded
+    script = tmp_path / "stale.py"
+    script.write_text("import os, sys\nfrom mixlab.cli import main\nfrom mixlab.train import checkpoints\n"
+                      "if os.environ['RANK'] == '1':\n    checkpoints.list_checkpoints = lambda root: []\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    p = _mixlab(_train_args(small_data, out, "--ep", "2", "--ckpt-every", "1"), nproc=2, script=script)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    assert [c.name for c in checkpoints.list_checkpoints(out / "checkpoints")] == ["step_00000001", "step_00000002"]
+    assert (out / "hf" / "config.json").is_file()
+
+
 def test_a_checkpoint_one_rank_cannot_write_is_one_line(small_data: Path, tmp_path: Path) -> None:
     """A rank whose piece of a checkpoint cannot be written (a full disk): DCP raises its
     CheckpointException, a BaseException, on every rank, which went through as a traceback from each.

@@ -495,7 +495,14 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     aux_coef, z_coef = (moe.aux_loss_coef, moe.z_loss_coef) if moe else (0.0, 0.0)
     E = moe.num_experts if moe else 0
 
+    # The step of this run's newest checkpoint, which decides whether the end needs one: every process
+    # decides alike from it, not from a listing of the folder (another node's can be stale: NFS caches
+    # folders, and a process that missed the last one began a save the others never joined).
+    saved = step if resume else -1
+
     def save() -> Path:
+        nonlocal saved
+        saved = step
         return (par.save if par is not None else checkpoints.save)(
             ckpt_root, step=step, model=model, optimizer=optimizer, keep=cfg.keep, state={
             "model_config": mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe) if mc.moe else None},
@@ -609,8 +616,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
                 save()
         if step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after):
-            if not checkpoints.list_checkpoints(ckpt_root) or checkpoints.list_checkpoints(ckpt_root)[-1].name != \
-                    f"step_{step:08d}":
+            if saved != step:
                 save()
         if (step == cfg.steps or requested_stop) and cfg.export_hf:
             if par is not None:
