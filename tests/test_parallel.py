@@ -502,6 +502,34 @@ def test_a_stale_listing_of_the_checkpoints_on_one_node_does_not_hang_the_end(sm
     assert (out / "hf" / "config.json").is_file()
 
 
+def test_processes_that_would_resume_different_checkpoints_are_refused(small_data: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume: each process took the newest checkpoint it saw, so a node whose listing was stale (NFS
+    caches folders; rank 1 here does not see the newest) loaded an older one: its experts, optimizer
+    state and data position from another step than rank 0's, and it ran a step more than rank 0 (a
+    hang in the end's collectives). The processes now compare the checkpoint they resume."""
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")  # the old code's hang, bounded
+    out = tmp_path / "run"
+    p = _mixlab(_train_args(small_data, out, "--steps", "4", "--ckpt-every", "1", "--keep", "5", "--ep", "1"),
+                nproc=None)
+    assert p.wait(timeout=TIMEOUT) == 0
+    for name in ("step_00000003", "step_00000004", "../hf"):
+        shutil.rmtree(out / "checkpoints" / name)
+    script = tmp_path / "stale.py"  # rank 1 does not see the newest checkpoint
+    script.write_text("import os, sys\nfrom mixlab.cli import main\nfrom mixlab.train import checkpoints\n"
+                      "if os.environ['RANK'] == '1':\n    listing = checkpoints.list_checkpoints\n"
+                      "    checkpoints.list_checkpoints = lambda root: listing(root)[:-1]\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    p = _mixlab(_train_args(small_data, out, "--steps", "4", "--ckpt-every", "1", "--keep", "5", "--ep", "2",
+                            "--resume"), nproc=2, script=script)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
+    assert lines == ["mixlab train: error: the processes of this run were started differently (the checkpoint "
+                     "resumed): rank 1 has the checkpoint resumed = 'step_00000001', rank 0 'step_00000002'; start "
+                     "every process with the same command, config and data"], err[-3000:]
+
+
 def test_a_checkpoint_one_rank_cannot_write_is_one_line(small_data: Path, tmp_path: Path) -> None:
     """A rank whose piece of a checkpoint cannot be written (a full disk): DCP raises its
     CheckpointException, a BaseException, on every rank, which went through as a traceback from each.

@@ -448,7 +448,9 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
         par.check_same({k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_PROCESS}
                        | {f"model.{k}": v for k, v in mc.to_hf_dict().items()}
                        | {"model.moe": dataclasses.asdict(mc.moe) if mc.moe else None,
-                          "the data (tokenizer, token counts)": dataset.fingerprint(), "--resume": resume})
+                          "the data (tokenizer, token counts)": dataset.fingerprint(), "--resume": resume,
+                          # each process picks the newest it sees: a stale listing on one node (NFS) is another
+                          "the checkpoint resumed": newest.name if newest is not None else None})
         par.check_shared(out)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
