@@ -530,6 +530,66 @@ def test_processes_that_would_resume_different_checkpoints_are_refused(small_dat
                      "every process with the same command, config and data"], err[-3000:]
 
 
+_CUDA_RNG = r"""
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mixlab.config import get_preset
+from mixlab.model import Transformer
+from mixlab.parallel import checkpoint as pc
+from mixlab.parallel.mesh import init, shutdown
+
+root = Path(sys.argv[1])
+layout = init(ep=1)
+try:
+    m = Transformer(get_preset("tiny-moe"))
+    m.init_weights(seed=0)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randint(0, 256, (1, 8))).sum().backward()
+    opt.step()
+    kw = dict(model=m, optimizer=opt, layout=layout, expert_names=set())
+    gpu_state, restored = torch.arange(16, dtype=torch.uint8), []
+    # A GPU's generator, faked: a run on CUDA draws its router jitter there
+    import torch.distributed.checkpoint as dcp
+
+    def off_the_gpu(f):  # DCP itself runs as on this CPU-only machine
+        def run(*a, **k):
+            torch.cuda.is_available = lambda: False
+            try:
+                return f(*a, **k)
+            finally:
+                torch.cuda.is_available = lambda: True
+        return run
+
+    dcp.save, dcp.load = off_the_gpu(dcp.save), off_the_gpu(dcp.load)
+    torch.cuda.is_available = lambda: True
+    torch.cuda.is_initialized = lambda: True
+    torch.cuda.get_rng_state = lambda *a: gpu_state.clone()
+    torch.cuda.set_rng_state = lambda t, *a: restored.append(t)
+    ckpt = pc.save(root, step=1, state={}, keep=3, **kw)
+    assert torch.equal(load_file(str(ckpt / "rng.safetensors"))["torch_cuda"], gpu_state)
+    pc.load(ckpt, **kw)
+    assert len(restored) == 1 and torch.equal(restored[0], gpu_state), restored
+    print("ok")
+finally:
+    shutdown()
+"""
+
+
+def test_a_sharded_checkpoint_keeps_the_gpu_generator(tmp_path: Path) -> None:
+    """A sharded run's checkpoint kept only the CPU generator (a one-process checkpoint keeps the
+    GPU's too), so a run on CUDA with router jitter (drawn on the GPU) did not resume as it would
+    have gone on. The GPU's generator is faked here (a world of one, in its own process)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    r = subprocess.run([sys.executable, "-c", _CUDA_RNG, str(tmp_path / "ckpts")], capture_output=True, text=True,
+                       timeout=TIMEOUT, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 def test_a_checkpoint_one_rank_cannot_write_is_one_line(small_data: Path, tmp_path: Path) -> None:
     """A rank whose piece of a checkpoint cannot be written (a full disk): DCP raises its
     CheckpointException, a BaseException, on every rank, which went through as a traceback from each.

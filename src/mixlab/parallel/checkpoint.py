@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from mixlab.atomic import atomic_folder
@@ -102,7 +101,7 @@ def save(root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Op
                                   f"{str(cause).splitlines()[0][:300]})") from None
         dist.barrier()
         if layout.is_main:
-            save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            checkpoints.save_rng(tmp / "rng.safetensors")
             names = [n for n, _ in model.named_parameters()]
             groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
                       for g in optimizer.param_groups]
@@ -128,8 +127,7 @@ def load(ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer | N
     sd = state_dict(model, optimizer, layout, expert_names) if optimizer is not None else {
         n: _global(p.detach(), layout, n in expert_names) for n, p in model.named_parameters()}
     checkpoints.dcp_load(sd, ckpt)
-    rng = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
+    checkpoints.load_rng(ckpt / "rng.safetensors")
     return state
 
 

@@ -147,6 +147,22 @@ def to_resume(out: Path, resume: bool | str) -> Path | None:
     return newest if resume else None
 
 
+def save_rng(path: Path) -> None:
+    """The random generators' states: the CPU's and, where CUDA is in use, the current GPU's (router
+    jitter draws there), each process's alike (every process seeds them alike and draws alike)."""
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    _save(rng, path)
+
+
+def load_rng(path: Path) -> None:
+    rng = load_file(str(path))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+
+
 def remove_leftovers(root: Path) -> None:
     """Delete the temporaries under `root` of saves whose process is gone, whatever their step.
     mixlab.atomic cleans only those of the name it writes, and a save killed at a step no later
@@ -178,10 +194,7 @@ def save(
         _save({n: p for n, p in model.named_parameters()}, tmp / "model.safetensors")
         opt_tensors, opt_info = flatten_optimizer(optimizer, names)
         _save(opt_tensors, tmp / "optimizer.safetensors")
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["torch_cuda"] = torch.cuda.get_rng_state()
-        _save(rng, tmp / "rng.safetensors")
+        save_rng(tmp / "rng.safetensors")
         full = {**state, "step": step, "optimizer": opt_info,
                 "files": {f: (tmp / f).stat().st_size for f in FILES}}
         (tmp / "state.json").write_text(json.dumps(full, indent=1), encoding="utf-8")
@@ -245,10 +258,7 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             opt_tensors, state["optimizer"] = _rename_optimizer(opt_tensors, state["optimizer"], rename)
         optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state["optimizer"],
                                                       optimizer_param_names(model, optimizer)))
-    rng = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["torch_cuda"])
+    load_rng(ckpt / "rng.safetensors")
     return state
 
 
@@ -405,4 +415,4 @@ def _load_dcp(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                 sd[f"state.{name}.{key}"] = v
     dcp_load(sd, ckpt, no_dist=True)
     if optimizer is not None:  # resuming, not only taking the weights
-        torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_cpu"])
+        load_rng(ckpt / "rng.safetensors")
