@@ -92,6 +92,33 @@ def test_resume_is_exact(dataset: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in recs if "eval_loss" in r] == [4, 6]
 
 
+def test_a_resume_purges_the_steps_it_redoes_from_tensorboard(dataset: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """metrics.jsonl drops the records after the checkpoint a run resumes from, but TensorBoard's event
+    files kept them, so each redone step showed twice; the writer now purges them (purge_step).
+    The writer is faked: the tensorboard package is optional."""
+    import types
+
+    made: list[dict[str, Any]] = []
+
+    class Writer:
+        def __init__(self, logdir: str, **kw: Any) -> None:
+            made.append(kw)
+
+        def add_scalar(self, *a: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    train(_cfg(dataset, tmp_path, steps=4, tensorboard=True), stop_after=2)
+    train(_cfg(dataset, tmp_path, steps=4, tensorboard=True), resume=True)
+    assert [kw.get("purge_step") for kw in made] == [None, 3]
+
+
 def test_grad_accum_equals_one_large_batch(dataset: Path, tmp_path: Path) -> None:
     """2 micro-batches of 2 windows = one batch of 4: the same cross-entropy, z-loss and gradient
     (norm). The load-balancing loss is computed per micro-batch, then averaged (docs/training.md):

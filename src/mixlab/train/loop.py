@@ -346,7 +346,10 @@ class _Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                # A resume redoes the steps after its checkpoint: TensorBoard hides those the killed run
+                # logged (else each shows twice, the curve folding back on itself).
+                self.tb = SummaryWriter(str(out / "tensorboard"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:
                 pass
 
