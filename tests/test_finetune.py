@@ -19,7 +19,7 @@ from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.config import ModelConfig, MoEConfig
 from mixlab.model import Transformer
-from mixlab.train import dpo, sft
+from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import ByteTokenizer, DataError
 from mixlab.train.finetune import finetune, load_finetune_config
 from mixlab.train.lora import LoraConfig, apply_lora, expert_lora, merge, save_peft
@@ -628,7 +628,8 @@ def _cfg(ckpt: Path, data: Path, out: Path, **kw: Any) -> Any:
 
 
 @pytest.mark.parametrize("task, lora", [("sft", 0), ("dpo", 0), ("sft", 4), ("dpo", 4)])
-def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path, task: str, lora: int) -> None:
+def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path, task: str, lora: int,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
     data = chat_files[0] if task == "sft" else chat_files[1]
     kw: dict[str, Any] = dict(task=task, lora_rank=lora, lora_targets="attention,experts,router", export_peft=lora > 0)
     straight = finetune(_cfg(ckpt, data, tmp_path / "a", **kw))
@@ -637,8 +638,12 @@ def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Pa
     assert first.step == 2
     ref_file = tmp_path / "b" / "reference_logps.safetensors"
     stamp = ref_file.stat().st_mtime_ns if task == "dpo" else None
+    hashed: list[str] = []  # checksum passes over a checkpoint (each reads every byte)
+    verify = checkpoints.verify
+    monkeypatch.setattr(checkpoints, "verify", lambda p: (hashed.append(Path(p).name), verify(p))[1])
     second = finetune(_cfg(ckpt, data, tmp_path / "b", **kw), resume="auto" if lora else True)
     assert second.step == 4
+    assert hashed.count("step_00000002") == 1  # the resume hashes the checkpoint once
     keys = ["loss", "aux_loss"] + (["rewards/accuracies", "rewards/margins", "logps/chosen"] if task == "dpo" else [])
     for k in keys:
         assert [r[k] for r in straight.history] == [r[k] for r in first.history + second.history], k

@@ -118,10 +118,10 @@ def save(root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Op
 
 
 def load(ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer | None, layout: Layout,
-         expert_names: set[str]) -> dict[str, Any]:
+         expert_names: set[str], checksums: bool = True) -> dict[str, Any]:
     """Load a checkpoint of either format (sharded by any number of processes, or single-process) into
-    this layout, in place; returns its state.json."""
-    state = checkpoints.validate(ckpt)
+    this layout, in place; returns its state.json (`checksums`: as `checkpoints.load`)."""
+    state = checkpoints.validate(ckpt, checksums=checksums)
     if optimizer is not None:
         checkpoints.init_optimizer_state(optimizer)
     sd = state_dict(model, optimizer, layout, expert_names) if optimizer is not None else {

@@ -155,9 +155,10 @@ class DistributedTraining:
         return dcp_ckpt.save(root, step=step, model=model, optimizer=optimizer, state=state, keep=keep,
                              layout=self.layout, expert_names=self.expert_names)
 
-    def load(self, ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def load(self, ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer,
+             checksums: bool = True) -> dict[str, Any]:
         return dcp_ckpt.load(ckpt, model=model, optimizer=optimizer, layout=self.layout,
-                             expert_names=self.expert_names)
+                             expert_names=self.expert_names, checksums=checksums)
 
     def export(self, model: Transformer, path: Path, write: Callable[[Transformer, Path], None]) -> None:
         dcp_ckpt.export(model, path, layout=self.layout, expert_names=self.expert_names, write=write)

@@ -233,9 +233,11 @@ def _rename_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any],
     return {key(k): v for k, v in tensors.items()}, info
 
 
-def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Load weights, optimizer and RNG state from `ckpt` into the given objects; returns state.json."""
-    state = validate(ckpt)
+def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+         checksums: bool = True) -> dict[str, Any]:
+    """Load weights, optimizer and RNG state from `ckpt` into the given objects; returns state.json.
+    `checksums=False` where the caller has just verified them (`to_resume`: a resume hashes once)."""
+    state = validate(ckpt, checksums=checksums)
     if state.get("format") == "dcp":
         _load_dcp(ckpt, model, optimizer)
         return state

@@ -446,7 +446,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     data_fp = _fingerprint(train_items)  # the loader position in a checkpoint means something only for these
     if resume:  # before the DPO reference file's check, which would blame that file for a changed setting
         assert newest is not None
-        state = checkpoints.validate(newest)
+        state = checkpoints.validate(newest, checksums=False)  # to_resume hashed every byte of it
         check_resume_settings(state.get("finetune_config", {}), cfg, run_only=RUN_ONLY, ckpt=newest,
                               what="fine-tuning")
         if state.get("data", data_fp) != data_fp:  # absent in checkpoints written before it was stored
@@ -515,7 +515,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     step = 0
     if resume:
         assert newest is not None
-        state = checkpoints.load(newest, model=trainable, optimizer=optimizer)
+        state = checkpoints.load(newest, model=trainable, optimizer=optimizer, checksums=False)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
     atomic.write_text(out / "finetune_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

@@ -482,10 +482,10 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     step = 0
     if resume:
         assert newest is not None
-        state = checkpoints.validate(newest)
+        state = checkpoints.validate(newest, checksums=False)  # to_resume hashed every byte of it
         _check_resume(state, cfg, mc, fingerprint, newest)
         load_ckpt = par.load if par is not None else checkpoints.load
-        state = load_ckpt(newest, model=model, optimizer=optimizer)
+        state = load_ckpt(newest, model=model, optimizer=optimizer, checksums=False)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
     out.mkdir(parents=True, exist_ok=True)
