@@ -272,6 +272,10 @@ def test_cli_eval_scores_a_batch_that_fits_in_memory(ckpt: Path, tmp_path: Path,
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["overall"]["tokens"] == b["overall"]["tokens"]
     assert b["overall"]["nll"] == pytest.approx(a["overall"]["nll"], rel=1e-6)
+    # strided windows score 8 tokens each, but the document's first all 32 of its own
+    monkeypatch.setattr(runner, "available_memory", lambda: 2 * 4 * vocab * (32 + 2 * 8))
+    assert main([*argv, str(tmp_path / "c.json"), "--batch-size", "100000", "--stride", "8"]) == 0
+    assert "scoring at most 3 at a time" in capsys.readouterr().err
 
 
 def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

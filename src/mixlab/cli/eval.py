@@ -19,16 +19,17 @@ def _num(x: float, width: int, places: int) -> str:
     return f"{text if len(text) < width else f'{x:.4e}':>{width}}"
 
 
-def _batch_that_fits(batch_size: int, scored: int, vocab_size: int) -> int:
+def _batch_that_fits(batch_size: int, scored: int, context: int, vocab_size: int) -> int:
     """`--batch-size`, or fewer windows where a batch's float32 logits (and their log-softmax) would
     not fit in the free memory: the windows of one long document are batched together, and
     --batch-size 100000 on a book asked for terabytes. A window has logits for the `scored` tokens it
-    predicts (the stride) alone. Batching groups windows; it changes no score."""
+    predicts (the stride) alone, but a document's first scores all `context` of its tokens. Batching
+    groups windows; it changes no score."""
     from mixlab.config import format_bytes
     from mixlab.engine.runner import available_memory
 
     free, per_window = available_memory(), 2 * 4 * scored * vocab_size
-    fit = max(free // per_window, 1)
+    fit = max((free - 2 * 4 * (context - scored) * vocab_size) // per_window, 1)
     if free and batch_size > fit:
         note("eval", f"--batch-size {batch_size}: a batch's logits take {format_bytes(per_window)} a window "
                      f"scoring {scored} tokens and {format_bytes(free)} of memory is free; scoring at most {fit} "
@@ -66,7 +67,7 @@ def evaluate(args: argparse.Namespace) -> int:
                          f"give --stride {context} or less")
     if args.context > context:
         note("eval", f"--context {args.context} is past the model's {context} positions; scoring windows of {context}")
-    batch_size = _batch_that_fits(args.batch_size, args.stride or context, model.config.vocab_size)
+    batch_size = _batch_that_fits(args.batch_size, args.stride or context, context, model.config.vocab_size)
     with tqdm(desc="eval", unit="tok", disable=True if args.quiet else None, file=sys.stderr) as bar:
         report = evaluate_texts(model, lambda s: tok.encode(s, bos=False), docs, prefix=tok.bos_id,
                                 context=context, stride=args.stride, batch_size=batch_size,
