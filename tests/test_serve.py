@@ -143,6 +143,22 @@ def test_chat_continues_an_assistant_prefix(client: Any, server: str, model_tok:
     assert r.status_code == 400 and "prefix" in r.json()["error"]["message"], r.text
 
 
+def test_chat_reply_that_begins_with_a_space_token_drops_one_space(client: Any, model_tok: tuple[Any, Any]) -> None:
+    """A reply whose first token is "▁" alone, then "▁Hello", is " Hello" (tokenizer.decode drops the
+    first piece's space only); the server dropped the next token's space too: "Hello"."""
+    _, tok = model_tok
+    space, hello = tok.encode(" Hello", bos=False)[0], tok.encode("Hello", bos=False)[-1]
+    assert tok.id_to_piece(space) == "\u2581" and tok.id_to_piece(hello) == "\u2581Hello"
+    # the space first (bias 100), then Hello (99, over the space's 100 - 2 once it appeared)
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0,
+              logit_bias={str(space): 100, str(hello): 99}, presence_penalty=2.0, logprobs=True)
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].message.content == tok.decode([space, hello]) == " Hello"
+    assert "".join(e.token for e in r.choices[0].logprobs.content) == " Hello"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True))
+    assert streamed == " Hello"
+
+
 def test_logit_bias_through_the_openai_client(client: Any, model_tok: tuple[Any, Any]) -> None:
     _, tok = model_tok
     kw = dict(model=NAME, prompt="The quick brown fox", max_tokens=6, temperature=0)

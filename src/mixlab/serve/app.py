@@ -222,10 +222,10 @@ class _Choice:
             self.completion_tokens = 0
             return "", None, None
         delta = out.text
-        if self.strip_space and not self.started and delta:
-            delta = delta[1:] if delta.startswith(" ") else delta
-        if delta:
+        if delta and not self.started:  # the first text: its one leading space only, though it be all of it
             self.started = True
+            if self.strip_space and delta.startswith(" "):
+                delta = delta[1:]
         self.text += delta
         if out.token_id is None:
             return delta, None, None
