@@ -483,6 +483,7 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     (COMP, {"prompt": "x", "best_of": 3}, 400, "best_of"),
     (COMP, {"prompt": "x " * 600}, 400, "prompt"),  # longer than the context
+    (COMP, {"prompt": ["x", "x " * 600]}, 400, "prompt[1]"),  # one of a batch: named (it said "prompt")
     (COMP, {"prompt": "x", "model": "nope"}, 404, "model"),
     ("/detokenize", {"tokens": [5, 40000]}, 400, "tokens"),
     ("/tokenize", {}, 400, "prompt"),
@@ -537,6 +538,8 @@ def test_bad_request_messages_say_what_was_expected(server: str) -> None:
     err = httpx.post(server + CHAT, json={"messages": U, "max_tokens": CONTEXT}).json()["error"]
     assert re.search(rf"\(\d+ tokens\) \+ max_tokens={CONTEXT} = \d+ exceeds the model's context of {CONTEXT}",
                      err["message"]), err
+    err = httpx.post(server + COMP, json={"prompt": ["x", "x " * 300], "max_tokens": 300}).json()["error"]
+    assert err["message"].startswith("the prompt[1] (302 tokens) + max_tokens=300 = 602 exceeds"), err
     err = httpx.post(server + CHAT, json={"messages": U, "temperature": 7}).json()["error"]
     assert err["message"] == "invalid temperature=7: expected a number in [0, 2]"
     # an image part: the message said only "input should be a valid string", though text parts are taken

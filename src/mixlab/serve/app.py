@@ -604,8 +604,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.check_open()
         srv.check_model(body.model)
         prompts: list[list[int]] = []
-        for j, p in enumerate(body.prompts()):
-            where = "prompt" if len(body.prompts()) == 1 else f"prompt[{j}]"
+        wheres = ["prompt"] if len(body.prompts()) == 1 else [f"prompt[{j}]" for j in range(len(body.prompts()))]
+        for where, p in zip(wheres, body.prompts(), strict=True):
             if isinstance(p, str):
                 prompts.append(tok.encode(p, bos=True))
             else:
@@ -613,8 +613,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 srv.check_ids(ids_j, where)
                 prompts.append(ids_j)
         hidden = body.max_tokens == 0
-        max_tokens = [srv.max_tokens(1 if hidden else body.max_tokens, len(p), where="prompt", default=16)
-                      for p in prompts]
+        max_tokens = [srv.max_tokens(1 if hidden else body.max_tokens, len(p), where=where, default=16)
+                      for where, p in zip(wheres, prompts, strict=True)]
         want_lp = body.logprobs is not None
         score_prompt = body.echo and want_lp
         params, ids, choices_meta = [], [], []
