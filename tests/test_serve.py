@@ -969,10 +969,10 @@ def test_serve_refuses_a_batch_or_cache_that_cannot_fit(ckpt: Path, model_tok: t
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_0(ckpt: Path) -> None:
     """Started with --port 0, the server says the port the system chose once it listens; SIGTERM lets
-    the stream in flight finish and exits 0."""
+    the stream in flight finish and exits 0. At --log-level info (the default) each request has a line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "mixlab", "serve", "--model", str(ckpt), "--port", "0",
-                             "--dtype", "float32", "--threads", "1", "--drain-timeout", "60", "--log-level", "warning"],
+                             "--dtype", "float32", "--threads", "1", "--drain-timeout", "60", "--log-level", "info"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     listening = threading.Event()
@@ -1017,6 +1017,9 @@ def test_sigterm_drains_and_exits_0(ckpt: Path) -> None:
         assert sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content") is not None) > 1
         with pytest.raises(httpx.ConnectError):  # and it no longer accepts
             httpx.get(url + "/health", timeout=2)
+        # the access log (the help said "one line per request" where uvicorn's was turned off)
+        assert any('"POST /v1/chat/completions HTTP/1.1" 200' in x for x in lines), "".join(lines)
+        assert any('"HEAD /health HTTP/1.1" 200' in x for x in lines), "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -172,5 +172,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level (default info: one line per request)")
+                   help="uvicorn's log level, on stderr (default info: a line per request too)")
     p.set_defaults(func=serve)

@@ -10,6 +10,7 @@ cancels what is left (which cancels their engine requests); `run_server` then re
 from __future__ import annotations
 
 import asyncio
+import copy
 import signal
 import socket
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["ServerThread", "run_server"]
@@ -78,8 +80,12 @@ def _config(app: Any, host: str, port: int, drain_timeout: float, log_level: str
     srv = getattr(getattr(app, "state", None), "server", None)
     timeout = srv.cfg.read_timeout_s if srv is not None else _H11.read_timeout
     http = type("_H11", (_H11,), {"read_timeout": timeout})
+    # at log_level info, uvicorn's access log too: a line per request (client, method, path, status), on
+    # stderr with the server's other lines (uvicorn writes it to stdout)
+    logs = copy.deepcopy(LOGGING_CONFIG)
+    logs["handlers"]["access"]["stream"] = "ext://sys.stderr"
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", http=http,
-                          timeout_graceful_shutdown=max(1, round(drain_timeout)), access_log=False)
+                          timeout_graceful_shutdown=max(1, round(drain_timeout)), log_config=logs)
 
 
 def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
