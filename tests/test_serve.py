@@ -796,6 +796,15 @@ def test_a_body_that_arrives_too_slowly_is_answered_408(server: str, model_tok: 
         assert code == 2 and srv is None and "--read-timeout must be a number of seconds > 0" in err, err
 
 
+def test_serve_refuses_a_drain_timeout_that_is_not_seconds(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """--drain-timeout nan failed once the model had loaded with 'cannot convert float NaN to integer', and
+    inf with an OverflowError's traceback; -1 drained for a second."""
+    for bad in ("nan", "inf", "-1"):
+        code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--drain-timeout", bad)
+        assert code == 2 and srv is None and f"--drain-timeout must be a number of seconds >= 0, got {bad}" in err, err
+
+
 def test_a_request_head_that_arrives_too_slowly_closes_the_connection(server: str,
                                                                       model_tok: tuple[Any, Any]) -> None:
     """uvicorn waited for ever for a connection's request line and headers (and for the next

@@ -50,6 +50,8 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--api-key {why}")
     if not 0 < args.read_timeout < math.inf:
         raise ValueError(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
+    if not 0 <= args.drain_timeout < math.inf:
+        raise ValueError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
