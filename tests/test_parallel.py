@@ -660,7 +660,8 @@ def test_commands_without_ep_under_torchrun_say_to_run_alone(command: str, tmp_p
     (tmp_path / "t.txt").write_text("hello world\n")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    extra = ["--data", str(tmp_path / "t.txt")] if command == "eval" else []
+    # serve binds its port before loading: 0, as 8000 may be taken here
+    extra = {"eval": ["--data", str(tmp_path / "t.txt")], "serve": ["--port", "0"]}.get(command, [])
     assert main([command, "--model", str(tmp_path / "m"), *extra]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"mixlab {command}: error: torchrun started 2 processes, but mixlab {command} runs in one (it takes no "

@@ -805,6 +805,26 @@ def test_serve_refuses_a_drain_timeout_that_is_not_seconds(ckpt: Path, monkeypat
         assert code == 2 and srv is None and f"--drain-timeout must be a number of seconds >= 0, got {bad}" in err, err
 
 
+def test_serve_says_it_cannot_listen_before_loading_the_model(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A port in use (a server still running) or a host name that does not resolve failed only once the
+    model had loaded (minutes for Mixtral 8x7B), with uvicorn's message and exit status 3."""
+    import mixlab.cli.serve
+
+    def load(args: Any) -> Any:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mixlab.cli.serve, "_load", load)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--port", str(port), bind=True)
+    assert code == 2 and srv is None, err
+    assert f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use" in err, err
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--host", "no-such-host.invalid",
+                                "--port", "0", bind=True)
+    assert code == 2 and "cannot listen on --host no-such-host.invalid --port 0" in err, err
+
+
 def test_a_request_head_that_arrives_too_slowly_closes_the_connection(server: str,
                                                                       model_tok: tuple[Any, Any]) -> None:
     """uvicorn waited for ever for a connection's request line and headers (and for the next
@@ -884,9 +904,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
+def _serve_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str,
+               bind: bool = False) -> tuple[int, Any, str]:
     """`mixlab serve ARGV` in this process, up to the point where it would listen: (exit code, its
-    server's state, what it printed)."""
+    server's state, what it printed). Its address is taken as free unless `bind` (8000 may be taken here)."""
+    import mixlab.cli.serve
     import mixlab.serve
     from mixlab.cli import main
 
@@ -896,6 +918,8 @@ def _serve_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[st
         kw["on_start"](kw["port"])
 
     monkeypatch.setattr(mixlab.serve, "run_server", run_server)
+    if not bind:
+        monkeypatch.setattr(mixlab.cli.serve, "check_address", lambda host, port: None)
     code = main(["serve", *argv, "--dtype", "float32", "--threads", "1"])
     return code, seen[0].state.server if seen else None, capsys.readouterr().err
 

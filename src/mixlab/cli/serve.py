@@ -4,9 +4,11 @@ Thin: flags here; loading in cli.run._load; the server in mixlab.serve."""
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -37,6 +39,29 @@ def cache_line(total_bytes: int, slots: int, context: int, model_context: int, m
     return line
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind (and let go) each address `host` names, as uvicorn will once the model is loaded: a port in
+    use, or a host that does not resolve, failed only after the load (minutes for a large model). An
+    address of a family this machine lacks (::1 without IPv6) is skipped, as asyncio skips it."""
+    try:
+        bound, unavailable = 0, None
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+                try:
+                    s.bind(address)
+                    bound += 1
+                except OSError as e:
+                    if e.errno != errno.EADDRNOTAVAIL:
+                        raise
+                    unavailable = e
+        if not bound and unavailable is not None:
+            raise unavailable
+    except OSError as e:
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         from mixlab.engine import Engine
@@ -59,6 +84,7 @@ def serve(args: argparse.Namespace) -> int:
     if not loopback and args.api_key is None:
         print(f"mixlab serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)
+    check_address(args.host, args.port)
     model, tok = _load(args)
     kw = dict(max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget,
               pack_weights={"auto": None, "yes": True, "no": False}[args.pack_weights])
