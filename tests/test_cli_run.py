@@ -258,6 +258,21 @@ def test_chat_with_piped_input_prints_only_the_replies(tiny_dir, capsys, monkeyp
     assert out.count("\n") == 2 and not out.startswith(">") and "\n>" not in out
 
 
+def test_chat_reply_that_begins_with_a_space_token_drops_one_space(tiny_dir, capsys, monkeypatch):
+    """A reply of "▁" then "▁Hello" is " Hello" (decode drops the first piece's space only); chat
+    dropped the space of each text until one was left: "Hello"."""
+    from mixlab.cli import run
+    from mixlab.generate import Step
+
+    def generate_stream(*args, **kw):
+        yield from (Step(tokens=[28705], text=[" "]), Step(tokens=[22557], text=[" Hello"]), Step(tokens=[None]))
+
+    monkeypatch.setattr(run, "generate_stream", generate_stream)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "8", "--quiet"]) == 0
+    assert capsys.readouterr().out == " Hello\n"
+
+
 def test_generate_and_chat_quiet_print_the_text_alone(tiny_dir, capsys, monkeypatch):
     """generate and chat had no --quiet (every other long command has one): their speed lines and
     chat's help line could not be turned off; --quiet leaves stderr empty and stdout as it was."""

@@ -266,7 +266,7 @@ def chat(args: argparse.Namespace) -> int:
                   f"{room} fit in the context of {context}", file=sys.stderr)
             messages.pop()
             continue
-        n, shown = 0, list[str]()
+        n, shown, began = 0, list[str](), False
         start = time.perf_counter()
         try:
             # reply i samples with --seed + i: the same conversation again, but not the same draws every turn
@@ -278,8 +278,8 @@ def chat(args: argparse.Namespace) -> int:
                 n += step.tokens[0] != tok.eos_id
                 assert step.text is not None  # the engine's text: nothing from a --stop string on
                 delta = step.text[0]
-                if not any(shown) and delta.startswith(" "):  # the first word's "▁", as decode(reply) drops it
-                    delta = delta[1:]
+                if delta and not began:  # the first text's one space (the first word's "▁"), as decode(reply) drops it
+                    began, delta = True, delta.removeprefix(" ")
                 shown.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()
