@@ -137,10 +137,23 @@ def test_chat_continues_an_assistant_prefix(client: Any, server: str, model_tok:
     ids = tok.encode_chat(messages)
     assert ids[-1] != tok.eos_id and r.usage.prompt_tokens == len(ids)
     new = _reference(model, tok, ids, 8, 0.0, None)
-    assert r.choices[0].message.content == _continuation(tok, ids, new)  # its leading space kept
+    r_content = r.choices[0].message.content
+    assert r_content == _continuation(tok, ids, new)  # its leading space kept
     assert httpx.post(server + "/tokenize", json={"messages": messages}).json()["tokens"] == ids
     r = httpx.post(server + CHAT, json={"messages": [{**messages[1], "role": "user"}, messages[0]]})
     assert r.status_code == 400 and "prefix" in r.json()["error"]["message"], r.text
+    # vLLM's continue_final_message says the same of a last assistant message without "prefix" (it got a 400)
+    plain = [messages[0], {"role": "assistant", "content": "Red,"}]
+    v = client.chat.completions.create(model=NAME, messages=plain, max_tokens=8, temperature=0,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert v.choices[0].message.content == r_content and v.usage.prompt_tokens == len(ids)
+    r = httpx.post(server + "/tokenize", json={"messages": plain, "continue_final_message": True})
+    assert r.json()["tokens"] == ids, r.text  # as vLLM's /tokenize takes it too
+    for extra, param in (({"continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
+                         ({"continue_final_message": True}, "continue_final_message")):
+        body = {"messages": plain if param == "add_generation_prompt" else [messages[0]], **extra}
+        r = httpx.post(server + CHAT, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_chat_reply_that_begins_with_a_space_token_drops_one_space(client: Any, model_tok: tuple[Any, Any]) -> None:

@@ -179,6 +179,21 @@ class ChatMessage(BaseModel):
                 "prefix": self.prefix}
 
 
+def _continue_final(messages: list[ChatMessage], continue_final: bool, generation_prompt: bool | None) -> None:
+    """vLLM's continue_final_message: the last message, an assistant one, is continued (Mistral's
+    "prefix": true on it). The v1 template has no generation prompt to leave out, so
+    add_generation_prompt matters only beside it (both true: refused, as vLLM refuses it)."""
+    if not continue_final:
+        return
+    if generation_prompt:
+        raise _field_error("add_generation_prompt", "continue_final_message and add_generation_prompt cannot both "
+                           "be true")
+    if messages[-1].role != "assistant":
+        raise _field_error("continue_final_message", "continue_final_message continues the last message, which must "
+                           f"be an assistant one; it is a {messages[-1].role!r} message")
+    messages[-1].prefix = True
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -190,9 +205,12 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
+    continue_final_message: StrictBool = False  # see _continue_final
+    add_generation_prompt: StrictBool | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
+        _continue_final(self.messages, self.continue_final_message, self.add_generation_prompt)
         if self.top_logprobs and not self.logprobs:  # 0 asks for nothing: accepted, as vLLM does
             raise _field_error("top_logprobs", "top_logprobs > 0 needs logprobs set to true")
         if self.max_tokens == 0:
@@ -254,11 +272,15 @@ class TokenizeRequest(BaseModel):
     prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: StrictBool = True
+    continue_final_message: StrictBool = False  # with messages, as in a chat request
+    add_generation_prompt: StrictBool | None = None
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise _field_error("prompt", "give exactly one of prompt (a string) or messages (a chat)")
+        if self.messages is not None:
+            _continue_final(self.messages, self.continue_final_message, self.add_generation_prompt)
         return self
 
 
