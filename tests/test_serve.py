@@ -498,6 +498,11 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "x " * 600}, 400, "prompt"),  # longer than the context
     (COMP, {"prompt": ["x", "x " * 600]}, 400, "prompt[1]"),  # one of a batch: named (it said "prompt")
     (COMP, {"prompt": "x", "model": "nope"}, 404, "model"),
+    # vLLM's extras that ask for what this server does not do (they were ignored: other output, silently)
+    (CHAT, {"messages": U, "stop": "a", "include_stop_str_in_output": True}, 400, "include_stop_str_in_output"),
+    (CHAT, {"messages": U, "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    (COMP, {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
+    (COMP, {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ("/detokenize", {"tokens": [5, 40000]}, 400, "tokens"),
     ("/tokenize", {}, 400, "prompt"),
 ]
@@ -525,7 +530,8 @@ def test_null_parameters_take_their_defaults(server: str) -> None:
     assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, r.text
     # what clients send with no tools: a plain reply
     for extra in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {"function_call": "none"}, {"tools": []},
-                  {"parallel_tool_calls": False}, {"response_format": {"type": "text"}}):
+                  {"parallel_tool_calls": False}, {"response_format": {"type": "text"}},
+                  {"include_stop_str_in_output": False, "use_beam_search": False, "guided_json": None}):
         r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 2, **extra}, timeout=30)
         assert r.status_code == 200, (extra, r.text)
     # top_logprobs 0 without logprobs asks for nothing (vLLM accepts it; it was a 400), and gets nothing

@@ -3,8 +3,9 @@
 Field names, types and ranges follow OpenAI's API reference (chat completions and the legacy
 completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens` are vLLM's extras and
 `return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for integers).
-Unknown fields are ignored, as OpenAI-compatible servers do, except the ones whose meaning we do not
-implement (tools, response formats, suffixes): those are refused with a 400 naming them rather than
+Unknown fields are ignored, as OpenAI-compatible servers do; the ones whose meaning we do not implement
+(tools, response formats, suffixes; vLLM's guided decoding, beam search, include_stop_str_in_output...:
+`NOT_IMPLEMENTED`) are refused with a 400 naming them, where they ask for something, rather than
 silently dropped.
 """
 
@@ -56,6 +57,12 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
+
+# vLLM's extras whose meaning this server does not implement, with the value that asks for nothing: any
+# other is refused (a client written for vLLM would otherwise get output it did not ask for, silently)
+NOT_IMPLEMENTED = {"include_stop_str_in_output": False, "use_beam_search": False, "prompt_logprobs": None,
+                   "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+                   "guided_grammar": None, "structured_outputs": None}
 
 Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0)]
 TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
@@ -126,6 +133,15 @@ class _Sampling(BaseModel):
         fields = cls.model_fields
         return {k: v for k, v in data.items()
                 if v is not None or k not in fields or fields[k].is_required() or fields[k].default is None}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_not_implemented(cls, data: Any) -> Any:
+        for name, nothing in NOT_IMPLEMENTED.items():
+            if isinstance(data, dict) and data.get(name, nothing) not in (nothing, None):
+                raise _field_error(name, f"{name}={json.dumps(data[name])[:80]} is not supported by this server "
+                                         "(a vLLM extra it does not implement)")
+        return data
 
     @model_validator(mode="after")
     def _check_common(self) -> _Sampling:
