@@ -356,6 +356,39 @@ def test_batch_invariant_bf16_server_gives_each_client_its_single_request_output
     assert (together == alone) == invariant
 
 
+def test_prompts_are_encoded_off_the_event_loop(server: str, model_tok: tuple[Any, Any]) -> None:
+    """A long text takes seconds to encode (3 MB: 4-6 s), and it was encoded on the event loop: every
+    stream and /health waited for it. Here a tokenizer takes a second on a marked text."""
+    model, tok = model_tok
+
+    class Slow:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tok, name)
+
+        def encode(self, text: str, **kw: Any) -> list[int]:
+            time.sleep(1.0 if "SLOW" in text else 0)
+            return tok.encode(text, **kw)
+
+        def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+            time.sleep(1.0 if any("SLOW" in m["content"] for m in messages) else 0)
+            return tok.encode_chat(messages)
+
+    with ServerThread(create_app(ENGINES[server], Slow(), _config(model))) as url:
+        for path, body in ((COMP, {"prompt": "SLOW", "max_tokens": 1}), ("/tokenize", {"prompt": "SLOW"}),
+                           (CHAT, {"messages": [{"role": "user", "content": "SLOW"}], "max_tokens": 1})):
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(httpx.post, url + path, json=body, timeout=30)
+                time.sleep(0.3)  # being encoded
+                t0 = time.monotonic()
+                assert httpx.get(url + "/health", timeout=30).status_code == 200
+                assert time.monotonic() - t0 < 0.5, path
+                assert slow.result().status_code == 200
+        # more prompts than the queue holds are refused before they are encoded (a second each here)
+        queue = ENGINES[server].max_queue
+        r = httpx.post(url + COMP, json={"prompt": ["SLOW"] * (queue + 1), "max_tokens": 1}, timeout=5)
+        assert r.status_code == 400 and "--max-queue" in r.json()["error"]["message"], r.text
+
+
 def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any]) -> None:
     model, tok = model_tok
     m = httpx.get(server + "/v1/models").json()

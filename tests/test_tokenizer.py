@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -283,6 +285,33 @@ def test_tokenizer_json_equals_sentencepiece(tok, tmp_path):
         assert hf.encode(text) == tok.encode(text), text[:60]
         assert hf.decode(tok.encode(text)) == text
     assert hf.encode_chat(CHATS[2]) == tok.encode_chat(CHATS[2])
+
+
+def test_tokenizer_json_lets_other_threads_run_while_it_encodes(tmp_path):
+    """tokenizers' encode holds the GIL: 3 MB of text froze every other thread (the server's event loop,
+    which encodes in a worker thread) for 6 s."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    hf_tokenizer_json(tmp_path)
+    hf = load_tokenizer(tmp_path)
+    text = "alpha beta gamma 日本 foo.bar x1 " * 20_000  # 640 kB: about a second
+    gaps, done = [], threading.Event()
+
+    def tick():
+        last = time.monotonic()
+        while not done.is_set():
+            time.sleep(0.005)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    t0 = time.monotonic()
+    hf.encode(text)
+    took = time.monotonic() - t0
+    done.set()
+    ticker.join()
+    assert max(gaps) < took / 3, (max(gaps), took)
 
 
 def test_load_tokenizer_errors(tmp_path):

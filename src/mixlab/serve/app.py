@@ -18,16 +18,18 @@ Text conventions:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,6 +51,7 @@ from mixlab.tokenizer import ChatError, Tokenizer
 __all__ = ["ServerConfig", "create_app"]
 
 FINGERPRINT = "mixlab-0.1.0"
+_T = TypeVar("_T")
 _STATIC = ("index.html", "chat.js", "chat.css")
 
 
@@ -253,6 +256,13 @@ class _Server:
         self.metrics = Metrics(engine.stats)
         self.draining = False
         self.limit = cfg.max_tokens_limit or cfg.context_len
+        # prompts are encoded in this thread: a long text takes seconds (3 MB: 4-6 s), and on the event
+        # loop every stream, and /health, waited for it; one thread, to leave the cores to the engine
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="mixlab-encode")
+
+    async def off_loop(self, encode: Callable[..., _T], *args: Any, **kw: Any) -> _T:
+        """`encode(*args, **kw)` in the encoding thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, functools.partial(encode, *args, **kw))
 
     # -- checks shared by the endpoints --
 
@@ -307,13 +317,16 @@ class _Server:
         if bad:
             raise ApiError(400, f"invalid {param}: token id {bad[0]} is outside the vocabulary [0, {V})", param=param)
 
+    def check_count(self, count: int, *, param: str) -> None:
+        queue = getattr(self.engine, "max_queue", None)
+        if queue is not None and count > queue:  # it could never be queued: a 429 would be retried forever
+            raise ApiError(400, f"this request asks for {count} completions (prompts x n); the server queues at "
+                                f"most {queue} (--max-queue): send fewer per request", param=param)
+
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], rid: str, *, param: str,
                n: int) -> list[Any]:
         """One engine request per choice: `prompts` holds each prompt `n` times in a row."""
-        queue = getattr(self.engine, "max_queue", None)
-        if queue is not None and len(prompts) > queue:  # it could never be queued: a 429 would be retried forever
-            raise ApiError(400, f"this request asks for {len(prompts)} completions (prompts x n); the server queues at "
-                                f"most {queue} (--max-queue): send fewer per request", param=param)
+        self.check_count(len(prompts), param=param)
         handles: list[Any] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
@@ -583,7 +596,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.check_open()
         srv.check_model(body.model)
         try:
-            ids = tok.encode_chat([m.template() for m in body.messages])
+            ids = await srv.off_loop(tok.encode_chat, [m.template() for m in body.messages])
         except ChatError as e:
             raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         limit = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the one obeyed
@@ -603,15 +616,14 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         srv.check_open()
         srv.check_model(body.model)
-        prompts: list[list[int]] = []
-        wheres = ["prompt"] if len(body.prompts()) == 1 else [f"prompt[{j}]" for j in range(len(body.prompts()))]
-        for where, p in zip(wheres, body.prompts(), strict=True):
-            if isinstance(p, str):
-                prompts.append(tok.encode(p, bos=True))
-            else:
-                ids_j = [int(i) for i in p]  # type: ignore[call-overload]
-                srv.check_ids(ids_j, where)
-                prompts.append(ids_j)
+        batch = body.prompts()
+        wheres = ["prompt"] if len(batch) == 1 else [f"prompt[{j}]" for j in range(len(batch))]
+        srv.check_count(len(batch) * body.n, param="prompt" if len(batch) > 1 else "n")  # before encoding them
+        prompts: list[list[int]] = await srv.off_loop(
+            lambda: [tok.encode(p, bos=True) if isinstance(p, str) else [int(i) for i in p] for p in batch])
+        for where, p, given in zip(wheres, prompts, batch, strict=True):
+            if not isinstance(given, str):
+                srv.check_ids(p, where)
         hidden = body.max_tokens == 0
         max_tokens = [srv.max_tokens(1 if hidden else body.max_tokens, len(p), where=where, default=16)
                       for where, p in zip(wheres, prompts, strict=True)]
@@ -658,7 +670,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.check_model(body.model)
         if body.messages is not None:
             try:
-                ids = tok.encode_chat([m.template() for m in body.messages])
+                ids = await srv.off_loop(tok.encode_chat, [m.template() for m in body.messages])
             except ChatError as e:
                 raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         else:
@@ -666,7 +678,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             special = {tok.id_to_piece(tok.bos_id): tok.bos_id, tok.id_to_piece(tok.eos_id): tok.eos_id}
             # a prompt that is exactly a special token's name is that token (how lm-eval's remote
             # tokenizer finds BOS/EOS ids); anywhere else such text stays text
-            ids = [special[prompt]] if prompt in special else tok.encode(prompt, bos=body.add_special_tokens)
+            ids = [special[prompt]] if prompt in special else await srv.off_loop(tok.encode, prompt,
+                                                                              bos=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": cfg.context_len}
 
     @app.api_route("/tokenizer_info", methods=["GET", "HEAD"])
