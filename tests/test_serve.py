@@ -383,6 +383,9 @@ def test_prompts_are_encoded_off_the_event_loop(server: str, model_tok: tuple[An
                 assert httpx.get(url + "/health", timeout=30).status_code == 200
                 assert time.monotonic() - t0 < 0.5, path
                 assert slow.result().status_code == 200
+        # the time to first token counts from the request's arrival: its encoding too (it began after it)
+        ttft = re.search(r"^mixlab_time_to_first_token_seconds_sum (\S+)$", httpx.get(url + "/metrics").text, re.M)
+        assert ttft is not None and float(ttft.group(1)) >= 2.0, ttft  # two requests took a second to encode
         # more prompts than the queue holds are refused before they are encoded (a second each here)
         queue = ENGINES[server].max_queue
         r = httpx.post(url + COMP, json={"prompt": ["SLOW"] * (queue + 1), "max_tokens": 1}, timeout=5)

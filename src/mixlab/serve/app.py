@@ -458,9 +458,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[_Choice],
                       prompt_lens: list[int], *, chat: bool, rid: str, want_logprobs: bool,
-                      echo: list[dict[str, Any]] | None) -> Response:
+                      echo: list[dict[str, Any]] | None, arrived: float) -> Response:
+        """`arrived`: the request's perf_counter() as its handler began (the time to first token counts
+        from there: its prompt's encoding is part of it)."""
         created = int(time.time())
-        t0 = time.perf_counter()
+        t0 = arrived
         last: dict[int, float] = {}
         obj = "chat.completion" if chat else "text_completion"
 
@@ -593,6 +595,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrived = time.perf_counter()
         srv.check_open()
         srv.check_model(body.model)
         try:
@@ -610,10 +613,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         continued = body.messages[-1].prefix
         choices = [_Choice(i, h, strip_space=not continued) for i, h in enumerate(handles)]
         return await respond(request, body, choices, [len(ids)], chat=True, rid=rid, want_logprobs=body.logprobs,
-                             echo=None)
+                             echo=None, arrived=arrived)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        arrived = time.perf_counter()
         srv.check_open()
         srv.check_model(body.model)
         batch = body.prompts()
@@ -640,7 +644,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         choices = [_Choice(k, h, strip_space=False, hidden=hidden) for k, h in enumerate(handles)]
         echo = [_echo_head(tok, p) for p in prompts] if body.echo else None
         return await respond(request, body, choices, [len(p) for p in prompts], chat=False, rid=rid,
-                             want_logprobs=want_lp, echo=echo)
+                             want_logprobs=want_lp, echo=echo, arrived=arrived)
 
     # -- models, health, metrics, tokenizer ---------------------------------------------------------
 
