@@ -166,6 +166,28 @@ def test_a_symlinked_destination_is_written_through(base, tmp_path, capsys):
     assert "source" in capsys.readouterr().err
 
 
+def test_convert_never_writes_where_the_sources_links_point(base, tmp_path, capsys):
+    """A hub snapshot's files are links to ../../blobs: convert SNAPSHOT BLOBS --overwrite replaced the
+    blobs folder (the source's own weights; the snapshot's links left dangling), and --to gguf onto a
+    blob replaced it; both are refused, naming the link and the source, before anything is written."""
+    repo = tmp_path / "models--x"
+    snap, blobs = repo / "snapshots" / "rev", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in base.iterdir():
+        (blobs / f"sha-{f.name}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(f"../../blobs/sha-{f.name}")
+    before = tree(repo)
+    assert main(["convert", str(snap), str(blobs), "--overwrite", "--quiet"]) == 2
+    assert (f"{blobs}: refusing to write there: it contains the target of {snap}/" in capsys.readouterr().err)
+    pytest.importorskip("gguf")
+    weights = blobs / "sha-model.safetensors"
+    assert main(["convert", str(snap), str(weights), "--to", "gguf", "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"it is the target of {snap / 'model.safetensors'}, a link in the source {snap}" in err
+    assert tree(repo) == before
+
+
 def test_leftovers_of_killed_runs_are_cleaned_by_name_only(base, tmp_path):
     dead = 999_999_999  # a pid no process has
     gguf_tmp = tmp_path / f".m.gguf.tmp-{dead}"

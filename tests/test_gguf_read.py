@@ -517,6 +517,19 @@ def test_nan_weights_warn_as_for_safetensors(quant, tmp_path):
         load_model(path)
 
 
+def _split(model: Transformer, folder: Path) -> list[Path]:
+    """`model` as an f32 GGUF split in 3 parts, m-0000K-of-00003.gguf in `folder`."""
+    w = gguf_writer(model.config, name="x", file_type=0)
+    w.split_max_tensors = 8  # gguf-py's own splitting, what llama.cpp's converter runs
+    for n, t, _ in gguf_tensors(model, model.config):
+        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    w.write_header_to_file(folder / "m.gguf")
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return [folder / f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+
+
 def test_a_split_gguf_loads_from_its_first_part(tmp_path, capsys):
     """A GGUF split in parts (llama.cpp's gguf-split, `convert_hf_to_gguf.py --split-max-size`: the
     large Mixtral files) loads from its first part, as llama.cpp loads it: it was refused as 'missing
@@ -525,15 +538,7 @@ def test_a_split_gguf_loads_from_its_first_part(tmp_path, capsys):
     from mixlab.cli import main
 
     model = _model("moe")
-    w = gguf_writer(model.config, name="x", file_type=0)
-    w.split_max_tensors = 8  # gguf-py's own splitting, what llama.cpp's converter runs
-    for n, t, _ in gguf_tensors(model, model.config):
-        w.add_tensor(n, t.detach().float().contiguous().numpy())
-    w.write_header_to_file(tmp_path / "m.gguf")
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    first, second, third = (tmp_path / f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3))
+    first, second, third = _split(model, tmp_path)
     tokens = torch.randint(3, 32000, (1, 8))
     with torch.no_grad():
         want = model(tokens)
@@ -551,6 +556,24 @@ def test_a_split_gguf_loads_from_its_first_part(tmp_path, capsys):
     third.unlink()
     with pytest.raises(CheckpointError, match=r"part 3 of this GGUF split in 3, m-00003-of-00003.gguf, is missing"):
         load_model(first)
+
+
+def test_convert_never_writes_over_a_part_of_its_split_gguf(tmp_path, capsys):
+    """convert FIRST_PART OTHER_PART.gguf replaced the source's part 2 (a GGUF, so replaceable) with
+    the converted model, breaking the split file it had just read; every part is refused, naming it
+    and the source, before anything is written, and so is a folder holding them (--to hf)."""
+    from mixlab.cli import main
+
+    parts = _split(_model("moe"), tmp_path)
+    before = {p: p.read_bytes() for p in parts}
+    for i, dst in enumerate(parts, 1):
+        assert main(["convert", str(parts[0]), str(dst), "--quant", "q8_0", "--overwrite", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        name = f"part {i} of 3 of the source {parts[0]}" if i > 1 else f"the source {parts[0]}"
+        assert f"{dst}: refusing to write there: it is {name}" in err
+    assert main(["convert", str(parts[0]), str(tmp_path), "--to", "hf", "--overwrite", "--quiet"]) == 2
+    assert f"{tmp_path}: refusing to write there: it contains the source" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in parts} == before and sorted(tmp_path.iterdir()) == parts
 
 
 def test_experts_stored_one_tensor_each_are_named(tmp_path):

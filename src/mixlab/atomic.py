@@ -10,7 +10,8 @@ The guarantees:
 - **mixlab replaces only what it wrote.** Each folder gets a manifest (`MANIFEST`) of its files and
   their sizes (and SHA-256 when asked). A destination that exists and holds anything not in its
   manifest is refused unless `overwrite=True` (`--overwrite`); a destination that is or contains a
-  source is refused always (nothing that holds the input is ever deleted). A file destination is
+  source, or a file read with it (`inputs`: a split GGUF's other parts, where a source folder's links
+  point), is refused always (nothing that holds the input is ever deleted). A file destination is
   replaced only if it starts with the expected magic bytes.
 - **Symlinks are written through:** a destination that is a link (or lies under one) is resolved;
   the folder it points to is replaced and the link stays.
@@ -32,7 +33,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,22 +181,23 @@ def _names(xs: Sequence[str]) -> str:
 
 def check_destination(
     dst: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False, kind: str = "folder",
-    magic: bytes | None = None,
+    magic: bytes | None = None, inputs: Mapping[Path, str] | None = None,
 ) -> Path:
     """The real path to write `dst` to, after the checks of the module docstring; OutputError if refused.
 
     `kind`: "folder" or "file". `magic`: for files, the leading bytes that mark one mixlab may replace.
+    `inputs`: more files the command reads, outside its sources (a split GGUF's other parts, the
+    targets of a source folder's links), each with what it is: `dst` may neither be nor hold one.
     """
     given = Path(dst)
     real = Path(os.path.realpath(given))
     shown = f"{given} (a link to {real})" if real != Path(os.path.abspath(given)) else str(given)
     inside: Path | None = None
-    for s in sources:
+    for s, name in [*((s, f"the source {s}") for s in sources), *(inputs or {}).items()]:
         src = Path(os.path.realpath(s))
         if _contains(real, src):
             what = "is" if src == real else "contains"
-            raise OutputError(f"{shown}: refusing to write there: it {what} the source {s}; choose another "
-                              "destination")
+            raise OutputError(f"{shown}: refusing to write there: it {what} {name}; choose another destination")
         if _contains(src, real):
             inside = Path(s)
     if inside is not None:  # part of a source: --overwrite never deletes it (only what mixlab wrote)

@@ -417,6 +417,22 @@ def side_files(root: str | Path) -> list[Path]:
     return sorted(f for f in Path(root).iterdir() if f.is_file() and not _is_weight_file(f.name))
 
 
+def input_files(path: str | Path) -> dict[Path, str]:
+    """The files a load of `path` reads beyond `path` itself, each with what it is (`inputs` of
+    `atomic.check_destination`, so that a write never replaces one): the other parts of a split GGUF,
+    and the targets of a folder's links (a hub snapshot's files link to ../../blobs, outside it)."""
+    p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        from mixlab.checkpoint.gguf_read import split_parts
+
+        parts = split_parts(p)
+        return {q: f"part {i} of {len(parts)} of the source {p} (a split GGUF)"
+                for i, q in enumerate(parts, 1) if q != p}
+    if not p.is_dir():
+        return {}
+    return {f: f"the target of {f}, a link in the source {p}" for f in sorted(p.rglob("*")) if f.is_symlink()}
+
+
 @dataclass(frozen=True)
 class Stored:
     """What a checkpoint folder holds, from its headers: format, file and tensor counts, bytes per dtype."""

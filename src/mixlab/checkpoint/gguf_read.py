@@ -183,6 +183,17 @@ def read_header(path: str | Path) -> GGUFHeader:
     return _join_parts(h) if "split.count" in h.metadata else h
 
 
+SPLIT_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")  # llama.cpp's names of a split GGUF's parts
+
+
+def split_parts(path: Path) -> list[Path]:
+    """Every part of the split GGUF that `path` is a part of, by llama.cpp's names (PREFIX-0000K-of-0000N.gguf),
+    `path` included: what a load of it reads; [path] for a file not named so."""
+    m = SPLIT_NAME.fullmatch(path.name)
+    n = int(m[3]) if m else 0
+    return [path.with_name(f"{m[1]}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)] if m and n else [path]
+
+
 def _join_parts(h: GGUFHeader) -> GGUFHeader:
     """A GGUF split in parts, as llama.cpp's `gguf-split` and `convert_hf_to_gguf.py --split-max-*`
     write them and llama.cpp loads them (`PREFIX-00001-of-0000N.gguf` first, holding the metadata;
@@ -191,7 +202,7 @@ def _join_parts(h: GGUFHeader) -> GGUFHeader:
     n, no = _meta(h, "split.count", int), _meta(h, "split.no", int, 0)
     if n <= 1:
         return h
-    m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.gguf", h.path.name)
+    m = SPLIT_NAME.fullmatch(h.path.name)
     if no != 0:
         raise CheckpointError(f"{h.path}: part {no + 1} of a GGUF split in {n}: pass its first part, named "
                               f"PREFIX-00001-of-{n:05d}.gguf (as llama.cpp takes it)")

@@ -146,7 +146,7 @@ def _trained_vocabulary(src: Path, extra: dict[str, str]) -> Path | None:
 
 def convert(args: argparse.Namespace) -> int:
     from mixlab.atomic import check_destination
-    from mixlab.checkpoint import load_model, save_model, side_files
+    from mixlab.checkpoint import input_files, load_model, save_model, side_files
     from mixlab.tokenizer import tokenizer_file
     from mixlab.train import checkpoints
 
@@ -162,8 +162,12 @@ def convert(args: argparse.Namespace) -> int:
             import gguf  # noqa: F401
         except ImportError:
             raise ValueError("writing GGUF files needs the gguf package: pip install 'mixlab[gguf]'") from None
-    # refused now, not after reading a model of many GB (save_model and write_gguf check it again)
-    check_destination(args.dst, sources=[args.src], overwrite=args.overwrite,
+    # refused now, not after reading a model of many GB (save_model and write_gguf check it again); never
+    # over a file it reads: a split GGUF's other part, a link's target, the --tokenizer
+    inputs = input_files(args.src) | ({Path(args.tokenizer): f"the --tokenizer {args.tokenizer}"}
+                                      if args.tokenizer else {})
+    sources = [args.src, *inputs]
+    check_destination(args.dst, sources=[args.src], inputs=inputs, overwrite=args.overwrite,
                       kind="file" if args.to == "gguf" else "folder", magic=b"GGUF" if args.to == "gguf" else None)
     gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
     src, extra = Path(args.src), {}
@@ -197,7 +201,7 @@ def convert(args: argparse.Namespace) -> int:
                 raise ValueError(f"{tokenizer}: a GGUF carries a SentencePiece vocabulary and this model's tokenizer "
                                  "is a tokenizer.json; pass its SentencePiece model with --tokenizer FILE.model")
             quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
-            write_gguf(model, args.dst, quant=quant, tokenizer=tokenizer, sources=[args.src],
+            write_gguf(model, args.dst, quant=quant, tokenizer=tokenizer, sources=sources,
                        overwrite=args.overwrite, progress=not args.quiet)
             print(f"wrote {args.dst} (gguf, {args.quant})")
             return 0
@@ -207,7 +211,7 @@ def convert(args: argparse.Namespace) -> int:
         else:
             copy = [] if checkpoints.is_step(src) else side_files(src)
         save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
-                   copy_files=copy, extra_files=extra, sources=[args.src], overwrite=args.overwrite,
+                   copy_files=copy, extra_files=extra, sources=sources, overwrite=args.overwrite,
                    progress=not args.quiet)
     print(f"wrote {args.dst} ({args.to}{f', from {src}' if src != Path(args.src) else ''})")
     return 0
