@@ -377,6 +377,55 @@ def test_ep_decoding_loads_the_weights_on_the_process_s_gpu(tmp_path: Path, monk
     assert events == [("init", "cuda"), ("load", gpu)]
 
 
+_EP_ROWS = """import json, sys
+import torch
+from mixlab import generate_stream, load_model, load_tokenizer
+from mixlab.engine import Engine
+from mixlab.parallel.expert import apply_expert_parallel, rank0_token
+from mixlab.parallel.mesh import init, shutdown
+
+model = load_model(sys.argv[1], dtype="float32")
+apply_expert_parallel(model, init(ep=2))
+tok = load_tokenizer()
+prompts, kw = json.loads(sys.argv[3])
+out = [[] for _ in prompts]
+engine = Engine(model, tok, max_batch=4, sync_token=rank0_token(torch.device("cpu")))
+for step in generate_stream(model, prompts, engine=engine, **kw):
+    for row, t in zip(out, step.tokens):
+        row += [] if t is None else [t]
+if torch.distributed.get_rank() == 0:
+    open(sys.argv[2], "w").write(json.dumps(out))
+shutdown()
+"""
+
+
+@pytest.mark.parametrize("kw", [{"max_new_tokens": 10, "stop": [899, 7020]},
+                                {"max_new_tokens": 8, "temperature": 1.0, "seed": 5}], ids=["greedy", "sampled"])
+def test_ep_decoding_of_several_prompts_equals_one_process(tmp_path: Path, kw: dict[str, Any]) -> None:
+    """`mixlab generate --ep` takes one prompt; the API behind it (an `Engine` with
+    `sync_token=rank0_token(...)` over a model `apply_expert_parallel` split) batches several: each
+    row's tokens equal one process's `generate` of the same prompts, greedy and sampled, prompts of
+    other lengths prefilled beside decoding rows, rows stopping at other steps (float32)."""
+    from mixlab import generate, load_tokenizer, save_model
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    save_model(model, tmp_path / "model")
+    tok = load_tokenizer()
+    prompts = [tok.encode(t) for t in ("Bonjour, le monde", "Hi", "def f(x):\n    return x * 2 + 1")]
+    script = tmp_path / "ep_rows.py"
+    script.write_text(_EP_ROWS)
+    p = _mixlab([str(tmp_path / "model"), str(tmp_path / "out.json"), json.dumps([prompts, kw])], nproc=2,
+                script=script)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    want = generate(model, prompts, **kw)
+    assert json.loads((tmp_path / "out.json").read_text()) == want
+    assert "stop" not in kw or len({len(r) for r in want}) == 3  # each row stopped at its own step
+
+
 # -- what a user sees when a distributed run goes wrong ---------------------------------------------
 
 

@@ -341,7 +341,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it does not fit")
     p.add_argument("--ep", type=int, default=None, metavar="N",
                    help="expert parallelism: split the experts over N processes (launch with torchrun "
-                        "--nproc-per-node N); the tokens equal one process's")
+                        "--nproc-per-node N); the tokens equal one process's (one prompt; several through the API: "
+                        "docs/scaling.md)")
     _add_common(p)
     p.set_defaults(func=generate, temperature=0.0)
     p = sub.add_parser("chat", help="interactive multi-turn chat with the Mixtral-Instruct template")
