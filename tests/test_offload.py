@@ -247,6 +247,43 @@ def test_budget_of_exactly_top_k_runs_batches_in_passes(ckpt):
     assert expert_cache(model).stats.passes > 0  # type: ignore[union-attr]
 
 
+def test_a_failed_read_leaves_the_cache_usable(tmp_path):
+    """A demand read that failed (here the file cut short after loading) left the layer's reads after
+    it marked as loading: the next forward pass waited for them forever (a server's next request
+    hung). It now fails again, naming the file and tensor, and once the file is whole the outputs
+    are the resident model's."""
+    path = tmp_path / "hf"
+    save_model(_model(), path)
+    want = load_model(path)(TOKENS)
+    model = load_model(path, max_memory=_budget("plain", 0.3), prefetch=False)
+    f = path / "model.safetensors"
+    whole = f.read_bytes()
+
+    def forward() -> torch.Tensor | Exception:
+        out: list[torch.Tensor | Exception] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    out.append(model(TOKENS))
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the forward pass after a failed read hangs"
+        return out[0]
+
+    f.write_bytes(whole[: len(whole) // 2])
+    for _ in range(2):
+        err = forward()
+        assert isinstance(err, CheckpointError) and re.search(r"model.safetensors: file ended while reading "
+                                                              r"'model.layers.0.*' \(truncated\?\)", str(err))
+    f.write_bytes(whole)
+    torch.testing.assert_close(forward(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_prefetch_thread_stops_cleanly(ckpt):
     model = load_model(ckpt, max_memory=_budget("plain", 0.5), prefetch=True)
     cache = expert_cache(model)

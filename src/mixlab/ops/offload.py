@@ -317,6 +317,14 @@ class ExpertCache:
         st.ready.clear()
         self._where[key] = s
 
+    def _forget(self, s: int) -> None:
+        """Slot `s` holds nothing (its read failed or will never run); whoever waits for it wakes. Lock held."""
+        st = self._slots[s]
+        if st.key is not None:
+            self._where.pop(st.key, None)
+        st.key, st.loading, st.prefetched = None, False, False
+        st.ready.set()
+
     def _load(self, s: int, layer: int, expert: int, *, pause: Pause | None = None) -> None:
         """Read expert `expert` of `layer` into slot `s`: a demand read (counted in `_demand`,
         which the caller raised) or, with `pause`, a prefetch read."""
@@ -336,12 +344,8 @@ class ExpertCache:
             with torch.inference_mode():
                 n = self.source.read(layer, expert, self.fmt, self.slot(s), pause=count if pause else None)
         except BaseException:
-            with self._cond:  # forget the half-written slot
-                st = self._slots[s]
-                if st.key is not None:
-                    self._where.pop(st.key, None)
-                st.key, st.loading, st.prefetched = None, False, False
-                st.ready.set()
+            with self._cond:
+                self._forget(s)  # the half-written slot
                 self.stats.bytes_read += partial[0]
                 self.stats.read_s += time.perf_counter() - t0
                 self._demand -= pause is None
@@ -408,7 +412,9 @@ class ExpertCache:
                 try:
                     self._load(s, layer, e)
                 except BaseException:
-                    with self._cond:  # the reads not started never will: let the prefetch thread go on
+                    with self._cond:  # the reads not started never will: their slots hold nothing (a later
+                        for later, _ in todo[n + 1 :]:  # call waited for them forever), the prefetch thread goes on
+                            self._forget(later)
                         self._demand -= len(todo) - n - 1
                         self._cond.notify_all()
                     raise
