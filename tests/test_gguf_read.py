@@ -415,6 +415,34 @@ def test_valid_header_but_wrong_model_is_refused(tmp_path):
         load_model(other)
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("llama.attention.layer_norm_rms_epsilon", "x", r"metadata 'llama.attention.layer_norm_rms_epsilon' = 'x' has "
+                                                    r"the wrong type \(expected a number\)"),
+    ("llama.attention.head_count", 0, r"metadata 'llama.attention.head_count' = 0: expected at least 1"),
+    ("llama.attention.head_count", 3, r"metadata 'llama.embedding_length' = 64 is not a multiple of "
+                                      r"'llama.attention.head_count' = 3, and no 'llama.attention.key_length' gives"),
+])
+def test_bad_metadata_is_named_by_its_key(key, value, message, tmp_path):
+    """A metadata value of the wrong type said "(expected (<class 'float'>, <class 'int'>))"; a head
+    count of 0 or 3 (for a width of 64) said 'rotary embedding on 16 of 0 (21) head dimensions is not
+    supported', naming neither key."""
+    model = _model("moe")
+    w = gguf_writer(model.config, name="x", file_type=0)
+    for kv in w.kv_data:
+        kv.pop(key, None)
+    kind = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
+    w.add_key_value(key, value, kind)
+    for n, t, _ in gguf_tensors(model, model.config):
+        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    path = tmp_path / "m.gguf"
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="m.gguf: " + message):
+        load_model(path)
+
+
 def test_a_type_nothing_dequantises_is_refused_before_reading(tmp_path, monkeypatch):
     """I32 (or F64, Q8_1: types the gguf package has no dequantisation for) is named with its tensor
     before any tensor is read; it was gguf's NotImplementedError from the middle of the load."""

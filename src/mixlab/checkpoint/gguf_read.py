@@ -333,7 +333,8 @@ def _meta(h: GGUFHeader, key: str, kind: type | tuple[type, ...], default: Any =
     if isinstance(v, np.generic):
         v = v.item()
     if kind is int and isinstance(v, bool) or not isinstance(v, kind):
-        raise CheckpointError(f"{h.path}: metadata {key!r} = {v!r} has the wrong type (expected {kind})")
+        expected = {str: "a string", int: "an integer", (float, int): "a number"}.get(kind, str(kind))
+        raise CheckpointError(f"{h.path}: metadata {key!r} = {v!r} has the wrong type (expected {expected})")
     return v
 
 
@@ -352,13 +353,19 @@ def config_from_header(h: GGUFHeader) -> ModelConfig:
                               "rope scaling), which mixlab's rotary embedding does not implement")
     n_heads = _meta(h, a + "attention.head_count", int)
     dim = _meta(h, a + "embedding_length", int)
+    if n_heads < 1:
+        raise CheckpointError(f"{h.path}: metadata {a + 'attention.head_count'!r} = {n_heads}: expected at least 1")
+    if a + "attention.key_length" not in h.metadata and dim % n_heads:  # the head size is theirs' quotient
+        raise CheckpointError(f"{h.path}: metadata {a + 'embedding_length'!r} = {dim} is not a multiple of "
+                              f"{a + 'attention.head_count'!r} = {n_heads}, and no {a + 'attention.key_length'!r} "
+                              "gives the head size")
     emb = h.tensors.get("token_embd.weight")
     if emb is None or len(emb.shape) != 2:
         raise CheckpointError(f"{h.path}: no 2-D tensor 'token_embd.weight'")
     vocab = _meta(h, a + "vocab_size", int, emb.shape[0])
     n_experts = _meta(h, a + "expert_count", int, 0)
     moe = MoEConfig(num_experts=n_experts, top_k=_meta(h, a + "expert_used_count", int)) if n_experts else None
-    head_dim = _meta(h, a + "attention.key_length", int, dim // n_heads if n_heads else 0)
+    head_dim = _meta(h, a + "attention.key_length", int, dim // n_heads)
     if _meta(h, a + "attention.value_length", int, head_dim) != head_dim:
         raise CheckpointError(f"{h.path}: key and value head sizes differ; mixlab needs them equal")
     rope_dims = _meta(h, a + "rope.dimension_count", int, head_dim)
