@@ -151,8 +151,8 @@ def test_chat_quits_on_eof(tiny_dir, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("flags,message", [
-    # the default --max-new-tokens 256 in a context of 128: said once, not "only -128 fit" at every message
-    ([], "--max-new-tokens 256 leaves no room for a message in the context of 128 tokens"),
+    # --max-new-tokens 256 in a context of 128: said once, not "only -128 fit" at every message
+    (["--max-new-tokens", "256"], "--max-new-tokens 256 leaves no room for a message in the context of 128 tokens"),
     (["--max-new-tokens", "8", "--temperature", "-1"], "temperature=-1.0"),  # before any message is typed
     (["--max-new-tokens", "8", "--top-p", "2"], "top_p=2.0"),
     # a system prompt that leaves no room: said once (each message was refused as 'the message needs N tokens')
@@ -248,6 +248,27 @@ def test_a_one_process_command_under_torchrun_is_refused(argv: list[str], monkey
     assert capsys.readouterr().err == (f"mixlab {command}: error: torchrun started 2 processes, but mixlab {command} "
                                        "runs in one (each would do the same work and write the same output): run it "
                                        "without torchrun\n")
+
+
+def test_the_default_max_new_tokens_fits_a_short_context(tiny_dir, capsys, monkeypatch):
+    """The default --max-new-tokens 256 filled a context of 256 (`mixlab demo`'s model) or 128 on its
+    own: `generate` and `chat` without the flag ended with 'leaves no room for a prompt'. Without it,
+    generate now takes what the prompt leaves of the context, chat half of it."""
+    flags = ["--model", str(tiny_dir), "--dtype", "float32", "--quiet"]
+    assert main(["generate", "--prompt", "Bonjour", *flags]) == 0
+    tok = load_tokenizer()
+    prompt = tok.encode("Bonjour")
+    ids = [i for i in generate(load_model(tiny_dir), [prompt], max_new_tokens=128 - len(prompt))[0] if i != tok.eos_id]
+    assert capsys.readouterr().out == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
+    import mixlab.cli.run as run
+
+    asked: list[int] = []
+    real = run.generate_stream
+    monkeypatch.setattr(run, "generate_stream", lambda model, prompts, **kw: asked.append(kw["max_new_tokens"]) or
+                        real(model, prompts, **kw))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", *flags]) == 0
+    assert asked == [64] and capsys.readouterr().out.endswith("\n")
 
 
 def test_chat_with_piped_input_prints_only_the_replies(tiny_dir, capsys, monkeypatch):

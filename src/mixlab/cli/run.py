@@ -127,6 +127,19 @@ def _sampling(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
                 stop=args.stop or None, tokenizer=tok)
 
 
+MAX_NEW_TOKENS = 256  # --max-new-tokens' default where the model's context leaves room for it
+
+
+def _max_new(args: argparse.Namespace, context: int, prompt: int | None = None) -> int:
+    """--max-new-tokens, or its default: 256, fewer in a shorter context (`mixlab demo`'s model has 256
+    positions): what a prompt of `prompt` tokens leaves of it (generate), else half of it (chat, whose
+    messages take the rest; generate --truncate of a prompt that fills it)."""
+    if args.max_new_tokens is not None:
+        return int(args.max_new_tokens)
+    room = context - prompt if prompt is not None and prompt < context else context // 2
+    return max(1, min(MAX_NEW_TOKENS, room))
+
+
 def _speed(n: int, seconds: float) -> str:
     return f"{n} tokens in {seconds:.2f} s ({n / seconds if seconds > 0 else float('inf'):.1f} tokens/s)"
 
@@ -169,6 +182,7 @@ def generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
               sync_token: Callable[[int], int] | None = None) -> int:
     ids = tok.encode(args.prompt)
+    args.max_new_tokens = _max_new(args, model.config.max_seq_len, len(ids))
     engine = None
     if sync_token is not None:  # --ep: generate_stream's own engine (one prompt), every token rank 0's
         longest = max(min(len(ids) + args.max_new_tokens, model.config.max_seq_len), 2)
@@ -202,9 +216,10 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
 
 def chat(args: argparse.Namespace) -> int:
     # bad sampling flags fail now, not once the first message has been typed
-    SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                   frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop)
+    SamplingParams(max_tokens=args.max_new_tokens or MAX_NEW_TOKENS, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
+                   stop=args.stop)
     model, tok = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
@@ -213,6 +228,7 @@ def chat(args: argparse.Namespace) -> int:
     # the engine's default cache budget holds.
     engine = Engine(model, tok, max_batch=1)
     context = engine.runner.max_len
+    args.max_new_tokens = _max_new(args, context)
     room = context - args.max_new_tokens
     if room < 1:  # else every message would be refused
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the context of "
@@ -303,7 +319,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.model / tokenizer.json or a folder (default: the model folder's, "
                         "else Mixtral's v1 tokenizer from mistral-common)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=positive, default=256, help="(default 256)")
+    g.add_argument("--max-new-tokens", type=positive, default=None,
+                   help=f"(default {MAX_NEW_TOKENS}, fewer where the model's context is shorter: what the prompt "
+                        "leaves of it (generate), half of it (chat))")
     g.add_argument("--temperature", type=float, help="0 (below 1e-5) = greedy (default: 0 for generate, 0.7 for chat)")
     g.add_argument("--top-k", type=int, default=0, help="0 or -1 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: 1 for generate, 0.95 for chat)")
