@@ -188,6 +188,36 @@ def test_convert_never_writes_where_the_sources_links_point(base, tmp_path, caps
     assert tree(repo) == before
 
 
+def test_convert_never_replaces_another_kind_of_folder_mixlab_wrote(base, tmp_path, capsys):
+    """A folder mixlab wrote was replaceable by any write: `convert MODEL DATA` (a typo) replaced a
+    prepared dataset with the model, `convert RUN RUN/checkpoints/step_N` a training checkpoint inside
+    the run it read, and `convert RUN RUN/hf --to mistral` the very export it read. Another kind is
+    refused unless --overwrite (never inside the source), and a run's export is its source."""
+    from mixlab.train.data import prepare, read_documents
+
+    corpus = tmp_path / "corpus" / "prose"
+    corpus.mkdir(parents=True)
+    (corpus / "train.jsonl").write_text('{"text": "a b c"}\n' * 4)
+    data = tmp_path / "data"
+    prepare(read_documents([corpus.parent]), data)
+    run = tmp_path / "run"
+    save_model(load_model(base), run / "hf")
+    with atomic.atomic_folder(run / "checkpoints" / "step_00000001", kind="training-checkpoint") as tmp:
+        (tmp / "state.json").write_text("{}")
+    before = tree(tmp_path)
+    assert main(["convert", str(base), str(data), "--quiet"]) == 2
+    assert f"{data}: holds a dataset mixlab wrote, not a checkpoint; pass --overwrite" in capsys.readouterr().err
+    step = run / "checkpoints" / "step_00000001"
+    assert main(["convert", str(run), str(step), "--overwrite", "--quiet"]) == 2
+    assert f"{step}: holds a training checkpoint mixlab wrote, not a checkpoint; it lies inside the source" in (
+        capsys.readouterr().err)
+    assert main(["convert", str(run), str(run / "hf"), "--to", "mistral", "--quiet"]) == 2
+    assert f"{run / 'hf'}: refusing to write there: it is the source {run / 'hf'}" in capsys.readouterr().err
+    assert tree(tmp_path) == before
+    assert main(["convert", str(base), str(data), "--overwrite", "--quiet"]) == 0  # said so: replaced
+    assert (data / "config.json").is_file() and not (data / "meta.json").exists()
+
+
 def test_leftovers_of_killed_runs_are_cleaned_by_name_only(base, tmp_path):
     dead = 999_999_999  # a pid no process has
     gguf_tmp = tmp_path / f".m.gguf.tmp-{dead}"

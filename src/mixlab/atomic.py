@@ -9,7 +9,8 @@ The guarantees:
   `recover(NAME)` finishes them after a crash. Files are replaced with `os.replace`.
 - **mixlab replaces only what it wrote.** Each folder gets a manifest (`MANIFEST`) of its files and
   their sizes (and SHA-256 when asked). A destination that exists and holds anything not in its
-  manifest is refused unless `overwrite=True` (`--overwrite`); a destination that is or contains a
+  manifest, or that mixlab wrote as another kind of folder (a dataset where a checkpoint goes), is
+  refused unless `overwrite=True` (`--overwrite`); a destination that is or contains a
   source, or a file read with it (`inputs`: a split GGUF's other parts, where a source folder's links
   point), is refused always (nothing that holds the input is ever deleted). A file destination is
   replaced only if it starts with the expected magic bytes.
@@ -181,11 +182,13 @@ def _names(xs: Sequence[str]) -> str:
 
 def check_destination(
     dst: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False, kind: str = "folder",
-    magic: bytes | None = None, inputs: Mapping[Path, str] | None = None,
+    magic: bytes | None = None, inputs: Mapping[Path, str] | None = None, writes: str | None = None,
 ) -> Path:
     """The real path to write `dst` to, after the checks of the module docstring; OutputError if refused.
 
     `kind`: "folder" or "file". `magic`: for files, the leading bytes that mark one mixlab may replace.
+    `writes`: for folders, the manifest's kind of what is written ("checkpoint", "dataset", ...): a folder
+    mixlab wrote as another kind is replaced only with `overwrite`.
     `inputs`: more files the command reads, outside its sources (a split GGUF's other parts, the
     targets of a source folder's links), each with what it is: `dst` may neither be nor hold one.
     """
@@ -219,6 +222,10 @@ def check_destination(
         foreign = foreign_entries(real)
         if foreign and not overwrite:
             raise OutputError(f"{shown}: holds files mixlab did not write ({_names(foreign)}); {hint}")
+        held = (read_manifest(real) or {}).get("kind", writes)
+        if writes is not None and held != writes and not overwrite:  # a dataset where a model goes: a typo
+            raise OutputError(f"{shown}: holds a {str(held).replace('-', ' ')} mixlab wrote, not a "
+                              f"{writes.replace('-', ' ')}; {hint}")
         return real
     if real.is_dir():
         example = f" (for example {given / 'model.gguf'})" if magic == b"GGUF" else ""
@@ -325,7 +332,7 @@ def atomic_folder(
     real.parent.mkdir(parents=True, exist_ok=True)
     recover(real)
     remove_leftovers(real)
-    real = check_destination(dst, sources=sources, overwrite=overwrite, kind="folder")
+    real = check_destination(dst, sources=sources, overwrite=overwrite, kind="folder", writes=kind)
     tmp = new_temporary(real)
     try:
         yield tmp

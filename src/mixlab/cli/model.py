@@ -162,23 +162,26 @@ def convert(args: argparse.Namespace) -> int:
             import gguf  # noqa: F401
         except ImportError:
             raise ValueError("writing GGUF files needs the gguf package: pip install 'mixlab[gguf]'") from None
-    # refused now, not after reading a model of many GB (save_model and write_gguf check it again); never
-    # over a file it reads: a split GGUF's other part, a link's target, the --tokenizer
-    inputs = input_files(args.src) | ({Path(args.tokenizer): f"the --tokenizer {args.tokenizer}"}
-                                      if args.tokenizer else {})
-    sources = [args.src, *inputs]
-    check_destination(args.dst, sources=[args.src], inputs=inputs, overwrite=args.overwrite,
-                      kind="file" if args.to == "gguf" else "folder", magic=b"GGUF" if args.to == "gguf" else None)
     gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
     src, extra = Path(args.src), {}
+    training = not gguf_src and src.is_dir() and checkpoints.is_training(src)  # a run folder or its step_*
+    if training:
+        src = checkpoints.resolve_weights(src)  # the run's hf/ export, else its newest checkpoint
+    # refused now, not after reading a model of many GB (save_model and write_gguf check it again); never
+    # over what it reads: a run's export, a split GGUF's other part, a link's target, the --tokenizer
+    inputs = input_files(args.src) | ({Path(args.tokenizer): f"the --tokenizer {args.tokenizer}"}
+                                      if args.tokenizer else {})
+    sources = list(dict.fromkeys([args.src, str(src), *map(str, inputs)]))
+    check_destination(args.dst, sources=[args.src, str(src)], inputs=inputs, overwrite=args.overwrite,
+                      kind="file" if args.to == "gguf" else "folder", magic=b"GGUF" if args.to == "gguf" else None,
+                      writes=None if args.to == "gguf" else "checkpoint")
     if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
 
         # Q4_0 matrices dequantised: an int4 model would not save (and would write a broken GGUF)
         model = load_gguf(args.src, dtype=parse_dtype(args.dtype), keep_int4=False)
-    elif src.is_dir() and checkpoints.is_training(src):  # a run folder or its checkpoints/step_*
-        src = checkpoints.resolve_weights(src)  # the run's hf/ export, else its newest checkpoint
+    elif training:
         if checkpoints.is_step(src):  # the float32 weights, and the tokenizer the run's export names
             model = checkpoints.load_init(src, checkpoints.init_config(src))
             data = checkpoints.validate(src, checksums=False).get("data")  # load_init checked every byte
@@ -232,7 +235,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(its hf/, else its newest checkpoint)")
     p.add_argument("dst", type=user_path,
                    help="output folder (or .gguf file), written atomically; an existing one is replaced "
-                        "only if mixlab wrote it")
+                        "only if mixlab wrote it as a checkpoint (not a dataset or a training checkpoint)")
     p.add_argument("--to", choices=CONVERT_FORMATS, default=None,
                    help="output format (default: gguf for a dst ending in .gguf, else hf)")
     p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "int4"], default=None,
