@@ -280,6 +280,20 @@ def test_convert_cli_to_gguf_keeps_the_sources_vocabulary(tmp_path, capsys):
         assert got.encode("the lazy fox, again") == want.encode("the lazy fox, again")
 
 
+def test_convert_refuses_a_json_tokenizer_before_loading(tmp_path, capsys, monkeypatch):
+    """`convert DIR X.gguf --tokenizer config.json` (or a tokenizer.json) loaded the whole model, then said
+    "this model's tokenizer is a tokenizer.json" of the file given; it is refused first, as given."""
+    import mixlab.checkpoint
+    from mixlab.cli import main
+
+    save_model(_model("dense"), tmp_path / "m")
+    monkeypatch.setattr(mixlab.checkpoint, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--tokenizer",
+                 str(tmp_path / "m" / "config.json")]) == 2
+    assert (f"error: --tokenizer {tmp_path / 'm' / 'config.json'}: a GGUF carries a SentencePiece vocabulary, not a "
+            ".json tokenizer; pass the SentencePiece model (FILE.model)\n") in capsys.readouterr().err
+
+
 def test_write_gguf_refuses_a_model_prepared_for_inference(tmp_path):
     from mixlab.model.inference import prepare_for_inference
 

@@ -157,6 +157,9 @@ def convert(args: argparse.Namespace) -> int:
             if value is not None:
                 raise ValueError(f"{flag} applies to --to gguf only (this writes a {args.to} folder)")
     args.quant = args.quant or "bf16"
+    if args.tokenizer is not None and Path(args.tokenizer).suffix == ".json":  # now, not after loading the model
+        raise ValueError(f"--tokenizer {args.tokenizer}: a GGUF carries a SentencePiece vocabulary, not a .json "
+                         "tokenizer; pass the SentencePiece model (FILE.model)")
     if args.to == "gguf":  # the optional package, asked for now, not after loading the model
         try:
             import gguf  # noqa: F401
