@@ -355,7 +355,7 @@ def config_from_header(h: GGUFHeader) -> ModelConfig:
     dim = _meta(h, a + "embedding_length", int)
     if n_heads < 1:
         raise CheckpointError(f"{h.path}: metadata {a + 'attention.head_count'!r} = {n_heads}: expected at least 1")
-    if a + "attention.key_length" not in h.metadata and dim % n_heads:  # the head size is theirs' quotient
+    if a + "attention.key_length" not in h.metadata and dim % n_heads:  # the head size is their quotient
         raise CheckpointError(f"{h.path}: metadata {a + 'embedding_length'!r} = {dim} is not a multiple of "
                               f"{a + 'attention.head_count'!r} = {n_heads}, and no {a + 'attention.key_length'!r} "
                               "gives the head size")
