@@ -616,6 +616,13 @@ def test_convert_never_writes_over_a_part_of_its_split_gguf(tmp_path, capsys):
     assert main(["convert", str(parts[0]), str(tmp_path), "--to", "hf", "--overwrite", "--quiet"]) == 2
     assert f"{tmp_path}: refusing to write there: it contains the source" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in parts} == before and sorted(tmp_path.iterdir()) == parts
+    # eval --json onto a part (it starts with no JSON, but a report path is any file name) wrote the
+    # report over it after the evaluation
+    data = tmp_path.parent / f"{tmp_path.name}-data.txt"
+    data.write_text("a b c d e f g h")
+    assert main(["eval", "--model", str(parts[0]), "--data", str(data), "--json", str(parts[1]), "--quiet"]) == 2
+    assert f"{parts[1]}: refusing to write there: it is part 2 of 3 of the source" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in parts} == before
 
 
 def test_experts_stored_one_tensor_each_are_named(tmp_path):

@@ -81,6 +81,24 @@ def test_transformers_mixtral_loads_upcycled(dense, tmp_path):
     torch.testing.assert_close(hf_logits(tmp_path / "moe"), ref, atol=1e-5, rtol=0)
 
 
+def test_upcycle_never_writes_where_the_sources_links_point(dense, tmp_path):
+    """A hub snapshot's files are links to ../../blobs: upcycle --from SNAPSHOT --out BLOBS --overwrite
+    replaced the blobs folder, the snapshot's own weights; refused before anything is written."""
+    from mixlab.atomic import OutputError
+
+    src, _ = dense
+    snap, blobs = tmp_path / "models--x" / "snapshots" / "rev", tmp_path / "models--x" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in src.iterdir():
+        (blobs / f"sha-{f.name}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(f"../../blobs/sha-{f.name}")
+    before = sorted(p.name for p in blobs.iterdir())
+    with pytest.raises(OutputError, match=f"{blobs}: refusing to write there: it contains the target of {snap}/"):
+        upcycle(snap, blobs, num_experts=4, top_k=2, overwrite=True)
+    assert sorted(p.name for p in blobs.iterdir()) == before
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama_upcycles(tmp_path, tied):
     src = hf_llama(tmp_path / "llama", tie_word_embeddings=tied)

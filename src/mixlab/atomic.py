@@ -324,15 +324,16 @@ def new_temporary(real: Path) -> Path:
 @contextlib.contextmanager
 def atomic_folder(
     dst: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False, kind: str = "mixlab",
-    checksums: bool = False,
+    checksums: bool = False, inputs: Mapping[Path, str] | None = None,
 ) -> Iterator[Path]:
     """Write a folder atomically: yields an empty temporary folder to fill; on success it gets a
-    manifest and replaces `dst`; on any error it is deleted and `dst` is untouched."""
+    manifest and replaces `dst`; on any error it is deleted and `dst` is untouched. `sources`,
+    `inputs`, `overwrite`: as `check_destination`."""
     real = Path(os.path.realpath(dst))
     real.parent.mkdir(parents=True, exist_ok=True)
     recover(real)
     remove_leftovers(real)
-    real = check_destination(dst, sources=sources, overwrite=overwrite, kind="folder", writes=kind)
+    real = check_destination(dst, sources=sources, overwrite=overwrite, kind="folder", writes=kind, inputs=inputs)
     tmp = new_temporary(real)
     try:
         yield tmp

@@ -22,7 +22,7 @@ import os
 import shutil
 import stat
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,17 +367,19 @@ def write_sharded(
     copy_files: Sequence[Path] = (),
     sources: Sequence[str | Path] = (),
     overwrite: bool = False,
+    inputs: Mapping[Path, str] | None = None,
 ) -> None:
     """Write tensors as safetensors shards of at most `max_shard_bytes` (bytes, or a size such as
     "2GB"; a larger tensor gets a shard of its own; an index when more than one), plus `extra_files`
     (name -> text) and `copy_files` (copied as they are), atomically (mixlab.atomic).
 
     An existing `dst` is replaced only if it holds nothing but what a previous mixlab save wrote
-    (or `overwrite`); a `dst` that is or contains one of `sources` is refused (OutputError).
+    (or `overwrite`); a `dst` that is or contains one of `sources` or `inputs` (the files a source
+    reads beyond itself, `mixlab.checkpoint.input_files`) is refused (OutputError).
     """
     # Checked first: 0 or -1 wrote one tensor per shard, a size string failed mid-write.
     shard_bytes = parse_bytes(max_shard_bytes, what="max_shard_bytes")
-    with atomic_folder(dst, sources=sources, overwrite=overwrite, kind="checkpoint") as tmp:
+    with atomic_folder(dst, sources=sources, overwrite=overwrite, kind="checkpoint", inputs=inputs) as tmp:
         stem = single_name.removesuffix(".safetensors")
         meta = {"format": "pt", **(metadata or {})}
         seen: set[str] = set()

@@ -59,7 +59,10 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no text to evaluate (every document is empty)")
     to_stdout = args.json == "-"  # the JSON is stdout (for jq); the table goes to stderr
     if args.json and not to_stdout:  # a folder, the data or the model (--json DATA.jsonl), refused before the work
-        atomic.check_destination(args.json, kind="file", sources=[args.data, args.model])
+        from mixlab.checkpoint import input_files
+
+        atomic.check_destination(args.json, kind="file", sources=[args.data, args.model],
+                                 inputs=input_files(args.model))  # a split GGUF's other parts too
     model, tok = _load(args)
     context = min(args.context, model.config.max_seq_len)
     if args.stride is not None and args.stride > context:  # it failed in rolling_windows, naming no flag

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mixlab.checkpoint import input_files
 from mixlab.checkpoint.io import DTYPES, FLOAT_DTYPES, CheckpointError, TensorReader, tensor_files, write_sharded
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object
@@ -262,7 +263,7 @@ def upcycle(
     side = [root / n for n in _SIDE_FILES if (root / n).is_file()] + sorted(root.glob("tokenizer.model.v*"))
     write_sharded(counted(), out, extra_files={"config.json": json.dumps(cfg, indent=2) + "\n"}, copy_files=side,
                   max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name},
-                  sources=[root], overwrite=overwrite)
+                  sources=[root], overwrite=overwrite, inputs=input_files(root))
     return UpcycleReport(
         config=moe,
         dense_params=dense.param_counts()["total"],
