@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from mixlab.train.data import (
     BatchLoader,
     ByteTokenizer,
     DataError,
+    Document,
     TokenDataset,
     eval_windows,
     prepare,
@@ -131,6 +133,25 @@ def test_missing_source_and_not_a_dataset(tmp_path: Path) -> None:
         list(read_documents([tmp_path / "nope"]))
     with pytest.raises(DataError, match="not a prepared dataset"):
         TokenDataset(tmp_path)
+
+
+def test_a_model_folder_as_out_is_refused_before_reading(tmp_path: Path) -> None:
+    """`prepare --out MODEL` (a converted model folder) tokenized the whole corpus, then was refused."""
+    from mixlab.atomic import write_manifest
+    from mixlab.errors import OutputError
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}", encoding="utf-8")
+    write_manifest(model, kind="checkpoint")
+
+    def documents() -> Iterator[Document]:  # must not be read
+        raise AssertionError("the corpus was read before the destination was checked")
+        yield
+
+    with pytest.raises(OutputError, match=r"model: holds a checkpoint mixlab wrote, not a dataset"):
+        prepare(documents(), model)
+    assert (model / "config.json").read_text(encoding="utf-8") == "{}"
 
 
 def test_domains_name_only_domains_the_sources_have(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def prepare(
         raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction!r}")
     tok = get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    check_destination(out, sources=sources, overwrite=overwrite)  # fail before reading the corpus
+    check_destination(out, sources=sources, overwrite=overwrite, writes="dataset")  # fail before reading the corpus
     by_domain: dict[str, list[Document]] = {}
     for d in documents:
         by_domain.setdefault(d.domain, []).append(d)
