@@ -532,8 +532,12 @@ def test_a_misspelt_split_is_refused(tmp_path: Path) -> None:
     domains = find_domains(tmp_path)
     with pytest.raises(ValueError, match=r"--split 'vaild' is not a split name: expected one of train, valid"):
         check_domains(domains, split="vaild")
-    with pytest.raises(ValueError, match=r"--split 'test' matches no data file .*train\.jsonl, valid\.jsonl"):
+    with pytest.raises(ValueError, match=r"--split 'test' matches no data file in .*code, .*web \(files there: "
+                                         r"train\.jsonl, valid\.jsonl\)"):
         check_domains(domains, split="test")
+    # one domain of training files alone: the message named no folder ("in the 1 domain folder(s)")
+    with pytest.raises(ValueError, match=r"--split 'valid' matches no data file in .*code \(files there: train"):
+        check_domains({"code": [tmp_path / "code" / "train.jsonl"]}, split="valid")
     check_domains(domains, split="valid")
     check_domains(domains, split="")
     (tmp_path / "notes").mkdir()  # folders whose files are not named by split keep the fallback

@@ -375,7 +375,9 @@ def check_domains(domains: Mapping[str, Domain], *, split: str | None = "valid")
         files = [p for d in domains.values() for p in _domain_files(d)[1]]
         named = sorted({p.name for p in files if split_of(p)})
         if named and not any(in_split(p, split) for p in files):
-            raise DataError(f"--split {split!r} matches no data file in the {len(domains)} domain folder(s) "
-                            f"(files there: {', '.join(named)}); --split '' reads every file")
+            folders = [str(_domain_files(d)[0]) for d in domains.values()]
+            where = f"in {', '.join(folders)}" if len(folders) <= 3 else f"in the {len(folders)} domain folders"
+            raise DataError(f"--split {split!r} matches no data file {where} (files there: {', '.join(named)}); "
+                            "--split '' reads every file")
     for d in domains.values():
         next(iter_documents(d, split=split))
