@@ -520,6 +520,10 @@ def test_report_rewrites_keep_other_files_and_fail_whole(tmp_path: Path, monkeyp
     monkeypatch.undo()
     assert rep.write_report(r, out, figures=False) == names
     assert (out / "screenshot.png").read_bytes() == b"mine" and oct((out / "report.json").stat().st_mode)[-3:] != "600"
+    # an earlier report's figure, rewritten without figures: it showed the old numbers beside the new JSON
+    (out / "expert_shares.png").write_bytes(b"old figure")
+    assert rep.write_report(r, out, figures=False) == names
+    assert not (out / "expert_shares.png").exists() and (out / "screenshot.png").read_bytes() == b"mine"
 
 
 def test_a_misspelt_split_is_refused(tmp_path: Path) -> None:

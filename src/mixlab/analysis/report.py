@@ -373,7 +373,8 @@ def write_report(report: dict[str, Any], out: str | Path, *, figures: bool = Tru
 
     A new folder is renamed into place whole. An existing one keeps files the report does not write
     (e.g. a screenshot added later): each of the report's files is then replaced by its own rename,
-    so every file is whole, old or new, at every moment."""
+    so every file is whole, old or new, at every moment; an earlier report's files this one does not
+    write (its figures, when this one has none) are removed."""
     out = Path(out)
     check_report_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -392,6 +393,8 @@ def write_report(report: dict[str, Any], out: str | Path, *, figures: bool = Tru
                 raise NotADirectoryError(f"report folder {out} exists and is not a folder")
             for name in names:  # replace our files, keep others (e.g. a screenshot added later)
                 os.replace(tmp / name, out / name)
+            for name in set(REPORT_FILES) - set(names):  # an earlier run's figures: not of this report's numbers
+                (out / name).unlink(missing_ok=True)
             atomic.fsync_dir(out)
             shutil.rmtree(tmp)
         else:
