@@ -348,6 +348,18 @@ def test_analyze_takes_one_layer_and_refuses_a_string_of_domains(tmp_path: Path)
             analyze(model, bad, corpus, out=tmp_path / "r3", progress=False)
 
 
+def test_a_domain_given_as_a_string_path_is_its_folder(tmp_path: Path) -> None:
+    """{"prose": "corpus/prose"} (a str, as users write paths) failed with "'str' object has no attribute
+    'parent'": a str is a sequence, so its characters were taken for the domain's files."""
+    corpus = _corpus(tmp_path / "c")
+    assert list(iter_documents(str(corpus / "prose"))) == list(iter_documents(corpus / "prose"))
+    model, tok = _tiny_model(), load_analysis_tokenizer()
+    by_str = collect_routing(model, tok, {"prose": str(corpus / "prose")}, seq_len=16, progress=False)
+    by_path = collect_routing(model, tok, {"prose": corpus / "prose"}, seq_len=16, progress=False)
+    assert by_str.counts["prose"].summary() == by_path.counts["prose"].summary()
+    assert by_str.documents == by_path.documents == {"prose": 3}
+
+
 def test_collect_gives_back_the_models_mode(tmp_path: Path) -> None:
     """A model being trained stays in train mode (collect_routing left it in eval mode)."""
     model, tok, domains = _tiny_model().train(), load_analysis_tokenizer(), find_domains(_corpus(tmp_path))

@@ -277,13 +277,13 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
 
 # -- domain folders (analysis, evaluation) ---------------------------------------------------------
 
-Domain = Path | Sequence[Path]  # a domain: its folder (every data file in it) or its files
+Domain = str | Path | Sequence[Path]  # a domain: its folder (every data file in it) or its files
 
 
 def _domain_files(domain: Domain) -> tuple[Path, list[Path]]:
     """(the folder that names the domain in messages and sources, its data files)."""
-    if isinstance(domain, Path):
-        return domain, _files(domain)
+    if isinstance(domain, str | Path):  # a str is a sequence too: its characters were taken for files
+        return Path(domain), _files(Path(domain))
     files = sorted(domain)
     return (Path(os.path.commonpath([p.parent for p in files])) if files else Path(".")), files
 
