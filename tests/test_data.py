@@ -61,6 +61,9 @@ def test_prepare_generic_folder_holds_out_validation(tmp_path: Path) -> None:
         (tmp_path / "src" / "notes" / f"n{i}.txt").write_text(f"note {i} " * 10, encoding="utf-8")
     meta = prepare(read_documents([tmp_path / "src"]), tmp_path / "ds", valid_fraction=0.1, seed=3)
     assert meta["splits"]["train"]["notes"]["docs"] == 18 and meta["splits"]["valid"]["notes"]["docs"] == 2
+    # a large fraction of few documents held out all of them: the domain had no training text
+    meta = prepare(read_documents([tmp_path / "src"]), tmp_path / "ds2", valid_fraction=0.99, seed=3)
+    assert meta["splits"]["train"]["notes"]["docs"] == 1 and meta["splits"]["valid"]["notes"]["docs"] == 19
 
 
 def test_each_domain_folder_given_is_its_own_domain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,7 +75,8 @@ def prepare(
     `overwrite`); an `out` that is or contains one of `sources` is refused.
 
     Documents whose split is not given ("") are assigned by domain: a domain that has any "valid"
-    documents keeps its splits; otherwise a seeded `valid_fraction` of its documents is held out.
+    documents keeps its splits; otherwise a seeded `valid_fraction` of its documents is held out (at
+    least one, never all: a domain of one document is all training text).
     """
     if not (isinstance(valid_fraction, int | float) and 0 <= valid_fraction < 1):
         raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction!r}")
@@ -96,7 +97,9 @@ def prepare(
             if not any(d.split == "valid" for d in docs):
                 order = list(range(len(docs)))
                 random.Random(f"{seed}-{domain}").shuffle(order)
-                n_valid = max(1, round(valid_fraction * len(docs))) if valid_fraction > 0 and len(docs) > 1 else 0
+                # at least one held out, and one kept for training (0.8 of 2 documents held out both)
+                n_valid = (min(len(docs) - 1, max(1, round(valid_fraction * len(docs))))
+                           if valid_fraction > 0 and len(docs) > 1 else 0)
                 held = set(order[:n_valid])
                 docs = [Document(d.domain, "valid" if i in held else "train", d.text, d.where)
                         for i, d in enumerate(docs)]
