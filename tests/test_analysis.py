@@ -33,6 +33,7 @@ from mixlab.cli import main
 from mixlab.config import get_preset
 from mixlab.corpus import check_domains, find_domains, iter_documents
 from mixlab.model.moe import route
+from mixlab.train.data import prepare, read_documents
 
 E, K = 8, 2
 
@@ -248,6 +249,14 @@ def test_a_report_into_the_model_or_data_folder_is_refused(tmp_path: Path, capsy
         assert f"error: {out}: refusing to write the report there: it {why}" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
     assert not (corpus / "index.html").exists() and not (tmp_path / "index.html").exists()
+    # another model folder, or a prepared dataset (a typo for --out): the report joined its files
+    mixlab.save_model(_tiny_model(), tmp_path / "other")
+    prepare(read_documents([corpus], domains=["prose"]), tmp_path / "ds")
+    for out, kind in ((tmp_path / "other", "checkpoint"), (tmp_path / "ds", "dataset")):
+        assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(out),
+                     "--quiet"]) == 2
+        assert f"error: {out}: holds a {kind} mixlab wrote; a report goes into a folder" in capsys.readouterr().err
+        assert not (out / "index.html").exists()
 
 
 def test_collect_matches_direct_model_calls(tmp_path: Path) -> None:

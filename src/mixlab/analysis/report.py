@@ -343,7 +343,8 @@ def check_report_folder(out: str | Path, *, sources: Sequence[str | Path] = ()) 
     file names, or an earlier report (its report.json is mixlab's). Files a report does not write
     are kept either way; this only keeps a user's own index.html / summary.md from being replaced.
     `sources` (the data, the model folder): never a folder that is or holds one of them (the report's
-    files would join the input's; a folder inside the corpus, `corpus/report`, is fine)."""
+    files would join the input's; a folder inside the corpus, `corpus/report`, is fine). Nor a folder
+    mixlab wrote as something else (another model, a prepared dataset)."""
     out = Path(out)
     real = Path(os.path.realpath(out))
     for src in sources:
@@ -356,6 +357,10 @@ def check_report_folder(out: str | Path, *, sources: Sequence[str | Path] = ()) 
         if out.exists():
             raise OutputError(f"report folder {out} exists and is not a folder")
         return
+    held = atomic.read_manifest(real)
+    if held is not None:  # `--out runs/other-model` (a typo) added the report's files to a model folder
+        raise OutputError(f"{out}: holds a {str(held.get('kind', 'folder')).replace('-', ' ')} mixlab wrote; a "
+                          "report goes into a folder of its own: choose another --out")
     clash = [n for n in REPORT_FILES if (out / n).exists()]
     if not clash:
         return
