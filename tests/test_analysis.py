@@ -639,3 +639,9 @@ def test_cli_refuses_the_report_folder_before_reading_the_model(tmp_path: Path, 
     assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "c")), "--out",
                  str(tmp_path / "r"), "--quiet"]) == 2
     assert "index.html" in capsys.readouterr().err and (tmp_path / "r" / "index.html").read_text() == "mine"
+    # a --layers out of range, a --tokenizer that is no file: they too were refused after the weights were read
+    for flags, message in ((["--layers", "5"], "--layers: layer 5 is not an MoE layer of this model (MoE layers: 0..1"),
+                           (["--tokenizer", str(tmp_path / "nope.model")], "nope.model: no such tokenizer file")):
+        assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "c"), "--out",
+                     str(tmp_path / "r2"), "--quiet", *flags]) == 2
+        assert message in capsys.readouterr().err

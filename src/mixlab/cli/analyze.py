@@ -10,6 +10,7 @@ from mixlab.cli import add_quiet_arg, names, note, positive, user_path
 
 def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis import analyze as run
+    from mixlab.analysis import parse_layers
     from mixlab.analysis.collect import load_analysis_tokenizer, tokenizer_name
     from mixlab.analysis.report import check_report_folder
     from mixlab.checkpoint import load_model
@@ -27,8 +28,9 @@ def analyze(args: argparse.Namespace) -> int:
                          "needs a mixture-of-experts model")
     check_domains(find_domains(args.data, names=args.domains), split=args.split)
     check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     if seq_len < args.seq_len:  # as `mixlab eval --context`
         note("analyze", f"--seq-len {args.seq_len} is past the model's {model.config.max_seq_len} positions; "
