@@ -645,3 +645,8 @@ def test_cli_refuses_the_report_folder_before_reading_the_model(tmp_path: Path, 
         assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "c"), "--out",
                      str(tmp_path / "r2"), "--quiet", *flags]) == 2
         assert message in capsys.readouterr().err
+    small = _tiny_model()  # a byte-level model without its mixlab_data.json: Mixtral's tokenizer is the fallback
+    mixlab.save_model(mixlab.Transformer(small.config.replace(vocab_size=259)), tmp_path / "bytes-model")
+    assert main(["analyze", "--model", str(tmp_path / "bytes-model"), "--data", str(tmp_path / "c"), "--out",
+                 str(tmp_path / "r2"), "--quiet"]) == 2
+    assert "tokenizer has 32000 tokens but the model's vocabulary is 259" in capsys.readouterr().err

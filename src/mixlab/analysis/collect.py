@@ -74,6 +74,13 @@ def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | 
     return load_tokenizer()
 
 
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """ValueError if the tokenizer gives ids past the model's vocabulary (another model's tokenizer)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}: "
+                         "pass the tokenizer the model was trained with (--tokenizer)")
+
+
 def tokenizer_name(tokenizer: Tokenizer) -> str:
     for attr in ("path", "name"):
         if getattr(tokenizer, attr, None):
@@ -191,11 +198,7 @@ def collect_routing(
     if not isinstance(domains, dict):  # a path or a list of names failed on 'no attribute items'
         raise ValueError(f"domains must map each domain's name to its folder or files, as find_domains(data) "
                          f"returns, not {type(domains).__name__}")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.config.vocab_size}: "
-            "pass the tokenizer the model was trained with (--tokenizer)"
-        )
+    check_vocabulary(tokenizer, model.config.vocab_size)
     if seq_len < 2 or max_tokens < 1:
         raise ValueError(f"need seq_len >= 2 and max_tokens >= 1, got seq_len={seq_len}, max_tokens={max_tokens}")
     if seq_len > model.config.max_seq_len:  # positions the model never saw: routing nobody would see in use

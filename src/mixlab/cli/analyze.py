@@ -11,7 +11,7 @@ from mixlab.cli import add_quiet_arg, names, note, positive, user_path
 def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis import analyze as run
     from mixlab.analysis import parse_layers
-    from mixlab.analysis.collect import load_analysis_tokenizer, tokenizer_name
+    from mixlab.analysis.collect import check_vocabulary, load_analysis_tokenizer, tokenizer_name
     from mixlab.analysis.report import check_report_folder
     from mixlab.checkpoint import load_model
     from mixlab.config import ModelConfig
@@ -30,6 +30,7 @@ def analyze(args: argparse.Namespace) -> int:
     check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
     parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
+    check_vocabulary(tokenizer, config.vocab_size)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     if seq_len < args.seq_len:  # as `mixlab eval --context`
