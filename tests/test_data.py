@@ -157,6 +157,15 @@ def test_a_model_folder_as_out_is_refused_before_reading(tmp_path: Path) -> None
     assert (model / "config.json").read_text(encoding="utf-8") == "{}"
 
 
+def test_a_prepared_dataset_as_source_is_named(tmp_path: Path) -> None:
+    """`data prepare DATASET` (the token shards, not their text) said only "no data files found";
+    `analyze --data DATASET` already named it."""
+    prepare(read_documents([_corpus(tmp_path / "src")]), tmp_path / "ds")
+    with pytest.raises(DataError, match=r"ds: no data files .* found; this is a dataset `mixlab data prepare` "
+                                        r"wrote \(token shards\): pass the text corpus"):
+        prepare(read_documents([tmp_path / "ds"]), tmp_path / "ds2")
+
+
 def test_domains_name_only_domains_the_sources_have(tmp_path: Path) -> None:
     """A misspelt `--domains` entry was dropped silently (`--domains code,prsoe` prepared code alone)."""
     src = _corpus(tmp_path / "src")

@@ -241,8 +241,15 @@ def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[
            if is_data_file(f) and not (corpus and split_of(f) is None)]  # SOURCES.md beside a corpus's domains
     out += [(f, d.name, _split_of(f)) for d in subdirs for f in _files(d)]
     if not out:
-        raise DataError(f"{source}: no data files ({', '.join(DATA_SUFFIXES)}) found")
+        raise DataError(f"{source}: no data files ({', '.join(DATA_SUFFIXES)}) found{_prepared_hint(source)}")
     return out
+
+
+def _prepared_hint(folder: Path) -> str:
+    """What to pass instead of a folder `data prepare` wrote (`data prepare DATASET`, `analyze --data DATASET`)."""
+    if not (folder / "meta.json").is_file():
+        return ""
+    return "; this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus it was prepared from"
 
 
 def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | None = None) -> Iterator[Document]:
@@ -306,9 +313,8 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
         for f, domain, _ in discover(root, names=names):
             found.setdefault(domain, []).append(f)
     except DataError:
-        hint = ("; this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus it was "
-                "prepared from") if (root / "meta.json").is_file() else ""
-        raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)}){hint}") from None
+        raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)})"
+                        f"{_prepared_hint(root)}") from None
     if names:
         missing = [n for n in names if n not in found]
         if missing:
