@@ -224,6 +224,12 @@ def test_find_domains_names_a_file_and_a_missing_folder(tmp_path: Path) -> None:
         find_domains(tmp_path / "one.txt")
     with pytest.raises(NotADirectoryError, match=r"nope does not exist"):
         find_domains(tmp_path / "nope")
+    corpus = _corpus(tmp_path / "c")
+    (corpus / "empty").mkdir()  # --domains empty: it was "domain 'empty' not found", the folder right there
+    with pytest.raises(ValueError, match=r"domain folder .*c/empty holds no data file \(\.jsonl"):
+        find_domains(corpus, names=["prose", "empty"])
+    with pytest.raises(ValueError, match=r"domain 'nope' not found in .*c \(domains there: code, prose\)"):
+        find_domains(corpus, names=["nope"])
 
 
 def test_a_report_written_inside_the_corpus_is_not_a_domain(tmp_path: Path) -> None:

@@ -173,6 +173,9 @@ def test_domains_name_only_domains_the_sources_have(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"--domains: prsoe not found in .*src \(domains there: code, prose\)"):
         prepare(read_documents([src], domains=["code", "prsoe"]), tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
+    (src / "empty" / "sub").mkdir(parents=True)  # named, there, but without data: it was "not found"
+    with pytest.raises(DataError, match=r"domain folder .*src/empty holds no data file \(\.jsonl, .*not even in a sub"):
+        prepare(read_documents([src], domains=["code", "empty"]), tmp_path / "ds")
     # chat/ is no pretraining domain unless named (as analyze and eval take it)
     assert {d.domain for d in read_documents([src], domains=["chat"])} == {"chat"}
 

@@ -245,6 +245,15 @@ def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[
     return out
 
 
+def _no_data_files(folders: list[Path]) -> None:
+    """DataError for the first of the folders named by `--domains` that exists but holds no data file
+    (it was "not found", with the folder right there)."""
+    for d in folders:
+        if d.is_dir():
+            raise DataError(f"domain folder {d} holds no data file ({', '.join(DATA_SUFFIXES)}), not even in a "
+                            "subfolder")
+
+
 def _prepared_hint(folder: Path) -> str:
     """What to pass instead of a folder `data prepare` wrote (`data prepare DATASET`, `analyze --data DATASET`)."""
     if not (folder / "meta.json").is_file():
@@ -275,6 +284,7 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
     missing = sorted(keep - {domain for _, domain, _ in files}) if keep is not None else []
     if missing:
         found = sorted({domain for _, domain, _ in files})
+        _no_data_files([Path(s) / n for s in sources for n in missing])
         raise DataError(f"--domains: {', '.join(missing)} not found in {', '.join(map(str, sources))} "
                         f"(domains there: {', '.join(found)})")
     for f, domain, split in files:
@@ -318,6 +328,7 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
     if names:
         missing = [n for n in names if n not in found]
         if missing:
+            _no_data_files([root / n for n in missing])
             raise DataError(f"domain {missing[0]!r} not found in {root} (domains there: {', '.join(sorted(found))})")
         return {n: found[n] for n in names}
     return dict(sorted(found.items()))
