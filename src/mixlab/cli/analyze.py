@@ -29,6 +29,8 @@ def analyze(args: argparse.Namespace) -> int:
     check_domains(find_domains(args.data, names=args.domains), split=args.split)
     check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
     parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
+    if args.samples < 0:
+        raise ValueError(f"--samples must be >= 0, got {args.samples}")
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
     check_vocabulary(tokenizer, config.vocab_size)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
