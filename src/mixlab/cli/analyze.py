@@ -75,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
     p.add_argument("--sample-tokens", type=positive, default=150,
-                   help="tokens shown per document in the token view (default 150)")
+                   help="tokens shown per document in the token view (default 150; at most --seq-len: "
+                        "the document's first window)")
     p.add_argument("--tokenizer", type=user_path, default=None,
                    help="tokenizer file or folder (default: the model folder's "
                         "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
