@@ -258,6 +258,26 @@ def test_prepare_shared_corpus_two_domains(tmp_path: Path) -> None:
     assert x.shape == (4, 64) and set(d.tolist()) <= {0, 1}
 
 
+def test_a_tokenizer_given_by_a_relative_path_is_found_from_elsewhere(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--tokenizer tok.model` went into meta.json (and a trained model's mixlab_data.json) as "tok.model":
+    `mixlab analyze` of the model from another folder said "tokenizer tok.model does not exist", or read
+    another folder's tok.model."""
+    import shutil
+
+    from mixlab.tokenizer import default_tokenizer_path
+
+    shutil.copy(default_tokenizer_path(), tmp_path / "tok.model")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "Hello world."}) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    meta = prepare(read_documents(["a.jsonl"]), "ds", tokenizer="tok.model", valid_fraction=0)
+    assert meta["tokenizer"]["path"] == str(tmp_path / "tok.model") and meta["tokenizer"]["name"] == "tok.model"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ds = TokenDataset(tmp_path / "ds")
+    assert ds.tokenizer().decode(ds.tokens("train", "default").tolist()) == "Hello world."
+
+
 def test_prepare_with_mixtral_tokenizer(tmp_path: Path) -> None:
     f = tmp_path / "a.jsonl"
     f.write_text(json.dumps({"text": "Hello world, this is Mixtral."}) + "\n", encoding="utf-8")

@@ -86,7 +86,8 @@ class FileTokenizer:
         p = default_tokenizer_path() if path is None else Path(path)
         if not p.exists():
             raise DataError(f"tokenizer {p} does not exist")
-        self.path = p
+        # absolute: spec() goes into meta.json and a model's mixlab_data.json, read from other folders
+        self.path = p.absolute()
         self.name = name or str(p)
         self.tok = load_tokenizer(p)
         self.vocab_size, self.bos_id, self.eos_id = self.tok.vocab_size, self.tok.bos_id, self.tok.eos_id
