@@ -255,6 +255,10 @@ def test_a_report_into_the_model_or_data_folder_is_refused(tmp_path: Path, capsy
         assert f"error: {out}: refusing to write the report there: it {why}" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
     assert not (corpus / "index.html").exists() and not (tmp_path / "index.html").exists()
+    (tmp_path / "notes.txt").write_text("mine")  # a file above --out: "notes.txt: File exists", after the routing
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out",
+                 str(tmp_path / "notes.txt" / "report"), "--quiet"]) == 2
+    assert f"notes.txt/report: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
     # another model folder, or a prepared dataset (a typo for --out): the report joined its files
     mixlab.save_model(_tiny_model(), tmp_path / "other")
     prepare(read_documents([corpus], domains=["prose"]), tmp_path / "ds")

@@ -356,6 +356,7 @@ def check_report_folder(out: str | Path, *, sources: Sequence[str | Path] = ()) 
     if not out.is_dir():
         if out.exists():
             raise OutputError(f"report folder {out} exists and is not a folder")
+        atomic.check_destination(out)  # a file above it (`--out notes.txt/report`): now, not after the routing
         return
     held = atomic.read_manifest(real)
     if held is not None:  # `--out runs/other-model` (a typo) added the report's files to a model folder
