@@ -420,6 +420,33 @@ def test_a_large_bad_body_does_not_stall_the_server(server: str) -> None:
         assert worst < 1.0, (param, worst)
 
 
+def test_a_prompt_of_token_ids_is_gone_through_off_the_event_loop(server: str, model_tok: tuple[Any, Any],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 MB prompt of 1.3M token ids was gone through three times on the event loop (its shape, a
+    copy, each id against the vocabulary: 0.1 s of the server's whole stall), then refused as longer than
+    the context. The first two run in the encoding thread now, and the ids are checked once the prompt
+    is known to fit (at most the context's length)."""
+    from mixlab.serve.protocol import CompletionRequest
+
+    model, tok = model_tok
+    app = create_app(ENGINES[server], tok, _config(model))
+    threads: list[str] = []
+    scanned: list[int] = []
+    prompts, check_ids = CompletionRequest.prompts, app.state.server.check_ids
+    monkeypatch.setattr(CompletionRequest, "prompts",
+                        lambda self: threads.append(threading.current_thread().name) or prompts(self))
+    monkeypatch.setattr(app.state.server, "check_ids", lambda ids, param: scanned.append(len(ids)) or
+                        check_ids(ids, param))
+    with ServerThread(app) as url:
+        r = httpx.post(url + COMP, json={"prompt": [5] * 100_000 + [99999]}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        r = httpx.post(url + COMP, json={"prompt": [5, 99999], "max_tokens": 1}, timeout=30)
+        assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], r.text
+        assert httpx.post(url + COMP, json={"prompt": [[5, 6], [7]], "max_tokens": 1}, timeout=30).status_code == 200
+    assert scanned == [2, 2, 1]
+    assert threads and all(t.startswith("mixlab-encode") for t in threads), threads
+
+
 def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any]) -> None:
     model, tok = model_tok
     m = httpx.get(server + "/v1/models").json()

@@ -631,17 +631,21 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         arrived = time.perf_counter()
         srv.check_open()
         srv.check_model(body.model)
-        batch = body.prompts()
+
+        def encode() -> tuple[list[str] | list[list[int]], list[list[int]]]:
+            # in the encoding thread: a prompt of 1.3M token ids (4 MB) is a second's loops over them
+            batch = body.prompts()
+            srv.check_count(len(batch) * body.n, param="prompt" if len(batch) > 1 else "n")  # before encoding them
+            return batch, [tok.encode(p, bos=True) if isinstance(p, str) else p for p in batch]
+
+        batch, prompts = await srv.off_loop(encode)
         wheres = ["prompt"] if len(batch) == 1 else [f"prompt[{j}]" for j in range(len(batch))]
-        srv.check_count(len(batch) * body.n, param="prompt" if len(batch) > 1 else "n")  # before encoding them
-        prompts: list[list[int]] = await srv.off_loop(
-            lambda: [tok.encode(p, bos=True) if isinstance(p, str) else [int(i) for i in p] for p in batch])
-        for where, p, given in zip(wheres, prompts, batch, strict=True):
-            if not isinstance(given, str):
-                srv.check_ids(p, where)
         hidden = body.max_tokens == 0
         max_tokens = [srv.max_tokens(1 if hidden else body.max_tokens, len(p), where=where, default=16)
                       for where, p in zip(wheres, prompts, strict=True)]
+        for where, p, given in zip(wheres, prompts, batch, strict=True):  # after: each fits the context
+            if not isinstance(given, str):
+                srv.check_ids(p, where)
         want_lp = body.logprobs is not None
         score_prompt = body.echo and want_lp
         params, ids, choices_meta = [], [], []
