@@ -973,6 +973,41 @@ def test_a_request_head_that_arrives_too_slowly_closes_the_connection(server: st
             del runner.forward
 
 
+def test_a_client_that_stops_reading_its_stream_is_disconnected(server: str, model_tok: tuple[Any, Any]) -> None:
+    """A client that keeps its connection open but reads nothing of its stream: the engine is not held up
+    (each request's outputs queue in the server, at most max_tokens of them) and other streams keep
+    their pace; but the handler, the connection and those outputs were held for ever (until the client
+    read or left). Once nothing could be sent to it for read_timeout_s, it is disconnected."""
+    model, tok = model_tok
+    app = create_app(ENGINES[server], tok, _config(model, read_timeout_s=1.0))
+    body = json.dumps({"prompt": "hi", "max_tokens": CONTEXT - 10, "ignore_eos": True, "temperature": 0,
+                       "stream": True, "logprobs": 20, "return_experts": True, "n": 16}).encode()  # ~16 MB
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with ServerThread(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill
+            s.connect(("127.0.0.1", port))
+            s.sendall(head + body)
+            assert _until(lambda: _metric(url, "mixlab_http_requests_in_progress") == 1)
+            t0 = time.monotonic()
+            other = httpx.post(url + COMP, json={"prompt": "hi", "max_tokens": 40, "ignore_eos": True,
+                                                 "stream": True}, timeout=30)
+            assert other.status_code == 200 and other.text.endswith("data: [DONE]\n\n")
+            assert time.monotonic() - t0 < 5  # the stalled stream held nobody up
+            # the handler lets go without the client having read a byte (it held on for ever)
+            assert _until(lambda: _metric(url, "mixlab_http_requests_in_progress") == 0, timeout=30)
+            s.settimeout(10)
+            got = b""
+            try:
+                while chunk := s.recv(1 << 16):
+                    got += chunk
+            except ConnectionResetError:
+                pass
+        assert got.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in got  # cut off: the client was gone
+
+
 def test_host_header_checked_against_dns_rebinding(server: str, ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A page at a name an attacker points at 127.0.0.1 is same-origin with a loopback server: such

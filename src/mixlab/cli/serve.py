@@ -196,7 +196,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")
     e.add_argument("--read-timeout", type=float, default=60.0,
-                   help="seconds a request's headers, then its body, may take to arrive (slow clients; default 60)")
+                   help="seconds a request's headers, then its body, may take to arrive, and a response may wait for "
+                        "a client that reads none of it (slow clients; default 60)")
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -71,7 +71,8 @@ class ServerConfig:
     max_tokens_limit: int | None = None  # the largest max_tokens accepted (default: context_len)
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
-    read_timeout_s: float = 60.0  # a request's head, then its whole body, must arrive within this time
+    read_timeout_s: float = 60.0  # a request's head, then its whole body, must arrive within this time (and
+    # a client that reads nothing of its response for as long is disconnected: server._H11)
     cors_origins: list[str] = field(default_factory=list)
     # Host header names answered besides IP addresses and localhost (DNS rebinding: a web page whose
     # name an attacker points at 127.0.0.1 is same-origin with this server); None: any name

@@ -47,10 +47,13 @@ class _H11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a deadline on each request's head: uvicorn waits for ever for
     a new connection's request line and headers, and for the next request's once bytes of it came
     (its keep-alive timeout stops at the first byte), so a client that trickles them (slowloris)
-    holds a connection for ever. The body has its own deadline (app._Guard)."""
+    holds a connection for ever. The body has its own deadline (app._Guard). A client that stops reading
+    its response (a stream it no longer reads, the connection left open) is disconnected once nothing of
+    it could be sent for as long: it held the request's handler, and its outputs, for ever."""
 
     read_timeout = 60.0  # seconds; _config makes a subclass with the app's ServerConfig.read_timeout_s
     _head_timer: asyncio.TimerHandle | None = None
+    _write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -61,9 +64,25 @@ class _H11(H11Protocol):
         self._expect_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        for timer in (self._head_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:  # the client's buffers and ours are full: it reads nothing of what it is sent
+        super().pause_writing()
+        self._write_timer = self.loop.call_later(self.read_timeout, self._write_late)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_late(self) -> None:
+        # abort, not close: close waits for the unsent bytes to be read. The app's next send then sees a
+        # disconnect (a stream's requests are cancelled, their cache freed)
+        self.transport.abort()
 
     def _expect_head(self) -> None:
         if self._head_timer is not None:
