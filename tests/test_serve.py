@@ -729,6 +729,28 @@ def test_auth_body_limit_queue_full_and_cors(model_tok: tuple[Any, Any]) -> None
     engine.shutdown()
 
 
+def test_a_body_over_the_limit_closes_the_connection(server: str) -> None:
+    """A 413 kept the connection open, so the server went on reading the refused body to its end (a
+    100 MB upload: all of it, for nothing) before the client could use it again; now it is closed."""
+    port = int(server.rsplit(":", 1)[1])
+    for head, first in ((f"Content-Length: {100 << 20}", b"x" * 1000),  # refused on its Content-Length
+                        ("Transfer-Encoding: chunked", b"%x\r\n%s\r\n" % (5 << 20, b"x" * (5 << 20)))):  # counted
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"POST {COMP} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{head}"
+                      "\r\n\r\n".encode())
+            try:
+                s.sendall(first)
+            except ConnectionResetError:  # refused before all of it was sent
+                pass
+            got = b""
+            try:
+                while chunk := s.recv(4096):  # to the end: the server closes the connection (it waited for more)
+                    got += chunk
+            except ConnectionResetError:
+                pass
+        assert got.startswith(b"HTTP/1.1 413") and b"body_too_large" in got, (head, got[:200])
+
+
 def _metric(url: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
     assert m, name

@@ -901,8 +901,10 @@ class _Guard:
             if scope.get("method") in ("POST", "PUT", "PATCH"):
                 length = dict(scope.get("headers", [])).get(b"content-length")
                 too_big = error_body(f"the request body is over the limit of {limit} bytes", code="body_too_large")
+                # and the connection closed: else the rest of the body, however large, was read to keep it
+                close = {"Connection": "close"}
                 if length is not None and (not length.isdigit() or int(length) > limit):
-                    await reply(413, too_big)
+                    await reply(413, too_big, close)
                     return
                 chunks, size, more = [], 0, True
                 # a client that sends its body slowly or never finishes it (slowloris) would hold the
@@ -921,7 +923,7 @@ class _Guard:
                     await reply(408, error_body(late, code="body_timeout"), {"Connection": "close"})
                     return
                 if size > limit:
-                    await reply(413, too_big)
+                    await reply(413, too_big, close)
                     return
                 body = b"".join(chunks)
                 sent = False
