@@ -502,6 +502,12 @@ def test_head_is_answered_wherever_get_is(server: str) -> None:
         assert head.status_code == got.status_code == 200, path
         assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
     assert httpx.head(server + "/v1/models/other").status_code == 404
+    # a 405 names the methods that are (RFC 9110: it must): its Allow header was dropped
+    for method, path, allow in (("HEAD", CHAT, "POST"), ("GET", COMP, "POST"), ("POST", "/health", "GET, HEAD"),
+                                ("DELETE", "/v1/models", "GET, HEAD")):
+        r = httpx.request(method, server + path)
+        assert r.status_code == 405 and set(r.headers.get("allow", "").split(", ")) == set(allow.split(", ")), \
+            (method, path, r.headers)
 
 
 def test_repeated_slashes_in_the_path_are_merged(server: str) -> None:

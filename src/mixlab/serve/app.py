@@ -463,8 +463,10 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     @app.exception_handler(405)
     async def _bad_method(request: Request, exc: Exception) -> JSONResponse:
+        # with Starlette's Allow header, which a 405 must carry (RFC 9110 15.5.6): what to send instead
         return JSONResponse(error_body(f"method {request.method} is not allowed on {request.url.path}",
-                                       code="method_not_allowed"), status_code=405)
+                                       code="method_not_allowed"), status_code=405,
+                            headers=getattr(exc, "headers", None))
 
     # -- generation ---------------------------------------------------------------------------------
 
