@@ -712,8 +712,12 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         srv.check_model(body.model)
-        srv.check_ids(body.tokens, "tokens")
-        return {"prompt": tok.decode([i for i in body.tokens if i < tok.vocab_size])}  # padded ids: no text
+
+        def decode() -> str:  # in the encoding thread: a million ids take a second
+            srv.check_ids(body.tokens, "tokens")
+            return tok.decode([i for i in body.tokens if i < tok.vocab_size])  # padded ids: no text
+
+        return {"prompt": await srv.off_loop(decode)}
 
     # -- the chat page --------------------------------------------------------------------------------
 
