@@ -431,7 +431,7 @@ def test_a_prompt_of_token_ids_is_gone_through_off_the_event_loop(server: str, m
     copy, each id against the vocabulary: 0.1 s of the server's whole stall), then refused as longer than
     the context. The first two run in the encoding thread now, and the ids are checked once the prompt
     is known to fit (at most the context's length)."""
-    from mixlab.serve.protocol import CompletionRequest
+    from mixlab.serve.protocol import ChatMessage, CompletionRequest
 
     model, tok = model_tok
     app = create_app(ENGINES[server], tok, _config(model))
@@ -442,14 +442,19 @@ def test_a_prompt_of_token_ids_is_gone_through_off_the_event_loop(server: str, m
                         lambda self: threads.append(threading.current_thread().name) or prompts(self))
     monkeypatch.setattr(app.state.server, "check_ids", lambda ids, param: scanned.append(len(ids)) or
                         check_ids(ids, param))
+    template = ChatMessage.template  # a chat's messages too (110,000 of them: 0.06 s)
+    monkeypatch.setattr(ChatMessage, "template",
+                        lambda self: threads.append(threading.current_thread().name) or template(self))
     with ServerThread(app) as url:
         r = httpx.post(url + COMP, json={"prompt": [5] * 100_000 + [99999]}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         r = httpx.post(url + COMP, json={"prompt": [5, 99999], "max_tokens": 1}, timeout=30)
         assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], r.text
         assert httpx.post(url + COMP, json={"prompt": [[5, 6], [7]], "max_tokens": 1}, timeout=30).status_code == 200
+        assert httpx.post(url + CHAT, json={"messages": U, "max_tokens": 1}, timeout=30).status_code == 200
+        assert httpx.post(url + "/tokenize", json={"messages": U}, timeout=30).status_code == 200
     assert scanned == [2, 2, 1]
-    assert threads and all(t.startswith("mixlab-encode") for t in threads), threads
+    assert len(threads) == 5 and all(t.startswith("mixlab-encode") for t in threads), threads
 
 
 def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any]) -> None:

@@ -613,7 +613,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.check_open()
         srv.check_model(body.model)
         try:
-            ids = await srv.off_loop(tok.encode_chat, [m.template() for m in body.messages])
+            ids = await srv.off_loop(lambda: tok.encode_chat([m.template() for m in body.messages]))
         except ChatError as e:
             raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         limit = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the one obeyed
@@ -690,9 +690,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         srv.check_model(body.model)
-        if body.messages is not None:
+        if (messages := body.messages) is not None:
             try:
-                ids = await srv.off_loop(tok.encode_chat, [m.template() for m in body.messages])
+                ids = await srv.off_loop(lambda: tok.encode_chat([m.template() for m in messages]))
             except ChatError as e:
                 raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         else:
