@@ -407,3 +407,14 @@ def test_a_model_trained_with_the_bytes_tokenizer_generates_and_chats(dataset, t
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
     assert main(["chat", "--model", str(out / "hf"), "--max-new-tokens", "3"]) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_info_and_plan_of_a_checkpoints_file_or_a_preset_typo(tmp_path, base, capsys):
+    """`mixlab info DIR/model.safetensors` said "'...' is neither a checkpoint folder, a GGUF file nor
+    a preset" of a file that is there; a preset typo listed the presets without the one meant."""
+    for args in (["info", str(base / "config.json")],
+                 ["plan", str(base / "model.safetensors"), "--mode", "infer", "--devices", "1", "--device-mem", "8GB"]):
+        assert main(args) == 2
+        assert "a file, not a checkpoint folder: pass the folder holding it" in capsys.readouterr().err
+    assert main(["info", "mixtral-8x7"]) == 2
+    assert "nor a preset (did you mean 'mixtral-8x7b'?); presets: " in capsys.readouterr().err

@@ -114,3 +114,11 @@ def test_a_run_folder_given_as_a_model_names_its_export(tmp_path):
         ModelConfig.from_dir(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"found$"):
         ModelConfig.from_dir(tmp_path)
+
+
+def test_a_preset_name_with_a_typo_names_the_nearest():
+    """`mixlab train --model tiny-mo` listed the presets but left the reader to spot which was meant."""
+    with pytest.raises(ConfigError, match=r"^unknown preset 'tiny-mo' \(did you mean 'tiny-moe'\?\); known presets: "):
+        get_preset("tiny-mo")
+    with pytest.raises(ConfigError, match=r"^unknown preset 'gpt2'; known presets"):
+        get_preset("gpt2")

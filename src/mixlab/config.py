@@ -510,8 +510,17 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     """The `ModelConfig` of a named size (`PRESETS`: mixtral-8x7b, mixtral-8x22b, mistral-7b, mini-moe,
-    and tiny-moe / tiny-dense for tests); ConfigError listing them otherwise."""
+    and tiny-moe / tiny-dense for tests); ConfigError listing them otherwise, with the nearest name."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name)}; known presets: "
+                          f"{', '.join(sorted(PRESETS))}") from None
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean 'tiny-moe'?)' for a preset name with a typo, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, PRESETS, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from mixlab.cli import add_quiet_arg, note, user_path
-from mixlab.config import PRESETS, ConfigError, ModelConfig, get_preset, parse_bytes
+from mixlab.config import PRESETS, ConfigError, ModelConfig, did_you_mean, get_preset, parse_bytes
 
 CONVERT_FORMATS = ["hf", "mistral", "gguf"]
 
@@ -47,8 +47,11 @@ def _config(spec: str) -> tuple[str, ModelConfig]:
         return str(p), config_from_header(read_header(p))
     if spec in PRESETS:
         return spec, get_preset(spec)
-    raise ConfigError(f"{spec!r} is neither a checkpoint folder, a GGUF file nor a preset "
-                      f"(presets: {', '.join(sorted(PRESETS))})")
+    if p.exists():  # a checkpoint's own file (model.safetensors, config.json): as load_model refuses it
+        raise ConfigError(f"{spec}: a file, not a checkpoint folder: pass the folder holding it (with its "
+                          "config.json or params.json), a .gguf file or a preset")
+    raise ConfigError(f"{spec!r} is neither a checkpoint folder, a GGUF file nor a preset{did_you_mean(spec)}; "
+                      f"presets: {', '.join(sorted(PRESETS))}")
 
 
 

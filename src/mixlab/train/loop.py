@@ -158,6 +158,10 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
         over.setdefault("bos_id", base.bos_id)
         over.setdefault("eos_id", base.eos_id)
     else:
+        if Path(cfg.model).is_file():  # it said "unknown preset" of a checkpoint's file or a GGUF
+            raise ConfigError(f"model: {cfg.model} is a file; the model is a preset or a checkpoint folder "
+                              "(its config.json or params.json)" + (f": `mixlab convert {cfg.model} DIR` writes "
+                              "the GGUF as one" if cfg.model.endswith(".gguf") else ""))
         base = ModelConfig.from_dir(cfg.model) if Path(cfg.model).is_dir() else get_preset(cfg.model)
         over.setdefault("vocab_size", dataset.vocab_size)
     if over["vocab_size"] < dataset.vocab_size:
