@@ -350,3 +350,16 @@ def test_dtype_by_name_and_bad_arguments(dense, tmp_path):
         with pytest.raises(ValueError, match=match):
             upcycle(dense[0], tmp_path / "bad", num_experts=2, top_k=1, **bad)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_file_given_as_the_dense_model_names_what_to_pass(dense, tmp_path):
+    """`upcycle --from X.gguf` or `--from DIR/model.safetensors` said only "not a checkpoint folder"."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=r"gguf: a file, not a checkpoint folder: `mixlab convert .*m.gguf DIR`"):
+        upcycle(tmp_path / "m.gguf", tmp_path / "out", num_experts=2, top_k=1)
+    weights = next(dense[0].glob("*.safetensors"))
+    with pytest.raises(CheckpointError, match="a file, not a checkpoint folder: pass the folder holding it"):
+        upcycle(weights, tmp_path / "out", num_experts=2, top_k=1)
+    with pytest.raises(CheckpointError, match="nope: no such checkpoint folder"):
+        upcycle(tmp_path / "nope", tmp_path / "out", num_experts=2, top_k=1)
+    assert not (tmp_path / "out").exists()

@@ -173,8 +173,12 @@ def upcycle(
         raise ValueError(f"router std must be a finite number >= 0, got {router_std!r}")
     if out.resolve() == root.resolve():
         raise ValueError(f"{out}: the output folder must differ from the input folder")
+    if root.is_file():  # it said "not a checkpoint folder" of a GGUF or of the checkpoint's own file
+        hint = (f"`mixlab convert {root} DIR` writes it as one (upcycling streams safetensors)"
+                if root.suffix == ".gguf" else "pass the folder holding it (with its config.json or params.json)")
+        raise CheckpointError(f"{root}: a file, not a checkpoint folder: {hint}")
     if not root.is_dir():
-        raise CheckpointError(f"{root}: not a checkpoint folder")
+        raise CheckpointError(f"{root}: no such checkpoint folder")
     dense, raw, src_fmt, config_file = _read_dense_config(root)
     try:
         moe = upcycle_config(dense, num_experts=num_experts, top_k=top_k)
