@@ -325,6 +325,10 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="not a readable tokenizer.json"):
         load_tokenizer(tmp_path / "bad.json")
+    # a checkpoint's config.json given as --tokenizer was called malformed ("expected `,` or `}`")
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral", "vocab_size": 32000}')
+    with pytest.raises(ValueError, match=r"config.json: a JSON file but not a tokenizer.json \(no 'model' table\)"):
+        load_tokenizer(tmp_path / "config.json")
 
 
 def test_checkpoint_folder_tokenizer_model(tok, tmp_path):

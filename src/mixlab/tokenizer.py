@@ -105,7 +105,14 @@ class _HFTokenizers:
         try:
             self.tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"{path}: not a readable tokenizer.json: {e}") from None
+            try:  # valid JSON of another kind (a config.json) got "expected `,` or `}` at line 2 column 18"
+                other = not isinstance(json.loads(path.read_bytes()).get("model"), dict)
+            except (ValueError, AttributeError, OSError):
+                other = False
+            why = ("a JSON file but not a tokenizer.json (no 'model' table): pass a tokenizer.json or a "
+                   "SentencePiece tokenizer.model, or the folder holding one" if other
+                   else f"not a readable tokenizer.json: {e}")
+            raise ValueError(f"{path}: {why}") from None
         self.vocab_size = int(self.tk.get_vocab_size(with_added_tokens=True))
         # Text that spells "<s>" stays text, as with SentencePiece (no special tokens smuggled in by prompts).
         self.tk.encode_special_tokens = True
