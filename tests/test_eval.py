@@ -369,6 +369,11 @@ def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, capsys: pytest.Cap
     # the note began "note: ", without the "mixlab eval: " its warnings and errors have
     assert ("mixlab eval: note: --context 100 is past the model's 64 positions; scoring windows of 64"
             in capsys.readouterr().err)
+    # the default 2048 is the model's 64 without a note: every small model printed "--context 2048 is past"
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--dtype", "float32",
+                 "--quiet", "--json"]) == 0
+    got = capsys.readouterr()
+    assert "note" not in got.err and json.loads(got.out)["settings"]["context"] == 64
 
 
 def test_cli_eval_table_columns_never_run_together() -> None:

@@ -44,12 +44,13 @@ def evaluate(args: argparse.Namespace) -> int:
     from mixlab.eval.data import documents
     from mixlab.eval.perplexity import evaluate_texts
 
-    if args.context < 1:
-        raise ValueError(f"--context must be >= 1, got {args.context}")
+    asked = 2048 if args.context is None else args.context  # a shorter model takes the default quietly
+    if asked < 1:
+        raise ValueError(f"--context must be >= 1, got {asked}")
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max-docs must be >= 1, got {args.max_docs}")
-    if args.stride is not None and not 1 <= args.stride <= args.context:
-        raise ValueError(f"--stride must be between 1 and --context ({args.context}); got {args.stride}")
+    if args.stride is not None and not 1 <= args.stride <= asked:
+        raise ValueError(f"--stride must be between 1 and --context ({asked}); got {args.stride}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     docs = list(documents(args.data, split=args.split, max_docs=args.max_docs, domains=args.domains))
@@ -64,11 +65,11 @@ def evaluate(args: argparse.Namespace) -> int:
         atomic.check_destination(args.json, kind="file", sources=[args.data, args.model],
                                  inputs=input_files(args.model))  # a split GGUF's other parts too
     model, tok = _load(args)
-    context = min(args.context, model.config.max_seq_len)
+    context = min(asked, model.config.max_seq_len)
     if args.stride is not None and args.stride > context:  # it failed in rolling_windows, naming no flag
         raise ValueError(f"--stride {args.stride} is past the model's {context} positions, the windows' length: "
                          f"give --stride {context} or less")
-    if args.context > context:
+    if args.context is not None and args.context > context:
         note("eval", f"--context {args.context} is past the model's {context} positions; scoring windows of {context}")
     batch_size = _batch_that_fits(args.batch_size, args.stride or context, context, model.config.vocab_size)
     with tqdm(desc="eval", unit="tok", disable=True if args.quiet else None, file=sys.stderr) as bar:
@@ -105,7 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="valid", help="read each domain's files of this split, as analyze and data "
                    "prepare name them (default: valid: valid, validation, val, dev, test files; train; test; ...; "
                    "'' for all files)")
-    p.add_argument("--context", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per window (default 2048, or the model's context where shorter)")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens scored per window (default: = context, disjoint windows as lm-eval)")
     p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
