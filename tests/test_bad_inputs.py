@@ -418,3 +418,15 @@ def test_info_and_plan_of_a_checkpoints_file_or_a_preset_typo(tmp_path, base, ca
         assert "a file, not a checkpoint folder: pass the folder holding it" in capsys.readouterr().err
     assert main(["info", "mixtral-8x7"]) == 2
     assert "nor a preset (did you mean 'mixtral-8x7b'?); presets: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"], ["eval", "--data", "notes.txt"]])
+def test_a_missing_tokenizer_is_told_before_the_model_loads(tmp_path, base, command, capsys, monkeypatch):
+    """--tokenizer with a typo was found only after the whole model had loaded (minutes for a big one)."""
+    import mixlab.checkpoint
+
+    monkeypatch.setattr(mixlab.checkpoint, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("The cat sat on the mat.")
+    assert main([command[0], "--model", str(base), "--tokenizer", "tokenizr.model", *command[1:]]) == 2
+    assert "tokenizr.model: no such tokenizer file" in capsys.readouterr().err

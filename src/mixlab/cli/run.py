@@ -47,6 +47,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtype = "bfloat16" if bf16_ok else None
     offload = _offload_args(args)
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a wrong --tokenizer: told before a long load
     layout, device = None, args.device
     if getattr(args, "ep", None) is not None:  # experts split over the processes (torchrun); PyTorch's kernels
         from mixlab.parallel.mesh import init
@@ -74,7 +75,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
         model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant,
                                       int4_activations=getattr(args, "int4_activations", None))
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else model_tokenizer(args.model)
+    if tok is None:
+        tok = model_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                          f"{model.config.vocab_size}; pass the matching --tokenizer")
