@@ -394,6 +394,25 @@ def test_a_failed_loss_curve_plot_leaves_the_old_figure(tmp_path, monkeypatch):
     assert png.read_bytes() == before and [p.name for p in png.parent.iterdir()] == ["loss.png"]
 
 
+
+def test_the_loss_curve_plot_reads_a_run_still_writing_its_metrics(tmp_path):
+    """A torn last line (a run writing it as the plot reads it, or killed mid-write) failed the plot
+    with "Unterminated string starting at: line 1 column 14", naming neither the file nor the line."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from mixlab.train.plot import plot_loss_curve, read_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in (1, 2)) + '{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(log)] == [1, 2]
+    plot_loss_curve(tmp_path, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    log.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 1 is not valid JSON"):
+        read_metrics(log)
+
+
 _DCP_CRASH = r"""
 import sys
 from pathlib import Path

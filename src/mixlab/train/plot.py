@@ -13,6 +13,24 @@ from pathlib import Path
 from mixlab.atomic import atomic_file
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a `metrics.jsonl`. Its last line may be torn (a run still writing it, or one
+    killed mid-write: `mixlab train --resume` drops it too); damage elsewhere is a ValueError naming the line."""
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    recs = []
+    for i, ln in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: line {i + 1} is not a JSON object")
+        recs.append(rec)
+    return recs
+
+
 def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = None) -> None:
     """Training loss (per logged step) and validation loss (per evaluation; per domain too where the
     run records it, as `mixlab train` does; `sft` and `dpo` record the held-out loss alone) to `png`."""
@@ -24,8 +42,7 @@ def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-            if ln.strip()]
+    recs = read_metrics(Path(run) / "metrics.jsonl")
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
     domains = [r for r in evals if "eval" in r]
