@@ -61,6 +61,19 @@ def test_the_loss_curve_plot_s_help_goes_to_stdout(monkeypatch, capsys):
     assert e.value.code == 0 and "RUN_DIR" in out and "OUT.png" in out and err == ""
 
 
+
+def test_the_loss_curve_plot_takes_a_home_folder_path(tmp_path, monkeypatch):
+    """'~/run' (quoted, or after `=`: no shell expands it) was read as a folder named '~'."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["plot", "~/run", "~/loss.png"])
+    monkeypatch.delitem(sys.modules, "mixlab.train.plot", raising=False)
+    runpy.run_module("mixlab.train.plot", run_name="__main__")
+    assert (tmp_path / "loss.png").is_file()
+
+
 # Installed here for tests and peers, absent from a core install (pyproject's extras, and what they bring).
 OPTIONAL = ("gguf", "matplotlib", "lm_eval", "accelerate", "llama_cpp", "fastapi", "uvicorn", "starlette",
             "prometheus_client", "triton", "transformers", "tokenizers", "peft", "trl", "psutil", "httpx", "openai")

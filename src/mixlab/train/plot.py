@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,8 +70,11 @@ def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = Non
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m mixlab.train.plot",
                                      description="Draw a run's training and validation loss (metrics.jsonl).")
-    parser.add_argument("run", metavar="RUN_DIR", help="a run folder of mixlab train, sft or dpo")
-    parser.add_argument("png", metavar="OUT.png", help="the image to write (its suffix picks the format)")
+    # `~` is the home folder, as in mixlab's commands, also in a quoted '~/x' no shell expands
+    parser.add_argument("run", metavar="RUN_DIR", type=os.path.expanduser,
+                        help="a run folder of mixlab train, sft or dpo")
+    parser.add_argument("png", metavar="OUT.png", type=os.path.expanduser,
+                        help="the image to write (its suffix picks the format)")
     args = parser.parse_args()
     try:
         plot_loss_curve(args.run, args.png)
