@@ -430,3 +430,15 @@ def test_a_missing_tokenizer_is_told_before_the_model_loads(tmp_path, base, comm
     (tmp_path / "notes.txt").write_text("The cat sat on the mat.")
     assert main([command[0], "--model", str(base), "--tokenizer", "tokenizr.model", *command[1:]]) == 2
     assert "tokenizr.model: no such tokenizer file" in capsys.readouterr().err
+
+
+def test_save_model_to_a_gguf_name_names_write_gguf(tmp_path):
+    """save_model(model, "x.gguf") wrote a transformers folder named x.gguf; fmt="gguf" listed the
+    formats without saying where GGUF is written."""
+    model = Transformer(get_preset("tiny-moe"))
+    for kw in ({}, {"fmt": "gguf"}):
+        with pytest.raises(ValueError, match=r"mixlab.checkpoint.gguf.write_gguf\(model, 'x.gguf'"):
+            save_model(model, tmp_path / "x.gguf", **kw)
+    assert not (tmp_path / "x.gguf").exists()
+    save_model(model, tmp_path / "x.gguf", fmt="hf")  # asked for by name: a folder (convert --to hf)
+    assert (tmp_path / "x.gguf" / "config.json").is_file()

@@ -285,6 +285,9 @@ def load_model(
     return model.eval()
 
 
+_GGUF_HINT = "mixlab.checkpoint.gguf.write_gguf(model, 'x.gguf', quant='bf16') writes a GGUF file (`mixlab convert`)"
+
+
 def _plain(model: Transformer, fmt: str, *, what: str) -> Transformer:
     """The mixlab model behind `model` (a `torch.compile` wrapper's), checked to hold plain float
     weights that `fmt` can name."""
@@ -294,7 +297,8 @@ def _plain(model: Transformer, fmt: str, *, what: str) -> Transformer:
     if not isinstance(model, Transformer):
         raise ValueError(f"{what} a mixlab Transformer, not {type(model).__name__}")
     if fmt not in FORMATS:
-        raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}"
+                         + (f" ({_GGUF_HINT})" if fmt == "gguf" else ""))
     prepared = inference_format(model)
     if prepared == "offloaded":  # its experts are on disk, in the checkpoint it was loaded from
         raise ValueError("cannot save (or name in a checkpoint format) a model whose experts are offloaded "
@@ -357,7 +361,7 @@ def save_model(
     model: Transformer,
     path: str | Path,
     *,
-    fmt: str = "hf",
+    fmt: str | None = None,
     dtype: str | torch.dtype | None = None,
     max_shard_bytes: int | str = 5 * 2**30,
     copy_files: list[Path] | None = None,
@@ -369,17 +373,22 @@ def save_model(
     """Save `model` as a checkpoint folder, atomically (a crash mid-save leaves any previous folder
     at `path` intact; see io.py).
 
-    `fmt`: "hf" (transformers, legacy per-expert names, which every transformers version reads),
+    `fmt`: "hf" (the default: transformers, legacy per-expert names, which every transformers version reads),
     "hf-fused" (transformers >= 5 fused expert tensors) or "mistral" (params.json +
     consolidated.safetensors). `max_shard_bytes`: bytes per safetensors shard (or a size such as "2GB";
     a larger tensor gets a shard of its own). `copy_files`: side files (tokenizer, ...) to copy in; `extra_files`:
     more files to write (name -> text). An existing folder at `path` is replaced only if mixlab wrote
     everything in it, or with `overwrite`; a `path` that is or contains one of `sources` is refused
     (OutputError, see mixlab.atomic). `progress`: a bar of the tensors written, where stderr is a terminal. A
-    `torch.compile` wrapper saves the model it wraps.
+    `torch.compile` wrapper saves the model it wraps. A GGUF file is `mixlab.checkpoint.gguf.write_gguf`'s.
     """
-    model = _plain(model, fmt, what="save_model saves")
     path = as_path(path, what="save_model's path")
+    if fmt is None:
+        if path.suffix == ".gguf":  # it wrote a transformers folder named x.gguf
+            raise ValueError(f"{path}: save_model writes a checkpoint folder, not a GGUF file: "
+                             f"{_GGUF_HINT}, or pass fmt='hf' for a folder of that name")
+        fmt = "hf"
+    model = _plain(model, fmt, what="save_model saves")
     config: ModelConfig = model.config
     want = parse_dtype(dtype)
     state = model.state_dict()
