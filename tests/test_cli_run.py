@@ -83,6 +83,7 @@ def test_generate_sampling_is_seeded(tiny_dir, capsys):
     (["--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1, got 0"),
     (["--max-new-tokens", "127", "--prompt", "a b c"], "context is 128"),
     (["--dtype", "int3"], "unknown dtype 'int3'"),
+    (["--dtype", "int8"], "int8 / int4 weights are a quantisation: --quant"),  # it listed the float dtypes alone
 ])
 def test_generate_bad_flags_are_one_line_errors(tiny_dir, capsys, flags, message):
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", *flags]

@@ -32,7 +32,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPES[dtype]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}") from None
+        quant = " (int8 / int4 weights are a quantisation: --quant, or prepare_for_inference(quant=))"
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}"
+                         + (quant if dtype in ("int8", "int4") else "")) from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
