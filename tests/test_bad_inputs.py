@@ -442,3 +442,18 @@ def test_save_model_to_a_gguf_name_names_write_gguf(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
     save_model(model, tmp_path / "x.gguf", fmt="hf")  # asked for by name: a folder (convert --to hf)
     assert (tmp_path / "x.gguf" / "config.json").is_file()
+
+
+def test_a_hugging_face_repo_id_says_how_to_download_it(tmp_path, capsys, monkeypatch):
+    """`--model mistralai/Mixtral-8x7B-v0.1` (as transformers takes it) said only 'no such checkpoint folder'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    repo = "mistralai/Mixtral-8x7B-v0.1"
+    hint = f"a Hugging Face repo id? mixlab reads local folders: `hf download {repo} --local-dir DIR`"
+    for args in (["generate", "--model", repo, "--prompt", "x"], ["info", repo],
+                 ["upcycle", "--from", repo, "--out", "u"],
+                 ["sft", "--model", repo, "--data", "c.jsonl", "--out", "o"]):
+        assert main(args) == 2
+        assert hint in capsys.readouterr().err, args
+    assert main(["generate", "--model", "runs/typo", "--prompt", "x"]) == 2  # a local folder's typo: no hint
+    assert capsys.readouterr().err.endswith("runs/typo: no such checkpoint folder\n")

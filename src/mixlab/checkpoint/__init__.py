@@ -186,6 +186,15 @@ def _assign(config: ModelConfig, state: dict[str, torch.Tensor], *, strict: bool
     return model
 
 
+def hub_hint(path: str | Path) -> str:
+    """What to do with a Hugging Face repo id (`mistralai/Mixtral-8x7B-v0.1`) given where a local
+    folder is read, for the "no such checkpoint folder" errors; '' for anything else."""
+    if not re.fullmatch(r"[\w][\w.-]*/[\w][\w.-]*", str(path)) or Path(path).parent.exists():  # a local typo
+        return ""
+    return (f" (a Hugging Face repo id? mixlab reads local folders: `hf download {path} --local-dir DIR` "
+            "downloads it)")
+
+
 def _refuse_pickle_or_recover(root: Path) -> None:
     if root.suffix in PICKLE_SUFFIXES and root.is_file():
         raise CheckpointError(_pickle_hint(root))
@@ -196,7 +205,7 @@ def _refuse_pickle_or_recover(root: Path) -> None:
             raise CheckpointError(f"{root}: an interrupted save left {_sibling(root, 'new')} / "
                                   f"{_sibling(root, 'old')} and finishing it failed: {e}") from None
     if not root.exists():
-        raise CheckpointError(f"{root}: no such checkpoint folder")
+        raise CheckpointError(f"{root}: no such checkpoint folder{hub_hint(root)}")
     if root.is_file():  # a GGUF file is recognised by its name (as the CLI and the tokenizer do)
         with open(root, "rb") as f:
             gguf = f.read(4) == b"GGUF"

@@ -50,7 +50,10 @@ def _config(spec: str) -> tuple[str, ModelConfig]:
     if p.exists():  # a checkpoint's own file (model.safetensors, config.json): as load_model refuses it
         raise ConfigError(f"{spec}: a file, not a checkpoint folder: pass the folder holding it (with its "
                           "config.json or params.json), a .gguf file or a preset")
-    raise ConfigError(f"{spec!r} is neither a checkpoint folder, a GGUF file nor a preset{did_you_mean(spec)}; "
+    from mixlab.checkpoint import hub_hint
+
+    raise ConfigError(f"{spec!r} is neither a checkpoint folder, a GGUF file nor a preset{did_you_mean(spec)}"
+                      f"{hub_hint(spec)}; "
                       f"presets: {', '.join(sorted(PRESETS))}")
 
 

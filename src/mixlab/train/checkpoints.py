@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from mixlab import atomic
 from mixlab.atomic import atomic_folder, read_manifest, verify
-from mixlab.checkpoint import load_model
+from mixlab.checkpoint import hub_hint, load_model
 from mixlab.checkpoint.io import CheckpointError, read_header, write_safetensors
 from mixlab.config import ConfigError, ModelConfig, MoEConfig
 from mixlab.model import Transformer
@@ -291,7 +291,7 @@ def resolve_weights(path: str | Path) -> Path:
         hint = f": `mixlab convert {p} DIR` writes it as one (Q4_0 matrices dequantised)" if p.suffix == ".gguf" else ""
         raise CheckpointError(f"{p}: a file; training starts from a checkpoint folder{hint}")
     if not p.is_dir():
-        raise CheckpointError(f"{p}: no such checkpoint folder")
+        raise CheckpointError(f"{p}: no such checkpoint folder{hub_hint(p)}")
     if (p / "config.json").is_file() or (p / "params.json").is_file() or (p / "state.json").is_file():
         return p
     if (p / "hf" / "config.json").is_file():

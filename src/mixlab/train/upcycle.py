@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mixlab.checkpoint import input_files
+from mixlab.checkpoint import hub_hint, input_files
 from mixlab.checkpoint.io import DTYPES, FLOAT_DTYPES, CheckpointError, TensorReader, tensor_files, write_sharded
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object
@@ -178,7 +178,7 @@ def upcycle(
                 if root.suffix == ".gguf" else "pass the folder holding it (with its config.json or params.json)")
         raise CheckpointError(f"{root}: a file, not a checkpoint folder: {hint}")
     if not root.is_dir():
-        raise CheckpointError(f"{root}: no such checkpoint folder")
+        raise CheckpointError(f"{root}: no such checkpoint folder{hub_hint(root)}")
     dense, raw, src_fmt, config_file = _read_dense_config(root)
     try:
         moe = upcycle_config(dense, num_experts=num_experts, top_k=top_k)
