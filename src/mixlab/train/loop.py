@@ -53,6 +53,7 @@ from mixlab.model.transformer import ModelOutput
 from mixlab.train import checkpoints
 from mixlab.train.data import BatchLoader, DataError, TokenDataset, eval_windows
 from mixlab.train.losses import expert_load, lm_loss, router_losses
+from mixlab.train.plot import read_metrics
 from mixlab.train.settings import (
     INTEGERS,
     NUMBERS,
@@ -332,18 +333,8 @@ class _Metrics:
         if resume_step is not None and self.path.is_file():
             # Drop records written after the checkpoint we resume from: they will be redone.
             # A torn last line (the process was killed mid-write) is dropped; damage elsewhere is an error.
-            lines = [ln for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-            keep = []
-            for i, ln in enumerate(lines):
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError as e:
-                    if i == len(lines) - 1:
-                        break
-                    raise DataError(f"{self.path}: line {i + 1} is not valid JSON ({e}); fix or remove it") from None
-                if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
-                    keep.append(ln)
-            atomic.write_text(self.path, "".join(ln + "\n" for ln in keep))
+            keep = [rec for rec in read_metrics(self.path) if rec.get("step", 0) <= resume_step]
+            atomic.write_text(self.path, "".join(json.dumps(rec) + "\n" for rec in keep))
         elif self.path.exists():
             self.path.unlink()
         self.tb = None

@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 from mixlab.atomic import atomic_file
+from mixlab.errors import DataError
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of a `metrics.jsonl`. Its last line may be torn (a run still writing it, or one
-    killed mid-write: `mixlab train --resume` drops it too); damage elsewhere is a ValueError naming the line."""
+    killed mid-write), and is dropped, here and by `mixlab train --resume`, which reads it through this;
+    damage elsewhere is a DataError naming the line."""
     lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     recs = []
     for i, ln in enumerate(lines):
@@ -25,9 +27,9 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from None
+            raise DataError(f"{path}: line {i + 1} is not valid JSON ({e}); fix or remove it") from None
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: line {i + 1} is not a JSON object")
+            raise DataError(f"{path}: line {i + 1} is not a JSON object; fix or remove it")
         recs.append(rec)
     return recs
 
