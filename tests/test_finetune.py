@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 import types
@@ -232,6 +233,32 @@ def test_prompt_completion_is_trl_format(tmp_path: Path) -> None:
     n = len(TOK.encode(reply["content"], eos=True))  # the completion and its </s>
     assert multi.train == [False] * (len(full_ids) - n) + [True] * n
     assert sum(full_train) > n  # `messages` trains the earlier assistant turn too
+
+
+def test_an_assistant_message_of_weight_0_is_context(tmp_path: Path) -> None:
+    """mistral-finetune's `"weight": 0` on an assistant message makes it context: its tokens are not
+    trained (1 or no weight: trained). It was ignored, so the message was trained on."""
+    conv = [dict(m) for m in CONVS[1]]
+    f = tmp_path / "w.jsonl"
+    rows = [{"messages": [*conv[:2], {**conv[2], "weight": 0}, conv[3], {**conv[4], "weight": 1}]},
+            {"messages": [*conv[:4], {**conv[4], "weight": 0}]},
+            {"prompt": conv[:4], "completion": [conv[4]]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    weighted, last_zero, prompt_completion = sft.read_sft(f, TOK)
+    full_ids, full_train = sft.render_turns(conv, TOK, final_assistant=True)
+    assert weighted.ids == last_zero.ids == full_ids
+    assert weighted.train == prompt_completion.train != full_train  # only the last reply is trained
+    assert [a or b for a, b in zip(weighted.train, last_zero.train, strict=True)] == full_train
+    assert sum(last_zero.train) == len(conv[2]["content"]) + 1  # "4</s>": the earlier reply only
+    for w in (0.5, 2, "0", True):
+        f.write_text(json.dumps({"messages": [conv[0], {**CONVS[0][1], "weight": w}]}) + "\n")
+        with pytest.raises(DataError, match=rf"w.jsonl:1: field 'messages\[1\].weight' is {re.escape(json.dumps(w))}; "
+                                            r"expected 0 \(the message is context, not trained\) or 1"):
+            sft.read_sft(f, TOK)
+    f.write_text(json.dumps({"messages": [conv[2], {**conv[2], "weight": 0}, conv[4]]}) + "\n")
+    with pytest.raises(DataError, match=r"w.jsonl:1: field 'messages': assistant turn 1 joins consecutive assistant "
+                                        "messages of weight 0 and 1"):
+        sft.read_sft(f, TOK)
 
 
 def test_a_prompt_ending_in_an_assistant_prefix_is_continued(tmp_path: Path) -> None:
@@ -964,6 +991,15 @@ def test_data_that_leaves_nothing_to_train_on_is_an_error(ckpt: Path, chat_files
                                         r"first seq_len \+ 1 = 65 tokens"):
         finetune(_cfg(ckpt, chat_files[0], tmp_path / "c", valid_data=str(long)))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # Every reply of weight 0 (mistral-finetune's context-only message): nothing to train, not a seq_len problem.
+    zero = tmp_path / "zero.jsonl"
+    zero.write_text(json.dumps({"messages": [{"role": "user", "content": "x"},
+                                             {"role": "assistant", "content": "y", "weight": 0}]}) + "\n")
+    with pytest.raises(DataError, match=r"zero.jsonl: every assistant message of the training conversations has "
+                                        r"\"weight\": 0 \(context, not trained\)"):
+        finetune(_cfg(ckpt, zero, tmp_path / "d", valid_data=str(chat_files[0])))
+    with pytest.raises(DataError, match=r"zero.jsonl: every assistant message of the held-out conversations"):
+        finetune(_cfg(ckpt, chat_files[0], tmp_path / "e", valid_data=str(zero)))
 
 
 def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:

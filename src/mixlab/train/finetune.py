@@ -372,6 +372,11 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
         if not train:
             raise DataError(f"{cfg.data}: all {len(items)} example(s) are held out for validation (valid_fraction "
                             f"{cfg.valid_fraction}); add examples, or pass --valid-data FILE or --valid-fraction 0")
+    for what, items, f in (("training", train, cfg.data), ("held-out", valid if cfg.eval_every > 0 else [],
+                                                             cfg.valid_data or cfg.data)):
+        if cfg.task == "sft" and items and not any(any(ex.train) for ex in items):  # only "weight": 0 does this
+            raise DataError(f"{f}: every assistant message of the {what} conversations has \"weight\": 0 (context, "
+                            "not trained), so there is nothing to train on or measure")
     # A conversation is cut to its first seq_len + 1 tokens (sft.collate): if that leaves no
     # assistant token anywhere, the run would train on nothing (loss 0) without a word.
     if cfg.task == "sft" and not any(any(ex.train[1: cfg.seq_len + 1]) for ex in train):

@@ -4,7 +4,8 @@ packed several conversations to a row without attention across them.
 Shape legend: B batch (rows), T tokens per row.
 
 Data: one JSON object per line with `messages`, a list of `{"role": "system" | "user" | "assistant",
-"content": str}` (OpenAI roles; system optional) ending with an assistant message, or TRL's
+"content": str}` (OpenAI roles; system optional) ending with an assistant message (one with
+`"weight": 0`, mistral-finetune's, is context: not trained), or TRL's
 prompt-completion format: `prompt` (chat turns ending with a user turn, or a string: a Human:/Assistant:
 transcript becomes its turns, anything else one user turn, as in DPO data) and `completion` (a string
 or one assistant message). The conversation is rendered with the Mixtral-Instruct (v1) template,
@@ -58,6 +59,7 @@ def render_turns(messages: Sequence[Mapping[str, Any]], tok: TrainTokenizer, *,
             raise ChatError("the last message must be an assistant message (the reply to train on)")
         msgs[-1]["prefix"] = True  # lets the chat validator accept a trailing assistant turn
     system, turns = _normalize_chat(msgs)
+    trained = iter(_assistant_turns_trained(msgs))
     ids, train = [tok.bos_id], [False]
     first_user = True
     for role, content, prefix in turns:
@@ -71,8 +73,24 @@ def render_turns(messages: Sequence[Mapping[str, Any]], tok: TrainTokenizer, *,
         else:  # a prompt's last assistant turn with prefix=True is continued by the reply: no </s>
             seg = tok.encode(content, bos=False, eos=final_assistant or not prefix)
             ids += seg
-            train += [True] * len(seg)
+            train += [next(trained)] * len(seg)
     return ids, train
+
+
+def _assistant_turns_trained(msgs: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Whether each assistant turn (a run of assistant messages, which the template joins) is trained:
+    not when its messages have `"weight": 0` (mistral-finetune's context-only assistant message)."""
+    runs: list[list[bool]] = []
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            if i == 0 or msgs[i - 1]["role"] != "assistant":
+                runs.append([])
+            runs[-1].append(m.get("weight") != 0)
+    for i, run in enumerate(runs):
+        if len(set(run)) > 1:
+            raise ChatError(f"assistant turn {i + 1} joins consecutive assistant messages of weight 0 and 1; give "
+                            "them one weight (or make them one message)")
+    return [run[0] for run in runs]
 
 
 def _messages(obj: Any, where: str, field: str = "messages") -> list[dict[str, Any]]:
@@ -94,6 +112,10 @@ def _messages(obj: Any, where: str, field: str = "messages") -> list[dict[str, A
         if m["role"] not in ("system", "user", "assistant"):
             raise DataError(f"{where}: field '{field}[{i}].role' is {m['role']!r}; expected 'system', 'user' "
                             "or 'assistant'")
+        w = m.get("weight")  # mistral-finetune's: 0 makes an assistant message context (no loss)
+        if w is not None and (isinstance(w, bool) or w not in (0, 1)):
+            raise DataError(f"{where}: field '{field}[{i}].weight' is {json.dumps(w)}; expected 0 (the message is "
+                            "context, not trained) or 1 (trained, as without a weight)")
     return msgs
 
 
