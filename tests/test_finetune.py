@@ -1153,6 +1153,29 @@ def test_a_dpo_resume_with_other_settings_or_data_names_them(ckpt: Path, chat_fi
         finetune(_cfg(ckpt, data, tmp_path / "run2", valid_data=str(valid), **kw), resume=True)
 
 
+def test_a_dpo_resume_of_a_run_with_per_token_mean_references_says_so(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    """A --length-normalize run started before its log-probs became sums (a026960) stored per-token
+    means; its resume blamed the held-out pairs ('reference log-probs for other held-out pairs (... changed
+    since the run started)'), which had not changed. It now says what differs and what to do."""
+    from safetensors.torch import load_file, save_file
+
+    from mixlab.checkpoint import CheckpointError
+
+    kw: dict[str, Any] = dict(task="dpo", eval_every=0, length_normalize=True)
+    finetune(_cfg(ckpt, chat_files[1], tmp_path / "run", **kw), stop_after=1)
+    rf = tmp_path / "run" / "reference_logps.safetensors"
+    pairs = dpo.read_pairs(chat_files[1], TOK)
+    train, valid = sft.split_holdout(pairs, 0.2, 0)
+    old = dpo.reference_fingerprint(train + valid, {"model": str(ckpt.resolve()), "seq_len": 64, "mean": True,
+                                                    "dtype": "float32"})
+    save_file(load_file(str(rf)), str(rf), metadata={"fingerprint": old})  # as the old code wrote it
+    with pytest.raises(CheckpointError, match=r"reference_logps.safetensors: holds per-token means of the reference "
+                                              r"log-probs, as --length-normalize stored them before .* finish this "
+                                              r"run with the mixlab version that started it, or start it again"):
+        finetune(_cfg(ckpt, chat_files[1], tmp_path / "run", **kw), resume=True)
+
+
 def test_a_damaged_mixlab_data_json_names_the_file(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
     """A mixlab_data.json without 'tokenizer' ended in a KeyError traceback (bad JSON: a message
     without the file)."""

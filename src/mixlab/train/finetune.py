@@ -476,10 +476,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         vref = {"chosen": torch.zeros(len(valid_items)), "rejected": torch.zeros(len(valid_items))}
     elif cfg.task == "dpo":
         # "mean": False: the file holds sums (one of means, which length_normalize once stored, is not reused)
-        fp = dpo.reference_fingerprint(train_items + valid_items, {
-            "model": str(Path(cfg.model).resolve()), "seq_len": cfg.seq_len, "mean": False,
-            "dtype": cfg.dtype} | ({"base_dtype": cfg.lora_base_dtype} if cfg.lora_rank and
-                                   cfg.lora_base_dtype != "float32" else {}))
+        ref_settings = {"model": str(Path(cfg.model).resolve()), "seq_len": cfg.seq_len, "mean": False,
+                        "dtype": cfg.dtype} | ({"base_dtype": cfg.lora_base_dtype} if cfg.lora_rank and
+                                               cfg.lora_base_dtype != "float32" else {})
+        fp = dpo.reference_fingerprint(train_items + valid_items, ref_settings)
         rf = out / "reference_logps.safetensors"
         t = None
         if rf.is_file():
@@ -487,6 +487,14 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
 
             with safe_open(str(rf), "pt") as f:
                 stored = (f.metadata() or {}).get("fingerprint")
+            if (stored != fp and resume and cfg.length_normalize and stored == dpo.reference_fingerprint(
+                    train_items + valid_items, ref_settings | {"mean": True})):
+                raise CheckpointError(
+                    f"{rf}: holds per-token means of the reference log-probs, as --length-normalize stored them "
+                    "before mixlab's DPO log-probs and rewards became sums over each reply (the division by its token "
+                    "count now happens in the loss: the loss is the same, but rewards/* and logps/* are logged as "
+                    "sums, and the file's means cannot be reused); finish this run with the mixlab version that "
+                    f"started it, or start it again into another --out (or after removing {out})")
             if stored != fp and resume:  # the checkpoint matched the settings and training pairs above
                 raise CheckpointError(f"{rf}: reference log-probs for other held-out pairs "
                                       f"({cfg.valid_data or cfg.data} changed since the run started); resume with the "
