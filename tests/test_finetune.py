@@ -193,6 +193,15 @@ def test_packing_and_loader_resume() -> None:
     ('{"prompt": "Hi"}', r"bad.jsonl:2: field 'completion' is missing \(the row has: prompt\)$"),
     ('{"prompt": "Hi", "completion": 3}', r"bad.jsonl:2: field 'completion' must be a non-empty string \(or one "
                                           r"assistant message\), got int$"),
+    # A completion of several messages (TRL takes them) said only 'must be a non-empty string ..., got list'.
+    ('{"prompt": "Hi", "completion": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}, '
+     '{"role": "assistant", "content": "c"}]}', r"bad.jsonl:2: field 'completion' is a list of 3 message\(s\) "
+                                                r"\('assistant', 'user', 'assistant'\); expected one assistant message "
+                                                r"\(or a non-empty string\): a row trains one reply, and the turns "
+                                                "before it belong in the prompt$"),
+    ('{"prompt": "Hi", "completion": [{"role": "user", "content": "a"}]}', r"bad.jsonl:2: field 'completion' is a list "
+                                                                           r"of 1 message\(s\) \('user'\); expected"),
+    ('{"prompt": "Hi", "completion": []}', r"bad.jsonl:2: field 'completion' is a list of 0 message\(s\); expected"),
     ('{"prompt": {"role": "user"}, "completion": "x"}', r"bad.jsonl:2: field 'prompt' must be a string or a list of "
                                                         "messages, got dict$"),
     ('{"prompt": [{"role": "user", "content": 1}], "completion": "x"}', r"bad.jsonl:2: field 'prompt\[0\].content' "

@@ -160,6 +160,11 @@ def reply_text(obj: dict, field: str, where: str) -> str:
     v = obj[field]
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
         v = v[0].get("content")
+    elif isinstance(v, list):  # TRL also takes several messages (tool calls and results, then the answer)
+        roles = ", ".join(repr(m.get("role")) if isinstance(m, dict) else type(m).__name__ for m in v[:4])
+        raise DataError(f"{where}: field '{field}' is a list of {len(v)} message(s){f' ({roles}' if v else ''}"
+                        f"{', ...)' if len(v) > 4 else ')' if v else ''}; expected one assistant message (or a "
+                        "non-empty string): a row trains one reply, and the turns before it belong in the prompt")
     if not isinstance(v, str) or not v:
         raise DataError(f"{where}: field '{field}' must be a non-empty string (or one assistant message), got "
                         f"{type(v).__name__ if not isinstance(v, str) else 'an empty string'}")
