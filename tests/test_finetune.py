@@ -554,6 +554,30 @@ def test_lora_arguments_are_checked_by_name() -> None:
         apply_lora(_model(), "r8")  # type: ignore[arg-type]
 
 
+def test_lora_on_a_dense_model_equals_peft_and_refuses_a_router(tmp_path: Path) -> None:
+    """A dense (Mistral) model's adapters ("experts": its FFN) load in PEFT with mixlab's logits; the
+    target "router" added no adapter there, silently, so a router-only run failed in backward with
+    'element 0 of tensors does not require grad'."""
+    dense = ModelConfig(**{**vars(CFG), "moe": None})
+    with pytest.raises(ValueError, match=r"LoRA target 'router': the model is dense \(no MoE layer, so no router\)"):
+        apply_lora(Transformer(dense), LoraConfig(rank=2, targets=("router",)))
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = Transformer(dense)
+    base.init_weights(std=0.1, seed=0)
+    save_model(base, tmp_path / "base")
+    m = apply_lora(base, LoraConfig(rank=4, alpha=8, targets=("attention", "experts")))
+    _randomize_B(m)
+    save_peft(m, tmp_path / "adapter")
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
+                                   tmp_path / "adapter").eval()
+    x = torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), pm(input_ids=x).logits, rtol=0, atol=1e-5)
+
+
 def test_an_adapter_model_generates_and_preparing_it_asks_for_a_merge() -> None:
     # The engine's native decoder read LoRALinear's float scale as int8 row scales: generate raised
     # an AttributeError from model/native.py; prepare_for_inference did too (int8: "already prepared").

@@ -173,6 +173,10 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
     if held is not None:  # torch's KeyError "attribute 'w13' already exists", or adapters over adapters
         raise ValueError(f"the model already holds LoRA adapters ({held}): apply_lora once per model "
                          "(merge(model) gives a plain model to adapt again)")
+    if "router" in cfg.targets and not any(isinstance(b.ffn, MoEBlock) for b in _blocks(model)):
+        # it added no adapter: a run of targets=("router",) then failed in backward ("does not require grad")
+        raise ValueError("LoRA target 'router': the model is dense (no MoE layer, so no router); its targets are "
+                         "attention and experts (its FFN)")
     g = torch.Generator().manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
