@@ -661,7 +661,8 @@ def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.C
     from mixlab.cli import main
 
     assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--seq-len", "4096"]) == 2
-    assert "beyond the model's context (max_seq_len 512)" in capsys.readouterr().err
+    assert "beyond the model's context (max_seq_len 512); set --seq-len (seq_len in a config file) to 512 or less" \
+        in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "no text field"}\n')
     assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "ds")]) == 2

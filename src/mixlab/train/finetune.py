@@ -443,7 +443,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     if tok.vocab_size > mc.vocab_size:
         raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({mc.vocab_size})")
     if cfg.seq_len > mc.max_seq_len:
-        raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len})")
+        raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len}); "
+                          f"set --seq-len (seq_len in a config file) to {mc.max_seq_len} or less")
     check_batch_fits(mc, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
                      rows_per_item=2 if cfg.task == "dpo" else 1)
     model = checkpoints.load_init(cfg.model, mc).to(device)

@@ -179,7 +179,8 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
     except TypeError as e:
         raise ConfigError(f"model_overrides: {e}") from None
     if cfg.seq_len > mc.max_seq_len:
-        raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len})")
+        raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len}); "
+                          f"set --seq-len (seq_len in a config file) to {mc.max_seq_len} or less")
     return mc
 
 
