@@ -292,6 +292,13 @@ def test_a_prompt_ending_in_an_assistant_prefix_is_continued(tmp_path: Path) -> 
         assert sft.render_turns(prompt, FileTokenizer(None, name="mixtral"), final_assistant=False)[0] == want
 
 
+def test_a_data_folder_is_named_as_one(tmp_path: Path) -> None:
+    """--data FOLDER said '/tmp/x: Is a directory' (an OSError), as if the folder were broken."""
+    (tmp_path / "chat").mkdir()
+    with pytest.raises(DataError, match=r"chat: a folder, not a JSONL file; pass the file \(--data FILE.jsonl\)$"):
+        sft.read_sft(tmp_path / "chat", TOK)
+
+
 def test_line_separators_inside_json_strings_stay_in_their_line(tmp_path: Path) -> None:
     """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(ensure_ascii=False),
     datasets' to_json(force_ascii=False)); str.splitlines() broke the line there ('not valid JSON

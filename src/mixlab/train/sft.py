@@ -178,6 +178,8 @@ def read_jsonl(path: str | Path) -> list[tuple[Any, str]]:
         raw = p.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{p}: no such data file") from None
+    except IsADirectoryError:  # said only "Is a directory"
+        raise DataError(f"{p}: a folder, not a JSONL file; pass the file (--data FILE.jsonl)") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:  # name the line, as every other error here does
