@@ -292,6 +292,21 @@ def test_a_prompt_ending_in_an_assistant_prefix_is_continued(tmp_path: Path) -> 
         assert sft.render_turns(prompt, FileTokenizer(None, name="mixtral"), final_assistant=False)[0] == want
 
 
+def test_sft_and_dpo_name_each_others_data(chat_files: tuple[Path, Path]) -> None:
+    """sft on DPO pairs said "field 'completion' is missing (the row has: chosen, prompt, rejected)", dpo on
+    SFT conversations "field 'chosen' is missing (the row has: messages)"; each names the other command."""
+    with pytest.raises(DataError, match=r"dpo.jsonl:1: a preference pair \('chosen' and 'rejected'\), which mixlab "
+                                        "dpo trains on; sft takes 'messages', or 'prompt' and 'completion'$"):
+        sft.read_sft(chat_files[1], TOK)
+    with pytest.raises(DataError, match=r"sft.jsonl:1: a conversation to imitate \('messages'\), which mixlab sft "
+                                        "trains on; dpo takes 'chosen' and 'rejected' replies to a prompt$"):
+        dpo.read_pairs(chat_files[0], TOK)
+    typo = chat_files[0].parent / "typo.jsonl"  # a DPO prompt in `messages` ends with a user turn: not SFT's
+    typo.write_text(json.dumps({"messages": CONVS[0][:1], "choosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"typo.jsonl:1: field 'chosen' is missing"):
+        dpo.read_pairs(typo, TOK)
+
+
 def test_a_data_folder_is_named_as_one(tmp_path: Path) -> None:
     """--data FOLDER said '/tmp/x: Is a directory' (an OSError), as if the folder were broken."""
     (tmp_path / "chat").mkdir()

@@ -80,6 +80,13 @@ def read_pairs(path: str | Path, tok: TrainTokenizer) -> list[Pair]:
     for obj, where in read_jsonl(path):
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with 'chosen', 'rejected' and 'prompt' or 'messages'")
+        msgs = obj.get("messages")
+        ends_in_reply = isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == \
+            "assistant"  # an SFT conversation (a DPO prompt in `messages` ends with a user turn)
+        if not {"chosen", "rejected"} & obj.keys() and ("completion" in obj or ends_in_reply):
+            field = "completion" if "completion" in obj else "messages"
+            raise DataError(f"{where}: a conversation to imitate ('{field}'), which mixlab sft trains on; dpo takes "
+                            "'chosen' and 'rejected' replies to a prompt")
         if "prompt" not in obj and "messages" not in obj and "chosen" in obj and "rejected" in obj:
             obj = split_implicit_prompt(obj, where)
         msgs, field = prompt_turns(obj, where)

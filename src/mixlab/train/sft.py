@@ -209,6 +209,9 @@ def read_sft(path: str | Path, tok: TrainTokenizer) -> list[Example]:
         if not isinstance(obj, dict) or not {"messages", "prompt", "completion"} & obj.keys():
             raise DataError(f"{where}: expected a JSON object with 'messages' (or 'prompt' and 'completion'), found: "
                             f"{', '.join(sorted(obj)) or 'no fields' if isinstance(obj, dict) else type(obj).__name__}")
+        if "completion" not in obj and {"chosen", "rejected"} <= obj.keys():
+            raise DataError(f"{where}: a preference pair ('chosen' and 'rejected'), which mixlab dpo trains on; sft "
+                            "takes 'messages', or 'prompt' and 'completion'")
         if "messages" in obj:
             msgs, field, completion = _messages(obj, where), "messages", None
         else:  # TRL's prompt-completion format
