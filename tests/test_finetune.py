@@ -251,9 +251,11 @@ def test_an_assistant_message_of_weight_0_is_context(tmp_path: Path) -> None:
     f = tmp_path / "w.jsonl"
     rows = [{"messages": [*conv[:2], {**conv[2], "weight": 0}, conv[3], {**conv[4], "weight": 1}]},
             {"messages": [*conv[:4], {**conv[4], "weight": 0}]},
-            {"prompt": conv[:4], "completion": [conv[4]]}]
+            {"prompt": conv[:4], "completion": [conv[4]]},
+            {"prompt": conv[:4], "completion": [{**conv[4], "weight": 0}]}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    weighted, last_zero, prompt_completion = sft.read_sft(f, TOK)
+    weighted, last_zero, prompt_completion, zero_completion = sft.read_sft(f, TOK)
+    assert zero_completion.ids == prompt_completion.ids and not any(zero_completion.train)
     full_ids, full_train = sft.render_turns(conv, TOK, final_assistant=True)
     assert weighted.ids == last_zero.ids == full_ids
     assert weighted.train == prompt_completion.train != full_train  # only the last reply is trained
@@ -263,6 +265,9 @@ def test_an_assistant_message_of_weight_0_is_context(tmp_path: Path) -> None:
         f.write_text(json.dumps({"messages": [conv[0], {**CONVS[0][1], "weight": w}]}) + "\n")
         with pytest.raises(DataError, match=rf"w.jsonl:1: field 'messages\[1\].weight' is {re.escape(json.dumps(w))}; "
                                             r"expected 0 \(the message is context, not trained\) or 1"):
+            sft.read_sft(f, TOK)
+        f.write_text(json.dumps({"prompt": [conv[0]], "completion": [{**CONVS[0][1], "weight": w}]}) + "\n")
+        with pytest.raises(DataError, match=r"w.jsonl:1: field 'completion\[0\].weight' is "):
             sft.read_sft(f, TOK)
     f.write_text(json.dumps({"messages": [conv[2], {**conv[2], "weight": 0}, conv[4]]}) + "\n")
     with pytest.raises(DataError, match=r"w.jsonl:1: field 'messages': assistant turn 1 joins consecutive assistant "

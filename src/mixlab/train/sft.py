@@ -217,13 +217,16 @@ def read_sft(path: str | Path, tok: TrainTokenizer) -> list[Example]:
         else:  # TRL's prompt-completion format
             msgs, field = prompt_turns(obj, where)
             completion = reply_text(obj, "completion", where)
+            # a completion message's "weight" is read as a `messages` reply's is (0: context, not trained)
+            trained = not isinstance(obj["completion"], list) or \
+                _messages(obj, where, "completion")[0].get("weight") != 0
         try:
             ids, train = render_turns(msgs, tok, final_assistant=completion is None)
         except ChatError as e:
             raise DataError(f"{where}: field '{field}': {e}") from None
         if completion is not None:  # only the completion is trained
             reply = tok.encode(completion, bos=False, eos=True)
-            ids, train = ids + reply, [False] * len(ids) + [True] * len(reply)
+            ids, train = ids + reply, [False] * len(ids) + [trained] * len(reply)
         out.append(Example(ids, train, where))
     return out
 
