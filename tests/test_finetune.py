@@ -152,6 +152,27 @@ def test_sft_loss_equals_trl_and_transformers(tmp_path: Path) -> None:
             torch.testing.assert_close(s / n, want, rtol=1e-6, atol=1e-6)
 
 
+def test_sft_evaluation_logs_trls_mean_token_accuracy() -> None:
+    """eval_mean_token_accuracy (TRL's SFT metric: the share of trained tokens that are the model's
+    argmax) over packed held-out conversations equals it over each conversation alone; eval_loss too."""
+    from mixlab.train.finetune import evaluate_sft
+
+    m = _model()
+    ex = [sft.Example(*sft.render_turns(c, TOK, final_assistant=True)) for c in CONVS]
+    got = evaluate_sft(m, ex, load_finetune_config(None, model="m", data="d", seq_len=230, batch_size=1, threads=1))
+    correct = total = 0
+    loss = torch.zeros(())
+    for e in ex:
+        one = sft.collate([e], [[0]], len(e.ids) - 1)
+        logits, mask = m(one.tokens)[0], one.targets[0] != IGNORE
+        correct += int((logits.argmax(-1)[mask] == one.targets[0][mask]).sum())
+        total += int(mask.sum())
+        loss += torch.nn.functional.cross_entropy(logits[mask], one.targets[0][mask], reduction="sum")
+    assert got["eval_tokens"] == total and 0 < correct < total
+    assert got["eval_mean_token_accuracy"] == correct / total
+    assert math.isclose(got["eval_loss"], float(loss) / total, rel_tol=1e-5)
+
+
 def test_one_conversation_per_row_takes_the_causal_path() -> None:
     """Rows holding one conversation each (then right padding) skip the block-diagonal mask: the
     same loss, token count and routing of the real tokens as the masked forward."""

@@ -266,20 +266,24 @@ def logits_and_routing(model: nn.Module, tokens: torch.Tensor, **kw: Any) -> tup
 
 
 def sft_forward(model: nn.Module, b: sft.Packed, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(summed assistant-token cross-entropy, number of assistant tokens, routings) of a packed batch.
+    """(summed assistant-token cross-entropy, number of assistant tokens, routings) of a packed batch."""
+    logits, routings = sft_logits(model, b, device)
+    tgt = b.targets.to(device)
+    n = (tgt != -100).sum()
+    return lm_loss(logits, tgt) * n.clamp(min=1), n, routings
+
+
+def sft_logits(model: nn.Module, b: sft.Packed, device: torch.device) -> tuple[torch.Tensor, list]:
+    """The logits `[B, T, V]` and routings of a packed batch.
 
     A batch whose rows each hold one conversation (segment 0 from position 0, then right padding:
     every row at seq_len 256 of chat/sft.jsonl) needs no block-diagonal mask: plain causal attention
     gives its real tokens the same attention, and SDPA takes its causal kernel without building
     and reading a `[B, 1, T, T]` mask per layer. The padding's outputs are unused either way."""
     if bool((b.segments <= 0).all()):
-        logits, routings = logits_and_routing(model, b.tokens.to(device))
-    else:
-        logits, routings = logits_and_routing(model, b.tokens.to(device), positions_BT=b.positions.to(device),
-                                              segments_BT=b.segments.to(device))
-    tgt = b.targets.to(device)
-    n = (tgt != -100).sum()
-    return lm_loss(logits, tgt) * n.clamp(min=1), n, routings
+        return logits_and_routing(model, b.tokens.to(device))
+    return logits_and_routing(model, b.tokens.to(device), positions_BT=b.positions.to(device),
+                              segments_BT=b.segments.to(device))
 
 
 def pair_logps(model: nn.Module, b: dpo.PairBatch, device: torch.device) -> tuple[torch.Tensor, list]:
@@ -314,16 +318,21 @@ def eval_line(ev: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneConfig) -> dict[str, float]:
-    """Cross-entropy per assistant token over the held-out conversations (token-weighted)."""
+    """Cross-entropy per assistant token over the held-out conversations (token-weighted), and the
+    share of those tokens that are the model's most likely next token (TRL's mean_token_accuracy)."""
     was = model.training
     model.eval()
-    total, n = 0.0, 0
+    total, n, correct = 0.0, 0, 0
+    device = torch.device(cfg.device)
     for b in sft.PackedLoader(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False).all_batches():
+        tgt = b.targets.to(device)
+        k = int((tgt != IGNORE).sum())
         with _autocast(cfg):
-            s, k, _ = sft_forward(model, b, torch.device(cfg.device))
-        total, n = total + float(s), n + int(k)
+            logits, _ = sft_logits(model, b, device)
+            total, n = total + float(lm_loss(logits, tgt) * max(k, 1)), n + k
+        correct += int((logits.argmax(-1) == tgt).sum())  # IGNORE is never a token id
     model.train(was)
-    return {"eval_loss": total / max(n, 1), "eval_tokens": n}
+    return {"eval_loss": total / max(n, 1), "eval_tokens": n, "eval_mean_token_accuracy": correct / max(n, 1)}
 
 
 @torch.no_grad()
