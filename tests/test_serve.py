@@ -767,6 +767,45 @@ def test_a_body_over_the_limit_closes_the_connection(server: str) -> None:
         assert got.startswith(b"HTTP/1.1 413") and b"body_too_large" in got, (head, got[:200])
 
 
+def test_connections_over_the_cap_are_refused_and_the_server_serves_on(server: str,
+                                                                        model_tok: tuple[Any, Any]) -> None:
+    """There was no cap on open connections (each may buffer a body up to max_body_bytes); a request on
+    a connection over max_connections gets OpenAI's 503 before its body is read, and the connection is
+    closed; /metrics still answers, and once connections close the server serves again."""
+    import http.client
+
+    model, tok = model_tok
+    app = create_app(ENGINES[server], tok, _config(model, max_connections=2))
+    with ServerThread(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
+        for conn in held:  # two connections kept open (keep-alive) after a request each
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            assert r.status == 200 and r.read() == b'{"status":"ok"}'
+        body = json.dumps({"messages": U, "max_tokens": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            got = b""
+            while chunk := s.recv(4096):  # to the end: the server closes the connection
+                got += chunk
+        head, _, rest = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), got
+        error = json.loads(rest)["error"]
+        assert error["code"] == "too_many_connections" and "limit of 2 connections" in error["message"], error
+        assert httpx.get(url + "/metrics").status_code == 200  # over the cap too: the overload must be seen
+        for conn in held:  # the held connections still work
+            conn.request("GET", "/v1/models")
+            assert conn.getresponse().read().startswith(b'{"object":"list"')
+            conn.close()
+        assert _until(lambda: httpx.get(url + "/health").status_code == 200)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        assert c.chat.completions.create(model=NAME, messages=U, max_tokens=2).choices[0].message.role == "assistant"
+        refused = 'mixlab_requests_total{endpoint="/v1/chat/completions",status="503"} 1.0'
+        assert refused in httpx.get(url + "/metrics").text
+
+
 def _metric(url: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
     assert m, name
@@ -1130,8 +1169,8 @@ def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, 
     model = str(ckpt)
     # the budget holds 4 sequences of 128 tokens: the context shrinks from 512 to 128, and says so
     code, srv, err = _serve_cli(monkeypatch, capsys, "--model", model, "--max-batch", "4",
-                                "--cache-bytes", str(4 * 128 * per_token))
-    assert code == 0 and srv.cfg.context_len == 128
+                                "--cache-bytes", str(4 * 128 * per_token), "--max-connections", "3")
+    assert code == 0 and srv.cfg.context_len == 128 and srv.cfg.max_connections == 3
     assert f"4 sequences of up to 128 tokens (the model's context is {CONTEXT}" in err
     # --max-model-len: the whole context per request, and fewer sequences at once
     code, srv, err = _serve_cli(monkeypatch, capsys, "--model", model, "--max-batch", "4",

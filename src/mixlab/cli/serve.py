@@ -119,6 +119,7 @@ def serve(args: argparse.Namespace) -> int:
     hosts = args.allowed_hosts if args.allowed_hosts is not None else ([] if loopback else ["*"])
     cfg = ServerConfig(model_name=name, context_len=context, max_tokens_limit=args.max_tokens_limit,
                        api_key=args.api_key, max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout,
+                       max_connections=args.max_connections,
                        cors_origins=args.allowed_origins, allowed_hosts=None if "*" in hosts else hosts,
                        model_info=info)
     app = create_app(engine, tok, cfg)
@@ -195,6 +196,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-tokens-limit", type=positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")
+    e.add_argument("--max-connections", type=positive, default=512,
+                   help="open connections at most (idle keep-alive ones too); a request on one more gets 503 and "
+                        "its connection is closed (default 512: above --max-queue + --max-batch, below the usual "
+                        "1024 open files)")
     e.add_argument("--read-timeout", type=float, default=60.0,
                    help="seconds a request's headers, then its body, may take to arrive, and a response may wait for "
                         "a client that reads none of it (slow clients; default 60)")

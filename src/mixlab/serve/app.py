@@ -26,7 +26,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -73,6 +73,9 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     read_timeout_s: float = 60.0  # a request's head, then its whole body, must arrive within this time (and
     # a client that reads nothing of its response for as long is disconnected: server._H11)
+    # open connections at most (idle keep-alive ones too): a request on one more is answered 503 and its
+    # connection closed, before its body is read (each may buffer up to max_body_bytes); None: no cap
+    max_connections: int | None = 512
     cors_origins: list[str] = field(default_factory=list)
     # Host header names answered besides IP addresses and localhost (DNS rebinding: a web page whose
     # name an attacker points at 127.0.0.1 is same-origin with this server); None: any name
@@ -84,6 +87,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.api_key is not None and (why := api_key_problem(self.api_key)):
             raise ValueError(f"ServerConfig.api_key {why}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"ServerConfig.max_connections must be >= 1 or None, got {self.max_connections}")
 
 
 def api_key_problem(key: str) -> str | None:
@@ -267,6 +272,7 @@ class _Server:
         self.engine, self.tok, self.cfg = engine, tok, cfg
         self.metrics = Metrics(engine.stats)
         self.draining = False
+        self.connections: Sized = ()  # the open connections: server._Server puts uvicorn's set here
         self.limit = cfg.max_tokens_limit or cfg.context_len
         # prompts are encoded in this thread: a long text takes seconds (3 MB: 4-6 s), and on the event
         # loop every stream, and /health, waited for it; one thread, to leave the cores to the engine
@@ -849,9 +855,10 @@ def _host_allowed(name: str, allowed: list[str]) -> bool:
 
 
 class _Guard:
-    """ASGI middleware: the Host header (against DNS rebinding), the API key (constant-time compare)
-    on /v1 and the tokenizer endpoints, the body size limit (Content-Length or counted while
-    buffering a chunked body) and time limit, request counts; repeated slashes in the path are merged."""
+    """ASGI middleware: the cap on open connections, the Host header (against DNS rebinding), the API key
+    (constant-time compare) on /v1 and the tokenizer endpoints, the body size limit (Content-Length or
+    counted while buffering a chunked body) and time limit, request counts; repeated slashes in the path
+    are merged."""
 
     PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
     KNOWN = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
@@ -888,6 +895,15 @@ class _Guard:
             await JSONResponse(body, status_code=code, headers=headers)(scope, receive, counting_send)
 
         try:
+            cap = self.srv.cfg.max_connections
+            if cap is not None and len(self.srv.connections) > cap and endpoint != "/metrics":  # this one counts
+                # closed: a connection over the cap is not kept, nor its body read (/metrics still answers)
+                retry = str(self.srv.cfg.retry_after_s)
+                await reply(503, error_body(f"the server has its limit of {cap} connections open (--max-connections); "
+                                            f"retry after {retry} s", type="server_error",
+                                            code="too_many_connections"),
+                            {"Retry-After": retry, "Connection": "close"})
+                return
             host = _host_name(headers.get(b"host", b"").decode("latin-1"))
             allowed = self.srv.cfg.allowed_hosts
             if allowed is not None and not _host_allowed(host, allowed):

@@ -30,6 +30,9 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._app = app
         self._on_start = on_start
+        srv = getattr(getattr(app, "state", None), "server", None)
+        if srv is not None:  # the app's connection cap (ServerConfig.max_connections) counts these
+            srv.connections = self.server_state.connections
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
