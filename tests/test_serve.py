@@ -127,6 +127,27 @@ def test_completion_streamed_equals_unstreamed_equals_generate(client: Any, mode
     assert by_ids.choices[0].text == full.choices[0].text
 
 
+def test_seeds_2_to_the_32_apart_sample_differently(client: Any, model_tok: tuple[Any, Any]) -> None:
+    """torch's CPU generator keeps a seed's low 32 bits, so seed 5 and 5 + 2^32 (or -1 and 2^32 - 1)
+    gave one text; a seed outside [0, 2^32) is mixed first. Seeds in [0, 2^32) seed as before, and a
+    large seed still gives streamed == non-streamed == mixlab.generate."""
+    from mixlab.engine.sampling import seed_generator
+
+    model, tok = model_tok
+    prompt = "The quick brown fox"
+    kw = dict(model=NAME, prompt=prompt, max_tokens=12, temperature=1.0)
+    text = {s: client.completions.create(**kw, seed=s).choices[0].text for s in (5, 5 + 2**32, 2**32 - 1, -1)}
+    assert text[5] != text[5 + 2**32] and text[2**32 - 1] != text[-1], text
+    assert seed_generator(torch.Generator(), 5).initial_seed() == 5  # as manual_seed(5): samples unchanged
+    ids = tok.encode(prompt)
+    for s in (5, 5 + 2**32, -1):
+        streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, seed=s, stream=True))
+        assert streamed == text[s] == _continuation(tok, ids, _reference(model, tok, ids, 12, 1.0, s))
+    # n > 1: choice i uses seed + i, so choice 1 of seed 2^32 - 1 (2^32) is not seed 0's stream
+    two = client.completions.create(**kw, seed=2**32 - 1, n=2).choices
+    assert two[0].text == text[2**32 - 1] and two[1].text != client.completions.create(**kw, seed=0).choices[0].text
+
+
 def test_chat_continues_an_assistant_prefix(client: Any, server: str, model_tok: tuple[Any, Any]) -> None:
     """Mistral's `"prefix": true` on a last assistant message: the reply continues it (the 400 for a last
     assistant message asked for prefix=True, which the server dropped)."""

@@ -26,7 +26,7 @@ from mixlab.cache import KVCache
 from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
 from mixlab.engine.api import _is_array, _number
 from mixlab.engine.runner import bytes_per_token
-from mixlab.engine.sampling import Sampler, greedy_token, penalize
+from mixlab.engine.sampling import Sampler, greedy_token, penalize, seed_generator
 from mixlab.errors import GenerationError
 from mixlab.model import Transformer, check_model
 from mixlab.model.native import shared_decoder
@@ -395,7 +395,7 @@ def _generate(
         if seed is None:
             generator.seed()
         else:
-            generator.manual_seed(seed)
+            seed_generator(generator, seed)
     seen_BV = None
     if sampler.repetition_penalty != 1.0:
         seen_BV = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mixlab.engine.sampling import Sampler
+from mixlab.engine.sampling import Sampler, seed_generator
 from mixlab.model.layers import apply_rope, rope_cos_sin
 from mixlab.model.transformer import Block, Transformer
 
@@ -165,7 +165,7 @@ class StaticDecoder:
         sampler = sampler or Sampler()
         gen = torch.Generator(device=self.device)
         if seed is not None:
-            gen.manual_seed(seed)
+            seed_generator(gen, seed)
         self.reset()
         n = len(prompts)
         first = torch.stack([self.prefill(r, p) for r, p in enumerate(prompts)])

@@ -41,7 +41,7 @@ import torch
 from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver, _is_array
 from mixlab.engine.runner import Item, Result, Runner, common_prefix
-from mixlab.engine.sampling import Sampler, sample_row, top_logprobs
+from mixlab.engine.sampling import Sampler, sample_row, seed_generator, top_logprobs
 from mixlab.errors import MixlabError
 from mixlab.model.formats import expert_cache
 from mixlab.model.transformer import check_model
@@ -239,7 +239,7 @@ class Engine:
             if params.seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(params.seed)
+                seed_generator(generator, params.seed)
         decoder = self.tokenizer.stream(context=prompt[-4:]) if self.tokenizer is not None else None
         seq = _Seq(rid, prompt, params, handle, Sampler(params.temperature, params.top_k, params.top_p,
                    params.min_p, params.repetition_penalty), stop_ids, generator, decoder)

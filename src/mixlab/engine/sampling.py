@@ -15,7 +15,8 @@ import torch
 from mixlab.engine.api import GREEDY_TEMPERATURE, SamplingParams
 from mixlab.errors import GenerationError
 
-__all__ = ["Sampler", "check_logits", "greedy_token", "penalize", "row_argmax", "sample_row", "top_logprobs"]
+__all__ = ["Sampler", "check_logits", "greedy_token", "penalize", "row_argmax", "sample_row", "seed_generator",
+           "top_logprobs"]
 
 
 _NAN_MESSAGE = ("the model produced NaN logits; its weights or inputs hold NaN/Inf (loading warns with the "
@@ -161,6 +162,21 @@ def sample_row(
     if sampler.greedy:
         return int(logits_1V.argmax(dim=-1))
     return int(torch.multinomial(logits_1V.softmax(dim=-1), 1, generator=generator)[0, 0])
+
+
+def seed_generator(generator: torch.Generator, seed: int) -> torch.Generator:
+    """Seed `generator` with a 64-bit `seed` (a negative one read as two's complement, as torch reads
+    it). The CPU generator (Mersenne Twister) keeps only a seed's low 32 bits, so seeds 2^32 apart (5
+    and 5 + 2^32, -1 and 2^32 - 1) sampled alike; a seed outside [0, 2^32) is first mixed by
+    SplitMix64's finaliser (a bijection of 64-bit integers), so that its high bits count. Seeds in
+    [0, 2^32) seed the generator as they are: their samples stay what they were."""
+    s = seed % 2**64
+    if s >= 2**32:
+        m = 2**64 - 1
+        s = (s ^ (s >> 30)) * 0xBF58476D1CE4E5B9 & m
+        s = (s ^ (s >> 27)) * 0x94D049BB133111EB & m
+        s ^= s >> 31
+    return generator.manual_seed(s)
 
 
 def top_logprobs(logprobs_V: torch.Tensor, n: int) -> list[tuple[int, float]]:
