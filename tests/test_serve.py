@@ -193,6 +193,27 @@ def test_chat_reply_that_begins_with_a_space_token_drops_one_space(client: Any, 
     assert streamed == " Hello"
 
 
+def test_a_chat_reply_s_stop_strings_match_the_text_the_client_gets(client: Any, model_tok: tuple[Any, Any]) -> None:
+    """A chat reply drops its first word's leading space, but the stop strings were matched on the text
+    with it: a reply "The The ..." with stop " The" came back empty (the dropped space matched), and
+    stop " " cut it before its first word. They now match the text the client gets (the reply decoded
+    alone); a completion, which keeps the space, still stops at once."""
+    _, tok = model_tok
+    the = tok.encode("The", bos=False)[-1]
+    assert tok.id_to_piece(the) == "\u2581The"
+    kw = dict(model=NAME, messages=U, max_tokens=6, temperature=0, logit_bias={str(the): 100})
+    assert client.chat.completions.create(**kw).choices[0].message.content == "The The The The The The"
+    for stop, want in ((" The", "The"), (" ", "The"), ("The", ""), (["e T", " The"], "Th")):
+        r = client.chat.completions.create(**kw, stop=stop)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, "stop"), stop
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stop=stop,
+                                                                                                    stream=True))
+        assert streamed == want, stop
+    c = client.completions.create(model=NAME, prompt="x", max_tokens=6, temperature=0, logit_bias={str(the): 100},
+                                  stop=" The")
+    assert (c.choices[0].text, c.choices[0].finish_reason) == ("", "stop")
+
+
 def test_logit_bias_through_the_openai_client(client: Any, model_tok: tuple[Any, Any]) -> None:
     _, tok = model_tok
     kw = dict(model=NAME, prompt="The quick brown fox", max_tokens=6, temperature=0)

@@ -82,6 +82,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # vLLM's: no stop token (EOS, stop_token_ids) or stop string before this many tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits (logprobs: raw)
+    # the text is `decode(output)` alone, not the prompt's continuation: a chat reply, whose first word loses
+    # the leading space SentencePiece's "▁" gives it; stop strings are matched on that text
+    decode_alone: bool = False
 
     def __post_init__(self) -> None:
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")

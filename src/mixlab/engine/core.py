@@ -240,7 +240,8 @@ class Engine:
                 generator.seed()
             else:
                 seed_generator(generator, params.seed)
-        decoder = self.tokenizer.stream(context=prompt[-4:]) if self.tokenizer is not None else None
+        context = () if params.decode_alone else prompt[-4:]  # the prompt's last tokens keep a leading space
+        decoder = self.tokenizer.stream(context=context) if self.tokenizer is not None else None
         seq = _Seq(rid, prompt, params, handle, Sampler(params.temperature, params.top_k, params.top_p,
                    params.min_p, params.repetition_penalty), stop_ids, generator, decoder)
         with self._lock:

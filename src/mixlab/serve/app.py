@@ -10,7 +10,8 @@ Text conventions:
     (decoded with the prompt's last tokens as context, so a leading space is kept);
   - a chat reply drops the one leading space SentencePiece's "▁" puts on its first word (as
     `tokenizer.decode` of the reply alone, mistral-common and `mixlab chat` do), unless it continues
-    a last assistant message sent with `"prefix": true`;
+    a last assistant message sent with `"prefix": true`: the engine decodes it alone
+    (`SamplingParams.decode_alone`), so that stop strings are matched on the text the client gets;
   - the logprob `token`s of a choice are those same deltas, so they concatenate to its text (a stop
     token, EOS or `stop_token_ids`, has an entry whose text is empty or what the decoder held back).
 """
@@ -212,7 +213,6 @@ def _piece(tok: Tokenizer, i: int) -> tuple[str, list[int]]:
 class _Choice:
     index: int
     handle: Any
-    strip_space: bool  # a chat reply: drop the first word's leading space
     hidden: bool = False  # max_tokens=0 with echo: the one generated token is not reported
     text: str = ""
     tokens: list[dict[str, Any]] = field(default_factory=list)  # logprob entries
@@ -224,7 +224,6 @@ class _Choice:
     cached_tokens: int = 0
     prompt_logprobs: list[float | None] | None = None
     prompt_top: list[Any] | None = None
-    started: bool = False
 
     def take(self, out: RequestOutput, tok: Tokenizer, want_logprobs: bool) -> tuple[str, dict | None, dict | None]:
         """Consume one output; return (text delta, logprob entry, experts entry) to report."""
@@ -242,10 +241,6 @@ class _Choice:
             self.completion_tokens = 0
             return "", None, None
         delta = out.text
-        if delta and not self.started:  # the first text: its one leading space only, though it be all of it
-            self.started = True
-            if self.strip_space and delta.startswith(" "):
-                delta = delta[1:]
         self.text += delta
         if out.token_id is None:
             return delta, None, None
@@ -313,7 +308,7 @@ class _Server:
         return asked
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int,
-                 logprobs: int | None, prompt_logprobs: bool = False) -> SamplingParams:
+                 logprobs: int | None, prompt_logprobs: bool = False, decode_alone: bool = False) -> SamplingParams:
         seed = body.seed
         if seed is not None and choice:  # n > 1: each choice its own (reproducible) stream
             seed = (seed + choice + 2**63) % 2**64 - 2**63
@@ -325,7 +320,7 @@ class _Server:
                 presence_penalty=float(body.presence_penalty), frequency_penalty=float(body.frequency_penalty),
                 seed=seed, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, return_experts=body.return_experts, ignore_eos=body.ignore_eos,
-                logit_bias=body.biases(), min_tokens=body.min_tokens)
+                logit_bias=body.biases(), min_tokens=body.min_tokens, decode_alone=decode_alone)
         except ValueError as e:
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
 
@@ -626,12 +621,12 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         max_tokens = srv.max_tokens(body.limit(), len(ids), where="messages", default=None, param=limit)
         top = body.top_logprobs or 0
         lp = top if body.logprobs else None
-        params = [srv.sampling(body, max_tokens, i, lp) for i in range(body.n)]
+        # a reply that continues an assistant prefix keeps its first word's leading space, as a completion does
+        alone = not body.messages[-1].prefix
+        params = [srv.sampling(body, max_tokens, i, lp, decode_alone=alone) for i in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
-        # a reply that continues an assistant prefix keeps its first word's leading space, as a completion does
-        continued = body.messages[-1].prefix
-        choices = [_Choice(i, h, strip_space=not continued) for i, h in enumerate(handles)]
+        choices = [_Choice(i, h) for i, h in enumerate(handles)]
         return await respond(request, body, choices, [len(ids)], chat=True, rid=rid, want_logprobs=body.logprobs,
                              echo=None, arrived=arrived)
 
@@ -665,7 +660,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 choices_meta.append(j)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handles = srv.submit(ids, params, rid, param="prompt" if len(prompts) > 1 else "n", n=body.n)
-        choices = [_Choice(k, h, strip_space=False, hidden=hidden) for k, h in enumerate(handles)]
+        choices = [_Choice(k, h, hidden=hidden) for k, h in enumerate(handles)]
         echo = [_echo_head(tok, p) for p in prompts] if body.echo else None
         return await respond(request, body, choices, [len(p) for p in prompts], chat=False, rid=rid,
                              want_logprobs=want_lp, echo=echo, arrived=arrived)
