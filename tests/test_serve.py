@@ -286,6 +286,39 @@ def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model
     assert len(s.choices[1].logprobs.token_logprobs) == 3 and s.usage.completion_tokens == 0
 
 
+def test_top_logprobs_at_the_start_of_a_text_lose_its_leading_space(client: Any, model_tok: tuple[Any, Any]) -> None:
+    """The first token of a chat reply or an echoed prompt is reported without its leading space ("The"),
+    but its top_logprobs kept theirs (" The", " patches"), so the chosen token's key was not its token.
+    There the alternatives are now shown as the text would begin with them: decode([alternative])."""
+    from mixlab.serve.app import _piece
+
+    model, tok = model_tok
+    ids = tok.encode_chat(U)
+    r = client.chat.completions.create(model=NAME, messages=U, max_tokens=2, temperature=0, logprobs=True,
+                                       top_logprobs=5)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + [tok.encode("The", bos=False)[-1]]]))[0]
+        top = logits[-2].topk(5).indices.tolist()
+    first = r.choices[0].logprobs.content[0]
+    assert [t.token for t in first.top_logprobs] == [tok.decode([a]) for a in top]
+    assert first.token == first.top_logprobs[0].token  # greedy
+    # a reply forced to begin with "The": the same alternatives, and the next token's are their own pieces
+    r = client.chat.completions.create(model=NAME, messages=U, max_tokens=2, temperature=0, logprobs=True,
+                                       top_logprobs=5, logit_bias={str(tok.encode("The", bos=False)[-1]): 100})
+    first, second = r.choices[0].logprobs.content
+    assert first.token == "The" and [t.token for t in first.top_logprobs] == [tok.decode([a]) for a in top]
+    assert [t.token for t in second.top_logprobs] == [_piece(tok, a)[0] for a in logits[-1].topk(5).indices.tolist()]
+    prompt = "The quick brown fox"
+    for logprobs in (0, 5):
+        c = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=logprobs)
+        lp = c.choices[0].logprobs
+        assert lp.tokens[:3] == ["", "The", " quick"] and "".join(lp.tokens) == c.choices[0].text == prompt
+        assert all(token in top for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:], strict=True)), lp
+    with torch.no_grad():
+        top = model(torch.tensor([tok.encode(prompt)]))[0, 0].topk(5).indices.tolist()
+    assert set(lp.top_logprobs[1]) == {tok.decode([a]) for a in top} | {"The"}
+
+
 def test_scoring_endings_of_one_context_prefills_it_once(client: Any, model_tok: tuple[Any, Any]) -> None:
     """lm-eval's multiple choice: one request scores a context with each ending (echo, logprobs=1,
     max_tokens=0). The endings take the context's keys, values and logprobs from the first prompt

@@ -13,7 +13,9 @@ Text conventions:
     a last assistant message sent with `"prefix": true`: the engine decodes it alone
     (`SamplingParams.decode_alone`), so that stop strings are matched on the text the client gets;
   - the logprob `token`s of a choice are those same deltas, so they concatenate to its text (a stop
-    token, EOS or `stop_token_ids`, has an entry whose text is empty or what the decoder held back).
+    token, EOS or `stop_token_ids`, has an entry whose text is empty or what the decoder held back);
+    the alternatives are the tokens' own pieces, less their leading space where the chosen token lost
+    its own (the first token of a chat reply or an echoed prompt: `_piece(start=True)`).
 """
 
 from __future__ import annotations
@@ -196,23 +198,29 @@ def _jsonable(v: object) -> bool:
 # one choice: engine outputs -> text, logprobs, experts
 
 
-def _piece(tok: Tokenizer, i: int) -> tuple[str, list[int]]:
+def _piece(tok: Tokenizer, i: int, start: bool = False) -> tuple[str, list[int]]:
     """A token's own text and bytes, for top-logprob alternatives ("▁" is a space; a byte piece is
     its byte, whose text is U+FFFD, as OpenAI reports a partial character; an id past the
-    tokenizer's vocabulary, a padded vocabulary's, has no text, as the stream decoder gives it)."""
+    tokenizer's vocabulary, a padded vocabulary's, has no text, as the stream decoder gives it).
+    `start`: the token begins a text decoded alone (a chat reply, an echoed prompt), where its one leading
+    space is dropped, as the chosen token's is: the alternatives there are shown as that text would begin."""
     if i >= tok.vocab_size:
         return "", []
     b = tok.piece_byte(i)
     if b is not None:
         return bytes([b]).decode("utf-8", errors="replace"), [b]
     text = tok.id_to_piece(i).replace("\u2581", " ")
+    if start and text.startswith(" "):
+        text = text[1:]
     return text, list(text.encode())
+
 
 
 @dataclass
 class _Choice:
     index: int
     handle: Any
+    alone: bool = False  # a chat reply, decoded alone (SamplingParams.decode_alone): its first token begins a text
     hidden: bool = False  # max_tokens=0 with echo: the one generated token is not reported
     text: str = ""
     tokens: list[dict[str, Any]] = field(default_factory=list)  # logprob entries
@@ -248,10 +256,11 @@ class _Choice:
         if want_logprobs and out.logprob is not None:
             # a stop token gets an entry too (its text is only what the decoder still held back):
             # lm-eval's scoring slices token_logprobs[ctxlen:-1], which assumes one per generated token
+            start = self.alone and out.completion_tokens == 1
             top = [{"token": text, "logprob": v, "bytes": raw, "id": i}
-                   for i, v in (out.top_logprobs or []) for text, raw in [_piece(tok, i)]]
+                   for i, v in (out.top_logprobs or []) for text, raw in [_piece(tok, i, start)]]
             lp = {"token": delta, "logprob": out.logprob, "bytes": list(delta.encode()), "id": out.token_id,
-                  "top_logprobs": top}
+                  "top_logprobs": top, "start": start}
             self.tokens.append(lp)
         if out.experts is not None:
             ex = {"token_id": out.token_id, "text": delta, "experts": out.experts}
@@ -626,7 +635,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         params = [srv.sampling(body, max_tokens, i, lp, decode_alone=alone) for i in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
-        choices = [_Choice(i, h) for i, h in enumerate(handles)]
+        choices = [_Choice(i, h, alone=alone) for i, h in enumerate(handles)]
         return await respond(request, body, choices, [len(ids)], chat=True, rid=rid, want_logprobs=body.logprobs,
                              echo=None, arrived=arrived)
 
@@ -754,13 +763,15 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
 
 def _echo_head(tok: Tokenizer, ids: list[int]) -> dict[str, Any]:
-    """The prompt's text as the concatenation of its tokens' stream-decoder deltas."""
+    """The prompt's text as the concatenation of its tokens' stream-decoder deltas; `start`: the position
+    of its first token other than BOS / EOS, which begins the text (decoded alone: no leading space)."""
     dec = tok.stream()
     pieces = [dec.push(i) for i in ids]
     tail = dec.flush()
     if tail:
         pieces[-1] += tail
-    return {"ids": ids, "pieces": pieces, "text": "".join(pieces)}
+    start = next((k for k, i in enumerate(ids) if i not in (tok.bos_id, tok.eos_id)), None)
+    return {"ids": ids, "pieces": pieces, "text": "".join(pieces), "start": start}
 
 
 def _chat_lp(e: dict[str, Any]) -> dict[str, Any]:
@@ -769,13 +780,15 @@ def _chat_lp(e: dict[str, Any]) -> dict[str, Any]:
                              for t in e["top_logprobs"]]}
 
 
-def _top_dict(entries: Iterable[dict[str, Any]], tok: Tokenizer, chosen: int, logprob: float) -> dict[str, float]:
+def _top_dict(entries: Iterable[dict[str, Any]], tok: Tokenizer, chosen: int, logprob: float,
+              start: bool) -> dict[str, float]:
     """A legacy `top_logprobs` entry: the alternatives, then the chosen token if it is not among them
-    (OpenAI's "up to logprobs + 1 elements"; vLLM's too), so `logprobs: 0` still names the token."""
+    (OpenAI's "up to logprobs + 1 elements"; vLLM's too), so `logprobs: 0` still names the token.
+    `start`: the position begins a text decoded alone (`_starts`)."""
     d: dict[str, float] = {}
     for t in entries:
         d.setdefault(t["token"], t["logprob"])  # two ids with one text: keep the likelier (listed first)
-    d.setdefault(_piece(tok, chosen)[0], logprob)
+    d.setdefault(_piece(tok, chosen, start)[0], logprob)
     return d
 
 
@@ -799,15 +812,16 @@ def _completion_lp(head: dict[str, Any] | None, c: _Choice, tok: Tokenizer, *, g
                 tops.append(None)
             else:
                 alternatives = ptop[k] if ptop is not None and ptop[k] is not None else []  # none with logprobs=0
-                tops.append(_top_dict(({"token": _piece(tok, a)[0], "logprob": b} for a, b in alternatives),
-                                      tok, head["ids"][k], v))
+                start = k == head["start"]
+                tops.append(_top_dict(({"token": _piece(tok, a, start)[0], "logprob": b} for a, b in alternatives),
+                                      tok, head["ids"][k], v, start))
     if generated:
         for e in c.tokens:
             tokens.append(e["token"])
             offsets.append(pos)
             pos += len(e["token"])
             lps.append(e["logprob"])
-            tops.append(_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"]))
+            tops.append(_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"], e["start"]))
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -815,7 +829,8 @@ def _stream_completion_lp(e: dict[str, Any] | None, offset: int, tok: Tokenizer)
     if e is None:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     return {"tokens": [e["token"]], "token_logprobs": [e["logprob"]],
-            "top_logprobs": [_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"])], "text_offset": [offset]}
+            "top_logprobs": [_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"], e["start"])],
+            "text_offset": [offset]}
 
 
 def _model_card(cfg: ServerConfig) -> dict[str, Any]:
