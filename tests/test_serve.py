@@ -317,6 +317,15 @@ def test_top_logprobs_at_the_start_of_a_text_lose_its_leading_space(client: Any,
     with torch.no_grad():
         top = model(torch.tensor([tok.encode(prompt)]))[0, 0].topk(5).indices.tolist()
     assert set(lp.top_logprobs[1]) == {tok.decode([a]) for a in top} | {"The"}
+    # a completion of an empty prompt (BOS alone): its first token begins the text too
+    for stream in (False, True):
+        r = client.completions.create(model=NAME, prompt=["", "x"], max_tokens=1, temperature=0, logprobs=5,
+                                      stream=stream)
+        choices = [ch.choices[0] for ch in r if ch.choices[0].logprobs.tokens] if stream else r.choices
+        first = {ch.index: ch.logprobs for ch in choices}  # (streamed: one chunk a token)
+        assert set(first[0].top_logprobs[0]) == {tok.decode([a]) for a in top}
+        assert first[0].tokens[0] in first[0].top_logprobs[0]
+        assert set(first[1].top_logprobs[0]) != set(first[0].top_logprobs[0])
 
 
 def test_scoring_endings_of_one_context_prefills_it_once(client: Any, model_tok: tuple[Any, Any]) -> None:

@@ -15,7 +15,8 @@ Text conventions:
   - the logprob `token`s of a choice are those same deltas, so they concatenate to its text (a stop
     token, EOS or `stop_token_ids`, has an entry whose text is empty or what the decoder held back);
     the alternatives are the tokens' own pieces, less their leading space where the chosen token lost
-    its own (the first token of a chat reply or an echoed prompt: `_piece(start=True)`).
+    its own (the first token of a text: a chat reply's, an echoed prompt's, a completion's of an empty
+    prompt: `_piece(start=True)`).
 """
 
 from __future__ import annotations
@@ -202,8 +203,9 @@ def _piece(tok: Tokenizer, i: int, start: bool = False) -> tuple[str, list[int]]
     """A token's own text and bytes, for top-logprob alternatives ("▁" is a space; a byte piece is
     its byte, whose text is U+FFFD, as OpenAI reports a partial character; an id past the
     tokenizer's vocabulary, a padded vocabulary's, has no text, as the stream decoder gives it).
-    `start`: the token begins a text decoded alone (a chat reply, an echoed prompt), where its one leading
-    space is dropped, as the chosen token's is: the alternatives there are shown as that text would begin."""
+    `start`: the token begins a text (a chat reply, an echoed prompt, a completion of an empty prompt), where
+    its one leading space is dropped, as the chosen token's is: the alternatives are shown as the text would
+    begin with them."""
     if i >= tok.vocab_size:
         return "", []
     b = tok.piece_byte(i)
@@ -215,12 +217,11 @@ def _piece(tok: Tokenizer, i: int, start: bool = False) -> tuple[str, list[int]]
     return text, list(text.encode())
 
 
-
 @dataclass
 class _Choice:
     index: int
     handle: Any
-    alone: bool = False  # a chat reply, decoded alone (SamplingParams.decode_alone): its first token begins a text
+    alone: bool = False  # its first token begins a text: a chat reply (decoded alone), a prompt of BOS alone
     hidden: bool = False  # max_tokens=0 with echo: the one generated token is not reported
     text: str = ""
     tokens: list[dict[str, Any]] = field(default_factory=list)  # logprob entries
@@ -669,7 +670,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 choices_meta.append(j)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handles = srv.submit(ids, params, rid, param="prompt" if len(prompts) > 1 else "n", n=body.n)
-        choices = [_Choice(k, h, hidden=hidden) for k, h in enumerate(handles)]
+        # a prompt with no text (BOS alone: prompt "") leaves the first generated token to begin one
+        empty = [all(i in (tok.bos_id, tok.eos_id) for i in p) for p in prompts]
+        choices = [_Choice(k, h, alone=empty[choices_meta[k]], hidden=hidden) for k, h in enumerate(handles)]
         echo = [_echo_head(tok, p) for p in prompts] if body.echo else None
         return await respond(request, body, choices, [len(p) for p in prompts], chat=False, rid=rid,
                              want_logprobs=want_lp, echo=echo, arrived=arrived)
@@ -784,7 +787,7 @@ def _top_dict(entries: Iterable[dict[str, Any]], tok: Tokenizer, chosen: int, lo
               start: bool) -> dict[str, float]:
     """A legacy `top_logprobs` entry: the alternatives, then the chosen token if it is not among them
     (OpenAI's "up to logprobs + 1 elements"; vLLM's too), so `logprobs: 0` still names the token.
-    `start`: the position begins a text decoded alone (`_starts`)."""
+    `start`: the position begins a text (`_piece`)."""
     d: dict[str, float] = {}
     for t in entries:
         d.setdefault(t["token"], t["logprob"])  # two ids with one text: keep the likelier (listed first)
