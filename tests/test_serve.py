@@ -284,6 +284,15 @@ def test_logprobs_concatenate_to_the_text_and_match_the_model(client: Any, model
     assert [ch.index for ch in s.choices] == [0, 1]
     assert s.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expect[: len(ids) - 1], abs=1e-4)
     assert len(s.choices[1].logprobs.token_logprobs) == 3 and s.usage.completion_tokens == 0
+    # streamed too (it was a 400): each prompt's chunk, then one that finishes it, as vLLM streams it
+    chunks = list(client.completions.create(model=NAME, prompt=[ids, ids[:3]], max_tokens=0, echo=True, logprobs=1,
+                                            stream=True, stream_options={"include_usage": True}))
+    for ch in s.choices:
+        mine = [x.choices[0] for x in chunks if x.choices and x.choices[0].index == ch.index]
+        assert "".join(x.text for x in mine) == ch.text and [x.finish_reason for x in mine] == [None, "length"]
+        assert sum((x.logprobs.tokens for x in mine), []) == ch.logprobs.tokens
+        assert sum((x.logprobs.top_logprobs for x in mine), []) == ch.logprobs.top_logprobs
+    assert chunks[-1].usage.completion_tokens == 0 and chunks[-1].usage.prompt_tokens == s.usage.prompt_tokens
 
 
 def test_top_logprobs_at_the_start_of_a_text_lose_its_leading_space(client: Any, model_tok: tuple[Any, Any]) -> None:

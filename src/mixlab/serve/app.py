@@ -581,7 +581,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         yield _sse(error_body(msg, type="server_error", code="engine_error"))
                         yield b"data: [DONE]\n\n"
                         return
-                    finish = out.finish_reason
+                    finish = c.finish_reason if out.finish_reason is not None else None  # max_tokens=0: "length"
                     if not delta and lp is None and ex is None and finish is None:
                         continue
                     if chat:

@@ -300,8 +300,6 @@ class CompletionRequest(_Sampling):
             raise _field_error("best_of", f"best_of={self.best_of} is not supported (only best_of equal to n)")
         if self.max_tokens == 0 and not self.echo:
             raise _field_error("max_tokens", "max_tokens=0 is only allowed with echo (to score a prompt)")
-        if self.max_tokens == 0 and self.stream:
-            raise _field_error("max_tokens", "max_tokens=0 cannot be streamed")
         return self
 
     def prompts(self) -> list[str] | list[list[int]]:
