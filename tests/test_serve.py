@@ -563,6 +563,10 @@ def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any])
     chat = [{"role": "user", "content": "Hi"}]
     assert httpx.post(server + "/tokenize", json={"messages": chat}).json()["tokens"] == tok.encode_chat(chat)
     assert httpx.post(server + "/detokenize", json={"tokens": t["tokens"]}).json()["prompt"] == "Hello world"
+    # vLLM's return_token_strs: each token's piece (it was ignored: no token_strs)
+    t = httpx.post(server + "/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert t["token_strs"] == ["<s>", "\u2581Hello", "\u2581world"] and "token_strs" not in \
+        httpx.post(server + "/tokenize", json={"prompt": "Hello world"}).json()
     info = httpx.get(server + "/tokenizer_info").json()
     assert info["bos_token"] == "<s>" and info["eos_token"] == "</s>"
     assert httpx.post(server + "/tokenize", json={"prompt": "<s>", "add_special_tokens": False}).json()["tokens"] \

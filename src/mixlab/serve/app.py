@@ -715,7 +715,10 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             # tokenizer finds BOS/EOS ids); anywhere else such text stays text
             ids = [special[prompt]] if prompt in special else await srv.off_loop(tok.encode, prompt,
                                                                               bos=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": cfg.context_len}
+        out: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": cfg.context_len}
+        if body.return_token_strs:
+            out["token_strs"] = [tok.id_to_piece(i) for i in ids]
+        return out
 
     @app.api_route("/tokenizer_info", methods=["GET", "HEAD"])
     async def tokenizer_info() -> dict[str, Any]:  # vLLM's endpoint; lm-eval's remote tokenizer reads it

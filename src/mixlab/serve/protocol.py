@@ -320,6 +320,7 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: StrictBool = True
     continue_final_message: StrictBool = False  # with messages, as in a chat request
     add_generation_prompt: StrictBool | None = None
+    return_token_strs: StrictBool = False  # vLLM's: each token's piece too ("▁Hello", "<0xE4>")
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
