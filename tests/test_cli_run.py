@@ -104,6 +104,24 @@ def test_generate_truncate_reports_the_prompt_tokens_it_ran(tiny_dir, capsys):
     assert "prompt: 120 tokens in" in capsys.readouterr().err and n > 120
 
 
+def test_tokenizer_flags_take_the_names_data_prepare_takes(tiny_dir, capsys):
+    """`data prepare --tokenizer mixtral` (or bytes) names a tokenizer; generate, chat, serve, eval and analyze
+    said 'mixtral: no such tokenizer file' of the same flag."""
+    from mixlab.corpus import get_tokenizer
+
+    flags = ["generate", "--model", str(tiny_dir), "--prompt", "Bonjour", "--max-new-tokens", "4", "--dtype",
+             "float32", "--quiet"]
+    assert main(flags) == 0
+    default = capsys.readouterr().out
+    assert main([*flags, "--tokenizer", "mixtral"]) == 0
+    assert capsys.readouterr().out == default
+    assert main([*flags, "--tokenizer", "bytes"]) == 0
+    for name in ("bytes", "mixtral"):  # the ids and vocabulary data prepare writes with that name
+        tok, prepared = load_tokenizer(name), get_tokenizer(name)
+        assert tok.encode("hé, là", bos=False) == prepared.encode("hé, là")
+        assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (prepared.vocab_size, prepared.bos_id, prepared.eos_id)
+
+
 def test_generate_refuses_a_tokenizer_larger_than_the_vocab(tmp_path, capsys):
     save_model(Transformer(get_preset("tiny-moe")), tmp_path)  # vocab 256 < 32,000 pieces
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2

@@ -294,6 +294,29 @@ def test_convert_refuses_a_json_tokenizer_before_loading(tmp_path, capsys, monke
             ".json tokenizer; pass the SentencePiece model (FILE.model)\n") in capsys.readouterr().err
 
 
+def test_convert_tokenizer_takes_a_name_or_a_folder_and_checks_it_before_loading(tmp_path, capsys, monkeypatch):
+    """convert --tokenizer mixtral (a name every --tokenizer takes, as data prepare's) or a folder holding a
+    tokenizer.model was read as a file ('tokenizer model not found'), and a missing file was found only
+    after the model had loaded."""
+    import mixlab.checkpoint
+    from mixlab.cli import main
+    from mixlab.tokenizer import default_tokenizer_path, load_tokenizer
+
+    save_model(_model("dense"), tmp_path / "m")
+    (tmp_path / "tok").mkdir()
+    shutil.copy(default_tokenizer_path(), tmp_path / "tok" / "tokenizer.model")
+    for name in ("mixtral", str(tmp_path / "tok")):
+        assert main(["convert", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--tokenizer", name, "--quiet",
+                     "--overwrite"]) == 0
+        assert load_tokenizer(tmp_path / "m.gguf").encode("Bonjour, là") == load_tokenizer().encode("Bonjour, là")
+    monkeypatch.setattr(mixlab.checkpoint, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for name, message in (("bytes", "--tokenizer bytes: llama.cpp has no vocabulary type for mixlab's bytes"),
+                          (str(tmp_path / "m"), f"--tokenizer {tmp_path / 'm'}: no tokenizer.model in this folder"),
+                          ("nope.model", "--tokenizer nope.model: no such file")):
+        assert main(["convert", str(tmp_path / "m"), str(tmp_path / "x.gguf"), "--tokenizer", name]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_write_gguf_refuses_a_model_prepared_for_inference(tmp_path):
     from mixlab.model.inference import prepare_for_inference
 

@@ -28,7 +28,7 @@ from typing import Protocol
 from mixlab.config import as_path
 from mixlab.errors import MixlabError
 
-__all__ = ["ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
+__all__ = ["TOKENIZER_NAMES", "ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
            "default_tokenizer_path", "load_tokenizer", "model_tokenizer", "tokenizer_file"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
@@ -440,11 +440,22 @@ def model_tokenizer(model: str | Path) -> Tokenizer:
     return load_tokenizer(p if own else None)
 
 
+# The tokenizers named rather than given by a path, as every `--tokenizer` takes them (`data prepare`'s
+# names: `mixlab.corpus.get_tokenizer`); a file of that name is passed as ./mixtral.
+TOKENIZER_NAMES = ("bytes", "mixtral")
+
+
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """Load a tokenizer from a file (`*.model`, `*.model.v1`, `tokenizer.json`, or a GGUF file's
     metadata) or a checkpoint folder (its tokenizer file, `tokenizer_file`, else the tokenizer its
-    `mixlab_data.json` names: a model `mixlab train` exported); default: Mixtral's v1 tokenizer."""
-    p = default_tokenizer_path() if path is None else as_path(path, what="load_tokenizer's path")
+    `mixlab_data.json` names: a model `mixlab train` exported), or by name (`TOKENIZER_NAMES`):
+    "mixtral" (the default: Mixtral's v1 tokenizer) or "bytes" (UTF-8 bytes, as `mixlab data
+    prepare`'s default tokenizer writes them)."""
+    if path == "bytes":
+        from mixlab.corpus import ByteTokenizer
+
+        return Tokenizer(_Bytes(ByteTokenizer.OFFSET, ByteTokenizer.vocab_size), path=Path("bytes"))
+    p = default_tokenizer_path() if path in (None, "mixtral") else as_path(path, what="load_tokenizer's path")
     if p.is_dir():
         if (f := tokenizer_file(p)) is not None:
             p = f

@@ -150,6 +150,27 @@ def _trained_vocabulary(src: Path, extra: dict[str, str]) -> Path | None:
     return path
 
 
+def _vocabulary_file(text: str) -> Path:
+    """convert's --tokenizer as the SentencePiece file a GGUF's vocabulary is read from, checked before
+    the model loads: a name, as every --tokenizer takes it (mixtral; bytes has no SentencePiece model),
+    a folder's tokenizer file, or a file."""
+    from mixlab.tokenizer import default_tokenizer_path, tokenizer_file
+
+    if text == "bytes":
+        raise ValueError("--tokenizer bytes: llama.cpp has no vocabulary type for mixlab's bytes tokenizer; a GGUF "
+                         "needs a SentencePiece model (--tokenizer mixtral or FILE.model)")
+    p = default_tokenizer_path() if text == "mixtral" else Path(text)
+    if p.is_dir():
+        p = tokenizer_file(p) or p
+    if not p.is_file():
+        raise FileNotFoundError(f"--tokenizer {text}: " + ("no tokenizer.model in this folder" if p.is_dir()
+                                                           else "no such file"))
+    if p.suffix == ".json":
+        raise ValueError(f"--tokenizer {text}: a GGUF carries a SentencePiece vocabulary, not a .json tokenizer; "
+                         "pass the SentencePiece model (FILE.model)")
+    return p
+
+
 def convert(args: argparse.Namespace) -> int:
     from mixlab.atomic import check_destination
     from mixlab.checkpoint import input_files, load_model, save_model, side_files
@@ -163,9 +184,7 @@ def convert(args: argparse.Namespace) -> int:
             if value is not None:
                 raise ValueError(f"{flag} applies to --to gguf only (this writes a {args.to} folder)")
     args.quant = args.quant or "bf16"
-    if args.tokenizer is not None and Path(args.tokenizer).suffix == ".json":  # now, not after loading the model
-        raise ValueError(f"--tokenizer {args.tokenizer}: a GGUF carries a SentencePiece vocabulary, not a .json "
-                         "tokenizer; pass the SentencePiece model (FILE.model)")
+    given = _vocabulary_file(args.tokenizer) if args.tokenizer is not None else None  # now, not after loading
     if args.to == "gguf":  # the optional package, asked for now, not after loading the model
         try:
             import gguf  # noqa: F401
@@ -178,8 +197,7 @@ def convert(args: argparse.Namespace) -> int:
         src = checkpoints.resolve_weights(src)  # the run's hf/ export, else its newest checkpoint
     # refused now, not after reading a model of many GB (save_model and write_gguf check it again); never
     # over what it reads: a run's export, a split GGUF's other part, a link's target, the --tokenizer
-    inputs = input_files(args.src) | ({Path(args.tokenizer): f"the --tokenizer {args.tokenizer}"}
-                                      if args.tokenizer else {})
+    inputs = input_files(args.src) | ({given: f"the --tokenizer {args.tokenizer}"} if given else {})
     sources = list(dict.fromkeys([args.src, str(src), *map(str, inputs)]))
     check_destination(args.dst, sources=[args.src, str(src)], inputs=inputs, overwrite=args.overwrite,
                       kind="file" if args.to == "gguf" else "folder", magic=b"GGUF" if args.to == "gguf" else None,
@@ -204,7 +222,7 @@ def convert(args: argparse.Namespace) -> int:
             from mixlab.checkpoint.gguf import write_gguf
 
             # the source's vocabulary (a GGUF's metadata, a folder's SentencePiece file), else Mixtral's
-            tokenizer = args.tokenizer
+            tokenizer = given
             if tokenizer is None and gguf_src:
                 tokenizer = _gguf_vocabulary(args.src, Path(tmp))
             elif tokenizer is None and src.is_dir():  # tokenizer.model, .v1, else Mistral's .v3 (Mistral 7B v0.3)
@@ -252,9 +270,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "mixlab's int4 layout; with q8_0/q4_0, a matrix whose rows are not a multiple of 32 is "
                         "stored as f16)")
     p.add_argument("--tokenizer", type=user_path, default=None,
-                   help="GGUF only: SentencePiece model for the vocabulary (default: the source's: a GGUF's, a "
-                        "folder's tokenizer.model, or the one a trained model's data used; else Mixtral's, from "
-                        "mistral-common)")
+                   help="GGUF only: the vocabulary's SentencePiece model: mixtral (Mixtral's, from mistral-common), "
+                        "a .model file or a folder holding one (default: the source's: a GGUF's, a folder's "
+                        "tokenizer.model, or the one a trained model's data used; else mixtral)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=5 * 2**30,
                    metavar="SIZE", help="largest shard: a number of GiB, or a size with its unit, 5GB (10^9 bytes) "

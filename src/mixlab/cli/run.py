@@ -318,8 +318,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=user_path, required=True,
                    help="checkpoint folder (transformers or Mistral format) or a .gguf file")
     p.add_argument("--tokenizer", type=user_path, default=None,
-                   help="tokenizer.model / tokenizer.json or a folder (default: the model folder's, "
-                        "else Mixtral's v1 tokenizer from mistral-common)")
+                   help="mixtral (Mixtral's v1, from mistral-common), bytes, a tokenizer.model / tokenizer.json or "
+                        "a folder holding one (default: the model's, else mixtral)")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=positive, default=None,
                    help=f"(default {MAX_NEW_TOKENS}, fewer where the model's context is shorter: what the prompt "
