@@ -317,6 +317,30 @@ def test_convert_tokenizer_takes_a_name_or_a_folder_and_checks_it_before_loading
         assert message in capsys.readouterr().err
 
 
+def test_a_capital_extension_picks_the_same_format(tmp_path, capsys):
+    """`mixlab convert SRC out.GGUF` wrote a transformers folder named out.GGUF, and load_model, info and
+    load_tokenizer refused a file named X.GGUF ('whose name does not end in .gguf: rename it') and read
+    tokenizer.JSON as SentencePiece: an extension picks a format whatever its case."""
+    from conftest import hf_tokenizer_json
+    from mixlab.cli import main
+    from mixlab.tokenizer import load_tokenizer
+
+    model = _model("dense")
+    save_model(model, tmp_path / "m")
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out.GGUF"), "--quant", "f32", "--quiet"]) == 0
+    assert (tmp_path / "out.GGUF").is_file() and "(gguf, f32)" in capsys.readouterr().out
+    ids = torch.tensor([[1, 415, 2936]])
+    torch.testing.assert_close(load_model(tmp_path / "out.GGUF")(ids), model(ids), rtol=0, atol=0)
+    assert main(["info", str(tmp_path / "out.GGUF")]) == 0 and "GGUF v3" in capsys.readouterr().out
+    assert load_tokenizer(tmp_path / "out.GGUF").encode("Bonjour") == load_tokenizer().encode("Bonjour")
+    with pytest.raises(ValueError, match="write_gguf"):
+        save_model(model, tmp_path / "x.GGUF")
+    (tmp_path / "tok").mkdir()
+    hf_tokenizer_json(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").rename(tmp_path / "tok" / "tokenizer.JSON")
+    assert load_tokenizer(tmp_path / "tok" / "tokenizer.JSON").encode("Bonjour") == load_tokenizer().encode("Bonjour")
+
+
 def test_write_gguf_refuses_a_model_prepared_for_inference(tmp_path):
     from mixlab.model.inference import prepare_for_inference
 
@@ -549,13 +573,12 @@ def test_info_shows_what_a_gguf_stores_and_checks_its_tensors(tmp_path, capsys):
 
 
 def test_a_file_that_is_no_folder_is_named_as_such(tmp_path):
-    """A GGUF file named otherwise (model.GGUF, no suffix) or a weights file given for its folder:
+    """A GGUF file named otherwise (no suffix; model.GGUF is one) or a weights file given for its folder:
     the error said 'no config.json (transformers) or params.json (Mistral) found' in a file."""
     path = write_gguf(_model("moe"), tmp_path / "m.gguf", quant="q4_0")
-    for name in ("M.GGUF", "ggml-model-q4_0"):
-        shutil.copy(path, tmp_path / name)
-        with pytest.raises(CheckpointError, match=f"{name}: a GGUF file whose name does not end in .gguf: rename it"):
-            load_model(tmp_path / name)
+    shutil.copy(path, tmp_path / "ggml-model-q4_0")
+    with pytest.raises(CheckpointError, match="ggml-model-q4_0: a GGUF file whose name does not end in .gguf: rename"):
+        load_model(tmp_path / "ggml-model-q4_0")
     save_model(_model("moe"), tmp_path / "hf")
     with pytest.raises(CheckpointError, match="model.safetensors: a file, not a checkpoint folder: pass the folder"):
         load_model(tmp_path / "hf" / "model.safetensors")

@@ -48,6 +48,12 @@ def as_path(value: object, *, what: str) -> Path:
     return Path(value)
 
 
+def suffix_of(path: str | os.PathLike[str]) -> str:
+    """A file name's extension, lower-cased: what picks a file's format (`X.GGUF`, `tokenizer.JSON`), by
+    the same rule wherever one does (a name's case says nothing of its contents, as llama.cpp reads it)."""
+    return Path(path).suffix.lower()
+
+
 def format_bytes(n: float) -> str:
     """A byte count as `parse_bytes` reads it back (powers of 1000): 2.15 GB, 512.00 MB."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):

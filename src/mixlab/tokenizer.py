@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from mixlab.config import as_path
+from mixlab.config import as_path, suffix_of
 from mixlab.errors import MixlabError
 
 __all__ = ["TOKENIZER_NAMES", "ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
@@ -436,7 +436,7 @@ def model_tokenizer(model: str | Path) -> Tokenizer:
     folder's own tokenizer (as `load_tokenizer` finds it), else Mixtral's v1 (a folder that
     transformers or `mixlab convert` wrote without tokenizer files)."""
     p = Path(model)
-    own = p.suffix == ".gguf" or (p.is_dir() and (tokenizer_file(p) or (p / "mixlab_data.json").is_file()))
+    own = suffix_of(p) == ".gguf" or (p.is_dir() and (tokenizer_file(p) or (p / "mixlab_data.json").is_file()))
     return load_tokenizer(p if own else None)
 
 
@@ -465,9 +465,9 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
             raise FileNotFoundError(f"{p}: no tokenizer.model or tokenizer.json in this folder")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such tokenizer file")
-    if p.suffix == ".gguf":
+    if suffix_of(p) == ".gguf":
         from mixlab.checkpoint.gguf_read import sentencepiece_proto
 
         return Tokenizer(_SentencePiece(p, sentencepiece_proto(p)), path=p)
-    backend: _Backend = _HFTokenizers(p) if p.suffix == ".json" else _SentencePiece(p)
+    backend: _Backend = _HFTokenizers(p) if suffix_of(p) == ".json" else _SentencePiece(p)
     return Tokenizer(backend, path=p)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mixlab.analysis.stats import RoutingCounts, pair_mask
+from mixlab.config import suffix_of
 from mixlab.corpus import Domain, iter_documents
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
@@ -57,7 +58,7 @@ def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | 
 
     if path is not None:
         return load_tokenizer(path)
-    if model_dir is not None and Path(model_dir).suffix == ".gguf" and Path(model_dir).is_file():
+    if model_dir is not None and suffix_of(model_dir) == ".gguf" and Path(model_dir).is_file():
         return load_tokenizer(model_dir)  # the vocabulary in the file's metadata
     if model_dir is not None:
         folder = Path(model_dir)

@@ -36,7 +36,7 @@ from mixlab.checkpoint.io import (
     write_sharded,
 )
 from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
-from mixlab.config import ConfigError, ModelConfig, as_path
+from mixlab.config import ConfigError, ModelConfig, as_path, suffix_of
 from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
@@ -196,7 +196,7 @@ def hub_hint(path: str | Path) -> str:
 
 
 def _refuse_pickle_or_recover(root: Path) -> None:
-    if root.suffix in PICKLE_SUFFIXES and root.is_file():
+    if suffix_of(root) in PICKLE_SUFFIXES and root.is_file():
         raise CheckpointError(_pickle_hint(root))
     if _sibling(root, "new").exists() or _sibling(root, "old").exists():
         try:
@@ -258,7 +258,7 @@ def load_model(
             raise ValueError(f"unknown eviction policy {policy!r}; expected one of {', '.join(POLICIES)}")
         if not isinstance(prefetch, bool):
             raise ValueError(f"prefetch must be True or False, not {prefetch!r}")
-    if root.suffix == ".gguf" and not root.is_dir():
+    if suffix_of(root) == ".gguf" and not root.is_dir():
         from mixlab.checkpoint.gguf_read import load_gguf
 
         if config is not None:
@@ -393,7 +393,7 @@ def save_model(
     """
     path = as_path(path, what="save_model's path")
     if fmt is None:
-        if path.suffix == ".gguf":  # it wrote a transformers folder named x.gguf
+        if suffix_of(path) == ".gguf":  # it wrote a transformers folder named x.gguf
             raise ValueError(f"{path}: save_model writes a checkpoint folder, not a GGUF file: "
                              f"{_GGUF_HINT}, or pass fmt='hf' for a folder of that name")
         fmt = "hf"
@@ -440,7 +440,7 @@ def input_files(path: str | Path) -> dict[Path, str]:
     `atomic.check_destination`, so that a write never replaces one): the other parts of a split GGUF,
     and the targets of a folder's links (a hub snapshot's files link to ../../blobs, outside it)."""
     p = Path(path)
-    if p.suffix == ".gguf" and p.is_file():
+    if suffix_of(p) == ".gguf" and p.is_file():
         from mixlab.checkpoint.gguf_read import split_parts
 
         parts = split_parts(p)

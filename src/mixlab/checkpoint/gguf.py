@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mixlab.atomic import atomic_file, check_destination
-from mixlab.config import ModelConfig
+from mixlab.config import ModelConfig, suffix_of
 from mixlab.errors import OutputError
 from mixlab.tokenizer import default_tokenizer_path
 
@@ -209,7 +209,7 @@ def write_gguf(
                          "from its checkpoint, or convert a GGUF with `mixlab convert` (which dequantises)")
     config: ModelConfig = model.config  # type: ignore[assignment]
     dst = Path(path)
-    if dst.suffix != ".gguf":
+    if suffix_of(dst) != ".gguf":
         raise OutputError(f"{dst}: a GGUF file name must end in .gguf")
     check_destination(dst, sources=sources or [], overwrite=overwrite, kind="file", magic=b"GGUF")
     if config.sliding_window is not None and config.sliding_window < config.max_seq_len:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mixlab.atomic import atomic_folder
-from mixlab.config import parse_bytes
+from mixlab.config import parse_bytes, suffix_of
 from mixlab.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -138,7 +138,7 @@ def _inside(root: Path, name: str, index: Path) -> Path:
     p = Path(name)
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise CheckpointError(f"{index}: weight_map entry {name!r} points outside the checkpoint folder")
-    if p.suffix != ".safetensors":
+    if suffix_of(p) != ".safetensors":
         raise CheckpointError(f"{index}: weight_map entry {name!r} is not a .safetensors file")
     full = root / p
     _check_inside(root, full, f"{index}: weight_map entry {name!r}")
@@ -179,7 +179,7 @@ def scan(root: Path) -> dict[str, TensorInfo]:
     where the index says) and every header; reads no tensor data.
     """
     if not root.is_dir():
-        if root.is_file() and root.suffix in PICKLE_SUFFIXES:
+        if root.is_file() and suffix_of(root) in PICKLE_SUFFIXES:
             raise CheckpointError(_pickle_hint(root))
         raise CheckpointError(f"{root}: not a checkpoint folder")
     index = next((root / n for n in INDEX_NAMES if (root / n).is_file()), None)
@@ -198,7 +198,7 @@ def scan(root: Path) -> dict[str, TensorInfo]:
         hf = [f for f in files if not f.name.startswith("consolidated")]
         files = hf or files
         if not files:
-            pickles = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            pickles = sorted(p for p in root.iterdir() if suffix_of(p) in PICKLE_SUFFIXES)
             if pickles:
                 raise CheckpointError(_pickle_hint(pickles[0]))
             raise CheckpointError(f"{root}: no *.safetensors files found")
@@ -353,7 +353,7 @@ _WEIGHT_FILES = ("config.json", "params.json")
 
 
 def _is_weight_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".index.json", *PICKLE_SUFFIXES, ".gguf")) or name in _WEIGHT_FILES
+    return name.lower().endswith((".safetensors", ".index.json", *PICKLE_SUFFIXES, ".gguf")) or name in _WEIGHT_FILES
 
 
 def write_sharded(

@@ -14,10 +14,10 @@ def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis.collect import check_vocabulary, load_analysis_tokenizer, tokenizer_name
     from mixlab.analysis.report import check_report_folder
     from mixlab.checkpoint import load_model
-    from mixlab.config import ModelConfig
+    from mixlab.config import ModelConfig, suffix_of
     from mixlab.corpus import check_domains, find_domains
 
-    if Path(args.model).suffix == ".gguf" and Path(args.model).is_file():  # its metadata is the config
+    if suffix_of(args.model) == ".gguf" and Path(args.model).is_file():  # its metadata is the config
         from mixlab.checkpoint.gguf_read import config_from_header, read_header
 
         config = config_from_header(read_header(args.model))

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from mixlab.cli import add_quiet_arg, note, user_path
-from mixlab.config import PRESETS, ConfigError, ModelConfig, did_you_mean, get_preset, parse_bytes
+from mixlab.config import PRESETS, ConfigError, ModelConfig, did_you_mean, get_preset, parse_bytes, suffix_of
 
 CONVERT_FORMATS = ["hf", "mistral", "gguf"]
 
@@ -41,7 +41,7 @@ def _config(spec: str) -> tuple[str, ModelConfig]:
             p = resolve_weights(p)
             return str(p), init_config(p)
         return str(p), ModelConfig.from_dir(p)
-    if p.suffix == ".gguf" and p.is_file():  # as load_model: the metadata is the config (the header only is read)
+    if suffix_of(p) == ".gguf" and p.is_file():  # as load_model: the metadata is the config (the header only is read)
         from mixlab.checkpoint.gguf_read import config_from_header, read_header
 
         return str(p), config_from_header(read_header(p))
@@ -81,7 +81,7 @@ def info(args: argparse.Namespace) -> int:
         plan(Path(name), cfg)  # names, shapes and dtypes checked against the config, as load_model does
         stored = f"{d.format} format, {d.tensors} tensors in {d.files} file(s): " + ", ".join(
             f"{dtype_name(DTYPES[k]) if k in DTYPES else k} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
-    elif Path(args.model).suffix == ".gguf":  # its tensors checked as load_model checks them
+    elif suffix_of(args.model) == ".gguf":  # its tensors checked as load_model checks them
         from mixlab.checkpoint.gguf_read import describe as describe_gguf
 
         stored = describe_gguf(args.model)
@@ -165,7 +165,7 @@ def _vocabulary_file(text: str) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"--tokenizer {text}: " + ("no tokenizer.model in this folder" if p.is_dir()
                                                            else "no such file"))
-    if p.suffix == ".json":
+    if suffix_of(p) == ".json":
         raise ValueError(f"--tokenizer {text}: a GGUF carries a SentencePiece vocabulary, not a .json tokenizer; "
                          "pass the SentencePiece model (FILE.model)")
     return p
@@ -178,7 +178,7 @@ def convert(args: argparse.Namespace) -> int:
     from mixlab.train import checkpoints
 
     if args.to is None:  # `convert SRC out.gguf` writes a GGUF file, not a folder named out.gguf
-        args.to = "gguf" if Path(args.dst).suffix == ".gguf" else "hf"
+        args.to = "gguf" if suffix_of(args.dst) == ".gguf" else "hf"
     if args.to != "gguf":  # they would be ignored: an unquantised folder where a quantised one was asked for
         for flag, value in (("--quant", args.quant), ("--tokenizer", args.tokenizer)):
             if value is not None:
@@ -190,7 +190,7 @@ def convert(args: argparse.Namespace) -> int:
             import gguf  # noqa: F401
         except ImportError:
             raise ValueError("writing GGUF files needs the gguf package: pip install 'mixlab[gguf]'") from None
-    gguf_src = Path(args.src).suffix == ".gguf" and Path(args.src).is_file()
+    gguf_src = suffix_of(args.src) == ".gguf" and Path(args.src).is_file()
     src, extra = Path(args.src), {}
     training = not gguf_src and src.is_dir() and checkpoints.is_training(src)  # a run folder or its step_*
     if training:
@@ -227,7 +227,7 @@ def convert(args: argparse.Namespace) -> int:
                 tokenizer = _gguf_vocabulary(args.src, Path(tmp))
             elif tokenizer is None and src.is_dir():  # tokenizer.model, .v1, else Mistral's .v3 (Mistral 7B v0.3)
                 tokenizer = tokenizer_file(src) or _trained_vocabulary(src, extra)
-            if tokenizer is not None and Path(tokenizer).suffix == ".json":  # Mixtral's would be another vocabulary
+            if tokenizer is not None and suffix_of(tokenizer) == ".json":  # Mixtral's would be another vocabulary
                 raise ValueError(f"{tokenizer}: a GGUF carries a SentencePiece vocabulary and this model's tokenizer "
                                  "is a tokenizer.json; pass its SentencePiece model with --tokenizer FILE.model")
             quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0

@@ -11,12 +11,12 @@ from mixlab.cli import dtype_choice, note, user_path
 
 def plan_cmd(args: argparse.Namespace) -> int:
     from mixlab.cli.model import _config
-    from mixlab.config import parse_bytes
+    from mixlab.config import parse_bytes, suffix_of
     from mixlab.parallel.plan import plan
 
     _, cfg = _config(args.model)
     quant = args.quant or "none"
-    if args.quant is None and args.mode == "infer" and str(args.model).endswith(".gguf"):
+    if args.quant is None and args.mode == "infer" and suffix_of(args.model) == ".gguf":
         from mixlab.checkpoint.gguf_read import Q4_0, read_header
 
         # load_model keeps a GGUF's Q4_0 matrices 4-bit (llama.cpp's Q4_0 files: all but the embedding / output)

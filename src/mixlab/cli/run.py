@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mixlab.cli import add_quiet_arg, positive, user_path
+from mixlab.config import suffix_of
 from mixlab.engine import Engine, SamplingParams
 from mixlab.engine.runner import bytes_per_token
 from mixlab.generate import generate_stream
@@ -58,7 +59,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
             raise ValueError("--quant is not supported with --ep yet")
         layout = init(ep=args.ep, device=args.device)
         device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
-    if layout is not None and str(args.model).endswith(".gguf") and os.path.isfile(args.model):
+    if layout is not None and suffix_of(args.model) == ".gguf" and os.path.isfile(args.model):
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
 
