@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -78,12 +79,25 @@ def test_generate_sampling_is_seeded(tiny_dir, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--temperature", "-1"], "temperature=-1.0"),
-    (["--top-p", "0"], "top_p=0.0"),
+    # the sampling flags' errors named the library's parameter (temperature=-1.0), after loading the model
+    (["--temperature", "-1"], "argument --temperature: expected a number >= 0 (0 = greedy), got -1"),
+    (["--top-p", "0"], "argument --top-p: expected a number in (0, 1] (1 = off), got 0"),
+    (["--top-k", "-2"], "argument --top-k: expected an integer >= -1 (0 or -1 = off), got -2"),
+    (["--min-p", "nan"], "argument --min-p: expected a finite number, got nan"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: expected a number > 0 (1 = off), got 0"),
+    (["--seed", str(2**64)], f"argument --seed: expected an integer in [-2**63, 2**64), got {2**64}"),
+    (["--stop", ""], "argument --stop: expected a non-empty string"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1, got 0"),
-    (["--max-new-tokens", "127", "--prompt", "a b c"], "context is 128"),
-    (["--dtype", "int3"], "unknown dtype 'int3'"),
-    (["--dtype", "int8"], "int8 / int4 weights are a quantisation: --quant"),  # it listed the float dtypes alone
+    (["--max-new-tokens", "127", "--prompt", "a b c"],
+     "the prompt has 4 tokens; with --max-new-tokens 127 that needs 131 positions but the model's context is 128 "
+     "(--truncate keeps"),
+    (["--max-new-tokens", "128"], "--max-new-tokens 128 leaves no room for a prompt in the model's context of 128"),
+    (["--dtype", "int3"], "argument --dtype: expected one of auto, float32, bfloat16, float16, got 'int3'"),
+    # it listed the float dtypes alone
+    (["--dtype", "int8"], "int8 / int4 weights are a quantisation, not a dtype: --quant int8"),
+    (["--device", "tpu"], "argument --device: unknown device 'tpu'; expected cpu, cuda or cuda:N"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+    (["--int4-activations", "float32"], "--int4-activations float32 applies to int4 weights: pass --quant int4 too"),
 ])
 def test_generate_bad_flags_are_one_line_errors(tiny_dir, capsys, flags, message):
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", *flags]
@@ -94,6 +108,7 @@ def test_generate_bad_flags_are_one_line_errors(tiny_dir, capsys, flags, message
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not re.search(r"[a-z]=|\(\w+=\)", err), err  # a flag, not the library's parameter (top_p=0.0, quant=)
 
 
 def test_generate_truncate_reports_the_prompt_tokens_it_ran(tiny_dir, capsys):
@@ -172,15 +187,19 @@ def test_chat_quits_on_eof(tiny_dir, capsys, monkeypatch):
 @pytest.mark.parametrize("flags,message", [
     # --max-new-tokens 256 in a context of 128: said once, not "only -128 fit" at every message
     (["--max-new-tokens", "256"], "--max-new-tokens 256 leaves no room for a message in the context of 128 tokens"),
-    (["--max-new-tokens", "8", "--temperature", "-1"], "temperature=-1.0"),  # before any message is typed
-    (["--max-new-tokens", "8", "--top-p", "2"], "top_p=2.0"),
+    (["--max-new-tokens", "8", "--temperature", "-1"], "argument --temperature: expected a number >= 0"),
+    (["--max-new-tokens", "8", "--top-p", "2"], "argument --top-p: expected a number in (0, 1]"),
     # a system prompt that leaves no room: said once (each message was refused as 'the message needs N tokens')
     (["--max-new-tokens", "8", "--system", "word " * 150], "--system takes 161 tokens (in the chat template); with "
                                                              "--max-new-tokens 8 only 120 fit in the context of 128"),
 ])
 def test_chat_bad_flags_fail_at_start(tiny_dir, capsys, monkeypatch, flags, message):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
-    assert main(["chat", "--model", str(tiny_dir), *flags]) == 2
+    try:
+        code = main(["chat", "--model", str(tiny_dir), *flags])
+    except SystemExit as e:  # a flag's own check, before the model loads
+        code = e.code
+    assert code == 2
     out, err = capsys.readouterr()
     assert message in err and "Traceback" not in err and "/reset" not in err
 

@@ -183,7 +183,7 @@ def _check_prompts(
                 raise ValueError(
                     f"prompt {b} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
                     f"{len(ids) + max_new_tokens} positions but the model's context is {cfg.max_seq_len} "
-                    f"(pass truncate=True, or --truncate on the command line, to keep the last {room} prompt tokens)"
+                    f"(pass truncate=True to keep the last {room} prompt tokens)"
                 )
             keep_bos = ids[0] == cfg.bos_id
             ids = [cfg.bos_id] + ids[len(ids) - room + 1 :] if keep_bos else ids[len(ids) - room :]

@@ -33,18 +33,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dtype_choice(*names: str) -> Any:
-    """argparse type of a --dtype limited to `names`: any spelling mixlab.dtypes knows (bf16, fp32, ...,
-    as generate, eval and convert take), given on as its full name."""
+def dtype_choice(*names: str, quant: bool = False) -> Any:
+    """argparse type of a --dtype limited to `names`: any spelling mixlab.dtypes knows (bf16, fp32, ...),
+    given on as its full name. `quant`: the command's --quant takes int8 / int4, which its error names."""
     def parse(text: str) -> str:
         from mixlab.dtypes import full_name
 
         name = full_name(text)
         if name not in names:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {text!r}")
+            hint = (f" (int8 / int4 weights are a quantisation, not a dtype{f': --quant {text}' if quant else ''})"
+                    if text in ("int8", "int4") else "")
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {text!r}{hint}")
         return name
 
     return parse
+
+
+def device(text: str) -> str:
+    """argparse type of --device: one mixlab can load onto here (`parse_device`'s check), given on as written."""
+    from mixlab.checkpoint import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _parse(text: str, kind: type[int] | type[float]) -> Any:
@@ -61,6 +74,23 @@ def positive(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
     return v
+
+
+def sampling(name: str, kind: type[int] | type[float]) -> Any:
+    """argparse type of a sampling flag (--top-p): the engine's own check of `SamplingParams.<name>` (one
+    rule for the CLI, the API and the server), its error naming the flag, not the parameter (top_p=)."""
+    def parse(text: str) -> Any:
+        from mixlab.engine import SamplingParams
+
+        v = _parse(text, kind)
+        try:
+            SamplingParams(**{name: v})
+        except ValueError as e:  # "invalid top_p=0.0: expected a number in (0, 1] (1 = off)"
+            expected = str(e).partition(": expected ")[2].removesuffix(" or None")  # seed: None is no flag
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}" if expected else str(e)) from None
+        return v
+
+    return parse
 
 
 def _finite(text: str) -> float:

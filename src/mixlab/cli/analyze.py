@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, names, note, positive, user_path
+from mixlab.cli import add_quiet_arg, device, dtype_choice, names, note, positive, user_path
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", type=user_path, default=None,
                    help="tokenizer file or folder (default: the model folder's "
                         "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default=None,
+                   help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     add_quiet_arg(p)
     p.set_defaults(func=analyze)

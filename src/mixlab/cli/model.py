@@ -9,7 +9,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, note, user_path
+from mixlab.cli import add_quiet_arg, dtype_choice, note, user_path
 from mixlab.config import PRESETS, ConfigError, ModelConfig, did_you_mean, get_preset, parse_bytes, suffix_of
 
 CONVERT_FORMATS = ["hf", "mistral", "gguf"]
@@ -273,7 +273,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GGUF only: the vocabulary's SentencePiece model: mixtral (Mixtral's, from mistral-common), "
                         "a .model file or a folder holding one (default: the source's: a GGUF's, a folder's "
                         "tokenizer.model, or the one a trained model's data used; else mixtral)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default=None,
+                   help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=5 * 2**30,
                    metavar="SIZE", help="largest shard: a number of GiB, or a size with its unit, 5GB (10^9 bytes) "
                                         "or 500MiB, as transformers' max_shard_size (default 5 GiB)")

@@ -12,12 +12,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, positive, user_path
+from mixlab.cli import add_quiet_arg, device, dtype_choice, positive, sampling, user_path
 from mixlab.config import suffix_of
-from mixlab.engine import Engine, SamplingParams
+from mixlab.engine import Engine
 from mixlab.engine.runner import bytes_per_token
 from mixlab.generate import generate_stream
-from mixlab.tokenizer import TextError, Tokenizer, load_tokenizer, model_tokenizer
+from mixlab.tokenizer import TextError, Tokenizer, check_text, load_tokenizer, model_tokenizer
 
 _HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply"
 
@@ -37,8 +37,6 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
                           "--ep): run it without torchrun")
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         cpus = os.cpu_count() or 1
         if args.threads > cpus:  # more threads than cores only makes OpenMP workers wait for each other
             warnings.warn(f"--threads {args.threads} is more than the {cpus} CPUs here; using {cpus}", stacklevel=2)
@@ -48,6 +46,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtype = "bfloat16" if bf16_ok else None
     offload = _offload_args(args)
+    held = suffix_of(args.model) == ".gguf"  # a folder holds no int4 weights; a GGUF's Q4_0 ones are known once read
+    if getattr(args, "int4_activations", None) is not None and args.quant != "int4" and not held:
+        raise ValueError(f"--int4-activations {args.int4_activations} applies to int4 weights: pass --quant int4 "
+                         "too (or a GGUF Q4_0 model)")
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a wrong --tokenizer: told before a long load
     layout, device = None, args.device
     if getattr(args, "ep", None) is not None:  # experts split over the processes (torchrun); PyTorch's kernels
@@ -185,7 +187,15 @@ def generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
               sync_token: Callable[[int], int] | None = None) -> int:
     ids = tok.encode(args.prompt)
-    args.max_new_tokens = _max_new(args, model.config.max_seq_len, len(ids))
+    context = model.config.max_seq_len
+    args.max_new_tokens = new = _max_new(args, context, len(ids))
+    if new >= context:  # generate_stream's checks, told with the flags
+        raise ValueError(f"--max-new-tokens {new} leaves no room for a prompt in the model's context of {context} "
+                         "tokens")
+    if len(ids) + new > context and not args.truncate:
+        raise ValueError(f"the prompt has {len(ids)} tokens; with --max-new-tokens {new} that needs {len(ids) + new} "
+                         f"positions but the model's context is {context} (--truncate keeps its last "
+                         f"{context - new} tokens)")
     engine = None
     if sync_token is not None:  # --ep: generate_stream's own engine (one prompt), every token rank 0's
         longest = max(min(len(ids) + args.max_new_tokens, model.config.max_seq_len), 2)
@@ -218,11 +228,6 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
 
 
 def chat(args: argparse.Namespace) -> int:
-    # bad sampling flags fail now, not once the first message has been typed
-    SamplingParams(max_tokens=args.max_new_tokens or MAX_NEW_TOKENS, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
-                   stop=args.stop)
     model, tok = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
@@ -315,6 +320,17 @@ def chat(args: argparse.Namespace) -> int:
             messages.pop()  # nothing to answer with: forget the question rather than send it twice
 
 
+def _stop(text: str) -> str:
+    """argparse type of --stop: not empty (it would stop at once), and text a reply can hold."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a non-empty string")
+    try:
+        check_text(text, f"stop string {text!r}")
+    except TextError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=user_path, required=True,
                    help="checkpoint folder (transformers or Mistral format) or a .gguf file")
@@ -325,17 +341,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=positive, default=None,
                    help=f"(default {MAX_NEW_TOKENS}, fewer where the model's context is shorter: what the prompt "
                         "leaves of it (generate), half of it (chat))")
-    g.add_argument("--temperature", type=float, help="0 (below 1e-5) = greedy (default: 0 for generate, 0.7 for chat)")
-    g.add_argument("--top-k", type=int, default=0, help="0 or -1 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: 1 for generate, 0.95 for chat)")
-    g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    g.add_argument("--presence-penalty", type=float, default=0.0,
+    g.add_argument("--temperature", type=sampling("temperature", float),
+                   help="0 (below 1e-5) = greedy (default: 0 for generate, 0.7 for chat)")
+    g.add_argument("--top-k", type=sampling("top_k", int), default=0, help="0 or -1 = off")
+    g.add_argument("--top-p", type=sampling("top_p", float), default=1.0,
+                   help="1 = off (default: 1 for generate, 0.95 for chat)")
+    g.add_argument("--min-p", type=sampling("min_p", float), default=0.0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=sampling("repetition_penalty", float), default=1.0, help="1 = off")
+    g.add_argument("--presence-penalty", type=sampling("presence_penalty", float), default=0.0,
                    help="OpenAI's: minus this from the logit of every token already generated (0 = off)")
-    g.add_argument("--frequency-penalty", type=float, default=0.0,
+    g.add_argument("--frequency-penalty", type=sampling("frequency_penalty", float), default=0.0,
                    help="OpenAI's: minus this times how often a token was generated (0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="same seed, same sampled text")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable): the text ends before it")
+    g.add_argument("--seed", type=sampling("seed", int), default=None, help="same seed, same sampled text")
+    g.add_argument("--stop", type=_stop, action="append", default=[],
+                   help="stop string (repeatable): the text ends before it")
     add_runtime_args(p)
     add_quiet_arg(p)
 
@@ -344,15 +363,15 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """How `_load` loads the model: --dtype, --quant, --device, --threads and expert offloading
     (generate, chat, serve, eval)."""
     r = p.add_argument_group("runtime")
-    r.add_argument("--dtype", default="auto",
+    r.add_argument("--dtype", type=dtype_choice("auto", "float32", "bfloat16", "float16", quant=True), default="auto",
                    help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
     r.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantisation: int8 (per row) or int4 (groups of 32, Q4_0's arithmetic)")
     r.add_argument("--int4-activations", choices=["int8", "float32"], default=None,
                    help="int4 decoding: activations rounded to int8 per block of 32 as llama.cpp does "
                         "(default, fast) or float32 (exact)")
-    r.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    r.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    r.add_argument("--threads", type=positive, default=None, help="CPU threads for torch (default: torch's)")
     add_offload_args(p)
 
 
