@@ -446,3 +446,18 @@ def test_import_mixlab_waits_for_torch_only_when_the_api_is_used():
             "assert set(mixlab.__all__) <= set(dir(mixlab))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "COMMAND ...\n\nMixtral-style sparse MoE models.\n"),  # it said only 'arguments are required: COMMAND'
+    (["genrate"], "mixlab: error: unknown command 'genrate' (did you mean 'generate'?); commands: info, convert,"),
+    (["generate", "--model", "m", "--prompt", "x", "--temprature", "1"],
+     "mixlab generate: error: unrecognized arguments: --temprature 1 (did you mean '--temperature'?)\n"),
+    (["data", "prepare", "x", "--out", "y", "--tokeniser=bytes"],
+     "mixlab data prepare: error: unrecognized arguments: --tokeniser=bytes (did you mean '--tokenizer'?)\n"),
+])
+def test_no_command_or_a_misspelled_one_is_a_helpful_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err

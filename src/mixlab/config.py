@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -524,9 +525,9 @@ def get_preset(name: str) -> ModelConfig:
                           f"{', '.join(sorted(PRESETS))}") from None
 
 
-def did_you_mean(name: str) -> str:
-    """' (did you mean 'tiny-moe'?)' for a preset name with a typo, else ''."""
+def did_you_mean(name: str, choices: Iterable[str] = PRESETS) -> str:
+    """' (did you mean 'tiny-moe'?)' for a name with a typo (a preset's; a command's, a flag's), else ''."""
     import difflib
 
-    close = difflib.get_close_matches(name, PRESETS, n=1)
+    close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -222,8 +222,36 @@ def _build_parser_interruptible() -> argparse.ArgumentParser:
         signal.signal(signal.SIGINT, previous)
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, with what argparse leaves out: `mixlab` alone lists the commands (argparse said only
+    'the following arguments are required: COMMAND'), and a misspelled command or flag names the
+    nearest one. Usage errors exit 2, as argparse's own."""
+    from mixlab.config import did_you_mean
+
+    sub = _subparsers(parser)
+    assert sub is not None
+    if not argv:
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+    if not argv[0].startswith("-") and argv[0] not in sub.choices:
+        parser.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], sub.choices)}; commands: "
+                     f"{', '.join(sub.choices)} (mixlab COMMAND --help: its flags)")
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own parser (data's prepare's) says it, with its usage line
+        while (sub := _subparsers(parser)) is not None:
+            parser = sub.choices[getattr(args, sub.dest)]
+        flags = [o for a in parser._actions for o in a.option_strings]
+        hints = "".join(did_you_mean(x.split("=")[0], flags) for x in extra if x.startswith("--"))
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser_interruptible().parse_args(argv)
+    args = _parse_args(_build_parser_interruptible(), sys.argv[1:] if argv is None else argv)
     command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # data prepare
     _warnings_as_lines(command)
     rank = _rank()
