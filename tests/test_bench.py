@@ -120,3 +120,19 @@ def test_bench_refuses_an_out_folder_before_measuring(tmp_path, capsys):
 
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 2
     assert f"{tmp_path}: is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_help_states_the_plan_defaults():
+    """--decode-batch and --moe-tokens said 'e.g. 1,4,16' of their defaults, and --reps 'default 5' under
+    --quick too (2): each help names the plan's default and --quick's."""
+    import argparse
+
+    from mixlab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub.choices["bench"]._actions}
+    full, quick = BenchPlan(), BenchPlan.quick()
+    for name in ("reps", "prefill", "decode_batch", "moe_tokens"):
+        want = [getattr(plan, name) for plan in (full, quick)]
+        shown = [str(v) if isinstance(v, int) else ",".join(map(str, v)) for v in want]
+        assert f"default {shown[0]}" in helps[name] and f"--quick: {shown[1]}" in helps[name], (name, helps[name])

@@ -59,10 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None, help="MoE preset (default mini-moe; tiny-moe with --quick)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny preset, few sizes, 2 repetitions")
     p.add_argument("--threads", type=positive, default=2, help="CPU threads for every peer (default 2)")
-    p.add_argument("--reps", type=positive, default=None, help="repetitions per figure (median; default 5)")
-    p.add_argument("--prefill", type=ints, default=None, help="prompt lengths, e.g. 128,512,2048 (none: skip)")
-    p.add_argument("--decode-batch", dest="decode_batch", type=ints, default=None, help="e.g. 1,4,16")
-    p.add_argument("--moe-tokens", dest="moe_tokens", type=ints, default=None, help="e.g. 1,32,512,4096 (none: skip)")
+    p.add_argument("--reps", type=positive, default=None,
+                   help="repetitions per figure (median; default 5, --quick: 2)")
+    p.add_argument("--prefill", type=ints, default=None,
+                   help="prompt lengths (default 128,512,2048; --quick: 32; none: skip)")
+    p.add_argument("--decode-batch", dest="decode_batch", type=ints, default=None,
+                   help="batch sizes of the decode steps (default 1,4,16; --quick: 1,2; none: skip)")
+    p.add_argument("--moe-tokens", dest="moe_tokens", type=ints, default=None,
+                   help="tokens through one MoE layer (default 1,32,512,4096; --quick: 1,16; none: skip)")
     p.add_argument("--peers", type=_peers, default=None,
                    help="comma-separated subset of mixlab,mixlab-packed,mixlab-int8,mixlab-int4,"
                         "mixlab-int4-exact,transformers,llama.cpp")
