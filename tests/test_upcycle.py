@@ -279,6 +279,17 @@ def test_cli(dense, tmp_path, capsys):
     assert "top_k" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--router-std", "-1"], "argument --router-std: expected a number >= 0, got -1"),  # 'router std must be ...'
+    (["--router-std", "nan"], "argument --router-std: expected a finite number, got 'nan'"),
+    (["--dtype", "half"], "argument --dtype: expected one of float32, bfloat16, float16, got 'half'"),
+])
+def test_cli_flag_errors_name_the_flag(dense, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["upcycle", "--from", str(dense[0]), "--out", str(tmp_path / "moe"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "moe").exists()
+
+
 def test_an_out_folder_with_other_files_needs_overwrite(dense, tmp_path, capsys):
     """The refusal told the user to 'pass --overwrite', which `mixlab upcycle` did not have."""
     src, _ = dense

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--router-init", choices=ROUTER_INITS, default="normal",
                    help="router weights: zeros, normal (std --router-std) or uniform (nn.Linear's default); "
                         "the upcycled model computes the dense function whatever this is")
-    p.add_argument("--router-std", type=float, default=0.02, help="std of the normal router init (default 0.02)")
+    p.add_argument("--router-std", type=non_negative, default=0.02, help="std of the normal router init (default 0.02)")
     p.add_argument("--noise", type=non_negative, default=0.0, metavar="STD",
                    help="add independent Gaussian noise to each expert copy of each matrix, std = STD x that "
                         "dense matrix's own std (default 0: exact copies)")
