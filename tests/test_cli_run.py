@@ -98,6 +98,9 @@ def test_generate_sampling_is_seeded(tiny_dir, capsys):
     (["--device", "tpu"], "argument --device: unknown device 'tpu'; expected cpu, cuda or cuda:N"),
     (["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
     (["--int4-activations", "float32"], "--int4-activations float32 applies to int4 weights: pass --quant int4 too"),
+    # the expert cache's budget, checked as the model loads and in its final format: said of max_memory
+    (["--max-memory", "1KB"], "--max-memory 1.00 KB cannot hold one token's top-2 experts in any format"),
+    (["--max-memory", "50KB"], "--max-memory 50.00 KB holds 1 experts of 49.15 KB each (plain)"),
 ])
 def test_generate_bad_flags_are_one_line_errors(tiny_dir, capsys, flags, message):
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", *flags]

@@ -9,7 +9,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mixlab.cli import add_quiet_arg, device, dtype_choice, positive, sampling, user_path
@@ -68,7 +69,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         # Q4_0 matrices dequantised: expert parallelism splits float experts (it refused int4 ones)
         model = load_gguf(args.model, dtype=parse_dtype(dtype), device=device, keep_int4=False)
     else:
-        model = load_model(args.model, dtype=dtype, device=device, **offload)
+        with _told_as_flag("max_memory", "--max-memory"):
+            model = load_model(args.model, dtype=dtype, device=device, **offload)
     if layout is not None:
         from mixlab.parallel.expert import apply_expert_parallel
 
@@ -76,14 +78,26 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding; same results
         from mixlab.model.inference import prepare_for_inference
 
-        model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant,
-                                      int4_activations=getattr(args, "int4_activations", None))
+        with _told_as_flag("max_memory", "--max-memory"):  # the expert cache's budget, checked in its format
+            model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant,
+                                          int4_activations=getattr(args, "int4_activations", None))
     if tok is None:
         tok = model_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                          f"{model.config.vocab_size}; pass the matching --tokenizer")
     return model, tok
+
+
+@contextmanager
+def _told_as_flag(param: str, flag: str) -> Iterator[None]:
+    """A library error inside that names `param` (load_model's max_memory) is told with the CLI's `flag`."""
+    try:
+        yield
+    except ValueError as e:
+        if param not in str(e):
+            raise
+        raise ValueError(str(e).replace(param, flag)) from None
 
 
 def _offload_args(args: argparse.Namespace) -> dict[str, Any]:
