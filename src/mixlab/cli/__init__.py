@@ -49,7 +49,7 @@ def dtype_choice(*names: str, quant: bool = False) -> Any:
     return parse
 
 
-def device(text: str) -> str:
+def device_choice(text: str) -> str:
     """argparse type of --device: one mixlab can load onto here (`parse_device`'s check), given on as written."""
     from mixlab.checkpoint import parse_device
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, device, dtype_choice, names, note, positive, user_path
+from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, names, note, positive, user_path
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -82,6 +82,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
     p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default=None,
                    help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", type=device_choice, default="cpu", help="cpu (default), cuda or cuda:N")
     add_quiet_arg(p)
     p.set_defaults(func=analyze)

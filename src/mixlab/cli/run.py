@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, device, dtype_choice, positive, sampling, user_path
+from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, positive, sampling, user_path
 from mixlab.config import suffix_of
 from mixlab.engine import Engine
 from mixlab.engine.runner import bytes_per_token
@@ -384,7 +384,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--int4-activations", choices=["int8", "float32"], default=None,
                    help="int4 decoding: activations rounded to int8 per block of 32 as llama.cpp does "
                         "(default, fast) or float32 (exact)")
-    r.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    r.add_argument("--device", type=device_choice, default="cpu", help="cpu (default), cuda or cuda:N")
     r.add_argument("--threads", type=positive, default=None, help="CPU threads for torch (default: torch's)")
     add_offload_args(p)
 
