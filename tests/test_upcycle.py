@@ -290,6 +290,21 @@ def test_cli_flag_errors_name_the_flag(dense, tmp_path, capsys, flags, message):
     assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "moe").exists()
 
 
+def test_cli_names_the_flag_of_a_bad_dtype_or_router_std(dense, tmp_path, capsys):
+    """`--dtype int8` was told 'int8 / int4 weights are a quantisation: --quant', a flag upcycle does
+    not take, and `--router-std -1` 'router std must be ...', naming no flag; `bf16` is still taken."""
+    args = ["upcycle", "--from", str(dense[0]), "--out", str(tmp_path / "moe"), "--experts", "2", "--top-k", "1"]
+    for flag, value, said in [("--dtype", "int8", "expected one of float32, bfloat16, float16, got 'int8'"),
+                              ("--router-std", "-1", "expected a number >= 0, got -1")]:
+        with pytest.raises(SystemExit) as e:  # argparse's error, as for every flag's bad value
+            cli_main([*args, flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: {said}" in err and "--quant" not in err
+    assert not (tmp_path / "moe").exists()
+    assert cli_main([*args, "--dtype", "bf16", "--quiet"]) == 0
+    assert load_model(tmp_path / "moe").output.weight.dtype == torch.bfloat16
+
+
 def test_an_out_folder_with_other_files_needs_overwrite(dense, tmp_path, capsys):
     """The refusal told the user to 'pass --overwrite', which `mixlab upcycle` did not have."""
     src, _ = dense

@@ -9,11 +9,10 @@ from mixlab.cli.model import shard_bytes
 
 
 def upcycle(args: argparse.Namespace) -> int:
-    from mixlab.dtypes import parse_dtype
     from mixlab.train.upcycle import upcycle as run
 
     report = run(args.src, args.out, num_experts=args.experts, top_k=args.top_k, router_init=args.router_init,
-                 router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=parse_dtype(args.dtype),
+                 router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=args.dtype,
                  max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite,
                  progress=not args.quiet)
     c = report.config
