@@ -76,6 +76,27 @@ def test_bad_arguments_are_refused():
             dec.generate([[1]], n)  # type: ignore[arg-type]
 
 
+def test_steps_past_max_len_and_rows_past_the_batch_are_refused():
+    """docs/gpu.md's `prefill(row, ids) + step(tokens_B)`: a step past max_len wrapped the row round
+    its slots, so attention silently lost the first tokens (logits off by ~0.1), and a row past the
+    batch size was a reshape error from inside the forward pass."""
+    model = _model()
+    dec = StaticDecoder(model, batch_size=2, max_len=8, graph=False)
+    seq = [5, 6, 7, 8, 9, 10]
+    dec.prefill(0, seq)
+    for t in (11, 12):
+        last = dec.step(torch.tensor([t, 0]))[0]
+        seq.append(t)
+    with torch.no_grad():
+        torch.testing.assert_close(last, model(torch.tensor([seq]))[0, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence 0 holds max_len=8 tokens"):
+        dec.step(torch.tensor([13, 0]))
+    dec.prefill(0, [5])  # the row starts over; row 1 (never prefilled) is not in use and not counted
+    dec.step(torch.tensor([6, 0]))
+    with pytest.raises(ValueError, match=r"row must be an integer in \[0, 2\)"):
+        dec.prefill(2, [1, 2])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay_equals_eager():
     pytest.importorskip("triton")

@@ -48,6 +48,9 @@ class StaticDecoder:
         self.kpos_BS = torch.full((batch_size, S), -1, dtype=torch.long, device=self.device)
         self.pos_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.tok_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        # Each row's length, kept on the host (reading pos_B would sync the device): 0 = not in use.
+        # Past max_len a row's slots would wrap round and attention silently lose its first tokens.
+        self.lengths = [0] * batch_size
         self.graph = (self.device.type == "cuda") if graph is None else graph
         if self.graph and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -93,9 +96,13 @@ class StaticDecoder:
     # -- public API -----------------------------------------------------------------------------------
     def reset(self, row: int | None = None) -> None:
         """Forget sequence `row` (all when None)."""
+        if row is not None and not (isinstance(row, int) and 0 <= row < self.B):
+            raise ValueError(f"row must be an integer in [0, {self.B}) (the batch size), got {row!r}")
         rows = slice(None) if row is None else slice(row, row + 1)
         self.kpos_BS[rows] = -1
         self.pos_B[rows] = 0
+        for r in range(self.B)[rows]:
+            self.lengths[r] = 0
 
     def prefill(self, row: int, prompt: Sequence[int]) -> torch.Tensor:
         """Write `prompt` into sequence `row` (which starts over); returns the next-token logits `[V]`."""
@@ -121,11 +128,18 @@ class StaticDecoder:
         for s in range(0, ids.shape[1], self.chunk):
             logits = self._forward(ids[:, s : s + self.chunk], slice(row, row + 1))
         assert logits is not None
+        self.lengths[row] = len(prompt)
         return logits[0]
 
     def step(self, tokens_B: torch.Tensor) -> torch.Tensor:
         """One decoding step for all B sequences (one new token each); returns logits `[B, V]`.
-        Rows that are not in use decode garbage that nobody reads."""
+        Rows that are not in use decode garbage that nobody reads; a row in use that holds max_len
+        tokens is refused (reset or prefill it again)."""
+        full = [r for r, n in enumerate(self.lengths) if n >= self.max_len]
+        if full:
+            raise ValueError(f"sequence {full[0]} holds max_len={self.max_len} tokens: no room for another "
+                             "(a larger max_len, or reset / prefill the row)")
+        self.lengths = [n + 1 if n else 0 for n in self.lengths]
         self.tok_B.copy_(tokens_B)
         if not self.graph:
             return self._forward(self.tok_B[:, None], slice(None))
