@@ -60,9 +60,14 @@ def test_bad_arguments_are_refused():
         StaticDecoder(model, batch_size=1, max_len=10_000)
     with pytest.raises(ValueError, match="CUDA"):
         StaticDecoder(model, batch_size=1, max_len=16, graph=True)
+    for kw in ({"batch_size": 0}, {"max_len": -3}, {"prefill_chunk": 0}, {"batch_size": 1.5}):  # torch's errors
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be an integer >= 1"):
+            StaticDecoder(model, **{"batch_size": 1, "max_len": 16, **kw})  # type: ignore[arg-type]
     dec = StaticDecoder(model, batch_size=1, max_len=16, graph=False)
     with pytest.raises(ValueError, match="batch size 1"):
         dec.generate([[1], [2]], 2)
+    with pytest.raises(ValueError, match="non-empty list"):  # torch.stack's 'expects a non-empty TensorList'
+        dec.generate([], 2)
     with pytest.raises(ValueError, match="max_len=16"):
         dec.generate([[1] * 10], 10)
     for bad in (model.config.vocab_size, -1):  # an IndexError on CPU, a device-side assert on CUDA

@@ -35,6 +35,9 @@ class StaticDecoder:
     def __init__(self, model: Transformer, *, batch_size: int, max_len: int, prefill_chunk: int = 256,
                  graph: bool | None = None) -> None:
         cfg = model.config
+        for name, v in (("batch_size", batch_size), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:  # else a torch error from the buffers
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds the model's context length {cfg.max_seq_len}")
         p = next(model.parameters())
@@ -172,6 +175,8 @@ class StaticDecoder:
         """New tokens for up to B prompts, decoded together (greedy by default)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"invalid max_new_tokens={max_new_tokens!r}: expected an integer >= 1")  # -1 gave []
+        if not prompts:  # torch.stack's error before
+            raise ValueError("prompts must be a non-empty list of token-id lists")
         if len(prompts) > self.B:
             raise ValueError(f"{len(prompts)} prompts for a decoder of batch size {self.B}")
         if any(len(p) + max_new_tokens > self.max_len for p in prompts):
