@@ -178,3 +178,32 @@ def test_the_files_the_docs_link_or_name_exist():
                  re.findall(r"`((?:src/mixlab|tests|benchmarks|experiments|scripts|docs)/[\w./-]*\w)", text)]
         missing += [f"{f.name}: {p.relative_to(ROOT)}" for p in links + paths if not p.exists()]
     assert not missing, missing
+
+
+def test_training_md_config_example_and_demo_model_are_what_the_code_builds(tmp_path):
+    """docs/training.md's TOML example is a run config `mixlab train` takes, giving the model it
+    describes; the defaults it names are `TrainConfig`'s; the demo's model has the shape and parameter
+    counts the page quotes."""
+    from types import SimpleNamespace
+
+    from mixlab.train import demo
+    from mixlab.train.loop import TrainConfig, build_model_config, load_train_config
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    bytes_data = SimpleNamespace(vocab_size=259, meta={"bos_id": 1, "eos_id": 2})  # the byte tokenizer's
+    toml = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert toml
+    (tmp_path / "run.toml").write_text(toml.group(1))
+    mc = build_model_config(load_train_config(tmp_path / "run.toml"), bytes_data)  # type: ignore[arg-type]
+    assert mc.moe and (mc.dim, mc.n_layers, mc.moe.num_experts, mc.moe.top_k) == (128, 4, 8, 2)
+    defaults = re.search(r"`model` the\s+`([^`]+)` preset, `out` the folder `([^`]+)`", text)
+    assert defaults and defaults.groups() == (TrainConfig.model, TrainConfig.out)
+
+    said = re.search(r"trains a\s+(\d)-layer, (\d)-expert top-(\d) MoE \(dim (\d+), FFN (\d+), ([\d.]+)M parameters,"
+                     r"\s+([\d.]+)M active per token\)", text)
+    assert said, "docs/training.md's demo sentence moved: update this test"
+    mc = build_model_config(TrainConfig(model="tiny-moe", model_overrides=demo.DEMO_MODEL), bytes_data)  # type: ignore[arg-type]
+    counts = mc.param_counts()
+    assert mc.moe
+    assert [int(x) for x in said.groups()[:5]] == [mc.n_layers, mc.moe.num_experts, mc.moe.top_k, mc.dim, mc.ffn_dim]
+    assert (float(said[6]), float(said[7])) == (round(counts["total"] / 1e6, 2), round(counts["active"] / 1e6, 2))
