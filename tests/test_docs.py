@@ -207,3 +207,30 @@ def test_training_md_config_example_and_demo_model_are_what_the_code_builds(tmp_
     assert mc.moe
     assert [int(x) for x in said.groups()[:5]] == [mc.n_layers, mc.moe.num_experts, mc.moe.top_k, mc.dim, mc.ffn_dim]
     assert (float(said[6]), float(said[7])) == (round(counts["total"] / 1e6, 2), round(counts["active"] / 1e6, 2))
+
+
+def test_upcycling_md_setup_numbers_are_the_experiments():
+    """docs/upcycling.md's setup (parameter counts, FLOPs per token, their ratio, arm (b)'s steps) is
+    what experiments/upcycle.py's `Settings` and `flops_per_token` give."""
+    import importlib.util
+    import sys
+
+    from mixlab.config import ModelConfig, MoEConfig
+
+    spec = importlib.util.spec_from_file_location("upcycle_experiment", ROOT / "experiments" / "upcycle.py")
+    assert spec and spec.loader
+    exp = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = exp  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(exp)
+    finally:
+        del sys.modules[spec.name]
+    s = exp.Settings()
+    dense = ModelConfig(vocab_size=259, max_seq_len=s.seq_len, rope_theta=1e4, moe=None, **s.model)
+    moe = dense.replace(moe=MoEConfig(num_experts=s.experts, top_k=s.top_k))
+    fd, fm = exp.flops_per_token(dense), exp.flops_per_token(moe)
+    text = (ROOT / "docs" / "upcycling.md").read_text()
+    for quoted in (f"{dense.param_counts()['total']:,} parameters", f"({moe.param_counts()['total']:,} parameters)",
+                   f"Dense:\n  {fd / 1e6:.2f} MFLOPs/token; MoE: {fm / 1e6:.2f} MFLOPs/token (×{fm / fd:.2f})",
+                   f"{round(s.extra_dense_steps * fd / fm)} steps, the same"):
+        assert quoted in text, f"docs/upcycling.md does not say {quoted!r}"
