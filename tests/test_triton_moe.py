@@ -103,6 +103,18 @@ def test_refuses_int8_scales_and_mismatched_shapes():
         tm.triton_moe(x, w13, w2, idx, wt, w13_scale_E2F=torch.ones(8, 96), w2_scale_ED=torch.ones(8, 32))
     with pytest.raises(ValueError, match="shapes do not agree"):
         tm.triton_moe(x[:, :16], w13, w2, idx, wt)
+    # other ids / weights were read past their ends (or left rows out), with no error
+    for bad_idx, bad_wt in ((idx[:1], wt), (idx, wt[:, :1]), (idx[:, :, None], wt)):
+        with pytest.raises(ValueError, match=r"expects idx and weight \[T, K\] for x \[T, D\]"):
+            tm.triton_moe(x, w13, w2, bad_idx, bad_wt)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU without Triton's interpreter")
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    """Triton said '0 active drivers ([]). There should only be one.'"""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="triton_moe runs on CUDA tensors .* got x on cpu"):
+        tm.triton_moe(*_layer(2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 needs a GPU (the interpreter has no bf16)")

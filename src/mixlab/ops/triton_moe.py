@@ -218,8 +218,16 @@ def _check(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, idx
            weight_TK: torch.Tensor) -> None:
     if not HAVE_TRITON:
         raise RuntimeError("the Triton MoE kernel needs triton: pip install 'mixlab[gpu]'")
+    if not (x_TD.is_cuda or interpreted()):  # else Triton's "0 active drivers ([]). There should only be one."
+        raise ValueError(f"triton_moe runs on CUDA tensors (on the CPU only in Triton's interpreter, "
+                         f"TRITON_INTERPRET=1), got x on {x_TD.device}")
     if x_TD.dim() != 2 or w13_E2FD.dim() != 3 or w2_EDF.dim() != 3:
         raise ValueError("triton_moe expects x [T, D], w13 [E, 2F, D] and w2 [E, D, F]")
+    # Shapes only (the ids' values would need a read back to the host, which the sync-free step avoids):
+    # other shapes were read past their ends, silently.
+    if idx_TK.dim() != 2 or idx_TK.shape[0] != x_TD.shape[0] or weight_TK.shape != idx_TK.shape:
+        raise ValueError(f"triton_moe expects idx and weight [T, K] for x [T, D], got x {tuple(x_TD.shape)}, "
+                         f"idx {tuple(idx_TK.shape)}, weight {tuple(weight_TK.shape)}")
     E, F2, D = w13_E2FD.shape
     if x_TD.shape[1] != D or w2_EDF.shape != (E, D, F2 // 2):
         raise ValueError(f"triton_moe: shapes do not agree: x {tuple(x_TD.shape)}, w13 {tuple(w13_E2FD.shape)}, "
