@@ -119,3 +119,17 @@ def test_every_module_is_named_in_architecture_md():
         if f"`{path.name}`" not in rows.get(rel.rpartition("/")[0] + "/", ""):
             missing.append(rel)
     assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"
+
+
+def test_architecture_md_states_the_ranks_enforced_here():
+    """The import direction docs/ARCHITECTURE.md writes (`a`, `b` ← `c` ← ...) is RANK's order, group
+    for group, so the page and the test cannot drift apart."""
+    import re
+
+    text = (SRC.parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    line = text.split("## Import direction", 1)[1].strip().split("(ranks in", 1)[0]
+    stated = [re.findall(r"`(\w+)`", group) for group in line.split("←")]
+    by_rank: dict[float, list[str]] = {}
+    for name, rank in RANK.items():
+        by_rank.setdefault(rank, []).append(name)
+    assert [sorted(g) for g in stated] == [sorted(by_rank[r]) for r in sorted(by_rank)]
