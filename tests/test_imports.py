@@ -40,6 +40,9 @@ def _imports(path: Path) -> list[str]:
             out += [f"mixlab.{a.name}" for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.append(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.level:  # `from ..cli import x`: resolved from the file's package
+            package = list(path.resolve().relative_to(SRC.parent).parent.parts)[: 1 - node.level or None]
+            out.append(".".join(package + ([node.module] if node.module else [node.names[0].name])))
     return out
 
 
@@ -82,6 +85,16 @@ def test_from_mixlab_import_is_checked_too(tmp_path: Path) -> None:
     f = tmp_path / "x.py"
     f.write_text("from mixlab import cli, pages\nfrom mixlab.ops import moe\n")
     assert [_group(m) for m in _imports(f)] == ["cli", "pages", "ops"]
+
+
+def test_relative_imports_are_checked_too() -> None:
+    """`from ..cli import main` in mixlab/eval/x.py was skipped (level > 0), so it escaped the check."""
+    f = SRC / "eval" / "_relative_probe.py"  # resolved from its place in the package; never written
+    tree_text = "from ..cli import main\nfrom . import data\nfrom .harness import MixlabLM\n"
+    import unittest.mock
+
+    with unittest.mock.patch.object(Path, "read_text", return_value=tree_text):
+        assert [_group(m) for m in _imports(f)] == ["cli", "eval", "eval"]
 
 
 def test_architecture_md_lists_every_module_and_only_those() -> None:
