@@ -326,13 +326,29 @@ def test_chat_reply_that_begins_with_a_space_token_drops_one_space(tiny_dir, cap
     from mixlab.cli import run
     from mixlab.generate import Step
 
-    def generate_stream(*args, **kw):
-        yield from (Step(tokens=[28705], text=[" "]), Step(tokens=[22557], text=[" Hello"]), Step(tokens=[None]))
+    def generate_stream(*args, **kw):  # the texts of the reply decoded alone, as chat asks for them
+        assert kw["decode_alone"] is True
+        yield from (Step(tokens=[28705], text=[""]), Step(tokens=[22557], text=[" Hello"]), Step(tokens=[None]))
 
     monkeypatch.setattr(run, "generate_stream", generate_stream)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
     assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "8", "--quiet"]) == 0
     assert capsys.readouterr().out == " Hello\n"
+
+
+def test_chat_stop_strings_match_the_reply_as_shown(tiny_dir, capsys, monkeypatch):
+    """chat matched --stop on the engine's text, which keeps the first word's leading space that chat
+    then dropped: --stop " " ended a reply before its first word (an empty reply), and a stop equal to
+    " " + the first word matched the space chat never showed. The reply is decoded alone now."""
+    flags = ["chat", "--model", str(tiny_dir), "--max-new-tokens", "12", "--seed", "0", "--quiet"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(flags) == 0
+    reply = capsys.readouterr().out.removesuffix("\n")
+    first = reply.split(" ")[0]
+    assert first and " " in reply  # this seed's reply: several words, the first one not empty
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main([*flags, "--stop", " "]) == 0
+    assert capsys.readouterr().out == first + "\n"  # was "\n": the stop matched the dropped space
 
 
 def test_generate_and_chat_quiet_print_the_text_alone(tiny_dir, capsys, monkeypatch):

@@ -239,6 +239,7 @@ def generate_stream(
     record_experts: bool = False,
     cache: KVCache | None = None,
     engine: Engine | None = None,
+    decode_alone: bool = False,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position, as soon as it is sampled.
 
@@ -258,6 +259,8 @@ def generate_stream(
     thread (one sequence each, batched in every step; the native kernels without preparing the
     model). `engine`: an engine (not started) kept across calls, as a chat does: a prompt that
     begins with tokens one of its free slots holds (the earlier turns) skips prefilling them.
+    `decode_alone=True` (engine path): the text is the reply decoded alone, as a chat shows it (the
+    first word without the leading space SentencePiece gives it), and stop strings match that text.
     """
     # Everything is validated here, eagerly; the returned generator does the compute.
     check_model(model)
@@ -288,6 +291,8 @@ def generate_stream(
         if cache.k[0].dtype != weight.dtype:  # else attention fails deep inside on mixed dtypes
             raise ValueError(f"the cache holds {cache.k[0].dtype} keys and values; this model computes in "
                              f"{weight.dtype}: make it with KVCache(..., dtype={weight.dtype})")
+    if decode_alone and cache is not None:
+        raise ValueError("decode_alone=True decodes through the engine; it excludes cache=")
     if engine is not None:
         if cache is not None or engine.model is not model:
             raise ValueError("engine= must be an engine over this model, and excludes cache=")
@@ -304,7 +309,8 @@ def generate_stream(
             max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, seed=seed, stop_token_ids=sorted(stop_ids), stop=stop_strings,
-            return_experts=record_experts, ignore_eos=True)  # EOS, when it stops, is in stop_ids
+            return_experts=record_experts, ignore_eos=True,  # EOS, when it stops, is in stop_ids
+            decode_alone=decode_alone)
         return _through_engine(model, ids, params, tokenizer, prefill_chunk, engine)
     return _generate(model, ids, max_new_tokens, sampler, penalties, seed, stop_ids, stop_strings, tokenizer,
                      prefill_chunk, record_experts, cache)

@@ -304,20 +304,20 @@ def chat(args: argparse.Namespace) -> int:
                   f"{room} fit in the context of {context}", file=sys.stderr)
             messages.pop()
             continue
-        n, shown, began = 0, list[str](), False
+        n, shown = 0, list[str]()
         start = time.perf_counter()
         try:
             # reply i samples with --seed + i: the same conversation again, but not the same draws every turn
             seed = None if args.seed is None else args.seed + replies
             replies += 1
-            for step in generate_stream(model, [ids], engine=engine, **{**_sampling(args, tok), "seed": seed}):
+            # the reply decoded alone (its first word without the leading space), --stop matched on that text
+            for step in generate_stream(model, [ids], engine=engine, decode_alone=True,
+                                        **{**_sampling(args, tok), "seed": seed}):
                 if step.tokens[0] is None:
                     break
                 n += step.tokens[0] != tok.eos_id
                 assert step.text is not None  # the engine's text: nothing from a --stop string on
                 delta = step.text[0]
-                if delta and not began:  # the first text's one space (the first word's "▁"), as decode(reply) drops it
-                    began, delta = True, delta.removeprefix(" ")
                 shown.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()
