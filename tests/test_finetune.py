@@ -1111,6 +1111,10 @@ def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
     ({"max_examples": -3}, "'max_examples' must be an integer in"),  # silently dropped the last 3 lines
     ({"lora_rank": 2, "lora_alpha": float("nan")}, "LoRA alpha must be a finite number > 0"),
     ({"lora_rank": 2, "lora_alpha": -1.0}, "LoRA alpha must be a finite number > 0"),
+    # named the field alone ('LoRA alpha must be ...'), neither the setting nor its flag
+    ({"lora_rank": 2, "lora_alpha": 0}, r"^fine-tuning setting 'lora_alpha' \(--lora-alpha\): LoRA alpha must be"),
+    ({"lora_rank": 2, "lora_dropout": 1.0}, r"^fine-tuning setting 'lora_dropout' \(--lora-dropout\): LoRA dropout"),
+    ({"lora_rank": 2, "lora_targets": "mlp"}, r"^fine-tuning setting 'lora_targets' \(--lora-targets\): LoRA targets"),
     ({"loss": "ipo", "label_smoothing": 0.1}, "'label_smoothing' applies to the sigmoid loss only"),  # was ignored
     ({"lora_rank": 2, "lora_targets": "attention,router", "freeze_router": True},  # trained the router's adapter
      "'freeze_router' keeps the router fixed, but 'router' is one of the LoRA targets"),

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -406,6 +407,14 @@ def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
         load_train_config(f)
     f.write_text("steps = 3\nseq_len = 16\n")
     assert load_train_config(f, seq_len=None, batch_size=2).seq_len == 16
+    # a misspelled key: the file and the nearest setting are named (was 'unknown training setting(s):
+    # sequence_len; known: ...'); a capitalised extension is still TOML (was read as JSON)
+    f.write_text("sequence_len = 16\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(f))}: unknown training setting.*sequence_len "
+                                          r"\(did you mean 'seq_len'\?\)"):
+        load_train_config(f)
+    (F := tmp_path / "C.TOML").write_text("steps = 3\n")
+    assert load_train_config(F).steps == 3
     # `--set` (model_overrides from flags) changes the fields it names and keeps the file's others.
     f.write_text("[model_overrides]\ndim = 32\n[model_overrides.moe]\nnum_experts = 4\ntop_k = 1\n")
     assert load_train_config(f, model_overrides={"moe": {"jitter": 0.1}}).model_overrides == {

@@ -159,8 +159,12 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if cfg.lora_rank:
         try:
             lc = lora_config(cfg)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        except ValueError as e:  # LoraConfig's message names its field ('LoRA alpha ...'): name the setting
+            field = next((f for f in ("rank", "alpha", "dropout", "targets", "base dtype")
+                          if str(e).startswith(f"LoRA {f}")), None)
+            name = f"lora_{field.replace(' ', '_')}" if field else None
+            raise ConfigError(f"fine-tuning setting '{name}' (--{name.replace('_', '-')}): {e}" if name
+                              else str(e)) from None
         if cfg.freeze_router and "router" in lc.targets:  # the router's adapter trained without a word
             raise ConfigError("fine-tuning setting 'freeze_router' keeps the router fixed, but 'router' is one of "
                               "the LoRA targets; remove one of them")

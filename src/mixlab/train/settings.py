@@ -20,7 +20,7 @@ import torch
 
 from mixlab.checkpoint import parse_device
 from mixlab.checkpoint.io import CheckpointError
-from mixlab.config import ConfigError, ModelConfig, format_bytes
+from mixlab.config import ConfigError, ModelConfig, did_you_mean, format_bytes, suffix_of
 from mixlab.dtypes import full_name
 from mixlab.engine.runner import available_memory
 
@@ -88,11 +88,11 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
         p = Path(path)
         try:
             text = p.read_text(encoding="utf-8")
-            d = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+            d = tomllib.loads(text) if suffix_of(p) == ".toml" else json.loads(text)
         except FileNotFoundError:
             raise ConfigError(f"{p}: {what} config file not found") from None
         except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
+            raise ConfigError(f"{p}: not valid {'TOML' if suffix_of(p) == '.toml' else 'JSON'} ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: expected a table / object of {what} settings")
     for k, v in overrides.items():
@@ -100,8 +100,10 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             d[k] = _merged(d[k], v) if isinstance(d.get(k), dict) and isinstance(v, dict) else v
     known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    if unknown:  # a file's key, or a flag's: name the file where one was read
+        where = f"{path}: " if path is not None else ""
+        named = ", ".join(k + did_you_mean(k, known) for k in unknown)
+        raise ConfigError(f"{where}unknown {what} setting(s): {named}; known: {', '.join(known)}")
     for k in PATHS:  # a file's `out = "~/runs/a"` (no shell expands it) is in the home folder, not ./~/runs/a
         if isinstance(d.get(k), str):
             d[k] = os.path.expanduser(d[k])
