@@ -140,6 +140,10 @@ def check_train_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# the fields that shape the weights: an `init_from` run cannot override them
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+
+
 def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
     """The preset (or checkpoint config) with overrides; vocabulary and BOS/EOS from the dataset.
     With `init_from`, the starting checkpoint's config (its vocabulary must cover the dataset's)."""
@@ -170,6 +174,16 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
                           f"vocabulary ({dataset.vocab_size})")
     over.setdefault("bos_id", int(dataset.meta["bos_id"]))
     over.setdefault("eos_id", int(dataset.meta["eos_id"]))
+    if cfg.init_from:  # the starting weights fix the shape: a file's override was blamed on the checkpoint
+        shape = [(k, v, getattr(base, k)) for k, v in over.items() if k in SHAPE_FIELDS and v != getattr(base, k)]
+        if moe_over and base.moe is not None and moe_over.get("num_experts", base.moe.num_experts) != \
+                base.moe.num_experts:
+            shape.append(("moe.num_experts", moe_over["num_experts"], base.moe.num_experts))
+        if shape:
+            k, v, was = shape[0]
+            raise ConfigError(f"model_overrides: {k} = {v!r}, but the weights of init_from {cfg.init_from} have "
+                              f"{k} = {was!r}; the starting weights fix the model's shape: remove {k} from "
+                              "model_overrides (the config file's [model_overrides], or --set)")
     try:
         mc = base.replace(**over)
         if moe_over:
