@@ -732,6 +732,9 @@ def test_init_from_errors(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=f"m.gguf: a file; training starts from a checkpoint folder: "
                                               f"`mixlab convert {tmp_path / 'm.gguf'} DIR` writes it as one"):
         train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path / "m.gguf")))
+    (tmp_path / "M.GGUF").write_bytes(b"GGUF")  # the extension in any case, as load_model reads it
+    with pytest.raises(CheckpointError, match="M.GGUF: a file; training starts from a checkpoint folder: `mixlab co"):
+        train(_cfg(dataset, tmp_path / "b", init_from=str(tmp_path / "M.GGUF")))
     # an override of the shape was blamed on the checkpoint ('... has shape [...], the model expects ...',
     # or 'the config has 4 layers ..., the weights hold 2' from a config file's [model_overrides])
     hf = tmp_path / "a" / "hf"

@@ -35,7 +35,7 @@ from mixlab import atomic
 from mixlab.atomic import atomic_folder, read_manifest, verify
 from mixlab.checkpoint import hub_hint, load_model
 from mixlab.checkpoint.io import CheckpointError, read_header, write_safetensors
-from mixlab.config import ConfigError, ModelConfig, MoEConfig
+from mixlab.config import ConfigError, ModelConfig, MoEConfig, suffix_of
 from mixlab.model import Transformer
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -288,7 +288,8 @@ def resolve_weights(path: str | Path) -> Path:
     final `hf/` export, else its newest checkpoint)."""
     p = Path(path)
     if p.is_file():  # it said 'no such checkpoint folder' of a file that is there
-        hint = f": `mixlab convert {p} DIR` writes it as one (Q4_0 matrices dequantised)" if p.suffix == ".gguf" else ""
+        gguf = suffix_of(p) == ".gguf"
+        hint = f": `mixlab convert {p} DIR` writes it as one (Q4_0 matrices dequantised)" if gguf else ""
         raise CheckpointError(f"{p}: a file; training starts from a checkpoint folder{hint}")
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint folder{hub_hint(p)}")

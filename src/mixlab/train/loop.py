@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
-from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset
+from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset, suffix_of
 from mixlab.errors import OutputError, TrainingError
 from mixlab.eval.perplexity import Score, score_windows
 from mixlab.model import Transformer
@@ -166,7 +166,7 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
         if Path(cfg.model).is_file():  # it said "unknown preset" of a checkpoint's file or a GGUF
             raise ConfigError(f"model: {cfg.model} is a file; the model is a preset or a checkpoint folder "
                               "(its config.json or params.json)" + (f": `mixlab convert {cfg.model} DIR` writes "
-                              "the GGUF as one" if cfg.model.endswith(".gguf") else ""))
+                              "the GGUF as one" if suffix_of(cfg.model) == ".gguf" else ""))
         base = ModelConfig.from_dir(cfg.model) if Path(cfg.model).is_dir() else get_preset(cfg.model)
         over.setdefault("vocab_size", dataset.vocab_size)
     if over["vocab_size"] < dataset.vocab_size:

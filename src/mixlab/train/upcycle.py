@@ -33,7 +33,7 @@ import torch
 from mixlab.checkpoint import hub_hint, input_files
 from mixlab.checkpoint.io import DTYPES, FLOAT_DTYPES, CheckpointError, TensorReader, tensor_files, write_sharded
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
-from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object
+from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object, suffix_of
 from mixlab.dtypes import dtype_name, parse_dtype
 
 __all__ = ["ROUTER_INITS", "UpcycleReport", "upcycle", "upcycle_config"]
@@ -175,7 +175,7 @@ def upcycle(
         raise ValueError(f"{out}: the output folder must differ from the input folder")
     if root.is_file():  # it said "not a checkpoint folder" of a GGUF or of the checkpoint's own file
         hint = (f"`mixlab convert {root} DIR` writes it as one (upcycling streams safetensors)"
-                if root.suffix == ".gguf" else "pass the folder holding it (with its config.json or params.json)")
+                if suffix_of(root) == ".gguf" else "pass the folder holding it (with its config.json or params.json)")
         raise CheckpointError(f"{root}: a file, not a checkpoint folder: {hint}")
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such checkpoint folder{hub_hint(root)}")
