@@ -159,7 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page that shows the experts")
     p.add_argument("--model", type=user_path, required=True, help="checkpoint folder (or a file mixlab loads)")
     p.add_argument("--tokenizer", type=user_path, default=None,
-                   help="tokenizer file or folder (default: the model's, else Mixtral's)")
+                   help="mixtral (Mixtral's v1, from mistral-common), bytes, a tokenizer.model / "
+                        "tokenizer.json or a folder holding one (default: the model's, else mixtral)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default 8000; 0: a free port, named in the startup line)")
     p.add_argument("--api-key", default=os.environ.get("MIXLAB_API_KEY") or None,
