@@ -22,6 +22,7 @@ import torch
 
 from mixlab.atomic import recover
 from mixlab.atomic import sibling as _sibling
+from mixlab.checkpoint.adapter import merge_adapter, read_adapter
 from mixlab.checkpoint.io import (
     DTYPES,
     FLOAT_DTYPES,
@@ -41,8 +42,8 @@ from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
 
-__all__ = ["CheckpointError", "describe", "from_state_dict", "load_model", "load_state", "meta_model", "save_model",
-           "to_state_dict"]
+__all__ = ["CheckpointError", "describe", "from_state_dict", "load_model", "load_state", "merge_adapter", "meta_model",
+           "save_model", "to_state_dict"]
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -223,6 +224,7 @@ def load_model(
     max_memory: int | str | None = None,
     policy: str | None = None,
     prefetch: bool | None = None,
+    adapter: str | Path | None = None,
 ) -> Transformer:
     """Load a checkpoint folder (transformers or Mistral format) or a llama.cpp GGUF file
     (`checkpoint/gguf_read.py`: Q4_0 matrices stay int4) into a mixlab `Transformer`.
@@ -237,6 +239,9 @@ def load_model(
     in the background; both are refused without `max_memory`). Everything else is loaded as usual.
     Inference only, CPU only; `prepare_for_inference(quant=)` then sets the cache's format (plain,
     int8 or int4).
+
+    `adapter`: a PEFT LoRA adapter folder merged into the weights (`checkpoint/adapter.py`), so
+    `prepare_for_inference(quant=)` quantises the merged weights.
     """
     from mixlab.config import parse_bytes
     from mixlab.ops.offload import POLICIES
@@ -258,13 +263,19 @@ def load_model(
             raise ValueError(f"unknown eviction policy {policy!r}; expected one of {', '.join(POLICIES)}")
         if not isinstance(prefetch, bool):
             raise ValueError(f"prefetch must be True or False, not {prefetch!r}")
+        if adapter is not None:  # the experts stay on disk, where nothing can be merged into them
+            raise ValueError("adapter= does not combine with max_memory (offloaded experts): merge the adapter "
+                             "into a checkpoint first (load_model(path, adapter=DIR), then save_model)")
+    if adapter is not None:  # a wrong adapter is told before a long load
+        read_adapter(adapter)
     if suffix_of(root) == ".gguf" and not root.is_dir():
         from mixlab.checkpoint.gguf_read import load_gguf
 
         if config is not None:
             raise ValueError("config= does not apply to GGUF files: their metadata is the config")
-        return load_gguf(root, dtype=parse_dtype(dtype), device=dev, max_memory=max_memory, policy=policy,
-                         prefetch=prefetch)
+        model = load_gguf(root, dtype=parse_dtype(dtype), device=dev, max_memory=max_memory, policy=policy,
+                          prefetch=prefetch)
+        return model if adapter is None else merge_adapter(model, adapter)
     _refuse_pickle_or_recover(root)
     try:
         config = config or ModelConfig.from_dir(root)
@@ -291,7 +302,7 @@ def load_model(
         offload_experts(model, SafetensorsSource(infos, tables, config), max_memory=max_memory, fmt=fmt,
                         policy=policy, prefetch=prefetch)
         model.requires_grad_(False)
-    return model.eval()
+    return (model if adapter is None else merge_adapter(model, adapter)).eval()
 
 
 _GGUF_HINT = "mixlab.checkpoint.gguf.write_gguf(model, 'x.gguf', quant='bf16') writes a GGUF file (`mixlab convert`)"

@@ -68,9 +68,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
         # Q4_0 matrices dequantised: expert parallelism splits float experts (it refused int4 ones)
         model = load_gguf(args.model, dtype=parse_dtype(dtype), device=device, keep_int4=False)
-    else:
+        if args.adapter is not None:
+            from mixlab.checkpoint import merge_adapter
+
+            merge_adapter(model, args.adapter)
+    else:  # an --adapter is merged before --quant quantises the weights
         with _told_as_flag("max_memory", "--max-memory"):
-            model = load_model(args.model, dtype=dtype, device=device, **offload)
+            model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, **offload)
     if layout is not None:
         from mixlab.parallel.expert import apply_expert_parallel
 
@@ -374,9 +378,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """How `_load` loads the model: --dtype, --quant, --device, --threads and expert offloading
+    """How `_load` loads the model: --adapter, --dtype, --quant, --device, --threads and expert offloading
     (generate, chat, serve, eval)."""
     r = p.add_argument_group("runtime")
+    r.add_argument("--adapter", type=user_path, default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as PEFT, TRL "
+                        "and mixlab sft / dpo write it) merged into the weights (before --quant)")
     r.add_argument("--dtype", type=dtype_choice("auto", "float32", "bfloat16", "float16", quant=True), default="auto",
                    help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
     r.add_argument("--quant", choices=["none", "int8", "int4"], default="none",

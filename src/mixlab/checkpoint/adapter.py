@@ -1,0 +1,254 @@
+"""Merge a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`, as PEFT's
+`save_pretrained`, TRL and mixlab's own `save_peft` write it) into a loaded model's weights.
+
+Shape legend: E experts, X output rows, I input columns, r rank.
+
+Each adapted weight W (transformers' name) becomes W + s B A, computed in float32 and cast back to
+the model's dtype, with s = alpha / r (alpha / sqrt(r) with `use_rslora`; r and alpha per module from
+`rank_pattern` / `alpha_pattern`, matched as PEFT matches them). PEFT's tensor names are the base
+model's module names: `base_model.model.{module}.lora_A.weight`. The weight they adapt is found in
+keymaps.py's transformers tables ("hf": `block_sparse_moe.experts.N.w1`, `block_sparse_moe.gate`,
+Mistral's `mlp.gate_proj`; "hf-fused", transformers >= 5: `mlp.experts.gate_up_proj` / `down_proj`
+and `mlp.gate.weight` as PEFT `target_parameters`), whose views of mixlab's fused tensors take the
+update, so q/k/v rows land in `wqkv` and w1/w3 in `w13` exactly as a checkpoint is loaded.
+A parameter target (PEFT's ParamWrapper on a 3-D `[E, X, I]` weight) holds lora_A `[E*r, I]`
+expert-major and lora_B `[X, r*E]` expert-minor (peft/tuners/lora/layer.py, "o r e, e r i -> e o i");
+two such targets on one module are nested (`experts.base_layer.lora_A`), told apart by their shapes.
+
+Everything is checked before any weight changes: an unknown tensor, a shape or rank that does not
+fit, a feature not supported here (DoRA, `modules_to_save`, trained biases, embedding or lm_head
+targets) is a CheckpointError naming the file, the tensor and what was expected. `fan_in_fan_out`
+does not apply: every target is an nn.Linear or a parameter, for which PEFT turns it off itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixlab.checkpoint.io import (
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    TensorInfo,
+    TensorReader,
+    _pickle_hint,
+    read_header,
+)
+from mixlab.checkpoint.keymaps import Rule, rules
+from mixlab.config import as_path
+from mixlab.model import Transformer
+from mixlab.model.inference import inference_format
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+_UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One LoRA pair: tensors `a` / `b` adapting part `part` of `rule` (a transformers weight `name`)."""
+
+    a: str
+    b: str
+    rule: Rule
+    part: int
+    name: str
+    experts: int  # E of a parameter target's [E, X, I] weight; 0 for a 2-D weight
+    rank: int
+    scale: float
+
+
+def _pattern_key(patterns: dict[str, Any], key: str) -> str | None:
+    # PEFT's get_pattern_key (peft/utils/other.py): the first pattern that matches the name's end.
+    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", key)), None)
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    path = root / CONFIG
+    if not root.is_dir():
+        if root.is_file():
+            raise CheckpointError(f"{root}: a file, not an adapter folder: pass the folder holding {CONFIG} and "
+                                  f"{WEIGHTS}")
+        raise CheckpointError(f"{root}: no such adapter folder")
+    if not path.is_file():
+        hint = (f"; a mixlab fine-tuning run keeps its adapter in {root / 'adapter'}"
+                if (root / "adapter" / CONFIG).is_file() else "")
+        raise CheckpointError(f"{root}: not a PEFT adapter folder (no {CONFIG}){hint}")
+    try:
+        conf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(conf).__name__}")
+    return conf
+
+
+def _check_config(path: Path, conf: dict[str, Any]) -> None:
+    """Refuse, naming the field, what the merge would get wrong."""
+    if conf.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path}: peft_type is {conf.get('peft_type')!r}; mixlab merges LoRA adapters "
+                              "(peft_type 'LORA') only")
+    for field in ("r", "lora_alpha"):
+        v = conf.get(field)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise CheckpointError(f"{path}: field {field!r} is {v!r}; expected a positive number")
+    for field, what in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        pat = conf.get(field) or {}
+        bad = {k: v for k, v in pat.items() if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0} \
+            if isinstance(pat, dict) else pat
+        if bad:
+            raise CheckpointError(f"{path}: field {field!r} is {pat!r}; expected a mapping of module name "
+                                  f"patterns to a positive {what}")
+    if conf.get("use_dora"):
+        raise CheckpointError(f"{path}: use_dora is true: DoRA adapters (a magnitude per output row) are not "
+                              "supported; merge it with PEFT (merge_and_unload, then save_pretrained) and load "
+                              "the merged checkpoint")
+    if conf.get("bias", "none") != "none":
+        raise CheckpointError(f"{path}: bias is {conf['bias']!r}: adapters that train biases are not supported "
+                              "(mixlab's models have no biases); expected 'none'")
+    if conf.get("modules_to_save"):
+        raise CheckpointError(f"{path}: modules_to_save is {conf['modules_to_save']!r}: adapters holding whole "
+                              "trained modules are not supported; merge it with PEFT (merge_and_unload, then "
+                              "save_pretrained) and load the merged checkpoint")
+    targets = conf.get("target_modules") or []
+    names = [targets] if isinstance(targets, str) else list(targets)
+    for t in _UNSUPPORTED_TARGETS:
+        if any(t in n for n in names):
+            raise CheckpointError(f"{path}: target_modules {targets!r} adapts {t}: LoRA on the embedding or "
+                                  "lm_head is not supported; expected attention, MLP / expert and router targets")
+
+
+def _pairs(file: Path, keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """PEFT module name -> {"A": tensor name, "B": tensor name}; CheckpointError for any other tensor."""
+    pairs: dict[str, dict[str, str]] = {}
+    for key in keys:
+        m = _KEY.fullmatch(key)
+        if m is None:
+            what = ("an embedding adapter: not supported" if "lora_embedding" in key else
+                    "a DoRA magnitude: not supported" if "lora_magnitude" in key else
+                    "expected only base_model.model.<module>.lora_A.weight / lora_B.weight")
+            raise CheckpointError(f"{file}: unexpected tensor {key!r}: {what}")
+        pairs.setdefault(m["module"], {})[m["ab"]] = key
+    if not pairs:
+        raise CheckpointError(f"{file}: holds no LoRA tensors")
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            have, miss = ("lora_A", "lora_B") if "A" in ab else ("lora_B", "lora_A")
+            raise CheckpointError(f"{file}: {next(iter(ab.values()))!r} has no {miss} partner "
+                                  f"(base_model.model.{module}.{miss}.weight); a {have} alone is no adapter")
+    return pairs
+
+
+def _targets(model: Transformer, root: Path, conf: dict[str, Any],
+             shapes: dict[str, tuple[int, ...]]) -> list[_Target]:
+    """Every LoRA pair of the adapter, matched to a weight of `model` and checked (shapes, rank)."""
+    file = root / WEIGHTS
+    made_for = conf.get("base_model_name_or_path")
+    made = f" (the adapter was made for {made_for})" if made_for else ""
+    cfg = model.config
+    kind = (f"{'a Mixtral' if cfg.moe else 'a dense Mistral'} model of {cfg.n_layers} layers, dim {cfg.dim}"
+            + (f", {cfg.moe.num_experts} experts" if cfg.moe else ""))
+    # transformers' weight name -> (rule, part); both layouts, as PEFT names modules after the installed one
+    table = {name: (r, k) for fmt in ("hf", "hf-fused") for r in rules(cfg, fmt) for k, name in enumerate(r.theirs)}
+    rank_pat, alpha_pat = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
+    params = conf.get("target_parameters") or []
+    out: list[_Target] = []
+    for module, ab in sorted(_pairs(file, shapes).items()):
+        a, b = shapes[ab["A"]], shapes[ab["B"]]
+        plain = module.replace(".base_layer", "")  # PEFT nests a module's several parameter targets
+        # the module's own weight, or (parameter targets) the parameters held right on it
+        candidates = [n for n in table if n.rpartition(".")[0] == plain and not n.startswith("lm_head")]
+        if not candidates:
+            raise CheckpointError(f"{file}: tensor {ab['A']!r} adapts {plain!r}, which is not a weight of this "
+                                  f"model ({kind}){made}")
+        fits = []
+        for name in candidates:
+            rule, part = table[name]
+            shape = rule.shapes[part]
+            E = shape[0] if len(shape) == 3 else 0
+            X, In = shape[-2:]
+            if len(a) == 2 and len(b) == 2 and a[1] == In and b[0] == X and a[0] == b[1] and a[0] % max(E, 1) == 0:
+                fits.append((name, rule, part, E, a[0] // max(E, 1)))
+        if len(fits) != 1:
+            want = "; ".join(f"{n} {list(s)}: lora_A [{'E r' if len(s) == 3 else 'r'}, {s[-1]}], lora_B [{s[-2]}, "
+                             f"{'r E' if len(s) == 3 else 'r'}]"
+                             for n in candidates for s in [table[n][0].shapes[table[n][1]]])
+            raise CheckpointError(f"{file}: {ab['A']!r} {list(a)} and {ab['B']!r} {list(b)} do not fit {want} "
+                                  f"{made}")
+        name, rule, part, E, r = fits[0]
+        # PEFT's name for rank_pattern / alpha_pattern: module.parameter for a parameter target, else the module
+        key = name if any(name == t or name.endswith("." + t) for t in params) else name.removesuffix(".weight")
+        want_r = rank_pat[p] if (p := _pattern_key(rank_pat, key)) is not None else conf["r"]
+        if r != want_r:
+            raise CheckpointError(f"{file}: {ab['A']!r} has rank {r}, but {CONFIG} gives {key} r={want_r} "
+                                  f"({'rank_pattern' if p is not None else 'r'})")
+        alpha = alpha_pat[p] if (p := _pattern_key(alpha_pat, key)) is not None else conf["lora_alpha"]
+        scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
+        out.append(_Target(ab["A"], ab["B"], rule, part, name, E, r, scale))
+    return out
+
+
+def read_adapter(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, TensorInfo]]:
+    """(folder, checked adapter_config.json, adapter_model.safetensors' header, its names checked)
+    of a PEFT adapter folder, or CheckpointError; reads no tensor data, needs no model."""
+    root = as_path(path, what="the adapter path").expanduser()
+    if root.is_file() and root.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(_pickle_hint(root))
+    conf = _read_config(root)
+    _check_config(root / CONFIG, conf)
+    file = root / WEIGHTS
+    if not file.is_file():
+        pickled = next((root / n for n in ("adapter_model.bin", "adapter_model.pt") if (root / n).is_file()), None)
+        if pickled is not None:
+            raise CheckpointError(f"{_pickle_hint(pickled)} For an adapter: load it with peft "
+                                  "(PeftModel.from_pretrained) and save_pretrained(dir), which writes "
+                                  f"{WEIGHTS}.")
+        raise CheckpointError(f"{root}: {CONFIG} without {WEIGHTS}")
+    infos = read_header(file)
+    _pairs(file, infos)
+    return root, conf, infos
+
+
+@torch.no_grad()
+def merge_adapter(model: Transformer, path: str | Path) -> Transformer:
+    """Merge the PEFT LoRA adapter in folder `path` into `model`'s weights (in place; returns it).
+    Raises CheckpointError naming the file, tensor or field of anything that does not fit the model;
+    then no weight has changed."""
+    root, conf, infos = read_adapter(path)
+    file = root / WEIGHTS
+    fmt = inference_format(model)
+    if fmt is not None or hasattr(model, "_lora"):
+        if fmt == "int4":  # a GGUF file's Q4_0 matrices load as int4
+            raise CheckpointError(f"{root}: the model's weights are int4 (a Q4_0 GGUF file's, or quantised): an "
+                                  "adapter merges into float weights; load a float checkpoint (or an f32 / f16 / "
+                                  "bf16 GGUF file) with the adapter, then quantise (--quant int4)")
+        what = f"prepared for inference ({fmt})" if fmt else "a LoRA model"
+        raise CheckpointError(f"{root}: the model is {what}; merge an adapter into the weights as loaded "
+                              "(load_model(..., adapter=DIR) merges before any quantisation)")
+    targets = _targets(model, root, conf, {k: v.shape for k, v in infos.items()})
+    params = dict(model.named_parameters())
+    for t in targets:
+        p = params.get(t.rule.ours)
+        if p is None or not p.dtype.is_floating_point:
+            raise CheckpointError(f"{file}: {t.a!r} adapts {t.name}, which this model holds "
+                                  f"{'quantised' if p is None else 'as ' + str(p.dtype)}; load float weights to "
+                                  "merge an adapter")
+    with TensorReader(infos) as reader:
+        for t in targets:
+            w = params[t.rule.ours].data
+            view = t.rule.parts(w)[t.part]
+            A, B = reader.get(t.a).to(w.device, torch.float32), reader.get(t.b).to(w.device, torch.float32)
+            if t.experts:
+                E, r = t.experts, t.rank
+                delta = torch.einsum("xre,eri->exi", B.view(B.shape[0], r, E), A.view(E, r, A.shape[1]))
+            else:
+                delta = B @ A
+            view.copy_(view.float() + t.scale * delta.view(view.shape))
+    return model
