@@ -198,21 +198,30 @@ def test_an_adapter_for_another_architecture_is_refused(adapter: Path, tmp_path:
         load_model(tmp_path / "base", adapter=tmp_path / "run" / "adapter", max_memory="1GB")
 
 
-def test_generate_with_an_adapter_merges_it_before_quantising(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from mixlab.cli import main
-    from mixlab.model.inference import prepare_for_inference
-    from mixlab.tokenizer import load_tokenizer
-
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Transformer]:
+    """A checkpoint of Mixtral's vocabulary (ROOT/base), a LoRA model over it and its adapter (ROOT/adapter)."""
+    root = tmp_path_factory.mktemp("tiny")
     base = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
     base.init_weights(std=0.3, seed=0)
-    save_model(base, tmp_path / "base")
+    save_model(base, root / "base")
     m = apply_lora(base, LoraConfig(rank=4, alpha=8, targets=("attention", "experts", "router")))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if n.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    save_peft(m, tmp_path / "adapter")
+    save_peft(m, root / "adapter")
+    return root, m
+
+
+def test_generate_with_an_adapter_merges_it_before_quantising(tiny: tuple[Path, Transformer],
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from mixlab.cli import main
+    from mixlab.model.inference import prepare_for_inference
+    from mixlab.tokenizer import load_tokenizer
+
+    tmp_path, m = tiny
     tok = load_tokenizer()
     prompt = tok.encode("Bonjour, le monde")
     for quant in ("none", "int8"):
@@ -259,3 +268,20 @@ def test_a_fine_tuning_runs_adapter_on_its_base_equals_its_merged_model(tmp_path
     got = load_model(tmp_path / "base", adapter=tmp_path / "run" / "adapter")(x)
     torch.testing.assert_close(got, load_model(tmp_path / "run" / "hf")(x), rtol=0, atol=1e-5)
     assert (got - load_model(tmp_path / "base")(x)).abs().max() > 1e-4  # the run trained something
+
+
+def test_eval_with_an_adapter_records_it_and_keeps_it(tiny: tuple[Path, Transformer], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """eval --adapter A --json A/adapter_config.json overwrote the adapter's config with the report (the
+    model's folder is refused as --json); the report's settings did not say an adapter was merged."""
+    from mixlab.cli import main
+
+    root, _ = tiny
+    (tmp_path / "valid.jsonl").write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
+    flags = ["eval", "--model", str(root / "base"), "--adapter", str(root / "adapter"), "--data",
+             str(tmp_path / "valid.jsonl"), "--dtype", "float32", "--quiet"]
+    config = (root / "adapter" / "adapter_config.json").read_text()
+    assert main([*flags, "--json", str(root / "adapter" / "adapter_config.json")]) == 2
+    assert (root / "adapter" / "adapter_config.json").read_text() == config
+    assert main([*flags, "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["adapter"] == str(root / "adapter")

@@ -62,7 +62,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json and not to_stdout:  # a folder, the data or the model (--json DATA.jsonl), refused before the work
         from mixlab.checkpoint import input_files
 
-        atomic.check_destination(args.json, kind="file", sources=[args.data, args.model],
+        adapter = [args.adapter] if args.adapter else []
+        atomic.check_destination(args.json, kind="file", sources=[args.data, args.model, *adapter],
                                  inputs=input_files(args.model))  # a split GGUF's other parts too
     model, tok = _load(args)
     context = min(asked, model.config.max_seq_len)
@@ -78,8 +79,9 @@ def evaluate(args: argparse.Namespace) -> int:
                                 progress=bar.update)
     # the dtype that ran: --dtype auto's choice, and bf16 as bfloat16 (the weights may be int8 / int4: --quant)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-    report.settings.update(model=str(args.model), data=str(args.data), split=args.split, dtype=dtype,
-                           quant=args.quant, tokenizer=str(tok.path), domains=args.domains, max_docs=args.max_docs)
+    report.settings.update(model=str(args.model), adapter=str(args.adapter) if args.adapter else None,
+                           data=str(args.data), split=args.split, dtype=dtype, quant=args.quant,
+                           tokenizer=str(tok.path), domains=args.domains, max_docs=args.max_docs)
     result = report.to_json()
     rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]
     table = sys.stderr if to_stdout else sys.stdout
