@@ -16,9 +16,10 @@ expert-major and lora_B `[X, r*E]` expert-minor (peft/tuners/lora/layer.py, "o r
 two such targets on one module are nested (`experts.base_layer.lora_A`), told apart by their shapes.
 
 Everything is checked before any weight changes: an unknown tensor, a shape or rank that does not
-fit, a feature not supported here (DoRA, `modules_to_save`, trained biases, embedding or lm_head
-targets) is a CheckpointError naming the file, the tensor and what was expected. `fan_in_fan_out`
-does not apply: every target is an nn.Linear or a parameter, for which PEFT turns it off itself.
+fit, a feature not supported here (DoRA, `modules_to_save`, trained biases, `lora_bias`,
+`layer_replication`, embedding or lm_head targets) is a CheckpointError naming the file, the tensor
+and what was expected. `fan_in_fan_out` does not apply: every target is an nn.Linear or a parameter,
+for which PEFT turns it off itself.
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ def _check_config(path: Path, conf: dict[str, Any]) -> None:
     if conf.get("bias", "none") != "none":
         raise CheckpointError(f"{path}: bias is {conf['bias']!r}: adapters that train biases are not supported "
                               "(mixlab's models have no biases); expected 'none'")
+    if conf.get("lora_bias"):
+        raise CheckpointError(f"{path}: lora_bias is true: a bias on lora_B is not supported (mixlab's models have "
+                              "no biases); expected false")
+    if conf.get("layer_replication"):
+        raise CheckpointError(f"{path}: layer_replication is {conf['layer_replication']!r}: adapters over "
+                              "duplicated layers are not supported; merge it with PEFT (merge_and_unload, then "
+                              "save_pretrained) and load the merged checkpoint")
     if conf.get("modules_to_save"):
         raise CheckpointError(f"{path}: modules_to_save is {conf['modules_to_save']!r}: adapters holding whole "
                               "trained modules are not supported; merge it with PEFT (merge_and_unload, then "
