@@ -197,6 +197,9 @@ def test_an_adapter_for_another_architecture_is_refused(adapter: Path, tmp_path:
         (tmp_path / "run").mkdir()
         adapter.rename(tmp_path / "run" / "adapter")
         merge_adapter(dense, tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"no such adapter folder \(a Hugging Face repo id\? .*`hf download "
+                       r"someone/mixtral-lora --local-dir DIR`"):  # as a hub adapter's name is given to PEFT
+        merge_adapter(dense, "someone/mixtral-lora")
     with pytest.raises(ValueError, match="adapter= does not combine with max_memory"):
         load_model(tmp_path / "base", adapter=tmp_path / "run" / "adapter", max_memory="1GB")
 

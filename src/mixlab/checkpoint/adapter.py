@@ -77,7 +77,9 @@ def _read_config(root: Path) -> dict[str, Any]:
         if root.is_file():
             raise CheckpointError(f"{root}: a file, not an adapter folder: pass the folder holding {CONFIG} and "
                                   f"{WEIGHTS}")
-        raise CheckpointError(f"{root}: no such adapter folder")
+        from mixlab.checkpoint import hub_hint  # not at the top: checkpoint/__init__.py imports this module
+
+        raise CheckpointError(f"{root}: no such adapter folder{hub_hint(root)}")
     if not path.is_file():
         hint = (f"; a mixlab fine-tuning run keeps its adapter in {root / 'adapter'}"
                 if (root / "adapter" / CONFIG).is_file() else "")
