@@ -58,11 +58,11 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no documents to evaluate")
     if not any(text for _, text in docs):  # else a table of perplexity 1.000 over 0 tokens
         raise ValueError(f"{args.data}: no text to evaluate (every document is empty)")
+    adapter = [args.adapter] if getattr(args, "adapter", None) else []  # --adapter (a Namespace may lack it)
     to_stdout = args.json == "-"  # the JSON is stdout (for jq); the table goes to stderr
     if args.json and not to_stdout:  # a folder, the data or the model (--json DATA.jsonl), refused before the work
         from mixlab.checkpoint import input_files
 
-        adapter = [args.adapter] if args.adapter else []
         atomic.check_destination(args.json, kind="file", sources=[args.data, args.model, *adapter],
                                  inputs=input_files(args.model))  # a split GGUF's other parts too
     model, tok = _load(args)
@@ -79,7 +79,7 @@ def evaluate(args: argparse.Namespace) -> int:
                                 progress=bar.update)
     # the dtype that ran: --dtype auto's choice, and bf16 as bfloat16 (the weights may be int8 / int4: --quant)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-    report.settings.update(model=str(args.model), adapter=str(args.adapter) if args.adapter else None,
+    report.settings.update(model=str(args.model), adapter=str(adapter[0]) if adapter else None,
                            data=str(args.data), split=args.split, dtype=dtype, quant=args.quant,
                            tokenizer=str(tok.path), domains=args.domains, max_docs=args.max_docs)
     result = report.to_json()

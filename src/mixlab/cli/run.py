@@ -51,6 +51,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     if getattr(args, "int4_activations", None) is not None and args.quant != "int4" and not held:
         raise ValueError(f"--int4-activations {args.int4_activations} applies to int4 weights: pass --quant int4 "
                          "too (or a GGUF Q4_0 model)")
+    adapter = getattr(args, "adapter", None)  # a Namespace made in Python may lack it, as --ep
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a wrong --tokenizer: told before a long load
     layout, device = None, args.device
     if getattr(args, "ep", None) is not None:  # experts split over the processes (torchrun); PyTorch's kernels
@@ -68,13 +69,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
         # Q4_0 matrices dequantised: expert parallelism splits float experts (it refused int4 ones)
         model = load_gguf(args.model, dtype=parse_dtype(dtype), device=device, keep_int4=False)
-        if args.adapter is not None:
+        if adapter is not None:
             from mixlab.checkpoint import merge_adapter
 
-            merge_adapter(model, args.adapter)
+            merge_adapter(model, adapter)
     else:  # an --adapter is merged before --quant quantises the weights
         with _told_as_flag("max_memory", "--max-memory"):
-            model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, **offload)
+            model = load_model(args.model, dtype=dtype, device=device, adapter=adapter, **offload)
     if layout is not None:
         from mixlab.parallel.expert import apply_expert_parallel
 
