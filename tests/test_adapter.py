@@ -152,6 +152,8 @@ REFUSALS: list[tuple[str, Any, str]] = [
                                              r"4, but adapter_config.json gives model.layers.0.mlp.experts.down_proj "
                                              r"r=8 \(r\)"),
     ("rank_pattern", lambda p: _edit_config(p, rank_pattern={"q_proj": 2}), r"gives .*q_proj r=2 \(rank_pattern\)"),
+    ("bad pattern", lambda p: _edit_config(p, alpha_pattern={"q_proj(": 2}),  # was re.error, deep down
+     r"field 'alpha_pattern': key 'q_proj\(' is not a valid regular expression"),
     ("embedding tensor", lambda p: _edit_tensors(p, lambda t: {
         **t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)}),
      r"unexpected tensor 'base_model.model.model.embed_tokens.lora_embedding_A': an embedding adapter"),

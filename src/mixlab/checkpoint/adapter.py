@@ -109,6 +109,12 @@ def _check_config(path: Path, conf: dict[str, Any]) -> None:
         if bad:
             raise CheckpointError(f"{path}: field {field!r} is {pat!r}; expected a mapping of module name "
                                   f"patterns to a positive {what}")
+        for key in pat:  # a pattern is a regular expression (PEFT's re.match): a bad one raised re.error deep down
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise CheckpointError(f"{path}: field {field!r}: key {key!r} is not a valid regular expression "
+                                      f"({e})") from None
     if conf.get("use_dora"):
         raise CheckpointError(f"{path}: use_dora is true: DoRA adapters (a magnitude per output row) are not "
                               "supported; merge it with PEFT (merge_and_unload, then save_pretrained) and load "
