@@ -568,7 +568,8 @@ def test_a_misspelt_split_is_refused(tmp_path: Path) -> None:
         for split in ("train", "valid"):
             (tmp_path / d / f"{split}.jsonl").write_text(json.dumps({"text": f"{d} {split}"}) + "\n")
     domains = find_domains(tmp_path)
-    with pytest.raises(ValueError, match=r"--split 'vaild' is not a split name: expected one of train, valid"):
+    with pytest.raises(ValueError, match=r"--split 'vaild' is not a split name \(did you mean 'valid'\?\): "
+                                         r"expected one of train, valid"):
         check_domains(domains, split="vaild")
     with pytest.raises(ValueError, match=r"--split 'test' matches no data file in .*code, .*web \(files there: "
                                          r"train\.jsonl, valid\.jsonl\)"):
@@ -581,6 +582,24 @@ def test_a_misspelt_split_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes").mkdir()  # folders whose files are not named by split keep the fallback
     (tmp_path / "notes" / "a.txt").write_text("some text")
     check_domains({"notes": tmp_path / "notes"}, split="valid")
+
+
+def test_split_names_are_read_in_any_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--split Valid was 'not a split name', while file names are read in any case (Valid.jsonl is in
+    the valid split); a typo listed the split names without the one meant."""
+    (tmp_path / "c" / "code").mkdir(parents=True)
+    for split in ("train", "valid"):
+        (tmp_path / "c" / "code" / f"{split}.jsonl").write_text(json.dumps({"text": f"code {split}"}) + "\n")
+    domains = find_domains(tmp_path / "c")
+    check_domains(domains, split="Valid")
+    assert [t for _, t in iter_documents(domains["code"], split="VALID")] == ["code valid"]
+    with pytest.raises(ValueError, match=r"--split 'Vaild' is not a split name \(did you mean 'valid'\?\)"):
+        check_domains(domains, split="Vaild")
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "c"), "--split", "Valid",
+                 "--out", str(tmp_path / "r"), "--seq-len", "16", "--quiet"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["settings"]["split"] == "valid" and report["domains"]["code"]["documents"] == 1
 
 
 def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:

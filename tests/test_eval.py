@@ -253,6 +253,16 @@ def test_eval_domains_picks_domains_as_analyze_does(ckpt: Path, tmp_path: Path,
     assert list(json.loads(out.read_text())["domains"]) == ["github"]
 
 
+def test_eval_reads_a_split_name_in_any_case(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--split Valid was 'not a split name' (file names are read in any case: Valid.jsonl is valid)."""
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--domains", "github", "--split", "Valid",
+                 "--max-docs", "1", "--context", "32", "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["settings"]["split"] == "valid"
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--split", "vaild", "--quiet"]) == 2
+    assert "--split 'vaild' is not a split name (did you mean 'valid'?)" in capsys.readouterr().err
+
+
 def test_cli_eval_scores_a_batch_that_fits_in_memory(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """--batch-size beyond what the free memory holds (the windows of one long document are batched

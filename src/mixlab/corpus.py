@@ -199,9 +199,22 @@ def split_of(path: Path) -> str | None:
 
 def in_split(path: Path, split: str) -> bool:
     """Whether `path` is one of `--split split`'s files: `valid`, every file `data prepare` holds out
-    (named by a validation name); another split name, the files named by it (`test`: test.jsonl)."""
-    word = split_of(path)
+    (named by a validation name); another split name, the files named by it (`test`: test.jsonl).
+    Split names are read in any case, as file names are (`Valid`: `valid`)."""
+    word, split = split_of(path), split.lower()
     return word is not None and (word == split or (split == "valid" and word in VALID_STEMS))
+
+
+def check_split(split: str) -> str:
+    """`--split split` as eval and analyze read it: lowercased, as file names are (`--split Valid` reads
+    valid.jsonl); a name that is no split is refused, with the nearest one ('vaild': did you mean 'valid'?)."""
+    from mixlab.config import did_you_mean
+
+    if split and split.lower() not in SPLIT_WORDS:
+        raise DataError(f"--split {split!r} is not a split name{did_you_mean(split.lower(), SPLIT_WORDS)}: expected "
+                        f"one of {', '.join(SPLIT_WORDS)} (valid: every file data prepare holds out), or '' for "
+                        "every file")
+    return split.lower()
 
 
 def _split_of(path: Path) -> str:
@@ -387,9 +400,7 @@ def check_domains(domains: Mapping[str, Domain], *, split: str | None = "valid")
     `valid.jsonl`): a misspelt `--split` would otherwise read nothing, or every file, training text
     included."""
     if split:
-        if split not in SPLIT_WORDS:
-            raise DataError(f"--split {split!r} is not a split name: expected one of {', '.join(SPLIT_WORDS)} "
-                            "(valid: every file data prepare holds out), or '' for every file")
+        check_split(split)
         files = [p for d in domains.values() for p in _domain_files(d)[1]]
         named = sorted({p.name for p in files if split_of(p)})
         if named and not any(in_split(p, split) for p in files):

@@ -15,7 +15,7 @@ def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis.report import check_report_folder
     from mixlab.checkpoint import load_model
     from mixlab.config import ModelConfig, suffix_of
-    from mixlab.corpus import check_domains, find_domains
+    from mixlab.corpus import check_domains, check_split, find_domains
 
     if suffix_of(args.model) == ".gguf" and Path(args.model).is_file():  # its metadata is the config
         from mixlab.checkpoint.gguf_read import config_from_header, read_header
@@ -26,7 +26,8 @@ def analyze(args: argparse.Namespace) -> int:
     if config.moe is None:  # fail before reading weights or data
         raise ValueError(f"{args.model}: the model is dense (no MoE layer, so no router); routing analysis "
                          "needs a mixture-of-experts model")
-    check_domains(find_domains(args.data, names=args.domains), split=args.split)
+    split = check_split(args.split)  # `--split Valid` reads valid.jsonl
+    check_domains(find_domains(args.data, names=args.domains), split=split)
     check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
     parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
     if args.samples < 0:
@@ -39,7 +40,7 @@ def analyze(args: argparse.Namespace) -> int:
         note("analyze", f"--seq-len {args.seq_len} is past the model's {model.config.max_seq_len} positions; "
                         f"routing sequences of {seq_len}")
     report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=args.domains,
-                 split=args.split or None, max_tokens=args.max_tokens, seq_len=seq_len,
+                 split=split or None, max_tokens=args.max_tokens, seq_len=seq_len,
                  batch_size=args.batch_size, samples_per_domain=args.samples, sample_tokens=args.sample_tokens,
                  meta={"model": str(args.model), "tokenizer": tokenizer_name(tokenizer)},
                  progress=not args.quiet)

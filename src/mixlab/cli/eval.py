@@ -41,6 +41,7 @@ def _batch_that_fits(batch_size: int, scored: int, context: int, vocab_size: int
 def evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from mixlab.corpus import check_split
     from mixlab.eval.data import documents
     from mixlab.eval.perplexity import evaluate_texts
 
@@ -53,7 +54,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--stride must be between 1 and --context ({asked}); got {args.stride}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    docs = list(documents(args.data, split=args.split, max_docs=args.max_docs, domains=args.domains))
+    split = check_split(args.split)  # `--split Valid` reads valid.jsonl
+    docs = list(documents(args.data, split=split, max_docs=args.max_docs, domains=args.domains))
     if not docs:
         raise ValueError(f"{args.data}: no documents to evaluate")
     if not any(text for _, text in docs):  # else a table of perplexity 1.000 over 0 tokens
@@ -80,7 +82,7 @@ def evaluate(args: argparse.Namespace) -> int:
     # the dtype that ran: --dtype auto's choice, and bf16 as bfloat16 (the weights may be int8 / int4: --quant)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     report.settings.update(model=str(args.model), adapter=str(adapter[0]) if adapter else None,
-                           data=str(args.data), split=args.split, dtype=dtype, quant=args.quant,
+                           data=str(args.data), split=split, dtype=dtype, quant=args.quant,
                            tokenizer=str(tok.path), domains=args.domains, max_docs=args.max_docs)
     result = report.to_json()
     rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]
