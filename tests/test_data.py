@@ -104,6 +104,25 @@ def test_a_domain_in_two_source_folders_is_refused(tmp_path: Path) -> None:
     assert {d.domain for d in read_documents([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])} == {"default"}
 
 
+def test_linked_subfolders_of_a_domain_are_read_once(tmp_path: Path) -> None:
+    """A domain assembled from links to its parts (code/more -> elsewhere/more) was read without
+    them, silently (rglob does not follow links to folders); they are followed, as os.walk(followlinks=
+    True) and Hugging Face datasets do, and a link to a folder above (a loop) or one already read is
+    not followed again. One rule: data prepare, analyze and eval read the same files."""
+    from mixlab.corpus import find_domains
+
+    (tmp_path / "c" / "code" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "more").mkdir(parents=True)
+    (tmp_path / "c" / "code" / "a.py").write_text("a = 1\n", encoding="utf-8")
+    (tmp_path / "elsewhere" / "more" / "b.py").write_text("b = 2\n", encoding="utf-8")
+    (tmp_path / "c" / "code" / "more").symlink_to(tmp_path / "elsewhere" / "more", target_is_directory=True)
+    (tmp_path / "c" / "code" / "sub" / "up").symlink_to(tmp_path / "c", target_is_directory=True)  # a loop
+    (tmp_path / "c" / "code" / "again").symlink_to(tmp_path / "c" / "code" / "more", target_is_directory=True)
+    docs = sorted(d.text for d in read_documents([tmp_path / "c"]))
+    assert docs == ["a = 1\n", "b = 2\n"]
+    assert [p.name for p in find_domains(tmp_path / "c")["code"]] == ["a.py", "b.py"]
+
+
 def test_byte_tokenizer_roundtrip_unicode() -> None:
     tok = ByteTokenizer()
     text = "naïve café — ∑ 🙂"

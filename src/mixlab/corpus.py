@@ -228,8 +228,21 @@ def split_file_domain(path: Path) -> str | None:
 
 
 def _files(folder: Path) -> list[Path]:
-    """A domain folder's data files, in its subfolders too (as `prepare` reads a domain)."""
-    return sorted(p for p in folder.rglob("*") if is_data_file(p))
+    """A domain folder's data files, in its subfolders too (as `prepare` reads a domain), linked
+    subfolders included (as `os.walk(followlinks=True)` and Hugging Face datasets read them: a domain
+    assembled from links to its parts was read as empty, silently), each real folder once: a link to
+    the domain's own folder or one above it (a loop) is not followed."""
+    real = Path(os.path.realpath(folder))
+    seen, out = {real, *real.parents}, []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        out += [Path(top) / f for f in files if is_data_file(Path(top) / f)]
+        kept = []
+        for d in sorted(dirs):  # the first of two links to one folder, by name
+            if (target := Path(os.path.realpath(Path(top) / d))) not in seen:
+                seen.add(target)
+                kept.append(d)
+        dirs[:] = kept
+    return sorted(out)
 
 
 def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[Path, str, str]]:
