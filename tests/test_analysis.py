@@ -218,9 +218,9 @@ def _corpus(root: Path) -> Path:
     return root
 
 
-def test_find_domains_names_a_file_and_a_missing_folder(tmp_path: Path) -> None:
-    (tmp_path / "one.txt").write_text("text")
-    with pytest.raises(NotADirectoryError, match=r"one\.txt is a file; --data takes a folder"):
+def test_find_domains_names_an_empty_file_and_a_missing_folder(tmp_path: Path) -> None:
+    (tmp_path / "one.txt").write_text(" \n")
+    with pytest.raises(ValueError, match=r"one\.txt: no document in it: expected text, or \.jsonl lines"):
         find_domains(tmp_path / "one.txt")
     with pytest.raises(NotADirectoryError, match=r"nope does not exist"):
         find_domains(tmp_path / "nope")
@@ -230,6 +230,30 @@ def test_find_domains_names_a_file_and_a_missing_folder(tmp_path: Path) -> None:
         find_domains(corpus, names=["prose", "empty"])
     with pytest.raises(ValueError, match=r"domain 'nope' not found in .*c \(domains there: code, prose\)"):
         find_domains(corpus, names=["nope"])
+
+
+def test_analyze_takes_one_file_as_eval_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mixlab analyze --data FILE.jsonl` was refused ('is a file; --data takes a folder') where `mixlab
+    eval --data FILE.jsonl` read it: both read --data through find_domains, a file whole, its rows
+    split by their `domain` field (the file's stem for a row without one)."""
+    from mixlab.eval.data import documents
+
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"text": "def f(x):\n    return x", "domain": "code"}, {"text": "The cat sat.", "domain": "prose"},
+            {"text": "no domain field"}, {"text": "return 1", "domain": "code", "source": "lib.py"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = find_domains(data)
+    assert list(found) == ["code", "mixed", "prose"]
+    assert list(iter_documents(found["code"])) == [("mixed.jsonl:1", rows[0]["text"]), ("lib.py", "return 1")]
+    assert sorted(documents(data)) == sorted((r.get("domain", "mixed"), r["text"]) for r in rows)
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--domains", "code,prose", "--seq-len", "16", "--quiet"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert {d: v["documents"] for d, v in report["domains"].items()} == {"code": 2, "prose": 1}
+    (tmp_path / "notes.txt").write_text("plain text")  # a text file: one document, its stem the domain
+    assert [(d, list(iter_documents(f))) for d, f in find_domains(tmp_path / "notes.txt").items()] == \
+        [("notes", [("notes.txt", "plain text")])]
 
 
 def test_a_report_written_inside_the_corpus_is_not_a_domain(tmp_path: Path) -> None:

@@ -245,7 +245,7 @@ def test_eval_domains_picks_domains_as_analyze_does(ckpt: Path, tmp_path: Path,
     assert list(documents(tmp_path / "d.jsonl", domains=["y"])) == [("y", "b")]
     (tmp_path / "e.jsonl").write_text('{"text": "a", "domain": ""}\n{"text": "b", "domain": 5}\n')
     assert list(documents(tmp_path / "e.jsonl")) == [("e", "a"), ("e", "b")]  # "" was a domain with no name
-    with pytest.raises(ValueError, match=r"--domains: no document of z in .*d.jsonl \(domains with documents: y\)"):
+    with pytest.raises(ValueError, match=r"domain 'z' not found in .*d.jsonl \(domains there: x, y\)"):
         list(documents(tmp_path / "d.jsonl", domains=["y", "z"]))
     out = tmp_path / "r.json"
     assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--domains", "github", "--max-docs", "1",

@@ -1,7 +1,7 @@
 """Text corpora below everything that reads them (training, routing analysis, evaluation): the
 tokenizers a dataset is made with, named by a spec (`get_tokenizer`), the one reader of text and
-JSONL files (`jsonl_texts`, `read_documents`), and the domain folders that routing analysis and
-evaluation both read (`find_domains`, `iter_documents`, `check_domains`).
+JSONL files (`jsonl_texts`, `read_documents`), and the domain folders (or a file given alone) that
+routing analysis and evaluation both read (`find_domains`, `iter_documents`, `check_domains`).
 
 Tokenizers: `bytes` (UTF-8 bytes shifted by 3, ids 0 = pad, 1 = BOS, 2 = EOS, vocabulary 259;
 nothing to download, and a tiny embedding keeps small models small), `mixtral` (Mixtral's
@@ -321,37 +321,89 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
 
 # -- domain folders (analysis, evaluation) ---------------------------------------------------------
 
-Domain = str | Path | Sequence[Path]  # a domain: its folder (every data file in it) or its files
+@dataclass(frozen=True)
+class FileDomain:
+    """A domain of a data file given alone (`--data FILE`, `find_domains`): the file is read whole,
+    whatever its name and `--split`, and strictly (a line without a string 'text' is an error: the
+    file was named, not found in a folder); a `.jsonl` file's rows are split by their `domain`
+    field, a row without one (or an empty one) being `file_domain`'s."""
+
+    path: Path
+    name: str
+
+
+Domain = str | Path | Sequence[Path] | FileDomain  # a domain: its folder (every data file in it), its files, or
+# a file given alone
+
+
+def file_domain(path: Path) -> str:
+    """The domain of a data file given alone: its folder's name for a split's file (corpus/github/
+    valid.jsonl is github, as when the corpus is given), else its stem (notes.jsonl is notes)."""
+    return split_file_domain(path) or path.stem
+
+
+def _source(row: dict, path: Path, where: str) -> str:
+    """A JSONL row's source in a report's token view: its `source` field, else file:line."""
+    source = row.get("source")
+    return source if isinstance(source, str) and source else f"{path.name}:{where.rsplit(':', 1)[1]}"
+
+
+def _file_documents(path: Path) -> Iterator[tuple[str, str, str]]:
+    """(domain, source, text) of each document of a data file given alone (`FileDomain`)."""
+    try:
+        if path.suffix != ".jsonl":  # any other file is one document of text, whatever its suffix
+            text = path.read_text(encoding="utf-8")
+            if text.strip():
+                yield file_domain(path), path.name, text
+            return
+        with path.open(encoding="utf-8") as f:  # line by line: a U+2028 in a text is no line's end
+            for body, row, where in jsonl_texts(f, path):
+                if body.strip():
+                    domain = row.get("domain")
+                    domain = domain if isinstance(domain, str) and domain.strip() else file_domain(path)
+                    yield domain, _source(row, path, where), body
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _domain_files(domain: Domain) -> tuple[Path, list[Path]]:
     """(the folder that names the domain in messages and sources, its data files)."""
+    if isinstance(domain, FileDomain):
+        return domain.path.parent, [domain.path]
     if isinstance(domain, str | Path):  # a str is a sequence too: its characters were taken for files
         return Path(domain), _files(Path(domain))
     files = sorted(domain)
     return (Path(os.path.commonpath([p.parent for p in files])) if files else Path(".")), files
 
 
-def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, list[Path]]:
+def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[str, Domain]:
     """Domain name -> its data files, as `data prepare` finds them (`discover`): a corpus folder's
     domains (one subfolder each; files at its root are a domain named after it), or a single domain
-    folder holding data files. `names` picks domains by name."""
+    folder holding data files; or a data file given alone, read whole (`FileDomain`: one domain,
+    `file_domain`, or those of its rows' `domain` fields). `names` picks domains by name. The one
+    reading of `--data` for `analyze` and `eval`."""
     if isinstance(names, str):  # iterated, "code" looked for the domains 'c', 'o', 'd', 'e'
         raise ValueError(f"domains takes a list of domain names, not the string {names!r}: "
                          f"{names.split(',')!r}")
     root = Path(data)
+    found: dict[str, Domain] = {}
     if root.is_file():
-        raise NotADirectoryError(f"{root} is a file; --data takes a folder: a corpus (one subfolder per domain) "
-                                 f"or one domain's folder of data files ({', '.join(DATA_SUFFIXES)})")
-    if not root.is_dir():
-        raise NotADirectoryError(f"data folder {root} does not exist")
-    found: dict[str, list[Path]] = {}
-    try:
-        for f, domain, _ in discover(root, names=names):
-            found.setdefault(domain, []).append(f)
-    except DataError:
-        raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)})"
-                        f"{_prepared_hint(root)}") from None
+        for domain, _, _ in _file_documents(root):
+            found.setdefault(domain, FileDomain(root, domain))
+        if not found:
+            raise DataError(f"{root}: no document in it: expected text, or .jsonl lines with a non-empty string "
+                            "field 'text'")
+    elif not root.is_dir():
+        raise NotADirectoryError(f"data folder or file {root} does not exist")
+    else:
+        folders: dict[str, list[Path]] = {}
+        try:
+            for f, domain, _ in discover(root, names=names):
+                folders.setdefault(domain, []).append(f)
+        except DataError:
+            raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)})"
+                            f"{_prepared_hint(root)}") from None
+        found.update(folders)
     if names:
         missing = [n for n in names if n not in found]
         if missing:
@@ -366,7 +418,7 @@ def data_files(domain: Domain, *, split: str | None = "valid") -> list[Path]:
     by split (a domain with train.jsonl alone has no valid text: its training text is not read in its
     place); else (a folder of text files) all."""
     files = _domain_files(domain)[1]
-    if split:
+    if split and not isinstance(domain, FileDomain):  # a file given alone is read whole
         picked = [p for p in files if in_split(p, split)]
         files = picked if picked or any(split_of(p) for p in files) else files
     return files
@@ -377,7 +429,11 @@ def iter_documents(domain: Domain, *, split: str | None = "valid") -> Iterator[t
     streaming each file line by line: a text file (`.txt`, `.md`, ...: `TEXT_SUFFIXES`) is one
     document, a `.jsonl` line one (lines
     without a non-empty string `text` are skipped: `jsonl_texts`, lenient); routing analysis and
-    evaluation read domains through it. Raises DataError naming the folder when there is none."""
+    evaluation read domains through it. Raises DataError naming the folder when there is none. A
+    file given alone (`FileDomain`) is read whole, its rows of that domain."""
+    if isinstance(domain, FileDomain):  # find_domains found the domain in the file: it has a document
+        yield from ((source, text) for name, source, text in _file_documents(domain.path) if name == domain.name)
+        return
     domain_dir, every = _domain_files(domain)
     files = data_files(every, split=split)
     found = 0
@@ -393,9 +449,7 @@ def iter_documents(domain: Domain, *, split: str | None = "valid") -> Iterator[t
                 for body, row, where in jsonl_texts(f, path, strict=False):
                     if body.strip():
                         found += 1
-                        source = row.get("source")
-                        line = where.rsplit(":", 1)[1]
-                        yield (source if isinstance(source, str) and source else f"{path.name}:{line}"), body
+                        yield _source(row, path, where), body
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not found:
@@ -414,10 +468,10 @@ def check_domains(domains: Mapping[str, Domain], *, split: str | None = "valid")
     included."""
     if split:
         check_split(split)
-        files = [p for d in domains.values() for p in _domain_files(d)[1]]
+        files = [p for d in domains.values() if not isinstance(d, FileDomain) for p in _domain_files(d)[1]]
         named = sorted({p.name for p in files if split_of(p)})
         if named and not any(in_split(p, split) for p in files):
-            folders = [str(_domain_files(d)[0]) for d in domains.values()]
+            folders = [str(_domain_files(d)[0]) for d in domains.values() if not isinstance(d, FileDomain)]
             where = f"in {', '.join(folders)}" if len(folders) <= 3 else f"in the {len(folders)} domain folders"
             raise DataError(f"--split {split!r} matches no data file {where} (files there: {', '.join(named)}); "
                             "--split '' reads every file")

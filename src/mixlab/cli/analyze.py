@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint folder (transformers or Mistral format) or GGUF file")
     p.add_argument("--data", type=user_path, required=True,
                    help="corpus folder with one subfolder per domain (.jsonl with 'text', "
-                        ".txt), or one domain folder")
+                        ".txt), one domain folder, or a .jsonl or text file (read whole), as eval reads them")
     p.add_argument("--out", type=user_path, required=True, help="report folder to write")
     p.add_argument("--layers", default=None, help="layers shown in the per-expert figures and token view: "
                    "'all' or e.g. 0,15,31 (default: first, middle, last)")
