@@ -251,6 +251,10 @@ def test_analyze_takes_one_file_as_eval_does(tmp_path: Path, capsys: pytest.Capt
                  "--domains", "code,prose", "--seq-len", "16", "--quiet"]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert {d: v["documents"] for d, v in report["domains"].items()} == {"code": 2, "prose": 1}
+    assert report["settings"]["split"] is None  # read whole
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--split", "valid", "--quiet"]) == 2  # was ignored
+    assert "--split 'valid' with --data" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("plain text")  # a text file: one document, its stem the domain
     assert [(d, list(iter_documents(f))) for d, f in find_domains(tmp_path / "notes.txt").items()] == \
         [("notes", [("notes.txt", "plain text")])]

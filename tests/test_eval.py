@@ -263,6 +263,23 @@ def test_eval_reads_a_split_name_in_any_case(ckpt: Path, tmp_path: Path, capsys:
     assert "--split 'vaild' is not a split name (did you mean 'valid'?)" in capsys.readouterr().err
 
 
+def test_eval_refuses_a_split_that_a_file_given_alone_is_not_of(ckpt: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--data FILE --split X read the file whole, whatever X, without a word (and recorded split 'valid')."""
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "some notes"}\n')
+    for split, what in (("test", "notes.jsonl is named by no split"), ("train", "valid.jsonl is a valid file")):
+        path = data if split == "test" else CORPUS / "github" / "valid.jsonl"
+        assert main(["eval", "--model", str(ckpt), "--data", str(path), "--split", split, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--split {split!r} with --data {path}: a file given alone is read whole ({what}); --split" in err
+    out = tmp_path / "r.json"
+    for args, split in (([], ""), (["--split", "valid"], "valid")):  # --split valid of a valid file: as given
+        assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS / "github" / "valid.jsonl"), *args,
+                     "--max-docs", "1", "--context", "32", "--json", str(out), "--quiet"]) == 0
+        assert json.loads(out.read_text())["settings"]["split"] == split
+
+
 def test_cli_eval_scores_a_batch_that_fits_in_memory(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """--batch-size beyond what the free memory holds (the windows of one long document are batched

@@ -217,6 +217,21 @@ def check_split(split: str) -> str:
     return split.lower()
 
 
+def data_split(data: str | Path, split: str | None) -> str:
+    """`--split` as eval and analyze read `--data` by it: where not given, valid for a folder and ''
+    (every file) for a file given alone, which is read whole (`FileDomain`); else `check_split`'s. A
+    `--split` that a file given alone is not of (`--data notes.jsonl --split test`) is refused, naming
+    both flags: it was ignored."""
+    if split is None:
+        return "" if Path(data).is_file() else "valid"
+    split, path = check_split(split), Path(data)
+    if split and path.is_file() and not in_split(path, split):
+        named = f"a {split_of(path)} file" if split_of(path) else "named by no split"
+        raise DataError(f"--split {split!r} with --data {data}: a file given alone is read whole ({path.name} is "
+                        f"{named}); --split picks a folder's files by name: give the folder, or leave --split out")
+    return split
+
+
 def _split_of(path: Path) -> str:
     return "valid" if split_of(path) in VALID_STEMS else "train"
 

@@ -15,7 +15,7 @@ def analyze(args: argparse.Namespace) -> int:
     from mixlab.analysis.report import check_report_folder
     from mixlab.checkpoint import load_model
     from mixlab.config import ModelConfig, suffix_of
-    from mixlab.corpus import check_domains, check_split, find_domains
+    from mixlab.corpus import check_domains, data_split, find_domains
 
     if suffix_of(args.model) == ".gguf" and Path(args.model).is_file():  # its metadata is the config
         from mixlab.checkpoint.gguf_read import config_from_header, read_header
@@ -26,7 +26,7 @@ def analyze(args: argparse.Namespace) -> int:
     if config.moe is None:  # fail before reading weights or data
         raise ValueError(f"{args.model}: the model is dense (no MoE layer, so no router); routing analysis "
                          "needs a mixture-of-experts model")
-    split = check_split(args.split)  # `--split Valid` reads valid.jsonl
+    split = data_split(args.data, args.split)  # `--split Valid` reads valid.jsonl; a file is read whole
     check_domains(find_domains(args.data, names=args.domains), split=split)
     check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
     parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
@@ -67,9 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "'all' or e.g. 0,15,31 (default: first, middle, last)")
     p.add_argument("--domains", type=names, default=None,
                    help="comma-separated domain folders (default: all but chat/)")
-    p.add_argument("--split", default="valid", help="read each domain's files of this split, as eval and data "
+    p.add_argument("--split", default=None, help="read each domain's files of this split, as eval and data "
                    "prepare name them (default: valid: valid, validation, val, dev, test files; train; test; ...; "
-                   "'' for all files)")
+                   "'' for all files; a file given as --data is read whole)")
     p.add_argument("--max-tokens", type=positive, default=50_000, help="tokens per domain (default 50000)")
     p.add_argument("--seq-len", type=positive, default=512, help="tokens per model sequence (default 512; at most the "
                    "model's context length)")

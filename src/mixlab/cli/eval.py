@@ -41,7 +41,7 @@ def _batch_that_fits(batch_size: int, scored: int, context: int, vocab_size: int
 def evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mixlab.corpus import check_split
+    from mixlab.corpus import data_split
     from mixlab.eval.data import documents
     from mixlab.eval.perplexity import evaluate_texts
 
@@ -54,7 +54,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--stride must be between 1 and --context ({asked}); got {args.stride}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    split = check_split(args.split)  # `--split Valid` reads valid.jsonl
+    split = data_split(args.data, args.split)  # `--split Valid` reads valid.jsonl; a file is read whole
     docs = list(documents(args.data, split=split, max_docs=args.max_docs, domains=args.domains))
     if not docs:
         raise ValueError(f"{args.data}: no documents to evaluate")
@@ -107,9 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "one domain's folder (as analyze reads them), a .jsonl or a text file")
     p.add_argument("--domains", type=names, default=None,
                    help="comma-separated domains, as analyze takes them (default: all but chat/)")
-    p.add_argument("--split", default="valid", help="read each domain's files of this split, as analyze and data "
+    p.add_argument("--split", default=None, help="read each domain's files of this split, as analyze and data "
                    "prepare name them (default: valid: valid, validation, val, dev, test files; train; test; ...; "
-                   "'' for all files)")
+                   "'' for all files; a file given as --data is read whole)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per window (default 2048, or the model's context where shorter)")
     p.add_argument("--stride", type=int, default=None,
