@@ -123,6 +123,21 @@ def test_linked_subfolders_of_a_domain_are_read_once(tmp_path: Path) -> None:
     assert [p.name for p in find_domains(tmp_path / "c")["code"]] == ["a.py", "b.py"]
 
 
+def test_file_kinds_are_read_in_any_case(tmp_path: Path) -> None:
+    """valid.JSONL given alone was trained on (and evaluated) as one document of raw JSON text, and
+    beside other files in a folder it was skipped, as was NOTES.TXT: a file's kind is its suffix in
+    any case, as its split is its name in any case (Valid.jsonl)."""
+    from mixlab.corpus import find_domains, iter_documents
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "valid.JSONL").write_text('{"text": "upper"}\n', encoding="utf-8")
+    (tmp_path / "web" / "NOTES.TXT").write_text("notes", encoding="utf-8")
+    assert [(d.text, d.split) for d in read_documents([tmp_path / "web" / "valid.JSONL"])] == [("upper", "valid")]
+    assert sorted(d.text for d in read_documents([tmp_path / "web"])) == ["notes", "upper"]
+    assert [t for _, t in iter_documents(find_domains(tmp_path / "web" / "valid.JSONL")["web"])] == ["upper"]
+    assert [t for _, t in iter_documents(find_domains(tmp_path)["web"])] == ["upper"]  # the valid split
+
+
 def test_byte_tokenizer_roundtrip_unicode() -> None:
     tok = ByteTokenizer()
     text = "naïve café — ∑ 🙂"

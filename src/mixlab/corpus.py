@@ -38,9 +38,15 @@ NOT_DOMAINS = ("chat", "LICENSES")
 
 def is_data_file(path: Path) -> bool:
     """A corpus file mixlab reads (a `.jsonl` file, or text: one document), outside a routing report
-    (`mixlab analyze --out corpus/report` writes a summary.md beside its report.json)."""
-    return (path.suffix in DATA_SUFFIXES and path.is_file()
+    (`mixlab analyze --out corpus/report` writes a summary.md beside its report.json). Its kind is its
+    suffix in any case (`NOTES.TXT`), as its split is its name in any case (`split_of`)."""
+    return (path.suffix.lower() in DATA_SUFFIXES and path.is_file()
             and not (path.parent / "report.json").is_file())
+
+
+def is_jsonl(path: Path) -> bool:
+    """Whether a data file is read as JSONL, a document a line (`valid.JSONL` too), not as one text."""
+    return path.suffix.lower() == ".jsonl"
 
 # -- tokenizers ------------------------------------------------------------------------------------
 
@@ -171,7 +177,7 @@ def read_file(path: Path, *, domain: str, split: str) -> Iterator[Document]:
     """Documents of one file: a `.jsonl` file gives one per line (its `text` field), any other file
     is one document."""
     text = _read_text(path)
-    if path.suffix != ".jsonl":
+    if not is_jsonl(path):
         yield Document(domain, split, text, str(path))
         return
     n = 0
@@ -277,7 +283,7 @@ def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[
     named = set(names or ())
     subdirs = sorted(d for d in source.iterdir() if d.is_dir() and (
         d.name in named or not (d.name.startswith(".") or d.name in NOT_DOMAINS)))
-    corpus = any(split_of(f) for d in subdirs for f in d.glob("*.jsonl"))
+    corpus = any(split_of(f) for d in subdirs for f in d.iterdir() if is_jsonl(f))
     own = source.resolve().name or "default"  # `.` is the working folder's name
     out = [(f, own, _split_of(f)) for f in sorted(source.iterdir())
            if is_data_file(f) and not (corpus and split_of(f) is None)]  # SOURCES.md beside a corpus's domains
@@ -366,7 +372,7 @@ def _source(row: dict, path: Path, where: str) -> str:
 def _file_documents(path: Path) -> Iterator[tuple[str, str, str]]:
     """(domain, source, text) of each document of a data file given alone (`FileDomain`)."""
     try:
-        if path.suffix != ".jsonl":  # any other file is one document of text, whatever its suffix
+        if not is_jsonl(path):  # any other file is one document of text, whatever its suffix
             text = path.read_text(encoding="utf-8")
             if text.strip():
                 yield file_domain(path), path.name, text
@@ -454,7 +460,7 @@ def iter_documents(domain: Domain, *, split: str | None = "valid") -> Iterator[t
     found = 0
     for path in files:
         try:  # a binary file was read with U+FFFD for its bytes (.txt) or failed without its name (.jsonl)
-            if path.suffix != ".jsonl":
+            if not is_jsonl(path):
                 text = path.read_text(encoding="utf-8")
                 if text.strip():
                     found += 1
