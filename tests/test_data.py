@@ -138,6 +138,24 @@ def test_file_kinds_are_read_in_any_case(tmp_path: Path) -> None:
     assert [t for _, t in iter_documents(find_domains(tmp_path)["web"])] == ["upper"]  # the valid split
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
+    """A UTF-8 file with a byte-order mark (Notepad's, Excel's 'UTF-8' export): its .jsonl failed as
+    'not valid JSON (Unexpected UTF-8 BOM)' and a text file's document began with U+FEFF, in data
+    prepare, analyze and eval alike."""
+    from mixlab.eval.data import documents
+
+    (tmp_path / "c" / "web").mkdir(parents=True)
+    (tmp_path / "c" / "web" / "valid.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "c" / "web" / "notes.txt").write_bytes(b"\xef\xbb\xbfnotes")
+    assert sorted(d.text for d in read_documents([tmp_path / "c"])) == ["first", "notes", "second"]
+    assert list(documents(tmp_path / "c")) == [("web", "first"), ("web", "second")]
+    assert list(documents(tmp_path / "c", split="")) == [("web", "notes"), ("web", "first"), ("web", "second")]
+    assert list(documents(tmp_path / "c" / "web" / "valid.jsonl")) == [("web", "first"), ("web", "second")]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf \n")
+    with pytest.raises(DataError, match=r"bom\.txt: file is empty"):
+        list(read_documents([tmp_path / "bom.txt"]))
+
+
 def test_byte_tokenizer_roundtrip_unicode() -> None:
     tok = ByteTokenizer()
     text = "naïve café — ∑ 🙂"

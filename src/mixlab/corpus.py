@@ -29,6 +29,9 @@ import numpy as np
 from mixlab.errors import DataError
 
 VALID_STEMS = ("valid", "validation", "val", "dev", "test")
+# UTF-8, a leading byte-order mark (Notepad's, PowerShell's, Excel's "UTF-8" export) not read as text: it failed
+# a .jsonl file's first line as "Unexpected UTF-8 BOM" and began a text file's first document
+ENCODING = "utf-8-sig"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".tex")
 DATA_SUFFIXES = (".jsonl", *TEXT_SUFFIXES)  # every file kind a corpus is read from: prepare, analysis, eval
 # Folders of a corpus that are not text domains: chat transcripts (messages, not running text)
@@ -139,13 +142,14 @@ class Document:
 
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{path}: file is empty")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode(ENCODING)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
                         "convert it to UTF-8 first") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
 
 
 def jsonl_texts(lines: Iterable[str], path: Path, *, strict: bool = True) -> Iterator[tuple[str, dict, str]]:
@@ -373,11 +377,11 @@ def _file_documents(path: Path) -> Iterator[tuple[str, str, str]]:
     """(domain, source, text) of each document of a data file given alone (`FileDomain`)."""
     try:
         if not is_jsonl(path):  # any other file is one document of text, whatever its suffix
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding=ENCODING)
             if text.strip():
                 yield file_domain(path), path.name, text
             return
-        with path.open(encoding="utf-8") as f:  # line by line: a U+2028 in a text is no line's end
+        with path.open(encoding=ENCODING) as f:  # line by line: a U+2028 in a text is no line's end
             for body, row, where in jsonl_texts(f, path):
                 if body.strip():
                     domain = row.get("domain")
@@ -461,12 +465,12 @@ def iter_documents(domain: Domain, *, split: str | None = "valid") -> Iterator[t
     for path in files:
         try:  # a binary file was read with U+FFFD for its bytes (.txt) or failed without its name (.jsonl)
             if not is_jsonl(path):
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding=ENCODING)
                 if text.strip():
                     found += 1
                     yield str(path.relative_to(domain_dir)), text
                 continue
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding=ENCODING) as f:
                 for body, row, where in jsonl_texts(f, path, strict=False):
                     if body.strip():
                         found += 1
