@@ -156,6 +156,19 @@ def test_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
         list(read_documents([tmp_path / "bom.txt"]))
 
 
+def test_a_data_file_linked_to_nothing_is_named(tmp_path: Path) -> None:
+    """code/valid.jsonl linked to a moved file was skipped without a word (a domain read without
+    its validation text, or 'no data files'); it is an error naming the link and its target."""
+    from mixlab.corpus import find_domains
+
+    (tmp_path / "c" / "code").mkdir(parents=True)
+    (tmp_path / "c" / "code" / "train.jsonl").write_text('{"text": "t"}\n', encoding="utf-8")
+    (tmp_path / "c" / "code" / "valid.jsonl").symlink_to(tmp_path / "moved.jsonl")
+    for read in (lambda: list(read_documents([tmp_path / "c"])), lambda: find_domains(tmp_path / "c")):
+        with pytest.raises(DataError, match=r"code/valid\.jsonl is a link to .*moved\.jsonl, which does not exist"):
+            read()
+
+
 def test_byte_tokenizer_roundtrip_unicode() -> None:
     tok = ByteTokenizer()
     text = "naïve café — ∑ 🙂"

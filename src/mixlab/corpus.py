@@ -42,7 +42,10 @@ NOT_DOMAINS = ("chat", "LICENSES")
 def is_data_file(path: Path) -> bool:
     """A corpus file mixlab reads (a `.jsonl` file, or text: one document), outside a routing report
     (`mixlab analyze --out corpus/report` writes a summary.md beside its report.json). Its kind is its
-    suffix in any case (`NOTES.TXT`), as its split is its name in any case (`split_of`)."""
+    suffix in any case (`NOTES.TXT`), as its split is its name in any case (`split_of`). One on a link
+    to nothing (a moved or unmounted target) is an error, not a file skipped without a word."""
+    if path.suffix.lower() in DATA_SUFFIXES and path.is_symlink() and not path.exists():
+        raise DataError(f"{path} is a link to {os.readlink(path)}, which does not exist: fix the link or remove it")
     return (path.suffix.lower() in DATA_SUFFIXES and path.is_file()
             and not (path.parent / "report.json").is_file())
 
@@ -422,12 +425,8 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
         raise NotADirectoryError(f"data folder or file {root} does not exist")
     else:
         folders: dict[str, list[Path]] = {}
-        try:
-            for f, domain, _ in discover(root, names=names):
-                folders.setdefault(domain, []).append(f)
-        except DataError:
-            raise DataError(f"{root}: no domain folders and no data files ({', '.join(DATA_SUFFIXES)})"
-                            f"{_prepared_hint(root)}") from None
+        for f, domain, _ in discover(root, names=names):  # its error names what it found wrong
+            folders.setdefault(domain, []).append(f)
         found.update(folders)
     if names:
         missing = [n for n in names if n not in found]
