@@ -121,6 +121,11 @@ def test_linked_subfolders_of_a_domain_are_read_once(tmp_path: Path) -> None:
     docs = sorted(d.text for d in read_documents([tmp_path / "c"]))
     assert docs == ["a = 1\n", "b = 2\n"]
     assert [p.name for p in find_domains(tmp_path / "c")["code"]] == ["a.py", "b.py"]
+    (tmp_path / "c" / "lib").mkdir()  # a link to another domain's folder: its files in two domains
+    (tmp_path / "c" / "lib" / "l.py").write_text("l = 3\n", encoding="utf-8")
+    (tmp_path / "c" / "code" / "lib").symlink_to(tmp_path / "c" / "lib", target_is_directory=True)
+    with pytest.raises(DataError, match=r"c/lib/l\.py is .*c/code/lib/l\.py too \(a link leads to it\): .*c holds"):
+        list(read_documents([tmp_path / "c"]))  # it was "is in two sources (c and c)"
 
 
 def test_file_kinds_are_read_in_any_case(tmp_path: Path) -> None:

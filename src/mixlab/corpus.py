@@ -324,12 +324,16 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
     Files given alone may share a domain (`a.txt b.txt` are both `default`)."""
     keep = set(domains) if domains else None
     sources = list(sources)
-    files, given, folder_of = [], dict[Path, str](), dict[str, str]()
+    files, given, folder_of = [], dict[Path, tuple[str, Path]](), dict[str, str]()
     for s in sources:
         for f, domain, split in discover(Path(s), names=keep):
             if f.resolve() in given:  # `prepare a a`, `prepare corpus corpus/code`: each document twice
-                raise DataError(f"{f} is in two sources ({given[f.resolve()]} and {s}); give each file once")
-            given[f.resolve()] = str(s)
+                first, seen = given[f.resolve()]
+                if first == str(s) and seen != f:  # one source reaches it twice, by a link (code/lib -> ../lib)
+                    raise DataError(f"{f} is {seen} too (a link leads to it): {s} holds it twice; remove the link, "
+                                    "or move the files it leads to out of the corpus")
+                raise DataError(f"{f} is in two sources ({first} and {s}); give each file once")
+            given[f.resolve()] = str(s), f
             if Path(s).is_dir():
                 if folder_of.setdefault(domain, str(s)) != str(s):
                     raise DataError(f"domain {domain!r} is in two source folders ({folder_of[domain]} and {s}): "
