@@ -128,6 +128,20 @@ def test_linked_subfolders_of_a_domain_are_read_once(tmp_path: Path) -> None:
         list(read_documents([tmp_path / "c"]))  # it was "is in two sources (c and c)"
 
 
+def test_hidden_subfolders_of_a_domain_are_skipped(tmp_path: Path) -> None:
+    """Jupyter's `.ipynb_checkpoints/` copies (and `.git/`, a `.draft.txt`) inside a domain were read as
+    documents of their own, doubling them; hidden files and folders are skipped, as the hidden folders
+    beside the domains already were, and as Hugging Face datasets skips them."""
+    from mixlab.corpus import find_domains
+
+    (tmp_path / "c" / "notes" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "c" / "notes" / "n.txt").write_text("x\n", encoding="utf-8")
+    (tmp_path / "c" / "notes" / ".ipynb_checkpoints" / "n-checkpoint.txt").write_text("x\n", encoding="utf-8")
+    (tmp_path / "c" / "notes" / ".draft.txt").write_text("y\n", encoding="utf-8")
+    assert [d.text for d in read_documents([tmp_path / "c"])] == ["x\n"]
+    assert [p.name for p in find_domains(tmp_path / "c")["notes"]] == ["n.txt"]
+
+
 def test_file_kinds_are_read_in_any_case(tmp_path: Path) -> None:
     """valid.JSONL given alone was trained on (and evaluated) as one document of raw JSON text, and
     beside other files in a folder it was skipped, as was NOTES.TXT: a file's kind is its suffix in

@@ -259,14 +259,16 @@ def _files(folder: Path) -> list[Path]:
     """A domain folder's data files, in its subfolders too (as `prepare` reads a domain), linked
     subfolders included (as `os.walk(followlinks=True)` and Hugging Face datasets read them: a domain
     assembled from links to its parts was read as empty, silently), each real folder once: a link to
-    the domain's own folder or one above it (a loop) is not followed."""
+    the domain's own folder or one above it (a loop) is not followed. Hidden files and folders
+    (`.ipynb_checkpoints/`, `.git/`) are skipped, as Hugging Face datasets skips them: their copies
+    were read as documents of their own."""
     real = Path(os.path.realpath(folder))
     seen, out = {real, *real.parents}, []
     for top, dirs, files in os.walk(folder, followlinks=True):
-        out += [Path(top) / f for f in files if is_data_file(Path(top) / f)]
+        out += [Path(top) / f for f in files if not f.startswith(".") and is_data_file(Path(top) / f)]
         kept = []
         for d in sorted(dirs):  # the first of two links to one folder, by name
-            if (target := Path(os.path.realpath(Path(top) / d))) not in seen:
+            if not d.startswith(".") and (target := Path(os.path.realpath(Path(top) / d))) not in seen:
                 seen.add(target)
                 kept.append(d)
         dirs[:] = kept
