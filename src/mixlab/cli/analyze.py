@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens shown per document in the token view (default 150; at most --seq-len: "
                         "the document's first window)")
     p.add_argument("--tokenizer", type=user_path, default=None,
-                   help="tokenizer file or folder (default: the model folder's "
+                   help="mixtral, bytes, a tokenizer file or a folder holding one (default: the model folder's "
                         "tokenizer.model / tokenizer.json or the one its mixlab_data.json names, else Mixtral's v1)")
     p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default=None,
                    help="float32, bfloat16 or float16 (default: as stored)")

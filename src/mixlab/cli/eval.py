@@ -120,7 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the results as JSON: with no PATH (or -) on stdout, as info and plan print theirs, the "
                         "table then on stderr; else written to the file PATH")
     p.add_argument("--tokenizer", type=user_path, default=None,
-                   help="tokenizer file or folder (default: the model's, else Mixtral's v1)")
+                   help="mixtral (Mixtral's v1, from mistral-common), bytes, a tokenizer.model / "
+                        "tokenizer.json or a folder holding one (default: the model's, else mixtral)")
     add_quiet_arg(p)
     add_runtime_args(p)
     p.set_defaults(func=evaluate)
