@@ -171,6 +171,17 @@ REFUSALS: list[tuple[str, Any, str]] = [
 ]
 
 
+def test_a_pickled_adapter_file_is_refused_in_any_case(tmp_path: Path) -> None:
+    """A pickled adapter file given itself (--adapter x/adapter_model.BIN) is never unpickled: the
+    suffix is read in any case, as load_model reads it (its capitals were 'not a PEFT adapter folder')."""
+    from mixlab.checkpoint.adapter import read_adapter
+
+    for name in ("adapter_model.bin", "adapter_model.BIN"):
+        (f := tmp_path / name).write_bytes(b"\x80\x02")
+        with pytest.raises(CheckpointError, match=rf"{name}: pickle checkpoints are never unpickled"):
+            read_adapter(f)
+
+
 @pytest.mark.parametrize(("edit", "match"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
 def test_what_cannot_be_merged_is_refused_by_name(adapter: Path, edit: Any, match: str) -> None:
     early = not any(s in match for s in ("rank", "do not fit", "not a weight"))

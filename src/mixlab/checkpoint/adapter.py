@@ -43,7 +43,7 @@ from mixlab.checkpoint.io import (
     read_header,
 )
 from mixlab.checkpoint.keymaps import Rule, rules
-from mixlab.config import as_path
+from mixlab.config import as_path, suffix_of
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
 
@@ -215,7 +215,7 @@ def read_adapter(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Tens
     """(folder, checked adapter_config.json, adapter_model.safetensors' header, its names checked)
     of a PEFT adapter folder, or CheckpointError; reads no tensor data, needs no model."""
     root = as_path(path, what="the adapter path").expanduser()
-    if root.is_file() and root.suffix in PICKLE_SUFFIXES:
+    if root.is_file() and suffix_of(root) in PICKLE_SUFFIXES:
         raise CheckpointError(_pickle_hint(root))
     conf = _read_config(root)
     _check_config(root / CONFIG, conf)
