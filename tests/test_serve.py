@@ -748,6 +748,25 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (CHAT, {"messages": U, "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
     (COMP, {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
     (COMP, {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    # ... and more of them, OpenAI's too; each was ignored: output the client did not ask for, silently
+    (CHAT, {"messages": U, "bad_words": ["a"]}, 400, "bad_words"),
+    (COMP, {"prompt": "x", "allowed_token_ids": [5]}, 400, "allowed_token_ids"),
+    (COMP, {"prompt": "x", "skip_special_tokens": False}, 400, "skip_special_tokens"),
+    (CHAT, {"messages": U, "logits_processors": ["m.f"]}, 400, "logits_processors"),
+    (CHAT, {"messages": U, "logprobs": True, "return_tokens_as_token_ids": True}, 400, "return_tokens_as_token_ids"),
+    (COMP, {"prompt": "x", "return_token_ids": True}, 400, "return_token_ids"),
+    (COMP, {"prompt": "x", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
+    (CHAT, {"messages": U, "structural_tag": "{}"}, 400, "structural_tag"),
+    (CHAT, {"messages": U, "echo": True}, 400, "echo"),  # vLLM's chat echo: the last message before the reply
+    (CHAT, {"messages": U, "chat_template": "{{ messages }}"}, 400, "chat_template"),
+    (CHAT, {"messages": U, "documents": [{"text": "x"}]}, 400, "documents"),
+    (CHAT, {"messages": U, "add_special_tokens": True}, 400, "add_special_tokens"),  # a second BOS
+    (CHAT, {"messages": U, "n": 2, "best_of": 3}, 400, "best_of"),
+    (COMP, {"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": U, "modalities": ["text", "audio"]}, 400, "modalities"),
+    (CHAT, {"messages": U, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio"),
+    (CHAT, {"messages": U, "web_search_options": {}}, 400, "web_search_options"),
+    (COMP, {"prompt": "", "add_special_tokens": False}, 400, "prompt"),  # no tokens at all
     ("/detokenize", {"tokens": [5, 40000]}, 400, "tokens"),
     ("/tokenize", {}, 400, "prompt"),
 ]
@@ -776,7 +795,10 @@ def test_null_parameters_take_their_defaults(server: str) -> None:
     # what clients send with no tools: a plain reply
     for extra in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {"function_call": "none"}, {"tools": []},
                   {"parallel_tool_calls": False}, {"response_format": {"type": "text"}},
-                  {"include_stop_str_in_output": False, "use_beam_search": False, "guided_json": None}):
+                  {"include_stop_str_in_output": False, "use_beam_search": False, "guided_json": None},
+                  {"skip_special_tokens": True, "bad_words": [], "return_token_ids": False, "echo": False,
+                   "add_special_tokens": False, "chat_template": None, "modalities": ["text"], "best_of": 1,
+                   "audio": None, "web_search_options": None}):
         r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 2, **extra}, timeout=30)
         assert r.status_code == 200, (extra, r.text)
     # top_logprobs 0 without logprobs asks for nothing (vLLM accepts it; it was a 400), and gets nothing
@@ -785,6 +807,32 @@ def test_null_parameters_take_their_defaults(server: str) -> None:
         assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, (extra, r.text)
     r = httpx.post(server + CHAT, json={"messages": None}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_a_completion_s_add_special_tokens_false_leaves_out_bos(server: str, model_tok: tuple[Any, Any]) -> None:
+    """vLLM's add_special_tokens (default true) was ignored: a text prompt sent with false still began with
+    BOS, another prompt than the client's, and another continuation."""
+    model, tok = model_tok
+    ids = tok.encode("The quick brown fox", bos=False)
+    kw = {"max_tokens": 6, "temperature": 0, "logprobs": 0}
+    plain = httpx.post(server + COMP, json={"prompt": "The quick brown fox", "add_special_tokens": False, **kw}).json()
+    by_ids = httpx.post(server + COMP, json={"prompt": ids, **kw}).json()
+    with_bos = httpx.post(server + COMP, json={"prompt": "The quick brown fox", **kw}).json()
+    assert plain["usage"]["prompt_tokens"] == len(ids) == with_bos["usage"]["prompt_tokens"] - 1, plain["usage"]
+    assert plain["choices"][0]["logprobs"] == by_ids["choices"][0]["logprobs"], (plain, by_ids)
+    assert plain["choices"][0]["logprobs"] != with_bos["choices"][0]["logprobs"]
+
+
+def test_continuous_usage_stats_gives_the_usage_so_far_in_every_chunk(client: Any) -> None:
+    """vLLM's stream_options.continuous_usage_stats was ignored: every chunk's usage was null."""
+    chunks = list(client.completions.create(model=NAME, prompt="Hi", max_tokens=4, n=2, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    done = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks), chunks
+    assert done == sorted(done) and done[0] >= 1 and done[-1] == 8, done
+    chunks = list(client.chat.completions.create(model=NAME, messages=U, max_tokens=3, stream=True,
+                                                 stream_options={"include_usage": True}))  # without: as before
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].usage.completion_tokens == 3
 
 
 def test_request_id_header(server: str, client: Any) -> None:

@@ -599,13 +599,14 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                                  "usage": _usage(choices, prompt_lens, body.n)})
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        continuous = include_usage and body.stream_options is not None and body.stream_options.continuous_usage_stats
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(ch: dict[str, Any]) -> dict[str, Any]:
             d = {"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
                  "system_fingerprint": FINGERPRINT, "choices": [ch]}
             if include_usage:
-                d["usage"] = None
+                d["usage"] = _usage(choices, prompt_lens, body.n) if continuous else None
             return d
 
         async def events() -> AsyncIterator[bytes]:
@@ -699,7 +700,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             # in the encoding thread: a prompt of 1.3M token ids (4 MB) is a second's loops over them
             batch = body.prompts()
             srv.check_count(len(batch) * body.n, param="prompt" if len(batch) > 1 else "n")  # before encoding them
-            return batch, [tok.encode(p, bos=True) if isinstance(p, str) else p for p in batch]
+            prompts = [tok.encode(p, bos=body.add_special_tokens) if isinstance(p, str) else p for p in batch]
+            if not all(prompts):  # vLLM's "the decoder prompt cannot be empty"
+                raise ApiError(400, "the prompt is empty: with add_special_tokens false, an empty text has no "
+                                    "tokens, not even BOS", param="prompt")
+            return batch, prompts
 
         batch, prompts = await srv.off_loop(encode)
         wheres = ["prompt"] if len(batch) == 1 else [f"prompt[{j}]" for j in range(len(batch))]

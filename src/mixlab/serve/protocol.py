@@ -4,15 +4,15 @@ Field names, types and ranges follow OpenAI's API reference (chat completions an
 completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens` are vLLM's extras and
 `return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for integers).
 Unknown fields are ignored, as OpenAI-compatible servers do; the ones whose meaning we do not implement
-(tools, response formats, suffixes; vLLM's guided decoding, beam search, include_stop_str_in_output...:
-`NOT_IMPLEMENTED`) are refused with a 400 naming them, where they ask for something, rather than
-silently dropped.
+(tools, response formats, suffixes, audio, web search; vLLM's guided decoding, beam search, bad_words,
+include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused with a 400 naming them, where they ask
+for something, rather than silently dropped.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -63,11 +63,19 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-# vLLM's extras whose meaning this server does not implement, with the value that asks for nothing: any
-# other is refused (a client written for vLLM would otherwise get output it did not ask for, silently)
-NOT_IMPLEMENTED = {"include_stop_str_in_output": False, "use_beam_search": False, "prompt_logprobs": None,
-                   "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
-                   "guided_grammar": None, "structured_outputs": None}
+# Parameters whose meaning this server does not implement, with the value that asks for nothing (so do null
+# and []; OpenAI's web_search_options {} asks for a search): any other is refused with a 400 naming it, else
+# the client got output it did not ask for, silently. vLLM's extras, then OpenAI's (audio out, web search).
+NOT_IMPLEMENTED: dict[str, Any] = {
+    "include_stop_str_in_output": False, "use_beam_search": False, "prompt_logprobs": None,
+    "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+    "guided_grammar": None, "structured_outputs": None, "structural_tag": None, "bad_words": None,
+    "allowed_token_ids": None, "logits_processors": None, "skip_special_tokens": True,
+    "return_tokens_as_token_ids": False, "return_token_ids": False, "prompt_embeds": None,
+    "audio": None, "web_search_options": None}
+# a chat's own: vLLM's echo (the last message repeated before the reply), chat_template, documents (a RAG
+# template's), add_special_tokens (a second BOS before the template's)
+CHAT_NOT_IMPLEMENTED = {"echo": False, "chat_template": None, "documents": None, "add_special_tokens": False}
 
 Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0)]
 TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
@@ -95,6 +103,7 @@ TokenId = Annotated[StrictInt, Field(ge=0)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's: with include_usage, the usage so far in every chunk
 
 
 class _Sampling(BaseModel):
@@ -125,8 +134,12 @@ class _Sampling(BaseModel):
     # {token id as a string: bias in [-100, 100]}, added to those logits before sampling
     logit_bias: Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    best_of: StrictInt | None = None  # only equal to n (the best of none other)
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
     # accepted for compatibility, with no effect
     user: StrictStr | None = None
+
+    REFUSED: ClassVar[dict[str, Any]] = NOT_IMPLEMENTED
 
     @model_validator(mode="before")
     @classmethod
@@ -142,16 +155,20 @@ class _Sampling(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _refuse_not_implemented(cls, data: Any) -> Any:
-        for name, nothing in NOT_IMPLEMENTED.items():
-            if isinstance(data, dict) and data.get(name, nothing) not in (nothing, None):
+        for name, nothing in cls.REFUSED.items():
+            if isinstance(data, dict) and data.get(name) not in (nothing, None, []):
                 raise _field_error(name, f"{name}={json.dumps(data[name])[:80]} is not supported by this server "
-                                         "(a vLLM extra it does not implement)")
+                                         f"(leave it out, or send {json.dumps(nothing)})")
         return data
 
     @model_validator(mode="after")
     def _check_common(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise _field_error("stream_options", "stream_options is only allowed when stream is true")
+        if self.best_of is not None and self.best_of != self.n:
+            raise _field_error("best_of", f"best_of={self.best_of} is not supported (only best_of equal to n)")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise _field_error("response_format", "only response_format {'type': 'text'} is supported")
         for key in self.logit_bias or {}:
             if not (key.isascii() and key.isdigit()):
                 raise _field_error("logit_bias", f"invalid logit_bias key {key!r}: expected a token id, "
@@ -225,9 +242,11 @@ class ChatCompletionRequest(_Sampling):
     # "none" and "auto" mean a plain reply when there are no tools; the others demand a call
     tool_choice: Any = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    modalities: list[StrictStr] | None = None  # only ["text"]
     continue_final_message: StrictBool = False  # see _continue_final
     add_generation_prompt: StrictBool | None = None
+
+    REFUSED: ClassVar[dict[str, Any]] = NOT_IMPLEMENTED | CHAT_NOT_IMPLEMENTED
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -244,8 +263,9 @@ class ChatCompletionRequest(_Sampling):
                 raise _field_error(name, f"{name}={json.dumps(choice)[:80]} asks for a tool call, which this "
                                          "server does not make (tool calling is not supported; 'none' and 'auto' "
                                          "are accepted)")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise _field_error("response_format", "only response_format {'type': 'text'} is supported")
+        if self.modalities not in (None, ["text"]):
+            raise _field_error("modalities", f"modalities={json.dumps(self.modalities)[:80]} is not supported: this "
+                                             "model writes text only (send [\"text\"] or leave it out)")
         return self
 
     def limit(self) -> int | None:
@@ -289,15 +309,13 @@ class CompletionRequest(_Sampling):
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    best_of: StrictInt | None = None
     suffix: StrictStr | None = None
+    add_special_tokens: StrictBool = True  # vLLM's: false, a text prompt without BOS
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
         if self.suffix:
             raise _field_error("suffix", "suffix (insertion) is not supported by this server")
-        if self.best_of is not None and self.best_of != self.n:
-            raise _field_error("best_of", f"best_of={self.best_of} is not supported (only best_of equal to n)")
         if self.max_tokens == 0 and not self.echo:
             raise _field_error("max_tokens", "max_tokens=0 is only allowed with echo (to score a prompt)")
         return self
