@@ -134,7 +134,7 @@ class _Sampling(BaseModel):
     # {token id as a string: bias in [-100, 100]}, added to those logits before sampling
     logit_bias: Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
-    best_of: StrictInt | None = None  # only equal to n (the best of none other)
+    best_of: StrictInt | None = None  # only equal to n: no extra choices sampled to pick the best from
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
     # accepted for compatibility, with no effect
     user: StrictStr | None = None
