@@ -164,6 +164,10 @@ REFUSALS: list[tuple[str, Any, str]] = [
     ("another layer", lambda p: _edit_tensors(p, lambda t: {k.replace("layers.1.", "layers.7."): v
                                                             for k, v in t.items()}),
      r"adapts 'model.layers.7.mlp.experts', which is not a weight of this model \(a Mixtral model of 2 layers"),
+    ("norm", lambda p: _edit_tensors(p, lambda t: {  # was a bare "not enough values to unpack"
+        **t, **{f"base_model.model.model.layers.0.input_layernorm.lora_{x}.weight": torch.zeros(s) for x, s in
+                (("A", (4, 32)), ("B", (32, 4)))}}),
+     r"adapts 'model.layers.0.input_layernorm', which LoRA cannot adapt here: expected attention"),
     ("empty", lambda p: _edit_tensors(p, lambda t: {}), r"holds no LoRA tensors"),
     ("pickle", lambda p: (p / "adapter_model.safetensors").rename(p / "adapter_model.bin"),
      r"adapter_model.bin: pickle checkpoints are never unpickled .* save_pretrained"),
@@ -182,9 +186,21 @@ def test_a_pickled_adapter_file_is_refused_in_any_case(tmp_path: Path) -> None:
             read_adapter(f)
 
 
+def test_load_model_reads_the_adapters_files_once(adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_model(adapter=) checked the adapter before loading and merge_adapter read it again: its
+    config and safetensors header were read twice."""
+    from mixlab.checkpoint import adapter as module
+
+    reads: list[Path] = []
+    read_header = module.read_header
+    monkeypatch.setattr(module, "read_header", lambda f: reads.append(f) or read_header(f))
+    load_model(adapter.parent / "base", adapter=adapter)
+    assert reads == [adapter / "adapter_model.safetensors"]
+
+
 @pytest.mark.parametrize(("edit", "match"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
 def test_what_cannot_be_merged_is_refused_by_name(adapter: Path, edit: Any, match: str) -> None:
-    early = not any(s in match for s in ("rank", "do not fit", "not a weight"))
+    early = not any(s in match for s in ("rank", "do not fit", "not a weight", "cannot adapt"))
     edit(adapter)
     model = load_model(adapter.parent / "base")
     before = {k: v.clone() for k, v in model.state_dict().items()}

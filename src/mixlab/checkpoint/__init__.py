@@ -266,8 +266,7 @@ def load_model(
         if adapter is not None:  # the experts stay on disk, where nothing can be merged into them
             raise ValueError("adapter= does not combine with max_memory (offloaded experts): merge the adapter "
                              "into a checkpoint first (load_model(path, adapter=DIR), then save_model)")
-    if adapter is not None:  # a wrong adapter is told before a long load
-        read_adapter(adapter)
+    peft = None if adapter is None else read_adapter(adapter)  # a wrong adapter is told before a long load
     if suffix_of(root) == ".gguf" and not root.is_dir():
         from mixlab.checkpoint.gguf_read import load_gguf
 
@@ -275,7 +274,7 @@ def load_model(
             raise ValueError("config= does not apply to GGUF files: their metadata is the config")
         model = load_gguf(root, dtype=parse_dtype(dtype), device=dev, max_memory=max_memory, policy=policy,
                           prefetch=prefetch)
-        return model if adapter is None else merge_adapter(model, adapter)
+        return model if peft is None else merge_adapter(model, peft)
     _refuse_pickle_or_recover(root)
     try:
         config = config or ModelConfig.from_dir(root)
@@ -302,7 +301,7 @@ def load_model(
         offload_experts(model, SafetensorsSource(infos, tables, config), max_memory=max_memory, fmt=fmt,
                         policy=policy, prefetch=prefetch)
         model.requires_grad_(False)
-    return (model if adapter is None else merge_adapter(model, adapter)).eval()
+    return (model if peft is None else merge_adapter(model, peft)).eval()
 
 
 _GGUF_HINT = "mixlab.checkpoint.gguf.write_gguf(model, 'x.gguf', quant='bf16') writes a GGUF file (`mixlab convert`)"

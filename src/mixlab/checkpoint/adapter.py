@@ -7,10 +7,12 @@ Each adapted weight W (transformers' name) becomes W + s B A, computed in float3
 the model's dtype, with s = alpha / r (alpha / sqrt(r) with `use_rslora`; r and alpha per module from
 `rank_pattern` / `alpha_pattern`, matched as PEFT matches them). PEFT's tensor names are the base
 model's module names: `base_model.model.{module}.lora_A.weight`. The weight they adapt is found in
-keymaps.py's transformers tables ("hf": `block_sparse_moe.experts.N.w1`, `block_sparse_moe.gate`,
-Mistral's `mlp.gate_proj`; "hf-fused", transformers >= 5: `mlp.experts.gate_up_proj` / `down_proj`
-and `mlp.gate.weight` as PEFT `target_parameters`), whose views of mixlab's fused tensors take the
-update, so q/k/v rows land in `wqkv` and w1/w3 in `w13` exactly as a checkpoint is loaded.
+`peft_weights`, keymaps.py's transformers tables ("hf": `block_sparse_moe.experts.N.w1`,
+`block_sparse_moe.gate`, Mistral's `mlp.gate_proj`; "hf-fused", transformers >= 5:
+`mlp.experts.gate_up_proj` / `down_proj` and `mlp.gate.weight` as PEFT `target_parameters`), whose
+views of mixlab's fused tensors take the update, so q/k/v rows land in `wqkv` and w1/w3 in `w13`
+exactly as a checkpoint is loaded. The same table names what `train.lora.peft_tensors` exports, so
+an adapter mixlab writes is one it reads.
 A parameter target (PEFT's ParamWrapper on a 3-D `[E, X, I]` weight) holds lora_A `[E*r, I]`
 expert-major and lora_B `[X, r*E]` expert-minor (peft/tuners/lora/layer.py, "o r e, e r i -> e o i");
 two such targets on one module are nested (`experts.base_layer.lora_A`), told apart by their shapes.
@@ -43,13 +45,43 @@ from mixlab.checkpoint.io import (
     read_header,
 )
 from mixlab.checkpoint.keymaps import Rule, rules
-from mixlab.config import as_path, suffix_of
+from mixlab.config import ModelConfig, as_path, suffix_of
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class PeftWeight:
+    """A transformers weight a LoRA adapter can adapt: part `part` of keymaps.py's `rule`. `param`: PEFT
+    adapts it as a `target_parameters` entry (transformers >= 5's experts and router are bare
+    parameters, not nn.Linear modules), else as its module's weight (`target_modules`)."""
+
+    rule: Rule
+    part: int
+    param: bool
+
+
+def peft_weights(config: ModelConfig, fmt: str) -> dict[str, PeftWeight]:
+    """Every weight a PEFT LoRA adapter may adapt in transformers' Mixtral / Mistral layout `fmt` ("hf":
+    transformers < 5, per-expert nn.Linear modules; "hf-fused": >= 5), by transformers name
+    (`model.layers.0.self_attn.q_proj.weight`, `model.layers.0.mlp.experts.gate_up_proj`): the matrices
+    of keymaps.py's table but the embedding and lm_head. Import and export read PEFT's names here."""
+    return {name: PeftWeight(r, k, fmt == "hf-fused" and config.moe is not None and ".ffn." in r.ours)
+            for r in rules(config, fmt) for k, name in enumerate(r.theirs)
+            if len(r.shapes[k]) > 1 and not any(t in name for t in _UNSUPPORTED_TARGETS)}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT adapter folder as `read_adapter` read and checked it (no tensor data read)."""
+
+    root: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]  # adapter_model.safetensors' header
 
 
 @dataclass(frozen=True)
@@ -171,8 +203,8 @@ def _targets(model: Transformer, root: Path, conf: dict[str, Any],
     cfg = model.config
     kind = (f"{'a Mixtral' if cfg.moe else 'a dense Mistral'} model of {cfg.n_layers} layers, dim {cfg.dim}"
             + (f", {cfg.moe.num_experts} experts" if cfg.moe else ""))
-    # transformers' weight name -> (rule, part); both layouts, as PEFT names modules after the installed one
-    table = {name: (r, k) for fmt in ("hf", "hf-fused") for r in rules(cfg, fmt) for k, name in enumerate(r.theirs)}
+    # both layouts, as PEFT names modules after the installed transformers
+    table = {name: (w.rule, w.part) for fmt in ("hf", "hf-fused") for name, w in peft_weights(cfg, fmt).items()}
     rank_pat, alpha_pat = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
     params = conf.get("target_parameters") or []
     out: list[_Target] = []
@@ -180,8 +212,11 @@ def _targets(model: Transformer, root: Path, conf: dict[str, Any],
         a, b = shapes[ab["A"]], shapes[ab["B"]]
         plain = module.replace(".base_layer", "")  # PEFT nests a module's several parameter targets
         # the module's own weight, or (parameter targets) the parameters held right on it
-        candidates = [n for n in table if n.rpartition(".")[0] == plain and not n.startswith("lm_head")]
+        candidates = [n for n in table if n.rpartition(".")[0] == plain]
         if not candidates:
+            if any(n.rpartition(".")[0] == plain for r in rules(cfg, "hf") for n in r.theirs):  # a norm's weight
+                raise CheckpointError(f"{file}: tensor {ab['A']!r} adapts {plain!r}, which LoRA cannot adapt here: "
+                                      "expected attention, MLP / expert and router matrices")
             raise CheckpointError(f"{file}: tensor {ab['A']!r} adapts {plain!r}, which is not a weight of this "
                                   f"model ({kind}){made}")
         fits = []
@@ -211,9 +246,9 @@ def _targets(model: Transformer, root: Path, conf: dict[str, Any],
     return out
 
 
-def read_adapter(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, TensorInfo]]:
-    """(folder, checked adapter_config.json, adapter_model.safetensors' header, its names checked)
-    of a PEFT adapter folder, or CheckpointError; reads no tensor data, needs no model."""
+def read_adapter(path: str | Path) -> Adapter:
+    """The PEFT adapter folder `path` (adapter_config.json checked, adapter_model.safetensors' header
+    and names checked), or CheckpointError; reads no tensor data, needs no model."""
     root = as_path(path, what="the adapter path").expanduser()
     if root.is_file() and suffix_of(root) in PICKLE_SUFFIXES:
         raise CheckpointError(_pickle_hint(root))
@@ -229,15 +264,16 @@ def read_adapter(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Tens
         raise CheckpointError(f"{root}: {CONFIG} without {WEIGHTS}")
     infos = read_header(file)
     _pairs(file, infos)
-    return root, conf, infos
+    return Adapter(root, conf, infos)
 
 
 @torch.no_grad()
-def merge_adapter(model: Transformer, path: str | Path) -> Transformer:
-    """Merge the PEFT LoRA adapter in folder `path` into `model`'s weights (in place; returns it).
-    Raises CheckpointError naming the file, tensor or field of anything that does not fit the model;
-    then no weight has changed."""
-    root, conf, infos = read_adapter(path)
+def merge_adapter(model: Transformer, path: str | Path | Adapter) -> Transformer:
+    """Merge the PEFT LoRA adapter in folder `path` (or as `read_adapter` read it) into `model`'s weights
+    (in place; returns it). Raises CheckpointError naming the file, tensor or field of anything that does
+    not fit the model; then no weight has changed."""
+    adapter = path if isinstance(path, Adapter) else read_adapter(path)
+    root, conf, infos = adapter.root, adapter.config, adapter.tensors
     file = root / WEIGHTS
     fmt = inference_format(model)
     if fmt is not None or hasattr(model, "_lora"):
