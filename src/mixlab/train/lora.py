@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +43,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mixlab.checkpoint import meta_model, save_model
+from mixlab.checkpoint.adapter import peft_weights
 from mixlab.checkpoint.io import write_sharded
 from mixlab.dtypes import parse_dtype
 from mixlab.model import Transformer, check_model
@@ -270,70 +272,48 @@ class PeftExport:
 
 def peft_tensors(model: Transformer, *, expert_layout: str = "modules") -> tuple[dict[str, torch.Tensor],
                                                                                      set[str], list[str]]:
-    """(PEFT state dict with transformers' Mixtral names, target module short names, targets that
-    cannot be expressed in this layout)."""
-    cfg = model.config
-    H, G, Hd, F_ = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    """(PEFT state dict with transformers' Mixtral names, target module short names (`param:NAME` for
+    PEFT `target_parameters`), adapted weights that cannot be expressed in this layout).
+
+    The names are those `checkpoint.adapter.peft_weights` gives the importer: each adapted mixlab
+    weight's keymaps.py rule splits B like the weight (q/k/v rows of `wqkv`, w1/w3 rows and experts of
+    `w13`), and A, which every row of the weight shares, likewise."""
+    fmt = "hf" if expert_layout == "modules" else "hf-fused"
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # mixlab weight -> (A, B)
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            factors[f"{name}.weight"] = (m.lora_A, m.lora_B)
+        elif parametrize.is_parametrized(m):
+            for pname in m.parametrizations:
+                lora = _lora_of(m, pname)
+                factors[f"{name}.{pname}"] = (lora.lora_A, lora.lora_B)
     out: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
-    missing: list[str] = []
-
-    def put(module: str, A: torch.Tensor, B: torch.Tensor, scale_fix: float = 1.0) -> None:
-        out[f"base_model.model.{module}.lora_A.weight"] = A.detach().float().contiguous()
-        out[f"base_model.model.{module}.lora_B.weight"] = (B.detach().float() * scale_fix).contiguous()
-        targets.add(module.rsplit(".", 1)[-1])
-
-    params: set[str] = set()
-
-    def put_stacked(module: str, A_ErI: torch.Tensor, B_EXr: torch.Tensor) -> None:
-        # PEFT's ParamWrapper on a 3-D parameter: lora_A.weight [E*r, I] is expert-major, lora_B.weight
-        # [X, r*E] expert-minor (peft/tuners/lora/layer.py, get_delta_weight: "o r e, e r i -> e o i").
-        E, r, In = A_ErI.shape
-        out[f"base_model.model.{module}.lora_A.weight"] = A_ErI.detach().float().reshape(E * r, In).contiguous()
-        out[f"base_model.model.{module}.lora_B.weight"] = (
-            B_EXr.detach().float().permute(1, 2, 0).reshape(B_EXr.shape[1], r * E).contiguous())
-
-    for i, block in enumerate(_blocks(model)):
-        pre = f"model.layers.{i}"
-        wqkv, wo = cast(nn.Module, block.attn.wqkv), cast(nn.Module, block.attn.wo)
-        if isinstance(wqkv, LoRALinear) and isinstance(wo, LoRALinear):
-            A, B = wqkv.lora_A, wqkv.lora_B
-            Bq, Bk, Bv = B.split([H * Hd, G * Hd, G * Hd])
-            for nm, Bx in (("q_proj", Bq), ("k_proj", Bk), ("v_proj", Bv)):
-                put(f"{pre}.self_attn.{nm}", A, Bx)
-            put(f"{pre}.self_attn.o_proj", wo.lora_A, wo.lora_B)
-        ffn = block.ffn
-        if not isinstance(ffn, MoEBlock):  # Mistral's MLP: gate_proj / up_proj rows of w13, down_proj
-            w13, w2 = cast(nn.Module, ffn.w13), cast(nn.Module, ffn.w2)
-            if isinstance(w13, LoRALinear) and isinstance(w2, LoRALinear):
-                Bg, Bu = w13.lora_B.split([F_, F_])
-                put(f"{pre}.mlp.gate_proj", w13.lora_A, Bg)
-                put(f"{pre}.mlp.up_proj", w13.lora_A, Bu)
-                put(f"{pre}.mlp.down_proj", w2.lora_A, w2.lora_B)
+    done: set[str] = set()
+    table = peft_weights(model.config, fmt)
+    nested = Counter(name.rpartition(".")[0] for name, w in table.items()  # adapted parameters per module
+                     if w.param and w.rule.ours in factors)
+    for name, w in table.items():
+        if w.rule.ours not in factors:
             continue
-        if parametrize.is_parametrized(experts_owner(ffn), "w13"):
-            p13 = expert_lora(ffn, "w13")
-            p2 = expert_lora(ffn, "w2")
-            if expert_layout == "modules":  # transformers < 5: one nn.Linear per expert and matrix
-                for e in range(ffn.moe.num_experts):
-                    B1, B3 = p13.lora_B[e].split([F_, F_])
-                    put(f"{pre}.block_sparse_moe.experts.{e}.w1", p13.lora_A[e], B1)
-                    put(f"{pre}.block_sparse_moe.experts.{e}.w3", p13.lora_A[e], B3)
-                    put(f"{pre}.block_sparse_moe.experts.{e}.w2", p2.lora_A[e], p2.lora_B[e])
-            else:  # transformers >= 5: PEFT wraps gate_up_proj, then down_proj around it (nested)
-                put_stacked(f"{pre}.mlp.experts.base_layer", p13.lora_A, p13.lora_B)
-                put_stacked(f"{pre}.mlp.experts", p2.lora_A, p2.lora_B)
-                params.update({"mlp.experts.gate_up_proj", "mlp.experts.down_proj"})
-        if parametrize.is_parametrized(ffn.gate, "weight"):
-            pg = _lora_of(ffn.gate, "weight")
-            if expert_layout == "modules":
-                put(f"{pre}.block_sparse_moe.gate", pg.lora_A, pg.lora_B)
-            else:  # MixtralTopKRouter holds a bare weight Parameter
-                out[f"base_model.model.{pre}.mlp.gate.lora_A.weight"] = pg.lora_A.detach().float().contiguous()
-                out[f"base_model.model.{pre}.mlp.gate.lora_B.weight"] = pg.lora_B.detach().float().contiguous()
-                params.add("mlp.gate.weight")
-    targets |= {f"param:{p}" for p in params}
-    return out, targets, sorted(set(missing))
+        done.add(w.rule.ours)
+        A, B = (t.detach().float() for t in factors[w.rule.ours])  # A [(E,) r, I], B [(E,) X, r]
+        B_k = w.rule.parts(B)[w.part]
+        A_k = w.rule.parts(A.unsqueeze(-3).expand(*B.shape[:-1], *A.shape[-2:]))[w.part].select(-3, 0)
+        if w.param:  # PEFT's ParamWrapper: a module's first parameters are nested deepest (base_layer)
+            owner = name.rpartition(".")[0]
+            nested[owner] -= 1
+            module = owner + ".base_layer" * nested[owner]
+            targets.add("param:" + name.split(".", 3)[-1])  # mlp.experts.gate_up_proj: PEFT matches the end
+        else:
+            module = name.removesuffix(".weight")
+            targets.add(module.rpartition(".")[2])
+        if B_k.dim() == 3:  # [E, X, I] weight: lora_A [E*r, I] expert-major, lora_B [X, r*E] expert-minor
+            E, r, In = A_k.shape  # (peft/tuners/lora/layer.py, get_delta_weight: "o r e, e r i -> e o i")
+            A_k, B_k = A_k.reshape(E * r, In), B_k.permute(1, 2, 0).reshape(B_k.shape[1], r * E)
+        out[f"base_model.model.{module}.lora_A.weight"] = A_k.contiguous()
+        out[f"base_model.model.{module}.lora_B.weight"] = B_k.contiguous()
+    return out, targets, sorted(set(factors) - done)
 
 
 def _lora_of(module: nn.Module, name: str) -> WeightLoRA:
