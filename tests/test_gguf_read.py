@@ -482,6 +482,12 @@ def test_valid_header_but_wrong_model_is_refused(tmp_path):
     ("llama.attention.head_count", 0, r"metadata 'llama.attention.head_count' = 0: expected at least 1"),
     ("llama.attention.head_count", 3, r"metadata 'llama.embedding_length' = 64 is not a multiple of "
                                       r"'llama.attention.head_count' = 3, and no 'llama.attention.key_length' gives"),
+    # These named mixlab's field ('moe.top_k') or no key at all, not the file's key.
+    ("llama.expert_used_count", 5, r"config field 'moe.top_k' \('llama.expert_used_count' in this file\) must be in "
+                                   r"\[1, num_experts=4\], got 5"),
+    ("llama.context_length", 0, r"config field 'max_seq_len' \('llama.context_length' in this file\) must be in"),
+    ("llama.attention.key_length", 8, r"metadata 'llama.rope.dimension_count' = 16: rotary embedding on 16 of 8 head "
+                                      r"dimensions \('llama.attention.key_length', else"),
 ])
 def test_bad_metadata_is_named_by_its_key(key, value, message, tmp_path):
     """A metadata value of the wrong type said "(expected (<class 'float'>, <class 'int'>))"; a head

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from mixlab.checkpoint.io import CheckpointError, all_finite
-from mixlab.config import ConfigError, ModelConfig, MoEConfig
+from mixlab.config import ConfigError, ModelConfig, MoEConfig, _in_file
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -338,6 +338,17 @@ def _meta(h: GGUFHeader, key: str, kind: type | tuple[type, ...], default: Any =
     return v
 
 
+# mixlab field -> the metadata key that holds it, so that an error names the key (as config.py's
+# tables do for config.json and params.json)
+_KEYS = {"vocab_size": "llama.vocab_size", "dim": "llama.embedding_length", "n_layers": "llama.block_count",
+         "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
+         "head_dim": "llama.attention.key_length", "ffn_dim": "llama.feed_forward_length",
+         "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+         "max_seq_len": "llama.context_length", "moe.num_experts": "llama.expert_count",
+         "moe.top_k": "llama.expert_used_count", "bos_id": "tokenizer.ggml.bos_token_id",
+         "eos_id": "tokenizer.ggml.eos_token_id"}
+
+
 def config_from_header(h: GGUFHeader) -> ModelConfig:
     """The mixlab config of a `llama`-architecture GGUF file (Llama, Mistral, Mixtral)."""
     arch = _meta(h, "general.architecture", str)
@@ -370,8 +381,10 @@ def config_from_header(h: GGUFHeader) -> ModelConfig:
         raise CheckpointError(f"{h.path}: key and value head sizes differ; mixlab needs them equal")
     rope_dims = _meta(h, a + "rope.dimension_count", int, head_dim)
     if rope_dims != head_dim:
-        raise CheckpointError(f"{h.path}: rotary embedding on {rope_dims} of {head_dim} head dimensions "
-                              "is not supported (mixlab rotates whole heads)")
+        raise CheckpointError(f"{h.path}: metadata {a + 'rope.dimension_count'!r} = {rope_dims}: rotary embedding on "
+                              f"{rope_dims} of {head_dim} head dimensions ({a + 'attention.key_length'!r}, else "
+                              f"{a + 'embedding_length'!r} / {a + 'attention.head_count'!r}) is not supported (mixlab "
+                              "rotates whole heads)")
     try:
         return ModelConfig(
             vocab_size=vocab, dim=dim, n_layers=_meta(h, a + "block_count", int), n_heads=n_heads,
@@ -385,7 +398,7 @@ def config_from_header(h: GGUFHeader) -> ModelConfig:
             eos_id=_meta(h, "tokenizer.ggml.eos_token_id", int, 2),
         )
     except ConfigError as e:
-        raise CheckpointError(f"{h.path}: {e}") from None
+        raise CheckpointError(str(_in_file(e, str(h.path), _KEYS))) from None
 
 
 # --------------------------------------------------------------------------------------------------
