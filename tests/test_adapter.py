@@ -147,7 +147,17 @@ REFUSALS: list[tuple[str, Any, str]] = [
     ("modules_to_save", lambda p: _edit_config(p, modules_to_save=["lm_head"]), r"modules_to_save is \['lm_head'\]"),
     ("embedding", lambda p: _edit_config(p, target_modules=["q_proj", "embed_tokens"]),
      r"adapts embed_tokens: LoRA on the embedding or lm_head is not supported"),
-    ("alpha", lambda p: _edit_config(p, lora_alpha="16"), r"field 'lora_alpha' is '16'; expected a positive number"),
+    ("alpha", lambda p: _edit_config(p, lora_alpha="16"), r"field 'lora_alpha' is '16'; expected a finite positive "
+                                                          r"number"),
+    ("infinite alpha", lambda p: _edit_config(p, lora_alpha=float("inf")),  # merged weights of inf and NaN
+     r"field 'lora_alpha' is inf; expected a finite positive number"),
+    ("pissa", lambda p: _edit_config(p, init_lora_weights="pissa_niter_4"),  # merged as if over the original base
+     r"init_lora_weights is 'pissa_niter_4': that initialisation changes the base weights .* "
+     r"path_initial_model_for_weight_conversion"),
+    ("alora", lambda p: _edit_config(p, alora_invocation_tokens=[5, 6]),
+     r"alora_invocation_tokens is \[5, 6\]: activated LoRA \(aLoRA\) adapts only the tokens after"),
+    ("integer factor", lambda p: _edit_tensors(p, lambda t: {**t, Q_A: t[Q_A].to(torch.int32)}),  # merged as floats
+     rf"tensor '{Q_A}' has dtype I32, expected a floating-point dtype"),
     ("rank", lambda p: _edit_config(p, r=8), r"'base_model.model.model.layers.0.mlp.experts.lora_A.weight' has rank "
                                              r"4, but adapter_config.json gives model.layers.0.mlp.experts.down_proj "
                                              r"r=8 \(r\)"),
@@ -211,6 +221,13 @@ def test_what_cannot_be_merged_is_refused_by_name(adapter: Path, edit: Any, matc
     if early:  # what needs no model is told before the model loads
         with pytest.raises(CheckpointError, match=match):
             load_model(adapter.parent / "no-such-base", adapter=adapter)
+
+
+def test_nan_factors_warn_as_nan_weights_do(adapter: Path) -> None:
+    """A NaN in an adapter merged in silence (a checkpoint's own NaN weights are warned about)."""
+    _edit_tensors(adapter, lambda t: {**t, Q_A: t[Q_A] * float("nan")})
+    with pytest.warns(UserWarning, match=rf"adapter_model.safetensors: tensor '{Q_A}' or .* holds NaN or Inf values"):
+        load_model(adapter.parent / "base", adapter=adapter)
 
 
 def test_an_adapter_for_another_architecture_is_refused(adapter: Path, tmp_path: Path) -> None:

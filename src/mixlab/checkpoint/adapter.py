@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,13 @@ from typing import Any
 import torch
 
 from mixlab.checkpoint.io import (
+    FLOAT_DTYPES,
     PICKLE_SUFFIXES,
     CheckpointError,
     TensorInfo,
     TensorReader,
     _pickle_hint,
+    all_finite,
     read_header,
 )
 from mixlab.checkpoint.keymaps import Rule, rules
@@ -52,6 +55,13 @@ from mixlab.model.inference import inference_format
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
+# PEFT initialisations that subtract their first B0 A0 from the base weights (peft/tuners/lora/layer.py:
+# pissa_init, olora_init, corda_init, loftq_init), and LoRA variants whose update is not W + s B A
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_VARIANTS = {"alora_invocation_tokens": "activated LoRA (aLoRA) adapts only the tokens after its invocation tokens",
+             "arrow_config": "Arrow routes each token to its own choice of LoRA adapters",
+             "use_bdlora": "block-diagonal LoRA factors", "kasa_config": "KaSA's singular-value update",
+             "use_qalora": "QA-LoRA adapts group-pooled inputs"}
 
 
 @dataclass(frozen=True)
@@ -130,23 +140,36 @@ def _check_config(path: Path, conf: dict[str, Any]) -> None:
     if conf.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type is {conf.get('peft_type')!r}; mixlab merges LoRA adapters "
                               "(peft_type 'LORA') only")
+    def positive(v: Any) -> bool:  # an infinite alpha (JSON's Infinity) merged into weights of inf and NaN
+        return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v > 0
+
     for field in ("r", "lora_alpha"):
         v = conf.get(field)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-            raise CheckpointError(f"{path}: field {field!r} is {v!r}; expected a positive number")
+        if not positive(v):
+            raise CheckpointError(f"{path}: field {field!r} is {v!r}; expected a finite positive number")
     for field, what in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
         pat = conf.get(field) or {}
-        bad = {k: v for k, v in pat.items() if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0} \
-            if isinstance(pat, dict) else pat
+        bad = {k: v for k, v in pat.items() if not positive(v)} if isinstance(pat, dict) else pat
         if bad:
             raise CheckpointError(f"{path}: field {field!r} is {pat!r}; expected a mapping of module name "
-                                  f"patterns to a positive {what}")
+                                  f"patterns to a finite positive {what}")
         for key in pat:  # a pattern is a regular expression (PEFT's re.match): a bad one raised re.error deep down
             try:
                 re.compile(key)
             except re.error as e:
                 raise CheckpointError(f"{path}: field {field!r}: key {key!r} is not a valid regular expression "
                                       f"({e})") from None
+    init = conf.get("init_lora_weights", True)
+    if isinstance(init, str) and init.split("_niter_")[0] in _BASE_CHANGING_INITS:
+        raise CheckpointError(f"{path}: init_lora_weights is {init!r}: that initialisation changes the base weights "
+                              "the adapter is trained over (W - s B0 A0, which PEFT recomputes when it loads it), so "
+                              "it does not apply to the checkpoint's own weights; save it converted to plain LoRA "
+                              "(PEFT's save_pretrained(dir, path_initial_model_for_weight_conversion=...)), or merge "
+                              "it with PEFT (merge_and_unload, then save_pretrained) and load the merged checkpoint")
+    for field, what in _VARIANTS.items():
+        if conf.get(field):
+            raise CheckpointError(f"{path}: {field} is {conf[field]!r}: {what}, not the plain update W + s B A that "
+                                  "mixlab merges; not supported")
     if conf.get("use_dora"):
         raise CheckpointError(f"{path}: use_dora is true: DoRA adapters (a magnitude per output row) are not "
                               "supported; merge it with PEFT (merge_and_unload, then save_pretrained) and load "
@@ -231,7 +254,7 @@ def _targets(model: Transformer, root: Path, conf: dict[str, Any],
             want = "; ".join(f"{n} {list(s)}: lora_A [{'E r' if len(s) == 3 else 'r'}, {s[-1]}], lora_B [{s[-2]}, "
                              f"{'r E' if len(s) == 3 else 'r'}]"
                              for n in candidates for s in [table[n][0].shapes[table[n][1]]])
-            raise CheckpointError(f"{file}: {ab['A']!r} {list(a)} and {ab['B']!r} {list(b)} do not fit {want} "
+            raise CheckpointError(f"{file}: {ab['A']!r} {list(a)} and {ab['B']!r} {list(b)} do not fit {want}"
                                   f"{made}")
         name, rule, part, E, r = fits[0]
         # PEFT's name for rank_pattern / alpha_pattern: module.parameter for a parameter target, else the module
@@ -264,6 +287,10 @@ def read_adapter(path: str | Path) -> Adapter:
         raise CheckpointError(f"{root}: {CONFIG} without {WEIGHTS}")
     infos = read_header(file)
     _pairs(file, infos)
+    for name, info in infos.items():  # an integer or bool factor was merged as if it were float
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {info.dtype}, expected a floating-point dtype "
+                                  f"({', '.join(FLOAT_DTYPES)})")
     return Adapter(root, conf, infos)
 
 
@@ -302,5 +329,8 @@ def merge_adapter(model: Transformer, path: str | Path | Adapter) -> Transformer
                 delta = torch.einsum("xre,eri->exi", B.view(B.shape[0], r, E), A.view(E, r, A.shape[1]))
             else:
                 delta = B @ A
+            if not all_finite(delta):  # as a checkpoint's own NaN weights are told
+                warnings.warn(f"{file}: tensor {t.a!r} or {t.b!r} holds NaN or Inf values (or their product "
+                              "overflows); the model's outputs will be NaN", stacklevel=3)
             view.copy_(view.float() + t.scale * delta.view(view.shape))
     return model
