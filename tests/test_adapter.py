@@ -167,6 +167,13 @@ REFUSALS: list[tuple[str, Any, str]] = [
     ("embedding tensor", lambda p: _edit_tensors(p, lambda t: {
         **t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)}),
      r"unexpected tensor 'base_model.model.model.embed_tokens.lora_embedding_A': an embedding adapter"),
+    ("trainable tokens", lambda p: _edit_tensors(p, lambda t: {  # as PEFT's trainable_token_indices saves them
+        **t, "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 32)}),
+     r"'base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta': trainable token embeddings "
+     r"\(PEFT's trainable_token_indices\): not supported; merge it with PEFT"),
+    ("saved embeddings", lambda p: _edit_tensors(p, lambda t: {  # save_pretrained(save_embedding_layers=True)
+        **t, "base_model.model.lm_head.weight": torch.zeros(130, 32)}),
+     r"'base_model.model.lm_head.weight': a whole embedding or lm_head matrix \(PEFT's save_embedding_layers"),
     ("lone A", lambda p: _edit_tensors(p, lambda t: {k: v for k, v in t.items() if "q_proj.lora_B" not in k}),
      r"'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' has no lora_B partner"),
     ("shape", lambda p: _edit_tensors(p, lambda t: {**t, Q_A: torch.zeros(4, 64)}),

@@ -202,8 +202,13 @@ def _pairs(file: Path, keys: Iterable[str]) -> dict[str, dict[str, str]]:
     for key in keys:
         m = _KEY.fullmatch(key)
         if m is None:
+            merge = "; merge it with PEFT (merge_and_unload, then save_pretrained) and load the merged checkpoint"
             what = ("an embedding adapter: not supported" if "lora_embedding" in key else
                     "a DoRA magnitude: not supported" if "lora_magnitude" in key else
+                    f"trainable token embeddings (PEFT's trainable_token_indices): not supported{merge}"
+                    if "trainable_tokens" in key else
+                    "a whole embedding or lm_head matrix (PEFT's save_embedding_layers, for a resized vocabulary): "
+                    f"not supported{merge}" if key.endswith(("embed_tokens.weight", "lm_head.weight")) else
                     "expected only base_model.model.<module>.lora_A.weight / lora_B.weight")
             raise CheckpointError(f"{file}: unexpected tensor {key!r}: {what}")
         pairs.setdefault(m["module"], {})[m["ab"]] = key
