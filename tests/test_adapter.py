@@ -188,6 +188,8 @@ REFUSALS: list[tuple[str, Any, str]] = [
     ("empty", lambda p: _edit_tensors(p, lambda t: {}), r"holds no LoRA tensors"),
     ("pickle", lambda p: (p / "adapter_model.safetensors").rename(p / "adapter_model.bin"),
      r"adapter_model.bin: pickle checkpoints are never unpickled .* save_pretrained"),
+    ("deep config", lambda p: (p / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000),  # a RecursionError
+     r"adapter_config.json: JSON nested too deeply"),
     ("no config", lambda p: (p / "adapter_config.json").unlink(), r"not a PEFT adapter folder \(no adapter_config"),
 ]
 

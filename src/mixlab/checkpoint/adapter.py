@@ -130,6 +130,8 @@ def _read_config(root: Path) -> dict[str, Any]:
         conf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # json's own error for '[[[[...'
+        raise CheckpointError(f"{path}: JSON nested too deeply") from None
     if not isinstance(conf, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(conf).__name__}")
     return conf
