@@ -115,6 +115,23 @@ def test_mixlabs_own_adapter_loads_back_onto_its_base(tmp_path: Path, layout: st
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)
 
 
+def test_adapters_outside_the_experts_export_without_transformers(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the MoE layers' PEFT names depend on the installed transformers: a dense model's adapters
+    (or attention alone) were not exported without it (save_peft asked for it first)."""
+    from mixlab.train import lora
+
+    def no_transformers() -> str:
+        raise ImportError("no transformers")
+
+    monkeypatch.setattr(lora, "hf_expert_layout", no_transformers)
+    for cfg, targets in ((CFG.replace(moe=None), ("attention", "experts")), (CFG, ("attention",))):
+        save_peft(apply_lora(Transformer(cfg), LoraConfig(rank=2, targets=targets)), tmp_path / "a")
+        assert "q_proj" in json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
+    with pytest.raises(ImportError, match="no transformers"):  # the experts' names: its version's
+        save_peft(apply_lora(Transformer(CFG), LoraConfig(rank=2, targets=("experts",))), tmp_path / "b")
+
+
 @pytest.fixture
 def adapter(tmp_path: Path) -> Path:
     """mixlab's base checkpoint (tmp_path/base) and a PEFT adapter for it (tmp_path/adapter)."""

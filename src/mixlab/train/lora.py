@@ -343,7 +343,11 @@ def save_peft(model: Transformer, path: str | Path, *, expert_layout: str | None
     cfg: LoraConfig | None = getattr(model, "_lora", None)
     if cfg is None:
         raise ValueError("the model has no LoRA adapters (apply_lora first)")
-    layout = expert_layout or hf_expert_layout()
+    # Only the MoE layers' names depend on the transformers version: a dense model's adapters, or attention
+    # alone, need no transformers installed (without it, a fine-tuning run exported no adapter).
+    moe = any(isinstance(b.ffn, MoEBlock) and (parametrize.is_parametrized(experts_owner(b.ffn))
+                                               or parametrize.is_parametrized(b.ffn.gate)) for b in _blocks(model))
+    layout = expert_layout or (hf_expert_layout() if moe else "modules")
     tensors, targets, missing = peft_tensors(model, expert_layout=layout)
     if missing:
         raise ValueError("PEFT cannot express these adapters with the installed transformers' Mixtral: "
