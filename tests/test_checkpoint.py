@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from conftest import hf_mistral, hf_mixtral
 from mixlab import atomic, load_model, save_model
 from mixlab.atomic import MANIFEST
-from mixlab.checkpoint import from_state_dict, meta_model, to_state_dict
+from mixlab.checkpoint import CheckpointError, from_state_dict, meta_model, to_state_dict
 from mixlab.checkpoint import io as ckio
 from mixlab.checkpoint.keymaps import FORMATS, rules
 from mixlab.cli import main
@@ -257,6 +257,17 @@ def test_from_state_dict_names_what_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="does not match this config.*Missing key.*layers.1.ffn.gate.weight"):
         from_state_dict({k: v for k, v in model.state_dict().items() if k != "layers.1.ffn.gate.weight"},
                         model.config)
+    # An integer tensor was torch's multi-line RuntimeError ("Only Tensors of floating point ... can require
+    # gradients"), in either naming; a value that is no tensor an AttributeError.
+    own = model.state_dict()
+    with pytest.raises(CheckpointError, match=r"^state dict: 'model.norm.weight' is dtype torch.int32, expected a "
+                                              r"floating-point tensor$"):
+        from_state_dict({**state, "model.norm.weight": state["model.norm.weight"].int()}, model.config)
+    with pytest.raises(CheckpointError, match=r"'layers.0.ffn.experts.w13' is dtype torch.int8"):
+        from_state_dict({**own, "layers.0.ffn.experts.w13": own["layers.0.ffn.experts.w13"].to(torch.int8)},
+                        model.config)
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' is a list, expected a floating-point tensor"):
+        from_state_dict({**state, "model.norm.weight": [1.0] * 64}, model.config)
     with pytest.raises(ValueError, match="config must be a mixlab ModelConfig"):
         from_state_dict(state, model.config.to_hf_dict())
     with pytest.raises(ValueError, match="cannot save format 'gguf'"):

@@ -352,6 +352,10 @@ def from_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> T
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a mixlab ModelConfig (a transformers model's: "
                          f"ModelConfig.from_hf_dict(hf.config.to_dict())), not {type(config).__name__}")
+    for k, t in state.items():  # an integer tensor was torch's multi-line "can require gradients" error
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise CheckpointError(f"state dict: {k!r} is {what}, expected a floating-point tensor")
     if any(k.endswith(".attn.wqkv.weight") for k in state):  # mixlab's own names
         try:
             return _assign(config, {k: t.detach() for k, t in state.items()}).eval()
