@@ -132,6 +132,21 @@ def test_adapters_outside_the_experts_export_without_transformers(tmp_path: Path
         save_peft(apply_lora(Transformer(CFG), LoraConfig(rank=2, targets=("experts",))), tmp_path / "b")
 
 
+def test_a_lora_model_is_saved_merged_not_as_it_is(tmp_path: Path) -> None:
+    """save_model, to_state_dict and write_gguf of a model holding adapters (its weights parametrised)
+    were a bare KeyError 'layers.0.attn.wqkv.weight'; they say to merge, and write nothing."""
+    from mixlab import to_state_dict
+    from mixlab.checkpoint.gguf import write_gguf
+
+    m = apply_lora(Transformer(CFG), LoraConfig(rank=2))
+    match = r"a model holding LoRA adapters \(layers.0.attn.wqkv.lora_A\): merge them first"
+    for write in (lambda: save_model(m, tmp_path / "out"), lambda: to_state_dict(m),
+                  lambda: write_gguf(m, tmp_path / "out.gguf", quant="f32")):
+        with pytest.raises(ValueError, match=match):
+            write()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def adapter(tmp_path: Path) -> Path:
     """mixlab's base checkpoint (tmp_path/base) and a PEFT adapter for it (tmp_path/adapter)."""

@@ -307,6 +307,15 @@ def load_model(
 _GGUF_HINT = "mixlab.checkpoint.gguf.write_gguf(model, 'x.gguf', quant='bf16') writes a GGUF file (`mixlab convert`)"
 
 
+def refuse_adapters(model: torch.nn.Module, what: str) -> None:
+    """ValueError if `model` holds LoRA adapters (`train.lora.apply_lora`): its weights are parametrised,
+    so its state dict names no `...wqkv.weight` (saving it was a bare KeyError)."""
+    adapter = next((name for name, _ in model.named_parameters() if name.endswith(("lora_A", "lora_B"))), None)
+    if adapter is not None:
+        raise ValueError(f"{what} a model holding LoRA adapters ({adapter}): merge them first "
+                         "(mixlab.train.lora.merge(model), or save_merged); save_peft writes the adapter alone")
+
+
 def _plain(model: Transformer, fmt: str, *, what: str) -> Transformer:
     """The mixlab model behind `model` (a `torch.compile` wrapper's), checked to hold plain float
     weights that `fmt` can name."""
@@ -318,6 +327,7 @@ def _plain(model: Transformer, fmt: str, *, what: str) -> Transformer:
     if fmt not in FORMATS:
         raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}"
                          + (f" ({_GGUF_HINT})" if fmt == "gguf" else ""))
+    refuse_adapters(model, "cannot save (or name in a checkpoint format)")
     prepared = inference_format(model)
     if prepared == "offloaded":  # its experts are on disk, in the checkpoint it was loaded from
         raise ValueError("cannot save (or name in a checkpoint format) a model whose experts are offloaded "

@@ -198,10 +198,12 @@ def write_gguf(
     from gguf import GGMLQuantizationType as Q
     from gguf import LlamaFileType as FT
 
+    from mixlab.checkpoint import refuse_adapters
     from mixlab.model.inference import inference_format
 
     if quant not in QUANTS:
         raise ValueError(f"unknown GGUF quantisation {quant!r}; expected one of {', '.join(QUANTS)}")
+    refuse_adapters(model, "cannot write as GGUF")
     prepared = inference_format(model)
     if prepared is not None:  # its state_dict holds packed bytes / scales, not the matrices written below
         raise ValueError(f"cannot write a model with {prepared} inference weights (prepared for inference, or "
