@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import gguf_test_model
+from mixlab import load_model
 from mixlab.checkpoint.gguf import rope_permute, write_gguf
 from mixlab.config import get_preset
 from mixlab.model import Transformer
@@ -137,7 +138,8 @@ def test_a_sliding_window_left_out_is_a_warning(tmp_path):
 
 def test_rows_that_blocks_do_not_fit_are_f16_and_said(tmp_path):
     """q8_0 / q4_0 blocks hold 32 inputs: a matrix with 40 per row is stored as f16, as llama.cpp's
-    quantiser does, and a warning says so (it was silent); the file still reads back."""
+    quantiser does, and a warning says so (it was silent); the file still reads back, in float32 (its
+    few f16 matrices made the whole model float16, the exact Q8_0 ones rounded to it)."""
     import gguf
 
     cfg = get_preset("tiny-dense").replace(vocab_size=32000, sliding_window=None, ffn_dim=40)
@@ -148,3 +150,6 @@ def test_rows_that_blocks_do_not_fit_are_f16_and_said(tmp_path):
         path = write_gguf(model, tmp_path / "m.gguf", quant="q8_0")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
+    assert {p.dtype for p in load_model(path).parameters()} == {torch.float32}
+    assert {p.dtype for p in load_model(write_gguf(model, tmp_path / "h.gguf", quant="f16")).parameters()} == \
+        {torch.float16}  # an f16 file (its router f32) is float16

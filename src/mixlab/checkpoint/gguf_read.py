@@ -569,13 +569,14 @@ def _check_finite(h: GGUFHeader, parts: list[GGUFTensor], x: torch.Tensor) -> No
 
 
 def _default_dtype(h: GGUFHeader) -> torch.dtype:
-    """The float type holding most of the file's float bytes; float32 when every matrix is quantised."""
-    by = {F16: 0, BF16: 0}
+    """The float type of most of the file's matrix elements, a quantised matrix's counting as float32
+    (what it dequantises to): a q8_0 / q4_0 file whose few matrices blocks do not fit are f16 (as
+    llama.cpp's quantiser and `write_gguf` store them) loads in float32, not all in float16."""
+    by = {F16: 0, BF16: 0, F32: 0}
     for t in h.tensors.values():
-        if t.type in by and len(t.shape) >= 2:
-            by[t.type] += t.nbytes
-    kind = max(by, key=lambda k: by[k])
-    return {F16: torch.float16, BF16: torch.bfloat16}[kind] if by[kind] else torch.float32
+        if len(t.shape) >= 2:
+            by[t.type if t.type in by else F32] += math.prod(t.shape)
+    return {F16: torch.float16, BF16: torch.bfloat16, F32: torch.float32}[max(by, key=lambda k: by[k])]
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -584,7 +585,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     """A mixlab `Transformer` from a GGUF file (see the module docstring); eval mode. Matrices stored
     as Q4_0 are int4 modules (`Int4Linear`, int4 expert buffers), or with `keep_int4=False` floats
     (dequantised: a plain model that saves and trains, as `mixlab convert` needs); everything else is
-    float in `dtype` (default: the file's float type, float32 if it has none). `max_memory`: the
+    float in `dtype` (default: the float type of most matrix elements, a quantised one's float32). `max_memory`: the
     experts stay in the file, read on demand into an expert cache of that many bytes
     (`mixlab.checkpoint.offload`)."""
     from mixlab.checkpoint import meta_model
