@@ -94,7 +94,7 @@ def test_max_shard_bytes_takes_sizes_and_refuses_nonsense(tmp_path):
     assert sorted(p.name for p in (tmp_path / "one").glob("*.safetensors")) == ["model.safetensors"]
     save_model(model, tmp_path / "kb", max_shard_bytes="40KB")
     assert len(list((tmp_path / "kb").glob("model-*-of-*.safetensors"))) > 2
-    for bad in (0, -1, "lots", None, True):
+    for bad in (0, -1, "lots", True):  # None: the default (5 GiB; one file for the Mistral format)
         with pytest.raises(ValueError, match="max_shard_bytes"):
             save_model(model, tmp_path / "bad", max_shard_bytes=bad)
         assert not (tmp_path / "bad").exists()
@@ -117,6 +117,26 @@ def test_mistral_format_round_trip_is_bit_identical(tmp_path, kind):
     save_model(back, hf2, fmt="hf")
     assert_same_tensors(tensors_of(src), tensors_of(hf2))
     assert torch.equal(hf_logits(hf2, TOKENS), hf_logits(src, TOKENS))
+
+
+def test_the_mistral_format_is_one_file_unless_asked(tmp_path, monkeypatch):
+    """mistral-inference's Transformer.from_folder reads consolidated.safetensors alone: save_model and
+    `convert --to mistral` sharded at 5 GiB by default, so a Mistral 7B export was
+    consolidated-00001-of-00003.safetensors that it could not load. transformers' formats keep 5 GiB."""
+    import mixlab.checkpoint as ckpt
+
+    shards: list[int] = []
+    real = ckpt.write_sharded
+    monkeypatch.setattr(ckpt, "write_sharded", lambda *a, **kw: shards.append(kw["max_shard_bytes"]) or real(*a, **kw))
+    src = hf_mistral(tmp_path / "hf")
+    model = load_model(src)
+    save_model(model, tmp_path / "m", fmt="mistral")
+    save_model(model, tmp_path / "h", fmt="hf")
+    save_model(model, tmp_path / "m2", fmt="mistral", max_shard_bytes="1MB")
+    assert main(["convert", str(src), str(tmp_path / "m3"), "--to", "mistral", "--quiet"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "h3"), "--quiet"]) == 0
+    assert shards[0] >= 2**62 and shards[1] == 5 * 2**30 and shards[2] == "1MB"
+    assert shards[3] >= 2**62 and shards[4] == 5 * 2**30
 
 
 def test_a_compiled_model_saves_the_model_it_wraps(tmp_path):

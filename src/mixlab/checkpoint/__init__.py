@@ -396,7 +396,7 @@ def save_model(
     *,
     fmt: str | None = None,
     dtype: str | torch.dtype | None = None,
-    max_shard_bytes: int | str = 5 * 2**30,
+    max_shard_bytes: int | str | None = None,
     copy_files: list[Path] | None = None,
     extra_files: dict[str, str] | None = None,
     sources: list[str | Path] | None = None,
@@ -409,11 +409,13 @@ def save_model(
     `fmt`: "hf" (the default: transformers, legacy per-expert names, which every transformers version reads),
     "hf-fused" (transformers >= 5 fused expert tensors) or "mistral" (params.json +
     consolidated.safetensors). `max_shard_bytes`: bytes per safetensors shard (or a size such as "2GB";
-    a larger tensor gets a shard of its own). `copy_files`: side files (tokenizer, ...) to copy in; `extra_files`:
-    more files to write (name -> text). An existing folder at `path` is replaced only if mixlab wrote
-    everything in it, or with `overwrite`; a `path` that is or contains one of `sources` is refused
-    (OutputError, see mixlab.atomic). `progress`: a bar of the tensors written, where stderr is a terminal. A
-    `torch.compile` wrapper saves the model it wraps. A GGUF file is `mixlab.checkpoint.gguf.write_gguf`'s.
+    a larger tensor gets a shard of its own; default 5 GiB, and one file for "mistral": mistral-inference's
+    `Transformer.from_folder` reads `consolidated.safetensors` alone, never shards). `copy_files`: side
+    files (tokenizer, ...) to copy in; `extra_files`: more files to write (name -> text). An existing
+    folder at `path` is replaced only if mixlab wrote everything in it, or with `overwrite`; a `path`
+    that is or contains one of `sources` is refused (OutputError, see mixlab.atomic). `progress`: a bar
+    of the tensors written, where stderr is a terminal. A `torch.compile` wrapper saves the model it
+    wraps. A GGUF file is `mixlab.checkpoint.gguf.write_gguf`'s.
     """
     path = as_path(path, what="save_model's path")
     if fmt is None:
@@ -449,6 +451,8 @@ def save_model(
 
         stream = tqdm(stream, total=sum(len(r.theirs) for r in table), desc=f"writing {path}", unit="tensor",
                       leave=False, disable=None)  # terminal only
+    if max_shard_bytes is None:
+        max_shard_bytes = 5 * 2**30 if fmt != "mistral" else 1 << 62
     write_sharded(stream, path, extra_files={**extra, **(extra_files or {})},
                   max_shard_bytes=max_shard_bytes, single_name=single, metadata={"mixlab_format": fmt},
                   copy_files=copy_files or [], sources=sources or [], overwrite=overwrite)

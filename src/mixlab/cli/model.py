@@ -275,9 +275,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "tokenizer.model, or the one a trained model's data used; else mixtral)")
     p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default=None,
                    help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=5 * 2**30,
+    p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=None,
                    metavar="SIZE", help="largest shard: a number of GiB, or a size with its unit, 5GB (10^9 bytes) "
-                                        "or 500MiB, as transformers' max_shard_size (default 5 GiB)")
+                                        "or 500MiB, as transformers' max_shard_size (default 5 GiB; --to mistral: "
+                                        "one consolidated.safetensors, the one file mistral-inference reads)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace dst even if it holds files mixlab did not write (never one holding the source)")
     add_quiet_arg(p)
