@@ -194,6 +194,19 @@ def test_wrong_dtype(ckpt, no_reads, dtype):
     assert {torch.int64: "I64", torch.int8: "I8", torch.bool: "BOOL"}[dtype] in msg
 
 
+def test_a_quantised_transformers_checkpoint_is_named_as_such(ckpt, no_reads):
+    """A GPTQ / AWQ / FP8 checkpoint (quantization_config in config.json; q_proj.qweight and .scales for
+    q_proj.weight) was "missing tensors for this config: ...experts.0.w1.weight, ..." (and 27 more)."""
+    rewrite(ckpt, lambda s: s.update({k.replace(".weight", ".qweight"): s.pop(k).to(torch.int32)
+                                      for k in [k for k in s if k.endswith("proj.weight")]}))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    assert load_error(ckpt) == (f"{ckpt / 'config.json'}: quantization_config (quant_method 'gptq'): a quantised "
+                                "checkpoint, whose packed weights and scales mixlab does not read; load the float "
+                                "checkpoint it was made from (then --quant int8 / int4, or prepare_for_inference), "
+                                "or a GGUF file")
+
+
 def test_no_weights_at_all(tmp_path):
     (tmp_path / "empty").mkdir()
     cfg = load_model(hf_mixtral(tmp_path / "h")).config.to_hf_dict()

@@ -70,9 +70,26 @@ def _names(xs: list[str]) -> str:
     return ", ".join(xs[:5]) + more
 
 
+def _refuse_quantised(root: Path) -> None:
+    """A transformers checkpoint quantised by GPTQ, AWQ, bitsandbytes, FP8, ... (`quantization_config`
+    in its config.json) holds packed integer weights and scales: named as such, not as a list of
+    "missing tensors" (its `...weight` are `...qweight`)."""
+    f = root / "config.json"
+    try:
+        q = json.loads(f.read_text(encoding="utf-8")).get("quantization_config") if f.is_file() else None
+    except (OSError, ValueError, RecursionError, AttributeError):  # config.py names what is wrong with it
+        return
+    if q:
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise CheckpointError(f"{f}: quantization_config (quant_method {method!r}): a quantised checkpoint, whose "
+                              "packed weights and scales mixlab does not read; load the float checkpoint it was made "
+                              "from (then --quant int8 / int4, or prepare_for_inference), or a GGUF file")
+
+
 def plan(root: Path, config: ModelConfig) -> tuple[str, list[Rule], dict[str, TensorInfo]]:
     """Match the checkpoint at `root` against `config` without reading tensor data: the format,
     the key-map rules, and every tensor's location. CheckpointError names the first problem."""
+    _refuse_quantised(root)
     infos = scan(root)
     try:
         fmt = detect_format(set(infos))
