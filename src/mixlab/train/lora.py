@@ -298,7 +298,8 @@ def peft_tensors(model: Transformer, *, expert_layout: str = "modules") -> tuple
             continue
         done.add(w.rule.ours)
         A, B = (t.detach().float() for t in factors[w.rule.ours])  # A [(E,) r, I], B [(E,) X, r]
-        B_k = w.rule.parts(B)[w.part]
+        B_k = w.rule.parts(B)[w.part]  # B's rows are W's: split as W is
+        # A is the same for every row of W: broadcast over the rows, split as W is, one row's A taken
         A_k = w.rule.parts(A.unsqueeze(-3).expand(*B.shape[:-1], *A.shape[-2:]))[w.part].select(-3, 0)
         if w.param:  # PEFT's ParamWrapper: a module's first parameters are nested deepest (base_layer)
             owner = name.rpartition(".")[0]
