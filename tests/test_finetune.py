@@ -296,6 +296,34 @@ def test_an_assistant_message_of_weight_0_is_context(tmp_path: Path) -> None:
         sft.read_sft(f, TOK)
 
 
+def test_a_dpo_reply_of_weight_0_is_refused(tmp_path: Path) -> None:
+    """A reply message's mistral-finetune weight was ignored in DPO data: `"weight": 0` (in sft: context,
+    not trained) trained the reply anyway, and a weight of 0.5 passed unchecked. 1 reads as no weight; 0 is
+    refused naming the line and field (a pair with an untrained reply is no preference), any other
+    weight as in SFT; the prompt's assistant turns are context whatever their weight, as in SFT's prompt."""
+    conv = [dict(m) for m in CONVS[1]]
+    reply = {"role": "assistant", "content": "6."}
+    f = tmp_path / "w.jsonl"
+    f.write_text(json.dumps({"prompt": conv[:4], "chosen": [reply], "rejected": "7."}) + "\n"
+                 + json.dumps({"prompt": [*conv[:2], {**conv[2], "weight": 0}, conv[3]],
+                               "chosen": [{**reply, "weight": 1}], "rejected": "7."}) + "\n")
+    plain, weighted = dpo.read_pairs(f, TOK)
+    assert (plain.prompt, plain.chosen, plain.rejected) == (weighted.prompt, weighted.chosen, weighted.rejected)
+    implicit = {"chosen": [*conv[:4], reply], "rejected": [*conv[:4], {"role": "assistant", "content": "7."}]}
+    for field in ("chosen", "rejected"):
+        for row in ({"prompt": conv[:4], "chosen": [reply], "rejected": [reply]},
+                    {"messages": conv[:4], "chosen": [reply], "rejected": [reply]}, implicit):
+            row = {**row, field: [*row[field][:-1], {**row[field][-1], "weight": 0}]}
+            f.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n")
+            with pytest.raises(DataError, match=rf"w.jsonl:2: field '{field}' is a message of \"weight\": 0 \(context, "
+                                                r"not trained, as in sft data\); DPO trains both replies of a pair: "
+                                                r"drop the weight, or the pair$"):
+                dpo.read_pairs(f, TOK)
+    f.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": [{**reply, "weight": 0.5}]}) + "\n")
+    with pytest.raises(DataError, match=r"w.jsonl:1: field 'rejected\[0\].weight' is 0.5; expected 0"):
+        dpo.read_pairs(f, TOK)
+
+
 def test_a_prompt_ending_in_an_assistant_prefix_is_continued(tmp_path: Path) -> None:
     """A prompt whose last message is an assistant one with prefix=True (mistral-common's, as
     Tokenizer.encode_chat renders it) is continued by the completion or reply: no </s> after the

@@ -8,7 +8,8 @@ as Anthropic HH's becomes chat turns, anything else one user turn; or chat turns
 format) or `messages` (chat turns ending with a user turn); or no prompt, `chosen` and `rejected` whole
 conversations (TRL's implicit prompt: `split_implicit_prompt`). Prompt and reply are rendered with the
 Mixtral-Instruct template (sft.py); only the reply's tokens (and its `</s>`) count in a sequence's
-log-probability.
+log-probability. A reply message's mistral-finetune `"weight"` is 1 or refused (`_reply`); the prompt's
+assistant turns are context whatever theirs, as in SFT's prompt-completion rows.
 
 Losses, with pi/ref the policy/reference log-probabilities of the chosen (c) and rejected (r) reply
 and h = (pi_c - pi_r) - (ref_c - ref_r) (Rafailov et al. 2023, arXiv 2305.18290, eq. 7):
@@ -90,7 +91,7 @@ def read_pairs(path: str | Path, tok: TrainTokenizer) -> list[Pair]:
         if "prompt" not in obj and "messages" not in obj and "chosen" in obj and "rejected" in obj:
             obj = split_implicit_prompt(obj, where)
         msgs, field = prompt_turns(obj, where)
-        chosen, rejected = reply_text(obj, "chosen", where), reply_text(obj, "rejected", where)
+        chosen, rejected = _reply(obj, "chosen", where), _reply(obj, "rejected", where)
         try:
             prompt, _ = render_turns(msgs, tok, final_assistant=False)
         except ChatError as e:
@@ -98,6 +99,17 @@ def read_pairs(path: str | Path, tok: TrainTokenizer) -> list[Pair]:
         out.append(Pair(prompt, tok.encode(chosen, bos=False, eos=True), tok.encode(rejected, bos=False, eos=True),
                         where))
     return out
+
+
+def _reply(obj: dict, field: str, where: str) -> str:
+    """A pair's reply (`reply_text`). A reply message's mistral-finetune `"weight"` is checked as SFT
+    checks it; 0 (context, not trained) is refused: a pair with an untrained reply is no preference, and
+    its reply's log-probability summed over no token would leave the loss training the other reply alone."""
+    text = reply_text(obj, field, where)
+    if isinstance(obj[field], list) and _messages(obj, where, field)[0].get("weight") == 0:
+        raise DataError(f"{where}: field '{field}' is a message of \"weight\": 0 (context, not trained, as in sft "
+                        "data); DPO trains both replies of a pair: drop the weight, or the pair")
+    return text
 
 
 def fit(prompt: list[int], reply: list[int], max_len: int) -> tuple[list[int], list[int]]:
