@@ -410,6 +410,14 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
             warnings.warn(f"{cfg.data}: {len(cut)} of {len(train)} training conversations are longer than "
                           f"seq_len + 1 = {cfg.seq_len + 1} tokens and are cut to it{lost}; raise --seq-len to "
                           "keep them whole", stacklevel=3)
+    if cfg.task == "dpo":  # the same for pairs (dpo.fit), which were cut without a word
+        L = cfg.seq_len + 1
+        cut = [p for p in train if len(p.prompt) + max(len(p.chosen), len(p.rejected)) > L]
+        if cut:
+            ends = sum(len(dpo.fit(p.prompt, r, L)[1]) < len(r) for p in cut for r in (p.chosen, p.rejected))
+            warnings.warn(f"{cfg.data}: {len(cut)} of {len(train)} training pairs are longer than seq_len + 1 = {L} "
+                          f"tokens and are cut to it (the prompt's start goes first; {ends} of their replies lose "
+                          "their end, </s> included); raise --seq-len to keep them whole", stacklevel=3)
     return train, valid
 
 
