@@ -1215,9 +1215,17 @@ def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, cha
     # said to `mixlab convert` it, which fails as above; both now say how to get the merged model, which works:
     from mixlab.config import ConfigError, ModelConfig
 
-    with pytest.raises(ConfigError, match=r"adapter: .* \(a LoRA adapter in PEFT's format, not a model: the merged "
-                                          r"model is its run's hf/ folder; .* --resume --merge\)"):
-        checkpoints.init_config(tmp_path / "lora" / "adapter")
+    # and `generate --model RUN/adapter` did not say that generate takes it as --adapter over its base
+    adapter = tmp_path / "lora" / "adapter"
+    with pytest.raises(ConfigError, match=r"adapter: .* \(a LoRA adapter in PEFT's format, not a model: generate, "
+                       rf"chat, serve and eval take it as --adapter {re.escape(str(adapter))} over --model "
+                       rf"{re.escape(str(ckpt))} \(its base model\); a mixlab run's merged model is its hf/ folder; "
+                       r".* --resume --merge\)"):
+        checkpoints.init_config(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(ConfigError, match=r"take it as --adapter .*adapter over --model BASE \(its base model\)"):
+        ModelConfig.from_dir(adapter)
     with pytest.raises(ConfigError, match=r"lora: .* \(a fine-tuning run folder without an hf/ export; .* --resume "
                                           r"--merge\)"):
         ModelConfig.from_dir(tmp_path / "lora")

@@ -434,8 +434,15 @@ class ModelConfig:
         merge = "a LoRA run writes it with --merge; a finished one does with its command again plus --resume --merge"
         if (p / "hf" / "config.json").is_file():  # `mixlab generate --model RUN`: the model is RUN/hf
             hint = f" (a training run folder: its exported model is {p / 'hf'})"
-        elif (p / "adapter_config.json").is_file():  # RUN/adapter of `mixlab sft --lora-rank R`
-            hint = f" (a LoRA adapter in PEFT's format, not a model: the merged model is its run's hf/ folder; {merge})"
+        elif (p / "adapter_config.json").is_file():  # RUN/adapter of `mixlab sft --lora-rank R`, or PEFT's
+            try:
+                base = read_json_object(p / "adapter_config.json").get("base_model_name_or_path")
+            except ConfigError:
+                base = None
+            base = base if isinstance(base, str) and base else "BASE"
+            hint = (f" (a LoRA adapter in PEFT's format, not a model: generate, chat, serve and eval take it as "
+                    f"--adapter {p} over --model {base} (its base model); a mixlab run's merged model is its hf/ "
+                    f"folder; {merge})")
         elif (p / "finetune_config.json").is_file():  # a LoRA run without --merge: no hf/
             hint = f" (a fine-tuning run folder without an hf/ export; {merge})"
         elif (p / "state.json").is_file():
