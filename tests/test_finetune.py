@@ -1166,6 +1166,10 @@ def test_pairs_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
     # named the field alone ('LoRA alpha must be ...'), neither the setting nor its flag
     ({"lora_rank": 2, "lora_alpha": 0}, r"^fine-tuning setting 'lora_alpha' \(--lora-alpha\): LoRA alpha must be"),
     ({"lora_rank": 2, "lora_dropout": 1.0}, r"^fine-tuning setting 'lora_dropout' \(--lora-dropout\): LoRA dropout"),
+    # dropout acts on attention adapters only: with experts / router alone it was accepted and did nothing
+    ({"lora_rank": 2, "lora_dropout": 0.05, "lora_targets": "experts,router"},
+     r"^fine-tuning setting 'lora_dropout' \(--lora-dropout\): LoRA dropout 0.05 applies to the attention adapters "
+     r"only .*, and attention is not one of the targets \(experts, router\); leave out the dropout or add attention"),
     ({"lora_rank": 2, "lora_targets": "mlp"}, r"^fine-tuning setting 'lora_targets' \(--lora-targets\): LoRA targets"),
     ({"loss": "ipo", "label_smoothing": 0.1}, "'label_smoothing' applies to the sigmoid loss only"),  # was ignored
     ({"lora_rank": 2, "lora_targets": "attention,router", "freeze_router": True},  # trained the router's adapter

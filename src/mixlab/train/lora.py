@@ -81,6 +81,11 @@ class LoraConfig:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ValueError(f"LoRA targets {list(self.targets)}: expected some of {', '.join(TARGETS)}")
+        if self.dropout and "attention" not in self.targets:  # it was accepted and did nothing
+            raise ValueError(f"LoRA dropout {self.dropout:g} applies to the attention adapters only (the experts' and "
+                             "router's work in weight space, where PEFT allows no dropout either), and attention is "
+                             f"not one of the targets ({', '.join(self.targets)}); leave out the dropout or add "
+                             "attention to the targets")
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"LoRA base dtype {self.base_dtype!r}: expected one of {', '.join(BASE_DTYPES)}")
 
