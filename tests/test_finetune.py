@@ -1158,6 +1158,20 @@ def test_pairs_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
         _data(dataclasses.replace(cfg, seq_len=64), get_tokenizer("bytes"))
 
 
+def test_trl_setting_names_are_translated(tmp_path: Path) -> None:
+    """A config file in TRL's / PEFT's names was told 'unknown fine-tuning setting(s): learning_rate,
+    max_length, per_device_train_batch_size' with no hint (difflib finds nothing close); each now names
+    mixlab's setting."""
+    from mixlab.config import ConfigError
+
+    f = tmp_path / "trl.toml"
+    f.write_text("learning_rate = 2e-5\nmax_length = 1024\nper_device_train_batch_size = 4\nlora_alpha = 8\n")
+    with pytest.raises(ConfigError, match=r"trl.toml: unknown fine-tuning setting\(s\): learning_rate \(mixlab's name: "
+                                          r"'lr'\), max_length \(mixlab's name: 'seq_len'\), "
+                                          r"per_device_train_batch_size \(mixlab's name: 'batch_size'\); known: "):
+        load_finetune_config(f, model="m", data="d.jsonl")
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"aux_loss_coef": float("nan")}, "'aux_loss_coef' must be a finite number >= 0"),  # trained to NaN weights
     ({"max_examples": -3}, "'max_examples' must be an integer in"),  # silently dropped the last 3 lines
