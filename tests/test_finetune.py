@@ -1202,6 +1202,21 @@ def test_bad_fine_tuning_numbers_are_refused(kw: dict, match: str) -> None:
         load_finetune_config(None, model="m", data="d.jsonl", **kw)
 
 
+def test_help_says_what_a_batch_holds(capsys: pytest.CaptureFixture[str]) -> None:
+    """`sft --help` and `dpo --help` said train's 'rows per micro-batch over all processes; DPO: pairs':
+    neither runs over processes, and a TRL user reads sft's rows as conversations."""
+    from mixlab.cli import main
+
+    helps = []
+    for task in ("sft", "dpo"):
+        with pytest.raises(SystemExit):
+            main([task, "--help"])
+        helps.append(" ".join(capsys.readouterr().out.split()))
+    assert "packed rows per micro-batch, each holding as many whole conversations as fit (default 8)" in helps[0]
+    assert "preference pairs per micro-batch (default 8)" in helps[1]
+    assert not any("over all processes" in h for h in helps)
+
+
 @pytest.mark.parametrize(("flags", "match"), [
     (["--lora-rank", "0"], "--lora-rank must be a positive integer"),  # ran full fine-tuning instead
     (["--merge"], "--merge merges LoRA adapters: it needs --lora-rank"),  # was ignored

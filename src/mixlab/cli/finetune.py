@@ -51,6 +51,13 @@ def _run(args: argparse.Namespace, task: str) -> int:
     return 0
 
 
+# Where sft and dpo read a setting otherwise than train (one process; packed conversations, or pairs).
+SFT_HELP = {"seq_len": "tokens per packed row (a longer conversation is cut)",
+            "batch_size": "packed rows per micro-batch, each holding as many whole conversations as fit"}
+DPO_HELP = {"seq_len": "tokens per sequence, prompt + reply (a longer pair is cut)",
+            "batch_size": "preference pairs per micro-batch"}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from mixlab.cli.train import add_setting_args
     from mixlab.train.finetune import FinetuneConfig
@@ -76,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              ("lr", float), ("warmup", int), ("weight_decay", float), ("clip", float), ("seed", int),
                              ("threads", int), ("aux_loss_coef", float), ("eval_every", int), ("ckpt_every", int),
                              ("keep", int), ("log_every", int), ("valid_fraction", float), ("max_examples", int),
-                             ("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float)), FinetuneConfig)
+                             ("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float)), FinetuneConfig,
+                         SFT_HELP if task == "sft" else DPO_HELP)
         p.add_argument("--lora-targets", dest="lora_targets", default=None,
                        help="comma-separated: attention, experts, router (default attention,experts)")
         p.add_argument("--lora-base-dtype", dest="lora_base_dtype", choices=["float32", "bfloat16", "int8"],

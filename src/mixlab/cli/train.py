@@ -118,7 +118,7 @@ def demo_cmd(args: argparse.Namespace) -> int:
 # What each numeric run-setting flag of train / sft / dpo sets; its default is read off the config class.
 SETTING_HELP = {
     "data_offset": "training windows to skip first, to continue the stream an earlier run stopped in",
-    "seq_len": "tokens per training row", "batch_size": "rows per micro-batch over all processes; DPO: pairs",
+    "seq_len": "tokens per training row", "batch_size": "rows per micro-batch over all processes",
     "grad_accum": "micro-batches per optimizer step", "steps": "optimizer steps", "lr": "peak learning rate",
     "warmup": "linear warm-up steps before the cosine decay", "clip": "gradient clipping by global norm; 0: off",
     "weight_decay": "AdamW weight decay on matrices", "seed": "data order and initialisation",
@@ -132,12 +132,15 @@ SETTING_HELP = {
 }
 
 
-def add_setting_args(p: argparse.ArgumentParser, settings: tuple[tuple[str, type], ...], config: Any) -> None:
-    """One flag per numeric run setting (default None: the config file's value, else `config`'s default)."""
+def add_setting_args(p: argparse.ArgumentParser, settings: tuple[tuple[str, type], ...], config: Any,
+                     helps: dict[str, str] | None = None) -> None:
+    """One flag per numeric run setting (default None: the config file's value, else `config`'s default);
+    `helps`: a command's own wording of some (SETTING_HELP's otherwise)."""
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    helps = SETTING_HELP | (helps or {})
     for name, typ in settings:
         shown = "the checkpoint's" if defaults[name] is None else f"{defaults[name]:g}"
-        text = SETTING_HELP[name] if name == "lora_rank" else f"{SETTING_HELP[name]} (default {shown})"
+        text = helps[name] if name == "lora_rank" else f"{helps[name]} (default {shown})"
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
 
 
