@@ -25,6 +25,15 @@ from mixlab.dtypes import full_name
 from mixlab.engine.runner import available_memory
 
 T = TypeVar("T")
+# transformers' TrainingArguments, TRL's and PEFT's names for the settings mixlab calls otherwise (a TRL
+# user's config file): an unknown one of these names mixlab's, where difflib finds nothing close.
+PEER_NAMES = {"learning_rate": "lr", "max_steps": "steps", "warmup_steps": "warmup", "max_grad_norm": "clip",
+              "adam_beta1": "beta1", "adam_beta2": "beta2", "adam_epsilon": "eps", "max_length": "seq_len",
+              "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+              "eval_steps": "eval_every", "save_steps": "ckpt_every", "logging_steps": "log_every",
+              "save_total_limit": "keep", "output_dir": "out", "model_name_or_path": "model", "loss_type": "loss",
+              "lora_r": "lora_rank", "r": "lora_rank", "target_modules": "lora_targets",
+              "lora_target_modules": "lora_targets"}
 PATHS = ("data", "valid_data", "out", "model", "init_from", "tokenizer")  # the settings that may name a file
 
 
@@ -102,7 +111,8 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
     unknown = sorted(set(d) - set(known))
     if unknown:  # a file's key, or a flag's: name the file where one was read
         where = f"{path}: " if path is not None else ""
-        named = ", ".join(k + did_you_mean(k, known) for k in unknown)
+        named = ", ".join(k + (f" (mixlab's name: {PEER_NAMES[k]!r})" if PEER_NAMES.get(k) in known
+                               else did_you_mean(k, known)) for k in unknown)
         raise ConfigError(f"{where}unknown {what} setting(s): {named}; known: {', '.join(known)}")
     for k in PATHS:  # a file's `out = "~/runs/a"` (no shell expands it) is in the home folder, not ./~/runs/a
         if isinstance(d.get(k), str):
