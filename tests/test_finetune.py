@@ -1250,14 +1250,17 @@ def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, cha
 
     # and `generate --model RUN/adapter` did not say that generate takes it as --adapter over its base
     adapter = tmp_path / "lora" / "adapter"
-    with pytest.raises(ConfigError, match=r"adapter: .* \(a LoRA adapter in PEFT's format, not a model: generate, "
-                       rf"chat, serve and eval take it as --adapter {re.escape(str(adapter))} over --model "
-                       rf"{re.escape(str(ckpt))} \(its base model\); a mixlab run's merged model is its hf/ folder; "
-                       r".* --resume --merge\)"):
+    use = (rf"generate, chat, serve and eval take {re.escape(str(adapter))} as --adapter over --model "
+           rf"{re.escape(str(ckpt))} \(its base model\); ")
+    with pytest.raises(ConfigError, match=rf"adapter: .* \(a LoRA adapter in PEFT's format, not a model: {use}a mixlab "
+                                          r"run's merged model is its hf/ folder; .* --resume --merge\)"):
         checkpoints.init_config(adapter)
+    with pytest.raises(ConfigError, match=rf"lora: .* \(a fine-tuning run folder without an hf/ export; {use}a LoRA "
+                                          r"run writes it with --merge; .* --resume --merge\)"):
+        ModelConfig.from_dir(tmp_path / "lora")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
-    with pytest.raises(ConfigError, match=r"take it as --adapter .*adapter over --model BASE \(its base model\)"):
+    with pytest.raises(ConfigError, match=r"take .*adapter as --adapter over --model BASE \(its base model\)"):
         ModelConfig.from_dir(adapter)
     with pytest.raises(ConfigError, match=r"lora: .* \(a fine-tuning run folder without an hf/ export; .* --resume "
                                           r"--merge\)"):

@@ -432,19 +432,22 @@ class ModelConfig:
                 return reader(read_json_object(f), source=str(f))
         hint = ""  # a training run's folders: name the one that holds a model, or the command that writes one
         merge = "a LoRA run writes it with --merge; a finished one does with its command again plus --resume --merge"
-        if (p / "hf" / "config.json").is_file():  # `mixlab generate --model RUN`: the model is RUN/hf
-            hint = f" (a training run folder: its exported model is {p / 'hf'})"
-        elif (p / "adapter_config.json").is_file():  # RUN/adapter of `mixlab sft --lora-rank R`, or PEFT's
+        adapter = p if (p / "adapter_config.json").is_file() else p / "adapter"  # PEFT's, or a LoRA run's
+        use = ""  # how to run the adapter without merging it first
+        if (adapter / "adapter_config.json").is_file():
             try:
-                base = read_json_object(p / "adapter_config.json").get("base_model_name_or_path")
+                base = read_json_object(adapter / "adapter_config.json").get("base_model_name_or_path")
             except ConfigError:
                 base = None
-            base = base if isinstance(base, str) and base else "BASE"
-            hint = (f" (a LoRA adapter in PEFT's format, not a model: generate, chat, serve and eval take it as "
-                    f"--adapter {p} over --model {base} (its base model); a mixlab run's merged model is its hf/ "
-                    f"folder; {merge})")
+            use = (f"generate, chat, serve and eval take {adapter} as --adapter over --model "
+                   f"{base if isinstance(base, str) and base else 'BASE'} (its base model); ")
+        if (p / "hf" / "config.json").is_file():  # `mixlab generate --model RUN`: the model is RUN/hf
+            hint = f" (a training run folder: its exported model is {p / 'hf'})"
+        elif adapter == p:  # RUN/adapter of `mixlab sft --lora-rank R`, or PEFT's
+            hint = f" (a LoRA adapter in PEFT's format, not a model: {use}a mixlab run's merged model is its hf/ " \
+                   f"folder; {merge})"
         elif (p / "finetune_config.json").is_file():  # a LoRA run without --merge: no hf/
-            hint = f" (a fine-tuning run folder without an hf/ export; {merge})"
+            hint = f" (a fine-tuning run folder without an hf/ export; {use}{merge})"
         elif (p / "state.json").is_file():
             hint = f" (a training checkpoint: `mixlab convert {p} OUT` writes its model as a transformers checkpoint)"
         elif (p / "checkpoints").is_dir():
