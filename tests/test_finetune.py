@@ -1256,7 +1256,7 @@ def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, cha
                                           r"run's merged model is its hf/ folder; .* --resume --merge\)"):
         checkpoints.init_config(adapter)
     with pytest.raises(ConfigError, match=rf"lora: .* \(a fine-tuning run folder without an hf/ export; {use}a LoRA "
-                                          r"run writes it with --merge; .* --resume --merge\)"):
+                                          r"run writes hf/ with --merge; .* --resume --merge\)"):
         ModelConfig.from_dir(tmp_path / "lora")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))

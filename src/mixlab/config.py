@@ -431,7 +431,7 @@ class ModelConfig:
             if f.is_file():
                 return reader(read_json_object(f), source=str(f))
         hint = ""  # a training run's folders: name the one that holds a model, or the command that writes one
-        merge = "a LoRA run writes it with --merge; a finished one does with its command again plus --resume --merge"
+        merge = "a LoRA run writes hf/ with --merge; a finished one does with its command again plus --resume --merge"
         adapter = p if (p / "adapter_config.json").is_file() else p / "adapter"  # PEFT's, or a LoRA run's
         use = ""  # how to run the adapter without merging it first
         if (adapter / "adapter_config.json").is_file():
