@@ -903,3 +903,119 @@ def test_a_gpu_index_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) 
                                           r"LOCAL_RANK; pass --device cuda \(CUDA_VISIBLE_DEVICES"):
         init(ep=2, device="cuda:0")
     assert not dist.is_initialized()
+
+
+# -- two nodes, simulated: two torchrun agents on loopback ------------------------------------------
+
+
+def _two_nodes(args: list[str], *, restarts: int = 0, env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+    """`torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d ... -m mixlab ARGS` started twice, as
+    on two nodes (docs/scaling.md, "Two nodes")."""
+    base = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes",
+              "--max-restarts", str(restarts), "-m", "mixlab", *args]
+    return [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base | (env or {}))
+            for _ in range(2)]
+
+
+def _finish(nodes: list[subprocess.Popen[str]], timeout: float) -> list[str]:
+    """Each node's stderr once both ended; past `timeout`, both nodes' process groups are killed."""
+    deadline = time.monotonic() + timeout
+    errs = []
+    try:
+        for p in nodes:
+            errs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1])
+    finally:
+        for p in nodes:  # torchrun starts each worker in a session of its own: kill the workers by pid
+            for pid in (_children(p.pid) if p.poll() is None else []) + [p.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.communicate()
+    return errs
+
+
+def _final_weights_equal(got: Path, want: Path) -> None:
+    for (n, p), (_, q) in zip(load_model(got / "hf").named_parameters(), load_model(want / "hf").named_parameters(),
+                              strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+MULTINODE = ("--steps", "6", "--log-every", "1", "--ckpt-every", "1", "--keep", "10", "--deterministic")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference the two-node runs must equal: the same training in one process."""
+    out = tmp_path_factory.mktemp("one_process") / "run"
+    p = _mixlab(_train_args(small_data, out, *MULTINODE), nproc=None)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_process(small_data: Path, tmp_path: Path, one_process_run: Path) -> None:
+    """Two torchrun agents meeting at one c10d rendezvous (one process each, --ep 2: one expert-parallel
+    group spanning both nodes) write one run whose losses and final weights are one process's."""
+    out = tmp_path / "run"
+    errs = _finish(_two_nodes(_train_args(small_data, out, *MULTINODE, "--ep", "2")), TIMEOUT)
+    assert (out / "hf" / "config.json").is_file(), "\n".join(e[-2000:] for e in errs)
+    _assert_close_runs(_history(out / "metrics.jsonl"), _history(one_process_run / "metrics.jsonl"))
+    assert checkpoints.validate(out / "checkpoints" / "step_00000006")["world"] == 2
+    _final_weights_equal(out, one_process_run)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+def test_two_nodes_restart_after_a_lost_worker_and_end_as_one_process(small_data: Path, tmp_path: Path,
+                                                                      one_process_run: Path) -> None:
+    """One node's worker SIGKILLed mid-run (`--max-restarts 1 --auto-resume`): both agents start their
+    workers again, the run continues from its newest checkpoint, logs each step once and ends with the
+    uninterrupted run's weights."""
+    out = tmp_path / "run"
+    nodes = _two_nodes(_train_args(small_data, out, *MULTINODE, "--ep", "2", "--auto-resume"), restarts=1,
+                       env={"MIXLAB_DIST_TIMEOUT": "60"})  # the old code's hang, bounded
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while len(checkpoints.list_checkpoints(out / "checkpoints")) < 2:
+            assert all(p.poll() is None for p in nodes) and time.monotonic() < deadline
+            time.sleep(0.2)
+        (worker,) = _workers(nodes[1].pid).values()
+        os.kill(worker, signal.SIGKILL)
+    finally:
+        errs = _finish(nodes, TIMEOUT)
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(e[-3000:] for e in errs)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == list(range(1, 7))  # each step once: the restart went on, not over
+    _assert_close_runs(_history(out / "metrics.jsonl"), _history(one_process_run / "metrics.jsonl"))
+    _final_weights_equal(out, one_process_run)
+
+
+def test_a_restarted_attempt_agrees_on_its_store_prefix_whatever_each_node_counts() -> None:
+    """The store's prefix for a restart: rank 1 first reads the attempt a dead rank 0 published, then
+    the one its new rank 0 publishes a moment later; both end under the new one (the prefix was each
+    node's TORCHELASTIC_RESTART_COUNT, which differs between a failed node and a healthy one)."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from mixlab.parallel.mesh import _attempt_name
+
+    wait = timedelta(seconds=30)
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=wait)
+
+    def client() -> dist.TCPStore:  # each process its own connection
+        return dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=wait)
+
+    assert _attempt_name(client(), 0, 1, wait) == "1"  # the first attempt (its rank 0 alone)
+    got: list[str] = []
+    store1 = client()
+    rank1 = threading.Thread(target=lambda: got.append(_attempt_name(store1, 1, 2, wait)))
+    rank1.start()
+    time.sleep(1.5)  # rank 1 asked the dead rank 0 of attempt 1, and asks again
+    assert rank1.is_alive() and not got
+    assert _attempt_name(client(), 0, 2, wait) == "2"
+    rank1.join(timeout=30)
+    assert got == ["2"]

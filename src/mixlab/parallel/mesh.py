@@ -13,7 +13,9 @@ gloo on CPU, NCCL on CUDA. Under `torchrun` the rank and world come from its env
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -122,16 +124,43 @@ def _short(value: Any) -> str:
 
 
 def _attempt_store() -> dist.Store | None:
-    """Under torchrun (its agent's store, `TORCHELASTIC_USE_AGENT_STORE`): that store seen through
-    this attempt's own prefix. torchrun keeps one store across the restarts of `--max-restarts`, and
+    """Under torchrun (its agent's store, `TORCHELASTIC_USE_AGENT_STORE`): that store seen through a
+    prefix of this attempt's own. torchrun keeps one store across the restarts of `--max-restarts`, and
     the process group of a restarted run read the addresses its dead predecessors left there (gloo:
     "Connection refused" with --master-addr, a hang with --standalone; torch 2.13, pytorch#135712).
-    None elsewhere: `init_process_group`'s own store."""
+    torch's own prefix, `TORCHELASTIC_RESTART_COUNT`, counts each node's failures: after one node's
+    worker dies, that node's restart is attempt 1 and the healthy node's attempt 0, so the nodes'
+    processes waited for each other under two prefixes (pytorch#108158). Rank 0 names the attempt
+    instead (`_attempt_name`). None elsewhere: `init_process_group`'s own store."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
+    timeout = _timeout() or default_pg_timeout
     client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                           timeout=_timeout() or default_pg_timeout)
-    return dist.PrefixStore(f"mixlab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+                           timeout=timeout)
+    name = _attempt_name(client, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), timeout)
+    return dist.PrefixStore(f"mixlab/attempt_{name}", client)
+
+
+def _attempt_name(store: dist.Store, rank: int, world: int, timeout: timedelta) -> str:
+    """A name every process of this attempt agrees on and no earlier attempt used. Rank 0 takes a new
+    number and publishes it; another rank may read the number a dead rank 0 of an earlier attempt
+    published (torchrun starts the new processes once the old ones are gone, in any order), so it
+    asks rank 0 to confirm under a nonce of its own and reads the number again until one does."""
+    if rank == 0:
+        name = str(store.add("mixlab/attempts", 1))
+        store.set("mixlab/attempt", name)
+        for r in range(1, world):  # only this attempt's ranks write under the new name
+            store.set(f"mixlab/{name}/ok_{store.get(f'mixlab/{name}/rank_{r}').decode()}", "1")
+        return name
+    nonce, deadline = secrets.token_hex(8), time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        name = store.get("mixlab/attempt").decode()
+        store.set(f"mixlab/{name}/rank_{rank}", nonce)
+        for _ in range(20):  # a second for that rank 0 to confirm (store.wait's timeout prints a warning)
+            if store.check([f"mixlab/{name}/ok_{nonce}"]):
+                return name
+            time.sleep(0.05)
+    raise dist.DistStoreError(f"rank 0 did not answer within {timeout.total_seconds():g} s (MIXLAB_DIST_TIMEOUT)")
 
 
 def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
