@@ -908,15 +908,23 @@ def test_a_gpu_index_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) 
 # -- two nodes, simulated: two torchrun agents on loopback ------------------------------------------
 
 
-def _two_nodes(args: list[str], *, restarts: int = 0, env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
-    """`torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d ... -m mixlab ARGS` started twice, as
-    on two nodes (docs/scaling.md, "Two nodes")."""
+def _two_nodes(args: list[str], *, restarts: int = 0, rdzv: str = "c10d",
+               env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+    """`torchrun --nnodes 2 --nproc-per-node 1 ... -m mixlab ARGS` started twice, as on two nodes: with
+    `rdzv` "c10d" both meet at one rendezvous endpoint (docs/scaling.md, "Two nodes"), with "static"
+    each is given its `--node-rank` and the first one's `--master-addr` / `--master-port`."""
     base = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes",
-              "--max-restarts", str(restarts), "-m", "mixlab", *args]
-    return [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base | (env or {}))
-            for _ in range(2)]
+    port = _free_port()
+
+    def meet(node: int) -> list[str]:
+        if rdzv == "c10d":
+            return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
+        return ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                              *meet(node), "--max-restarts", str(restarts), "-m", "mixlab", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base | (env or {}))
+            for node in range(2)]
 
 
 def _finish(nodes: list[subprocess.Popen[str]], timeout: float) -> list[str]:
@@ -968,13 +976,16 @@ def test_two_nodes_train_as_one_process(small_data: Path, tmp_path: Path, one_pr
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+@pytest.mark.parametrize("rdzv", ["c10d", "static"])
 def test_two_nodes_restart_after_a_lost_worker_and_end_as_one_process(small_data: Path, tmp_path: Path,
-                                                                      one_process_run: Path) -> None:
+                                                                      one_process_run: Path, rdzv: str) -> None:
     """One node's worker SIGKILLed mid-run (`--max-restarts 1 --auto-resume`): both agents start their
     workers again, the run continues from its newest checkpoint, logs each step once and ends with the
-    uninterrupted run's weights."""
+    uninterrupted run's weights. With c10d the healthy node's agent restarts on the rendezvous's news,
+    before counting a failure of its own: its TORCHELASTIC_RESTART_COUNT stayed 0 while the failed
+    node's was 1, and the processes, prefixing the store with it, never met."""
     out = tmp_path / "run"
-    nodes = _two_nodes(_train_args(small_data, out, *MULTINODE, "--ep", "2", "--auto-resume"), restarts=1,
+    nodes = _two_nodes(_train_args(small_data, out, *MULTINODE, "--ep", "2", "--auto-resume"), restarts=1, rdzv=rdzv,
                        env={"MIXLAB_DIST_TIMEOUT": "60"})  # the old code's hang, bounded
     try:
         deadline = time.monotonic() + TIMEOUT
