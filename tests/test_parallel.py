@@ -976,14 +976,15 @@ def test_two_nodes_train_as_one_process(small_data: Path, tmp_path: Path, one_pr
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
-@pytest.mark.parametrize("rdzv", ["c10d", "static"])
+@pytest.mark.parametrize(("rdzv", "killed"), [("c10d", 0), ("static", 1)])
 def test_two_nodes_restart_after_a_lost_worker_and_end_as_one_process(small_data: Path, tmp_path: Path,
-                                                                      one_process_run: Path, rdzv: str) -> None:
-    """One node's worker SIGKILLed mid-run (`--max-restarts 1 --auto-resume`): both agents start their
-    workers again, the run continues from its newest checkpoint, logs each step once and ends with the
-    uninterrupted run's weights. With c10d the healthy node's agent restarts on the rendezvous's news,
-    before counting a failure of its own: its TORCHELASTIC_RESTART_COUNT stayed 0 while the failed
-    node's was 1, and the processes, prefixing the store with it, never met."""
+                                                                      one_process_run: Path, rdzv: str,
+                                                                      killed: int) -> None:
+    """One node's worker (rank `killed`) SIGKILLed mid-run (`--max-restarts 1 --auto-resume`): both
+    agents start their workers again, the run continues from its newest checkpoint, logs each step
+    once and ends with the uninterrupted run's weights. With c10d the healthy node's agent restarts on
+    the rendezvous's news, before counting a failure of its own: its TORCHELASTIC_RESTART_COUNT stayed
+    0 while the failed node's was 1, and the processes, prefixing the store with it, never met."""
     out = tmp_path / "run"
     nodes = _two_nodes(_train_args(small_data, out, *MULTINODE, "--ep", "2", "--auto-resume"), restarts=1, rdzv=rdzv,
                        env={"MIXLAB_DIST_TIMEOUT": "60"})  # the old code's hang, bounded
@@ -992,8 +993,8 @@ def test_two_nodes_restart_after_a_lost_worker_and_end_as_one_process(small_data
         while len(checkpoints.list_checkpoints(out / "checkpoints")) < 2:
             assert all(p.poll() is None for p in nodes) and time.monotonic() < deadline
             time.sleep(0.2)
-        (worker,) = _workers(nodes[1].pid).values()
-        os.kill(worker, signal.SIGKILL)
+        # the process that commits each checkpoint (c10d numbers the nodes itself), or the other one
+        os.kill(next(pid for n in nodes for rank, pid in _workers(n.pid).items() if rank == killed), signal.SIGKILL)
     finally:
         errs = _finish(nodes, TIMEOUT)
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(e[-3000:] for e in errs)
