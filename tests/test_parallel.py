@@ -1,6 +1,7 @@
 """Training and decoding over several processes (gloo, loopback) equal one process: expert
 parallelism (EP), FSDP2, both, and EP x DP; distributed checkpoints resumed on another number of
-processes; the consolidated export; a rank whose experts receive no token; EP decoding's tokens.
+processes; the consolidated export; a rank whose experts receive no token; EP decoding's tokens;
+two torchrun agents as two nodes (c10d and static rendezvous), also restarted after a lost worker.
 
 Each group of processes is started once per module (torch.multiprocessing, spawn) and runs a list
 of jobs; the tests compare what they wrote with one-process runs in this process."""
