@@ -260,6 +260,36 @@ def test_analyze_takes_one_file_as_eval_does(tmp_path: Path, capsys: pytest.Capt
         [("notes", [("notes.txt", "plain text")])]
 
 
+def test_a_file_of_several_domains_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--data FILE` holding k row-level domains was read k + 1 times by eval (once to find the
+    domains, once per domain) and more by analyze (its check before the model loads, then again);
+    `find_domains` reads it once and keeps each domain's documents."""
+    from mixlab.eval.data import documents
+
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"text": f"text {i} of {d}", "domain": d} for i in range(3) for d in ("code", "prose", "math")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opened: list[Path] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.name == data.name:
+            opened.append(self)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    assert sorted(documents(data)) == sorted((r["domain"], r["text"]) for r in rows)
+    assert len(opened) == 1
+    mixlab.save_model(_tiny_model(), tmp_path / "model")
+    opened.clear()
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--seq-len", "16", "--quiet"]) == 0, capsys.readouterr().err
+    assert len(opened) == 1
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert {d: v["documents"] for d, v in report["domains"].items()} == {"code": 3, "math": 3, "prose": 3}
+
+
 def test_a_report_written_inside_the_corpus_is_not_a_domain(tmp_path: Path) -> None:
     corpus = _corpus(tmp_path / "corpus")
     (corpus / "report").mkdir()  # what `mixlab analyze --out corpus/report` leaves
@@ -637,7 +667,7 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     junk = b"\xda\x00\xff\xfe binary"
     for name in ("valid.jsonl", "valid.txt"):
         (tmp_path / "bin" / name).write_bytes(junk)
-        with pytest.raises(ValueError, match=rf"bin/{name}: not UTF-8 text"):
+        with pytest.raises(ValueError, match=rf"bin/{name}(:1)?: not UTF-8 text"):
             check_domains(find_domains(tmp_path))
         (tmp_path / "bin" / name).unlink()
 

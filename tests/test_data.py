@@ -75,7 +75,7 @@ def test_each_domain_folder_given_is_its_own_domain(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(src / "prose")  # `.` is the working folder, by its name
     assert {d.domain for d in read_documents(["."])} == {"prose"}
     _jsonl(tmp_path / "notes.jsonl", ["a note"])
-    assert {d.domain for d in read_documents([tmp_path / "notes.jsonl"])} == {"default"}  # a file given
+    assert {d.domain for d in read_documents([tmp_path / "notes.jsonl"])} == {"notes"}  # a file given
     # a split's file is its folder's domain, as eval names it: these made one domain "default"
     files = [src / "code" / "train.jsonl", src / "code" / "valid.jsonl", src / "prose" / "train.jsonl"]
     assert {(d.domain, d.split) for d in read_documents(files)} == {("code", "train"), ("code", "valid"),
@@ -99,9 +99,9 @@ def test_a_domain_in_two_source_folders_is_refused(tmp_path: Path) -> None:
         list(read_documents([tmp_path / "x/data", tmp_path / "y/data"]))
     with pytest.raises(DataError, match="domain 'code' is in two source folders"):  # corpora's domain folders too
         list(read_documents([_corpus(tmp_path / "c1"), _corpus(tmp_path / "c2")]))
-    _jsonl(tmp_path / "a.jsonl", ["a"])
-    _jsonl(tmp_path / "b.jsonl", ["b"])
-    assert {d.domain for d in read_documents([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])} == {"default"}
+    _jsonl(tmp_path / "a" / "notes.jsonl", ["a"])  # files given alone may share a domain, by their stem
+    _jsonl(tmp_path / "b" / "notes.jsonl", ["b"])
+    assert {d.domain for d in read_documents([tmp_path / "a/notes.jsonl", tmp_path / "b/notes.jsonl"])} == {"notes"}
 
 
 def test_linked_subfolders_of_a_domain_are_read_once(tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
     assert list(documents(tmp_path / "c", split="")) == [("web", "notes"), ("web", "first"), ("web", "second")]
     assert list(documents(tmp_path / "c" / "web" / "valid.jsonl")) == [("web", "first"), ("web", "second")]
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf \n")
-    with pytest.raises(DataError, match=r"bom\.txt: file is empty"):
+    with pytest.raises(DataError, match=r"bom\.txt: no document in it"):
         list(read_documents([tmp_path / "bom.txt"]))
 
 
@@ -199,8 +199,8 @@ def test_byte_tokenizer_roundtrip_unicode() -> None:
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("empty.jsonl", b"", "file is empty"),
-        ("bad.txt", b"caf\xe9 au lait", "not valid UTF-8"),
+        ("empty.jsonl", b"", "empty.jsonl: no document in it"),
+        ("bad.txt", b"caf\xe9 au lait", "bad.txt: not UTF-8 text"),
         ("notext.jsonl", b'{"text": "ok"}\n{"content": "no text field"}\n', "notext.jsonl:2: expected a JSON object "
                                                                            "with a 'text' field"),
         ("broken.jsonl", b'{"text": "ok"}\n{"text": \n', "broken.jsonl:2: not valid JSON"),
@@ -359,7 +359,7 @@ def test_a_tokenizer_given_by_a_relative_path_is_found_from_elsewhere(tmp_path: 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     ds = TokenDataset(tmp_path / "ds")
-    assert ds.tokenizer().decode(ds.tokens("train", "default").tolist()) == "Hello world."
+    assert ds.tokenizer().decode(ds.tokens("train", "a").tolist()) == "Hello world."
 
 
 def test_prepare_with_mixtral_tokenizer(tmp_path: Path) -> None:
@@ -368,14 +368,14 @@ def test_prepare_with_mixtral_tokenizer(tmp_path: Path) -> None:
     meta = prepare(read_documents([f]), tmp_path / "ds", tokenizer="mixtral", valid_fraction=0)
     assert meta["vocab_size"] == 32000 and meta["tokenizer"]["type"] == "file"
     ds = TokenDataset(tmp_path / "ds")
-    ids = ds.tokens("train", "default").tolist()
+    ids = ds.tokens("train", "a").tolist()
     assert ids[0] == 1 and ids[-1] == 2
     assert ds.tokenizer().decode(ids) == "Hello world, this is Mixtral."
     # Bits per byte need the text's bytes, which the tokens alone do not give for this tokenizer.
-    assert meta["bytes"]["train"]["default"] == len(b"Hello world, this is Mixtral.")
-    assert ds.bytes_per_token("train", "default") == 29 / len(ids)
+    assert meta["bytes"]["train"]["a"] == len(b"Hello world, this is Mixtral.")
+    assert ds.bytes_per_token("train", "a") == 29 / len(ids)
     del ds.meta["bytes"]  # a dataset prepared before byte counts were recorded
-    assert ds.bytes_per_token("train", "default") is None
+    assert ds.bytes_per_token("train", "a") is None
 
 
 def test_prepare_records_the_bytes_of_each_split_and_domain(tmp_path: Path) -> None:

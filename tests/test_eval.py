@@ -180,19 +180,20 @@ def test_eval_and_analyze_read_the_files_data_prepare_reads(tmp_path: Path) -> N
     """`data prepare` reads .md / .rst / .py / .tex files and a domain's subfolders; eval and analyze
     read .txt and .jsonl files at a domain's top alone: a domain of .md files was no domain, and one of
     .txt and .md files was scored on its .txt files. A routing report written into the corpus (its
-    summary.md) is none of the three's text."""
+    summary.md) is none of the three's text. A text file's CRLF line ends are its text for all three
+    (eval and analyze read it with newline translation: other bytes than prepare counted)."""
     from mixlab.corpus import read_documents
     from mixlab.eval.data import documents
 
     files = {"docs/a.md": "# Title", "docs/guide/b.rst": "Guide", "mixed/c.txt": "plain", "mixed/d.py": "x = 1",
              "mixed/e.tex": "\\section{S}", "mixed/f.jsonl": '{"text": "line"}\n', "report/summary.md": "| a |",
-             "report/report.json": "{}"}
+             "report/report.json": "{}", "mixed/g.txt": "a\r\nb"}
     for name, text in files.items():
         (tmp_path / "c" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "c" / name).write_text(text)
     prepared = sorted((d.domain, d.text) for d in read_documents([tmp_path / "c"]))
-    assert prepared == [("docs", "# Title"), ("docs", "Guide"), ("mixed", "\\section{S}"), ("mixed", "line"),
-                        ("mixed", "plain"), ("mixed", "x = 1")]
+    assert prepared == [("docs", "# Title"), ("docs", "Guide"), ("mixed", "\\section{S}"), ("mixed", "a\r\nb"),
+                        ("mixed", "line"), ("mixed", "plain"), ("mixed", "x = 1")]
     assert sorted(documents(tmp_path / "c")) == prepared
     assert sorted(documents(tmp_path / "c" / "mixed")) == prepared[2:]
 
@@ -231,6 +232,49 @@ def test_eval_analyze_and_prepare_find_one_set_of_domains_and_splits(tmp_path: P
                                                  ("github", "gv"), ("github", "xv"), ("math", "mv"), ("web", "wv")]
     assert sorted(documents(tmp_path / "c" / "github")) == [("extra", "xv"), ("github", "gv")]
     assert list(documents(tmp_path / "c", split="test", domains=["arxiv"])) == [("arxiv", "av")]  # test.jsonl alone
+
+
+def test_a_file_given_alone_has_one_set_of_domains_for_prepare_eval_and_analyze(tmp_path: Path) -> None:
+    """`data prepare x.jsonl` named its domain `default` (and ignored its rows' `domain` fields) where
+    `eval --data x.jsonl` and `analyze --data x.jsonl` named it `x` and split it by those fields: the
+    model's per-domain validation and its evaluation named different domains. One rule
+    (`corpus.row_domain`); a `domain` field that cannot name a dataset's file is refused, by all three."""
+    from mixlab.corpus import find_domains, read_documents
+    from mixlab.eval.data import documents
+
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"text": "def f(x): return x", "domain": "code"}, {"text": "The cat sat."},
+            {"text": "A dog.", "domain": ""}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = sorted((d.domain, d.text) for d in read_documents([data]))
+    assert prepared == [("code", "def f(x): return x"), ("mixed", "A dog."), ("mixed", "The cat sat.")]
+    assert sorted(documents(data)) == prepared and sorted(find_domains(data)) == ["code", "mixed"]
+    assert [d.text for d in read_documents([data], domains=["code"])] == ["def f(x): return x"]
+    with pytest.raises(ValueError, match=r"--domains: web not found in .*mixed.jsonl \(domains there: code, mixed\)"):
+        list(read_documents([data], domains=["web"]))
+    (tmp_path / "notes.txt").write_text("plain")
+    assert [d.domain for d in read_documents([tmp_path / "notes.txt"])] == list(find_domains(tmp_path / "notes.txt"))
+    data.write_text(json.dumps({"text": "t", "domain": "../up"}) + "\n")
+    for read in (lambda: list(read_documents([data])), lambda: find_domains(data)):
+        with pytest.raises(ValueError, match=r"mixed.jsonl:1: field 'domain' '../up' cannot name a domain"):
+            read()
+
+
+def test_a_byte_that_is_not_utf8_is_named_alike_by_prepare_eval_and_analyze(tmp_path: Path) -> None:
+    """Three readers of one file kind said three things: prepare 'not valid UTF-8 (byte N: ...)' with N
+    counted from the file's start, a file given alone '(invalid continuation byte at byte N)' with N
+    counted from a decoding chunk's start, a folder's file the reason alone. One reader
+    (`corpus.file_documents`) names the line and the byte's place in it."""
+    from mixlab.corpus import find_domains, iter_documents, read_documents
+
+    (tmp_path / "c" / "web").mkdir(parents=True)
+    data = tmp_path / "c" / "web" / "valid.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n' * 1000 + b'{"text": "caf\xe9"}\n')
+    message = r"web/valid.jsonl:1001: not UTF-8 text \(b'\\xe9' at byte 13 of the line\); convert it to UTF-8"
+    for read in (lambda: list(read_documents([data])), lambda: find_domains(data),
+                 lambda: list(iter_documents(find_domains(tmp_path / "c")["web"]))):
+        with pytest.raises(ValueError, match=message):
+            read()
 
 
 def test_eval_domains_picks_domains_as_analyze_does(ckpt: Path, tmp_path: Path,

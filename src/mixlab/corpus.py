@@ -20,7 +20,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -143,18 +143,6 @@ class Document:
     where: str  # file[:line], for error messages
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode(ENCODING)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                        "convert it to UTF-8 first") from None
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    return text
-
-
 def jsonl_texts(lines: Iterable[str], path: Path, *, strict: bool = True) -> Iterator[tuple[str, dict, str]]:
     """(text, row, "file:line") of each JSONL line whose `text` is a non-empty string; the one JSONL
     reader of the project (training, routing analysis). Invalid JSON is always an error naming the
@@ -180,19 +168,69 @@ def jsonl_texts(lines: Iterable[str], path: Path, *, strict: bool = True) -> Ite
             yield text, obj, where
 
 
-def read_file(path: Path, *, domain: str, split: str) -> Iterator[Document]:
-    """Documents of one file: a `.jsonl` file gives one per line (its `text` field), any other file
-    is one document."""
-    text = _read_text(path)
-    if not is_jsonl(path):
-        yield Document(domain, split, text, str(path))
+def _not_utf8(where: str, raw: bytes, e: UnicodeDecodeError, of: str = "") -> DataError:
+    return DataError(f"{where}: not UTF-8 text ({raw[e.start:e.start + 1]!r} at byte {e.start}{of}); convert it to "
+                     "UTF-8 first")
+
+
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """A file's lines, read and decoded one at a time (a byte that is not UTF-8 named by line and offset;
+    only b"\\n" ends a line, so a U+2028 inside a JSON string does not)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode(ENCODING if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(f"{path}:{lineno}", raw, e, " of the line") from None
+
+
+def file_documents(path: Path, *, strict: bool = True) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(text, row, where) of each non-blank document of a data file: the one reader of a corpus file
+    (`data prepare`, a folder's domains, a file given alone). A `.jsonl` file gives one per line (its
+    `text` field: `jsonl_texts`, `strict` or not; `where` is file:line), streamed; any other file is
+    one document (row `{}`, `where` the file)."""
+    if is_jsonl(path):
+        for body, row, where in jsonl_texts(_utf8_lines(path), path, strict=strict):
+            if body.strip():
+                yield body, row, where
         return
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(ENCODING)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(str(path), raw, e) from None
+    if text.strip():
+        yield text, {}, str(path)
+
+
+def row_domain(row: dict[str, Any], path: Path, where: str) -> str:
+    """The domain of a document of a file given alone (`data prepare x.jsonl`, `eval --data x.jsonl`,
+    `analyze --data x.jsonl`: one rule): its row's `domain` field, else the file's (`file_domain`). The
+    name becomes a dataset's file names (`<split>/<domain>.tokens.bin`), so one that cannot be a
+    file's name is refused, naming the line."""
+    name = row.get("domain")
+    if not isinstance(name, str) or not name.strip():
+        return file_domain(path)
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise DataError(f"{where}: field 'domain' {name!r} cannot name a domain (it names the dataset's files): "
+                        "expected a name without '/', '\\' or NUL, not '.' or '..'")
+    return name
+
+
+def read_file(path: Path, *, domain: str | None, split: str) -> Iterator[Document]:
+    """Documents of one file for `data prepare` (`file_documents`, strict): a `.jsonl` file gives one
+    per line, any other file is one document; `domain` None: a file given alone, its rows' domains
+    (`row_domain`). A file with no document is an error."""
     n = 0
-    for body, _, where in jsonl_texts(text.split("\n"), path):
+    for body, row, where in file_documents(path):
         n += 1
-        yield Document(domain, split, body, where)
+        yield Document(domain or row_domain(row, path, where), split, body, where)
     if n == 0:
-        raise DataError(f"{path}: no non-empty 'text' documents")
+        raise DataError(_no_document(path))
+
+
+def _no_document(path: Path) -> str:
+    return f"{path}: no document in it: expected text, or .jsonl lines with a non-empty string field 'text'"
 
 
 SPLIT_WORDS = ("train", *VALID_STEMS)
@@ -276,9 +314,10 @@ def _files(folder: Path) -> list[Path]:
 
 
 def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[Path, str, str]]:
-    """(file, domain, split) for a source: a file (domain "default", or its folder's name for a split's
-    file: `split_file_domain`) or a folder, whose domains are its subfolders holding data files
-    (`.jsonl` and text, their subfolders included) and the files directly in it, a domain named after
+    """(file, domain, split) for a source: a file (its domain `file_domain`'s: its stem, or its folder's
+    name for a split's file; a `.jsonl` row's `domain` field is its row's, `row_domain`) or a folder,
+    whose domains are its subfolders holding data files (`.jsonl` and text, their subfolders
+    included) and the files directly in it, a domain named after
     the folder: `prepare code/ prose/` makes two domains, and so does a domain folder holding files
     and a subfolder of them. Beside the domain folders of the shared corpus layout (a subfolder holds
     a split's `.jsonl`: `<domain>/train.jsonl`, `<domain>/valid.jsonl`), only files named by split are
@@ -286,7 +325,7 @@ def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[
     folders are no domain unless `names` names them. The one rule: `data prepare`, routing analysis
     and evaluation all find domains with it."""
     if source.is_file():
-        return [(source, split_file_domain(source) or "default", _split_of(source))]
+        return [(source, file_domain(source), _split_of(source))]
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
     named = set(names or ())
@@ -323,7 +362,8 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
     that no source has is an error naming it (a misspelt `--domains` must not drop it silently), as
     is a file two sources hold (its documents would be read twice, maybe into both splits) and a
     domain two source folders give (`x/data y/data` are both `data`: one domain, silently merged).
-    Files given alone may share a domain (`a.txt b.txt` are both `default`)."""
+    Files given alone may share a domain (`a/notes.txt b/notes.txt` are both `notes`); their rows'
+    domains (`row_domain`) are known once read, so they are read (once) before a folder's files."""
     keep = set(domains) if domains else None
     sources = list(sources)
     files, given, folder_of = [], dict[Path, tuple[str, Path]](), dict[str, str]()
@@ -341,16 +381,17 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
                     raise DataError(f"domain {domain!r} is in two source folders ({folder_of[domain]} and {s}): "
                                     "rename one to keep them apart, or put their files in one folder to make "
                                     "one domain")
-            files.append((f, domain, split))
-    missing = sorted(keep - {domain for _, domain, _ in files}) if keep is not None else []
+            files.append((f, domain, split, Path(s).is_dir()))
+    alone = {f: list(read_file(f, domain=None, split=split)) for f, _, split, in_folder in files if not in_folder}
+    found = {domain for f, domain, _, in_folder in files if in_folder} | {d.domain for ds in alone.values() for d in ds}
+    missing = sorted(keep - found) if keep is not None else []
     if missing:
-        found = sorted({domain for _, domain, _ in files})
         _no_data_files([Path(s) / n for s in sources for n in missing])
         raise DataError(f"--domains: {', '.join(missing)} not found in {', '.join(map(str, sources))} "
-                        f"(domains there: {', '.join(found)})")
-    for f, domain, split in files:
-        if keep is None or domain in keep:
-            yield from read_file(f, domain=domain, split=split)
+                        f"(domains there: {', '.join(sorted(found))})")
+    for f, domain, split, in_folder in files:
+        docs = read_file(f, domain=domain, split=split) if in_folder else alone[f]
+        yield from (d for d in docs if keep is None or d.domain in keep)
 
 
 # -- domain folders (analysis, evaluation) ---------------------------------------------------------
@@ -360,10 +401,12 @@ class FileDomain:
     """A domain of a data file given alone (`--data FILE`, `find_domains`): the file is read whole,
     whatever its name and `--split`, and strictly (a line without a string 'text' is an error: the
     file was named, not found in a folder); a `.jsonl` file's rows are split by their `domain`
-    field, a row without one (or an empty one) being `file_domain`'s."""
+    field (`row_domain`). `find_domains` reads the file once for all its domains and keeps each
+    one's (source, text) documents in `docs`: a file of k domains was read k + 1 times."""
 
     path: Path
     name: str
+    docs: tuple[tuple[str, str], ...] = field(repr=False)
 
 
 Domain = str | Path | Sequence[Path] | FileDomain  # a domain: its folder (every data file in it), its files, or
@@ -376,28 +419,23 @@ def file_domain(path: Path) -> str:
     return split_file_domain(path) or path.stem
 
 
-def _source(row: dict, path: Path, where: str) -> str:
-    """A JSONL row's source in a report's token view: its `source` field, else file:line."""
+def _source(row: dict[str, Any], path: Path, where: str, base: Path) -> str:
+    """A document's source in a report's token view: a JSONL row's `source` field, else file:line; a
+    text file's path from `base` (its domain's folder)."""
+    if not is_jsonl(path):
+        return str(path.relative_to(base))
     source = row.get("source")
     return source if isinstance(source, str) and source else f"{path.name}:{where.rsplit(':', 1)[1]}"
 
 
-def _file_documents(path: Path) -> Iterator[tuple[str, str, str]]:
-    """(domain, source, text) of each document of a data file given alone (`FileDomain`)."""
-    try:
-        if not is_jsonl(path):  # any other file is one document of text, whatever its suffix
-            text = path.read_text(encoding=ENCODING)
-            if text.strip():
-                yield file_domain(path), path.name, text
-            return
-        with path.open(encoding=ENCODING) as f:  # line by line: a U+2028 in a text is no line's end
-            for body, row, where in jsonl_texts(f, path):
-                if body.strip():
-                    domain = row.get("domain")
-                    domain = domain if isinstance(domain, str) and domain.strip() else file_domain(path)
-                    yield domain, _source(row, path, where), body
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+def _file_domains(path: Path) -> dict[str, FileDomain]:
+    """The domains of a data file given alone, its documents read once (`FileDomain`)."""
+    docs: dict[str, list[tuple[str, str]]] = {}
+    for text, row, where in file_documents(path):
+        docs.setdefault(row_domain(row, path, where), []).append((_source(row, path, where, path.parent), text))
+    if not docs:
+        raise DataError(_no_document(path))
+    return {name: FileDomain(path, name, tuple(d)) for name, d in docs.items()}
 
 
 def _domain_files(domain: Domain) -> tuple[Path, list[Path]]:
@@ -422,11 +460,7 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
     root = Path(data)
     found: dict[str, Domain] = {}
     if root.is_file():
-        for domain, _, _ in _file_documents(root):
-            found.setdefault(domain, FileDomain(root, domain))
-        if not found:
-            raise DataError(f"{root}: no document in it: expected text, or .jsonl lines with a non-empty string "
-                            "field 'text'")
+        found.update(_file_domains(root))
     elif not root.is_dir():
         raise NotADirectoryError(f"data folder or file {root} does not exist")
     else:
@@ -455,33 +489,22 @@ def data_files(domain: Domain, *, split: str | None = "valid") -> list[Path]:
 
 
 def iter_documents(domain: Domain, *, split: str | None = "valid") -> Iterator[tuple[str, str]]:
-    """(source, text) for each usable document of a domain (`find_domains`), in file order,
-    streaming each file line by line: a text file (`.txt`, `.md`, ...: `TEXT_SUFFIXES`) is one
-    document, a `.jsonl` line one (lines
-    without a non-empty string `text` are skipped: `jsonl_texts`, lenient); routing analysis and
-    evaluation read domains through it. Raises DataError naming the folder when there is none. A
-    file given alone (`FileDomain`) is read whole, its rows of that domain."""
-    if isinstance(domain, FileDomain):  # find_domains found the domain in the file: it has a document
-        yield from ((source, text) for name, source, text in _file_documents(domain.path) if name == domain.name)
+    """(source, text) for each usable document of a domain (`find_domains`), in file order, each
+    file streamed through `file_documents`: a text file (`.txt`, `.md`, ...: `TEXT_SUFFIXES`) is one
+    document, a `.jsonl` line one (lines without a non-empty string `text` are skipped: lenient);
+    routing analysis and evaluation read domains through it. Raises DataError naming the folder when
+    there is none. A file given alone (`FileDomain`): its rows of that domain, as `find_domains` read
+    them."""
+    if isinstance(domain, FileDomain):  # find_domains read the file: the domain has a document
+        yield from domain.docs
         return
     domain_dir, every = _domain_files(domain)
     files = data_files(every, split=split)
     found = 0
     for path in files:
-        try:  # a binary file was read with U+FFFD for its bytes (.txt) or failed without its name (.jsonl)
-            if not is_jsonl(path):
-                text = path.read_text(encoding=ENCODING)
-                if text.strip():
-                    found += 1
-                    yield str(path.relative_to(domain_dir)), text
-                continue
-            with path.open(encoding=ENCODING) as f:
-                for body, row, where in jsonl_texts(f, path, strict=False):
-                    if body.strip():
-                        found += 1
-                        yield _source(row, path, where), body
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        for text, row, where in file_documents(path, strict=False):
+            found += 1
+            yield _source(row, path, where, domain_dir), text
     if not found:
         if every and not files:
             raise DataError(f"domain folder {domain_dir} has no {split!r} file (files there: "

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from mixlab.analysis.stats import (
     random_baseline,
     total_variation,
 )
-from mixlab.corpus import check_domains, find_domains
+from mixlab.corpus import Domain, check_domains, find_domains
 from mixlab.model import Transformer, check_model
 
 __all__ = [
@@ -92,9 +93,12 @@ def analyze(
     meta: dict[str, Any] | None = None,
     figures: bool = True,
     progress: bool = True,
+    found: Mapping[str, Domain] | None = None,
 ) -> dict[str, Any]:
     """Collect routing over every domain of `data`, write the report to `out`, return it.
-    `seq_len`: tokens per window (default 512, or the model's context if shorter)."""
+    `seq_len`: tokens per window (default 512, or the model's context if shorter). `found`: `data`'s
+    domains as `find_domains(data, names=domains)` gave them to a caller that checked them already
+    (`mixlab analyze`, before loading the model), so `data` is not read again."""
     check_model(model)
     if not callable(getattr(tokenizer, "encode", None)) or not isinstance(getattr(tokenizer, "vocab_size", None), int):
         # a path or None got as far as the routing, then "'str' object has no attribute 'vocab_size'"
@@ -109,7 +113,8 @@ def analyze(
     shown = parse_layers(layers, moe) if layers is None or isinstance(layers, str) else parse_layers(
         ",".join(map(str, layers)), moe)
     check_report_folder(out, sources=[data])  # before the routing, not after it
-    found = find_domains(data, names=domains)
+    if found is None:
+        found = find_domains(data, names=domains)
     check_domains(found, split=split)
     collected = collect_routing(model, tokenizer, found, split=split, max_tokens=max_tokens, seq_len=seq_len,
                                 batch_size=batch_size, samples_per_domain=samples_per_domain,

@@ -27,7 +27,8 @@ def analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: the model is dense (no MoE layer, so no router); routing analysis "
                          "needs a mixture-of-experts model")
     split = data_split(args.data, args.split)  # `--split Valid` reads valid.jsonl; a file is read whole
-    check_domains(find_domains(args.data, names=args.domains), split=split)
+    found = find_domains(args.data, names=args.domains)  # read once: a file given alone is kept in memory
+    check_domains(found, split=split)
     check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
     parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
     if args.samples < 0:
@@ -43,7 +44,7 @@ def analyze(args: argparse.Namespace) -> int:
                  split=split or None, max_tokens=args.max_tokens, seq_len=seq_len,
                  batch_size=args.batch_size, samples_per_domain=args.samples, sample_tokens=args.sample_tokens,
                  meta={"model": str(args.model), "tokenizer": tokenizer_name(tokenizer)},
-                 progress=not args.quiet)
+                 progress=not args.quiet, found=found)
     base = report["random_baseline"]
     print(f"wrote {Path(args.out) / 'index.html'} ({len(report['domains'])} domains, "
           f"{sum(d['tokens'] for d in report['domains'].values()):,} tokens)")
@@ -61,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint folder (transformers or Mistral format) or GGUF file")
     p.add_argument("--data", type=user_path, required=True,
                    help="corpus folder with one subfolder per domain (.jsonl with 'text', "
-                        ".txt), one domain folder, or a .jsonl or text file (read whole), as eval reads them")
+                        ".txt), one domain folder, or a .jsonl or text file (read whole; its domain its stem, "
+                        "a row's 'domain' field), as eval and data prepare read them")
     p.add_argument("--out", type=user_path, required=True, help="report folder to write")
     p.add_argument("--layers", default=None, help="layers shown in the per-expert figures and token view: "
                    "'all' or e.g. 0,15,31 (default: first, middle, last)")

@@ -104,7 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=user_path, required=True, help="checkpoint folder (or a file mixlab loads)")
     p.add_argument("--data", type=user_path, required=True,
                    help="corpus folder (<domain>/<split>.jsonl, or domain folders of .txt / .jsonl files) or "
-                        "one domain's folder (as analyze reads them), a .jsonl or a text file")
+                        "one domain's folder (as analyze reads them), a .jsonl or a text file (read whole; its "
+                        "domain its stem, its folder's name for a split's file, a row's 'domain' field, as data "
+                        "prepare names it)")
     p.add_argument("--domains", type=names, default=None,
                    help="comma-separated domains, as analyze takes them (default: all but chat/)")
     p.add_argument("--split", default=None, help="read each domain's files of this split, as analyze and data "

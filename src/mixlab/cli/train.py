@@ -158,7 +158,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("sources", type=user_path, nargs="+",
                    help="files or folders (shared corpus layout: <domain>/train.jsonl, "
                         "<domain>/valid.jsonl; else domain = top-level subfolder, or the folder's own name for "
-                        "its files; two folders giving one domain are refused)")
+                        "its files; two folders giving one domain are refused; a file given alone: its stem, "
+                        "its folder's name for a split's file such as github/valid.jsonl, a .jsonl row's "
+                        "'domain' field, as eval and analyze name them)")
     q.add_argument("--out", type=user_path, required=True, help="dataset folder to write")
     q.add_argument("--tokenizer", type=user_path, default="bytes",
                    help="bytes (default), mixtral, or a path: a SentencePiece .model, a tokenizer.json or a folder "
