@@ -31,7 +31,7 @@ from mixlab.analysis.stats import (
 )
 from mixlab.cli import main
 from mixlab.config import get_preset
-from mixlab.corpus import check_domains, find_domains, iter_documents
+from mixlab.corpus import ByteTokenizer, check_domains, find_domains, iter_documents
 from mixlab.model.moe import route
 from mixlab.train.data import prepare, read_documents
 
@@ -417,6 +417,10 @@ def test_analyze_takes_one_layer_and_refuses_a_string_of_domains(tmp_path: Path)
     assert report["shown_layers"] == [1]
     assert report["meta"]["tokenizer"] == str(tok.path)  # was absent: "tokenizer: ?" in the report's pages
     assert f"tokenizer: {tok.path}" in (tmp_path / "r" / "summary.md").read_text()
+    # a model `mixlab train` made with the byte tokenizer: its report said "tokenizer: ByteTokenizer"
+    report = analyze(model, ByteTokenizer(), corpus, out=tmp_path / "r", max_tokens=20, seq_len=8, figures=False,
+                     progress=False)
+    assert report["meta"]["tokenizer"] == "bytes"
     with pytest.raises(ValueError, match=r"not the string 'code,prose': \['code', 'prose'\]"):
         analyze(model, tok, corpus, out=tmp_path / "r2", domains="code,prose", progress=False)  # type: ignore[arg-type]
     # a tokenizer's path (or None) failed with "'str' object has no attribute 'vocab_size'"

@@ -73,6 +73,7 @@ class ByteTokenizer:
     OFFSET = 3
     vocab_size = 256 + OFFSET
     pad_id, bos_id, eos_id = 0, 1, 2
+    name = "bytes"  # as --tokenizer names it: what a routing report says (it said "ByteTokenizer")
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         return self.encode_array(text, bos=bos, eos=eos).tolist()
