@@ -248,6 +248,15 @@ def test_a_valid_split_too_short_for_one_window_warns_instead_of_reporting_a_zer
         res = train(_cfg(tmp_path / "ds", tmp_path / "run", steps=2, eval_every=1))
     assert res.step == 2 and res.evals == []
     assert not [ln for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in ln]
+    # too short in one domain of two: it was left out of every evaluation, and of its mean, without a word
+    (tmp_path / "src" / "code").mkdir()
+    (tmp_path / "src" / "code" / "train.jsonl").write_text(json.dumps({"text": "x = 1\n" * 40}) + "\n")
+    (tmp_path / "src" / "code" / "valid.jsonl").write_text(json.dumps({"text": "y = 2\n" * 20}) + "\n")
+    prepare(read_documents([tmp_path / "src"]), tmp_path / "ds", overwrite=True)
+    with pytest.warns(UserWarning, match=r"the 'valid' split of prose has no window of 33 tokens, so the validation "
+                                         r"loss leaves them out"):
+        res = train(_cfg(tmp_path / "ds", tmp_path / "run2", steps=1, eval_every=1))
+    assert [list(ev["loss"]) for ev in res.evals] == [["code"]]
 
 
 def test_sigterm_saves_and_resume_continues(dataset: Path, tmp_path: Path) -> None:

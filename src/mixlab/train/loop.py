@@ -482,13 +482,19 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     loader = BatchLoader(dataset, split="train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                          shard=(par.rank, par.world) if par is not None else (0, 1))
     loader.skip(cfg.data_offset)
-    # a valid split shorter than seq_len + 1 tokens in every domain has no window: its loss would read 0
-    evaluates = cfg.eval_every > 0 and any(
-        len(eval_windows(dataset, split="valid", domain=d, seq_len=cfg.seq_len, max_windows=1))
-        for d in dataset.split_domains("valid"))
+    # a valid split shorter than seq_len + 1 tokens in every domain has no window: its loss would read 0;
+    # in some domains, those were missing from every evaluation (and its mean) without a word
+    valid = dataset.split_domains("valid")
+    short = [d for d in valid if not len(eval_windows(dataset, split="valid", domain=d, seq_len=cfg.seq_len,
+                                                      max_windows=1))]
+    evaluates = cfg.eval_every > 0 and len(short) < len(valid)
     if cfg.eval_every > 0 and not evaluates and main:
         warnings.warn(f"{dataset.path}: the 'valid' split has no window of {cfg.seq_len + 1} tokens, so there is no "
                       "validation loss; use a shorter seq_len or more validation data", stacklevel=2)
+    elif evaluates and short and main:
+        warnings.warn(f"{dataset.path}: the 'valid' split of {', '.join(short)} has no window of {cfg.seq_len + 1} "
+                      "tokens, so the validation loss leaves them out; use a shorter seq_len or more validation "
+                      "data", stacklevel=2)
     fingerprint = dataset.fingerprint()
     step = 0
     if resume:
