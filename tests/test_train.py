@@ -422,6 +422,11 @@ def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"^{re.escape(str(f))}: unknown training setting.*sequence_len "
                                           r"\(did you mean 'seq_len'\?\)"):
         load_train_config(f)
+    # the layout's and resuming's options are flags, not settings (`ep` was told "did you mean 'eps'?")
+    f.write_text("ep = 2\nresume = true\n")
+    with pytest.raises(ConfigError, match=r"ep \(a command-line flag, not a setting: --ep\), "
+                                          r"resume \(a command-line flag, not a setting: --resume\)"):
+        load_train_config(f)
     (F := tmp_path / "C.TOML").write_text("steps = 3\n")
     assert load_train_config(F).steps == 3
     # `--set` (model_overrides from flags) changes the fields it names and keeps the file's others.

@@ -34,6 +34,8 @@ PEER_NAMES = {"learning_rate": "lr", "max_steps": "steps", "warmup_steps": "warm
               "save_total_limit": "keep", "output_dir": "out", "model_name_or_path": "model", "loss_type": "loss",
               "lora_r": "lora_rank", "r": "lora_rank", "target_modules": "lora_targets",
               "lora_target_modules": "lora_targets"}
+# What a file may not set, only the command line: how the processes are laid out, whether to resume.
+FLAG_ONLY = {"ep": "--ep", "fsdp": "--fsdp", "resume": "--resume", "auto_resume": "--auto-resume"}
 PATHS = ("data", "valid_data", "out", "model", "init_from", "tokenizer")  # the settings that may name a file
 
 
@@ -112,6 +114,7 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
     if unknown:  # a file's key, or a flag's: name the file where one was read
         where = f"{path}: " if path is not None else ""
         named = ", ".join(k + (f" (mixlab's name: {PEER_NAMES[k]!r})" if PEER_NAMES.get(k) in known
+                               else f" (a command-line flag, not a setting: {FLAG_ONLY[k]})" if k in FLAG_ONLY
                                else did_you_mean(k, known)) for k in unknown)
         raise ConfigError(f"{where}unknown {what} setting(s): {named}; known: {', '.join(known)}")
     for k in PATHS:  # a file's `out = "~/runs/a"` (no shell expands it) is in the home folder, not ./~/runs/a
