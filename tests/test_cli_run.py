@@ -377,6 +377,20 @@ def test_generate_prompt_dash_reads_stdin(tiny_dir, capsys, monkeypatch):
     assert got.out == want.out and got.err.split(" tokens")[0] == want.err.split(" tokens")[0]
 
 
+def test_a_prompt_that_is_not_utf8_is_named_before_the_model_loads(tiny_dir, capsys, monkeypatch):
+    """A prompt file in Latin-1 through `--prompt -`: under a strict locale (en_US.UTF-8's) reading it raised
+    "'utf-8' codec can't decode byte 0xe9 in position 3", of no flag, and only after the model had loaded."""
+    import mixlab.cli.run as run
+
+    monkeypatch.setattr(run, "_load", lambda args: pytest.fail("the model loaded"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n"), encoding="utf-8"))
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "-"]) == 2
+    assert capsys.readouterr().err == ("mixlab generate: error: --prompt - (stdin) is not valid UTF-8: bytes e9 at "
+                                       "character 3 (an undecodable byte or a lone surrogate); pass UTF-8 text\n")
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "caf\udce9"]) == 2  # argv, as os.fsdecode holds it
+    assert "error: --prompt is not valid UTF-8: bytes e9 at character 3" in capsys.readouterr().err
+
+
 def test_every_dtype_flag_takes_the_same_spellings(capsys):
     """`--dtype bf16` worked in generate, eval, convert, analyze and upcycle but was an 'invalid choice'
     in train, sft, dpo and plan."""

@@ -173,8 +173,10 @@ def generate(args: argparse.Namespace) -> int:
     # The prompt from stdin (a file, a pipe): one final newline dropped, as llama.cpp's -f. Under
     # torchrun the processes share one stdin: the first reads it and sends it to the others (below).
     if from_stdin and not (args.ep is not None and int(os.environ.get("RANK", "0") or 0) > 0):
+        _keep_bad_bytes()
         text = sys.stdin.read()
         args.prompt = text[:-1] if text.endswith("\n") else text
+    check_text(args.prompt, "--prompt - (stdin)" if from_stdin else "--prompt")  # before the model loads
     if args.ep is not None:  # every process decodes the same tokens; the first one prints them
         import torch.distributed as dist
 
@@ -267,8 +269,7 @@ def chat(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"mixlab chat: {_HELP}", file=sys.stderr)
     replies = 0
-    if hasattr(sys.stdin, "reconfigure"):  # a bad byte reaches encode (one clear error), not input()
-        sys.stdin.reconfigure(errors="surrogateescape")
+    _keep_bad_bytes()  # a bad byte reaches encode (one clear error), not input()
     # With piped input (a batch of messages) stdout holds only the replies, one per line.
     prompt = "> " if sys.stdin.isatty() else ""
     while True:
@@ -337,6 +338,14 @@ def chat(args: argparse.Namespace) -> int:
             messages.append({"role": "assistant", "content": text})
         else:
             messages.pop()  # nothing to answer with: forget the question rather than send it twice
+
+
+def _keep_bad_bytes() -> None:
+    """Bytes of stdin that are not text in the locale's encoding read as surrogate escapes, for
+    `check_text` to name: under a strict error handler (en_US.UTF-8's) reading them raised
+    UnicodeDecodeError, which named neither the flag nor stdin."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
 
 
 def _stop(text: str) -> str:
