@@ -391,6 +391,25 @@ def test_a_prompt_that_is_not_utf8_is_named_before_the_model_loads(tiny_dir, cap
     assert "error: --prompt is not valid UTF-8: bytes e9 at character 3" in capsys.readouterr().err
 
 
+def test_ctrl_c_mid_stream_ends_the_text_line(tiny_dir, capsys, monkeypatch):
+    """The text so far then "interrupted" on a line of its own (it ran on after the text: 'saddlemixlab generate:')."""
+    import mixlab.cli.run as run
+
+    real = run.generate_stream
+
+    def interrupted(model, prompts, **kw):
+        for i, step in enumerate(real(model, prompts, **kw)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield step
+
+    monkeypatch.setattr(run, "generate_stream", interrupted)
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Bonjour", "--max-new-tokens", "8"]) == 130
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and out.endswith("\n") and len(out) > 1
+    assert err == "mixlab generate: interrupted\n"
+
+
 def test_every_dtype_flag_takes_the_same_spellings(capsys):
     """`--dtype bf16` worked in generate, eval, convert, analyze and upcycle but was an 'invalid choice'
     in train, sft, dpo and plan."""

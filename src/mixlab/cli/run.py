@@ -226,15 +226,18 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
     steps = generate_stream(model, [ids], truncate=args.truncate, engine=engine, **_sampling(args, tok))
     first = None
     n = 0
-    for step in steps:
-        first = first or time.perf_counter()
-        if step.tokens[0] is None:
-            break
-        n += 1
-        assert step.text is not None  # the engine's text: it ends before a --stop string
-        sys.stdout.write(step.text[0])
+    try:
+        for step in steps:
+            first = first or time.perf_counter()
+            if step.tokens[0] is None:
+                break
+            n += 1
+            assert step.text is not None  # the engine's text: it ends before a --stop string
+            sys.stdout.write(step.text[0])
+            sys.stdout.flush()
+    finally:  # Ctrl-C too: the text ends its line, before main's "interrupted" on stderr
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
     end = time.perf_counter()
     assert first is not None
     # The first new token costs a prefill; the rest are decode steps. --truncate kept the prompt's
