@@ -1,6 +1,7 @@
 """Generation: greedy equals transformers' generate token for token (batched, left-padded, sliding
-window shorter than prompt + output); sampling filters equal transformers' logits processors;
-seeds; stop tokens and strings; expert records; every bad input fails before any compute."""
+window shorter than prompt + output); sampling filters equal transformers' logits processors, and seeded
+samples its generate(do_sample=True) token for token; seeds; stop tokens and strings; expert records; every
+bad input fails before any compute."""
 
 from __future__ import annotations
 
@@ -63,6 +64,32 @@ def test_greedy_equals_transformers(hf_case, prefill_chunk):
     ours = generate(model, prompts, max_new_tokens=32, stop_at_eos=False, prefill_chunk=prefill_chunk)
     assert ours == theirs
     assert all(len(set(row)) > 4 for row in ours), "degenerate output would make this test weak"
+
+
+SAMPLING = [dict(temperature=1.0), dict(temperature=0.7, top_k=20), dict(temperature=1.0, top_p=0.9),
+            dict(temperature=1.0, min_p=0.05), dict(temperature=1.0, repetition_penalty=1.3),
+            dict(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, repetition_penalty=1.1)]
+
+
+def test_seeded_sampling_equals_transformers(tmp_path):
+    """One prompt, seed s: transformers' generate(do_sample=True) after torch.manual_seed(s), token for token
+    (its processors in the same order, one multinomial draw per token from the same Mersenne Twister)."""
+    from transformers import AutoModelForCausalLM
+
+    path = hf_mixtral(tmp_path, num_local_experts=8, initializer_range=0.1)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0
+    model = load_model(path)
+    prompt = _prompts(128, (6,))[0]
+    for kw in SAMPLING:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=True, **{"top_k": 0, **kw})
+        theirs = out[0, len(prompt) :].tolist()
+        assert generate(model, [prompt], max_new_tokens=24, seed=3, stop_at_eos=False, **kw)[0] == theirs, kw
+        cache = KVCache(model.config, batch_size=1, max_len=64)
+        assert generate(model, [prompt], max_new_tokens=24, seed=3, stop_at_eos=False, cache=cache, **kw)[0] == theirs
+    assert len(set(theirs)) > 8, "degenerate output would make this test weak"
 
 
 @pytest.fixture(scope="module")
