@@ -8,6 +8,7 @@ import os
 import random
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -390,3 +391,32 @@ def test_stream_gives_a_padded_vocabularys_ids_no_text(tok):
     dec = tok.stream(context=[tok.bos_id, 32500])
     text = "".join(dec.push(i) for x in ids for i in (x, 32569)) + dec.flush()
     assert text == tok.decode(ids)
+
+
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MIXTRAL = "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
+
+
+@pytest.mark.parametrize("name,write", [
+    ("tokenizer_config.json", lambda t: json.dumps({"chat_template": t})),
+    ("tokenizer_config.json", lambda t: json.dumps({"chat_template": [{"name": "tool_use", "template": MIXTRAL},
+                                                                      {"name": "default", "template": t}]})),
+    ("chat_template.jinja", lambda t: t),  # where transformers >= 4.50 saves it
+    ("chat_template.json", lambda t: json.dumps({"chat_template": t})),
+])
+def test_a_checkpoint_with_another_chat_template_is_warned_once(tok, tmp_path, name, write):
+    """A Mixtral fine-tune on ChatML (Nous-Hermes-2-Mixtral, Dolphin) was chatted with in [INST] prompts,
+    silently: mixlab chat and serve's replies came from a format the model was not trained on."""
+    chat = [{"role": "user", "content": "Hi"}]
+    (tmp_path / "tokenizer.model").write_bytes(tok.path.read_bytes())
+    (tmp_path / name).write_text(write(CHATML), encoding="utf-8")
+    mine = load_tokenizer(tmp_path)
+    with pytest.warns(UserWarning, match=f"{name} gives this model another chat template than Mixtral-Instruct's"):
+        assert mine.encode_chat(chat) == tok.encode_chat(chat)  # the encoding itself is unchanged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mine.encode_chat(chat)  # once
+        (tmp_path / name).write_text(write(MIXTRAL), encoding="utf-8")
+        load_tokenizer(tmp_path).encode_chat(chat)  # Mixtral-Instruct's own: nothing to say
+        assert load_tokenizer().other_template is None

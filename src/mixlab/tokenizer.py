@@ -21,6 +21,7 @@ import json
 import operator
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -193,6 +194,26 @@ def _from_mixlab_data(f: Path) -> Tokenizer | None:
     return None
 
 
+def _other_chat_template(folder: Path) -> Path | None:
+    """The file of `folder` (a checkpoint's) that gives it a chat template other than Mixtral-Instruct's,
+    one that writes no `[INST]` (ChatML's `<|im_start|>`, as Nous-Hermes-2-Mixtral's and Dolphin's
+    fine-tunes): transformers' `chat_template.jinja`, `chat_template.json` or `tokenizer_config.json`'s
+    `chat_template` (a string, or named templates of which "default" is used). None when there is none."""
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        f = folder / name
+        try:
+            text = f.read_text(encoding="utf-8")
+            template = text if name.endswith(".jinja") else json.loads(text).get("chat_template")
+        except (OSError, ValueError, AttributeError):  # absent or unreadable: not a template
+            continue
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
+        if isinstance(template, str):
+            return None if "[INST]" in template else f
+    return None
+
+
 class Tokenizer:
     """Encode and decode text, and encode chats with the Mixtral-Instruct template."""
 
@@ -202,6 +223,8 @@ class Tokenizer:
         self.vocab_size = backend.vocab_size
         self.bos_id = backend.bos_id
         self.eos_id = backend.eos_id
+        # the checkpoint folder's chat template, where it is another than the one encode_chat writes (warned once)
+        self.other_template: Path | None = None
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -253,6 +276,11 @@ class Tokenizer:
             # v2/v3 tokenizers (Mistral 7B v0.3, Mixtral 8x22B) make [INST] a control token: another template.
             raise ChatError(f"{self.path} defines [INST] as a special token (Mistral's v2/v3 chat template); "
                             "only the v1 template (Mixtral 8x7B) is implemented: use mistral-common for this one")
+        if self.other_template is not None:
+            warnings.warn(f"{self.other_template} gives this model another chat template than Mixtral-Instruct's "
+                          "(it writes no [INST]); chats are encoded with Mixtral-Instruct's, which the model may not "
+                          "have been trained on", stacklevel=2)
+            self.other_template = None  # once
         system, turns = _normalize_chat(messages)
         ids = [self.bos_id]
         first_user = True
@@ -470,4 +498,7 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
 
         return Tokenizer(_SentencePiece(p, sentencepiece_proto(p)), path=p)
     backend: _Backend = _HFTokenizers(p) if suffix_of(p) == ".json" else _SentencePiece(p)
-    return Tokenizer(backend, path=p)
+    tok = Tokenizer(backend, path=p)
+    if path not in (None, "mixtral"):  # a checkpoint's tokenizer file: its folder may say how it chats
+        tok.other_template = _other_chat_template(p.parent)
+    return tok
