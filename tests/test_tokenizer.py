@@ -332,6 +332,17 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "config.json")
 
 
+def test_a_malformed_tokenizer_config_is_named(tmp_path):
+    """tokenizer.json's BOS / EOS names come from tokenizer_config.json beside it: a broken one said only
+    'Expecting value: line 1 column 1 (char 0)' (a list: 'list' object has no attribute 'get')."""
+    hf_tokenizer_json(tmp_path)
+    for text, message in ((b"", "not valid UTF-8 JSON"), (b'{"eos_token": "\xe9"}', "not valid UTF-8 JSON"),
+                          (b"[]", "expected a JSON object of tokenizer settings, got list")):
+        (tmp_path / "tokenizer_config.json").write_bytes(text)
+        with pytest.raises(ValueError, match=f"tokenizer_config.json: {message}"):
+            load_tokenizer(tmp_path)
+
+
 def test_checkpoint_folder_tokenizer_model(tok, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(tok.path.read_bytes())
     assert load_tokenizer(tmp_path).encode("Grüß Gott") == tok.encode("Grüß Gott")

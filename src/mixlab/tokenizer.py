@@ -120,7 +120,12 @@ class _HFTokenizers:
         names = {"bos": "<s>", "eos": "</s>"}
         config = path.with_name("tokenizer_config.json")
         if config.is_file():
-            cfg = json.loads(config.read_text())
+            try:
+                cfg = json.loads(config.read_text(encoding="utf-8"))
+            except ValueError as e:  # it said "Expecting value: line 1 column 1 (char 0)", of no file
+                raise ValueError(f"{config}: not valid UTF-8 JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{config}: expected a JSON object of tokenizer settings, got {type(cfg).__name__}")
             for key in names:
                 tok = cfg.get(f"{key}_token")
                 if isinstance(tok, dict):  # older files store AddedToken dicts
