@@ -377,7 +377,7 @@ def test_generate_prompt_dash_reads_stdin(tiny_dir, capsys, monkeypatch):
     assert got.out == want.out and got.err.split(" tokens")[0] == want.err.split(" tokens")[0]
 
 
-def test_a_prompt_that_is_not_utf8_is_named_before_the_model_loads(tiny_dir, capsys, monkeypatch):
+def test_a_prompt_or_system_prompt_that_is_not_utf8_is_named_before_the_model_loads(tiny_dir, capsys, monkeypatch):
     """A prompt file in Latin-1 through `--prompt -`: under a strict locale (en_US.UTF-8's) reading it raised
     "'utf-8' codec can't decode byte 0xe9 in position 3", of no flag, and only after the model had loaded."""
     import mixlab.cli.run as run
@@ -389,6 +389,9 @@ def test_a_prompt_that_is_not_utf8_is_named_before_the_model_loads(tiny_dir, cap
                                        "character 3 (an undecodable byte or a lone surrogate); pass UTF-8 text\n")
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "caf\udce9"]) == 2  # argv, as os.fsdecode holds it
     assert "error: --prompt is not valid UTF-8: bytes e9 at character 3" in capsys.readouterr().err
+    # chat's --system was told as "message 0's content is not valid UTF-8", once the model had loaded
+    assert main(["chat", "--model", str(tiny_dir), "--system", "caf\udce9"]) == 2
+    assert "mixlab chat: error: --system is not valid UTF-8: bytes e9 at character 3" in capsys.readouterr().err
 
 
 def test_ctrl_c_mid_stream_ends_the_text_line(tiny_dir, capsys, monkeypatch):

@@ -252,6 +252,7 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
 
 
 def chat(args: argparse.Namespace) -> int:
+    check_text(args.system or "", "--system")  # before the model loads (it was 'message 0's content', after)
     model, tok = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
