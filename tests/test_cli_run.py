@@ -92,6 +92,8 @@ def test_generate_sampling_is_seeded(tiny_dir, capsys):
      "the prompt has 4 tokens; with --max-new-tokens 127 that needs 131 positions but the model's context is 128 "
      "(--truncate keeps"),
     (["--max-new-tokens", "128"], "--max-new-tokens 128 leaves no room for a prompt in the model's context of 128"),
+    # a default told as if it had been passed ("with --max-new-tokens 64", of a command line without it)
+    (["--prompt", "a " * 300], "with --max-new-tokens 64 (its default here) that needs"),
     (["--dtype", "int3"], "argument --dtype: expected one of auto, float32, bfloat16, float16, got 'int3'"),
     # it listed the float dtypes alone
     (["--dtype", "int8"], "int8 / int4 weights are a quantisation, not a dtype: --quant int8"),
@@ -195,6 +197,7 @@ def test_chat_quits_on_eof(tiny_dir, capsys, monkeypatch):
     # a system prompt that leaves no room: said once (each message was refused as 'the message needs N tokens')
     (["--max-new-tokens", "8", "--system", "word " * 150], "--system takes 161 tokens (in the chat template); with "
                                                              "--max-new-tokens 8 only 120 fit in the context of 128"),
+    (["--system", "word " * 150], "with --max-new-tokens 64 (its default here) only 64 fit in the context of 128"),
 ])
 def test_chat_bad_flags_fail_at_start(tiny_dir, capsys, monkeypatch, flags, message):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))

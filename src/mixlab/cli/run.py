@@ -154,14 +154,16 @@ def _sampling(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
 MAX_NEW_TOKENS = 256  # --max-new-tokens' default where the model's context leaves room for it
 
 
-def _max_new(args: argparse.Namespace, context: int, prompt: int | None = None) -> int:
+def _max_new(args: argparse.Namespace, context: int, prompt: int | None = None) -> tuple[int, str]:
     """--max-new-tokens, or its default: 256, fewer in a shorter context (`mixlab demo`'s model has 256
     positions): what a prompt of `prompt` tokens leaves of it (generate), else half of it (chat, whose
-    messages take the rest; generate --truncate of a prompt that fills it)."""
+    messages take the rest; generate --truncate of a prompt that fills it). And the flag as an error
+    tells it: a default is said to be one (it read as a value the user had passed)."""
     if args.max_new_tokens is not None:
-        return int(args.max_new_tokens)
+        return int(args.max_new_tokens), f"--max-new-tokens {args.max_new_tokens}"
     room = context - prompt if prompt is not None and prompt < context else context // 2
-    return max(1, min(MAX_NEW_TOKENS, room))
+    n = max(1, min(MAX_NEW_TOKENS, room))
+    return n, f"--max-new-tokens {n} (its default here)"
 
 
 def _speed(n: int, seconds: float) -> str:
@@ -209,12 +211,13 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
               sync_token: Callable[[int], int] | None = None) -> int:
     ids = tok.encode(args.prompt)
     context = model.config.max_seq_len
-    args.max_new_tokens = new = _max_new(args, context, len(ids))
+    new, told = _max_new(args, context, len(ids))
+    args.max_new_tokens = new
     if new >= context:  # generate_stream's checks, told with the flags
-        raise ValueError(f"--max-new-tokens {new} leaves no room for a prompt in the model's context of {context} "
+        raise ValueError(f"{told} leaves no room for a prompt in the model's context of {context} "
                          "tokens")
     if len(ids) + new > context and not args.truncate:
-        raise ValueError(f"the prompt has {len(ids)} tokens; with --max-new-tokens {new} that needs {len(ids) + new} "
+        raise ValueError(f"the prompt has {len(ids)} tokens; with {told} that needs {len(ids) + new} "
                          f"positions but the model's context is {context} (--truncate keeps its last "
                          f"{context - new} tokens)")
     engine = None
@@ -261,15 +264,13 @@ def chat(args: argparse.Namespace) -> int:
     # the engine's default cache budget holds.
     engine = Engine(model, tok, max_batch=1)
     context = engine.runner.max_len
-    args.max_new_tokens = _max_new(args, context)
+    args.max_new_tokens, told = _max_new(args, context)
     room = context - args.max_new_tokens
     if room < 1:  # else every message would be refused
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the context of "
-                         f"{context} tokens")
+        raise ValueError(f"{told} leaves no room for a message in the context of {context} tokens")
     if system and (n := len(tok.encode_chat([*system, {"role": "user", "content": ""}]))) > room:
-        raise ValueError(f"--system takes {n} tokens (in the chat template); with --max-new-tokens "
-                         f"{args.max_new_tokens} only {room} fit in the context of {context}, so every message "
-                         "would be refused")
+        raise ValueError(f"--system takes {n} tokens (in the chat template); with {told} only {room} fit in the "
+                         f"context of {context}, so every message would be refused")
     if not args.quiet:
         print(f"mixlab chat: {_HELP}", file=sys.stderr)
     replies = 0
@@ -310,8 +311,8 @@ def chat(args: argparse.Namespace) -> int:
             del messages[:2]
             ids = tok.encode_chat(system + messages)
         if len(ids) > room:
-            print(f"error: the message needs {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} only "
-                  f"{room} fit in the context of {context}", file=sys.stderr)
+            print(f"error: the message needs {len(ids)} tokens; with {told} only {room} fit in the context of "
+                  f"{context}", file=sys.stderr)
             messages.pop()
             continue
         n, shown = 0, list[str]()
