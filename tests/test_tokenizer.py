@@ -431,3 +431,26 @@ def test_a_checkpoint_with_another_chat_template_is_warned_once(tok, tmp_path, n
         (tmp_path / name).write_text(write(MIXTRAL), encoding="utf-8")
         load_tokenizer(tmp_path).encode_chat(chat)  # Mixtral-Instruct's own: nothing to say
         assert load_tokenizer().other_template is None
+
+
+def test_a_gguf_with_another_chat_template_is_warned_once(tok, tmp_path, monkeypatch):
+    """llama.cpp's convert_hf_to_gguf.py copies the checkpoint's template into tokenizer.chat_template."""
+    pytest.importorskip("gguf")
+    import mixlab.checkpoint.gguf as gguf_module
+    from conftest import gguf_test_model
+    from mixlab.checkpoint.gguf import write_gguf
+
+    real, chat = gguf_module.gguf_writer, [{"role": "user", "content": "Hi"}]
+    for template in (CHATML, MIXTRAL):
+        monkeypatch.setattr(gguf_module, "gguf_writer",
+                            lambda *a, t=template, **k: (w := real(*a, **k)).add_chat_template(t) or w)
+        path = write_gguf(gguf_test_model("dense"), tmp_path / "m.gguf", quant="f32", overwrite=True)
+        mine = load_tokenizer(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert mine.encode_chat(chat) == tok.encode_chat(chat)
+            mine.encode_chat(chat)  # once
+        said = [str(w.message) for w in caught]
+        assert said == ([f"{path}'s tokenizer.chat_template gives this model another chat template than "
+                         "Mixtral-Instruct's (it writes no [INST]); chats are encoded with Mixtral-Instruct's, which "
+                         "the model may not have been trained on"] if template is CHATML else [])

@@ -199,7 +199,7 @@ def _from_mixlab_data(f: Path) -> Tokenizer | None:
     return None
 
 
-def _other_chat_template(folder: Path) -> Path | None:
+def _other_chat_template(folder: Path) -> str | None:
     """The file of `folder` (a checkpoint's) that gives it a chat template other than Mixtral-Instruct's,
     one that writes no `[INST]` (ChatML's `<|im_start|>`, as Nous-Hermes-2-Mixtral's and Dolphin's
     fine-tunes): transformers' `chat_template.jinja`, `chat_template.json` or `tokenizer_config.json`'s
@@ -215,7 +215,7 @@ def _other_chat_template(folder: Path) -> Path | None:
             template = next((t.get("template") for t in template if isinstance(t, dict)
                              and t.get("name") == "default"), None)
         if isinstance(template, str):
-            return None if "[INST]" in template else f
+            return None if "[INST]" in template else str(f)
     return None
 
 
@@ -228,8 +228,8 @@ class Tokenizer:
         self.vocab_size = backend.vocab_size
         self.bos_id = backend.bos_id
         self.eos_id = backend.eos_id
-        # the checkpoint folder's chat template, where it is another than the one encode_chat writes (warned once)
-        self.other_template: Path | None = None
+        # where the checkpoint gives a chat template other than the one encode_chat writes (warned once)
+        self.other_template: str | None = None
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -499,9 +499,13 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such tokenizer file")
     if suffix_of(p) == ".gguf":
-        from mixlab.checkpoint.gguf_read import sentencepiece_proto
+        from mixlab.checkpoint.gguf_read import read_header, sentencepiece_proto
 
-        return Tokenizer(_SentencePiece(p, sentencepiece_proto(p)), path=p)
+        tok = Tokenizer(_SentencePiece(p, sentencepiece_proto(p)), path=p)
+        template = read_header(p).metadata.get("tokenizer.chat_template")  # as convert_hf_to_gguf.py copies it
+        if isinstance(template, str) and "[INST]" not in template:
+            tok.other_template = f"{p}'s tokenizer.chat_template"
+        return tok
     backend: _Backend = _HFTokenizers(p) if suffix_of(p) == ".json" else _SentencePiece(p)
     tok = Tokenizer(backend, path=p)
     if path not in (None, "mixtral"):  # a checkpoint's tokenizer file: its folder may say how it chats
