@@ -405,15 +405,16 @@ def test_ctrl_c_mid_stream_ends_the_text_line(tiny_dir, capsys, monkeypatch):
 
     def interrupted(model, prompts, **kw):
         for i, step in enumerate(real(model, prompts, **kw)):
-            if i == 3:
+            if i == at:
                 raise KeyboardInterrupt
             yield step
 
     monkeypatch.setattr(run, "generate_stream", interrupted)
-    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Bonjour", "--max-new-tokens", "8"]) == 130
-    out, err = capsys.readouterr()
-    assert out.count("\n") == 1 and out.endswith("\n") and len(out) > 1
-    assert err == "mixlab generate: interrupted\n"
+    for at in (3, 0):  # before any text: no empty line
+        assert main(["generate", "--model", str(tiny_dir), "--prompt", "Bonjour", "--max-new-tokens", "8"]) == 130
+        out, err = capsys.readouterr()
+        assert (out.count("\n") == 1 and out.endswith("\n") and len(out) > 1) if at else out == ""
+        assert err == "mixlab generate: interrupted\n"
 
 
 def test_every_dtype_flag_takes_the_same_spellings(capsys):

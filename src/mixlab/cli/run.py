@@ -238,9 +238,12 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
             assert step.text is not None  # the engine's text: it ends before a --stop string
             sys.stdout.write(step.text[0])
             sys.stdout.flush()
-    finally:  # Ctrl-C too: the text ends its line, before main's "interrupted" on stderr
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    except BaseException:  # Ctrl-C, a failed step: the text so far ends its line, before main's word on stderr
+        if n:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
+    sys.stdout.write("\n")
     end = time.perf_counter()
     assert first is not None
     # The first new token costs a prefill; the rest are decode steps. --truncate kept the prompt's
