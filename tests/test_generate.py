@@ -190,6 +190,12 @@ def test_seed_reproducible(tiny):
     a = generate(tiny, prompts, seed=1, **kw)
     assert generate(tiny, prompts, seed=1, **kw) == a
     assert generate(tiny, prompts, seed=2, **kw) != a
+    # prompt b samples with seed + b: one prompt three times was three copies of one sample
+    hot = {**kw, "temperature": 2.0}  # varied draws: three samples that differ
+    rows = generate(tiny, [prompts[0]] * 3, seed=1, **hot)
+    assert rows == [generate(tiny, [prompts[0]], seed=s, **hot)[0] for s in (1, 2, 3)]
+    assert len(set(map(tuple, rows))) == 3
+    assert generate(tiny, [prompts[0]] * 2, seed=2**64 - 1, **hot)[1] == generate(tiny, [prompts[0]], seed=0, **hot)[0]
     # top_k -1 is off, as 0 is (vLLM's and the server's convention)
     assert generate(tiny, prompts, seed=1, top_k=-1, **kw) == a == generate(tiny, prompts, seed=1, top_k=0, **kw)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -246,10 +246,12 @@ def generate_stream(
     `prompts`: token-id lists (an empty one becomes `[bos]`). A prompt stops after emitting a stop
     token (`stop` ints, and the model's EOS unless `stop_at_eos=False`) or the token that completes
     a `stop` string (needs `tokenizer`); the stop token is included. `seed` seeds a private
-    `torch.Generator`, so equal seeds give equal samples. Sampling as `SamplingParams` describes it:
-    `repetition_penalty` over prompt and output, `presence_penalty` / `frequency_penalty` (OpenAI's)
-    over the output, then temperature, top-k, top-p, min-p. `truncate=True` drops the oldest prompt
-    tokens (keeping BOS) instead of raising when prompt + max_new_tokens exceeds the context.
+    `torch.Generator` per prompt, prompt b's with `seed + b`, so equal seeds give equal samples (the
+    first prompt's those of a run of it alone) and a prompt repeated gives different ones. Sampling
+    as `SamplingParams` describes it: `repetition_penalty` over prompt and output, `presence_penalty`
+    / `frequency_penalty` (OpenAI's) over the output, then temperature, top-k, top-p, min-p.
+    `truncate=True` drops the oldest prompt tokens (keeping BOS) instead of raising when prompt +
+    max_new_tokens exceeds the context.
 
     `cache`: for one prompt, a `KVCache` (batch 1) kept across calls, as a chat does: the tokens it
     already holds that begin this prompt (`cache.tokens`, recorded here) are not prefilled again,
@@ -326,7 +328,10 @@ def _through_engine(model: Transformer, prompts: list[list[int]], params: Sampli
         engine = Engine(model, tokenizer, max_batch=B, max_queue=B, token_budget=max(prefill_chunk, B),
                         prefill_chunk=prefill_chunk, max_seq_len=longest,
                         cache_bytes=B * longest * bytes_per_token(model), prefix_cache=False)
-    handles = [engine.submit(p, params) for p in prompts]
+    # Prompt b samples with seed + b (as the server's n choices): one seed for all made a batch of one
+    # prompt repeated, k samples of it, k copies of one (transformers' batch draws differ per row too).
+    seeds = [params.seed if params.seed is None or not b else (params.seed + b) % 2**64 for b in range(B)]
+    handles = [engine.submit(p, replace(params, seed=seed)) for p, seed in zip(prompts, seeds, strict=True)]
     try:
         yield from _regroup(engine, handles, params, model)
     finally:  # an abandoned stream (a chat's Ctrl-C) frees its slots
