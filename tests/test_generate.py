@@ -228,6 +228,35 @@ def test_presence_and_frequency_penalties_equal_openai_s_formula(tiny):
         generate(tiny, [prompt], max_new_tokens=2, frequency_penalty=float("nan"))
 
 
+@torch.no_grad()
+def test_repetition_penalty_comes_before_presence_and_frequency(tiny):
+    # vLLM (apply_penalties) and llama.cpp (its penalties sampler) divide a seen token's logit by the
+    # repetition penalty first, then subtract presence / frequency: 2 / 2 - 1 = 0. mixlab subtracted
+    # first, (2 - 1) / 2 = 0.5, so with both set it picked other tokens than those servers.
+    from mixlab.cache import KVCache
+    from mixlab.engine import SamplingParams
+    from mixlab.engine.sampling import Sampler, sample_row
+
+    logits = torch.tensor([[2.0, 0.25, -1.0]])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=1.0)
+    seen, counts = torch.tensor([[True, False, False]]), torch.tensor([[1.0, 0.0, 0.0]])
+    assert sample_row(logits, params, Sampler(repetition_penalty=2.0), seen_1V=seen, counts_1V=counts,
+                      generator=None) == 1  # 0 < 0.25 (was token 0: 0.5 > 0.25)
+    prompt = _prompts(128, (5,))[0]
+    ids, counts_V = list(prompt), torch.zeros(128)
+    for _ in range(12):  # a full recompute in that order, greedy
+        logits_V = tiny(torch.tensor([ids]))[0, -1].float()
+        seen_V = torch.zeros(128, dtype=torch.bool)
+        seen_V[ids] = True
+        logits_V = torch.where(seen_V, torch.where(logits_V > 0, logits_V / 1.5, logits_V * 1.5), logits_V)
+        logits_V = logits_V - counts_V * 0.5 - (counts_V > 0).float() * 0.8
+        ids.append(int(logits_V.argmax()))
+        counts_V[ids[-1]] += 1
+    kw = dict(max_new_tokens=12, stop_at_eos=False, repetition_penalty=1.5, presence_penalty=0.8, frequency_penalty=0.5)
+    assert generate(tiny, [prompt], **kw)[0] == ids[len(prompt):]
+    assert generate(tiny, [prompt], cache=KVCache(tiny.config, batch_size=1, max_len=32), **kw)[0] == ids[len(prompt):]
+
+
 def test_stop_tokens_and_eos(tiny):
     prompts = _prompts(128, (6, 4))
     full = generate(tiny, prompts, max_new_tokens=16, stop_at_eos=False)

@@ -434,9 +434,11 @@ def _generate(
             if top is not None:
                 next_B = torch.tensor([top], device=device)
             else:
+                # The repetition penalty, then presence/frequency (as sample_row orders them).
+                logits_BV = sampler.repeat(logits_BV, seen_BV)
                 if counts_BV is not None:
                     logits_BV = penalize(logits_BV, counts_BV, *penalties)
-                next_B = sampler(logits_BV, seen_BV=seen_BV, generator=generator)
+                next_B = sampler(logits_BV, generator=generator)
         out: list[int | None] = []
         for b, tok in enumerate(next_B.tolist()):
             if done[b]:

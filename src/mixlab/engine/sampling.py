@@ -65,7 +65,8 @@ def greedy_token(logits_1V: torch.Tensor) -> int:
 @dataclass(frozen=True)
 class Sampler:
     """Turns next-token logits into token ids, in transformers' order: repetition penalty,
-    temperature, top-k, top-p, min-p. `temperature=0` (below `GREEDY_TEMPERATURE`, 1e-5) is greedy (argmax,
+    temperature, top-k, top-p, min-p (OpenAI's presence / frequency penalties, `penalize`, go between
+    the first two). `temperature=0` (below `GREEDY_TEMPERATURE`, 1e-5) is greedy (argmax,
     first index on ties)."""
 
     temperature: float = 0.0
@@ -97,12 +98,17 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    def repeat(self, logits_BV: torch.Tensor, seen_BV: torch.Tensor | None) -> torch.Tensor:
+        """The repetition penalty (CTRL, arXiv 1909.05858 §4.1): the logits of tokens `seen_BV` marks
+        shrunk towards 0 (divided by it if positive, multiplied if not)."""
+        if self.repetition_penalty == 1.0 or seen_BV is None:
+            return logits_BV
+        p = self.repetition_penalty
+        return torch.where(seen_BV, torch.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
+
     def filter(self, logits_BV: torch.Tensor, *, seen_BV: torch.Tensor | None = None) -> torch.Tensor:
         """The logits sampling draws from (`-inf` where a token is ruled out); not for greedy."""
-        if self.repetition_penalty != 1.0 and seen_BV is not None:
-            # CTRL (arXiv 1909.05858 §4.1): shrink the logits of tokens already present.
-            p = self.repetition_penalty
-            logits_BV = torch.where(seen_BV, torch.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
+        logits_BV = self.repeat(logits_BV, seen_BV)
         if self.greedy:
             return logits_BV
         logits_BV = logits_BV / self.temperature
@@ -137,7 +143,9 @@ class Sampler:
 
 def penalize(logits_BV: torch.Tensor, counts_BV: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
     """OpenAI's presence and frequency penalties: each token's logit minus `frequency` times its count
-    in the output so far, minus `presence` once it has appeared."""
+    in the output so far, minus `presence` once it has appeared. With a repetition penalty too, it comes
+    first (`Sampler.repeat`), as vLLM and llama.cpp order them: a logit of 2 with repetition 2 and
+    presence 1 is 2 / 2 - 1 = 0, not (2 - 1) / 2."""
     if not presence and not frequency:
         return logits_BV
     return logits_BV - counts_BV * frequency - (counts_BV > 0).float() * presence
@@ -147,18 +155,19 @@ def sample_row(
     logits_1V: torch.Tensor, params: SamplingParams, sampler: Sampler, *, seen_1V: torch.Tensor | None,
     counts_1V: torch.Tensor | None, generator: torch.Generator | None, bias_1V: torch.Tensor | None = None,
 ) -> int:
-    """One row's next token: `bias_1V` (OpenAI's logit_bias) added to the logits, presence/frequency
-    penalties on its output counts (OpenAI's formula), then `sampler` (repetition penalty over
-    `seen`, temperature, top-k, top-p, min-p). Each row is sampled alone with its own generator, so a
+    """One row's next token: `bias_1V` (OpenAI's logit_bias) added to the logits, the repetition penalty
+    over `seen`, presence/frequency penalties on its output counts (OpenAI's formula), then `sampler`
+    (temperature, top-k, top-p, min-p). Each row is sampled alone with its own generator, so a
     seeded request draws the same numbers whatever else the engine runs."""
     if sampler.greedy and counts_1V is None and seen_1V is None and bias_1V is None:
         return greedy_token(logits_1V)  # the common case, once per token: one cheap pass
     check_logits(logits_1V)
     if bias_1V is not None:
         logits_1V = logits_1V + bias_1V
+    logits_1V = sampler.repeat(logits_1V, seen_1V)
     if counts_1V is not None:
         logits_1V = penalize(logits_1V, counts_1V, params.presence_penalty, params.frequency_penalty)
-    logits_1V = sampler.filter(logits_1V, seen_BV=seen_1V)
+    logits_1V = sampler.filter(logits_1V)
     if sampler.greedy:
         return int(logits_1V.argmax(dim=-1))
     return int(torch.multinomial(logits_1V.softmax(dim=-1), 1, generator=generator)[0, 0])
