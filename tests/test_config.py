@@ -72,7 +72,18 @@ def test_params_json_without_rope_theta_follows_the_published_models():
     assert ModelConfig.from_mistral_dict({**base, "sliding_window": 4096}).rope_theta == 1e4
     assert ModelConfig.from_mistral_dict(base).rope_theta == 1e6
     assert ModelConfig.from_mistral_dict({**base, "sliding_window": None}).rope_theta == 1e6
-    assert ModelConfig.from_mistral_dict({**base, "moe": {"num_experts": 8}}).rope_theta == 1e6
+    moe = {"num_experts": 8, "num_experts_per_tok": 2}
+    assert ModelConfig.from_mistral_dict({**base, "moe": moe}).rope_theta == 1e6
+
+
+@pytest.mark.parametrize("key", ["num_experts", "num_experts_per_tok"])
+def test_params_json_moe_block_needs_both_fields(key):
+    # mistral-inference's MoeArgs has no defaults; a missing num_experts_per_tok was silently read as 2.
+    base = {"dim": 64, "n_layers": 1, "n_heads": 4, "hidden_dim": 96, "vocab_size": 128}
+    moe = {"num_experts": 8, "num_experts_per_tok": 2}
+    moe.pop(key)
+    with pytest.raises(ConfigError, match=f"^params.json: required field 'moe.{key}' is missing"):
+        ModelConfig.from_mistral_dict({**base, "moe": moe})
 
 
 def test_hf_config_heads_not_dividing_width_is_an_error():

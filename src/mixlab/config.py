@@ -370,8 +370,12 @@ class ModelConfig:
         if not d.get("head_dim") and (not isinstance(d["dim"], int) or d["dim"] % n_heads):
             raise ConfigError(f"{source}: dim ({d['dim']!r}) is not divisible by n_heads ({n_heads}) and no "
                               "head_dim is given")
-        if moe_d is not None:
-            moe = MoEConfig(num_experts=moe_d.get("num_experts", 8), top_k=moe_d.get("num_experts_per_tok", 2))
+        if moe_d is not None:  # both required, as mistral-inference's MoeArgs has no defaults for them
+            for key in ("num_experts", "num_experts_per_tok"):
+                if key not in moe_d:
+                    raise ConfigError(f"{source}: required field 'moe.{key}' is missing (mistral-inference's "
+                                      "MoeArgs has no default for it)")
+            moe = MoEConfig(num_experts=moe_d["num_experts"], top_k=moe_d["num_experts_per_tok"])
         # mistral-inference reads "_sliding_window" as the window too (TransformerArgs.__post_init__).
         window = d.get("sliding_window")
         if window is None:
