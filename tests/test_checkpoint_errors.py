@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import hf_mixtral
+from conftest import hf_mistral, hf_mixtral
 from mixlab import CheckpointError, ModelConfig, Transformer, load_model, save_model
 from mixlab.checkpoint import io as ckio
 
@@ -192,6 +192,39 @@ def test_wrong_dtype(ckpt, no_reads, dtype):
     msg = load_error(ckpt)
     assert f"'{name}'" in msg and "expected a floating-point dtype" in msg
     assert {torch.int64: "I64", torch.int8: "I8", torch.bool: "BOOL"}[dtype] in msg
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_a_dense_config_over_expert_weights_names_the_mismatch(ckpt, no_reads, model_type):
+    """A Mixtral whose config.json says llama / mistral was "missing tensors ...mlp.gate_proj.weight"."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
+    assert load_error(ckpt) == (
+        f"{ckpt}: the config describes a dense model (config.json, model_type {model_type!r}) but the weights hold "
+        "4 MoE experts per layer (model.layers.0.block_sparse_moe.experts.0.w1.weight, ...): an MoE checkpoint's "
+        "config.json has model_type 'mixtral', architectures ['MixtralForCausalLM'], num_local_experts 4 and "
+        "num_experts_per_tok")
+
+
+def test_an_moe_config_over_dense_weights_names_the_mismatch(tmp_path, no_reads):
+    folder = hf_mistral(tmp_path / "dense")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral", "num_local_experts": 8}))
+    msg = load_error(folder)
+    assert msg.startswith(f"{folder}: the config describes an MoE model (8 experts; config.json, model_type "
+                          "'mixtral') but the weights hold a dense feed-forward (model.layers.0.mlp.down_proj.weight")
+    assert "model_type 'mistral' or 'llama'" in msg
+
+
+def test_params_json_without_moe_over_expert_weights_names_the_mismatch(ckpt, tmp_path):
+    out = tmp_path / "mistral"
+    save_model(load_model(ckpt), out, fmt="mistral")
+    params = json.loads((out / "params.json").read_text())
+    del params["moe"]
+    (out / "params.json").write_text(json.dumps(params))
+    assert load_error(out).endswith('but the weights hold 4 MoE experts per layer (layers.0.feed_forward.experts.0.'
+                                    'w1.weight, ...): an MoE checkpoint\'s params.json has a "moe" block, '
+                                    '{"num_experts": 4, "num_experts_per_tok": K}')
 
 
 def test_a_quantised_transformers_checkpoint_is_named_as_such(ckpt, no_reads):

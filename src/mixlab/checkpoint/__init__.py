@@ -86,6 +86,38 @@ def _refuse_quantised(root: Path) -> None:
                               "from (then --quant int8 / int4, or prepare_for_inference), or a GGUF file")
 
 
+def _refuse_moe_mismatch(root: Path, config: ModelConfig, infos: dict[str, TensorInfo], fmt: str) -> None:
+    """A config that says dense over weights holding experts (a Mixtral saved with model_type "llama"),
+    or the reverse, named as such rather than as a list of "missing tensors": what the config should say."""
+    experts = sorted(k for k in infos if ".experts." in k)
+    if bool(experts) == config.is_moe:
+        return
+    f = root / ("params.json" if fmt == "mistral" else "config.json")
+    said = ""
+    if f.is_file() and fmt != "mistral":
+        try:
+            said = f", model_type {json.loads(f.read_text(encoding='utf-8')).get('model_type')!r}"
+        except (OSError, ValueError, RecursionError, AttributeError):  # config.py names what is wrong with it
+            pass
+    if experts:
+        fused = [k for k in experts if k.endswith("experts.gate_up_proj")]
+        n = infos[fused[0]].shape[0] if fused else len({m.group(1) for k in experts
+                                                        if (m := re.search(r"\.experts\.(\d+)\.", k))})
+        fix = (f'a "moe" block, {{"num_experts": {n}, "num_experts_per_tok": K}}' if fmt == "mistral" else
+               f"model_type 'mixtral', architectures ['MixtralForCausalLM'], num_local_experts {n} and "
+               "num_experts_per_tok")
+        raise CheckpointError(f"{root}: the config describes a dense model ({f.name}{said}) but the weights hold "
+                              f"{n} MoE experts per layer ({experts[0]}, ...): an MoE checkpoint's {f.name} has {fix}")
+    dense = next((k for k in sorted(infos) if re.search(r"(mlp\.(gate|up|down)_proj|feed_forward\.w\d)\.weight$", k)),
+                 None)
+    if dense is None:  # neither: the list of missing tensors says more
+        return
+    fix = 'no "moe" block' if fmt == "mistral" else "model_type 'mistral' or 'llama'"
+    raise CheckpointError(f"{root}: the config describes an MoE model ({config.moe.num_experts if config.moe else 0} "
+                          f"experts; {f.name}{said}) but the weights hold a dense feed-forward ({dense}, ...): a "
+                          f"dense checkpoint's {f.name} has {fix} (`mixlab upcycle` makes an MoE model from one)")
+
+
 def plan(root: Path, config: ModelConfig) -> tuple[str, list[Rule], dict[str, TensorInfo]]:
     """Match the checkpoint at `root` against `config` without reading tensor data: the format,
     the key-map rules, and every tensor's location. CheckpointError names the first problem."""
@@ -101,6 +133,7 @@ def plan(root: Path, config: ModelConfig) -> tuple[str, list[Rule], dict[str, Te
     if len(held) != config.n_layers:
         raise CheckpointError(f"{root}: the config has {config.n_layers} layers (num_hidden_layers / n_layers), "
                               f"the weights hold {len(held)}")
+    _refuse_moe_mismatch(root, config, infos, fmt)
     table = rules(config, fmt)
     wanted = {name for r in table for name in r.theirs}
     missing = sorted(wanted - set(infos))
