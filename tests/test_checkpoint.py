@@ -473,6 +473,17 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_convert_to_hf_fused_loads_back_exactly(tmp_path, capsys):
+    # save_model writes transformers >= 5's fused experts; convert's --to did not offer them.
+    src = hf_mixtral(tmp_path / "hf")
+    assert main(["convert", str(src), str(tmp_path / "fused"), "--to", "hf-fused", "--quiet"]) == 0
+    assert "(hf-fused)" in capsys.readouterr().out
+    assert "model.layers.0.mlp.experts.gate_up_proj" in tensors_of(tmp_path / "fused")
+    assert_same_tensors(to_state_dict(load_model(src)), to_state_dict(load_model(tmp_path / "fused")))
+    assert main(["convert", str(tmp_path / "fused"), str(tmp_path / "back"), "--quiet"]) == 0
+    assert_same_tensors(tensors_of(src), tensors_of(tmp_path / "back"))
+
+
 @pytest.mark.parametrize("dst", ["notes", "notes.gguf"])
 def test_cli_convert_refuses_its_destination_before_reading_the_model(tmp_path, monkeypatch, capsys, dst):
     """A foreign folder (or file) as the destination was refused only after the whole model was read."""

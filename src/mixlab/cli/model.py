@@ -12,7 +12,7 @@ from pathlib import Path
 from mixlab.cli import add_quiet_arg, dtype_choice, note, user_path
 from mixlab.config import PRESETS, ConfigError, ModelConfig, did_you_mean, get_preset, parse_bytes, suffix_of
 
-CONVERT_FORMATS = ["hf", "mistral", "gguf"]
+CONVERT_FORMATS = ["hf", "hf-fused", "mistral", "gguf"]
 
 
 def shard_bytes(text: str) -> int:
@@ -264,7 +264,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output folder (or .gguf file), written atomically; an existing one is replaced "
                         "only if mixlab wrote it as a checkpoint (not a dataset or a training checkpoint)")
     p.add_argument("--to", choices=CONVERT_FORMATS, default=None,
-                   help="output format (default: gguf for a dst ending in .gguf, else hf)")
+                   help="output format: hf (transformers, per-expert tensors, which every version reads), hf-fused "
+                        "(transformers >= 5's fused expert tensors, mlp.experts.gate_up_proj / down_proj), mistral "
+                        "(params.json + consolidated.safetensors), gguf (default: gguf for a dst ending in .gguf, "
+                        "else hf)")
     p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "int4"], default=None,
                    help="GGUF only: how matrices are stored (default bf16; norms and router stay f32; int4 = q4_0, "
                         "mixlab's int4 layout; with q8_0/q4_0, a matrix whose rows are not a multiple of 32 is "
