@@ -596,6 +596,35 @@ def test_cli_info_on_a_checkpoint_reads_no_tensor_data(tmp_path, capsys, monkeyp
     assert "hf format" in out and "float32" in out
 
 
+def test_cli_info_describes_a_lora_adapter_folder(tmp_path, capsys, monkeypatch):
+    """`mixlab info RUN/adapter` refused the folder (no config.json): it describes the adapter instead."""
+    import json
+
+    from mixlab.train.lora import LoraConfig, apply_lora, save_peft
+
+    model = apply_lora(Transformer(PRESETS["tiny-moe"]), LoraConfig(rank=4, alpha=8, targets=("attention", "router")))
+    save_peft(model, tmp_path / "adapter")
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    conf["base_model_name_or_path"] = "mistralai/Mixtral-8x7B-v0.1"
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(conf))
+    tensors = tensors_of(tmp_path / "adapter")
+    params, size = sum(t.numel() for t in tensors.values()), sum(t.nbytes for t in tensors.values())
+    monkeypatch.setattr(ckio, "_pread_into", lambda *a, **kw: pytest.fail("info read tensor data"))
+    assert main(["info", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"{tmp_path / 'adapter'}: LoRA adapter (PEFT) over mistralai/Mixtral-8x7B-v0.1; rank 4, alpha 8 "
+                      "(scale 2)")
+    assert "target modules:    k_proj, o_proj, q_proj, v_proj" in out
+    assert f"tensors:           {len(tensors)} ({params:,} parameters) in adapter_model.safetensors: float32 " \
+           f"{size:,} bytes ({size / 2**20:.2f} MiB)" in out
+    assert out[-1].startswith(f"use:               --adapter {tmp_path / 'adapter'} --model mistralai/Mixtral-8x7B")
+    assert main(["info", str(tmp_path / "adapter"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["r"], got["lora_alpha"], got["tensors"], got["parameters"]) == (4, 8, len(tensors), params)
+    assert got["bytes_by_dtype"] == {"float32": size}
+    assert got["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
 def test_cli_info_on_a_truncated_checkpoint_is_one_error(tmp_path, capsys):
     """The checkpoint is checked before the summary is printed: a damaged one gets the error alone."""
     src = hf_mixtral(tmp_path / "hf")

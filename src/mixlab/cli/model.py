@@ -65,7 +65,48 @@ def _binary(n: float) -> str:
             return f"{n / size:,.2f} {unit}"
     return f"{n / 2**10:,.2f} KiB"
 
+def _adapter_info(path: Path, as_json: bool) -> int:
+    """`mixlab info` of a PEFT LoRA adapter folder (RUN/adapter, PEFT's save_pretrained): what it adapts
+    and over which base, from its config and its file's header (checked as --adapter checks them)."""
+    from mixlab.checkpoint.adapter import WEIGHTS, read_adapter
+    from mixlab.checkpoint.io import DTYPES
+    from mixlab.dtypes import dtype_name
+
+    a = read_adapter(path)
+    c = a.config
+    by_dtype: dict[str, int] = {}
+    for t in a.tensors.values():
+        key = dtype_name(DTYPES[t.dtype]) if t.dtype in DTYPES else t.dtype
+        by_dtype[key] = by_dtype.get(key, 0) + t.end - t.start
+    params = sum(math.prod(t.shape) for t in a.tensors.values())
+    base = c.get("base_model_name_or_path")  # a hub name, a local folder or null (mixlab's own exports)
+    fields = ("base_model_name_or_path", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+              "target_modules", "target_parameters", "layers_to_transform")
+    if as_json:
+        print(json.dumps({"adapter": str(path), **{k: c.get(k) for k in fields}, "tensors": len(a.tensors),
+                          "parameters": params, "bytes_by_dtype": by_dtype}, indent=1))
+        return 0
+    scale = c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
+    patterns = len(c.get("rank_pattern") or {}) + len(c.get("alpha_pattern") or {})
+    print(f"{path}: LoRA adapter (PEFT) over {base if isinstance(base, str) and base else 'a base it does not name'}"
+          f"; rank {c['r']}, alpha {c['lora_alpha']:g} (scale {scale:g}{', rsLoRA' if c.get('use_rslora') else ''})"
+          + (f", {patterns} per-module rank / alpha pattern(s)" if patterns else ""))
+    for label, key in (("target modules:", "target_modules"), ("target params:", "target_parameters"),
+                       ("layers:", "layers_to_transform")):
+        v = c.get(key)
+        if v:
+            print(f"{label:<19}{', '.join(map(str, v)) if isinstance(v, list) else v}")
+    print(f"tensors:           {len(a.tensors):,} ({params:,} parameters) in {WEIGHTS}: " + ", ".join(
+        f"{k} {v:,} bytes" for k, v in by_dtype.items()) + f" ({_binary(sum(by_dtype.values()))})")
+    print(f"use:               --adapter {path} --model {base if isinstance(base, str) and base else 'BASE'} "
+          "(generate, chat, serve, eval: merged at load)")
+    return 0
+
+
 def info(args: argparse.Namespace) -> int:
+    p = Path(args.model)
+    if (p / "adapter_config.json").is_file() and not any((p / f).is_file() for f in ("config.json", "params.json")):
+        return _adapter_info(p, args.json)
     name, cfg = _config(args.model)  # arithmetic on the config only: no weights are allocated
     stored = None
     from mixlab.train.checkpoints import describe_step, is_step
@@ -251,7 +292,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, memory and KV-cache sizes of a preset or checkpoint")
     p.add_argument("model", type=user_path,
                    help="a preset name (e.g. mixtral-8x7b), a checkpoint folder, a .gguf file, a training "
-                        "checkpoint (RUN/checkpoints/step_*) or a run folder")
+                        "checkpoint (RUN/checkpoints/step_*), a run folder or a PEFT LoRA adapter folder "
+                        "(RUN/adapter: its base, rank, alpha, targets and tensors)")
     p.add_argument("--json", action="store_true", help="print the facts as JSON on stdout instead (the config, "
                    "parameter counts, KV-cache bytes, what a checkpoint stores)")
     p.set_defaults(func=info)
