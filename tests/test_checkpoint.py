@@ -596,6 +596,37 @@ def test_cli_info_on_a_checkpoint_reads_no_tensor_data(tmp_path, capsys, monkeyp
     assert "hf format" in out and "float32" in out
 
 
+def test_an_adapter_over_another_local_base_is_warned_about(tmp_path, monkeypatch):
+    """An adapter whose base_model_name_or_path is a local folder was merged silently over any model of
+    its shapes; now a warning names both. Its own base, however spelled, and a hub name are not warned about."""
+    import json
+    import warnings
+
+    from mixlab.train.lora import LoraConfig, apply_lora, save_peft
+
+    cfg = PRESETS["tiny-moe"]
+    for name, seed in (("base", 0), ("other", 1)):
+        m = Transformer(cfg)
+        m.init_weights(std=0.1, seed=seed)
+        save_model(m, tmp_path / name)
+    save_peft(apply_lora(m, LoraConfig(rank=2, alpha=4)), tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    with pytest.warns(UserWarning) as record:
+        load_model(tmp_path / "other", adapter=tmp_path / "adapter")
+    assert [str(w.message) for w in record] == [
+        f"{tmp_path / 'adapter' / 'adapter_config.json'}: the adapter was trained over {tmp_path / 'base'} (its "
+        f"base_model_name_or_path), not {tmp_path / 'other'}: merged over other weights it gives other logits; load "
+        f"it over {tmp_path / 'base'} unless {tmp_path / 'other'} holds the same weights (a conversion of it)"]
+    monkeypatch.chdir(tmp_path)
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model("other/../base", adapter="adapter")  # its own base, spelled otherwise
+        for base in ("mistralai/Mixtral-8x7B-v0.1", None):  # a hub name (never resolved here), none
+            (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path":
+                                                                                   base}))
+            load_model("other", adapter="adapter")
+
+
 def test_cli_info_describes_a_lora_adapter_folder(tmp_path, capsys, monkeypatch):
     """`mixlab info RUN/adapter` refused the folder (no config.json): it describes the adapter instead."""
     import json

@@ -22,7 +22,7 @@ import torch
 
 from mixlab.atomic import recover
 from mixlab.atomic import sibling as _sibling
-from mixlab.checkpoint.adapter import merge_adapter, read_adapter
+from mixlab.checkpoint.adapter import Adapter, merge_adapter, read_adapter
 from mixlab.checkpoint.io import (
     DTYPES,
     FLOAT_DTYPES,
@@ -265,6 +265,19 @@ def _refuse_pickle_or_recover(root: Path) -> None:
                               "config.json or params.json), or a .gguf file")
 
 
+def _warn_other_base(root: Path, peft: Adapter) -> None:
+    """An adapter merged over weights of the right shapes that are not its base's gives other logits
+    silently: warned when its base_model_name_or_path is a local folder other than `root`. A hub name
+    cannot be resolved here, so it is never warned about, and a name alone never refuses a merge."""
+    base = peft.config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base or not Path(base).expanduser().is_dir():
+        return
+    if Path(base).expanduser().resolve() != root.expanduser().resolve():
+        warnings.warn(f"{peft.root / 'adapter_config.json'}: the adapter was trained over {base} (its "
+                      f"base_model_name_or_path), not {root}: merged over other weights it gives other logits; "
+                      f"load it over {base} unless {root} holds the same weights (a conversion of it)", stacklevel=2)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -317,6 +330,8 @@ def load_model(
             raise ValueError("adapter= does not combine with max_memory (offloaded experts): merge the adapter "
                              "into a checkpoint first (load_model(path, adapter=DIR), then save_model)")
     peft = None if adapter is None else read_adapter(adapter)  # a wrong adapter is told before a long load
+    if peft is not None:
+        _warn_other_base(root, peft)
     if suffix_of(root) == ".gguf" and not root.is_dir():
         from mixlab.checkpoint.gguf_read import load_gguf
 
