@@ -76,6 +76,15 @@ def test_params_json_without_rope_theta_follows_the_published_models():
     assert ModelConfig.from_mistral_dict({**base, "moe": moe}).rope_theta == 1e6
 
 
+def test_params_json_of_a_mamba_names_its_model_type():
+    # Codestral Mamba's params.json (mistral-inference's MambaArgs) was "required field 'n_heads' is missing".
+    mamba = {"dim": 64, "n_layers": 2, "vocab_size": 128, "n_groups": 8, "rms_norm": True, "model_type": "mamba"}
+    with pytest.raises(ConfigError, match="^params.json: model_type 'mamba' is not supported .expected 'transformer'"):
+        ModelConfig.from_mistral_dict(mamba)
+    base = {"dim": 64, "n_layers": 1, "n_heads": 4, "hidden_dim": 96, "vocab_size": 128}
+    assert ModelConfig.from_mistral_dict({**base, "model_type": "transformer"}).dim == 64
+
+
 @pytest.mark.parametrize("key", ["num_experts", "num_experts_per_tok"])
 def test_params_json_moe_block_needs_both_fields(key):
     # mistral-inference's MoeArgs has no defaults; a missing num_experts_per_tok was silently read as 2.

@@ -356,6 +356,9 @@ class ModelConfig:
         `sliding_window` (Mistral 7B v0.1) and 1e6 for one without (Mixtral, Mistral 7B v0.2), and so
         does this. An absent `sliding_window` (or `_sliding_window`, read the same) means none.
         """
+        if d.get("model_type", "transformer") != "transformer":  # mistral-inference's MambaArgs (Codestral Mamba)
+            raise ConfigError(f"{source}: model_type {d['model_type']!r} is not supported (expected 'transformer', "
+                              "mistral-inference's default)")
         for key in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
             if key not in d:
                 raise ConfigError(f"{source}: required field {key!r} is missing")
