@@ -227,6 +227,22 @@ def test_params_json_without_moe_over_expert_weights_names_the_mismatch(ckpt, tm
                                     '{"num_experts": 4, "num_experts_per_tok": K}')
 
 
+@pytest.mark.parametrize("cls", ["MixtralModel", "MixtralForSequenceClassification"])
+def test_a_transformers_model_without_its_lm_head_is_named_as_such(tmp_path, no_reads, cls):
+    """MixtralModel.save_pretrained was "tensor names match no known format", a classifier "missing tensors:
+    lm_head.weight"; both are named by their architectures."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    getattr(transformers, cls)(cfg).save_pretrained(tmp_path / "m")
+    bare = "; names without the model. prefix" if cls == "MixtralModel" else ""
+    assert load_error(tmp_path / "m") == (
+        f"{tmp_path / 'm'}: the weights have no language-modelling head (no lm_head.weight{bare}): config.json "
+        f"architectures ['{cls}']; mixlab loads MixtralForCausalLM, MistralForCausalLM and LlamaForCausalLM "
+        "checkpoints (save that class's model)")
+
+
 def test_a_quantised_transformers_checkpoint_is_named_as_such(ckpt, no_reads):
     """A GPTQ / AWQ / FP8 checkpoint (quantization_config in config.json; q_proj.qweight and .scales for
     q_proj.weight) was "missing tensors for this config: ...experts.0.w1.weight, ..." (and 27 more)."""

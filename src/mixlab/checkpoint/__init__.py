@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,15 +71,22 @@ def _names(xs: list[str]) -> str:
     return ", ".join(xs[:5]) + more
 
 
+def _hf_field(root: Path, key: str) -> Any:
+    """Field `key` of the folder's transformers config.json, for an error to name; None where there is
+    none or the file does not read (config.py names what is wrong with it)."""
+    f = root / "config.json"
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get(key) if f.is_file() else None
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+
+
 def _refuse_quantised(root: Path) -> None:
     """A transformers checkpoint quantised by GPTQ, AWQ, bitsandbytes, FP8, ... (`quantization_config`
     in its config.json) holds packed integer weights and scales: named as such, not as a list of
     "missing tensors" (its `...weight` are `...qweight`)."""
     f = root / "config.json"
-    try:
-        q = json.loads(f.read_text(encoding="utf-8")).get("quantization_config") if f.is_file() else None
-    except (OSError, ValueError, RecursionError, AttributeError):  # config.py names what is wrong with it
-        return
+    q = _hf_field(root, "quantization_config")
     if q:
         method = q.get("quant_method") if isinstance(q, dict) else q
         raise CheckpointError(f"{f}: quantization_config (quant_method {method!r}): a quantised checkpoint, whose "
@@ -93,12 +101,7 @@ def _refuse_moe_mismatch(root: Path, config: ModelConfig, infos: dict[str, Tenso
     if bool(experts) == config.is_moe:
         return
     f = root / ("params.json" if fmt == "mistral" else "config.json")
-    said = ""
-    if f.is_file() and fmt != "mistral":
-        try:
-            said = f", model_type {json.loads(f.read_text(encoding='utf-8')).get('model_type')!r}"
-        except (OSError, ValueError, RecursionError, AttributeError):  # config.py names what is wrong with it
-            pass
+    said = f", model_type {_hf_field(root, 'model_type')!r}" if fmt != "mistral" and f.is_file() else ""
     if experts:
         fused = [k for k in experts if k.endswith("experts.gate_up_proj")]
         n = infos[fused[0]].shape[0] if fused else len({m.group(1) for k in experts
@@ -118,11 +121,27 @@ def _refuse_moe_mismatch(root: Path, config: ModelConfig, infos: dict[str, Tenso
                           f"dense checkpoint's {f.name} has {fix} (`mixlab upcycle` makes an MoE model from one)")
 
 
+def _refuse_headless(root: Path, config: ModelConfig, infos: dict[str, TensorInfo]) -> None:
+    """A transformers checkpoint of another class than ...ForCausalLM (the bare MixtralModel, a sequence
+    classifier) has no language-modelling head: named by its architectures, not as "no known format"
+    or "missing tensors: lm_head.weight"."""
+    bare = "embed_tokens.weight" in infos  # MixtralModel.save_pretrained: no "model." prefix, no head
+    if not bare and ("model.embed_tokens.weight" not in infos or config.tie_embeddings or "lm_head.weight" in infos):
+        return
+    arch = _hf_field(root, "architectures")
+    raise CheckpointError(f"{root}: the weights have no language-modelling head (no lm_head.weight"
+                          f"{'; names without the model. prefix' if bare else ''}): "
+                          f"{f'config.json architectures {arch!r}' if arch else 'not a causal language model'}; "
+                          "mixlab loads MixtralForCausalLM, MistralForCausalLM and LlamaForCausalLM checkpoints "
+                          "(save that class's model)")
+
+
 def plan(root: Path, config: ModelConfig) -> tuple[str, list[Rule], dict[str, TensorInfo]]:
     """Match the checkpoint at `root` against `config` without reading tensor data: the format,
     the key-map rules, and every tensor's location. CheckpointError names the first problem."""
     _refuse_quantised(root)
     infos = scan(root)
+    _refuse_headless(root, config, infos)
     try:
         fmt = detect_format(set(infos))
     except ValueError as e:

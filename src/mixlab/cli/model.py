@@ -118,8 +118,8 @@ def info(args: argparse.Namespace) -> int:
         from mixlab.checkpoint.io import DTYPES
         from mixlab.dtypes import dtype_name
 
-        d = describe(name)  # headers only
         plan(Path(name), cfg)  # names, shapes and dtypes checked against the config, as load_model does
+        d = describe(name)  # headers only
         stored = f"{d.format} format, {d.tensors} tensors in {d.files} file(s): " + ", ".join(
             f"{dtype_name(DTYPES[k]) if k in DTYPES else k} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
     elif suffix_of(args.model) == ".gguf":  # its tensors checked as load_model checks them
