@@ -129,6 +129,8 @@ def _refuse_headless(root: Path, config: ModelConfig, infos: dict[str, TensorInf
     if not bare and ("model.embed_tokens.weight" not in infos or config.tie_embeddings or "lm_head.weight" in infos):
         return
     arch = _hf_field(root, "architectures")
+    if not bare and not (isinstance(arch, list) and arch and not any(str(a).endswith("ForCausalLM") for a in arch)):
+        return  # a causal LM's file that lost its head: "missing tensors" says it
     raise CheckpointError(f"{root}: the weights have no language-modelling head (no lm_head.weight"
                           f"{'; names without the model. prefix' if bare else ''}): "
                           f"{f'config.json architectures {arch!r}' if arch else 'not a causal language model'}; "
