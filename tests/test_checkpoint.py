@@ -654,6 +654,11 @@ def test_cli_info_describes_a_lora_adapter_folder(tmp_path, capsys, monkeypatch)
     assert (got["r"], got["lora_alpha"], got["tensors"], got["parameters"]) == (4, 8, len(tensors), params)
     assert got["bytes_by_dtype"] == {"float32": size}
     assert got["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    # a LoRA run without a merged hf/ export (its checkpoints hold the factors alone) is its adapter
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "adapter").rename(tmp_path / "run" / "adapter")
+    assert main(["info", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'run' / 'adapter'}: LoRA adapter (PEFT) over mistralai/")
 
 
 def test_cli_info_on_a_truncated_checkpoint_is_one_error(tmp_path, capsys):

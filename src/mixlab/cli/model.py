@@ -105,8 +105,11 @@ def _adapter_info(path: Path, as_json: bool) -> int:
 
 def info(args: argparse.Namespace) -> int:
     p = Path(args.model)
-    if (p / "adapter_config.json").is_file() and not any((p / f).is_file() for f in ("config.json", "params.json")):
-        return _adapter_info(p, args.json)
+    if not any((p / f).is_file() for f in ("config.json", "params.json", "hf/config.json")):
+        # an adapter folder, or a LoRA run without a merged export (its checkpoints hold the factors alone)
+        for adapter in (p, p / "adapter"):
+            if (adapter / "adapter_config.json").is_file():
+                return _adapter_info(adapter, args.json)
     name, cfg = _config(args.model)  # arithmetic on the config only: no weights are allocated
     stored = None
     from mixlab.train.checkpoints import describe_step, is_step
