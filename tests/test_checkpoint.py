@@ -627,6 +627,37 @@ def test_an_adapter_over_another_local_base_is_warned_about(tmp_path, monkeypatc
             load_model("other", adapter="adapter")
 
 
+def test_cli_convert_merges_an_adapter(tmp_path, capsys):
+    """convert had no --adapter: an adapter (or a LoRA run without hf/) could not become a model or a GGUF,
+    and convert RUN said its checkpoint was 'not a model to start from'."""
+    from mixlab.train.lora import LoraConfig, apply_lora, save_peft
+
+    base = Transformer(PRESETS["tiny-moe"])
+    base.init_weights(std=0.1, seed=0)
+    save_model(base, tmp_path / "base")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = to_state_dict(base)[q].clone()
+    lora = apply_lora(base, LoraConfig(rank=2, alpha=4, targets=("attention", "experts")))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    save_peft(lora, tmp_path / "run" / "adapter", base_model=str(tmp_path / "base"))
+    (tmp_path / "run" / "checkpoints").mkdir()
+    assert main(["convert", str(tmp_path / "base"), str(tmp_path / "out"), "--to", "mistral", "--quiet",
+                 "--adapter", str(tmp_path / "run" / "adapter")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'out'} (mistral, {tmp_path / 'run' / 'adapter'} merged)\n"
+    want = to_state_dict(load_model(tmp_path / "base", adapter=tmp_path / "run" / "adapter"))
+    assert_same_tensors(want, to_state_dict(load_model(tmp_path / "out")))
+    assert not torch.equal(want[q], before)  # the adapter changed the weights
+    for src in ("run", "run/adapter"):
+        assert main(["convert", str(tmp_path / src), str(tmp_path / "x"), "--quiet"]) == 2
+        assert capsys.readouterr().err == (
+            f"mixlab convert: error: {tmp_path / src}: a LoRA adapter, not a model (a LoRA run without a merged hf/ "
+            f"export); `mixlab convert {tmp_path / 'base'} {tmp_path / 'x'} --adapter {tmp_path / 'run' / 'adapter'}` "
+            "writes its base with it merged\n")
+
+
 def test_cli_info_describes_a_lora_adapter_folder(tmp_path, capsys, monkeypatch):
     """`mixlab info RUN/adapter` refused the folder (no config.json): it describes the adapter instead."""
     import json

@@ -65,6 +65,14 @@ def _binary(n: float) -> str:
             return f"{n / size:,.2f} {unit}"
     return f"{n / 2**10:,.2f} KiB"
 
+def _adapter_of(p: Path) -> Path | None:
+    """The PEFT adapter folder `p` stands for where it holds no model: an adapter folder itself, or a LoRA
+    run without a merged hf/ export (its checkpoints hold the factors alone)."""
+    if any((p / f).is_file() for f in ("config.json", "params.json", "hf/config.json")):
+        return None
+    return next((a for a in (p, p / "adapter") if (a / "adapter_config.json").is_file()), None)
+
+
 def _adapter_info(path: Path, as_json: bool) -> int:
     """`mixlab info` of a PEFT LoRA adapter folder (RUN/adapter, PEFT's save_pretrained): what it adapts
     and over which base, from its config and its file's header (checked as --adapter checks them)."""
@@ -104,12 +112,9 @@ def _adapter_info(path: Path, as_json: bool) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
-    p = Path(args.model)
-    if not any((p / f).is_file() for f in ("config.json", "params.json", "hf/config.json")):
-        # an adapter folder, or a LoRA run without a merged export (its checkpoints hold the factors alone)
-        for adapter in (p, p / "adapter"):
-            if (adapter / "adapter_config.json").is_file():
-                return _adapter_info(adapter, args.json)
+    adapter = _adapter_of(Path(args.model))
+    if adapter is not None:
+        return _adapter_info(adapter, args.json)
     name, cfg = _config(args.model)  # arithmetic on the config only: no weights are allocated
     stored = None
     from mixlab.train.checkpoints import describe_step, is_step
@@ -229,6 +234,17 @@ def convert(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} applies to --to gguf only (this writes a {args.to} folder)")
     args.quant = args.quant or "bf16"
     given = _vocabulary_file(args.tokenizer) if args.tokenizer is not None else None  # now, not after loading
+    lone = _adapter_of(Path(args.src))
+    if lone is not None:  # no weights of its own: the base's, merged with it
+        from mixlab.checkpoint.adapter import read_adapter
+
+        base = read_adapter(lone).config.get("base_model_name_or_path") or "BASE"
+        raise ValueError(f"{args.src}: a LoRA adapter, not a model (a LoRA run without a merged hf/ export); "
+                         f"`mixlab convert {base} {args.dst} --adapter {lone}` writes its base with it merged")
+    if args.adapter is not None:  # checked now, not after loading the model
+        from mixlab.checkpoint.adapter import read_adapter
+
+        read_adapter(args.adapter)
     if args.to == "gguf":  # the optional package, asked for now, not after loading the model
         try:
             import gguf  # noqa: F401
@@ -242,8 +258,9 @@ def convert(args: argparse.Namespace) -> int:
     # refused now, not after reading a model of many GB (save_model and write_gguf check it again); never
     # over what it reads: a run's export, a split GGUF's other part, a link's target, the --tokenizer
     inputs = input_files(args.src) | ({given: f"the --tokenizer {args.tokenizer}"} if given else {})
-    sources = list(dict.fromkeys([args.src, str(src), *map(str, inputs)]))
-    check_destination(args.dst, sources=[args.src, str(src)], inputs=inputs, overwrite=args.overwrite,
+    read = [args.src, str(src), *([str(args.adapter)] if args.adapter is not None else [])]
+    sources = list(dict.fromkeys([*read, *map(str, inputs)]))
+    check_destination(args.dst, sources=read, inputs=inputs, overwrite=args.overwrite,
                       kind="file" if args.to == "gguf" else "folder", magic=b"GGUF" if args.to == "gguf" else None,
                       writes=None if args.to == "gguf" else "checkpoint")
     if gguf_src:
@@ -258,9 +275,14 @@ def convert(args: argparse.Namespace) -> int:
             data = checkpoints.validate(src, checksums=False).get("data")  # load_init checked every byte
             extra = checkpoints.data_file(data) if data else {}
         else:
-            model = load_model(src, dtype=args.dtype)
+            model = load_model(src, dtype=args.dtype, adapter=args.adapter)
     else:
-        model = load_model(args.src, dtype=args.dtype)
+        model = load_model(args.src, dtype=args.dtype, adapter=args.adapter)
+    if args.adapter is not None and (gguf_src or checkpoints.is_step(src)):  # loaded without load_model
+        from mixlab.checkpoint import merge_adapter
+
+        merge_adapter(model, args.adapter)
+    merged = f", {args.adapter} merged" if args.adapter is not None else ""
     with tempfile.TemporaryDirectory(prefix="mixlab-convert-") as tmp:
         if args.to == "gguf":
             from mixlab.checkpoint.gguf import write_gguf
@@ -277,7 +299,7 @@ def convert(args: argparse.Namespace) -> int:
             quant = "q4_0" if args.quant == "int4" else args.quant  # mixlab's int4 at groups of 32 is Q4_0
             write_gguf(model, args.dst, quant=quant, tokenizer=tokenizer, sources=sources,
                        overwrite=args.overwrite, progress=not args.quiet)
-            print(f"wrote {args.dst} (gguf, {args.quant})")
+            print(f"wrote {args.dst} (gguf, {args.quant}{merged})")
             return 0
         if gguf_src:  # its vocabulary becomes the folder's tokenizer.model
             vocab = _gguf_vocabulary(args.src, Path(tmp))
@@ -287,7 +309,7 @@ def convert(args: argparse.Namespace) -> int:
         save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
                    copy_files=copy, extra_files=extra, sources=sources, overwrite=args.overwrite,
                    progress=not args.quiet)
-    print(f"wrote {args.dst} ({args.to}{f', from {src}' if src != Path(args.src) else ''})")
+    print(f"wrote {args.dst} ({args.to}{f', from {src}' if src != Path(args.src) else ''}{merged})")
     return 0
 
 
@@ -321,6 +343,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GGUF only: the vocabulary's SentencePiece model: mixtral (Mixtral's, from mistral-common), "
                         "a .model file or a folder holding one (default: the source's: a GGUF's, a folder's "
                         "tokenizer.model, or the one a trained model's data used; else mixtral)")
+    p.add_argument("--adapter", type=user_path, default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter folder (as PEFT, TRL and mixlab sft / dpo write it) merged into the "
+                        "weights before they are written, as PEFT's merge_and_unload then save_pretrained")
     p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default=None,
                    help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=None,
