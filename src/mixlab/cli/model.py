@@ -65,6 +65,7 @@ def _binary(n: float) -> str:
             return f"{n / size:,.2f} {unit}"
     return f"{n / 2**10:,.2f} KiB"
 
+
 def _adapter_of(p: Path) -> Path | None:
     """The PEFT adapter folder `p` stands for where it holds no model: an adapter folder itself, or a LoRA
     run without a merged hf/ export (its checkpoints hold the factors alone)."""
@@ -234,16 +235,14 @@ def convert(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} applies to --to gguf only (this writes a {args.to} folder)")
     args.quant = args.quant or "bf16"
     given = _vocabulary_file(args.tokenizer) if args.tokenizer is not None else None  # now, not after loading
+    from mixlab.checkpoint.adapter import read_adapter
+
     lone = _adapter_of(Path(args.src))
     if lone is not None:  # no weights of its own: the base's, merged with it
-        from mixlab.checkpoint.adapter import read_adapter
-
         base = read_adapter(lone).config.get("base_model_name_or_path") or "BASE"
         raise ValueError(f"{args.src}: a LoRA adapter, not a model (a LoRA run without a merged hf/ export); "
                          f"`mixlab convert {base} {args.dst} --adapter {lone}` writes its base with it merged")
     if args.adapter is not None:  # checked now, not after loading the model
-        from mixlab.checkpoint.adapter import read_adapter
-
         read_adapter(args.adapter)
     if args.to == "gguf":  # the optional package, asked for now, not after loading the model
         try:
