@@ -112,6 +112,42 @@ def _zero_tokens_job(rank: int) -> None:
             torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
 
 
+class _Built(Exception):
+    """Raised where `train` makes its optimizer: the model is built and sharded, nothing trained yet."""
+
+
+def _setup_memory_job(rank: int, job: dict[str, Any]) -> None:
+    """`train`'s setup of this process's model (up to the optimizer), measured: writes how much the
+    process's peak resident memory grew during it and the whole float32 model's bytes."""
+    import resource
+
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+    from mixlab.parallel.mesh import init
+    from mixlab.parallel.train import DistributedTraining
+    from mixlab.train import loop
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def built(model: torch.nn.Module, cfg: Any) -> None:
+        # the parameters' bytes are counted on the unsharded model of the same config, on meta
+        with torch.device("meta"):
+            full = Transformer(model.config)
+        whole = sum(p.numel() * p.element_size() for p in full.parameters())
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss: KiB on Linux
+        Path(job["report"]).with_suffix(f".{rank}.json").write_text(json.dumps({"grown": grown, "model": whole}))
+        raise _Built
+
+    loop.make_optimizer = built  # type: ignore[assignment]  # a fresh process of its own: nothing else trains
+    par = DistributedTraining(init(ep=job["ep"], fsdp=job["fsdp"]))
+    with torch.device("meta"):  # the meta device's first use imports ~100 MB of torch code: not measured
+        Transformer(get_preset("tiny-moe"))
+    before = resident()
+    with contextlib.suppress(_Built):
+        train(load_train_config(None, **job["cfg"]), parallel=par)
+
+
 def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -123,6 +159,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> Non
         for job in jobs:
             if job["kind"] == "zero_tokens":
                 _zero_tokens_job(rank)
+                continue
+            if job["kind"] == "setup_memory":
+                _setup_memory_job(rank, job)
                 continue
             par = DistributedTraining(init(ep=job["ep"], fsdp=job["fsdp"]))
             cfg = load_train_config(None, **job["cfg"])
@@ -837,6 +876,22 @@ def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(small_data: Pa
     assert checkpoints.latest(out / "checkpoints") == out / "checkpoints" / f"step_{step:08d}"
     state = checkpoints.validate(out / "checkpoints" / f"step_{step:08d}")  # every rank's pieces, checksummed
     assert state["step"] == step and state["world"] == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads the resident memory in /proc")
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_no_process_ever_holds_the_whole_model(small_data: Path, tmp_path: Path, fsdp: bool) -> None:
+    """--ep 2 on a ~100 MB model whose experts are most of it: each process allocates only its half of
+    the experts (and its FSDP shard of the rest), plus one full parameter at a time while it draws
+    the initial values; it used to build and initialise the whole model, then keep its share."""
+    big = {"dim": 256, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64, "ffn_dim": 512,
+           "moe": {"num_experts": 8, "top_k": 2}}
+    cfg = _cfg(small_data, tmp_path / "run", model_overrides=big, seq_len=16, batch_size=2, grad_accum=1)
+    _run_group(2, [{"kind": "setup_memory", "ep": 2, "fsdp": fsdp, "cfg": cfg, "report": str(tmp_path / "mem")}])
+    for rank in range(2):
+        got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
+        # half the experts (~47%) + one expert stack (~8%) + slack for the allocator
+        assert got["grown"] < 0.75 * got["model"], (rank, got)
 
 
 def test_ep_on_a_dense_model_is_refused() -> None:

@@ -6,7 +6,7 @@ Shape legend: B batch, T tokens in this call, D width, V vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -171,15 +171,23 @@ class Transformer(nn.Module):
     def init_weights(self, *, std: float = 0.02, seed: int | None = None) -> None:
         """Random initialisation for training from scratch: normal(0, std); output projections
         (wo, w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in self.initial_values(std=std, seed=seed):
+                params[name].copy_(value)
+
+    def initial_values(self, *, std: float = 0.02, seed: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """`init_weights`' value of each parameter, one at a time (float32, CPU), in `named_parameters`
+        order: all drawn from one generator, so a sharded copy of the model that keeps its part of each
+        gets the same weights (`mixlab.parallel.train`). Reads the shapes only: works on the meta device."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    s = out_std if name.endswith(("wo.weight", "w2", "w2.weight")) else std
-                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                yield name, torch.ones(p.shape, device="cpu")
+            else:
+                s = out_std if name.endswith(("wo.weight", "w2", "w2.weight")) else std
+                yield name, torch.randn(p.shape, generator=g, dtype=torch.float32, device="cpu").mul_(s)
 
     def set_moe_impl(self, impl: str) -> None:
         """Every MoE layer's expert computation: "auto" (the kernel registry's choice) or one of

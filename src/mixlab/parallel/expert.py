@@ -39,6 +39,12 @@ def expert_param_names(model: Transformer) -> set[str]:
             for w in ("w13", "w2")}
 
 
+def local_experts(w_E: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """This rank's E / ep consecutive experts of a stacked expert weight (a view of dim 0)."""
+    L = w_E.shape[0] // layout.ep
+    return w_E[layout.ep_rank * L: (layout.ep_rank + 1) * L]
+
+
 def _segments_index(sizes_PL: torch.Tensor) -> torch.Tensor:
     """Rows arrive source-major (source p's rows for local experts 0..L-1, then p+1's); the index that
     reorders them expert-major (expert 0's rows from every source first), as `Experts` expects."""
@@ -111,13 +117,11 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
         if not all(isinstance(getattr(experts, w, None), nn.Parameter) for w in ("w13", "w2")):
             raise ValueError(f"layer {i}: expert parallelism needs plain float experts (w13, w2), not "
                              f"{type(experts).__name__}")
-        L = E // layout.ep
-        lo = layout.ep_rank * L
         with torch.no_grad():
             for w in ("w13", "w2"):
                 full = getattr(experts, w)
-                setattr(experts, w, nn.Parameter(full[lo: lo + L].clone(), requires_grad=full.requires_grad))
-        experts.num_experts = L
+                setattr(experts, w, nn.Parameter(local_experts(full, layout).clone(), requires_grad=full.requires_grad))
+        experts.num_experts = E // layout.ep
         experts.forward = functools.partial(_experts_forward, experts, experts.forward)  # type: ignore[method-assign]
         ffn.forward = functools.partial(ep_forward, ffn, layout)  # type: ignore[method-assign]
 

@@ -16,6 +16,7 @@ losses and gradients equal the one-process run's on the whole batch (tests/test_
 
 from __future__ import annotations
 
+import copy
 import math
 import secrets
 from collections.abc import Callable
@@ -25,12 +26,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from mixlab.config import ModelConfig
 from mixlab.errors import OutputError
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.parallel import checkpoint as dcp_ckpt
-from mixlab.parallel.expert import apply_expert_parallel, expert_param_names
+from mixlab.parallel.expert import apply_expert_parallel, expert_param_names, local_experts
 from mixlab.parallel.mesh import Layout, check_same
 
 
@@ -68,6 +71,32 @@ class DistributedTraining:
         apply_expert_parallel(model, self.layout)
         if self.layout.fsdp:
             apply_fsdp(model, self.layout)
+
+    def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int) -> Transformer:
+        """The model as `Transformer(config).init_weights(std=, seed=)` then `parallelize` would make it,
+        without ever holding the whole model: built on the meta device (no memory), sharded there, then
+        only this process's pieces allocated on `device` (`to_empty`) and filled with their part of each
+        parameter's full initial value, drawn one parameter at a time from the same generator. Peak
+        memory: the shards plus one full parameter (twice, on the CPU), not the whole float32 model
+        (torchtitan's meta-device initialisation)."""
+        with torch.device("meta"):
+            model = Transformer(config)
+        values = copy.deepcopy(model).initial_values(std=std, seed=seed)  # the unsharded shapes, still on meta
+        self.parallelize(model)
+        model.to_empty(device=device)
+        if config.tie_embeddings:  # to_empty makes one tensor per module that shared one
+            model.output.weight = model.tok_embeddings.weight
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, full in values:
+                p = params[name]
+                part = local_experts(full, self.layout) if name in self.expert_names else full
+                if isinstance(p, DTensor):  # an FSDP shard of it
+                    shape, offset = compute_local_shape_and_global_offset(part.shape, p.device_mesh, p.placements)
+                    part = part[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+                _local(p).copy_(part)
+                del full, part  # before the next one is drawn
+        return model
 
     def check_same(self, values: dict[str, Any]) -> None:
         check_same(values)
