@@ -133,16 +133,18 @@ def load(ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer | N
 
 def export(model: Transformer, path: Path, *, layout: Layout, expert_names: set[str],
            write: Callable[[Transformer, Path], None]) -> None:
-    """One consolidated checkpoint from a sharded model: every tensor gathered whole (collective),
-    copied into a plain single-device model on rank 0 and written there by `write(model, path)`."""
-    full: dict[str, torch.Tensor] = {}
+    """One consolidated checkpoint from a sharded model: every tensor gathered whole (collective), one
+    at a time, copied into a plain single-device model on rank 0 and written there by `write(model,
+    path)`. Rank 0's host holds the whole model once; the other ranks one tensor at a time."""
+    plain = Transformer(model.config) if layout.is_main else None
+    params = dict(plain.named_parameters()) if plain is not None else {}
     for name, p in model.named_parameters():
         t = _global(p.detach(), layout, name in expert_names)
-        full[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
-    if layout.is_main:
-        plain = Transformer(model.config)
-        with torch.no_grad():
-            for name, q in plain.named_parameters():
-                q.copy_(full[name])
+        whole = t.full_tensor() if isinstance(t, DTensor) else t
+        if plain is not None:
+            with torch.no_grad():
+                params[name].copy_(whole)
+        del whole  # before the next one is gathered
+    if plain is not None:
         write(plain, path)
     dist.barrier()

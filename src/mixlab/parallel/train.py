@@ -84,7 +84,7 @@ class DistributedTraining:
         values = copy.deepcopy(model).initial_values(std=std, seed=seed)  # the unsharded shapes, still on meta
         self.parallelize(model)
         model.to_empty(device=device)
-        if config.tie_embeddings:  # to_empty makes one tensor per module that shared one
+        if config.tie_embeddings:  # to_empty gives each module its own plain tensor (DTensors it keeps shared)
             model.output.weight = model.tok_embeddings.weight
         params = dict(model.named_parameters())
         with torch.no_grad():
