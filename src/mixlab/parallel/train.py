@@ -77,7 +77,7 @@ class DistributedTraining:
         without ever holding the whole model: built on the meta device (no memory), sharded there, then
         only this process's pieces allocated on `device` (`to_empty`) and filled with their part of each
         parameter's full initial value, drawn one parameter at a time from the same generator. Peak
-        memory: the shards plus one full parameter (twice, on the CPU), not the whole float32 model
+        memory: the shards plus one full parameter (on the CPU), not the whole float32 model
         (torchtitan's meta-device initialisation)."""
         with torch.device("meta"):
             model = Transformer(config)
