@@ -78,6 +78,15 @@ def test_generate_sampling_is_seeded(tiny_dir, capsys):
     assert capsys.readouterr().out == first
 
 
+def test_stop_reads_escapes_as_llama_cpp_does() -> None:
+    # `--stop '\n'` (a backslash and an n from the shell) matched only that text, never a new line
+    from mixlab.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--stop", "\\n",
+                                      "--stop", "a\\tb\\\\n\\r", "--stop", "\\x"])
+    assert args.stop == ["\n", "a\tb\\n\r", "\\x"]
+
+
 @pytest.mark.parametrize("flags,message", [
     # the sampling flags' errors named the library's parameter (temperature=-1.0), after loading the model
     (["--temperature", "-1"], "argument --temperature: expected a number >= 0 (0 = greedy), got -1"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 import time
 import warnings
@@ -356,8 +357,15 @@ def _keep_bad_bytes() -> None:
         sys.stdin.reconfigure(errors="surrogateescape")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
 def _stop(text: str) -> str:
-    """argparse type of --stop: not empty (it would stop at once), and text a reply can hold."""
+    """argparse type of --stop: \\n, \\t, \\r and \\\\ read as the characters they name, as llama.cpp reads
+    its reverse prompts (common/arg.cpp, `--escape` on by default): a shell passes `--stop '\\n'` as a
+    backslash and an n, which matched only that text, not a new line; not empty (it would stop at once),
+    and text a reply can hold."""
+    text = re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
     if not text:
         raise argparse.ArgumentTypeError("expected a non-empty string")
     try:
@@ -390,7 +398,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="OpenAI's: minus this times how often a token was generated (0 = off)")
     g.add_argument("--seed", type=sampling("seed", int), default=None, help="same seed, same sampled text")
     g.add_argument("--stop", type=_stop, action="append", default=[],
-                   help="stop string (repeatable): the text ends before it")
+                   help="stop string (repeatable): the text ends before it; \\n, \\t, \\r, \\\\ as escapes")
     add_runtime_args(p)
     add_quiet_arg(p)
 
