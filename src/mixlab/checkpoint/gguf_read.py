@@ -693,11 +693,12 @@ def _pb_int(num: int, v: int) -> bytes:
     return _field(num, 0, _varint(v & (2**64 - 1)))
 
 
-def sentencepiece_proto(path: str | Path) -> bytes:
+def sentencepiece_proto(path: str | Path, header: GGUFHeader | None = None) -> bytes:
     """A serialised SentencePiece `ModelProto` (BPE, byte fallback) equal to the GGUF file's `llama`
     vocabulary: its pieces, scores and token types (GGUF numbers them as SentencePiece does), and
-    its special ids. Written with the protobuf wire format directly (no protobuf dependency)."""
-    h = read_header(path)
+    its special ids. Written with the protobuf wire format directly (no protobuf dependency).
+    `header`: the file's, when the caller has read it already."""
+    h = header or read_header(path)
     model = h.metadata.get("tokenizer.ggml.model")
     if model != "llama":
         raise CheckpointError(f"{h.path}: tokenizer {model!r} in the GGUF metadata is not supported (expected "
