@@ -253,7 +253,7 @@ def test_analyze_takes_one_file_as_eval_does(tmp_path: Path, capsys: pytest.Capt
     assert {d: v["documents"] for d, v in report["domains"].items()} == {"code": 2, "prose": 1}
     assert report["settings"]["split"] is None  # read whole
     assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "r"),
-                 "--split", "valid", "--quiet"]) == 2  # was ignored
+                 "--split", "valid", "--quiet"]) == 1  # was ignored
     assert "--split 'valid' with --data" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("plain text")  # a text file: one document, its stem the domain
     assert [(d, list(iter_documents(f))) for d, f in find_domains(tmp_path / "notes.txt").items()] == \
@@ -309,20 +309,20 @@ def test_a_report_into_the_model_or_data_folder_is_refused(tmp_path: Path, capsy
     before = sorted(p.name for p in (tmp_path / "model").iterdir())
     for out, why in ((tmp_path / "model", "is the input"), (corpus, "is the input"), (tmp_path, "contains the input")):
         assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(out),
-                     "--quiet"]) == 2
+                     "--quiet"]) == 1
         assert f"error: {out}: refusing to write the report there: it {why}" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
     assert not (corpus / "index.html").exists() and not (tmp_path / "index.html").exists()
     (tmp_path / "notes.txt").write_text("mine")  # a file above --out: "notes.txt: File exists", after the routing
     assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out",
-                 str(tmp_path / "notes.txt" / "report"), "--quiet"]) == 2
+                 str(tmp_path / "notes.txt" / "report"), "--quiet"]) == 1
     assert f"notes.txt/report: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
     # another model folder, or a prepared dataset (a typo for --out): the report joined its files
     mixlab.save_model(_tiny_model(), tmp_path / "other")
     prepare(read_documents([corpus], domains=["prose"]), tmp_path / "ds")
     for out, kind in ((tmp_path / "other", "checkpoint"), (tmp_path / "ds", "dataset")):
         assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(out),
-                     "--quiet"]) == 2
+                     "--quiet"]) == 1
         assert f"error: {out}: holds a {kind} mixlab wrote; a report goes into a folder" in capsys.readouterr().err
         assert not (out / "index.html").exists()
 
@@ -478,7 +478,7 @@ def test_dense_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
     mixlab.save_model(_tiny_model(dense=True), tmp_path / "dense")
     rc = main(["analyze", "--model", str(tmp_path / "dense"), "--data", str(_corpus(tmp_path / "c")),
                "--out", str(tmp_path / "r"), "--quiet"])
-    assert rc == 2
+    assert rc == 1
     assert "dense" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="dense"):
@@ -497,7 +497,7 @@ def test_bad_sample_and_batch_sizes_are_clear_errors(tmp_path: Path, capsys: pyt
     argv = ["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(tmp_path / "r"),
             "--quiet"]
     rc = main([*argv, "--samples", "-1"])  # was the library's "need batch_size >= 1, samples >= 0 ...", after the load
-    assert rc == 2 and "error: --samples must be >= 0, got -1" in capsys.readouterr().err
+    assert rc == 1 and "error: --samples must be >= 0, got -1" in capsys.readouterr().err
     for flag in ("--sample-tokens", "--batch-size", "--max-tokens", "--seq-len"):
         with pytest.raises(SystemExit) as e:
             main([*argv, flag, "0"])
@@ -515,7 +515,7 @@ def test_a_folder_with_files_of_the_reports_names_is_refused(tmp_path: Path,
     mine.mkdir()
     (mine / "index.html").write_text("my page")
     args = ["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--quiet", "--max-tokens", "64"]
-    assert main([*args, "--out", str(mine)]) == 2
+    assert main([*args, "--out", str(mine)]) == 1
     assert "holds files a routing report would replace (index.html)" in capsys.readouterr().err
     assert (mine / "index.html").read_text() == "my page" and sorted(p.name for p in mine.iterdir()) == ["index.html"]
     report = tmp_path / "report"
@@ -531,14 +531,14 @@ def test_domain_without_usable_data_is_a_clear_error(tmp_path: Path, capsys: pyt
     rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--domains", "prose,chat",
                "--out", str(tmp_path / "r"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 1
     assert "chat" in err and "no usable data" in err and "'text'" in err
     assert not (tmp_path / "r").exists()
     (corpus / "empty").mkdir()
     (corpus / "empty" / "valid.jsonl").write_text("\n")
     rc = main(["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(tmp_path / "r"),
                "--quiet"])
-    assert rc == 2 and "empty" in capsys.readouterr().err
+    assert rc == 1 and "empty" in capsys.readouterr().err
     (corpus / "empty" / "valid.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match=r"valid.jsonl:1: not valid JSON"):
         list(iter_documents(corpus / "empty"))
@@ -713,7 +713,7 @@ def test_cli_analyzes_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "d.gguf"), "--quant", "f32"]) == 0
     capsys.readouterr()
     assert main(["analyze", "--model", str(tmp_path / "d.gguf"), "--data", str(corpus), "--out",
-                 str(tmp_path / "r"), "--quiet"]) == 2
+                 str(tmp_path / "r"), "--quiet"]) == 1
     assert "the model is dense" in capsys.readouterr().err
 
 
@@ -731,16 +731,16 @@ def test_cli_refuses_the_report_folder_before_reading_the_model(tmp_path: Path, 
 
     monkeypatch.setattr(mixlab.checkpoint, "load_model", load_model)
     assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "c")), "--out",
-                 str(tmp_path / "r"), "--quiet"]) == 2
+                 str(tmp_path / "r"), "--quiet"]) == 1
     assert "index.html" in capsys.readouterr().err and (tmp_path / "r" / "index.html").read_text() == "mine"
     # a --layers out of range, a --tokenizer that is no file: they too were refused after the weights were read
     for flags, message in ((["--layers", "5"], "--layers: layer 5 is not an MoE layer of this model (MoE layers: 0..1"),
                            (["--tokenizer", str(tmp_path / "nope.model")], "nope.model: no such tokenizer file")):
         assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "c"), "--out",
-                     str(tmp_path / "r2"), "--quiet", *flags]) == 2
+                     str(tmp_path / "r2"), "--quiet", *flags]) == 1
         assert message in capsys.readouterr().err
     small = _tiny_model()  # a byte-level model without its mixlab_data.json: Mixtral's tokenizer is the fallback
     mixlab.save_model(mixlab.Transformer(small.config.replace(vocab_size=259)), tmp_path / "bytes-model")
     assert main(["analyze", "--model", str(tmp_path / "bytes-model"), "--data", str(tmp_path / "c"), "--out",
-                 str(tmp_path / "r2"), "--quiet"]) == 2
+                 str(tmp_path / "r2"), "--quiet"]) == 1
     assert "tokenizer has 32000 tokens but the model's vocabulary is 259" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def test_convert_into_a_folder_holding_the_source_and_a_config_deletes_nothing(b
     (models / "config.json").write_bytes((base / "config.json").read_bytes())
     before = tree(models)
     for extra in ([], ["--overwrite"]):  # never a folder holding the source, even with --overwrite
-        assert main(["convert", str(models / "a"), str(models), "--to", "mistral", *extra]) == 2
+        assert main(["convert", str(models / "a"), str(models), "--to", "mistral", *extra]) == 1
         err = capsys.readouterr().err
         assert "contains the source" in err and str(models) in err and "Traceback" not in err
         assert tree(models) == before
@@ -59,7 +59,7 @@ def test_convert_into_the_parent_of_the_source_or_onto_itself_is_refused(base, t
     src = tiny(parent / "src")
     before = tree(parent)
     for dst in (parent, src, tmp_path):
-        assert main(["convert", str(src), str(dst), "--overwrite"]) == 2
+        assert main(["convert", str(src), str(dst), "--overwrite"]) == 1
         assert "source" in capsys.readouterr().err
     assert tree(parent) == before
 
@@ -70,7 +70,7 @@ def test_a_folder_with_foreign_files_is_replaced_only_with_overwrite(base, tmp_p
     assert main(["convert", str(base), str(dst)]) == 0  # mixlab wrote everything there: replaced
     assert (dst / "config.json").exists() and not (dst / "params.json").exists()
     (dst / "notes.txt").write_text("mine")
-    assert main(["convert", str(base), str(dst), "--to", "mistral"]) == 2
+    assert main(["convert", str(base), str(dst), "--to", "mistral"]) == 1
     err = capsys.readouterr().err
     assert "notes.txt" in err and "--overwrite" in err
     assert (dst / "notes.txt").read_text() == "mine"
@@ -104,21 +104,21 @@ def test_data_prepare_never_deletes_the_corpus_or_a_foreign_folder(tmp_path, cap
     before = tree(corpus)
     for out in (corpus, tmp_path, corpus / "prose"):  # is, contains, lies inside the source
         for extra in ([], ["--overwrite"]):
-            assert main(["data", "prepare", str(corpus), "--out", str(out), *extra]) == 2
+            assert main(["data", "prepare", str(corpus), "--out", str(out), *extra]) == 1
             err = capsys.readouterr().err
             assert "source" in err and "Traceback" not in err
         assert tree(corpus) == before
     # An existing regular file named by --out is refused and left as it is (no .NAME.old-PID).
     f = tmp_path / "ds"
     f.write_text("a file")
-    assert main(["data", "prepare", str(corpus), "--out", str(f)]) == 2
+    assert main(["data", "prepare", str(corpus), "--out", str(f)]) == 1
     assert "not a folder" in capsys.readouterr().err
     assert f.read_text() == "a file" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     ds = tmp_path / "ds2"
     assert main(["data", "prepare", str(corpus), "--out", str(ds)]) == 0
     assert main(["data", "prepare", str(corpus), "--out", str(ds), "--seed", "1"]) == 0  # ours: replaced
     (ds / "mine.txt").write_text("x")
-    assert main(["data", "prepare", str(corpus), "--out", str(ds)]) == 2
+    assert main(["data", "prepare", str(corpus), "--out", str(ds)]) == 1
     assert (ds / "mine.txt").exists()
 
 
@@ -162,7 +162,7 @@ def test_a_symlinked_destination_is_written_through(base, tmp_path, capsys):
     # A link to the source is the source.
     src_link = tmp_path / "srclink"
     src_link.symlink_to(base)
-    assert main(["convert", str(base), str(src_link), "--overwrite"]) == 2
+    assert main(["convert", str(base), str(src_link), "--overwrite"]) == 1
     assert "source" in capsys.readouterr().err
 
 
@@ -178,11 +178,11 @@ def test_convert_never_writes_where_the_sources_links_point(base, tmp_path, caps
         (blobs / f"sha-{f.name}").write_bytes(f.read_bytes())
         (snap / f.name).symlink_to(f"../../blobs/sha-{f.name}")
     before = tree(repo)
-    assert main(["convert", str(snap), str(blobs), "--overwrite", "--quiet"]) == 2
+    assert main(["convert", str(snap), str(blobs), "--overwrite", "--quiet"]) == 1
     assert (f"{blobs}: refusing to write there: it contains the target of {snap}/" in capsys.readouterr().err)
     pytest.importorskip("gguf")
     weights = blobs / "sha-model.safetensors"
-    assert main(["convert", str(snap), str(weights), "--to", "gguf", "--overwrite", "--quiet"]) == 2
+    assert main(["convert", str(snap), str(weights), "--to", "gguf", "--overwrite", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert f"it is the target of {snap / 'model.safetensors'}, a link in the source {snap}" in err
     assert tree(repo) == before
@@ -205,13 +205,13 @@ def test_convert_never_replaces_another_kind_of_folder_mixlab_wrote(base, tmp_pa
     with atomic.atomic_folder(run / "checkpoints" / "step_00000001", kind="training-checkpoint") as tmp:
         (tmp / "state.json").write_text("{}")
     before = tree(tmp_path)
-    assert main(["convert", str(base), str(data), "--quiet"]) == 2
+    assert main(["convert", str(base), str(data), "--quiet"]) == 1
     assert f"{data}: holds a dataset mixlab wrote, not a checkpoint; pass --overwrite" in capsys.readouterr().err
     step = run / "checkpoints" / "step_00000001"
-    assert main(["convert", str(run), str(step), "--overwrite", "--quiet"]) == 2
+    assert main(["convert", str(run), str(step), "--overwrite", "--quiet"]) == 1
     assert f"{step}: holds a training checkpoint mixlab wrote, not a checkpoint; it lies inside the source" in (
         capsys.readouterr().err)
-    assert main(["convert", str(run), str(run / "hf"), "--to", "mistral", "--quiet"]) == 2
+    assert main(["convert", str(run), str(run / "hf"), "--to", "mistral", "--quiet"]) == 1
     assert f"{run / 'hf'}: refusing to write there: it is the source {run / 'hf'}" in capsys.readouterr().err
     assert tree(tmp_path) == before
     assert main(["convert", str(base), str(data), "--overwrite", "--quiet"]) == 0  # said so: replaced
@@ -275,10 +275,10 @@ def test_gguf_destination_that_is_a_folder_or_foreign_file_is_refused_before_wri
 
     (tmp_path / "d.gguf").mkdir()
     monkeypatch.setattr(g, "_encode", lambda *a: pytest.fail("wrote data before refusing"))
-    assert main(["convert", str(base), str(tmp_path / "d.gguf"), "--to", "gguf"]) == 2
+    assert main(["convert", str(base), str(tmp_path / "d.gguf"), "--to", "gguf"]) == 1
     assert "is a folder" in capsys.readouterr().err
     (tmp_path / "x.gguf").write_text("my notes")
-    assert main(["convert", str(base), str(tmp_path / "x.gguf"), "--to", "gguf"]) == 2
+    assert main(["convert", str(base), str(tmp_path / "x.gguf"), "--to", "gguf"]) == 1
     assert "may not be mixlab" in capsys.readouterr().err
     assert (tmp_path / "x.gguf").read_text() == "my notes"
 
@@ -292,7 +292,7 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(base, tmp_path, caps
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(ckio, "write_safetensors", full)
-    assert main(["convert", str(base), str(tmp_path / "out")]) == 2
+    assert main(["convert", str(base), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
@@ -514,7 +514,7 @@ def test_a_write_failing_without_a_file_name_names_the_destination(base, tmp_pat
     for argv, dst in ((["convert", str(base), str(ckpt)], ckpt),
                       (["data", "prepare", str(tmp_path / "src"), "--out", str(data), "--quiet"], data)):
         with file_size_limit():
-            assert main(argv) == 2
+            assert main(argv) == 1
         # was 'error: File too large' (convert) and 'error: 200002 requested and 65536 written' (data prepare)
         assert capsys.readouterr().err.endswith(f": error: {dst}: File too large\n")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

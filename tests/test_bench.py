@@ -118,7 +118,7 @@ def test_bench_progress_is_on_stderr_and_quiet_drops_it(monkeypatch, capsys):
 def test_bench_refuses_an_out_folder_before_measuring(tmp_path, capsys):
     from mixlab.cli import main
 
-    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 1
     assert f"{tmp_path}: is a folder; give a file name" in capsys.readouterr().err
 
 

@@ -467,7 +467,7 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "h"), "--to", "hf"]) == 0
     assert_same_tensors(tensors_of(src), tensors_of(tmp_path / "h"))
     capsys.readouterr()
-    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--to", "hf"]) == 2
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--to", "hf"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nope" in err and err.startswith("mixlab convert: error:")
     assert not (tmp_path / "x").exists()
@@ -501,7 +501,7 @@ def test_cli_convert_refuses_its_destination_before_reading_the_model(tmp_path, 
 
     monkeypatch.setattr(mixlab.checkpoint, "load_model", load_model)
     assert main(["convert", str(src), str(tmp_path / dst), "--quant", "f32"] if dst.endswith(".gguf") else
-                ["convert", str(src), str(tmp_path / dst)]) == 2
+                ["convert", str(src), str(tmp_path / dst)]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "x"
 
@@ -561,7 +561,7 @@ def test_cli_info_prints_exact_counts(capsys):
     out = capsys.readouterr().out
     assert "bf16 0.49 MiB, int8 0.24 MiB, int4 0.12 MiB" in out and "0.12 MiB at full context" in out
     assert main(["info", "mixtral-8x22b"]) == 0  # 141B parameters: would not fit if allocated
-    assert main(["info", "no-such-model"]) == 2
+    assert main(["info", "no-such-model"]) == 1
     assert "no-such-model" in capsys.readouterr().err
 
 
@@ -651,7 +651,7 @@ def test_cli_convert_merges_an_adapter(tmp_path, capsys):
     assert_same_tensors(want, to_state_dict(load_model(tmp_path / "out")))
     assert not torch.equal(want[q], before)  # the adapter changed the weights
     for src in ("run", "run/adapter"):
-        assert main(["convert", str(tmp_path / src), str(tmp_path / "x"), "--quiet"]) == 2
+        assert main(["convert", str(tmp_path / src), str(tmp_path / "x"), "--quiet"]) == 1
         assert capsys.readouterr().err == (
             f"mixlab convert: error: {tmp_path / src}: a LoRA adapter, not a model (a LoRA run without a merged hf/ "
             f"export); `mixlab convert {tmp_path / 'base'} {tmp_path / 'x'} --adapter {tmp_path / 'run' / 'adapter'}` "
@@ -698,6 +698,6 @@ def test_cli_info_on_a_truncated_checkpoint_is_one_error(tmp_path, capsys):
     shard = next(src.glob("*.safetensors"))
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    assert main(["info", str(src)]) == 2
+    assert main(["info", str(src)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "truncated" in err

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import re
 
@@ -12,6 +13,7 @@ import torch
 from mixlab import generate, load_model, load_tokenizer, save_model
 from mixlab.cli import main
 from mixlab.config import get_preset
+from mixlab.errors import CheckpointError, UsageError
 from mixlab.model import Transformer
 
 
@@ -153,7 +155,7 @@ def test_tokenizer_flags_take_the_names_data_prepare_takes(tiny_dir, capsys):
 
 def test_generate_refuses_a_tokenizer_larger_than_the_vocab(tmp_path, capsys):
     save_model(Transformer(get_preset("tiny-moe")), tmp_path)  # vocab 256 < 32,000 pieces
-    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
     assert "pass the matching --tokenizer" in capsys.readouterr().err
 
 
@@ -288,6 +290,34 @@ def test_a_silent_rank_waits_for_rank_0_to_print(monkeypatch: pytest.MonkeyPatch
     assert slept == [cli.PEER_GRACE_S] and capsys.readouterr().err.startswith("mixlab info: error: ")
 
 
+@pytest.mark.parametrize("error,code", [
+    (UsageError("--x 3: expected 1 or 2"), 2),  # a flag's value the command refuses: a usage error, as argparse's
+    (CheckpointError("m/model.safetensors: truncated"), 1),  # the command ran and failed: every failure said 2
+    (ValueError("a library's check"), 1),
+    (OSError(errno.ENOSPC, "No space left on device", "out/model.safetensors"), 1),
+    (RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"), 1),  # a lost rank (torchrun)
+])
+def test_the_exit_code_is_2_for_a_usage_error_and_1_for_a_failure(error: Exception, code: int,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Unix's and argparse's convention: 2, the command line was wrong; 1, the command ran and failed."""
+    import mixlab.cli.run as run
+
+    def fail(args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(run, "generate", fail)
+    if isinstance(error, RuntimeError):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+    assert main(["generate", "--model", "m", "--prompt", "x"]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("mixlab generate: error: ") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main(["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "0"])
+    assert e.value.code == 2
+
+
 @pytest.mark.parametrize("argv", [["info", "tiny-moe"], ["data", "prepare", "x", "--out", "y"],
                                   ["demo", "--steps", "1"], ["plan", "tiny-moe"]])
 def test_a_one_process_command_under_torchrun_is_refused(argv: list[str], monkeypatch: pytest.MonkeyPatch,
@@ -396,13 +426,13 @@ def test_a_prompt_or_system_prompt_that_is_not_utf8_is_named_before_the_model_lo
 
     monkeypatch.setattr(run, "_load", lambda args: pytest.fail("the model loaded"))
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n"), encoding="utf-8"))
-    assert main(["generate", "--model", str(tiny_dir), "--prompt", "-"]) == 2
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "-"]) == 1
     assert capsys.readouterr().err == ("mixlab generate: error: --prompt - (stdin) is not valid UTF-8: bytes e9 at "
                                        "character 3 (an undecodable byte or a lone surrogate); pass UTF-8 text\n")
-    assert main(["generate", "--model", str(tiny_dir), "--prompt", "caf\udce9"]) == 2  # argv, as os.fsdecode holds it
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "caf\udce9"]) == 1  # argv, as os.fsdecode holds it
     assert "error: --prompt is not valid UTF-8: bytes e9 at character 3" in capsys.readouterr().err
     # chat's --system was told as "message 0's content is not valid UTF-8", once the model had loaded
-    assert main(["chat", "--model", str(tiny_dir), "--system", "caf\udce9"]) == 2
+    assert main(["chat", "--model", str(tiny_dir), "--system", "caf\udce9"]) == 1
     assert "mixlab chat: error: --system is not valid UTF-8: bytes e9 at character 3" in capsys.readouterr().err
 
 

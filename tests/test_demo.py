@@ -172,6 +172,6 @@ def test_demo_refuses_a_corpus_with_no_validation_text(tmp_path: Path, capsys: p
     for domain in ("code", "prose"):
         (tmp_path / "c" / domain).mkdir(parents=True)
         (tmp_path / "c" / domain / "a.txt").write_text(f"one {domain} document " * 50)
-    assert main(["demo", "--steps", "2", "--data", str(tmp_path / "c"), "--quiet"]) == 2
+    assert main(["demo", "--steps", "2", "--data", str(tmp_path / "c"), "--quiet"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "c: no validation text" in err and "give more documents or a valid.jsonl" in err

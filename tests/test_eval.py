@@ -303,7 +303,7 @@ def test_eval_reads_a_split_name_in_any_case(ckpt: Path, tmp_path: Path, capsys:
     assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--domains", "github", "--split", "Valid",
                  "--max-docs", "1", "--context", "32", "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["settings"]["split"] == "valid"
-    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--split", "vaild", "--quiet"]) == 2
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--split", "vaild", "--quiet"]) == 1
     assert "--split 'vaild' is not a split name (did you mean 'valid'?)" in capsys.readouterr().err
 
 
@@ -314,7 +314,7 @@ def test_eval_refuses_a_split_that_a_file_given_alone_is_not_of(ckpt: Path, tmp_
     data.write_text('{"text": "some notes"}\n')
     for split, what in (("test", "notes.jsonl is named by no split"), ("train", "valid.jsonl is a valid file")):
         path = data if split == "test" else CORPUS / "github" / "valid.jsonl"
-        assert main(["eval", "--model", str(ckpt), "--data", str(path), "--split", split, "--quiet"]) == 2
+        assert main(["eval", "--model", str(ckpt), "--data", str(path), "--split", split, "--quiet"]) == 1
         err = capsys.readouterr().err
         assert f"--split {split!r} with --data {path}: a file given alone is read whole ({what}); --split" in err
     out = tmp_path / "r.json"
@@ -380,7 +380,7 @@ def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pyte
                          tmp_path: Path) -> None:
     base = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--quiet"]
     (tmp_path / "meta.json").write_text("{}")  # what `mixlab data prepare` writes beside its shards
-    assert main(base + [a.replace("{prepared}", str(tmp_path)) for a in argv]) == 2
+    assert main(base + [a.replace("{prepared}", str(tmp_path)) for a in argv]) == 1
     assert message in capsys.readouterr().err
 
 
@@ -408,11 +408,11 @@ def test_cli_eval_json_never_writes_over_its_data_or_model(ckpt: Path, tmp_path:
     data = tmp_path / "docs.jsonl"
     data.write_text(json.dumps({"text": TEXTS[1]}) + "\n")
     before = data.read_bytes()
-    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", str(data), "--quiet"]) == 2
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", str(data), "--quiet"]) == 1
     assert "refusing to write there: it is the source" in capsys.readouterr().err
     assert data.read_bytes() == before
     assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", str(ckpt / "config.json"),
-                 "--quiet"]) == 2
+                 "--quiet"]) == 1
     assert "may not be mixlab's; it lies inside the source" in capsys.readouterr().err
 
 
@@ -425,7 +425,7 @@ def test_cli_eval_json_under_a_file_is_refused_before_the_work(ckpt: Path, tmp_p
     (tmp_path / "notes.txt").write_text("x")
     monkeypatch.setattr(mixlab.cli.eval, "_load", lambda args: pytest.fail("the model was loaded"))
     out = tmp_path / "notes.txt" / "sub" / "r.json"
-    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--json", str(out), "--quiet"]) == 2
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--json", str(out), "--quiet"]) == 1
     assert f"{out}: {tmp_path / 'notes.txt'} is a file, not a folder; choose another destination" in \
         capsys.readouterr().err
 

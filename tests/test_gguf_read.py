@@ -310,10 +310,11 @@ def test_convert_tokenizer_takes_a_name_or_a_folder_and_checks_it_before_loading
                      "--overwrite"]) == 0
         assert load_tokenizer(tmp_path / "m.gguf").encode("Bonjour, là") == load_tokenizer().encode("Bonjour, là")
     monkeypatch.setattr(mixlab.checkpoint, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    for name, message in (("bytes", "--tokenizer bytes: llama.cpp has no vocabulary type for mixlab's bytes"),
-                          (str(tmp_path / "m"), f"--tokenizer {tmp_path / 'm'}: no tokenizer.model in this folder"),
-                          ("nope.model", "--tokenizer nope.model: no such file")):
-        assert main(["convert", str(tmp_path / "m"), str(tmp_path / "x.gguf"), "--tokenizer", name]) == 2
+    folder = f"--tokenizer {tmp_path / 'm'}: no tokenizer.model in this folder"
+    for name, message, code in (("bytes", "--tokenizer bytes: llama.cpp has no vocabulary type for mixlab's bytes", 2),
+                                (str(tmp_path / "m"), folder, 1),
+                                ("nope.model", "--tokenizer nope.model: no such file", 1)):
+        assert main(["convert", str(tmp_path / "m"), str(tmp_path / "x.gguf"), "--tokenizer", name]) == code
         assert message in capsys.readouterr().err
 
 
@@ -574,7 +575,7 @@ def test_info_shows_what_a_gguf_stores_and_checks_its_tensors(tmp_path, capsys):
     assert "stored:            GGUF v3, 23 tensors: Q4_0 " in capsys.readouterr().out
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(path.read_bytes().replace(b"blk.1.ffn_up_exps", b"blk.1.ffn_xx_exps", 1))
-    assert main(["info", str(bad)]) == 2
+    assert main(["info", str(bad)]) == 1
     assert "bad.gguf: missing tensor 'blk.1.ffn_up_exps.weight'" in capsys.readouterr().err
 
 
@@ -661,18 +662,18 @@ def test_convert_never_writes_over_a_part_of_its_split_gguf(tmp_path, capsys):
     parts = _split(_model("moe"), tmp_path)
     before = {p: p.read_bytes() for p in parts}
     for i, dst in enumerate(parts, 1):
-        assert main(["convert", str(parts[0]), str(dst), "--quant", "q8_0", "--overwrite", "--quiet"]) == 2
+        assert main(["convert", str(parts[0]), str(dst), "--quant", "q8_0", "--overwrite", "--quiet"]) == 1
         err = capsys.readouterr().err
         name = f"part {i} of 3 of the source {parts[0]}" if i > 1 else f"the source {parts[0]}"
         assert f"{dst}: refusing to write there: it is {name}" in err
-    assert main(["convert", str(parts[0]), str(tmp_path), "--to", "hf", "--overwrite", "--quiet"]) == 2
+    assert main(["convert", str(parts[0]), str(tmp_path), "--to", "hf", "--overwrite", "--quiet"]) == 1
     assert f"{tmp_path}: refusing to write there: it contains the source" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in parts} == before and sorted(tmp_path.iterdir()) == parts
     # eval --json onto a part (it starts with no JSON, but a report path is any file name) wrote the
     # report over it after the evaluation
     data = tmp_path.parent / f"{tmp_path.name}-data.txt"
     data.write_text("a b c d e f g h")
-    assert main(["eval", "--model", str(parts[0]), "--data", str(data), "--json", str(parts[1]), "--quiet"]) == 2
+    assert main(["eval", "--model", str(parts[0]), "--data", str(data), "--json", str(parts[1]), "--quiet"]) == 1
     assert f"{parts[1]}: refusing to write there: it is part 2 of 3 of the source" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in parts} == before
 

@@ -1191,11 +1191,11 @@ def test_serve_says_it_cannot_listen_before_loading_the_model(ckpt: Path, monkey
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--port", str(port), bind=True)
-    assert code == 2 and srv is None, err
+    assert code == 1 and srv is None, err
     assert f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use" in err, err
     code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--host", "no-such-host.invalid",
                                 "--port", "0", bind=True)
-    assert code == 2 and "cannot listen on --host no-such-host.invalid --port 0" in err, err
+    assert code == 1 and "cannot listen on --host no-such-host.invalid --port 0" in err, err
 
 
 def test_a_request_head_that_arrives_too_slowly_closes_the_connection(server: str,

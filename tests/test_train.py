@@ -176,7 +176,7 @@ def test_convert_and_info_read_training_checkpoints(dataset: Path, tmp_path: Pat
     data[-1] ^= 1
     opt.write_bytes(bytes(data))
     assert main(["info", str(step)]) == 0
-    assert main(["convert", str(step), str(tmp_path / "out3"), "--quiet"]) == 2
+    assert main(["convert", str(step), str(tmp_path / "out3"), "--quiet"]) == 1
     assert "optimizer.safetensors" in capsys.readouterr().err
     data[-1] ^= 1
     opt.write_bytes(bytes(data))
@@ -186,7 +186,7 @@ def test_convert_and_info_read_training_checkpoints(dataset: Path, tmp_path: Pat
     assert capsys.readouterr().out == f"wrote {tmp_path / 'out2'} (hf, from {step})\n"
     assert (tmp_path / "out2/model.safetensors").read_bytes() == (tmp_path / "out/model.safetensors").read_bytes()
     # Commands that load a model name the folder to convert, in one line.
-    assert main(["generate", "--model", str(step), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(step), "--prompt", "x"]) == 1
     assert f"(a training checkpoint: `mixlab convert {step} OUT` writes its model" in capsys.readouterr().err
 
 
@@ -228,12 +228,12 @@ def test_gguf_of_a_trained_model_carries_its_sentencepiece_vocabulary(tmp_path: 
                                                                                    for i in range(64)]
     # the tokenizer mixlab_data.json names, gone (another machine): named, not replaced by Mixtral's
     (tmp_path / "sp.model").rename(tmp_path / "elsewhere.model")
-    assert main(["convert", str(tmp_path / "r" / "hf"), str(tmp_path / "gone.gguf"), "--quiet"]) == 2
+    assert main(["convert", str(tmp_path / "r" / "hf"), str(tmp_path / "gone.gguf"), "--quiet"]) == 1
     assert f"the model's tokenizer, {tmp_path / 'sp.model'}, is not there" in capsys.readouterr().err
     bytes_run = tmp_path / "b"
     train(_cfg(tmp_path / "ds", bytes_run, steps=1, export_hf=True, seq_len=16, model_overrides=TINY))
     (bytes_run / "hf" / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))
-    assert main(["convert", str(bytes_run / "hf"), str(tmp_path / "b.gguf"), "--quiet"]) == 2
+    assert main(["convert", str(bytes_run / "hf"), str(tmp_path / "b.gguf"), "--quiet"]) == 1
 
 
 def test_a_valid_split_too_short_for_one_window_warns_instead_of_reporting_a_zero_loss(tmp_path: Path) -> None:
@@ -683,15 +683,15 @@ def test_capacity_factor_training_counts_dropped_tokens(dataset: Path, tmp_path:
 def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mixlab.cli import main
 
-    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--seq-len", "4096"]) == 2
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--seq-len", "4096"]) == 1
     assert "beyond the model's context (max_seq_len 512); set --seq-len (seq_len in a config file) to 512 or less" \
         in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "no text field"}\n')
-    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "ds")]) == 2
+    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "ds")]) == 1
     assert "mixlab data prepare: error: " in (err := capsys.readouterr().err)  # not 'mixlab data'
     assert "bad.jsonl:1: expected a JSON object with a 'text' field" in err
-    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--resume"]) == 2
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--resume"]) == 1
     assert "no checkpoint to resume from" in capsys.readouterr().err
 
 
@@ -861,7 +861,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_up_front(dataset: Path, tm
     from mixlab.train import settings
 
     out = tmp_path / "r"
-    assert main(["train", "--data", str(dataset), "--out", str(out), "--batch-size", "100000000000"]) == 2
+    assert main(["train", "--data", str(dataset), "--out", str(out), "--batch-size", "100000000000"]) == 1
     err = capsys.readouterr().err
     assert "mixlab train: error: batch_size 100000000000 cannot fit: one micro-batch (256 tokens an item)" in err
     assert "of memory is free on cpu; at most " in err and not out.exists()

@@ -2,7 +2,8 @@
 
 Every error that bad input can cause is a `MixlabError` whose message names the file, field,
 parameter or value and what was expected. It subclasses ValueError, so callers that catch
-ValueError keep working; the `mixlab` command prints the message on one line and exits with 2.
+ValueError keep working; the `mixlab` command prints the message on one line and exits with 1 (the
+command ran and failed), or with 2 for a `UsageError` (a flag's value), as for argparse's own errors.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ class MixlabError(ValueError):
 
 class ConfigError(MixlabError):
     """A configuration value is missing or out of range; the message names the field."""
+
+
+class UsageError(ConfigError):
+    """A command-line flag's value, or a combination of flags, that the command refuses (the `mixlab`
+    command exits 2 for it, as argparse does for the values its types refuse)."""
 
 
 class CheckpointError(MixlabError):
@@ -38,4 +44,4 @@ class TrainingError(MixlabError):
 
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "GenerationError", "MixlabError", "OutputError",
-           "TrainingError"]
+           "TrainingError", "UsageError"]

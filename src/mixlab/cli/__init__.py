@@ -1,8 +1,11 @@
 """The `mixlab` command: a table of subcommands, each a thin wrapper over library functions.
 
 Each module in `MODULES` defines `register(subparsers)`, which adds its subcommands and sets
-`func(args) -> int` on each. Library errors (mixlab.errors.MixlabError, other ValueErrors, OSError
-such as a full disk) become a one-line message and exit code 2, never a traceback.
+`func(args) -> int` on each. Errors become a one-line message, never a traceback, and the exit code
+says which kind (the Unix and argparse convention): 2, the command line was wrong (argparse's errors,
+a flag's value the command refuses: mixlab.errors.UsageError); 1, the command ran and failed (other
+MixlabErrors and ValueErrors: a missing or bad checkpoint, NaN logits; OSError such as a full disk);
+130 on Ctrl-C, 141 when the reader of stdout has gone (SIGPIPE).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import threading
 import time
 import warnings
 from typing import Any
+
+from mixlab.errors import UsageError
 
 MODULES = ("mixlab.cli.model", "mixlab.cli.run", "mixlab.cli.upcycle", "mixlab.cli.analyze", "mixlab.cli.train",
            "mixlab.cli.bench", "mixlab.cli.parallel", "mixlab.cli.eval", "mixlab.cli.serve", "mixlab.cli.finetune")
@@ -257,10 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = _rank()
     try:
         if rank is not None and args.command not in TORCHRUN_AWARE:
-            from mixlab.errors import ConfigError
-
-            raise ConfigError(f"torchrun started {os.environ['WORLD_SIZE']} processes, but mixlab {command} runs in "
-                              "one (each would do the same work and write the same output): run it without torchrun")
+            raise UsageError(f"torchrun started {os.environ['WORLD_SIZE']} processes, but mixlab {command} runs in "
+                             "one (each would do the same work and write the same output): run it without torchrun")
         return int(args.func(args) or 0)
     except ValueError as e:  # MixlabError and the checks of the libraries below
         # Under torchrun every rank checks the same arguments and files and raises the same error:
@@ -270,21 +273,21 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(PEER_GRACE_S)
         where = f"rank {rank}: " if rank else ""
         print(f"mixlab {command}: error: {where}{e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, UsageError) else 1
     except RuntimeError as e:
         if rank is None or not _lost_peer(e):
             raise
         cause = next((ln.split("] ", 1)[-1] for ln in str(e).splitlines() if ln.strip()), "")
         print(f"mixlab {command}: error: rank {rank}: another process of the run failed or was stopped "
               f"(see its message; {cause.split('. ')[0][:200]})", file=sys.stderr)
-        return 2
+        return 1
     except BrokenPipeError:  # `mixlab info ... | head`: the reader has gone; nothing to tell it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141  # a shell's code for a process ended by SIGPIPE
     except OSError as e:  # a missing file, no permission, a full disk (ENOSPC), ...: name the file
         where = f"{e.filename}: " if e.filename else ""
         print(f"mixlab {command}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         print(f"mixlab {command}: interrupted", file=sys.stderr)
         return 130

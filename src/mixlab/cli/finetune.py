@@ -8,13 +8,14 @@ import signal
 import sys
 
 from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, resume_arg, user_path
+from mixlab.errors import UsageError
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
     from mixlab.train.finetune import eval_line, finetune, load_finetune_config
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run folder
-        raise ValueError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
+        raise UsageError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
                          "--fsdp) is not supported for fine-tuning yet")
 
     keys: tuple[str, ...] = (
@@ -32,10 +33,10 @@ def _run(args: argparse.Namespace, task: str) -> int:
     if args.quiet:
         over["progress"] = False
     if args.lora_rank is not None and args.lora_rank < 1:  # 0 would silently mean full fine-tuning
-        raise ValueError(f"--lora-rank must be a positive integer (leave it out for full fine-tuning), "
+        raise UsageError(f"--lora-rank must be a positive integer (leave it out for full fine-tuning), "
                          f"got {args.lora_rank}")
     if args.merge and not args.lora_rank:
-        raise ValueError("--merge merges LoRA adapters: it needs --lora-rank R (full fine-tuning writes hf/ anyway)")
+        raise UsageError("--merge merges LoRA adapters: it needs --lora-rank R (full fine-tuning writes hf/ anyway)")
     if args.lora_rank:  # a LoRA run writes its adapter; plain merged weights only with --merge
         over["export_hf"] = bool(args.merge)
     cfg = load_finetune_config(args.config, **over)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mixlab.cli import add_quiet_arg, dtype_choice, note, user_path
 from mixlab.config import PRESETS, ConfigError, ModelConfig, did_you_mean, get_preset, parse_bytes, suffix_of
+from mixlab.errors import UsageError
 
 CONVERT_FORMATS = ["hf", "hf-fused", "mistral", "gguf"]
 
@@ -207,7 +208,7 @@ def _vocabulary_file(text: str) -> Path:
     from mixlab.tokenizer import default_tokenizer_path, tokenizer_file
 
     if text == "bytes":
-        raise ValueError("--tokenizer bytes: llama.cpp has no vocabulary type for mixlab's bytes tokenizer; a GGUF "
+        raise UsageError("--tokenizer bytes: llama.cpp has no vocabulary type for mixlab's bytes tokenizer; a GGUF "
                          "needs a SentencePiece model (--tokenizer mixtral or FILE.model)")
     p = default_tokenizer_path() if text == "mixtral" else Path(text)
     if p.is_dir():
@@ -216,7 +217,7 @@ def _vocabulary_file(text: str) -> Path:
         raise FileNotFoundError(f"--tokenizer {text}: " + ("no tokenizer.model in this folder" if p.is_dir()
                                                            else "no such file"))
     if suffix_of(p) == ".json":
-        raise ValueError(f"--tokenizer {text}: a GGUF carries a SentencePiece vocabulary, not a .json tokenizer; "
+        raise UsageError(f"--tokenizer {text}: a GGUF carries a SentencePiece vocabulary, not a .json tokenizer; "
                          "pass the SentencePiece model (FILE.model)")
     return p
 
@@ -232,7 +233,7 @@ def convert(args: argparse.Namespace) -> int:
     if args.to != "gguf":  # they would be ignored: an unquantised folder where a quantised one was asked for
         for flag, value in (("--quant", args.quant), ("--tokenizer", args.tokenizer)):
             if value is not None:
-                raise ValueError(f"{flag} applies to --to gguf only (this writes a {args.to} folder)")
+                raise UsageError(f"{flag} applies to --to gguf only (this writes a {args.to} folder)")
     args.quant = args.quant or "bf16"
     given = _vocabulary_file(args.tokenizer) if args.tokenizer is not None else None  # now, not after loading
     from mixlab.checkpoint.adapter import read_adapter

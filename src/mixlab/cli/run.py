@@ -18,6 +18,7 @@ from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, positive, sam
 from mixlab.config import suffix_of
 from mixlab.engine import Engine
 from mixlab.engine.runner import bytes_per_token
+from mixlab.errors import UsageError
 from mixlab.generate import generate_stream
 from mixlab.tokenizer import TextError, Tokenizer, check_text, load_tokenizer, model_tokenizer
 
@@ -28,15 +29,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     import torch
 
     from mixlab.checkpoint import load_model
-    from mixlab.errors import ConfigError
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and getattr(args, "ep", None) is None:  # N copies of one process's work, each printing
         if hasattr(args, "ep"):
-            raise ConfigError(f"torchrun started {world} processes, but mixlab {args.command} without --ep runs in "
-                              f"one: pass --ep {world} to split the experts over them")
-        raise ConfigError(f"torchrun started {world} processes, but mixlab {args.command} runs in one (it takes no "
-                          "--ep): run it without torchrun")
+            raise UsageError(f"torchrun started {world} processes, but mixlab {args.command} without --ep runs in "
+                             f"one: pass --ep {world} to split the experts over them")
+        raise UsageError(f"torchrun started {world} processes, but mixlab {args.command} runs in one (it takes no "
+                         "--ep): run it without torchrun")
 
     if args.threads is not None:
         cpus = os.cpu_count() or 1
@@ -50,7 +50,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     offload = _offload_args(args)
     held = suffix_of(args.model) == ".gguf"  # a folder holds no int4 weights; a GGUF's Q4_0 ones are known once read
     if getattr(args, "int4_activations", None) is not None and args.quant != "int4" and not held:
-        raise ValueError(f"--int4-activations {args.int4_activations} applies to int4 weights: pass --quant int4 "
+        raise UsageError(f"--int4-activations {args.int4_activations} applies to int4 weights: pass --quant int4 "
                          "too (or a GGUF Q4_0 model)")
     adapter = getattr(args, "adapter", None)  # a Namespace made in Python may lack it, as --ep
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a wrong --tokenizer: told before a long load
@@ -59,9 +59,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         from mixlab.parallel.mesh import init
 
         if offload:
-            raise ValueError("--max-memory (expert offloading) does not combine with --ep")
+            raise UsageError("--max-memory (expert offloading) does not combine with --ep")
         if args.quant != "none":
-            raise ValueError("--quant is not supported with --ep yet")
+            raise UsageError("--quant is not supported with --ep yet")
         layout = init(ep=args.ep, device=args.device)
         device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
     if layout is not None and suffix_of(args.model) == ".gguf" and os.path.isfile(args.model):
@@ -103,7 +103,7 @@ def _told_as_flag(param: str, flag: str) -> Iterator[None]:
     except ValueError as e:
         if param not in str(e):
             raise
-        raise ValueError(str(e).replace(param, flag)) from None
+        raise UsageError(str(e).replace(param, flag)) from None
 
 
 def _offload_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,10 +112,13 @@ def _offload_args(args: argparse.Namespace) -> dict[str, Any]:
 
     if getattr(args, "max_memory", None) is None:
         if getattr(args, "offload_policy", None) is not None or getattr(args, "no_prefetch", False):
-            raise ValueError("--offload-policy and --no-prefetch are for offloaded experts: pass --max-memory too")
+            raise UsageError("--offload-policy and --no-prefetch are for offloaded experts: pass --max-memory too")
         return {}
-    return dict(max_memory=parse_bytes(args.max_memory, what="--max-memory"), policy=args.offload_policy,
-                prefetch=not args.no_prefetch)
+    try:
+        max_memory = parse_bytes(args.max_memory, what="--max-memory")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return dict(max_memory=max_memory, policy=args.offload_policy, prefetch=not args.no_prefetch)
 
 
 def print_stats(args: argparse.Namespace, model: Any) -> None:
@@ -215,10 +218,10 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
     new, told = _max_new(args, context, len(ids))
     args.max_new_tokens = new
     if new >= context:  # generate_stream's checks, told with the flags
-        raise ValueError(f"{told} leaves no room for a prompt in the model's context of {context} "
+        raise UsageError(f"{told} leaves no room for a prompt in the model's context of {context} "
                          "tokens")
     if len(ids) + new > context and not args.truncate:
-        raise ValueError(f"the prompt has {len(ids)} tokens; with {told} that needs {len(ids) + new} "
+        raise UsageError(f"the prompt has {len(ids)} tokens; with {told} that needs {len(ids) + new} "
                          f"positions but the model's context is {context} (--truncate keeps its last "
                          f"{context - new} tokens)")
     engine = None
@@ -271,9 +274,9 @@ def chat(args: argparse.Namespace) -> int:
     args.max_new_tokens, told = _max_new(args, context)
     room = context - args.max_new_tokens
     if room < 1:  # else every message would be refused
-        raise ValueError(f"{told} leaves no room for a message in the context of {context} tokens")
+        raise UsageError(f"{told} leaves no room for a message in the context of {context} tokens")
     if system and (n := len(tok.encode_chat([*system, {"role": "user", "content": ""}]))) > room:
-        raise ValueError(f"--system takes {n} tokens (in the chat template); with {told} only {room} fit in the "
+        raise UsageError(f"--system takes {n} tokens (in the chat template); with {told} only {room} fit in the "
                          f"context of {context}, so every message would be refused")
     if not args.quiet:
         print(f"mixlab chat: {_HELP}", file=sys.stderr)
@@ -446,6 +449,6 @@ def build_kernels(args: argparse.Namespace) -> int:
 
     try:
         print(check())
-    except RuntimeError as e:  # one `mixlab build-kernels: error: ...` line and exit code 2, as every command
+    except RuntimeError as e:  # one `mixlab build-kernels: error: ...` line and exit code 1, as every command
         raise ValueError(str(e)) from None
     return 0

@@ -16,6 +16,7 @@ from mixlab.cli import positive, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
+from mixlab.errors import UsageError
 from mixlab.model.formats import expert_cache
 
 
@@ -70,13 +71,13 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"mixlab serve needs the serve extra (pip install 'mixlab[serve]'): {e}") from None
     if not 0 <= args.port < 65536:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.api_key is not None and (why := api_key_problem(args.api_key)):
-        raise ValueError(f"--api-key {why}")
+        raise UsageError(f"--api-key {why}")
     if not 0 < args.read_timeout < math.inf:
-        raise ValueError(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
+        raise UsageError(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
     if not 0 <= args.drain_timeout < math.inf:
-        raise ValueError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+        raise UsageError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -94,19 +95,19 @@ def serve(args: argparse.Namespace) -> int:
         kw["prefill_chunk"] = args.prefill_chunk
     if args.batch_invariant:
         if args.pack_weights == "yes":
-            raise ValueError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
+            raise UsageError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
         kw["batch_invariant"] = True
     if args.max_model_len is not None:
         if not 2 <= args.max_model_len <= model.config.max_seq_len:
-            raise ValueError(f"--max-model-len must be in [2, {model.config.max_seq_len}] (the model's context), "
+            raise UsageError(f"--max-model-len must be in [2, {model.config.max_seq_len}] (the model's context), "
                              f"got {args.max_model_len}")
         kw["max_seq_len"] = args.max_model_len
     try:
         engine = Engine(model, tok, **kw)
     except ValueError as e:  # the budgets do not fit together: say which flags set them
         if "batch_invariant" in str(e):
-            raise ValueError(f"--batch-invariant: {e}") from None
-        raise ValueError(f"{e} (the flags: --cache-bytes, --max-model-len, --max-batch)") from None
+            raise UsageError(f"--batch-invariant: {e}") from None
+        raise UsageError(f"{e} (the flags: --cache-bytes, --max-model-len, --max-batch)") from None
     runner = getattr(engine, "runner", None)
     context = int(getattr(engine, "max_len", None) or getattr(runner, "max_len", None) or model.config.max_seq_len)
     moe = model.config.moe

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, fraction, names, positive, resume_arg, user_path
+from mixlab.errors import UsageError
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -48,7 +49,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         for item in args.set:
             key, eq, val = item.partition("=")
             if not eq or not key:
-                raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set dim=256")
+                raise UsageError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set dim=256")
             try:
                 value = json.loads(val)
             except json.JSONDecodeError:
@@ -66,7 +67,7 @@ def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
     if args.ep is None and not args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
     if compile:
-        raise ValueError("--compile is not supported with --ep / --fsdp or under torchrun yet")
+        raise UsageError("--compile is not supported with --ep / --fsdp or under torchrun yet")
     from mixlab.parallel.mesh import init
     from mixlab.parallel.train import DistributedTraining
 
@@ -105,7 +106,7 @@ def demo_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.demo import run_demo
 
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):  # -1: a step past it
-        raise ValueError(f"--minutes must be a number > 0, got {args.minutes:g}")
+        raise UsageError(f"--minutes must be a number > 0, got {args.minutes:g}")
     res = run_demo(steps=args.steps, minutes=args.minutes, data=args.data, out=args.out, seed=args.seed,
                    quiet=args.quiet)
     if res.get("stopped_by") is not None:  # no results (the demo went on to print them, and a model it had not saved)
