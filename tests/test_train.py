@@ -787,6 +787,31 @@ def test_an_export_folder_holding_other_files_is_refused_before_training(dataset
     assert (tmp_path / "run" / "hf" / "notes.txt").read_text() == "mine"
 
 
+def test_tokens_per_s_is_the_interval_since_the_last_logged_record(dataset: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logged record's tokens_per_s was its step's alone: with log_every 3, one step in three stood for
+    the others (and the first after an evaluation or a checkpoint is slow). It is now the tokens since
+    the last logged record over the steps' time: a clock where step k takes k seconds, with 100 s of
+    something else (an evaluation, a checkpoint) between steps, which does not count."""
+    import mixlab.train.loop as loop
+
+    calls = [0]
+    now = [0.0]
+
+    def perf_counter() -> float:  # the loop reads the clock at each step's start and end
+        calls[0] += 1
+        now[0] += calls[0] // 2 if calls[0] % 2 == 0 else 100.0
+        return now[0]
+
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(perf_counter)}))
+    res = train(_cfg(dataset, tmp_path, steps=6, log_every=3, eval_every=2))
+    tok = 4 * 32 * 2  # batch_size x seq_len x grad_accum
+    assert [r["tokens_per_s"] for r in res.history] == pytest.approx(
+        [tok / 1, 2 * tok / 3, 3 * tok / 6, tok / 4, 2 * tok / 9, 3 * tok / 15])
+    logged = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["tokens_per_s"]) for r in logged if "loss" in r] == [(3, 3 * tok / 6), (6, 3 * tok / 15)]
+
+
 def test_progress_in_a_log_file_is_a_line_per_record(dataset: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """With stderr not a terminal (`mixlab train ... 2> log`), tqdm redrew its bar into the file at every

@@ -553,6 +553,10 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    # A record's tokens_per_s is over the steps since the last logged one (their own time: evaluations and
+    # checkpoints fall between steps), not the last step's alone: one step's speed is noisy, slow after an
+    # evaluation or a checkpoint, and a line every log_every steps stood for all of them.
+    interval_tokens, interval_s = 0, 0.0
     last_stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     try:
         requested_stop = False  # on_step returned True (e.g. the demo's time budget ran out)
@@ -609,22 +613,26 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            dt = time.perf_counter() - t0
+            interval_tokens += tok_per_step
+            interval_s += time.perf_counter() - t0
             rec: dict[str, Any] = {
                 "step": step, "loss": ce_sum / cfg.grad_accum, "aux_loss": aux_sum / cfg.grad_accum,
-                "z_loss": z_sum / cfg.grad_accum, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_per_step / dt,
+                "z_loss": z_sum / cfg.grad_accum, "lr": lr, "grad_norm": gnorm,
+                "tokens_per_s": interval_tokens / interval_s,
             }
             if bad:
                 rec["skipped"] = True  # a non-finite step: no update (skip_nonfinite)
             if moe and moe.capacity_factor is not None:
                 rec["dropped"] = dropped
             history.append(rec)
-            if step % cfg.log_every == 0 or step == last_stop:
+            logged = step % cfg.log_every == 0 or step == last_stop
+            if logged:
                 metrics.write(rec | {"expert_load": [[round(v, 4) for v in row] for row in load.tolist()]})
+                interval_tokens, interval_s = 0, 0.0
             if bar is not None:
                 # Per-layer load as E * max_e f_e: 1.00 is perfectly balanced, E is total collapse.
                 imb = " ".join(f"{E * float(row.max()):.2f}" for row in load) if E else "-"
-                show_step(bar, step, cfg.steps, step % cfg.log_every == 0 or step == last_stop,
+                show_step(bar, step, cfg.steps, logged,
                           f"loss {rec['loss']:.3f} aux {rec['aux_loss']:.3f} tok/s {rec['tokens_per_s']:,.0f} "
                           f"load/layer {imb}")
             if on_step is not None and on_step(rec):
