@@ -127,6 +127,61 @@ def test_completion_streamed_equals_unstreamed_equals_generate(client: Any, mode
     assert by_ids.choices[0].text == full.choices[0].text
 
 
+def test_return_token_ids_are_generates_and_the_tokenizers(client: Any, model_tok: tuple[Any, Any]) -> None:
+    """vLLM's return_token_ids (it was a 400): each choice's generated ids (`token_ids`, a stop token's
+    included) and the prompt's (`prompt_token_ids`: the chat response's, each completion choice's);
+    streamed, the prompt's on a choice's first chunk and each chunk's token_ids those of its delta."""
+    model, tok = model_tok
+    messages = [{"role": "user", "content": "Name three colours."}]
+    prompt = tok.encode_chat(messages)
+    new = _reference(model, tok, prompt, 24, 0.0, None)
+    kw: dict[str, Any] = dict(model=NAME, messages=messages, max_tokens=24, temperature=0.0,
+                              extra_body={"return_token_ids": True})
+    full = client.chat.completions.create(**kw).model_dump()
+    assert full["prompt_token_ids"] == prompt and full["choices"][0]["token_ids"] == new
+    chunks = [c.model_dump() for c in client.chat.completions.create(**kw, stream=True)]
+    assert chunks[0]["prompt_token_ids"] == prompt and all(c.get("prompt_token_ids") is None for c in chunks[1:])
+    assert [i for c in chunks for i in c["choices"][0].get("token_ids") or []] == new
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == tok.decode(new)
+
+    texts = ["The quick brown fox", "Once upon"]  # a batch of prompts, two choices each (greedy: equal)
+    prompts = [tok.encode(t) for t in texts]
+    news = [_reference(model, tok, p, 12, 0.0, None) for p in prompts]
+    kw = dict(model=NAME, prompt=texts, max_tokens=12, temperature=0.0, n=2, echo=True,
+              extra_body={"return_token_ids": True})
+    full = client.completions.create(**kw).model_dump()
+    assert [(c["prompt_token_ids"], c["token_ids"]) for c in full["choices"]] == [
+        (p, n) for p, n in zip(prompts, news, strict=True) for _ in range(2)]
+    firsts: dict[int, list[int]] = {}
+    got: dict[int, list[int]] = {i: [] for i in range(4)}
+    for c in client.completions.create(**kw, stream=True):
+        ch = c.model_dump()["choices"][0]
+        assert (ch.get("prompt_token_ids") is not None) == (ch["index"] not in firsts), ch
+        firsts.setdefault(ch["index"], ch.get("prompt_token_ids"))
+        got[ch["index"]] += ch.get("token_ids") or []
+    assert firsts == {k: prompts[k // 2] for k in range(4)} and got == {k: news[k // 2] for k in range(4)}
+    # not asked for: not there
+    plain = client.completions.create(model=NAME, prompt="x", max_tokens=2).model_dump()
+    assert plain["choices"][0].get("token_ids") is None and plain.get("prompt_token_ids") is None
+
+
+def test_tools_with_tool_choice_none_are_accepted_and_not_rendered(client: Any) -> None:
+    """tools with tool_choice "none" (no tool may be called) was a 400, where vLLM accepts it: Mixtral-Instruct
+    v0.1's template has no tools, so the reply is the one without them. Tools that could be called
+    (tool_choice "auto", "required", left out) stay refused, naming the parameter."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    kw: dict[str, Any] = dict(model=NAME, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=8,
+                              temperature=0.0)
+    with_tools = client.chat.completions.create(**kw, tools=tools, tool_choice="none")
+    without = client.chat.completions.create(**kw)
+    assert with_tools.choices[0].message.content == without.choices[0].message.content
+    assert with_tools.usage.prompt_tokens == without.usage.prompt_tokens
+    for choice in ("auto", "required"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**kw, tools=tools, tool_choice=choice)
+        assert e.value.body["param"] == "tools" and 'tool_choice "none"' in e.value.body["message"], e.value.body
+
+
 def test_seeds_2_to_the_32_apart_sample_differently(client: Any, model_tok: tuple[Any, Any]) -> None:
     """torch's CPU generator keeps a seed's low 32 bits, so seed 5 and 5 + 2^32 (or -1 and 2^32 - 1)
     gave one text; a seed outside [0, 2^32) is mixed first. Seeds in [0, 2^32) seed as before, and a
@@ -711,6 +766,7 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens"),
     (COMP, {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     (CHAT, {"messages": U, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CHAT, {"messages": U, "functions": [{"name": "f"}], "function_call": "auto"}, 400, "functions"),
     (CHAT, {"messages": U, "response_format": {"type": "json_object"}}, 400, "response_format"),
     (CHAT, {"messages": U, "tool_choice": "required"}, 400, "tool_choice"),  # a call it would not make: was ignored
     (CHAT, {"messages": U, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
@@ -754,7 +810,7 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "x", "skip_special_tokens": False}, 400, "skip_special_tokens"),
     (CHAT, {"messages": U, "logits_processors": ["m.f"]}, 400, "logits_processors"),
     (CHAT, {"messages": U, "logprobs": True, "return_tokens_as_token_ids": True}, 400, "return_tokens_as_token_ids"),
-    (COMP, {"prompt": "x", "return_token_ids": True}, 400, "return_token_ids"),
+    (COMP, {"prompt": "x", "return_token_ids": "yes"}, 400, "return_token_ids"),
     (COMP, {"prompt": "x", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
     (CHAT, {"messages": U, "structural_tag": "{}"}, 400, "structural_tag"),
     (CHAT, {"messages": U, "echo": True}, 400, "echo"),  # vLLM's chat echo: the last message before the reply

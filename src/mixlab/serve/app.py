@@ -271,6 +271,7 @@ class _Choice:
     hidden: bool = False  # max_tokens=0 with echo: the one generated token is not reported
     text: str = ""
     tokens: list[dict[str, Any]] = field(default_factory=list)  # logprob entries
+    token_ids: list[int] = field(default_factory=list)  # the generated ids (return_token_ids)
     experts: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
@@ -299,6 +300,7 @@ class _Choice:
         self.text += delta
         if out.token_id is None:
             return delta, None, None
+        self.token_ids.append(out.token_id)
         lp = ex = None
         if want_logprobs and out.logprob is not None:
             # a stop token gets an entry too (its text is only what the decoder still held back):
@@ -531,10 +533,15 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     # -- generation ---------------------------------------------------------------------------------
 
     async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[_Choice],
-                      prompt_lens: list[int], *, chat: bool, rid: str, want_logprobs: bool,
+                      prompts: list[list[int]], *, chat: bool, rid: str, want_logprobs: bool,
                       echo: list[dict[str, Any]] | None, arrived: float) -> Response:
-        """`arrived`: the request's perf_counter() as its handler began (the time to first token counts
-        from there: its prompt's encoding is part of it)."""
+        """`prompts`: each prompt's token ids, once however many choices it has. `arrived`: the request's
+        perf_counter() as its handler began (the time to first token counts from there: its prompt's
+        encoding is part of it)."""
+        prompt_lens = [len(p) for p in prompts]
+        # return_token_ids, as vLLM answers it: the prompt's ids on a chat response (streamed: on each choice's
+        # first chunk) and on each completion choice (its first chunk); the generated ids on each choice (chunk)
+        want_ids = body.return_token_ids
         created = int(time.time())
         t0 = arrived
         last: dict[int, float] = {}
@@ -593,18 +600,30 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                     ch["logprobs"] = _completion_lp(head, c, tok, generated=True) if want_logprobs else None
                 if body.return_experts:
                     ch["experts"] = c.experts
+                if want_ids:
+                    if not chat:
+                        ch["prompt_token_ids"] = prompts[c.index // body.n]
+                    ch["token_ids"] = c.token_ids
                 out_choices.append(ch)
-            return JSONResponse({"id": rid, "object": obj, "created": created, "model": cfg.model_name,
-                                 "system_fingerprint": FINGERPRINT, "choices": out_choices,
-                                 "usage": _usage(choices, prompt_lens, body.n)})
+            res = {"id": rid, "object": obj, "created": created, "model": cfg.model_name,
+                   "system_fingerprint": FINGERPRINT, "choices": out_choices,
+                   "usage": _usage(choices, prompt_lens, body.n)}
+            if want_ids and chat:
+                res["prompt_token_ids"] = prompts[0]
+            return JSONResponse(res)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and body.stream_options is not None and body.stream_options.continuous_usage_stats
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(ch: dict[str, Any]) -> dict[str, Any]:
-            d = {"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
-                 "system_fingerprint": FINGERPRINT, "choices": [ch]}
+        def chunk(ch: dict[str, Any], first: bool = False) -> dict[str, Any]:
+            d: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
+                                 "system_fingerprint": FINGERPRINT, "choices": [ch]}
+            if want_ids and first:  # a choice's first chunk
+                if chat:
+                    d["prompt_token_ids"] = prompts[0]
+                else:
+                    ch["prompt_token_ids"] = prompts[ch["index"] // body.n]
             if include_usage:
                 d["usage"] = _usage(choices, prompt_lens, body.n) if continuous else None
             return d
@@ -615,7 +634,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 if chat:
                     for c in choices:
                         yield _sse(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}))
+                                          "logprobs": None, "finish_reason": None}, first=True))
+                started = {c.index for c in choices} if chat else set()  # the choices whose first chunk went
                 echoed: set[int] = set()
                 async for c, out in _merged(choices):
                     observe(c, out)
@@ -625,14 +645,16 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         head = echo[c.index // body.n]
                         yield _sse(chunk({"index": c.index, "text": head["text"], "logprobs":
                                           _completion_lp(head, c, tok, generated=False) if want_logprobs else None,
-                                          "finish_reason": None}))
+                                          "finish_reason": None}, first=c.index not in started))
+                        started.add(c.index)
                     if out.finish_reason in ("error", "cancelled"):
                         msg = f"generation failed: {out.error or out.finish_reason}"
                         yield _sse(error_body(msg, type="server_error", code="engine_error"))
                         yield b"data: [DONE]\n\n"
                         return
                     finish = c.finish_reason if out.finish_reason is not None else None  # max_tokens=0: "length"
-                    if not delta and lp is None and ex is None and finish is None:
+                    new = [out.token_id] if out.token_id is not None and not c.hidden else []
+                    if not delta and lp is None and ex is None and finish is None and not (want_ids and new):
                         continue
                     if chat:
                         ch: dict[str, Any] = {"index": c.index, "delta": {"content": delta} if delta else {},
@@ -646,7 +668,10 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                             ch["logprobs"] = _stream_completion_lp(lp, at - len(delta), tok)
                     if ex is not None:
                         ch["experts"] = [ex]
-                    yield _sse(chunk(ch))
+                    if want_ids:
+                        ch["token_ids"] = new
+                    yield _sse(chunk(ch, first=c.index not in started))
+                    started.add(c.index)
                 if include_usage:
                     yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
                                 "system_fingerprint": FINGERPRINT, "choices": [],
@@ -687,7 +712,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
         choices = [_Choice(i, h, alone=alone) for i, h in enumerate(handles)]
-        return await respond(request, body, choices, [len(ids)], chat=True, rid=rid, want_logprobs=body.logprobs,
+        return await respond(request, body, choices, [ids], chat=True, rid=rid, want_logprobs=body.logprobs,
                              echo=None, arrived=arrived)
 
     @post("/v1/completions")
@@ -728,7 +753,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         empty = [all(i in (tok.bos_id, tok.eos_id) for i in p) for p in prompts]
         choices = [_Choice(k, h, alone=empty[choices_meta[k]], hidden=hidden) for k, h in enumerate(handles)]
         echo = [_echo_head(tok, p) for p in prompts] if body.echo else None
-        return await respond(request, body, choices, [len(p) for p in prompts], chat=False, rid=rid,
+        return await respond(request, body, choices, prompts, chat=False, rid=rid,
                              want_logprobs=want_lp, echo=echo, arrived=arrived)
 
     # -- models, health, metrics, tokenizer ---------------------------------------------------------

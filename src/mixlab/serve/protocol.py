@@ -1,12 +1,12 @@
 """OpenAI's request bodies as pydantic models, and OpenAI's error body.
 
 Field names, types and ranges follow OpenAI's API reference (chat completions and the legacy
-completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens` are vLLM's extras and
-`return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for integers).
-Unknown fields are ignored, as OpenAI-compatible servers do; the ones whose meaning we do not implement
-(tools, response formats, suffixes, audio, web search; vLLM's guided decoding, beam search, bad_words,
-include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused with a 400 naming them, where they ask
-for something, rather than silently dropped.
+completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `return_token_ids` are
+vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for
+integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones whose meaning we do not
+implement (tools, unless tool_choice is "none"; response formats, suffixes, audio, web search; vLLM's
+guided decoding, beam search, bad_words, include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused
+with a 400 naming them, where they ask for something, rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ NOT_IMPLEMENTED: dict[str, Any] = {
     "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
     "guided_grammar": None, "structured_outputs": None, "structural_tag": None, "bad_words": None,
     "allowed_token_ids": None, "logits_processors": None, "skip_special_tokens": True,
-    "return_tokens_as_token_ids": False, "return_token_ids": False, "prompt_embeds": None,
+    "return_tokens_as_token_ids": False, "prompt_embeds": None,
     "audio": None, "web_search_options": None}
 # a chat's own: vLLM's echo (the last message repeated before the reply), chat_template, documents (a RAG
 # template's), add_special_tokens (a second BOS before the template's)
@@ -131,6 +131,8 @@ class _Sampling(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     # mixlab's extension: the experts every MoE layer sent each generated token to
     return_experts: StrictBool = False
+    # vLLM's (>= 0.10.2): each choice's generated token ids (`token_ids`) and the prompt's (`prompt_token_ids`)
+    return_token_ids: StrictBool = False
     # {token id as a string: bias in [-100, 100]}, added to those logits before sampling
     logit_bias: Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
@@ -239,7 +241,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    # "none" and "auto" mean a plain reply when there are no tools; the others demand a call
+    # "none" and "auto" mean a plain reply when there are no tools; the others demand a call. With tools,
+    # "none" forbids calling them: accepted (as vLLM does) and the tools are not rendered (Mixtral-Instruct
+    # v0.1's template has none); any other choice would let the model call them: refused.
     tool_choice: Any = None
     function_call: Any = None
     modalities: list[StrictStr] | None = None  # only ["text"]
@@ -255,9 +259,11 @@ class ChatCompletionRequest(_Sampling):
             raise _field_error("top_logprobs", "top_logprobs > 0 needs logprobs set to true")
         if self.max_tokens == 0:
             raise _field_error("max_tokens", "max_tokens must be at least 1")
-        if self.tools or self.functions:
-            name = "tools" if self.tools else "functions"
-            raise _field_error(name, f"{name} (tool calling) is not supported by this server")
+        for name, choice_name, choice in (("tools", "tool_choice", self.tool_choice),
+                                          ("functions", "function_call", self.function_call)):
+            if getattr(self, name) and choice != "none":
+                raise _field_error(name, f"{name} (tool calling) is not supported by this server; {choice_name} "
+                                         f"\"none\" (no tool is called) is accepted")
         for name, choice in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
             if choice not in (None, "none", "auto"):
                 raise _field_error(name, f"{name}={json.dumps(choice)[:80]} asks for a tool call, which this "
