@@ -627,6 +627,36 @@ def test_an_adapter_over_another_local_base_is_warned_about(tmp_path, monkeypatc
             load_model("other", adapter="adapter")
 
 
+def test_cli_convert_of_a_gguf_file_warns_of_an_adapter_over_another_base(tmp_path, capsys):
+    """convert --adapter warned of an adapter trained over another local folder (load_model's check) when
+    the source was a folder, not when it was a GGUF file, which convert loads itself: now every source is
+    checked, once, before it loads."""
+    pytest.importorskip("gguf")
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.train.lora import LoraConfig, apply_lora, save_peft
+
+    cfg = PRESETS["tiny-moe"].replace(vocab_size=32000, sliding_window=None)  # Mixtral's vocabulary, for the GGUF
+    for name, seed in (("base", 0), ("other", 1)):
+        m = Transformer(cfg)
+        m.init_weights(std=0.1, seed=seed)
+        save_model(m, tmp_path / name)
+    write_gguf(m, tmp_path / "other.gguf", quant="f32")
+    save_peft(apply_lora(m, LoraConfig(rank=2, alpha=4)), tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    conf = tmp_path / "adapter" / "adapter_config.json"
+    for src in ("other.gguf", "other"):
+        capsys.readouterr()
+        assert main(["convert", str(tmp_path / src), str(tmp_path / f"out-{src}"), "--adapter",
+                     str(tmp_path / "adapter"), "--quiet"]) == 0
+        warned = [ln for ln in capsys.readouterr().err.splitlines() if ": warning: " in ln]
+        assert warned == [f"mixlab convert: warning: {conf}: the adapter was trained over {tmp_path / 'base'} (its "
+                          f"base_model_name_or_path), not {tmp_path / src}: merged over other weights it gives other "
+                          f"logits; load it over {tmp_path / 'base'} unless {tmp_path / src} holds the same weights "
+                          "(a conversion of it)"], src
+    assert main(["convert", str(tmp_path / "base"), str(tmp_path / "out-base"), "--adapter", str(tmp_path / "adapter"),
+                 "--quiet"]) == 0
+    assert ": warning: " not in capsys.readouterr().err  # its own base
+
+
 def test_cli_convert_merges_an_adapter(tmp_path, capsys):
     """convert had no --adapter: an adapter (or a LoRA run without hf/) could not become a model or a GGUF,
     and convert RUN said its checkpoint was 'not a model to start from'."""

@@ -286,10 +286,12 @@ def _refuse_pickle_or_recover(root: Path) -> None:
                               "config.json or params.json), or a .gguf file")
 
 
-def _warn_other_base(root: Path, peft: Adapter) -> None:
+def warn_other_base(root: Path, peft: Adapter) -> None:
     """An adapter merged over weights of the right shapes that are not its base's gives other logits
     silently: warned when its base_model_name_or_path is a local folder other than `root`. A hub name
-    cannot be resolved here, so it is never warned about, and a name alone never refuses a merge."""
+    cannot be resolved here, so it is never warned about, and a name alone never refuses a merge. Every
+    path that merges an adapter calls it once, before the long load (load_model; convert and generate --ep
+    of a GGUF file, which load it themselves)."""
     base = peft.config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base or not Path(base).expanduser().is_dir():
         return
@@ -352,7 +354,7 @@ def load_model(
                              "into a checkpoint first (load_model(path, adapter=DIR), then save_model)")
     peft = None if adapter is None else read_adapter(adapter)  # a wrong adapter is told before a long load
     if peft is not None:
-        _warn_other_base(root, peft)
+        warn_other_base(root, peft)
     if suffix_of(root) == ".gguf" and not root.is_dir():
         from mixlab.checkpoint.gguf_read import load_gguf
 

@@ -224,7 +224,7 @@ def _vocabulary_file(text: str) -> Path:
 
 def convert(args: argparse.Namespace) -> int:
     from mixlab.atomic import check_destination
-    from mixlab.checkpoint import input_files, load_model, save_model, side_files
+    from mixlab.checkpoint import input_files, load_model, merge_adapter, save_model, side_files, warn_other_base
     from mixlab.tokenizer import tokenizer_file
     from mixlab.train import checkpoints
 
@@ -243,8 +243,7 @@ def convert(args: argparse.Namespace) -> int:
         base = read_adapter(lone).config.get("base_model_name_or_path") or "BASE"
         raise ValueError(f"{args.src}: a LoRA adapter, not a model (a LoRA run without a merged hf/ export); "
                          f"`mixlab convert {base} {args.dst} --adapter {lone}` writes its base with it merged")
-    if args.adapter is not None:  # checked now, not after loading the model
-        read_adapter(args.adapter)
+    peft = read_adapter(args.adapter) if args.adapter is not None else None  # checked now, not after loading
     if args.to == "gguf":  # the optional package, asked for now, not after loading the model
         try:
             import gguf  # noqa: F401
@@ -263,6 +262,8 @@ def convert(args: argparse.Namespace) -> int:
     check_destination(args.dst, sources=read, inputs=inputs, overwrite=args.overwrite,
                       kind="file" if args.to == "gguf" else "folder", magic=b"GGUF" if args.to == "gguf" else None,
                       writes=None if args.to == "gguf" else "checkpoint")
+    if peft is not None:  # an adapter over another base: said for every source (a GGUF, a checkpoint too)
+        warn_other_base(src, peft)
     if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
@@ -275,13 +276,11 @@ def convert(args: argparse.Namespace) -> int:
             data = checkpoints.validate(src, checksums=False).get("data")  # load_init checked every byte
             extra = checkpoints.data_file(data) if data else {}
         else:
-            model = load_model(src, dtype=args.dtype, adapter=args.adapter)
+            model = load_model(src, dtype=args.dtype)
     else:
-        model = load_model(args.src, dtype=args.dtype, adapter=args.adapter)
-    if args.adapter is not None and (gguf_src or checkpoints.is_step(src)):  # loaded without load_model
-        from mixlab.checkpoint import merge_adapter
-
-        merge_adapter(model, args.adapter)
+        model = load_model(args.src, dtype=args.dtype)
+    if peft is not None:
+        merge_adapter(model, peft)
     merged = f", {args.adapter} merged" if args.adapter is not None else ""
     with tempfile.TemporaryDirectory(prefix="mixlab-convert-") as tmp:
         if args.to == "gguf":

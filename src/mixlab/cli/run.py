@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, positive, sampling, user_path
@@ -65,15 +66,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         layout = init(ep=args.ep, device=args.device)
         device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
     if layout is not None and suffix_of(args.model) == ".gguf" and os.path.isfile(args.model):
+        from mixlab.checkpoint import merge_adapter, read_adapter, warn_other_base
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
 
+        peft = read_adapter(adapter) if adapter is not None else None  # before the load, as load_model reads it
+        if peft is not None:
+            warn_other_base(Path(args.model), peft)
         # Q4_0 matrices dequantised: expert parallelism splits float experts (it refused int4 ones)
         model = load_gguf(args.model, dtype=parse_dtype(dtype), device=device, keep_int4=False)
-        if adapter is not None:
-            from mixlab.checkpoint import merge_adapter
-
-            merge_adapter(model, adapter)
+        if peft is not None:
+            merge_adapter(model, peft)
     else:  # an --adapter is merged before --quant quantises the weights
         with _told_as_flag("max_memory", "--max-memory"):
             model = load_model(args.model, dtype=dtype, device=device, adapter=adapter, **offload)
