@@ -1394,3 +1394,29 @@ def test_a_lora_run_without_transformers_says_why_its_adapter_was_not_exported(
         finetune(_cfg(ckpt, chat_files[0], tmp_path / "a", steps=1, lora_rank=2, export_hf=False, eval_every=0))
     assert (tmp_path / "a" / "hf" / "config.json").is_file() and not (tmp_path / "a" / "adapter").exists()
     assert "transformers is not installed" in (tmp_path / "a" / "adapter_not_exported.txt").read_text()
+
+
+def test_tokens_per_s_is_the_interval_since_the_last_logged_record(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """As train's (test_train.py): a logged record's tokens_per_s was its step's alone. A clock where step k
+    takes k seconds, with 100 s of something else (an evaluation) between steps, which does not count."""
+    import mixlab.train.finetune as ft
+
+    calls = [0]
+    now = [0.0]
+
+    def perf_counter() -> float:  # the loop reads the clock at each step's start and end
+        calls[0] += 1
+        now[0] += calls[0] // 2 if calls[0] % 2 == 0 else 100.0
+        return now[0]
+
+    monkeypatch.setattr(ft, "time", type("Clock", (), {"perf_counter": staticmethod(perf_counter)}))
+    res = finetune(_cfg(ckpt, chat_files[0], tmp_path, task="sft", steps=4, log_every=2, eval_every=0))
+    toks = [r["tokens"] for r in res.history]
+    assert [r["tokens_per_s"] for r in res.history] == pytest.approx(
+        [toks[0] / 1, (toks[0] + toks[1]) / 3, toks[2] / 3, (toks[2] + toks[3]) / 7])
+    logged = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert [r["tokens_per_s"] for r in logged] == pytest.approx([(toks[0] + toks[1]) / 3, (toks[2] + toks[3]) / 7])

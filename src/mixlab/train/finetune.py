@@ -593,6 +593,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         evals.append(ev)
     last_stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     requested_stop = False
+    interval_tokens, interval_s = 0, 0.0  # tokens_per_s: since the last logged record, steps' own time (loop.py)
     try:
         while step < last_stop and not stop and not requested_stop:
             t0 = time.perf_counter()
@@ -640,15 +641,18 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            dt = time.perf_counter() - t0
+            interval_tokens += n_tok
+            interval_s += time.perf_counter() - t0
             rec: dict[str, Any] = {"step": step, **sums, "lr": lr, "grad_norm": gnorm, "tokens": n_tok,
-                                   "tokens_per_s": n_tok / dt}
+                                   "tokens_per_s": interval_tokens / interval_s}
             history.append(rec)
-            if step % cfg.log_every == 0 or step == last_stop:
+            logged = step % cfg.log_every == 0 or step == last_stop
+            if logged:
                 metrics.write(rec)
+                interval_tokens, interval_s = 0, 0.0
             if bar is not None:
                 extra = f" acc {rec['rewards/accuracies']:.2f}" if "rewards/accuracies" in rec else ""
-                show_step(bar, step, cfg.steps, step % cfg.log_every == 0 or step == last_stop,
+                show_step(bar, step, cfg.steps, logged,
                           f"loss {rec['loss']:.4f}{extra} aux {rec['aux_loss']:.3f} tok/s {rec['tokens_per_s']:,.0f}")
             if on_step is not None and on_step(rec):
                 requested_stop = True
