@@ -767,7 +767,7 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     (CHAT, {"messages": U, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     (CHAT, {"messages": U, "functions": [{"name": "f"}], "function_call": "auto"}, 400, "functions"),
-    (CHAT, {"messages": U, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": U, "response_format": {"type": "yaml"}}, 400, "response_format"),
     (CHAT, {"messages": U, "tool_choice": "required"}, 400, "tool_choice"),  # a call it would not make: was ignored
     (CHAT, {"messages": U, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     (CHAT, {"messages": U, "function_call": {"name": "f"}}, 400, "function_call"),
@@ -801,7 +801,7 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "x", "model": "nope"}, 404, "model"),
     # vLLM's extras that ask for what this server does not do (they were ignored: other output, silently)
     (CHAT, {"messages": U, "stop": "a", "include_stop_str_in_output": True}, 400, "include_stop_str_in_output"),
-    (CHAT, {"messages": U, "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    (CHAT, {"messages": U, "guided_choice": ["yes", ""]}, 400, "guided_choice"),  # structured output: a bad one
     (COMP, {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
     (COMP, {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     # ... and more of them, OpenAI's too; each was ignored: output the client did not ask for, silently
@@ -818,7 +818,7 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (CHAT, {"messages": U, "documents": [{"text": "x"}]}, 400, "documents"),
     (CHAT, {"messages": U, "add_special_tokens": True}, 400, "add_special_tokens"),  # a second BOS
     (CHAT, {"messages": U, "n": 2, "best_of": 3}, 400, "best_of"),
-    (COMP, {"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (COMP, {"prompt": "x", "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
     (CHAT, {"messages": U, "modalities": ["text", "audio"]}, 400, "modalities"),
     (CHAT, {"messages": U, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio"),
     (CHAT, {"messages": U, "web_search_options": {}}, 400, "web_search_options"),

@@ -7,10 +7,12 @@
 
 `api.py`: the public types; `core.py`: `Engine` (queue, scheduler, sampling, streaming, thread);
 `runner.py`: the KV cache of the running sequences and the forward pass of a step;
-`sampling.py`: logits to tokens and logprobs.
+`sampling.py`: logits to tokens and logprobs; `structured.py`: `Structured` outputs (JSON, schema,
+regex, choice, grammar) as token masks, with llguidance.
 """
 
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams
 from mixlab.engine.core import Engine
+from mixlab.engine.structured import Structured
 
-__all__ = ["Engine", "Handle", "QueueFull", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "Handle", "QueueFull", "RequestOutput", "SamplingParams", "Structured"]

@@ -20,9 +20,12 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from mixlab.tokenizer import check_text
+
+if TYPE_CHECKING:
+    from mixlab.engine.structured import Structured
 
 __all__ = ["GREEDY_TEMPERATURE", "MAX_LOGPROBS", "Handle", "QueueFull", "RequestOutput", "SamplingParams"]
 
@@ -85,6 +88,9 @@ class SamplingParams:
     # the text is `decode(output)` alone, not the prompt's continuation: a chat reply, whose first word loses
     # the leading space SentencePiece's "▁" gives it; stop strings are matched on that text
     decode_alone: bool = False
+    # the output's form (JSON, a schema's, a regex's, a choice, a grammar's): tokens outside it are masked
+    # before sampling (logprobs are the masked distribution's), and the output ends once it is complete
+    structured: Structured | None = None
 
     def __post_init__(self) -> None:
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
@@ -138,6 +144,12 @@ class SamplingParams:
             expected = f"None or an integer in [0, {MAX_LOGPROBS}] (number of top alternatives)"
             if _int("logprobs", self.logprobs, 0, expected) > MAX_LOGPROBS:
                 raise _bad("logprobs", self.logprobs, expected)
+
+        if self.structured is not None:
+            from mixlab.engine.structured import Structured
+
+            if not isinstance(self.structured, Structured):
+                raise _bad("structured", self.structured, "a mixlab.engine.structured.Structured (or None)")
 
     @property
     def greedy(self) -> bool:

@@ -42,6 +42,7 @@ from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver, _is_array
 from mixlab.engine.runner import Item, Result, Runner, common_prefix
 from mixlab.engine.sampling import Sampler, sample_row, seed_generator, top_logprobs
+from mixlab.engine.structured import Matcher
 from mixlab.errors import MixlabError
 from mixlab.model.formats import expert_cache
 from mixlab.model.transformer import check_model
@@ -80,6 +81,7 @@ class _Seq:
     seen_1V: torch.Tensor | None = None  # prompt + output tokens (repetition penalty)
     counts_1V: torch.Tensor | None = None  # output token counts (presence/frequency penalties)
     bias_1V: torch.Tensor | None = None  # logit_bias as a row
+    matcher: Matcher | None = None  # params.structured's state: the tokens allowed next
     first: bool = True
     slot: int = -1  # the runner's cache slot
     # return_experts: the last token's output, held until that token has run through the model (the
@@ -221,6 +223,8 @@ class Engine:
         prompt = self._check_prompt(prompt_ids, params)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need an engine made with a tokenizer")
+        if params.structured is not None and self.tokenizer is None:
+            raise ValueError(f"structured {params.structured.kind} output needs an engine made with a tokenizer")
         cfg = self.config
         bad = [i for i in params.stop_token_ids if not 0 <= i < cfg.vocab_size]
         if bad:
@@ -244,6 +248,8 @@ class Engine:
         decoder = self.tokenizer.stream(context=context) if self.tokenizer is not None else None
         seq = _Seq(rid, prompt, params, handle, Sampler(params.temperature, params.top_k, params.top_p,
                    params.min_p, params.repetition_penalty), stop_ids, generator, decoder)
+        if params.structured is not None and self.tokenizer is not None:
+            seq.matcher = Matcher(params.structured, self.tokenizer, cfg.vocab_size)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is shut down (Engine.start() starts it again)")
@@ -509,11 +515,13 @@ class Engine:
     def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None,
               argmax: int | None = None) -> None:
         p = seq.params
+        if seq.matcher is not None:  # the constraint first: penalties, biases and logprobs see what it allows
+            logits_1V = seq.matcher.mask(logits_1V)
         bias_1V = seq.bias_1V
         if len(seq.out) < p.min_tokens and seq.stop_ids:  # min_tokens: no stop token yet (-inf, not -100)
             bias_1V = torch.zeros_like(logits_1V) if bias_1V is None else bias_1V.clone()
             bias_1V[0, sorted(seq.stop_ids)] = -math.inf
-        plain = seq.seen_1V is None and seq.counts_1V is None and bias_1V is None
+        plain = seq.seen_1V is None and seq.counts_1V is None and bias_1V is None and seq.matcher is None
         if argmax is not None and seq.sampler.greedy and plain:
             tok = argmax  # the step's batched argmax of this row (NaN-free): greedy without penalties or biases
         else:
@@ -523,6 +531,7 @@ class Engine:
             tok = self.sync_token(tok)
         seq.out.append(tok)
         self._stats["tokens_out"] += 1
+        complete = seq.matcher is not None and seq.matcher.advance(tok)  # nothing more may follow
         if seq.seen_1V is not None:
             seq.seen_1V[0, tok] = True
         if seq.counts_1V is not None:
@@ -544,6 +553,9 @@ class Engine:
             text, hit = self._take_text(seq)
             if hit:
                 finish = "stop"
+            elif complete:
+                finish = "stop"
+                text += self._flush_text(seq)
             elif len(seq.out) >= p.max_tokens:
                 finish = "length"
                 text += self._flush_text(seq)

@@ -189,8 +189,9 @@ def seed_generator(generator: torch.Generator, seed: int) -> torch.Generator:
 
 
 def top_logprobs(logprobs_V: torch.Tensor, n: int) -> list[tuple[int, float]]:
-    """The n most likely tokens and their logprobs, most likely first."""
+    """The n most likely tokens and their logprobs, most likely first; tokens a structured output's
+    mask rules out (-inf) are no alternatives, so fewer than n may come back."""
     if n <= 0:
         return []
     values, ids = torch.topk(logprobs_V, min(n, logprobs_V.shape[-1]))
-    return list(zip(ids.tolist(), values.tolist(), strict=True))
+    return [(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True) if v != -math.inf]

@@ -44,7 +44,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from mixlab.engine import QueueFull, RequestOutput, SamplingParams
+from mixlab.engine import QueueFull, RequestOutput, SamplingParams, Structured
+from mixlab.engine.structured import lltokenizer
 from mixlab.serve.metrics import CONTENT_TYPE, Metrics
 from mixlab.serve.protocol import (
     ApiError,
@@ -365,8 +366,26 @@ class _Server:
                            param=param, code="context_length_exceeded")
         return asked
 
+    def structured(self, body: ChatCompletionRequest | CompletionRequest) -> Structured | None:
+        """The request's constraint on its output, compiled (in the encoding thread: a large schema takes
+        a while, as does llguidance's view of the tokenizer, made on the first such request)."""
+        asked = body.constraint()
+        if asked is None:
+            return None
+        param, kind, value = asked
+        try:
+            spec = Structured(kind, value)
+            lltokenizer(self.tok)
+        except ValueError as e:
+            raise ApiError(400, f"invalid {param}: {str(e).removeprefix(f'invalid structured {kind}: ')}",
+                           param=param) from None
+        except ImportError as e:
+            raise ApiError(400, f"{param}: this server cannot constrain outputs: {e}", param=param) from None
+        return spec
+
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int,
-                 logprobs: int | None, prompt_logprobs: bool = False, decode_alone: bool = False) -> SamplingParams:
+                 logprobs: int | None, prompt_logprobs: bool = False, decode_alone: bool = False,
+                 structured: Structured | None = None) -> SamplingParams:
         seed = body.seed
         if seed is not None and choice:  # n > 1: each choice its own (reproducible) stream
             seed = (seed + choice + 2**63) % 2**64 - 2**63
@@ -378,7 +397,8 @@ class _Server:
                 presence_penalty=float(body.presence_penalty), frequency_penalty=float(body.frequency_penalty),
                 seed=seed, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, return_experts=body.return_experts, ignore_eos=body.ignore_eos,
-                logit_bias=body.biases(), min_tokens=body.min_tokens, decode_alone=decode_alone)
+                logit_bias=body.biases(), min_tokens=body.min_tokens, decode_alone=decode_alone,
+                structured=structured)
         except ValueError as e:
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
 
@@ -708,7 +728,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         lp = top if body.logprobs else None
         # a reply that continues an assistant prefix keeps its first word's leading space, as a completion does
         alone = not body.messages[-1].prefix
-        params = [srv.sampling(body, max_tokens, i, lp, decode_alone=alone) for i in range(body.n)]
+        structured = await srv.off_loop(srv.structured, body)
+        params = [srv.sampling(body, max_tokens, i, lp, decode_alone=alone, structured=structured)
+                  for i in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
         choices = [_Choice(i, h, alone=alone) for i, h in enumerate(handles)]
@@ -741,10 +763,12 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 srv.check_ids(p, where)
         want_lp = body.logprobs is not None
         score_prompt = body.echo and want_lp
+        structured = await srv.off_loop(srv.structured, body)
         params, ids, choices_meta = [], [], []
         for j, p in enumerate(prompts):
             for i in range(body.n):
-                params.append(srv.sampling(body, max_tokens[j], i, body.logprobs, prompt_logprobs=score_prompt))
+                params.append(srv.sampling(body, max_tokens[j], i, body.logprobs, prompt_logprobs=score_prompt,
+                                           structured=structured))
                 ids.append(p)
                 choices_meta.append(j)
         rid = f"cmpl-{uuid.uuid4().hex}"

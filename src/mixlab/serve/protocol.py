@@ -4,9 +4,9 @@ Field names, types and ranges follow OpenAI's API reference (chat completions an
 completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `return_token_ids` are
 vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for
 integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones whose meaning we do not
-implement (tools, unless tool_choice is "none"; response formats, suffixes, audio, web search; vLLM's
-guided decoding, beam search, bad_words, include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused
-with a 400 naming them, where they ask for something, rather than silently dropped.
+implement (tools, unless tool_choice is "none"; suffixes, audio, web search; vLLM's structural tags, beam
+search, bad_words, include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused with a 400 naming them,
+where they ask for something, rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 # the client got output it did not ask for, silently. vLLM's extras, then OpenAI's (audio out, web search).
 NOT_IMPLEMENTED: dict[str, Any] = {
     "include_stop_str_in_output": False, "use_beam_search": False, "prompt_logprobs": None,
-    "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
-    "guided_grammar": None, "structured_outputs": None, "structural_tag": None, "bad_words": None,
+    "truncate_prompt_tokens": None, "structural_tag": None, "bad_words": None,
     "allowed_token_ids": None, "logits_processors": None, "skip_special_tokens": True,
     "return_tokens_as_token_ids": False, "prompt_embeds": None,
     "audio": None, "web_search_options": None}
@@ -137,7 +136,13 @@ class _Sampling(BaseModel):
     logit_bias: Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
     best_of: StrictInt | None = None  # only equal to n: no extra choices sampled to pick the best from
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    # structured outputs (`constraint`): OpenAI's response_format, or vLLM's guided_* / structured_outputs
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: dict[str, Any] | None = None
     # accepted for compatibility, with no effect
     user: StrictStr | None = None
 
@@ -169,13 +174,49 @@ class _Sampling(BaseModel):
             raise _field_error("stream_options", "stream_options is only allowed when stream is true")
         if self.best_of is not None and self.best_of != self.n:
             raise _field_error("best_of", f"best_of={self.best_of} is not supported (only best_of equal to n)")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise _field_error("response_format", "only response_format {'type': 'text'} is supported")
+        self.constraint()
         for key in self.logit_bias or {}:
             if not (key.isascii() and key.isdigit()):
                 raise _field_error("logit_bias", f"invalid logit_bias key {key!r}: expected a token id, "
                                    "a string of digits such as \"1234\"")
         return self
+
+    def constraint(self) -> tuple[str, str, Any] | None:
+        """What the output must be, as (the parameter that asks for it, a `Structured` kind, its value), or
+        None; a 400 naming both when two parameters ask for one."""
+        asked: list[tuple[str, str, Any]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                asked.append(("response_format", "json_object", None))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+                    raise _field_error("response_format.json_schema", "response_format {'type': 'json_schema'} "
+                                       "needs 'json_schema': {'name': ..., 'schema': {a JSON schema}}")
+                asked.append(("response_format.json_schema.schema", "json_schema", js.get("schema", {})))
+            elif kind != "text":
+                raise _field_error("response_format", f"invalid response_format type {kind!r}: expected 'text', "
+                                   "'json_object' or 'json_schema'")
+        vllm = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                "guided_grammar": "grammar"}
+        asked += [(name, kind, v) for name, kind in vllm.items() if (v := getattr(self, name)) not in (None, [])]
+        kinds = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                 "json_object": "json_object"}
+        for key, v in (self.structured_outputs or {}).items():
+            # vLLM's fallback to another backend, and its no-whitespace JSON (which this server always writes)
+            ignored = key in ("disable_fallback", "disable_any_whitespace")
+            if key not in kinds and not ignored and v not in (None, False):
+                raise _field_error(f"structured_outputs.{key}", f"structured_outputs.{key} is not supported by this "
+                                   f"server (only {', '.join(kinds)})")
+            if key == "json_object" and v not in (None, False, True):
+                raise _field_error("structured_outputs.json_object", "structured_outputs.json_object must be a boolean")
+            if key in kinds and v not in (None, False):
+                asked.append((f"structured_outputs.{key}", kinds[key], None if key == "json_object" else v))
+        if len(asked) > 1:
+            raise _field_error(asked[1][0], f"{asked[0][0]} and {asked[1][0]} both constrain the output: send one")
+        return asked[0] if asked else None
 
     def biases(self) -> dict[int, float]:
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}

@@ -1,0 +1,180 @@
+"""Structured outputs: a request's constraint (any JSON object, a JSON schema, a regex, one of some
+strings, a Lark/GBNF grammar) as a mask over the next token, with llguidance (the library vLLM and
+llama.cpp use; `pip install 'mixlab[serve]'`, imported only when a request asks for a constraint).
+
+`Structured` is the spec a `SamplingParams` carries (compiled and checked when it is made); `Matcher` is
+one sequence's state: `mask` sets the logits of the tokens the constraint rules out to -inf before the
+row is sampled, `advance` consumes the chosen token and says when nothing more may follow. llguidance
+sees the vocabulary through `lltokenizer`: the bytes of each of mixlab's token pieces.
+
+Shape legend: V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mixlab.errors import GenerationError
+
+if TYPE_CHECKING:
+    import llguidance
+
+    from mixlab.tokenizer import Tokenizer
+
+__all__ = ["KINDS", "Matcher", "Structured", "lltokenizer"]
+
+KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+# JSON without whitespace between its tokens (llguidance's default lets any run of it in, which a model
+# can fill until max_tokens); a schema's "x-guidance" options can say otherwise
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+def _llg() -> Any:
+    try:
+        import llguidance
+    except ImportError:
+        raise ImportError("structured outputs (JSON mode, schemas, regex, choice, grammars) need llguidance: "
+                          "pip install 'mixlab[serve]'") from None
+    return llguidance
+
+
+@dataclass(frozen=True)
+class Structured:
+    """What a request's output must be: `kind` "json_object" (any JSON object; no `value`),
+    "json_schema" (`value`: the schema, a dict or its JSON text), "regex" (`value`: a pattern the whole
+    output matches; Rust's regex syntax), "choice" (`value`: a list of strings, the output is one of
+    them) or "grammar" (`value`: a Lark grammar, or llama.cpp's GBNF). ValueError when the value is
+    not one (its message names the kind and llguidance's reason)."""
+
+    kind: str
+    value: Any = None
+    grammar: str = field(init=False, repr=False, compare=False)  # llguidance's grammar, compiled from value
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"invalid structured kind {self.kind!r}: expected one of {', '.join(KINDS)}")
+        llg, v = _llg(), self.value
+        shape = {"json_object": (v is None, "nothing (None)"),
+                 "json_schema": (isinstance(v, (dict, str)), "a JSON schema (a dict or its JSON text)"),
+                 "regex": (isinstance(v, str) and bool(v), "a non-empty regular expression"),
+                 "choice": (isinstance(v, (list, tuple)) and bool(v) and all(isinstance(c, str) and c for c in v),
+                            "a non-empty list of non-empty strings"),
+                 "grammar": (isinstance(v, str) and bool(v.strip()), "a Lark (or GBNF) grammar")}
+        ok, expected = shape[self.kind]
+        if not ok:
+            raise ValueError(f"invalid structured {self.kind}: expected {expected}, got {v!r:.80}")
+        try:
+            if self.kind in ("json_object", "json_schema"):
+                schema = {"type": "object"} if v is None else json.loads(v) if isinstance(v, str) else v
+                grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
+            elif self.kind == "choice":
+                grammar = llg.grammar_from("choice", list(v))
+            else:
+                grammar = llg.grammar_from("regex" if self.kind == "regex" else "grammar", v)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ValueError(f"invalid structured {self.kind}: {e}") from None
+        error = llg.LLMatcher.validate_grammar(grammar)
+        if error:
+            raise ValueError(f"invalid structured {self.kind}: {' '.join(error.split())[:500]}")
+        object.__setattr__(self, "grammar", grammar)
+
+
+_LLTOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
+_LLTOKENIZERS_LOCK = threading.Lock()
+
+
+def _token_bytes(tok: Tokenizer) -> tuple[list[bytes], list[int]]:
+    """Each token's bytes as llguidance needs them, and the special tokens (no text: BOS, EOS,
+    <unk>, control tokens). A byte-fallback piece `<0xNN>` is that byte, SentencePiece's '▁' a space;
+    a piece that decodes to other text (a byte-level BPE's) is its decoded text."""
+    pieces: list[bytes] = []
+    special: list[int] = []
+    for i in range(tok.vocab_size):
+        b = tok.piece_byte(i)
+        if b is not None:
+            pieces.append(bytes([b]))
+            continue
+        piece = tok.id_to_piece(i)
+        text, decoded = piece.replace("▁", " "), tok.decode([i])
+        if decoded in (text, text[1:] if text.startswith(" ") else text):  # decoding drops a first space
+            pieces.append(text.encode())
+        elif i in (tok.bos_id, tok.eos_id) or not decoded or (piece.startswith("<") and piece.endswith(">")):
+            pieces.append(piece.encode())  # never text: llguidance marks it special
+            special.append(i)
+        else:
+            pieces.append(decoded.encode())
+    return pieces, special
+
+
+def lltokenizer(tok: Tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's view of `tok` (made once per tokenizer: ~0.2 s for 32k pieces), EOS its end token."""
+    with _LLTOKENIZERS_LOCK:
+        cached = _LLTOKENIZERS.get(tok)
+        if cached is not None:
+            return cached
+        llg = _llg()
+        pieces, special = _token_bytes(tok)
+        ids: dict[bytes, int] = {}
+        for i, b in enumerate(pieces):
+            if b and i not in special:
+                ids.setdefault(b, i)
+        longest = max(map(len, ids), default=1)
+
+        class _Vocab:  # what llguidance.TokenizerWrapper reads
+            eos_token_id, bos_token_id = tok.eos_id, tok.bos_id
+            tokens, special_token_ids = pieces, special
+
+            def __call__(self, text: bytes) -> list[int]:
+                # Tokens spelling exactly `text` (longest match first). Not tok.encode: SentencePiece's
+                # adds a space before the text, which llguidance reads as more bytes than it asked for.
+                out, i = [], 0
+                while i < len(text):
+                    for n in range(min(longest, len(text) - i), 0, -1):
+                        t = ids.get(text[i : i + n])
+                        if t is not None:
+                            out.append(t)
+                            i += n
+                            break
+                    else:  # a byte no token spells (a tokenizer without byte fallback)
+                        i += 1
+                return out
+
+        lt = _LLTOKENIZERS[tok] = llg.LLTokenizer(llg.TokenizerWrapper(_Vocab()))
+        return lt
+
+
+class Matcher:
+    """One sequence's constraint: the tokens allowed next (`mask`) and the tokens chosen (`advance`)."""
+
+    def __init__(self, spec: Structured, tok: Tokenizer, vocab_size: int) -> None:
+        self.m = _llg().LLMatcher(lltokenizer(tok), spec.grammar, log_level=0)
+        if self.m.is_error():
+            raise ValueError(f"invalid structured {spec.kind}: {self.m.get_error()}")
+        self.vocab_size = vocab_size  # the model's (its logits' width; may exceed the tokenizer's)
+
+    def allowed(self) -> torch.Tensor:
+        """`[V]` bool: the tokens that may come next (EOS once the output is complete)."""
+        bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        if self.m.is_error():
+            raise GenerationError(f"structured output: {self.m.get_error()}")
+        allowed_V = np.zeros(self.vocab_size, dtype=bool)
+        n = min(self.vocab_size, bits.size)
+        allowed_V[:n] = bits[:n]
+        return torch.from_numpy(allowed_V)
+
+    def mask(self, logits_1V: torch.Tensor) -> torch.Tensor:
+        """`logits_1V` with the tokens the constraint rules out at -inf."""
+        return logits_1V.masked_fill(~self.allowed().to(logits_1V.device), -torch.inf)
+
+    def advance(self, token: int) -> bool:
+        """Consume the chosen token; whether the output is complete (nothing more may follow)."""
+        if not self.m.consume_token(token):
+            raise GenerationError(f"structured output: token {token} breaks the constraint ({self.m.get_error()})")
+        return bool(self.m.is_stopped())

@@ -1,0 +1,275 @@
+"""Structured outputs (engine/structured.py and the server's response_format / guided_* parameters): the
+output satisfies its constraint, a constrained greedy run equals a reference masked independently (the
+`regex` module's partial matches), and bad constraints are clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("llguidance")
+pytest.importorskip("fastapi")
+regex = pytest.importorskip("regex")
+jsonschema = pytest.importorskip("jsonschema")
+
+from conftest import hf_mixtral, hf_tokenizer_json  # noqa: E402
+from mixlab import load_model, load_tokenizer  # noqa: E402
+from mixlab.config import get_preset  # noqa: E402
+from mixlab.engine import Engine, SamplingParams, Structured  # noqa: E402
+from mixlab.engine.structured import _token_bytes, lltokenizer  # noqa: E402
+from mixlab.model import Transformer  # noqa: E402
+from mixlab.serve import ServerThread, create_app  # noqa: E402
+from test_serve import CHAT, COMP, CONTEXT, NAME, _config, httpx, openai  # noqa: E402
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "colour": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+          "required": ["n", "colour", "ok"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def byte_model() -> tuple[Transformer, Any]:
+    """A tiny MoE over the bytes tokenizer: every token is one byte, so a mask can be checked by hand."""
+    tok = load_tokenizer("bytes")
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=tok.vocab_size, max_seq_len=512)).eval()
+    model.init_weights(std=0.5, seed=0)
+    return model, tok
+
+
+def _run(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, Any]:
+    handle = engine.submit(prompt, params)
+    engine.run_until_idle()
+    outs = handle.poll()
+    return [o.token_id for o in outs if o.token_id is not None], "".join(o.text for o in outs), outs
+
+
+@torch.no_grad()
+def _masked_greedy(model: Transformer, tok: Any, prompt: list[int], pattern: str, max_tokens: int) -> list[int]:
+    """Greedy decoding where a byte is allowed when the text with it can still become a full match of
+    `pattern` (the `regex` module's partial matching), EOS when the text is one; it ends after a
+    token that nothing can follow."""
+    ids, text, out = list(prompt), "", []
+    for _ in range(max_tokens):
+        logits_V = model(torch.tensor([ids]))[0, -1].float()
+        allowed = torch.zeros_like(logits_V, dtype=torch.bool)
+        for b in range(128):
+            allowed[b + 3] = regex.fullmatch(pattern, text + chr(b), partial=True) is not None
+        allowed[tok.eos_id] = regex.fullmatch(pattern, text) is not None
+        t = int(logits_V.masked_fill(~allowed, -math.inf).argmax())
+        out.append(t)
+        ids.append(t)
+        if t == tok.eos_id:
+            break
+        text += chr(t - 3)
+        if not any(regex.fullmatch(pattern, text + chr(b), partial=True) for b in range(128)):
+            break
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["[a-c]{2,5}x?", "(yes|no|maybe)!", "[0-9]{3}-[0-9]{2}", "[ab]+c"])
+def test_greedy_regex_equals_an_independently_masked_reference(byte_model: tuple[Transformer, Any],
+                                                               pattern: str) -> None:
+    model, tok = byte_model
+    prompt = tok.encode("pick: ")
+    got, text, outs = _run(Engine(model, tok), prompt, SamplingParams(max_tokens=12,
+                                                                          structured=Structured("regex", pattern)))
+    assert got == _masked_greedy(model, tok, prompt, pattern, 12)
+    assert regex.fullmatch(pattern, text), text
+    assert outs[-1].finish_reason == "stop"
+
+
+def test_outputs_satisfy_their_constraint(byte_model: tuple[Transformer, Any]) -> None:
+    model, tok = byte_model
+    with Engine(model, tok, max_batch=8) as engine:
+        handles = {}
+        for seed in (None, 1, 2):  # greedy and seeded sampling, side by side in one batch
+            kw: dict[str, Any] = {"temperature": 1.0, "seed": seed} if seed is not None else {}
+            handles[("schema", seed)] = engine.submit(tok.encode("hello"), SamplingParams(
+                max_tokens=60, structured=Structured("json_schema", SCHEMA), **kw))
+            handles[("choice", seed)] = engine.submit(tok.encode("hello"), SamplingParams(
+                max_tokens=10, structured=Structured("choice", ["alpha", "beta", "gamma"]), **kw))
+            handles[("grammar", seed)] = engine.submit(tok.encode("hello"), SamplingParams(
+                max_tokens=20, structured=Structured("grammar", 'start: "(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,2}/'),
+                **kw))
+        # any JSON object: this greedy run closes one within the cap
+        handles[("object", None)] = engine.submit(tok.encode("hello"), SamplingParams(
+            max_tokens=150, structured=Structured("json_object")))
+        results = {k: h.result() for k, h in handles.items()}
+    for (kind, seed), outs in results.items():
+        text = "".join(o.text for o in outs)
+        assert outs[-1].finish_reason == "stop", (kind, seed, text)
+        if kind == "schema":
+            jsonschema.validate(json.loads(text), SCHEMA)
+        elif kind == "object":
+            assert isinstance(json.loads(text), dict), text
+        elif kind == "choice":
+            assert text in ("alpha", "beta", "gamma"), text
+        else:
+            assert regex.fullmatch(r"\(\d{1,2}(,\d{1,2})*\)", text), text
+
+
+def test_logprobs_are_the_masked_distribution_s(byte_model: tuple[Transformer, Any]) -> None:
+    model, tok = byte_model
+    spec = Structured("choice", ["yes", "no"])
+    _, text, outs = _run(Engine(model, tok), tok.encode("ok? "), SamplingParams(
+        max_tokens=5, temperature=1.0, seed=3, logprobs=5, structured=spec))
+    first = outs[0]
+    assert {t for t, _ in first.top_logprobs} == {ord("y") + 3, ord("n") + 3}  # the only ones allowed
+    assert math.isclose(sum(math.exp(lp) for _, lp in first.top_logprobs), 1.0, rel_tol=1e-5)
+    assert first.logprob == dict(first.top_logprobs)[first.token_id]
+    # after the first letter, the word is forced: probability 1
+    assert all(o.logprob == 0.0 and len(o.top_logprobs) == 1 for o in outs[1:] if o.token_id != tok.eos_id)
+    assert text in ("yes", "no")
+
+
+def test_seeded_samples_repeat_and_penalties_and_stop_strings_still_apply(byte_model: tuple[Transformer, Any]) -> None:
+    model, tok = byte_model
+    spec = Structured("regex", "[a-e]{8}")
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=5, structured=spec)
+    engine = Engine(model, tok, max_batch=4)
+    a, b = (_run(engine, tok.encode("x"), params)[1] for _ in range(2))
+    assert a == b and regex.fullmatch("[a-e]{8}", a)
+    # penalties move the choice among the letters the mask allows, never outside them
+    _, text, _ = _run(engine, tok.encode("x"), SamplingParams(max_tokens=10, repetition_penalty=10.0,
+                                                               presence_penalty=2.0, structured=spec))
+    assert regex.fullmatch("[a-e]{8}", text), text
+    greedy = _run(engine, tok.encode("x"), SamplingParams(max_tokens=10, structured=spec))[1]
+    assert text != greedy  # the penalties changed the choice among the allowed letters
+    stop = greedy[3]
+    _, text, outs = _run(engine, tok.encode("x"), SamplingParams(max_tokens=10, stop=[stop], structured=spec))
+    assert text == greedy[: greedy.index(stop)] and outs[-1].finish_reason == "stop"
+
+
+def test_bad_constraints_are_value_errors_naming_them(byte_model: tuple[Transformer, Any]) -> None:
+    for kind, value, named in [("regex", "[a-", "unclosed character class"), ("json_schema", {"type": "foo"}, "foo"),
+                               ("json_schema", "{not json", "json_schema"), ("choice", [], "non-empty list"),
+                               ("grammar", "start: (", "grammar"), ("yaml", "x", "yaml"), ("json_object", {}, "None")]:
+        with pytest.raises(ValueError, match=r"(?s)structured.*" + named.replace("[", r"\[")):
+            Structured(kind, value)
+    with pytest.raises(ValueError, match="structured"):
+        SamplingParams(structured={"type": "json_object"})  # type: ignore[arg-type]
+    model, _ = byte_model
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(model).submit([1, 2], SamplingParams(structured=Structured("json_object")))
+
+
+def test_without_llguidance_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    with pytest.raises(ImportError, match=r"pip install 'mixlab\[serve\]'"):
+        Structured("json_object")
+
+
+def test_token_bytes_come_from_mixlab_s_tokenizer(tmp_path: Any) -> None:
+    """SentencePiece pieces: '▁' is a space, <0xNN> a byte, BOS/EOS/<unk> special; a tokenizer.json of the
+    same vocabulary gives the same table; llguidance's view is made once per tokenizer."""
+    sp = load_tokenizer()
+    pieces, special = _token_bytes(sp)
+    assert sorted(special) == [0, 1, 2]
+    the = sp.encode("the", bos=False)[0]
+    assert pieces[the] == b" the" and pieces[sp.encode("\n", bos=False)[-1]] == b"\n"
+    assert all(len(pieces[i]) == 1 for i in range(3, 259))  # Mixtral's byte-fallback pieces
+    hf = load_tokenizer(hf_tokenizer_json(tmp_path))
+    assert _token_bytes(hf) == (pieces, special)
+    assert lltokenizer(sp) is lltokenizer(sp) and lltokenizer(sp).eos_token == sp.eos_id
+
+
+# ---- the server (test_serve.py's model: a float32 tiny Mixtral with Mixtral's 32,000-token tokenizer) ----
+
+U = [{"role": "user", "content": "Give me the data"}]
+
+
+@pytest.fixture(scope="module")
+def model_tok(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    path = hf_mixtral(tmp_path_factory.mktemp("structured"), vocab_size=32000, hidden_size=32, intermediate_size=48,
+                      max_position_embeddings=CONTEXT)
+    hf_tokenizer_json(path)
+    return load_model(path, dtype="float32"), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def server(model_tok: tuple[Any, Any]) -> Iterator[str]:
+    model, tok = model_tok
+    with Engine(model, tok, max_batch=8) as engine, ServerThread(create_app(engine, tok, _config(model))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Any:
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_chat_response_format_json_schema(server: str) -> None:
+    rf = {"type": "json_schema", "json_schema": {"name": "data", "schema": SCHEMA, "strict": True}}
+    r = httpx.post(server + CHAT, json={"messages": U, "response_format": rf, "max_tokens": 40, "n": 2,
+                                        "temperature": 1.0, "seed": 4}, timeout=60)
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+
+
+@pytest.mark.parametrize("extra,check", [
+    ({"guided_regex": r"[0-9]{2}-[a-z]{3}"}, lambda t: regex.fullmatch(r"[0-9]{2}-[a-z]{3}", t)),
+    ({"guided_choice": ["north", "south", "east"]}, lambda t: t in ("north", "south", "east")),
+    ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+    ({"guided_grammar": 'start: "x=" /[1-9]/ (";" "x=" /[1-9]/)?'}, lambda t: regex.fullmatch(r"x=\d(;x=\d)?", t)),
+    ({"guided_json": json.dumps(SCHEMA)}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+])
+def test_completions_follow_vllm_s_guided_parameters(server: str, extra: dict[str, Any], check: Any) -> None:
+    body = {"prompt": "Answer:", "max_tokens": 40, "temperature": 0, **extra}
+    r = httpx.post(server + COMP, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and check(choice["text"]), choice
+
+
+def test_json_mode_gives_an_object(server: str, model_tok: tuple[Any, Any]) -> None:
+    """A random model over 32k tokens hardly ever closes a string; a logit_bias towards '"' and '}' (which
+    the mask leaves to the grammar's places) lets this one finish within the cap."""
+    _, tok = model_tok
+    bias = {str(i): 5.0 for i in range(tok.vocab_size) if tok.id_to_piece(i) in ('"', "}")}
+    for path, body in ((COMP, {"prompt": "Answer:"}), (CHAT, {"messages": U})):
+        r = httpx.post(server + path, json={**body, "response_format": {"type": "json_object"}, "logit_bias": bias,
+                                            "max_tokens": 40, "temperature": 0}, timeout=60)
+        choice = r.json()["choices"][0]
+        text = choice["text"] if path == COMP else choice["message"]["content"]
+        assert choice["finish_reason"] == "stop" and isinstance(json.loads(text), dict), choice
+
+
+def test_the_openai_client_s_response_format_streams(client: Any) -> None:
+    rf = {"type": "json_schema", "json_schema": {"name": "data", "schema": SCHEMA}}
+    chunks = list(client.chat.completions.create(model=NAME, messages=U, response_format=rf, max_tokens=40,
+                                                 temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    whole = client.chat.completions.create(model=NAME, messages=U, response_format=rf, max_tokens=40, temperature=0)
+    assert whole.choices[0].message.content == text and whole.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("path,body,param,says", [
+    (CHAT, {"messages": U, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}},
+     "response_format.json_schema.schema", "nope"),
+    (CHAT, {"messages": U, "response_format": {"type": "json_schema"}}, "response_format.json_schema", "schema"),
+    (CHAT, {"messages": U, "response_format": {"type": "yaml"}}, "response_format", "yaml"),
+    (COMP, {"prompt": "x", "guided_regex": "(a"}, "guided_regex", "regex"),
+    (COMP, {"prompt": "x", "guided_json": "{no"}, "guided_json", "guided_json"),
+    (COMP, {"prompt": "x", "guided_grammar": "start: ("}, "guided_grammar", "guided_grammar"),
+    (COMP, {"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice",
+     "guided_regex and guided_choice"),
+    (CHAT, {"messages": U, "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+     "structured_outputs.regex", "response_format and structured_outputs.regex"),
+    (COMP, {"prompt": "x", "structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag",
+     "not supported"),
+])
+def test_bad_constraints_are_400s_naming_the_parameter(server: str, path: str, body: dict[str, Any], param: str,
+                                                       says: str) -> None:
+    r = httpx.post(server + path, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and says in err["message"], err
