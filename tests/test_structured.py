@@ -4,6 +4,7 @@ output satisfies its constraint, a constrained greedy run equals a reference mas
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -19,7 +20,8 @@ regex = pytest.importorskip("regex")
 jsonschema = pytest.importorskip("jsonschema")
 
 from conftest import hf_mixtral, hf_tokenizer_json  # noqa: E402
-from mixlab import load_model, load_tokenizer  # noqa: E402
+from mixlab import load_model, load_tokenizer, save_model  # noqa: E402
+from mixlab.cli import main  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.engine import Engine, SamplingParams, Structured  # noqa: E402
 from mixlab.engine.structured import _token_bytes, lltokenizer  # noqa: E402
@@ -176,6 +178,61 @@ def test_token_bytes_come_from_mixlab_s_tokenizer(tmp_path: Any) -> None:
     hf = load_tokenizer(hf_tokenizer_json(tmp_path))
     assert _token_bytes(hf) == (pieces, special)
     assert lltokenizer(sp) is lltokenizer(sp) and lltokenizer(sp).eos_token == sp.eos_id
+
+
+# ---- mixlab generate / chat --json, --json-schema, --regex, --grammar-file ----
+
+
+@pytest.fixture(scope="module")
+def byte_dir(byte_model: tuple[Transformer, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = tmp_path_factory.mktemp("bytes")
+    save_model(byte_model[0], path)
+    return path
+
+
+def test_the_cli_flags_constrain_what_generate_and_chat_print(byte_model: tuple[Transformer, Any], byte_dir: Any,
+                                                              tmp_path: Any, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tok = byte_model
+    common = ["--model", str(byte_dir), "--tokenizer", "bytes", "--dtype", "float32", "--quiet"]
+    flags = ["generate", "--prompt", "pick: ", "--max-new-tokens", "12", *common]
+    assert main([*flags, "--regex", "[a-c]{2,5}x?"]) == 0
+    expected = _run(Engine(model, tok), tok.encode("pick: "), SamplingParams(
+        max_tokens=12, structured=Structured("regex", "[a-c]{2,5}x?")))[1]
+    assert capsys.readouterr().out == expected + "\n"
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    (tmp_path / "pairs.lark").write_text('start: pair ("," pair)*\npair: /[a-z]/ "=" /[0-9]/\n')
+    for flag, check in ((["--json-schema", str(tmp_path / "schema.json")], lambda t: jsonschema.validate(
+            json.loads(t), SCHEMA) is None), (["--grammar-file", str(tmp_path / "pairs.lark")],
+                                              lambda t: regex.fullmatch("[a-z]=[0-9](,[a-z]=[0-9])*", t))):
+        assert main(["generate", "--prompt", "hello", "--max-new-tokens", "60", *common, *flag]) == 0
+        out = capsys.readouterr().out
+        assert check(out[:-1]), (flag, out)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAgain\n"))
+    assert main(["chat", "--max-new-tokens", "60", "--seed", "0", *common, "--json-schema",
+                 str(tmp_path / "schema.json")]) == 0
+    replies = capsys.readouterr().out.splitlines()
+    assert len(replies) == 2 and all(jsonschema.validate(json.loads(r), SCHEMA) is None for r in replies), replies
+
+
+def test_the_cli_s_bad_constraints_are_one_line_naming_the_flag(tmp_path: Any, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "bad_schema.json").write_text('{"type": "nope"}')
+    base = ["generate", "--model", str(tmp_path / "absent"), "--prompt", "x"]  # checked before the model loads
+    for flags, said in ((["--regex", "(a"], "--regex: "), (["--json-schema", str(tmp_path / "bad.json")],
+                                                         f"--json-schema {tmp_path / 'bad.json'}: not a JSON file"),
+                        (["--json-schema", str(tmp_path / "bad_schema.json")], "nope"),
+                        (["--grammar-file", str(tmp_path / "absent.lark")], "absent.lark")):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1 and "Traceback" not in err, err
+    with pytest.raises(SystemExit):
+        main([*base, "--json", "--regex", "a"])
+    assert "not allowed with" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    assert main([*base, "--json"]) == 2
+    assert "--json: " in (err := capsys.readouterr().err) and "pip install 'mixlab[serve]'" in err, err
 
 
 # ---- the server (test_serve.py's model: a float32 tiny Mixtral with Mixtral's 32,000-token tokenizer) ----

@@ -34,6 +34,7 @@ from mixlab.ops import registry
 from mixlab.tokenizer import check_text, check_tokenizer
 
 if TYPE_CHECKING:
+    from mixlab.engine import Structured
     from mixlab.tokenizer import StreamDecoder, Tokenizer
 
 __all__ = ["Sampler", "Step", "decode_step", "generate", "generate_stream", "greedy_step", "prefill"]
@@ -240,6 +241,7 @@ def generate_stream(
     cache: KVCache | None = None,
     engine: Engine | None = None,
     decode_alone: bool = False,
+    structured: Structured | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position, as soon as it is sampled.
 
@@ -263,6 +265,8 @@ def generate_stream(
     begins with tokens one of its free slots holds (the earlier turns) skips prefilling them.
     `decode_alone=True` (engine path): the text is the reply decoded alone, as a chat shows it (the
     first word without the leading space SentencePiece gives it), and stop strings match that text.
+    `structured` (engine path, with `tokenizer`): the output follows it (JSON, a schema, a regex...:
+    `mixlab.engine.Structured`), and ends once it is complete.
     """
     # Everything is validated here, eagerly; the returned generator does the compute.
     check_model(model)
@@ -295,6 +299,8 @@ def generate_stream(
                              f"{weight.dtype}: make it with KVCache(..., dtype={weight.dtype})")
     if decode_alone and cache is not None:
         raise ValueError("decode_alone=True decodes through the engine; it excludes cache=")
+    if structured is not None and cache is not None:
+        raise ValueError("structured= decodes through the engine; it excludes cache=")
     if engine is not None:
         if cache is not None or engine.model is not model:
             raise ValueError("engine= must be an engine over this model, and excludes cache=")
@@ -312,7 +318,7 @@ def generate_stream(
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, seed=seed, stop_token_ids=sorted(stop_ids), stop=stop_strings,
             return_experts=record_experts, ignore_eos=True,  # EOS, when it stops, is in stop_ids
-            decode_alone=decode_alone)
+            decode_alone=decode_alone, structured=structured)
         return _through_engine(model, ids, params, tokenizer, prefill_chunk, engine)
     return _generate(model, ids, max_new_tokens, sampler, penalties, seed, stop_ids, stop_strings, tokenizer,
                      prefill_chunk, record_experts, cache)

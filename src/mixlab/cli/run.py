@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import sys
@@ -155,7 +156,36 @@ def _sampling(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
-                stop=args.stop or None, tokenizer=tok)
+                stop=args.stop or None, tokenizer=tok, structured=args.structured)
+
+
+def _structured(args: argparse.Namespace) -> None:
+    """--json / --json-schema FILE / --regex R / --grammar-file FILE as `args.structured` (checked before
+    the model loads): a bad file, schema, regex or grammar is one line naming the flag."""
+    from mixlab.engine import Structured
+
+    args.structured = None
+    flags = (("json_object", "--json", args.json or None), ("json_schema", "--json-schema", args.json_schema),
+             ("regex", "--regex", args.regex), ("grammar", "--grammar-file", args.grammar_file))
+    asked = [(kind, flag, v) for kind, flag, v in flags if v is not None]  # argparse lets one through
+    if not asked:
+        return
+    kind, flag, given = asked[0]
+    value: Any = None if kind == "json_object" else given
+    shown = f"{flag} {given}" if kind in ("json_schema", "grammar") else flag
+    if kind in ("json_schema", "grammar"):
+        try:
+            text = Path(given).read_text(encoding="utf-8")  # a missing file: an OSError, which main names
+            value = json.loads(text) if kind == "json_schema" else text
+        except ValueError as e:  # not UTF-8, not JSON
+            what = "a JSON" if kind == "json_schema" else "a UTF-8 text"
+            raise ValueError(f"{shown}: not {what} file ({e})") from None
+    try:
+        args.structured = Structured(kind, value)
+    except ImportError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{shown}: {str(e).removeprefix(f'invalid structured {kind}: ')}") from None
 
 
 MAX_NEW_TOKENS = 256  # --max-new-tokens' default where the model's context leaves room for it
@@ -186,6 +216,7 @@ def generate(args: argparse.Namespace) -> int:
         text = sys.stdin.read()
         args.prompt = text[:-1] if text.endswith("\n") else text
     check_text(args.prompt, "--prompt - (stdin)" if from_stdin else "--prompt")  # before the model loads
+    _structured(args)
     if args.ep is not None:  # every process decodes the same tokens; the first one prints them
         import torch.distributed as dist
 
@@ -266,6 +297,7 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
 
 def chat(args: argparse.Namespace) -> int:
     check_text(args.system or "", "--system")  # before the model loads (it was 'message 0's content', after)
+    _structured(args)
     model, tok = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
@@ -405,6 +437,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=sampling("seed", int), default=None, help="same seed, same sampled text")
     g.add_argument("--stop", type=_stop, action="append", default=[],
                    help="stop string (repeatable): the text ends before it; \\n, \\t, \\r, \\\\ as escapes")
+    s = p.add_argument_group("structured output (one of them; the output ends once complete; needs llguidance: "
+                             "pip install 'mixlab[serve]')").add_mutually_exclusive_group()
+    s.add_argument("--json", action="store_true", help="a JSON object")
+    s.add_argument("--json-schema", type=user_path, default=None, metavar="FILE",
+                   help="JSON that FILE's schema accepts")
+    s.add_argument("--regex", default=None, metavar="R", help="text that R matches as a whole (Rust's regex syntax)")
+    s.add_argument("--grammar-file", type=user_path, default=None, metavar="FILE",
+                   help="text that FILE's grammar (Lark, or llama.cpp's GBNF) accepts")
     add_runtime_args(p)
     add_quiet_arg(p)
 
