@@ -180,6 +180,24 @@ def test_token_bytes_come_from_mixlab_s_tokenizer(tmp_path: Any) -> None:
     assert lltokenizer(sp) is lltokenizer(sp) and lltokenizer(sp).eos_token == sp.eos_id
 
 
+def test_a_byte_level_bpe_s_tokens_spell_the_text_s_bytes(tmp_path: Any) -> None:
+    """A GPT-2-style tokenizer.json (ByteLevel): a piece that is part of a character (`Ã`) decoded to
+    U+FFFD, and llguidance read a token whose bytes were EF BF BD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(["héllo wörld € naïve café 日本語 " * 20], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    pieces, special = _token_bytes(tok)
+    assert special == [0, 1, 2]
+    for text in ("héllo wörld € naïve 日本語 x", "ÿ\x7f🙂"):
+        assert b"".join(pieces[i] for i in tok.encode(text, bos=False)) == text.encode()
+
+
 # ---- mixlab generate / chat --json, --json-schema, --regex, --grammar-file ----
 
 

@@ -90,10 +90,20 @@ _LLTOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = we
 _LLTOKENIZERS_LOCK = threading.Lock()
 
 
+def _byte_level() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (its `bytes_to_unicode`), character -> byte: printable bytes stand
+    for themselves, the others for the characters from U+0100 on, in order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
 def _token_bytes(tok: Tokenizer) -> tuple[list[bytes], list[int]]:
     """Each token's bytes as llguidance needs them, and the special tokens (no text: BOS, EOS,
     <unk>, control tokens). A byte-fallback piece `<0xNN>` is that byte, SentencePiece's '▁' a space;
-    a piece that decodes to other text (a byte-level BPE's) is its decoded text."""
+    a piece that decodes to other text is its decoded text, or, where that is part of a character (a
+    byte-level BPE's piece, `Ã`), the bytes its characters stand for."""
+    byte_level = _byte_level()
     pieces: list[bytes] = []
     special: list[int] = []
     for i in range(tok.vocab_size):
@@ -108,6 +118,8 @@ def _token_bytes(tok: Tokenizer) -> tuple[list[bytes], list[int]]:
         elif i in (tok.bos_id, tok.eos_id) or not decoded or (piece.startswith("<") and piece.endswith(">")):
             pieces.append(piece.encode())  # never text: llguidance marks it special
             special.append(i)
+        elif "\ufffd" in decoded and all(c in byte_level for c in piece):
+            pieces.append(bytes(byte_level[c] for c in piece))
         else:
             pieces.append(decoded.encode())
     return pieces, special
