@@ -292,6 +292,12 @@ def test_chat_response_format_json_schema(server: str) -> None:
     ({"guided_regex": r"[0-9]{2}-[a-z]{3}"}, lambda t: regex.fullmatch(r"[0-9]{2}-[a-z]{3}", t)),
     ({"guided_choice": ["north", "south", "east"]}, lambda t: t in ("north", "south", "east")),
     ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+    ({"structured_outputs": {"regex": "[a-z]{4}"}}, lambda t: regex.fullmatch("[a-z]{4}", t)),
+    ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+     lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+    ({"structured_outputs": {"grammar": 'root ::= "a" [0-9] | "b"'}}, lambda t: regex.fullmatch("a[0-9]|b", t)),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"enum": [1, 22]}}}},
+     lambda t: json.loads(t) in (1, 22)),
     ({"guided_grammar": 'start: "x=" /[1-9]/ (";" "x=" /[1-9]/)?'}, lambda t: regex.fullmatch(r"x=\d(;x=\d)?", t)),
     ({"guided_json": json.dumps(SCHEMA)}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
 ])
