@@ -354,3 +354,13 @@ def test_bad_constraints_are_400s_naming_the_parameter(server: str, path: str, b
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and says in err["message"], err
+
+
+def test_a_server_without_llguidance_says_what_to_install(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    r = httpx.post(server + CHAT, json={"messages": U, "response_format": {"type": "json_object"}}, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "response_format", err
+    assert "pip install 'mixlab[serve]'" in err["message"], err
+    r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 2}, timeout=30)  # the rest still works
+    assert r.status_code == 200, r.text
