@@ -238,18 +238,19 @@ def test_the_cli_s_bad_constraints_are_one_line_naming_the_flag(tmp_path: Any, c
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "bad_schema.json").write_text('{"type": "nope"}')
     base = ["generate", "--model", str(tmp_path / "absent"), "--prompt", "x"]  # checked before the model loads
-    for flags, said in ((["--regex", "(a"], "--regex: "), (["--json-schema", str(tmp_path / "bad.json")],
-                                                         f"--json-schema {tmp_path / 'bad.json'}: not a JSON file"),
-                        (["--json-schema", str(tmp_path / "bad_schema.json")], "nope"),
-                        (["--grammar-file", str(tmp_path / "absent.lark")], "absent.lark")):
-        assert main([*base, *flags]) == 2
+    for flags, said, code in ((["--regex", "(a"], "--regex: ", 2),
+                              (["--json-schema", str(tmp_path / "bad.json")],
+                               f"--json-schema {tmp_path / 'bad.json'}: not a JSON file", 2),
+                              (["--json-schema", str(tmp_path / "bad_schema.json")], "nope", 2),
+                              (["--grammar-file", str(tmp_path / "absent.lark")], "absent.lark", 1)):
+        assert main([*base, *flags]) == code, flags  # a wrong value: usage (2); a missing file: failure (1)
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1 and "Traceback" not in err, err
     with pytest.raises(SystemExit):
         main([*base, "--json", "--regex", "a"])
     assert "not allowed with" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "llguidance", None)
-    assert main([*base, "--json"]) == 2
+    assert main([*base, "--json"]) == 1  # a missing package: the run failed
     assert "--json: " in (err := capsys.readouterr().err) and "pip install 'mixlab[serve]'" in err, err
 
 

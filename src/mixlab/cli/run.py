@@ -161,7 +161,8 @@ def _sampling(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
 
 def _structured(args: argparse.Namespace) -> None:
     """--json / --json-schema FILE / --regex R / --grammar-file FILE as `args.structured` (checked before
-    the model loads): a bad file, schema, regex or grammar is one line naming the flag."""
+    the model loads): a bad file, schema, regex or grammar is one line naming the flag (exit 2; a missing
+    file or llguidance: 1)."""
     from mixlab.engine import Structured
 
     args.structured = None
@@ -179,13 +180,13 @@ def _structured(args: argparse.Namespace) -> None:
             value = json.loads(text) if kind == "json_schema" else text
         except ValueError as e:  # not UTF-8, not JSON
             what = "a JSON" if kind == "json_schema" else "a UTF-8 text"
-            raise ValueError(f"{shown}: not {what} file ({e})") from None
+            raise UsageError(f"{shown}: not {what} file ({e})") from None
     try:
         args.structured = Structured(kind, value)
     except ImportError as e:
         raise ValueError(f"{flag}: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"{shown}: {str(e).removeprefix(f'invalid structured {kind}: ')}") from None
+    except ValueError as e:  # the flag's value is wrong: a usage error (exit 2)
+        raise UsageError(f"{shown}: {str(e).removeprefix(f'invalid structured {kind}: ')}") from None
 
 
 MAX_NEW_TOKENS = 256  # --max-new-tokens' default where the model's context leaves room for it
