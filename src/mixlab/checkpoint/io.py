@@ -296,22 +296,27 @@ class TensorReader:
             self._fds[f] = os.open(f, os.O_RDONLY)
         return self._fds[f]
 
-    def read_into(self, name: str, dest: torch.Tensor) -> None:
+    def read_into(self, name: str, dest: torch.Tensor, *, offset: int | None = None) -> None:
         """Fill `dest` (any layout, dtype or device, same number of elements) with tensor `name`,
         in the stored tensor's row-major order. Reads in place when `dest` is a contiguous CPU
-        tensor of the stored dtype; otherwise through one temporary of this tensor's size."""
+        tensor of the stored dtype; otherwise through one temporary of `dest`'s size.
+
+        `offset`: read only `dest.numel()` elements from element `offset` on (a piece of the tensor,
+        e.g. one process's rows; the other bytes are never read)."""
         info = self.infos[name]
         if info.dtype not in DTYPES:
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which torch cannot read")
         stored = DTYPES[info.dtype]
-        if dest.numel() != math.prod(info.shape):
+        total = math.prod(info.shape)
+        if dest.numel() + (offset or 0) > total or (offset is None and dest.numel() != total):
             raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "
-                                  f"{dest.numel()} elements")
+                                  f"{dest.numel()} elements" + (f" from element {offset}" if offset else ""))
+        start = info.start + (offset or 0) * stored.itemsize
         if dest.dtype == stored and dest.device.type == "cpu" and dest.is_contiguous():
-            _pread_into(self._fd(info.file), _bytes_of(dest), info.start, info, name)
+            _pread_into(self._fd(info.file), _bytes_of(dest), start, info, name)
             return
-        tmp = torch.empty(info.shape, dtype=stored)
-        _pread_into(self._fd(info.file), _bytes_of(tmp), info.start, info, name)
+        tmp = torch.empty(dest.shape if offset is not None else info.shape, dtype=stored)
+        _pread_into(self._fd(info.file), _bytes_of(tmp), start, info, name)
         dest.copy_(tmp.view(dest.shape))
 
     def get(self, name: str) -> torch.Tensor:

@@ -78,6 +78,12 @@ def state_dict(model: Transformer, optimizer: torch.optim.Optimizer, layout: Lay
     return sd
 
 
+def weights(model: Transformer, layout: Layout, expert_names: set[str]) -> dict[str, torch.Tensor]:
+    """The parameters alone, as `state_dict` names them (what `--init-from` reads of a sharded run's
+    checkpoint)."""
+    return {n: _global(p.detach(), layout, n in expert_names) for n, p in model.named_parameters()}
+
+
 def save(root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict[str, Any],
          keep: int, layout: Layout, expert_names: set[str]) -> Path:
     """Write checkpoint `step` under `root` from all ranks (collective), atomically; keep the newest `keep`."""
@@ -124,8 +130,8 @@ def load(ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer | N
     state = checkpoints.validate(ckpt, checksums=checksums)
     if optimizer is not None:
         checkpoints.init_optimizer_state(optimizer)
-    sd = state_dict(model, optimizer, layout, expert_names) if optimizer is not None else {
-        n: _global(p.detach(), layout, n in expert_names) for n, p in model.named_parameters()}
+    sd = state_dict(model, optimizer, layout, expert_names) if optimizer is not None else weights(
+        model, layout, expert_names)
     checkpoints.dcp_load(sd, ckpt)
     checkpoints.load_rng(ckpt / "rng.safetensors")
     return state

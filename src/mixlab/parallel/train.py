@@ -33,8 +33,9 @@ from mixlab.errors import OutputError
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.parallel import checkpoint as dcp_ckpt
-from mixlab.parallel.expert import apply_expert_parallel, expert_param_names, local_experts
+from mixlab.parallel.expert import apply_expert_parallel, expert_param_names
 from mixlab.parallel.mesh import Layout, check_same
+from mixlab.train import checkpoints
 
 
 def apply_fsdp(model: Transformer, layout: Layout) -> None:
@@ -72,31 +73,47 @@ class DistributedTraining:
         if self.layout.fsdp:
             apply_fsdp(model, self.layout)
 
-    def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int) -> Transformer:
-        """The model as `Transformer(config).init_weights(std=, seed=)` then `parallelize` would make it,
-        without ever holding the whole model: built on the meta device (no memory), sharded there, then
-        only this process's pieces allocated on `device` (`to_empty`) and filled with their part of each
-        parameter's full initial value, drawn one parameter at a time from the same generator. Peak
-        memory: the shards plus one full parameter (on the CPU), not the whole float32 model
+    def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int,
+              init_from: str | Path = "") -> Transformer:
+        """The model as `Transformer(config).init_weights(std=, seed=)` (or, with `init_from`,
+        `checkpoints.load_init(init_from, config)`) then `parallelize` would make it, without ever
+        holding the whole model: built on the meta device (no memory), sharded there, then only this
+        process's pieces allocated on `device` (`to_empty`) and filled: with their part of each
+        parameter's full initial value, drawn one parameter at a time from the same generator, or with
+        the elements they hold, read from the checkpoint's files (`checkpoints.load_init_pieces`).
+        Peak memory: the shards plus one full parameter (on the CPU) while initialising, plus one
+        piece (or one Mistral-format wqkv) while reading a checkpoint; not the whole float32 model
         (torchtitan's meta-device initialisation)."""
         with torch.device("meta"):
             model = Transformer(config)
-        values = copy.deepcopy(model).initial_values(std=std, seed=seed)  # the unsharded shapes, still on meta
+        values = None if init_from else copy.deepcopy(model).initial_values(std=std, seed=seed)  # still on meta
         self.parallelize(model)
         model.to_empty(device=device)
         if config.tie_embeddings:  # to_empty gives each module its own plain tensor (DTensors it keeps shared)
             model.output.weight = model.tok_embeddings.weight
         params = dict(model.named_parameters())
+        if values is None:
+            checkpoints.load_init_pieces(
+                init_from, config, {name: (_local(p), self.piece(name, p)) for name, p in params.items()},
+                lambda: dcp_ckpt.weights(model, self.layout, self.expert_names))
+            return model
         with torch.no_grad():
             for name, full in values:
                 p = params[name]
-                part = local_experts(full, self.layout) if name in self.expert_names else full
-                if isinstance(p, DTensor):  # an FSDP shard of it
-                    shape, offset = compute_local_shape_and_global_offset(part.shape, p.device_mesh, p.placements)
-                    part = part[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
-                _local(p).copy_(part)
-                del full, part  # before the next one is drawn
+                _local(p).copy_(full[self.piece(name, p)])
+                del full  # before the next one is drawn
         return model
+
+    def piece(self, name: str, p: torch.Tensor) -> tuple[slice, ...]:
+        """Which part of the whole weight `name` this process's parameter `p` holds (its experts, its
+        FSDP shard), one slice per dimension."""
+        start, shape = [0] * p.dim(), list(p.shape)  # a DTensor's shape is its whole tensor's
+        if name in self.expert_names:  # E / ep consecutive experts (`local_experts`)
+            start[0] = self.layout.ep_rank * shape[0]
+        if isinstance(p, DTensor):  # an FSDP shard of them
+            local, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            shape, start = list(local), [s + o for s, o in zip(start, offset, strict=True)]
+        return tuple(slice(s, s + n) for s, n in zip(start, shape, strict=True))
 
     def check_same(self, values: dict[str, Any]) -> None:
         check_same(values)

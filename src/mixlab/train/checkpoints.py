@@ -20,11 +20,13 @@ runs no pickle.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,9 @@ from safetensors.torch import load_file
 
 from mixlab import atomic
 from mixlab.atomic import atomic_folder, read_manifest, verify
-from mixlab.checkpoint import hub_hint, load_model
-from mixlab.checkpoint.io import CheckpointError, read_header, write_safetensors
+from mixlab.checkpoint import _refuse_pickle_or_recover, hub_hint, load_model, meta_model, plan
+from mixlab.checkpoint.io import CheckpointError, TensorInfo, TensorReader, all_finite, read_header, write_safetensors
+from mixlab.checkpoint.keymaps import Rule
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, suffix_of
 from mixlab.model import Transformer
 
@@ -348,6 +351,19 @@ def init_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
+def _step_weights(p: Path, params: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    """The tensors of a one-process training checkpoint's model.safetensors, checked against the
+    model's parameters (`params`, possibly on the meta device) by name and shape, from the header."""
+    infos = read_header(p / "model.safetensors")
+    if set(infos) != set(params):
+        diff = sorted(set(infos) ^ set(params))[:5]
+        raise CheckpointError(f"{p}: parameters differ from the model's: {', '.join(diff)}")
+    for n, t in params.items():
+        if infos[n].shape != tuple(t.shape):
+            raise CheckpointError(f"{p}: {n} has shape {list(infos[n].shape)}, the model expects {list(t.shape)}")
+    return infos
+
+
 def load_init(path: str | Path, config: ModelConfig) -> Transformer:
     """A float32 model of `config` holding the weights `path` names (see `resolve_weights`). `config`
     may differ from the stored one in training-only fields (MoE loss coefficients, jitter, capacity);
@@ -358,19 +374,90 @@ def load_init(path: str | Path, config: ModelConfig) -> Transformer:
         if validate(p).get("format") == "dcp":  # written by a sharded run
             _load_dcp(p, model, None)
             return model
-        weights = load_file(str(p / "model.safetensors"))
         params = dict(model.named_parameters())
-        if set(weights) != set(params):
-            diff = sorted(set(weights) ^ set(params))[:5]
-            raise CheckpointError(f"{p}: parameters differ from the model's: {', '.join(diff)}")
+        _step_weights(p, params)
+        weights = load_file(str(p / "model.safetensors"))
         with torch.no_grad():
             for n, t in params.items():
-                if weights[n].shape != t.shape:
-                    raise CheckpointError(f"{p}: {n} has shape {list(weights[n].shape)}, the model expects "
-                                          f"{list(t.shape)}")
                 t.copy_(weights[n])
         return model
     return load_model(p, config=config, dtype=torch.float32)
+
+
+# A piece of a weight: the tensor holding it and which part of the whole weight it is (`slice`s with
+# explicit bounds, one per dimension), e.g. one process's experts and FSDP rows.
+Piece = tuple[torch.Tensor, tuple[slice, ...]]
+
+
+def load_init_pieces(path: str | Path, config: ModelConfig, pieces: dict[str, Piece],
+                     sharded: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """`load_init` for a model split over processes, without the whole model: each `pieces[name] =
+    (dest, index)` gets `whole[index]` of weight `name` (as `load_init` converts it), read straight
+    from the files, only the elements it holds wherever the file's tensor is a run of the whole
+    weight (every format's, but the Mistral format's rotary q / k rows: those tensors are read whole,
+    one at a time). A checkpoint written by a sharded run is read by torch.distributed.checkpoint
+    into `sharded()`, the model's global view (`parallel.checkpoint`), which reads only this
+    process's pieces. The checks and errors are `load_init`'s."""
+    p = resolve_weights(path)
+    if is_step(p):
+        if validate(p).get("format") == "dcp":
+            dcp_load(sharded(), p)
+            return
+        meta = meta_model(config)
+        params = dict(meta.named_parameters())
+        infos = _step_weights(p, params)
+        table = [Rule(n, (n,), tuple(t.shape), (tuple(t.shape),), lambda t: [t]) for n, t in params.items()]
+    else:
+        _refuse_pickle_or_recover(p)
+        _, table, infos = plan(p, config)
+    if set(pieces) - {r.ours for r in table}:
+        raise ValueError(f"no weight {sorted(set(pieces) - {r.ours for r in table})[0]!r} in {p}")
+    with TensorReader(infos) as reader, torch.no_grad():
+        for r in table:
+            if r.ours in pieces:
+                _read_piece(reader, r, *pieces[r.ours])
+
+
+def _runs(shape: tuple[int, ...], index: tuple[slice, ...]) -> list[tuple[int, int]]:
+    """The ranges of flat (row-major) element positions that `whole[index]` is made of, in order."""
+    bounds = [(s.start, s.stop) for s in index]
+    k = len(shape)
+    while k and bounds[k - 1] == (0, shape[k - 1]):  # whole trailing dimensions: one run per outer index
+        k -= 1
+    if k == 0:
+        return [(0, math.prod(shape))]
+    inner, (lo, hi) = math.prod(shape[k:]), bounds[k - 1]
+    strides = [math.prod(shape[j + 1:]) for j in range(k - 1)]
+    return [(base + lo * inner, base + hi * inner)
+            for idx in itertools.product(*(range(a, b) for a, b in bounds[:k - 1]))
+            for base in [sum(i * s for i, s in zip(idx, strides, strict=True))]]
+
+
+def _read_piece(reader: TensorReader, r: Rule, dest: torch.Tensor, index: tuple[slice, ...]) -> None:
+    """dest := the whole tensor of rule `r`, indexed by `index` (see `load_init_pieces`)."""
+    views = r.parts(torch.empty(r.shape, device="meta"))  # where each file tensor lies in the whole one
+    buf = dest if dest.is_contiguous() and dest.device.type == "cpu" else torch.empty(dest.shape, dtype=dest.dtype)
+    if all(v.is_contiguous() for v in views):  # each file tensor a run of the whole: read what overlaps
+        flat, at = buf.view(-1), 0
+        for start, stop in _runs(r.shape, index):
+            for name, v in zip(r.theirs, views, strict=True):
+                first = int(v.storage_offset())
+                lo, hi = max(start, first), min(stop, first + v.numel())
+                if lo < hi:
+                    reader.read_into(name, flat[at + lo - start: at + hi - start], offset=lo - first)
+            at += stop - start
+    else:
+        whole = torch.empty(r.shape, dtype=dest.dtype)
+        for name, v in zip(r.theirs, r.parts(whole), strict=True):
+            reader.read_into(name, v)
+        buf.copy_(whole[index])
+        del whole
+    if not all_finite(buf):
+        warnings.warn(f"{reader.infos[r.theirs[0]].file}: tensor {r.ours!r} ({', '.join(r.theirs[:2])}"
+                      f"{', ...' if len(r.theirs) > 2 else ''}) holds NaN or Inf values; the model's outputs will "
+                      "be NaN", stacklevel=3)
+    if buf is not dest:
+        dest.copy_(buf)
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

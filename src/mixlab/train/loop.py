@@ -322,8 +322,10 @@ class Parallel(Protocol):
     def check_same(self, values: dict[str, Any]) -> None: ...  # refuse a run whose processes disagree on them
     def check_shared(self, folder: Path) -> None: ...  # refuse a folder some process does not see as rank 0 does
     def parallelize(self, model: Transformer) -> None: ...  # shard it, in place, before the optimizer
-    # the sharded model as init_weights then parallelize would make it, never holding the whole model
-    def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int) -> Transformer: ...
+    # the sharded model as init_weights (or load_init of init_from) then parallelize would make it,
+    # never holding the whole model
+    def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int,
+              init_from: str = "") -> Transformer: ...
     def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over all processes
     def sync_grads(self, model: Transformer) -> None: ...  # gradients of the global batch's mean loss
     def clip_grad_norm(self, model: Transformer, max_norm: float) -> float: ...
@@ -470,17 +472,15 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
         par.check_shared(out)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    if par is not None and not cfg.init_from:  # only this process's shards are ever made
-        model = par.build(mc, device=device, std=cfg.init_std, seed=cfg.seed)
+    if par is not None:  # only this process's shards are ever made (also from init_from's files)
+        model = par.build(mc, device=device, std=cfg.init_std, seed=cfg.seed, init_from=cfg.init_from)
     else:
-        if cfg.init_from:  # the whole model, also under torchrun (see docs/scaling.md)
+        if cfg.init_from:
             model = checkpoints.load_init(cfg.init_from, mc)
         else:
             model = Transformer(mc)
             model.init_weights(std=cfg.init_std, seed=cfg.seed)
         model.to(device)
-        if par is not None:
-            par.parallelize(model)
     model.train()
     model.set_moe_impl(cfg.moe_impl)
     main = par is None or par.is_main

@@ -1,0 +1,246 @@
+"""`init_from` under expert parallelism / FSDP reads each process's pieces straight from the files:
+every process ends with the weights the old path gave it (the whole checkpoint loaded by
+`checkpoints.load_init`, then sharded), bit for bit, from every format `init_from` reads, and never
+holds the whole model while it does.
+
+Like tests/test_parallel.py, each group of processes (gloo, loopback, spawned) runs a list of jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import hf_mixtral
+from mixlab import save_model
+from mixlab.train import checkpoints
+from mixlab.train.data import TokenDataset, prepare, read_documents
+from mixlab.train.loop import build_model_config, load_train_config, make_optimizer
+
+pytestmark = pytest.mark.slow  # groups of processes: ~1 minute on 2 busy cores
+TIMEOUT = 300
+LAYOUTS = [(2, False), (1, True), (2, True)]  # (ep, fsdp) on 2 processes
+
+
+def _state(model: Any) -> dict[str, Any]:
+    """A training checkpoint's state.json fields that `init_from` reads, as `train` writes them."""
+    mc = model.config
+    return {"model_config": mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe)}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _compare_job(rank: int, job: dict[str, Any]) -> None:
+    """For each source and layout: `build(init_from=)` equals `load_init` then `parallelize`, each
+    local tensor bit for bit, and so do the logits. Then a sharded run's checkpoint (DCP) is written
+    from the last layout and read back under every layout the same way."""
+    from mixlab.model import Transformer
+    from mixlab.parallel.mesh import init
+    from mixlab.parallel.train import DistributedTraining, _local
+
+    def compare(src: str, ep: int, fsdp: bool) -> tuple[DistributedTraining, Transformer]:
+        par = DistributedTraining(init(ep=ep, fsdp=fsdp))
+        cfg = checkpoints.init_config(src)
+        want = checkpoints.load_init(src, cfg)  # the old path: the whole model, then this process's share
+        par.parallelize(want)
+        got = par.build(cfg, device=torch.device("cpu"), std=0.02, seed=0, init_from=src)
+        params = dict(want.named_parameters())
+        assert params.keys() == dict(got.named_parameters()).keys()
+        for name, p in got.named_parameters():
+            a, b = _local(p), _local(params[name])
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), (src, ep, fsdp, rank, name)
+        x = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)
+        return par, got
+
+    for src in job["sources"]:
+        for ep, fsdp in LAYOUTS:
+            par, model = compare(src, ep, fsdp)
+    cfg = load_train_config(None, data=job["data"], out=job["dcp"], model="tiny-moe", init_from=job["sources"][0])
+    par.save(Path(job["dcp"]) / "checkpoints", step=1, model=model, optimizer=make_optimizer(model, cfg),
+             state=_state(model), keep=1)
+    for ep, fsdp in LAYOUTS:
+        compare(job["dcp"], ep, fsdp)
+
+
+class _Built(Exception):
+    """Raised where `train` makes its optimizer: the model is built, nothing trained yet."""
+
+
+def _memory_job(rank: int, job: dict[str, Any]) -> None:
+    """`train`'s setup of this process's model from `init_from`, measured: writes how much the
+    process's peak resident memory grew and the whole float32 model's bytes."""
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+    from mixlab.parallel.mesh import init
+    from mixlab.parallel.train import DistributedTraining
+    from mixlab.train import loop
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def peak() -> int:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(ln.split()[1] for ln in status if ln.startswith("VmHWM:"))) * 1024  # kB
+
+    def built(model: torch.nn.Module, cfg: Any) -> None:
+        with torch.device("meta"):
+            full = Transformer(model.config)
+        whole = sum(p.numel() * p.element_size() for p in full.parameters())
+        Path(job["report"]).with_suffix(f".{rank}.json").write_text(json.dumps({"grown": peak() - before,
+                                                                                  "model": whole}))
+        raise _Built
+
+    loop.make_optimizer = built  # type: ignore[assignment]  # a fresh process of its own: nothing else trains
+    par = DistributedTraining(init(ep=2, fsdp=job["fsdp"]))
+    with torch.device("meta"):  # the meta device's first use imports ~100 MB of torch code: not measured
+        Transformer(get_preset("tiny-moe"))
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) := the current resident memory
+    before = resident()
+    with contextlib.suppress(_Built):
+        loop.train(load_train_config(None, **job["cfg"]), parallel=par)
+
+
+def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from mixlab.parallel.mesh import shutdown
+
+    try:
+        for job in jobs:
+            (_compare_job if job["kind"] == "compare" else _memory_job)(rank, job)
+    finally:
+        shutdown()
+
+
+def _run_group(jobs: list[dict[str, Any]]) -> None:
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), jobs), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2 processes did not finish within {TIMEOUT} s")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("init") / "src" / "code"
+    src.mkdir(parents=True)
+    (src / "train.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 8}) + "\n"
+                                             for i in range(20)), encoding="utf-8")
+    prepare(read_documents([src.parent]), src.parents[1] / "ds", valid_fraction=0.1)
+    return src.parents[1] / "ds"
+
+
+def test_each_process_reads_the_weights_the_whole_load_gave_it(data: Path, tmp_path: Path) -> None:
+    """Sources: transformers' own save_pretrained (fused experts, float32 and bfloat16), mixlab's
+    per-expert transformers names (bfloat16), the Mistral format (rotary q / k rows), a one-process
+    training checkpoint and a sharded run's; an odd vocabulary, 3 query heads and 1 key/value head,
+    so that FSDP's row shards cut the embedding unevenly and wqkv inside q. Layouts: --ep 2,
+    --fsdp, both."""
+    from mixlab import load_model
+
+    shape = dict(vocab_size=67, hidden_size=24, intermediate_size=20, num_attention_heads=3, num_key_value_heads=1,
+                 head_dim=8)
+    from transformers import MixtralForCausalLM
+
+    sources = [hf_mixtral(tmp_path / "transformers", **shape)]
+    MixtralForCausalLM.from_pretrained(sources[0], dtype=torch.bfloat16).save_pretrained(tmp_path / "transformers-bf16")
+    sources.append(tmp_path / "transformers-bf16")
+    model = load_model(sources[0])
+    save_model(model, tmp_path / "per-expert", fmt="hf", dtype="bfloat16")
+    save_model(model, tmp_path / "mistral", fmt="mistral")
+    sources += [tmp_path / "per-expert", tmp_path / "mistral"]
+    cfg = load_train_config(None, data=str(data), out=str(tmp_path / "run"), model="tiny-moe",
+                            init_from=str(sources[0]))
+    checkpoints.save(tmp_path / "run" / "checkpoints", step=1, model=model, optimizer=make_optimizer(model, cfg),
+                     state=_state(model), keep=1)
+    sources.append(tmp_path / "run")
+    assert checkpoints.init_config(sources[-1]) == model.config
+    assert json.loads((sources[1] / "config.json").read_text())["dtype"] == "bfloat16"
+    _run_group([{"kind": "compare", "sources": [str(s) for s in sources], "data": str(data),
+                 "dcp": str(tmp_path / "dcp")}])
+    assert checkpoints.validate(tmp_path / "dcp" / "checkpoints" / "step_00000001")["format"] == "dcp"
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets and reads the peak memory in /proc")
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_no_process_loads_the_whole_checkpoint(data: Path, tmp_path: Path, fsdp: bool) -> None:
+    """`train` with `init_from` under --ep 2 (and --fsdp) on a ~100 MB model whose experts are most of
+    it: each process reads its half of the experts (and its FSDP shard of the rest); every process
+    used to load the whole checkpoint, then keep its share."""
+    big = {"dim": 256, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64, "ffn_dim": 512,
+           "moe": {"num_experts": 8, "top_k": 2}}
+    base = dict(data=str(data), out=str(tmp_path / "run"), model="tiny-moe", seq_len=16, batch_size=2, steps=1,
+                eval_every=0, progress=False, tensorboard=False, threads=1)
+    from mixlab.model import Transformer
+
+    model = Transformer(build_model_config(load_train_config(None, **base, model_overrides=big), TokenDataset(data)))
+    model.init_weights(seed=0)
+    save_model(model, tmp_path / "init")
+    del model
+    _run_group([{"kind": "memory", "fsdp": fsdp, "report": str(tmp_path / "mem"),
+                 "cfg": base | {"init_from": str(tmp_path / "init")}}])
+    for rank in range(2):
+        got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
+        # half the experts (~47%) + the dense weights + slack for the allocator; the whole model before
+        assert got["grown"] < 0.75 * got["model"], (rank, got)
+
+
+def _partition(shape: tuple[int, ...], cut: float) -> list[tuple[slice, ...]]:
+    """Pieces that together cover a tensor of `shape` once: dim 0 cut at `cut`, its first part cut
+    again on dim 1."""
+    a, rest = max(1, int(shape[0] * cut)), tuple(slice(0, n) for n in shape[1:])
+    if len(shape) == 1:
+        return [(slice(0, a),), (slice(a, shape[0]),)]
+    b = int(shape[1] * cut)
+    return [(slice(0, a), slice(0, b), *rest[1:]), (slice(0, a), slice(b, shape[1]), *rest[1:]),
+            (slice(a, shape[0]), *rest)]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "hf-fused", "mistral"])
+def test_pieces_read_only_their_elements(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one process: every weight cut into pieces along its first two dimensions at uneven places
+    (inside q, across an expert's w1 / w3 rows, between experts): each piece equals that slice of the
+    whole `load_init`, and together they read each stored byte once (the Mistral format's rotary q / k
+    rows, which are no run of wqkv's, read wqkv whole for each of its pieces)."""
+    import mixlab.checkpoint.io as io
+    from mixlab import load_model
+
+    src = hf_mixtral(tmp_path / "transformers", vocab_size=67, hidden_size=24, intermediate_size=20,
+                     num_attention_heads=3, num_key_value_heads=1, head_dim=8)
+    save_model(load_model(src), tmp_path / fmt, fmt=fmt, dtype="bfloat16")
+    cfg = checkpoints.init_config(tmp_path / fmt)
+    whole = dict(checkpoints.load_init(tmp_path / fmt, cfg).named_parameters())
+    read = [0]
+    pread = io._pread_into
+
+    def counted(fd: int, buf: memoryview, *args: Any) -> None:
+        read[0] += len(buf)
+        pread(fd, buf, *args)
+
+    monkeypatch.setattr(io, "_pread_into", counted)
+    for cut in (0.3, 0.55):
+        for name, w in whole.items():
+            for index in _partition(tuple(w.shape), cut):
+                dest = torch.full(w[index].shape, float("nan"))
+                checkpoints.load_init_pieces(tmp_path / fmt, cfg, {name: (dest, index)}, dict)
+                assert torch.equal(dest, w[index]), (name, index)
+    stored = sum(i.nbytes for i in io.scan(tmp_path / fmt).values())
+    rotary = sum(whole[f"layers.{i}.attn.wqkv.weight"].numel() * 2 for i in range(cfg.n_layers))  # bf16 bytes
+    assert read[0] == 2 * (stored + (3 - 1) * rotary * (fmt == "mistral")), (read[0], stored)
