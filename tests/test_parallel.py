@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mixlab.checkpoint import CheckpointError, load_model
+from mixlab.checkpoint import CheckpointError, load_model, save_model
 from mixlab.train import checkpoints
 from mixlab.train.data import TokenDataset, prepare, read_documents
 from mixlab.train.loop import build_model_config, load_train_config, make_optimizer, train
@@ -174,7 +175,7 @@ def _setup_memory_job(rank: int, job: dict[str, Any]) -> None:
         whole = sum(p.numel() * p.element_size() for p in full.parameters())
         grown = peak() - before
         at_export = from_here()
-        par.export(model, Path(job["report"]).with_suffix(f".{rank}.hf"), lambda model, path: None)
+        par.export(model, Path(job["report"]).with_suffix(".hf"), functools.partial(save_model, max_shard_bytes="8MB"))
         exported = peak() - at_export
         Path(job["report"]).with_suffix(f".{rank}.json").write_text(
             json.dumps({"grown": grown, "export": exported, "model": whole}))
@@ -932,8 +933,9 @@ def test_processes_hold_their_shards_not_the_whole_model(small_data: Path, tmp_p
     """--ep 2 on a ~100 MB model whose experts are most of it. Setup: each process allocates only its
     half of the experts (and its FSDP shard of the rest), plus one full parameter at a time while it
     draws the initial values; it used to build and initialise the whole model, then keep its share.
-    Export: rank 0 holds the whole model once, the other rank one gathered tensor at a time; every
-    rank used to keep every gathered tensor, and rank 0 a second copy in the model it writes."""
+    Export (8 MB shards): rank 0 holds the shard it fills and the tensor being gathered, the other rank
+    one gathered tensor at a time; rank 0 used to gather the whole model before writing it (and before
+    that, every rank kept every gathered tensor and rank 0 a second copy in the model it wrote)."""
     big = {"dim": 256, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64, "ffn_dim": 512,
            "moe": {"num_experts": 8, "top_k": 2}}
     cfg = _cfg(small_data, tmp_path / "run", model_overrides=big, seq_len=16, batch_size=2, grad_accum=1)
@@ -942,9 +944,9 @@ def test_processes_hold_their_shards_not_the_whole_model(small_data: Path, tmp_p
         got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
         # half the experts (~47%) + one expert stack (~8%) + slack for the allocator
         assert got["grown"] < 0.75 * got["model"], (rank, got)
-        # rank 0: the model it writes + the gathering's buffers (127-147%; was 212-217%); rank 1: 22-55%
-        # (was 110-131%)
-        assert got["export"] < (1.8 if rank == 0 else 0.8) * got["model"], (rank, got)
+        # rank 0: a shard + the gathering's buffers (40-44%; 127-147% when it gathered the whole model,
+        # 212-217% before); rank 1: 22-55% (was 110-131%)
+        assert got["export"] < (0.6 if rank == 0 else 0.8) * got["model"], (rank, got)
 
 
 def test_ep_on_a_dense_model_is_refused() -> None:

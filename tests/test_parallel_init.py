@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -46,7 +47,7 @@ def _free_port() -> int:
 def _compare_job(rank: int, job: dict[str, Any]) -> None:
     """For each source and layout: `build(init_from=)` equals `load_init` then `parallelize`, each
     local tensor bit for bit, and so do the logits. Then a sharded run's checkpoint (DCP) is written
-    from the last layout and read back under every layout the same way."""
+    from the last layout and read back under every layout the same way, and the last is exported."""
     from mixlab.model import Transformer
     from mixlab.parallel.mesh import init
     from mixlab.parallel.train import DistributedTraining, _local
@@ -73,7 +74,9 @@ def _compare_job(rank: int, job: dict[str, Any]) -> None:
     par.save(Path(job["dcp"]) / "checkpoints", step=1, model=model, optimizer=make_optimizer(model, cfg),
              state=_state(model), keep=1)
     for ep, fsdp in LAYOUTS:
-        compare(job["dcp"], ep, fsdp)
+        par, model = compare(job["dcp"], ep, fsdp)
+    # the consolidated export, in shards of at most 10 kB (the model is ~50 kB)
+    par.export(model, Path(job["export"]), functools.partial(save_model, max_shard_bytes=10_000))
 
 
 class _Built(Exception):
@@ -174,8 +177,33 @@ def test_each_process_reads_the_weights_the_whole_load_gave_it(data: Path, tmp_p
     assert checkpoints.init_config(sources[-1]) == model.config
     assert json.loads((sources[1] / "config.json").read_text())["dtype"] == "bfloat16"
     _run_group([{"kind": "compare", "sources": [str(s) for s in sources], "data": str(data),
-                 "dcp": str(tmp_path / "dcp")}])
+                 "dcp": str(tmp_path / "dcp"), "export": str(tmp_path / "export")}])
     assert checkpoints.validate(tmp_path / "dcp" / "checkpoints" / "step_00000001")["format"] == "dcp"
+    _check_export(tmp_path / "export", sources[0], tmp_path / "single")
+
+
+def _check_export(path: Path, src: Path, single: Path) -> None:
+    """A sharded export (`path`, of the weights of `src`): size-bounded shards and transformers' index,
+    which transformers and mixlab load with the logits of the one-process export (`single`) of the
+    same weights, bit for bit."""
+    from transformers import MixtralForCausalLM
+
+    from mixlab import load_model
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert max(f.stat().st_size for f in shards) < 10_000 + 2_000  # the bound, a header, one tensor at most
+    save_model(load_model(src), single)
+    x = torch.randint(0, 67, (2, 9), generator=torch.Generator().manual_seed(3))
+    got, want = load_model(path), load_model(single)
+    for (n, p), (_, q) in zip(got.named_parameters(), want.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert torch.equal(got(x), want(x))
+    hf_got, hf_want = (MixtralForCausalLM.from_pretrained(p).eval() for p in (path, single))
+    with torch.no_grad():
+        assert torch.equal(hf_got(x).logits, hf_want(x).logits)
+        torch.testing.assert_close(hf_got(x).logits, got(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets and reads the peak memory in /proc")

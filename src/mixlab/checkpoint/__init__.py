@@ -13,7 +13,7 @@ import json
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,6 +490,7 @@ def save_model(
     sources: list[str | Path] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    weights: Callable[[str], torch.Tensor] | None = None,
 ) -> None:
     """Save `model` as a checkpoint folder, atomically (a crash mid-save leaves any previous folder
     at `path` intact; see io.py).
@@ -504,6 +505,10 @@ def save_model(
     that is or contains one of `sources` is refused (OutputError, see mixlab.atomic). `progress`: a bar
     of the tensors written, where stderr is a terminal. A `torch.compile` wrapper saves the model it
     wraps. A GGUF file is `mixlab.checkpoint.gguf.write_gguf`'s.
+
+    `weights`: each of the model's tensors by its mixlab name, asked for once each, in turn, as the
+    shards fill (`model` then gives only the config and dtype: it may be on the meta device), so that
+    a sharded model's export gathers each when it is written (`mixlab.parallel.checkpoint.export`).
     """
     path = as_path(path, what="save_model's path")
     if fmt is None:
@@ -519,7 +524,7 @@ def save_model(
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for r in table:
-            t = state[r.ours].detach()
+            t = (state[r.ours] if weights is None else weights(r.ours)).detach()
             if want is not None and t.dtype != want:
                 t = t.to(want)
             yield from zip(r.theirs, r.split(t), strict=True)

@@ -38,6 +38,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from mixlab.atomic import atomic_folder
+from mixlab.checkpoint import meta_model
 from mixlab.errors import CheckpointError
 from mixlab.model import Transformer
 from mixlab.parallel.mesh import Layout
@@ -138,19 +139,33 @@ def load(ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer | N
 
 
 def export(model: Transformer, path: Path, *, layout: Layout, expert_names: set[str],
-           write: Callable[[Transformer, Path], None]) -> None:
-    """One consolidated checkpoint from a sharded model: every tensor gathered whole (collective), one
-    at a time, copied into a plain single-device model on rank 0 and written there by `write(model,
-    path)`. Rank 0's host holds the whole model once; the other ranks one tensor at a time."""
-    plain = Transformer(model.config) if layout.is_main else None
-    params = dict(plain.named_parameters()) if plain is not None else {}
-    for name, p in model.named_parameters():
-        t = _global(p.detach(), layout, name in expert_names)
-        whole = t.full_tensor() if isinstance(t, DTensor) else t
-        if plain is not None:
-            with torch.no_grad():
-                params[name].copy_(whole)
-        del whole  # before the next one is gathered
-    if plain is not None:
-        write(plain, path)
+           write: Callable[..., None]) -> None:
+    """One consolidated checkpoint from a sharded model, streamed: rank 0's writer, `write(meta, path,
+    weights=)` (`save_model(..., weights=)`: size-bounded safetensors shards, each written as it fills,
+    and the index, in one atomic folder), asks for each tensor in turn; rank 0 names it to the other
+    ranks and all gather it whole (collective). Rank 0 holds the shard being filled and the tensor
+    being gathered, never the whole model; the other ranks one tensor at a time."""
+    params = dict(model.named_parameters())
+
+    def announce(name: str | None) -> str | None:  # rank 0's name to every rank; None: the writer is done
+        box: list[Any] = [name]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(name: str) -> torch.Tensor:  # collective
+        t = _global(params[name].detach(), layout, name in expert_names)
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    def weights(name: str) -> torch.Tensor:  # on the host: the writer keeps a shard's tensors until it fills
+        announce(name)
+        return gather(name).cpu()
+
+    if layout.is_main:
+        try:
+            write(meta_model(model.config), path, weights=weights)
+        finally:  # also when the write failed: the other ranks stop waiting for a tensor
+            announce(None)
+    else:
+        while (name := announce(None)) is not None:
+            gather(name)
     dist.barrier()

@@ -206,5 +206,5 @@ class DistributedTraining:
         return dcp_ckpt.load(ckpt, model=model, optimizer=optimizer, layout=self.layout,
                              expert_names=self.expert_names, checksums=checksums)
 
-    def export(self, model: Transformer, path: Path, write: Callable[[Transformer, Path], None]) -> None:
+    def export(self, model: Transformer, path: Path, write: Callable[..., None]) -> None:
         dcp_ckpt.export(model, path, layout=self.layout, expert_names=self.expert_names, write=write)

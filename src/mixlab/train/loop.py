@@ -333,7 +333,8 @@ class Parallel(Protocol):
              state: dict[str, Any], keep: int) -> Path: ...
     def load(self, ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer,
              checksums: bool = True) -> dict[str, Any]: ...
-    def export(self, model: Transformer, path: Path, write: Callable[[Transformer, Path], None]) -> None: ...
+    # write(model, path, weights=): `export`, each tensor from weights(name) as the writer reaches it
+    def export(self, model: Transformer, path: Path, write: Callable[..., None]) -> None: ...
 
 
 @dataclass
@@ -681,9 +682,11 @@ def show_step(bar: Any, step: int, steps: int, logged: bool, text: str) -> None:
         print(f"step {step}/{steps}: {text}", file=sys.stderr, flush=True)
 
 
-def export(model: Transformer, path: Path, dataset: TokenDataset) -> None:
-    """Save in transformers format, plus `mixlab_data.json` naming the tokenizer and domains."""
-    save_model(model, path, fmt="hf", extra_files=checkpoints.data_file(dataset.fingerprint()))
+def export(model: Transformer, path: Path, dataset: TokenDataset,
+           weights: Callable[[str], torch.Tensor] | None = None) -> None:
+    """Save in transformers format, plus `mixlab_data.json` naming the tokenizer and domains
+    (`weights`: as `save_model`'s)."""
+    save_model(model, path, fmt="hf", extra_files=checkpoints.data_file(dataset.fingerprint()), weights=weights)
 
 
 __all__ = ["DataError", "TrainConfig", "TrainResult", "evaluate", "load_train_config", "train"]
