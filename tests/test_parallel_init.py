@@ -272,3 +272,28 @@ def test_pieces_read_only_their_elements(tmp_path: Path, fmt: str, monkeypatch: 
     stored = sum(i.nbytes for i in io.scan(tmp_path / fmt).values())
     rotary = sum(whole[f"layers.{i}.attn.wqkv.weight"].numel() * 2 for i in range(cfg.n_layers))  # bf16 bytes
     assert read[0] == 2 * (stored + (3 - 1) * rotary * (fmt == "mistral")), (read[0], stored)
+
+
+def test_a_piece_holding_nan_is_warned_of(tmp_path: Path) -> None:
+    """As `load_model` warns of a tensor holding NaN or Inf, so does a piece read alone; a piece
+    without one is read silently."""
+    import warnings
+
+    from mixlab import load_model
+
+    model = load_model(hf_mixtral(tmp_path / "transformers"))
+    with torch.no_grad():
+        model.tok_embeddings.weight[100, 3] = float("nan")
+    save_model(model, tmp_path / "nan")
+    cfg = checkpoints.init_config(tmp_path / "nan")
+    dest = torch.empty(64, cfg.dim)
+
+    def rows(a: int) -> dict[str, checkpoints.Piece]:
+        return {"tok_embeddings.weight": (dest, (slice(a, a + 64), slice(0, cfg.dim)))}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoints.load_init_pieces(tmp_path / "nan", cfg, rows(0), dict)
+    with pytest.warns(UserWarning, match=r"model.safetensors: tensor 'tok_embeddings.weight' \(model.embed_tokens"
+                                         r".weight\) holds NaN or Inf values"):
+        checkpoints.load_init_pieces(tmp_path / "nan", cfg, rows(64), dict)
