@@ -525,6 +525,74 @@ def test_a_folder_with_files_of_the_reports_names_is_refused(tmp_path: Path,
     assert (report / "screenshot.png").read_bytes() == b"png"
 
 
+def _as_unprivileged(check: Any) -> str:
+    """`check()`'s OutputError text ('' for none), run by a user whom folder modes bind: root ignores
+    them, so as root it runs in a forked child that first becomes nobody (no torch in the child)."""
+    import os
+
+    from mixlab.errors import OutputError
+
+    if os.geteuid() != 0:
+        try:
+            check()
+            return ""
+        except OutputError as e:
+            return str(e)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        code = 0
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                check()
+                message = ""
+            except OutputError as e:
+                message = str(e)
+            os.write(w, message.encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    return text
+
+
+def test_a_read_only_destination_is_refused_before_the_work() -> None:
+    """A report into a read-only folder (or over an earlier report there), and eval's --json there,
+    failed only after the whole run, naming a temporary: `.x.json.tmp-123-ab: Permission denied`."""
+    import os
+
+    from mixlab import atomic
+    from mixlab.analysis.report import check_report_folder
+
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)  # mkdtemp's 0700: nobody could not look inside at all
+        (base / "ro").mkdir(mode=0o555)
+        (base / "rw" / "old").mkdir(parents=True)
+        (base / "rw" / "old" / "report.json").write_text(json.dumps({"moe_layers": [0], "random_baseline": {},
+                                                                     "domains": {}}))
+        (base / "rw" / "old").chmod(0o555)
+        (base / "rw").chmod(0o777)
+        for out in (base / "ro" / "report", base / "ro", base / "rw" / "old"):
+            assert f"{out}: cannot write into" in _as_unprivileged(lambda out=out: check_report_folder(out))
+        json_file = base / "ro" / "results.json"  # mixlab eval --json
+        assert f"{json_file}: cannot write into {base / 'ro'}" in _as_unprivileged(
+            lambda: atomic.check_destination(json_file, kind="file"))
+        assert _as_unprivileged(lambda: check_report_folder(base / "rw" / "new")) == ""  # writable: fine
+        assert sorted(os.listdir(base / "ro")) == []
+    finally:
+        for folder in (base / "ro", base / "rw" / "old"):
+            folder.chmod(0o755)
+        shutil.rmtree(base)
+
+
 def test_domain_without_usable_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mixlab.save_model(_tiny_model(), tmp_path / "model")
     corpus = _corpus(tmp_path / "c")

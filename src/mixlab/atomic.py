@@ -19,6 +19,8 @@ The guarantees:
 - **Leftovers are cleaned by name:** a temporary `.NAME.tmp-PID-*` whose process is gone is deleted
   by the next write of `NAME`; nothing else is touched.
 - **Usual modes:** folders are made with `os.mkdir` (0777 & ~umask), not mkdtemp's 0700.
+- **Writable first:** a destination whose folder this process may not write (its mode, a read-only
+  file system) is refused by `check_destination`, before the work.
 One writer per destination at a time. Small single files (settings JSON, reports, figures) go
 through `atomic_file` / `write_text`; the one exception is an append-only log (`metrics.jsonl`),
 whose torn last line a reader drops.
@@ -180,6 +182,16 @@ def _names(xs: Sequence[str]) -> str:
     return ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
 
 
+def check_writable(folder: Path, shown: str) -> None:
+    """OutputError unless this process may add entries to `folder` (where the temporary goes, or a
+    report's files): a read-only folder or file system is refused before the work, naming the
+    destination, rather than after it, naming a temporary (or, for a rename into the folder, only the
+    temporary it moves)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{shown}: cannot write into {folder} (no write permission, or a read-only file "
+                          "system); choose another destination")
+
+
 def check_destination(
     dst: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False, kind: str = "folder",
     magic: bytes | None = None, inputs: Mapping[Path, str] | None = None, writes: str | None = None,
@@ -215,7 +227,9 @@ def check_destination(
         above = next(p for p in real.parents if os.path.lexists(p))
         if not above.is_dir():
             raise OutputError(f"{shown}: {above} is a file, not a folder; choose another destination")
+        check_writable(above, shown)
         return real
+    check_writable(real.parent, shown)  # the temporary sibling, and the rename over `dst`
     if kind == "folder":
         if not real.is_dir():
             raise OutputError(f"{shown}: exists and is not a folder; remove it or choose another destination")

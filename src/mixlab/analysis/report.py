@@ -358,6 +358,8 @@ def check_report_folder(out: str | Path, *, sources: Sequence[str | Path] = ()) 
             raise OutputError(f"report folder {out} exists and is not a folder")
         atomic.check_destination(out)  # a file above it (`--out notes.txt/report`): now, not after the routing
         return
+    for folder in (real.parent, real):  # the temporary goes beside it, each file is renamed into it
+        atomic.check_writable(folder, str(out))
     held = atomic.read_manifest(real)
     if held is not None:  # `--out runs/other-model` (a typo) added the report's files to a model folder
         raise OutputError(f"{out}: holds a {str(held.get('kind', 'folder')).replace('-', ' ')} mixlab wrote; a "
