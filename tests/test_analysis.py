@@ -497,7 +497,10 @@ def test_bad_sample_and_batch_sizes_are_clear_errors(tmp_path: Path, capsys: pyt
     argv = ["analyze", "--model", str(tmp_path / "model"), "--data", str(corpus), "--out", str(tmp_path / "r"),
             "--quiet"]
     rc = main([*argv, "--samples", "-1"])  # was the library's "need batch_size >= 1, samples >= 0 ...", after the load
-    assert rc == 1 and "error: --samples must be >= 0, got -1" in capsys.readouterr().err
+    assert rc == 2 and "error: --samples must be >= 0, got -1" in capsys.readouterr().err  # usage: exit 2
+    rc = main([*argv, "--seq-len", "1"])  # was the library's "need seq_len >= 2 and max_tokens >= 1", after the load
+    assert rc == 2 and "error: --seq-len must be >= 2 (windows of one token have no consecutive pair), got 1" in \
+        capsys.readouterr().err
     for flag in ("--sample-tokens", "--batch-size", "--max-tokens", "--seq-len"):
         with pytest.raises(SystemExit) as e:
             main([*argv, flag, "0"])

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, names, note, positive, user_path
+from mixlab.errors import UsageError
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -32,7 +33,9 @@ def analyze(args: argparse.Namespace) -> int:
     check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
     parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
     if args.samples < 0:
-        raise ValueError(f"--samples must be >= 0, got {args.samples}")
+        raise UsageError(f"--samples must be >= 0, got {args.samples}")
+    if args.seq_len < 2:  # as collect_routing requires, before the weights are read
+        raise UsageError(f"--seq-len must be >= 2 (windows of one token have no consecutive pair), got {args.seq_len}")
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
     check_vocabulary(tokenizer, config.vocab_size)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
