@@ -122,6 +122,21 @@ def test_bench_refuses_an_out_folder_before_measuring(tmp_path, capsys):
     assert f"{tmp_path}: is a folder; give a file name" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("peers", [("transformers-eager", "llama.cpp-bf16"), ("mixlab", "transformers-eager")])
+def test_every_table_row_has_the_headers_cells(peers):
+    """`--peers transformers` (no mixlab peer, so no ratio column) wrote a header of five cells over a
+    delimiter row of four: not a Markdown table, shown as text."""
+    from mixlab.cli.benchmark import Report, Row
+
+    rows = [Row("Prefill (tokens/s, batch 1)", "P=8", p, 100.0 + i, "tokens/s", 0.01, 0.02)
+            for i, p in enumerate(peers)]
+    text = Report(settings={}, limits={"bandwidth": 1e10, "matmul": 1e10}, rows=rows).format()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(peers)
+    assert len({line.count("|") for line in table}) == 1, table
+    assert all("|  |" not in line for line in table[:2])
+
+
 def test_help_states_the_plan_defaults():
     """--decode-batch and --moe-tokens said 'e.g. 1,4,16' of their defaults, and --reps 'default 5' under
     --quick too (2): each help names the plan's default and --quick's."""

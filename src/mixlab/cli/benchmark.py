@@ -84,9 +84,9 @@ class Report:
             rows = [r for r in self.rows if r.section == section]
             ours = [p for p in ("mixlab", "mixlab-int8", "mixlab-int4", "mixlab-int4-exact")
                     if any(r.peer == p for r in rows)]
-            out += ["", f"## {section}", "",
-                    f"| case | peer | {rows[0].unit} | of limit | " + " | ".join(f"{p} ÷ this" for p in ours) + " |",
-                    "|---|---|---:|---:|" + "---:|" * len(ours)]
+            header = ["case", "peer", rows[0].unit, "of limit", *(f"{p} ÷ this" for p in ours)]
+            out += ["", f"## {section}", "", "| " + " | ".join(header) + " |",
+                    "|---|---|" + "---:|" * (len(header) - 2)]
             for case in dict.fromkeys(r.case for r in rows):
                 by_peer = {r.peer: r for r in rows if r.case == case}
                 for r in by_peer.values():
