@@ -137,6 +137,17 @@ def test_every_table_row_has_the_headers_cells(peers):
     assert all("|  |" not in line for line in table[:2])
 
 
+def test_bench_with_every_section_skipped_is_refused(monkeypatch, capsys):
+    """All three sections 'none' measured the machine, built the model and its GGUF files for minutes,
+    then printed a report without a table."""
+    import mixlab.cli.benchmark as benchmark
+    from mixlab.cli import main
+
+    monkeypatch.setattr(benchmark, "run_bench", lambda *a, **kw: pytest.fail("it measured"))
+    assert main(["bench", "--prefill", "none", "--decode-batch", "none", "--moe-tokens", "none"]) != 0
+    assert "all 'none': nothing to measure" in capsys.readouterr().err
+
+
 def test_help_states_the_plan_defaults():
     """--decode-batch and --moe-tokens said 'e.g. 1,4,16' of their defaults, and --reps 'default 5' under
     --quick too (2): each help names the plan's default and --quick's."""

@@ -44,6 +44,8 @@ def bench(args: argparse.Namespace) -> int:
             setattr(plan, name, getattr(args, name))
     if args.peers is not None:
         plan.peers = args.peers
+    if not (plan.prefill or plan.decode_batch or plan.moe_tokens):  # it measured the machine, built the models
+        raise ValueError("--prefill, --decode-batch and --moe-tokens are all 'none': nothing to measure")
     # progress on stderr: stdout is the report (`mixlab bench > report.md`)
     report = run_bench(plan, log=(lambda _: None) if args.quiet else lambda line: print(line, file=sys.stderr))
     text = report.format()
