@@ -592,9 +592,14 @@ def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -
     for bad in (0, "-1"):  # -1 scored nothing: loglikelihood returned []
         with pytest.raises(ValueError, match=rf"invalid batch_size={bad!r}: expected an integer >= 1"):
             MixlabLM(pretrained=str(path), device="cpu", batch_size=bad)
-    small = hf_mixtral(tmp_path / "small", vocab_size=256, hidden_size=32, intermediate_size=48)
-    with pytest.raises(ValueError, match="has 32000 tokens but the model's vocabulary has 256"):
+    small = hf_mixtral(tmp_path / "small", vocab_size=259, hidden_size=32, intermediate_size=48)
+    with pytest.raises(ValueError, match="has 32000 tokens but the model's vocabulary has 259; pass the model's own "
+                                         r"\(tokenizer=bytes, mixtral or a tokenizer file\)"):
         MixlabLM(pretrained=str(small))  # no tokenizer files: Mixtral's (an IndexError when scoring)
+    # lm_eval --model_args pretrained=DIR,tokenizer=bytes: a string, as its `hf` model takes it (an AttributeError)
+    lm = MixlabLM(pretrained=str(small), tokenizer="bytes", dtype="float32")
+    assert str(lm.tok.path) == "bytes" and lm.tok_encode("ab") == [ord("a") + 3, ord("b") + 3]
+    assert MixlabLM(pretrained=str(path), tokenizer=str(default_tokenizer_path())).tok.vocab_size == 32000
 
 
 def test_harness_generation_kwargs_read_as_lm_eval(ckpt: Path) -> None:

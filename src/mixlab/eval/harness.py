@@ -60,7 +60,7 @@ CHAT_TEMPLATE = "<s>[INST] {system}\n\n{user} [/INST] {assistant}</s>[INST] {use
 
 @register_model("mixlab")
 class MixlabLM(TemplateLM):
-    def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | None = None, *,
+    def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | str | None = None, *,
                  pretrained: str | None = None, dtype: str | None = None, device: str = "cpu",
                  batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool = False, **unused: Any) -> None:
@@ -80,9 +80,12 @@ class MixlabLM(TemplateLM):
             model = load_model(pretrained, dtype=None if dtype == "auto" else dtype, device=device)
         if tokenizer is None:
             tokenizer = model_tokenizer(pretrained) if pretrained is not None else load_tokenizer()
+        elif isinstance(tokenizer, str):  # `--model_args tokenizer=bytes|mixtral|PATH`, as `mixlab eval --tokenizer`
+            tokenizer = load_tokenizer(tokenizer)  # (it was an AttributeError on the string)
         if tokenizer.vocab_size > model.config.vocab_size:  # as `mixlab eval`; it was an IndexError in the embedding
             raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
-                             f"vocabulary has {model.config.vocab_size}; pass the model's own (tokenizer=)")
+                             f"vocabulary has {model.config.vocab_size}; pass the model's own (tokenizer=bytes, "
+                             "mixtral or a tokenizer file)")
         self.model = model.eval()
         self.tok = tokenizer
         # lm_eval's "auto" and "auto:N" (search the largest batch N times): a fixed 8 here
