@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -699,6 +700,22 @@ def test_harness_keeps_lm_eval_s_own_models() -> None:
             "print(get_model('hf').__name__, get_model('mixlab').__name__)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.stdout.split() == ["HFLM", "MixlabLM"], run.stderr[-500:]
+
+
+def test_harness_command_line_names_a_bad_checkpoint_in_one_line(tmp_path: Path, tasks: Path) -> None:
+    """`python -m mixlab.eval.harness run --model mixlab --model_args pretrained=MISSING` (or a model whose
+    vocabulary the tokenizer overruns) ended in a traceback through lm_eval's model construction."""
+    pytest.importorskip("lm_eval")
+    small = hf_mixtral(tmp_path / "small", vocab_size=259, hidden_size=32, intermediate_size=48)
+    for args, said in ((f"pretrained={tmp_path / 'nope'}", f"{tmp_path / 'nope'}: no such checkpoint folder"),
+                       (f"pretrained={small}", "has 32000 tokens but the model's vocabulary has 259")):
+        run = subprocess.run([sys.executable, "-m", "mixlab.eval.harness", "run", "--model", "mixlab", "--model_args",
+                              args, "--tasks", "mx_ppl", "--include_path", str(tasks)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith("python -m mixlab.eval.harness: error: ") and said in last, last
 
 
 def test_harness_refuses_a_continuation_longer_than_max_length(ckpt: Path) -> None:

@@ -49,6 +49,7 @@ except ImportError as e:  # the optional extra: a line naming it, for `python -m
         sys.exit(f"python -m {_hint}")
     raise ImportError(_hint) from e
 
+from mixlab.errors import ConfigError, DataError
 from mixlab.eval.perplexity import rolling_windows, score_batch
 from mixlab.generate import generate
 from mixlab.model import Transformer
@@ -73,7 +74,7 @@ class MixlabLM(TemplateLM):
             device = "cpu"
         if model is None:
             if pretrained is None:
-                raise ValueError("MixlabLM needs a model or pretrained=PATH")
+                raise ConfigError("MixlabLM needs a model or pretrained=PATH")
             from mixlab.checkpoint import load_model
 
             # dtype=auto (lm-eval's `hf` convention): as the checkpoint stores it
@@ -83,7 +84,7 @@ class MixlabLM(TemplateLM):
         elif isinstance(tokenizer, str):  # `--model_args tokenizer=bytes|mixtral|PATH`, as `mixlab eval --tokenizer`
             tokenizer = load_tokenizer(tokenizer)  # (it was an AttributeError on the string)
         if tokenizer.vocab_size > model.config.vocab_size:  # as `mixlab eval`; it was an IndexError in the embedding
-            raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
+            raise ConfigError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
                              f"vocabulary has {model.config.vocab_size}; pass the model's own (tokenizer=bytes, "
                              "mixtral or a tokenizer file)")
         self.model = model.eval()
@@ -91,7 +92,7 @@ class MixlabLM(TemplateLM):
         # lm_eval's "auto" and "auto:N" (search the largest batch N times): a fixed 8 here
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if self.batch_size < 1:  # 0 failed in range(); a negative size scored nothing and returned []
-            raise ValueError(f"invalid batch_size={batch_size!r}: expected an integer >= 1 or 'auto'")
+            raise ConfigError(f"invalid batch_size={batch_size!r}: expected an integer >= 1 or 'auto'")
         self._max_length = int(max_length) if max_length else model.config.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token) if not isinstance(add_bos_token, str) \
@@ -145,8 +146,8 @@ class MixlabLM(TemplateLM):
             else:
                 text += f" {content}" + ("" if prefix else "</s>")
         if self._chat_ids(text) != self.tok.encode_chat(messages):  # the text holds the template's own markers
-            raise ValueError(f"a message holds the chat template's markers ([INST], [/INST], </s>), so its "
-                             f"prompt cannot be written as text for lm-eval: {chat_history!r}")
+            raise DataError(f"a message holds the chat template's markers ([INST], [/INST], </s>), so its "
+                            f"prompt cannot be written as text for lm-eval: {chat_history!r}")
         return text
 
     def _chat_ids(self, text: str) -> list[int] | None:
@@ -182,9 +183,9 @@ class MixlabLM(TemplateLM):
             for i in idx:
                 _, ctx, cont = requests[i]
                 if len(cont) > self.max_length:  # its first tokens have no input position to be predicted at
-                    raise ValueError(f"a continuation of {len(cont)} tokens is longer than max_length="
-                                     f"{self.max_length}, so it cannot be scored (it starts "
-                                     f"{self.tok_decode(cont[:8])!r})")
+                    raise DataError(f"a continuation of {len(cont)} tokens is longer than max_length="
+                                    f"{self.max_length}, so it cannot be scored (it starts "
+                                    f"{self.tok_decode(cont[:8])!r})")
                 inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])
                 targets.append(cont)
             for i, res in zip(idx, score_batch(self.model, inputs, targets), strict=True):
@@ -241,8 +242,8 @@ class MixlabLM(TemplateLM):
             top_p = float(kw.get("top_p", 1.0) or 1.0) if do_sample else 1.0
             top_k = int(kw.get("top_k", 0) or 0) if do_sample else 0
             if max_gen >= self.max_length:  # as the `hf` model; the slice below kept ctx[-0:] (all) or ctx[k:]
-                raise ValueError(f"max_gen_toks={max_gen} leaves no room for a context in max_length="
-                                 f"{self.max_length}: generate fewer tokens or raise max_length")
+                raise ConfigError(f"max_gen_toks={max_gen} leaves no room for a context in max_length="
+                                  f"{self.max_length}: generate fewer tokens or raise max_length")
             ctx = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in members}
             members = sorted(members, key=lambda i: -len(ctx[i]))
             for start in range(0, len(members), self.batch_size):
@@ -264,11 +265,17 @@ class MixlabLM(TemplateLM):
 
 
 def main() -> None:
-    """`lm_eval`'s command line with the `mixlab` model registered."""
+    """`lm_eval`'s command line with the `mixlab` model registered. mixlab's own errors (a missing
+    checkpoint, a tokenizer larger than the model's vocabulary) are one line, as `mixlab eval`'s."""
     from lm_eval.__main__ import cli_evaluate
 
+    from mixlab.errors import MixlabError
+
     sys.argv[0] = "lm_eval"
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except MixlabError as e:  # was a traceback through lm_eval's model construction
+        sys.exit(f"python -m mixlab.eval.harness: error: {e}")
 
 
 if __name__ == "__main__":
