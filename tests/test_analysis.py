@@ -755,9 +755,13 @@ def test_sequences_longer_than_the_model_are_clamped(tmp_path: Path, capsys: pyt
     model.config = model.config.replace(max_seq_len=16)
     mixlab.save_model(model, tmp_path / "model")
     out = tmp_path / "report"
-    assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "c")),
-                 "--out", str(out), "--quiet"]) == 0
+    argv = ["analyze", "--model", str(tmp_path / "model"), "--data", str(_corpus(tmp_path / "c")), "--out", str(out),
+            "--quiet"]
+    assert main([*argv, "--seq-len", "512"]) == 0
     assert "mixlab analyze: note: --seq-len 512 is past the model's 16 positions" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["settings"]["seq_len"] == 16
+    # the default, not asked for, is lowered quietly, as eval's --context (the note came on every short model)
+    assert main(argv) == 0 and capsys.readouterr().err == ""
     assert json.loads((out / "report.json").read_text())["settings"]["seq_len"] == 16
     with pytest.raises(ValueError, match="seq_len 17 exceeds the model's context length 16"):
         collect_routing(model, load_analysis_tokenizer(), find_domains(tmp_path / "c"), seq_len=17, progress=False)

@@ -34,13 +34,13 @@ def analyze(args: argparse.Namespace) -> int:
     parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
     if args.samples < 0:
         raise UsageError(f"--samples must be >= 0, got {args.samples}")
-    if args.seq_len < 2:  # as collect_routing requires, before the weights are read
+    if args.seq_len is not None and args.seq_len < 2:  # as collect_routing requires, before the weights are read
         raise UsageError(f"--seq-len must be >= 2 (windows of one token have no consecutive pair), got {args.seq_len}")
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
     check_vocabulary(tokenizer, config.vocab_size)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    seq_len = min(args.seq_len, model.config.max_seq_len)
-    if seq_len < args.seq_len:  # as `mixlab eval --context`
+    seq_len = min(args.seq_len or 512, model.config.max_seq_len)  # the default quietly lowered, as eval's --context
+    if args.seq_len is not None and seq_len < args.seq_len:  # as `mixlab eval --context`
         note("analyze", f"--seq-len {args.seq_len} is past the model's {model.config.max_seq_len} positions; "
                         f"routing sequences of {seq_len}")
     report = run(model, tokenizer, args.data, out=args.out, layers=args.layers, domains=args.domains,
@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "prepare name them (default: valid: valid, validation, val, dev, test files; train; test; ...; "
                    "'' for all files; a file given as --data is read whole)")
     p.add_argument("--max-tokens", type=positive, default=50_000, help="tokens per domain (default 50000)")
-    p.add_argument("--seq-len", type=positive, default=512, help="tokens per model sequence (default 512; at most the "
+    p.add_argument("--seq-len", type=positive, default=None, help="tokens per model sequence (default 512; at most the "
                    "model's context length)")
     p.add_argument("--batch-size", type=positive, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--samples", type=int, default=1, help="documents per domain in the token view (default 1)")
