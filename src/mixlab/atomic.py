@@ -184,9 +184,8 @@ def _names(xs: Sequence[str]) -> str:
 
 def check_writable(folder: Path, shown: str) -> None:
     """OutputError unless this process may add entries to `folder` (where the temporary goes, or a
-    report's files): a read-only folder or file system is refused before the work, naming the
-    destination, rather than after it, naming a temporary (or, for a rename into the folder, only the
-    temporary it moves)."""
+    report's files): refused before the work, naming the destination (else the write failed after
+    it, naming the temporary)."""
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{shown}: cannot write into {folder} (no write permission, or a read-only file "
                           "system); choose another destination")
