@@ -468,13 +468,12 @@ def test_ep_decoding_loads_the_weights_on_the_process_s_gpu(tmp_path: Path, monk
 
 _EP_ROWS = """import json, sys
 import torch
-from mixlab import generate_stream, load_model, load_tokenizer
+from mixlab import generate_stream, load_tokenizer
 from mixlab.engine import Engine
-from mixlab.parallel.expert import apply_expert_parallel, rank0_token
+from mixlab.parallel.expert import load_expert_parallel, rank0_token
 from mixlab.parallel.mesh import init, shutdown
 
-model = load_model(sys.argv[1], dtype="float32")
-apply_expert_parallel(model, init(ep=2))
+model = load_expert_parallel(sys.argv[1], init(ep=2), dtype="float32")
 tok = load_tokenizer()
 prompts, kw = json.loads(sys.argv[3])
 out = [[] for _ in prompts]
@@ -492,7 +491,7 @@ shutdown()
                                 {"max_new_tokens": 8, "temperature": 1.0, "seed": 5}], ids=["greedy", "sampled"])
 def test_ep_decoding_of_several_prompts_equals_one_process(tmp_path: Path, kw: dict[str, Any]) -> None:
     """`mixlab generate --ep` takes one prompt; the API behind it (an `Engine` with
-    `sync_token=rank0_token(...)` over a model `apply_expert_parallel` split) batches several: each
+    `sync_token=rank0_token(...)` over a model `load_expert_parallel` read split) batches several: each
     row's tokens equal one process's `generate` of the same prompts, greedy and sampled, prompts of
     other lengths prefilled beside decoding rows, rows stopping at other steps (float32)."""
     from mixlab import generate, load_tokenizer, save_model

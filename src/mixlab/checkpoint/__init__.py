@@ -286,6 +286,16 @@ def _refuse_pickle_or_recover(root: Path) -> None:
                               "config.json or params.json), or a .gguf file")
 
 
+def folder_config(root: Path, config: ModelConfig | None = None) -> ModelConfig:
+    """`config`, else the model config of checkpoint folder `root` (config.json / params.json), after
+    `load_model`'s checks of the path (a pickle, an interrupted save, no folder)."""
+    _refuse_pickle_or_recover(root)
+    try:
+        return config or ModelConfig.from_dir(root)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def warn_other_base(root: Path, peft: Adapter) -> None:
     """An adapter merged over weights of the right shapes that are not its base's gives other logits
     silently: warned when its base_model_name_or_path is a local folder other than `root`. A hub name
@@ -363,11 +373,7 @@ def load_model(
         model = load_gguf(root, dtype=parse_dtype(dtype), device=dev, max_memory=max_memory, policy=policy,
                           prefetch=prefetch)
         return model if peft is None else merge_adapter(model, peft)
-    _refuse_pickle_or_recover(root)
-    try:
-        config = config or ModelConfig.from_dir(root)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    config = folder_config(root, config)
     want = parse_dtype(dtype)
     offload = max_memory is not None
     if offload:

@@ -66,7 +66,16 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
             raise UsageError("--quant is not supported with --ep yet")
         layout = init(ep=args.ep, device=args.device)
         device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
-    if layout is not None and suffix_of(args.model) == ".gguf" and os.path.isfile(args.model):
+    # Under --ep a folder's model is built split, each process reading its experts only; a GGUF file and
+    # an --adapter to merge are loaded whole, then split.
+    gguf = held and not os.path.isdir(args.model)  # a GGUF file (a missing one told by load_model, as without --ep)
+    split = layout is not None and layout.ep > 1 and not gguf and adapter is None
+    if split:
+        from mixlab.parallel.expert import load_expert_parallel
+
+        assert layout is not None
+        model = load_expert_parallel(args.model, layout, dtype=dtype, device=device)
+    elif layout is not None and gguf and os.path.isfile(args.model):
         from mixlab.checkpoint import merge_adapter, read_adapter, warn_other_base
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
@@ -81,11 +90,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     else:  # an --adapter is merged before --quant quantises the weights
         with _told_as_flag("max_memory", "--max-memory"):
             model = load_model(args.model, dtype=dtype, device=device, adapter=adapter, **offload)
-    if layout is not None:
+    if layout is not None and not split:
         from mixlab.parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, layout)
-    elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding; same results
+    elif layout is None and str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding
         from mixlab.model.inference import prepare_for_inference
 
         with _told_as_flag("max_memory", "--max-memory"):  # the expert cache's budget, checked in its format

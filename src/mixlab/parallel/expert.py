@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,6 +125,34 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
         experts.num_experts = E // layout.ep
         experts.forward = functools.partial(_experts_forward, experts, experts.forward)  # type: ignore[method-assign]
         ffn.forward = functools.partial(ep_forward, ffn, layout)  # type: ignore[method-assign]
+
+
+def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch.dtype | None = None,
+                         device: str | torch.device = "cpu") -> Transformer:
+    """`load_model(path, dtype=, device=)` then `apply_expert_parallel(model, layout)`, without ever
+    holding the whole model: built and split on the meta device, then only this process's tensors
+    allocated in `dtype` (default: as stored, as `load_model`) on `device` and filled straight from
+    the files, its experts' elements only (`train.checkpoints.read_pieces`: `load_model`'s key maps,
+    conversion and NaN / Inf warnings). A transformers or Mistral checkpoint folder; `load_model`
+    reads the others (a GGUF file) and merges adapters."""
+    from mixlab.checkpoint import _stored_dtype, folder_config, meta_model, parse_device, plan
+    from mixlab.config import as_path
+    from mixlab.dtypes import parse_dtype
+    from mixlab.parallel.train import DistributedTraining
+    from mixlab.train.checkpoints import read_pieces
+
+    root = as_path(path, what="load_expert_parallel's path")
+    dev = parse_device(device)
+    config = folder_config(root)
+    _, table, infos = plan(root, config)
+    model = meta_model(config)
+    par = DistributedTraining(layout)  # its `piece`: which experts this process's tensors hold
+    par.parallelize(model)
+    model.to(dtype=parse_dtype(dtype) or _stored_dtype(table, infos)).to_empty(device=dev)
+    if config.tie_embeddings:  # to_empty gives each module its own tensor
+        model.output.weight = model.tok_embeddings.weight
+    read_pieces(root, table, infos, {name: (p, par.piece(name, p)) for name, p in model.named_parameters()})
+    return model.eval()
 
 
 def rank0_token(device: torch.device) -> Callable[[int], int]:

@@ -410,8 +410,15 @@ def load_init_pieces(path: str | Path, config: ModelConfig, pieces: dict[str, Pi
     else:
         _refuse_pickle_or_recover(p)
         _, table, infos = plan(p, config)
+    read_pieces(p, table, infos, pieces)
+
+
+def read_pieces(root: Path, table: list[Rule], infos: dict[str, TensorInfo], pieces: dict[str, Piece]) -> None:
+    """Fill each `pieces[name] = (dest, index)` with `whole[index]` of weight `name` of the checkpoint
+    at `root` as `plan` matched it (`table`, `infos`), converted to `dest`'s dtype as `load_model`
+    converts, each read as `load_init_pieces` says (the elements it holds only, NaN / Inf told)."""
     if set(pieces) - {r.ours for r in table}:
-        raise ValueError(f"no weight {sorted(set(pieces) - {r.ours for r in table})[0]!r} in {p}")
+        raise ValueError(f"no weight {sorted(set(pieces) - {r.ours for r in table})[0]!r} in {root}")
     with TensorReader(infos) as reader, torch.no_grad():
         for r in table:
             if r.ours in pieces:
@@ -455,7 +462,7 @@ def _read_piece(reader: TensorReader, r: Rule, dest: torch.Tensor, index: tuple[
     if not all_finite(buf):
         warnings.warn(f"{reader.infos[r.theirs[0]].file}: tensor {r.ours!r} ({', '.join(r.theirs[:2])}"
                       f"{', ...' if len(r.theirs) > 2 else ''}) holds NaN or Inf values; the model's outputs will "
-                      "be NaN", stacklevel=3)
+                      "be NaN", stacklevel=4)
     if buf is not dest:
         dest.copy_(buf)
 
