@@ -150,8 +150,9 @@ def test_no_process_loads_the_whole_checkpoint(tmp_path: Path) -> None:
     for rank in range(2):
         got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
         assert got["local"] < 0.7 * got["model"], got  # half the experts + the dense weights (tied embeddings)
-        # this process's tensors + slack for the allocator; the whole model (then the copy of its experts) before
-        assert got["grown"] < 0.8 * got["model"], (rank, got)
+        # this process's tensors (0.64 of the model) + slack for the allocator (grew 0.71 here); the old code
+        # loaded the whole model, then kept its share (1.03): the bound sits between, away from both
+        assert got["grown"] < 0.875 * got["model"], (rank, got)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
