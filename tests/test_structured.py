@@ -24,7 +24,7 @@ from mixlab import load_model, load_tokenizer, save_model  # noqa: E402
 from mixlab.cli import main  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.engine import Engine, SamplingParams, Structured  # noqa: E402
-from mixlab.engine.structured import _token_bytes, lltokenizer  # noqa: E402
+from mixlab.engine.structured import Matcher, _token_bytes, lltokenizer  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
 from mixlab.serve import ServerThread, create_app  # noqa: E402
 from test_serve import CHAT, COMP, CONTEXT, NAME, _config, httpx, openai  # noqa: E402
@@ -158,6 +158,33 @@ def test_bad_constraints_are_value_errors_naming_them(byte_model: tuple[Transfor
     model, _ = byte_model
     with pytest.raises(ValueError, match="tokenizer"):
         Engine(model).submit([1, 2], SamplingParams(structured=Structured("json_object")))
+
+
+def test_gbnf_unicode_escapes_are_the_characters_they_name(byte_model: tuple[Transformer, Any]) -> None:
+    """llama.cpp's GBNF `\\u00e9` / `\\U0001F600`: llguidance's conversion wrote `\\ue9`, which it then refused."""
+    _, tok = byte_model
+    spec = Structured("grammar", r'root ::= "caf\u00e9" | [\u3040-\u309f]{2} | "\U0001F600" | "\u0022q\u005D" | "\\u"')
+    for text, ok in (("café", True), ("ぁゟ", True), ("\U0001F600", True), ('"q]', True), ("\\u", True),
+                     ("cafe", False), ("ぁ", False), ("u0022", False)):
+        m = Matcher(spec, tok, tok.vocab_size)
+        consumed = all(m.m.consume_token(t) for t in tok.encode(text, bos=False))
+        assert (consumed and m.m.is_accepting()) == ok, text
+
+
+def test_a_grammar_past_llguidance_s_limits_ends_its_request_with_a_one_line_error(
+        byte_model: tuple[Transformer, Any]) -> None:
+    """A 10,000-property schema compiles, then its parser meets llguidance's row limit at `{`: the request ends
+    with "error" and one line naming the limit (it was a page of parser state), the others of the step go on."""
+    model, tok = byte_model
+    huge = {"type": "object", "properties": {f"k{i}": {"type": "object", "properties": {
+        f"j{j}": {"type": "integer"} for j in range(20)}} for i in range(500)}}
+    engine = Engine(model, tok, max_batch=2)
+    bad = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5, structured=Structured("json_schema", huge)))
+    good = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5))
+    engine.run_until_idle()
+    last = bad.poll()[-1]
+    assert last.finish_reason == "error" and "max is 2000" in last.error and "\n" not in last.error, last.error
+    assert good.poll()[-1].finish_reason == "length"
 
 
 def test_without_llguidance_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

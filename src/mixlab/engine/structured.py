@@ -13,6 +13,7 @@ Shape legend: V vocabulary.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -76,14 +77,39 @@ class Structured:
                 grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
             elif self.kind == "choice":
                 grammar = llg.grammar_from("choice", list(v))
+            elif self.kind == "grammar":
+                grammar = llg.grammar_from("grammar", v if _is_lark(v) else _gbnf_escapes(v))
             else:
-                grammar = llg.grammar_from("regex" if self.kind == "regex" else "grammar", v)
+                grammar = llg.grammar_from("regex", v)
         except (ValueError, TypeError, RecursionError) as e:
             raise ValueError(f"invalid structured {self.kind}: {e}") from None
         error = llg.LLMatcher.validate_grammar(grammar)
         if error:
             raise ValueError(f"invalid structured {self.kind}: {' '.join(error.split())[:500]}")
         object.__setattr__(self, "grammar", grammar)
+
+
+def _is_lark(grammar: str) -> bool:
+    from llguidance.gbnf_to_lark import is_lark_syntax  # how llguidance tells Lark from GBNF
+
+    return bool(is_lark_syntax(grammar))
+
+
+_GBNF_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|.)", re.DOTALL)
+
+
+def _gbnf_escapes(gbnf: str) -> str:
+    """GBNF's `\\u00e9` and `\\U0001F600` escapes (llama.cpp's grammars write them) in a form llguidance's
+    GBNF-to-Lark conversion keeps: it wrote `\\ue9`, which its Lark refuses. An ASCII character becomes
+    `\\xNN` (it may be a quote or a bracket), any other the character itself (never special in GBNF)."""
+
+    def one(m: re.Match[str]) -> str:
+        code = int(m[1] or m[2] or "-1", 16)
+        if code < 0 or 0xD800 <= code < 0xE000 or code > 0x10FFFF:  # another escape, or not a character
+            return m[0]
+        return f"\\x{code:02x}" if code < 0x80 else chr(code)
+
+    return _GBNF_ESCAPE.sub(one, gbnf)
 
 
 _LLTOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
@@ -166,16 +192,18 @@ class Matcher:
     """One sequence's constraint: the tokens allowed next (`mask`) and the tokens chosen (`advance`)."""
 
     def __init__(self, spec: Structured, tok: Tokenizer, vocab_size: int) -> None:
-        self.m = _llg().LLMatcher(lltokenizer(tok), spec.grammar, log_level=0)
+        llg = _llg()  # errors without the parser's state and the grammar (a page of it: not for a one-line error)
+        self.m = llg.LLMatcher(lltokenizer(tok), spec.grammar, log_level=0,
+                               limits=llg.LLParserLimits(verbose_errors=False))
         if self.m.is_error():
-            raise ValueError(f"invalid structured {spec.kind}: {self.m.get_error()}")
+            raise ValueError(f"invalid structured {spec.kind}: {self._error()}")
         self.vocab_size = vocab_size  # the model's (its logits' width; may exceed the tokenizer's)
 
     def allowed(self) -> torch.Tensor:
         """`[V]` bool: the tokens that may come next (EOS once the output is complete)."""
         bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little")
         if self.m.is_error():
-            raise GenerationError(f"structured output: {self.m.get_error()}")
+            raise GenerationError(f"structured output: {self._error()}")
         allowed_V = np.zeros(self.vocab_size, dtype=bool)
         n = min(self.vocab_size, bits.size)
         allowed_V[:n] = bits[:n]
@@ -188,5 +216,10 @@ class Matcher:
     def advance(self, token: int) -> bool:
         """Consume the chosen token; whether the output is complete (nothing more may follow)."""
         if not self.m.consume_token(token):
-            raise GenerationError(f"structured output: token {token} breaks the constraint ({self.m.get_error()})")
+            raise GenerationError(f"structured output: the constraint failed at token {token}: {self._error()}")
         return bool(self.m.is_stopped())
+
+    def _error(self) -> str:
+        """llguidance's reason, on one line (a grammar beyond its limits: "Parser Error: Current row has
+        2007 items; max is 2000; ...", after a token its mask allowed)."""
+        return " ".join(self.m.get_error().split("\n<", 1)[0].split())
