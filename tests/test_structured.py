@@ -52,22 +52,26 @@ def _run(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[lis
 
 @torch.no_grad()
 def _masked_greedy(model: Transformer, tok: Any, prompt: list[int], pattern: str, max_tokens: int) -> list[int]:
-    """Greedy decoding where a byte is allowed when the text with it can still become a full match of
-    `pattern` (the `regex` module's partial matching), EOS when the text is one; it ends after a
-    token that nothing can follow."""
+    """Greedy decoding where a token is allowed when the text with its text (what the tokenizer decodes it
+    to after another token: a piece's leading space kept; empty for BOS, EOS and control tokens) can still
+    become a full match of `pattern` (the `regex` module's partial matching), EOS when the text is one; it
+    ends after a token that nothing can follow. For an ASCII pattern: a piece of a character decodes to
+    U+FFFD, which it never matches, as its bytes never match the pattern's."""
+    head = tok.decode(tok.encode("a", bos=False))
+    texts = [tok.decode([*tok.encode("a", bos=False), i])[len(head):] for i in range(tok.vocab_size)]
     ids, text, out = list(prompt), "", []
     for _ in range(max_tokens):
         logits_V = model(torch.tensor([ids]))[0, -1].float()
         allowed = torch.zeros_like(logits_V, dtype=torch.bool)
-        for b in range(128):
-            allowed[b + 3] = regex.fullmatch(pattern, text + chr(b), partial=True) is not None
+        for i, piece in enumerate(texts):
+            allowed[i] = bool(piece) and regex.fullmatch(pattern, text + piece, partial=True) is not None
         allowed[tok.eos_id] = regex.fullmatch(pattern, text) is not None
         t = int(logits_V.masked_fill(~allowed, -math.inf).argmax())
         out.append(t)
         ids.append(t)
         if t == tok.eos_id:
             break
-        text += chr(t - 3)
+        text += texts[t]
         if not any(regex.fullmatch(pattern, text + chr(b), partial=True) for b in range(128)):
             break
     return out
@@ -83,6 +87,47 @@ def test_greedy_regex_equals_an_independently_masked_reference(byte_model: tuple
     assert got == _masked_greedy(model, tok, prompt, pattern, 12)
     assert regex.fullmatch(pattern, text), text
     assert outs[-1].finish_reason == "stop"
+
+
+def _byte_level_bpe(folder: Any) -> Any:
+    """A GPT-2-style tokenizer.json (ByteLevel BPE, 400 tokens) trained on accented, euro-sign, CJK and emoji text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(["héllo wörld € naïve café 日本語 the cat sat on a mat " * 20], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.save(str(folder / "tokenizer.json"))
+    return load_tokenizer(folder / "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json", "gguf", "byte-level"])
+def test_every_tokenizer_kind_s_greedy_run_equals_the_reference(kind: str, model_tok: tuple[Any, Any],
+                                                                 tmp_path: Any) -> None:
+    """Each tokenizer mixlab loads, with pieces of several characters and a space inside (Mixtral's '▁the',
+    a byte-level BPE's 'Ġthe'): llguidance's table of their bytes gives the same tokens as a reference that
+    masks by decoded text."""
+    model = model_tok[0]
+    if kind == "sentencepiece":
+        tok = load_tokenizer()  # mistral-common's tokenizer.model.v1
+    elif kind == "tokenizer.json":
+        tok = model_tok[1]
+    elif kind == "gguf":
+        from mixlab.checkpoint.gguf import write_gguf
+
+        tok = load_tokenizer(write_gguf(model, tmp_path / "m.gguf", quant="f32"))
+    else:
+        tok = _byte_level_bpe(tmp_path)
+        model = Transformer(get_preset("tiny-moe").replace(vocab_size=tok.vocab_size)).eval()
+        model.init_weights(std=0.5, seed=0)
+    pattern = "[a-z]{1,6}( [a-z]{1,6}){1,2}[.]"
+    prompt = tok.encode("The cat")
+    got, text, outs = _run(Engine(model, tok), prompt, SamplingParams(max_tokens=12,
+                                                                          structured=Structured("regex", pattern)))
+    assert got == _masked_greedy(model, tok, prompt, pattern, 12)
+    assert any(len(tok.decode([t])) > 1 for t in got), [tok.id_to_piece(t) for t in got]  # not byte by byte
+    assert regex.fullmatch(pattern, text) and outs[-1].finish_reason == "stop", text
 
 
 def test_outputs_satisfy_their_constraint(byte_model: tuple[Transformer, Any]) -> None:
@@ -210,15 +255,7 @@ def test_token_bytes_come_from_mixlab_s_tokenizer(tmp_path: Any) -> None:
 def test_a_byte_level_bpe_s_tokens_spell_the_text_s_bytes(tmp_path: Any) -> None:
     """A GPT-2-style tokenizer.json (ByteLevel): a piece that is part of a character (`Ã`) decoded to
     U+FFFD, and llguidance read a token whose bytes were EF BF BD."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(["héllo wörld € naïve café 日本語 " * 20], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    t.save(str(tmp_path / "tokenizer.json"))
-    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    tok = _byte_level_bpe(tmp_path)
     pieces, special = _token_bytes(tok)
     assert special == [0, 1, 2]
     for text in ("héllo wörld € naïve 日本語 x", "ÿ\x7f🙂"):
