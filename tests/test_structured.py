@@ -160,6 +160,57 @@ def test_outputs_satisfy_their_constraint(byte_model: tuple[Transformer, Any]) -
             assert regex.fullmatch(r"\(\d{1,2}(,\d{1,2})*\)", text), text
 
 
+def test_greedy_rows_keep_their_argmax_where_the_constraint_allows_it(byte_model: tuple[Transformer, Any],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greedy constrained row whose argmax the mask allows takes it (one bit read, no [V] mask): the tokens
+    are those of the masked rows (with logprobs, every row is masked), side by side with seeded rows, whose
+    draws are unchanged."""
+    model, tok = byte_model
+    specs = [Structured("json_schema", SCHEMA), Structured("regex", "[a-z]{3,8}( [a-z]{2,5})*[.]"),
+             Structured("choice", ["alpha", "beta", "gamma"]), Structured("json_object"),
+             Structured("regex", "[^a]{30}")]
+    calls = {"mask": 0, "kept": 0}
+    mask, allows = Matcher.mask, Matcher.allows
+
+    def counted_mask(self: Matcher, logits_1V: torch.Tensor) -> torch.Tensor:
+        calls["mask"] += 1
+        return mask(self, logits_1V)
+
+    def counted_allows(self: Matcher, token: int) -> bool:
+        ok = allows(self, token)
+        calls["kept"] += ok
+        return ok
+
+    monkeypatch.setattr(Matcher, "mask", counted_mask)
+    monkeypatch.setattr(Matcher, "allows", counted_allows)
+
+    def run(logprobs: int | None) -> list[list[int]]:
+        with Engine(model, tok, max_batch=10) as engine:
+            handles = [engine.submit(tok.encode(f"hello {i}"), SamplingParams(
+                max_tokens=40, structured=spec, logprobs=logprobs, **kw))
+                for i, spec in enumerate(specs) for kw in ({}, {"temperature": 1.0, "seed": i})]
+            return [[o.token_id for o in h.result() if o.token_id is not None] for h in handles]
+
+    masked = run(0)
+    assert calls == {"mask": sum(map(len, masked)), "kept": 0}  # every token of every row through the mask
+    calls.update(mask=0, kept=0)
+    assert run(None) == masked
+    assert calls["mask"] + calls["kept"] == sum(map(len, masked)) and calls["kept"] >= 10, calls
+
+
+def test_the_mask_is_the_allowed_set_s(byte_model: tuple[Transformer, Any]) -> None:
+    """`Matcher.mask` sets exactly the tokens llguidance rules out to -inf, the model's tokens past the
+    tokenizer's too; `allows` reads the same bits."""
+    _, tok = byte_model
+    m = Matcher(Structured("regex", "[b-d]x|é"), tok, tok.vocab_size + 5)
+    logits_1V = torch.randn(1, tok.vocab_size + 5)
+    allowed = {ord(c) + 3 for c in "bcd"} | {"é".encode()[0] + 3}
+    expected = torch.full_like(logits_1V, -torch.inf)
+    expected[0, sorted(allowed)] = logits_1V[0, sorted(allowed)]
+    assert torch.equal(m.mask(logits_1V), expected)
+    assert [i for i in range(tok.vocab_size + 5) if m.allows(i)] == sorted(allowed)
+
+
 def test_logprobs_are_the_masked_distribution_s(byte_model: tuple[Transformer, Any]) -> None:
     model, tok = byte_model
     spec = Structured("choice", ["yes", "no"])

@@ -41,7 +41,7 @@ import torch
 from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver, _is_array
 from mixlab.engine.runner import Item, Result, Runner, common_prefix
-from mixlab.engine.sampling import Sampler, sample_row, seed_generator, top_logprobs
+from mixlab.engine.sampling import Sampler, row_argmax, sample_row, seed_generator, top_logprobs
 from mixlab.engine.structured import Matcher
 from mixlab.errors import MixlabError
 from mixlab.model.formats import expert_cache
@@ -515,16 +515,20 @@ class Engine:
     def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None,
               argmax: int | None = None) -> None:
         p = seq.params
-        if seq.matcher is not None:  # the constraint first: penalties, biases and logprobs see what it allows
-            logits_1V = seq.matcher.mask(logits_1V)
         bias_1V = seq.bias_1V
         if len(seq.out) < p.min_tokens and seq.stop_ids:  # min_tokens: no stop token yet (-inf, not -100)
             bias_1V = torch.zeros_like(logits_1V) if bias_1V is None else bias_1V.clone()
             bias_1V[0, sorted(seq.stop_ids)] = -math.inf
-        plain = seq.seen_1V is None and seq.counts_1V is None and bias_1V is None and seq.matcher is None
-        if argmax is not None and seq.sampler.greedy and plain:
-            tok = argmax  # the step's batched argmax of this row (NaN-free): greedy without penalties or biases
-        else:
+        tok: int | None = None
+        if seq.sampler.greedy and seq.seen_1V is None and seq.counts_1V is None and bias_1V is None:
+            if seq.matcher is None:  # greedy without penalties or biases: the step's batched argmax (NaN-free)
+                tok = argmax
+            elif p.logprobs is None:  # and under a constraint that allows the row's argmax (one bit of its mask):
+                best = argmax if argmax is not None else row_argmax(logits_1V)[0]  # the masked row's argmax too
+                tok = best if best is not None and seq.matcher.allows(best) else None
+        if tok is None:
+            if seq.matcher is not None:  # the constraint first: penalties, biases and logprobs see what it allows
+                logits_1V = seq.matcher.mask(logits_1V)
             tok = sample_row(logits_1V, p, seq.sampler, seen_1V=seq.seen_1V, counts_1V=seq.counts_1V,
                              bias_1V=bias_1V, generator=seq.generator)
         if self.sync_token is not None:

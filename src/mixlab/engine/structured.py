@@ -199,19 +199,32 @@ class Matcher:
             raise ValueError(f"invalid structured {spec.kind}: {self._error()}")
         self.vocab_size = vocab_size  # the model's (its logits' width; may exceed the tokenizer's)
 
-    def allowed(self) -> torch.Tensor:
-        """`[V]` bool: the tokens that may come next (EOS once the output is complete)."""
-        bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    def _bits(self) -> bytes:
+        """llguidance's mask: bit `i` of it (little-endian within each byte) says whether token `i` may come
+        next; computed once per token (llguidance keeps it until the next `advance`)."""
+        bits = self.m.compute_bitmask()
         if self.m.is_error():
             raise GenerationError(f"structured output: {self._error()}")
-        allowed_V = np.zeros(self.vocab_size, dtype=bool)
-        n = min(self.vocab_size, bits.size)
-        allowed_V[:n] = bits[:n]
+        return bits
+
+    def allows(self, token: int) -> bool:
+        """Whether `token` may come next: one bit of the mask (a greedy row whose argmax it allows needs no
+        more: the masked row's argmax is the same token)."""
+        bits = self._bits()
+        return token < 8 * len(bits) and bool(bits[token >> 3] >> (token & 7) & 1)
+
+    def allowed(self) -> torch.Tensor:
+        """`[V]` bool: the tokens that may come next (EOS once the output is complete)."""
+        bits = self._bits()
+        n = min(self.vocab_size, 8 * len(bits))  # the model's tokens past the tokenizer's: never
+        allowed_V = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n, bitorder="little").view(bool)
+        if n < self.vocab_size:
+            allowed_V = np.concatenate([allowed_V, np.zeros(self.vocab_size - n, dtype=bool)])
         return torch.from_numpy(allowed_V)
 
     def mask(self, logits_1V: torch.Tensor) -> torch.Tensor:
         """`logits_1V` with the tokens the constraint rules out at -inf."""
-        return logits_1V.masked_fill(~self.allowed().to(logits_1V.device), -torch.inf)
+        return torch.where(self.allowed().to(logits_1V.device), logits_1V, -torch.inf)
 
     def advance(self, token: int) -> bool:
         """Consume the chosen token; whether the output is complete (nothing more may follow)."""
