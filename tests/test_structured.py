@@ -472,6 +472,18 @@ def test_bad_constraints_are_400s_naming_the_parameter(server: str, path: str, b
     assert err["param"] == param and says in err["message"], err
 
 
+def test_the_server_builds_llguidance_s_tokenizer_as_it_starts(model_tok: tuple[Any, Any], tmp_path: Any) -> None:
+    """Not in the first constrained request's time (~0.2 s for Mixtral's 32,000 tokens); not when told not to."""
+    from mixlab.engine import structured
+
+    model, _ = model_tok
+    for prepare in (True, False):
+        tok = load_tokenizer(hf_tokenizer_json(tmp_path))  # a tokenizer no llguidance view was made for
+        app = create_app(Engine(model, tok), tok, _config(model, prepare_structured=prepare))
+        app.state.server.encoder.submit(lambda: None).result()  # what it was given to do before is done
+        assert (tok in structured._LLTOKENIZERS) == prepare
+
+
 def test_a_server_without_llguidance_says_what_to_install(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llguidance", None)
     r = httpx.post(server + CHAT, json={"messages": U, "response_format": {"type": "json_object"}}, timeout=30)
