@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,9 @@ from test_serve import CHAT, COMP, CONTEXT, NAME, _config, httpx, openai  # noqa
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
                                            "colour": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
           "required": ["n", "colour", "ok"], "additionalProperties": False}
+# 500 objects of 20 integers: compiles, takes ~0.5 s to build over a vocabulary, and outgrows llguidance's parser
+HUGE = {"type": "object", "properties": {f"k{i}": {"type": "object", "properties": {
+    f"j{j}": {"type": "integer"} for j in range(20)}} for i in range(500)}}
 
 
 @pytest.fixture(scope="module")
@@ -272,10 +276,8 @@ def test_a_grammar_past_llguidance_s_limits_ends_its_request_with_a_one_line_err
     """A 10,000-property schema compiles, then its parser meets llguidance's row limit at `{`: the request ends
     with "error" and one line naming the limit (it was a page of parser state), the others of the step go on."""
     model, tok = byte_model
-    huge = {"type": "object", "properties": {f"k{i}": {"type": "object", "properties": {
-        f"j{j}": {"type": "integer"} for j in range(20)}} for i in range(500)}}
     engine = Engine(model, tok, max_batch=2)
-    bad = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5, structured=Structured("json_schema", huge)))
+    bad = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5, structured=Structured("json_schema", HUGE)))
     good = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5))
     engine.run_until_idle()
     last = bad.poll()[-1]
@@ -482,6 +484,26 @@ def test_the_server_builds_llguidance_s_tokenizer_as_it_starts(model_tok: tuple[
         app = create_app(Engine(model, tok), tok, _config(model, prepare_structured=prepare))
         app.state.server.encoder.submit(lambda: None).result()  # what it was given to do before is done
         assert (tok in structured._LLTOKENIZERS) == prepare
+
+
+def test_a_constraint_is_built_over_the_vocabulary_once_not_per_sequence(model_tok: tuple[Any, Any]) -> None:
+    """Building a 10,000-property schema over Mixtral's vocabulary takes ~0.5 s, which Engine.submit spent for
+    every choice, on the server's event loop (every stream waited): the server builds it once in its encoding
+    thread (`Structured.prepare`), and each sequence's Matcher starts from a copy."""
+    from mixlab.serve.protocol import CompletionRequest
+
+    model, tok = model_tok
+    srv = create_app(Engine(model, tok), tok, _config(model)).state.server
+    spec = srv.structured(CompletionRequest(prompt="x", guided_json=HUGE))
+    t = time.perf_counter()
+    for _ in range(4):
+        Matcher(spec, tok, tok.vocab_size)
+    assert time.perf_counter() - t < 0.2
+    small = Structured("choice", ["ab", "cd"])  # copies are independent: one's tokens are not the other's
+    first, second = Matcher(small, tok, tok.vocab_size), Matcher(small, tok, tok.vocab_size)
+    a, c = (lltokenizer(tok).tokenize_str(x)[0] for x in "ac")
+    first.advance(a)
+    assert second.allows(c) and not first.allows(c)
 
 
 def test_a_server_without_llguidance_says_what_to_install(server: str, monkeypatch: pytest.MonkeyPatch) -> None:

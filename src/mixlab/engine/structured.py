@@ -57,6 +57,9 @@ class Structured:
     kind: str
     value: Any = None
     grammar: str = field(init=False, repr=False, compare=False)  # llguidance's grammar, compiled from value
+    # the grammar built over a tokenizer's vocabulary (`prepare`), which each sequence's `Matcher` copies
+    _built: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLMatcher] = field(init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -87,6 +90,27 @@ class Structured:
         if error:
             raise ValueError(f"invalid structured {self.kind}: {' '.join(error.split())[:500]}")
         object.__setattr__(self, "grammar", grammar)
+        object.__setattr__(self, "_built", weakref.WeakKeyDictionary())
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def prepare(self, tok: Tokenizer) -> None:
+        """Build the grammar over `tok`'s vocabulary now, once (a 10,000-property schema: ~0.5 s, which
+        `Engine.submit` then spent for each sequence, on a server's event loop): each sequence's `Matcher`
+        copies it (~40 us). ValueError when llguidance cannot build it."""
+        self._start(tok)
+
+    def _start(self, tok: Tokenizer) -> llguidance.LLMatcher:
+        """A matcher at the start of the output: a copy of the one `prepare` built."""
+        with self._lock:
+            built = self._built.get(tok)
+            if built is None:
+                llg = _llg()  # errors without the parser's state and the grammar (a page: not for one line)
+                built = llg.LLMatcher(lltokenizer(tok), self.grammar, log_level=0,
+                                      limits=llg.LLParserLimits(verbose_errors=False))
+                if built.is_error():
+                    raise ValueError(f"invalid structured {self.kind}: {_one_line(built.get_error())}")
+                self._built[tok] = built
+        return built.deep_copy()
 
 
 def _is_lark(grammar: str) -> bool:
@@ -192,11 +216,7 @@ class Matcher:
     """One sequence's constraint: the tokens allowed next (`mask`) and the tokens chosen (`advance`)."""
 
     def __init__(self, spec: Structured, tok: Tokenizer, vocab_size: int) -> None:
-        llg = _llg()  # errors without the parser's state and the grammar (a page of it: not for a one-line error)
-        self.m = llg.LLMatcher(lltokenizer(tok), spec.grammar, log_level=0,
-                               limits=llg.LLParserLimits(verbose_errors=False))
-        if self.m.is_error():
-            raise ValueError(f"invalid structured {spec.kind}: {self._error()}")
+        self.m = spec._start(tok)
         self.vocab_size = vocab_size  # the model's (its logits' width; may exceed the tokenizer's)
 
     def _bits(self) -> bytes:
@@ -233,6 +253,10 @@ class Matcher:
         return bool(self.m.is_stopped())
 
     def _error(self) -> str:
-        """llguidance's reason, on one line (a grammar beyond its limits: "Parser Error: Current row has
-        2007 items; max is 2000; ...", after a token its mask allowed)."""
-        return " ".join(self.m.get_error().split("\n<", 1)[0].split())
+        return _one_line(self.m.get_error())
+
+
+def _one_line(error: str) -> str:
+    """llguidance's reason, on one line (a grammar beyond its limits: "Parser Error: Current row has 2007
+    items; max is 2000; ...", after a token its mask allowed)."""
+    return " ".join(error.split("\n<", 1)[0].split())

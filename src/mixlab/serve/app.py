@@ -372,16 +372,16 @@ class _Server:
         return asked
 
     def structured(self, body: ChatCompletionRequest | CompletionRequest) -> Structured | None:
-        """The request's constraint on its output, compiled (in the encoding thread: a large schema takes
-        a while; llguidance's view of the tokenizer is made there as the server starts, or here with
-        `ServerConfig.prepare_structured=False`)."""
+        """The request's constraint on its output, compiled and built over the vocabulary (in the encoding
+        thread: a large schema takes a while; llguidance's view of the tokenizer is made there as the server
+        starts, or here with `ServerConfig.prepare_structured=False`)."""
         asked = body.constraint()
         if asked is None:
             return None
         param, kind, value = asked
         try:
             spec = Structured(kind, value)
-            lltokenizer(self.tok)
+            spec.prepare(self.tok)  # here, not in each choice's Engine.submit on the event loop
         except ValueError as e:
             raise ApiError(400, f"invalid {param}: {str(e).removeprefix(f'invalid structured {kind}: ')}",
                            param=param) from None
