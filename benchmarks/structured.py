@@ -75,7 +75,7 @@ def _parts(model: Transformer, tok: object, reps: int = 200) -> dict[str, float]
         return lambda: (matcher.m.consume_token(a), f(), matcher.m.rollback(1))
 
     parts = {"advance + rollback": timed(step(lambda: None)), "compute_bitmask": timed(step(matcher.m.compute_bitmask)),
-             "allowed ([V] bool)": timed(step(matcher.allowed)), "mask (allowed, masked_fill)": timed(step(
+             "allowed ([V] bool)": timed(step(matcher.allowed)), "mask (allowed, torch.where)": timed(step(
                  lambda: matcher.mask(logits_1V)))}
     parts = {k: v - parts["advance + rollback"] if k != "advance + rollback" else v for k, v in parts.items()}
     return {**parts, "sample_row greedy": timed(lambda: sample_row(logits_1V, greedy, sampler, seen_1V=None,
