@@ -179,13 +179,13 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "lr = 'fast' in TOML": (
         lambda t, b, c, d: ((t / "c.toml").write_text('lr = "fast"\n'),
                             ["train", str(t / "c.toml"), "--data", str(d), "--out", str(t / "run")])[-1],
-        ["'lr'", "'fast'"]),
+        ["c.toml: training setting 'lr'", "'fast'"]),  # the file's error (1), naming the file
     "seed 10**23 in generate": (
         lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "hi", "--temperature", "1",
                             "--seed", str(10**23)],
         ["seed", str(10**23)]),
     "seed 10**23 in train": (lambda t, b, c, d: _train_args(d, t / "run", "--seed", str(10**23)),
-                             ["'seed'", str(10**23)]),
+                             ["--seed", str(10**23)]),
     # 10: smaller
     "bos_token_id outside the vocabulary": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), bos_token_id=999))],
@@ -193,13 +193,18 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "info on tensors that do not match the config": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), intermediate_size=64))],
         ["shape", "expected"]),
-    "train --lr nan": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "nan"), ["'lr'", "nan"]),
-    "train --lr -1": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "-1"), ["'lr'", "-1"]),
-    "train --warmup -5": (lambda t, b, c, d: _train_args(d, t / "run", "--warmup", "-5"), ["'warmup'", "-5"]),
-    "train --threads -3": (lambda t, b, c, d: _train_args(d, t / "run", "--threads", "-3"), ["'threads'", "-3"]),
+    "train --lr nan": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "nan"), ["--lr", "nan"]),
+    "train --lr -1": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "-1"), ["--lr", "-1"]),
+    "train --warmup -5": (lambda t, b, c, d: _train_args(d, t / "run", "--warmup", "-5"), ["--warmup", "-5"]),
+    "train --threads -3": (lambda t, b, c, d: _train_args(d, t / "run", "--threads", "-3"), ["--threads", "-3"]),
     # `--set dim` (no =) said "config field 'dim' must be an integer ..., got ''"
     "train --set without =": (lambda t, b, c, d: _train_args(d, t / "run", "--set", "n_layers"),
                               ["--set 'n_layers'", "FIELD=VALUE"]),
+    "eval --stride past the model's context": (
+        lambda t, b, c, d: ((t / "e.txt").write_text("hello world"),
+                            ["eval", "--model", str(c), "--data", str(t / "e.txt"), "--context", "4096",
+                             "--stride", "1024"])[-1],
+        ["--stride 1024", "512 positions"]),
     "eval on an empty text file": (
         lambda t, b, c, d: ((t / "e.txt").write_text(""), ["eval", "--model", str(c), "--data", str(t / "e.txt")])[-1],
         ["e.txt", "empty"]),
@@ -231,7 +236,9 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 # refuses; the others ran and failed (1).
 USAGE_ERRORS = {"generate --stop with undecodable bytes", "chat --stop with undecodable bytes",
                 "--device cuda without CUDA", "--device bogus", "--device meta", "seed 10**23 in generate",
-                "train --set without =", "prompt over the context names --truncate"}
+                "train --set without =", "prompt over the context names --truncate", "seed 10**23 in train",
+                "train --lr nan", "train --lr -1", "train --warmup -5", "train --threads -3",
+                "eval --stride past the model's context"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -289,6 +296,41 @@ def test_a_bad_number_names_the_flag(args, expected, capsys):
         main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    (["train", "--lr", "-1"], "argument --lr: expected a number >= 0, got -1"),
+    (["train", "--warmup", "-5"], "argument --warmup: expected an integer in [0, 9223372036854775807], got -5"),
+    (["train", "--threads", "-3"], "argument --threads: expected an integer in [0, 9223372036854775807], got -3"),
+    (["train", "--seq-len", "0"], "argument --seq-len: expected an integer >= 1, got 0"),
+    (["train", "--out", "o"], "no dataset: pass --data DIR"),
+    (["sft", "--model", "m", "--data", "d", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    (["eval", "--model", "m", "--data", "d", "--stride", "0"],
+     "--stride must be between 1 and --context (2048); got 0"),
+    (["eval", "--model", "m", "--data", "d", "--context", "0"], "--context must be >= 1, got 0"),
+    (["eval", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["eval", "--model", "m", "--data", "d", "--max-docs", "0"], "--max-docs must be >= 1, got 0"),
+    (["plan", "tiny-moe", "--ep", "3"], "--ep must divide --devices (1), got 3"),
+    (["plan", "tiny-moe", "--devices", "3", "--ep", "3"], "--ep 3 must divide the number of experts (4)"),
+    (["plan", "tiny-moe", "--devices", "0"], "--devices must be >= 1, got 0"),
+    (["upcycle", "--from", "m", "--out", "o", "--top-k", "0"],
+     "--experts 8 --top-k 0: config field 'moe.top_k' must be in [1, num_experts=8], got 0"),
+    (["upcycle", "--from", "m", "--out", "o", "--experts", "4", "--top-k", "5"],
+     "--experts 4 --top-k 5: config field 'moe.top_k' must be in [1, num_experts=4], got 5"),
+])
+def test_a_flag_value_the_command_refuses_is_a_usage_error(args, expected, tmp_path, monkeypatch, capsys):
+    """Exit 2 naming the flag, before any file is read (m, d: none here): these flags' values were checked
+    in library code (TrainConfig's, plan's, upcycle's, eval's own with ValueError) and exited 1, a failed run."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(args)
+    except SystemExit as e:  # refused by the flag's type
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    assert sum(ln.startswith(f"mixlab {args[0]}: error: ") for ln in err.splitlines()) == 1, err  # after a usage
+    assert not list(tmp_path.iterdir())
 
 
 def _run(args: list[str], timeout: float = 120, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -365,23 +365,23 @@ def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest
     assert res["overall"]["word_perplexity"] is None and math.isfinite(res["overall"]["token_perplexity"])
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--stride", "0"], "--stride"),
-    (["--context", "0"], "--context must be >= 1, got 0"),  # not "--stride must be between 1 and --context"
-    (["--max-docs", "-1"], "--max-docs must be >= 1, got -1"),  # not "no documents to evaluate"
-    (["--batch-size", "0"], "--batch-size"),
-    (["--data", "/nonexistent/x.jsonl"], "no such file"),
-    (["--data", "{prepared}"], "this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus"),
-    (["--json", "."], "is a folder; give a file name\n"),  # before evaluating; no 'for example x/model.gguf'
+@pytest.mark.parametrize("argv,message,code", [
+    (["--stride", "0"], "--stride", 2),  # a flag's value: a usage error, exit 2
+    (["--context", "0"], "--context must be >= 1, got 0", 2),  # not "--stride must be between 1 and --context"
+    (["--max-docs", "-1"], "--max-docs must be >= 1, got -1", 2),  # not "no documents to evaluate"
+    (["--batch-size", "0"], "--batch-size", 2),
+    (["--data", "/nonexistent/x.jsonl"], "no such file", 1),
+    (["--data", "{prepared}"], "this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus", 1),
+    (["--json", "."], "is a folder; give a file name\n", 1),  # before evaluating; no 'for example x/model.gguf'
     # --context clamped to the model's 64: it was 'stride must be between 1 and the context (64); got 100'
     (["--stride", "100", "--max-docs", "1"], "--stride 100 is past the model's 64 positions, the windows' length: "
-                                             "give --stride 64 or less\n"),
+                                             "give --stride 64 or less\n", 2),
 ])
-def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, code: int, capsys: pytest.CaptureFixture[str],
                          tmp_path: Path) -> None:
     base = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--quiet"]
     (tmp_path / "meta.json").write_text("{}")  # what `mixlab data prepare` writes beside its shards
-    assert main(base + [a.replace("{prepared}", str(tmp_path)) for a in argv]) == 1
+    assert main(base + [a.replace("{prepared}", str(tmp_path)) for a in argv]) == code
     assert message in capsys.readouterr().err
 
 

@@ -543,6 +543,27 @@ def test_training_and_fine_tuning_check_their_settings_alike(kw: dict, match: st
         load_finetune_config(f)
 
 
+@pytest.mark.parametrize(("text", "key"), [("lr = nan", "'lr'"), ("warmup = -5", "'warmup'"),
+                                         ("threads = -3", "'threads'"), ('lr = "fast"', "'lr'")])
+def test_a_bad_value_in_a_config_file_names_the_file(text: str, key: str, tmp_path: Path) -> None:
+    """The file's error names the file and key (it named only the key, as for a flag); a flag's value
+    overrides the file's, and a bad flag's value over a good file is not blamed on the file."""
+    from mixlab.train.finetune import load_finetune_config
+
+    f = tmp_path / "run.toml"
+    f.write_text(text + "\n")
+    name = key.strip("'")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(f))}: training setting {key} must be"):
+        load_train_config(f)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(f))}: fine-tuning setting {key} must be"):
+        load_finetune_config(f, model="m", data="d.jsonl")
+    good = {"lr": 0.1, "warmup": 5, "threads": 1}[name]
+    assert getattr(load_train_config(f, **{name: good}), name) == good
+    f.write_text("steps = 10\n")
+    with pytest.raises(ConfigError, match=f"^training setting {key}"):
+        load_train_config(f, **{name: -1})
+
+
 def test_a_train_config_made_in_python_may_name_paths(dataset: Path, tmp_path: Path) -> None:
     # A Path for data or out trained, then failed storing the settings ("Object of type PosixPath is not
     # JSON serializable"); a str config was an AttributeError.

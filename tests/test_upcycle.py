@@ -275,7 +275,7 @@ def test_cli(dense, tmp_path, capsys):
         torch.testing.assert_close(load_model(out)(TOKENS), ref, atol=1e-5, rtol=0)
     assert cli_main(["upcycle", "--from", str(out), "--out", str(tmp_path / "again")]) == 1
     assert "already a mixture of experts" in capsys.readouterr().err
-    assert cli_main(["upcycle", "--from", str(src), "--out", str(tmp_path / "x"), "--top-k", "9"]) == 1
+    assert cli_main(["upcycle", "--from", str(src), "--out", str(tmp_path / "x"), "--top-k", "9"]) == 2  # a usage error
     assert "top_k" in capsys.readouterr().err
 
 

@@ -10,6 +10,7 @@ import sys
 from mixlab import atomic
 from mixlab.cli import add_quiet_arg, names, note, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
+from mixlab.errors import UsageError
 
 
 def _num(x: float, width: int, places: int) -> str:
@@ -47,13 +48,13 @@ def evaluate(args: argparse.Namespace) -> int:
 
     asked = 2048 if args.context is None else args.context  # a shorter model takes the default quietly
     if asked < 1:
-        raise ValueError(f"--context must be >= 1, got {asked}")
+        raise UsageError(f"--context must be >= 1, got {asked}")
     if args.max_docs is not None and args.max_docs < 1:
-        raise ValueError(f"--max-docs must be >= 1, got {args.max_docs}")
+        raise UsageError(f"--max-docs must be >= 1, got {args.max_docs}")
     if args.stride is not None and not 1 <= args.stride <= asked:
-        raise ValueError(f"--stride must be between 1 and --context ({asked}); got {args.stride}")
+        raise UsageError(f"--stride must be between 1 and --context ({asked}); got {args.stride}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     split = data_split(args.data, args.split)  # `--split Valid` reads valid.jsonl; a file is read whole
     docs = list(documents(args.data, split=split, max_docs=args.max_docs, domains=args.domains))
     if not docs:
@@ -70,7 +71,7 @@ def evaluate(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     context = min(asked, model.config.max_seq_len)
     if args.stride is not None and args.stride > context:  # it failed in rolling_windows, naming no flag
-        raise ValueError(f"--stride {args.stride} is past the model's {context} positions, the windows' length: "
+        raise UsageError(f"--stride {args.stride} is past the model's {context} positions, the windows' length: "
                          f"give --stride {context} or less")
     if args.context is not None and args.context > context:
         note("eval", f"--context {args.context} is past the model's {context} positions; scoring windows of {context}")

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from mixlab.cli import dtype_choice, note, user_path
+from mixlab.errors import UsageError
 
 
 def plan_cmd(args: argparse.Namespace) -> int:
@@ -26,10 +27,13 @@ def plan_cmd(args: argparse.Namespace) -> int:
             quant = "int4"
             note("plan", f"planned as int4: the matrices of {args.model} are Q4_0, kept 4-bit when loaded "
                          "(--quant none plans them as floats)")
-    p = plan(cfg, mode=args.mode, devices=args.devices, ep=args.ep,
-             device_mem=parse_bytes(args.device_mem, what="--device-mem"),
-             fsdp=args.fsdp, seq=args.seq, batch=args.batch, dtype=args.dtype,
-             quant=None if quant == "none" else quant, activation_checkpointing=args.activation_checkpointing)
+    try:  # plan's ValueErrors are its arguments', the flags here: a usage error (exit 2), naming the flag
+        p = plan(cfg, mode=args.mode, devices=args.devices, ep=args.ep,
+                 device_mem=parse_bytes(args.device_mem, what="--device-mem"),
+                 fsdp=args.fsdp, seq=args.seq, batch=args.batch, dtype=args.dtype,
+                 quant=None if quant == "none" else quant, activation_checkpointing=args.activation_checkpointing)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(json.dumps(p.as_dict(), indent=1) if args.json else p.table())
     return 0
 

@@ -11,7 +11,18 @@ import signal
 import sys
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, fraction, names, positive, resume_arg, user_path
+from mixlab.cli import (
+    _parse,
+    add_quiet_arg,
+    add_resume_args,
+    dtype_choice,
+    fraction,
+    names,
+    non_negative,
+    positive,
+    resume_arg,
+    user_path,
+)
 from mixlab.errors import UsageError
 
 
@@ -79,7 +90,7 @@ def train_cmd(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, **_overrides(args))
     if not cfg.data:
-        raise ValueError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
+        raise UsageError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
     par = _parallel(args, cfg.device, cfg.compile)
     try:
         result = train(cfg, resume=resume_arg(args), parallel=par)
@@ -133,16 +144,32 @@ SETTING_HELP = {
 }
 
 
+def count(text: str) -> int:
+    """argparse type of an integer run setting (--warmup, --threads, --seed, ...): in [0, 2**63 - 1], as
+    check_settings takes a config file's."""
+    from mixlab.train.settings import LARGEST
+
+    v = int(_parse(text, int))
+    if not 0 <= v <= LARGEST:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {LARGEST}], got {v}")
+    return v
+
+
 def add_setting_args(p: argparse.ArgumentParser, settings: tuple[tuple[str, type], ...], config: Any,
                      helps: dict[str, str] | None = None) -> None:
     """One flag per numeric run setting (default None: the config file's value, else `config`'s default);
-    `helps`: a command's own wording of some (SETTING_HELP's otherwise)."""
+    `helps`: a command's own wording of some (SETTING_HELP's otherwise). A flag's value out of the range
+    that check_settings gives a config file's is refused by its type, naming the flag (a usage error, exit
+    2): an integer >= 1 for the batch shape and steps, >= 0 for the others; a finite number >= 0."""
+    from mixlab.train.settings import POSITIVE
+
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     helps = SETTING_HELP | (helps or {})
     for name, typ in settings:
         shown = "the checkpoint's" if defaults[name] is None else f"{defaults[name]:g}"
         text = helps[name] if name == "lora_rank" else f"{helps[name]} (default {shown})"
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
+        check = non_negative if typ is float else positive if name in POSITIVE else count
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=check, default=None, help=text)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:

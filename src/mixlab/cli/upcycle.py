@@ -6,11 +6,17 @@ import argparse
 
 from mixlab.cli import add_quiet_arg, dtype_choice, non_negative, user_path
 from mixlab.cli.model import shard_bytes
+from mixlab.errors import UsageError
 
 
 def upcycle(args: argparse.Namespace) -> int:
+    from mixlab.config import ConfigError, MoEConfig, get_preset
     from mixlab.train.upcycle import upcycle as run
 
+    try:  # the MoE part's own checks (on a tiny model), before the checkpoint is read: a usage error, exit 2
+        get_preset("tiny-moe").replace(moe=MoEConfig(num_experts=args.experts, top_k=args.top_k))
+    except ConfigError as e:  # the library's words: "--experts 8 --top-k 9: config field 'moe.top_k' must be ..."
+        raise UsageError(f"--experts {args.experts} --top-k {args.top_k}: {e}") from None
     report = run(args.src, args.out, num_experts=args.experts, top_k=args.top_k, router_init=args.router_init,
                  router_std=args.router_std, noise=args.noise, seed=args.seed, dtype=args.dtype,
                  max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite,

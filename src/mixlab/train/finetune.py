@@ -61,8 +61,8 @@ from mixlab.train.settings import (
     check_batch_fits,
     check_resume_settings,
     check_settings,
+    load_settings,
     paths_as_text,
-    read_settings,
 )
 
 TASKS = ("sft", "dpo")
@@ -125,7 +125,7 @@ RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf",
 
 def load_finetune_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
     """A `FinetuneConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
-    return check_finetune_config(read_settings(FinetuneConfig, path, overrides, what="fine-tuning"))
+    return load_settings(FinetuneConfig, path, overrides, what="fine-tuning", check=check_finetune_config)
 
 
 def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:

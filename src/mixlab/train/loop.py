@@ -61,8 +61,8 @@ from mixlab.train.settings import (
     check_batch_fits,
     check_resume_settings,
     check_settings,
+    load_settings,
     paths_as_text,
-    read_settings,
 )
 
 
@@ -123,7 +123,7 @@ RUN_ONLY = {"data", "out", "eval_every", "eval_windows", "ckpt_every", "keep", "
 
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """A `TrainConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
-    return check_train_config(read_settings(TrainConfig, path, overrides, what="training"))
+    return load_settings(TrainConfig, path, overrides, what="training", check=check_train_config)
 
 
 def check_train_config(cfg: TrainConfig) -> TrainConfig:

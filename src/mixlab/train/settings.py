@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,9 +85,11 @@ class OptimizerSettings:
 
 
 AUTOCAST_DTYPES = ("float32", "bfloat16")  # float32: autocast off
-# The numeric settings both runs have: (finite numbers >= 0, integers >= 0).
+# The numeric settings both runs have: (finite numbers >= 0, integers in [0, LARGEST], integers >= 1).
 NUMBERS = tuple(f.name for f in dataclasses.fields(OptimizerSettings) if f.type == "float")
 INTEGERS = ("warmup", "threads", "eval_every", "ckpt_every", "keep", "log_every", "seed")
+POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps")
+LARGEST = 2**63 - 1  # an integer setting's largest value (an int64: the seed, the step counters)
 
 
 def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, Any], *, what: str) -> T:
@@ -125,6 +127,26 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
     return paths_as_text(cls(**d))
 
 
+def load_settings(cls: type[T], path: str | Path | None, overrides: dict[str, Any], *, what: str,
+                  check: Callable[[T], T]) -> T:
+    """`check(read_settings(...))`, a bad value of the file's named with the file (`run.toml: training
+    setting 'lr' must be ...`; exit 1 from the command, where the same value as a flag, refused by the
+    flag's type, is a usage error): the error is the file's where the overrides alone, over the defaults,
+    do not raise it."""
+    cfg = read_settings(cls, path, overrides, what=what)  # its own errors name the file where they are its
+    try:
+        return check(cfg)
+    except ConfigError as e:
+        if path is None:
+            raise
+        try:
+            check(read_settings(cls, None, overrides, what=what))
+        except ConfigError as alone:
+            if str(alone) == str(e):  # not the file's: no --model given, a bad override in Python
+                raise e from None
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def paths_as_text(cfg: T) -> T:
     """`cfg` with each path setting (`PATHS`) given as a `Path` turned into its text: settings made in
     Python may name files by `Path`, but they are stored as JSON with every checkpoint (a `Path` there
@@ -153,7 +175,7 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
             raise ConfigError(f"{what} setting {f.name!r} must be true or false, got {v!r}")
         if kind.startswith("dict") and not isinstance(v, dict):
             raise ConfigError(f"{what} setting {f.name!r} must be a table of fields, got {v!r}")
-    for name in ("seq_len", "batch_size", "grad_accum", "steps"):
+    for name in POSITIVE:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{what} setting {name!r} must be a positive integer, got {v!r}")
@@ -167,8 +189,8 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
             raise ConfigError(f"{what} setting {name!r} must be {want}, got {v!r}")
     for name in integers:
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 2**63 - 1:
-            raise ConfigError(f"{what} setting {name!r} must be an integer in [0, {2**63 - 1}], got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= LARGEST:
+            raise ConfigError(f"{what} setting {name!r} must be an integer in [0, {LARGEST}], got {v!r}")
     try:
         parse_device(cfg.device)
     except ValueError as e:
