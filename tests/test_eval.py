@@ -385,6 +385,36 @@ def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, code: int, c
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_eval_progress_bar_has_a_total(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           quiet: bool) -> None:
+    """The bar had no total, so no ETA: its total is the tokens it counts, known before scoring starts
+    (each document encoded once); --quiet still turns it off."""
+    import tqdm
+
+    bars: list[dict] = []
+
+    class Bar(tqdm.tqdm):  # type: ignore[type-arg]
+        def __init__(self, *a: object, **kw: object) -> None:
+            bars.append(kw | {"counted": 0})
+            super().__init__(*a, **kw)  # type: ignore[arg-type]
+
+        def update(self, n: float | None = 1) -> bool | None:
+            bars[-1]["counted"] += n
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    for i, text in enumerate(TEXTS):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / f"{i}.txt").write_text(text * 3)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(ckpt), "--data", str(tmp_path / "docs"), "--context", "16",
+                 "--json", str(out), *(["--quiet"] if quiet else [])]) == 0
+    tokens = json.loads(out.read_text())["overall"]["tokens"]
+    assert len(bars) == 1 and bars[0]["total"] == bars[0]["counted"] == tokens > 16
+    assert bars[0]["disable"] is (True if quiet else None)  # None: off where stderr is no terminal
+
+
 def test_cli_eval_json_dash_is_stdout(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """`mixlab eval ... --json - | jq` wrote a file named '-' and the table on stdout."""

@@ -216,7 +216,7 @@ class Report:
 
 def evaluate_texts(
     model: Transformer,
-    encode: Callable[[str], list[int]],
+    encode: Callable[[str], Sequence[int]],
     docs: Iterable[tuple[str, str]],
     *,
     prefix: int,
