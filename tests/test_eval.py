@@ -609,6 +609,35 @@ def test_harness_model_takes_lm_eval_cli_default_device(ckpt: Path, capsys: pyte
     assert next(MixlabLM(pretrained=str(ckpt), dtype="auto").model.parameters()).dtype == stored
 
 
+def test_harness_takes_lm_eval_s_batch_size_with_model_args_one(ckpt: Path, tasks: Path) -> None:
+    """lm-eval's --batch_size (or --device) beside --model_args' own was a TypeError in the model's
+    construction ('got multiple values for keyword argument'): lm-eval's flags fill what --model_args
+    did not say, through simple_evaluate's model name and both its model_args forms."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from mixlab.eval.harness import MixlabLM
+
+    made: list[MixlabLM] = []
+    init = MixlabLM.__init__
+
+    def record(self: MixlabLM, *a: object, **kw: object) -> None:
+        init(self, *a, **kw)  # type: ignore[arg-type]
+        made.append(self)
+
+    manager = TaskManager(include_path=str(tasks))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MixlabLM, "__init__", record)
+        for model_args in (f"pretrained={ckpt},dtype=float32,batch_size=2,device=cpu",
+                           {"pretrained": str(ckpt), "dtype": "float32", "batch_size": 2, "device": "cpu"}):
+            res = lm_eval.simple_evaluate(model="mixlab", model_args=model_args, batch_size=4, device="cuda:0",
+                                          tasks=["mx_ppl"], task_manager=manager, verbosity="ERROR")
+            assert math.isfinite(res["results"]["mx_ppl"]["bits_per_byte,none"])
+    assert [(lm.batch_size, next(lm.model.parameters()).device.type) for lm in made] == [(2, "cpu")] * 2
+    lm = MixlabLM.create_from_arg_string(f"pretrained={ckpt}", {"batch_size": 4, "max_batch_size": None})
+    assert lm.batch_size == 4  # --batch_size alone: as before
+
+
 def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -> None:
     """A folder transformers wrote without tokenizer files: Mixtral's v1 tokenizer, as `mixlab
     generate` and `mixlab eval` use (the harness raised FileNotFoundError)."""

@@ -102,6 +102,22 @@ class MixlabLM(TemplateLM):
     def from_path(cls, path: str, **kw: Any) -> MixlabLM:
         return cls(pretrained=path, **kw)
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+                            ) -> MixlabLM:
+        """How lm-eval makes the model of `--model mixlab`: its own flags (`--batch_size`, `--device`,
+        `--max_batch_size`: `additional_config`) fill what `--model_args` did not say. TemplateLM's passed
+        both: `--batch_size 4 --model_args ...,batch_size=8` was a TypeError ('got multiple values for
+        keyword argument'), as it still is for lm-eval 0.4's own `hf` model."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> MixlabLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     # -- what TemplateLM needs ----------------------------------------------------------------------
 
     @property
