@@ -562,6 +562,10 @@ def test_a_bad_value_in_a_config_file_names_the_file(text: str, key: str, tmp_pa
     f.write_text("steps = 10\n")
     with pytest.raises(ConfigError, match=f"^training setting {key}"):
         load_train_config(f, **{name: -1})
+    # the file gives the model, a flag the bad value checked after the model is: not the file's either
+    f.write_text('model = "m"\ndata = "d.jsonl"\n')
+    with pytest.raises(ConfigError, match="^fine-tuning setting 'lora_alpha'"):
+        load_finetune_config(f, lora_rank=8, lora_alpha=0.0)
 
 
 def test_a_train_config_made_in_python_may_name_paths(dataset: Path, tmp_path: Path) -> None:

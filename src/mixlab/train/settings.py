@@ -131,20 +131,25 @@ def load_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
                   check: Callable[[T], T]) -> T:
     """`check(read_settings(...))`, a bad value of the file's named with the file (`run.toml: training
     setting 'lr' must be ...`; exit 1 from the command, where the same value as a flag, refused by the
-    flag's type, is a usage error): the error is the file's where the overrides alone, over the defaults,
-    do not raise it."""
+    flag's type, is a usage error). The error is the file's where the file alone raises it too, or the
+    overrides alone (over the defaults) raise nothing."""
     cfg = read_settings(cls, path, overrides, what=what)  # its own errors name the file where they are its
     try:
         return check(cfg)
     except ConfigError as e:
-        if path is None:
-            raise
-        try:
-            check(read_settings(cls, None, overrides, what=what))
-        except ConfigError as alone:
-            if str(alone) == str(e):  # not the file's: no --model given, a bad override in Python
-                raise e from None
-        raise ConfigError(f"{path}: {e}") from None
+        if path is not None and (_raised(check, read_settings(cls, path, {}, what=what)) == str(e)
+                                 or _raised(check, read_settings(cls, None, overrides, what=what)) is None):
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def _raised(check: Callable[[T], T], cfg: T) -> str | None:
+    """The message of the ConfigError `check(cfg)` raises, else None."""
+    try:
+        check(cfg)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def paths_as_text(cfg: T) -> T:
