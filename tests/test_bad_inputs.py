@@ -307,6 +307,8 @@ def test_a_bad_number_names_the_flag(args, expected, capsys):
     (["train", "--out", "o"], "no dataset: pass --data DIR"),
     (["train", "--data", "d", "--out", "o", "--ep", "0"], "--ep 0: the expert-parallel size must be at least 1"),
     (["train", "--data", "d", "--out", "o", "--ep", "2"], "--ep 2 needs 2 processes (or a multiple of 2)"),
+    (["generate", "--model", "m", "--prompt", "x", "--ep", "0"], "--ep 0: the expert-parallel size must be at least 1"),
+    (["generate", "--model", "m", "--prompt", "x", "--ep", "2"], "--ep 2 needs 2 processes (or a multiple of 2)"),
     (["sft", "--model", "m", "--data", "d", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
     (["eval", "--model", "m", "--data", "d", "--stride", "0"],
      "--stride must be between 1 and --context (2048); got 0"),

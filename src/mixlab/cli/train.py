@@ -79,16 +79,11 @@ def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
         return None
     if compile:
         raise UsageError("--compile is not supported with --ep / --fsdp or under torchrun yet")
-    from mixlab.config import ConfigError
-    from mixlab.parallel.mesh import check_ep, init
+    from mixlab.parallel.mesh import init
     from mixlab.parallel.train import DistributedTraining
 
-    ep = 1 if args.ep is None else args.ep
-    try:  # init's own check, first: an --ep this world cannot hold is the command line's error (exit 2)
-        check_ep(ep)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    return DistributedTraining(init(ep=ep, fsdp=args.fsdp, device=device))
+    # init's check_ep: an --ep this world cannot hold is the command line's error (a UsageError, exit 2)
+    return DistributedTraining(init(ep=1 if args.ep is None else args.ep, fsdp=args.fsdp, device=device))
 
 
 def train_cmd(args: argparse.Namespace) -> int:

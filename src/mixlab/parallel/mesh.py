@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mixlab.errors import ConfigError
+from mixlab.errors import ConfigError, UsageError
 
 
 @dataclass
@@ -68,17 +68,18 @@ def _free_port() -> int:
 
 def check_ep(ep: int) -> None:
     """Refuse an `--ep` this world cannot hold, before any process group is made (every rank
-    raises the same error; the CLI prints rank 0's). The world is torchrun's `WORLD_SIZE`, else one."""
+    raises the same error; the CLI prints rank 0's, exit 2: the flag's value). The world is torchrun's `WORLD_SIZE`,
+    else one."""
     under_torchrun = dist.is_initialized() or "WORLD_SIZE" in os.environ
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if ep < 1:
-        raise ConfigError(f"--ep {ep}: the expert-parallel size must be at least 1")
+        raise UsageError(f"--ep {ep}: the expert-parallel size must be at least 1")
     if world % ep == 0:
         return
     if not under_torchrun:
-        raise ConfigError(f"--ep {ep} needs {ep} processes (or a multiple of {ep}) and this is one: launch it "
+        raise UsageError(f"--ep {ep} needs {ep} processes (or a multiple of {ep}) and this is one: launch it "
                           f"with `torchrun --nproc-per-node {ep} -m mixlab ...`")
-    raise ConfigError(f"--ep {ep} must divide the number of processes ({world}): use --ep "
+    raise UsageError(f"--ep {ep} must divide the number of processes ({world}): use --ep "
                       + " or ".join(str(d) for d in range(1, world + 1) if world % d == 0)
                       + f", or run a multiple of {ep} processes")
 
