@@ -50,8 +50,10 @@ from mixlab.serve.metrics import CONTENT_TYPE, Metrics
 from mixlab.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeRequest,
     error_body,
 )
@@ -341,6 +343,13 @@ class _Server:
         """`encode(*args, **kw)` in the encoding thread."""
         return await asyncio.get_running_loop().run_in_executor(self.encoder, functools.partial(encode, *args, **kw))
 
+    async def encode_chat(self, messages: list[ChatMessage], param: str) -> list[int]:
+        """The chat template's token ids for `messages` (in the encoding thread); its errors a 400 naming `param`."""
+        try:
+            return await self.off_loop(lambda: self.tok.encode_chat([m.template() for m in messages]))
+        except ChatError as e:
+            raise ApiError(400, f"invalid {param}: {e}", param=param) from None
+
     # -- checks shared by the endpoints --
 
     def check_model(self, model: str | None) -> None:
@@ -371,7 +380,7 @@ class _Server:
                            param=param, code="context_length_exceeded")
         return asked
 
-    def structured(self, body: ChatCompletionRequest | CompletionRequest) -> Structured | None:
+    def structured(self, body: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> Structured | None:
         """The request's constraint on its output, compiled and built over the vocabulary (in the encoding
         thread: a large schema takes a while; llguidance's view of the tokenizer is made there as the server
         starts, or here with `ServerConfig.prepare_structured=False`)."""
@@ -389,7 +398,7 @@ class _Server:
             raise ApiError(400, f"{param}: this server cannot constrain outputs: {e}", param=param) from None
         return spec
 
-    def sampling(self, body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int,
+    def sampling(self, body: ChatCompletionRequest | CompletionRequest | ResponsesRequest, max_tokens: int, choice: int,
                  logprobs: int | None, prompt_logprobs: bool = False, decode_alone: bool = False,
                  structured: Structured | None = None) -> SamplingParams:
         seed = body.seed
@@ -558,6 +567,67 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     # -- generation ---------------------------------------------------------------------------------
 
+    def observer(arrived: float) -> Callable[[_Choice, RequestOutput], None]:
+        """Counts a request's generated tokens and their latencies: the time to the first token from `arrived`
+        (the request's perf_counter() as its handler began: its prompt's encoding is part of it), then between."""
+        last: dict[int, float] = {}
+
+        def observe(c: _Choice, out: RequestOutput) -> None:
+            if out.token_id is None or c.hidden:
+                return
+            now = time.perf_counter()
+            if c.index in last:
+                srv.metrics.itl.observe(now - last[c.index])
+            else:
+                srv.metrics.ttft.observe(now - arrived)
+            last[c.index] = now
+            srv.metrics.generation_tokens.inc()
+
+        return observe
+
+    async def gather(request: Request, choices: list[_Choice], observe: Callable[[_Choice, RequestOutput], None],
+                     want_logprobs: bool) -> Response | None:
+        """Every output of `choices` taken in (unstreamed); a 499 if the client left first (its requests
+        cancelled, their cache freed), an ApiError if the engine failed one."""
+        srv.metrics.in_progress += 1
+        try:
+            async def collect() -> None:
+                async for c, out in _merged(choices):
+                    observe(c, out)
+                    c.take(out, tok, want_logprobs)
+
+            work = asyncio.ensure_future(collect())
+            gone = asyncio.ensure_future(_wait_disconnect(request))
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client left: stop its requests, free their cache
+                for c in choices:
+                    c.handle.cancel()
+                srv.metrics.cancelled.inc(len(choices))
+                work.cancel()
+                return Response(status_code=499)
+            gone.cancel()
+            work.result()
+        finally:
+            srv.metrics.in_progress -= 1
+            for c in choices:
+                if c.finish_reason is None:
+                    c.handle.cancel()
+        failed = [c for c in choices if c.finish_reason in ("error", "cancelled")]
+        if failed:
+            c = failed[0]
+            raise ApiError(500 if c.finish_reason == "error" else 503,
+                           f"generation failed: {c.error or c.finish_reason}", code="engine_error")
+        return None
+
+    def stream_over(choices: list[_Choice]) -> None:
+        """A stream ended, or its client disconnected: its requests stop, their cache is freed."""
+        srv.metrics.in_progress -= 1
+        left = [c for c in choices if c.finish_reason is None]
+        for c in left:
+            c.handle.cancel()
+        if left:
+            srv.metrics.cancelled.inc(len(left))
+
     async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[_Choice],
                       prompts: list[list[int]], *, chat: bool, rid: str, want_logprobs: bool,
                       echo: list[dict[str, Any]] | None, arrived: float) -> Response:
@@ -569,50 +639,12 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         # first chunk) and on each completion choice (its first chunk); the generated ids on each choice (chunk)
         want_ids = body.return_token_ids
         created = int(time.time())
-        t0 = arrived
-        last: dict[int, float] = {}
         obj = "chat.completion" if chat else "text_completion"
-
-        def observe(c: _Choice, out: RequestOutput) -> None:
-            if out.token_id is None or c.hidden:
-                return
-            now = time.perf_counter()
-            if c.index in last:
-                srv.metrics.itl.observe(now - last[c.index])
-            else:
-                srv.metrics.ttft.observe(now - t0)
-            last[c.index] = now
-            srv.metrics.generation_tokens.inc()
+        observe = observer(arrived)
 
         if not body.stream:
-            srv.metrics.in_progress += 1
-            try:
-                async def collect() -> None:
-                    async for c, out in _merged(choices):
-                        observe(c, out)
-                        c.take(out, tok, want_logprobs)
-
-                work = asyncio.ensure_future(collect())
-                gone = asyncio.ensure_future(_wait_disconnect(request))
-                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not work.done():  # the client left: stop its requests, free their cache
-                    for c in choices:
-                        c.handle.cancel()
-                    srv.metrics.cancelled.inc(len(choices))
-                    work.cancel()
-                    return Response(status_code=499)
-                gone.cancel()
-                work.result()
-            finally:
-                srv.metrics.in_progress -= 1
-                for c in choices:
-                    if c.finish_reason is None:
-                        c.handle.cancel()
-            failed = [c for c in choices if c.finish_reason in ("error", "cancelled")]
-            if failed:
-                c = failed[0]
-                raise ApiError(500 if c.finish_reason == "error" else 503,
-                               f"generation failed: {c.error or c.finish_reason}", code="engine_error")
+            if (left := await gather(request, choices, observe, want_logprobs)) is not None:
+                return left
             out_choices = []
             for c in choices:
                 ch: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
@@ -708,13 +740,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
                 yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
                 yield b"data: [DONE]\n\n"
-            finally:  # a client that disconnects lands here too: its requests stop, their cache is freed
-                srv.metrics.in_progress -= 1
-                left = [c for c in choices if c.finish_reason is None]
-                for c in left:
-                    c.handle.cancel()
-                if left:
-                    srv.metrics.cancelled.inc(len(left))
+            finally:  # a client that disconnects lands here too
+                stream_over(choices)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -724,10 +751,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         arrived = time.perf_counter()
         srv.check_open()
         srv.check_model(body.model)
-        try:
-            ids = await srv.off_loop(lambda: tok.encode_chat([m.template() for m in body.messages]))
-        except ChatError as e:
-            raise ApiError(400, f"invalid messages: {e}", param="messages") from None
+        ids = await srv.encode_chat(body.messages, "messages")
         limit = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the one obeyed
         max_tokens = srv.max_tokens(body.limit(), len(ids), where="messages", default=None, param=limit)
         top = body.top_logprobs or 0
@@ -786,6 +810,102 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         return await respond(request, body, choices, prompts, chat=False, rid=rid,
                              want_logprobs=want_lp, echo=echo, arrived=arrived)
 
+    @post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API, stateless: the chat path's prompt, sampling and engine request, answered as
+        a `response` object (or its typed events); nothing is stored (`store` is answered false)."""
+        arrived = time.perf_counter()
+        srv.check_open()
+        srv.check_model(body.model)
+        ids = await srv.encode_chat(body.messages(), "input")
+        max_tokens = srv.max_tokens(body.max_output_tokens, len(ids), where="input", default=None,
+                                    param="max_output_tokens")
+        structured = await srv.off_loop(srv.structured, body)
+        rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        handle, = srv.submit([ids], [srv.sampling(body, max_tokens, 0, None, decode_alone=True, structured=structured)],
+                             rid, param="input", n=1)
+        c = _Choice(0, handle, alone=True)
+        created, observe = int(time.time()), observer(arrived)
+
+        def item(status: str) -> dict[str, Any]:
+            done = status != "in_progress"
+            d: dict[str, Any] = {"type": "message", "id": mid, "status": status, "role": "assistant",
+                                 "content": [_output_text(c.text)] if done else []}
+            if done and body.return_experts:
+                d["experts"] = c.experts
+            if done and body.return_token_ids:
+                d["token_ids"] = c.token_ids
+            return d
+
+        def response(status: str) -> dict[str, Any]:
+            done = status != "in_progress"
+            u = _usage([c], [len(ids)], 1)
+            return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+                    "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                    "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+                    "model": cfg.model_name, "output": [item(status)] if done else [],
+                    "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": None,
+                    "reasoning": {"effort": None, "summary": None}, "store": False,
+                    "temperature": 1.0 if body.temperature is None else body.temperature,
+                    "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
+                    "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled",
+                    "usage": {"input_tokens": u["prompt_tokens"],
+                              "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+                              "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                              "total_tokens": u["total_tokens"]} if done else None,
+                    "user": body.user, "metadata": body.metadata or {}}
+
+        def status() -> str:
+            return "incomplete" if c.finish_reason == "length" else "completed"
+
+        if not body.stream:
+            if (left := await gather(request, [c], observe, False)) is not None:
+                return left
+            return JSONResponse(response(status()))
+
+        async def events() -> AsyncIterator[bytes]:
+            seq = itertools.count()
+
+            def event(kind: str, **fields: Any) -> bytes:  # OpenAI's typed SSE: `event: TYPE`, then its data
+                data = json.dumps({"type": kind, "sequence_number": next(seq), **fields}, separators=(",", ":"))
+                return f"event: {kind}\ndata: {data}\n\n".encode()
+
+            at = {"item_id": mid, "output_index": 0, "content_index": 0}
+            srv.metrics.in_progress += 1
+            try:
+                yield event("response.created", response=response("in_progress"))
+                yield event("response.in_progress", response=response("in_progress"))
+                yield event("response.output_item.added", output_index=0, item=item("in_progress"))
+                yield event("response.content_part.added", **at, part=_output_text(""))
+                async for _, out in _merged([c]):
+                    observe(c, out)
+                    delta, _, _ = c.take(out, tok, False)
+                    if out.finish_reason in ("error", "cancelled"):
+                        yield event("error", code="engine_error", param=None,
+                                    message=f"generation failed: {out.error or out.finish_reason}")
+                        return
+                    if delta:
+                        yield event("response.output_text.delta", **at, delta=delta, logprobs=[])
+                yield event("response.output_text.done", **at, text=c.text, logprobs=[])
+                yield event("response.content_part.done", **at, part=_output_text(c.text))
+                yield event("response.output_item.done", output_index=0, item=item(status()))
+                yield event(f"response.{status()}", response=response(status()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
+                yield event("error", code="internal_error", param=None,
+                            message=f"internal error: {type(e).__name__}: {e}")
+            finally:  # a client that disconnects lands here too
+                stream_over([c])
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.api_route("/v1/responses/{response_id:path}", methods=["GET", "DELETE"])
+    async def stored_response(response_id: str) -> Response:
+        raise ApiError(404, f"no response {response_id!r}: this server stores no responses (POST /v1/responses is "
+                            "stateless; its `store` is answered false)", param="response_id", code="not_found")
+
     # -- models, health, metrics, tokenizer ---------------------------------------------------------
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
@@ -812,11 +932,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     @post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         srv.check_model(body.model)
-        if (messages := body.messages) is not None:
-            try:
-                ids = await srv.off_loop(lambda: tok.encode_chat([m.template() for m in messages]))
-            except ChatError as e:
-                raise ApiError(400, f"invalid messages: {e}", param="messages") from None
+        if body.messages is not None:
+            ids = await srv.encode_chat(body.messages, "messages")
         else:
             prompt = body.prompt or ""
             special = {tok.id_to_piece(tok.bos_id): tok.bos_id, tok.id_to_piece(tok.eos_id): tok.eos_id}
@@ -948,6 +1065,10 @@ def _stream_completion_lp(e: dict[str, Any] | None, offset: int, tok: Tokenizer)
             "text_offset": [offset]}
 
 
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def _model_card(cfg: ServerConfig) -> dict[str, Any]:
     return {"id": cfg.model_name, "object": "model", "created": cfg.created, "owned_by": "mixlab",
             "max_model_len": cfg.context_len, "mixlab": dict(cfg.model_info)}
@@ -986,8 +1107,8 @@ class _Guard:
     are merged."""
 
     PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
-    KNOWN = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-             "/detokenize", "/tokenizer_info", "/"}
+    KNOWN = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
+             "/tokenize", "/detokenize", "/tokenizer_info", "/"}
 
     def __init__(self, app: FastAPI, srv: _Server) -> None:
         self.app, self.srv = app, srv

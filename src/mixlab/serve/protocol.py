@@ -1,12 +1,12 @@
 """OpenAI's request bodies as pydantic models, and OpenAI's error body.
 
-Field names, types and ranges follow OpenAI's API reference (chat completions and the legacy
-completions); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `return_token_ids` are
-vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for
-integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones whose meaning we do not
-implement (tools, unless tool_choice is "none"; suffixes, audio, web search; vLLM's structural tags, beam
-search, bad_words, include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused with a 400 naming them,
-where they ask for something, rather than silently dropped.
+Field names, types and ranges follow OpenAI's API reference (chat completions, the legacy completions, the
+Responses API's stateless core); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
+`return_token_ids` are vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"`
+strings, no booleans for integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones
+whose meaning we do not implement (tools, unless tool_choice is "none"; suffixes, audio, web search; vLLM's
+structural tags, beam search, bad_words, include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused with
+a 400 naming them, where they ask for something, rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from pydantic_core import PydanticCustomError
 
 from mixlab.engine.api import MAX_LOGPROBS  # the engine's bound on top alternatives
 
-__all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest", "TokenizeRequest",
-           "error_body"]
+__all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest", "ResponsesRequest",
+           "TokenizeRequest", "error_body"]
 
 # Bounds on list sizes keep a single request from asking for unbounded work.
 MAX_N = 16
@@ -400,3 +400,108 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
     tokens: Annotated[list[TokenId], Field(max_length=1_000_000, fail_fast=True)]
+
+
+# OpenAI's Responses API (`POST /v1/responses`), stateless: what would need a stored response or a tool, and
+# what asks for reasoning or extra output, is refused; `store` is accepted and nothing is stored (as vLLM does
+# without its store: `store: true` is OpenAI's default, which clients send without meaning it)
+RESPONSES_NOT_IMPLEMENTED = {"previous_response_id": None, "conversation": None, "include": None,
+                             "background": False, "prompt": None, "top_logprobs": 0, "max_tool_calls": None}
+
+
+class ResponsesRequest(_Sampling):
+    input: Text | Annotated[list[Any], Field(min_length=1)]
+    instructions: Text | None = None  # the system prompt
+    max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    metadata: dict[str, StrictStr] | None = None
+    store: StrictBool = True
+    parallel_tool_calls: StrictBool = True
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["disabled", "auto"] | None = None
+
+    REFUSED: ClassVar[dict[str, Any]] = NOT_IMPLEMENTED | RESPONSES_NOT_IMPLEMENTED
+
+    @model_validator(mode="after")
+    def _check_responses(self) -> ResponsesRequest:
+        if self.n != 1:
+            raise _field_error("n", "n is not a Responses API parameter: a response has one output (send 1)")
+        if self.max_tokens is not None:
+            raise _field_error("max_tokens", "max_tokens is not a Responses API parameter: send max_output_tokens")
+        if self.tools:
+            raise _field_error("tools", "tools (tool calling) are not supported by this server")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise _field_error("tool_choice", f"tool_choice={json.dumps(self.tool_choice)[:80]} asks for a tool "
+                                              "call, which this server does not make ('none' and 'auto' are accepted)")
+        if self.reasoning and any(v is not None for v in self.reasoning.values()):
+            raise _field_error("reasoning", f"reasoning={json.dumps(self.reasoning)[:80]} is not supported: this model "
+                                            "does not reason before it answers (leave it out)")
+        if self.truncation == "auto":
+            raise _field_error("truncation", "truncation \"auto\" is not supported: an input over the context is "
+                                             "refused (send \"disabled\")")
+        self.messages()
+        return self
+
+    def messages(self) -> list[ChatMessage]:
+        """`instructions` as a system message, then `input` (a user message, or message items) as chat messages;
+        a 400 naming the item or part that is not a message or text."""
+        head = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
+        if isinstance(self.input, str):
+            return [*head, ChatMessage(role="user", content=self.input)]
+        return head + [_input_message(item, f"input[{i}]") for i, item in enumerate(self.input)]
+
+    def text_format(self) -> dict[str, Any]:
+        fmt = (self.text or {}).get("format")
+        return fmt if isinstance(fmt, dict) else {"type": "text"}
+
+    def constraint(self) -> tuple[str, str, Any] | None:
+        """`text.format`'s constraint, mapped onto chat's `response_format` kinds (or vLLM's extras')."""
+        fmt, mine = self.text_format(), None
+        kind = fmt.get("type")
+        if kind == "json_object":
+            mine = ("text.format", "json_object", None)
+        elif kind == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise _field_error("text.format.schema", "text.format {'type': 'json_schema'} needs 'name' and "
+                                   "'schema': {a JSON schema}")
+            mine = ("text.format.schema", "json_schema", fmt["schema"])
+        elif kind != "text":
+            raise _field_error("text.format.type", f"invalid text.format type {json.dumps(kind)[:80]}: expected "
+                               "'text', 'json_object' or 'json_schema'")
+        other = super().constraint()
+        if mine and other:
+            raise _field_error(other[0], f"text.format and {other[0]} both constrain the output: send one")
+        return mine or other
+
+
+def _input_message(item: Any, where: str) -> ChatMessage:
+    """One item of a Responses `input` list as a chat message: {"type": "message" (optional), "role",
+    "content": a string or parts of type input_text (an assistant's: output_text)}."""
+    if not isinstance(item, dict):
+        raise _field_error(where, f"invalid {where}: expected a message item {{'role': ..., 'content': ...}}")
+    if item.get("type", "message") != "message":
+        raise _field_error(f"{where}.type", f"{where}.type={json.dumps(item['type'])[:80]} is not supported by this "
+                           "server: only message items (text), no tool calls or their outputs, reasoning or references")
+    role, content = item.get("role"), item.get("content")
+    if role not in ("user", "assistant", "system", "developer"):
+        raise _field_error(f"{where}.role", f"invalid {where}.role={json.dumps(role)[:80]}: expected 'user', "
+                           "'assistant', 'system' or 'developer'")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+                raise _field_error(f"{where}.content[{j}]", f"{where}.content[{j}] is not supported: expected "
+                                   "{'type': 'input_text' (an assistant's: 'output_text'), 'text': str} (this model "
+                                   f"reads text only: no images, audio or files); got type {json.dumps(kind)[:40]}")
+            texts.append(part["text"])
+        content = "\n\n".join(t for t in texts if t)  # as ChatMessage.text joins a chat's parts
+    if not isinstance(content, str):
+        raise _field_error(f"{where}.content", f"invalid {where}.content: expected a string or a list of "
+                           "{'type': 'input_text', 'text': str} parts")
+    try:
+        return ChatMessage(role=role, content=_unicode(content))
+    except PydanticCustomError as e:
+        raise _field_error(f"{where}.content", f"invalid {where}.content: {e}") from None
