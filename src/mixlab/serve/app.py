@@ -131,6 +131,8 @@ _EXPECTED = {
     "n": "an integer in [1, 16]",
     "max_tokens": "an integer >= 1 (0 only with echo)",
     "max_completion_tokens": "an integer >= 1",
+    "input": "a string or a non-empty list of message items {'role': ..., 'content': a string or text parts}",
+    "max_output_tokens": "an integer >= 1",
     "presence_penalty": "a number in [-2, 2]",
     "frequency_penalty": "a number in [-2, 2]",
     "top_k": "an integer >= 0 (0 or -1: off)",
@@ -850,10 +852,13 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                     "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
                     "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled",
                     "usage": {"input_tokens": u["prompt_tokens"],
-                              "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+                              # cache_write_tokens: OpenAI's explicit (TTL) cache, which this server has not
+                              "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                                                       "cache_write_tokens": 0},
                               "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                               "total_tokens": u["total_tokens"]} if done else None,
-                    "user": body.user, "metadata": body.metadata or {}}
+                    "user": body.user, "metadata": body.metadata or {}, "background": False,
+                    "completed_at": int(time.time()) if status == "completed" else None}
 
         def status() -> str:
             return "incomplete" if c.finish_reason == "length" else "completed"
