@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -168,3 +171,35 @@ def gguf_test_model(kind: str):
             if isinstance(block.ffn, MoEBlock):
                 block.ffn.gate.weight.mul_(10)
     return model.eval()
+
+
+def metric(url: str, name: str) -> float:
+    """The value of the sample `name` (with its labels) in a server's `/metrics` at `url`."""
+    import httpx
+
+    m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def until(predicate: Any, timeout: float = 20.0) -> bool:
+    """Whether `predicate()` came true within `timeout` seconds (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def step_clock(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
+    """`module.time.perf_counter` as a clock that a training loop reads at each step's start and end:
+    step k takes k seconds, with 100 s of something else (an evaluation, a checkpoint) before each."""
+    calls, now = [0], [0.0]
+
+    def perf_counter() -> float:
+        calls[0] += 1
+        now[0] += calls[0] // 2 if calls[0] % 2 == 0 else 100.0
+        return now[0]
+
+    monkeypatch.setattr(module, "time", type("Clock", (), {"perf_counter": staticmethod(perf_counter)}))

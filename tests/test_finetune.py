@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import step_clock
 from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.config import ModelConfig, MoEConfig
@@ -1403,15 +1404,7 @@ def test_tokens_per_s_is_the_interval_since_the_last_logged_record(ckpt: Path, c
     takes k seconds, with 100 s of something else (an evaluation) between steps, which does not count."""
     import mixlab.train.finetune as ft
 
-    calls = [0]
-    now = [0.0]
-
-    def perf_counter() -> float:  # the loop reads the clock at each step's start and end
-        calls[0] += 1
-        now[0] += calls[0] // 2 if calls[0] % 2 == 0 else 100.0
-        return now[0]
-
-    monkeypatch.setattr(ft, "time", type("Clock", (), {"perf_counter": staticmethod(perf_counter)}))
+    step_clock(monkeypatch, ft)
     res = finetune(_cfg(ckpt, chat_files[0], tmp_path, task="sft", steps=4, log_every=2, eval_every=0))
     toks = [r["tokens"] for r in res.history]
     assert [r["tokens_per_s"] for r in res.history] == pytest.approx(

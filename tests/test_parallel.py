@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,12 +26,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mixlab.checkpoint import CheckpointError, load_model, save_model
 from mixlab.train import checkpoints
 from mixlab.train.data import TokenDataset, prepare, read_documents
 from mixlab.train.loop import build_model_config, load_train_config, make_optimizer, train
+from processes import free_port, run_group
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
         "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "jitter": 0.0, "z_loss_coef": 0.001}}
@@ -48,12 +47,6 @@ def _cfg(data: Path, out: Path, **kw: Any) -> dict[str, Any]:
                                 ckpt_every=10, keep=5, log_every=1, progress=False, tensorboard=False,
                                 export_hf=True, deterministic=True, threads=1)
     return base | kw
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _history(path: Path) -> list[dict[str, Any]]:
@@ -190,43 +183,25 @@ def _setup_memory_job(rank: int, job: dict[str, Any]) -> None:
         train(load_train_config(None, **job["cfg"]), parallel=par)
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from mixlab.parallel.mesh import init, shutdown
+def _job(rank: int, job: dict[str, Any]) -> None:
+    from mixlab.parallel.mesh import init
     from mixlab.parallel.train import DistributedTraining
 
-    try:
-        for job in jobs:
-            if job["kind"] == "zero_tokens":
-                _zero_tokens_job(rank)
-                continue
-            if job["kind"] == "tied_build":
-                _tied_build_job(rank, job["fsdp"])
-                continue
-            if job["kind"] == "setup_memory":
-                _setup_memory_job(rank, job)
-                continue
-            par = DistributedTraining(init(ep=job["ep"], fsdp=job["fsdp"]))
-            cfg = load_train_config(None, **job["cfg"])
-            train(cfg, stop_after=job.get("stop_after"), resume=job.get("resume", False), parallel=par)
-    finally:
-        shutdown()
+    if job["kind"] == "zero_tokens":
+        _zero_tokens_job(rank)
+    elif job["kind"] == "tied_build":
+        _tied_build_job(rank, job["fsdp"])
+    elif job["kind"] == "setup_memory":
+        _setup_memory_job(rank, job)
+    else:
+        par = DistributedTraining(init(ep=job["ep"], fsdp=job["fsdp"]))
+        cfg = load_train_config(None, **job["cfg"])
+        train(cfg, stop_after=job.get("stop_after"), resume=job.get("resume", False), parallel=par)
 
 
 def _run_group(world: int, jobs: list[dict[str, Any]]) -> float:
     """Run `jobs` on `world` processes; returns the wall time."""
-    t0 = time.perf_counter()
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), jobs), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} processes did not finish within {TIMEOUT} s")
-    return time.perf_counter() - t0
+    return run_group(_job, jobs, world=world, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +342,7 @@ def test_ep_decoding_equals_one_process(tmp_path: Path, stdin: bool) -> None:
     save_model(model, tmp_path)
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "mixlab",
+                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "mixlab",
                           "generate", "--model", str(tmp_path), "--prompt", "-" if stdin else "Bonjour, le monde",
                           "--max-new-tokens", "12", "--dtype", "float32", "--threads", "1", "--ep", "2"],
                          capture_output=True, text=True, env=env, timeout=TIMEOUT,
@@ -535,7 +510,7 @@ def _mixlab(args: list[str], *, nproc: int | None, script: Path | None = None,
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "mixlab"] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "--max-restarts", str(restarts),
+        "--master-port", str(free_port()), "--max-restarts", str(restarts),
         *([str(script)] if script else ["-m", "mixlab"])]
     return subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -1024,7 +999,7 @@ def _two_nodes(args: list[str], *, restarts: int = 0, rdzv: str = "c10d",
     `rdzv` "c10d" both meet at one rendezvous endpoint (docs/scaling.md, "Two nodes"), with "static"
     each is given its `--node-rank` and the first one's `--master-addr` / `--master-port`."""
     base = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    port = _free_port()
+    port = free_port()
 
     def meet(node: int) -> list[str]:
         if rdzv == "c10d":

@@ -10,25 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import hf_mixtral
 from mixlab import load_model, save_model
-
-TIMEOUT = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from processes import run_group
 
 
 def _compare_job(rank: int, job: dict[str, Any]) -> None:
@@ -87,27 +77,8 @@ def _memory_job(rank: int, job: dict[str, Any]) -> None:
                                                                               "model": whole, "local": local}))
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from mixlab.parallel.mesh import shutdown
-
-    try:
-        for job in jobs:
-            (_compare_job if job["kind"] == "compare" else _memory_job)(rank, job)
-    finally:
-        shutdown()
-
-
-def _run_group(jobs: list[dict[str, Any]]) -> None:
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), jobs), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2 processes did not finish within {TIMEOUT} s")
+def _job(rank: int, job: dict[str, Any]) -> None:
+    (_compare_job if job["kind"] == "compare" else _memory_job)(rank, job)
 
 
 @pytest.mark.slow  # 2 processes: ~20 s on 2 busy cores
@@ -129,7 +100,7 @@ def test_each_process_reads_the_experts_the_whole_load_gave_it(tmp_path: Path) -
     sources += [tmp_path / "per-expert", tmp_path / "mistral"]
     assert json.loads((sources[1] / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_model(sources[2]).config.tie_embeddings
-    _run_group([{"kind": "compare", "sources": [str(s) for s in sources]}])
+    run_group(_job, [{"kind": "compare", "sources": [str(s) for s in sources]}])
 
 
 @pytest.mark.slow
@@ -146,7 +117,7 @@ def test_no_process_loads_the_whole_checkpoint(tmp_path: Path) -> None:
     model.init_weights(seed=0)
     save_model(model, tmp_path / "model")
     del model
-    _run_group([{"kind": "memory", "model": str(tmp_path / "model"), "report": str(tmp_path / "mem")}])
+    run_group(_job, [{"kind": "memory", "model": str(tmp_path / "model"), "report": str(tmp_path / "mem")}])
     for rank in range(2):
         got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
         assert got["local"] < 0.7 * got["model"], got  # half the experts + the dense weights (tied embeddings)

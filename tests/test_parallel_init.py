@@ -12,23 +12,20 @@ import dataclasses
 import functools
 import json
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import hf_mixtral
 from mixlab import save_model
 from mixlab.train import checkpoints
 from mixlab.train.data import TokenDataset, prepare, read_documents
 from mixlab.train.loop import build_model_config, load_train_config, make_optimizer
+from processes import run_group
 
 pytestmark = pytest.mark.slow  # groups of processes: ~1 minute on 2 busy cores
-TIMEOUT = 300
 LAYOUTS = [(2, False), (1, True), (2, True)]  # (ep, fsdp) on 2 processes
 
 
@@ -36,12 +33,6 @@ def _state(model: Any) -> dict[str, Any]:
     """A training checkpoint's state.json fields that `init_from` reads, as `train` writes them."""
     mc = model.config
     return {"model_config": mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe)}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _compare_job(rank: int, job: dict[str, Any]) -> None:
@@ -117,27 +108,8 @@ def _memory_job(rank: int, job: dict[str, Any]) -> None:
         loop.train(load_train_config(None, **job["cfg"]), parallel=par)
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from mixlab.parallel.mesh import shutdown
-
-    try:
-        for job in jobs:
-            (_compare_job if job["kind"] == "compare" else _memory_job)(rank, job)
-    finally:
-        shutdown()
-
-
-def _run_group(jobs: list[dict[str, Any]]) -> None:
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), jobs), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2 processes did not finish within {TIMEOUT} s")
+def _job(rank: int, job: dict[str, Any]) -> None:
+    (_compare_job if job["kind"] == "compare" else _memory_job)(rank, job)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +148,7 @@ def test_each_process_reads_the_weights_the_whole_load_gave_it(data: Path, tmp_p
     sources.append(tmp_path / "run")
     assert checkpoints.init_config(sources[-1]) == model.config
     assert json.loads((sources[1] / "config.json").read_text())["dtype"] == "bfloat16"
-    _run_group([{"kind": "compare", "sources": [str(s) for s in sources], "data": str(data),
+    run_group(_job, [{"kind": "compare", "sources": [str(s) for s in sources], "data": str(data),
                  "dcp": str(tmp_path / "dcp"), "export": str(tmp_path / "export")}])
     assert checkpoints.validate(tmp_path / "dcp" / "checkpoints" / "step_00000001")["format"] == "dcp"
     _check_export(tmp_path / "export", sources[0], tmp_path / "single")
@@ -222,7 +194,7 @@ def test_no_process_loads_the_whole_checkpoint(data: Path, tmp_path: Path, fsdp:
     model.init_weights(seed=0)
     save_model(model, tmp_path / "init")
     del model
-    _run_group([{"kind": "memory", "fsdp": fsdp, "report": str(tmp_path / "mem"),
+    run_group(_job, [{"kind": "memory", "fsdp": fsdp, "report": str(tmp_path / "mem"),
                  "cfg": base | {"init_from": str(tmp_path / "init")}}])
     for rank in range(2):
         got = json.loads((tmp_path / f"mem.{rank}.json").read_text())

@@ -28,7 +28,7 @@ _engine = pytest.importorskip("mixlab.engine")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from conftest import hf_mixtral, hf_tokenizer_json  # noqa: E402
+from conftest import hf_mixtral, hf_tokenizer_json, metric, until  # noqa: E402
 from mixlab import generate, load_model, load_tokenizer  # noqa: E402
 from mixlab.serve import ServerConfig, ServerThread, create_app  # noqa: E402
 
@@ -426,13 +426,13 @@ def test_top_logprob_bytes_of_a_byte_piece(model_tok: tuple[Any, Any]) -> None:
 
 def test_n_choices_and_experts(client: Any, server: str, model_tok: tuple[Any, Any]) -> None:
     model, tok = model_tok
-    before = _metric(server, "mixlab_prompt_tokens_total")
+    before = metric(server, "mixlab_prompt_tokens_total")
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
                                        n=3, temperature=1.0, seed=11, extra_body={"return_experts": True})
     assert [c.index for c in r.choices] == [0, 1, 2]
     # the prompt counts once, in `usage` and in /metrics (it counted once per choice there)
     assert r.usage.prompt_tokens == len(tok.encode_chat([{"role": "user", "content": "Hello"}]))
-    assert _metric(server, "mixlab_prompt_tokens_total") - before == r.usage.prompt_tokens
+    assert metric(server, "mixlab_prompt_tokens_total") - before == r.usage.prompt_tokens
     texts = {c.message.content for c in r.choices}
     assert len(texts) > 1  # each choice samples its own stream
     for c in r.choices:
@@ -1041,39 +1041,24 @@ def test_connections_over_the_cap_are_refused_and_the_server_serves_on(server: s
             conn.request("GET", "/v1/models")
             assert conn.getresponse().read().startswith(b'{"object":"list"')
             conn.close()
-        assert _until(lambda: httpx.get(url + "/health").status_code == 200)
+        assert until(lambda: httpx.get(url + "/health").status_code == 200)
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
         assert c.chat.completions.create(model=NAME, messages=U, max_tokens=2).choices[0].message.role == "assistant"
         refused = 'mixlab_requests_total{endpoint="/v1/chat/completions",status="503"} 1.0'
         assert refused in httpx.get(url + "/metrics").text
 
 
-def _metric(url: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
-    assert m, name
-    return float(m.group(1))
-
-
-def _until(predicate: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_disconnect_cancels_and_frees_the_slot(server: str) -> None:
-    before = _metric(server, "mixlab_requests_cancelled_total")
+    before = metric(server, "mixlab_requests_cancelled_total")
     body = {"messages": U, "max_tokens": CONTEXT - 40, "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", server + CHAT, json={**body, "stream": True}, timeout=30) as resp:
         lines = resp.iter_lines()
         next(lines), next(lines)  # the stream has started
-        assert _metric(server, "mixlab_running_requests") == 1
+        assert metric(server, "mixlab_running_requests") == 1
     # the client left after a few tokens: the engine request is cancelled and its cache freed
-    assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
-    assert _metric(server, "mixlab_kv_cache_used_bytes") == 0
-    assert _metric(server, "mixlab_requests_cancelled_total") == before + 1
+    assert until(lambda: metric(server, "mixlab_running_requests") == 0)
+    assert metric(server, "mixlab_kv_cache_used_bytes") == 0
+    assert metric(server, "mixlab_requests_cancelled_total") == before + 1
     # not streamed: a client that times out is a disconnect too. Each step is held up 5 ms so the
     # ~470 tokens cannot finish inside the client's 0.3 s (the tiny model's native steps could).
     runner = ENGINES[server].runner
@@ -1087,8 +1072,8 @@ def test_disconnect_cancels_and_frees_the_slot(server: str) -> None:
     try:
         with pytest.raises(httpx.TimeoutException):
             httpx.post(server + CHAT, json=body, timeout=0.3)
-        assert _until(lambda: _metric(server, "mixlab_requests_cancelled_total") == before + 2)
-        assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
+        assert until(lambda: metric(server, "mixlab_requests_cancelled_total") == before + 2)
+        assert until(lambda: metric(server, "mixlab_running_requests") == 0)
     finally:
         del runner.forward  # the class's method again
 
@@ -1101,7 +1086,7 @@ def test_many_requests_some_abandoned_leave_nothing_behind(server: str) -> None:
              "ignore_eos": True} for k in range(12)] * 4
     with httpx.Client(base_url=server, timeout=60) as c:
         alone = [c.post(COMP, json=j).json()["choices"][0]["text"] for j in jobs[:12]]
-        threads, before = threading.active_count(), _metric(server, "mixlab_requests_cancelled_total")
+        threads, before = threading.active_count(), metric(server, "mixlab_requests_cancelled_total")
 
         def one(i: int) -> str | None:
             if i % 3 == 0:
@@ -1119,11 +1104,11 @@ def test_many_requests_some_abandoned_leave_nothing_behind(server: str) -> None:
             got = list(pool.map(one, range(48)))
     for i, text in enumerate(got):
         assert text is None or text == alone[i % 12]
-    assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
+    assert until(lambda: metric(server, "mixlab_running_requests") == 0)
     for gauge in ("mixlab_queue_depth", "mixlab_kv_cache_used_bytes", "mixlab_http_requests_in_progress"):
-        assert _metric(server, gauge) == 0, gauge
-    assert 0 < _metric(server, "mixlab_requests_cancelled_total") - before <= 16  # the abandoned ones still running
-    assert _until(lambda: threading.active_count() <= threads)
+        assert metric(server, gauge) == 0, gauge
+    assert 0 < metric(server, "mixlab_requests_cancelled_total") - before <= 16  # the abandoned ones still running
+    assert until(lambda: threading.active_count() <= threads)
 
 
 def test_sigterm_drain_answers_503_with_cors_on(server: str, model_tok: tuple[Any, Any]) -> None:
@@ -1309,14 +1294,14 @@ def test_a_client_that_stops_reading_its_stream_is_disconnected(server: str, mod
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill
             s.connect(("127.0.0.1", port))
             s.sendall(head + body)
-            assert _until(lambda: _metric(url, "mixlab_http_requests_in_progress") == 1)
+            assert until(lambda: metric(url, "mixlab_http_requests_in_progress") == 1)
             t0 = time.monotonic()
             other = httpx.post(url + COMP, json={"prompt": "hi", "max_tokens": 40, "ignore_eos": True,
                                                  "stream": True}, timeout=30)
             assert other.status_code == 200 and other.text.endswith("data: [DONE]\n\n")
             assert time.monotonic() - t0 < 20  # the stalled stream held nobody up (held, it ends at the 30 s timeout)
             # the handler lets go without the client having read a byte (it held on for ever)
-            assert _until(lambda: _metric(url, "mixlab_http_requests_in_progress") == 0, timeout=30)
+            assert until(lambda: metric(url, "mixlab_http_requests_in_progress") == 0, timeout=30)
             s.settimeout(10)
             got = b""
             try:
@@ -1340,12 +1325,12 @@ def test_host_header_checked_against_dns_rebinding(server: str, ckpt: Path, monk
     r = httpx.post(server + CHAT, json={"messages": U, "max_tokens": 1}, headers={"Host": "evil.example"})
     assert r.status_code == 403
     # what a page on another site may send without CORS's consent (a form, text/plain) does no work
-    before = _metric(server, "mixlab_prompt_tokens_total")
+    before = metric(server, "mixlab_prompt_tokens_total")
     for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
         r = httpx.post(server + CHAT, content=json.dumps({"messages": U, "max_tokens": 1}),
                        headers={"Content-Type": kind})
         assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], kind
-    assert _metric(server, "mixlab_prompt_tokens_total") == before
+    assert metric(server, "mixlab_prompt_tokens_total") == before
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", "app.localhost", f"[::1]:{port}", "::1",
                  "10.1.2.3"):
         assert httpx.get(server + "/health", headers={"Host": host}).status_code == 200, host
@@ -1580,9 +1565,9 @@ def test_lm_eval_local_completions_equals_the_native_model(server: str, ckpt: Pa
     assert api.tokenizer_backend == "remote"
     served = _evaluate(api, tasks, names)
     for task in names:
-        for metric, value in native["results"][task].items():
-            if isinstance(value, float) and "stderr" not in metric:
-                assert served["results"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), (task, metric)
+        for key, value in native["results"][task].items():
+            if isinstance(value, float) and "stderr" not in key:
+                assert served["results"][task][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (task, key)
         for a, b in zip(native["samples"][task], served["samples"][task], strict=True):
             if task == "mx_gen":
                 # the same tokens; the server's text keeps the first word's leading space (OpenAI's and
@@ -1883,7 +1868,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert not driver.find_element(By.ID, "regenerate").is_enabled()  # nothing to write again
             # Stop during a reply cancels it in the engine; a reader who scrolled up is not pulled
             # back down by each new token (the log jumped to its end on every one)
-            cancelled = _metric(url, "mixlab_requests_cancelled_total")
+            cancelled = metric(url, "mixlab_requests_cancelled_total")
             driver.execute_script("document.getElementById('input').value = arguments[0]", "A long question.\n" * 40)
             driver.find_element(By.ID, "send").click()
             wait.until(streaming(1))
@@ -1897,8 +1882,8 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             driver.find_element(By.ID, "stop").click()
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
             assert log.get_attribute("aria-busy") == "false" and driver.execute_script(focused) == "input"
-            assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
-            assert _metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
+            assert until(lambda: metric(url, "mixlab_running_requests") == 0)
+            assert metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
             # the stopped reply is kept, as far as it went
             kept = driver.execute_script("return JSON.parse(localStorage.getItem('mixlab.chat')).messages")
             assert [m["role"] for m in kept] == ["user", "assistant"]
@@ -1921,7 +1906,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert kept[1]["interrupted"] == "the page was left" and len(kept[1]["tokens"]) > 3
             assert kept[1]["content"] == "".join(t for t, _ in kept[1]["tokens"])
             assert driver.execute_script(notes) == ["(interrupted: the page was left)"]
-            assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
+            assert until(lambda: metric(url, "mixlab_running_requests") == 0)
             temperature, limit = driver.find_element(By.ID, "temperature"), driver.find_element(By.ID, "max_tokens")
             # a conversation too big for localStorage is kept without its tokens' experts, else not at all
             # (the conversation stored before it came back on a reload)

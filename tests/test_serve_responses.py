@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pydantic = pytest.importorskip("pydantic")
 
-from conftest import hf_mixtral, hf_tokenizer_json  # noqa: E402
+from conftest import hf_mixtral, hf_tokenizer_json, metric, until  # noqa: E402
 from mixlab import load_model, load_tokenizer  # noqa: E402
 from mixlab.serve import ServerConfig, ServerThread, create_app  # noqa: E402
 
@@ -227,32 +227,17 @@ def test_bad_requests_name_the_parameter(server: str, body: dict[str, Any], para
     assert "should be a valid" not in err["message"], err  # what was expected, not pydantic's union branch
 
 
-def _metric(url: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
-    assert m, name
-    return float(m.group(1))
-
-
-def _until(predicate: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_client_that_leaves_cancels_its_request(server: str, model_tok: tuple[Any, Any]) -> None:
-    before = _metric(server, "mixlab_requests_cancelled_total")
+    before = metric(server, "mixlab_requests_cancelled_total")
     body = {"model": NAME, "input": "Hi", "max_output_tokens": CONTEXT - 40, "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", server + "/v1/responses", json={**body, "stream": True}, timeout=30) as resp:
         lines = resp.iter_lines()
         while "output_text.delta" not in next(lines):  # the reply has begun
             pass
     # the engine request is cancelled and its cache freed; streamed or not (a client's timeout is a disconnect)
-    assert _until(lambda: _metric(server, "mixlab_running_requests") == 0)
-    assert _metric(server, "mixlab_requests_cancelled_total") == before + 1
-    assert _metric(server, "mixlab_kv_cache_used_bytes") == 0
+    assert until(lambda: metric(server, "mixlab_running_requests") == 0)
+    assert metric(server, "mixlab_requests_cancelled_total") == before + 1
+    assert metric(server, "mixlab_kv_cache_used_bytes") == 0
     model, tok = model_tok
     with Engine(model, tok, max_batch=2) as engine, \
             ServerThread(create_app(engine, tok, ServerConfig(model_name=NAME, context_len=CONTEXT))) as url:
@@ -260,8 +245,8 @@ def test_a_client_that_leaves_cancels_its_request(server: str, model_tok: tuple[
         engine.runner.forward = lambda items: (time.sleep(0.005), forward(items))[1]  # ~200 steps: over 0.3 s
         with pytest.raises(httpx.TimeoutException):
             httpx.post(url + "/v1/responses", json=body, timeout=0.3)
-        assert _until(lambda: _metric(url, "mixlab_requests_cancelled_total") == 1)
-        assert _until(lambda: _metric(url, "mixlab_running_requests") == 0)
+        assert until(lambda: metric(url, "mixlab_requests_cancelled_total") == 1)
+        assert until(lambda: metric(url, "mixlab_running_requests") == 0)
 
 
 def test_an_engine_failure_mid_stream_is_an_error_event(model_tok: tuple[Any, Any]) -> None:

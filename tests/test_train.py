@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import step_clock
 from mixlab import atomic
 from mixlab.checkpoint import CheckpointError, load_model
 from mixlab.config import ConfigError
@@ -820,15 +821,7 @@ def test_tokens_per_s_is_the_interval_since_the_last_logged_record(dataset: Path
     something else (an evaluation, a checkpoint) between steps, which does not count."""
     import mixlab.train.loop as loop
 
-    calls = [0]
-    now = [0.0]
-
-    def perf_counter() -> float:  # the loop reads the clock at each step's start and end
-        calls[0] += 1
-        now[0] += calls[0] // 2 if calls[0] % 2 == 0 else 100.0
-        return now[0]
-
-    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(perf_counter)}))
+    step_clock(monkeypatch, loop)
     res = train(_cfg(dataset, tmp_path, steps=6, log_every=3, eval_every=2))
     tok = 4 * 32 * 2  # batch_size x seq_len x grad_accum
     assert [r["tokens_per_s"] for r in res.history] == pytest.approx(
