@@ -203,3 +203,19 @@ def step_clock(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
         return now[0]
 
     monkeypatch.setattr(module, "time", type("Clock", (), {"perf_counter": staticmethod(perf_counter)}))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared dataset of one domain (code): 20 short documents, a tenth held out."""
+    import json
+
+    from mixlab.train.data import prepare, read_documents
+
+    src = tmp_path_factory.mktemp("small") / "src" / "code"
+    src.mkdir(parents=True)
+    (src / "train.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 8}) + "\n"
+                                             for i in range(20)), encoding="utf-8")
+    data = src.parents[1] / "ds"
+    prepare(read_documents([src.parent]), data, valid_fraction=0.1)
+    return data

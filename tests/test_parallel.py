@@ -492,17 +492,6 @@ def test_ep_decoding_of_several_prompts_equals_one_process(tmp_path: Path, kw: d
 # -- what a user sees when a distributed run goes wrong ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("small") / "src" / "code"
-    src.mkdir(parents=True)
-    (src / "train.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 8}) + "\n"
-                                             for i in range(20)), encoding="utf-8")
-    data = src.parents[1] / "ds"
-    prepare(read_documents([src.parent]), data, valid_fraction=0.1)
-    return data
-
-
 def _mixlab(args: list[str], *, nproc: int | None, script: Path | None = None,
             restarts: int = 0) -> subprocess.Popen[str]:
     """`torchrun --nproc-per-node N -m mixlab ARGS` on loopback (or `python -m mixlab ARGS`), this src;

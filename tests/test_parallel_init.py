@@ -21,7 +21,7 @@ import torch
 from conftest import hf_mixtral
 from mixlab import save_model
 from mixlab.train import checkpoints
-from mixlab.train.data import TokenDataset, prepare, read_documents
+from mixlab.train.data import TokenDataset
 from mixlab.train.loop import build_model_config, load_train_config, make_optimizer
 from processes import run_group
 
@@ -112,17 +112,7 @@ def _job(rank: int, job: dict[str, Any]) -> None:
     (_compare_job if job["kind"] == "compare" else _memory_job)(rank, job)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("init") / "src" / "code"
-    src.mkdir(parents=True)
-    (src / "train.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 8}) + "\n"
-                                             for i in range(20)), encoding="utf-8")
-    prepare(read_documents([src.parent]), src.parents[1] / "ds", valid_fraction=0.1)
-    return src.parents[1] / "ds"
-
-
-def test_each_process_reads_the_weights_the_whole_load_gave_it(data: Path, tmp_path: Path) -> None:
+def test_each_process_reads_the_weights_the_whole_load_gave_it(small_data: Path, tmp_path: Path) -> None:
     """Sources: transformers' own save_pretrained (fused experts, float32 and bfloat16), mixlab's
     per-expert transformers names (bfloat16), the Mistral format (rotary q / k rows), a one-process
     training checkpoint and a sharded run's; an odd vocabulary, 3 query heads and 1 key/value head,
@@ -141,15 +131,15 @@ def test_each_process_reads_the_weights_the_whole_load_gave_it(data: Path, tmp_p
     save_model(model, tmp_path / "per-expert", fmt="hf", dtype="bfloat16")
     save_model(model, tmp_path / "mistral", fmt="mistral")
     sources += [tmp_path / "per-expert", tmp_path / "mistral"]
-    cfg = load_train_config(None, data=str(data), out=str(tmp_path / "run"), model="tiny-moe",
+    cfg = load_train_config(None, data=str(small_data), out=str(tmp_path / "run"), model="tiny-moe",
                             init_from=str(sources[0]))
     checkpoints.save(tmp_path / "run" / "checkpoints", step=1, model=model, optimizer=make_optimizer(model, cfg),
                      state=_state(model), keep=1)
     sources.append(tmp_path / "run")
     assert checkpoints.init_config(sources[-1]) == model.config
     assert json.loads((sources[1] / "config.json").read_text())["dtype"] == "bfloat16"
-    run_group(_job, [{"kind": "compare", "sources": [str(s) for s in sources], "data": str(data),
-                 "dcp": str(tmp_path / "dcp"), "export": str(tmp_path / "export")}])
+    run_group(_job, [{"kind": "compare", "sources": [str(s) for s in sources], "data": str(small_data),
+                     "dcp": str(tmp_path / "dcp"), "export": str(tmp_path / "export")}])
     assert checkpoints.validate(tmp_path / "dcp" / "checkpoints" / "step_00000001")["format"] == "dcp"
     _check_export(tmp_path / "export", sources[0], tmp_path / "single")
 
@@ -180,22 +170,23 @@ def _check_export(path: Path, src: Path, single: Path) -> None:
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets and reads the peak memory in /proc")
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_no_process_loads_the_whole_checkpoint(data: Path, tmp_path: Path, fsdp: bool) -> None:
+def test_no_process_loads_the_whole_checkpoint(small_data: Path, tmp_path: Path, fsdp: bool) -> None:
     """`train` with `init_from` under --ep 2 (and --fsdp) on a ~100 MB model whose experts are most of
     it: each process reads its half of the experts (and its FSDP shard of the rest); every process
     used to load the whole checkpoint, then keep its share."""
     big = {"dim": 256, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64, "ffn_dim": 512,
            "moe": {"num_experts": 8, "top_k": 2}}
-    base = dict(data=str(data), out=str(tmp_path / "run"), model="tiny-moe", seq_len=16, batch_size=2, steps=1,
+    base = dict(data=str(small_data), out=str(tmp_path / "run"), model="tiny-moe", seq_len=16, batch_size=2, steps=1,
                 eval_every=0, progress=False, tensorboard=False, threads=1)
     from mixlab.model import Transformer
 
-    model = Transformer(build_model_config(load_train_config(None, **base, model_overrides=big), TokenDataset(data)))
+    cfg = load_train_config(None, **base, model_overrides=big)
+    model = Transformer(build_model_config(cfg, TokenDataset(small_data)))
     model.init_weights(seed=0)
     save_model(model, tmp_path / "init")
     del model
     run_group(_job, [{"kind": "memory", "fsdp": fsdp, "report": str(tmp_path / "mem"),
-                 "cfg": base | {"init_from": str(tmp_path / "init")}}])
+                     "cfg": base | {"init_from": str(tmp_path / "init")}}])
     for rank in range(2):
         got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
         # half the experts (~47%) + the dense weights + slack for the allocator; the whole model before

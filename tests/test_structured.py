@@ -359,7 +359,9 @@ def test_the_cli_s_bad_constraints_are_one_line_naming_the_flag(tmp_path: Any, c
                               (["--json-schema", str(tmp_path / "bad.json")],
                                f"--json-schema {tmp_path / 'bad.json'}: not a JSON file", 2),
                               (["--json-schema", str(tmp_path / "bad_schema.json")], "nope", 2),
-                              (["--grammar-file", str(tmp_path / "absent.lark")], "absent.lark", 1)):
+                              (["--grammar-file", str(tmp_path / "absent.lark")],
+                               f"--grammar-file {tmp_path / 'absent.lark'}: No such file", 1),
+                              (["--json-schema", str(tmp_path)], f"--json-schema {tmp_path}: Is a directory", 1)):
         assert main([*base, *flags]) == code, flags  # a wrong value: usage (2); a missing file: failure (1)
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1 and "Traceback" not in err, err

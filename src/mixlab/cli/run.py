@@ -185,8 +185,10 @@ def _structured(args: argparse.Namespace) -> None:
     shown = f"{flag} {given}" if kind in ("json_schema", "grammar") else flag
     if kind in ("json_schema", "grammar"):
         try:
-            text = Path(given).read_text(encoding="utf-8")  # a missing file: an OSError, which main names
+            text = Path(given).read_text(encoding="utf-8")
             value = json.loads(text) if kind == "json_schema" else text
+        except OSError as e:  # missing, a folder, unreadable: the run failed (exit 1), the flag named
+            raise ValueError(f"{shown}: {e.strerror or e}") from None
         except ValueError as e:  # not UTF-8, not JSON
             what = "a JSON" if kind == "json_schema" else "a UTF-8 text"
             raise UsageError(f"{shown}: not {what} file ({e})") from None
