@@ -245,6 +245,30 @@ def test_mixlab_warnings_print_as_one_line(capsys: pytest.CaptureFixture[str]) -
     assert [str(w.message) for w in others] == ["other"]  # passed on to the previous handler
 
 
+def test_each_line_on_stderr_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warning, a note and an error each reach stderr in one write, newline included: stderr writes
+    through, and print's two writes let another torchrun rank's line land between them (CI saw two ranks'
+    warnings joined on one line)."""
+    import os
+    import warnings
+
+    from mixlab.cli import _warnings_as_lines, note
+
+    writes: list[str] = []
+    monkeypatch.setattr("sys.stderr", type("Stderr", (), {"write": lambda self, t: writes.append(t)})())
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _warnings_as_lines("generate")
+        warnings.warn_explicit("the adapter was trained over A", UserWarning,
+                               filename=os.path.join(os.sep, "x", "mixlab", "checkpoint", "adapter.py"), lineno=1)
+    note("generate", "a note")
+    assert main(["generate", "--model", "/absent/model", "--prompt", "x"]) == 1
+    assert len(writes) == 3 and all(w.endswith("\n") and w.count("\n") == 1 for w in writes), writes
+    assert writes[:2] == ["mixlab generate: warning: the adapter was trained over A\n",
+                          "mixlab generate: note: a note\n"]
+    assert writes[2].startswith("mixlab generate: error: ") and "/absent/model" in writes[2]
+
+
 def _options(parser, name="mixlab"):
     import argparse
 

@@ -130,9 +130,16 @@ def names(text: str) -> list[str]:
     return out
 
 
+def say(line: str, file: Any = None) -> None:
+    """`line` and its newline on stderr (or `file`) in one write: stderr writes through to the file, so
+    print's two writes (the text, then the newline) let another process's line land between them (the
+    ranks of a torchrun run share one stderr)."""
+    (sys.stderr if file is None else file).write(line + "\n")
+
+
 def note(command: str, text: str) -> None:
     """A note on stderr, prefixed as warnings and errors are: `mixlab CMD: note: ...`."""
-    print(f"mixlab {command}: note: {text}", file=sys.stderr)
+    say(f"mixlab {command}: note: {text}")
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
@@ -199,7 +206,7 @@ def _warnings_as_lines(command: str) -> None:
              line: str | None = None) -> None:
         if f"{os.sep}mixlab{os.sep}" in filename:
             text = str(message).removeprefix("mixlab: ")  # the line already begins with the command
-            print(f"mixlab {command}: warning: {text}", file=sys.stderr if file is None else file)
+            say(f"mixlab {command}: warning: {text}", file)
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -272,24 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         if rank:
             time.sleep(PEER_GRACE_S)
         where = f"rank {rank}: " if rank else ""
-        print(f"mixlab {command}: error: {where}{e}", file=sys.stderr)
+        say(f"mixlab {command}: error: {where}{e}")
         return 2 if isinstance(e, UsageError) else 1
     except RuntimeError as e:
         if rank is None or not _lost_peer(e):
             raise
         cause = next((ln.split("] ", 1)[-1] for ln in str(e).splitlines() if ln.strip()), "")
-        print(f"mixlab {command}: error: rank {rank}: another process of the run failed or was stopped "
-              f"(see its message; {cause.split('. ')[0][:200]})", file=sys.stderr)
+        say(f"mixlab {command}: error: rank {rank}: another process of the run failed or was stopped "
+            f"(see its message; {cause.split('. ')[0][:200]})")
         return 1
     except BrokenPipeError:  # `mixlab info ... | head`: the reader has gone; nothing to tell it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141  # a shell's code for a process ended by SIGPIPE
     except OSError as e:  # a missing file, no permission, a full disk (ENOSPC), ...: name the file
         where = f"{e.filename}: " if e.filename else ""
-        print(f"mixlab {command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        say(f"mixlab {command}: error: {where}{e.strerror or e}")
         return 1
     except KeyboardInterrupt:
-        print(f"mixlab {command}: interrupted", file=sys.stderr)
+        say(f"mixlab {command}: interrupted")
         return 130
 
 
