@@ -1,9 +1,12 @@
-"""`POST /v1/responses` (OpenAI's Responses API, stateless) through the official `openai` client: its text,
-status and usage are the chat path's for the same messages and sampling; its stream is OpenAI's typed events;
-what it does not do is a 400 naming the parameter."""
+"""`POST /v1/responses` (OpenAI's Responses API) through the official `openai` client: its text, status and
+usage are the chat path's for the same messages and sampling; its stream is OpenAI's typed events; what it
+does not do is a 400 naming the parameter. Stored responses: a chain of `previous_response_id`s is the chat
+of the whole conversation; `GET` / `DELETE /v1/responses/{id}` and `input_items`; the store's bounds; and
+without a store (`--responses-store 0`) the stateless server's answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -22,6 +25,7 @@ pydantic = pytest.importorskip("pydantic")
 from conftest import hf_mixtral, hf_tokenizer_json, metric, until  # noqa: E402
 from mixlab import load_model, load_tokenizer  # noqa: E402
 from mixlab.serve import ServerConfig, ServerThread, create_app  # noqa: E402
+from test_serve import _serve_cli  # noqa: E402
 
 Engine = _engine.Engine
 CONTEXT = 256
@@ -34,11 +38,25 @@ DONE = ["response.output_text.done", "response.content_part.done", "response.out
 
 
 @pytest.fixture(scope="module")
-def model_tok(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path: Path = hf_mixtral(tmp_path_factory.mktemp("responses"), vocab_size=32000, hidden_size=32,
                             intermediate_size=48, max_position_embeddings=CONTEXT)
     hf_tokenizer_json(path)
-    return load_model(path, dtype="float32"), load_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_tok(ckpt: Path) -> tuple[Any, Any]:
+    return load_model(ckpt, dtype="float32"), load_tokenizer(ckpt)
+
+
+@contextlib.contextmanager
+def _serving(model_tok: tuple[Any, Any], **config: Any) -> Iterator[str]:
+    """A server of its own, under `config` (ServerConfig's fields)."""
+    model, tok = model_tok
+    with Engine(model, tok, max_batch=2) as engine, \
+            ServerThread(create_app(engine, tok, ServerConfig(model_name=NAME, context_len=CONTEXT, **config))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +105,8 @@ def test_output_text_and_usage_are_the_chat_path_s(client: Any, sampling: dict[s
     msg = r.output[0]
     assert len(r.output) == 1 and msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
     assert msg.content[0].type == "output_text" and msg.content[0].annotations == []
-    assert r.instructions == SYSTEM and r.max_output_tokens == 12 and r.store is False and r.tools == []
+    assert r.instructions == SYSTEM and r.max_output_tokens == 12 and r.store is True and r.tools == []
+    assert r.previous_response_id is None
     assert r.temperature == args["temperature"] and r.text.format.type == "text"
 
 
@@ -161,17 +180,180 @@ def test_parse_with_a_pydantic_model_is_the_chat_path_s_structured_output(client
     assert isinstance(json.loads(obj.output_text), dict)
 
 
-def test_nothing_is_stored_and_the_endpoint_is_counted(server: str, client: Any) -> None:
-    def count() -> float:
-        m = re.search(r'^mixlab_requests_total\{endpoint="/v1/responses",status="200"\} (\S+)$',
+def _ids(items: Any) -> list[str]:
+    return [i.id for i in items]
+
+
+def test_a_chain_of_previous_response_ids_is_the_chat_of_the_whole_conversation(client: Any) -> None:
+    """Each turn continues the stored conversation: the previous response's input items and its output, with
+    this turn's instructions (a previous response's are not carried over), as OpenAI defines it; a streamed
+    turn is stored too. Greedy, float32: the chat path's text for the whole message list, exactly."""
+    kw = {"model": NAME, "max_output_tokens": 8, "temperature": 0}
+    first = client.responses.create(input="Name a colour.", instructions=SYSTEM, **kw)
+    with client.responses.stream(input=[{"role": "user", "content": "And another?"}], instructions=SYSTEM,
+                                 previous_response_id=first.id, **kw) as stream:
+        second = list(stream)[-1].response  # response.completed or .incomplete
+    third = client.responses.create(input="One more.", previous_response_id=second.id, **kw)
+    turns = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "And another?"}, {"role": "assistant", "content": second.output_text},
+             {"role": "user", "content": "One more."}]
+    system = [{"role": "system", "content": SYSTEM}]
+    for r, messages in ((first, system + turns[:1]), (second, system + turns[:3]), (third, turns)):
+        c = _chat(client, messages, max_tokens=8, temperature=0)
+        assert r.output_text == c.choices[0].message.content and r.output_text
+        assert r.usage.input_tokens == c.usage.prompt_tokens
+    assert (second.previous_response_id, third.previous_response_id) == (first.id, second.id)
+    assert second.store and third.store and third.instructions is None
+    # input_items: the conversation each response answered, newest first (OpenAI's default), its instructions never
+    listed = client.responses.input_items.list(third.id)
+    assert [(i.role, i.content[0].text) for i in listed.data] == [(t["role"], t["content"]) for t in turns[::-1]]
+    assert listed.data[1].id == second.output[0].id and listed.data[3].id == first.output[0].id
+    assert listed.data[1].type == "message" and listed.data[1].content[0].type == "output_text"
+    assert listed.data[0].content[0].type == "input_text" and listed.data[0].status == "completed"
+    assert [i.content[0].text for i in client.responses.input_items.list(second.id, order="asc")] == \
+        [t["content"] for t in turns[:3]]
+
+
+def test_retrieve_is_the_created_object_and_delete_removes_it(client: Any, server: str) -> None:
+    body = {"model": NAME, "input": "Hi", "instructions": SYSTEM, "max_output_tokens": 4, "temperature": 0,
+            "metadata": {"k": "v"}}
+    made = httpx.post(server + "/v1/responses", json=body, timeout=30)
+    got = httpx.get(f"{server}/v1/responses/{made.json()['id']}", timeout=30)
+    assert got.status_code == 200 and got.content == made.content  # the same JSON, byte for byte
+    r = client.responses.create(**body)
+    assert client.responses.retrieve(r.id) == r and r.status == "incomplete"
+    with client.responses.stream(**{**body, "max_output_tokens": 40}) as stream:
+        streamed = [e for e in stream][-1].response
+    assert client.responses.retrieve(streamed.id) == streamed  # as its last event carried it
+    # OpenAI's deleted object (the client itself returns None); then it is gone
+    gone = httpx.delete(f"{server}/v1/responses/{r.id}", timeout=30)
+    assert gone.status_code == 200 and gone.json() == {"id": r.id, "object": "response", "deleted": True}
+    assert client.responses.delete(streamed.id) is None
+    for rid in (r.id, streamed.id):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.responses.retrieve(rid)
+        assert e.value.status_code == 404 and rid in e.value.message and e.value.body["param"] == "response_id"
+        with pytest.raises(openai.NotFoundError):
+            client.responses.delete(rid)
+        with pytest.raises(openai.NotFoundError) as e:
+            client.responses.create(model=NAME, input="Hi", previous_response_id=rid)
+        assert e.value.body["param"] == "previous_response_id" and rid in e.value.message
+        assert e.value.body["code"] == "previous_response_not_found"
+
+
+def test_store_false_stores_nothing(client: Any) -> None:
+    r = client.responses.create(model=NAME, input="Hi", max_output_tokens=2, store=False)
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=NAME, input="Hi", max_output_tokens=2, previous_response_id=r.id)
+    assert e.value.body["param"] == "previous_response_id" and f"'{r.id}'" in e.value.message
+    # a response that continues another may itself be left unstored
+    kept = client.responses.create(model=NAME, input="Hi", max_output_tokens=2)
+    after = client.responses.create(model=NAME, input="Go on", max_output_tokens=2, previous_response_id=kept.id,
+                                    store=False)
+    assert after.previous_response_id == kept.id and after.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(after.id)
+
+
+@pytest.mark.parametrize("query,param", [("limit=0", "limit"), ("limit=101", "limit"), ("limit=x", "limit"),
+                                         ("order=up", "order"), ("after=msg_nope", "after")])
+def test_input_items_pages_and_refuses_bad_queries(client: Any, server: str, query: str, param: str) -> None:
+    r = client.responses.create(model=NAME, input=_as_items(TURNS), max_output_tokens=2)
+    every = _ids(client.responses.input_items.list(r.id, order="asc").data)
+    assert len(every) == len(TURNS) == len(set(every))
+    page = client.responses.input_items.list(r.id, limit=2)
+    assert _ids(page.data) == every[::-1][:2] and page.has_more
+    assert _ids(page.get_next_page().data) == every[::-1][2:]  # the client pages with `after`
+    raw = httpx.get(f"{server}/v1/responses/{r.id}/input_items?limit=2&order=asc&after={every[0]}").json()
+    assert [i["id"] for i in raw["data"]] == every[1:3] and raw["first_id"] == every[1] and raw["has_more"] is False
+    bad = httpx.get(f"{server}/v1/responses/{r.id}/input_items?{query}")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.json()
+
+
+def test_the_store_is_an_lru_bounded_by_count_behind_the_api_key(model_tok: tuple[Any, Any]) -> None:
+    with _serving(model_tok, responses_store=2, api_key="k") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+        a, b = (client.responses.create(model=NAME, input=t, max_output_tokens=2) for t in ("a", "b"))
+        client.responses.retrieve(a.id)  # a is now the more recently used
+        c = client.responses.create(model=NAME, input="c", max_output_tokens=2)
+        with pytest.raises(openai.NotFoundError) as e:
+            client.responses.retrieve(b.id)  # evicted: the least recently used
+        assert "keeps the last 2 (--responses-store)" in e.value.message
+        assert client.responses.retrieve(a.id) == a and client.responses.retrieve(c.id) == c
+        # a chain that continues an evicted response is refused, naming it
+        client.responses.create(model=NAME, input="d", max_output_tokens=2)  # a goes: c was read after it
+        with pytest.raises(openai.NotFoundError) as e:
+            client.responses.create(model=NAME, input="e", previous_response_id=a.id)
+        assert e.value.body["param"] == "previous_response_id" and a.id in e.value.message
+        assert metric(url, "mixlab_responses_stored") == 2 and metric(url, "mixlab_responses_stored_bytes") > 0
+        for method in ("GET", "DELETE"):  # the API key guards them as every /v1 endpoint
+            assert httpx.request(method, f"{url}/v1/responses/{c.id}").status_code == 401
+        assert httpx.get(f"{url}/v1/responses/{c.id}/input_items").status_code == 401
+        assert client.responses.retrieve(c.id) == c
+
+
+def test_the_response_store_is_bounded_by_count_and_by_bytes() -> None:
+    from mixlab.serve.store import Item, ResponseStore, Stored
+
+    def _stored(text: str, items: int = 0) -> Stored:
+        conversation = tuple(Item(f"msg_{k}", "user", text) for k in range(items))
+        return Stored(b"{}", conversation, Item("out", "assistant", text))
+
+    store = ResponseStore(3, 100)
+    assert store.put("a", _stored("x" * 10, items=2)) and store.nbytes == 2 + 30  # its JSON, conversation, output
+    assert store.put("b", _stored("é" * 10)) and store.nbytes == 32 + 22  # bytes of UTF-8, not characters
+    assert store.get("a") is not None  # a is now the more recently used: b goes first
+    assert store.put("c", _stored("y" * 50)) and store.get("b") is None and len(store) == 2  # by bytes
+    assert store.nbytes == 32 + 52 and store.put("d", _stored("")) and len(store) == 3
+    assert store.put("e", _stored("z")) and len(store) == 3 and store.get("a") is None  # by count: a, the oldest
+    assert not store.put("f", _stored("w" * 99)) and store.get("f") is None and len(store) == 3  # alone over the bound
+    assert store.pop("c") is not None and store.pop("c") is None and store.nbytes == 2 + 3
+    with pytest.raises(ValueError, match="at least 1 response"):
+        ResponseStore(0, 100)
+
+
+def test_without_a_store_the_api_is_stateless_as_before(model_tok: tuple[Any, Any]) -> None:
+    with _serving(model_tok, responses_store=0) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.responses.create(model=NAME, input="Hi", max_output_tokens=2, store=True)
+        assert r.store is False
+        for method in ("GET", "DELETE"):
+            got = httpx.request(method, f"{url}/v1/responses/{r.id}")
+            assert got.status_code == 404 and got.json()["error"]["message"] == (
+                f"no response {r.id!r}: this server stores no responses (POST /v1/responses is stateless; its "
+                "`store` is answered false)")
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=NAME, input="Hi", previous_response_id=r.id)
+        assert e.value.body["param"] == "previous_response_id" and e.value.body["message"] == (
+            f'previous_response_id="{r.id}" is not supported by this server (leave it out, or send null)')
+        assert "mixlab_responses_stored" not in httpx.get(url + "/metrics").text
+
+
+def test_the_flag_sets_the_store(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--responses-store", "7")
+    assert code == 0 and srv.store.max_count == 7
+    code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--responses-store", "0")
+    assert code == 0 and srv.store is None
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--responses-store", "-1")
+    assert code == 2 and srv is None and "--responses-store must be an integer >= 0" in err
+
+
+def test_stored_endpoints_are_counted(server: str, client: Any) -> None:
+    def count(endpoint: str, status: str) -> float:
+        m = re.search(rf'^mixlab_requests_total\{{endpoint="{re.escape(endpoint)}",status="{status}"\}} (\S+)$',
                       httpx.get(server + "/metrics").text, re.M)
         return float(m.group(1)) if m else 0.0
 
-    before = count()
-    r = client.responses.create(model=NAME, input="Hi", max_output_tokens=2, store=True)
-    assert r.store is False and count() == before + 1
-    got = httpx.get(f"{server}/v1/responses/{r.id}")
-    assert got.status_code == 404 and "stores no responses" in got.json()["error"]["message"]
+    before = count("/v1/responses", "200"), count("/v1/responses/{id}", "200"), count("/v1/responses/{id}", "404")
+    r = client.responses.create(model=NAME, input="Hi", max_output_tokens=2)
+    client.responses.retrieve(r.id)
+    assert httpx.get(f"{server}/v1/responses/resp_nope").status_code == 404
+    assert (count("/v1/responses", "200"), count("/v1/responses/{id}", "200"),
+            count("/v1/responses/{id}", "404")) == (before[0] + 1, before[1] + 1, before[2] + 1)
 
 
 def test_the_json_sent_is_openai_s_schema(server: str) -> None:
@@ -180,6 +362,11 @@ def test_the_json_sent_is_openai_s_schema(server: str) -> None:
     body = {"model": NAME, "input": "hi", "instructions": "x", "max_output_tokens": 4, "metadata": {"a": "b"}}
     r = httpx.post(server + "/v1/responses", json=body, timeout=30).json()
     assert types.Response.model_validate(r).output_text == r["output"][0]["content"][0]["text"]
+    chained = {**body, "input": _as_items(TURNS), "previous_response_id": r["id"], "instructions": None}
+    later = httpx.post(server + "/v1/responses", json=chained, timeout=30).json()
+    assert types.Response.model_validate(later).previous_response_id == r["id"]
+    items = httpx.get(f"{server}/v1/responses/{later['id']}/input_items", timeout=30).json()
+    assert len(types.ResponseItemList.model_validate(items).data) == 1 + 1 + len(TURNS)
     event = pydantic.TypeAdapter(types.ResponseStreamEvent)
     with httpx.stream("POST", server + "/v1/responses", json={**body, "stream": True}, timeout=30) as s:
         events = [event.validate_python(json.loads(x[6:])) for x in s.iter_lines() if x.startswith("data: ")]
@@ -189,7 +376,7 @@ def test_the_json_sent_is_openai_s_schema(server: str) -> None:
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "hi", "previous_response_id": 5}, "previous_response_id"),
     ({"input": "hi", "conversation": "conv_1"}, "conversation"),
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
     ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
@@ -232,12 +419,14 @@ def test_a_client_that_leaves_cancels_its_request(server: str, model_tok: tuple[
     body = {"model": NAME, "input": "Hi", "max_output_tokens": CONTEXT - 40, "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", server + "/v1/responses", json={**body, "stream": True}, timeout=30) as resp:
         lines = resp.iter_lines()
+        rid = json.loads(next(x for x in lines if x.startswith("data: "))[6:])["response"]["id"]
         while "output_text.delta" not in next(lines):  # the reply has begun
             pass
     # the engine request is cancelled and its cache freed; streamed or not (a client's timeout is a disconnect)
     assert until(lambda: metric(server, "mixlab_running_requests") == 0)
     assert metric(server, "mixlab_requests_cancelled_total") == before + 1
     assert metric(server, "mixlab_kv_cache_used_bytes") == 0
+    assert httpx.get(f"{server}/v1/responses/{rid}").status_code == 404  # a cancelled response is not stored
     model, tok = model_tok
     with Engine(model, tok, max_batch=2) as engine, \
             ServerThread(create_app(engine, tok, ServerConfig(model_name=NAME, context_len=CONTEXT))) as url:
@@ -257,10 +446,12 @@ def test_an_engine_failure_mid_stream_is_an_error_event(model_tok: tuple[Any, An
                 "stream": True}
         with httpx.stream("POST", url + "/v1/responses", json=body, timeout=30) as resp:
             lines = (x for x in resp.iter_lines() if x)
+            rid = json.loads(next(x for x in lines if x.startswith("data: "))[6:])["response"]["id"]
             while "output_text.delta" not in next(lines):
                 pass
             engine.shutdown()  # the engine fails its running requests
             rest = list(lines)
+        assert httpx.get(f"{url}/v1/responses/{rid}").status_code == 404  # a failed response is not stored
     assert rest[-2] == "event: error", rest[-4:]
     err = json.loads(rest[-1].removeprefix("data: "))
     assert err["type"] == "error" and err["code"] == "engine_error" and "shut down" in err["message"]

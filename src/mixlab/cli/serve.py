@@ -78,6 +78,8 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
     if not 0 <= args.drain_timeout < math.inf:
         raise UsageError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+    if args.responses_store < 0:
+        raise UsageError(f"--responses-store must be an integer >= 0 (0: none), got {args.responses_store}")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -120,7 +122,7 @@ def serve(args: argparse.Namespace) -> int:
     hosts = args.allowed_hosts if args.allowed_hosts is not None else ([] if loopback else ["*"])
     cfg = ServerConfig(model_name=name, context_len=context, max_tokens_limit=args.max_tokens_limit,
                        api_key=args.api_key, max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout,
-                       max_connections=args.max_connections,
+                       max_connections=args.max_connections, responses_store=args.responses_store,
                        cors_origins=args.allowed_origins, allowed_hosts=None if "*" in hosts else hosts,
                        model_info=info)
     app = create_app(engine, tok, cfg)
@@ -205,6 +207,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--read-timeout", type=float, default=60.0,
                    help="seconds a request's headers, then its body, may take to arrive, and a response may wait for "
                         "a client that reads none of it (slow clients; default 60)")
+    e.add_argument("--responses-store", type=int, default=1000, metavar="N",
+                   help="finished /v1/responses responses kept in memory (with their conversations, 256 MiB at most) "
+                        "for previous_response_id and GET / DELETE /v1/responses/{id}; the least recently used go "
+                        "first (default 1000; 0: none, the Responses API stateless)")
     e.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -56,7 +56,9 @@ from mixlab.serve.protocol import (
     ResponsesRequest,
     TokenizeRequest,
     error_body,
+    not_supported,
 )
+from mixlab.serve.store import Item, ResponseStore, Stored
 from mixlab.tokenizer import ChatError, Tokenizer
 
 __all__ = ["ServerConfig", "create_app"]
@@ -98,8 +100,15 @@ class ServerConfig:
     # build llguidance's view of the tokenizer (structured outputs) as the server starts, not in the first
     # constrained request's time (~0.2 s for 32,000 tokens); nothing happens without llguidance
     prepare_structured: bool = True
+    # Responses API responses kept (store.py) for previous_response_id and GET / DELETE /v1/responses/{id}: at
+    # most this many, of at most this many bytes together; 0: none (POST /v1/responses is stateless)
+    responses_store: int = 1000
+    responses_store_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
+        if self.responses_store < 0 or self.responses_store_bytes < 1:
+            raise ValueError(f"ServerConfig.responses_store must be >= 0 and responses_store_bytes >= 1, got "
+                             f"{self.responses_store} and {self.responses_store_bytes}")
         if self.api_key is not None and (why := api_key_problem(self.api_key)):
             raise ValueError(f"ServerConfig.api_key {why}")
         if self.max_connections is not None and self.max_connections < 1:
@@ -133,6 +142,7 @@ _EXPECTED = {
     "max_completion_tokens": "an integer >= 1",
     "input": "a string or a non-empty list of message items {'role': ..., 'content': a string or text parts}",
     "max_output_tokens": "an integer >= 1",
+    "previous_response_id": "the id of a stored response (\"resp_...\"), or null",
     "presence_penalty": "a number in [-2, 2]",
     "frequency_penalty": "a number in [-2, 2]",
     "top_k": "an integer >= 0 (0 or -1: off)",
@@ -340,6 +350,10 @@ class _Server:
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="mixlab-encode")
         if cfg.prepare_structured:  # without llguidance its ImportError stays in the future: the requests say it
             self.encoder.submit(lltokenizer, tok)
+        self.store = ResponseStore(cfg.responses_store, cfg.responses_store_bytes) if cfg.responses_store else None
+        if self.store is not None:
+            store = self.store
+            self.metrics.watch_store(lambda: len(store), lambda: store.nbytes)
 
     async def off_loop(self, encode: Callable[..., _T], *args: Any, **kw: Any) -> _T:
         """`encode(*args, **kw)` in the encoding thread."""
@@ -351,6 +365,35 @@ class _Server:
             return await self.off_loop(lambda: self.tok.encode_chat([m.template() for m in messages]))
         except ChatError as e:
             raise ApiError(400, f"invalid {param}: {e}", param=param) from None
+
+    # -- the Responses API's store (touched on the event loop only) --
+
+    def conversation(self, previous: str | None) -> tuple[Item, ...]:
+        """The turns `previous_response_id` continues: that response's conversation, then its output."""
+        if previous is None:
+            return ()
+        if self.store is None:
+            raise ApiError(400, not_supported("previous_response_id", previous, None), param="previous_response_id")
+        stored = self.store.get(previous)
+        if stored is None:
+            raise ApiError(404, f"Previous response with id {previous!r} not found ({self.absent()})",
+                           param="previous_response_id", code="previous_response_not_found")
+        return (*stored.items, stored.output)
+
+    def stored(self, response_id: str, *, delete: bool = False) -> Stored:
+        """A stored response (`delete`: taken out of the store), else a 404 naming it."""
+        if self.store is None:
+            raise ApiError(404, f"no response {response_id!r}: this server stores no responses (POST /v1/responses is "
+                                "stateless; its `store` is answered false)", param="response_id", code="not_found")
+        stored = self.store.pop(response_id) if delete else self.store.get(response_id)
+        if stored is None:
+            raise ApiError(404, f"Response with id {response_id!r} not found ({self.absent()})", param="response_id",
+                           code="not_found")
+        return stored
+
+    def absent(self) -> str:
+        n = self.store.max_count if self.store is not None else 0
+        return f"not stored (store false), deleted, or evicted: this server keeps the last {n} (--responses-store)"
 
     # -- checks shared by the endpoints --
 
@@ -814,12 +857,15 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     @post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
-        """OpenAI's Responses API, stateless: the chat path's prompt, sampling and engine request, answered as
-        a `response` object (or its typed events); nothing is stored (`store` is answered false)."""
+        """OpenAI's Responses API: the chat path's prompt, sampling and engine request, answered as a `response`
+        object (or its typed events); with `store` (and a store: `ServerConfig.responses_store`) kept once it
+        finished, with its conversation, for `previous_response_id` and `GET /v1/responses/{id}`."""
         arrived = time.perf_counter()
         srv.check_open()
         srv.check_model(body.model)
-        ids = await srv.encode_chat(body.messages(), "input")
+        earlier = srv.conversation(body.previous_response_id)
+        inputs = await srv.off_loop(body.input_messages)
+        ids = await srv.encode_chat(body.messages([*map(_message, earlier), *inputs]), "input")
         max_tokens = srv.max_tokens(body.max_output_tokens, len(ids), where="input", default=None,
                                     param="max_output_tokens")
         structured = await srv.off_loop(srv.structured, body)
@@ -828,6 +874,15 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                              rid, param="input", n=1)
         c = _Choice(0, handle, alone=True)
         created, observe = int(time.time()), observer(arrived)
+        store = srv.store if body.store else None
+
+        def keep(obj: dict[str, Any]) -> bytes:
+            """The finished response's JSON, stored (with `store`) as it is answered."""
+            data = bytes(JSONResponse(obj).body)  # the bytes themselves (starlette types them as a buffer)
+            if store is not None:
+                turn = (Item(f"msg_{uuid.uuid4().hex}", m.role, m.text()) for m in inputs)
+                store.put(rid, Stored(data, (*earlier, *turn), Item(mid, "assistant", c.text)))
+            return data
 
         def item(status: str) -> dict[str, Any]:
             done = status != "in_progress"
@@ -846,8 +901,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                     "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                     "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
                     "model": cfg.model_name, "output": [item(status)] if done else [],
-                    "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": None,
-                    "reasoning": {"effort": None, "summary": None}, "store": False,
+                    "parallel_tool_calls": body.parallel_tool_calls,
+                    "previous_response_id": body.previous_response_id,
+                    "reasoning": {"effort": None, "summary": None}, "store": store is not None,
                     "temperature": 1.0 if body.temperature is None else body.temperature,
                     "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
                     "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled",
@@ -866,7 +922,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         if not body.stream:
             if (left := await gather(request, [c], observe, False)) is not None:
                 return left
-            return JSONResponse(response(status()))
+            return Response(keep(response(status())), media_type="application/json")
 
         async def events() -> AsyncIterator[bytes]:
             seq = itertools.count()
@@ -894,7 +950,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 yield event("response.output_text.done", **at, text=c.text, logprobs=[])
                 yield event("response.content_part.done", **at, part=_output_text(c.text))
                 yield event("response.output_item.done", output_index=0, item=item(status()))
-                yield event(f"response.{status()}", response=response(status()))
+                final = response(status())
+                keep(final)  # before the client can read its last event
+                yield event(f"response.{status()}", response=final)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
@@ -906,10 +964,39 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.api_route("/v1/responses/{response_id:path}", methods=["GET", "DELETE"])
-    async def stored_response(response_id: str) -> Response:
-        raise ApiError(404, f"no response {response_id!r}: this server stores no responses (POST /v1/responses is "
-                            "stateless; its `store` is answered false)", param="response_id", code="not_found")
+    if srv.store is not None:
+        @app.api_route("/v1/responses/{response_id}/input_items", methods=["GET", "HEAD"])
+        async def input_items(response_id: str, request: Request) -> dict[str, Any]:
+            """The items a stored response answered (earlier turns' included; OpenAI's list object, `desc` by
+            default), `limit` (1-100, default 20) at a time after the item `after`."""
+            items = srv.stored(response_id).items
+            q = request.query_params
+            order = q.get("order", "desc")
+            if order not in ("asc", "desc"):
+                raise ApiError(400, f"invalid order={order!r}: expected 'asc' or 'desc'", param="order")
+            limit = q.get("limit", "20")
+            if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
+                raise ApiError(400, f"invalid limit={limit!r}: expected an integer in [1, 100]", param="limit")
+            listed = items if order == "asc" else items[::-1]
+            start = 0
+            if "after" in q:
+                start = next((k + 1 for k, i in enumerate(listed) if i.id == q["after"]), -1)
+                if start < 0:
+                    raise ApiError(400, f"invalid after={q['after']!r}: no input item of response {response_id!r} "
+                                        "has that id", param="after")
+            page = [_item(i) for i in listed[start:start + int(limit)]]
+            return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                    "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < len(listed)}
+
+    @app.api_route("/v1/responses/{response_id:path}", methods=["GET", "HEAD", "DELETE"])
+    async def stored_response(response_id: str, request: Request) -> Response:
+        stored = srv.stored(response_id, delete=request.method == "DELETE")
+        if request.method == "DELETE":  # OpenAI's deleted object (the openai client returns None)
+            return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+        if request.query_params.get("stream", "false").lower() not in ("false", "0"):
+            raise ApiError(400, "stream is not supported by GET /v1/responses/{id}: a stored response is returned "
+                                "whole, its events are not replayed", param="stream")
+        return Response(stored.body, media_type="application/json")
 
     # -- models, health, metrics, tokenizer ---------------------------------------------------------
 
@@ -1074,6 +1161,16 @@ def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+def _item(i: Item) -> dict[str, Any]:
+    """A stored message as an input item (OpenAI's `ResponseInputMessageItem`, or `ResponseOutputMessage`)."""
+    part = _output_text(i.text) if i.role == "assistant" else {"type": "input_text", "text": i.text}
+    return {"id": i.id, "type": "message", "role": i.role, "status": "completed", "content": [part]}
+
+
+def _message(i: Item) -> ChatMessage:
+    return ChatMessage.model_construct(role=i.role, content=i.text)  # checked when it was stored
+
+
 def _model_card(cfg: ServerConfig) -> dict[str, Any]:
     return {"id": cfg.model_name, "object": "model", "created": cfg.created, "owned_by": "mixlab",
             "max_model_len": cfg.context_len, "mixlab": dict(cfg.model_info)}
@@ -1129,7 +1226,9 @@ class _Guard:
             scope = {**scope, "path": path}
             if scope.get("raw_path"):
                 scope["raw_path"] = re.sub(rb"/{2,}", b"/", scope["raw_path"])
-        endpoint = path if path in self.KNOWN else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        endpoint = path if path in self.KNOWN else ("/v1/models" if path.startswith("/v1/models/") else
+                                                    "/v1/responses/{id}" if path.startswith("/v1/responses/") else
+                                                    "other")
         status = {"code": 0}
         # the caller's X-Request-Id comes back on the response (vLLM's and OpenAI's header), else a new one
         headers = dict(scope.get("headers", []))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -84,6 +84,13 @@ class Metrics:
                              buckets=_ITL, registry=r)
         self.in_progress = 0
         r.register(_EngineCollector(stats, lambda: self.in_progress))
+
+    def watch_store(self, count: Callable[[], float], size: Callable[[], float]) -> None:
+        """Gauges of the Responses API's stored responses, read at scrape time."""
+        Gauge("mixlab_responses_stored", "Responses API responses kept for previous_response_id and GET",
+              registry=self.registry).set_function(count)
+        Gauge("mixlab_responses_stored_bytes", "bytes the stored responses are charged (their JSON and conversation)",
+              registry=self.registry).set_function(size)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,7 @@
 """OpenAI's request bodies as pydantic models, and OpenAI's error body.
 
 Field names, types and ranges follow OpenAI's API reference (chat completions, the legacy completions, the
-Responses API's stateless core); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
+Responses API's text core); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
 `return_token_ids` are vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"`
 strings, no booleans for integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones
 whose meaning we do not implement (tools, unless tool_choice is "none"; suffixes, audio, web search; vLLM's
@@ -12,6 +12,7 @@ a 400 naming them, where they ask for something, rather than silently dropped.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -35,7 +36,7 @@ from pydantic_core import PydanticCustomError
 from mixlab.engine.api import MAX_LOGPROBS  # the engine's bound on top alternatives
 
 __all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest", "ResponsesRequest",
-           "TokenizeRequest", "error_body"]
+           "TokenizeRequest", "error_body", "not_supported"]
 
 # Bounds on list sizes keep a single request from asking for unbounded work.
 MAX_N = 16
@@ -164,8 +165,7 @@ class _Sampling(BaseModel):
     def _refuse_not_implemented(cls, data: Any) -> Any:
         for name, nothing in cls.REFUSED.items():
             if isinstance(data, dict) and data.get(name) not in (nothing, None, []):
-                raise _field_error(name, f"{name}={json.dumps(data[name])[:80]} is not supported by this server "
-                                         f"(leave it out, or send {json.dumps(nothing)})")
+                raise _field_error(name, not_supported(name, data[name], nothing))
         return data
 
     @model_validator(mode="after")
@@ -223,6 +223,12 @@ class _Sampling(BaseModel):
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def not_supported(name: str, value: Any, nothing: Any) -> str:
+    """The refusal of a parameter this server does not implement, `nothing` being the value that asks for nothing."""
+    return (f"{name}={json.dumps(value)[:80]} is not supported by this server (leave it out, or send "
+            f"{json.dumps(nothing)})")
 
 
 class _FieldError(ValueError):
@@ -402,11 +408,12 @@ class DetokenizeRequest(BaseModel):
     tokens: Annotated[list[TokenId], Field(max_length=1_000_000, fail_fast=True)]
 
 
-# OpenAI's Responses API (`POST /v1/responses`), stateless: what would need a stored response or a tool, and
-# what asks for reasoning or extra output, is refused; `store` is accepted and nothing is stored (as vLLM does
-# without its store: `store: true` is OpenAI's default, which clients send without meaning it)
-RESPONSES_NOT_IMPLEMENTED = {"previous_response_id": None, "conversation": None, "include": None,
-                             "background": False, "prompt": None, "top_logprobs": 0, "max_tool_calls": None}
+# OpenAI's Responses API (`POST /v1/responses`): what would need a stored conversation or prompt or a tool, and
+# what asks for reasoning or extra output, is refused. `store` and `previous_response_id` are the app's (its
+# response store, store.py; without one, `store` is answered false and `previous_response_id` refused in
+# these words, `not_supported`)
+RESPONSES_NOT_IMPLEMENTED = {"conversation": None, "include": None, "background": False, "prompt": None,
+                             "top_logprobs": 0, "max_tool_calls": None}
 
 
 class ResponsesRequest(_Sampling):
@@ -416,6 +423,7 @@ class ResponsesRequest(_Sampling):
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     metadata: dict[str, StrictStr] | None = None
     store: StrictBool = True
+    previous_response_id: StrictStr | None = None
     parallel_tool_calls: StrictBool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -441,16 +449,21 @@ class ResponsesRequest(_Sampling):
         if self.truncation == "auto":
             raise _field_error("truncation", "truncation \"auto\" is not supported: an input over the context is "
                                              "refused (send \"disabled\")")
-        self.messages()
+        self.input_messages()
         return self
 
-    def messages(self) -> list[ChatMessage]:
-        """`instructions` as a system message, then `input` (a user message, or message items) as chat messages;
-        a 400 naming the item or part that is not a message or text."""
+    def messages(self, turns: Sequence[ChatMessage] | None = None) -> list[ChatMessage]:
+        """`instructions` as a system message, then `turns`: `input`'s messages, or the app's (the conversation
+        `previous_response_id` continues, then them: its own instructions are not carried over, as OpenAI defines)."""
         head = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
+        return [*head, *(self.input_messages() if turns is None else turns)]
+
+    def input_messages(self) -> list[ChatMessage]:
+        """`input` (a user message, or message items) as chat messages; a 400 naming the item or part that is
+        not a message or text."""
         if isinstance(self.input, str):
-            return [*head, ChatMessage(role="user", content=self.input)]
-        return head + [_input_message(item, f"input[{i}]") for i, item in enumerate(self.input)]
+            return [ChatMessage(role="user", content=self.input)]
+        return [_input_message(item, f"input[{i}]") for i, item in enumerate(self.input)]
 
     def text_format(self) -> dict[str, Any]:
         fmt = (self.text or {}).get("format")

@@ -1,0 +1,82 @@
+"""The Responses API's stored responses (`store: true`), kept in memory so that a later request can continue
+one (`previous_response_id`) and `GET` / `DELETE /v1/responses/{id}` find it, as OpenAI and vLLM (with its
+store enabled) keep them. An LRU bounded by count and by bytes: each response is charged its JSON and the
+text of its whole conversation (earlier turns included, though entries of one chain share those strings:
+the bound is on at most that much memory). Touched from the event loop only, so it has no lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+__all__ = ["Item", "ResponseStore", "Stored"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One message of a stored conversation, as `GET /v1/responses/{id}/input_items` lists it."""
+
+    id: str
+    role: str  # "user", "system", "developer" or "assistant"
+    text: str
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", len(self.text.encode()))
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A finished response: its object's JSON (what the POST answered, or its last event carried), the
+    conversation it answered (its input items, earlier turns' included; never its `instructions`, which
+    OpenAI does not carry over) and its output message."""
+
+    body: bytes
+    items: tuple[Item, ...]
+    output: Item
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + self.output.size + sum(i.size for i in self.items)
+
+
+class ResponseStore:
+    """At most `max_count` responses of at most `max_bytes` (`Stored.size`) together; the least recently
+    stored or read goes first. A response larger than `max_bytes` alone is not kept."""
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        if max_count < 1 or max_bytes < 1:
+            raise ValueError(f"a response store holds at least 1 response and 1 byte, got {max_count} and {max_bytes}")
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self._kept: OrderedDict[str, tuple[Stored, int]] = OrderedDict()  # id -> (response, its size)
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def put(self, response_id: str, response: Stored) -> bool:
+        size = response.size
+        if size > self.max_bytes:
+            return False
+        self.pop(response_id)
+        while self._kept and (len(self._kept) >= self.max_count or self.nbytes + size > self.max_bytes):
+            _, (_, freed) = self._kept.popitem(last=False)
+            self.nbytes -= freed
+        self._kept[response_id] = (response, size)
+        self.nbytes += size
+        return True
+
+    def get(self, response_id: str) -> Stored | None:
+        kept = self._kept.get(response_id)
+        if kept is None:
+            return None
+        self._kept.move_to_end(response_id)
+        return kept[0]
+
+    def pop(self, response_id: str) -> Stored | None:
+        kept = self._kept.pop(response_id, None)
+        if kept is None:
+            return None
+        self.nbytes -= kept[1]
+        return kept[0]
