@@ -225,6 +225,10 @@ def test_retrieve_is_the_created_object_and_delete_removes_it(client: Any, serve
     with client.responses.stream(**{**body, "max_output_tokens": 40}) as stream:
         streamed = [e for e in stream][-1].response
     assert client.responses.retrieve(streamed.id) == streamed  # as its last event carried it
+    replay = httpx.get(f"{server}/v1/responses/{r.id}?stream=true", timeout=30)  # its events are not kept
+    assert replay.status_code == 400 and replay.json()["error"]["param"] == "stream"
+    head = httpx.head(f"{server}/v1/responses/{r.id}", timeout=30)
+    assert head.status_code == 200 and head.headers["content-type"] == "application/json" and not head.content
     # OpenAI's deleted object (the client itself returns None); then it is gone
     gone = httpx.delete(f"{server}/v1/responses/{r.id}", timeout=30)
     assert gone.status_code == 200 and gone.json() == {"id": r.id, "object": "response", "deleted": True}
