@@ -1,13 +1,16 @@
 """`generate` / `chat --ep N` read each process's experts straight from the files
 (`parallel.expert.load_expert_parallel`): every process ends with the tensors the old path gave it
-(`load_model` of the whole checkpoint, then `apply_expert_parallel`), bit for bit, from transformers'
-and Mistral's formats in every dtype, and never holds the whole model while it does.
+(`load_model` of the whole checkpoint, or `load_gguf(keep_int4=False)` of a GGUF file, an adapter
+merged, then `apply_expert_parallel`), bit for bit, from transformers', Mistral's and GGUF files (F32,
+BF16, Q4_0 dequantised, split in parts) in every dtype, with a PEFT adapter's expert factors narrowed
+to the process's experts, and never holds the whole model while it does.
 
 Like tests/test_parallel_init.py, a group of processes (gloo, loopback, spawned) runs a list of jobs."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from pathlib import Path
@@ -21,28 +24,42 @@ from mixlab import load_model, save_model
 from processes import run_group
 
 
+def _whole(src: str, dtype: str | None, adapter: str | None = None) -> Any:
+    """The model as `generate --ep` loaded it whole before it was split: `load_model`, or for a GGUF
+    file `load_gguf` with its Q4_0 matrices dequantised; an adapter merged."""
+    from mixlab.checkpoint import merge_adapter
+    from mixlab.checkpoint.gguf_read import load_gguf
+    from mixlab.dtypes import parse_dtype
+
+    if not src.endswith(".gguf"):
+        return load_model(src, dtype=dtype, adapter=adapter)
+    model = load_gguf(src, dtype=parse_dtype(dtype), keep_int4=False)
+    return model if adapter is None else merge_adapter(model, adapter)
+
+
 def _compare_job(rank: int, job: dict[str, Any]) -> None:
-    """For each source and dtype: `load_expert_parallel` equals `load_model` then
-    `apply_expert_parallel`, each local tensor bit for bit (dtype, device, values), and so do the
-    logits (both models' forwards exchange tokens with the other process's)."""
+    """For each source (a checkpoint and an adapter or None) and dtype: `load_expert_parallel` equals
+    the whole load then `apply_expert_parallel`, each local tensor bit for bit (dtype, device,
+    values), and so do the logits (both models' forwards exchange tokens with the other process's)."""
     from mixlab.parallel.expert import apply_expert_parallel, load_expert_parallel
     from mixlab.parallel.mesh import init
 
     layout = init(ep=2)
-    for src in job["sources"]:
-        for dtype in (None, "float32", "bfloat16"):
-            want = load_model(src, dtype=dtype)
+    for src, adapter, dtypes in job["sources"]:
+        for dtype in dtypes:
+            want = _whole(src, dtype, adapter)
             apply_expert_parallel(want, layout)
-            got = load_expert_parallel(src, layout, dtype=dtype)
+            got = load_expert_parallel(src, layout, dtype=dtype, adapter=adapter)
             params = dict(want.named_parameters())
             assert params.keys() == dict(got.named_parameters()).keys()
             for name, p in got.named_parameters():
                 q = params[name]
-                assert p.dtype == q.dtype and p.shape == q.shape and torch.equal(p, q), (src, dtype, rank, name)
+                assert p.dtype == q.dtype and p.shape == q.shape and torch.equal(p, q), (src, adapter, dtype, rank,
+                                                                                           name)
             assert not got.training and got.config == want.config
             x = torch.randint(0, got.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
-                assert torch.equal(got(x), want(x)), (src, dtype, rank)
+                assert torch.equal(got(x), want(x)), (src, adapter, dtype, rank)
 
 
 def _memory_job(rank: int, job: dict[str, Any]) -> None:
@@ -63,17 +80,21 @@ def _memory_job(rank: int, job: dict[str, Any]) -> None:
 
     init(ep=2)  # the process group, the tokenizer (read again by _load, a few MB), the meta device: not measured
     load_tokenizer()
+    if job["model"].endswith(".gguf"):  # nor the gguf package's import (~45 MB) and a header's first read (16 MB)
+        from mixlab.checkpoint.gguf_read import read_header
+
+        read_header(job["model"])
     with torch.device("meta"):
         Transformer(get_preset("tiny-moe"))
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) := the current resident memory
     before = resident()
     args = argparse.Namespace(command="generate", ep=2, model=job["model"], tokenizer=None, threads=None,
-                              dtype="float32", device="cpu", quant="none", max_memory=None)
+                              dtype="float32", device="cpu", quant="none", max_memory=None, adapter=job.get("adapter"))
     model, _ = _load(args)
     with torch.device("meta"):
         whole = sum(p.numel() * p.element_size() for p in Transformer(model.config).parameters())
     local = sum(p.numel() * p.element_size() for p in model.parameters())
-    Path(job["report"]).with_suffix(f".{rank}.json").write_text(json.dumps({"grown": peak() - before,
+    Path(f"{job['report']}.{rank}.json").write_text(json.dumps({"grown": peak() - before,
                                                                               "model": whole, "local": local}))
 
 
@@ -100,30 +121,178 @@ def test_each_process_reads_the_experts_the_whole_load_gave_it(tmp_path: Path) -
     sources += [tmp_path / "per-expert", tmp_path / "mistral"]
     assert json.loads((sources[1] / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_model(sources[2]).config.tie_embeddings
-    run_group(_job, [{"kind": "compare", "sources": [str(s) for s in sources]}])
+    run_group(_job, [{"kind": "compare", "sources": [(str(s), None, (None, "float32", "bfloat16")) for s in sources]}])
+
+
+def _tiny_moe() -> Any:
+    """A random tiny MoE model with Mixtral's vocabulary (write_gguf's tokenizer) and no sliding window
+    (llama.cpp's `llama` architecture has none)."""
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, sliding_window=None))
+    model.init_weights(std=0.1, seed=0)
+    return model
+
+
+def _adapter(model: Any, path: Path, layout: str) -> Path:
+    """A PEFT adapter over `model` (attention, experts, router; random B: its update is not zero), its
+    experts as PEFT writes them for transformers < 5 ("modules": one matrix per expert) or >= 5
+    ("fused": factors stacked over the experts)."""
+    from mixlab.train.lora import LoraConfig, apply_lora, save_peft
+
+    m = apply_lora(copy.deepcopy(model), LoraConfig(rank=4, alpha=8, targets=("attention", "experts", "router")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    save_peft(m, path, expert_layout=layout)
+    return path
+
+
+def _split_gguf(model: Any, folder: Path) -> Path:
+    """`model` as an F32 GGUF split in parts (gguf-py's own splitting, as llama.cpp's converter runs it);
+    its first part."""
+    from mixlab.checkpoint.gguf import _tensors, gguf_writer
+
+    w = gguf_writer(model.config, name="x", file_type=0)
+    w.split_max_tensors = 8
+    for n, t, _ in _tensors(model, model.config):
+        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    w.write_header_to_file(folder / "m.gguf")
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return next(folder.glob("m-00001-of-*.gguf"))
+
+
+@pytest.mark.slow  # 2 processes: ~15-25 s on 2 busy cores
+def test_each_process_reads_its_experts_of_a_gguf_file_and_merges_an_adapter_into_them(tmp_path: Path) -> None:
+    """GGUF files (F32, BF16, Q4_0 dequantised, split in parts) and PEFT adapters (fused and per-expert
+    factors; over a folder and a GGUF file): each process's tensors and the logits equal the whole load,
+    adapter merged, then split. Both were loaded whole in every process, then split."""
+    pytest.importorskip("gguf")
+    from mixlab.checkpoint.gguf import write_gguf
+
+    model = _tiny_moe()
+    save_model(model, tmp_path / "base")
+    ggufs = {q: str(write_gguf(model, tmp_path / f"{q}.gguf", quant=q)) for q in ("f32", "bf16", "q4_0")}
+    (tmp_path / "split").mkdir()
+    split = _split_gguf(model, tmp_path / "split")
+    fused, modules = (str(_adapter(model, tmp_path / f"adapter-{k}", k)) for k in ("fused", "modules"))
+    assert not torch.equal(load_model(tmp_path / "base", adapter=fused).layers[0].ffn.experts.w13,
+                           model.layers[0].ffn.experts.w13)  # the adapter changes the experts
+    sources = [(ggufs["f32"], None, (None, "bfloat16")), (ggufs["bf16"], None, (None, "float32")),
+               (ggufs["q4_0"], None, (None, "bfloat16")), (str(split), None, (None,)),
+               (str(tmp_path / "base"), fused, (None, "bfloat16")), (str(tmp_path / "base"), modules, (None,)),
+               (ggufs["bf16"], fused, (None,))]
+    run_group(_job, [{"kind": "compare", "sources": sources}])
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_0"])
+def test_a_process_reads_only_its_experts_bytes_of_a_gguf_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                quant: str) -> None:
+    """Both ranks' shares in one process (a layout of 2 without a process group): each reads every
+    dense tensor whole and half of each stacked expert tensor's bytes, once (F32 straight into its
+    tensors, Q4_0 dequantised); together they are the whole load's tensors."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("gguf")
+    from mixlab.checkpoint import gguf_read
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.parallel.expert import load_expert_parallel
+
+    path = write_gguf(_tiny_moe(), tmp_path / "m.gguf", quant=quant)
+    whole = gguf_read.load_gguf(path, keep_int4=False)
+    tensors = gguf_read.read_header(path).tensors
+    raw = gguf_read._Reader.raw
+    read: dict[str, int] = {}
+
+    def count(self: Any, t: Any, out: Any = None) -> Any:
+        read[t.name] = read.get(t.name, 0) + t.nbytes
+        return raw(self, t, out)
+
+    monkeypatch.setattr(gguf_read._Reader, "raw", count)
+    shares = []
+    for rank in range(2):
+        read.clear()
+        layout: Any = SimpleNamespace(rank=rank, world=2, is_main=rank == 0, ep=2, ep_rank=rank, fsdp=False)
+        shares.append(load_expert_parallel(path, layout))
+        assert read == {n: t.nbytes // 2 if "_exps." in n else t.nbytes for n, t in tensors.items()}, rank
+    for name, p in whole.named_parameters():
+        parts = [dict(s.named_parameters())[name] for s in shares]
+        assert torch.equal(torch.cat(parts) if ".experts." in name else parts[0], p), name
+
+
+@pytest.mark.parametrize("fault", ["missing", "shape"])
+def test_a_bad_gguf_file_is_one_line_naming_the_file_and_tensor(tmp_path: Path, fault: str) -> None:
+    """A GGUF file without an expert tensor, or with one of another shape, is refused under --ep as it
+    is whole, before anything is read: one line naming the file and the tensor."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("gguf")
+    from mixlab.checkpoint import CheckpointError
+    from mixlab.checkpoint.gguf import _tensors, gguf_writer
+    from mixlab.parallel.expert import load_expert_parallel
+
+    model = _tiny_moe()
+    w = gguf_writer(model.config, name="x", file_type=0)
+    for n, t, _ in _tensors(model, model.config):
+        if n == "blk.1.ffn_down_exps.weight":
+            if fault == "missing":
+                continue
+            t = t[:-1]  # one expert short
+        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    path = tmp_path / "bad.gguf"
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    layout: Any = SimpleNamespace(rank=0, world=2, is_main=True, ep=2, ep_rank=0, fsdp=False)
+    want = "missing tensor 'blk.1.ffn_down_exps.weight'" if fault == "missing" else \
+        r"tensor 'blk.1.ffn_down_exps.weight' has shape \[3, 64, 128\] \(torch order\), expected \[4, 64, 128\]"
+    for load in (lambda: load_model(path), lambda: load_expert_parallel(path, layout)):
+        with pytest.raises(CheckpointError, match=f"^{path}: {want}") as e:
+            load()
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets and reads the peak memory in /proc")
-def test_no_process_loads_the_whole_checkpoint(tmp_path: Path) -> None:
-    """`generate --ep 2`'s load on a ~140 MB model whose experts are most of it: each process reads
-    its half of the experts; every process used to load the whole checkpoint, then keep its share."""
+@pytest.mark.parametrize("source", ["folder", "gguf", "adapter"])
+def test_no_process_loads_the_whole_checkpoint(tmp_path: Path, source: str) -> None:
+    """`generate --ep 2`'s load on a ~140 MB model whose experts are most of it (a folder, an F32 GGUF
+    file, a folder with a PEFT adapter): each process reads its half of the experts; every process used
+    to load the whole checkpoint (always for a GGUF file or with an adapter), then keep its share."""
     from mixlab.config import MoEConfig, get_preset
     from mixlab.model import Transformer
 
     cfg = get_preset("tiny-moe").replace(vocab_size=32000, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64,
-                                         ffn_dim=512, tie_embeddings=True, moe=MoEConfig(num_experts=8, top_k=2))
+                                         ffn_dim=512, tie_embeddings=True, sliding_window=None,
+                                         moe=MoEConfig(num_experts=8, top_k=2))
     model = Transformer(cfg)
     model.init_weights(seed=0)
-    save_model(model, tmp_path / "model")
+    job = {"kind": "memory", "model": str(tmp_path / "model"), "report": str(tmp_path / "mem")}
+    if source == "gguf":
+        pytest.importorskip("gguf")
+        from mixlab.checkpoint.gguf import write_gguf
+
+        job["model"] = str(write_gguf(model, tmp_path / "model.gguf", quant="f32"))
+    else:
+        save_model(model, tmp_path / "model")
+    if source == "adapter":
+        job["adapter"] = str(_adapter(model, tmp_path / "adapter", "fused"))
     del model
-    run_group(_job, [{"kind": "memory", "model": str(tmp_path / "model"), "report": str(tmp_path / "mem")}])
+    run_group(_job, [job])
     for rank in range(2):
         got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
         assert got["local"] < 0.7 * got["model"], got  # half the experts + the dense weights (tied embeddings)
-        # this process's tensors (0.64 of the model) + slack for the allocator (grew 0.71 here); the old code
-        # loaded the whole model, then kept its share (1.03): the bound sits between, away from both
-        assert got["grown"] < 0.875 * got["model"], (rank, got)
+        # this process's tensors (0.64 of the model) + slack for the allocator; grew 0.71 here (a folder), 0.85
+        # (GGUF: + a header's 16 MB first read, twice: the model's, the tokenizer's), 0.91 (an adapter: + its
+        # merge's float32 temporaries). The old code loaded the whole model, then kept its share (1.03, GGUF 1.16,
+        # adapter 1.44): each bound sits between, away from both
+        assert got["grown"] < {"folder": 0.875, "gguf": 1.0, "adapter": 1.15}[source] * got["model"], (rank, got)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -152,3 +321,19 @@ def test_each_rank_s_share_on_its_device(tmp_path: Path, device: str) -> None:
         parts = [dict(s.named_parameters())[name] for s in shares]
         assert torch.equal(torch.cat(parts) if ".experts." in name else parts[0], p), name
     assert shares[0].layers[0].ffn.experts.w13.shape[0] == 2
+
+
+def test_an_adapter_merged_into_a_share_of_other_experts_is_refused(tmp_path: Path) -> None:
+    """`merge_adapter(experts=)` names the weight whose experts are not the share given, before any
+    weight changes."""
+    from mixlab.checkpoint import merge_adapter
+
+    model = _tiny_moe()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    adapter = _adapter(model, tmp_path / "adapter", "fused")
+    with pytest.raises(ValueError, match=r"experts=range\(0, 2\): the model's layers.0.ffn.experts.w2 holds 4 "
+                                         r"experts; expected 2"):
+        merge_adapter(model, adapter, experts=range(0, 2))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    merge_adapter(model, adapter, experts=range(0, 4))  # all of them: the whole merge
+    assert not torch.equal(model.layers[0].ffn.experts.w13, before["layers.0.ffn.experts.w13"])

@@ -301,11 +301,26 @@ def read_adapter(path: str | Path) -> Adapter:
     return Adapter(root, conf, infos)
 
 
+def _local_part(w: torch.Tensor, t: _Target, experts: range) -> torch.Tensor | None:
+    """The part of stacked expert weight `t.rule.ours` that `t` adapts, as a view of `w`, which holds
+    experts `experts` of it only (expert parallelism's share): a parameter target's [E, X, I] narrowed
+    to them; a module target's one expert's matrix, or None for another process's expert."""
+    v = t.rule.parts(torch.empty(t.rule.shape, device="meta"))[t.part]  # where the part lies in the whole
+    per = math.prod(t.rule.shape[1:])  # elements per expert
+    if t.experts:
+        v = v[experts.start:experts.stop]
+    elif v.storage_offset() // per not in experts:
+        return None
+    return w.as_strided(v.shape, v.stride(), w.storage_offset() + v.storage_offset() - experts.start * per)
+
+
 @torch.no_grad()
-def merge_adapter(model: Transformer, path: str | Path | Adapter) -> Transformer:
+def merge_adapter(model: Transformer, path: str | Path | Adapter, *, experts: range | None = None) -> Transformer:
     """Merge the PEFT LoRA adapter in folder `path` (or as `read_adapter` read it) into `model`'s weights
     (in place; returns it). Raises CheckpointError naming the file, tensor or field of anything that does
-    not fit the model; then no weight has changed."""
+    not fit the model; then no weight has changed. `experts`: the model holds only these experts of
+    each MoE layer (expert parallelism's share, `parallel.expert.local_experts`): the adapter's expert
+    factors are narrowed to them, and another process's experts' factors are not read."""
     adapter = path if isinstance(path, Adapter) else read_adapter(path)
     root, conf, infos = adapter.root, adapter.config, adapter.tensors
     file = root / WEIGHTS
@@ -326,14 +341,22 @@ def merge_adapter(model: Transformer, path: str | Path | Adapter) -> Transformer
             raise CheckpointError(f"{file}: {t.a!r} adapts {t.name}, which this model holds "
                                   f"{'quantised' if p is None else 'as ' + str(p.dtype)}; load float weights to "
                                   "merge an adapter")
+        if experts is not None and ".ffn.experts." in t.rule.ours and (p.shape[0] != len(experts)
+                                                                       or not p.is_contiguous()):
+            raise ValueError(f"experts={experts}: the model's {t.rule.ours} holds {p.shape[0]} experts; expected "
+                             f"{len(experts)} (a contiguous tensor)")
     with TensorReader(infos) as reader:
         for t in targets:
             w = params[t.rule.ours].data
-            view = t.rule.parts(w)[t.part]
+            mine = experts if ".ffn.experts." in t.rule.ours else None  # a share of the experts, or all
+            view = t.rule.parts(w)[t.part] if mine is None else _local_part(w, t, mine)
+            if view is None:
+                continue
             A, B = reader.get(t.a).to(w.device, torch.float32), reader.get(t.b).to(w.device, torch.float32)
             if t.experts:
                 E, r = t.experts, t.rank
-                delta = torch.einsum("xre,eri->exi", B.view(B.shape[0], r, E), A.view(E, r, A.shape[1]))
+                on = slice(None) if mine is None else slice(mine.start, mine.stop)
+                delta = torch.einsum("xre,eri->exi", B.view(B.shape[0], r, E)[..., on], A.view(E, r, A.shape[1])[on])
             else:
                 delta = B @ A
             if not all_finite(delta):  # as a checkpoint's own NaN weights are told

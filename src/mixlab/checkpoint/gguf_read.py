@@ -92,6 +92,12 @@ class GGUFTensor:
     def type_name(self) -> str:
         return _type_table()[self.type][0]
 
+    def experts(self, lo: int, hi: int) -> GGUFTensor:
+        """Experts lo..hi-1 of a stacked experts tensor [E, ...]: one run of its bytes (dim 0 is the
+        slowest, and each expert holds whole blocks)."""
+        per = self.nbytes // self.shape[0]
+        return replace(self, shape=(hi - lo, *self.shape[1:]), start=self.start + lo * per, nbytes=(hi - lo) * per)
+
 
 @dataclass
 class GGUFHeader:
@@ -421,8 +427,9 @@ class _Reader:
         for fd in self.fds.values():
             os.close(fd)
 
-    def raw(self, t: GGUFTensor) -> np.ndarray:
-        out = np.empty(t.nbytes, dtype=np.uint8)
+    def raw(self, t: GGUFTensor, out: np.ndarray | None = None) -> np.ndarray:
+        """The bytes of `t`, in `out` (`t.nbytes` uint8) if given."""
+        out = np.empty(t.nbytes, dtype=np.uint8) if out is None else out
         view, done = memoryview(out.data), 0
         while done < t.nbytes:
             n = os.preadv(self.fds[t.file], [view[done:]], t.start + done)
@@ -441,6 +448,11 @@ class _Reader:
 
     def floats(self, t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
         """Any tensor as floats in `dtype` (dequantised where quantised)."""
+        if t.type == Q4_0:  # `q4` reads the bytes itself (reading them here first read a Q4_0 tensor twice)
+            from mixlab.ops.quant import dequantize_int4
+
+            q, s = self.q4(t)
+            return dequantize_int4(q, s, dtype)
         raw = self.raw(t)
         if t.type == F32:
             x = torch.from_numpy(raw.view(np.float32))
@@ -452,11 +464,6 @@ class _Reader:
             blocks = raw.reshape(-1, 34)
             d = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
             x = torch.from_numpy((blocks[:, 2:].view(np.int8).astype(np.float32) * d).reshape(-1))
-        elif t.type == Q4_0:
-            from mixlab.ops.quant import dequantize_int4
-
-            q, s = self.q4(t)
-            return dequantize_int4(q, s, dtype)
         else:  # a type `_readable` accepted (checked before any tensor is read)
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
@@ -579,6 +586,69 @@ def _default_dtype(h: GGUFHeader) -> torch.dtype:
     return {F16: torch.float16, BF16: torch.bfloat16, F32: torch.float32}[max(by, key=lambda k: by[k])]
 
 
+def _float_weight(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], kind: str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """One weight of `_plan` (its GGUF `parts`, of `kind`) as floats in `dtype`: dequantised where
+    quantised, q / k rows put back in mixlab's rotary layout, the parts joined, NaN / Inf warned of."""
+    f32 = kind in ("norm", "router")  # tiny, kept float32 as in every mixlab model... cast below
+    xs = [reader.floats(t, torch.float32 if f32 else dtype) for t in parts]
+    if kind == "qkv":
+        xs[0], xs[1] = _rope_unpermute(xs[0], cfg.n_heads), _rope_unpermute(xs[1], cfg.n_kv_heads)
+    x = torch.cat(xs, 1 if kind == "experts" else 0) if len(xs) > 1 else xs[0]
+    _check_finite(reader.h, parts, x)
+    return x.to(dtype)
+
+
+_AS_TORCH = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
+
+
+def _read_straight(reader: _Reader, parts: list[GGUFTensor], kind: str, dest: torch.Tensor) -> bool:
+    """Read a weight of `_plan` straight into `dest`'s memory, as safetensors' `read_into` does (no
+    temporary of its size), where the file holds it in `dest`'s float type and layout: its parts'
+    bytes in a row, or each expert's (gate rows, then up rows). False where the values need
+    converting or dequantising, or the q / k rows permuting."""
+    if (kind == "qkv" or dest.device.type != "cpu" or not dest.is_contiguous()
+            or any(_AS_TORCH.get(t.type) != dest.dtype for t in parts)):
+        return False
+    runs = ([([t.experts(e, e + 1) for t in parts], dest[e]) for e in range(dest.shape[0])] if kind == "experts"
+            else [(parts, dest)])
+    for ts, d in runs:
+        out, at = d.reshape(-1).view(torch.uint8).numpy(), 0
+        for t in ts:
+            reader.raw(t, out[at:at + t.nbytes])
+            at += t.nbytes
+    return True
+
+
+def read_gguf_pieces(h: GGUFHeader, pieces: dict[str, tuple[torch.Tensor, tuple[slice, ...]]]) -> None:
+    """Fill each `pieces[name] = (dest, index)` with `whole[index]` of weight `name` (mixlab's name) of
+    the GGUF file `h`, as `load_gguf(keep_int4=False)` reads it in `dest`'s dtype: the GGUF
+    counterpart of `train.checkpoints.read_pieces`, for expert parallelism. `index` takes whole
+    tensors, or some experts (dim 0) of a stacked experts weight: only those experts' bytes are read,
+    straight into `dest` where they need no conversion (`_read_straight`).
+    The file is checked against its config (`_plan`) before anything is read."""
+    cfg = config_from_header(h)
+    plan = {name: (parts, kind) for name, parts, kind in _plan(h, cfg)}
+    if set(pieces) - set(plan):
+        raise ValueError(f"no weight {sorted(set(pieces) - set(plan))[0]!r} in {h.path}")
+    reader = _Reader(h)
+    try:
+        with torch.no_grad():
+            for name, (dest, index) in pieces.items():
+                parts, kind = plan[name]
+                first = 1 if kind == "experts" else 0  # dim 0 of stacked experts: any of them
+                if [(s.start, s.stop) for s in index[first:]] != [(0, n) for n in dest.shape[first:]]:
+                    raise ValueError(f"{name}: a GGUF piece is a whole tensor or some experts, not {index}")
+                if kind == "experts":
+                    parts = [t.experts(index[0].start, index[0].stop) for t in parts]
+                if _read_straight(reader, parts, kind, dest):
+                    _check_finite(h, parts, dest)
+                else:
+                    dest.copy_(_float_weight(reader, cfg, parts, kind, dest.dtype))
+    finally:
+        reader.close()
+
+
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
               max_memory: int | None = None, policy: str = "lru", prefetch: bool = True,
               keep_int4: bool = True) -> Any:
@@ -622,13 +692,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
                               torch.cat([s for _, s in qs], cat).contiguous())
                 _check_finite(h, parts, int4[name][1])
                 continue
-            f32 = kind in ("norm", "router")  # tiny, kept float32 as in every mixlab model... cast below
-            xs = [reader.floats(t, torch.float32 if f32 else want) for t in parts]
-            if kind == "qkv":
-                xs[0], xs[1] = _rope_unpermute(xs[0], cfg.n_heads), _rope_unpermute(xs[1], cfg.n_kv_heads)
-            x = torch.cat(xs, 1 if kind == "experts" else 0) if len(xs) > 1 else xs[0]
-            _check_finite(h, parts, x)
-            state[name] = x.to(want).to(device)
+            state[name] = _float_weight(reader, cfg, parts, kind, want).to(device)
     finally:
         reader.close()
 

@@ -66,15 +66,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
             raise UsageError("--quant is not supported with --ep yet")
         layout = init(ep=args.ep, device=args.device)
         device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
-    # Under --ep a folder's model is built split, each process reading its experts only; a GGUF file and
-    # an --adapter to merge are loaded whole, then split.
+    # Under --ep the model is built split, each process reading its experts only (a folder's or a GGUF
+    # file's, an --adapter merged into them); with --ep 1 a GGUF file is read whole, its Q4_0 dequantised.
     gguf = held and not os.path.isdir(args.model)  # a GGUF file (a missing one told by load_model, as without --ep)
-    split = layout is not None and layout.ep > 1 and not gguf and adapter is None
+    split = layout is not None and layout.ep > 1
     if split:
         from mixlab.parallel.expert import load_expert_parallel
 
         assert layout is not None
-        model = load_expert_parallel(args.model, layout, dtype=dtype, device=device)
+        model = load_expert_parallel(args.model, layout, dtype=dtype, device=device, adapter=adapter)
     elif layout is not None and gguf and os.path.isfile(args.model):
         from mixlab.checkpoint import merge_adapter, read_adapter, warn_other_base
         from mixlab.checkpoint.gguf_read import load_gguf

@@ -128,30 +128,60 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
 
 
 def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch.dtype | None = None,
-                         device: str | torch.device = "cpu") -> Transformer:
-    """`load_model(path, dtype=, device=)` then `apply_expert_parallel(model, layout)`, without ever
-    holding the whole model: built and split on the meta device, then only this process's tensors
-    allocated in `dtype` (default: as stored, as `load_model`) on `device` and filled straight from
-    the files, its experts' elements only (`train.checkpoints.read_pieces`: `load_model`'s key maps,
-    conversion and NaN / Inf warnings). A transformers or Mistral checkpoint folder; `load_model`
-    reads the others (a GGUF file) and merges adapters."""
-    from mixlab.checkpoint import _stored_dtype, folder_config, meta_model, parse_device, plan
-    from mixlab.config import as_path
+                         device: str | torch.device = "cpu", adapter: str | Path | None = None) -> Transformer:
+    """`load_model(path, dtype=, device=, adapter=)` then `apply_expert_parallel(model, layout)`,
+    without ever holding the whole model: built and split on the meta device, then only this
+    process's tensors allocated in `dtype` (default: as stored, as `load_model`) on `device` and
+    filled straight from the files, its experts' elements only (a transformers or Mistral folder:
+    `train.checkpoints.read_pieces`, `load_model`'s key maps, conversion and NaN / Inf warnings; a
+    GGUF file: `gguf_read.read_gguf_pieces`, its Q4_0 matrices dequantised as
+    `load_gguf(keep_int4=False)` reads them, as expert parallelism splits float experts). `adapter`:
+    a PEFT LoRA adapter folder merged into this process's tensors, its expert factors narrowed to
+    this process's experts (`merge_adapter(experts=)`)."""
+    from mixlab.checkpoint import (
+        _stored_dtype,
+        folder_config,
+        merge_adapter,
+        meta_model,
+        parse_device,
+        plan,
+        read_adapter,
+        warn_other_base,
+    )
+    from mixlab.checkpoint.gguf_read import _default_dtype, config_from_header, read_gguf_pieces, read_header
+    from mixlab.config import as_path, suffix_of
     from mixlab.dtypes import parse_dtype
     from mixlab.parallel.train import DistributedTraining
-    from mixlab.train.checkpoints import read_pieces
+    from mixlab.train.checkpoints import Piece, read_pieces
 
     root = as_path(path, what="load_expert_parallel's path")
     dev = parse_device(device)
-    config = folder_config(root)
-    _, table, infos = plan(root, config)
+    peft = None if adapter is None else read_adapter(adapter)  # a wrong adapter is told before a long load
+    if peft is not None:
+        warn_other_base(root, peft)
+    gguf = suffix_of(root) == ".gguf" and not root.is_dir()
+    if gguf:
+        header = read_header(root)
+        config = config_from_header(header)
+        stored = _default_dtype(header)
+    else:
+        config = folder_config(root)
+        _, table, infos = plan(root, config)
+        stored = _stored_dtype(table, infos)
     model = meta_model(config)
     par = DistributedTraining(layout)  # its `piece`: which experts this process's tensors hold
     par.parallelize(model)
-    model.to(dtype=parse_dtype(dtype) or _stored_dtype(table, infos)).to_empty(device=dev)
+    model.to(dtype=parse_dtype(dtype) or stored).to_empty(device=dev)
     if config.tie_embeddings:  # to_empty gives each module its own tensor
         model.output.weight = model.tok_embeddings.weight
-    read_pieces(root, table, infos, {name: (p, par.piece(name, p)) for name, p in model.named_parameters()})
+    pieces: dict[str, Piece] = {name: (p, par.piece(name, p)) for name, p in model.named_parameters()}
+    if gguf:
+        read_gguf_pieces(header, pieces)
+    else:
+        read_pieces(root, table, infos, pieces)
+    if peft is not None:
+        L = config.moe.num_experts // layout.ep if config.moe else 0  # a dense model only with --ep 1
+        merge_adapter(model, peft, experts=range(layout.ep_rank * L, (layout.ep_rank + 1) * L) if L else None)
     return model.eval()
 
 
