@@ -289,10 +289,10 @@ def test_no_process_loads_the_whole_checkpoint(tmp_path: Path, source: str) -> N
         got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
         assert got["local"] < 0.7 * got["model"], got  # half the experts + the dense weights (tied embeddings)
         # this process's tensors (0.64 of the model) + slack for the allocator; grew 0.71 here (a folder), 0.85
-        # (GGUF: + a header's 16 MB first read, twice: the model's, the tokenizer's), 0.91 (an adapter: + its
-        # merge's float32 temporaries). The old code loaded the whole model, then kept its share (1.03, GGUF 1.16,
-        # adapter 1.44): each bound sits between, away from both
-        assert got["grown"] < {"folder": 0.875, "gguf": 1.0, "adapter": 1.15}[source] * got["model"], (rank, got)
+        # (GGUF: + a header's 16 MB first read, twice: the model's, the tokenizer's), 0.73-0.75 (an adapter: + its
+        # merge's float32 temporaries, one expert's). The old code loaded the whole model, then kept its share
+        # (1.03, GGUF 1.16, adapter 1.44): each bound sits between, away from both
+        assert got["grown"] < (1.0 if source == "gguf" else 0.875) * got["model"], (rank, got)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

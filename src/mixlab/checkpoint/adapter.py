@@ -353,14 +353,19 @@ def merge_adapter(model: Transformer, path: str | Path | Adapter, *, experts: ra
             if view is None:
                 continue
             A, B = reader.get(t.a).to(w.device, torch.float32), reader.get(t.b).to(w.device, torch.float32)
-            if t.experts:
+            updates: Iterable[tuple[torch.Tensor, torch.Tensor]]
+            if t.experts:  # one expert at a time: float32 temporaries of one expert's matrix, not of all E
                 E, r = t.experts, t.rank
-                on = slice(None) if mine is None else slice(mine.start, mine.stop)
-                delta = torch.einsum("xre,eri->exi", B.view(B.shape[0], r, E)[..., on], A.view(E, r, A.shape[1])[on])
+                B_XrE, A_ErI = B.view(B.shape[0], r, E), A.view(E, r, A.shape[1])
+                ids = range(E) if mine is None else mine  # the experts `view` holds
+                updates = ((view[i], B_XrE[:, :, e] @ A_ErI[e]) for i, e in enumerate(ids))
             else:
-                delta = B @ A
-            if not all_finite(delta):  # as a checkpoint's own NaN weights are told
+                updates = [(view, (B @ A).view(view.shape))]
+            finite = True
+            for v, delta in updates:
+                finite = finite and all_finite(delta)
+                v.copy_(v.float() + t.scale * delta)
+            if not finite:  # as a checkpoint's own NaN weights are told
                 warnings.warn(f"{file}: tensor {t.a!r} or {t.b!r} holds NaN or Inf values (or their product "
                               "overflows); the model's outputs will be NaN", stacklevel=3)
-            view.copy_(view.float() + t.scale * delta.view(view.shape))
     return model
