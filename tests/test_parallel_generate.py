@@ -151,20 +151,21 @@ def _adapter(model: Any, path: Path, layout: str) -> Path:
     return path
 
 
-def _split_gguf(model: Any, folder: Path) -> Path:
-    """`model` as an F32 GGUF split in parts (gguf-py's own splitting, as llama.cpp's converter runs it);
-    its first part."""
+def _f32_gguf(model: Any, path: Path, *, parts: bool = False, edit: Any = lambda name, t: t) -> None:
+    """`model` as an F32 GGUF file written tensor by tensor (`edit(name, tensor)`: the tensor written, or
+    None for none), with `parts` split in parts of 8 tensors (gguf-py's own splitting, as llama.cpp's
+    converter runs it: PATH-0000K-of-0000N.gguf)."""
     from mixlab.checkpoint.gguf import _tensors, gguf_writer
 
     w = gguf_writer(model.config, name="x", file_type=0)
-    w.split_max_tensors = 8
+    w.split_max_tensors = 8 if parts else 0
     for n, t, _ in _tensors(model, model.config):
-        w.add_tensor(n, t.detach().float().contiguous().numpy())
-    w.write_header_to_file(folder / "m.gguf")
+        if (t := edit(n, t)) is not None:
+            w.add_tensor(n, t.detach().float().contiguous().numpy())
+    w.write_header_to_file(path)
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return next(folder.glob("m-00001-of-*.gguf"))
 
 
 @pytest.mark.slow  # 2 processes: ~15-25 s on 2 busy cores
@@ -178,8 +179,8 @@ def test_each_process_reads_its_experts_of_a_gguf_file_and_merges_an_adapter_int
     model = _tiny_moe()
     save_model(model, tmp_path / "base")
     ggufs = {q: str(write_gguf(model, tmp_path / f"{q}.gguf", quant=q)) for q in ("f32", "bf16", "q4_0")}
-    (tmp_path / "split").mkdir()
-    split = _split_gguf(model, tmp_path / "split")
+    _f32_gguf(model, tmp_path / "m.gguf", parts=True)
+    split = next(tmp_path.glob("m-00001-of-*.gguf"))
     fused, modules = (str(_adapter(model, tmp_path / f"adapter-{k}", k)) for k in ("fused", "modules"))
     assert not torch.equal(load_model(tmp_path / "base", adapter=fused).layers[0].ffn.experts.w13,
                            model.layers[0].ffn.experts.w13)  # the adapter changes the experts
@@ -228,27 +229,21 @@ def test_a_process_reads_only_its_experts_bytes_of_a_gguf_file(tmp_path: Path, m
 @pytest.mark.parametrize("fault", ["missing", "shape"])
 def test_a_bad_gguf_file_is_one_line_naming_the_file_and_tensor(tmp_path: Path, fault: str) -> None:
     """A GGUF file without an expert tensor, or with one of another shape, is refused under --ep as it
-    is whole, before anything is read: one line naming the file and the tensor."""
+    is when loaded whole (`_plan`'s checks, before any tensor is read): one line naming the file and
+    the tensor."""
     from types import SimpleNamespace
 
     pytest.importorskip("gguf")
     from mixlab.checkpoint import CheckpointError
-    from mixlab.checkpoint.gguf import _tensors, gguf_writer
     from mixlab.parallel.expert import load_expert_parallel
 
-    model = _tiny_moe()
-    w = gguf_writer(model.config, name="x", file_type=0)
-    for n, t, _ in _tensors(model, model.config):
-        if n == "blk.1.ffn_down_exps.weight":
-            if fault == "missing":
-                continue
-            t = t[:-1]  # one expert short
-        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    def edit(name: str, t: torch.Tensor) -> torch.Tensor | None:
+        if name != "blk.1.ffn_down_exps.weight":
+            return t
+        return None if fault == "missing" else t[:-1]  # one expert short
+
     path = tmp_path / "bad.gguf"
-    w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _f32_gguf(_tiny_moe(), path, edit=edit)
     layout: Any = SimpleNamespace(rank=0, world=2, is_main=True, ep=2, ep_rank=0, fsdp=False)
     want = "missing tensor 'blk.1.ffn_down_exps.weight'" if fault == "missing" else \
         r"tensor 'blk.1.ffn_down_exps.weight' has shape \[3, 64, 128\] \(torch order\), expected \[4, 64, 128\]"
