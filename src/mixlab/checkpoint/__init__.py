@@ -300,8 +300,8 @@ def warn_other_base(root: Path, peft: Adapter) -> None:
     """An adapter merged over weights of the right shapes that are not its base's gives other logits
     silently: warned when its base_model_name_or_path is a local folder other than `root`. A hub name
     cannot be resolved here, so it is never warned about, and a name alone never refuses a merge. Every
-    path that merges an adapter calls it once, before the long load (load_model; convert and generate --ep
-    of a GGUF file, which load it themselves)."""
+    path that merges an adapter calls it once, before the long load (load_model; convert of a GGUF file and
+    generate --ep, which load the weights themselves)."""
     base = peft.config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base or not Path(base).expanduser().is_dir():
         return
