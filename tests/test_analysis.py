@@ -253,7 +253,7 @@ def test_analyze_takes_one_file_as_eval_does(tmp_path: Path, capsys: pytest.Capt
     assert {d: v["documents"] for d, v in report["domains"].items()} == {"code": 2, "prose": 1}
     assert report["settings"]["split"] is None  # read whole
     assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "r"),
-                 "--split", "valid", "--quiet"]) == 1  # was ignored
+                 "--split", "valid", "--quiet"]) == 2  # was ignored (a usage error)
     assert "--split 'valid' with --data" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("plain text")  # a text file: one document, its stem the domain
     assert [(d, list(iter_documents(f))) for d, f in find_domains(tmp_path / "notes.txt").items()] == \
@@ -809,10 +809,13 @@ def test_cli_refuses_the_report_folder_before_reading_the_model(tmp_path: Path, 
                  str(tmp_path / "r"), "--quiet"]) == 1
     assert "index.html" in capsys.readouterr().err and (tmp_path / "r" / "index.html").read_text() == "mine"
     # a --layers out of range, a --tokenizer that is no file: they too were refused after the weights were read
-    for flags, message in ((["--layers", "5"], "--layers: layer 5 is not an MoE layer of this model (MoE layers: 0..1"),
-                           (["--tokenizer", str(tmp_path / "nope.model")], "nope.model: no such tokenizer file")):
+    # (the flag's value a usage error, exit 2; the missing file a failed run, 1)
+    for flags, message, code in (
+            (["--layers", "5"], "--layers: layer 5 is not an MoE layer of this model (MoE layers: 0..1", 2),
+            (["--layers", "x"], "--layers: expected 'all' or comma-separated integers, got 'x'", 2),
+            (["--tokenizer", str(tmp_path / "nope.model")], "nope.model: no such tokenizer file", 1)):
         assert main(["analyze", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "c"), "--out",
-                     str(tmp_path / "r2"), "--quiet", *flags]) == 1
+                     str(tmp_path / "r2"), "--quiet", *flags]) == code
         assert message in capsys.readouterr().err
     small = _tiny_model()  # a byte-level model without its mixlab_data.json: Mixtral's tokenizer is the fallback
     mixlab.save_model(mixlab.Transformer(small.config.replace(vocab_size=259)), tmp_path / "bytes-model")

@@ -315,6 +315,28 @@ def test_a_bad_number_names_the_flag(args, expected, capsys):
     (["eval", "--model", "m", "--data", "d", "--context", "0"], "--context must be >= 1, got 0"),
     (["eval", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["eval", "--model", "m", "--data", "d", "--max-docs", "0"], "--max-docs must be >= 1, got 0"),
+    (["train", "--data", "d", "--out", "o", "--device", "bogus"],
+     "training setting 'device' (--device): unknown device 'bogus'; expected cpu, cuda or cuda:N"),
+    (["sft", "--model", "m", "--data", "d", "--lora-rank", "2", "--lora-alpha", "0"],
+     "fine-tuning setting 'lora_alpha' (--lora-alpha): LoRA alpha must be a finite number > 0, got 0.0"),
+    (["sft", "--model", "m", "--data", "d", "--lora-rank", "2", "--lora-dropout", "1"],
+     "fine-tuning setting 'lora_dropout' (--lora-dropout): LoRA dropout must be a number in [0, 1), got 1.0"),
+    (["sft", "--model", "m", "--data", "d", "--lora-rank", "2", "--lora-targets", "mlp"],
+     "fine-tuning setting 'lora_targets' (--lora-targets): LoRA targets ['mlp']: expected some of attention"),
+    (["sft", "--model", "m", "--data", "d", "--lora-rank", "2", "--lora-targets", "router", "--freeze-router"],
+     "fine-tuning setting 'freeze_router' (--freeze-router) keeps the router fixed, but 'router' is one of the"),
+    (["sft", "--model", "m", "--data", "d", "--valid-fraction", "1"],
+     "fine-tuning setting 'valid_fraction' (--valid-fraction) must be in [0, 1), got 1.0"),
+    (["sft", "--model", "m", "--data", "d", "--device", "bogus"], "fine-tuning setting 'device' (--device): unknown"),
+    (["sft", "--model", "m"], "no data: pass --data FILE.jsonl"),
+    (["dpo", "--data", "d"], "no starting model: pass --model DIR"),
+    (["dpo", "--model", "m", "--data", "d", "--beta", "0"], "fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"),
+    (["dpo", "--model", "m", "--data", "d", "--label-smoothing", "0.5"],
+     "fine-tuning setting 'label_smoothing' (--label-smoothing) must be in [0, 0.5), got 0.5"),
+    (["dpo", "--model", "m", "--data", "d", "--label-smoothing", "0.1", "--loss", "ipo"],
+     "fine-tuning setting 'label_smoothing' (--label-smoothing) applies to the sigmoid loss only"),
+    (["eval", "--model", "m", "--data", "d", "--split", "tset"], "--split 'tset' is not a split name (did you mean"),
+    (["analyze", "--model", "m", "--data", "d", "--out", "o", "--split", "tset"], "--split 'tset' is not a split name"),
     (["plan", "tiny-moe", "--ep", "3"], "--ep must divide --devices (1), got 3"),
     (["plan", "tiny-moe", "--devices", "3", "--ep", "3"], "--ep 3 must divide the number of experts (4)"),
     (["plan", "tiny-moe", "--devices", "0"], "--devices must be >= 1, got 0"),
@@ -325,7 +347,8 @@ def test_a_bad_number_names_the_flag(args, expected, capsys):
 ])
 def test_a_flag_value_the_command_refuses_is_a_usage_error(args, expected, tmp_path, monkeypatch, capsys):
     """Exit 2 naming the flag, before any file is read (m, d: none here): these flags' values were checked
-    in library code (TrainConfig's, plan's, upcycle's, eval's own with ValueError) and exited 1, a failed run."""
+    in library code (TrainConfig's, FinetuneConfig's, plan's, upcycle's, eval's own with ValueError, the
+    corpus' --split) and exited 1, a failed run."""
     monkeypatch.chdir(tmp_path)
     try:
         code = main(args)
@@ -335,6 +358,73 @@ def test_a_flag_value_the_command_refuses_is_a_usage_error(args, expected, tmp_p
     assert code == 2 and expected in err and "Traceback" not in err, err
     assert sum(ln.startswith(f"mixlab {args[0]}: error: ") for ln in err.splitlines()) == 1, err  # after a usage
     assert not list(tmp_path.iterdir())
+
+
+def _code(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """`mixlab ARGS`' exit code and its one error line (no traceback)."""
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"mixlab {args[0]}: error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return code, lines[0]
+
+
+def test_a_model_setting_the_flags_contradict_is_a_usage_error(tmp_path, base, dataset, capsys):
+    """--set against --init-from's weights, --init-from's vocabulary against --data's, --seq-len past the
+    model's context (train's and sft's) exited 1, failed runs, once the data and weights were being read;
+    each is the command line's (exit 2, naming the flag) before anything is written. The same values in a
+    config file are the file's (exit 1, naming the file and the key)."""
+    init = _tiny(tmp_path / "init", vocab=512)
+    train = ["train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--steps", "1", "--seq-len", "16"]
+    sft = ["sft", "--model", str(init), "--data", str(tmp_path / "chat.jsonl"), "--out", str(tmp_path / "run"),
+           "--tokenizer", "bytes"]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
+    for args, said in (
+            ([*train, "--init-from", str(init), "--set", "dim=32"],
+             f"--set dim=32: model_overrides: dim = 32, but the weights of init_from {init} have dim = 64"),
+            ([*train, "--init-from", str(init), "--set", "moe.num_experts=8"], "--set moe.num_experts=8: "),
+            ([*train, "--init-from", str(base)],
+             f"init_from (--init-from) {base}: vocab_size 256 is smaller than the dataset's tokenizer vocabulary"),
+            ([*train, "--set", "vocab_size=100"], "--set vocab_size=100: model_overrides: vocab_size 100 is smaller"),
+            ([*train, "--set", "moe.top_k=9"], "--set moe.top_k=9: config field 'moe.top_k' must be in [1, "),
+            ([*train, "--set", "dims=64"], "--set dims=64: model_overrides: unknown model field(s) dims"),
+            ([*train, "--seq-len", "1000"], "seq_len 1000 is beyond the model's context (max_seq_len 512); set"),
+            ([*sft, "--seq-len", "1000"], "seq_len 1000 is beyond the model's context (max_seq_len 512); set")):
+        code, line = _code(args, capsys)
+        assert code == 2 and said in line, line
+        assert not (tmp_path / "run").exists()
+    (tmp_path / "c.toml").write_text(f'init_from = "{init}"\n[model_overrides]\ndim = 32\n')
+    code, line = _code(["train", str(tmp_path / "c.toml"), *train[1:]], capsys)
+    assert code == 1 and line.endswith(f"error: {tmp_path / 'c.toml'}: model_overrides: dim = 32, but the weights "
+                                       f"of init_from {init} have dim = 64; the starting weights fix the model's "
+                                       "shape: remove dim from model_overrides (the config file's "
+                                       "[model_overrides], or --set)"), line
+    (tmp_path / "c.toml").write_text("seq_len = 1000\n")
+    code, line = _code(["sft", str(tmp_path / "c.toml"), *sft[1:]], capsys)
+    assert code == 1 and f"{tmp_path / 'c.toml'}: seq_len 1000 is beyond the model's context" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command,toml,said", [
+    ("sft", "lora_rank = 2\nlora_alpha = 0", "fine-tuning setting 'lora_alpha' (--lora-alpha): LoRA alpha must be a"),
+    ("sft", "lora_rank = 2\nlora_dropout = 1.0", "fine-tuning setting 'lora_dropout' (--lora-dropout): LoRA dropout"),
+    ("sft", "valid_fraction = 1.0", "fine-tuning setting 'valid_fraction' must be in [0, 1), got 1.0"),
+    ("dpo", "beta = 0.0", "fine-tuning setting 'beta' must be > 0, got 0.0"),
+    ("dpo", 'label_smoothing = 0.1\nloss = "ipo"', "fine-tuning setting 'label_smoothing' applies to the sigmoid"),
+    ("train", 'device = "bogus"', "training setting 'device': unknown device 'bogus'"),
+])
+def test_a_config_files_bad_value_names_the_file_and_key(command, toml, said, tmp_path, monkeypatch, capsys):
+    """The values the flags refuse as usage errors (exit 2), given in a config file: the file's error (exit 1),
+    naming the file and the key, nothing read or written (m, d: none here)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text(toml + "\n")
+    code, line = _code([command, "c.toml", "--data", "d", "--out", "o", *(["--model", "m"] if command != "train"
+                                                                          else [])], capsys)
+    assert code == 1 and line.startswith(f"mixlab {command}: error: c.toml: ") and said in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
 
 
 def _run(args: list[str], timeout: float = 120, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

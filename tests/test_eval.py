@@ -304,7 +304,7 @@ def test_eval_reads_a_split_name_in_any_case(ckpt: Path, tmp_path: Path, capsys:
     assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--domains", "github", "--split", "Valid",
                  "--max-docs", "1", "--context", "32", "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["settings"]["split"] == "valid"
-    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--split", "vaild", "--quiet"]) == 1
+    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--split", "vaild", "--quiet"]) == 2
     assert "--split 'vaild' is not a split name (did you mean 'valid'?)" in capsys.readouterr().err
 
 
@@ -315,7 +315,7 @@ def test_eval_refuses_a_split_that_a_file_given_alone_is_not_of(ckpt: Path, tmp_
     data.write_text('{"text": "some notes"}\n')
     for split, what in (("test", "notes.jsonl is named by no split"), ("train", "valid.jsonl is a valid file")):
         path = data if split == "test" else CORPUS / "github" / "valid.jsonl"
-        assert main(["eval", "--model", str(ckpt), "--data", str(path), "--split", split, "--quiet"]) == 1
+        assert main(["eval", "--model", str(ckpt), "--data", str(path), "--split", split, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert f"--split {split!r} with --data {path}: a file given alone is read whole ({what}); --split" in err
     out = tmp_path / "r.json"

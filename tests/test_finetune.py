@@ -958,7 +958,8 @@ def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path:
     assert main(["sft", "--model", str(ckpt), "--data", str(bad), "--out", str(tmp_path / "x"), "--seq-len", "64"]) == 1
     assert "bad.jsonl:1: field 'messages' must be a non-empty list" in capsys.readouterr().err
     # The default seq_len (512) past a small model's context said what was wrong, not which flag to set.
-    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "y")]) == 1
+    # (a usage error, exit 2: the command line needs a --seq-len this model holds)
+    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "y")]) == 2
     assert ("seq_len 512 is beyond the model's context (max_seq_len 256); set --seq-len (seq_len in a config file) "
             "to 256 or less") in capsys.readouterr().err
 

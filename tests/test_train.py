@@ -709,7 +709,7 @@ def test_capacity_factor_training_counts_dropped_tokens(dataset: Path, tmp_path:
 def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mixlab.cli import main
 
-    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--seq-len", "4096"]) == 1
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--seq-len", "4096"]) == 2  # the flag
     assert "beyond the model's context (max_seq_len 512); set --seq-len (seq_len in a config file) to 512 or less" \
         in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

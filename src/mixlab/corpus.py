@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mixlab.errors import DataError
+from mixlab.errors import DataError, UsageError
 
 VALID_STEMS = ("valid", "validation", "val", "dev", "test")
 # UTF-8, a leading byte-order mark (Notepad's, PowerShell's, Excel's "UTF-8" export) not read as text: it failed
@@ -259,11 +259,12 @@ def in_split(path: Path, split: str) -> bool:
 
 def check_split(split: str) -> str:
     """`--split split` as eval and analyze read it: lowercased, as file names are (`--split Valid` reads
-    valid.jsonl); a name that is no split is refused, with the nearest one ('vaild': did you mean 'valid'?)."""
+    valid.jsonl); a name that is no split is refused, with the nearest one ('vaild': did you mean 'valid'?), as
+    a usage error (the `mixlab` command exits 2)."""
     from mixlab.config import did_you_mean
 
     if split and split.lower() not in SPLIT_WORDS:
-        raise DataError(f"--split {split!r} is not a split name{did_you_mean(split.lower(), SPLIT_WORDS)}: expected "
+        raise UsageError(f"--split {split!r} is not a split name{did_you_mean(split.lower(), SPLIT_WORDS)}: expected "
                         f"one of {', '.join(SPLIT_WORDS)} (valid: every file data prepare holds out), or '' for "
                         "every file")
     return split.lower()
@@ -273,13 +274,13 @@ def data_split(data: str | Path, split: str | None) -> str:
     """`--split` as eval and analyze read `--data` by it: where not given, valid for a folder and ''
     (every file) for a file given alone, which is read whole (`FileDomain`); else `check_split`'s. A
     `--split` that a file given alone is not of (`--data notes.jsonl --split test`) is refused, naming
-    both flags: it was ignored."""
+    both flags (a usage error): it was ignored."""
     if split is None:
         return "" if Path(data).is_file() else "valid"
     split, path = check_split(split), Path(data)
     if split and path.is_file() and not in_split(path, split):
         named = f"a {split_of(path)} file" if split_of(path) else "named by no split"
-        raise DataError(f"--split {split!r} with --data {data}: a file given alone is read whole ({path.name} is "
+        raise UsageError(f"--split {split!r} with --data {data}: a file given alone is read whole ({path.name} is "
                         f"{named}); --split picks a folder's files by name: give the folder, or leave --split out")
     return split
 

@@ -18,6 +18,7 @@ def analyze(args: argparse.Namespace) -> int:
     from mixlab.config import ModelConfig, suffix_of
     from mixlab.corpus import check_domains, data_split, find_domains
 
+    split = data_split(args.data, args.split)  # `--split Valid` reads valid.jsonl; a file is read whole
     if suffix_of(args.model) == ".gguf" and Path(args.model).is_file():  # its metadata is the config
         from mixlab.checkpoint.gguf_read import config_from_header, read_header
 
@@ -27,11 +28,13 @@ def analyze(args: argparse.Namespace) -> int:
     if config.moe is None:  # fail before reading weights or data
         raise ValueError(f"{args.model}: the model is dense (no MoE layer, so no router); routing analysis "
                          "needs a mixture-of-experts model")
-    split = data_split(args.data, args.split)  # `--split Valid` reads valid.jsonl; a file is read whole
     found = find_domains(args.data, names=args.domains)  # read once: a file given alone is kept in memory
     check_domains(found, split=split)
     check_report_folder(args.out, sources=[args.data, args.model])  # refused now, not after reading the model
-    parse_layers(args.layers, list(range(config.n_layers)))  # every layer of an MoE config is an MoE layer
+    try:  # every layer of an MoE config is an MoE layer; its errors are the flag's ("--layers: ..."): exit 2
+        parse_layers(args.layers, list(range(config.n_layers)))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.samples < 0:
         raise UsageError(f"--samples must be >= 0, got {args.samples}")
     if args.seq_len is not None and args.seq_len < 2:  # as collect_routing requires, before the weights are read

@@ -6,13 +6,17 @@ import argparse
 import os
 import signal
 import sys
+from typing import Any
 
 from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, resume_arg, user_path
 from mixlab.errors import UsageError
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
+    from mixlab.cli.train import flag_settings
+    from mixlab.train.checkpoints import init_config
     from mixlab.train.finetune import eval_line, finetune, load_finetune_config
+    from mixlab.train.settings import check_context
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run folder
         raise UsageError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
@@ -39,7 +43,13 @@ def _run(args: argparse.Namespace, task: str) -> int:
         raise UsageError("--merge merges LoRA adapters: it needs --lora-rank R (full fine-tuning writes hf/ anyway)")
     if args.lora_rank:  # a LoRA run writes its adapter; plain merged weights only with --merge
         over["export_hf"] = bool(args.merge)
-    cfg = load_finetune_config(args.config, **over)
+    def settings(path: str | None) -> Any:  # with --seq-len against the model's context, before the data is read
+        cfg = load_finetune_config(path, **over)
+        if cfg.model:
+            check_context(cfg.seq_len, init_config(cfg.model))
+        return cfg
+
+    cfg = flag_settings(settings, args)
     result = finetune(cfg, resume=resume_arg(args))
     if result.stopped_by is not None:
         print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint saved; "

@@ -7,9 +7,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from mixlab.cli import (
     _parse,
@@ -23,7 +25,9 @@ from mixlab.cli import (
     resume_arg,
     user_path,
 )
-from mixlab.errors import UsageError
+from mixlab.errors import ConfigError, UsageError
+
+T = TypeVar("T")
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -73,6 +77,41 @@ def _overrides(args: argparse.Namespace) -> dict:
     return over
 
 
+def flag_settings(make: Callable[[str | None], T], args: argparse.Namespace) -> T:
+    """`make(args.config)`: the run's settings from the config file and the flags (load_train_config's or
+    load_finetune_config's, with any check that needs more than the settings). A ConfigError that the flags
+    alone, without the file, raise too is the command line's: a usage error (exit 2) naming the flag, as
+    argparse's own are ("fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"); another is the file's,
+    named with it (exit 1: "run.toml: ...", as load_settings names a bad value of the file's)."""
+    try:
+        return make(args.config)
+    except UsageError:
+        raise
+    except ConfigError as e:
+        if args.config is not None:
+            try:
+                make(None)
+            except Exception as alone:  # (the file's `model`: a missing one, read now)
+                flags = str(alone) == str(e)
+            else:
+                flags = False
+            if not flags:
+                raise e if str(e).startswith(f"{args.config}: ") else ConfigError(f"{args.config}: {e}") from None
+        raise UsageError(_flags_named(str(e), args)) from None
+
+
+def _flags_named(message: str, args: argparse.Namespace) -> str:
+    """A settings error of the flags' with the flags named: `setting 'lora_alpha'` by --lora-alpha, a model
+    field's (`model_overrides: ...`, `config field 'dim' ...`) by the --set items."""
+    def flag(m: re.Match[str]) -> str:
+        return f"{m[0]} (--{m[1].replace('_', '-')})" if m[1] in vars(args) else m[0]
+
+    message = re.sub(r"setting '(\w+)'(?! \(--)", flag, message)
+    if getattr(args, "set", None) and message.startswith(("model_overrides", "config field")):
+        message = f"--set {' --set '.join(args.set)}: {message}"
+    return message
+
+
 def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
     """The process layout for --ep / --fsdp, or under torchrun (WORLD_SIZE > 1); None for one process."""
     if args.ep is None and not args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -87,9 +126,20 @@ def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
 
 
 def train_cmd(args: argparse.Namespace) -> int:
-    from mixlab.train.loop import eval_line, load_train_config, train
+    from mixlab.train.data import TokenDataset
+    from mixlab.train.loop import build_model_config, eval_line, load_train_config, train
 
-    cfg = load_train_config(args.config, **_overrides(args))
+    def settings(path: str | None) -> Any:  # with the model config train builds: --set against --init-from, ...
+        cfg = load_train_config(path, **_overrides(args))
+        if cfg.data:
+            build_model_config(cfg, TokenDataset(cfg.data))
+        return cfg
+
+    if args.ep is not None:  # before the dataset is read, as generate's
+        from mixlab.parallel.mesh import check_ep
+
+        check_ep(args.ep)
+    cfg = flag_settings(settings, args)
     if not cfg.data:
         raise UsageError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
     par = _parallel(args, cfg.device, cfg.compile)

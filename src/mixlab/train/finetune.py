@@ -59,6 +59,7 @@ from mixlab.train.settings import (
     NUMBERS,
     OptimizerSettings,
     check_batch_fits,
+    check_context,
     check_resume_settings,
     check_settings,
     load_settings,
@@ -141,6 +142,8 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
     a = cfg.aux_loss_coef  # a NaN here trained to NaN weights without a word
     if a is not None and (isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0):
         raise ConfigError(f"fine-tuning setting 'aux_loss_coef' must be a finite number >= 0, got {a!r}")
+    if not 0 <= cfg.valid_fraction < 1:  # it was refused once the data had been read
+        raise ConfigError(f"fine-tuning setting 'valid_fraction' must be in [0, 1), got {cfg.valid_fraction}")
     if cfg.task not in TASKS:
         raise ConfigError(f"fine-tuning setting 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.loss not in dpo.LOSSES:
@@ -463,9 +466,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     mc = checkpoints.init_config(cfg.model)
     if tok.vocab_size > mc.vocab_size:
         raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({mc.vocab_size})")
-    if cfg.seq_len > mc.max_seq_len:
-        raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len}); "
-                          f"set --seq-len (seq_len in a config file) to {mc.max_seq_len} or less")
+    check_context(cfg.seq_len, mc)
     check_batch_fits(mc, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
                      rows_per_item=2 if cfg.task == "dpo" else 1)
     model = checkpoints.load_init(cfg.model, mc).to(device)

@@ -59,6 +59,7 @@ from mixlab.train.settings import (
     NUMBERS,
     OptimizerSettings,
     check_batch_fits,
+    check_context,
     check_resume_settings,
     check_settings,
     load_settings,
@@ -170,7 +171,9 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
         base = ModelConfig.from_dir(cfg.model) if Path(cfg.model).is_dir() else get_preset(cfg.model)
         over.setdefault("vocab_size", dataset.vocab_size)
     if over["vocab_size"] < dataset.vocab_size:
-        raise ConfigError(f"model vocab_size {over['vocab_size']} is smaller than the dataset's tokenizer "
+        named = ("model_overrides:" if "vocab_size" in cfg.model_overrides else "model" if not cfg.init_from
+                 else f"init_from (--init-from) {cfg.init_from}:")
+        raise ConfigError(f"{named} vocab_size {over['vocab_size']} is smaller than the dataset's tokenizer "
                           f"vocabulary ({dataset.vocab_size})")
     over.setdefault("bos_id", int(dataset.meta["bos_id"]))
     over.setdefault("eos_id", int(dataset.meta["eos_id"]))
@@ -192,9 +195,7 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
             mc = mc.replace(moe=dataclasses.replace(mc.moe, **moe_over))
     except TypeError as e:
         raise ConfigError(f"model_overrides: {e}") from None
-    if cfg.seq_len > mc.max_seq_len:
-        raise ConfigError(f"seq_len {cfg.seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len}); "
-                          f"set --seq-len (seq_len in a config file) to {mc.max_seq_len} or less")
+    check_context(cfg.seq_len, mc)
     return mc
 
 

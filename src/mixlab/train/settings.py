@@ -205,6 +205,13 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
             raise ConfigError(f"{what} setting {name!r} must be at most 1, got {getattr(cfg, name)!r}")
 
 
+def check_context(seq_len: int, mc: ModelConfig) -> None:
+    """A run's seq_len fits the model's positions."""
+    if seq_len > mc.max_seq_len:
+        raise ConfigError(f"seq_len {seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len}); "
+                          f"set --seq-len (seq_len in a config file) to {mc.max_seq_len} or less")
+
+
 def check_batch_fits(mc: ModelConfig, *, batch_size: int, seq_len: int, device: str, rows_per_item: int = 1,
                      processes: int = 1) -> None:
     """ConfigError when one micro-batch cannot fit in the memory free on `device`: a batch_size of
