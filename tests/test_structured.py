@@ -271,18 +271,105 @@ def test_gbnf_unicode_escapes_are_the_characters_they_name(byte_model: tuple[Tra
         assert (consumed and m.m.is_accepting()) == ok, text
 
 
-def test_a_grammar_past_llguidance_s_limits_ends_its_request_with_a_one_line_error(
+def test_a_grammar_past_llguidance_s_limits_ends_its_output_there_with_a_warning(
         byte_model: tuple[Transformer, Any]) -> None:
-    """A 10,000-property schema compiles, then its parser meets llguidance's row limit at `{`: the request ends
-    with "error" and one line naming the limit (it was a page of parser state), the others of the step go on."""
+    """A 10,000-property schema compiles, then its parser meets llguidance's row limit at `{` (a token its mask
+    allowed): the output ends there, "stop", as vLLM's llguidance backend ends it (EOS alone once the matcher
+    fails), with a one-line warning naming the limit (it was a page of parser state, then a failed request);
+    the others go on."""
     model, tok = byte_model
     engine = Engine(model, tok, max_batch=2)
     bad = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5, structured=Structured("json_schema", HUGE)))
     good = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5))
-    engine.run_until_idle()
-    last = bad.poll()[-1]
-    assert last.finish_reason == "error" and "max is 2000" in last.error and "\n" not in last.error, last.error
+    with pytest.warns(RuntimeWarning, match=r"^request 'req-0': structured output: .*max is 2000.*; the output ends "
+                                            r"at its token 1 \(finish_reason 'stop'\)$") as caught:
+        engine.run_until_idle()
+    assert "\n" not in str(caught[0].message)
+    outs = bad.poll()
+    assert "".join(o.text for o in outs) == "{" and outs[-1].finish_reason == "stop" and outs[-1].error is None
     assert good.poll()[-1].finish_reason == "length"
+
+
+def _ascii_tokenizer(folder: Any) -> Any:
+    """A tokenizer.json of printable ASCII characters, without byte fallback: no token spells `é`."""
+    from tokenizers import AddedToken, decoders
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {chr(c): c - 29 for c in range(32, 127)}
+    t = HFTokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    t.decoder = decoders.Fuse()
+    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
+    t.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def ascii_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Transformer, Any, Any]:
+    """A tiny MoE over `_ascii_tokenizer`, and the folder holding both."""
+    path = tmp_path_factory.mktemp("ascii") / "model"
+    tok = _ascii_tokenizer(tmp_path_factory.mktemp("tok"))
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=tok.vocab_size, max_seq_len=512)).eval()
+    model.init_weights(std=0.5, seed=0)
+    save_model(model, path)
+    _ascii_tokenizer(path)  # the checkpoint's own
+    return model, tok, path
+
+
+# constraints whose output reaches a character no token of `_ascii_tokenizer` spells: (spec, what comes first)
+UNSPELLABLE = [(Structured("regex", "ab[éè]"), "ab"), (Structured("grammar", 'start: "a" "é"'), "a"),
+               (Structured("choice", ["aé", "bé"]), None)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_a_constraint_no_token_can_continue_ends_the_output_with_a_warning(
+        ascii_model: tuple[Transformer, Any, Any], temperature: float, ignore_eos: bool) -> None:
+    """The bytes the constraint needs next are no token's: llguidance's matcher fails ("NoExtensionBias"), which
+    ended the request with "error" (a 500 through the server, a failed `mixlab generate`). Now the output ends
+    there with "stop" and what came before, as vLLM ends it, and a warning says why; the others go on."""
+    model, tok, _ = ascii_model
+    engine = Engine(model, tok, max_batch=4)
+    params = {"max_tokens": 8, "temperature": temperature, "seed": 0, "ignore_eos": ignore_eos}
+    handles = [engine.submit(tok.encode("x"), SamplingParams(**params, structured=spec)) for spec, _ in UNSPELLABLE]
+    plain = engine.submit(tok.encode("x"), SamplingParams(max_tokens=8))
+    with pytest.warns(RuntimeWarning) as caught:
+        engine.run_until_idle()
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 3 and all("no token of the vocabulary spells what the constraint needs next "
+                                  "(NoExtensionBias); the output ends at its token" in w for w in said), said
+    for (spec, first), h in zip(UNSPELLABLE, handles, strict=True):
+        outs = h.poll()
+        text = "".join(o.text for o in outs)
+        assert outs[-1].finish_reason == "stop" and outs[-1].error is None, outs[-1]
+        assert text == first if first is not None else text in ("a", "b"), (spec, text)
+        assert outs[-1].token_id == tok.eos_id  # EOS: llguidance's mask once it has failed
+    assert plain.poll()[-1].finish_reason == "length"
+
+
+def test_a_token_llguidance_allows_then_refuses_ends_the_output(ascii_model: tuple[Transformer, Any, Any]) -> None:
+    """`{"k": "é"}`: llguidance's mask after `{"k":"` allows `"` (it cannot force bytes no token spells), then
+    its parser refuses it ("the constraint failed at token 5", an error). The output ends with it, "stop"."""
+    model, tok, _ = ascii_model
+    schema = {"type": "object", "properties": {"k": {"const": "é"}}, "required": ["k"]}
+    with pytest.warns(RuntimeWarning, match="structured output: Parser Error: token .* doesn't satisfy the grammar"):
+        ids, text, outs = _run(Engine(model, tok), tok.encode("x"),
+                               SamplingParams(max_tokens=20, structured=Structured("json_schema", schema)))
+    assert text == '{"k":""' and outs[-1].finish_reason == "stop" and outs[-1].error is None
+
+
+def test_a_constraint_no_token_can_begin_is_refused_up_front(ascii_model: tuple[Transformer, Any, Any]) -> None:
+    """An output that fails at its first token is an invalid constraint for this vocabulary (a 400 from the
+    server, a usage error from the CLI), not a request that ends at once."""
+    model, tok, _ = ascii_model
+    for spec in (Structured("choice", ["é", "è"]), Structured("regex", "[éè]+")):
+        with pytest.raises(ValueError, match=rf"^invalid structured {spec.kind}: no token of the vocabulary spells "
+                                             r"what the constraint needs next \(NoExtensionBias\) at the start of"):
+            spec.prepare(tok)
+        with pytest.raises(ValueError, match="at the start of the output"):
+            Engine(model, tok).submit(tok.encode("x"), SamplingParams(structured=spec))
+    Structured("choice", ["é", "e"]).prepare(tok)  # one that some token begins is fine
 
 
 def test_without_llguidance_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -348,6 +435,25 @@ def test_the_cli_flags_constrain_what_generate_and_chat_print(byte_model: tuple[
                  str(tmp_path / "schema.json")]) == 0
     replies = capsys.readouterr().out.splitlines()
     assert len(replies) == 2 and all(jsonschema.validate(json.loads(r), SCHEMA) is None for r in replies), replies
+
+
+def test_generate_prints_a_failing_constraint_s_output_and_warns(ascii_model: tuple[Transformer, Any, Any],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`mixlab generate --regex 'ab[éè]'` over a vocabulary without é failed ("generation failed: structured
+    output: NoExtensionBias", exit 1): it prints what came before, warns why on one line, and exits 0; a
+    constraint none of the model's tokens can begin is the flag's error (exit 2), before anything is generated."""
+    common = ["generate", "--model", str(ascii_model[2]), "--prompt", "x", "--max-new-tokens", "8", "--quiet"]
+    assert main([*common, "--regex", "ab[éè]"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "ab\n", out
+    assert [ln for ln in err.splitlines() if ln] == [
+        "mixlab generate: warning: request 'req-0': structured output: no token of the vocabulary spells what the "
+        "constraint needs next (NoExtensionBias); the output ends at its token 3 (finish_reason 'stop')"], err
+    assert main([*common, "--regex", "[éè]+"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixlab generate: error: --regex: no token of the vocabulary spells what the constraint "
+                          "needs next (NoExtensionBias) at the start of the output"), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_the_cli_s_bad_constraints_are_one_line_naming_the_flag(tmp_path: Any, capsys: pytest.CaptureFixture[str],
@@ -474,6 +580,51 @@ def test_bad_constraints_are_400s_naming_the_parameter(server: str, path: str, b
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and says in err["message"], err
+
+
+@pytest.fixture(scope="module")
+def ascii_server(ascii_model: tuple[Transformer, Any, Any]) -> Iterator[str]:
+    model, tok, _ = ascii_model
+    with Engine(model, tok, max_batch=4) as engine, ServerThread(create_app(engine, tok, _config(model))) as url:
+        yield url
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_server_ends_a_failing_constraint_s_output_with_stop(ascii_server: str, stream: bool) -> None:
+    """A constraint that fails mid-output (no token spells `é`; a token llguidance allows, then refuses) was a
+    500 ("generation failed: structured output: NoExtensionBias"), or an error event in the stream: the choice
+    now ends with what came before and finish_reason "stop", as vLLM's, through the openai client."""
+    client = openai.OpenAI(base_url=ascii_server + "/v1", api_key="unused", max_retries=0, timeout=60)
+    schema = {"type": "object", "properties": {"k": {"const": "é"}}, "required": ["k"]}
+    rf = {"type": "json_schema", "json_schema": {"name": "k", "schema": schema}}
+    for kind, extra, expected in (("completion", {"guided_regex": "ab[éè]"}, "ab"),
+                                  ("completion", {"guided_grammar": 'start: "a" "é"'}, "a"),
+                                  ("chat", {"response_format": rf}, '{"k":""')):
+        if kind == "chat":
+            made = client.chat.completions.create(model=NAME, messages=U, max_tokens=20, temperature=0, stream=stream,
+                                                  **extra)
+        else:
+            made = client.completions.create(model=NAME, prompt="x", max_tokens=8, temperature=0, stream=stream,
+                                             extra_body=extra)
+        chunks = list(made) if stream else [made]
+        choices = [c.choices[0] for c in chunks if c.choices]
+        text = "".join((ch.delta.content or "") if stream and kind == "chat" else
+                       ch.message.content if kind == "chat" else ch.text for ch in choices)
+        assert text == expected and [ch.finish_reason for ch in choices if ch.finish_reason] == ["stop"], (kind, extra)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    (COMP, {"prompt": "x", "guided_choice": ["é", "è"]}, "guided_choice"),
+    (COMP, {"prompt": "x", "guided_regex": "[éè]+"}, "guided_regex"),
+    (CHAT, {"messages": U, "structured_outputs": {"regex": "é"}}, "structured_outputs.regex"),
+])
+def test_a_constraint_no_token_can_begin_is_a_400_naming_the_parameter(ascii_server: str, path: str,
+                                                                        body: dict[str, Any], param: str) -> None:
+    r = httpx.post(ascii_server + path, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "no token of the vocabulary spells what the constraint needs next" \
+        in err["message"] and "at the start of the output" in err["message"], err
 
 
 def test_the_server_builds_llguidance_s_tokenizer_as_it_starts(model_tok: tuple[Any, Any], tmp_path: Any) -> None:

@@ -105,6 +105,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                          f"{model.config.vocab_size}; pass the matching --tokenizer")
+    structured = getattr(args, "structured", None)
+    if structured is not None:  # built over this vocabulary: an output none of its tokens begins is the flag's error
+        try:
+            structured.prepare(tok)
+        except ValueError as e:
+            raise _structured_error(args.structured_flag, structured.kind, e) from None
     return model, tok
 
 
@@ -193,11 +199,16 @@ def _structured(args: argparse.Namespace) -> None:
             what = "a JSON" if kind == "json_schema" else "a UTF-8 text"
             raise UsageError(f"{shown}: not {what} file ({e})") from None
     try:
-        args.structured = Structured(kind, value)
+        args.structured, args.structured_flag = Structured(kind, value), shown
     except ImportError as e:
         raise ValueError(f"{flag}: {e}") from None
-    except ValueError as e:  # the flag's value is wrong: a usage error (exit 2)
-        raise UsageError(f"{shown}: {str(e).removeprefix(f'invalid structured {kind}: ')}") from None
+    except ValueError as e:
+        raise _structured_error(shown, kind, e) from None
+
+
+def _structured_error(shown: str, kind: str, e: ValueError) -> UsageError:
+    """The flag's value is wrong: a usage error (exit 2) naming it, in llguidance's words."""
+    return UsageError(f"{shown}: {str(e).removeprefix(f'invalid structured {kind}: ')}")
 
 
 MAX_NEW_TOKENS = 256  # --max-new-tokens' default where the model's context leaves room for it

@@ -31,6 +31,7 @@ import math
 import operator
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -536,6 +537,9 @@ class Engine:
         seq.out.append(tok)
         self._stats["tokens_out"] += 1
         complete = seq.matcher is not None and seq.matcher.advance(tok)  # nothing more may follow
+        if complete and seq.matcher is not None and seq.matcher.failed:  # the output ends here, "stop" (as vLLM)
+            warnings.warn(f"request {seq.rid!r}: structured output: {seq.matcher.failed}; the output ends at its "
+                          f"token {len(seq.out)} (finish_reason 'stop')", RuntimeWarning, stacklevel=2)
         if seq.seen_1V is not None:
             seq.seen_1V[0, tok] = True
         if seq.counts_1V is not None:

@@ -7,6 +7,13 @@ one sequence's state: `mask` sets the logits of the tokens the constraint rules 
 row is sampled, `advance` consumes the chosen token and says when nothing more may follow. llguidance
 sees the vocabulary through `lltokenizer`: the bytes of each of mixlab's token pieces.
 
+A constraint can fail in the middle of an output: no token of the vocabulary spells what must come next
+(a tokenizer without byte fallback), a parser limit of llguidance's is reached, llguidance refuses a token
+its own mask allowed. The output then ends there, as in vLLM (whose llguidance backend masks all but EOS
+once the matcher fails, and logs the reason): llguidance's mask in that state allows EOS alone, `advance`
+says the output is complete, and `Matcher.failed` tells why (the engine warns; the finish reason is
+"stop"). A constraint that fails before its first token is refused by `Structured.prepare`, as invalid.
+
 Shape legend: V vocabulary.
 """
 
@@ -21,8 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
-from mixlab.errors import GenerationError
 
 if TYPE_CHECKING:
     import llguidance
@@ -96,7 +101,8 @@ class Structured:
     def prepare(self, tok: Tokenizer) -> None:
         """Build the grammar over `tok`'s vocabulary now, once (a 10,000-property schema: ~0.5 s, which
         `Engine.submit` then spent for each sequence, on a server's event loop): each sequence's `Matcher`
-        copies it (~40 us). ValueError when llguidance cannot build it."""
+        copies it (~40 us). ValueError when llguidance cannot build it, or when no token of `tok` can begin
+        the output (`choice: ["é"]` over a vocabulary without it)."""
         self._start(tok)
 
     def _start(self, tok: Tokenizer) -> llguidance.LLMatcher:
@@ -109,6 +115,10 @@ class Structured:
                                       limits=llg.LLParserLimits(verbose_errors=False))
                 if built.is_error():
                     raise ValueError(f"invalid structured {self.kind}: {_one_line(built.get_error())}")
+                first = built.deep_copy()  # the first token's mask: an output no token can begin is refused now
+                first.compute_bitmask()
+                if first.is_error():
+                    raise ValueError(f"invalid structured {self.kind}: {_reason(first)} at the start of the output")
                 self._built[tok] = built
         return built.deep_copy()
 
@@ -221,11 +231,9 @@ class Matcher:
 
     def _bits(self) -> bytes:
         """llguidance's mask: bit `i` of it (little-endian within each byte) says whether token `i` may come
-        next; computed once per token (llguidance keeps it until the next `advance`)."""
-        bits = self.m.compute_bitmask()
-        if self.m.is_error():
-            raise GenerationError(f"structured output: {self._error()}")
-        return bits
+        next; computed once per token (llguidance keeps it until the next `advance`). EOS alone once the
+        constraint has `failed`: the output ends."""
+        return self.m.compute_bitmask()
 
     def allows(self, token: int) -> bool:
         """Whether `token` may come next: one bit of the mask (a greedy row whose argmax it allows needs no
@@ -247,13 +255,24 @@ class Matcher:
         return torch.where(self.allowed().to(logits_1V.device), logits_1V, -torch.inf)
 
     def advance(self, token: int) -> bool:
-        """Consume the chosen token; whether the output is complete (nothing more may follow)."""
-        if not self.m.consume_token(token):
-            raise GenerationError(f"structured output: the constraint failed at token {token}: {self._error()}")
-        return bool(self.m.is_stopped())
+        """Consume the chosen token; whether the output is complete: nothing more may follow, or the
+        constraint has `failed` (at this token, which llguidance's mask allowed but its parser refused, or
+        at the mask that allowed EOS alone)."""
+        return not self.m.consume_token(token) or bool(self.m.is_stopped())
 
-    def _error(self) -> str:
-        return _one_line(self.m.get_error())
+    @property
+    def failed(self) -> str | None:
+        """Why the constraint could not go on (llguidance's reason, on one line), or None."""
+        return _reason(self.m) if self.m.is_error() else None
+
+
+# llguidance's stop reasons that are no sentence: what they mean here
+REASONS = {"NoExtensionBias": "no token of the vocabulary spells what the constraint needs next"}
+
+
+def _reason(m: llguidance.LLMatcher) -> str:
+    error = _one_line(m.get_error())
+    return f"{REASONS[error]} ({error})" if error in REASONS else error
 
 
 def _one_line(error: str) -> str:
