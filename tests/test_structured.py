@@ -323,15 +323,18 @@ UNSPELLABLE = [(Structured("regex", "ab[éè]"), "ab"), (Structured("grammar", '
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("ignore_eos", [False, True])
+@pytest.mark.parametrize("ignore_eos,min_tokens", [(False, 0), (True, 0), (False, 6)])
 def test_a_constraint_no_token_can_continue_ends_the_output_with_a_warning(
-        ascii_model: tuple[Transformer, Any, Any], temperature: float, ignore_eos: bool) -> None:
+        ascii_model: tuple[Transformer, Any, Any], temperature: float, ignore_eos: bool, min_tokens: int) -> None:
     """The bytes the constraint needs next are no token's: llguidance's matcher fails ("NoExtensionBias"), which
     ended the request with "error" (a 500 through the server, a failed `mixlab generate`). Now the output ends
-    there with "stop" and what came before, as vLLM ends it, and a warning says why; the others go on."""
+    there with "stop" and what came before, as vLLM ends it, and a warning says why; the others go on. Under
+    min_tokens too, whose ban of EOS left no token (sampled: "probability tensor contains inf"; greedy: token 0
+    at logprob -inf): the constraint comes first, as in vLLM."""
     model, tok, _ = ascii_model
     engine = Engine(model, tok, max_batch=4)
-    params = {"max_tokens": 8, "temperature": temperature, "seed": 0, "ignore_eos": ignore_eos}
+    params = {"max_tokens": 8, "temperature": temperature, "seed": 0, "ignore_eos": ignore_eos,
+              "min_tokens": min_tokens, "logprobs": 1}
     handles = [engine.submit(tok.encode("x"), SamplingParams(**params, structured=spec)) for spec, _ in UNSPELLABLE]
     plain = engine.submit(tok.encode("x"), SamplingParams(max_tokens=8))
     with pytest.warns(RuntimeWarning) as caught:
@@ -345,6 +348,7 @@ def test_a_constraint_no_token_can_continue_ends_the_output_with_a_warning(
         assert outs[-1].finish_reason == "stop" and outs[-1].error is None, outs[-1]
         assert text == first if first is not None else text in ("a", "b"), (spec, text)
         assert outs[-1].token_id == tok.eos_id  # EOS: llguidance's mask once it has failed
+        assert all(math.isfinite(o.logprob) for o in outs), [o.logprob for o in outs]
     assert plain.poll()[-1].finish_reason == "length"
 
 

@@ -517,7 +517,8 @@ class Engine:
               argmax: int | None = None) -> None:
         p = seq.params
         bias_1V = seq.bias_1V
-        if len(seq.out) < p.min_tokens and seq.stop_ids:  # min_tokens: no stop token yet (-inf, not -100)
+        if len(seq.out) < p.min_tokens and seq.stop_ids and not (seq.matcher is not None and seq.matcher.ending):
+            # min_tokens: no stop token yet (-inf, not -100), unless a failed constraint allows EOS alone
             bias_1V = torch.zeros_like(logits_1V) if bias_1V is None else bias_1V.clone()
             bias_1V[0, sorted(seq.stop_ids)] = -math.inf
         tok: int | None = None

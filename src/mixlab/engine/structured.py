@@ -261,6 +261,13 @@ class Matcher:
         return not self.m.consume_token(token) or bool(self.m.is_stopped())
 
     @property
+    def ending(self) -> bool:
+        """Whether the mask allows EOS alone as the constraint has failed: min_tokens then lets EOS be (the
+        constraint comes first, as in vLLM; its ban left no token to sample)."""
+        self._bits()
+        return bool(self.m.is_error())
+
+    @property
     def failed(self) -> str | None:
         """Why the constraint could not go on (llguidance's reason, on one line), or None."""
         return _reason(self.m) if self.m.is_error() else None
