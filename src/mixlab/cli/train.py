@@ -292,7 +292,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=user_path, default=None,
                    help="keep the run folder here, with loss.png and routing.png (default: a "
                         "temporary folder); an earlier demo's --out is replaced")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=count, default=0,  # train's rule: refused after the corpus was built
                    help="corpus, held-out split, initialisation and data order (default 0)")
     add_quiet_arg(p)
     p.set_defaults(func=demo_cmd)

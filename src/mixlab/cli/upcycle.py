@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixlab.cli import add_quiet_arg, dtype_choice, non_negative, user_path
+from mixlab.cli import add_quiet_arg, dtype_choice, non_negative, sampling, user_path
 from mixlab.cli.model import shard_bytes
 from mixlab.errors import UsageError
 
@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise", type=non_negative, default=0.0, metavar="STD",
                    help="add independent Gaussian noise to each expert copy of each matrix, std = STD x that "
                         "dense matrix's own std (default 0: exact copies)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the router and the noise (default 0)")
+    p.add_argument("--seed", type=sampling("seed", int), default=0,  # torch.Generator's range, as generate's
+                   help="seed for the router and the noise (default 0)")
     p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default=None,
                    help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=2 * 2**30,
