@@ -431,6 +431,20 @@ def test_a_config_files_bad_value_names_the_file_and_key(command, toml, said, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
 
 
+@pytest.mark.parametrize("command,toml,flags,said", [
+    ("dpo", "beta = 0.5", ["--beta", "0"], "fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"),
+    ("sft", "lora_rank = 2", ["--lora-alpha", "0"], "fine-tuning setting 'lora_alpha' (--lora-alpha): LoRA alpha"),
+    ("train", "lr = 0.001", ["--device", "bogus"], "training setting 'device' (--device): unknown device 'bogus'"),
+])
+def test_a_bad_flag_over_a_good_config_file_is_the_flag_s(command, toml, flags, said, tmp_path, monkeypatch, capsys):
+    """A flag's value the command refuses is a usage error (exit 2) with a config file too, not blamed on it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text(toml + "\n")
+    model = ["--model", "m"] if command != "train" else []
+    code, line = _code([command, "c.toml", "--data", "d", "--out", "o", *model, *flags], capsys)
+    assert code == 2 and "c.toml" not in line and said in line, line
+
+
 def _run(args: list[str], timeout: float = 120, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     return subprocess.run([sys.executable, "-m", "mixlab", *args], capture_output=True, timeout=timeout, env=env,

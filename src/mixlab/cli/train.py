@@ -79,25 +79,30 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def flag_settings(make: Callable[[str | None], T], args: argparse.Namespace) -> T:
     """`make(args.config)`: the run's settings from the config file and the flags (load_train_config's or
-    load_finetune_config's, with any check that needs more than the settings). A ConfigError that the flags
-    alone, without the file, raise too is the command line's: a usage error (exit 2) naming the flag, as
-    argparse's own are ("fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"); another is the file's,
+    load_finetune_config's, with any check that needs more than the settings). A ConfigError is the command
+    line's, a usage error (exit 2) naming the flag as argparse's own do ("fine-tuning setting 'beta' (--beta)
+    must be > 0, got 0.0"), where the setting it names was given as a flag (over a file's `lora_rank`,
+    `--lora-alpha 0`), or where the flags alone, without the file, raise it too; else it is the file's,
     named with it (exit 1: "run.toml: ...", as load_settings names a bad value of the file's)."""
     try:
         return make(args.config)
     except UsageError:
         raise
     except ConfigError as e:
-        if args.config is not None:
+        path = args.config
+        message = str(e).removeprefix(f"{path}: ") if path is not None else str(e)
+        named = re.match(r".*?setting '(\w+)'", message)
+        flag = getattr(args, named[1], None) if named else None  # None, or False: not given
+        if path is not None and (flag is None or flag is False):
             try:
                 make(None)
             except Exception as alone:  # (the file's `model`: a missing one, read now)
-                flags = str(alone) == str(e)
+                flags = str(alone) == message
             else:
                 flags = False
             if not flags:
-                raise e if str(e).startswith(f"{args.config}: ") else ConfigError(f"{args.config}: {e}") from None
-        raise UsageError(_flags_named(str(e), args)) from None
+                raise ConfigError(f"{path}: {message}") from None
+        raise UsageError(_flags_named(message, args)) from None
 
 
 def _flags_named(message: str, args: argparse.Namespace) -> str:
