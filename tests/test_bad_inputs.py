@@ -396,10 +396,14 @@ def test_a_model_setting_the_flags_contradict_is_a_usage_error(tmp_path, base, d
             ([*train, "--set", "moe.top_k=9"], "--set moe.top_k=9: config field 'moe.top_k' must be in [1, "),
             ([*train, "--set", "dims=64"], "--set dims=64: model_overrides: unknown model field(s) dims"),
             ([*train, "--seq-len", "1000"], "seq_len 1000 is beyond the model's context (max_seq_len 512); set"),
+            ([*train, "--model", "tiny-mo"], "training setting 'model' (--model): unknown preset 'tiny-mo' (did you "),
             ([*sft, "--seq-len", "1000"], "seq_len 1000 is beyond the model's context (max_seq_len 512); set")):
         code, line = _code(args, capsys)
         assert code == 2 and said in line, line
         assert not (tmp_path / "run").exists()
+    code, line = _code([*train, "--model", str(tmp_path / "nope")], capsys)  # a folder that is not there: exit 1
+    assert code == 1 and line.endswith(f"error: {tmp_path / 'nope'}: no such checkpoint folder (the model is one, "
+                                       "or a preset)"), line
     (tmp_path / "c.toml").write_text(f'init_from = "{init}"\n[model_overrides]\ndim = 32\n')
     code, line = _code(["train", str(tmp_path / "c.toml"), *train[1:]], capsys)
     assert code == 1 and line.endswith(f"error: {tmp_path / 'c.toml'}: model_overrides: dim = 32, but the weights "

@@ -445,7 +445,7 @@ def test_bad_settings(dataset: Path, tmp_path: Path) -> None:
             build_model_config(_cfg(dataset, tmp_path, model_overrides=over), TokenDataset(dataset))
     # a file as `model` (a checkpoint's model.safetensors, a GGUF) was an "unknown preset"
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(ConfigError, match=r"model: .*m.gguf is a file; the model is a preset or a checkpoint folder.*"
+    with pytest.raises(ConfigError, match=r"setting 'model': .*m.gguf is a file; the model is a preset or a .*"
                                           r"`mixlab convert .*m.gguf DIR`"):
         build_model_config(_cfg(dataset, tmp_path, model=str(tmp_path / "m.gguf")), TokenDataset(dataset))
     f.write_text("model_overrides = 3\n")

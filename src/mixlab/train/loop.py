@@ -165,10 +165,19 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
         over.setdefault("eos_id", base.eos_id)
     else:
         if Path(cfg.model).is_file():  # it said "unknown preset" of a checkpoint's file or a GGUF
-            raise ConfigError(f"model: {cfg.model} is a file; the model is a preset or a checkpoint folder "
-                              "(its config.json or params.json)" + (f": `mixlab convert {cfg.model} DIR` writes "
-                              "the GGUF as one" if suffix_of(cfg.model) == ".gguf" else ""))
-        base = ModelConfig.from_dir(cfg.model) if Path(cfg.model).is_dir() else get_preset(cfg.model)
+            raise ConfigError(f"training setting 'model': {cfg.model} is a file; the model is a preset or a "
+                              "checkpoint folder (its config.json or params.json)" + (
+                                  f": `mixlab convert {cfg.model} DIR` writes the GGUF as one"
+                                  if suffix_of(cfg.model) == ".gguf" else ""))
+        if Path(cfg.model).is_dir():
+            base = ModelConfig.from_dir(cfg.model)
+        elif os.sep in cfg.model or cfg.model.startswith("."):  # a folder's path (it said "unknown preset")
+            raise CheckpointError(f"{cfg.model}: no such checkpoint folder (the model is one, or a preset)")
+        else:
+            try:
+                base = get_preset(cfg.model)
+            except ConfigError as e:  # the setting named: `--model tiny-mo`'s error names the flag
+                raise ConfigError(f"training setting 'model': {e}") from None
         over.setdefault("vocab_size", dataset.vocab_size)
     if over["vocab_size"] < dataset.vocab_size:
         named = ("model_overrides:" if "vocab_size" in cfg.model_overrides else "model" if not cfg.init_from
