@@ -397,7 +397,9 @@ def test_a_model_setting_the_flags_contradict_is_a_usage_error(tmp_path, base, d
             ([*train, "--set", "dims=64"], "--set dims=64: model_overrides: unknown model field(s) dims"),
             ([*train, "--seq-len", "1000"], "seq_len 1000 is beyond the model's context (max_seq_len 512); set"),
             ([*train, "--model", "tiny-mo"], "training setting 'model' (--model): unknown preset 'tiny-mo' (did you "),
-            ([*sft, "--seq-len", "1000"], "seq_len 1000 is beyond the model's context (max_seq_len 512); set")):
+            ([*sft, "--seq-len", "1000"], "seq_len 1000 is beyond the model's context (max_seq_len 512); set"),
+            ([*sft, "--model", str(base)], "fine-tuning setting 'tokenizer' (--tokenizer): bytes has 259 tokens, "
+                                           "more than the model's vocabulary (256)")):
         code, line = _code(args, capsys)
         assert code == 2 and said in line, line
         assert not (tmp_path / "run").exists()

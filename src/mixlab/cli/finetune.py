@@ -15,8 +15,7 @@ from mixlab.errors import UsageError
 def _run(args: argparse.Namespace, task: str) -> int:
     from mixlab.cli.train import flag_settings
     from mixlab.train.checkpoints import init_config
-    from mixlab.train.finetune import eval_line, finetune, load_finetune_config
-    from mixlab.train.settings import check_context
+    from mixlab.train.finetune import check_fits, eval_line, finetune, load_finetune_config, resolve_tokenizer
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run folder
         raise UsageError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
@@ -43,10 +42,10 @@ def _run(args: argparse.Namespace, task: str) -> int:
         raise UsageError("--merge merges LoRA adapters: it needs --lora-rank R (full fine-tuning writes hf/ anyway)")
     if args.lora_rank:  # a LoRA run writes its adapter; plain merged weights only with --merge
         over["export_hf"] = bool(args.merge)
-    def settings(path: str | None) -> Any:  # with --seq-len against the model's context, before the data is read
+    def settings(path: str | None) -> Any:  # with --seq-len and --tokenizer against the model, before the data is read
         cfg = load_finetune_config(path, **over)
         if cfg.model:
-            check_context(cfg.seq_len, init_config(cfg.model))
+            check_fits(cfg, init_config(cfg.model), resolve_tokenizer(cfg)[0])
         return cfg
 
     cfg = flag_settings(settings, args)

@@ -46,7 +46,7 @@ from torch import nn
 from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
-from mixlab.config import ConfigError
+from mixlab.config import ConfigError, ModelConfig
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.train import checkpoints, dpo, sft
@@ -172,6 +172,16 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
             raise ConfigError("fine-tuning setting 'freeze_router' keeps the router fixed, but 'router' is one of "
                               "the LoRA targets; remove one of them")
     return cfg
+
+
+def check_fits(cfg: FinetuneConfig, mc: ModelConfig, tok: TrainTokenizer) -> None:
+    """The tokenizer's vocabulary and seq_len within the model's (`mc`); ConfigError naming the setting."""
+    if tok.vocab_size > mc.vocab_size and cfg.tokenizer:
+        raise ConfigError(f"fine-tuning setting 'tokenizer': {cfg.tokenizer} has {tok.vocab_size} tokens, more than "
+                          f"the model's vocabulary ({mc.vocab_size})")
+    if tok.vocab_size > mc.vocab_size:
+        raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({mc.vocab_size})")
+    check_context(cfg.seq_len, mc)
 
 
 def lora_config(cfg: FinetuneConfig) -> LoraConfig:
@@ -464,9 +474,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     torch.manual_seed(cfg.seed)
     tok, tok_spec = resolve_tokenizer(cfg)
     mc = checkpoints.init_config(cfg.model)
-    if tok.vocab_size > mc.vocab_size:
-        raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({mc.vocab_size})")
-    check_context(cfg.seq_len, mc)
+    check_fits(cfg, mc, tok)
     check_batch_fits(mc, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
                      rows_per_item=2 if cfg.task == "dpo" else 1)
     model = checkpoints.load_init(cfg.model, mc).to(device)
