@@ -3,7 +3,9 @@
 (`load_model` of the whole checkpoint, or `load_gguf(keep_int4=False)` of a GGUF file, an adapter
 merged, then `apply_expert_parallel`), bit for bit, from transformers', Mistral's and GGUF files (F32,
 BF16, Q4_0 dequantised, split in parts) in every dtype, with a PEFT adapter's expert factors narrowed
-to the process's experts, and never holds the whole model while it does.
+to the process's experts, and never holds the whole model while it does. A Q4_0 file's matrices stay
+int4 by default (each process's experts' bytes as read), and `--quant int8 / int4` quantises each
+process's share: both equal one process's quantised model.
 
 Like tests/test_parallel_init.py, a group of processes (gloo, loopback, spawned) runs a list of jobs."""
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -49,7 +52,7 @@ def _compare_job(rank: int, job: dict[str, Any]) -> None:
         for dtype in dtypes:
             want = _whole(src, dtype, adapter)
             apply_expert_parallel(want, layout)
-            got = load_expert_parallel(src, layout, dtype=dtype, adapter=adapter)
+            got = load_expert_parallel(src, layout, dtype=dtype, adapter=adapter, keep_int4=False)
             params = dict(want.named_parameters())
             assert params.keys() == dict(got.named_parameters()).keys()
             for name, p in got.named_parameters():
@@ -98,8 +101,94 @@ def _memory_job(rank: int, job: dict[str, Any]) -> None:
                                                                               "model": whole, "local": local}))
 
 
+def _one_process_quantised(src: str, quant: str) -> Any:
+    """One process's `generate --quant` model: `load_model` (a GGUF file's Q4_0 matrices kept int4),
+    quantised by `prepare_for_inference`, float32; without a native decoder attached, so its forward
+    is PyTorch's kernels as under --ep. `generate` builds one over it (`native.shared_decoder`):
+    its int4 products then take exact float32 activations, as PyTorch's (and --ep's) do."""
+    from mixlab.model.inference import prepare_for_inference
+
+    int4 = quant == "int4" or src.endswith(".gguf")
+    return prepare_for_inference(load_model(src, dtype="float32"), quant=None if quant == "none" else quant,
+                                 decoder=False, int4_activations="float32" if int4 else None)
+
+
+def _quant_job(rank: int, job: dict[str, Any]) -> None:
+    """For each source and --quant: `_load` under --ep 2 (the split load, then `prepare_for_inference`
+    of this process's share) holds the slices of one process's quantised tensors, bit for bit, and its
+    logits are one process's to float32 rounding; no native decoder is attached or built. Then
+    `mixlab generate --ep 2` of the last source through `cli.main`: rank 0 writes the text printed to
+    `job["out"]`."""
+    import contextlib
+    import io
+
+    from mixlab.cli import main
+    from mixlab.cli.run import _load
+    from mixlab.model import native
+    from mixlab.parallel.mesh import init
+
+    init(ep=2)
+    for src, quant in job["sources"]:
+        args = argparse.Namespace(command="generate", ep=2, model=src, tokenizer=None, threads=None,
+                                  dtype="float32", device="cpu", quant=quant, max_memory=None, adapter=None)
+        got, _ = _load(args)
+        one = _one_process_quantised(src, quant)
+        theirs = dict(one.named_buffers()) | dict(one.named_parameters())
+        mine = dict(got.named_buffers()) | dict(got.named_parameters())
+        assert mine.keys() == theirs.keys(), (src, quant)
+        for name, t in mine.items():
+            want = theirs[name]
+            if ".experts." in name:
+                L = want.shape[0] // 2
+                want = want[rank * L:(rank + 1) * L]
+            assert t.dtype == want.dtype and torch.equal(t, want), (src, quant, rank, name)
+        assert got.native_decoder is None and native.shared_decoder(got) is None, (src, quant)
+        x = torch.randint(0, got.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(got(x), one(x), rtol=1e-5, atol=1e-5, msg=f"{src} {quant} {rank}")
+    src, quant = job["sources"][-1]  # once: generate ends with the process group's shutdown
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["generate", "--model", src, "--prompt", "Bonjour, le monde", "--max-new-tokens", "8",
+                     "--dtype", "float32", "--threads", "1", "--ep", "2", "--quant", quant])
+    assert code == 0, (src, quant)
+    if rank == 0:
+        Path(job["out"]).write_text(out.getvalue())
+
+
 def _job(rank: int, job: dict[str, Any]) -> None:
-    (_compare_job if job["kind"] == "compare" else _memory_job)(rank, job)
+    {"compare": _compare_job, "memory": _memory_job, "quant": _quant_job}[job["kind"]](rank, job)
+
+
+@pytest.mark.slow  # 2 processes: ~20 s on 2 busy cores
+def test_ep_quantised_experts_equal_one_process_s(tmp_path: Path) -> None:
+    """`generate --ep 2 --quant int8 / int4` was refused ("not supported with --ep yet"): each process
+    now quantises its own experts (and the dense weights) after the split load, and its MoE layers run
+    the quantised experts' forward between the same all-to-alls. A Q4_0 GGUF file's matrices were
+    dequantised under --ep: they stay int4, each process's experts' bytes as read. Quantisation is
+    per expert row (int8) or group (int4), so each share is bit for bit the slice of one process's
+    quantised experts; the logits equal one process's forward to float32 rounding, not bit for bit
+    (1.5e-6 of 4 here): the products are the same, their sums' order is not (an expert multiplies
+    every process's rows at once, twice the rows here, and one process picks a whole-layer kernel),
+    and the tokens printed are one process's."""
+    from mixlab import generate, load_tokenizer
+
+    model = _tiny_moe()
+    save_model(model, tmp_path / "model")
+    src = str(tmp_path / "model")
+    sources = [(src, "int8"), (src, "int4")]
+    if importlib.util.find_spec("gguf") is not None:  # Q4_0 kept int4 (and the float matrices made int4), as read
+        from mixlab.checkpoint.gguf import write_gguf
+
+        q4 = str(write_gguf(model, tmp_path / "model.gguf", quant="q4_0"))
+        sources += [(q4, "none"), (q4, "int4")]
+    run_group(_job, [{"kind": "quant", "sources": sources, "out": str(tmp_path / "out")}])
+    tok = load_tokenizer()
+    prompt = tok.encode("Bonjour, le monde")
+    ids = [i for i in generate(_one_process_quantised(*sources[-1]), [prompt], max_new_tokens=8)[0]
+           if i != tok.eos_id]
+    printed = (tmp_path / "out").read_text()
+    assert len(ids) > 1 and printed == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n", sources[-1]
 
 
 @pytest.mark.slow  # 2 processes: ~20 s on 2 busy cores
@@ -196,7 +285,8 @@ def test_a_process_reads_only_its_experts_bytes_of_a_gguf_file(tmp_path: Path, m
                                                                 quant: str) -> None:
     """Both ranks' shares in one process (a layout of 2 without a process group): each reads every
     dense tensor whole and half of each stacked expert tensor's bytes, once (F32 straight into its
-    tensors, Q4_0 dequantised); together they are the whole load's tensors."""
+    tensors, Q4_0 kept int4 as `load_gguf` keeps it, or dequantised); together they are the whole
+    load's tensors (int4: its codes and scales, bit for bit)."""
     from types import SimpleNamespace
 
     pytest.importorskip("gguf")
@@ -205,7 +295,6 @@ def test_a_process_reads_only_its_experts_bytes_of_a_gguf_file(tmp_path: Path, m
     from mixlab.parallel.expert import load_expert_parallel
 
     path = write_gguf(_tiny_moe(), tmp_path / "m.gguf", quant=quant)
-    whole = gguf_read.load_gguf(path, keep_int4=False)
     tensors = gguf_read.read_header(path).tensors
     raw = gguf_read._Reader.raw
     read: dict[str, int] = {}
@@ -215,15 +304,20 @@ def test_a_process_reads_only_its_experts_bytes_of_a_gguf_file(tmp_path: Path, m
         return raw(self, t, out)
 
     monkeypatch.setattr(gguf_read._Reader, "raw", count)
-    shares = []
-    for rank in range(2):
-        read.clear()
-        layout: Any = SimpleNamespace(rank=rank, world=2, is_main=rank == 0, ep=2, ep_rank=rank, fsdp=False)
-        shares.append(load_expert_parallel(path, layout))
-        assert read == {n: t.nbytes // 2 if "_exps." in n else t.nbytes for n, t in tensors.items()}, rank
-    for name, p in whole.named_parameters():
-        parts = [dict(s.named_parameters())[name] for s in shares]
-        assert torch.equal(torch.cat(parts) if ".experts." in name else parts[0], p), name
+    for keep_int4 in (True, False) if quant == "q4_0" else (True,):
+        whole = gguf_read.load_gguf(path, keep_int4=keep_int4)
+        shares = []
+        for rank in range(2):
+            read.clear()
+            layout: Any = SimpleNamespace(rank=rank, world=2, is_main=rank == 0, ep=2, ep_rank=rank, fsdp=False)
+            shares.append(load_expert_parallel(path, layout, keep_int4=keep_int4))
+            assert read == {n: t.nbytes // 2 if "_exps." in n else t.nbytes for n, t in tensors.items()}, rank
+        tensors_of = [dict(m.named_buffers()) | dict(m.named_parameters()) for m in (whole, *shares)]
+        assert tensors_of[1].keys() == tensors_of[0].keys() == tensors_of[2].keys()
+        assert any(t.dtype == torch.uint8 for t in tensors_of[1].values()) == (quant == "q4_0" and keep_int4)
+        for name, t in tensors_of[0].items():
+            parts = [share[name] for share in tensors_of[1:]]
+            assert torch.equal(torch.cat(parts) if ".experts." in name else parts[0], t), (keep_int4, name)
 
 
 @pytest.mark.parametrize("fault", ["missing", "shape"])
@@ -332,3 +426,24 @@ def test_an_adapter_merged_into_a_share_of_other_experts_is_refused(tmp_path: Pa
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     merge_adapter(model, adapter, experts=range(0, 4))  # all of them: the whole merge
     assert not torch.equal(model.layers[0].ffn.experts.w13, before["layers.0.ffn.experts.w13"])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-memory", "1GB"], "--max-memory (expert offloading) does not combine with --ep"),
+    (["--quant", "int4", "--int4-activations", "int8"],
+     "--int4-activations int8 does not combine with --ep: its processes multiply int4 weights by exact float32 "
+     "activations (PyTorch's kernels), as --int4-activations float32"),
+])
+def test_a_flag_ep_does_not_take_is_one_line_naming_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                         message: str) -> None:
+    """Rank 0 of `torchrun --nproc-per-node 2 ... generate --ep 2` with a flag --ep does not take:
+    exit 2 and one line naming both flags, before any process group or weight (--quant is taken)."""
+    from mixlab.cli import main
+
+    save_model(_tiny_moe(), tmp_path / "model")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code = main(["generate", "--model", str(tmp_path / "model"), "--prompt", "Bonjour", "--ep", "2", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"mixlab generate: error: {message}\n", err

@@ -620,20 +620,93 @@ def _read_straight(reader: _Reader, parts: list[GGUFTensor], kind: str, dest: to
     return True
 
 
-def read_gguf_pieces(h: GGUFHeader, pieces: dict[str, tuple[torch.Tensor, tuple[slice, ...]]]) -> None:
+def int4_weights(h: GGUFHeader) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """The weights `load_gguf` keeps int4 (mixlab's names): the shapes of their packed codes and
+    float16 scales (stacked experts: all of them). The file is checked against its config first."""
+    plan = _plan(h, config_from_header(h))
+    out = {}
+    for name in _int4_names(plan):
+        parts, kind = next((ps, k) for n, ps, k in plan if n == name)
+        cat = 1 if kind == "experts" else 0
+        *lead, D = (sum(t.shape[i] for t in parts) if i == cat else n for i, n in enumerate(parts[0].shape))
+        out[name] = torch.Size((*lead, D // 2)), torch.Size((*lead, D // 32))
+    return out
+
+
+def _int4_names(plan: list[tuple[str, list[GGUFTensor], str]]) -> set[str]:
+    """The weights of `_plan` kept int4: matrices stored as Q4_0, a layer's experts only where both
+    of its expert weights are (one format per `Int4Experts`)."""
+    q4 = {name for name, parts, kind in plan
+          if kind in ("qkv", "matrix", "experts") and all(t.type == Q4_0 for t in parts)}
+    return {n for n in q4 if ".experts." not in n or {n.rsplit(".", 1)[0] + w for w in (".w13", ".w2")} <= q4}
+
+
+def _read_int4(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], kind: str) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """One Q4_0 weight of `_plan` as mixlab int4 (packed codes, float16 scales): q / k rows put back
+    in mixlab's rotary layout, the parts joined, NaN / Inf scales warned of."""
+    qs = [reader.q4(t) for t in parts]
+    if kind == "qkv":
+        qs[0] = (_rope_unpermute(qs[0][0], cfg.n_heads), _rope_unpermute(qs[0][1], cfg.n_heads))
+        qs[1] = (_rope_unpermute(qs[1][0], cfg.n_kv_heads), _rope_unpermute(qs[1][1], cfg.n_kv_heads))
+    cat = 1 if kind == "experts" else 0
+    q, s = torch.cat([q for q, _ in qs], cat).contiguous(), torch.cat([s for _, s in qs], cat).contiguous()
+    _check_finite(reader.h, parts, s)
+    return q, s
+
+
+def keep_int4_modules(model: Any, int4: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Swap the float modules of `model` holding the weights `int4` names for int4 ones holding
+    `int4[name]` = (packed codes, scales): `Int4Linear`, `Int4Experts` (both of a layer's expert
+    weights at once)."""
+    from mixlab.model.formats import Int4Experts
+    from mixlab.model.moe import MoEBlock
+    from mixlab.ops.quant import Int4Linear
+
+    for name, (q, s) in int4.items():
+        owner_name, attr = name.rsplit(".", 1)
+        if attr == "weight":  # a linear
+            parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
+            setattr(model.get_submodule(parent_name), child, Int4Linear.from_packed(q, s))
+        elif attr == "w13":  # stacked experts: w13 and w2 together
+            block = model.get_submodule(owner_name.removesuffix(".experts"))
+            assert isinstance(block, MoEBlock)
+            q2, s2 = int4[owner_name + ".w2"]
+            block.experts = Int4Experts(q, s, q2, s2)
+
+
+def int4_buffers(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed codes and scales of weight `name` of `model`, kept int4 (`keep_int4_modules`)."""
+    owner_name, attr = name.rsplit(".", 1)
+    owner = model.get_submodule(owner_name)
+    return getattr(owner, attr), getattr(owner, "scale" if attr == "weight" else f"{attr}_scale")
+
+
+def read_gguf_pieces(h: GGUFHeader, pieces: dict[str, tuple[torch.Tensor, tuple[slice, ...]]],
+                     int4: dict[str, tuple[torch.Tensor, torch.Tensor, slice]] | None = None) -> None:
     """Fill each `pieces[name] = (dest, index)` with `whole[index]` of weight `name` (mixlab's name) of
     the GGUF file `h`, as `load_gguf(keep_int4=False)` reads it in `dest`'s dtype: the GGUF
     counterpart of `train.checkpoints.read_pieces`, for expert parallelism. `index` takes whole
     tensors, or some experts (dim 0) of a stacked experts weight: only those experts' bytes are read,
-    straight into `dest` where they need no conversion (`_read_straight`).
+    straight into `dest` where they need no conversion (`_read_straight`). `int4[name] = (codes,
+    scales, experts)`: a weight `load_gguf` keeps int4 (`int4_weights`), its bytes copied as they are
+    (of `experts`, a slice of dim 0, for stacked experts; else whole).
     The file is checked against its config (`_plan`) before anything is read."""
     cfg = config_from_header(h)
     plan = {name: (parts, kind) for name, parts, kind in _plan(h, cfg)}
-    if set(pieces) - set(plan):
-        raise ValueError(f"no weight {sorted(set(pieces) - set(plan))[0]!r} in {h.path}")
+    int4 = int4 or {}
+    if (set(pieces) | set(int4)) - set(plan):
+        raise ValueError(f"no weight {sorted((set(pieces) | set(int4)) - set(plan))[0]!r} in {h.path}")
     reader = _Reader(h)
     try:
         with torch.no_grad():
+            for name, (q_dest, s_dest, experts) in int4.items():
+                parts, kind = plan[name]
+                if kind == "experts":
+                    parts = [t.experts(experts.start, experts.stop) for t in parts]
+                q, s = _read_int4(reader, cfg, parts, kind)
+                q_dest.copy_(q)
+                s_dest.copy_(s)
             for name, (dest, index) in pieces.items():
                 parts, kind = plan[name]
                 first = 1 if kind == "experts" else 0  # dim 0 of stacked experts: any of them
@@ -659,9 +732,6 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     experts stay in the file, read on demand into an expert cache of that many bytes
     (`mixlab.checkpoint.offload`)."""
     from mixlab.checkpoint import meta_model
-    from mixlab.model.formats import Int4Experts
-    from mixlab.model.moe import MoEBlock
-    from mixlab.ops.quant import Int4Linear
 
     h = read_header(path)
     cfg = config_from_header(h)
@@ -676,38 +746,19 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     reader = _Reader(h)
     state: dict[str, torch.Tensor] = {}
     int4: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    as_int4 = _int4_names(plan) if keep_int4 else set()
     try:
         for name, parts, kind in plan:
-            as_int4 = keep_int4 and kind in ("qkv", "matrix", "experts") and all(t.type == Q4_0 for t in parts)
-            if kind == "experts" and as_int4:  # both expert tensors of a layer must be int4 (one set of scales)
-                other = [p for n, p, _ in plan if n.rsplit(".", 1)[0] == name.rsplit(".", 1)[0] and n != name]
-                as_int4 = all(t.type == Q4_0 for ps in other for t in ps)
-            if as_int4:
-                qs = [reader.q4(t) for t in parts]
-                if kind == "qkv":
-                    qs[0] = (_rope_unpermute(qs[0][0], cfg.n_heads), _rope_unpermute(qs[0][1], cfg.n_heads))
-                    qs[1] = (_rope_unpermute(qs[1][0], cfg.n_kv_heads), _rope_unpermute(qs[1][1], cfg.n_kv_heads))
-                cat = 1 if kind == "experts" else 0
-                int4[name] = (torch.cat([q for q, _ in qs], cat).contiguous(),
-                              torch.cat([s for _, s in qs], cat).contiguous())
-                _check_finite(h, parts, int4[name][1])
+            if name in as_int4:
+                q, s = _read_int4(reader, cfg, parts, kind)
+                int4[name] = q.to(device), s.to(device)
                 continue
             state[name] = _float_weight(reader, cfg, parts, kind, want).to(device)
     finally:
         reader.close()
 
     model = meta_model(cfg)
-    for name, (q, s) in int4.items():  # swap the float modules / parameters for int4 ones
-        owner_name, attr = name.rsplit(".", 1)
-        if attr == "weight":  # a linear
-            parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, Int4Linear.from_packed(q.to(device), s.to(device)))
-        elif attr == "w13":  # stacked experts: w13 and w2 together
-            block = model.get_submodule(owner_name.removesuffix(".experts"))
-            assert isinstance(block, MoEBlock)
-            q2, s2 = int4[owner_name + ".w2"]
-            block.experts = Int4Experts(q.to(device), s.to(device), q2.to(device), s2.to(device))
+    keep_int4_modules(model, int4)  # swap the float modules / parameters for int4 ones
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=False)

@@ -31,6 +31,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     import torch
 
     from mixlab.checkpoint import load_model
+    from mixlab.model.inference import prepare_for_inference
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and getattr(args, "ep", None) is None:  # N copies of one process's work, each printing
@@ -62,44 +63,27 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
         if offload:
             raise UsageError("--max-memory (expert offloading) does not combine with --ep")
-        if args.quant != "none":
-            raise UsageError("--quant is not supported with --ep yet")
+        if getattr(args, "int4_activations", None) == "int8":  # a native decoding mode; --ep decodes with PyTorch's
+            raise UsageError("--int4-activations int8 does not combine with --ep: its processes multiply int4 "
+                             "weights by exact float32 activations (PyTorch's kernels), as --int4-activations float32")
         layout = init(ep=args.ep, device=args.device)
         device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
     # Under --ep the model is built split, each process reading its experts only (a folder's or a GGUF
-    # file's, an --adapter merged into them); with --ep 1 a GGUF file is read whole, its Q4_0 dequantised.
-    gguf = held and not os.path.isdir(args.model)  # a GGUF file (a missing one told by load_model, as without --ep)
-    split = layout is not None and layout.ep > 1
-    if split:
+    # file's, Q4_0 matrices kept int4 as one process keeps them, an --adapter merged into them).
+    if layout is not None and layout.ep > 1:
         from mixlab.parallel.expert import load_expert_parallel
 
-        assert layout is not None
         model = load_expert_parallel(args.model, layout, dtype=dtype, device=device, adapter=adapter)
-    elif layout is not None and gguf and os.path.isfile(args.model):
-        from mixlab.checkpoint import merge_adapter, read_adapter, warn_other_base
-        from mixlab.checkpoint.gguf_read import load_gguf
-        from mixlab.dtypes import parse_dtype
-
-        peft = read_adapter(adapter) if adapter is not None else None  # before the load, as load_model reads it
-        if peft is not None:
-            warn_other_base(Path(args.model), peft)
-        # Q4_0 matrices dequantised: expert parallelism splits float experts (it refused int4 ones)
-        model = load_gguf(args.model, dtype=parse_dtype(dtype), device=device, keep_int4=False)
-        if peft is not None:
-            merge_adapter(model, peft)
     else:  # an --adapter is merged before --quant quantises the weights
         with _told_as_flag("max_memory", "--max-memory"):
             model = load_model(args.model, dtype=dtype, device=device, adapter=adapter, **offload)
-    if layout is not None and not split:
-        from mixlab.parallel.expert import apply_expert_parallel
-
-        apply_expert_parallel(model, layout)
-    elif layout is None and str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding
-        from mixlab.model.inference import prepare_for_inference
-
+    quant = None if args.quant == "none" else args.quant
+    if layout is not None:  # --ep: each process quantises its own experts; PyTorch's kernels, no native decoder
+        if quant is not None:  # (it would bypass the MoE layers' all-to-all)
+            model = prepare_for_inference(model, quant=quant, decoder=False)
+    elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding
         with _told_as_flag("max_memory", "--max-memory"):  # the expert cache's budget, checked in its format
-            model = prepare_for_inference(model, quant=None if args.quant == "none" else args.quant,
-                                          int4_activations=getattr(args, "int4_activations", None))
+            model = prepare_for_inference(model, quant=quant, int4_activations=getattr(args, "int4_activations", None))
     if tok is None:
         tok = model_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:

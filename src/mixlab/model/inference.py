@@ -146,7 +146,7 @@ def _int4_groups(model: Transformer) -> set[int]:
 
 
 def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool | None = None,
-                          group: int = 32, int4_activations: str | None = None) -> Transformer:
+                          group: int = 32, int4_activations: str | None = None, decoder: bool = True) -> Transformer:
     """The fast CPU inference form of `model`, in place: native batch-1 decoding on plain (or int8 /
     int4, `quant=`) weights when the native kernels are available, else (or with `packed=True`)
     oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
@@ -155,7 +155,10 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     prepared model is refused. `int4_activations`: how native decoding multiplies int4 weights,
     "int8" (activations rounded to int8 per block of 32, as llama.cpp does; the default, fast) or
     "float32" (exact; what offloaded experts always do, so "int8" is refused for them); see
-    `mixlab.model.native`."""
+    `mixlab.model.native`. `decoder=False`: no native whole-model decoder is attached (expert
+    parallelism: each process holds a share of the experts and its MoE layers exchange rows by
+    all-to-all in PyTorch's forward, which the decoder would bypass); without one, float weights
+    are packed."""
     check_model(model)
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
@@ -203,7 +206,7 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
             model.eval().requires_grad_(False)
             floats = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
             # the native step takes one weight format (without the kernels at all, there is nothing to say)
-            if not native.attach(model, warn=not floats) and floats and registry.prepare_native():
+            if decoder and not native.attach(model, warn=not floats) and floats and registry.prepare_native():
                 warnings.warn(f"no native decoding: this model mixes int4 and float matrices ({floats[0]} is float: "
                               "llama.cpp's quantiser keeps output.weight at Q6_K / Q8_0, read dequantised), so it "
                               "decodes with PyTorch's kernels, several times slower; quant='int4' (--quant int4) "
@@ -217,11 +220,12 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
         else:
             quantize_model_int4(model, group=group)
         model.requires_grad_(False)
-        native.attach(model)
+        if decoder:
+            native.attach(model)
         return model
     if packed is None:
-        packed = not native.attach(model)
-    elif not packed:
+        packed = not (decoder and native.attach(model))
+    elif not packed and decoder:
         native.attach(model)
     return pack_model(model, packed=packed)
 

@@ -128,16 +128,19 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
 
 
 def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch.dtype | None = None,
-                         device: str | torch.device = "cpu", adapter: str | Path | None = None) -> Transformer:
+                         device: str | torch.device = "cpu", adapter: str | Path | None = None,
+                         keep_int4: bool = True) -> Transformer:
     """`load_model(path, dtype=, device=, adapter=)` then `apply_expert_parallel(model, layout)`,
     without ever holding the whole model: built and split on the meta device, then only this
     process's tensors allocated in `dtype` (default: as stored, as `load_model`) on `device` and
     filled straight from the files, its experts' elements only (a transformers or Mistral folder:
     `train.checkpoints.read_pieces`, `load_model`'s key maps, conversion and NaN / Inf warnings; a
-    GGUF file: `gguf_read.read_gguf_pieces`, its Q4_0 matrices dequantised as
-    `load_gguf(keep_int4=False)` reads them, as expert parallelism splits float experts). `adapter`:
+    GGUF file: `gguf_read.read_gguf_pieces`, its Q4_0 matrices kept int4 as `load_gguf` keeps them,
+    this process's experts' bytes as they are, or with `keep_int4=False` dequantised). `adapter`:
     a PEFT LoRA adapter folder merged into this process's tensors, its expert factors narrowed to
-    this process's experts (`merge_adapter(experts=)`)."""
+    this process's experts (`merge_adapter(experts=)`). The split model's MoE layers run the
+    experts' own `forward` (any format: `prepare_for_inference(quant=, decoder=False)` quantises
+    each process's share after the load)."""
     from mixlab.checkpoint import (
         _stored_dtype,
         folder_config,
@@ -148,7 +151,15 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
         read_adapter,
         warn_other_base,
     )
-    from mixlab.checkpoint.gguf_read import _default_dtype, config_from_header, read_gguf_pieces, read_header
+    from mixlab.checkpoint.gguf_read import (
+        _default_dtype,
+        config_from_header,
+        int4_buffers,
+        int4_weights,
+        keep_int4_modules,
+        read_gguf_pieces,
+        read_header,
+    )
     from mixlab.config import as_path, suffix_of
     from mixlab.dtypes import parse_dtype
     from mixlab.parallel.train import DistributedTraining
@@ -160,10 +171,12 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
     if peft is not None:
         warn_other_base(root, peft)
     gguf = suffix_of(root) == ".gguf" and not root.is_dir()
+    int4: dict[str, tuple[torch.Size, torch.Size]] = {}
     if gguf:
         header = read_header(root)
         config = config_from_header(header)
         stored = _default_dtype(header)
+        int4 = int4_weights(header) if keep_int4 else {}
     else:
         config = folder_config(root)
         _, table, infos = plan(root, config)
@@ -171,17 +184,28 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
     model = meta_model(config)
     par = DistributedTraining(layout)  # its `piece`: which experts this process's tensors hold
     par.parallelize(model)
-    model.to(dtype=parse_dtype(dtype) or stored).to_empty(device=dev)
+    model.to(dtype=parse_dtype(dtype) or stored)
+    L = config.moe.num_experts // layout.ep if config.moe else 0  # a dense model only with --ep 1
+    mine = slice(layout.ep_rank * L, (layout.ep_rank + 1) * L)
+    # Weights kept int4 (a GGUF file's Q4_0 matrices): int4 modules of this process's shapes, allocated below.
+    local = {name: [(L, *shape[1:]) if ".experts." in name else shape for shape in shapes]
+             for name, shapes in int4.items()}
+    keep_int4_modules(model, {name: (torch.empty(q, dtype=torch.uint8, device="meta"),
+                                     torch.empty(s, dtype=torch.float16, device="meta"))
+                              for name, (q, s) in local.items()})
+    model.to_empty(device=dev)
     if config.tie_embeddings:  # to_empty gives each module its own tensor
         model.output.weight = model.tok_embeddings.weight
     pieces: dict[str, Piece] = {name: (p, par.piece(name, p)) for name, p in model.named_parameters()}
     if gguf:
-        read_gguf_pieces(header, pieces)
+        codes = {name: (*int4_buffers(model, name), mine) for name in int4}
+        read_gguf_pieces(header, pieces, codes)
     else:
         read_pieces(root, table, infos, pieces)
     if peft is not None:
-        L = config.moe.num_experts // layout.ep if config.moe else 0  # a dense model only with --ep 1
-        merge_adapter(model, peft, experts=range(layout.ep_rank * L, (layout.ep_rank + 1) * L) if L else None)
+        merge_adapter(model, peft, experts=range(mine.start, mine.stop) if L else None)
+    if int4:  # as load_gguf's int4 model: inference only
+        model.requires_grad_(False)
     return model.eval()
 
 
