@@ -447,3 +447,23 @@ def test_a_flag_ep_does_not_take_is_one_line_naming_both(tmp_path: Path, monkeyp
     code = main(["generate", "--model", str(tmp_path / "model"), "--prompt", "Bonjour", "--ep", "2", *flags])
     err = capsys.readouterr().err
     assert code == 2 and err == f"mixlab generate: error: {message}\n", err
+
+
+def test_ep_1_quantised_prints_one_process_s_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`generate --ep 1 --quant int4` (a world of one, no torchrun) loads as one process does and
+    quantises the same way; its int4 products take exact float32 activations, as every --ep run's
+    (the engine may decode it natively: it would have rounded them to int8)."""
+    from mixlab import generate, load_tokenizer
+    from mixlab.cli import main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # init sets them for a world of one
+        monkeypatch.delenv(key, raising=False)
+    save_model(_tiny_moe(), tmp_path / "model")
+    src = str(tmp_path / "model")
+    assert main(["generate", "--model", src, "--prompt", "Bonjour, le monde", "--max-new-tokens", "8", "--dtype",
+                 "float32", "--ep", "1", "--quant", "int4"]) == 0
+    tok = load_tokenizer()
+    prompt = tok.encode("Bonjour, le monde")
+    ids = [i for i in generate(_one_process_quantised(src, "int4"), [prompt], max_new_tokens=8)[0] if i != tok.eos_id]
+    assert len(ids) > 1 and capsys.readouterr().out == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"

@@ -81,6 +81,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     if layout is not None:  # --ep: each process quantises its own experts; PyTorch's kernels, no native decoder
         if quant is not None:  # (it would bypass the MoE layers' all-to-all)
             model = prepare_for_inference(model, quant=quant, decoder=False)
+        model.int4_activations = "float32"  # PyTorch's int4 products; --ep 1's engine may decode natively: the same
     elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding
         with _told_as_flag("max_memory", "--max-memory"):  # the expert cache's budget, checked in its format
             model = prepare_for_inference(model, quant=quant, int4_activations=getattr(args, "int4_activations", None))
