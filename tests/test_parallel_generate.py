@@ -467,3 +467,25 @@ def test_ep_1_quantised_prints_one_process_s_tokens(tmp_path: Path, monkeypatch:
     prompt = tok.encode("Bonjour, le monde")
     ids = [i for i in generate(_one_process_quantised(src, "int4"), [prompt], max_new_tokens=8)[0] if i != tok.eos_id]
     assert len(ids) > 1 and capsys.readouterr().out == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
+
+
+def test_an_adapter_over_a_q4_0_share_is_refused_as_over_one_process_s_model(tmp_path: Path) -> None:
+    """A Q4_0 GGUF file's experts stay int4 under --ep, as in one process, where an adapter (which
+    merges into float weights) is refused: the same one line, naming the adapter and what to load."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("gguf")
+    from mixlab.checkpoint import CheckpointError
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.parallel.expert import load_expert_parallel
+
+    model = _tiny_moe()
+    path = write_gguf(model, tmp_path / "m.gguf", quant="q4_0")
+    adapter = _adapter(model, tmp_path / "adapter", "fused")
+    layout: Any = SimpleNamespace(rank=0, world=2, is_main=True, ep=2, ep_rank=0, fsdp=False)
+    with pytest.raises(CheckpointError) as whole:
+        load_model(path, adapter=adapter)
+    with pytest.raises(CheckpointError) as share:
+        load_expert_parallel(path, layout, adapter=adapter)
+    assert str(share.value) == str(whole.value), (share.value, whole.value)
+    assert str(share.value).startswith(f"{adapter}: the model's weights are int4") and "\n" not in str(share.value)
