@@ -87,16 +87,17 @@ def ep_forward(ffn: MoEBlock, layout: Layout, x_BTD: torch.Tensor) -> tuple[torc
     return y_TD.view(B, T, D), routing
 
 
-def _experts_forward(experts: nn.Module, orig: Any, xs_ND: torch.Tensor, counts: list[int],
-                     **kw: Any) -> torch.Tensor:
-    """`Experts.forward`, plus a zero that keeps the (empty) input and the weights in the autograd
-    graph when this rank received no row at all: every rank then runs the all-to-all's backward (a
-    collective), and the weights' gradient is zeros rather than missing, so gradient reduction (FSDP's
-    reduce-scatter, the all-reduce) sees the same tensors on every rank."""
-    ys_ND = orig(xs_ND, counts, **kw)
+def _keep_in_graph(experts: nn.Module, args: tuple[Any, ...], ys_ND: torch.Tensor) -> torch.Tensor | None:
+    """A forward hook on `Experts` (args: xs_ND, counts): a zero added to the output that keeps the
+    (empty) input and the weights in the autograd graph when this rank received no row at all: every
+    rank then runs the all-to-all's backward (a collective), and the weights' gradient is zeros rather
+    than missing, so gradient reduction (FSDP's reduce-scatter, the all-reduce) sees the same tensors
+    on every rank. A hook, not a wrapped `forward` holding the module: that reference cycle kept each
+    layer's float experts alive after `prepare_for_inference(quant=)` replaced them, until a gc pass."""
+    xs_ND, counts = args[0], args[1]
     if sum(counts) == 0 and torch.is_grad_enabled():
-        ys_ND = ys_ND + (xs_ND.sum() + sum(p.sum() for p in experts.parameters())) * 0.0
-    return ys_ND
+        return ys_ND + (xs_ND.sum() + sum(p.sum() for p in experts.parameters())) * 0.0
+    return None
 
 
 def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
@@ -123,7 +124,7 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
                 full = getattr(experts, w)
                 setattr(experts, w, nn.Parameter(local_experts(full, layout).clone(), requires_grad=full.requires_grad))
         experts.num_experts = E // layout.ep
-        experts.forward = functools.partial(_experts_forward, experts, experts.forward)  # type: ignore[method-assign]
+        experts.register_forward_hook(_keep_in_graph, prepend=True)  # before FSDP's post-forward reshard
         ffn.forward = functools.partial(ep_forward, ffn, layout)  # type: ignore[method-assign]
 
 
