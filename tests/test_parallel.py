@@ -802,6 +802,14 @@ def _workers(pid: int) -> dict[int, int]:
                      if "=" in kv).get("RANK", -1)): c for c in _children(pid)}
 
 
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie, not yet reaped, has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def _signal_rank_1(small_data: Path, out: Path, sig: signal.Signals) -> tuple[subprocess.Popen[str], str]:
     """Start `torchrun ... train --ep 2` into `out`, send `sig` to rank 1 once two steps are logged,
     and return torchrun's process and stderr; no worker outlives the call (a stopped one would)."""
@@ -814,6 +822,14 @@ def _signal_rank_1(small_data: Path, out: Path, sig: signal.Signals) -> tuple[su
             time.sleep(0.2)
         workers = _workers(p.pid)
         os.kill(workers[1], sig)
+        if sig == signal.SIGSTOP:
+            # torchrun ends the others with SIGTERM once rank 0 has failed, which a stopped process only
+            # gets when continued: torchrun waits 30 s for it, then kills it. That wait is torchrun's,
+            # not the run's: once rank 0 has ended on its own (what is tested), rank 1 is killed here.
+            while _running(workers[0]):
+                assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=60)[1][-3000:]
+                time.sleep(0.2)
+            os.kill(workers[1], signal.SIGKILL)
         _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
