@@ -450,42 +450,58 @@ from mixlab.parallel.mesh import init, shutdown
 
 model = load_expert_parallel(sys.argv[1], init(ep=2), dtype="float32")
 tok = load_tokenizer()
-prompts, kw = json.loads(sys.argv[3])
-out = [[] for _ in prompts]
-engine = Engine(model, tok, max_batch=4, sync_token=rank0_token(torch.device("cpu")))
-for step in generate_stream(model, prompts, engine=engine, **kw):
-    for row, t in zip(out, step.tokens):
-        row += [] if t is None else [t]
+prompts, runs = json.loads(sys.argv[3])
+got = {}
+for name, kw in runs.items():
+    out = got[name] = [[] for _ in prompts]
+    engine = Engine(model, tok, max_batch=4, sync_token=rank0_token(torch.device("cpu")))
+    for step in generate_stream(model, prompts, engine=engine, **kw):
+        for row, t in zip(out, step.tokens):
+            row += [] if t is None else [t]
 if torch.distributed.get_rank() == 0:
-    open(sys.argv[2], "w").write(json.dumps(out))
+    open(sys.argv[2], "w").write(json.dumps(got))
 shutdown()
 """
+EP_ROWS_RUNS = {"greedy": {"max_new_tokens": 10, "stop": [899, 7020]},
+                "sampled": {"max_new_tokens": 8, "temperature": 1.0, "seed": 5}}
 
 
-@pytest.mark.parametrize("kw", [{"max_new_tokens": 10, "stop": [899, 7020]},
-                                {"max_new_tokens": 8, "temperature": 1.0, "seed": 5}], ids=["greedy", "sampled"])
-def test_ep_decoding_of_several_prompts_equals_one_process(tmp_path: Path, kw: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def ep_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[list[int]], dict[str, Any]]:
+    """The model, the prompts, and each of `EP_ROWS_RUNS`' rows as two processes decoded them (one
+    torchrun: each run its own `Engine` over the same split model)."""
+    from mixlab import load_tokenizer, save_model
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    root = tmp_path_factory.mktemp("ep_rows")
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    save_model(model, root / "model")
+    tok = load_tokenizer()
+    prompts = [tok.encode(t) for t in ("Bonjour, le monde", "Hi", "def f(x):\n    return x * 2 + 1")]
+    script = root / "ep_rows.py"
+    script.write_text(_EP_ROWS)
+    p = _mixlab([str(root / "model"), str(root / "out.json"), json.dumps([prompts, EP_ROWS_RUNS])], nproc=2,
+                script=script)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    return model, prompts, json.loads((root / "out.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(EP_ROWS_RUNS))
+def test_ep_decoding_of_several_prompts_equals_one_process(ep_rows: tuple[Any, list[list[int]], dict[str, Any]],
+                                                           name: str) -> None:
     """`mixlab generate --ep` takes one prompt; the API behind it (an `Engine` with
     `sync_token=rank0_token(...)` over a model `load_expert_parallel` read split) batches several: each
     row's tokens equal one process's `generate` of the same prompts, greedy and sampled, prompts of
     other lengths prefilled beside decoding rows, rows stopping at other steps (float32)."""
-    from mixlab import generate, load_tokenizer, save_model
-    from mixlab.config import get_preset
-    from mixlab.model import Transformer
+    from mixlab import generate
 
-    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
-    model.init_weights(std=0.3, seed=0)
-    save_model(model, tmp_path / "model")
-    tok = load_tokenizer()
-    prompts = [tok.encode(t) for t in ("Bonjour, le monde", "Hi", "def f(x):\n    return x * 2 + 1")]
-    script = tmp_path / "ep_rows.py"
-    script.write_text(_EP_ROWS)
-    p = _mixlab([str(tmp_path / "model"), str(tmp_path / "out.json"), json.dumps([prompts, kw])], nproc=2,
-                script=script)
-    _, err = p.communicate(timeout=TIMEOUT)
-    assert p.returncode == 0, err[-3000:]
+    model, prompts, got = ep_rows
+    kw = EP_ROWS_RUNS[name]
     want = generate(model, prompts, **kw)
-    assert json.loads((tmp_path / "out.json").read_text()) == want
+    assert got[name] == want
     assert "stop" not in kw or len({len(r) for r in want}) == 3  # each row stopped at its own step
 
 
