@@ -626,10 +626,10 @@ def test_processes_that_would_resume_different_checkpoints_are_refused(small_dat
     state and data position from another step than rank 0's, and it ran a step more than rank 0 (a
     hang in the end's collectives). The processes now compare the checkpoint they resume."""
     monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")  # the old code's hang, bounded
+    from mixlab.cli import main
+
     out = tmp_path / "run"
-    p = _mixlab(_train_args(small_data, out, "--steps", "4", "--ckpt-every", "1", "--keep", "5", "--ep", "1"),
-                nproc=None)
-    assert p.wait(timeout=TIMEOUT) == 0
+    assert main(_train_args(small_data, out, "--steps", "4", "--ckpt-every", "1", "--keep", "5", "--ep", "1")) == 0
     for name in ("step_00000003", "step_00000004", "../hf"):
         shutil.rmtree(out / "checkpoints" / name)
     script = tmp_path / "stale.py"  # rank 1 does not see the newest checkpoint
@@ -1060,11 +1060,11 @@ MULTINODE = ("--steps", "6", "--log-every", "1", "--ckpt-every", "1", "--keep", 
 
 @pytest.fixture(scope="module")
 def one_process_run(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference the two-node runs must equal: the same training in one process."""
+    """The reference the two-node runs must equal: the same training in one process (this one)."""
+    from mixlab.cli import main
+
     out = tmp_path_factory.mktemp("one_process") / "run"
-    p = _mixlab(_train_args(small_data, out, *MULTINODE), nproc=None)
-    _, err = p.communicate(timeout=TIMEOUT)
-    assert p.returncode == 0, err[-3000:]
+    assert main(_train_args(small_data, out, *MULTINODE)) == 0
     return out
 
 
