@@ -3,6 +3,7 @@ loopback (gloo), each runs its jobs with one thread, and the group is bounded in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -16,10 +17,17 @@ import torch.multiprocessing as mp
 Job = Callable[[int, dict[str, Any]], None]
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on loopback (held together while the kernel picks them)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _worker(rank: int, world: int, port: int, run: Job, jobs: list[dict[str, Any]]) -> None:
@@ -38,13 +46,24 @@ def _worker(rank: int, world: int, port: int, run: Job, jobs: list[dict[str, Any
 def run_group(run: Job, jobs: list[dict[str, Any]], *, world: int = 2, timeout: float = 300) -> float:
     """`run(rank, job)` for each job in turn on `world` processes (`run` a module-level function: the
     processes import it); the wall time. Fails the test after `timeout` seconds, the processes killed."""
+    return run_groups(run, [(world, jobs)], timeout=timeout)
+
+
+def run_groups(run: Job, groups: list[tuple[int, list[dict[str, Any]]]], *, timeout: float = 300) -> float:
+    """`run_group` for each (world, jobs) of `groups`, all at once, each group of processes on its own
+    port (their processes wait on each other's collectives: the groups fill what one leaves idle)."""
     t0 = time.perf_counter()
-    ctx = mp.start_processes(_worker, args=(world, free_port(), run, jobs), nprocs=world, join=False,
-                             start_method="spawn")
+    ctxs = [mp.start_processes(_worker, args=(world, port, run, jobs), nprocs=world, join=False, start_method="spawn")
+            for (world, jobs), port in zip(groups, free_ports(len(groups)), strict=True)]
     deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} processes did not finish within {timeout} s")
+    pending = ctxs
+    try:
+        while pending:  # join raises as soon as a process of its group has failed
+            pending = [ctx for ctx in pending if not ctx.join(timeout=1)]
+            if pending and time.monotonic() > deadline:
+                pytest.fail(f"{' + '.join(str(w) for w, _ in groups)} processes did not finish within {timeout} s")
+    finally:  # a failed or late group ends them all
+        for p in (p for ctx in ctxs for p in ctx.processes if p.is_alive()):
+            p.kill()
+            p.join()
     return time.perf_counter() - t0

@@ -31,7 +31,7 @@ from mixlab.checkpoint import CheckpointError, load_model, save_model
 from mixlab.train import checkpoints
 from mixlab.train.data import TokenDataset, prepare, read_documents
 from mixlab.train.loop import build_model_config, load_train_config, make_optimizer, train
-from processes import free_port, run_group
+from processes import free_port, run_group, run_groups
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
         "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "jitter": 0.0, "z_loss_coef": 0.001}}
@@ -206,7 +206,7 @@ def _run_group(world: int, jobs: list[dict[str, Any]]) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One-process reference runs, then the 2-process and 4-process groups, each: 1 step (a
+    """One-process reference runs, then the 2-process and 4-process groups (at once), each: 1 step (a
     checkpoint: the first step's gradients are in AdamW's exp_avg), then resumed to 20 steps."""
     root = tmp_path_factory.mktemp("parallel")
     src = root / "src"
@@ -234,11 +234,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, (ep, fsdp) in {"ep2": (2, False), "fsdp2": (1, True), "ep2_fsdp": (2, True)}.items():
         jobs2 += [j | {"ep": ep, "fsdp": fsdp, "kind": "train"} for j in two_phase(name)]
     jobs2.append({"kind": "train", "ep": 2, "fsdp": True, "cfg": _cfg(data, out["from1"]), "resume": True})
-    _run_group(2, jobs2)
     jobs4: list[dict[str, Any]] = []
     for name, (ep, fsdp) in {"ep2_dp2_fsdp": (2, True)}.items():
         jobs4 += [j | {"ep": ep, "fsdp": fsdp, "kind": "train"} for j in two_phase(name)]
-    _run_group(4, jobs4)
+    run_groups(_job, [(2, jobs2), (4, jobs4)], timeout=TIMEOUT)  # at once: each waits on its collectives
     # ... and a 2-process checkpoint continued by one process.
     out["from2"] = root / "from2"
     shutil.copytree(out["ep2_fsdp"] / "checkpoints" / "step_00000010", out["from2"] / "checkpoints" / "step_00000010")
