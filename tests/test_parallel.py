@@ -355,8 +355,9 @@ def test_ep_decoding_equals_one_process(tmp_path: Path, stdin: bool) -> None:
 
 def test_ep_decoding_of_a_q4_0_gguf(tmp_path: Path) -> None:
     """`generate --model FILE.gguf --ep 2` on llama.cpp's Q4_0 file ended with 'expert parallelism needs
-    plain float experts (w13, w2), not Int4Experts' (its Q4_0 experts load 4-bit); under --ep they are
-    dequantised, as convert does: the tokens of one process over the dequantised model."""
+    plain float experts (w13, w2), not Int4Experts' (its Q4_0 experts load 4-bit); under --ep each process
+    keeps its share int4, as stored, times exact float32 activations: the tokens of one process over the
+    dequantised model."""
     from mixlab import generate, load_tokenizer, save_model
     from mixlab.checkpoint.gguf_read import load_gguf
     from mixlab.cli import main

@@ -2,7 +2,8 @@
 
     import lm_eval, mixlab.eval.harness                      # importing registers the name "mixlab"
     lm = mixlab.eval.harness.MixlabLM.from_path("ckpt/", dtype="float32", batch_size=8)
-    lm_eval.simple_evaluate(model=lm, tasks=["my_task"], task_manager=lm_eval.tasks.TaskManager(include_path="tasks/"))
+    tasks = lm_eval.tasks.TaskManager(include_path="tasks/", include_defaults=False)  # tasks/ only, not lm-eval's own
+    lm_eval.simple_evaluate(model=lm, tasks=["my_task"], task_manager=tasks)
 
 From the command line, `python -m mixlab.eval.harness` is `lm_eval` with the model registered:
 
