@@ -17,6 +17,7 @@ Without it the converter tests skip; the rest runs on files mixlab writes.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import struct
@@ -610,6 +611,113 @@ def test_nan_weights_warn_as_for_safetensors(quant, tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match=r"m.gguf: tensor 'blk.1.attn_output.weight' holds NaN or Inf values"):
         load_model(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor data converted a few rows at a time into its destination: a whole tensor's values, a chunk's
+# temporaries.
+
+TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "F16": 1, "BF16": 30}  # ggml type ids
+
+
+def _tensor_bytes(qtype: str, shape: tuple[int, ...], rng: np.random.Generator) -> bytes:
+    """A tensor of this shape in this ggml type: random weights quantised by gguf-py (Q4_K, which it
+    does not quantise: random blocks with finite float16 scales)."""
+    if qtype == "Q4_K":
+        blocks = rng.integers(0, 256, (int(np.prod(shape)) // 256, 144), dtype=np.uint8)
+        blocks[:, :4] = (rng.random((len(blocks), 2), dtype=np.float32) / 16).astype(np.float16).view(np.uint8)
+        return blocks.tobytes()
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype]).tobytes()
+
+
+def _tensors_file(path: Path, tensors: dict[str, tuple[tuple[int, ...], str, bytes]]) -> Path:
+    """A GGUF file of these tensors alone: name -> (torch shape, ggml type name, bytes)."""
+    infos, data = [], b""
+    for name, (shape, qtype, raw) in tensors.items():
+        infos.append((name, list(reversed(shape)), TYPES[qtype], len(data)))
+        data += raw + b"\0" * (-len(raw) % 32)
+    path.write_bytes(_build(kvs=[], tensors=infos, data=data))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qtype", sorted(TYPES))
+def test_tensors_read_a_few_rows_at_a_time_equal_gguf_quants(qtype, dtype, tmp_path, monkeypatch):
+    """Each type converted 3 rows at a time (the last chunk 1 row) equals gguf-py's dequantisation of
+    the whole tensor, rounded to `dtype`, bit for bit; Q4_0 also the whole-tensor path's (`dequantize`
+    of its int4 codes and scales, as `_Reader.floats` read it before it worked in chunks)."""
+    X, D = 10, 512
+    raw = _tensor_bytes(qtype, (X, D), np.random.default_rng(0))
+    h = read_header(_tensors_file(tmp_path / "t.gguf", {"w": ((X, D), qtype, raw)}))
+    monkeypatch.setattr(gguf_read, "CHUNK", 3 * 4 * D, raising=False)  # 3 rows of float32
+    reader = gguf_read._Reader(h)
+    try:
+        got = reader.floats(h.tensors["w"], dtype)
+        whole = dequantize(*reader.q4(h.tensors["w"]), dtype) if qtype == "Q4_0" else got
+    finally:
+        reader.close()
+    theirs = gguf.quants.dequantize(np.frombuffer(raw, np.uint8).reshape(X, -1), gguf.GGMLQuantizationType[qtype])
+    assert got.dtype == dtype and got.shape == (X, D)
+    torch.testing.assert_close(got, torch.from_numpy(theirs.astype(np.float32)).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(got, whole, rtol=0, atol=0)
+
+
+def test_a_dequantised_load_equals_the_int4_load_dequantised(tmp_path, monkeypatch):
+    """`keep_int4=False` reads each Q4_0 part straight into its place in the joined weight, a few rows
+    at a time (each expert's gate rows, then its up rows; the q / k rows put back in rotary order):
+    the weights equal the int4 load's, dequantised, bit for bit."""
+    path = write_gguf(_model("moe"), tmp_path / "m.gguf", quant="q4_0")
+    monkeypatch.setattr(gguf_read, "CHUNK", 1000, raising=False)  # 1-3 rows a chunk
+    plain = gguf_read.load_gguf(path, keep_int4=False).state_dict()
+    ref = _dequantized(load_model(path)).state_dict()
+    assert plain.keys() == ref.keys()
+    for name, t in ref.items():
+        assert torch.equal(plain[name], t), name
+
+
+_PEAK = """
+import json, sys
+from pathlib import Path
+import torch
+from mixlab.checkpoint import gguf_read
+
+def rss(key):
+    return next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key))
+
+h = gguf_read.read_header(sys.argv[1])
+reader = gguf_read._Reader(h)
+reader.floats(h.tensors["s"], torch.float32)  # the imports of a first read: not measured
+out = {}
+for what, read in (("matrix", lambda: reader.floats(h.tensors["w"], torch.float32)),
+                   ("experts", lambda: gguf_read._float_weight(reader, None, [h.tensors["g"], h.tensors["u"]],
+                                                               "experts", torch.float32))):
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) := the current resident memory
+    before = rss("VmRSS:")
+    x = read()
+    out[what] = [(rss("VmHWM:") - before) * 1024, x.numel() * 4]
+    del x
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets and reads the peak memory in /proc")
+def test_dequantising_takes_a_chunk_of_temporaries_not_a_tensors(tmp_path):
+    """A Q4_0 matrix read as floats (a Q4_0 file's embedding; every Q4_0 matrix with keep_int4=False)
+    and a layer's gate + up experts joined: the peak memory grows by the floats and a chunk's
+    temporaries (measured in a fresh process: +152 MiB for a 128 MiB matrix, +130 MiB for 128 MiB of
+    experts). Dequantising whole tensors, then joining gate and up, took +337 MiB and +272-304 MiB."""
+    rng = np.random.default_rng(0)
+    X, D, E, F = 8192, 4096, 4, 1024  # each read 128 MiB of float32
+    path = _tensors_file(tmp_path / "t.gguf", {"s": ((1, D), "Q4_0", _tensor_bytes("Q4_0", (1, D), rng)),
+                                               "w": ((X, D), "Q4_0", _tensor_bytes("Q4_0", (X, D), rng)),
+                                               "g": ((E, F, D), "Q4_0", _tensor_bytes("Q4_0", (E, F, D), rng)),
+                                               "u": ((E, F, D), "Q4_0", _tensor_bytes("Q4_0", (E, F, D), rng))})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = subprocess.run([sys.executable, "-c", _PEAK, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for what, (grown, floats) in json.loads(run.stdout).items():
+        assert grown < floats + (48 << 20), (what, grown >> 20, floats >> 20)
 
 
 def _split(model: Transformer, folder: Path) -> list[Path]:

@@ -53,11 +53,13 @@ MAX_NAME = 64  # GGML_MAX_NAME (with the terminating zero)
 MAX_ELEMENTS = 2**60
 MAX_HEADER = 1 << 31  # the most of a file read for its header
 FIRST_READ = 16 << 20  # a Mixtral header, with its 32,000-token vocabulary, takes ~1 MB
+CHUNK = 4 << 20  # float32 bytes converted at a time: a tensor's temporaries are a chunk's, not its own size
 
 # ggml types mixlab reads itself: type id -> (name, elements per block, bytes per block).
 F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
 CORE_TYPES = {F32: ("F32", 1, 4), F16: ("F16", 1, 2), Q4_0: ("Q4_0", 32, 18), Q8_0: ("Q8_0", 32, 34),
               BF16: ("BF16", 1, 2)}
+_AS_TORCH = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}  # read as they are
 
 # GGUF metadata value types: id -> (struct format, size) for scalars; 8 string, 9 array.
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
@@ -92,11 +94,16 @@ class GGUFTensor:
     def type_name(self) -> str:
         return _type_table()[self.type][0]
 
+    def rows(self, lo: int, hi: int) -> GGUFTensor:
+        """Rows lo..hi-1 of the tensor seen as [rows, last dim]: one run of its bytes (each row holds
+        whole blocks)."""
+        per = self.nbytes // math.prod(self.shape[:-1])
+        return replace(self, shape=(hi - lo, self.shape[-1]), start=self.start + lo * per, nbytes=(hi - lo) * per)
+
     def experts(self, lo: int, hi: int) -> GGUFTensor:
-        """Experts lo..hi-1 of a stacked experts tensor [E, ...]: one run of its bytes (dim 0 is the
-        slowest, and each expert holds whole blocks)."""
-        per = self.nbytes // self.shape[0]
-        return replace(self, shape=(hi - lo, *self.shape[1:]), start=self.start + lo * per, nbytes=(hi - lo) * per)
+        """Experts lo..hi-1 of a stacked experts tensor [E, ...]: one run of its bytes (dim 0 is the slowest)."""
+        r = math.prod(self.shape[1:-1])  # rows per expert
+        return replace(self.rows(lo * r, hi * r), shape=(hi - lo, *self.shape[1:]))
 
 
 @dataclass
@@ -448,11 +455,30 @@ class _Reader:
 
     def floats(self, t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
         """Any tensor as floats in `dtype` (dequantised where quantised)."""
+        return self.floats_into(t, torch.empty(t.shape, dtype=dtype))
+
+    def floats_into(self, t: GGUFTensor, out: torch.Tensor) -> torch.Tensor:
+        """`floats(t, out.dtype)` written into `out` (of `t`'s shape; its rows a view of it): its bytes
+        read straight in where they are `out`'s float type, else converted a few MB of rows at a time
+        (`CHUNK`): a whole tensor's dequantisation took ~1.5x its float32 size in temporaries."""
+        rows_XD = out.view(-1, t.shape[-1])
+        if _AS_TORCH.get(t.type) == out.dtype and out.device.type == "cpu" and out.is_contiguous():
+            self.raw(t, rows_XD.view(torch.uint8).view(-1).numpy())
+            return out
+        step = max(1, CHUNK // (4 * t.shape[-1]))
+        for lo in range(0, rows_XD.shape[0], step):
+            hi = min(lo + step, rows_XD.shape[0])
+            rows_XD[lo:hi].copy_(self._as_floats(t.rows(lo, hi)))
+        return out
+
+    def _as_floats(self, t: GGUFTensor) -> torch.Tensor:
+        """Some rows `t` [X, D] as floats: float32 where dequantised, else in the file's type (`copy_`
+        converts them as `.to` did, so the values equal a whole tensor's conversion)."""
         if t.type == Q4_0:  # `q4` reads the bytes itself (reading them here first read a Q4_0 tensor twice)
             from mixlab.ops.quant import dequantize_int4
 
             q, s = self.q4(t)
-            return dequantize_int4(q, s, dtype)
+            return dequantize_int4(q, s, torch.float32)
         raw = self.raw(t)
         if t.type == F32:
             x = torch.from_numpy(raw.view(np.float32))
@@ -470,7 +496,7 @@ class _Reader:
 
             row_bytes = t.nbytes // math.prod(t.shape[:-1])
             x = torch.from_numpy(dequantize(raw.reshape(-1, row_bytes), GGMLQuantizationType(t.type)).reshape(-1))
-        return x.reshape(t.shape).to(dtype)
+        return x.reshape(t.shape)
 
 
 @functools.cache
@@ -586,20 +612,33 @@ def _default_dtype(h: GGUFHeader) -> torch.dtype:
     return {F16: torch.float16, BF16: torch.bfloat16, F32: torch.float32}[max(by, key=lambda k: by[k])]
 
 
+def _joined_shape(parts: list[GGUFTensor], kind: str) -> list[int]:
+    """The shape of a weight of `_plan`: its parts joined along dim 0 (dim 1 for stacked experts)."""
+    cat = 1 if kind == "experts" else 0
+    return [sum(t.shape[i] for t in parts) if i == cat else n for i, n in enumerate(parts[0].shape)]
+
+
 def _float_weight(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], kind: str,
                   dtype: torch.dtype) -> torch.Tensor:
     """One weight of `_plan` (its GGUF `parts`, of `kind`) as floats in `dtype`: dequantised where
-    quantised, q / k rows put back in mixlab's rotary layout, the parts joined, NaN / Inf warned of."""
+    quantised, q / k rows put back in mixlab's rotary layout, the parts joined, NaN / Inf warned of.
+    Each part is read into its place in the joined tensor (`floats_into`: no temporary of its size)."""
     f32 = kind in ("norm", "router")  # tiny, kept float32 as in every mixlab model... cast below
-    xs = [reader.floats(t, torch.float32 if f32 else dtype) for t in parts]
-    if kind == "qkv":
-        xs[0], xs[1] = _rope_unpermute(xs[0], cfg.n_heads), _rope_unpermute(xs[1], cfg.n_kv_heads)
-    x = torch.cat(xs, 1 if kind == "experts" else 0) if len(xs) > 1 else xs[0]
+    cat = 1 if kind == "experts" else 0
+    x = torch.empty(_joined_shape(parts, kind), dtype=torch.float32 if f32 else dtype)
+    at = 0
+    for i, t in enumerate(parts):
+        n = t.shape[cat]
+        if kind == "experts":  # an expert's rows of this part are one run of x's: [E, gate rows + up rows, D]
+            for e in range(t.shape[0]):
+                reader.floats_into(t.experts(e, e + 1), x[e : e + 1, at : at + n])
+        else:
+            reader.floats_into(t, x[at : at + n])
+            if kind == "qkv" and i < 2:
+                x[at : at + n] = _rope_unpermute(x[at : at + n], cfg.n_heads if i == 0 else cfg.n_kv_heads)
+        at += n
     _check_finite(reader.h, parts, x)
     return x.to(dtype)
-
-
-_AS_TORCH = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 
 
 def _read_straight(reader: _Reader, parts: list[GGUFTensor], kind: str, dest: torch.Tensor) -> bool:
@@ -627,8 +666,7 @@ def int4_weights(h: GGUFHeader) -> dict[str, tuple[torch.Size, torch.Size]]:
     out = {}
     for name in _int4_names(plan):
         parts, kind = next((ps, k) for n, ps, k in plan if n == name)
-        cat = 1 if kind == "experts" else 0
-        *lead, D = (sum(t.shape[i] for t in parts) if i == cat else n for i, n in enumerate(parts[0].shape))
+        *lead, D = _joined_shape(parts, kind)
         out[name] = torch.Size((*lead, D // 2)), torch.Size((*lead, D // 32))
     return out
 
