@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +166,10 @@ class GGUFSource:
         return self._int4
 
     def read(self, layer: int, expert: int, fmt: SlotFormat, slot: Slot, *, pause: Pause | None = None) -> int:
-        from mixlab.checkpoint.gguf_read import GGUFTensor, _Reader
+        from mixlab.checkpoint.gguf_read import _Reader
 
-        subs = []
-        for t in self.layers[layer]:
-            per = t.nbytes // self.E
-            subs.append(GGUFTensor(f"{t.name} expert {expert}", t.type, t.shape[1:], t.start + expert * per, per,
-                                   t.file))
+        # each [1, rows, D], named with its expert in errors
+        subs = [replace(t.experts(expert, expert + 1), name=f"{t.name} expert {expert}") for t in self.layers[layer]]
         n = sum(s.nbytes for s in subs)
         gate, up, down = subs
         if fmt.kind == "int4" and fmt.group == 32 and self.int4():
@@ -192,8 +189,8 @@ class GGUFSource:
         reader = _Reader.__new__(_Reader)  # its conversions, over this source's descriptor
         reader.h, reader.fds = self.h, self.files.fds
         dt = fmt.dtype  # the model's float dtype, as load_gguf reads resident experts
-        w13 = torch.cat([reader.floats(gate, dt), reader.floats(up, dt)])
-        fmt.fill(slot, w13, reader.floats(down, dt))
+        w13 = torch.cat([reader.floats(gate, dt), reader.floats(up, dt)], 1)
+        fmt.fill(slot, w13[0], reader.floats(down, dt)[0])
         return n
 
     def _raw(self, t: object, pause: Pause | None = None) -> torch.Tensor:
