@@ -618,14 +618,15 @@ def _joined_shape(parts: list[GGUFTensor], kind: str) -> list[int]:
     return [sum(t.shape[i] for t in parts) if i == cat else n for i, n in enumerate(parts[0].shape)]
 
 
-def _float_weight(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], kind: str,
-                  dtype: torch.dtype) -> torch.Tensor:
+def _float_weight(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], kind: str, dtype: torch.dtype,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One weight of `_plan` (its GGUF `parts`, of `kind`) as floats in `dtype`: dequantised where
     quantised, q / k rows put back in mixlab's rotary layout, the parts joined, NaN / Inf warned of.
-    Each part is read into its place in the joined tensor (`floats_into`: no temporary of its size)."""
+    Each part is read into its place in the joined tensor (`floats_into`: no temporary of its size):
+    `out` if given (contiguous, of its shape, in `dtype`), as safetensors' `read_into` does."""
     f32 = kind in ("norm", "router")  # tiny, kept float32 as in every mixlab model... cast below
     cat = 1 if kind == "experts" else 0
-    x = torch.empty(_joined_shape(parts, kind), dtype=torch.float32 if f32 else dtype)
+    x = torch.empty(_joined_shape(parts, kind), dtype=torch.float32 if f32 else dtype) if out is None else out
     at = 0
     for i, t in enumerate(parts):
         n = t.shape[cat]
@@ -639,24 +640,6 @@ def _float_weight(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], ki
         at += n
     _check_finite(reader.h, parts, x)
     return x.to(dtype)
-
-
-def _read_straight(reader: _Reader, parts: list[GGUFTensor], kind: str, dest: torch.Tensor) -> bool:
-    """Read a weight of `_plan` straight into `dest`'s memory, as safetensors' `read_into` does (no
-    temporary of its size), where the file holds it in `dest`'s float type and layout: its parts'
-    bytes in a row, or each expert's (gate rows, then up rows). False where the values need
-    converting or dequantising, or the q / k rows permuting."""
-    if (kind == "qkv" or dest.device.type != "cpu" or not dest.is_contiguous()
-            or any(_AS_TORCH.get(t.type) != dest.dtype for t in parts)):
-        return False
-    runs = ([([t.experts(e, e + 1) for t in parts], dest[e]) for e in range(dest.shape[0])] if kind == "experts"
-            else [(parts, dest)])
-    for ts, d in runs:
-        out, at = d.reshape(-1).view(torch.uint8).numpy(), 0
-        for t in ts:
-            reader.raw(t, out[at:at + t.nbytes])
-            at += t.nbytes
-    return True
 
 
 def int4_weights(h: GGUFHeader) -> dict[str, tuple[torch.Size, torch.Size]]:
@@ -726,7 +709,7 @@ def read_gguf_pieces(h: GGUFHeader, pieces: dict[str, tuple[torch.Tensor, tuple[
     the GGUF file `h`, as `load_gguf(keep_int4=False)` reads it in `dest`'s dtype: the GGUF
     counterpart of `train.checkpoints.read_pieces`, for expert parallelism. `index` takes whole
     tensors, or some experts (dim 0) of a stacked experts weight: only those experts' bytes are read,
-    straight into `dest` where they need no conversion (`_read_straight`). `int4[name] = (codes,
+    into `dest` (`_float_weight`: straight in where they need no conversion). `int4[name] = (codes,
     scales, experts)`: a weight `load_gguf` keeps int4 (`int4_weights`), its bytes copied as they are
     (of `experts`, a slice of dim 0, for stacked experts; else whole).
     The file is checked against its config (`_plan`) before anything is read."""
@@ -752,8 +735,8 @@ def read_gguf_pieces(h: GGUFHeader, pieces: dict[str, tuple[torch.Tensor, tuple[
                     raise ValueError(f"{name}: a GGUF piece is a whole tensor or some experts, not {index}")
                 if kind == "experts":
                     parts = [t.experts(index[0].start, index[0].stop) for t in parts]
-                if _read_straight(reader, parts, kind, dest):
-                    _check_finite(h, parts, dest)
+                if dest.is_contiguous():
+                    _float_weight(reader, cfg, parts, kind, dest.dtype, out=dest)
                 else:
                     dest.copy_(_float_weight(reader, cfg, parts, kind, dest.dtype))
     finally:
