@@ -152,7 +152,7 @@ class GGUFSource:
         from mixlab.checkpoint.gguf_read import GGUFHeader
 
         assert isinstance(header, GGUFHeader) and config.moe is not None
-        self.h, self.E, self.D, self.F = header, config.moe.num_experts, config.dim, config.ffn_dim
+        self.h, self.F = header, config.ffn_dim
         self.layers = [tuple(header.tensors[f"blk.{i}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down"))
                        for i in range(config.n_layers)]
         self.files = _Files({t.file for ts in self.layers for t in ts})
