@@ -124,22 +124,39 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _attempt_store() -> dist.Store | None:
-    """Under torchrun (its agent's store, `TORCHELASTIC_USE_AGENT_STORE`): that store seen through a
-    prefix of this attempt's own. torchrun keeps one store across the restarts of `--max-restarts`, and
-    the process group of a restarted run read the addresses its dead predecessors left there (gloo:
-    "Connection refused" with --master-addr, a hang with --standalone; torch 2.13, pytorch#135712).
-    torch's own prefix, `TORCHELASTIC_RESTART_COUNT`, counts each node's failures: after one node's
-    worker dies, that node's restart is attempt 1 and the healthy node's attempt 0, so the nodes'
-    processes waited for each other under two prefixes (pytorch#108158). Rank 0 names the attempt
-    instead (`_attempt_name`). None elsewhere: `init_process_group`'s own store."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
+_saved_env: dict[str, str | None] = {}  # what the torchrun variables `init` set for a world of one were
+_kept: dict[tuple[str, ...], dist.Store] = {}  # by (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE): one at most
+
+
+def _attempt_store() -> dist.Store:
+    """The store this run's process group meets in, seen through a prefix of this attempt's own
+    (`_attempt_name`), so that no run reads what an earlier one left there.
+
+    Under torchrun's agent (`TORCHELASTIC_USE_AGENT_STORE`): its store. torchrun keeps one store across
+    the restarts of `--max-restarts`, and the process group of a restarted run read the addresses its
+    dead predecessors left there (gloo: "Connection refused" with --master-addr, a hang with
+    --standalone; torch 2.13, pytorch#135712). torch's own prefix, `TORCHELASTIC_RESTART_COUNT`, counts
+    each node's failures: after one node's worker dies, that node's restart is attempt 1 and the
+    healthy node's attempt 0, so the nodes' processes waited for each other under two prefixes
+    (pytorch#108158). Rank 0 names the attempt instead.
+
+    Elsewhere (MASTER_ADDR / MASTER_PORT): a store that rank 0 serves on MASTER_PORT for as long as its
+    process lives, kept across the runs of one process (a notebook, a script calling `cli.main` in a
+    loop). torch's own dies with each process group: a process that began its next run before rank 0
+    had ended the last one met the last run's store, took the addresses left there and hung."""
     timeout = _timeout() or default_pg_timeout
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                           timeout=timeout)
-    name = _attempt_name(client, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), timeout)
-    return dist.PrefixStore(f"mixlab/attempt_{name}", client)
+    env = tuple(os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))
+    addr, port, rank, world = env[0], int(env[1]), int(env[2]), int(env[3])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store: dist.Store = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+    else:
+        if env not in _kept:
+            _kept.clear()  # the store of another layout (a world of one's last port): served no more
+            _kept[env] = dist.TCPStore(addr, port, is_master=rank == 0, timeout=timeout)
+        store = _kept[env]
+        store.set_timeout(timeout)
+    name = _attempt_name(store, rank, world, timeout)
+    return dist.PrefixStore(f"mixlab/attempt_{name}", store)
 
 
 def _attempt_name(store: dist.Store, rank: int, world: int, timeout: timedelta) -> str:
@@ -179,18 +196,16 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
         if "RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # half of torchrun's
             raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not: launch with torchrun, "
                               "which sets both (and MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE")
-        if "RANK" not in os.environ:  # not under torchrun: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+        if "RANK" not in os.environ:  # not under torchrun: a world of one (until `shutdown`)
+            mine = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(_free_port()))
+            _saved_env.update({k: os.environ.get(k) for k in mine})
+            os.environ.update(mine)
         if dev_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) if index is None else index)
         backend = "nccl" if dev_type == "cuda" else "gloo"
-        store = _attempt_store()
-        if store is None:
-            dist.init_process_group(backend, timeout=_timeout())
-        else:
-            dist.init_process_group(backend, timeout=_timeout(), store=store, rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(backend, timeout=_timeout(), store=_attempt_store(), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
     check_same({"--ep": ep, "--fsdp": fsdp, "--device": dev_type})  # a mesh of another shape would hang
     world, rank = dist.get_world_size(), dist.get_rank()
     torch_dev = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")
@@ -201,5 +216,13 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
 
 
 def shutdown() -> None:
+    """End the process group; a world of one's environment goes too, so the process's next run (or its
+    `check_ep`) sees no torchrun."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env.clear()

@@ -1,0 +1,57 @@
+"""mixlab's distributed entry points called more than once in one Python process (a notebook, a
+sweep script calling `mixlab.cli.main` in a loop): each run sets up its process layout and tears it
+down, and the next run in the same processes works as a fresh command would.
+
+Like tests/test_parallel_generate.py, a group of processes (gloo, loopback, spawned) runs a list of jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from processes import run_group
+
+
+def _generate_twice_job(rank: int, job: dict[str, Any]) -> None:
+    """`mixlab generate --ep 2` twice through `cli.main`: rank 0 writes what each run printed. Rank 1
+    ends its process group a second after rank 0 (as a process that prints, or saves, at the end)."""
+    import time
+
+    from mixlab.cli import main
+    from mixlab.parallel import mesh
+
+    if rank == 1:
+        shutdown = mesh.shutdown
+        mesh.shutdown = lambda: (time.sleep(1), shutdown())[1]  # type: ignore[func-returns-value]
+    for run in range(2):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["generate", "--model", job["model"], "--prompt", "Bonjour, le monde", "--max-new-tokens",
+                         "6", "--dtype", "float32", "--threads", "1", "--ep", "2"])
+        assert code == 0, (rank, run)
+        if rank == 0:
+            Path(f"{job['out']}.{run}").write_text(out.getvalue())
+
+
+@pytest.mark.slow  # 2 processes: ~15 s on 2 busy cores
+def test_generate_ep_twice_in_the_same_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second run hung in `init` (or failed at MIXLAB_DIST_TIMEOUT): torch's env:// store outlives
+    the process group in the process that serves it (rank 0: one server per port and process), so the
+    second run's process group met in a store that held the first's addresses; rank 0, through first,
+    read rank 1's old address there and sent to it. Each run's process group now meets under a prefix
+    of its own in a store rank 0 keeps serving: the second run prints the first's text."""
+    from mixlab import save_model
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000))
+    model.init_weights(std=0.1, seed=0)
+    save_model(model, tmp_path / "model")
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "20")  # a hang ends in a one-line error, not at the test's deadline
+    run_group(_generate_twice_job, [{"model": str(tmp_path / "model"), "out": str(tmp_path / "out")}], timeout=90)
+    first, second = ((tmp_path / f"out.{i}").read_text() for i in range(2))
+    assert first and first == second
