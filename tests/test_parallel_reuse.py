@@ -2,7 +2,8 @@
 sweep script calling `mixlab.cli.main` in a loop): each run sets up its process layout and tears it
 down, and the next run in the same processes works as a fresh command would.
 
-Like tests/test_parallel_generate.py, a group of processes (gloo, loopback, spawned) runs a list of jobs."""
+Like tests/test_parallel_generate.py, a group of processes (gloo, loopback, spawned) runs a list of jobs;
+a world of one (`train --fsdp` without torchrun) runs in the test's own process."""
 
 from __future__ import annotations
 
@@ -55,3 +56,35 @@ def test_generate_ep_twice_in_the_same_processes(tmp_path: Path, monkeypatch: py
     run_group(_generate_twice_job, [{"model": str(tmp_path / "model"), "out": str(tmp_path / "out")}], timeout=90)
     first, second = ((tmp_path / f"out.{i}").read_text() for i in range(2))
     assert first and first == second
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_fsdp_in_one_process_gives_every_moe_kernel_whole_experts(small_data: Path, tmp_path: Path,
+                                                                   impl: str) -> None:
+    """`train --fsdp` (a world of one) after a command that loaded the native kernels (generate,
+    eval, sft, ...) in the same process failed at its first evaluation: "mixlab.moe.default got mixed
+    torch.Tensor and DTensor". FSDP gathered the experts' weights when the experts module's `forward`
+    ran, but a MoE layer calls that only for `sorted` / `grouped`: the whole-layer kernels (`native`,
+    which `auto` picks for evaluation once the kernels are loaded, `reference`, `decode`, `triton`)
+    read the experts' FSDP shards. The experts' FSDP unit is now the MoE layer: every kernel gets the
+    whole experts, and the run's losses equal one process's."""
+    import dataclasses
+
+    from mixlab.ops import native
+    from mixlab.parallel.mesh import init, shutdown
+    from mixlab.parallel.train import DistributedTraining
+    from mixlab.train.loop import load_train_config, train
+
+    if impl == "auto" and native.load() is None:  # what the commands before it did
+        pytest.skip("the native kernels cannot be built here")
+    cfg = load_train_config(None, data=str(small_data), out=str(tmp_path / "one"), model="tiny-moe", steps=2,
+                            batch_size=2, seq_len=32, moe_impl=impl)
+    want = train(cfg)
+    par = DistributedTraining(init(ep=1, fsdp=True))
+    try:
+        got = train(dataclasses.replace(cfg, out=str(tmp_path / "fsdp")), parallel=par)
+    finally:
+        shutdown()
+    assert len(got.evals) == len(want.evals) > 0
+    for a, b in zip(got.history + got.evals, want.history + want.evals, strict=True):
+        assert a.get("loss") == pytest.approx(b.get("loss"), rel=1e-5), (a, b)

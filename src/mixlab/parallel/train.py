@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import secrets
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,16 @@ def apply_fsdp(model: Transformer, layout: Layout) -> None:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in model.layers:
-        experts = getattr(block.ffn, "experts", None)
-        if isinstance(block.ffn, MoEBlock) and isinstance(experts, torch.nn.Module):
-            fully_shard(experts, mesh=layout.mesh["dp"], shard_placement_fn=lambda p: Shard(1))
+        if isinstance(block.ffn, MoEBlock):
+            # The experts' unit is the MoE layer, not the experts module: FSDP gathers a unit's weights
+            # when its forward runs, and only `sorted` / `grouped` call the experts' forward; the
+            # whole-layer kernels (native, reference, decode, triton) read the weights in `mix`. The
+            # router, a dense weight, is a unit of its own over all ranks.
+            fully_shard(block.ffn.gate, mesh=layout.world_mesh)
+            fully_shard(block.ffn, mesh=layout.mesh["dp"], shard_placement_fn=lambda p: Shard(1))
+            # Its output is a view (`[T, D]` -> `[B, T, D]`), which FSDP warns of at every forward in
+            # case the caller adds to it in place; `Block.feed_forward` adds out of place.
+            warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPMoEBlock\) returned a view", UserWarning)
         fully_shard(block, mesh=layout.world_mesh)
     fully_shard(model, mesh=layout.world_mesh)
     if hasattr(model, "forward_output"):  # the training loop's entry point, besides forward
