@@ -58,6 +58,34 @@ def test_generate_ep_twice_in_the_same_processes(tmp_path: Path, monkeypatch: py
     assert first and first == second
 
 
+def _refused_then_run_job(rank: int, job: dict[str, Any]) -> None:
+    """`init` refused (the processes disagree on --fsdp), then the next run's `init` in the same
+    processes, which must hold a process group again and agree."""
+    import torch
+    import torch.distributed as dist
+
+    from mixlab.errors import ConfigError
+    from mixlab.parallel.mesh import init, shutdown
+
+    with pytest.raises(ConfigError, match="started differently"):
+        init(ep=2, fsdp=rank == 1)
+    assert not dist.is_initialized()  # nothing of the refused run is left to the next
+    layout = init(ep=2, fsdp=True)
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t, group=layout.ep_group)
+    assert t.item() == 3.0
+    shutdown()
+
+
+@pytest.mark.slow  # 2 processes: ~10 s on 2 busy cores
+def test_a_refused_init_leaves_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused `init` (ConfigError from its `check_same`, after the process group was made) left the
+    process group up: the next run in the process used it as it was (another world, another store)
+    instead of starting its own. `init` now ends what it started when it fails."""
+    monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "20")
+    run_group(_refused_then_run_job, [{}], timeout=60)
+
+
 @pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_fsdp_in_one_process_gives_every_moe_kernel_whole_experts(small_data: Path, tmp_path: Path,
                                                                    impl: str) -> None:

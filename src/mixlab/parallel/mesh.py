@@ -192,27 +192,33 @@ def init(*, ep: int = 1, fsdp: bool = False, device: str = "cpu") -> Layout:
         # every process would put its model on that GPU while NCCL used its LOCAL_RANK's
         raise ConfigError(f"--device {device}: under torchrun each process uses the GPU of its LOCAL_RANK; pass "
                           "--device cuda (CUDA_VISIBLE_DEVICES chooses which GPUs a node's processes get)")
-    if not dist.is_initialized():
-        if "RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # half of torchrun's
-            raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not: launch with torchrun, "
-                              "which sets both (and MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE")
-        if "RANK" not in os.environ:  # not under torchrun: a world of one (until `shutdown`)
-            mine = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(_free_port()))
-            _saved_env.update({k: os.environ.get(k) for k in mine})
-            os.environ.update(mine)
-        if dev_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) if index is None else index)
-        backend = "nccl" if dev_type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=_timeout(), store=_attempt_store(), rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]))
-    check_same({"--ep": ep, "--fsdp": fsdp, "--device": dev_type})  # a mesh of another shape would hang
-    world, rank = dist.get_world_size(), dist.get_rank()
-    torch_dev = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")
-    mesh = init_device_mesh(dev_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
-    world_mesh = init_device_mesh(dev_type, (world,), mesh_dim_names=("world",))
-    return Layout(rank=rank, world=world, ep=ep, dp=world // ep, fsdp=fsdp, device=torch_dev, mesh=mesh,
-                  world_mesh=world_mesh)
+    started = not dist.is_initialized()
+    if started and "RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # half of torchrun's
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not: launch with torchrun, "
+                          "which sets both (and MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE")
+    try:
+        if started:
+            if "RANK" not in os.environ:  # not under torchrun: a world of one (until `shutdown`)
+                mine = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(_free_port()))
+                _saved_env.update({k: os.environ.get(k) for k in mine})
+                os.environ.update(mine)
+            if dev_type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) if index is None else index)
+            backend = "nccl" if dev_type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=_timeout(), store=_attempt_store(), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
+        check_same({"--ep": ep, "--fsdp": fsdp, "--device": dev_type})  # a mesh of another shape would hang
+        world, rank = dist.get_world_size(), dist.get_rank()
+        torch_dev = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")
+        mesh = init_device_mesh(dev_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+        world_mesh = init_device_mesh(dev_type, (world,), mesh_dim_names=("world",))
+        return Layout(rank=rank, world=world, ep=ep, dp=world // ep, fsdp=fsdp, device=torch_dev, mesh=mesh,
+                      world_mesh=world_mesh)
+    except BaseException:
+        if started:  # a failed run leaves no process group (nor a world of one's variables) to the next
+            shutdown()
+        raise
 
 
 def shutdown() -> None:
