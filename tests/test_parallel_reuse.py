@@ -38,7 +38,7 @@ def _generate_twice_job(rank: int, job: dict[str, Any]) -> None:
             Path(f"{job['out']}.{run}").write_text(out.getvalue())
 
 
-@pytest.mark.slow  # 2 processes: ~15 s on 2 busy cores
+@pytest.mark.slow  # 2 processes: 7 s on 2 busy cores
 def test_generate_ep_twice_in_the_same_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second run hung in `init` (or failed at MIXLAB_DIST_TIMEOUT): torch's env:// store outlives
     the process group in the process that serves it (rank 0: one server per port and process), so the
@@ -77,7 +77,7 @@ def _refused_then_run_job(rank: int, job: dict[str, Any]) -> None:
     shutdown()
 
 
-@pytest.mark.slow  # 2 processes: ~10 s on 2 busy cores
+@pytest.mark.slow  # 2 processes: 4 s on 2 busy cores
 def test_a_refused_init_leaves_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused `init` (ConfigError from its `check_same`, after the process group was made) left the
     process group up: the next run in the process used it as it was (another world, another store)
