@@ -2319,3 +2319,35 @@ def test_chat_page_esc_stops_a_reply(server: str) -> None:
         assert driver.execute_script("return messages[1]") == {"role": "assistant", "content": "Once",
                                                                "tokens": [["Once", None]], "stopped": True}
         assert driver.execute_script("return document.activeElement.id") == "input"
+
+
+def _stop_reasons(client: Any, chat: bool, **kw: Any) -> list[tuple[str | None, Any]]:
+    """(finish_reason, stop_reason) of the non-streamed choice and of the streamed chunk that ends it, as
+    the openai client gets them (stop_reason is a pydantic extra: a KeyError where the server has none)."""
+    create = client.chat.completions.create if chat else client.completions.create
+    kw = dict(model=NAME, temperature=0, **({"messages": U} if chat else {"prompt": "x"}), **kw)
+    full = create(**kw).choices[0]
+    ends = [c.choices[0] for c in create(**kw, stream=True) if c.choices and c.choices[0].finish_reason]
+    assert len(ends) == 1
+    return [(ch.finish_reason, ch.model_extra["stop_reason"]) for ch in (full, ends[0])]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_stop_reason_names_the_stop_string_or_token_that_ended_a_choice(client: Any, model_tok: tuple[Any, Any],
+                                                                        chat: bool) -> None:
+    """vLLM's stop_reason, on each choice and on the streamed chunk with its finish_reason: the stop string
+    that matched (which of several), the `stop_token_ids` id that ended it, else null (EOS, the length
+    limit), as vLLM checks EOS before stop_token_ids."""
+    _, tok = model_tok
+    the = tok.encode("The", bos=False)[-1]  # the output is "The The The ..." (" The The ..." for a completion)
+    kw = dict(max_tokens=6, logit_bias={str(the): 100})
+    assert _stop_reasons(client, chat, **kw, stop=["zz", "e T", "qq"]) == [("stop", "e T")] * 2
+    assert _stop_reasons(client, chat, **kw, stop=["zz", " The"]) == [("stop", " The")] * 2
+    assert _stop_reasons(client, chat, **kw, extra_body={"stop_token_ids": [5, the]}) == [("stop", the)] * 2
+    assert _stop_reasons(client, chat, **kw) == [("length", None)] * 2
+    eos = dict(max_tokens=6, logit_bias={str(tok.eos_id): 100})
+    assert _stop_reasons(client, chat, **eos) == [("stop", None)] * 2
+    assert _stop_reasons(client, chat, **eos, extra_body={"stop_token_ids": [tok.eos_id]}) == [("stop", None)] * 2
+    # with ignore_eos, EOS ends the output only as one of the stop_token_ids: then it is the stop_reason
+    assert _stop_reasons(client, chat, **eos, extra_body={"stop_token_ids": [tok.eos_id], "ignore_eos": True}) \
+        == [("stop", tok.eos_id)] * 2

@@ -597,13 +597,17 @@ def ascii_server(ascii_model: tuple[Transformer, Any, Any]) -> Iterator[str]:
 def test_the_server_ends_a_failing_constraint_s_output_with_stop(ascii_server: str, stream: bool) -> None:
     """A constraint that fails mid-output (no token spells `é`; a token llguidance allows, then refuses) was a
     500 ("generation failed: structured output: NoExtensionBias"), or an error event in the stream: the choice
-    now ends with what came before and finish_reason "stop", as vLLM's, through the openai client."""
+    now ends with what came before and finish_reason "stop", as vLLM's, through the openai client; its
+    stop_reason (mixlab's string where vLLM's has only stop strings and tokens) tells it from a finished output."""
     client = openai.OpenAI(base_url=ascii_server + "/v1", api_key="unused", max_retries=0, timeout=60)
     schema = {"type": "object", "properties": {"k": {"const": "é"}}, "required": ["k"]}
     rf = {"type": "json_schema", "json_schema": {"name": "k", "schema": schema}}
-    for kind, extra, expected in (("completion", {"guided_regex": "ab[éè]"}, "ab"),
-                                  ("completion", {"guided_grammar": 'start: "a" "é"'}, "a"),
-                                  ("chat", {"response_format": rf}, '{"k":""')):
+    unspellable = "structured output failed: no token of the vocabulary spells what the constraint needs next " \
+        "(NoExtensionBias)"
+    for kind, extra, expected, why in (
+            ("completion", {"guided_regex": "ab[éè]"}, "ab", unspellable),
+            ("completion", {"guided_grammar": 'start: "a" "é"'}, "a", unspellable),
+            ("chat", {"response_format": rf}, '{"k":""', "structured output failed: Parser Error: token ")):
         if kind == "chat":
             made = client.chat.completions.create(model=NAME, messages=U, max_tokens=20, temperature=0, stream=stream,
                                                   **extra)
@@ -615,6 +619,11 @@ def test_the_server_ends_a_failing_constraint_s_output_with_stop(ascii_server: s
         text = "".join((ch.delta.content or "") if stream and kind == "chat" else
                        ch.message.content if kind == "chat" else ch.text for ch in choices)
         assert text == expected and [ch.finish_reason for ch in choices if ch.finish_reason] == ["stop"], (kind, extra)
+        assert choices[-1].model_extra["stop_reason"].startswith(why), (kind, extra, choices[-1])
+    # a constraint that completes is a finished output: no stop_reason
+    done = client.completions.create(model=NAME, prompt="x", max_tokens=8, temperature=0,
+                                     extra_body={"guided_regex": "ab"}).choices[0]
+    assert (done.text, done.finish_reason, done.model_extra["stop_reason"]) == ("ab", "stop", None)
 
 
 @pytest.mark.parametrize("path,body,param", [

@@ -177,6 +177,9 @@ class RequestOutput:
     # with prompt_logprobs and logprobs=n > 0: the n most likely tokens at each prompt position (None
     # for the first), as OpenAI's echo + logprobs returns them (lm-eval's is_greedy reads them)
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # vLLM's, on a "stop" output: the stop string that matched, the `stop_token_ids` id that ended it, or
+    # None (EOS); "structured output failed: <reason>" (mixlab's) when a constraint ended the output
+    stop_reason: int | str | None = None
 
 
 _DONE = object()

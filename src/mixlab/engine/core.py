@@ -551,26 +551,31 @@ class Engine:
             logprob = float(lp_V[tok])
             top = top_logprobs(lp_V, p.logprobs) if p.logprobs > 0 else []
         finish, text = None, ""
+        stop_reason: int | str | None = None  # vLLM's (see RequestOutput)
         if tok in seq.stop_ids:
             finish = "stop"
             text = self._flush_text(seq)
+            # vLLM's stop_reason: the stop token id that ended it; None for EOS (checked first, as vLLM does)
+            stop_reason = tok if tok != self.config.eos_id or p.ignore_eos else None
         else:
             if seq.decoder is not None:
                 seq.text += seq.decoder.push(tok)
             if len(seq.out) <= p.min_tokens:  # vLLM's min_tokens: stop strings too are not matched before it
                 seq.stop_floor = len(seq.text)
             text, hit = self._take_text(seq)
-            if hit:
-                finish = "stop"
+            if hit is not None:
+                finish, stop_reason = "stop", hit
             elif complete:
                 finish = "stop"
                 text += self._flush_text(seq)
             elif len(seq.out) >= p.max_tokens:
                 finish = "length"
                 text += self._flush_text(seq)
+        if complete and seq.matcher is not None and seq.matcher.failed:
+            stop_reason = f"structured output failed: {seq.matcher.failed}"  # mixlab's, not vLLM's
         out = RequestOutput(seq.rid, tok, text, logprob, top, None, finish, len(seq.prompt), len(seq.out),
                             seq.cached_tokens, seq.prompt_lp if seq.first else None,
-                            prompt_top_logprobs=seq.prompt_top if seq.first else None)
+                            prompt_top_logprobs=seq.prompt_top if seq.first else None, stop_reason=stop_reason)
         seq.first = False
         if p.return_experts:
             # This step ran the previous token (the prompt's last, for the first output): its experts
@@ -591,21 +596,22 @@ class Engine:
             self._outbox.append((seq.handle, seq.held))
             seq.held = None
 
-    def _take_text(self, seq: _Seq) -> tuple[str, bool]:
-        """The text that can be streamed now and whether a stop string completed."""
+    def _take_text(self, seq: _Seq) -> tuple[str, str | None]:
+        """The text that can be streamed now and the stop string that completed, if one did."""
         stops = seq.params.stop
         if not stops:
             text, seq.sent = seq.text[seq.sent :], len(seq.text)
-            return text, False
+            return text, None
         longest = max(map(len, stops))
-        end = self._find_stop(seq)
-        if end is not None:
+        hit = self._find_stop(seq)
+        if hit is not None:
+            end, stop = hit
             text = seq.text[seq.sent : end] if end > seq.sent else ""
             seq.sent = len(seq.text)
-            return text, True
+            return text, stop
         safe = max(seq.sent, len(seq.text) - longest + 1)  # a stop string may still begin after `safe`
         text, seq.sent = seq.text[seq.sent : safe], safe
-        return text, False
+        return text, None
 
     def _flush_text(self, seq: _Seq) -> str:
         if seq.decoder is not None:
@@ -613,20 +619,20 @@ class Engine:
             if len(seq.out) <= seq.params.min_tokens:
                 seq.stop_floor = len(seq.text)
         if seq.params.stop:  # the held-back tail may still contain a stop string
-            end = self._find_stop(seq)
-            text = seq.text[seq.sent : len(seq.text) if end is None else max(end, seq.sent)]
+            hit = self._find_stop(seq)
+            text = seq.text[seq.sent : len(seq.text) if hit is None else max(hit[0], seq.sent)]
         else:
             text = seq.text[seq.sent :]
         seq.sent = len(seq.text)
         return text
 
     @staticmethod
-    def _find_stop(seq: _Seq) -> int | None:
-        """Where the first stop string in the unsent text begins: one that ends after `stop_floor` and
-        overlaps the unsent text (anything earlier was searched already)."""
-        hits = [i for i in (seq.text.find(s, max(0, seq.sent - len(s) + 1, seq.stop_floor - len(s) + 1))
-                            for s in seq.params.stop) if i >= 0]
-        return min(hits) if hits else None
+    def _find_stop(seq: _Seq) -> tuple[int, str] | None:
+        """Where the first stop string in the unsent text begins, and which it is: one that ends after
+        `stop_floor` and overlaps the unsent text (anything earlier was searched already)."""
+        hits = [(i, s) for s in seq.params.stop
+                if (i := seq.text.find(s, max(0, seq.sent - len(s) + 1, seq.stop_floor - len(s) + 1))) >= 0]
+        return min(hits, key=lambda h: h[0]) if hits else None
 
     def _release(self, seq: _Seq, *, keep: bool = True) -> None:
         if seq in self._running:

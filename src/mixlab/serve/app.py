@@ -292,6 +292,7 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)  # the generated ids (return_token_ids)
     experts: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -307,11 +308,12 @@ class _Choice:
             self.prompt_logprobs = out.prompt_logprobs
             self.prompt_top = getattr(out, "prompt_top_logprobs", None)
         if out.finish_reason is not None:
-            self.finish_reason = out.finish_reason
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
             self.error = out.error
         if self.hidden:
             if out.finish_reason is not None:
                 self.finish_reason = "length" if out.finish_reason in ("stop", "length") else out.finish_reason
+                self.stop_reason = None
             self.completion_tokens = 0
             return "", None, None
         delta = out.text
@@ -692,7 +694,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 return left
             out_choices = []
             for c in choices:
-                ch: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
+                ch: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
+                                      "stop_reason": c.stop_reason}
                 if chat:
                     ch["message"] = {"role": "assistant", "content": c.text}
                     ch["logprobs"] = {"content": [_chat_lp(e) for e in c.tokens], "refusal": None} \
@@ -769,6 +772,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         if want_logprobs:  # the token's offset in the choice's whole text (echoed prompt included)
                             at = (len(echo[c.index // body.n]["text"]) if echo is not None else 0) + len(c.text)
                             ch["logprobs"] = _stream_completion_lp(lp, at - len(delta), tok)
+                    if finish is not None:  # vLLM's, on the chunk that ends the choice
+                        ch["stop_reason"] = c.stop_reason
                     if ex is not None:
                         ch["experts"] = [ex]
                     if want_ids:
