@@ -2,7 +2,8 @@
 usage are the chat path's for the same messages and sampling; its stream is OpenAI's typed events; what it
 does not do is a 400 naming the parameter. Stored responses: a chain of `previous_response_id`s is the chat
 of the whole conversation; `GET` / `DELETE /v1/responses/{id}` and `input_items`; the store's bounds; and
-without a store (`--responses-store 0`) the stateless server's answers."""
+without a store (`--responses-store 0`) the stateless server's answers. Background responses: polled to the
+foreground's output, cancelled, their streams resumed; responses in progress answered by `GET`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import json
 import re
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -315,6 +317,9 @@ def test_the_response_store_is_bounded_by_count_and_by_bytes() -> None:
     assert store.put("e", _stored("z")) and len(store) == 3 and store.get("a") is None  # by count: a, the oldest
     assert not store.put("f", _stored("w" * 99)) and store.get("f") is None and len(store) == 3  # alone over the bound
     assert store.pop("c") is not None and store.pop("c") is None and store.nbytes == 2 + 3
+    # a background response's delta ends are charged too, 4 bytes each
+    back = Stored(b"{}", (), Item("out", "assistant", "ab"), array("I", [1, 2]))
+    assert back.background and back.size == 2 + 2 + 8 and not _stored("x").background
     with pytest.raises(ValueError, match="at least 1 response"):
         ResponseStore(0, 100)
 
@@ -386,7 +391,7 @@ def test_the_json_sent_is_openai_s_schema(server: str) -> None:
     ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
     ({"input": "hi", "reasoning": {"effort": "high"}}, "reasoning"),
     ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
-    ({"input": "hi", "background": True}, "background"),
+    ({"input": "hi", "background": True, "store": False}, "background"),
     ({"input": "hi", "truncation": "auto"}, "truncation"),
     ({"input": "hi", "top_logprobs": 3}, "top_logprobs"),
     ({"input": "hi", "n": 2}, "n"),
@@ -460,3 +465,221 @@ def test_an_engine_failure_mid_stream_is_an_error_event(model_tok: tuple[Any, An
     err = json.loads(rest[-1].removeprefix("data: "))
     assert err["type"] == "error" and err["code"] == "engine_error" and "shut down" in err["message"]
     assert isinstance(err["sequence_number"], int)
+
+
+# -- background responses, and responses in progress ------------------------------------------------------------
+
+LONG = {"model": NAME, "input": "Hi", "max_output_tokens": CONTEXT - 40, "temperature": 0,
+        "extra_body": {"ignore_eos": True}}  # ~200 steps of 5 ms on the slow server: over a second
+
+
+@pytest.fixture(scope="module")
+def slow(model_tok: tuple[Any, Any]) -> Iterator[tuple[str, Any]]:
+    """A server whose engine takes at least 5 ms a step, so that a long response is still being made when a
+    test looks at it; and its app's server state."""
+    model, tok = model_tok
+    with Engine(model, tok, max_batch=2) as engine:
+        forward = engine.runner.forward
+        engine.runner.forward = lambda items: (time.sleep(0.005), forward(items))[1]
+        app = create_app(engine, tok, ServerConfig(model_name=NAME, context_len=CONTEXT))
+        with ServerThread(app) as url:
+            yield url, app.state.server
+
+
+def _client(url: str) -> Any:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _poll(client: Any, rid: str) -> Any:
+    """The response once it has finished."""
+    deadline = time.monotonic() + 60
+    while (r := client.responses.retrieve(rid)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, r
+        time.sleep(0.02)
+    return r
+
+
+def _valid(obj: dict[str, Any]) -> Any:
+    """`obj` validated by the openai package's own model (the client builds its objects without validating)."""
+    return pytest.importorskip("openai.types.responses").Response.model_validate(obj)
+
+
+def test_a_background_response_is_polled_to_the_foreground_s_output(client: Any, server: str) -> None:
+    kw = {"model": NAME, "input": "Hi there", "temperature": 0}
+    stop = {"ignore_eos": True, "stop_token_ids": [_third_token(client, "Hi there")]}
+    for limit, extra in ((12, {"ignore_eos": True}), (12, stop)):  # ended by max_output_tokens, then by a stop token
+        fore = client.responses.create(**kw, max_output_tokens=limit, extra_body=extra)
+        back = client.responses.create(**kw, max_output_tokens=limit, extra_body=extra, background=True)
+        assert back.background is True and back.status in ("queued", "in_progress") and back.usage is None
+        done = _poll(client, back.id)
+        assert done.output_text == fore.output_text and done.output_text and done.status == fore.status
+        assert done.usage.output_tokens == fore.usage.output_tokens <= limit and done.background is True
+        assert done.usage.input_tokens == fore.usage.input_tokens and done.id == back.id
+        assert client.responses.retrieve(back.id) == done  # stored as any other
+    assert fore.status == "completed" and done.status == "completed"
+    # it continues a conversation, lists its items, and validates as OpenAI's objects
+    later = client.responses.create(model=NAME, input="Go on", previous_response_id=done.id, max_output_tokens=4)
+    assert later.previous_response_id == done.id
+    items = client.responses.create(**{**kw, "input": _as_items(TURNS)}, max_output_tokens=4, background=True)
+    assert len(client.responses.input_items.list(items.id).data) == len(TURNS)  # at once, and once done
+    assert len(client.responses.input_items.list(_poll(client, items.id).id).data) == len(TURNS)
+    raw = httpx.post(server + "/v1/responses", json={**kw, "max_output_tokens": 4, "background": True})
+    assert _valid(raw.json()).status in ("queued", "in_progress")
+    assert _valid(httpx.get(f"{server}/v1/responses/{raw.json()['id']}").json()).background is True
+
+
+def test_get_answers_a_response_in_progress_and_cancel_stops_a_background_one(slow: tuple[str, Any]) -> None:
+    url, srv = slow
+    client = _client(url)
+    cancelled, steps = metric(url, "mixlab_requests_cancelled_total"), metric(url, "mixlab_engine_steps_total")
+    # a stored response being streamed (not in the background): GET says in_progress, with its output so far
+    with httpx.stream("POST", url + "/v1/responses", json={**LONG, "ignore_eos": True, "stream": True,
+                                                             "extra_body": None}, timeout=60) as s:
+        lines = (x for x in s.iter_lines() if x.startswith("data: "))
+        rid = json.loads(next(lines)[6:])["response"]["id"]
+        begun = [json.loads(next(x for x in lines if "output_text.delta" in x)[6:])]
+        now = httpx.get(f"{url}/v1/responses/{rid}").json()
+        assert now["status"] == "in_progress" and now["background"] is False and now["usage"] is None
+        assert _valid(now).output[0].status == "in_progress"
+        with pytest.raises(openai.BadRequestError) as e:  # OpenAI's words
+            client.responses.cancel(rid)
+        assert e.value.body["message"] == "Cannot cancel a synchronous response."
+        for method in ("DELETE", "POST"):  # not deleted, nor continued, while it is being made
+            r = httpx.request(method, url + ("/v1/responses" if method == "POST" else f"/v1/responses/{rid}"),
+                              json={"input": "x", "previous_response_id": rid} if method == "POST" else None)
+            assert r.status_code == 400 and "still in progress" in r.json()["error"]["message"], r.json()
+        events = begun + [json.loads(x[6:]) for x in lines]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text.startswith(now["output"][0]["content"][0]["text"]) and events[-1]["type"] == "response.incomplete"
+    assert client.responses.retrieve(rid).output_text == text
+    # a background one: running, counted in the engine's gauges and the server's, until cancelled
+    back = client.responses.create(**LONG, background=True)
+    assert until(lambda: client.responses.retrieve(back.id).status == "in_progress")
+    assert metric(url, "mixlab_running_requests") == 1 and metric(url, "mixlab_http_requests_in_progress") == 1
+    assert metric(url, "mixlab_kv_cache_used_bytes") > 0 and back.id in srv.live
+    gone = client.responses.cancel(back.id)
+    assert gone.status == "cancelled" and gone.output[0].status == "incomplete" and gone.usage.output_tokens < 200
+    assert until(lambda: metric(url, "mixlab_running_requests") == 0)  # its slot and cache freed
+    for gauge in ("mixlab_kv_cache_used_bytes", "mixlab_http_requests_in_progress", "mixlab_queue_depth"):
+        assert metric(url, gauge) == 0, gauge
+    assert metric(url, "mixlab_requests_cancelled_total") == cancelled + 1
+    assert metric(url, "mixlab_engine_steps_total") - steps < 2 * (CONTEXT - 40)  # it stopped
+    assert client.responses.retrieve(back.id) == gone and client.responses.cancel(back.id) == gone  # unchanged
+    finished = client.responses.create(model=NAME, input="Hi", max_output_tokens=2, background=True)
+    assert client.responses.cancel(_poll(client, finished.id).id) == client.responses.retrieve(finished.id)
+    assert client.responses.retrieve(finished.id).status == "incomplete"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_nope")
+    assert not srv.live
+
+
+def _stream_events(lines: Iterator[str]) -> list[dict[str, Any]]:
+    return [json.loads(x[6:]) for x in lines if x.startswith("data: ")]
+
+
+def test_a_background_stream_outlives_its_client_and_resumes_where_it_left(slow: tuple[str, Any],
+                                                                          client: Any) -> None:
+    url, _ = slow
+    slow_client = _client(url)
+    body = {**LONG, "ignore_eos": True, "stream": True, "background": True, "extra_body": None}
+
+    def lines(query: str) -> list[str]:  # a resumed stream's lines, `event:` and `data:` in pairs
+        with httpx.stream("GET", f"{url}/v1/responses/{rid}?stream=true{query}", timeout=60) as s:
+            return [x for x in s.iter_lines() if x]
+
+    with httpx.stream("POST", url + "/v1/responses", json=body, timeout=60) as s:
+        sent, first = s.iter_lines(), []
+        while len(first) < 2 * 8:  # the four opening events, then deltas; then the client leaves
+            if x := next(sent):
+                first.append(x)
+    head = json.loads(first[1][6:])["response"]
+    rid = head["id"]
+    assert head["status"] == "queued" and head["background"] is True
+    assert slow_client.responses.retrieve(rid).status == "in_progress"  # the client left; the work goes on
+    every = first + lines("&starting_after=7")  # resumed after the 8th event, while it is being made
+    events = [json.loads(x[6:]) for x in every[1::2]]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.incomplete" and len(events) > CONTEXT - 40
+    final = slow_client.responses.retrieve(rid)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == final.output_text
+    assert final.status == "incomplete" and final.usage.output_tokens == CONTEXT - 40
+    # the same greedy reply as in the foreground, on another server
+    assert final.output_text == client.responses.create(**LONG).output_text
+    # after it finished, a replay is the very stream, byte for byte: whole, or from any event on (past the end:
+    # nothing); and the openai client resumes it too
+    event = pydantic.TypeAdapter(pytest.importorskip("openai.types.responses").ResponseStreamEvent)
+    assert lines("") == every and all(event.validate_python(e) for e in events)
+    for after in (0, 20, len(events) - 2, len(events) + 5):
+        assert lines(f"&starting_after={after}") == every[2 * (after + 1):]
+    resumed = slow_client.responses.retrieve(rid, stream=True, starting_after=20)
+    assert [e.sequence_number for e in resumed] == list(range(21, len(events)))
+    for query, param in (("stream=true&starting_after=x", "starting_after"),
+                         ("stream=true&starting_after=-2", "starting_after")):
+        bad = httpx.get(f"{url}/v1/responses/{rid}?{query}")
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param
+
+
+def test_a_failed_background_response_is_stored_as_failed(model_tok: tuple[Any, Any]) -> None:
+    model, tok = model_tok
+    engine = Engine(model, tok, max_batch=2).start()
+    with ServerThread(create_app(engine, tok, ServerConfig(model_name=NAME, context_len=CONTEXT))) as url:
+        client = _client(url)
+        back = client.responses.create(**LONG, background=True)
+        assert until(lambda: client.responses.retrieve(back.id).status == "in_progress")
+        engine.shutdown()  # the engine fails its running requests
+        failed = _poll(client, back.id)
+        assert failed.status == "failed" and failed.error.code == "server_error"
+        assert "the engine shut down" in failed.error.message
+        assert _valid(httpx.get(f"{url}/v1/responses/{back.id}").json()).status == "failed"
+        with httpx.stream("GET", f"{url}/v1/responses/{back.id}?stream=true&starting_after=3", timeout=60) as s:
+            events = _stream_events(s.iter_lines())
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "engine_error"
+        assert events[-1]["message"] == failed.error.message
+
+
+def test_a_drain_cancels_background_responses(model_tok: tuple[Any, Any]) -> None:
+    """SIGTERM: a background response's result would live only in this process, which is ending."""
+    import signal
+
+    model, tok = model_tok
+    with Engine(model, tok, max_batch=2) as engine:
+        forward = engine.runner.forward
+        engine.runner.forward = lambda items: (time.sleep(0.005), forward(items))[1]
+        app = create_app(engine, tok, ServerConfig(model_name=NAME, context_len=CONTEXT))
+        thread = ServerThread(app)
+        with thread as url:
+            srv = app.state.server
+            back = _client(url).responses.create(**LONG, background=True)
+            assert until(lambda: engine.stats()["running"] == 1)
+            thread.server.handle_exit(signal.SIGTERM, None)
+            assert until(lambda: back.id not in srv.live) and until(lambda: engine.stats()["running"] == 0)
+            assert json.loads(srv.store.get(back.id).body)["status"] == "cancelled"
+
+
+def test_background_needs_the_store(model_tok: tuple[Any, Any], client: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=NAME, input="Hi", background=True, store=False)
+    assert e.value.body["param"] == "background" and "store=true" in e.value.message
+    with _serving(model_tok, responses_store=0) as url:
+        with pytest.raises(openai.BadRequestError) as e:
+            _client(url).responses.create(model=NAME, input="Hi", background=True)
+        assert e.value.body["param"] == "background" and "--responses-store 0" in e.value.message
+        got = httpx.post(f"{url}/v1/responses/resp_x/cancel")
+        assert got.status_code == 404 and "stores no responses" in got.json()["error"]["message"]
+
+
+def test_finished_background_responses_leave_by_the_store_s_bounds(model_tok: tuple[Any, Any]) -> None:
+    with _serving(model_tok, responses_store=2) as url:
+        client = _client(url)
+        back = _poll(client, client.responses.create(model=NAME, input="a", max_output_tokens=3, background=True).id)
+        # charged its JSON, its conversation and output, and its stream's delta ends (4 bytes each)
+        with httpx.stream("GET", f"{url}/v1/responses/{back.id}?stream=true", timeout=60) as s:
+            deltas = sum(e["type"] == "response.output_text.delta" for e in _stream_events(s.iter_lines()))
+        size = len(httpx.get(f"{url}/v1/responses/{back.id}").content) + 1 + len(back.output_text.encode()) + 4 * deltas
+        assert metric(url, "mixlab_responses_stored") == 1 and deltas > 0
+        assert metric(url, "mixlab_responses_stored_bytes") == size
+        for text in ("b", "c"):
+            client.responses.create(model=NAME, input=text, max_output_tokens=3)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(back.id)
+        assert metric(url, "mixlab_responses_stored") == 2

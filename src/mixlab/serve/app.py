@@ -31,7 +31,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence, Sized
+from array import array
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -356,6 +357,9 @@ class _Server:
         if self.store is not None:
             store = self.store
             self.metrics.watch_store(lambda: len(store), lambda: store.nbytes)
+        # responses still being made that GET answers (stored once finished): as many as the engine holds requests
+        self.live: dict[str, _Live] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # the app's, once a response has been made
 
     async def off_loop(self, encode: Callable[..., _T], *args: Any, **kw: Any) -> _T:
         """`encode(*args, **kw)` in the encoding thread."""
@@ -376,11 +380,20 @@ class _Server:
             return ()
         if self.store is None:
             raise ApiError(400, not_supported("previous_response_id", previous, None), param="previous_response_id")
+        if previous in self.live:
+            raise ApiError(400, f"previous_response_id: response {previous!r} is still in progress: continue it "
+                                "once it has finished (GET /v1/responses/{id} shows its status)",
+                           param="previous_response_id")
         stored = self.store.get(previous)
         if stored is None:
             raise ApiError(404, f"Previous response with id {previous!r} not found ({self.absent()})",
                            param="previous_response_id", code="previous_response_not_found")
         return (*stored.items, stored.output)
+
+    def find(self, response_id: str) -> _Live | Stored:
+        """A response still being made, or a stored one, else a 404 naming it."""
+        live = self.live.get(response_id)
+        return live if live is not None else self.stored(response_id)
 
     def stored(self, response_id: str, *, delete: bool = False) -> Stored:
         """A stored response (`delete`: taken out of the store), else a 404 naming it."""
@@ -403,6 +416,19 @@ class _Server:
         if model is not None and model != self.cfg.model_name:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.cfg.model_name!r}",
                            param="model", code="model_not_found")
+
+    def drain(self) -> None:
+        """The server is shutting down (SIGTERM): requests get 503 and background responses are cancelled (their
+        results would live in this process's memory only, and no connection waits for them). Called from a signal
+        handler or another thread: the event loop cancels them."""
+        self.draining = True
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.cancel_background)
+
+    def cancel_background(self) -> None:
+        for live in list(self.live.values()):
+            if live.background and live.task is not None:
+                live.task.cancel()
 
     def check_open(self) -> None:
         if self.draining:
@@ -634,31 +660,35 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     async def gather(request: Request, choices: list[_Choice], observe: Callable[[_Choice, RequestOutput], None],
                      want_logprobs: bool) -> Response | None:
-        """Every output of `choices` taken in (unstreamed); a 499 if the client left first (its requests
-        cancelled, their cache freed), an ApiError if the engine failed one."""
+        """Every output of `choices` taken in (unstreamed); see `settle`."""
+        async def collect() -> None:
+            async for c, out in _merged(choices):
+                observe(c, out)
+                c.take(out, tok, want_logprobs)
+
         srv.metrics.in_progress += 1
         try:
-            async def collect() -> None:
-                async for c, out in _merged(choices):
-                    observe(c, out)
-                    c.take(out, tok, want_logprobs)
-
-            work = asyncio.ensure_future(collect())
-            gone = asyncio.ensure_future(_wait_disconnect(request))
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():  # the client left: stop its requests, free their cache
-                for c in choices:
-                    c.handle.cancel()
-                srv.metrics.cancelled.inc(len(choices))
-                work.cancel()
-                return Response(status_code=499)
-            gone.cancel()
-            work.result()
+            return await settle(request, choices, asyncio.ensure_future(collect()))
         finally:
             srv.metrics.in_progress -= 1
-            for c in choices:
-                if c.finish_reason is None:
-                    c.handle.cancel()
+
+    async def settle(request: Request, choices: list[_Choice], work: asyncio.Future[None]) -> Response | None:
+        """`work`, which takes in every output of `choices`, awaited; a 499 if the client left first (its requests
+        cancelled, their cache freed), an ApiError if the engine failed one."""
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client left: stop its requests, free their cache
+                work.cancel()
+                await asyncio.wait({work})
+                return Response(status_code=499)
+            work.result()
+        finally:
+            gone.cancel()
+            left = [c for c in choices if c.finish_reason is None]
+            for c in left:
+                c.handle.cancel()
+            srv.metrics.cancelled.inc(len(left))
         failed = [c for c in choices if c.finish_reason in ("error", "cancelled")]
         if failed:
             c = failed[0]
@@ -864,117 +894,116 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         """OpenAI's Responses API: the chat path's prompt, sampling and engine request, answered as a `response`
         object (or its typed events); with `store` (and a store: `ServerConfig.responses_store`) kept once it
-        finished, with its conversation, for `previous_response_id` and `GET /v1/responses/{id}`."""
+        finished, with its conversation, for `previous_response_id` and `GET /v1/responses/{id}`, which also
+        answers it while it is being made; with `background`, answered at once while the engine makes it."""
         arrived = time.perf_counter()
         srv.check_open()
         srv.check_model(body.model)
+        if body.background and srv.store is None:
+            raise ApiError(400, not_supported("background", True, False) + ": it stores no responses "
+                                "(--responses-store 0), where a background response is read back from",
+                           param="background")
         earlier = srv.conversation(body.previous_response_id)
         inputs = await srv.off_loop(body.input_messages)
         ids = await srv.encode_chat(body.messages([*map(_message, earlier), *inputs]), "input")
         max_tokens = srv.max_tokens(body.max_output_tokens, len(ids), where="input", default=None,
                                     param="max_output_tokens")
         structured = await srv.off_loop(srv.structured, body)
+        if body.background:  # a drain that began while it was encoded would not see it
+            srv.check_open()
         rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         handle, = srv.submit([ids], [srv.sampling(body, max_tokens, 0, None, decode_alone=True, structured=structured)],
                              rid, param="input", n=1)
         c = _Choice(0, handle, alone=True)
-        created, observe = int(time.time()), observer(arrived)
+        observe = observer(arrived)
         store = srv.store if body.store else None
+        turn = tuple(Item(f"msg_{uuid.uuid4().hex}", m.role, m.text()) for m in inputs) if store is not None else ()
+        live = _Live(_created({
+            "id": rid, "object": "response", "created_at": int(time.time()), "status": None, "error": None,
+            "incomplete_details": None, "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "model": cfg.model_name, "output": [], "parallel_tool_calls": body.parallel_tool_calls,
+            "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": store is not None, "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
+            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled", "usage": None,
+            "user": body.user, "metadata": body.metadata or {}, "background": body.background,
+            "completed_at": None}), mid, c, (*earlier, *turn))
 
-        def keep(obj: dict[str, Any]) -> bytes:
-            """The finished response's JSON, stored (with `store`) as it is answered."""
-            data = bytes(JSONResponse(obj).body)  # the bytes themselves (starlette types them as a buffer)
-            if store is not None:
-                turn = (Item(f"msg_{uuid.uuid4().hex}", m.role, m.text()) for m in inputs)
-                store.put(rid, Stored(data, (*earlier, *turn), Item(mid, "assistant", c.text)))
-            return data
-
-        def item(status: str) -> dict[str, Any]:
-            done = status != "in_progress"
-            d: dict[str, Any] = {"type": "message", "id": mid, "status": status, "role": "assistant",
-                                 "content": [_output_text(c.text)] if done else []}
-            if done and body.return_experts:
-                d["experts"] = c.experts
-            if done and body.return_token_ids:
-                d["token_ids"] = c.token_ids
-            return d
-
-        def response(status: str) -> dict[str, Any]:
-            done = status != "in_progress"
+        def finish() -> None:
+            """Its final object; kept in the store (`store`) if it finished, or ran in the background."""
+            reason = c.finish_reason
+            status = ("incomplete" if reason == "length" else "failed" if reason == "error" else
+                      ("cancelled" if body.background else "failed") if reason == "cancelled" else "completed")
+            item = _message_item(mid, "completed" if status == "completed" else "incomplete", c.text)
+            if body.return_experts:
+                item["experts"] = c.experts
+            if body.return_token_ids:
+                item["token_ids"] = c.token_ids
             u = _usage([c], [len(ids)], 1)
-            return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
-                    "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                    "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-                    "model": cfg.model_name, "output": [item(status)] if done else [],
-                    "parallel_tool_calls": body.parallel_tool_calls,
-                    "previous_response_id": body.previous_response_id,
-                    "reasoning": {"effort": None, "summary": None}, "store": store is not None,
-                    "temperature": 1.0 if body.temperature is None else body.temperature,
-                    "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
-                    "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled",
-                    "usage": {"input_tokens": u["prompt_tokens"],
-                              # cache_write_tokens: OpenAI's explicit (TTL) cache, which this server has not
-                              "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
-                                                       "cache_write_tokens": 0},
-                              "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-                              "total_tokens": u["total_tokens"]} if done else None,
-                    "user": body.user, "metadata": body.metadata or {}, "background": False,
-                    "completed_at": int(time.time()) if status == "completed" else None}
+            usage = {"input_tokens": u["prompt_tokens"],
+                     # cache_write_tokens: OpenAI's explicit (TTL) cache, which this server has not
+                     "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                                              "cache_write_tokens": 0},
+                     "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": u["total_tokens"]}
+            live.final = {**live.head, "status": status,
+                          "error": {"code": "server_error", "message": f"generation failed: {c.error or reason}"}
+                          if status == "failed" else None,
+                          "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                          "output": [item], "usage": usage,
+                          "completed_at": int(time.time()) if status == "completed" else None}
+            live.body = bytes(JSONResponse(live.final).body)  # the bytes themselves (starlette types them as a buffer)
+            srv.live.pop(rid, None)
+            if store is not None and (status in ("completed", "incomplete") or body.background):
+                store.put(rid, Stored(live.body, live.items, Item(mid, "assistant", c.text),
+                                      array("I", live.ends) if body.background else None))
+            live.wake()
 
-        def status() -> str:
-            return "incomplete" if c.finish_reason == "length" else "completed"
-
-        if not body.stream:
-            if (left := await gather(request, [c], observe, False)) is not None:
-                return left
-            return Response(keep(response(status())), media_type="application/json")
-
-        async def events() -> AsyncIterator[bytes]:
-            seq = itertools.count()
-
-            def event(kind: str, **fields: Any) -> bytes:  # OpenAI's typed SSE: `event: TYPE`, then its data
-                data = json.dumps({"type": kind, "sequence_number": next(seq), **fields}, separators=(",", ":"))
-                return f"event: {kind}\ndata: {data}\n\n".encode()
-
-            at = {"item_id": mid, "output_index": 0, "content_index": 0}
+        async def run() -> None:
             srv.metrics.in_progress += 1
             try:
-                yield event("response.created", response=response("in_progress"))
-                yield event("response.in_progress", response=response("in_progress"))
-                yield event("response.output_item.added", output_index=0, item=item("in_progress"))
-                yield event("response.content_part.added", **at, part=_output_text(""))
-                async for _, out in _merged([c]):
+                async for out in c.handle.aiter():
                     observe(c, out)
-                    delta, _, _ = c.take(out, tok, False)
-                    if out.finish_reason in ("error", "cancelled"):
-                        yield event("error", code="engine_error", param=None,
-                                    message=f"generation failed: {out.error or out.finish_reason}")
-                        return
-                    if delta:
-                        yield event("response.output_text.delta", **at, delta=delta, logprobs=[])
-                yield event("response.output_text.done", **at, text=c.text, logprobs=[])
-                yield event("response.content_part.done", **at, part=_output_text(c.text))
-                yield event("response.output_item.done", output_index=0, item=item(status()))
-                final = response(status())
-                keep(final)  # before the client can read its last event
-                yield event(f"response.{status()}", response=final)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
-                yield event("error", code="internal_error", param=None,
-                            message=f"internal error: {type(e).__name__}: {e}")
-            finally:  # a client that disconnects lands here too
-                stream_over([c])
+                    if c.take(out, tok, False)[0]:
+                        live.ends.append(len(c.text))
+                    live.wake()
+            finally:
+                srv.metrics.in_progress -= 1
+                if c.finish_reason is None:  # stopped first: its client left, it was cancelled, the server drains
+                    c.handle.cancel()
+                    srv.metrics.cancelled.inc()
+                    c.finish_reason = "cancelled"
+                finish()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if store is not None:
+            srv.live[rid], srv.loop = live, asyncio.get_running_loop()
+        live.task = asyncio.ensure_future(run())
+        if body.stream:  # a background response's goes on if its client leaves
+            return StreamingResponse(_follow(live, 0, owned=not body.background), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if body.background:
+            return JSONResponse(live.now())
+        if (left := await settle(request, [c], live.task)) is not None:
+            return left
+        return Response(live.body, media_type="application/json")
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> Response:
+        """A background response cancelled (one that has finished: answered as it is, as OpenAI does)."""
+        found = srv.find(response_id)
+        if not found.background:
+            raise ApiError(400, "Cannot cancel a synchronous response.", param="response_id")  # OpenAI's words
+        if isinstance(found, _Live) and found.task is not None:
+            found.task.cancel()
+            await asyncio.wait({found.task})
+        return Response(found.body, media_type="application/json")
 
     if srv.store is not None:
         @app.api_route("/v1/responses/{response_id}/input_items", methods=["GET", "HEAD"])
         async def input_items(response_id: str, request: Request) -> dict[str, Any]:
             """The items a stored response answered (earlier turns' included; OpenAI's list object, `desc` by
             default), `limit` (1-100, default 20) at a time after the item `after`."""
-            items = srv.stored(response_id).items
+            items = srv.find(response_id).items
             q = request.query_params
             order = q.get("order", "desc")
             if order not in ("asc", "desc"):
@@ -995,13 +1024,35 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     @app.api_route("/v1/responses/{response_id:path}", methods=["GET", "HEAD", "DELETE"])
     async def stored_response(response_id: str, request: Request) -> Response:
-        stored = srv.stored(response_id, delete=request.method == "DELETE")
+        """A response, stored or still being made; `?stream=true` (a background response's): its events again,
+        those after `starting_after` (a sequence number), then the rest as they come."""
+        found = srv.find(response_id)
         if request.method == "DELETE":  # OpenAI's deleted object (the openai client returns None)
+            if isinstance(found, _Live):
+                how = "cancel it first (POST /v1/responses/{id}/cancel)" if found.background else "wait for its end"
+                raise ApiError(400, f"response {response_id!r} is still in progress: {how}", param="response_id")
+            srv.stored(response_id, delete=True)
             return JSONResponse({"id": response_id, "object": "response", "deleted": True})
-        if request.query_params.get("stream", "false").lower() not in ("false", "0"):
-            raise ApiError(400, "stream is not supported by GET /v1/responses/{id}: a stored response is returned "
-                                "whole, its events are not replayed", param="stream")
-        return Response(stored.body, media_type="application/json")
+        q = request.query_params
+        if q.get("stream", "false").lower() in ("false", "0"):
+            return JSONResponse(found.now()) if isinstance(found, _Live) else \
+                Response(found.body, media_type="application/json")
+        if not found.background:
+            raise ApiError(400, "stream: only a background response's events can be streamed again (this one was not "
+                                "made with background=true: GET it whole)", param="stream")
+        after = q.get("starting_after", "-1")
+        if not (after == "-1" or (after.isascii() and after.isdigit())):
+            raise ApiError(400, f"invalid starting_after={after!r}: expected a sequence number, an integer >= 0",
+                           param="starting_after")
+        first = int(after) + 1
+        if isinstance(found, _Live):
+            events = _follow(found, first, owned=False)
+        else:
+            final = json.loads(found.body)
+            events = _replay(_events(_created(final), found.output.id, found.output.text, found.ends or (), final,
+                                     first))
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- models, health, metrics, tokenizer ---------------------------------------------------------
 
@@ -1164,6 +1215,134 @@ def _stream_completion_lp(e: dict[str, Any] | None, offset: int, tok: Tokenizer)
 
 def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(mid: str, status: str, text: str | None) -> dict[str, Any]:
+    """A response's output message (OpenAI's `ResponseOutputMessage`); `text` None: no part yet."""
+    return {"type": "message", "id": mid, "status": status, "role": "assistant",
+            "content": [] if text is None else [_output_text(text)]}
+
+
+# what a response object holds until it has finished (as created, and as `GET` answers it while in progress)
+_UNFINISHED: dict[str, Any] = {"error": None, "incomplete_details": None, "output": [], "usage": None,
+                               "completed_at": None}
+
+
+def _created(obj: dict[str, Any]) -> dict[str, Any]:
+    """A response object as it was created (its stream's `response.created` event), from any later one: a
+    finished background response's replay begins with the very event its live stream began with."""
+    return {**obj, **_UNFINISHED, "status": "queued" if obj["background"] else "in_progress"}
+
+
+def _event(kind: str, seq: int, **fields: Any) -> bytes:
+    """One of the Responses API's typed server-sent events: `event: TYPE`, then its data."""
+    data = json.dumps({"type": kind, "sequence_number": seq, **fields}, separators=(",", ":"))
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], final: dict[str, Any] | None,
+            first: int) -> Iterator[bytes]:
+    """A response's stream from sequence number `first` on, as far as it has got. Its events are a function of
+    its object as created (`head`), its output `text` (its length after each delta event: `ends`) and its final
+    object (None: not finished; given, every delta is in `ends`), so a stream resumed at any event is the one
+    first sent and no event is kept. A failed or cancelled response ends with an `error` event.
+    `ends` is read as its first event is asked for: a live response's must not change in between (nothing else
+    runs on the event loop between `_follow`'s call and that), so that it matches `text` and `final`."""
+    n, at = len(ends), {"item_id": mid, "output_index": 0, "content_index": 0}
+    opening: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": head}),
+        ("response.in_progress", {"response": {**head, "status": "in_progress"}}),
+        ("response.output_item.added", {"output_index": 0, "item": _message_item(mid, "in_progress", None)}),
+        ("response.content_part.added", {**at, "part": _output_text("")})]
+    for seq in range(first, len(opening)):
+        yield _event(opening[seq][0], seq, **opening[seq][1])
+    for k in range(max(first - len(opening), 0), n):
+        yield _event("response.output_text.delta", len(opening) + k, **at, delta=text[ends[k - 1] if k else 0:ends[k]],
+                     logprobs=[])
+    if final is None:
+        return
+    status = final["status"]
+    closing: list[tuple[str, dict[str, Any]]]
+    if status in ("completed", "incomplete"):
+        closing = [("response.output_text.done", {**at, "text": text, "logprobs": []}),
+                   ("response.content_part.done", {**at, "part": _output_text(text)}),
+                   ("response.output_item.done", {"output_index": 0, "item": final["output"][0]}),
+                   (f"response.{status}", {"response": final})]
+    elif status == "failed":
+        closing = [("error", {"code": "engine_error", "param": None, "message": final["error"]["message"]})]
+    else:
+        closing = [("error", {"code": "response_cancelled", "param": None,
+                              "message": f"response {final['id']!r} was cancelled"})]
+    for j, (kind, fields) in enumerate(closing):
+        if (seq := len(opening) + n + j) >= first:
+            yield _event(kind, seq, **fields)
+
+
+@dataclass(eq=False)
+class _Live:
+    """A response still being made that `GET /v1/responses/{id}` answers (`store: true`; a background one
+    always is). Its `task` takes the engine's outputs in; its streams (the POST's, a resumed one: `_follow`)
+    make their events afresh from its state (`_events`), so that a client that leaves a background
+    response's stream leaves the work going, and a later one starts where it likes."""
+
+    head: dict[str, Any]  # its object as created
+    mid: str  # its output message's id
+    choice: _Choice
+    items: tuple[Item, ...]  # the conversation it answers, as `input_items` lists it
+    ends: list[int] = field(default_factory=list)  # the output text's length after each delta event
+    final: dict[str, Any] | None = None  # its object once finished
+    body: bytes = b""  # ... as JSON
+    task: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set, and replaced, at each change
+
+    @property
+    def background(self) -> bool:
+        return bool(self.head["background"])
+
+    def now(self) -> dict[str, Any]:
+        """Its object as `GET` answers it: the final one, else "queued" while its engine request waits for a
+        slot, then "in_progress" with its output so far."""
+        if self.final is not None:
+            return self.final
+        if getattr(self.choice.handle, "state", None) == "waiting":
+            return {**self.head, "status": "queued"}
+        return {**self.head, "status": "in_progress",
+                "output": [_message_item(self.mid, "in_progress", self.choice.text)]}
+
+    def events(self, first: int) -> Iterator[bytes]:
+        return _events(self.head, self.mid, self.choice.text, self.ends, self.final, first)
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+async def _follow(live: _Live, first: int, *, owned: bool) -> AsyncIterator[bytes]:
+    """`live`'s events from sequence number `first` on, as they come. `owned`: the stream of the request that
+    made it (not a background one's), whose client leaving cancels it."""
+    sent = first
+    try:
+        while True:
+            changed, done = live.changed, live.final is not None
+            for event in live.events(sent):
+                yield event
+                sent += 1
+            if done:
+                return
+            await changed.wait()
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
+        yield _event("error", sent, code="internal_error", param=None,
+                     message=f"internal error: {type(e).__name__}: {e}")
+    finally:  # a client that disconnects lands here too
+        if owned and live.final is None and live.task is not None:
+            live.task.cancel()
+
+
+async def _replay(events: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
 
 
 def _item(i: Item) -> dict[str, Any]:

@@ -32,7 +32,8 @@ class _EngineCollector(Collector):
                                 value=float(s.get("waiting", 0)))
         yield GaugeMetricFamily("mixlab_running_requests", "requests in the running batch (the batch size)",
                                 value=float(s.get("running", 0)))
-        yield GaugeMetricFamily("mixlab_http_requests_in_progress", "HTTP generation requests being answered",
+        yield GaugeMetricFamily("mixlab_http_requests_in_progress",
+                                "HTTP generation requests being answered (and background responses being made)",
                                 value=float(self.in_progress()))
         for key, doc in (("cache_used_bytes", "KV cache bytes held by running requests"),
                          ("cache_total_bytes", "KV cache bytes the engine may use")):
@@ -76,7 +77,8 @@ class Metrics:
         self.requests = Counter("mixlab_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("mixlab_prompt_tokens", "prompt tokens submitted", registry=r)
         self.generation_tokens = Counter("mixlab_generation_tokens", "tokens generated", registry=r)
-        self.cancelled = Counter("mixlab_requests_cancelled", "engine requests cancelled because the client left",
+        self.cancelled = Counter("mixlab_requests_cancelled",
+                                 "engine requests cancelled: the client left, or its background response was cancelled",
                                  registry=r)
         self.ttft = Histogram("mixlab_time_to_first_token_seconds", "request arrival to its first generated token",
                               buckets=_TTFT, registry=r)

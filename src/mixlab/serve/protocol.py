@@ -409,11 +409,11 @@ class DetokenizeRequest(BaseModel):
 
 
 # OpenAI's Responses API (`POST /v1/responses`): what would need a stored conversation or prompt or a tool, and
-# what asks for reasoning or extra output, is refused. `store` and `previous_response_id` are the app's (its
-# response store, store.py; without one, `store` is answered false and `previous_response_id` refused in
-# these words, `not_supported`)
-RESPONSES_NOT_IMPLEMENTED = {"conversation": None, "include": None, "background": False, "prompt": None,
-                             "top_logprobs": 0, "max_tool_calls": None}
+# what asks for reasoning or extra output, is refused. `store`, `previous_response_id` and `background` are the
+# app's (its response store, store.py; without one, `store` is answered false and `previous_response_id` and
+# `background` refused in these words, `not_supported`)
+RESPONSES_NOT_IMPLEMENTED = {"conversation": None, "include": None, "prompt": None, "top_logprobs": 0,
+                             "max_tool_calls": None}
 
 
 class ResponsesRequest(_Sampling):
@@ -423,6 +423,7 @@ class ResponsesRequest(_Sampling):
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     metadata: dict[str, StrictStr] | None = None
     store: StrictBool = True
+    background: StrictBool = False  # answered at once; the response is made in the engine and read back by GET
     previous_response_id: StrictStr | None = None
     parallel_tool_calls: StrictBool = True
     tools: list[Any] | None = None
@@ -449,6 +450,9 @@ class ResponsesRequest(_Sampling):
         if self.truncation == "auto":
             raise _field_error("truncation", "truncation \"auto\" is not supported: an input over the context is "
                                              "refused (send \"disabled\")")
+        if self.background and not self.store:  # OpenAI's and vLLM's rule
+            raise _field_error("background", "background=true needs store=true: a background response is read "
+                                             "back with GET /v1/responses/{id}")
         self.input_messages()
         return self
 

@@ -43,7 +43,7 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         srv = getattr(getattr(self._app, "state", None), "server", None)
         if srv is not None:
-            srv.draining = True  # requests arriving on open connections now get 503
+            srv.drain()  # requests arriving on open connections now get 503; background responses are cancelled
         super().handle_exit(sig, frame)
 
 

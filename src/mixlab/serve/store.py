@@ -3,10 +3,14 @@ one (`previous_response_id`) and `GET` / `DELETE /v1/responses/{id}` find it, as
 store enabled) keep them. An LRU bounded by count and by bytes: each response is charged its JSON and the
 text of its whole conversation (earlier turns included, though entries of one chain share those strings:
 the bound is on at most that much memory). Touched from the event loop only, so it has no lock.
+
+A response enters the store once it has finished; one still being made (streamed, or in the background) is the
+app's until then (`app._Live`).
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -30,15 +34,23 @@ class Item:
 class Stored:
     """A finished response: its object's JSON (what the POST answered, or its last event carried), the
     conversation it answered (its input items, earlier turns' included; never its `instructions`, which
-    OpenAI does not carry over) and its output message."""
+    OpenAI does not carry over) and its output message. A background response also keeps `ends`, the
+    length of its output text after each of its stream's delta events, from which its events are made
+    again for a stream resumed after it finished (`None`: not a background response)."""
 
     body: bytes
     items: tuple[Item, ...]
     output: Item
+    ends: array[int] | None = None
+
+    @property
+    def background(self) -> bool:
+        return self.ends is not None
 
     @property
     def size(self) -> int:
-        return len(self.body) + self.output.size + sum(i.size for i in self.items)
+        ends = self.ends.itemsize * len(self.ends) if self.ends is not None else 0
+        return len(self.body) + self.output.size + sum(i.size for i in self.items) + ends
 
 
 class ResponseStore:
