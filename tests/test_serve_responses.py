@@ -637,23 +637,30 @@ def test_a_failed_background_response_is_stored_as_failed(model_tok: tuple[Any, 
         assert events[-1]["message"] == failed.error.message
 
 
-def test_a_drain_cancels_background_responses(model_tok: tuple[Any, Any]) -> None:
-    """SIGTERM: a background response's result would live only in this process, which is ending."""
+def test_a_queued_background_response_is_cancelled_and_a_drain_cancels_the_rest(model_tok: tuple[Any, Any]) -> None:
+    """One slot: the second background response waits, `queued`, until cancelled. SIGTERM cancels the first: a
+    background response's result would live only in this process, which is ending."""
     import signal
 
     model, tok = model_tok
-    with Engine(model, tok, max_batch=2) as engine:
+    with Engine(model, tok, max_batch=1) as engine:
         forward = engine.runner.forward
         engine.runner.forward = lambda items: (time.sleep(0.005), forward(items))[1]
         app = create_app(engine, tok, ServerConfig(model_name=NAME, context_len=CONTEXT))
         thread = ServerThread(app)
         with thread as url:
-            srv = app.state.server
-            back = _client(url).responses.create(**LONG, background=True)
-            assert until(lambda: engine.stats()["running"] == 1)
+            srv, client = app.state.server, _client(url)
+            running = client.responses.create(**LONG, background=True)
+            assert until(lambda: client.responses.retrieve(running.id).status == "in_progress")
+            waiting = client.responses.create(**LONG, background=True)
+            assert waiting.status == "queued" and metric(url, "mixlab_queue_depth") == 1
+            assert client.responses.retrieve(waiting.id).status == "queued"
+            assert client.responses.cancel(waiting.id).status == "cancelled"
+            assert until(lambda: metric(url, "mixlab_queue_depth") == 0)
+            assert client.responses.retrieve(running.id).status == "in_progress"
             thread.server.handle_exit(signal.SIGTERM, None)
-            assert until(lambda: back.id not in srv.live) and until(lambda: engine.stats()["running"] == 0)
-            assert json.loads(srv.store.get(back.id).body)["status"] == "cancelled"
+            assert until(lambda: running.id not in srv.live) and until(lambda: engine.stats()["running"] == 0)
+            assert json.loads(srv.store.get(running.id).body)["status"] == "cancelled"
 
 
 def test_background_needs_the_store(model_tok: tuple[Any, Any], client: Any) -> None:
