@@ -23,7 +23,7 @@ import torch
 
 from mixlab.atomic import recover
 from mixlab.atomic import sibling as _sibling
-from mixlab.checkpoint.adapter import Adapter, merge_adapter, read_adapter
+from mixlab.checkpoint.adapter import Adapter, adapter_factors, merge_adapter, read_adapter
 from mixlab.checkpoint.io import (
     DTYPES,
     FLOAT_DTYPES,
@@ -43,8 +43,8 @@ from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
 
-__all__ = ["CheckpointError", "describe", "from_state_dict", "load_model", "load_state", "merge_adapter", "meta_model",
-           "save_model", "to_state_dict"]
+__all__ = ["CheckpointError", "adapter_factors", "describe", "from_state_dict", "load_model", "load_state",
+           "merge_adapter", "meta_model", "save_model", "to_state_dict"]
 
 
 def parse_device(device: str | torch.device) -> torch.device:

@@ -22,6 +22,10 @@ fit, a feature not supported here (DoRA, `modules_to_save`, trained biases, `lor
 `layer_replication`, embedding or lm_head targets) is a CheckpointError naming the file, the tensor
 and what was expected. `fan_in_fan_out` does not apply: every target is an nn.Linear or a parameter,
 for which PEFT turns it off itself.
+
+`adapter_factors` keeps the update apart from the weights instead (serving several adapters over one
+base, the engine's `adapters=`): per adapted mixlab weight, factors A and B with W x + B (A x) = the
+merged weight's W' x, after the same checks.
 """
 
 from __future__ import annotations
@@ -312,6 +316,72 @@ def _local_part(w: torch.Tensor, t: _Target, experts: range) -> torch.Tensor | N
     elif v.storage_offset() // per not in experts:
         return None
     return w.as_strided(v.shape, v.stride(), w.storage_offset() + v.storage_offset() - experts.start * per)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """An adapter's update to one weight of the model, held apart from it: rows x that the weight
+    multiplies get y += (x @ A.T) @ B.T, the scale s folded into B (float32). A matrix [X, I]: A [R, I],
+    B [X, R]; stacked experts [E, X, I]: A [E, R, I], B [E, X, R], expert e's pair at index e (zeros for
+    experts the adapter leaves alone). R sums the ranks of the weight's adapted parts (q, k, v of
+    `wqkv`; w1, w3 of an expert's `w13`), each part's B non-zero on its own rows only."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+@torch.no_grad()
+def adapter_factors(model: Transformer, path: str | Path | Adapter) -> dict[str, LowRank]:
+    """The PEFT LoRA adapter in folder `path` (or as `read_adapter` read it) as low-rank updates of
+    `model`'s weights, by mixlab name (`layers.0.attn.wqkv.weight`, `layers.0.ffn.experts.w13`): what
+    `merge_adapter` adds to them, kept apart. The same checks (a CheckpointError naming the file, tensor
+    or field of anything that does not fit the model); the weights themselves are not read, so they
+    may be in any format (int8, int4, prepared)."""
+    adapter = path if isinstance(path, Adapter) else read_adapter(path)
+    file = adapter.root / WEIGHTS
+    if hasattr(model, "_lora"):
+        raise CheckpointError(f"{adapter.root}: the model is a LoRA model (train.lora.apply_lora): merge its own "
+                              "adapters first (train.lora.merge)")
+    targets = _targets(model, adapter.root, adapter.config, {k: v.shape for k, v in adapter.tensors.items()})
+    device = model.tok_embeddings.weight.device
+    # (mixlab weight, expert or None) -> its adapted parts: (first output row, A [r, I], s B [X, r])
+    parts: dict[tuple[str, int | None], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    with TensorReader(adapter.tensors) as reader:
+        for t in targets:
+            A = reader.get(t.a).to(device, torch.float32)
+            B = reader.get(t.b).to(device, torch.float32) * t.scale
+            if not (all_finite(A) and all_finite(B)):  # as merge_adapter warns
+                warnings.warn(f"{file}: tensor {t.a!r} or {t.b!r} holds NaN or Inf values (or their product "
+                              "overflows); the model's outputs will be NaN", stacklevel=2)
+            shape = shapes[t.rule.ours] = t.rule.shape
+            # where the part lies in the whole: its first element, and the elements of a row and of an expert
+            at = int(t.rule.parts(torch.empty(shape, device="meta"))[t.part].storage_offset())
+            cols, per = shape[-1], math.prod(shape[1:])
+            if len(shape) == 2:
+                parts.setdefault((t.rule.ours, None), []).append((at // cols, A, B))
+            elif t.experts:  # a parameter target: every expert's factors in one pair (see the module docstring)
+                E, r = t.experts, t.rank
+                A_ErI, B_XrE = A.view(E, r, cols), B.view(B.shape[0], r, E)
+                for e in range(E):
+                    parts.setdefault((t.rule.ours, e), []).append((at % per // cols, A_ErI[e], B_XrE[:, :, e]))
+            else:  # one expert's module
+                parts.setdefault((t.rule.ours, at // per), []).append((at % per // cols, A, B))
+    out: dict[str, LowRank] = {}
+    for name, shape in shapes.items():
+        mine = {e: ps for (n, e), ps in parts.items() if n == name}
+        R = max(sum(a.shape[0] for _, a, _ in ps) for ps in mine.values())
+        A = torch.zeros(*shape[:-2], R, shape[-1], device=device)
+        B = torch.zeros(*shape[:-1], R, device=device)
+        for expert, ps in mine.items():
+            a_RI, b_XR = (A, B) if expert is None else (A[expert], B[expert])
+            c = 0
+            for row, a, b in ps:
+                a_RI[c : c + len(a)] = a
+                b_XR[row : row + len(b), c : c + len(a)] = b
+                c += len(a)
+        out[name] = LowRank(A, B)
+    return out
 
 
 @torch.no_grad()

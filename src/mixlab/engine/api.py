@@ -91,6 +91,7 @@ class SamplingParams:
     # the output's form (JSON, a schema's, a regex's, a choice, a grammar's): tokens outside it are masked
     # before sampling (logprobs are the masked distribution's), and the output ends once it is complete
     structured: Structured | None = None
+    adapter: str | None = None  # the engine's LoRA adapter of this name (`Engine(adapters=)`); None: the base model
 
     def __post_init__(self) -> None:
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
@@ -145,6 +146,8 @@ class SamplingParams:
             if _int("logprobs", self.logprobs, 0, expected) > MAX_LOGPROBS:
                 raise _bad("logprobs", self.logprobs, expected)
 
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
+            raise _bad("adapter", self.adapter, "None or the name of one of the engine's adapters")
         if self.structured is not None:
             from mixlab.engine.structured import Structured
 

@@ -33,12 +33,14 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from mixlab.checkpoint.adapter import Adapter, LowRank, adapter_factors
 from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver, _is_array
 from mixlab.engine.runner import Item, Result, Runner, common_prefix
@@ -46,6 +48,8 @@ from mixlab.engine.sampling import Sampler, row_argmax, sample_row, seed_generat
 from mixlab.engine.structured import Matcher
 from mixlab.errors import MixlabError
 from mixlab.model.formats import expert_cache
+from mixlab.model.inference import inference_format
+from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import check_model
 from mixlab.tokenizer import check_tokenizer
 
@@ -127,6 +131,11 @@ class Engine:
     `mixlab.parallel.expert.rank0_token`: each process continues with rank 0's token, so processes
     whose draws or rounding differ cannot part and stop at different steps); a row that fails then
     fails the step (`step()` raises), as the processes must stay in step.
+    `adapters`: PEFT LoRA adapters served over the model, by name (`{"name": folder or Adapter}`, vLLM's
+    `--lora-modules`), each kept apart from the weights as low-rank factors (`adapter_factors`); a
+    request picks one with `SamplingParams(adapter=name)` and gets what the model with that adapter
+    merged gives. A step with a row under an adapter runs the PyTorch pass (slower than the native
+    steps, which the base's steps keep); a request reuses only keys computed under its own adapter.
     """
 
     def __init__(
@@ -134,7 +143,7 @@ class Engine:
         cache_bytes: int | None = None, max_queue: int = 256, token_budget: int = 512,
         prefill_chunk: int = PREFILL_CHUNK, max_seq_len: int | None = None, prefix_cache: bool = True,
         pack_weights: bool | None = None, batch_invariant: bool = False,
-        sync_token: Callable[[int], int] | None = None,
+        sync_token: Callable[[int], int] | None = None, adapters: Mapping[str, str | Path | Adapter] | None = None,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -149,9 +158,10 @@ class Engine:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
         self.prefill_chunk = min(prefill_chunk, token_budget)
+        factors = self._adapter_factors(model, adapters, batch_invariant=batch_invariant)
         self.runner = Runner(model, max_batch=max_batch, cache_bytes=cache_bytes, prefill_chunk=self.prefill_chunk,
                              max_seq_len=max_seq_len, prefix_cache=prefix_cache, pack_weights=pack_weights,
-                             batch_invariant=batch_invariant)
+                             batch_invariant=batch_invariant, adapters=factors)
         self._lock = threading.Lock()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
@@ -167,6 +177,31 @@ class Engine:
         self._stepping = threading.Lock()
         self._outbox: list[tuple[Handle, RequestOutput]] = []  # this step's outputs, pushed when it ends
         self._stats = {"tokens_in": 0, "tokens_out": 0, "steps": 0, "cached_tokens": 0}
+
+    @staticmethod
+    def _adapter_factors(model: Transformer, adapters: Mapping[str, str | Path | Adapter] | None, *,
+                         batch_invariant: bool) -> dict[str, dict[str, LowRank]]:
+        """Each adapter's low-rank factors, or ValueError (CheckpointError) naming the adapter."""
+        if adapters is None:
+            return {}
+        if not isinstance(adapters, Mapping):
+            raise ValueError(f"invalid adapters={adapters!r}: expected a mapping of names to adapter folders")
+        out = {}
+        for name, path in adapters.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"invalid adapter name {name!r}: expected a non-empty string")
+            why = ("batch_invariant=True runs every step through the native kernels, and an adapter's steps run "
+                   "the PyTorch pass" if batch_invariant else
+                   "the model's experts are offloaded (load_model(max_memory=)), and an adapter's steps need them "
+                   "resident" if inference_format(model) == "offloaded" else
+                   "the model's experts are split over processes (expert parallelism)"
+                   if any(m.experts.num_experts != m.moe.num_experts for m in model.modules()
+                          if isinstance(m, MoEBlock)) else None)
+            if why:
+                raise ValueError(f"adapter {name!r}: {why}; serve adapters without it, or merge the adapter into "
+                                 "the weights (load_model(..., adapter=DIR))")
+            out[name] = adapter_factors(model, path)
+        return out
 
     def __repr__(self) -> str:
         with self._lock:
@@ -235,6 +270,9 @@ class Engine:
             raise ValueError(f"invalid logit_bias: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
         if params.return_experts and cfg.moe is None:
             raise ValueError("return_experts=True needs a MoE model; this one is dense")
+        if params.adapter is not None and params.adapter not in self.runner.adapters:
+            known = ", ".join(map(repr, self.runner.adapters)) or "none (Engine(adapters=...) names them)"
+            raise ValueError(f"unknown adapter {params.adapter!r}: this engine's adapters are {known}")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         handle = Handle(rid, self.cancel, self._stall_reason)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {cfg.eos_id})
@@ -361,14 +399,15 @@ class Engine:
         for seq in self._running:
             if not seq.prefilling:
                 items.append(Item(seq.slot, seq.out[-1:] or seq.prompt[-1:], seq.n_cached,
-                                  logits="none" if seq.routing_only else "last", experts=seq.params.return_experts))
+                                  logits="none" if seq.routing_only else "last", experts=seq.params.return_experts,
+                                  adapter=seq.params.adapter))
             elif budget > 0:
                 n = min(len(seq.prompt) - seq.n_cached, budget, self.prefill_chunk)
                 budget -= n
                 ends = seq.n_cached + n == len(seq.prompt)
                 want = "all" if seq.params.prompt_logprobs else ("last" if ends else "none")
                 items.append(Item(seq.slot, seq.prompt[seq.n_cached : seq.n_cached + n], seq.n_cached, logits=want,
-                                  experts=seq.params.return_experts and ends))
+                                  experts=seq.params.return_experts and ends, adapter=seq.params.adapter))
         if not items:
             return False
         by_slot = {s.slot: s for s in self._running}
@@ -430,8 +469,9 @@ class Engine:
         """Prompt tokens whose keys and values *and prompt logprobs* `seq` (with `prompt_logprobs`)
         may take from `source`: one short of their common prompt prefix (the logits of that prefix's
         last position predict `seq`'s first token of its own, so they run again), and none when
-        `source` computes no prompt logprobs or other alternatives."""
-        if not source.params.prompt_logprobs or (source.params.logprobs or 0) != (seq.params.logprobs or 0):
+        `source` computes no prompt logprobs or other alternatives, or runs under another adapter."""
+        if (not source.params.prompt_logprobs or (source.params.logprobs or 0) != (seq.params.logprobs or 0)
+                or source.params.adapter != seq.params.adapter):
             return 0
         return max(common_prefix(source.prompt, seq.prompt, len(seq.prompt)) - 1, 0)
 
@@ -440,12 +480,13 @@ class Engine:
         prompt tokens it holds now, prompt tokens it will hold once its own prompt is in). Only slots
         that have not wrapped around qualify, and at least one prompt token is left to run. A request
         with prompt logprobs (an evaluation harness scoring one context with several endings) also
-        takes the source's logprobs (`_scored_prefix`)."""
+        takes the source's logprobs (`_scored_prefix`). Only a sequence under the same adapter (or both
+        under the base model) qualifies: another's keys are other numbers."""
         best: tuple[_Seq | None, int, int] = (None, 0, 0)
         if not self.runner.prefix_cache:
             return best
         for s in self._running:
-            if s.n_cached > self.runner.capacity:
+            if s.n_cached > self.runner.capacity or s.params.adapter != seq.params.adapter:
                 continue
             if seq.params.prompt_logprobs:
                 n = self._scored_prefix(s, seq)
@@ -470,7 +511,8 @@ class Engine:
                 reuse: bool | dict[int, int] = True  # a free slot's prefix; with prompt logprobs, its logprobs too
                 if seq.params.prompt_logprobs:
                     reuse = {slot: self._scored_prefix(s, seq) for slot, s in self._scored.items()}
-                alloc = self.runner.allocate(seq.prompt, len(seq.prompt) + seq.params.max_tokens, reuse=reuse)
+                alloc = self.runner.allocate(seq.prompt, len(seq.prompt) + seq.params.max_tokens, reuse=reuse,
+                                             adapter=seq.params.adapter)
                 if alloc is None:
                     return  # the cache is full: it waits (first come, first served)
                 with self._lock:
@@ -639,7 +681,7 @@ class Engine:
             self._running.remove(seq)
             # `keep`: the slot's tokens stay for prefix reuse. Not after an error: a failed step may
             # have written part of its chunk, over the oldest positions of a rolling slot
-            self.runner.free(seq.slot, seq.tokens[: seq.n_cached] if keep else [])
+            self.runner.free(seq.slot, seq.tokens[: seq.n_cached] if keep else [], seq.params.adapter)
             if keep and seq.params.prompt_logprobs:
                 self._scored[seq.slot] = seq  # its prompt logprobs go with the keys the slot keeps
         with self._lock:  # a cancel still pending was meant for this request: not for the next with its id

@@ -26,6 +26,13 @@ chooses it for the step's token count (`decode_batch`: every weight streamed onc
 step's tokens, each token attending over its own sequence's slot at its own position, causal inside
 a chunk). The PyTorch pass below is the reference, and runs on GPUs and for larger steps.
 
+LoRA adapters served over the base (`Runner(adapters=)`, `adapter_factors`' low-rank updates): a step
+with any row under an adapter runs the PyTorch pass, each weight's product followed by every
+adapter's update on its own rows (`_lin`); the feed-forward block of a layer an adapter adapts runs
+the router with the updates to its logits, then the experts one at a time with the updates inside the
+SwiGLU (`_adapted_ffn`, the loop of `ops.moe.reference`). Steps of base rows alone are unchanged. A
+slot's keys hold the adapter they were computed under: prefix reuse only within one adapter.
+
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
 Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts.
 """
@@ -38,20 +45,24 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixlab import pages
 from mixlab.cache import KVCache
+from mixlab.checkpoint.adapter import LowRank
 from mixlab.config import format_bytes
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
+from mixlab.model.moe import MoEBlock, Routing, apply_capacity, route
 from mixlab.model.native import NativeDecoder, shared_decoder
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import native as native_lib
 from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
 from mixlab.ops.linear import linear
+from mixlab.ops.swiglu import swiglu
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 
@@ -66,6 +77,7 @@ class Item:
     start: int
     logits: str = "last"
     experts: bool = False
+    adapter: str | None = None  # the LoRA adapter the sequence runs under (`Runner.adapters`), or the base
 
 
 @dataclass
@@ -94,12 +106,87 @@ def bytes_per_token(model: Transformer) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * elem
 
 
-def _lin(mod: nn.Module, x_ND: torch.Tensor) -> torch.Tensor:
+class StepAdapters:
+    """The LoRA adapters of a step's rows: row n runs under adapter `owner_N[n]`, an index into
+    `factors` (each adapter's `adapter_factors`), or -1: the base model."""
+
+    def __init__(self, factors: list[dict[str, LowRank]], owner_N: torch.Tensor) -> None:
+        self.factors, self.owner_N = factors, owner_N
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def rows(self, j: int) -> torch.Tensor:
+        """The rows under adapter j (one gather per adapter and weight uses them)."""
+        if j not in self._rows:
+            self._rows[j] = (self.owner_N == j).nonzero()[:, 0]
+        return self._rows[j]
+
+    def select(self, rows_R: torch.Tensor) -> StepAdapters:
+        """The same for the rows `rows_R` alone, in that order."""
+        return StepAdapters(self.factors, self.owner_N[rows_R])
+
+    def touches(self, prefix: str) -> bool:
+        """Whether an adapter updates a weight whose name starts with `prefix`."""
+        return any(name.startswith(prefix) for f in self.factors for name in f)
+
+    def add(self, name: str, x_NI: torch.Tensor, y_NX: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """`y_NX` (= x_NI times weight `name`, or expert `expert` of that stacked weight) with each adapter's
+        update on its rows, y += (x A^T) B^T, in float32; in place, returned."""
+        for j, f in enumerate(self.factors):
+            lr = f.get(name)
+            if lr is None or not (rows := self.rows(j)).numel():
+                continue
+            A_RI, B_XR = (lr.A, lr.B) if expert is None else (lr.A[expert], lr.B[expert])
+            y_NX.index_add_(0, rows, ((x_NI[rows].float() @ A_RI.T) @ B_XR.T).to(y_NX.dtype))
+        return y_NX
+
+
+def _lin(mod: nn.Module, x_ND: torch.Tensor, ad: StepAdapters | None = None, name: str = "") -> torch.Tensor:
     """A model linear on N rows: plain `nn.Linear` weights through `ops.linear` (the native kernel
-    for a few rows, without preparing the model); prepared linears run themselves."""
-    if type(mod) is nn.Linear:
-        return linear(x_ND, mod.weight)
-    return mod(x_ND)
+    for a few rows, without preparing the model); prepared linears run themselves. `ad`: plus the
+    step's adapters' updates of weight `name` (`layers.0.attn.wo.weight`) on their rows."""
+    y_NX = linear(x_ND, mod.weight) if type(mod) is nn.Linear else mod(x_ND)
+    return y_NX if ad is None else ad.add(name, x_ND, y_NX)
+
+
+def _adapted_ffn(block: Block, li: int, x_1ND: torch.Tensor, ad: StepAdapters,
+                 rows_R: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
+    """`Block.feed_forward` (`feed_forward_rows` for the rows `rows_R` alone) with each row's adapter's
+    updates: to the router's logits (every row routed, as `Router.forward` does), then inside the
+    SwiGLU of the dense FFN or of each expert in turn (`ops.moe.reference`'s loop), for any format of
+    resident experts (`ops.linear.linear` with their scales)."""
+    p, ffn = f"layers.{li}.ffn.", block.ffn
+    x_ND = x_1ND[0]
+    h_ND = block.ffn_norm(x_ND)
+    routing = None
+    if isinstance(ffn, MoEBlock):
+        moe = ffn.moe
+        logits_NE = ad.add(p + "gate.weight", h_ND, F.linear(h_ND.float(), ffn.gate.weight.float()))
+        idx_NK, weight_NK = route(logits_NE, moe.top_k)
+        dropped = 0
+        if moe.capacity_factor is not None:
+            weight_NK, dropped = apply_capacity(idx_NK, weight_NK, moe.num_experts, moe.capacity_factor)
+        routing = Routing(logits_NE, idx_NK, weight_NK, dropped)
+    if rows_R is not None:
+        x_ND, h_ND, ad = x_ND[rows_R], h_ND[rows_R], ad.select(rows_R)
+    if not isinstance(ffn, MoEBlock):
+        a_NF = swiglu(_lin(ffn.w13, h_ND, ad, p + "w13.weight"))
+        return (x_ND + _lin(ffn.w2, a_NF, ad, p + "w2.weight"))[None], None
+    assert routing is not None
+    idx_NK, weight_NK = (routing.idx_TK, routing.weight_TK) if rows_R is None else \
+        (routing.idx_TK[rows_R], routing.weight_TK[rows_R])
+    w = ffn.experts.weights()
+    y_ND = torch.zeros_like(h_ND)
+    for e in range(ffn.experts.num_experts):
+        tok_n, slot_n = torch.where(idx_NK == e)
+        if tok_n.numel() == 0:
+            continue
+        sub, xs_nD = ad.select(tok_n), h_ND[tok_n]
+        s13 = None if w.w13_scale is None else w.w13_scale[e]
+        s2 = None if w.w2_scale is None else w.w2_scale[e]
+        a_nF = swiglu(sub.add(p + "experts.w13", xs_nD, linear(xs_nD, w.w13[e], s13), e))
+        ys_nD = sub.add(p + "experts.w2", a_nF, linear(a_nF, w.w2[e], s2), e)
+        y_ND.index_add_(0, tok_n, (ys_nD * weight_NK[tok_n, slot_n, None]).to(y_ND.dtype))
+    return (x_ND + y_ND)[None], routing
 
 
 def available_memory() -> int:
@@ -121,14 +208,16 @@ class Runner:
     `cache_bytes` allows for `max_batch` sequences); `cache_bytes`: the pool's budget (default
     2 GiB at most), giving min(max_batch, cache_bytes // slot bytes) slots; `pack_weights`: see
     `Engine` (the panels belong to the model's native decoder, shared by every engine over it:
-    False never packs, it does not unpack what another engine packed).
+    False never packs, it does not unpack what another engine packed). `adapters`: LoRA adapters by
+    name (`adapter_factors`), for the items that name one.
     """
 
     def __init__(self, model: Transformer, *, max_batch: int, cache_bytes: int | None, prefill_chunk: int,
                  max_seq_len: int | None, prefix_cache: bool, pack_weights: bool | None = None,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, adapters: dict[str, dict[str, LowRank]] | None = None) -> None:
         cfg = model.config
         self.model = model
+        self.adapters = adapters or {}
         self.per_token = bytes_per_token(model)
         w = model.tok_embeddings.weight
         self.dtype, self.device = w.dtype, w.device
@@ -178,6 +267,7 @@ class Runner:
             # and training never do (`ops.registry`).
             registry.prepare_native()
         self.free_slots: OrderedDict[int, list[int]] = OrderedDict((s, []) for s in range(S))  # LRU first
+        self._slot_adapter: dict[int, str | None] = {}  # the adapter a free slot's keys were computed under
         self._last_idx: torch.Tensor | None = None  # the last step's experts [L, N, K]
         self._load_pending: list[torch.Tensor] = []  # steps' experts not yet counted into _load_LE
         self._load_lock = threading.Lock()  # `expert_load` is read from other threads (metrics)
@@ -216,11 +306,13 @@ class Runner:
     def used_bytes(self) -> int:
         return (self.n_slots - len(self.free_slots)) * self.slot_bytes
 
-    def allocate(self, prompt: list[int], need: int, *, reuse: bool | dict[int, int]) -> tuple[int, int] | None:
+    def allocate(self, prompt: list[int], need: int, *, reuse: bool | dict[int, int],
+                 adapter: str | None = None) -> tuple[int, int] | None:
         """A free slot for a sequence of up to `need` tokens and how many prompt tokens it already
         holds (the longest shared prefix among free slots, leaving at least one token to run), or
         None when every slot is taken. `reuse` as a dict: the most tokens each free slot it names
-        may give (slots it does not name give none)."""
+        may give (slots it does not name give none). Only keys computed under the same `adapter`
+        (None: the base model) are reused."""
         if not self.free_slots:
             return None
         if len(self.free_slots) == self.n_slots:
@@ -228,6 +320,8 @@ class Runner:
         best, best_n = next(iter(self.free_slots)), 0  # default: the least recently used
         if reuse and self.prefix_cache:
             for s, held in self.free_slots.items():
+                if self._slot_adapter.get(s) != adapter:
+                    continue
                 n = common_prefix(held, prompt, len(prompt) - 1)
                 if isinstance(reuse, dict):
                     n = min(n, reuse.get(s, 0))
@@ -247,13 +341,16 @@ class Runner:
             v[dst, :, :n] = v[src, :, :n]
         self.pos_SC[dst, :n] = self.pos_SC[src, :n]
 
-    def free(self, slot: int, tokens: list[int]) -> None:
-        """Give the slot back; it keeps `tokens` (those written to it) for prefix reuse."""
+    def free(self, slot: int, tokens: list[int], adapter: str | None = None) -> None:
+        """Give the slot back; it keeps `tokens` (those written to it under `adapter`) for prefix reuse."""
         self.free_slots[slot] = list(tokens) if len(tokens) <= self.capacity and self.prefix_cache else []
+        self._slot_adapter[slot] = adapter
 
     # ---- the forward pass ----
 
     def forward(self, items: list[Item]) -> list[Result]:
+        if any(it.adapter is not None for it in items):  # the PyTorch pass, with the adapters' updates
+            return self._batched(items)
         if self.batch_invariant:  # one kernel family for every step, whatever its tokens (`mx_batch.invariant`)
             outs = self._native_batch(items, invariant=True) if items else []
             if outs is None:
@@ -409,6 +506,16 @@ class Runner:
         flat = (idx_LNK.reshape(L, -1).long().cpu() + torch.arange(L)[:, None] * E).reshape(-1)
         return torch.bincount(flat, minlength=L * E).view(L, E)
 
+    def _step_adapters(self, items: list[Item]) -> StepAdapters | None:
+        """The adapters of the step's rows, or None (base rows alone)."""
+        names = sorted({it.adapter for it in items if it.adapter is not None})
+        if not names:
+            return None
+        owner: list[int] = []
+        for it in items:
+            owner += [-1 if it.adapter is None else names.index(it.adapter)] * len(it.tokens)
+        return StepAdapters([self.adapters[n] for n in names], torch.tensor(owner, device=self.device))
+
     def _batched(self, items: list[Item]) -> list[Result]:
         model, cfg = self.model, self.model.config
         C, dev = self.capacity, self.device
@@ -421,6 +528,7 @@ class Runner:
             pos += range(it.start, it.start + len(it.tokens))
             slot += [it.slot] * len(it.tokens)
         N = len(tokens)
+        ad = self._step_adapters(items)
         tokens_N = torch.tensor(tokens, device=dev)
         pos_N = torch.tensor(pos, device=dev)
         slot_N = torch.tensor(slot, device=dev)
@@ -472,7 +580,8 @@ class Runner:
             assert isinstance(block, Block)
             attn = block.attn
             h_ND = block.attn_norm(x_ND)
-            qk_NX, v_NX = _lin(attn.wqkv, h_ND).split([(H + G) * Hd, G * Hd], dim=-1)
+            qkv_NX = _lin(attn.wqkv, h_ND, ad, f"layers.{li}.attn.wqkv.weight")
+            qk_NX, v_NX = qkv_NX.split([(H + G) * Hd, G * Hd], dim=-1)
             q_NHHd, k_NGHd = apply_rope(qk_NX.view(1, N, H + G, Hd), cos, sin)[0].split([H, G], dim=1)
             kc, vc = self.k[li], self.v[li]
             kc.view(-1, Hd).index_copy_(0, rows_X, k_NGHd.reshape(N * G, Hd).to(kc.dtype))
@@ -490,8 +599,10 @@ class Runner:
                 q_1HTHd = q_NHHd[a : a + T].transpose(0, 1)[None]
                 y = training_sdpa(q_1HTHd, kc[it.slot : it.slot + 1, :, :n], vc[it.slot : it.slot + 1, :, :n], mask)
                 y_NHHd[a : a + T] = y[0].transpose(0, 1)
-            x_1ND = (x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd)))[None]
-            if li == last_layer and some:
+            x_1ND = (x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd), ad, f"layers.{li}.attn.wo.weight"))[None]
+            if ad is not None and ad.touches(f"layers.{li}.ffn."):
+                x_1ND, routing = _adapted_ffn(block, li, x_1ND, ad, rows_R if li == last_layer and some else None)
+            elif li == last_layer and some:
                 x_1ND, routing = block.feed_forward_rows(x_1ND, rows_R)  # x_ND: the wanted rows, in order
             else:
                 x_1ND, routing = block.feed_forward(x_1ND)

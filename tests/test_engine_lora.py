@@ -1,0 +1,269 @@
+"""Several LoRA adapters served over one base (`adapter_factors`, `Engine(adapters=)`,
+`SamplingParams(adapter=)`): a batch mixing base and adapter requests gives each what it gives alone
+on the model with its adapter merged, and no request reuses keys computed under another adapter."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixlab.checkpoint import CheckpointError, adapter_factors, merge_adapter
+from mixlab.config import get_preset
+from mixlab.engine import Engine, SamplingParams
+from mixlab.model import Transformer
+from mixlab.train.lora import LoraConfig, apply_lora, save_peft
+
+CFG = get_preset("tiny-moe").replace(vocab_size=128, max_seq_len=128)
+GREEDY = dict(max_tokens=8, logprobs=0, ignore_eos=True)
+# float32 logprobs of one request differ by up to ~3e-5 between a step of its own (the native kernels) and
+# a batched PyTorch step, base rows as much as adapter rows
+ATOL = 5e-5
+
+
+def _base(cfg=CFG) -> Transformer:
+    model = Transformer(cfg).eval()
+    model.init_weights(std=0.5, seed=0)
+    return model
+
+
+def _adapter(base: Transformer, path: Path, *, rank: int, targets: tuple[str, ...], layout: str, seed: int) -> Path:
+    """mixlab's own LoRA over `base` with random non-zero B, written as a PEFT folder."""
+    m = apply_lora(copy.deepcopy(base), LoraConfig(rank=rank, alpha=2 * rank, targets=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_peft(m, path, expert_layout=layout if base.config.moe else None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Transformer, dict[str, Path]]:
+    """The base and two adapters: every target in transformers >= 5's fused layout, and attention +
+    experts (no router) of another rank in the per-expert module layout."""
+    root = tmp_path_factory.mktemp("lora")
+    base = _base()
+    return base, {"a": _adapter(base, root / "a", rank=4, targets=("attention", "experts", "router"),
+                                layout="fused", seed=1),
+                  "b": _adapter(base, root / "b", rank=2, targets=("attention", "experts"), layout="modules", seed=2)}
+
+
+def _merged(base: Transformer, adapters: dict[str, Path]) -> dict[str | None, Transformer]:
+    return {None: base, **{n: merge_adapter(copy.deepcopy(base), p) for n, p in adapters.items()}}
+
+
+def _alone(model: Transformer, prompt: list[int], params: SamplingParams):
+    """The request's outputs on an engine of its own (a step of one request at a time)."""
+    with torch.inference_mode():
+        engine = Engine(model, max_batch=1)
+        h = engine.submit(prompt, params)
+        engine.run_until_idle()
+        return h.result()
+
+
+def _tokens_and_logprobs(outs):
+    return [o.token_id for o in outs if o.token_id is not None], [o.logprob for o in outs if o.token_id is not None]
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_factors_are_the_merged_update(setup) -> None:
+    """y + (x A^T) B^T equals x times the merged weight, for every adapted weight and expert."""
+    base, adapters = setup
+    for name, path in adapters.items():
+        merged = dict(merge_adapter(copy.deepcopy(base), path).named_parameters())
+        plain = dict(base.named_parameters())
+        factors = adapter_factors(base, path)
+        assert any(".experts.w13" in k for k in factors) and any(".attn.wqkv" in k for k in factors)
+        assert any(k.endswith("gate.weight") for k in factors) == (name == "a")
+        for k, lr in factors.items():
+            torch.testing.assert_close(plain[k] + lr.B @ lr.A, merged[k], rtol=0, atol=1e-6, msg=k)
+        untouched = [k for k in plain if k not in factors]
+        assert all(torch.equal(plain[k], merged[k]) for k in untouched)
+
+
+def test_factors_refuse_what_merge_refuses(setup, tmp_path: Path) -> None:
+    base, adapters = setup
+    other = _base(CFG.replace(dim=32, n_heads=2, n_kv_heads=1))
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors.*do not fit"):
+        adapter_factors(other, adapters["a"])
+    with pytest.raises(CheckpointError, match="no such adapter folder"):
+        Engine(base, adapters={"x": tmp_path / "missing"})
+
+
+def test_a_mixed_batch_gives_each_request_its_merged_models_output(setup) -> None:
+    """Base, adapter-a and adapter-b requests of different prompt lengths, prefilled in chunks beside
+    each other's decoding steps, each equal its run alone on the model with its adapter merged."""
+    base, adapters = setup
+    merged = _merged(base, adapters)
+    prompts = _prompts([5, 23, 40, 9, 31, 17])
+    names = [None, "a", "b", "a", None, "b"]
+    engine = Engine(base, max_batch=6, token_budget=24, prefill_chunk=8, adapters=adapters)
+    handles = []
+    for i, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
+        handles.append(engine.submit(prompt, SamplingParams(**GREEDY, adapter=name)))
+        if i % 2:
+            engine.step()  # later requests join while earlier ones prefill or decode
+    engine.run_until_idle()
+    outs = {}
+    for prompt, name, h in zip(prompts, names, handles, strict=True):
+        got, got_lp = _tokens_and_logprobs(h.result())
+        want, want_lp = _tokens_and_logprobs(_alone(merged[name], prompt, SamplingParams(**GREEDY)))
+        assert got == want, name
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=0, atol=ATOL)
+        outs[name, tuple(prompt)] = got
+    # the adapters change the outputs: the test would notice them ignored
+    for prompt in prompts[:3]:
+        alone = {n: _tokens_and_logprobs(_alone(merged[n], prompt, SamplingParams(**GREEDY)))[1] for n in merged}
+        assert alone[None] != alone["a"] and alone[None] != alone["b"] and alone["a"] != alone["b"]
+
+
+def test_prompt_logprobs_and_a_dense_model(tmp_path: Path) -> None:
+    """A dense model's FFN adapters, and prompt logprobs (every row's logits) under an adapter."""
+    base = _base(CFG.replace(moe=None))
+    path = _adapter(base, tmp_path / "d", rank=3, targets=("attention", "experts"), layout="fused", seed=3)
+    merged = merge_adapter(copy.deepcopy(base), path)
+    prompt = _prompts([19])[0]
+    params = dict(max_tokens=4, logprobs=2, prompt_logprobs=True, ignore_eos=True)
+    engine = Engine(base, max_batch=2, prefill_chunk=8, adapters={"d": path})
+    h = [engine.submit(prompt, SamplingParams(**params, adapter=a)) for a in ("d", None)]
+    engine.run_until_idle()
+    for handle, model in zip(h, (merged, base), strict=True):
+        got, want = handle.result(), _alone(model, prompt, SamplingParams(**params))
+        assert [o.token_id for o in got] == [o.token_id for o in want]
+        lp = [x for x in got[0].prompt_logprobs[1:]]
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(want[0].prompt_logprobs[1:]), rtol=0, atol=ATOL)
+
+
+def test_an_unknown_adapter_is_named_with_the_known_ones(setup) -> None:
+    base, adapters = setup
+    engine = Engine(base, adapters=adapters)
+    with pytest.raises(ValueError, match=r"unknown adapter 'c': this engine's adapters are 'a', 'b'"):
+        engine.submit([5, 6], SamplingParams(adapter="c"))
+    with pytest.raises(ValueError, match=r"unknown adapter 'a': this engine's adapters are none"):
+        Engine(base).submit([5, 6], SamplingParams(adapter="a"))
+    with pytest.raises(ValueError, match=r"invalid adapter=''"):
+        SamplingParams(adapter="")
+    with pytest.raises(ValueError, match=r"adapter 'a': batch_invariant=True"):
+        Engine(base, adapters={"a": adapters["a"]}, batch_invariant=True)
+
+
+# -- prefix reuse never crosses adapters ------------------------------------------------------------
+
+
+def _one(engine: Engine, prompt: list[int], name: str | None, **kw):
+    h = engine.submit(prompt, SamplingParams(**{**GREEDY, **kw}, adapter=name))
+    engine.run_until_idle()
+    return h.result()
+
+
+@pytest.mark.parametrize("order", [(None, "a"), ("a", None), ("a", "b"), ("b", "a")])
+def test_a_free_slots_prefix_is_reused_only_under_its_adapter(setup, order) -> None:
+    """The same prompt under one adapter (or the base), then under another: the second computes its
+    keys itself and gives its own merged model's output; under the same adapter again it reuses them."""
+    base, adapters = setup
+    merged = _merged(base, adapters)
+    prompt = _prompts([30], seed=4)[0]
+    engine = Engine(base, max_batch=2, adapters=adapters)
+    first, second = order
+    _one(engine, prompt, first)
+    out = _one(engine, prompt, second)
+    assert out[-1].cached_tokens == 0
+    assert _tokens_and_logprobs(out)[0] == _tokens_and_logprobs(_alone(merged[second], prompt,
+                                                                       SamplingParams(**GREEDY)))[0]
+    again = _one(engine, prompt, second)
+    assert again[-1].cached_tokens == len(prompt) - 1  # the control: reuse under one adapter still works
+    assert _tokens_and_logprobs(again)[0] == _tokens_and_logprobs(out)[0]
+
+
+@pytest.mark.parametrize("names", [(None, "a"), ("a", "b"), ("a", "a")])
+def test_a_running_prompt_is_shared_only_under_its_adapter(setup, names) -> None:
+    """Two requests of one long prompt submitted together: the second copies the first's keys
+    (`copy_prefix`, waiting for them) only when both run under the same adapter."""
+    base, adapters = setup
+    merged = _merged(base, adapters)
+    prompt = _prompts([60], seed=5)[0]
+    engine = Engine(base, max_batch=2, prefill_chunk=16, adapters=adapters)
+    hs = [engine.submit(prompt, SamplingParams(**GREEDY, adapter=n)) for n in names]
+    engine.run_until_idle()
+    outs = [h.result() for h in hs]
+    assert outs[1][-1].cached_tokens == (len(prompt) - 1 if names[0] == names[1] else 0)
+    for name, out in zip(names, outs, strict=True):
+        want = _alone(merged[name], prompt, SamplingParams(**GREEDY))
+        assert _tokens_and_logprobs(out)[0] == _tokens_and_logprobs(want)[0]
+
+
+def test_scored_prompts_are_reused_only_under_their_adapter(setup) -> None:
+    """prompt_logprobs requests take an ended request's logprobs with its keys: never another adapter's."""
+    base, adapters = setup
+    merged = _merged(base, adapters)
+    context, ending = _prompts([20, 4], seed=6)
+    engine = Engine(base, max_batch=2, adapters=adapters)
+    kw = dict(max_tokens=1, prompt_logprobs=True)
+    _one(engine, context + ending[:2], None, **kw)
+    out = _one(engine, context + ending, "a", **kw)
+    assert out[0].cached_tokens == 0
+    want = _alone(merged["a"], context + ending, SamplingParams(**GREEDY, prompt_logprobs=True))
+    torch.testing.assert_close(torch.tensor(out[0].prompt_logprobs[1:]), torch.tensor(want[0].prompt_logprobs[1:]),
+                               rtol=0, atol=ATOL)
+
+
+def test_a_peft_adapter_gives_peft_logprobs(tmp_path: Path) -> None:
+    """The real peer: PEFT's LoRA (attention modules, fused experts and router as target_parameters) on the
+    transformers model gives the engine's adapter rows' prompt logprobs."""
+    from test_adapter import ATTN, EXPERTS_ROUTER, _hf_base, _peft
+
+    hf = _hf_base(tmp_path)
+    pm = _peft(hf, tmp_path / "adapter", target_modules=ATTN, target_parameters=EXPERTS_ROUTER)
+    from mixlab import load_model
+
+    base = load_model(tmp_path / "base")
+    engine = Engine(base, max_batch=2, adapters={"p": tmp_path / "adapter"})
+    prompt = _prompts([16], seed=7)[0]
+    hs = [engine.submit(prompt, SamplingParams(max_tokens=1, prompt_logprobs=True, adapter=n)) for n in ("p", None)]
+    engine.run_until_idle()
+    got, plain = (torch.tensor(h.result()[0].prompt_logprobs[1:]) for h in hs)
+    with torch.no_grad():
+        lp = torch.log_softmax(pm(input_ids=torch.tensor([prompt])).logits[0].float(), dim=-1)
+    want = lp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    assert (got - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_quantised_base_serves_adapters(setup, quant: str) -> None:
+    """--quant: the adapters' updates go on the quantised products (weights and experts in any resident
+    format go through `ops.linear`): each request gets the dequantised weights with its adapter merged."""
+    from mixlab.model.formats import Int4Experts, Int8Experts
+    from mixlab.model.inference import prepare_for_inference
+    from mixlab.ops.quant import Int4Linear, Int8Linear, dequantize
+
+    base, adapters = setup
+    q = prepare_for_inference(copy.deepcopy(base), quant=quant)
+    deq = copy.deepcopy(base)  # the float model of q's weights
+    held = dict(deq.named_modules())
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if isinstance(m, Int8Linear | Int4Linear):
+                held[name].weight.copy_(dequantize(m.weight, m.scale, torch.float32))
+            elif isinstance(m, Int8Experts | Int4Experts):
+                for w in ("w13", "w2"):
+                    getattr(held[name], w).copy_(dequantize(getattr(m, w), getattr(m, w + "_scale"), torch.float32))
+    merged = _merged(deq, adapters)
+    prompts = _prompts([12, 21, 7], seed=8)
+    names = [None, "a", "b"]
+    engine = Engine(q, max_batch=3, prefill_chunk=8, adapters=adapters)
+    hs = [engine.submit(p, SamplingParams(**GREEDY, adapter=n)) for p, n in zip(prompts, names, strict=True)]
+    engine.run_until_idle()
+    for prompt, name, h in zip(prompts, names, hs, strict=True):
+        got, got_lp = _tokens_and_logprobs(h.result())
+        want, want_lp = _tokens_and_logprobs(_alone(merged[name], prompt, SamplingParams(**GREEDY)))
+        assert got == want, name
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=0, atol=1e-4)
