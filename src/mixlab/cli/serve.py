@@ -6,18 +6,23 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
+import json
 import math
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixlab.cli import positive, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
-from mixlab.errors import UsageError
+from mixlab.errors import CheckpointError, UsageError
 from mixlab.model.formats import expert_cache
+
+if TYPE_CHECKING:
+    from mixlab.checkpoint.adapter import Adapter
 
 
 def _bytes(text: str) -> int:
@@ -26,6 +31,25 @@ def _bytes(text: str) -> int:
         return parse_bytes(text, what="")
     except ValueError as e:  # argparse names the flag: the message without parse_bytes's `what: `
         raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """An item of --lora-modules, vLLM's syntax: NAME=DIR, or JSON {"name": NAME, "path": DIR}."""
+    if text.lstrip().startswith("{"):
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: not valid JSON ({e})") from None
+        name, path = (item.get("name"), item.get("path")) if isinstance(item, dict) else (None, None)
+        if not (isinstance(name, str) and name and isinstance(path, str) and path):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object with a non-empty \"name\" and "
+                                             "\"path\"")
+    else:
+        name, _, path = text.partition("=")
+        if not name or not path:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=DIR (the adapter's name in the API, its PEFT "
+                                             "folder)")
+    return name, user_path(path)
 
 
 def cache_line(total_bytes: int, slots: int, context: int, model_context: int, max_batch: int) -> str:
@@ -88,6 +112,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mixlab serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)
     check_address(args.host, args.port)
+    name = args.served_model_name or Path(args.model).name or "mixlab"
+    adapters = _read_lora_modules(args.lora_modules or [], name)  # before the long load
     model, tok = _load(args)
     kw = dict(max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget,
               pack_weights={"auto": None, "yes": True, "no": False}[args.pack_weights])
@@ -105,8 +131,12 @@ def serve(args: argparse.Namespace) -> int:
                              f"got {args.max_model_len}")
         kw["max_seq_len"] = args.max_model_len
     try:
-        engine = Engine(model, tok, **kw)
+        engine = Engine(model, tok, adapters=adapters, **kw)
+    except CheckpointError:  # an adapter that does not fit the model: its own one-line error
+        raise
     except ValueError as e:  # the budgets do not fit together: say which flags set them
+        if str(e).startswith("adapter "):
+            raise UsageError(f"--lora-modules: {e}") from None
         if "batch_invariant" in str(e):
             raise UsageError(f"--batch-invariant: {e}") from None
         raise UsageError(f"{e} (the flags: --cache-bytes, --max-model-len, --max-batch)") from None
@@ -116,7 +146,6 @@ def serve(args: argparse.Namespace) -> int:
     info = {"layers": model.config.n_layers, "experts": moe.num_experts if moe else 0,
             "experts_per_token": moe.top_k if moe else 0, "vocab_size": model.config.vocab_size,
             "dtype": dtype_name(model.tok_embeddings.weight.dtype), "quant": args.quant}
-    name = args.served_model_name or Path(args.model).name or "mixlab"
     # on a loopback address only IP addresses and localhost by default (DNS rebinding, docs/serving.md);
     # on another, any name (the machine's names and a proxy's cannot be told from the address)
     hosts = args.allowed_hosts if args.allowed_hosts is not None else ([] if loopback else ["*"])
@@ -124,7 +153,8 @@ def serve(args: argparse.Namespace) -> int:
                        api_key=args.api_key, max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout,
                        max_connections=args.max_connections, responses_store=args.responses_store,
                        cors_origins=args.allowed_origins, allowed_hosts=None if "*" in hosts else hosts,
-                       model_info=info)
+                       model_info=info, model_root=str(args.model),
+                       adapters={n: str(a.root) for n, a in adapters.items()})
     app = create_app(engine, tok, cfg)
     engine.start()
     packed = getattr(runner, "packed_bytes", 0)
@@ -139,6 +169,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mixlab serve: experts offloaded: {cache.num_slots} of {cache.num_layers * cache.num_experts} fit in "
               f"{format_bytes(cache.num_slots * cache.expert_bytes)} ({cache.fmt.kind}, {cache.policy}, prefetch "
               f"{'on' if cache.prefetch_enabled else 'off'}); /metrics: mixlab_expert_cache_*", file=sys.stderr)
+    if adapters:
+        print(f"mixlab serve: LoRA adapters {', '.join(adapters)} (the API's model names): their requests' steps run "
+              "PyTorch's kernels, not the native ones", file=sys.stderr)
     if runner is not None:
         print(cache_line(runner.total_bytes, runner.n_slots, context, model.config.max_seq_len, args.max_batch),
               file=sys.stderr)
@@ -156,6 +189,25 @@ def serve(args: argparse.Namespace) -> int:
     print_stats(args, model)
     print("mixlab serve: stopped", file=sys.stderr)
     return 0
+
+
+def _read_lora_modules(items: list[tuple[str, str]], model_name: str) -> dict[str, Adapter]:
+    """--lora-modules' adapters, each folder read and checked (`read_adapter`) before the model loads; a
+    name given twice, or the served model's own, is a usage error naming the item."""
+    from mixlab.checkpoint.adapter import read_adapter
+
+    out: dict[str, Adapter] = {}
+    for name, path in items:
+        if name == model_name:
+            raise UsageError(f"--lora-modules {name}={path}: {name!r} is the served model's name (--served-model-name "
+                             "or the model folder's name); give the adapter another")
+        if name in out:
+            raise UsageError(f"--lora-modules {name}={path}: the name {name!r} is given twice")
+        try:
+            out[name] = read_adapter(path)
+        except CheckpointError as e:
+            raise UsageError(f"--lora-modules {name}={path}: {e}") from None
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +229,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="host names the server answers to besides IP addresses and localhost, '*' for any (default "
                         "on a loopback --host: none, against DNS rebinding; on another: any)")
     add_runtime_args(p)
+    p.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=DIR",
+                   help="PEFT LoRA adapters served beside the model, vLLM's syntax (NAME=DIR or JSON {\"name\": ..., "
+                        "\"path\": ...}): a request whose model is NAME runs under that adapter, kept apart from the "
+                        "weights (--adapter merges one into them); its steps run PyTorch's kernels, slower than the "
+                        "native ones")
     e = p.add_argument_group("engine budgets and limits")
     e.add_argument("--max-batch", type=positive, default=16, help="sequences decoded together (default 16)")
     e.add_argument("--cache-bytes", type=_bytes, default=None, help="KV cache budget, e.g. 2GB (default: engine's)")

@@ -97,6 +97,9 @@ class ServerConfig:
     allowed_hosts: list[str] | None = field(default_factory=list)
     retry_after_s: int = 1
     model_info: dict[str, Any] = field(default_factory=dict)  # extra /v1/models fields (layers, experts)
+    model_root: str | None = None  # /v1/models' `root`: where the model was loaded from
+    # the engine's LoRA adapters (`Engine(adapters=)`), each served as a model of its own name: name -> folder
+    adapters: dict[str, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' `created`: when it loaded
     # build llguidance's view of the tokenizer (structured outputs) as the server starts, not in the first
     # constrained request's time (~0.2 s for 32,000 tokens); nothing happens without llguidance
@@ -114,6 +117,8 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.api_key {why}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"ServerConfig.max_connections must be >= 1 or None, got {self.max_connections}")
+        if self.model_name in self.adapters:
+            raise ValueError(f"ServerConfig.adapters: the adapter name {self.model_name!r} is the model's own name")
 
 
 def api_key_problem(key: str) -> str | None:
@@ -413,8 +418,10 @@ class _Server:
     # -- checks shared by the endpoints --
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.cfg.model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.cfg.model_name!r}",
+        """A 404 for a `model` that is neither the model's name nor one of its adapters' (None: the model)."""
+        if model is not None and model != self.cfg.model_name and model not in self.cfg.adapters:
+            served = ", ".join(map(repr, [self.cfg.model_name, *self.cfg.adapters]))
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
 
     def drain(self) -> None:
@@ -486,7 +493,7 @@ class _Server:
                 seed=seed, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, return_experts=body.return_experts, ignore_eos=body.ignore_eos,
                 logit_bias=body.biases(), min_tokens=body.min_tokens, decode_alone=decode_alone,
-                structured=structured)
+                structured=structured, adapter=body.model if body.model in self.cfg.adapters else None)
         except ValueError as e:
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
 
@@ -712,6 +719,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         perf_counter() as its handler began (the time to first token counts from there: its prompt's
         encoding is part of it)."""
         prompt_lens = [len(p) for p in prompts]
+        served = body.model or cfg.model_name  # the model or adapter that answers
         # return_token_ids, as vLLM answers it: the prompt's ids on a chat response (streamed: on each choice's
         # first chunk) and on each completion choice (its first chunk); the generated ids on each choice (chunk)
         want_ids = body.return_token_ids
@@ -741,7 +749,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         ch["prompt_token_ids"] = prompts[c.index // body.n]
                     ch["token_ids"] = c.token_ids
                 out_choices.append(ch)
-            res = {"id": rid, "object": obj, "created": created, "model": cfg.model_name,
+            res = {"id": rid, "object": obj, "created": created, "model": served,
                    "system_fingerprint": FINGERPRINT, "choices": out_choices,
                    "usage": _usage(choices, prompt_lens, body.n)}
             if want_ids and chat:
@@ -753,7 +761,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(ch: dict[str, Any], first: bool = False) -> dict[str, Any]:
-            d: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
+            d: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": created, "model": served,
                                  "system_fingerprint": FINGERPRINT, "choices": [ch]}
             if want_ids and first:  # a choice's first chunk
                 if chat:
@@ -811,7 +819,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                     yield _sse(chunk(ch, first=c.index not in started))
                     started.add(c.index)
                 if include_usage:
-                    yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
+                    yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
                                 "system_fingerprint": FINGERPRINT, "choices": [],
                                 "usage": _usage(choices, prompt_lens, body.n)})
                 yield b"data: [DONE]\n\n"
@@ -921,7 +929,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         live = _Live(_created({
             "id": rid, "object": "response", "created_at": int(time.time()), "status": None, "error": None,
             "incomplete_details": None, "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "model": cfg.model_name, "output": [], "parallel_tool_calls": body.parallel_tool_calls,
+            "model": body.model or cfg.model_name, "output": [], "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": store is not None, "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
@@ -1058,12 +1066,12 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(cfg)]}
+        return {"object": "list", "data": [_model_card(cfg, name) for name in (cfg.model_name, *cfg.adapters)]}
 
     @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str) -> dict[str, Any]:
         srv.check_model(model_id)
-        return _model_card(cfg)
+        return _model_card(cfg, model_id)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
@@ -1355,8 +1363,13 @@ def _message(i: Item) -> ChatMessage:
     return ChatMessage.model_construct(role=i.role, content=i.text)  # checked when it was stored
 
 
-def _model_card(cfg: ServerConfig) -> dict[str, Any]:
-    return {"id": cfg.model_name, "object": "model", "created": cfg.created, "owned_by": "mixlab",
+def _model_card(cfg: ServerConfig, name: str) -> dict[str, Any]:
+    """The model's card, or (`name` an adapter's) the adapter's, as vLLM lists a LoRA module: its
+    folder as `root`, the model as `parent`."""
+    adapter = cfg.adapters.get(name)
+    return {"id": name, "object": "model", "created": cfg.created, "owned_by": "mixlab",
+            "root": adapter if adapter is not None else cfg.model_root,
+            "parent": cfg.model_name if adapter is not None else None,
             "max_model_len": cfg.context_len, "mixlab": dict(cfg.model_info)}
 
 
