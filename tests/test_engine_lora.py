@@ -155,6 +155,16 @@ def test_an_unknown_adapter_is_named_with_the_known_ones(setup) -> None:
         Engine(base, adapters={"a": adapters["a"]}, batch_invariant=True)
 
 
+def test_offloaded_experts_are_refused_naming_the_adapter(setup, tmp_path: Path) -> None:
+    from mixlab import load_model, save_model
+
+    base, adapters = setup
+    save_model(base, tmp_path / "base")
+    offloaded = load_model(tmp_path / "base", max_memory="1MB")
+    with pytest.raises(ValueError, match=r"adapter 'a': the model's experts are offloaded \(load_model\(max_memory"):
+        Engine(offloaded, adapters=adapters)
+
+
 # -- prefix reuse never crosses adapters ------------------------------------------------------------
 
 

@@ -186,17 +186,17 @@ class Engine:
             return {}
         if not isinstance(adapters, Mapping):
             raise ValueError(f"invalid adapters={adapters!r}: expected a mapping of names to adapter folders")
+        why = None  # what the adapters' steps (the PyTorch pass, every expert resident) cannot run beside
+        if batch_invariant:
+            why = "batch_invariant=True runs every step through the native kernels, an adapter's run the PyTorch pass"
+        elif inference_format(model) == "offloaded":
+            why = "the model's experts are offloaded (load_model(max_memory=)); an adapter's steps need them resident"
+        elif any(m.experts.num_experts != m.moe.num_experts for m in model.modules() if isinstance(m, MoEBlock)):
+            why = "the model's experts are split over processes (expert parallelism)"
         out = {}
         for name, path in adapters.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"invalid adapter name {name!r}: expected a non-empty string")
-            why = ("batch_invariant=True runs every step through the native kernels, and an adapter's steps run "
-                   "the PyTorch pass" if batch_invariant else
-                   "the model's experts are offloaded (load_model(max_memory=)), and an adapter's steps need them "
-                   "resident" if inference_format(model) == "offloaded" else
-                   "the model's experts are split over processes (expert parallelism)"
-                   if any(m.experts.num_experts != m.moe.num_experts for m in model.modules()
-                          if isinstance(m, MoEBlock)) else None)
             if why:
                 raise ValueError(f"adapter {name!r}: {why}; serve adapters without it, or merge the adapter into "
                                  "the weights (load_model(..., adapter=DIR))")
