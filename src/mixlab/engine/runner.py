@@ -34,7 +34,9 @@ SwiGLU (`_adapted_ffn`, the loop of `ops.moe.reference`). Steps of base rows alo
 slot's keys hold the adapter they were computed under: prefix reuse only within one adapter.
 
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
-Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts.
+Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts;
+for the adapters: R an adapter's rank, I / X a weight's input / output width, F expert FFN width,
+n the rows of one expert.
 """
 
 from __future__ import annotations
