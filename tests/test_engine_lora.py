@@ -247,16 +247,19 @@ def test_a_peft_adapter_gives_peft_logprobs(tmp_path: Path) -> None:
     assert (got - plain).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "packed"])
 def test_a_quantised_base_serves_adapters(setup, quant: str) -> None:
     """--quant: the adapters' updates go on the quantised products (weights and experts in any resident
-    format go through `ops.linear`): each request gets the dequantised weights with its adapter merged."""
+    format go through `ops.linear`): each request gets the dequantised weights with its adapter merged.
+    The same for oneDNN-packed weights (`prepare_for_inference(packed=True)`), whose floats are the base's."""
     from mixlab.model.formats import Int4Experts, Int8Experts
-    from mixlab.model.inference import prepare_for_inference
+    from mixlab.model.inference import inference_format, prepare_for_inference
     from mixlab.ops.quant import Int4Linear, Int8Linear, dequantize
 
     base, adapters = setup
-    q = prepare_for_inference(copy.deepcopy(base), quant=quant)
+    q = prepare_for_inference(copy.deepcopy(base), quant=None if quant == "packed" else quant,
+                              packed=True if quant == "packed" else None)
+    assert inference_format(q) == quant
     deq = copy.deepcopy(base)  # the float model of q's weights
     held = dict(deq.named_modules())
     with torch.no_grad():
