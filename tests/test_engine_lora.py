@@ -280,3 +280,19 @@ def test_a_quantised_base_serves_adapters(setup, quant: str) -> None:
         want, want_lp = _tokens_and_logprobs(_alone(merged[name], prompt, SamplingParams(**GREEDY)))
         assert got == want, name
         torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=0, atol=1e-4)
+
+
+def test_return_experts_under_an_adapter_are_its_merged_models(setup) -> None:
+    """Adapter a adapts the router: a request under it reports the experts its merged model chooses."""
+    base, adapters = setup
+    merged = _merged(base, adapters)
+    prompt = _prompts([11], seed=9)[0]
+    params = dict(max_tokens=5, ignore_eos=True, return_experts=True)
+    engine = Engine(base, max_batch=2, adapters=adapters)
+    hs = [engine.submit(prompt, SamplingParams(**params, adapter=n)) for n in ("a", None)]
+    engine.run_until_idle()
+    got = {n: [o.experts for o in h.result() if o.token_id is not None] for n, h in zip(("a", None), hs, strict=True)}
+    for name in ("a", None):
+        assert got[name] == [o.experts for o in _alone(merged[name], prompt, SamplingParams(**params))
+                             if o.token_id is not None]
+    assert got["a"] != got[None]
