@@ -98,10 +98,16 @@ def test_factors_refuse_what_merge_refuses(setup, tmp_path: Path) -> None:
         Engine(base, adapters={"x": tmp_path / "missing"})
 
 
-def test_a_mixed_batch_gives_each_request_its_merged_models_output(setup) -> None:
+@pytest.mark.parametrize("window", [None, 6])
+def test_a_mixed_batch_gives_each_request_its_merged_models_output(setup, window: int | None) -> None:
     """Base, adapter-a and adapter-b requests of different prompt lengths, prefilled in chunks beside
-    each other's decoding steps, each equal its run alone on the model with its adapter merged."""
+    each other's decoding steps, each equal its run alone on the model with its adapter merged (and
+    with a sliding window: rolling cache slots)."""
     base, adapters = setup
+    if window is not None:
+        windowed = Transformer(CFG.replace(sliding_window=window)).eval()
+        windowed.load_state_dict(base.state_dict())
+        base = windowed
     merged = _merged(base, adapters)
     prompts = _prompts([5, 23, 40, 9, 31, 17])
     names = [None, "a", "b", "a", None, "b"]
