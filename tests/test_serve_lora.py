@@ -143,3 +143,14 @@ def test_serve_lora_modules_flag(ckpt: Path, adapters: dict[str, Path], monkeypa
     code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--served-model-name", "x",
                                 "--lora-modules", f"x={a1}")
     assert code == 2 and "'x' is the served model's name" in err
+
+
+def test_metrics_count_each_adapters_requests(url: str, client: Any) -> None:
+    from conftest import metric
+
+    before = {n: metric(url, f'mixlab_adapter_requests_total{{adapter="{n}"}}') for n in ADAPTERS}
+    client.completions.create(model="ad2", prompt="Hi", max_tokens=2, n=2)
+    client.completions.create(model=NAME, prompt="Hi", max_tokens=2)
+    after = {n: metric(url, f'mixlab_adapter_requests_total{{adapter="{n}"}}') for n in ADAPTERS}
+    assert after == {"ad1": before["ad1"], "ad2": before["ad2"] + 2}  # one engine request per choice
+    assert metric(url, 'mixlab_adapter_running_requests{adapter="ad1"}') == 0

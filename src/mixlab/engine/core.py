@@ -177,6 +177,7 @@ class Engine:
         self._stepping = threading.Lock()
         self._outbox: list[tuple[Handle, RequestOutput]] = []  # this step's outputs, pushed when it ends
         self._stats = {"tokens_in": 0, "tokens_out": 0, "steps": 0, "cached_tokens": 0}
+        self._adapter_requests = dict.fromkeys(self.runner.adapters, 0)  # requests submitted under each adapter
 
     @staticmethod
     def _adapter_factors(model: Transformer, adapters: Mapping[str, str | Path | Adapter] | None, *,
@@ -298,6 +299,8 @@ class Engine:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
             self._live[rid] = handle
             self._waiting.append(seq)
+            if params.adapter is not None:
+                self._adapter_requests[params.adapter] += 1
         self._wake.set()
         return handle
 
@@ -335,7 +338,8 @@ class Engine:
 
     def stats(self) -> dict[str, object]:
         """Running and waiting requests, KV cache bytes used and total, token and step counts, each
-        expert's load (and the expert cache's counters for offloaded experts): what /metrics shows."""
+        expert's load (and the expert cache's counters for offloaded experts; with adapters, each one's
+        requests submitted and running): what /metrics shows."""
         with self._lock:
             waiting = len(self._waiting)
         load = self.runner.expert_load()
@@ -344,6 +348,11 @@ class Engine:
             "cache_used_bytes": self.runner.used_bytes(), "cache_total_bytes": self.runner.total_bytes,
             "weight_panels_bytes": self.runner.packed_bytes, **self._stats, "expert_load": load.tolist(),
         }
+        if self.runner.adapters:
+            running = [s.params.adapter for s in list(self._running)]
+            with self._lock:
+                out["adapters"] = {name: {"requests": n, "running": running.count(name)}
+                                   for name, n in self._adapter_requests.items()}
         cache = expert_cache(self.model)
         if cache is not None:  # offloaded experts (load_model(max_memory=)): what their cache did
             out["expert_cache"] = {**cache.stats.as_dict(), "slots": cache.num_slots,

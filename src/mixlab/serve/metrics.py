@@ -59,6 +59,17 @@ class _EngineCollector(Collector):
                                     value=float(cache["slots"] * cache["slot_bytes"]))
         if "steps" in s:
             yield CounterMetricFamily("mixlab_engine_steps", "forward passes of the engine", value=float(s["steps"]))
+        adapters = s.get("adapters") or {}
+        if adapters:  # serve --lora-modules
+            total = CounterMetricFamily("mixlab_adapter_requests", "engine requests submitted under each LoRA adapter",
+                                        labels=["adapter"])
+            running = GaugeMetricFamily("mixlab_adapter_running_requests",
+                                        "requests in the running batch under each LoRA adapter", labels=["adapter"])
+            for name, a in adapters.items():
+                total.add_metric([name], float(a["requests"]))
+                running.add_metric([name], float(a["running"]))
+            yield total
+            yield running
         load = s.get("expert_load") or []
         if load:
             fam = CounterMetricFamily("mixlab_expert_load_tokens",
