@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -560,6 +561,10 @@ def test_a_bad_value_in_a_config_file_names_the_file(text: str, key: str, tmp_pa
         load_finetune_config(f, model="m", data="d.jsonl")
     good = {"lr": 0.1, "warmup": 5, "threads": 1}[name]
     assert getattr(load_train_config(f, **{name: good}), name) == good
+    # the file's bad value given as an override too is the override's (it was the file's: the file alone
+    # fails the same way)
+    with pytest.raises(ConfigError, match=f"^training setting {key}"):
+        load_train_config(f, **tomllib.loads(text))
     f.write_text("steps = 10\n")
     with pytest.raises(ConfigError, match=f"^training setting {key}"):
         load_train_config(f, **{name: -1})
@@ -567,6 +572,10 @@ def test_a_bad_value_in_a_config_file_names_the_file(text: str, key: str, tmp_pa
     f.write_text('model = "m"\ndata = "d.jsonl"\n')
     with pytest.raises(ConfigError, match="^fine-tuning setting 'lora_alpha'"):
         load_finetune_config(f, lora_rank=8, lora_alpha=0.0)
+    # nor a setting the file does not give (was "run.toml: no data: ...")
+    f.write_text('model = "m"\n')
+    with pytest.raises(ConfigError, match="^no data: pass --data"):
+        load_finetune_config(f)
 
 
 def test_a_train_config_made_in_python_may_name_paths(dataset: Path, tmp_path: Path) -> None:

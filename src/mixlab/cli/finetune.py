@@ -6,16 +6,22 @@ import argparse
 import os
 import signal
 import sys
-from typing import Any
 
 from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, resume_arg, user_path
 from mixlab.errors import UsageError
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
-    from mixlab.cli.train import flag_settings
+    from mixlab.cli.train import flag_errors
     from mixlab.train.checkpoints import init_config
-    from mixlab.train.finetune import check_fits, eval_line, finetune, load_finetune_config, resolve_tokenizer
+    from mixlab.train.finetune import (
+        FinetuneConfig,
+        check_fits,
+        eval_line,
+        finetune,
+        load_finetune_config,
+        resolve_tokenizer,
+    )
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run folder
         raise UsageError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
@@ -42,13 +48,11 @@ def _run(args: argparse.Namespace, task: str) -> int:
         raise UsageError("--merge merges LoRA adapters: it needs --lora-rank R (full fine-tuning writes hf/ anyway)")
     if args.lora_rank:  # a LoRA run writes its adapter; plain merged weights only with --merge
         over["export_hf"] = bool(args.merge)
-    def settings(path: str | None) -> Any:  # with --seq-len and --tokenizer against the model, before the data is read
-        cfg = load_finetune_config(path, **over)
-        if cfg.model:
-            check_fits(cfg, init_config(cfg.model), resolve_tokenizer(cfg)[0])
-        return cfg
+    def fits(cfg: FinetuneConfig) -> None:  # --seq-len and --tokenizer against the model, before the data is read
+        check_fits(cfg, init_config(cfg.model), resolve_tokenizer(cfg)[0])
 
-    cfg = flag_settings(settings, args)
+    with flag_errors(args):
+        cfg = load_finetune_config(args.config, then=fits, **over)
     result = finetune(cfg, resume=resume_arg(args))
     if result.stopped_by is not None:
         print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint saved; "

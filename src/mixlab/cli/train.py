@@ -10,8 +10,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from mixlab.cli import (
     _parse,
@@ -26,8 +27,6 @@ from mixlab.cli import (
     user_path,
 )
 from mixlab.errors import ConfigError, UsageError
-
-T = TypeVar("T")
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -77,39 +76,28 @@ def _overrides(args: argparse.Namespace) -> dict:
     return over
 
 
-def flag_settings(make: Callable[[str | None], T], args: argparse.Namespace) -> T:
-    """`make(args.config)`: the run's settings from the config file and the flags (load_train_config's or
-    load_finetune_config's, with any check that needs more than the settings). A ConfigError is the command
-    line's, a usage error (exit 2) naming the flag as argparse's own do ("fine-tuning setting 'beta' (--beta)
-    must be > 0, got 0.0"), where the setting it names was given as a flag (over a file's `lora_rank`,
-    `--lora-alpha 0`), or where the flags alone, without the file, raise it too; else it is the file's,
-    named with it (exit 1: "run.toml: ...", as load_settings names a bad value of the file's)."""
+@contextmanager
+def flag_errors(args: argparse.Namespace) -> Iterator[None]:
+    """A ConfigError of the run's settings (load_train_config's or load_finetune_config's, with the checks
+    the command adds) as the command line's: a usage error (exit 2) naming the flags given ("fine-tuning
+    setting 'beta' (--beta) must be > 0, got 0.0", "--set dim=32: model_overrides: ..."), unless
+    load_settings named the config file, which set the setting (exit 1: "run.toml: ...")."""
     try:
-        return make(args.config)
+        yield
     except UsageError:
         raise
     except ConfigError as e:
-        path = args.config
-        message = str(e).removeprefix(f"{path}: ") if path is not None else str(e)
-        named = re.match(r".*?setting '(\w+)'", message)
-        flag = getattr(args, named[1], None) if named else None  # None, or False: not given
-        if path is not None and (flag is None or flag is False):
-            try:
-                make(None)
-            except Exception as alone:  # (the file's `model`: a missing one, read now)
-                flags = str(alone) == message
-            else:
-                flags = False
-            if not flags:
-                raise ConfigError(f"{path}: {message}") from None
-        raise UsageError(_flags_named(message, args)) from None
+        if args.config is not None and str(e).startswith(f"{args.config}: "):
+            raise
+        raise UsageError(_flags_named(str(e), args)) from None
 
 
 def _flags_named(message: str, args: argparse.Namespace) -> str:
-    """A settings error of the flags' with the flags named: `setting 'lora_alpha'` by --lora-alpha, a model
-    field's (`model_overrides: ...`, `config field 'dim' ...`) by the --set items."""
+    """A settings error of the flags' with the flags given named: `setting 'lora_alpha'` by --lora-alpha, a
+    model field's (`model_overrides: ...`, `config field 'dim' ...`) by the --set items."""
     def flag(m: re.Match[str]) -> str:
-        return f"{m[0]} (--{m[1].replace('_', '-')})" if m[1] in vars(args) else m[0]
+        v = getattr(args, m[1], None)  # None, or a switch's False: not given
+        return m[0] if v is None or v is False else f"{m[0]} (--{m[1].replace('_', '-')})"
 
     message = re.sub(r"setting '(\w+)'(?! \(--)", flag, message)
     if getattr(args, "set", None) and message.startswith(("model_overrides", "config field")):
@@ -132,19 +120,18 @@ def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
 
 def train_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.data import TokenDataset
-    from mixlab.train.loop import build_model_config, eval_line, load_train_config, train
+    from mixlab.train.loop import TrainConfig, build_model_config, eval_line, load_train_config, train
 
-    def settings(path: str | None) -> Any:  # with the model config train builds: --set against --init-from, ...
-        cfg = load_train_config(path, **_overrides(args))
+    def model_config(cfg: TrainConfig) -> None:  # the one train builds: --set against --init-from, ...
         if cfg.data:
             build_model_config(cfg, TokenDataset(cfg.data))
-        return cfg
 
     if args.ep is not None:  # before the dataset is read, as generate's
         from mixlab.parallel.mesh import check_ep
 
         check_ep(args.ep)
-    cfg = flag_settings(settings, args)
+    with flag_errors(args):
+        cfg = load_train_config(args.config, then=model_config, **_overrides(args))
     if not cfg.data:
         raise UsageError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
     par = _parallel(args, cfg.device, cfg.compile)

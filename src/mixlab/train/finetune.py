@@ -124,9 +124,12 @@ RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf",
             "tensorboard", "device", "threads"}
 
 
-def load_finetune_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
-    """A `FinetuneConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
-    return load_settings(FinetuneConfig, path, overrides, what="fine-tuning", check=check_finetune_config)
+def load_finetune_config(path: str | Path | None = None, *,
+                         then: Callable[[FinetuneConfig], object] | None = None, **overrides: Any) -> FinetuneConfig:
+    """A `FinetuneConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset),
+    checked (`check_finetune_config`, then `then`: `mixlab sft`'s model checks) as `load_settings` has it."""
+    return load_settings(FinetuneConfig, path, overrides, what="fine-tuning", check=check_finetune_config,
+                         then=then)
 
 
 def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:

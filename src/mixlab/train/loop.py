@@ -122,9 +122,11 @@ RUN_ONLY = {"data", "out", "eval_every", "eval_windows", "ckpt_every", "keep", "
             "tensorboard", "compile", "activation_checkpointing", "device", "moe_impl", "threads", "skip_nonfinite"}
 
 
-def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """A `TrainConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset)."""
-    return load_settings(TrainConfig, path, overrides, what="training", check=check_train_config)
+def load_train_config(path: str | Path | None = None, *, then: Callable[[TrainConfig], object] | None = None,
+                      **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset),
+    checked (`check_train_config`, then `then`: `mixlab train`'s model config) as `load_settings` has it."""
+    return load_settings(TrainConfig, path, overrides, what="training", check=check_train_config, then=then)
 
 
 def check_train_config(cfg: TrainConfig) -> TrainConfig:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -92,10 +93,11 @@ POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps")
 LARGEST = 2**63 - 1  # an integer setting's largest value (an int64: the seed, the step counters)
 
 
-def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, Any], *, what: str) -> T:
+def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, Any], *,
+                  what: str) -> tuple[T, set[str]]:
     """A `cls` dataclass from a JSON or TOML file (keys = field names), then `overrides` (None =
-    unset; a table is merged into the file's, key by key); `what` ("training", "fine-tuning")
-    names the settings in errors."""
+    unset; a table is merged into the file's, key by key), and the settings the file set that no
+    override replaced; `what` ("training", "fine-tuning") names the settings in errors."""
     d: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -108,6 +110,7 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             raise ConfigError(f"{p}: not valid {'TOML' if suffix_of(p) == '.toml' else 'JSON'} ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: expected a table / object of {what} settings")
+    from_file = set(d) - {k for k, v in overrides.items() if v is not None}
     for k, v in overrides.items():
         if v is not None:  # a table (model_overrides) is merged field by field: `--set` keeps the file's others
             d[k] = _merged(d[k], v) if isinstance(d.get(k), dict) and isinstance(v, dict) else v
@@ -124,32 +127,29 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             d[k] = os.path.expanduser(d[k])
     if isinstance(d.get("dtype"), str):  # `dtype = "bf16"`, as --dtype bf16 takes it
         d["dtype"] = full_name(d["dtype"])
-    return paths_as_text(cls(**d))
+    return paths_as_text(cls(**d)), from_file
 
 
 def load_settings(cls: type[T], path: str | Path | None, overrides: dict[str, Any], *, what: str,
-                  check: Callable[[T], T]) -> T:
-    """`check(read_settings(...))`, a bad value of the file's named with the file (`run.toml: training
-    setting 'lr' must be ...`; exit 1 from the command, where the same value as a flag, refused by the
-    flag's type, is a usage error). The error is the file's where the file alone raises it too, or the
-    overrides alone (over the defaults) raise nothing."""
-    cfg = read_settings(cls, path, overrides, what=what)  # its own errors name the file where they are its
+                  check: Callable[[T], T], then: Callable[[T], object] | None = None) -> T:
+    """`check(cfg)` of the settings `read_settings` reads, then `then(cfg)` (a caller's further check:
+    the commands' of the model they will build). A ConfigError on a setting the file set, that no
+    override replaced, is named with the file (`run.toml: training setting 'lr' must be ...`; exit 1
+    from the command); one on an override's, a default's or none is left as it is (the command line's:
+    cli/train.py's `flag_errors` names the flag, exit 2). The setting is the one the message names as
+    `... setting 'lr' ...`, else its first word (`seq_len 1000 is beyond ...`, `model_overrides: ...`);
+    a model field's (`config field 'dim' ...`) is model_overrides'."""
+    cfg, from_file = read_settings(cls, path, overrides, what=what)  # its own errors name the file
     try:
-        return check(cfg)
+        cfg = check(cfg)
+        if then is not None:
+            then(cfg)
+        return cfg
     except ConfigError as e:
-        if path is not None and (_raised(check, read_settings(cls, path, {}, what=what)) == str(e)
-                                 or _raised(check, read_settings(cls, None, overrides, what=what)) is None):
+        m = re.match(r"[\w-]+ setting '(\w+)'|(config field)|(\w+)", str(e))
+        if m and (m[1] or m[3] or "model_overrides") in from_file:
             raise ConfigError(f"{path}: {e}") from None
         raise
-
-
-def _raised(check: Callable[[T], T], cfg: T) -> str | None:
-    """The message of the ConfigError `check(cfg)` raises, else None."""
-    try:
-        check(cfg)
-    except ConfigError as e:
-        return str(e)
-    return None
 
 
 def paths_as_text(cfg: T) -> T:
