@@ -21,7 +21,7 @@ regex = pytest.importorskip("regex")
 jsonschema = pytest.importorskip("jsonschema")
 
 from conftest import hf_mixtral, hf_tokenizer_json  # noqa: E402
-from mixlab import load_model, load_tokenizer, save_model  # noqa: E402
+from mixlab import generate_stream, load_model, load_tokenizer, save_model  # noqa: E402
 from mixlab.cli import main  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.engine import Engine, SamplingParams, Structured  # noqa: E402
@@ -274,19 +274,21 @@ def test_gbnf_unicode_escapes_are_the_characters_they_name(byte_model: tuple[Tra
 def test_a_grammar_past_llguidance_s_limits_ends_its_output_there_with_a_warning(
         byte_model: tuple[Transformer, Any]) -> None:
     """A 10,000-property schema compiles, then its parser meets llguidance's row limit at `{` (a token its mask
-    allowed): the output ends there, "stop", as vLLM's llguidance backend ends it (EOS alone once the matcher
-    fails), with a one-line warning naming the limit (it was a page of parser state, then a failed request);
-    the others go on."""
+    allowed): the output ends before it, "stop", as vLLM's llguidance backend ends it (EOS alone once the
+    matcher fails), with a one-line warning naming the limit (it was a page of parser state, then a failed
+    request); the others go on. The `{` it could not take is not part of the output (it was)."""
     model, tok = byte_model
     engine = Engine(model, tok, max_batch=2)
     bad = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5, structured=Structured("json_schema", HUGE)))
     good = engine.submit(tok.encode("x"), SamplingParams(max_tokens=5))
     with pytest.warns(RuntimeWarning, match=r"^request 'req-0': structured output: .*max is 2000.*; the output ends "
-                                            r"at its token 1 \(finish_reason 'stop'\)$") as caught:
+                                            r"before its token 1, which it could not take \(finish_reason 'stop'\)$"
+                      ) as caught:
         engine.run_until_idle()
     assert "\n" not in str(caught[0].message)
     outs = bad.poll()
-    assert "".join(o.text for o in outs) == "{" and outs[-1].finish_reason == "stop" and outs[-1].error is None
+    assert [(o.token_id, o.text, o.finish_reason, o.completion_tokens, o.error) for o in outs] == [
+        (None, "", "stop", 0, None)]
     assert good.poll()[-1].finish_reason == "length"
 
 
@@ -320,6 +322,8 @@ def ascii_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Transformer, 
 # constraints whose output reaches a character no token of `_ascii_tokenizer` spells: (spec, what comes first)
 UNSPELLABLE = [(Structured("regex", "ab[éè]"), "ab"), (Structured("grammar", 'start: "a" "é"'), "a"),
                (Structured("choice", ["aé", "bé"]), None)]
+# llguidance's mask after `{"k":"` allows `"` (it cannot force bytes no token spells), which its parser refuses
+REFUSING = {"type": "object", "properties": {"k": {"const": "é"}}, "required": ["k"]}
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -352,15 +356,28 @@ def test_a_constraint_no_token_can_continue_ends_the_output_with_a_warning(
     assert plain.poll()[-1].finish_reason == "length"
 
 
-def test_a_token_llguidance_allows_then_refuses_ends_the_output(ascii_model: tuple[Transformer, Any, Any]) -> None:
+@pytest.mark.parametrize("extra", [{}, {"logprobs": 1, "stop": ["zz"]}, {"return_experts": True}])
+def test_a_token_llguidance_allows_then_refuses_ends_the_output_before_it(
+        ascii_model: tuple[Transformer, Any, Any], extra: dict[str, Any]) -> None:
     """`{"k": "é"}`: llguidance's mask after `{"k":"` allows `"` (it cannot force bytes no token spells), then
-    its parser refuses it ("the constraint failed at token 5", an error). The output ends with it, "stop"."""
+    its parser refuses it ("the constraint failed at token 5", an error). The output ends before it, "stop":
+    the refused `"` was kept (`{"k":""`, a token, its logprob and its count too many). A last output without a
+    token ends it, with the text held back for a stop string; the tokens, counts, logprobs and experts are
+    those of the six tokens the constraint took."""
     model, tok, _ = ascii_model
-    schema = {"type": "object", "properties": {"k": {"const": "é"}}, "required": ["k"]}
-    with pytest.warns(RuntimeWarning, match="structured output: Parser Error: token .* doesn't satisfy the grammar"):
-        ids, text, outs = _run(Engine(model, tok), tok.encode("x"),
-                               SamplingParams(max_tokens=20, structured=Structured("json_schema", schema)))
-    assert text == '{"k":""' and outs[-1].finish_reason == "stop" and outs[-1].error is None
+    with pytest.warns(RuntimeWarning, match=r"structured output: Parser Error: token .* doesn't satisfy the grammar"
+                                            r".*; the output ends before its token 7, which it could not take"):
+        ids, text, outs = _run(Engine(model, tok), tok.encode("x"), SamplingParams(
+            max_tokens=20, structured=Structured("json_schema", REFUSING), **extra))
+    assert text == '{"k":"' and ids == tok.encode('{"k":"', bos=False), (text, ids)
+    *took, last = outs
+    assert (last.token_id, last.logprob, last.finish_reason, last.error, last.completion_tokens) == (
+        None, None, "stop", None, 6), last
+    assert last.stop_reason.startswith("structured output failed: Parser Error: token "), last
+    assert [o.completion_tokens for o in took] == [1, 2, 3, 4, 5, 6]
+    assert last.text == ('"' if "stop" in extra else "")  # the last character, held back while "zz" might begin
+    assert all((o.logprob is not None and math.isfinite(o.logprob)) == ("logprobs" in extra) for o in took), took
+    assert all((o.experts is not None) == ("return_experts" in extra) for o in took) and last.experts is None
 
 
 def test_a_constraint_no_token_can_begin_is_refused_up_front(ascii_model: tuple[Transformer, Any, Any]) -> None:
@@ -458,6 +475,32 @@ def test_generate_prints_a_failing_constraint_s_output_and_warns(ascii_model: tu
     assert err.startswith("mixlab generate: error: --regex: no token of the vocabulary spells what the constraint "
                           "needs next (NoExtensionBias) at the start of the output"), err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("schema,printed", [(REFUSING, '{"k":"'), (HUGE, "")])
+def test_generate_prints_the_tokens_a_constraint_took_before_one_it_refused(
+        schema: dict[str, Any], printed: str, ascii_model: tuple[Transformer, Any, Any], tmp_path: Any,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token llguidance's mask allowed and its parser then refused (`"` where `é` must come) is dropped: the
+    text held back for --stop comes without a token, and generate and chat print it (they printed the refused
+    `"` too); refused at the first token (a schema past llguidance's limits), nothing is printed (generate's
+    AssertionError once the refused `{` was dropped: no step came)."""
+    model, tok, path = ascii_model
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    assert main(["generate", "--model", str(path), "--prompt", "x", "--max-new-tokens", "10", "--json-schema",
+                 str(tmp_path / "s.json"), "--stop", "zz"]) == 0
+    out, err = capsys.readouterr()
+    assert out == printed + "\n" and "which it could not take (finish_reason 'stop')" in err, (out, err)
+    assert f"decode: {max(len(printed) - 1, 0)} tokens" in err, err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--model", str(path), "--max-new-tokens", "10", "--json-schema", str(tmp_path / "s.json"),
+                 "--stop", "zz", "--quiet"]) == 0
+    assert capsys.readouterr().out == printed + "\n"
+    with pytest.warns(RuntimeWarning, match="which it could not take"):
+        steps = list(generate_stream(model, [tok.encode("x")], max_new_tokens=10, tokenizer=tok, stop=["zz"],
+                                     structured=Structured("json_schema", schema)))
+    assert [s.tokens[0] for s in steps] == ([*tok.encode(printed, bos=False), None] if printed else [])
+    assert "".join(s.text[0] for s in steps if s.text) == printed
 
 
 def test_the_cli_s_bad_constraints_are_one_line_naming_the_flag(tmp_path: Any, capsys: pytest.CaptureFixture[str],
@@ -598,28 +641,37 @@ def test_the_server_ends_a_failing_constraint_s_output_with_stop(ascii_server: s
     """A constraint that fails mid-output (no token spells `é`; a token llguidance allows, then refuses) was a
     500 ("generation failed: structured output: NoExtensionBias"), or an error event in the stream: the choice
     now ends with what came before and finish_reason "stop", as vLLM's, through the openai client; its
-    stop_reason (mixlab's string where vLLM's has only stop strings and tokens) tells it from a finished output."""
+    stop_reason (mixlab's string where vLLM's has only stop strings and tokens) tells it from a finished output.
+    A token the constraint refused is not part of it (`{"k":""` was): one logprob per token counted in the usage
+    (the EOS that ends an unspellable constraint's output included), the same through /v1/responses."""
     client = openai.OpenAI(base_url=ascii_server + "/v1", api_key="unused", max_retries=0, timeout=60)
-    schema = {"type": "object", "properties": {"k": {"const": "é"}}, "required": ["k"]}
-    rf = {"type": "json_schema", "json_schema": {"name": "k", "schema": schema}}
+    rf = {"type": "json_schema", "json_schema": {"name": "k", "schema": REFUSING}}
     unspellable = "structured output failed: no token of the vocabulary spells what the constraint needs next " \
         "(NoExtensionBias)"
+    usage = {"stream_options": {"include_usage": True}} if stream else {}
     for kind, extra, expected, why in (
             ("completion", {"guided_regex": "ab[éè]"}, "ab", unspellable),
             ("completion", {"guided_grammar": 'start: "a" "é"'}, "a", unspellable),
-            ("chat", {"response_format": rf}, '{"k":""', "structured output failed: Parser Error: token ")):
+            ("chat", {"response_format": rf}, '{"k":"', "structured output failed: Parser Error: token ")):
         if kind == "chat":
             made = client.chat.completions.create(model=NAME, messages=U, max_tokens=20, temperature=0, stream=stream,
-                                                  **extra)
+                                                  logprobs=True, **usage, **extra)
         else:
             made = client.completions.create(model=NAME, prompt="x", max_tokens=8, temperature=0, stream=stream,
-                                             extra_body=extra)
+                                             logprobs=0, **usage, extra_body=extra)
         chunks = list(made) if stream else [made]
         choices = [c.choices[0] for c in chunks if c.choices]
         text = "".join((ch.delta.content or "") if stream and kind == "chat" else
                        ch.message.content if kind == "chat" else ch.text for ch in choices)
         assert text == expected and [ch.finish_reason for ch in choices if ch.finish_reason] == ["stop"], (kind, extra)
         assert choices[-1].model_extra["stop_reason"].startswith(why), (kind, extra, choices[-1])
+        lps = [t for ch in choices if ch.logprobs for t in (
+            [c.token for c in ch.logprobs.content or []] if kind == "chat" else ch.logprobs.tokens or [])]
+        assert "".join(lps) == expected and len(lps) == chunks[-1].usage.completion_tokens, (kind, lps)
+    r = client.responses.create(model=NAME, input="x", max_output_tokens=20, temperature=0, stream=stream,
+                                text={"format": {"type": "json_schema", "name": "k", "schema": REFUSING}})
+    done = [e.response for e in r if e.type == "response.completed"][0] if stream else r
+    assert (done.status, done.output_text, done.usage.output_tokens) == ("completed", '{"k":"', 6), done
     # a constraint that completes is a finished output: no stop_reason
     done = client.completions.create(model=NAME, prompt="x", max_tokens=8, temperature=0,
                                      extra_body={"guided_regex": "ab"}).choices[0]

@@ -48,7 +48,8 @@ class Step:
     step comes one forward pass later, and the last runs once more for them). With a tokenizer (and
     without `cache=`), `text`: the text each token completes, as the engine streams it: a stop string
     and what follows it in its token are left out (OpenAI's convention, the server's), text that may
-    begin one held until it cannot."""
+    begin one held until it cannot; the text still held when a structured output ends before a token
+    its constraint refused comes with no token (None)."""
 
     tokens: list[int | None]
     experts_BLK: torch.Tensor | None = None
@@ -358,7 +359,7 @@ def _regroup(engine: Engine, handles: list[Handle], params: SamplingParams, mode
                 for out in h.poll():
                     if out.finish_reason == "error":  # this prompt's own failure (NaN logits, say)
                         raise GenerationError(f"generation failed: {out.error}")
-                    if out.token_id is not None:
+                    if out.token_id is not None or out.text:  # (a last output without a token: held text)
                         pending[b].append(out)
                     ended[b] = ended[b] or out.finish_reason is not None
         if not any(pending):

@@ -278,12 +278,12 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
     try:
         for step in steps:
             first = first or time.perf_counter()
+            # the engine's text: it ends before a --stop string (with no token: what a refused token left held)
+            sys.stdout.write(step.text[0] if step.text else "")
+            sys.stdout.flush()
             if step.tokens[0] is None:
                 break
             n += 1
-            assert step.text is not None  # the engine's text: it ends before a --stop string
-            sys.stdout.write(step.text[0])
-            sys.stdout.flush()
     except BaseException:  # Ctrl-C, a failed step: the text so far ends its line, before main's word on stderr
         if n:
             sys.stdout.write("\n")
@@ -291,14 +291,14 @@ def _generate(args: argparse.Namespace, model: Any, tok: Tokenizer,
         raise
     sys.stdout.write("\n")
     end = time.perf_counter()
-    assert first is not None
+    first = first or end  # no step: a constraint that could not take the first token
     # The first new token costs a prefill; the rest are decode steps. --truncate kept the prompt's
     # last `room` tokens (generate_stream's rule): those are what the prefill ran.
     room = model.config.max_seq_len - args.max_new_tokens
     kept = f" (the last of {len(ids)}: --truncate)" if len(ids) > room else ""
     if not args.quiet:
-        print(f"prompt: {_speed(min(len(ids), room), first - start)}{kept}; decode: {_speed(n - 1, end - first)}",
-              file=sys.stderr)
+        print(f"prompt: {_speed(min(len(ids), room), first - start)}{kept}; "
+              f"decode: {_speed(max(n - 1, 0), end - first)}", file=sys.stderr)
     print_stats(args, model)
     return 0
 
@@ -374,14 +374,14 @@ def chat(args: argparse.Namespace) -> int:
             # the reply decoded alone (its first word without the leading space), --stop matched on that text
             for step in generate_stream(model, [ids], engine=engine, decode_alone=True,
                                         **{**_sampling(args, tok), "seed": seed}):
-                if step.tokens[0] is None:
-                    break
-                n += step.tokens[0] != tok.eos_id
-                assert step.text is not None  # the engine's text: nothing from a --stop string on
-                delta = step.text[0]
+                # the engine's text: nothing from a --stop string on (with no token: what a refused token left held)
+                delta = step.text[0] if step.text else ""
                 shown.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()
+                if step.tokens[0] is None:
+                    break
+                n += step.tokens[0] != tok.eos_id
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")

@@ -4,7 +4,9 @@
 A request streams one `RequestOutput` per generated token. The output that carries a
 `finish_reason` is the last one: for "stop" and "length" it is the last token's own output (its
 `text` includes whatever the stream decoder still held back); for "cancelled" and "error" it is an
-extra output with `token_id=None`. Stop tokens (EOS, `stop_token_ids`) are reported as tokens but
+extra output with `token_id=None`, as it is for the "stop" of a structured output whose constraint
+refused the token sampled (`Matcher.advance`: that token is dropped; the output's `text` is what was
+held back). Stop tokens (EOS, `stop_token_ids`) are reported as tokens but
 add no text; a stop string ends the text just before it (OpenAI's convention), and text that could
 still become a stop string is held back until it cannot.
 """

@@ -586,24 +586,30 @@ class Engine:
                              bias_1V=bias_1V, generator=seq.generator)
         if self.sync_token is not None:
             tok = self.sync_token(tok)
-        seq.out.append(tok)
-        self._stats["tokens_out"] += 1
-        complete = seq.matcher is not None and seq.matcher.advance(tok)  # nothing more may follow
+        refused = seq.matcher is not None and not seq.matcher.advance(tok)  # the output ends before it
+        if not refused:
+            seq.out.append(tok)
+            self._stats["tokens_out"] += 1
+        complete = seq.matcher is not None and seq.matcher.complete  # nothing more may follow
         if complete and seq.matcher is not None and seq.matcher.failed:  # the output ends here, "stop" (as vLLM)
-            warnings.warn(f"request {seq.rid!r}: structured output: {seq.matcher.failed}; the output ends at its "
-                          f"token {len(seq.out)} (finish_reason 'stop')", RuntimeWarning, stacklevel=2)
+            n = len(seq.out)
+            where = f"before its token {n + 1}, which it could not take" if refused else f"at its token {n}"
+            warnings.warn(f"request {seq.rid!r}: structured output: {seq.matcher.failed}; the output ends {where} "
+                          "(finish_reason 'stop')", RuntimeWarning, stacklevel=2)
         if seq.seen_1V is not None:
             seq.seen_1V[0, tok] = True
         if seq.counts_1V is not None:
             seq.counts_1V[0, tok] += 1
         logprob, top = None, None
-        if p.logprobs is not None:
+        if p.logprobs is not None and not refused:
             lp_V = torch.log_softmax(logits_1V[0], dim=-1)
             logprob = float(lp_V[tok])
             top = top_logprobs(lp_V, p.logprobs) if p.logprobs > 0 else []
         finish, text = None, ""
         stop_reason: int | str | None = None  # vLLM's (see RequestOutput)
-        if tok in seq.stop_ids:
+        if refused:  # a last output without a token: the text the accepted tokens' decoder held back
+            finish, text = "stop", self._flush_text(seq)
+        elif tok in seq.stop_ids:
             finish = "stop"
             text = self._flush_text(seq)
             # vLLM's stop_reason: the stop token id that ended it; None for EOS (checked first, as vLLM does)
@@ -624,8 +630,8 @@ class Engine:
                 text += self._flush_text(seq)
         if complete and seq.matcher is not None and seq.matcher.failed:
             stop_reason = f"structured output failed: {seq.matcher.failed}"  # mixlab's, not vLLM's
-        out = RequestOutput(seq.rid, tok, text, logprob, top, None, finish, len(seq.prompt), len(seq.out),
-                            seq.cached_tokens, seq.prompt_lp if seq.first else None,
+        out = RequestOutput(seq.rid, None if refused else tok, text, logprob, top, None, finish, len(seq.prompt),
+                            len(seq.out), seq.cached_tokens, seq.prompt_lp if seq.first else None,
                             prompt_top_logprobs=seq.prompt_top if seq.first else None, stop_reason=stop_reason)
         seq.first = False
         if p.return_experts:
@@ -633,9 +639,10 @@ class Engine:
             # complete that token's output. This token's come with the next step; a finished request
             # runs its last token once more for them (`routing_only`), its cache slot still held.
             self._give_held(seq, experts_LK)
-            seq.held = out
-            seq.routing_only = finish is not None
-            return
+            if not refused:
+                seq.held = out
+                seq.routing_only = finish is not None
+                return
         if finish is not None:
             self._release(seq)
         self._outbox.append((seq.handle, out))

@@ -10,9 +10,10 @@ sees the vocabulary through `lltokenizer`: the bytes of each of mixlab's token p
 A constraint can fail in the middle of an output: no token of the vocabulary spells what must come next
 (a tokenizer without byte fallback), a parser limit of llguidance's is reached, llguidance refuses a token
 its own mask allowed. The output then ends there, as in vLLM (whose llguidance backend masks all but EOS
-once the matcher fails, and logs the reason): llguidance's mask in that state allows EOS alone, `advance`
-says the output is complete, and `Matcher.failed` tells why (the engine warns; the finish reason is
-"stop"). A constraint that fails before its first token is refused by `Structured.prepare`, as invalid.
+once the matcher fails, and logs the reason): llguidance's mask in that state allows EOS alone, which ends
+the output; a token the parser refused (`advance` is False) is dropped, so the output ends with the last
+token the constraint accepted. `Matcher.failed` tells why (the engine warns; the finish reason is "stop").
+A constraint that fails before its first token is refused by `Structured.prepare`, as invalid.
 
 Shape legend: V vocabulary.
 """
@@ -255,10 +256,16 @@ class Matcher:
         return torch.where(self.allowed().to(logits_1V.device), logits_1V, -torch.inf)
 
     def advance(self, token: int) -> bool:
-        """Consume the chosen token; whether the output is complete: nothing more may follow, or the
-        constraint has `failed` (at this token, which llguidance's mask allowed but its parser refused, or
-        at the mask that allowed EOS alone)."""
-        return not self.m.consume_token(token) or bool(self.m.is_stopped())
+        """Consume the chosen token; False where the constraint refused it: llguidance's parser refused a
+        token its mask allowed, or reached one of its limits at it. The constraint has then `failed`, and
+        the output ends before that token. (The EOS a failed constraint's mask allows alone is taken.)"""
+        was_failed = self.m.is_error()
+        return bool(self.m.consume_token(token)) or was_failed
+
+    @property
+    def complete(self) -> bool:
+        """Whether nothing more may follow: the output is complete, or the constraint has `failed`."""
+        return bool(self.m.is_stopped())
 
     @property
     def ending(self) -> bool:
