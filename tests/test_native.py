@@ -311,6 +311,19 @@ def test_greedy_step_decodes_an_unprepared_model_natively(monkeypatch):
     assert len(calls) == 5 and torch.is_grad_enabled() and model.native_decoder is None
 
 
+def test_a_model_made_under_inference_mode_decodes():
+    """A model built (or loaded) inside `torch.inference_mode()` holds inference tensors, which keep no
+    version counter: `shared_decoder`'s check of each parameter's version raised "Inference tensors do
+    not track version counter" from every `generate` call. Its tokens now equal those of the same
+    weights made outside inference mode, one sequence (the lone-token native step) and several."""
+    reference = _model()
+    with torch.inference_mode():
+        model = copy.deepcopy(reference)
+    assert model.output.weight.is_inference()
+    for prompts in ([[5, 6, 7]], [[5, 6, 7], [9, 3]]):
+        assert generate(model, prompts, max_new_tokens=6) == generate(reference, prompts, max_new_tokens=6)
+
+
 def test_batches_fall_back_to_pytorch():
     model = _model()
     reference = copy.deepcopy(model)

@@ -510,11 +510,13 @@ def shared_decoder(model: Transformer) -> NativeDecoder | None:
     the weights don't allow one. Rebuilt when a parameter was replaced or changed in place (the
     model can still be trained: the decoder reads its tensors, but holds float32 copies of the
     small bf16 norm and router vectors). Checking costs ~0.1 ms (every parameter's address and
-    version): callers check when a batch starts, not every step."""
+    version): callers check when a batch starts, not every step. A model made under
+    `torch.inference_mode()` holds inference tensors, which keep no version: only their
+    replacement is seen."""
     lib = native.library() if model.tok_embeddings.weight.device.type == "cpu" else None
     if lib is None:
         return None
-    key = [(p.data_ptr(), p._version) for p in model.parameters()]
+    key = [(p.data_ptr(), -1 if p.is_inference() else p._version) for p in model.parameters()]
     with _SHARED_LOCK:
         held = _SHARED.get(model)
         if held is not None and held[0] == key:
