@@ -1831,7 +1831,9 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .body")[-1].text == "Again."
                        and d.find_element(By.ID, "regenerate").is_enabled())
             driver.execute_script("window.fetch = window.realFetch")
-            asked = json.loads(driver.execute_script("return sent[0]"))["messages"]
+            asked = json.loads(driver.execute_script("return sent[0]"))
+            assert asked["model"] == NAME
+            asked = asked["messages"]
             assert asked == [{"role": "system", "content": "Be brief."}] + [
                 {"role": m["role"], "content": m["content"]} for m in before[0][:5]]
             assert driver.execute_script("return messages.map(m => m.content)") == [
@@ -1918,7 +1920,8 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
                     "  return set.call(this, k, v); }; saveChat(); Storage.prototype.setItem = set;"
                     "return JSON.parse(localStorage.getItem('mixlab.chat'))")
             assert driver.execute_script(full, '"tokens"') == {"version": 1, "messages": [
-                {"role": m["role"], "content": m["content"]} for m in kept]}
+                {k: m[k] for k in ("role", "content", "model") if k in m} for m in kept]}
+            assert kept[1]["model"] == NAME
             assert driver.execute_script(full, '"messages"') is None
             del engine.runner.forward  # full speed again
             # Temperature and Max tokens left empty are left out (the server's defaults); they were sent as 0:
@@ -2225,7 +2228,10 @@ def test_chat_page_follows_a_server_restarted_with_another_model(server: str) ->
 
     with _browser() as driver:
         _page(driver, server + "/")
+        # one model served: no model to choose (the selector is hidden), each reply named all the same
+        assert driver.execute_script("return document.getElementById('choose_model').offsetParent") is None
         served = driver.execute_script("const m = model; model = 'the-model-before'; "
+                                       "document.getElementById('served').options[0].value = 'the-model-before';"
                                        "document.getElementById('model').textContent = 'the-model-before'; return m")
         driver.execute_script("document.getElementById('max_tokens').value = '4';"
                               "document.getElementById('input').value = 'Hello?';"
@@ -2235,6 +2241,9 @@ def test_chat_page_follows_a_server_restarted_with_another_model(server: str) ->
             [served, "assistant", 4]
         assert driver.execute_script("return document.getElementById('model').textContent").startswith(served + " ·")
         assert not driver.execute_script("return document.querySelectorAll('.msg.error').length")
+        assert driver.execute_script("return [messages[1].model, document.querySelector('.msg.assistant .by')"
+                                     ".textContent, document.getElementById('served_note').textContent]") == \
+            [served, served, f"(the-model-before is no longer served: {served} answers)"]
 
 
 @pytest.mark.slow
@@ -2316,7 +2325,7 @@ def test_chat_page_esc_stops_a_reply(server: str) -> None:
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok"))
         driver.find_element(By.ID, "system").send_keys(Keys.ESCAPE)  # the focus elsewhere: still stops it
         wait.until(lambda d: d.execute_script("return !controller"))
-        assert driver.execute_script("return messages[1]") == {"role": "assistant", "content": "Once",
+        assert driver.execute_script("return messages[1]") == {"role": "assistant", "content": "Once", "model": NAME,
                                                                "tokens": [["Once", None]], "stopped": True}
         assert driver.execute_script("return document.activeElement.id") == "input"
 

@@ -23,7 +23,7 @@ from mixlab.checkpoint import merge_adapter  # noqa: E402
 from mixlab.engine import Engine  # noqa: E402
 from mixlab.serve import ServerThread, create_app  # noqa: E402
 from mixlab.train.lora import LoraConfig, apply_lora, save_peft  # noqa: E402
-from test_serve import NAME, _config, _continuation, _serve_cli  # noqa: E402
+from test_serve import NAME, _browser, _config, _continuation, _page, _serve_cli  # noqa: E402
 
 ckpt, model_tok = test_serve.ckpt, test_serve.model_tok  # test_serve's tiny Mixtral and its tokenizer
 
@@ -154,3 +154,73 @@ def test_metrics_count_each_adapters_requests(url: str, client: Any) -> None:
     after = {n: metric(url, f'mixlab_adapter_requests_total{{adapter="{n}"}}') for n in ADAPTERS}
     assert after == {"ad1": before["ad1"], "ad2": before["ad2"] + 2}  # one engine request per choice
     assert metric(url, 'mixlab_adapter_running_requests{adapter="ad1"}') == 0
+
+
+@pytest.mark.slow
+def test_chat_page_picks_a_served_adapter(url: str, client: Any) -> None:
+    """The chat page's Model setting (shown where adapters are served: the page talked to the base alone):
+    a reply streamed under the adapter chosen is the API's under that adapter, greedy, not the base's; each
+    reply is named by its model; the choice is kept across a reload, and one no longer served falls back to
+    the base with a note."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def api(model: str, *turns: str) -> str:  # the reply to these turns (user, assistant, ..., user)
+        messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=12,
+                                              temperature=0).choices[0].message.content
+
+    state = ("return [messages.map(m => [m.content, m.model]), document.getElementById('served').value,"
+             "[...document.querySelectorAll('.msg .by')].map(b => b.textContent),"
+             "document.getElementById('served_note').textContent]")
+    with _browser() as driver:
+        _page(driver, url + "/")
+        wait = WebDriverWait(driver, 60)
+        served = Select(driver.find_element(By.ID, "served"))
+        assert driver.find_element(By.ID, "choose_model").is_displayed()
+        assert [(o.get_attribute("value"), o.text) for o in served.options] == [
+            (NAME, NAME), *((n, f"{n} (LoRA adapter on {NAME})") for n in ADAPTERS)]
+        assert served.first_selected_option.get_attribute("value") == NAME  # the base, until another is chosen
+        for field, value in (("temperature", "0"), ("max_tokens", "12")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "served").send_keys("ad1")  # as a keyboard does it (Select's click: no input event)
+
+        def ask(question: str, replies: int) -> None:
+            driver.find_element(By.ID, "input").send_keys(question + "\n")
+            wait.until(lambda d: d.execute_script("return !controller && messages.length === arguments[0]",
+                                                  2 * replies))
+
+        ask("Name three colours.", 1)
+        first = api("ad1", "Name three colours.")
+        assert first != api(NAME, "Name three colours.")
+        assert driver.execute_script(state) == [[["Name three colours.", None], [first, "ad1"]], "ad1", ["ad1"], ""]
+        _page(driver, url + "/")  # the choice is a setting, the model a reply's: both kept
+        assert driver.execute_script(state) == [[["Name three colours.", None], [first, "ad1"]], "ad1", ["ad1"], ""]
+        # the conversation switches models between turns: the next reply is the base's, to all of it
+        driver.find_element(By.ID, "served").send_keys(NAME)
+        ask("And two more?", 2)
+        second = api(NAME, "Name three colours.", first, "And two more?")
+        assert driver.execute_script(state)[0][2:] == [["And two more?", None], [second, NAME]]
+        assert driver.execute_script(state)[2] == ["ad1", NAME]
+        # a stored choice the server no longer serves (restarted without it): the base, and a note
+        driver.execute_script("const s = JSON.parse(localStorage.getItem('mixlab.settings')); s.served = 'ad9';"
+                              "localStorage.setItem('mixlab.settings', JSON.stringify(s))")
+        _page(driver, url + "/")
+        assert driver.execute_script(state)[1:] == [NAME, ["ad1", NAME], "(ad9 is no longer served: tiny answers)"]
+        assert driver.find_element(By.ID, "temperature").get_attribute("value") == "0"  # the other settings kept
+        # ... or gone between the page's load and a send (the server's 404): the base answers, and says so
+        driver.execute_script("const s = document.getElementById('served'); s.add(new Option('ad9', 'ad9'));"
+                              "s.value = 'ad9'; s.dispatchEvent(new Event('change'))")
+        assert driver.execute_script(state)[3] == ""
+        ask("Three?", 3)
+        shown = driver.execute_script(state)
+        assert shown[0][5] == [api(NAME, "Name three colours.", first, "And two more?", second, "Three?"), NAME]
+        assert shown[1:] == [NAME, ["ad1", NAME, NAME], "(ad9 is no longer served: tiny answers)"]
+        # settings stored by the page before it had a Model setting are read, the base chosen
+        driver.execute_script("const s = JSON.parse(localStorage.getItem('mixlab.settings')); delete s.served;"
+                              "s.max_tokens = '7'; localStorage.setItem('mixlab.settings', JSON.stringify(s))")
+        _page(driver, url + "/")
+        assert driver.find_element(By.ID, "max_tokens").get_attribute("value") == "7"
+        assert driver.execute_script(state)[1:] == [NAME, ["ad1", NAME, NAME], ""]

@@ -5,10 +5,11 @@ const $ = (id) => document.getElementById(id);
 const PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
                  "#d9d9d9", "#bc80bd", "#ccebc5", "#ffed6f"];
 const colourOf = (e) => e < PALETTE.length ? PALETTE[e] : `hsl(${(e * 137.5) % 360}, 70%, 80%)`;
-// messages: the conversation, {role, content}; a reply also keeps its tokens, [text, experts per layer],
+// messages: the conversation, {role, content}; a reply also keeps the model that wrote it (a served LoRA
+// adapter, chosen under Settings, or the base model `model`), its tokens, [text, experts per layer],
 // to be drawn again coloured, and cut: true when it stopped at max tokens, stopped: true when Stop ended it,
 // interrupted: why else it ended early (the page was left while it streamed, the stream was cut off;
-// true from an older page: the page was left) (streaming: that reply's {history, tokens})
+// true from an older page: the page was left) (streaming: that reply's {history, tokens, model})
 let model = null, info = {}, messages = [], controller = null, streaming = null, leaving = false;
 
 // Kept across a reload: the conversation in sessionStorage, this tab's own (two tabs on one server
@@ -16,7 +17,7 @@ let model = null, info = {}, messages = [], controller = null, streaming = null,
 // closed tab's conversation is not lost); the settings in localStorage (this browser, for this server's
 // address); the API key in sessionStorage only (this tab, until it is closed). A stored value that is
 // not what this page writes (corrupt, another version) is ignored.
-const SETTINGS = ["system", "temperature", "max_tokens", "colour", "layer"];
+const SETTINGS = ["system", "temperature", "max_tokens", "colour", "layer", "served"];
 function stored(key, valid, area = "localStorage") {
   try { const v = JSON.parse(window[area].getItem(key)); return v && v.version === 1 && valid(v) ? v : null; }
   catch (e) { return null; }  // not JSON, or storage disabled
@@ -28,12 +29,15 @@ function store(key, value, area = "localStorage") {
 const isExperts = (ex) => ex === null || Array.isArray(ex) && ex.every((k) => Array.isArray(k) && k.every(Number.isInteger));
 const isToken = (t) => Array.isArray(t) && typeof t[0] === "string" && isExperts(t[1]);
 const isMessage = (m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string" &&
+  (m.model === undefined || typeof m.model === "string") &&
   (m.tokens === undefined || Array.isArray(m.tokens) && m.tokens.every(isToken));
-// without the tokens if they do not fit (the text survives, uncoloured); else not at all
+const byModel = (name) => name ? {model: name} : {};  // a reply's field, where its model is known
+// without the tokens if they do not fit (the text and its model survive, uncoloured); else not at all
 function saveChat(list = messages) {
   for (const area of ["sessionStorage", "localStorage"]) {
     if (store("mixlab.chat", {messages: list}, area) ||
-        store("mixlab.chat", {messages: list.map(({role, content}) => ({role, content})) }, area)) continue;
+        store("mixlab.chat", {messages: list.map((m) => ({role: m.role, content: m.content, ...byModel(m.model)}))},
+              area)) continue;
     try { window[area].removeItem("mixlab.chat"); } catch (e) { /* storage disabled */ }  // not an older conversation
   }
 }
@@ -43,10 +47,14 @@ function saveSettings() {
   store("mixlab.settings", s);
 }
 function restore() {
-  const s = stored("mixlab.settings", (v) => SETTINGS.every((id) => typeof v[id] === (id === "colour" ? "boolean" : "string")));
+  // (the model chosen came later: settings an older page stored have none)
+  const s = stored("mixlab.settings", (v) => SETTINGS.every((id) =>
+    typeof v[id] === (id === "colour" ? "boolean" : "string") || id === "served" && v[id] === undefined));
   if (s) {
-    for (const id of SETTINGS) if (id === "colour") $(id).checked = s[id]; else if (id !== "layer") $(id).value = s[id];
+    for (const id of ["system", "temperature", "max_tokens"]) $(id).value = s[id];
+    $("colour").checked = s.colour;
     $("layer").add(new Option(`layer ${s.layer}`, s.layer));  // chosen again once the model's layers are listed
+    if (s.served) $("served").add(new Option(s.served, s.served));  // and once the models served are
   }
   const chat = (v) => Array.isArray(v.messages) && v.messages.every(isMessage);
   const c = stored("mixlab.chat", chat, "sessionStorage") || stored("mixlab.chat", chat);  // this tab's, else the last
@@ -74,12 +82,21 @@ async function loadModel() {
   try {
     const r = await fetch("v1/models", {headers: headers()});
     if (!r.ok) throw new Error(await failure(r));
-    const j = await r.json();
-    model = j.data[0].id; info = j.data[0].mixlab || {};
+    const j = await r.json(), base = j.data.find((m) => !m.parent) || j.data[0];  // the adapters' parent
+    model = base.id; info = base.mixlab || {};
     $("model").textContent = `${model} · ${info.layers || "?"} layers · ${info.experts || 0} experts, top-${info.experts_per_token || 0}`;
     const sel = $("layer"), keep = sel.value; sel.innerHTML = "";
     for (let i = 0; i < (info.layers || 0); i++) sel.add(new Option(`layer ${i}`, String(i)));
     sel.value = keep; if (sel.selectedIndex < 0) sel.selectedIndex = 0;  // entering the key keeps the chosen layer
+    // the models to choose from (--lora-modules), the base first: shown when there are several
+    const served = $("served"), chosen = served.value; served.innerHTML = "";
+    for (const m of [base, ...j.data.filter((m) => m !== base)])
+      served.add(new Option(m.parent ? `${m.id} (LoRA adapter on ${m.parent})` : m.id, m.id));
+    served.value = chosen;
+    const gone = served.selectedIndex < 0 && chosen;  // one this server no longer serves (or none yet): the base
+    if (served.selectedIndex < 0) served.selectedIndex = 0;
+    $("served_note").textContent = gone ? `(${chosen} is no longer served: ${model} answers)` : "";
+    $("choose_model").hidden = j.data.length < 2;
     $("colour").disabled = !info.experts;
     legend(); repaint();
   } catch (e) { $("model").textContent = e instanceof TypeError ? `cannot reach the server (${e.message})` : e.message; }
@@ -97,6 +114,7 @@ function render() {  // the log, drawn from the conversation
   $("log").innerHTML = "";
   for (const m of messages) {
     const body = addMessage(m.role, m.tokens ? "" : m.content);
+    if (m.model) answeredBy(body, m.model);
     for (const [t, ex] of m.tokens || []) addToken(body, t, ex);
     for (const why in NOTES) if (m[why]) note(body, why, m[why]);
   }
@@ -119,6 +137,13 @@ function addMessage(role, text) {
   button.addEventListener("click", () => copy(body, button));
   who.append(button); div.append(who, body); $("log").appendChild(div); $("log").scrollTop = $("log").scrollHeight;
   return body;
+}
+
+function answeredBy(body, name) {  // a reply's model, beside its role: a conversation may switch between turns
+  const who = body.previousElementSibling;
+  let by = who.querySelector(".by");
+  if (!by) { by = document.createElement("span"); by.className = "by"; who.querySelector(".copy").before(by); }
+  by.textContent = name;
 }
 
 // The clipboard needs a secure context (https, or this machine's own address): elsewhere the text is
@@ -183,17 +208,18 @@ async function answer(history, asked) {
   controller = new AbortController(); buttons();
   let reply = "", answered = false, full = false, ended = false, skip = 0;
   const tokens = [];  // [text, experts] as shown, kept with the reply
-  streaming = {history, tokens};
+  const mine = streaming = {history, tokens, model: null};  // the model that writes it, once asked
   try {
     if (model === null) await loadModel();  // not reached when the page loaded: the model's layers and experts first
     let r, reloaded = false;
     for (;;) {  // a conversation that outgrew the context: its oldest exchanges left out, as `mixlab chat` does
-      const req = {model, stream: true, return_experts: !!info.experts,
+      const req = {model: $("served").value || model, stream: true, return_experts: !!info.experts,
                    messages: (system ? [{role: "system", content: system}] : []).concat(
                      history.slice(skip).map(({role, content}) => ({role, content}))),
                    temperature: number("temperature"), max_tokens: number("max_tokens")};
       r = await fetch("v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
                                               signal: controller.signal});
+      mine.model = req.model;
       if (r.status === 404 && !reloaded) {  // the server was restarted with another model: take that one, once
         const j = await r.clone().json().catch(() => null);
         if (j && j.error && j.error.code === "model_not_found") { reloaded = true; await loadModel(); continue; }
@@ -205,6 +231,7 @@ async function answer(history, asked) {
     }
     answered = true;
     if (!r.ok) throw new Error(await failure(r));
+    if (mine.model) answeredBy(body, mine.model);
     if (skip) note(body, "trimmed", skip / 2);
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
@@ -220,6 +247,7 @@ async function answer(history, asked) {
         if (data === "[DONE]") { ended = true; continue; }
         const ev = JSON.parse(data);
         if (ev.error) throw new Error(ev.error.message);
+        if (ev.model && ev.model !== mine.model) answeredBy(body, mine.model = ev.model);  // the server's word
         for (const ch of ev.choices || []) {
           const t = (ch.delta && ch.delta.content) || "";
           const ex = ch.experts && ch.experts.length ? ch.experts[0].experts : null;
@@ -232,8 +260,8 @@ async function answer(history, asked) {
     }
     // a stream cut off (a proxy's timeout) ends without [DONE]: the reply did not finish
     if (!ended) throw new Error("the server closed the stream before the reply ended");
-    history.push({role: "assistant", content: reply || " ", tokens, ...(full ? {cut: true} : {}),
-                  ...(skip ? {trimmed: skip / 2} : {})});
+    history.push({role: "assistant", content: reply || " ", ...byModel(mine.model), tokens,
+                  ...(full ? {cut: true} : {}), ...(skip ? {trimmed: skip / 2} : {})});
     $("status").textContent = "";
   } catch (e) {
     const lost = answered ? "the connection to the server was lost" : "cannot reach the server";
@@ -242,7 +270,8 @@ async function answer(history, asked) {
     // kept as far as it went, and said so
     if (leaving || e.name === "AbortError" || tokens.length) {
       const [why, said] = e.name === "AbortError" && !leaving ? ["stopped", true] : ["interrupted", error];
-      history.push({role: "assistant", content: reply || " ", tokens, [why]: said, ...(skip ? {trimmed: skip / 2} : {})});
+      history.push({role: "assistant", content: reply || " ", ...byModel(mine.model), tokens, [why]: said,
+                    ...(skip ? {trimmed: skip / 2} : {})});
       note(body, why, said);
     }
     else {  // the question leaves the conversation (shown struck out) and goes back into the box, to send again
@@ -306,8 +335,10 @@ addEventListener("pagehide", () => {
   leaving = true;
   if (!streaming || streaming.history !== messages) return;  // none, or "New chat" since
   const {tokens} = streaming, content = tokens.map(([t]) => t).join("") || " ";
-  saveChat(messages.concat([{role: "assistant", content, tokens, interrupted: "the page was left"}]));
+  saveChat(messages.concat([{role: "assistant", content, ...byModel(streaming.model), tokens,
+                             interrupted: "the page was left"}]));
 });
+$("served").addEventListener("change", () => { $("served_note").textContent = ""; });
 $("colour").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
 for (const id of SETTINGS) $(id).addEventListener("input", saveSettings);
