@@ -2029,13 +2029,15 @@ def _page(driver: Any, url: str) -> None:
     WebDriverWait(driver, 60).until(lambda d: "experts" in d.find_element(By.ID, "model").text)
 
 
-def _ask(driver: Any, question: str, *pieces: str, done: bool = True, lost: bool = False) -> None:
+def _ask(driver: Any, question: str, *pieces: str, done: bool = True, lost: bool = False,
+         events: tuple[dict[str, Any], ...] = ()) -> None:
     """Send `question` from the page, its reply streamed as these pieces by the page's own fetch (as a server
-    writes them), then `data: [DONE]` unless not `done`, then a network error if `lost`; wait for its end."""
+    writes them), then these `events`, then `data: [DONE]` unless not `done`, then a network error if `lost`;
+    wait for its end."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    events = "".join("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": p}}]}) + "\n\n"
-                     for p in pieces) + ("data: [DONE]\n\n" if done else "")
+    sent = [{"choices": [{"index": 0, "delta": {"content": p}}]} for p in pieces] + list(events)
+    stream = "".join("data: " + json.dumps(e) + "\n\n" for e in sent) + ("data: [DONE]\n\n" if done else "")
     driver.execute_script(
         "const [events, lost] = arguments, real = window.fetch; let n = 0;"
         "const body = new ReadableStream({pull(c) { if (n++ === 0) c.enqueue(new TextEncoder().encode(events));"
@@ -2044,7 +2046,7 @@ def _ask(driver: Any, question: str, *pieces: str, done: bool = True, lost: bool
         "  {headers: {'Content-Type': 'text/event-stream'}})) : real(u, o);"
         "window.replies = document.querySelectorAll('.msg.assistant').length;"
         "document.getElementById('input').value = arguments[2]; document.getElementById('send').click()",
-        events, lost, question)
+        stream, lost, question)
     WebDriverWait(driver, 30).until(lambda d: d.execute_script(
         "return !controller && document.querySelectorAll('.msg.assistant').length > replies"))
 
@@ -2328,6 +2330,41 @@ def test_chat_page_esc_stops_a_reply(server: str) -> None:
         assert driver.execute_script("return messages[1]") == {"role": "assistant", "content": "Once", "model": NAME,
                                                                "tokens": [["Once", None]], "stopped": True}
         assert driver.execute_script("return document.activeElement.id") == "input"
+
+
+@pytest.mark.slow
+def test_chat_page_shows_the_error_event_that_ends_a_stream(model_tok: tuple[Any, Any]) -> None:
+    # the server ends a streamed reply with an error event (then [DONE]) when generation fails (here the
+    # engine shut down under it): the reply is kept as far as it went, the error's text beside it; an
+    # error before the first token is the reply, and the question goes back into the box
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model, tok = model_tok
+    failed = "generation failed: the engine shut down"
+    notes = "return [...document.querySelectorAll('.msg .note')].map(n => [n.textContent, n.className])"
+    with Engine(model, tok, max_batch=1) as engine, ServerThread(create_app(engine, tok, _config(model))) as url, \
+            _browser() as driver:
+        forward = engine.runner.forward  # each step held up 20 ms: the reply still streams when the engine stops
+        engine.runner.forward = lambda items: (time.sleep(0.02), forward(items))[1]  # type: ignore[method-assign]
+        _page(driver, url + "/")
+        driver.execute_script("document.getElementById('temperature').value = '0';"
+                              "document.getElementById('max_tokens').value = '300';"
+                              "document.getElementById('input').value = 'Tell me a long story.';"
+                              "document.getElementById('send').click()")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.execute_script("return document.querySelectorAll('.msg.assistant .tok').length > 3"))
+        engine.shutdown()
+        wait.until(lambda d: d.execute_script("return !controller"))
+        kept = driver.execute_script("return messages")
+        assert [m["role"] for m in kept] == ["user", "assistant"] and kept[1]["interrupted"] == failed
+        assert kept[1]["content"] == "".join(t for t, _ in kept[1]["tokens"]) and len(kept[1]["tokens"]) > 3
+        assert driver.execute_script(notes) == [[f"(interrupted: {failed})", "note error"]]
+        # before the first token: the server's error event, as above, and nothing else
+        error = {"error": {"message": failed, "type": "server_error", "param": None, "code": "engine_error"}}
+        _ask(driver, "Again", events=(error,))
+        assert driver.execute_script(SHOWN)[-2:] == ["Again", f" [{failed}]"]
+        assert len(driver.execute_script("return messages")) == 2
+        assert driver.execute_script("return document.getElementById('input').value") == "Again"
 
 
 def _stop_reasons(client: Any, chat: bool, **kw: Any) -> list[tuple[str | None, Any]]:
