@@ -242,6 +242,27 @@ def test_chat_layout(tok):
     assert tok.decode(ids) == "[INST] S\n\nQ1 [/INST] A1 [INST] Q2 [/INST]"
 
 
+def test_a_chat_over_its_room_loses_its_oldest_whole_turns(tok):
+    """`encode_chat_within` (`mixlab chat`'s forgetting, the Responses API's truncation "auto"): the fewest oldest
+    turns dropped, found by bisection, equal to dropping them one at a time; system messages and the newest input
+    kept, and the newest input alone returned when nothing else fits."""
+    turns = [{"role": r, "content": f"{r} {k} " + "word " * (k % 4)} for k in range(5) for r in ("user", "assistant")]
+    chat = [{"role": "system", "content": "Be brief."}, *turns, {"role": "user", "content": "last one"}]
+    whole = len(tok.encode_chat(chat))
+    for room in range(whole + 1, 0, -1):
+        kept = turns[:]  # the reference: one exchange at a time, as `mixlab chat` did
+        while len(tok.encode_chat([chat[0], *kept, chat[-1]])) > room and kept:
+            del kept[:2]
+        ids, dropped = tok.encode_chat_within(chat, room)
+        assert ids == tok.encode_chat([chat[0], *kept, chat[-1]]) and dropped == len(turns) - len(kept), room
+    # the newest input is several messages (`keep`); a turn is a user message and all that follows it
+    odd = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"},
+           {"role": "assistant", "content": "d"}, {"role": "user", "content": "e " * 20},
+           {"role": "assistant", "content": "f"}, {"role": "user", "content": "g"}]
+    assert tok.encode_chat_within(odd, 0, keep=3)[1] == 4  # all but the last 3
+    room = len(tok.encode_chat(odd[1:]))
+    assert tok.encode_chat_within(odd, room, keep=3) == (tok.encode_chat(odd[1:]), 1)
+    assert tok.encode_chat_within(odd, room - 1, keep=3) == (tok.encode_chat(odd[4:]), 4)
 BAD_CHATS = [
     ([], "non-empty list"),
     ([{"role": "assistant", "content": "hi"}], "must start with a user or system"),

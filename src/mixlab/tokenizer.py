@@ -299,6 +299,35 @@ class Tokenizer:
                 ids += self.encode(content, bos=False, eos=not prefix)
         return ids
 
+    def encode_chat_within(self, messages: Sequence[Mapping[str, object]], room: int,
+                           keep: int = 1) -> tuple[list[int], int]:
+        """`encode_chat(messages)` less the oldest whole turns (a user message and what follows it up to the
+        next one) that it takes to fit in `room` tokens, as `mixlab chat` and the Responses API's truncation
+        "auto" forget a long conversation's start. System messages and the last `keep` messages (the newest
+        input) are never dropped, so the ids may still exceed `room`. Returns the ids and how many messages were
+        dropped. The fewest turns are found by bisection (dropping more never lengthens the prompt): a few
+        encodings of the conversation, however many turns it has."""
+        ids = self.encode_chat(messages)
+        if len(ids) <= room:
+            return ids, 0
+        end = len(messages) - keep
+        # a cut at j drops every message before j but the system ones; cuts at turn starts, and at the kept tail
+        cuts = [j for j in range(1, end) if messages[j]["role"] == "user"] + [end]
+
+        def cut(j: int) -> list[Mapping[str, object]]:
+            return [m for k, m in enumerate(messages) if k >= j or m["role"] == "system"]
+
+        lo, hi, best = 0, len(cuts) - 1, None  # the first cut that fits, if one does: the last one otherwise
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            tried = self.encode_chat(cut(cuts[mid]))
+            if len(tried) <= room:
+                best, hi = (mid, tried), mid - 1
+            else:
+                lo = mid + 1
+        j, ids = best if best is not None else (len(cuts) - 1, self.encode_chat(cut(cuts[-1])))
+        return ids, sum(m["role"] != "system" for m in messages[:cuts[j]])
+
 
 def _normalize_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, list[tuple[str, str, bool]]]:
     """Validate a conversation as mistral-common does and return (system prompt, merged turns).

@@ -351,15 +351,13 @@ def chat(args: argparse.Namespace) -> int:
             print(f"unknown command {line!r}; {_HELP}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        try:
-            ids = tok.encode_chat(system + messages)
+        try:  # forget the oldest exchanges to fit the context
+            ids, forgotten = tok.encode_chat_within(system + messages, room)
         except TextError as e:  # reject this turn, keep the conversation
             messages.pop()
             print(f"error: {e}; the conversation is kept, type the message again", file=sys.stderr)
             continue
-        while len(ids) > room and len(messages) > 2:  # forget the oldest exchange to fit the context
-            del messages[:2]
-            ids = tok.encode_chat(system + messages)
+        del messages[:forgotten]
         if len(ids) > room:
             print(f"error: the message needs {len(ids)} tokens; with {told} only {room} fit in the context of "
                   f"{context}", file=sys.stderr)
