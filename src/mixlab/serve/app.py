@@ -370,10 +370,16 @@ class _Server:
         """`encode(*args, **kw)` in the encoding thread."""
         return await asyncio.get_running_loop().run_in_executor(self.encoder, functools.partial(encode, *args, **kw))
 
-    async def encode_chat(self, messages: list[ChatMessage], param: str) -> list[int]:
-        """The chat template's token ids for `messages` (in the encoding thread); its errors a 400 naming `param`."""
+    async def encode_chat(self, messages: list[ChatMessage], param: str, *, room: int | None = None,
+                          keep: int = 1) -> list[int]:
+        """The chat template's token ids for `messages` (in the encoding thread); its errors a 400 naming `param`.
+        `room`: the oldest turns before the last `keep` messages dropped to fit in it (`encode_chat_within`)."""
+        def encode() -> list[int]:
+            chat = [m.template() for m in messages]
+            return self.tok.encode_chat(chat) if room is None else self.tok.encode_chat_within(chat, room, keep)[0]
+
         try:
-            return await self.off_loop(lambda: self.tok.encode_chat([m.template() for m in messages]))
+            return await self.off_loop(encode)
         except ChatError as e:
             raise ApiError(400, f"invalid {param}: {e}", param=param) from None
 
@@ -913,14 +919,19 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                            param="background")
         earlier = srv.conversation(body.previous_response_id)
         inputs = await srv.off_loop(body.input_messages)
-        ids = await srv.encode_chat(body.messages([*map(_message, earlier), *inputs]), "input")
+        # truncation "auto": the oldest turns go until the rest fits with max_output_tokens (at least one token)
+        room = cfg.context_len - (body.max_output_tokens or 1) if body.truncation == "auto" else None
+        ids = await srv.encode_chat(body.messages([*map(_message, earlier), *inputs]), "input", room=room,
+                                    keep=len(inputs))
         max_tokens = srv.max_tokens(body.max_output_tokens, len(ids), where="input", default=None,
                                     param="max_output_tokens")
         structured = await srv.off_loop(srv.structured, body)
         if body.background:  # a drain that began while it was encoded would not see it
             srv.check_open()
         rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
-        handle, = srv.submit([ids], [srv.sampling(body, max_tokens, 0, None, decode_alone=True, structured=structured)],
+        want_lp = body.wants_logprobs()
+        top = (body.top_logprobs or 0) if want_lp else None
+        handle, = srv.submit([ids], [srv.sampling(body, max_tokens, 0, top, decode_alone=True, structured=structured)],
                              rid, param="input", n=1)
         c = _Choice(0, handle, alone=True)
         observe = observer(arrived)
@@ -933,16 +944,17 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": store is not None, "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
-            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled", "usage": None,
-            "user": body.user, "metadata": body.metadata or {}, "background": body.background,
-            "completed_at": None}), mid, c, (*earlier, *turn))
+            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
+            "top_logprobs": body.top_logprobs, "usage": None, "user": body.user, "metadata": body.metadata or {},
+            "background": body.background, "completed_at": None}), mid, c, (*earlier, *turn),
+            lp_ends=[] if want_lp else None)
 
         def finish() -> None:
             """Its final object; kept in the store (`store`) if it finished, or ran in the background."""
             reason = c.finish_reason
             status = ("incomplete" if reason == "length" else "failed" if reason == "error" else
                       ("cancelled" if body.background else "failed") if reason == "cancelled" else "completed")
-            item = _message_item(mid, "completed" if status == "completed" else "incomplete", c.text)
+            item = _message_item(mid, "completed" if status == "completed" else "incomplete", c.text, live.lps)
             if body.return_experts:
                 item["experts"] = c.experts
             if body.return_token_ids:
@@ -964,7 +976,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             srv.live.pop(rid, None)
             if store is not None and (status in ("completed", "incomplete") or body.background):
                 store.put(rid, Stored(live.body, live.items, Item(mid, "assistant", c.text),
-                                      array("I", live.ends) if body.background else None))
+                                      array("I", live.ends) if body.background else None,
+                                      array("I", live.lp_ends) if body.background and live.lp_ends is not None
+                                      else None))
             live.wake()
 
         async def run() -> None:
@@ -972,8 +986,13 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             try:
                 async for out in c.handle.aiter():
                     observe(c, out)
-                    if c.take(out, tok, False)[0]:
+                    delta, lp, _ = c.take(out, tok, want_lp)
+                    if lp is not None:
+                        live.lps.append(_chat_lp(lp))
+                    if delta or lp is not None:  # a token whose text is held back (or EOS's) still has its logprob
                         live.ends.append(len(c.text))
+                        if live.lp_ends is not None:
+                            live.lp_ends.append(len(live.lps))
                     live.wake()
             finally:
                 srv.metrics.in_progress -= 1
@@ -1058,7 +1077,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         else:
             final = json.loads(found.body)
             events = _replay(_events(_created(final), found.output.id, found.output.text, found.ends or (), final,
-                                     first))
+                                     first, final["output"][0]["content"][0]["logprobs"], found.lp_ends))
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -1221,14 +1240,15 @@ def _stream_completion_lp(e: dict[str, Any] | None, offset: int, tok: Tokenizer)
             "text_offset": [offset]}
 
 
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _output_text(text: str, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """OpenAI's `ResponseOutputText`; `logprobs`: its tokens' (`_chat_lp`'s entries), with the include asking."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
 
 
-def _message_item(mid: str, status: str, text: str | None) -> dict[str, Any]:
+def _message_item(mid: str, status: str, text: str | None, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """A response's output message (OpenAI's `ResponseOutputMessage`); `text` None: no part yet."""
     return {"type": "message", "id": mid, "status": status, "role": "assistant",
-            "content": [] if text is None else [_output_text(text)]}
+            "content": [] if text is None else [_output_text(text, logprobs)]}
 
 
 # what a response object holds until it has finished (as created, and as `GET` answers it while in progress)
@@ -1249,11 +1269,12 @@ def _event(kind: str, seq: int, **fields: Any) -> bytes:
 
 
 def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], final: dict[str, Any] | None,
-            first: int) -> Iterator[bytes]:
+            first: int, lps: Sequence[dict[str, Any]] = (), lp_ends: Sequence[int] | None = None) -> Iterator[bytes]:
     """A response's stream from sequence number `first` on, as far as it has got. Its events are a function of
-    its object as created (`head`), its output `text` (its length after each delta event: `ends`) and its final
-    object (None: not finished; given, every delta is in `ends`), so a stream resumed at any event is the one
-    first sent and no event is kept. A failed or cancelled response ends with an `error` event.
+    its object as created (`head`), its output `text` (its length after each delta event: `ends`), its tokens'
+    logprobs `lps` (with the include: how many after each delta event, `lp_ends`; None: not asked for) and its
+    final object (None: not finished; given, every delta is in `ends`), so a stream resumed at any event is the
+    one first sent and no event is kept. A failed or cancelled response ends with an `error` event.
     `ends` is read as its first event is asked for: a live response's must not change in between (nothing else
     runs on the event loop between `_follow`'s call and that), so that it matches `text` and `final`."""
     n, at = len(ends), {"item_id": mid, "output_index": 0, "content_index": 0}
@@ -1266,14 +1287,14 @@ def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], fina
         yield _event(opening[seq][0], seq, **opening[seq][1])
     for k in range(max(first - len(opening), 0), n):
         yield _event("response.output_text.delta", len(opening) + k, **at, delta=text[ends[k - 1] if k else 0:ends[k]],
-                     logprobs=[])
+                     logprobs=[] if lp_ends is None else lps[lp_ends[k - 1] if k else 0:lp_ends[k]])
     if final is None:
         return
     status = final["status"]
     closing: list[tuple[str, dict[str, Any]]]
     if status in ("completed", "incomplete"):
-        closing = [("response.output_text.done", {**at, "text": text, "logprobs": []}),
-                   ("response.content_part.done", {**at, "part": _output_text(text)}),
+        closing = [("response.output_text.done", {**at, "text": text, "logprobs": list(lps)}),
+                   ("response.content_part.done", {**at, "part": _output_text(text, lps)}),
                    ("response.output_item.done", {"output_index": 0, "item": final["output"][0]}),
                    (f"response.{status}", {"response": final})]
     elif status == "failed":
@@ -1298,6 +1319,8 @@ class _Live:
     choice: _Choice
     items: tuple[Item, ...]  # the conversation it answers, as `input_items` lists it
     ends: list[int] = field(default_factory=list)  # the output text's length after each delta event
+    lps: list[dict[str, Any]] = field(default_factory=list)  # its tokens' logprobs (with the include), `_chat_lp`'s
+    lp_ends: list[int] | None = None  # with the include: how many of them after each delta event
     final: dict[str, Any] | None = None  # its object once finished
     body: bytes = b""  # ... as JSON
     task: asyncio.Task[None] | None = None
@@ -1315,10 +1338,10 @@ class _Live:
         if getattr(self.choice.handle, "state", None) == "waiting":
             return {**self.head, "status": "queued"}
         return {**self.head, "status": "in_progress",
-                "output": [_message_item(self.mid, "in_progress", self.choice.text)]}
+                "output": [_message_item(self.mid, "in_progress", self.choice.text, self.lps)]}
 
     def events(self, first: int) -> Iterator[bytes]:
-        return _events(self.head, self.mid, self.choice.text, self.ends, self.final, first)
+        return _events(self.head, self.mid, self.choice.text, self.ends, self.final, first, self.lps, self.lp_ends)
 
     def wake(self) -> None:
         self.changed.set()

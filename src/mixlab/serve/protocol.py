@@ -412,8 +412,10 @@ class DetokenizeRequest(BaseModel):
 # what asks for reasoning or extra output, is refused. `store`, `previous_response_id` and `background` are the
 # app's (its response store, store.py; without one, `store` is answered false and `previous_response_id` and
 # `background` refused in these words, `not_supported`)
-RESPONSES_NOT_IMPLEMENTED = {"conversation": None, "include": None, "prompt": None, "top_logprobs": 0,
-                             "max_tool_calls": None}
+RESPONSES_NOT_IMPLEMENTED = {"conversation": None, "prompt": None, "max_tool_calls": None}
+# what `include` may ask for: the output text's logprobs (OpenAI's `ResponseIncludable`; the others are tools',
+# reasoning's or inputs' data this server has not)
+RESPONSES_INCLUDABLE = ("message.output_text.logprobs",)
 
 
 class ResponsesRequest(_Sampling):
@@ -429,7 +431,9 @@ class ResponsesRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: Any = None
     reasoning: dict[str, Any] | None = None
-    truncation: Literal["disabled", "auto"] | None = None
+    truncation: Literal["disabled", "auto"] | None = None  # "auto": the oldest turns go to fit
+    include: list[StrictStr] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # with the include's logprobs
 
     REFUSED: ClassVar[dict[str, Any]] = NOT_IMPLEMENTED | RESPONSES_NOT_IMPLEMENTED
 
@@ -447,14 +451,19 @@ class ResponsesRequest(_Sampling):
         if self.reasoning and any(v is not None for v in self.reasoning.values()):
             raise _field_error("reasoning", f"reasoning={json.dumps(self.reasoning)[:80]} is not supported: this model "
                                             "does not reason before it answers (leave it out)")
-        if self.truncation == "auto":
-            raise _field_error("truncation", "truncation \"auto\" is not supported: an input over the context is "
-                                             "refused (send \"disabled\")")
+        for value in self.include or ():
+            if value not in RESPONSES_INCLUDABLE:
+                raise _field_error("include", f"include={json.dumps(value)[:80]} is not supported by this server (it "
+                                              f"includes {json.dumps(RESPONSES_INCLUDABLE[0])} only)")
         if self.background and not self.store:  # OpenAI's and vLLM's rule
             raise _field_error("background", "background=true needs store=true: a background response is read "
                                              "back with GET /v1/responses/{id}")
         self.input_messages()
         return self
+
+    def wants_logprobs(self) -> bool:
+        """Whether the output text's logprobs are asked for (`include`)."""
+        return RESPONSES_INCLUDABLE[0] in (self.include or ())
 
     def messages(self, turns: Sequence[ChatMessage] | None = None) -> list[ChatMessage]:
         """`instructions` as a system message, then `turns`: `input`'s messages, or the app's (the conversation

@@ -36,12 +36,14 @@ class Stored:
     conversation it answered (its input items, earlier turns' included; never its `instructions`, which
     OpenAI does not carry over) and its output message. A background response also keeps `ends`, the
     length of its output text after each of its stream's delta events, from which its events are made
-    again for a stream resumed after it finished (`None`: not a background response)."""
+    again for a stream resumed after it finished (`None`: not a background response), and, with its logprobs
+    (which its body holds), `lp_ends`: how many of them after each delta event."""
 
     body: bytes
     items: tuple[Item, ...]
     output: Item
     ends: array[int] | None = None
+    lp_ends: array[int] | None = None
 
     @property
     def background(self) -> bool:
@@ -49,7 +51,7 @@ class Stored:
 
     @property
     def size(self) -> int:
-        ends = self.ends.itemsize * len(self.ends) if self.ends is not None else 0
+        ends = sum(a.itemsize * len(a) for a in (self.ends, self.lp_ends) if a is not None)
         return len(self.body) + self.output.size + sum(i.size for i in self.items) + ends
 
 
