@@ -770,6 +770,28 @@ def test_streamed_deltas_carry_their_tokens_logprobs_and_a_background_replay_the
     assert sent[-5]["type"] == "response.output_text.delta" and [lp["token"] for lp in sent[-5]["logprobs"]] == [""]
 
 
+def test_a_background_stream_resumed_while_it_is_made_carries_its_logprobs(slow: tuple[str, Any]) -> None:
+    """Its logprobs so far in GET, and in the events of a stream resumed mid-way, which join to the final ones."""
+    url, srv = slow
+    body = {**LONG, "ignore_eos": True, "stream": True, "background": True, "extra_body": None, "include": LOGPROBS,
+            "top_logprobs": 1}
+    with httpx.stream("POST", url + "/v1/responses", json=body, timeout=60) as s:
+        sent, first = s.iter_lines(), []
+        while len(first) < 2 * 8:
+            if x := next(sent):
+                first.append(x)
+    rid = json.loads(first[1][6:])["response"]["id"]
+    now = httpx.get(f"{url}/v1/responses/{rid}").json()
+    assert now["status"] == "in_progress" and rid in srv.live
+    part = now["output"][0]["content"][0]
+    assert part["logprobs"] and "".join(e["token"] for e in part["logprobs"]) == part["text"]
+    with httpx.stream("GET", f"{url}/v1/responses/{rid}?stream=true&starting_after=7", timeout=60) as s:
+        events = [json.loads(x[6:]) for x in first[1::2]] + _stream_events(s.iter_lines())
+    final = _valid(httpx.get(f"{url}/v1/responses/{rid}").json())
+    streamed = [e for ev in events if ev["type"] == "response.output_text.delta" for e in ev["logprobs"]]
+    assert [(e["token"], e["logprob"], [t["token"] for t in e["top_logprobs"]]) for e in streamed] == \
+        [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in final.output[0].content[0].logprobs]
+    assert len(streamed) == final.usage.output_tokens == CONTEXT - 40 and events[-1]["type"] == "response.incomplete"
 def test_a_stored_response_is_charged_its_logprobs(model_tok: tuple[Any, Any]) -> None:
     with _serving(model_tok, responses_store=2) as url:
         client = _client(url)
