@@ -196,6 +196,32 @@ def test_a_stop_string_that_is_not_utf8_is_refused():
         SamplingParams(stop=["ok", "\udcff"])
 
 
+def test_a_field_set_after_the_params_were_made_is_checked_by_submit(tiny):
+    """SamplingParams is a dataclass: a field set after it was made went unchecked (found by test_serve_fuzz.py):
+    max_tokens=0 still generated, logit_bias {"a": 1} was a bare TypeError, and a penalty given as an int of 64
+    bits overflowed in the engine's loop (an error every running request got)."""
+    eng = Engine(tiny)
+    for name, value in (("max_tokens", 0), ("logit_bias", {"a": 1}), ("logprobs", 100), ("min_tokens", 10)):
+        params = SamplingParams(max_tokens=2)
+        setattr(params, name, value)
+        with pytest.raises(ValueError, match=name):
+            eng.submit([1, 2, 3], params)
+    h = eng.submit([1, 2, 3], SamplingParams(max_tokens=2, temperature=1.0, frequency_penalty=-(2**63) - 1))
+    eng.run_until_idle()
+    assert list(h)[-1].finish_reason == "length"
+
+
+def test_a_bad_value_shows_as_its_start():
+    # a list of a million ids made a message as long; one nested 2,000 deep raised RecursionError writing it
+    deep: list = []
+    for _ in range(2000):
+        deep = [deep]
+    for value in ([-1] * 10**6, deep, -(10**5000)):
+        with pytest.raises(ValueError, match="stop_token_ids") as e:
+            SamplingParams(stop_token_ids=value)  # type: ignore[arg-type]
+        assert len(str(e.value)) < 200, str(e.value)[:300]
+
+
 def test_stop_token_ids_are_token_ids():
     assert SamplingParams(stop_token_ids=(5, 0)).stop_token_ids == [5, 0]
     for bad in ([True], [-1], [1.5], "5"):  # [True] was token 1; [-1] could never stop

@@ -17,6 +17,7 @@ import asyncio
 import math
 import operator
 import queue
+import reprlib
 import threading
 import warnings
 import weakref
@@ -41,8 +42,20 @@ class QueueFull(RuntimeError):
     """The engine's waiting queue is full (`max_queue`): retry later (HTTP 503/429)."""
 
 
+class _Shown(reprlib.Repr):
+    """A value as an error shows it: its start. Whole, a list of a million ids made a message as long, and
+    one nested 1,000 deep (or an int of 5,000 digits) raised RecursionError (ValueError) writing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxdict, self.maxstring, self.maxother = 3, 8, 8, 80, 80
+
+    def repr_int(self, x: int, level: int) -> str:
+        return super().repr_int(x, level) if x.bit_length() < 4000 else f"<an integer of {x.bit_length()} bits>"
+
+
 def _bad(name: str, value: object, expected: str) -> ValueError:
-    return ValueError(f"invalid {name}={value!r}: expected {expected}")
+    return ValueError(f"invalid {name}={_Shown().repr(value)}: expected {expected}")
 
 
 def _is_array(x: object, ndim: int) -> TypeGuard[Any]:
@@ -51,7 +64,8 @@ def _is_array(x: object, ndim: int) -> TypeGuard[Any]:
 
 
 def _number(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and abs(v) > 1e308) \
+            or not math.isfinite(v):  # (an int of 309 digits or more: no float, math.isfinite's OverflowError)
         raise _bad(name, v, "a finite number")
     return float(v)
 
@@ -96,13 +110,19 @@ class SamplingParams:
     adapter: str | None = None  # the engine's LoRA adapter of this name (`Engine(adapters=)`); None: the base model
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """A ValueError naming the first field that is wrong; as it is made, and again in `Engine.submit`: a
+        field set after (`params.max_tokens = 0`, `params.logit_bias = {"a": 1}`) went unchecked, to the
+        engine's loop or a bare TypeError."""
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
         _int("min_tokens", self.min_tokens, 0, "an integer >= 0")
         if self.min_tokens > self.max_tokens:
             raise _bad("min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):
-            _number(name, getattr(self, name))
+                     "frequency_penalty"):  # as floats: an int of 64 bits or more overflowed in the engine's loop
+            setattr(self, name, _number(name, getattr(self, name)))
         if self.temperature < 0:
             raise _bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
         _int("top_k", self.top_k, -1, "an integer >= -1 (0 or -1 = off)")

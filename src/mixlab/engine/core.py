@@ -257,6 +257,7 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, not {type(params).__name__}")
+        params.check()
         prompt = self._check_prompt(prompt_ids, params)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need an engine made with a tokenizer")
