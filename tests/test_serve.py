@@ -825,6 +825,8 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "", "add_special_tokens": False}, 400, "prompt"),  # no tokens at all
     ("/detokenize", {"tokens": [5, 40000]}, 400, "tokens"),
     ("/tokenize", {}, 400, "prompt"),
+    # found by tests/test_serve_fuzz.py: a value nested 600 deep (JSON parses it) was a 500 as its error was written
+    (CHAT, {"messages": U, "temperature": json.loads("[" * 600 + "]" * 600)}, 400, "temperature"),
 ]
 
 
@@ -936,6 +938,16 @@ def test_bad_request_messages_say_what_was_expected(server: str) -> None:
         assert "lone surrogate \\ud83d at character 2" in r.json()["error"]["message"], r.text
     assert httpx.get(server + "/v1/nothing").status_code == 404
     assert httpx.get(server + CHAT).status_code == 405
+    # a value shows in a message as its first 80 characters (a 4 MB model name came back whole), an integer of
+    # too many digits for Python to read is named as that
+    for path, body, shown in ((CHAT, {"messages": U, "model": "m" * 5000}, "'" + "m" * 80 + "'"),
+                              (COMP, {"prompt": "x", "response_format": {"type": [[[["y" * 5000]]]]}}, '"yyy'),
+                              (CHAT, {"messages": U, "logit_bias": {"k" * 5000: 1}}, "'" + "k" * 80 + "'")):
+        err = httpx.post(server + path, json=body).json()["error"]
+        assert shown in err["message"] and len(err["message"]) < 300, err
+    r = httpx.post(server + CHAT, content=b'{"max_tokens": 1' + b"0" * 5000 + b"}",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "an integer in it has over 4300 digits" in r.json()["error"]["message"], r.text
 
 
 def test_auth_body_limit_queue_full_and_cors(model_tok: tuple[Any, Any]) -> None:

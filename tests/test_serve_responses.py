@@ -414,6 +414,10 @@ def test_the_json_sent_is_openai_s_schema(server: str) -> None:
     ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"input": "hi", "text": {"format": {"type": "json_object"}}, "guided_regex": "a"}, "guided_regex"),
+    # text the response echoes, with a lone surrogate: a 500 as the response was written
+    ({"input": "hi", "metadata": {"k": "\ud83d"}}, "metadata.k"),
+    ({"input": "hi", "user": "\ud83d"}, "user"),
+    ({"input": "hi", "text": {"format": {"type": "text", "name": "\ud83d"}}}, "text"),
 ])
 def test_bad_requests_name_the_parameter(server: str, body: dict[str, Any], param: str) -> None:
     # json.dumps: ASCII, so a lone surrogate goes as its escape (httpx's json= cannot encode it)

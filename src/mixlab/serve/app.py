@@ -29,6 +29,7 @@ import ipaddress
 import itertools
 import json
 import re
+import sys
 import time
 import uuid
 from array import array
@@ -220,8 +221,11 @@ def _read_body(raw: bytes, content_type: str | None, model: type[_M]) -> _M:
         except UnicodeDecodeError as e:  # PowerShell 5's Invoke-RestMethod sends Latin-1
             raise ApiError(400, f"the request body is not valid JSON: it is not UTF-8 ({e.reason} at byte {e.start})"
                            ) from None
-        except Exception:  # nested too deep (RecursionError): FastAPI's answer
-            raise ApiError(400, "There was an error parsing the body") from None
+        except RecursionError:  # FastAPI's answer, and why
+            raise ApiError(400, "There was an error parsing the body: it is nested too deep") from None
+        except ValueError:  # Python's limit on the digits of an integer it reads (sys.set_int_max_str_digits)
+            raise ApiError(400, "There was an error parsing the body: an integer in it has over "
+                                f"{sys.get_int_max_str_digits()} digits") from None
     try:
         return model.model_validate(data, from_attributes=True)  # from_attributes: FastAPI's errors for a non-object
     except ValidationError as e:
@@ -247,13 +251,16 @@ class _OffLoopBody(APIRoute):
         return handler
 
 
-def _head(v: Any) -> Any:
+def _head(v: Any, depth: int = 40) -> Any:
     """Enough of a value to show its first 80 characters: json.dumps of all of a 4 MB logit_bias took
-    a second, on the event loop (each element shows as at least one character and a comma)."""
+    a second, on the event loop (each element shows as at least one character and a comma), and a value
+    nested 1,300 deep (which JSON parses) went past Python's recursion limit: a 500."""
+    if isinstance(v, (list, dict)) and depth == 0:
+        return "..."
     if isinstance(v, list):
-        return [_head(x) for x in v[:80]]
+        return [_head(x, depth - 1) for x in v[:80]]
     if isinstance(v, dict):
-        return {k: _head(x) for k, x in itertools.islice(v.items(), 80)}
+        return {k: _head(x, depth - 1) for k, x in itertools.islice(v.items(), 80)}
     return v
 
 
@@ -397,7 +404,7 @@ class _Server:
                            param="previous_response_id")
         stored = self.store.get(previous)
         if stored is None:
-            raise ApiError(404, f"Previous response with id {previous!r} not found ({self.absent()})",
+            raise ApiError(404, f"Previous response with id {previous[:80]!r} not found ({self.absent()})",
                            param="previous_response_id", code="previous_response_not_found")
         return (*stored.items, stored.output)
 
@@ -409,12 +416,13 @@ class _Server:
     def stored(self, response_id: str, *, delete: bool = False) -> Stored:
         """A stored response (`delete`: taken out of the store), else a 404 naming it."""
         if self.store is None:
-            raise ApiError(404, f"no response {response_id!r}: this server stores no responses (POST /v1/responses is "
-                                "stateless; its `store` is answered false)", param="response_id", code="not_found")
+            raise ApiError(404, f"no response {response_id[:80]!r}: this server stores no responses (POST "
+                                "/v1/responses is stateless; its `store` is answered false)", param="response_id",
+                           code="not_found")
         stored = self.store.pop(response_id) if delete else self.store.get(response_id)
         if stored is None:
-            raise ApiError(404, f"Response with id {response_id!r} not found ({self.absent()})", param="response_id",
-                           code="not_found")
+            raise ApiError(404, f"Response with id {response_id[:80]!r} not found ({self.absent()})",
+                           param="response_id", code="not_found")
         return stored
 
     def absent(self) -> str:
@@ -427,7 +435,7 @@ class _Server:
         """A 404 for a `model` that is neither the model's name nor one of its adapters' (None: the model)."""
         if model is not None and model != self.cfg.model_name and model not in self.cfg.adapters:
             served = ", ".join(map(repr, [self.cfg.model_name, *self.cfg.adapters]))
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {served}",
+            raise ApiError(404, f"the model {model[:80]!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
 
     def drain(self) -> None:
@@ -1043,7 +1051,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             if "after" in q:
                 start = next((k + 1 for k, i in enumerate(listed) if i.id == q["after"]), -1)
                 if start < 0:
-                    raise ApiError(400, f"invalid after={q['after']!r}: no input item of response {response_id!r} "
+                    raise ApiError(400, f"invalid after={q['after'][:80]!r}: no input item of response {response_id!r} "
                                         "has that id", param="after")
             page = [_item(i) for i in listed[start:start + int(limit)]]
             return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,

@@ -144,8 +144,8 @@ class _Sampling(BaseModel):
     guided_choice: list[StrictStr] | None = None
     guided_grammar: StrictStr | None = None
     structured_outputs: dict[str, Any] | None = None
-    # accepted for compatibility, with no effect
-    user: StrictStr | None = None
+    # accepted for compatibility, with no effect (a response echoes it)
+    user: Text | None = None
 
     REFUSED: ClassVar[dict[str, Any]] = NOT_IMPLEMENTED
 
@@ -177,7 +177,7 @@ class _Sampling(BaseModel):
         self.constraint()
         for key in self.logit_bias or {}:
             if not (key.isascii() and key.isdigit()):
-                raise _field_error("logit_bias", f"invalid logit_bias key {key!r}: expected a token id, "
+                raise _field_error("logit_bias", f"invalid logit_bias key {key[:80]!r}: expected a token id, "
                                    "a string of digits such as \"1234\"")
         return self
 
@@ -197,8 +197,8 @@ class _Sampling(BaseModel):
                                        "needs 'json_schema': {'name': ..., 'schema': {a JSON schema}}")
                 asked.append(("response_format.json_schema.schema", "json_schema", js.get("schema", {})))
             elif kind != "text":
-                raise _field_error("response_format", f"invalid response_format type {kind!r}: expected 'text', "
-                                   "'json_object' or 'json_schema'")
+                raise _field_error("response_format", f"invalid response_format type {json.dumps(kind)[:80]}: expected "
+                                   "'text', 'json_object' or 'json_schema'")
         vllm = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
                 "guided_grammar": "grammar"}
         asked += [(name, kind, v) for name, kind in vllm.items() if (v := getattr(self, name)) not in (None, [])]
@@ -423,7 +423,7 @@ class ResponsesRequest(_Sampling):
     instructions: Text | None = None  # the system prompt
     max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
-    metadata: dict[str, StrictStr] | None = None
+    metadata: dict[Text, Text] | None = None  # echoed, as `text` is: no lone surrogate (a 500 as it was written)
     store: StrictBool = True
     background: StrictBool = False  # answered at once; the response is made in the engine and read back by GET
     previous_response_id: StrictStr | None = None
@@ -458,6 +458,11 @@ class ResponsesRequest(_Sampling):
         if self.background and not self.store:  # OpenAI's and vLLM's rule
             raise _field_error("background", "background=true needs store=true: a background response is read "
                                              "back with GET /v1/responses/{id}")
+        try:
+            json.dumps(self.text, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise _field_error("text", "invalid text: a string in it has a lone surrogate (half of a UTF-16 pair, "
+                                       "not text)") from None
         self.input_messages()
         return self
 
