@@ -211,6 +211,15 @@ def test_a_field_set_after_the_params_were_made_is_checked_by_submit(tiny):
     assert list(h)[-1].finish_reason == "length"
 
 
+def test_a_flag_is_a_bool_and_a_token_id_no_bool(tiny):
+    # ignore_eos="no" ignored EOS (a non-empty string is true); [1, True] prompted token 1
+    for name in ("prompt_logprobs", "return_experts", "ignore_eos", "decode_alone"):
+        with pytest.raises(ValueError, match=rf"invalid {name}='no': expected True or False"):
+            SamplingParams(**{name: "no"})
+    with pytest.raises(ValueError, match="prompt_ids contains a non-integer token id"):
+        Engine(tiny).submit([1, True, 3], SamplingParams(max_tokens=1))
+
+
 def test_a_bad_value_shows_as_its_start():
     # a list of a million ids made a message as long; one nested 2,000 deep raised RecursionError writing it
     deep: list = []

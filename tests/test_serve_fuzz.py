@@ -448,3 +448,20 @@ def test_engine_submit_refuses_a_field_set_after_naming_it_or_runs_it(engine_tok
         assert len(outs) <= params.max_tokens, (name, value, len(outs))
 
     run()
+
+
+def test_engine_submit_refuses_a_bad_prompt_or_request_id_or_runs_it(engine_tok: tuple[Any, Any]) -> None:
+    engine, _ = engine_tok
+
+    @SETTINGS
+    @given(VALUES | st.lists(st.integers(-2, 32001), max_size=4), st.none() | VALUES)
+    def run(prompt: Any, request_id: Any) -> None:
+        prompt = prompt.value() if isinstance(prompt, _Deep) else prompt
+        try:
+            handle = engine.submit(prompt, SamplingParams(**SAMPLING), request_id=request_id)
+        except ValueError as e:
+            assert "prompt" in str(e) or "request_id" in str(e), e
+            return
+        assert list(handle)[-1].finish_reason in ("stop", "length"), (prompt, request_id)
+
+    run()

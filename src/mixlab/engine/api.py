@@ -118,6 +118,9 @@ class SamplingParams:
         engine's loop or a bare TypeError."""
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
         _int("min_tokens", self.min_tokens, 0, "an integer >= 0")
+        for name in ("prompt_logprobs", "return_experts", "ignore_eos", "decode_alone"):  # "no" was true
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "True or False")
         if self.min_tokens > self.max_tokens:
             raise _bad("min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",

@@ -312,6 +312,8 @@ class Engine:
             raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
         try:
             prompt = [operator.index(i) for i in prompt_ids]
+            if any(isinstance(i, bool) for i in prompt_ids):  # True is no token id (stop_token_ids refuse it too)
+                raise TypeError
         except TypeError:
             raise ValueError("prompt_ids contains a non-integer token id") from None
         if not prompt:
