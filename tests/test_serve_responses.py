@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import time
 from array import array
@@ -418,6 +419,7 @@ def test_the_json_sent_is_openai_s_schema(server: str) -> None:
     ({"input": "hi", "metadata": {"k": "\ud83d"}}, "metadata.k"),
     ({"input": "hi", "user": "\ud83d"}, "user"),
     ({"input": "hi", "text": {"format": {"type": "text", "name": "\ud83d"}}}, "text"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"x": math.inf}}}}, "text"),
 ])
 def test_bad_requests_name_the_parameter(server: str, body: dict[str, Any], param: str) -> None:
     # json.dumps: ASCII, so a lone surrogate goes as its escape (httpx's json= cannot encode it)

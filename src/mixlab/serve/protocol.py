@@ -458,11 +458,13 @@ class ResponsesRequest(_Sampling):
         if self.background and not self.store:  # OpenAI's and vLLM's rule
             raise _field_error("background", "background=true needs store=true: a background response is read "
                                              "back with GET /v1/responses/{id}")
-        try:
-            json.dumps(self.text, ensure_ascii=False).encode()
+        try:  # it is echoed: what JSON cannot write back was a 500 as the response was
+            json.dumps(self.text, ensure_ascii=False, allow_nan=False).encode()
         except UnicodeEncodeError:
             raise _field_error("text", "invalid text: a string in it has a lone surrogate (half of a UTF-16 pair, "
                                        "not text)") from None
+        except ValueError:
+            raise _field_error("text", "invalid text: it holds NaN or Infinity, which JSON has no number for") from None
         self.input_messages()
         return self
 
