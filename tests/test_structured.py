@@ -250,7 +250,10 @@ def test_seeded_samples_repeat_and_penalties_and_stop_strings_still_apply(byte_m
 def test_bad_constraints_are_value_errors_naming_them(byte_model: tuple[Transformer, Any]) -> None:
     for kind, value, named in [("regex", "[a-", "unclosed character class"), ("json_schema", {"type": "foo"}, "foo"),
                                ("json_schema", "{not json", "json_schema"), ("choice", [], "non-empty list"),
-                               ("grammar", "start: (", "grammar"), ("yaml", "x", "yaml"), ("json_object", {}, "None")]:
+                               ("grammar", "start: (", "grammar"), ("yaml", "x", "yaml"), ("json_object", {}, "None"),
+                               # NaN and Infinity (Python's json reads them) were read by llguidance as null
+                               ("json_schema", {"enum": [float("inf")]}, "NaN or Infinity"),
+                               ("json_schema", '{"type": "number", "maximum": NaN}', "NaN or Infinity")]:
         with pytest.raises(ValueError, match=r"(?s)structured.*" + named.replace("[", r"\[")):
             Structured(kind, value)
     with pytest.raises(ValueError, match="structured"):

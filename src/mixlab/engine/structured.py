@@ -83,6 +83,10 @@ class Structured:
         try:
             if self.kind in ("json_object", "json_schema"):
                 schema = {"type": "object"} if v is None else json.loads(v) if isinstance(v, str) else v
+                try:  # llguidance reads them as null: {"enum": [Infinity]} was {"enum": [null]}, silently
+                    json.dumps(schema, allow_nan=False)
+                except ValueError:
+                    raise ValueError("it holds NaN or Infinity, which JSON has no number for") from None
                 grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
             elif self.kind == "choice":
                 grammar = llg.grammar_from("choice", list(v))
