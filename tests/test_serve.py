@@ -354,7 +354,7 @@ def test_top_logprobs_at_the_start_of_a_text_lose_its_leading_space(client: Any,
     """The first token of a chat reply or an echoed prompt is reported without its leading space ("The"),
     but its top_logprobs kept theirs (" The", " patches"), so the chosen token's key was not its token.
     There the alternatives are now shown as the text would begin with them: decode([alternative])."""
-    from mixlab.serve.app import _piece
+    from mixlab.serve.common import _piece
 
     model, tok = model_tok
     ids = tok.encode_chat(U)
@@ -413,7 +413,7 @@ def test_scoring_endings_of_one_context_prefills_it_once(client: Any, model_tok:
 
 def test_top_logprob_bytes_of_a_byte_piece(model_tok: tuple[Any, Any]) -> None:
     """A byte-fallback alternative reports its own byte (as OpenAI's `bytes` do), not U+FFFD's."""
-    from mixlab.serve.app import _piece
+    from mixlab.serve.common import _piece
 
     _, tok = model_tok
     i = next(i for i in range(tok.vocab_size) if tok.id_to_piece(i) == "<0x8C>")

@@ -91,7 +91,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         from mixlab.engine import Engine
         from mixlab.serve import ServerConfig, create_app, run_server
-        from mixlab.serve.app import api_key_problem
+        from mixlab.serve.common import api_key_problem
     except ImportError as e:
         raise ValueError(f"mixlab serve needs the serve extra (pip install 'mixlab[serve]'): {e}") from None
     if not 0 <= args.port < 65536:
