@@ -51,7 +51,7 @@ class _H11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a deadline on each request's head: uvicorn waits for ever for
     a new connection's request line and headers, and for the next request's once bytes of it came
     (its keep-alive timeout stops at the first byte), so a client that trickles them (slowloris)
-    holds a connection for ever. The body has its own deadline (app._Guard). A client that stops reading
+    holds a connection for ever. The body has its own deadline (guard._Guard). A client that stops reading
     its response (a stream it no longer reads, the connection left open) is disconnected once nothing of
     it could be sent for as long: it held the request's handler, and its outputs, for ever."""
 
