@@ -27,7 +27,7 @@ from mixlab.serve.store import Item, ResponseStore, Stored
 from mixlab.tokenizer import ChatError, Tokenizer
 
 if TYPE_CHECKING:
-    from mixlab.serve.app import _Live
+    from mixlab.serve.responses import _Live
 
 _T = TypeVar("_T")
 

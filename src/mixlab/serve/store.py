@@ -5,7 +5,7 @@ text of its whole conversation (earlier turns included, though entries of one ch
 the bound is on at most that much memory). Touched from the event loop only, so it has no lock.
 
 A response enters the store once it has finished; one still being made (streamed, or in the background) is the
-app's until then (`app._Live`).
+app's until then (`responses._Live`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,355 @@
+"""OpenAI's Responses API (`add_responses_routes`): `POST /v1/responses` on the chat path's encoding, sampling
+and `settle`, a stored response's conversation before its input; `GET` / `DELETE /v1/responses/{id}`, its
+`input_items` and `cancel`. A response being made is a `_Live`, whose streams are made afresh from its state
+(`_events`), so no event is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mixlab.engine import RequestOutput
+from mixlab.serve.common import _chat_lp, _Choice, _Server, _usage
+from mixlab.serve.protocol import ApiError, ChatMessage, ResponsesRequest, not_supported
+from mixlab.serve.store import Item, Stored
+
+
+def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Callable[[Callable[..., Any]], Any]],
+                         observer: Callable[[float], Callable[[_Choice, RequestOutput], None]],
+                         settle: Callable[[Request, list[_Choice], asyncio.Future[None]], Awaitable[Response | None]]
+                         ) -> None:
+    """The Responses API's endpoints on `app`, served by `srv`; `post`, `observer` and `settle`: `create_app`'s, which
+    the chat endpoints use too."""
+    cfg, tok = srv.cfg, srv.tok
+
+    @post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API: the chat path's prompt, sampling and engine request, answered as a `response`
+        object (or its typed events); with `store` (and a store: `ServerConfig.responses_store`) kept once it
+        finished, with its conversation, for `previous_response_id` and `GET /v1/responses/{id}`, which also
+        answers it while it is being made; with `background`, answered at once while the engine makes it."""
+        arrived = time.perf_counter()
+        srv.check_open()
+        srv.check_model(body.model)
+        if body.background and srv.store is None:
+            raise ApiError(400, not_supported("background", True, False) + ": it stores no responses "
+                                "(--responses-store 0), where a background response is read back from",
+                           param="background")
+        earlier = srv.conversation(body.previous_response_id)
+        inputs = await srv.off_loop(body.input_messages)
+        # truncation "auto": the oldest turns go until the rest fits with max_output_tokens (at least one token)
+        room = cfg.context_len - (body.max_output_tokens or 1) if body.truncation == "auto" else None
+        ids = await srv.encode_chat(body.messages([*map(_message, earlier), *inputs]), "input", room=room,
+                                    keep=len(inputs))
+        max_tokens = srv.max_tokens(body.max_output_tokens, len(ids), where="input", default=None,
+                                    param="max_output_tokens")
+        structured = await srv.off_loop(srv.structured, body)
+        if body.background:  # a drain that began while it was encoded would not see it
+            srv.check_open()
+        rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        want_lp = body.wants_logprobs()
+        top = (body.top_logprobs or 0) if want_lp else None
+        handle, = srv.submit([ids], [srv.sampling(body, max_tokens, 0, top, decode_alone=True, structured=structured)],
+                             rid, param="input", n=1)
+        c = _Choice(0, handle, alone=True)
+        observe = observer(arrived)
+        store = srv.store if body.store else None
+        turn = tuple(Item(f"msg_{uuid.uuid4().hex}", m.role, m.text()) for m in inputs) if store is not None else ()
+        live = _Live(_created({
+            "id": rid, "object": "response", "created_at": int(time.time()), "status": None, "error": None,
+            "incomplete_details": None, "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "model": body.model or cfg.model_name, "output": [], "parallel_tool_calls": body.parallel_tool_calls,
+            "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": store is not None, "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
+            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
+            "top_logprobs": body.top_logprobs, "usage": None, "user": body.user, "metadata": body.metadata or {},
+            "background": body.background, "completed_at": None}), mid, c, (*earlier, *turn),
+            lp_ends=[] if want_lp else None)
+
+        def finish() -> None:
+            """Its final object; kept in the store (`store`) if it finished, or ran in the background."""
+            reason = c.finish_reason
+            status = ("incomplete" if reason == "length" else "failed" if reason == "error" else
+                      ("cancelled" if body.background else "failed") if reason == "cancelled" else "completed")
+            item = _message_item(mid, "completed" if status == "completed" else "incomplete", c.text, live.lps)
+            if body.return_experts:
+                item["experts"] = c.experts
+            if body.return_token_ids:
+                item["token_ids"] = c.token_ids
+            u = _usage([c], [len(ids)], 1)
+            usage = {"input_tokens": u["prompt_tokens"],
+                     # cache_write_tokens: OpenAI's explicit (TTL) cache, which this server has not
+                     "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                                              "cache_write_tokens": 0},
+                     "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": u["total_tokens"]}
+            live.final = {**live.head, "status": status,
+                          "error": {"code": "server_error", "message": f"generation failed: {c.error or reason}"}
+                          if status == "failed" else None,
+                          "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                          "output": [item], "usage": usage,
+                          "completed_at": int(time.time()) if status == "completed" else None}
+            live.body = bytes(JSONResponse(live.final).body)  # the bytes themselves (starlette types them as a buffer)
+            srv.live.pop(rid, None)
+            if store is not None and (status in ("completed", "incomplete") or body.background):
+                store.put(rid, Stored(live.body, live.items, Item(mid, "assistant", c.text),
+                                      array("I", live.ends) if body.background else None,
+                                      array("I", live.lp_ends) if body.background and live.lp_ends is not None
+                                      else None))
+            live.wake()
+
+        async def run() -> None:
+            srv.metrics.in_progress += 1
+            try:
+                async for out in c.handle.aiter():
+                    observe(c, out)
+                    delta, lp, _ = c.take(out, tok, want_lp)
+                    if lp is not None:
+                        live.lps.append(_chat_lp(lp))
+                    if delta or lp is not None:  # a token whose text is held back (or EOS's) still has its logprob
+                        live.ends.append(len(c.text))
+                        if live.lp_ends is not None:
+                            live.lp_ends.append(len(live.lps))
+                    live.wake()
+            finally:
+                srv.metrics.in_progress -= 1
+                if c.finish_reason is None:  # stopped first: its client left, it was cancelled, the server drains
+                    c.handle.cancel()
+                    srv.metrics.cancelled.inc()
+                    c.finish_reason = "cancelled"
+                finish()
+
+        if store is not None:
+            srv.live[rid], srv.loop = live, asyncio.get_running_loop()
+        live.task = asyncio.ensure_future(run())
+        if body.stream:  # a background response's goes on if its client leaves
+            return StreamingResponse(_follow(live, 0, owned=not body.background), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if body.background:
+            return JSONResponse(live.now())
+        if (left := await settle(request, [c], live.task)) is not None:
+            return left
+        return Response(live.body, media_type="application/json")
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> Response:
+        """A background response cancelled (one that has finished: answered as it is, as OpenAI does)."""
+        found = srv.find(response_id)
+        if not found.background:
+            raise ApiError(400, "Cannot cancel a synchronous response.", param="response_id")  # OpenAI's words
+        if isinstance(found, _Live) and found.task is not None:
+            found.task.cancel()
+            await asyncio.wait({found.task})
+        return Response(found.body, media_type="application/json")
+
+    if srv.store is not None:
+        @app.api_route("/v1/responses/{response_id}/input_items", methods=["GET", "HEAD"])
+        async def input_items(response_id: str, request: Request) -> dict[str, Any]:
+            """The items a stored response answered (earlier turns' included; OpenAI's list object, `desc` by
+            default), `limit` (1-100, default 20) at a time after the item `after`."""
+            items = srv.find(response_id).items
+            q = request.query_params
+            order = q.get("order", "desc")
+            if order not in ("asc", "desc"):
+                raise ApiError(400, f"invalid order={order!r}: expected 'asc' or 'desc'", param="order")
+            limit = q.get("limit", "20")
+            if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
+                raise ApiError(400, f"invalid limit={limit!r}: expected an integer in [1, 100]", param="limit")
+            listed = items if order == "asc" else items[::-1]
+            start = 0
+            if "after" in q:
+                start = next((k + 1 for k, i in enumerate(listed) if i.id == q["after"]), -1)
+                if start < 0:
+                    raise ApiError(400, f"invalid after={q['after'][:80]!r}: no input item of response {response_id!r} "
+                                        "has that id", param="after")
+            page = [_item(i) for i in listed[start:start + int(limit)]]
+            return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                    "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < len(listed)}
+
+    @app.api_route("/v1/responses/{response_id:path}", methods=["GET", "HEAD", "DELETE"])
+    async def stored_response(response_id: str, request: Request) -> Response:
+        """A response, stored or still being made; `?stream=true` (a background response's): its events again,
+        those after `starting_after` (a sequence number), then the rest as they come."""
+        found = srv.find(response_id)
+        if request.method == "DELETE":  # OpenAI's deleted object (the openai client returns None)
+            if isinstance(found, _Live):
+                how = "cancel it first (POST /v1/responses/{id}/cancel)" if found.background else "wait for its end"
+                raise ApiError(400, f"response {response_id!r} is still in progress: {how}", param="response_id")
+            srv.stored(response_id, delete=True)
+            return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+        q = request.query_params
+        if q.get("stream", "false").lower() in ("false", "0"):
+            return JSONResponse(found.now()) if isinstance(found, _Live) else \
+                Response(found.body, media_type="application/json")
+        if not found.background:
+            raise ApiError(400, "stream: only a background response's events can be streamed again (this one was not "
+                                "made with background=true: GET it whole)", param="stream")
+        after = q.get("starting_after", "-1")
+        if not (after == "-1" or (after.isascii() and after.isdigit())):
+            raise ApiError(400, f"invalid starting_after={after!r}: expected a sequence number, an integer >= 0",
+                           param="starting_after")
+        first = int(after) + 1
+        if isinstance(found, _Live):
+            events = _follow(found, first, owned=False)
+        else:
+            final = json.loads(found.body)
+            events = _replay(_events(_created(final), found.output.id, found.output.text, found.ends or (), final,
+                                     first, final["output"][0]["content"][0]["logprobs"], found.lp_ends))
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _output_text(text: str, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """OpenAI's `ResponseOutputText`; `logprobs`: its tokens' (`_chat_lp`'s entries), with the include asking."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
+
+
+def _message_item(mid: str, status: str, text: str | None, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A response's output message (OpenAI's `ResponseOutputMessage`); `text` None: no part yet."""
+    return {"type": "message", "id": mid, "status": status, "role": "assistant",
+            "content": [] if text is None else [_output_text(text, logprobs)]}
+
+
+# what a response object holds until it has finished (as created, and as `GET` answers it while in progress)
+_UNFINISHED: dict[str, Any] = {"error": None, "incomplete_details": None, "output": [], "usage": None,
+                               "completed_at": None}
+
+
+def _created(obj: dict[str, Any]) -> dict[str, Any]:
+    """A response object as it was created (its stream's `response.created` event), from any later one: a
+    finished background response's replay begins with the very event its live stream began with."""
+    return {**obj, **_UNFINISHED, "status": "queued" if obj["background"] else "in_progress"}
+
+
+def _event(kind: str, seq: int, **fields: Any) -> bytes:
+    """One of the Responses API's typed server-sent events: `event: TYPE`, then its data."""
+    data = json.dumps({"type": kind, "sequence_number": seq, **fields}, separators=(",", ":"))
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], final: dict[str, Any] | None,
+            first: int, lps: Sequence[dict[str, Any]] = (), lp_ends: Sequence[int] | None = None) -> Iterator[bytes]:
+    """A response's stream from sequence number `first` on, as far as it has got. Its events are a function of
+    its object as created (`head`), its output `text` (its length after each delta event: `ends`), its tokens'
+    logprobs `lps` (with the include: how many after each delta event, `lp_ends`; None: not asked for) and its
+    final object (None: not finished; given, every delta is in `ends`), so a stream resumed at any event is the
+    one first sent and no event is kept. A failed or cancelled response ends with an `error` event.
+    `ends` is read as its first event is asked for: a live response's must not change in between (nothing else
+    runs on the event loop between `_follow`'s call and that), so that it matches `text` and `final`."""
+    n, at = len(ends), {"item_id": mid, "output_index": 0, "content_index": 0}
+    opening: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": head}),
+        ("response.in_progress", {"response": {**head, "status": "in_progress"}}),
+        ("response.output_item.added", {"output_index": 0, "item": _message_item(mid, "in_progress", None)}),
+        ("response.content_part.added", {**at, "part": _output_text("")})]
+    for seq in range(first, len(opening)):
+        yield _event(opening[seq][0], seq, **opening[seq][1])
+    for k in range(max(first - len(opening), 0), n):
+        yield _event("response.output_text.delta", len(opening) + k, **at, delta=text[ends[k - 1] if k else 0:ends[k]],
+                     logprobs=[] if lp_ends is None else lps[lp_ends[k - 1] if k else 0:lp_ends[k]])
+    if final is None:
+        return
+    status = final["status"]
+    closing: list[tuple[str, dict[str, Any]]]
+    if status in ("completed", "incomplete"):
+        closing = [("response.output_text.done", {**at, "text": text, "logprobs": list(lps)}),
+                   ("response.content_part.done", {**at, "part": _output_text(text, lps)}),
+                   ("response.output_item.done", {"output_index": 0, "item": final["output"][0]}),
+                   (f"response.{status}", {"response": final})]
+    elif status == "failed":
+        closing = [("error", {"code": "engine_error", "param": None, "message": final["error"]["message"]})]
+    else:
+        closing = [("error", {"code": "response_cancelled", "param": None,
+                              "message": f"response {final['id']!r} was cancelled"})]
+    for j, (kind, fields) in enumerate(closing):
+        if (seq := len(opening) + n + j) >= first:
+            yield _event(kind, seq, **fields)
+
+
+@dataclass(eq=False)
+class _Live:
+    """A response still being made that `GET /v1/responses/{id}` answers (`store: true`; a background one
+    always is). Its `task` takes the engine's outputs in; its streams (the POST's, a resumed one: `_follow`)
+    make their events afresh from its state (`_events`), so that a client that leaves a background
+    response's stream leaves the work going, and a later one starts where it likes."""
+
+    head: dict[str, Any]  # its object as created
+    mid: str  # its output message's id
+    choice: _Choice
+    items: tuple[Item, ...]  # the conversation it answers, as `input_items` lists it
+    ends: list[int] = field(default_factory=list)  # the output text's length after each delta event
+    lps: list[dict[str, Any]] = field(default_factory=list)  # its tokens' logprobs (with the include), `_chat_lp`'s
+    lp_ends: list[int] | None = None  # with the include: how many of them after each delta event
+    final: dict[str, Any] | None = None  # its object once finished
+    body: bytes = b""  # ... as JSON
+    task: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set, and replaced, at each change
+
+    @property
+    def background(self) -> bool:
+        return bool(self.head["background"])
+
+    def now(self) -> dict[str, Any]:
+        """Its object as `GET` answers it: the final one, else "queued" while its engine request waits for a
+        slot, then "in_progress" with its output so far."""
+        if self.final is not None:
+            return self.final
+        if getattr(self.choice.handle, "state", None) == "waiting":
+            return {**self.head, "status": "queued"}
+        return {**self.head, "status": "in_progress",
+                "output": [_message_item(self.mid, "in_progress", self.choice.text, self.lps)]}
+
+    def events(self, first: int) -> Iterator[bytes]:
+        return _events(self.head, self.mid, self.choice.text, self.ends, self.final, first, self.lps, self.lp_ends)
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+async def _follow(live: _Live, first: int, *, owned: bool) -> AsyncIterator[bytes]:
+    """`live`'s events from sequence number `first` on, as they come. `owned`: the stream of the request that
+    made it (not a background one's), whose client leaving cancels it."""
+    sent = first
+    try:
+        while True:
+            changed, done = live.changed, live.final is not None
+            for event in live.events(sent):
+                yield event
+                sent += 1
+            if done:
+                return
+            await changed.wait()
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
+        yield _event("error", sent, code="internal_error", param=None,
+                     message=f"internal error: {type(e).__name__}: {e}")
+    finally:  # a client that disconnects lands here too
+        if owned and live.final is None and live.task is not None:
+            live.task.cancel()
+
+
+async def _replay(events: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
+
+def _item(i: Item) -> dict[str, Any]:
+    """A stored message as an input item (OpenAI's `ResponseInputMessageItem`, or `ResponseOutputMessage`)."""
+    part = _output_text(i.text) if i.role == "assistant" else {"type": "input_text", "text": i.text}
+    return {"id": i.id, "type": "message", "role": i.role, "status": "completed", "content": [part]}
+
+
+def _message(i: Item) -> ChatMessage:
+    return ChatMessage.model_construct(role=i.role, content=i.text)  # checked when it was stored
