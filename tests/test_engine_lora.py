@@ -302,3 +302,35 @@ def test_return_experts_under_an_adapter_are_its_merged_models(setup) -> None:
         assert got[name] == [o.experts for o in _alone(merged[name], prompt, SamplingParams(**params))
                              if o.token_id is not None]
     assert got["a"] != got[None]
+
+
+def test_a_bf16_bases_adapter_steps_read_the_weights_panels(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 base whose engine keeps the weights in panels (`pack_weights=True`): the adapter steps'
+    few-row products read the panels (`native.linear_packed`) and give what the same steps reading
+    the rows give (a copy, `pack_weights=False`): the same greedy tokens, logprobs within float32
+    summation order moving a bf16 rounding."""
+    from mixlab.ops import native
+
+    if native.load() is None or not native.fast(torch.bfloat16):
+        pytest.skip("no native bf16 kernels here (no AVX512-BF16, no compiler, or MIXLAB_NATIVE=0)")
+    base, adapters = setup
+    models = {"panels": copy.deepcopy(base).to(torch.bfloat16)}
+    models["rows"] = copy.deepcopy(models["panels"])
+    read: set[tuple[int, ...]] = set()  # the shapes of the weights read from panels
+    real = native.linear_packed
+    monkeypatch.setattr(native, "linear_packed", lambda x, w, P: read.add(tuple(w.shape)) or real(x, w, P))
+    prompts = _prompts([6, 13, 9, 4], seed=10)
+    names = [None, "a", "b", "a"]
+    got = {}
+    for how, model in models.items():
+        engine = Engine(model, max_batch=4, prefill_chunk=8, adapters=adapters, pack_weights=how == "panels")
+        hs = [engine.submit(p, SamplingParams(**GREEDY, adapter=n)) for p, n in zip(prompts, names, strict=True)]
+        engine.run_until_idle()
+        assert (engine.runner.packed_bytes > 0) == (how == "panels")
+        got[how] = [_tokens_and_logprobs(h.result()) for h in hs]
+        # the experts' w13 and w2, wqkv and the output, wo
+        assert read == ({(256, 64), (64, 128), (128, 64), (64, 64)} if how == "panels" else set())
+        read.clear()
+    for (tok_p, lp_p), (tok_r, lp_r) in zip(got["panels"], got["rows"], strict=True):
+        assert tok_p == tok_r
+        torch.testing.assert_close(torch.tensor(lp_p), torch.tensor(lp_r), rtol=0, atol=2e-2)

@@ -27,11 +27,15 @@ step's tokens, each token attending over its own sequence's slot at its own posi
 a chunk). The PyTorch pass below is the reference, and runs on GPUs and for larger steps.
 
 LoRA adapters served over the base (`Runner(adapters=)`, `adapter_factors`' low-rank updates): a step
-with any row under an adapter runs the PyTorch pass, each weight's product followed by every
-adapter's update on its own rows (`_lin`); the feed-forward block of a layer an adapter adapts runs
-the router with the updates to its logits, then the experts one at a time with the updates inside the
-SwiGLU (`_adapted_ffn`, the loop of `ops.moe.reference`). Steps of base rows alone are unchanged. A
-slot's keys hold the adapter they were computed under: prefix reuse only within one adapter.
+with any row under an adapter runs the PyTorch pass over its items ordered by adapter, so that each
+adapter's rows are one range: each weight's product is followed by every adapter's update added to
+its slice (`StepAdapters.add`; no gather or scatter); the feed-forward block of a layer an adapter
+adapts runs the router with the updates to its logits, then the (token, slot) pairs grouped by
+expert, each adapter's pairs a range of its expert's, the updates inside the SwiGLU (`_adapted_ffn`).
+The products of a few rows read the native decoder's panels of a bf16 weight where it keeps them
+(`_product`), as its own steps do. Steps of base rows alone are unchanged (a step that mixes them with
+adapter rows runs them in the same pass: a native step of their own would stream every weight a second
+time). A slot's keys hold the adapter they were computed under: prefix reuse only within one adapter.
 
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
 Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts;
@@ -45,6 +49,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +69,7 @@ from mixlab.ops import native as native_lib
 from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
 from mixlab.ops.linear import linear
+from mixlab.ops.moe import combine, dispatch
 from mixlab.ops.swiglu import swiglu
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
@@ -109,53 +115,87 @@ def bytes_per_token(model: Transformer) -> int:
 
 
 class StepAdapters:
-    """The LoRA adapters of a step's rows: row n runs under adapter `owner_N[n]`, an index into
-    `factors` (each adapter's `adapter_factors`), or -1: the base model."""
+    """The LoRA adapters of a step's rows, which `Runner.forward` orders by adapter: row n runs under
+    adapter `owner[n]` (non-decreasing), an index into `factors` (each adapter's `adapter_factors`),
+    or -1: the base model. Each adapter's rows are then one range (`spans`), so its updates are added
+    to slices of a product: no gather, no scatter (a bf16 `index_add_` on CPU is slow)."""
 
-    def __init__(self, factors: list[dict[str, LowRank]], owner_N: torch.Tensor) -> None:
-        self.factors, self.owner_N = factors, owner_N
-        self._rows: dict[int, torch.Tensor] = {}
+    def __init__(self, factors: list[dict[str, LowRank]], owner: list[int],
+                 panels: dict[tuple[int, str], torch.Tensor] | None = None) -> None:
+        self.factors, self.owner = factors, owner
+        self.spans = _spans(owner)
+        # the native decoder's copies of the bf16 weights in panels (`NativeDecoder.panels`), read by `_product`
+        self.panels = panels or {}
+        self._owner_N: torch.Tensor | None = None
 
-    def rows(self, j: int) -> torch.Tensor:
-        """The rows under adapter j (one gather per adapter and weight uses them)."""
-        if j not in self._rows:
-            self._rows[j] = (self.owner_N == j).nonzero()[:, 0]
-        return self._rows[j]
-
-    def select(self, rows_R: torch.Tensor) -> StepAdapters:
-        """The same for the rows `rows_R` alone, in that order."""
-        return StepAdapters(self.factors, self.owner_N[rows_R])
+    def select(self, rows: list[int]) -> StepAdapters:
+        """The same for the rows `rows` (ascending) alone, in that order."""
+        return StepAdapters(self.factors, [self.owner[r] for r in rows], self.panels)
 
     def touches(self, prefix: str) -> bool:
         """Whether an adapter updates a weight whose name starts with `prefix`."""
         return any(name.startswith(prefix) for f in self.factors for name in f)
 
-    def add(self, name: str, x_NI: torch.Tensor, y_NX: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+    def owner_N(self, device: torch.device) -> torch.Tensor:
+        if self._owner_N is None:
+            self._owner_N = torch.tensor(self.owner, device=device, dtype=torch.long)
+        return self._owner_N
+
+    def add(self, name: str, x_NI: torch.Tensor, y_NX: torch.Tensor, expert: int | None = None,
+            spans: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
         """`y_NX` (= x_NI times weight `name`, or expert `expert` of that stacked weight) with each adapter's
-        update on its rows, y += (x A^T) B^T, in float32; in place, returned."""
-        for j, f in enumerate(self.factors):
-            lr = f.get(name)
-            if lr is None or not (rows := self.rows(j)).numel():
-                continue
-            A_RI, B_XR = (lr.A, lr.B) if expert is None else (lr.A[expert], lr.B[expert])
-            y_NX.index_add_(0, rows, ((x_NI[rows].float() @ A_RI.T) @ B_XR.T).to(y_NX.dtype))
+        update on its rows (`spans`: (adapter, first row, end row), by default the step's), y += (x A^T) B^T,
+        computed in float32 and rounded once; in place, returned."""
+        for j, a, b in self.spans if spans is None else spans:
+            lr = self.factors[j].get(name)
+            if lr is not None:
+                A_RI, B_XR = (lr.A, lr.B) if expert is None else (lr.A[expert], lr.B[expert])
+                y_NX[a:b] += (x_NI[a:b].float() @ A_RI.T) @ B_XR.T
         return y_NX
 
 
-def _lin(mod: nn.Module, x_ND: torch.Tensor, ad: StepAdapters | None = None, name: str = "") -> torch.Tensor:
+def _spans(owner: list[int]) -> list[tuple[int, int, int]]:
+    """The runs of equal adapters in `owner` (non-decreasing) as (adapter, first row, end row); base
+    rows (-1) have none."""
+    out: list[tuple[int, int, int]] = []
+    for i, j in enumerate(owner):
+        if j >= 0:
+            out.append((j, out.pop()[1] if out and out[-1][0] == j else i, i + 1))
+    return out
+
+
+def _product(x_NI: torch.Tensor, w_XI: torch.Tensor, scale_X: torch.Tensor | None = None,
+             panels_XI: torch.Tensor | None = None) -> torch.Tensor:
+    """`ops.linear.linear`; where it runs the native kernel (a few rows) on a bf16 weight the native
+    decoder keeps in panels too, the kernel reads the panels (`native.linear_packed`): one stream per
+    panel serves every row, as in the engine's native step (a row is read once per group of 4 rows)."""
+    if panels_XI is not None and registry.linear_impl(x_NI, w_XI, scale_X) == "native":
+        return native_lib.linear_packed(x_NI, w_XI, panels_XI)
+    return linear(x_NI, w_XI, scale_X)
+
+
+def _lin(mod: nn.Module, x_ND: torch.Tensor, ad: StepAdapters | None = None, name: str = "",
+         key: tuple[int, str] | None = None) -> torch.Tensor:
     """A model linear on N rows: plain `nn.Linear` weights through `ops.linear` (the native kernel
     for a few rows, without preparing the model); prepared linears run themselves. `ad`: plus the
-    step's adapters' updates of weight `name` (`layers.0.attn.wo.weight`) on their rows."""
-    y_NX = linear(x_ND, mod.weight) if type(mod) is nn.Linear else mod(x_ND)
-    return y_NX if ad is None else ad.add(name, x_ND, y_NX)
+    step's adapters' updates of weight `name` (`layers.0.attn.wo.weight`) on their rows, the product
+    read from the weight's panels `ad.panels[key]` if any."""
+    if ad is None:
+        return linear(x_ND, mod.weight) if type(mod) is nn.Linear else mod(x_ND)
+    P = None if key is None else ad.panels.get(key)
+    y_NX = _product(x_ND, mod.weight, None, P) if type(mod) is nn.Linear else mod(x_ND)
+    return ad.add(name, x_ND, y_NX)
 
 
 def _adapted_ffn(block: Block, li: int, x_1ND: torch.Tensor, ad: StepAdapters,
-                 rows_R: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
-    """`Block.feed_forward` (`feed_forward_rows` for the rows `rows_R` alone) with each row's adapter's
+                 rows: list[int] | None) -> tuple[torch.Tensor, Routing | None]:
+    """`Block.feed_forward` (`feed_forward_rows` for the rows `rows` alone) with each row's adapter's
     updates: to the router's logits (every row routed, as `Router.forward` does), then inside the
-    SwiGLU of the dense FFN or of each expert in turn (`ops.moe.reference`'s loop), for any format of
-    resident experts (`ops.linear.linear` with their scales)."""
+    SwiGLU of the dense FFN or of each expert, for any format of resident experts (`ops.linear.linear`
+    with their scales). The experts run on the (token, slot) pairs grouped by expert (`ops.moe.dispatch`,
+    which keeps the rows' order inside each expert's segment, so each adapter's pairs are one range
+    of it), one product per expert and projection and one update per expert and adapter, then
+    `ops.moe.combine`."""
     p, ffn = f"layers.{li}.ffn.", block.ffn
     x_ND = x_1ND[0]
     h_ND = block.ffn_norm(x_ND)
@@ -168,27 +208,42 @@ def _adapted_ffn(block: Block, li: int, x_1ND: torch.Tensor, ad: StepAdapters,
         if moe.capacity_factor is not None:
             weight_NK, dropped = apply_capacity(idx_NK, weight_NK, moe.num_experts, moe.capacity_factor)
         routing = Routing(logits_NE, idx_NK, weight_NK, dropped)
-    if rows_R is not None:
-        x_ND, h_ND, ad = x_ND[rows_R], h_ND[rows_R], ad.select(rows_R)
+    if rows is not None:
+        rows_R = torch.tensor(rows, device=x_ND.device, dtype=torch.long)
+        x_ND, h_ND, ad = x_ND[rows_R], h_ND[rows_R], ad.select(rows)
     if not isinstance(ffn, MoEBlock):
-        a_NF = swiglu(_lin(ffn.w13, h_ND, ad, p + "w13.weight"))
-        return (x_ND + _lin(ffn.w2, a_NF, ad, p + "w2.weight"))[None], None
+        a_NF = swiglu(_lin(ffn.w13, h_ND, ad, p + "w13.weight", (li, "w13")))
+        return (x_ND + _lin(ffn.w2, a_NF, ad, p + "w2.weight", (li, "w2")))[None], None
     assert routing is not None
-    idx_NK, weight_NK = (routing.idx_TK, routing.weight_TK) if rows_R is None else \
+    idx_NK, weight_NK = (routing.idx_TK, routing.weight_TK) if rows is None else \
         (routing.idx_TK[rows_R], routing.weight_TK[rows_R])
+    E, J = ffn.experts.num_experts, len(ad.factors)
+    xs_nD, d = dispatch(h_ND, idx_NK, E)
+    # pairs per expert and adapter (column 0: the base's), in one bincount
+    key_NK = idx_NK * (J + 1) + ad.owner_N(h_ND.device)[:, None] + 1
+    counts_EJ = torch.bincount(key_NK.reshape(-1), minlength=E * (J + 1)).view(E, J + 1).tolist()
     w = ffn.experts.weights()
-    y_ND = torch.zeros_like(h_ND)
-    for e in range(ffn.experts.num_experts):
-        tok_n, slot_n = torch.where(idx_NK == e)
-        if tok_n.numel() == 0:
+    P13, P2 = ad.panels.get((li, "w13")), ad.panels.get((li, "w2"))
+    ys: list[torch.Tensor] = []
+    start = 0
+    for e, counts in enumerate(counts_EJ):
+        n = sum(counts)
+        if n == 0:
             continue
-        sub, xs_nD = ad.select(tok_n), h_ND[tok_n]
+        ends = list(accumulate(counts))  # the base's pairs first, then each adapter's
+        spans = [(j, ends[j], ends[j + 1]) for j in range(J) if counts[j + 1]]
+        xs = xs_nD[start : start + n]
         s13 = None if w.w13_scale is None else w.w13_scale[e]
         s2 = None if w.w2_scale is None else w.w2_scale[e]
-        a_nF = swiglu(sub.add(p + "experts.w13", xs_nD, linear(xs_nD, w.w13[e], s13), e))
-        ys_nD = sub.add(p + "experts.w2", a_nF, linear(a_nF, w.w2[e], s2), e)
-        y_ND.index_add_(0, tok_n, (ys_nD * weight_NK[tok_n, slot_n, None]).to(y_ND.dtype))
-    return (x_ND + y_ND)[None], routing
+        h_n2F = _product(xs, w.w13[e], s13, None if P13 is None else P13[e])
+        a_nF = swiglu(ad.add(p + "experts.w13", xs, h_n2F, e, spans))
+        ys_nD = _product(a_nF, w.w2[e], s2, None if P2 is None else P2[e])
+        ys.append(ad.add(p + "experts.w2", a_nF, ys_nD, e, spans))
+        start += n
+    if not ys:  # no rows
+        return x_ND[None], routing
+    ys_nD = torch.cat(ys) if len(ys) > 1 else ys[0]
+    return (x_ND + combine(ys_nD, weight_NK, d, x_ND.dtype))[None], routing
 
 
 def available_memory() -> int:
@@ -352,7 +407,10 @@ class Runner:
 
     def forward(self, items: list[Item]) -> list[Result]:
         if any(it.adapter is not None for it in items):  # the PyTorch pass, with the adapters' updates
-            return self._batched(items)
+            # items ordered by adapter, the base's first (`StepAdapters`); results in the items' order
+            order = sorted(range(len(items)), key=lambda i: (items[i].adapter is not None, items[i].adapter or ""))
+            results = dict(zip(order, self._batched([items[i] for i in order]), strict=True))
+            return [results[i] for i in range(len(items))]
         if self.batch_invariant:  # one kernel family for every step, whatever its tokens (`mx_batch.invariant`)
             outs = self._native_batch(items, invariant=True) if items else []
             if outs is None:
@@ -509,14 +567,15 @@ class Runner:
         return torch.bincount(flat, minlength=L * E).view(L, E)
 
     def _step_adapters(self, items: list[Item]) -> StepAdapters | None:
-        """The adapters of the step's rows, or None (base rows alone)."""
+        """The adapters of the step's rows (items ordered by adapter: `forward`), or None (base rows alone)."""
         names = sorted({it.adapter for it in items if it.adapter is not None})
         if not names:
             return None
         owner: list[int] = []
         for it in items:
             owner += [-1 if it.adapter is None else names.index(it.adapter)] * len(it.tokens)
-        return StepAdapters([self.adapters[n] for n in names], torch.tensor(owner, device=self.device))
+        dec = self._native_decoder() if self.device.type == "cpu" else None
+        return StepAdapters([self.adapters[n] for n in names], owner, dec.panels() if dec is not None else None)
 
     def _batched(self, items: list[Item]) -> list[Result]:
         model, cfg = self.model, self.model.config
@@ -582,7 +641,7 @@ class Runner:
             assert isinstance(block, Block)
             attn = block.attn
             h_ND = block.attn_norm(x_ND)
-            qkv_NX = _lin(attn.wqkv, h_ND, ad, f"layers.{li}.attn.wqkv.weight")
+            qkv_NX = _lin(attn.wqkv, h_ND, ad, f"layers.{li}.attn.wqkv.weight", (li, "wqkv"))
             qk_NX, v_NX = qkv_NX.split([(H + G) * Hd, G * Hd], dim=-1)
             q_NHHd, k_NGHd = apply_rope(qk_NX.view(1, N, H + G, Hd), cos, sin)[0].split([H, G], dim=1)
             kc, vc = self.k[li], self.v[li]
@@ -601,9 +660,10 @@ class Runner:
                 q_1HTHd = q_NHHd[a : a + T].transpose(0, 1)[None]
                 y = training_sdpa(q_1HTHd, kc[it.slot : it.slot + 1, :, :n], vc[it.slot : it.slot + 1, :, :n], mask)
                 y_NHHd[a : a + T] = y[0].transpose(0, 1)
-            x_1ND = (x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd), ad, f"layers.{li}.attn.wo.weight"))[None]
+            x_1ND = (x_ND + _lin(attn.wo, y_NHHd.reshape(N, H * Hd), ad, f"layers.{li}.attn.wo.weight",
+                                 (li, "wo")))[None]
             if ad is not None and ad.touches(f"layers.{li}.ffn."):
-                x_1ND, routing = _adapted_ffn(block, li, x_1ND, ad, rows_R if li == last_layer and some else None)
+                x_1ND, routing = _adapted_ffn(block, li, x_1ND, ad, rows if li == last_layer and some else None)
             elif li == last_layer and some:
                 x_1ND, routing = block.feed_forward_rows(x_1ND, rows_R)  # x_ND: the wanted rows, in order
             else:
@@ -618,7 +678,7 @@ class Runner:
         logits_RV = None
         if rows:
             h_RD = model.norm(x_ND if some else x_ND[rows_R])
-            logits_RV = _lin(model.output, h_RD).float()
+            logits_RV = _lin(model.output, h_RD, ad, "output.weight", (-1, "out")).float()
         out = []
         for i, it in enumerate(items):
             span = spans[i]

@@ -138,6 +138,7 @@ class NativeDecoder:
         # bf16 matrices `pack` may keep in panels: (layer, name) -> weight; (-1, "out"): the output
         self._packable: dict[tuple[int, str], torch.Tensor] = {(-1, "out"): w_out.detach()}
         self._packed: dict[tuple[int, str], torch.Tensor] | None = None
+        self._reading = False  # whether the steps read the panels (`pack(on)`)
         for i, block in enumerate(model.layers):
             assert isinstance(block, Block)
             ffn = block.ffn
@@ -237,6 +238,7 @@ class NativeDecoder:
                     raise MemoryError(f"no memory for the weights' panels ({self.packable_bytes()} bytes): {e}") from e
                 self._packed = packed
             packed = self._packed or {}
+            self._reading = on
             for (i, name), P in packed.items():
                 at = P.data_ptr() if on else None
                 if i < 0:
@@ -244,6 +246,12 @@ class NativeDecoder:
                 else:
                     setattr(self.layers[i], f"{name}_p", at)
             return sum(P.numel() * P.element_size() for P in packed.values()) if on else 0
+
+    def panels(self) -> dict[tuple[int, str], torch.Tensor]:
+        """The panels the engine step reads (`pack`), by (layer, "wqkv" / "wo" / "w13" / "w2"; the
+        experts' stacked as they are) and (-1, "out"): none before `pack` or after `pack(False)`.
+        The engine's LoRA steps read them too (`engine.runner`)."""
+        return (self._packed or {}) if self._reading else {}
 
     def _collapse(self, tensors: list[torch.Tensor]) -> None:
         self.huge_pages = huge_pages(tensors)
