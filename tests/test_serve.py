@@ -354,7 +354,7 @@ def test_top_logprobs_at_the_start_of_a_text_lose_its_leading_space(client: Any,
     """The first token of a chat reply or an echoed prompt is reported without its leading space ("The"),
     but its top_logprobs kept theirs (" The", " patches"), so the chosen token's key was not its token.
     There the alternatives are now shown as the text would begin with them: decode([alternative])."""
-    from mixlab.serve.common import _piece
+    from mixlab.serve.common import token_piece
 
     model, tok = model_tok
     ids = tok.encode_chat(U)
@@ -371,7 +371,8 @@ def test_top_logprobs_at_the_start_of_a_text_lose_its_leading_space(client: Any,
                                        top_logprobs=5, logit_bias={str(tok.encode("The", bos=False)[-1]): 100})
     first, second = r.choices[0].logprobs.content
     assert first.token == "The" and [t.token for t in first.top_logprobs] == [tok.decode([a]) for a in top]
-    assert [t.token for t in second.top_logprobs] == [_piece(tok, a)[0] for a in logits[-1].topk(5).indices.tolist()]
+    alternatives = logits[-1].topk(5).indices.tolist()
+    assert [t.token for t in second.top_logprobs] == [token_piece(tok, a)[0] for a in alternatives]
     prompt = "The quick brown fox"
     for logprobs in (0, 5):
         c = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=logprobs)
@@ -413,15 +414,15 @@ def test_scoring_endings_of_one_context_prefills_it_once(client: Any, model_tok:
 
 def test_top_logprob_bytes_of_a_byte_piece(model_tok: tuple[Any, Any]) -> None:
     """A byte-fallback alternative reports its own byte (as OpenAI's `bytes` do), not U+FFFD's."""
-    from mixlab.serve.common import _piece
+    from mixlab.serve.common import token_piece
 
     _, tok = model_tok
     i = next(i for i in range(tok.vocab_size) if tok.id_to_piece(i) == "<0x8C>")
-    assert _piece(tok, i) == ("\ufffd", [0x8C])
+    assert token_piece(tok, i) == ("\ufffd", [0x8C])
     j = tok.encode("hello", bos=False)[-1]
     text = tok.id_to_piece(j).replace("\u2581", " ")
-    assert _piece(tok, j) == (text, list(text.encode()))
-    assert _piece(tok, tok.vocab_size + 5) == ("", [])  # a padded vocabulary's id: no text, as streamed
+    assert token_piece(tok, j) == (text, list(text.encode()))
+    assert token_piece(tok, tok.vocab_size + 5) == ("", [])  # a padded vocabulary's id: no text, as streamed
 
 
 def test_n_choices_and_experts(client: Any, server: str, model_tok: tuple[Any, Any]) -> None:

@@ -16,7 +16,7 @@ Text conventions:
     token, EOS or `stop_token_ids`, has an entry whose text is empty or what the decoder held back);
     the alternatives are the tokens' own pieces, less their leading space where the chosen token lost
     its own (the first token of a text: a chat reply's, an echoed prompt's, a completion's of an empty
-    prompt: `_piece(start=True)`).
+    prompt: `token_piece(start=True)`).
 """
 
 from __future__ import annotations
@@ -42,15 +42,15 @@ from starlette.exceptions import HTTPException
 
 from mixlab.engine import RequestOutput
 from mixlab.serve.common import (
+    Choice,
     EngineLike,
+    Server,
     ServerConfig,
-    _chat_lp,
-    _Choice,
-    _piece,
-    _Server,
-    _usage,
+    chat_lp,
+    token_piece,
+    usage_of,
 )
-from mixlab.serve.guard import _Guard
+from mixlab.serve.guard import Guard
 from mixlab.serve.metrics import CONTENT_TYPE
 from mixlab.serve.protocol import (
     ApiError,
@@ -180,7 +180,7 @@ class _OffLoopBody(APIRoute):
         endpoint, hints = self.endpoint, get_type_hints(self.endpoint)
 
         async def handler(request: Request) -> Response:
-            srv: _Server = request.app.state.server
+            srv: Server = request.app.state.server
             body = await srv.off_loop(_read_body, await request.body(), request.headers.get("content-type"),
                                       hints["body"])
             result = await (endpoint(body, request) if "request" in hints else endpoint(body))
@@ -210,15 +210,15 @@ def _jsonable(v: object) -> bool:
         return False
 
 
-async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
     """The outputs of several handles as they arrive, tagged with their choice."""
     if len(choices) == 1:
         async for out in choices[0].handle.aiter():
             yield choices[0], out
         return
-    q: asyncio.Queue[tuple[_Choice, RequestOutput] | None] = asyncio.Queue()
+    q: asyncio.Queue[tuple[Choice, RequestOutput] | None] = asyncio.Queue()
 
-    async def pump(c: _Choice) -> None:
+    async def pump(c: Choice) -> None:
         try:
             async for out in c.handle.aiter():
                 await q.put((c, out))
@@ -253,7 +253,7 @@ def _sse(obj: Any) -> bytes:
 def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (started by the caller) under `config`."""
     cfg = config or ServerConfig()
-    srv = _Server(engine, tokenizer, cfg)
+    srv = Server(engine, tokenizer, cfg)
     tok = tokenizer
     app = FastAPI(title="mixlab", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
@@ -301,12 +301,12 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     # -- generation ---------------------------------------------------------------------------------
 
-    def observer(arrived: float) -> Callable[[_Choice, RequestOutput], None]:
+    def observer(arrived: float) -> Callable[[Choice, RequestOutput], None]:
         """Counts a request's generated tokens and their latencies: the time to the first token from `arrived`
         (the request's perf_counter() as its handler began: its prompt's encoding is part of it), then between."""
         last: dict[int, float] = {}
 
-        def observe(c: _Choice, out: RequestOutput) -> None:
+        def observe(c: Choice, out: RequestOutput) -> None:
             if out.token_id is None or c.hidden:
                 return
             now = time.perf_counter()
@@ -319,7 +319,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
         return observe
 
-    async def gather(request: Request, choices: list[_Choice], observe: Callable[[_Choice, RequestOutput], None],
+    async def gather(request: Request, choices: list[Choice], observe: Callable[[Choice, RequestOutput], None],
                      want_logprobs: bool) -> Response | None:
         """Every output of `choices` taken in (unstreamed); see `settle`."""
         async def collect() -> None:
@@ -333,7 +333,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         finally:
             srv.metrics.in_progress -= 1
 
-    async def settle(request: Request, choices: list[_Choice], work: asyncio.Future[None]) -> Response | None:
+    async def settle(request: Request, choices: list[Choice], work: asyncio.Future[None]) -> Response | None:
         """`work`, which takes in every output of `choices`, awaited; a 499 if the client left first (its requests
         cancelled, their cache freed), an ApiError if the engine failed one."""
         gone = asyncio.ensure_future(_wait_disconnect(request))
@@ -357,7 +357,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                            f"generation failed: {c.error or c.finish_reason}", code="engine_error")
         return None
 
-    def stream_over(choices: list[_Choice]) -> None:
+    def stream_over(choices: list[Choice]) -> None:
         """A stream ended, or its client disconnected: its requests stop, their cache is freed."""
         srv.metrics.in_progress -= 1
         left = [c for c in choices if c.finish_reason is None]
@@ -366,7 +366,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         if left:
             srv.metrics.cancelled.inc(len(left))
 
-    async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[_Choice],
+    async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[Choice],
                       prompts: list[list[int]], *, chat: bool, rid: str, want_logprobs: bool,
                       echo: list[dict[str, Any]] | None, arrived: float) -> Response:
         """`prompts`: each prompt's token ids, once however many choices it has. `arrived`: the request's
@@ -390,7 +390,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                                       "stop_reason": c.stop_reason}
                 if chat:
                     ch["message"] = {"role": "assistant", "content": c.text}
-                    ch["logprobs"] = {"content": [_chat_lp(e) for e in c.tokens], "refusal": None} \
+                    ch["logprobs"] = {"content": [chat_lp(e) for e in c.tokens], "refusal": None} \
                         if want_logprobs else None
                 else:
                     head = echo[c.index // body.n] if echo is not None else None
@@ -405,7 +405,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 out_choices.append(ch)
             res = {"id": rid, "object": obj, "created": created, "model": served,
                    "system_fingerprint": FINGERPRINT, "choices": out_choices,
-                   "usage": _usage(choices, prompt_lens, body.n)}
+                   "usage": usage_of(choices, prompt_lens, body.n)}
             if want_ids and chat:
                 res["prompt_token_ids"] = prompts[0]
             return JSONResponse(res)
@@ -423,7 +423,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 else:
                     ch["prompt_token_ids"] = prompts[ch["index"] // body.n]
             if include_usage:
-                d["usage"] = _usage(choices, prompt_lens, body.n) if continuous else None
+                d["usage"] = usage_of(choices, prompt_lens, body.n) if continuous else None
             return d
 
         async def events() -> AsyncIterator[bytes]:
@@ -456,7 +456,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         continue
                     if chat:
                         ch: dict[str, Any] = {"index": c.index, "delta": {"content": delta} if delta else {},
-                                              "logprobs": {"content": [_chat_lp(lp)], "refusal": None}
+                                              "logprobs": {"content": [chat_lp(lp)], "refusal": None}
                                               if lp is not None else None, "finish_reason": finish}
                     else:
                         ch = {"index": c.index, "text": delta, "finish_reason": finish,
@@ -475,7 +475,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 if include_usage:
                     yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
                                 "system_fingerprint": FINGERPRINT, "choices": [],
-                                "usage": _usage(choices, prompt_lens, body.n)})
+                                "usage": usage_of(choices, prompt_lens, body.n)})
                 yield b"data: [DONE]\n\n"
             except asyncio.CancelledError:
                 raise
@@ -505,7 +505,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                   for i in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
-        choices = [_Choice(i, h, alone=alone) for i, h in enumerate(handles)]
+        choices = [Choice(i, h, alone=alone) for i, h in enumerate(handles)]
         return await respond(request, body, choices, [ids], chat=True, rid=rid, want_logprobs=body.logprobs,
                              echo=None, arrived=arrived)
 
@@ -547,7 +547,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         handles = srv.submit(ids, params, rid, param="prompt" if len(prompts) > 1 else "n", n=body.n)
         # a prompt with no text (BOS alone: prompt "") leaves the first generated token to begin one
         empty = [all(i in (tok.bos_id, tok.eos_id) for i in p) for p in prompts]
-        choices = [_Choice(k, h, alone=empty[choices_meta[k]], hidden=hidden) for k, h in enumerate(handles)]
+        choices = [Choice(k, h, alone=empty[choices_meta[k]], hidden=hidden) for k, h in enumerate(handles)]
         echo = [_echo_head(tok, p) for p in prompts] if body.echo else None
         return await respond(request, body, choices, prompts, chat=False, rid=rid,
                              want_logprobs=want_lp, echo=echo, arrived=arrived)
@@ -629,7 +629,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         return Response(files[name], media_type=types[name.rsplit(".", 1)[-1]],
                         headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache"})
 
-    guarded = _Guard(app, srv)
+    guarded = Guard(app, srv)
     if cfg.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -658,15 +658,15 @@ def _top_dict(entries: Iterable[dict[str, Any]], tok: Tokenizer, chosen: int, lo
               start: bool) -> dict[str, float]:
     """A legacy `top_logprobs` entry: the alternatives, then the chosen token if it is not among them
     (OpenAI's "up to logprobs + 1 elements"; vLLM's too), so `logprobs: 0` still names the token.
-    `start`: the position begins a text (`_piece`)."""
+    `start`: the position begins a text (`token_piece`)."""
     d: dict[str, float] = {}
     for t in entries:
         d.setdefault(t["token"], t["logprob"])  # two ids with one text: keep the likelier (listed first)
-    d.setdefault(_piece(tok, chosen, start)[0], logprob)
+    d.setdefault(token_piece(tok, chosen, start)[0], logprob)
     return d
 
 
-def _completion_lp(head: dict[str, Any] | None, c: _Choice, tok: Tokenizer, *, generated: bool) -> dict[str, Any]:
+def _completion_lp(head: dict[str, Any] | None, c: Choice, tok: Tokenizer, *, generated: bool) -> dict[str, Any]:
     """The legacy logprobs object: the echoed prompt's tokens (when `head`), then
     the generated ones (when `generated`)."""
     tokens: list[str] = []
@@ -687,7 +687,7 @@ def _completion_lp(head: dict[str, Any] | None, c: _Choice, tok: Tokenizer, *, g
             else:
                 alternatives = ptop[k] if ptop is not None and ptop[k] is not None else []  # none with logprobs=0
                 start = k == head["start"]
-                tops.append(_top_dict(({"token": _piece(tok, a, start)[0], "logprob": b} for a, b in alternatives),
+                tops.append(_top_dict(({"token": token_piece(tok, a, start)[0], "logprob": b} for a, b in alternatives),
                                       tok, head["ids"][k], v, start))
     if generated:
         for e in c.tokens:

@@ -1,5 +1,5 @@
 """What the server's modules share: its configuration (`ServerConfig`), the checks and engine submission
-every endpoint makes (`_Server`), and one choice's outputs turned into text and logprob entries (`_Choice`).
+every endpoint makes (`Server`), and one choice's outputs turned into text and logprob entries (`Choice`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from mixlab.engine import QueueFull, RequestOutput, SamplingParams, Structured
 from mixlab.engine.structured import lltokenizer
@@ -26,9 +26,6 @@ from mixlab.serve.protocol import (
 from mixlab.serve.store import Item, ResponseStore, Stored
 from mixlab.tokenizer import ChatError, Tokenizer
 
-if TYPE_CHECKING:
-    from mixlab.serve.responses import _Live
-
 _T = TypeVar("_T")
 
 
@@ -36,6 +33,15 @@ class EngineLike(Protocol):
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> Any: ...
     def cancel(self, request: Any) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+
+
+class LiveResponse(Protocol):
+    """A Responses API response still being made (responses.py's), as the drain sees it."""
+
+    @property
+    def background(self) -> bool: ...
+    @property
+    def task(self) -> asyncio.Task[None] | None: ...
 
 
 @dataclass
@@ -97,7 +103,7 @@ def api_key_problem(key: str) -> str | None:
 # one choice: engine outputs -> text, logprobs, experts
 
 
-def _piece(tok: Tokenizer, i: int, start: bool = False) -> tuple[str, list[int]]:
+def token_piece(tok: Tokenizer, i: int, start: bool = False) -> tuple[str, list[int]]:
     """A token's own text and bytes, for top-logprob alternatives ("▁" is a space; a byte piece is
     its byte, whose text is U+FFFD, as OpenAI reports a partial character; an id past the
     tokenizer's vocabulary, a padded vocabulary's, has no text, as the stream decoder gives it).
@@ -116,7 +122,7 @@ def _piece(tok: Tokenizer, i: int, start: bool = False) -> tuple[str, list[int]]
 
 
 @dataclass
-class _Choice:
+class Choice:
     index: int
     handle: Any
     alone: bool = False  # its first token begins a text: a chat reply (decoded alone), a prompt of BOS alone
@@ -161,7 +167,7 @@ class _Choice:
             # lm-eval's scoring slices token_logprobs[ctxlen:-1], which assumes one per generated token
             start = self.alone and out.completion_tokens == 1
             top = [{"token": text, "logprob": v, "bytes": raw, "id": i}
-                   for i, v in (out.top_logprobs or []) for text, raw in [_piece(tok, i, start)]]
+                   for i, v in (out.top_logprobs or []) for text, raw in [token_piece(tok, i, start)]]
             lp = {"token": delta, "logprob": out.logprob, "bytes": list(delta.encode()), "id": out.token_id,
                   "top_logprobs": top, "start": start}
             self.tokens.append(lp)
@@ -174,7 +180,7 @@ class _Choice:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Server:
+class Server:
     def __init__(self, engine: EngineLike, tok: Tokenizer, cfg: ServerConfig) -> None:
         self.engine, self.tok, self.cfg = engine, tok, cfg
         self.metrics = Metrics(engine.stats)
@@ -191,7 +197,7 @@ class _Server:
             store = self.store
             self.metrics.watch_store(lambda: len(store), lambda: store.nbytes)
         # responses still being made that GET answers (stored once finished): as many as the engine holds requests
-        self.live: dict[str, _Live] = {}
+        self.live: dict[str, LiveResponse] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the app's, once a response has been made
 
     async def off_loop(self, encode: Callable[..., _T], *args: Any, **kw: Any) -> _T:
@@ -228,11 +234,6 @@ class _Server:
             raise ApiError(404, f"Previous response with id {previous[:80]!r} not found ({self.absent()})",
                            param="previous_response_id", code="previous_response_not_found")
         return (*stored.items, stored.output)
-
-    def find(self, response_id: str) -> _Live | Stored:
-        """A response still being made, or a stored one, else a 404 naming it."""
-        live = self.live.get(response_id)
-        return live if live is not None else self.stored(response_id)
 
     def stored(self, response_id: str, *, delete: bool = False) -> Stored:
         """A stored response (`delete`: taken out of the store), else a 404 naming it."""
@@ -383,7 +384,7 @@ def _guess_param(message: str) -> str | None:
     return None
 
 
-def _usage(choices: list[_Choice], prompt_lens: list[int], n: int) -> dict[str, Any]:
+def usage_of(choices: list[Choice], prompt_lens: list[int], n: int) -> dict[str, Any]:
     prompt = sum(prompt_lens)
     done = sum(c.completion_tokens for c in choices)
     cached = sum(c.cached_tokens for c in choices if c.index % n == 0)
@@ -391,7 +392,7 @@ def _usage(choices: list[_Choice], prompt_lens: list[int], n: int) -> dict[str, 
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _chat_lp(e: dict[str, Any]) -> dict[str, Any]:
+def chat_lp(e: dict[str, Any]) -> dict[str, Any]:
     return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]}
                              for t in e["top_logprobs"]]}

@@ -1,4 +1,4 @@
-"""The outermost ASGI layer (`_Guard`), before any route: the cap on open connections, the Host header (against
+"""The outermost ASGI layer (`Guard`), before any route: the cap on open connections, the Host header (against
 DNS rebinding), the API key, the request body's size and time limits, and request counts."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from mixlab.serve.common import _Server
+from mixlab.serve.common import Server
 from mixlab.serve.protocol import error_body
 
 
@@ -39,7 +39,7 @@ def _host_allowed(name: str, allowed: list[str]) -> bool:
         return False
 
 
-class _Guard:
+class Guard:
     """ASGI middleware: the cap on open connections, the Host header (against DNS rebinding), the API key
     (constant-time compare) on /v1 and the tokenizer endpoints, the body size limit (Content-Length or
     counted while buffering a chunked body) and time limit, request counts; repeated slashes in the path
@@ -49,7 +49,7 @@ class _Guard:
     KNOWN = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
              "/tokenize", "/detokenize", "/tokenizer_info", "/"}
 
-    def __init__(self, app: FastAPI, srv: _Server) -> None:
+    def __init__(self, app: FastAPI, srv: Server) -> None:
         self.app, self.srv = app, srv
         self.state = app.state  # tests reach the server through app.state
 

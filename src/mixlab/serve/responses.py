@@ -18,14 +18,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mixlab.engine import RequestOutput
-from mixlab.serve.common import _chat_lp, _Choice, _Server, _usage
+from mixlab.serve.common import Choice, Server, chat_lp, usage_of
 from mixlab.serve.protocol import ApiError, ChatMessage, ResponsesRequest, not_supported
 from mixlab.serve.store import Item, Stored
 
 
-def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Callable[[Callable[..., Any]], Any]],
-                         observer: Callable[[float], Callable[[_Choice, RequestOutput], None]],
-                         settle: Callable[[Request, list[_Choice], asyncio.Future[None]], Awaitable[Response | None]]
+def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Callable[[Callable[..., Any]], Any]],
+                         observer: Callable[[float], Callable[[Choice, RequestOutput], None]],
+                         settle: Callable[[Request, list[Choice], asyncio.Future[None]], Awaitable[Response | None]]
                          ) -> None:
     """The Responses API's endpoints on `app`, served by `srv`; `post`, `observer` and `settle`: `create_app`'s, which
     the chat endpoints use too."""
@@ -60,7 +60,7 @@ def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Ca
         top = (body.top_logprobs or 0) if want_lp else None
         handle, = srv.submit([ids], [srv.sampling(body, max_tokens, 0, top, decode_alone=True, structured=structured)],
                              rid, param="input", n=1)
-        c = _Choice(0, handle, alone=True)
+        c = Choice(0, handle, alone=True)
         observe = observer(arrived)
         store = srv.store if body.store else None
         turn = tuple(Item(f"msg_{uuid.uuid4().hex}", m.role, m.text()) for m in inputs) if store is not None else ()
@@ -86,7 +86,7 @@ def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Ca
                 item["experts"] = c.experts
             if body.return_token_ids:
                 item["token_ids"] = c.token_ids
-            u = _usage([c], [len(ids)], 1)
+            u = usage_of([c], [len(ids)], 1)
             usage = {"input_tokens": u["prompt_tokens"],
                      # cache_write_tokens: OpenAI's explicit (TTL) cache, which this server has not
                      "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
@@ -115,7 +115,7 @@ def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Ca
                     observe(c, out)
                     delta, lp, _ = c.take(out, tok, want_lp)
                     if lp is not None:
-                        live.lps.append(_chat_lp(lp))
+                        live.lps.append(chat_lp(lp))
                     if delta or lp is not None:  # a token whose text is held back (or EOS's) still has its logprob
                         live.ends.append(len(c.text))
                         if live.lp_ends is not None:
@@ -144,7 +144,7 @@ def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Ca
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str) -> Response:
         """A background response cancelled (one that has finished: answered as it is, as OpenAI does)."""
-        found = srv.find(response_id)
+        found = _find(srv, response_id)
         if not found.background:
             raise ApiError(400, "Cannot cancel a synchronous response.", param="response_id")  # OpenAI's words
         if isinstance(found, _Live) and found.task is not None:
@@ -157,7 +157,7 @@ def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Ca
         async def input_items(response_id: str, request: Request) -> dict[str, Any]:
             """The items a stored response answered (earlier turns' included; OpenAI's list object, `desc` by
             default), `limit` (1-100, default 20) at a time after the item `after`."""
-            items = srv.find(response_id).items
+            items = _find(srv, response_id).items
             q = request.query_params
             order = q.get("order", "desc")
             if order not in ("asc", "desc"):
@@ -180,7 +180,7 @@ def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Ca
     async def stored_response(response_id: str, request: Request) -> Response:
         """A response, stored or still being made; `?stream=true` (a background response's): its events again,
         those after `starting_after` (a sequence number), then the rest as they come."""
-        found = srv.find(response_id)
+        found = _find(srv, response_id)
         if request.method == "DELETE":  # OpenAI's deleted object (the openai client returns None)
             if isinstance(found, _Live):
                 how = "cancel it first (POST /v1/responses/{id}/cancel)" if found.background else "wait for its end"
@@ -210,7 +210,7 @@ def add_responses_routes(app: FastAPI, srv: _Server, *, post: Callable[[str], Ca
 
 
 def _output_text(text: str, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """OpenAI's `ResponseOutputText`; `logprobs`: its tokens' (`_chat_lp`'s entries), with the include asking."""
+    """OpenAI's `ResponseOutputText`; `logprobs`: its tokens' (`chat_lp`'s entries), with the include asking."""
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
 
 
@@ -285,10 +285,10 @@ class _Live:
 
     head: dict[str, Any]  # its object as created
     mid: str  # its output message's id
-    choice: _Choice
+    choice: Choice
     items: tuple[Item, ...]  # the conversation it answers, as `input_items` lists it
     ends: list[int] = field(default_factory=list)  # the output text's length after each delta event
-    lps: list[dict[str, Any]] = field(default_factory=list)  # its tokens' logprobs (with the include), `_chat_lp`'s
+    lps: list[dict[str, Any]] = field(default_factory=list)  # its tokens' logprobs (with the include), `chat_lp`'s
     lp_ends: list[int] | None = None  # with the include: how many of them after each delta event
     final: dict[str, Any] | None = None  # its object once finished
     body: bytes = b""  # ... as JSON
@@ -315,6 +315,12 @@ class _Live:
     def wake(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
+
+
+def _find(srv: Server, response_id: str) -> _Live | Stored:
+    """A response still being made, or a stored one, else a 404 naming it."""
+    live = srv.live.get(response_id)
+    return live if isinstance(live, _Live) else srv.stored(response_id)
 
 
 async def _follow(live: _Live, first: int, *, owned: bool) -> AsyncIterator[bytes]:
