@@ -437,6 +437,21 @@ def test_a_config_files_bad_value_names_the_file_and_key(command, toml, said, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
 
 
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_a_config_file_that_cannot_be_read_is_the_file_s_however_it_is_named(command, tmp_path, monkeypatch, capsys):
+    """A config file not there, or not TOML, is the file's error (exit 1) whatever the path's spelling: it was
+    told from a flag's by the message starting with the path as given, so `./c.toml` (said as c.toml) was a
+    usage error (exit 2)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.toml").write_text("lr = \n")
+    model, what = ([], "training") if command == "train" else (["--model", "m"], "fine-tuning")
+    for path, said in (("./nope.toml", f"nope.toml: {what} config file not found"),
+                       ("./bad.toml", "bad.toml: not valid TOML")):
+        code, line = _code([command, path, "--data", "d", "--out", "o", *model], capsys)
+        assert code == 1 and f"error: {said}" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
+
+
 @pytest.mark.parametrize("command,toml,flags,said", [
     ("dpo", "beta = 0.5", ["--beta", "0"], "fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"),
     ("sft", "lora_rank = 2", ["--lora-alpha", "0"], "fine-tuning setting 'lora_alpha' (--lora-alpha): LoRA alpha"),

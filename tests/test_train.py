@@ -578,6 +578,40 @@ def test_a_bad_value_in_a_config_file_names_the_file(text: str, key: str, tmp_pa
         load_finetune_config(f)
 
 
+def test_a_failed_check_is_blamed_by_the_setting_its_error_carries(dataset: Path, tmp_path: Path) -> None:
+    """Whose a failed check is, the config file's (a SettingsFileError naming it) or the command line's, is
+    decided by the setting its ConfigError carries: it was read back out of the message (`setting 'x'`, else
+    its first word), so a check whose message names no setting first was blamed by a word of its text."""
+    from mixlab.errors import SettingsFileError
+    from mixlab.train.loop import build_model_config
+
+    f = tmp_path / "run.toml"
+    f.write_text('seq_len = 64\nlr = "fast"\n')
+    with pytest.raises(SettingsFileError, match=f"^{re.escape(str(f))}: training setting 'lr' must be") as e:
+        load_train_config(f)
+    assert e.value.setting == "lr"
+    with pytest.raises(ConfigError, match="^training setting 'lr' must be") as e:  # the override's: as it is
+        load_train_config(f, lr=-1.0)
+    assert e.value.setting == "lr" and not isinstance(e.value, SettingsFileError)
+
+    def too_long(cfg: Any) -> None:  # a caller's check whose message names another setting first
+        raise ConfigError("training setting 'lr' is too large for so long a seq_len", setting="seq_len")
+
+    f.write_text("seq_len = 64\n")
+    with pytest.raises(SettingsFileError, match=f"^{re.escape(str(f))}: training setting 'lr' is too large") as e:
+        load_train_config(f, then=too_long)
+    assert e.value.setting == "seq_len"
+    with pytest.raises(ConfigError, match="^training setting 'lr' is too large") as e:  # --seq-len's
+        load_train_config(f, then=too_long, seq_len=32)
+    assert not isinstance(e.value, SettingsFileError)
+    # the checks say which setting: a model field out of range is model_overrides', a context too short seq_len's
+    for over, setting in (({"moe": {"top_k": 99}}, "model_overrides"), ({"dimm": 1}, "model_overrides"),
+                          ({"max_seq_len": 8}, "seq_len")):
+        with pytest.raises(ConfigError) as e:
+            build_model_config(_cfg(dataset, tmp_path, model_overrides={**TINY, **over}), TokenDataset(dataset))
+        assert e.value.setting == setting, e.value
+
+
 def test_a_train_config_made_in_python_may_name_paths(dataset: Path, tmp_path: Path) -> None:
     # A Path for data or out trained, then failed storing the settings ("Object of type PosixPath is not
     # JSON serializable"); a str config was an AttributeError.

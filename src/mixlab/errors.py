@@ -14,12 +14,24 @@ class MixlabError(ValueError):
 
 
 class ConfigError(MixlabError):
-    """A configuration value is missing or out of range; the message names the field."""
+    """A configuration value is missing or out of range; the message names the field. `setting`: the run
+    setting it is about (a `TrainConfig` or `FinetuneConfig` field: "lr", "model_overrides"), where the
+    check knows it: what blames a run's error on its config file or on a flag (`load_settings`)."""
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class UsageError(ConfigError):
     """A command-line flag's value, or a combination of flags, that the command refuses (the `mixlab`
     command exits 2 for it, as argparse does for the values its types refuse)."""
+
+
+class SettingsFileError(ConfigError):
+    """A run's config file (`mixlab train run.toml`) cannot be read, or sets a setting the checks refuse; the
+    message begins with its path. The command exits 1 for it, where the same value given by a flag is a
+    `UsageError` (exit 2)."""
 
 
 class CheckpointError(MixlabError):
@@ -44,4 +56,4 @@ class TrainingError(MixlabError):
 
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "GenerationError", "MixlabError", "OutputError",
-           "TrainingError", "UsageError"]
+           "SettingsFileError", "TrainingError", "UsageError"]

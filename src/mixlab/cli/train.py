@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from mixlab.cli import (
     resume_arg,
     user_path,
 )
-from mixlab.errors import ConfigError, UsageError
+from mixlab.errors import ConfigError, SettingsFileError, UsageError
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -80,29 +79,31 @@ def _overrides(args: argparse.Namespace) -> dict:
 def flag_errors(args: argparse.Namespace) -> Iterator[None]:
     """A ConfigError of the run's settings (load_train_config's or load_finetune_config's, with the checks
     the command adds) as the command line's: a usage error (exit 2) naming the flags given ("fine-tuning
-    setting 'beta' (--beta) must be > 0, got 0.0", "--set dim=32: model_overrides: ..."), unless
-    load_settings named the config file, which set the setting (exit 1: "run.toml: ...")."""
+    setting 'beta' (--beta) must be > 0, got 0.0", "--set dim=32: model_overrides: ..."), unless it is
+    the config file's (a SettingsFileError: load_settings found that the file set the setting; exit 1:
+    "run.toml: ...")."""
     try:
         yield
-    except UsageError:
+    except (UsageError, SettingsFileError):
         raise
     except ConfigError as e:
-        if args.config is not None and str(e).startswith(f"{args.config}: "):
-            raise
-        raise UsageError(_flags_named(str(e), args)) from None
+        raise UsageError(_flags_named(e, args)) from None
 
 
-def _flags_named(message: str, args: argparse.Namespace) -> str:
-    """A settings error of the flags' with the flags given named: `setting 'lora_alpha'` by --lora-alpha, a
-    model field's (`model_overrides: ...`, `config field 'dim' ...`) by the --set items."""
-    def flag(m: re.Match[str]) -> str:
-        v = getattr(args, m[1], None)  # None, or a switch's False: not given
-        return m[0] if v is None or v is False else f"{m[0]} (--{m[1].replace('_', '-')})"
+def _flags_named(e: ConfigError, args: argparse.Namespace) -> str:
+    """A settings error of the flags' with the flag given named: `setting 'lora_alpha'` by --lora-alpha, a
+    model field's (model_overrides': `model_overrides: ...`, `config field 'dim' ...`) by the --set items."""
+    from mixlab.train.settings import setting_of
 
-    message = re.sub(r"setting '(\w+)'(?! \(--)", flag, message)
-    if getattr(args, "set", None) and message.startswith(("model_overrides", "config field")):
-        message = f"--set {' --set '.join(args.set)}: {message}"
-    return message
+    message, name = str(e), setting_of(e)
+    if name == "model_overrides" and getattr(args, "set", None):
+        return f"--set {' --set '.join(args.set)}: {message}"
+    if name is None:
+        return message
+    given, said = getattr(args, name, None), f"setting '{name}'"
+    if given is None or given is False or f"{said} (--" in message:  # None, or a switch's False: not given
+        return message
+    return message.replace(said, f"{said} (--{name.replace('_', '-')})", 1)
 
 
 def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:

@@ -144,20 +144,25 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
                    integers=(*INTEGERS, "max_examples", "lora_rank"))
     a = cfg.aux_loss_coef  # a NaN here trained to NaN weights without a word
     if a is not None and (isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0):
-        raise ConfigError(f"fine-tuning setting 'aux_loss_coef' must be a finite number >= 0, got {a!r}")
+        raise ConfigError(f"fine-tuning setting 'aux_loss_coef' must be a finite number >= 0, got {a!r}",
+                          setting="aux_loss_coef")
     if not 0 <= cfg.valid_fraction < 1:  # it was refused once the data had been read
-        raise ConfigError(f"fine-tuning setting 'valid_fraction' must be in [0, 1), got {cfg.valid_fraction}")
+        raise ConfigError(f"fine-tuning setting 'valid_fraction' must be in [0, 1), got {cfg.valid_fraction}",
+                          setting="valid_fraction")
     if cfg.task not in TASKS:
-        raise ConfigError(f"fine-tuning setting 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+        raise ConfigError(f"fine-tuning setting 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}",
+                          setting="task")
     if cfg.loss not in dpo.LOSSES:
-        raise ConfigError(f"fine-tuning setting 'loss' must be one of {', '.join(dpo.LOSSES)}, got {cfg.loss!r}")
+        raise ConfigError(f"fine-tuning setting 'loss' must be one of {', '.join(dpo.LOSSES)}, got {cfg.loss!r}",
+                          setting="loss")
     if cfg.beta <= 0:
-        raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {cfg.beta}")
+        raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {cfg.beta}", setting="beta")
     if not 0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError(f"fine-tuning setting 'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
+        raise ConfigError(f"fine-tuning setting 'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}",
+                          setting="label_smoothing")
     if cfg.label_smoothing and cfg.loss != "sigmoid":  # dpo_loss's IPO has none: it was ignored without a word
         raise ConfigError(f"fine-tuning setting 'label_smoothing' applies to the sigmoid loss only (conservative "
-                          f"DPO), not to loss {cfg.loss!r}; remove it or use loss 'sigmoid'")
+                          f"DPO), not to loss {cfg.loss!r}; remove it or use loss 'sigmoid'", setting="label_smoothing")
     if not cfg.model:
         raise ConfigError("no starting model: pass --model DIR (any checkpoint mixlab loads)")
     if not cfg.data:
@@ -170,10 +175,10 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
                           if str(e).startswith(f"LoRA {f}")), None)
             name = f"lora_{field.replace(' ', '_')}" if field else None
             raise ConfigError(f"fine-tuning setting '{name}' (--{name.replace('_', '-')}): {e}" if name
-                              else str(e)) from None
+                              else str(e), setting=name) from None
         if cfg.freeze_router and "router" in lc.targets:  # the router's adapter trained without a word
             raise ConfigError("fine-tuning setting 'freeze_router' keeps the router fixed, but 'router' is one of "
-                              "the LoRA targets; remove one of them")
+                              "the LoRA targets; remove one of them", setting="freeze_router")
     return cfg
 
 
@@ -181,7 +186,7 @@ def check_fits(cfg: FinetuneConfig, mc: ModelConfig, tok: TrainTokenizer) -> Non
     """The tokenizer's vocabulary and seq_len within the model's (`mc`); ConfigError naming the setting."""
     if tok.vocab_size > mc.vocab_size and cfg.tokenizer:
         raise ConfigError(f"fine-tuning setting 'tokenizer': {cfg.tokenizer} has {tok.vocab_size} tokens, more than "
-                          f"the model's vocabulary ({mc.vocab_size})")
+                          f"the model's vocabulary ({mc.vocab_size})", setting="tokenizer")
     if tok.vocab_size > mc.vocab_size:
         raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({mc.vocab_size})")
     check_context(cfg.seq_len, mc)

@@ -139,7 +139,8 @@ def check_train_config(cfg: TrainConfig) -> TrainConfig:
     cfg = paths_as_text(cfg)
     check_settings(cfg, what="training", numbers=(*NUMBERS, "init_std"), integers=(*INTEGERS, "eval_windows"))
     if not isinstance(cfg.data_offset, int) or cfg.data_offset < 0:
-        raise ConfigError(f"training setting 'data_offset' must be a non-negative integer, got {cfg.data_offset!r}")
+        raise ConfigError(f"training setting 'data_offset' must be a non-negative integer, got {cfg.data_offset!r}",
+                          setting="data_offset")
     return cfg
 
 
@@ -153,13 +154,14 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
     over = dict(cfg.model_overrides)
     moe_over = over.pop("moe", None)
     if moe_over is not None and not isinstance(moe_over, dict):
-        raise ConfigError(f"model_overrides: 'moe' must be a table of fields (moe.num_experts, ...), got {moe_over!r}")
+        raise ConfigError(f"model_overrides: 'moe' must be a table of fields (moe.num_experts, ...), got {moe_over!r}",
+                          setting="model_overrides")
     for fields, given, prefix in ((ModelConfig, over, ""), (MoEConfig, moe_over or {}, "moe.")):
         known = [f.name for f in dataclasses.fields(fields) if f.name != "moe"]
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise ConfigError(f"model_overrides: unknown model field(s) {', '.join(prefix + k for k in unknown)}; "
-                              f"known: {', '.join(prefix + k for k in known)}")
+                              f"known: {', '.join(prefix + k for k in known)}", setting="model_overrides")
     if cfg.init_from:
         base = checkpoints.init_config(cfg.init_from)
         over.setdefault("vocab_size", base.vocab_size)
@@ -170,7 +172,7 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
             raise ConfigError(f"training setting 'model': {cfg.model} is a file; the model is a preset or a "
                               "checkpoint folder (its config.json or params.json)" + (
                                   f": `mixlab convert {cfg.model} DIR` writes the GGUF as one"
-                                  if suffix_of(cfg.model) == ".gguf" else ""))
+                                  if suffix_of(cfg.model) == ".gguf" else ""), setting="model")
         if Path(cfg.model).is_dir():
             base = ModelConfig.from_dir(cfg.model)
         elif os.sep in cfg.model or cfg.model.startswith("."):  # a folder's path (it said "unknown preset")
@@ -179,13 +181,14 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
             try:
                 base = get_preset(cfg.model)
             except ConfigError as e:  # the setting named: `--model tiny-mo`'s error names the flag
-                raise ConfigError(f"training setting 'model': {e}") from None
+                raise ConfigError(f"training setting 'model': {e}", setting="model") from None
         over.setdefault("vocab_size", dataset.vocab_size)
     if over["vocab_size"] < dataset.vocab_size:
-        named = ("model_overrides:" if "vocab_size" in cfg.model_overrides else "model" if not cfg.init_from
-                 else f"init_from (--init-from) {cfg.init_from}:")
+        named, setting = (("model_overrides:", "model_overrides") if "vocab_size" in cfg.model_overrides else
+                          ("model", "model") if not cfg.init_from else
+                          (f"init_from (--init-from) {cfg.init_from}:", "init_from"))
         raise ConfigError(f"{named} vocab_size {over['vocab_size']} is smaller than the dataset's tokenizer "
-                          f"vocabulary ({dataset.vocab_size})")
+                          f"vocabulary ({dataset.vocab_size})", setting=setting)
     over.setdefault("bos_id", int(dataset.meta["bos_id"]))
     over.setdefault("eos_id", int(dataset.meta["eos_id"]))
     if cfg.init_from:  # the starting weights fix the shape: a file's override was blamed on the checkpoint
@@ -197,7 +200,8 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
             k, v, was = shape[0]
             raise ConfigError(f"model_overrides: {k} = {v!r}, but the weights of init_from {cfg.init_from} have "
                               f"{k} = {was!r}; the starting weights fix the model's shape: remove {k} from "
-                              "model_overrides (the config file's [model_overrides], or --set)")
+                              "model_overrides (the config file's [model_overrides], or --set)",
+                              setting="model_overrides")
     try:
         mc = base.replace(**over)
         if moe_over:
@@ -205,7 +209,10 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
                 raise ConfigError("model_overrides.moe given for a dense model")
             mc = mc.replace(moe=dataclasses.replace(mc.moe, **moe_over))
     except TypeError as e:
-        raise ConfigError(f"model_overrides: {e}") from None
+        raise ConfigError(f"model_overrides: {e}", setting="model_overrides") from None
+    except ConfigError as e:  # a field out of range (`config field 'dim' must be ...`, as ModelConfig says it)
+        e.setting = "model_overrides"
+        raise
     check_context(cfg.seq_len, mc)
     return mc
 

@@ -24,6 +24,7 @@ from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, did_you_mean, format_bytes, suffix_of
 from mixlab.dtypes import full_name
 from mixlab.engine.runner import available_memory
+from mixlab.errors import SettingsFileError
 
 T = TypeVar("T")
 # transformers' TrainingArguments, TRL's and PEFT's names for the settings mixlab calls otherwise (a TRL
@@ -105,23 +106,25 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             text = p.read_text(encoding="utf-8")
             d = tomllib.loads(text) if suffix_of(p) == ".toml" else json.loads(text)
         except FileNotFoundError:
-            raise ConfigError(f"{p}: {what} config file not found") from None
+            raise SettingsFileError(f"{p}: {what} config file not found") from None
         except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid {'TOML' if suffix_of(p) == '.toml' else 'JSON'} ({e})") from None
+            raise SettingsFileError(f"{p}: not valid {'TOML' if suffix_of(p) == '.toml' else 'JSON'} ({e})") from None
         if not isinstance(d, dict):
-            raise ConfigError(f"{p}: expected a table / object of {what} settings")
+            raise SettingsFileError(f"{p}: expected a table / object of {what} settings")
     from_file = set(d) - {k for k, v in overrides.items() if v is not None}
     for k, v in overrides.items():
         if v is not None:  # a table (model_overrides) is merged field by field: `--set` keeps the file's others
             d[k] = _merged(d[k], v) if isinstance(d.get(k), dict) and isinstance(v, dict) else v
     known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(d) - set(known))
-    if unknown:  # a file's key, or a flag's: name the file where one was read
-        where = f"{path}: " if path is not None else ""
+    if unknown:  # a file's key, or an override's (made in Python): name the file where one was read
         named = ", ".join(k + (f" (mixlab's name: {PEER_NAMES[k]!r})" if PEER_NAMES.get(k) in known
                                else f" (a command-line flag, not a setting: {FLAG_ONLY[k]})" if k in FLAG_ONLY
                                else did_you_mean(k, known)) for k in unknown)
-        raise ConfigError(f"{where}unknown {what} setting(s): {named}; known: {', '.join(known)}")
+        message = f"unknown {what} setting(s): {named}; known: {', '.join(known)}"
+        if path is not None:
+            raise SettingsFileError(f"{path}: {message}")
+        raise ConfigError(message)
     for k in PATHS:  # a file's `out = "~/runs/a"` (no shell expands it) is in the home folder, not ./~/runs/a
         if isinstance(d.get(k), str):
             d[k] = os.path.expanduser(d[k])
@@ -133,12 +136,10 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
 def load_settings(cls: type[T], path: str | Path | None, overrides: dict[str, Any], *, what: str,
                   check: Callable[[T], T], then: Callable[[T], object] | None = None) -> T:
     """`check(cfg)` of the settings `read_settings` reads, then `then(cfg)` (a caller's further check:
-    the commands' of the model they will build). A ConfigError on a setting the file set, that no
-    override replaced, is named with the file (`run.toml: training setting 'lr' must be ...`; exit 1
-    from the command); one on an override's, a default's or none is left as it is (the command line's:
-    cli/train.py's `flag_errors` names the flag, exit 2). The setting is the one the message names as
-    `... setting 'lr' ...`, else its first word (`seq_len 1000 is beyond ...`, `model_overrides: ...`);
-    a model field's (`config field 'dim' ...`) is model_overrides'."""
+    the commands' of the model they will build). A ConfigError on a setting (`setting_of`) the file set,
+    that no override replaced, is the file's: a SettingsFileError naming it (`run.toml: training setting
+    'lr' must be ...`; exit 1 from the command); one on an override's, a default's or none is left as it
+    is (the command line's: cli/train.py's `flag_errors` names the flag, exit 2)."""
     cfg, from_file = read_settings(cls, path, overrides, what=what)  # its own errors name the file
     try:
         cfg = check(cfg)
@@ -146,10 +147,19 @@ def load_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             then(cfg)
         return cfg
     except ConfigError as e:
-        m = re.match(r"[\w-]+ setting '(\w+)'|(config field)|(\w+)", str(e))
-        if m and (m[1] or m[3] or "model_overrides") in from_file:
-            raise ConfigError(f"{path}: {e}") from None
+        if (setting := setting_of(e)) in from_file:
+            raise SettingsFileError(f"{path}: {e}", setting=setting) from None
         raise
+
+
+def setting_of(e: ConfigError) -> str | None:
+    """The setting a ConfigError of the checks is about: its `setting`, else (a check that does not say) the one
+    its message names as `... setting 'lr' ...`, a model field's (`config field 'dim' ...`): model_overrides,
+    else its first word."""
+    if e.setting is not None:
+        return e.setting
+    m = re.match(r"[\w-]+ setting '(\w+)'|(config field)|(\w+)", str(e))
+    return (m[1] or m[3] or "model_overrides") if m else None
 
 
 def paths_as_text(cfg: T) -> T:
@@ -175,41 +185,45 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
     for f in dataclasses.fields(cfg):
         v, kind = getattr(cfg, f.name), str(f.type)
         if kind == "str" and not isinstance(v, str):
-            raise ConfigError(f"{what} setting {f.name!r} must be a string, got {v!r}")
+            raise ConfigError(f"{what} setting {f.name!r} must be a string, got {v!r}", setting=f.name)
         if kind == "bool" and not isinstance(v, bool):
-            raise ConfigError(f"{what} setting {f.name!r} must be true or false, got {v!r}")
+            raise ConfigError(f"{what} setting {f.name!r} must be true or false, got {v!r}", setting=f.name)
         if kind.startswith("dict") and not isinstance(v, dict):
-            raise ConfigError(f"{what} setting {f.name!r} must be a table of fields, got {v!r}")
+            raise ConfigError(f"{what} setting {f.name!r} must be a table of fields, got {v!r}", setting=f.name)
     for name in POSITIVE:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{what} setting {name!r} must be a positive integer, got {v!r}")
+            raise ConfigError(f"{what} setting {name!r} must be a positive integer, got {v!r}", setting=name)
     if cfg.dtype not in AUTOCAST_DTYPES:
-        raise ConfigError(f"{what} setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+        raise ConfigError(f"{what} setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}",
+                          setting="dtype")
     for name in numbers:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or \
                 (name == "eps" and v == 0):
             want = "a finite number > 0" if name == "eps" else "a finite number >= 0"
-            raise ConfigError(f"{what} setting {name!r} must be {want}, got {v!r}")
+            raise ConfigError(f"{what} setting {name!r} must be {want}, got {v!r}", setting=name)
     for name in integers:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= LARGEST:
-            raise ConfigError(f"{what} setting {name!r} must be an integer in [0, {LARGEST}], got {v!r}")
+            raise ConfigError(f"{what} setting {name!r} must be an integer in [0, {LARGEST}], got {v!r}",
+                              setting=name)
     try:
         parse_device(cfg.device)
     except ValueError as e:
-        raise ConfigError(f"{what} setting 'device': {e}") from None
+        raise ConfigError(f"{what} setting 'device': {e}", setting="device") from None
     for name in ("beta1", "beta2", "min_lr_ratio"):
         if getattr(cfg, name) > 1:
-            raise ConfigError(f"{what} setting {name!r} must be at most 1, got {getattr(cfg, name)!r}")
+            raise ConfigError(f"{what} setting {name!r} must be at most 1, got {getattr(cfg, name)!r}",
+                              setting=name)
 
 
 def check_context(seq_len: int, mc: ModelConfig) -> None:
     """A run's seq_len fits the model's positions."""
     if seq_len > mc.max_seq_len:
         raise ConfigError(f"seq_len {seq_len} is beyond the model's context (max_seq_len {mc.max_seq_len}); "
-                          f"set --seq-len (seq_len in a config file) to {mc.max_seq_len} or less")
+                          f"set --seq-len (seq_len in a config file) to {mc.max_seq_len} or less",
+                          setting="seq_len")
 
 
 def check_batch_fits(mc: ModelConfig, *, batch_size: int, seq_len: int, device: str, rows_per_item: int = 1,
@@ -233,7 +247,8 @@ def check_batch_fits(mc: ModelConfig, *, batch_size: int, seq_len: int, device: 
         raise ConfigError(f"batch_size {batch_size} cannot fit:{share} one micro-batch ({rows_per_item * seq_len} "
                           f"tokens an item) needs at least {format_bytes(need)} for its logits and layer inputs "
                           f"alone, where {format_bytes(free)} of memory is free on {dev.type}; at most "
-                          f"{free // per_item * processes} fit (grad_accum makes larger steps)")
+                          f"{free // per_item * processes} fit (grad_accum makes larger steps)",
+                          setting="batch_size")
 
 
 def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str], ckpt: Path, what: str) -> None:
