@@ -62,7 +62,7 @@ from mixlab.config import format_bytes
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
-from mixlab.model.moe import MoEBlock, Routing, apply_capacity, route
+from mixlab.model.moe import MoEBlock, Routing
 from mixlab.model.native import NativeDecoder, shared_decoder
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import native as native_lib
@@ -201,13 +201,7 @@ def _adapted_ffn(block: Block, li: int, x_1ND: torch.Tensor, ad: StepAdapters,
     h_ND = block.ffn_norm(x_ND)
     routing = None
     if isinstance(ffn, MoEBlock):
-        moe = ffn.moe
-        logits_NE = ad.add(p + "gate.weight", h_ND, F.linear(h_ND.float(), ffn.gate.weight.float()))
-        idx_NK, weight_NK = route(logits_NE, moe.top_k)
-        dropped = 0
-        if moe.capacity_factor is not None:
-            weight_NK, dropped = apply_capacity(idx_NK, weight_NK, moe.num_experts, moe.capacity_factor)
-        routing = Routing(logits_NE, idx_NK, weight_NK, dropped)
+        routing = ffn.gate.routing(ad.add(p + "gate.weight", h_ND, F.linear(h_ND.float(), ffn.gate.weight.float())))
     if rows is not None:
         rows_R = torch.tensor(rows, device=x_ND.device, dtype=torch.long)
         x_ND, h_ND, ad = x_ND[rows_R], h_ND[rows_R], ad.select(rows)

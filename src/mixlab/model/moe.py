@@ -84,6 +84,11 @@ class Router(nn.Module):
         # Autocast is switched off here, or it would run this linear in bf16 despite the casts.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(r_TD.float(), self.weight.float())
+        return self.routing(logits_TE)
+
+    def routing(self, logits_TE: torch.Tensor) -> Routing:
+        """The top-k experts and their weights for float32 router logits (capacity applied): the rest of
+        `forward`, also for logits computed elsewhere (a LoRA adapter's update added to them)."""
         idx_TK, weight_TK = route(logits_TE, self.moe.top_k)
         dropped = 0
         if self.moe.capacity_factor is not None:
