@@ -939,9 +939,10 @@ def test_processes_hold_their_shards_not_the_whole_model(small_data: Path, tmp_p
         got = json.loads((tmp_path / f"mem.{rank}.json").read_text())
         # half the experts (~47%) + one expert stack (~8%) + slack for the allocator
         assert got["grown"] < 0.75 * got["model"], (rank, got)
-        # rank 0: a shard + the gathering's buffers (40-44%; 127-147% when it gathered the whole model,
-        # 212-217% before); rank 1: 22-55% (was 110-131%)
-        assert got["export"] < (0.6 if rank == 0 else 0.8) * got["model"], (rank, got)
+        # rank 0: a shard + the gathering's buffers (40-44% on a quiet machine, 68% once under a loaded CI
+        # run's allocator; 127-147% when it gathered the whole model, 212-217% before); rank 1: 22-55%
+        # (was 110-131%)
+        assert got["export"] < 0.8 * got["model"], (rank, got)
 
 
 def test_ep_on_a_dense_model_is_refused() -> None:
