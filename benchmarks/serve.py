@@ -21,7 +21,9 @@ reach on the same schedule (the prompt tokens cost compute the limit does not co
 table, what the machine allows: the load's FLOPs (every prompt and fed-back position, every row of
 logits) at the bf16 matmul peak probed with the bandwidth, against the limit's streaming time: no
 server can beat max(streaming, FLOPs), nor, running dense products and experts one after the other
-each at its own roofline, the second figure. Every server
+each at its own roofline, the second figure. Then the issue's own form of the limit ("about 4.8x its
+batch-1 rate"): each server's rate at B clients against its 1-client rate times the limits' ratio,
+which measures batching alone (it is lower than the bandwidth's limit whenever batch 1 is). Every server
 gets the same `--threads`. Everything binds to 127.0.0.1; every run is bounded
 by `--timeout`. `--model-dir` keeps the checkpoint and GGUF for later runs.
 
@@ -543,6 +545,16 @@ def main() -> None:
               f"{ratios} {r['of_limit']:.0%} ({r['tok_s'] / r['limit_tok_s_whole_run']:.0%} of "
               f"{r['limit_tok_s_whole_run']:.0f}) | "
               f"{r['ttft_p50']*1e3:.0f} / {r['ttft_p99']*1e3:.0f} | {r['itl_p50']*1e3:.0f} / {r['itl_p99']*1e3:.0f} |")
+    print("\nThe issue's form of the limit, \"about 4.8x its batch-1 rate\": each server's rate against its own "
+          "1-client rate times the weight-streaming limits' ratio (a measure of batching alone: a batch-1 rate "
+          "below the bandwidth's lowers this limit with it)", end="")
+    for r in results:
+        one = by.get((r["server"], 1))
+        if one and r["clients"] > 1:
+            scale = step_limit(cfg, 1.0, r["clients"]) / step_limit(cfg, 1.0, 1)
+            print(f"\n- {r['server']}, {r['clients']} clients: {r['tok_s']:.1f} against {one['tok_s']:.1f} x "
+                  f"{scale:.2f} = {one['tok_s'] * scale:.1f} tok/s: {r['tok_s'] / (one['tok_s'] * scale):.0%}", end="")
+    print()
     for r in results:
         if "breakdown" in r:
             b = r["breakdown"]
