@@ -192,6 +192,46 @@ def until(predicate: Any, timeout: float = 20.0) -> bool:
     return False
 
 
+def openai_typed(kind: Any, obj: Any, extensions: Any = ()) -> Any:
+    """`obj` (a body, chunk or event as sent) validated strictly by the `openai` package's type `kind` (its client
+    builds its objects without validating them); it fails on a field the type lacks (pydantic's `model_extra`, at
+    any depth) unless its path is among `extensions`, written `$.choices[].stop_reason` (list indices as `[]`)."""
+    import pydantic
+
+    typed = pydantic.TypeAdapter(kind).validate_python(obj, strict=True)
+    extra: set[str] = set()
+
+    def walk(m: Any, path: str) -> None:
+        if isinstance(m, pydantic.BaseModel):
+            extra.update(f"{path}.{k}" for k in m.model_extra or {})
+            for k in type(m).model_fields:
+                walk(getattr(m, k), f"{path}.{k}")
+        elif isinstance(m, list):
+            for x in m:
+                walk(x, path + "[]")
+        elif isinstance(m, dict):
+            for k, x in m.items():
+                walk(x, f"{path}.{k}")
+
+    walk(typed, "$")
+    assert extra <= set(extensions), (sorted(extra - set(extensions)), obj)
+    return typed
+
+
+def completion_nulls(obj: dict[str, Any]) -> dict[str, Any]:
+    """A completion (or a streamed chunk of one) with the nulls OpenAI's own API sends and the `openai` package's
+    `Completion` has no room for read as values: a streamed choice's `finish_reason` until its end, an echoed
+    prompt's first token's logprob and top_logprobs."""
+    choices = []
+    for ch in obj["choices"]:
+        lp = ch.get("logprobs")
+        if lp is not None:
+            lp = {**lp, "token_logprobs": [0.0 if x is None else x for x in lp["token_logprobs"]],
+                  "top_logprobs": [{} if x is None else x for x in lp["top_logprobs"] or []]}
+        choices.append({**ch, "finish_reason": ch["finish_reason"] or "length", "logprobs": lp})
+    return {**obj, "choices": choices}
+
+
 def step_clock(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
     """`module.time.perf_counter` as a clock that a training loop reads at each step's start and end:
     step k takes k seconds, with 100 s of something else (an evaluation, a checkpoint) before each."""

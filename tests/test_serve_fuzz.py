@@ -28,7 +28,7 @@ pydantic = pytest.importorskip("pydantic")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import hf_mixtral, hf_tokenizer_json  # noqa: E402
+from conftest import completion_nulls, hf_mixtral, hf_tokenizer_json  # noqa: E402
 from mixlab import load_model, load_tokenizer  # noqa: E402
 from mixlab.serve import ServerConfig, ServerThread, create_app  # noqa: E402
 from mixlab.serve.protocol import (  # noqa: E402
@@ -241,17 +241,8 @@ def _check_ok(path: str, r: Any) -> None:
 
 
 def _completion(obj: dict[str, Any]) -> None:
-    """`obj` read as the openai package's Completion, with the nulls OpenAI's own API sends and the package's
-    type has no room for (its client builds the object unvalidated): a streamed choice's finish_reason until
-    its end, an echoed prompt's first token's logprob and top_logprobs."""
-    choices = []
-    for ch in obj["choices"]:
-        lp = ch.get("logprobs")
-        if lp is not None:
-            lp = {**lp, "token_logprobs": [0.0 if x is None else x for x in lp["token_logprobs"]],
-                  "top_logprobs": [{} if x is None else x for x in lp["top_logprobs"] or []]}
-        choices.append({**ch, "finish_reason": ch["finish_reason"] or "length", "logprobs": lp})
-    openai_types.Completion.model_validate({**obj, "choices": choices})
+    """`obj` read as the openai package's Completion (its client builds the object unvalidated)."""
+    openai_types.Completion.model_validate(completion_nulls(obj))
 
 
 def _check(path: str, r: Any, field: str | None) -> None:

@@ -455,7 +455,7 @@ def test_a_client_that_leaves_cancels_its_request(server: str, model_tok: tuple[
         assert until(lambda: metric(url, "mixlab_running_requests") == 0)
 
 
-def test_an_engine_failure_mid_stream_is_an_error_event(model_tok: tuple[Any, Any]) -> None:
+def test_an_engine_failure_mid_stream_ends_it_with_response_failed(model_tok: tuple[Any, Any]) -> None:
     model, tok = model_tok
     engine = Engine(model, tok, max_batch=2).start()
     with ServerThread(create_app(engine, tok, ServerConfig(model_name=NAME, context_len=CONTEXT))) as url:
@@ -469,10 +469,11 @@ def test_an_engine_failure_mid_stream_is_an_error_event(model_tok: tuple[Any, An
             engine.shutdown()  # the engine fails its running requests
             rest = list(lines)
         assert httpx.get(f"{url}/v1/responses/{rid}").status_code == 404  # a failed response is not stored
-    assert rest[-2] == "event: error", rest[-4:]
-    err = json.loads(rest[-1].removeprefix("data: "))
-    assert err["type"] == "error" and err["code"] == "engine_error" and "shut down" in err["message"]
-    assert isinstance(err["sequence_number"], int)
+    # OpenAI's last event for a failed response: the response itself, its error and its output so far
+    assert rest[-2] == "event: response.failed", rest[-4:]
+    failed = _valid(json.loads(rest[-1].removeprefix("data: "))["response"])
+    assert failed.status == "failed" and failed.error.code == "server_error" and "shut down" in failed.error.message
+    assert failed.output[0].status == "incomplete" and rest[-4] == "event: response.output_item.done"
 
 
 # -- background responses, and responses in progress ------------------------------------------------------------
@@ -641,8 +642,33 @@ def test_a_failed_background_response_is_stored_as_failed(model_tok: tuple[Any, 
         assert _valid(httpx.get(f"{url}/v1/responses/{back.id}").json()).status == "failed"
         with httpx.stream("GET", f"{url}/v1/responses/{back.id}?stream=true&starting_after=3", timeout=60) as s:
             events = _stream_events(s.iter_lines())
-        assert events[-1]["type"] == "error" and events[-1]["code"] == "engine_error"
-        assert events[-1]["message"] == failed.error.message
+        assert events[-1]["type"] == "response.failed" and _valid(events[-1]["response"]).error == failed.error
+
+
+def test_a_cancelled_background_stream_ends_with_the_cancelled_response(slow: tuple[str, Any]) -> None:
+    """OpenAI's stream events have no `response.cancelled`: the cancelled response comes whole (status "cancelled",
+    its output so far) as the last event, `response.incomplete` (the union's event for a response that ended
+    before its output did), after its text's done events, as the openai client reads it live and replayed."""
+    url, _ = slow
+    client = _client(url)
+    events, gone = [], None
+    for e in client.responses.create(**LONG, background=True, stream=True):
+        events.append(e)
+        if len(events) == len(EVENTS) + 3:  # three deltas in: cancelled from another request, as a user would
+            gone = client.responses.cancel(events[0].response.id)
+    assert gone is not None and gone.status == "cancelled"
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert kinds == [*EVENTS, *["response.output_text.delta"] * len(deltas), *DONE, "response.incomplete"], kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    last = events[-1].response
+    assert last.status == "cancelled" and last.error is None and last.output[0].status == "incomplete"
+    assert last.output_text == "".join(deltas) == gone.output_text and 3 <= last.usage.output_tokens < CONTEXT - 40
+    assert last.usage == gone.usage and last.id == gone.id
+    event = pydantic.TypeAdapter(pytest.importorskip("openai.types.responses").ResponseStreamEvent)
+    replayed = list(client.responses.retrieve(gone.id, stream=True))  # the same stream, from the store
+    assert [e.model_dump() for e in replayed] == [e.model_dump() for e in events]
+    assert all(event.validate_python(e.model_dump()) for e in replayed)
 
 
 def test_a_queued_background_response_is_cancelled_and_a_drain_cancels_the_rest(model_tok: tuple[Any, Any]) -> None:

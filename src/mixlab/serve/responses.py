@@ -214,6 +214,14 @@ def _output_text(text: str, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
 
 
+def _text_lps(logprobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Logprob entries as the text events carry them (`response.output_text.delta` / `.done`): OpenAI's schema
+    for those has no `bytes`, which the output part's entries have."""
+    return [{"token": e["token"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in e["top_logprobs"]]}
+            for e in logprobs]
+
+
 def _message_item(mid: str, status: str, text: str | None, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """A response's output message (OpenAI's `ResponseOutputMessage`); `text` None: no part yet."""
     return {"type": "message", "id": mid, "status": status, "role": "assistant",
@@ -243,7 +251,9 @@ def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], fina
     its object as created (`head`), its output `text` (its length after each delta event: `ends`), its tokens'
     logprobs `lps` (with the include: how many after each delta event, `lp_ends`; None: not asked for) and its
     final object (None: not finished; given, every delta is in `ends`), so a stream resumed at any event is the
-    one first sent and no event is kept. A failed or cancelled response ends with an `error` event.
+    one first sent and no event is kept. It ends with the final object: `response.completed`, `.incomplete` or
+    `.failed` (OpenAI's events); a cancelled one's (status "cancelled") comes as `response.incomplete`, the
+    union's event for a response that ended before its output did (it has no `response.cancelled`).
     `ends` is read as its first event is asked for: a live response's must not change in between (nothing else
     runs on the event loop between `_follow`'s call and that), so that it matches `text` and `final`."""
     n, at = len(ends), {"item_id": mid, "output_index": 0, "content_index": 0}
@@ -256,21 +266,15 @@ def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], fina
         yield _event(opening[seq][0], seq, **opening[seq][1])
     for k in range(max(first - len(opening), 0), n):
         yield _event("response.output_text.delta", len(opening) + k, **at, delta=text[ends[k - 1] if k else 0:ends[k]],
-                     logprobs=[] if lp_ends is None else lps[lp_ends[k - 1] if k else 0:lp_ends[k]])
+                     logprobs=[] if lp_ends is None else _text_lps(lps[lp_ends[k - 1] if k else 0:lp_ends[k]]))
     if final is None:
         return
     status = final["status"]
-    closing: list[tuple[str, dict[str, Any]]]
-    if status in ("completed", "incomplete"):
-        closing = [("response.output_text.done", {**at, "text": text, "logprobs": list(lps)}),
-                   ("response.content_part.done", {**at, "part": _output_text(text, lps)}),
-                   ("response.output_item.done", {"output_index": 0, "item": final["output"][0]}),
-                   (f"response.{status}", {"response": final})]
-    elif status == "failed":
-        closing = [("error", {"code": "engine_error", "param": None, "message": final["error"]["message"]})]
-    else:
-        closing = [("error", {"code": "response_cancelled", "param": None,
-                              "message": f"response {final['id']!r} was cancelled"})]
+    closing: list[tuple[str, dict[str, Any]]] = [
+        ("response.output_text.done", {**at, "text": text, "logprobs": _text_lps(lps)}),
+        ("response.content_part.done", {**at, "part": _output_text(text, lps)}),
+        ("response.output_item.done", {"output_index": 0, "item": final["output"][0]}),
+        (f"response.{'incomplete' if status == 'cancelled' else status}", {"response": final})]
     for j, (kind, fields) in enumerate(closing):
         if (seq := len(opening) + n + j) >= first:
             yield _event(kind, seq, **fields)
