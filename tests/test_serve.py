@@ -2178,6 +2178,23 @@ def test_chat_page_refuses_a_setting_that_is_not_a_number(server: str) -> None:
             box.send_keys("1")
 
 
+def test_chat_page_keeps_a_select_s_setting_changed_by_either_event(server: str) -> None:
+    # the settings were saved on `input` alone, which some browsers and automation tools do not fire on a
+    # select or a checkbox (only `change`): the layer chosen was gone after a reload
+    with _browser() as driver:
+        _page(driver, server + "/")
+        for kind, layer, colour in (("change", "1", True), ("input", "0", False)):
+            driver.execute_script(
+                "const [kind, layer, colour] = arguments, l = document.getElementById('layer'),"
+                "  c = document.getElementById('colour');"
+                "l.value = layer; c.checked = colour;"
+                "for (const e of [l, c]) e.dispatchEvent(new Event(kind, {bubbles: true}))", kind, layer, colour)
+            driver.refresh()
+            _page(driver, server + "/")
+            assert driver.execute_script("return [document.getElementById('layer').value, "
+                                         "document.getElementById('colour').checked]") == [layer, colour], kind
+
+
 @pytest.mark.slow
 def test_chat_page_colours_each_token_by_its_own_experts(server: str, model_tok: tuple[Any, Any]) -> None:
     # each token is shown with its own experts (paper Figure 8, and `mixlab analyze`'s token view), the

@@ -341,7 +341,8 @@ addEventListener("pagehide", () => {
 $("served").addEventListener("change", () => { $("served_note").textContent = ""; });
 $("colour").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
-for (const id of SETTINGS) $(id).addEventListener("input", saveSettings);
+// `change` too: some browsers and automation tools fire only that on a select or a checkbox
+for (const id of SETTINGS) for (const kind of ["input", "change"]) $(id).addEventListener(kind, saveSettings);
 $("api_key").addEventListener("change", () => {
   try { sessionStorage.setItem("mixlab.api_key", $("api_key").value); } catch (e) { /* storage disabled */ }
   loadModel();
