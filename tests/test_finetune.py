@@ -1179,14 +1179,14 @@ def test_trl_setting_names_are_translated(tmp_path: Path) -> None:
     ({"max_examples": -3}, "'max_examples' must be an integer in"),  # silently dropped the last 3 lines
     ({"lora_rank": 2, "lora_alpha": float("nan")}, "LoRA alpha must be a finite number > 0"),
     ({"lora_rank": 2, "lora_alpha": -1.0}, "LoRA alpha must be a finite number > 0"),
-    # named the field alone ('LoRA alpha must be ...'), neither the setting nor its flag
-    ({"lora_rank": 2, "lora_alpha": 0}, r"^fine-tuning setting 'lora_alpha' \(--lora-alpha\): LoRA alpha must be"),
-    ({"lora_rank": 2, "lora_dropout": 1.0}, r"^fine-tuning setting 'lora_dropout' \(--lora-dropout\): LoRA dropout"),
+    # named the field alone ('LoRA alpha must be ...'), not the setting (its flag or file: test_cli_run.py)
+    ({"lora_rank": 2, "lora_alpha": 0}, r"^fine-tuning setting 'lora_alpha': LoRA alpha must be"),
+    ({"lora_rank": 2, "lora_dropout": 1.0}, r"^fine-tuning setting 'lora_dropout': LoRA dropout"),
     # dropout acts on attention adapters only: with experts / router alone it was accepted and did nothing
     ({"lora_rank": 2, "lora_dropout": 0.05, "lora_targets": "experts,router"},
-     r"^fine-tuning setting 'lora_dropout' \(--lora-dropout\): LoRA dropout 0.05 applies to the attention adapters "
+     r"^fine-tuning setting 'lora_dropout': LoRA dropout 0.05 applies to the attention adapters "
      r"only .*, and attention is not one of the targets \(experts, router\); leave out the dropout or add attention"),
-    ({"lora_rank": 2, "lora_targets": "mlp"}, r"^fine-tuning setting 'lora_targets' \(--lora-targets\): LoRA targets"),
+    ({"lora_rank": 2, "lora_targets": "mlp"}, r"^fine-tuning setting 'lora_targets': LoRA targets"),
     ({"loss": "ipo", "label_smoothing": 0.1}, "'label_smoothing' applies to the sigmoid loss only"),  # was ignored
     ({"lora_rank": 2, "lora_targets": "attention,router", "freeze_router": True},  # trained the router's adapter
      "'freeze_router' keeps the router fixed, but 'router' is one of the LoRA targets"),

@@ -174,8 +174,8 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
             field = next((f for f in ("rank", "alpha", "dropout", "targets", "base dtype")
                           if str(e).startswith(f"LoRA {f}")), None)
             name = f"lora_{field.replace(' ', '_')}" if field else None
-            raise ConfigError(f"fine-tuning setting '{name}' (--{name.replace('_', '-')}): {e}" if name
-                              else str(e), setting=name) from None
+            # the setting alone: whoever reports it adds where it came from (the config file, or the flag)
+            raise ConfigError(f"fine-tuning setting '{name}': {e}" if name else str(e), setting=name) from None
         if cfg.freeze_router and "router" in lc.targets:  # the router's adapter trained without a word
             raise ConfigError("fine-tuning setting 'freeze_router' keeps the router fixed, but 'router' is one of "
                               "the LoRA targets; remove one of them", setting="freeze_router")
