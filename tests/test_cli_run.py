@@ -574,12 +574,27 @@ def test_import_mixlab_waits_for_torch_only_when_the_api_is_used():
     ([], "COMMAND ...\n\nMixtral-style sparse MoE models.\n"),  # it said only 'arguments are required: COMMAND'
     (["genrate"], "mixlab: error: unknown command 'genrate' (did you mean 'generate'?); commands: info, convert,"),
     (["generate", "--model", "m", "--prompt", "x", "--temprature", "1"],
-     "mixlab generate: error: unrecognized arguments: --temprature 1 (did you mean '--temperature'?)\n"),
+     "mixlab generate: error: unrecognized arguments: --temprature (did you mean '--temperature'?)\n"),
     (["data", "prepare", "x", "--out", "y", "--tokeniser=bytes"],
      "mixlab data prepare: error: unrecognized arguments: --tokeniser=bytes (did you mean '--tokenizer'?)\n"),
+    # a required flag misspelled: argparse said only 'the following arguments are required: --model'
+    (["generate", "--modle", "m", "--prompt", "x"],
+     "mixlab generate: error: unrecognized arguments: --modle (did you mean '--model'?)\n"),
+    (["data", "prepare", "x", "--ot", "y"],
+     "mixlab data prepare: error: unrecognized arguments: --ot (did you mean '--out'?)\n"),
+    (["info", "tiny-moe", "x"], "mixlab info: error: unrecognized arguments: x\n"),  # not a flag: argparse's extra
 ])
 def test_no_command_or_a_misspelled_one_is_a_helpful_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_value_that_begins_with_dashes_is_not_taken_for_a_misspelled_flag():
+    """The check for misspelled flags before argparse's own reads words as argparse does: one with a
+    space is a value, and `--` ends the flags."""
+    from mixlab.cli import _parse_args, build_parser
+
+    args = _parse_args(build_parser(), ["generate", "--model", "m", "--prompt", "--- a title", "--stop=--x"])
+    assert (args.prompt, args.stop) == ("--- a title", ["--x"])

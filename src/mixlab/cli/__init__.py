@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 from mixlab.errors import UsageError
 
@@ -252,13 +252,23 @@ def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
     if not argv[0].startswith("-") and argv[0] not in sub.choices:
         parser.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], sub.choices)}; commands: "
                      f"{', '.join(sub.choices)} (mixlab COMMAND --help: its flags)")
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # the command's own parser (data's prepare's) says it, with its usage line
-        while (sub := _subparsers(parser)) is not None:
-            parser = sub.choices[getattr(args, sub.dest)]
-        flags = [o for a in parser._actions for o in a.option_strings]
+    command, i = parser, 0  # the command's own parser (data's prepare's) says it, with its usage line
+    while (sub := _subparsers(command)) is not None and i < len(argv) and argv[i] in sub.choices:
+        command, i = sub.choices[argv[i]], i + 1
+    flags = [o for a in command._actions for o in a.option_strings]
+
+    def unrecognized(extra: list[str]) -> NoReturn:
         hints = "".join(did_you_mean(x.split("=")[0], flags) for x in extra if x.startswith("--"))
-        parser.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
+
+    # before argparse's own checks: `--modle m` is named, not 'the following arguments are required: --model'
+    # (a word with a space is a value to argparse, `--prompt "--- x"`; `--` ends the flags)
+    words = [x for x in (argv[i:argv.index("--")] if "--" in argv else argv[i:]) if x.startswith("--") and " " not in x]
+    if misspelled := [x for x in words if not any(f.startswith(x.split("=")[0]) for f in flags)]:
+        unrecognized(misspelled)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        unrecognized(extra)
     return args
 
 
