@@ -41,6 +41,26 @@ def test_readme_command_table_names_only_flags_its_commands_take():
         assert not bad, f"README's row for {cmds} names {sorted(bad)}, which they do not take"
 
 
+def test_every_mixlab_command_the_docs_show_takes_the_flags_they_give_it():
+    """Each `mixlab CMD ...` of README.md and docs/*.md (code blocks, a line continued by `\\` read as one,
+    and inline code; `python -m mixlab CMD`, `torchrun ... -m mixlab CMD` too) names only flags CMD takes:
+    a user copies them."""
+    commands = _commands()
+    said = re.compile(r"\bmixlab ([a-z][a-z-]*(?: prepare)?)((?:(?!\bmixlab\b|\\\||\s\|\s).)*)")  # to a pipe, `a\|b`
+    shown, bad = 0, []
+    for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = f.read_text()
+        blocks = re.findall(r"```\w*\n(.*?)```", text, re.S)
+        spans = [line for code in blocks for line in code.replace("\\\n", " ").splitlines()]
+        spans += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for span in spans:
+            for cmd, rest in said.findall(span):
+                if cmd in commands:
+                    shown += 1
+                    bad += [f"{f.name}: mixlab {cmd} {x}" for x in FLAG.findall(rest) if x not in commands[cmd]]
+    assert shown > 100 and not bad, bad
+
+
 def test_every_command_has_a_row_in_readmes_table():
     """A subcommand added to `mixlab --help` without a row in README's command table was found only by reading."""
     heads = [line.split(" | ")[0] for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
