@@ -505,6 +505,40 @@ def test_ep_decoding_of_several_prompts_equals_one_process(ep_rows: tuple[Any, l
     assert "stop" not in kw or len({len(r) for r in want}) == 3  # each row stopped at its own step
 
 
+
+def test_scaling_md_several_prompts_script_runs_as_written(tmp_path: Path) -> None:
+    """docs/scaling.md's script for several prompts, as printed there (its checkpoint path and token
+    count replaced), under torchrun with 2 processes: rank 0 prints each step's tokens, which are one
+    process's `generate`'s. The page said the tests ran it; they ran a script of their own."""
+    import ast
+    import re
+
+    import mistral_common
+
+    from mixlab import generate, load_tokenizer
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text()
+    code = re.search(r"```\n(import mixlab, torch\n.*?)```", page, re.S)
+    texts = re.search(r"prompts = \[tok\.encode\(text\) for text in (\(.*?\))\]", code[1] if code else "")
+    assert code and texts and '"path/to/checkpoint"' in code[1] and "max_new_tokens=64" in code[1]
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    save_model(model, tmp_path / "model")  # with a tokenizer of its own, which the script loads
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", tmp_path / "model")
+    script = tmp_path / "several.py"
+    script.write_text(code[1].replace('"path/to/checkpoint"', repr(str(tmp_path / "model")))
+                      .replace("max_new_tokens=64", "max_new_tokens=6"))
+    p = _mixlab([], nproc=2, script=script)
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    steps = [ast.literal_eval(line) for line in out.splitlines() if line.startswith("[")]
+    tok = load_tokenizer()
+    want = generate(model, [tok.encode(text) for text in ast.literal_eval(texts[1])], max_new_tokens=6)
+    assert [[t for t in row if t is not None] for row in zip(*steps, strict=True)] == want
+
+
 # -- what a user sees when a distributed run goes wrong ---------------------------------------------
 
 
