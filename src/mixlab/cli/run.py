@@ -55,6 +55,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     if getattr(args, "int4_activations", None) is not None and args.quant != "int4" and not held:
         raise UsageError(f"--int4-activations {args.int4_activations} applies to int4 weights: pass --quant int4 "
                          "too (or a GGUF Q4_0 model)")
+    if offload and getattr(args, "int4_activations", None) == "int8":  # a resident model's native decoding mode
+        raise UsageError("--int4-activations int8 does not combine with --max-memory: offloaded experts run "
+                         "per-layer kernels that multiply exact float32 activations (as --int4-activations float32)")
     adapter = getattr(args, "adapter", None)  # a Namespace made in Python may lack it, as --ep
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a wrong --tokenizer: told before a long load
     layout, device = None, args.device
