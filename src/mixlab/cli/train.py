@@ -124,6 +124,10 @@ def train_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.loop import TrainConfig, build_model_config, eval_line, load_train_config, train
 
     def model_config(cfg: TrainConfig) -> None:  # the one train builds: --set against --init-from, ...
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each process reads its rows of a batch
+        if cfg.batch_size % world:
+            raise ConfigError(f"training setting 'batch_size' must be a multiple of the number of processes "
+                              f"({world}), got {cfg.batch_size}", setting="batch_size")
         if cfg.data:
             build_model_config(cfg, TokenDataset(cfg.data))
 
