@@ -518,3 +518,13 @@ def test_a_write_failing_without_a_file_name_names_the_destination(base, tmp_pat
         # was 'error: File too large' (convert) and 'error: 200002 requested and 65536 written' (data prepare)
         assert capsys.readouterr().err.endswith(f": error: {dst}: File too large\n")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_destination_no_file_can_be_made_in_is_refused_before_the_work(tmp_path):
+    """os.access says yes to root for /proc (and to anyone where the file system alone refuses): `eval --json
+    /proc/x.json` scored everything, then failed naming its temporary file. A file is made there first."""
+    with pytest.raises(OutputError, match=r"/proc/x\.json: cannot write into /proc"):
+        atomic.check_destination("/proc/x.json", kind="file")
+    assert atomic.check_destination(tmp_path / "y.json", kind="file") == tmp_path / "y.json"
+    assert not [p for p in tmp_path.iterdir()]  # the probe is gone

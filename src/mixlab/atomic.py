@@ -189,6 +189,12 @@ def check_writable(folder: Path, shown: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{shown}: cannot write into {folder} (no write permission, or a read-only file "
                           "system); choose another destination")
+    probe = folder / f".mixlab-probe-{os.getpid()}-{secrets.token_hex(4)}"  # root passes os.access on /proc, say
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise OutputError(f"{shown}: cannot write into {folder} ({e.strerror}); choose another destination") from None
+    os.unlink(probe)
 
 
 def check_destination(
