@@ -259,6 +259,7 @@ def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], fina
     n, at = len(ends), {"item_id": mid, "output_index": 0, "content_index": 0}
     opening: list[tuple[str, dict[str, Any]]] = [
         ("response.created", {"response": head}),
+        *([("response.queued", {"response": head})] if head["status"] == "queued" else []),  # background ones
         ("response.in_progress", {"response": {**head, "status": "in_progress"}}),
         ("response.output_item.added", {"output_index": 0, "item": _message_item(mid, "in_progress", None)}),
         ("response.content_part.added", {**at, "part": _output_text("")})]
