@@ -228,7 +228,7 @@ def test_find_domains_names_an_empty_file_and_a_missing_folder(tmp_path: Path) -
     (corpus / "empty").mkdir()  # --domains empty: it was "domain 'empty' not found", the folder right there
     with pytest.raises(ValueError, match=r"domain folder .*c/empty holds no data file \(\.jsonl"):
         find_domains(corpus, names=["prose", "empty"])
-    with pytest.raises(ValueError, match=r"domain 'nope' not found in .*c \(domains there: code, prose\)"):
+    with pytest.raises(ValueError, match=r"--domains: 'nope' not found in .*c; domains there: code, prose$"):
         find_domains(corpus, names=["nope"])
 
 

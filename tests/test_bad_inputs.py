@@ -208,10 +208,29 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "eval on an empty text file": (
         lambda t, b, c, d: ((t / "e.txt").write_text(""), ["eval", "--model", str(c), "--data", str(t / "e.txt")])[-1],
         ["e.txt", "empty"]),
+    # a --domains name the data does not have: the flag's value (2), as --split's; it exited 1
+    "eval --domains nope": (
+        lambda t, b, c, d: ["eval", "--model", str(c), "--data", str(_corpus(t)), "--domains", "prose,nope"],
+        ["--domains: 'nope' not found in", "domains there: code, prose"]),
+    "analyze --domains nope": (
+        lambda t, b, c, d: ["analyze", "--model", str(c), "--data", str(_corpus(t)), "--out", str(t / "r"),
+                            "--domains", "prsoe"],
+        ["--domains: 'prsoe' not found in", "did you mean 'prose'?", "domains there: code, prose"]),
+    "data prepare --domains nope": (
+        lambda t, b, c, d: ["data", "prepare", str(_corpus(t)), "--out", str(t / "ds"), "--domains", "nope"],
+        ["--domains: 'nope' not found in", "domains there: code, prose"]),
     "prompt over the context names --truncate": (
         lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "word " * 600, "--max-new-tokens", "8"],
         ["--truncate"]),
 }
+
+
+def _corpus(t: Path) -> Path:
+    """A corpus in the shared layout: <domain>/valid.jsonl for code and prose."""
+    for domain in ("code", "prose"):
+        (t / "corpus" / domain).mkdir(parents=True)
+        (t / "corpus" / domain / "valid.jsonl").write_text(json.dumps({"text": f"some {domain} " * 20}) + "\n")
+    return t / "corpus"
 
 
 def _nan_copy(src: Path, dst: Path) -> Path:
@@ -238,7 +257,8 @@ USAGE_ERRORS = {"generate --stop with undecodable bytes", "chat --stop with unde
                 "--device cuda without CUDA", "--device bogus", "--device meta", "seed 10**23 in generate",
                 "train --set without =", "prompt over the context names --truncate", "seed 10**23 in train",
                 "train --lr nan", "train --lr -1", "train --warmup -5", "train --threads -3",
-                "eval --stride past the model's context"}
+                "eval --stride past the model's context", "eval --domains nope", "analyze --domains nope",
+                "data prepare --domains nope"}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import CORPUS
+from mixlab.errors import UsageError
 from mixlab.train.data import (
     BatchLoader,
     ByteTokenizer,
@@ -254,7 +255,8 @@ def test_domains_name_only_domains_the_sources_have(tmp_path: Path) -> None:
     """A misspelt `--domains` entry was dropped silently (`--domains code,prsoe` prepared code alone)."""
     src = _corpus(tmp_path / "src")
     assert {d.domain for d in read_documents([src], domains=["prose"])} == {"prose"}
-    with pytest.raises(DataError, match=r"--domains: prsoe not found in .*src \(domains there: code, prose\)"):
+    with pytest.raises(UsageError, match=r"--domains: 'prsoe' not found in .*src \(did you mean 'prose'\?\); "
+                                         r"domains there: code, prose$"):
         prepare(read_documents([src], domains=["code", "prsoe"]), tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
     (src / "empty" / "sub").mkdir(parents=True)  # named, there, but without data: it was "not found"

@@ -352,6 +352,16 @@ def _no_data_files(folders: list[Path]) -> None:
                             "subfolder")
 
 
+def _unknown_domains(missing: list[str], where: str, found: Iterable[str]) -> UsageError:
+    """`--domains` naming domains the data does not have: the flag's value (a usage error, exit 2, as
+    `--split`'s), with the nearest name and the domains there."""
+    from mixlab.config import did_you_mean
+
+    found = sorted(found)
+    return UsageError(f"--domains: {', '.join(map(repr, missing))} not found in {where}"
+                      f"{did_you_mean(missing[0], found)}; domains there: {', '.join(found) or 'none'}")
+
+
 def _prepared_hint(folder: Path) -> str:
     """What to pass instead of a folder `data prepare` wrote (`data prepare DATASET`, `analyze --data DATASET`)."""
     if not (folder / "meta.json").is_file():
@@ -389,8 +399,7 @@ def read_documents(sources: Iterable[str | Path], *, domains: Iterable[str] | No
     missing = sorted(keep - found) if keep is not None else []
     if missing:
         _no_data_files([Path(s) / n for s in sources for n in missing])
-        raise DataError(f"--domains: {', '.join(missing)} not found in {', '.join(map(str, sources))} "
-                        f"(domains there: {', '.join(sorted(found))})")
+        raise _unknown_domains(missing, ", ".join(map(str, sources)), found)
     for f, domain, split, in_folder in files:
         docs = read_file(f, domain=domain, split=split) if in_folder else alone[f]
         yield from (d for d in docs if keep is None or d.domain in keep)
@@ -474,7 +483,7 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
         missing = [n for n in names if n not in found]
         if missing:
             _no_data_files([root / n for n in missing])
-            raise DataError(f"domain {missing[0]!r} not found in {root} (domains there: {', '.join(sorted(found))})")
+            raise _unknown_domains(missing, str(root), found)
         return {n: found[n] for n in names}
     return dict(sorted(found.items()))
 
