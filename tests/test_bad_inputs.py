@@ -323,7 +323,11 @@ def test_a_bad_number_names_the_flag(args, expected, capsys):
     (["train", "--lr", "-1"], "argument --lr: expected a number >= 0, got -1"),
     (["train", "--warmup", "-5"], "argument --warmup: expected an integer in [0, 9223372036854775807], got -5"),
     (["train", "--threads", "-3"], "argument --threads: expected an integer in [0, 9223372036854775807], got -3"),
-    (["train", "--seq-len", "0"], "argument --seq-len: expected an integer >= 1, got 0"),
+    (["train", "--seq-len", "0"], "argument --seq-len: expected an integer in [1, 9223372036854775807], got 0"),
+    # log_every 0 was a ZeroDivisionError traceback at the first step, grad_accum 10**20 an OverflowError
+    (["train", "--log-every", "0"], "argument --log-every: expected an integer in [1, 9223372036854775807], got 0"),
+    (["sft", "--grad-accum", str(10**20)],
+     f"argument --grad-accum: expected an integer in [1, 9223372036854775807], got {10**20}"),
     (["train", "--out", "o"], "no dataset: pass --data DIR"),
     (["train", "--data", "d", "--out", "o", "--ep", "0"], "--ep 0: the expert-parallel size must be at least 1"),
     (["train", "--data", "d", "--out", "o", "--ep", "2"], "--ep 2 needs 2 processes (or a multiple of 2)"),
@@ -447,6 +451,8 @@ def test_a_model_setting_the_flags_contradict_is_a_usage_error(tmp_path, base, d
     ("dpo", "beta = 0.0", "fine-tuning setting 'beta' must be > 0, got 0.0"),
     ("dpo", 'label_smoothing = 0.1\nloss = "ipo"', "fine-tuning setting 'label_smoothing' applies to the sigmoid"),
     ("train", 'device = "bogus"', "training setting 'device': unknown device 'bogus'"),
+    ("sft", "log_every = 0", "fine-tuning setting 'log_every' must be an integer in [1, 9223372036854775807], got 0"),
+    ("train", f"grad_accum = {2**63}", f"training setting 'grad_accum' must be an integer in [1, {2**63 - 1}], got"),
 ])
 def test_a_config_files_bad_value_names_the_file_and_key(command, toml, said, tmp_path, monkeypatch, capsys):
     """The values the flags refuse as usage errors (exit 2), given in a config file: the file's error (exit 1),

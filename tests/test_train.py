@@ -513,7 +513,9 @@ def test_a_checkpoint_written_before_the_shared_optimizer_settings_resumes(datas
 
 @pytest.mark.parametrize(("kw", "match"), [
     ({"bogus": 1}, "unknown {} setting.*bogus"),
-    ({"steps": 0}, "{} setting 'steps' must be a positive integer"),
+    ({"steps": 0}, "{} setting 'steps' must be an integer in \\[1, 9223372036854775807\\], got 0"),
+    ({"log_every": 0}, "{} setting 'log_every' must be an integer in \\[1, "),  # a ZeroDivisionError at step 1
+    ({"grad_accum": 2**64}, "{} setting 'grad_accum' must be an integer in \\[1, "),  # an OverflowError
     ({"dtype": "float16"}, "{} setting 'dtype' must be 'float32' or 'bfloat16'"),
     ({"lr": float("nan")}, "{} setting 'lr' must be a finite number >= 0"),
     ({"eps": 0.0}, "{} setting 'eps' must be a finite number > 0"),
@@ -522,7 +524,7 @@ def test_a_checkpoint_written_before_the_shared_optimizer_settings_resumes(datas
     ({"device": "meta"}, "{} setting 'device'"),
     ({"out": 5}, "{} setting 'out' must be a string, got 5"),  # TOML `out = 5`: not a TypeError mid-run
     ({"progress": "no"}, "{} setting 'progress' must be true or false, got 'no'"),  # not truthy
-    ({"seq_len": True}, "{} setting 'seq_len' must be a positive integer, got True"),
+    ({"seq_len": True}, "{} setting 'seq_len' must be an integer in \\[1, 9223372036854775807\\], got True"),
 ])
 def test_training_and_fine_tuning_check_their_settings_alike(kw: dict, match: str, tmp_path: Path) -> None:
     """One reader and checker (train/settings.py) behind both configs: the same error, naming the run kind;

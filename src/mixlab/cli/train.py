@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -192,14 +193,14 @@ SETTING_HELP = {
 }
 
 
-def count(text: str) -> int:
-    """argparse type of an integer run setting (--warmup, --threads, --seed, ...): in [0, 2**63 - 1], as
-    check_settings takes a config file's."""
+def count(text: str, least: int = 0) -> int:
+    """argparse type of an integer run setting (--warmup, --threads, --seed, ...): in [least, 2**63 - 1], as
+    check_settings takes a config file's (least 1: the batch shape, steps and log_every, POSITIVE)."""
     from mixlab.train.settings import LARGEST
 
     v = int(_parse(text, int))
-    if not 0 <= v <= LARGEST:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {LARGEST}], got {v}")
+    if not least <= v <= LARGEST:
+        raise argparse.ArgumentTypeError(f"expected an integer in [{least}, {LARGEST}], got {v}")
     return v
 
 
@@ -216,7 +217,7 @@ def add_setting_args(p: argparse.ArgumentParser, settings: tuple[tuple[str, type
     for name, typ in settings:
         shown = "the checkpoint's" if defaults[name] is None else f"{defaults[name]:g}"
         text = helps[name] if name == "lora_rank" else f"{helps[name]} (default {shown})"
-        check = non_negative if typ is float else positive if name in POSITIVE else count
+        check = non_negative if typ is float else functools.partial(count, least=1) if name in POSITIVE else count
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=check, default=None, help=text)
 
 

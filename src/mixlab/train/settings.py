@@ -87,10 +87,10 @@ class OptimizerSettings:
 
 
 AUTOCAST_DTYPES = ("float32", "bfloat16")  # float32: autocast off
-# The numeric settings both runs have: (finite numbers >= 0, integers in [0, LARGEST], integers >= 1).
+# The numeric settings both runs have: (finite numbers >= 0, integers in [0, LARGEST], integers in [1, LARGEST]).
 NUMBERS = tuple(f.name for f in dataclasses.fields(OptimizerSettings) if f.type == "float")
-INTEGERS = ("warmup", "threads", "eval_every", "ckpt_every", "keep", "log_every", "seed")
-POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps")
+INTEGERS = ("warmup", "threads", "eval_every", "ckpt_every", "keep", "seed")
+POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "log_every")  # log_every 0: a division by zero
 LARGEST = 2**63 - 1  # an integer setting's largest value (an int64: the seed, the step counters)
 
 
@@ -190,10 +190,11 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
             raise ConfigError(f"{what} setting {f.name!r} must be true or false, got {v!r}", setting=f.name)
         if kind.startswith("dict") and not isinstance(v, dict):
             raise ConfigError(f"{what} setting {f.name!r} must be a table of fields, got {v!r}", setting=f.name)
-    for name in POSITIVE:
+    for name in POSITIVE:  # at most LARGEST: grad_accum 10**20 was an OverflowError in the loss's division
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{what} setting {name!r} must be a positive integer, got {v!r}", setting=name)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= LARGEST:
+            raise ConfigError(f"{what} setting {name!r} must be an integer in [1, {LARGEST}], got {v!r}",
+                              setting=name)
     if cfg.dtype not in AUTOCAST_DTYPES:
         raise ConfigError(f"{what} setting 'dtype' must be 'float32' or 'bfloat16', got {cfg.dtype!r}",
                           setting="dtype")
