@@ -219,6 +219,18 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "data prepare --domains nope": (
         lambda t, b, c, d: ["data", "prepare", str(_corpus(t)), "--out", str(t / "ds"), "--domains", "nope"],
         ["--domains: 'nope' not found in", "domains there: code, prose"]),
+    # a run folder that is a source or a file; an export that would replace the starting weights
+    "train --out the dataset": (lambda t, b, c, d: _train_args(d, d), ["refusing to write the run there", "source"]),
+    "train --out a file": (lambda t, b, c, d: ((t / "f").write_text("x"), _train_args(d, t / "f"))[-1],
+                           ["f: exists and is not a folder", "--out"]),  # it said "f: File exists"
+    "sft --out the model's folder": (
+        lambda t, b, c, d: ["sft", "--model", str(c), "--data", str(_chat_jsonl(t)), "--out", str(c), "--steps", "1",
+                            "--seq-len", "32", "--valid-fraction", "0"],
+        ["refusing to write the run there: it is the source"]),
+    "sft --model RUN/hf --out RUN": (  # the run's export replaced its starting weights with the result
+        lambda t, b, c, d: ["sft", "--model", str(_copy(c, t / "run" / "hf")), "--data", str(_chat_jsonl(t)),
+                            "--out", str(t / "run"), "--steps", "1", "--seq-len", "32", "--valid-fraction", "0"],
+        ["hf: refusing to write there: it is the source"]),
     "prompt over the context names --truncate": (
         lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", "word " * 600, "--max-new-tokens", "8"],
         ["--truncate"]),
@@ -231,6 +243,11 @@ def _corpus(t: Path) -> Path:
         (t / "corpus" / domain).mkdir(parents=True)
         (t / "corpus" / domain / "valid.jsonl").write_text(json.dumps({"text": f"some {domain} " * 20}) + "\n")
     return t / "corpus"
+
+
+def _chat_jsonl(t: Path) -> Path:
+    (t / "chat.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
+    return t / "chat.jsonl"
 
 
 def _nan_copy(src: Path, dst: Path) -> Path:

@@ -51,7 +51,7 @@ from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
-from mixlab.train.loop import _Metrics, check_export_folder, keep_freed_memory, show_step
+from mixlab.train.loop import _Metrics, check_export_folder, check_run_folder, keep_freed_memory, show_step
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import IGNORE, lm_loss, router_losses
 from mixlab.train.settings import (
@@ -458,14 +458,15 @@ def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int
     cfg = check_finetune_config(cfg)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
+    sources = check_run_folder(out, [cfg.model, cfg.data, cfg.valid_data])
     with atomic.exclusive(out, what="run folder"):  # one run at a time in OUT
         # "auto": a command rerun as it was (torchrun --max-restarts, a scheduler's requeue)
         newest = checkpoints.to_resume(out, resume)
         resume = newest is not None
         if cfg.export_hf:
-            check_export_folder(out / "hf")
+            check_export_folder(out / "hf", sources)
         if cfg.lora_rank and cfg.export_peft:
-            check_export_folder(out / "adapter")
+            check_export_folder(out / "adapter", sources)
         was_threads = torch.get_num_threads()
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)

@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,14 +429,29 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, mc: ModelConfig, fing
                               f"{cfg.data})")
 
 
-def check_export_folder(path: Path) -> None:
+def check_run_folder(out: Path, sources: Sequence[str]) -> list[str]:
+    """Refuse, before any training, a run folder (`--out`) that is a file (mkdir's bare 'File exists') or
+    one of the run's `sources`, its data or starting weights (`sft --model M --out M` filled the model's
+    folder with the run's). The sources that are files or folders (a preset's name is not), for
+    `check_export_folder`."""
+    paths = [s for s in sources if s and os.path.exists(s)]
+    for s in paths:
+        if os.path.realpath(s) == os.path.realpath(out):
+            raise OutputError(f"{out}: refusing to write the run there: it is the source {s}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; the run folder goes there: choose another --out")
+    return paths
+
+
+def check_export_folder(path: Path, sources: Sequence[str]) -> None:
     """Refuse, before any training, a run whose final export could not replace `path` (it holds
-    files mixlab did not write): the run would otherwise fail only at its end."""
+    files mixlab did not write) or would replace one of its `sources` (`sft --model RUN/hf --out RUN`
+    replaced its starting weights with the result): the run would otherwise fail only at its end."""
     if path.is_dir() and (foreign := atomic.foreign_entries(path)):
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputError(f"{path}: holds files mixlab did not write ({shown}); the run exports its model "
                           "there at the end: move them or choose another --out")
-    atomic.check_destination(path)  # e.g. a file of that name
+    atomic.check_destination(path, sources=sources)  # e.g. a file of that name
 
 
 def train(cfg: TrainConfig, *, resume: bool | str = False, stop_after: int | None = None,
@@ -455,13 +470,14 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, stop_after: int | Non
                      processes=parallel.world if parallel is not None else 1)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
+    sources = check_run_folder(out, [cfg.data, cfg.init_from, cfg.model])
     # one run at a time in OUT (rank 0 holds it for all of a distributed run's processes)
     with atomic.exclusive(out, what="run folder") if parallel is None or parallel.is_main else nullcontext():
         # "auto": a command rerun as it was (torchrun --max-restarts, a scheduler's requeue)
         newest = checkpoints.to_resume(out, resume)
         resume = newest is not None
         if cfg.export_hf:  # on every rank (--out is shared): all refuse together, none waits for the others
-            check_export_folder(out / "hf")
+            check_export_folder(out / "hf", sources)
         was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         if cfg.deterministic:
             # cuBLAS is deterministic only with a fixed workspace; the variable must be set before its
