@@ -85,6 +85,9 @@ def test_sustained_bandwidth_reads_on_and_ignores_the_slow_start():
     (["--decode-batch", "1,0"], "--decode-batch: expected comma-separated integers >= 1, got '1,0'"),
     (["--prefill", "-3"], "--prefill: expected comma-separated integers >= 1, got '-3'"),
     (["--moe-tokens", "x"], "--moe-tokens: expected comma-separated integers >= 1, got 'x'"),
+    # a flag's value: exit 2 (it exited 1, a failed run, once the plan ran)
+    (["--preset", "mixtral-8x7"], "--preset: unknown preset 'mixtral-8x7' (did you mean 'mixtral-8x7b'?)"),
+    (["--preset", "tiny-dense"], "--preset: preset 'tiny-dense' is dense; the benchmark needs an MoE preset: mini-moe"),
 ])
 def test_bench_refuses_bad_arguments_before_measuring(argv, said, capsys):
     from mixlab.cli import main
@@ -113,6 +116,25 @@ def test_bench_progress_is_on_stderr_and_quiet_drops_it(monkeypatch, capsys):
     assert capsys.readouterr() == ("| the report |\n", "measuring machine limits ...\n")
     assert main(["bench", "--quick", "--quiet"]) == 0
     assert capsys.readouterr() == ("| the report |\n", "")
+
+
+def test_bench_threads_beyond_the_cpu_count_are_bounded_with_a_warning(monkeypatch, capsys):
+    """--threads 10**20 was 'error: Overflow when unpacking long long', naming no flag (exit 1)."""
+    import os
+
+    import mixlab.cli.benchmark as benchmark
+    from mixlab.cli import main
+
+    plans = []
+
+    class Report:
+        def format(self) -> str:
+            return ""
+
+    monkeypatch.setattr(benchmark, "run_bench", lambda plan, *, log: plans.append(plan) or Report())
+    assert main(["bench", "--quick", "--threads", str(10**20)]) == 0
+    assert plans[0].threads == (os.cpu_count() or 1)
+    assert f"mixlab bench: warning: --threads {10**20} is more than the" in capsys.readouterr().err
 
 
 def test_bench_refuses_an_out_folder_before_measuring(tmp_path, capsys):

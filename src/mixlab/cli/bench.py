@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mixlab import atomic
-from mixlab.cli import add_quiet_arg, positive, user_path
+from mixlab.cli import add_quiet_arg, positive, threads_here, user_path
 
 
 def ints(s: str) -> tuple[int, ...]:
@@ -30,13 +30,27 @@ def _peers(s: str) -> tuple[str, ...]:
     return names
 
 
+def _moe_preset(name: str) -> str:
+    """argparse type of --preset: an MoE preset's name (an unknown or dense one exited 1, a failed run)."""
+    from mixlab.config import PRESETS, ConfigError, get_preset
+
+    try:
+        dense = get_preset(name).moe is None
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if dense:
+        moe = ", ".join(sorted(n for n, c in PRESETS.items() if c.moe is not None))
+        raise argparse.ArgumentTypeError(f"preset {name!r} is dense; the benchmark needs an MoE preset: {moe}")
+    return name
+
+
 def bench(args: argparse.Namespace) -> int:
     from mixlab.cli.benchmark import BenchPlan, run_bench
 
     if args.out:  # refused now, not after minutes of measuring
         atomic.check_destination(args.out, kind="file")
     plan = BenchPlan.quick(args.preset or "tiny-moe") if args.quick else BenchPlan(preset=args.preset or "mini-moe")
-    plan.threads = args.threads
+    plan.threads = threads_here(args.threads)
     if args.reps is not None:
         plan.reps = args.reps
     for name in ("prefill", "decode_batch", "moe_tokens"):
@@ -58,7 +72,8 @@ def bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="inference speed vs transformers and llama.cpp, "
                                      "as a fraction of this machine's limits")
-    p.add_argument("--preset", default=None, help="MoE preset (default mini-moe; tiny-moe with --quick)")
+    p.add_argument("--preset", type=_moe_preset, default=None,
+                   help="MoE preset (default mini-moe; tiny-moe with --quick)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny preset, few sizes, 2 repetitions")
     p.add_argument("--threads", type=positive, default=2, help="CPU threads for every peer (default 2)")
     p.add_argument("--reps", type=positive, default=None,

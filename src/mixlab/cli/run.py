@@ -10,13 +10,12 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, positive, sampling, user_path
+from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, positive, sampling, threads_here, user_path
 from mixlab.config import suffix_of
 from mixlab.engine import Engine
 from mixlab.engine.runner import bytes_per_token
@@ -42,10 +41,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
                          "--ep): run it without torchrun")
 
     if args.threads is not None:
-        cpus = os.cpu_count() or 1
-        if args.threads > cpus:  # more threads than cores only makes OpenMP workers wait for each other
-            warnings.warn(f"--threads {args.threads} is more than the {cpus} CPUs here; using {cpus}", stacklevel=2)
-        torch.set_num_threads(min(args.threads, cpus))
+        torch.set_num_threads(threads_here(args.threads))
     dtype = args.dtype
     if dtype == "auto":  # bf16 where the CPU computes it natively (AVX-512-bf16 / AMX), else as stored
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
