@@ -586,6 +586,23 @@ def test_threads_beyond_the_cpu_count_are_bounded_with_a_warning(chat_model, cap
     assert "more than the" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_training_threads_beyond_the_cpu_count_are_bounded_with_a_warning(command, dataset, chat_model, tmp_path,
+                                                                           monkeypatch, capsys):
+    """train/sft --threads 99999 crashed the process in torch.set_num_threads (SIGSEGV, no message);
+    2**63 - 1 said 'error: Overflow when unpacking long'. They are bounded as generate's are."""
+    asked: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (asked.append(n), real(min(n, os.cpu_count() or 1))))
+    argv = (_train_args(dataset, tmp_path / "run", "--steps", "1") if command == "train" else
+            ["sft", "--model", str(chat_model), "--data", str(_chat_jsonl(tmp_path)), "--out", str(tmp_path / "run"),
+             "--steps", "1", "--seq-len", "32", "--valid-fraction", "0", "--threads", "1"])
+    argv[argv.index("--threads") + 1] = "99999"
+    assert main(argv) == 0
+    assert asked and max(asked) <= (os.cpu_count() or 1), asked
+    assert f"mixlab {command}: warning: threads 99999 is more than the" in capsys.readouterr().err
+
+
 def test_torn_last_line_of_metrics_does_not_block_resume(dataset, tmp_path):
     out = tmp_path / "run"
     args = _train_args(dataset, out, "--steps", "4", "--ckpt-every", "2", "--warmup", "0")

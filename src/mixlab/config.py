@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,16 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
     """A file name's extension, lower-cased: what picks a file's format (`X.GGUF`, `tokenizer.JSON`), by
     the same rule wherever one does (a name's case says nothing of its contents, as llama.cpp reads it)."""
     return Path(path).suffix.lower()
+
+
+def usable_threads(n: int, *, what: str = "--threads") -> int:
+    """`n` CPU threads for torch, at most this machine's CPUs, warned of: more threads than cores only make
+    OpenMP workers wait for each other, and torch.set_num_threads crashed the process beyond them (99999:
+    SIGSEGV; 2**63 - 1: OverflowError). `what`: the flag or setting that asked for them."""
+    cpus = os.cpu_count() or 1
+    if n > cpus:
+        warnings.warn(f"{what} {n} is more than the {cpus} CPUs here; using {cpus}", stacklevel=2)
+    return min(n, cpus)
 
 
 def format_bytes(n: float) -> str:

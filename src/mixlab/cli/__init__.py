@@ -164,15 +164,6 @@ def resume_arg(args: argparse.Namespace) -> bool | str:
     return "auto" if args.auto_resume else bool(args.resume)
 
 
-def threads_here(n: int) -> int:
-    """`--threads n`, at most this machine's CPUs, warned of: more threads than cores only make OpenMP
-    workers wait for each other (and 10**20 overflowed torch.set_num_threads)."""
-    cpus = os.cpu_count() or 1
-    if n > cpus:
-        warnings.warn(f"--threads {n} is more than the {cpus} CPUs here; using {cpus}", stacklevel=2)
-    return min(n, cpus)
-
-
 def user_path(text: str) -> str:
     """argparse type of a file or folder: `~` is the home folder, as a shell expands it in a word of its
     own but not in `--out=~/x` or a quoted '~/x' (and as a config file's paths are read)."""

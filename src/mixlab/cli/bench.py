@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mixlab import atomic
-from mixlab.cli import add_quiet_arg, positive, threads_here, user_path
+from mixlab.cli import add_quiet_arg, positive, user_path
 
 
 def ints(s: str) -> tuple[int, ...]:
@@ -46,11 +46,12 @@ def _moe_preset(name: str) -> str:
 
 def bench(args: argparse.Namespace) -> int:
     from mixlab.cli.benchmark import BenchPlan, run_bench
+    from mixlab.config import usable_threads
 
     if args.out:  # refused now, not after minutes of measuring
         atomic.check_destination(args.out, kind="file")
     plan = BenchPlan.quick(args.preset or "tiny-moe") if args.quick else BenchPlan(preset=args.preset or "mini-moe")
-    plan.threads = threads_here(args.threads)
+    plan.threads = usable_threads(args.threads)
     if args.reps is not None:
         plan.reps = args.reps
     for name in ("prefill", "decode_batch", "moe_tokens"):

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, positive, sampling, threads_here, user_path
-from mixlab.config import suffix_of
+from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, positive, sampling, user_path
+from mixlab.config import suffix_of, usable_threads
 from mixlab.engine import Engine
 from mixlab.engine.runner import bytes_per_token
 from mixlab.errors import UsageError
@@ -41,7 +41,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
                          "--ep): run it without torchrun")
 
     if args.threads is not None:
-        torch.set_num_threads(threads_here(args.threads))
+        torch.set_num_threads(usable_threads(args.threads))
     dtype = args.dtype
     if dtype == "auto":  # bf16 where the CPU computes it natively (AVX-512-bf16 / AMX), else as stored
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()

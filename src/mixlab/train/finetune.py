@@ -46,7 +46,7 @@ from torch import nn
 from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
-from mixlab.config import ConfigError, ModelConfig
+from mixlab.config import ConfigError, ModelConfig, usable_threads
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.train import checkpoints, dpo, sft
@@ -469,7 +469,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int
             check_export_folder(out / "adapter", sources)
         was_threads = torch.get_num_threads()
         if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(usable_threads(cfg.threads, what="threads"))
         keep_freed_memory()
         try:
             return _finetune(cfg, out, ckpt_root, newest, resume=resume, stop_after=stop_after, on_step=on_step)

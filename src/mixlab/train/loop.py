@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
-from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset, suffix_of
+from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset, suffix_of, usable_threads
 from mixlab.errors import OutputError, TrainingError
 from mixlab.eval.perplexity import Score, score_windows
 from mixlab.model import Transformer
@@ -485,7 +485,7 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, stop_after: int | Non
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(usable_threads(cfg.threads, what="threads"))
         keep_freed_memory()
         try:
             return _train(cfg, dataset, mc, out, ckpt_root, newest, resume=resume, stop_after=stop_after,
