@@ -64,6 +64,13 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
 def _edit_config(folder: Path, **changes: object) -> Path:
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(changes)
@@ -155,6 +162,25 @@ CASES: dict[str, tuple[Case, list[str]]] = {
         lambda t, b, c, d: ((_copy(b, t / "m") / "config.json").write_text('{"a": ' + _nested(100_000) + "}"),
                             ["info", str(t / "m")])[-1],
         ["config.json", "nested too deeply"]),
+    # JSON nested past Python's recursion limit: a RecursionError traceback (not a ValueError)
+    "deeply nested JSONL line in data prepare": (
+        lambda t, b, c, d: ((t / "c" / "prose").mkdir(parents=True),
+                            (t / "c" / "prose" / "train.jsonl").write_text('{"text": ' + _nested(100_000) + "}\n"),
+                            ["data", "prepare", str(t / "c"), "--out", str(t / "ds")])[-1],
+        ["prose/train.jsonl:1: JSON nested too deeply"]),
+    "deeply nested JSONL line in sft": (
+        lambda t, b, c, d: ((t / "x.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": '
+                                                      + _nested(100_000) + "}\n"),
+                            ["sft", "--model", str(c), "--data", str(t / "x.jsonl"), "--out", str(t / "r")])[-1],
+        ["x.jsonl:2: JSON nested too deeply"]),
+    "deeply nested train config file": (
+        lambda t, b, c, d: ((t / "c.toml").write_text("lr = " + _nested(100_000) + "\n"),
+                            ["train", str(t / "c.toml"), "--data", str(d), "--out", str(t / "r")])[-1],
+        ["c.toml: nested too deeply"]),
+    "deeply nested dataset meta.json": (
+        lambda t, b, c, d: ((_copy_tree(d, t / "ds") / "meta.json").write_text('{"a": ' + _nested(100_000) + "}"),
+                            _train_args(t / "ds", t / "r"))[-1],
+        ["meta.json: JSON nested too deeply"]),
     # 8: one-line errors naming the file, field or value
     "rope_parameters as a list": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), rope_parameters=[1, 2]))],

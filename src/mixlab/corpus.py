@@ -144,6 +144,17 @@ class Document:
     where: str  # file[:line], for error messages
 
 
+def json_line(line: str, where: str) -> Any:
+    """One JSON Lines row, or DataError naming `where` (file:line): not JSON, or nested too deeply for
+    Python's parser (its RecursionError was a traceback)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+
+
 def jsonl_texts(lines: Iterable[str], path: Path, *, strict: bool = True) -> Iterator[tuple[str, dict, str]]:
     """(text, row, "file:line") of each JSONL line whose `text` is a non-empty string; the one JSONL
     reader of the project (training, routing analysis). Invalid JSON is always an error naming the
@@ -153,10 +164,7 @@ def jsonl_texts(lines: Iterable[str], path: Path, *, strict: bool = True) -> Ite
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        obj = json_line(line, where)
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
             if not strict:

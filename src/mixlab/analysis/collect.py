@@ -69,7 +69,7 @@ def load_analysis_tokenizer(model_dir: str | Path | None = None, *, path: str | 
 
             try:
                 spec = json.loads((folder / "mixlab_data.json").read_text(encoding="utf-8"))["tokenizer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
                 raise ValueError(f"{folder / 'mixlab_data.json'}: no readable 'tokenizer' entry ({e})") from None
             return get_tokenizer(spec)
     return load_tokenizer()

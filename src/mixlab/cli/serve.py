@@ -38,8 +38,8 @@ def lora_module(text: str) -> tuple[str, str]:
     if text.lstrip().startswith("{"):
         try:
             item = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise argparse.ArgumentTypeError(f"{text[:80]!r}: not valid JSON ({e})") from None
         name, path = (item.get("name"), item.get("path")) if isinstance(item, dict) else (None, None)
         if not (isinstance(name, str) and name and isinstance(path, str) and path):
             raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object with a non-empty \"name\" and "

@@ -66,7 +66,7 @@ def _overrides(args: argparse.Namespace) -> dict:
                 raise UsageError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set dim=256")
             try:
                 value = json.loads(val)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # text, refused by the field's check
                 value = val
             if key.startswith("moe."):
                 mo.setdefault("moe", {})[key[4:]] = value

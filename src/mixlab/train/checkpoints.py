@@ -107,6 +107,8 @@ def validate(ckpt: Path, *, checksums: bool = True) -> dict[str, Any]:
         sizes = state["files"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{sf}: corrupt checkpoint state ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{sf}: corrupt checkpoint state (JSON nested too deeply)") from None
     for name, size in sizes.items():
         f = ckpt / name
         if not f.is_file():

@@ -160,6 +160,8 @@ class TokenDataset:
             self.meta: dict[str, Any] = json.loads(mf.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{mf}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise DataError(f"{mf}: JSON nested too deeply") from None
         if not isinstance(self.meta, dict):
             raise DataError(f"{mf}: expected a JSON object, found {type(self.meta).__name__}; "
                             "prepare the dataset again")

@@ -216,7 +216,7 @@ def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, An
             try:
                 spec = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
                 return get_tokenizer(spec), spec
-            except (ValueError, KeyError, TypeError) as e:  # damaged or hand-written: name the file
+            except (ValueError, KeyError, TypeError, RecursionError) as e:  # damaged or hand-written: name the file
                 raise DataError(f"{f}: no readable 'tokenizer' entry ({e}); fix it, or pass --tokenizer") from None
     for name in ("tokenizer.model", "tokenizer.json"):
         if (root / name).is_file():

@@ -109,6 +109,8 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             raise SettingsFileError(f"{p}: {what} config file not found") from None
         except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SettingsFileError(f"{p}: not valid {'TOML' if suffix_of(p) == '.toml' else 'JSON'} ({e})") from None
+        except RecursionError:  # the parsers' own error for '[[[[...'
+            raise SettingsFileError(f"{p}: nested too deeply") from None
         if not isinstance(d, dict):
             raise SettingsFileError(f"{p}: expected a table / object of {what} settings")
     from_file = set(d) - {k for k, v in overrides.items() if v is not None}

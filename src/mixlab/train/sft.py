@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mixlab.corpus import json_line
 from mixlab.tokenizer import ChatError, _normalize_chat
 from mixlab.train.data import DataError, TrainTokenizer
 from mixlab.train.losses import IGNORE
@@ -192,10 +193,7 @@ def read_jsonl(path: str | Path) -> list[tuple[Any, str]]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            rows.append((json.loads(line), f"{p}:{lineno}"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+        rows.append((json_line(line, f"{p}:{lineno}"), f"{p}:{lineno}"))
     if not rows:
         raise DataError(f"{p}: no examples (the file is empty)")
     return rows
