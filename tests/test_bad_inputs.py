@@ -71,6 +71,11 @@ def _copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _edit_meta(dataset: Path, **changes: object) -> None:
+    meta = json.loads((dataset / "meta.json").read_text())
+    (dataset / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
 def _edit_config(folder: Path, **changes: object) -> Path:
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(changes)
@@ -181,6 +186,19 @@ CASES: dict[str, tuple[Case, list[str]]] = {
         lambda t, b, c, d: ((_copy_tree(d, t / "ds") / "meta.json").write_text('{"a": ' + _nested(100_000) + "}"),
                             _train_args(t / "ds", t / "r"))[-1],
         ["meta.json: JSON nested too deeply"]),
+    # damaged metadata that passed the checks and failed as a TypeError traceback, or was blamed on the flags
+    "dataset meta.json with a split that is not a table": (
+        lambda t, b, c, d: (_edit_meta(_copy_tree(d, t / "ds"), splits={"train": 5}),
+                            _train_args(t / "ds", t / "r"))[-1],
+        ["meta.json: missing or bad field ('splits.train' must map each domain to its 'tokens' and 'docs' counts)"]),
+    "dataset meta.json vocab_size -1": (  # it was exit 2, "--set dim=32 ...: config field 'vocab_size' ..."
+        lambda t, b, c, d: (_edit_meta(_copy_tree(d, t / "ds"), vocab_size=-1), _train_args(t / "ds", t / "r"))[-1],
+        ["meta.json: missing or bad field (vocab_size -1"]),
+    "adapter_config.json target_modules 5": (
+        lambda t, b, c, d: ((t / "a").mkdir(), (t / "a" / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": 5})),
+                            ["generate", "--model", str(c), "--adapter", str(t / "a"), "--prompt", "hi"])[-1],
+        ["adapter_config.json: target_modules is 5; expected a module name or a list of them"]),
     # 8: one-line errors naming the file, field or value
     "rope_parameters as a list": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), rope_parameters=[1, 2]))],

@@ -195,7 +195,9 @@ def _check_config(path: Path, conf: dict[str, Any]) -> None:
                               "trained modules are not supported; merge it with PEFT (merge_and_unload, then "
                               "save_pretrained) and load the merged checkpoint")
     targets = conf.get("target_modules") or []
-    names = [targets] if isinstance(targets, str) else list(targets)
+    names = [targets] if isinstance(targets, str) else targets
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):  # 5: a TypeError traceback
+        raise CheckpointError(f"{path}: target_modules is {targets!r}; expected a module name or a list of them")
     for t in _UNSUPPORTED_TARGETS:
         if any(t in n for n in names):
             raise CheckpointError(f"{path}: target_modules {targets!r} adapts {t}: LoRA on the embedding or "

@@ -174,6 +174,14 @@ class TokenDataset:
             self.domains: list[str] = list(self.meta["domains"])
             if not isinstance(self.meta["splits"], dict) or not isinstance(self.meta["tokenizer"], dict):
                 raise TypeError("'splits' and 'tokenizer' must be objects")
+            if self.vocab_size < 1 or self.dtype.kind != "u":
+                raise ValueError(f"vocab_size {self.vocab_size}, dtype {self.dtype}: expected a positive size and an "
+                                 "unsigned integer type")
+            for split, per in self.meta["splits"].items():  # {"train": 5} was a TypeError traceback when read
+                if not isinstance(per, dict) or not all(
+                        isinstance(i, dict) and all(type(i.get(k)) is int and i[k] >= 0 for k in ("tokens", "docs"))
+                        for i in per.values()):
+                    raise TypeError(f"'splits.{split}' must map each domain to its 'tokens' and 'docs' counts")
         except (KeyError, TypeError, ValueError) as e:  # a damaged or hand-edited meta.json
             raise DataError(f"{mf}: missing or bad field ({e}); prepare the dataset again") from None
         self._maps: dict[tuple[str, str], np.ndarray] = {}
