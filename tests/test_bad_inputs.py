@@ -199,6 +199,9 @@ CASES: dict[str, tuple[Case, list[str]]] = {
             {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": 5})),
                             ["generate", "--model", str(c), "--adapter", str(t / "a"), "--prompt", "hi"])[-1],
         ["adapter_config.json: target_modules is 5; expected a module name or a list of them"]),
+    "analyze --model a folder that is not there": (
+        lambda t, b, c, d: ["analyze", "--model", str(t / "nope"), "--data", str(_corpus(t)), "--out", str(t / "r")],
+        ["nope: no such checkpoint folder"]),  # it said "nope: no config.json (transformers) or params.json ... found"
     # 8: one-line errors naming the file, field or value
     "rope_parameters as a list": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), rope_parameters=[1, 2]))],

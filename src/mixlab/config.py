@@ -444,6 +444,8 @@ class ModelConfig:
     def from_dir(cls, path: str | Path) -> ModelConfig:
         """The config of a checkpoint folder: transformers `config.json` or Mistral `params.json`."""
         p = Path(path)
+        if not p.exists():  # it said "no config.json (transformers) or params.json (Mistral) found"
+            raise ConfigError(f"{p}: no such checkpoint folder")
         for name, reader in (("config.json", cls.from_hf_dict), ("params.json", cls.from_mistral_dict)):
             f = p / name
             if f.is_file():
