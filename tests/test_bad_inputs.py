@@ -202,6 +202,10 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "analyze --model a folder that is not there": (
         lambda t, b, c, d: ["analyze", "--model", str(t / "nope"), "--data", str(_corpus(t)), "--out", str(t / "r")],
         ["nope: no such checkpoint folder"]),  # it said "nope: no config.json (transformers) or params.json ... found"
+    "demo --out inside --data": (  # it ran, and the same command then failed on the run's metrics.jsonl
+        lambda t, b, c, d: ["demo", "--steps", "1", "--data", str(_corpus(t, train_docs=20)), "--out",
+                            str(t / "corpus" / "demo")],
+        ["--out", "is inside --data", "choose an --out outside it"]),
     # 8: one-line errors naming the file, field or value
     "rope_parameters as a list": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), rope_parameters=[1, 2]))],
@@ -284,11 +288,15 @@ CASES: dict[str, tuple[Case, list[str]]] = {
 }
 
 
-def _corpus(t: Path) -> Path:
-    """A corpus in the shared layout: <domain>/valid.jsonl for code and prose."""
+def _corpus(t: Path, train_docs: int = 0) -> Path:
+    """A corpus in the shared layout: <domain>/valid.jsonl for code and prose, and train.jsonl of
+    `train_docs` documents when asked."""
     for domain in ("code", "prose"):
         (t / "corpus" / domain).mkdir(parents=True)
         (t / "corpus" / domain / "valid.jsonl").write_text(json.dumps({"text": f"some {domain} " * 20}) + "\n")
+        if train_docs:
+            (t / "corpus" / domain / "train.jsonl").write_text(
+                "".join(json.dumps({"text": f"{i} more {domain} " * 30}) + "\n" for i in range(train_docs)))
     return t / "corpus"
 
 

@@ -132,7 +132,7 @@ def run_demo(*, steps: int | None = None, minutes: float | None = None, data: st
     t_start = time.perf_counter()
     log = (lambda *_a: None) if quiet else (lambda text: print(text, file=sys.stderr))
     if out:
-        _claim(Path(out))  # before any work: an --out holding other files is refused
+        _claim(Path(out), data=data)  # before any work: an --out holding other files is refused
     tmp = tempfile.TemporaryDirectory(prefix="mixlab-demo-")
     work = Path(out) if out else Path(tmp.name)
     threads, was_threads = _threads(), torch.get_num_threads()
@@ -207,11 +207,15 @@ DEMO_MARK = "mixlab_demo.json"  # what an --out folder the demo wrote holds: a r
 DEMO_FILES = {DEMO_MARK, "data", "run", "loss.png", "routing.png"}
 
 
-def _claim(out: Path) -> None:
+def _claim(out: Path, *, data: str | None = None) -> None:
     """Make `out` the demo's: new, empty, or an earlier demo's output (replaced, so that the same
-    command runs again); a folder holding anything else is refused, untouched."""
+    command runs again); a folder holding anything else is refused, untouched, and so is one inside
+    `data` (its run's metrics.jsonl would be read as text by the same command run again)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the demo's run, data and plots")
+    if data and Path(os.path.realpath(data)) in Path(os.path.realpath(out)).parents:
+        raise ValueError(f"--out {out} is inside --data {data}: the demo's run would be read as text when the "
+                         "command runs again; choose an --out outside it")
     if out.is_dir() and any(out.iterdir()):
         held = {p.name for p in out.iterdir()}
         if DEMO_MARK not in held or not held <= DEMO_FILES:
