@@ -206,6 +206,10 @@ CASES: dict[str, tuple[Case, list[str]]] = {
         lambda t, b, c, d: ["demo", "--steps", "1", "--data", str(_corpus(t, train_docs=20)), "--out",
                             str(t / "corpus" / "demo")],
         ["--out", "is inside --data", "choose an --out outside it"]),
+    "training checkpoint state.json whose files is 5": (  # an AttributeError traceback
+        lambda t, b, c, d: ((t / "step_00000001").mkdir(), (t / "step_00000001" / "state.json").write_text(
+            json.dumps({"step": 1, "files": 5})), ["info", str(t / "step_00000001")])[-1],
+        ["state.json: corrupt checkpoint state ('files' must map file names to byte counts)"]),
     # 8: one-line errors naming the file, field or value
     "rope_parameters as a list": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), rope_parameters=[1, 2]))],

@@ -105,6 +105,8 @@ def validate(ckpt: Path, *, checksums: bool = True) -> dict[str, Any]:
     try:
         state: dict[str, Any] = json.loads(sf.read_text(encoding="utf-8"))
         sizes = state["files"]
+        if not (isinstance(sizes, dict) and all(type(n) is int for n in sizes.values())):  # 5: an AttributeError
+            raise TypeError("'files' must map file names to byte counts")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{sf}: corrupt checkpoint state ({e})") from None
     except RecursionError:
