@@ -428,6 +428,9 @@ def test_a_bad_number_names_the_flag(args, expected, capsys):
     (["sft", "--model", "m", "--data", "d", "--valid-fraction", "1"],
      "fine-tuning setting 'valid_fraction' (--valid-fraction) must be in [0, 1), got 1.0"),
     (["sft", "--model", "m", "--data", "d", "--device", "bogus"], "fine-tuning setting 'device' (--device): unknown"),
+    (["sft", "--model", "m", "--data", "d", "--lora-alpha", "32"],  # full fine-tuning, the flag ignored
+     "fine-tuning setting 'lora_alpha' (--lora-alpha) applies to LoRA, but lora_rank is 0 (full fine-tuning): give "
+     "lora_rank too (--lora-rank R), or remove it"),
     (["sft", "--model", "m"], "no data: pass --data FILE.jsonl"),
     (["dpo", "--data", "d"], "no starting model: pass --model DIR"),
     (["dpo", "--model", "m", "--data", "d", "--beta", "0"], "fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"),
@@ -527,6 +530,7 @@ def test_a_model_setting_the_flags_contradict_is_a_usage_error(tmp_path, base, d
     ("dpo", "beta = 0.0", "fine-tuning setting 'beta' must be > 0, got 0.0"),
     ("dpo", 'label_smoothing = 0.1\nloss = "ipo"', "fine-tuning setting 'label_smoothing' applies to the sigmoid"),
     ("train", 'device = "bogus"', "training setting 'device': unknown device 'bogus'"),
+    ("dpo", 'lora_base_dtype = "int8"', "fine-tuning setting 'lora_base_dtype' applies to LoRA, but lora_rank is 0"),
     ("sft", "log_every = 0", "fine-tuning setting 'log_every' must be an integer in [1, 9223372036854775807], got 0"),
     ("train", f"grad_accum = {2**63}", f"training setting 'grad_accum' must be an integer in [1, {2**63 - 1}], got"),
 ])

@@ -1188,6 +1188,9 @@ def test_trl_setting_names_are_translated(tmp_path: Path) -> None:
      r"only .*, and attention is not one of the targets \(experts, router\); leave out the dropout or add attention"),
     ({"lora_rank": 2, "lora_targets": "mlp"}, r"^fine-tuning setting 'lora_targets': LoRA targets"),
     ({"loss": "ipo", "label_smoothing": 0.1}, "'label_smoothing' applies to the sigmoid loss only"),  # was ignored
+    # without lora_rank the run was full fine-tuning, the LoRA settings ignored without a word
+    ({"lora_alpha": 32.0}, "^fine-tuning setting 'lora_alpha' applies to LoRA, but lora_rank is 0 \\(full "),
+    ({"lora_targets": "attention"}, "^fine-tuning setting 'lora_targets' applies to LoRA, but lora_rank is 0"),
     ({"lora_rank": 2, "lora_targets": "attention,router", "freeze_router": True},  # trained the router's adapter
      "'freeze_router' keeps the router fixed, but 'router' is one of the LoRA targets"),
     ({"beta": float("nan")}, "'beta' must be a finite number >= 0, got nan"),  # trained to NaN weights

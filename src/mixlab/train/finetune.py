@@ -167,6 +167,12 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError("no starting model: pass --model DIR (any checkpoint mixlab loads)")
     if not cfg.data:
         raise ConfigError("no data: pass --data FILE.jsonl")
+    if not cfg.lora_rank:  # --lora-alpha 32 without --lora-rank: full fine-tuning, the LoRA settings ignored
+        given = [f.name for f in dataclasses.fields(cfg)
+                 if f.name.startswith("lora_") and f.name != "lora_rank" and getattr(cfg, f.name) != f.default]
+        if given:
+            raise ConfigError(f"fine-tuning setting {given[0]!r} applies to LoRA, but lora_rank is 0 (full "
+                              "fine-tuning): give lora_rank too (--lora-rank R), or remove it", setting=given[0])
     if cfg.lora_rank:
         try:
             lc = lora_config(cfg)
