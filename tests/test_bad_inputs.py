@@ -210,6 +210,13 @@ CASES: dict[str, tuple[Case, list[str]]] = {
         lambda t, b, c, d: ((t / "step_00000001").mkdir(), (t / "step_00000001" / "state.json").write_text(
             json.dumps({"step": 1, "files": 5})), ["info", str(t / "step_00000001")])[-1],
         ["state.json: corrupt checkpoint state ('files' must map file names to byte counts)"]),
+    "eval --data a pipe": (  # it said "data folder or file p.jsonl does not exist"
+        lambda t, b, c, d: (os.mkfifo(t / "p.jsonl"), ["eval", "--model", str(c), "--data", str(t / "p.jsonl")])[-1],
+        ["p.jsonl: not a regular file or folder (a pipe, a socket or a device)"]),
+    "data prepare of a pipe": (  # "p.jsonl: no such file or folder"
+        lambda t, b, c, d: (os.mkfifo(t / "p.jsonl"),
+                            ["data", "prepare", str(t / "p.jsonl"), "--out", str(t / "ds")])[-1],
+        ["p.jsonl: not a regular file or folder (a pipe, a socket or a device)"]),
     # 8: one-line errors naming the file, field or value
     "rope_parameters as a list": (
         lambda t, b, c, d: ["info", str(_edit_config(_copy(b, t / "m"), rope_parameters=[1, 2]))],

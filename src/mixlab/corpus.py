@@ -337,7 +337,7 @@ def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[
     if source.is_file():
         return [(source, file_domain(source), _split_of(source))]
     if not source.is_dir():
-        raise DataError(f"{source}: no such file or folder")
+        raise DataError(f"{source}: {_not_there(source)}")
     named = set(names or ())
     subdirs = sorted(d for d in source.iterdir() if d.is_dir() and (
         d.name in named or not (d.name.startswith(".") or d.name in NOT_DOMAINS)))
@@ -349,6 +349,12 @@ def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[
     if not out:
         raise DataError(f"{source}: no data files ({', '.join(DATA_SUFFIXES)}) found{_prepared_hint(source)}")
     return out
+
+
+def _not_there(path: Path) -> str:
+    """Why `path` is neither a data file nor a folder of them: absent, or another kind of file."""
+    return ("not a regular file or folder (a pipe, a socket or a device): give a data file or a folder of them"
+            if path.exists() else "no such file or folder")
 
 
 def _no_data_files(folders: list[Path]) -> None:
@@ -481,6 +487,8 @@ def find_domains(data: str | Path, *, names: list[str] | None = None) -> dict[st
     if root.is_file():
         found.update(_file_domains(root))
     elif not root.is_dir():
+        if root.exists():  # a pipe (`--data <(cat x)`), a socket, a device: "does not exist" was wrong
+            raise DataError(f"{root}: {_not_there(root)}")
         raise NotADirectoryError(f"data folder or file {root} does not exist")
     else:
         folders: dict[str, list[Path]] = {}
