@@ -770,7 +770,8 @@ def _cfg(ckpt: Path, data: Path, out: Path, **kw: Any) -> Any:
 def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path, task: str, lora: int,
                          monkeypatch: pytest.MonkeyPatch) -> None:
     data = chat_files[0] if task == "sft" else chat_files[1]
-    kw: dict[str, Any] = dict(task=task, lora_rank=lora, lora_targets="attention,experts,router", export_peft=lora > 0)
+    kw: dict[str, Any] = dict(task=task, lora_rank=lora, export_peft=lora > 0,
+                              **({"lora_targets": "attention,experts,router"} if lora else {}))
     straight = finetune(_cfg(ckpt, data, tmp_path / "a", **kw))
     # with LoRA the same call twice (resume="auto", --auto-resume): it starts, then continues
     first = finetune(_cfg(ckpt, data, tmp_path / "b", **kw), stop_after=2, resume="auto" if lora else False)
