@@ -437,7 +437,7 @@ def test_a_bad_number_names_the_flag(args, expected, capsys):
     (["sft", "--model", "m", "--data", "d", "--device", "bogus"], "fine-tuning setting 'device' (--device): unknown"),
     (["sft", "--model", "m", "--data", "d", "--lora-alpha", "32"],  # full fine-tuning, the flag ignored
      "fine-tuning setting 'lora_alpha' (--lora-alpha) applies to LoRA, but lora_rank is 0 (full fine-tuning): give "
-     "lora_rank too (--lora-rank R), or remove it"),
+     "lora_rank too, or remove it"),
     (["sft", "--model", "m"], "no data: pass --data FILE.jsonl"),
     (["dpo", "--data", "d"], "no starting model: pass --model DIR"),
     (["dpo", "--model", "m", "--data", "d", "--beta", "0"], "fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"),

@@ -172,7 +172,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
                  if f.name.startswith("lora_") and f.name != "lora_rank" and getattr(cfg, f.name) != f.default]
         if given:
             raise ConfigError(f"fine-tuning setting {given[0]!r} applies to LoRA, but lora_rank is 0 (full "
-                              "fine-tuning): give lora_rank too (--lora-rank R), or remove it", setting=given[0])
+                              "fine-tuning): give lora_rank too, or remove it", setting=given[0])
     if cfg.lora_rank:
         try:
             lc = lora_config(cfg)
