@@ -1225,7 +1225,7 @@ def test_help_says_what_a_batch_holds(capsys: pytest.CaptureFixture[str]) -> Non
 
 @pytest.mark.parametrize(("flags", "match"), [
     (["--lora-rank", "0"], "--lora-rank must be a positive integer"),  # ran full fine-tuning instead
-    (["--merge"], "--merge merges LoRA adapters: it needs --lora-rank"),  # was ignored
+    (["--merge"], "--merge merges LoRA adapters: it needs lora_rank"),  # was ignored
 ])
 def test_lora_flags_that_would_be_ignored_are_errors(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str], flags: list[str],
@@ -1236,6 +1236,25 @@ def test_lora_flags_that_would_be_ignored_are_errors(ckpt: Path, chat_files: tup
                  "--steps", "1", "--seq-len", "64", *flags]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_config_files_lora_rank_writes_the_adapter_and_merge_adds_hf(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """`lora_rank` in the config file, not the flag: --merge was refused ("needs --lora-rank R") and, without it,
+    hf/ was written anyway (the flag alone decided); now the file's rank counts as the flag's."""
+    from mixlab.cli import main
+
+    conf = tmp_path / "lora.toml"
+    conf.write_text("lora_rank = 2\nsteps = 1\nseq_len = 64\nbatch_size = 2\nthreads = 1\n")
+    for name, flags in (("plain", []), ("merged", ["--merge"])):
+        assert main(["sft", str(conf), "--model", str(ckpt), "--data", str(chat_files[0]), "--out",
+                     str(tmp_path / name), "--quiet", *flags]) == 0
+        assert (tmp_path / name / "adapter" / "adapter_config.json").is_file()
+        assert (tmp_path / name / "hf").exists() == bool(flags), name
+    conf.write_text("lora_rank = 2\nsteps = 1\nseq_len = 64\nbatch_size = 2\nthreads = 1\nexport_hf = true\n")
+    assert main(["sft", str(conf), "--model", str(ckpt), "--data", str(chat_files[0]), "--out",
+                 str(tmp_path / "file-merged"), "--quiet"]) == 0
+    assert (tmp_path / "file-merged" / "hf" / "config.json").is_file()  # the file's own export_hf is kept
 
 
 def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, chat_files: tuple[Path, Path],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
         load_finetune_config,
         resolve_tokenizer,
     )
+    from mixlab.train.settings import read_settings
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run folder
         raise UsageError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
@@ -44,15 +46,20 @@ def _run(args: argparse.Namespace, task: str) -> int:
     if args.lora_rank is not None and args.lora_rank < 1:  # 0 would silently mean full fine-tuning
         raise UsageError(f"--lora-rank must be a positive integer (leave it out for full fine-tuning), "
                          f"got {args.lora_rank}")
-    if args.merge and not args.lora_rank:
-        raise UsageError("--merge merges LoRA adapters: it needs --lora-rank R (full fine-tuning writes hf/ anyway)")
-    if args.lora_rank:  # a LoRA run writes its adapter; plain merged weights only with --merge
-        over["export_hf"] = bool(args.merge)
+    if args.merge:
+        over["export_hf"] = True
+
     def fits(cfg: FinetuneConfig) -> None:  # --seq-len and --tokenizer against the model, before the data is read
+        if args.merge and not cfg.lora_rank:  # the flag's or the config file's rank
+            raise UsageError("--merge merges LoRA adapters: it needs lora_rank (--lora-rank R, or in the config "
+                             "file; full fine-tuning writes hf/ anyway)")
         check_fits(cfg, init_config(cfg.model), resolve_tokenizer(cfg)[0])
 
     with flag_errors(args):
         cfg = load_finetune_config(args.config, then=fits, **over)
+    if cfg.lora_rank and not args.merge and "export_hf" not in read_settings(FinetuneConfig, args.config, {},
+                                                                             what="fine-tuning")[1]:
+        cfg = dataclasses.replace(cfg, export_hf=False)  # a LoRA run writes its adapter; merged weights: --merge
     result = finetune(cfg, resume=resume_arg(args))
     if result.stopped_by is not None:
         print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint saved; "
