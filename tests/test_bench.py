@@ -144,6 +144,22 @@ def test_bench_refuses_an_out_folder_before_measuring(tmp_path, capsys):
     assert f"{tmp_path}: is a folder; give a file name" in capsys.readouterr().err
 
 
+def test_bench_refuses_an_out_file_that_is_not_json_before_measuring(tmp_path, capsys):
+    """`bench --out MODEL/model.safetensors` replaced a model's weights with the results: a file is replaced only
+    if it is empty or holds JSON (`eval --json` too)."""
+    from mixlab import atomic
+    from mixlab.cli import main
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    assert main(["bench", "--quick", "--out", str(weights)]) == 1
+    assert f"{weights}: exists and is not a JSON file" in capsys.readouterr().err
+    assert weights.read_bytes().startswith(b"\x08")
+    for text in ("", ' \n{"old": 1}', "[1]"):  # empty, or JSON: replaced
+        (tmp_path / "r.json").write_text(text)
+        assert atomic.check_json_destination(tmp_path / "r.json") == tmp_path / "r.json"
+
+
 @pytest.mark.parametrize("peers", [("transformers-eager", "llama.cpp-bf16"), ("mixlab", "transformers-eager")])
 def test_every_table_row_has_the_headers_cells(peers):
     """`--peers transformers` (no mixlab peer, so no ratio column) wrote a header of five cells over a

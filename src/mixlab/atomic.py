@@ -260,6 +260,19 @@ def check_destination(
     return real
 
 
+def check_json_destination(dst: str | Path, **kw: Any) -> Path:
+    """`check_destination` of a JSON result's file (`eval --json`, `bench --out`), which replaces an existing
+    file only if it is empty or holds JSON (`bench --out MODEL/model.safetensors` replaced a model's weights)."""
+    real = check_destination(dst, kind="file", **kw)
+    if real.is_file():
+        with open(real, "rb") as f:
+            head = f.read(64).lstrip()[:1]
+        if head and head not in (b"{", b"["):
+            raise OutputError(f"{dst}: exists and is not a JSON file (only one of those is replaced); remove it or "
+                              "choose another destination")
+    return real
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

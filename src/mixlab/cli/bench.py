@@ -49,7 +49,7 @@ def bench(args: argparse.Namespace) -> int:
     from mixlab.config import usable_threads
 
     if args.out:  # refused now, not after minutes of measuring
-        atomic.check_destination(args.out, kind="file")
+        atomic.check_json_destination(args.out)
     plan = BenchPlan.quick(args.preset or "tiny-moe") if args.quick else BenchPlan(preset=args.preset or "mini-moe")
     plan.threads = usable_threads(args.threads)
     if args.reps is not None:

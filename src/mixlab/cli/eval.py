@@ -67,8 +67,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json and not to_stdout:  # a folder, the data or the model (--json DATA.jsonl), refused before the work
         from mixlab.checkpoint import input_files
 
-        atomic.check_destination(args.json, kind="file", sources=[args.data, args.model, *adapter],
-                                 inputs=input_files(args.model))  # a split GGUF's other parts too
+        atomic.check_json_destination(args.json, sources=[args.data, args.model, *adapter],
+                                      inputs=input_files(args.model))  # a split GGUF's other parts too
     model, tok = _load(args)
     context = min(asked, model.config.max_seq_len)
     if args.stride is not None and args.stride > context:  # it failed in rolling_windows, naming no flag
