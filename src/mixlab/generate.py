@@ -24,7 +24,7 @@ import torch
 
 from mixlab.cache import KVCache
 from mixlab.engine import Engine, Handle, RequestOutput, SamplingParams
-from mixlab.engine.api import _is_array, _number
+from mixlab.engine.api import _int, _is_array, _number
 from mixlab.engine.runner import bytes_per_token
 from mixlab.engine.sampling import Sampler, greedy_token, penalize, seed_generator
 from mixlab.errors import GenerationError
@@ -243,6 +243,7 @@ def generate_stream(
     engine: Engine | None = None,
     decode_alone: bool = False,
     structured: Structured | None = None,
+    speculative_tokens: int = 0,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position, as soon as it is sampled.
 
@@ -268,6 +269,9 @@ def generate_stream(
     first word without the leading space SentencePiece gives it), and stop strings match that text.
     `structured` (engine path, with `tokenizer`): the output follows it (JSON, a schema, a regex...:
     `mixlab.engine.Structured`), and ends once it is complete.
+    `speculative_tokens=k` (engine path): greedy decoding drafts up to k tokens per step by prompt
+    lookup and verifies them in one forward pass (`SamplingParams.speculative_tokens`): the same
+    tokens, in fewer steps when the output repeats its input; sampling ignores it.
     """
     # Everything is validated here, eagerly; the returned generator does the compute.
     check_model(model)
@@ -302,6 +306,8 @@ def generate_stream(
         raise ValueError("decode_alone=True decodes through the engine; it excludes cache=")
     if structured is not None and cache is not None:
         raise ValueError("structured= decodes through the engine; it excludes cache=")
+    if _int("speculative_tokens", speculative_tokens, 0, "an integer >= 0 (0 = off)") and cache is not None:
+        raise ValueError("speculative_tokens= decodes through the engine; it excludes cache=")
     if engine is not None:
         if cache is not None or engine.model is not model:
             raise ValueError("engine= must be an engine over this model, and excludes cache=")
@@ -319,7 +325,7 @@ def generate_stream(
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, seed=seed, stop_token_ids=sorted(stop_ids), stop=stop_strings,
             return_experts=record_experts, ignore_eos=True,  # EOS, when it stops, is in stop_ids
-            decode_alone=decode_alone, structured=structured)
+            decode_alone=decode_alone, structured=structured, speculative_tokens=speculative_tokens)
         return _through_engine(model, ids, params, tokenizer, prefill_chunk, engine)
     return _generate(model, ids, max_new_tokens, sampler, penalties, seed, stop_ids, stop_strings, tokenizer,
                      prefill_chunk, record_experts, cache)
@@ -502,6 +508,7 @@ def generate(
     prefill_chunk: int = 512,
     experts_out: list[torch.Tensor] | None = None,
     cache: KVCache | None = None,
+    speculative_tokens: int = 0,
 ) -> list[list[int]]:
     """The new token ids of each prompt (stop token included); arguments as in `generate_stream`.
 
@@ -514,6 +521,7 @@ def generate(
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_at_eos=stop_at_eos,
         tokenizer=tokenizer, truncate=truncate, prefill_chunk=prefill_chunk, record_experts=record, cache=cache,
+        speculative_tokens=speculative_tokens,
     )
     out: list[list[int]] = [[] for _ in range(len(prompts))]
     experts: list[list[torch.Tensor]] = [[] for _ in range(len(prompts))]

@@ -108,6 +108,9 @@ class SamplingParams:
     # before sampling (logprobs are the masked distribution's), and the output ends once it is complete
     structured: Structured | None = None
     adapter: str | None = None  # the engine's LoRA adapter of this name (`Engine(adapters=)`); None: the base model
+    # greedy requests: up to this many tokens drafted by prompt lookup (`engine.lookup`) and verified in one
+    # step, the output unchanged (0: off; sampled requests and return_experts decode one token a step)
+    speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.check()
@@ -118,6 +121,7 @@ class SamplingParams:
         engine's loop or a bare TypeError."""
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
         _int("min_tokens", self.min_tokens, 0, "an integer >= 0")
+        _int("speculative_tokens", self.speculative_tokens, 0, "an integer >= 0 (0 = off)")
         for name in ("prompt_logprobs", "return_experts", "ignore_eos", "decode_alone"):  # "no" was true
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")

@@ -43,6 +43,7 @@ import torch
 from mixlab.checkpoint.adapter import Adapter, LowRank, adapter_factors
 from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver, _is_array
+from mixlab.engine.lookup import PromptLookup
 from mixlab.engine.runner import Item, Result, Runner, common_prefix
 from mixlab.engine.sampling import Sampler, row_argmax, sample_row, seed_generator, top_logprobs
 from mixlab.engine.structured import Matcher
@@ -93,6 +94,8 @@ class _Seq:
     # next step, or one more step after the request finished: `routing_only`) and its experts are known
     held: RequestOutput | None = None
     routing_only: bool = False  # finished: its last token runs once more for its experts alone
+    lookup: PromptLookup | None = None  # speculative_tokens (greedy): the drafts' n-gram index
+    draft: list[int] = field(default_factory=list)  # the tokens this step verifies after the last one
 
     @property
     def tokens(self) -> list[int]:
@@ -176,7 +179,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stepping = threading.Lock()
         self._outbox: list[tuple[Handle, RequestOutput]] = []  # this step's outputs, pushed when it ends
-        self._stats = {"tokens_in": 0, "tokens_out": 0, "steps": 0, "cached_tokens": 0}
+        # draft_tokens / accepted_tokens: speculative tokens verified / kept (their ratio: the acceptance rate)
+        self._stats = {"tokens_in": 0, "tokens_out": 0, "steps": 0, "cached_tokens": 0, "draft_tokens": 0,
+                       "accepted_tokens": 0}
         self._adapter_requests = dict.fromkeys(self.runner.adapters, 0)  # requests submitted under each adapter
 
     @staticmethod
@@ -291,6 +296,8 @@ class Engine:
                    params.min_p, params.repetition_penalty), stop_ids, generator, decoder)
         if params.structured is not None and self.tokenizer is not None:
             seq.matcher = Matcher(params.structured, self.tokenizer, cfg.vocab_size)
+        if params.speculative_tokens and params.greedy and not params.return_experts:
+            seq.lookup = PromptLookup()  # (a sampled request decodes a token a step: its draws would change)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is shut down (Engine.start() starts it again)")
@@ -409,10 +416,14 @@ class Engine:
         items: list[Item] = []
         budget = max(self.token_budget - sum(not s.prefilling for s in self._running), 0)
         for seq in self._running:
+            if not seq.prefilling and seq.lookup is not None:
+                seq.draft = self._draft(seq, budget)  # drafts before prompt chunks: they are few, and cheap
+                budget -= len(seq.draft)
+        for seq in self._running:
             if not seq.prefilling:
-                items.append(Item(seq.slot, seq.out[-1:] or seq.prompt[-1:], seq.n_cached,
-                                  logits="none" if seq.routing_only else "last", experts=seq.params.return_experts,
-                                  adapter=seq.params.adapter))
+                want = "none" if seq.routing_only else ("all" if seq.draft else "last")
+                items.append(Item(seq.slot, (seq.out[-1:] or seq.prompt[-1:]) + seq.draft, seq.n_cached,
+                                  logits=want, experts=seq.params.return_experts, adapter=seq.params.adapter))
             elif budget > 0:
                 n = min(len(seq.prompt) - seq.n_cached, budget, self.prefill_chunk)
                 budget -= n
@@ -460,8 +471,41 @@ class Engine:
         if seq.routing_only:  # a finished request's last token has run: its output goes out, complete
             self._give_held(seq, res.experts_LK)
             self._release(seq)
+        elif seq.draft:
+            self._verify(seq, item, res)
         elif not seq.prefilling and res.logits_TV is not None:
             self._emit(seq, res.logits_TV[-1:], res.experts_LK, res.argmax)
+
+    def _draft(self, seq: _Seq, budget: int) -> list[int]:
+        """The tokens `seq` (greedy, with speculative_tokens) verifies after its last one this step:
+        prompt lookup's guess (`engine.lookup`), at most speculative_tokens, the step's `budget`, one
+        less than the tokens max_tokens leaves (the step emits up to one more than it drafts) and
+        `prefill_chunk - 1` (a rolling slot's rule for a chunk: it never evicts keys its own queries need)."""
+        assert seq.lookup is not None
+        k = min(seq.params.speculative_tokens, budget, seq.params.max_tokens - len(seq.out) - 1, self.prefill_chunk - 1)
+        return seq.lookup.draft(seq.tokens, k) if k > 0 else []
+
+    def _verify(self, seq: _Seq, item: Item, res: Result) -> None:
+        """A decoding row that ran its last token and a draft (`item.tokens`): the logits of each
+        position emitted in turn, exactly as plain decoding's steps would emit them (penalties,
+        constraints, stops and max_tokens included), while the token emitted equals the draft's next,
+        whose keys and values are then the ones plain decoding computes; the positions after the last
+        one kept are marked empty (`Runner.forget`), so the cache is plain decoding's."""
+        draft, seq.draft = seq.draft, []
+        assert res.logits_TV is not None and len(res.logits_TV) == len(draft) + 1
+        kept = 0
+        for j, top in enumerate(row_argmax(res.logits_TV)):
+            seq.n_cached = item.start + j + 1  # the last token and the drafts kept so far
+            n = len(seq.out)
+            self._emit(seq, res.logits_TV[j : j + 1], None, top)
+            if j == len(draft) or seq.out[n:] != [draft[j]]:
+                break
+            kept += 1
+            if seq not in self._running:  # it ended on that token (a stop, max_tokens)
+                break
+        self.runner.forget(seq.slot, seq.n_cached, item.start + len(item.tokens))
+        self._stats["draft_tokens"] += len(draft)
+        self._stats["accepted_tokens"] += kept
 
     def _handle_cancels(self) -> None:
         with self._lock:

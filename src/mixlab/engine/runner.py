@@ -397,6 +397,14 @@ class Runner:
         self.free_slots[slot] = list(tokens) if len(tokens) <= self.capacity and self.prefix_cache else []
         self._slot_adapter[slot] = adapter
 
+    def forget(self, slot: int, start: int, end: int) -> None:
+        """Mark positions start..end-1 of `slot` empty: a speculative draft's rejected tokens
+        (`Engine._verify`), which plain decoding never ran. In a rolling slot their indices held
+        positions C earlier, which no later query's window reaches (a draft, like a chunk, is shorter
+        than prefill_chunk), so masks from positions see what plain decoding's would."""
+        if end > start:
+            self.pos_SC[slot, torch.arange(start, end, device=self.device) % self.capacity] = -1
+
     # ---- the forward pass ----
 
     def forward(self, items: list[Item]) -> list[Result]:
