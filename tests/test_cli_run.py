@@ -41,6 +41,16 @@ def test_generate_streams_the_library_output(tiny_dir, capsys):
     assert f"prompt: {len(prompt)} tokens in" in err and "tokens/s" in err and "decode:" in err
 
 
+def test_speculative_tokens_print_the_same_text(tiny_dir, capsys):
+    # greedy decoding with drafts verified in one pass: the same text, as generate and chat print it
+    text = "def f(x): return x + 1\ndef g(x): return x + 2\ndef h(x): return"
+    args = ["--model", str(tiny_dir), "--prompt", text, "--max-new-tokens", "30", "--dtype", "float32"]
+    assert main(["generate", *args]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", *args, "--speculative-tokens", "4"]) == 0
+    assert capsys.readouterr().out == plain
+
+
 def test_stop_strings_end_the_printed_text_before_them(tiny_dir, capsys, monkeypatch):
     # as the server (OpenAI) does: the text printed, and the reply chat keeps, ended with the token that
     # completed the stop string, so the stop string and the rest of that token were printed and kept
@@ -98,6 +108,7 @@ def test_stop_reads_escapes_as_llama_cpp_does() -> None:
     (["--repetition-penalty", "0"], "argument --repetition-penalty: expected a number > 0 (1 = off), got 0"),
     (["--seed", str(2**64)], f"argument --seed: expected an integer in [-2**63, 2**64), got {2**64}"),
     (["--stop", ""], "argument --stop: expected a non-empty string"),
+    (["--speculative-tokens", "-1"], "argument --speculative-tokens: expected an integer >= 0 (0 = off), got -1"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1, got 0"),
     (["--max-new-tokens", "127", "--prompt", "a b c"],
      "the prompt has 4 tokens; with --max-new-tokens 127 that needs 131 positions but the model's context is 128 "

@@ -110,6 +110,37 @@ def test_chat_streamed_equals_unstreamed_equals_generate(client: Any, model_tok:
     assert full.choices[0].finish_reason == ("stop" if new[-1] == tok.eos_id else "length")
 
 
+def test_speculative_tokens_stream_the_same_completion(ckpt: Path, model_tok: tuple[Any, Any]) -> None:
+    """serve --speculative-tokens: a greedy completion whose drafts are accepted streams, several tokens a
+    step, the text, token ids and logprobs a server without it gives (and generate's tokens)."""
+    _, tok = model_tok
+    model = load_model(ckpt, dtype="float32")
+    with torch.no_grad():  # attention's output zeroed: each token a function of the last, so a prompt
+        for block in model.layers:  # holding the model's own continuation has drafts that are right
+            block.attn.wo.weight.zero_()
+    ref = generate(model, [tok.encode("The quick brown fox")], max_new_tokens=30, stop_at_eos=False)[0]
+    prompt = tok.encode("The quick brown fox") + ref + ref[:1]
+    kw = dict(model=NAME, prompt=prompt, max_tokens=20, temperature=0, logprobs=2,
+              extra_body={"return_token_ids": True})
+    answers = []
+    for k in (0, 4):
+        with Engine(model, tok, max_batch=2) as engine, \
+                ServerThread(create_app(engine, tok, _config(model, speculative_tokens=k))) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            full = client.completions.create(**kw).choices[0]
+            chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+            answers.append((full, chunks))
+            drafted, accepted = engine.stats()["draft_tokens"], engine.stats()["accepted_tokens"]
+        assert "".join(c.text for c in chunks) == full.text
+        assert [i for c in chunks for i in c.token_ids or []] == full.token_ids == ref[1:21]
+        # every draft right: 4 + 4 + 4 + 3 tokens after the first (the prefill's), in 5 steps a request
+        assert drafted == accepted == (0 if k == 0 else 2 * 15)
+    (plain, plain_chunks), (spec, spec_chunks) = answers
+    assert spec.text == plain.text and len(spec_chunks) == len(plain_chunks)
+    assert spec.logprobs.tokens == plain.logprobs.tokens
+    assert spec.logprobs.token_logprobs == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("temperature,seed", [(0.0, None), (1.0, 7)])
 def test_completion_streamed_equals_unstreamed_equals_generate(client: Any, model_tok: tuple[Any, Any],
                                                                temperature: float, seed: int | None) -> None:

@@ -109,6 +109,26 @@ def test_greedy_equals_plain_decoding(window, k):
     assert st["tokens_out"] == sum(p.max_tokens for p in plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batch_invariant_speculation_is_bitwise_plain_decoding(dtype):
+    # batch_invariant=True: a row's numbers do not depend on the step's other rows, so a draft's
+    # positions give the logits a lone decoding token gives, bit for bit, in bf16 too
+    from mixlab.ops import native
+
+    if native.load() is None or not native.fast(dtype):
+        pytest.skip(f"needs the native kernels vectorised for {dtype} (AVX-512, AVX512-BF16 for bf16)")
+    model = _model(sliding_window=6).to(dtype)
+    prompts = _prompts(8)
+    runs = []
+    for k in (0, 4):
+        eng = Engine(model, max_batch=4, prefill_chunk=5, batch_invariant=True)
+        params = [SamplingParams(max_tokens=40, ignore_eos=True, logprobs=2, speculative_tokens=k) for _ in prompts]
+        outs, _ = _outputs(eng, prompts, params)
+        runs.append([[(o.token_id, o.logprob, o.top_logprobs) for o in h] for h in outs])
+    assert runs[0] == runs[1]
+    assert 0 < eng.stats()["accepted_tokens"] < eng.stats()["draft_tokens"]
+
+
 def test_rejected_drafts_leave_the_cache_as_plain_decoding_does():
     # a request that ends on a stop token in a step that verified a longer draft: the positions
     # after it were written, and must read as plain decoding left them (empty)

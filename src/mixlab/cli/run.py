@@ -155,7 +155,8 @@ def _sampling(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
-                stop=args.stop or None, tokenizer=tok, structured=args.structured)
+                stop=args.stop or None, tokenizer=tok, structured=args.structured,
+                speculative_tokens=args.speculative_tokens)
 
 
 def _structured(args: argparse.Namespace) -> None:
@@ -442,6 +443,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=sampling("seed", int), default=None, help="same seed, same sampled text")
     g.add_argument("--stop", type=_stop, action="append", default=[],
                    help="stop string (repeatable): the text ends before it; \\n, \\t, \\r, \\\\ as escapes")
+    g.add_argument("--speculative-tokens", type=sampling("speculative_tokens", int), default=0, metavar="K",
+                   help="greedy decoding: draft up to K tokens a step by prompt lookup and verify them in one pass "
+                        "(the same output, in fewer steps where it repeats the prompt; 0 = off, the default; "
+                        "sampling ignores it)")
     s = p.add_argument_group("structured output (one of them; the output ends once complete; needs llguidance: "
                              "pip install 'mixlab[serve]')").add_mutually_exclusive_group()
     s.add_argument("--json", action="store_true", help="a JSON object")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixlab.cli import positive, user_path
+from mixlab.cli import positive, sampling, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
@@ -154,7 +154,8 @@ def serve(args: argparse.Namespace) -> int:
                        max_connections=args.max_connections, responses_store=args.responses_store,
                        cors_origins=args.allowed_origins, allowed_hosts=None if "*" in hosts else hosts,
                        model_info=info, model_root=str(args.model),
-                       adapters={n: str(a.root) for n, a in adapters.items()})
+                       adapters={n: str(a.root) for n, a in adapters.items()},
+                       speculative_tokens=args.speculative_tokens)
     app = create_app(engine, tok, cfg)
     engine.start()
     packed = getattr(runner, "packed_bytes", 0)
@@ -254,6 +255,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="every step through kernels whose arithmetic for a request does not depend on the others: "
                         "its tokens and logprobs are bit for bit those of its run alone, in bf16 too (CPU native "
                         "kernels, bf16 or float32 weights; slower steps)")
+    e.add_argument("--speculative-tokens", type=sampling("speculative_tokens", int), default=0, metavar="K",
+                   help="greedy requests: draft up to K tokens a step by prompt lookup and verify them in one pass "
+                        "(the same outputs, in fewer steps where they repeat the prompt; 0 = off, the default; "
+                        "sampled requests decode a token a step)")
     e.add_argument("--max-tokens-limit", type=positive, default=None,
                    help="largest max_tokens a request may ask (default: the context length)")
     e.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit (default 4MiB)")

@@ -75,6 +75,9 @@ class ServerConfig:
     # most this many, of at most this many bytes together; 0: none (POST /v1/responses is stateless)
     responses_store: int = 1000
     responses_store_bytes: int = 256 << 20
+    # greedy requests draft up to this many tokens a step by prompt lookup (`SamplingParams.speculative_tokens`:
+    # the same outputs, in fewer steps where they repeat the prompt); 0: off
+    speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.responses_store < 0 or self.responses_store_bytes < 1:
@@ -329,7 +332,8 @@ class Server:
                 seed=seed, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, return_experts=body.return_experts, ignore_eos=body.ignore_eos,
                 logit_bias=body.biases(), min_tokens=body.min_tokens, decode_alone=decode_alone,
-                structured=structured, adapter=body.model if body.model in self.cfg.adapters else None)
+                structured=structured, adapter=body.model if body.model in self.cfg.adapters else None,
+                speculative_tokens=self.cfg.speculative_tokens)
         except ValueError as e:
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
 
