@@ -131,6 +131,8 @@ def test_speculative_tokens_stream_the_same_completion(ckpt: Path, model_tok: tu
             chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
             answers.append((full, chunks))
             drafted, accepted = engine.stats()["draft_tokens"], engine.stats()["accepted_tokens"]
+            assert metric(url, "mixlab_speculative_draft_tokens_total") == drafted
+            assert metric(url, "mixlab_speculative_accepted_tokens_total") == accepted
         assert "".join(c.text for c in chunks) == full.text
         assert [i for c in chunks for i in c.token_ids or []] == full.token_ids == ref[1:21]
         # every draft right: 4 + 4 + 4 + 3 tokens after the first (the prefill's), in 5 steps a request

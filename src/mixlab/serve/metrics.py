@@ -59,6 +59,10 @@ class _EngineCollector(Collector):
                                     value=float(cache["slots"] * cache["slot_bytes"]))
         if "steps" in s:
             yield CounterMetricFamily("mixlab_engine_steps", "forward passes of the engine", value=float(s["steps"]))
+        for key, doc in (("draft_tokens", "tokens drafted by prompt lookup and verified (--speculative-tokens)"),
+                         ("accepted_tokens", "drafted tokens the model agreed with and kept")):
+            if key in s:  # vLLM's spec_decode_num_draft_tokens / _num_accepted_tokens
+                yield CounterMetricFamily(f"mixlab_speculative_{key}", doc, value=float(s[key]))
         adapters = s.get("adapters") or {}
         if adapters:  # serve --lora-modules
             total = CounterMetricFamily("mixlab_adapter_requests", "engine requests submitted under each LoRA adapter",
