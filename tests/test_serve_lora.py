@@ -125,20 +125,24 @@ def test_serve_lora_modules_flag(ckpt: Path, adapters: dict[str, Path], monkeypa
     code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--lora-modules", f"x={a1}", spec)
     assert code == 0 and srv.cfg.adapters == {"x": a1, "j": a2} and set(srv.engine.runner.adapters) == {"x", "j"}
     assert "LoRA adapters x, j" in err and "PyTorch" in err
-    for items, message in [
-        (["nothing"], "argument --lora-modules: 'nothing': expected NAME=DIR"),
-        (["=" + a1], "expected NAME=DIR"),
-        (['{"name": "j"}'], "expected a JSON object with a non-empty \"name\" and \"path\""),
+    bad = tmp_path / "bad"  # an adapter folder whose config is not JSON: a bad file (exit 1, as --adapter's)
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{nope")
+    for items, message, want in [
+        (["nothing"], "argument --lora-modules: 'nothing': expected NAME=DIR", 2),
+        (["=" + a1], "expected NAME=DIR", 2),
+        (['{"name": "j"}'], "expected a JSON object with a non-empty \"name\" and \"path\"", 2),
         ([f"m={tmp_path / 'missing'}"], f"--lora-modules m={tmp_path / 'missing'}: {tmp_path / 'missing'}: no such "
-                                        "adapter folder"),
-        ([f"{ckpt.name}={a1}"], f"'{ckpt.name}' is the served model's name"),
-        ([f"x={a1}", f"x={a2}"], "the name 'x' is given twice"),
+                                        "adapter folder", 1),
+        ([f"b={bad}"], f"--lora-modules b={bad}: {bad / 'adapter_config.json'}", 1),
+        ([f"{ckpt.name}={a1}"], f"'{ckpt.name}' is the served model's name", 2),
+        ([f"x={a1}", f"x={a2}"], "the name 'x' is given twice", 2),
     ]:
         try:
             code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--lora-modules", *items)
         except SystemExit as e:  # argparse's own errors
             code, srv, err = e.code, None, capsys.readouterr().err
-        assert code == 2 and srv is None and message in err, err
+        assert code == want and srv is None and message in err, err
         assert "Traceback" not in err
     code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--served-model-name", "x",
                                 "--lora-modules", f"x={a1}")

@@ -194,7 +194,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def _read_lora_modules(items: list[tuple[str, str]], model_name: str) -> dict[str, Adapter]:
     """--lora-modules' adapters, each folder read and checked (`read_adapter`) before the model loads; a
-    name given twice, or the served model's own, is a usage error naming the item."""
+    name given twice, or the served model's own, is a usage error naming the item (exit 2), a missing or bad
+    folder the item's CheckpointError (exit 1, as `--adapter DIR`'s)."""
     from mixlab.checkpoint.adapter import read_adapter
 
     out: dict[str, Adapter] = {}
@@ -206,8 +207,8 @@ def _read_lora_modules(items: list[tuple[str, str]], model_name: str) -> dict[st
             raise UsageError(f"--lora-modules {name}={path}: the name {name!r} is given twice")
         try:
             out[name] = read_adapter(path)
-        except CheckpointError as e:
-            raise UsageError(f"--lora-modules {name}={path}: {e}") from None
+        except CheckpointError as e:  # a missing or bad folder: exit 1, as --adapter's (a usage error: 2)
+            raise CheckpointError(f"--lora-modules {name}={path}: {e}") from None
     return out
 
 
