@@ -335,6 +335,57 @@ def test_truncated_shard_is_detected(tmp_path: Path) -> None:
         TokenDataset(ds.path).tokens("train", "code")
 
 
+def test_a_shard_whose_size_disagrees_with_meta_json_is_named(tmp_path: Path) -> None:
+    """A tokens.bin one byte longer than meta.json says was called "incomplete"; a docs.bin was never
+    checked at all (garbage in it went unnoticed)."""
+    ds = _dataset(tmp_path)
+    f = tmp_path / "ds" / "train" / "code.tokens.bin"
+    n = ds.meta["splits"]["train"]["code"]["tokens"]
+    f.write_bytes(f.read_bytes() + b"\0")
+    with pytest.raises(DataError, match=rf"code.tokens.bin: expected {2 * n} bytes \({n} tokens of uint16, as "
+                                        rf"meta.json says\), found {2 * n + 1} bytes \(not a whole number of uint16"):
+        TokenDataset(ds.path).tokens("train", "code")
+    f.write_bytes(f.read_bytes()[:-1])
+    d = tmp_path / "ds" / "train" / "code.docs.bin"
+    starts = d.read_bytes()
+    for bad, match in ((starts[:-8], "expected 160 bytes \\(20 document offsets of int64, as meta.json says\\), "
+                                     "found 152 bytes;"),
+                       (np.arange(20, dtype=np.int64)[::-1].tobytes(), f"document offsets are not increasing from 0 "
+                                                                         f"and below {n} \\(the tokens' count\\)"),
+                       ((np.arange(20, dtype=np.int64) * n).tobytes(), "document offsets are not increasing")):
+        d.write_bytes(bad)
+        with pytest.raises(DataError, match=rf"code.docs.bin: {match}"):
+            TokenDataset(ds.path).tokens("train", "code")
+    d.unlink()
+    with pytest.raises(DataError, match="code.docs.bin: expected 160 bytes .*found no file"):
+        TokenDataset(ds.path).tokens("train", "code")
+    d.write_bytes(starts)
+    assert len(TokenDataset(ds.path).tokens("train", "code")) == n
+
+
+def test_a_token_id_outside_the_vocabulary_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tokens.bin holding an id >= meta.json's vocab_size was trained on (an IndexError deep in the
+    embedding, or nothing at all below a model's larger vocabulary): the first such id is named with
+    the file, its place and the vocabulary, wherever it is in the file (the check reads it in chunks)."""
+    ds = _dataset(tmp_path)
+    f = tmp_path / "ds" / "valid" / "prose.tokens.bin"
+    toks = np.fromfile(f, dtype=np.uint16)
+    assert toks.max() < ds.vocab_size == 259
+    import mixlab.train.data as data
+
+    for chunk in (data.ID_CHUNK, 16):
+        monkeypatch.setattr(data, "ID_CHUNK", chunk)
+        for where in (0, 37, len(toks) - 1):
+            bad = toks.copy()
+            bad[-1], bad[where] = 65535, 300  # the first one is named
+            f.write_bytes(bad.tobytes())
+            with pytest.raises(DataError, match=rf"prose.tokens.bin: token {where} is id 300, outside the dataset's "
+                                                r"vocabulary of 259 \(meta.json's vocab_size\)"):
+                TokenDataset(ds.path).tokens("valid", "prose")
+    f.write_bytes(toks.tobytes())
+    assert len(TokenDataset(ds.path).tokens("valid", "prose")) == len(toks)
+
+
 @pytest.mark.skipif(not CORPUS.is_dir(), reason="shared corpus not present")
 def test_prepare_shared_corpus_two_domains(tmp_path: Path) -> None:
     meta = prepare(read_documents([CORPUS], domains=["dm_mathematics", "github"]), tmp_path / "ds")

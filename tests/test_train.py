@@ -23,7 +23,7 @@ from conftest import step_clock
 from mixlab import atomic
 from mixlab.checkpoint import CheckpointError, load_model
 from mixlab.config import ConfigError
-from mixlab.errors import OutputError
+from mixlab.errors import DataError, OutputError
 from mixlab.train import checkpoints
 from mixlab.train.data import TokenDataset, prepare, read_documents
 from mixlab.train.loop import (
@@ -764,6 +764,32 @@ def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.C
     assert "bad.jsonl:1: expected a JSON object with a 'text' field" in err
     assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--resume"]) == 1
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_a_token_id_outside_the_vocabulary_stops_the_run_before_a_step(dataset: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A damaged tokens.bin with an id >= the vocabulary failed at the first step, in the embedding
+    (not naming the file); below a model's larger vocabulary it was trained on without a word."""
+    import numpy as np
+
+    from mixlab.cli import main
+
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    f = ds / "train" / "prose.tokens.bin"
+    toks = np.fromfile(f, dtype=np.uint16)
+    toks[100] = 300
+    f.write_bytes(toks.tobytes())
+    pattern = r"prose.tokens.bin: token 100 is id 300, outside the dataset's vocabulary of 259"
+    over = {**TINY, "vocab_size": 512}  # the model's vocabulary covers 300: it trained on the id
+    with pytest.raises(DataError, match=pattern):
+        train(_cfg(ds, tmp_path / "a", model_overrides=over))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    assert main(["train", "--data", str(ds), "--out", str(tmp_path / "b"), "--steps", "1", "--seq-len", "16",
+                 "--batch-size", "2", "--threads", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(f"^mixlab train: error: .*{pattern}", err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
 
 
 def _params(m: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -54,6 +54,7 @@ __all__ = [  # with mixlab.corpus's names that training code, scripts and tests 
 
 FORMAT = "mixlab.tokens"
 VERSION = 1
+ID_CHUNK = 1 << 24  # tokens a shard's check of its ids reads at a time (32 MiB of uint16)
 
 
 # -- prepare ---------------------------------------------------------------------------------------
@@ -199,13 +200,32 @@ class TokenDataset:
             if info is None:
                 raise DataError(f"{self.path}: no {split!r} data for domain {domain!r}")
             f = self.path / split / f"{domain}.tokens.bin"
-            want = int(info["tokens"]) * self.dtype.itemsize
-            if not f.is_file() or f.stat().st_size != want:
-                have = f.stat().st_size if f.is_file() else "no file"
-                raise DataError(f"{f}: expected {want} bytes ({info['tokens']} tokens), found {have}; "
-                                "the dataset is incomplete, prepare it again")
-            self._maps[key] = np.memmap(f, dtype=self.dtype, mode="r")
+            n = int(info["tokens"])
+            toks = _shard(f, self.dtype, n, "tokens")
+            docs = f.with_name(f"{domain}.docs.bin")
+            starts = _shard(docs, np.dtype(np.int64), int(info["docs"]), "document offsets")
+            # each document is [BOS] ids [EOS], so its start is after the last one's; nothing reads the
+            # offsets yet, but a docs.bin of garbage means a damaged dataset, not one to train on
+            if len(starts) and (starts[0] != 0 or starts[-1] >= n or np.any(np.diff(starts) <= 0)):
+                raise DataError(f"{docs}: document offsets are not increasing from 0 and below {n} "
+                                "(the tokens' count); the dataset is damaged, prepare it again")
+            self._check_ids(toks, f)
+            self._maps[key] = toks
         return self._maps[key]
+
+    def _check_ids(self, toks: np.ndarray, f: Path) -> None:
+        """Every id below `vocab_size`, which the model's vocabulary covers (`build_model_config`): a
+        larger one was an IndexError deep in the embedding, or, below the model's padded vocabulary,
+        trained on without a word. One pass over the file, in chunks (no RAM beyond one)."""
+        if 1 << 8 * self.dtype.itemsize <= self.vocab_size:  # unsigned: uint16 ids under a 65,536-token vocabulary
+            return
+        for i in range(0, len(toks), ID_CHUNK):
+            part = toks[i: i + ID_CHUNK]
+            if part.max() >= self.vocab_size:
+                j = i + int(np.argmax(part >= self.vocab_size))
+                raise DataError(f"{f}: token {j} is id {int(toks[j])}, outside the dataset's vocabulary of "
+                                f"{self.vocab_size} (meta.json's vocab_size); the file is damaged or was "
+                                "written for another tokenizer: prepare the dataset again")
 
     def bytes_per_token(self, split: str, domain: str) -> float | None:
         """UTF-8 bytes of the text per token of one split and domain's stream (its BOS/EOS tokens
@@ -302,6 +322,18 @@ class BatchLoader:
                                 f"but this run uses {getattr(self, k)!r}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._perm = self._permutation(self.epoch)
+
+
+def _shard(f: Path, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+    """One of a dataset's files, memory-mapped, once its size is `count` items of `dtype` as meta.json says."""
+    want = count * dtype.itemsize
+    if not f.is_file() or f.stat().st_size != want:
+        have = f.stat().st_size if f.is_file() else None
+        odd = f" (not a whole number of {dtype.name} items)" if have is not None and have % dtype.itemsize else ""
+        raise DataError(f"{f}: expected {want} bytes ({count} {what} of {dtype.name}, as meta.json says), found "
+                        f"{'no file' if have is None else f'{have} bytes{odd}'}; the dataset is incomplete or "
+                        "damaged, prepare it again")
+    return np.memmap(f, dtype=dtype, mode="r") if count else np.zeros(0, dtype)
 
 
 def eval_windows(dataset: TokenDataset, *, split: str, domain: str, seq_len: int, max_windows: int) -> torch.Tensor:
