@@ -395,7 +395,7 @@ def test_a_fine_tuning_runs_adapter_on_its_base_equals_its_merged_model(tmp_path
         finetune(load_finetune_config(None, model=str(tmp_path / "base"), data=str(tmp_path / "chats.jsonl"),
                                       out=str(tmp_path / "run"), seq_len=64, batch_size=2, steps=1, warmup=0, lr=1e-2,
                                       eval_every=0, ckpt_every=0, log_every=1, progress=False, threads=1,
-                                      lora_rank=2, lora_targets="attention,experts,router"))
+                                      lora_rank=2, lora_targets="attention,experts,router", export_hf=True))
     x = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
     got = load_model(tmp_path / "base", adapter=tmp_path / "run" / "adapter")(x)
     torch.testing.assert_close(got, load_model(tmp_path / "run" / "hf")(x), rtol=0, atol=1e-5)

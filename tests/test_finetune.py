@@ -717,7 +717,7 @@ def test_a_lora_runs_adapter_names_its_base_for_auto_peft(ckpt: Path, chat_files
 
     out = tmp_path / "lora"
     finetune(_cfg(ckpt, chat_files[0], out, steps=2, lr=1e-2, lora_rank=2, lora_targets="attention,experts,router",
-                  eval_every=0))
+                  eval_every=0, export_hf=True))
     conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert conf["base_model_name_or_path"] == str(ckpt.resolve())
     x = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -794,8 +794,8 @@ def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Pa
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected"} <= set(straight.history[0])
         assert "eval_rewards/accuracies" in straight.evals[-1]
-    assert (tmp_path / "a" / "hf" / "config.json").is_file()
-    exports = ["hf", "adapter"] if lora else ["hf"]
+    assert (tmp_path / "a" / "hf" / "config.json").is_file() == (not lora)  # a LoRA run's result: its adapter
+    exports = ["adapter"] if lora else ["hf"]
     for name in exports:  # one atomic folder each, its manifest listing mixlab_data.json (replaceable later)
         assert (tmp_path / "a" / name / "mixlab_data.json").is_file()
         assert atomic.foreign_entries(tmp_path / "a" / name) == [], name
@@ -1257,6 +1257,39 @@ def test_a_config_files_lora_rank_writes_the_adapter_and_merge_adds_hf(ckpt: Pat
     assert (tmp_path / "file-merged" / "hf" / "config.json").is_file()  # the file's own export_hf is kept
 
 
+def test_export_hf_defaults_alike_in_python_and_on_the_command_line(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """export_hf's default lived in two places: FinetuneConfig's True (a LoRA run in Python wrote a merged
+    hf/ the command did not) and `mixlab sft`'s, which read its config file a second time to learn whether
+    the file set it. It is one None: hf/ for full fine-tuning, none for a LoRA run unless export_hf is
+    true (the merged model, as --merge)."""
+    from mixlab.cli import main
+    from mixlab.config import ConfigError
+    from mixlab.train import settings
+
+    reads: list[object] = []
+    read = settings.read_settings
+    monkeypatch.setattr(settings, "read_settings", lambda *a, **kw: (reads.append(a[1]), read(*a, **kw))[1])
+    for name, lora, export in (("full", 0, None), ("full-not", 0, False), ("lora", 2, None), ("lora-hf", 2, True)):
+        want = export if export is not None else not lora
+        finetune(_cfg(ckpt, chat_files[0], tmp_path / "api" / name, steps=1, eval_every=0, lora_rank=lora,
+                      export_hf=export))
+        conf = tmp_path / f"{name}.toml"
+        conf.write_text("steps = 1\nseq_len = 64\nbatch_size = 2\nthreads = 1\neval_every = 0\n"
+                        + (f"lora_rank = {lora}\n" if lora else "")
+                        + (f"export_hf = {str(export).lower()}\n" if export is not None else ""))
+        reads.clear()
+        assert main(["sft", str(conf), "--model", str(ckpt), "--data", str(chat_files[0]), "--out",
+                     str(tmp_path / "cli" / name), "--quiet"]) == 0
+        assert reads == [str(conf)], reads  # the file read once
+        for run in (tmp_path / "api" / name, tmp_path / "cli" / name):
+            assert (run / "hf" / "config.json").is_file() == want, run
+            assert (run / "adapter" / "adapter_config.json").is_file() == bool(lora), run
+    with pytest.raises(ConfigError, match="fine-tuning setting 'export_hf' must be true or false, got 'yes'"):
+        _cfg(ckpt, chat_files[0], tmp_path / "x", export_hf="yes")
+
+
 def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, chat_files: tuple[Path, Path],
                                                                  tmp_path: Path) -> None:
     """`dpo --model RUN` of a LoRA SFT run without --merge (no hf/) fell through to its checkpoint and
@@ -1290,7 +1323,8 @@ def test_starting_from_a_fine_tuning_checkpoint_says_what_to_use(ckpt: Path, cha
     with pytest.raises(ConfigError, match=r"lora: .* \(a fine-tuning run folder without an hf/ export; .* --resume "
                                           r"--merge\)"):
         ModelConfig.from_dir(tmp_path / "lora")
-    finetune(_cfg(ckpt, chat_files[0], tmp_path / "lora", steps=1, lora_rank=2, eval_every=0), resume=True)
+    finetune(_cfg(ckpt, chat_files[0], tmp_path / "lora", steps=1, lora_rank=2, eval_every=0, export_hf=True),
+             resume=True)  # --resume --merge
     assert checkpoints.init_config(tmp_path / "lora") == ModelConfig.from_dir(ckpt)
 
 

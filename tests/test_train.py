@@ -481,7 +481,8 @@ def test_the_optimizer_settings_are_defined_once_and_the_surface_is_unchanged(tm
     from mixlab.train.settings import OptimizerSettings
 
     assert dataclasses.asdict(TrainConfig()) == TRAIN_SETTINGS_BEFORE
-    assert dataclasses.asdict(FinetuneConfig()) == FINETUNE_SETTINGS_BEFORE
+    # export_hf None since: hf/ for full fine-tuning, for LoRA only when asked (as `mixlab sft` had it)
+    assert dataclasses.asdict(FinetuneConfig()) == {**FINETUNE_SETTINGS_BEFORE, "export_hf": None}
     shared = {f.name for f in dataclasses.fields(OptimizerSettings)}
     assert shared == {"steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2", "eps", "clip"}
     for cls in (TrainConfig, FinetuneConfig):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
@@ -23,7 +22,6 @@ def _run(args: argparse.Namespace, task: str) -> int:
         load_finetune_config,
         resolve_tokenizer,
     )
-    from mixlab.train.settings import read_settings
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run folder
         raise UsageError(f"mixlab {task} runs in one process; expert parallelism / FSDP (torchrun, --ep, "
@@ -57,9 +55,6 @@ def _run(args: argparse.Namespace, task: str) -> int:
 
     with flag_errors(args):
         cfg = load_finetune_config(args.config, then=fits, **over)
-    if cfg.lora_rank and not args.merge and "export_hf" not in read_settings(FinetuneConfig, args.config, {},
-                                                                             what="fine-tuning")[1]:
-        cfg = dataclasses.replace(cfg, export_hf=False)  # a LoRA run writes its adapter; merged weights: --merge
     result = finetune(cfg, resume=resume_arg(args))
     if result.stopped_by is not None:
         print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint saved; "

@@ -20,7 +20,8 @@ Run folder (`out`):
                                   adapters at zero over the base as held, bf16 / int8), computed
                                   once before training; a resume reuses them (none with
                                   reference_free: no reference, no pass over the pairs)
-    hf/                           the final model, plain transformers format (LoRA merged in)
+    hf/                           the final model, plain transformers format (LoRA merged in; a
+                                  LoRA run writes it only with export_hf = true, `--merge`)
     adapter/                      LoRA runs: the adapter in PEFT's format (lora.save_peft)
 """
 
@@ -114,10 +115,17 @@ class FinetuneConfig(OptimizerSettings):
     ckpt_every: int = 50
     keep: int = 2
     log_every: int = 10
-    export_hf: bool = True  # out/hf: plain weights (LoRA merged: `--merge`)
+    # out/hf: plain weights, LoRA adapters merged in; None: for full fine-tuning only (a LoRA run's
+    # result is out/adapter; True, or `--merge`, adds the merged model): `writes_hf`
+    export_hf: bool | None = None
     export_peft: bool = True  # out/adapter for LoRA runs
     progress: bool = True
     tensorboard: bool = False
+
+    @property
+    def writes_hf(self) -> bool:
+        """Whether the run exports out/hf: `export_hf`, by default for full fine-tuning only."""
+        return self.export_hf if self.export_hf is not None else not self.lora_rank
 
 
 RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf", "export_peft", "progress",
@@ -469,7 +477,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int
         # "auto": a command rerun as it was (torchrun --max-restarts, a scheduler's requeue)
         newest = checkpoints.to_resume(out, resume)
         resume = newest is not None
-        if cfg.export_hf:
+        if cfg.writes_hf:
             check_export_folder(out / "hf", sources)
         if cfg.lora_rank and cfg.export_peft:
             check_export_folder(out / "adapter", sources)
@@ -726,7 +734,7 @@ def export(model: Transformer, out: Path, cfg: FinetuneConfig, tok_spec: dict[st
             warnings.warn(f"the LoRA adapter was not exported in PEFT's format ({e}); the merged weights are in "
                           f"{out / 'hf'}", stacklevel=2)
             merged_instead = True
-    if cfg.export_hf or merged_instead:
+    if cfg.writes_hf or merged_instead:
         plain = merge(model) if cfg.lora_rank else model
         save_model(plain, out / "hf", fmt="hf", extra_files=info)
 

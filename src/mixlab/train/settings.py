@@ -188,7 +188,7 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
         v, kind = getattr(cfg, f.name), str(f.type)
         if kind == "str" and not isinstance(v, str):
             raise ConfigError(f"{what} setting {f.name!r} must be a string, got {v!r}", setting=f.name)
-        if kind == "bool" and not isinstance(v, bool):
+        if kind in ("bool", "bool | None") and not (isinstance(v, bool) or v is None and kind != "bool"):
             raise ConfigError(f"{what} setting {f.name!r} must be true or false, got {v!r}", setting=f.name)
         if kind.startswith("dict") and not isinstance(v, dict):
             raise ConfigError(f"{what} setting {f.name!r} must be a table of fields, got {v!r}", setting=f.name)
