@@ -197,6 +197,39 @@ def test_stops_and_logprobs_inside_accepted_drafts(kw, steps):
         assert eng.stats()["accepted_tokens"] > 0
 
 
+@pytest.mark.parametrize("kernels", ["native", "pytorch"])
+@pytest.mark.parametrize("case", ["staggered", "stop in a draft"])
+def test_expert_load_counts_the_tokens_kept(case, kernels, monkeypatch):
+    """/metrics' expert load (`Engine.stats()['expert_load']`, `Runner.expert_load`) counted the routing
+    of every draft position, rejected ones too: speculation changed the load of the same output. It
+    counts the tokens kept, equal to plain decoding's: each request's prompt (less a prefix another
+    request's keys gave it) and outputs but the last (which never runs), K experts a token in each
+    layer. Both step kernels: the native batch, and PyTorch's pass (the GPU's, and every step with a
+    LoRA adapter)."""
+    from mixlab.engine.runner import Runner
+
+    if kernels == "pytorch":
+        monkeypatch.setattr(Runner, "_native_batch", lambda self, items, invariant=False: None)
+    if case == "staggered":  # four sequences joining a running batch, rolling slots that wrap
+        model, prompts, chunk = _model(sliding_window=6), _prompts(8), 5
+        kw = [dict(max_tokens=m) for m in (30, 20, 25, 35)]
+    else:  # the stop token inside an accepted draft: the draft's tokens after it are dropped
+        model, prompts, chunk = _model(vocab=16, seed=5, markov=True), [CYCLE_PROMPT], 128
+        kw = [dict(max_tokens=30, stop_token_ids=[10])]
+    runs = []
+    for k in (0, 4):
+        eng = Engine(model, max_batch=4, prefill_chunk=chunk)
+        outs, _ = _outputs(eng, prompts, [SamplingParams(ignore_eos=True, speculative_tokens=k, **a) for a in kw])
+        runs.append(([[o.token_id for o in h] for h in outs], eng.stats()))
+    (plain, st0), (spec, st1) = runs
+    assert spec == plain
+    assert st1["draft_tokens"] > st1["accepted_tokens"] > 0  # drafts both kept and rejected
+    K = model.config.moe.top_k  # plain decoding's load: K experts for every token it ran, in each layer
+    assert [sum(layer) for layer in st0["expert_load"]] == [st0["tokens_in"] * K] * model.config.n_layers
+    assert st1["expert_load"] == st0["expert_load"]
+    assert st1["tokens_in"] > st0["tokens_in"]  # the rejected drafts ran, uncounted
+
+
 def test_sampled_requests_decode_a_token_a_step():
     model = _model()
     prompts = _prompts(8)[:2]

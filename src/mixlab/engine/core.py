@@ -423,7 +423,8 @@ class Engine:
             if not seq.prefilling:
                 want = "none" if seq.routing_only else ("all" if seq.draft else "last")
                 items.append(Item(seq.slot, (seq.out[-1:] or seq.prompt[-1:]) + seq.draft, seq.n_cached,
-                                  logits=want, experts=seq.params.return_experts, adapter=seq.params.adapter))
+                                  logits=want, experts=seq.params.return_experts, adapter=seq.params.adapter,
+                                  draft=len(seq.draft)))
             elif budget > 0:
                 n = min(len(seq.prompt) - seq.n_cached, budget, self.prefill_chunk)
                 budget -= n

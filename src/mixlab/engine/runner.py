@@ -48,6 +48,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -86,6 +87,7 @@ class Item:
     logits: str = "last"
     experts: bool = False
     adapter: str | None = None  # the LoRA adapter the sequence runs under (`Runner.adapters`), or the base
+    draft: int = 0  # the last `draft` tokens are a speculative draft (`Engine._verify`): see `forget`
 
 
 @dataclass
@@ -322,6 +324,7 @@ class Runner:
         self._last_idx: torch.Tensor | None = None  # the last step's experts [L, N, K]
         self._load_pending: list[torch.Tensor] = []  # steps' experts not yet counted into _load_LE
         self._load_lock = threading.Lock()  # `expert_load` is read from other threads (metrics)
+        self._drafts: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> a draft's first position, its experts
         moe = model.config.moe
         self._load_LE = torch.zeros(cfg.n_layers if moe else 0, moe.num_experts if moe else 0, dtype=torch.long)
         self._views: dict[int, KVCache] = {}
@@ -398,10 +401,15 @@ class Runner:
         self._slot_adapter[slot] = adapter
 
     def forget(self, slot: int, start: int, end: int) -> None:
-        """Mark positions start..end-1 of `slot` empty: a speculative draft's rejected tokens
-        (`Engine._verify`), which plain decoding never ran. In a rolling slot their indices held
-        positions C earlier, which no later query's window reaches (a draft, like a chunk, is shorter
-        than prefill_chunk), so masks from positions see what plain decoding's would."""
+        """After a step that verified a speculative draft in `slot` (`Engine._verify`): mark positions
+        start..end-1, its rejected tokens, which plain decoding never ran, empty, and count the experts
+        of the draft's tokens before `start` (the kept ones; `record_experts` held them back), so the
+        expert load is plain decoding's. In a rolling slot the rejected indices held positions C
+        earlier, which no later query's window reaches (a draft, like a chunk, is shorter than
+        prefill_chunk), so masks from positions see what plain decoding's would."""
+        held = self._drafts.pop(slot, None)
+        if held is not None and start > held[0]:
+            self._count_load(held[1][:, : start - held[0]])
         if end > start:
             self.pos_SC[slot, torch.arange(start, end, device=self.device) % self.capacity] = -1
 
@@ -524,7 +532,7 @@ class Runner:
             tops = dec.batch(tokens, pos, seq, rows, self.pos_SC, self.k, self.v, logits_RV, chosen_LTK,
                              invariant=invariant)
         if self.model.config.moe is not None:
-            self.record_experts(chosen_LTK)
+            self.record_experts(chosen_LTK, items)
         return [Result(logits_RV[span[0] : span[1]] if span is not None else None,
                        chosen_LTK[:, t].long() if it.experts and self.model.config.moe is not None else None,
                        tops[span[1] - 1] if span is not None else None)
@@ -532,11 +540,26 @@ class Runner:
 
     # ---- expert load (what `/metrics` reports) ----
 
-    def record_experts(self, idx_LNK: torch.Tensor) -> None:
-        """Note a step's experts `[L, N, K]` (a tensor the caller no longer writes to). Counting is
-        deferred (`expert_load`): a bincount per step costs ~0.1 ms after a native step has streamed
-        the weights through the caches, ~1% of a batch-1 step."""
+    def record_experts(self, idx_LNK: torch.Tensor, items: Sequence[Item] = ()) -> None:
+        """Note a step's experts `[L, N, K]` (a tensor the caller no longer writes to; `items`: the
+        step's items in the order of its N rows). A draft's rows (`Item.draft`) are held back until
+        `forget` says which of its tokens were kept: the load counts the tokens the sequences keep, so
+        the same output leaves the same load with and without speculation. Counting is deferred
+        (`expert_load`): a bincount per step costs ~0.1 ms after a native step has streamed the
+        weights through the caches, ~1% of a batch-1 step."""
         self._last_idx = idx_LNK
+        if any(it.draft for it in items):
+            keep_N = torch.ones(idx_LNK.shape[1], dtype=torch.bool, device=idx_LNK.device)
+            end = 0
+            for it in items:
+                end += len(it.tokens)
+                if it.draft:
+                    self._drafts[it.slot] = (it.start + len(it.tokens) - it.draft, idx_LNK[:, end - it.draft : end])
+                    keep_N[end - it.draft : end] = False
+            idx_LNK = idx_LNK[:, keep_N]
+        self._count_load(idx_LNK)
+
+    def _count_load(self, idx_LNK: torch.Tensor) -> None:
         with self._load_lock:
             self._load_pending.append(idx_LNK)
             if len(self._load_pending) >= 256:
@@ -674,7 +697,7 @@ class Runner:
             if routing is not None:
                 routed.append(routing.idx_TK)
         if routed:
-            self.record_experts(torch.stack(routed))
+            self.record_experts(torch.stack(routed), items)
 
         # Output projection only where logits are wanted.
         logits_RV = None
