@@ -308,11 +308,14 @@ def test_a_bf16_bases_adapter_steps_read_the_weights_panels(setup, monkeypatch: 
     """A bf16 base whose engine keeps the weights in panels (`pack_weights=True`): the adapter steps'
     few-row products read the panels (`native.linear_packed`) and give what the same steps reading
     the rows give (a copy, `pack_weights=False`): the same greedy tokens, logprobs within float32
-    summation order moving a bf16 rounding."""
+    summation order moving a bf16 rounding. (The PyTorch pass: the native step that runs adapter
+    steps here is refused their table, as where it cannot hold an adapter.)"""
+    from mixlab.model.native import NativeDecoder
     from mixlab.ops import native
 
     if native.load() is None or not native.fast(torch.bfloat16):
         pytest.skip("no native bf16 kernels here (no AVX512-BF16, no compiler, or MIXLAB_NATIVE=0)")
+    monkeypatch.setattr(NativeDecoder, "lora_table", lambda self, factors: None)
     base, adapters = setup
     models = {"panels": copy.deepcopy(base).to(torch.bfloat16)}
     models["rows"] = copy.deepcopy(models["panels"])
@@ -334,3 +337,104 @@ def test_a_bf16_bases_adapter_steps_read_the_weights_panels(setup, monkeypatch: 
     for (tok_p, lp_p), (tok_r, lp_r) in zip(got["panels"], got["rows"], strict=True):
         assert tok_p == tok_r
         torch.testing.assert_close(torch.tensor(lp_p), torch.tensor(lp_r), rtol=0, atol=2e-2)
+
+
+def _native_or_skip(dtype: torch.dtype) -> None:
+    from mixlab.ops import native
+
+    if native.load() is None or not native.fast(dtype):
+        pytest.skip(f"no native {dtype} kernels here (no AVX-512, no compiler, or MIXLAB_NATIVE=0)")
+
+
+def _no_native_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adapter steps through the PyTorch pass (the reference): the native step refused their table."""
+    from mixlab.model.native import NativeDecoder
+
+    monkeypatch.setattr(NativeDecoder, "lora_table", lambda self, factors: None)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool) -> None:
+    """Steps with rows under adapters run in the one native call (`mx_decode_batch` with the LoRA
+    table; the PyTorch pass never runs) and give the PyTorch pass's float32 logits within 1e-5:
+    base rows beside four adapters (every target with the router, attention + experts of another
+    rank, experts alone, attention alone), prompt chunks beside decoding tokens, logits of every row,
+    the last or none. A dense model's FFN too. The adapters move the logits far more than that."""
+    from mixlab.engine.runner import Item, Runner
+
+    _native_or_skip(torch.float32)
+    cfg = CFG.replace(moe=None) if dense else CFG
+    base = Transformer(cfg).eval()
+    base.init_weights(seed=0)  # small logits: 1e-5 is float32's rounding, not the model's chaos
+    targets = {"a": ("attention", "experts", "router"), "b": ("attention", "experts"), "c": ("experts",),
+               "d": ("attention",)}
+    if dense:
+        targets["a"] = targets["b"]
+    factors = {n: adapter_factors(base, _adapter(base, tmp_path / n, rank=r, targets=targets[n], layout="fused",
+                                                     seed=i))
+               for i, (n, r) in enumerate(zip("abcd", (4, 2, 5, 3), strict=True))}
+
+    def runner() -> Runner:
+        return Runner(base, max_batch=5, cache_bytes=None, prefill_chunk=16, max_seq_len=64, prefix_cache=False,
+                      adapters=factors)
+
+    native, ref, plain = runner(), runner(), runner()
+    ref._native_batch = lambda items, **kw: None  # type: ignore[method-assign]
+    native._batched = lambda items: pytest.fail("an adapter step ran the PyTorch pass")  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
+
+    steps = [
+        [Item(0, toks(6), 0, "all"), Item(1, toks(5), 0, "last", adapter="a"), Item(2, toks(4), 0, "all", adapter="b")],
+        [Item(0, toks(1), 6), Item(1, toks(1), 5, adapter="a"), Item(2, toks(3), 4, "all", adapter="b"),
+         Item(3, toks(7), 0, "none", adapter="c")],
+        [Item(3, toks(1), 7, adapter="c"), Item(1, toks(1), 6, adapter="a"), Item(4, toks(5), 0, "all", adapter="d"),
+         Item(0, toks(1), 7)],
+        [Item(4, toks(1), 5, adapter="d")],  # one decoding token alone
+        [Item(1, toks(1), 7, adapter="a"), Item(2, toks(1), 7, adapter="b"), Item(3, toks(1), 8, adapter="c")],
+    ]
+    moved = set()
+    for step in steps:
+        base_items = [Item(it.slot, it.tokens, it.start, it.logits) for it in step]
+        for it, got, want, b in zip(step, native.forward(step), ref.forward(step), plain.forward(base_items),
+                                    strict=True):
+            assert (got.logits_TV is None) == (want.logits_TV is None) == (it.logits == "none")
+            if got.logits_TV is not None:
+                torch.testing.assert_close(got.logits_TV, want.logits_TV, rtol=0, atol=1e-5)
+                if it.adapter is not None and (got.logits_TV - b.logits_TV).abs().max() > 1e-2:
+                    moved.add(it.adapter)
+    assert moved == set("abcd")
+
+
+def test_a_bf16_batch_under_adapters_runs_natively_token_for_token(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16: an engine whose adapter steps run natively gives each request the greedy tokens of the
+    PyTorch pass (the same engine with the native step refused the adapters), logprobs within bf16's
+    rounding of the products (the PyTorch pass rounds each product to bf16, the native step keeps
+    float32). A model of small weights: on one of std 0.1 or more, near-ties flip base requests'
+    tokens between the two passes as well."""
+    _native_or_skip(torch.bfloat16)
+    base = Transformer(CFG).eval()
+    base.init_weights(seed=0)
+    adapters = {"a": _adapter(base, tmp_path / "a", rank=4, targets=("attention", "experts", "router"),
+                              layout="fused", seed=1),
+                "b": _adapter(base, tmp_path / "b", rank=2, targets=("attention", "experts"), layout="modules",
+                              seed=2)}
+    model = base.to(torch.bfloat16)
+    prompts = _prompts([6, 13, 9], seed=11)
+    names = [None, "a", "b"]
+    got = {}
+    for how in ("native", "torch"):
+        if how == "torch":
+            _no_native_adapters(monkeypatch)
+        engine = Engine(model, max_batch=9, prefill_chunk=8, adapters=adapters)
+        hs = [engine.submit(p, SamplingParams(**GREEDY, adapter=n)) for p in prompts for n in names]
+        engine.run_until_idle()
+        got[how] = [_tokens_and_logprobs(h.result()) for h in hs]
+    for (tok_n, lp_n), (tok_t, lp_t) in zip(got["native"], got["torch"], strict=True):
+        assert tok_n == tok_t
+        torch.testing.assert_close(torch.tensor(lp_n), torch.tensor(lp_t), rtol=0, atol=1e-2)
+    # each prompt's three requests (base, a, b) differ: the adapters are not ignored
+    assert all(len({tuple(got["native"][3 * i + j][0]) for j in range(3)}) == 3 for i in range(3))

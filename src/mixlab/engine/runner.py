@@ -27,15 +27,18 @@ step's tokens, each token attending over its own sequence's slot at its own posi
 a chunk). The PyTorch pass below is the reference, and runs on GPUs and for larger steps.
 
 LoRA adapters served over the base (`Runner(adapters=)`, `adapter_factors`' low-rank updates): a step
-with any row under an adapter runs the PyTorch pass over its items ordered by adapter, so that each
-adapter's rows are one range: each weight's product is followed by every adapter's update added to
+with rows under adapters runs in the same one native call (`decode_batch` with the decoder's
+`lora_table` of every adapter and each row's adapter: after each product an adapter updates, its
+rows get their update, base rows beside them none). Where that call cannot run them (no native
+kernels, a GPU, int4 weights multiplied by int8-rounded activations, more tokens than the registry
+gives it), the PyTorch pass is the fallback and the reference: its items ordered by adapter, so that
+each adapter's rows are one range, each weight's product followed by every adapter's update added to
 its slice (`StepAdapters.add`; no gather or scatter); the feed-forward block of a layer an adapter
 adapts runs the router with the updates to its logits, then the (token, slot) pairs grouped by
 expert, each adapter's pairs a range of its expert's, the updates inside the SwiGLU (`_adapted_ffn`).
 The products of a few rows read the native decoder's panels of a bf16 weight where it keeps them
-(`_product`), as its own steps do. Steps of base rows alone are unchanged (a step that mixes them with
-adapter rows runs them in the same pass: a native step of their own would stream every weight a second
-time). A slot's keys hold the adapter they were computed under: prefix reuse only within one adapter.
+(`_product`), as its own steps do. A slot's keys hold the adapter they were computed under: prefix
+reuse only within one adapter.
 
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
 Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts;
@@ -64,7 +67,7 @@ from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
 from mixlab.model.moe import MoEBlock, Routing
-from mixlab.model.native import NativeDecoder, shared_decoder
+from mixlab.model.native import LoraTable, NativeDecoder, shared_decoder
 from mixlab.model.transformer import Block, Transformer
 from mixlab.ops import native as native_lib
 from mixlab.ops import registry
@@ -339,6 +342,8 @@ class Runner:
         self.packed_bytes = 0  # what the decoder keeps in panels (`NativeDecoder.pack`), once packed
         self._native: NativeDecoder | None = None
         self._native_stale = True  # look the decoder up again before the next native step
+        self._adapter_names = sorted(self.adapters)  # a native step's adapter j: the j-th name
+        self._lora: tuple[NativeDecoder | None, LoraTable | None] = (None, None)  # (decoder, its table)
         self.graphed: GraphedDecode | None = None
         if self.device.type == "cuda" and native_lib.env_on("MIXLAB_CUDA_GRAPHS"):
             self.graphed = GraphedDecode(self)
@@ -416,7 +421,11 @@ class Runner:
     # ---- the forward pass ----
 
     def forward(self, items: list[Item]) -> list[Result]:
-        if any(it.adapter is not None for it in items):  # the PyTorch pass, with the adapters' updates
+        if any(it.adapter is not None for it in items):
+            outs = self._native_batch(items)  # each row's adapter's updates inside the one native call
+            if outs is not None:
+                return outs
+            # else the PyTorch pass with the adapters' updates: the reference, and where native cannot run
             # items ordered by adapter, the base's first (`StepAdapters`); results in the items' order
             order = sorted(range(len(items)), key=lambda i: (items[i].adapter is not None, items[i].adapter or ""))
             results = dict(zip(order, self._batched([items[i] for i in order]), strict=True))
@@ -496,13 +505,23 @@ class Runner:
     def _native_batch(self, items: list[Item], *, invariant: bool = False) -> list[Result] | None:
         """A step (decoding tokens and prompt chunks) in one native call over the slot pool, when the
         registry chooses it for the step's token count (always with `invariant`: batch-invariant
-        arithmetic); None otherwise."""
+        arithmetic); None otherwise. Rows under LoRA adapters get their updates in the same call
+        (`NativeDecoder.lora_table`, built once per decoder); None where it cannot hold the adapters."""
         dec = self._native_decoder()
         n_tokens = sum(len(it.tokens) for it in items)
         if dec is None or (not invariant and registry.choose(
                 "decode_batch", device=self.device.type, tokens=n_tokens, training=False,
                 fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype) != "native"):
             return None
+        lora, adapter = None, None
+        if any(it.adapter is not None for it in items):
+            if self._lora[0] is not dec:
+                self._lora = (dec, dec.lora_table([self.adapters[n] for n in self._adapter_names]))
+            lora = self._lora[1]
+            if lora is None or torch.compiler.is_compiling():
+                return None
+            adapter = [-1 if it.adapter is None else self._adapter_names.index(it.adapter)
+                       for it in items for _ in it.tokens]
         tokens: list[int] = []
         pos: list[int] = []
         seq: list[int] = []
@@ -530,7 +549,7 @@ class Runner:
             logits_RV = torch.empty(len(rows), dec.vocab_size, dtype=torch.float32)
             chosen_LTK = torch.empty(dec.n_layers, len(tokens), dec.top_k, dtype=torch.int32)
             tops = dec.batch(tokens, pos, seq, rows, self.pos_SC, self.k, self.v, logits_RV, chosen_LTK,
-                             invariant=invariant)
+                             invariant=invariant, lora=lora, adapter=adapter)
         if self.model.config.moe is not None:
             self.record_experts(chosen_LTK, items)
         return [Result(logits_RV[span[0] : span[1]] if span is not None else None,

@@ -13,7 +13,9 @@ uses it when the registry (`mixlab.ops.registry.decode_impl`) chooses it and it 
 
 The same decoder runs an engine step of several sequences at once (`run_batch`,
 `torch.ops.mixlab.decode_batch` over the engine's slot pool, `mx_decode_batch`): a decoding token or
-a prompt chunk per sequence, each weight read once for all the step's tokens.
+a prompt chunk per sequence, each weight read once for all the step's tokens. LoRA adapters served
+over the model (the engine's `adapters=`) run inside that call: `lora_table` lays out their low-rank
+updates once, and each row of a step names its adapter (`batch(lora=, adapter=)`).
 
 Weights must be plain contiguous float32 or bf16 tensors, or int8 with per-row scales (what
 `prepare_for_inference(model, quant="int8")` makes); oneDNN-packed weights are opaque to C. A decoder
@@ -29,9 +31,12 @@ per token, F expert FFN width, V vocabulary, L layers.
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 import warnings
 import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -44,6 +49,24 @@ from mixlab.ops.linear import InferenceLinear
 from mixlab.ops.native.ops import register_decoder
 from mixlab.ops.quant import Int4Linear, Int8Linear
 from mixlab.pages import HUGE, huge_empty, huge_pages
+
+if TYPE_CHECKING:
+    from mixlab.checkpoint.adapter import LowRank
+
+# the adapted weights `mx_batch.lora` holds (`adapter_factors`' names): layer, site (native.LORA_SITES)
+_LORA_NAME = re.compile(r"layers\.(\d+)\.(?:attn\.(wqkv|wo)\.weight|ffn\.(gate)\.weight|ffn\.experts\.(w13|w2)"
+                        r"|ffn\.(w13|w2)\.weight)")
+
+
+@dataclass
+class LoraTable:
+    """LoRA adapters' updates as `mx_decode_batch` reads them (`NativeDecoder.lora_table`): `table`
+    `mx_lora` [L, sites, E, J] over the factors' float32 tensors (kept in `keep`), `rank` the largest R."""
+
+    table: ctypes.Array
+    J: int
+    rank: int
+    keep: list[dict[str, LowRank]]
 
 
 def _weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,6 +219,7 @@ class NativeDecoder:
         self._batch_keep: list[torch.Tensor] = []
         self._caches = (ctypes.c_void_p * (2 * cfg.n_layers))()
         self.vocab_size, self.n_layers, self.top_k = cfg.vocab_size, cfg.n_layers, K
+        self._moe = cfg.moe is not None
         self.weight = w_out  # the output matrix: what the registry reads the format and dtype off
         self._bound: tuple[int, ...] = ()  # the data pointers of the bound cache's buffers
         self.last_chosen = torch.zeros(cfg.n_layers, K, dtype=torch.int32)  # the experts of the last `step`
@@ -342,6 +366,48 @@ class NativeDecoder:
                          slot, n, logits_1V.data_ptr(), torch.get_num_threads())
             return chosen, self._top.value
 
+    def lora_table(self, factors: list[dict[str, LowRank]]) -> LoraTable | None:
+        """The adapters `factors` (each one's `adapter_factors`; adapter j of a step's rows is
+        `factors[j]`) as `batch(lora=)` reads them, or None when one updates a weight the native step
+        cannot update, or the weights are int4 multiplied by int8-rounded activations (`act8`: not
+        the products the adapters' updates go on in the PyTorch pass, which then runs their steps).
+        An expert whose factors are zero (the adapter leaves it alone) gets no update."""
+        if self.act8:
+            return None
+        D, H, G, Hd, F_, _, L = self._dims
+        E, J = int(self.c_model.E), len(factors)
+        sites = native.LORA_SITES
+        # each site's (input, output) widths
+        io = {"wqkv": (D, (H + 2 * G) * Hd), "wo": (H * Hd, D), "router": (D, E), "w13": (D, 2 * F_), "w2": (F_, D)}
+        table = (native.Lora * (L * len(sites) * E * J))()
+        rank = 1
+        for j, f in enumerate(factors):
+            for name, lr in f.items():
+                m = _LORA_NAME.fullmatch(name)
+                if m is None or int(m[1]) >= L:
+                    return None
+                site = next(g for g in m.groups()[1:] if g is not None)
+                site = "router" if site == "gate" else site
+                stacked = m[4] is not None
+                if site not in ("wqkv", "wo") and (stacked or site == "router") != self._moe:
+                    return None  # an expert's factors over a dense FFN, or the reverse
+                A, B = lr.A, lr.B
+                n_in, n_out = io[site]
+                lead = (E,) if stacked else ()
+                R = A.shape[-2] if A.dim() >= 2 else 0
+                if (A.shape != (*lead, R, n_in) or B.shape != (*lead, n_out, R) or R < 1
+                        or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                               for t in (A, B))):
+                    return None
+                rank = max(rank, R)
+                for e in range(E if stacked else 1):
+                    a, b = (A[e], B[e]) if stacked else (A, B)
+                    if stacked and not b.any():
+                        continue
+                    table[((int(m[1]) * len(sites) + sites.index(site)) * E + e) * J + j] = native.Lora(
+                        a.data_ptr(), b.data_ptr(), R)
+        return LoraTable(table, J, rank, list(factors))
+
     def _batch_buffers(self, T: int, nt: int, C: int) -> None:
         """(Re)allocate the work buffers of `mx_decode_batch` for at least T tokens, nt threads and
         C positions per slot."""
@@ -383,12 +449,14 @@ class NativeDecoder:
 
     def batch(self, tokens: list[int], positions: list[int], seqs: list[int], rows: list[int], pos_SC: torch.Tensor,
               k: list[torch.Tensor], v: list[torch.Tensor], logits_RV: torch.Tensor,
-              chosen_LTK: torch.Tensor, *, invariant: bool = False) -> list[int | None]:
+              chosen_LTK: torch.Tensor, *, invariant: bool = False, lora: LoraTable | None = None,
+              adapter: list[int] | None = None) -> list[int | None]:
         """`run_batch` from Python lists (what the engine calls eagerly: checking a step's few
         hundred integers in Python costs less than the tensor operations that would check them).
         Returns each logit row's argmax, computed in C as the rows were written (the first index on
         ties; None for a row holding NaN). `invariant`: batch-invariant arithmetic (`mx_batch`'s
-        `invariant`: a row's numbers whatever else the step holds; slower)."""
+        `invariant`: a row's numbers whatever else the step holds; slower). `lora` (`lora_table`)
+        and `adapter`: each row's adapter in it, or -1 (the base)."""
         T, R, (S, C) = len(tokens), len(rows), pos_SC.shape
         L = self.n_layers
         if T < 1 or len(positions) != T or len(seqs) != T:
@@ -426,8 +494,15 @@ class NativeDecoder:
                 or not chosen_LTK.is_contiguous()):
             raise ValueError(f"decode_batch writes float32 logits [{R}, {self.V}] and int32 experts "
                              f"[{L}, {T}, {self.top_k}] (contiguous)")
+        if (lora is None) != (adapter is None) or (adapter is not None and lora is not None and (
+                len(adapter) != T or min(adapter) < -1 or max(adapter) >= lora.J)):
+            raise ValueError(f"decode_batch needs a LoRA table with each of the T={T} rows' adapter in [-1, J), "
+                             f"not {adapter}")
         tok, pos, seq, rws = (torch.tensor(x, dtype=torch.int64) for x in (tokens, positions, seqs, rows))
         top = torch.empty(R, dtype=torch.int64)
+        if lora is not None and adapter is not None:  # C moves the rows' adapters: a tensor of this call's own
+            ad = torch.tensor(adapter, dtype=torch.int32)
+            u = torch.empty(T * self.top_k * lora.rank, dtype=torch.float32)
         nt = torch.get_num_threads()
         with self._lock:
             self._batch_buffers(T, nt, C)
@@ -436,6 +511,11 @@ class NativeDecoder:
             cb = self.c_batch
             cb.T, cb.C, cb.R = T, C, R
             cb.invariant = int(invariant)
+            if lora is not None:
+                cb.J, cb.lora, cb.adapter, cb.lora_u, cb.lora_ld = (
+                    lora.J, ctypes.addressof(lora.table), ad.data_ptr(), u.data_ptr(), lora.rank)
+            else:
+                cb.J, cb.lora, cb.adapter, cb.lora_u, cb.lora_ld = 0, None, None, None, 0
             cb.token, cb.pos, cb.seq, cb.rows = tok.data_ptr(), pos.data_ptr(), seq.data_ptr(), rws.data_ptr()
             cb.cache_pos = pos_SC.data_ptr()
             cb.k_cache = ctypes.addressof(self._caches)

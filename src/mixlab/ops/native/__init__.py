@@ -51,7 +51,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32)).
@@ -128,11 +128,20 @@ class Batch(ctypes.Structure):
                     "token", "pos", "seq", "rows", "cache_pos", "k_cache", "v_cache", "logits", "chosen", "x", "h", "o",
                     "qkv", "att", "rope", "scores", "mix", "hb", "attb", "idx", "xs", "g", "a", "ys", "xsb", "ab",
                     "order", "inverse", "top")],
-                ("invariant", _I64)]
+                ("invariant", _I64), ("J", _I64), ("lora", _P), ("adapter", _P), ("lora_u", _P), ("lora_ld", _I64)]
 
+
+class Lora(ctypes.Structure):
+    """mixlab.h's `mx_lora`: one LoRA adapter's update of one weight (A [R, I], B [X, R], float32; A None: none)."""
+
+    _fields_ = [("A", _P), ("B", _P), ("R", _I64)]
+
+
+# mixlab.h's MX_LORA_*: the weights of a layer an adapter can update, in `mx_batch.lora`'s order
+LORA_SITES = ("wqkv", "wo", "router", "w13", "w2")
 
 # mx_sizeof's structure numbers (mixlab.h MX_SIZEOF_*), in order.
-STRUCTS: tuple[type[ctypes.Structure], ...] = (Layer, Model, Buffers, MoEArgs, Batch)
+STRUCTS: tuple[type[ctypes.Structure], ...] = (Layer, Model, Buffers, MoEArgs, Batch, Lora)
 
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mx_abi_version": (_I, []),

@@ -1379,10 +1379,12 @@ static void rmsnorm(const float* x, const float* w, float eps, int64_t D, float*
     if (hb) round_to_bf16(h, hb, D);
 }
 
-/* Router: top K of E logits (largest first, lowest index on ties), softmax over the K chosen. */
-static void route(const mx_model* m, const float* router, const float* h, int32_t* chosen, float* mix) {
+/* Router: top K of E logits (largest first, lowest index on ties), softmax over the K chosen.
+   `add` [E] or NULL: added to the logits first (a LoRA adapter's update of the router). */
+static void route(const mx_model* m, const float* router, const float* h, const float* add, int32_t* chosen,
+                  float* mix) {
     float logits[256];
-    for (int64_t e = 0; e < m->E; e++) logits[e] = dot_f32(router + e * m->D, h, m->D);
+    for (int64_t e = 0; e < m->E; e++) logits[e] = dot_f32(router + e * m->D, h, m->D) + (add ? add[e] : 0.f);
     for (int64_t k = 0; k < m->K; k++) {
         int64_t best = -1;
         for (int64_t e = 0; e < m->E; e++) {
@@ -1790,7 +1792,7 @@ static void ffn_block(team* tm, const priv* p, const mx_model* m, const mx_layer
             for (int64_t i = 0; i < D; i++) p->hr[i] = bf16_to_f32(p->hb[i]);
             hr = p->hr;
         }
-        route(m, ly->router, hr, p->chosen, p->mix);
+        route(m, ly->router, hr, 0, p->chosen, p->mix);
     } else {
         p->chosen[0] = 0;
         p->mix[0] = 1.f;
@@ -1931,6 +1933,58 @@ void mx_linear_packed(const void* w, const void* P, int64_t N, int64_t K, int64_
     linear_rows((mat){MX_BF16, w, 0, K, 0, (const uint16_t*)P}, N, M, X, XB, Y, nt);
 }
 
+/* LoRA adapters (`mx_lora`, `mx_batch.lora`): after a product, each row under an adapter that updates
+   the weight gets y += B (A x), u = A x computed from the product's input once all of it is there
+   (for a row: by the thread that wrote its input, or after a barrier), then each thread adds B u to
+   the output rows it computed. What the engine's PyTorch pass adds (engine/runner.py `StepAdapters`). */
+
+/* The updates of layer l's weight at `site` ([E, J]), or NULL when the step has no adapters. */
+static const mx_lora* lora_site(const mx_model* m, const mx_batch* p, int64_t l, int site) {
+    return p->J ? p->lora + (l * MX_LORA_SITES + site) * m->E * p->J : 0;
+}
+
+/* Adapter j's update of expert e's weight at `site` (0 for a dense weight), or NULL (j < 0: the base). */
+static const mx_lora* lora_of(const mx_lora* site, int64_t J, int64_t e, int32_t j) {
+    if (!site || j < 0) return 0;
+    const mx_lora* z = site + e * J + j;
+    return z->A ? z : 0;
+}
+
+/* Whether some adapter updates some expert's weight at `site` (n = E J entries). */
+static int lora_any(const mx_lora* site, int64_t n) {
+    for (int64_t i = 0; site && i < n; i++)
+        if (site[i].A) return 1;
+    return 0;
+}
+
+/* u [R] = A x for the input x [I], float32, or (xb given) its bf16 rounding, which the bf16 product read. */
+static void lora_down(const mx_lora* z, int64_t I, const float* x, const uint16_t* xb, float* u) {
+    for (int64_t r = 0; r < z->R; r++) {
+        const float* a = z->A + r * I;
+        if (!xb) {
+            u[r] = dot_f32(a, x, I);
+            continue;
+        }
+        int64_t i = 0;
+        float s = 0.f;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (; i + 16 <= I; i += 16) {
+            const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(xb + i)));
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), acc);
+        }
+        s = _mm512_reduce_add_ps(acc);
+#endif
+        for (; i < I; i++) s += a[i] * bf16_to_f32(xb[i]);
+        u[r] = s;
+    }
+}
+
+/* y[i] += B[i] . u for the output rows i in [r0, r1). */
+static void lora_up(const mx_lora* z, const float* u, float* y, int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; i++) y[i] += dot_f32(z->B + i * z->R, u, z->R);
+}
+
 /* The (token, slot) pairs of idx [N] sorted by expert, stably (token order within each expert):
    the pairs of expert e are order[start[e] .. start[e + 1]), and pair p sits at inverse[p]. E <= 256. */
 static void group_experts(const int64_t* idx, int64_t N, int64_t E, int64_t* start, int32_t* order,
@@ -1960,7 +2014,20 @@ typedef struct {
     float *xs, *g, *a, *ys, *out;
     uint16_t *xsb, *ab;
     int accumulate;
+    /* LoRA (mx_batch): the layer's w13 and w2 updates [E, J] (NULL: none), each token's adapter, the
+       pairs' experts idx [T, K] and the work buffer u [N, ld] */
+    const mx_lora *lora13, *lora2;
+    int64_t J;
+    const int32_t* adapter;
+    const int64_t* idx;
+    float* u;
+    int64_t ld;
 } moe_job;
+
+/* The update of sorted pair i's expert's weight (`site`: the job's lora13 or lora2) under its token's adapter. */
+static const mx_lora* pair_lora(const moe_job* j, const mx_lora* site, int64_t i) {
+    return site ? lora_of(site, j->J, j->idx[j->order[i]], j->adapter[j->order[i] / j->K]) : 0;
+}
 
 static void moe_team(team* tm, const moe_job* j) {
     const int64_t D = j->D, F = j->F, K = j->K, N = j->T * K;
@@ -1973,6 +2040,8 @@ static void moe_team(team* tm, const moe_job* j) {
     for (int64_t i = lo; i < hi; i++) {
         memcpy(xs + i * D, j->x + (j->order[i] / K) * D, D * sizeof(float));
         if (bf) round_to_bf16(xs + i * D, xsb + i * D, D);
+        const mx_lora* z = pair_lora(j, j->lora13, i);
+        if (z) lora_down(z, D, xs + i * D, bf ? xsb + i * D : 0, j->u + i * j->ld);
     }
     sync_team(tm);
     /* gate rows [lo, hi) and up rows [F + lo, F + hi) of every expert: SiLU needs no barrier */
@@ -1983,15 +2052,34 @@ static void moe_team(team* tm, const moe_job* j) {
         const mat e13 = mat_at(j->m13, e * 2 * F);
         gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, lo, hi);
         gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, F + lo, F + hi);
+        for (int64_t r = s0; r < s0 + n; r++) {
+            const mx_lora* z = pair_lora(j, j->lora13, r);
+            if (z) {
+                lora_up(z, j->u + r * j->ld, g + r * 2 * F, lo, hi);
+                lora_up(z, j->u + r * j->ld, g + r * 2 * F, F + lo, F + hi);
+            }
+        }
         for (int64_t r = s0; r < s0 + n; r++)
             swiglu_row(g + r * 2 * F + lo, g + r * 2 * F + F + lo, a + r * F + lo, bf ? ab + r * F + lo : 0, hi - lo);
     }
     sync_team(tm);
+    if (lora_any(j->lora2, j->E * j->J)) { /* the w2 updates' A a, once every pair's a is whole */
+        my_rows(tm, N, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) {
+            const mx_lora* z = pair_lora(j, j->lora2, i);
+            if (z) lora_down(z, F, a + i * F, bf ? ab + i * F : 0, j->u + i * j->ld);
+        }
+        sync_team(tm);
+    }
     /* down projections: this thread owns rows [lo, hi) of every expert and of the output */
     my_rows(tm, D, &lo, &hi);
     for (int64_t e = 0; e < j->E; e++) {
         const int64_t s0 = start[e], n = start[e + 1] - s0;
         if (n > 0) gemm_rows(mat_at(j->m2, e * D), a + s0 * F, ab + s0 * F, n, ys + s0 * D, D, lo, hi);
+        for (int64_t r = s0; r < s0 + n; r++) {
+            const mx_lora* z = pair_lora(j, j->lora2, r);
+            if (z) lora_up(z, j->u + r * j->ld, ys + r * D, lo, hi);
+        }
     }
     for (int64_t t = 0; t < j->T; t++)
         for (int64_t i = lo; i < hi; i++) {
@@ -2198,11 +2286,19 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
             const mx_layer* ly = &m->layers[l];
             const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D, a16, ly->wqkv_p, inv},
                       mo = {m->wt, ly->wo, ly->wo_scale, QD, a16, ly->wo_p, inv};
-            for (int64_t t = tm.t; t < T; t += tm.nt)
+            const mx_lora *lqkv = lora_site(m, p, l, MX_LORA_QKV), *lwo = lora_site(m, p, l, MX_LORA_WO);
+            for (int64_t t = tm.t; t < T; t += tm.nt) {
                 rmsnorm(x + t * D, ly->attn_norm, m->eps, D, h + t * D, bf ? hb + t * D : 0);
+                const mx_lora* z = lora_of(lqkv, p->J, 0, p->J ? p->adapter[t] : -1);
+                if (z) lora_down(z, D, h + t * D, bf ? hb + t * D : 0, p->lora_u + t * p->lora_ld);
+            }
             sync_team(&tm);
             my_rows(&tm, QKV, &lo, &hi);
             gemm_rows(mqkv, h, hb, T, qkv, QKV, lo, hi);
+            for (int64_t t = 0; lqkv && t < T; t++) {
+                const mx_lora* z = lora_of(lqkv, p->J, 0, p->adapter[t]);
+                if (z) lora_up(z, p->lora_u + t * p->lora_ld, qkv + t * QKV, lo, hi);
+            }
             sync_team(&tm);
             /* Per (token, kv head): store the rotated key and the value at index pos % C of the
                sequence's slot, then attend with the head's R query heads; when a sequence has
@@ -2254,8 +2350,19 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                 }
                 sync_team(&tm);
             }
+            if (lora_any(lwo, p->J)) { /* the wo updates' A att, once every head of a row is there */
+                for (int64_t t = tm.t; t < T; t += tm.nt) {
+                    const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
+                    if (z) lora_down(z, QD, att + t * QD, bf ? attb + t * QD : 0, p->lora_u + t * p->lora_ld);
+                }
+                sync_team(&tm);
+            }
             my_rows(&tm, D, &lo, &hi);
             gemm_rows(mo, att, attb, T, o, D, lo, hi);
+            for (int64_t t = 0; lwo && t < T; t++) {
+                const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
+                if (z) lora_up(z, p->lora_u + t * p->lora_ld, o + t * D, lo, hi);
+            }
             for (int64_t t = 0; t < T; t++)
                 for (int64_t i = lo; i < hi; i++) x[t * D + i] += o[t * D + i];
             sync_team(&tm);
@@ -2270,7 +2377,15 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                         for (int64_t i = 0; i < D; i++) o[t * D + i] = bf16_to_f32(hb[t * D + i]);
                         hr = o + t * D;
                     }
-                    route(m, ly->router, hr, ch, mix);
+                    const mx_lora* z = lora_of(lora_site(m, p, l, MX_LORA_ROUTER), p->J, 0, p->J ? p->adapter[t] : -1);
+                    float add[256];
+                    if (z) {
+                        float* u = p->lora_u + t * p->lora_ld;
+                        lora_down(z, D, hr, 0, u);
+                        for (int64_t e = 0; e < m->E; e++) add[e] = 0.f;
+                        lora_up(z, u, add, 0, m->E);
+                    }
+                    route(m, ly->router, hr, z ? add : 0, ch, mix);
                 } else {
                     ch[0] = 0;
                     mix[0] = 1.f;
@@ -2288,6 +2403,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                         if (bf) memmove(hb + r * D, hb + t * D, (size_t)D * sizeof(uint16_t));
                         memmove(p->mix + r * K, p->mix + t * K, (size_t)K * sizeof(float));
                         memmove(p->idx + r * K, p->idx + t * K, (size_t)K * sizeof(int64_t));
+                        if (p->J) p->adapter[r] = p->adapter[t];
                     }
                 group_experts(p->idx, TE * K, m->E, start, p->order, p->inverse);
             }
@@ -2295,7 +2411,9 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
             const moe_job job = {{m->wt, ly->w13, ly->w13_scale, D, a16, ly->w13_p, inv},
                                  {m->wt, ly->w2, ly->w2_scale, m->F, a16, ly->w2_p, inv},
                                  TE, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
-                                 p->xs, p->g, p->a, p->ys, x, p->xsb, p->ab, 1};
+                                 p->xs, p->g, p->a, p->ys, x, p->xsb, p->ab, 1,
+                                 lora_site(m, p, l, MX_LORA_W13), lora_site(m, p, l, MX_LORA_W2), p->J, p->adapter,
+                                 p->idx, p->lora_u, p->lora_ld};
             moe_team(&tm, &job);
         }
         /* the final norm of the rows whose logits are wanted (moved to the front when `compact`),
@@ -2332,6 +2450,7 @@ int64_t mx_sizeof(int which) {
     case MX_SIZEOF_BUFS: return (int64_t)sizeof(mx_bufs);
     case MX_SIZEOF_MOE_ARGS: return (int64_t)sizeof(mx_moe_args);
     case MX_SIZEOF_BATCH: return (int64_t)sizeof(mx_batch);
+    case MX_SIZEOF_LORA: return (int64_t)sizeof(mx_lora);
     default: return -1;
     }
 }
@@ -2370,12 +2489,15 @@ static const int64_t off_batch[] = {
     MX_OFF(mx_batch, qkv), MX_OFF(mx_batch, att), MX_OFF(mx_batch, rope), MX_OFF(mx_batch, scores),
     MX_OFF(mx_batch, mix), MX_OFF(mx_batch, hb), MX_OFF(mx_batch, attb), MX_OFF(mx_batch, idx), MX_OFF(mx_batch, xs),
     MX_OFF(mx_batch, g), MX_OFF(mx_batch, a), MX_OFF(mx_batch, ys), MX_OFF(mx_batch, xsb), MX_OFF(mx_batch, ab),
-    MX_OFF(mx_batch, order), MX_OFF(mx_batch, inverse), MX_OFF(mx_batch, top), MX_OFF(mx_batch, invariant), -1};
+    MX_OFF(mx_batch, order), MX_OFF(mx_batch, inverse), MX_OFF(mx_batch, top), MX_OFF(mx_batch, invariant),
+    MX_OFF(mx_batch, J), MX_OFF(mx_batch, lora), MX_OFF(mx_batch, adapter), MX_OFF(mx_batch, lora_u),
+    MX_OFF(mx_batch, lora_ld), -1};
+static const int64_t off_lora[] = {MX_OFF(mx_lora, A), MX_OFF(mx_lora, B), MX_OFF(mx_lora, R), -1};
 
 int64_t mx_offsetof(int which, int field) {
     const int64_t* t = which == MX_SIZEOF_LAYER ? off_layer : which == MX_SIZEOF_MODEL ? off_model
                      : which == MX_SIZEOF_BUFS  ? off_bufs  : which == MX_SIZEOF_MOE_ARGS ? off_moe
-                     : which == MX_SIZEOF_BATCH ? off_batch : 0;
+                     : which == MX_SIZEOF_BATCH ? off_batch : which == MX_SIZEOF_LORA ? off_lora : 0;
     if (!t || field < 0) return -1;
     for (int i = 0; i < field; i++)
         if (t[i] < 0) return -1;

@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 7
+#define MX_ABI_VERSION 8
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -113,6 +113,18 @@ typedef struct { /* the experts of one MoE layer for T tokens (`mx_moe`); N = T 
     int32_t *order, *inverse;
 } mx_moe_args;
 
+/* LoRA adapters served over the base (the engine's `adapters=`): one adapter's low-rank update of one
+   weight, rows x that the weight multiplies getting y += B (A x) (the adapter's scale folded into B). */
+typedef struct {
+    const float* A; /* [R, I], or NULL: the adapter leaves this weight alone */
+    const float* B; /* [X, R] */
+    int64_t R;
+} mx_lora;
+
+/* The weights an adapter can update, per layer (`mx_batch.lora`): the fused qkv, the attention
+   output, the router (its logits, before the top K) and each expert's w13 and w2 (a dense FFN: expert 0). */
+enum { MX_LORA_QKV = 0, MX_LORA_WO = 1, MX_LORA_ROUTER = 2, MX_LORA_W13 = 3, MX_LORA_W2 = 4, MX_LORA_SITES = 5 };
+
 typedef struct { /* one engine step (`mx_decode_batch`): T tokens, rows of B sequences' items */
     int64_t T, C;          /* tokens (rows); positions per cache slot */
     int64_t nt;            /* threads `scores` has room for (a call uses at most this many) */
@@ -142,10 +154,19 @@ typedef struct { /* one engine step (`mx_decode_batch`): T tokens, rows of B seq
     int64_t* top;          /* [R] or NULL: each logit row's argmax (first index on ties; -1 when one is NaN) */
     int64_t invariant;     /* nonzero: batch-invariant (each row's numbers whatever else the step holds;
                               bf16 and float32 weights; see mx_decode_batch) */
+    /* LoRA adapters (J = 0: none): after each product an adapter updates, the rows under it get their
+       update, computed in float32 from the product's input (its bf16 rounding for bf16 weights) */
+    int64_t J;             /* adapters */
+    const mx_lora* lora;   /* [L, MX_LORA_SITES, E, J] (router, qkv, wo: expert 0 only) */
+    int32_t* adapter;      /* [T]: each row's adapter in [0, J), or -1 (the base); moved with the rows
+                              the last layer keeps (see mx_decode_batch) */
+    float* lora_u;         /* [N, lora_ld]: work buffer, each row's A x; lora_ld >= every R */
+    int64_t lora_ld;
 } mx_batch;
 
 /* Structures whose size `mx_sizeof` reports, in this order. */
-enum { MX_SIZEOF_LAYER = 0, MX_SIZEOF_MODEL = 1, MX_SIZEOF_BUFS = 2, MX_SIZEOF_MOE_ARGS = 3, MX_SIZEOF_BATCH = 4 };
+enum { MX_SIZEOF_LAYER = 0, MX_SIZEOF_MODEL = 1, MX_SIZEOF_BUFS = 2, MX_SIZEOF_MOE_ARGS = 3, MX_SIZEOF_BATCH = 4,
+       MX_SIZEOF_LORA = 5 };
 
 /* The ABI check: MX_ABI_VERSION, sizeof of structure `which` (-1 for an unknown one), and the
    offset of its field number `field` in declaration order (-1 past the last field). */
