@@ -9,10 +9,10 @@ ways, rounds interleaved, medians of the rounds after a warm-up:
 
 - base: every request on the base (the native kernels' steps);
 - merged: every request on a copy of the base with adapter a merged in (native steps as well);
-- adapter a: every request under adapter a on the base's engine (the PyTorch pass with each
-  weight's low-rank update added, the adapted experts one product per expert and projection);
-- mixed: half on the base, a quarter under each adapter (every step of the batch runs the
-  PyTorch pass, base rows too).
+- adapter a: every request under adapter a on the base's engine (native steps, each adapted
+  weight's low-rank update added inside `mx_decode_batch`);
+- mixed: half on the base, a quarter under each adapter (the same native steps, base rows beside
+  adapter rows).
 
     .venv/bin/python benchmarks/lora.py [--preset mini-moe] [--batch 16] [--rank 16] [--rounds 3]
 """

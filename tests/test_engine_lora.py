@@ -438,3 +438,25 @@ def test_a_bf16_batch_under_adapters_runs_natively_token_for_token(tmp_path: Pat
         torch.testing.assert_close(torch.tensor(lp_n), torch.tensor(lp_t), rtol=0, atol=1e-2)
     # each prompt's three requests (base, a, b) differ: the adapters are not ignored
     assert all(len({tuple(got["native"][3 * i + j][0]) for j in range(3)}) == 3 for i in range(3))
+
+
+def test_the_native_step_refuses_what_it_cannot_update(setup) -> None:
+    """`lora_table` gives None, so the PyTorch pass runs those adapter steps, for a weight the native
+    step does not update, factors that are not float32, or an expert's factors named as a dense FFN's;
+    the adapters it takes lay out as they are."""
+    from mixlab.checkpoint.adapter import LowRank
+    from mixlab.model.native import shared_decoder
+
+    _native_or_skip(torch.float32)
+    base, adapters = setup
+    dec = shared_decoder(base)
+    assert dec is not None
+    f = adapter_factors(base, adapters["a"])
+    table = dec.lora_table([f, adapter_factors(base, adapters["b"])])
+    assert table is not None and table.J == 2 and table.rank == max(lr.A.shape[-2] for lr in f.values())
+    D, V = CFG.dim, CFG.vocab_size
+    out = LowRank(torch.zeros(2, D), torch.zeros(V, 2))
+    assert dec.lora_table([f, {"output.weight": out}]) is None
+    half = {k: LowRank(lr.A.bfloat16(), lr.B.bfloat16()) for k, lr in f.items()}
+    assert dec.lora_table([half]) is None
+    assert dec.lora_table([{"layers.0.ffn.w13.weight": f["layers.0.ffn.experts.w13"]}]) is None

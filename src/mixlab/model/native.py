@@ -61,12 +61,13 @@ _LORA_NAME = re.compile(r"layers\.(\d+)\.(?:attn\.(wqkv|wo)\.weight|ffn\.(gate)\
 @dataclass
 class LoraTable:
     """LoRA adapters' updates as `mx_decode_batch` reads them (`NativeDecoder.lora_table`): `table`
-    `mx_lora` [L, sites, E, J] over the factors' float32 tensors (kept in `keep`), `rank` the largest R."""
+    `mx_lora` [L, sites, E, J] over the factors' float32 tensors (A, and B transposed: kept in `keep`),
+    `rank` the largest R."""
 
     table: ctypes.Array
     J: int
     rank: int
-    keep: list[dict[str, LowRank]]
+    keep: list[torch.Tensor]
 
 
 def _weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -380,7 +381,7 @@ class NativeDecoder:
         # each site's (input, output) widths
         io = {"wqkv": (D, (H + 2 * G) * Hd), "wo": (H * Hd, D), "router": (D, E), "w13": (D, 2 * F_), "w2": (F_, D)}
         table = (native.Lora * (L * len(sites) * E * J))()
-        rank = 1
+        rank, keep = 1, []
         for j, f in enumerate(factors):
             for name, lr in f.items():
                 m = _LORA_NAME.fullmatch(name)
@@ -400,13 +401,15 @@ class NativeDecoder:
                                for t in (A, B))):
                     return None
                 rank = max(rank, R)
+                B = B.transpose(-1, -2).contiguous()  # [.., R, X]: C sums 16 outputs in one vector
+                keep += [A, B]
                 for e in range(E if stacked else 1):
                     a, b = (A[e], B[e]) if stacked else (A, B)
                     if stacked and not b.any():
                         continue
                     table[((int(m[1]) * len(sites) + sites.index(site)) * E + e) * J + j] = native.Lora(
                         a.data_ptr(), b.data_ptr(), R)
-        return LoraTable(table, J, rank, list(factors))
+        return LoraTable(table, J, rank, keep)
 
     def _batch_buffers(self, T: int, nt: int, C: int) -> None:
         """(Re)allocate the work buffers of `mx_decode_batch` for at least T tokens, nt threads and

@@ -117,7 +117,7 @@ typedef struct { /* the experts of one MoE layer for T tokens (`mx_moe`); N = T 
    weight, rows x that the weight multiplies getting y += B (A x) (the adapter's scale folded into B). */
 typedef struct {
     const float* A; /* [R, I], or NULL: the adapter leaves this weight alone */
-    const float* B; /* [X, R] */
+    const float* B; /* [R, X]: B transposed */
     int64_t R;
 } mx_lora;
 
