@@ -503,10 +503,10 @@ class NativeDecoder:
                              f"not {adapter}")
         tok, pos, seq, rws = (torch.tensor(x, dtype=torch.int64) for x in (tokens, positions, seqs, rows))
         top = torch.empty(R, dtype=torch.int64)
+        nt = torch.get_num_threads()
         if lora is not None and adapter is not None:  # C moves the rows' adapters: a tensor of this call's own
             ad = torch.tensor(adapter, dtype=torch.int32)
-            u = torch.empty(T * self.top_k * lora.rank, dtype=torch.float32)
-        nt = torch.get_num_threads()
+            u = torch.empty((1 + nt) * T * self.top_k * lora.rank, dtype=torch.float32)  # mx_batch.lora_u
         with self._lock:
             self._batch_buffers(T, nt, C)
             for i in range(L):

@@ -1934,9 +1934,12 @@ void mx_linear_packed(const void* w, const void* P, int64_t N, int64_t K, int64_
 }
 
 /* LoRA adapters (`mx_lora`, `mx_batch.lora`): after a product, each row under an adapter that updates
-   the weight gets y += B (A x), u = A x computed from the product's input once all of it is there
-   (for a row: by the thread that wrote its input, or after a barrier), then each thread adds B u to
-   the output rows it computed. What the engine's PyTorch pass adds (engine/runner.py `StepAdapters`). */
+   the weight gets y += B (A x), u = A x computed from the product's input once all of it is there,
+   then each thread adds B u to the output rows it computed. u is computed by the thread that wrote
+   the row's input (qkv, router, w13: into the shared rows of `lora_u`), or, where threads wrote parts
+   of it (wo after attention, w2 after the SwiGLU), by every thread for itself into its own rows of
+   `lora_u`: a little more arithmetic (R x I per row and thread) instead of one more barrier, which
+   costs most on a loaded machine. What the engine's PyTorch pass adds (engine/runner.py `StepAdapters`). */
 
 /* The updates of layer l's weight at `site` ([E, J]), or NULL when the step has no adapters. */
 static const mx_lora* lora_site(const mx_model* m, const mx_batch* p, int64_t l, int site) {
@@ -1948,13 +1951,6 @@ static const mx_lora* lora_of(const mx_lora* site, int64_t J, int64_t e, int32_t
     if (!site || j < 0) return 0;
     const mx_lora* z = site + e * J + j;
     return z->A ? z : 0;
-}
-
-/* Whether some adapter updates some expert's weight at `site` (n = E J entries). */
-static int lora_any(const mx_lora* site, int64_t n) {
-    for (int64_t i = 0; site && i < n; i++)
-        if (site[i].A) return 1;
-    return 0;
 }
 
 /* u [R] = A x for the input x [I], float32, or (xb given) its bf16 rounding, which the bf16 product read. */
@@ -2039,8 +2035,8 @@ typedef struct {
     int64_t J;
     const int32_t* adapter;
     const int64_t* idx;
-    float* u;
-    int64_t ld;
+    float* u; /* [(1 + threads) rows, ld]: the shared rows, then each thread's own */
+    int64_t rows, ld;
 } moe_job;
 
 /* The update of sorted pair i's expert's weight (`site`: the job's lora13 or lora2) under its token's adapter. */
@@ -2083,23 +2079,20 @@ static void moe_team(team* tm, const moe_job* j) {
             swiglu_row(g + r * 2 * F + lo, g + r * 2 * F + F + lo, a + r * F + lo, bf ? ab + r * F + lo : 0, hi - lo);
     }
     sync_team(tm);
-    if (lora_any(j->lora2, j->E * j->J)) { /* the w2 updates' A a, once every pair's a is whole */
-        my_rows(tm, N, &lo, &hi);
-        for (int64_t i = lo; i < hi; i++) {
-            const mx_lora* z = pair_lora(j, j->lora2, i);
-            if (z) lora_down(z, F, a + i * F, bf ? ab + i * F : 0, j->u + i * j->ld);
-        }
-        sync_team(tm);
-    }
     /* down projections: this thread owns rows [lo, hi) of every expert and of the output */
     my_rows(tm, D, &lo, &hi);
+    float* u2 = j->lora2 ? j->u + (1 + tm->t) * j->rows * j->ld : 0; /* this thread's own A a of each pair */
     for (int64_t e = 0; e < j->E; e++) {
         const int64_t s0 = start[e], n = start[e + 1] - s0;
         if (n > 0) gemm_rows(mat_at(j->m2, e * D), a + s0 * F, ab + s0 * F, n, ys + s0 * D, D, lo, hi);
+        for (int64_t r = s0; j->lora2 && lo < hi && r < s0 + n; r++) {
+            const mx_lora* z = pair_lora(j, j->lora2, r);
+            if (z) lora_down(z, F, a + r * F, bf ? ab + r * F : 0, u2 + r * j->ld);
+        }
         for (int64_t c = lo; j->lora2 && c < hi; c += LORA_BLOCK)
             for (int64_t r = s0; r < s0 + n; r++) {
                 const mx_lora* z = pair_lora(j, j->lora2, r);
-                if (z) lora_up(z, D, j->u + r * j->ld, ys + r * D, c, block_end(c, hi));
+                if (z) lora_up(z, D, u2 + r * j->ld, ys + r * D, c, block_end(c, hi));
             }
     }
     for (int64_t t = 0; t < j->T; t++)
@@ -2372,19 +2365,17 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                 }
                 sync_team(&tm);
             }
-            if (lora_any(lwo, p->J)) { /* the wo updates' A att, once every head of a row is there */
-                for (int64_t t = tm.t; t < T; t += tm.nt) {
-                    const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
-                    if (z) lora_down(z, QD, att + t * QD, bf ? attb + t * QD : 0, p->lora_u + t * p->lora_ld);
-                }
-                sync_team(&tm);
-            }
             my_rows(&tm, D, &lo, &hi);
             gemm_rows(mo, att, attb, T, o, D, lo, hi);
+            float* uo = lwo ? p->lora_u + (1 + tm.t) * T * K * p->lora_ld : 0; /* this thread's own A att of each row */
+            for (int64_t t = 0; lwo && lo < hi && t < T; t++) {
+                const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
+                if (z) lora_down(z, QD, att + t * QD, bf ? attb + t * QD : 0, uo + t * p->lora_ld);
+            }
             for (int64_t c = lo; lwo && c < hi; c += LORA_BLOCK)
                 for (int64_t t = 0; t < T; t++) {
                     const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
-                    if (z) lora_up(z, D, p->lora_u + t * p->lora_ld, o + t * D, c, block_end(c, hi));
+                    if (z) lora_up(z, D, uo + t * p->lora_ld, o + t * D, c, block_end(c, hi));
                 }
             for (int64_t t = 0; t < T; t++)
                 for (int64_t i = lo; i < hi; i++) x[t * D + i] += o[t * D + i];
@@ -2436,7 +2427,7 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                                  TE, D, m->F, m->E, K, h, p->mix, start, p->order, p->inverse,
                                  p->xs, p->g, p->a, p->ys, x, p->xsb, p->ab, 1,
                                  lora_site(m, p, l, MX_LORA_W13), lora_site(m, p, l, MX_LORA_W2), p->J, p->adapter,
-                                 p->idx, p->lora_u, p->lora_ld};
+                                 p->idx, p->lora_u, T * K, p->lora_ld};
             moe_team(&tm, &job);
         }
         /* the final norm of the rows whose logits are wanted (moved to the front when `compact`),

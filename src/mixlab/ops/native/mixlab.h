@@ -160,7 +160,8 @@ typedef struct { /* one engine step (`mx_decode_batch`): T tokens, rows of B seq
     const mx_lora* lora;   /* [L, MX_LORA_SITES, E, J] (router, qkv, wo: expert 0 only) */
     int32_t* adapter;      /* [T]: each row's adapter in [0, J), or -1 (the base); moved with the rows
                               the last layer keeps (see mx_decode_batch) */
-    float* lora_u;         /* [N, lora_ld]: work buffer, each row's A x; lora_ld >= every R */
+    float* lora_u;         /* [(1 + nt) N, lora_ld]: work buffer, each row's A x (N rows shared, then N of
+                              each thread's own: decode.c, "LoRA adapters"); lora_ld >= every R */
     int64_t lora_ld;
 } mx_batch;
 
