@@ -353,16 +353,20 @@ def _no_native_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(NativeDecoder, "lora_table", lambda self, factors: None)
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool) -> None:
+@pytest.mark.parametrize(("dense", "threads"), [(False, None), (True, None), (False, 3)])
+def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool, threads: int | None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps with rows under adapters run in the one native call (`mx_decode_batch` with the LoRA
     table; the PyTorch pass never runs) and give the PyTorch pass's float32 logits within 1e-5:
     base rows beside four adapters (every target with the router, attention + experts of another
     rank, experts alone, attention alone), prompt chunks beside decoding tokens, logits of every row,
-    the last or none. A dense model's FFN too. The adapters move the logits far more than that."""
+    the last or none. A dense model's FFN too, and 3 threads (each thread's own rows of the work
+    buffer). The adapters move the logits far more than that."""
     from mixlab.engine.runner import Item, Runner
 
     _native_or_skip(torch.float32)
+    if threads is not None:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the native call is given
     cfg = CFG.replace(moe=None) if dense else CFG
     base = Transformer(cfg).eval()
     base.init_weights(seed=0)  # small logits: 1e-5 is float32's rounding, not the model's chaos
