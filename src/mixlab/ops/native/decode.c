@@ -1953,34 +1953,57 @@ static const mx_lora* lora_of(const mx_lora* site, int64_t J, int64_t e, int32_t
     return z->A ? z : 0;
 }
 
-/* u [R] = A x for the input x [I], float32, or (xb given) its bf16 rounding, which the bf16 product read. */
+/* u [R] = A x for the input x [I], float32, or (xb given) its bf16 rounding, which the bf16 product read.
+   Four rows of A at a time: the input loaded (and widened) once for four independent sums. */
 static void lora_down(const mx_lora* z, int64_t I, const float* x, const uint16_t* xb, float* u) {
-    for (int64_t r = 0; r < z->R; r++) {
-        const float* a = z->A + r * I;
-        if (!xb) {
-            u[r] = dot_f32(a, x, I);
-            continue;
-        }
-        int64_t i = 0;
-        float s = 0.f;
+    int64_t r = 0;
 #if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps();
-        for (; i + 16 <= I; i += 16) {
-            const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(xb + i)));
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), acc);
+    for (; (I & 15) == 0 && r + 4 <= z->R; r += 4) {
+        const float* a = z->A + r * I;
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        for (int64_t i = 0; i < I; i += 16) {
+            const __m512 v = xb ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(xb + i))), 16))
+                                : _mm512_loadu_ps(x + i);
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), v, s0);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + I + i), v, s1);
+            s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 2 * I + i), v, s2);
+            s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 3 * I + i), v, s3);
         }
-        s = _mm512_reduce_add_ps(acc);
+        u[r] = _mm512_reduce_add_ps(s0);
+        u[r + 1] = _mm512_reduce_add_ps(s1);
+        u[r + 2] = _mm512_reduce_add_ps(s2);
+        u[r + 3] = _mm512_reduce_add_ps(s3);
+    }
 #endif
-        for (; i < I; i++) s += a[i] * bf16_to_f32(xb[i]);
+    for (; r < z->R; r++) {
+        const float* a = z->A + r * I;
+        float s = 0.f;
+        for (int64_t i = 0; i < I; i++) s += a[i] * (xb ? bf16_to_f32(xb[i]) : x[i]);
         u[r] = s;
     }
 }
 
 /* y[i] += B[i] . u for the output rows i in [r0, r1) of X (B held transposed, [R, X]: 16 outputs'
-   sums in one vector, no horizontal sum per output). */
+   sums in one vector, no horizontal sum per output; 64 outputs in four independent sums). */
 static void lora_up(const mx_lora* z, int64_t X, const float* u, float* y, int64_t r0, int64_t r1) {
     int64_t i = r0;
 #if defined(__AVX512F__)
+    for (; i + 64 <= r1; i += 64) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        for (int64_t r = 0; r < z->R; r++) {
+            const __m512 ur = _mm512_set1_ps(u[r]);
+            const float* b = z->B + r * X + i;
+            a0 = _mm512_fmadd_ps(ur, _mm512_loadu_ps(b), a0);
+            a1 = _mm512_fmadd_ps(ur, _mm512_loadu_ps(b + 16), a1);
+            a2 = _mm512_fmadd_ps(ur, _mm512_loadu_ps(b + 32), a2);
+            a3 = _mm512_fmadd_ps(ur, _mm512_loadu_ps(b + 48), a3);
+        }
+        _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), a0));
+        _mm512_storeu_ps(y + i + 16, _mm512_add_ps(_mm512_loadu_ps(y + i + 16), a1));
+        _mm512_storeu_ps(y + i + 32, _mm512_add_ps(_mm512_loadu_ps(y + i + 32), a2));
+        _mm512_storeu_ps(y + i + 48, _mm512_add_ps(_mm512_loadu_ps(y + i + 48), a3));
+    }
     for (; i + 16 <= r1; i += 16) {
         __m512 acc = _mm512_setzero_ps();
         for (int64_t r = 0; r < z->R; r++) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[r]), _mm512_loadu_ps(z->B + r * X + i), acc);
@@ -1998,6 +2021,7 @@ static void lora_up(const mx_lora* z, int64_t X, const float* u, float* y, int64
    the rows' updates for one block before the next: a block of B (R x 64 floats) is read from memory
    once for all the rows instead of once per row. */
 #define LORA_BLOCK 64
+#define LORA_CHUNK 128
 static inline int64_t block_end(int64_t c, int64_t hi) { return c + LORA_BLOCK < hi ? c + LORA_BLOCK : hi; }
 
 /* The (token, slot) pairs of idx [N] sorted by expert, stably (token order within each expert):
@@ -2065,18 +2089,25 @@ static void moe_team(team* tm, const moe_job* j) {
         const int64_t s0 = start[e], n = start[e + 1] - s0;
         if (n == 0) continue;
         const mat e13 = mat_at(j->m13, e * 2 * F);
-        gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, lo, hi);
-        gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, F + lo, F + hi);
-        for (int64_t c = lo; j->lora13 && c < hi; c += LORA_BLOCK)
-            for (int64_t r = s0; r < s0 + n; r++) {
-                const mx_lora* z = pair_lora(j, j->lora13, r);
-                if (z) {
-                    lora_up(z, 2 * F, j->u + r * j->ld, g + r * 2 * F, c, block_end(c, hi));
-                    lora_up(z, 2 * F, j->u + r * j->ld, g + r * 2 * F, F + c, F + block_end(c, hi));
+        /* with adapters, in chunks of LORA_CHUNK outputs: the updates and the SwiGLU then read the
+           chunk of g the product has just written from the caches (a prompt's pairs: megabytes) */
+        const int64_t step = j->lora13 ? LORA_CHUNK : (hi > lo ? hi - lo : 1);
+        for (int64_t c0 = lo; c0 < hi; c0 += step) {
+            const int64_t c1 = c0 + step < hi ? c0 + step : hi;
+            gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, c0, c1);
+            gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, F + c0, F + c1);
+            for (int64_t c = c0; j->lora13 && c < c1; c += LORA_BLOCK)
+                for (int64_t r = s0; r < s0 + n; r++) {
+                    const mx_lora* z = pair_lora(j, j->lora13, r);
+                    if (z) {
+                        lora_up(z, 2 * F, j->u + r * j->ld, g + r * 2 * F, c, block_end(c, c1));
+                        lora_up(z, 2 * F, j->u + r * j->ld, g + r * 2 * F, F + c, F + block_end(c, c1));
+                    }
                 }
-            }
-        for (int64_t r = s0; r < s0 + n; r++)
-            swiglu_row(g + r * 2 * F + lo, g + r * 2 * F + F + lo, a + r * F + lo, bf ? ab + r * F + lo : 0, hi - lo);
+            for (int64_t r = s0; r < s0 + n; r++)
+                swiglu_row(g + r * 2 * F + c0, g + r * 2 * F + F + c0, a + r * F + c0, bf ? ab + r * F + c0 : 0,
+                           c1 - c0);
+        }
     }
     sync_team(tm);
     /* down projections: this thread owns rows [lo, hi) of every expert and of the output */
@@ -2366,12 +2397,12 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                 sync_team(&tm);
             }
             my_rows(&tm, D, &lo, &hi);
-            gemm_rows(mo, att, attb, T, o, D, lo, hi);
             float* uo = lwo ? p->lora_u + (1 + tm.t) * T * K * p->lora_ld : 0; /* this thread's own A att of each row */
             for (int64_t t = 0; lwo && lo < hi && t < T; t++) {
                 const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
                 if (z) lora_down(z, QD, att + t * QD, bf ? attb + t * QD : 0, uo + t * p->lora_ld);
             }
+            gemm_rows(mo, att, attb, T, o, D, lo, hi);
             for (int64_t c = lo; lwo && c < hi; c += LORA_BLOCK)
                 for (int64_t t = 0; t < T; t++) {
                     const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
