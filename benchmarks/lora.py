@@ -5,7 +5,9 @@ the weights (`--adapter`, one model per adapter).
 Builds a random `--preset` model (bf16, seeded) and two PEFT adapters over it (rank `--rank`,
 attention + experts, random non-zero B, written by mixlab's own `save_peft`), then runs `--batch`
 requests of `--prompt` random tokens and `--max-tokens` greedy tokens each through one engine, four
-ways, rounds interleaved, medians of the rounds after a warm-up:
+ways, rounds interleaved, medians of the rounds after a warm-up. Prefix caching is off: every round
+sends the same prompts, which free slots would otherwise give some loads and not others (the merged
+engine's all of them, the base load those the mixed one left under the base, adapter a's none):
 
 - base: every request on the base (the native kernels' steps);
 - merged: every request on a copy of the base with adapter a merged in (native steps as well);
@@ -82,8 +84,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         a, b = (make_adapter(base, Path(tmp) / n, args.rank, seed) for n, seed in (("a", 2), ("b", 3)))
         merged = merge_adapter(copy.deepcopy(base), a)
-        engines = {"base": Engine(base, max_batch=B, adapters={"a": a, "b": b}),
-                   "merged": Engine(merged, max_batch=B)}
+        engines = {"base": Engine(base, max_batch=B, adapters={"a": a, "b": b}, prefix_cache=False),
+                   "merged": Engine(merged, max_batch=B, prefix_cache=False)}
         loads: dict[str, tuple[str, list[str | None]]] = {
             "base": ("base", [None] * B), "merged": ("merged", [None] * B), "adapter a": ("base", ["a"] * B),
             "mixed": ("base", [None] * (B - B // 2) + ["a", "b"] * (B // 4) + ["a"] * (B // 2 % 2))}
