@@ -617,6 +617,21 @@ def test_experts_are_each_token_s_own_beside_other_requests(tiny):
     assert eng.stats()["cache_used_bytes"] == 0
 
 
+def test_a_cancel_after_the_last_token_keeps_its_experts(tiny):
+    """A request that has ended but whose last token still runs for its experts (return_experts) is not
+    cancelled: its last output keeps its experts, as alone (they were dropped: found by test_engine_props)."""
+    prompt = _prompts((1,))[0]
+    eng = Engine(tiny, max_batch=1)
+    h = eng.submit(prompt, SamplingParams(max_tokens=1, ignore_eos=True, return_experts=True))
+    eng.step()  # the prompt and its one token: the request has ended, its token's experts come with the next step
+    h.cancel()
+    eng.run_until_idle()
+    outs = list(h)
+    assert [o.finish_reason for o in outs] == ["length"]
+    assert [o.experts for o in outs] == _own_routing(tiny, prompt, outs)
+    assert eng.stats()["cache_used_bytes"] == 0
+
+
 def test_thread_and_asyncio(tiny):
     prompts = _prompts((5, 7, 9))
     want = [_reference(tiny, p, 5)[0] for p in prompts]

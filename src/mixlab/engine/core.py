@@ -518,7 +518,9 @@ class Engine:
             for seq in self._waiting:
                 (cancelled if seq.rid in ids else keep).append(seq)
             self._waiting = keep
-        for seq in cancelled + [s for s in self._running if s.rid in ids]:
+        # (a running request that has ended, its last token running once more for its experts alone, is not
+        # cancelled: its last output, which the cancel would send without them, is already decided)
+        for seq in cancelled + [s for s in self._running if s.rid in ids and not s.routing_only]:
             self._finish(seq, "cancelled")
 
     @staticmethod
