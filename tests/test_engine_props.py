@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -222,27 +223,42 @@ def workloads(draw: st.DrawFn) -> Workload:
     return w
 
 
-def run(w: Workload) -> list[list[RequestOutput]]:
+def run(w: Workload, *, thread: bool = False) -> list[list[RequestOutput]]:
     """Each request's outputs, the engine driven by `step()` from this thread, submissions and cancels
-    between steps; then the engine holds nothing."""
+    between steps (`thread`: by its own thread, submissions and cancels ~1 ms per step apart, as they
+    come); then the engine holds nothing."""
     eng = w.engine()
     handles: dict[int, Any] = {}
-    step = 0
-    while len(handles) < len(w.requests) or eng.has_work():
-        for i, r in enumerate(w.requests):
-            if i not in handles and r.arrive <= step:
-                handles[i] = eng.submit(r.prompt, SamplingParams(**r.params))
-            if r.cancel == step and i in handles:
-                handles[i].cancel()
-        eng.step()
-        step += 1
-        assert step < 1000, "the engine stopped making progress"
+    if thread:
+        with eng:
+            events = sorted([(r.arrive, 0, i) for i, r in enumerate(w.requests)] +
+                            [(r.cancel, 1, i) for i, r in enumerate(w.requests) if r.cancel is not None])
+            start = time.monotonic()
+            for at, cancel, i in events:
+                time.sleep(max(0.0, start + at / 1000 - time.monotonic()))
+                if cancel:
+                    handles[i].cancel()
+                else:
+                    handles[i] = eng.submit(w.requests[i].prompt, SamplingParams(**w.requests[i].params))
+            outs = [handles[i].result() for i in range(len(w.requests))]
+    else:
+        step = 0
+        while len(handles) < len(w.requests) or eng.has_work():
+            for i, r in enumerate(w.requests):
+                if i not in handles and r.arrive <= step:
+                    handles[i] = eng.submit(r.prompt, SamplingParams(**r.params))
+                if r.cancel == step and i in handles:
+                    handles[i].cancel()
+            eng.step()
+            step += 1
+            assert step < 1000, "the engine stopped making progress"
+        outs = [handles[i].poll() for i in range(len(w.requests))]
     stats = eng.stats()
     assert stats["running"] == stats["waiting"] == stats["cache_used_bytes"] == 0
     if stats["accepted_tokens"]:
         event("speculative tokens accepted")
     assert not eng._live and not eng.runner.n_slots - len(eng.runner.free_slots)
-    return [handles[i].poll() for i in range(len(w.requests))]
+    return outs
 
 
 def alone(w: Workload, r: Request) -> list[RequestOutput]:
@@ -290,12 +306,14 @@ def check(w: Workload, together: list[RequestOutput], want: list[RequestOutput])
         assert not body and close(last.prompt_logprobs, want[0].prompt_logprobs[: len(last.prompt_logprobs)], exact)
 
 
-def check_workload(w: Workload) -> None:
-    outs = run(w)
+def check_workload(w: Workload, *, thread: bool = False) -> None:
+    outs = run(w, thread=thread)
     for got in outs:  # what the workloads reach (pytest --hypothesis-show-statistics)
         event(f"finish {got[-1].finish_reason}")
         if got[-1].cached_tokens:
             event("prompt tokens from the cache")
+        # prompt tokens taken from the cache: never all of them (the last one's logits are computed)
+        assert {o.cached_tokens for o in got} <= {0} if not w.prefix_cache else set(range(got[0].prompt_tokens))
     if any("structured" in r.params for r in w.requests):
         event("structured outputs")
     for i, (r, got) in enumerate(zip(w.requests, outs, strict=True)):
@@ -315,3 +333,11 @@ SETTINGS = settings(max_examples=EXAMPLES, derandomize=not SEARCH, deadline=None
 @given(workloads())
 def test_every_request_equals_its_run_alone(w: Workload) -> None:
     check_workload(w)
+
+
+@settings(SETTINGS, max_examples=max(EXAMPLES // 3, 1))
+@given(workloads())
+def test_every_request_equals_its_run_alone_from_the_engine_thread(w: Workload) -> None:
+    """The same, the engine on its own thread: whatever the steps its submissions and cancels fall
+    between (they differ from run to run), each request's outputs are its run alone's."""
+    check_workload(w, thread=True)
