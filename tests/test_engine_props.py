@@ -1,6 +1,7 @@
 """Property-based tests of the engine (hypothesis, derandomized): random workloads on seeded tiny MoEs
-(float32, with and without a sliding window smaller than the sequences; bf16 under batch-invariant
-kernels; one over the bytes tokenizer whose requests may have structured outputs). A workload is 1-8
+(float32, with and without a sliding window smaller than the sequences; one whose greedy outputs cycle,
+so that speculative drafts are accepted; int8 and int4 weights; experts offloaded; bf16 under
+batch-invariant kernels; one over the bytes tokenizer whose requests may have structured outputs). A workload is 1-8
 requests (fresh prompts, empty ones, ones up to the context's end, copies of another's and `n` samples
 of another request, another's prefix with tokens of its own, prompts that repeat themselves), each
 with random `SamplingParams` (greedy or seeded sampling, max/min tokens, stop strings and ids,
@@ -36,12 +37,14 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from mixlab import load_tokenizer  # noqa: E402
+from mixlab import load_model, load_tokenizer, save_model  # noqa: E402
 from mixlab.config import get_preset  # noqa: E402
 from mixlab.engine import Engine, RequestOutput, SamplingParams, Structured  # noqa: E402
 from mixlab.engine.runner import bytes_per_token  # noqa: E402
 from mixlab.model import Transformer  # noqa: E402
+from mixlab.model.inference import prepare_for_inference  # noqa: E402
 from mixlab.ops import native  # noqa: E402
+from mixlab.ops.offload import SlotFormat  # noqa: E402
 from mixlab.tokenizer import StreamDecoder  # noqa: E402
 from mixlab.train.lora import LoraConfig, apply_lora, save_peft  # noqa: E402
 
@@ -87,21 +90,36 @@ INVARIANT = {dt: native.load() is not None and native.fast(dt) for dt in (torch.
 MODELS = {"plain": _model(None), "windowed": _model(WINDOW)}  # name -> (model, tokenizer)
 if INVARIANT[torch.bfloat16]:  # bf16 rounds differently between batch sizes (core.py's docstring): invariant only
     MODELS["bf16"] = _model(WINDOW, torch.bfloat16)
+MODELS["markov"] = _model(WINDOW)  # attention's output zeroed: each token a function of the last one, so greedy
+with torch.no_grad():  # outputs fall into short cycles, which speculative drafts predict (and get accepted)
+    for block in MODELS["markov"][0].layers:
+        block.attn.wo.weight.zero_()
+# the quantised formats' kernels (int4: activations rounded to int8 per block, by default, in every kind of step)
+for quant in ("int8", "int4"):
+    MODELS[quant] = (prepare_for_inference(copy.deepcopy(MODELS["plain"][0]), quant=quant), TOK)
 if find_spec("llguidance") is not None:  # structured outputs: over a real tokenizer, one token a byte
     MODELS["bytes"] = _model(None, tok=load_tokenizer("bytes"))
 # the constraints a "bytes" request may have: finite ones, open ones, a JSON object (the outputs mostly
 # end where max_tokens cuts them, or where the constraint is complete, or where it fails)
 CONSTRAINTS = [("choice", ["yes", "no", "a b c"]), ("regex", "[ab]{2,6}x?"), ("regex", "(ab|c )+"),
                ("json_object", None), ("grammar", 'start: "x" ("a" | "b")* "."')]
-ADAPTERS: dict[str, Path] = {}  # LoRA adapters over the float32 models (the `adapters` fixture writes them)
+ADAPTERS: dict[str, Path] = {}  # LoRA adapters over the float32 models (the `on_disk` fixture writes them)
+NO_INVARIANT = {"int8", "int4", "offloaded"}  # formats batch_invariant=True refuses
+NO_ADAPTERS = {"bytes", "offloaded"}  # (another vocabulary; an adapter's steps need resident experts)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def adapters(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Two PEFT adapters of the float32 models (random non-zero B): every target, and attention alone."""
-    root = tmp_path_factory.mktemp("lora")
+def on_disk(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two PEFT adapters of the float32 models (random non-zero B): every target, and attention alone;
+    and the plain model with its experts offloaded (`load_model(max_memory=)`: 3 of its 8 in memory)."""
+    root = tmp_path_factory.mktemp("props")
+    plain = MODELS["plain"][0]
+    save_model(plain, root / "plain")
+    cfg = plain.config
+    budget = 3 * SlotFormat("plain", torch.float32).expert_bytes(cfg.dim, cfg.ffn_dim)
+    MODELS["offloaded"] = prepare_for_inference(load_model(root / "plain", max_memory=budget)), TOK
     for name, targets, seed in (("a", ("attention", "experts", "router"), 1), ("b", ("attention",), 2)):
-        m = apply_lora(copy.deepcopy(MODELS["plain"][0]), LoraConfig(rank=2, alpha=4, targets=targets))
+        m = apply_lora(copy.deepcopy(plain), LoraConfig(rank=2, alpha=4, targets=targets))
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for n, p in m.named_parameters():
@@ -202,12 +220,12 @@ def sampling(draw: st.DrawFn, prompt_len: int, vocab: int, adapters: bool, struc
 def workloads(draw: st.DrawFn) -> Workload:
     model = draw(st.sampled_from(sorted(MODELS)))
     vocab, dtype = MODELS[model][1].vocab_size, MODELS[model][0].tok_embeddings.weight.dtype
-    invariant = INVARIANT[dtype] and (model == "bf16" or draw(st.integers(0, 4)) == 0)
+    invariant = INVARIANT[dtype] and model not in NO_INVARIANT and (model == "bf16" or draw(st.integers(0, 4)) == 0)
     max_batch, chunk = draw(st.integers(1, 8)), draw(st.integers(1, 8))
     w = Workload(model, max_batch, slots=draw(st.integers(1, max_batch)), prefill_chunk=chunk,
                  token_budget=draw(st.integers(max(chunk - 2, 1), 16)), prefix_cache=draw(st.integers(0, 3)) > 0,
                  batch_invariant=invariant, requests=[])
-    adapters = not invariant and model != "bytes" and draw(st.integers(0, 3)) == 0  # (invariant: no adapters)
+    adapters = not invariant and model not in NO_ADAPTERS and draw(st.integers(0, 3)) == 0  # (invariant: none)
     for _ in range(draw(st.integers(1, 8))):
         arrive = draw(st.integers(0, 12))
         cancel = arrive + draw(st.integers(0, 20)) if draw(st.integers(0, 5)) == 0 else None
