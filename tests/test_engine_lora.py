@@ -257,14 +257,16 @@ def test_a_peft_adapter_gives_peft_logprobs(tmp_path: Path) -> None:
 def test_a_quantised_base_serves_adapters(setup, quant: str) -> None:
     """--quant: the adapters' updates go on the quantised products (weights and experts in any resident
     format go through `ops.linear`): each request gets the dequantised weights with its adapter merged.
-    The same for oneDNN-packed weights (`prepare_for_inference(packed=True)`), whose floats are the base's."""
+    The same for oneDNN-packed weights (`prepare_for_inference(packed=True)`), whose floats are the base's.
+    (int4 with exact activations: by default the base's native steps round them to int8, the test below.)"""
     from mixlab.model.formats import Int4Experts, Int8Experts
     from mixlab.model.inference import inference_format, prepare_for_inference
     from mixlab.ops.quant import Int4Linear, Int8Linear, dequantize
 
     base, adapters = setup
     q = prepare_for_inference(copy.deepcopy(base), quant=None if quant == "packed" else quant,
-                              packed=True if quant == "packed" else None)
+                              packed=True if quant == "packed" else None,
+                              int4_activations="float32" if quant == "int4" else None)
     assert inference_format(q) == quant
     deq = copy.deepcopy(base)  # the float model of q's weights
     held = dict(deq.named_modules())
@@ -286,6 +288,28 @@ def test_a_quantised_base_serves_adapters(setup, quant: str) -> None:
         want, want_lp = _tokens_and_logprobs(_alone(merged[name], prompt, SamplingParams(**GREEDY)))
         assert got == want, name
         torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=0, atol=1e-4)
+
+
+def test_base_rows_beside_adapter_rows_on_int4_weights_equal_their_runs_alone(setup) -> None:
+    """int4 weights whose native steps round the activations to int8 (`int4_activations`, the default),
+    which the adapters' PyTorch pass does not: a base request's outputs are its run alone's whatever
+    adapter rows share its steps (they differed by ~0.05 in logprob: found by test_engine_props)."""
+    from mixlab.model.inference import prepare_for_inference
+
+    base, adapters = setup
+    q = prepare_for_inference(copy.deepcopy(base), quant="int4")
+    prompts = _prompts([12, 21], seed=8)
+    engine = Engine(q, max_batch=2, prefill_chunk=8, adapters=adapters)
+    hs = [engine.submit(p, SamplingParams(**GREEDY, adapter=n)) for p, n in zip(prompts, [None, "a"], strict=True)]
+    engine.run_until_idle()
+    for prompt, name, h in zip(prompts, [None, "a"], hs, strict=True):
+        alone = Engine(q, max_batch=1, adapters=adapters)
+        want = alone.submit(prompt, SamplingParams(**GREEDY, adapter=name))
+        alone.run_until_idle()
+        got, got_lp = _tokens_and_logprobs(h.result())
+        want, want_lp = _tokens_and_logprobs(want.result())
+        assert got == want, name
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=0, atol=ATOL)
 
 
 def test_return_experts_under_an_adapter_are_its_merged_models(setup) -> None:

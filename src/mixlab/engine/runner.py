@@ -37,8 +37,11 @@ its slice (`StepAdapters.add`; no gather or scatter); the feed-forward block of 
 adapts runs the router with the updates to its logits, then the (token, slot) pairs grouped by
 expert, each adapter's pairs a range of its expert's, the updates inside the SwiGLU (`_adapted_ffn`).
 The products of a few rows read the native decoder's panels of a bf16 weight where it keeps them
-(`_product`), as its own steps do. A slot's keys hold the adapter they were computed under: prefix
-reuse only within one adapter.
+(`_product`), as its own steps do. Over int4 weights whose native steps round activations to int8
+(`int4_activations`, the default), which the PyTorch pass does not, a step mixing base and adapter
+rows gives the base rows a native step of their own, so that their outputs do not depend on the
+adapter rows beside them. A slot's keys hold the adapter they were computed under: prefix reuse
+only within one adapter.
 
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
 Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts;
@@ -421,10 +424,18 @@ class Runner:
     # ---- the forward pass ----
 
     def forward(self, items: list[Item]) -> list[Result]:
-        if any(it.adapter is not None for it in items):
+        adapted = [it.adapter is not None for it in items]
+        if any(adapted):
             outs = self._native_batch(items)  # each row's adapter's updates inside the one native call
             if outs is not None:
                 return outs
+            if not all(adapted) and getattr(self._native_decoder(), "act8", False):
+                # int4 weights whose native steps round activations to int8 (`int4_activations`), which the
+                # PyTorch pass does not: the base rows take a native step of their own, as they would alone
+                parts = [[i for i, a in enumerate(adapted) if a == side] for side in (False, True)]
+                results = {i: r for part in parts
+                           for i, r in zip(part, self.forward([items[i] for i in part]), strict=True)}
+                return [results[i] for i in range(len(items))]
             # else the PyTorch pass with the adapters' updates: the reference, and where native cannot run
             # items ordered by adapter, the base's first (`StepAdapters`); results in the items' order
             order = sorted(range(len(items)), key=lambda i: (items[i].adapter is not None, items[i].adapter or ""))
