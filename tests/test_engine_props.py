@@ -1,14 +1,16 @@
 """Property-based tests of the engine (hypothesis, derandomized): random workloads on seeded tiny MoEs
-(float32, with and without a sliding window smaller than the sequences; one whose greedy outputs cycle,
-so that speculative drafts are accepted; int8 and int4 weights; experts offloaded; bf16 under
-batch-invariant kernels; one over the bytes tokenizer whose requests may have structured outputs). A workload is 1-8
-requests (fresh prompts, empty ones, ones up to the context's end, copies of another's and `n` samples
-of another request, another's prefix with tokens of its own, prompts that repeat themselves), each
-with random `SamplingParams` (greedy or seeded sampling, max/min tokens, stop strings and ids,
-penalties, logit bias, logprobs and alternatives, prompt logprobs, experts, speculative tokens,
-ignore_eos, decode_alone, a LoRA adapter, a constraint), an arrival step and maybe a cancel step, run
-by `step()` from this thread on an engine with random settings (max_batch, small prefill chunks and
-token budgets, fewer cache slots than max_batch, prefix reuse on or off, batch-invariant kernels).
+(float32, with and without a sliding window smaller than the sequences; one whose greedy outputs
+cycle, so that speculative drafts are accepted; int8 and int4 weights; experts offloaded; bf16 under
+batch-invariant kernels; one over the bytes tokenizer whose requests may have structured outputs).
+A workload is 1-8 requests (fresh prompts, empty ones, ones up to the context's end, copies of
+another's and `n` samples of another request, another's prefix with tokens of its own, another's
+prompt and greedy output with tokens of its own (a chat's next turn), prompts that repeat
+themselves), each with random `SamplingParams` (greedy or seeded sampling, max/min tokens, stop
+strings and ids, penalties, logit bias, logprobs and alternatives, prompt logprobs, experts,
+speculative tokens, ignore_eos, decode_alone, a LoRA adapter, a constraint), an arrival step and
+maybe a cancel step, run by `step()` from this thread on an engine with random settings (max_batch,
+small prefill chunks and token budgets, fewer cache slots than max_batch, prefix reuse on or off,
+batch-invariant kernels).
 
 The property is the engine's promise: every request's outputs (token ids, text, finish and stop
 reasons, logprobs, alternatives, prompt logprobs, experts, token counts) equal those of the same
@@ -18,7 +20,6 @@ float32 rounding (the kernels a step picks depend on its token count; TOLERANCE)
 More examples search further: `MIXLAB_PROPS_EXAMPLES=500` (derandomized: the same ones each run), and
 new ones at each run with `MIXLAB_PROPS_SEARCH=1`.
 """
-
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,6 @@ from mixlab.train.lora import LoraConfig, apply_lora, save_peft  # noqa: E402
 V = 24  # a small vocabulary: greedy outputs repeat (drafts are accepted), EOS and stop ids come up
 CTX = 64
 WINDOW = 6
-EOS = 2
 # each token's text: the special tokens none, the others one to three characters, so that stop
 # strings begin, end and hide inside tokens
 PIECES = ["", "", "", "a", "b", "c", "ab", "ba", " ", "x", "abc", "\n", "a b", "y", "bb", "ca", "z", ".",
@@ -164,10 +164,19 @@ class Workload:
                       batch_invariant=self.batch_invariant, adapters=served)
 
 
+@torch.no_grad()
+def greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """`prompt` and its n greedy tokens, recomputed from scratch (no cache)."""
+    ids = list(prompt) or [model.config.bos_id]
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids
+
+
 @st.composite
-def prompts(draw: st.DrawFn, earlier: list[list[int]], vocab: int) -> list[int]:
-    tokens = st.integers(3, vocab - 1)
-    kinds = ["fresh", "repeats", "long", "empty"] + (["same", "prefix"] if earlier else [])
+def prompts(draw: st.DrawFn, earlier: list[list[int]], model: Transformer) -> list[int]:
+    tokens = st.integers(3, model.config.vocab_size - 1)
+    kinds = ["fresh", "repeats", "long", "empty"] + (["same", "prefix", "reply"] if earlier else [])
     kind = draw(st.sampled_from(kinds))
     if kind == "empty":  # [bos], as generate reads it
         return []
@@ -178,6 +187,9 @@ def prompts(draw: st.DrawFn, earlier: list[list[int]], vocab: int) -> list[int]:
     if kind == "prefix":  # a shared system prompt, say: another's first tokens, then its own
         other = draw(st.sampled_from(earlier))
         return (other[: draw(st.integers(0, len(other)))] + draw(st.lists(tokens, max_size=12)))[: CTX - 1]
+    if kind == "reply":  # a chat's next turn: another prompt, its greedy output, then tokens of its own
+        other = greedy(model, draw(st.sampled_from(earlier)), draw(st.integers(1, 10)))
+        return (other + draw(st.lists(tokens, max_size=6)))[: CTX - 1]
     if kind == "repeats":  # a motif repeated: prompt lookup's drafts find it
         motif = draw(st.lists(tokens, min_size=1, max_size=4))
         return (motif * 12)[: draw(st.integers(len(motif), 36))]
@@ -235,7 +247,7 @@ def workloads(draw: st.DrawFn) -> Workload:
             params = {**other.params, "seed": None if seed is None else (seed + 1) % 2**63}
             w.requests.append(Request(list(other.prompt), params, arrive, cancel))
             continue
-        prompt = draw(prompts([r.prompt for r in w.requests], vocab))
+        prompt = draw(prompts([r.prompt for r in w.requests], MODELS[model][0]))
         params = draw(sampling(len(prompt), vocab, adapters, structured=model == "bytes"))
         w.requests.append(Request(prompt, params, arrive, cancel))
     return w
