@@ -229,8 +229,10 @@ def sampling(draw: st.DrawFn, prompt_len: int, vocab: int, adapters: bool, struc
 
 
 @st.composite
-def workloads(draw: st.DrawFn) -> Workload:
-    model = draw(st.sampled_from(sorted(MODELS)))
+def workloads(draw: st.DrawFn, *, offloaded: bool = False) -> Workload:
+    """`offloaded`: on the model whose experts are offloaded (its steps are slower: a test of its own),
+    else on any other."""
+    model = "offloaded" if offloaded else draw(st.sampled_from(sorted(set(MODELS) - {"offloaded"})))
     vocab, dtype = MODELS[model][1].vocab_size, MODELS[model][0].tok_embeddings.weight.dtype
     invariant = INVARIANT[dtype] and model not in NO_INVARIANT and (model == "bf16" or draw(st.integers(0, 4)) == 0)
     max_batch, chunk = draw(st.integers(1, 8)), draw(st.integers(1, 8))
@@ -371,3 +373,10 @@ def test_every_request_equals_its_run_alone_from_the_engine_thread(w: Workload) 
     """The same, the engine on its own thread: whatever the steps its submissions and cancels fall
     between (they differ from run to run), each request's outputs are its run alone's."""
     check_workload(w, thread=True)
+
+
+@settings(SETTINGS, max_examples=max(EXAMPLES // 3, 1))
+@given(workloads(offloaded=True))
+def test_every_request_equals_its_run_alone_with_offloaded_experts(w: Workload) -> None:
+    """The same with the experts offloaded (3 of 8 in the expert cache, read as the steps need them)."""
+    check_workload(w)
