@@ -272,7 +272,12 @@ def run(w: Workload, *, thread: bool = False) -> list[list[RequestOutput]]:
                     handles[i].cancel()
                 else:
                     handles[i] = eng.submit(w.requests[i].prompt, SamplingParams(**w.requests[i].params))
-            outs = [handles[i].result() for i in range(len(w.requests))]
+            outs = [[] for _ in w.requests]
+            while not all(h.finished for h in handles.values()):  # (bounded: a request that never ends fails)
+                assert time.monotonic() < start + 120, "a request never finished"
+                for i, h in handles.items():
+                    outs[i] += h.poll()
+                time.sleep(0.001)
     else:
         step = 0
         while len(handles) < len(w.requests) or eng.has_work():
