@@ -287,7 +287,10 @@ def test_a_quantised_base_serves_adapters(setup, quant: str) -> None:
         got, got_lp = _tokens_and_logprobs(h.result())
         want, want_lp = _tokens_and_logprobs(_alone(merged[name], prompt, SamplingParams(**GREEDY)))
         assert got == want, name
-        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=0, atol=1e-4)
+        # int4's native products (now also a base row's beside adapter rows) sum in another order than the
+        # dequantised F.linear: test_int4's tolerance
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=1e-4 if quant == "int4" else 0,
+                                   atol=1e-4)
 
 
 def test_base_rows_beside_adapter_rows_on_int4_weights_equal_their_runs_alone(setup) -> None:
