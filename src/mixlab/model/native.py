@@ -35,8 +35,9 @@ import re
 import threading
 import warnings
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -50,8 +51,17 @@ from mixlab.ops.native.ops import register_decoder
 from mixlab.ops.quant import Int4Linear, Int8Linear
 from mixlab.pages import HUGE, huge_empty, huge_pages
 
-if TYPE_CHECKING:
-    from mixlab.checkpoint.adapter import LowRank
+
+class LowRank(Protocol):
+    """An adapter's update of one weight as `checkpoint.adapter.LowRank` holds it (the model sits below
+    checkpoint and does not import it): rows x get y += (x @ A.T) @ B.T, float32."""
+
+    @property
+    def A(self) -> torch.Tensor: ...
+
+    @property
+    def B(self) -> torch.Tensor: ...
+
 
 # the adapted weights `mx_batch.lora` holds (`adapter_factors`' names): layer, site (native.LORA_SITES)
 _LORA_NAME = re.compile(r"layers\.(\d+)\.(?:attn\.(wqkv|wo)\.weight|ffn\.(gate)\.weight|ffn\.experts\.(w13|w2)"
@@ -367,7 +377,7 @@ class NativeDecoder:
                          slot, n, logits_1V.data_ptr(), torch.get_num_threads())
             return chosen, self._top.value
 
-    def lora_table(self, factors: list[dict[str, LowRank]]) -> LoraTable | None:
+    def lora_table(self, factors: Sequence[Mapping[str, LowRank]]) -> LoraTable | None:
         """The adapters `factors` (each one's `adapter_factors`; adapter j of a step's rows is
         `factors[j]`) as `batch(lora=)` reads them, or None when one updates a weight the native step
         cannot update, or the weights are int4 multiplied by int8-rounded activations (`act8`: not
