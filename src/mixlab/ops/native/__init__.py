@@ -132,7 +132,8 @@ class Batch(ctypes.Structure):
 
 
 class Lora(ctypes.Structure):
-    """mixlab.h's `mx_lora`: one LoRA adapter's update of one weight (A [R, I], B [X, R], float32; A None: none)."""
+    """mixlab.h's `mx_lora`: one LoRA adapter's update of one weight (A [R, I] and B transposed, [R, X],
+    float32, the scale folded into B; A None: none)."""
 
     _fields_ = [("A", _P), ("B", _P), ("R", _I64)]
 
