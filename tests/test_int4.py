@@ -215,6 +215,23 @@ def test_round_activations_q8_is_llama_cpp_q8_0():
     assert bool(((ours - x.reshape(6, 8, 32)).abs() <= step * 0.5001).all())
 
 
+def test_native_int8_rounding_is_round_activations_q8_bit_for_bit():
+    """decode.c's `quant_a8` rounds as `round_activations_q8` does, bit for bit: through an int4
+    identity matrix (each row one weight 1, exact in int4) the kernel returns the rounded inputs,
+    with ties (x * 127 / max|x| = k + 1/2) to even, an all-zero block and a partial block of 128."""
+    native = _native_a8()
+    D = 352  # 2 blocks of 128 and a partial one
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, D, generator=g) * torch.rand(5, D // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
+    x[0, :32] = 0.0
+    x[1, :32] = torch.arange(32) - 15.5  # with max|x| = 127 below: x * 127 / 127 at every k + 1/2
+    x[1, 0] = 127.0
+    q, s = quantize_int4(torch.eye(D), 32)
+    assert torch.equal(dequantize_int4(q, s, torch.float32), torch.eye(D))
+    assert torch.equal(native.linear(x, q, s, act8=True), round_activations_q8(x))
+    assert torch.equal(native.gemv(q, x[2], s, act8=True), round_activations_q8(x[2:3])[0])
+
+
 # 1120, 1664: batch 1's four-row kernel over several full blocks of 128, then a partial one
 @pytest.mark.parametrize(("group", "D"), [(32, 352), (32, 384), (32, 1120), (32, 1664), (64, 320), (64, 512),
                                           (128, 384), (128, 640)])
