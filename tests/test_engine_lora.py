@@ -293,20 +293,23 @@ def test_a_quantised_base_serves_adapters(setup, quant: str) -> None:
                                    atol=1e-4)
 
 
-def test_base_rows_beside_adapter_rows_on_int4_weights_equal_their_runs_alone(setup) -> None:
-    """int4 weights whose native steps round the activations to int8 (`int4_activations`, the default),
-    which the adapters' PyTorch pass does not: a base request's outputs are its run alone's whatever
-    adapter rows share its steps (they differed by ~0.05 in logprob: found by test_engine_props)."""
+@pytest.mark.parametrize(("lengths", "chunk"), [([12, 21], 8), ([100, 90], 128)])
+def test_base_rows_beside_adapter_rows_on_int4_weights_equal_their_runs_alone(setup, lengths, chunk) -> None:
+    """int4 weights whose native steps round the activations to int8 (`int4_activations`, the default):
+    a base request's outputs are its run alone's whatever adapter rows share its steps (they differed
+    by ~0.05 in logprob: found by test_engine_props). The adapters' PyTorch pass rounds them as the
+    native steps do for fewer than 64 rows; a 100-token chunk's native step multiplies bf16 panels, so
+    the base rows still take a native step of their own (in the adapters' pass, its tokens parted)."""
     from mixlab.model.inference import prepare_for_inference
 
     base, adapters = setup
     q = prepare_for_inference(copy.deepcopy(base), quant="int4")
-    prompts = _prompts([12, 21], seed=8)
-    engine = Engine(q, max_batch=2, prefill_chunk=8, adapters=adapters)
+    prompts = _prompts(lengths, seed=8)
+    engine = Engine(q, max_batch=2, prefill_chunk=chunk, adapters=adapters)
     hs = [engine.submit(p, SamplingParams(**GREEDY, adapter=n)) for p, n in zip(prompts, [None, "a"], strict=True)]
     engine.run_until_idle()
     for prompt, name, h in zip(prompts, [None, "a"], hs, strict=True):
-        alone = Engine(q, max_batch=1, adapters=adapters)
+        alone = Engine(q, max_batch=1, prefill_chunk=chunk, adapters=adapters)
         want = alone.submit(prompt, SamplingParams(**GREEDY, adapter=name))
         alone.run_until_idle()
         got, got_lp = _tokens_and_logprobs(h.result())

@@ -694,6 +694,7 @@ def keep_int4_modules(model: Any, int4: dict[str, tuple[torch.Tensor, torch.Tens
             assert isinstance(block, MoEBlock)
             q2, s2 = int4[owner_name + ".w2"]
             block.experts = Int4Experts(q, s, q2, s2)
+    model.int4_activations = model.int4_activations  # the new int4 modules take the model's mode
 
 
 def int4_buffers(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,8 +38,11 @@ adapts runs the router with the updates to its logits, then the (token, slot) pa
 expert, each adapter's pairs a range of its expert's, the updates inside the SwiGLU (`_adapted_ffn`).
 The products of a few rows read the native decoder's panels of a bf16 weight where it keeps them
 (`_product`), as its own steps do. Over int4 weights whose native steps round activations to int8
-(`int4_activations`, the default), which the PyTorch pass does not, a step mixing base and adapter
-rows gives the base rows a native step of their own, so that their outputs do not depend on the
+(`int4_activations`, the default), the PyTorch pass rounds them the same way before each int4
+product (`ops.quant.rounds_activations`: a step of more tokens than the native call takes, the
+adapters' steps); but a native step multiplies 64 rows or more (a prompt chunk) by the weights
+dequantised to bf16 instead (decode.c's `gemm_panels`), so a step mixing base and adapter rows
+still gives the base rows a native step of their own, so that their outputs do not depend on the
 adapter rows beside them. A slot's keys hold the adapter they were computed under: prefix reuse
 only within one adapter.
 
@@ -77,6 +80,7 @@ from mixlab.ops import registry
 from mixlab.ops.attention import single_query_attention
 from mixlab.ops.linear import linear
 from mixlab.ops.moe import combine, dispatch
+from mixlab.ops.quant import rounds_activations
 from mixlab.ops.swiglu import swiglu
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
@@ -173,13 +177,14 @@ def _spans(owner: list[int]) -> list[tuple[int, int, int]]:
 
 
 def _product(x_NI: torch.Tensor, w_XI: torch.Tensor, scale_X: torch.Tensor | None = None,
-             panels_XI: torch.Tensor | None = None) -> torch.Tensor:
-    """`ops.linear.linear`; where it runs the native kernel (a few rows) on a bf16 weight the native
-    decoder keeps in panels too, the kernel reads the panels (`native.linear_packed`): one stream per
-    panel serves every row, as in the engine's native step (a row is read once per group of 4 rows)."""
+             panels_XI: torch.Tensor | None = None, act8: bool = False) -> torch.Tensor:
+    """`ops.linear.linear` (`act8`: int4 weights times x rounded to int8); where it runs the native
+    kernel (a few rows) on a bf16 weight the native decoder keeps in panels too, the kernel reads the
+    panels (`native.linear_packed`): one stream per panel serves every row, as in the engine's native
+    step (a row is read once per group of 4 rows)."""
     if panels_XI is not None and registry.linear_impl(x_NI, w_XI, scale_X) == "native":
         return native_lib.linear_packed(x_NI, w_XI, panels_XI)
-    return linear(x_NI, w_XI, scale_X)
+    return linear(x_NI, w_XI, scale_X, act8=act8)
 
 
 def _lin(mod: nn.Module, x_ND: torch.Tensor, ad: StepAdapters | None = None, name: str = "",
@@ -225,6 +230,7 @@ def _adapted_ffn(block: Block, li: int, x_1ND: torch.Tensor, ad: StepAdapters,
     key_NK = idx_NK * (J + 1) + ad.owner_N(h_ND.device)[:, None] + 1
     counts_EJ = torch.bincount(key_NK.reshape(-1), minlength=E * (J + 1)).view(E, J + 1).tolist()
     w = ffn.experts.weights()
+    act8 = rounds_activations(ffn.experts)  # int4 experts times int8-rounded activations, as native steps
     P13, P2 = ad.panels.get((li, "w13")), ad.panels.get((li, "w2"))
     ys: list[torch.Tensor] = []
     start = 0
@@ -237,9 +243,9 @@ def _adapted_ffn(block: Block, li: int, x_1ND: torch.Tensor, ad: StepAdapters,
         xs = xs_nD[start : start + n]
         s13 = None if w.w13_scale is None else w.w13_scale[e]
         s2 = None if w.w2_scale is None else w.w2_scale[e]
-        h_n2F = _product(xs, w.w13[e], s13, None if P13 is None else P13[e])
+        h_n2F = _product(xs, w.w13[e], s13, None if P13 is None else P13[e], act8)
         a_nF = swiglu(ad.add(p + "experts.w13", xs, h_n2F, e, spans))
-        ys_nD = _product(a_nF, w.w2[e], s2, None if P2 is None else P2[e])
+        ys_nD = _product(a_nF, w.w2[e], s2, None if P2 is None else P2[e], act8)
         ys.append(ad.add(p + "experts.w2", a_nF, ys_nD, e, spans))
         start += n
     if not ys:  # no rows
@@ -430,8 +436,9 @@ class Runner:
             if outs is not None:
                 return outs
             if not all(adapted) and getattr(self._native_decoder(), "act8", False):
-                # int4 weights whose native steps round activations to int8 (`int4_activations`), which the
-                # PyTorch pass does not: the base rows take a native step of their own, as they would alone
+                # int4 weights whose native steps round activations to int8 (`int4_activations`): the PyTorch
+                # pass rounds them too, but a native step multiplies 64 rows or more in bf16 panels instead
+                # (decode.c's `gemm_panels`): the base rows take a native step of their own, as they would alone
                 parts = [[i for i, a in enumerate(adapted) if a == side] for side in (False, True)]
                 results = {i: r for part in parts
                            for i, r in zip(part, self.forward([items[i] for i in part]), strict=True)}

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from mixlab.model.moe import Experts, ExpertsBase, ExpertWeights, Router, Routing
 from mixlab.ops.linear import pack
-from mixlab.ops.moe import choose_impl, moe_ffn
+from mixlab.ops.moe import choose_impl, expert_segments, moe_ffn
 from mixlab.ops.offload import ExpertCache
-from mixlab.ops.quant import quantize_int4, quantize_int8
+from mixlab.ops.quant import quantize_int4, quantize_int8, rounds_activations
 
 
 class _QuantizedExperts(ExpertsBase):
@@ -97,6 +97,20 @@ class Int4Experts(_QuantizedExperts):
 
     CODE_DTYPE = torch.uint8
     FORMAT = "int4 group-wise"
+
+    def __init__(self, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor) -> None:
+        super().__init__(w13, w13_scale, w2, w2_scale)
+        # its model's int4_activations is "int8" (`Transformer.int4_activations` sets it): `rounds_activations`
+        self.int8_activations = False
+
+    def mix(self, x_TD: torch.Tensor, routing: Routing, impl: str) -> torch.Tensor:
+        """`ExpertsBase.mix`; with activations rounded to int8 (`rounds_activations`) always dispatch ->
+        `forward` -> combine, whose products round them (the whole-layer kernels multiply exact ones)."""
+        return super().mix(x_TD, routing, "sorted" if rounds_activations(self) else impl)
+
+    def forward(self, xs_ND: torch.Tensor, counts: list[int], *, grouped: bool = False) -> torch.Tensor:
+        return expert_segments(xs_ND, counts, self.w13, self.w2, self.w13_scale, self.w2_scale,
+                               act8=rounds_activations(self))
 
     @classmethod
     def quantize(cls, experts: Experts, *, group: int = 32) -> Int4Experts:

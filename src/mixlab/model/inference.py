@@ -111,6 +111,7 @@ def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
         if isinstance(block, MoEBlock) and not isinstance(block.experts, Int4Experts):
             block.experts = Int4Experts.quantize(_plain_experts(block), group=group)
     _replace_linears(model, Int4Linear, group=group)
+    model.int4_activations = model.int4_activations  # the new int4 modules take the model's mode
     return model.eval()
 
 
@@ -258,6 +259,8 @@ def _prepare_offloaded(model: Transformer, cache: ExpertCache, *, quant: str | N
         native_ok = registry.prepare_native()
         with torch.no_grad():
             _replace_linears(model, InferenceLinear, packed=not native_ok and can_pack(model.output.weight))
+    if is_quantised(model):  # no native step rounds activations: exact ones, as the offloaded experts take
+        model.int4_activations = "float32"
     cache.check()
     registry.prepare_native()  # the per-layer kernels on the cache's slots
     return model.eval().requires_grad_(False)

@@ -102,7 +102,8 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 # int8 per block of 32 inputs (llama.cpp's Q8_0) and uses integer dot products (AVX512-VNNI), about 4x
 # less work per weight, which is what lets a step run at the memory's speed (BENCHMARKS.md); "float32"
 # multiplies the float32 activations exactly (the reference the tests compare the kernels against).
-# A model's choice: `prepare_for_inference(int4_activations=...)` (the attribute `int4_activations`).
+# A model's choice: `prepare_for_inference(int4_activations=...)` (the property `int4_activations`,
+# which PyTorch's pass follows too: `mixlab.ops.quant.rounds_activations`).
 INT4_ACTIVATIONS = ("int8", "float32")
 DEFAULT_INT4_ACTIVATIONS = "int8"
 

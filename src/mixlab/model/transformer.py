@@ -16,9 +16,11 @@ from torch import nn
 
 from mixlab.cache import KVCache
 from mixlab.config import ModelConfig
+from mixlab.model.formats import Int4Experts
 from mixlab.model.layers import Attention, DenseFFN, RMSNorm, attention_mask, rope_cos_sin
 from mixlab.model.moe import MoEBlock, Routing
 from mixlab.ops.moe import check_impl
+from mixlab.ops.quant import Int4Linear
 
 if TYPE_CHECKING:
     from mixlab.model.native import NativeDecoder
@@ -165,8 +167,23 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Set by `prepare_for_inference` when the native kernels decode this model (model/native.py).
         self.native_decoder: NativeDecoder | None = None
-        # How native decoding multiplies int4 weights ("int8" / "float32" activations; None: the default).
-        self.int4_activations: str | None = None
+        self.int4_activations = None  # the default ("int8"), for every int4 module (the property below)
+
+    @property
+    def int4_activations(self) -> str | None:
+        """How int4 weights multiply activations: "int8" (None: the default) rounded per block of 32
+        (`mixlab.ops.quant.round_activations_q8`) where the native kernels run them, or "float32"
+        exact ones (`model.native.INT4_ACTIVATIONS`). Setting it sets every int4 module's
+        `int8_activations` (`Int4Linear`, `Int4Experts`), so that PyTorch's pass multiplies what the
+        native steps multiply (theirs of 64 rows or more excepted: bf16 panels, decode.c's `gemm_panels`)."""
+        return self._int4_activations
+
+    @int4_activations.setter
+    def int4_activations(self, mode: str | None) -> None:
+        self._int4_activations = mode
+        for m in self.modules():
+            if isinstance(m, Int4Linear | Int4Experts):
+                m.int8_activations = mode != "float32"
 
     def init_weights(self, *, std: float = 0.02, seed: int | None = None) -> None:
         """Random initialisation for training from scratch: normal(0, std); output projections

@@ -39,10 +39,12 @@ def pack(w_XD: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w_XD.detach().contiguous(), 1)
 
 
-def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T for a plain, packed (`pack`) or int8 (`scale_X` given) weight."""
+def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None, *,
+           act8: bool = False) -> torch.Tensor:
+    """x @ w.T for a plain, packed (`pack`), int8 or int4 (`scale_X` given) weight; `act8`: int4 weights
+    times x rounded to int8 per block of 32 (`mixlab.ops.quant.round_activations_q8`)."""
     if scale_X is not None:
-        return int8_linear(x_ND, w_XD, scale_X)
+        return int8_linear(x_ND, w_XD, scale_X, act8=act8)
     impl = registry.linear_impl(x_ND, w_XD)
     if impl == "native":
         return torch.ops.mixlab.linear(x_ND, w_XD, None)

@@ -78,8 +78,9 @@ def _expert(
     w2_DF: torch.Tensor,
     s13_2F: torch.Tensor | None = None,
     s2_D: torch.Tensor | None = None,
+    act8: bool = False,
 ) -> torch.Tensor:
-    return linear(swiglu(linear(x_ND, w13_2FD, s13_2F)), w2_DF, s2_D)
+    return linear(swiglu(linear(x_ND, w13_2FD, s13_2F, act8=act8)), w2_DF, s2_D, act8=act8)
 
 
 def _plain_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
@@ -251,9 +252,12 @@ def expert_segments(
     w2_EDF: torch.Tensor,
     w13_scale_E2F: torch.Tensor | None = None,
     w2_scale_ED: torch.Tensor | None = None,
+    *,
+    act8: bool = False,
 ) -> torch.Tensor:
     """The experts on rows already grouped by expert (`counts[e]` rows of expert e, in order): one
-    SwiGLU per segment.
+    SwiGLU per segment. `act8`: int4 weights times the inputs of both products rounded to int8 per
+    block of 32 (`mixlab.ops.quant.round_activations_q8`), as the native steps multiply them.
 
     For training (`trains`) every backward step is a `cat` or a `stack` (unbind and split, not
     w[e] / xs[a:b], whose backward would materialise a zero-filled gradient of the whole tensor per
@@ -273,7 +277,7 @@ def expert_segments(
             if compiling or counts[e]:
                 s13 = None if w13_scale_E2F is None else w13_scale_E2F[e]
                 s2 = None if w2_scale_ED is None else w2_scale_ED[e]
-                ys.append(_expert(xs_nD, w13_E2FD[e], w2_EDF[e], s13, s2))
+                ys.append(_expert(xs_nD, w13_E2FD[e], w2_EDF[e], s13, s2, act8))
     if not ys:  # no tokens
         return xs_ND.new_zeros(0, xs_ND.shape[-1])  # experts map width D to D
     return torch.cat(ys) if len(ys) > 1 else ys[0]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlab.ops import registry
+from mixlab.ops import native, registry
 
 
 def quantize_int8(w_XD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,18 +102,29 @@ def round_activations_q8(x_ND: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv) * (amax / 127)).reshape(x_ND.shape)
 
 
-def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor) -> torch.Tensor:
+def rounds_activations(m: nn.Module) -> bool:
+    """Whether int4 module `m` (`Int4Linear`, `Int4Experts`) multiplies its weights by activations
+    rounded to int8 (`round_activations_q8`): its model's `int4_activations` is "int8" (the default)
+    and the native kernels that round them run here (AVX512-VNNI), as the model's native steps then
+    do; so PyTorch's pass (long steps, adapters' steps) computes the products those steps compute."""
+    return bool(getattr(m, "int8_activations", False)) and native.fast_int8_activations()
+
+
+def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor, *, act8: bool = False) -> torch.Tensor:
     """x @ dequantize_int4(q, s).T: the native kernel for a few rows where available, else the
-    dequantised weight through PyTorch's matmul (correct everywhere; the weight is rebuilt per call)."""
+    dequantised weight through PyTorch's matmul (correct everywhere; the weight is rebuilt per call).
+    `act8`: x's rows rounded to int8 per block of 32 first (`round_activations_q8`)."""
+    if act8:
+        x_ND = round_activations_q8(x_ND).to(x_ND.dtype)
     if registry.linear_impl(x_ND, q_XDh, s_XG) == "native":
         return torch.ops.mixlab.linear(x_ND, q_XDh, s_XG)
     return F.linear(x_ND, dequantize_int4(q_XDh, s_XG, x_ND.dtype))
 
 
-def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor) -> torch.Tensor:
-    """x @ (q * s).T without materialising the bf16 weight when x has few rows."""
+def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor, *, act8: bool = False) -> torch.Tensor:
+    """x @ (q * s).T without materialising the bf16 weight when x has few rows (`act8`: int4's)."""
     if q_XD.dtype == torch.uint8:
-        return int4_linear(x_ND, q_XD, s_X)
+        return int4_linear(x_ND, q_XD, s_X, act8=act8)
     impl = registry.linear_impl(x_ND, q_XD, s_X)
     if impl == "native":
         return torch.ops.mixlab.linear(x_ND, q_XD, s_X)
@@ -157,6 +168,8 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.weight: torch.Tensor
         self.scale: torch.Tensor
+        # its model's int4_activations is "int8" (`Transformer.int4_activations` sets it): `rounds_activations`
+        self.int8_activations = False
         if linear is None:
             return
         if linear.bias is not None:
@@ -178,7 +191,7 @@ class Int4Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.weight, self.scale)
+        return int4_linear(x, self.weight, self.scale, act8=rounds_activations(self))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group}"
