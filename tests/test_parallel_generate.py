@@ -431,8 +431,8 @@ def test_an_adapter_merged_into_a_share_of_other_experts_is_refused(tmp_path: Pa
 @pytest.mark.parametrize(("flags", "message"), [
     (["--max-memory", "1GB"], "--max-memory (expert offloading) does not combine with --ep"),
     (["--quant", "int4", "--int4-activations", "int8"],
-     "--int4-activations int8 does not combine with --ep: its processes run PyTorch's int4 kernels, which do not "
-     "round the activations to int8 (as --int4-activations float32)"),
+     "--int4-activations int8 does not combine with --ep: its processes run PyTorch's int4 kernels on exact "
+     "activations (as --int4-activations float32)"),
 ])
 def test_a_flag_ep_does_not_take_is_one_line_naming_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str], flags: list[str],

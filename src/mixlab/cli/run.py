@@ -64,7 +64,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
             raise UsageError("--max-memory (expert offloading) does not combine with --ep")
         if getattr(args, "int4_activations", None) == "int8":  # a native decoding mode; --ep decodes with PyTorch's
             raise UsageError("--int4-activations int8 does not combine with --ep: its processes run PyTorch's int4 "
-                             "kernels, which do not round the activations to int8 (as --int4-activations float32)")
+                             "kernels on exact activations (as --int4-activations float32)")
         layout = init(ep=args.ep, device=args.device)
         device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
     # Under --ep the model is built split, each process reading its experts only (a folder's or a GGUF
