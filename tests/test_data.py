@@ -365,13 +365,17 @@ def test_a_shard_whose_size_disagrees_with_meta_json_is_named(tmp_path: Path) ->
 
 def test_a_token_id_outside_the_vocabulary_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tokens.bin holding an id >= meta.json's vocab_size was trained on (an IndexError deep in the
-    embedding, or nothing at all below a model's larger vocabulary): the first such id is named with
-    the file, its place and the vocabulary, wherever it is in the file (the check reads it in chunks)."""
+    embedding, or nothing at all below a model's larger vocabulary): the first such id a read meets is
+    named with the file, its place and the vocabulary, whether a window (the loader's, the evaluation's)
+    or `check_ids` (the whole dataset, in chunks) reads it."""
     ds = _dataset(tmp_path)
     f = tmp_path / "ds" / "valid" / "prose.tokens.bin"
     toks = np.fromfile(f, dtype=np.uint16)
     assert toks.max() < ds.vocab_size == 259
     import mixlab.train.data as data
+
+    def named(where: int) -> str:
+        return rf"prose.tokens.bin: token {where} is id 300, outside the dataset's vocabulary of 259 \(meta.json's"
 
     for chunk in (data.ID_CHUNK, 16):
         monkeypatch.setattr(data, "ID_CHUNK", chunk)
@@ -379,11 +383,59 @@ def test_a_token_id_outside_the_vocabulary_is_named(tmp_path: Path, monkeypatch:
             bad = toks.copy()
             bad[-1], bad[where] = 65535, 300  # the first one is named
             f.write_bytes(bad.tobytes())
-            with pytest.raises(DataError, match=rf"prose.tokens.bin: token {where} is id 300, outside the dataset's "
-                                                r"vocabulary of 259 \(meta.json's vocab_size\)"):
-                TokenDataset(ds.path).tokens("valid", "prose")
+            with pytest.raises(DataError, match=named(where)):
+                TokenDataset(ds.path).check_ids()
+    bad = toks.copy()
+    bad[37] = 300
+    f.write_bytes(bad.tobytes())
+    fresh = TokenDataset(ds.path)
+    assert len(fresh.tokens("valid", "prose")) == len(toks)  # opening reads no id
+    assert fresh.read("valid", "prose", 0, 37).tolist() == toks[:37].tolist()
+    with pytest.raises(DataError, match=named(37)):
+        fresh.read("valid", "prose", 30, 47)
+    with pytest.raises(DataError, match=named(37)):  # the windows 32..48 of 16 tokens hold it
+        eval_windows(fresh, split="valid", domain="prose", seq_len=16, max_windows=100)
+    loader = BatchLoader(fresh, split="valid", domains=["prose"], seq_len=16, batch_size=1)
+    held = next(i for i, w in enumerate(loader._perm) if w == 2)  # tokens 32..48
+    for _ in range(held):
+        loader.next_batch()
+    with pytest.raises(DataError, match=named(37)):
+        loader.next_batch()
     f.write_bytes(toks.tobytes())
-    assert len(TokenDataset(ds.path).tokens("valid", "prose")) == len(toks)
+    assert TokenDataset(ds.path).check_ids() == sum(v["tokens"] for s in ds.meta["splits"].values() for v in s.values())
+
+
+def test_opening_a_dataset_reads_no_token_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every id of every shard was checked when the shard opened: the whole dataset read before the
+    first step, in every process of a distributed run (minutes for tens of GB). Now a run's start reads
+    the ids of the windows it uses alone, and an id outside the vocabulary deep in a shard costs nothing
+    until a window holds it."""
+    ds = _dataset(tmp_path)
+    f = tmp_path / "ds" / "train" / "code.tokens.bin"
+    toks = np.fromfile(f, dtype=np.uint16)
+    last = (len(toks) - 1) // 16 - 1  # code's last window of 16 + 1 tokens
+    toks[16 * last + 8] = 300
+    f.write_bytes(toks.tobytes())
+    checked: list[int] = []
+    real = TokenDataset._check_ids
+
+    def spy(self: TokenDataset, part: np.ndarray, *args: object) -> None:
+        checked.append(len(part))
+        real(self, part, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TokenDataset, "_check_ids", spy)
+    opened = TokenDataset(ds.path)
+    loader = BatchLoader(opened, seq_len=16, batch_size=4, seed=0)  # opens both train shards
+    assert len(opened.tokens("train", "code")) == len(toks) and checked == []
+    assert loader.domains[0] == "code" and loader.counts[0] == last + 1
+    for w in range(last):
+        loader.window(w)
+    assert checked == [17] * last
+    with pytest.raises(DataError, match=rf"code.tokens.bin: token {16 * last + 8} is id 300"):
+        loader.window(last)
+    checked.clear()
+    x, _, _ = loader.next_batch()
+    assert x.shape == (4, 16) and checked == [17] * 4
 
 
 @pytest.mark.skipif(not CORPUS.is_dir(), reason="shared corpus not present")

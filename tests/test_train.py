@@ -770,27 +770,49 @@ def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path, capsys: pytest.C
 def test_a_token_id_outside_the_vocabulary_stops_the_run_before_a_step(dataset: Path, tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A damaged tokens.bin with an id >= the vocabulary failed at the first step, in the embedding
-    (not naming the file); below a model's larger vocabulary it was trained on without a word."""
+    (not naming the file); below a model's larger vocabulary it was trained on without a word. Its ids
+    are checked as the windows are read: the step that would feed it to the model stops the run."""
     import numpy as np
 
     from mixlab.cli import main
+    from mixlab.train.data import BatchLoader
 
     ds = tmp_path / "ds"
     shutil.copytree(dataset, ds)
-    f = ds / "train" / "prose.tokens.bin"
-    toks = np.fromfile(f, dtype=np.uint16)
-    toks[100] = 300
-    f.write_bytes(toks.tobytes())
-    pattern = r"prose.tokens.bin: token 100 is id 300, outside the dataset's vocabulary of 259"
+
+    def spoil(seq_len: int, batch_size: int, nth: int) -> str:
+        """Put id 300 in the middle of the `nth` window the run reads; the error it gives."""
+        for f in (ds / "train").glob("*.tokens.bin"):  # undo an earlier spoil
+            shutil.copy(dataset / "train" / f.name, f)
+        loader = BatchLoader(TokenDataset(ds), seq_len=seq_len, batch_size=batch_size, seed=0)
+        w = int(loader._perm[nth])
+        d = int(np.searchsorted(loader.offsets, w, side="right") - 1)
+        where = (w - int(loader.offsets[d])) * seq_len + seq_len // 2
+        f = ds / "train" / f"{loader.domains[d]}.tokens.bin"
+        toks = np.fromfile(f, dtype=np.uint16)
+        toks[where] = 300
+        f.write_bytes(toks.tobytes())
+        return rf"{loader.domains[d]}.tokens.bin: token {where} is id 300, outside the dataset's vocabulary of 259"
+
     over = {**TINY, "vocab_size": 512}  # the model's vocabulary covers 300: it trained on the id
+    pattern = spoil(32, 4, 8)  # step 2's first window (4 rows, 2 micro-batches a step)
     with pytest.raises(DataError, match=pattern):
         train(_cfg(ds, tmp_path / "a", model_overrides=over))
-    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    assert [json.loads(r)["step"] for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == [1]
+    pattern = spoil(16, 2, 0)
     assert main(["train", "--data", str(ds), "--out", str(tmp_path / "b"), "--steps", "1", "--seq-len", "16",
                  "--batch-size", "2", "--threads", "1", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert re.search(f"^mixlab train: error: .*{pattern}", err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
+    # `data check` reads it all, once, before a run: the same line
+    assert main(["data", "check", str(ds)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(f"^mixlab data check: error: .*{pattern}", err) and len(err.strip().splitlines()) == 1, err
+    assert main(["data", "check", str(dataset)]) == 0
+    n = sum(v["tokens"] for s in TokenDataset(dataset).meta["splits"].values() for v in s.values())
+    assert capsys.readouterr().out == f"{dataset}: {n:,} tokens, every id below the vocabulary of 259; sizes and " \
+                                      "document offsets as meta.json says\n"
 
 
 def _params(m: torch.nn.Module) -> dict[str, torch.Tensor]:

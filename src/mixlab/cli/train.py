@@ -1,4 +1,4 @@
-"""`mixlab data prepare`, `mixlab train` and `mixlab demo`: thin wrappers over mixlab.train."""
+"""`mixlab data prepare` / `check`, `mixlab train` and `mixlab demo`: thin wrappers over mixlab.train."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def data_prepare(args: argparse.Namespace) -> int:
     tokenizer = meta["tokenizer"].get("name", meta["tokenizer"]["type"])  # bytes, mixtral or the file's path
     print(f"wrote {args.out} (tokenizer {tokenizer}, vocabulary {meta['vocab_size']}, "
           f"{meta['dtype']})")
+    return 0
+
+
+def data_check(args: argparse.Namespace) -> int:
+    from mixlab.train.data import TokenDataset
+
+    ds = TokenDataset(args.dataset)
+    n = ds.check_ids()
+    print(f"{args.dataset}: {n:,} tokens, every id below the vocabulary of {ds.vocab_size}; sizes and document "
+          "offsets as meta.json says")
     return 0
 
 
@@ -250,6 +260,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace --out even if it holds files mixlab did not write (never one holding a source)")
     add_quiet_arg(q)
     q.set_defaults(func=data_prepare)
+    q = dsub.add_parser("check", help="read a prepared dataset in full: every file's size, document offsets and "
+                                      "token ids (training checks each window's ids as it reads it)")
+    q.add_argument("dataset", type=user_path, help="dataset folder (`data prepare`'s --out)")
+    q.set_defaults(func=data_check)
 
     from mixlab.train.loop import TrainConfig
 

@@ -54,7 +54,7 @@ __all__ = [  # with mixlab.corpus's names that training code, scripts and tests 
 
 FORMAT = "mixlab.tokens"
 VERSION = 1
-ID_CHUNK = 1 << 24  # tokens a shard's check of its ids reads at a time (32 MiB of uint16)
+ID_CHUNK = 1 << 24  # tokens `check_ids` reads at a time (32 MiB of uint16)
 
 
 # -- prepare ---------------------------------------------------------------------------------------
@@ -209,23 +209,41 @@ class TokenDataset:
             if len(starts) and (starts[0] != 0 or starts[-1] >= n or np.any(np.diff(starts) <= 0)):
                 raise DataError(f"{docs}: document offsets are not increasing from 0 and below {n} "
                                 "(the tokens' count); the dataset is damaged, prepare it again")
-            self._check_ids(toks, f)
             self._maps[key] = toks
         return self._maps[key]
 
-    def _check_ids(self, toks: np.ndarray, f: Path) -> None:
-        """Every id below `vocab_size`, which the model's vocabulary covers (`build_model_config`): a
-        larger one was an IndexError deep in the embedding, or, below the model's padded vocabulary,
-        trained on without a word. One pass over the file, in chunks (no RAM beyond one)."""
+    def read(self, split: str, domain: str, start: int, stop: int) -> np.ndarray:
+        """Tokens `[start, stop)` of one split and domain's stream, as int64, once every id is below
+        `vocab_size`, which the model's vocabulary covers (`build_model_config`): a larger one was an
+        IndexError deep in the embedding, or, below the model's padded vocabulary, trained on without a
+        word. Checked as the loader and the evaluation read their windows (a batch, nothing next to its
+        forward), not when a shard opens: that read every token in every process before the first step,
+        minutes for tens of GB on each rank. `check_ids` reads a whole dataset once."""
+        part = np.asarray(self.tokens(split, domain)[start:stop], dtype=np.int64)
+        self._check_ids(part, split, domain, start)
+        return part
+
+    def check_ids(self) -> int:
+        """Read every shard in full and check each id as `read` does (`mixlab data check`), in chunks of
+        ID_CHUNK tokens (no RAM beyond one); returns the number of tokens read."""
+        n = 0
+        for split in self.meta["splits"]:
+            for domain in self.split_domains(split):
+                toks = self.tokens(split, domain)
+                for i in range(0, len(toks), ID_CHUNK):
+                    self._check_ids(toks[i: i + ID_CHUNK], split, domain, i)
+                n += len(toks)
+        return n
+
+    def _check_ids(self, part: np.ndarray, split: str, domain: str, start: int) -> None:
+        """`part`, tokens `start`... of a stream, all below `vocab_size`; else the first that is not is named."""
         if 1 << 8 * self.dtype.itemsize <= self.vocab_size:  # unsigned: uint16 ids under a 65,536-token vocabulary
             return
-        for i in range(0, len(toks), ID_CHUNK):
-            part = toks[i: i + ID_CHUNK]
-            if part.max() >= self.vocab_size:
-                j = i + int(np.argmax(part >= self.vocab_size))
-                raise DataError(f"{f}: token {j} is id {int(toks[j])}, outside the dataset's vocabulary of "
-                                f"{self.vocab_size} (meta.json's vocab_size); the file is damaged or was "
-                                "written for another tokenizer: prepare the dataset again")
+        if len(part) and part.max() >= self.vocab_size:
+            j = int(np.argmax(part >= self.vocab_size))
+            raise DataError(f"{self.path / split / f'{domain}.tokens.bin'}: token {start + j} is id {int(part[j])}, "
+                            f"outside the dataset's vocabulary of {self.vocab_size} (meta.json's vocab_size); the "
+                            "file is damaged or was written for another tokenizer: prepare the dataset again")
 
     def bytes_per_token(self, split: str, domain: str) -> float | None:
         """UTF-8 bytes of the text per token of one split and domain's stream (its BOS/EOS tokens
@@ -283,8 +301,7 @@ class BatchLoader:
         """Tokens of global window `w` (T+1 of them) and its domain index."""
         d = int(np.searchsorted(self.offsets, w, side="right") - 1)
         j = w - int(self.offsets[d])
-        toks = self.ds.tokens(self.split, self.domains[d])
-        return np.asarray(toks[j * self.seq_len: (j + 1) * self.seq_len + 1], dtype=np.int64), d
+        return self.ds.read(self.split, self.domains[d], j * self.seq_len, (j + 1) * self.seq_len + 1), d
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs `[B, T]`, targets `[B, T]`, domain index `[B]`)."""
@@ -343,5 +360,5 @@ def eval_windows(dataset: TokenDataset, *, split: str, domain: str, seq_len: int
     if n == 0:
         return torch.zeros(0, seq_len + 1, dtype=torch.long)
     picks = np.unique(np.linspace(0, n - 1, num=min(n, max_windows)).round().astype(np.int64))
-    rows = [np.asarray(toks[j * seq_len: (j + 1) * seq_len + 1], dtype=np.int64) for j in picks]
+    rows = [dataset.read(split, domain, j * seq_len, (j + 1) * seq_len + 1) for j in picks]
     return torch.from_numpy(np.stack(rows))

@@ -300,7 +300,7 @@ def _samples(model: Transformer, dataset: TokenDataset, corpus: bool) -> dict[st
     if corpus:
         prompts = []
         for dom in dataset.split_domains("valid"):
-            toks = dataset.tokens("valid", dom)[1:200].tolist()
+            toks = dataset.read("valid", dom, 1, 200).tolist()
             prompts.append(tok.decode(toks)[:40])
     else:
         prompts = ["def __init__(self", "Return the number of ", "What is 23 + 45?\nAnswer:",
