@@ -556,15 +556,19 @@ def test_a_config_files_bad_value_names_the_file_and_key(command, toml, said, tm
 def test_a_config_file_that_cannot_be_read_is_the_file_s_however_it_is_named(command, tmp_path, monkeypatch, capsys):
     """A config file not there, or not TOML, is the file's error (exit 1) whatever the path's spelling: it was
     told from a flag's by the message starting with the path as given, so `./c.toml` (said as c.toml) was a
-    usage error (exit 2)."""
+    usage error (exit 2). A folder in its place (`mixlab train data/corpus`, the dataset given as the config)
+    was "Is a directory"."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.toml").write_text("lr = \n")
+    (tmp_path / "corpus").mkdir()
     model, what = ([], "training") if command == "train" else (["--model", "m"], "fine-tuning")
     for path, said in (("./nope.toml", f"nope.toml: {what} config file not found"),
-                       ("./bad.toml", "bad.toml: not valid TOML")):
+                       ("./bad.toml", "bad.toml: not valid TOML"),
+                       ("corpus", f"corpus: a folder, not a {what} config file (.toml or .json), which the command's "
+                                  "first argument names; a dataset or model folder goes to --data or --model")):
         code, line = _code([command, path, "--data", "d", "--out", "o", *model], capsys)
         assert code == 1 and f"error: {said}" in line, line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "corpus"]
 
 
 @pytest.mark.parametrize("command,toml,flags,said", [

@@ -107,6 +107,10 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
             d = tomllib.loads(text) if suffix_of(p) == ".toml" else json.loads(text)
         except FileNotFoundError:
             raise SettingsFileError(f"{p}: {what} config file not found") from None
+        except IsADirectoryError:  # `mixlab train data/corpus`: the dataset where the config file goes
+            raise SettingsFileError(f"{p}: a folder, not a {what} config file (.toml or .json), which the "
+                                    "command's first argument names; a dataset or model folder goes to --data or "
+                                    "--model") from None
         except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SettingsFileError(f"{p}: not valid {'TOML' if suffix_of(p) == '.toml' else 'JSON'} ({e})") from None
         except RecursionError:  # the parsers' own error for '[[[[...'
