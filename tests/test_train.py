@@ -882,6 +882,44 @@ def test_init_from_errors(dataset: Path, tmp_path: Path) -> None:
         _cfg(dataset, tmp_path, data_offset=-1)
 
 
+def test_init_from_a_model_of_another_tokenizer_is_refused(dataset: Path, tmp_path: Path) -> None:
+    """Weights trained with one tokenizer, trained further on data another wrote (`data prepare`'s default
+    `bytes` under a Mixtral-tokenizer model), ran without a word when the model's vocabulary covered the
+    data's ids: it trained on other text than the ids meant to it. Refused where the checkpoint names its
+    tokenizer (a tokenizer file in its folder, a mixlab export's mixlab_data.json, a run's); the same
+    vocabulary from another file, or a checkpoint naming none (or one no longer there), still trains."""
+    from mixlab.tokenizer import default_tokenizer_path
+
+    train(_cfg(dataset, tmp_path / "a", steps=1, export_hf=True, model_overrides={**TINY, "vocab_size": 32000}))
+    sp = tmp_path / "sp"  # a converted checkpoint: its own tokenizer.model, no mixlab_data.json
+    shutil.copytree(tmp_path / "a" / "hf", sp)
+    (sp / "mixlab_data.json").unlink()
+    shutil.copy(default_tokenizer_path(), sp / "tokenizer.model")
+    mixtral = {"type": "file", "name": "mixtral", "path": "/elsewhere/tokenizer.model.v1", "vocab_size": 32000}
+    run = tmp_path / "a" / "hf" / "mixlab_data.json"
+    run.write_text(json.dumps({"tokenizer": mixtral, "domains": ["code", "prose"]}))
+    for src, named in ((sp, str(sp / "tokenizer.model")), (tmp_path / "a", "mixtral")):
+        with pytest.raises(ConfigError, match=rf"^init_from \(--init-from\) {re.escape(str(src))}: its tokenizer "
+                                              rf"\({re.escape(named)}\) is not the one {re.escape(str(dataset))} was "
+                                              rf"prepared with \(bytes, meta.json's\); prepare the data again with "
+                                              rf"--tokenizer {re.escape(named)}$"):
+            train(_cfg(dataset, tmp_path / "b", steps=1, init_from=str(src)))
+    assert not (tmp_path / "b").exists()
+    ds = tmp_path / "ds"  # the same vocabulary, from mistral-common's file: trains
+    prepare(read_documents([dataset.parent / "src"]), ds, tokenizer="mixtral")
+    assert train(_cfg(ds, tmp_path / "c", steps=1, init_from=str(sp))).step == 1
+    assert train(_cfg(ds, tmp_path / "d", steps=1, init_from=str(tmp_path / "a"))).step == 1
+    (sp / "tokenizer.model").unlink()  # names none
+    assert train(_cfg(dataset, tmp_path / "e", steps=1, init_from=str(sp), export_hf=True)).step == 1
+    run.write_text(json.dumps({"tokenizer": {**mixtral, "name": "/elsewhere/tok.model"}}))  # moved since
+    assert train(_cfg(dataset, tmp_path / "f", steps=1, init_from=str(tmp_path / "a"))).step == 1
+    from mixlab.corpus import get_tokenizer, same_vocabulary
+
+    bytes_model = tmp_path / "e" / "hf"  # written by a run on `bytes` data: a FileTokenizer of its folder
+    assert same_vocabulary(get_tokenizer("bytes"), get_tokenizer(str(bytes_model)))
+    assert not same_vocabulary(get_tokenizer("bytes"), get_tokenizer("mixtral"))
+
+
 def test_data_offset_continues_the_stream(dataset: Path) -> None:
     from mixlab.train.data import BatchLoader, TokenDataset
 

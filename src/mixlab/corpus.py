@@ -115,6 +115,15 @@ class FileTokenizer:
         return {"type": "file", "name": self.name, "path": str(self.path), "vocab_size": self.vocab_size}
 
 
+def same_vocabulary(a: TrainTokenizer, b: TrainTokenizer) -> bool:
+    """Whether every id is the same piece in `a` and `b`, so that a model trained on one's ids reads the
+    other's as the same text (a SentencePiece file and its tokenizer.json alike)."""
+    from mixlab.tokenizer import load_tokenizer
+
+    ta, tb = (t.tok if isinstance(t, FileTokenizer) else load_tokenizer("bytes") for t in (a, b))
+    return ta.vocab_size == tb.vocab_size and all(ta.id_to_piece(i) == tb.id_to_piece(i) for i in range(ta.vocab_size))
+
+
 def get_tokenizer(spec: str | dict[str, Any]) -> TrainTokenizer:
     """`"bytes"`, `"mixtral"`, a path to a SentencePiece `.model` or `tokenizer.json` (or a checkpoint
     folder holding one), or a `spec()` dict from meta.json."""

@@ -39,6 +39,8 @@ from mixlab.checkpoint import _refuse_pickle_or_recover, hub_hint, load_model, m
 from mixlab.checkpoint.io import CheckpointError, TensorInfo, TensorReader, all_finite, read_header, write_safetensors
 from mixlab.checkpoint.keymaps import Rule
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, suffix_of
+from mixlab.corpus import TrainTokenizer, get_tokenizer
+from mixlab.errors import DataError
 from mixlab.model import Transformer
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -311,6 +313,29 @@ def resolve_weights(path: str | Path) -> Path:
         ModelConfig.from_dir(p)  # raises, saying what a LoRA adapter folder is and where its merged model is
     raise CheckpointError(f"{p}: not a checkpoint folder (no config.json, params.json or state.json) "
                           "nor a run folder (no hf/ export or checkpoints/step_*)")
+
+
+def trained_tokenizer(path: str | Path) -> tuple[TrainTokenizer, dict[str, Any]] | None:
+    """The tokenizer the checkpoint `path` names (see `resolve_weights`): a training checkpoint's data
+    (a run stopped before hf/), the `mixlab_data.json` of a mixlab export (a step folder's run's too),
+    else a tokenizer file in the folder, with its spec as recorded; None where it names none."""
+    root = resolve_weights(path)
+    if is_step(root):
+        data = validate(root, checksums=False).get("data")
+        if isinstance(data, dict) and isinstance(data.get("tokenizer"), dict):
+            return get_tokenizer(data["tokenizer"]), data["tokenizer"]
+    for f in (root / "mixlab_data.json", root.parent.parent / "hf" / "mixlab_data.json"):
+        if f.is_file() and (f.parent == root or is_step(root)):
+            try:
+                spec = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
+                return get_tokenizer(spec), spec
+            except (ValueError, KeyError, TypeError, RecursionError) as e:  # damaged or hand-written: name the file
+                raise DataError(f"{f}: no readable 'tokenizer' entry ({e}); fix it, or pass --tokenizer") from None
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (root / name).is_file():
+            tok = get_tokenizer(str(root / name))
+            return tok, tok.spec()
+    return None
 
 
 def is_step(p: Path) -> bool:

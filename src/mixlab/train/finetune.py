@@ -213,29 +213,13 @@ def lora_config(cfg: FinetuneConfig) -> LoraConfig:
 
 
 def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, Any]]:
-    """The tokenizer: `cfg.tokenizer`, else the one the checkpoint was trained with (a training
-    checkpoint's state.json, mixlab_data.json of a mixlab export), else a tokenizer file in the
-    checkpoint folder, else Mixtral's."""
+    """The tokenizer: `cfg.tokenizer`, else the one the checkpoint names (`checkpoints.trained_tokenizer`:
+    its training data's, a tokenizer file in its folder), else Mixtral's."""
     if cfg.tokenizer:
         tok = get_tokenizer(cfg.tokenizer)
         return tok, tok.spec()
-    root = checkpoints.resolve_weights(cfg.model)
-    if checkpoints.is_step(root):  # a training checkpoint names its data's tokenizer (a run stopped before hf/)
-        data = checkpoints.validate(root, checksums=False).get("data")
-        if isinstance(data, dict) and isinstance(data.get("tokenizer"), dict):
-            return get_tokenizer(data["tokenizer"]), data["tokenizer"]
-    for d in (root, root.parent.parent):  # a step folder's run has hf/mixlab_data.json
-        f = d / "mixlab_data.json" if d == root else d / "hf" / "mixlab_data.json"
-        if f.is_file():
-            try:
-                spec = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
-                return get_tokenizer(spec), spec
-            except (ValueError, KeyError, TypeError, RecursionError) as e:  # damaged or hand-written: name the file
-                raise DataError(f"{f}: no readable 'tokenizer' entry ({e}); fix it, or pass --tokenizer") from None
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if (root / name).is_file():
-            tok = get_tokenizer(str(root / name))
-            return tok, tok.spec()
+    if (trained := checkpoints.trained_tokenizer(cfg.model)) is not None:
+        return trained
     tok = get_tokenizer("mixtral")
     return tok, tok.spec()
 

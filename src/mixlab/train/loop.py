@@ -46,6 +46,7 @@ from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset, suffix_of, usable_threads
+from mixlab.corpus import FileTokenizer, TrainTokenizer, same_vocabulary
 from mixlab.errors import OutputError, TrainingError
 from mixlab.eval.perplexity import Score, score_windows
 from mixlab.model import Transformer
@@ -150,7 +151,8 @@ SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_
 
 def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
     """The preset (or checkpoint config) with overrides; vocabulary and BOS/EOS from the dataset.
-    With `init_from`, the starting checkpoint's config (its vocabulary must cover the dataset's)."""
+    With `init_from`, the starting checkpoint's config (its vocabulary must cover the dataset's, and
+    the tokenizer it names be the dataset's: `check_same_tokenizer`)."""
     over = dict(cfg.model_overrides)
     moe_over = over.pop("moe", None)
     if moe_over is not None and not isinstance(moe_over, dict):
@@ -164,6 +166,7 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
                               f"known: {', '.join(prefix + k for k in known)}", setting="model_overrides")
     if cfg.init_from:
         base = checkpoints.init_config(cfg.init_from)
+        check_same_tokenizer(cfg.init_from, dataset)
         over.setdefault("vocab_size", base.vocab_size)
         over.setdefault("bos_id", base.bos_id)
         over.setdefault("eos_id", base.eos_id)
@@ -215,6 +218,27 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
         raise
     check_context(cfg.seq_len, mc)
     return mc
+
+
+def check_same_tokenizer(init_from: str, dataset: TokenDataset) -> None:
+    """Refuse training the weights of `init_from` on data another tokenizer wrote, where the checkpoint
+    names its own (`checkpoints.trained_tokenizer`) and it can be read: its vocabulary covering the
+    data's ids is not enough (a model of Mixtral's tokenizer trained on `bytes` data, `data prepare`'s
+    default, was trained without a word on its byte pieces alone)."""
+    try:
+        trained = checkpoints.trained_tokenizer(init_from)
+        tok = dataset.tokenizer() if trained is not None else None
+    except (ValueError, OSError):  # a tokenizer file moved or damaged since: training does not need it
+        return
+    if trained is None or tok is None or same_vocabulary(trained[0], tok):
+        return
+
+    def name(t: TrainTokenizer) -> str:
+        return t.name if isinstance(t, FileTokenizer) else "bytes"
+
+    raise ConfigError(f"init_from (--init-from) {init_from}: its tokenizer ({name(trained[0])}) is not the one "
+                      f"{dataset.path} was prepared with ({name(tok)}, meta.json's); prepare the data again with "
+                      f"--tokenizer {name(trained[0])}", setting="init_from")
 
 
 def lr_at(step: int, cfg: OptimizerSettings) -> float:
