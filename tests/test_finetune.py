@@ -1161,6 +1161,28 @@ def test_pairs_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
         _data(dataclasses.replace(cfg, seq_len=64), get_tokenizer("bytes"))
 
 
+def test_pairs_whose_replies_are_the_same_are_counted(tmp_path: Path) -> None:
+    """A pair whose 'chosen' and 'rejected' are one text (a tie, as some of UltraFeedback's binarised rows)
+    has no gradient and trained without a word; a file of nothing else trained nothing. Counted, naming
+    the first; refused when every training pair is one."""
+    from mixlab.train.data import get_tokenizer
+    from mixlab.train.finetune import _data
+
+    pair, tie = {"prompt": "hi", "chosen": "a", "rejected": "b"}, {"prompt": "hey", "chosen": "c", "rejected": "c"}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (pair, tie, pair, tie, tie)))
+    cfg = load_finetune_config(None, task="dpo", model="m", data=str(data), seq_len=32, valid_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"pairs.jsonl: 3 of 5 training pairs have the same 'chosen' and 'rejected' "
+                                         r"reply \(first: .*pairs.jsonl:2\): no preference and no gradient, they only "
+                                         r"dilute the batch's mean; drop them$"):
+        train, _ = _data(cfg, get_tokenizer("bytes"))
+    assert len(train) == 5
+    data.write_text(json.dumps(tie) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl: every training pair's 'chosen' and 'rejected' are the same "
+                                        r"reply, so there is no preference to learn$"):
+        _data(cfg, get_tokenizer("bytes"))
+
+
 def test_trl_setting_names_are_translated(tmp_path: Path) -> None:
     """A config file in TRL's / PEFT's names was told 'unknown fine-tuning setting(s): learning_rate,
     max_length, per_device_train_batch_size' with no hint (difflib finds nothing close); each now names

@@ -429,6 +429,17 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
             warnings.warn(f"{cfg.data}: {len(cut)} of {len(train)} training conversations are longer than "
                           f"seq_len + 1 = {cfg.seq_len + 1} tokens and are cut to it{lost}; raise --seq-len to "
                           "keep them whole", stacklevel=3)
+    if cfg.task == "dpo":
+        # A pair whose replies are the same text (a tie, as in UltraFeedback's binarised rows) has h = 0 and no
+        # gradient (dpo.py): it only dilutes the mean loss; all of them trained nothing, without a word.
+        ties = [p for p in train if p.chosen == p.rejected]
+        if len(ties) == len(train):
+            raise DataError(f"{cfg.data}: every training pair's 'chosen' and 'rejected' are the same reply, so "
+                            "there is no preference to learn")
+        if ties:
+            warnings.warn(f"{cfg.data}: {len(ties)} of {len(train)} training pairs have the same 'chosen' and "
+                          f"'rejected' reply (first: {ties[0].where}): no preference and no gradient, they only dilute "
+                          "the batch's mean; drop them", stacklevel=3)
     if cfg.task == "dpo":  # the same for pairs (dpo.fit), which were cut without a word
         L = cfg.seq_len + 1
         cut = [p for p in train if len(p.prompt) + max(len(p.chosen), len(p.rejected)) > L]
