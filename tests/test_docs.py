@@ -9,7 +9,7 @@ from mixlab.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w-])")
-COMMANDS = re.compile(r"mixlab ((?:[a-z][a-z-]*\\\|)*[a-z][a-z-]*(?: prepare)?)")  # `mixlab a\|b`: both
+COMMANDS = re.compile(r"mixlab ((?:[a-z][a-z-]*\\\|)*[a-z][a-z-]*(?: prepare| check)?)")  # `mixlab a\|b`: both
 FOREIGN = {"--tasks", "--nproc-per-node"}  # lm-eval's and torchrun's, in the eval and torchrun rows
 
 
