@@ -150,7 +150,8 @@ def prepare(
 
 
 class TokenDataset:
-    """A prepared dataset folder, memory-mapped."""
+    """A prepared dataset folder, memory-mapped: each shard's sizes and document offsets checked as it
+    opens (`tokens`), its ids as they are read (`read`), or all at once (`check_ids`)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
