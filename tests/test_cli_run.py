@@ -584,6 +584,10 @@ def test_import_mixlab_waits_for_torch_only_when_the_api_is_used():
 @pytest.mark.parametrize("argv,message", [
     ([], "COMMAND ...\n\nMixtral-style sparse MoE models.\n"),  # it said only 'arguments are required: COMMAND'
     (["genrate"], "mixlab: error: unknown command 'genrate' (did you mean 'generate'?); commands: info, convert,"),
+    # a group's subcommand alone, another tool's name: no close spelling, so no hint at all
+    (["prepare", "x", "--out", "y"], "mixlab: error: unknown command 'prepare' (did you mean 'data prepare'?); "),
+    (["check", "x"], "mixlab: error: unknown command 'check' (did you mean 'data check'?); "),
+    (["finetune", "--model", "m"], "mixlab: error: unknown command 'finetune' (did you mean 'sft' or 'dpo'?); "),
     (["generate", "--model", "m", "--prompt", "x", "--temprature", "1"],
      "mixlab generate: error: unrecognized arguments: --temprature (did you mean '--temperature'?)\n"),
     (["data", "prepare", "x", "--out", "y", "--tokeniser=bytes"],

@@ -250,8 +250,12 @@ def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
         parser.print_help(sys.stderr)
         raise SystemExit(2)
     if not argv[0].startswith("-") and argv[0] not in sub.choices:
-        parser.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], sub.choices)}; commands: "
-                     f"{', '.join(sub.choices)} (mixlab COMMAND --help: its flags)")
+        # a group's subcommand given alone (`mixlab prepare`: 'data prepare'), or another tool's name for one
+        nested = [f"{g} {argv[0]}" for g, p in sub.choices.items() if argv[0] in getattr(_subparsers(p), "choices", {})]
+        nested += ["sft", "dpo"] if argv[0] in ("finetune", "fine-tune") else []
+        hint = f" (did you mean {' or '.join(map(repr, nested))}?)" if nested else did_you_mean(argv[0], sub.choices)
+        parser.error(f"unknown command {argv[0]!r}{hint}; commands: {', '.join(sub.choices)} (mixlab COMMAND "
+                     "--help: its flags)")
     command, i = parser, 0  # the command's own parser (data's prepare's) says it, with its usage line
     while (sub := _subparsers(command)) is not None and i < len(argv) and argv[i] in sub.choices:
         command, i = sub.choices[argv[i]], i + 1
