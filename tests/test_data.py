@@ -321,7 +321,13 @@ def test_a_damaged_meta_json_is_a_clear_error(tmp_path: Path) -> None:
     mf = tmp_path / "ds" / "meta.json"
     meta = json.loads(mf.read_text())
     for bad, match in (({k: v for k, v in meta.items() if k != "vocab_size"}, "missing or bad field .*vocab_size"),
-                       ({**meta, "splits": [1]}, "missing or bad field"), ([1], "expected a JSON object")):
+                       ({**meta, "splits": [1]}, "missing or bad field"), ([1], "expected a JSON object"),
+                       # bos_id / eos_id: a KeyError traceback from train, "invalid literal for int()", and one
+                       # past the vocabulary blamed on the command line's --set flags
+                       ({k: v for k, v in meta.items() if k != "bos_id"}, "missing or bad field \\('bos_id'\\)"),
+                       ({**meta, "bos_id": "x"}, "missing or bad field \\(bos_id 'x', eos_id 2: expected token ids "
+                                                 "below vocab_size 259\\); prepare the dataset again"),
+                       ({**meta, "eos_id": 259}, "missing or bad field \\(bos_id 1, eos_id 259: expected")):
         mf.write_text(json.dumps(bad))
         with pytest.raises(DataError, match=rf"meta.json: {match}"):
             TokenDataset(tmp_path / "ds")

@@ -179,6 +179,11 @@ class TokenDataset:
             if self.vocab_size < 1 or self.dtype.kind != "u":
                 raise ValueError(f"vocab_size {self.vocab_size}, dtype {self.dtype}: expected a positive size and an "
                                  "unsigned integer type")
+            self.bos_id: int = self.meta["bos_id"]  # the model's: a missing one was a KeyError traceback
+            self.eos_id: int = self.meta["eos_id"]
+            if not all(type(i) is int and 0 <= i < self.vocab_size for i in (self.bos_id, self.eos_id)):
+                raise ValueError(f"bos_id {self.bos_id!r}, eos_id {self.eos_id!r}: expected token ids below "
+                                 f"vocab_size {self.vocab_size}")
             for split, per in self.meta["splits"].items():  # {"train": 5} was a TypeError traceback when read
                 if not isinstance(per, dict) or not all(
                         isinstance(i, dict) and all(type(i.get(k)) is int and i[k] >= 0 for k in ("tokens", "docs"))

@@ -192,8 +192,8 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
                           (f"init_from (--init-from) {cfg.init_from}:", "init_from"))
         raise ConfigError(f"{named} vocab_size {over['vocab_size']} is smaller than the dataset's tokenizer "
                           f"vocabulary ({dataset.vocab_size})", setting=setting)
-    over.setdefault("bos_id", int(dataset.meta["bos_id"]))
-    over.setdefault("eos_id", int(dataset.meta["eos_id"]))
+    over.setdefault("bos_id", dataset.bos_id)
+    over.setdefault("eos_id", dataset.eos_id)
     if cfg.init_from:  # the starting weights fix the shape: a file's override was blamed on the checkpoint
         shape = [(k, v, getattr(base, k)) for k, v in over.items() if k in SHAPE_FIELDS and v != getattr(base, k)]
         if moe_over and base.moe is not None and moe_over.get("num_experts", base.moe.num_experts) != \
