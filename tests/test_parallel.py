@@ -763,6 +763,35 @@ def test_a_checkpoint_one_rank_cannot_write_is_one_line(small_data: Path, tmp_pa
     assert list((out / "checkpoints").iterdir()) == []
 
 
+def test_a_bad_id_in_one_rank_s_rows_ends_the_run_with_its_line(small_data: Path, tmp_path: Path) -> None:
+    """Token ids are checked as each process reads its rows of a batch, no longer every shard by every
+    process before the first step: an id outside the vocabulary in a row only rank 1 reads, at step 2,
+    stops rank 1 with the file and the token's place, and rank 0 at its next collective, in one line
+    each (no traceback, no wait for the timeout)."""
+    import numpy as np
+
+    from mixlab.train.data import BatchLoader
+
+    data = tmp_path / "ds"
+    shutil.copytree(small_data, data)
+    w = int(BatchLoader(TokenDataset(data), seq_len=16, batch_size=2, seed=0)._perm[3])  # step 2, row 1: rank 1's
+    f = data / "train" / "code.tokens.bin"  # the one domain
+    toks = np.fromfile(f, dtype=np.uint16)
+    toks[16 * w + 8] = 300
+    f.write_bytes(toks.tobytes())
+    p = _mixlab(_train_args(data, tmp_path / "run", "--log-every", "1"), nproc=2)
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    lines = sorted(ln for ln in err.splitlines() if ln.startswith("mixlab train: error:"))
+    assert len(lines) == 2 and lines[0].startswith(
+        "mixlab train: error: rank 0: another process of the run failed or was stopped") and lines[1] == (
+        f"mixlab train: error: rank 1: {f}: token {16 * w + 8} is id 300, outside the dataset's vocabulary of 259 "
+        "(meta.json's vocab_size); the file is damaged or was written for another tokenizer: prepare the dataset "
+        "again"), err[-3000:]
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err, err[-3000:]
+    assert [r["step"] for r in _history(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
 def test_checkpoint_after_an_evaluation_holds_every_optimizer_state(small_data: Path, tmp_path: Path) -> None:
     """An evaluation (forward only) left the FSDP root's parameters unsharded, so a checkpoint saved
     right after it (eval_every = ckpt_every) lacked the AdamW states of the embedding, final norm and
