@@ -210,7 +210,7 @@ def test_training_md_config_example_and_demo_model_are_what_the_code_builds(tmp_
     from mixlab.train.loop import TrainConfig, build_model_config, load_train_config
 
     text = (ROOT / "docs" / "training.md").read_text()
-    bytes_data = SimpleNamespace(vocab_size=259, meta={"bos_id": 1, "eos_id": 2})  # the byte tokenizer's
+    bytes_data = SimpleNamespace(vocab_size=259, bos_id=1, eos_id=2)  # the byte tokenizer's
     toml = re.search(r"```toml\n(.*?)```", text, re.S)
     assert toml
     (tmp_path / "run.toml").write_text(toml.group(1))
