@@ -1456,6 +1456,26 @@ def test_a_damaged_mixlab_data_json_names_the_file(ckpt: Path, chat_files: tuple
     assert finetune(_cfg(model, chat_files[0], tmp_path / "run", steps=1, tokenizer="bytes", eval_every=0)).step == 1
 
 
+def test_a_tokenizer_other_than_the_checkpoint_s_is_refused(ckpt: Path, chat_files: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    """`--tokenizer bytes` on a model that names Mixtral's tokenizer (its vocabulary is larger, so the size
+    check passed) fine-tuned it on ids that mean other text to it, without a word; the checkpoint's own
+    tokenizer, or one of the same vocabulary, is taken as before."""
+    import shutil
+
+    from mixlab.config import ConfigError
+
+    model = tmp_path / "model"
+    shutil.copytree(ckpt, model)
+    (model / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "file", "name": "mixtral"}}))
+    with pytest.raises(ConfigError, match=rf"^fine-tuning setting 'tokenizer': bytes is not the tokenizer {model} "
+                                          r"names \(mixtral\): their vocabularies differ; leave it out to use the "
+                                          r"checkpoint's$"):
+        finetune(_cfg(model, chat_files[0], tmp_path / "a", steps=1, tokenizer="bytes"))
+    assert not (tmp_path / "a").exists()
+    assert finetune(_cfg(ckpt, chat_files[0], tmp_path / "b", steps=1, tokenizer="bytes", eval_every=0)).step == 1
+
+
 def test_eval_line_prints_counts_as_integers() -> None:
     """The progress line read 'eval_loss 3.0280, eval_tokens 21202.0000'."""
     from mixlab.train.finetune import eval_line

@@ -58,6 +58,7 @@ def is_jsonl(path: Path) -> bool:
 
 
 class TrainTokenizer(Protocol):
+    name: str  # as --tokenizer names it: bytes, mixtral or the path given
     vocab_size: int
     bos_id: int
     eos_id: int

@@ -48,6 +48,7 @@ from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, usable_threads
+from mixlab.corpus import same_vocabulary
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.train import checkpoints, dpo, sft
@@ -215,10 +216,20 @@ def lora_config(cfg: FinetuneConfig) -> LoraConfig:
 def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, Any]]:
     """The tokenizer: `cfg.tokenizer`, else the one the checkpoint names (`checkpoints.trained_tokenizer`:
     its training data's, a tokenizer file in its folder), else Mixtral's."""
+    try:
+        trained = checkpoints.trained_tokenizer(cfg.model)
+    except (ValueError, OSError):
+        if not cfg.tokenizer:
+            raise
+        trained = None  # the one given is used: a checkpoint's unreadable one is no reason to refuse it
     if cfg.tokenizer:
         tok = get_tokenizer(cfg.tokenizer)
+        if trained is not None and not same_vocabulary(trained[0], tok):  # `--tokenizer bytes` on a Mixtral model
+            raise ConfigError(f"fine-tuning setting 'tokenizer': {cfg.tokenizer} is not the tokenizer {cfg.model} "
+                              f"names ({trained[0].name}): their vocabularies differ; leave it out to use the "
+                              "checkpoint's", setting="tokenizer")
         return tok, tok.spec()
-    if (trained := checkpoints.trained_tokenizer(cfg.model)) is not None:
+    if trained is not None:
         return trained
     tok = get_tokenizer("mixtral")
     return tok, tok.spec()

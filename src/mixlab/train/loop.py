@@ -46,7 +46,7 @@ from mixlab import atomic
 from mixlab.checkpoint import save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, get_preset, suffix_of, usable_threads
-from mixlab.corpus import FileTokenizer, TrainTokenizer, same_vocabulary
+from mixlab.corpus import same_vocabulary
 from mixlab.errors import OutputError, TrainingError
 from mixlab.eval.perplexity import Score, score_windows
 from mixlab.model import Transformer
@@ -232,13 +232,9 @@ def check_same_tokenizer(init_from: str, dataset: TokenDataset) -> None:
         return
     if trained is None or tok is None or same_vocabulary(trained[0], tok):
         return
-
-    def name(t: TrainTokenizer) -> str:
-        return t.name if isinstance(t, FileTokenizer) else "bytes"
-
-    raise ConfigError(f"init_from (--init-from) {init_from}: its tokenizer ({name(trained[0])}) is not the one "
-                      f"{dataset.path} was prepared with ({name(tok)}, meta.json's); prepare the data again with "
-                      f"--tokenizer {name(trained[0])}", setting="init_from")
+    raise ConfigError(f"init_from (--init-from) {init_from}: its tokenizer ({trained[0].name}) is not the one "
+                      f"{dataset.path} was prepared with ({tok.name}, meta.json's); prepare the data again with "
+                      f"--tokenizer {trained[0].name}", setting="init_from")
 
 
 def lr_at(step: int, cfg: OptimizerSettings) -> float:
