@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import step_clock
+from conftest import hf_tokenizer_json, step_clock
 from mixlab import atomic
 from mixlab.checkpoint import CheckpointError, load_model
 from mixlab.config import ConfigError
@@ -918,6 +918,8 @@ def test_init_from_a_model_of_another_tokenizer_is_refused(dataset: Path, tmp_pa
     bytes_model = tmp_path / "e" / "hf"  # written by a run on `bytes` data: a FileTokenizer of its folder
     assert same_vocabulary(get_tokenizer("bytes"), get_tokenizer(str(bytes_model)))
     assert not same_vocabulary(get_tokenizer("bytes"), get_tokenizer("mixtral"))
+    # Mixtral's tokenizer.json as the Hub lays it out: the pieces of its SentencePiece file, id for id
+    assert same_vocabulary(get_tokenizer("mixtral"), get_tokenizer(str(hf_tokenizer_json(tmp_path))))
 
 
 def test_data_offset_continues_the_stream(dataset: Path) -> None:
