@@ -52,7 +52,7 @@ def data_check(args: argparse.Namespace) -> int:
     from mixlab.train.data import TokenDataset
 
     ds = TokenDataset(args.dataset)
-    n = ds.check_ids()
+    n = ds.check_ids(progress=not args.quiet)
     print(f"{args.dataset}: {n:,} tokens, every id below the vocabulary of {ds.vocab_size}; sizes and document "
           "offsets as meta.json says")
     return 0
@@ -263,6 +263,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = dsub.add_parser("check", help="read a prepared dataset in full: every file's size, document offsets and "
                                       "token ids (training checks each window's ids as it reads it)")
     q.add_argument("dataset", type=user_path, help="dataset folder (`data prepare`'s --out)")
+    add_quiet_arg(q)
     q.set_defaults(func=data_check)
 
     from mixlab.train.loop import TrainConfig

@@ -229,16 +229,21 @@ class TokenDataset:
         self._check_ids(part, split, domain, start)
         return part
 
-    def check_ids(self) -> int:
+    def check_ids(self, *, progress: bool = False) -> int:
         """Read every shard in full and check each id as `read` does (`mixlab data check`), in chunks of
-        ID_CHUNK tokens (no RAM beyond one); returns the number of tokens read."""
-        n = 0
-        for split in self.meta["splits"]:
-            for domain in self.split_domains(split):
+        ID_CHUNK tokens (no RAM beyond one); returns the number of tokens read. `progress`: a bar of the
+        tokens read (terminal only)."""
+        from tqdm import tqdm
+
+        shards = [(split, domain) for split in self.meta["splits"] for domain in self.split_domains(split)]
+        n = sum(int(self.meta["splits"][s][d]["tokens"]) for s, d in shards)
+        with tqdm(total=n, unit="tok", unit_scale=True, leave=False, disable=None if progress else True) as bar:
+            for split, domain in shards:
                 toks = self.tokens(split, domain)
                 for i in range(0, len(toks), ID_CHUNK):
-                    self._check_ids(toks[i: i + ID_CHUNK], split, domain, i)
-                n += len(toks)
+                    part = toks[i: i + ID_CHUNK]
+                    self._check_ids(part, split, domain, i)
+                    bar.update(len(part))
         return n
 
     def _check_ids(self, part: np.ndarray, split: str, domain: str, start: int) -> None:
