@@ -37,6 +37,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -74,14 +75,17 @@ def _model(preset: str, dtype: torch.dtype) -> Transformer:
     return model.eval()
 
 
-def _fill(engine: Engine, B: int, g: torch.Generator, max_tokens: int, prompt: int = PROMPT) -> None:
+def _fill(engine: Engine, B: int, g: torch.Generator, max_tokens: int, prompt: int = PROMPT,
+          adapters: Sequence[str | None] = (None,)) -> None:
     """B requests of `prompt` tokens prefilled and decoding, each with `max_tokens` left to decode
-    after the last one's prompt is in (the early ones decode while the later ones prefill)."""
+    after the last one's prompt is in (the early ones decode while the later ones prefill); request i
+    under adapters[i % len(adapters)]."""
     V = engine.config.vocab_size
     head = B * prompt // engine.token_budget + B  # steps of prefill at most, each a token for the early ones
-    for _ in range(B):
+    for i in range(B):
         engine.submit(torch.randint(3, V, (prompt,), generator=g).tolist(),
-                      SamplingParams(max_tokens=max_tokens + head, ignore_eos=True))
+                      SamplingParams(max_tokens=max_tokens + head, ignore_eos=True,
+                                     adapter=adapters[i % len(adapters)]))
     while engine.stats()["waiting"] or any(s.prefilling for s in engine._running):
         engine.step()
     assert len(engine._running) == B, f"{len(engine._running)} of {B} sequences decoding after prefill"

@@ -17,6 +17,10 @@ Cases (mini-moe's shapes, bf16, random weights; `--threads`, default 2):
   tokens (default 128; the model's shared native decoder has its library swapped); `--prefill`:
   one engine step prefilling 16 prompts of 32 tokens;
   `--quant int8|int4`: those on `prepare_for_inference(quant=...)` weights;
+  `--lora R`: each engine case also under LoRA adapters of rank R (attention + experts, as
+  benchmarks/lora.py makes them; each adapted weight's update runs inside `mx_decode_batch`):
+  `engine{B}+lora` with the B sequences under four adapters in turn, `prefill512+lora` with the
+  16 prompts under one;
 - `--panels`: each variant run twice, the second (`NAME+panels`) reading the bf16 weights' 32-row
   panels (`gu`/`dn`/`lin`/`logits` through `native.linear_packed`, the engine cases through
   `NativeDecoder.pack`).
@@ -43,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from mixlab.cli import positive  # noqa: E402
 from mixlab.cli.benchmark import bandwidth_probe  # noqa: E402
 from mixlab.ops import native  # noqa: E402
 
@@ -91,46 +96,56 @@ def kernel_cases(names: list[str], g: torch.Generator) -> dict[str, Case]:
 
 
 def engine_cases(batches: list[int], prefill: bool, rounds: int, n_libs: int, steps: int,
-                 quant: str | None, context: int) -> tuple[dict[str, Case], list]:
+                 quant: str | None, context: int, lora: int | None) -> tuple[dict[str, Case], list]:
     import engine as eb  # benchmarks/engine.py
+    import lora as lb  # benchmarks/lora.py
     from mixlab.engine import Engine, SamplingParams
     from mixlab.model.inference import prepare_for_inference
 
     model = eb._model("mini-moe", torch.bfloat16)
-    if quant:
-        model = prepare_for_inference(model, quant=quant)
     g = torch.Generator().manual_seed(0)
     cases: dict[str, Case] = {}
     engines = []
     total = (rounds + 2) * steps * n_libs + 8
-    for B in batches:
-        budget = min(B * context + B, 4096)
-        head = B * context // budget + B  # engine._fill's prefill steps, each a token for the early sequences
-        eng = Engine(model, max_batch=B, max_seq_len=context + total + 8 + head, token_budget=budget)
-        eb._fill(eng, B, g, total + 4, prompt=context)
-        engines.append(eng)
+    names = ["a", "b", "c", "d"]
+    with tempfile.TemporaryDirectory(prefix="mixlab-kernels-ab-lora-") as tmp:  # the engines read them at once
+        adapters = {n: lb.make_adapter(model, Path(tmp) / n, lora, seed=i) for i, n in enumerate(names)} if lora else {}
+        if quant:
+            model = prepare_for_inference(model, quant=quant)
+        # (name suffix, the engine's adapters, the requests' adapters in turn): the base without any
+        ways: list[tuple[str, dict, list[str | None]]] = [("", {}, [None])] + (
+            [("+lora", adapters, list(names))] if lora else [])
+        for B in batches:
+            for suffix, table, which in ways:
+                budget = min(B * context + B, 4096)
+                head = B * context // budget + B  # engine._fill's prefill steps, each a token for the early sequences
+                eng = Engine(model, max_batch=B, max_seq_len=context + total + 8 + head, token_budget=budget,
+                             adapters=table or None)
+                eb._fill(eng, B, g, total + 4, prompt=context, adapters=which)
+                engines.append(eng)
 
-        def step(eng=eng, B=B) -> None:
-            for _ in range(steps):
-                if len(eng._running) != B:  # a sequence ran out of tokens: the steps would not compare
-                    raise RuntimeError(f"engine{B}: {len(eng._running)} sequences left")
-                eng.step()
+                def step(eng=eng, B=B) -> None:
+                    for _ in range(steps):
+                        if len(eng._running) != B:  # a sequence ran out of tokens: the steps would not compare
+                            raise RuntimeError(f"engine{B}: {len(eng._running)} sequences left")
+                        eng.step()
 
-        cases[f"engine{B}"] = (step, 0.0, 0.0)
-    if prefill:
-        eng = Engine(model, max_batch=16, max_seq_len=128, token_budget=512, prefix_cache=False)
-        engines.append(eng)
-
-        def wave(eng=eng) -> None:
-            hs = [eng.submit(torch.randint(3, V, (32,), generator=g).tolist(),
-                             SamplingParams(max_tokens=1, ignore_eos=True)) for _ in range(16)]
-            eng.run_until_idle()
-            for h in hs:
-                list(h)
-
+                cases[f"engine{B}{suffix}"] = (step, 0.0, 0.0)
         counts, out = model.config.param_counts(), V * D  # logits for the last rows only
         matrices = counts["active"] - counts["embedding"] - counts["norms"] - out
-        cases["prefill512"] = (wave, 0.0, 2.0 * (512 * matrices + 16 * out))
+        for suffix, table, which in ways if prefill else []:
+            eng = Engine(model, max_batch=16, max_seq_len=128, token_budget=512, prefix_cache=False,
+                         adapters=table or None)
+            engines.append(eng)
+
+            def wave(eng=eng, adapter=which[0]) -> None:
+                hs = [eng.submit(torch.randint(3, V, (32,), generator=g).tolist(),
+                                 SamplingParams(max_tokens=1, ignore_eos=True, adapter=adapter)) for _ in range(16)]
+                eng.run_until_idle()
+                for h in hs:
+                    list(h)
+
+            cases[f"prefill512{suffix}"] = (wave, 0.0, 2.0 * (512 * matrices + 16 * out))
     return cases, engines
 
 
@@ -145,6 +160,8 @@ def main() -> None:
                     help="the engine cases' prompt tokens per sequence (the steps attend over about this many)")
     ap.add_argument("--prefill", action="store_true", help="an engine step prefilling 16 x 32 prompt tokens")
     ap.add_argument("--quant", default=None, choices=["int8", "int4"], help="the engine cases' weights")
+    ap.add_argument("--lora", type=positive, default=None, metavar="RANK",
+                    help="also run the engine cases under LoRA adapters of this rank (NAME+lora)")
     ap.add_argument("--panels", action="store_true",
                     help="also run each variant reading the bf16 weights' 32-row panels (NAME+panels: "
                          "`NativeDecoder.pack`, `native.linear_packed`)")
@@ -179,7 +196,8 @@ def main() -> None:
     decoder = None
     if batches or args.prefill:
         runs = len(libs) * (2 if args.panels else 1) + 1  # each variant (again with panels), and a warm-up
-        more, engines = engine_cases(batches, args.prefill, args.rounds, runs, args.steps, args.quant, args.context)
+        more, engines = engine_cases(batches, args.prefill, args.rounds, runs, args.steps, args.quant, args.context,
+                                     args.lora)
         cases |= more
         decoder = engines[0].runner._native_decoder()
         decoder.wait_huge_pages()
