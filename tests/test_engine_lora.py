@@ -383,6 +383,32 @@ def _no_native_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(NativeDecoder, "lora_table", lambda self, factors: None)
 
 
+def _native_steps_equal_the_pytorch_pass(base: Transformer, factors: dict, steps: list[list]) -> set[str]:
+    """Runs each step's items through the native adapter step and the PyTorch pass (float32 logits within
+    1e-5; the PyTorch pass never runs natively, the native runner never in PyTorch) and the same items on
+    the base; returns the adapters whose rows' logits moved from the base's by more than 1e-2."""
+    from mixlab.engine.runner import Item, Runner
+
+    def runner() -> Runner:
+        return Runner(base, max_batch=5, cache_bytes=None, prefill_chunk=16, max_seq_len=64, prefix_cache=False,
+                      adapters=factors)
+
+    native, ref, plain = runner(), runner(), runner()
+    ref._native_batch = lambda items, **kw: None  # type: ignore[method-assign]
+    native._batched = lambda items: pytest.fail("an adapter step ran the PyTorch pass")  # type: ignore[method-assign]
+    moved = set()
+    for step in steps:
+        base_items = [Item(it.slot, it.tokens, it.start, it.logits) for it in step]
+        for it, got, want, b in zip(step, native.forward(step), ref.forward(step), plain.forward(base_items),
+                                    strict=True):
+            assert (got.logits_TV is None) == (want.logits_TV is None) == (it.logits == "none")
+            if got.logits_TV is not None:
+                torch.testing.assert_close(got.logits_TV, want.logits_TV, rtol=0, atol=1e-5)
+                if it.adapter is not None and (got.logits_TV - b.logits_TV).abs().max() > 1e-2:
+                    moved.add(it.adapter)
+    return moved
+
+
 @pytest.mark.parametrize(("dense", "threads"), [(False, None), (True, None), (False, 3)])
 def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool, threads: int | None,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -392,7 +418,7 @@ def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool
     rank, experts alone, attention alone), prompt chunks beside decoding tokens, logits of every row,
     the last or none. A dense model's FFN too, and 3 threads (each thread's own rows of the work
     buffer). The adapters move the logits far more than that."""
-    from mixlab.engine.runner import Item, Runner
+    from mixlab.engine.runner import Item
 
     _native_or_skip(torch.float32)
     if threads is not None:
@@ -407,14 +433,6 @@ def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool
     factors = {n: adapter_factors(base, _adapter(base, tmp_path / n, rank=r, targets=targets[n], layout="fused",
                                                      seed=i))
                for i, (n, r) in enumerate(zip("abcd", (4, 2, 5, 3), strict=True))}
-
-    def runner() -> Runner:
-        return Runner(base, max_batch=5, cache_bytes=None, prefill_chunk=16, max_seq_len=64, prefix_cache=False,
-                      adapters=factors)
-
-    native, ref, plain = runner(), runner(), runner()
-    ref._native_batch = lambda items, **kw: None  # type: ignore[method-assign]
-    native._batched = lambda items: pytest.fail("an adapter step ran the PyTorch pass")  # type: ignore[method-assign]
     g = torch.Generator().manual_seed(0)
 
     def toks(n: int) -> list[int]:
@@ -429,17 +447,38 @@ def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool
         [Item(4, toks(1), 5, adapter="d")],  # one decoding token alone
         [Item(1, toks(1), 7, adapter="a"), Item(2, toks(1), 7, adapter="b"), Item(3, toks(1), 8, adapter="c")],
     ]
-    moved = set()
-    for step in steps:
-        base_items = [Item(it.slot, it.tokens, it.start, it.logits) for it in step]
-        for it, got, want, b in zip(step, native.forward(step), ref.forward(step), plain.forward(base_items),
-                                    strict=True):
-            assert (got.logits_TV is None) == (want.logits_TV is None) == (it.logits == "none")
-            if got.logits_TV is not None:
-                torch.testing.assert_close(got.logits_TV, want.logits_TV, rtol=0, atol=1e-5)
-                if it.adapter is not None and (got.logits_TV - b.logits_TV).abs().max() > 1e-2:
-                    moved.add(it.adapter)
-    assert moved == set("abcd")
+    assert _native_steps_equal_the_pytorch_pass(base, factors, steps) == set("abcd")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_updates_of_long_prompt_chunks_equal_the_pytorch_pass(tmp_path: Path, threads: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt chunk's rows under one adapter take their updates together, in tiles of 4 rows by 4 of
+    A's rows (decode.c `lora_down`, `lora_up`): chunks of 9 to 13 tokens (whole tiles and the rows after
+    them), two sequences' chunks under one adapter side by side, ranks 6 and 8 (a last tile of A's rows
+    past R, and none), beside base rows and decoding tokens, at 1 and 3 threads, give the PyTorch pass's float32
+    logits within 1e-5."""
+    from mixlab.engine.runner import Item
+
+    _native_or_skip(torch.float32)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the native call is given
+    base = Transformer(CFG).eval()
+    base.init_weights(seed=0)
+    factors = {n: adapter_factors(base, _adapter(base, tmp_path / n, rank=r, targets=t, layout="fused", seed=i))
+               for i, (n, r, t) in enumerate([("a", 6, ("attention", "experts", "router")),
+                                              ("b", 8, ("attention", "experts"))])}
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
+
+    steps = [
+        [Item(0, toks(13), 0, "all", adapter="a"), Item(1, toks(9), 0, "all", adapter="a"), Item(2, toks(6), 0, "all"),
+         Item(3, toks(11), 0, "all", adapter="b")],
+        [Item(0, toks(1), 13, adapter="a"), Item(3, toks(1), 11, adapter="b"), Item(1, toks(1), 9, adapter="a"),
+         Item(4, toks(12), 0, "all", adapter="b"), Item(2, toks(10), 6, "last")],
+    ]
+    assert _native_steps_equal_the_pytorch_pass(base, factors, steps) == {"a", "b"}
 
 
 def test_a_bf16_batch_under_adapters_runs_natively_token_for_token(tmp_path: Path,

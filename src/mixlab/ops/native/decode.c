@@ -1939,7 +1939,11 @@ void mx_linear_packed(const void* w, const void* P, int64_t N, int64_t K, int64_
    the row's input (qkv, router, w13: into the shared rows of `lora_u`), or, where threads wrote parts
    of it (wo after attention, w2 after the SwiGLU), by every thread for itself into its own rows of
    `lora_u`: a little more arithmetic (R x I per row and thread) instead of one more barrier, which
-   costs most on a loaded machine. What the engine's PyTorch pass adds (engine/runner.py `StepAdapters`). */
+   costs most on a loaded machine. Consecutive rows under one adapter (a prompt chunk's; an expert's
+   pairs of its tokens) go through both projections together, as small register-tiled products
+   (`lora_down`, `lora_up`): a 512-token prompt's updates ran ~2x faster than row by row, which re-read
+   A and B for every row (BENCHMARKS.md). What the engine's PyTorch pass adds (engine/runner.py
+   `StepAdapters`). */
 
 /* The updates of layer l's weight at `site` ([E, J]), or NULL when the step has no adapters. */
 static const mx_lora* lora_site(const mx_model* m, const mx_batch* p, int64_t l, int site) {
@@ -1953,68 +1957,125 @@ static const mx_lora* lora_of(const mx_lora* site, int64_t J, int64_t e, int32_t
     return z->A ? z : 0;
 }
 
-/* u [R] = A x for the input x [I], float32, or (xb given) its bf16 rounding, which the bf16 product read.
-   Four rows of A at a time: the input loaded (and widened) once for four independent sums. */
-static void lora_down(const mx_lora* z, int64_t I, const float* x, const uint16_t* xb, float* u) {
-    int64_t r = 0;
-#if defined(__AVX512F__)
-    for (; (I & 15) == 0 && r + 4 <= z->R; r += 4) {
-        const float* a = z->A + r * I;
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-        for (int64_t i = 0; i < I; i += 16) {
-            const __m512 v = xb ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(xb + i))), 16))
-                                : _mm512_loadu_ps(x + i);
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), v, s0);
-            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + I + i), v, s1);
-            s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 2 * I + i), v, s2);
-            s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 3 * I + i), v, s3);
-        }
-        u[r] = _mm512_reduce_add_ps(s0);
-        u[r + 1] = _mm512_reduce_add_ps(s1);
-        u[r + 2] = _mm512_reduce_add_ps(s2);
-        u[r + 3] = _mm512_reduce_add_ps(s3);
-    }
-#endif
-    for (; r < z->R; r++) {
-        const float* a = z->A + r * I;
-        float s = 0.f;
-        for (int64_t i = 0; i < I; i++) s += a[i] * (xb ? bf16_to_f32(xb[i]) : x[i]);
-        u[r] = s;
-    }
+/* The end of the run of rows [t, end) under row t's adapter (a prompt chunk's rows are consecutive),
+   which `lora_down` and `lora_up` take together; *z: their update of the dense weight at `site`. */
+static int64_t row_run(const mx_lora* site, int64_t J, const int32_t* adapter, int64_t t, int64_t end,
+                       const mx_lora** z) {
+    int64_t e = t + 1;
+    *z = lora_of(site, J, 0, adapter[t]);
+    while (e < end && lora_of(site, J, 0, adapter[e]) == *z) e++;
+    return e;
 }
 
-/* y[i] += B[i] . u for the output rows i in [r0, r1) of X (B held transposed, [R, X]: 16 outputs'
-   sums in one vector, no horizontal sum per output; 64 outputs in four independent sums). */
-static void lora_up(const mx_lora* z, int64_t X, const float* u, float* y, int64_t r0, int64_t r1) {
+#if defined(__AVX512F__)
+/* Keeps vector v in a register: GCC otherwise folds the load of a vector that several FMAs use into
+   each of them (a memory operand per FMA), and the loads, not the FMAs, then bound a tile (C harness,
+   one thread, rank 16, 4-row tiles: B u 40 -> 54 GFMA/s, A x 50 -> 56). */
+#define MX_IN_REG(v) __asm__("" : "+v"(v))
+#endif
+
+/* U[j] = A X[j] (u = A x of each row) for Q <= 4 rows X [Q, I], float32, or (XB given) their bf16
+   rounding, which the bf16 product read; U [Q, ldu]. Tiles of 4 rows of A by the Q rows, as
+   `tile4x*_bf16` in float32: each loaded vector of A serves Q rows (a prompt's rows under one
+   adapter), each row's vector four rows of A, and `hsum16` gives the tile's 16 sums at once. A row's
+   u is the same whatever rows share its tile. */
+static inline __attribute__((always_inline)) void lora_down_tile(const mx_lora* z, int64_t I, const float* X,
+                                                                 const uint16_t* XB, int Q, float* U, int64_t ldu) {
+    int64_t r = 0;
+#if defined(__AVX512F__)
+    for (; (I & 15) == 0 && r < z->R; r += 4) { /* past R, the last row again (its sums not stored) */
+        const float* a[4];
+        for (int i = 0; i < 4; i++) a[i] = z->A + (r + i < z->R ? r + i : z->R - 1) * I;
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; i++)
+            for (int q = 0; q < Q; q++) acc[i][q] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < I; k += 16) {
+            __m512 xv[4];
+            for (int q = 0; q < Q; q++)
+                xv[q] = XB ? load16_row(XB + q * I, MX_BF16, k) : _mm512_loadu_ps(X + q * I + k);
+            for (int i = 0; i < 4; i++) {
+                __m512 av = _mm512_loadu_ps(a[i] + k);
+                MX_IN_REG(av);
+                for (int q = 0; q < Q; q++) acc[i][q] = _mm512_fmadd_ps(av, xv[q], acc[i][q]);
+            }
+        }
+        __m512 v[16];
+        for (int i = 0; i < 4; i++)
+            for (int q = 0; q < 4; q++) v[i * 4 + q] = q < Q ? acc[i][q] : _mm512_setzero_ps();
+        float sums[16];
+        _mm512_storeu_ps(sums, hsum16(v));
+        for (int i = 0; i < 4 && r + i < z->R; i++)
+            for (int q = 0; q < Q; q++) U[q * ldu + r + i] = sums[i * 4 + q];
+    }
+#endif
+    for (; r < z->R; r++) /* I not a multiple of 16 */
+        for (int q = 0; q < Q; q++) {
+            const float* a = z->A + r * I;
+            float s = 0.f;
+            for (int64_t i = 0; i < I; i++) s += a[i] * (XB ? bf16_to_f32(XB[q * I + i]) : X[q * I + i]);
+            U[q * ldu + r] = s;
+        }
+}
+
+/* `lora_down_tile` for n rows: four at a time, then those left one by one. */
+static void lora_down(const mx_lora* z, int64_t I, const float* X, const uint16_t* XB, int64_t n, float* U,
+                      int64_t ldu) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) lora_down_tile(z, I, X + j * I, XB ? XB + j * I : 0, 4, U + j * ldu, ldu);
+    for (; j < n; j++) lora_down_tile(z, I, X + j * I, XB ? XB + j * I : 0, 1, U + j * ldu, ldu);
+}
+
+/* Y[j, i] += B[i] . U[j] for the output columns i in [r0, r1) of X and Q <= 4 rows (U [Q, ldu], Y [Q, ldy]),
+   B held transposed ([R, X]): 16 outputs' sums in one vector, no horizontal sum per output. Tiles of
+   Q <= 4 rows by 64 outputs (16 independent sums): each loaded vector of B serves Q rows. A row's sums
+   are the same whatever rows share its tile. */
+static inline __attribute__((always_inline)) void lora_up_tile(const mx_lora* z, int64_t X, const float* U,
+                                                               int64_t ldu, int Q, float* Y, int64_t ldy,
+                                                               int64_t r0, int64_t r1) {
     int64_t i = r0;
 #if defined(__AVX512F__)
     for (; i + 64 <= r1; i += 64) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        __m512 acc[4][4];
+        for (int q = 0; q < Q; q++)
+            for (int c = 0; c < 4; c++) acc[q][c] = _mm512_setzero_ps();
         for (int64_t r = 0; r < z->R; r++) {
-            const __m512 ur = _mm512_set1_ps(u[r]);
             const float* b = z->B + r * X + i;
-            a0 = _mm512_fmadd_ps(ur, _mm512_loadu_ps(b), a0);
-            a1 = _mm512_fmadd_ps(ur, _mm512_loadu_ps(b + 16), a1);
-            a2 = _mm512_fmadd_ps(ur, _mm512_loadu_ps(b + 32), a2);
-            a3 = _mm512_fmadd_ps(ur, _mm512_loadu_ps(b + 48), a3);
+            __m512 bv[4] = {_mm512_loadu_ps(b), _mm512_loadu_ps(b + 16), _mm512_loadu_ps(b + 32),
+                            _mm512_loadu_ps(b + 48)};
+            for (int c = 0; c < 4; c++) MX_IN_REG(bv[c]);
+            for (int q = 0; q < Q; q++) {
+                const __m512 ur = _mm512_set1_ps(U[q * ldu + r]);
+                for (int c = 0; c < 4; c++) acc[q][c] = _mm512_fmadd_ps(ur, bv[c], acc[q][c]);
+            }
         }
-        _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), a0));
-        _mm512_storeu_ps(y + i + 16, _mm512_add_ps(_mm512_loadu_ps(y + i + 16), a1));
-        _mm512_storeu_ps(y + i + 32, _mm512_add_ps(_mm512_loadu_ps(y + i + 32), a2));
-        _mm512_storeu_ps(y + i + 48, _mm512_add_ps(_mm512_loadu_ps(y + i + 48), a3));
+        for (int q = 0; q < Q; q++)
+            for (int c = 0; c < 4; c++) {
+                float* y = Y + q * ldy + i + 16 * c;
+                _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), acc[q][c]));
+            }
     }
-    for (; i + 16 <= r1; i += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t r = 0; r < z->R; r++) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[r]), _mm512_loadu_ps(z->B + r * X + i), acc);
-        _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), acc));
-    }
+    for (; i + 16 <= r1; i += 16)
+        for (int q = 0; q < Q; q++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t r = 0; r < z->R; r++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(U[q * ldu + r]), _mm512_loadu_ps(z->B + r * X + i), acc);
+            _mm512_storeu_ps(Y + q * ldy + i, _mm512_add_ps(_mm512_loadu_ps(Y + q * ldy + i), acc));
+        }
 #endif
-    for (; i < r1; i++) {
-        float acc = 0.f;
-        for (int64_t r = 0; r < z->R; r++) acc += u[r] * z->B[r * X + i];
-        y[i] += acc;
-    }
+    for (; i < r1; i++)
+        for (int q = 0; q < Q; q++) {
+            float acc = 0.f;
+            for (int64_t r = 0; r < z->R; r++) acc += U[q * ldu + r] * z->B[r * X + i];
+            Y[q * ldy + i] += acc;
+        }
+}
+
+/* `lora_up_tile` for n rows: four at a time, then those left one by one. */
+static void lora_up(const mx_lora* z, int64_t X, const float* U, int64_t ldu, int64_t n, float* Y, int64_t ldy,
+                    int64_t r0, int64_t r1) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) lora_up_tile(z, X, U + j * ldu, ldu, 4, Y + j * ldy, ldy, r0, r1);
+    for (; j < n; j++) lora_up_tile(z, X, U + j * ldu, ldu, 1, Y + j * ldy, ldy, r0, r1);
 }
 
 /* The output rows of a product a thread adds the updates to, [lo, hi), go in blocks of LORA_BLOCK, all
@@ -2068,6 +2129,14 @@ static const mx_lora* pair_lora(const moe_job* j, const mx_lora* site, int64_t i
     return site ? lora_of(site, j->J, j->idx[j->order[i]], j->adapter[j->order[i] / j->K]) : 0;
 }
 
+/* `row_run` for sorted pairs [i, end): those of one expert under one adapter (a prompt's tokens). */
+static int64_t pair_run(const moe_job* j, const mx_lora* site, int64_t i, int64_t end, const mx_lora** z) {
+    int64_t e = i + 1;
+    *z = pair_lora(j, site, i);
+    while (e < end && pair_lora(j, site, e) == *z) e++;
+    return e;
+}
+
 static void moe_team(team* tm, const moe_job* j) {
     const int64_t D = j->D, F = j->F, K = j->K, N = j->T * K;
     const int bf = j->m13.wt == MX_BF16;
@@ -2079,8 +2148,11 @@ static void moe_team(team* tm, const moe_job* j) {
     for (int64_t i = lo; i < hi; i++) {
         memcpy(xs + i * D, j->x + (j->order[i] / K) * D, D * sizeof(float));
         if (bf) round_to_bf16(xs + i * D, xsb + i * D, D);
-        const mx_lora* z = pair_lora(j, j->lora13, i);
-        if (z) lora_down(z, D, xs + i * D, bf ? xsb + i * D : 0, j->u + i * j->ld);
+    }
+    for (int64_t i = lo, e; j->lora13 && i < hi; i = e) {
+        const mx_lora* z;
+        e = pair_run(j, j->lora13, i, hi, &z);
+        if (z) lora_down(z, D, xs + i * D, bf ? xsb + i * D : 0, e - i, j->u + i * j->ld, j->ld);
     }
     sync_team(tm);
     /* gate rows [lo, hi) and up rows [F + lo, F + hi) of every expert: SiLU needs no barrier */
@@ -2097,11 +2169,13 @@ static void moe_team(team* tm, const moe_job* j) {
             gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, c0, c1);
             gemm_rows(e13, xs + s0 * D, xsb + s0 * D, n, g + s0 * 2 * F, 2 * F, F + c0, F + c1);
             for (int64_t c = c0; j->lora13 && c < c1; c += LORA_BLOCK)
-                for (int64_t r = s0; r < s0 + n; r++) {
-                    const mx_lora* z = pair_lora(j, j->lora13, r);
+                for (int64_t r = s0, e; r < s0 + n; r = e) {
+                    const mx_lora* z;
+                    e = pair_run(j, j->lora13, r, s0 + n, &z);
                     if (z) {
-                        lora_up(z, 2 * F, j->u + r * j->ld, g + r * 2 * F, c, block_end(c, c1));
-                        lora_up(z, 2 * F, j->u + r * j->ld, g + r * 2 * F, F + c, F + block_end(c, c1));
+                        lora_up(z, 2 * F, j->u + r * j->ld, j->ld, e - r, g + r * 2 * F, 2 * F, c, block_end(c, c1));
+                        lora_up(z, 2 * F, j->u + r * j->ld, j->ld, e - r, g + r * 2 * F, 2 * F, F + c,
+                                F + block_end(c, c1));
                     }
                 }
             for (int64_t r = s0; r < s0 + n; r++)
@@ -2116,14 +2190,16 @@ static void moe_team(team* tm, const moe_job* j) {
     for (int64_t e = 0; e < j->E; e++) {
         const int64_t s0 = start[e], n = start[e + 1] - s0;
         if (n > 0) gemm_rows(mat_at(j->m2, e * D), a + s0 * F, ab + s0 * F, n, ys + s0 * D, D, lo, hi);
-        for (int64_t r = s0; j->lora2 && lo < hi && r < s0 + n; r++) {
-            const mx_lora* z = pair_lora(j, j->lora2, r);
-            if (z) lora_down(z, F, a + r * F, bf ? ab + r * F : 0, u2 + r * j->ld);
+        for (int64_t r = s0, e; j->lora2 && lo < hi && r < s0 + n; r = e) {
+            const mx_lora* z;
+            e = pair_run(j, j->lora2, r, s0 + n, &z);
+            if (z) lora_down(z, F, a + r * F, bf ? ab + r * F : 0, e - r, u2 + r * j->ld, j->ld);
         }
         for (int64_t c = lo; j->lora2 && c < hi; c += LORA_BLOCK)
-            for (int64_t r = s0; r < s0 + n; r++) {
-                const mx_lora* z = pair_lora(j, j->lora2, r);
-                if (z) lora_up(z, D, u2 + r * j->ld, ys + r * D, c, block_end(c, hi));
+            for (int64_t r = s0, e; r < s0 + n; r = e) {
+                const mx_lora* z;
+                e = pair_run(j, j->lora2, r, s0 + n, &z);
+                if (z) lora_up(z, D, u2 + r * j->ld, j->ld, e - r, ys + r * D, D, c, block_end(c, hi));
             }
     }
     for (int64_t t = 0; t < j->T; t++)
@@ -2332,18 +2408,24 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
             const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D, a16, ly->wqkv_p, inv},
                       mo = {m->wt, ly->wo, ly->wo_scale, QD, a16, ly->wo_p, inv};
             const mx_lora *lqkv = lora_site(m, p, l, MX_LORA_QKV), *lwo = lora_site(m, p, l, MX_LORA_WO);
-            for (int64_t t = tm.t; t < T; t += tm.nt) {
+            /* each thread's consecutive rows: a prompt chunk's updates in tiles */
+            const int64_t t0 = T * tm.t / tm.nt, t1 = T * (tm.t + 1) / tm.nt;
+            for (int64_t t = t0; t < t1; t++)
                 rmsnorm(x + t * D, ly->attn_norm, m->eps, D, h + t * D, bf ? hb + t * D : 0);
-                const mx_lora* z = lora_of(lqkv, p->J, 0, p->J ? p->adapter[t] : -1);
-                if (z) lora_down(z, D, h + t * D, bf ? hb + t * D : 0, p->lora_u + t * p->lora_ld);
+            for (int64_t t = t0, e; lqkv && t < t1; t = e) {
+                const mx_lora* z;
+                e = row_run(lqkv, p->J, p->adapter, t, t1, &z);
+                if (z) lora_down(z, D, h + t * D, bf ? hb + t * D : 0, e - t, p->lora_u + t * p->lora_ld, p->lora_ld);
             }
             sync_team(&tm);
             my_rows(&tm, QKV, &lo, &hi);
             gemm_rows(mqkv, h, hb, T, qkv, QKV, lo, hi);
             for (int64_t c = lo; lqkv && c < hi; c += LORA_BLOCK)
-                for (int64_t t = 0; t < T; t++) {
-                    const mx_lora* z = lora_of(lqkv, p->J, 0, p->adapter[t]);
-                    if (z) lora_up(z, QKV, p->lora_u + t * p->lora_ld, qkv + t * QKV, c, block_end(c, hi));
+                for (int64_t t = 0, e; t < T; t = e) {
+                    const mx_lora* z;
+                    e = row_run(lqkv, p->J, p->adapter, t, T, &z);
+                    if (z) lora_up(z, QKV, p->lora_u + t * p->lora_ld, p->lora_ld, e - t, qkv + t * QKV, QKV, c,
+                                   block_end(c, hi));
                 }
             sync_team(&tm);
             /* Per (token, kv head): store the rotated key and the value at index pos % C of the
@@ -2398,15 +2480,17 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
             }
             my_rows(&tm, D, &lo, &hi);
             float* uo = lwo ? p->lora_u + (1 + tm.t) * T * K * p->lora_ld : 0; /* this thread's own A att of each row */
-            for (int64_t t = 0; lwo && lo < hi && t < T; t++) {
-                const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
-                if (z) lora_down(z, QD, att + t * QD, bf ? attb + t * QD : 0, uo + t * p->lora_ld);
+            for (int64_t t = 0, e; lwo && lo < hi && t < T; t = e) {
+                const mx_lora* z;
+                e = row_run(lwo, p->J, p->adapter, t, T, &z);
+                if (z) lora_down(z, QD, att + t * QD, bf ? attb + t * QD : 0, e - t, uo + t * p->lora_ld, p->lora_ld);
             }
             gemm_rows(mo, att, attb, T, o, D, lo, hi);
             for (int64_t c = lo; lwo && c < hi; c += LORA_BLOCK)
-                for (int64_t t = 0; t < T; t++) {
-                    const mx_lora* z = lora_of(lwo, p->J, 0, p->adapter[t]);
-                    if (z) lora_up(z, D, uo + t * p->lora_ld, o + t * D, c, block_end(c, hi));
+                for (int64_t t = 0, e; t < T; t = e) {
+                    const mx_lora* z;
+                    e = row_run(lwo, p->J, p->adapter, t, T, &z);
+                    if (z) lora_up(z, D, uo + t * p->lora_ld, p->lora_ld, e - t, o + t * D, D, c, block_end(c, hi));
                 }
             for (int64_t t = 0; t < T; t++)
                 for (int64_t i = lo; i < hi; i++) x[t * D + i] += o[t * D + i];
@@ -2426,9 +2510,9 @@ void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt) {
                     float add[256];
                     if (z) {
                         float* u = p->lora_u + t * p->lora_ld;
-                        lora_down(z, D, hr, 0, u);
+                        lora_down(z, D, hr, 0, 1, u, 0);
                         for (int64_t e = 0; e < m->E; e++) add[e] = 0.f;
-                        lora_up(z, m->E, u, add, 0, m->E);
+                        lora_up(z, m->E, u, 0, 1, add, 0, 0, m->E);
                     }
                     route(m, ly->router, hr, z ? add : 0, ch, mix);
                 } else {
