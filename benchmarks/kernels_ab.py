@@ -28,6 +28,9 @@ Cases (mini-moe's shapes, bf16, random weights; `--threads`, default 2):
 Each case reports per variant the median time, GB/s (the bytes it must read) and GFLOP/s, and the
 median over rounds of its time over the first variant's (below 1: faster), overall and per memory
 state. The first run compares every variant's outputs with the first's (max relative difference).
+`--cpu-time`: each case timed by the process's CPU time (`time.process_time`) instead of the wall
+clock, so that on a shared machine the time slices other processes take do not count (with
+`--threads 1`: with more, the threads' spinning at barriers counts as well).
 """
 
 from __future__ import annotations
@@ -166,6 +169,8 @@ def main() -> None:
                     help="also run each variant reading the bf16 weights' 32-row panels (NAME+panels: "
                          "`NativeDecoder.pack`, `native.linear_packed`)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time the cases by the process's CPU time, not the wall clock (a shared machine; --threads 1)")
     ap.add_argument("--split", type=float, default=58.0, help="GB/s between the slow and fast memory states")
     args = ap.parse_args()
     if args.rounds < 1 or args.steps < 1 or args.threads < 1 or args.context < 1:
@@ -227,6 +232,7 @@ def main() -> None:
             print(f"{c}: {name} vs {first}: max relative difference "
                   f"{((got - ref).abs().max() / ref.abs().max()).item():.1e}")
     probe, probe_bytes = bandwidth_probe(reps=1, mib=256)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     times: dict[tuple[str, str], list[float]] = {(n, c): [] for n in libs for c in cases}
     bws: list[float] = []
     for r in range(args.rounds + 1):  # round 0 warms up
@@ -236,10 +242,10 @@ def main() -> None:
         for c, (fn, _, _) in cases.items():
             for name in order:
                 use(name)
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
                 if r:
-                    times[(name, c)].append(time.perf_counter() - t0)
+                    times[(name, c)].append(clock() - t0)
         t0 = time.perf_counter()
         probe()
         if r:
@@ -247,7 +253,8 @@ def main() -> None:
     use(first)
     for eng in engines:
         eng.shutdown()
-    print(f"\n# benchmarks/kernels_ab.py: {args.rounds} rounds, {args.threads} threads, torch {torch.__version__}; "
+    print(f"\n# benchmarks/kernels_ab.py: {args.rounds} rounds, {args.threads} threads, "
+          f"{'CPU' if args.cpu_time else 'wall-clock'} time, torch {torch.__version__}; "
           f"bandwidth per round {', '.join(f'{b / 1e9:.0f}' for b in bws)} GB/s")
     states = {"slow": [i for i, b in enumerate(bws) if b < args.split * 1e9],
               "fast": [i for i, b in enumerate(bws) if b >= args.split * 1e9]}
