@@ -333,6 +333,26 @@ def test_a_damaged_meta_json_is_a_clear_error(tmp_path: Path) -> None:
             TokenDataset(tmp_path / "ds")
 
 
+def test_meta_json_names_stay_inside_the_dataset_and_counts_are_integers(tmp_path: Path) -> None:
+    """A hand-edited meta.json's split or domain names became file paths ("../x" read a file outside the
+    dataset's folder), and a vocab_size of "259" or 259.9 went through int()."""
+    _dataset(tmp_path)
+    mf = tmp_path / "ds" / "meta.json"
+    meta = json.loads(mf.read_text())
+    code = meta["splits"]["train"]["code"]
+    for bad, match in (({**meta, "splits": {**meta["splits"], "train": {"../x": code}}}, "split or domain '../x'"),
+                       ({**meta, "splits": {"..": meta["splits"]["train"]}}, "split or domain '..'"),
+                       ({**meta, "splits": {"a/b": meta["splits"]["train"]}}, "split or domain 'a/b'"),
+                       ({**meta, "domains": ["code", "../../etc/passwd"]}, "domains .*expected plain names"),
+                       ({**meta, "vocab_size": "259"}, "'vocab_size' must be an integer, found '259'"),
+                       ({**meta, "vocab_size": 259.9}, "'vocab_size' must be an integer, found 259.9")):
+        mf.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=rf"meta.json: missing or bad field \(.*{match}"):
+            TokenDataset(tmp_path / "ds")
+    mf.write_text(json.dumps(meta))
+    assert TokenDataset(tmp_path / "ds").vocab_size == 259
+
+
 def test_truncated_shard_is_detected(tmp_path: Path) -> None:
     ds = _dataset(tmp_path)
     f = tmp_path / "ds" / "train" / "code.tokens.bin"

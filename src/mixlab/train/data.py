@@ -149,6 +149,11 @@ def prepare(
 # -- reading a prepared dataset --------------------------------------------------------------------
 
 
+def _plain_name(name: str) -> bool:
+    """A name that stays one file name inside the dataset's folder (a split's folder, a domain's files)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 class TokenDataset:
     """A prepared dataset folder, memory-mapped: each shard's sizes and document offsets checked as it
     opens (`tokens`), its ids as they are read (`read`), or all at once (`check_ids`)."""
@@ -171,9 +176,14 @@ class TokenDataset:
             raise DataError(f"{mf}: format {self.meta.get('format')!r} v{self.meta.get('version')} "
                             f"is not {FORMAT!r} v{VERSION}")
         try:
-            self.vocab_size = int(self.meta["vocab_size"])
+            self.vocab_size = self.meta["vocab_size"]
+            if type(self.vocab_size) is not int:  # "259" or 259.9 went through int()
+                raise TypeError(f"'vocab_size' must be an integer, found {self.vocab_size!r}")
             self.dtype = np.dtype(self.meta["dtype"])
             self.domains: list[str] = list(self.meta["domains"])
+            if not all(isinstance(d, str) and _plain_name(d) for d in self.domains):
+                raise ValueError(f"domains {self.domains!r}: expected plain names (no path separators, "
+                                 "not '.' or '..')")
             if not isinstance(self.meta["splits"], dict) or not isinstance(self.meta["tokenizer"], dict):
                 raise TypeError("'splits' and 'tokenizer' must be objects")
             if self.vocab_size < 1 or self.dtype.kind != "u":
@@ -189,6 +199,10 @@ class TokenDataset:
                         isinstance(i, dict) and all(type(i.get(k)) is int and i[k] >= 0 for k in ("tokens", "docs"))
                         for i in per.values()):
                     raise TypeError(f"'splits.{split}' must map each domain to its 'tokens' and 'docs' counts")
+                for name in (split, *per):  # names of files inside the folder: "../x" read outside it
+                    if not _plain_name(name):
+                        raise ValueError(f"split or domain {name!r}: expected a plain name (no path separators, "
+                                         "not '.' or '..')")
         except (KeyError, TypeError, ValueError) as e:  # a damaged or hand-edited meta.json
             raise DataError(f"{mf}: missing or bad field ({e}); prepare the dataset again") from None
         self._maps: dict[tuple[str, str], np.ndarray] = {}
