@@ -211,7 +211,7 @@ def test_packing_and_loader_resume() -> None:
 
 
 @pytest.mark.parametrize("line, match", [
-    ("not json", r"bad.jsonl:2: not valid JSON"),
+    ("not json", r"bad.jsonl:2: not valid JSON \(.*\); expected JSON Lines, one JSON value per line"),
     ('{"msgs": []}', r"bad.jsonl:2: expected a JSON object with 'messages' \(or 'prompt' and 'completion'\), found: "
                      "msgs"),
     ('{"prompt": "Hi"}', r"bad.jsonl:2: field 'completion' is missing \(the row has: prompt\)$"),
@@ -1137,6 +1137,28 @@ def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
                                          r"nothing \(first: .*chat.jsonl:3\); raise --seq-len"):
         train, _ = _data(cfg, get_tokenizer("bytes"))
     assert len(train) == 4
+
+
+def test_a_held_out_file_that_is_the_training_file_is_warned_about(tmp_path: Path) -> None:
+    """--valid-data naming the --data file (by another path too) evaluated the training loss as if held
+    out, without a word."""
+    from mixlab.train.data import get_tokenizer
+    from mixlab.train.finetune import _data
+
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(short) + "\n")
+    (tmp_path / "sub").mkdir()
+    cfg = load_finetune_config(None, model="m", data=str(data), valid_data=str(tmp_path / "sub" / ".." / "chat.jsonl"))
+    with pytest.warns(UserWarning, match=r"chat.jsonl: the held-out file is the training file"):
+        _data(cfg, get_tokenizer("bytes"))
+    other = tmp_path / "valid.jsonl"
+    other.write_text(json.dumps(short) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, valid = _data(load_finetune_config(None, model="m", data=str(data), valid_data=str(other)),
+                             get_tokenizer("bytes"))
+    assert len(train) == len(valid) == 1
 
 
 def test_pairs_cut_to_seq_len_are_counted(tmp_path: Path) -> None:

@@ -160,7 +160,7 @@ def json_line(line: str, where: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{where}: not valid JSON ({e.msg}); expected JSON Lines, one JSON value per line") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply") from None
 

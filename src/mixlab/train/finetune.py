@@ -410,6 +410,10 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
         items = items[: cfg.max_examples]
     if cfg.valid_data:
         train, valid = items, read(cfg.valid_data, tok)
+        if Path(cfg.valid_data).resolve() == Path(cfg.data).resolve():
+            warnings.warn(f"{cfg.valid_data}: the held-out file is the training file, so the evaluation measures "
+                          "the training loss; pass another file, or leave out valid_data (--valid-data) to hold out "
+                          "valid_fraction of the data", stacklevel=2)
     else:
         train, valid = sft.split_holdout(items, cfg.valid_fraction, cfg.seed)
         if not train:
