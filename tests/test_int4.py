@@ -254,6 +254,67 @@ def test_native_int4_int8_activations_equal_the_rounded_reference(group, D, rows
     assert bool(((native.linear(x, q, s, act8=True) - exact).abs() <= bound * 1.001 + 1e-4).all())
 
 
+# 64 tokens and more (24 for rows longer than 2048) run in panels (decode.c's `gemm_panels_a8`), fewer
+# through `gemm_rows_a8`: each token's outputs must be the same bits either way (the bf16 panels
+# before them, weights and activations rounded to bf16, were not: ~1e-3 apart), and the rounded
+# reference's within float32 summation order.
+@pytest.mark.parametrize(("group", "D", "rows", "tokens"), [(32, 1024, 70, 100), (64, 320, 40, 64),
+                                                             (128, 640, 33, 130), (32, 3584, 50, 24),
+                                                             (32, 1120, 48, 65)])
+def test_native_int4_int8_activations_many_tokens_equal_one_at_a_time_bit_for_bit(group, D, rows, tokens):
+    native = _native_a8()
+    g = torch.Generator().manual_seed(D + tokens)
+    q, s = quantize_int4(torch.randn(rows, D, generator=g), group)  # rows: whole panels of 16 and the rest
+    block_scales = torch.rand(tokens, D // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
+    x = torch.randn(tokens, D, generator=g) * block_scales
+    x[0, :32] = 0.0
+    many = native.linear(x, q, s, act8=True)
+    assert torch.equal(many, torch.stack([native.gemv(q, x[j], s, act8=True) for j in range(tokens)]))
+    assert torch.equal(many, torch.cat([native.linear(x[j:j + 3], q, s, act8=True) for j in range(0, tokens, 3)]))
+    ref = round_activations_q8(x) @ dequantize_int4(q, s, torch.float32).T
+    torch.testing.assert_close(many, ref, atol=1e-4 * D / 1024, rtol=1e-4)
+
+
+def test_a_decoding_requests_logprobs_do_not_depend_on_a_prompt_chunk_in_its_steps(monkeypatch):
+    """int4 weights x int8 activations (the default) in a float32 model: a request's tokens and
+    logprobs are bit for bit its run alone's while a 100-token prompt chunk shares its step (whose
+    products of 64 rows and more ran in bf16 panels: the decoding token got other numbers)."""
+    from mixlab.engine import Engine, SamplingParams
+    from mixlab.engine.runner import Runner
+
+    _native_a8()
+    int4 = prepare_for_inference(_model("tiny-moe"), quant="int4")
+    assert int4.native_decoder is not None and int4.native_decoder.act8
+    g = torch.Generator().manual_seed(11)
+    short, long = (torch.randint(3, 256, (n,), generator=g).tolist() for n in (10, 100))
+    forward = Runner.forward
+    steps: list[list[int]] = []  # each step's items' token counts
+
+    def spy(self, items):
+        steps.append([len(it.tokens) for it in items])
+        return forward(self, items)
+
+    monkeypatch.setattr(Runner, "forward", spy)
+
+    def run(beside: bool):
+        engine = Engine(int4, max_batch=2, prefill_chunk=128)
+        h = engine.submit(short, SamplingParams(max_tokens=6, logprobs=0, ignore_eos=True))
+        engine.step()  # its prompt
+        engine.step()  # its first decoding step alone
+        if beside:
+            engine.submit(long, SamplingParams(max_tokens=2, ignore_eos=True))
+        engine.run_until_idle()
+        outs = [o for o in h.result() if o.token_id is not None]
+        return [o.token_id for o in outs], [o.logprob for o in outs]
+
+    with torch.inference_mode():
+        alone = run(False)
+        steps.clear()
+        shared = run(True)
+    assert [1, 100] in steps or [100, 1] in steps  # the chunk and a decoding token in one step
+    assert shared == alone
+
+
 @pytest.mark.parametrize(("preset", "group"), [("tiny-moe", 32), ("tiny-moe", 64), ("tiny-dense", 32)])
 def test_native_int4_decode_with_int8_activations(preset, group):
     """A decode step with int8 activations equals the exact (float32) one within the activations'

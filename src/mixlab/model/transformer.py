@@ -175,7 +175,7 @@ class Transformer(nn.Module):
         (`mixlab.ops.quant.round_activations_q8`) where the native kernels run them, or "float32"
         exact ones (`model.native.INT4_ACTIVATIONS`). Setting it sets every int4 module's
         `int8_activations` (`Int4Linear`, `Int4Experts`), so that PyTorch's pass multiplies what the
-        native steps multiply (theirs of 64 rows or more excepted: bf16 panels, decode.c's `gemm_panels`)."""
+        native steps multiply, at any row count."""
         return self._int4_activations
 
     @int4_activations.setter

@@ -344,11 +344,12 @@ static void quant_a8(const float* x, int64_t K, a8vec a) {
 
 /* M activation rows quantised into this thread's buffer (grown as needed, kept for its lifetime):
    `gemm_rows` calls this on every call, so each thread rounds the vectors it multiplies itself
-   (K / 32 short vector loops: small next to reading the rows). */
+   (K / 32 short vector loops: small next to reading the rows); null when memory runs out. */
 static a8vec* a8_rows(const float* X, int64_t M, int64_t K) {
     static _Thread_local char* buf = 0;
     static _Thread_local size_t cap = 0;
-    static _Thread_local a8vec rows[MX_A8_ROWS];
+    static _Thread_local a8vec* rows = 0;
+    static _Thread_local int64_t nrows = 0;
     const int64_t Kp = a8_kp(K);
     const size_t per = (size_t)Kp + (size_t)Kp / 8 * 8, need = per * (size_t)M + 64;
     if (need > cap) {
@@ -356,6 +357,12 @@ static a8vec* a8_rows(const float* X, int64_t M, int64_t K) {
         cap = need * 2;
         buf = (char*)malloc(cap);
         if (!buf) { cap = 0; return 0; }
+    }
+    if (M > nrows) {
+        free(rows);
+        rows = (a8vec*)malloc((size_t)M * sizeof(a8vec));
+        nrows = rows ? M : 0;
+        if (!rows) return 0;
     }
     char* at = (char*)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
     for (int64_t j = 0; j < M; j++) {
@@ -772,6 +779,158 @@ static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ld
     }
 }
 
+#if defined(__AVX512F__)
+/* Keeps vector v in a register: GCC otherwise folds the load of a vector that several FMAs use into
+   each of them (a memory operand per FMA), and the loads, not the FMAs, then bound a tile (C harness,
+   one thread, rank 16, 4-row tiles: B u 40 -> 54 GFMA/s, A x 50 -> 56; `gemm_panels_a8`'s
+   int4 tiles, 128 tokens: 123 -> 178 GFLOP/s). */
+#define MX_IN_REG(v) __asm__("" : "+v"(v))
+#endif
+
+/* From how many tokens a product runs in panels (`gemm_panels`, `gemm_panels_a8`). */
+static inline int64_t big_min_tokens(int64_t K) { return K > 2048 ? 24 : 64; }
+
+#if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
+/* A grown-as-needed per-thread buffer of n uint16 (kept for the thread's lifetime), or null when
+   memory runs out. Slots: 0 the packed panel, 1 int8 rows dequantised to bf16 (or int4 rows
+   unpacked, `gemm_panels_a8`), 2 the activations rounded to bf16. */
+static uint16_t* thread_buf(int slot, int64_t n) {
+    static _Thread_local uint16_t* buf[3] = {0, 0, 0};
+    static _Thread_local int64_t cap[3] = {0, 0, 0};
+    if (n > cap[slot]) {
+        free(buf[slot]);
+        buf[slot] = (uint16_t*)aligned_alloc(64, (size_t)((n + 31) & ~(int64_t)31) * 2);
+        cap[slot] = buf[slot] ? n : 0;
+    }
+    return buf[slot];
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* Many tokens against int4 weights with int8 activations (MX_Q4_*_A8: prompt chunks, an expert's
+   many rows): `dotq_q4a8`'s arithmetic in register tiles, so that a token's outputs never depend on
+   how many tokens share its step (the bf16 panels these replace, weights and activations rounded to
+   bf16, gave a decoding token other products beside a prompt chunk). 16 rows at a time are unpacked
+   once into a per-thread panel (per 128 inputs and row: the low and the high nibbles as bytes, and
+   the 16 lanes' weight scales as float32, `dotq_q4a8`'s masked loads included), which then serves
+   every token in tiles of 4 rows x 3 tokens: per lane the same integer sums (`corr` + two
+   `vpdpbusd`), the same float product of the two scales and the same `fmadd` chain over the blocks,
+   and the 16 sums of a tile reduced together (`reduce16`) in `_mm512_reduce_add_ps`'s order. A tile
+   keeps the rows' 12 vectors (`MX_IN_REG`) and its 12 sums in registers and loads each token's 4
+   vectors once per block: 2 loads per 5 vector operations (GCC, left alone, reloaded the rows for
+   every token: 6, and 0.63x the speed). The engine's 512-token prefill step of int4 mini-moe takes
+   1.037x the bf16 panels' CPU time (1 thread, `benchmarks/kernels_ab.py --prefill --quant int4
+   --cpu-time`, BENCHMARKS.md). */
+#define MX_A8P 16 /* rows per unpacked panel */
+#define MX_A8B 192 /* bytes per row and 128 inputs: low nibbles, high nibbles, scales */
+
+/* out[i] = v[i]'s 16 lanes summed as GCC's `_mm512_reduce_add_ps` sums them: lanes l + (l + 8), then
+   + 4, + 2, + 1 (each level's additions are the same whichever operand comes first). */
+static inline void reduce16(const __m512* v, float* out) {
+    __m512 u[8], w[4], x[2];
+    for (int p = 0; p < 8; p++) /* 128-bit lanes [a L0+L2, a L1+L3, b L0+L2, b L1+L3], a = v[2p], b = v[2p+1] */
+        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE));
+    for (int p = 0; p < 4; p++) /* 128-bit lane k: vector 4p + k's 4 partial sums */
+        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], 0xDD));
+    for (int p = 0; p < 2; p++) /* per 128-bit lane: [w0 (0+2), w0 (1+3), w1 (0+2), w1 (1+3)] */
+        x[p] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * p], w[2 * p + 1], 0x44), _mm512_shuffle_ps(w[2 * p], w[2 * p + 1], 0xEE));
+    float r[16]; /* lane 4k + e: vector 4e + k */
+    _mm512_storeu_ps(r, _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD)));
+    for (int i = 0; i < 16; i++) out[i] = r[4 * (i % 4) + i / 4];
+}
+
+/* MX_A8P int4 rows (w, scales s) unpacked into P: block c of row i at P + (c * MX_A8P + i) * MX_A8B. */
+static void unpack_q4a8(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, char* P) {
+    const int64_t nb = a8_kp(K) / 128, ns = 128 / G;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           G == 32 ? 2 : G == 64 ? 3 : 4);
+    for (int i = 0; i < MX_A8P; i++) {
+        const uint8_t* wr = w + i * (K / 2);
+        const uint16_t* sr = s + i * (K / G);
+        for (int64_t c = 0; c < nb; c++) {
+            const int64_t left = K - c * 128;
+            __m512i b;
+            __m128i sh;
+            if (left >= 128) {
+                b = _mm512_loadu_si512(wr + c * 64);
+                sh = _mm_maskz_loadu_epi16((__mmask8)((1u << ns) - 1), sr + c * ns);
+            } else {
+                b = _mm512_maskz_loadu_epi8(((__mmask64)1 << (left / 2)) - 1, wr + c * 64);
+                sh = _mm_maskz_loadu_epi16((__mmask8)((1u << (left / G)) - 1), sr + c * ns);
+            }
+            char* at = P + (c * MX_A8P + i) * MX_A8B;
+            _mm512_store_si512(at, _mm512_and_si512(b, m4));
+            _mm512_store_si512(at + 64, _mm512_and_si512(_mm512_srli_epi16(b, 4), m4));
+            _mm512_store_ps(at + 128, _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_cvtph_ps(sh))));
+        }
+    }
+}
+
+/* Y[q, i] for MX_A8R unpacked rows (P, nb blocks) and Q <= MX_A8Q tokens xa (Y's leading dimension ldy):
+   each block's token vectors loaded once into registers for the tile's rows. */
+#define MX_A8R 4
+#define MX_A8Q 3
+static inline __attribute__((always_inline)) void tile_q4a8(const char* P, const a8vec* xa, int64_t nb, const int Q,
+                                                            float* Y, int64_t ldy) {
+    __m512 acc[16]; /* row i, token q: acc[MX_A8Q * i + q] (16 for `reduce16`) */
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nb; c++) {
+        const char* pc = P + c * MX_A8P * MX_A8B;
+        __m512i blo[MX_A8R], bhi[MX_A8R];
+        __m512 sw[MX_A8R];
+        for (int i = 0; i < MX_A8R; i++) {
+            blo[i] = _mm512_load_si512(pc + i * MX_A8B), bhi[i] = _mm512_load_si512(pc + i * MX_A8B + 64);
+            sw[i] = _mm512_load_ps(pc + i * MX_A8B + 128);
+            MX_IN_REG(blo[i]);
+            MX_IN_REG(bhi[i]);
+            MX_IN_REG(sw[i]);
+        }
+        for (int q = 0; q < Q; q++) {
+            const __m512i xl = _mm512_loadu_si512(xa[q].q + c * 128), xh = _mm512_loadu_si512(xa[q].q + c * 128 + 64);
+            const __m512i cr = _mm512_loadu_si512(xa[q].corr + c * 16);
+            const __m512 d = _mm512_loadu_ps(xa[q].d + c * 16);
+            for (int i = 0; i < MX_A8R; i++) {
+                const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cr, blo[i], xl), bhi[i], xh);
+                acc[MX_A8Q * i + q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw[i], d), acc[MX_A8Q * i + q]);
+            }
+        }
+    }
+    float out[16];
+    reduce16(acc, out);
+    for (int i = 0; i < MX_A8R; i++)
+        for (int q = 0; q < Q; q++) Y[q * ldy + i] = out[MX_A8Q * i + q];
+}
+
+/* Rows [r0, r1) of int4 matrix m (MX_Q4_*_A8) against M tokens X, MX_A8P rows at a time: returns the
+   first row not done (the last < MX_A8P rows, or all of them when no buffer could be had), which
+   `gemm_rows_a8` then computes with the same bits. */
+__attribute__((noinline)) static int64_t gemm_panels_a8(mat m, const float* X, int64_t M, float* Y, int64_t ldy,
+                                                        int64_t r0, int64_t r1) {
+    const int64_t K = m.K, G = q4_group(m.wt), nb = a8_kp(K) / 128;
+    char* P = (char*)thread_buf(1, MX_A8P * nb * MX_A8B / 2);
+    const a8vec* xa = P ? a8_rows(X, M, K) : 0;
+    if (!xa) return r0;
+    int64_t r = r0;
+    for (; r + MX_A8P <= r1; r += MX_A8P) {
+        unpack_q4a8((const uint8_t*)m.w + r * (K / 2), (const uint16_t*)(const void*)m.scale + r * (K / G), K, G, P);
+        for (int64_t j = 0; j < M; j += MX_A8Q)
+            for (int i = 0; i < MX_A8P; i += MX_A8R) {
+                const char* Pi = P + i * MX_A8B;
+                float* Yi = Y + j * ldy + r + i;
+                switch (M - j < MX_A8Q ? M - j : MX_A8Q) {
+                case 1: tile_q4a8(Pi, xa + j, nb, 1, Yi, ldy); break;
+                case 2: tile_q4a8(Pi, xa + j, nb, 2, Yi, ldy); break;
+                default: tile_q4a8(Pi, xa + j, nb, MX_A8Q, Yi, ldy);
+                }
+            }
+    }
+    return r;
+}
+#endif
+
 #if defined(__AVX512BF16__)
 /* Many tokens (prompt chunks, where the products are compute-bound): 32 rows at a time, packed so
    that one 64-byte vector holds 16 rows' pair of weights (k, k + 1), against each token's pair of
@@ -787,7 +946,6 @@ static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ld
    tokens 0.83x, 32 0.76x, 64 0.61x, but 1.0-1.15x at 12-16 (the packing's extra traffic where the
    product is memory-bound). The experts of a 512-token prompt chunk (8 mini-moe layers) 0.71x. */
 #define MX_BIG_Q 12 /* tokens per register tile */
-static inline int64_t big_min_tokens(int64_t K) { return K > 2048 ? 24 : 64; }
 
 static inline void transpose16_epi32(__m512i r[16]) {
     __m512i t[16], u[16];
@@ -917,38 +1075,6 @@ static void gemm_packed(mat m, const uint16_t* XB, int64_t M, float* Y, int64_t 
         }
 }
 
-/* A grown-as-needed per-thread buffer of n uint16 (kept for the thread's lifetime), or null when
-   memory runs out. Slots: 0 the packed panel, 1 int4/int8 rows dequantised to bf16, 2 the
-   activations rounded to bf16. */
-static uint16_t* thread_buf(int slot, int64_t n) {
-    static _Thread_local uint16_t* buf[3] = {0, 0, 0};
-    static _Thread_local int64_t cap[3] = {0, 0, 0};
-    if (n > cap[slot]) {
-        free(buf[slot]);
-        buf[slot] = (uint16_t*)aligned_alloc(64, (size_t)((n + 31) & ~(int64_t)31) * 2);
-        cap[slot] = buf[slot] ? n : 0;
-    }
-    return buf[slot];
-}
-
-/* 32 int4 rows (K / 2 bytes each, float16 scales per group of G) as bf16: (code - 8) x scale, rounded. */
-static void dequant32_q4_bf16(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, uint16_t* out) {
-    const __m512i mask = _mm512_set1_epi32(0xf);
-    const __m512 eight = _mm512_set1_ps(8.f);
-    for (int i = 0; i < 32; i++) {
-        const uint8_t* wr = w + i * (K / 2);
-        const uint16_t* sr = s + i * (K / G);
-        for (int64_t k = 0; k < K; k += 32) {
-            const __m512 d = _mm512_set1_ps(f16_to_f32(sr[k / G]));
-            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wr + k / 2)));
-            const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, mask)), eight), d);
-            const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), eight), d);
-            _mm256_storeu_si256((__m256i*)(out + i * K + k), (__m256i)_mm512_cvtneps_pbh(lo));
-            _mm256_storeu_si256((__m256i*)(out + i * K + k + 16), (__m256i)_mm512_cvtneps_pbh(hi));
-        }
-    }
-}
-
 /* 32 int8 rows (K each, float32 scales per row) as bf16: code x scale, rounded. */
 static void dequant32_i8_bf16(const int8_t* w, const float* s, int64_t K, uint16_t* out) {
     for (int i = 0; i < 32; i++) {
@@ -958,31 +1084,25 @@ static void dequant32_i8_bf16(const int8_t* w, const float* s, int64_t K, uint16
     }
 }
 
-/* Rows [r0, r1) of matrix m (bf16; int4 with int8-rounded activations, MX_Q4_*_A8; int8 where
-   `act16`) against M tokens, 32 rows at a time: returns the first row not done (the last < 32 rows,
-   or all of them when no buffer could be had). int4 and int8 panels are dequantised to bf16
-   (rounded) and multiplied by the activations rounded to bf16 (X; for int4 as fine as the int8
-   rounding of `quant_a8` or finer; for int8 the products a bf16 model's prompt gets): the engine's
-   512-token prefill step of int4 mini-moe 714 -> 308 ms (0.43x; in-process A/B,
-   `benchmarks/kernels_ab.py --prefill --quant int4`). */
+/* Rows [r0, r1) of matrix m (bf16; int8 where `act16`) against M tokens, 32 rows at a time: returns
+   the first row not done (the last < 32 rows, or all of them when no buffer could be had). int8
+   panels are dequantised to bf16 (rounded) and multiplied by the activations rounded to bf16 (X: the
+   products a bf16 model's prompt gets). int4 rows with int8 activations have panels of their own,
+   exact (`gemm_panels_a8`). */
 __attribute__((noinline)) static int64_t gemm_panels(mat m, const float* X, const uint16_t* XB, int64_t M, float* Y,
                                                      int64_t ldy, int64_t r0, int64_t r1) {
-    const int64_t K = m.K, q4 = is_q4a8(m.wt), q8 = m.wt == MX_I8, row_bytes = q4 ? K / 2 : q8 ? K : 2 * K;
+    const int64_t K = m.K, q8 = m.wt == MX_I8, row_bytes = q8 ? K : 2 * K;
     uint16_t* P = thread_buf(0, 32 * K);
-    uint16_t* W = q4 || q8 ? thread_buf(1, 32 * K) : 0;
-    if (q4 || q8) {
+    uint16_t* W = q8 ? thread_buf(1, 32 * K) : 0;
+    if (q8) {
         uint16_t* xb = thread_buf(2, M * K);
         if (xb) round_to_bf16(X, xb, M * K);
         XB = xb;
     }
-    if (!P || ((q4 || q8) && (!W || !XB))) return r0;
+    if (!P || (q8 && (!W || !XB))) return r0;
     int64_t r = r0;
     for (; r + 32 <= r1; r += 32) {
-        if (q4) {
-            dequant32_q4_bf16((const uint8_t*)m.w + r * (K / 2),
-                              (const uint16_t*)(const void*)m.scale + r * (K / q4_group(m.wt)), K, q4_group(m.wt), W);
-            pack32_bf16(W, K, P);
-        } else if (q8) {
+        if (q8) {
             dequant32_i8_bf16((const int8_t*)m.w + r * K, m.scale + r, K, W);
             pack32_bf16(W, K, P);
         } else {
@@ -1212,6 +1332,9 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
         gemm_rows_inv(m, X, XB, M, Y, ldy, r0, r1);
         return;
     }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (is_q4a8(m.wt) && M >= big_min_tokens(m.K)) r0 = gemm_panels_a8(m, X, M, Y, ldy, r0, r1); /* many tokens */
+#endif
 #if defined(__AVX512BF16__)
     if (m.packed && m.wt == MX_BF16 && (m.K & 31) == 0 && M >= 1) { /* kept in panels: whole panels from them */
         const int64_t a = (r0 + 31) & ~(int64_t)31, b = r1 & ~(int64_t)31;
@@ -1224,8 +1347,7 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
             return;
         }
     }
-    if ((m.wt == MX_BF16 || is_q4a8(m.wt) || (m.wt == MX_I8 && m.act16)) && M >= big_min_tokens(m.K) &&
-        (m.K & 31) == 0) /* many tokens */
+    if ((m.wt == MX_BF16 || (m.wt == MX_I8 && m.act16)) && M >= big_min_tokens(m.K) && (m.K & 31) == 0) /* many tokens */
         r0 = gemm_panels(m, X, XB, M, Y, ldy, r0, r1);
     if (m.wt == MX_I8 && m.act16 && M >= 2 && (m.K & 31) == 0) /* a bf16 model's few tokens: int8 as bf16 */
         r0 = gemm_rows_i8_bf16(m, X, M, Y, ldy, r0, r1);
@@ -1966,13 +2088,6 @@ static int64_t row_run(const mx_lora* site, int64_t J, const int32_t* adapter, i
     while (e < end && lora_of(site, J, 0, adapter[e]) == *z) e++;
     return e;
 }
-
-#if defined(__AVX512F__)
-/* Keeps vector v in a register: GCC otherwise folds the load of a vector that several FMAs use into
-   each of them (a memory operand per FMA), and the loads, not the FMAs, then bound a tile (C harness,
-   one thread, rank 16, 4-row tiles: B u 40 -> 54 GFMA/s, A x 50 -> 56). */
-#define MX_IN_REG(v) __asm__("" : "+v"(v))
-#endif
 
 /* U[j] = A X[j] (u = A x of each row) for Q <= 4 rows X [Q, I], float32, or (XB given) their bf16
    rounding, which the bf16 product read; U [Q, ldu]. Tiles of 4 rows of A by the Q rows, as
