@@ -297,9 +297,9 @@ def test_a_quantised_base_serves_adapters(setup, quant: str) -> None:
 def test_base_rows_beside_adapter_rows_on_int4_weights_equal_their_runs_alone(setup, lengths, chunk) -> None:
     """int4 weights whose native steps round the activations to int8 (`int4_activations`, the default):
     a base request's outputs are its run alone's whatever adapter rows share its steps (they differed
-    by ~0.05 in logprob: found by test_engine_props). The adapters' PyTorch pass rounds them as the
-    native steps do for fewer than 64 rows; a 100-token chunk's native step multiplies bf16 panels, so
-    the base rows still take a native step of their own (in the adapters' pass, its tokens parted)."""
+    by ~0.05 in logprob: found by test_engine_props). The adapters' PyTorch pass, base rows included,
+    rounds them as the native steps do at any row count (a 100-token chunk's native step multiplied
+    bf16 panels: until decode.c's `gemm_panels_a8`, base rows took a native step of their own)."""
     from mixlab.model.inference import prepare_for_inference
 
     base, adapters = setup

@@ -40,11 +40,9 @@ The products of a few rows read the native decoder's panels of a bf16 weight whe
 (`_product`), as its own steps do. Over int4 weights whose native steps round activations to int8
 (`int4_activations`, the default), the PyTorch pass rounds them the same way before each int4
 product (`ops.quant.rounds_activations`: a step of more tokens than the native call takes, the
-adapters' steps); but a native step multiplies 64 rows or more (a prompt chunk) by the weights
-dequantised to bf16 instead (decode.c's `gemm_panels`), so a step mixing base and adapter rows
-still gives the base rows a native step of their own, so that their outputs do not depend on the
-adapter rows beside them. A slot's keys hold the adapter they were computed under: prefix reuse
-only within one adapter.
+adapters' steps), as a native step does whatever its row count (decode.c's `gemm_panels_a8` for 64
+rows or more: the integer sums of the few-row kernels), so base rows beside adapter rows share their
+step. A slot's keys hold the adapter they were computed under: prefix reuse only within one adapter.
 
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
 Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts;
@@ -435,14 +433,6 @@ class Runner:
             outs = self._native_batch(items)  # each row's adapter's updates inside the one native call
             if outs is not None:
                 return outs
-            if not all(adapted) and getattr(self._native_decoder(), "act8", False):
-                # int4 weights whose native steps round activations to int8 (`int4_activations`): the PyTorch
-                # pass rounds them too, but a native step multiplies 64 rows or more in bf16 panels instead
-                # (decode.c's `gemm_panels`): the base rows take a native step of their own, as they would alone
-                parts = [[i for i, a in enumerate(adapted) if a == side] for side in (False, True)]
-                results = {i: r for part in parts
-                           for i, r in zip(part, self.forward([items[i] for i in part]), strict=True)}
-                return [results[i] for i in range(len(items))]
             # else the PyTorch pass with the adapters' updates: the reference, and where native cannot run
             # items ordered by adapter, the base's first (`StepAdapters`); results in the items' order
             order = sorted(range(len(items)), key=lambda i: (items[i].adapter is not None, items[i].adapter or ""))
