@@ -409,15 +409,18 @@ def _native_steps_equal_the_pytorch_pass(base: Transformer, factors: dict, steps
     return moved
 
 
-@pytest.mark.parametrize(("dense", "threads"), [(False, None), (True, None), (False, 3)])
+@pytest.mark.parametrize(("dense", "threads", "quant"), [(False, None, None), (True, None, None), (False, 3, None),
+                                                    (False, None, "int4"), (False, 3, "int4")])
 def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool, threads: int | None,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     quant: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps with rows under adapters run in the one native call (`mx_decode_batch` with the LoRA
     table; the PyTorch pass never runs) and give the PyTorch pass's float32 logits within 1e-5:
     base rows beside four adapters (every target with the router, attention + experts of another
     rank, experts alone, attention alone), prompt chunks beside decoding tokens, logits of every row,
     the last or none. A dense model's FFN too, and 3 threads (each thread's own rows of the work
-    buffer). The adapters move the logits far more than that."""
+    buffer). And an int4 base whose activations are rounded to int8 (the default `int4_activations`),
+    whose PyTorch pass rounds them as the native step does. The adapters move the logits far more
+    than that."""
     from mixlab.engine.runner import Item
 
     _native_or_skip(torch.float32)
@@ -447,6 +450,14 @@ def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool
         [Item(4, toks(1), 5, adapter="d")],  # one decoding token alone
         [Item(1, toks(1), 7, adapter="a"), Item(2, toks(1), 7, adapter="b"), Item(3, toks(1), 8, adapter="c")],
     ]
+    if quant is not None:
+        from mixlab.model.inference import prepare_for_inference
+        from mixlab.ops import native
+
+        if not native.fast_int8_activations():
+            pytest.skip("no AVX512-VNNI: int4 products are not rounded to int8 here")
+        base = prepare_for_inference(base, quant=quant)
+        assert base.native_decoder is not None and base.native_decoder.act8
     assert _native_steps_equal_the_pytorch_pass(base, factors, steps) == set("abcd")
 
 

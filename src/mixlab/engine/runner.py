@@ -26,23 +26,23 @@ chooses it for the step's token count (`decode_batch`: every weight streamed onc
 step's tokens, each token attending over its own sequence's slot at its own position, causal inside
 a chunk). The PyTorch pass below is the reference, and runs on GPUs and for larger steps.
 
-LoRA adapters served over the base (`Runner(adapters=)`, `adapter_factors`' low-rank updates): a step
-with rows under adapters runs in the same one native call (`decode_batch` with the decoder's
+LoRA adapters served over the base (`Runner(adapters=)`, `adapter_factors`' low-rank updates): a
+step with rows under adapters runs in the same one native call (`decode_batch` with the decoder's
 `lora_table` of every adapter and each row's adapter: after each product an adapter updates, its
 rows get their update, base rows beside them none). Where that call cannot run them (no native
-kernels, a GPU, int4 weights multiplied by int8-rounded activations, more tokens than the registry
-gives it), the PyTorch pass is the fallback and the reference: its items ordered by adapter, so that
-each adapter's rows are one range, each weight's product followed by every adapter's update added to
-its slice (`StepAdapters.add`; no gather or scatter); the feed-forward block of a layer an adapter
-adapts runs the router with the updates to its logits, then the (token, slot) pairs grouped by
-expert, each adapter's pairs a range of its expert's, the updates inside the SwiGLU (`_adapted_ffn`).
-The products of a few rows read the native decoder's panels of a bf16 weight where it keeps them
-(`_product`), as its own steps do. Over int4 weights whose native steps round activations to int8
-(`int4_activations`, the default), the PyTorch pass rounds them the same way before each int4
-product (`ops.quant.rounds_activations`: a step of more tokens than the native call takes, the
-adapters' steps), as a native step does whatever its row count (decode.c's `gemm_panels_a8` for 64
-rows or more: the integer sums of the few-row kernels), so base rows beside adapter rows share their
-step. A slot's keys hold the adapter they were computed under: prefix reuse only within one adapter.
+kernels, a GPU, more tokens than the registry gives it), the PyTorch pass is the fallback and the
+reference: its items ordered by adapter, so that each adapter's rows are one range, each weight's
+product followed by every adapter's update added to its slice (`StepAdapters.add`; no gather or
+scatter); the feed-forward block of a layer an adapter adapts runs the router with the updates to
+its logits, then the (token, slot) pairs grouped by expert, each adapter's pairs a range of its
+expert's, the updates inside the SwiGLU (`_adapted_ffn`). The products of a few rows read the native
+decoder's panels of a bf16 weight where it keeps them (`_product`), as its own steps do. Over int4
+weights whose native steps round activations to int8 (`int4_activations`, the default), the PyTorch
+pass rounds them the same way before each int4 product (`ops.quant.rounds_activations`: a step of
+more tokens than the native call takes), as a native step does whatever its row count (decode.c's
+`gemm_panels_a8` for 64 rows or more: the integer sums of the few-row kernels), so the two compute
+the same products. A slot's keys hold the adapter they were computed under: prefix reuse only within
+one adapter.
 
 Shape legend: N tokens of a step, S slots, C positions per slot, G kv heads, H query heads,
 Hd head dim, D width, T tokens of one item, V vocabulary, L layers, K experts per token, E experts;

@@ -381,11 +381,7 @@ class NativeDecoder:
     def lora_table(self, factors: Sequence[Mapping[str, LowRank]]) -> LoraTable | None:
         """The adapters `factors` (each one's `adapter_factors`; adapter j of a step's rows is
         `factors[j]`) as `batch(lora=)` reads them, or None when one updates a weight the native step
-        cannot update, or the weights are int4 multiplied by int8-rounded activations (`act8`: not
-        the products the adapters' updates go on in the PyTorch pass, which then runs their steps).
-        An expert whose factors are zero (the adapter leaves it alone) gets no update."""
-        if self.act8:
-            return None
+        cannot update. An expert whose factors are zero (the adapter leaves it alone) gets no update."""
         D, H, G, Hd, F_, _, L = self._dims
         E, J = int(self.c_model.E), len(factors)
         sites = native.LORA_SITES
