@@ -41,8 +41,11 @@ CONVS = [
 ]
 
 
-def _model(seed: int = 0) -> Transformer:
-    m = Transformer(CFG)
+CFG4 = dataclasses.replace(CFG, ffn_dim=64)  # a LoRA base held int4 needs multiples of 32 inputs per row
+
+
+def _model(seed: int = 0, cfg: ModelConfig = CFG) -> Transformer:
+    m = Transformer(cfg)
     m.init_weights(std=0.1, seed=seed)
     return m.eval()
 
@@ -51,6 +54,14 @@ def _model(seed: int = 0) -> Transformer:
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("base") / "hf"
     save_model(_model(), root)
+    (root / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("base4") / "hf"
+    save_model(_model(cfg=CFG4), root)
     (root / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))
     return root
 
@@ -579,17 +590,64 @@ def test_zero_init_adapters_leave_logits_unchanged() -> None:
     assert {n.rsplit(".", 1)[-1] for n, p in m.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
 
 
-@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16", "int8", "int4"])
 def test_merged_weights_equal_the_adapter_model(base_dtype: str) -> None:
     x = torch.randint(0, 259, (2, 20))
-    m = apply_lora(_model(), LoraConfig(rank=4, alpha=8, targets=ALL, base_dtype=base_dtype))
+    m = apply_lora(_model(cfg=CFG4 if base_dtype == "int4" else CFG),
+                   LoraConfig(rank=4, alpha=8, targets=ALL, base_dtype=base_dtype))
     _randomize_B(m)
     want = m(x)
     got = merge(m)(x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     if base_dtype != "float32":  # the frozen base is really held low-precision
         held = expert_lora(m.layers[0].ffn, "w13").base
-        assert (held.q.dtype if held.int8 else held.w.dtype) == (torch.int8 if base_dtype == "int8" else torch.bfloat16)
+        stored = held.w if base_dtype == "bfloat16" else held.q
+        assert stored.dtype == {"bfloat16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[base_dtype]
+        router = m.layers[0].ffn.gate.parametrizations.weight[0].base  # int4: float32, as int4 inference keeps it
+        assert router.dtype == ("float32" if base_dtype == "int4" else base_dtype)
+
+
+def test_an_int4_base_holds_what_int4_inference_holds() -> None:
+    """`base_dtype="int4"` keeps each targeted weight as `prepare_for_inference(quant="int4")` does (Q4_0's
+    rounding, a float16 scale per 32 inputs: half a byte and 1/16 of a byte per weight), so an adapter
+    trained over it is served over the same weights; the fresh adapter model is the model with those
+    weights dequantised."""
+    from mixlab.model.formats import Int4Experts
+    from mixlab.model.inference import quantize_model_int4
+    from mixlab.ops.quant import Int4Linear, dequantize_int4
+
+    x = torch.randint(0, 259, (2, 20))
+    served = quantize_model_int4(_model(cfg=CFG4))
+    m = apply_lora(_model(cfg=CFG4), LoraConfig(rank=4, targets=("attention", "experts"), base_dtype="int4"))
+    plain = _model(cfg=CFG4)
+    for block, ref, out in zip(m.layers, served.layers, plain.layers, strict=True):
+        experts = ref.ffn.experts
+        assert isinstance(experts, Int4Experts)
+        for name in ("w13", "w2"):
+            held = expert_lora(block.ffn, name).base
+            assert torch.equal(held.q, getattr(experts, name))
+            assert torch.equal(held.s, getattr(experts, f"{name}_scale"))
+            assert held.q.numel() * 2 == held.s.numel() * 32 == getattr(out.ffn.experts, name).numel()
+            getattr(out.ffn.experts, name).data.copy_(dequantize_int4(held.q, held.s, torch.float32))
+        for name in ("wqkv", "wo"):
+            lin = getattr(ref.attn, name)
+            assert isinstance(lin, Int4Linear)
+            held = getattr(block.attn, name).base
+            assert torch.equal(held.q, lin.weight) and torch.equal(held.s, lin.scale)
+            getattr(out.attn, name).weight.data.copy_(dequantize_int4(held.q, held.s, torch.float32))
+    torch.testing.assert_close(m(x), plain(x), rtol=0, atol=1e-6)
+
+
+def test_an_int4_base_refuses_widths_outside_its_groups() -> None:
+    m = _model()  # ffn_dim 48: the experts' down projections have 48 inputs per row
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    with pytest.raises(ValueError, match=r"'int4' holds weights in groups of 32 inputs; experts.w2 has 48 inputs "
+                                         r"per row \(target 'experts'\).*the model is unchanged"):
+        apply_lora(m, LoraConfig(rank=4, base_dtype="int4"))
+    after = dict(m.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[n], p) and p.requires_grad for n, p in after.items())
+    apply_lora(m, LoraConfig(rank=4, targets=("attention",), base_dtype="int4"))  # 32 inputs: fine
 
 
 def test_adapters_are_made_on_the_device_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -766,12 +824,15 @@ def _cfg(ckpt: Path, data: Path, out: Path, **kw: Any) -> Any:
     return load_finetune_config(None, **base)
 
 
-@pytest.mark.parametrize("task, lora", [("sft", 0), ("dpo", 0), ("sft", 4), ("dpo", 4)])
-def test_resume_is_exact(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path, task: str, lora: int,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("task, lora, base", [("sft", 0, "float32"), ("dpo", 0, "float32"), ("sft", 4, "float32"),
+                                              ("dpo", 4, "float32"), ("sft", 4, "int4")])
+def test_resume_is_exact(ckpt: Path, ckpt4: Path, chat_files: tuple[Path, Path], tmp_path: Path, task: str,
+                         lora: int, base: str, monkeypatch: pytest.MonkeyPatch) -> None:
     data = chat_files[0] if task == "sft" else chat_files[1]
     kw: dict[str, Any] = dict(task=task, lora_rank=lora, export_peft=lora > 0,
-                              **({"lora_targets": "attention,experts,router"} if lora else {}))
+                              **({"lora_targets": "attention,experts,router", "lora_base_dtype": base} if lora else {}))
+    if base == "int4":  # the frozen base rebuilt (quantised again) on resume: the same bits
+        ckpt = ckpt4
     straight = finetune(_cfg(ckpt, data, tmp_path / "a", **kw))
     # with LoRA the same call twice (resume="auto", --auto-resume): it starts, then continues
     first = finetune(_cfg(ckpt, data, tmp_path / "b", **kw), stop_after=2, resume="auto" if lora else False)
@@ -904,13 +965,15 @@ def test_dpo_steps_equal_trl_dpo_trainer(ckpt: Path, chat_files: tuple[Path, Pat
             assert [r[k] for r in ours] == pytest.approx([h[k] for h in theirs], rel=1e-5, abs=1e-6), (accum, k)
 
 
-@pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
-def test_dpo_over_a_low_precision_lora_base_starts_at_its_reference(ckpt: Path, chat_files: tuple[Path, Path],
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "int8", "int4"])
+def test_dpo_over_a_low_precision_lora_base_starts_at_its_reference(ckpt: Path, ckpt4: Path,
+                                                                   chat_files: tuple[Path, Path],
                                                                    tmp_path: Path, base_dtype: str) -> None:
     """The reference is the policy before its first step: the adapters at zero over the base as held
     (bf16 / int8), as PEFT's disable_adapter() is in TRL. The first step's loss is log 2 and its
     rewards 0 (the reference was the float32 checkpoint: h was the quantisation error)."""
-    res = finetune(_cfg(ckpt, chat_files[1], tmp_path / "r", task="dpo", lora_rank=4, lora_base_dtype=base_dtype,
+    res = finetune(_cfg(ckpt4 if base_dtype == "int4" else ckpt, chat_files[1], tmp_path / "r", task="dpo",
+                        lora_rank=4, lora_base_dtype=base_dtype,
                         steps=1, export_peft=False, export_hf=False))
     first = res.history[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -103,8 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          SFT_HELP if task == "sft" else DPO_HELP)
         p.add_argument("--lora-targets", dest="lora_targets", default=None,
                        help="comma-separated: attention, experts, router (default attention,experts)")
-        p.add_argument("--lora-base-dtype", dest="lora_base_dtype", choices=["float32", "bfloat16", "int8"],
-                       default=None, help="how the frozen base is held (int8: QLoRA-style)")
+        p.add_argument("--lora-base-dtype", dest="lora_base_dtype", choices=["float32", "bfloat16", "int8", "int4"],
+                       default=None, help="how the frozen base is held (int8, int4: QLoRA-style)")
         p.add_argument("--merge", action="store_true", help="LoRA: also write the merged plain checkpoint (out/hf)")
         p.add_argument("--freeze-router", dest="freeze_router", action="store_true",
                        help="keep the router's weights fixed")

@@ -110,7 +110,7 @@ class FinetuneConfig(OptimizerSettings):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "attention,experts"  # comma-separated: attention, experts, router
-    lora_base_dtype: str = "float32"  # float32 | bfloat16 | int8
+    lora_base_dtype: str = "float32"  # float32 | bfloat16 | int8 | int4
     # Bookkeeping (may change between a run and its resume).
     eval_every: int = 50
     ckpt_every: int = 50
@@ -524,7 +524,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     out.mkdir(parents=True, exist_ok=True)
 
     # LoRA first: the DPO reference is the policy before its first step, the adapters at zero over the
-    # base as held (PEFT's disable_adapter() in TRL): over a bf16 or int8 base that is not the float32
+    # base as held (PEFT's disable_adapter() in TRL): over a bf16, int8 or int4 base that is not the float32
     # checkpoint, and a reference from the checkpoint started DPO at h != 0 (loss != log 2).
     if cfg.lora_rank:
         apply_lora(model, lora_config(cfg))

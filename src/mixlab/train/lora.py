@@ -1,6 +1,6 @@
 """LoRA (Hu et al. 2021, arXiv 2106.09685) on attention, every expert and optionally the router, on a
-frozen base held in float32, bfloat16 or int8 (QLoRA-style, Dettmers et al. 2023: the base is only
-read, dequantised on the fly); merging; and export in PEFT's format with transformers' Mixtral names.
+frozen base held in float32, bfloat16, int8 or int4 (QLoRA-style, Dettmers et al. 2023: the base is
+only read, dequantised on the fly); merging; and export in PEFT's format with transformers' Mixtral names.
 
 Shape legend: E experts, D width, F expert FFN width, X output rows, I input columns, r rank.
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,10 +49,10 @@ from mixlab.dtypes import parse_dtype
 from mixlab.model import Transformer, check_model
 from mixlab.model.moe import MoEBlock
 from mixlab.model.transformer import Block
-from mixlab.ops.quant import dequantize_int8, quantize_int8
+from mixlab.ops.quant import QK, dequantize, quantize_int4, quantize_int8
 
 TARGETS = ("attention", "experts", "router")
-BASE_DTYPES = ("float32", "bfloat16", "int8")
+BASE_DTYPES = ("float32", "bfloat16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("attention", "experts")  # also "attention,router", as FinetuneConfig's
-    base_dtype: str = "float32"  # how the frozen base is held: float32, bfloat16 or int8
+    base_dtype: str = "float32"  # how the frozen base is held: float32, bfloat16, int8 or int4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,8 +95,10 @@ class LoraConfig:
 
 
 class FrozenWeight(nn.Module):
-    """A frozen weight held as float32, bfloat16 or int8 with one float32 scale per row (buffers, so
-    neither the optimizer nor the trainer's checkpoints see it)."""
+    """A frozen weight held as float32, bfloat16, int8 with one float32 scale per row, or int4 with a
+    float16 scale per group of 32 inputs (llama.cpp Q4_0's rounding, `ops.quant.quantize_int4`: what
+    `prepare_for_inference(quant="int4")` holds, so an adapter trained over it is served over the
+    same weights); buffers, so neither the optimizer nor the trainer's checkpoints see it."""
 
     q: torch.Tensor
     s: torch.Tensor
@@ -104,9 +106,9 @@ class FrozenWeight(nn.Module):
 
     def __init__(self, w: torch.Tensor, dtype: str) -> None:
         super().__init__()
-        self.int8 = dtype == "int8"
-        if self.int8:
-            q, s = quantize_int8(w)
+        self.dtype = dtype
+        if dtype in ("int8", "int4"):
+            q, s = quantize_int8(w) if dtype == "int8" else quantize_int4(w, group=QK)
             self.register_buffer("q", q)
             self.register_buffer("s", s)
         else:
@@ -114,7 +116,7 @@ class FrozenWeight(nn.Module):
 
     def get(self) -> torch.Tensor:
         """The weight in float32 (the adapter math and the model's float32 activations need it)."""
-        return dequantize_int8(self.q, self.s, torch.float32) if self.int8 else self.w.float()
+        return dequantize(self.q, self.s, torch.float32) if self.dtype in ("int8", "int4") else self.w.float()
 
 
 def _init_A(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:
@@ -148,7 +150,7 @@ class LoRALinear(nn.Module):
 
 class WeightLoRA(nn.Module):
     """Parametrisation W -> W0 + s B A for a weight `[X, I]` or stacked weights `[E, X, I]` (factors
-    stacked over E: one batched matmul). W0 is the frozen base kept here (float32/bf16/int8)."""
+    stacked over E: one batched matmul). W0 is the frozen base kept here (float32/bf16/int8/int4)."""
 
     def __init__(self, w: torch.Tensor, cfg: LoraConfig, g: torch.Generator) -> None:
         super().__init__()
@@ -165,7 +167,7 @@ class WeightLoRA(nn.Module):
 def _parametrize(module: nn.Module, name: str, cfg: LoraConfig, g: torch.Generator) -> None:
     w = getattr(module, name)
     p = WeightLoRA(w.detach().float(), cfg, g)
-    # The original becomes an empty placeholder: the base lives (possibly as int8) in the parametrisation.
+    # The original becomes an empty placeholder: the base lives (possibly as int8/int4) in the parametrisation.
     setattr(module, name, nn.Parameter(torch.empty(0, device=w.device), requires_grad=False))
     parametrize.register_parametrization(module, name, p, unsafe=True)
 
@@ -184,6 +186,8 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
         # it added no adapter: a run of targets=("router",) then failed in backward ("does not require grad")
         raise ValueError("LoRA target 'router': the model is dense (no MoE layer, so no router); its targets are "
                          "attention and experts (its FFN)")
+    if cfg.base_dtype == "int4":
+        _check_int4_targets(model, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -197,13 +201,29 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
                 _parametrize(experts_owner(ffn), "w13", cfg, g)
                 _parametrize(experts_owner(ffn), "w2", cfg, g)
             if "router" in cfg.targets:
-                _parametrize(ffn.gate, "weight", cfg, g)
+                # under int4 the router's base stays float32, as `quant="int4"` inference keeps routers
+                _parametrize(ffn.gate, "weight", replace(cfg, base_dtype="float32") if cfg.base_dtype == "int4"
+                             else cfg, g)
         elif "experts" in cfg.targets:  # a dense model: its FFN stands in for "the experts"
             setattr(ffn, "w13", LoRALinear(ffn.w13, cfg, g))  # noqa: B010 (an nn.Linear slot)
             setattr(ffn, "w2", LoRALinear(ffn.w2, cfg, g))  # noqa: B010
     # Embeddings, norms and the output head stay float32 (frozen): small next to the experts.
     model._lora = cfg  # type: ignore[assignment]
     return model
+
+
+def _check_int4_targets(model: Transformer, cfg: LoraConfig) -> None:
+    """ValueError, before anything changes, unless every weight the adapters target has a multiple of
+    32 inputs per row (int4's groups; the router's base is not int4)."""
+    c = model.config
+    widths = {"attention": (("attention.wqkv", c.dim), ("attention.wo", c.n_heads * c.head_dim)),
+              "experts": (("experts.w13", c.dim), ("experts.w2", c.ffn_dim)), "router": ()}
+    for target in cfg.targets:
+        for name, width in widths[target]:
+            if width % QK:
+                raise ValueError(f"LoRA base dtype 'int4' holds weights in groups of {QK} inputs; {name} has {width} "
+                                 f"inputs per row (target {target!r}): use int8, or another target; the model is "
+                                 "unchanged")
 
 
 def _blocks(model: Transformer) -> list[Block]:
