@@ -3,6 +3,7 @@ int8/bf16 base, PEFT round trip), exact resume of SFT and DPO runs, clear errors
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -1598,3 +1599,43 @@ def test_tokens_per_s_is_the_interval_since_the_last_logged_record(ckpt: Path, c
     logged = [r for r in logged if "loss" in r]
     assert [r["step"] for r in logged] == [2, 4]
     assert [r["tokens_per_s"] for r in logged] == pytest.approx([(toks[0] + toks[1]) / 3, (toks[2] + toks[3]) / 7])
+
+
+def test_an_adapter_trained_over_an_int4_base_is_served_over_the_same_weights(tmp_path: Path) -> None:
+    """LoRA over an int4 base, exported, then served as `mixlab serve --quant int4 --lora-modules` does
+    (`prepare_for_inference(quant="int4")` + `Engine(adapters=)`): each request gets the training model
+    (its held int4 weights plus the adapter) with what serving alone quantises, the output head,
+    dequantised; exact activations (int4_activations="float32")."""
+    from mixlab.config import get_preset
+    from mixlab.engine import Engine, SamplingParams
+    from mixlab.model.inference import prepare_for_inference
+    from mixlab.ops.quant import dequantize_int4
+
+    cfg = get_preset("tiny-moe").replace(vocab_size=128, max_seq_len=128)
+    base = Transformer(cfg).eval()
+    base.init_weights(std=0.5, seed=0)
+    trained = apply_lora(copy.deepcopy(base), LoraConfig(rank=4, alpha=8, base_dtype="int4"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_peft(trained, tmp_path / "a", expert_layout="fused")
+    want = merge(trained)  # float32: the held int4 weights plus the adapter
+    served = prepare_for_inference(copy.deepcopy(base), quant="int4", int4_activations="float32")
+    with torch.no_grad():
+        want.output.weight.copy_(dequantize_int4(served.output.weight, served.output.scale, torch.float32))
+    greedy = dict(max_tokens=6, logprobs=0, ignore_eos=True)
+    prompts = [[5, 9, 17, 33, 2, 64, 7], [11, 3, 90, 41]]
+    engine = Engine(served, max_batch=2, adapters={"a": tmp_path / "a"})
+    hs = [engine.submit(p, SamplingParams(**greedy, adapter="a")) for p in prompts]
+    engine.run_until_idle()
+    for prompt, h in zip(prompts, hs, strict=True):
+        alone = Engine(want, max_batch=1)
+        r = alone.submit(prompt, SamplingParams(**greedy))
+        alone.run_until_idle()
+        got, ref = h.result(), r.result()
+        assert [o.token_id for o in got] == [o.token_id for o in ref]
+        torch.testing.assert_close(torch.tensor([o.logprob for o in got if o.token_id is not None]),
+                                   torch.tensor([o.logprob for o in ref if o.token_id is not None]),
+                                   rtol=1e-4, atol=1e-4)
