@@ -1281,6 +1281,9 @@ def test_trl_setting_names_are_translated(tmp_path: Path) -> None:
                                           r"'lr'\), max_length \(mixlab's name: 'seq_len'\), "
                                           r"per_device_train_batch_size \(mixlab's name: 'batch_size'\); known: "):
         load_finetune_config(f, model="m", data="d.jsonl")
+    f.write_text("gradient_checkpointing = true\n")  # TRL's default, mixlab's --activation-checkpointing
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing \(mixlab's name: 'activation_checkpointing'\)"):
+        load_finetune_config(f, model="m", data="d.jsonl")
 
 
 @pytest.mark.parametrize(("kw", "match"), [
@@ -1639,3 +1642,35 @@ def test_an_adapter_trained_over_an_int4_base_is_served_over_the_same_weights(tm
         torch.testing.assert_close(torch.tensor([o.logprob for o in got if o.token_id is not None]),
                                    torch.tensor([o.logprob for o in ref if o.token_id is not None]),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("task, lora, base", [("sft", 4, "int4"), ("dpo", 0, "float32")])
+def test_activation_checkpointing_gives_the_same_run(ckpt: Path, ckpt4: Path, chat_files: tuple[Path, Path],
+                                                     tmp_path: Path, task: str, lora: int, base: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--activation-checkpointing (TRL's gradient_checkpointing) recomputes each block in backward: the
+    same losses, gradient norms, evaluations and weights, and a resume may switch it on or off."""
+    import mixlab.train.loop as loop
+
+    calls: list[int] = []
+    real = loop.activation_checkpoint
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "activation_checkpoint", counted)
+    kw: dict[str, Any] = dict(task=task, lora_rank=lora, export_peft=False, export_hf=False,
+                              **({"lora_base_dtype": base} if lora else {}))
+    model = ckpt4 if base == "int4" else ckpt
+    data = chat_files[0] if task == "sft" else chat_files[1]
+    plain = finetune(_cfg(model, data, tmp_path / "a", **kw))
+    assert not calls
+    ac = finetune(_cfg(model, data, tmp_path / "b", activation_checkpointing=True, **kw), stop_after=2)
+    assert calls  # the blocks ran through the checkpoint
+    ac2 = finetune(_cfg(model, data, tmp_path / "b", **kw), resume=True)  # switched off on resume
+    for k in ("loss", "grad_norm"):
+        assert [r[k] for r in plain.history] == [r[k] for r in ac.history + ac2.history], k
+    assert plain.evals == ac.evals + ac2.evals
+    for (n, p), (_, q) in zip(plain.model.named_parameters(), ac2.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n

@@ -481,8 +481,10 @@ def test_the_optimizer_settings_are_defined_once_and_the_surface_is_unchanged(tm
     from mixlab.train.settings import OptimizerSettings
 
     assert dataclasses.asdict(TrainConfig()) == TRAIN_SETTINGS_BEFORE
-    # export_hf None since: hf/ for full fine-tuning, for LoRA only when asked (as `mixlab sft` had it)
-    assert dataclasses.asdict(FinetuneConfig()) == {**FINETUNE_SETTINGS_BEFORE, "export_hf": None}
+    # export_hf None since: hf/ for full fine-tuning, for LoRA only when asked (as `mixlab sft` had it);
+    # activation_checkpointing added since (a run's setting: off by default, may change on resume)
+    assert dataclasses.asdict(FinetuneConfig()) == {**FINETUNE_SETTINGS_BEFORE, "export_hf": None,
+                                                    "activation_checkpointing": False}
     shared = {f.name for f in dataclasses.fields(OptimizerSettings)}
     assert shared == {"steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2", "eps", "clip"}
     for cls in (TrainConfig, FinetuneConfig):

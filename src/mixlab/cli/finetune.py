@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
         keys += ("beta", "loss", "label_smoothing")
     over = {k: getattr(args, k) for k in keys}
     over["task"] = task
-    for flag in ("freeze_router", "reference_free", "length_normalize"):
+    for flag in ("freeze_router", "reference_free", "length_normalize", "activation_checkpointing"):
         if getattr(args, flag, False):
             over[flag] = True
     if args.quiet:
@@ -108,6 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--merge", action="store_true", help="LoRA: also write the merged plain checkpoint (out/hf)")
         p.add_argument("--freeze-router", dest="freeze_router", action="store_true",
                        help="keep the router's weights fixed")
+        p.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true",
+                       help="recompute each block's activations in backward: the same run in less memory")
         p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16"), default=None, metavar="{float32,bfloat16}",
                        help="autocast dtype (default float32)")
         p.add_argument("--device", default=None, help="cpu (default) or cuda")

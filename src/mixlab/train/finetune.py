@@ -53,7 +53,14 @@ from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
-from mixlab.train.loop import _Metrics, check_export_folder, check_run_folder, keep_freed_memory, show_step
+from mixlab.train.loop import (
+    _Metrics,
+    check_export_folder,
+    check_run_folder,
+    enable_activation_checkpointing,
+    keep_freed_memory,
+    show_step,
+)
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import IGNORE, lm_loss, router_losses
 from mixlab.train.settings import (
@@ -97,6 +104,9 @@ class FinetuneConfig(OptimizerSettings):
     dtype: str = "float32"  # autocast: float32 (off) or bfloat16
     device: str = "cpu"
     threads: int = 0
+    # recompute each block's activations in backward (TRL's gradient_checkpointing): the same numbers,
+    # less memory (with LoRA on experts: each layer's merged expert weights are not kept for backward)
+    activation_checkpointing: bool = False
     aux_loss_coef: float | None = None  # None: the checkpoint's (MoEConfig.aux_loss_coef)
     freeze_router: bool = False
     # DPO.
@@ -130,7 +140,7 @@ class FinetuneConfig(OptimizerSettings):
 
 
 RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf", "export_peft", "progress",
-            "tensorboard", "device", "threads"}
+            "tensorboard", "device", "threads", "activation_checkpointing"}
 
 
 def load_finetune_config(path: str | Path | None = None, *,
@@ -578,6 +588,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             vref = {"chosen": t["valid.chosen"], "rejected": t["valid.rejected"]}
 
     model.train()
+    if cfg.activation_checkpointing:  # after the reference pass, which keeps nothing for backward anyway
+        enable_activation_checkpointing(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [(n, p) for n, p in named if p.dim() >= 2]
     no_decay = [(n, p) for n, p in named if p.dim() < 2]

@@ -35,7 +35,7 @@ PEER_NAMES = {"learning_rate": "lr", "max_steps": "steps", "warmup_steps": "warm
               "eval_steps": "eval_every", "save_steps": "ckpt_every", "logging_steps": "log_every",
               "save_total_limit": "keep", "output_dir": "out", "model_name_or_path": "model", "loss_type": "loss",
               "lora_r": "lora_rank", "r": "lora_rank", "target_modules": "lora_targets",
-              "lora_target_modules": "lora_targets"}
+              "lora_target_modules": "lora_targets", "gradient_checkpointing": "activation_checkpointing"}
 # What a file may not set, only the command line: how the processes are laid out, whether to resume.
 FLAG_ONLY = {"ep": "--ep", "fsdp": "--fsdp", "resume": "--resume", "auto_resume": "--auto-resume"}
 PATHS = ("data", "valid_data", "out", "model", "init_from", "tokenizer")  # the settings that may name a file
