@@ -7,12 +7,13 @@ mixlab.ops.native`, `mixlab build-kernels`) and tests. Until then `library()` is
 and every kernel choice (`mixlab.ops.registry`) takes PyTorch's kernels, so loading a model and
 running a forward pass never starts a compiler. `MIXLAB_NATIVE=0` turns the kernels off.
 
-The build runs `cc -O3 -march=native -fopenmp` (`$CC` overrides `cc`) once per source version,
-compiler and CPU; the result is cached in `$MIXLAB_CACHE` (default `$XDG_CACHE_HOME/mixlab`, that
-is `~/.cache/mixlab`; where that cannot be written, `$TMPDIR/mixlab-UID` if that folder is ours
-alone) under a name that hashes all three, written to a temporary file and renamed, so concurrent
-builds never load a half-written library; a cached file that is not whole (`intact`: cut short by a
-crash or a full disk) is rebuilt, never loaded (the loader would die of SIGBUS on its missing pages).
+The build runs `cc -O3 -march=native -fopenmp -ffp-contract=off` (`$CC` overrides `cc`; GCC's and
+clang's builds compute the same bits) once per source version, compiler and CPU; the result is
+cached in `$MIXLAB_CACHE` (default `$XDG_CACHE_HOME/mixlab`, that is `~/.cache/mixlab`; where that
+cannot be written, `$TMPDIR/mixlab-UID` if that folder is ours alone) under a name that hashes all
+three, written to a temporary file and renamed, so concurrent builds never load a half-written
+library; a cached file that is not whole (`intact`: cut short by a crash or a full disk) is rebuilt,
+never loaded (the loader would die of SIGBUS on its missing pages).
 Without a compiler, a library an earlier build left for this source and CPU is used; so is one in a
 cache that has become read-only (a container run with --read-only), rather than building again.
 
@@ -199,7 +200,10 @@ def command(cc: str) -> list[str]:
     return [cc] if os.path.isfile(cc) else shlex.split(cc)
 
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+# -ffp-contract=off: `a * b + c` stays two roundings, as PyTorch computes it, with any compiler (GCC's
+# -std=c11 implies it; clang fuses such expressions into FMAs by default, which moved logits past the
+# tests' 1e-4 against PyTorch's and an int4 x int8 rounding tie, one request's greedy tokens with it).
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC")
 
 
 def _home_cache() -> Path:

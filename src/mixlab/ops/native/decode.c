@@ -52,6 +52,7 @@ static int omp_get_num_threads(void) { return 1; }
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -179,8 +180,22 @@ static void swiglu_row(const float* gate, const float* up, float* a, uint16_t* a
 #endif
 #if defined(__AVX512F__)
 #define MX_I8F(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
+/* The sum of v's 16 lanes in one fixed order: lanes l + (l + 8), then + 4, + 2, + 1 (each level's
+   additions are the same whichever operand comes first). Every float32 horizontal sum here is this
+   one (or `reduce16`: 16 at once, same order), never `_mm512_reduce_add_ps`, whose order is the
+   compiler's to choose (GCC's header adds in this order; clang 14's LLVM happens to as well): the
+   products whose bits must match another's (a token's int4 x int8 outputs in panels and one at a
+   time, so a decoding token's beside a prompt chunk and alone) then match with any compiler. GCC
+   compiles it to the additions of its `_mm512_reduce_add_ps` with cheaper shuffles. */
+static inline float hsum(__m512 v) {
+    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))); /* + 8 */
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));              /* + 4 */
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));                                               /* + 2 */
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));                                           /* + 1 */
+}
 static inline float hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+    return hsum(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
 }
 #endif
 
@@ -258,7 +273,7 @@ static inline void dotq_q4(const uint8_t* w, const uint16_t* s, const float* x, 
         const __m512 d = _mm512_set1_ps(f16_to_f32(s[g]));
         for (int q = 0; q < Q; q++) acc[q] = _mm512_fmadd_ps(t[q], d, acc[q]);
     }
-    for (int q = 0; q < Q; q++) out[q] = _mm512_reduce_add_ps(acc[q]);
+    for (int q = 0; q < Q; q++) out[q] = hsum(acc[q]);
 #else
     for (int q = 0; q < Q; q++) {
         float sum = 0.f;
@@ -435,7 +450,7 @@ static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* x
             acc[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw, _mm512_loadu_ps(a->d + c * 16)), acc[q]);
         }
     }
-    for (int q = 0; q < Q; q++) out[q] = _mm512_reduce_add_ps(acc[q]);
+    for (int q = 0; q < Q; q++) out[q] = hsum(acc[q]);
 #else
     for (int q = 0; q < Q; q++) {
         const a8vec* a = xa + q;
@@ -514,7 +529,7 @@ static inline void dotq_q4a8_rows4(const uint8_t* w, const uint16_t* s, const a8
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw, d), acc[i]);
         }
     }
-    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int i = 0; i < 4; i++) out[i] = hsum(acc[i]);
 }
 #undef MX_HI4
 #endif
@@ -533,8 +548,8 @@ static inline void dot4_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, i
         a2 = _mm512_dpbf16_ps(a2, wv, MX_BF(x + 2 * ld + k));
         a3 = _mm512_dpbf16_ps(a3, wv, MX_BF(x + 3 * ld + k));
     }
-    s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
-    s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
+    s[0] = hsum(a0), s[1] = hsum(a1);
+    s[2] = hsum(a2), s[3] = hsum(a3);
 #endif
     for (; k < K; k++)
         for (int q = 0; q < 4; q++) s[q] += bf16_to_f32(w[k]) * bf16_to_f32(x[q * ld + k]);
@@ -553,8 +568,7 @@ static inline void dot4_bf16(const uint16_t* w, const uint16_t* x, int64_t ld, i
             a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 2 * ld + k), a2);                                      \
             a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 3 * ld + k), a3);                                      \
         }                                                                                                       \
-        float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),             \
-                      _mm512_reduce_add_ps(a3)};                                                                \
+        float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};                                                   \
         for (; k < K; k++)                                                                                      \
             for (int q = 0; q < 4; q++) s[q] += w[k] * x[q * ld + k];                                           \
         for (int q = 0; q < 4; q++) out[q] = s[q];                                                              \
@@ -843,7 +857,7 @@ static uint16_t* thread_buf(int slot, int64_t n) {
    the 16 lanes' weight scales as float32, `dotq_q4a8`'s masked loads included), which then serves
    every token in tiles of 4 rows x 3 tokens: per lane the same integer sums (`corr` + two
    `vpdpbusd`), the same float product of the two scales and the same `fmadd` chain over the blocks,
-   and the 16 sums of a tile reduced together (`reduce16`) in `_mm512_reduce_add_ps`'s order. A tile
+   and the 16 sums of a tile reduced together (`reduce16`) in `hsum`'s order. A tile
    keeps the rows' 12 vectors (`MX_IN_REG`) and its 12 sums in registers and loads each token's 4
    vectors once per block: 2 loads per 5 vector operations (GCC, left alone, reloaded the rows for
    every token: 6, and 0.63x the speed). The engine's 512-token prefill step of int4 mini-moe takes
@@ -852,8 +866,7 @@ static uint16_t* thread_buf(int slot, int64_t n) {
 #define MX_A8P 16 /* rows per unpacked panel */
 #define MX_A8B 192 /* bytes per row and 128 inputs: low nibbles, high nibbles, scales */
 
-/* out[i] = v[i]'s 16 lanes summed as GCC's `_mm512_reduce_add_ps` sums them: lanes l + (l + 8), then
-   + 4, + 2, + 1 (each level's additions are the same whichever operand comes first). */
+/* out[i] = hsum(v[i]) for 16 vectors at once: lanes l + (l + 8), then + 4, + 2, + 1. */
 static inline void reduce16(const __m512* v, float* out) {
     __m512 u[8], w[4], x[2];
     for (int p = 0; p < 8; p++) /* 128-bit lanes [a L0+L2, a L1+L3, b L0+L2, b L1+L3], a = v[2p], b = v[2p+1] */
@@ -1166,7 +1179,7 @@ __attribute__((noinline)) static int64_t gemm_panels(mat m, const float* X, cons
             const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);                                                   \
             for (int q = 0; q < Q; q++) a[q] = _mm512_dpbf16_ps(a[q], wv, MX_BF(x + q * K + k));             \
         }                                                                                                      \
-        for (int q = 0; q < Q; q++) out[q] = _mm512_reduce_add_ps(a[q]);                                       \
+        for (int q = 0; q < Q; q++) out[q] = hsum(a[q]);                                                       \
     }
 MX_ROWI8(1)
 MX_ROWI8(2)
@@ -1333,7 +1346,7 @@ static void gemm_rows_inv(mat m, const float* X, const uint16_t* XB, int64_t M, 
 #if defined(__AVX512F__)
                 __m512 a = _mm512_setzero_ps();
                 for (; k + 16 <= K; k += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(X + j * K + k), a);
-                s = _mm512_reduce_add_ps(a);
+                s = hsum(a);
 #endif
                 for (; k < K; k++) s += w[k] * X[j * K + k];
                 Y[j * ldy + r] = s;
@@ -1571,7 +1584,7 @@ static inline float dot_row(const float* q, const void* row, int ct, int64_t Hd)
 #if defined(__AVX512F__)
     __m512 acc = _mm512_setzero_ps();
     for (; i + 16 <= Hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16_row(row, ct, i), acc);
-    s = _mm512_reduce_add_ps(acc);
+    s = hsum(acc);
 #endif
     for (; i < Hd; i++) s += q[i] * load_elem(row, ct, i);
     return s;
@@ -1661,7 +1674,7 @@ static void attn_softmax(const mx_model* m, float* sc, const int64_t* cpos, int6
             _mm512_storeu_ps(sc + s, e);
             sv = _mm512_add_ps(sv, e);
         }
-        sum = _mm512_reduce_add_ps(sv);
+        sum = hsum(sv);
     }
 #endif
     for (; s < n; s++) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : expf(sc[s] - mx));
@@ -2452,7 +2465,7 @@ static void attend_chunk(const mx_model* m, const mx_batch* p, int64_t l, int64_
                 _mm512_storeu_ps(sc + j * Cp + b, e);
                 sum = _mm512_add_ps(sum, e);
             }
-            inv[j] = 1.f / _mm512_reduce_add_ps(sum);
+            inv[j] = 1.f / hsum(sum);
         }
         for (int64_t i = 0; i < Hd; i++) {
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -2462,7 +2475,7 @@ static void attend_chunk(const mx_model* m, const mx_batch* p, int64_t l, int64_
             }
             for (int j = 0; j < Q; j++) {
                 const int64_t u = u0 + j, t = t0 + u / R;
-                p->att[t * QD + (g * R + u % R) * Hd + i] = _mm512_reduce_add_ps(acc[j]) * inv[j];
+                p->att[t * QD + (g * R + u % R) * Hd + i] = hsum(acc[j]) * inv[j];
             }
         }
 #else
@@ -2803,9 +2816,10 @@ int mx_cpu_features(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
         bits |= MX_SIMD_AVX512;
-#if (defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && __GNUC__ >= 12)
-    if (bits && __builtin_cpu_supports("avx512bf16")) bits |= MX_SIMD_AVX512_BF16;
-#endif
+    /* AVX512-BF16 from cpuid (leaf 7, subleaf 1, EAX bit 5): clang before 16 has no "avx512bf16" for
+       `__builtin_cpu_supports`, and its libraries were refused on every CPU with it */
+    unsigned a, b, c, d;
+    if (bits && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1)) bits |= MX_SIMD_AVX512_BF16;
     if (bits && __builtin_cpu_supports("avx512vnni")) bits |= MX_SIMD_AVX512_VNNI;
 #endif
     return bits;
