@@ -452,10 +452,7 @@ def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool
     ]
     if quant is not None:
         from mixlab.model.inference import prepare_for_inference
-        from mixlab.ops import native
 
-        if not native.fast_int8_activations():
-            pytest.skip("no AVX512-VNNI: int4 products are not rounded to int8 here")
         base = prepare_for_inference(base, quant=quant)
         assert base.native_decoder is not None and base.native_decoder.act8
     assert _native_steps_equal_the_pytorch_pass(base, factors, steps) == set("abcd")

@@ -196,13 +196,6 @@ def test_native_int4_decode_steps_equal_the_dequantised_model(preset, group):
 # and with the exact product within the rounding's worst case (half a step, max|x| / 254, per input).
 
 
-def _native_a8():
-    native = _native()
-    if not native.fast_int8_activations():
-        pytest.skip("no AVX512-VNNI: the int8-activation kernels are not used here")
-    return native
-
-
 def test_round_activations_q8_is_llama_cpp_q8_0():
     gguf = pytest.importorskip("gguf")
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(3)) * 3
@@ -220,7 +213,7 @@ def test_native_int8_rounding_is_round_activations_q8_bit_for_bit():
     """decode.c's `quant_a8` rounds as `round_activations_q8` does, bit for bit: through an int4
     identity matrix (each row one weight 1, exact in int4) the kernel returns the rounded inputs,
     with ties (x * 127 / max|x| = k + 1/2) to even, an all-zero block and a partial block of 128."""
-    native = _native_a8()
+    native = _native()
     D = 352  # 2 blocks of 128 and a partial one
     g = torch.Generator().manual_seed(7)
     x = torch.randn(5, D, generator=g) * torch.rand(5, D // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
@@ -238,7 +231,7 @@ def test_native_int8_rounding_is_round_activations_q8_bit_for_bit():
                                           (128, 384), (128, 640)])
 @pytest.mark.parametrize("rows", [1, 3, 5, 17])
 def test_native_int4_int8_activations_equal_the_rounded_reference(group, D, rows):
-    native = _native_a8()
+    native = _native()
     g = torch.Generator().manual_seed(rows * 1000 + D)
     q, s = quantize_int4(torch.randn(74, D, generator=g), group)  # 74: batch 1 runs rows 4 at a time, and the rest
     x = torch.randn(rows, D, generator=g) * torch.rand(rows, D // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
@@ -262,7 +255,7 @@ def test_native_int4_int8_activations_equal_the_rounded_reference(group, D, rows
                                                              (128, 640, 33, 130), (32, 3584, 50, 24),
                                                              (32, 1120, 48, 65)])
 def test_native_int4_int8_activations_many_tokens_equal_one_at_a_time_bit_for_bit(group, D, rows, tokens):
-    native = _native_a8()
+    native = _native()
     g = torch.Generator().manual_seed(D + tokens)
     q, s = quantize_int4(torch.randn(rows, D, generator=g), group)  # rows: whole panels of 16 and the rest
     block_scales = torch.rand(tokens, D // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
@@ -282,7 +275,7 @@ def test_a_decoding_requests_logprobs_do_not_depend_on_a_prompt_chunk_in_its_ste
     from mixlab.engine import Engine, SamplingParams
     from mixlab.engine.runner import Runner
 
-    _native_a8()
+    _native()
     int4 = prepare_for_inference(_model("tiny-moe"), quant="int4")
     assert int4.native_decoder is not None and int4.native_decoder.act8
     g = torch.Generator().manual_seed(11)
@@ -319,7 +312,7 @@ def test_a_decoding_requests_logprobs_do_not_depend_on_a_prompt_chunk_in_its_ste
 def test_native_int4_decode_with_int8_activations(preset, group):
     """A decode step with int8 activations equals the exact (float32) one within the activations'
     rounding: logits within 2% (relative Frobenius) and the same greedy tokens on a random model."""
-    _native_a8()
+    _native()
     model = _model(preset)
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     outs = {}
@@ -347,7 +340,7 @@ def test_native_int4_decode_with_int8_activations(preset, group):
 def test_pytorch_pass_equals_the_native_step(preset, group, mode):
     """The logits of PyTorch's pass over int4 weights (a prefill through the model's forward) equal
     the native decoding steps' at the same positions within float32 summation order."""
-    _native_a8()
+    _native()
     int4 = prepare_for_inference(_model(preset), quant="int4", group=group, int4_activations=mode)
     dec = int4.native_decoder
     assert dec is not None and dec.act8 == (mode == "int8")
@@ -360,6 +353,50 @@ def test_pytorch_pass_equals_the_native_step(preset, group, mode):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+# A model's numerics are its `int4_activations` alone: PyTorch's pass rounded only once the native
+# kernels were loaded and where they had AVX512-VNNI, so the same model's logits moved by ~1e-2 after
+# anything in the process prepared a model, and differed between machines and with MIXLAB_NATIVE=0.
+
+
+@pytest.mark.parametrize("mode", ["int8", "float32"])
+def test_int4_linear_without_the_kernels_follows_the_mode(mode, monkeypatch):
+    """Without the native kernels (MIXLAB_NATIVE=0) an int4 linear is PyTorch's matmul of the
+    dequantised weight by x, rounded to int8 per block of 32 in mode "int8", bit for bit."""
+    monkeypatch.setenv("MIXLAB_NATIVE", "0")
+    g = torch.Generator().manual_seed(5)
+    lin = Int4Linear(torch.nn.Linear(256, 40, bias=False), group=32)
+    lin.int8_activations = mode == "int8"
+    x = torch.randn(3, 256, generator=g)
+    w = dequantize_int4(lin.weight, lin.scale, torch.float32)
+    want = (round_activations_q8(x) if mode == "int8" else x) @ w.T
+    assert torch.equal(lin(x), want)
+
+
+@pytest.mark.parametrize("mode", ["int8", "float32"])
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
+@pytest.mark.parametrize("absent", ["not loaded", "MIXLAB_NATIVE=0"])
+def test_int4_logits_do_not_depend_on_the_native_kernels_being_loaded(preset, mode, absent, monkeypatch):
+    """The same int4 model's forward with the native kernels and without them (not loaded yet, as
+    before anything prepared a model in the process, or turned off) gives the same logits within
+    float32 summation order, in both modes; "int8" is not "float32" (the rounding is there)."""
+    native = _native()
+    int4 = prepare_for_inference(_model(preset), quant="int4", int4_activations=mode)
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        loaded = int4(tokens)
+        with monkeypatch.context() as m:
+            if absent == "not loaded":
+                m.setattr(native, "_lib", None)
+            else:
+                m.setenv("MIXLAB_NATIVE", "0")
+            assert native.library() is None
+            without = int4(tokens)
+        int4.int4_activations = "float32" if mode == "int8" else "int8"
+        other = int4(tokens)
+    torch.testing.assert_close(without, loaded, atol=1e-4, rtol=1e-4)
+    assert float((other - loaded).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("mode", ["int8", "float32"])
 def test_a_step_of_more_than_512_tokens_equals_each_requests_run_alone(mode, monkeypatch):
     """An engine step of more tokens than the native call takes (12 prompts of 48 tokens in one step
@@ -370,7 +407,7 @@ def test_a_step_of_more_than_512_tokens_equals_each_requests_run_alone(mode, mon
     from mixlab.engine import Engine, SamplingParams
     from mixlab.engine.runner import Runner
 
-    _native_a8()
+    _native()
     int4 = prepare_for_inference(_model("tiny-moe"), quant="int4", int4_activations=mode)
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 256, (48,), generator=g).tolist() for _ in range(12)]

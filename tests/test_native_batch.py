@@ -135,7 +135,7 @@ def test_quantised_weights(quant):
 
 
 def test_int4_with_int8_activations_equals_single_runs():
-    """int4 weights x int8-rounded activations (the default where AVX512-VNNI runs them): the batched
+    """int4 weights x int8-rounded activations (the default): the batched
     step rounds each row as the batch-1 step does."""
     _compare(_model(quant="int4", act="int8"), 17, steps=3, peers=("single",))
 

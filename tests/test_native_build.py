@@ -285,42 +285,63 @@ def test_switches_from_the_environment_take_the_usual_spellings(monkeypatch: pyt
     assert env_on("MIXLAB_CUDA_GRAPHS")
 
 
-@pytest.mark.slow  # builds decode.c twice (~15 s)
-@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("clang")), reason="needs gcc and clang")
-def test_gcc_and_clang_builds_compute_the_same_bits(tmp_path, monkeypatch):
-    """decode.c built by GCC and by clang (`CC=clang`) gives the same bits: int4 x int8 products in
-    panels (100 tokens) and one token at a time, and whole decoding steps of a float32 and an int4
-    model. They did not: clang fused `a * b + c` into FMAs where GCC (-std=c11) rounds twice
-    (logits 1e-4 apart, an int4 rounding tie moving a greedy token: now -ffp-contract=off), the
-    horizontal sums were `_mm512_reduce_add_ps`, whose order is the compiler's (now `hsum`), and
-    clang 14's library was refused on CPUs with AVX512-BF16 (its `__builtin_cpu_supports` lacks it)."""
+
+def _bits_of_a_build(cc: str, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """What decode.c built by `cc` computes (in its own library, cache `$MIXLAB_CACHE`): int4 x int8
+    products (100 tokens in panels, one token) and the native decoding steps of a float32 and an
+    int4 model (int8 activations, the default)."""
     from mixlab.cache import KVCache
     from mixlab.config import get_preset
     from mixlab.model import Transformer
     from mixlab.model.inference import prepare_for_inference
     from mixlab.ops.quant import quantize_int4
 
-    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", cc)
+    lib, simd = native.load_library(native.build())
+    if not simd & native.SIMD_AVX512:
+        pytest.skip("no AVX-512: the kernels are not used here")
+    monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr(native, "_simd", simd)
     g = torch.Generator().manual_seed(0)
     q, s = quantize_int4(torch.randn(40, 1120, generator=g), 32)
     x = torch.randn(100, 1120, generator=g)
+    out = [native.linear(x, q, s, act8=True), native.gemv(q, x[7], s, act8=True)]
     model = Transformer(get_preset("tiny-moe"))
     model.init_weights(seed=0, std=0.1)
     tokens = torch.randint(0, 256, (1, 10), generator=g)
-    out: dict[str, list[torch.Tensor]] = {}
-    for cc in ("gcc", "clang"):
-        monkeypatch.setenv("CC", cc)
-        lib, simd = native.load_library(native.build())
-        if not simd & native.SIMD_AVX512:
-            pytest.skip("no AVX-512: the kernels are not used here")
-        monkeypatch.setattr(native, "_lib", lib)
-        monkeypatch.setattr(native, "_simd", simd)
-        out[cc] = [native.linear(x, q, s, act8=True), native.gemv(q, x[7], s, act8=True)]
-        for quant in (None, "int4"):
-            m = prepare_for_inference(copy.deepcopy(model).eval(), quant=quant)
-            assert m.native_decoder is not None
-            cache = KVCache(m.config, batch_size=1, max_len=10, dtype=torch.float32)
-            with torch.inference_mode():
-                m(tokens[:, :4], cache=cache)
-                out[cc] += [m.native_decoder.step(int(tokens[0, t]), t, cache) for t in range(4, 10)]
-    assert all(torch.equal(a, b) for a, b in zip(out["gcc"], out["clang"], strict=True))
+    for quant in (None, "int4"):
+        m = prepare_for_inference(copy.deepcopy(model).eval(), quant=quant)
+        assert m.native_decoder is not None and m.native_decoder.act8 == (quant == "int4")
+        cache = KVCache(m.config, batch_size=1, max_len=10, dtype=torch.float32)
+        with torch.inference_mode():
+            m(tokens[:, :4], cache=cache)
+            out += [m.native_decoder.step(int(tokens[0, t]), t, cache) for t in range(4, 10)]
+    return out
+
+
+@pytest.mark.slow  # builds decode.c twice (~15 s)
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("clang")), reason="needs gcc and clang")
+def test_gcc_and_clang_builds_compute_the_same_bits(tmp_path, monkeypatch):
+    """decode.c built by GCC and by clang (`CC=clang`) gives the same bits (`_bits_of_a_build`). They
+    did not: clang fused `a * b + c` into FMAs where GCC (-std=c11) rounds twice (logits 1e-4 apart,
+    an int4 rounding tie moving a greedy token: now -ffp-contract=off), the horizontal sums were
+    `_mm512_reduce_add_ps`, whose order is the compiler's (now `hsum`), and clang 14's library was
+    refused on CPUs with AVX512-BF16 (its `__builtin_cpu_supports` lacks it)."""
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))
+    gcc, clang = _bits_of_a_build("gcc", monkeypatch), _bits_of_a_build("clang", monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(gcc, clang, strict=True))
+
+
+@needs_cc
+@pytest.mark.slow  # builds decode.c twice (~15 s)
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 SIMD flags")
+def test_a_cpu_without_avx512_vnni_rounds_int4_activations_to_the_same_bits(tmp_path, monkeypatch):
+    """A CPU with AVX-512 but no VNNI (Skylake-SP/X), simulated by a library built without it: int4
+    models still multiply int8-rounded activations (their `int4_activations`), in the same integer
+    sums from AVX512-BW, so the same bits as with VNNI. Its native steps multiplied exact float32
+    activations instead: other logits than the same model's elsewhere."""
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))
+    with_vnni = _bits_of_a_build(CC, monkeypatch)
+    assert not native.load_library(native.build(f"{CC} -mno-avx512vnni"))[1] & native.SIMD_AVX512_VNNI
+    without = _bits_of_a_build(f"{CC} -mno-avx512vnni", monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(with_vnni, without, strict=True))

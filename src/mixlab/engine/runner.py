@@ -37,7 +37,7 @@ scatter); the feed-forward block of a layer an adapter adapts runs the router wi
 its logits, then the (token, slot) pairs grouped by expert, each adapter's pairs a range of its
 expert's, the updates inside the SwiGLU (`_adapted_ffn`). The products of a few rows read the native
 decoder's panels of a bf16 weight where it keeps them (`_product`), as its own steps do. Over int4
-weights whose native steps round activations to int8 (`int4_activations`, the default), the PyTorch
+weights whose activations are rounded to int8 (`int4_activations`, the default), the PyTorch
 pass rounds them the same way before each int4 product (`ops.quant.rounds_activations`: a step of
 more tokens than the native call takes), as a native step does whatever its row count (decode.c's
 `gemm_panels_a8` for 64 rows or more: the integer sums of the few-row kernels), so the two compute

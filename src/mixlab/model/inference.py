@@ -153,13 +153,13 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
     int4 weights (a GGUF Q4_0 file) keeps them; with `quant="int4"` its float matrices become int4
     too, in the same groups (another `group` is refused), else they stay as they are. Any other
-    prepared model is refused. `int4_activations`: how native decoding multiplies int4 weights,
-    "int8" (activations rounded to int8 per block of 32, as llama.cpp does; the default, fast) or
-    "float32" (exact; what offloaded experts always do, so "int8" is refused for them); see
-    `mixlab.model.native`. `decoder=False`: no native whole-model decoder is attached (expert
-    parallelism: each process holds a share of the experts and its MoE layers exchange rows by
-    all-to-all in PyTorch's forward, which the decoder would bypass); without one, float weights
-    are packed."""
+    prepared model is refused. `int4_activations`: how int4 weights multiply activations in every
+    path (native decoding and PyTorch's pass), "int8" (rounded to int8 per block of 32, as llama.cpp
+    does; the default, fast) or "float32" (exact; what offloaded experts always do, so "int8" is
+    refused for them); see `mixlab.model.native`. `decoder=False`: no native whole-model decoder is
+    attached (expert parallelism: each process holds a share of the experts and its MoE layers
+    exchange rows by all-to-all in PyTorch's forward, which the decoder would bypass); without one,
+    float weights are packed."""
     check_model(model)
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")

@@ -98,12 +98,13 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"native decoding: {name} has shape {tuple(t.shape)}, the config says {want}")
 
 
-# How int4 weights multiply activations in native decoding: "int8" rounds each activation vector to
-# int8 per block of 32 inputs (llama.cpp's Q8_0) and uses integer dot products (AVX512-VNNI), about 4x
-# less work per weight, which is what lets a step run at the memory's speed (BENCHMARKS.md); "float32"
+# How int4 weights multiply activations: "int8" rounds each activation vector to int8 per block of 32
+# inputs (llama.cpp's Q8_0) and uses integer dot products (AVX512-VNNI, or AVX512-BW's same sums), about
+# 4x less work per weight, which is what lets a step run at the memory's speed (BENCHMARKS.md); "float32"
 # multiplies the float32 activations exactly (the reference the tests compare the kernels against).
-# A model's choice: `prepare_for_inference(int4_activations=...)` (the property `int4_activations`,
-# which PyTorch's pass follows too: `mixlab.ops.quant.rounds_activations`).
+# A model's choice, `prepare_for_inference(int4_activations=...)` (the property `int4_activations`),
+# which every path follows whatever the CPU or whether the kernels are loaded: the native steps and
+# PyTorch's pass (`mixlab.ops.quant.rounds_activations`).
 INT4_ACTIVATIONS = ("int8", "float32")
 DEFAULT_INT4_ACTIVATIONS = "int8"
 
@@ -149,8 +150,7 @@ class NativeDecoder:
         w_out, s_out = _weight(model.output)
         if w_out.dtype not in native.TYPE_CODES and w_out.dtype != torch.uint8:
             raise ValueError(f"native decoding supports float32, bf16, int8 and int4 weights, not {w_out.dtype}")
-        # int8 activations only where VNNI runs them (elsewhere their portable loop is slower than float32's)
-        self.act8 = w_out.dtype == torch.uint8 and int4_activations(model) == "int8" and native.fast_int8_activations()
+        self.act8 = w_out.dtype == torch.uint8 and int4_activations(model) == "int8"
         wt = native.type_code(w_out, s_out, act8=self.act8)
 
         def scales(w: torch.Tensor, s: torch.Tensor | None) -> int | None:

@@ -172,10 +172,10 @@ class Transformer(nn.Module):
     @property
     def int4_activations(self) -> str | None:
         """How int4 weights multiply activations: "int8" (None: the default) rounded per block of 32
-        (`mixlab.ops.quant.round_activations_q8`) where the native kernels run them, or "float32"
-        exact ones (`model.native.INT4_ACTIVATIONS`). Setting it sets every int4 module's
-        `int8_activations` (`Int4Linear`, `Int4Experts`), so that PyTorch's pass multiplies what the
-        native steps multiply, at any row count."""
+        (`mixlab.ops.quant.round_activations_q8`), or "float32" exact ones
+        (`model.native.INT4_ACTIVATIONS`), in every path, with or without the native kernels. Setting
+        it sets every int4 module's `int8_activations` (`Int4Linear`, `Int4Experts`), so that
+        PyTorch's pass multiplies what the native steps multiply, at any row count."""
         return self._int4_activations
 
     @int4_activations.setter

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlab.ops import native, registry
+from mixlab.ops import registry
 
 
 def quantize_int8(w_XD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +104,12 @@ def round_activations_q8(x_ND: torch.Tensor) -> torch.Tensor:
 
 def rounds_activations(m: nn.Module) -> bool:
     """Whether int4 module `m` (`Int4Linear`, `Int4Experts`) multiplies its weights by activations
-    rounded to int8 (`round_activations_q8`): its model's `int4_activations` is "int8" (the default)
-    and the native kernels that round them run here (AVX512-VNNI), as the model's native steps then
-    do; so PyTorch's pass (long steps, adapters' steps) computes the products those steps compute."""
-    return bool(getattr(m, "int8_activations", False)) and native.fast_int8_activations()
+    rounded to int8 (`round_activations_q8`): whenever its model's `int4_activations` is "int8" (the
+    default), as the model's native steps then do on any AVX-512 CPU (with or without VNNI) and as
+    llama.cpp's Q4_0 x Q8_0 always does; so PyTorch's pass (a forward, long steps, adapters' steps)
+    computes the products those steps compute, and a model's numerics never depend on whether the
+    native kernels are loaded (`MIXLAB_NATIVE=0`, no compiler, before `native.load()`) or the CPU."""
+    return bool(getattr(m, "int8_activations", False))
 
 
 def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor, *, act8: bool = False) -> torch.Tensor:

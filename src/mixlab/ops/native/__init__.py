@@ -405,12 +405,6 @@ def fast(dtype: torch.dtype) -> bool:
     return bool(_simd & (SIMD_AVX512_BF16 if dtype == torch.bfloat16 else SIMD_AVX512))
 
 
-def fast_int8_activations() -> bool:
-    """Whether the loaded kernels multiply int4 weights by int8-rounded activations with AVX512-VNNI
-    here (MX_Q4_*_A8; without VNNI they run a correct but slow portable loop)."""
-    return fast(torch.uint8) and bool(_simd & SIMD_AVX512_VNNI)
-
-
 def _need() -> ctypes.CDLL:
     if _lib is None:
         raise RuntimeError("native kernels not loaded (mixlab.ops.native.load())")

@@ -417,12 +417,29 @@ static a8vec* a8_rows(const float* X, int64_t M, int64_t K) {
     return a8_round(0, X, M, K);
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+/* The vectorised int4 x int8 kernels (every `#if defined(MX_A8_SIMD)`) need AVX512-BW and VL, and
+   take `vpdpbusd` (AVX512-VNNI) where the CPU has it; without it (Skylake-SP/X) the same integer
+   sums from AVX512-BW: codes 0..15 times int8 summed in pairs to int16 (at most 2 x 15 x 128 in
+   magnitude: never saturated), pairs to int32. So a model's int4 x int8 products are the same bits
+   with and without VNNI, and never fall back to float32 activations (a model's numerics are its
+   `int4_activations`, not its CPU's). */
+#define MX_A8_SIMD 1
+static inline __m512i dpbusd(__m512i acc, __m512i u4, __m512i s8) { /* u4: unsigned codes 0..15 */
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, u4, s8);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u4, s8), _mm512_set1_epi16(1)));
+#endif
+}
+#endif
+
 /* out[q] = int4 row w (K/2 bytes, float16 scales s per group of G) . rows xa[0..Q) (Q <= 4). */
 static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* xa, int64_t K, int64_t G, int Q,
                              float* out) {
     const int64_t Kp = a8_kp(K), ns = 128 / G; /* scales per 128 inputs */
     (void)ns;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(MX_A8_SIMD)
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     /* lane l (chunk l / 4) takes scale (l / 4) * 32 / G of its 128 inputs */
     const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -445,8 +462,8 @@ static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* x
         for (int q = 0; q < Q; q++) {
             const a8vec* a = xa + q;
             __m512i t = _mm512_loadu_si512(a->corr + c * 16);
-            t = _mm512_dpbusd_epi32(t, blo, _mm512_loadu_si512(a->q + c * 128));
-            t = _mm512_dpbusd_epi32(t, bhi, _mm512_loadu_si512(a->q + c * 128 + 64));
+            t = dpbusd(t, blo, _mm512_loadu_si512(a->q + c * 128));
+            t = dpbusd(t, bhi, _mm512_loadu_si512(a->q + c * 128 + 64));
             acc[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw, _mm512_loadu_ps(a->d + c * 16)), acc[q]);
         }
     }
@@ -473,7 +490,7 @@ static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* x
 #endif
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(MX_A8_SIMD)
 #define MX_HI4(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), m4)
 #ifndef MX_Q4_PREFETCH
 #define MX_Q4_PREFETCH 16384
@@ -509,8 +526,8 @@ static inline void dotq_q4a8_rows4(const uint8_t* w, const uint16_t* s, const a8
             const __m512i b = _mm512_loadu_si512(w + i * rb + c * 64);
             const __m128i sh = ns == 4 ? _mm_loadl_epi64((const __m128i*)(s + i * rs + c * 4))
                                        : _mm_maskz_loadu_epi16(smask, s + i * rs + c * ns);
-            __m512i t = _mm512_dpbusd_epi32(corr, _mm512_and_si512(b, m4), xl);
-            t = _mm512_dpbusd_epi32(t, MX_HI4(b), xh);
+            __m512i t = dpbusd(corr, _mm512_and_si512(b, m4), xl);
+            t = dpbusd(t, MX_HI4(b), xh);
             const __m512 sw = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_cvtph_ps(sh)));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw, d), acc[i]);
         }
@@ -523,8 +540,8 @@ static inline void dotq_q4a8_rows4(const uint8_t* w, const uint16_t* s, const a8
         for (int i = 0; i < 4; i++) {
             const __m512i b = _mm512_maskz_loadu_epi8(((__mmask64)1 << (left / 2)) - 1, w + i * rb + c * 64);
             const __m128i sh = _mm_maskz_loadu_epi16((__mmask8)((1u << (left / G)) - 1), s + i * rs + c * ns);
-            __m512i t = _mm512_dpbusd_epi32(corr, _mm512_and_si512(b, m4), xl);
-            t = _mm512_dpbusd_epi32(t, MX_HI4(b), xh);
+            __m512i t = dpbusd(corr, _mm512_and_si512(b, m4), xl);
+            t = dpbusd(t, MX_HI4(b), xh);
             const __m512 sw = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_cvtph_ps(sh)));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw, d), acc[i]);
         }
@@ -789,7 +806,7 @@ static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ld
                          const seg* then) {
     const int64_t K = m.K, G = q4_group(m.wt);
     int64_t r = r0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(MX_A8_SIMD)
     if (M == 1) { /* batch-1 decoding: four rows at a time, prefetching ahead (into `then` past r1) */
         const int64_t rb = K / 2, rs = K / G, end = r1 * rb;
         const int64_t ahead = (MX_Q4_PREFETCH + 4 * rb - 1) / (4 * rb) * (4 * rb); /* whole groups of 4 rows */
@@ -832,7 +849,7 @@ static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ld
 /* From how many tokens a product runs in panels (`gemm_panels`, `gemm_panels_a8`). */
 static inline int64_t big_min_tokens(int64_t K) { return K > 2048 ? 24 : 64; }
 
-#if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
+#if defined(__AVX512BF16__) || defined(MX_A8_SIMD)
 /* A grown-as-needed per-thread buffer of n uint16 (kept for the thread's lifetime), or null when
    memory runs out. Slots: 0 the packed panel, 1 int8 rows dequantised to bf16 (or int4 rows
    unpacked, `gemm_panels_a8`), 2 the activations rounded to bf16. */
@@ -848,7 +865,7 @@ static uint16_t* thread_buf(int slot, int64_t n) {
 }
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(MX_A8_SIMD)
 /* Many tokens against int4 weights with int8 activations (MX_Q4_*_A8: prompt chunks, an expert's
    many rows): `dotq_q4a8`'s arithmetic in register tiles, so that a token's outputs never depend on
    how many tokens share its step (the bf16 panels these replace, weights and activations rounded to
@@ -934,7 +951,7 @@ static inline __attribute__((always_inline)) void tile_q4a8(const char* P, const
             const __m512i cr = _mm512_loadu_si512(xa[q].corr + c * 16);
             const __m512 d = _mm512_loadu_ps(xa[q].d + c * 16);
             for (int i = 0; i < MX_A8R; i++) {
-                const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cr, blo[i], xl), bhi[i], xh);
+                const __m512i t = dpbusd(dpbusd(cr, blo[i], xl), bhi[i], xh);
                 acc[MX_A8Q * i + q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw[i], d), acc[MX_A8Q * i + q]);
             }
         }
@@ -1373,7 +1390,7 @@ static void gemm_rows(mat m, const float* X, const uint16_t* XB, int64_t M, floa
         gemm_rows_inv(m, X, XB, M, Y, ldy, r0, r1);
         return;
     }
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(MX_A8_SIMD)
     if (is_q4a8(m.wt) && M >= big_min_tokens(m.K)) r0 = gemm_panels_a8(m, X, M, Y, ldy, r0, r1); /* many tokens */
 #endif
 #if defined(__AVX512BF16__)

@@ -38,8 +38,9 @@ enum {
     MX_Q4_128 = 5,
     /* The same int4 weights, multiplied by activations rounded to int8 per block of 32 inputs
        (llama.cpp's Q8_0: d = max|x| / 127, q = round-to-even(x * 127 / max|x|)), with integer dot
-       products (AVX512-VNNI `vpdpbusd`): about 4x less work per weight than the float32 path above,
-       which cannot keep up with the memory. Not exact: decode.c `quant_a8` and mixlab.ops.quant
+       products (AVX512-VNNI `vpdpbusd`; without VNNI the same sums from AVX512-BW): about 4x less
+       work per weight than the float32 path above, which cannot keep up with the memory. Not
+       exact: decode.c `quant_a8` and mixlab.ops.quant
        `round_activations_q8` (the reference the tests compare against) describe the rounding. */
     MX_Q4_32_A8 = 6,
     MX_Q4_64_A8 = 7,
@@ -50,7 +51,7 @@ enum {
 enum {
     MX_SIMD_AVX512 = 1,      /* AVX-512F (+BW/VL): float32 and int8 kernels */
     MX_SIMD_AVX512_BF16 = 2, /* AVX512-BF16: bf16 kernels */
-    MX_SIMD_AVX512_VNNI = 4, /* AVX512-VNNI: int4 x int8 kernels (MX_Q4_*_A8) */
+    MX_SIMD_AVX512_VNNI = 4, /* AVX512-VNNI: `vpdpbusd` in the int4 x int8 kernels (MX_Q4_*_A8) */
 };
 
 typedef struct { /* one layer's weights; scales are NULL unless wt == MX_I8; router NULL when dense */
