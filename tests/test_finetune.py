@@ -1674,3 +1674,27 @@ def test_activation_checkpointing_gives_the_same_run(ckpt: Path, ckpt4: Path, ch
     assert plain.evals == ac.evals + ac2.evals
     for (n, p), (_, q) in zip(plain.model.named_parameters(), ac2.model.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("base_dtype, tied", [("int4", False), ("int8", True), ("float32", False)])
+def test_a_lora_model_is_loaded_a_block_at_a_time(tmp_path: Path, base_dtype: str, tied: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load_with_lora` gives `apply_lora(load_init(...))`'s model (weights, held base, initial factors)
+    without loading the whole checkpoint first (`load_init`, the float32 model: 187 GB for Mixtral)."""
+    from mixlab.train.finetune import load_with_lora
+
+    cfg = dataclasses.replace(CFG4, tie_embeddings=tied)
+    save_model(_model(cfg=cfg), tmp_path / "hf")
+    lc = LoraConfig(rank=4, targets=ALL, base_dtype=base_dtype, seed=7)
+    want = apply_lora(checkpoints.load_init(tmp_path / "hf", cfg), lc)
+    monkeypatch.setattr(checkpoints, "load_init", lambda *a, **k: pytest.fail("the whole model was loaded"))
+    got = load_with_lora(tmp_path / "hf", cfg, lc)
+    w, g = want.state_dict(), got.state_dict()
+    assert w.keys() == g.keys()
+    for k in w:
+        assert w[k].dtype == g[k].dtype and torch.equal(w[k], g[k]), k
+    assert [n for n, p in got.named_parameters() if p.requires_grad] == \
+        [n for n, p in want.named_parameters() if p.requires_grad]
+    assert (got.output.weight is got.tok_embeddings.weight) == tied
+    x = torch.randint(0, 259, (2, 12))
+    torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mixlab import atomic
-from mixlab.checkpoint import save_model
+from mixlab.checkpoint import meta_model, save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, usable_threads
 from mixlab.corpus import same_vocabulary
@@ -221,6 +221,34 @@ def lora_config(cfg: FinetuneConfig) -> LoraConfig:
     return LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                       targets=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()),
                       base_dtype=cfg.lora_base_dtype, seed=cfg.seed)
+
+
+def load_with_lora(path: str | Path, config: ModelConfig, lora: LoraConfig) -> Transformer:
+    """`apply_lora(checkpoints.load_init(path, config), lora)`, the same model (tested), without ever
+    holding the whole base in float32: the weights outside the blocks first, then each block's, in
+    float32, just before `apply_lora` converts its targets to the held dtype. So a base held int4
+    peaks at one block in float32 beside the held model (Mixtral 8x7B: ~6 GB + ~27 GB, not 187 GB).
+    A checkpoint written by a sharded run (torch.distributed.checkpoint) is loaded whole."""
+    p = checkpoints.resolve_weights(path)
+    if checkpoints.is_step(p) and checkpoints.validate(p).get("format") == "dcp":
+        return apply_lora(checkpoints.load_init(p, config), lora)
+    model = meta_model(config)
+
+    def load(names: list[str]) -> None:
+        pieces: dict[str, checkpoints.Piece] = {}
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            t = torch.empty(getattr(module, attr).shape, dtype=torch.float32)
+            setattr(module, attr, nn.Parameter(t, requires_grad=False))  # apply_lora freezes the base anyway
+            pieces[name] = (t, tuple(slice(0, n) for n in t.shape))
+        checkpoints.load_init_pieces(p, config, pieces, sharded=lambda: {})
+
+    load([n for n, _ in model.named_parameters() if not n.startswith("layers.")])
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return apply_lora(model, lora, load_block=lambda i, block: load(
+        [f"layers.{i}.{n}" for n, _ in block.named_parameters()]))
 
 
 def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, Any]]:
@@ -520,7 +548,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     check_fits(cfg, mc, tok)
     check_batch_fits(mc, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
                      rows_per_item=2 if cfg.task == "dpo" else 1)
-    model = checkpoints.load_init(cfg.model, mc).to(device)
+    # LoRA first: the DPO reference is the policy before its first step, the adapters at zero over the
+    # base as held (PEFT's disable_adapter() in TRL): over a bf16, int8 or int4 base that is not the float32
+    # checkpoint, and a reference from the checkpoint started DPO at h != 0 (loss != log 2).
+    model = (load_with_lora(cfg.model, mc, lora_config(cfg)) if cfg.lora_rank
+             else checkpoints.load_init(cfg.model, mc)).to(device)
     train_items, valid_items = _data(cfg, tok)
     data_fp = _fingerprint(train_items)  # the loader position in a checkpoint means something only for these
     if resume:  # before the DPO reference file's check, which would blame that file for a changed setting
@@ -533,12 +565,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                                   "since); use the original data or a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    # LoRA first: the DPO reference is the policy before its first step, the adapters at zero over the
-    # base as held (PEFT's disable_adapter() in TRL): over a bf16, int8 or int4 base that is not the float32
-    # checkpoint, and a reference from the checkpoint started DPO at h != 0 (loss != log 2).
-    if cfg.lora_rank:
-        apply_lora(model, lora_config(cfg))
-    elif cfg.freeze_router:
+    if cfg.freeze_router and not cfg.lora_rank:
         for block in model.layers:
             if isinstance(block.ffn, MoEBlock):
                 block.ffn.gate.weight.requires_grad_(False)

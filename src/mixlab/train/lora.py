@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -161,7 +162,12 @@ class WeightLoRA(nn.Module):
         self.scale = cfg.scale
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
-        return self.base.get() + self.scale * torch.matmul(self.lora_B, self.lora_A)
+        # one op: the merged weight is the only full-size tensor made beside the dequantised base (the
+        # update s B A and its scaled copy were two more: a layer of Mixtral's experts is 5.6 GB in float32)
+        w0 = self.base.get()
+        if w0.dim() == 3:
+            return torch.baddbmm(w0, self.lora_B, self.lora_A, alpha=self.scale)
+        return torch.addmm(w0, self.lora_B, self.lora_A, alpha=self.scale)
 
 
 def _parametrize(module: nn.Module, name: str, cfg: LoraConfig, g: torch.Generator) -> None:
@@ -172,9 +178,12 @@ def _parametrize(module: nn.Module, name: str, cfg: LoraConfig, g: torch.Generat
     parametrize.register_parametrization(module, name, p, unsafe=True)
 
 
-def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
+def apply_lora(model: Transformer, cfg: LoraConfig, *,
+               load_block: Callable[[int, nn.Module], None] | None = None) -> Transformer:
     """Freeze `model` and add adapters per `cfg`, in place; returns it. Only the adapter factors
-    (`*.lora_A`, `*.lora_B`) require gradients afterwards."""
+    (`*.lora_A`, `*.lora_B`) require gradients afterwards. `load_block(i, block)`, called before
+    block i is adapted, may give a model whose blocks are still on the meta device their weights (a
+    block at a time: the held base then never sits beside the whole model in float32)."""
     check_model(model)
     if not isinstance(cfg, LoraConfig):
         raise ValueError(f"apply_lora takes a LoraConfig (e.g. LoraConfig(rank=8)), not {type(cfg).__name__}")
@@ -191,7 +200,9 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
     g = torch.Generator().manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in _blocks(model):
+    for i, block in enumerate(_blocks(model)):
+        if load_block is not None:
+            load_block(i, block)
         if "attention" in cfg.targets:
             setattr(block.attn, "wqkv", LoRALinear(block.attn.wqkv, cfg, g))  # noqa: B010 (an nn.Linear slot)
             setattr(block.attn, "wo", LoRALinear(block.attn.wo, cfg, g))  # noqa: B010
