@@ -47,14 +47,28 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         bf16_ok = str(args.device) != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtype = "bfloat16" if bf16_ok else None
     offload = _offload_args(args)
-    held = suffix_of(args.model) == ".gguf"  # a folder holds no int4 weights; a GGUF's Q4_0 ones are known once read
-    if getattr(args, "int4_activations", None) is not None and args.quant != "int4" and not held:
-        raise UsageError(f"--int4-activations {args.int4_activations} applies to int4 weights: pass --quant int4 "
-                         "too (or a GGUF Q4_0 model)")
-    if offload and getattr(args, "int4_activations", None) == "int8":  # a resident model's native decoding mode
+    # (a Namespace made in Python may lack these, as --ep)
+    acts, adapter = getattr(args, "int4_activations", None), getattr(args, "adapter", None)
+    # what a Q4_0 GGUF's int4 matrices refuse, known from its header: it was told once the file had loaded
+    held = (acts is not None or args.quant == "int8" or adapter is not None) and _holds_int4(args.model)
+    if args.quant == "int8" and held:
+        raise UsageError(f"--quant int8 applies to float weights; {args.model} holds Q4_0 (int4) matrices: pass "
+                         "--quant int4 (its float matrices made int4 too) or none")
+    if adapter is not None and held:
+        raise UsageError(f"--adapter merges into float weights; {args.model} holds Q4_0 (int4) matrices: load a float "
+                         "checkpoint (or an f32 / f16 / bf16 GGUF file) with --adapter, and --quant int4 quantises "
+                         "the merged weights")
+    if acts is not None and args.quant != "int4" and not held:
+        gguf = f" ({args.model} holds no Q4_0 matrices)" if suffix_of(args.model) == ".gguf" else ""
+        raise UsageError(f"--int4-activations {args.int4_activations} applies to int4 weights{gguf}: pass --quant "
+                         "int4 too (or a GGUF Q4_0 model)")
+    if offload and acts == "int8":  # a resident model's native decoding mode
         raise UsageError("--int4-activations int8 does not combine with --max-memory: offloaded experts run "
                          "per-layer kernels that multiply exact float32 activations (as --int4-activations float32)")
-    adapter = getattr(args, "adapter", None)  # a Namespace made in Python may lack it, as --ep
+    if offload and adapter is not None:  # load_model's refusal, told with the flags before the tokenizer loads
+        raise UsageError("--adapter does not combine with --max-memory: offloaded experts stay on disk, where no "
+                         "adapter is merged into them; save the merged model first (mixlab.save_model("
+                         "mixlab.load_model(MODEL, adapter=ADAPTER), OUT)) and offload that")
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a wrong --tokenizer: told before a long load
     layout, device = None, args.device
     if getattr(args, "ep", None) is not None:  # experts split over the processes (torchrun); PyTorch's kernels
@@ -62,7 +76,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
         if offload:
             raise UsageError("--max-memory (expert offloading) does not combine with --ep")
-        if getattr(args, "int4_activations", None) == "int8":  # a native decoding mode; --ep decodes with PyTorch's
+        if acts == "int8":  # a native decoding mode; --ep decodes with PyTorch's
             raise UsageError("--int4-activations int8 does not combine with --ep: its processes run PyTorch's int4 "
                              "kernels on exact activations (as --int4-activations float32)")
         layout = init(ep=args.ep, device=args.device)
@@ -83,7 +97,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         model.int4_activations = "float32"  # PyTorch's int4 products; --ep 1's engine may decode natively: the same
     elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding
         with _told_as_flag("max_memory", "--max-memory"):  # the expert cache's budget, checked in its format
-            model = prepare_for_inference(model, quant=quant, int4_activations=getattr(args, "int4_activations", None))
+            model = prepare_for_inference(model, quant=quant, int4_activations=acts)
     if tok is None:
         tok = model_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
@@ -96,6 +110,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         except ValueError as e:
             raise _structured_error(args.structured_flag, structured.kind, e) from None
     return model, tok
+
+
+def _holds_int4(path: Path) -> bool:
+    """Whether the model at `path` loads with int4 weights: a GGUF file's Q4_0 matrices, from its header
+    (its tensors unread; --int4-activations on an f32 / q8_0 one was told after the load, in the API's
+    words); a folder holds none."""
+    if suffix_of(path) != ".gguf" or Path(path).is_dir():
+        return False
+    from mixlab.checkpoint.gguf_read import int4_weights, read_header
+
+    return bool(int4_weights(read_header(path)))
 
 
 @contextmanager
