@@ -185,3 +185,60 @@ def test_generate_pairs_that_cannot_work_are_refused_before_the_load(root: Path,
     rc = main(["generate", "--model", str(root / kind / file), "--prompt", "x", *flags])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+SERVE_REFUSED = [
+    (["--pack-weights", "yes", "--quant", "int8"], "--pack-weights yes keeps bf16 weights .* which --quant int8"),
+    (["--pack-weights", "yes", "--dtype", "float32"], "--pack-weights yes .* which --dtype float32"),
+    (["--pack-weights", "yes", "--max-memory", "250KB"], "--pack-weights yes .* which --max-memory"),
+    (["--pack-weights", "yes", "--batch-invariant"], "--pack-weights yes has no use with --batch-invariant"),
+    (["--lora-modules", "a=adapter", "--max-memory", "250KB"], "--lora-modules does not combine with --max-memory"),
+    (["--lora-modules", "a=adapter", "--batch-invariant"], "--lora-modules does not combine with --batch-invariant"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), SERVE_REFUSED, ids=[" ".join(f) for f, _ in SERVE_REFUSED])
+def test_serve_pairs_that_cannot_work_are_refused_before_the_load(root: Path, flags: list[str], message: str,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--pack-weights yes beside a flag that leaves no bf16 weights did nothing, silently; --lora-modules
+    beside --max-memory or --batch-invariant was refused once the model had loaded, in the API's words."""
+    import re
+
+    import mixlab.cli.serve
+
+    _no_load(monkeypatch)
+    monkeypatch.setattr(mixlab.cli.serve, "check_address", lambda host, port: None)
+    flags = [f"a={root / 'moe' / 'adapter'}" if f == "a=adapter" else f for f in flags]
+    rc = main(["serve", "--model", str(root / "moe" / "hf"), "--port", "0", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_serve_refuses_pack_weights_over_what_only_the_load_tells(root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A Q4_0 GGUF's int4 matrices leave no bf16 weights for the panels: told once loaded, naming the flag."""
+    import mixlab.cli.serve
+    import mixlab.serve
+
+    monkeypatch.setattr(mixlab.cli.serve, "check_address", lambda host, port: None)
+    monkeypatch.setattr(mixlab.serve, "run_server", lambda app, **kw: None)  # (it served, and never returned)
+    rc = main(["serve", "--model", str(root / "dense" / "q4_0.gguf"), "--port", "0", "--dtype", "bfloat16", "--quant",
+               "none", "--pack-weights", "yes", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--pack-weights yes: pack_weights=True keeps bf16 weights" in err and "int4" in err, err
+
+
+@pytest.mark.parametrize("how", ["float32", "int8", "offloaded"])
+def test_engine_refuses_pack_weights_with_nothing_to_pack(root: Path, how: str) -> None:
+    """Engine(pack_weights=True) over weights the panels do not take (float32, int8, offloaded experts)
+    kept no panels and said nothing; refused, saying why. (A bf16 model's panels: test_native_batch.)"""
+    from mixlab.engine import Engine
+
+    model = load_model(root / "moe" / "hf", dtype="float32", max_memory="250KB" if how == "offloaded" else None)
+    model = prepare_for_inference(model, quant="int8" if how == "int8" else None)
+    why = {"float32": "its weights are float32", "int8": "its matrices are int8",
+           "offloaded": "its experts are offloaded"}[how]
+    with pytest.raises(ValueError, match=rf"pack_weights=True keeps bf16 weights .* none to keep \({why}"):
+        Engine(model, max_batch=2, pack_weights=True)
+    Engine(model, max_batch=2, pack_weights=None)  # automatic: nothing packed, nothing said

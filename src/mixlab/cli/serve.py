@@ -113,6 +113,7 @@ def serve(args: argparse.Namespace) -> int:
               "address can use the model", file=sys.stderr)
     check_address(args.host, args.port)
     name = args.served_model_name or Path(args.model).name or "mixlab"
+    _check_engine_flags(args)
     adapters = _read_lora_modules(args.lora_modules or [], name)  # before the long load
     model, tok = _load(args)
     kw = dict(max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget,
@@ -122,8 +123,6 @@ def serve(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None:
         kw["prefill_chunk"] = args.prefill_chunk
     if args.batch_invariant:
-        if args.pack_weights == "yes":
-            raise UsageError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
         kw["batch_invariant"] = True
     if args.max_model_len is not None:
         if not 2 <= args.max_model_len <= model.config.max_seq_len:
@@ -139,6 +138,8 @@ def serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--lora-modules: {e}") from None
         if "batch_invariant" in str(e):
             raise UsageError(f"--batch-invariant: {e}") from None
+        if "pack_weights" in str(e):  # weights the flags could not tell before the load (a GGUF's, this CPU's)
+            raise UsageError(f"--pack-weights yes: {e}") from None
         raise UsageError(f"{e} (the flags: --cache-bytes, --max-model-len, --max-batch)") from None
     runner = getattr(engine, "runner", None)
     context = int(getattr(engine, "max_len", None) or getattr(runner, "max_len", None) or model.config.max_seq_len)
@@ -190,6 +191,29 @@ def serve(args: argparse.Namespace) -> int:
     print_stats(args, model)
     print("mixlab serve: stopped", file=sys.stderr)
     return 0
+
+
+def _check_engine_flags(args: argparse.Namespace) -> None:
+    """Engine flags that cannot work beside another flag: a usage error naming both before the load (the
+    engine told them after it, in the API's words, or ignored --pack-weights yes, silently); what only the
+    loaded model tells (a GGUF's int4 matrices, a CPU without AVX512-BF16) the engine refuses once built."""
+    if args.lora_modules and args.max_memory is not None:
+        raise UsageError("--lora-modules does not combine with --max-memory: an adapter's steps need the experts "
+                         "resident; serve the adapters without offloading")
+    if args.lora_modules and args.batch_invariant:
+        raise UsageError("--lora-modules does not combine with --batch-invariant: its steps run the native kernels "
+                         "only, an adapter's the PyTorch pass; serve the adapters without it, or merge one into the "
+                         "weights (--adapter)")
+    if args.pack_weights != "yes":
+        return
+    if args.batch_invariant:
+        raise UsageError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
+    other = (f"--quant {args.quant} (its matrices {args.quant})" if args.quant != "none"
+             else f"--dtype {args.dtype} (its weights {args.dtype})" if args.dtype in ("float32", "float16")
+             else "--max-memory (offloaded experts: no native decoder)" if args.max_memory is not None else None)
+    if other is not None:
+        raise UsageError(f"--pack-weights yes keeps bf16 weights a second time in the native kernels' panels, which "
+                         f"{other} leaves none of: pass --pack-weights auto or no")
 
 
 def _read_lora_modules(items: list[tuple[str, str]], model_name: str) -> dict[str, Adapter]:

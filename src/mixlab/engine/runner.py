@@ -67,8 +67,10 @@ from mixlab import pages
 from mixlab.cache import KVCache
 from mixlab.checkpoint.adapter import LowRank
 from mixlab.config import format_bytes
+from mixlab.dtypes import dtype_name
 from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
+from mixlab.model.inference import inference_format
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
 from mixlab.model.moe import MoEBlock, Routing
 from mixlab.model.native import LoraTable, NativeDecoder, shared_decoder
@@ -366,6 +368,18 @@ class Runner:
                 raise ValueError("batch_invariant=True needs mixlab's native CPU kernels over bf16 or float32 weights "
                                  f"(here: device {self.device.type}, weights {w.dtype}, native kernels {kernels}); "
                                  "int8/int4 and GPU steps have no batch-invariant arithmetic")
+        if pack_weights:  # asked for: panels no step would read (it did nothing, silently) are refused
+            # the decoder the steps will use, not packed yet (`prepare` or the first step packs it)
+            dec = (model.native_decoder or shared_decoder(model)) if self.device.type == "cpu" else None
+            if dec is None or not dec.packable_bytes():
+                fmt = inference_format(model)
+                why = ("its experts are offloaded: no native decoder" if fmt == "offloaded"
+                       else f"its matrices are {fmt}" if fmt in ("int8", "int4")
+                       else f"its weights are {dtype_name(w.dtype)}" if w.dtype != torch.bfloat16
+                       else f"no native kernels run its steps (device {self.device.type})" if dec is None
+                       else "this CPU's bf16 kernels take no panels (they need AVX512-BF16)")
+                raise ValueError(f"pack_weights=True keeps bf16 weights a second time in the native kernels' panels, "
+                                 f"but this model has none to keep ({why}); pass None (automatic) or False")
 
     # ---- slots ----
 
