@@ -196,6 +196,9 @@ SERVE_REFUSED = [
     (["--pack-weights", "yes", "--dtype", "float32"], "--pack-weights yes .* which --dtype float32"),
     (["--pack-weights", "yes", "--max-memory", "250KB"], "--pack-weights yes .* which --max-memory"),
     (["--pack-weights", "yes", "--batch-invariant"], "--pack-weights yes has no use with --batch-invariant"),
+    (["--batch-invariant", "--quant", "int4"], "--batch-invariant does not combine with --quant int4"),
+    (["--batch-invariant", "--dtype", "float16"], "--batch-invariant does not combine with --dtype float16"),
+    (["--batch-invariant", "--max-memory", "250KB"], "--batch-invariant does not combine with --max-memory"),
     (["--lora-modules", "a=adapter", "--max-memory", "250KB"], "--lora-modules does not combine with --max-memory"),
     (["--lora-modules", "a=adapter", "--batch-invariant"], "--lora-modules does not combine with --batch-invariant"),
 ]
@@ -206,7 +209,9 @@ def test_serve_pairs_that_cannot_work_are_refused_before_the_load(root: Path, fl
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """--pack-weights yes beside a flag that leaves no bf16 weights did nothing, silently; --lora-modules
-    beside --max-memory or --batch-invariant was refused once the model had loaded, in the API's words."""
+    beside --max-memory or --batch-invariant, and --batch-invariant beside --quant, --dtype float16 or
+    --max-memory (as "native kernels unavailable"), were refused once the model had loaded, in the API's
+    words."""
     import re
 
     import mixlab.cli.serve
@@ -246,3 +251,13 @@ def test_engine_refuses_pack_weights_with_nothing_to_pack(root: Path, how: str) 
     with pytest.raises(ValueError, match=rf"pack_weights=True keeps bf16 weights .* none to keep \({why}"):
         Engine(model, max_batch=2, pack_weights=True)
     Engine(model, max_batch=2, pack_weights=None)  # automatic: nothing packed, nothing said
+
+
+def test_engine_names_offloaded_experts_when_refusing_batch_invariance(root: Path) -> None:
+    """Engine(batch_invariant=True) over offloaded experts said "native kernels unavailable" (they are
+    available: it is the whole-model step that offloading leaves out)."""
+    from mixlab.engine import Engine
+
+    model = prepare_for_inference(load_model(root / "moe" / "hf", dtype="float32", max_memory="250KB"))
+    with pytest.raises(ValueError, match="native kernels without a whole-model step: the experts are offloaded"):
+        Engine(model, max_batch=2, batch_invariant=True)

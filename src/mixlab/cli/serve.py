@@ -204,10 +204,16 @@ def _check_engine_flags(args: argparse.Namespace) -> None:
         raise UsageError("--lora-modules does not combine with --batch-invariant: its steps run the native kernels "
                          "only, an adapter's the PyTorch pass; serve the adapters without it, or merge one into the "
                          "weights (--adapter)")
+    if args.batch_invariant:  # the native kernels' invariant arithmetic runs bf16 or float32 weights, resident
+        if args.pack_weights == "yes":
+            raise UsageError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
+        other = (f"--quant {args.quant}" if args.quant != "none" else "--dtype float16" if args.dtype == "float16"
+                 else "--max-memory (offloaded experts: no whole-model step)" if args.max_memory is not None else None)
+        if other is not None:
+            raise UsageError(f"--batch-invariant does not combine with {other}: its steps run the native kernels' "
+                             "invariant arithmetic over resident bf16 or float32 weights only")
     if args.pack_weights != "yes":
         return
-    if args.batch_invariant:
-        raise UsageError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
     other = (f"--quant {args.quant} (its matrices {args.quant})" if args.quant != "none"
              else f"--dtype {args.dtype} (its weights {args.dtype})" if args.dtype in ("float32", "float16")
              else "--max-memory (offloaded experts: no native decoder)" if args.max_memory is not None else None)

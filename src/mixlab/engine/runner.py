@@ -359,7 +359,9 @@ class Runner:
         if batch_invariant:  # every step through the native kernels' invariant arithmetic: check they run
             dec = self._native_decoder() if self.device.type == "cpu" else None
             if dec is None or dec.weight.dtype not in (torch.bfloat16, torch.float32):
-                kernels = "over " + str(dec.weight.dtype) if dec is not None else "unavailable"
+                kernels = ("over " + str(dec.weight.dtype) if dec is not None
+                           else "without a whole-model step: the experts are offloaded"
+                           if inference_format(model) == "offloaded" else "unavailable")
                 if (dec is None and self.device.type == "cpu" and native_lib.library() is not None
                         and w.dtype in (torch.bfloat16, torch.float32) and not native_lib.fast(w.dtype)):
                     # built, but refused over these weights: this CPU lacks the instructions they need
