@@ -253,11 +253,17 @@ def test_engine_refuses_pack_weights_with_nothing_to_pack(root: Path, how: str) 
     Engine(model, max_batch=2, pack_weights=None)  # automatic: nothing packed, nothing said
 
 
-def test_engine_names_offloaded_experts_when_refusing_batch_invariance(root: Path) -> None:
+def test_engine_names_offloaded_experts_and_int4_when_refusing_batch_invariance(root: Path) -> None:
     """Engine(batch_invariant=True) over offloaded experts said "native kernels unavailable" (they are
-    available: it is the whole-model step that offloading leaves out)."""
+    available: it is the whole-model step that offloading leaves out), over a Q4_0 GGUF's int4 matrices
+    "native kernels over torch.uint8"."""
     from mixlab.engine import Engine
 
     model = prepare_for_inference(load_model(root / "moe" / "hf", dtype="float32", max_memory="250KB"))
     with pytest.raises(ValueError, match="native kernels without a whole-model step: the experts are offloaded"):
+        Engine(model, max_batch=2, batch_invariant=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its float output matrix: no native decoding (one shared_decoder builds)
+        model = prepare_for_inference(load_model(root / "moe" / "q4_0.gguf", dtype="float32"), quant="int4")
+    with pytest.raises(ValueError, match=r"native kernels over int4 matrices\)"):
         Engine(model, max_batch=2, batch_invariant=True)

@@ -359,9 +359,10 @@ class Runner:
         if batch_invariant:  # every step through the native kernels' invariant arithmetic: check they run
             dec = self._native_decoder() if self.device.type == "cpu" else None
             if dec is None or dec.weight.dtype not in (torch.bfloat16, torch.float32):
-                kernels = ("over " + str(dec.weight.dtype) if dec is not None
-                           else "without a whole-model step: the experts are offloaded"
-                           if inference_format(model) == "offloaded" else "unavailable")
+                fmt = inference_format(model)
+                kernels = ((f"over {fmt} matrices" if fmt in ("int8", "int4") else f"over {dec.weight.dtype}")
+                           if dec is not None else "without a whole-model step: the experts are offloaded"
+                           if fmt == "offloaded" else "unavailable")
                 if (dec is None and self.device.type == "cpu" and native_lib.library() is not None
                         and w.dtype in (torch.bfloat16, torch.float32) and not native_lib.fast(w.dtype)):
                     # built, but refused over these weights: this CPU lacks the instructions they need
