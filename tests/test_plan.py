@@ -1,6 +1,9 @@
 """`mixlab plan`: exact parameter counts from the meta-device model, and the memory arithmetic
 checked against published figures for Mixtral 8x7B and against the tensors autograd really saves."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -102,7 +105,7 @@ def test_bad_layouts_and_sizes():
     # inference plans neither: the header said "fsdp" over the unsharded figures
     with pytest.raises(ValueError, match="--fsdp applies to --mode train only"):
         plan(MIXTRAL, mode="infer", devices=2, fsdp=True)
-    with pytest.raises(ValueError, match="--activation-checkpointing applies to --mode train only"):
+    with pytest.raises(ValueError, match="--activation-checkpointing applies to --mode train or finetune only"):
         plan(MIXTRAL, mode="infer", activation_checkpointing=True)
 
 
@@ -176,3 +179,133 @@ def test_a_q4_0_gguf_is_planned_as_int4(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert json.loads(out)["quant"] == want, (path, flags)
         assert ("mixlab plan: note: planned as int4" in err) == (want == "int4")  # prefixed as every note
+
+
+TINY = get_preset("tiny-moe")  # D 64, 2 layers, 4 experts of F 128, 4 heads x 16, 2 KV heads, vocab 256
+
+
+def test_finetune_lora_int4_by_hand():
+    """`--mode finetune --lora-rank 4 --lora-targets attention,experts,router --lora-base-dtype int4`
+    on tiny-moe, each row computed by hand from the meta model's parameter shapes."""
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Transformer(TINY).named_parameters()}
+    wqkv, wo = shapes["layers.0.attn.wqkv.weight"], shapes["layers.0.attn.wo.weight"]  # [128, 64], [64, 64]
+    w13, w2 = shapes["layers.0.ffn.experts.w13"], shapes["layers.0.ffn.experts.w2"]  # [4, 256, 64], [4, 64, 128]
+    gate = shapes["layers.0.ffn.gate.weight"]  # [4, 64]
+    n = {k: math.prod(s) for k, s in (("wqkv", wqkv), ("wo", wo), ("w13", w13), ("w2", w2), ("gate", gate))}
+    r, L = 4, 2
+    p = plan(TINY, mode="finetune", seq=128, batch=2, dtype="float32", lora_rank=r,
+             lora_targets="attention,experts,router", lora_base_dtype="int4")
+    m = p.memory
+    int4 = n["wqkv"] + n["wo"] + n["w13"] + n["w2"]
+    assert m["frozen base, targeted (int4)"] == L * (int4 / 2 + int4 / 32 * 2 + 4 * n["gate"])  # router float32
+    assert m["frozen weights, the rest (float32)"] == 4 * (sum(math.prod(s) for s in shapes.values())
+                                                            - L * sum(n.values()))
+    factors = L * ((r * 64 + 128 * r) + (r * 64 + 64 * r) + 4 * (r * 64 + 256 * r) + 4 * (r * 128 + 64 * r)
+                   + (r * 64 + 4 * r))
+    assert factors == 19_488
+    assert (m["adapters (float32)"], m["adapter gradients (float32)"], m["optimizer (AdamW, 2 x float32)"]) == \
+        (4 * factors, 4 * factors, 8 * factors)
+    assert m["activations"] == 256 * L * activation_elements_per_token(TINY) * 4
+    assert m["logits + gradient (float32)"] == 2 * 256 * 256 * 4
+    # every layer's merged expert and router weights (float32) and attention's dequantised base
+    assert m["weights kept for backward"] == L * 4 * (n["w13"] + n["w2"] + n["gate"] + n["wqkv"] + n["wo"])
+    assert m["transient: the largest expert matrix, twice in float32"] == 2 * 4 * n["w13"]
+    assert p.total == sum(m.values()) and p.lora_rank == 4 and p.lora_base_dtype == "int4"
+    # with activation checkpointing: one layer's weights and activations, each block's input
+    ac = plan(TINY, mode="finetune", seq=128, batch=2, dtype="float32", lora_rank=r,
+              lora_targets="attention,experts,router", lora_base_dtype="int4", activation_checkpointing=True).memory
+    assert ac["weights kept for backward"] == m["weights kept for backward"] / L
+    assert ac["activations"] == 256 * (L * 64 + activation_elements_per_token(TINY)) * 4
+    # under bf16 autocast: the bf16 copy of every matrix a block multiplies (not norms, not the float32
+    # router) and of the output head; attention's base is then kept only as that copy
+    bf = plan(TINY, mode="finetune", seq=128, batch=2, lora_rank=r, lora_targets="attention,experts,router",
+              lora_base_dtype="int4").memory
+    assert bf["weights kept for backward"] == L * (4 * (n["w13"] + n["w2"] + n["gate"])
+                                                   + 2 * (n["wqkv"] + n["wo"] + n["w13"] + n["w2"])) + 2 * 256 * 64
+
+
+@pytest.mark.parametrize("base", ["float32", "bfloat16", "int8", "int4"])
+def test_finetune_held_bytes_are_apply_loras(base):
+    """The plan's frozen base, other weights and adapter factors against the bytes of the tensors
+    `apply_lora` leaves in a real tiny model (float32, bf16, int8 + row scales, int4 + group scales)."""
+    from mixlab.train.lora import LoraConfig, apply_lora
+
+    model = Transformer(TINY)
+    model.init_weights(seed=0)
+    apply_lora(model, LoraConfig(rank=4, targets=("attention", "experts", "router"), base_dtype=base))
+    held = rest = factors = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if "rope" in name or "freqs" in name or not t.numel():
+            continue
+        nbytes = t.numel() * t.element_size()
+        if name.endswith(("lora_A", "lora_B")):
+            factors += nbytes
+        elif ".base." in name:
+            held += nbytes
+        else:
+            rest += nbytes
+    m = plan(TINY, mode="finetune", seq=128, lora_rank=4, lora_targets="attention,experts,router",
+             lora_base_dtype=base).memory
+    assert (m[f"frozen base, targeted ({base})"], m["frozen weights, the rest (float32)"],
+            m["adapters (float32)"]) == (held, rest, factors)
+
+
+def test_full_finetuning_is_trainings_states():
+    p, t = plan(TINY, mode="finetune", seq=128), plan(TINY, mode="train", seq=128)
+    assert p.memory == t.memory and p.lora_rank == 0 and p.lora_targets == ()
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"devices": 2, "batch": 2}, "--devices 2: fine-tuning (mixlab sft / dpo) runs in one process"),
+    ({"ep": 2}, "--ep 2: fine-tuning (mixlab sft / dpo) runs in one process"),
+    ({"fsdp": True}, "--fsdp: fine-tuning (mixlab sft / dpo) runs in one process"),
+    ({"quant": "int4"}, "--quant applies to --mode infer only"),
+    ({"dtype": "float16"}, "--dtype float16: fine-tuning autocasts to float32 or bfloat16 only"),
+    ({"lora_targets": "attention"}, "--lora-targets applies to LoRA, and --lora-rank is absent"),
+    ({"lora_rank": 4, "lora_targets": "attention,mlp"}, "LoRA targets ['attention', 'mlp']: expected some of"),
+    ({"lora_rank": 4, "lora_base_dtype": "int3"}, "LoRA base dtype 'int3'"),
+    ({"lora_rank": -1}, "LoRA rank must be a positive integer"),
+])
+def test_finetune_refusals(kw, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        plan(TINY, mode="finetune", seq=128, **kw)
+
+
+def test_finetune_refusals_elsewhere():
+    with pytest.raises(ValueError, match="--lora-rank applies to --mode finetune only"):
+        plan(TINY, mode="train", lora_rank=4)
+    with pytest.raises(ValueError, match="--devices 4: fine-tuning"):
+        plan(TINY, mode="finetune", devices=4, ep=4, batch=4)
+    with pytest.raises(ValueError, match="--lora-targets router: the model is dense"):
+        plan(get_preset("tiny-dense"), mode="finetune", seq=128, lora_rank=4, lora_targets="attention,router")
+    with pytest.raises(ValueError, match="groups of 32 inputs; attention.wqkv has 48"):
+        plan(TINY.replace(dim=48, n_heads=3, n_kv_heads=1), mode="finetune", seq=128, lora_rank=4,
+             lora_base_dtype="int4")
+
+
+def test_finetune_cli(capsys):
+    import json
+
+    assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--lora-base-dtype", "int4",
+                 "--seq-len", "128", "--activation-checkpointing", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert main(["plan", "tiny-moe", "--mode", "infer", "--json"]) == 0
+    assert set(got) == set(json.loads(capsys.readouterr().out))  # the same keys as every mode's
+    assert (got["mode"], got["lora_rank"], got["lora_targets"], got["lora_base_dtype"]) == \
+        ("finetune", 8, ["attention", "experts"], "int4")
+    assert got["total"] == pytest.approx(sum(got["memory"].values()))
+    assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--seq", "128"]) == 0
+    assert "LoRA rank 8 on attention,experts over a float32 base" in capsys.readouterr().out
+    assert main(["plan", "tiny-moe", "--mode", "finetune", "--devices", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--devices 2: fine-tuning (mixlab sft / dpo) runs in one process" in err and "Traceback" not in err
+    assert main(["plan", "tiny-moe", "--mode", "infer", "--lora-rank", "8"]) == 2
+    assert "--lora-rank applies to --mode finetune only" in capsys.readouterr().err
+
+
+def test_finetune_does_not_fit_suggests_what_is_not_used():
+    assert plan(MIXTRAL, mode="finetune").notes == [
+        "does not fit: try --activation-checkpointing, --lora-rank, --lora-base-dtype int4, a smaller --seq/--batch"]
+    assert plan(MIXTRAL, mode="finetune", lora_rank=16, lora_base_dtype="int4", activation_checkpointing=True,
+                seq=4096, batch=64).notes == ["does not fit: try a smaller --seq/--batch"]

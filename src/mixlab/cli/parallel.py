@@ -31,7 +31,8 @@ def plan_cmd(args: argparse.Namespace) -> int:
         p = plan(cfg, mode=args.mode, devices=args.devices, ep=args.ep,
                  device_mem=parse_bytes(args.device_mem, what="--device-mem"),
                  fsdp=args.fsdp, seq=args.seq, batch=args.batch, dtype=args.dtype,
-                 quant=None if quant == "none" else quant, activation_checkpointing=args.activation_checkpointing)
+                 quant=None if quant == "none" else quant, activation_checkpointing=args.activation_checkpointing,
+                 lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_base_dtype=args.lora_base_dtype)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(json.dumps(p.as_dict(), indent=1) if args.json else p.table())
@@ -43,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "and all-to-all bytes of a training or inference layout")
     p.add_argument("model", type=user_path,
                    help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
-    p.add_argument("--mode", choices=["train", "infer"], default="train",
-                   help="train (AdamW, default) or infer (weights and KV cache)")
+    p.add_argument("--mode", choices=["train", "finetune", "infer"], default="train",
+                   help="train (AdamW, default), finetune (mixlab sft / dpo, one process; LoRA with --lora-rank) "
+                        "or infer (weights and KV cache)")
     p.add_argument("--devices", type=int, default=1, help="number of devices (GPUs or processes)")
     p.add_argument("--device-mem", default="80GB", help="memory per device: 80GB (10^9 bytes) or 80GiB (2^30)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (divides --devices and the experts)")
@@ -61,5 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inference weight format (default none; int4 for a GGUF file whose matrices are Q4_0)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="training: keep only each block's input, recomputing the rest in the backward pass")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="finetune: LoRA adapters of this rank (absent: full fine-tuning), as sft's --lora-rank")
+    p.add_argument("--lora-targets", default=None,
+                   help="finetune: attention,experts[,router] (default attention,experts), as sft's")
+    p.add_argument("--lora-base-dtype", default=None, choices=["float32", "bfloat16", "int8", "int4"],
+                   help="finetune: how the frozen base of the targeted matrices is held (default float32)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON on stdout instead of the table")
     p.set_defaults(func=plan_cmd)

@@ -26,6 +26,24 @@ inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or 
     KV cache are replicated on every rank (each rank runs the same sequences; only the experts are
     split), expert weights are divided by `ep`.
 
+fine-tuning (`mixlab sft` / `mixlab dpo`, one process, `train/finetune.py`): without `lora_rank`,
+    training's 16 bytes per parameter; with it, as `train/lora.py` holds the model:
+    frozen base  each targeted matrix in `lora_base_dtype` (int8: 1 B + a float32 scale per row;
+                 int4: 0.5 B + a float16 scale per 32 inputs; the router's base stays float32 under
+                 int4); every other weight (embedding, output, norms, what is not targeted) float32
+    adapters     A [r, I] and B [X, r] per targeted matrix (stacked over E for the experts; wqkv one A),
+                 float32, with their gradients and AdamW's two states: 16 bytes per factor element
+    activations  as training's, plus the float32 logits and their gradient
+    weights kept for backward, per layer (every layer; one with activation checkpointing, which
+                 recomputes it): the experts' and router's merged W0 + s B A (float32, the
+                 parametrisation's output) and, under bf16 autocast, the bf16 copy of every matrix
+                 the block multiplies (and the output head's); in float32, attention's dequantised
+                 base when it is not float32 (a float32 base is the held tensor itself)
+    transient    the largest expert matrix twice more in float32: int8 / int4 dequantisation's two
+                 float32 temporaries in the forward pass; in backward the merged weight's gradient
+                 (from which B's and A's are computed) as the experts' gradients and their stack
+                 (ops/moe.py `expert_segments` unbinds the stacked weight)
+
 all-to-all bytes: with `ep > 1` each token's K routed copies travel to the rank owning the expert
 and back (dispatch + combine); with uniform routing a fraction (ep - 1) / ep leaves the rank.
 Training moves them 4 times per layer (forward dispatch/combine, their two gradients; 6 with
@@ -38,12 +56,15 @@ workspace (CUDA context, NCCL buffers: typically 1-3 GB per GPU); `headroom` is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mixlab.config import ModelConfig
 from mixlab.dtypes import DTYPES
+
+if TYPE_CHECKING:
+    from mixlab.train.lora import LoraConfig
 
 GB = 1e9
 PLAN_DTYPES = ("float32", "bfloat16", "float16")
@@ -132,6 +153,9 @@ class Plan:
     activation_checkpointing: bool
     device_mem: int
     params: ParamSplit
+    lora_rank: int = 0  # finetune: 0 = full fine-tuning
+    lora_targets: tuple[str, ...] = ()
+    lora_base_dtype: str | None = None
     memory: dict[str, float] = field(default_factory=dict)  # bytes per device
     comm: dict[str, float] = field(default_factory=dict)  # bytes sent per device per step
     notes: list[str] = field(default_factory=list)
@@ -148,6 +172,8 @@ class Plan:
         return {"mode": self.mode, "devices": self.devices, "ep": self.ep, "dp": self.dp, "fsdp": self.fsdp,
                 "seq": self.seq, "batch": self.batch, "dtype": self.dtype, "quant": self.quant,
                 "activation_checkpointing": self.activation_checkpointing, "device_mem": self.device_mem,
+                "lora_rank": self.lora_rank, "lora_targets": list(self.lora_targets),
+                "lora_base_dtype": self.lora_base_dtype,
                 "params": self.params.__dict__, "memory": self.memory, "total": self.total, "fits": self.fits,
                 "comm": self.comm, "notes": self.notes}
 
@@ -155,6 +181,9 @@ class Plan:
         """A Markdown table of the per-device memory and communication."""
         p = self.params
         ac = ", activation checkpointing" if self.activation_checkpointing else ""
+        if self.lora_rank:
+            ac += (f", LoRA rank {self.lora_rank} on {','.join(self.lora_targets)} over a {self.lora_base_dtype} "
+                   "base")
         lines = [
             f"{self.mode}: {self.devices} device(s), ep={self.ep}, dp={self.dp}"
             f"{', fsdp' if self.fsdp else ''}, seq {self.seq}, batch {self.batch}, {self.dtype}"
@@ -178,12 +207,22 @@ class Plan:
 
 def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = int(80 * GB), ep: int = 1,
          fsdp: bool = False, seq: int = 4096, batch: int | None = None, dtype: str = "bfloat16",
-         quant: str | None = None, activation_checkpointing: bool = False) -> Plan:
-    """Per-device memory (bytes) and communication per step for `mode` 'train' or 'infer'."""
-    if mode not in ("train", "infer"):
-        raise ValueError(f"--mode must be 'train' or 'infer', got {mode!r}")
+         quant: str | None = None, activation_checkpointing: bool = False, lora_rank: int = 0,
+         lora_targets: str | None = None, lora_base_dtype: str | None = None) -> Plan:
+    """Per-device memory (bytes) and communication per step for `mode` 'train', 'finetune' or 'infer'
+    (`lora_*`: finetune's LoRA, as `mixlab sft`'s flags; `lora_rank` 0 is full fine-tuning)."""
+    if mode not in ("train", "finetune", "infer"):
+        raise ValueError(f"--mode must be 'train', 'finetune' or 'infer', got {mode!r}")
     if devices < 1:
         raise ValueError(f"--devices must be >= 1, got {devices}")
+    lora = _check_lora(config, mode, lora_rank, lora_targets, lora_base_dtype)
+    if mode == "finetune":
+        one = next((f for f, on in ((f"--devices {devices}", devices > 1), (f"--ep {ep}", ep > 1), ("--fsdp", fsdp))
+                    if on), None)
+        if one:
+            raise ValueError(f"{one}: fine-tuning (mixlab sft / dpo) runs in one process, on one device")
+        if dtype == "float16":
+            raise ValueError("--dtype float16: fine-tuning autocasts to float32 or bfloat16 only")
     if ep < 1 or devices % ep:
         raise ValueError(f"--ep must divide --devices ({devices}), got {ep}")
     E = config.moe.num_experts if config.moe is not None else 0
@@ -193,33 +232,38 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         raise ValueError(f"--dtype must be one of {', '.join(PLAN_DTYPES)}, got {dtype!r}")
     if quant not in (None, *QUANT_BITS):
         raise ValueError(f"--quant must be one of none, {', '.join(QUANT_BITS)}, got {quant!r}")
-    if mode == "train" and quant:
+    if mode != "infer" and quant:
         raise ValueError("--quant applies to --mode infer only")
     if mode == "infer" and (fsdp or activation_checkpointing):  # inference has no FSDP or backward pass
-        raise ValueError(f"--{'fsdp' if fsdp else 'activation-checkpointing'} applies to --mode train only")
+        raise ValueError("--fsdp applies to --mode train only" if fsdp else
+                         "--activation-checkpointing applies to --mode train or finetune only")
     if seq < 1:
         raise ValueError(f"--seq must be >= 1, got {seq}")
     dp = devices // ep
     if batch is None:
         batch = devices if mode == "train" else 1
-    if batch < 1 or (mode == "train" and batch % devices):
+    if batch < 1 or (mode != "infer" and batch % devices):
         raise ValueError(f"--batch must be a positive multiple of --devices ({devices}) for training, got {batch}")
     context_note = None
     if mode == "infer" and seq > config.max_seq_len:  # a sequence never holds more (generate refuses it)
         context_note = f"--seq {seq} is past the model's context: planned at its {config.max_seq_len} tokens"
         seq = config.max_seq_len
-    elif mode == "train" and seq > config.max_seq_len:  # planned as asked, but no run of it starts
-        context_note = (f"--seq {seq} is past the model's context ({config.max_seq_len} tokens): mixlab train "
-                        "refuses such a seq_len")
+    elif seq > config.max_seq_len:  # planned as asked, but no run of it starts
+        context_note = (f"--seq {seq} is past the model's context ({config.max_seq_len} tokens): mixlab "
+                        f"{'train' if mode == 'train' else 'sft / dpo'} refuses such a seq_len")
     ps = count_params(config)
     pl = Plan(mode=mode, devices=devices, ep=ep, dp=dp, fsdp=fsdp, seq=seq, batch=batch, dtype=dtype, quant=quant,
               activation_checkpointing=activation_checkpointing, device_mem=device_mem, params=ps)
+    if lora is not None:
+        pl.lora_rank, pl.lora_targets, pl.lora_base_dtype = lora.rank, lora.targets, lora.base_dtype
     if context_note:
         pl.notes.append(context_note)
     D, L = config.dim, config.n_layers
     K = config.moe.top_k if config.moe is not None else 0
     act_b = DTYPES[dtype].itemsize
-    if mode == "train":
+    if lora is not None:
+        _lora_memory(pl, config, lora)
+    elif mode in ("train", "finetune"):
         dense_local = ps.dense / (devices if fsdp else 1)
         expert_local = ps.experts / ep / (dp if fsdp else 1)
         local = dense_local + expert_local
@@ -227,13 +271,7 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         pl.memory["gradients (float32)"] = 4 * local
         pl.memory["optimizer (AdamW, 2 x float32)"] = 8 * local
         tokens = batch // devices * seq  # per device per micro-batch
-        per_tok = activation_elements_per_token(config)
-        if activation_checkpointing:
-            acts = tokens * (L * D + per_tok) * act_b
-        else:
-            acts = tokens * L * per_tok * act_b
-        pl.memory["activations"] = acts
-        pl.memory["logits + gradient (float32)"] = 2 * tokens * config.vocab_size * 4
+        _activations(pl, config, tokens)
         if fsdp:
             unsharded = ps.block_dense + ps.block_experts / ep  # experts stay sharded by expert parallelism
             pl.memory["FSDP gathered blocks (2)"] = 2 * unsharded * act_b
@@ -255,7 +293,7 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             if dp > 1:
                 ar += ps.experts / ep * 2 * (dp - 1) / dp
             pl.comm["gradient all-reduce, per step"] = 4 * ar
-        if not pl.fits:  # suggest only what this layout does not already use
+        if not pl.fits and mode == "train":  # suggest only what this layout does not already use
             tries = [f for f, on in (("--fsdp", fsdp), ("--activation-checkpointing", activation_checkpointing))
                      if not on]
             pl.notes.append(f"does not fit: try {', '.join(tries + ['more --devices'])}, a smaller --seq/--batch, "
@@ -283,7 +321,97 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             per_token = 2 * L * K * D * w_b * (ep - 1) / ep
             pl.comm["all-to-all per generated token (whole batch)"] = batch * per_token
             pl.comm["all-to-all for the prompt (whole batch)"] = batch * seq * per_token
+    if mode == "finetune" and not pl.fits:
+        tries = [f for f, on in (("--activation-checkpointing", activation_checkpointing), ("--lora-rank", lora),
+                                 ("--lora-base-dtype int4", lora and lora.base_dtype == "int4")) if not on]
+        pl.notes.append(f"does not fit: try {', '.join(tries + ['a smaller --seq/--batch'])}")
     return pl
+
+
+def _activations(pl: Plan, config: ModelConfig, tokens: int) -> None:
+    """Training's and fine-tuning's activations (`tokens` per micro-batch) and float32 logits + gradient."""
+    per_tok, L = activation_elements_per_token(config), config.n_layers
+    kept = config.dim * L + per_tok if pl.activation_checkpointing else per_tok * L
+    pl.memory["activations"] = tokens * kept * DTYPES[pl.dtype].itemsize
+    pl.memory["logits + gradient (float32)"] = 2 * tokens * config.vocab_size * 4
+
+
+def _check_lora(config: ModelConfig, mode: str, rank: int, targets: str | None,
+                base_dtype: str | None) -> LoraConfig | None:
+    """The LoraConfig `mixlab sft` would run (None: no LoRA), or ValueError naming the flag."""
+    from mixlab.train.lora import LoraConfig, _check_int4_targets
+
+    if mode != "finetune" or not rank:
+        given = next((f for f, v in (("--lora-rank", rank), ("--lora-targets", targets),
+                                     ("--lora-base-dtype", base_dtype)) if v), None)
+        if given and mode != "finetune":
+            raise ValueError(f"{given} applies to --mode finetune only")
+        if given:
+            raise ValueError(f"{given} applies to LoRA, and --lora-rank is absent (full fine-tuning): give --lora-rank")
+        return None
+    lora = LoraConfig(rank=rank, targets=tuple(targets.split(",")) if targets else LoraConfig.targets,
+                      base_dtype=base_dtype or "float32")
+    if "router" in lora.targets and config.moe is None:
+        raise ValueError("--lora-targets router: the model is dense (no router)")
+    if lora.base_dtype == "int4":  # groups of 32 inputs: apply_lora's check, on the meta model
+        from mixlab.model import Transformer
+
+        with torch.device("meta"):
+            _check_int4_targets(Transformer(config), lora)
+    return lora
+
+
+def _lora_matrices(config: ModelConfig, targets: tuple[str, ...]) -> list[tuple[str, int, int, int, bool]]:
+    """One layer's targeted matrices as train/lora.py adapts them: (target, stacked E (1: a plain
+    matrix), rows X, inputs I, adapted in weight space: MoE experts and router, whose merged
+    W0 + s B A is a tensor of its own)."""
+    D, F_, E = config.dim, config.ffn_dim, config.moe.num_experts if config.moe is not None else 0
+    out = []
+    if "attention" in targets:
+        out += [("attention", 1, config.q_dim + 2 * config.kv_dim, D, False), ("attention", 1, D, config.q_dim, False)]
+    if "experts" in targets:  # a dense model's FFN stands in for the experts (LoRALinear modules)
+        out += [("experts", E or 1, 2 * F_, D, E > 0), ("experts", E or 1, D, F_, E > 0)]
+    if "router" in targets:
+        out.append(("router", 1, E, D, True))
+    return out
+
+
+def _lora_memory(pl: Plan, config: ModelConfig, lora: LoraConfig) -> None:
+    """Fine-tuning memory with LoRA adapters (module docstring, "fine-tuning")."""
+    L, r, base = config.n_layers, lora.rank, lora.base_dtype
+    mats = _lora_matrices(config, lora.targets)
+    held = targeted = factors = 0.0
+    for target, E, X, In, _ in mats:
+        n = E * X * In
+        targeted += n
+        factors += E * (r * In + X * r)
+        b = "float32" if base == "int4" and target == "router" else base  # as quant="int4" inference keeps it
+        if b == "int8":  # one float32 scale per row
+            held += n + 4 * E * X
+        elif b == "int4":  # 4 bits + a float16 scale per 32 inputs
+            held += n / 2 + 2 * n / INT4_GROUP
+        else:
+            held += n * DTYPES[b].itemsize
+    pl.memory[f"frozen base, targeted ({base})"] = L * held
+    pl.memory["frozen weights, the rest (float32)"] = 4 * (pl.params.total - L * targeted)
+    pl.memory["adapters (float32)"] = 4 * L * factors
+    pl.memory["adapter gradients (float32)"] = 4 * L * factors
+    pl.memory["optimizer (AdamW, 2 x float32)"] = 8 * L * factors
+    _activations(pl, config, pl.batch * pl.seq)
+    # what autograd keeps of the weights themselves, per layer (all of them, or the one recomputed)
+    bf16 = pl.dtype == "bfloat16"
+    space = sum(E * X * In for _, E, X, In, ws in mats if ws)
+    linear = sum(E * X * In for _, E, X, In, ws in mats if not ws)
+    per_layer = 4 * space + (4 * linear if base != "float32" and not bf16 else 0)  # float32 base: the held one
+    if bf16:  # autocast's bf16 copy of every matrix the block multiplies (not the norms; the router is float32)
+        E = config.moe.num_experts if config.moe is not None else 0
+        per_layer += 2 * (pl.params.block_dense + pl.params.block_experts - 2 * config.dim - E * config.dim)
+    head = 2 * config.vocab_size * config.dim if bf16 else 0  # the output head's, outside the blocks
+    pl.memory["weights kept for backward"] = per_layer * (1 if pl.activation_checkpointing else L) + head
+    # one matrix at a time, twice: dequantisation's temporaries (forward), the merged weight's gradient as
+    # the experts' pieces and their stack (backward of `unbind`)
+    largest = max((E * X * In for _, E, X, In, ws in mats if ws), default=0)
+    pl.memory["transient: the largest expert matrix, twice in float32"] = 2 * 4 * largest
 
 
 def _int8_rows(config: ModelConfig, ep: int) -> float:
