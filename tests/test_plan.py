@@ -296,7 +296,7 @@ def test_finetune_cli(capsys):
         ("finetune", 8, ["attention", "experts"], "int4")
     assert got["total"] == pytest.approx(sum(got["memory"].values()))
     assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--seq", "128"]) == 0
-    assert "LoRA rank 8 on attention,experts over a float32 base" in capsys.readouterr().out
+    assert "LoRA rank 8 on attention,experts, base float32" in capsys.readouterr().out
     assert main(["plan", "tiny-moe", "--mode", "finetune", "--devices", "2"]) == 2
     err = capsys.readouterr().err
     assert "--devices 2: fine-tuning (mixlab sft / dpo) runs in one process" in err and "Traceback" not in err

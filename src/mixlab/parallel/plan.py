@@ -182,8 +182,7 @@ class Plan:
         p = self.params
         ac = ", activation checkpointing" if self.activation_checkpointing else ""
         if self.lora_rank:
-            ac += (f", LoRA rank {self.lora_rank} on {','.join(self.lora_targets)} over a {self.lora_base_dtype} "
-                   "base")
+            ac += f", LoRA rank {self.lora_rank} on {','.join(self.lora_targets)}, base {self.lora_base_dtype}"
         lines = [
             f"{self.mode}: {self.devices} device(s), ep={self.ep}, dp={self.dp}"
             f"{', fsdp' if self.fsdp else ''}, seq {self.seq}, batch {self.batch}, {self.dtype}"
