@@ -263,9 +263,10 @@ def test_full_finetuning_is_trainings_states():
     ({"quant": "int4"}, "--quant applies to --mode infer only"),
     ({"dtype": "float16"}, "--dtype float16: fine-tuning autocasts to float32 or bfloat16 only"),
     ({"lora_targets": "attention"}, "--lora-targets applies to LoRA, and --lora-rank is absent"),
-    ({"lora_rank": 4, "lora_targets": "attention,mlp"}, "LoRA targets ['attention', 'mlp']: expected some of"),
-    ({"lora_rank": 4, "lora_base_dtype": "int3"}, "LoRA base dtype 'int3'"),
-    ({"lora_rank": -1}, "LoRA rank must be a positive integer"),
+    ({"lora_rank": 4, "lora_targets": "attention,mlp"},
+     "--lora-targets: LoRA targets ['attention', 'mlp']: expected some of"),
+    ({"lora_rank": 4, "lora_base_dtype": "int3"}, "--lora-base-dtype: LoRA base dtype 'int3'"),
+    ({"lora_rank": -1}, "--lora-rank: LoRA rank must be a positive integer"),
 ])
 def test_finetune_refusals(kw, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
@@ -302,6 +303,12 @@ def test_finetune_cli(capsys):
     assert "--devices 2: fine-tuning (mixlab sft / dpo) runs in one process" in err and "Traceback" not in err
     assert main(["plan", "tiny-moe", "--mode", "infer", "--lora-rank", "8"]) == 2
     assert "--lora-rank applies to --mode finetune only" in capsys.readouterr().err
+    assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--lora-targets", "mlp"]) == 2
+    assert "--lora-targets: LoRA targets ['mlp']: expected some of attention, experts, router" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own refusal (its type), exit 2
+        main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "0"])
+    assert e.value.code == 2 and "--lora-rank: expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_finetune_does_not_fit_suggests_what_is_not_used():

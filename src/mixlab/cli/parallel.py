@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mixlab.cli import dtype_choice, note, user_path
+from mixlab.cli import dtype_choice, note, positive, user_path
 from mixlab.errors import UsageError
 
 
@@ -54,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", "--seq-len", dest="seq", type=int, default=4096,
                    help="sequence length (training, train's --seq-len) / context (KV cache) (default 4096)")
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None,
-                   help="global sequences per micro-batch (training, train's --batch-size; default one per device) / "
-                        "in flight (inference, default 1)")
+                   help="global sequences per micro-batch (training, train's --batch-size; default one per device; "
+                        "finetune: sft's --batch-size, twice dpo's) / in flight (inference, default 1)")
     p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default="bfloat16",
                    metavar="{float32,bfloat16,float16}",
                    help="training: autocast dtype (master weights stay float32); inference: weight dtype")
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inference weight format (default none; int4 for a GGUF file whose matrices are Q4_0)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="training: keep only each block's input, recomputing the rest in the backward pass")
-    p.add_argument("--lora-rank", type=int, default=0,
+    p.add_argument("--lora-rank", type=positive, default=0,
                    help="finetune: LoRA adapters of this rank (absent: full fine-tuning), as sft's --lora-rank")
     p.add_argument("--lora-targets", default=None,
                    help="finetune: attention,experts[,router] (default attention,experts), as sft's")

@@ -26,7 +26,8 @@ inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or 
     KV cache are replicated on every rank (each rank runs the same sequences; only the experts are
     split), expert weights are divided by `ep`.
 
-fine-tuning (`mixlab sft` / `mixlab dpo`, one process, `train/finetune.py`): without `lora_rank`,
+fine-tuning (`mixlab sft` / `mixlab dpo`, one process, `train/finetune.py`; a DPO pair is two
+    sequences of `batch`, its reference log-probs computed before training): without `lora_rank`,
     training's 16 bytes per parameter; with it, as `train/lora.py` holds the model:
     frozen base  each targeted matrix in `lora_base_dtype` (int8: 1 B + a float32 scale per row;
                  int4: 0.5 B + a float16 scale per 32 inputs; the router's base stays float32 under
@@ -348,8 +349,12 @@ def _check_lora(config: ModelConfig, mode: str, rank: int, targets: str | None,
         if given:
             raise ValueError(f"{given} applies to LoRA, and --lora-rank is absent (full fine-tuning): give --lora-rank")
         return None
-    lora = LoraConfig(rank=rank, targets=tuple(targets.split(",")) if targets else LoraConfig.targets,
-                      base_dtype=base_dtype or "float32")
+    try:
+        lora = LoraConfig(rank=rank, targets=tuple(targets.split(",")) if targets else LoraConfig.targets,
+                          base_dtype=base_dtype or "float32")
+    except ValueError as e:  # "LoRA targets [...]: expected ...": name the flag
+        flag = next(f for f in ("targets", "base dtype", "rank") if str(e).startswith(f"LoRA {f}"))
+        raise ValueError(f"--lora-{flag.replace(' ', '-')}: {e}") from None
     if "router" in lora.targets and config.moe is None:
         raise ValueError("--lora-targets router: the model is dense (no router)")
     if lora.base_dtype == "int4":  # groups of 32 inputs: apply_lora's check, on the meta model
