@@ -101,16 +101,28 @@ def _memory_job(rank: int, job: dict[str, Any]) -> None:
                                                                               "model": whole, "local": local}))
 
 
-def _one_process_quantised(src: str, quant: str) -> Any:
-    """One process's `generate --quant` model: `load_model` (a GGUF file's Q4_0 matrices kept int4),
-    quantised by `prepare_for_inference`, float32; without a native decoder attached, so its forward
-    is PyTorch's kernels as under --ep. `generate` builds one over it (`native.shared_decoder`):
-    its int4 products then take exact float32 activations, as PyTorch's (and --ep's) do."""
+def _one_process_quantised(src: str, quant: str, acts: str | None = None, *, decoder: bool = False) -> Any:
+    """One process's `generate --quant ... [--int4-activations acts]` model: `load_model` (a GGUF
+    file's Q4_0 matrices kept int4), quantised by `prepare_for_inference`, float32; by default without
+    a native decoder attached, so its forward is PyTorch's kernels as under --ep (`generate` builds
+    one over it, `native.shared_decoder`: its int4 products round activations as PyTorch's do)."""
     from mixlab.model.inference import prepare_for_inference
 
-    int4 = quant == "int4" or src.endswith(".gguf")
     return prepare_for_inference(load_model(src, dtype="float32"), quant=None if quant == "none" else quant,
-                                 decoder=False, int4_activations="float32" if int4 else None)
+                                 decoder=decoder, int4_activations=acts)
+
+
+def _greedy(model: Any, tok: Any, prompt: list[int], sync_token: Any = None) -> tuple[list[int], list[float]]:
+    """An engine's greedy tokens and their logprobs for `prompt` (under --ep every token rank 0's,
+    as `generate --ep` decodes)."""
+    from mixlab.engine import Engine, SamplingParams
+
+    engine = Engine(model, tok, max_batch=1, sync_token=sync_token)
+    h = engine.submit(prompt, SamplingParams(max_tokens=8, logprobs=0, ignore_eos=True))
+    with torch.inference_mode():
+        engine.run_until_idle()
+    outs = [o for o in h.result() if o.token_id is not None]
+    return [o.token_id for o in outs], [float(o.logprob) for o in outs]  # type: ignore[arg-type]
 
 
 def _quant_job(rank: int, job: dict[str, Any]) -> None:
@@ -156,12 +168,46 @@ def _quant_job(rank: int, job: dict[str, Any]) -> None:
         Path(job["out"]).write_text(out.getvalue())
 
 
+def _acts_job(rank: int, job: dict[str, Any]) -> None:
+    """For each `--int4-activations` (None: left out) with `--quant int4`: `_load` under --ep 2 keeps
+    the mode, and rank 0 writes an engine's greedy tokens and logprobs over the split model to
+    `job["out"]`. Then `mixlab generate --ep 2 --quant int4 --int4-activations int8` through
+    `cli.main` (it was refused): rank 0 writes the text printed to `job["text"]`."""
+    import contextlib
+    import io
+
+    from mixlab.cli import main
+    from mixlab.cli.run import _load
+    from mixlab.parallel.expert import rank0_token
+    from mixlab.parallel.mesh import init
+
+    init(ep=2)
+    got = {}
+    for acts in job["modes"]:
+        args = argparse.Namespace(command="generate", ep=2, model=job["src"], tokenizer=None, threads=None,
+                                  dtype="float32", device="cpu", quant="int4", max_memory=None, adapter=None,
+                                  int4_activations=acts)
+        model, tok = _load(args)
+        assert model.int4_activations == acts, (acts, model.int4_activations)
+        got[str(acts)] = _greedy(model, tok, job["prompt"], rank0_token(model.tok_embeddings.weight.device))
+    if rank == 0:
+        Path(job["out"]).write_text(json.dumps(got))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["generate", "--model", job["src"], "--prompt", "Bonjour, le monde", "--max-new-tokens", "8",
+                     "--dtype", "float32", "--threads", "1", "--ep", "2", "--quant", "int4",
+                     "--int4-activations", "int8"])
+    assert code == 0
+    if rank == 0:
+        Path(job["text"]).write_text(out.getvalue())
+
+
 def _job(rank: int, job: dict[str, Any]) -> None:
-    {"compare": _compare_job, "memory": _memory_job, "quant": _quant_job}[job["kind"]](rank, job)
+    {"compare": _compare_job, "memory": _memory_job, "quant": _quant_job, "acts": _acts_job}[job["kind"]](rank, job)
 
 
 @pytest.mark.slow  # 2 processes: ~20 s on 2 busy cores
-def test_ep_quantised_experts_equal_one_process_s(tmp_path: Path) -> None:
+def test_ep_quantised_experts_equal_one_process_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`generate --ep 2 --quant int8 / int4` was refused ("not supported with --ep yet"): each process
     now quantises its own experts (and the dense weights) after the split load, and its MoE layers run
     the quantised experts' forward between the same all-to-alls. A Q4_0 GGUF file's matrices were
@@ -170,7 +216,10 @@ def test_ep_quantised_experts_equal_one_process_s(tmp_path: Path) -> None:
     quantised experts; the logits equal one process's forward to float32 rounding, not bit for bit
     (1.5e-6 of 4 here): the products are the same, their sums' order is not (an expert multiplies
     every process's rows at once, twice the rows here, and one process picks a whole-layer kernel),
-    and the tokens printed are one process's."""
+    and the tokens printed are one process's running PyTorch's kernels (the native steps' differ
+    here: the file's Q4_0 token embedding puts the first normed rows on int4's grid, where rounding
+    them to int8 meets exact ties that a last-bit difference in the norm breaks either way, 1.8e-2
+    in a logprob; a folder's int4 model: test_ep_int4_activations_in_either_mode_...)."""
     from mixlab import generate, load_tokenizer
 
     model = _tiny_moe()
@@ -185,10 +234,42 @@ def test_ep_quantised_experts_equal_one_process_s(tmp_path: Path) -> None:
     run_group(_job, [{"kind": "quant", "sources": sources, "out": str(tmp_path / "out")}])
     tok = load_tokenizer()
     prompt = tok.encode("Bonjour, le monde")
+    monkeypatch.setenv("MIXLAB_NATIVE", "0")
     ids = [i for i in generate(_one_process_quantised(*sources[-1]), [prompt], max_new_tokens=8)[0]
            if i != tok.eos_id]
     printed = (tmp_path / "out").read_text()
     assert len(ids) > 1 and printed == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n", sources[-1]
+
+
+@pytest.mark.slow  # 2 processes: ~20 s on 2 busy cores
+def test_ep_int4_activations_in_either_mode_give_one_process_s_tokens_and_logprobs(tmp_path: Path) -> None:
+    """`generate --ep` refused `--int4-activations int8` and set every process's model to "float32"
+    (PyTorch's pass did not round activations then); it rounds them now, as the native steps do, so
+    an --ep 2 int4 run keeps the model's mode, "int8" by default: its greedy tokens are one
+    process's (`generate --quant int4 [--int4-activations MODE]`, native decoding where the kernels
+    are) and its logprobs too, within int4's tolerance (1e-4: the rows' sums run in another order),
+    in both modes, whose logprobs differ by more; `generate --ep 2 --int4-activations int8` prints
+    one process's text."""
+    from mixlab import generate, load_tokenizer
+
+    save_model(_tiny_moe(), tmp_path / "model")
+    src = str(tmp_path / "model")
+    tok = load_tokenizer()
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog, and then")
+    modes = [None, "int8", "float32"]
+    run_group(_job, [{"kind": "acts", "src": src, "prompt": prompt, "modes": modes, "out": str(tmp_path / "out"),
+                      "text": str(tmp_path / "text")}])
+    got = json.loads((tmp_path / "out").read_text())
+    one = {acts: _greedy(_one_process_quantised(src, "int4", acts, decoder=True), tok, prompt) for acts in modes}
+    for acts in modes:
+        (ids, lps), (want_ids, want_lps) = got[str(acts)], one[acts]
+        assert ids == want_ids, acts
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), atol=1e-4, rtol=1e-4, msg=str(acts))
+    assert max(abs(a - b) for a, b in zip(one["int8"][1], one["float32"][1], strict=True)) > 1e-3
+    hello = tok.encode("Bonjour, le monde")
+    ids = [i for i in generate(_one_process_quantised(src, "int4", "int8", decoder=True), [hello],
+                               max_new_tokens=8)[0] if i != tok.eos_id]
+    assert len(ids) > 1 and (tmp_path / "text").read_text() == tok.decode(hello + ids)[len(tok.decode(hello)):] + "\n"
 
 
 @pytest.mark.slow  # 2 processes: ~20 s on 2 busy cores
@@ -430,9 +511,6 @@ def test_an_adapter_merged_into_a_share_of_other_experts_is_refused(tmp_path: Pa
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--max-memory", "1GB"], "--max-memory (expert offloading) does not combine with --ep"),
-    (["--quant", "int4", "--int4-activations", "int8"],
-     "--int4-activations int8 does not combine with --ep: its processes run PyTorch's int4 kernels on exact "
-     "activations (as --int4-activations float32)"),
 ])
 def test_a_flag_ep_does_not_take_is_one_line_naming_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str], flags: list[str],
@@ -452,8 +530,8 @@ def test_a_flag_ep_does_not_take_is_one_line_naming_both(tmp_path: Path, monkeyp
 def test_ep_1_quantised_prints_one_process_s_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """`generate --ep 1 --quant int4` (a world of one, no torchrun) loads as one process does and
-    quantises the same way; its int4 products take exact float32 activations, as every --ep run's
-    (the engine may decode it natively: it would have rounded them to int8)."""
+    quantises the same way; its int4 products round activations to int8 (the default mode), as the
+    engine's native decoding of it does."""
     from mixlab import generate, load_tokenizer
     from mixlab.cli import main
 

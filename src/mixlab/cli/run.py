@@ -76,9 +76,6 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
 
         if offload:
             raise UsageError("--max-memory (expert offloading) does not combine with --ep")
-        if acts == "int8":  # a native decoding mode; --ep decodes with PyTorch's
-            raise UsageError("--int4-activations int8 does not combine with --ep: its processes run PyTorch's int4 "
-                             "kernels on exact activations (as --int4-activations float32)")
         layout = init(ep=args.ep, device=args.device)
         device = layout.device  # this process's GPU (its LOCAL_RANK's): "cuda" before init is every process's GPU 0
     # Under --ep the model is built split, each process reading its experts only (a folder's or a GGUF
@@ -93,8 +90,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     quant = None if args.quant == "none" else args.quant
     if layout is not None:  # --ep: each process quantises its own experts; PyTorch's kernels, no native decoder
         if quant is not None:  # (it would bypass the MoE layers' all-to-all)
-            model = prepare_for_inference(model, quant=quant, decoder=False)
-        model.int4_activations = "float32"  # PyTorch's int4 products; --ep 1's engine may decode natively: the same
+            model = prepare_for_inference(model, quant=quant, int4_activations=acts, decoder=False)
+        elif acts is not None:  # a Q4_0 GGUF file's int4 matrices, kept as read
+            model.int4_activations = acts
+        # PyTorch's int4 products round activations as the native steps do (the model's int4_activations,
+        # "int8" by default: `ops.quant.rounds_activations`): the tokens of one process's run in either mode
     elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding
         with _told_as_flag("max_memory", "--max-memory"):  # the expert cache's budget, checked in its format
             model = prepare_for_inference(model, quant=quant, int4_activations=acts)
