@@ -1698,3 +1698,28 @@ def test_a_lora_model_is_loaded_a_block_at_a_time(tmp_path: Path, base_dtype: st
     assert (got.output.weight is got.tok_embeddings.weight) == tied
     x = torch.randint(0, 259, (2, 12))
     torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)
+
+
+def test_a_lora_model_is_loaded_a_block_at_a_time_from_a_training_run(tmp_path: Path) -> None:
+    """`sft --model RUN --lora-rank R` of a `mixlab train` run (its newest checkpoint's safetensors,
+    not a transformers folder): `load_with_lora` reads it a block at a time, the same model as
+    `apply_lora(load_init(...))`."""
+    from mixlab.corpus import read_documents
+    from mixlab.train.data import prepare
+    from mixlab.train.finetune import load_with_lora
+    from mixlab.train.loop import load_train_config, train
+
+    (tmp_path / "src" / "prose").mkdir(parents=True)
+    (tmp_path / "src" / "prose" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"The {i}th cat sat on the mat. " * 4}) + "\n" for i in range(20)))
+    prepare(read_documents([tmp_path / "src"]), tmp_path / "ds")
+    train(load_train_config(None, data=str(tmp_path / "ds"), out=str(tmp_path / "pre"), model="tiny-moe",
+                            model_overrides={"dim": 64, "ffn_dim": 64}, seq_len=32, batch_size=2, steps=1,
+                            progress=False, export_hf=False, threads=1))
+    mc = checkpoints.init_config(tmp_path / "pre")
+    lc = LoraConfig(rank=4, targets=ALL, base_dtype="int4")
+    want = apply_lora(checkpoints.load_init(tmp_path / "pre", mc), lc).state_dict()
+    got = load_with_lora(tmp_path / "pre", mc, lc).state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
