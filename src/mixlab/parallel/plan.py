@@ -339,7 +339,7 @@ def _activations(pl: Plan, config: ModelConfig, tokens: int) -> None:
 def _check_lora(config: ModelConfig, mode: str, rank: int, targets: str | None,
                 base_dtype: str | None) -> LoraConfig | None:
     """The LoraConfig `mixlab sft` would run (None: no LoRA), or ValueError naming the flag."""
-    from mixlab.train.lora import LoraConfig, _check_int4_targets
+    from mixlab.train.lora import LoraConfig, check_int4_targets
 
     if mode != "finetune" or not rank:
         given = next((f for f, v in (("--lora-rank", rank), ("--lora-targets", targets),
@@ -357,11 +357,8 @@ def _check_lora(config: ModelConfig, mode: str, rank: int, targets: str | None,
         raise ValueError(f"--lora-{flag.replace(' ', '-')}: {e}") from None
     if "router" in lora.targets and config.moe is None:
         raise ValueError("--lora-targets router: the model is dense (no router)")
-    if lora.base_dtype == "int4":  # groups of 32 inputs: apply_lora's check, on the meta model
-        from mixlab.model import Transformer
-
-        with torch.device("meta"):
-            _check_int4_targets(Transformer(config), lora)
+    if lora.base_dtype == "int4":  # groups of 32 inputs: apply_lora's check
+        check_int4_targets(config, lora)
     return lora
 
 

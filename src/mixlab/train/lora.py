@@ -46,6 +46,7 @@ from torch.nn.utils import parametrize
 from mixlab.checkpoint import meta_model, save_model
 from mixlab.checkpoint.adapter import peft_weights
 from mixlab.checkpoint.io import write_sharded
+from mixlab.config import ModelConfig
 from mixlab.dtypes import parse_dtype
 from mixlab.model import Transformer, check_model
 from mixlab.model.moe import MoEBlock
@@ -196,7 +197,7 @@ def apply_lora(model: Transformer, cfg: LoraConfig, *,
         raise ValueError("LoRA target 'router': the model is dense (no MoE layer, so no router); its targets are "
                          "attention and experts (its FFN)")
     if cfg.base_dtype == "int4":
-        _check_int4_targets(model, cfg)
+        check_int4_targets(model.config, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -223,10 +224,9 @@ def apply_lora(model: Transformer, cfg: LoraConfig, *,
     return model
 
 
-def _check_int4_targets(model: Transformer, cfg: LoraConfig) -> None:
-    """ValueError, before anything changes, unless every weight the adapters target has a multiple of
-    32 inputs per row (int4's groups; the router's base is not int4)."""
-    c = model.config
+def check_int4_targets(c: ModelConfig, cfg: LoraConfig) -> None:
+    """ValueError unless every weight the adapters of `cfg` target in a model of config `c` has a
+    multiple of 32 inputs per row (int4's groups; the router's base is not int4)."""
     widths = {"attention": (("attention.wqkv", c.dim), ("attention.wo", c.n_heads * c.head_dim)),
               "experts": (("experts.w13", c.dim), ("experts.w2", c.ffn_dim)), "router": ()}
     for target in cfg.targets:
