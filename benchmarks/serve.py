@@ -336,15 +336,21 @@ def breakdown(cfg: Any, r: dict[str, Any]) -> dict[str, float]:
     """Where an in-process engine run's time went (its step log): prompt steps (any step with a
     prompt chunk), decoding-only steps against their own limits at the run's bandwidth, gaps
     between steps; and `bound`, the fraction of the weight-streaming limit a server reaches on this
-    run's schedule with decoding steps exactly at their limits, this prefill and no gaps."""
+    run's schedule with decoding steps exactly at their limits, this prefill and no gaps. `own`: the
+    run's tokens/s against its own median decoding step of every client (`full_step_s`), which the
+    memory's drift moves little, since that step ran beside the rest in the same seconds (NaN if no
+    step held them all)."""
     bw, steps = r["bandwidth"], r["steps"]
     prompt_s = sum(dt for dt, _, n in steps if n)
     decode = [(dt, n) for dt, n, p in steps if not p]
     decode_s = sum(dt for dt, _ in decode)
     at_limit_s = sum(n / step_limit(cfg, bw, n) for _, n in decode)
+    full = sorted(dt for dt, n in decode if n == r["clients"])
+    full_s = full[len(full) // 2] if full else float("nan")
     return {"prompt_s": prompt_s, "decode_s": decode_s, "gaps_s": r["wall_s"] - prompt_s - decode_s,
             "decode_of_limit": at_limit_s / decode_s if decode_s else float("nan"),
-            "bound": r["tokens"] / (prompt_s + at_limit_s) / step_limit(cfg, bw, r["clients"])}
+            "bound": r["tokens"] / (prompt_s + at_limit_s) / step_limit(cfg, bw, r["clients"]),
+            "full_step_s": full_s, "own": r["tokens"] / r["wall_s"] * full_s / r["clients"]}
 
 
 def plot(report: dict[str, Any], png: Path) -> None:
@@ -561,7 +567,9 @@ def main() -> None:
             print(f"\n{r['server']}, {r['clients']} clients (its median run, {r['wall_s']:.2f} s): steps with prompt "
                   f"tokens {b['prompt_s']:.2f} s, decoding-only steps {b['decode_s']:.2f} s at "
                   f"{b['decode_of_limit']:.2f} of their limits, gaps {b['gaps_s']:.2f} s; with those steps at their "
-                  f"limits, this prefill and no gaps: {b['bound']:.0%} of the weight-streaming limit", end="")
+                  f"limits, this prefill and no gaps: {b['bound']:.0%} of the weight-streaming limit; its tokens/s "
+                  f"against its own median {r['clients']}-sequence decoding step ({b['full_step_s'] * 1e3:.1f} ms): "
+                  f"{b['own']:.0%}", end="")
     print(f"\n\nWhat this machine allows (the median run's bandwidth, matmul {matmul / 1e9:.0f} GFLOP/s: the faster "
           "probe), as fractions of the weight-streaming limit:", end="")
     for clients in sorted({r["clients"] for r in results}):

@@ -56,3 +56,18 @@ def test_ceilings_against_the_limit(bench: Any) -> None:
     assert slow["serial"] <= slow["any"]
     # this machine's class (65 GB/s, 410 GFLOP/s bf16): the FLOPs alone cap any server near 83%
     assert 0.8 < bench.ceilings(cfg, run, 65e9, 410e9)["any"] < 0.86
+
+
+def test_breakdown_splits_a_run_and_rates_it_against_its_own_full_step(bench: Any) -> None:
+    """A run of 2 clients: one prompt step (0.5 s), decoding-only steps of 2 (0.1, 0.3, 0.2 s) and
+    of 1 (0.05 s), 0.15 s between them: 10 tokens in 1.3 s against its median 2-sequence step
+    (0.2 s, i.e. 10 tok/s) is 77%; without a 2-sequence step there is nothing to rate against."""
+    cfg = get_preset("mini-moe")
+    steps = [(0.5, 30, 28), (0.1, 2, 0), (0.3, 2, 0), (0.2, 2, 0), (0.05, 1, 0)]
+    run = {"bandwidth": 50e9, "steps": steps, "clients": 2, "tokens": 10, "wall_s": 1.3}
+    b = bench.breakdown(cfg, run)
+    assert b["prompt_s"] == pytest.approx(0.5) and b["decode_s"] == pytest.approx(0.65)
+    assert b["gaps_s"] == pytest.approx(0.15)
+    assert b["full_step_s"] == pytest.approx(0.2) and b["own"] == pytest.approx(10 / 1.3 / 10)
+    lone = bench.breakdown(cfg, {**run, "steps": [(0.5, 30, 28), (0.05, 1, 0)]})
+    assert lone["own"] != lone["own"]  # NaN
