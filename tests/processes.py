@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +70,15 @@ def run_groups(run: Job, groups: list[tuple[int, list[dict[str, Any]]]], *, time
             p.kill()
             p.join()
     return time.perf_counter() - t0
+
+
+def mixlab(args: list[str], *, nproc: int | None, script: Path | None = None,
+           restarts: int = 0) -> subprocess.Popen[str]:
+    """`torchrun --nproc-per-node N -m mixlab ARGS` on loopback (or `python -m mixlab ARGS`), this src;
+    `script`: torchrun runs that file instead of `-m mixlab`; `restarts`: torchrun's --max-restarts."""
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "mixlab"] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()), "--max-restarts", str(restarts),
+        *([str(script)] if script else ["-m", "mixlab"])]
+    return subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

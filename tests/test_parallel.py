@@ -32,6 +32,7 @@ from mixlab.train import checkpoints
 from mixlab.train.data import TokenDataset, prepare, read_documents
 from mixlab.train.loop import build_model_config, load_train_config, make_optimizer, train
 from processes import free_port, run_group, run_groups
+from processes import mixlab as _mixlab
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
         "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "jitter": 0.0, "z_loss_coef": 0.001}}
@@ -540,18 +541,6 @@ def test_scaling_md_several_prompts_script_runs_as_written(tmp_path: Path) -> No
 
 
 # -- what a user sees when a distributed run goes wrong ---------------------------------------------
-
-
-def _mixlab(args: list[str], *, nproc: int | None, script: Path | None = None,
-            restarts: int = 0) -> subprocess.Popen[str]:
-    """`torchrun --nproc-per-node N -m mixlab ARGS` on loopback (or `python -m mixlab ARGS`), this src;
-    `script`: torchrun runs that file instead of `-m mixlab`; `restarts`: torchrun's --max-restarts."""
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "mixlab"] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), "--max-restarts", str(restarts),
-        *([str(script)] if script else ["-m", "mixlab"])]
-    return subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -133,12 +133,11 @@ def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
 def train_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.data import TokenDataset
     from mixlab.train.loop import TrainConfig, build_model_config, eval_line, load_train_config, train
+    from mixlab.train.settings import check_split
 
     def model_config(cfg: TrainConfig) -> None:  # the one train builds: --set against --init-from, ...
         world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each process reads its rows of a batch
-        if cfg.batch_size % world:
-            raise ConfigError(f"training setting 'batch_size' must be a multiple of the number of processes "
-                              f"({world}), got {cfg.batch_size}", setting="batch_size")
+        check_split(cfg.batch_size, world, what="training")
         if cfg.data:
             build_model_config(cfg, TokenDataset(cfg.data))
 

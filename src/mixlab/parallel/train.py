@@ -66,6 +66,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def sum_grads(params: list[torch.nn.Parameter], *, group: dist.ProcessGroup | None, size: int,
+              divide: float = 1.0) -> None:
+    """The gradients of `params` summed over the `size` processes of `group` in one all-reduce of a
+    flat buffer, then divided by `divide`; a missing gradient (a weight unused here: no token reached
+    it) counts as zeros."""
+    if not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    if size > 1:
+        dist.all_reduce(flat, group=group)
+    if divide != 1:
+        flat /= divide
+    for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(new)
+
+
 class DistributedTraining:
     """Expert parallelism (`ep`), optional FSDP2, distributed checkpoints and the consolidated export
     for `mixlab.train.loop.train(parallel=)`."""
@@ -170,18 +190,14 @@ class DistributedTraining:
                     _local(p.grad).div_(self.layout.ep)
             return
         for params, group, size in ((dense, None, self.world), (experts, self.layout.dp_group, self.layout.dp)):
-            if not params:
-                continue
-            for p in params:
-                if p.grad is None:  # unused on this rank (no token reached it): a zero gradient
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params if p.grad is not None]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            if size > 1:
-                dist.all_reduce(flat, group=group)
-            flat /= self.world
-            for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-                g.copy_(new)
+            sum_grads(params, group=group, size=size, divide=self.world)
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Each of `params`' gradients summed over all processes (data-parallel fine-tuning, where
+        each process's loss is its share of the global batch's). One that no process has (a weight
+        no token reached) stays None, as in one process, where AdamW then leaves it be."""
+        used = self.all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
+        sum_grads([p for p, u in zip(params, used.tolist(), strict=True) if u], group=None, size=self.world)
 
     def clip_grad_norm(self, model: Transformer, max_norm: float) -> float:
         """The global gradient norm (every weight counted once) and clipping to `max_norm`, as

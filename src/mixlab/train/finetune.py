@@ -23,6 +23,10 @@ Run folder (`out`):
     hf/                           the final model, plain transformers format (LoRA merged in; a
                                   LoRA run writes it only with export_hf = true, `--merge`)
     adapter/                      LoRA runs: the adapter in PEFT's format (lora.save_peft)
+
+Data parallel (`parallel=`, `torchrun ... -m mixlab sft|dpo`): every process holds the whole model
+and computes its rows of every global micro-batch; its loss is its share of the one-process loss, the
+gradients are summed, and rank 0 alone writes the run folder (docs/training.md).
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,11 +60,13 @@ from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
 from mixlab.train.loop import (
     _Metrics,
+    _NoMetrics,
     check_export_folder,
     check_run_folder,
     enable_activation_checkpointing,
     keep_freed_memory,
     show_step,
+    signalled,
 )
 from mixlab.train.lora import LoraConfig, apply_lora, merge, save_peft
 from mixlab.train.losses import IGNORE, lm_loss, router_losses
@@ -71,6 +78,7 @@ from mixlab.train.settings import (
     check_context,
     check_resume_settings,
     check_settings,
+    check_split,
     load_settings,
     paths_as_text,
 )
@@ -139,8 +147,25 @@ class FinetuneConfig(OptimizerSettings):
         return self.export_hf if self.export_hf is not None else not self.lora_rank
 
 
+# Fields that may differ between the processes of one run (each node its own copy of the data: its
+# examples are compared; CPU threads; what only rank 0 does); everything else must match.
+PER_PROCESS = {"data", "valid_data", "threads", "progress", "tensorboard"}
 RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf", "export_peft", "progress",
             "tensorboard", "device", "threads", "activation_checkpointing"}
+
+
+class DataParallel(Protocol):
+    """How `finetune` runs over several processes, data parallel: each holds the whole model and
+    computes its share of every batch (`mixlab.parallel.train.DistributedTraining` is one). `None`
+    means one process."""
+
+    rank: int
+    world: int
+    is_main: bool  # writes metrics, progress, checkpoints and the exports
+
+    def check_same(self, values: dict[str, Any]) -> None: ...  # refuse a run whose processes disagree on them
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over all processes
+    def sum_grads(self, params: list[nn.Parameter]) -> None: ...  # each gradient summed over all processes
 
 
 def load_finetune_config(path: str | Path | None = None, *,
@@ -366,20 +391,32 @@ def pair_logps(model: nn.Module, b: dpo.PairBatch, device: torch.device) -> tupl
     return dpo.sequence_logps(logits, b.targets.to(device), b.reply.to(device)), routings
 
 
+def _mine(k: int, par: DataParallel | None) -> bool:
+    """Whether this process computes the `k`-th batch of an evaluation (whole batches in turn)."""
+    return par is None or k % par.world == par.rank
+
+
 @torch.no_grad()
-def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-    """The frozen model's log-probs of every pair's chosen and rejected reply (sums; eval mode, float32)."""
+def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig,
+                    par: DataParallel | None = None) -> dict[str, torch.Tensor]:
+    """The frozen model's log-probs of every pair's chosen and rejected reply (sums; eval mode, float32).
+    `par`: each process computes every world-th batch of batch_size pairs (the one-process run's
+    batches, so the same numbers), and every process gets them all."""
     was = model.training
     model.eval()
     dev = torch.device(cfg.device)
     ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    for i in range(0, len(pairs), cfg.batch_size):
+    for k, i in enumerate(range(0, len(pairs), cfg.batch_size)):
+        if not _mine(k, par):
+            continue
         idx = list(range(i, min(i + cfg.batch_size, len(pairs))))
         b = dpo.collate_pairs([pairs[j] for j in idx], idx, cfg.seq_len)
         with _autocast(cfg):
             lp, _ = pair_logps(model, b, dev)
         ch[idx], rj[idx] = lp[: len(idx)].float().cpu(), lp[len(idx):].float().cpu()
     model.train(was)
+    if par is not None:  # the other processes' entries are zeros here
+        ch, rj = par.all_sum(torch.stack([ch, rj])).unbind(0)
     return {"chosen": ch, "rejected": rj}
 
 
@@ -389,14 +426,17 @@ def eval_line(ev: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneConfig) -> dict[str, float]:
+def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneConfig,
+                 par: DataParallel | None = None) -> dict[str, float]:
     """Cross-entropy per assistant token over the held-out conversations (token-weighted), and the
-    share of those tokens that are the model's most likely next token (TRL's mean_token_accuracy)."""
+    share of those tokens that are the model's most likely next token (TRL's mean_token_accuracy).
+    `par`: each process scores every world-th batch, the sums added up."""
     was = model.training
     model.eval()
     total, n, correct = 0.0, 0, 0
     device = torch.device(cfg.device)
-    for b in sft.PackedLoader(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False).all_batches():
+    batches = sft.PackedLoader(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False).all_batches()
+    for b in (b for k, b in enumerate(batches) if _mine(k, par)):
         tgt = b.targets.to(device)
         k = int((tgt != IGNORE).sum())
         with _autocast(cfg):
@@ -404,17 +444,22 @@ def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneCon
             total, n = total + float(lm_loss(logits, tgt) * max(k, 1)), n + k
         correct += int((logits.argmax(-1) == tgt).sum())  # IGNORE is never a token id
     model.train(was)
+    if par is not None:
+        got = par.all_sum(torch.tensor([total, n, correct], dtype=torch.float64))
+        total, n, correct = float(got[0]), int(got[1]), int(got[2])
     return {"eval_loss": total / max(n, 1), "eval_tokens": n, "eval_mean_token_accuracy": correct / max(n, 1)}
 
 
 @torch.no_grad()
 def evaluate_dpo(model: nn.Module, pairs: list[dpo.Pair], ref: dict[str, torch.Tensor],
-                 cfg: FinetuneConfig, *, policy: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+                 cfg: FinetuneConfig, *, policy: dict[str, torch.Tensor] | None = None,
+                 par: DataParallel | None = None) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward preference accuracy and margin, and the policy's own
     chosen - rejected log-prob margin and accuracy (chosen more likely than rejected: summed over the
     reply, and per reply token), over the held-out pairs. Before any DPO step the implicit rewards
-    are all 0 (policy = reference; pass `policy=ref` to skip recomputing it)."""
-    pol = reference_logps(model, pairs, cfg) if policy is None else policy
+    are all 0 (policy = reference; pass `policy=ref` to skip recomputing it). `par`: the policy's
+    log-probs split over the processes (`reference_logps`)."""
+    pol = reference_logps(model, pairs, cfg, par) if policy is None else policy
     n_c = torch.tensor([len(dpo.fit(p.prompt, p.chosen, cfg.seq_len + 1)[1]) for p in pairs], dtype=torch.float32)
     n_r = torch.tensor([len(dpo.fit(p.prompt, p.rejected, cfg.seq_len + 1)[1]) for p in pairs], dtype=torch.float32)
     loss, m = dpo.dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=cfg.beta,
@@ -513,15 +558,21 @@ def _fingerprint(items: list[Any]) -> str:
 
 
 def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int | None = None,
-             on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> FinetuneResult:
+             on_step: Callable[[dict[str, Any]], bool | None] | None = None,
+             parallel: DataParallel | None = None) -> FinetuneResult:
     """Fine-tune per `cfg` (see the module docstring). `resume`: continue from the newest checkpoint in
     `cfg.out`; "auto": continue from it when there is one, else start. `stop_after`: stop (with a
-    checkpoint) after this many steps in total, as if killed."""
+    checkpoint) after this many steps in total, as if killed. `parallel`: run as one of several
+    processes, data parallel (see `DataParallel`): batch_size stays the global batch's, split evenly
+    over them; losses, gradients, evaluations and checkpoints are the one-process run's."""
     cfg = check_finetune_config(cfg)
+    if parallel is not None:
+        check_split(cfg.batch_size, parallel.world, what="fine-tuning")
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     sources = check_run_folder(out, [cfg.model, cfg.data, cfg.valid_data])
-    with atomic.exclusive(out, what="run folder"):  # one run at a time in OUT
+    # one run at a time in OUT (rank 0 holds it for all of a data-parallel run's processes)
+    with atomic.exclusive(out, what="run folder") if parallel is None or parallel.is_main else nullcontext():
         # "auto": a command rerun as it was (torchrun --max-restarts, a scheduler's requeue)
         newest = checkpoints.to_resume(out, resume)
         resume = newest is not None
@@ -534,13 +585,15 @@ def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int
             torch.set_num_threads(usable_threads(cfg.threads, what="threads"))
         keep_freed_memory()
         try:
-            return _finetune(cfg, out, ckpt_root, newest, resume=resume, stop_after=stop_after, on_step=on_step)
+            return _finetune(cfg, out, ckpt_root, newest, resume=resume, stop_after=stop_after, on_step=on_step,
+                             par=parallel)
         finally:
             torch.set_num_threads(was_threads)
 
 
 def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | None, *, resume: bool,
-              stop_after: int | None, on_step: Callable[[dict[str, Any]], bool | None] | None) -> FinetuneResult:
+              stop_after: int | None, on_step: Callable[[dict[str, Any]], bool | None] | None,
+              par: DataParallel | None) -> FinetuneResult:
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     tok, tok_spec = resolve_tokenizer(cfg)
@@ -553,8 +606,17 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     # checkpoint, and a reference from the checkpoint started DPO at h != 0 (loss != log 2).
     model = (load_with_lora(cfg.model, mc, lora_config(cfg)) if cfg.lora_rank
              else checkpoints.load_init(cfg.model, mc)).to(device)
-    train_items, valid_items = _data(cfg, tok)
+    main = par is None or par.is_main
+    with warnings.catch_warnings():
+        if not main:  # rank 0 says it once
+            warnings.simplefilter("ignore")
+        train_items, valid_items = _data(cfg, tok)
     data_fp = _fingerprint(train_items)  # the loader position in a checkpoint means something only for these
+    if par is not None:  # before any other collective: processes started apart would hang or train apart
+        par.check_same({k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_PROCESS}
+                       | {"the model's config": mc.to_hf_dict(), "the training examples": data_fp,
+                          "the held-out examples": _fingerprint(valid_items), "--resume": resume,
+                          "the checkpoint resumed": newest.name if newest is not None else None})
     if resume:  # before the DPO reference file's check, which would blame that file for a changed setting
         assert newest is not None
         state = checkpoints.validate(newest, checksums=False)  # to_resume hashed every byte of it
@@ -563,7 +625,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         if state.get("data", data_fp) != data_fp:  # absent in checkpoints written before it was stored
             raise CheckpointError(f"{newest}: saved for different data ({cfg.data} or the held-out split changed "
                                   "since); use the original data or a new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     if cfg.freeze_router and not cfg.lora_rank:
         for block in model.layers:
@@ -605,11 +668,14 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             t = load_file(str(rf)) if stored == fp else None
         elif resume:
             raise CheckpointError(f"{rf}: missing (a DPO run stores its reference log-probs before training)")
-        if t is None:
+        if par is not None:  # all compute them together, or none
+            par.check_same({f"{rf} (reused)": t is not None})
+        if t is None:  # each process its share (reference_logps), rank 0 writes them
             t = {f"{k}.{s}": v for k, items in (("train", train_items), ("valid", valid_items)) if items
-                 for s, v in reference_logps(model, items, cfg).items()}
-            with atomic.atomic_file(rf) as tmp:
-                save_file(t, str(tmp), metadata={"fingerprint": fp})
+                 for s, v in reference_logps(model, items, cfg, par).items()}
+            if main:
+                with atomic.atomic_file(rf) as tmp:
+                    save_file(t, str(tmp), metadata={"fingerprint": fp})
         ref = {"chosen": t["train.chosen"], "rejected": t["train.rejected"]}
         if valid_items:
             vref = {"chosen": t["valid.chosen"], "rejected": t["valid.rejected"]}
@@ -634,14 +700,18 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         state = checkpoints.load(newest, model=trainable, optimizer=optimizer, checksums=False)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
-    atomic.write_text(out / "finetune_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard)
+    if main:
+        atomic.write_text(out / "finetune_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    metrics = _Metrics(out, resume_step=step if resume else None, tensorboard=cfg.tensorboard) if main \
+        else _NoMetrics()
     moe = mc.moe
     aux_coef = (cfg.aux_loss_coef if cfg.aux_loss_coef is not None else moe.aux_loss_coef) if moe else 0.0
     z_coef = moe.z_loss_coef if moe else 0.0
 
-    def save() -> Path:
-        return checkpoints.save(ckpt_root, step=step, model=trainable, optimizer=optimizer, keep=cfg.keep, state={
+    def save() -> None:  # rank 0's: the trainable parameters and the optimizer are the same on every process
+        if not main:
+            return
+        checkpoints.save(ckpt_root, step=step, model=trainable, optimizer=optimizer, keep=cfg.keep, state={
             "finetune_config": dataclasses.asdict(cfg), "data_position": loader.state_dict(), "tokenizer": tok_spec,
             "data": data_fp})
 
@@ -649,10 +719,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         if not valid_items:
             return {}
         if cfg.task == "sft":
-            return evaluate_sft(model, valid_items, cfg)
+            return evaluate_sft(model, valid_items, cfg, par)
         # Before the first step the policy is the reference, whose held-out log-probs are stored already.
         same = step == 0 and not cfg.reference_free
-        return evaluate_dpo(model, valid_items, vref, cfg, policy=vref if same else None)
+        return evaluate_dpo(model, valid_items, vref, cfg, policy=vref if same else None, par=par)
 
     stop: list[int] = []
     handlers: dict[signal.Signals, Any] = {}
@@ -662,7 +732,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         except ValueError:
             pass
     bar = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
@@ -675,8 +745,16 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     last_stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     requested_stop = False
     interval_tokens, interval_s = 0, 0.0  # tokens_per_s: since the last logged record, steps' own time (loop.py)
+    # Data parallel: every process reads the whole of each micro-batch (the loader's position is the
+    # global batch's, so a checkpoint resumes on any number of processes that splits it) and computes
+    # its rows. Each computes its share of the one-process loss: the global counts (assistant tokens,
+    # pairs, the router losses' valid tokens) divide its sums, so the shares' gradients add up to the
+    # one-process gradient.
+    world, rank = (par.world, par.rank) if par is not None else (1, 0)
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    reduce = par.all_sum if par is not None else None
     try:
-        while step < last_stop and not stop and not requested_stop:
+        while step < last_stop and not requested_stop and not signalled(stop, reduce):
             t0 = time.perf_counter()
             lr = cfg.lr_at(step)
             for g in optimizer.param_groups:
@@ -692,32 +770,45 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
             for micro in range(cfg.grad_accum):
                 with _autocast(cfg):
                     if cfg.task == "sft":
-                        b = batches[micro]
+                        whole = batches[micro]
+                        b = sft.Packed(whole.tokens[mine], whole.targets[mine], whole.positions[mine],
+                                       whole.segments[mine])
                         s, _, routings = sft_forward(model, b, device)
                         task_loss = s * (cfg.grad_accum / n_step)  # (loss / grad_accum) below: s / n_step
-                        valid = b.valid
+                        valid, n_valid = b.valid, int(whole.valid.sum())
                         parts = {"loss": task_loss}
-                        n_tok += int(b.valid.sum())
                     else:
                         idx = loader.next_indices()
-                        pb = dpo.collate_pairs([train_items[i] for i in idx], idx, cfg.seq_len)
-                        lp, routings = pair_logps(model, pb, device)
+                        whole_pb = dpo.collate_pairs([train_items[i] for i in idx], idx, cfg.seq_len)
                         N = len(idx)
+                        rows = torch.cat([torch.arange(N)[mine], N + torch.arange(N)[mine]])  # chosen, rejected
+                        pb = dpo.PairBatch(whole_pb.tokens[rows], whole_pb.targets[rows], whole_pb.positions[rows],
+                                           whole_pb.reply[rows], whole_pb.index[mine])
+                        lp, routings = pair_logps(model, pb, device)
+                        M = len(pb.index)
                         n = pb.reply.sum(-1).to(device)  # reply tokens
-                        task_loss, m = dpo.dpo_loss(lp[:N], lp[N:], ref["chosen"][idx].to(device),
-                                                    ref["rejected"][idx].to(device), beta=cfg.beta,
+                        task_loss, m = dpo.dpo_loss(lp[:M], lp[M:], ref["chosen"][pb.index].to(device),
+                                                    ref["rejected"][pb.index].to(device), beta=cfg.beta,
                                                     loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
                                                     reference_free=cfg.reference_free,
-                                                    lengths=(n[:N], n[N:]) if cfg.length_normalize else None)
-                        valid = pb.positions >= 0
+                                                    lengths=(n[:M], n[M:]) if cfg.length_normalize else None)
+                        task_loss, m = task_loss * (M / N), {k: v * (M / N) for k, v in m.items()}  # means over pairs
+                        valid, n_valid = pb.positions >= 0, int((whole_pb.positions >= 0).sum())
                         parts = {"loss": task_loss, **m}
-                        n_tok += int(valid.sum())
-                    aux, z = router_losses(routings, valid.to(device))
+                    # f over the whole micro-batch's tokens (`reduce`), P and z over this process's: their
+                    # means, weighted by its share of the valid tokens
+                    aux, z = router_losses(routings, valid.to(device), reduce=reduce)
+                    aux, z = (x * (int(valid.sum()) / max(n_valid, 1)) for x in (aux, z))
+                    n_tok += n_valid
                 loss = task_loss + aux_coef * aux + z_coef * z
                 (loss / cfg.grad_accum).backward()
                 for k, v in {**parts, "aux_loss": aux, "z_loss": z}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             params = [p for _, p in named]
+            if par is not None:  # the shares' sums: the one-process gradient and logged values, on every process
+                par.sum_grads(params)
+                sums = dict(zip(sums, par.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist(),
+                                strict=True))
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -745,11 +836,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                     bar.write(f"step {step}: {eval_line(ev)}", file=sys.stderr)
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
                 save()
-        if step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after):
+        if main and (step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after)):
             names = [c.name for c in checkpoints.list_checkpoints(ckpt_root)]
             if not names or names[-1] != f"step_{step:08d}":
                 save()
-        if step == cfg.steps or requested_stop:
+        if main and (step == cfg.steps or requested_stop):
             export(model, out, cfg, tok_spec)
     finally:
         if bar is not None:
@@ -757,6 +848,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         metrics.close()
         for sig, h in handlers.items():
             signal.signal(sig, h)
+    if par is not None:  # every process returns once rank 0's files are written
+        par.all_sum(torch.zeros(1))
     # a signal during the last step or the final export: the run is complete, not stopped
     stopped_by = stop[0] if stop and step < cfg.steps else None
     return FinetuneResult(step=step, history=history, evals=evals, stopped_by=stopped_by,

@@ -617,13 +617,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     try:
         requested_stop = False  # on_step returned True (e.g. the demo's time budget ran out)
         while step < last_stop and not requested_stop:
-            stopping = bool(stop)
-            if par is not None:  # all stop at the same step, on what the exchange says: a signal that arrives
-                got = par.all_sum(torch.tensor([float(signal.SIGINT in stop), float(signal.SIGTERM in stop)]))
-                stopping = bool(got.any())  # during it is the next step's (else that process alone would stop)
-                if stopping and not stop:  # another process was signalled: say which signal
-                    stop.append(signal.SIGINT if got[0] > 0 else signal.SIGTERM)
-            if stopping:
+            if signalled(stop, par.all_sum if par is not None else None):
                 break
             t0 = time.perf_counter()
             lr = cfg.lr_at(step)
@@ -725,6 +719,19 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     stopped_by = stop[0] if stop and step < cfg.steps else None
     return TrainResult(step=step, history=history, evals=evals, stopped_by=stopped_by,
                        model=model, out=out)
+
+
+def signalled(stop: list[int], all_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
+    """Whether the run stops before its next step: a signal arrived (`stop`, the handler's list). Over
+    several processes (`all_sum`) all stop at the same step, on what the exchange says: a signal that
+    arrives during it is the next step's (else that process alone would stop); a process whose peer
+    was signalled records that signal in `stop`."""
+    if all_sum is None:
+        return bool(stop)
+    got = all_sum(torch.tensor([float(signal.SIGINT in stop), float(signal.SIGTERM in stop)]))
+    if got.any() and not stop:
+        stop.append(signal.SIGINT if got[0] > 0 else signal.SIGTERM)
+    return bool(got.any())
 
 
 def show_step(bar: Any, step: int, steps: int, logged: bool, text: str) -> None:

@@ -258,6 +258,14 @@ def check_batch_fits(mc: ModelConfig, *, batch_size: int, seq_len: int, device: 
                           setting="batch_size")
 
 
+def check_split(batch_size: int, processes: int, *, what: str) -> None:
+    """ConfigError unless `batch_size` (the global one) splits evenly over the `processes` of a
+    data-parallel run: each computes its equal share of the rows of every micro-batch."""
+    if batch_size % processes:
+        raise ConfigError(f"{what} setting 'batch_size' must be a multiple of the number of processes ({processes}), "
+                          f"got {batch_size}", setting="batch_size")
+
+
 def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str], ckpt: Path, what: str) -> None:
     """CheckpointError unless `cfg` has the settings the checkpoint `ckpt` was saved with (`saved`:
     its stored `asdict(cfg)`), except those in `run_only`. A field added after the checkpoint was
