@@ -256,10 +256,22 @@ def test_full_finetuning_is_trainings_states():
     assert p.memory == t.memory and p.lora_rank == 0 and p.lora_targets == ()
 
 
+@pytest.mark.parametrize("lora", [{}, {"lora_rank": 4, "lora_base_dtype": "int4"}])
+def test_finetune_data_parallel_holds_the_whole_model_and_its_rows(lora):
+    """`--mode finetune --devices 2` (torchrun ... sft): each device holds what one process holds, with
+    the activations of its share of the batch, and all-reduces the trainable parameters' gradients."""
+    one = plan(TINY, mode="finetune", seq=128, batch=2, **lora)
+    two = plan(TINY, mode="finetune", seq=128, batch=4, devices=2, **lora)
+    assert two.memory == one.memory and not one.comm
+    trainable = (one.memory["adapter gradients (float32)"] if lora else one.memory["gradients (float32)"])
+    assert two.comm == {("gradient all-reduce (adapters), per step" if lora else "gradient all-reduce, per step"):
+                        pytest.approx(trainable)}  # ring: 2 (n-1)/n = 1 x the float32 gradients
+
+
 @pytest.mark.parametrize("kw, msg", [
-    ({"devices": 2, "batch": 2}, "--devices 2: fine-tuning (mixlab sft / dpo) runs in one process"),
-    ({"ep": 2}, "--ep 2: fine-tuning (mixlab sft / dpo) runs in one process"),
-    ({"fsdp": True}, "--fsdp: fine-tuning (mixlab sft / dpo) runs in one process"),
+    ({"devices": 2, "batch": 3}, "--batch must be a positive multiple of --devices (2) for training, got 3"),
+    ({"devices": 2, "ep": 2}, "--ep 2: fine-tuning (mixlab sft / dpo) runs data parallel only"),
+    ({"fsdp": True}, "--fsdp: fine-tuning (mixlab sft / dpo) runs data parallel only"),
     ({"quant": "int4"}, "--quant applies to --mode infer only"),
     ({"dtype": "float16"}, "--dtype float16: fine-tuning autocasts to float32 or bfloat16 only"),
     ({"lora_targets": "attention"}, "--lora-targets applies to LoRA, and --lora-rank is absent"),
@@ -276,7 +288,7 @@ def test_finetune_refusals(kw, msg):
 def test_finetune_refusals_elsewhere():
     with pytest.raises(ValueError, match="--lora-rank applies to --mode finetune only"):
         plan(TINY, mode="train", lora_rank=4)
-    with pytest.raises(ValueError, match="--devices 4: fine-tuning"):
+    with pytest.raises(ValueError, match="--ep 4: fine-tuning"):
         plan(TINY, mode="finetune", devices=4, ep=4, batch=4)
     with pytest.raises(ValueError, match="--lora-targets router: the model is dense"):
         plan(get_preset("tiny-dense"), mode="finetune", seq=128, lora_rank=4, lora_targets="attention,router")
@@ -298,9 +310,9 @@ def test_finetune_cli(capsys):
     assert got["total"] == pytest.approx(sum(got["memory"].values()))
     assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--seq", "128"]) == 0
     assert "LoRA rank 8 on attention,experts, base float32" in capsys.readouterr().out
-    assert main(["plan", "tiny-moe", "--mode", "finetune", "--devices", "2"]) == 2
+    assert main(["plan", "tiny-moe", "--mode", "finetune", "--devices", "2", "--ep", "2"]) == 2
     err = capsys.readouterr().err
-    assert "--devices 2: fine-tuning (mixlab sft / dpo) runs in one process" in err and "Traceback" not in err
+    assert "--ep 2: fine-tuning (mixlab sft / dpo) runs data parallel only" in err and "Traceback" not in err
     assert main(["plan", "tiny-moe", "--mode", "infer", "--lora-rank", "8"]) == 2
     assert "--lora-rank applies to --mode finetune only" in capsys.readouterr().err
     assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--lora-targets", "mlp"]) == 2

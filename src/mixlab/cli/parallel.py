@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=user_path,
                    help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
     p.add_argument("--mode", choices=["train", "finetune", "infer"], default="train",
-                   help="train (AdamW, default), finetune (mixlab sft / dpo, one process; LoRA with --lora-rank) "
+                   help="train (AdamW, default), finetune (mixlab sft / dpo, data parallel: each device holds the "
+                        "whole model; LoRA with --lora-rank) "
                         "or infer (weights and KV cache)")
     p.add_argument("--devices", type=int, default=1, help="number of devices (GPUs or processes)")
     p.add_argument("--device-mem", default="80GB", help="memory per device: 80GB (10^9 bytes) or 80GiB (2^30)")

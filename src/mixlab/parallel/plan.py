@@ -26,7 +26,8 @@ inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or 
     KV cache are replicated on every rank (each rank runs the same sequences; only the experts are
     split), expert weights are divided by `ep`.
 
-fine-tuning (`mixlab sft` / `mixlab dpo`, one process, `train/finetune.py`; a DPO pair is two
+fine-tuning (`mixlab sft` / `mixlab dpo`, `train/finetune.py`, data parallel over `devices`, each
+    holding the whole model and its share of the batch; a DPO pair is two
     sequences of `batch`, its reference log-probs computed before training): without `lora_rank`,
     training's 16 bytes per parameter; with it, as `train/lora.py` holds the model:
     frozen base  each targeted matrix in `lora_base_dtype` (int8: 1 B + a float32 scale per row;
@@ -217,10 +218,10 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         raise ValueError(f"--devices must be >= 1, got {devices}")
     lora = _check_lora(config, mode, lora_rank, lora_targets, lora_base_dtype)
     if mode == "finetune":
-        one = next((f for f, on in ((f"--devices {devices}", devices > 1), (f"--ep {ep}", ep > 1), ("--fsdp", fsdp))
-                    if on), None)
+        one = next((f for f, on in ((f"--ep {ep}", ep > 1), ("--fsdp", fsdp)) if on), None)
         if one:
-            raise ValueError(f"{one}: fine-tuning (mixlab sft / dpo) runs in one process, on one device")
+            raise ValueError(f"{one}: fine-tuning (mixlab sft / dpo) runs data parallel only, each device holding the "
+                             "whole model")
         if dtype == "float16":
             raise ValueError("--dtype float16: fine-tuning autocasts to float32 or bfloat16 only")
     if ep < 1 or devices % ep:
@@ -241,7 +242,7 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         raise ValueError(f"--seq must be >= 1, got {seq}")
     dp = devices // ep
     if batch is None:
-        batch = devices if mode == "train" else 1
+        batch = devices if mode != "infer" else 1
     if batch < 1 or (mode != "infer" and batch % devices):
         raise ValueError(f"--batch must be a positive multiple of --devices ({devices}) for training, got {batch}")
     context_note = None
@@ -398,7 +399,9 @@ def _lora_memory(pl: Plan, config: ModelConfig, lora: LoraConfig) -> None:
     pl.memory["adapters (float32)"] = 4 * L * factors
     pl.memory["adapter gradients (float32)"] = 4 * L * factors
     pl.memory["optimizer (AdamW, 2 x float32)"] = 8 * L * factors
-    _activations(pl, config, pl.batch * pl.seq)
+    _activations(pl, config, pl.batch // pl.devices * pl.seq)
+    if pl.devices > 1:  # ring all-reduce of the float32 adapter gradients: 2 (n-1)/n of the bytes each
+        pl.comm["gradient all-reduce (adapters), per step"] = 4 * L * factors * 2 * (pl.devices - 1) / pl.devices
     # what autograd keeps of the weights themselves, per layer (all of them, or the one recomputed)
     bf16 = pl.dtype == "bfloat16"
     space = sum(E * X * In for _, E, X, In, ws in mats if ws)
