@@ -63,18 +63,21 @@ from mixlab.parallel.mesh import init, shutdown
 from mixlab.parallel.train import DistributedTraining
 from mixlab.train.finetune import finetune, load_finetune_config
 
-codes = []
+codes, errors, rank = [], [], int(os.environ["RANK"])
 for job in jobs:
     if isinstance(job, list):
         codes.append(main(job))
         continue
     par = DistributedTraining(init())
+    over = job["set"] | ({"data": job["data"][rank]} if "data" in job else {})  # each rank its own file
     try:
-        finetune(load_finetune_config(job["config"], task=job["task"]), stop_after=job["stop_after"], parallel=par)
+        finetune(load_finetune_config(job["config"], **over), stop_after=job.get("stop_after"), parallel=par)
+    except ValueError as e:
+        errors.append(str(e))
     finally:
         shutdown()
-rank = os.environ["RANK"]
-Path(sys.argv[2]).parent.joinpath(f"rank_{rank}.json").write_text(json.dumps({"codes": codes, "writes": writes}))
+report = {"codes": codes, "errors": errors, "writes": writes}
+Path(sys.argv[2]).parent.joinpath(f"rank_{rank}.json").write_text(json.dumps(report))
 '''
 
 
@@ -89,10 +92,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     convs = [{"messages": [{"role": "user", "content": f"What is {i} plus {i * 7}?" + " Please." * (i % 3)},
                            {"role": "assistant", "content": f"{i} plus {i * 7} is {8 * i}."}]} for i in range(24)]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in convs))
+    convs[5]["messages"][1]["content"] = "I do not know."  # another node's copy, edited
+    (root / "sft_edited.jsonl").write_text("".join(json.dumps(r) + "\n" for r in convs))
     pairs = [{"prompt": f"Human: Say the number {i}.\n\nAssistant:", "chosen": f"{i}" + "!" * (i % 4),
               "rejected": f"I will not say {i + 1}."} for i in range(24)]
     (root / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    return {"base": root / "base", "sft": root / "sft.jsonl", "dpo": root / "dpo.jsonl"}
+    return {"base": root / "base", "sft": root / "sft.jsonl", "sft_edited": root / "sft_edited.jsonl",
+            "dpo": root / "dpo.jsonl"}
 
 
 def _settings(files: dict[str, Path], task: str, out: Path, **kw: Any) -> dict[str, Any]:
@@ -138,8 +144,11 @@ def test_two_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None
         ["sft", str(conf["sft_lora"])],
         ["sft", str(conf["sft_full"]), "--resume"],
         # two processes stopped at step 2 (as if killed), then resumed by two
-        {"config": str(conf["dpo_lora"]), "task": "dpo", "stop_after": 2},
+        {"config": str(conf["dpo_lora"]), "set": {"task": "dpo"}, "stop_after": 2},
         ["dpo", str(conf["dpo_lora"]), "--resume"],
+        # processes given different data (each node its own copy) are refused before the first step
+        {"config": str(conf["sft_full"]), "set": {"task": "sft", "out": str(two / "refused")},
+         "data": [str(files["sft"]), str(files["sft_edited"])]},
     ]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "run.py").write_text(SCRIPT)
@@ -148,11 +157,15 @@ def test_two_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None
     assert p.returncode == 0, err[-3000:]
     report = {r: json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)}
     assert report[0]["codes"] == report[1]["codes"] == [0, 0, 0]
+    assert report[0]["errors"] == report[1]["errors"] and len(report[0]["errors"]) == 1
+    assert report[0]["errors"][0].startswith("the processes of this run were started differently (the training "
+                                             "examples): rank 1 has the training examples = ")
     # rank 0 writes every file, rank 1 none: only the probe every rank makes and removes at once, so that all
     # refuse an --out they cannot write together (atomic.check_writable), as `mixlab train`'s processes do
     probes = [w for w in report[1]["writes"] if "/.mixlab-probe-" in w]
     assert report[0]["writes"] and report[1]["writes"] == probes and probes
     assert stdout.count("run folder:") == 3, stdout  # rank 0 prints
+    assert not (two / "refused").exists()
 
     for name in runs:
         want, got = _records(one / name), _records(two / name)
