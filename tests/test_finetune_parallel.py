@@ -10,6 +10,7 @@ runs are made in this process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -206,3 +207,39 @@ def test_ep_and_fsdp_are_refused_for_fine_tuning(files: dict[str, Path], tmp_pat
             err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
     assert os.environ.get("WORLD_SIZE") is None
+
+
+class _Checked(Exception):
+    """Raised by `_World2.check_same`: the run got past its up-front checks."""
+
+
+class _World2:
+    """Rank 0 of two processes, up to `finetune`'s first collective."""
+
+    rank, world, is_main = 0, 2, True
+
+    def check_same(self, values: dict[str, Any]) -> None:
+        raise _Checked
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("no collective before check_same")
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        raise AssertionError("no collective before check_same")
+
+
+def test_a_process_needs_memory_for_its_share_of_the_batch(files: dict[str, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose rows fit only split over the processes is not refused as if one held them all
+    (and one that does not fit even split is, naming a process's share)."""
+    from mixlab.train import settings
+
+    per_row = 96 * (4 * CFG.vocab_size + 2 * CFG.dim * CFG.n_layers)  # check_batch_fits' floor for a row
+    monkeypatch.setattr(settings, "available_memory", lambda: 3 * per_row)
+    cfg = load_finetune_config(None, **_settings(files, "sft", tmp_path / "run", batch_size=6))
+    with pytest.raises(ValueError, match="batch_size 6 cannot fit: one micro-batch"):
+        finetune(cfg)
+    with pytest.raises(_Checked):
+        finetune(cfg, parallel=_World2())
+    with pytest.raises(ValueError, match="batch_size 8 cannot fit: a process's share of one micro-batch"):
+        finetune(dataclasses.replace(cfg, batch_size=8), parallel=_World2())

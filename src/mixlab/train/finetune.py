@@ -600,7 +600,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     mc = checkpoints.init_config(cfg.model)
     check_fits(cfg, mc, tok)
     check_batch_fits(mc, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
-                     rows_per_item=2 if cfg.task == "dpo" else 1)
+                     rows_per_item=2 if cfg.task == "dpo" else 1, processes=par.world if par is not None else 1)
     # LoRA first: the DPO reference is the policy before its first step, the adapters at zero over the
     # base as held (PEFT's disable_adapter() in TRL): over a bf16, int8 or int4 base that is not the float32
     # checkpoint, and a reference from the checkpoint started DPO at h != 0 (loss != log 2).
