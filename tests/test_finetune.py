@@ -1073,8 +1073,10 @@ def test_padded_pair_logps_equal_each_sequence_alone() -> None:
 
 
 def test_unexpressible_adapter_exports_merged_weights(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     import mixlab.train.finetune as ft
+    from mixlab.cli import main
 
     def refuse(*_a: Any, **_k: Any) -> None:
         raise ValueError("PEFT cannot express these adapters: experts")
@@ -1084,6 +1086,13 @@ def test_unexpressible_adapter_exports_merged_weights(ckpt: Path, chat_files: tu
         finetune(_cfg(ckpt, chat_files[0], tmp_path / "a", steps=1, lora_rank=2, export_hf=False, eval_every=0))
     assert (tmp_path / "a" / "hf" / "config.json").is_file()
     assert "experts" in (tmp_path / "a" / "adapter_not_exported.txt").read_text()
+    # sft runs data parallel under torchrun (tests/test_finetune_parallel.py); half of torchrun's environment
+    # is named, before anything is read or written
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "b"),
+                 "--seq-len", "64"]) == 1
+    assert "WORLD_SIZE=2 is set but RANK is not: launch with torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_second_run_into_the_same_out_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
