@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
 
 from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, resume_arg, user_path
 from mixlab.errors import UsageError
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
-    from mixlab.cli.train import flag_errors
+    from mixlab.cli.train import flag_errors, run_processes, stopped
     from mixlab.train.checkpoints import init_config
     from mixlab.train.finetune import (
         FinetuneConfig,
@@ -65,19 +63,11 @@ def _run(args: argparse.Namespace, task: str) -> int:
         from mixlab.parallel.train import DistributedTraining
 
         par = DistributedTraining(init(device=cfg.device))
-    try:
-        result = finetune(cfg, resume=resume_arg(args), parallel=par)
-    finally:
-        if par is not None:
-            from mixlab.parallel.mesh import shutdown
-
-            shutdown()
-    if par is not None and not par.is_main:
+    result = run_processes(lambda: finetune(cfg, resume=resume_arg(args), parallel=par), par)
+    if result is None:
         return 0
     if result.stopped_by is not None:
-        print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint saved; "
-              "continue with --resume", file=sys.stderr)
-        return 128 + result.stopped_by
+        return stopped(result)
     if result.evals:
         ev = result.evals[-1]
         print(f"step {result.step}: {eval_line(ev)}")

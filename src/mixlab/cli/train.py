@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -130,6 +130,27 @@ def _parallel(args: argparse.Namespace, device: str, compile: bool) -> Any:
     return DistributedTraining(init(ep=1 if args.ep is None else args.ep, fsdp=args.fsdp, device=device))
 
 
+def run_processes(run: Callable[[], Any], par: Any) -> Any:
+    """`run()`, then the process group torchrun's processes joined shut down (`par`: their
+    `DistributedTraining`, or None in one process). Its result on rank 0 (or the one process); None
+    on the others, which report nothing."""
+    try:
+        result = run()
+    finally:
+        if par is not None:
+            from mixlab.parallel.mesh import shutdown
+
+            shutdown()
+    return None if par is not None and not par.is_main else result
+
+
+def stopped(result: Any) -> int:
+    """A run stopped by a signal (checkpointed): the line that says so, and the exit code 128 + signal."""
+    name = signal.Signals(result.stopped_by).name
+    print(f"stopped by {name} at step {result.step}; checkpoint saved; continue with --resume", file=sys.stderr)
+    return 128 + int(result.stopped_by)
+
+
 def train_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.data import TokenDataset
     from mixlab.train.loop import TrainConfig, build_model_config, eval_line, load_train_config, train
@@ -150,19 +171,11 @@ def train_cmd(args: argparse.Namespace) -> int:
     if not cfg.data:
         raise UsageError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
     par = _parallel(args, cfg.device, cfg.compile)
-    try:
-        result = train(cfg, resume=resume_arg(args), parallel=par)
-    finally:
-        if par is not None:
-            from mixlab.parallel.mesh import shutdown
-
-            shutdown()
-    if par is not None and not par.is_main:
+    result = run_processes(lambda: train(cfg, resume=resume_arg(args), parallel=par), par)
+    if result is None:
         return 0
     if result.stopped_by is not None:
-        name = signal.Signals(result.stopped_by).name
-        print(f"stopped by {name} at step {result.step}; checkpoint saved; continue with --resume", file=sys.stderr)
-        return 128 + result.stopped_by
+        return stopped(result)
     if result.evals:
         ev = result.evals[-1]
         print(f"step {result.step}: {eval_line(ev)}; " + ", ".join(
