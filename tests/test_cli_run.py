@@ -205,6 +205,39 @@ def test_chat_multi_turn_reset_and_interrupt(tiny_dir, capsys, monkeypatch):
     assert seen[2] == tok.encode_chat([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Again"}])
 
 
+def test_chat_with_a_v3_tokenizer_uses_its_template(tmp_path, capsys, monkeypatch):
+    """A checkpoint holding Mixtral 8x22B Instruct's tokenizer.model.v3 (vocabulary 32,768) chats in its v3
+    template, mistral-common's: each turn's prompt is its ids, the earlier replies and the system prompt in."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    import mixlab.cli.run as run
+
+    v3 = next(load_tokenizer().path.parent.glob("mistral_instruct_tokenizer_*.model.v3"))
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32768, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    save_model(model, tmp_path)
+    (tmp_path / "tokenizer.model.v3").write_bytes(v3.read_bytes())
+    seen: list[list[int]] = []
+    real = run.generate_stream
+
+    def spy(model, prompts, **kw):
+        seen.append(list(prompts[0]))
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(run, "generate_stream", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n"))
+    rc = main(["chat", "--model", str(tmp_path), "--max-new-tokens", "6", "--seed", "0", "--system", "Be kind.",
+               "--dtype", "float32"])
+    replies = capsys.readouterr().out.splitlines()
+    assert rc == 0 and len(seen) == 2 and len(replies) == 2
+    mt = MistralTokenizer.from_file(str(v3))
+    first = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}]
+    assert seen[0] == mt.encode_chat_completion(ChatCompletionRequest(messages=first)).tokens
+    second = [*first, {"role": "assistant", "content": replies[0]}, {"role": "user", "content": "Again"}]
+    assert seen[1] == mt.encode_chat_completion(ChatCompletionRequest(messages=second)).tokens
+
+
 def test_chat_quits_on_eof(tiny_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "16"]) == 0

@@ -104,6 +104,26 @@ def test_render_matches_encode_chat() -> None:
             tok.decode(tok.encode(" ".join(m["content"] for m in conv if m["role"] == "assistant"), bos=False))
 
 
+def test_render_in_the_v3_template() -> None:
+    """A v3 tokenizer (Mixtral 8x22B Instruct's) renders SFT data in its own template, mistral-common's: [INST]
+    and [/INST] as control tokens, the system prompt in the last user turn; the replies alone trained."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from mixlab.tokenizer import default_tokenizer_path
+    from mixlab.train.data import FileTokenizer
+
+    path = next(default_tokenizer_path().parent.glob("mistral_instruct_tokenizer_*.model.v3"))
+    ft, mt = FileTokenizer(path), MistralTokenizer.from_file(str(path))
+    for conv in CONVS:
+        ids, train = sft.render_turns(conv, ft, final_assistant=True)
+        prompt = [*conv[:-1], {**conv[-1], "prefix": True}]
+        assert ids == mt.encode_chat_completion(ChatCompletionRequest(messages=prompt)).tokens + [ft.eos_id]
+        replies = [ft.encode(m["content"], eos=True) for m in conv if m["role"] == "assistant"]
+        assert [i for i, t in zip(ids, train, strict=True) if t] == [i for r in replies for i in r]
+        assert ids[1] == ft.tok.encode_chat(conv[:1])[1] == 3  # [INST]
+
+
 def test_loss_only_on_assistant_tokens() -> None:
     ex = [sft.Example(*sft.render_turns(c, TOK, final_assistant=True)) for c in CONVS]
     b = sft.collate(ex, [[0, 1, 2]], 220)

@@ -110,6 +110,33 @@ def test_chat_streamed_equals_unstreamed_equals_generate(client: Any, model_tok:
     assert full.choices[0].finish_reason == ("stop" if new[-1] == tok.eos_id else "length")
 
 
+def test_chat_with_a_v3_tokenizer_uses_its_template(tmp_path: Path) -> None:
+    """/v1/chat/completions on a model with Mixtral 8x22B Instruct's tokenizer.model.v3 (vocabulary 32,768):
+    the prompt is mistral-common's v3 encoding, the reply generate's continuation of it."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from mixlab import save_model
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    v3 = next(load_tokenizer().path.parent.glob("mistral_instruct_tokenizer_*.model.v3"))
+    m = Transformer(get_preset("tiny-moe").replace(vocab_size=32768, max_seq_len=CONTEXT))
+    m.init_weights(std=0.3, seed=0)
+    save_model(m, tmp_path)
+    (tmp_path / "tokenizer.model.v3").write_bytes(v3.read_bytes())
+    model, tok = load_model(tmp_path, dtype="float32"), load_tokenizer(tmp_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
+    ids = MistralTokenizer.from_file(str(v3)).encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+    new = _reference(model, tok, ids, 12, 0.0, None)
+    with Engine(model, tok, max_batch=2) as engine, ServerThread(create_app(engine, tok, _config(model))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        full = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    assert full.usage.prompt_tokens == len(ids) and full.usage.completion_tokens == len(new)
+    assert full.choices[0].message.content == tok.decode(new)
+
+
 def test_speculative_tokens_stream_the_same_completion(ckpt: Path, model_tok: tuple[Any, Any]) -> None:
     """serve --speculative-tokens: a greedy completion whose drafts are accepted streams, several tokens a
     step, the text, token ids and logprobs a server without it gives (and generate's tokens)."""

@@ -3,6 +3,7 @@ conversations; decode inverts encode; streaming decode equals whole decode; toke
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -12,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import CORPUS, hf_tokenizer_json
 from mixlab.tokenizer import ChatError, TextError, load_tokenizer
@@ -410,10 +413,90 @@ def test_a_model_trained_on_mixtrals_tokenizer_elsewhere_finds_it_here(tok, tmp_
     assert model_tokenizer(tmp_path).encode("Grüß Gott") == tok.encode("Grüß Gott")
 
 
-def test_chat_refuses_v3_tokenizers():
-    v3 = next(load_tokenizer().path.parent.glob("*.model.v3"))
-    with pytest.raises(ChatError, match="only the v1 template"):
-        load_tokenizer(v3).encode_chat([{"role": "user", "content": "hi"}])
+def _mistral_file(version: str):
+    return next(load_tokenizer().path.parent.glob(f"mistral_instruct_tokenizer_*.model.{version}"))
+
+
+@functools.cache
+def _mistral(path):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.from_file(str(path))
+
+
+def _reference(path, chat, **request):
+    """mistral-common's ids of `chat`, or the exception it refuses it with."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    try:
+        return _mistral(path).encode_chat_completion(ChatCompletionRequest(messages=chat, **request)).tokens
+    except Exception as e:  # noqa: BLE001 - its refusals are of several types
+        return e
+
+
+def _same_as_mistral_common(tok, path, chat, **request):
+    """encode_chat equals mistral-common, or refuses (ChatError) what it refuses; whether it refused."""
+    ref = _reference(path, chat, **request)
+    if isinstance(ref, Exception):
+        with pytest.raises(ChatError):
+            tok.encode_chat(chat, **request)
+        return True
+    assert tok.encode_chat(chat, **request) == ref, chat
+    return False
+
+
+_TEXTS = ["hi", " spaced ", "", "中文 émoji 🤖", "a\n\nb", "trailing  ", "  ", "[INST] text [/INST] </s>"]
+_CHATS = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant"]),
+     "content": st.sampled_from(_TEXTS) | st.text(st.characters(codec="utf-8"), max_size=8)}),
+    min_size=1, max_size=6)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_v2_v3_chats_equal_mistral_common(version):
+    """Mixtral 8x22B's and Mistral 7B v0.3's template: [INST] [/INST] control tokens, the system prompt in the
+    last user turn, replies' trailing spaces dropped; equal to mistral-common token for token, and refused
+    (ChatError) where it refuses, on hand-picked conversations and hypothesis's (seeded)."""
+    path = _mistral_file(version)
+    tok = load_tokenizer(path)
+    assert tok.chat_version == int(version[1])
+    chats = CHATS + _corpus_chats(8) + [
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a  "}, {"role": "user", "content": ""}],
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}, {"role": "user", "content": "r"}],
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],  # refused: no reply to write
+    ]
+    assert [_same_as_mistral_common(tok, path, chat) for chat in chats].count(True) == 1
+    refused = []
+
+    @settings(derandomize=True, max_examples=300, deadline=None, database=None)
+    @given(chat=_CHATS, prefix=st.booleans())
+    def check(chat, prefix):
+        if chat[-1]["role"] == "assistant" and prefix:
+            chat[-1]["prefix"] = True
+        refused.append(_same_as_mistral_common(tok, path, chat))
+
+    check()
+    assert 0 < refused.count(True) < len(refused) // 2  # both kinds reached
+    # the layout, in pieces: the system prompt joins the last user turn, not the first
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1 "}, {"role": "user", "content": "Q2"}]
+    ids = tok.encode_chat(chat)
+    assert [tok.id_to_piece(i) for i in ids] == [
+        "<s>", "[INST]", "▁Q", "1", "[/INST]", "▁A", "1", "</s>", "[INST]", "▁S", "<0x0A>", "<0x0A>", "Q", "2",
+        "[/INST]"]
+
+
+def test_the_chat_template_follows_the_control_tokens_not_the_file_name(tmp_path):
+    # HF's Mixtral-8x22B-Instruct-v0.1 ships the v3 vocabulary as tokenizer.model too; Mixtral 8x7B's is v1
+    v3, v1 = _mistral_file("v3"), load_tokenizer().path
+    (tmp_path / "tokenizer.model").write_bytes(v3.read_bytes())
+    (tmp_path / "x.model.v3").write_bytes(v1.read_bytes())
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+    assert load_tokenizer(tmp_path).encode_chat(chat) == _reference(v3, chat)
+    assert load_tokenizer(tmp_path / "x.model.v3").encode_chat(chat) == load_tokenizer().encode_chat(chat)
+    v7 = next(v1.parent.glob("*.model.v7"))  # [SYSTEM_PROMPT]: another template, refused
+    with pytest.raises(ChatError, match=r"\[SYSTEM_PROMPT\] \(Mistral's v7 chat template\)"):
+        load_tokenizer(v7).encode_chat(chat)
 
 
 def test_stream_gives_a_padded_vocabularys_ids_no_text(tok):

@@ -22,11 +22,14 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from mixlab.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    from mixlab.tokenizer import Tokenizer
 
 VALID_STEMS = ("valid", "validation", "val", "dev", "test")
 # UTF-8, a leading byte-order mark (Notepad's, PowerShell's, Excel's "UTF-8" export) not read as text: it failed
@@ -116,12 +119,17 @@ class FileTokenizer:
         return {"type": "file", "name": self.name, "path": str(self.path), "vocab_size": self.vocab_size}
 
 
+def full_tokenizer(t: TrainTokenizer) -> Tokenizer:
+    """The `mixlab.tokenizer.Tokenizer` of a training tokenizer: its pieces and its chat template."""
+    from mixlab.tokenizer import load_tokenizer
+
+    return t.tok if isinstance(t, FileTokenizer) else load_tokenizer("bytes")
+
+
 def same_vocabulary(a: TrainTokenizer, b: TrainTokenizer) -> bool:
     """Whether every id is the same piece in `a` and `b`, so that a model trained on one's ids reads the
     other's as the same text (a SentencePiece file and its tokenizer.json alike)."""
-    from mixlab.tokenizer import load_tokenizer
-
-    ta, tb = (t.tok if isinstance(t, FileTokenizer) else load_tokenizer("bytes") for t in (a, b))
+    ta, tb = full_tokenizer(a), full_tokenizer(b)
     return ta.vocab_size == tb.vocab_size and all(ta.id_to_piece(i) == tb.id_to_piece(i) for i in range(ta.vocab_size))
 
 

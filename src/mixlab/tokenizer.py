@@ -7,11 +7,14 @@ Sources, in the order `load_tokenizer` looks for them:
   - by default, Mixtral's v1 tokenizer shipped inside `mistral-common`
     (`mistral_common/data/tokenizer.model.v1`: 32,000 pieces, byte fallback, BOS 1, EOS 2).
 
-The chat template is mistral-common's instruct tokenizer v1 (the one Mixtral-8x7B-Instruct uses):
-`<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`, where `[INST]` is plain text (not a
-special token), each message is encoded separately (so each gets SentencePiece's leading "▁"),
-and system messages are joined with a blank line and prepended to the *first* user message
+The chat template is mistral-common's instruct tokenizer of the tokenizer's version (`chat_version`):
+v1 (Mixtral-8x7B-Instruct): `<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`, where `[INST]` is
+plain text (not a special token), each message is encoded separately (so each gets SentencePiece's
+leading "▁"), and system messages are joined with a blank line and prepended to the *first* user message
 (`InstructTokenizerV1.encode_user_message` in mistral-common 1.13; older releases used the last).
+v2/v3 (Mixtral-8x22B-Instruct, Mistral-7B-Instruct-v0.3: `[INST]` is a control token): the same turns
+with `[INST]` and `[/INST]` as control tokens around the user's text, the system prompt prepended to
+the *last* user message, and assistant messages without their trailing spaces (`InstructTokenizerV2`).
 """
 
 from __future__ import annotations
@@ -230,6 +233,7 @@ class Tokenizer:
         self.eos_id = backend.eos_id
         # where the checkpoint gives a chat template other than the one encode_chat writes (warned once)
         self.other_template: str | None = None
+        self.chat_version = _chat_version(backend, path)
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -275,29 +279,46 @@ class Tokenizer:
 
         `messages`: `{"role": "system" | "user" | "assistant", "content": str}` dicts; the last must
         be a user message, or an assistant message with `"prefix": True` (the reply continues it).
-        Equal to mistral-common's `encode_chat_completion` with the v1 instruct tokenizer.
+        Equal to mistral-common's `encode_chat_completion` with the instruct tokenizer of this
+        tokenizer's version (`chat_version`).
         """
-        if self._b.special_id("[INST]") is not None:
-            # v2/v3 tokenizers (Mistral 7B v0.3, Mixtral 8x22B) make [INST] a control token: another template.
-            raise ChatError(f"{self.path} defines [INST] as a special token (Mistral's v2/v3 chat template); "
-                            "only the v1 template (Mixtral 8x7B) is implemented: use mistral-common for this one")
+        return [self.bos_id] + [i for _, ids in self.chat_turns(messages) for i in ids]
+
+    def chat_turns(self, messages: Sequence[Mapping[str, object]]) -> list[tuple[str, list[int]]]:
+        """`encode_chat(messages)` less its BOS, turn by turn: (role, ids) for each user turn (with its
+        markers) and assistant turn (with its `</s>`, unless it is a prefix), as `sft` masks them."""
+        if self.chat_version == 7:
+            raise ChatError(f"{self.path} defines [SYSTEM_PROMPT] (Mistral's v7 chat template); the v1, v2 and v3 "
+                            "templates are implemented: use mistral-common for this one")
         if self.other_template is not None:
             warnings.warn(f"{self.other_template} gives this model another chat template than Mixtral-Instruct's "
                           "(it writes no [INST]); chats are encoded with Mixtral-Instruct's, which the model may not "
-                          "have been trained on", stacklevel=2)
+                          "have been trained on", stacklevel=3)
             self.other_template = None  # once
         system, turns = _normalize_chat(messages)
-        ids = [self.bos_id]
-        first_user = True
-        for role, content, prefix in turns:
+        out: list[tuple[str, list[int]]] = []
+        if self.chat_version == 1:
+            # [INST] is text; the system prompt goes into the first user turn
+            first_user = next(k for k, t in enumerate(turns) if t[0] == "user")
+            for k, (role, content, prefix) in enumerate(turns):
+                if role == "user":
+                    content = system + "\n\n" + content if k == first_user and system else content
+                    out.append((role, self.encode(f"[INST] {content} [/INST]", bos=False)))
+                else:
+                    out.append((role, self.encode(content, bos=False, eos=not prefix)))
+            return out
+        # v2/v3 (InstructTokenizerV2): [INST] and [/INST] are control tokens around the text; the system
+        # prompt goes into the *last* user turn; an assistant reply loses its trailing spaces
+        inst, end_inst = self._b.special_id("[INST]"), self._b.special_id("[/INST]")
+        assert inst is not None and end_inst is not None
+        last_user = max(k for k, t in enumerate(turns) if t[0] == "user")
+        for k, (role, content, prefix) in enumerate(turns):
             if role == "user":
-                if first_user and system:
-                    content = system + "\n\n" + content
-                first_user = False
-                ids += self.encode(f"[INST] {content} [/INST]", bos=False)
+                content = system + "\n\n" + content if k == last_user and system else content
+                out.append((role, [inst, *self.encode(content, bos=False), end_inst]))
             else:
-                ids += self.encode(content, bos=False, eos=not prefix)
-        return ids
+                out.append((role, self.encode(content.rstrip(" "), bos=False, eos=not prefix)))
+        return out
 
     def encode_chat_within(self, messages: Sequence[Mapping[str, object]], room: int,
                            keep: int = 1) -> tuple[list[int], int]:
@@ -327,6 +348,19 @@ class Tokenizer:
                 lo = mid + 1
         j, ids = best if best is not None else (len(cuts) - 1, self.encode_chat(cut(cuts[-1])))
         return ids, sum(m["role"] != "system" for m in messages[:cuts[j]])
+
+
+def _chat_version(backend: _Backend, path: Path) -> int:
+    """Which of mistral-common's instruct templates a tokenizer's chats take: 1 (Mixtral 8x7B: `[INST]`
+    is text), 2 or 3 (Mixtral 8x22B, Mistral 7B v0.3: `[INST]`, `[/INST]` and the tool markers are
+    control tokens), or 7 (`[SYSTEM_PROMPT]` too: not implemented). v2 and v3 files define the same
+    markers (their chats differ only in tool calls), so only a name ending in `.v2` (mistral-common's
+    own name for its files) makes one v2: the open-weights models of this template are v3."""
+    if backend.special_id("[INST]") is None:
+        return 1
+    if backend.special_id("[SYSTEM_PROMPT]") is not None:
+        return 7
+    return 2 if path.name.endswith(".v2") else 3
 
 
 def _normalize_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, list[tuple[str, str, bool]]]:

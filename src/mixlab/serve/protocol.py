@@ -268,7 +268,7 @@ class ChatMessage(BaseModel):
 
 def _continue_final(messages: list[ChatMessage], continue_final: bool, generation_prompt: bool | None) -> None:
     """vLLM's continue_final_message: the last message, an assistant one, is continued (Mistral's
-    "prefix": true on it). The v1 template has no generation prompt to leave out, so
+    "prefix": true on it). Mistral's templates have no generation prompt to leave out, so
     add_generation_prompt matters only beside it (both true: refused, as vLLM refuses it)."""
     if not continue_final:
         return

@@ -8,10 +8,12 @@ Data: one JSON object per line with `messages`, a list of `{"role": "system" | "
 `"weight": 0`, mistral-finetune's, is context: not trained), or TRL's
 prompt-completion format: `prompt` (chat turns ending with a user turn, or a string: a Human:/Assistant:
 transcript becomes its turns, anything else one user turn, as in DPO data) and `completion` (a string
-or one assistant message). The conversation is rendered with the Mixtral-Instruct (v1) template,
-exactly as `Tokenizer.encode_chat` does:
+or one assistant message). The conversation is rendered with the tokenizer's Mistral-Instruct template,
+exactly as `Tokenizer.encode_chat` does (`Tokenizer.chat_turns`); v1's, Mixtral 8x7B's:
 
     <s>[INST] {system}\\n\\n{user} [/INST]{assistant}</s>[INST] {user} [/INST]{assistant}</s>
+
+(v2/v3, Mixtral 8x22B's: [INST] and [/INST] control tokens, the system prompt in the last user turn.)
 
 Each piece is tokenized on its own (as mistral-common does), so every token belongs to one turn; the
 loss covers the tokens of assistant turns and their `</s>` (the model learns to stop), nothing else;
@@ -36,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixlab.corpus import json_line
-from mixlab.tokenizer import ChatError, _normalize_chat
+from mixlab.corpus import full_tokenizer, json_line
+from mixlab.tokenizer import ChatError
 from mixlab.train.data import DataError, TrainTokenizer
 from mixlab.train.losses import IGNORE
 
@@ -59,22 +61,14 @@ def render_turns(messages: Sequence[Mapping[str, Any]], tok: TrainTokenizer, *,
         if not msgs or msgs[-1].get("role") != "assistant":
             raise ChatError("the last message must be an assistant message (the reply to train on)")
         msgs[-1]["prefix"] = True  # lets the chat validator accept a trailing assistant turn
-    system, turns = _normalize_chat(msgs)
+    turns = full_tokenizer(tok).chat_turns(msgs)
+    if final_assistant:  # the reply trained on is closed by </s>
+        turns[-1][1].append(tok.eos_id)
     trained = iter(_assistant_turns_trained(msgs))
     ids, train = [tok.bos_id], [False]
-    first_user = True
-    for role, content, prefix in turns:
-        if role == "user":
-            if first_user and system:
-                content = system + "\n\n" + content
-            first_user = False
-            seg = tok.encode(f"[INST] {content} [/INST]", bos=False, eos=False)
-            ids += seg
-            train += [False] * len(seg)
-        else:  # a prompt's last assistant turn with prefix=True is continued by the reply: no </s>
-            seg = tok.encode(content, bos=False, eos=final_assistant or not prefix)
-            ids += seg
-            train += [next(trained)] * len(seg)
+    for role, seg in turns:  # a prompt's last assistant turn with prefix=True is continued by the reply: no </s>
+        ids += seg
+        train += [role == "assistant" and next(trained)] * len(seg)
     return ids, train
 
 
