@@ -486,6 +486,78 @@ def test_v2_v3_chats_equal_mistral_common(version):
         "[/INST]"]
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city, in °C",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                         "required": ["city"]}}},
+         {"type": "function", "function": {"name": "add", "description": "", "parameters": {}}}]
+
+
+def _call(call_id, name="get_weather", arguments='{"city": "Zürich"}'):
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+_IDS = st.sampled_from(["abcDEF123", "ZZZZZZZZ9", "call_1"])  # the last one is not a v3 id
+_TOOL_MESSAGES = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                           "content": st.sampled_from(_TEXTS)}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.sampled_from([None, "", "x"]),
+                           "tool_calls": st.lists(st.builds(_call, _IDS, st.sampled_from(["get_weather", "add", "a b"]),
+                                                            st.sampled_from(['{"a":1, "b" : [2]}', "", "not json"])),
+                                                  min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"role": st.just("tool"), "content": st.sampled_from(['{"temp": 21}', "sunny", "", "中文"]),
+                           "tool_call_id": _IDS}, optional={"name": st.sampled_from(["get_weather", "add"])}))
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_tool_calls_equal_mistral_common(version):
+    """OpenAI's function calling in the v2/v3 template: `tools` in [AVAILABLE_TOOLS] before the last user turn,
+    assistant `tool_calls` as [TOOL_CALLS] + JSON (v3: with the call's id), `role: "tool"` results in
+    [TOOL_RESULTS] (v3: with `call_id`; v2: only after the last user turn); equal to mistral-common, refused
+    where it refuses (ids that are not 9 letters or digits in v3, calls and results that do not pair up...)."""
+    path = _mistral_file(version)
+    tok = load_tokenizer(path)
+    chat = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "Weather in Zürich?"},
+            {"role": "assistant", "content": None, "tool_calls": [_call("abcDEF123"), _call("ZZZZZZZZ9", "add", "")]},
+            {"role": "tool", "content": '{"temp":  21}', "tool_call_id": "abcDEF123", "name": "get_weather"},
+            {"role": "tool", "content": "3", "tool_call_id": "ZZZZZZZZ9", "name": "add"},
+            {"role": "assistant", "content": "21 °C."}, {"role": "user", "content": "And Bern?"}]
+    for tools in (TOOLS, None):  # v2 takes one result per turn of calls: the two results are refused
+        assert [_same_as_mistral_common(tok, path, chat[:k], tools=tools) for k in (2, 4, 5, 7)] == [
+            False, False, version == "v2", False]
+    ids = tok.encode_chat(chat[:4], tools=TOOLS)
+    marker = tok._b.special_id  # noqa: SLF001
+    assert ids[1] == marker("[AVAILABLE_TOOLS]") and ids.count(marker("[TOOL_RESULTS]")) == 1
+    assert tok.decode(ids[ids.index(marker("[TOOL_CALLS]")) + 1:ids.index(marker("[TOOL_RESULTS]"))]) == (
+        '[{"name": "get_weather", "arguments": {"city": "Zürich"}' + ', "id": "abcDEF123"' * (version == "v3")
+        + '}, {"name": "add", "arguments": {}' + ', "id": "ZZZZZZZZ9"' * (version == "v3") + "}]")
+    outcomes = []
+
+    @settings(derandomize=True, max_examples=300, deadline=None, database=None)
+    @given(chat=st.lists(_TOOL_MESSAGES, min_size=1, max_size=6), with_tools=st.booleans())
+    def check(chat, with_tools):
+        outcomes.append(_same_as_mistral_common(tok, path, chat, tools=TOOLS if with_tools else None))
+
+    check()
+    assert 0 < outcomes.count(True) < len(outcomes)
+
+
+def test_tools_are_refused_by_the_v1_template(tok):
+    # mistral-common's v1 drops them without a word; Mixtral 8x7B Instruct was never shown tools
+    with pytest.raises(ChatError, match=r"tools need a tokenizer with Mistral's v2/v3 template .* is v1"):
+        tok.encode_chat([{"role": "user", "content": "hi"}], tools=TOOLS)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                "tool_calls": [_call("abcDEF123")]}, {"role": "user", "content": "q"}]
+    with pytest.raises(ChatError, match=r"message 1: tool calls and results need .* v2/v3 template"):
+        tok.encode_chat(chat)
+    v3 = load_tokenizer(_mistral_file("v3"))
+    for tools, message in (([{"type": "function", "function": {"name": "a b"}}], r"tools\[0\]: function name 'a b'"),
+                           ("tools", "tools must be a list"), ([{"type": "web"}], r"tools\[0\] must be")):
+        with pytest.raises(ChatError, match=message):
+            v3.encode_chat([{"role": "user", "content": "hi"}], tools=tools)
+    with pytest.raises(ChatError, match=r"message 1: tool call id 'call_1' must be 9 of a-z, A-Z, 0-9"):
+        v3.encode_chat([chat[0], {**chat[1], "tool_calls": [_call("call_1")]}, chat[2]])
+
+
 def test_the_chat_template_follows_the_control_tokens_not_the_file_name(tmp_path):
     # HF's Mixtral-8x22B-Instruct-v0.1 ships the v3 vocabulary as tokenizer.model too; Mixtral 8x7B's is v1
     v3, v1 = _mistral_file("v3"), load_tokenizer().path

@@ -27,7 +27,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from mixlab.config import as_path, suffix_of
 from mixlab.errors import MixlabError
@@ -274,50 +274,87 @@ class Tokenizer:
         """An incremental decoder; `context` (e.g. the prompt's last tokens) fixes leading spaces."""
         return StreamDecoder(self, context=context)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, object]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, object]], *,
+                    tools: Sequence[Mapping[str, object]] | None = None) -> list[int]:
         """Token ids of a conversation, ready for the model to write the next assistant reply.
 
         `messages`: `{"role": "system" | "user" | "assistant", "content": str}` dicts; the last must
         be a user message, or an assistant message with `"prefix": True` (the reply continues it).
+        With a v2/v3 tokenizer, OpenAI's function calling too: assistant messages with `tool_calls`
+        (`[{"id", "type": "function", "function": {"name", "arguments"}}]`, v3's ids 9 letters and
+        digits), `{"role": "tool", "content", "tool_call_id"}` results (the last message may be one),
+        and `tools`, OpenAI's `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
         Equal to mistral-common's `encode_chat_completion` with the instruct tokenizer of this
         tokenizer's version (`chat_version`).
         """
-        return [self.bos_id] + [i for _, ids in self.chat_turns(messages) for i in ids]
+        return [self.bos_id] + [i for _, ids in self.chat_turns(messages, tools=tools) for i in ids]
 
-    def chat_turns(self, messages: Sequence[Mapping[str, object]]) -> list[tuple[str, list[int]]]:
-        """`encode_chat(messages)` less its BOS, turn by turn: (role, ids) for each user turn (with its
-        markers) and assistant turn (with its `</s>`, unless it is a prefix), as `sft` masks them."""
+    def chat_turns(self, messages: Sequence[Mapping[str, object]], *,
+                   tools: Sequence[Mapping[str, object]] | None = None) -> list[tuple[str, list[int]]]:
+        """`encode_chat(messages, tools=tools)` less its BOS, turn by turn: (role, ids) for each user turn
+        (with its markers), assistant turn (with its `</s>`, unless it is a prefix) and tool result, as
+        `sft` masks them."""
         if self.chat_version == 7:
             raise ChatError(f"{self.path} defines [SYSTEM_PROMPT] (Mistral's v7 chat template); the v1, v2 and v3 "
                             "templates are implemented: use mistral-common for this one")
+        if tools and self.chat_version == 1:
+            raise ChatError(f"tools need a tokenizer with Mistral's v2/v3 template (control tokens [AVAILABLE_TOOLS], "
+                            f"[TOOL_CALLS]); {self.path}'s is v1 (Mixtral 8x7B Instruct was not trained on tools)")
         if self.other_template is not None:
             warnings.warn(f"{self.other_template} gives this model another chat template than Mixtral-Instruct's "
                           "(it writes no [INST]); chats are encoded with Mixtral-Instruct's, which the model may not "
                           "have been trained on", stacklevel=3)
             self.other_template = None  # once
-        system, turns = _normalize_chat(messages)
+        system, turns = _normalize_chat(messages, self.chat_version)
         out: list[tuple[str, list[int]]] = []
         if self.chat_version == 1:
             # [INST] is text; the system prompt goes into the first user turn
-            first_user = next(k for k, t in enumerate(turns) if t[0] == "user")
-            for k, (role, content, prefix) in enumerate(turns):
-                if role == "user":
-                    content = system + "\n\n" + content if k == first_user and system else content
-                    out.append((role, self.encode(f"[INST] {content} [/INST]", bos=False)))
+            first_user = next(k for k, t in enumerate(turns) if t.role == "user")
+            for k, t in enumerate(turns):
+                if t.role == "user":
+                    content = system + "\n\n" + t.content if k == first_user and system else t.content
+                    out.append(("user", self.encode(f"[INST] {content} [/INST]", bos=False)))
                 else:
-                    out.append((role, self.encode(content, bos=False, eos=not prefix)))
+                    out.append(("assistant", self.encode(t.content, bos=False, eos=not t.prefix)))
             return out
-        # v2/v3 (InstructTokenizerV2): [INST] and [/INST] are control tokens around the text; the system
-        # prompt goes into the *last* user turn; an assistant reply loses its trailing spaces
-        inst, end_inst = self._b.special_id("[INST]"), self._b.special_id("[/INST]")
-        assert inst is not None and end_inst is not None
-        last_user = max(k for k, t in enumerate(turns) if t[0] == "user")
-        for k, (role, content, prefix) in enumerate(turns):
-            if role == "user":
-                content = system + "\n\n" + content if k == last_user and system else content
-                out.append((role, [inst, *self.encode(content, bos=False), end_inst]))
-            else:
-                out.append((role, self.encode(content.rstrip(" "), bos=False, eos=not prefix)))
+        # v2/v3 (InstructTokenizerV2/V3): [INST] and [/INST] are control tokens around the text; the system
+        # prompt and the tools go into the *last* user turn; an assistant reply loses its trailing spaces; v2
+        # leaves out the tool calls and results before the last user turn, v3 writes their ids
+        special = {name: self._b.special_id(name) for name in _V3_MARKERS}
+        if None in special.values():
+            missing = [name for name, i in special.items() if i is None]
+            raise ChatError(f"{self.path} defines [INST] as a control token but not {', '.join(missing)}")
+        c = {name: int(i) for name, i in special.items() if i is not None}
+        last_user = max(k for k, t in enumerate(turns) if t.role == "user")
+        v3 = self.chat_version == 3
+        if self.chat_version == 2:  # as InstructTokenizerV2._validate_tool_results
+            calls_made, results = False, 0
+            for t in turns[last_user:]:
+                calls_made, results = (bool(t.calls), 0) if t.role != "tool" else (calls_made, results + calls_made)
+                if results > 1:
+                    raise ChatError("Mistral's v2 template takes one tool result per assistant turn of tool calls "
+                                    "after the last user message (v3 takes several)")
+        for k, t in enumerate(turns):
+            ids: list[int] = []
+            if t.role == "user":
+                content = system + "\n\n" + t.content if k == last_user and system else t.content
+                if k == last_user and tools:
+                    ids += [c["[AVAILABLE_TOOLS]"], *self.encode(_tools_json(tools), bos=False),
+                            c["[/AVAILABLE_TOOLS]"]]
+                ids += [c["[INST]"], *self.encode(content, bos=False), c["[/INST]"]]
+            elif t.role == "tool" and (v3 or k > last_user):
+                result = ({"content": _json_value(t.content), "call_id": t.call_id} if v3
+                          else [{"name": t.name, "content": _json_value(t.content)}])
+                ids += [c["[TOOL_RESULTS]"], *self.encode(json.dumps(result, ensure_ascii=False), bos=False),
+                        c["[/TOOL_RESULTS]"]]
+            elif t.calls and (v3 or k > last_user):
+                calls = [{"name": f["name"], "arguments": _json_value(str(f["arguments"])),
+                          **({"id": f["id"]} if v3 and f["id"] not in ("", "null") else {})} for f in t.calls]
+                ids += [c["[TOOL_CALLS]"], *self.encode(json.dumps(calls, ensure_ascii=False), bos=False,
+                                                        eos=not t.prefix)]
+            elif t.role == "assistant" and not t.calls:
+                ids += self.encode(t.content.rstrip(" "), bos=False, eos=not t.prefix)
+            out.append((t.role, ids))
         return out
 
     def encode_chat_within(self, messages: Sequence[Mapping[str, object]], room: int,
@@ -363,51 +400,164 @@ def _chat_version(backend: _Backend, path: Path) -> int:
     return 2 if path.name.endswith(".v2") else 3
 
 
-def _normalize_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, list[tuple[str, str, bool]]]:
+_V3_MARKERS = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
+               "[/TOOL_RESULTS]")
+
+
+def _json_value(text: str) -> object:
+    """A tool call's arguments or a tool's result as the template writes them: parsed when JSON, else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _tools_json(tools: Sequence[Mapping[str, object]]) -> str:
+    """OpenAI's `tools` as mistral-common writes them in [AVAILABLE_TOOLS] (its `Tool.model_dump`)."""
+    if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
+        raise ChatError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, not a "
+                        f"{type(tools).__name__}")
+    out = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(tool, Mapping) or tool.get("type", "function") != "function" or not isinstance(fn, Mapping):
+            raise ChatError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name', 'description', "
+                            f"'parameters'}}}}, got {tool!r}")
+        name, params = fn.get("name"), fn.get("parameters", {})
+        if not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise ChatError(f"tools[{i}]: function name {name!r} must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
+        if not isinstance(params, Mapping) or not isinstance(fn.get("description", ""), str):
+            raise ChatError(f"tools[{i}]: 'parameters' must be a JSON Schema object and 'description' a string")
+        out.append({"type": "function", "function": {"name": name, "description": fn.get("description", ""),
+                                                      "parameters": params}})
+    return json.dumps(out, ensure_ascii=False)
+
+
+class _Turn(NamedTuple):
+    """One turn of a normalized conversation: a run of user or assistant messages, or one tool result."""
+
+    role: str
+    content: str
+    prefix: bool = False
+    calls: tuple[Mapping[str, object], ...] = ()  # an assistant turn's tool calls: {"name", "arguments", "id"}
+    call_id: str = ""  # a tool result's
+    name: str | None = None  # a tool result's function (v2 writes it)
+
+
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # a function's name, as mistral-common's validator takes it
+_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # a v3 tool call's id
+
+
+def _json_text(text: str) -> str:
+    """mistral-common's normalized JSON text: re-dumped when it parses, `{}` when empty, else as is."""
+    try:
+        return json.dumps(json.loads(text), ensure_ascii=False) if text else "{}"
+    except ValueError:
+        return text
+
+
+def _tool_calls(m: Mapping[str, object], i: int, version: int) -> tuple[Mapping[str, object], ...]:
+    """An assistant message's OpenAI `tool_calls` as the template writes them (arguments normalized)."""
+    calls = m.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise ChatError(f"message {i}: 'tool_calls' must be a list of calls, got {type(calls).__name__}")
+    out = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise ChatError(f"message {i}: each tool call must be {{'id': ..., 'type': 'function', 'function': "
+                            f"{{'name': str, 'arguments': str}}}}, got {c!r}")
+        assert isinstance(c, Mapping)
+        name, args, call_id = str(fn["name"]), fn.get("arguments", ""), c.get("id", "null")
+        if not _NAME.fullmatch(name):
+            raise ChatError(f"message {i}: tool call name {name!r} must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
+        if version >= 3 and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
+            raise ChatError(f"message {i}: tool call id {call_id!r} must be 9 of a-z, A-Z, 0-9 (Mistral's v3 template)")
+        args = json.dumps(args, ensure_ascii=False) if isinstance(args, Mapping) else args
+        if not isinstance(args, str):
+            raise ChatError(f"message {i}: tool call arguments must be a JSON string, got {type(args).__name__}")
+        out.append({"name": name, "arguments": _json_text(args), "id": call_id})
+    return tuple(out)
+
+
+def _normalize_chat(messages: Sequence[Mapping[str, object]], version: int = 1) -> tuple[str, list[_Turn]]:
     """Validate a conversation as mistral-common does and return (system prompt, merged turns).
 
-    Consecutive messages of one role are joined with a blank line; system messages are collected
-    into one prompt (empty ones skipped); a conversation that does not start with a user turn gets an
-    empty one. Every assistant message must have content (each one: a run of them is merged).
+    Consecutive messages of one role are joined with a blank line (an assistant run's tool calls too); each
+    tool result is a turn of its own; system messages are collected into one prompt (empty ones skipped); a
+    conversation that does not start with a user turn gets an empty one. Every assistant message must have
+    content or tool calls, not both. `version`: the template's (tool calls and results need 2 or 3).
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ChatError("a chat is a non-empty list of {'role': ..., 'content': ...} messages")
     allowed_next = {"system": {"user", "assistant", "system"}, "user": {"user", "assistant", "system"},
-                    "assistant": {"user", "assistant"}}
-    previous = None
+                    "assistant": {"user", "assistant", "tool"}, "tool": {"user", "assistant", "tool"}}
+    previous, pending = None, 0  # tool results still owed to the last assistant turn's calls
+    calls: list[tuple[Mapping[str, object], ...]] = []
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        role = m.get("role") if isinstance(m, Mapping) else None
+        tool_calls = role == "assistant" and isinstance(m, Mapping) and m.get("tool_calls")
+        if (not isinstance(m, Mapping) or not isinstance(role, str)
+                or not (isinstance(m.get("content"), str) or tool_calls and m.get("content") is None)):
             raise ChatError(f"message {i} must be a dict with a str 'role' and a str 'content', got {m!r}")
-        check_text(str(m["content"]), f"message {i}'s content")  # its own position, not the template's
-        role = str(m["role"])
+        content = str(m.get("content") or "")
+        check_text(content, f"message {i}'s content")  # its own position, not the template's
         if role not in allowed_next:
-            raise ChatError(f"message {i} has role {role!r}; expected 'system', 'user' or 'assistant'")
-        if role == "assistant" and not m["content"]:  # an empty system or user message is fine
-            raise ChatError(f"message {i}: an assistant message must have content")
+            raise ChatError(f"message {i} has role {role!r}; expected 'system', 'user', 'assistant' or 'tool'")
+        if (role == "tool" or tool_calls) and version == 1:
+            raise ChatError(f"message {i}: tool calls and results need a tokenizer with Mistral's v2/v3 template "
+                            "(control tokens [TOOL_CALLS], [TOOL_RESULTS]); this one's is v1")
+        if role == "assistant" and bool(content) == bool(tool_calls):  # an empty system or user message is fine
+            raise ChatError(f"message {i}: an assistant message must have content" +
+                            (" or tool_calls, not both" if version > 1 else ""))
+        calls.append(_tool_calls(m, i, version) if tool_calls else ())
+        if role == "tool":
+            call_id, name = m.get("tool_call_id"), m.get("name")
+            if version >= 3 and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
+                raise ChatError(f"message {i}: a tool result's 'tool_call_id' must be its call's id, 9 of a-z, A-Z, "
+                                f"0-9 (Mistral's v3 template), got {call_id!r}")
+            if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
+                raise ChatError(f"message {i}: tool name {name!r} must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
         if m.get("prefix") and (role != "assistant" or i != len(messages) - 1):
             raise ChatError(f"message {i}: only the last message, an assistant one, may have prefix=True")
         if previous is not None and role not in allowed_next[previous]:
             raise ChatError(f"message {i}: role {role!r} cannot follow role {previous!r}")
+        if previous is not None and role == "tool":
+            pending -= 1
+        elif previous is not None and role == "assistant":
+            if pending:
+                raise ChatError(f"message {i}: the tool calls before it and the tool results after them differ in "
+                                "number (each call takes one 'tool' message before the next assistant message)")
+            pending = len(calls[i])
         previous = role
     last = messages[-1]
     if len(messages) == 1 and last["role"] not in ("user", "system"):
         raise ChatError("a conversation must start with a user or system message")
-    if len(messages) > 1 and last["role"] not in ("user", "system") and not last.get("prefix"):
+    if len(messages) > 1 and last["role"] not in ("user", "system", "tool") and not last.get("prefix"):
         raise ChatError(f"the last message must be a user message (or an assistant one with prefix=True), "
                         f"got role {last['role']!r}")
 
     system = "\n\n".join(str(m["content"]) for m in messages if m["role"] == "system" and m["content"])
-    turns: list[tuple[str, str, bool]] = []
-    run: list[Mapping[str, object]] = []
-    for m in [*messages, {"role": "<end>", "content": ""}]:
-        if run and m["role"] != run[0]["role"]:
-            if run[0]["role"] != "system":  # system runs leave the turns untouched
-                text = "\n\n".join(str(r["content"]) for r in run if r["content"])
-                turns.append((str(run[0]["role"]), text, any(bool(r.get("prefix")) for r in run)))
+    turns: list[_Turn] = []
+    run: list[int] = []  # indices of a run of messages of one role
+    for j in [*range(len(messages)), -1]:
+        role = str(messages[j]["role"]) if j >= 0 else "<end>"
+        if run and (role != messages[run[0]]["role"] or role == "tool"):
+            first = messages[run[0]]
+            if first["role"] == "tool":
+                turns.append(_Turn("tool", _json_text(str(first["content"])), call_id=str(first.get("tool_call_id")),
+                                   name=first.get("name")))  # type: ignore[arg-type]  # str or None: checked
+            elif first["role"] != "system":  # system runs leave the turns untouched
+                text = "\n\n".join(str(messages[k]["content"]) for k in run if messages[k]["content"])
+                if text and any(calls[k] for k in run):
+                    raise ChatError(f"messages {run[0]} to {run[-1]}: consecutive assistant messages are one turn, "
+                                    "which cannot have both content and tool calls")
+                turns.append(_Turn(str(first["role"]), text, any(bool(messages[k].get("prefix")) for k in run),
+                                   tuple(c for k in run for c in calls[k])))
             run = []
-        run.append(m)
-    if not turns or turns[0][0] != "user":
-        turns.insert(0, ("user", "", False))
+        run.append(j)
+    if not turns or turns[0].role != "user":
+        turns.insert(0, _Turn("user", ""))
     return system, turns
 
 

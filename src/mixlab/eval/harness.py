@@ -157,7 +157,7 @@ class MixlabLM(TemplateLM):
             messages[-1]["prefix"] = True
         system, turns = _normalize_chat(messages)
         text = "<s>"
-        for i, (role, content, prefix) in enumerate(turns):
+        for i, (role, content, prefix, *_) in enumerate(turns):
             if role == "user":
                 text += f"[INST] {system + chr(10) * 2 + content if i == 0 and system else content} [/INST]"
             else:
