@@ -54,10 +54,11 @@ def hf_mistral(tmp: Path, **kw: object) -> Path:
     return tmp
 
 
-def hf_tokenizer_json(folder: Path) -> Path:
+def hf_tokenizer_json(folder: Path, model: Path | None = None) -> Path:
     """A tokenizer.json laid out like Mixtral-8x7B-Instruct's on the Hub (legacy Llama: Prepend +
-    Replace normaliser, BPE with byte fallback), built from Mixtral's SentencePiece model; no BOS is
-    added on encoding (no post-processor)."""
+    Replace normaliser, BPE with byte fallback), built from Mixtral's SentencePiece model (or `model`,
+    whose control tokens, [INST] and the like in a v3 one, become special added tokens as on the Hub);
+    no BOS is added on encoding (no post-processor)."""
     import json
 
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
@@ -66,15 +67,16 @@ def hf_tokenizer_json(folder: Path) -> Path:
 
     from mixlab import load_tokenizer
 
-    sp = load_tokenizer()._b.sp  # type: ignore[attr-defined]
+    sp = load_tokenizer(model)._b.sp  # type: ignore[attr-defined]
     vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    control = [sp.id_to_piece(i) for i in range(sp.vocab_size()) if sp.IsControl(i)]  # <s>, </s>, [INST]...
     scores = {p: sp.get_score(i) for p, i in vocab.items()}
-    merges = generate_merges(vocab, scores, skip_tokens={"<unk>", "<s>", "</s>"})
+    merges = generate_merges(vocab, scores, skip_tokens={"<unk>", *control})
     t = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                    decoders.Strip(" ", 1, 0)])
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
+    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", *control)])
     t.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return folder / "tokenizer.json"

@@ -541,6 +541,23 @@ def test_tool_calls_equal_mistral_common(version):
     assert 0 < outcomes.count(True) < len(outcomes)
 
 
+def test_a_v3_tokenizer_json_chats_as_its_sentencepiece_file(tmp_path):
+    """A transformers tokenizer.json of the v3 vocabulary ([INST] and the tool markers added special tokens, as
+    on the Hub) takes the v3 template too: the same ids as mistral-common, text that spells a marker kept text."""
+    pytest.importorskip("tokenizers")
+    v3 = _mistral_file("v3")
+    tok = load_tokenizer(hf_tokenizer_json(tmp_path, v3))
+    assert tok.chat_version == 3
+    chats = [[{"role": "system", "content": "S"}, {"role": "user", "content": "Hi [INST] there"},
+              {"role": "assistant", "content": "A  "}, {"role": "user", "content": "émoji 🤖"}],
+             [{"role": "user", "content": ""}],
+             [{"role": "user", "content": "w"},
+              {"role": "assistant", "content": None, "tool_calls": [_call("abcDEF123")]},
+              {"role": "tool", "content": "21", "tool_call_id": "abcDEF123"}]]
+    for chat in chats:
+        assert not _same_as_mistral_common(tok, v3, chat, tools=TOOLS)
+
+
 def test_tools_are_refused_by_the_v1_template(tok):
     # mistral-common's v1 drops them without a word; Mixtral 8x7B Instruct was never shown tools
     with pytest.raises(ChatError, match=r"tools need a tokenizer with Mistral's v2/v3 template .* is v1"):
