@@ -568,7 +568,8 @@ def test_tools_are_refused_by_the_v1_template(tok):
         tok.encode_chat(chat)
     v3 = load_tokenizer(_mistral_file("v3"))
     for tools, message in (([{"type": "function", "function": {"name": "a b"}}], r"tools\[0\]: function name 'a b'"),
-                           ("tools", "tools must be a list"), ([{"type": "web"}], r"tools\[0\] must be")):
+                           ("tools", "tools must be a list"), ([{"type": "web"}], r"tools\[0\] must be"),
+                           ([{"function": {"name": "f", "parameters": {"a": {1, 2}}}}], "parameters are not JSON")):
         with pytest.raises(ChatError, match=message):
             v3.encode_chat([{"role": "user", "content": "hi"}], tools=tools)
     with pytest.raises(ChatError, match=r"message 1: tool call id 'call_1' must be 9 of a-z, A-Z, 0-9"):

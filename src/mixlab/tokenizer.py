@@ -430,7 +430,10 @@ def _tools_json(tools: Sequence[Mapping[str, object]]) -> str:
             raise ChatError(f"tools[{i}]: 'parameters' must be a JSON Schema object and 'description' a string")
         out.append({"type": "function", "function": {"name": name, "description": fn.get("description", ""),
                                                       "parameters": params}})
-    return json.dumps(out, ensure_ascii=False)
+    try:
+        return json.dumps(out, ensure_ascii=False)
+    except (TypeError, ValueError) as e:  # a set or an object among the parameters: not JSON
+        raise ChatError(f"tools: the parameters are not JSON ({e})") from None
 
 
 class _Turn(NamedTuple):
@@ -473,7 +476,10 @@ def _tool_calls(m: Mapping[str, object], i: int, version: int) -> tuple[Mapping[
             raise ChatError(f"message {i}: tool call name {name!r} must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
         if version >= 3 and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
             raise ChatError(f"message {i}: tool call id {call_id!r} must be 9 of a-z, A-Z, 0-9 (Mistral's v3 template)")
-        args = json.dumps(args, ensure_ascii=False) if isinstance(args, Mapping) else args
+        try:
+            args = json.dumps(args, ensure_ascii=False) if isinstance(args, Mapping) else args
+        except (TypeError, ValueError) as e:
+            raise ChatError(f"message {i}: tool call arguments are not JSON ({e})") from None
         if not isinstance(args, str):
             raise ChatError(f"message {i}: tool call arguments must be a JSON string, got {type(args).__name__}")
         out.append({"name": name, "arguments": _json_text(args), "id": call_id})
