@@ -753,6 +753,20 @@ def test_harness_chat_template_gives_the_model_encode_chat_s_prompt(ckpt: Path, 
     assert lm.tok_encode("<s>[INST] plain text") == tok.encode("<s>[INST] plain text", bos=False)
 
 
+def test_harness_refuses_to_apply_a_v3_chat_template(tmp_path: Path) -> None:
+    """lm-eval passes chat prompts as text, which cannot carry the v3 template's [INST] control token: a v3
+    tokenizer (Mixtral 8x22B Instruct's) is refused by name (it said a message held the template's markers)."""
+    pytest.importorskip("lm_eval")
+    from mixlab.eval.harness import MixlabLM
+    from mixlab.tokenizer import default_tokenizer_path
+
+    v3 = next(default_tokenizer_path().parent.glob("mistral_instruct_tokenizer_*.model.v3"))
+    path = hf_mixtral(tmp_path, vocab_size=32768, hidden_size=32, intermediate_size=48, max_position_embeddings=64)
+    lm = MixlabLM(pretrained=str(path), tokenizer=str(v3), dtype="float32")
+    with pytest.raises(ValueError, match=r"model\.v3 takes Mistral's v3 chat template, whose \[INST\] is a control"):
+        lm.apply_chat_template([{"role": "user", "content": "2+2?"}])
+
+
 def test_harness_keeps_lm_eval_s_own_models() -> None:
     """lm-eval fills its model registry only while it is empty: once `mixlab` was registered, "hf"
     and every other built-in model were unknown (`python -m mixlab.eval.harness run --model hf`

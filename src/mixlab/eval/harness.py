@@ -152,6 +152,10 @@ class MixlabLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation as text (module docstring); `add_generation_prompt=False` (a task's
         `gen_prefix`): the last message, an assistant one, is left open for the reply to continue."""
+        if self.tok.chat_version != 1:  # the text would be read back as v1's (DataError: "holds the markers")
+            raise DataError(f"--apply_chat_template: {self.tok.path} takes Mistral's v{self.tok.chat_version} chat "
+                            "template, whose [INST] is a control token that lm-eval's text prompts cannot carry; only "
+                            "the v1 template (Mixtral 8x7B Instruct's) is applied here")
         messages: list[dict[str, Any]] = [dict(m) for m in chat_history]
         if not add_generation_prompt and messages and messages[-1].get("role") == "assistant":
             messages[-1]["prefix"] = True
