@@ -228,7 +228,8 @@ def test_return_token_ids_are_generates_and_the_tokenizers(client: Any, model_to
 def test_tools_with_tool_choice_none_are_accepted_and_not_rendered(client: Any) -> None:
     """tools with tool_choice "none" (no tool may be called) was a 400, where vLLM accepts it: Mixtral-Instruct
     v0.1's template has no tools, so the reply is the one without them. Tools that could be called
-    (tool_choice "auto", "required", left out) stay refused, naming the parameter."""
+    (tool_choice "auto", left out) are refused naming tools (a v1 template has none; tool calling with a v3
+    one: test_serve_tools.py); "required" names tool_choice (a call cannot be forced)."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     kw: dict[str, Any] = dict(model=NAME, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=8,
                               temperature=0.0)
@@ -236,10 +237,11 @@ def test_tools_with_tool_choice_none_are_accepted_and_not_rendered(client: Any) 
     without = client.chat.completions.create(**kw)
     assert with_tools.choices[0].message.content == without.choices[0].message.content
     assert with_tools.usage.prompt_tokens == without.usage.prompt_tokens
-    for choice in ("auto", "required"):
+    for choice in ("auto", None, "required"):
         with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(**kw, tools=tools, tool_choice=choice)
-        assert e.value.body["param"] == "tools" and 'tool_choice "none"' in e.value.body["message"], e.value.body
+            client.chat.completions.create(**kw, tools=tools, **({"tool_choice": choice} if choice else {}))
+        param = "tool_choice" if choice == "required" else "tools"
+        assert e.value.body["param"] == param and 'none' in e.value.body["message"], e.value.body
 
 
 def test_seeds_2_to_the_32_apart_sample_differently(client: Any, model_tok: tuple[Any, Any]) -> None:
@@ -578,9 +580,9 @@ def test_prompts_are_encoded_off_the_event_loop(server: str, model_tok: tuple[An
             time.sleep(1.0 if "SLOW" in text else 0)
             return tok.encode(text, **kw)
 
-        def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        def encode_chat(self, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
             time.sleep(1.0 if any("SLOW" in m["content"] for m in messages) else 0)
-            return tok.encode_chat(messages)
+            return tok.encode_chat(messages, **kw)
 
         def decode(self, ids: list[int]) -> str:  # /detokenize decoded on the event loop too (1M ids: 0.4 s)
             time.sleep(1.0 if ids == [7, 7, 7] else 0)

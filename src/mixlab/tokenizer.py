@@ -265,6 +265,10 @@ class Tokenizer:
         """The vocabulary's piece for id `i` (`▁the`, `<0xE4>`, `</s>`)."""
         return self._b.id_to_piece(i)
 
+    def special_id(self, piece: str) -> int | None:
+        """The id of the control token `piece` (`[TOOL_CALLS]`), or None where it is not one."""
+        return self._b.special_id(piece)
+
     def piece_byte(self, i: int) -> int | None:
         """The byte a byte-fallback piece (`<0xE4>`) stands for; None for any other token."""
         m = _BYTE_PIECE.fullmatch(self._b.id_to_piece(i))

@@ -77,7 +77,7 @@ _STATIC = ("index.html", "chat.js", "chat.css")
 _EXPECTED = {
     "stop": "a non-empty string or a list of at most 16 non-empty strings",
     "prompt": "a non-empty string, list of strings, list of token ids or list of token-id lists",
-    "messages": "a non-empty list of {'role': 'system'|'user'|'assistant', 'content': str} messages",
+    "messages": "a non-empty list of {'role': 'system'|'user'|'assistant'|'tool', 'content': str} messages",
     "messages.content": "a string or a list of {'type': 'text', 'text': str} parts (this model reads text only: no "
                         "images, audio or files)",
     "temperature": "a number in [0, 2]",
@@ -368,10 +368,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[Choice],
                       prompts: list[list[int]], *, chat: bool, rid: str, want_logprobs: bool,
-                      echo: list[dict[str, Any]] | None, arrived: float) -> Response:
+                      echo: list[dict[str, Any]] | None, arrived: float, tool_token: int | None = None) -> Response:
         """`prompts`: each prompt's token ids, once however many choices it has. `arrived`: the request's
         perf_counter() as its handler began (the time to first token counts from there: its prompt's
-        encoding is part of it)."""
+        encoding is part of it). `tool_token`: [TOOL_CALLS]'s id where tools were rendered: a reply that
+        begins with it is held back and answered as `tool_calls` (streamed: in the choice's last chunk)."""
         prompt_lens = [len(p) for p in prompts]
         served = body.model or cfg.model_name  # the model or adapter that answers
         # return_token_ids, as vLLM answers it: the prompt's ids on a chat response (streamed: on each choice's
@@ -389,7 +390,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 ch: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
                                       "stop_reason": c.stop_reason}
                 if chat:
-                    ch["message"] = {"role": "assistant", "content": c.text}
+                    calls = c.tool_calls(tool_token)
+                    ch["message"] = {"role": "assistant", "content": c.text} if calls is None else \
+                        {"role": "assistant", "content": None, "tool_calls": calls}
+                    if calls is not None:
+                        ch["finish_reason"] = "tool_calls"
                     ch["logprobs"] = {"content": [chat_lp(e) for e in c.tokens], "refusal": None} \
                         if want_logprobs else None
                 else:
@@ -452,12 +457,22 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         return
                     finish = c.finish_reason if out.finish_reason is not None else None  # max_tokens=0: "length"
                     new = [out.token_id] if out.token_id is not None and not c.hidden else []
-                    if not delta and lp is None and ex is None and finish is None and not (want_ids and new):
+                    lps, exs, calls = [lp] if lp is not None else [], [ex] if ex is not None else [], None
+                    if tool_token is not None and c.token_ids[:1] == [tool_token]:  # held back to its end
+                        if finish is None:
+                            continue
+                        calls = c.tool_calls(tool_token)  # else the reply that did not parse, as text
+                        delta, lps, exs, new = "" if calls else c.text, c.tokens, c.experts, c.token_ids
+                        finish = "tool_calls" if calls else finish
+                    if not delta and not lps and not exs and finish is None and not (want_ids and new):
                         continue
                     if chat:
-                        ch: dict[str, Any] = {"index": c.index, "delta": {"content": delta} if delta else {},
-                                              "logprobs": {"content": [chat_lp(lp)], "refusal": None}
-                                              if lp is not None else None, "finish_reason": finish}
+                        ch: dict[str, Any] = {
+                            "index": c.index,
+                            "delta": {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]} if calls
+                            else {"content": delta} if delta else {},
+                            "logprobs": {"content": [chat_lp(e) for e in lps], "refusal": None} if lps else None,
+                            "finish_reason": finish}
                     else:
                         ch = {"index": c.index, "text": delta, "finish_reason": finish,
                               "logprobs": None}
@@ -466,8 +481,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                             ch["logprobs"] = _stream_completion_lp(lp, at - len(delta), tok)
                     if finish is not None:  # vLLM's, on the chunk that ends the choice
                         ch["stop_reason"] = c.stop_reason
-                    if ex is not None:
-                        ch["experts"] = [ex]
+                    if exs:
+                        ch["experts"] = exs
                     if want_ids:
                         ch["token_ids"] = new
                     yield _sse(chunk(ch, first=c.index not in started))
@@ -493,7 +508,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         arrived = time.perf_counter()
         srv.check_open()
         srv.check_model(body.model)
-        ids = await srv.encode_chat(body.messages, "messages")
+        tools = body.rendered_tools()
+        ids = await srv.encode_chat(body.messages, "messages", tools=tools)
         limit = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the one obeyed
         max_tokens = srv.max_tokens(body.limit(), len(ids), where="messages", default=None, param=limit)
         top = body.top_logprobs or 0
@@ -507,7 +523,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
         choices = [Choice(i, h, alone=alone) for i, h in enumerate(handles)]
         return await respond(request, body, choices, [ids], chat=True, rid=rid, want_logprobs=body.logprobs,
-                             echo=None, arrived=arrived)
+                             echo=None, arrived=arrived, tool_token=tok.special_id("[TOOL_CALLS]") if tools else None)
 
     @post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import secrets
+import string
 import time
 from collections.abc import Callable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +146,13 @@ class Choice:
     prompt_logprobs: list[float | None] | None = None
     prompt_top: list[Any] | None = None
 
+    def tool_calls(self, token: int | None) -> list[dict[str, Any]] | None:
+        """OpenAI's `tool_calls` when the reply began with `token` ([TOOL_CALLS]; None: tools not rendered) and
+        the text after it parses (`tool_calls_of`), else None (the reply is its text)."""
+        if token is None or self.token_ids[:1] != [token]:
+            return None
+        return tool_calls_of(self.text)
+
     def take(self, out: RequestOutput, tok: Tokenizer, want_logprobs: bool) -> tuple[str, dict | None, dict | None]:
         """Consume one output; return (text delta, logprob entry, experts entry) to report."""
         self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
@@ -208,12 +218,20 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self.encoder, functools.partial(encode, *args, **kw))
 
     async def encode_chat(self, messages: list[ChatMessage], param: str, *, room: int | None = None,
-                          keep: int = 1) -> list[int]:
+                          keep: int = 1, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The chat template's token ids for `messages` (in the encoding thread); its errors a 400 naming `param`.
-        `room`: the oldest turns before the last `keep` messages dropped to fit in it (`encode_chat_within`)."""
+        `room`: the oldest turns before the last `keep` messages dropped to fit in it (`encode_chat_within`).
+        `tools`: rendered for the model to call (a v2/v3 template's; a v1 one's is a 400 naming tools)."""
+        if tools and self.tok.chat_version == 1:
+            raise ApiError(400, "tools: this model's chat template (Mistral's v1, Mixtral 8x7B Instruct's) has no "
+                                "tools, so it cannot call them; send tool_choice \"none\" (tools are not shown) or "
+                                "serve a model with a v2/v3 tokenizer", param="tools")
+
         def encode() -> list[int]:
             chat = [m.template() for m in messages]
-            return self.tok.encode_chat(chat) if room is None else self.tok.encode_chat_within(chat, room, keep)[0]
+            if room is None:
+                return self.tok.encode_chat(chat, tools=tools)
+            return self.tok.encode_chat_within(chat, room, keep)[0]
 
         try:
             return await self.off_loop(encode)
@@ -400,3 +418,28 @@ def chat_lp(e: dict[str, Any]) -> dict[str, Any]:
     return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]}
                              for t in e["top_logprobs"]]}
+
+
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+def tool_calls_of(text: str) -> list[dict[str, Any]] | None:
+    """A v2/v3 model's reply after its [TOOL_CALLS] token, `[{"name", "arguments"[, "id"]}, ...]`, as OpenAI's
+    `tool_calls`; None when it is not that JSON (it is then returned as text, as vLLM's mistral parser does).
+    The id is the model's where v3 wrote one (9 letters and digits), else 9 random ones, as vLLM makes them."""
+    try:
+        calls = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(calls, list) or not calls:
+        return None
+    out = []
+    for call in calls:
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call):
+            return None
+        call_id = call.get("id")
+        if not (isinstance(call_id, str) and len(call_id) == 9 and all(ch in _ID_CHARS for ch in call_id)):
+            call_id = "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+        out.append({"id": call_id, "type": "function",  # arguments: JSON text, as vLLM writes them
+                    "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}})
+    return out

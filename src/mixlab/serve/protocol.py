@@ -4,7 +4,7 @@ Field names, types and ranges follow OpenAI's API reference (chat completions, t
 Responses API's text core); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
 `return_token_ids` are vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"`
 strings, no booleans for integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones
-whose meaning we do not implement (tools, unless tool_choice is "none"; suffixes, audio, web search; vLLM's
+whose meaning we do not implement (tool_choice "required"; suffixes, audio, web search; vLLM's
 structural tags, beam search, bad_words, include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused with
 a 400 naming them, where they ask for something, rather than silently dropped.
 """
@@ -27,8 +27,10 @@ from pydantic import (
     StrictStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -36,7 +38,7 @@ from pydantic_core import PydanticCustomError
 from mixlab.engine.api import MAX_LOGPROBS  # the engine's bound on top alternatives
 
 __all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest", "ResponsesRequest",
-           "TokenizeRequest", "error_body", "not_supported"]
+           "TokenizeRequest", "Tool", "error_body", "not_supported"]
 
 # Bounds on list sizes keep a single request from asking for unbounded work.
 MAX_N = 16
@@ -247,23 +249,58 @@ class TextPart(BaseModel):
     text: Text
 
 
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # mistral-common's rule
+    description: Text = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)  # a JSON Schema
+
+
+class Tool(BaseModel):
+    """One of OpenAI's `tools`: a function the model may call."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    # "developer" is OpenAI's newer name for "system"
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    # "developer" is OpenAI's newer name for "system"; "tool": a tool call's result
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None (or left out): only an assistant message's, of tool calls (the template checks that it has them)
+    content: Text | list[TextPart] | None = Field(default=None, validate_default=True)
     name: StrictStr | None = None
     # Mistral's API: the last message, an assistant one, that the reply continues
     prefix: StrictBool = False
+    # an assistant's calls, OpenAI's [{"id", "type": "function", "function": {"name", "arguments"}}], and a
+    # tool result's call (the template checks their shapes, as mistral-common does)
+    tool_calls: list[Any] | None = None
+    tool_call_id: StrictStr | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, content: Any, info: ValidationInfo) -> Any:
+        if content is None and info.data.get("role") != "assistant":
+            raise PydanticCustomError("missing", "Field required")
+        return content
 
     def text(self) -> str:
         # text parts joined with a blank line, empty ones skipped: mistral-common's v1 request normaliser
-        return self.content if isinstance(self.content, str) else "\n\n".join(p.text for p in self.content if p.text)
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n\n".join(p.text for p in self.content if p.text)
 
     def template(self) -> dict[str, Any]:
         """The message as `Tokenizer.encode_chat` takes it."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text(),
-                "prefix": self.prefix}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": None if self.content is None and self.tool_calls else self.text(),
+                               "prefix": self.prefix}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.role == "tool":
+            out |= {"tool_call_id": self.tool_call_id, "name": self.name}
+        return out
 
 
 def _continue_final(messages: list[ChatMessage], continue_final: bool, generation_prompt: bool | None) -> None:
@@ -286,11 +323,11 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
     functions: list[Any] | None = None
-    # "none" and "auto" mean a plain reply when there are no tools; the others demand a call. With tools,
-    # "none" forbids calling them: accepted (as vLLM does) and the tools are not rendered (Mixtral-Instruct
-    # v0.1's template has none); any other choice would let the model call them: refused.
+    # with tools, "auto" (the default) renders them and the model may call one; "none" forbids calling them:
+    # they are not rendered (as vLLM does). "required" or a named function would force a call, which needs
+    # constrained decoding: refused. Tools need a v2/v3 template (the app checks the tokenizer's).
     tool_choice: Any = None
     function_call: Any = None
     modalities: list[StrictStr] | None = None  # only ["text"]
@@ -306,20 +343,24 @@ class ChatCompletionRequest(_Sampling):
             raise _field_error("top_logprobs", "top_logprobs > 0 needs logprobs set to true")
         if self.max_tokens == 0:
             raise _field_error("max_tokens", "max_tokens must be at least 1")
-        for name, choice_name, choice in (("tools", "tool_choice", self.tool_choice),
-                                          ("functions", "function_call", self.function_call)):
-            if getattr(self, name) and choice != "none":
-                raise _field_error(name, f"{name} (tool calling) is not supported by this server; {choice_name} "
-                                         f"\"none\" (no tool is called) is accepted")
+        if self.functions and self.function_call != "none":
+            raise _field_error("functions", "functions (OpenAI's deprecated function calling) are not supported by "
+                                            "this server: send tools; function_call \"none\" is accepted")
         for name, choice in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
             if choice not in (None, "none", "auto"):
-                raise _field_error(name, f"{name}={json.dumps(choice)[:80]} asks for a tool call, which this "
-                                         "server does not make (tool calling is not supported; 'none' and 'auto' "
-                                         "are accepted)")
+                raise _field_error(name, f"{name}={json.dumps(choice)[:80]} forces a tool call, which this server "
+                                         "cannot do (it would need constrained decoding): send 'auto' (the model "
+                                         "may call a tool) or 'none'")
         if self.modalities not in (None, ["text"]):
             raise _field_error("modalities", f"modalities={json.dumps(self.modalities)[:80]} is not supported: this "
                                              "model writes text only (send [\"text\"] or leave it out)")
         return self
+
+    def rendered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the template shows the model (tool_choice "none": none), as `Tokenizer.encode_chat` takes them."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump() for t in self.tools]
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
