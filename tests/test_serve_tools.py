@@ -121,6 +121,9 @@ def test_tool_calls_are_answered_as_openai_tool_calls(served: tuple[Any, _Script
 
     content, streamed, finish = _streamed(client, **kw)
     assert content is None and finish == "tool_calls"
+    # as OpenAI streams them: the calls' delta (no finish), then a last chunk with the finish alone
+    last_two = [c.choices[0] for c in client.chat.completions.create(**kw, stream=True)][-2:]
+    assert [(len(c.delta.tool_calls or []), c.finish_reason) for c in last_two] == [(2, None), (0, "tool_calls")]
     assert [{**c, "id": None} for c in streamed] == [{**c, "id": None} for c in calls]
     assert streamed[0]["id"] == "abcDEF123" and set(streamed[1]["id"]) <= set(string.ascii_letters + string.digits)
 

@@ -485,6 +485,13 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         ch["experts"] = exs
                     if want_ids:
                         ch["token_ids"] = new
+                    if calls:  # OpenAI's shape: the calls' delta, then the finish in a chunk of its own
+                        ch["finish_reason"] = None
+                        ch.pop("stop_reason")
+                        yield _sse(chunk(ch, first=c.index not in started))
+                        started.add(c.index)
+                        ch = {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish,
+                              "stop_reason": c.stop_reason}
                     yield _sse(chunk(ch, first=c.index not in started))
                     started.add(c.index)
                 if include_usage:
