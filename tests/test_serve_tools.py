@@ -1,7 +1,9 @@
 """Tool calling in /v1/chat/completions for a v2/v3 model, driven with the official `openai` client. A random
 model never writes [TOOL_CALLS] by itself, so the server runs over a scripted engine (`_Scripted`) that writes
 a given reply token by token as the engine does (its stream decoder's deltas, EOS, finish "stop") and keeps
-the prompts it was sent; prompts are checked against mistral-common's encoding."""
+the prompts it was sent; prompts are checked against mistral-common's encoding. Forced calls (tool_choice
+"required" or a named function) run on a real random tiny model over the v3 tokenizer (`forced`), where the
+constraint alone makes its reply a call."""
 
 from __future__ import annotations
 
@@ -49,9 +51,11 @@ class _Scripted:
 
     def __init__(self, tok: Any) -> None:
         self.tok, self.reply, self.prompts = tok, [tok.eos_id], []  # type: list[int], list[list[int]]
+        self.params: list[SamplingParams] = []
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> _Handle:
         self.prompts.append(list(prompt_ids))
+        self.params.append(params)
         return _Handle(self.tok, list(prompt_ids), self.reply)
 
     def stats(self) -> dict[str, Any]:
@@ -165,14 +169,134 @@ def test_tool_choice_none_renders_no_tools_and_parses_no_calls(served: tuple[Any
     ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type"),
     ({"tools": [{"type": "function"}]}, "tools[0].function"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools[0].function.parameters"),
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"tools": TOOLS, "function_call": {"name": "get_weather"}}, "function_call"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "guided_regex": "a+"},
+     "guided_regex"),
+    ({"tools": [*TOOLS, {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, "tools[1].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": f, "parameters": {"$ref": "#/$defs/a", "$defs": {"a": s}}}}
+                for f, s in (("f", {"type": "object"}), ("g", {"type": "array"}))],
+      "tool_choice": "required"}, "tools"),  # one $defs name, two meanings
     ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
                                                                 "function": {"name": "f", "arguments": "{}"}}]},
                               {"role": "tool", "content": "1", "tool_call_id": "call_1"}]}, "messages"),  # not a v3 id
 ])
 def test_bad_tools_are_400s_naming_the_field(served: tuple[Any, _Scripted], extra: dict[str, Any], param: str) -> None:
     client, _ = served
+    extra = dict(extra)
+    vllm = {k: extra.pop(k) for k in list(extra) if k.startswith("guided_")}  # not the openai client's own
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(**{"model": "tiny", "messages": ASK, **extra})
+        client.chat.completions.create(**{"model": "tiny", "messages": ASK, **extra}, extra_body=vllm)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_a_forced_call_is_constrained_and_rendered_as_auto_s(served: tuple[Any, _Scripted]) -> None:
+    """tool_choice "required" or a named function renders every tool, as "auto" does (mistral-common's prompt),
+    and gives the engine the grammar of a call (`tool_calls_grammar`); "auto" gives it none. A scripted reply
+    that is a call is answered as one: finish "tool_calls" for "required", "stop" for a named function (OpenAI's
+    and vLLM's), streamed the same."""
+    client, engine = served
+    engine.writes('[{"name": "get_weather", "arguments": {"city": "Bern"}}]')
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, finish in (("required", "tool_calls"), (named, "stop"), ("auto", "tool_calls")):
+        kw: dict[str, Any] = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice=choice)
+        reply = client.chat.completions.create(**kw).choices[0]
+        assert engine.prompts[-1] == _mistral_common(ASK, TOOLS)
+        spec = engine.params[-1].structured
+        assert (spec is not None and spec.kind == "grammar") == (choice != "auto"), spec
+        assert reply.finish_reason == finish and reply.message.content is None
+        assert [json.loads(c.function.arguments) for c in reply.message.tool_calls] == [{"city": "Bern"}]
+        content, streamed, streamed_finish = _streamed(client, **kw)
+        assert (content, streamed_finish) == (None, finish)
+        assert [c["function"]["name"] for c in streamed] == ["get_weather"]
+
+
+def test_forcing_two_constraints_names_both(served: tuple[Any, _Scripted]) -> None:
+    client, _ = served
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
+                                       response_format={"type": "json_object"})
+    assert "tool_choice" in e.value.body["message"] and "response_format" in e.value.body["message"], e.value.body
+
+
+# ---- forced calls on a real random model (v3 tokenizer): only the constraint makes its reply a call ----
+
+# arguments a random model can finish: no free strings (it hardly ever closes one), no other keys
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Zürich", "Bern"]},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                                            "unit": {"$ref": "#/$defs/unit"}},
+           "required": ["city", "days", "unit"], "additionalProperties": False,
+           "$defs": {"unit": {"enum": ["c", "f"]}}}  # pydantic's shape: a $ref to the parameters' own $defs
+CLOCK = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}, "exact": {"type": "boolean"}},
+         "required": ["zone"], "additionalProperties": False}
+FORCED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+                {"type": "function", "function": {"name": "get_time", "parameters": CLOCK}}]
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    pytest.importorskip("llguidance")
+    from mixlab.config import get_preset
+    from mixlab.engine import Engine
+    from mixlab.model import Transformer
+
+    folder = tmp_path_factory.mktemp("forced")
+    (folder / "tokenizer.model.v3").write_bytes(_v3().read_bytes())
+    tok = load_tokenizer(folder)
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=tok.vocab_size, max_seq_len=1024)).eval()
+    model.init_weights(std=0.5, seed=0)
+    cfg = ServerConfig(model_name="tiny", context_len=1024, responses_store=0)
+    with Engine(model, tok, max_batch=4) as engine, ServerThread(create_app(engine, tok, cfg)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _check_calls(calls: list[dict[str, Any]], names: set[str]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in FORCED_TOOLS}
+    assert calls
+    for call in calls:
+        assert call["type"] == "function" and call["function"]["name"] in names, call
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+        assert re.fullmatch(r"[a-zA-Z0-9]{9}", call["id"]), call
+
+
+@pytest.mark.parametrize("choice,names,finish", [
+    ("required", {"get_weather", "get_time"}, "tool_calls"),
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}, "stop"),
+])
+def test_a_random_model_forced_to_call_writes_calls_that_validate(forced: Any, choice: Any, names: set[str],
+                                                                   finish: str) -> None:
+    """Every sampled reply of a random model is a parsable call of the allowed tools whose arguments validate
+    against that tool's parameters (a named function: one call), finish as OpenAI's; streamed, the same calls
+    (ids aside where the model wrote none: those are random)."""
+    kw: dict[str, Any] = dict(model="tiny", messages=ASK, tools=FORCED_TOOLS, tool_choice=choice, max_tokens=300,
+                              temperature=1.0, seed=3)
+    r = forced.chat.completions.create(**kw, n=4)
+    for reply in r.choices:
+        assert reply.finish_reason == finish and reply.message.content is None, reply
+        calls = [c.model_dump() for c in reply.message.tool_calls]
+        _check_calls(calls, names)
+        if finish == "stop":
+            assert len(calls) == 1
+    first = [c.model_dump() for c in r.choices[0].message.tool_calls]
+    content, streamed, streamed_finish = _streamed(forced, **kw)
+    assert (content, streamed_finish) == (None, finish)
+    assert [c["function"] for c in streamed] == [c["function"] for c in first]
+
+
+def test_parallel_tool_calls_false_forces_one_call(forced: Any) -> None:
+    """The same seeds that write several calls write their first one alone with parallel_tool_calls false."""
+    kw: dict[str, Any] = dict(model="tiny", messages=ASK, tools=FORCED_TOOLS, tool_choice="required", max_tokens=300,
+                              temperature=1.0, seed=3, n=4)
+    several = forced.chat.completions.create(**kw).choices
+    one = forced.chat.completions.create(**kw, parallel_tool_calls=False).choices
+    assert max(len(r.message.tool_calls) for r in several) > 1
+    for reply, other in zip(one, several, strict=True):
+        assert reply.finish_reason == "tool_calls" and len(reply.message.tool_calls) == 1, reply
+        assert reply.message.tool_calls[0].function == other.message.tool_calls[0].function
+        _check_calls([reply.message.tool_calls[0].model_dump()], {"get_weather", "get_time"})

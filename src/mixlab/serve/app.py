@@ -368,11 +368,13 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
 
     async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[Choice],
                       prompts: list[list[int]], *, chat: bool, rid: str, want_logprobs: bool,
-                      echo: list[dict[str, Any]] | None, arrived: float, tool_token: int | None = None) -> Response:
+                      echo: list[dict[str, Any]] | None, arrived: float, tool_token: int | None = None,
+                      tool_finish: str = "tool_calls") -> Response:
         """`prompts`: each prompt's token ids, once however many choices it has. `arrived`: the request's
         perf_counter() as its handler began (the time to first token counts from there: its prompt's
         encoding is part of it). `tool_token`: [TOOL_CALLS]'s id where tools were rendered: a reply that
-        begins with it is held back and answered as `tool_calls` (streamed: in the choice's last chunk)."""
+        begins with it is held back and answered as `tool_calls` (streamed: in the choice's last chunk), with
+        `finish_reason` `tool_finish`."""
         prompt_lens = [len(p) for p in prompts]
         served = body.model or cfg.model_name  # the model or adapter that answers
         # return_token_ids, as vLLM answers it: the prompt's ids on a chat response (streamed: on each choice's
@@ -394,7 +396,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                     ch["message"] = {"role": "assistant", "content": c.text} if calls is None else \
                         {"role": "assistant", "content": None, "tool_calls": calls}
                     if calls is not None:
-                        ch["finish_reason"] = "tool_calls"
+                        ch["finish_reason"] = tool_finish
                     ch["logprobs"] = {"content": [chat_lp(e) for e in c.tokens], "refusal": None} \
                         if want_logprobs else None
                 else:
@@ -463,7 +465,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                             continue
                         calls = c.tool_calls(tool_token)  # else the reply that did not parse, as text
                         delta, lps, exs, new = "" if calls else c.text, c.tokens, c.experts, c.token_ids
-                        finish = "tool_calls" if calls else finish
+                        finish = tool_finish if calls else finish
                     if not delta and not lps and not exs and finish is None and not (want_ids and new):
                         continue
                     if chat:
@@ -529,8 +531,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
         choices = [Choice(i, h, alone=alone) for i, h in enumerate(handles)]
+        # OpenAI's finish_reason for a call: "tool_calls", but "stop" where tool_choice named the function (vLLM's too)
+        named = isinstance(body.tool_choice, dict)
         return await respond(request, body, choices, [ids], chat=True, rid=rid, want_logprobs=body.logprobs,
-                             echo=None, arrived=arrived, tool_token=tok.special_id("[TOOL_CALLS]") if tools else None)
+                             echo=None, arrived=arrived, tool_token=tok.special_id("[TOOL_CALLS]") if tools else None,
+                             tool_finish="stop" if named else "tool_calls")
 
     @post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

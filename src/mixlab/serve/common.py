@@ -24,6 +24,7 @@ from mixlab.serve.protocol import (
     ChatMessage,
     CompletionRequest,
     ResponsesRequest,
+    Tool,
     not_supported,
 )
 from mixlab.serve.store import Item, ResponseStore, Stored
@@ -325,6 +326,8 @@ class Server:
         if asked is None:
             return None
         param, kind, value = asked
+        if kind == "tool_calls":  # a forced call (ChatCompletionRequest.constraint)
+            return self.tool_calls_structured(body, value["tools"], parallel=value["parallel"])
         try:
             spec = Structured(kind, value)
             spec.prepare(self.tok)  # here, not in each choice's Engine.submit on the event loop
@@ -333,6 +336,34 @@ class Server:
                            param=param) from None
         except ImportError as e:
             raise ApiError(400, f"{param}: this server cannot constrain outputs: {e}", param=param) from None
+        return spec
+
+    def tool_calls_structured(self, body: ChatCompletionRequest | CompletionRequest | ResponsesRequest,
+                              tools: list[Tool], *, parallel: bool) -> Structured:
+        """A forced tool call's constraint (`tool_calls_grammar`), built over the vocabulary; a tool whose
+        parameters llguidance cannot compile is a 400 naming it (`tools[i].function.parameters`)."""
+        sent = getattr(body, "tools", None) or []
+        try:
+            grammar = tool_calls_grammar(self.tok, tools, parallel=parallel)
+        except ValueError as e:
+            raise ApiError(400, f"invalid tools: {e}", param="tools") from None
+        try:
+            spec = Structured("grammar", grammar)
+            spec.prepare(self.tok)
+        except ImportError as e:
+            raise ApiError(400, f"tool_choice: this server cannot force a tool call: {e}",
+                           param="tool_choice") from None
+        except ValueError as e:
+            param, why = "tool_choice", str(e).removeprefix("invalid structured grammar: ")
+            for i, tool in enumerate(sent):  # which tool's schema it was
+                try:
+                    if tool in tools:
+                        Structured("json_schema", tool.function.parameters or {"type": "object"})
+                except ValueError as bad:
+                    param, why = f"tools[{i}].function.parameters", str(bad).removeprefix("invalid structured "
+                                                                                           "json_schema: ")
+                    break
+            raise ApiError(400, f"invalid {param}: {why}", param=param) from None
         return spec
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest | ResponsesRequest, max_tokens: int, choice: int,
@@ -443,3 +474,41 @@ def tool_calls_of(text: str) -> list[dict[str, Any]] | None:
         out.append({"id": call_id, "type": "function",  # arguments: JSON text, as vLLM writes them
                     "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}})
     return out
+
+
+def tool_calls_grammar(tok: Tokenizer, tools: Sequence[Tool], *, parallel: bool = True) -> str:
+    """A Lark grammar (llguidance's) of a reply that calls one of `tools`: the [TOOL_CALLS] control token, then
+    the JSON list a v2/v3 chat template writes after it for an assistant's calls (`Tokenizer.chat_turns`: what
+    the model was trained to write, its leading space and `json.dumps`'s separators included): at least one
+    (`parallel` False: exactly one) `{"name": one of the tools' names, "arguments": that tool's parameters
+    (none: any object)[, "id": 9 letters and digits, v3's]}`, which `tool_calls_of` parses. The tools' `$defs`
+    (pydantic's schemas' `$ref` targets) go to the list's schema, where `#/$defs/...` finds them; ValueError
+    when two tools define one name differently."""
+    token = tok.special_id("[TOOL_CALLS]")
+    if token is None or tok.chat_version not in (2, 3):
+        raise ValueError(f"{tok.path} has no [TOOL_CALLS] control token (Mistral's v2/v3 chat template)")
+    defs: dict[str, Any] = {}
+    calls = []
+    for tool in tools:
+        arguments = dict(tool.function.parameters) or {"type": "object"}
+        for key in ("$defs", "definitions"):
+            for name, sub in (arguments.pop(key, None) or {}).items():
+                if defs.setdefault(f"{key}/{name}", sub) != sub:
+                    raise ValueError(f"the tools define {key}/{name} differently: a forced call's schema holds "
+                                     "them all")
+        props = {"name": {"const": tool.function.name}, "arguments": arguments}
+        if tok.chat_version == 3:  # the id the template writes after the arguments, where the call had one
+            props["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
+        calls.append({"type": "object", "properties": props, "required": ["name", "arguments"],
+                      "additionalProperties": False})
+    schema: dict[str, Any] = {
+        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+        "type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1,
+        **({} if parallel else {"maxItems": 1})}
+    for key, sub in defs.items():
+        group, name = key.split("/", 1)
+        schema.setdefault(group, {})[name] = sub
+    # the template's list is tok.encode(json text): a SentencePiece tokenizer spells its "[" with a space first
+    spelled = "".join(tok.id_to_piece(i) for i in tok.encode("[", bos=False)).replace("\u2581", " ")
+    lead = f" {json.dumps(spelled[:-1])}" if spelled.endswith("[") and len(spelled) > 1 else ""
+    return f"start: <[{token}]>{lead} calls\ncalls: %json {json.dumps(schema)}\n"

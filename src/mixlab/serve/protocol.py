@@ -4,7 +4,7 @@ Field names, types and ranges follow OpenAI's API reference (chat completions, t
 Responses API's text core); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
 `return_token_ids` are vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"`
 strings, no booleans for integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones
-whose meaning we do not implement (tool_choice "required"; suffixes, audio, web search; vLLM's
+whose meaning we do not implement (suffixes, audio, web search, OpenAI's deprecated `functions`; vLLM's
 structural tags, beam search, bad_words, include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused with
 a 400 naming them, where they ask for something, rather than silently dropped.
 """
@@ -326,9 +326,12 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     functions: list[Any] | None = None
     # with tools, "auto" (the default) renders them and the model may call one; "none" forbids calling them:
-    # they are not rendered (as vLLM does). "required" or a named function would force a call, which needs
-    # constrained decoding: refused. Tools need a v2/v3 template (the app checks the tokenizer's).
+    # they are not rendered (as vLLM does); "required" or a named function {"type": "function", "function":
+    # {"name": ...}} renders them all and forces a call (`forced_tools`, constrained decoding). Tools need a
+    # v2/v3 template (the app checks the tokenizer's).
     tool_choice: Any = None
+    # false: a forced reply is one call (with "auto" it is ignored: the model may write several)
+    parallel_tool_calls: StrictBool = True
     function_call: Any = None
     modalities: list[StrictStr] | None = None  # only ["text"]
     continue_final_message: StrictBool = False  # see _continue_final
@@ -346,15 +349,53 @@ class ChatCompletionRequest(_Sampling):
         if self.functions and self.function_call != "none":
             raise _field_error("functions", "functions (OpenAI's deprecated function calling) are not supported by "
                                             "this server: send tools; function_call \"none\" is accepted")
-        for name, choice in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
-            if choice not in (None, "none", "auto"):
-                raise _field_error(name, f"{name}={json.dumps(choice)[:80]} forces a tool call, which this server "
-                                         "cannot do (it would need constrained decoding): send 'auto' (the model "
-                                         "may call a tool) or 'none'")
+        if self.function_call not in (None, "none", "auto"):
+            raise _field_error("function_call", f"function_call={json.dumps(self.function_call)[:80]} is OpenAI's "
+                               "deprecated function calling, which this server does not take: send tools and "
+                               "tool_choice")
+        self.forced_tools()
         if self.modalities not in (None, ["text"]):
             raise _field_error("modalities", f"modalities={json.dumps(self.modalities)[:80]} is not supported: this "
                                              "model writes text only (send [\"text\"] or leave it out)")
         return self
+
+    def forced_tools(self) -> list[Tool] | None:
+        """The tools the reply must call one of (tool_choice "required": any of `tools`; a named function: that
+        one), or None where the model may answer in text; a 400 naming tool_choice when it is neither a choice
+        nor a function of `tools`."""
+        choice = self.tool_choice
+        if choice in (None, "none", "auto"):
+            return None
+        shown = json.dumps(choice)[:80]
+        if choice == "required":
+            if not self.tools:
+                raise _field_error("tool_choice", "tool_choice=\"required\" needs tools: the reply must call one of "
+                                                  "them, and none was sent")
+            return list(self.tools)
+        function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise _field_error("tool_choice", f"invalid tool_choice={shown}: expected 'none', 'auto', 'required' or "
+                                              "{'type': 'function', 'function': {'name': ...}}")
+        named = [t for t in self.tools or () if t.function.name == name]
+        if not named:
+            sent = ", ".join(repr(t.function.name) for t in self.tools or ()) or "none"
+            raise _field_error("tool_choice", f"tool_choice names the function {name[:80]!r}, which is not one of "
+                                              f"tools (sent: {sent[:200]})")
+        return named[:1]
+
+    def constraint(self) -> tuple[str, str, Any] | None:
+        """`_Sampling.constraint`, or a forced tool call's: ("tool_choice", "tool_calls", {"tools": the tools it may
+        call, "parallel": whether it may be several calls (a named function's: one, as in OpenAI and vLLM)}), which
+        the server turns into a grammar over its tokenizer (`serve.common.tool_calls_grammar`)."""
+        asked, forced = super().constraint(), self.forced_tools()
+        if forced is None:
+            return asked
+        if asked is not None:
+            raise _field_error(asked[0], f"tool_choice={json.dumps(self.tool_choice)[:80]} and {asked[0]} both "
+                                         "constrain the output: send one")
+        return ("tool_choice", "tool_calls", {"tools": forced,
+                                              "parallel": self.tool_choice == "required" and self.parallel_tool_calls})
 
     def rendered_tools(self) -> list[dict[str, Any]] | None:
         """The tools the template shows the model (tool_choice "none": none), as `Tokenizer.encode_chat` takes them."""
