@@ -111,7 +111,9 @@ def test_every_tokenizer_kind_s_greedy_run_equals_the_reference(kind: str, model
                                                                  tmp_path: Any) -> None:
     """Each tokenizer mixlab loads, with pieces of several characters and a space inside (Mixtral's '▁the',
     a byte-level BPE's 'Ġthe'): llguidance's table of their bytes gives the same tokens as a reference that
-    masks by decoded text."""
+    masks by decoded text. No character of the pattern is ever forced: where one is, llguidance allows only its
+    own spelling of it (the piece '.', not also <0x2E>: test_forced_text_is_spelled_...), which the reference
+    does not model."""
     model = model_tok[0]
     if kind == "sentencepiece":
         tok = load_tokenizer()  # mistral-common's tokenizer.model.v1
@@ -125,7 +127,7 @@ def test_every_tokenizer_kind_s_greedy_run_equals_the_reference(kind: str, model
         tok = _byte_level_bpe(tmp_path)
         model = Transformer(get_preset("tiny-moe").replace(vocab_size=tok.vocab_size)).eval()
         model.init_weights(std=0.5, seed=0)
-    pattern = "[a-z]{1,6}( [a-z]{1,6}){1,2}[.]"
+    pattern = "[a-z]{1,6}([ ,][a-z]{1,6}){1,2}[.!]"
     prompt = tok.encode("The cat")
     got, text, outs = _run(Engine(model, tok), prompt, SamplingParams(max_tokens=12,
                                                                           structured=Structured("regex", pattern)))
@@ -414,6 +416,18 @@ def test_token_bytes_come_from_mixlab_s_tokenizer(tmp_path: Any) -> None:
     hf = load_tokenizer(hf_tokenizer_json(tmp_path))
     assert _token_bytes(hf) == (pieces, special)
     assert lltokenizer(sp) is lltokenizer(sp) and lltokenizer(sp).eos_token == sp.eos_id
+
+
+def test_forced_text_is_spelled_with_the_tokenizer_s_pieces_not_byte_fallback() -> None:
+    """What a constraint forces (a schema's key, a tool's name) llguidance spells with the tokenizer's pieces:
+    "_" was <0x5F> (the byte piece, whose id comes first), which the model never wrote there."""
+    sp = load_tokenizer()
+    for text in ("get_weather", '{"first_name": ', "a.b,c"):
+        ids = lltokenizer(sp).tokenize_bytes(text.encode())
+        assert [sp.piece_byte(i) for i in ids] == [None] * len(ids), [sp.id_to_piece(i) for i in ids]
+        assert sp.decode([sp.encode("x", bos=False)[-1], *ids])[1:] == text
+    bytes_only = load_tokenizer("bytes")  # a byte tokenizer still spells everything
+    assert lltokenizer(bytes_only).tokenize_bytes(b"a_b") == bytes_only.encode("a_b", bos=False)
 
 
 def test_a_byte_level_bpe_s_tokens_spell_the_text_s_bytes(tmp_path: Any) -> None:

@@ -199,7 +199,9 @@ def lltokenizer(tok: Tokenizer) -> llguidance.LLTokenizer:
         llg = _llg()
         pieces, special = _token_bytes(tok)
         ids: dict[bytes, int] = {}
-        for i, b in enumerate(pieces):
+        # a byte-fallback piece last: "_" is the piece "_" (as the tokenizer writes it), not <0x5F>, where
+        # llguidance spells what the constraint forces (a schema's keys, a tool call's name)
+        for i, b in sorted(enumerate(pieces), key=lambda ib: tok.piece_byte(ib[0]) is not None):
             if b and i not in special:
                 ids.setdefault(b, i)
         longest = max(map(len, ids), default=1)
