@@ -300,3 +300,58 @@ def test_parallel_tool_calls_false_forces_one_call(forced: Any) -> None:
         assert reply.finish_reason == "tool_calls" and len(reply.message.tool_calls) == 1, reply
         assert reply.message.tool_calls[0].function == other.message.tool_calls[0].function
         _check_calls([reply.message.tool_calls[0].model_dump()], {"get_weather", "get_time"})
+
+
+def test_a_forced_call_cut_off_by_max_tokens_is_its_text(forced: Any) -> None:
+    kw: dict[str, Any] = dict(model="tiny", messages=ASK, tools=FORCED_TOOLS, tool_choice="required", max_tokens=6,
+                              seed=3)
+    reply = forced.chat.completions.create(**kw).choices[0]
+    assert (reply.finish_reason, reply.message.tool_calls) == ("length", None)
+    assert reply.message.content == '[{"name": "'  # six tokens: [TOOL_CALLS] and what is forced
+    assert _streamed(forced, **kw) == (reply.message.content, [], "length")
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_the_grammar_of_a_forced_call_takes_what_the_template_writes(tmp_path: Path, version: int) -> None:
+    """The tokens the v2/v3 template writes for an assistant's calls (Tokenizer.chat_turns, as mistral-common)
+    follow `tool_calls_grammar` to its end, EOS then allowed: v3 with its ids, v2 without (an id is refused
+    there, as are a tool not allowed, arguments off the schema, compact JSON, and a second call when not
+    `parallel`)."""
+    pytest.importorskip("llguidance")
+    from mixlab.engine import Structured
+    from mixlab.engine.structured import Matcher
+    from mixlab.serve.common import tool_calls_grammar
+    from mixlab.serve.protocol import Tool
+
+    src = next(load_tokenizer().path.parent.glob(f"mistral_instruct_tokenizer_*.model.v{version}"))
+    (tmp_path / src.name).write_bytes(src.read_bytes())
+    tok = load_tokenizer(tmp_path / src.name)
+    assert tok.chat_version == version
+    tools = [Tool.model_validate(t) for t in FORCED_TOOLS]
+    ids = ["abcDEF123", "x1y2z3w4v"] if version == 3 else ["null", "null"]  # v2's calls have no ids
+    made = [("get_weather", {"city": "Zürich", "days": 2, "unit": "f"}), ("get_time", {"zone": "UTC"})]
+    calls = [{"id": i, "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+             for i, (n, a) in zip(ids, made, strict=True)]
+
+    def written(calls: list[dict[str, Any]]) -> list[int]:
+        chat = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls},  # a result after it: the
+                {"role": "tool", "content": "1", "tool_call_id": calls[0]["id"]}]  # template's last turn
+        return [ids for role, ids in tok.chat_turns(chat, tools=FORCED_TOOLS) if role == "assistant"][-1][:-1]
+
+    def takes(tokens: list[int], tools: list[Any], parallel: bool = True) -> bool:
+        m = Matcher(Structured("grammar", tool_calls_grammar(tok, tools, parallel=parallel)), tok, tok.vocab_size)
+        return all(m.advance(t) for t in tokens) and m.allows(tok.eos_id) and not m.failed
+
+    both = written(calls)
+    assert both[0] == tok.special_id("[TOOL_CALLS]") and ('"id"' in tok.decode(both)) == (version == 3)
+    assert takes(both, tools) and takes(written(calls[1:]), tools[1:])
+    assert not takes(both, tools[1:]) and not takes(both, tools, parallel=False)
+    wrong = [{**calls[1], "function": {"name": "get_time", "arguments": '{"zone": "PST"}'}}]
+    assert not takes(written(wrong), tools)
+    compact = [tok.special_id("[TOOL_CALLS]"), *tok.encode('[{"name":"get_time","arguments":{"zone":"UTC"}}]',
+                                                            bos=False)]
+    assert not takes(compact, tools)
+    if version == 2:
+        with_id = [tok.special_id("[TOOL_CALLS]"), *tok.encode(
+            '[{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "abcDEF123"}]', bos=False)]
+        assert not takes(with_id, tools)
