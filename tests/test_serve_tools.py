@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,17 @@ def test_forcing_two_constraints_names_both(served: tuple[Any, _Scripted]) -> No
         client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
                                        response_format={"type": "json_object"})
     assert "tool_choice" in e.value.body["message"] and "response_format" in e.value.body["message"], e.value.body
+
+
+def test_without_llguidance_a_forced_call_says_what_to_install(served: tuple[Any, _Scripted],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    client, engine = served
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice" and "pip install 'mixlab[serve]'" in e.value.body["message"]
+    engine.writes('[{"name": "get_weather", "arguments": {"city": "Bern"}}]')  # "auto" needs no llguidance
+    assert client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS).choices[0].message.tool_calls
 
 
 # ---- forced calls on a real random model (v3 tokenizer): only the constraint makes its reply a call ----
