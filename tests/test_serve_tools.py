@@ -180,6 +180,12 @@ def test_tool_choice_none_renders_no_tools_and_parses_no_calls(served: tuple[Any
      "guided_regex"),
     ({"tools": [*TOOLS, {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
       "tool_choice": "required"}, "tools[1].function.parameters"),
+    *[({"tools": [*TOOLS, {"type": "function", "function": {"name": "f", "parameters": bad}}]},
+       "tools[1].function.parameters") for bad in ({"type": "nonsense"}, {"$ref": "#/$defs/missing"},
+                                                   {"properties": {"a": {"type": "string", "pattern": "("}}},
+                                                   {"type": "object", "required": "a"})],  # not schemas ("auto")
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "uniqueItems": True}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters"),  # a keyword llguidance cannot force
     ({"tools": [{"type": "function", "function": {"name": f, "parameters": {"$ref": "#/$defs/a", "$defs": {"a": s}}}}
                 for f, s in (("f", {"type": "object"}), ("g", {"type": "array"}))],
       "tool_choice": "required"}, "tools"),  # one $defs name, two meanings
@@ -223,6 +229,20 @@ def test_forcing_two_constraints_names_both(served: tuple[Any, _Scripted]) -> No
         client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
                                        response_format={"type": "json_object"})
     assert "tool_choice" in e.value.body["message"] and "response_format" in e.value.body["message"], e.value.body
+
+
+def test_schemas_llguidance_cannot_force_are_offered_with_auto(served: tuple[Any, _Scripted]) -> None:
+    """JSON Schema that llguidance leaves out (`not`, `uniqueItems`, an unknown `format`) or cannot fetch (a `$ref`
+    to another document) is no 400 where the model only reads it; the prompt is mistral-common's."""
+    client, engine = served
+    params = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True},
+                                               "mail": {"type": "string", "format": "x-mail"},
+                                               "geo": {"$ref": "https://example.com/geo.json"}},
+              "not": {"required": ["tags", "mail"]}}
+    tools = [{"type": "function", "function": {"name": "tag", "parameters": params}}]
+    engine.reply = [*engine.tok.encode("No.", bos=False), engine.tok.eos_id]
+    reply = client.chat.completions.create(model="tiny", messages=ASK, tools=tools).choices[0]
+    assert reply.message.content == "No." and engine.prompts[-1] == _mistral_common(ASK, tools)
 
 
 def test_without_llguidance_a_forced_call_says_what_to_install(served: tuple[Any, _Scripted],

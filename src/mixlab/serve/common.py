@@ -338,6 +338,27 @@ class Server:
             raise ApiError(400, f"{param}: this server cannot constrain outputs: {e}", param=param) from None
         return spec
 
+    def check_tools(self, tools: Sequence[Tool]) -> None:
+        """A 400 naming `tools[i].function.parameters` for a schema that is not one: llguidance compiles each, in
+        its lenient mode, which skips the keywords it leaves out (`not`, `uniqueItems`...: they are JSON Schema,
+        which the model only reads under "auto"), so what it refuses is broken (an unknown type, a `$ref` to
+        nothing, a bad `pattern`). A schema with a `$ref` to another document is not checked (llguidance
+        fetches none), nor is any without llguidance (calls that are not forced need none)."""
+        for i, tool in enumerate(tools):
+            params = tool.function.parameters
+            if not params or _remote_ref(params):
+                continue
+            guidance = params.get("x-guidance")
+            try:
+                Structured("json_schema", {**params, "x-guidance": {**(guidance if isinstance(guidance, dict) else {}),
+                                                                      "lenient": True}})
+            except ImportError:
+                return
+            except ValueError as e:
+                where = f"tools[{i}].function.parameters"
+                raise ApiError(400, f"invalid {where}: not a JSON Schema: "
+                                    f"{str(e).removeprefix('invalid structured json_schema: ')}", param=where) from None
+
     def tool_calls_structured(self, body: ChatCompletionRequest | CompletionRequest | ResponsesRequest,
                               tools: list[Tool], *, parallel: bool) -> Structured:
         """A forced tool call's constraint (`tool_calls_grammar`), built over the vocabulary; a tool whose
@@ -474,6 +495,22 @@ def tool_calls_of(text: str) -> list[dict[str, Any]] | None:
         out.append({"id": call_id, "type": "function",  # arguments: JSON text, as vLLM writes them
                     "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}})
     return out
+
+
+def _remote_ref(schema: Any) -> bool:
+    """Whether a JSON Schema holds a `$ref` to another document (not `#...`); a loop, not a recursion: a
+    request's schema may nest as deep as JSON lets it."""
+    todo = [schema]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, dict):
+            ref = x.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                return True
+            todo.extend(x.values())
+        elif isinstance(x, list):
+            todo.extend(x)
+    return False
 
 
 def tool_calls_grammar(tok: Tokenizer, tools: Sequence[Tool], *, parallel: bool = True) -> str:
