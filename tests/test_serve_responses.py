@@ -309,7 +309,7 @@ def test_the_response_store_is_bounded_by_count_and_by_bytes() -> None:
 
     def _stored(text: str, items: int = 0) -> Stored:
         conversation = tuple(Item(f"msg_{k}", "user", text) for k in range(items))
-        return Stored(b"{}", conversation, Item("out", "assistant", text))
+        return Stored(b"{}", conversation, (Item("out", "assistant", text),))
 
     store = ResponseStore(3, 100)
     assert store.put("a", _stored("x" * 10, items=2)) and store.nbytes == 2 + 30  # its JSON, conversation, output
@@ -321,7 +321,7 @@ def test_the_response_store_is_bounded_by_count_and_by_bytes() -> None:
     assert not store.put("f", _stored("w" * 99)) and store.get("f") is None and len(store) == 3  # alone over the bound
     assert store.pop("c") is not None and store.pop("c") is None and store.nbytes == 2 + 3
     # a background response's delta ends are charged too, 4 bytes each
-    back = Stored(b"{}", (), Item("out", "assistant", "ab"), array("I", [1, 2]))
+    back = Stored(b"{}", (), (Item("out", "assistant", "ab"),), array("I", [1, 2]))
     assert back.background and back.size == 2 + 2 + 8 and not _stored("x").background
     with pytest.raises(ValueError, match="at least 1 response"):
         ResponseStore(0, 100)
@@ -400,7 +400,11 @@ def test_the_json_sent_is_openai_s_schema(server: str) -> None:
     ({"input": "hi", "top_logprobs": -1}, "top_logprobs"),
     ({"input": "hi", "n": 2}, "n"),
     ({"input": "hi", "max_tokens": 5}, "max_tokens"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].call_id"),  # no call
+    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type"),
+    ({"input": [{"role": "user", "content": "hi"}, {"type": "function_call", "call_id": "abcDEF123", "name": "f",
+                                                      "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "abcDEF123", "output": "1"}]}, "input[1].type"),  # v1
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
      "input[0].content[0]"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),

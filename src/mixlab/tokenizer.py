@@ -33,7 +33,7 @@ from mixlab.config import as_path, suffix_of
 from mixlab.errors import MixlabError
 
 __all__ = ["TOKENIZER_NAMES", "ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
-           "default_tokenizer_path", "load_tokenizer", "model_tokenizer", "tokenizer_file"]
+           "default_tokenizer_path", "load_tokenizer", "model_tokenizer", "tokenizer_file", "tool_call_id_ok"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
@@ -361,15 +361,15 @@ class Tokenizer:
             out.append((t.role, ids))
         return out
 
-    def encode_chat_within(self, messages: Sequence[Mapping[str, object]], room: int,
-                           keep: int = 1) -> tuple[list[int], int]:
+    def encode_chat_within(self, messages: Sequence[Mapping[str, object]], room: int, keep: int = 1, *,
+                           tools: Sequence[Mapping[str, object]] | None = None) -> tuple[list[int], int]:
         """`encode_chat(messages)` less the oldest whole turns (a user message and what follows it up to the
         next one) that it takes to fit in `room` tokens, as `mixlab chat` and the Responses API's truncation
         "auto" forget a long conversation's start. System messages and the last `keep` messages (the newest
         input) are never dropped, so the ids may still exceed `room`. Returns the ids and how many messages were
         dropped. The fewest turns are found by bisection (dropping more never lengthens the prompt): a few
-        encodings of the conversation, however many turns it has."""
-        ids = self.encode_chat(messages)
+        encodings of the conversation, however many turns it has. `tools`: as `encode_chat`'s (never dropped)."""
+        ids = self.encode_chat(messages, tools=tools)
         if len(ids) <= room:
             return ids, 0
         end = len(messages) - keep
@@ -382,12 +382,12 @@ class Tokenizer:
         lo, hi, best = 0, len(cuts) - 1, None  # the first cut that fits, if one does: the last one otherwise
         while lo <= hi:
             mid = (lo + hi) // 2
-            tried = self.encode_chat(cut(cuts[mid]))
+            tried = self.encode_chat(cut(cuts[mid]), tools=tools)
             if len(tried) <= room:
                 best, hi = (mid, tried), mid - 1
             else:
                 lo = mid + 1
-        j, ids = best if best is not None else (len(cuts) - 1, self.encode_chat(cut(cuts[-1])))
+        j, ids = best if best is not None else (len(cuts) - 1, self.encode_chat(cut(cuts[-1]), tools=tools))
         return ids, sum(m["role"] != "system" for m in messages[:cuts[j]])
 
 
@@ -455,6 +455,12 @@ _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # a function's name, as mistral-comm
 _CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # a v3 tool call's id
 
 
+def tool_call_id_ok(call_id: object, version: int) -> bool:
+    """Whether a chat template of `version` can write `call_id` as a tool call's id: v3's are 9 letters and digits
+    (as mistral-common checks, and as the model writes them); v2 writes none."""
+    return version < 3 or isinstance(call_id, str) and _CALL_ID.fullmatch(call_id) is not None
+
+
 def _json_text(text: str) -> str:
     """mistral-common's normalized JSON text: re-dumped when it parses, `{}` when empty, else as is."""
     try:
@@ -478,7 +484,7 @@ def _tool_calls(m: Mapping[str, object], i: int, version: int) -> tuple[Mapping[
         name, args, call_id = str(fn["name"]), fn.get("arguments", ""), c.get("id", "null")
         if not _NAME.fullmatch(name):
             raise ChatError(f"message {i}: tool call name {name!r} must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
-        if version >= 3 and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
+        if not tool_call_id_ok(call_id, version):
             raise ChatError(f"message {i}: tool call id {call_id!r} must be 9 of a-z, A-Z, 0-9 (Mistral's v3 template)")
         try:
             args = json.dumps(args, ensure_ascii=False) if isinstance(args, Mapping) else args
@@ -523,7 +529,7 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]], version: int = 1) 
         calls.append(_tool_calls(m, i, version) if tool_calls else ())
         if role == "tool":
             call_id, name = m.get("tool_call_id"), m.get("name")
-            if version >= 3 and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
+            if not tool_call_id_ok(call_id, version):
                 raise ChatError(f"message {i}: a tool result's 'tool_call_id' must be its call's id, 9 of a-z, A-Z, "
                                 f"0-9 (Mistral's v3 template), got {call_id!r}")
             if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):

@@ -520,7 +520,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         tools = body.rendered_tools()
         ids = await srv.encode_chat(body.messages, "messages", tools=tools)
         if body.tools and tools:
-            await srv.off_loop(srv.check_tools, body.tools)
+            await srv.off_loop(srv.check_tools, body)
         limit = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the one obeyed
         max_tokens = srv.max_tokens(body.limit(), len(ids), where="messages", default=None, param=limit)
         top = body.top_logprobs or 0

@@ -232,7 +232,7 @@ class Server:
             chat = [m.template() for m in messages]
             if room is None:
                 return self.tok.encode_chat(chat, tools=tools)
-            return self.tok.encode_chat_within(chat, room, keep)[0]
+            return self.tok.encode_chat_within(chat, room, keep, tools=tools)[0]
 
         try:
             return await self.off_loop(encode)
@@ -255,7 +255,7 @@ class Server:
         if stored is None:
             raise ApiError(404, f"Previous response with id {previous[:80]!r} not found ({self.absent()})",
                            param="previous_response_id", code="previous_response_not_found")
-        return (*stored.items, stored.output)
+        return (*stored.items, *stored.output)
 
     def stored(self, response_id: str, *, delete: bool = False) -> Stored:
         """A stored response (`delete`: taken out of the store), else a 404 naming it."""
@@ -326,7 +326,8 @@ class Server:
         if asked is None:
             return None
         param, kind, value = asked
-        if kind == "tool_calls":  # a forced call (ChatCompletionRequest.constraint)
+        if kind == "tool_calls":  # a forced call (`protocol._tool_constraint`)
+            assert not isinstance(body, CompletionRequest)
             return self.tool_calls_structured(body, value["tools"], parallel=value["parallel"])
         try:
             spec = Structured(kind, value)
@@ -338,13 +339,14 @@ class Server:
             raise ApiError(400, f"{param}: this server cannot constrain outputs: {e}", param=param) from None
         return spec
 
-    def check_tools(self, tools: Sequence[Tool]) -> None:
-        """A 400 naming `tools[i].function.parameters` for a schema that is not one: llguidance compiles each, in
+    def check_tools(self, body: ChatCompletionRequest | ResponsesRequest) -> None:
+        """A 400 naming `tools[i].function.parameters` (the Responses API's: `tools[i].parameters`) for a tool's
+        schema that is not one: llguidance compiles each, in
         its lenient mode, which skips the keywords it leaves out (`not`, `uniqueItems`...: they are JSON Schema,
         which the model only reads under "auto"), so what it refuses is broken (an unknown type, a `$ref` to
         nothing, a bad `pattern`). A schema with a `$ref` to another document is not checked (llguidance
         fetches none), nor is any without llguidance (calls that are not forced need none)."""
-        for i, tool in enumerate(tools):
+        for i, tool in enumerate(body.function_tools()):
             params = tool.function.parameters
             if not params or _remote_ref(params):
                 continue
@@ -355,15 +357,16 @@ class Server:
             except ImportError:
                 return
             except ValueError as e:
-                where = f"tools[{i}].function.parameters"
+                where = body.tool_param(i, "parameters")
                 raise ApiError(400, f"invalid {where}: not a JSON Schema: "
                                     f"{str(e).removeprefix('invalid structured json_schema: ')}", param=where) from None
 
-    def tool_calls_structured(self, body: ChatCompletionRequest | CompletionRequest | ResponsesRequest,
-                              tools: list[Tool], *, parallel: bool) -> Structured:
+    def tool_calls_structured(self, body: ChatCompletionRequest | ResponsesRequest, tools: list[Tool], *,
+                              parallel: bool) -> Structured:
         """A forced tool call's constraint (`tool_calls_grammar`), built over the vocabulary; a tool whose
-        parameters llguidance cannot compile is a 400 naming it (`tools[i].function.parameters`)."""
-        sent = getattr(body, "tools", None) or []
+        parameters llguidance cannot compile is a 400 naming it (`tools[i].function.parameters`; the Responses
+        API's `tools[i].parameters`)."""
+        sent = body.function_tools()
         try:
             grammar = tool_calls_grammar(self.tok, tools, parallel=parallel)
         except ValueError as e:
@@ -381,7 +384,7 @@ class Server:
                     if tool in tools:
                         Structured("json_schema", tool.function.parameters or {"type": "object"})
                 except ValueError as bad:
-                    param, why = f"tools[{i}].function.parameters", str(bad).removeprefix("invalid structured "
+                    param, why = body.tool_param(i, "parameters"), str(bad).removeprefix("invalid structured "
                                                                                            "json_schema: ")
                     break
             raise ApiError(400, f"invalid {param}: {why}", param=param) from None

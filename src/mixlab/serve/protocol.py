@@ -1,18 +1,19 @@
 """OpenAI's request bodies as pydantic models, and OpenAI's error body.
 
 Field names, types and ranges follow OpenAI's API reference (chat completions, the legacy completions, the
-Responses API's text core); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
+Responses API's text core and function tools); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
 `return_token_ids` are vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"`
 strings, no booleans for integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones
-whose meaning we do not implement (suffixes, audio, web search, OpenAI's deprecated `functions`; vLLM's
-structural tags, beam search, bad_words, include_stop_str_in_output...: `NOT_IMPLEMENTED`) are refused with
-a 400 naming them, where they ask for something, rather than silently dropped.
+whose meaning we do not implement (suffixes, audio, web search and the Responses API's other hosted tools,
+OpenAI's deprecated `functions`; vLLM's structural tags, beam search, bad_words, include_stop_str_in_output...:
+`NOT_IMPLEMENTED`) are refused with a 400 naming them, where they ask for something, rather than silently
+dropped.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -318,6 +319,51 @@ def _continue_final(messages: list[ChatMessage], continue_final: bool, generatio
     messages[-1].prefix = True
 
 
+def _forced_tools(tools: Sequence[Tool], choice: Any, name: Any, shape: str) -> list[Tool] | None:
+    """What a `tool_choice` forces, both APIs' (`name`: the function a dict choice names, in its API's `shape`):
+    None for "none", "auto" or none sent (the model may answer in text); "required": any of `tools` (a 400
+    without them); a named function: that one of `tools` (a 400 naming tool_choice when it is not among them,
+    or when the choice is none of these)."""
+    if choice in (None, "none", "auto"):
+        return None
+    if choice == "required":
+        if not tools:
+            raise _field_error("tool_choice", "tool_choice=\"required\" needs tools: the reply must call one of "
+                                              "them, and none was sent")
+        return list(tools)
+    if not isinstance(name, str):
+        raise _field_error("tool_choice", f"invalid tool_choice={json.dumps(choice)[:80]}: expected 'none', 'auto', "
+                                          f"'required' or {shape}")
+    named = [t for t in tools if t.function.name == name]
+    if not named:
+        sent = ", ".join(repr(t.function.name) for t in tools) or "none"
+        raise _field_error("tool_choice", f"tool_choice names the function {name[:80]!r}, which is not one of "
+                                          f"tools (sent: {sent[:200]})")
+    return named[:1]
+
+
+def _tool_constraint(asked: tuple[str, str, Any] | None, forced: list[Tool] | None, choice: Any,
+                     parallel: bool) -> tuple[str, str, Any] | None:
+    """`asked` (the request's other constraint), or a forced tool call's: ("tool_choice", "tool_calls", {"tools": the
+    tools it may call, "parallel": whether it may be several calls (a named function's: one, as in OpenAI and
+    vLLM)}), which the server turns into a grammar over its tokenizer (`serve.common.tool_calls_grammar`); a 400
+    naming the other when both ask."""
+    if forced is None:
+        return asked
+    if asked is not None:
+        raise _field_error(asked[0], f"tool_choice={json.dumps(choice)[:80]} and {asked[0]} both constrain the "
+                                     "output: send one")
+    return ("tool_choice", "tool_calls", {"tools": forced, "parallel": choice == "required" and parallel})
+
+
+def _rendered_tools(tools: Sequence[Tool] | None, choice: Any) -> list[dict[str, Any]] | None:
+    """The tools the template shows the model (tool_choice "none": none, as vLLM does), as `Tokenizer.encode_chat`
+    takes them."""
+    if not tools or choice == "none":
+        return None
+    return [t.model_dump() for t in tools]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -362,46 +408,25 @@ class ChatCompletionRequest(_Sampling):
     def forced_tools(self) -> list[Tool] | None:
         """The tools the reply must call one of (tool_choice "required": any of `tools`; a named function: that
         one), or None where the model may answer in text; a 400 naming tool_choice when it is neither a choice
-        nor a function of `tools`."""
+        nor a function of `tools` (`_forced_tools`)."""
         choice = self.tool_choice
-        if choice in (None, "none", "auto"):
-            return None
-        shown = json.dumps(choice)[:80]
-        if choice == "required":
-            if not self.tools:
-                raise _field_error("tool_choice", "tool_choice=\"required\" needs tools: the reply must call one of "
-                                                  "them, and none was sent")
-            return list(self.tools)
         function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
         name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str):
-            raise _field_error("tool_choice", f"invalid tool_choice={shown}: expected 'none', 'auto', 'required' or "
-                                              "{'type': 'function', 'function': {'name': ...}}")
-        named = [t for t in self.tools or () if t.function.name == name]
-        if not named:
-            sent = ", ".join(repr(t.function.name) for t in self.tools or ()) or "none"
-            raise _field_error("tool_choice", f"tool_choice names the function {name[:80]!r}, which is not one of "
-                                              f"tools (sent: {sent[:200]})")
-        return named[:1]
+        return _forced_tools(self.tools or [], choice, name, "{'type': 'function', 'function': {'name': ...}}")
 
     def constraint(self) -> tuple[str, str, Any] | None:
-        """`_Sampling.constraint`, or a forced tool call's: ("tool_choice", "tool_calls", {"tools": the tools it may
-        call, "parallel": whether it may be several calls (a named function's: one, as in OpenAI and vLLM)}), which
-        the server turns into a grammar over its tokenizer (`serve.common.tool_calls_grammar`)."""
-        asked, forced = super().constraint(), self.forced_tools()
-        if forced is None:
-            return asked
-        if asked is not None:
-            raise _field_error(asked[0], f"tool_choice={json.dumps(self.tool_choice)[:80]} and {asked[0]} both "
-                                         "constrain the output: send one")
-        return ("tool_choice", "tool_calls", {"tools": forced,
-                                              "parallel": self.tool_choice == "required" and self.parallel_tool_calls})
+        """`_Sampling.constraint`, or a forced tool call's (`_tool_constraint`)."""
+        return _tool_constraint(super().constraint(), self.forced_tools(), self.tool_choice, self.parallel_tool_calls)
+
+    def function_tools(self) -> list[Tool]:
+        return list(self.tools or [])
+
+    def tool_param(self, i: int, field: str) -> str:
+        """The parameter that names tools[i]'s `field` (`name`, `parameters`) in this API's shape."""
+        return f"tools[{i}].function.{field}"
 
     def rendered_tools(self) -> list[dict[str, Any]] | None:
-        """The tools the template shows the model (tool_choice "none": none), as `Tokenizer.encode_chat` takes them."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump() for t in self.tools]
+        return _rendered_tools(self.tools, self.tool_choice)
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -490,10 +515,10 @@ class DetokenizeRequest(BaseModel):
     tokens: Annotated[list[TokenId], Field(max_length=1_000_000, fail_fast=True)]
 
 
-# OpenAI's Responses API (`POST /v1/responses`): what would need a stored conversation or prompt or a tool, and
-# what asks for reasoning or extra output, is refused. `store`, `previous_response_id` and `background` are the
-# app's (its response store, store.py; without one, `store` is answered false and `previous_response_id` and
-# `background` refused in these words, `not_supported`)
+# OpenAI's Responses API (`POST /v1/responses`): what would need a stored conversation or prompt or a hosted tool
+# (any but functions: `_function_tools`), a cap on tool calls, and what asks for reasoning or extra output, is
+# refused. `store`, `previous_response_id` and `background` are the app's (its response store, store.py; without
+# one, `store` is answered false and `previous_response_id` and `background` refused in these words, `not_supported`)
 RESPONSES_NOT_IMPLEMENTED = {"conversation": None, "prompt": None, "max_tool_calls": None}
 # what `include` may ask for: the output text's logprobs (OpenAI's `ResponseIncludable`; the others are tools',
 # reasoning's or inputs' data this server has not)
@@ -510,6 +535,8 @@ class ResponsesRequest(_Sampling):
     background: StrictBool = False  # answered at once; the response is made in the engine and read back by GET
     previous_response_id: StrictStr | None = None
     parallel_tool_calls: StrictBool = True
+    # flat function tools {"type": "function", "name", "description", "parameters", "strict"} (`function_tools`);
+    # tool_choice as chat's (`_forced_tools`), a named function {"type": "function", "name": ...}
     tools: list[Any] | None = None
     tool_choice: Any = None
     reasoning: dict[str, Any] | None = None
@@ -525,11 +552,7 @@ class ResponsesRequest(_Sampling):
             raise _field_error("n", "n is not a Responses API parameter: a response has one output (send 1)")
         if self.max_tokens is not None:
             raise _field_error("max_tokens", "max_tokens is not a Responses API parameter: send max_output_tokens")
-        if self.tools:
-            raise _field_error("tools", "tools (tool calling) are not supported by this server")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise _field_error("tool_choice", f"tool_choice={json.dumps(self.tool_choice)[:80]} asks for a tool "
-                                              "call, which this server does not make ('none' and 'auto' are accepted)")
+        self.forced_tools()  # and the tools' shapes
         if self.reasoning and any(v is not None for v in self.reasoning.values()):
             raise _field_error("reasoning", f"reasoning={json.dumps(self.reasoning)[:80]} is not supported: this model "
                                             "does not reason before it answers (leave it out)")
@@ -547,12 +570,35 @@ class ResponsesRequest(_Sampling):
                                        "not text)") from None
         except ValueError:
             raise _field_error("text", "invalid text: it holds NaN or Infinity, which JSON has no number for") from None
-        self.input_messages()
+        # a function_call_output answers a call of `input` (checked here) or of the stored conversation (by the app)
+        self.input_messages({} if self.previous_response_id is None else None)
         return self
 
     def wants_logprobs(self) -> bool:
         """Whether the output text's logprobs are asked for (`include`)."""
         return RESPONSES_INCLUDABLE[0] in (self.include or ())
+
+    def function_tools(self) -> list[Tool]:
+        """`tools` (Responses' flat function tools) as chat's `Tool`s (`_function_tools`: made again at each call,
+        as the validators of both classes, run in pydantic's order, ask for them)."""
+        return _function_tools(self.tools)
+
+    def tool_param(self, i: int, field: str) -> str:
+        return f"tools[{i}].{field}"
+
+    def forced_tools(self) -> list[Tool] | None:
+        choice = self.tool_choice
+        name = choice.get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        return _forced_tools(self.function_tools(), choice, name, "{'type': 'function', 'name': ...}")
+
+    def rendered_tools(self) -> list[dict[str, Any]] | None:
+        return _rendered_tools(self.function_tools(), self.tool_choice)
+
+    def echoed_tools(self) -> list[dict[str, Any]]:
+        """`tools` as the response object shows them (OpenAI's `FunctionTool`)."""
+        return [{"type": "function", "name": t.function.name, "description": t.function.description or None,
+                 "parameters": t.function.parameters or None, "strict": raw.get("strict")}
+                for t, raw in zip(self.function_tools(), self.tools or (), strict=True)]
 
     def messages(self, turns: Sequence[ChatMessage] | None = None) -> list[ChatMessage]:
         """`instructions` as a system message, then `turns`: `input`'s messages, or the app's (the conversation
@@ -560,12 +606,46 @@ class ResponsesRequest(_Sampling):
         head = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
         return [*head, *(self.input_messages() if turns is None else turns)]
 
-    def input_messages(self) -> list[ChatMessage]:
-        """`input` (a user message, or message items) as chat messages; a 400 naming the item or part that is
-        not a message or text."""
+    def input_messages(self, calls: Mapping[str, str] | None = None) -> list[ChatMessage]:
+        """`input` (a user message, or message items) as chat messages: a run of `function_call` items is an
+        assistant message's `tool_calls`, a `function_call_output` a tool result (its function's name from its
+        call); a 400 naming the item or part that is none of these. `calls`: the calls (id -> function name) of the
+        conversation before `input` (`previous_response_id`'s), which a `function_call_output` answers, or one in
+        `input` before it (else a 400 naming its call_id); None: not checked."""
         if isinstance(self.input, str):
             return [ChatMessage(role="user", content=self.input)]
-        return [_input_message(item, f"input[{i}]") for i, item in enumerate(self.input)]
+        known = None if calls is None else dict(calls)
+        out: list[ChatMessage] = []
+        for i, item in enumerate(self.input):
+            where = f"input[{i}]"
+            kind = item.get("type", "message") if isinstance(item, dict) else None
+            if kind == "function_call":
+                call = _function_call(item, where)
+                if known is not None:
+                    known[call["id"]] = call["function"]["name"]
+                if i and _item_type(self.input[i - 1]) == "function_call":  # one assistant turn's calls
+                    assert out[-1].tool_calls is not None
+                    out[-1].tool_calls.append(call)
+                else:
+                    out.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+            elif kind == "function_call_output":
+                call_id, output = _function_call_output(item, where)
+                if known is not None and call_id not in known:
+                    raise _field_error(f"{where}.call_id", f"invalid {where}.call_id={json.dumps(call_id)[:80]}: no "
+                                       "function_call before it (in input, or in the response previous_response_id "
+                                       "continues) has that call_id")
+                out.append(ChatMessage(role="tool", content=output, tool_call_id=call_id,
+                                       name=None if known is None else known[call_id]))
+            else:
+                out.append(_input_message(item, where))
+        return out
+
+    def call_ids(self) -> list[tuple[str, str, str]]:
+        """Each function_call or function_call_output item of `input` as (where, its type, its call_id)."""
+        if isinstance(self.input, str):
+            return []
+        return [(f"input[{i}]", str(_item_type(item)), item["call_id"]) for i, item in enumerate(self.input)
+                if _item_type(item) in ("function_call", "function_call_output")]
 
     def text_format(self) -> dict[str, Any]:
         fmt = (self.text or {}).get("format")
@@ -588,7 +668,79 @@ class ResponsesRequest(_Sampling):
         other = super().constraint()
         if mine and other:
             raise _field_error(other[0], f"text.format and {other[0]} both constrain the output: send one")
-        return mine or other
+        return _tool_constraint(mine or other, self.forced_tools(), self.tool_choice, self.parallel_tool_calls)
+
+
+def _function_tools(tools: list[Any] | None) -> list[Tool]:
+    """The Responses API's `tools`, flat function tools `{"type": "function", "name", "description", "parameters",
+    "strict"}`, as chat's `Tool`s; a 400 naming `tools[i].type` for another kind (OpenAI's hosted tools: web_search,
+    file_search, mcp...), or the field that is wrong."""
+    out = []
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict):
+            raise _field_error(f"tools[{i}]", f"invalid tools[{i}]: expected a function tool {{'type': 'function', "
+                                              "'name': ..., 'parameters': {a JSON Schema}}")
+        kind = tool.get("type")
+        if kind != "function":
+            raise _field_error(f"tools[{i}].type", f"tools[{i}].type={json.dumps(kind)[:80]} is not supported by this "
+                               "server: only 'function' tools (functions the client runs; no hosted tools such as "
+                               "web_search, file_search, mcp or code_interpreter)")
+        if not isinstance(tool.get("name"), str) and isinstance(tool.get("function"), dict):
+            raise _field_error(f"tools[{i}].name", f"missing tools[{i}].name: the Responses API's function tools are "
+                               "flat, {'type': 'function', 'name', 'description', 'parameters'}, not chat's "
+                               "{'type': 'function', 'function': {...}}")
+        if tool.get("strict") not in (None, True, False):
+            raise _field_error(f"tools[{i}].strict", f"invalid tools[{i}].strict={json.dumps(tool['strict'])[:80]}: "
+                                                     "expected a boolean")
+        try:
+            function = ToolFunction.model_validate({k: tool[k] for k in ("name", "description", "parameters")
+                                                    if tool.get(k) is not None})
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(map(str, first["loc"][:1])) or "name"
+            shown = json.dumps(tool.get(field))[:80] if field in tool else "missing"
+            raise _field_error(f"tools[{i}].{field}", f"invalid tools[{i}].{field}={shown}: {first['msg']}") from None
+        out.append(Tool(function=function))
+    return out
+
+
+def _item_type(item: Any) -> str | None:
+    return item.get("type", "message") if isinstance(item, dict) else None
+
+
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A `function_call` input item (the assistant's earlier call: `{"type": "function_call", "call_id", "name",
+    "arguments"}`) as chat's tool call `{"id", "type": "function", "function": {"name", "arguments"}}`."""
+    for key in ("call_id", "name", "arguments"):
+        if not isinstance(item.get(key), str):
+            raise _field_error(f"{where}.{key}", f"invalid {where}.{key}: a function_call item needs 'call_id', 'name' "
+                               "and 'arguments' (JSON text), each a string")
+    try:
+        _unicode(item["arguments"])
+    except PydanticCustomError as e:
+        raise _field_error(f"{where}.arguments", f"invalid {where}.arguments: {e}") from None
+    return {"id": item["call_id"], "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]}}
+
+
+def _function_call_output(item: dict[str, Any], where: str) -> tuple[str, str]:
+    """A `function_call_output` input item's (call_id, output text): `output` a string or input_text parts."""
+    call_id, output = item.get("call_id"), item.get("output")
+    if not isinstance(call_id, str):
+        raise _field_error(f"{where}.call_id", f"invalid {where}.call_id: a function_call_output item needs the "
+                                               "'call_id' of the function_call it answers, a string")
+    if isinstance(output, list):
+        if not all(isinstance(p, dict) and p.get("type") == "input_text" and isinstance(p.get("text"), str)
+                   for p in output):
+            raise _field_error(f"{where}.output", f"invalid {where}.output: expected a string or a list of "
+                               "{'type': 'input_text', 'text': str} parts (this model reads text only)")
+        output = "\n\n".join(p["text"] for p in output if p["text"])
+    if not isinstance(output, str):
+        raise _field_error(f"{where}.output", f"invalid {where}.output: expected a string (the function's result)")
+    try:
+        return call_id, _unicode(output)
+    except PydanticCustomError as e:
+        raise _field_error(f"{where}.output", f"invalid {where}.output: {e}") from None
 
 
 def _input_message(item: Any, where: str) -> ChatMessage:
@@ -598,7 +750,8 @@ def _input_message(item: Any, where: str) -> ChatMessage:
         raise _field_error(where, f"invalid {where}: expected a message item {{'role': ..., 'content': ...}}")
     if item.get("type", "message") != "message":
         raise _field_error(f"{where}.type", f"{where}.type={json.dumps(item['type'])[:80]} is not supported by this "
-                           "server: only message items (text), no tool calls or their outputs, reasoning or references")
+                           "server: only message, function_call and function_call_output items (no reasoning, "
+                           "references or hosted tools' items)")
     role, content = item.get("role"), item.get("content")
     if role not in ("user", "assistant", "system", "developer"):
         raise _field_error(f"{where}.role", f"invalid {where}.role={json.dumps(role)[:80]}: expected 'user', "

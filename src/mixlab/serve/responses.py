@@ -1,7 +1,9 @@
 """OpenAI's Responses API (`add_responses_routes`): `POST /v1/responses` on the chat path's encoding, sampling
 and `settle`, a stored response's conversation before its input; `GET` / `DELETE /v1/responses/{id}`, its
 `input_items` and `cancel`. A response being made is a `_Live`, whose streams are made afresh from its state
-(`_events`), so no event is kept."""
+(`_events`), so no event is kept. Function tools are the chat path's (rendering, forcing, `tool_calls_of`): a reply
+that is a call is answered as `function_call` output items; `function_call` / `function_call_output` input items
+are the template's assistant calls and tool results."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from mixlab.engine import RequestOutput
 from mixlab.serve.common import Choice, Server, chat_lp, usage_of
 from mixlab.serve.protocol import ApiError, ChatMessage, ResponsesRequest, not_supported
 from mixlab.serve.store import Item, Stored
+from mixlab.tokenizer import tool_call_id_ok
 
 
 def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Callable[[Callable[..., Any]], Any]],
@@ -45,11 +48,16 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
                                 "(--responses-store 0), where a background response is read back from",
                            param="background")
         earlier = srv.conversation(body.previous_response_id)
-        inputs = await srv.off_loop(body.input_messages)
+        calls = {i.call_id: i.name or "" for i in earlier if i.type == "function_call" and i.call_id is not None}
+        inputs = await srv.off_loop(_input_messages, body, calls)
+        _check_call_ids(body, tok.chat_version)
+        tools = body.rendered_tools()
         # truncation "auto": the oldest turns go until the rest fits with max_output_tokens (at least one token)
         room = cfg.context_len - (body.max_output_tokens or 1) if body.truncation == "auto" else None
-        ids = await srv.encode_chat(body.messages([*map(_message, earlier), *inputs]), "input", room=room,
-                                    keep=len(inputs))
+        ids = await srv.encode_chat(body.messages([*_messages(earlier), *inputs]), "input", room=room,
+                                    keep=len(inputs), tools=tools)
+        if tools:
+            await srv.off_loop(srv.check_tools, body)
         max_tokens = srv.max_tokens(body.max_output_tokens, len(ids), where="input", default=None,
                                     param="max_output_tokens")
         structured = await srv.off_loop(srv.structured, body)
@@ -63,29 +71,44 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
         c = Choice(0, handle, alone=True)
         observe = observer(arrived)
         store = srv.store if body.store else None
-        turn = tuple(Item(f"msg_{uuid.uuid4().hex}", m.role, m.text()) for m in inputs) if store is not None else ()
+        turn = _items(inputs) if store is not None else ()
         live = _Live(_created({
             "id": rid, "object": "response", "created_at": int(time.time()), "status": None, "error": None,
             "incomplete_details": None, "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "model": body.model or cfg.model_name, "output": [], "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": store is not None, "temperature": 1.0 if body.temperature is None else body.temperature,
-            "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto", "tools": [],
+            "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto",
+            "tools": body.echoed_tools(),
             "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
             "top_logprobs": body.top_logprobs, "usage": None, "user": body.user, "metadata": body.metadata or {},
             "background": body.background, "completed_at": None}), mid, c, (*earlier, *turn),
-            lp_ends=[] if want_lp else None)
+            lp_ends=[] if want_lp else None, tool_token=tok.special_id("[TOOL_CALLS]") if tools else None)
 
         def finish() -> None:
             """Its final object; kept in the store (`store`) if it finished, or ran in the background."""
-            reason = c.finish_reason
+            reason, calls = c.finish_reason, c.tool_calls(live.tool_token)
             status = ("incomplete" if reason == "length" else "failed" if reason == "error" else
                       ("cancelled" if body.background else "failed") if reason == "cancelled" else "completed")
-            item = _message_item(mid, "completed" if status == "completed" else "incomplete", c.text, live.lps)
+            if calls is not None and status == "incomplete":  # its list of calls closed, and parses: they are made
+                status = "completed"
+            if calls is not None:  # OpenAI's function_call items, the chat path's calls (their ids too)
+                output = [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+                           "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                           "status": "completed"} for call in calls]
+                said = tuple(Item(o["id"], "assistant", o["arguments"], "function_call", o["call_id"], o["name"])
+                             for o in output)
+            else:
+                if live.held():  # a call that did not parse: the text it is, as one delta (as the chat path sends it)
+                    live.ends.append(len(c.text))
+                    if live.lp_ends is not None:
+                        live.lp_ends.append(len(live.lps))
+                output = [_message_item(mid, "completed" if status == "completed" else "incomplete", c.text, live.lps)]
+                said = (Item(mid, "assistant", c.text),)
             if body.return_experts:
-                item["experts"] = c.experts
+                output[0]["experts"] = c.experts
             if body.return_token_ids:
-                item["token_ids"] = c.token_ids
+                output[0]["token_ids"] = c.token_ids
             u = usage_of([c], [len(ids)], 1)
             usage = {"input_tokens": u["prompt_tokens"],
                      # cache_write_tokens: OpenAI's explicit (TTL) cache, which this server has not
@@ -97,12 +120,12 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
                           "error": {"code": "server_error", "message": f"generation failed: {c.error or reason}"}
                           if status == "failed" else None,
                           "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                          "output": [item], "usage": usage,
+                          "output": output, "usage": usage,
                           "completed_at": int(time.time()) if status == "completed" else None}
             live.body = bytes(JSONResponse(live.final).body)  # the bytes themselves (starlette types them as a buffer)
             srv.live.pop(rid, None)
             if store is not None and (status in ("completed", "incomplete") or body.background):
-                store.put(rid, Stored(live.body, live.items, Item(mid, "assistant", c.text),
+                store.put(rid, Stored(live.body, live.items, said,
                                       array("I", live.ends) if body.background else None,
                                       array("I", live.lp_ends) if body.background and live.lp_ends is not None
                                       else None))
@@ -116,7 +139,9 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
                     delta, lp, _ = c.take(out, tok, want_lp)
                     if lp is not None:
                         live.lps.append(chat_lp(lp))
-                    if delta or lp is not None:  # a token whose text is held back (or EOS's) still has its logprob
+                    if live.held():  # a call, held back to its end (`finish`)
+                        pass
+                    elif delta or lp is not None:  # a token whose text is held back (or EOS's) still has its logprob
                         live.ends.append(len(c.text))
                         if live.lp_ends is not None:
                             live.lp_ends.append(len(live.lps))
@@ -203,8 +228,11 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
             events = _follow(found, first, owned=False)
         else:
             final = json.loads(found.body)
-            events = _replay(_events(_created(final), found.output.id, found.output.text, found.ends or (), final,
-                                     first, final["output"][0]["content"][0]["logprobs"], found.lp_ends))
+            said = final["output"][0]
+            text, lps = (said["content"][0]["text"], said["content"][0]["logprobs"]) if said["type"] == "message" else \
+                ("", [])
+            events = _replay(_events(_created(final), said["id"], text, found.ends or (), final, first, lps,
+                                     found.lp_ends))
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -246,7 +274,8 @@ def _event(kind: str, seq: int, **fields: Any) -> bytes:
 
 
 def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], final: dict[str, Any] | None,
-            first: int, lps: Sequence[dict[str, Any]] = (), lp_ends: Sequence[int] | None = None) -> Iterator[bytes]:
+            first: int, lps: Sequence[dict[str, Any]] = (), lp_ends: Sequence[int] | None = None, *,
+            opened: bool = True) -> Iterator[bytes]:
     """A response's stream from sequence number `first` on, as far as it has got. Its events are a function of
     its object as created (`head`), its output `text` (its length after each delta event: `ends`), its tokens'
     logprobs `lps` (with the include: how many after each delta event, `lp_ends`; None: not asked for) and its
@@ -255,14 +284,20 @@ def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], fina
     `.failed` (OpenAI's events); a cancelled one's (status "cancelled") comes as `response.incomplete`, the
     union's event for a response that ended before its output did (it has no `response.cancelled`).
     `ends` is read as its first event is asked for: a live response's must not change in between (nothing else
-    runs on the event loop between `_follow`'s call and that), so that it matches `text` and `final`."""
+    runs on the event loop between `_follow`'s call and that), so that it matches `text` and `final`.
+    `opened`: whether its output message has begun (where tools were rendered: once its first token is not
+    [TOOL_CALLS]; a call is held back to its end), given by `final` once there is one: its output is a message,
+    or function calls, each sent as OpenAI sends one (`output_item.added` with no arguments yet, their delta and
+    `.done`, then `output_item.done`)."""
     n, at = len(ends), {"item_id": mid, "output_index": 0, "content_index": 0}
+    if final is not None:
+        opened = final["output"][0]["type"] == "message"
     opening: list[tuple[str, dict[str, Any]]] = [
         ("response.created", {"response": head}),
         *([("response.queued", {"response": head})] if head["status"] == "queued" else []),  # background ones
         ("response.in_progress", {"response": {**head, "status": "in_progress"}}),
-        ("response.output_item.added", {"output_index": 0, "item": _message_item(mid, "in_progress", None)}),
-        ("response.content_part.added", {**at, "part": _output_text("")})]
+        *([("response.output_item.added", {"output_index": 0, "item": _message_item(mid, "in_progress", None)}),
+           ("response.content_part.added", {**at, "part": _output_text("")})] if opened else [])]
     for seq in range(first, len(opening)):
         yield _event(opening[seq][0], seq, **opening[seq][1])
     for k in range(max(first - len(opening), 0), n):
@@ -274,8 +309,15 @@ def _events(head: dict[str, Any], mid: str, text: str, ends: Sequence[int], fina
     closing: list[tuple[str, dict[str, Any]]] = [
         ("response.output_text.done", {**at, "text": text, "logprobs": _text_lps(lps)}),
         ("response.content_part.done", {**at, "part": _output_text(text, lps)}),
-        ("response.output_item.done", {"output_index": 0, "item": final["output"][0]}),
-        (f"response.{'incomplete' if status == 'cancelled' else status}", {"response": final})]
+        ("response.output_item.done", {"output_index": 0, "item": final["output"][0]})] if opened else []
+    for k, call in enumerate([] if opened else final["output"]):
+        of = {"item_id": call["id"], "output_index": k}
+        closing += [("response.output_item.added", {"output_index": k,
+                                                    "item": {**call, "arguments": "", "status": "in_progress"}}),
+                    ("response.function_call_arguments.delta", {**of, "delta": call["arguments"]}),
+                    ("response.function_call_arguments.done", {**of, "arguments": call["arguments"]}),
+                    ("response.output_item.done", {"output_index": k, "item": call})]
+    closing.append((f"response.{'incomplete' if status == 'cancelled' else status}", {"response": final}))
     for j, (kind, fields) in enumerate(closing):
         if (seq := len(opening) + n + j) >= first:
             yield _event(kind, seq, **fields)
@@ -295,6 +337,7 @@ class _Live:
     ends: list[int] = field(default_factory=list)  # the output text's length after each delta event
     lps: list[dict[str, Any]] = field(default_factory=list)  # its tokens' logprobs (with the include), `chat_lp`'s
     lp_ends: list[int] | None = None  # with the include: how many of them after each delta event
+    tool_token: int | None = None  # [TOOL_CALLS]'s id where tools were rendered: a reply that begins with it is a call
     final: dict[str, Any] | None = None  # its object once finished
     body: bytes = b""  # ... as JSON
     task: asyncio.Task[None] | None = None
@@ -312,10 +355,20 @@ class _Live:
         if getattr(self.choice.handle, "state", None) == "waiting":
             return {**self.head, "status": "queued"}
         return {**self.head, "status": "in_progress",
-                "output": [_message_item(self.mid, "in_progress", self.choice.text, self.lps)]}
+                "output": [_message_item(self.mid, "in_progress", self.choice.text, self.lps)] if self.opened() else []}
+
+    def held(self) -> bool:
+        """Whether its reply is a call (it began with [TOOL_CALLS]), which is held back to its end."""
+        return self.tool_token is not None and self.choice.token_ids[:1] == [self.tool_token]
+
+    def opened(self) -> bool:
+        """Whether its output message has begun: at once, or where tools were rendered, at a first token that does
+        not begin a call."""
+        return self.tool_token is None or (bool(self.choice.token_ids) and not self.held())
 
     def events(self, first: int) -> Iterator[bytes]:
-        return _events(self.head, self.mid, self.choice.text, self.ends, self.final, first, self.lps, self.lp_ends)
+        return _events(self.head, self.mid, self.choice.text, self.ends, self.final, first, self.lps, self.lp_ends,
+                       opened=self.opened())
 
     def wake(self) -> None:
         self.changed.set()
@@ -357,10 +410,68 @@ async def _replay(events: Iterable[bytes]) -> AsyncIterator[bytes]:
 
 
 def _item(i: Item) -> dict[str, Any]:
-    """A stored message as an input item (OpenAI's `ResponseInputMessageItem`, or `ResponseOutputMessage`)."""
+    """A stored item as an input item (OpenAI's `ResponseInputMessageItem`, or `ResponseOutputMessage`;
+    `ResponseFunctionToolCallItem`, `ResponseFunctionToolCallOutputItem`)."""
+    if i.type == "function_call":
+        return {"id": i.id, "type": i.type, "call_id": i.call_id, "name": i.name, "arguments": i.text,
+                "status": "completed"}
+    if i.type == "function_call_output":
+        return {"id": i.id, "type": i.type, "call_id": i.call_id, "output": i.text, "status": "completed"}
     part = _output_text(i.text) if i.role == "assistant" else {"type": "input_text", "text": i.text}
     return {"id": i.id, "type": "message", "role": i.role, "status": "completed", "content": [part]}
 
 
-def _message(i: Item) -> ChatMessage:
-    return ChatMessage.model_construct(role=i.role, content=i.text)  # checked when it was stored
+def _items(messages: Sequence[ChatMessage]) -> tuple[Item, ...]:
+    """Chat messages as the items the store keeps: an assistant's calls one `function_call` each, a tool result a
+    `function_call_output`."""
+    out: list[Item] = []
+    for m in messages:
+        if m.tool_calls:
+            out += [Item(f"fc_{uuid.uuid4().hex}", "assistant", c["function"]["arguments"], "function_call", c["id"],
+                         c["function"]["name"]) for c in m.tool_calls]
+        elif m.role == "tool":
+            out.append(Item(f"fco_{uuid.uuid4().hex}", "tool", m.text(), "function_call_output", m.tool_call_id,
+                            m.name))
+        else:
+            out.append(Item(f"msg_{uuid.uuid4().hex}", m.role, m.text()))
+    return tuple(out)
+
+
+def _messages(items: Sequence[Item]) -> list[ChatMessage]:
+    """Stored items as chat messages (checked when they were stored): a run of function calls is one assistant
+    message's `tool_calls`, as in `ResponsesRequest.input_messages`."""
+    out: list[ChatMessage] = []
+    for k, i in enumerate(items):
+        if i.type == "function_call":
+            call = {"id": i.call_id, "type": "function", "function": {"name": i.name, "arguments": i.text}}
+            if k and items[k - 1].type == "function_call" and out[-1].tool_calls is not None:
+                out[-1].tool_calls.append(call)
+            else:
+                out.append(ChatMessage.model_construct(role="assistant", content=None, tool_calls=[call]))
+        elif i.type == "function_call_output":
+            out.append(ChatMessage.model_construct(role="tool", content=i.text, tool_call_id=i.call_id, name=i.name))
+        else:
+            out.append(ChatMessage.model_construct(role=i.role, content=i.text))
+    return out
+
+
+def _input_messages(body: ResponsesRequest, calls: dict[str, str]) -> list[ChatMessage]:
+    """`body.input_messages(calls)` (in the encoding thread), its 400s naming the item's field."""
+    try:
+        return body.input_messages(calls)
+    except ValueError as e:  # protocol's field errors
+        raise ApiError(400, str(e), param=getattr(e, "param", "input")) from None
+
+
+def _check_call_ids(body: ResponsesRequest, version: int) -> None:
+    """Function call items only where the template has tools (v2/v3), and the call ids it can write: v3's are 9
+    letters and digits (the chat path's rule, mistral-common's; this server answers calls with such ids)."""
+    for where, kind, call_id in body.call_ids():
+        if version == 1:
+            raise ApiError(400, f"{where}.type={kind!r}: this model's chat template (Mistral's v1, Mixtral 8x7B "
+                                "Instruct's) has no tool calls or results; serve a model with a v2/v3 tokenizer",
+                           param=f"{where}.type")
+        if not tool_call_id_ok(call_id, version):
+            raise ApiError(400, f"invalid {where}.call_id={json.dumps(call_id)[:80]}: Mistral's v3 chat template "
+                                "writes a call's id as 9 letters and digits, as this server's function_call items "
+                                "carry them: send that call_id", param=f"{where}.call_id")

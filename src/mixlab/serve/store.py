@@ -19,29 +19,35 @@ __all__ = ["Item", "ResponseStore", "Stored"]
 
 @dataclass(frozen=True)
 class Item:
-    """One message of a stored conversation, as `GET /v1/responses/{id}/input_items` lists it."""
+    """One item of a stored conversation, as `GET /v1/responses/{id}/input_items` lists it: a message, a
+    `function_call` (the assistant's: `text` its arguments) or a `function_call_output` (role "tool": `text` the
+    function's result)."""
 
     id: str
-    role: str  # "user", "system", "developer" or "assistant"
+    role: str  # "user", "system", "developer", "assistant" or "tool"
     text: str
+    type: str = "message"  # or "function_call", "function_call_output"
+    call_id: str | None = None  # a function call's, and its output's
+    name: str | None = None  # the function a call (and its output) is of
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", len(self.text.encode()))
+        object.__setattr__(self, "size", len(self.text.encode()) + len(self.call_id or "") + len(self.name or ""))
 
 
 @dataclass(frozen=True)
 class Stored:
     """A finished response: its object's JSON (what the POST answered, or its last event carried), the
     conversation it answered (its input items, earlier turns' included; never its `instructions`, which
-    OpenAI does not carry over) and its output message. A background response also keeps `ends`, the
-    length of its output text after each of its stream's delta events, from which its events are made
-    again for a stream resumed after it finished (`None`: not a background response), and, with its logprobs
-    (which its body holds), `lp_ends`: how many of them after each delta event."""
+    OpenAI does not carry over) and its output: a message, or the function calls it made. A background
+    response also keeps `ends`, the length of its output text after each of its stream's delta events, from
+    which its events are made again for a stream resumed after it finished (`None`: not a background
+    response), and, with its logprobs (which its body holds), `lp_ends`: how many of them after each delta
+    event."""
 
     body: bytes
     items: tuple[Item, ...]
-    output: Item
+    output: tuple[Item, ...]
     ends: array[int] | None = None
     lp_ends: array[int] | None = None
 
@@ -52,7 +58,7 @@ class Stored:
     @property
     def size(self) -> int:
         ends = sum(a.itemsize * len(a) for a in (self.ends, self.lp_ends) if a is not None)
-        return len(self.body) + self.output.size + sum(i.size for i in self.items) + ends
+        return len(self.body) + sum(i.size for i in (*self.items, *self.output)) + ends
 
 
 class ResponseStore:
