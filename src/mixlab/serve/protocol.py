@@ -563,13 +563,15 @@ class ResponsesRequest(_Sampling):
         if self.background and not self.store:  # OpenAI's and vLLM's rule
             raise _field_error("background", "background=true needs store=true: a background response is read "
                                              "back with GET /v1/responses/{id}")
-        try:  # it is echoed: what JSON cannot write back was a 500 as the response was
-            json.dumps(self.text, ensure_ascii=False, allow_nan=False).encode()
-        except UnicodeEncodeError:
-            raise _field_error("text", "invalid text: a string in it has a lone surrogate (half of a UTF-16 pair, "
-                                       "not text)") from None
-        except ValueError:
-            raise _field_error("text", "invalid text: it holds NaN or Infinity, which JSON has no number for") from None
+        for name in ("text", "tools"):
+            try:  # they are echoed: what JSON cannot write back was a 500 as the response was
+                json.dumps(getattr(self, name), ensure_ascii=False, allow_nan=False).encode()
+            except UnicodeEncodeError:
+                raise _field_error(name, f"invalid {name}: a string in it has a lone surrogate (half of a UTF-16 pair, "
+                                         "not text)") from None
+            except ValueError:
+                raise _field_error(name, f"invalid {name}: it holds NaN or Infinity, which JSON has no number "
+                                         "for") from None
         # a function_call_output answers a call of `input` (checked here) or of the stored conversation (by the app)
         self.input_messages({} if self.previous_response_id is None else None)
         return self
@@ -593,6 +595,13 @@ class ResponsesRequest(_Sampling):
 
     def rendered_tools(self) -> list[dict[str, Any]] | None:
         return _rendered_tools(self.function_tools(), self.tool_choice)
+
+    def echoed_tool_choice(self) -> str | dict[str, Any]:
+        """`tool_choice` as the response object shows it (a named function: its type and name alone)."""
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            return {"type": "function", "name": choice["name"]}  # checked: `forced_tools`
+        return choice or "auto"
 
     def echoed_tools(self) -> list[dict[str, Any]]:
         """`tools` as the response object shows them (OpenAI's `FunctionTool`)."""

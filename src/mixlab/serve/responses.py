@@ -78,7 +78,7 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
             "model": body.model or cfg.model_name, "output": [], "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": store is not None, "temperature": 1.0 if body.temperature is None else body.temperature,
-            "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto",
+            "text": {"format": body.text_format()}, "tool_choice": body.echoed_tool_choice(),
             "tools": body.echoed_tools(),
             "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
             "top_logprobs": body.top_logprobs, "usage": None, "user": body.user, "metadata": body.metadata or {},
