@@ -221,3 +221,13 @@ def test_an_output_answers_a_call_of_the_stored_conversation_only(served: tuple[
     assert e.value.body["param"] == "input[0].call_id"
     ok = [{**OUT, "call_id": o.call_id} for o in r.output]
     assert client.responses.create(**{**ASKED, "input": ok, "previous_response_id": r.id}).output_text == "Fine."
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_under_auto(served: tuple[Any, _Scripted, str]) -> None:
+    client, engine, _ = served
+    engine.writes(TWO)
+    r = client.responses.create(**ASKED, parallel_tool_calls=False)
+    assert [o.call_id for o in r.output] == ["abcDEF123"] and r.parallel_tool_calls is False
+    events = list(client.responses.create(**ASKED, parallel_tool_calls=False, stream=True))
+    assert [e.type for e in events][2:] == [*CALL_EVENTS, "response.completed"]
+    assert [o.call_id for o in events[-1].response.output] == ["abcDEF123"]

@@ -387,3 +387,19 @@ def test_the_grammar_of_a_forced_call_takes_what_the_template_writes(tmp_path: P
         with_id = [tok.special_id("[TOOL_CALLS]"), *tok.encode(
             '[{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "abcDEF123"}]', bos=False)]
         assert not takes(with_id, tools)
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_under_auto(served: tuple[Any, _Scripted]) -> None:
+    """Under "auto" the model may write several calls; parallel_tool_calls false answers the first alone (vLLM's
+    rule), streamed the same; true (the default) answers them all."""
+    client, engine = served
+    engine.writes('[{"name": "get_weather", "arguments": {"city": "Bern"}, "id": "abcDEF123"}, '
+                  '{"name": "get_weather", "arguments": {"city": "Basel"}, "id": "xyzXYZ789"}]')
+    kw: dict[str, Any] = dict(model="tiny", messages=ASK, tools=TOOLS)
+    assert len(client.chat.completions.create(**kw).choices[0].message.tool_calls) == 2
+    one = client.chat.completions.create(**kw, parallel_tool_calls=False).choices[0]
+    assert [(c.id, json.loads(c.function.arguments)) for c in one.message.tool_calls] == [("abcDEF123",
+                                                                                          {"city": "Bern"})]
+    assert one.finish_reason == "tool_calls" and engine.params[-1].structured is None
+    _, streamed, finish = _streamed(client, **kw, parallel_tool_calls=False)
+    assert [c["id"] for c in streamed] == ["abcDEF123"] and finish == "tool_calls"

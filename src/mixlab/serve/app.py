@@ -369,12 +369,12 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
     async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, choices: list[Choice],
                       prompts: list[list[int]], *, chat: bool, rid: str, want_logprobs: bool,
                       echo: list[dict[str, Any]] | None, arrived: float, tool_token: int | None = None,
-                      tool_finish: str = "tool_calls") -> Response:
+                      tool_finish: str = "tool_calls", tool_parallel: bool = True) -> Response:
         """`prompts`: each prompt's token ids, once however many choices it has. `arrived`: the request's
         perf_counter() as its handler began (the time to first token counts from there: its prompt's
         encoding is part of it). `tool_token`: [TOOL_CALLS]'s id where tools were rendered: a reply that
         begins with it is held back and answered as `tool_calls` (streamed: in the choice's last chunk), with
-        `finish_reason` `tool_finish`."""
+        `finish_reason` `tool_finish`; `tool_parallel` False: its first call alone (`Choice.tool_calls`)."""
         prompt_lens = [len(p) for p in prompts]
         served = body.model or cfg.model_name  # the model or adapter that answers
         # return_token_ids, as vLLM answers it: the prompt's ids on a chat response (streamed: on each choice's
@@ -392,7 +392,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 ch: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
                                       "stop_reason": c.stop_reason}
                 if chat:
-                    calls = c.tool_calls(tool_token)
+                    calls = c.tool_calls(tool_token, parallel=tool_parallel)
                     ch["message"] = {"role": "assistant", "content": c.text} if calls is None else \
                         {"role": "assistant", "content": None, "tool_calls": calls}
                     if calls is not None:
@@ -463,7 +463,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                     if tool_token is not None and c.token_ids[:1] == [tool_token]:  # held back to its end
                         if finish is None:
                             continue
-                        calls = c.tool_calls(tool_token)  # else the reply that did not parse, as text
+                        calls = c.tool_calls(tool_token, parallel=tool_parallel)  # else the reply, as text
                         delta, lps, exs, new = "" if calls else c.text, c.tokens, c.experts, c.token_ids
                         finish = tool_finish if calls else finish
                     if not delta and not lps and not exs and finish is None and not (want_ids and new):
@@ -537,7 +537,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         named = isinstance(body.tool_choice, dict)
         return await respond(request, body, choices, [ids], chat=True, rid=rid, want_logprobs=body.logprobs,
                              echo=None, arrived=arrived, tool_token=tok.special_id("[TOOL_CALLS]") if tools else None,
-                             tool_finish="stop" if named else "tool_calls")
+                             tool_finish="stop" if named else "tool_calls", tool_parallel=body.parallel_tool_calls)
 
     @post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -147,12 +147,14 @@ class Choice:
     prompt_logprobs: list[float | None] | None = None
     prompt_top: list[Any] | None = None
 
-    def tool_calls(self, token: int | None) -> list[dict[str, Any]] | None:
+    def tool_calls(self, token: int | None, *, parallel: bool = True) -> list[dict[str, Any]] | None:
         """OpenAI's `tool_calls` when the reply began with `token` ([TOOL_CALLS]; None: tools not rendered) and
-        the text after it parses (`tool_calls_of`), else None (the reply is its text)."""
+        the text after it parses (`tool_calls_of`), else None (the reply is its text). `parallel` False (the
+        request's `parallel_tool_calls`): the first call alone, as vLLM keeps it where the model wrote several."""
         if token is None or self.token_ids[:1] != [token]:
             return None
-        return tool_calls_of(self.text)
+        calls = tool_calls_of(self.text)
+        return calls if calls is None or parallel else calls[:1]
 
     def take(self, out: RequestOutput, tok: Tokenizer, want_logprobs: bool) -> tuple[str, dict | None, dict | None]:
         """Consume one output; return (text delta, logprob entry, experts entry) to report."""

@@ -376,7 +376,7 @@ class ChatCompletionRequest(_Sampling):
     # {"name": ...}} renders them all and forces a call (`forced_tools`, constrained decoding). Tools need a
     # v2/v3 template (the app checks the tokenizer's).
     tool_choice: Any = None
-    # false: a forced reply is one call (with "auto" it is ignored: the model may write several)
+    # false: a forced reply is one call; with "auto", the first of the calls the model wrote (vLLM's rule)
     parallel_tool_calls: StrictBool = True
     function_call: Any = None
     modalities: list[StrictStr] | None = None  # only ["text"]

@@ -87,7 +87,7 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
 
         def finish() -> None:
             """Its final object; kept in the store (`store`) if it finished, or ran in the background."""
-            reason, calls = c.finish_reason, c.tool_calls(live.tool_token)
+            reason, calls = c.finish_reason, c.tool_calls(live.tool_token, parallel=body.parallel_tool_calls)
             status = ("incomplete" if reason == "length" else "failed" if reason == "error" else
                       ("cancelled" if body.background else "failed") if reason == "cancelled" else "completed")
             if calls is not None and status == "incomplete":  # its list of calls closed, and parses: they are made
