@@ -3,7 +3,8 @@ client over the scripted engine of tests/test_serve_tools.py (`_Scripted`: it wr
 and keeps the prompts and sampling it was sent): a reply that is a call comes out as `function_call` items,
 streamed as OpenAI's events and equal to the response made whole; `function_call` / `function_call_output` input
 items (given again, or continued by `previous_response_id`) encode as the chat path's equivalent messages and as
-mistral-common's; forced calls get the chat path's grammar; what is wrong is a 400 naming the field."""
+mistral-common's; forced calls get the chat path's grammar, and on a real random tiny model (test_serve_tools'
+`forced`) make calls that validate; what is wrong is a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ pytest.importorskip("mistral_common")
 
 from mixlab import load_tokenizer  # noqa: E402
 from mixlab.serve import ServerConfig, ServerThread, create_app  # noqa: E402
-from test_serve_tools import ASK, TOOLS, _mistral_common, _Scripted, _v3  # noqa: E402
+from test_serve_tools import (  # noqa: E402
+    ASK,
+    FORCED_TOOLS,
+    TOOLS,
+    _check_calls,
+    _mistral_common,
+    _Scripted,
+    _v3,
+    forced,  # noqa: F401 (a fixture: a random tiny model over the v3 tokenizer)
+)
 
 # TOOLS in the Responses API's flat shape
 RTOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
@@ -231,3 +241,23 @@ def test_parallel_tool_calls_false_keeps_the_first_call_under_auto(served: tuple
     events = list(client.responses.create(**ASKED, parallel_tool_calls=False, stream=True))
     assert [e.type for e in events][2:] == [*CALL_EVENTS, "response.completed"]
     assert [o.call_id for o in events[-1].response.output] == ["abcDEF123"]
+
+
+@pytest.mark.parametrize("choice,names", [("required", {"get_weather", "get_time"}),
+                                          ({"type": "function", "name": "get_time"}, {"get_time"})])
+def test_a_random_model_forced_to_call_answers_function_calls_that_validate(
+        forced: Any, choice: Any, names: set[str]) -> None:  # noqa: F811 (the fixture imported)
+    """On a real random model only the constraint makes the reply a call: its function_call items name the
+    allowed tools, their arguments validate against the tool's parameters (a named function: one call), and the
+    stream, of the same seed, carries the same calls."""
+    flat = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+            for t in FORCED_TOOLS]
+    kw: dict[str, Any] = dict(model="tiny", instructions=ASK[0]["content"], input=ASK[1]["content"], tools=flat,
+                              tool_choice=choice, max_output_tokens=300, temperature=1.0, extra_body={"seed": 3})
+    r = forced.responses.create(**kw)
+    assert r.status == "completed" and r.output and all(o.type == "function_call" for o in r.output), r.output
+    _check_calls([{"id": o.call_id, "type": "function", "function": {"name": o.name, "arguments": o.arguments}}
+                  for o in r.output], names)
+    assert len(r.output) == 1 or choice == "required"
+    final = list(forced.responses.create(**kw, stream=True))[-1].response
+    assert [(o.name, o.arguments) for o in final.output] == [(o.name, o.arguments) for o in r.output]
