@@ -62,7 +62,8 @@ NESTED: dict[str, list[tuple[Any, ...]]] = {
            ("guided_json", "type"), ("guided_json", "properties"), ("response_format", "type"), ("stop", 1)],
     RESP: [("input", 0), ("input", 0, "role"), ("input", 0, "content"), ("input", 0, "content", 0),
            ("input", 0, "content", 0, "text"), ("input", 0, "type"), ("text", "format"), ("text", "format", "type"),
-           ("text", "format", "schema"), ("metadata", "k"), ("reasoning", "effort")],
+           ("text", "format", "schema"), ("metadata", "k"), ("reasoning", "effort"), ("tools", 0), ("tools", 0, "name"),
+           ("tools", 0, "parameters"), ("tools", 0, "strict"), ("tool_choice", "name"), ("input", 1)],
     "/tokenize": [("messages", 0, "content"), ("messages", 0, "role")],
     "/detokenize": [("tokens", 0)],
 }
@@ -71,7 +72,9 @@ SEEDS: dict[str, Any] = {"messages": U, "input": [{"type": "message", "role": "u
     {"type": "input_text", "text": "hi"}]}], "prompt": ["hi"], "tokens": [1], "stream_options": {},
     "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}},
     "stop": ["\n"], "stop_token_ids": [2], "guided_choice": ["yes", "no"], "guided_json": {"type": "object"},
-    "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "string"}}}}
+    "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "string"}}},
+    "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+    "tool_choice": {"type": "function", "name": "f"}}
 UNKNOWN = ["foo", "", "__proto__", "constructor", "model_config", "\u00e9", "x" * 300]
 
 
