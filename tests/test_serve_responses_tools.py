@@ -261,3 +261,38 @@ def test_a_random_model_forced_to_call_answers_function_calls_that_validate(
     assert len(r.output) == 1 or choice == "required"
     final = list(forced.responses.create(**kw, stream=True))[-1].response
     assert [(o.name, o.arguments) for o in final.output] == [(o.name, o.arguments) for o in r.output]
+
+
+def test_v2_writes_the_result_s_function_name_from_its_call(tmp_path: Any) -> None:
+    """Mistral's v2 template names a tool result's function (v3 writes its call id): a function_call_output has
+    no name, so its call's is given, which makes the prompt mistral-common's for the chat with that name."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    src = next(load_tokenizer().path.parent.glob("mistral_instruct_tokenizer_*.model.v2"))
+    (tmp_path / src.name).write_bytes(src.read_bytes())
+    tok = load_tokenizer(tmp_path / src.name)
+    engine = _Scripted(tok)
+    engine.writes('[{"name": "get_weather", "arguments": {"city": "Bern"}}]')
+    cfg = ServerConfig(model_name="tiny", prepare_structured=False)
+    with ServerThread(create_app(engine, tok, cfg)) as url:  # type: ignore[arg-type]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        call = client.responses.create(**ASKED).output[0]
+        _says(engine, "21 °C.")
+        given = [{"role": "user", "content": ASK[1]["content"]}, call.model_dump(exclude_none=True),
+                 {**OUT, "call_id": call.call_id}]
+        client.responses.create(**{**ASKED, "input": given})
+    chat = [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function",
+                                                                         "function": {"name": call.name,
+                                                                                      "arguments": call.arguments}}]},
+            {"role": "tool", "content": OUT["output"], "tool_call_id": call.call_id, "name": "get_weather"}]
+    request = ChatCompletionRequest(messages=chat, tools=TOOLS)
+    assert engine.prompts[-1] == MistralTokenizer.from_file(str(src)).encode_chat_completion(request).tokens
+
+
+def test_truncation_auto_keeps_the_tools(served: tuple[Any, _Scripted, str]) -> None:
+    """truncation "auto" measures the prompt with its tools, and keeps them (they were dropped)."""
+    client, engine, _ = served
+    _says(engine, "Sunny.")
+    client.responses.create(**ASKED, truncation="auto")
+    assert engine.prompts[-1] == _mistral_common(ASK, TOOLS)
