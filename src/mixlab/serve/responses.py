@@ -139,9 +139,9 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
                     delta, lp, _ = c.take(out, tok, want_lp)
                     if lp is not None:
                         live.lps.append(chat_lp(lp))
-                    if live.held():  # a call, held back to its end (`finish`)
-                        pass
-                    elif delta or lp is not None:  # a token whose text is held back (or EOS's) still has its logprob
+                    # a call is held back to its end (`finish`); a token whose text is held back (or EOS's) still
+                    # has its logprob
+                    if not live.held() and (delta or lp is not None):
                         live.ends.append(len(c.text))
                         if live.lp_ends is not None:
                             live.lp_ends.append(len(live.lps))
