@@ -198,7 +198,7 @@ USER = {"role": "user", "content": "Weather?"}
     ({"tools": [{"type": "function", "name": "get weather"}]}, "tools[0].name"),
     ({"tools": [{"type": "function", "name": "f", "parameters": "{}"}]}, "tools[0].parameters"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "nonsense"}}]}, "tools[0].parameters"),
-    ({"tools": [{"type": "function", "name": "f", "strict": "yes"}]}, "tools[0].strict"),
+    *[({"tools": [{"type": "function", "name": "f", "strict": bad}]}, "tools[0].strict") for bad in ("yes", 1)],
     ({"tools": [{"type": "function", "name": "f", "parameters": {"maximum": float("inf")}}]}, "tools"),  # echoed
     ({"tools": RTOOLS, "tool_choice": {"type": "function", "name": "get_time"}}, "tool_choice"),
     ({"tools": RTOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),

@@ -698,7 +698,7 @@ def _function_tools(tools: list[Any] | None) -> list[Tool]:
             raise _field_error(f"tools[{i}].name", f"missing tools[{i}].name: the Responses API's function tools are "
                                "flat, {'type': 'function', 'name', 'description', 'parameters'}, not chat's "
                                "{'type': 'function', 'function': {...}}")
-        if tool.get("strict") not in (None, True, False):
+        if not isinstance(tool.get("strict"), (bool, type(None))):  # not `in (True, False)`: 1 == True
             raise _field_error(f"tools[{i}].strict", f"invalid tools[{i}].strict={json.dumps(tool['strict'])[:80]}: "
                                                      "expected a boolean")
         try:
