@@ -22,10 +22,9 @@ def _run(args: argparse.Namespace, task: str) -> int:
     )
     from mixlab.train.settings import check_split
 
-    if args.ep is not None or args.fsdp:
-        raise UsageError(f"{'--ep' if args.ep is not None else '--fsdp'}: mixlab {task} runs data parallel only "
-                         f"(`torchrun --nproc-per-node N -m mixlab {task} ...`: each process holds the whole model); "
-                         "expert parallelism and FSDP are not supported for fine-tuning yet")
+    if args.ep is not None:
+        raise UsageError(f"--ep: mixlab {task} runs data parallel (`torchrun --nproc-per-node N -m mixlab {task} "
+                         "...`), or sharded with --fsdp; expert parallelism is not supported for fine-tuning yet")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each process computes its rows of a batch
 
     keys: tuple[str, ...] = (
@@ -52,17 +51,20 @@ def _run(args: argparse.Namespace, task: str) -> int:
         if args.merge and not cfg.lora_rank:  # the flag's or the config file's rank
             raise UsageError("--merge merges LoRA adapters: it needs lora_rank (--lora-rank R, or in the config "
                              "file; full fine-tuning writes hf/ anyway)")
+        if args.fsdp and cfg.lora_rank:  # the flag's or the config file's rank
+            raise UsageError("--fsdp with --lora-rank: --fsdp shards full fine-tuning; a LoRA run's trainable part "
+                             "is small: run it data parallel (leave out --fsdp)")
         check_fits(cfg, init_config(cfg.model), resolve_tokenizer(cfg)[0])
         check_split(cfg.batch_size, world, what="fine-tuning")
 
     with flag_errors(args):
         cfg = load_finetune_config(args.config, then=fits, **over)
     par = None
-    if world > 1:
+    if world > 1 or args.fsdp:  # --fsdp alone: a world of one, as `mixlab train --fsdp`
         from mixlab.parallel.mesh import init
         from mixlab.parallel.train import DistributedTraining
 
-        par = DistributedTraining(init(device=cfg.device))
+        par = DistributedTraining(init(device=cfg.device, fsdp=args.fsdp))
     result = run_processes(lambda: finetune(cfg, resume=resume_arg(args), parallel=par), par)
     if result is None:
         return 0
@@ -125,7 +127,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_resume_args(p)
         add_quiet_arg(p)
         p.add_argument("--ep", type=int, default=None, help=argparse.SUPPRESS)  # refused with a line: not yet
-        p.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
+        p.add_argument("--fsdp", action="store_true",
+                       help="full fine-tuning under torchrun: shard weights, gradients and AdamW states over the "
+                            "processes (FSDP2, as train's); not with --lora-rank")
         if task == "dpo":
             p.add_argument("--beta", type=float, default=None, help="DPO beta (default 0.1)")
             p.add_argument("--loss", choices=["sigmoid", "ipo"], default=None, help="DPO loss (default sigmoid)")

@@ -58,17 +58,23 @@ def _global(t: torch.Tensor, layout: Layout, expert: bool) -> torch.Tensor:
                               stride=stride)
 
 
-def state_dict(model: Transformer, optimizer: torch.optim.Optimizer, layout: Layout,
-               expert_names: set[str]) -> dict[str, torch.Tensor]:
-    """Parameters and optimizer state, named as a single-process checkpoint names them."""
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP module of `model` back to its shards. A forward without backward (an evaluation)
+    leaves the FSDP root's parameters unsharded (FSDP2 keeps the root's for the backward it expects):
+    the module then holds other tensors than the optimizer's (norm, embedding, output), whose states
+    would be missing from a checkpoint, and an optimizer made then would hold the gathered tensors."""
     from torch.distributed.fsdp import FSDPModule
 
-    # A forward without backward (an evaluation) leaves the FSDP root's parameters unsharded (FSDP2
-    # keeps the root's for the backward it expects): the module then holds other tensors than the
-    # optimizer's, whose states would be missing from the checkpoint (norm, embedding, output).
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
+               expert_names: set[str]) -> dict[str, torch.Tensor]:
+    """Parameters and optimizer state, named as a single-process checkpoint names them (`model`'s
+    `named_parameters()`; its FSDP modules resharded first)."""
+    reshard(model)
     sd: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         ex = name in expert_names
@@ -79,13 +85,13 @@ def state_dict(model: Transformer, optimizer: torch.optim.Optimizer, layout: Lay
     return sd
 
 
-def weights(model: Transformer, layout: Layout, expert_names: set[str]) -> dict[str, torch.Tensor]:
+def weights(model: torch.nn.Module, layout: Layout, expert_names: set[str]) -> dict[str, torch.Tensor]:
     """The parameters alone, as `state_dict` names them (what `--init-from` reads of a sharded run's
     checkpoint)."""
     return {n: _global(p.detach(), layout, n in expert_names) for n, p in model.named_parameters()}
 
 
-def save(root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+def save(root: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
          keep: int, layout: Layout, expert_names: set[str]) -> Path:
     """Write checkpoint `step` under `root` from all ranks (collective), atomically; keep the newest `keep`."""
     name = f"step_{step:08d}"
@@ -124,7 +130,7 @@ def save(root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Op
     return root / name
 
 
-def load(ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer | None, layout: Layout,
+def load(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, layout: Layout,
          expert_names: set[str], checksums: bool = True) -> dict[str, Any]:
     """Load a checkpoint of either format (sharded by any number of processes, or single-process) into
     this layout, in place; returns its state.json (`checksums`: as `checkpoints.load`)."""

@@ -93,6 +93,7 @@ class DistributedTraining:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.rank, self.world, self.is_main = layout.rank, layout.world, layout.is_main
+        self.fsdp = layout.fsdp  # fine-tuning: the model is `build`'s, sharded (`finetune.Sharded`)
         self.expert_names: set[str] = set()
 
     def parallelize(self, model: Transformer) -> None:
@@ -146,6 +147,10 @@ class DistributedTraining:
     def check_same(self, values: dict[str, Any]) -> None:
         check_same(values)
 
+    def reshard(self, model: Transformer) -> None:
+        """The model's FSDP modules back to their shards, as after a backward (`parallel.checkpoint.reshard`)."""
+        dcp_ckpt.reshard(model)
+
     def check_shared(self, folder: Path) -> None:
         """Refuse a run folder that some process does not see as rank 0 does (not on a filesystem all
         nodes share): every process writes its pieces of each checkpoint into it and rank 0 commits
@@ -195,7 +200,14 @@ class DistributedTraining:
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Each of `params`' gradients summed over all processes (data-parallel fine-tuning, where
         each process's loss is its share of the global batch's). One that no process has (a weight
-        no token reached) stays None, as in one process, where AdamW then leaves it be."""
+        no token reached) stays None, as in one process, where AdamW then leaves it be. With FSDP the
+        backward's reduce-scatter has already made each shard the mean over its unit's processes:
+        times their number, the sum (exact where that is a power of 2)."""
+        if self.fsdp:
+            for p in params:
+                if p.grad is not None and isinstance(p, DTensor):
+                    _local(p.grad).mul_(p.device_mesh.size())
+            return
         used = self.all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
         sum_grads([p for p, u in zip(params, used.tolist(), strict=True) if u], group=None, size=self.world)
 
@@ -220,12 +232,12 @@ class DistributedTraining:
                     _local(p.grad).mul_(coef)
         return total
 
-    def save(self, root: Path, *, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+    def save(self, root: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              state: dict[str, Any], keep: int) -> Path:
         return dcp_ckpt.save(root, step=step, model=model, optimizer=optimizer, state=state, keep=keep,
                              layout=self.layout, expert_names=self.expert_names)
 
-    def load(self, ckpt: Path, *, model: Transformer, optimizer: torch.optim.Optimizer,
+    def load(self, ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              checksums: bool = True) -> dict[str, Any]:
         return dcp_ckpt.load(ckpt, model=model, optimizer=optimizer, layout=self.layout,
                              expert_names=self.expert_names, checksums=checksums)

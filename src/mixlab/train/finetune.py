@@ -26,7 +26,11 @@ Run folder (`out`):
 
 Data parallel (`parallel=`, `torchrun ... -m mixlab sft|dpo`): every process holds the whole model
 and computes its rows of every global micro-batch; its loss is its share of the one-process loss, the
-gradients are summed, and rank 0 alone writes the run folder (docs/training.md).
+gradients are summed, and rank 0 alone writes the run folder (docs/training.md). Sharded (`--fsdp`,
+full fine-tuning: a `Sharded` parallel): the same shares over `mixlab train`'s FSDP2 model
+(parallel/train.py), each process holding 1/N of the weights, gradients and AdamW states; every
+process writes its pieces of each checkpoint (torch.distributed.checkpoint, rank 0 commits) and
+the hf/ export is gathered tensor by tensor, rank 0 writing it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +170,31 @@ class DataParallel(Protocol):
     def check_same(self, values: dict[str, Any]) -> None: ...  # refuse a run whose processes disagree on them
     def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over all processes
     def sum_grads(self, params: list[nn.Parameter]) -> None: ...  # each gradient summed over all processes
+
+
+class Sharded(DataParallel, Protocol):
+    """A `DataParallel` whose `fsdp` is True (`DistributedTraining` under `--fsdp`): the model is
+    `build`'s, sharded over the processes (parameters, gradients, AdamW states); every process writes
+    its pieces of each checkpoint and joins the export. Its forward is collective: every process runs
+    every forward the others run (evaluations included)."""
+
+    fsdp: bool
+
+    def check_shared(self, folder: Path) -> None: ...  # refuse a folder some process does not see as rank 0 does
+    def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int,
+              init_from: str = "") -> Transformer: ...  # load_init(init_from) sharded, never the whole model
+    def clip_grad_norm(self, model: Transformer, max_norm: float) -> float: ...  # the global norm, clipped
+    def reshard(self, model: Transformer) -> None: ...  # back to the shards after a forward without backward
+    def save(self, root: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict[str, Any], keep: int) -> Path: ...
+    def load(self, ckpt: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             checksums: bool = True) -> dict[str, Any]: ...
+    def export(self, model: Transformer, path: Path, write: Callable[..., None]) -> None: ...
+
+
+def sharded(par: DataParallel | None) -> Sharded | None:
+    """`par` when it shards the model (`fsdp`), else None."""
+    return par if par is not None and getattr(par, "fsdp", False) else None  # type: ignore[return-value]
 
 
 def load_finetune_config(path: str | Path | None = None, *,
@@ -300,11 +329,14 @@ def resolve_tokenizer(cfg: FinetuneConfig) -> tuple[TrainTokenizer, dict[str, An
 
 class _Trainable(nn.Module):
     """The trainable parameters, in the optimizer's order, as a module for checkpoints.save/load
-    (which name optimizer state by `named_parameters()` position)."""
+    (which name optimizer state by `named_parameters()` position). `owner`: the model they belong to,
+    its modules this one's (a sharded checkpoint reshards the model's FSDP modules first)."""
 
-    def __init__(self, named: list[tuple[str, nn.Parameter]]) -> None:
+    def __init__(self, named: list[tuple[str, nn.Parameter]], owner: nn.Module | None = None) -> None:
         super().__init__()
         self._named = named
+        if owner is not None:
+            self.owner = owner
 
     def named_parameters(self, *args: Any, **kwargs: Any) -> Any:
         return iter(self._named)
@@ -391,9 +423,18 @@ def pair_logps(model: nn.Module, b: dpo.PairBatch, device: torch.device) -> tupl
     return dpo.sequence_logps(logits, b.targets.to(device), b.reply.to(device)), routings
 
 
-def _mine(k: int, par: DataParallel | None) -> bool:
-    """Whether this process computes the `k`-th batch of an evaluation (whole batches in turn)."""
-    return par is None or k % par.world == par.rank
+def _turns(n: int, par: DataParallel | None) -> Iterator[tuple[int, bool]]:
+    """The batches (k, keep) this process computes of an evaluation's `n`: every world-th, whole
+    batches in turn. A sharded model's forward is collective, so there every process runs as many:
+    where the last round has no batch left for it, it computes batch 0 again (keep False: discarded)."""
+    if par is None:
+        yield from ((k, True) for k in range(n))
+    elif sharded(par) is None:
+        yield from ((k, True) for k in range(par.rank, n, par.world))
+    else:
+        for first in range(0, n, par.world):
+            k = first + par.rank
+            yield (k, True) if k < n else (0, False)
 
 
 @torch.no_grad()
@@ -406,14 +447,14 @@ def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig
     model.eval()
     dev = torch.device(cfg.device)
     ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    for k, i in enumerate(range(0, len(pairs), cfg.batch_size)):
-        if not _mine(k, par):
-            continue
+    for k, keep in _turns(-(-len(pairs) // cfg.batch_size), par):
+        i = k * cfg.batch_size
         idx = list(range(i, min(i + cfg.batch_size, len(pairs))))
         b = dpo.collate_pairs([pairs[j] for j in idx], idx, cfg.seq_len)
         with _autocast(cfg):
             lp, _ = pair_logps(model, b, dev)
-        ch[idx], rj[idx] = lp[: len(idx)].float().cpu(), lp[len(idx):].float().cpu()
+        if keep:
+            ch[idx], rj[idx] = lp[: len(idx)].float().cpu(), lp[len(idx):].float().cpu()
     model.train(was)
     if par is not None:  # the other processes' entries are zeros here
         ch, rj = par.all_sum(torch.stack([ch, rj])).unbind(0)
@@ -436,13 +477,14 @@ def evaluate_sft(model: nn.Module, examples: list[sft.Example], cfg: FinetuneCon
     total, n, correct = 0.0, 0, 0
     device = torch.device(cfg.device)
     batches = sft.PackedLoader(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False).all_batches()
-    for b in (b for k, b in enumerate(batches) if _mine(k, par)):
+    for i, keep in _turns(len(batches), par):
+        b = batches[i]
         tgt = b.targets.to(device)
-        k = int((tgt != IGNORE).sum())
+        k = int((tgt != IGNORE).sum()) if keep else 0
         with _autocast(cfg):
             logits, _ = sft_logits(model, b, device)
-            total, n = total + float(lm_loss(logits, tgt) * max(k, 1)), n + k
-        correct += int((logits.argmax(-1) == tgt).sum())  # IGNORE is never a token id
+            total, n = total + (float(lm_loss(logits, tgt) * max(k, 1)) if keep else 0.0), n + k
+        correct += int((logits.argmax(-1) == tgt).sum()) if keep else 0  # IGNORE is never a token id
     model.train(was)
     if par is not None:
         got = par.all_sum(torch.tensor([total, n, correct], dtype=torch.float64))
@@ -564,10 +606,14 @@ def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int
     `cfg.out`; "auto": continue from it when there is one, else start. `stop_after`: stop (with a
     checkpoint) after this many steps in total, as if killed. `parallel`: run as one of several
     processes, data parallel (see `DataParallel`): batch_size stays the global batch's, split evenly
-    over them; losses, gradients, evaluations and checkpoints are the one-process run's."""
+    over them; losses, gradients, evaluations and checkpoints are the one-process run's. A `Sharded`
+    parallel (`--fsdp`) also shards the model: full fine-tuning only."""
     cfg = check_finetune_config(cfg)
     if parallel is not None:
         check_split(cfg.batch_size, parallel.world, what="fine-tuning")
+    if sharded(parallel) is not None and cfg.lora_rank:
+        raise ConfigError("fine-tuning setting 'lora_rank': --fsdp shards full fine-tuning; a LoRA run's trainable "
+                          "part is small: run it data parallel (leave out --fsdp)", setting="lora_rank")
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     sources = check_run_folder(out, [cfg.model, cfg.data, cfg.valid_data])
@@ -604,8 +650,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     # LoRA first: the DPO reference is the policy before its first step, the adapters at zero over the
     # base as held (PEFT's disable_adapter() in TRL): over a bf16, int8 or int4 base that is not the float32
     # checkpoint, and a reference from the checkpoint started DPO at h != 0 (loss != log 2).
-    model = (load_with_lora(cfg.model, mc, lora_config(cfg)) if cfg.lora_rank
-             else checkpoints.load_init(cfg.model, mc)).to(device)
+    shard = sharded(par)
+    model: Any = None
+    if shard is None:  # a sharded model is built after check_same: reading a sharded checkpoint is collective
+        model = (load_with_lora(cfg.model, mc, lora_config(cfg)) if cfg.lora_rank
+                 else checkpoints.load_init(cfg.model, mc)).to(device)
     main = par is None or par.is_main
     with warnings.catch_warnings():
         if not main:  # rank 0 says it once
@@ -627,6 +676,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                                   "since); use the original data or a new --out folder")
     if main:
         out.mkdir(parents=True, exist_ok=True)
+    if shard is not None:  # every process writes its pieces of each checkpoint into out
+        shard.check_shared(out)
+        model = shard.build(mc, device=device, std=0.0, seed=cfg.seed, init_from=cfg.model)
 
     if cfg.freeze_router and not cfg.lora_rank:
         for block in model.layers:
@@ -680,15 +732,25 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         if valid_items:
             vref = {"chosen": t["valid.chosen"], "rejected": t["valid.rejected"]}
 
+    if shard is not None:  # the reference pass left the root's weights gathered: the optimizer takes the shards
+        shard.reshard(model)
     model.train()
     if cfg.activation_checkpointing:  # after the reference pass, which keeps nothing for backward anyway
         enable_activation_checkpointing(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [(n, p) for n, p in named if p.dim() >= 2]
     no_decay = [(n, p) for n, p in named if p.dim() < 2]
-    # Both groups always, the second empty for LoRA: checkpoints hold two groups' settings.
-    optimizer = cfg.adamw([([p for _, p in decay], True), ([p for _, p in no_decay], False)], device=cfg.device)
-    trainable = _Trainable(decay + no_decay)
+    # Both groups always, the second empty for LoRA: checkpoints hold two groups' settings. Sharded, a
+    # group per device mesh as well (FSDP's dense weights over all processes, experts over the dp ones):
+    # one fused update cannot mix them (loop.make_optimizer); a sharded checkpoint names states by parameter.
+    groups: list[tuple[list[nn.Parameter], bool]] = [([p for _, p in decay], True), ([p for _, p in no_decay], False)]
+    if shard is not None:
+        by_mesh: dict[tuple[bool, int], list[nn.Parameter]] = {}
+        for (_, p), dec in [(x, True) for x in decay] + [(x, False) for x in no_decay]:
+            by_mesh.setdefault((dec, id(getattr(p, "device_mesh", None))), []).append(p)
+        groups = [(ps, dec) for (dec, _), ps in by_mesh.items()]
+    optimizer = cfg.adamw(groups, device=cfg.device)
+    trainable = _Trainable(decay + no_decay, owner=model if shard is not None else None)
 
     if cfg.task == "sft":
         loader: Any = sft.PackedLoader(train_items, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -697,7 +759,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     step = 0
     if resume:
         assert newest is not None
-        state = checkpoints.load(newest, model=trainable, optimizer=optimizer, checksums=False)
+        state = (shard.load if shard is not None else checkpoints.load)(newest, model=trainable, optimizer=optimizer,
+                                                                         checksums=False)
         loader.load_state_dict(state["data_position"])
         step = int(state["step"])
     if main:
@@ -708,12 +771,19 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     aux_coef = (cfg.aux_loss_coef if cfg.aux_loss_coef is not None else moe.aux_loss_coef) if moe else 0.0
     z_coef = moe.z_loss_coef if moe else 0.0
 
-    def save() -> None:  # rank 0's: the trainable parameters and the optimizer are the same on every process
-        if not main:
+    # The step of the newest checkpoint, which decides whether the end needs one: every process decides
+    # alike from it (a sharded checkpoint is written by all), not from a listing of the folder (loop.py).
+    saved = step if resume else -1
+
+    def save() -> None:  # rank 0's (the trainable parameters and the optimizer are the same on every
+        nonlocal saved   # process), or, sharded, every process's pieces
+        saved = step
+        if shard is None and not main:
             return
-        checkpoints.save(ckpt_root, step=step, model=trainable, optimizer=optimizer, keep=cfg.keep, state={
-            "finetune_config": dataclasses.asdict(cfg), "data_position": loader.state_dict(), "tokenizer": tok_spec,
-            "data": data_fp})
+        (shard.save if shard is not None else checkpoints.save)(
+            ckpt_root, step=step, model=trainable, optimizer=optimizer, keep=cfg.keep, state={
+                "finetune_config": dataclasses.asdict(cfg), "data_position": loader.state_dict(), "tokenizer": tok_spec,
+                "data": data_fp})
 
     def run_eval() -> dict[str, float]:
         if not valid_items:
@@ -809,7 +879,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 par.sum_grads(params)
                 sums = dict(zip(sums, par.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist(),
                                 strict=True))
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            gnorm = shard.clip_grad_norm(model, cfg.max_grad_norm) if shard is not None else \
+                float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -836,12 +907,15 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                     bar.write(f"step {step}: {eval_line(ev)}", file=sys.stderr)
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0:
                 save()
-        if main and (step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after)):
-            names = [c.name for c in checkpoints.list_checkpoints(ckpt_root)]
-            if not names or names[-1] != f"step_{step:08d}":
-                save()
-        if main and (step == cfg.steps or requested_stop):
-            export(model, out, cfg, tok_spec)
+        if (step == cfg.steps or stop or requested_stop or (stop_after is not None and step == stop_after)) \
+                and saved != step:
+            save()
+        if step == cfg.steps or requested_stop:
+            if shard is not None:  # gathered tensor by tensor, rank 0 writing
+                shard.export(model, out / "hf", lambda meta, path, weights: save_model(
+                    meta, path, fmt="hf", extra_files=_export_info(tok_spec), weights=weights))
+            elif main:
+                export(model, out, cfg, tok_spec)
     finally:
         if bar is not None:
             bar.close()
@@ -856,13 +930,17 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                           model=model, out=out)
 
 
+def _export_info(tok_spec: dict[str, Any]) -> dict[str, str]:
+    return {"mixlab_data.json": json.dumps({"tokenizer": tok_spec}, indent=2) + "\n"}
+
+
 def export(model: Transformer, out: Path, cfg: FinetuneConfig, tok_spec: dict[str, Any]) -> None:
     """out/hf: plain weights (LoRA merged in); out/adapter: the LoRA adapter in PEFT's format. When
     PEFT cannot express the adapters, the reason goes to out/adapter_not_exported.txt and the merged
     weights to out/hf."""
     # Each export is one atomic folder with mixlab_data.json inside it (written with the weights, so
     # the folder's manifest lists it and a later export may replace the folder).
-    info = {"mixlab_data.json": json.dumps({"tokenizer": tok_spec}, indent=2) + "\n"}
+    info = _export_info(tok_spec)
     merged_instead = False
     if cfg.lora_rank and cfg.export_peft:
         # The base, for peft's AutoPeftModelForCausalLM.from_pretrained(out / "adapter"): a folder

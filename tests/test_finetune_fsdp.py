@@ -1,0 +1,122 @@
+"""Sharded full fine-tuning (`torchrun --nproc-per-node 2 -m mixlab sft|dpo --fsdp`, gloo on loopback)
+equals the one-process run: SFT, and DPO with a frozen router (reference log-probs and evaluations
+through the sharded model, whose forward every process must join), metrics records and the final
+hf/ weights within 1e-5; a run stopped at step 2 and resumed under --fsdp, one resumed under --fsdp
+from a one-process checkpoint, and one process resuming a two-process sharded checkpoint all equal
+the uninterrupted run; each process holds half of the parameters; --fsdp with LoRA is one line.
+
+One torchrun launch runs every two-process job in turn; the one-process runs are made here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixlab.train import checkpoints
+from mixlab.train.finetune import finetune, load_finetune_config
+from processes import mixlab
+from test_finetune_parallel import CFG, TIMEOUT, _config_file, _records, _same_tensors, _settings, files
+
+__all__ = ["files"]  # the fixture, shared with test_finetune_parallel.py
+pytestmark = pytest.mark.slow  # one torchrun launch of 5 sharded runs: ~25 s on 2 busy cores
+
+# Every process runs the jobs in turn: a `mixlab` command line, or `finetune` over the sharded layout
+# (stop_after: as an interrupted run), reporting how many elements of the parameters it holds.
+SCRIPT = '''
+import json, os, sys
+from pathlib import Path
+
+from mixlab.cli import main
+from mixlab.parallel.mesh import init, shutdown
+from mixlab.parallel.train import DistributedTraining
+from mixlab.train.finetune import finetune, load_finetune_config
+
+jobs, rank, report = json.loads(Path(sys.argv[1]).read_text()), int(os.environ["RANK"]), {"codes": [], "held": []}
+for job in jobs:
+    if isinstance(job, list):
+        report["codes"].append(main(job))
+        continue
+    par = DistributedTraining(init(fsdp=True))
+    try:
+        r = finetune(load_finetune_config(job["config"], **job["set"]), stop_after=job.get("stop_after"), parallel=par)
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in r.model.parameters())
+        report["held"].append([local, sum(p.numel() for p in r.model.parameters())])
+    finally:
+        shutdown()
+Path(sys.argv[1]).parent.joinpath(f"rank_{rank}.json").write_text(json.dumps(report))
+'''
+
+
+def _same_runs(want: Path, got: Path) -> None:
+    w, g = _records(want), _records(got)
+    assert [r["step"] for r in g] == [r["step"] for r in w]
+    assert {k for r in w for k in r} >= {"loss", "aux_loss", "z_loss", "grad_norm", "eval_loss"}
+    for a, b in zip(w, g, strict=True):
+        assert b.keys() == a.keys()
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7), a["step"]
+    # within 1e-5: the reduce-scatter sums in another order than one process's backward, and AdamW's
+    # g / sqrt(v) magnifies that rounding where a gradient is tiny (one expert element in 2048 moves 2e-6)
+    a, b = load_file(str(want / "hf" / "model.safetensors")), load_file(str(got / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    two.mkdir()
+    runs = {"sft": _settings(files, "sft", two / "sft"),
+            "dpo": _settings(files, "dpo", two / "dpo", freeze_router=True)}
+    for name, s in runs.items():  # the one-process runs, uninterrupted
+        finetune(load_finetune_config(None, **(s | {"out": str(one / name)})))
+    resumed = {k: _settings(files, "sft", two / k) for k in ("stopped", "from_one", "to_one")}
+    finetune(load_finetune_config(None, **resumed["from_one"]), stop_after=2)  # a one-process checkpoint
+    conf = {name: _config_file(tmp_path / f"{name}.json", s) for name, s in (runs | resumed).items()}
+    jobs: list[Any] = [
+        ["sft", str(conf["sft"]), "--fsdp"],
+        {"config": str(conf["dpo"]), "set": {"task": "dpo"}},
+        # stopped at step 2 (as if killed), then resumed by two
+        {"config": str(conf["stopped"]), "set": {"task": "sft"}, "stop_after": 2},
+        ["sft", str(conf["stopped"]), "--fsdp", "--resume"],
+        ["sft", str(conf["from_one"]), "--fsdp", "--resume"],
+        {"config": str(conf["to_one"]), "set": {"task": "sft"}, "stop_after": 2},  # resumed by one, below
+    ]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "run.py").write_text(SCRIPT)
+    p = mixlab([str(tmp_path / "jobs.json")], nproc=2, script=tmp_path / "run.py")
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    report = {r: json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)}
+    assert report[0]["codes"] == report[1]["codes"] == [0, 0, 0]
+    # the checkpoints are sharded: every process wrote its pieces
+    state = checkpoints.validate(two / "to_one" / "checkpoints" / "step_00000002")
+    assert state["format"] == "dcp" and state["world"] == 2 and state["fsdp"] is True
+    finetune(load_finetune_config(None, **resumed["to_one"]), resume=True)
+
+    _same_runs(one / "sft", two / "sft")
+    _same_runs(one / "dpo", two / "dpo")
+    _same_tensors(one / "dpo" / "reference_logps.safetensors", two / "dpo" / "reference_logps.safetensors")
+    for name in resumed:
+        _same_runs(one / "sft", two / name)
+    # each process holds half of every parameter (the total counts tied weights once, as the model does)
+    whole = sum(p.numel() for p in __import__("mixlab").model.Transformer(CFG).parameters())
+    for rank in (0, 1):
+        for local, total in report[rank]["held"]:
+            assert total == whole and 0.45 * whole < local < 0.55 * whole, (rank, local, whole)
+
+
+def test_fsdp_with_lora_is_one_line(files: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from mixlab.cli import main
+
+    assert main(["sft", "--model", str(files["base"]), "--data", str(files["sft"]), "--out", str(tmp_path / "run"),
+                 "--fsdp", "--lora-rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("mixlab sft: error: --fsdp with --lora-rank: --fsdp shards full fine-tuning; a LoRA run's trainable "
+                   "part is small: run it data parallel (leave out --fsdp)\n"), err
+    assert not (tmp_path / "run").exists()
