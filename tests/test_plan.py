@@ -103,7 +103,7 @@ def test_bad_layouts_and_sizes():
     with pytest.raises(ValueError, match="--quant applies"):
         plan(MIXTRAL, mode="train", quant="int8")
     # inference plans neither: the header said "fsdp" over the unsharded figures
-    with pytest.raises(ValueError, match="--fsdp applies to --mode train only"):
+    with pytest.raises(ValueError, match="--fsdp applies to --mode train or finetune only"):
         plan(MIXTRAL, mode="infer", devices=2, fsdp=True)
     with pytest.raises(ValueError, match="--activation-checkpointing applies to --mode train or finetune only"):
         plan(MIXTRAL, mode="infer", activation_checkpointing=True)
@@ -268,10 +268,33 @@ def test_finetune_data_parallel_holds_the_whole_model_and_its_rows(lora):
                         pytest.approx(trainable)}  # ring: 2 (n-1)/n = 1 x the float32 gradients
 
 
+def test_finetune_fsdp_shards_the_states_and_gathers_a_block_at_a_time():
+    """`--mode finetune --fsdp` (sft --fsdp): AdamW's 16 bytes per parameter / N, plus two blocks
+    gathered in float32 and, under bf16 autocast with activation checkpointing, the recomputed block's
+    bf16 copies. Mixtral 8x7B in full: 8 x 80 GB do not hold it, 16 do; without activation
+    checkpointing every block's bf16 copies (93 GB) do not fit anywhere."""
+    ps = count_params(MIXTRAL)
+    block = ps.block_dense + ps.block_experts
+    for n, fits in ((8, False), (16, True)):
+        p = plan(MIXTRAL, mode="finetune", devices=n, batch=n, fsdp=True, activation_checkpointing=True)
+        states = sum(v for k, v in p.memory.items() if k.split(" ")[0] in ("parameters", "gradients", "optimizer"))
+        assert states * n == pytest.approx(16 * ps.total)
+        assert p.memory["FSDP gathered blocks (2, float32)"] == 2 * block * 4
+        assert p.memory["bf16 weight copies kept for backward"] == 2 * block
+        assert p.fits == fits, p.table()
+    assert p.comm["FSDP reduce-scatter (gradients), per step"] == pytest.approx(4 * ps.total * 15 / 16)
+    q = plan(MIXTRAL, mode="finetune", devices=16, batch=16, fsdp=True)
+    assert q.memory["bf16 weight copies kept for backward"] == 2 * ps.total and not q.fits
+    assert q.notes[-1].startswith("does not fit: try --activation-checkpointing, more --devices, --lora-rank "
+                                  "(without --fsdp), ")
+    assert plan(MIXTRAL, mode="finetune", devices=16, batch=16).notes[-1].startswith(
+        "does not fit: try --fsdp, --activation-checkpointing, --lora-rank, ")  # more devices: each the whole model
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"devices": 2, "batch": 3}, "--batch must be a positive multiple of --devices (2) for training, got 3"),
-    ({"devices": 2, "ep": 2}, "--ep 2: fine-tuning (mixlab sft / dpo) runs data parallel only"),
-    ({"fsdp": True}, "--fsdp: fine-tuning (mixlab sft / dpo) runs data parallel only"),
+    ({"devices": 2, "ep": 2}, "--ep 2: fine-tuning (mixlab sft / dpo) runs data parallel, or sharded with --fsdp"),
+    ({"fsdp": True, "lora_rank": 4}, "--fsdp with --lora-rank: mixlab sft / dpo shard full fine-tuning only"),
     ({"quant": "int4"}, "--quant applies to --mode infer only"),
     ({"dtype": "float16"}, "--dtype float16: fine-tuning autocasts to float32 or bfloat16 only"),
     ({"lora_targets": "attention"}, "--lora-targets applies to LoRA, and --lora-rank is absent"),
@@ -312,7 +335,8 @@ def test_finetune_cli(capsys):
     assert "LoRA rank 8 on attention,experts, base float32" in capsys.readouterr().out
     assert main(["plan", "tiny-moe", "--mode", "finetune", "--devices", "2", "--ep", "2"]) == 2
     err = capsys.readouterr().err
-    assert "--ep 2: fine-tuning (mixlab sft / dpo) runs data parallel only" in err and "Traceback" not in err
+    assert "--ep 2: fine-tuning (mixlab sft / dpo) runs data parallel, or sharded with --fsdp" in err and \
+        "Traceback" not in err
     assert main(["plan", "tiny-moe", "--mode", "infer", "--lora-rank", "8"]) == 2
     assert "--lora-rank applies to --mode finetune only" in capsys.readouterr().err
     assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--lora-targets", "mlp"]) == 2
@@ -325,6 +349,7 @@ def test_finetune_cli(capsys):
 
 def test_finetune_does_not_fit_suggests_what_is_not_used():
     assert plan(MIXTRAL, mode="finetune").notes == [
-        "does not fit: try --activation-checkpointing, --lora-rank, --lora-base-dtype int4, a smaller --seq/--batch"]
+        "does not fit: try --fsdp, --activation-checkpointing, --lora-rank, --lora-base-dtype int4, a smaller "
+        "--seq/--batch"]
     assert plan(MIXTRAL, mode="finetune", lora_rank=16, lora_base_dtype="int4", activation_checkpointing=True,
                 seq=4096, batch=64).notes == ["does not fit: try a smaller --seq/--batch"]

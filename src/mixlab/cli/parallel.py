@@ -46,12 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a preset name (e.g. mixtral-8x7b), a checkpoint folder or a .gguf file")
     p.add_argument("--mode", choices=["train", "finetune", "infer"], default="train",
                    help="train (AdamW, default), finetune (mixlab sft / dpo, data parallel: each device holds the "
-                        "whole model; LoRA with --lora-rank) "
+                        "whole model; sharded with --fsdp; LoRA with --lora-rank) "
                         "or infer (weights and KV cache)")
     p.add_argument("--devices", type=int, default=1, help="number of devices (GPUs or processes)")
     p.add_argument("--device-mem", default="80GB", help="memory per device: 80GB (10^9 bytes) or 80GiB (2^30)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (divides --devices and the experts)")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer states (FSDP2)")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer states (FSDP2; "
+                   "finetune: full fine-tuning, sft --fsdp)")
     p.add_argument("--seq", "--seq-len", dest="seq", type=int, default=4096,
                    help="sequence length (training, train's --seq-len) / context (KV cache) (default 4096)")
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None,

@@ -17,8 +17,10 @@ training (`mixlab train`, AdamW):
     `activation_elements_per_token`), for every block, or with activation checkpointing only each
     block's input plus one block recomputed; plus the float32 logits and their gradient.
     Transient weights: with FSDP, two blocks gathered unsharded (the current one and the prefetched
-    next); without FSDP under bf16 autocast, the bf16 copies of every weight that autograd keeps for
-    backward.
+    next), in float32 (`apply_fsdp` sets no mixed-precision policy: FSDP2 gathers the parameters'
+    own dtype); under bf16 autocast, the bf16 copies of every weight that autograd keeps for
+    backward (with FSDP: the gathered blocks' copies, every block's, or with activation
+    checkpointing the one block recomputed).
 
 inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or `--quant` int8
     (one scale per output row, in `--dtype`) / int4 (groups of 32 weights with one 16-bit scale, 4.5 bits
@@ -29,7 +31,9 @@ inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or 
 fine-tuning (`mixlab sft` / `mixlab dpo`, `train/finetune.py`, data parallel over `devices`, each
     holding the whole model and its share of the batch; a DPO pair is two
     sequences of `batch`, its reference log-probs computed before training): without `lora_rank`,
-    training's 16 bytes per parameter; with it, as `train/lora.py` holds the model:
+    training's 16 bytes per parameter, and with `fsdp` (`sft --fsdp`, full fine-tuning only) training's
+    FSDP rule: those 16 bytes / `devices`, plus two blocks gathered unsharded; with `lora_rank`, as
+    `train/lora.py` holds the model:
     frozen base  each targeted matrix in `lora_base_dtype` (int8: 1 B + a float32 scale per row;
                  int4: 0.5 B + a float16 scale per 32 inputs; the router's base stays float32 under
                  int4); every other weight (embedding, output, norms, what is not targeted) float32
@@ -218,10 +222,12 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         raise ValueError(f"--devices must be >= 1, got {devices}")
     lora = _check_lora(config, mode, lora_rank, lora_targets, lora_base_dtype)
     if mode == "finetune":
-        one = next((f for f, on in ((f"--ep {ep}", ep > 1), ("--fsdp", fsdp)) if on), None)
-        if one:
-            raise ValueError(f"{one}: fine-tuning (mixlab sft / dpo) runs data parallel only, each device holding the "
-                             "whole model")
+        if ep > 1:
+            raise ValueError(f"--ep {ep}: fine-tuning (mixlab sft / dpo) runs data parallel, or sharded with --fsdp; "
+                             "not expert parallel")
+        if fsdp and lora is not None:
+            raise ValueError("--fsdp with --lora-rank: mixlab sft / dpo shard full fine-tuning only (a LoRA run's "
+                             "trainable part is small: plan it without --fsdp)")
         if dtype == "float16":
             raise ValueError("--dtype float16: fine-tuning autocasts to float32 or bfloat16 only")
     if ep < 1 or devices % ep:
@@ -236,7 +242,7 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
     if mode != "infer" and quant:
         raise ValueError("--quant applies to --mode infer only")
     if mode == "infer" and (fsdp or activation_checkpointing):  # inference has no FSDP or backward pass
-        raise ValueError("--fsdp applies to --mode train only" if fsdp else
+        raise ValueError("--fsdp applies to --mode train or finetune only" if fsdp else
                          "--activation-checkpointing applies to --mode train or finetune only")
     if seq < 1:
         raise ValueError(f"--seq must be >= 1, got {seq}")
@@ -275,7 +281,10 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         _activations(pl, config, tokens)
         if fsdp:
             unsharded = ps.block_dense + ps.block_experts / ep  # experts stay sharded by expert parallelism
-            pl.memory["FSDP gathered blocks (2)"] = 2 * unsharded * act_b
+            pl.memory["FSDP gathered blocks (2, float32)"] = 2 * unsharded * 4
+            if dtype != "float32":  # each gathered block's bf16 copies, kept until its backward
+                kept = unsharded if activation_checkpointing else ps.dense + ps.experts / ep
+                pl.memory["bf16 weight copies kept for backward"] = kept * act_b
         elif dtype != "float32":
             pl.memory["bf16 weight copies kept for backward"] = local * act_b
         if ep > 1:
@@ -323,7 +332,9 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             pl.comm["all-to-all per generated token (whole batch)"] = batch * per_token
             pl.comm["all-to-all for the prompt (whole batch)"] = batch * seq * per_token
     if mode == "finetune" and not pl.fits:
-        tries = [f for f, on in (("--activation-checkpointing", activation_checkpointing), ("--lora-rank", lora),
+        tries = [f for f, on in (("--fsdp", fsdp or lora), ("--activation-checkpointing", activation_checkpointing),
+                                 ("more --devices", not fsdp), ("--lora-rank" + (" (without --fsdp)" if fsdp else ""),
+                                                                lora),
                                  ("--lora-base-dtype int4", lora and lora.base_dtype == "int4")) if not on]
         pl.notes.append(f"does not fit: try {', '.join(tries + ['a smaller --seq/--batch'])}")
     return pl
