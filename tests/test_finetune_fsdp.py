@@ -1,9 +1,10 @@
 """Sharded full fine-tuning (`torchrun --nproc-per-node 2 -m mixlab sft|dpo --fsdp`, gloo on loopback)
-equals the one-process run: SFT, and DPO with a frozen router (reference log-probs and evaluations
-through the sharded model, whose forward every process must join), metrics records and the final
-hf/ weights within 1e-5; a run stopped at step 2 and resumed under --fsdp, one resumed under --fsdp
-from a one-process checkpoint, and one process resuming a two-process sharded checkpoint all equal
-the uninterrupted run; each process holds half of the parameters; --fsdp with LoRA is one line.
+equals the one-process run: SFT (with activation checkpointing), and DPO with a frozen router
+(reference log-probs and evaluations through the sharded model, whose forward every process must
+join), metrics records and the final hf/ weights within 1e-5; a run stopped at step 2 and resumed
+under --fsdp, one resumed under --fsdp from a one-process checkpoint, and one process resuming a
+two-process sharded checkpoint all equal the uninterrupted run; each process holds half of the
+parameters; --fsdp with LoRA is one line.
 
 One torchrun launch runs every two-process job in turn; the one-process runs are made here."""
 
@@ -23,7 +24,7 @@ from processes import mixlab
 from test_finetune_parallel import CFG, TIMEOUT, _config_file, _records, _same_tensors, _settings, files
 
 __all__ = ["files"]  # the fixture, shared with test_finetune_parallel.py
-pytestmark = pytest.mark.slow  # one torchrun launch of 5 sharded runs: ~25 s on 2 busy cores
+pytestmark = pytest.mark.slow  # one torchrun launch of 6 sharded runs: 20-35 s on 2 busy cores
 
 # Every process runs the jobs in turn: a `mixlab` command line, or `finetune` over the sharded layout
 # (stop_after: as an interrupted run), reporting how many elements of the parameters it holds.
@@ -78,7 +79,7 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
     finetune(load_finetune_config(None, **resumed["from_one"]), stop_after=2)  # a one-process checkpoint
     conf = {name: _config_file(tmp_path / f"{name}.json", s) for name, s in (runs | resumed).items()}
     jobs: list[Any] = [
-        ["sft", str(conf["sft"]), "--fsdp"],
+        ["sft", str(conf["sft"]), "--fsdp", "--activation-checkpointing"],  # recomputed: the same numbers
         {"config": str(conf["dpo"]), "set": {"task": "dpo"}},
         # stopped at step 2 (as if killed), then resumed by two
         {"config": str(conf["stopped"]), "set": {"task": "sft"}, "stop_after": 2},
