@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mixlab.model import Transformer
 from mixlab.train import checkpoints
 from mixlab.train.finetune import finetune, load_finetune_config
 from processes import mixlab
@@ -62,6 +63,8 @@ def _same_runs(want: Path, got: Path) -> None:
         assert b == pytest.approx(a, rel=1e-5, abs=1e-7), a["step"]
     # within 1e-5: the reduce-scatter sums in another order than one process's backward, and AdamW's
     # g / sqrt(v) magnifies that rounding where a gradient is tiny (one expert element in 2048 moves 2e-6)
+    assert sorted(f.name for f in (got / "hf").iterdir()) == sorted(f.name for f in (want / "hf").iterdir())
+    assert (got / "hf" / "mixlab_data.json").read_text() == (want / "hf" / "mixlab_data.json").read_text()
     a, b = load_file(str(want / "hf" / "model.safetensors")), load_file(str(got / "hf" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -105,7 +108,7 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
     for name in resumed:
         _same_runs(one / "sft", two / name)
     # each process holds half of every parameter (the total counts tied weights once, as the model does)
-    whole = sum(p.numel() for p in __import__("mixlab").model.Transformer(CFG).parameters())
+    whole = sum(p.numel() for p in Transformer(CFG).parameters())
     for rank in (0, 1):
         for local, total in report[rank]["held"]:
             assert total == whole and 0.45 * whole < local < 0.55 * whole, (rank, local, whole)

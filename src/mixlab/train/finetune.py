@@ -651,7 +651,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     # base as held (PEFT's disable_adapter() in TRL): over a bf16, int8 or int4 base that is not the float32
     # checkpoint, and a reference from the checkpoint started DPO at h != 0 (loss != log 2).
     shard = sharded(par)
-    model: Any = None
+    model: Transformer | None = None
     if shard is None:  # a sharded model is built after check_same: reading a sharded checkpoint is collective
         model = (load_with_lora(cfg.model, mc, lora_config(cfg)) if cfg.lora_rank
                  else checkpoints.load_init(cfg.model, mc)).to(device)
@@ -679,6 +679,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     if shard is not None:  # every process writes its pieces of each checkpoint into out
         shard.check_shared(out)
         model = shard.build(mc, device=device, std=0.0, seed=cfg.seed, init_from=cfg.model)
+    assert model is not None
 
     if cfg.freeze_router and not cfg.lora_rank:
         for block in model.layers:
