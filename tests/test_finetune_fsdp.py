@@ -124,3 +124,18 @@ def test_fsdp_with_lora_is_one_line(files: dict[str, Path], tmp_path: Path,
     assert err == ("mixlab sft: error: --fsdp with --lora-rank: --fsdp shards full fine-tuning; a LoRA run's trainable "
                    "part is small: run it data parallel (leave out --fsdp)\n"), err
     assert not (tmp_path / "run").exists()
+
+
+class _ShardedWorld2:
+    """Rank 0 of two sharded processes, refused before any collective."""
+
+    rank, world, is_main, fsdp = 0, 2, True, True
+
+
+def test_a_sharded_lora_run_is_refused_before_anything(files: dict[str, Path], tmp_path: Path) -> None:
+    from mixlab.config import ConfigError
+
+    cfg = load_finetune_config(None, **_settings(files, "sft", tmp_path / "run", lora_rank=4))
+    with pytest.raises(ConfigError, match=r"^fine-tuning setting 'lora_rank': --fsdp shards full fine-tuning; a LoRA "):
+        finetune(cfg, parallel=_ShardedWorld2())  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()
