@@ -1,10 +1,11 @@
-"""Sharded full fine-tuning (`torchrun --nproc-per-node 2 -m mixlab sft|dpo --fsdp`, gloo on loopback)
-equals the one-process run: SFT (with activation checkpointing), and DPO with a frozen router
-(reference log-probs and evaluations through the sharded model, whose forward every process must
-join), metrics records and the final hf/ weights within 1e-5; a run stopped at step 2 and resumed
-under --fsdp, one resumed under --fsdp from a one-process checkpoint, and one process resuming a
-two-process sharded checkpoint all equal the uninterrupted run; each process holds half of the
-parameters; --fsdp with LoRA is one line.
+"""Sharded full fine-tuning (`torchrun --nproc-per-node 2 -m mixlab sft|dpo --fsdp`, `--ep 2`,
+`--ep 2 --fsdp`, gloo on loopback) equals the one-process run: SFT (with activation checkpointing),
+and DPO with a frozen router (reference log-probs and evaluations through the sharded model, whose
+forward every process must join), metrics records and the final hf/ weights within 1e-5; a run
+stopped at step 2 and resumed under --fsdp (or --ep), one resumed under --fsdp from a one-process
+checkpoint, and one process resuming a two-process sharded checkpoint all equal the uninterrupted
+run; each process holds half of the parameters (--fsdp) or of the experts (--ep); --fsdp or --ep
+with LoRA is one line.
 
 One torchrun launch runs every two-process job in turn; the one-process runs are made here."""
 
@@ -25,10 +26,11 @@ from processes import mixlab
 from test_finetune_parallel import CFG, TIMEOUT, _config_file, _records, _same_tensors, _settings, files
 
 __all__ = ["files"]  # the fixture, shared with test_finetune_parallel.py
-pytestmark = pytest.mark.slow  # one torchrun launch of 6 sharded runs: 20-35 s on 2 busy cores
+pytestmark = pytest.mark.slow  # one torchrun launch of 12 sharded runs: 30-50 s on 2 busy cores
 
 # Every process runs the jobs in turn: a `mixlab` command line, or `finetune` over the sharded layout
-# (stop_after: as an interrupted run), reporting how many elements of the parameters it holds.
+# (fsdp, ep; stop_after: as an interrupted run), reporting how many elements of the parameters it
+# holds, and of the expert weights, each against the whole model's.
 SCRIPT = '''
 import json, os, sys
 from pathlib import Path
@@ -43,11 +45,12 @@ for job in jobs:
     if isinstance(job, list):
         report["codes"].append(main(job))
         continue
-    par = DistributedTraining(init(fsdp=True))
+    par = DistributedTraining(init(ep=job.get("ep", 1), fsdp=job.get("fsdp", True)))
     try:
         r = finetune(load_finetune_config(job["config"], **job["set"]), stop_after=job.get("stop_after"), parallel=par)
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in r.model.parameters())
-        report["held"].append([local, sum(p.numel() for p in r.model.parameters())])
+        local = {n: (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in r.model.named_parameters()}
+        held = [sum(local.values()), sum(v for n, v in local.items() if n in par.expert_names)]
+        report["held"].append({"ep": job.get("ep", 1), "fsdp": job.get("fsdp", True), "held": held})
     finally:
         shutdown()
 Path(sys.argv[1]).parent.joinpath(f"rank_{rank}.json").write_text(json.dumps(report))
@@ -78,7 +81,10 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
             "dpo": _settings(files, "dpo", two / "dpo", freeze_router=True)}
     for name, s in runs.items():  # the one-process runs, uninterrupted
         finetune(load_finetune_config(None, **(s | {"out": str(one / name)})))
-    resumed = {k: _settings(files, "sft", two / k) for k in ("stopped", "from_one", "to_one")}
+    for ep in ("ep", "ep_fsdp"):  # expert parallel, without and with FSDP
+        runs |= {f"sft_{ep}": _settings(files, "sft", two / f"sft_{ep}"),
+                 f"dpo_{ep}": _settings(files, "dpo", two / f"dpo_{ep}", freeze_router=True)}
+    resumed = {k: _settings(files, "sft", two / k) for k in ("stopped", "from_one", "to_one", "stopped_ep")}
     finetune(load_finetune_config(None, **resumed["from_one"]), stop_after=2)  # a one-process checkpoint
     conf = {name: _config_file(tmp_path / f"{name}.json", s) for name, s in (runs | resumed).items()}
     jobs: list[Any] = [
@@ -89,6 +95,13 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
         ["sft", str(conf["stopped"]), "--fsdp", "--resume"],
         ["sft", str(conf["from_one"]), "--fsdp", "--resume"],
         {"config": str(conf["to_one"]), "set": {"task": "sft"}, "stop_after": 2},  # resumed by one, below
+        # expert parallel: each process its half of the experts, FSDP or not
+        ["sft", str(conf["sft_ep"]), "--ep", "2"],
+        ["sft", str(conf["sft_ep_fsdp"]), "--ep", "2", "--fsdp"],
+        {"config": str(conf["dpo_ep"]), "set": {"task": "dpo"}, "ep": 2, "fsdp": False},
+        {"config": str(conf["dpo_ep_fsdp"]), "set": {"task": "dpo"}, "ep": 2, "fsdp": True},
+        {"config": str(conf["stopped_ep"]), "set": {"task": "sft"}, "stop_after": 2, "ep": 2, "fsdp": False},
+        ["sft", str(conf["stopped_ep"]), "--ep", "2", "--resume"],
     ]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "run.py").write_text(SCRIPT)
@@ -96,46 +109,68 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
     _, err = p.communicate(timeout=TIMEOUT)
     assert p.returncode == 0, err[-3000:]
     report = {r: json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)}
-    assert report[0]["codes"] == report[1]["codes"] == [0, 0, 0]
+    assert report[0]["codes"] == report[1]["codes"] == [0] * 6
     # the checkpoints are sharded: every process wrote its pieces
     state = checkpoints.validate(two / "to_one" / "checkpoints" / "step_00000002")
     assert state["format"] == "dcp" and state["world"] == 2 and state["fsdp"] is True
     finetune(load_finetune_config(None, **resumed["to_one"]), resume=True)
 
-    _same_runs(one / "sft", two / "sft")
-    _same_runs(one / "dpo", two / "dpo")
-    _same_tensors(one / "dpo" / "reference_logps.safetensors", two / "dpo" / "reference_logps.safetensors")
+    for sharding in ("", "_ep", "_ep_fsdp"):
+        _same_runs(one / "sft", two / f"sft{sharding}")
+        _same_runs(one / "dpo", two / f"dpo{sharding}")
+        _same_tensors(one / "dpo" / "reference_logps.safetensors",
+                      two / f"dpo{sharding}" / "reference_logps.safetensors")
     for name in resumed:
         _same_runs(one / "sft", two / name)
-    # each process holds half of every parameter (the total counts tied weights once, as the model does)
-    whole = sum(p.numel() for p in Transformer(CFG).parameters())
+    state = checkpoints.validate(two / "stopped_ep" / "checkpoints" / "step_00000002")
+    assert state["format"] == "dcp" and state["world"] == 2 and state["ep"] == 2, state
+    # FSDP: each process holds half of every parameter (the total counts tied weights once, as the model
+    # does); --ep alone: half of the experts and all the rest
+    model = Transformer(CFG)
+    whole = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     for rank in (0, 1):
-        for local, total in report[rank]["held"]:
-            assert total == whole and 0.45 * whole < local < 0.55 * whole, (rank, local, whole)
+        assert [(h["ep"], h["fsdp"]) for h in report[rank]["held"]] == [(1, True)] * 3 + [(2, False), (2, True),
+                                                                                          (2, False)]
+        for h in report[rank]["held"]:
+            local, local_experts = h["held"]
+            want = 0.5 * whole if h["fsdp"] else whole - experts / 2
+            assert abs(local - want) < 0.05 * whole and local_experts == experts // 2, (rank, h, whole, experts)
 
 
-def test_fsdp_with_lora_is_one_line(files: dict[str, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_fsdp_or_ep_with_lora_is_one_line(files: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from mixlab.cli import main
 
-    assert main(["sft", "--model", str(files["base"]), "--data", str(files["sft"]), "--out", str(tmp_path / "run"),
-                 "--fsdp", "--lora-rank", "4"]) == 2
+    base = ["sft", "--model", str(files["base"]), "--data", str(files["sft"]), "--out", str(tmp_path / "run"),
+            "--lora-rank", "4"]
+    assert main([*base, "--fsdp"]) == 2
     err = capsys.readouterr().err
     assert err == ("mixlab sft: error: --fsdp with --lora-rank: --fsdp shards full fine-tuning; a LoRA run's trainable "
                    "part is small: run it data parallel (leave out --fsdp)\n"), err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun's second process: refused before the process group
+    assert main([*base, "--ep", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("mixlab sft: error: --ep with --lora-rank: --ep shards full fine-tuning; a LoRA run's trainable "
+                   "part is small: run it data parallel (leave out --ep)\n"), err
     assert not (tmp_path / "run").exists()
 
 
 class _ShardedWorld2:
-    """Rank 0 of two sharded processes, refused before any collective."""
+    """Rank 0 of two sharded processes (FSDP, or expert parallel), refused before any collective."""
 
-    rank, world, is_main, fsdp = 0, 2, True, True
+    rank, world, is_main = 0, 2, True
+
+    def __init__(self, *, fsdp: bool, ep: int) -> None:
+        self.fsdp, self.ep = fsdp, ep
 
 
 def test_a_sharded_lora_run_is_refused_before_anything(files: dict[str, Path], tmp_path: Path) -> None:
     from mixlab.config import ConfigError
 
     cfg = load_finetune_config(None, **_settings(files, "sft", tmp_path / "run", lora_rank=4))
-    with pytest.raises(ConfigError, match=r"^fine-tuning setting 'lora_rank': --fsdp shards full fine-tuning; a LoRA "):
-        finetune(cfg, parallel=_ShardedWorld2())  # type: ignore[arg-type]
+    for flag, par in (("--fsdp", _ShardedWorld2(fsdp=True, ep=1)), ("--ep", _ShardedWorld2(fsdp=False, ep=2))):
+        with pytest.raises(ConfigError, match=rf"^fine-tuning setting 'lora_rank': {flag} shards full fine-tuning; "
+                                              rf"a LoRA .* \(leave out {flag}\)$"):
+            finetune(cfg, parallel=par)  # type: ignore[arg-type]
     assert not (tmp_path / "run").exists()

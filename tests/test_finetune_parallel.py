@@ -195,16 +195,26 @@ def test_a_batch_size_that_does_not_split_is_one_line(files: dict[str, Path], tm
     assert "[rank" not in err and not (tmp_path / "run").exists()
 
 
-def test_ep_is_refused_for_fine_tuning(files: dict[str, Path], tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_ep_the_processes_cannot_hold_is_one_line(files: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any process group or file: --ep 3 in a world of one, and of two (as torchrun's
+    WORLD_SIZE says; --ep must divide it)."""
     from mixlab.cli import main
 
-    assert main(["dpo", "--model", str(files["base"]), "--data", str(files["dpo"]), "--out", str(tmp_path / "run"),
-                 "--ep", "2"]) == 2
+    base = ["dpo", "--model", str(files["base"]), "--data", str(files["dpo"]), "--out", str(tmp_path / "run"),
+            "--ep", "3"]
+    assert main(base) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mixlab dpo: error: --ep: mixlab dpo runs data parallel") and err.count("\n") == 1, err
+    assert err == ("mixlab dpo: error: --ep 3 needs 3 processes (or a multiple of 3) and this is one: launch it "
+                   "with `torchrun --nproc-per-node 3 -m mixlab ...`\n"), err
+    assert os.environ.get("WORLD_SIZE") is None  # no world of one was started
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err == ("mixlab dpo: error: --ep 3 must divide the number of processes (2): use --ep 1 or 2, or run a "
+                   "multiple of 3 processes\n"), err
     assert not (tmp_path / "run").exists()
-    assert os.environ.get("WORLD_SIZE") is None
 
 
 class _Checked(Exception):

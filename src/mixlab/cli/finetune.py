@@ -22,9 +22,10 @@ def _run(args: argparse.Namespace, task: str) -> int:
     )
     from mixlab.train.settings import check_split
 
-    if args.ep is not None:
-        raise UsageError(f"--ep: mixlab {task} runs data parallel (`torchrun --nproc-per-node N -m mixlab {task} "
-                         "...`), or sharded with --fsdp; expert parallelism is not supported for fine-tuning yet")
+    if args.ep is not None:  # before the data is read, as train's
+        from mixlab.parallel.mesh import check_ep
+
+        check_ep(args.ep)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each process computes its rows of a batch
 
     keys: tuple[str, ...] = (
@@ -51,20 +52,21 @@ def _run(args: argparse.Namespace, task: str) -> int:
         if args.merge and not cfg.lora_rank:  # the flag's or the config file's rank
             raise UsageError("--merge merges LoRA adapters: it needs lora_rank (--lora-rank R, or in the config "
                              "file; full fine-tuning writes hf/ anyway)")
-        if args.fsdp and cfg.lora_rank:  # the flag's or the config file's rank
-            raise UsageError("--fsdp with --lora-rank: --fsdp shards full fine-tuning; a LoRA run's trainable part "
-                             "is small: run it data parallel (leave out --fsdp)")
+        sharding = "--fsdp" if args.fsdp else "--ep" if args.ep is not None and args.ep > 1 else None
+        if sharding and cfg.lora_rank:  # the flag's or the config file's rank
+            raise UsageError(f"{sharding} with --lora-rank: {sharding} shards full fine-tuning; a LoRA run's "
+                             f"trainable part is small: run it data parallel (leave out {sharding})")
         check_fits(cfg, init_config(cfg.model), resolve_tokenizer(cfg)[0])
         check_split(cfg.batch_size, world, what="fine-tuning")
 
     with flag_errors(args):
         cfg = load_finetune_config(args.config, then=fits, **over)
     par = None
-    if world > 1 or args.fsdp:  # --fsdp alone: a world of one, as `mixlab train --fsdp`
+    if world > 1 or args.fsdp or args.ep is not None:  # --fsdp alone: a world of one, as `mixlab train --fsdp`
         from mixlab.parallel.mesh import init
         from mixlab.parallel.train import DistributedTraining
 
-        par = DistributedTraining(init(device=cfg.device, fsdp=args.fsdp))
+        par = DistributedTraining(init(ep=1 if args.ep is None else args.ep, device=cfg.device, fsdp=args.fsdp))
     result = run_processes(lambda: finetune(cfg, resume=resume_arg(args), parallel=par), par)
     if result is None:
         return 0
@@ -126,7 +128,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--device", default=None, help="cpu (default) or cuda")
         add_resume_args(p)
         add_quiet_arg(p)
-        p.add_argument("--ep", type=int, default=None, help=argparse.SUPPRESS)  # refused with a line: not yet
+        p.add_argument("--ep", type=int, default=None, metavar="E",
+                       help="full fine-tuning under torchrun: each process holds E-th of the experts (expert "
+                            "parallelism, as train's; E divides the processes and the experts); not with --lora-rank")
         p.add_argument("--fsdp", action="store_true",
                        help="full fine-tuning under torchrun: shard weights, gradients and AdamW states over the "
                             "processes (FSDP2, as train's); not with --lora-rank")

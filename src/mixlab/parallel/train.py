@@ -10,6 +10,10 @@ of the global mean loss is then the mean of their gradients:
   and divided by `world` (FSDP averages over `dp`; `sync_grads` divides by `ep`. FSDP's
   `set_gradient_divide_factor` would do it in the reduce-scatter, but gloo has no PREMUL_SUM).
 
+Fine-tuning (`mixlab sft|dpo --ep E [--fsdp]`, train/finetune.py) gives each process its share of
+the global loss instead of a mean: `sum_grads` combines the gradients the same way without the
+division (`_combine`, the one home of both).
+
 The load-balancing loss's fractions f are summed over the processes (`router_losses(reduce=)`), so
 losses and gradients equal the one-process run's on the whole batch (tests/test_parallel.py).
 """
@@ -93,8 +97,10 @@ class DistributedTraining:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.rank, self.world, self.is_main = layout.rank, layout.world, layout.is_main
-        self.fsdp = layout.fsdp  # fine-tuning: the model is `build`'s, sharded (`finetune.Sharded`)
+        # fine-tuning: with either, the model is `build`'s, sharded (`finetune.Sharded`)
+        self.fsdp, self.ep = layout.fsdp, layout.ep
         self.expert_names: set[str] = set()
+        self._experts: set[int] = set()  # `build`'s expert-parallel parameters (ids), for `sum_grads`
 
     def parallelize(self, model: Transformer) -> None:
         self.expert_names = expert_param_names(model)
@@ -121,6 +127,8 @@ class DistributedTraining:
         if config.tie_embeddings:  # to_empty gives each module its own plain tensor (DTensors it keeps shared)
             model.output.weight = model.tok_embeddings.weight
         params = dict(model.named_parameters())
+        if self.layout.ep > 1:
+            self._experts = {id(p) for name, p in params.items() if name in self.expert_names}
         if values is None:
             checkpoints.load_init_pieces(
                 init_from, config, {name: (_local(p), self.piece(name, p)) for name, p in params.items()},
@@ -186,30 +194,40 @@ class DistributedTraining:
             (experts if name in self.expert_names and self.layout.ep > 1 else dense).append(p)
         return dense, experts
 
+    def _combine(self, dense: list[torch.nn.Parameter], experts: list[torch.nn.Parameter], *, divide: int) -> None:
+        """Each gradient summed over the processes that share its weight, then divided by `divide`:
+        dense weights over all of them; expert shards, which the all-to-all's backward has already
+        given their expert group's contributions, over the `dp` replicas. With FSDP the backward's
+        reduce-scatter has made each shard the mean over its unit's mesh (all processes, or the dp
+        ones): times that mesh's size over `divide` (exact: one divides the other)."""
+        if self.layout.fsdp:
+            for p in dense + experts:
+                if p.grad is None or not isinstance(p, DTensor):
+                    continue
+                n = p.device_mesh.size()
+                if n > divide:
+                    _local(p.grad).mul_(n // divide)
+                elif n < divide:
+                    _local(p.grad).div_(divide // n)
+            return
+        for params, group, size in ((dense, None, self.world), (experts, self.layout.dp_group, self.layout.dp)):
+            sum_grads(params, group=group, size=size, divide=divide)
+
     def sync_grads(self, model: Transformer) -> None:
         """Average the gradients over the processes (see the module docstring)."""
         dense, experts = self._split(model)
-        if self.layout.fsdp:  # reduce-scattered in backward, averaged over dp
-            for p in experts:
-                if p.grad is not None:
-                    _local(p.grad).div_(self.layout.ep)
-            return
-        for params, group, size in ((dense, None, self.world), (experts, self.layout.dp_group, self.layout.dp)):
-            sum_grads(params, group=group, size=size, divide=self.world)
+        self._combine(dense, experts, divide=self.world)
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Each of `params`' gradients summed over all processes (data-parallel fine-tuning, where
-        each process's loss is its share of the global batch's). One that no process has (a weight
-        no token reached) stays None, as in one process, where AdamW then leaves it be. With FSDP the
-        backward's reduce-scatter has already made each shard the mean over its unit's processes:
-        times their number, the sum (exact where that is a power of 2)."""
-        if self.fsdp:
-            for p in params:
-                if p.grad is not None and isinstance(p, DTensor):
-                    _local(p.grad).mul_(p.device_mesh.size())
-            return
-        used = self.all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
-        sum_grads([p for p, u in zip(params, used.tolist(), strict=True) if u], group=None, size=self.world)
+        """Each of `params`' gradients summed over the processes (data-parallel or sharded fine-tuning,
+        where each process's loss is its share of the global batch's; `_combine`). One that no process
+        has (a weight no token reached) stays None, as in one process, where AdamW then leaves it be
+        (expert shards always have one: `expert._keep_in_graph`)."""
+        if not self.layout.fsdp:
+            used = self.all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
+            params = [p for p, u in zip(params, used.tolist(), strict=True) if u]
+        self._combine([p for p in params if id(p) not in self._experts],
+                      [p for p in params if id(p) in self._experts], divide=1)
 
     def clip_grad_norm(self, model: Transformer, max_norm: float) -> float:
         """The global gradient norm (every weight counted once) and clipping to `max_norm`, as

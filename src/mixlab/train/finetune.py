@@ -26,11 +26,12 @@ Run folder (`out`):
 
 Data parallel (`parallel=`, `torchrun ... -m mixlab sft|dpo`): every process holds the whole model
 and computes its rows of every global micro-batch; its loss is its share of the one-process loss, the
-gradients are summed, and rank 0 alone writes the run folder (docs/training.md). Sharded (`--fsdp`,
-full fine-tuning: a `Sharded` parallel): the same shares over `mixlab train`'s FSDP2 model
-(parallel/train.py), each process holding 1/N of the weights, gradients and AdamW states; every
-process writes its pieces of each checkpoint (torch.distributed.checkpoint, rank 0 commits) and
-the hf/ export is gathered tensor by tensor, rank 0 writing it.
+gradients are summed, and rank 0 alone writes the run folder (docs/training.md). Sharded (`--fsdp`
+and / or `--ep E`, full fine-tuning: a `Sharded` parallel): the same shares over `mixlab train`'s
+FSDP2 and expert-parallel model (parallel/train.py), each process holding 1/N of the weights,
+gradients and AdamW states (FSDP) or E-th of the experts (--ep); every process writes its pieces of
+each checkpoint (torch.distributed.checkpoint, rank 0 commits) and the hf/ export is gathered
+tensor by tensor, rank 0 writing it.
 """
 
 from __future__ import annotations
@@ -173,12 +174,15 @@ class DataParallel(Protocol):
 
 
 class Sharded(DataParallel, Protocol):
-    """A `DataParallel` whose `fsdp` is True (`DistributedTraining` under `--fsdp`): the model is
-    `build`'s, sharded over the processes (parameters, gradients, AdamW states); every process writes
-    its pieces of each checkpoint and joins the export. Its forward is collective: every process runs
-    every forward the others run (evaluations included)."""
+    """A `DataParallel` whose `fsdp` is True or whose `ep` is over 1 (`DistributedTraining` under
+    `--fsdp`, `--ep E`): the model is `build`'s, sharded over the processes (FSDP: parameters,
+    gradients, AdamW states; expert parallelism: each process holds E-th of the experts, tokens
+    travel to them by all-to-all); every process writes its pieces of each checkpoint and joins the
+    export. Its forward is collective: every process runs every forward the others run (evaluations
+    included)."""
 
     fsdp: bool
+    ep: int
 
     def check_shared(self, folder: Path) -> None: ...  # refuse a folder some process does not see as rank 0 does
     def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int,
@@ -193,8 +197,10 @@ class Sharded(DataParallel, Protocol):
 
 
 def sharded(par: DataParallel | None) -> Sharded | None:
-    """`par` when it shards the model (`fsdp`), else None."""
-    return par if par is not None and getattr(par, "fsdp", False) else None  # type: ignore[return-value]
+    """`par` when it shards the model (`fsdp`, or `ep` over 1), else None."""
+    if par is None or not (getattr(par, "fsdp", False) or getattr(par, "ep", 1) > 1):
+        return None
+    return par  # type: ignore[return-value]
 
 
 def load_finetune_config(path: str | Path | None = None, *,
@@ -607,13 +613,15 @@ def finetune(cfg: FinetuneConfig, *, resume: bool | str = False, stop_after: int
     checkpoint) after this many steps in total, as if killed. `parallel`: run as one of several
     processes, data parallel (see `DataParallel`): batch_size stays the global batch's, split evenly
     over them; losses, gradients, evaluations and checkpoints are the one-process run's. A `Sharded`
-    parallel (`--fsdp`) also shards the model: full fine-tuning only."""
+    parallel (`--fsdp`, `--ep E`) also shards the model: full fine-tuning only."""
     cfg = check_finetune_config(cfg)
     if parallel is not None:
         check_split(cfg.batch_size, parallel.world, what="fine-tuning")
-    if sharded(parallel) is not None and cfg.lora_rank:
-        raise ConfigError("fine-tuning setting 'lora_rank': --fsdp shards full fine-tuning; a LoRA run's trainable "
-                          "part is small: run it data parallel (leave out --fsdp)", setting="lora_rank")
+    shard = sharded(parallel)
+    if shard is not None and cfg.lora_rank:
+        flag = "--fsdp" if shard.fsdp else "--ep"
+        raise ConfigError(f"fine-tuning setting 'lora_rank': {flag} shards full fine-tuning; a LoRA run's trainable "
+                          f"part is small: run it data parallel (leave out {flag})", setting="lora_rank")
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     sources = check_run_folder(out, [cfg.model, cfg.data, cfg.valid_data])
