@@ -291,9 +291,26 @@ def test_finetune_fsdp_shards_the_states_and_gathers_a_block_at_a_time():
         "does not fit: try --fsdp, --activation-checkpointing, --lora-rank, ")  # more devices: each the whole model
 
 
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_finetune_ep_plans_as_train_s_layout(fsdp):
+    """`--mode finetune --ep E [--fsdp]` (sft / dpo --ep): full fine-tuning holds what training does in
+    that layout (its experts / ep, the all-to-all), and the experts' share shrinks with ep."""
+    kw = {"devices": 8, "batch": 8, "fsdp": fsdp, "activation_checkpointing": True}
+    p = plan(MIXTRAL, mode="finetune", ep=8, **kw)
+    t = plan(MIXTRAL, mode="train", ep=8, **kw)
+    assert (p.memory, p.comm) == (t.memory, t.comm)
+    assert p.comm["all-to-all (expert parallel), per step"] > 0
+    ps = count_params(MIXTRAL)
+    local = ps.dense / (8 if fsdp else 1) + ps.experts / 8
+    assert p.memory["optimizer (AdamW, 2 x float32)"] == pytest.approx(8 * local)
+    if not fsdp:  # data parallel: each device the whole model
+        assert p.total < plan(MIXTRAL, mode="finetune", **kw).total - 0.8 * 16 * ps.experts
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"devices": 2, "batch": 3}, "--batch must be a positive multiple of --devices (2) for training, got 3"),
-    ({"devices": 2, "ep": 2}, "--ep 2: fine-tuning (mixlab sft / dpo) runs data parallel, or sharded with --fsdp"),
+    ({"devices": 2, "ep": 2, "lora_rank": 4}, "--ep 2 with --lora-rank: mixlab sft / dpo shard full fine-tuning "
+                                              "only (a LoRA run's trainable part is small: plan it without --ep)"),
     ({"fsdp": True, "lora_rank": 4}, "--fsdp with --lora-rank: mixlab sft / dpo shard full fine-tuning only"),
     ({"quant": "int4"}, "--quant applies to --mode infer only"),
     ({"dtype": "float16"}, "--dtype float16: fine-tuning autocasts to float32 or bfloat16 only"),
@@ -311,8 +328,8 @@ def test_finetune_refusals(kw, msg):
 def test_finetune_refusals_elsewhere():
     with pytest.raises(ValueError, match="--lora-rank applies to --mode finetune only"):
         plan(TINY, mode="train", lora_rank=4)
-    with pytest.raises(ValueError, match="--ep 4: fine-tuning"):
-        plan(TINY, mode="finetune", devices=4, ep=4, batch=4)
+    with pytest.raises(ValueError, match=re.escape("--ep must divide --devices (4), got 3")):
+        plan(TINY, mode="finetune", devices=4, ep=3, batch=4)
     with pytest.raises(ValueError, match="--lora-targets router: the model is dense"):
         plan(get_preset("tiny-dense"), mode="finetune", seq=128, lora_rank=4, lora_targets="attention,router")
     with pytest.raises(ValueError, match="groups of 32 inputs; attention.wqkv has 48"):
@@ -333,10 +350,9 @@ def test_finetune_cli(capsys):
     assert got["total"] == pytest.approx(sum(got["memory"].values()))
     assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--seq", "128"]) == 0
     assert "LoRA rank 8 on attention,experts, base float32" in capsys.readouterr().out
-    assert main(["plan", "tiny-moe", "--mode", "finetune", "--devices", "2", "--ep", "2"]) == 2
+    assert main(["plan", "tiny-moe", "--mode", "finetune", "--devices", "2", "--ep", "2", "--lora-rank", "4"]) == 2
     err = capsys.readouterr().err
-    assert "--ep 2: fine-tuning (mixlab sft / dpo) runs data parallel, or sharded with --fsdp" in err and \
-        "Traceback" not in err
+    assert "--ep 2 with --lora-rank: mixlab sft / dpo shard full fine-tuning only" in err and "Traceback" not in err
     assert main(["plan", "tiny-moe", "--mode", "infer", "--lora-rank", "8"]) == 2
     assert "--lora-rank applies to --mode finetune only" in capsys.readouterr().err
     assert main(["plan", "tiny-moe", "--mode", "finetune", "--lora-rank", "8", "--lora-targets", "mlp"]) == 2

@@ -31,8 +31,9 @@ inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or 
 fine-tuning (`mixlab sft` / `mixlab dpo`, `train/finetune.py`, data parallel over `devices`, each
     holding the whole model and its share of the batch; a DPO pair is two
     sequences of `batch`, its reference log-probs computed before training): without `lora_rank`,
-    training's 16 bytes per parameter, and with `fsdp` (`sft --fsdp`, full fine-tuning only) training's
-    FSDP rule: those 16 bytes / `devices`, plus two blocks gathered unsharded; with `lora_rank`, as
+    training's 16 bytes per parameter, and with `fsdp` and / or `ep` (`sft --fsdp`, `--ep E`, full
+    fine-tuning only) training's rules: those 16 bytes / `devices` plus two blocks gathered
+    unsharded, the experts' / `ep`, and the all-to-all; with `lora_rank`, as
     `train/lora.py` holds the model:
     frozen base  each targeted matrix in `lora_base_dtype` (int8: 1 B + a float32 scale per row;
                  int4: 0.5 B + a float16 scale per 32 inputs; the router's base stays float32 under
@@ -222,12 +223,10 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         raise ValueError(f"--devices must be >= 1, got {devices}")
     lora = _check_lora(config, mode, lora_rank, lora_targets, lora_base_dtype)
     if mode == "finetune":
-        if ep > 1:
-            raise ValueError(f"--ep {ep}: fine-tuning (mixlab sft / dpo) runs data parallel, or sharded with --fsdp; "
-                             "not expert parallel")
-        if fsdp and lora is not None:
-            raise ValueError("--fsdp with --lora-rank: mixlab sft / dpo shard full fine-tuning only (a LoRA run's "
-                             "trainable part is small: plan it without --fsdp)")
+        sharding = "--fsdp" if fsdp else f"--ep {ep}" if ep > 1 else None
+        if sharding and lora is not None:
+            raise ValueError(f"{sharding} with --lora-rank: mixlab sft / dpo shard full fine-tuning only (a LoRA "
+                             f"run's trainable part is small: plan it without {sharding.split()[0]})")
         if dtype == "float16":
             raise ValueError("--dtype float16: fine-tuning autocasts to float32 or bfloat16 only")
     if ep < 1 or devices % ep:
