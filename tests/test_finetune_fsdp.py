@@ -4,10 +4,12 @@ and DPO with a frozen router (reference log-probs and evaluations through the sh
 forward every process must join), metrics records and the final hf/ weights within 1e-5; a run
 stopped at step 2 and resumed under --fsdp (or --ep), one resumed under --fsdp from a one-process
 checkpoint, and one process resuming a two-process sharded checkpoint all equal the uninterrupted
-run; each process holds half of the parameters (--fsdp) or of the experts (--ep); --fsdp or --ep
-with LoRA is one line.
+run; each process holds half of the parameters (--fsdp) or of the experts (--ep); 4 processes under
+--ep 2 (two replicas of the experts' split, with and without --fsdp) equal one; --fsdp or --ep with
+LoRA is one line.
 
-One torchrun launch runs every two-process job in turn; the one-process runs are made here."""
+One torchrun launch runs every two-process job in turn (another the four-process ones); the
+one-process runs are made here."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from processes import mixlab
 from test_finetune_parallel import CFG, TIMEOUT, _config_file, _records, _same_tensors, _settings, files
 
 __all__ = ["files"]  # the fixture, shared with test_finetune_parallel.py
-pytestmark = pytest.mark.slow  # one torchrun launch of 12 sharded runs: 30-50 s on 2 busy cores
+pytestmark = pytest.mark.slow  # a torchrun launch of 12 sharded runs, one of 4 processes: 30-45 s on 2 busy cores
 
 # Every process runs the jobs in turn: a `mixlab` command line, or `finetune` over the sharded layout
 # (fsdp, ep; stop_after: as an interrupted run), reporting how many elements of the parameters it
@@ -136,6 +138,27 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
             local, local_experts = h["held"]
             want = 0.5 * whole if h["fsdp"] else whole - experts / 2
             assert abs(local - want) < 0.05 * whole and local_experts == experts // 2, (rank, h, whole, experts)
+
+
+def test_expert_parallel_replicas_equal_one_process(files: dict[str, Path], tmp_path: Path) -> None:
+    """4 processes, --ep 2: 2 replicas of a 2-way expert split, whose expert gradients are summed over
+    the replicas (the dp group; all-reduced without --fsdp, reduce-scattered with it)."""
+    one, four = tmp_path / "one", tmp_path / "four"
+    four.mkdir()
+    runs = {"sft": _settings(files, "sft", four / "sft"),
+            "dpo": _settings(files, "dpo", four / "dpo", freeze_router=True)}
+    for name, s in runs.items():
+        finetune(load_finetune_config(None, **(s | {"out": str(one / name)})))
+    conf = {name: _config_file(tmp_path / f"{name}.json", s) for name, s in runs.items()}
+    jobs = [["sft", str(conf["sft"]), "--ep", "2"], ["dpo", str(conf["dpo"]), "--ep", "2", "--fsdp"]]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "run.py").write_text(SCRIPT)
+    p = mixlab([str(tmp_path / "jobs.json")], nproc=4, script=tmp_path / "run.py")
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "rank_3.json").read_text())["codes"] == [0, 0]
+    _same_runs(one / "sft", four / "sft")
+    _same_runs(one / "dpo", four / "dpo")
 
 
 def test_fsdp_or_ep_with_lora_is_one_line(files: dict[str, Path], tmp_path: Path,
