@@ -199,11 +199,11 @@ def test_an_ep_the_processes_cannot_hold_is_one_line(files: dict[str, Path], tmp
                                                      capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused before any process group or file: --ep 3 in a world of one, and of two (as torchrun's
-    WORLD_SIZE says; --ep must divide it)."""
+    WORLD_SIZE says; --ep must divide it), of three over 4 experts; --ep 2 on a dense model."""
     from mixlab.cli import main
 
     base = ["dpo", "--model", str(files["base"]), "--data", str(files["dpo"]), "--out", str(tmp_path / "run"),
-            "--ep", "3"]
+            "--seq-len", "96", "--ep", "3"]
     assert main(base) == 2
     err = capsys.readouterr().err
     assert err == ("mixlab dpo: error: --ep 3 needs 3 processes (or a multiple of 3) and this is one: launch it "
@@ -214,6 +214,19 @@ def test_an_ep_the_processes_cannot_hold_is_one_line(files: dict[str, Path], tmp
     err = capsys.readouterr().err
     assert err == ("mixlab dpo: error: --ep 3 must divide the number of processes (2): use --ep 1 or 2, or run a "
                    "multiple of 3 processes\n"), err
+    monkeypatch.setenv("WORLD_SIZE", "3")  # the processes hold it, the model's 4 experts do not
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err == "mixlab dpo: error: --ep 3 must divide the number of experts (4)\n", err
+    dense = tmp_path / "dense"
+    save_model(Transformer(dataclasses.replace(CFG, moe=None)), dense)
+    (dense / "mixlab_data.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sft", "--model", str(dense), "--data", str(files["sft"]), "--out", str(tmp_path / "run"),
+                 "--seq-len", "96", "--ep", "2", "--fsdp"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("mixlab sft: error: --ep 2: the model is dense (no MoE layer), there are no experts to split; "
+                   "leave out --ep (under torchrun, mixlab sft then runs data parallel)\n"), err
     assert not (tmp_path / "run").exists()
 
 

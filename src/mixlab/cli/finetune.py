@@ -56,7 +56,15 @@ def _run(args: argparse.Namespace, task: str) -> int:
         if sharding and cfg.lora_rank:  # the flag's or the config file's rank
             raise UsageError(f"{sharding} with --lora-rank: {sharding} shards full fine-tuning; a LoRA run's "
                              f"trainable part is small: run it data parallel (leave out {sharding})")
-        check_fits(cfg, init_config(cfg.model), resolve_tokenizer(cfg)[0])
+        mc = init_config(cfg.model)
+        if args.ep is not None and args.ep > 1:  # before the data is read (build would find it after)
+            E = mc.moe.num_experts if mc.moe is not None else 0
+            if not E:
+                raise UsageError(f"--ep {args.ep}: the model is dense (no MoE layer), there are no experts to "
+                                 f"split; leave out --ep (under torchrun, mixlab {task} then runs data parallel)")
+            if E % args.ep:
+                raise UsageError(f"--ep {args.ep} must divide the number of experts ({E})")
+        check_fits(cfg, mc, resolve_tokenizer(cfg)[0])
         check_split(cfg.batch_size, world, what="fine-tuning")
 
     with flag_errors(args):
