@@ -3,8 +3,8 @@
 and DPO with a frozen router (reference log-probs and evaluations through the sharded model, whose
 forward every process must join), metrics records and the final hf/ weights within 1e-5; a run
 stopped at step 2 and resumed under --fsdp (or --ep), one resumed under --fsdp from a one-process
-checkpoint, and one process resuming a two-process sharded checkpoint all equal the uninterrupted
-run; each process holds half of the parameters (--fsdp) or of the experts (--ep); 4 processes under
+checkpoint, and one process resuming a two-process --fsdp (or --ep) checkpoint all equal the
+uninterrupted run; each process holds half of the parameters (--fsdp) or of the experts (--ep); 4 processes under
 --ep 2 (two replicas of the experts' split, with and without --fsdp) equal one; --fsdp or --ep with
 LoRA is one line.
 
@@ -86,7 +86,8 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
     for ep in ("ep", "ep_fsdp"):  # expert parallel, without and with FSDP
         runs |= {f"sft_{ep}": _settings(files, "sft", two / f"sft_{ep}"),
                  f"dpo_{ep}": _settings(files, "dpo", two / f"dpo_{ep}", freeze_router=True)}
-    resumed = {k: _settings(files, "sft", two / k) for k in ("stopped", "from_one", "to_one", "stopped_ep")}
+    resumed = {k: _settings(files, "sft", two / k)
+               for k in ("stopped", "from_one", "to_one", "stopped_ep", "ep_to_one")}
     finetune(load_finetune_config(None, **resumed["from_one"]), stop_after=2)  # a one-process checkpoint
     conf = {name: _config_file(tmp_path / f"{name}.json", s) for name, s in (runs | resumed).items()}
     jobs: list[Any] = [
@@ -104,6 +105,7 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
         {"config": str(conf["dpo_ep_fsdp"]), "set": {"task": "dpo"}, "ep": 2, "fsdp": True},
         {"config": str(conf["stopped_ep"]), "set": {"task": "sft"}, "stop_after": 2, "ep": 2, "fsdp": False},
         ["sft", str(conf["stopped_ep"]), "--ep", "2", "--resume"],
+        {"config": str(conf["ep_to_one"]), "set": {"task": "sft"}, "stop_after": 2, "ep": 2, "fsdp": False},
     ]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "run.py").write_text(SCRIPT)
@@ -115,7 +117,8 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
     # the checkpoints are sharded: every process wrote its pieces
     state = checkpoints.validate(two / "to_one" / "checkpoints" / "step_00000002")
     assert state["format"] == "dcp" and state["world"] == 2 and state["fsdp"] is True
-    finetune(load_finetune_config(None, **resumed["to_one"]), resume=True)
+    for name in ("to_one", "ep_to_one"):  # one process resumes a sharded checkpoint (FSDP, expert parallel)
+        finetune(load_finetune_config(None, **resumed[name]), resume=True)
 
     for sharding in ("", "_ep", "_ep_fsdp"):
         _same_runs(one / "sft", two / f"sft{sharding}")
@@ -133,7 +136,7 @@ def test_two_sharded_processes_equal_one(files: dict[str, Path], tmp_path: Path)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     for rank in (0, 1):
         assert [(h["ep"], h["fsdp"]) for h in report[rank]["held"]] == [(1, True)] * 3 + [(2, False), (2, True),
-                                                                                          (2, False)]
+                                                                                          (2, False), (2, False)]
         for h in report[rank]["held"]:
             local, local_experts = h["held"]
             want = 0.5 * whole if h["fsdp"] else whole - experts / 2
