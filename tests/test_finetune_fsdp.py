@@ -28,7 +28,7 @@ from processes import mixlab
 from test_finetune_parallel import CFG, TIMEOUT, _config_file, _records, _same_tensors, _settings, files
 
 __all__ = ["files"]  # the fixture, shared with test_finetune_parallel.py
-pytestmark = pytest.mark.slow  # a torchrun launch of 12 sharded runs, one of 4 processes: 30-45 s on 2 busy cores
+pytestmark = pytest.mark.slow  # a torchrun launch of 12 sharded runs, one of 4 processes: 30-50 s on 2 busy cores
 
 # Every process runs the jobs in turn: a `mixlab` command line, or `finetune` over the sharded layout
 # (fsdp, ep; stop_after: as an interrupted run), reporting how many elements of the parameters it
