@@ -1,9 +1,15 @@
-"""Groups of processes for the tests of torch.distributed code: `torch.multiprocessing` spawns them on
-loopback (gloo), each runs its jobs with one thread, and the group is bounded in time."""
+"""Groups of processes for the tests of torch.distributed code: `torch.multiprocessing` starts them on
+loopback (gloo), each runs its jobs with one thread, and the group is bounded in time.
+
+The processes are forked from multiprocessing's fork server, which imports torch, its distributed
+packages and mixlab once (the first group starts it): spawned, every process of every group imported
+them itself, 1.5-3 s of CPU each. As a spawned one, each process starts in the caller's working folder
+with its sys.path, and `_worker` gives it the caller's environment (the server's is its first caller's)."""
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -19,6 +25,11 @@ import torch.multiprocessing as mp
 
 Job = Callable[[int, dict[str, Any]], None]
 
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor",
+                                        "torch.distributed.fsdp", "torch.distributed.checkpoint", "pytest",
+                                        "mixlab", "mixlab.checkpoint", "mixlab.parallel.expert",
+                                        "mixlab.parallel.train", "mixlab.train.loop", "processes"])
+
 
 def free_ports(n: int) -> list[int]:
     """`n` distinct ports free on loopback (held together while the kernel picks them)."""
@@ -33,8 +44,9 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def _worker(rank: int, world: int, port: int, run: Job, jobs: list[dict[str, Any]]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+def _worker(rank: int, world: int, port: int, run: Job, jobs: list[dict[str, Any]], env: dict[str, str]) -> None:
+    os.environ.clear()  # the fork server's environment is that of the test that started it
+    os.environ.update(env, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from mixlab.parallel.mesh import shutdown
@@ -56,7 +68,9 @@ def run_groups(run: Job, groups: list[tuple[int, list[dict[str, Any]]]], *, time
     """`run_group` for each (world, jobs) of `groups`, all at once, each group of processes on its own
     port (their processes wait on each other's collectives: the groups fill what one leaves idle)."""
     t0 = time.perf_counter()
-    ctxs = [mp.start_processes(_worker, args=(world, port, run, jobs), nprocs=world, join=False, start_method="spawn")
+    env = dict(os.environ)
+    ctxs = [mp.start_processes(_worker, args=(world, port, run, jobs, env), nprocs=world, join=False,
+                               start_method="forkserver")
             for (world, jobs), port in zip(groups, free_ports(len(groups)), strict=True)]
     deadline = time.monotonic() + timeout
     pending = ctxs

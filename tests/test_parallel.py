@@ -5,8 +5,9 @@ two torchrun agents as two nodes (c10d and static rendezvous), also restarted af
 the model built on the meta device: its initial weights equal one process's, and no process holds
 the whole model while it sets up.
 
-Each group of processes is started once per module (torch.multiprocessing, spawn) and runs a list
-of jobs; the tests compare what they wrote with one-process runs in this process."""
+Each group of processes is started once per module (torch.multiprocessing, forked from a server that
+imported torch: tests/processes.py) and runs a list of jobs; the tests compare what they wrote with
+one-process runs in this process."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def _setup_memory_job(rank: int, job: dict[str, Any]) -> None:
     def resident() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    def peak() -> int:  # since `from_here` (getrusage's ru_maxrss: a spawned process starts with its parent's)
+    def peak() -> int:  # since `from_here` (getrusage's ru_maxrss: a started process has its parent's)
         status = Path("/proc/self/status").read_text().splitlines()
         return int(next(ln.split()[1] for ln in status if ln.startswith("VmHWM:"))) * 1024  # kB
 

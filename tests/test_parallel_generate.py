@@ -7,7 +7,7 @@ to the process's experts, and never holds the whole model while it does. A Q4_0 
 int4 by default (each process's experts' bytes as read), and `--quant int8 / int4` quantises each
 process's share: both equal one process's quantised model.
 
-Like tests/test_parallel_init.py, a group of processes (gloo, loopback, spawned) runs a list of jobs."""
+Like tests/test_parallel_init.py, a group of processes (gloo, loopback, forked) runs a list of jobs."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ every process ends with the weights the old path gave it (the whole checkpoint l
 `checkpoints.load_init`, then sharded), bit for bit, from every format `init_from` reads, and never
 holds the whole model while it does.
 
-Like tests/test_parallel.py, each group of processes (gloo, loopback, spawned) runs a list of jobs."""
+Like tests/test_parallel.py, each group of processes (gloo, loopback, forked) runs a list of jobs."""
 
 from __future__ import annotations
 

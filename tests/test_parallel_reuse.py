@@ -2,7 +2,7 @@
 sweep script calling `mixlab.cli.main` in a loop): each run sets up its process layout and tears it
 down, and the next run in the same processes works as a fresh command would.
 
-Like tests/test_parallel_generate.py, a group of processes (gloo, loopback, spawned) runs a list of jobs;
+Like tests/test_parallel_generate.py, a group of processes (gloo, loopback, forked) runs a list of jobs;
 a world of one (`train --fsdp` without torchrun) runs in the test's own process."""
 
 from __future__ import annotations
