@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -778,20 +777,44 @@ def test_harness_keeps_lm_eval_s_own_models() -> None:
     assert run.stdout.split() == ["HFLM", "MixlabLM"], run.stderr[-500:]
 
 
-def test_harness_command_line_names_a_bad_checkpoint_in_one_line(tmp_path: Path, tasks: Path) -> None:
+def test_harness_command_line_names_a_bad_checkpoint_in_one_line(tmp_path: Path, tasks: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
     """`python -m mixlab.eval.harness run --model mixlab --model_args pretrained=MISSING` (or a model whose
-    vocabulary the tokenizer overruns) ended in a traceback through lm_eval's model construction."""
+    vocabulary the tokenizer overruns) ended in a traceback through lm_eval's model construction.
+    Its `main` with that argv, in this process, lm-eval's own tasks not indexed (a fresh interpreter
+    importing lm_eval and reading its thousands of task YAML files cost ~10 s a case): an exception other
+    than the exit's line fails the test here as a traceback would."""
+    import functools
+    import random
+
+    import numpy as np
+
     pytest.importorskip("lm_eval")
+    import lm_eval.tasks
+    import lm_eval.utils
+
+    from mixlab.eval import harness
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                        include_defaults=False))
+    monkeypatch.setattr(lm_eval.utils, "_LOGGING_CONFIGURED", True)  # no handler left on pytest's captured stderr
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     small = hf_mixtral(tmp_path / "small", vocab_size=259, hidden_size=32, intermediate_size=48)
+    rng = random.getstate(), np.random.get_state()  # lm_eval seeds the global generators: the next tests' stay
     for args, said in ((f"pretrained={tmp_path / 'nope'}", f"{tmp_path / 'nope'}: no such checkpoint folder"),
                        (f"pretrained={small}", "has 32000 tokens but the model's vocabulary has 259")):
-        run = subprocess.run([sys.executable, "-m", "mixlab.eval.harness", "run", "--model", "mixlab", "--model_args",
-                              args, "--tasks", "mx_ppl", "--include_path", str(tasks)],
-                             capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
-        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
-        last = run.stderr.strip().splitlines()[-1]
+        monkeypatch.setattr(sys, "argv", ["-m", "run", "--model", "mixlab", "--model_args", args,
+                                          "--tasks", "mx_ppl", "--include_path", str(tasks)])
+        with torch.random.fork_rng(), pytest.raises(SystemExit) as exit_:
+            harness.main()
+        err = capfd.readouterr().err
+        assert "Traceback" not in err, err[-2000:]
+        last = exit_.value.code  # sys.exit(str): the interpreter prints it as stderr's last line and exits 1
+        assert isinstance(last, str) and "\n" not in last, last
         assert last.startswith("python -m mixlab.eval.harness: error: ") and said in last, last
+    random.setstate(rng[0])
+    np.random.set_state(rng[1])
 
 
 def test_harness_refuses_a_continuation_longer_than_max_length(ckpt: Path) -> None:
