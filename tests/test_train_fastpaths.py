@@ -205,7 +205,7 @@ def test_compiled_training_equals_eager_and_evaluates(tmp_path) -> None:
         lines = [json.dumps({"text": f"The {i}th cat sat on the mat and looked around. " * 4}) for i in range(n)]
         (src / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     prepare(read_documents([tmp_path / "src"]), tmp_path / "ds")
-    tiny = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
+    tiny = {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
             "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2}}
     losses = {}
     for compiled in (False, True):
