@@ -22,14 +22,18 @@ pytest.importorskip("mistral_common")
 
 from mixlab import load_tokenizer  # noqa: E402
 from mixlab.serve import ServerConfig, ServerThread, create_app  # noqa: E402
+from mixlab.tokenizer import template_call_id  # noqa: E402
 from test_serve_tools import (  # noqa: E402
     ASK,
+    FOLLOW_UP,
     FORCED_TOOLS,
+    OTHER_IDS,
     TOOLS,
     _check_calls,
     _mistral_common,
     _Scripted,
     _v3,
+    _written,
     forced,  # noqa: F401 (a fixture: a random tiny model over the v3 tokenizer)
 )
 
@@ -206,7 +210,12 @@ USER = {"role": "user", "content": "Weather?"}
     ({"tools": None, "tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "required", "text": {"format": {"type": "json_object"}}}, "text.format"),
     ({"input": [USER, {**OUT, "call_id": "zyxWVU987"}]}, "input[1].call_id"),  # answers no call
-    ({"input": [USER, {**CALL, "call_id": "call_1"}, {**OUT, "call_id": "call_1"}]}, "input[1].call_id"),  # not v3's
+    ({"input": [USER, {**CALL, "call_id": ""}, {**OUT, "call_id": ""}]}, "input[1].call_id"),  # empty
+    ({"input": [USER, {**CALL, "call_id": 5}, {**OUT, "call_id": 5}]}, "input[1].call_id"),  # not a string
+    ({"input": [USER, CALL, {**OUT, "call_id": 5}]}, "input[2].call_id"),
+    ({"input": [USER, {**CALL, "call_id": "call_1"}, {**CALL, "call_id": template_call_id("call_1")},
+                {**OUT, "call_id": "call_1"}, {**OUT, "call_id": template_call_id("call_1")}]},
+     "input"),  # two ids written as one
     ({"input": [USER, {k: v for k, v in CALL.items() if k != "arguments"}, OUT]}, "input[1].arguments"),
     ({"input": [USER, CALL, {**OUT, "output": 5}]}, "input[2].output"),
     ({"input": [USER, CALL, {**OUT, "output": [{"type": "input_image", "image_url": "x"}]}]}, "input[2].output"),
@@ -219,6 +228,27 @@ def test_bad_requests_name_the_field(served: tuple[Any, _Scripted, str], body: d
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == param, err
     assert "\n" not in err["message"]
+
+
+def test_another_server_s_call_ids_are_written_as_the_chat_path_writes_them(served: tuple[Any, _Scripted, str]
+                                                                            ) -> None:
+    """function_call / function_call_output items whose call_id is not v3's (OpenAI's `call_...`, carried over from
+    another server) were a 400: their prompt is now the chat path's, mistral-common's of the ids the template writes,
+    given as input and continued from the stored response (whose items keep the ids sent)."""
+    client, engine, _ = served
+    _says(engine, "21 and 19 °C.")
+    calls = [{"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
+              "arguments": c["function"]["arguments"]} for c in FOLLOW_UP[2]["tool_calls"]]
+    outputs = [{"type": "function_call_output", "call_id": m["tool_call_id"], "output": m["content"]}
+               for m in FOLLOW_UP[3:]]
+    r = client.responses.create(**{**ASKED, "input": [ASK[1], *calls, *outputs]})
+    assert engine.prompts[-1] == _mistral_common(_written(FOLLOW_UP), TOOLS) and r.output_text == "21 and 19 °C."
+    items = client.responses.input_items.list(r.id, order="asc").data
+    assert [i.call_id for i in items[1:]] == [*OTHER_IDS, *OTHER_IDS]  # kept as sent
+    _says(engine, "Bye.")
+    client.responses.create(**{**ASKED, "input": "Thanks.", "previous_response_id": r.id})
+    whole = [*FOLLOW_UP, {"role": "assistant", "content": r.output_text}, {"role": "user", "content": "Thanks."}]
+    assert engine.prompts[-1] == _mistral_common(_written(whole), TOOLS)  # the instructions: this request's
 
 
 def test_an_output_answers_a_call_of_the_stored_conversation_only(served: tuple[Any, _Scripted, str]) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("mistral_common")
 
 from mixlab import load_tokenizer  # noqa: E402
@@ -189,9 +190,13 @@ def test_tool_choice_none_renders_no_tools_and_parses_no_calls(served: tuple[Any
     ({"tools": [{"type": "function", "function": {"name": f, "parameters": {"$ref": "#/$defs/a", "$defs": {"a": s}}}}
                 for f, s in (("f", {"type": "object"}), ("g", {"type": "array"}))],
       "tool_choice": "required"}, "tools"),  # one $defs name, two meanings
-    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+    *[({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"id": bad, "type": "function",
+                                                                  "function": {"name": "f", "arguments": "{}"}}]},
+                                {"role": "tool", "content": "1", "tool_call_id": "abcDEF123"}]}, "messages")
+      for bad in ("", 5)],  # an id must be a non-empty string (any other is hashed to a v3 one)
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"id": "abcDEF123", "type": "function",
                                                                 "function": {"name": "f", "arguments": "{}"}}]},
-                              {"role": "tool", "content": "1", "tool_call_id": "call_1"}]}, "messages"),  # not a v3 id
+                   {"role": "tool", "content": "1", "tool_call_id": ""}]}, "messages"),
 ])
 def test_bad_tools_are_400s_naming_the_field(served: tuple[Any, _Scripted], extra: dict[str, Any], param: str) -> None:
     client, _ = served
@@ -200,6 +205,44 @@ def test_bad_tools_are_400s_naming_the_field(served: tuple[Any, _Scripted], extr
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**{"model": "tiny", "messages": ASK, **extra}, extra_body=vllm)
     assert e.value.body["param"] == param, e.value.body
+
+
+OTHER_IDS = ["call_abc123XYZdefGHI456jkl789", "call_Zz9"]  # OpenAI's, and an agent framework's
+FOLLOW_UP = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": i, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}}
+    for i, c in zip(OTHER_IDS, ["Zürich", "Bern"], strict=True)]},
+             *[{"role": "tool", "content": t, "tool_call_id": i} for i, t in zip(OTHER_IDS, ["21", "19"], strict=True)]]
+
+
+def _written(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with each tool call id as the v3 template writes it (`template_call_id`)."""
+    from mixlab.tokenizer import template_call_id
+
+    return [{**m, **({"tool_calls": [{**c, "id": template_call_id(c["id"])} for c in m["tool_calls"]]}
+                     if m.get("tool_calls") else {}),
+             **({"tool_call_id": template_call_id(m["tool_call_id"])} if "tool_call_id" in m else {})}
+            for m in messages]
+
+
+def test_a_follow_up_with_another_server_s_call_ids_is_encoded(served: tuple[Any, _Scripted]) -> None:
+    """A conversation carried over from another server, whose call ids are not v3's 9 letters and digits, was a
+    400: its prompt is now mistral-common's of the conversation with the ids the template writes (each call and
+    its result one hashed id), on /v1/chat/completions and /tokenize alike; an id that a hashed one would equal
+    is a 400 naming both."""
+    client, engine = served
+    engine.reply = [*engine.tok.encode("21 and 19 °C.", bos=False), engine.tok.eos_id]
+    written = _written(FOLLOW_UP)
+    assert [c["id"] for c in written[2]["tool_calls"]] == [m["tool_call_id"] for m in written[3:]]  # still paired
+    answer = client.chat.completions.create(model="tiny", messages=FOLLOW_UP, tools=TOOLS)
+    assert answer.choices[0].message.content == "21 and 19 °C."
+    assert engine.prompts[-1] == _mistral_common(written, TOOLS)
+    base = str(client.base_url).removesuffix("/v1/")
+    tokens = httpx.post(base + "/tokenize", json={"model": "tiny", "messages": FOLLOW_UP}, timeout=30).json()["tokens"]
+    assert tokens == _mistral_common(written, None)
+    clash = [*FOLLOW_UP[:-1], {**FOLLOW_UP[-1], "tool_call_id": written[3]["tool_call_id"]}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=clash, tools=TOOLS)
+    assert e.value.body["param"] == "messages" and OTHER_IDS[0] in e.value.body["message"]
 
 
 def test_a_forced_call_is_constrained_and_rendered_as_auto_s(served: tuple[Any, _Scripted]) -> None:

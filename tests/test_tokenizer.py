@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CORPUS, hf_tokenizer_json
-from mixlab.tokenizer import ChatError, TextError, load_tokenizer
+from mixlab.tokenizer import ChatError, TextError, load_tokenizer, template_call_id
 
 TEXTS = [
     "Hello, world!",
@@ -434,9 +434,28 @@ def _reference(path, chat, **request):
         return e
 
 
+def _written_ids(chat):
+    """`chat` with its tool call ids as v3 writes them (`template_call_id`: 9 letters and digits kept, any other
+    non-empty string hashed); empty and non-string ids left for mistral-common to refuse."""
+    def written(call_id):
+        return template_call_id(call_id) if isinstance(call_id, str) and call_id else call_id
+
+    out = []
+    for m in chat:
+        m = dict(m)
+        if isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [{**c, "id": written(c.get("id"))} if isinstance(c, dict) and "id" in c else c
+                               for c in m["tool_calls"]]
+        if "tool_call_id" in m:
+            m["tool_call_id"] = written(m["tool_call_id"])
+        out.append(m)
+    return out
+
+
 def _same_as_mistral_common(tok, path, chat, **request):
-    """encode_chat equals mistral-common, or refuses (ChatError) what it refuses; whether it refused."""
-    ref = _reference(path, chat, **request)
+    """encode_chat equals mistral-common (v3: of the chat with its ids as the template writes them, `_written_ids`),
+    or refuses (ChatError) what it refuses; whether it refused."""
+    ref = _reference(path, _written_ids(chat) if tok.chat_version == 3 else chat, **request)
     if isinstance(ref, Exception):
         with pytest.raises(ChatError):
             tok.encode_chat(chat, **request)
@@ -496,7 +515,8 @@ def _call(call_id, name="get_weather", arguments='{"city": "Zürich"}'):
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-_IDS = st.sampled_from(["abcDEF123", "ZZZZZZZZ9", "call_1"])  # the last one is not a v3 id
+# the last four are not v3 ids: hashed (`template_call_id`), but "" refused
+_IDS = st.sampled_from(["abcDEF123", "ZZZZZZZZ9", "call_1", "call_abc123XYZdefGHI456jkl789", "a-b_c", ""])
 _TOOL_MESSAGES = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
                            "content": st.sampled_from(_TEXTS)}),
@@ -513,7 +533,8 @@ def test_tool_calls_equal_mistral_common(version):
     """OpenAI's function calling in the v2/v3 template: `tools` in [AVAILABLE_TOOLS] before the last user turn,
     assistant `tool_calls` as [TOOL_CALLS] + JSON (v3: with the call's id), `role: "tool"` results in
     [TOOL_RESULTS] (v3: with `call_id`; v2: only after the last user turn); equal to mistral-common, refused
-    where it refuses (ids that are not 9 letters or digits in v3, calls and results that do not pair up...)."""
+    where it refuses (empty ids, calls and results that do not pair up...); v3 ids that are not 9 letters and
+    digits as `template_call_id` writes them."""
     path = _mistral_file(version)
     tok = load_tokenizer(path)
     chat = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "Weather in Zürich?"},
@@ -572,8 +593,50 @@ def test_tools_are_refused_by_the_v1_template(tok):
                            ([{"function": {"name": "f", "parameters": {"a": {1, 2}}}}], "parameters are not JSON")):
         with pytest.raises(ChatError, match=message):
             v3.encode_chat([{"role": "user", "content": "hi"}], tools=tools)
-    with pytest.raises(ChatError, match=r"message 1: tool call id 'call_1' must be 9 of a-z, A-Z, 0-9"):
-        v3.encode_chat([chat[0], {**chat[1], "tool_calls": [_call("call_1")]}, chat[2]])
+    for bad in ("", 5, None):  # empty or not a string: refused, naming the message (a missing id too)
+        with pytest.raises(ChatError, match=rf"message 1: tool call id {bad!r} must be a non-empty string"):
+            v3.encode_chat([chat[0], {**chat[1], "tool_calls": [_call(bad)]}, chat[2]])
+    result = [chat[0], {**chat[1], "tool_calls": [_call("abcDEF123")]}, {"role": "tool", "content": "1"}]
+    for bad in ("", 5, None):
+        with pytest.raises(ChatError, match=rf"message 2: a tool result's 'tool_call_id' must be .* got {bad!r}"):
+            v3.encode_chat([*result[:2], {**result[2], "tool_call_id": bad}])
+
+
+def test_v3_writes_other_servers_call_ids_hashed_and_paired():
+    """A follow-up carried over from another server (OpenAI's `call_` + 24 ids, an agent framework's own) was
+    refused on v3: its ids are now written as `template_call_id` maps them, the same map for a call and the result
+    that names it, so the prompt is mistral-common's of the conversation with those ids; 9 letters and digits stay
+    as they are; two ids one written id would stand for are refused, naming both."""
+    path = _mistral_file("v3")
+    v3 = load_tokenizer(path)
+    openai_ids = ["call_abc123XYZdefGHI456jkl789", "call_Zz9"]
+    chat = [{"role": "user", "content": "Weather in Zürich and Bern?"},
+            {"role": "assistant", "content": None, "tool_calls": [_call(openai_ids[0]), _call(openai_ids[1], "add")]},
+            {"role": "tool", "content": '{"temp": 21}', "tool_call_id": openai_ids[0]},
+            {"role": "tool", "content": "3", "tool_call_id": openai_ids[1]}]
+    written = [template_call_id(i) for i in openai_ids]
+    assert all(len(w) == 9 and w.isascii() and w.isalnum() for w in written) and written[0] != written[1]
+    assert template_call_id("call_1") == "oZgfGO2B8"  # the rule is fixed: a stored conversation encodes as before
+    assert template_call_id("abcDEF123") == "abcDEF123"
+    # vLLM's last 9 characters give these one id (and keep `_`); the hash does not
+    assert template_call_id("run1_call_000000001") != template_call_id("run2_call_000000001")
+    ids = v3.encode_chat(chat, tools=TOOLS)
+    ref = _reference(path, _written_ids(chat), tools=TOOLS)
+    assert not isinstance(ref, Exception) and ids == ref
+    marker = v3.special_id
+    calls_text = v3.decode(ids[ids.index(marker("[TOOL_CALLS]")) + 1:ids.index(marker("[TOOL_RESULTS]"))])
+    results_text = v3.decode(ids[ids.index(marker("[TOOL_RESULTS]")):])
+    assert [json.loads(calls_text)[k]["id"] for k in (0, 1)] == written  # each call and its result: one id
+    assert results_text.index(f'"call_id": "{written[0]}"') < results_text.index(f'"call_id": "{written[1]}"')
+    assert v3.chat_turns(chat) == v3.chat_turns(_written_ids(chat))  # turn by turn, too
+    # an id sent as it is that another is hashed to: refused, both named, not merged
+    clash = [*chat[:3], {"role": "tool", "content": "3", "tool_call_id": written[0]}]
+    with pytest.raises(ChatError, match=rf"message 3: tool call ids '{openai_ids[0]}' and '{written[0]}' are both "
+                                        rf"written '{written[0]}'"):
+        v3.encode_chat(clash)
+    # v2 writes no ids: any is taken as before
+    v2 = load_tokenizer(_mistral_file("v2"))
+    assert v2.encode_chat(chat[:3]) == _reference(_mistral_file("v2"), chat[:3])
 
 
 def test_the_chat_template_follows_the_control_tokens_not_the_file_name(tmp_path):

@@ -20,6 +20,7 @@ the *last* user message, and assistant messages without their trailing spaces (`
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import operator
 import os
@@ -33,7 +34,8 @@ from mixlab.config import as_path, suffix_of
 from mixlab.errors import MixlabError
 
 __all__ = ["TOKENIZER_NAMES", "ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
-           "default_tokenizer_path", "load_tokenizer", "model_tokenizer", "tokenizer_file", "tool_call_id_ok"]
+           "default_tokenizer_path", "load_tokenizer", "model_tokenizer", "template_call_id", "tokenizer_file",
+           "tool_call_id_ok"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
@@ -285,11 +287,11 @@ class Tokenizer:
         `messages`: `{"role": "system" | "user" | "assistant", "content": str}` dicts; the last must
         be a user message, or an assistant message with `"prefix": True` (the reply continues it).
         With a v2/v3 tokenizer, OpenAI's function calling too: assistant messages with `tool_calls`
-        (`[{"id", "type": "function", "function": {"name", "arguments"}}]`, v3's ids 9 letters and
-        digits), `{"role": "tool", "content", "tool_call_id"}` results (the last message may be one),
-        and `tools`, OpenAI's `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
-        Equal to mistral-common's `encode_chat_completion` with the instruct tokenizer of this
-        tokenizer's version (`chat_version`).
+        (`[{"id", "type": "function", "function": {"name", "arguments"}}]`), `{"role": "tool", "content",
+        "tool_call_id"}` results (the last message may be one), and `tools`, OpenAI's `[{"type": "function",
+        "function": {"name", "description", "parameters"}}]`; v3 writes an id of 9 letters and digits as it is and
+        any other as `template_call_id` maps it. Equal to mistral-common's `encode_chat_completion` with the
+        instruct tokenizer of this tokenizer's version (`chat_version`), of the conversation with those ids.
         """
         return [self.bos_id] + [i for _, ids in self.chat_turns(messages, tools=tools) for i in ids]
 
@@ -353,7 +355,7 @@ class Tokenizer:
                         c["[/TOOL_RESULTS]"]]
             elif t.calls and (v3 or k > last_user):
                 calls = [{"name": f["name"], "arguments": _json_value(str(f["arguments"])),
-                          **({"id": f["id"]} if v3 and f["id"] not in ("", "null") else {})} for f in t.calls]
+                          **({"id": f["id"]} if v3 else {})} for f in t.calls]
                 ids += [c["[TOOL_CALLS]"], *self.encode(json.dumps(calls, ensure_ascii=False), bos=False,
                                                         eos=not t.prefix)]
             elif t.role == "assistant" and not t.calls:
@@ -453,12 +455,30 @@ class _Turn(NamedTuple):
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # a function's name, as mistral-common's validator takes it
 _CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # a v3 tool call's id
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def tool_call_id_ok(call_id: object, version: int) -> bool:
-    """Whether a chat template of `version` can write `call_id` as a tool call's id: v3's are 9 letters and digits
-    (as mistral-common checks, and as the model writes them); v2 writes none."""
-    return version < 3 or isinstance(call_id, str) and _CALL_ID.fullmatch(call_id) is not None
+    """Whether a chat template of `version` takes `call_id` as a tool call's id: v3's, a non-empty string (written
+    as `template_call_id` makes it); v2 writes none."""
+    return version < 3 or isinstance(call_id, str) and call_id != ""
+
+
+def template_call_id(call_id: str) -> str:
+    """A tool call's id as Mistral's v3 template writes it: 9 letters and digits (mistral-common's rule, and what the
+    model writes) stay as they are; any other id (OpenAI's `call_` + 24, an agent framework's own) becomes 9 base-62
+    digits of its SHA-256, so a call and the result that names it keep matching, in every request that carries
+    them. vLLM keeps the last 9 characters instead (`truncate_tool_call_ids`), which can leave a `_` or `-` (still
+    not an id), keeps a short id short, and gives ids that share their tail (`run1_call_000000001`,
+    `run2_call_000000001`) one id; two ids a hash maps to one are refused by `encode_chat`, not merged."""
+    if _CALL_ID.fullmatch(call_id):
+        return call_id
+    n = int.from_bytes(hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).digest()[:16], "big")
+    digits = []
+    for _ in range(9):
+        n, d = divmod(n, 62)
+        digits.append(_BASE62[d])
+    return "".join(digits)
 
 
 def _json_text(text: str) -> str:
@@ -469,8 +489,21 @@ def _json_text(text: str) -> str:
         return text
 
 
-def _tool_calls(m: Mapping[str, object], i: int, version: int) -> tuple[Mapping[str, object], ...]:
-    """An assistant message's OpenAI `tool_calls` as the template writes them (arguments normalized)."""
+def _written_id(call_id: str, i: int, written: dict[str, str]) -> str:
+    """`template_call_id(call_id)` of message `i`; `written`: the conversation's so far (written id -> id), where two
+    ids that one id would stand for are a ChatError naming both (their calls and results would pair wrongly)."""
+    out = template_call_id(call_id)
+    other = written.setdefault(out, call_id)
+    if other != call_id:
+        raise ChatError(f"message {i}: tool call ids {other!r} and {call_id!r} are both written {out!r} (Mistral's v3 "
+                        "template writes 9 letters and digits; other ids are hashed to them): rename one")
+    return out
+
+
+def _tool_calls(m: Mapping[str, object], i: int, version: int,
+                written: dict[str, str]) -> tuple[Mapping[str, object], ...]:
+    """An assistant message's OpenAI `tool_calls` as the template writes them (arguments normalized, v3's ids as
+    `_written_id` makes them)."""
     calls = m.get("tool_calls") or []
     if not isinstance(calls, list):
         raise ChatError(f"message {i}: 'tool_calls' must be a list of calls, got {type(calls).__name__}")
@@ -481,11 +514,15 @@ def _tool_calls(m: Mapping[str, object], i: int, version: int) -> tuple[Mapping[
             raise ChatError(f"message {i}: each tool call must be {{'id': ..., 'type': 'function', 'function': "
                             f"{{'name': str, 'arguments': str}}}}, got {c!r}")
         assert isinstance(c, Mapping)
-        name, args, call_id = str(fn["name"]), fn.get("arguments", ""), c.get("id", "null")
+        name, args, call_id = str(fn["name"]), fn.get("arguments", ""), c.get("id")
         if not _NAME.fullmatch(name):
             raise ChatError(f"message {i}: tool call name {name!r} must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
         if not tool_call_id_ok(call_id, version):
-            raise ChatError(f"message {i}: tool call id {call_id!r} must be 9 of a-z, A-Z, 0-9 (Mistral's v3 template)")
+            raise ChatError(f"message {i}: tool call id {call_id!r} must be a non-empty string (Mistral's v3 template "
+                            "writes each call's id)")
+        if version >= 3:
+            assert isinstance(call_id, str)
+            call_id = _written_id(call_id, i, written)
         try:
             args = json.dumps(args, ensure_ascii=False) if isinstance(args, Mapping) else args
         except (TypeError, ValueError) as e:
@@ -510,6 +547,8 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]], version: int = 1) 
                     "assistant": {"user", "assistant", "tool"}, "tool": {"user", "assistant", "tool"}}
     previous, pending = None, 0  # tool results still owed to the last assistant turn's calls
     calls: list[tuple[Mapping[str, object], ...]] = []
+    written: dict[str, str] = {}  # v3: each call id written (`template_call_id`) -> the id sent
+    result_ids: dict[int, str] = {}  # v3: each tool result's written call id, by message
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, Mapping) else None
         tool_calls = role == "assistant" and isinstance(m, Mapping) and m.get("tool_calls")
@@ -526,12 +565,15 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]], version: int = 1) 
         if role == "assistant" and bool(content) == bool(tool_calls):  # an empty system or user message is fine
             raise ChatError(f"message {i}: an assistant message must have content" +
                             (" or tool_calls, not both" if version > 1 else ""))
-        calls.append(_tool_calls(m, i, version) if tool_calls else ())
+        calls.append(_tool_calls(m, i, version, written) if tool_calls else ())
         if role == "tool":
             call_id, name = m.get("tool_call_id"), m.get("name")
             if not tool_call_id_ok(call_id, version):
-                raise ChatError(f"message {i}: a tool result's 'tool_call_id' must be its call's id, 9 of a-z, A-Z, "
-                                f"0-9 (Mistral's v3 template), got {call_id!r}")
+                raise ChatError(f"message {i}: a tool result's 'tool_call_id' must be its call's id, a non-empty "
+                                f"string (Mistral's v3 template writes it), got {call_id!r}")
+            if version >= 3:
+                assert isinstance(call_id, str)
+                result_ids[i] = _written_id(call_id, i, written)
             if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
                 raise ChatError(f"message {i}: tool name {name!r} must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
         if m.get("prefix") and (role != "assistant" or i != len(messages) - 1):
@@ -561,7 +603,8 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]], version: int = 1) 
         if run and (role != messages[run[0]]["role"] or role == "tool"):
             first = messages[run[0]]
             if first["role"] == "tool":
-                turns.append(_Turn("tool", _json_text(str(first["content"])), call_id=str(first.get("tool_call_id")),
+                turns.append(_Turn("tool", _json_text(str(first["content"])),
+                                   call_id=result_ids.get(run[0], str(first.get("tool_call_id"))),
                                    name=first.get("name")))  # type: ignore[arg-type]  # str or None: checked
             elif first["role"] != "system":  # system runs leave the turns untouched
                 text = "\n\n".join(str(messages[k]["content"]) for k in run if messages[k]["content"])

@@ -464,8 +464,9 @@ def _input_messages(body: ResponsesRequest, calls: dict[str, str]) -> list[ChatM
 
 
 def _check_call_ids(body: ResponsesRequest, version: int) -> None:
-    """Function call items only where the template has tools (v2/v3), and the call ids it can write: v3's are 9
-    letters and digits (the chat path's rule, mistral-common's; this server answers calls with such ids)."""
+    """Function call items only where the template has tools (v2/v3), and call ids it can write: v3's, non-empty
+    (the chat path's rule: an id other than 9 letters and digits, OpenAI's `call_...`, is written as the tokenizer's
+    `template_call_id` maps it, a stored conversation's too)."""
     for where, kind, call_id in body.call_ids():
         if version == 1:
             raise ApiError(400, f"{where}.type={kind!r}: this model's chat template (Mistral's v1, Mixtral 8x7B "
@@ -473,5 +474,5 @@ def _check_call_ids(body: ResponsesRequest, version: int) -> None:
                            param=f"{where}.type")
         if not tool_call_id_ok(call_id, version):
             raise ApiError(400, f"invalid {where}.call_id={json.dumps(call_id)[:80]}: Mistral's v3 chat template "
-                                "writes a call's id as 9 letters and digits, as this server's function_call items "
-                                "carry them: send that call_id", param=f"{where}.call_id")
+                                "writes each call's id: send the call's id, a non-empty string",
+                           param=f"{where}.call_id")
