@@ -216,6 +216,7 @@ USER = {"role": "user", "content": "Weather?"}
     ({"input": [USER, {**CALL, "call_id": "call_1"}, {**CALL, "call_id": template_call_id("call_1")},
                 {**OUT, "call_id": "call_1"}, {**OUT, "call_id": template_call_id("call_1")}]},
      "input"),  # two ids written as one
+    *[({"max_tool_calls": bad}, "max_tool_calls") for bad in (0, "3", True, 1.5)],
     ({"input": [USER, {k: v for k, v in CALL.items() if k != "arguments"}, OUT]}, "input[1].arguments"),
     ({"input": [USER, CALL, {**OUT, "output": 5}]}, "input[2].output"),
     ({"input": [USER, CALL, {**OUT, "output": [{"type": "input_image", "image_url": "x"}]}]}, "input[2].output"),
@@ -249,6 +250,16 @@ def test_another_server_s_call_ids_are_written_as_the_chat_path_writes_them(serv
     client.responses.create(**{**ASKED, "input": "Thanks.", "previous_response_id": r.id})
     whole = [*FOLLOW_UP, {"role": "assistant", "content": r.output_text}, {"role": "user", "content": "Thanks."}]
     assert engine.prompts[-1] == _mistral_common(_written(whole), TOOLS)  # the instructions: this request's
+
+
+def test_max_tool_calls_is_accepted_and_echoed(served: tuple[Any, _Scripted, str]) -> None:
+    """OpenAI's max_tool_calls caps calls to built-in tools, which this server has none of: it was a 400; it is
+    now taken, echoed, and changes nothing (function calls are not built-in tools)."""
+    client, engine, _ = served
+    engine.writes(TWO)
+    r = client.responses.create(**ASKED, max_tool_calls=1)
+    assert r.max_tool_calls == 1 and len(r.output) == 2 and r.output[0].call_id == "abcDEF123"
+    assert client.responses.create(**ASKED).max_tool_calls is None
 
 
 def test_an_output_answers_a_call_of_the_stored_conversation_only(served: tuple[Any, _Scripted, str]) -> None:

@@ -516,10 +516,11 @@ class DetokenizeRequest(BaseModel):
 
 
 # OpenAI's Responses API (`POST /v1/responses`): what would need a stored conversation or prompt or a hosted tool
-# (any but functions: `_function_tools`), a cap on tool calls, and what asks for reasoning or extra output, is
-# refused. `store`, `previous_response_id` and `background` are the app's (its response store, store.py; without
-# one, `store` is answered false and `previous_response_id` and `background` refused in these words, `not_supported`)
-RESPONSES_NOT_IMPLEMENTED = {"conversation": None, "prompt": None, "max_tool_calls": None}
+# (any but functions: `_function_tools`), and what asks for reasoning or extra output, is refused (`max_tool_calls`,
+# a cap on calls to hosted tools, has none to cap: accepted). `store`, `previous_response_id` and `background` are the
+# app's (its response store, store.py; without one, `store` is answered false and `previous_response_id` and
+# `background` refused in these words, `not_supported`)
+RESPONSES_NOT_IMPLEMENTED = {"conversation": None, "prompt": None}
 # what `include` may ask for: the output text's logprobs (OpenAI's `ResponseIncludable`; the others are tools',
 # reasoning's or inputs' data this server has not)
 RESPONSES_INCLUDABLE = ("message.output_text.logprobs",)
@@ -535,6 +536,8 @@ class ResponsesRequest(_Sampling):
     background: StrictBool = False  # answered at once; the response is made in the engine and read back by GET
     previous_response_id: StrictStr | None = None
     parallel_tool_calls: StrictBool = True
+    # OpenAI's cap on calls to *built-in* (hosted) tools, of which this server has none: accepted, echoed, no effect
+    max_tool_calls: Annotated[StrictInt, Field(ge=1)] | None = None
     # flat function tools {"type": "function", "name", "description", "parameters", "strict"} (`function_tools`);
     # tool_choice as chat's (`_forced_tools`), a named function {"type": "function", "name": ...}
     tools: list[Any] | None = None

@@ -76,6 +76,7 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
             "id": rid, "object": "response", "created_at": int(time.time()), "status": None, "error": None,
             "incomplete_details": None, "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "model": body.model or cfg.model_name, "output": [], "parallel_tool_calls": body.parallel_tool_calls,
+            "max_tool_calls": body.max_tool_calls,
             "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": store is not None, "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": body.text_format()}, "tool_choice": body.echoed_tool_choice(),
