@@ -26,7 +26,7 @@ import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from mixlab.config import ModelConfig
+from mixlab.dtypes import parse_dtype
 from mixlab.errors import OutputError
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
@@ -43,25 +44,45 @@ from mixlab.parallel.mesh import Layout, check_same
 from mixlab.train import checkpoints
 
 
-def apply_fsdp(model: Transformer, layout: Layout) -> None:
+def apply_fsdp(model: Transformer, layout: Layout, *, dtype: str = "float32") -> None:
     """FSDP2 (`fully_shard`) per block, the experts of each MoE layer as their own unit over the `dp`
     ranks (sharded on dim 1: a rank may hold fewer experts than there are replicas), everything
-    else over all ranks; the root holds the embedding, final norm and output."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    else over all ranks; the root holds the embedding, final norm and output.
 
+    `dtype`: the run's autocast dtype. Under bfloat16 the blocks' and the experts' units gather their
+    matrices in bf16 and reduce-scatter their gradients in float32 (`MixedPrecisionPolicy`, as
+    torchtitan's `mixed_precision_param` / `mixed_precision_reduce`): half the all-gather bytes and
+    half the gathered block, while the sharded float32 master weights and AdamW's states stay. What
+    autocast computes from float32 weights without FSDP gathers in float32: the router (a unit of
+    its own: it routes in float32), each block's two RMSNorm scales (a unit of their own, one
+    all-gather of 2 x dim values: autocast leaves their products float32; in bf16 a scale moves in
+    steps of 2^-8, coarser than AdamW's first updates, and two processes' SFT losses moved 10x further
+    from one process's), and the root (embedding, final norm, output). No unit casts its inputs
+    (`cast_forward_inputs=False`): the residual stream stays float32, autocast casts each matmul's
+    input, so one step's forward is one process's under autocast, product for product
+    (tests/test_fsdp_mixed_precision.py)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    full = MixedPrecisionPolicy()  # the parameters' own dtype: float32
+    low = full if dtype == "float32" else MixedPrecisionPolicy(
+        param_dtype=parse_dtype(dtype), reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers:
         if isinstance(block.ffn, MoEBlock):
             # The experts' unit is the MoE layer, not the experts module: FSDP gathers a unit's weights
             # when its forward runs, and only `sorted` / `grouped` call the experts' forward; the
             # whole-layer kernels (native, reference, decode, triton) read the weights in `mix`. The
-            # router, a dense weight, is a unit of its own over all ranks.
-            fully_shard(block.ffn.gate, mesh=layout.world_mesh)
-            fully_shard(block.ffn, mesh=layout.mesh["dp"], shard_placement_fn=lambda p: Shard(1))
+            # router, a dense weight, is a unit of its own over all ranks, gathered in float32: it
+            # routes in float32 (model/moe.py `Router.forward`), from its float32 weights.
+            fully_shard(block.ffn.gate, mesh=layout.world_mesh, mp_policy=full)
+            fully_shard(block.ffn, mesh=layout.mesh["dp"], shard_placement_fn=lambda p: Shard(1), mp_policy=low)
             # Its output is a view (`[T, D]` -> `[B, T, D]`), which FSDP warns of at every forward in
             # case the caller adds to it in place; `Block.feed_forward` adds out of place.
             warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPMoEBlock\) returned a view", UserWarning)
-        fully_shard(block, mesh=layout.world_mesh)
-    fully_shard(model, mesh=layout.world_mesh)
+        if low is not full:  # the norms' scales float32 (see above): one unit, unsharded from attn_norm to ffn_norm
+            norms = cast("list[torch.nn.Module]", [block.attn_norm, block.ffn_norm])
+            fully_shard(norms, mesh=layout.world_mesh, mp_policy=full)
+        fully_shard(block, mesh=layout.world_mesh, mp_policy=low)
+    fully_shard(model, mesh=layout.world_mesh, mp_policy=full)
     if hasattr(model, "forward_output"):  # the training loop's entry point, besides forward
         register_fsdp_forward_method(model, "forward_output")
 
@@ -102,14 +123,15 @@ class DistributedTraining:
         self.expert_names: set[str] = set()
         self._experts: set[int] = set()  # `build`'s expert-parallel parameters (ids), for `sum_grads`
 
-    def parallelize(self, model: Transformer) -> None:
+    def parallelize(self, model: Transformer, *, dtype: str = "float32") -> None:
+        """Shard `model` in place; `dtype`: the run's autocast dtype (`apply_fsdp`'s mixed precision)."""
         self.expert_names = expert_param_names(model)
         apply_expert_parallel(model, self.layout)
         if self.layout.fsdp:
-            apply_fsdp(model, self.layout)
+            apply_fsdp(model, self.layout, dtype=dtype)
 
     def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int,
-              init_from: str | Path = "") -> Transformer:
+              init_from: str | Path = "", dtype: str = "float32") -> Transformer:
         """The model as `Transformer(config).init_weights(std=, seed=)` (or, with `init_from`,
         `checkpoints.load_init(init_from, config)`) then `parallelize` would make it, without ever
         holding the whole model: built on the meta device (no memory), sharded there, then only this
@@ -118,11 +140,11 @@ class DistributedTraining:
         the elements they hold, read from the checkpoint's files (`checkpoints.load_init_pieces`).
         Peak memory: the shards plus one full parameter (on the CPU) while initialising, plus one
         piece (or one Mistral-format wqkv) while reading a checkpoint; not the whole float32 model
-        (torchtitan's meta-device initialisation)."""
+        (torchtitan's meta-device initialisation). `dtype`: the run's autocast dtype (`parallelize`)."""
         with torch.device("meta"):
             model = Transformer(config)
         values = None if init_from else copy.deepcopy(model).initial_values(std=std, seed=seed)  # still on meta
-        self.parallelize(model)
+        self.parallelize(model, dtype=dtype)
         model.to_empty(device=device)
         if config.tie_embeddings:  # to_empty gives each module its own plain tensor (DTensors it keeps shared)
             model.output.weight = model.tok_embeddings.weight

@@ -185,8 +185,8 @@ class Sharded(DataParallel, Protocol):
     ep: int
 
     def check_shared(self, folder: Path) -> None: ...  # refuse a folder some process does not see as rank 0 does
-    def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int,
-              init_from: str = "") -> Transformer: ...  # load_init(init_from) sharded, never the whole model
+    def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int, init_from: str = "",
+              dtype: str = "float32") -> Transformer: ...  # load_init(init_from) sharded; dtype: autocast's
     def clip_grad_norm(self, model: Transformer, max_norm: float) -> float: ...  # the global norm, clipped
     def reshard(self, model: Transformer) -> None: ...  # back to the shards after a forward without backward
     def save(self, root: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -686,7 +686,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         out.mkdir(parents=True, exist_ok=True)
     if shard is not None:  # every process writes its pieces of each checkpoint into out
         shard.check_shared(out)
-        model = shard.build(mc, device=device, std=0.0, seed=cfg.seed, init_from=cfg.model)
+        model = shard.build(mc, device=device, std=0.0, seed=cfg.seed, init_from=cfg.model, dtype=cfg.dtype)
     assert model is not None
 
     if cfg.freeze_router and not cfg.lora_rank:

@@ -362,9 +362,9 @@ class Parallel(Protocol):
     def check_shared(self, folder: Path) -> None: ...  # refuse a folder some process does not see as rank 0 does
     def parallelize(self, model: Transformer) -> None: ...  # shard it, in place, before the optimizer
     # the sharded model as init_weights (or load_init of init_from) then parallelize would make it,
-    # never holding the whole model
+    # never holding the whole model; dtype: the autocast dtype (FSDP gathers bfloat16's blocks in bf16)
     def build(self, config: ModelConfig, *, device: torch.device, std: float, seed: int,
-              init_from: str = "") -> Transformer: ...
+              init_from: str = "", dtype: str = "float32") -> Transformer: ...
     def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over all processes
     def sync_grads(self, model: Transformer) -> None: ...  # gradients of the global batch's mean loss
     def clip_grad_norm(self, model: Transformer, max_norm: float) -> float: ...
@@ -529,7 +529,8 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if par is not None:  # only this process's shards are ever made (also from init_from's files)
-        model = par.build(mc, device=device, std=cfg.init_std, seed=cfg.seed, init_from=cfg.init_from)
+        model = par.build(mc, device=device, std=cfg.init_std, seed=cfg.seed, init_from=cfg.init_from,
+                          dtype=cfg.dtype)
     else:
         if cfg.init_from:
             model = checkpoints.load_init(cfg.init_from, mc)
