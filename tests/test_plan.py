@@ -270,21 +270,35 @@ def test_finetune_data_parallel_holds_the_whole_model_and_its_rows(lora):
 
 def test_finetune_fsdp_shards_the_states_and_gathers_a_block_at_a_time():
     """`--mode finetune --fsdp` (sft --fsdp): AdamW's 16 bytes per parameter / N, plus two blocks
-    gathered in float32 and, under bf16 autocast with activation checkpointing, the recomputed block's
-    bf16 copies. Mixtral 8x7B in full: 8 x 80 GB do not hold it, 16 do; without activation
-    checkpointing every block's bf16 copies (93 GB) do not fit anywhere."""
+    gathered, under bf16 their matrices in bf16 and their norm scales and router in float32
+    (`apply_fsdp`'s mixed precision), the root (embedding, final norm, output) gathered in float32,
+    and autocast's bf16 copy of the output head; under float32 the blocks gathered in float32.
+    Mixtral 8x7B in full: 8 x 80 GB do not hold it, 16 do with activation checkpointing (without it,
+    41 GB of activations per device do not fit)."""
     ps = count_params(MIXTRAL)
-    block = ps.block_dense + ps.block_experts
+    L, D, V = MIXTRAL.n_layers, MIXTRAL.dim, MIXTRAL.vocab_size
+    block, f32, root = ps.block_dense + ps.block_experts, 2 * D + 8 * D, 2 * V * D + D
     for n, fits in ((8, False), (16, True)):
         p = plan(MIXTRAL, mode="finetune", devices=n, batch=n, fsdp=True, activation_checkpointing=True)
         states = sum(v for k, v in p.memory.items() if k.split(" ")[0] in ("parameters", "gradients", "optimizer"))
         assert states * n == pytest.approx(16 * ps.total)
-        assert p.memory["FSDP gathered blocks (2, float32)"] == 2 * block * 4
-        assert p.memory["bf16 weight copies kept for backward"] == 2 * block
+        assert p.memory["FSDP gathered blocks (2, bfloat16 matrices)"] == 2 * ((block - f32) * 2 + f32 * 4)
+        assert p.memory["FSDP gathered root (embedding, norm, output; float32)"] == 4 * root
+        assert p.memory["bf16 weight copies kept for backward"] == 2 * V * D  # the output head's, no block's
         assert p.fits == fits, p.table()
     assert p.comm["FSDP reduce-scatter (gradients), per step"] == pytest.approx(4 * ps.total * 15 / 16)
+    # the blocks in forward and backward (bf16 matrices: half of float32's bytes), the root once
+    gathered = 2 * (L * (block - f32) * 2 + L * f32 * 4) + 4 * root
+    assert p.comm["FSDP all-gather (forward + backward), per step"] == pytest.approx(gathered * 15 / 16)
+    f = plan(MIXTRAL, mode="finetune", devices=16, batch=16, fsdp=True, activation_checkpointing=True,
+             dtype="float32")
+    assert f.memory["FSDP gathered blocks (2, float32)"] == 2 * block * 4
+    assert "bf16 weight copies kept for backward" not in f.memory
+    assert f.comm["FSDP all-gather (forward + backward), per step"] == pytest.approx(
+        (2 * 4 * L * block + 4 * root) * 15 / 16)
+    assert f.comm["FSDP all-gather (forward + backward), per step"] > 1.99 * gathered * 15 / 16
     q = plan(MIXTRAL, mode="finetune", devices=16, batch=16, fsdp=True)
-    assert q.memory["bf16 weight copies kept for backward"] == 2 * ps.total and not q.fits
+    assert q.memory["activations"] > 40 * GB and not q.fits
     assert q.notes[-1].startswith("does not fit: try --activation-checkpointing, more --devices, --lora-rank "
                                   "(without --fsdp), ")
     assert plan(MIXTRAL, mode="finetune", devices=16, batch=16).notes[-1].startswith(

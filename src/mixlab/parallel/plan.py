@@ -17,10 +17,11 @@ training (`mixlab train`, AdamW):
     `activation_elements_per_token`), for every block, or with activation checkpointing only each
     block's input plus one block recomputed; plus the float32 logits and their gradient.
     Transient weights: with FSDP, two blocks gathered unsharded (the current one and the prefetched
-    next), in float32 (`apply_fsdp` sets no mixed-precision policy: FSDP2 gathers the parameters'
-    own dtype); under bf16 autocast, the bf16 copies of every weight that autograd keeps for
-    backward (with FSDP: the gathered blocks' copies, every block's, or with activation
-    checkpointing the one block recomputed).
+    next) and the root (embedding, final norm, output: FSDP2 keeps the root gathered from its
+    forward to its backward), float32 under `--dtype float32`; under bf16 `apply_fsdp`'s mixed
+    precision gathers the blocks' matrices in bf16 (their norm scales and router float32, as the
+    root), so autograd keeps no bf16 copy of them, only autocast's of the output head. Without FSDP,
+    under bf16 autocast, the bf16 copies of every weight that autograd keeps for backward.
 
 inference (`mixlab generate`, `--ep N`): weights in `--dtype` (bf16 default) or `--quant` int8
     (one scale per output row, in `--dtype`) / int4 (groups of 32 weights with one 16-bit scale, 4.5 bits
@@ -278,12 +279,20 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
         pl.memory["optimizer (AdamW, 2 x float32)"] = 8 * local
         tokens = batch // devices * seq  # per device per micro-batch
         _activations(pl, config, tokens)
+        # FSDP's units (parallel/train.py `apply_fsdp`): under bf16 a block's matrices gather in bf16, its norm
+        # scales and router (block_f32) and the root (embedding, final norm, output) in float32
+        block_f32 = 2 * D + (E * D if E else 0) if dtype != "float32" else 0
+        root = ps.dense - L * ps.block_dense
         if fsdp:
             unsharded = ps.block_dense + ps.block_experts / ep  # experts stay sharded by expert parallelism
-            pl.memory["FSDP gathered blocks (2, float32)"] = 2 * unsharded * 4
-            if dtype != "float32":  # each gathered block's bf16 copies, kept until its backward
-                kept = unsharded if activation_checkpointing else ps.dense + ps.experts / ep
-                pl.memory["bf16 weight copies kept for backward"] = kept * act_b
+            if dtype == "float32":
+                pl.memory["FSDP gathered blocks (2, float32)"] = 2 * unsharded * 4
+            else:
+                pl.memory[f"FSDP gathered blocks (2, {dtype} matrices)"] = 2 * (
+                    (unsharded - block_f32) * act_b + block_f32 * 4)
+            pl.memory["FSDP gathered root (embedding, norm, output; float32)"] = root * 4
+            if dtype != "float32":  # autocast's copy of the float32 output head, kept until its backward
+                pl.memory["bf16 weight copies kept for backward"] = config.vocab_size * D * act_b
         elif dtype != "float32":
             pl.memory["bf16 weight copies kept for backward"] = local * act_b
         if ep > 1:
@@ -291,11 +300,14 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             passes = 6 if activation_checkpointing else 4
             pl.comm["all-to-all (expert parallel), per step"] = passes * L * per_layer
         if fsdp and devices > 1:
-            # all-gather in forward and backward, reduce-scatter of float32 gradients
+            # the blocks all-gathered in forward and backward (in their unit's dtype), the root once (kept
+            # gathered for its backward), reduce-scatter of float32 gradients
             frac_d, frac_e = (devices - 1) / devices, (dp - 1) / dp
-            gathered = ps.dense * frac_d + ps.experts / ep * frac_e
-            pl.comm["FSDP all-gather (forward + backward), per step"] = 2 * gathered * act_b
-            pl.comm["FSDP reduce-scatter (gradients), per step"] = 4 * gathered
+            w_b = 4 if dtype == "float32" else act_b
+            blocks = ((L * ps.block_dense - L * block_f32) * w_b + L * block_f32 * 4) * frac_d
+            blocks += ps.experts / ep * frac_e * w_b
+            pl.comm["FSDP all-gather (forward + backward), per step"] = 2 * blocks + root * 4 * frac_d
+            pl.comm["FSDP reduce-scatter (gradients), per step"] = 4 * (ps.dense * frac_d + ps.experts / ep * frac_e)
         elif devices > 1:
             # ring all-reduce of float32 gradients: 2 (n-1)/n of the bytes each
             ar = ps.dense * 2 * (devices - 1) / devices
