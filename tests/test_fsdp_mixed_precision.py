@@ -1,9 +1,10 @@
 """FSDP's bf16 mixed precision (`--fsdp --dtype bfloat16`, parallel/train.py `apply_fsdp`): two
-processes (gloo, loopback) under `mixlab train --fsdp`, `--ep 2 --fsdp` and `mixlab sft --fsdp` train
-as one process under bf16 autocast: the first step's loss the same (the same bf16 products), the
-rest within a measured tolerance; inside their sharded forward passes the blocks' and experts'
-parameters arrive gathered in bf16, while the router (its weight and its logits), the embedding and
-the residual stream stay float32, and so do the sharded master weights AdamW updates."""
+processes (gloo, loopback) under `mixlab train --fsdp`, `--ep 2 --fsdp` and `mixlab sft --fsdp` (also
+with activation checkpointing: the same losses) train as one process under bf16 autocast: the first
+step's loss the same (the same bf16 products), the rest within a measured tolerance; inside their
+sharded forward passes the blocks' and experts' parameters arrive gathered in bf16, while the router
+(its weight and its logits), the norm scales, the embedding and the residual stream stay float32,
+and so do the sharded master weights AdamW updates."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from mixlab.train.loop import load_train_config, train
 from processes import run_group
 from test_finetune_parallel import _settings, files
 
-pytestmark = pytest.mark.slow  # three two-process runs and two one-process ones: 8-12 s on 2 busy cores
+pytestmark = pytest.mark.slow  # four two-process runs and two one-process ones: ~10-15 s on 2 busy cores
 __all__ = ["files"]  # the fixture: test_finetune_parallel.py's base model and conversations
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 48,
@@ -80,7 +81,7 @@ def _losses(out: Path) -> list[float]:
             if "loss" in json.loads(ln)]
 
 
-RUNS = {"train": 1, "train_ep2": 2, "sft": 1}  # each two-process run: its --ep
+RUNS = {"train": 1, "train_ep2": 2, "sft": 1, "sft_ac": 1}  # each two-process run: its --ep
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,8 @@ def runs(small_data: Path, files: dict[str, Path], tmp_path_factory: pytest.Temp
     """The one-process bf16 runs here, the two-process --fsdp ones in one group of processes."""
     root = tmp_path_factory.mktemp("fsdp_bf16")
     cfgs = {name: _cfg(small_data, root / name) if name.startswith("train") else
-            _settings(files, "sft", root / name, dtype="bfloat16", steps=STEPS, eval_every=4, ckpt_every=0)
+            _settings(files, "sft", root / name, dtype="bfloat16", steps=STEPS, eval_every=4, ckpt_every=0,
+                      activation_checkpointing=name == "sft_ac")
             for name in RUNS}
     train(load_train_config(None, **(cfgs["train"] | {"out": str(root / "one_train")})))
     finetune(load_finetune_config(None, **(cfgs["sft"] | {"out": str(root / "one_sft")})))
@@ -116,7 +118,7 @@ def test_fsdp_gathers_blocks_in_bf16_and_routes_in_float32(runs: Path, name: str
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_fsdp_bf16_trains_as_one_bf16_autocast_process(runs: Path, name: str) -> None:
-    want, got = _losses(runs / f"one_{name.removesuffix('_ep2')}"), _losses(runs / name)
+    want, got = _losses(runs / f"one_{name.split('_')[0]}"), _losses(runs / name)
     assert len(got) == len(want) == STEPS
     rel = [abs(a - b) / abs(b) for a, b in zip(got, want, strict=True)]
     # The first step's loss (before any update) is one process's: the same bf16 products (a weight gathered
@@ -128,3 +130,8 @@ def test_fsdp_bf16_trains_as_one_bf16_autocast_process(runs: Path, name: str) ->
     # apart: measured at most 3.3e-4 relative over these 8 steps (sft; train 5.4e-5); the float32-gathering
     # FSDP before the policy drifted as far (3.8e-4), with bf16 norm scales sft drifted 5.2e-4 at step 2.
     assert max(rel) <= 1e-3, rel
+
+
+def test_fsdp_bf16_with_activation_checkpointing_recomputes_the_same_numbers(runs: Path) -> None:
+    """The recomputed blocks gather their units again in the backward, in the same dtypes."""
+    assert _losses(runs / "sft_ac") == _losses(runs / "sft")
