@@ -861,17 +861,14 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (COMP, {"prompt": "x " * 600}, 400, "prompt"),  # longer than the context
     (COMP, {"prompt": ["x", "x " * 600]}, 400, "prompt[1]"),  # one of a batch: named (it said "prompt")
     (COMP, {"prompt": "x", "model": "nope"}, 404, "model"),
-    # vLLM's extras that ask for what this server does not do (they were ignored: other output, silently)
-    (CHAT, {"messages": U, "stop": "a", "include_stop_str_in_output": True}, 400, "include_stop_str_in_output"),
+    # vLLM's extras that ask for what this server does not do (they were ignored: other output, silently; the ones
+    # it does: tests/test_serve_vllm_extras.py)
     (CHAT, {"messages": U, "guided_choice": ["yes", ""]}, 400, "guided_choice"),  # structured output: a bad one
     (COMP, {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
     (COMP, {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     # ... and more of them, OpenAI's too; each was ignored: output the client did not ask for, silently
-    (CHAT, {"messages": U, "bad_words": ["a"]}, 400, "bad_words"),
-    (COMP, {"prompt": "x", "allowed_token_ids": [5]}, 400, "allowed_token_ids"),
     (COMP, {"prompt": "x", "skip_special_tokens": False}, 400, "skip_special_tokens"),
     (CHAT, {"messages": U, "logits_processors": ["m.f"]}, 400, "logits_processors"),
-    (CHAT, {"messages": U, "logprobs": True, "return_tokens_as_token_ids": True}, 400, "return_tokens_as_token_ids"),
     (COMP, {"prompt": "x", "return_token_ids": "yes"}, 400, "return_token_ids"),
     (COMP, {"prompt": "x", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
     (CHAT, {"messages": U, "structural_tag": "{}"}, 400, "structural_tag"),

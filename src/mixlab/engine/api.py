@@ -111,6 +111,16 @@ class SamplingParams:
     # greedy requests: up to this many tokens drafted by prompt lookup (`engine.lookup`) and verified in one
     # step, the output unchanged (0: off; sampled requests and return_experts decode one token a step)
     speculative_tokens: int = 0
+    # vLLM's: the stop string that matched stays at the end of the text (and a stop token's text, EOS's
+    # being none, is decoded into it), where OpenAI's convention cuts the text just before it
+    include_stop_str_in_output: bool = False
+    # vLLM's: only these tokens may be sampled (every other logit -inf before sampling; logprobs stay the
+    # model's, as logit_bias's do); None: any
+    allowed_token_ids: list[int] | None = None
+    # vLLM's: words never generated. Each is encoded alone and with a leading space (`bad_words_ids`, vLLM's
+    # rule); its last token is banned where the output's last tokens are the word's others (a one-token
+    # word: always). Needs an engine made with a tokenizer
+    bad_words: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.check()
@@ -122,7 +132,8 @@ class SamplingParams:
         _int("max_tokens", self.max_tokens, 1, "an integer >= 1")
         _int("min_tokens", self.min_tokens, 0, "an integer >= 0")
         _int("speculative_tokens", self.speculative_tokens, 0, "an integer >= 0 (0 = off)")
-        for name in ("prompt_logprobs", "return_experts", "ignore_eos", "decode_alone"):  # "no" was true
+        for name in ("prompt_logprobs", "return_experts", "ignore_eos", "decode_alone",
+                     "include_stop_str_in_output"):  # "no" was true
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")
         if self.min_tokens > self.max_tokens:
@@ -175,6 +186,23 @@ class SamplingParams:
             if _int("logprobs", self.logprobs, 0, expected) > MAX_LOGPROBS:
                 raise _bad("logprobs", self.logprobs, expected)
 
+        if self.allowed_token_ids is not None:
+            expected = "None or a non-empty list of token ids >= 0"
+            if not isinstance(self.allowed_token_ids, (list, tuple, set)) or not self.allowed_token_ids \
+                    or any(isinstance(i, bool) for i in self.allowed_token_ids):
+                raise _bad("allowed_token_ids", self.allowed_token_ids, expected)
+            try:
+                self.allowed_token_ids = [operator.index(i) for i in self.allowed_token_ids]
+            except TypeError:
+                raise _bad("allowed_token_ids", self.allowed_token_ids, expected) from None
+            if any(i < 0 for i in self.allowed_token_ids):
+                raise _bad("allowed_token_ids", self.allowed_token_ids, expected)
+        if isinstance(self.bad_words, str) or not isinstance(self.bad_words, (list, tuple)) \
+                or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            raise _bad("bad_words", self.bad_words, "a list of words (strings with a character other than spaces)")
+        self.bad_words = list(self.bad_words)
+        for w in self.bad_words:
+            check_text(w, f"bad_words entry {w!r}")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
             raise _bad("adapter", self.adapter, "None or the name of one of the engine's adapters")
         if self.structured is not None:

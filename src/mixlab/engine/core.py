@@ -45,7 +45,15 @@ from mixlab.engine import api
 from mixlab.engine.api import Handle, QueueFull, RequestOutput, SamplingParams, _deliver, _is_array
 from mixlab.engine.lookup import PromptLookup
 from mixlab.engine.runner import Item, Result, Runner, common_prefix
-from mixlab.engine.sampling import Sampler, row_argmax, sample_row, seed_generator, top_logprobs
+from mixlab.engine.sampling import (
+    Sampler,
+    bad_words_ids,
+    banned_tokens,
+    row_argmax,
+    sample_row,
+    seed_generator,
+    top_logprobs,
+)
 from mixlab.engine.structured import Matcher
 from mixlab.errors import MixlabError
 from mixlab.model.formats import expert_cache
@@ -86,7 +94,8 @@ class _Seq:
     prompt_top: list[list[tuple[int, float]] | None] | None = None  # with prompt_logprobs and logprobs > 0
     seen_1V: torch.Tensor | None = None  # prompt + output tokens (repetition penalty)
     counts_1V: torch.Tensor | None = None  # output token counts (presence/frequency penalties)
-    bias_1V: torch.Tensor | None = None  # logit_bias as a row
+    bias_1V: torch.Tensor | None = None  # logit_bias (and allowed_token_ids' -inf elsewhere) as a row
+    bad_ids: list[list[int]] = field(default_factory=list)  # bad_words as token sequences (`bad_words_ids`)
     matcher: Matcher | None = None  # params.structured's state: the tokens allowed next
     first: bool = True
     slot: int = -1  # the runner's cache slot
@@ -275,6 +284,13 @@ class Engine:
         bad = [i for i in params.logit_bias if not 0 <= i < cfg.vocab_size]
         if bad:
             raise ValueError(f"invalid logit_bias: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        bad = [i for i in params.allowed_token_ids or () if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"invalid allowed_token_ids: token id {bad[0]} is outside the vocabulary "
+                             f"[0, {cfg.vocab_size})")
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError(f"bad_words {params.bad_words!r} need an engine made with a tokenizer")
+        bad_ids = bad_words_ids(self.tokenizer, params.bad_words) if self.tokenizer is not None else []
         if params.return_experts and cfg.moe is None:
             raise ValueError("return_experts=True needs a MoE model; this one is dense")
         if params.adapter is not None and params.adapter not in self.runner.adapters:
@@ -296,6 +312,7 @@ class Engine:
                    params.min_p, params.repetition_penalty), stop_ids, generator, decoder)
         if params.structured is not None and self.tokenizer is not None:
             seq.matcher = Matcher(params.structured, self.tokenizer, cfg.vocab_size)
+        seq.bad_ids = bad_ids
         if params.speculative_tokens and params.greedy and not params.return_experts:
             seq.lookup = PromptLookup()  # (a sampled request decodes a token a step: its draws would change)
         with self._lock:
@@ -609,19 +626,28 @@ class Engine:
             seq.seen_1V[0, seq.prompt] = True
         if seq.params.presence_penalty or seq.params.frequency_penalty:
             seq.counts_1V = torch.zeros(1, V, device=self.runner.device)
-        if seq.params.logit_bias:
-            seq.bias_1V = torch.zeros(1, V, device=self.runner.device)
-            ids, values = zip(*seq.params.logit_bias.items(), strict=True)
-            seq.bias_1V[0, list(ids)] = torch.tensor(values, device=self.runner.device)
+        if seq.params.logit_bias or seq.params.allowed_token_ids is not None:
+            bias_1V = torch.zeros(1, V, device=self.runner.device)
+            if seq.params.logit_bias:
+                ids, values = zip(*seq.params.logit_bias.items(), strict=True)
+                bias_1V[0, list(ids)] = torch.tensor(values, device=self.runner.device)
+            if seq.params.allowed_token_ids is not None:  # vLLM's: every other token -inf
+                allowed = torch.zeros(V, dtype=torch.bool, device=self.runner.device)
+                allowed[seq.params.allowed_token_ids] = True
+                bias_1V[0].masked_fill_(~allowed, -math.inf)
+            seq.bias_1V = bias_1V
 
     def _emit(self, seq: _Seq, logits_1V: torch.Tensor, experts_LK: torch.Tensor | None,
               argmax: int | None = None) -> None:
         p = seq.params
         bias_1V = seq.bias_1V
+        banned = banned_tokens(seq.bad_ids, seq.out) if seq.bad_ids else []  # bad_words' last tokens, now
         if len(seq.out) < p.min_tokens and seq.stop_ids and not (seq.matcher is not None and seq.matcher.ending):
             # min_tokens: no stop token yet (-inf, not -100), unless a failed constraint allows EOS alone
+            banned += sorted(seq.stop_ids)
+        if banned:
             bias_1V = torch.zeros_like(logits_1V) if bias_1V is None else bias_1V.clone()
-            bias_1V[0, sorted(seq.stop_ids)] = -math.inf
+            bias_1V[0, banned] = -math.inf
         tok: int | None = None
         if seq.sampler.greedy and seq.seen_1V is None and seq.counts_1V is None and bias_1V is None:
             if seq.matcher is None:  # greedy without penalties or biases: the step's batched argmax (NaN-free)
@@ -661,6 +687,8 @@ class Engine:
             finish, text = "stop", self._flush_text(seq)
         elif tok in seq.stop_ids:
             finish = "stop"
+            if p.include_stop_str_in_output and seq.decoder is not None:  # vLLM's: the stop token is decoded too
+                seq.text += seq.decoder.push(tok)
             text = self._flush_text(seq)
             # vLLM's stop_reason: the stop token id that ended it; None for EOS (checked first, as vLLM does)
             stop_reason = tok if tok != self.config.eos_id or p.ignore_eos else None
@@ -710,14 +738,15 @@ class Engine:
         if not stops:
             text, seq.sent = seq.text[seq.sent :], len(seq.text)
             return text, None
-        longest = max(map(len, stops))
         hit = self._find_stop(seq)
         if hit is not None:
-            end, stop = hit
+            end = self._stop_end(seq, *hit)
             text = seq.text[seq.sent : end] if end > seq.sent else ""
             seq.sent = len(seq.text)
-            return text, stop
-        safe = max(seq.sent, len(seq.text) - longest + 1)  # a stop string may still begin after `safe`
+            return text, hit[1]
+        # a stop string may still begin after `safe`: held back, unless it is to be sent anyway (vLLM's)
+        held = 0 if seq.params.include_stop_str_in_output else max(map(len, stops)) - 1
+        safe = max(seq.sent, len(seq.text) - held)
         text, seq.sent = seq.text[seq.sent : safe], safe
         return text, None
 
@@ -728,11 +757,17 @@ class Engine:
                 seq.stop_floor = len(seq.text)
         if seq.params.stop:  # the held-back tail may still contain a stop string
             hit = self._find_stop(seq)
-            text = seq.text[seq.sent : len(seq.text) if hit is None else max(hit[0], seq.sent)]
+            text = seq.text[seq.sent : len(seq.text) if hit is None else max(self._stop_end(seq, *hit), seq.sent)]
         else:
             text = seq.text[seq.sent :]
         seq.sent = len(seq.text)
         return text
+
+    @staticmethod
+    def _stop_end(seq: _Seq, at: int, stop: str) -> int:
+        """Where the text ends when the stop string `stop` was found at `at`: before it, or (vLLM's
+        include_stop_str_in_output) after it; what follows it in the same token is dropped either way."""
+        return at + len(stop) if seq.params.include_stop_str_in_output else at
 
     @staticmethod
     def _find_stop(seq: _Seq) -> tuple[int, str] | None:

@@ -7,7 +7,9 @@ Shape legend: B batch, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,8 +17,11 @@ import torch
 from mixlab.engine.api import GREEDY_TEMPERATURE, SamplingParams
 from mixlab.errors import GenerationError
 
-__all__ = ["Sampler", "check_logits", "greedy_token", "penalize", "row_argmax", "sample_row", "seed_generator",
-           "top_logprobs"]
+if TYPE_CHECKING:
+    from mixlab.tokenizer import Tokenizer
+
+__all__ = ["Sampler", "bad_words_ids", "banned_tokens", "check_logits", "greedy_token", "penalize", "row_argmax",
+           "sample_row", "seed_generator", "top_logprobs"]
 
 
 _NAN_MESSAGE = ("the model produced NaN logits; its weights or inputs hold NaN/Inf (loading warns with the "
@@ -195,3 +200,30 @@ def top_logprobs(logprobs_V: torch.Tensor, n: int) -> list[tuple[int, float]]:
         return []
     values, ids = torch.topk(logprobs_V, min(n, logprobs_V.shape[-1]))
     return [(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True) if v != -math.inf]
+
+
+def bad_words_ids(tok: Tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """vLLM's `bad_words` as token sequences (its `SamplingParams.update_from_tokenizer`): each word, its leading
+    spaces stripped, encoded alone (no BOS); then with one space before it, kept where that spelling starts with
+    another token and has as many tokens (a word-initial piece, "▁word", is another token than "word"), so that
+    the word is banned at the start of a text and after a space alike."""
+    out: list[list[int]] = []
+    for word in words:
+        alone = tok.encode(word.lstrip(), bos=False)
+        spaced = tok.encode(" " + word.lstrip(), bos=False)
+        out.append(alone)
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            out.append(spaced)
+    return out
+
+
+def banned_tokens(bad_ids: Sequence[Sequence[int]], out: Sequence[int]) -> list[int]:
+    """The tokens `bad_ids` (`bad_words_ids`) ban next after the output `out`: each word's last token, where the
+    output ends with the word's other tokens (a one-token word: always); vLLM's rule, over the output's tokens
+    alone (not the prompt's)."""
+    banned = []
+    for ids in bad_ids:
+        k = len(ids) - 1
+        if k <= len(out) and list(out[len(out) - k:]) == list(ids[:k]):
+            banned.append(ids[-1])
+    return banned

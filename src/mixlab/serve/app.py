@@ -47,6 +47,7 @@ from mixlab.serve.common import (
     Server,
     ServerConfig,
     chat_lp,
+    token_name,
     token_piece,
     usage_of,
 )
@@ -99,6 +100,11 @@ _EXPECTED = {
     "stream": "a boolean",
     "echo": "a boolean",
     "tokens": "a list of token ids",
+    "allowed_token_ids": "a non-empty list of token ids (integers >= 0)",
+    "bad_words": "a list of at most 256 words (non-empty strings)",
+    "truncate_prompt_tokens": "an integer >= 1 (keep the prompt's last k tokens) or -1 (the model's context)",
+    "include_stop_str_in_output": "a boolean",
+    "return_tokens_as_token_ids": "a boolean",
 }
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
@@ -480,7 +486,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                               "logprobs": None}
                         if want_logprobs:  # the token's offset in the choice's whole text (echoed prompt included)
                             at = (len(echo[c.index // body.n]["text"]) if echo is not None else 0) + len(c.text)
-                            ch["logprobs"] = _stream_completion_lp(lp, at - len(delta), tok)
+                            ch["logprobs"] = _stream_completion_lp(lp, at - len(delta), tok, c.as_ids)
                     if finish is not None:  # vLLM's, on the chunk that ends the choice
                         ch["stop_reason"] = c.stop_reason
                     if exs:
@@ -518,7 +524,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.check_open()
         srv.check_model(body.model)
         tools = body.rendered_tools()
-        ids = await srv.encode_chat(body.messages, "messages", tools=tools)
+        srv.truncate([], body.truncate_prompt_tokens)  # a k over the context: a 400 before the work
+        ids = srv.truncate(await srv.encode_chat(body.messages, "messages", tools=tools), body.truncate_prompt_tokens)
         if body.tools and tools:
             await srv.off_loop(srv.check_tools, body)
         limit = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the one obeyed
@@ -532,7 +539,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                   for i in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
-        choices = [Choice(i, h, alone=alone) for i, h in enumerate(handles)]
+        choices = [Choice(i, h, alone=alone, as_ids=body.return_tokens_as_token_ids) for i, h in enumerate(handles)]
         # OpenAI's finish_reason for a call: "tool_calls", but "stop" where tool_choice named the function (vLLM's too)
         named = isinstance(body.tool_choice, dict)
         return await respond(request, body, choices, [ids], chat=True, rid=rid, want_logprobs=body.logprobs,
@@ -549,7 +556,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             # in the encoding thread: a prompt of 1.3M token ids (4 MB) is a second's loops over them
             batch = body.prompts()
             srv.check_count(len(batch) * body.n, param="prompt" if len(batch) > 1 else "n")  # before encoding them
-            prompts = [tok.encode(p, bos=body.add_special_tokens) if isinstance(p, str) else p for p in batch]
+            srv.truncate([], body.truncate_prompt_tokens)
+            prompts = [srv.truncate(tok.encode(p, bos=body.add_special_tokens) if isinstance(p, str) else p,
+                                    body.truncate_prompt_tokens) for p in batch]
             if not all(prompts):  # vLLM's "the decoder prompt cannot be empty"
                 raise ApiError(400, "the prompt is empty: with add_special_tokens false, an empty text has no "
                                     "tokens, not even BOS", param="prompt")
@@ -577,7 +586,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         handles = srv.submit(ids, params, rid, param="prompt" if len(prompts) > 1 else "n", n=body.n)
         # a prompt with no text (BOS alone: prompt "") leaves the first generated token to begin one
         empty = [all(i in (tok.bos_id, tok.eos_id) for i in p) for p in prompts]
-        choices = [Choice(k, h, alone=empty[choices_meta[k]], hidden=hidden) for k, h in enumerate(handles)]
+        choices = [Choice(k, h, alone=empty[choices_meta[k]], hidden=hidden, as_ids=body.return_tokens_as_token_ids)
+                   for k, h in enumerate(handles)]
         echo = [_echo_head(tok, p) for p in prompts] if body.echo else None
         return await respond(request, body, choices, prompts, chat=False, rid=rid,
                              want_logprobs=want_lp, echo=echo, arrived=arrived)
@@ -685,14 +695,14 @@ def _echo_head(tok: Tokenizer, ids: list[int]) -> dict[str, Any]:
 
 
 def _top_dict(entries: Iterable[dict[str, Any]], tok: Tokenizer, chosen: int, logprob: float,
-              start: bool) -> dict[str, float]:
+              start: bool, as_ids: bool = False) -> dict[str, float]:
     """A legacy `top_logprobs` entry: the alternatives, then the chosen token if it is not among them
     (OpenAI's "up to logprobs + 1 elements"; vLLM's too), so `logprobs: 0` still names the token.
     `start`: the position begins a text (`token_piece`)."""
     d: dict[str, float] = {}
     for t in entries:
         d.setdefault(t["token"], t["logprob"])  # two ids with one text: keep the likelier (listed first)
-    d.setdefault(token_piece(tok, chosen, start)[0], logprob)
+    d.setdefault(token_name(chosen, token_piece(tok, chosen, start)[0], as_ids), logprob)
     return d
 
 
@@ -707,7 +717,7 @@ def _completion_lp(head: dict[str, Any] | None, c: Choice, tok: Tokenizer, *, ge
     if head is not None:
         plp, ptop = c.prompt_logprobs, c.prompt_top
         for k, s in enumerate(head["pieces"]):
-            tokens.append(s)
+            tokens.append(token_name(head["ids"][k], s, c.as_ids))
             offsets.append(pos)
             pos += len(s)
             v = plp[k] if plp is not None and k < len(plp) else None
@@ -717,23 +727,24 @@ def _completion_lp(head: dict[str, Any] | None, c: Choice, tok: Tokenizer, *, ge
             else:
                 alternatives = ptop[k] if ptop is not None and ptop[k] is not None else []  # none with logprobs=0
                 start = k == head["start"]
-                tops.append(_top_dict(({"token": token_piece(tok, a, start)[0], "logprob": b} for a, b in alternatives),
-                                      tok, head["ids"][k], v, start))
+                tops.append(_top_dict(({"token": token_name(a, token_piece(tok, a, start)[0], c.as_ids), "logprob": b}
+                                       for a, b in alternatives), tok, head["ids"][k], v, start, c.as_ids))
     if generated:
         for e in c.tokens:
             tokens.append(e["token"])
             offsets.append(pos)
-            pos += len(e["token"])
+            pos += len(e["text"])
             lps.append(e["logprob"])
-            tops.append(_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"], e["start"]))
+            tops.append(_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"], e["start"], c.as_ids))
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _stream_completion_lp(e: dict[str, Any] | None, offset: int, tok: Tokenizer) -> dict[str, Any] | None:
+def _stream_completion_lp(e: dict[str, Any] | None, offset: int, tok: Tokenizer,
+                          as_ids: bool = False) -> dict[str, Any] | None:
     if e is None:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     return {"tokens": [e["token"]], "token_logprobs": [e["logprob"]],
-            "top_logprobs": [_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"], e["start"])],
+            "top_logprobs": [_top_dict(e["top_logprobs"], tok, e["id"], e["logprob"], e["start"], as_ids)],
             "text_offset": [offset]}
 
 

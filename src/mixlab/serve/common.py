@@ -128,6 +128,12 @@ def token_piece(tok: Tokenizer, i: int, start: bool = False) -> tuple[str, list[
     return text, list(text.encode())
 
 
+def token_name(i: int, text: str, as_ids: bool) -> str:
+    """A logprob entry's `token`: its text, or (vLLM's return_tokens_as_token_ids) "token_id:<i>", which
+    names a token whose text is not one (a byte piece's half character, a control token's nothing)."""
+    return f"token_id:{i}" if as_ids else text
+
+
 @dataclass
 class Choice:
     index: int
@@ -146,6 +152,7 @@ class Choice:
     cached_tokens: int = 0
     prompt_logprobs: list[float | None] | None = None
     prompt_top: list[Any] | None = None
+    as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens are "token_id:123"
 
     def tool_calls(self, token: int | None, *, parallel: bool = True) -> list[dict[str, Any]] | None:
         """OpenAI's `tool_calls` when the reply began with `token` ([TOOL_CALLS]; None: tools not rendered) and
@@ -182,10 +189,11 @@ class Choice:
             # a stop token gets an entry too (its text is only what the decoder still held back):
             # lm-eval's scoring slices token_logprobs[ctxlen:-1], which assumes one per generated token
             start = self.alone and out.completion_tokens == 1
-            top = [{"token": text, "logprob": v, "bytes": raw, "id": i}
+            top = [{"token": token_name(i, text, self.as_ids), "logprob": v, "bytes": raw, "id": i}
                    for i, v in (out.top_logprobs or []) for text, raw in [token_piece(tok, i, start)]]
-            lp = {"token": delta, "logprob": out.logprob, "bytes": list(delta.encode()), "id": out.token_id,
-                  "top_logprobs": top, "start": start}
+            # "text": the delta, whose lengths give the legacy text_offset whatever "token" shows
+            lp = {"token": token_name(out.token_id, delta, self.as_ids), "text": delta, "logprob": out.logprob,
+                  "bytes": list(delta.encode()), "id": out.token_id, "top_logprobs": top, "start": start}
             self.tokens.append(lp)
         if out.experts is not None:
             ex = {"token_id": out.token_id, "text": delta, "experts": out.experts}
@@ -395,6 +403,8 @@ class Server:
     def sampling(self, body: ChatCompletionRequest | CompletionRequest | ResponsesRequest, max_tokens: int, choice: int,
                  logprobs: int | None, prompt_logprobs: bool = False, decode_alone: bool = False,
                  structured: Structured | None = None) -> SamplingParams:
+        if body.allowed_token_ids and not choice:  # a 400 naming it, before any choice is queued
+            self.check_ids(body.allowed_token_ids, "allowed_token_ids")
         seed = body.seed
         if seed is not None and choice:  # n > 1: each choice its own (reproducible) stream
             seed = (seed + choice + 2**63) % 2**64 - 2**63
@@ -408,9 +418,23 @@ class Server:
                 prompt_logprobs=prompt_logprobs, return_experts=body.return_experts, ignore_eos=body.ignore_eos,
                 logit_bias=body.biases(), min_tokens=body.min_tokens, decode_alone=decode_alone,
                 structured=structured, adapter=body.model if body.model in self.cfg.adapters else None,
-                speculative_tokens=self.cfg.speculative_tokens)
+                speculative_tokens=self.cfg.speculative_tokens,
+                include_stop_str_in_output=body.include_stop_str_in_output,
+                allowed_token_ids=body.allowed_token_ids, bad_words=list(body.bad_words or []))
         except ValueError as e:
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
+
+    def truncate(self, ids: list[int], k: int | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last `k` tokens (-1: the context's worth; None: all); a
+        `k` over the context is a 400 in vLLM's words (the prompt could never fit)."""
+        if k is None:
+            return ids
+        n = self.cfg.context_len if k == -1 else k
+        if n > self.cfg.context_len:
+            raise ApiError(400, f"truncate_prompt_tokens value ({k}) is greater than max_model_len "
+                                f"({self.cfg.context_len}). Please, select a smaller truncation size.",
+                           param="truncate_prompt_tokens")
+        return ids[-n:]
 
     def check_ids(self, ids: list[int], param: str) -> None:
         V = self.tok.vocab_size if self.cfg.model_info.get("vocab_size") is None else self.cfg.model_info["vocab_size"]
@@ -453,7 +477,8 @@ class Server:
 
 
 def _guess_param(message: str) -> str | None:
-    for name in ("min_tokens", "max_tokens", "logit_bias", "stop_token_ids", "stop", "temperature", "top_p",
+    for name in ("min_tokens", "max_tokens", "logit_bias", "stop_token_ids", "allowed_token_ids", "bad_words",
+                 "include_stop_str_in_output", "stop", "temperature", "top_p",
                  "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs",
                  "return_experts"):
         if name in message:

@@ -2,10 +2,12 @@
 
 Field names, types and ranges follow OpenAI's API reference (chat completions, the legacy completions, the
 Responses API's text core and function tools); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
-`return_token_ids` are vLLM's extras and `return_experts` is mixlab's. Numbers are strict (no `"0.5"`
+`return_token_ids`, `include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`,
+`return_tokens_as_token_ids` are vLLM's extras (`VLLM_EXTRAS`: chat and completions only) and `return_experts` is
+mixlab's. Numbers are strict (no `"0.5"`
 strings, no booleans for integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones
 whose meaning we do not implement (suffixes, audio, web search and the Responses API's other hosted tools,
-OpenAI's deprecated `functions`; vLLM's structural tags, beam search, bad_words, include_stop_str_in_output...:
+OpenAI's deprecated `functions`; vLLM's structural tags, beam search, prompt_logprobs...:
 `NOT_IMPLEMENTED`) are refused with a 400 naming them, where they ask for something, rather than silently
 dropped.
 """
@@ -45,6 +47,7 @@ __all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "Detokenize
 MAX_N = 16
 MAX_STOP = 16
 MAX_LOGIT_BIAS = 1024
+MAX_BAD_WORDS = 256  # each costs every step of the request a comparison of its tokens with the output's
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
@@ -71,11 +74,14 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 # and []; OpenAI's web_search_options {} asks for a search): any other is refused with a 400 naming it, else
 # the client got output it did not ask for, silently. vLLM's extras, then OpenAI's (audio out, web search).
 NOT_IMPLEMENTED: dict[str, Any] = {
-    "include_stop_str_in_output": False, "use_beam_search": False, "prompt_logprobs": None,
-    "truncate_prompt_tokens": None, "structural_tag": None, "bad_words": None,
-    "allowed_token_ids": None, "logits_processors": None, "skip_special_tokens": True,
-    "return_tokens_as_token_ids": False, "prompt_embeds": None,
+    "use_beam_search": False, "prompt_logprobs": None, "structural_tag": None, "logits_processors": None,
+    "skip_special_tokens": True, "prompt_embeds": None,
     "audio": None, "web_search_options": None}
+# vLLM's extras that chat and completions honour (`_Sampling`'s fields), with the value that asks for nothing: the
+# Responses API, which vLLM gives none of them, refuses them as before
+VLLM_EXTRAS: dict[str, Any] = {
+    "include_stop_str_in_output": False, "allowed_token_ids": None, "bad_words": None,
+    "truncate_prompt_tokens": None, "return_tokens_as_token_ids": False}
 # a chat's own: vLLM's echo (the last message repeated before the reply), chat_template, documents (a RAG
 # template's), add_special_tokens (a second BOS before the template's)
 CHAT_NOT_IMPLEMENTED = {"echo": False, "chat_template": None, "documents": None, "add_special_tokens": False}
@@ -147,6 +153,15 @@ class _Sampling(BaseModel):
     guided_choice: list[StrictStr] | None = None
     guided_grammar: StrictStr | None = None
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's: the stop string that matched stays at the end of the text (and a stop token's text)
+    include_stop_str_in_output: StrictBool = False
+    # vLLM's: only these tokens are sampled (every other logit -inf); bad_words: never these words
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: Annotated[list[Annotated[Text, Field(min_length=1)]], Field(max_length=MAX_BAD_WORDS)] | None = None
+    # vLLM's: the prompt's last k tokens alone (left truncation); -1: the model's context; None: all of it
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+    # vLLM's: logprob tokens written "token_id:123" (each token's `bytes` stay its own text's)
+    return_tokens_as_token_ids: StrictBool = False
     # accepted for compatibility, with no effect (a response echoes it)
     user: Text | None = None
 
@@ -178,6 +193,13 @@ class _Sampling(BaseModel):
         if self.best_of is not None and self.best_of != self.n:
             raise _field_error("best_of", f"best_of={self.best_of} is not supported (only best_of equal to n)")
         self.constraint()
+        if self.truncate_prompt_tokens == 0:  # vLLM's SamplingParams refuses it too: it would leave no prompt
+            raise _field_error("truncate_prompt_tokens", "invalid truncate_prompt_tokens=0: expected an integer "
+                               ">= 1 (keep the prompt's last k tokens) or -1 (the model's context)")
+        for w in self.bad_words or ():
+            if not w.strip():  # vLLM encodes each (its leading spaces stripped) and bans its last token: none here
+                raise _field_error("bad_words", f"invalid bad_words entry {json.dumps(w)[:80]}: a word needs a "
+                                                "character other than spaces")
         for key in self.logit_bias or {}:
             if not (key.isascii() and key.isdigit()):
                 raise _field_error("logit_bias", f"invalid logit_bias key {key[:80]!r}: expected a token id, "
@@ -547,7 +569,7 @@ class ResponsesRequest(_Sampling):
     include: list[StrictStr] | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # with the include's logprobs
 
-    REFUSED: ClassVar[dict[str, Any]] = NOT_IMPLEMENTED | RESPONSES_NOT_IMPLEMENTED
+    REFUSED: ClassVar[dict[str, Any]] = NOT_IMPLEMENTED | VLLM_EXTRAS | RESPONSES_NOT_IMPLEMENTED
 
     @model_validator(mode="after")
     def _check_responses(self) -> ResponsesRequest:
