@@ -1,5 +1,5 @@
 """vLLM's sampling extras that `mixlab serve` refused with a 400 and now honours as vLLM defines them:
-`include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`,
+`include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `prompt_logprobs`,
 `return_tokens_as_token_ids`. Each is checked streamed and not, against the same request through the engine
 directly (the reference), and its bad values against a 400 naming it. The server is test_serve.py's (a float32
 tiny Mixtral with Mixtral's 32,000-token tokenizer)."""
@@ -216,6 +216,59 @@ def test_return_tokens_as_token_ids_names_each_logprob_token_by_its_id(client: A
                for t in e["top_logprobs"])
 
 
+def test_prompt_logprobs_are_vllms_with_ranks(client: Any, model_tok: tuple[Any, Any]) -> None:
+    """vLLM's prompt_logprobs=N: None for the first prompt token, then {id: {"logprob", "rank", "decoded_token"}}
+    of the prompt's token (first) and the N most likely; a completion choice's own, a chat response's at its top
+    level; equal to a plain forward pass. With echo + logprobs=M, the echo keeps its M alternatives."""
+    import torch
+
+    model, tok = model_tok
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).float(), -1)[0]
+
+    def check(got: list[Any], prompt: list[int], ref: torch.Tensor, n: int) -> None:
+        assert got[0] is None and len(got) == len(prompt)
+        for k in range(1, len(prompt)):
+            row, entry = ref[k - 1], got[k]
+            own = entry[str(prompt[k])]
+            assert list(entry)[0] == str(prompt[k])  # the prompt's token first, as vLLM builds it
+            assert own["logprob"] == pytest.approx(float(row[prompt[k]]), abs=1e-4)
+            assert own["rank"] == int((row > row[prompt[k]]).sum()) + 1
+            best = torch.topk(row, n).indices.tolist()
+            assert set(entry) == {str(i) for i in best} | {str(prompt[k])}
+            for r, i in enumerate(best):
+                assert entry[str(i)]["rank"] == r + 1
+                assert entry[str(i)]["logprob"] == pytest.approx(float(row[i]), abs=1e-4)
+
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=0, n=2,
+                                  extra_body={"prompt_logprobs": 3}).model_dump()
+    for c in r["choices"]:
+        check(c["prompt_logprobs"], ids, ref, 3)
+        assert c["logprobs"] is None
+    piece = tok.id_to_piece(ids[2])
+    assert r["choices"][0]["prompt_logprobs"][2][str(ids[2])]["decoded_token"] == piece.replace("\u2581", " ")
+    # with echo + logprobs=1: the echo's alternatives stay 1 (+ the token), prompt_logprobs has its 4
+    e = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=0, echo=True, logprobs=1,
+                                  extra_body={"prompt_logprobs": 4}).model_dump()["choices"][0]
+    check(e["prompt_logprobs"], ids, ref, 4)
+    assert all(len(t) <= 2 for t in e["logprobs"]["top_logprobs"][1:])
+    # 0: the prompt's own tokens alone
+    z = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=1,
+                                  extra_body={"prompt_logprobs": 0}).model_dump()["choices"][0]
+    assert [list(x) for x in z["prompt_logprobs"][1:]] == [[str(i)] for i in ids[1:]]
+    # a chat: the response's, of the templated prompt
+    chat_ids = tok.encode_chat(U)
+    with torch.no_grad():
+        cref = torch.log_softmax(model(torch.tensor([chat_ids])).float(), -1)[0]
+    c = client.chat.completions.create(model=NAME, messages=U, max_tokens=2, extra_body={"prompt_logprobs": 2})
+    check(c.model_dump()["prompt_logprobs"], chat_ids, cref, 2)
+    # streamed: vLLM refuses N > 0; 0 asks for nothing a stream carries
+    s = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, stream=True,
+                                  extra_body={"prompt_logprobs": 0})
+    assert len([x for x in s]) >= 1
+
+
 BAD = [
     (COMP, {"prompt": "x", "include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
     (COMP, {"prompt": "x", "allowed_token_ids": [5, 32000]}, "allowed_token_ids"),
@@ -228,6 +281,9 @@ BAD = [
     (COMP, {"prompt": "x", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     (CHAT, {"messages": U, "truncate_prompt_tokens": 513}, "truncate_prompt_tokens"),
     (CHAT, {"messages": U, "return_tokens_as_token_ids": 1}, "return_tokens_as_token_ids"),
+    (COMP, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    (CHAT, {"messages": U, "prompt_logprobs": -1}, "prompt_logprobs"),
+    (COMP, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     # the Responses API, which vLLM gives none of them, still refuses them
     ("/v1/responses", {"input": "hi", "bad_words": ["a"]}, "bad_words"),
 ]

@@ -96,7 +96,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings, matched on the decoded text
     logprobs: int | None = None  # None: off; 0: the chosen token's logprob; n <= MAX_LOGPROBS: plus the top n
-    prompt_logprobs: bool = False  # the logprob of every prompt token (None for the first)
+    prompt_logprobs: bool = False  # the logprob (and rank) of every prompt token (None for the first)
+    # vLLM's prompt_logprobs=N: the N most likely tokens at each prompt position too (None: logprobs's n)
+    prompt_top_logprobs: int | None = None
     return_experts: bool = False  # the experts of every MoE layer for each generated token
     ignore_eos: bool = False
     min_tokens: int = 0  # vLLM's: no stop token (EOS, stop_token_ids) or stop string before this many tokens
@@ -181,10 +183,17 @@ class SamplingParams:
                 raise _bad(f"logit_bias[{k}]", v, "a number in [-100, 100] (OpenAI's bound: -100 bans the token)")
         # Bounded: each alternative costs every token (and every prompt token with prompt_logprobs) a
         # tuple; logprobs=10**6 listed the whole vocabulary at each position.
-        if self.logprobs is not None:
-            expected = f"None or an integer in [0, {MAX_LOGPROBS}] (number of top alternatives)"
-            if _int("logprobs", self.logprobs, 0, expected) > MAX_LOGPROBS:
-                raise _bad("logprobs", self.logprobs, expected)
+        for name in ("logprobs", "prompt_top_logprobs"):
+            if getattr(self, name) is not None:
+                expected = f"None or an integer in [0, {MAX_LOGPROBS}] (number of top alternatives)"
+                if _int(name, getattr(self, name), 0, expected) > MAX_LOGPROBS:
+                    raise _bad(name, getattr(self, name), expected)
+
+    @property
+    def prompt_top(self) -> int:
+        """The top alternatives at each prompt position (with prompt_logprobs): prompt_top_logprobs, else logprobs."""
+        n = self.logprobs if self.prompt_top_logprobs is None else self.prompt_top_logprobs
+        return n or 0
 
         if self.allowed_token_ids is not None:
             expected = "None or a non-empty list of token ids >= 0"
@@ -234,12 +243,15 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens found in the cache (not prefilled again)
     prompt_logprobs: list[float | None] | None  # only on the first output, when asked
     error: str | None = None
-    # with prompt_logprobs and logprobs=n > 0: the n most likely tokens at each prompt position (None
-    # for the first), as OpenAI's echo + logprobs returns them (lm-eval's is_greedy reads them)
+    # with prompt_logprobs and logprobs=n > 0 (or prompt_top_logprobs=n): the n most likely tokens at each prompt
+    # position (None for the first), as OpenAI's echo + logprobs returns them (lm-eval's is_greedy reads them)
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     # vLLM's, on a "stop" output: the stop string that matched, the `stop_token_ids` id that ended it, or
     # None (EOS); "structured output failed: <reason>" (mixlab's) when a constraint ended the output
     stop_reason: int | str | None = None
+    # with prompt_logprobs: each prompt token's rank in its position's distribution (1: the most likely; None for
+    # the first), vLLM's `rank`
+    prompt_ranks: list[int | None] | None = None
 
 
 _DONE = object()

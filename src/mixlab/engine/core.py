@@ -91,7 +91,8 @@ class _Seq:
     sent: int = 0  # characters of `text` already streamed
     stop_floor: int = 0  # a stop string must end after this character: the text of the first min_tokens tokens
     prompt_lp: list[float | None] | None = None
-    prompt_top: list[list[tuple[int, float]] | None] | None = None  # with prompt_logprobs and logprobs > 0
+    prompt_top: list[list[tuple[int, float]] | None] | None = None  # with prompt_logprobs and a prompt_top > 0
+    prompt_rank: list[int | None] | None = None  # with prompt_logprobs: each prompt token's rank
     seen_1V: torch.Tensor | None = None  # prompt + output tokens (repetition penalty)
     counts_1V: torch.Tensor | None = None  # output token counts (presence/frequency penalties)
     bias_1V: torch.Tensor | None = None  # logit_bias (and allowed_token_ids' -inf elsewhere) as a row
@@ -483,9 +484,12 @@ class Engine:
             for j in range(len(item.tokens)):
                 p = item.start + j + 1  # the prompt token this position predicts
                 if p < len(seq.prompt):
-                    seq.prompt_lp.append(float(lp_TV[j, seq.prompt[p]]))
+                    v = lp_TV[j, seq.prompt[p]]
+                    seq.prompt_lp.append(float(v))
+                    if seq.prompt_rank is not None:  # vLLM's rank: 1 + the tokens more likely
+                        seq.prompt_rank.append(int((lp_TV[j] > v).sum()) + 1)
                     if seq.prompt_top is not None:
-                        seq.prompt_top.append(top_logprobs(lp_TV[j], seq.params.logprobs or 0))
+                        seq.prompt_top.append(top_logprobs(lp_TV[j], seq.params.prompt_top))
         if seq.routing_only:  # a finished request's last token has run: its output goes out, complete
             self._give_held(seq, res.experts_LK)
             self._release(seq)
@@ -546,7 +550,7 @@ class Engine:
         may take from `source`: one short of their common prompt prefix (the logits of that prefix's
         last position predict `seq`'s first token of its own, so they run again), and none when
         `source` computes no prompt logprobs or other alternatives, or runs under another adapter."""
-        if (not source.params.prompt_logprobs or (source.params.logprobs or 0) != (seq.params.logprobs or 0)
+        if (not source.params.prompt_logprobs or source.params.prompt_top != seq.params.prompt_top
                 or source.params.adapter != seq.params.adapter):
             return 0
         return max(common_prefix(source.prompt, seq.prompt, len(seq.prompt)) - 1, 0)
@@ -615,11 +619,14 @@ class Engine:
         seq.cached_tokens = seq.n_cached
         self._stats["cached_tokens"] += seq.n_cached
         if seq.params.prompt_logprobs:
-            seq.prompt_lp, seq.prompt_top = [None], [None] if seq.params.logprobs else None
+            seq.prompt_lp, seq.prompt_top = [None], [None] if seq.params.prompt_top else None
+            seq.prompt_rank = [None]
             if seq.n_cached and source is not None and source.prompt_lp is not None:
                 seq.prompt_lp = source.prompt_lp[: seq.n_cached + 1]
                 if seq.prompt_top is not None and source.prompt_top is not None:
                     seq.prompt_top = source.prompt_top[: seq.n_cached + 1]
+                if source.prompt_rank is not None:
+                    seq.prompt_rank = source.prompt_rank[: seq.n_cached + 1]
         V = self.config.vocab_size
         if seq.params.repetition_penalty != 1.0:
             seq.seen_1V = torch.zeros(1, V, dtype=torch.bool, device=self.runner.device)
@@ -710,7 +717,8 @@ class Engine:
             stop_reason = f"structured output failed: {seq.matcher.failed}"  # mixlab's, not vLLM's
         out = RequestOutput(seq.rid, None if refused else tok, text, logprob, top, None, finish, len(seq.prompt),
                             len(seq.out), seq.cached_tokens, seq.prompt_lp if seq.first else None,
-                            prompt_top_logprobs=seq.prompt_top if seq.first else None, stop_reason=stop_reason)
+                            prompt_top_logprobs=seq.prompt_top if seq.first else None, stop_reason=stop_reason,
+                            prompt_ranks=seq.prompt_rank if seq.first else None)
         seq.first = False
         if p.return_experts:
             # This step ran the previous token (the prompt's last, for the first output): its experts
@@ -798,7 +806,8 @@ class Engine:
                 return
         seq.handle._push(RequestOutput(seq.rid, None, "", None, None, None, reason, len(seq.prompt), len(seq.out),
                                        seq.cached_tokens, seq.prompt_lp if seq.first else None, error,
-                                       prompt_top_logprobs=seq.prompt_top if seq.first else None))
+                                       prompt_top_logprobs=seq.prompt_top if seq.first else None,
+                                       prompt_ranks=seq.prompt_rank if seq.first else None))
         seq.first = False
 
     def run_until_idle(self, *, poll: float = 0.0) -> None:

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from mixlab.engine import RequestOutput
+from mixlab.engine.api import MAX_LOGPROBS
 from mixlab.serve.common import (
     Choice,
     EngineLike,
@@ -50,6 +51,7 @@ from mixlab.serve.common import (
     token_name,
     token_piece,
     usage_of,
+    vllm_prompt_logprobs,
 )
 from mixlab.serve.guard import Guard
 from mixlab.serve.metrics import CONTENT_TYPE
@@ -105,6 +107,7 @@ _EXPECTED = {
     "truncate_prompt_tokens": "an integer >= 1 (keep the prompt's last k tokens) or -1 (the model's context)",
     "include_stop_str_in_output": "a boolean",
     "return_tokens_as_token_ids": "a boolean",
+    "prompt_logprobs": "an integer in [0, 20] (the most likely tokens shown at each prompt position)",
 }
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
@@ -408,7 +411,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 else:
                     head = echo[c.index // body.n] if echo is not None else None
                     ch["text"] = (head["text"] if head else "") + c.text
-                    ch["logprobs"] = _completion_lp(head, c, tok, generated=True) if want_logprobs else None
+                    ch["logprobs"] = _completion_lp(head, c, tok, generated=True,
+                                                    top=getattr(body, "logprobs", None) or 0) if want_logprobs else None
+                    if body.prompt_logprobs is not None:  # vLLM's: each completion choice's own prompt
+                        ch["prompt_logprobs"] = vllm_prompt_logprobs(c, prompts[c.index // body.n],
+                                                                     body.prompt_logprobs, tok)
                 if body.return_experts:
                     ch["experts"] = c.experts
                 if want_ids:
@@ -421,6 +428,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                    "usage": usage_of(choices, prompt_lens, body.n)}
             if want_ids and chat:
                 res["prompt_token_ids"] = prompts[0]
+            if chat and body.prompt_logprobs is not None:  # vLLM's: the response's, of the one prompt
+                res["prompt_logprobs"] = vllm_prompt_logprobs(choices[0], prompts[0], body.prompt_logprobs, tok)
             return JSONResponse(res)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -455,7 +464,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         echoed.add(c.index)  # the prompt (and its logprobs) comes with the first output
                         head = echo[c.index // body.n]
                         yield _sse(chunk({"index": c.index, "text": head["text"], "logprobs":
-                                          _completion_lp(head, c, tok, generated=False) if want_logprobs else None,
+                                          _completion_lp(head, c, tok, generated=False, top=getattr(body, "logprobs",
+                                                         None) or 0) if want_logprobs else None,
                                           "finish_reason": None}, first=c.index not in started))
                         started.add(c.index)
                     if out.finish_reason in ("error", "cancelled"):
@@ -535,7 +545,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         # a reply that continues an assistant prefix keeps its first word's leading space, as a completion does
         alone = not body.messages[-1].prefix
         structured = await srv.off_loop(srv.structured, body)
-        params = [srv.sampling(body, max_tokens, i, lp, decode_alone=alone, structured=structured)
+        scored = body.prompt_logprobs is not None and not body.stream  # vLLM's prompt_logprobs (0 with a stream:
+        params = [srv.sampling(body, max_tokens, i, lp, decode_alone=alone, structured=structured,  # nothing)
+                               prompt_logprobs=scored, prompt_top=body.prompt_logprobs if scored else None)
                   for i in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handles = srv.submit([ids] * body.n, params, rid, param="n", n=body.n)
@@ -573,13 +585,16 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             if not isinstance(given, str):
                 srv.check_ids(p, where)
         want_lp = body.logprobs is not None
-        score_prompt = body.echo and want_lp
+        asked = body.prompt_logprobs if not body.stream else None  # vLLM's (0 with a stream: nothing to carry)
+        score_prompt = (body.echo and want_lp) or asked is not None
+        # the alternatives at each prompt position: the echo's (logprobs) and prompt_logprobs' (each takes its top)
+        prompt_top = None if asked is None else max(asked, (body.logprobs or 0) if body.echo else 0)
         structured = await srv.off_loop(srv.structured, body)
         params, ids, choices_meta = [], [], []
         for j, p in enumerate(prompts):
             for i in range(body.n):
                 params.append(srv.sampling(body, max_tokens[j], i, body.logprobs, prompt_logprobs=score_prompt,
-                                           structured=structured))
+                                           structured=structured, prompt_top=prompt_top))
                 ids.append(p)
                 choices_meta.append(j)
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -706,7 +721,8 @@ def _top_dict(entries: Iterable[dict[str, Any]], tok: Tokenizer, chosen: int, lo
     return d
 
 
-def _completion_lp(head: dict[str, Any] | None, c: Choice, tok: Tokenizer, *, generated: bool) -> dict[str, Any]:
+def _completion_lp(head: dict[str, Any] | None, c: Choice, tok: Tokenizer, *, generated: bool,
+                   top: int = MAX_LOGPROBS) -> dict[str, Any]:
     """The legacy logprobs object: the echoed prompt's tokens (when `head`), then
     the generated ones (when `generated`)."""
     tokens: list[str] = []
@@ -725,7 +741,8 @@ def _completion_lp(head: dict[str, Any] | None, c: Choice, tok: Tokenizer, *, ge
             if v is None:
                 tops.append(None)
             else:
-                alternatives = ptop[k] if ptop is not None and ptop[k] is not None else []  # none with logprobs=0
+                # none with logprobs=0; prompt_logprobs may have asked for more
+                alternatives = (ptop[k] if ptop is not None and ptop[k] is not None else [])[:top]
                 start = k == head["start"]
                 tops.append(_top_dict(({"token": token_name(a, token_piece(tok, a, start)[0], c.as_ids), "logprob": b}
                                        for a, b in alternatives), tok, head["ids"][k], v, start, c.as_ids))

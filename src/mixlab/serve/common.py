@@ -152,6 +152,7 @@ class Choice:
     cached_tokens: int = 0
     prompt_logprobs: list[float | None] | None = None
     prompt_top: list[Any] | None = None
+    prompt_ranks: list[int | None] | None = None
     as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens are "token_id:123"
 
     def tool_calls(self, token: int | None, *, parallel: bool = True) -> list[dict[str, Any]] | None:
@@ -170,6 +171,7 @@ class Choice:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
             self.prompt_top = getattr(out, "prompt_top_logprobs", None)
+            self.prompt_ranks = getattr(out, "prompt_ranks", None)
         if out.finish_reason is not None:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
             self.error = out.error
@@ -402,7 +404,7 @@ class Server:
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest | ResponsesRequest, max_tokens: int, choice: int,
                  logprobs: int | None, prompt_logprobs: bool = False, decode_alone: bool = False,
-                 structured: Structured | None = None) -> SamplingParams:
+                 structured: Structured | None = None, prompt_top: int | None = None) -> SamplingParams:
         if body.allowed_token_ids and not choice:  # a 400 naming it, before any choice is queued
             self.check_ids(body.allowed_token_ids, "allowed_token_ids")
         seed = body.seed
@@ -415,7 +417,8 @@ class Server:
                 min_p=float(body.min_p), repetition_penalty=float(body.repetition_penalty),
                 presence_penalty=float(body.presence_penalty), frequency_penalty=float(body.frequency_penalty),
                 seed=seed, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, return_experts=body.return_experts, ignore_eos=body.ignore_eos,
+                prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top, return_experts=body.return_experts,
+                ignore_eos=body.ignore_eos,
                 logit_bias=body.biases(), min_tokens=body.min_tokens, decode_alone=decode_alone,
                 structured=structured, adapter=body.model if body.model in self.cfg.adapters else None,
                 speculative_tokens=self.cfg.speculative_tokens,
@@ -494,6 +497,34 @@ def usage_of(choices: list[Choice], prompt_lens: list[int], n: int) -> dict[str,
     cached = sum(c.cached_tokens for c in choices if c.index % n == 0)
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def decoded_token(tok: Tokenizer, i: int) -> str:
+    """vLLM's `decoded_token` of a logprob: the token decoded alone (a control token: ""), with the leading spaces
+    its piece's "▁" stand for, which decoding a text's first token drops, restored (vLLM's
+    `convert_ids_list_to_tokens`)."""
+    if i >= tok.vocab_size:
+        return ""
+    text, piece = tok.decode([i]), tok.id_to_piece(i)
+    missing = (len(piece) - len(piece.lstrip("\u2581"))) - (len(text) - len(text.lstrip(" ")))
+    return " " * missing + text if missing > 0 else text
+
+
+def vllm_prompt_logprobs(c: Choice, ids: list[int], n: int, tok: Tokenizer) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then at each position {token id: {"logprob",
+    "rank", "decoded_token"}} of the prompt's token (first) and the `n` most likely (ranks 1..n), -inf written as
+    -9999.0 (vLLM's clamp: JSON has no infinity)."""
+    lps, ranks, tops = c.prompt_logprobs or [], c.prompt_ranks or [], c.prompt_top or []
+    out: list[dict[str, Any] | None] = [None]
+    for k in range(1, min(len(ids), len(lps))):
+        v = lps[k]
+        assert v is not None
+        entry = {str(ids[k]): {"logprob": max(v, -9999.0), "rank": ranks[k] if k < len(ranks) else None,
+                               "decoded_token": decoded_token(tok, ids[k])}}
+        for r, (i, lp) in enumerate(((tops[k] if k < len(tops) else None) or [])[:n]):
+            entry[str(i)] = {"logprob": max(lp, -9999.0), "rank": r + 1, "decoded_token": decoded_token(tok, i)}
+        out.append(entry)
+    return out
 
 
 def chat_lp(e: dict[str, Any]) -> dict[str, Any]:
