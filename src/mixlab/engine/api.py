@@ -188,13 +188,6 @@ class SamplingParams:
                 expected = f"None or an integer in [0, {MAX_LOGPROBS}] (number of top alternatives)"
                 if _int(name, getattr(self, name), 0, expected) > MAX_LOGPROBS:
                     raise _bad(name, getattr(self, name), expected)
-
-    @property
-    def prompt_top(self) -> int:
-        """The top alternatives at each prompt position (with prompt_logprobs): prompt_top_logprobs, else logprobs."""
-        n = self.logprobs if self.prompt_top_logprobs is None else self.prompt_top_logprobs
-        return n or 0
-
         if self.allowed_token_ids is not None:
             expected = "None or a non-empty list of token ids >= 0"
             if not isinstance(self.allowed_token_ids, (list, tuple, set)) or not self.allowed_token_ids \
@@ -223,6 +216,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def prompt_top(self) -> int:
+        """The top alternatives at each prompt position (with prompt_logprobs): prompt_top_logprobs, else logprobs."""
+        n = self.logprobs if self.prompt_top_logprobs is None else self.prompt_top_logprobs
+        return n or 0
 
 
 @dataclass

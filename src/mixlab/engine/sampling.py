@@ -210,6 +210,8 @@ def bad_words_ids(tok: Tokenizer, words: Sequence[str]) -> list[list[int]]:
     out: list[list[int]] = []
     for word in words:
         alone = tok.encode(word.lstrip(), bos=False)
+        if not alone:  # text the tokenizer encodes to nothing (a normaliser drops it) is never generated
+            continue
         spaced = tok.encode(" " + word.lstrip(), bos=False)
         out.append(alone)
         if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
