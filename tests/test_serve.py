@@ -866,7 +866,6 @@ BAD = [  # (endpoint, body, status, param); ideas from llama.cpp's tools/server/
     (CHAT, {"messages": U, "guided_choice": ["yes", ""]}, 400, "guided_choice"),  # structured output: a bad one
     (COMP, {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
     # ... and more of them, OpenAI's too; each was ignored: output the client did not ask for, silently
-    (COMP, {"prompt": "x", "skip_special_tokens": False}, 400, "skip_special_tokens"),
     (CHAT, {"messages": U, "logits_processors": ["m.f"]}, 400, "logits_processors"),
     (COMP, {"prompt": "x", "return_token_ids": "yes"}, 400, "return_token_ids"),
     (COMP, {"prompt": "x", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),

@@ -1,8 +1,8 @@
 """vLLM's sampling extras that `mixlab serve` refused with a 400 and now honours as vLLM defines them:
 `include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `prompt_logprobs`,
-`return_tokens_as_token_ids`. Each is checked streamed and not, against the same request through the engine
-directly (the reference), and its bad values against a 400 naming it. The server is test_serve.py's (a float32
-tiny Mixtral with Mixtral's 32,000-token tokenizer)."""
+`return_tokens_as_token_ids`, `skip_special_tokens`. Each is checked streamed and not, against the same request
+through the engine directly (the reference), and its bad values against a 400 naming it. The server is
+test_serve.py's (a float32 tiny Mixtral with Mixtral's 32,000-token tokenizer)."""
 
 from __future__ import annotations
 
@@ -269,6 +269,36 @@ def test_prompt_logprobs_are_vllms_with_ranks(client: Any, model_tok: tuple[Any,
     assert len([x for x in s]) >= 1
 
 
+def test_skip_special_tokens_false_writes_control_tokens_into_the_text(client: Any, engine: Engine, ckpt: Any,
+                                                                      model_tok: tuple[Any, Any]) -> None:
+    """Control tokens decode to their names, as transformers' tokenizer.json decodes them (and Mixtral's
+    SentencePiece model now too, alike); a stop token still adds none, unless include_stop_str_in_output."""
+    from mixlab import load_tokenizer
+
+    _, tok = model_tok
+    sp = load_tokenizer()  # Mixtral's tokenizer.model, whose tokenizer.json the server's is
+    for ids in ([1, 22557, 28725, 2, 1, 22557], [22557, 1], [1, 28705, 22557], [1, 13, 2], [28705, 1]):
+        assert sp.decode(ids, skip_special_tokens=False) == tok.decode(ids, skip_special_tokens=False), ids
+        assert sp.decode(ids) == tok.decode(ids) and "<s>" not in tok.decode(ids)
+    bos = {str(tok.bos_id): 100}
+    kw = dict(model=NAME, prompt="x", max_tokens=3, temperature=0, logit_bias=bos,
+              extra_body={"skip_special_tokens": False})
+    r = client.completions.create(**kw).choices[0]
+    assert r.text == "<s><s><s>" and client.completions.create(**{**kw, "extra_body": {}}).choices[0].text == ""
+    assert _streamed(client, False, **kw)[0] == {0: "<s><s><s>"}
+    assert _ref(engine, tok.encode("x"), max_tokens=3, logit_bias={tok.bos_id: 100},
+                skip_special_tokens=False)[0] == "<s><s><s>"
+    chat = client.chat.completions.create(model=NAME, messages=U, max_tokens=2, temperature=0, logit_bias=bos,
+                                          extra_body={"skip_special_tokens": False})
+    assert chat.choices[0].message.content == "<s><s>"
+    # EOS ends the output without text, unless it is to be kept (vLLM's detokenizer then decodes it too)
+    eos = dict(model=NAME, prompt="x", max_tokens=3, temperature=0, logit_bias={str(tok.eos_id): 100})
+    assert client.completions.create(**eos, extra_body={"skip_special_tokens": False}).choices[0].text == ""
+    kept = client.completions.create(**eos, extra_body={"skip_special_tokens": False,
+                                                        "include_stop_str_in_output": True}).choices[0]
+    assert (kept.text, kept.finish_reason) == ("</s>", "stop")
+
+
 BAD = [
     (COMP, {"prompt": "x", "include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
     (COMP, {"prompt": "x", "allowed_token_ids": [5, 32000]}, "allowed_token_ids"),
@@ -284,8 +314,10 @@ BAD = [
     (COMP, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     (CHAT, {"messages": U, "prompt_logprobs": -1}, "prompt_logprobs"),
     (COMP, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    (CHAT, {"messages": U, "skip_special_tokens": "no"}, "skip_special_tokens"),
     # the Responses API, which vLLM gives none of them, still refuses them
     ("/v1/responses", {"input": "hi", "bad_words": ["a"]}, "bad_words"),
+    ("/v1/responses", {"input": "hi", "skip_special_tokens": False}, "skip_special_tokens"),
 ]
 
 

@@ -68,7 +68,7 @@ class _Backend(Protocol):
     eos_id: int
 
     def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str: ...
     def id_to_piece(self, i: int) -> str: ...
     def special_id(self, piece: str) -> int | None: ...
 
@@ -88,8 +88,25 @@ class _SentencePiece:
     def encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.sp.decode(list(ids)))  # control tokens (BOS, EOS) decode to ""
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        if skip_special:
+            return str(self.sp.decode(list(ids)))  # control tokens (BOS, EOS) decode to ""
+        # control tokens as their pieces, between the texts of the runs of other tokens, as transformers'
+        # tokenizer.json of the same model decodes them: a run after one keeps its first "▁" as a space
+        # (SentencePiece drops a text's first one; the Llama decoder's Strip, the whole text's alone)
+        out: list[str] = []
+        run: list[int] = []
+        for i in [*ids, None]:
+            if i is not None and not self.sp.IsControl(i):
+                run.append(i)
+                continue
+            if run:
+                text = str(self.sp.decode(run))
+                out.append(" " + text if out and self.sp.id_to_piece(run[0]).startswith("\u2581") else text)
+                run = []
+            if i is not None:
+                out.append(str(self.sp.id_to_piece(i)))
+        return "".join(out)
 
     def id_to_piece(self, i: int) -> str:
         return str(self.sp.id_to_piece(i))
@@ -150,8 +167,8 @@ class _HFTokenizers:
         # thread, a server's event loop too, for 6 s); the same ids
         return list(self.tk.encode_batch([text], add_special_tokens=False)[0].ids)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tk.decode(list(ids), skip_special_tokens=True))
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        return str(self.tk.decode(list(ids), skip_special_tokens=skip_special))
 
     def id_to_piece(self, i: int) -> str:
         return str(self.tk.id_to_token(i))
@@ -173,7 +190,7 @@ class _Bytes:
     def encode(self, text: str) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8")]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:  # BOS / EOS have no names: no text
         off = self.offset
         return bytes(i - off for i in ids if off <= i < off + 256).decode("utf-8", errors="replace")
 
@@ -248,8 +265,10 @@ class Tokenizer:
         ids = self._b.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` (one sequence); BOS/EOS and other control tokens are dropped."""
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (one sequence); BOS/EOS and other control tokens are dropped (`skip_special_tokens`
+        False: written as their names, `<s>`, `[INST]`, as transformers' `decode` writes them; the bytes
+        tokenizer's have none)."""
         # Not int(i): that decoded "123" as the ids 1, 2, 3 and 15359.9 as 15359, silently.
         if isinstance(ids, str | bytes):
             raise ValueError(f"decode takes token ids, not a {type(ids).__name__}")
@@ -261,7 +280,7 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        return self._b.decode(ids)
+        return self._b.decode(ids, skip_special_tokens)
 
     def id_to_piece(self, i: int) -> str:
         """The vocabulary's piece for id `i` (`▁the`, `<0xE4>`, `</s>`)."""
@@ -276,9 +295,10 @@ class Tokenizer:
         m = _BYTE_PIECE.fullmatch(self._b.id_to_piece(i))
         return int(m.group(1), 16) if m else None
 
-    def stream(self, *, context: Sequence[int] = ()) -> StreamDecoder:
-        """An incremental decoder; `context` (e.g. the prompt's last tokens) fixes leading spaces."""
-        return StreamDecoder(self, context=context)
+    def stream(self, *, context: Sequence[int] = (), skip_special_tokens: bool = True) -> StreamDecoder:
+        """An incremental decoder; `context` (e.g. the prompt's last tokens) fixes leading spaces;
+        `skip_special_tokens` False: control tokens are text too (`decode`'s)."""
+        return StreamDecoder(self, context=context, skip_special_tokens=skip_special_tokens)
 
     def encode_chat(self, messages: Sequence[Mapping[str, object]], *,
                     tools: Sequence[Mapping[str, object]] | None = None) -> list[int]:
@@ -637,14 +657,15 @@ class StreamDecoder:
     transformers decodes it: it is skipped, here and in the context.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, context: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, context: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
         self.tok = tokenizer
+        self.skip = skip_special_tokens
         self.ids = [int(i) for i in context if int(i) < tokenizer.vocab_size]
         self.prefix = 0  # window start: the text of ids[prefix:read] has been emitted
         # A context that ends mid-character (a prompt cut by token count, a reply continued): its last
         # byte pieces are not text yet, so the character the new tokens complete is theirs (it was
         # lost); `shown`, the context's own text with its U+FFFD, keeps that U+FFFD from being sent twice.
-        shown = self.tok.decode(self.ids)
+        shown = self.tok.decode(self.ids, skip_special_tokens=self.skip)
         pending = self._pending_bytes() if shown.endswith(_REPLACEMENT) else None
         self.read = len(self.ids) - (pending or 0)
         self.shown = shown if pending else None
@@ -654,8 +675,8 @@ class StreamDecoder:
         if int(token) >= self.tok.vocab_size:  # a padded vocabulary's row: no text
             return ""
         self.ids.append(int(token))
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        after = self.tok.decode(self.ids[self.prefix :])
+        before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
+        after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
         if len(after) > len(before) and (not after.endswith(_REPLACEMENT) or self._pending_bytes() == 0):
             self.prefix, self.read = self.read, len(self.ids)
             return self._new_text(before, after)
@@ -689,8 +710,8 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Text still held back (e.g. an incomplete byte sequence at the end)."""
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        after = self.tok.decode(self.ids[self.prefix :])
+        before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
+        after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
         self.prefix = self.read = len(self.ids)
         return self._new_text(before, after)
 

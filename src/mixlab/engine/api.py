@@ -123,6 +123,9 @@ class SamplingParams:
     # rule); its last token is banned where the output's last tokens are the word's others (a one-token
     # word: always). Needs an engine made with a tokenizer
     bad_words: list[str] = field(default_factory=list)
+    # vLLM's: False writes control tokens (`<s>`, `[INST]`...) into the text, as the tokenizer's `decode` names
+    # them (a stop token still adds none, unless include_stop_str_in_output)
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self.check()
@@ -135,7 +138,7 @@ class SamplingParams:
         _int("min_tokens", self.min_tokens, 0, "an integer >= 0")
         _int("speculative_tokens", self.speculative_tokens, 0, "an integer >= 0 (0 = off)")
         for name in ("prompt_logprobs", "return_experts", "ignore_eos", "decode_alone",
-                     "include_stop_str_in_output"):  # "no" was true
+                     "include_stop_str_in_output", "skip_special_tokens"):  # "no" was true
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")
         if self.min_tokens > self.max_tokens:

@@ -107,6 +107,7 @@ _EXPECTED = {
     "truncate_prompt_tokens": "an integer >= 1 (keep the prompt's last k tokens) or -1 (the model's context)",
     "include_stop_str_in_output": "a boolean",
     "return_tokens_as_token_ids": "a boolean",
+    "skip_special_tokens": "a boolean",
     "prompt_logprobs": "an integer in [0, 20] (the most likely tokens shown at each prompt position)",
 }
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

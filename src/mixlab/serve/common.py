@@ -161,7 +161,7 @@ class Choice:
         request's `parallel_tool_calls`): the first call alone, as vLLM keeps it where the model wrote several."""
         if token is None or self.token_ids[:1] != [token]:
             return None
-        calls = tool_calls_of(self.text)
+        calls = tool_calls_of(self.text.removeprefix("[TOOL_CALLS]"))  # its text with skip_special_tokens false
         return calls if calls is None or parallel else calls[:1]
 
     def take(self, out: RequestOutput, tok: Tokenizer, want_logprobs: bool) -> tuple[str, dict | None, dict | None]:
@@ -423,7 +423,8 @@ class Server:
                 structured=structured, adapter=body.model if body.model in self.cfg.adapters else None,
                 speculative_tokens=self.cfg.speculative_tokens,
                 include_stop_str_in_output=body.include_stop_str_in_output,
-                allowed_token_ids=body.allowed_token_ids, bad_words=list(body.bad_words or []))
+                allowed_token_ids=body.allowed_token_ids, bad_words=list(body.bad_words or []),
+                skip_special_tokens=body.skip_special_tokens)
         except ValueError as e:
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
 
@@ -481,7 +482,7 @@ class Server:
 
 def _guess_param(message: str) -> str | None:
     for name in ("min_tokens", "max_tokens", "logit_bias", "stop_token_ids", "allowed_token_ids", "bad_words",
-                 "include_stop_str_in_output", "stop", "temperature", "top_p",
+                 "include_stop_str_in_output", "skip_special_tokens", "stop", "temperature", "top_p",
                  "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs",
                  "return_experts"):
         if name in message:

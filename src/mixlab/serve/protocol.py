@@ -3,12 +3,12 @@
 Field names, types and ranges follow OpenAI's API reference (chat completions, the legacy completions, the
 Responses API's text core and function tools); `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
 `return_token_ids`, `include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`,
-`return_tokens_as_token_ids`, `prompt_logprobs` are vLLM's extras (`VLLM_EXTRAS`: chat and completions only) and
-`return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for integers). Unknown fields are
-ignored, as OpenAI-compatible servers do; the ones whose meaning we do not implement (suffixes, audio, web search
-and the Responses API's other hosted tools, OpenAI's deprecated `functions`; vLLM's structural tags, beam search,
-skip_special_tokens false...: `NOT_IMPLEMENTED`) are refused with a 400 naming them, where they ask for something,
-rather than silently dropped.
+`return_tokens_as_token_ids`, `prompt_logprobs`, `skip_special_tokens` are vLLM's extras (`VLLM_EXTRAS`: chat
+and completions only) and `return_experts` is mixlab's. Numbers are strict (no `"0.5"` strings, no booleans for
+integers). Unknown fields are ignored, as OpenAI-compatible servers do; the ones whose meaning we do not implement
+(suffixes, audio, web search and the Responses API's other hosted tools, OpenAI's deprecated `functions`; vLLM's
+structural tags, beam search, logits processors...: `NOT_IMPLEMENTED`) are refused with a 400 naming them, where
+they ask for something, rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -73,14 +73,14 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 # and []; OpenAI's web_search_options {} asks for a search): any other is refused with a 400 naming it, else
 # the client got output it did not ask for, silently. vLLM's extras, then OpenAI's (audio out, web search).
 NOT_IMPLEMENTED: dict[str, Any] = {
-    "use_beam_search": False, "structural_tag": None, "logits_processors": None,
-    "skip_special_tokens": True, "prompt_embeds": None,
+    "use_beam_search": False, "structural_tag": None, "logits_processors": None, "prompt_embeds": None,
     "audio": None, "web_search_options": None}
 # vLLM's extras that chat and completions honour (`_Sampling`'s fields), with the value that asks for nothing: the
 # Responses API, which vLLM gives none of them, refuses them as before
 VLLM_EXTRAS: dict[str, Any] = {
     "include_stop_str_in_output": False, "allowed_token_ids": None, "bad_words": None,
-    "truncate_prompt_tokens": None, "return_tokens_as_token_ids": False, "prompt_logprobs": None}
+    "truncate_prompt_tokens": None, "return_tokens_as_token_ids": False, "prompt_logprobs": None,
+    "skip_special_tokens": True}
 # a chat's own: vLLM's echo (the last message repeated before the reply), chat_template, documents (a RAG
 # template's), add_special_tokens (a second BOS before the template's)
 CHAT_NOT_IMPLEMENTED = {"echo": False, "chat_template": None, "documents": None, "add_special_tokens": False}
@@ -163,6 +163,8 @@ class _Sampling(BaseModel):
     return_tokens_as_token_ids: StrictBool = False
     # vLLM's: each prompt token's logprob and rank, with the N most likely tokens at its position (not streamed)
     prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # vLLM's: false writes control tokens (`<s>`, `[INST]`) into the text
+    skip_special_tokens: StrictBool = True
     # accepted for compatibility, with no effect (a response echoes it)
     user: Text | None = None
 
