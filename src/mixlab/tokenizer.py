@@ -665,18 +665,22 @@ class StreamDecoder:
         # A context that ends mid-character (a prompt cut by token count, a reply continued): its last
         # byte pieces are not text yet, so the character the new tokens complete is theirs (it was
         # lost); `shown`, the context's own text with its U+FFFD, keeps that U+FFFD from being sent twice.
-        shown = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        shown = self._decode(self.ids)
         pending = self._pending_bytes() if shown.endswith(_REPLACEMENT) else None
         self.read = len(self.ids) - (pending or 0)
         self.shown = shown if pending else None
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        # the keyword only when asked: StreamDecoder also serves tokenizer-like objects whose decode takes ids alone
+        return self.tok.decode(ids) if self.skip else self.tok.decode(ids, skip_special_tokens=False)
 
     def push(self, token: int) -> str:
         """Add one token; return the text it completes (possibly "")."""
         if int(token) >= self.tok.vocab_size:  # a padded vocabulary's row: no text
             return ""
         self.ids.append(int(token))
-        before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
-        after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and (not after.endswith(_REPLACEMENT) or self._pending_bytes() == 0):
             self.prefix, self.read = self.read, len(self.ids)
             return self._new_text(before, after)
@@ -710,8 +714,8 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Text still held back (e.g. an incomplete byte sequence at the end)."""
-        before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
-        after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return self._new_text(before, after)
 

@@ -308,8 +308,9 @@ class Engine:
             else:
                 seed_generator(generator, params.seed)
         context = () if params.decode_alone else prompt[-4:]  # the prompt's last tokens keep a leading space
-        decoder = (self.tokenizer.stream(context=context, skip_special_tokens=params.skip_special_tokens)
-                   if self.tokenizer is not None else None)
+        # only when asked: a tokenizer-like object (check_tokenizer's: one that streams) need not take it
+        special = {} if params.skip_special_tokens else {"skip_special_tokens": False}
+        decoder = self.tokenizer.stream(context=context, **special) if self.tokenizer is not None else None
         seq = _Seq(rid, prompt, params, handle, Sampler(params.temperature, params.top_k, params.top_p,
                    params.min_p, params.repetition_penalty), stop_ids, generator, decoder)
         if params.structured is not None and self.tokenizer is not None:
