@@ -91,8 +91,9 @@ def test_chat_completions_and_chunks_are_openai_s_types(server: str, asked: dict
     ({}, set()), ({"logprobs": 2, "echo": True, "n": 2}, set()),
     ({"return_experts": True, "return_token_ids": True}, EXPERTS | COMPLETION_IDS),
     ({"prompt_logprobs": 0, "logprobs": 2, "echo": True, "return_tokens_as_token_ids": True,
-      "include_stop_str_in_output": True, "stop": ["."], "seed": 3, "skip_special_tokens": False, "truncate_prompt_tokens": 2,
-      "bad_words": ["blue"], "allowed_token_ids": list(range(100, 30000))}, {"$.choices[].prompt_logprobs"})])
+      "include_stop_str_in_output": True, "stop": ["."], "seed": 3, "skip_special_tokens": False,
+      "truncate_prompt_tokens": 2, "bad_words": ["blue"], "allowed_token_ids": list(range(100, 30000))},
+     {"$.choices[].prompt_logprobs"})])
 def test_completions_and_chunks_are_openai_s_types(server: str, asked: dict[str, Any], extensions: set[str]) -> None:
     body = {"prompt": "The sky is", "max_tokens": 6, "ignore_eos": True, **asked}
     openai_typed(openai_types.Completion, completion_nulls(_post(server + "/v1/completions", body)),
