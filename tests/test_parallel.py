@@ -738,9 +738,10 @@ def test_a_checkpoint_one_rank_cannot_write_is_one_line(small_data: Path, tmp_pa
     CheckpointException, a BaseException, on every rank, which went through as a traceback from each.
     Now one line names the checkpoint and the rank's cause, and no checkpoint (or temporary) is left."""
     script = tmp_path / "full_disk.py"  # rank 1's writes fail as on a full disk
-    script.write_text("import os, sys\nimport torch.distributed.checkpoint as dcp\nfrom mixlab.cli import main\n"
-                      "def write_data(self, plan, planner):\n    raise OSError(28, 'No space left on device')\n"
-                      "if os.environ['RANK'] == '1':\n    dcp.HuggingFaceStorageWriter.write_data = write_data\n"
+    script.write_text("import os, sys\nimport mixlab.parallel.checkpoint as pc\nfrom mixlab.cli import main\n"
+                      "def write_safetensors(path, tensors, metadata):\n"
+                      "    raise OSError(28, 'No space left on device')\n"
+                      "if os.environ['RANK'] == '1':\n    pc.write_safetensors = write_safetensors\n"
                       "sys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "run"
     p = _mixlab(_train_args(small_data, out, "--ckpt-every", "1", "--ep", "2"), nproc=2, script=script)

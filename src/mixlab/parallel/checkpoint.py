@@ -1,11 +1,11 @@
 """Distributed training checkpoints (`torch.distributed.checkpoint`) and the consolidated export.
 
-Every rank writes the pieces it owns into one folder with DCP's safetensors writer
-(`HuggingFaceStorageWriter(save_distributed=True)`): each file is a plain safetensors file whose
-header records each piece's offset in the whole tensor, so reading one needs no pickle and any
-number of processes can read it back (DCP's planner reshards). The tensor names are those of a
-single-process checkpoint (`train/checkpoints.py`): parameters by name, optimizer state as
-`state.<param>.<key>`. Hence:
+Every rank writes the pieces it owns into one folder in DCP's safetensors format
+(`HuggingFaceStorageWriter(save_distributed=True)`'s files, streamed from the tensors by
+`_StreamingWriter`): each file is a plain safetensors file whose header records each piece's offset
+in the whole tensor, so reading one needs no pickle and any number of processes can read it back
+(DCP's planner reshards). The tensor names are those of a single-process checkpoint
+(`train/checkpoints.py`): parameters by name, optimizer state as `state.<param>.<key>`. Hence:
 
 - a single-process run resumes a sharded checkpoint (`checkpoints.load` reads this format), and a
   sharded run resumes a single-process checkpoint (DCP's reader takes its `model.safetensors` and
@@ -35,10 +35,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._hf_utils import (
+    CUSTOM_METADATA_KEY,
+    DCP_VERSION_KEY,
+    FORMAT_KEY,
+    FORMAT_VALUE,
+    HF_DCP_VERSION,
+    SAVED_OFFSETS_KEY,
+    _gen_file_name,
+)
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.futures import Future
 
 from mixlab.atomic import atomic_folder
 from mixlab.checkpoint import meta_model
+from mixlab.checkpoint.io import write_safetensors
 from mixlab.errors import CheckpointError
 from mixlab.model import Transformer
 from mixlab.parallel.mesh import Layout
@@ -56,6 +70,40 @@ def _global(t: torch.Tensor, layout: Layout, expert: bool) -> torch.Tensor:
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, layout.mesh, [dp_place, Shard(0)], run_check=False, shape=torch.Size(shape),
                               stride=stride)
+
+
+class _StreamingWriter(dcp.HuggingFaceStorageWriter):
+    """DCP's safetensors writer with each rank's file streamed from its tensors
+    (`checkpoint.io.write_safetensors`): the same name, tensors and header (`DCP_SHARDING_INFO`: each
+    piece's offsets in the whole tensor), read back by `HuggingFaceStorageReader` alike. DCP's own
+    (torch 2.13, `filesystem._write_files_from_queue`) writes the bytes `safetensors.torch.save`
+    returns, the whole file made in memory, which the Rust serializer builds and then copies: every
+    checkpoint held twice this rank's weights and AdamW states at once (+2.5 GB per process at 212M
+    parameters on 2 processes, the largest peak of the run; BENCHMARKS.md "fsdp_memory")."""
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        results: list[WriteResult] = []
+        if plan.items:  # as DCP's: a rank with nothing to write writes no file
+            name = _gen_file_name(1, 1, plan.storage_data.get("shard_index"))  # prepare_global_plan's
+            pieces: list[tuple[str, torch.Tensor]] = []
+            offsets: dict[str, dict[str, list[int]]] = {}
+            start = 0
+            for item in plan.items:
+                t = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO or not isinstance(t, torch.Tensor) or item.tensor_data is None:
+                    raise TypeError(f"{item.index.fqn}: a checkpoint holds tensors only, not {type(t).__name__}")
+                pieces.append((item.index.fqn, t.detach()))
+                offsets[item.index.fqn] = {SAVED_OFFSETS_KEY: list(item.tensor_data.chunk.offsets)}
+                n = t.numel() * t.element_size()
+                results.append(WriteResult(index=item.index, size_in_bytes=n,
+                                           storage_data=_StorageInfo(name, start, n)))
+                start += n
+            write_safetensors(Path(self.path) / name, pieces, {CUSTOM_METADATA_KEY: json.dumps(offsets),
+                                                              DCP_VERSION_KEY: str(HF_DCP_VERSION),
+                                                              FORMAT_KEY: FORMAT_VALUE})
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -107,7 +155,7 @@ def save(root: Path, *, step: int, model: torch.nn.Module, optimizer: torch.opti
         tmp = Path(box[0])
         try:
             dcp.save(state_dict(model, optimizer, layout, expert_names),
-                     storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+                     storage_writer=_StreamingWriter(str(tmp), save_distributed=True))
         except dcp.CheckpointException as e:  # a BaseException: it went through as a traceback on every rank
             rank, (cause, _) = next(iter(e.failures.items()))
             raise CheckpointError(f"{root / name}: cannot write the checkpoint (rank {rank}: "

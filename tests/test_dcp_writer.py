@@ -1,0 +1,107 @@
+"""The memory of a sharded step and checkpoint: two processes under FSDP (gloo, loopback) take an
+AdamW step and write a checkpoint (parallel/checkpoint.py `_StreamingWriter`). The step leaves
+alive the gradients and AdamW's two states of each local shard and nothing else (no gathered
+weight, reduce-scatter buffer or full tensor: `mixlab plan`'s 16 bytes per parameter). Each rank's
+file is streamed from its tensors: no Python object of the file's size is made (DCP's own writer
+wrote the bytes `safetensors.torch.save` returns, the whole file held twice in memory: +2.5 GB per
+process at 212M parameters, BENCHMARKS.md); the files hold what DCP's own writer writes, the same
+tensors bit for bit and the same header, and load back into a new model and optimizer."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from processes import run_group
+
+# Big enough that a rank's file (~19 MB: its half of 1.6M parameters and their two AdamW states)
+# dwarfs the Python objects DCP's planning makes (0.3-0.6 MB).
+CONFIG = {"vocab_size": 256, "dim": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64,
+          "ffn_dim": 256, "max_seq_len": 32}
+
+
+def _live_bytes() -> int:
+    """The bytes of every CPU tensor storage alive in this process (DTensors' local ones)."""
+    from torch.distributed.tensor import DTensor
+
+    storages = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and not o.is_meta:
+            s = (o.to_local() if isinstance(o, DTensor) else o).untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def _job(rank: int, job: dict[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+
+    from mixlab.config import ModelConfig, MoEConfig
+    from mixlab.parallel import checkpoint as pc
+    from mixlab.parallel.mesh import init
+    from mixlab.parallel.train import DistributedTraining
+    from mixlab.train import loop
+
+    out = Path(job["out"])
+    par = DistributedTraining(init(ep=1, fsdp=True))
+    config = ModelConfig(**CONFIG, moe=MoEConfig(num_experts=4, top_k=2, jitter=0.0))
+
+    def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
+        model = par.build(config, device=torch.device("cpu"), std=0.02, seed=0)
+        opt = loop.make_optimizer(model, loop.TrainConfig())
+        before = _live_bytes()
+        x_BT = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
+        model(x_BT).float().square().mean().backward()
+        opt.step()
+        del x_BT
+        return model, opt, _live_bytes() - before
+
+    model, opt, added = trained()
+    shard = sum(p.to_local().nbytes for p in model.parameters())
+    assert 3 * shard <= added < 3 * shard + 2**16, (added, shard)  # gradients + exp_avg + exp_avg_sq (+ steps)
+    peaks: list[int] = []
+    save = dcp.save
+
+    def measured(*a: Any, **kw: Any) -> Any:  # DCP's part of the save (not the manifest's hashing: 8 MiB)
+        tracemalloc.start()
+        try:
+            return save(*a, **kw)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    dcp.save = measured
+    try:
+        ckpt = par.save(out / "ours", step=1, model=model, optimizer=opt, state={}, keep=1)
+    finally:
+        dcp.save = save
+    dcp.save(pc.state_dict(model, opt, par.layout, set()),
+             storage_writer=dcp.HuggingFaceStorageWriter(str(out / "dcp"), save_distributed=True))
+    name = f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"
+    mine, theirs = ckpt / name, out / "dcp" / name
+    # Python objects only (tracemalloc sees no torch storage): the old writer's bytes of the whole file
+    assert len(peaks) == 1 and peaks[0] < mine.stat().st_size / 4, (peaks, mine.stat().st_size)
+    with safe_open(mine, "pt") as a, safe_open(theirs, "pt") as b:
+        assert json.loads(a.metadata().pop("DCP_SHARDING_INFO")) == json.loads(b.metadata().pop("DCP_SHARDING_INFO"))
+        assert a.metadata() == b.metadata()
+        assert sorted(a.keys()) == sorted(b.keys()) and len(a.keys()) > 20
+        for k in a.keys():
+            ta, tb = a.get_tensor(k), b.get_tensor(k)
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb), k
+    fresh, fresh_opt, _ = trained()  # other values: the loads must replace them
+    fresh_opt.step()
+    par.load(ckpt, model=fresh, optimizer=fresh_opt)
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p.to_local(), q.to_local()), n
+        for key, v in opt.state[p].items():
+            assert torch.equal(v.to_local() if v.dim() else v, fresh_opt.state[q][key].to_local() if v.dim() else
+                               fresh_opt.state[q][key]), (n, key)
+
+
+def test_a_sharded_step_keeps_only_its_states_and_a_checkpoint_no_copy_of_its_file(tmp_path: Path) -> None:
+    run_group(_job, [{"out": str(tmp_path)}], world=2)
