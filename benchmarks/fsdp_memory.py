@@ -1,13 +1,16 @@
 """Per-process memory of `mixlab train --fsdp` steps on 2 CPU processes (gloo), for FSDP's mixed
-precision (docs/scaling.md, "Mixed precision under `--fsdp`"): what the first forward leaves held for
-the backward, the first forward + backward's peak and the first step's peak (AdamW's states made),
-each above the process's resident memory once the sharded model and its optimizer exist.
+precision (docs/scaling.md, "Mixed precision under `--fsdp`") and the optimizer step: what the first
+forward leaves held for the backward, the first forward + backward's peak, the first optimizer
+step's peak (AdamW's states made) and the final checkpoint's, each above the process's resident
+memory once the sharded model and its optimizer exist. `--single`: the same run in one process
+without FSDP (what a step costs without sharding).
 
     PYTHONPATH=src python benchmarks/fsdp_memory.py [--dtype bfloat16] [--dim 1024] [--layers 4]
-        [--ffn 2048] [--experts 8] [--steps 2]
+        [--ffn 2048] [--experts 8] [--steps 2] [--single]
 
-Starts itself under torchrun (2 processes, loopback) and prints one line per process. Peaks are
-/proc/self/status's VmHWM, reset (/proc/self/clear_refs 5) when `make_optimizer` returns: Linux only.
+Starts itself under torchrun (2 processes, loopback; `--single`: one process) and prints one line
+per process. Peaks are /proc/self/status's VmHWM, reset (/proc/self/clear_refs 5) when
+`make_optimizer` returns and as the first `optimizer.step` and the checkpoint begin: Linux only.
 """
 
 from __future__ import annotations
@@ -31,26 +34,34 @@ def _peak() -> int:
     return next(int(ln.split()[1]) * 1024 for ln in status if ln.startswith("VmHWM:"))
 
 
-def _process(cfg_file: str, dtype: str, out: str) -> None:
-    """One of the two processes: `train` under --fsdp, measured."""
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # the peak := what the process holds now
+
+
+def _process(cfg_file: str, dtype: str, out: str, single: str) -> None:
+    """One of the processes: `train` under --fsdp (or alone), measured."""
     import torch
 
-    from mixlab.parallel.mesh import init, shutdown
-    from mixlab.parallel.train import DistributedTraining
-    from mixlab.train import loop
+    from mixlab.train import checkpoints, loop
 
     at: dict[str, int] = {}
     make, backward = loop.make_optimizer, torch.Tensor.backward
 
     def made(model: Any, cfg: Any) -> Any:
         opt = make(model, cfg)
-        Path("/proc/self/clear_refs").write_text("5")  # the peak := what the process holds now
+        _reset_peak()
         at["setup"] = _resident()
         step = opt.step
 
         def first_step(*a: Any, **k: Any) -> Any:
+            if "step" in at:
+                return step(*a, **k)
             at.setdefault("forward_backward", _peak())
-            return step(*a, **k)
+            _reset_peak()
+            try:
+                return step(*a, **k)
+            finally:
+                at["step"] = _peak()
 
         opt.step = first_step
         return opt
@@ -59,17 +70,38 @@ def _process(cfg_file: str, dtype: str, out: str) -> None:
         at.setdefault("held", _resident())  # what the first forward left for its backward
         return backward(self, *a, **k)
 
+    def measured(save: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            _reset_peak()
+            at["checkpoint_start"] = _resident()
+            try:
+                return save(*a, **k)
+            finally:
+                at["checkpoint"] = _peak()
+        return run
+
     loop.make_optimizer = made  # type: ignore[assignment]  # this process trains nothing else
     torch.Tensor.backward = noted  # type: ignore[method-assign]
-    par = DistributedTraining(init(ep=1, fsdp=True))
-    try:
-        loop.train(loop.load_train_config(cfg_file, out=out, dtype=dtype), parallel=par)
-    finally:
-        shutdown()
-    mb = {k: (v - at["setup"]) / 1e6 for k, v in (("held", at["held"]), ("fb", at["forward_backward"]),
-                                                  ("step", _peak()))}
-    print(f"rank {os.environ['RANK']} --dtype {dtype}: held at the first backward {mb['held']:.0f} MB, first "
-          f"forward + backward's peak {mb['fb']:.0f} MB, steps' peak {mb['step']:.0f} MB, above the "
+    cfg = loop.load_train_config(cfg_file, out=out, dtype=dtype)
+    if single == "1":
+        checkpoints.save = measured(checkpoints.save)  # type: ignore[assignment]
+        loop.train(cfg)
+        who = "one process, no FSDP"
+    else:
+        from mixlab.parallel.mesh import init, shutdown
+        from mixlab.parallel.train import DistributedTraining
+
+        par = DistributedTraining(init(ep=1, fsdp=True))
+        par.save = measured(par.save)  # type: ignore[method-assign]
+        try:
+            loop.train(cfg, parallel=par)
+        finally:
+            shutdown()
+        who = f"rank {os.environ['RANK']}"
+    mb = {k: (v - at["setup"]) / 1e6 for k, v in at.items()}
+    print(f"{who} --dtype {dtype}: held at the first backward {mb['held']:.0f} MB, first forward + backward's "
+          f"peak {mb['forward_backward']:.0f} MB, first optimizer step's peak {mb['step']:.0f} MB, final "
+          f"checkpoint's peak {mb['checkpoint']:.0f} MB ({mb['checkpoint_start']:.0f} MB as it began), above the "
           f"{at['setup'] / 1e6:.0f} MB of the set-up process", flush=True)
 
 
@@ -81,6 +113,7 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--single", action="store_true", help="one process without FSDP, for comparison")
     a = ap.parse_args()
 
     from mixlab.train.data import prepare, read_documents
@@ -99,12 +132,16 @@ def main() -> None:
             "progress": False}
         (root / "cfg.json").write_text(json.dumps(cfg))
         env = os.environ | {"OMP_NUM_THREADS": "1", "MIXLAB_FSDP_MEMORY": "1"}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        __file__, str(root / "cfg.json"), a.dtype, str(root / "run")], env=env, check=True)
+        args = [__file__, str(root / "cfg.json"), a.dtype, str(root / "run"), str(int(a.single))]
+        if a.single:
+            subprocess.run([sys.executable, *args], env=env, check=True)
+        else:
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            *args], env=env, check=True)
 
 
 if __name__ == "__main__":
-    if os.environ.get("MIXLAB_FSDP_MEMORY") == "1" and "RANK" in os.environ:
-        _process(*sys.argv[1:4])
+    if os.environ.get("MIXLAB_FSDP_MEMORY") == "1":  # a measured process (main set it)
+        _process(*sys.argv[1:5])
     else:
         main()
