@@ -10,6 +10,9 @@ training (`mixlab train`, AdamW):
     gradients   float32                                                                    4 B
     optimizer   AdamW exp_avg + exp_avg_sq, float32                                        8 B
     = 16 bytes per parameter, the mixed-precision Adam figure of ZeRO (arXiv 1910.02054 §3.1).
+    The optimizer step adds nothing to them: fused AdamW updates each parameter (each FSDP shard)
+    in place, its states made at the first step, and a checkpoint streams each tensor to its file
+    (measured: benchmarks/fsdp_memory.py, BENCHMARKS.md; the step's peak is gradients + states).
     Expert weights are divided by the expert-parallel size `ep`; with `--fsdp` everything is further
     sharded over the data-parallel ranks (dense weights over all N devices, expert weights over the
     N / ep replicas of each expert shard), as torchtitan's FSDP + EP layout.
