@@ -91,6 +91,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t`'s squares in float64 (each square exact), the copy squared in place: one float64
+    copy of one gradient alive at a time, not a copy and its square (16 bytes per element of the
+    largest local gradient: 268 MB for a 212M model on 2 processes; the same sums)."""
+    d = t.detach().to(torch.float64, copy=True)
+    return d.mul_(d).sum()
+
+
 def sum_grads(params: list[torch.nn.Parameter], *, group: dist.ProcessGroup | None, size: int,
               divide: float = 1.0) -> None:
     """The gradients of `params` summed over the `size` processes of `group` in one all-reduce of a
@@ -260,10 +268,9 @@ class DistributedTraining:
             for p in params:
                 if p.grad is None:
                     continue
-                g = _local(p.grad)
                 # A sharded gradient counts each piece once; a replicated one once over its replicas.
                 w = 1.0 if isinstance(p.grad, DTensor) else 1.0 / replicas
-                sq += g.detach().double().square().sum().cpu() * w
+                sq += _sum_of_squares(_local(p.grad)).cpu() * w
         total = math.sqrt(float(self.all_sum(sq)))
         coef = min(1.0, max_norm / (total + 1e-6))
         if coef < 1.0:

@@ -5,17 +5,23 @@ weight, reduce-scatter buffer or full tensor: `mixlab plan`'s 16 bytes per param
 file is streamed from its tensors: no Python object of the file's size is made (DCP's own writer
 wrote the bytes `safetensors.torch.save` returns, the whole file held twice in memory: +2.5 GB per
 process at 212M parameters, BENCHMARKS.md); the files hold what DCP's own writer writes, the same
-tensors bit for bit and the same header, and load back into a new model and optimizer."""
+tensors bit for bit and the same header, and load back into a new model and optimizer. The global
+gradient norm (`DistributedTraining.clip_grad_norm`) holds one float64 copy of one gradient at a time."""
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import tracemalloc
+import weakref
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from processes import run_group
 
@@ -105,3 +111,54 @@ def _job(rank: int, job: dict[str, Any]) -> None:
 
 def test_a_sharded_step_keeps_only_its_states_and_a_checkpoint_no_copy_of_its_file(tmp_path: Path) -> None:
     run_group(_job, [{"out": str(tmp_path)}], world=2)
+
+
+class _Peak(TorchDispatchMode):
+    """The most bytes that the tensors made inside it (new storages, not views or in-place results)
+    held at once, each counted until its Python object is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        had = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in had:
+                n = t.untyped_storage().nbytes()
+                had.add(t.untyped_storage().data_ptr())
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
+
+
+def test_the_gradient_norm_holds_one_float64_copy_of_one_gradient_at_a_time() -> None:
+    """`DistributedTraining.clip_grad_norm` squares each local gradient in float64 (exact squares):
+    it made a copy and then its square, 16 bytes per element of the largest gradient at once (268 MB
+    for the 212M model's 2-process shard of `w13`); now the copy is squared in place, 8 bytes, and
+    the norm and the clipped gradients are the old expression's bit for bit."""
+    from mixlab.config import ModelConfig, MoEConfig
+    from mixlab.model import Transformer
+    from mixlab.parallel.train import DistributedTraining
+
+    model = Transformer(ModelConfig(**CONFIG, moe=MoEConfig(num_experts=4, top_k=2, jitter=0.0)))
+    model.init_weights(seed=0)
+    model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))).float().square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    total = math.sqrt(float(sum(g.double().square().sum() for g in grads)))  # the old expression's order
+    coef = 1e-3 / (total + 1e-6)
+    assert coef < 1  # it clips
+    # one process, no FSDP: what clip_grad_norm reads of its layout
+    par = DistributedTraining(cast(Any, SimpleNamespace(rank=0, world=1, is_main=True, fsdp=False, ep=1, dp=1)))
+    with _Peak() as peak:
+        norm = par.clip_grad_norm(cast(Any, model), 1e-3)
+    largest = max(g.numel() for g in grads)
+    assert largest * 8 <= peak.peak < largest * 12, (peak.peak, largest)
+    assert norm == total
+    for p, g in zip([p for p in model.parameters() if p.grad is not None], grads, strict=True):
+        assert p.grad is not None and torch.equal(p.grad, g * coef)
