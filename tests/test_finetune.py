@@ -1025,6 +1025,40 @@ def test_reference_free_dpo_skips_the_reference_pass(ckpt: Path, chat_files: tup
     assert last["eval_rewards/chosen"] == pytest.approx(0.1 * last["eval_logps/chosen"], rel=1e-5)
 
 
+def test_the_dpo_reference_pass_shows_progress(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The reference pass runs over every pair before step 1 (minutes on a large model): it said nothing,
+    so a run looked hung between the data's warnings and its first step. Off a terminal a line says what
+    runs; on one a bar counts the pairs; progress=False (--quiet): neither."""
+    finetune(_cfg(ckpt, chat_files[1], tmp_path / "a", task="dpo", steps=1, eval_every=0, progress=True))
+    err = capsys.readouterr().err
+    n = len(chat_files[1].read_text().splitlines())
+    assert f"reference log-probs of {n} pairs (the starting model, once, before step 1; stored in " in err
+    assert err.index("reference log-probs") < err.index("step 1/1")
+    finetune(_cfg(ckpt, chat_files[1], tmp_path / "b", task="dpo", steps=1, eval_every=0))
+    assert "reference log-probs" not in capsys.readouterr().err
+
+    import mixlab.train.finetune as ft
+
+    class Bar:  # a terminal's bar: it reaches the pair count, training pairs then held-out ones
+        disable = False
+        n = 0
+        seen: list[int] = []
+
+        def update(self, k: int) -> None:
+            self.n += k
+            self.seen.append(self.n)
+
+        def close(self) -> None:
+            pass
+
+    bar = Bar()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ft, "_reference_progress", lambda n_pairs, rf: bar)
+        finetune(_cfg(ckpt, chat_files[1], tmp_path / "c", task="dpo", steps=1, eval_every=0, progress=True))
+    assert bar.seen == sorted(bar.seen) and bar.seen[-1] == n and len(bar.seen) > 2
+
+
 def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     from mixlab.cli import main

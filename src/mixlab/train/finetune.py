@@ -445,10 +445,12 @@ def _turns(n: int, par: DataParallel | None) -> Iterator[tuple[int, bool]]:
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig,
-                    par: DataParallel | None = None) -> dict[str, torch.Tensor]:
+                    par: DataParallel | None = None, *,
+                    done: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """The frozen model's log-probs of every pair's chosen and rejected reply (sums; eval mode, float32).
     `par`: each process computes every world-th batch of batch_size pairs (the one-process run's
-    batches, so the same numbers), and every process gets them all."""
+    batches, so the same numbers), and every process gets them all. `done(n)`: after each batch, the
+    pairs up to the end of it (for a progress bar)."""
     was = model.training
     model.eval()
     dev = torch.device(cfg.device)
@@ -461,10 +463,25 @@ def reference_logps(model: nn.Module, pairs: list[dpo.Pair], cfg: FinetuneConfig
             lp, _ = pair_logps(model, b, dev)
         if keep:
             ch[idx], rj[idx] = lp[: len(idx)].float().cpu(), lp[len(idx):].float().cpu()
+        if done is not None:
+            done(idx[-1] + 1 if keep else len(pairs))
     model.train(was)
     if par is not None:  # the other processes' entries are zeros here
         ch, rj = par.all_sum(torch.stack([ch, rj])).unbind(0)
     return {"chosen": ch, "rejected": rj}
+
+
+def _reference_progress(n_pairs: int, rf: Path) -> Any:
+    """The DPO reference pass's progress: a bar of pairs on a terminal; elsewhere (tqdm draws nothing
+    there) one line saying what runs before the first step."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_pairs, desc="reference log-probs", unit="pair", dynamic_ncols=True, disable=None,
+               leave=False)
+    if bar.disable:
+        print(f"reference log-probs of {n_pairs:,} pairs (the starting model, once, before step 1; stored in {rf})",
+              file=sys.stderr, flush=True)
+    return bar
 
 
 def eval_line(ev: dict[str, Any]) -> str:
@@ -732,8 +749,20 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         if par is not None:  # all compute them together, or none
             par.check_same({f"{rf} (reused)": t is not None})
         if t is None:  # each process its share (reference_logps), rank 0 writes them
-            t = {f"{k}.{s}": v for k, items in (("train", train_items), ("valid", valid_items)) if items
-                 for s, v in reference_logps(model, items, cfg, par).items()}
+            # a pass over every pair before the first step: minutes on a large model, so it shows progress
+            # (a bar on a terminal, else a line), as the steps do
+            bar: Any = _reference_progress(len(train_items) + len(valid_items), rf) if cfg.progress and main else None
+
+            def shown(start: int) -> Callable[[int], None] | None:  # the held-out pairs count after the training ones
+                return None if bar is None else lambda n: bar.update(start + n - bar.n)
+
+            try:
+                t = {f"{k}.{s}": v for k, items, start in (("train", train_items, 0),
+                                                           ("valid", valid_items, len(train_items))) if items
+                     for s, v in reference_logps(model, items, cfg, par, done=shown(start)).items()}
+            finally:
+                if bar is not None:
+                    bar.close()
             if main:
                 with atomic.atomic_file(rf) as tmp:
                     save_file(t, str(tmp), metadata={"fingerprint": fp})
