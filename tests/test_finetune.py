@@ -1392,8 +1392,21 @@ def test_help_says_what_a_batch_holds(capsys: pytest.CaptureFixture[str]) -> Non
     assert "preference pairs per micro-batch (under torchrun: over all processes) (default 8)" in helps[1]
 
 
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_lora_rank_below_1_is_refused_saying_what_is_expected(capsys: pytest.CaptureFixture[str],
+                                                                value: str) -> None:
+    """--lora-rank 0 ran full fine-tuning instead, then was refused; -2 was refused as "expected an integer
+    in [0, ...]", which then refused the 0 it offered. Both: a positive integer, or no flag."""
+    from mixlab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--model", "m", "--data", "d.jsonl", "--lora-rank", value])
+    assert e.value.code == 2
+    assert (f"argument --lora-rank: expected a positive integer (leave out --lora-rank for full fine-tuning), "
+            f"got {value}") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("flags", "match"), [
-    (["--lora-rank", "0"], "--lora-rank must be a positive integer"),  # ran full fine-tuning instead
     (["--merge"], "--merge merges LoRA adapters: it needs lora_rank"),  # was ignored
 ])
 def test_lora_flags_that_would_be_ignored_are_errors(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,

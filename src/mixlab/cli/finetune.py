@@ -42,9 +42,6 @@ def _run(args: argparse.Namespace, task: str) -> int:
             over[flag] = True
     if args.quiet:
         over["progress"] = False
-    if args.lora_rank is not None and args.lora_rank < 1:  # 0 would silently mean full fine-tuning
-        raise UsageError(f"--lora-rank must be a positive integer (leave it out for full fine-tuning), "
-                         f"got {args.lora_rank}")
     if args.merge:
         over["export_hf"] = True
 

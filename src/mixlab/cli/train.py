@@ -226,6 +226,18 @@ def count(text: str, least: int = 0) -> int:
     return v
 
 
+def lora_rank(text: str) -> int:
+    """argparse type of --lora-rank: an integer >= 1 (0, which a config file's lora_rank takes as full
+    fine-tuning, would be the flag silently doing nothing; `count`'s range said 0 was fine)."""
+    from mixlab.train.settings import LARGEST
+
+    v = int(_parse(text, int))
+    if not 1 <= v <= LARGEST:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (leave out --lora-rank for full fine-tuning), "
+                                         f"got {v}")
+    return v
+
+
 def add_setting_args(p: argparse.ArgumentParser, settings: tuple[tuple[str, type], ...], config: Any,
                      helps: dict[str, str] | None = None) -> None:
     """One flag per numeric run setting (default None: the config file's value, else `config`'s default);
@@ -239,7 +251,8 @@ def add_setting_args(p: argparse.ArgumentParser, settings: tuple[tuple[str, type
     for name, typ in settings:
         shown = "the checkpoint's" if defaults[name] is None else f"{defaults[name]:g}"
         text = helps[name] if name == "lora_rank" else f"{helps[name]} (default {shown})"
-        check = non_negative if typ is float else functools.partial(count, least=1) if name in POSITIVE else count
+        check = non_negative if typ is float else functools.partial(count, least=1) if name in POSITIVE else \
+            lora_rank if name == "lora_rank" else count
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=check, default=None, help=text)
 
 
