@@ -1149,6 +1149,19 @@ def test_unexpressible_adapter_exports_merged_weights(ckpt: Path, chat_files: tu
     assert not (tmp_path / "b").exists()
 
 
+def test_an_out_below_a_file_names_the_file(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out notes.txt/run` said only "notes.txt/run: Not a directory" (mkdir's error)."""
+    from mixlab.cli import main
+
+    (tmp_path / "notes.txt").write_text("x")
+    out = tmp_path / "notes.txt" / "run"
+    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(out), "--steps", "1",
+                 "--seq-len", "64", "--quiet"]) == 1
+    assert (f"{out}: {tmp_path / 'notes.txt'} is a file, not a folder; the run folder goes there: choose another "
+            "--out") in capsys.readouterr().err
+
+
 def test_a_second_run_into_the_same_out_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
     from mixlab.errors import OutputError
 

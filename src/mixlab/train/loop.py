@@ -460,6 +460,9 @@ def check_run_folder(out: Path, sources: Sequence[str]) -> list[str]:
             raise OutputError(f"{out}: refusing to write the run there: it is the source {s}; choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; the run folder goes there: choose another --out")
+    above = next((p for p in out.parents if os.path.lexists(p)), None)
+    if not out.exists() and above is not None and not above.is_dir():  # mkdir's bare 'Not a directory'
+        raise OutputError(f"{out}: {above} is a file, not a folder; the run folder goes there: choose another --out")
     return paths
 
 
