@@ -264,6 +264,9 @@ def test_packing_and_loader_resume() -> None:
                                                                        "must be a string"),
     ('{"prompt": [{"role": "assistant", "content": "a"}], "completion": "x"}', r"bad.jsonl:2: field 'prompt': "),
     ('{"completion": "x"}', r"bad.jsonl:2: expected a field 'prompt' \(a string or a list of messages\)"),
+    ('{"messages": []}', r"bad.jsonl:2: field 'messages' must be a non-empty list of messages, got an empty list$"),
+    ('{"prompt": [], "completion": "x"}', r"bad.jsonl:2: field 'prompt' must be a non-empty list of messages, got an "
+                                          "empty list$"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', r"bad.jsonl:2: field 'messages\[0\].role' is 'robot'"),
     ('{"messages": [{"role": "user", "content": 3}]}', r"bad.jsonl:2: field 'messages\[0\].content' must be a string"),
     ('{"messages": [{"role": "user", "text": "hi"}]}', r"bad.jsonl:2: field 'messages\[0\].content' is missing \(the "

@@ -94,7 +94,8 @@ def _messages(obj: Any, where: str, field: str = "messages") -> list[dict[str, A
         raise DataError(f"{where}: expected a JSON object with a '{field}' field, found: {keys}")
     msgs = obj[field]
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: field '{field}' must be a non-empty list of messages, got {type(msgs).__name__}")
+        got = "an empty list" if isinstance(msgs, list) else type(msgs).__name__  # "got list" read as a contradiction
+        raise DataError(f"{where}: field '{field}' must be a non-empty list of messages, got {got}")
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise DataError(f"{where}: field '{field}[{i}]' must be an object with 'role' and 'content'")
