@@ -1406,6 +1406,9 @@ def test_help_says_what_a_batch_holds(capsys: pytest.CaptureFixture[str]) -> Non
     assert ("packed rows per micro-batch, each holding as many whole conversations as fit (under torchrun: over all "
             "processes) (default 8)") in helps[0]
     assert "preference pairs per micro-batch (under torchrun: over all processes) (default 8)" in helps[1]
+    for h in helps:  # "the defaults shown": these two were not (a run without --out went to runs/finetune)
+        assert "run folder (checkpoints, metrics.jsonl, hf/, adapter/) (default runs/finetune)" in h
+        assert "how the frozen base is held (int8, int4: QLoRA-style) (default float32)" in h
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])

@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--valid-data", type=user_path, dest="valid_data", default=None,
                        help="held-out JSONL file (default: hold out --valid-fraction of --data)")
         p.add_argument("--out", type=user_path, default=None,
-                       help="run folder (checkpoints, metrics.jsonl, hf/, adapter/)")
+                       help="run folder (checkpoints, metrics.jsonl, hf/, adapter/) (default runs/finetune)")
         p.add_argument("--tokenizer", type=user_path, default=None,
                        help="bytes, mixtral or a path (default: the checkpoint's)")
         add_setting_args(p, (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("steps", int),
@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--lora-targets", dest="lora_targets", default=None,
                        help="comma-separated: attention, experts, router (default attention,experts)")
         p.add_argument("--lora-base-dtype", dest="lora_base_dtype", choices=["float32", "bfloat16", "int8", "int4"],
-                       default=None, help="how the frozen base is held (int8, int4: QLoRA-style)")
+                       default=None, help="how the frozen base is held (int8, int4: QLoRA-style) (default float32)")
         p.add_argument("--merge", action="store_true", help="LoRA: also write the merged plain checkpoint (out/hf)")
         p.add_argument("--freeze-router", dest="freeze_router", action="store_true",
                        help="keep the router's weights fixed")
