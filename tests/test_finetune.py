@@ -22,7 +22,7 @@ import torch
 from conftest import step_clock
 from mixlab import atomic
 from mixlab.checkpoint import save_model
-from mixlab.config import ModelConfig, MoEConfig
+from mixlab.config import ConfigError, ModelConfig, MoEConfig
 from mixlab.model import Transformer
 from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import ByteTokenizer, DataError
@@ -1341,6 +1341,20 @@ def test_pairs_whose_replies_are_the_same_are_counted(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"pairs.jsonl: every training pair's 'chosen' and 'rejected' are the same "
                                         r"reply, so there is no preference to learn$"):
         _data(cfg, get_tokenizer("bytes"))
+
+
+def test_a_yaml_config_file_says_which_formats_are_read(tmp_path: Path) -> None:
+    """TRL's scripts take `--config sft.yaml`; mixlab read a .yaml file as JSON and said only 'not valid
+    JSON (Expecting value: ...)', as if the file were broken."""
+    f = tmp_path / "sft.yaml"
+    f.write_text("learning_rate: 2.0e-5\n")
+    with pytest.raises(ConfigError, match=r"sft.yaml: not valid JSON \(.*\); a fine-tuning config file is TOML "
+                                          r"\(named .toml\) or JSON, not YAML or another format$"):
+        load_finetune_config(f)
+    g = tmp_path / "sft.json"  # a .json file's message stays as it was
+    g.write_text("{")
+    with pytest.raises(ConfigError, match=r"sft.json: not valid JSON \(.*\)$"):
+        load_finetune_config(g)
 
 
 def test_trl_setting_names_are_translated(tmp_path: Path) -> None:

@@ -112,7 +112,11 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
                                     "command's first argument names; a dataset or model folder goes to --data or "
                                     "--model") from None
         except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise SettingsFileError(f"{p}: not valid {'TOML' if suffix_of(p) == '.toml' else 'JSON'} ({e})") from None
+            # a name other than .toml / .json is read as JSON: say so (TRL's `--config x.yaml` is YAML)
+            read_as = "" if suffix_of(p) in (".toml", ".json") else \
+                f"; a {what} config file is TOML (named .toml) or JSON, not YAML or another format"
+            raise SettingsFileError(f"{p}: not valid {'TOML' if suffix_of(p) == '.toml' else 'JSON'} ({e}){read_as}") \
+                from None
         except RecursionError:  # the parsers' own error for '[[[[...'
             raise SettingsFileError(f"{p}: nested too deeply") from None
         if not isinstance(d, dict):
