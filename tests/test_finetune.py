@@ -1165,6 +1165,29 @@ def test_an_out_below_a_file_names_the_file(ckpt: Path, chat_files: tuple[Path, 
             "--out") in capsys.readouterr().err
 
 
+def test_hf_export_brings_the_starting_checkpoints_tokenizer_files(ckpt: Path, chat_files: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    """RUN/hf held the weights, config.json and mixlab_data.json only: AutoTokenizer, vLLM or a copy of the
+    folder elsewhere found no tokenizer, chat template or generation config, which TRL's output folder
+    holds. The starting folder's are copied in (full fine-tuning, a merged LoRA run, and a run that
+    starts from a run folder)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(ckpt, base)
+    files = {"tokenizer_config.json": '{"chat_template": "{{ messages }}"}\n', "generation_config.json": "{}\n",
+             "special_tokens_map.json": "{}\n"}
+    for name, text in files.items():
+        (base / name).write_text(text)
+    finetune(_cfg(base, chat_files[0], tmp_path / "full", steps=1, eval_every=0))
+    finetune(_cfg(base, chat_files[0], tmp_path / "lora", steps=1, eval_every=0, lora_rank=2, export_hf=True))
+    finetune(_cfg(tmp_path / "full", chat_files[1], tmp_path / "dpo", task="dpo", steps=1, eval_every=0))
+    for run in ("full", "lora", "dpo"):
+        for name, text in files.items():
+            assert (tmp_path / run / "hf" / name).read_text() == text, (run, name)
+    assert not (tmp_path / "lora" / "adapter" / "tokenizer_config.json").exists()  # PEFT's folder: the adapter
+
+
 def test_a_second_run_into_the_same_out_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
     from mixlab.errors import OutputError
 

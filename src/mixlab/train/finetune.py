@@ -951,7 +951,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         if step == cfg.steps or requested_stop:
             if shard is not None:  # gathered tensor by tensor, rank 0 writing
                 shard.export(model, out / "hf", lambda meta, path, weights: save_model(
-                    meta, path, fmt="hf", extra_files=_export_info(tok_spec), weights=weights))
+                    meta, path, fmt="hf", extra_files=_export_info(tok_spec), weights=weights,
+                    copy_files=tokenizer_files(cfg.model)))
             elif main:
                 export(model, out, cfg, tok_spec)
     finally:
@@ -966,6 +967,22 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     stopped_by = stop[0] if stop and step < cfg.steps else None
     return FinetuneResult(step=step, history=history, evals=evals, stopped_by=stopped_by,
                           model=model, out=out)
+
+
+# The starting checkpoint's files that make hf/ a folder transformers, vLLM or `mixlab serve` load with
+# its tokenizer, chat template and generation defaults, as TRL's trainers save the tokenizer beside the
+# model (mixlab_data.json alone named the tokenizer by the source folder's path).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def tokenizer_files(model: str) -> list[Path]:
+    """The tokenizer (and generation config) files of the folder `model` resolves to (none for a
+    training checkpoint `step_*`, which holds none)."""
+    src = checkpoints.resolve_weights(model)
+    if checkpoints.is_step(src):
+        return []
+    return [src / n for n in TOKENIZER_FILES if (src / n).is_file()] + sorted(src.glob("tokenizer.model.v*"))
 
 
 def _export_info(tok_spec: dict[str, Any]) -> dict[str, str]:
@@ -994,7 +1011,7 @@ def export(model: Transformer, out: Path, cfg: FinetuneConfig, tok_spec: dict[st
             merged_instead = True
     if cfg.writes_hf or merged_instead:
         plain = merge(model) if cfg.lora_rank else model
-        save_model(plain, out / "hf", fmt="hf", extra_files=info)
+        save_model(plain, out / "hf", fmt="hf", extra_files=info, copy_files=tokenizer_files(cfg.model))
 
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "load_finetune_config"]
