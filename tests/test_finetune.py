@@ -715,6 +715,18 @@ def test_lora_arguments_are_checked_by_name() -> None:
         apply_lora(_model(), "r8")  # type: ignore[arg-type]
 
 
+def test_peft_module_names_as_targets_say_which_group_holds_them() -> None:
+    """`--lora-targets q_proj,v_proj` (PEFT's default for Mixtral) said only 'expected some of attention,
+    experts, router': the refusal now maps each PEFT name it knows onto mixlab's group."""
+    with pytest.raises(ValueError, match=r"^LoRA targets \['q_proj', 'v_proj', 'w2', 'gate'\]: expected some of "
+                                         r"attention, experts, router \(PEFT's module names map onto these groups: "
+                                         r"q_proj -> attention, v_proj -> attention, w2 -> experts, gate -> router; "
+                                         r"a group adapts all of its modules\)$"):
+        LoraConfig(targets=("q_proj", "v_proj", "w2", "gate"))
+    with pytest.raises(ValueError, match=r"^LoRA targets \['mlp'\]: expected some of attention, experts, router$"):
+        LoraConfig(targets=("mlp",))
+
+
 def test_lora_on_a_dense_model_equals_peft_and_refuses_a_router(tmp_path: Path) -> None:
     """A dense (Mistral) model's adapters ("experts": its FFN) load in PEFT with mixlab's logits; the
     target "router" added no adapter there, silently, so a router-only run failed in backward with

@@ -57,6 +57,13 @@ TARGETS = ("attention", "experts", "router")
 BASE_DTYPES = ("float32", "bfloat16", "int8", "int4")
 
 
+# PEFT's target_modules names (transformers' Mixtral and Mistral) and the mixlab target each lies in: a
+# PEFT user's `--lora-targets q_proj,v_proj` is told which groups to name.
+PEFT_MODULES = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), "attention"),
+                **dict.fromkeys(("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj", "gate_up_proj"), "experts"),
+                "gate": "router"}
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 8
@@ -82,7 +89,10 @@ class LoraConfig:
         object.__setattr__(self, "targets", tuple(t.strip() if isinstance(t, str) else t for t in targets))
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
-            raise ValueError(f"LoRA targets {list(self.targets)}: expected some of {', '.join(TARGETS)}")
+            known = [f"{t} -> {PEFT_MODULES[t]}" for t in bad if t in PEFT_MODULES]  # PEFT's target_modules
+            hint = (f" (PEFT's module names map onto these groups: {', '.join(known)}; a group adapts all of its "
+                    "modules)") if known else ""
+            raise ValueError(f"LoRA targets {list(self.targets)}: expected some of {', '.join(TARGETS)}{hint}")
         if self.dropout and "attention" not in self.targets:  # it was accepted and did nothing
             raise ValueError(f"LoRA dropout {self.dropout:g} applies to the attention adapters only (the experts' and "
                              "router's work in weight space, where PEFT allows no dropout either), and attention is "
