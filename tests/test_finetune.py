@@ -1602,6 +1602,31 @@ def test_a_pretraining_run_stopped_before_its_export_brings_its_tokenizer(chat_f
     assert json.loads((tmp_path / "sft" / "hf" / "mixlab_data.json").read_text())["tokenizer"]["type"] == "bytes"
 
 
+def test_a_resume_naming_the_same_files_otherwise_continues(ckpt: Path, chat_files: tuple[Path, Path],
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model base` then `--resume` from another directory, or with `./base` or an absolute path, was
+    refused: "saved with different fine-tuning settings (model: checkpoint 'base' vs now '/x/base')". The
+    checkpoint now keeps where each path pointed; another file is still refused."""
+    import shutil
+
+    from mixlab.checkpoint import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ckpt, "base")
+    shutil.copy(chat_files[0], "chat.jsonl")
+    kw: dict[str, Any] = dict(steps=2, ckpt_every=1, eval_every=0)
+    finetune(_cfg(Path("base"), Path("chat.jsonl"), Path("runs/a"), **kw), stop_after=1)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    res = finetune(_cfg(Path("../base"), tmp_path / "chat.jsonl", Path("../runs/a"), **kw), resume=True)
+    assert res.step == 2
+    finetune(_cfg(Path("../base"), Path("../chat.jsonl"), Path("../runs/b"), **kw), stop_after=1)
+    shutil.copytree(tmp_path / "base", tmp_path / "other")  # the same weights in another folder: another setting
+    with pytest.raises(CheckpointError, match=r"saved with different fine-tuning settings \(model: checkpoint "
+                                              r"'../base' vs now '../other'\)"):
+        finetune(_cfg(Path("../other"), Path("../chat.jsonl"), Path("../runs/b"), **kw), resume=True)
+
+
 def test_resume_with_changed_data_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
     """An SFT run resumed after its data file was edited continued silently from a loader position
     into other conversations (pretraining fingerprints its dataset; fine-tuning now does too)."""
