@@ -705,11 +705,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     if resume:  # before the DPO reference file's check, which would blame that file for a changed setting
         assert newest is not None
         state = checkpoints.validate(newest, checksums=False)  # to_resume hashed every byte of it
-        saved = dict(state.get("finetune_config", {}))
+        settings_then = dict(state.get("finetune_config", {}))
         for k, real in state.get("paths", {}).items():  # the same file or folder, named otherwise, is no change
             if real == _real_path(getattr(cfg, k, "")):
-                saved[k] = getattr(cfg, k)
-        check_resume_settings(saved, cfg, run_only=RUN_ONLY, ckpt=newest, what="fine-tuning")
+                settings_then[k] = getattr(cfg, k)
+        check_resume_settings(settings_then, cfg, run_only=RUN_ONLY, ckpt=newest, what="fine-tuning")
         if state.get("data", data_fp) != data_fp:  # absent in checkpoints written before it was stored
             raise CheckpointError(f"{newest}: saved for different data ({cfg.data} or the held-out split changed "
                                   "since); use the original data or a new --out folder")
