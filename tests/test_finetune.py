@@ -1200,6 +1200,23 @@ def test_hf_export_brings_the_starting_checkpoints_tokenizer_files(ckpt: Path, c
     assert not (tmp_path / "lora" / "adapter" / "tokenizer_config.json").exists()  # PEFT's folder: the adapter
 
 
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_a_non_finite_step_stops_the_run(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                         task: str) -> None:
+    """lr 1e8 made every loss NaN from step 2, and the run went on to export NaN weights to hf/ with exit 0;
+    `mixlab train` stops there. Now the step is named, no update is made, and the run has no hf/."""
+    from mixlab.errors import TrainingError
+
+    data = chat_files[0] if task == "sft" else chat_files[1]
+    cfg = _cfg(ckpt, data, tmp_path / "r", task=task, steps=4, ckpt_every=1, eval_every=0, lr=1e8, warmup=0, clip=0)
+    with pytest.raises(TrainingError, match=r"^non-finite loss at step 2 \(loss .*, gradient norm .*, lr .*\); "
+                                            r"lower the learning rate \(--lr\)\. The newest checkpoint in .* is from "
+                                            "before it$"):
+        finetune(cfg)
+    assert not (tmp_path / "r" / "hf").exists()
+    assert [p.name for p in sorted((tmp_path / "r" / "checkpoints").iterdir())] == ["step_00000001"]
+
+
 def test_a_second_run_into_the_same_out_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:
     from mixlab.errors import OutputError
 

@@ -60,6 +60,7 @@ from mixlab.checkpoint import meta_model, save_model
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, usable_threads
 from mixlab.corpus import same_vocabulary
+from mixlab.errors import TrainingError
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
 from mixlab.train import checkpoints, dpo, sft
@@ -933,6 +934,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                                 strict=True))
             gnorm = shard.clip_grad_norm(model, cfg.max_grad_norm) if shard is not None else \
                 float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            # As `mixlab train`: a NaN / Inf step stops the run (it trained on and exported NaN weights,
+            # exit 0). The values are the global batch's on every process, so all stop together.
+            if not all(math.isfinite(v) for v in (sums["loss"], sums["aux_loss"], sums["z_loss"], gnorm)):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(
+                    f"non-finite loss at step {step + 1} (loss {sums['loss']:g}, gradient norm {gnorm:g}, lr {lr:g}); "
+                    f"lower the learning rate (--lr). The newest checkpoint in {ckpt_root} is from before it")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
