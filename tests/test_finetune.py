@@ -1472,6 +1472,8 @@ def test_help_says_what_a_batch_holds(capsys: pytest.CaptureFixture[str]) -> Non
     assert ("packed rows per micro-batch, each holding as many whole conversations as fit (under torchrun: over all "
             "processes) (default 8)") in helps[0]
     assert "preference pairs per micro-batch (under torchrun: over all processes) (default 8)" in helps[1]
+    for h in helps:  # --keep 0 kept every checkpoint, where a user saving disk read "keep none"
+        assert "newest checkpoints kept; 0: all (default 2)" in h
     for h in helps:  # "the defaults shown": these two were not (a run without --out went to runs/finetune)
         assert "run folder (checkpoints, metrics.jsonl, hf/, adapter/) (default runs/finetune)" in h
         assert "how the frozen base is held (int8, int4: QLoRA-style) (default float32)" in h

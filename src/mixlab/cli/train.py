@@ -206,7 +206,7 @@ SETTING_HELP = {
     "warmup": "linear warm-up steps before the cosine decay", "clip": "gradient clipping by global norm; 0: off",
     "weight_decay": "AdamW weight decay on matrices", "seed": "data order and initialisation",
     "threads": "CPU threads for torch; 0: torch's default", "eval_every": "steps between evaluations; 0: none",
-    "ckpt_every": "steps between checkpoints; 0: none", "keep": "newest checkpoints kept",
+    "ckpt_every": "steps between checkpoints; 0: none", "keep": "newest checkpoints kept; 0: all",
     "log_every": "steps between metrics records", "aux_loss_coef": "load-balancing loss coefficient",
     "valid_fraction": "share of --data held out when there is no --valid-data",
     "max_examples": "use only the first N examples (non-empty lines) of --data; 0: all",
