@@ -62,6 +62,28 @@ def _cfg(dataset: Path, out: Path, **kw: Any) -> TrainConfig:
     return load_train_config(None, **base)
 
 
+def test_a_resume_naming_the_start_weights_otherwise_continues(dataset: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--init-from base`, then `--resume` from another directory (or `./base`, an absolute path) was refused:
+    "saved with different training settings (init_from: checkpoint 'base' vs now '../base')". The checkpoint
+    keeps where init_from pointed; another folder is still refused."""
+    import shutil
+
+    train(_cfg(dataset, tmp_path / "gen", steps=1, export_hf=True))
+    shutil.copytree(tmp_path / "gen" / "hf", tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    kw: dict[str, Any] = dict(steps=2, ckpt_every=1, init_from="base", model="bogus")
+    train(_cfg(dataset, Path("run"), **kw), stop_after=1)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert train(_cfg(dataset, Path("../run"), **kw | {"init_from": "../base"}), resume=True).step == 2
+    train(_cfg(dataset, Path("../run2"), **kw | {"init_from": "../base"}), stop_after=1)
+    shutil.copytree(tmp_path / "base", tmp_path / "other")
+    with pytest.raises(CheckpointError, match=r"saved with different training settings \(init_from: checkpoint "
+                                              r"'../base' vs now '../other'\)"):
+        train(_cfg(dataset, Path("../run2"), **kw | {"init_from": "../other"}), resume=True)
+
+
 def test_resume_is_exact(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     straight = train(_cfg(dataset, tmp_path / "a"))
     first = train(_cfg(dataset, tmp_path / "b"), stop_after=3)

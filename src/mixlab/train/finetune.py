@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -88,6 +87,7 @@ from mixlab.train.settings import (
     check_split,
     load_settings,
     paths_as_text,
+    real_paths,
 )
 
 TASKS = ("sft", "dpo")
@@ -162,13 +162,9 @@ RUN_ONLY = {"out", "eval_every", "ckpt_every", "keep", "log_every", "export_hf",
 
 
 # Settings that name a file or folder: a resume compares where they point (`paths` in a checkpoint's
-# state), so `--model ./base`, an absolute path or another working directory resume the run `--model
-# base` started (the strings alone refused it as "different fine-tuning settings").
+# state, settings.real_paths), so `--model ./base`, an absolute path or another working directory
+# resume the run `--model base` started (the strings alone refused it as "different fine-tuning settings").
 PATHS = ("model", "data", "valid_data", "tokenizer")
-
-
-def _real_path(p: str) -> str | None:
-    return os.path.realpath(p) if p and os.path.exists(p) else None
 
 
 class DataParallel(Protocol):
@@ -706,11 +702,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     if resume:  # before the DPO reference file's check, which would blame that file for a changed setting
         assert newest is not None
         state = checkpoints.validate(newest, checksums=False)  # to_resume hashed every byte of it
-        settings_then = dict(state.get("finetune_config", {}))
-        for k, real in state.get("paths", {}).items():  # the same file or folder, named otherwise, is no change
-            if real == _real_path(getattr(cfg, k, "")):
-                settings_then[k] = getattr(cfg, k)
-        check_resume_settings(settings_then, cfg, run_only=RUN_ONLY, ckpt=newest, what="fine-tuning")
+        check_resume_settings(state.get("finetune_config", {}), cfg, run_only=RUN_ONLY, ckpt=newest,
+                              what="fine-tuning", paths=state.get("paths"))
         if state.get("data", data_fp) != data_fp:  # absent in checkpoints written before it was stored
             raise CheckpointError(f"{newest}: saved for different data ({cfg.data} or the held-out split changed "
                                   "since); use the original data or a new --out folder")
@@ -836,7 +829,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
         (shard.save if shard is not None else checkpoints.save)(
             ckpt_root, step=step, model=trainable, optimizer=optimizer, keep=cfg.keep, state={
                 "finetune_config": dataclasses.asdict(cfg), "data_position": loader.state_dict(), "tokenizer": tok_spec,
-                "data": data_fp, "paths": {k: r for k in PATHS if (r := _real_path(getattr(cfg, k)))}})
+                "data": data_fp, "paths": real_paths(cfg, PATHS)})
 
     def run_eval() -> dict[str, float]:
         if not valid_items:

@@ -65,6 +65,7 @@ from mixlab.train.settings import (
     check_settings,
     load_settings,
     paths_as_text,
+    real_paths,
 )
 
 
@@ -443,7 +444,8 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, mc: ModelConfig, fing
         diff = sorted(k for k in set(now) | set(saved_model or {}) if (saved_model or {}).get(k) != now.get(k))
         raise CheckpointError(f"{ckpt}: saved with a different model config (fields: {', '.join(diff)}); "
                               "use the original settings or a new --out folder")
-    check_resume_settings(state.get("train_config", {}), cfg, run_only=RUN_ONLY, ckpt=ckpt, what="training")
+    check_resume_settings(state.get("train_config", {}), cfg, run_only=RUN_ONLY, ckpt=ckpt, what="training",
+                          paths=state.get("paths"))
     if state.get("data") != fingerprint:
         raise CheckpointError(f"{ckpt}: saved for a different dataset (tokenizer or token counts differ from "
                               f"{cfg.data})")
@@ -595,6 +597,7 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
             ckpt_root, step=step, model=model, optimizer=optimizer, keep=cfg.keep, state={
             "model_config": mc.to_hf_dict() | {"moe": dataclasses.asdict(mc.moe) if mc.moe else None},
             "train_config": dataclasses.asdict(cfg), "data": fingerprint, "data_position": loader.state_dict(),
+            "paths": real_paths(cfg, ("init_from", "model")),  # a preset's name is no path: not listed
         })
 
     # Signals only set a flag: the step in flight finishes, then a checkpoint is written.

@@ -270,11 +270,25 @@ def check_split(batch_size: int, processes: int, *, what: str) -> None:
                           f"got {batch_size}", setting="batch_size")
 
 
-def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str], ckpt: Path, what: str) -> None:
+def real_paths(cfg: Any, names: tuple[str, ...]) -> dict[str, str]:
+    """Where each setting of `names` that names an existing file or folder points (a checkpoint's
+    `paths`, for `check_resume_settings`)."""
+    return {k: os.path.realpath(v) for k in names if isinstance(v := getattr(cfg, k, None), str) and v
+            and os.path.exists(v)}
+
+
+def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str], ckpt: Path, what: str,
+                          paths: dict[str, str] | None = None) -> None:
     """CheckpointError unless `cfg` has the settings the checkpoint `ckpt` was saved with (`saved`:
     its stored `asdict(cfg)`), except those in `run_only`. A field added after the checkpoint was
-    written is absent from it: its default is what that run used."""
+    written is absent from it: its default is what that run used. `paths`: the checkpoint's
+    `real_paths`; a path setting naming the same file or folder otherwise (`./base`, an absolute path,
+    another working directory) is the same setting (the strings alone refused such a resume)."""
     now = dataclasses.asdict(cfg)
+    saved = dict(saved)
+    for k, real in (paths or {}).items():
+        if k in now and real_paths(cfg, (k,)).get(k) == real:
+            saved[k] = now[k]
     defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     diff = sorted(k for k in now if k not in run_only and saved.get(k, defaults.get(k)) != now[k])
     if diff:
