@@ -1479,6 +1479,23 @@ def test_help_says_what_a_batch_holds(capsys: pytest.CaptureFixture[str]) -> Non
         assert "how the frozen base is held (int8, int4: QLoRA-style) (default float32)" in h
 
 
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--lora-rank", "2", "--lora-alpha", "-1"],
+     "fine-tuning setting 'lora_alpha' (--lora-alpha): LoRA alpha must be a finite number > 0, got -1.0"),
+    (["--beta", "-1"], "fine-tuning setting 'beta' (--beta) must be > 0, got -1.0"),
+])
+def test_a_negative_alpha_or_beta_is_refused_as_zero_is(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                        match: str) -> None:
+    """`--lora-alpha -1` said 'expected a number >= 0' and `--beta -1` 'must be a finite number >= 0'; the 0
+    they offered was then refused ('> 0'). Negative values now get the one refusal 0 gets."""
+    from mixlab.cli import main
+
+    code = main(["dpo", "--model", str(ckpt), "--data", str(chat_files[1]), "--out", str(tmp_path / "x"),
+                 "--seq-len", "64", *flags])
+    assert code == 2 and match in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_a_lora_rank_below_1_is_refused_saying_what_is_expected(capsys: pytest.CaptureFixture[str],
                                                                 value: str) -> None:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from mixlab.cli import (
+    _finite,
     _parse,
     add_quiet_arg,
     add_resume_args,
@@ -251,8 +252,10 @@ def add_setting_args(p: argparse.ArgumentParser, settings: tuple[tuple[str, type
     for name, typ in settings:
         shown = "the checkpoint's" if defaults[name] is None else f"{defaults[name]:g}"
         text = helps[name] if name == "lora_rank" else f"{helps[name]} (default {shown})"
-        check = non_negative if typ is float else functools.partial(count, least=1) if name in POSITIVE else \
-            lora_rank if name == "lora_rank" else count
+        # lora_alpha: any finite number here, so that -1 and 0 get LoraConfig's one refusal ('> 0'), where '>= 0'
+        # told `--lora-alpha -1` a 0 that was refused next
+        check = (_finite if name == "lora_alpha" else non_negative) if typ is float else \
+            functools.partial(count, least=1) if name in POSITIVE else lora_rank if name == "lora_rank" else count
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=check, default=None, help=text)
 
 

@@ -227,6 +227,9 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"finetune takes a FinetuneConfig (load_finetune_config(path, **overrides) reads one), "
                           f"not {type(cfg).__name__}")
     cfg = paths_as_text(cfg)
+    b = cfg.beta  # before the numbers' '>= 0', which told `--beta -1` a 0 that was refused next
+    if isinstance(b, int | float) and not isinstance(b, bool) and b <= 0:
+        raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {b}", setting="beta")
     check_settings(cfg, what="fine-tuning", numbers=(*NUMBERS, "beta", "label_smoothing", "valid_fraction"),
                    integers=(*INTEGERS, "max_examples", "lora_rank"))
     a = cfg.aux_loss_coef  # a NaN here trained to NaN weights without a word
@@ -242,8 +245,6 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if cfg.loss not in dpo.LOSSES:
         raise ConfigError(f"fine-tuning setting 'loss' must be one of {', '.join(dpo.LOSSES)}, got {cfg.loss!r}",
                           setting="loss")
-    if cfg.beta <= 0:
-        raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {cfg.beta}", setting="beta")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"fine-tuning setting 'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}",
                           setting="label_smoothing")
