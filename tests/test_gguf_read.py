@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -594,6 +595,24 @@ def test_a_file_that_is_no_folder_is_named_as_such(tmp_path):
     save_model(_model("moe"), tmp_path / "hf")
     with pytest.raises(CheckpointError, match="model.safetensors: a file, not a checkpoint folder: pass the folder"):
         load_model(tmp_path / "hf" / "model.safetensors")
+
+
+def test_a_folder_of_gguf_files_names_them(tmp_path, capsys):
+    """A folder of GGUF files (a hub snapshot of one model's quantisations) given as the model said
+    only 'no config.json (transformers) or params.json (Mistral) found', as if it held nothing to load;
+    its GGUF files are named, a split file by its first part, the part that loads it."""
+    from mixlab.cli import main
+
+    path = write_gguf(_model("moe"), tmp_path / "snap" / "m-Q4_0.gguf", quant="q4_0")
+    with pytest.raises(CheckpointError, match=r"snap: no config.json .* found \(it holds a GGUF file, m-Q4_0.gguf: "
+                                              rf"pass it as the model, e.g. {re.escape(str(path))}\)"):
+        load_model(tmp_path / "snap")
+    for i in (1, 2):
+        (tmp_path / "snap" / f"m-Q8_0-0000{i}-of-00002.GGUF").write_bytes(b"")
+    assert main(["info", str(tmp_path / "snap")]) == 1
+    err = capsys.readouterr().err
+    assert "(it holds 2 GGUF files, m-Q4_0.gguf, m-Q8_0-00001-of-00002.GGUF: pass one as the model, e.g. " in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_0"])

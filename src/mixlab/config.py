@@ -56,6 +56,15 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
     return Path(path).suffix.lower()
 
 
+def _gguf_files(folder: Path) -> list[Path]:
+    """The GGUF files in `folder`, sorted; of a split file (PREFIX-0000K-of-0000N.gguf) its first part alone,
+    the one that loads it."""
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir() if suffix_of(f) == ".gguf" and f.is_file()
+                  and not re.search(r"-(?!00001)\d{5}-of-\d{5}\.gguf$", f.name, re.I))
+
+
 def usable_threads(n: int, *, what: str = "--threads") -> int:
     """`n` CPU threads for torch, at most this machine's CPUs, warned of: more threads than cores only make
     OpenMP workers wait for each other, and torch.set_num_threads crashed the process beyond them (99999:
@@ -475,6 +484,10 @@ class ModelConfig:
                     "checkpoint)")
         elif any(p.glob("step_*/state.json")):
             hint = " (a training run's checkpoints: `mixlab convert` writes one of its step_* folders as a model)"
+        elif ggufs := _gguf_files(p):  # a hub snapshot of GGUF files: one is the model, as llama.cpp takes it
+            shown = ", ".join(f.name for f in ggufs[:4]) + (f" (and {len(ggufs) - 4} more)" if len(ggufs) > 4 else "")
+            what, which = ("a GGUF file", "it") if len(ggufs) == 1 else (f"{len(ggufs)} GGUF files", "one")
+            hint = f" (it holds {what}, {shown}: pass {which} as the model, e.g. {ggufs[0]})"
         raise ConfigError(f"{p}: no config.json (transformers) or params.json (Mistral) found{hint}")
 
 
