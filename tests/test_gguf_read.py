@@ -517,6 +517,32 @@ def test_bad_metadata_is_named_by_its_key(key, value, message, tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("llama.block_count", 1_000_000, r"missing tensor 'blk.2.attn_norm.weight' \(metadata 'llama.block_count' = "
+                                     r"1000000, but the file holds 2 blocks\)$"),
+    ("llama.expert_count", None, r"missing tensor 'blk.0.ffn_gate.weight' \(it holds stacked experts, "
+                                 r"'blk.0.ffn_gate_exps.weight', but no 'llama.expert_count'\)$"),
+])
+def test_a_missing_tensor_names_the_metadata_that_expected_it(key, value, message, tmp_path):
+    """A block count beyond the blocks stored, or stacked experts without an expert count (read as a
+    dense model), said only "missing tensor 'blk.2.attn_norm.weight'", not which field was wrong."""
+    model = _model("moe")
+    w = gguf_writer(model.config, name="x", file_type=0)
+    for kv in w.kv_data:
+        kv.pop(key, None)
+    if value is not None:
+        w.add_key_value(key, value, gguf.GGUFValueType.UINT32)
+    for n, t, _ in gguf_tensors(model, model.config):
+        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    path = tmp_path / "m.gguf"
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="m.gguf: " + message):
+        load_model(path)
+
+
 def test_a_type_nothing_dequantises_is_refused_before_reading(tmp_path, monkeypatch):
     """I32 (or F64, Q8_1: types the gguf package has no dequantisation for) is named with its tensor
     before any tensor is read; it was gguf's NotImplementedError from the middle of the load."""

@@ -520,11 +520,27 @@ def _readable(ttype: int) -> bool:
 def _expect(h: GGUFHeader, name: str, shape: tuple[int, ...]) -> GGUFTensor:
     t = h.tensors.get(name)
     if t is None:
-        raise CheckpointError(f"{h.path}: missing tensor {name!r}")
+        raise CheckpointError(f"{h.path}: missing tensor {name!r}{_missing_why(h, name)}")
     if t.shape != shape:
         raise CheckpointError(f"{h.path}: tensor {name!r} has shape {list(t.shape)} (torch order), "
                               f"expected {list(shape)} for this config")
     return t
+
+
+def _missing_why(h: GGUFHeader, name: str) -> str:
+    """Which metadata made the config expect `name`, where the file's tensors say otherwise: a block count
+    beyond the blocks stored, or stacked experts without an expert count (both read 'missing tensor')."""
+    a = h.metadata.get("general.architecture", "llama")
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m is None:
+        return ""
+    blocks = {k.split(".")[1] for k in h.tensors if k.startswith("blk.")}
+    if m[1] not in blocks:
+        n = h.metadata.get(a + ".block_count")
+        return f" (metadata '{a}.block_count' = {n}, but the file holds {len(blocks)} blocks)"
+    if f"blk.{m[1]}.{m[2]}_exps.weight" in h.tensors:  # ffn_gate / ffn_up / ffn_down read as a dense layer's
+        return f" (it holds stacked experts, 'blk.{m[1]}.{m[2]}_exps.weight', but no '{a}.expert_count')"
+    return ""
 
 
 def _plan(h: GGUFHeader, cfg: ModelConfig) -> list[tuple[str, list[GGUFTensor], str]]:
