@@ -139,7 +139,7 @@ CASES: dict[str, tuple[Case, list[str]]] = {
                              "--dtype", "float32"])[-1],
         ["NaN logits"]),
     "train --lr 1e10": (lambda t, b, c, d: _train_args(d, t / "run", "--lr", "1e10", "--warmup", "0"),
-                        ["non-finite loss at step", "skip_nonfinite"]),
+                        ["non-finite loss at step", "skip_nonfinite", "No checkpoint has been written yet"]),
     # 6: text that is not UTF-8
     "generate --prompt with undecodable bytes": (
         lambda t, b, c, d: ["generate", "--model", str(c), "--prompt", os.fsdecode(b"\xff\xfe"),
@@ -535,6 +535,10 @@ def test_a_model_setting_the_flags_contradict_is_a_usage_error(tmp_path, base, d
     ("sft", 'lora_rank = 2\nlora_targets = "mlp"', "fine-tuning setting 'lora_targets': LoRA targets ['mlp']"),
     ("sft", "valid_fraction = 1.0", "fine-tuning setting 'valid_fraction' must be in [0, 1), got 1.0"),
     ("dpo", "beta = 0.0", "fine-tuning setting 'beta' must be > 0, got 0.0"),
+    # a non-number said ">= 0" of a setting that must be > 0 (the flag says "> 0" of -1 and 0)
+    ("dpo", 'beta = "x"', "fine-tuning setting 'beta' must be a finite number > 0, got 'x'"),
+    ("train", 'eps = "x"', "training setting 'eps' must be a finite number > 0, got 'x'"),
+    ("sft", 'lora_rank = 2\nlora_alpha = "x"', "'lora_alpha': LoRA alpha must be a finite number > 0"),
     ("dpo", 'label_smoothing = 0.1\nloss = "ipo"', "fine-tuning setting 'label_smoothing' applies to the sigmoid"),
     ("train", 'device = "bogus"', "training setting 'device': unknown device 'bogus'"),
     ("dpo", 'lora_base_dtype = "int8"', "fine-tuning setting 'lora_base_dtype' applies to LoRA, but lora_rank is 0"),
@@ -802,3 +806,43 @@ def test_a_hugging_face_repo_id_says_how_to_download_it(tmp_path, capsys, monkey
         assert hint in capsys.readouterr().err, args
     assert main(["generate", "--model", "runs/typo", "--prompt", "x"]) == 1  # a local folder's typo: no hint
     assert capsys.readouterr().err.endswith("runs/typo: no such checkpoint folder\n")
+
+
+def test_a_resume_refusal_shows_a_float_setting_one_way():
+    """A checkpoint saved with `lora_alpha = 8` (a TOML integer) resumed with --lora-alpha 16 said
+    "lora_alpha: checkpoint 8 vs now 16.0": the same setting, printed two ways."""
+    import dataclasses
+
+    from mixlab.train.settings import check_resume_settings
+
+    @dataclasses.dataclass
+    class Cfg:
+        lora_alpha: float = 16.0
+        seq_len: int = 64
+
+    with pytest.raises(CheckpointError, match=r"\(lora_alpha: checkpoint 8\.0 vs now 16\.0, seq_len: checkpoint 32 "
+                                              r"vs now 64\)"):
+        check_resume_settings({"lora_alpha": 8, "seq_len": 32}, Cfg(), run_only=set(), ckpt=Path("c"), what="x")
+    with pytest.raises(CheckpointError, match=r"\(lora_alpha: checkpoint 8\.0 vs now 16\.0\)"):
+        check_resume_settings({"lora_alpha": 8.0, "seq_len": 64}, Cfg(lora_alpha=16), run_only=set(), ckpt=Path("c"),
+                              what="x")
+
+
+def test_info_of_a_missing_path_or_a_fifo(tmp_path, capsys):
+    """`mixlab info missing.gguf` (or dir/missing) said "neither a checkpoint folder, a GGUF file nor a preset"
+    of what is a path; a FIFO named x.gguf was "a file, not a checkpoint folder", and `generate` said
+    "no such GGUF file" of it, while it is there."""
+    for spec in ("missing.gguf", str(tmp_path / "missing")):
+        assert main(["info", spec]) == 1
+        err = capsys.readouterr().err
+        assert f"{spec}: no such file or folder" in err and "preset" not in err, err
+    fifo = tmp_path / "x.gguf"
+    os.mkfifo(fifo)
+    assert main(["info", str(fifo)]) == 1
+    assert f"{fifo}: not a regular file (a FIFO, a device or a socket)" in capsys.readouterr().err
+    from mixlab.checkpoint.gguf_read import read_header
+
+    with pytest.raises(CheckpointError, match=r"x\.gguf: not a regular file \(a FIFO, a device or a socket\)"):
+        read_header(fifo)
+    assert main(["generate", "--model", str(fifo), "--prompt", "hi"]) == 1
+    assert "not a regular file" in capsys.readouterr().err

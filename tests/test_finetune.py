@@ -1200,21 +1200,25 @@ def test_hf_export_brings_the_starting_checkpoints_tokenizer_files(ckpt: Path, c
     assert not (tmp_path / "lora" / "adapter" / "tokenizer_config.json").exists()  # PEFT's folder: the adapter
 
 
-@pytest.mark.parametrize("task", ["sft", "dpo"])
+@pytest.mark.parametrize("task,ckpt_every", [("sft", 1), ("dpo", 1), ("sft", 0)])
 def test_a_non_finite_step_stops_the_run(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
-                                         task: str) -> None:
+                                         task: str, ckpt_every: int) -> None:
     """lr 1e8 made every loss NaN from step 2, and the run went on to export NaN weights to hf/ with exit 0;
-    `mixlab train` stops there. Now the step is named, no update is made, and the run has no hf/."""
+    `mixlab train` stops there. Now the step is named, no update is made, and the run has no hf/. With no
+    checkpoint written, the message said "the newest checkpoint ... is from before it": it says there is none."""
     from mixlab.errors import TrainingError
 
     data = chat_files[0] if task == "sft" else chat_files[1]
-    cfg = _cfg(ckpt, data, tmp_path / "r", task=task, steps=4, ckpt_every=1, eval_every=0, lr=1e8, warmup=0, clip=0)
+    cfg = _cfg(ckpt, data, tmp_path / "r", task=task, steps=4, ckpt_every=ckpt_every, eval_every=0, lr=1e8, warmup=0,
+               clip=0)
+    where = r"The newest checkpoint in .* is from before it$" if ckpt_every else \
+        r"No checkpoint has been written yet \(none in .*checkpoints\)$"
     with pytest.raises(TrainingError, match=r"^non-finite loss at step 2 \(loss .*, gradient norm .*, lr .*\); "
-                                            r"lower the learning rate \(--lr\)\. The newest checkpoint in .* is from "
-                                            "before it$"):
+                                            r"lower the learning rate \(--lr\)\. " + where):
         finetune(cfg)
     assert not (tmp_path / "r" / "hf").exists()
-    assert [p.name for p in sorted((tmp_path / "r" / "checkpoints").iterdir())] == ["step_00000001"]
+    ckpts = sorted((tmp_path / "r" / "checkpoints").iterdir()) if (tmp_path / "r" / "checkpoints").exists() else []
+    assert [p.name for p in ckpts] == (["step_00000001"] if ckpt_every else [])
 
 
 def test_a_second_run_into_the_same_out_is_refused(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -242,8 +242,9 @@ def _join_parts(h: GGUFHeader) -> GGUFHeader:
 
 
 def _read_one(p: Path) -> GGUFHeader:
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such GGUF file")
+    if not p.is_file():  # a FIFO named x.gguf exists: "no such GGUF file" was wrong
+        raise CheckpointError(f"{p}: not a regular file (a FIFO, a device or a socket)" if p.exists() else
+                              f"{p}: no such GGUF file")
     size = p.stat().st_size
     cap = min(size, MAX_HEADER)
     n = min(cap, FIRST_READ)

@@ -48,11 +48,16 @@ def _config(spec: str) -> tuple[str, ModelConfig]:
         return str(p), config_from_header(read_header(p))
     if spec in PRESETS:
         return spec, get_preset(spec)
+    if p.exists() and not p.is_file():  # a FIFO named x.gguf: it was "a file, not a checkpoint folder"
+        raise ConfigError(f"{spec}: not a regular file (a FIFO, a device or a socket): pass a checkpoint folder, "
+                          "a .gguf file or a preset")
     if p.exists():  # a checkpoint's own file (model.safetensors, config.json): as load_model refuses it
         raise ConfigError(f"{spec}: a file, not a checkpoint folder: pass the folder holding it (with its "
                           "config.json or params.json), a .gguf file or a preset")
     from mixlab.checkpoint import hub_hint
 
+    if "/" in spec or suffix_of(p) == ".gguf":  # a path (or a hub id: its hint), not a misspelt preset
+        raise ConfigError(f"{spec}: no such file or folder{hub_hint(spec)}")
     raise ConfigError(f"{spec!r} is neither a checkpoint folder, a GGUF file nor a preset{did_you_mean(spec)}"
                       f"{hub_hint(spec)}; "
                       f"presets: {', '.join(sorted(PRESETS))}")

@@ -98,6 +98,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)), key=lambda p: p.name)
 
 
+def before_it(root: Path) -> str:
+    """A non-finite step's stop message's last sentence: where a resume starts from (it said "the newest
+    checkpoint ... is from before it" before any had been written)."""
+    if list_checkpoints(root):
+        return f"The newest checkpoint in {root} is from before it"
+    return f"No checkpoint has been written yet (none in {root})"
+
+
 def validate(ckpt: Path, *, checksums: bool = True) -> dict[str, Any]:
     """Read `state.json` and check every file it lists is present and complete (and, with `checksums`,
     their SHA-256: every byte read); returns the state."""

@@ -231,7 +231,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if isinstance(b, int | float) and not isinstance(b, bool) and b <= 0:
         raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {b}", setting="beta")
     check_settings(cfg, what="fine-tuning", numbers=(*NUMBERS, "beta", "label_smoothing", "valid_fraction"),
-                   integers=(*INTEGERS, "max_examples", "lora_rank"))
+                   integers=(*INTEGERS, "max_examples", "lora_rank"), above_zero=("eps", "beta"))
     a = cfg.aux_loss_coef  # a NaN here trained to NaN weights without a word
     if a is not None and (isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0):
         raise ConfigError(f"fine-tuning setting 'aux_loss_coef' must be a finite number >= 0, got {a!r}",
@@ -934,7 +934,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                 optimizer.zero_grad(set_to_none=True)
                 raise TrainingError(
                     f"non-finite loss at step {step + 1} (loss {sums['loss']:g}, gradient norm {gnorm:g}, lr {lr:g}); "
-                    f"lower the learning rate (--lr). The newest checkpoint in {ckpt_root} is from before it")
+                    f"lower the learning rate (--lr). {checkpoints.before_it(ckpt_root)}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -664,8 +664,8 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
                 optimizer.zero_grad(set_to_none=True)
                 raise TrainingError(
                     f"non-finite loss at step {step + 1} (loss {ce_sum / cfg.grad_accum:g}, gradient norm {gnorm:g}, "
-                    f"lr {lr:g}); lower the learning rate, or set skip_nonfinite = true to skip such steps. The "
-                    f"newest checkpoint in {ckpt_root} is from before it")
+                    f"lr {lr:g}); lower the learning rate, or set skip_nonfinite = true to skip such steps. "
+                    f"{checkpoints.before_it(ckpt_root)}")
             if not bad:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)

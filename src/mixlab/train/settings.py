@@ -188,10 +188,11 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
-                   integers: tuple[str, ...] = INTEGERS) -> None:
+                   integers: tuple[str, ...] = INTEGERS, above_zero: tuple[str, ...] = ("eps",)) -> None:
     """The settings every run has: batch shape and steps positive integers, the autocast dtype, the
-    numbers finite and in range, the device one this torch has; text, switch and table settings of
-    their type (a TOML `compile = "yes"` or `model = 5` fails here, not mid-run)."""
+    numbers finite and in range (those of `numbers` in `above_zero` > 0, the rest >= 0: a config's
+    `beta = "x"` is told what `--beta 0` is), the device one this torch has; text, switch and table
+    settings of their type (a TOML `compile = "yes"` or `model = 5` fails here, not mid-run)."""
     for f in dataclasses.fields(cfg):
         v, kind = getattr(cfg, f.name), str(f.type)
         if kind == "str" and not isinstance(v, str):
@@ -211,8 +212,8 @@ def check_settings(cfg: Any, *, what: str, numbers: tuple[str, ...] = NUMBERS,
     for name in numbers:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or \
-                (name == "eps" and v == 0):
-            want = "a finite number > 0" if name == "eps" else "a finite number >= 0"
+                (name in above_zero and v == 0):
+            want = "a finite number > 0" if name in above_zero else "a finite number >= 0"
             raise ConfigError(f"{what} setting {name!r} must be {want}, got {v!r}", setting=name)
     for name in integers:
         v = getattr(cfg, name)
@@ -277,6 +278,14 @@ def real_paths(cfg: Any, names: tuple[str, ...]) -> dict[str, str]:
             and os.path.exists(v)}
 
 
+def _shown(v: Any, other: Any) -> str:
+    """`v` as a resume refusal shows it: a float setting's number as a float beside a float (a TOML
+    `lora_alpha = 8` read back as 8 showed "checkpoint 8 vs now 16.0")."""
+    if isinstance(v, int) and not isinstance(v, bool) and isinstance(other, float):
+        return repr(float(v))
+    return repr(v)
+
+
 def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str], ckpt: Path, what: str,
                           paths: dict[str, str] | None = None) -> None:
     """CheckpointError unless `cfg` has the settings the checkpoint `ckpt` was saved with (`saved`:
@@ -292,6 +301,7 @@ def check_resume_settings(saved: dict[str, Any], cfg: Any, *, run_only: set[str]
     defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     diff = sorted(k for k in now if k not in run_only and saved.get(k, defaults.get(k)) != now[k])
     if diff:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff[:4])
+        detail = ", ".join(f"{k}: checkpoint {_shown(saved.get(k), now[k])} vs now {_shown(now[k], saved.get(k))}"
+                           for k in diff[:4])
         raise CheckpointError(f"{ckpt}: saved with different {what} settings ({detail}); "
                               "use the original settings or a new --out folder")
