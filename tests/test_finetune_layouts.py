@@ -80,10 +80,17 @@ def test_expert_parallel_with_activation_checkpointing_is_the_same_run(files: di
                                                                        tmp_path: Path) -> None:
     """`--ep 2 --activation-checkpointing`: the recomputed forward repeats each block's all-to-alls in
     backward, in the same order on every process; the records and weights are those without it,
-    exactly (and with `--fsdp` too, within the rounding of another layout)."""
+    exactly (and with `--fsdp` too, within the rounding of another layout). Each sharded export to hf/
+    brings the starting folder's tokenizer files and generation_config.json, as the one-process one does."""
     runs = {"plain": ["--ep", "2"], "recomputed": ["--ep", "2", "--activation-checkpointing"],
             "recomputed_fsdp": ["--ep", "2", "--fsdp", "--activation-checkpointing"]}
-    conf = {name: _config_file(tmp_path / f"{name}.json", _settings(files, "sft", tmp_path / name)) for name in runs}
+    base = shutil.copytree(files["base"], tmp_path / "base")
+    brought = {"generation_config.json": '{"do_sample": true, "temperature": 0.6}\n',
+               "special_tokens_map.json": '{"eos_token": "</s>"}\n'}
+    for name, text in brought.items():
+        (base / name).write_text(text)
+    conf = {name: _config_file(tmp_path / f"{name}.json", _settings({**files, "base": base}, "sft", tmp_path / name))
+            for name in runs}
     run_group(_job, [{"args": ["sft", str(conf[name]), *flags], "report": str(tmp_path / name)}
                      for name, flags in runs.items()], timeout=TIMEOUT)
     reports = {name: _reports(tmp_path / name) for name in runs}
@@ -96,6 +103,8 @@ def test_expert_parallel_with_activation_checkpointing_is_the_same_run(files: di
     assert _records(tmp_path / "recomputed") == _records(tmp_path / "plain")  # not only within 1e-5: exactly
     a, b = (load_file(str(tmp_path / n / "hf" / "model.safetensors")) for n in ("plain", "recomputed"))
     assert all(a[k].equal(b[k]) for k in a)
+    for name in runs:
+        assert {n: (tmp_path / name / "hf" / n).read_text() for n in brought} == brought, name
 
 
 @pytest.mark.slow  # three runs stopped at step 2, four resumed: 10-12 s on 2 busy cores
