@@ -1449,10 +1449,10 @@ def test_trl_setting_names_are_translated(tmp_path: Path) -> None:
     ({"lora_targets": "attention"}, "^fine-tuning setting 'lora_targets' applies to LoRA, but lora_rank is 0"),
     ({"lora_rank": 2, "lora_targets": "attention,router", "freeze_router": True},  # trained the router's adapter
      "'freeze_router' keeps the router fixed, but 'router' is one of the LoRA targets"),
-    ({"beta": float("nan")}, "'beta' must be a finite number >= 0, got nan"),  # trained to NaN weights
-    ({"beta": float("inf")}, "'beta' must be a finite number >= 0, got inf"),
+    ({"beta": float("nan")}, "'beta' must be a finite number > 0, got nan"),  # trained to NaN weights
+    ({"beta": float("inf")}, "'beta' must be a finite number > 0, got inf"),
     ({"beta": 0.0}, "'beta' must be > 0, got 0.0"),
-    ({"beta": "0.1"}, "'beta' must be a finite number >= 0, got '0.1'"),  # a TOML string: TypeError in '<='
+    ({"beta": "0.1"}, "'beta' must be a finite number > 0, got '0.1'"),  # a TOML string: TypeError in '<='
     ({"label_smoothing": "0.1"}, "'label_smoothing' must be a finite number >= 0, got '0.1'"),
     ({"valid_fraction": "0.1"}, "'valid_fraction' must be a finite number >= 0, got '0.1'"),
 ])
