@@ -283,6 +283,20 @@ def test_a_valid_split_too_short_for_one_window_warns_instead_of_reporting_a_zer
     assert [list(ev["loss"]) for ev in res.evals] == [["code"]]
 
 
+def test_a_domain_too_short_for_one_training_window_warns(tmp_path: Path) -> None:
+    """A domain whose train split is shorter than seq_len + 1 tokens (one tiny file) has no training
+    window: the run trained on the other domains alone and said nothing, though it warns for valid."""
+    for dom, text in (("prose", "The cat sat on the mat. " * 20), ("tiny", "hi")):
+        (tmp_path / "src" / dom).mkdir(parents=True)
+        (tmp_path / "src" / dom / "train.jsonl").write_text(json.dumps({"text": text}) + "\n")
+        (tmp_path / "src" / dom / "valid.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    prepare(read_documents([tmp_path / "src"]), tmp_path / "ds")
+    with pytest.warns(UserWarning, match=r"the 'train' split of tiny has no window of 33 tokens, so the run never "
+                                         r"trains on them"):
+        res = train(_cfg(tmp_path / "ds", tmp_path / "run", steps=1, eval_every=0))
+    assert res.step == 1
+
+
 def test_sigterm_saves_and_resume_continues(dataset: Path, tmp_path: Path) -> None:
     def kill_at_2(rec: dict[str, Any]) -> None:
         if rec["step"] == 2:

@@ -550,6 +550,12 @@ def _train(cfg: TrainConfig, dataset: TokenDataset, mc: ModelConfig, out: Path, 
     loader = BatchLoader(dataset, split="train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                          shard=(par.rank, par.world) if par is not None else (0, 1))
     loader.skip(cfg.data_offset)
+    # a domain whose training text is shorter than seq_len + 1 tokens gives no window: it was never trained on
+    untrained = [d for d, n in zip(loader.domains, loader.counts, strict=True) if n == 0]
+    if untrained and main:
+        warnings.warn(f"{dataset.path}: the 'train' split of {', '.join(untrained)} has no window of {cfg.seq_len + 1} "
+                      "tokens, so the run never trains on them; use a shorter seq_len or more training data",
+                      stacklevel=2)
     # a valid split shorter than seq_len + 1 tokens in every domain has no window: its loss would read 0;
     # in some domains, those were missing from every evaluation (and its mean) without a word
     valid = dataset.split_domains("valid")
