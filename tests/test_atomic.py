@@ -528,3 +528,18 @@ def test_a_destination_no_file_can_be_made_in_is_refused_before_the_work(tmp_pat
         atomic.check_destination("/proc/x.json", kind="file")
     assert atomic.check_destination(tmp_path / "y.json", kind="file") == tmp_path / "y.json"
     assert not [p for p in tmp_path.iterdir()]  # the probe is gone
+
+
+def test_the_loss_curve_plot_refuses_a_run_with_no_loss_yet(tmp_path):
+    """A run yet to log a step (an empty metrics.jsonl) gave an empty chart and exit status 0; a folder
+    without metrics.jsonl (a run's hf/ export) said only "[Errno 2] No such file or directory"."""
+    pytest.importorskip("matplotlib")
+    from mixlab.errors import DataError
+    from mixlab.train.plot import plot_loss_curve
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"metrics.jsonl: no loss recorded yet"):
+        plot_loss_curve(tmp_path, tmp_path / "loss.png")
+    with pytest.raises(DataError, match=r"hf: no metrics.jsonl in it; expected a run folder of mixlab train"):
+        plot_loss_curve(tmp_path / "hf", tmp_path / "loss.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

@@ -45,9 +45,15 @@ def plot_loss_curve(run: str | Path, png: str | Path, *, title: str | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = read_metrics(Path(run) / "metrics.jsonl")
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():  # was "[Errno 2] No such file or directory: '.../hf/metrics.jsonl'"
+        raise DataError(f"{run}: no metrics.jsonl in it; expected a run folder of mixlab train, sft or dpo")
+    recs = read_metrics(path)
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
+    if not train and not evals:  # a run yet to log its first step: an empty chart, and exit status 0
+        raise DataError(f"{path}: no loss recorded yet (no record with 'loss' or 'eval_loss'); plot the run "
+                        "once it has logged a step")
     domains = [r for r in evals if "eval" in r]
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="lightsteelblue", lw=1, label="train (batch)")
