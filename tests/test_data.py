@@ -202,6 +202,10 @@ def test_byte_tokenizer_roundtrip_unicode() -> None:
     [
         ("empty.jsonl", b"", "empty.jsonl: no document in it"),
         ("bad.txt", b"caf\xe9 au lait", "bad.txt: not UTF-8 text"),
+        # valid UTF-8 but binary: UTF-16 text without a byte-order mark, read as text with every other byte NUL
+        ("utf16.txt", "Hello, world.\n".encode("utf-16-le"), "utf16.txt: a NUL byte at byte 1: binary data or "
+                                                            "UTF-16 text, not UTF-8 text"),
+        ("blob.txt", b"\x7fELF\x02\x01\x01\x00\x00", "blob.txt: a NUL byte at byte 7"),
         ("notext.jsonl", b'{"text": "ok"}\n{"content": "no text field"}\n', "notext.jsonl:2: expected a JSON object "
                                                                            "with a 'text' field"),
         ("broken.jsonl", b'{"text": "ok"}\n{"text": \n', "broken.jsonl:2: not valid JSON"),

@@ -226,6 +226,10 @@ def file_documents(path: Path, *, strict: bool = True) -> Iterator[tuple[str, di
         text = raw.decode(ENCODING)
     except UnicodeDecodeError as e:
         raise _not_utf8(str(path), raw, e) from None
+    nul = raw.find(b"\0")
+    if nul >= 0:  # valid UTF-8, yet binary: UTF-16 text without its byte-order mark ("H\0e\0"), a file of bytes < 128
+        raise DataError(f"{path}: a NUL byte at byte {nul}: binary data or UTF-16 text, not UTF-8 text; convert it "
+                        "to UTF-8 first")
     if text.strip():
         yield text, {}, str(path)
 
