@@ -500,21 +500,7 @@ def test_bad_metadata_is_named_by_its_key(key, value, message, tmp_path):
     """A metadata value of the wrong type said "(expected (<class 'float'>, <class 'int'>))"; a head
     count of 0 or 3 (for a width of 64) said 'rotary embedding on 16 of 0 (21) head dimensions is not
     supported', naming neither key."""
-    model = _model("moe")
-    w = gguf_writer(model.config, name="x", file_type=0)
-    for kv in w.kv_data:
-        kv.pop(key, None)
-    kind = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
-    w.add_key_value(key, value, kind)
-    for n, t, _ in gguf_tensors(model, model.config):
-        w.add_tensor(n, t.detach().float().contiguous().numpy())
-    path = tmp_path / "m.gguf"
-    w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(CheckpointError, match="m.gguf: " + message):
-        load_model(path)
+    _load_with_key(tmp_path, key, value, message)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -526,21 +512,7 @@ def test_bad_metadata_is_named_by_its_key(key, value, message, tmp_path):
 def test_a_missing_tensor_names_the_metadata_that_expected_it(key, value, message, tmp_path):
     """A block count beyond the blocks stored, or stacked experts without an expert count (read as a
     dense model), said only "missing tensor 'blk.2.attn_norm.weight'", not which field was wrong."""
-    model = _model("moe")
-    w = gguf_writer(model.config, name="x", file_type=0)
-    for kv in w.kv_data:
-        kv.pop(key, None)
-    if value is not None:
-        w.add_key_value(key, value, gguf.GGUFValueType.UINT32)
-    for n, t, _ in gguf_tensors(model, model.config):
-        w.add_tensor(n, t.detach().float().contiguous().numpy())
-    path = tmp_path / "m.gguf"
-    w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(CheckpointError, match="m.gguf: " + message):
-        load_model(path)
+    _load_with_key(tmp_path, key, value, message)
 
 
 def test_a_type_nothing_dequantises_is_refused_before_reading(tmp_path, monkeypatch):
@@ -855,4 +827,25 @@ def test_experts_stored_one_tensor_each_are_named(tmp_path):
         w.write_tensor_data(data)
     w.close()
     with pytest.raises(CheckpointError, match=r"split.gguf: the experts are stored one tensor each \(blk.0.ffn_gate.0"):
+        load_model(path)
+
+
+def _load_with_key(tmp_path, key, value, message):
+    """The tiny MoE written as GGUF with metadata `key` set to `value` (None: left out), then loaded: refused
+    with `message` after the file's name."""
+    model = _model("moe")
+    w = gguf_writer(model.config, name="x", file_type=0)
+    for kv in w.kv_data:
+        kv.pop(key, None)
+    if value is not None:
+        kind = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
+        w.add_key_value(key, value, kind)
+    for n, t, _ in gguf_tensors(model, model.config):
+        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    path = tmp_path / "m.gguf"
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="m.gguf: " + message):
         load_model(path)
