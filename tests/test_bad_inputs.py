@@ -440,7 +440,8 @@ def test_a_bad_number_names_the_flag(args, expected, capsys):
      "lora_rank too, or remove it"),
     (["sft", "--model", "m"], "no data: pass --data FILE.jsonl"),
     (["dpo", "--data", "d"], "no starting model: pass --model DIR"),
-    (["dpo", "--model", "m", "--data", "d", "--beta", "0"], "fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"),
+    (["dpo", "--model", "m", "--data", "d", "--beta", "0"],
+     "fine-tuning setting 'beta' (--beta) must be a finite number > 0, got 0.0"),
     (["dpo", "--model", "m", "--data", "d", "--label-smoothing", "0.5"],
      "fine-tuning setting 'label_smoothing' (--label-smoothing) must be in [0, 0.5), got 0.5"),
     (["dpo", "--model", "m", "--data", "d", "--label-smoothing", "0.1", "--loss", "ipo"],
@@ -534,7 +535,7 @@ def test_a_model_setting_the_flags_contradict_is_a_usage_error(tmp_path, base, d
     ("sft", "lora_rank = 2\nlora_dropout = 1.0", "fine-tuning setting 'lora_dropout': LoRA dropout"),
     ("sft", 'lora_rank = 2\nlora_targets = "mlp"', "fine-tuning setting 'lora_targets': LoRA targets ['mlp']"),
     ("sft", "valid_fraction = 1.0", "fine-tuning setting 'valid_fraction' must be in [0, 1), got 1.0"),
-    ("dpo", "beta = 0.0", "fine-tuning setting 'beta' must be > 0, got 0.0"),
+    ("dpo", "beta = 0.0", "fine-tuning setting 'beta' must be a finite number > 0, got 0.0"),
     # a non-number said ">= 0" of a setting that must be > 0 (the flag says "> 0" of -1 and 0)
     ("dpo", 'beta = "x"', "fine-tuning setting 'beta' must be a finite number > 0, got 'x'"),
     ("train", 'eps = "x"', "training setting 'eps' must be a finite number > 0, got 'x'"),
@@ -576,7 +577,7 @@ def test_a_config_file_that_cannot_be_read_is_the_file_s_however_it_is_named(com
 
 
 @pytest.mark.parametrize("command,toml,flags,said", [
-    ("dpo", "beta = 0.5", ["--beta", "0"], "fine-tuning setting 'beta' (--beta) must be > 0, got 0.0"),
+    ("dpo", "beta = 0.5", ["--beta", "0"], "fine-tuning setting 'beta' (--beta) must be a finite number > 0, got 0.0"),
     ("sft", "lora_rank = 2", ["--lora-alpha", "0"], "fine-tuning setting 'lora_alpha' (--lora-alpha): LoRA alpha"),
     ("train", "lr = 0.001", ["--device", "bogus"], "training setting 'device' (--device): unknown device 'bogus'"),
 ])
@@ -600,7 +601,8 @@ def test_an_error_is_the_flag_s_or_the_file_s_by_which_set_its_setting(tmp_path,
     short = _tiny(tmp_path / "short", vocab=512, max_seq_len=256)
     (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
     for command, toml, flags, said in (
-            ("dpo", "beta = 0.0", ["--beta", "0", "--model", "m"], "fine-tuning setting 'beta' (--beta) must be > 0"),
+            ("dpo", "beta = 0.0", ["--beta", "0", "--model", "m"],
+             "fine-tuning setting 'beta' (--beta) must be a finite number > 0"),
             ("train", 'device = "bogus"', ["--device", "bogus"], "training setting 'device' (--device): unknown"),
             ("sft", 'lora_rank = 2\nlora_targets = "router"', ["--freeze-router", "--model", "m"],
              "fine-tuning setting 'freeze_router' (--freeze-router) keeps the router fixed"),

@@ -1451,7 +1451,7 @@ def test_trl_setting_names_are_translated(tmp_path: Path) -> None:
      "'freeze_router' keeps the router fixed, but 'router' is one of the LoRA targets"),
     ({"beta": float("nan")}, "'beta' must be a finite number > 0, got nan"),  # trained to NaN weights
     ({"beta": float("inf")}, "'beta' must be a finite number > 0, got inf"),
-    ({"beta": 0.0}, "'beta' must be > 0, got 0.0"),
+    ({"beta": 0.0}, "'beta' must be a finite number > 0, got 0.0"),
     ({"beta": "0.1"}, "'beta' must be a finite number > 0, got '0.1'"),  # a TOML string: TypeError in '<='
     ({"label_smoothing": "0.1"}, "'label_smoothing' must be a finite number >= 0, got '0.1'"),
     ({"valid_fraction": "0.1"}, "'valid_fraction' must be a finite number >= 0, got '0.1'"),
@@ -1486,7 +1486,7 @@ def test_help_says_what_a_batch_holds(capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize(("flags", "match"), [
     (["--lora-rank", "2", "--lora-alpha", "-1"],
      "fine-tuning setting 'lora_alpha' (--lora-alpha): LoRA alpha must be a finite number > 0, got -1.0"),
-    (["--beta", "-1"], "fine-tuning setting 'beta' (--beta) must be > 0, got -1.0"),
+    (["--beta", "-1"], "fine-tuning setting 'beta' (--beta) must be a finite number > 0, got -1.0"),
 ])
 def test_a_negative_alpha_or_beta_is_refused_as_zero_is(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str], flags: list[str],

@@ -326,7 +326,9 @@ def test_side_files_copied(tmp_path):
     # read with Mixtral's tokenizer (sft / generate / analyze refused it)
     (src / "mixlab_data.json").write_text('{"tokenizer": {"type": "bytes"}}')
     (src / "tokenizer.model.v3").write_bytes(b"v3")  # Mistral's versioned file (was left behind)
+    (src / "chat_template.jinja").write_text("{{ messages }}")  # an Instruct model's template (was left behind)
     upcycle(src, tmp_path / "moe", num_experts=2, top_k=1)
+    assert (tmp_path / "moe" / "chat_template.jinja").read_text() == "{{ messages }}"
     assert (tmp_path / "moe" / "tokenizer.model.v3").read_bytes() == b"v3"
     assert json.loads((tmp_path / "moe" / "mixlab_data.json").read_text()) == {"tokenizer": {"type": "bytes"}}
     assert (tmp_path / "moe" / "tokenizer.model").read_bytes() == bytes(range(256))

@@ -34,8 +34,8 @@ from mixlab.config import as_path, suffix_of
 from mixlab.errors import MixlabError
 
 __all__ = ["TOKENIZER_NAMES", "ChatError", "TextError", "StreamDecoder", "Tokenizer", "check_text", "check_tokenizer",
-           "default_tokenizer_path", "load_tokenizer", "model_tokenizer", "template_call_id", "tokenizer_file",
-           "tool_call_id_ok"]
+           "TOKENIZER_FILES", "default_tokenizer_path", "load_tokenizer", "model_tokenizer", "template_call_id",
+           "tokenizer_file", "tokenizer_files", "tool_call_id_ok"]
 
 _REPLACEMENT = "\ufffd"  # what a byte sequence cut mid-character decodes to
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
@@ -219,6 +219,18 @@ def _from_mixlab_data(f: Path) -> Tokenizer | None:
                                     "into this folder as tokenizer.model (or pass the tokenizer)")
         return load_tokenizer(spec["path"])
     return None
+
+
+# A checkpoint folder's files that carry its tokenizer, chat template and generation defaults, copied beside the
+# weights mixlab writes from it (upcycle's MoE folder, fine-tuning's hf/), so that transformers, vLLM or `mixlab
+# serve` load that folder with them; Mistral's `tokenizer.model.v*` too (`tokenizer_file`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The files of `TOKENIZER_FILES` (and `tokenizer.model.v*`) that `folder` holds."""
+    return [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()] + sorted(folder.glob("tokenizer.model.v*"))
 
 
 def _other_chat_template(folder: Path) -> str | None:

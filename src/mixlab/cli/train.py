@@ -91,7 +91,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def flag_errors(args: argparse.Namespace) -> Iterator[None]:
     """A ConfigError of the run's settings (load_train_config's or load_finetune_config's, with the checks
     the command adds) as the command line's: a usage error (exit 2) naming the flags given ("fine-tuning
-    setting 'beta' (--beta) must be > 0, got 0.0", "--set dim=32: model_overrides: ..."), unless it is
+    setting 'beta' (--beta) must be a finite number > 0, got 0.0", "--set dim=32: model_overrides: ..."), unless it is
     the config file's (a SettingsFileError: load_settings found that the file set the setting; exit 1:
     "run.toml: ...")."""
     try:

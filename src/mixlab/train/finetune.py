@@ -62,6 +62,7 @@ from mixlab.corpus import same_vocabulary
 from mixlab.errors import TrainingError
 from mixlab.model import Transformer
 from mixlab.model.moe import MoEBlock
+from mixlab.tokenizer import tokenizer_files as folder_tokenizer_files
 from mixlab.train import checkpoints, dpo, sft
 from mixlab.train.data import DataError, TrainTokenizer, get_tokenizer
 from mixlab.train.loop import (
@@ -227,9 +228,6 @@ def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"finetune takes a FinetuneConfig (load_finetune_config(path, **overrides) reads one), "
                           f"not {type(cfg).__name__}")
     cfg = paths_as_text(cfg)
-    b = cfg.beta  # before the numbers' '>= 0', which told `--beta -1` a 0 that was refused next
-    if isinstance(b, int | float) and not isinstance(b, bool) and b <= 0:
-        raise ConfigError(f"fine-tuning setting 'beta' must be > 0, got {b}", setting="beta")
     check_settings(cfg, what="fine-tuning", numbers=(*NUMBERS, "beta", "label_smoothing", "valid_fraction"),
                    integers=(*INTEGERS, "max_examples", "lora_rank"), above_zero=("eps", "beta"))
     a = cfg.aux_loss_coef  # a NaN here trained to NaN weights without a word
@@ -985,20 +983,12 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
                           model=model, out=out)
 
 
-# The starting checkpoint's files that make hf/ a folder transformers, vLLM or `mixlab serve` load with
-# its tokenizer, chat template and generation defaults, as TRL's trainers save the tokenizer beside the
-# model (mixlab_data.json alone named the tokenizer by the source folder's path).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
-
-
 def tokenizer_files(model: str) -> list[Path]:
-    """The tokenizer (and generation config) files of the folder `model` resolves to (none for a
-    training checkpoint `step_*`, which holds none)."""
+    """The tokenizer, chat template and generation config files (`mixlab.tokenizer.tokenizer_files`) of the folder
+    `model` resolves to, copied into hf/ as TRL's trainers save the tokenizer beside the model (none for a training
+    checkpoint `step_*`, which holds none)."""
     src = checkpoints.resolve_weights(model)
-    if checkpoints.is_step(src):
-        return []
-    return [src / n for n in TOKENIZER_FILES if (src / n).is_file()] + sorted(src.glob("tokenizer.model.v*"))
+    return [] if checkpoints.is_step(src) else folder_tokenizer_files(src)
 
 
 def _export_info(tok_spec: dict[str, Any]) -> dict[str, str]:

@@ -35,15 +35,12 @@ from mixlab.checkpoint.io import DTYPES, FLOAT_DTYPES, CheckpointError, TensorRe
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object, suffix_of
 from mixlab.dtypes import dtype_name, parse_dtype
+from mixlab.tokenizer import tokenizer_files
 
 __all__ = ["ROUTER_INITS", "UpcycleReport", "upcycle", "upcycle_config"]
 
 ROUTER_INITS = ("zeros", "normal", "uniform")
 
-# Small files copied next to the weights (mixlab_data.json: the tokenizer a `mixlab train` export was
-# trained with, e.g. bytes; without it the upcycled model would be read with Mixtral's).
-_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-               "tokenizer.model", "mixlab_data.json")
 
 _DENSE_TYPES = ("mistral", "llama")
 
@@ -263,8 +260,9 @@ def upcycle(
     if dtype is None:
         dtype = DTYPES[stored] if stored in FLOAT_DTYPES else torch.float32
     cfg["dtype"] = cfg["torch_dtype"] = dtype_name(dtype)  # transformers >= 5 reads "dtype"
-    # so the MoE folder is usable as is; tokenizer.model.v3: Mistral 7B v0.3's (mixlab.tokenizer.tokenizer_file)
-    side = [root / n for n in _SIDE_FILES if (root / n).is_file()] + sorted(root.glob("tokenizer.model.v*"))
+    # so the MoE folder is usable as is: the tokenizer's files, and mixlab_data.json (the tokenizer a `mixlab train`
+    # export was trained with, e.g. bytes; without it the upcycled model would be read with Mixtral's)
+    side = tokenizer_files(root) + [f for f in [root / "mixlab_data.json"] if f.is_file()]
     write_sharded(counted(), out, extra_files={"config.json": json.dumps(cfg, indent=2) + "\n"}, copy_files=side,
                   max_shard_bytes=max_shard_bytes, metadata={"mixlab": "upcycled", "source": root.name},
                   sources=[root], overwrite=overwrite, inputs=input_files(root))
