@@ -56,13 +56,16 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
     return Path(path).suffix.lower()
 
 
+GGUF_SPLIT_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")  # llama.cpp's names of a split GGUF's parts
+
+
 def _gguf_files(folder: Path) -> list[Path]:
     """The GGUF files in `folder`, sorted; of a split file (PREFIX-0000K-of-0000N.gguf) its first part alone,
     the one that loads it."""
     if not folder.is_dir():
         return []
     return sorted(f for f in folder.iterdir() if suffix_of(f) == ".gguf" and f.is_file()
-                  and not re.search(r"-(?!00001)\d{5}-of-\d{5}\.gguf$", f.name, re.I))
+                  and ((m := GGUF_SPLIT_NAME.fullmatch(f.stem + ".gguf")) is None or int(m[2]) == 1))
 
 
 def usable_threads(n: int, *, what: str = "--threads") -> int:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from mixlab.checkpoint.io import CheckpointError, all_finite
-from mixlab.config import ConfigError, ModelConfig, MoEConfig, _in_file
+from mixlab.config import GGUF_SPLIT_NAME, ConfigError, ModelConfig, MoEConfig, _in_file
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -196,13 +196,10 @@ def read_header(path: str | Path) -> GGUFHeader:
     return _join_parts(h) if "split.count" in h.metadata else h
 
 
-SPLIT_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")  # llama.cpp's names of a split GGUF's parts
-
-
 def split_parts(path: Path) -> list[Path]:
     """Every part of the split GGUF that `path` is a part of, by llama.cpp's names (PREFIX-0000K-of-0000N.gguf),
     `path` included: what a load of it reads; [path] for a file not named so."""
-    m = SPLIT_NAME.fullmatch(path.name)
+    m = GGUF_SPLIT_NAME.fullmatch(path.name)
     n = int(m[3]) if m else 0
     return [path.with_name(f"{m[1]}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)] if m and n else [path]
 
@@ -215,7 +212,7 @@ def _join_parts(h: GGUFHeader) -> GGUFHeader:
     n, no = _meta(h, "split.count", int), _meta(h, "split.no", int, 0)
     if n <= 1:
         return h
-    m = SPLIT_NAME.fullmatch(h.path.name)
+    m = GGUF_SPLIT_NAME.fullmatch(h.path.name)
     if no != 0:
         raise CheckpointError(f"{h.path}: part {no + 1} of a GGUF split in {n}: pass its first part, named "
                               f"PREFIX-00001-of-{n:05d}.gguf (as llama.cpp takes it)")
