@@ -200,6 +200,34 @@ def test_the_files_the_docs_link_or_name_exist():
     assert not missing, missing
 
 
+def _slugs(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but `-` and `_` dropped, spaces
+    as `-`, a repeated one suffixed `-1`, `-2`, ..."""
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        out.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
+def test_the_sections_the_docs_link_exist():
+    """A link to a section (`commands.md#serve-serve`, `#module-details`) names a heading of its page:
+    README's command table links each row to docs/commands.md's section, and a renamed heading broke
+    the link silently."""
+    broken, checked = [], 0
+    for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", f.read_text()):
+            if target.startswith("http") or (target and not target.endswith(".md")):
+                continue
+            page = f.parent / target if target else f
+            checked += 1
+            if anchor not in _slugs(page.read_text()):
+                broken.append(f"{f.name}: {target}#{anchor}")
+    assert checked > 25 and not broken, broken
+
+
 def test_training_md_config_example_and_demo_model_are_what_the_code_builds(tmp_path):
     """docs/training.md's TOML example is a run config `mixlab train` takes, giving the model it
     describes; the defaults it names are `TrainConfig`'s; the demo's model has the shape and parameter
