@@ -535,7 +535,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.check_open()
         srv.check_model(body.model)
         tools = body.rendered_tools()
-        srv.truncate([], body.truncate_prompt_tokens)  # a k over the context: a 400 before the work
+        srv.check_truncate(body.truncate_prompt_tokens)  # a k over the context: a 400 before the work
         ids = srv.truncate(await srv.encode_chat(body.messages, "messages", tools=tools), body.truncate_prompt_tokens)
         if body.tools and tools:
             await srv.off_loop(srv.check_tools, body)
@@ -569,7 +569,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             # in the encoding thread: a prompt of 1.3M token ids (4 MB) is a second's loops over them
             batch = body.prompts()
             srv.check_count(len(batch) * body.n, param="prompt" if len(batch) > 1 else "n")  # before encoding them
-            srv.truncate([], body.truncate_prompt_tokens)
+            srv.check_truncate(body.truncate_prompt_tokens)
             prompts = [srv.truncate(tok.encode(p, bos=body.add_special_tokens) if isinstance(p, str) else p,
                                     body.truncate_prompt_tokens) for p in batch]
             if not all(prompts):  # vLLM's "the decoder prompt cannot be empty"

@@ -428,17 +428,22 @@ class Server:
         except ValueError as e:
             raise ApiError(400, str(e), param=_guess_param(str(e))) from None
 
-    def truncate(self, ids: list[int], k: int | None) -> list[int]:
-        """vLLM's truncate_prompt_tokens: the prompt's last `k` tokens (-1: the context's worth; None: all); a
-        `k` over the context is a 400 in vLLM's words (the prompt could never fit)."""
+    def check_truncate(self, k: int | None) -> int | None:
+        """vLLM's truncate_prompt_tokens as a count of tokens kept (-1: the context's worth; None: all); a `k`
+        over the context is a 400 in vLLM's words (the prompt could never fit), before any work."""
         if k is None:
-            return ids
+            return None
         n = self.cfg.context_len if k == -1 else k
         if n > self.cfg.context_len:
             raise ApiError(400, f"truncate_prompt_tokens value ({k}) is greater than max_model_len "
                                 f"({self.cfg.context_len}). Please, select a smaller truncation size.",
                            param="truncate_prompt_tokens")
-        return ids[-n:]
+        return n
+
+    def truncate(self, ids: list[int], k: int | None) -> list[int]:
+        """The prompt's last tokens that truncate_prompt_tokens `k` keeps (`check_truncate`)."""
+        n = self.check_truncate(k)
+        return ids if n is None else ids[-n:]
 
     def check_ids(self, ids: list[int], param: str) -> None:
         V = self.tok.vocab_size if self.cfg.model_info.get("vocab_size") is None else self.cfg.model_info["vocab_size"]
