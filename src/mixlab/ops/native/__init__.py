@@ -266,7 +266,11 @@ def _source_key() -> str:
 
 def cached_path(cc: str) -> Path:
     """Where the library for this source, compiler `cc` and CPU is cached (built or not)."""
-    version = subprocess.run([*command(cc), "--version"], capture_output=True, text=True, check=False).stdout
+    try:
+        version = subprocess.run([*command(cc), "--version"], capture_output=True, text=True, check=False).stdout
+    except OSError as e:  # the bare "[Errno 2] No such file or directory: '/x'" did not say what /x was
+        named = " ($CC)" if os.environ.get("CC") == cc else ""
+        raise RuntimeError(f"the C compiler {cc}{named} cannot be run: {e.strerror or e}") from e
     compiler_key = hashlib.sha256(f"{cc}\0{version}".encode()).hexdigest()[:8]
     return _cache_dir() / f"mixlab-decode-{_source_key()}-{compiler_key}.so"
 
