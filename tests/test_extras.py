@@ -81,6 +81,22 @@ EXTRA_PACKAGES = ("mixlab.serve", "mixlab.eval.harness")  # the extras' own modu
 
 
 @pytest.mark.slow  # a fresh interpreter importing every module (~5 s)
+def test_bench_names_the_extra_of_the_peers_it_skips(monkeypatch):
+    """`mixlab bench` on a core install skipped transformers and llama.cpp with 'is not installed:
+    skipped', and no word of the `peers` extra that installs both."""
+    from mixlab.cli.benchmark import BenchPlan, run_bench
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    plan = BenchPlan.quick()
+    plan.reps, plan.peers = 1, ("transformers", "llama.cpp")
+    plan.prefill, plan.decode_batch, plan.moe_tokens = (), (), (1,)  # the least that runs
+    text = run_bench(plan, log=lambda _: None).format()
+    extra = "(pip install 'mixlab[peers]')"
+    assert f"- note: transformers is not installed: skipped {extra}\n" in text
+    assert f"- note: llama-cpp-python (or gguf) is not installed: llama.cpp skipped {extra}\n" in text
+
+
 def test_the_core_install_imports_every_module_and_runs_the_cli():
     """With every optional package absent, each module outside the extras' own imports (nothing at
     a module's top imports an optional package) and `mixlab --help` / `mixlab info` work."""

@@ -19,8 +19,9 @@ every weight a step touches once (the experts actually chosen, counted from the 
 
 Peers run in the same process, interleaved repetition by repetition, so load from other processes
 hits all of them alike; medians of `reps` (>= 5) after warm-up. A peer that is not installed is
-skipped with a note. Weights are random (`init_weights`), identical for every peer: mixlab's model
-is saved as a transformers folder and as GGUF files that the peers load.
+skipped with a note naming the extra that installs it (`PEERS_EXTRA`). Weights are random
+(`init_weights`), identical for every peer: mixlab's model is saved as a transformers folder and as
+GGUF files that the peers load.
 
 Shape legend: B batch, T tokens, P prompt tokens, D width, V vocabulary.
 """
@@ -48,6 +49,9 @@ from mixlab.model import MoEBlock, Transformer
 from mixlab.model.inference import prepare_for_inference
 from mixlab.ops import native
 from mixlab.pages import huge_empty
+
+# what installs the peers (pyproject's `peers` extra: transformers, gguf, llama-cpp-python)
+PEERS_EXTRA = "pip install 'mixlab[peers]'"
 
 
 @dataclass
@@ -462,7 +466,7 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
             save_model(model, root / "hf", fmt="hf")
             hf = _transformers_model(root / "hf", plan.threads)
             if hf is None:
-                report.notes.append("transformers is not installed: skipped")
+                report.notes.append(f"transformers is not installed: skipped ({PEERS_EXTRA})")
             else:
                 peers += [TransformersPeer(hf, "eager"), TransformersPeer(hf, "grouped_mm")]
             (root / "hf" / "model.safetensors").unlink(missing_ok=True)
@@ -472,7 +476,7 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
 
                 from mixlab.checkpoint.gguf import write_gguf
             except ImportError:
-                report.notes.append("llama-cpp-python (or gguf) is not installed: llama.cpp skipped")
+                report.notes.append(f"llama-cpp-python (or gguf) is not installed: llama.cpp skipped ({PEERS_EXTRA})")
             else:
                 if cfg.vocab_size < 32000:
                     report.notes.append(f"llama.cpp skipped: vocab_size {cfg.vocab_size} < the tokenizer's 32000")
