@@ -4,6 +4,7 @@ None` (importing it then raises ImportError)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import runpy
 import subprocess
@@ -81,6 +82,27 @@ EXTRA_PACKAGES = ("mixlab.serve", "mixlab.eval.harness")  # the extras' own modu
 
 
 @pytest.mark.slow  # a fresh interpreter importing every module (~5 s)
+def test_analyze_without_matplotlib_says_on_the_terminal_that_the_report_has_no_figures(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Only the report page said 'No figures: install matplotlib': the terminal showed a report
+    written as with them, where `mixlab demo` says '(no plots: pip install 'mixlab[plot]' ...)'."""
+    model = Transformer(dataclasses.replace(get_preset("tiny-moe"), vocab_size=259))  # the bytes tokenizer's
+    model.init_weights(seed=0)
+    save_model(model, tmp_path / "hf")
+    (tmp_path / "data.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    argv = ["analyze", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "data.txt"), "--tokenizer", "bytes",
+            "--seq-len", "32", "--quiet"]
+    with monkeypatch.context() as m:  # then matplotlib as it was (absent, or imported whole)
+        m.setitem(sys.modules, "matplotlib", None)
+        assert main([*argv, "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().err == ("mixlab analyze: note: the report has no figures: pip install 'mixlab[plot]' "
+                                       "(matplotlib) draws them\n")
+    assert not list((tmp_path / "r").glob("*.png"))
+    if importlib.util.find_spec("matplotlib") is not None:  # with it: figures, and no note
+        assert main([*argv, "--out", str(tmp_path / "r2")]) == 0
+        assert "note" not in capsys.readouterr().err and list((tmp_path / "r2").glob("*.png"))
+
+
 def test_bench_names_the_extra_of_the_peers_it_skips(monkeypatch):
     """`mixlab bench` on a core install skipped transformers and llama.cpp with 'is not installed:
     skipped', and no word of the `peers` extra that installs both."""
