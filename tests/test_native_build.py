@@ -113,7 +113,8 @@ def test_the_temporary_cache_is_never_a_folder_someone_else_can_write(tmp_path, 
 @pytest.mark.parametrize(("cc", "message"), [
     ("false", r"^false failed to build decode.c \(exit status 1\), no message$"),  # it ended in ":\n"
     # it said "[Errno 2] No such file or directory: '/nonexistent/cc'", not what that file was
-    ("/nonexistent/cc", r"^the C compiler /nonexistent/cc \(\$CC\) cannot be run: No such file or directory$"),
+    ("/nonexistent/cc", r"^the C compiler /nonexistent/cc \(\$CC\) cannot be run: No such file or directory, and no "
+                        r"library built earlier"),
 ])
 def test_a_compiler_that_fails_or_is_missing_leaves_pytorch_kernels_after_one_warning(cc, message, tmp_path,
                                                                                        monkeypatch):
@@ -245,6 +246,22 @@ def test_without_a_compiler_a_library_built_earlier_for_this_cpu_is_used(tmp_pat
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(RuntimeError, match=f"^no C compiler found \\(set CC\\), and no library built earlier for "
                                            f"this mixlab and CPU in {re.escape(str(tmp_path))}$"):
+        native.build()
+
+
+@needs_cc
+def test_a_cc_that_cannot_be_run_is_no_compiler_and_a_library_built_earlier_is_used(tmp_path, monkeypatch):
+    """CC naming a compiler that is not there (a shell profile's CC=gcc-13, the module not loaded):
+    the library built earlier was not looked for, and the kernels were off, where a missing
+    compiler uses it (README: 'without a compiler (unless `mixlab build-kernels` built them ...)')."""
+    monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))
+    path = _stub(native.cached_path(CC))
+    monkeypatch.setenv("CC", str(tmp_path / "gcc-13"))
+    assert native.build() == path
+    path.unlink()
+    with pytest.raises(RuntimeError, match=f"^the C compiler {re.escape(str(tmp_path))}/gcc-13 \\(\\$CC\\) cannot be "
+                                           f"run: No such file or directory, and no library built earlier for this "
+                                           f"mixlab and CPU in {re.escape(str(tmp_path))}$"):
         native.build()
 
 

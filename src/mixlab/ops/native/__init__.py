@@ -298,9 +298,9 @@ def intact(path: str | os.PathLike[str]) -> bool:
 
 def build(cc: str | None = None) -> Path:
     """The built library for this source, compiler and CPU (compiled now unless cached whole).
-    Without a compiler, one an earlier build left for this source and CPU (`mixlab build-kernels`
-    where a compiler was at hand: an HPC job without the compiler module, a conda environment not
-    activated), built by any compiler."""
+    Without a compiler (none on the PATH, or a `$CC` that cannot be run), one an earlier build left
+    for this source and CPU (`mixlab build-kernels` where a compiler was at hand: an HPC job without
+    the compiler module, a conda environment not activated), built by any compiler."""
     cc = cc or compiler()
     # Where to look: the build folder and, when that is the temporary fallback, the home cache
     # (read-only, but it may hold a library built before: a container run with --read-only).
@@ -311,14 +311,19 @@ def build(cc: str | None = None) -> Path:
             places.insert(0, _home_cache())
     except RuntimeError:  # no home directory
         pass
-    if cc is None:
-        built = [p for d in places for p in d.glob(f"mixlab-decode-{_source_key()}-*.so") if intact(p)]
-        if not built:
-            raise RuntimeError(f"no C compiler found (set CC), and no library built earlier for this mixlab and "
-                               f"CPU in {' or '.join(map(str, places))}")
-        return max(built, key=lambda p: p.stat().st_mtime)
-    out = cached_path(cc)  # in `cache`; a damaged one there is replaced
-    return next((d / out.name for d in places if intact(d / out.name)), None) or compile_library(cc, out)
+    why = "no C compiler found (set CC)"
+    if cc is not None:
+        try:
+            out = cached_path(cc)  # in `cache`; a damaged one there is replaced
+        except RuntimeError as e:  # a $CC that cannot be run (a module not loaded): as without a compiler
+            why = str(e)
+        else:
+            return next((d / out.name for d in places if intact(d / out.name)), None) or compile_library(cc, out)
+    built = [p for d in places for p in d.glob(f"mixlab-decode-{_source_key()}-*.so") if intact(p)]
+    if not built:
+        raise RuntimeError(f"{why}, and no library built earlier for this mixlab and CPU in "
+                           f"{' or '.join(map(str, places))}")
+    return max(built, key=lambda p: p.stat().st_mtime)
 
 
 def check_abi(lib: ctypes.CDLL, path: str | os.PathLike[str]) -> int:
