@@ -39,6 +39,20 @@ def test_the_harness_without_lm_eval_names_the_extra(monkeypatch):
         runpy.run_module("mixlab.eval.harness", run_name="__main__")  # python -m: it was a traceback
 
 
+def test_serve_without_fastapi_names_the_extra_once(tmp_path, monkeypatch, capsys):
+    """The message said `mixlab serve: error: mixlab serve needs ...`: the command named twice."""
+    model = Transformer(get_preset("tiny-moe"))
+    model.init_weights(seed=0)
+    save_model(model, tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    for name in [m for m in sys.modules if m == "mixlab.serve" or m.startswith("mixlab.serve.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(["serve", "--model", str(tmp_path / "hf"), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mixlab serve: error: serving needs the serve extra: pip install 'mixlab[serve]' (")
+    assert err.count("mixlab serve") == 1 and err.count("\n") == 1
+
+
 def test_the_loss_curve_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     monkeypatch.setitem(sys.modules, "matplotlib", None)

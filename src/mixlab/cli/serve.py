@@ -93,7 +93,7 @@ def serve(args: argparse.Namespace) -> int:
         from mixlab.serve import ServerConfig, create_app, run_server
         from mixlab.serve.common import api_key_problem
     except ImportError as e:
-        raise ValueError(f"mixlab serve needs the serve extra (pip install 'mixlab[serve]'): {e}") from None
+        raise ValueError(f"serving needs the serve extra: pip install 'mixlab[serve]' ({e})") from None
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.api_key is not None and (why := api_key_problem(args.api_key)):
