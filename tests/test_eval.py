@@ -372,6 +372,8 @@ def test_cli_eval_json_is_strict_json(ckpt: Path, tmp_path: Path, capsys: pytest
     (["--data", "/nonexistent/x.jsonl"], "no such file", 1),
     (["--data", "{prepared}"], "this is a dataset `mixlab data prepare` wrote (token shards): pass the text corpus", 1),
     (["--json", "."], "is a folder; give a file name\n", 1),  # before evaluating; no 'for example x/model.gguf'
+    # a folder not yet made: it wrote the results to a file named "new" (Path() drops the slash)
+    (["--json", "{tmp}/new/"], "/new/: names a folder (it ends in /); give a file name\n", 1),
     # --context clamped to the model's 64: it was 'stride must be between 1 and the context (64); got 100'
     (["--stride", "100", "--max-docs", "1"], "--stride 100 is past the model's 64 positions, the windows' length: "
                                              "give --stride 64 or less\n", 2),
@@ -380,8 +382,9 @@ def test_cli_eval_errors(ckpt: Path, argv: list[str], message: str, code: int, c
                          tmp_path: Path) -> None:
     base = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--quiet"]
     (tmp_path / "meta.json").write_text("{}")  # what `mixlab data prepare` writes beside its shards
-    assert main(base + [a.replace("{prepared}", str(tmp_path)) for a in argv]) == code
+    assert main(base + [a.replace("{prepared}", str(tmp_path)).replace("{tmp}", str(tmp_path)) for a in argv]) == code
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("quiet", [False, True])

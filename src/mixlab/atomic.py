@@ -209,6 +209,8 @@ def check_destination(
     `inputs`: more files the command reads, outside its sources (a split GGUF's other parts, the
     targets of a source folder's links), each with what it is: `dst` may neither be nor hold one.
     """
+    if kind == "file" and str(dst).endswith(("/", os.sep)):  # Path() drops the slash: `--json out/` wrote a file "out"
+        raise OutputError(f"{dst}: names a folder (it ends in {str(dst)[-1]}); give a file name")
     given = Path(dst)
     real = Path(os.path.realpath(given))
     shown = f"{given} (a link to {real})" if real != Path(os.path.abspath(given)) else str(given)
