@@ -805,10 +805,18 @@ def test_harness_command_line_names_a_bad_checkpoint_in_one_line(tmp_path: Path,
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     small = hf_mixtral(tmp_path / "small", vocab_size=259, hidden_size=32, intermediate_size=48)
     rng = random.getstate(), np.random.get_state()  # lm_eval seeds the global generators: the next tests' stay
-    for args, said in ((f"pretrained={tmp_path / 'nope'}", f"{tmp_path / 'nope'}: no such checkpoint folder"),
-                       (f"pretrained={small}", "has 32000 tokens but the model's vocabulary has 259")):
+    # a bad dtype or tokenizer in --model_args, and an unknown task name, were tracebacks too (a ValueError,
+    # a FileNotFoundError, lm-eval's "Tasks not found")
+    for args, task, said in (
+            (f"pretrained={tmp_path / 'nope'}", "mx_ppl", f"{tmp_path / 'nope'}: no such checkpoint folder"),
+            (f"pretrained={small}", "mx_ppl", "has 32000 tokens but the model's vocabulary has 259"),
+            (f"pretrained={small},dtype=bogus", "mx_ppl", "--model_args dtype=bogus: unknown dtype 'bogus'; expected "
+             "one of float32, fp32, float16, fp16, bfloat16, bf16, or auto (as the checkpoint stores it)"),
+            (f"pretrained={small},tokenizer={tmp_path / 'no.model'}", "mx_ppl",
+             f"--model_args tokenizer={tmp_path / 'no.model'}: {tmp_path / 'no.model'}: no such tokenizer file"),
+            (f"pretrained={small}", "mx_nope", "--tasks: no such task: mx_nope (`lm_eval ls tasks` lists")):
         monkeypatch.setattr(sys, "argv", ["-m", "run", "--model", "mixlab", "--model_args", args,
-                                          "--tasks", "mx_ppl", "--include_path", str(tasks)])
+                                          "--tasks", task, "--include_path", str(tasks)])
         with torch.random.fork_rng(), pytest.raises(SystemExit) as exit_:
             harness.main()
         err = capfd.readouterr().err

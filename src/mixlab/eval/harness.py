@@ -32,9 +32,10 @@ template's text (`<s>` is not BOS there, and the reply would lose the space it s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -50,7 +51,8 @@ except ImportError as e:  # the optional extra: a line naming it, for `python -m
         sys.exit(f"python -m {_hint}")
     raise ImportError(_hint) from e
 
-from mixlab.errors import ConfigError, DataError
+from mixlab.dtypes import parse_dtype
+from mixlab.errors import ConfigError, DataError, MixlabError
 from mixlab.eval.perplexity import rolling_windows, score_batch
 from mixlab.generate import generate
 from mixlab.model import Transformer
@@ -58,6 +60,18 @@ from mixlab.tokenizer import Tokenizer, _normalize_chat, load_tokenizer, model_t
 
 # What `chat_template` returns (lm-eval logs it and keys its request cache with it).
 CHAT_TEMPLATE = "<s>[INST] {system}\n\n{user} [/INST] {assistant}</s>[INST] {user} [/INST]"
+
+
+@contextlib.contextmanager
+def _naming_model_arg(name: str, value: object, also: str = "") -> Iterator[None]:
+    """A bad `--model_args` value (`dtype=bogus`, `tokenizer=missing.model`) as a ConfigError naming it,
+    which `main` prints on one line: a ValueError or FileNotFoundError was a traceback through lm-eval."""
+    try:
+        yield
+    except MixlabError:
+        raise
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--model_args {name}={value}: {e}{also}") from e
 
 
 @register_model("mixlab")
@@ -79,11 +93,14 @@ class MixlabLM(TemplateLM):
             from mixlab.checkpoint import load_model
 
             # dtype=auto (lm-eval's `hf` convention): as the checkpoint stores it
+            with _naming_model_arg("dtype", dtype, also=", or auto (as the checkpoint stores it)"):
+                parse_dtype(None if dtype == "auto" else dtype)
             model = load_model(pretrained, dtype=None if dtype == "auto" else dtype, device=device)
         if tokenizer is None:
             tokenizer = model_tokenizer(pretrained) if pretrained is not None else load_tokenizer()
         elif isinstance(tokenizer, str):  # `--model_args tokenizer=bytes|mixtral|PATH`, as `mixlab eval --tokenizer`
-            tokenizer = load_tokenizer(tokenizer)  # (it was an AttributeError on the string)
+            with _naming_model_arg("tokenizer", tokenizer):
+                tokenizer = load_tokenizer(tokenizer)  # (it was an AttributeError on the string)
         if tokenizer.vocab_size > model.config.vocab_size:  # as `mixlab eval`; it was an IndexError in the embedding
             raise ConfigError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
                              f"vocabulary has {model.config.vocab_size}; pass the model's own (tokenizer=bytes, "
@@ -287,16 +304,21 @@ class MixlabLM(TemplateLM):
 
 def main() -> None:
     """`lm_eval`'s command line with the `mixlab` model registered. mixlab's own errors (a missing
-    checkpoint, a tokenizer larger than the model's vocabulary) are one line, as `mixlab eval`'s."""
+    checkpoint, a tokenizer larger than the model's vocabulary, a bad `--model_args` value) and an unknown
+    `--tasks` name are one line, as `mixlab eval`'s."""
     from lm_eval.__main__ import cli_evaluate
-
-    from mixlab.errors import MixlabError
 
     sys.argv[0] = "lm_eval"
     try:
         cli_evaluate()
     except MixlabError as e:  # was a traceback through lm_eval's model construction
         sys.exit(f"python -m mixlab.eval.harness: error: {e}")
+    except ValueError as e:  # lm-eval's own check of --tasks, before the model loads: a traceback too
+        if not str(e).startswith("Tasks not found: "):
+            raise
+        missing = str(e).removeprefix("Tasks not found: ")
+        sys.exit(f"python -m mixlab.eval.harness: error: --tasks: no such task: {missing} (`lm_eval ls tasks` lists "
+                 "lm-eval's; a task of your own: --include_path DIR, the folder of its YAML file)")
 
 
 if __name__ == "__main__":
