@@ -656,6 +656,10 @@ def test_harness_model_without_tokenizer_files_takes_mixtral_s(tmp_path: Path) -
     for bad in (0, "-1"):  # -1 scored nothing: loglikelihood returned []
         with pytest.raises(ValueError, match=rf"invalid batch_size={bad!r}: expected an integer >= 1"):
             MixlabLM(pretrained=str(path), device="cpu", batch_size=bad)
+    # a negative max_length failed at the first request it could not score, after the others had run
+    for name, bad in (("max_length", -5), ("max_length", "-1"), ("max_gen_toks", 0), ("max_gen_toks", -1)):
+        with pytest.raises(ValueError, match=rf"invalid {name}={bad!r}: expected an integer >= 1"):
+            MixlabLM(pretrained=str(path), device="cpu", **{name: bad})
     small = hf_mixtral(tmp_path / "small", vocab_size=259, hidden_size=32, intermediate_size=48)
     with pytest.raises(ValueError, match="has 32000 tokens but the model's vocabulary has 259; pass the model's own "
                                          r"\(tokenizer=bytes, mixtral or a tokenizer file\)"):

@@ -111,8 +111,16 @@ class MixlabLM(TemplateLM):
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if self.batch_size < 1:  # 0 failed in range(); a negative size scored nothing and returned []
             raise ConfigError(f"invalid batch_size={batch_size!r}: expected an integer >= 1 or 'auto'")
-        self._max_length = int(max_length) if max_length else model.config.max_seq_len
+        self._max_length = int(max_length or 0) or model.config.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
+        # 0 or absent is the model's length, as the `hf` model takes it; a negative one was refused only by the
+        # first request it could not score ("a continuation of 2 tokens is longer than max_length=-5"), after the
+        # others had run, and max_gen_toks=-1 by generate
+        if self._max_length < 1:
+            raise ConfigError(f"invalid max_length={max_length!r}: expected an integer >= 1 (or 0: the model's "
+                              f"{model.config.max_seq_len} positions)")
+        if self.max_gen_toks < 1:
+            raise ConfigError(f"invalid max_gen_toks={max_gen_toks!r}: expected an integer >= 1")
         self.add_bos_token = bool(add_bos_token) if not isinstance(add_bos_token, str) \
             else add_bos_token.lower() == "true"
 
