@@ -480,6 +480,30 @@ def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, capsys: pytest.Cap
     assert "note" not in got.err and json.loads(got.out)["settings"]["context"] == 64
 
 
+def test_cli_eval_json_says_what_ran_for_int4_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A GGUF file's Q4_0 matrices run as int4 without --quant: its JSON said "quant": "none", as a float
+    file's; and int4 products round activations to int8 or not (`--int4-activations`), which moves the
+    numbers while the JSON stayed the same."""
+    pytest.importorskip("gguf")
+    path = hf_mixtral(tmp_path / "mx", vocab_size=32000, hidden_size=32, intermediate_size=64,
+                      max_position_embeddings=64)
+    q4 = tmp_path / "m-q4_0.gguf"
+    assert main(["convert", str(path), str(q4), "--quant", "q4_0", "--tokenizer", "mixtral", "--quiet"]) == 0
+    data = tmp_path / "doc.txt"
+    data.write_text(TEXTS[1])
+
+    def run(*argv: str) -> dict:
+        capsys.readouterr()
+        assert main(["eval", "--data", str(data), "--dtype", "float32", "--quiet", "--json", "-", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    runs = [run("--model", str(q4)), run("--model", str(q4), "--int4-activations", "float32"),
+            run("--model", str(path)), run("--model", str(path), "--quant", "int4")]
+    assert [(r["settings"]["quant"], r["settings"]["int4_activations"]) for r in runs] == \
+        [("int4", "int8"), ("int4", "float32"), ("none", None), ("int4", "int8")]
+    assert runs[0]["overall"]["nll"] != runs[1]["overall"]["nll"]  # what the field tells apart
+
+
 def test_cli_eval_table_columns_never_run_together() -> None:
     from mixlab.cli.eval import _num
 
