@@ -26,7 +26,7 @@ def _batch_that_fits(batch_size: int, scored: int, context: int, vocab_size: int
     not fit in the free memory: the windows of one long document are batched together, and
     --batch-size 100000 on a book asked for terabytes. A window has logits for the `scored` tokens it
     predicts (the stride) alone, but a document's first scores all `context` of its tokens. Batching
-    groups windows; it changes no score."""
+    groups windows; it changes a score by float32 rounding alone."""
     from mixlab.config import format_bytes
     from mixlab.engine.runner import available_memory
 
