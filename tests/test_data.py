@@ -255,6 +255,19 @@ def test_a_prepared_dataset_as_source_is_named(tmp_path: Path) -> None:
         prepare(read_documents([tmp_path / "ds"]), tmp_path / "ds2")
 
 
+def test_a_folder_of_only_chat_transcripts_says_why_it_has_no_data(tmp_path: Path) -> None:
+    """A corpus folder holding only chat/ (the shared corpus's `chat/sft.jsonl`) said "no data files
+    found" with .jsonl files right there: chat/ is passed over as no domain, and the error now says so."""
+    (tmp_path / "c" / "chat").mkdir(parents=True)
+    (tmp_path / "c" / "chat" / "sft.jsonl").write_text('{"messages": []}\n')
+    with pytest.raises(DataError, match=r"c: no data files .* found; chat/ not read as a domain \(chat transcripts "
+                                        r"and licence texts are not running text; --domains chat reads it\)$"):
+        list(read_documents([tmp_path / "c"]))
+    (tmp_path / "d").mkdir()  # an empty folder: nothing passed over, nothing said
+    with pytest.raises(DataError, match=r"d: no data files \([^)]*\) found$"):
+        list(read_documents([tmp_path / "d"]))
+
+
 def test_domains_name_only_domains_the_sources_have(tmp_path: Path) -> None:
     """A misspelt `--domains` entry was dropped silently (`--domains code,prsoe` prepared code alone)."""
     src = _corpus(tmp_path / "src")

@@ -369,8 +369,17 @@ def discover(source: Path, *, names: Iterable[str] | None = None) -> list[tuple[
            if is_data_file(f) and not (corpus and split_of(f) is None)]  # SOURCES.md beside a corpus's domains
     out += [(f, d.name, _split_of(f)) for d in subdirs for f in _files(d)]
     if not out:
-        raise DataError(f"{source}: no data files ({', '.join(DATA_SUFFIXES)}) found{_prepared_hint(source)}")
+        raise DataError(f"{source}: no data files ({', '.join(DATA_SUFFIXES)}) found{_prepared_hint(source)}"
+                        f"{_skipped_hint(source, named)}")
     return out
+
+
+def _skipped_hint(folder: Path, named: set[str]) -> str:
+    """Which of `folder`'s subfolders `discover` passed over as no domain (`NOT_DOMAINS`) though they hold
+    data files: a corpus of only chat/ said "no data files found" with .jsonl files right there."""
+    skipped = [d for d in NOT_DOMAINS if d not in named and (folder / d).is_dir() and _files(folder / d)]
+    return (f"; {' and '.join(d + '/' for d in skipped)} not read as a domain (chat transcripts and licence texts "
+            f"are not running text; --domains {skipped[0]} reads it)" if skipped else "")
 
 
 def _not_there(path: Path) -> str:
