@@ -1117,6 +1117,23 @@ def test_connections_over_the_cap_are_refused_and_the_server_serves_on(server: s
         assert refused in httpx.get(url + "/metrics").text
 
 
+@contextmanager
+def _slow_steps(engine: Any, seconds: float) -> Iterator[None]:
+    """Each of `engine`'s steps held up `seconds`: its requests outlast what a test waits for."""
+    runner = engine.runner
+    forward = runner.forward
+
+    def slow(items: Any) -> Any:
+        time.sleep(seconds)
+        return forward(items)
+
+    runner.forward = slow  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del runner.forward  # the class's method again
+
+
 def test_disconnect_cancels_and_frees_the_slot(server: str) -> None:
     before = metric(server, "mixlab_requests_cancelled_total")
     body = {"messages": U, "max_tokens": CONTEXT - 40, "ignore_eos": True, "temperature": 0}
@@ -1130,21 +1147,11 @@ def test_disconnect_cancels_and_frees_the_slot(server: str) -> None:
     assert metric(server, "mixlab_requests_cancelled_total") == before + 1
     # not streamed: a client that times out is a disconnect too. Each step is held up 5 ms so the
     # ~470 tokens cannot finish inside the client's 0.3 s (the tiny model's native steps could).
-    runner = ENGINES[server].runner
-    forward = runner.forward
-
-    def slow(items: Any) -> Any:
-        time.sleep(0.005)
-        return forward(items)
-
-    runner.forward = slow  # type: ignore[method-assign]
-    try:
+    with _slow_steps(ENGINES[server], 0.005):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(server + CHAT, json=body, timeout=0.3)
         assert until(lambda: metric(server, "mixlab_requests_cancelled_total") == before + 2)
         assert until(lambda: metric(server, "mixlab_running_requests") == 0)
-    finally:
-        del runner.forward  # the class's method again
 
 
 def test_many_requests_some_abandoned_leave_nothing_behind(server: str) -> None:
@@ -1192,6 +1199,46 @@ def test_sigterm_drain_answers_503_with_cors_on(server: str, model_tok: tuple[An
         assert r.status_code == 503 and r.json() == {"status": "draining"}
         r = c.post(COMP, json={"prompt": "hi", "max_tokens": 1})
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_requests_left_at_the_drain_s_deadline_are_answered_not_cut_off(server: str, model_tok: tuple[Any, Any],
+                                                                         signals: int) -> None:
+    """At --drain-timeout (or at once on a second signal) uvicorn cancelled the handlers: a stream in flight
+    was cut off mid-body (no error event, no [DONE]; the client saw 'incomplete chunked read'), with a
+    traceback per stream in the log, and a second Ctrl-C did the same at once. Now what is left is ended
+    by the app: a stream gets an error event and [DONE], an unstreamed request a 503, its slot freed."""
+    model, tok = model_tok
+    engine = ENGINES[server]
+    thread = ServerThread(create_app(engine, tok, _config(model)), drain_timeout=0.5 if signals == 1 else 60)
+    body = {"messages": U, "max_tokens": CONTEXT - 40, "ignore_eos": True, "temperature": 0}
+    streams: dict[int, list[str]] = {}
+    answers: list[httpx.Response] = []
+
+    def stream(i: int) -> None:
+        with httpx.stream("POST", url + CHAT, json={**body, "stream": True}, timeout=30) as r:
+            streams[i] = [x for x in r.iter_lines() if x]
+
+    with _slow_steps(engine, 0.02), thread as url, ThreadPoolExecutor(3) as pool:
+        jobs = [pool.submit(stream, i) for i in range(2)] + [pool.submit(lambda: answers.append(
+            httpx.post(url + CHAT, json=body, timeout=30)))]
+        assert until(lambda: metric(url, "mixlab_running_requests") == 3)
+        start = time.monotonic()
+        for _ in range(signals):
+            thread.server.handle_exit(signal.SIGTERM, None)
+        thread.thread.join(20)
+        assert not thread.thread.is_alive() and time.monotonic() - start < 4  # not the steps' 9 s, nor 60
+        for job in jobs:
+            job.result()
+    for lines in streams.values():
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        error = json.loads(lines[-2][6:])["error"]
+        assert error["code"] == "shutting_down" and "--drain-timeout" in error["message"], error
+        assert len(lines) > 3  # it had streamed tokens before
+    (r,) = answers
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert r.headers["retry-after"] == "1"
+    assert until(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
 
 
 def test_an_unexpected_error_answers_500_with_openai_s_body(server: str, model_tok: tuple[Any, Any]) -> None:

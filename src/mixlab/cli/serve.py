@@ -305,7 +305,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "for previous_response_id and GET / DELETE /v1/responses/{id}; the least recently used go "
                         "first (default 1000; 0: none, the Responses API stateless)")
     e.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
+                   help="on SIGTERM, seconds in-flight requests may take to finish; then, or at a second signal, "
+                        "those left are ended, each answered with an error (default 30)")
     e.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level, on stderr (default info: a line per request too)")
     p.set_defaults(func=serve)

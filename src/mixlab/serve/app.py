@@ -363,8 +363,10 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         failed = [c for c in choices if c.finish_reason in ("error", "cancelled")]
         if failed:
             c = failed[0]
-            raise ApiError(500 if c.finish_reason == "error" else 503,
-                           f"generation failed: {c.error or c.finish_reason}", code="engine_error")
+            ended = srv.aborted and c.finish_reason == "cancelled"  # the drain's deadline passed
+            raise ApiError(500 if c.finish_reason == "error" else 503, srv.failure(c.finish_reason, c.error),
+                           code="shutting_down" if ended else "engine_error",
+                           headers={"Retry-After": str(cfg.retry_after_s)} if ended else None)
         return None
 
     def stream_over(choices: list[Choice]) -> None:
@@ -470,8 +472,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                                           "finish_reason": None}, first=c.index not in started))
                         started.add(c.index)
                     if out.finish_reason in ("error", "cancelled"):
-                        msg = f"generation failed: {out.error or out.finish_reason}"
-                        yield _sse(error_body(msg, type="server_error", code="engine_error"))
+                        ended = srv.aborted and out.finish_reason == "cancelled"  # the drain's deadline passed
+                        yield _sse(error_body(srv.failure(out.finish_reason, out.error), type="server_error",
+                                              code="shutting_down" if ended else "engine_error"))
                         yield b"data: [DONE]\n\n"
                         return
                     finish = c.finish_reason if out.finish_reason is not None else None  # max_tokens=0: "length"

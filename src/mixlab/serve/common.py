@@ -10,6 +10,7 @@ import json
 import secrets
 import string
 import time
+import weakref
 from collections.abc import Callable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -224,7 +225,10 @@ class Server:
             self.metrics.watch_store(lambda: len(store), lambda: store.nbytes)
         # responses still being made that GET answers (stored once finished): as many as the engine holds requests
         self.live: dict[str, LiveResponse] = {}
-        self.loop: asyncio.AbstractEventLoop | None = None  # the app's, once a response has been made
+        self.loop: asyncio.AbstractEventLoop | None = None  # the app's, once a request has been submitted
+        # the engine requests submitted (`submit`), for `abort`; a finished one's handle is let go
+        self.handles: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.aborted = False  # the drain's deadline passed (or a second signal came): what ran was ended
 
     async def off_loop(self, encode: Callable[..., _T], *args: Any, **kw: Any) -> _T:
         """`encode(*args, **kw)` in the encoding thread."""
@@ -301,6 +305,26 @@ class Server:
         self.draining = True
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.cancel_background)
+
+    def abort(self) -> None:
+        """The drain's deadline (`--drain-timeout`), or a second signal: every engine request still waiting or
+        running is cancelled, so that its stream ends with an error event and `[DONE]`, and an unstreamed request
+        is answered 503 (`failure`), rather than cut off when uvicorn cancels the handlers. On the event loop."""
+        self.draining = self.aborted = True
+        for handle in list(self.handles):
+            handle.cancel()
+
+    def abort_soon(self) -> None:
+        """`abort`, from a signal handler or another thread."""
+        self.draining = True
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.abort)
+
+    def failure(self, reason: str | None, error: str | None) -> str:
+        """What a request that ended with `reason` "error" or "cancelled" says: a server shutting down says so."""
+        if self.aborted and reason == "cancelled":
+            return "the server is shutting down: the request did not finish within its drain (--drain-timeout)"
+        return f"generation failed: {error or reason}"
 
     def cancel_background(self) -> None:
         for live in list(self.live.values()):
@@ -482,6 +506,11 @@ class Server:
                            code="engine_unavailable") from None
         for ids in prompts[::n]:  # a prompt counts once however many choices it has, as in `usage`
             self.metrics.prompt_tokens.inc(len(ids))
+        self.loop = asyncio.get_running_loop()
+        self.handles.update(handles)
+        if self.aborted:  # submitted after the drain's deadline (its prompt was being encoded)
+            for h in handles:
+                h.cancel()
         return handles
 
 

@@ -118,7 +118,7 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
                      "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": u["total_tokens"]}
             live.final = {**live.head, "status": status,
-                          "error": {"code": "server_error", "message": f"generation failed: {c.error or reason}"}
+                          "error": {"code": "server_error", "message": srv.failure(reason, c.error)}
                           if status == "failed" else None,
                           "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                           "output": output, "usage": usage,

@@ -2,9 +2,11 @@
 request's headers (`_H11`; the app's `ServerConfig.read_timeout_s`).
 
 On the first signal the server stops accepting connections and answers new requests on open
-connections with 503, lets in-flight requests finish for up to `drain_timeout` seconds, then
-cancels what is left (which cancels their engine requests); `run_server` then returns normally, so
-`mixlab serve` exits 0. `ServerThread` runs an app in a background thread (tests, notebooks).
+connections with 503, lets in-flight requests finish for up to `drain_timeout` seconds, then ends
+what is left (`Server.abort`: their engine requests cancelled, a stream closed with an error event
+and `[DONE]`, an unstreamed request answered 503), as a second signal does at once; `run_server`
+then returns normally, so `mixlab serve` exits 0. `ServerThread` runs an app in a background thread
+(tests, notebooks).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import math
 import signal
 import socket
 import threading
@@ -25,12 +28,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["ServerThread", "run_server"]
 
+_GRACE = 5.0  # seconds after the drain's deadline for the requests then ended to send their answers
+
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: Any, on_start: Callable[[int], None] | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, app: Any, on_start: Callable[[int], None] | None = None,
+                 drain_timeout: float = 30.0) -> None:
         super().__init__(config)
         self._app = app
         self._on_start = on_start
+        self._drain_timeout = drain_timeout
         srv = getattr(getattr(app, "state", None), "server", None)
         if srv is not None:  # the app's connection cap (ServerConfig.max_connections) counts these
             srv.connections = self.server_state.connections
@@ -40,8 +47,26 @@ class _Server(uvicorn.Server):
         if self.started and self._on_start is not None:  # the port bound (--port 0: the one the system chose)
             self._on_start(self.servers[0].sockets[0].getsockname()[1])
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # At the drain's deadline, what is still running is ended by the app (`Server.abort`), so that each client
+        # gets an answer: uvicorn's own deadline, a grace period later, cancels the handlers' tasks, which cut a
+        # stream off mid-body (no error event, no [DONE]; a traceback per stream in the log)
+        srv = getattr(getattr(self._app, "state", None), "server", None)
+        timer = asyncio.get_running_loop().call_later(self._drain_timeout, srv.abort) if srv is not None else None
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         srv = getattr(getattr(self._app, "state", None), "server", None)
+        if srv is not None and self.should_exit and not srv.aborted:
+            # a second signal ends the drain now, each request answered, not cut off (uvicorn's second Ctrl-C
+            # stopped waiting for them: the streams were cut mid-body); a third Ctrl-C forces the exit
+            srv.abort_soon()
+            self._captured_signals.append(sig)
+            return
         if srv is not None:
             srv.drain()  # requests arriving on open connections now get 503; background responses are cancelled
         super().handle_exit(sig, frame)
@@ -107,15 +132,16 @@ def _config(app: Any, host: str, port: int, drain_timeout: float, log_level: str
     # stderr with the server's other lines (uvicorn writes it to stdout)
     logs = copy.deepcopy(LOGGING_CONFIG)
     logs["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    # uvicorn's deadline comes _GRACE s after the app's (`_Server.shutdown`): time for the ended requests' answers
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", http=http,
-                          timeout_graceful_shutdown=max(1, round(drain_timeout)), log_config=logs)
+                          timeout_graceful_shutdown=math.ceil(drain_timeout + _GRACE), log_config=logs)
 
 
 def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
                log_level: str = "info", on_start: Callable[[int], None] | None = None) -> None:
     """Serve `app` until SIGTERM/SIGINT, then drain (see the module docstring). `on_start(port)` is
     called once the server listens, with the port it bound."""
-    server = _Server(_config(app, host, port, drain_timeout, log_level), app, on_start)
+    server = _Server(_config(app, host, port, drain_timeout, log_level), app, on_start, drain_timeout)
     main = threading.current_thread() is threading.main_thread()
     # uvicorn re-raises a captured signal after its shutdown, under the handlers installed before it
     # started: make those no-ops so that a drained SIGTERM ends in a normal return (exit status 0).
@@ -142,7 +168,7 @@ class ServerThread:
 
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, drain_timeout: float = 5.0,
                  log_level: str = "warning") -> None:
-        self.server = _Server(_config(app, host, port, drain_timeout, log_level), app)
+        self.server = _Server(_config(app, host, port, drain_timeout, log_level), app, drain_timeout=drain_timeout)
         self.thread = threading.Thread(target=self.server.run, name="mixlab-serve", daemon=True)
         self.host = host
 
