@@ -1503,6 +1503,26 @@ def test_serve_batch_invariant_flag(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
     assert code == 2 and "--batch-invariant does not combine with --quant int8: its steps run the native" in err
 
 
+def test_serve_s_startup_line_says_the_weights_it_serves(ckpt: Path, model_tok: tuple[Any, Any], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The line that says where the server listens said the model's name alone: not what it loaded nor in
+    which dtype or quantisation; and a Q4_0 GGUF's int4 matrices were reported as quant "none" (/v1/models)."""
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--quant", "int8")
+    assert code == 0 and f"mixlab serve: {ckpt.name} (float32, int8 matrices, from {ckpt}) on http://" in err, err
+    assert srv.cfg.model_info["quant"] == "int8"
+    srv.engine.shutdown()
+    from mixlab.checkpoint.gguf import write_gguf
+
+    gguf = tmp_path / "m-q4_0.gguf"
+    with pytest.warns(UserWarning, match="stored as f16"):  # the tiny model's 48-wide w2: f16, the rest Q4_0
+        write_gguf(model_tok[0], gguf, quant="q4_0")
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(gguf))
+    assert code == 0 and f"mixlab serve: m-q4_0.gguf (float32, int4 matrices, from {gguf}) on http://" in err, err
+    assert srv.cfg.model_info == {**srv.cfg.model_info, "quant": "int4", "dtype": "float32"}
+    srv.engine.shutdown()
+
+
 def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, model_tok: tuple[Any, Any],
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,6 +20,7 @@ from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
 from mixlab.errors import CheckpointError, UsageError
 from mixlab.model.formats import expert_cache
+from mixlab.model.inference import inference_format
 
 if TYPE_CHECKING:
     from mixlab.checkpoint.adapter import Adapter
@@ -144,9 +145,13 @@ def serve(args: argparse.Namespace) -> int:
     runner = getattr(engine, "runner", None)
     context = int(getattr(engine, "max_len", None) or getattr(runner, "max_len", None) or model.config.max_seq_len)
     moe = model.config.moe
+    # the matrices as loaded: a Q4_0 GGUF's are int4 without --quant (/v1/models said "none")
+    kind = inference_format(model)
+    quant = kind if kind in ("int8", "int4") else args.quant
+    dtype = dtype_name(model.tok_embeddings.weight.dtype)
     info = {"layers": model.config.n_layers, "experts": moe.num_experts if moe else 0,
             "experts_per_token": moe.top_k if moe else 0, "vocab_size": model.config.vocab_size,
-            "dtype": dtype_name(model.tok_embeddings.weight.dtype), "quant": args.quant}
+            "dtype": dtype, "quant": quant}
     # on a loopback address only IP addresses and localhost by default (DNS rebinding, docs/serving.md);
     # on another, any name (the machine's names and a proxy's cannot be told from the address)
     hosts = args.allowed_hosts if args.allowed_hosts is not None else ([] if loopback else ["*"])
@@ -180,8 +185,9 @@ def serve(args: argparse.Namespace) -> int:
     where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL is bracketed
 
     def listening(port: int) -> None:  # once bound: --port 0 says the port the system chose
-        print(f"mixlab serve: {name} on http://{where}:{port} (chat page at /, API under /v1)", file=sys.stderr,
-              flush=True)
+        weights = dtype if quant == "none" else f"{dtype}, {quant} matrices"
+        print(f"mixlab serve: {name} ({weights}, from {args.model}) on http://{where}:{port} (chat page at /, API "
+              "under /v1)", file=sys.stderr, flush=True)
 
     try:
         run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level,
