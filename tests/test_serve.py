@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -1737,16 +1738,36 @@ def test_lm_eval_local_chat_completions(server: str, client: Any, tasks: Path) -
     assert "exact_match,none" in res["results"]["mx_gen"]
 
 
+@contextmanager
+def _server_log() -> Iterator[list[logging.LogRecord]]:
+    """The records of the server's own logger ("mixlab.serve": what the access log cannot show)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("mixlab.serve")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_error_mid_stream_sends_an_error_event_then_done(model_tok: tuple[Any, Any]) -> None:
+    """... and says it in the server's log: the access log had said 200 as the stream began, and nothing
+    else was logged (an operator saw a success)."""
     model, tok = model_tok
     engine = Engine(model, tok, max_batch=2).start()
-    with ServerThread(create_app(engine, tok, _config(model))) as url:
+    with ServerThread(create_app(engine, tok, _config(model))) as url, _server_log() as records:
         body = {"messages": U, "max_tokens": CONTEXT - 40, "ignore_eos": True, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + CHAT, json=body, timeout=30) as resp:
             lines = (x for x in resp.iter_lines() if x)
             next(lines), next(lines)
             engine.shutdown()  # the engine fails its running requests
             rest = list(lines)
+        rid = json.loads(rest[0][6:])["id"]
+        (record,) = records
+        assert record.levelno == logging.WARNING and rid in record.getMessage(), record.getMessage()
+        assert "/v1/chat/completions" in record.getMessage() and "the engine shut down" in record.getMessage()
         # a request after that: OpenAI's error body, 503 (it was a plain-text 500 and a traceback)
         late = httpx.post(url + COMP, json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         health = httpx.get(url + "/health", timeout=30)  # it said 200 "ok"
@@ -1756,6 +1777,24 @@ def test_error_mid_stream_sends_an_error_event_then_done(model_tok: tuple[Any, A
     assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unavailable"
     assert health.status_code == 503 and health.json() == {"status": "engine stopped"}
     assert "shut down" in late.json()["error"]["message"]
+
+
+def test_a_bug_mid_stream_is_logged_with_its_traceback(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of the server's after a stream began was answered in-band (an error event, [DONE]) and never
+    logged: the traceback was lost, and the access log said 200."""
+    from mixlab.serve.common import Choice
+
+    def broken(*a: Any, **kw: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Choice, "take", broken)
+    with _server_log() as records:
+        r = httpx.post(server + COMP, json={"prompt": "hi", "max_tokens": 3, "stream": True}, timeout=30)
+    lines = [x for x in r.text.splitlines() if x]
+    assert lines[-1] == "data: [DONE]" and "internal error: RuntimeError: a bug" in lines[-2]
+    (record,) = records
+    assert record.levelno == logging.ERROR and "/v1/completions" in record.getMessage()
+    assert record.exc_info is not None and str(record.exc_info[1]) == "a bug"
 
 
 def test_the_page_is_self_contained_and_not_framable(server: str) -> None:

@@ -48,6 +48,7 @@ from mixlab.serve.common import (
     Server,
     ServerConfig,
     chat_lp,
+    log,
     token_name,
     token_piece,
     usage_of,
@@ -473,8 +474,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         started.add(c.index)
                     if out.finish_reason in ("error", "cancelled"):
                         ended = srv.aborted and out.finish_reason == "cancelled"  # the drain's deadline passed
-                        yield _sse(error_body(srv.failure(out.finish_reason, out.error), type="server_error",
-                                              code="shutting_down" if ended else "engine_error"))
+                        msg = srv.failure(out.finish_reason, out.error)
+                        # the access log said 200 as the stream began: the error is said here
+                        log.warning("%s %s: the stream ended with an error: %s", request.url.path, rid, msg)
+                        yield _sse(error_body(msg, type="server_error", code="shutting_down" if ended else
+                                              "engine_error"))
                         yield b"data: [DONE]\n\n"
                         return
                     finish = c.finish_reason if out.finish_reason is not None else None  # max_tokens=0: "length"
@@ -523,7 +527,8 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                 yield b"data: [DONE]\n\n"
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
+            except Exception as e:  # noqa: BLE001 (the stream has started: report in-band, and log the traceback)
+                log.exception("%s %s: the stream ended with an internal error", request.url.path, rid)
                 yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
                 yield b"data: [DONE]\n\n"
             finally:  # a client that disconnects lands here too

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import secrets
 import string
 import time
@@ -32,6 +33,8 @@ from mixlab.serve.store import Item, ResponseStore, Stored
 from mixlab.tokenizer import ChatError, Tokenizer
 
 _T = TypeVar("_T")
+# what the access log cannot show (an error after a stream's 200); server._config sends it to stderr beside uvicorn's
+log = logging.getLogger("mixlab.serve")
 
 
 class EngineLike(Protocol):

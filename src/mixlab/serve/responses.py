@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mixlab.engine import RequestOutput
-from mixlab.serve.common import Choice, Server, chat_lp, usage_of
+from mixlab.serve.common import Choice, Server, chat_lp, log, usage_of
 from mixlab.serve.protocol import ApiError, ChatMessage, ResponsesRequest, not_supported
 from mixlab.serve.store import Item, Stored
 from mixlab.tokenizer import tool_call_id_ok
@@ -91,6 +91,8 @@ def add_responses_routes(app: FastAPI, srv: Server, *, post: Callable[[str], Cal
             reason, calls = c.finish_reason, c.tool_calls(live.tool_token, parallel=body.parallel_tool_calls)
             status = ("incomplete" if reason == "length" else "failed" if reason == "error" else
                       ("cancelled" if body.background else "failed") if reason == "cancelled" else "completed")
+            if reason == "error" or (srv.aborted and reason == "cancelled"):  # (a client that left: not logged)
+                log.warning("/v1/responses %s: the response failed: %s", rid, srv.failure(reason, c.error))
             if calls is not None and status == "incomplete":  # its list of calls closed, and parses: they are made
                 status = "completed"
             if calls is not None:  # OpenAI's function_call items, the chat path's calls (their ids too)
@@ -397,7 +399,8 @@ async def _follow(live: _Live, first: int, *, owned: bool) -> AsyncIterator[byte
             await changed.wait()
     except asyncio.CancelledError:
         raise
-    except Exception as e:  # noqa: BLE001 (the stream has started: report in-band)
+    except Exception as e:  # noqa: BLE001 (the stream has started: report in-band, and log the traceback)
+        log.exception("/v1/responses %s: the stream ended with an internal error", live.head["id"])
         yield _event("error", sent, code="internal_error", param=None,
                      message=f"internal error: {type(e).__name__}: {e}")
     finally:  # a client that disconnects lands here too
