@@ -1048,6 +1048,10 @@ def test_auth_body_limit_queue_full_and_cors(model_tok: tuple[Any, Any]) -> None
         r = httpx.options(url + CHAT, headers={"Origin": "http://allowed.example", "Access-Control-Request-Method":
                                                "POST", "Access-Control-Request-Headers": stainless})
         assert r.status_code == 200 and r.headers["access-control-allow-headers"] == stainless, r.text
+        # client.responses.delete from a page: its preflight was refused ("Disallowed CORS method")
+        r = httpx.options(url + "/v1/responses/resp_1", headers={"Origin": "http://allowed.example",
+                                                                 "Access-Control-Request-Method": "DELETE"})
+        assert r.status_code == 200 and "DELETE" in r.headers["access-control-allow-methods"], r.text
         r = httpx.get(url + "/v1/models", headers={**auth, "Origin": "http://allowed.example"})
         assert r.headers["access-control-expose-headers"].lower() == "x-request-id"  # its page can read the id
         # openai's client sends the key as a bearer token

@@ -698,9 +698,11 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         from starlette.middleware.cors import CORSMiddleware
 
         # any request header: the openai JavaScript client sends its X-Stainless-* ones, and a preflight
-        # that refused them kept browsers from every request (the origins are the operator's to trust)
+        # that refused them kept browsers from every request (the origins are the operator's to trust); every
+        # method the API has (DELETE /v1/responses/{id}'s preflight was refused: client.responses.delete)
         cors: Any = CORSMiddleware(guarded, allow_origins=cfg.cors_origins,  # type: ignore[arg-type]
-                                   allow_methods=["GET", "POST"], allow_headers=["*"], expose_headers=["X-Request-Id"])
+                                   allow_methods=["GET", "HEAD", "POST", "DELETE"], allow_headers=["*"],
+                                   expose_headers=["X-Request-Id"])
         cors.state = app.state  # the drain on SIGTERM finds the server there (and tests do)
         return cors
     return guarded  # type: ignore[return-value]
