@@ -1744,11 +1744,11 @@ def test_lm_eval_local_chat_completions(server: str, client: Any, tasks: Path) -
 
 @contextmanager
 def _server_log() -> Iterator[list[logging.LogRecord]]:
-    """The records of the server's own logger ("mixlab.serve": what the access log cannot show)."""
+    """The records of mixlab's loggers ("mixlab.serve": what the access log cannot show; "mixlab.engine")."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("mixlab.serve")
+    logger = logging.getLogger("mixlab")  # mixlab.serve's and mixlab.engine's
     logger.addHandler(handler)
     try:
         yield records
@@ -1799,6 +1799,32 @@ def test_a_bug_mid_stream_is_logged_with_its_traceback(server: str, monkeypatch:
     (record,) = records
     assert record.levelno == logging.ERROR and "/v1/completions" in record.getMessage()
     assert record.exc_info is not None and str(record.exc_info[1]) == "a bug"
+
+
+def test_a_failed_engine_step_is_logged_with_its_traceback(server: str) -> None:
+    """A step that raised failed its requests (a 500 naming the exception) and the engine went on, but its
+    traceback was dropped and nothing but the access log's '500' was logged."""
+    runner = ENGINES[server].runner
+    forward = runner.forward
+    calls = iter(range(10**9))
+
+    def broken(items: Any) -> Any:
+        if next(calls) == 0:
+            raise RuntimeError("a broken step")
+        return forward(items)
+
+    runner.forward = broken  # type: ignore[method-assign]
+    try:
+        with _server_log() as records:
+            r = httpx.post(server + COMP, json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+            assert r.status_code == 500 and "RuntimeError: a broken step" in r.json()["error"]["message"], r.text
+            assert httpx.post(server + COMP, json={"prompt": "hi", "max_tokens": 3}, timeout=30).status_code == 200
+    finally:
+        del runner.forward  # the class's method again
+    step, request = records
+    assert step.name == "mixlab.engine" and step.exc_info is not None and str(step.exc_info[1]) == "a broken step"
+    assert request.name == "mixlab.serve" and request.levelno == logging.WARNING
+    assert "/v1/completions cmpl-" in request.getMessage() and "a broken step" in request.getMessage()
 
 
 def test_the_page_is_self_contained_and_not_framable(server: str) -> None:

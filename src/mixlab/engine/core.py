@@ -27,6 +27,7 @@ whose arithmetic for a row does not depend on the other rows (`mx_batch.invarian
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import operator
 import threading
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine"]
 
+_log = logging.getLogger("mixlab.engine")
 PREFILL_CHUNK = 128  # the longest piece of one prompt per step, by default (see `Engine`)
 # A request waits to be admitted while a running prompt that shares at least this many of its first
 # tokens is still prefilling them: it then copies those keys and values instead of computing them.
@@ -401,6 +403,8 @@ class Engine:
             try:
                 worked = self.step()
             except Exception:  # noqa: BLE001 (a broken step fails its requests, not the engine)
+                # its requests end with "error" and its message; the traceback is the operator's (`mixlab serve`'s log)
+                _log.exception("an engine step failed: its requests end with finish_reason \"error\"")
                 worked = True
             if not worked:
                 self._wake.wait(0.05)

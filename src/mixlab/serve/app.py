@@ -341,6 +341,9 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         srv.metrics.in_progress += 1
         try:
             return await settle(request, choices, asyncio.ensure_future(collect()))
+        except ApiError as e:  # the engine failed a choice: the access log has the status, this line why
+            log.warning("%s %s: the request failed: %s", request.url.path, choices[0].handle.request_id, e)
+            raise
         finally:
             srv.metrics.in_progress -= 1
 

@@ -132,8 +132,9 @@ def _config(app: Any, host: str, port: int, drain_timeout: float, log_level: str
     # stderr with the server's other lines (uvicorn writes it to stdout)
     logs = copy.deepcopy(LOGGING_CONFIG)
     logs["handlers"]["access"]["stream"] = "ext://sys.stderr"
-    # the app's own lines (an error after a stream's 200, `app.log`), formatted as uvicorn's
-    logs["loggers"]["mixlab.serve"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    # mixlab's own lines ("mixlab.serve": what the access log cannot show; "mixlab.engine": a failed step's
+    # traceback), formatted as uvicorn's
+    logs["loggers"]["mixlab"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     # uvicorn's deadline comes _GRACE s after the app's (`_Server.shutdown`): time for the ended requests' answers
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", http=http,
                           timeout_graceful_shutdown=math.ceil(drain_timeout + _GRACE), log_config=logs)
