@@ -1287,6 +1287,11 @@ def test_an_api_key_no_client_can_send_is_refused(ckpt: Path, monkeypatch: pytes
     assert code == 0 and srv.cfg.api_key == "from-env"
     code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--api-key", "flag")
     assert code == 0 and srv.cfg.api_key == "flag"
+    # a key file's newline kept in the environment: the error named --api-key, which had not been given
+    monkeypatch.setenv("MIXLAB_API_KEY", "from-file\n")
+    code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt))
+    assert code == 2 and srv is None and "error: $MIXLAB_API_KEY (the environment's key; --api-key not given) has a " \
+        "space or a character that is not printable ASCII" in err, err
     monkeypatch.setenv("MIXLAB_API_KEY", "")  # set but empty: no key, as unset
     code, srv, _ = _serve_cli(monkeypatch, capsys, "--model", str(ckpt))
     assert code == 0 and srv.cfg.api_key is None

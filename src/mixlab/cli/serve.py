@@ -97,8 +97,13 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"serving needs the serve extra: pip install 'mixlab[serve]' ({e})") from None
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
-    if args.api_key is not None and (why := api_key_problem(args.api_key)):
-        raise UsageError(f"--api-key {why}")
+    if args.api_key is None:  # read here, so that a bad one is named where it came from
+        args.api_key = os.environ.get("MIXLAB_API_KEY") or None
+        where = "$MIXLAB_API_KEY (the environment's key; --api-key not given)"
+    else:
+        where = "--api-key"
+    if args.api_key is not None and (why := api_key_problem(args.api_key)):  # a key file's newline, say
+        raise UsageError(f"{where} {why}")
     if not 0 < args.read_timeout < math.inf:
         raise UsageError(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
     if not 0 <= args.drain_timeout < math.inf:
@@ -256,7 +261,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "tokenizer.json or a folder holding one (default: the model's, else mixtral)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default 8000; 0: a free port, named in the startup line)")
-    p.add_argument("--api-key", default=os.environ.get("MIXLAB_API_KEY") or None,
+    p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize and /tokenizer_info "
                         "(default: $MIXLAB_API_KEY, which other users cannot read in the process list as they can "
                         "the command line)")
