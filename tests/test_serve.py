@@ -1768,14 +1768,15 @@ def test_error_mid_stream_sends_an_error_event_then_done(model_tok: tuple[Any, A
     engine = Engine(model, tok, max_batch=2).start()
     with ServerThread(create_app(engine, tok, _config(model))) as url, _server_log() as records:
         body = {"messages": U, "max_tokens": CONTEXT - 40, "ignore_eos": True, "temperature": 0, "stream": True}
-        with httpx.stream("POST", url + CHAT, json=body, timeout=30) as resp:
+        with httpx.stream("POST", url + CHAT, json=body, timeout=30, headers={"X-Request-Id": "proxy-7"}) as resp:
             lines = (x for x in resp.iter_lines() if x)
-            next(lines), next(lines)
+            first, _ = next(lines), next(lines)
             engine.shutdown()  # the engine fails its running requests
             rest = list(lines)
-        rid = json.loads(rest[0][6:])["id"]
+        rid = json.loads(first[6:])["id"]
         (record,) = records
-        assert record.levelno == logging.WARNING and rid in record.getMessage(), record.getMessage()
+        assert record.levelno == logging.WARNING and f"{rid} (X-Request-Id proxy-7)" in record.getMessage(), \
+            record.getMessage()
         assert "/v1/chat/completions" in record.getMessage() and "the engine shut down" in record.getMessage()
         # a request after that: OpenAI's error body, 503 (it was a plain-text 500 and a traceback)
         late = httpx.post(url + COMP, json={"prompt": "hi", "max_tokens": 2}, timeout=30)
@@ -1826,10 +1827,11 @@ def test_a_failed_engine_step_is_logged_with_its_traceback(server: str) -> None:
             assert httpx.post(server + COMP, json={"prompt": "hi", "max_tokens": 3}, timeout=30).status_code == 200
     finally:
         del runner.forward  # the class's method again
-    step, request = records
+    (step,), (request,) = ([r for r in records if r.name == name] for name in ("mixlab.engine", "mixlab.serve"))
     assert step.name == "mixlab.engine" and step.exc_info is not None and str(step.exc_info[1]) == "a broken step"
     assert request.name == "mixlab.serve" and request.levelno == logging.WARNING
-    assert "/v1/completions cmpl-" in request.getMessage() and "a broken step" in request.getMessage()
+    assert re.search(r"/v1/completions cmpl-\S+ \(X-Request-Id req-[0-9a-f]{32}\)", request.getMessage())
+    assert "a broken step" in request.getMessage()
 
 
 def test_the_page_is_self_contained_and_not_framable(server: str) -> None:

@@ -257,6 +257,12 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+def _who(request: Request, rid: str) -> str:
+    """A request as the log names it: its path, its response's id, and the X-Request-Id it was answered with
+    (the one it sent, else the Guard's: what a proxy's log and the openai client's `_request_id` show)."""
+    return f"{request.url.path} {rid} (X-Request-Id {request.scope.get('state', {}).get('request_id')})"
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -342,7 +348,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
         try:
             return await settle(request, choices, asyncio.ensure_future(collect()))
         except ApiError as e:  # the engine failed a choice: the access log has the status, this line why
-            log.warning("%s %s: the request failed: %s", request.url.path, choices[0].handle.request_id, e)
+            log.warning("%s: the request failed: %s", _who(request, choices[0].handle.request_id), e)
             raise
         finally:
             srv.metrics.in_progress -= 1
@@ -479,7 +485,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
                         ended = srv.aborted and out.finish_reason == "cancelled"  # the drain's deadline passed
                         msg = srv.failure(out.finish_reason, out.error)
                         # the access log said 200 as the stream began: the error is said here
-                        log.warning("%s %s: the stream ended with an error: %s", request.url.path, rid, msg)
+                        log.warning("%s: the stream ended with an error: %s", _who(request, rid), msg)
                         yield _sse(error_body(msg, type="server_error", code="shutting_down" if ended else
                                               "engine_error"))
                         yield b"data: [DONE]\n\n"
@@ -531,7 +537,7 @@ def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServerConfig | 
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 (the stream has started: report in-band, and log the traceback)
-                log.exception("%s %s: the stream ended with an internal error", request.url.path, rid)
+                log.exception("%s: the stream ended with an internal error", _who(request, rid))
                 yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
                 yield b"data: [DONE]\n\n"
             finally:  # a client that disconnects lands here too

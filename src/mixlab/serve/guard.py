@@ -71,6 +71,8 @@ class Guard:
         headers = dict(scope.get("headers", []))
         given = headers.get(b"x-request-id", b"")[:256]
         request_id = given if given.isascii() and given.strip() else f"req-{uuid.uuid4().hex}".encode()
+        # for the app's log lines (`common.log`), which a proxy's log or a client's report can then be matched with
+        scope = {**scope, "state": {**scope.get("state", {}), "request_id": request_id.decode()}}
 
         async def counting_send(msg: Any) -> None:
             if msg["type"] == "http.response.start":
