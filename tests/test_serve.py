@@ -743,6 +743,61 @@ def test_models_health_tokenize_metrics(server: str, model_tok: tuple[Any, Any])
 
 
 
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics parsed as Prometheus parses it, each sample by (name, labels), its families held to the naming
+    conventions: a counter's samples end in _total (or _created), a histogram has its +Inf bucket, _sum, _count."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        assert fam.name.startswith("mixlab_"), fam.name
+        names = {x.name for x in fam.samples}
+        if fam.type == "counter":
+            assert names <= {fam.name + "_total", fam.name + "_created"}, (fam.name, names)
+        if fam.type == "histogram" and fam.samples:
+            assert {fam.name + "_sum", fam.name + "_count"} <= names and fam.name.endswith("_seconds"), fam.name
+            assert any(x.labels.get("le") == "+Inf" for x in fam.samples), fam.name
+        out.update({(x.name, tuple(sorted(x.labels.items()))): x.value for x in fam.samples})
+    return out
+
+
+def test_metrics_after_a_known_traffic(server: str, client: Any) -> None:
+    """An operator's check of /metrics: after 2 completions, a chat and a stream its client closed, every counter
+    moved by what was sent and answered, and the gauges are back at 0."""
+    before = _scrape(server)
+    usage = [client.completions.create(model=NAME, prompt=[1, 5, 6, 7], max_tokens=4,
+                                       extra_body={"ignore_eos": True}).usage for _ in range(2)]
+    usage.append(client.chat.completions.create(model=NAME, messages=U, max_tokens=3,
+                                                extra_body={"ignore_eos": True}).usage)
+    with _slow_steps(ENGINES[server], 0.02):
+        stream = client.chat.completions.create(model=NAME, messages=U, max_tokens=400, stream=True,
+                                                extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        next(chunks), next(chunks), next(chunks)  # the role's chunk, then 2 tokens
+        stream.response.close()
+        gauges = ("mixlab_running_requests", "mixlab_queue_depth", "mixlab_http_requests_in_progress",
+                  "mixlab_kv_cache_used_bytes")
+        assert until(lambda: all(_scrape(server)[(g, ())] == 0 for g in gauges))
+    after = _scrape(server)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert moved("mixlab_requests_total", endpoint="/v1/completions", status="200") == 2
+    assert moved("mixlab_requests_total", endpoint="/v1/chat/completions", status="200") == 2
+    assert moved("mixlab_requests_cancelled_total") == 1
+    stream_prompt = len(httpx.post(server + "/tokenize", json={"messages": U}).json()["tokens"])
+    assert moved("mixlab_prompt_tokens_total") == sum(u.prompt_tokens for u in usage) + stream_prompt
+    answered = sum(u.completion_tokens for u in usage)
+    assert answered == 11
+    generated = moved("mixlab_generation_tokens_total")
+    assert answered + 2 <= generated < answered + 400  # the closed stream's: at least the 2 it read
+    assert moved("mixlab_time_to_first_token_seconds_count") == 4
+    assert moved("mixlab_inter_token_latency_seconds_count") == generated - 4
+    assert moved("mixlab_time_to_first_token_seconds_bucket", le="+Inf") == 4
+
+
 def test_text_parts_are_joined_as_mistral_common_joins_them() -> None:
     # parts were joined with nothing: [a, b] was "[INST] ab [/INST]", mistral-common's "[INST] a\n\nb [/INST]"
     from mistral_common.protocol.instruct.request import ChatCompletionRequest as Reference
