@@ -1179,3 +1179,20 @@ def test_handle_state_tells_waiting_from_prefilling_from_decoding(tiny):
     assert (a.state, b.state) == ("finished", "decoding")
     eng.run_until_idle()
     assert b.state == "finished" and [o.finish_reason for o in a][-1] == "length"
+
+
+def test_cancelling_the_task_reading_aiter_cancels_the_request(tiny):
+    """A task awaiting `aiter()` that is cancelled (here by `asyncio.wait_for`'s timeout) cancels its
+    request, as vLLM's AsyncLLM.generate aborts it: the request decoded on to max_tokens, unread."""
+    eng = Engine(tiny)  # not started: nothing runs until the test steps it
+    h = eng.submit([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True))
+
+    async def main() -> None:
+        async def read() -> list:
+            return [o async for o in h.aiter()]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(read(), 0.05)
+
+    asyncio.run(main())
+    eng.run_until_idle()
+    assert "cancelled" in repr(h) and eng.stats()["tokens_out"] == 0

@@ -393,7 +393,8 @@ class Handle:
             yield item
 
     async def aiter(self) -> AsyncIterator[RequestOutput]:
-        """The outputs in an event loop: `async for out in handle.aiter()` (no thread blocks)."""
+        """The outputs in an event loop: `async for out in handle.aiter()` (no thread blocks). Cancelling
+        the task that awaits it cancels the request (breaking out of the loop does not)."""
         with self._lock:
             if self._aq is None:
                 self._box = _mailbox(asyncio.get_running_loop())
@@ -403,15 +404,22 @@ class Handle:
         assert self._aq is not None
         warned = self._stalled is None
         while not self.finished:  # every output read already: nothing more will come (it waited forever)
-            if warned or not self._aq.empty():
-                item = await self._aq.get()
-            else:
-                try:
-                    async with asyncio.timeout(STALL_WARNING_S):
-                        item = await self._aq.get()
-                except TimeoutError:
-                    warned = self._warn_if_stalled()
-                    continue
+            try:
+                if warned or not self._aq.empty():
+                    item = await self._aq.get()
+                else:
+                    try:
+                        async with asyncio.timeout(STALL_WARNING_S):
+                            item = await self._aq.get()
+                    except TimeoutError:
+                        warned = self._warn_if_stalled()
+                        continue
+            except asyncio.CancelledError:
+                # The task reading it was cancelled (asyncio.wait_for's timeout, a TaskGroup, a client gone):
+                # the request stops too, as vLLM's AsyncLLM.generate aborts its request; it decoded on to
+                # max_tokens in a batch slot nobody read.
+                self.cancel()
+                raise
             if item is _DONE:
                 self.finished = True
                 return
