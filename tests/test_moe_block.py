@@ -103,6 +103,9 @@ def test_forward_returns_logits_and_forward_output_the_rest() -> None:
     ((torch.tensor([[1, 2, 3]]), torch.tensor([0, 1, 2])), "positions_BT"),
     ((torch.tensor([[1, 256, 3]]),), r"token ids must be in \[0, 256\).*span \[1, 256\]"),  # "index out of range"
     ((torch.tensor([[-1, 2]]),), r"token ids must be in \[0, 256\).*span \[-1, 2\]"),
+    # another device (meta stands for a GPU here): torch's "Expected all tensors to be on the same device"
+    ((torch.tensor([[1, 2]], device="meta"),), r"^tokens is on meta but the model's weights are on cpu.*\.to\('cpu'\)"),
+    ((torch.tensor([[1, 2]]), torch.tensor([[0, 1]], device="meta")), r"^positions_BT is on meta .*positions\.to"),
 ])
 def test_forward_names_a_bad_argument(args: tuple, match: str) -> None:
     model = _model()

@@ -270,6 +270,11 @@ class Transformer(nn.Module):
         (`cache.pos_BC` gives their positions). Computed apart from the pass itself, which is unchanged.
         """
         _check_inputs(tokens_BT, positions_BT, segments_BT)
+        device = self.tok_embeddings.weight.device
+        for name, t in (("tokens", tokens_BT), ("positions_BT", positions_BT), ("segments_BT", segments_BT)):
+            if t is not None and t.device != device:  # else torch's "Expected all tensors to be on the same device"
+                raise ValueError(f"{name} is on {t.device} but the model's weights are on {device}: move it there "
+                                 f"({name.removesuffix('_BT')}.to({str(device)!r}))")
         B, T = tokens_BT.shape
         if cache is not None and cache.batch_size != B:  # else a reshape fails deep in attention
             raise ValueError(f"the cache holds {cache.batch_size} sequences but the tokens are {B} "
