@@ -142,3 +142,7 @@ def test_a_preset_name_with_a_typo_names_the_nearest():
         get_preset("tiny-mo")
     with pytest.raises(ConfigError, match=r"^unknown preset 'gpt2'; known presets"):
         get_preset("gpt2")
+    # not a name: difflib's "'int' object is not iterable", a list's "unhashable type: 'list'"
+    for bad in (3, ["tiny-moe"], None):
+        with pytest.raises(TypeError, match=rf"^get_preset takes a preset name \(str\), not {type(bad).__name__};"):
+            get_preset(bad)  # type: ignore[arg-type]

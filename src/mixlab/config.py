@@ -564,6 +564,9 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str) -> ModelConfig:
     """The `ModelConfig` of a named size (`PRESETS`: mixtral-8x7b, mixtral-8x22b, mistral-7b, mini-moe,
     and tiny-moe / tiny-dense for tests); ConfigError listing them otherwise, with the nearest name."""
+    if not isinstance(name, str):  # else difflib's "'int' object is not iterable" (a list: "unhashable type")
+        raise TypeError(f"get_preset takes a preset name (str), not {type(name).__name__}; known presets: "
+                        f"{', '.join(sorted(PRESETS))}")
     try:
         return PRESETS[name]
     except KeyError:
