@@ -731,3 +731,18 @@ def test_cli_info_on_a_truncated_checkpoint_is_one_error(tmp_path, capsys):
     assert main(["info", str(src)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "truncated" in err
+
+
+def test_save_names_peft_layers_and_how_to_merge_them(tmp_path):
+    """PEFT's get_peft_model on a mixlab model works (forward, generate); saving it was a bare KeyError
+    'layers.0.attn.wqkv.weight' (its layers renamed the weights), the wrapper said only 'not PeftModel'."""
+    peft = pytest.importorskip("peft")
+    model = Transformer(PRESETS["tiny-moe"].replace(vocab_size=64)).eval()
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["wqkv"]))
+    with pytest.raises(ValueError, match=r"^save_model saves a mixlab Transformer, not PeftModel \(.*merge_and_unload"):
+        save_model(wrapped, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"holding PEFT LoRA layers \(layers\.0\.attn\.wqkv\.base_layer\.weight\): "
+                                         r"merge them first \(peft_model\.merge_and_unload\(\)"):
+        save_model(model, tmp_path / "b")  # the model PEFT changed in place
+    save_model(wrapped.merge_and_unload(), tmp_path / "c")
+    assert (tmp_path / "c" / "config.json").is_file()

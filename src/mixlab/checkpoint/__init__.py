@@ -405,6 +405,13 @@ def refuse_adapters(model: torch.nn.Module, what: str) -> None:
     """ValueError if `model` holds LoRA adapters (`train.lora.apply_lora`): its weights are parametrised,
     so its state dict names no `...wqkv.weight` (saving it was a bare KeyError)."""
     adapter = next((name for name, _ in model.named_parameters() if name.endswith(("lora_A", "lora_B"))), None)
+    # PEFT's get_peft_model puts its layers into the model itself (`...wqkv.base_layer.weight`,
+    # `...wqkv.lora_A.default.weight`): saving it was a bare KeyError 'layers.0.attn.wqkv.weight'.
+    peft = next((name for name, _ in model.named_parameters() if ".lora_A." in name or ".base_layer." in name), None)
+    if peft is not None:
+        raise ValueError(f"{what} a model holding PEFT LoRA layers ({peft}): merge them first "
+                         "(peft_model.merge_and_unload() returns the mixlab Transformer); for an adapter that "
+                         "--adapter loads, train with `mixlab sft --lora-rank` or on transformers' model")
     if adapter is not None:
         raise ValueError(f"{what} a model holding LoRA adapters ({adapter}): merge them first "
                          "(mixlab.train.lora.merge(model), or save_merged); save_peft writes the adapter alone")
@@ -417,7 +424,9 @@ def _plain(model: Transformer, fmt: str, *, what: str) -> Transformer:
     # which was refused as "not OptimizedModule".
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, Transformer):
-        raise ValueError(f"{what} a mixlab Transformer, not {type(model).__name__}")
+        peft = " (PEFT's wrapper: merge_and_unload() returns the mixlab Transformer)" if hasattr(
+            model, "merge_and_unload") else ""
+        raise ValueError(f"{what} a mixlab Transformer, not {type(model).__name__}{peft}")
     if fmt not in FORMATS:
         raise ValueError(f"cannot save format {fmt!r}; expected one of {', '.join(FORMATS)}"
                          + (f" ({_GGUF_HINT})" if fmt == "gguf" else ""))
