@@ -682,3 +682,21 @@ def test_native_decoding_of_a_router_of_tied_logits_equals_full_recompute():
     prepare_for_inference(model)
     tokens = torch.randint(0, 256, (16,))
     torch.testing.assert_close(_native_decode(model, tokens, 5), _recompute(model, tokens, 5), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prepared_model_refuses_copy_and_pickle_by_name():
+    """pickle.dumps / torch.save of a prepared model failed on "Can't pickle local object
+    'CDLL.__init__.<locals>._FuncPtr'" (deepcopy was refused already); before preparing, both work."""
+    import io
+    import pickle
+
+    model = _model(vocab_size=64)
+    assert pickle.loads(pickle.dumps(model)).config == model.config
+    prepared = prepare_for_inference(copy.deepcopy(model))
+    assert prepared.native_decoder is not None
+    with pytest.raises(TypeError, match="cannot be copied: copy the model before prepare_for_inference"):
+        copy.deepcopy(prepared)
+    for dump in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"^a model prepared for inference cannot be pickled .*before "
+                                            r"prepare_for_inference"):
+            dump(prepared)

@@ -313,6 +313,13 @@ class NativeDecoder:
         # The structures hold raw pointers into the original model's tensors.
         raise TypeError("a NativeDecoder cannot be copied: copy the model before prepare_for_inference")
 
+    def __reduce_ex__(self, protocol: object) -> tuple:
+        # pickle.dumps / torch.save of a prepared model failed on "Can't pickle local object
+        # 'CDLL.__init__.<locals>._FuncPtr'", naming neither the model nor what to do.
+        raise TypeError("a model prepared for inference cannot be pickled (its native decoder holds raw pointers "
+                        "into its tensors): pickle or save it (mixlab.save_model) before prepare_for_inference, "
+                        "and prepare it again after loading")
+
     def accepts(self, tokens_B1: torch.Tensor, cache: KVCache) -> bool:
         """Whether this cache can take a native step: one sequence, a CPU cache of float32 or bf16.
         (Whether a native step runs at all is the registry's choice: `generate.decode_step`.)"""
