@@ -2411,6 +2411,48 @@ def test_chat_page_leaves_out_the_oldest_exchanges_that_no_longer_fit(server: st
 
 
 @pytest.mark.slow
+def test_chat_page_lowers_max_tokens_that_do_not_fit_the_context(server: str) -> None:
+    # the page's default max tokens (256) on a model of 256 tokens (`mixlab demo`'s): the first question
+    # failed with the server's context_length_exceeded, struck out, and so did every one after it
+    error = {"error": {"message": "the messages (52 tokens) + max_tokens=256 = 308 exceeds the model's context of "
+                                  "256 tokens", "type": "invalid_request_error", "param": "max_tokens",
+                       "code": "context_length_exceeded"}}
+    events = "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": "Short."}}]}) + "\n\ndata: [DONE]\n\n"
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with _browser() as driver:
+        _page(driver, server + "/")
+        driver.execute_script(  # the server's answers: any max_tokens is too many, none is the rest of the context
+            "const [events, error] = arguments; window.sent = []; const real = window.fetch;"
+            "window.fetch = (u, o) => { if (!String(u).endsWith('chat/completions')) return real(u, o);"
+            "  const b = JSON.parse(o.body); window.sent.push([b.messages.map(x => x.content), b.max_tokens ?? null]);"
+            "  return Promise.resolve(b.max_tokens ? new Response(JSON.stringify(error), {status: 400,"
+            "  headers: {'Content-Type': 'application/json'}}) : new Response(events,"
+            "  {headers: {'Content-Type': 'text/event-stream'}})); };", events, error)
+        for q, limit in (("One", CONTEXT), ("Two", CONTEXT), ("Three", 5)):
+            driver.execute_script("window.replies = document.querySelectorAll('.msg.assistant').length;"
+                                  "document.getElementById('max_tokens').value = arguments[1];"
+                                  "document.getElementById('input').value = arguments[0];"
+                                  "document.getElementById('send').click()", q, str(limit))
+            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+                "return !controller && document.querySelectorAll('.msg.assistant').length > replies"))
+        sent = driver.execute_script("return window.sent")
+        # max tokens that no question leaves room for: the rest of the context at once, the conversation
+        # kept; fewer, which the question alone does not leave: the oldest exchanges go first
+        assert sent == [[["One"], CONTEXT], [["One"], None], [["One", "Short.", "Two"], CONTEXT],
+                        [["One", "Short.", "Two"], None], [["One", "Short.", "Two", "Short.", "Three"], 5],
+                        [["Two", "Short.", "Three"], 5], [["Three"], 5], [["Three"], None]]
+        assert driver.execute_script(SHOWN) == ["One", "Short.", "Two", "Short.", "Three", "Short."]
+        notes = "return [...document.querySelectorAll('.msg .note')].map(n => n.textContent)"
+        capped = "did not fit in the model's context: the reply had what was left of it)"
+        said = [f"(max tokens {CONTEXT} {capped}", f"(max tokens {CONTEXT} {capped}", f"(max tokens 5 {capped}",
+                "(the 2 oldest exchanges left out: the conversation outgrew the model's context)"]
+        assert driver.execute_script(notes) == said
+        _page(driver, server + "/")  # kept with the conversation
+        assert driver.execute_script(notes) == said
+
+
+@pytest.mark.slow
 def test_chat_page_refuses_a_setting_that_is_not_a_number(server: str) -> None:
     # "1e" or "-" in a number field is an empty value to the script, so it was sent as the server's
     # default (temperature 1, max_tokens the rest of the context) while the field still showed it

@@ -10,7 +10,7 @@ const colourOf = (e) => e < PALETTE.length ? PALETTE[e] : `hsl(${(e * 137.5) % 3
 // to be drawn again coloured, and cut: true when it stopped at max tokens, stopped: true when Stop ended it,
 // interrupted: why else it ended early (the page was left while it streamed, the stream was cut off;
 // true from an older page: the page was left) (streaming: that reply's {history, tokens, model})
-let model = null, info = {}, messages = [], controller = null, streaming = null, leaving = false;
+let model = null, info = {}, context = Infinity, messages = [], controller = null, streaming = null, leaving = false;
 
 // Kept across a reload: the conversation in sessionStorage, this tab's own (two tabs on one server
 // keep two conversations), and the last one saved in localStorage too, which a new tab starts from (a
@@ -83,7 +83,7 @@ async function loadModel() {
     const r = await fetch("v1/models", {headers: headers()});
     if (!r.ok) throw new Error(await failure(r));
     const j = await r.json(), base = j.data.find((m) => !m.parent) || j.data[0];  // the adapters' parent
-    model = base.id; info = base.mixlab || {};
+    model = base.id; info = base.mixlab || {}; context = base.max_model_len || Infinity;
     $("model").textContent = `${model} · ${info.layers || "?"} layers · ${info.experts || 0} experts, top-${info.experts_per_token || 0}`;
     const sel = $("layer"), keep = sel.value; sel.innerHTML = "";
     for (let i = 0; i < (info.layers || 0); i++) sel.add(new Option(`layer ${i}`, String(i)));
@@ -121,6 +121,7 @@ function render() {  // the log, drawn from the conversation
 }
 
 const NOTES = {trimmed: (n) => `(the ${n === 1 ? "oldest exchange" : n + " oldest exchanges"} left out: the conversation outgrew the model's context)`,
+               capped: (n) => `(max tokens ${n} did not fit in the model's context: the reply had what was left of it)`,
                cut: () => "(cut at max tokens)", stopped: () => "(stopped)",
                interrupted: (said) => `(interrupted: ${said === true ? "the page was left" : said})`};
 function note(body, why, said) {  // a reply that did not finish, or read less: say so beside it, not in it
@@ -206,17 +207,18 @@ async function answer(history, asked) {
   const body = addMessage("assistant", "");
   const system = $("system").value.trim();
   controller = new AbortController(); buttons();
-  let reply = "", answered = false, full = false, ended = false, skip = 0;
+  let reply = "", answered = false, full = false, ended = false, skip = 0, capped = 0;
   const tokens = [];  // [text, experts] as shown, kept with the reply
   const mine = streaming = {history, tokens, model: null};  // the model that writes it, once asked
   try {
     if (model === null) await loadModel();  // not reached when the page loaded: the model's layers and experts first
     let r, reloaded = false;
+    const temperature = number("temperature"), limit = number("max_tokens");
     for (;;) {  // a conversation that outgrew the context: its oldest exchanges left out, as `mixlab chat` does
       const req = {model: $("served").value || model, stream: true, return_experts: !!info.experts,
                    messages: (system ? [{role: "system", content: system}] : []).concat(
                      history.slice(skip).map(({role, content}) => ({role, content}))),
-                   temperature: number("temperature"), max_tokens: number("max_tokens")};
+                   temperature, max_tokens: capped ? undefined : limit};
       r = await fetch("v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(req),
                                               signal: controller.signal});
       mine.model = req.model;
@@ -224,15 +226,22 @@ async function answer(history, asked) {
         const j = await r.clone().json().catch(() => null);
         if (j && j.error && j.error.code === "model_not_found") { reloaded = true; await loadModel(); continue; }
       }
-      if (r.status !== 400 || history.length - skip < 3) break;  // the question alone is left: its error stands
+      if (r.status !== 400) break;
       const j = await r.clone().json().catch(() => null);
       if (!(j && j.error && j.error.code === "context_length_exceeded")) break;
+      // Max tokens that no question leaves room for (the default 256 on a model of 256 tokens), or that
+      // the question alone does not: the rest of the context instead (the server's default), never more
+      // than was asked. Else the oldest exchange goes, which keeps the room asked for the reply.
+      const alone = history.length - skip < 3;
+      if (!capped && limit > 0 && j.error.param === "max_tokens" && (alone || limit >= context)) { capped = limit; continue; }
+      if (alone) break;  // the question alone is left: its error stands
       skip += 2;  // a question and its reply
     }
     answered = true;
     if (!r.ok) throw new Error(await failure(r));
     if (mine.model) answeredBy(body, mine.model);
     if (skip) note(body, "trimmed", skip / 2);
+    if (capped) note(body, "capped", capped);
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {
@@ -261,7 +270,8 @@ async function answer(history, asked) {
     // a stream cut off (a proxy's timeout) ends without [DONE]: the reply did not finish
     if (!ended) throw new Error("the server closed the stream before the reply ended");
     history.push({role: "assistant", content: reply || " ", ...byModel(mine.model), tokens,
-                  ...(full ? {cut: true} : {}), ...(skip ? {trimmed: skip / 2} : {})});
+                  ...(full ? {cut: true} : {}), ...(skip ? {trimmed: skip / 2} : {}),
+                  ...(capped ? {capped} : {})});
     $("status").textContent = "";
   } catch (e) {
     const lost = answered ? "the connection to the server was lost" : "cannot reach the server";
@@ -271,7 +281,7 @@ async function answer(history, asked) {
     if (leaving || e.name === "AbortError" || tokens.length) {
       const [why, said] = e.name === "AbortError" && !leaving ? ["stopped", true] : ["interrupted", error];
       history.push({role: "assistant", content: reply || " ", ...byModel(mine.model), tokens, [why]: said,
-                    ...(skip ? {trimmed: skip / 2} : {})});
+                    ...(skip ? {trimmed: skip / 2} : {}), ...(capped ? {capped} : {})});
       note(body, why, said);
     }
     else {  // the question leaves the conversation (shown struck out) and goes back into the box, to send again
