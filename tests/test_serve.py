@@ -2015,11 +2015,16 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             assert len(texts) > 20 and low == [], low
             # The screenshot in docs/ is refreshed only when asked: a test run leaves the tree as it was.
             shot = ROOT / "docs" / "serve-chat.png" if os.environ.get("MIXLAB_UPDATE_DOCS") else tmp_path / "chat.png"
+            driver.execute_script("document.getElementById('settings').scrollTop = 0")  # the typing scrolled it
             driver.save_screenshot(str(shot))
             assert shot.stat().st_size > 10_000
             # another layer recolours the tokens already there; the legend names each expert's colour
             legend = driver.find_elements(By.CSS_SELECTOR, "#legend span")
             assert [e.text for e in legend] == [f"expert {e}" for e in range(model.config.moe.num_experts)]
+            # the legend is in sight beside the coloured reply, not below the fold of a laptop's window under
+            # the settings (it was at 698 of 657 pixels: which colour is which expert was hidden)
+            assert driver.execute_script("return document.getElementById('legend').getBoundingClientRect().bottom"
+                                         " <= innerHeight")
             palette = driver.execute_script(
                 "return [...document.querySelectorAll('#legend span')].map(s => getComputedStyle(s).backgroundColor)")
 
