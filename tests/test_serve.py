@@ -1969,6 +1969,9 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
             assert loaded and all(u.startswith(url + "/") for u in loaded), loaded
             assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+            # a new chat says what to do (its box was blank), and no more once a message is there
+            hint = "return getComputedStyle(document.getElementById('log'), '::before').content"
+            assert "Write a message below" in driver.execute_script(hint)
             temperature = driver.find_element(By.ID, "temperature")
             temperature.clear()
             temperature.send_keys("0")
@@ -1987,6 +1990,7 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
             # streamed: tokens appear one span at a time, and the send button comes back at the end
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")) > 0)
             wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+            assert driver.execute_script(hint) == "none"
             spans = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .tok")
             reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .body").text
             messages = [{"role": "user", "content": "Which experts do you use for this sentence?"}]
