@@ -2060,7 +2060,8 @@ def test_chat_page_streams_and_colours_tokens_by_expert(model_tok: tuple[Any, An
                                        "&& [...arguments[0].children].indexOf(t), t.title]", body)
             assert body.get_attribute("tabindex") == "0" and on == [1, spans[1].get_attribute("title")]
             status = driver.find_element(By.ID, "status")
-            said = f'"{spans[1].get_attribute("textContent")}": {on[1].replace(chr(10), "; ")}'
+            token = json.dumps(spans[1].get_attribute("textContent"), ensure_ascii=False)
+            said = f'{token}: {on[1].replace(chr(10), "; ")}'
             assert status.get_attribute("role") == "status" and status.get_attribute("textContent") == said
             # a second turn: multi-turn history is sent, the reply streams again
             driver.find_element(By.ID, "input").send_keys("And now?")
@@ -2417,6 +2418,26 @@ def test_chat_page_leaves_out_the_oldest_exchanges_that_no_longer_fit(server: st
         assert driver.execute_script(notes) == said
         _page(driver, server + "/")  # kept with the conversation
         assert driver.execute_script(notes) == said
+
+
+def test_chat_page_says_which_token_a_new_line_is(server: str) -> None:
+    # a token read out by its experts (Tab to a reply, then the arrow keys) was written between quotes as
+    # it is: a new line showed as a space, `" ": layer 0: ...`, as a space token does
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    events = tuple({"choices": [{"index": 0, "delta": {"content": p}, "experts": [{"experts": [[0, 1], [1, 2]]}]}]}
+                   for p in ("Hi", "\n", " ", '"'))
+    with _browser() as driver:
+        _page(driver, server + "/")
+        _ask(driver, "Q", events=events)
+        body = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .body")
+        body.send_keys(Keys.ARROW_RIGHT)  # to the first token
+        said = [driver.find_element(By.ID, "status").get_attribute("textContent")]
+        for _ in events[1:]:
+            driver.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
+            said.append(driver.find_element(By.ID, "status").get_attribute("textContent"))
+        assert said == [f"{t}: layer 0: experts 0, 1; layer 1: experts 1, 2" for t in ('"Hi"', '"\\n"', '" "', '"\\""')]
 
 
 @pytest.mark.slow

@@ -335,7 +335,8 @@ $("log").addEventListener("keydown", (ev) => {
 });
 $("log").addEventListener("focusin", (ev) => {
   const t = ev.target;
-  if (t.matches(".tok[title]")) $("status").textContent = `"${t.textContent}": ${t.title.replaceAll("\n", "; ")}`;
+  // the token as a string literal: a new line or a space is seen (a line break inside quotes showed as a space)
+  if (t.matches(".tok[title]")) $("status").textContent = `${JSON.stringify(t.textContent)}: ${t.title.replaceAll("\n", "; ")}`;
 });
 // The page left (a reload, a closed tab) while a reply streams: the conversation is stored with the question
 // and the reply as far as it went (both were lost), without touching `messages` (the page may come back).
