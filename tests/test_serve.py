@@ -2447,7 +2447,8 @@ def test_chat_page_lowers_max_tokens_that_do_not_fit_the_context(server: str) ->
     error = {"error": {"message": "the messages (52 tokens) + max_tokens=256 = 308 exceeds the model's context of "
                                   "256 tokens", "type": "invalid_request_error", "param": "max_tokens",
                        "code": "context_length_exceeded"}}
-    events = "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": "Short."}}]}) + "\n\ndata: [DONE]\n\n"
+    filled = {"choices": [{"index": 0, "delta": {"content": "Short."}, "finish_reason": "length"}]}  # the context
+    events = "data: " + json.dumps(filled) + "\n\ndata: [DONE]\n\n"
     from selenium.webdriver.support.ui import WebDriverWait
 
     with _browser() as driver:
@@ -2475,8 +2476,10 @@ def test_chat_page_lowers_max_tokens_that_do_not_fit_the_context(server: str) ->
         assert driver.execute_script(SHOWN) == ["One", "Short.", "Two", "Short.", "Three", "Short."]
         notes = "return [...document.querySelectorAll('.msg .note')].map(n => n.textContent)"
         capped = "did not fit in the model's context: the reply had what was left of it)"
-        said = [f"(max tokens {CONTEXT} {capped}", f"(max tokens {CONTEXT} {capped}", f"(max tokens 5 {capped}",
-                "(the 2 oldest exchanges left out: the conversation outgrew the model's context)"]
+        full = "(cut: the model's context is full)"  # not at max tokens, which were left out
+        said = [full, f"(max tokens {CONTEXT} {capped}", full, f"(max tokens {CONTEXT} {capped}", full,
+                f"(max tokens 5 {capped}", "(the 2 oldest exchanges left out: the conversation outgrew the model's "
+                "context)"]
         assert driver.execute_script(notes) == said
         _page(driver, server + "/")  # kept with the conversation
         assert driver.execute_script(notes) == said

@@ -122,7 +122,8 @@ function render() {  // the log, drawn from the conversation
 
 const NOTES = {trimmed: (n) => `(the ${n === 1 ? "oldest exchange" : n + " oldest exchanges"} left out: the conversation outgrew the model's context)`,
                capped: (n) => `(max tokens ${n} did not fit in the model's context: the reply had what was left of it)`,
-               cut: () => "(cut at max tokens)", stopped: () => "(stopped)",
+               // cut: "context" where max tokens were left out, and the context filled up
+               cut: (said) => said === "context" ? "(cut: the model's context is full)" : "(cut at max tokens)", stopped: () => "(stopped)",
                interrupted: (said) => `(interrupted: ${said === true ? "the page was left" : said})`};
 function note(body, why, said) {  // a reply that did not finish, or read less: say so beside it, not in it
   const span = document.createElement("span"); span.className = why === "interrupted" ? "note error" : "note muted";
@@ -263,14 +264,14 @@ async function answer(history, asked) {
           // Each chunk carries its token's own experts. A token whose text is held back (part of a
           // character) shows in the next one's span, which takes that one's experts.
           if (t) { tokens.push([t, ex]); addToken(body, t, ex); reply += t; }
-          if (ch.finish_reason === "length") { note(body, "cut"); full = true; }
+          if (ch.finish_reason === "length") { note(body, "cut", full = capped ? "context" : true); }
         }
       }
     }
     // a stream cut off (a proxy's timeout) ends without [DONE]: the reply did not finish
     if (!ended) throw new Error("the server closed the stream before the reply ended");
     history.push({role: "assistant", content: reply || " ", ...byModel(mine.model), tokens,
-                  ...(full ? {cut: true} : {}), ...(skip ? {trimmed: skip / 2} : {}),
+                  ...(full ? {cut: full} : {}), ...(skip ? {trimmed: skip / 2} : {}),
                   ...(capped ? {capped} : {})});
     $("status").textContent = "";
   } catch (e) {
