@@ -2440,6 +2440,26 @@ def test_chat_page_says_which_token_a_new_line_is(server: str) -> None:
         assert said == [f"{t}: layer 0: experts 0, 1; layer 1: experts 1, 2" for t in ('"Hi"', '"\\n"', '" "', '"\\""')]
 
 
+def test_chat_page_says_it_waits_for_the_first_token(server: str) -> None:
+    # until the first token came (seconds, for a large model's prompt on a CPU), the reply was an empty
+    # line under "assistant": nothing said that the page was waiting rather than stuck
+    hint = ("const b = [...document.querySelectorAll('.msg.assistant .body')].at(-1);"
+            "return getComputedStyle(b, '::before').content")
+    with _browser() as driver:
+        _page(driver, server + "/")
+        driver.execute_script(  # a server that has not answered yet
+            "const real = window.fetch; window.fetch = (u, o) => String(u).endsWith('chat/completions') ? "
+            "new Promise((_, fail) => o.signal.addEventListener('abort',"
+            "  () => fail(new DOMException('', 'AbortError')))) "
+            " : real(u, o); document.getElementById('input').value = 'Hi'; document.getElementById('send').click()")
+        assert "waiting for the model" in driver.execute_script(hint)
+        driver.execute_script("document.getElementById('stop').click()")
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script("return !controller"))
+        assert driver.execute_script(hint) == "none"  # stopped: "(stopped)" beside it, no longer waiting
+
+
 @pytest.mark.slow
 def test_chat_page_lowers_max_tokens_that_do_not_fit_the_context(server: str) -> None:
     # the page's default max tokens (256) on a model of 256 tokens (`mixlab demo`'s): the first question
