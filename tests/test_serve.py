@@ -2460,6 +2460,25 @@ def test_chat_page_says_it_waits_for_the_first_token(server: str) -> None:
         assert driver.execute_script(hint) == "none"  # stopped: "(stopped)" beside it, no longer waiting
 
 
+def test_chat_page_keeps_a_run_of_spaces_inside_the_reply(server: str) -> None:
+    # on a phone, a reply with a run of space tokens (a small model writes them) ran out of its box:
+    # spaces at the end of a line "hang" in white-space: pre-wrap, and coloured by expert they were seen
+    # over the border, off the screen
+    with _browser() as driver:
+        driver.set_window_size(390, 844)
+        _page(driver, server + "/")
+        driver.execute_script("document.getElementById('colour').click()")
+        experts = [{"experts": [[0, 1], [1, 2]]}]
+        pieces = ["Some", " words"] + [" "] * 120 + ["end"]
+        _ask(driver, "Q", events=tuple({"choices": [{"index": 0, "delta": {"content": p}, "experts": experts}]}
+                                       for p in pieces))
+        right, edge = driver.execute_script(
+            "const b = document.querySelector('.msg.assistant .body');"
+            "return [Math.max(...[...b.querySelectorAll('.tok')].map(t => t.getBoundingClientRect().right)),"
+            "        document.getElementById('log').getBoundingClientRect().right]")
+        assert right <= edge, (right, edge)
+
+
 @pytest.mark.slow
 def test_chat_page_lowers_max_tokens_that_do_not_fit_the_context(server: str) -> None:
     # the page's default max tokens (256) on a model of 256 tokens (`mixlab demo`'s): the first question
