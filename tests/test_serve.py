@@ -1618,6 +1618,25 @@ def test_serve_says_what_the_kv_cache_holds_and_takes_max_model_len(ckpt: Path, 
         _bytes("1XB")
 
 
+def test_a_training_runs_export_is_served_by_the_runs_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mixlab serve --model runs/demo/hf` (the demo's and a training run's export) served the model as "hf":
+    the chat page's header and /v1/models said "hf". A run's hf/ now takes the run's name; another folder,
+    a GGUF file (suffix kept, a link not followed) and `.` keep their own."""
+    from mixlab.cli.serve import served_name
+
+    run = tmp_path / "demo"
+    (run / "hf").mkdir(parents=True)
+    assert served_name(str(run / "hf")) == "hf"  # not yet a run: no metrics.jsonl, no checkpoints/
+    (run / "metrics.jsonl").write_text("")
+    assert served_name(str(run / "hf")) == served_name(str(run / "hf") + "/") == "demo"
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "3f2a").write_text("")
+    (tmp_path / "m.Q4_0.gguf").symlink_to(tmp_path / "blobs" / "3f2a")
+    assert served_name(str(tmp_path / "m.Q4_0.gguf")) == "m.Q4_0.gguf"
+    monkeypatch.chdir(run)
+    assert served_name(".") == "demo" and served_name("hf") == "demo"
+
+
 def test_serve_refuses_a_batch_or_cache_that_cannot_fit(ckpt: Path, model_tok: tuple[Any, Any],
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:

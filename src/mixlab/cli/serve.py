@@ -88,6 +88,16 @@ def check_address(host: str, port: int) -> None:
         raise ValueError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None
 
 
+def served_name(model: str) -> str:
+    """The name a model is served as without --served-model-name: its folder's or file's name (a GGUF file's
+    with its suffix), and for a training run's export, `RUN/hf`, the run's (a demo's model was served as
+    "hf"). Links are not followed: a hub snapshot's file links to a blob named by its hash."""
+    path = Path(os.path.abspath(os.path.expanduser(model)))
+    if path.name == "hf" and ((path.parent / "metrics.jsonl").is_file() or (path.parent / "checkpoints").is_dir()):
+        path = path.parent
+    return path.name or "mixlab"
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         from mixlab.engine import Engine
@@ -118,7 +128,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mixlab serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)
     check_address(args.host, args.port)
-    name = args.served_model_name or Path(args.model).name or "mixlab"
+    name = args.served_model_name or served_name(args.model)
     _check_engine_flags(args)
     adapters = _read_lora_modules(args.lora_modules or [], name)  # before the long load
     model, tok = _load(args)
