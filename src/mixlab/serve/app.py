@@ -87,7 +87,7 @@ _EXPECTED = {
     "temperature": "a number in [0, 2]",
     "top_p": "a number in (0, 1]",
     "n": "an integer in [1, 16]",
-    "max_tokens": "an integer >= 1 (0 only with echo)",
+    "max_tokens": "an integer >= 1 (0: /v1/completions with echo, to score the prompt alone)",
     "max_completion_tokens": "an integer >= 1",
     "input": "a string or a non-empty list of message items {'role': ..., 'content': a string or text parts}",
     "max_output_tokens": "an integer >= 1",
