@@ -222,9 +222,8 @@ def _check_engine_flags(args: argparse.Namespace) -> None:
         raise UsageError("--lora-modules does not combine with --max-memory: an adapter's steps need the experts "
                          "resident; serve the adapters without offloading")
     if args.lora_modules and args.batch_invariant:
-        raise UsageError("--lora-modules does not combine with --batch-invariant: its steps run the native kernels "
-                         "only, an adapter's the PyTorch pass; serve the adapters without it, or merge one into the "
-                         "weights (--adapter)")
+        raise UsageError("--lora-modules does not combine with --batch-invariant: its invariant kernels take no "
+                         "adapter's updates; serve the adapters without it, or merge one into the weights (--adapter)")
     if args.batch_invariant:  # the native kernels' invariant arithmetic runs bf16 or float32 weights, resident
         if args.pack_weights == "yes":
             raise UsageError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
@@ -285,8 +284,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=DIR",
                    help="PEFT LoRA adapters served beside the model, vLLM's syntax (NAME=DIR or JSON {\"name\": ..., "
                         "\"path\": ...}): a request whose model is NAME runs under that adapter, kept apart from the "
-                        "weights (--adapter merges one into them); its steps run PyTorch's kernels, slower than the "
-                        "native ones")
+                        "weights (--adapter merges one into them); on CPU its updates run inside the native step")
     e = p.add_argument_group("engine budgets and limits")
     e.add_argument("--max-batch", type=positive, default=16, help="sequences decoded together (default 16)")
     e.add_argument("--cache-bytes", type=_bytes, default=None, help="KV cache budget, e.g. 2GB (default: engine's)")

@@ -149,8 +149,9 @@ class Engine:
     `adapters`: PEFT LoRA adapters served over the model, by name (`{"name": folder or Adapter}`, vLLM's
     `--lora-modules`), each kept apart from the weights as low-rank factors (`adapter_factors`); a
     request picks one with `SamplingParams(adapter=name)` and gets what the model with that adapter
-    merged gives. A step with a row under an adapter runs the PyTorch pass (slower than the native
-    steps, which the base's steps keep); a request reuses only keys computed under its own adapter.
+    merged gives. On CPU a step with rows under adapters runs in the same one native call as the base's
+    steps (each row's updates after each product), elsewhere the PyTorch pass; a request reuses only
+    keys computed under its own adapter.
     """
 
     def __init__(
@@ -204,9 +205,9 @@ class Engine:
             return {}
         if not isinstance(adapters, Mapping):
             raise ValueError(f"invalid adapters={adapters!r}: expected a mapping of names to adapter folders")
-        why = None  # what the adapters' steps (the PyTorch pass, every expert resident) cannot run beside
+        why = None  # what the adapters' steps (every expert resident, the regular kernels) cannot run beside
         if batch_invariant:
-            why = "batch_invariant=True runs every step through the native kernels, an adapter's run the PyTorch pass"
+            why = "batch_invariant=True runs every step through the invariant native kernels, which take no adapters"
         elif inference_format(model) == "offloaded":
             why = "the model's experts are offloaded (load_model(max_memory=)); an adapter's steps need them resident"
         elif any(m.experts.num_experts != m.moe.num_experts for m in model.modules() if isinstance(m, MoEBlock)):
