@@ -124,7 +124,20 @@ def test_serve_lora_modules_flag(ckpt: Path, adapters: dict[str, Path], monkeypa
     spec = json.dumps({"name": "j", "path": a2})
     code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--lora-modules", f"x={a1}", spec)
     assert code == 0 and srv.cfg.adapters == {"x": a1, "j": a2} and set(srv.engine.runner.adapters) == {"x", "j"}
-    assert "LoRA adapters x, j" in err and "PyTorch" in err
+    # the startup line says where the adapters' updates run: inside the native step wherever it runs
+    # (it said "PyTorch's kernels" after the native step had taken them), else the PyTorch pass
+    from mixlab.model.native import NativeDecoder
+    from mixlab.ops import native
+
+    fast = native.load() is not None and native.fast(torch.float32)
+    assert "LoRA adapters x, j (the API's model names): " in err
+    assert ("their updates run inside the native step" in err) == fast and ("PyTorch" in err) == (not fast), err
+    srv.engine.shutdown()
+    with monkeypatch.context() as m:  # a table the native step cannot hold: the PyTorch pass, said so
+        m.setattr(NativeDecoder, "lora_table", lambda self, factors: None)
+        code, srv, err = _serve_cli(monkeypatch, capsys, "--model", str(ckpt), "--lora-modules", f"x={a1}")
+        assert code == 0 and "LoRA adapters x (the API's model names): their requests' steps run PyTorch" in err
+        srv.engine.shutdown()
     bad = tmp_path / "bad"  # an adapter folder whose config is not JSON: a bad file (exit 1, as --adapter's)
     bad.mkdir()
     (bad / "adapter_config.json").write_text("{nope")

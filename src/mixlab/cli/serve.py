@@ -178,6 +178,10 @@ def serve(args: argparse.Namespace) -> int:
                        adapters={n: str(a.root) for n, a in adapters.items()},
                        speculative_tokens=args.speculative_tokens)
     app = create_app(engine, tok, cfg)
+    # before the engine's thread starts stepping: where the adapters' updates run (the native step's table)
+    native = bool(adapters) and runner is not None and runner.adapters_run_natively()
+    how = ("their updates run inside the native step" if native
+           else "their requests' steps run PyTorch's kernels, not the native ones")
     engine.start()
     packed = getattr(runner, "packed_bytes", 0)
     if packed:
@@ -192,8 +196,7 @@ def serve(args: argparse.Namespace) -> int:
               f"{format_bytes(cache.num_slots * cache.expert_bytes)} ({cache.fmt.kind}, {cache.policy}, prefetch "
               f"{'on' if cache.prefetch_enabled else 'off'}); /metrics: mixlab_expert_cache_*", file=sys.stderr)
     if adapters:
-        print(f"mixlab serve: LoRA adapters {', '.join(adapters)} (the API's model names): their requests' steps run "
-              "PyTorch's kernels, not the native ones", file=sys.stderr)
+        print(f"mixlab serve: LoRA adapters {', '.join(adapters)} (the API's model names): {how}", file=sys.stderr)
     if runner is not None:
         print(cache_line(runner.total_bytes, runner.n_slots, context, model.config.max_seq_len, args.max_batch),
               file=sys.stderr)

@@ -496,6 +496,17 @@ class Runner:
         if self.device.type == "cpu" and len(self.free_slots) == self.n_slots:
             self._native_decoder()
 
+    def adapters_run_natively(self) -> bool:
+        """Whether the adapters' rows get their updates inside the native step (`_native_batch`), as
+        a step's rows do on CPU; False where the PyTorch pass runs them (no native kernels, a GPU, an
+        adapter the native step cannot update). Builds the adapters' table the first such step would."""
+        dec = self._native_decoder() if self.adapters and len(self.free_slots) == self.n_slots else None
+        if dec is None:
+            return False
+        if self._lora[0] is not dec:
+            self._lora = (dec, dec.lora_table([self.adapters[n] for n in self._adapter_names]))
+        return self._lora[1] is not None
+
     def _pack(self, dec: NativeDecoder) -> None:
         """Keep the decoder's bf16 weights in panels too (`NativeDecoder.pack`) when `pack_weights`
         says so, or (None) when several sequences share the steps (one sequence decodes through the
