@@ -1038,6 +1038,11 @@ def test_reference_free_dpo_skips_the_reference_pass(ckpt: Path, chat_files: tup
     assert {f"eval_{k}" for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                                   "logps/chosen", "logps/rejected")} <= last.keys()
     assert last["eval_rewards/chosen"] == pytest.approx(0.1 * last["eval_logps/chosen"], rel=1e-5)
+    # the policy's own preference (docs/instruct.md): with ref = 0 its summed accuracy is the rewards' accuracy,
+    # its margin the mean chosen - rejected log-prob; per reply token, a share of the pairs too
+    assert last["eval_logps/accuracy"] == pytest.approx(last["eval_rewards/accuracies"])
+    assert last["eval_logps/margin"] == pytest.approx(last["eval_logps/chosen"] - last["eval_logps/rejected"], rel=1e-5)
+    assert 0 <= last["eval_logps/accuracy_per_token"] <= 1
 
 
 def test_the_dpo_reference_pass_shows_progress(ckpt: Path, chat_files: tuple[Path, Path], tmp_path: Path,
