@@ -217,6 +217,18 @@ def test_the_mask_is_the_allowed_set_s(byte_model: tuple[Transformer, Any]) -> N
     assert [i for i in range(tok.vocab_size + 5) if m.allows(i)] == sorted(allowed)
 
 
+def test_json_is_written_without_whitespace_unless_its_schema_allows_it(byte_model: tuple[Transformer, Any]) -> None:
+    """JSON's tokens follow one another without whitespace (`JSON_DEFAULTS`); a schema's
+    `"x-guidance": {"whitespace_flexible": true}` allows it back (docs/serving.md, "Structured outputs")."""
+    _, tok = byte_model
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    space, brace = ord(" ") + 3, ord("{") + 3  # the bytes tokenizer: byte b is token b + 3
+    for extra, flexible in (({}, False), ({"x-guidance": {"whitespace_flexible": True}}, True)):
+        m = Matcher(Structured("json_schema", {**schema, **extra}), tok, tok.vocab_size)
+        assert m.allows(brace) and m.advance(brace)
+        assert m.allows(space) == flexible, extra
+
+
 def test_logprobs_are_the_masked_distribution_s(byte_model: tuple[Transformer, Any]) -> None:
     model, tok = byte_model
     spec = Structured("choice", ["yes", "no"])
