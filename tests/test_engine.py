@@ -220,6 +220,18 @@ def test_a_flag_is_a_bool_and_a_token_id_no_bool(tiny):
         Engine(tiny).submit([1, True, 3], SamplingParams(max_tokens=1))
 
 
+def test_a_batch_tensor_as_one_prompt_says_to_submit_each_row(tiny):
+    """A [1, T] tensor, as the model's forward takes ids, was refused as 'must be a list of token ids,
+    got Tensor', though a 1-D tensor is taken: the message now gives the shape and what to do."""
+    eng = Engine(tiny)
+    with pytest.raises(ValueError, match=r"got a Tensor of shape \[1, 3\]; one request is one prompt: submit "
+                                         r"each row of a batch on its own"):
+        eng.submit(torch.tensor([[1, 2, 3]]), SamplingParams(max_tokens=1))
+    h = eng.submit(torch.tensor([1, 2, 3]), SamplingParams(max_tokens=1))
+    eng.run_until_idle()
+    assert list(h)[-1].finish_reason == "length"
+
+
 def test_a_bad_value_shows_as_its_start():
     # a list of a million ids made a message as long; one nested 2,000 deep raised RecursionError writing it
     deep: list = []

@@ -339,7 +339,11 @@ class Engine:
         if _is_array(prompt_ids, 1):
             prompt_ids = prompt_ids.tolist()
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
-            raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
+            shape = getattr(prompt_ids, "shape", None)  # a [1, T] tensor, as a model's forward takes them
+            got = f"a {type(prompt_ids).__name__} of shape {list(shape)}" if shape is not None else \
+                type(prompt_ids).__name__
+            raise ValueError(f"prompt_ids must be a list (or 1-D tensor / array) of token ids, got {got}; one "
+                             "request is one prompt: submit each row of a batch on its own")
         try:
             prompt = [operator.index(i) for i in prompt_ids]
             if any(isinstance(i, bool) for i in prompt_ids):  # True is no token id (stop_token_ids refuse it too)
