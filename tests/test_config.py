@@ -76,6 +76,16 @@ def test_params_json_without_rope_theta_follows_the_published_models():
     assert ModelConfig.from_mistral_dict({**base, "moe": moe}).rope_theta == 1e6
 
 
+@pytest.mark.parametrize("key,value", [("lora", {"rank": 8, "scaling": 2.0}), ("vision_encoder", {"hidden_size": 1024}),
+                                       ("quantization", {"qformat_weight": "fp8_e4m3"})])
+def test_params_json_fields_that_change_the_weights_are_refused_by_name(key, value):
+    # They were ignored: a Pixtral, LoRA or quantised params.json loaded as a plain Mistral.
+    base = {"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 96, "vocab_size": 128}
+    with pytest.raises(ConfigError, match=f"^params.json: field '{key}' is not supported"):
+        ModelConfig.from_mistral_dict({**base, key: value})
+    assert ModelConfig.from_mistral_dict({**base, key: None, "max_batch_size": 4}).dim == 64  # null / harmless: read
+
+
 def test_params_json_of_a_mamba_names_its_model_type():
     # Codestral Mamba's params.json (mistral-inference's MambaArgs) was "required field 'n_heads' is missing".
     mamba = {"dim": 64, "n_layers": 2, "vocab_size": 128, "n_groups": 8, "rms_norm": True, "model_type": "mamba"}

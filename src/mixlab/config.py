@@ -106,6 +106,13 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _MISTRAL_KEYS = {"ffn_dim": "hidden_dim", "moe.num_experts": "moe.num_experts",
                  "moe.top_k": "moe.num_experts_per_tok"}
+# params.json fields of mistral-inference's TransformerArgs (and of Mistral's quantised releases) that
+# change the weights mixlab would read: a file with one set was loaded as if it were absent.
+_MISTRAL_UNSUPPORTED = {
+    "lora": "LoRA layers in the model; merge the adapter into the weights first",
+    "vision_encoder": "a vision-language model such as Pixtral",
+    "quantization": "quantised weights",
+}
 
 
 def _in_file(e: ConfigError, source: str, keys: dict[str, str]) -> ConfigError:
@@ -385,6 +392,11 @@ class ModelConfig:
         for key in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
             if key not in d:
                 raise ConfigError(f"{source}: required field {key!r} is missing")
+        # Fields mistral-inference builds more than this model from: refused, not silently ignored.
+        for key, what in _MISTRAL_UNSUPPORTED.items():
+            if d.get(key) is not None:
+                raise ConfigError(f"{source}: field {key!r} is not supported ({what}); mixlab loads plain "
+                                  "Mistral/Mixtral weights only")
         moe_d = d.get("moe")
         moe = None
         if moe_d is not None and not isinstance(moe_d, dict):
