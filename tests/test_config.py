@@ -86,6 +86,16 @@ def test_params_json_fields_that_change_the_weights_are_refused_by_name(key, val
     assert ModelConfig.from_mistral_dict({**base, key: None, "max_batch_size": 4}).dim == 64  # null / harmless: read
 
 
+@pytest.mark.parametrize("key", ["n_kv_heads", "head_dim"])
+def test_params_json_zero_head_counts_are_refused_not_defaulted(key):
+    # A 0 was read as absent (n_kv_heads = n_heads, head_dim = dim / n_heads) and the model built.
+    base = {"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "hidden_dim": 96,
+            "vocab_size": 128}
+    with pytest.raises(ConfigError, match=f"^params.json: config field '{key}' must be an integer in .1, .*got 0"):
+        ModelConfig.from_mistral_dict({**base, key: 0})
+    assert ModelConfig.from_mistral_dict({k: v for k, v in base.items() if k != key}).n_kv_heads in (2, 4)
+
+
 def test_params_json_of_a_mamba_names_its_model_type():
     # Codestral Mamba's params.json (mistral-inference's MambaArgs) was "required field 'n_heads' is missing".
     mamba = {"dim": 64, "n_layers": 2, "vocab_size": 128, "n_groups": 8, "rms_norm": True, "model_type": "mamba"}

@@ -405,7 +405,7 @@ class ModelConfig:
         n_heads = d["n_heads"]
         if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads <= 0:
             raise ConfigError(f"{source}: field 'n_heads' must be a positive integer, got {n_heads!r}")
-        if not d.get("head_dim") and (not isinstance(d["dim"], int) or d["dim"] % n_heads):
+        if d.get("head_dim") is None and (not isinstance(d["dim"], int) or d["dim"] % n_heads):
             raise ConfigError(f"{source}: dim ({d['dim']!r}) is not divisible by n_heads ({n_heads}) and no "
                               "head_dim is given")
         if moe_d is not None:  # both required, as mistral-inference's MoeArgs has no defaults for them
@@ -427,8 +427,9 @@ class ModelConfig:
                 dim=d["dim"],
                 n_layers=d["n_layers"],
                 n_heads=d["n_heads"],
-                n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
-                head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
+                # absent (or null): as for Mistral 7B v0.1's published file; a 0 is checked, not defaulted
+                n_kv_heads=d["n_heads"] if d.get("n_kv_heads") is None else d["n_kv_heads"],
+                head_dim=d["dim"] // d["n_heads"] if d.get("head_dim") is None else d["head_dim"],
                 ffn_dim=d["hidden_dim"],
                 norm_eps=d.get("norm_eps", 1e-5),
                 rope_theta=_number(d.get("rope_theta") or default_theta, source, "rope_theta"),
