@@ -602,6 +602,26 @@ def test_tools_are_refused_by_the_v1_template(tok):
             v3.encode_chat([*result[:2], {**result[2], "tool_call_id": bad}])
 
 
+def test_v3_writes_a_null_call_id_as_mistral_common_does_no_id():
+    """"null" is mistral-common's id of a call without one (ToolCall's default; mistral-finetune's last assistant
+    message): its v3 template writes the call with no "id" key. mixlab hashed it as any other id, "id": "Cz2GdKTAp",
+    so an SFT example ending in such a call was trained on a prompt mistral-common never writes."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    path = _mistral_file("v3")
+    v3 = load_tokenizer(path)
+    chat = [{"role": "user", "content": "Weather in Zürich?"},
+            {"role": "assistant", "content": None, "tool_calls": [_call("null")], "prefix": True}]
+    ours = [v3.bos_id, *(i for _, ids in v3.chat_turns(chat, tools=TOOLS) for i in ids), v3.eos_id]
+    ref = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning).encode_chat_completion(
+        ChatCompletionRequest(messages=[chat[0], {k: v for k, v in chat[1].items() if k != "prefix"}], tools=TOOLS))
+    assert ours == ref.tokens
+    calls = v3.decode(ours[ours.index(v3.special_id("[TOOL_CALLS]")) + 1:])
+    assert json.loads(calls) == [{"name": "get_weather", "arguments": {"city": "Zürich"}}]
+
+
 def test_v3_writes_other_servers_call_ids_hashed_and_paired():
     """A follow-up carried over from another server (OpenAI's `call_` + 24 ids, an agent framework's own) was
     refused on v3: its ids are now written as `template_call_id` maps them, the same map for a call and the result

@@ -387,7 +387,7 @@ class Tokenizer:
                         c["[/TOOL_RESULTS]"]]
             elif t.calls and (v3 or k > last_user):
                 calls = [{"name": f["name"], "arguments": _json_value(str(f["arguments"])),
-                          **({"id": f["id"]} if v3 else {})} for f in t.calls]
+                          **({"id": f["id"]} if v3 and f["id"] is not None else {})} for f in t.calls]
                 ids += [c["[TOOL_CALLS]"], *self.encode(json.dumps(calls, ensure_ascii=False), bos=False,
                                                         eos=not t.prefix)]
             elif t.role == "assistant" and not t.calls:
@@ -487,6 +487,9 @@ class _Turn(NamedTuple):
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # a function's name, as mistral-common's validator takes it
 _CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # a v3 tool call's id
+# mistral-common's id of a call that has none (ToolCall's default; mistral-finetune's last assistant message):
+# InstructTokenizerV3 writes such a call without an "id" key, not as an id.
+_NULL_CALL_ID = "null"
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
@@ -552,7 +555,9 @@ def _tool_calls(m: Mapping[str, object], i: int, version: int,
         if not tool_call_id_ok(call_id, version):
             raise ChatError(f"message {i}: tool call id {call_id!r} must be a non-empty string (Mistral's v3 template "
                             "writes each call's id)")
-        if version >= 3:
+        if version >= 3 and call_id == _NULL_CALL_ID:
+            call_id = None  # mistral-common's ToolCall default: the call is written without an id
+        elif version >= 3:
             assert isinstance(call_id, str)
             call_id = _written_id(call_id, i, written)
         try:
