@@ -473,6 +473,32 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_convert_to_mistral_writes_one_tokenizer_named_by_its_template(tmp_path, capsys):
+    """mistral-inference's load_tokenizer refuses a folder with two tokenizer files, and mistral-common reads the
+    template from the name (`tokenizer.model` is v1). convert copied a transformers folder's `tokenizer.model`
+    beside its `tokenizer.model.v3` (Mistral 7B v0.3's: refused), and a v3 `tokenizer.model` alone (Mixtral
+    8x22B's) under that name: mistral-common then wrote the v1 prompt, mixlab the v3 one."""
+    from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
+
+    from mixlab.tokenizer import load_tokenizer
+
+    v3 = next(load_tokenizer().path.parent.glob("mistral_instruct_tokenizer_*.model.v3"))
+    v1 = load_tokenizer().path
+    src = hf_mixtral(tmp_path / "hf")
+    for names, content, want in [(["tokenizer.model", "tokenizer.model.v3"], v3, "tokenizer.model.v3"),
+                                 (["tokenizer.model"], v3, "tokenizer.model.v3"),
+                                 (["tokenizer.model"], v1, "tokenizer.model")]:
+        for f in src.glob("tokenizer.model*"):
+            f.unlink()
+        for name in names:
+            shutil.copyfile(content, src / name)
+        dst = tmp_path / "m"
+        assert main(["convert", str(src), str(dst), "--to", "mistral", "--overwrite", "--quiet"]) == 0
+        assert [f.name for f in sorted(dst.iterdir()) if is_sentencepiece(f)] == [want]
+        assert (dst / want).read_bytes() == content.read_bytes()
+    capsys.readouterr()
+
+
 def test_cli_convert_to_hf_fused_loads_back_exactly(tmp_path, capsys):
     # save_model writes transformers >= 5's fused experts; convert's --to did not offer them.
     src = hf_mixtral(tmp_path / "hf")

@@ -310,11 +310,35 @@ def convert(args: argparse.Namespace) -> int:
             copy = [vocab] if vocab is not None else []
         else:
             copy = [] if checkpoints.is_step(src) else side_files(src)
+        if args.to == "mistral":
+            copy = _one_mistral_tokenizer(copy, Path(tmp))
         save_model(model, args.dst, fmt=args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
                    copy_files=copy, extra_files=extra, sources=sources, overwrite=args.overwrite,
                    progress=not args.quiet)
     print(f"wrote {args.dst} ({args.to}{f', from {src}' if src != Path(args.src) else ''}{merged})")
     return 0
+
+
+def _one_mistral_tokenizer(files: list[Path], tmp: Path) -> list[Path]:
+    """`files` with the SentencePiece tokenizer as mistral-inference's `load_tokenizer` reads it: one file of
+    `tokenizer.model` or `tokenizer.model.v*` (it refuses a folder with two), whose name gives mistral-common
+    the chat template (`tokenizer.model` is v1 to it). A transformers folder's `tokenizer.model` beside its
+    `tokenizer.model.v3` (Mistral 7B v0.3's) is left out; one alone of another template than v1 (Mixtral
+    8x22B's, a GGUF's vocabulary) is copied, from `tmp`, as `tokenizer.model.v{N}`."""
+    from mixlab.tokenizer import load_tokenizer
+
+    plain = next((f for f in files if f.name == "tokenizer.model"), None)
+    if plain is None:
+        return files
+    rest = [f for f in files if f != plain]
+    if any(f.name.startswith("tokenizer.model.v") for f in rest):
+        return rest
+    version = load_tokenizer(plain).chat_version
+    if version == 1:
+        return files
+    named = tmp / f"tokenizer.model.v{version}"
+    named.write_bytes(plain.read_bytes())
+    return [*rest, named]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
