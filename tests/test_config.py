@@ -66,8 +66,8 @@ def test_the_moe_training_settings_round_trip_through_config_json():
 
 
 def test_params_json_without_rope_theta_follows_the_published_models():
-    # mistral-inference's rule: 1e4 with a sliding window (Mistral 7B v0.1), else 1e6 (Mixtral, Mistral
-    # 7B v0.2); a dense file without a window was given 1e4.
+    # The rule of mistral-inference at Mixtral's release (and the published models'): 1e4 with a sliding window
+    # (Mistral 7B v0.1), else 1e6 (Mixtral, Mistral 7B v0.2); a dense file without a window was given 1e4.
     base = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 96, "vocab_size": 128}
     assert ModelConfig.from_mistral_dict({**base, "sliding_window": 4096}).rope_theta == 1e4
     assert ModelConfig.from_mistral_dict(base).rope_theta == 1e6

@@ -382,9 +382,11 @@ class ModelConfig:
     def from_mistral_dict(cls, d: dict[str, Any], *, source: str = "params.json") -> ModelConfig:
         """Read Mistral's `params.json`.
 
-        Published files often omit `rope_theta`; mistral-inference then takes 1e4 for a file with a
-        `sliding_window` (Mistral 7B v0.1) and 1e6 for one without (Mixtral, Mistral 7B v0.2), and so
-        does this. An absent `sliding_window` (or `_sliding_window`, read the same) means none.
+        Published files often omit `rope_theta`; mistral-inference's release with Mixtral (Dec 2023) then
+        took 1e4 for a file with a `sliding_window` (Mistral 7B v0.1, trained so) and 1e6 for one without
+        (Mixtral, Mistral 7B v0.2), and so does this. Its releases since May 2024 take 1e6 for any file
+        without one (`rope_theta or 1e6`), which misreads Mistral 7B v0.1's. An absent `sliding_window` (or
+        `_sliding_window`, read the same) means none.
         """
         if d.get("model_type", "transformer") != "transformer":  # mistral-inference's MambaArgs (Codestral Mamba)
             raise ConfigError(f"{source}: model_type {d['model_type']!r} is not supported (expected 'transformer', "
@@ -420,7 +422,7 @@ class ModelConfig:
             window = d.get("_sliding_window")
         elif d.get("_sliding_window") is not None:
             raise ConfigError(f"{source}: set one of 'sliding_window' and '_sliding_window', not both")
-        default_theta = 1e6 if window is None else 1e4  # mistral-inference's Transformer.freqs_cis
+        default_theta = 1e6 if window is None else 1e4  # mistral-inference's freqs_cis, Dec 2023 to May 2024
         try:
             return cls(
                 vocab_size=d["vocab_size"],
