@@ -620,6 +620,11 @@ def test_v3_writes_a_null_call_id_as_mistral_common_does_no_id():
     assert ours == ref.tokens
     calls = v3.decode(ours[ours.index(v3.special_id("[TOOL_CALLS]")) + 1:])
     assert json.loads(calls) == [{"name": "get_weather", "arguments": {"city": "Zürich"}}]
+    # elsewhere no result could name it: refused, as mistral-common refuses it (it was hashed, then written as no id)
+    followed = [{**chat[0]}, {**chat[1], "prefix": False}, {"role": "tool", "content": "21", "tool_call_id": "null"}]
+    with pytest.raises(ChatError, match="message 1: tool call id 'null' .* is taken only on the last message"):
+        v3.encode_chat(followed)
+    assert isinstance(_reference(path, [{k: v for k, v in m.items() if k != "prefix"} for m in followed]), Exception)
 
 
 def test_v3_writes_other_servers_call_ids_hashed_and_paired():

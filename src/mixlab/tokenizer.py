@@ -535,8 +535,8 @@ def _written_id(call_id: str, i: int, written: dict[str, str]) -> str:
     return out
 
 
-def _tool_calls(m: Mapping[str, object], i: int, version: int,
-                written: dict[str, str]) -> tuple[Mapping[str, object], ...]:
+def _tool_calls(m: Mapping[str, object], i: int, version: int, written: dict[str, str], *,
+                last: bool = False) -> tuple[Mapping[str, object], ...]:
     """An assistant message's OpenAI `tool_calls` as the template writes them (arguments normalized, v3's ids as
     `_written_id` makes them)."""
     calls = m.get("tool_calls") or []
@@ -556,6 +556,9 @@ def _tool_calls(m: Mapping[str, object], i: int, version: int,
             raise ChatError(f"message {i}: tool call id {call_id!r} must be a non-empty string (Mistral's v3 template "
                             "writes each call's id)")
         if version >= 3 and call_id == _NULL_CALL_ID:
+            if not last:  # a result could not name it: mistral-common refuses it there in every mode
+                raise ChatError(f"message {i}: tool call id 'null' (mistral-common's 'no id') is taken only on the "
+                                "last message; give the call an id its tool result can name")
             call_id = None  # mistral-common's ToolCall default: the call is written without an id
         elif version >= 3:
             assert isinstance(call_id, str)
@@ -602,7 +605,7 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]], version: int = 1) 
         if role == "assistant" and bool(content) == bool(tool_calls):  # an empty system or user message is fine
             raise ChatError(f"message {i}: an assistant message must have content" +
                             (" or tool_calls, not both" if version > 1 else ""))
-        calls.append(_tool_calls(m, i, version, written) if tool_calls else ())
+        calls.append(_tool_calls(m, i, version, written, last=i == len(messages) - 1) if tool_calls else ())
         if role == "tool":
             call_id, name = m.get("tool_call_id"), m.get("name")
             if not tool_call_id_ok(call_id, version):
