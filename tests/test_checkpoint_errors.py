@@ -329,6 +329,9 @@ def test_pickle_is_refused_and_never_unpickled(tmp_path, name):
     for path in (folder, folder / name):
         msg = load_error(path)
         assert name in msg and "never unpickled" in msg and "safetensors" in msg and "weights_only=True" in msg
+        # Mistral's consolidated.00.pth is to become the consolidated.00.safetensors mistral-inference reads too
+        out = "consolidated.00.safetensors" if name.startswith("consolidated") else "model.safetensors"
+        assert f"weights_only=True), '{out}')" in msg
     assert not marker.exists()
     # The trap is real: unpickling it does create the file.
     pickle.loads((folder / name).read_bytes())

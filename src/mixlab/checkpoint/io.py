@@ -48,11 +48,13 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def _pickle_hint(path: Path) -> str:
+    # Mistral's consolidated.00.pth becomes consolidated.00.safetensors: the name mistral-inference reads too
+    out = path.with_suffix(".safetensors").name if path.name.startswith("consolidated") else "model.safetensors"
     return (
         f"{path}: pickle checkpoints are never unpickled by mixlab (unpickling can run arbitrary code). "
         "Convert it once, in an environment you trust, to safetensors, e.g. "
         "`python -c \"import torch; from safetensors.torch import save_file; "
-        f"save_file(torch.load('{path.name}', weights_only=True), 'model.safetensors')\"`, "
+        f"save_file(torch.load('{path.name}', weights_only=True), '{out}')\"`, "
         "or load it with transformers and call save_pretrained(out_dir) (which writes safetensors)."
     )
 
