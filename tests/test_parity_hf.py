@@ -130,3 +130,33 @@ def test_training_gradients_match_transformers(tmp_path):
             torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=n)
     norm = [torch.sqrt(sum(p.grad.square().sum() for p in m.parameters() if p.grad is not None)) for m in (ours, ref)]
     torch.testing.assert_close(norm[0], norm[1], rtol=1e-5, atol=0)
+
+
+def test_tied_config_with_a_different_head_in_the_files_is_refused(tmp_path):
+    """tie_word_embeddings true and an lm_head.weight in the files: an equal copy loads as tied (transformers'
+    logits); a different one was silently dropped, while transformers 5 uses it (logits off by ~30), so it
+    is refused by name; with the field set to false, the head is used, as transformers does."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from mixlab import CheckpointError
+
+    path = hf_mistral(tmp_path, tie_word_embeddings=True)
+    state = load_file(path / "model.safetensors")
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    for head, refused in ((state["model.embed_tokens.weight"].clone(), False),
+                          (torch.randn(state["model.embed_tokens.weight"].shape), True)):
+        save_file({**state, "lm_head.weight": head}, str(path / "model.safetensors"), metadata={"format": "pt"})
+        if refused:
+            with pytest.raises(CheckpointError, match=r"model\.safetensors: config field 'tie_word_embeddings' is "
+                                                      r"true, but tensor 'lm_head\.weight' differs"):
+                load_model(path)
+            config = json.loads((path / "config.json").read_text())
+            (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+        ours = load_model(path)
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours.forward_output(tokens).logits_BTV, ref(tokens).logits, atol=1e-5, rtol=0)
+        assert (ours.output.weight is ours.tok_embeddings.weight) != refused

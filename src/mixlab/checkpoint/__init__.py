@@ -220,7 +220,27 @@ def _read_state(table: list[Rule], infos: dict[str, TensorInfo], *, dtype: torch
                     warnings.warn(f"{infos[name].file}: tensor {name!r} holds NaN or Inf values; the model's "
                                   "outputs will be NaN", stacklevel=2)
             state[r.ours] = t
+        _refuse_untied_head(table, infos, state, reader)
     return state
+
+
+def _refuse_untied_head(table: list[Rule], infos: dict[str, TensorInfo], state: dict[str, torch.Tensor],
+                        reader: TensorReader) -> None:
+    """tie_word_embeddings true, yet the files hold a head that differs from the embeddings: transformers
+    4.x ties the two (the head is dropped), 5.x keeps them apart (the head is used), so no one choice
+    matches both: refused by name. An equal copy (some exporters write one) loads as tied."""
+    if "tok_embeddings.weight" not in state or any(r.ours == "output.weight" for r in table):
+        return  # not tied (or the embeddings were not read)
+    embed = state["tok_embeddings.weight"]
+    for name in ("lm_head.weight", "output.weight"):
+        if name in infos and infos[name].shape == tuple(embed.shape):
+            head = torch.empty_like(embed)
+            reader.read_into(name, head)
+            if not torch.equal(head, embed):
+                raise CheckpointError(
+                    f"{infos[name].file}: config field 'tie_word_embeddings' is true, but tensor {name!r} differs "
+                    "from the embeddings (transformers 4.x would tie them, 5.x use it): set "
+                    "'tie_word_embeddings' to false to use it, or delete it from the files to tie")
 
 
 @contextmanager
