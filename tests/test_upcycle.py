@@ -391,3 +391,23 @@ def test_a_file_given_as_the_dense_model_names_what_to_pass(dense, tmp_path):
     with pytest.raises(CheckpointError, match="nope: no such checkpoint folder"):
         upcycle(tmp_path / "nope", tmp_path / "out", num_experts=2, top_k=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_config_over_a_different_head_is_refused(tmp_path):
+    """tie_word_embeddings true over an lm_head.weight of its own: dropped when equal to the embeddings (the
+    upcycled model equals the dense one); when it differs, the dense model transformers 5 computes uses it,
+    and the upcycled one tied silently (other logits), so it is refused by name."""
+    src = hf_llama(tmp_path / "llama", tie_word_embeddings=True)
+    tensors = load_file(str(src / "model.safetensors"))
+    for head, refused in ((tensors["model.embed_tokens.weight"].clone(), False),
+                          (torch.randn(tensors["model.embed_tokens.weight"].shape), True)):
+        save_file({**tensors, "lm_head.weight": head}, str(src / "model.safetensors"), metadata={"format": "pt"})
+        out = tmp_path / f"out-{refused}"
+        if refused:
+            with pytest.raises(CheckpointError, match=r"config field 'tie_word_embeddings' is true, but tensor "
+                                                      r"'lm_head\.weight' differs"):
+                upcycle(src, out)
+            assert not out.exists()
+        else:
+            upcycle(src, out, num_experts=4)
+            torch.testing.assert_close(hf_logits(out), hf_logits(src), atol=1e-5, rtol=0)

@@ -237,10 +237,15 @@ def _refuse_untied_head(table: list[Rule], infos: dict[str, TensorInfo], state: 
             head = torch.empty_like(embed)
             reader.read_into(name, head)
             if not torch.equal(head, embed):
-                raise CheckpointError(
-                    f"{infos[name].file}: config field 'tie_word_embeddings' is true, but tensor {name!r} differs "
-                    "from the embeddings (transformers 4.x would tie them, 5.x use it): set "
-                    "'tie_word_embeddings' to false to use it, or delete it from the files to tie")
+                raise untied_head_error(infos[name].file, name)
+
+
+def untied_head_error(file: Path, name: str) -> CheckpointError:
+    """The refusal of a tied config over a head tensor `name` in `file` that differs from the embeddings
+    (also `mixlab upcycle`'s)."""
+    return CheckpointError(f"{file}: config field 'tie_word_embeddings' is true, but tensor {name!r} differs "
+                           "from the embeddings (transformers 4.x would tie them, 5.x use it): set "
+                           "'tie_word_embeddings' to false to use it, or delete it from the files to tie")
 
 
 @contextmanager

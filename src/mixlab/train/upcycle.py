@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mixlab.checkpoint import hub_hint, input_files
+from mixlab.checkpoint import hub_hint, input_files, untied_head_error
 from mixlab.checkpoint.io import DTYPES, FLOAT_DTYPES, CheckpointError, TensorReader, tensor_files, write_sharded
 from mixlab.checkpoint.keymaps import Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig, MoEConfig, read_json_object, suffix_of
@@ -209,6 +209,12 @@ def upcycle(
         # e.g. q_proj.bias (attention_bias) or a vision tower: weights Mixtral has no place for.
         raise CheckpointError(f"{where[unexpected[0]]}: tensor {unexpected[0]!r} (and {len(unexpected) - 1} more) "
                               "has no counterpart in a Mixtral model; refusing to drop it")
+    head = next(iter(ignorable & keys), None)  # a tied config's own head: dropped only when it equals the embeddings
+    embed = next(r.theirs[0] for r in dense_rules if r.ours == "tok_embeddings.weight")
+    if head is not None and tuple(reader.shape(head)) == tuple(reader.shape(embed)):
+        with TensorReader(where) as check:
+            if not torch.equal(check.get(head), check.get(embed)):
+                raise untied_head_error(where[head], head)
     for r in dense_rules:  # every shape, before anything is read or written
         for n, want in zip(r.theirs, r.shapes, strict=True):
             if tuple(reader.shape(n)) != tuple(want):
