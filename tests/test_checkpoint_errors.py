@@ -331,12 +331,43 @@ def test_pickle_is_refused_and_never_unpickled(tmp_path, name):
         assert name in msg and "never unpickled" in msg and "safetensors" in msg and "weights_only=True" in msg
         # Mistral's consolidated.00.pth is to become the consolidated.00.safetensors mistral-inference reads too
         out = "consolidated.00.safetensors" if name.startswith("consolidated") else "model.safetensors"
-        assert f"weights_only=True), '{out}')" in msg
+        assert f"}}, '{out}')" in msg
     assert not marker.exists()
     # The trap is real: unpickling it does create the file.
     pickle.loads((folder / name).read_bytes())
     assert marker.exists()
     os.remove(marker)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_pickle_conversion_command_given_works(tmp_path, monkeypatch, sharded):
+    """The command the refusal gives, run as given in the folder, makes a checkpoint that loads as the model:
+    it was one file only (half the tensors of a sharded pickle) and failed on a tied head, whose tensors
+    share memory ("Some tensors share memory", safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    src = hf_mistral(tmp_path / "hf", tie_word_embeddings=not sharded)
+    state = AutoModelForCausalLM.from_pretrained(src).state_dict()
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    if sharded:
+        names = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for f, keys in shards.items():
+            torch.save({k: state[k] for k in keys}, folder / f)
+        (folder / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    msg = load_error(folder)
+    command = msg.split('python -c "', 1)[1].split('"`', 1)[0]
+    monkeypatch.chdir(folder)
+    exec(command, {})
+    ours, ref = load_model(folder), load_model(src)
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours.forward_output(tokens).logits_BTV, ref.forward_output(tokens).logits_BTV)
+    assert (ours.output.weight is ours.tok_embeddings.weight) is not sharded
 
 
 def test_safetensors_win_over_a_pickle_next_to_them(ckpt, tmp_path):

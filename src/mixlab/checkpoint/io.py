@@ -48,13 +48,19 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def _pickle_hint(path: Path) -> str:
-    # Mistral's consolidated.00.pth becomes consolidated.00.safetensors: the name mistral-inference reads too
+    """The refusal of the pickle file `path`, with a command that converts it (every shard of a
+    transformers sharded one, whose index sits beside it; tensors sharing memory, as a tied head
+    and embeddings do, copied apart: save_file refuses shared tensors). Mistral's consolidated.00.pth
+    becomes consolidated.00.safetensors, the name mistral-inference reads too."""
+    sharded = (path.parent / "pytorch_model.bin.index.json").is_file() and path.name.startswith("pytorch_model-")
+    files = "sorted(glob.glob('pytorch_model-*.bin'))" if sharded else repr([path.name])
     out = path.with_suffix(".safetensors").name if path.name.startswith("consolidated") else "model.safetensors"
     return (
         f"{path}: pickle checkpoints are never unpickled by mixlab (unpickling can run arbitrary code). "
-        "Convert it once, in an environment you trust, to safetensors, e.g. "
-        "`python -c \"import torch; from safetensors.torch import save_file; "
-        f"save_file(torch.load('{path.name}', weights_only=True), '{out}')\"`, "
+        f"Convert {'its shards' if sharded else 'it'} once, in an environment you trust, to safetensors, e.g. "
+        "`python -c \"import glob, torch; from safetensors.torch import save_file; "
+        "save_file({k: v.clone(memory_format=torch.contiguous_format) for f in "
+        f"{files} for k, v in torch.load(f, weights_only=True).items()}}, '{out}')\"`, "
         "or load it with transformers and call save_pretrained(out_dir) (which writes safetensors)."
     )
 
