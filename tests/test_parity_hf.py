@@ -160,3 +160,15 @@ def test_tied_config_with_a_different_head_in_the_files_is_refused(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(ours.forward_output(tokens).logits_BTV, ref(tokens).logits, atol=1e-5, rtol=0)
         assert (ours.output.weight is ours.tok_embeddings.weight) != refused
+
+
+def test_swish_is_silu(tmp_path):
+    """hidden_act "swish" is transformers' other name for SiLU: it was refused ("only 'silu' is supported")."""
+    from transformers import AutoModelForCausalLM
+
+    path = hf_mistral(tmp_path, hidden_act="swish")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(path).forward_output(tokens).logits_BTV, ref(tokens).logits,
+                                   atol=1e-5, rtol=0)

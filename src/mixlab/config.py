@@ -307,9 +307,11 @@ class ModelConfig:
                                   "('default') is supported")
         rope_theta = _number(rope.get("rope_theta", d["rope_theta"]), source, "rope_theta")
         # Fields transformers honours that Mixtral / Mistral lack: refused, not silently ignored.
-        for name, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        # "swish" is transformers' other name for SiLU (ACT2FN maps both to it).
+        for name, want, same in (("hidden_act", "silu", ("swish",)), ("attention_bias", False, ()),
+                                 ("mlp_bias", False, ())):
             got = d.get(name, want)
-            if got != want:
+            if got != want and got not in same:
                 raise ConfigError(f"{source}: field {name!r} is {got!r}; only {want!r} is supported")
         moe = None
         if model_type == "mixtral":
