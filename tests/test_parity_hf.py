@@ -160,6 +160,15 @@ def test_tied_config_with_a_different_head_in_the_files_is_refused(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(ours.forward_output(tokens).logits_BTV, ref(tokens).logits, atol=1e-5, rtol=0)
         assert (ours.output.weight is ours.tok_embeddings.weight) != refused
+    # a head of another shape than the embeddings (no head of this model) was dropped without a word
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    save_file({**state, "lm_head.weight": torch.zeros(3, 5)}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: config field 'tie_word_embeddings' is true, but "
+                                              r"tensor 'lm_head\.weight' has shape \[3, 5\], not the embeddings' "
+                                              r"\[128, \d+\]$"):
+        load_model(path)
 
 
 def test_swish_is_silu(tmp_path):

@@ -233,7 +233,11 @@ def _refuse_untied_head(table: list[Rule], infos: dict[str, TensorInfo], state: 
         return  # not tied (or the embeddings were not read)
     embed = state["tok_embeddings.weight"]
     for name in ("lm_head.weight", "output.weight"):
-        if name in infos and infos[name].shape == tuple(embed.shape):
+        if name in infos and infos[name].shape != tuple(embed.shape):  # no head of this model: a broken file
+            raise CheckpointError(f"{infos[name].file}: config field 'tie_word_embeddings' is true, but tensor "
+                                  f"{name!r} has shape {list(infos[name].shape)}, not the embeddings' "
+                                  f"{list(embed.shape)}")
+        if name in infos:
             head = torch.empty_like(embed)
             reader.read_into(name, head)
             if not torch.equal(head, embed):
