@@ -340,7 +340,7 @@ class Engine:
             prompt_ids = prompt_ids.tolist()
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
             shape = getattr(prompt_ids, "shape", None)  # a [1, T] tensor, as a model's forward takes them
-            got = f"a {type(prompt_ids).__name__} of shape {list(shape)}" if shape is not None else \
+            got = f"{type(prompt_ids).__name__} of shape {list(shape)}" if shape is not None else \
                 type(prompt_ids).__name__
             raise ValueError(f"prompt_ids must be a list (or 1-D tensor / array) of token ids, got {got}; one "
                              "request is one prompt: submit each row of a batch on its own")
