@@ -139,11 +139,17 @@ def test_params_json_underscore_sliding_window_is_the_window():
         ModelConfig.from_mistral_dict({**base, "_sliding_window": 16, "sliding_window": 32})
 
 
-def test_hf_config_eos_token_id_list_takes_its_first_id():
+def test_hf_config_eos_token_id_list_takes_its_first_id_and_keeps_all():
     d = {**ModelConfig(vocab_size=1000, moe=None).to_hf_dict(), "model_type": "llama"}
     cfg = ModelConfig.from_hf_dict({**d, "bos_token_id": 500, "eos_token_id": [501, 509]})
     assert (cfg.bos_id, cfg.eos_id) == (500, 501)  # eos was 2, an ordinary token here
+    assert cfg.to_hf_dict()["eos_token_id"] == [501, 509]  # the second was dropped
+    assert cfg.eos_ids == (501, 509) and ModelConfig.from_hf_dict(d).eos_ids == (2,)
     assert ModelConfig.from_hf_dict({**d, "eos_token_id": None}).eos_id == 2
+    assert ModelConfig(vocab_size=1000, extra_eos_ids=[7]).extra_eos_ids == (7,)  # as JSON gives it
+    with pytest.raises(ConfigError, match=r"'extra_eos_ids' \('eos_token_id' in this file\) must be a list of "
+                                          r"token ids in \[0, vocab_size=1000\), got \[501, 1000\]"):
+        ModelConfig.from_hf_dict({**d, "eos_token_id": [3, 501, 1000]})
 
 
 def test_a_run_folder_given_as_a_model_names_its_export(tmp_path):

@@ -93,7 +93,7 @@ _HF_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_h
             "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
             "max_seq_len": "max_position_embeddings", "sliding_window": "sliding_window",
             "moe.num_experts": "num_local_experts", "moe.top_k": "num_experts_per_tok", "bos_id": "bos_token_id",
-            "eos_id": "eos_token_id"}
+            "eos_id": "eos_token_id", "extra_eos_ids": "eos_token_id"}
 # transformers' defaults (MistralConfig, MixtralConfig, LlamaConfig) for keys a config.json may
 # leave out: without rms_norm_eps a Mistral is 1e-6 to transformers, and has a 4096-token window.
 # (A missing num_key_value_heads stays n_heads: the weights' shapes then say if it is wrong.)
@@ -163,8 +163,13 @@ class ModelConfig:
     moe: MoEConfig | None = field(default_factory=MoEConfig)  # None = dense (Mistral 7B)
     bos_id: int = 1
     eos_id: int = 2
+    # more ids that end generation as EOS does (Llama 3 Instruct's eos_token_id [128001, 128008, 128009]:
+    # eos_id is the first, these the rest); `eos_ids` is them all
+    extra_eos_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.extra_eos_ids, list):  # from JSON or a model_overrides table: hashable, as the rest
+            object.__setattr__(self, "extra_eos_ids", tuple(self.extra_eos_ids))
         self.validate()
 
     # -- validation -------------------------------------------------------------------------
@@ -214,6 +219,12 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
                 raise ConfigError(f"config field {name!r} must be a token id in [0, vocab_size={self.vocab_size}), "
                                   f"got {v!r}")
+        ids = self.extra_eos_ids
+        if not isinstance(ids, tuple) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                 and 0 <= v < self.vocab_size for v in ids):
+            shown = list(ids) if isinstance(ids, tuple) else ids
+            raise ConfigError(f"config field 'extra_eos_ids' must be a list of token ids in "
+                              f"[0, vocab_size={self.vocab_size}), got {shown!r}")
         total = self.param_counts()["total"]
         if total > 1 << 44:  # ~17.6T parameters: a typo, not a model
             raise ConfigError(f"config describes {total:,} parameters, more than 2**44; check the sizes")
@@ -223,6 +234,11 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.moe is not None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: `eos_id`, then `extra_eos_ids`."""
+        return (self.eos_id, *(i for i in self.extra_eos_ids if i != self.eos_id))
 
     @property
     def q_dim(self) -> int:
@@ -339,6 +355,7 @@ class ModelConfig:
                 moe=moe,
                 bos_id=_token_id(d.get("bos_token_id"), 1),
                 eos_id=_token_id(d.get("eos_token_id"), 2),
+                extra_eos_ids=_more_ids(d.get("eos_token_id")),
             )
         except ConfigError as e:
             raise _in_file(e, source, _HF_KEYS) from None
@@ -363,7 +380,7 @@ class ModelConfig:
             "sliding_window": self.sliding_window,
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_id,
-            "eos_token_id": self.eos_id,
+            "eos_token_id": list(self.eos_ids) if self.extra_eos_ids else self.eos_id,
             "attention_dropout": 0.0,
             "dtype": "float32",  # transformers >= 5; save_model writes the stored dtype in both
             "torch_dtype": "float32",
@@ -518,11 +535,18 @@ def _number(v: Any, source: str, key: str) -> float:
 
 
 def _token_id(v: Any, default: int) -> int:
-    """config.json's bos/eos_token_id: an id, or a list of ids (Llama 3 Instruct's eos_token_id: the
-    first; it became `default`, so 2, an ordinary token of that vocabulary, ended generation)."""
+    """config.json's bos/eos_token_id: an id, or the first of a list of ids (Llama 3 Instruct's eos_token_id;
+    the rest are `extra_eos_ids`)."""
     if isinstance(v, list) and v:
         v = v[0]
     return v if isinstance(v, int) and not isinstance(v, bool) else default
+
+
+def _more_ids(v: Any) -> tuple[int, ...]:
+    """config.json's eos_token_id list past its first id (`extra_eos_ids`); () for a single id."""
+    if not isinstance(v, list):
+        return ()
+    return tuple(i for i in v[1:] if isinstance(i, int) and not isinstance(i, bool))
 
 
 def _flag(v: Any, source: str, key: str) -> bool:
