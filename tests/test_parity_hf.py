@@ -181,3 +181,68 @@ def test_swish_is_silu(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_model(path).forward_output(tokens).logits_BTV, ref(tokens).logits,
                                    atol=1e-5, rtol=0)
+
+
+def _llama_with_eos_list(tmp_path):
+    """A tiny transformers Llama whose eos_token_id is a list (as Llama 3 Instruct's) and whose greedy
+    continuation of `prompt` reaches the list's second id at its third new token; the folder, the
+    prompt, the list."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       bos_token_id=1, eos_token_id=2)).eval()
+    prompt = [1, 17, 40, 99, 5]
+    with torch.no_grad():
+        free = ref.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+    second = free[2]
+    assert second not in free[:2], free  # the seed gives a continuation that reaches it only there
+    first, third = [i for i in range(3, 128) if i not in free][:2]  # ids the continuation does not reach
+    eos = [first, second, third]
+    ref.config.eos_token_id = ref.generation_config.eos_token_id = eos
+    ref.save_pretrained(tmp_path)
+    return tmp_path, prompt, eos
+
+
+def test_every_id_of_an_eos_token_id_list_ends_generation_as_in_transformers(tmp_path):
+    """Llama 3 Instruct's eos_token_id [128001, 128008, 128009]: transformers stops at any of them;
+    mixlab kept the first alone, so a chat reply ran on past <|eot_id|>."""
+    from transformers import AutoModelForCausalLM
+
+    from mixlab import generate
+    from mixlab.engine import Engine, SamplingParams
+
+    path, prompt, eos = _llama_with_eos_list(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    assert theirs[-1] == eos[1] and len(theirs) == 3
+    ours = load_model(path)
+    assert generate(ours, [prompt], max_new_tokens=12) == [theirs]
+    engine = Engine(ours)
+    h = engine.submit(prompt, SamplingParams(max_tokens=12))
+    engine.run_until_idle()
+    outs = list(h)
+    assert [o.token_id for o in outs] == theirs and outs[-1].finish_reason == "stop"
+    assert outs[-1].stop_reason is None  # EOS, as the first id is
+    h = engine.submit(prompt, SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.run_until_idle()
+    assert len(list(h)) == 12  # ignore_eos: none of them ends it
+    h = engine.submit(prompt, SamplingParams(max_tokens=12, min_tokens=4))
+    engine.run_until_idle()
+    assert [o.token_id for o in h][2] != eos[1]  # min_tokens holds back every EOS id
+
+
+def test_an_eos_token_id_list_round_trips_through_save_model_and_transformers(tmp_path):
+    from transformers import AutoConfig
+
+    from mixlab import save_model
+
+    path, _, eos = _llama_with_eos_list(tmp_path / "hf")
+    save_model(load_model(path), tmp_path / "ours")
+    assert AutoConfig.from_pretrained(tmp_path / "ours").eos_token_id == eos  # it wrote the first alone
+    again = load_model(tmp_path / "ours").config
+    assert again.eos_id == eos[0] and again.to_hf_dict()["eos_token_id"] == eos

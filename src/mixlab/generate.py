@@ -248,8 +248,8 @@ def generate_stream(
     """Yield one `Step` per generated position, as soon as it is sampled.
 
     `prompts`: token-id lists (an empty one becomes `[bos]`). A prompt stops after emitting a stop
-    token (`stop` ints, and the model's EOS unless `stop_at_eos=False`) or the token that completes
-    a `stop` string (needs `tokenizer`); the stop token is included. `seed` seeds a private
+    token (`stop` ints, and each of the model's `config.eos_ids` unless `stop_at_eos=False`) or the token
+    that completes a `stop` string (needs `tokenizer`); the stop token is included. `seed` seeds a private
     `torch.Generator` per prompt, prompt b's with `seed + b`, so equal seeds give equal samples (the
     first prompt's those of a run of it alone) and a prompt repeated gives different ones. Sampling
     as `SamplingParams` describes it: `repetition_penalty` over prompt and output, `presence_penalty`
@@ -281,7 +281,7 @@ def generate_stream(
     check_tokenizer(tokenizer, model.config.vocab_size)
     stop_ids, stop_strings = _check_stop(stop, tokenizer, model.config.vocab_size)
     if stop_at_eos:
-        stop_ids.add(model.config.eos_id)
+        stop_ids.update(model.config.eos_ids)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
         raise ValueError(f"invalid seed={seed!r}: expected an integer in [-2**63, 2**64) or None")
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:

@@ -404,7 +404,7 @@ def chat(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 if step.tokens[0] is None:
                     break
-                n += step.tokens[0] != tok.eos_id
+                n += step.tokens[0] not in model.config.eos_ids
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")

@@ -302,7 +302,7 @@ class Engine:
             raise ValueError(f"unknown adapter {params.adapter!r}: this engine's adapters are {known}")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         handle = Handle(rid, self.cancel, self._stall_reason)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {cfg.eos_id})
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(cfg.eos_ids))
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.runner.device)
@@ -709,7 +709,7 @@ class Engine:
                 seq.text += seq.decoder.push(tok)
             text = self._flush_text(seq)
             # vLLM's stop_reason: the stop token id that ended it; None for EOS (checked first, as vLLM does)
-            stop_reason = tok if tok != self.config.eos_id or p.ignore_eos else None
+            stop_reason = tok if tok not in self.config.eos_ids or p.ignore_eos else None
         else:
             if seq.decoder is not None:
                 seq.text += seq.decoder.push(tok)
