@@ -234,6 +234,11 @@ def test_every_id_of_an_eos_token_id_list_ends_generation_as_in_transformers(tmp
     h = engine.submit(prompt, SamplingParams(max_tokens=12, min_tokens=4))
     engine.run_until_idle()
     assert [o.token_id for o in h][2] != eos[1]  # min_tokens holds back every EOS id
+    # speculative decoding: prompt lookup drafts the second id and more after the first new token; the
+    # second is accepted and ends the output (it went on through the draft's 7, 8)
+    h = engine.submit([*prompt, *theirs, 7, 8, *prompt, theirs[0]], SamplingParams(max_tokens=12, speculative_tokens=4))
+    engine.run_until_idle()
+    assert [o.token_id for o in h] == theirs[1:] and engine.stats()["accepted_tokens"] == 1
 
 
 def test_an_eos_token_id_list_round_trips_through_save_model_and_transformers(tmp_path):
