@@ -147,6 +147,7 @@ def test_hf_config_eos_token_id_list_takes_its_first_id_and_keeps_all():
     assert cfg.eos_ids == (501, 509) and ModelConfig.from_hf_dict(d).eos_ids == (2,)
     assert ModelConfig.from_hf_dict({**d, "eos_token_id": None}).eos_id == 2
     assert ModelConfig(vocab_size=1000, extra_eos_ids=[7]).extra_eos_ids == (7,)  # as JSON gives it
+    assert ModelConfig(vocab_size=1000, extra_eos_ids=(2,)).to_hf_dict()["eos_token_id"] == 2  # one id: no list
     with pytest.raises(ConfigError, match=r"'extra_eos_ids' \('eos_token_id' in this file\) must be a list of "
                                           r"token ids in \[0, vocab_size=1000\), got \[501, 1000\]"):
         ModelConfig.from_hf_dict({**d, "eos_token_id": [3, 501, 1000]})

@@ -1092,3 +1092,22 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_up_front(dataset: Path, tm
         settings.check_batch_fits(mc, batch_size=6, seq_len=32, device="cpu", rows_per_item=2)  # DPO's pairs
     with pytest.raises(ValueError, match=r"batch_size 21 cannot fit: a process's share of .* at most 20 fit"):
         settings.check_batch_fits(mc, batch_size=21, seq_len=32, device="cpu", processes=2)
+
+
+def test_training_a_llama_3_folder_keeps_its_eos_list_only_for_its_own_vocabulary(tmp_path: Path) -> None:
+    """A model folder with an eos_token_id list (Llama 3 Instruct's): its other EOS ids stay EOS after
+    training on data of its tokenizer, and go where the data's smaller vocabulary cannot hold them
+    (the extra ids past the vocabulary were refused)."""
+    from types import SimpleNamespace
+
+    from mixlab.config import ModelConfig, get_preset
+
+    cfg = get_preset("tiny-moe").replace(vocab_size=1000, eos_id=900, extra_eos_ids=(901, 902))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    assert ModelConfig.from_dir(tmp_path / "m").eos_ids == (900, 901, 902)
+    same = SimpleNamespace(vocab_size=1000, bos_id=1, eos_id=902)  # its tokenizer's EOS: <|eot_id|>
+    got = build_model_config(TrainConfig(model=str(tmp_path / "m")), same)  # type: ignore[arg-type]
+    assert got.eos_ids == (902, 900, 901)
+    small = SimpleNamespace(vocab_size=259, bos_id=1, eos_id=2)  # the byte tokenizer's
+    assert build_model_config(TrainConfig(model=str(tmp_path / "m")), small).eos_ids == (2,)  # type: ignore[arg-type]

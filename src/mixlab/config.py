@@ -380,7 +380,7 @@ class ModelConfig:
             "sliding_window": self.sliding_window,
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_id,
-            "eos_token_id": list(self.eos_ids) if self.extra_eos_ids else self.eos_id,
+            "eos_token_id": list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_id,
             "attention_dropout": 0.0,
             "dtype": "float32",  # transformers >= 5; save_model writes the stored dtype in both
             "torch_dtype": "float32",

@@ -195,6 +195,9 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
                           f"vocabulary ({dataset.vocab_size})", setting=setting)
     over.setdefault("bos_id", dataset.bos_id)
     over.setdefault("eos_id", dataset.eos_id)
+    if base.extra_eos_ids and "extra_eos_ids" not in over:  # a Llama 3's EOS list: its ids besides the data's
+        same = over["vocab_size"] == base.vocab_size      # EOS where the data's vocabulary is the model's
+        over["extra_eos_ids"] = tuple(i for i in base.eos_ids if i != over["eos_id"]) if same else ()
     if cfg.init_from:  # the starting weights fix the shape: a file's override was blamed on the checkpoint
         shape = [(k, v, getattr(base, k)) for k, v in over.items() if k in SHAPE_FIELDS and v != getattr(base, k)]
         if moe_over and base.moe is not None and moe_over.get("num_experts", base.moe.num_experts) != \
