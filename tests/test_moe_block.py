@@ -116,16 +116,6 @@ def test_forward_names_a_bad_argument(args: tuple, match: str) -> None:
     assert model(torch.tensor([[1, 2, 3]], dtype=torch.int32)).shape == (1, 3, 256)
 
 
-def test_forward_refuses_more_positions_than_the_context() -> None:
-    """A sequence past `max_seq_len` ran (RoPE at positions the model never saw) without a word, where
-    generate, the engine, a KVCache, training and analysis refuse it."""
-    model = _model()
-    model.config = model.config.replace(max_seq_len=8)
-    with pytest.raises(ValueError, match=r"^tokens hold 9 positions but the model's context is 8 \(config"):
-        model(torch.zeros(1, 9, dtype=torch.long))
-    assert model(torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 256)
-
-
 def test_repr_shows_the_sizes() -> None:
     # print(model) showed "RMSNorm()", "Experts()" and "Router()": nothing of the MoE's shape.
     text = repr(_model())

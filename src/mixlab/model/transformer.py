@@ -255,8 +255,7 @@ class Transformer(nn.Module):
         position `[B, 0, D]`.
 
         `positions_BT`: absolute position of each token, -1 for padding; default 0..T-1 (or
-        continuing the cache; more than `config.max_seq_len` of them are refused, as a `KVCache`
-        refuses). With a cache, the tokens are appended to it. `segments_BT`: packed
+        continuing the cache). With a cache, the tokens are appended to it. `segments_BT`: packed
         sequences (no cache): a token attends only to tokens of its own segment id, causally by
         position, so positions restarting per segment give each the attention it gets alone.
 
@@ -283,11 +282,6 @@ class Transformer(nn.Module):
         cfg = self.config
         # Default positions hold no padding: skip the check (a host sync, and a torch.compile graph break).
         may_pad = positions_BT is not None
-        if positions_BT is None and cache is None and T > cfg.max_seq_len:
-            # Positions the model never saw (RoPE past its context), computed without a word, where
-            # generate, the engine, a KVCache, training and analysis all refuse them.
-            raise ValueError(f"tokens hold {T} positions but the model's context is {cfg.max_seq_len} "
-                             "(config.max_seq_len): pass at most that many, e.g. tokens[:, -max_seq_len:]")
         if positions_BT is None:
             start = 0 if cache is None else cache.t
             positions_BT = torch.arange(start, start + T, device=tokens_BT.device).expand(B, T)
