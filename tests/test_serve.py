@@ -1626,8 +1626,8 @@ def test_a_training_runs_export_is_served_by_the_runs_name(tmp_path: Path, monke
 
     run = tmp_path / "demo"
     (run / "hf").mkdir(parents=True)
-    assert served_name(str(run / "hf")) == "hf"  # not yet a run: no metrics.jsonl, no checkpoints/
-    (run / "metrics.jsonl").write_text("")
+    assert served_name(str(run / "hf")) == "hf"  # not a run: no hf/config.json, no checkpoints/
+    (run / "hf" / "config.json").write_text("{}")
     assert served_name(str(run / "hf")) == served_name(str(run / "hf") + "/") == "demo"
     (tmp_path / "blobs").mkdir()
     (tmp_path / "blobs" / "3f2a").write_text("")

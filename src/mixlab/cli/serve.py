@@ -90,10 +90,13 @@ def check_address(host: str, port: int) -> None:
 
 def served_name(model: str) -> str:
     """The name a model is served as without --served-model-name: its folder's or file's name (a GGUF file's
-    with its suffix), and for a training run's export, `RUN/hf`, the run's (a demo's model was served as
-    "hf"). Links are not followed: a hub snapshot's file links to a blob named by its hash."""
+    with its suffix), and for a training run's export, `RUN/hf`, the run's (`checkpoints.is_training`; a
+    demo's model was served as "hf"). Links are not followed: a hub snapshot's file links to a blob named
+    by its hash."""
+    from mixlab.train.checkpoints import is_training
+
     path = Path(os.path.abspath(os.path.expanduser(model)))
-    if path.name == "hf" and ((path.parent / "metrics.jsonl").is_file() or (path.parent / "checkpoints").is_dir()):
+    if path.name == "hf" and is_training(path.parent):
         path = path.parent
     return path.name or "mixlab"
 
