@@ -59,7 +59,9 @@ def analyze(args: argparse.Namespace) -> int:
         print(f"repeat rate of consecutive tokens, layers {report['moe_layers'][0]}..{report['moe_layers'][-1]}: "
               f"first choice {min(rf):.3f}-{max(rf):.3f} (random {base['first_choice']:.3f}), "
               f"top-{report['top_k']} overlap {min(ro):.3f}-{max(ro):.3f} (random {base['topk_overlap']:.3f})")
-    if not any(Path(args.out).glob("*.png")):  # without matplotlib: the page said so, the terminal did not
+    try:  # as write_figures decides: without matplotlib, no figures; the page said so, the terminal did not
+        import matplotlib  # noqa: F401
+    except ImportError:
         note("analyze", "the report has no figures: pip install 'mixlab[plot]' (matplotlib) draws them")
     return 0
 
