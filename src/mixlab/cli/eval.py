@@ -46,7 +46,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from mixlab.corpus import data_split
     from mixlab.eval.data import documents
     from mixlab.eval.perplexity import evaluate_texts
-    from mixlab.model.inference import is_quantised
+    from mixlab.model.inference import quant_of
     from mixlab.model.native import int4_activations
 
     asked = 2048 if args.context is None else args.context  # a shorter model takes the default quietly
@@ -90,7 +90,7 @@ def evaluate(args: argparse.Namespace) -> int:
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     # what ran, as for the dtype: a GGUF file's Q4_0 matrices are int4 without --quant (its JSON said "none", as
     # a float file's), and int4 products round activations or not (two runs' numbers differ; their JSON did not)
-    quant = "int4" if args.quant == "none" and is_quantised(model) else args.quant
+    quant = quant_of(model, args.quant)
     report.settings.update(model=str(args.model), adapter=str(adapter[0]) if adapter else None,
                            data=str(args.data), split=split, dtype=dtype, quant=quant,
                            int4_activations=int4_activations(model) if quant == "int4" else None,

@@ -20,7 +20,7 @@ from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
 from mixlab.errors import CheckpointError, UsageError
 from mixlab.model.formats import expert_cache
-from mixlab.model.inference import inference_format
+from mixlab.model.inference import quant_of
 
 if TYPE_CHECKING:
     from mixlab.checkpoint.adapter import Adapter
@@ -164,8 +164,7 @@ def serve(args: argparse.Namespace) -> int:
     context = int(getattr(engine, "max_len", None) or getattr(runner, "max_len", None) or model.config.max_seq_len)
     moe = model.config.moe
     # the matrices as loaded: a Q4_0 GGUF's are int4 without --quant (/v1/models said "none")
-    kind = inference_format(model)
-    quant = kind if kind in ("int8", "int4") else args.quant
+    quant = quant_of(model, args.quant)
     dtype = dtype_name(model.tok_embeddings.weight.dtype)
     info = {"layers": model.config.n_layers, "experts": moe.num_experts if moe else 0,
             "experts_per_token": moe.top_k if moe else 0, "vocab_size": model.config.vocab_size,

@@ -77,6 +77,14 @@ def inference_format(model: nn.Module) -> str | None:
     return None
 
 
+def quant_of(model: nn.Module, asked: str) -> str:
+    """The quantisation `model`'s matrices run in, as a report or a server states it: int8 / int4 as
+    loaded or prepared (a GGUF file's Q4_0 matrices are int4 without --quant), else `asked` (the
+    flag's value: "none", or an offloaded model's cache format)."""
+    kind = inference_format(model)
+    return kind if kind in ("int8", "int4") else asked
+
+
 def quantize_model_int8(model: Transformer) -> Transformer:
     """Int8 weight-only quantisation of every matrix except embedding and router, in place."""
     act_dtype = model.tok_embeddings.weight.dtype
