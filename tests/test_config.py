@@ -173,3 +173,14 @@ def test_a_preset_name_with_a_typo_names_the_nearest():
     for bad in (3, ["tiny-moe"], None):
         with pytest.raises(TypeError, match=rf"^get_preset takes a preset name \(str\), not {type(bad).__name__};"):
             get_preset(bad)  # type: ignore[arg-type]
+
+
+def test_generation_eos_ids_replace_the_stop_set_and_are_not_written():
+    """generation_config.json's eos_token_id (`generation_eos_ids`, set by load_model) ends generation in place
+    of config.json's list, as in transformers; config.json keeps its own."""
+    cfg = ModelConfig(vocab_size=1000, extra_eos_ids=(9,), generation_eos_ids=[7, 2, 7])
+    assert cfg.eos_ids == (7, 2) and cfg.to_hf_dict()["eos_token_id"] == [2, 9]
+    assert cfg == cfg.replace(generation_eos_ids=None)  # no shape of its own
+    for bad in ((), (1000,), ("7",)):
+        with pytest.raises(ConfigError, match=r"'generation_eos_ids' must be None or a non-empty list of token ids"):
+            ModelConfig(vocab_size=1000, generation_eos_ids=bad)

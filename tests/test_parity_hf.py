@@ -251,3 +251,59 @@ def test_an_eos_token_id_list_round_trips_through_save_model_and_transformers(tm
     assert AutoConfig.from_pretrained(tmp_path / "ours").eos_token_id == eos  # it wrote the first alone
     again = load_model(tmp_path / "ours").config
     assert again.eos_id == eos[0] and again.to_hf_dict()["eos_token_id"] == eos
+
+
+def _greedy_everywhere(path, prompt, n=12):
+    """Greedy continuations of `prompt` by transformers' generate and mixlab's generate and engine."""
+    from transformers import AutoModelForCausalLM
+
+    from mixlab import generate
+    from mixlab.engine import Engine, SamplingParams
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    ours = load_model(path)
+    engine = Engine(ours)
+    h = engine.submit(prompt, SamplingParams(max_tokens=n))
+    engine.run_until_idle()
+    return theirs, generate(ours, [prompt], max_new_tokens=n)[0], [o.token_id for o in h]
+
+
+@pytest.mark.parametrize("config_eos", ["first", "list"])
+def test_generation_config_eos_ids_end_generation_as_in_transformers(config_eos, tmp_path):
+    """transformers' generate takes eos_token_id from generation_config.json in place of config.json's: Llama 3
+    Instruct's config.json names <|end_of_text|> alone and its generation_config.json adds <|eot_id|>. mixlab
+    read config.json alone, so a reply ran past the list's second id ("first"), or stopped at an id of
+    config.json's list that generation_config.json leaves out ("list")."""
+    import json
+
+    path, prompt, eos = _llama_with_eos_list(tmp_path)
+    free, _, _ = _greedy_everywhere(path, prompt, n=2)  # eos[1] comes third
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["eos_token_id"] = eos[0] if config_eos == "first" else [eos[0], free[1]]
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == eos
+    theirs, ours, engine = _greedy_everywhere(path, prompt)
+    assert len(theirs) == 3 and theirs[-1] == eos[1]
+    assert ours == engine == theirs
+    assert load_model(path).config.to_hf_dict()["eos_token_id"] == cfg["eos_token_id"]  # config.json's, as read
+
+
+def test_a_bad_generation_config_is_named(tmp_path):
+    from mixlab.checkpoint import CheckpointError
+
+    path = hf_mistral(tmp_path)
+    for text, match in [("{not json", "not valid JSON"), ('{"eos_token_id": "2"}', "field 'eos_token_id' must be"),
+                        ('{"eos_token_id": [2, 1.5]}', "field 'eos_token_id' must be"),
+                        ('{"eos_token_id": []}', "non-empty list"),
+                        ('{"eos_token_id": [2, 128]}', r"in \[0, vocab_size=128\), got \[2, 128\]")]:
+        (path / "generation_config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=rf"^{path / 'generation_config.json'}: .*{match}") as e:
+            load_model(path)
+        assert "\n" not in str(e.value)
+    (path / "generation_config.json").write_text('{"eos_token_id": null, "do_sample": true}')
+    assert load_model(path).config.eos_ids == (2,)  # no field: config.json's (transformers' stops at none)
+    (path / "generation_config.json").write_text('{"eos_token_id": 5}')
+    assert load_model(path).config.eos_ids == (5,)  # an id in place of config.json's, as transformers takes it

@@ -166,10 +166,15 @@ class ModelConfig:
     # more ids that end generation as EOS does (Llama 3 Instruct's eos_token_id [128001, 128008, 128009]:
     # eos_id is the first, these the rest); `eos_ids` is them all
     extra_eos_ids: tuple[int, ...] = ()
+    # generation_config.json's eos_token_id, where a transformers folder has one (`load_model` reads it): then
+    # the ids that end generation in place of eos_id + extra_eos_ids, as in transformers' generate. Never written
+    # to config.json (an export copies generation_config.json) and not compared (it changes no shape).
+    generation_eos_ids: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.extra_eos_ids, list):  # from JSON or a model_overrides table: hashable, as the rest
-            object.__setattr__(self, "extra_eos_ids", tuple(self.extra_eos_ids))
+        for name in ("extra_eos_ids", "generation_eos_ids"):  # from JSON or a model_overrides table: hashable
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         self.validate()
 
     # -- validation -------------------------------------------------------------------------
@@ -219,12 +224,17 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
                 raise ConfigError(f"config field {name!r} must be a token id in [0, vocab_size={self.vocab_size}), "
                                   f"got {v!r}")
-        ids = self.extra_eos_ids
-        if not isinstance(ids, tuple) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                 and 0 <= v < self.vocab_size for v in ids):
-            shown = list(ids) if isinstance(ids, tuple) else ids
-            raise ConfigError(f"config field 'extra_eos_ids' must be a list of token ids in "
-                              f"[0, vocab_size={self.vocab_size}), got {shown!r}")
+        for name in ("extra_eos_ids", "generation_eos_ids"):
+            ids = getattr(self, name)
+            if ids is None and name == "generation_eos_ids":
+                continue
+            if not isinstance(ids, tuple) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                     and 0 <= v < self.vocab_size for v in ids) \
+                    or name == "generation_eos_ids" and not ids:
+                shown = list(ids) if isinstance(ids, tuple) else ids
+                what = "None or a non-empty list" if name == "generation_eos_ids" else "a list"
+                raise ConfigError(f"config field {name!r} must be {what} of token ids in "
+                                  f"[0, vocab_size={self.vocab_size}), got {shown!r}")
         total = self.param_counts()["total"]
         if total > 1 << 44:  # ~17.6T parameters: a typo, not a model
             raise ConfigError(f"config describes {total:,} parameters, more than 2**44; check the sizes")
@@ -237,7 +247,9 @@ class ModelConfig:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        """Every id that ends generation: `eos_id`, then `extra_eos_ids`."""
+        """Every id that ends generation: `generation_eos_ids` where set, else `eos_id`, then `extra_eos_ids`."""
+        if self.generation_eos_ids is not None:
+            return tuple(dict.fromkeys(self.generation_eos_ids))
         return (self.eos_id, *(i for i in self.extra_eos_ids if i != self.eos_id))
 
     @property
@@ -380,7 +392,8 @@ class ModelConfig:
             "sliding_window": self.sliding_window,
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_id,
-            "eos_token_id": list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_id,
+            "eos_token_id": [self.eos_id, *more] if (more := [i for i in self.extra_eos_ids if i != self.eos_id])
+            else self.eos_id,  # not generation_eos_ids: generation_config.json's
             "attention_dropout": 0.0,
             "dtype": "float32",  # transformers >= 5; save_model writes the stored dtype in both
             "torch_dtype": "float32",
@@ -571,6 +584,25 @@ def read_json_object(f: Path) -> dict[str, Any]:
         raise ConfigError(f"{f}: expected a JSON object at the top level")
     return d
 
+
+
+def with_generation_config(config: ModelConfig, folder: Path) -> ModelConfig:
+    """`config` (read from `folder`'s config.json) with the eos_token_id of the folder's generation_config.json
+    as `generation_eos_ids`, where it has one: transformers' generate takes that file's, an id or a list, in
+    place of config.json's (Llama 3 Instruct's puts <|eot_id|> there alone). A file without the field, or with
+    null, leaves config.json's (transformers' generate then stops at no EOS at all)."""
+    f = folder / "generation_config.json"
+    if not f.exists():
+        return config
+    v = read_json_object(f).get("eos_token_id")
+    if v is None:
+        return config
+    ids = v if isinstance(v, list) else [v]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size
+                          for i in ids):
+        raise ConfigError(f"{f}: field 'eos_token_id' must be a token id or a non-empty list of token ids in "
+                          f"[0, vocab_size={config.vocab_size}), got {v!r}")
+    return config.replace(generation_eos_ids=tuple(ids))
 
 def _tiny(**kw: Any) -> ModelConfig:
     base: dict[str, Any] = dict(

@@ -38,7 +38,7 @@ from mixlab.checkpoint.io import (
     write_sharded,
 )
 from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
-from mixlab.config import ConfigError, ModelConfig, as_path, suffix_of
+from mixlab.config import ConfigError, ModelConfig, as_path, suffix_of, with_generation_config
 from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
 from mixlab.model.inference import inference_format
@@ -316,11 +316,15 @@ def _refuse_pickle_or_recover(root: Path) -> None:
 
 
 def folder_config(root: Path, config: ModelConfig | None = None) -> ModelConfig:
-    """`config`, else the model config of checkpoint folder `root` (config.json / params.json), after
-    `load_model`'s checks of the path (a pickle, an interrupted save, no folder)."""
+    """`config`, else the model config of checkpoint folder `root` (config.json / params.json; a transformers
+    folder's generation_config.json gives the ids that end generation, as in transformers), after `load_model`'s
+    checks of the path (a pickle, an interrupted save, no folder)."""
     _refuse_pickle_or_recover(root)
+    if config is not None:
+        return config
     try:
-        return config or ModelConfig.from_dir(root)
+        config = ModelConfig.from_dir(root)
+        return with_generation_config(config, root) if (root / "config.json").is_file() else config
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
