@@ -849,3 +849,72 @@ def _load_with_key(tmp_path, key, value, message):
     w.close()
     with pytest.raises(CheckpointError, match="m.gguf: " + message):
         load_model(path)
+
+
+def _gguf_with(model: Transformer, path: Path, keys: dict[str, int | str]) -> Path:
+    """`model` as an f32 GGUF file at `path` with the metadata `keys` added (uint32 or string)."""
+    w = gguf_writer(model.config, name="x", file_type=0)
+    for k, v in keys.items():
+        (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
+    for n, t, _ in gguf_tensors(model, model.config):
+        w.add_tensor(n, t.detach().float().contiguous().numpy())
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+def _eog_ids(path: Path) -> set[int]:
+    """The ids llama.cpp ends generation at in the GGUF file `path` (`llama_vocab_is_eog`)."""
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    vocab = llm._model.vocab
+    ids = {i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    llm.close()
+    return ids
+
+
+def test_eot_and_eom_ids_end_generation_as_in_llama_cpp(tmp_path):
+    """llama.cpp ends generation at a file's tokenizer.ggml.eot_token_id and eom_token_id as at EOS (Llama 3's
+    <|eot_id|>, <|eom_id|>); mixlab read eos_token_id alone, so its reply ran on past them."""
+    from mixlab import generate
+
+    model = _model("dense")
+    prompt = [1, 851, 3999, 12000, 77]
+    free = generate(model, [prompt], max_new_tokens=3, stop_at_eos=False)[0]
+    eot, eom = free[2], next(i for i in range(1000, 2000) if i not in free)  # eot comes third, eom never
+    assert eot not in free[:2] and 2 not in free, free
+    path = _gguf_with(model, tmp_path / "m.gguf", {"tokenizer.ggml.eot_token_id": eot,
+                                                   "tokenizer.ggml.eom_token_id": eom})
+    loaded = load_model(path)
+    assert set(loaded.config.eos_ids) == _eog_ids(path) == {2, eot, eom}
+    ours = generate(loaded, [prompt], max_new_tokens=8)[0]
+    assert ours == free  # stopped at eot, which it keeps as it keeps EOS
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, verbose=False)
+    out = llm.create_completion(prompt, max_tokens=8, temperature=0.0)
+    text = llm.detokenize(free[:2], prev_tokens=prompt).decode()  # as it decoded its own tokens
+    llm.close()
+    assert (out["choices"][0]["finish_reason"], out["usage"]["completion_tokens"]) == ("stop", 2)
+    assert out["choices"][0]["text"] == text
+
+
+def test_write_gguf_writes_every_eos_id_that_llama_cpp_has_a_key_for(tmp_path):
+    """A model that ends generation at several ids (an eos_token_id list, generation_config.json's) was written
+    with EOS alone, so llama.cpp ran on past the others: the second and third are its eot and eom ids."""
+    model = Transformer(_model("dense").config.replace(extra_eos_ids=(900, 901)))
+    model.init_weights(seed=0)
+    path = write_gguf(model, tmp_path / "m.gguf", quant="f32")
+    assert _eog_ids(path) == {2, 900, 901}
+    assert load_model(path).config.eos_ids == (2, 900, 901)
+    more = Transformer(model.config.replace(extra_eos_ids=(900, 901, 902)))
+    with pytest.warns(UserWarning, match=r"llama.cpp will not stop at \[902\]"):
+        write_gguf(more, tmp_path / "more.gguf", quant="f32")
+
+
+@pytest.mark.parametrize(("value", "match"), [("x", r"'tokenizer.ggml.eot_token_id' = 'x' has the wrong type"),
+                                              (32000, r"'extra_eos_ids' \('tokenizer.ggml.eot_token_id / eom_"
+                                                      r"token_id' in this file\) must be a list of token ids in "
+                                                      r"\[0, vocab_size=32000\), got \[32000\]")])
+def test_a_bad_eot_token_id_is_named(value, match, tmp_path):
+    path = _gguf_with(_model("dense"), tmp_path / "m.gguf", {"tokenizer.ggml.eot_token_id": value})
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)

@@ -166,6 +166,15 @@ def gguf_writer(config: ModelConfig, *, name: str, file_type: int, tokenizer: st
     w.add_token_types(types)
     w.add_bos_token_id(special["bos"])
     w.add_eos_token_id(special["eos"])
+    # the model's other ids that end generation (config.eos_ids: an eos_token_id list, generation_config.json's):
+    # llama.cpp ends generation at its end-of-turn and end-of-message ids too (`llama_vocab_is_eog`), and has no
+    # key for a third
+    more = [i for i in config.eos_ids if i != special["eos"]]
+    if len(more) > 2:
+        warnings.warn(f"the model ends generation at {len(more) + 1} ids; GGUF has keys for three "
+                      f"(tokenizer.ggml.eos/eot/eom_token_id), so llama.cpp will not stop at {more[2:]}", stacklevel=3)
+    for add, i in zip((w.add_eot_token_id, w.add_eom_token_id), more, strict=False):
+        add(i)
     if special["unk"] >= 0:
         w.add_unk_token_id(special["unk"])
     w.add_add_bos_token(True)

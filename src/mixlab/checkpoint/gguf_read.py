@@ -357,7 +357,11 @@ _KEYS = {"vocab_size": "llama.vocab_size", "dim": "llama.embedding_length", "n_l
          "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
          "max_seq_len": "llama.context_length", "moe.num_experts": "llama.expert_count",
          "moe.top_k": "llama.expert_used_count", "bos_id": "tokenizer.ggml.bos_token_id",
-         "eos_id": "tokenizer.ggml.eos_token_id"}
+         "eos_id": "tokenizer.ggml.eos_token_id", "extra_eos_ids": "tokenizer.ggml.eot_token_id / eom_token_id"}
+# Besides EOS, the ids llama.cpp ends generation at (`llama_vocab_is_eog`) that a file names by key: end of turn
+# (Llama 3's <|eot_id|>) and end of message (<|eom_id|>). llama.cpp also takes tokens by their text alone
+# (<|im_end|>, <|eot_id|>, ...: a list in llama-vocab.cpp that changes between versions); mixlab reads the keys.
+EOG_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
 def config_from_header(h: GGUFHeader) -> ModelConfig:
@@ -407,6 +411,7 @@ def config_from_header(h: GGUFHeader) -> ModelConfig:
             tie_embeddings="output.weight" not in h.tensors, moe=moe,
             bos_id=_meta(h, "tokenizer.ggml.bos_token_id", int, 1),
             eos_id=_meta(h, "tokenizer.ggml.eos_token_id", int, 2),
+            extra_eos_ids=tuple(_meta(h, k, int) for k in EOG_KEYS if k in h.metadata),
         )
     except ConfigError as e:
         raise CheckpointError(str(_in_file(e, str(h.path), _KEYS))) from None
