@@ -579,6 +579,31 @@ def test_a_v3_tokenizer_json_chats_as_its_sentencepiece_file(tmp_path):
         assert not _same_as_mistral_common(tok, v3, chat, tools=TOOLS)
 
 
+
+def test_a_mistral_folder_chats_with_its_sentencepiece_file_as_mistral_inference(tmp_path):
+    """A converted Mistral folder (params.json) holding tokenizer.json beside tokenizer.model.v3: mistral-inference
+    reads the .v3 file alone. mixlab took tokenizer.json, whose Metaspace layout (transformers' converter without
+    `legacy`) writes a message that starts with a space or "▁" other than SentencePiece; equal on corpus chats."""
+    pytest.importorskip("tokenizers")
+    from mixlab.tokenizer import model_tokenizer
+
+    v3 = _mistral_file("v3")
+    hf_tokenizer_json(tmp_path, v3)
+    table = json.loads((tmp_path / "tokenizer.json").read_text())
+    table["normalizer"] = None
+    table["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(table))
+    (tmp_path / "tokenizer.model.v3").write_bytes(v3.read_bytes())
+    assert model_tokenizer(tmp_path).path.name == "tokenizer.json"  # transformers' folder: transformers' file
+    (tmp_path / "params.json").write_text("{}")
+    tok = model_tokenizer(tmp_path)
+    assert tok.path.name == "tokenizer.model.v3" and tok.chat_version == 3
+    chats = [[{"role": "user", "content": "  two spaces"}], [{"role": "user", "content": "▁already"}],
+             [{"role": "user", "content": "q"}, {"role": "assistant", "content": " a"},
+              {"role": "user", "content": " "}]]
+    for chat in chats + _corpus_chats():
+        assert not _same_as_mistral_common(tok, v3, chat, tools=TOOLS)
+
 def test_tools_are_refused_by_the_v1_template(tok):
     # mistral-common's v1 drops them without a word; Mixtral 8x7B Instruct was never shown tools
     with pytest.raises(ChatError, match=r"tools need a tokenizer with Mistral's v2/v3 template .* is v1"):

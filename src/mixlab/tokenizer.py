@@ -767,14 +767,18 @@ def tokenizer_file(folder: Path) -> Path | None:
     """The tokenizer file of a checkpoint folder: its `tokenizer.model`, `tokenizer.model.v1` or
     `tokenizer.json`, else a versioned SentencePiece file of Mistral's (`tokenizer.model.v3`, the only
     one in Mistral 7B v0.3's download: its vocabulary is not Mixtral's); None when there is none.
-    Mistral's Tekken tokenizer (`tekken.json`, Mistral NeMo and later) is refused: Mixtral's in its
-    place would give the model other text's ids."""
-    for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json"):
-        if (folder / name).is_file():
-            return folder / name
-    versioned = sorted(f for f in folder.glob("tokenizer.model.v*") if f.is_file())
-    if versioned:
-        return versioned[-1]
+    In a Mistral-format folder (`params.json`) a SentencePiece file comes before `tokenizer.json`, as
+    mistral-inference reads that file alone: a converted folder's tokenizer.json (transformers' Metaspace
+    layout) encodes a message that starts with a space other than it. Mistral's Tekken tokenizer
+    (`tekken.json`, Mistral NeMo and later) is refused: Mixtral's in its place would give the model other
+    text's ids."""
+    sentencepiece = [folder / "tokenizer.model", folder / "tokenizer.model.v1"]
+    newest = sorted(f for f in folder.glob("tokenizer.model.v*") if f.is_file())[-1:]
+    hf = [folder / "tokenizer.json"]
+    order = [*sentencepiece, *newest, *hf] if (folder / "params.json").is_file() else [*sentencepiece, *hf, *newest]
+    for f in order:
+        if f.is_file():
+            return f
     if (folder / "tekken.json").is_file():
         raise ValueError(f"{folder / 'tekken.json'}: Mistral's Tekken tokenizer is not supported (SentencePiece "
                          "and tokenizer.json are); pass a tokenizer that is")
