@@ -652,6 +652,31 @@ def test_v3_writes_a_null_call_id_as_mistral_common_does_no_id():
     assert isinstance(_reference(path, [{k: v for k, v in m.items() if k != "prefix"} for m in followed]), Exception)
 
 
+
+def test_v3_refuses_a_tool_result_for_the_null_call_id_as_mistral_common_does():
+    """A tool result whose tool_call_id is "null" (mistral-common's 'no id'): mistral-common's v3 refuses it in every
+    mode (its ids are 9 letters and digits); mixlab hashed it as any other id and wrote a result that names no call
+    (a call without an id is written with none, and only as the last message)."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    path = _mistral_file("v3")
+    v3 = load_tokenizer(path)
+    chat = [{"role": "user", "content": "Weather in Zürich?"},
+            {"role": "assistant", "content": None, "tool_calls": [_call("abcDEF123")]},
+            {"role": "tool", "content": "21", "tool_call_id": "null"}, {"role": "assistant", "content": "21 °C."},
+            {"role": "user", "content": "Thanks"}]
+    with pytest.raises(ChatError, match=r"^message 2: a tool result's 'tool_call_id' 'null' "
+                                        r"\(mistral-common's 'no id'\) names no call"):
+        v3.encode_chat(chat, tools=TOOLS)
+    assert isinstance(_reference(path, chat, tools=TOOLS), Exception)
+    finetuning = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+    with pytest.raises(Exception, match="Tool call id was null"):
+        finetuning.encode_chat_completion(ChatCompletionRequest(messages=chat[:4], tools=TOOLS))
+    named = [*chat[:2], {**chat[2], "tool_call_id": "abcDEF123"}, *chat[3:]]
+    assert not _same_as_mistral_common(v3, path, named, tools=TOOLS)  # its call's id: written as it is
+
 def test_v3_writes_other_servers_call_ids_hashed_and_paired():
     """A follow-up carried over from another server (OpenAI's `call_` + 24 ids, an agent framework's own) was
     refused on v3: its ids are now written as `template_call_id` maps them, the same map for a call and the result

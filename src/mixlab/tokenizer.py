@@ -611,6 +611,10 @@ def _normalize_chat(messages: Sequence[Mapping[str, object]], version: int = 1) 
             if not tool_call_id_ok(call_id, version):
                 raise ChatError(f"message {i}: a tool result's 'tool_call_id' must be its call's id, a non-empty "
                                 f"string (Mistral's v3 template writes it), got {call_id!r}")
+            if version >= 3 and call_id == _NULL_CALL_ID:  # refused by mistral-common's v3 in every mode
+                raise ChatError(f"message {i}: a tool result's 'tool_call_id' 'null' (mistral-common's 'no id') names "
+                                "no call: a call without an id is taken only as the last message; give the call "
+                                "and its result an id")
             if version >= 3:
                 assert isinstance(call_id, str)
                 result_ids[i] = _written_id(call_id, i, written)
