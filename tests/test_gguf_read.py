@@ -24,6 +24,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -897,7 +898,42 @@ def test_eot_and_eom_ids_end_generation_as_in_llama_cpp(tmp_path):
     assert out["choices"][0]["text"] == text
 
 
-def test_write_gguf_writes_every_eos_id_that_llama_cpp_has_a_key_for(tmp_path):
+
+def _rename_pieces(monkeypatch, names: dict[int, str]) -> None:
+    """GGUF files written from here on give the pieces of the ids of `names` those texts."""
+    import mixlab.checkpoint.gguf as gguf_export
+
+    vocab = gguf_export._vocab
+
+    def renamed(config, tokenizer):
+        pieces, scores, types, special = vocab(config, tokenizer)
+        return [names[i].encode() if i in names else p for i, p in enumerate(pieces)], scores, types, special
+
+    monkeypatch.setattr(gguf_export, "_vocab", renamed)
+
+def test_chat_turn_ends_known_by_their_text_end_generation_as_in_llama_cpp(tmp_path, monkeypatch):
+    """llama.cpp ends generation at <|im_end|> (a ChatML Mixtral fine-tune's, whose file's EOS is </s>) and the other
+    chat-turn ends of `EOG_TEXTS` by their text alone, no key naming them; mixlab ran on past them."""
+    from mixlab import generate
+
+    model = _model("dense")
+    prompt = [1, 851, 3999, 12000, 77]
+    free = generate(model, [prompt], max_new_tokens=3, stop_at_eos=False)[0]
+    assert free[2] not in free[:2] and 2 not in free, free
+    others = sorted(gguf_read.EOG_TEXTS - {"<|im_end|>"})
+    unreached = [i for i in range(1000, 2000) if i not in free][:len(others)]
+    names = {free[2]: "<|im_end|>", **dict(zip(unreached, others, strict=True))}  # id -> its piece's new text
+    _rename_pieces(monkeypatch, names)
+    path = _gguf_with(model, tmp_path / "m.gguf", {})
+    loaded = load_model(path)
+    assert set(loaded.config.eos_ids) == _eog_ids(path) == {2, *names}
+    assert generate(loaded, [prompt], max_new_tokens=8)[0] == free
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, verbose=False)
+    out = llm.create_completion(prompt, max_tokens=8, temperature=0.0)
+    llm.close()
+    assert (out["choices"][0]["finish_reason"], out["usage"]["completion_tokens"]) == ("stop", 2)
+
+def test_write_gguf_writes_every_eos_id_that_llama_cpp_has_a_key_for(tmp_path, monkeypatch):
     """A model that ends generation at several ids (an eos_token_id list, generation_config.json's) was written
     with EOS alone, so llama.cpp ran on past the others: the second and third are its eot and eom ids."""
     model = Transformer(_model("dense").config.replace(extra_eos_ids=(900, 901)))
@@ -908,6 +944,11 @@ def test_write_gguf_writes_every_eos_id_that_llama_cpp_has_a_key_for(tmp_path):
     more = Transformer(model.config.replace(extra_eos_ids=(900, 901, 902)))
     with pytest.warns(UserWarning, match=r"llama.cpp will not stop at \[902\]"):
         write_gguf(more, tmp_path / "more.gguf", quant="f32")
+    _rename_pieces(monkeypatch, {900: "<|im_end|>"})  # known by its text: no key needed, so none is short
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = write_gguf(more, tmp_path / "named.gguf", quant="f32")
+    assert _eog_ids(path) == {2, 900, 901, 902}
 
 
 @pytest.mark.parametrize(("value", "match"), [("x", r"'tokenizer.ggml.eot_token_id' = 'x' has the wrong type"),

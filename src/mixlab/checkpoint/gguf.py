@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mixlab.atomic import atomic_file, check_destination
+from mixlab.checkpoint.gguf_read import EOG_TEXTS
 from mixlab.config import ModelConfig, suffix_of
 from mixlab.errors import OutputError
 from mixlab.tokenizer import default_tokenizer_path
@@ -168,8 +169,8 @@ def gguf_writer(config: ModelConfig, *, name: str, file_type: int, tokenizer: st
     w.add_eos_token_id(special["eos"])
     # the model's other ids that end generation (config.eos_ids: an eos_token_id list, generation_config.json's):
     # llama.cpp ends generation at its end-of-turn and end-of-message ids too (`llama_vocab_is_eog`), and has no
-    # key for a third
-    more = [i for i in config.eos_ids if i != special["eos"]]
+    # key for a third; those it knows by their text (<|im_end|>) need none
+    more = [i for i in config.eos_ids if i != special["eos"] and pieces[i].decode() not in EOG_TEXTS]
     if len(more) > 2:
         warnings.warn(f"the model ends generation at {len(more) + 1} ids; GGUF has keys for three "
                       f"(tokenizer.ggml.eos/eot/eom_token_id), so llama.cpp will not stop at {more[2:]}", stacklevel=3)

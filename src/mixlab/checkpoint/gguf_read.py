@@ -358,10 +358,14 @@ _KEYS = {"vocab_size": "llama.vocab_size", "dim": "llama.embedding_length", "n_l
          "max_seq_len": "llama.context_length", "moe.num_experts": "llama.expert_count",
          "moe.top_k": "llama.expert_used_count", "bos_id": "tokenizer.ggml.bos_token_id",
          "eos_id": "tokenizer.ggml.eos_token_id", "extra_eos_ids": "tokenizer.ggml.eot_token_id / eom_token_id"}
-# Besides EOS, the ids llama.cpp ends generation at (`llama_vocab_is_eog`) that a file names by key: end of turn
-# (Llama 3's <|eot_id|>) and end of message (<|eom_id|>). llama.cpp also takes tokens by their text alone
-# (<|im_end|>, <|eot_id|>, ...: a list in llama-vocab.cpp that changes between versions); mixlab reads the keys.
+# Besides EOS, the ids llama.cpp ends generation at (`llama_vocab_is_eog`, llama-vocab.cpp): those a file names
+# by key, end of turn (Llama 3's <|eot_id|>) and end of message (<|eom_id|>), and tokens it knows by their text
+# alone (ChatML's <|im_end|> in a Mixtral fine-tune's vocabulary, which a file's EOS need not name). Its list of
+# texts grows between versions, with exceptions for other vocabularies (gpt-oss's <|end|>): these are the
+# chat-turn ends in it (each an EOG token to the llama.cpp of llama-cpp-python 0.3.36, as the tests check).
 EOG_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+EOG_TEXTS = frozenset({"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
+                       "<end_of_turn>", "<EOT>"})
 
 
 def config_from_header(h: GGUFHeader) -> ModelConfig:
@@ -411,10 +415,18 @@ def config_from_header(h: GGUFHeader) -> ModelConfig:
             tie_embeddings="output.weight" not in h.tensors, moe=moe,
             bos_id=_meta(h, "tokenizer.ggml.bos_token_id", int, 1),
             eos_id=_meta(h, "tokenizer.ggml.eos_token_id", int, 2),
-            extra_eos_ids=tuple(_meta(h, k, int) for k in EOG_KEYS if k in h.metadata),
+            extra_eos_ids=_eog_ids(h, vocab),
         )
     except ConfigError as e:
         raise CheckpointError(str(_in_file(e, str(h.path), _KEYS))) from None
+
+
+def _eog_ids(h: GGUFHeader, vocab: int) -> tuple[int, ...]:
+    """The ids besides EOS that llama.cpp ends generation at: `EOG_KEYS`' values, then the tokens of `EOG_TEXTS`."""
+    keyed = [_meta(h, k, int) for k in EOG_KEYS if k in h.metadata]
+    tokens = h.metadata.get("tokenizer.ggml.tokens")
+    named = [i for i, t in enumerate(tokens[:vocab]) if t in EOG_TEXTS] if isinstance(tokens, list) else []
+    return tuple(dict.fromkeys(keyed + named))
 
 
 # --------------------------------------------------------------------------------------------------
