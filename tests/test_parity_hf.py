@@ -307,3 +307,27 @@ def test_a_bad_generation_config_is_named(tmp_path):
     assert load_model(path).config.eos_ids == (2,)  # no field: config.json's (transformers' stops at none)
     (path / "generation_config.json").write_text('{"eos_token_id": 5}')
     assert load_model(path).config.eos_ids == (5,)  # an id in place of config.json's, as transformers takes it
+
+
+def test_save_model_keeps_generation_config_eos_ids(tmp_path):
+    """A model loaded with generation_config.json's EOS ids and saved by `save_model` (no side files copied)
+    writes them to its own generation_config.json, where transformers and `load_model` read them back: before,
+    the folder stopped at config.json's id alone."""
+    import json
+
+    from transformers import GenerationConfig
+
+    from mixlab import save_model
+
+    path, _, eos = _llama_with_eos_list(tmp_path / "src")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["eos_token_id"] = eos[0]
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = load_model(path)
+    assert model.config.eos_ids == tuple(eos)
+    save_model(model, tmp_path / "out")
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == eos
+    assert load_model(tmp_path / "out").config.eos_ids == tuple(eos)
+    save_model(model, tmp_path / "copied", copy_files=[path / "generation_config.json"])  # the file itself wins
+    copied = (tmp_path / "copied" / "generation_config.json").read_bytes()
+    assert copied == (path / "generation_config.json").read_bytes()

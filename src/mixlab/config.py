@@ -168,7 +168,8 @@ class ModelConfig:
     extra_eos_ids: tuple[int, ...] = ()
     # generation_config.json's eos_token_id, where a transformers folder has one (`load_model` reads it): then
     # the ids that end generation in place of eos_id + extra_eos_ids, as in transformers' generate. Never written
-    # to config.json (an export copies generation_config.json) and not compared (it changes no shape).
+    # to config.json (`save_model` writes it to generation_config.json, unless that file is copied in) and not
+    # compared (it changes no shape).
     generation_eos_ids: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

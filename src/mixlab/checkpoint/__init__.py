@@ -582,6 +582,10 @@ def save_model(
         cfg = config.to_hf_dict()
         cfg["dtype"] = cfg["torch_dtype"] = dtype_name(stored)
         extra = {"config.json": json.dumps(cfg, indent=2) + "\n"}
+        gen = config.generation_eos_ids  # a loaded folder's generation_config.json, unless that file is copied in
+        if gen is not None and not any(Path(f).name == "generation_config.json" for f in copy_files or ()):
+            extra["generation_config.json"] = json.dumps(
+                {"bos_token_id": config.bos_id, "eos_token_id": list(gen) if len(gen) > 1 else gen[0]}, indent=2) + "\n"
         single = "model.safetensors"
     else:
         extra = {"params.json": json.dumps(config.to_mistral_dict(), indent=2) + "\n"}
