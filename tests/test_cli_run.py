@@ -544,7 +544,7 @@ def test_home_in_a_path_on_the_command_line_is_expanded(tiny_dir, tmp_path, monk
     import argparse
     import shutil
 
-    from mixlab.cli import build_parser, user_path
+    from mixlab.cli import build_parser, model_path, user_path
 
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(tiny_dir, tmp_path / "ck")
@@ -559,7 +559,9 @@ def test_home_in_a_path_on_the_command_line_is_expanded(tiny_dir, tmp_path, monk
                 for sub_name, sub in a.choices.items():
                     walk(sub, f"{name} {sub_name}".strip())
             elif a.dest in paths or (a.dest == "json" and a.nargs == "?"):
-                assert a.type is user_path, f"mixlab {name} {a.dest}"
+                # model_path: user_path's, a run folder read as its hf/ export
+                types = (user_path, model_path) if a.dest == "model" else (user_path,)
+                assert a.type in types, f"mixlab {name} {a.dest}"
 
     walk(build_parser(), "")
 
@@ -646,3 +648,37 @@ def test_a_value_that_begins_with_dashes_is_not_taken_for_a_misspelled_flag():
 
     args = _parse_args(build_parser(), ["generate", "--model", "m", "--prompt", "--- a title", "--stop=--x"])
     assert (args.prompt, args.stop) == ("--- a title", ["--x"])
+
+
+RUNS_A_MODEL = ("generate", "chat", "serve", "eval", "analyze")
+
+
+def test_every_command_that_runs_a_model_takes_a_run_folder_as_its_export(tiny_dir, tmp_path, capsys):
+    """`generate --model RUN` said "no config.json ... found (a training run folder: its exported model is
+    RUN/hf)" and chat, serve, eval and analyze the same, where sft and dpo --model, train --init-from, convert
+    and info read the run's hf/: one rule for a run folder in every command that takes a model."""
+    import shutil
+
+    from mixlab.cli import build_parser
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run / "hf")
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002" / "state.json").write_text("{}")
+    parser = build_parser()
+    extra = {"generate": ["--prompt", "a"], "eval": ["--data", "d.jsonl"],
+             "analyze": ["--data", "d.jsonl", "--out", "r"]}
+    for command in RUNS_A_MODEL:
+        for given, read in ((run, run / "hf"), (f"{run}/", f"{run}/hf"), (run / "hf", run / "hf"),
+                            (tiny_dir, tiny_dir)):
+            args = parser.parse_args([command, "--model", str(given), *extra.get(command, [])])
+            assert args.model == str(read), (command, given)
+    flags = ["--prompt", "Bonjour", "--max-new-tokens", "6", "--dtype", "float32", "--quiet"]
+    assert main(["generate", "--model", str(run / "hf"), *flags]) == 0
+    exported = capsys.readouterr().out
+    assert main(["generate", "--model", str(run), *flags]) == 0
+    assert capsys.readouterr().out == exported
+    # a checkpoint is no model folder: its error still names the command that writes it as one
+    step = run / "checkpoints" / "step_00000002"
+    assert main(["generate", "--model", str(step), *flags]) == 1
+    assert f"`mixlab convert {step} OUT`" in capsys.readouterr().err

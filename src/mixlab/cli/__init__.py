@@ -170,6 +170,23 @@ def user_path(text: str) -> str:
     return os.path.expanduser(text)
 
 
+def model_path(text: str) -> str:
+    """argparse type of --model where a command runs the model (generate, chat, serve, eval, analyze):
+    `user_path`'s, with a training or fine-tuning run folder taken as its `hf/` export, the folder that
+    `sft` / `dpo --model`, `train --init-from`, `convert` and `info` read from a run
+    (`checkpoints.resolve_weights`). A run without `hf/`, or one of its `checkpoints/step_*`, stays
+    load_model's error, which names the `mixlab convert` command that writes it as a model."""
+    from pathlib import Path
+
+    from mixlab.train.checkpoints import is_step, is_training
+
+    path = user_path(text)
+    p = Path(path)
+    if p.is_dir() and is_training(p) and not is_step(p) and (p / "hf" / "config.json").is_file():
+        return os.path.join(path, "hf")  # what the command then names (RUN/hf): the folder it reads
+    return path
+
+
 # Commands that run over torchrun's processes (train; generate --ep) or refuse them with their own
 # reason (chat, serve and eval load through generate's `_load`; sft, dpo): any other would run once
 # per process, each writing the same output.

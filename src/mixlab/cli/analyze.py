@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, names, note, positive, user_path
+from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, model_path, names, note, positive, user_path
 from mixlab.errors import UsageError
 
 
@@ -68,8 +68,8 @@ def analyze(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="routing analysis (Mixtral paper §5): experts per domain, layer and token")
-    p.add_argument("--model", type=user_path, required=True,
-                   help="checkpoint folder (transformers or Mistral format) or GGUF file")
+    p.add_argument("--model", type=model_path, required=True,
+                   help="checkpoint folder (transformers or Mistral format), GGUF file or run folder (its hf/ export)")
     p.add_argument("--data", type=user_path, required=True,
                    help="corpus folder with one subfolder per domain (.jsonl with 'text', "
                         ".txt), one domain folder, or a .jsonl or text file (read whole; its domain its stem, "

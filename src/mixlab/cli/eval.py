@@ -9,7 +9,7 @@ import sys
 from array import array
 
 from mixlab import atomic
-from mixlab.cli import add_quiet_arg, names, note, user_path
+from mixlab.cli import add_quiet_arg, model_path, names, note, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.errors import UsageError
 
@@ -112,7 +112,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity, bits per byte and word perplexity per domain")
-    p.add_argument("--model", type=user_path, required=True, help="checkpoint folder (or a file mixlab loads)")
+    p.add_argument("--model", type=model_path, required=True,
+                   help="checkpoint folder (or a file mixlab loads), or a run folder (its hf/ export)")
     p.add_argument("--data", type=user_path, required=True,
                    help="corpus folder (<domain>/<split>.jsonl, or domain folders of .txt / .jsonl files) or "
                         "one domain's folder (as analyze reads them), a .jsonl or a text file (read whole; its "

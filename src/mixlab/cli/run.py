@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, positive, sampling, user_path
+from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, model_path, positive, sampling, user_path
 from mixlab.config import suffix_of, usable_threads
 from mixlab.engine import Engine
 from mixlab.engine.runner import bytes_per_token
@@ -445,8 +445,9 @@ def _stop(text: str) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=user_path, required=True,
-                   help="checkpoint folder (transformers or Mistral format) or a .gguf file")
+    p.add_argument("--model", type=model_path, required=True,
+                   help="checkpoint folder (transformers or Mistral format), a .gguf file, or a training or "
+                        "fine-tuning run folder (its hf/ export)")
     p.add_argument("--tokenizer", type=user_path, default=None,
                    help="mixtral (Mixtral's v1, from mistral-common), bytes, a tokenizer.model / tokenizer.json or "
                         "a folder holding one (default: the model's, else mixtral)")

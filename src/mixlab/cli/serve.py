@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixlab.cli import positive, sampling, user_path
+from mixlab.cli import model_path, positive, sampling, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
@@ -269,7 +269,8 @@ def _read_lora_modules(items: list[tuple[str, str]], model_name: str) -> dict[st
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page that shows the experts")
-    p.add_argument("--model", type=user_path, required=True, help="checkpoint folder (or a file mixlab loads)")
+    p.add_argument("--model", type=model_path, required=True,
+                   help="checkpoint folder (or a file mixlab loads), or a run folder (its hf/ export)")
     p.add_argument("--tokenizer", type=user_path, default=None,
                    help="mixtral (Mixtral's v1, from mistral-common), bytes, a tokenizer.model / "
                         "tokenizer.json or a folder holding one (default: the model's, else mixtral)")
