@@ -1096,11 +1096,28 @@ def test_sft_learns_and_cli(ckpt: Path, chat_files: tuple[Path, Path], tmp_path:
     bad.write_text('{"messages": "hello"}\n')
     assert main(["sft", "--model", str(ckpt), "--data", str(bad), "--out", str(tmp_path / "x"), "--seq-len", "64"]) == 1
     assert "bad.jsonl:1: field 'messages' must be a non-empty list" in capsys.readouterr().err
-    # The default seq_len (512) past a small model's context said what was wrong, not which flag to set.
-    # (a usage error, exit 2: the command line needs a --seq-len this model holds)
-    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "y")]) == 2
+    # The default seq_len (512) past a small model's context was refused (the demo's model of 256 positions):
+    # it is lowered to the context and said once, as eval's --context is; the run records the length it used.
+    capsys.readouterr()
+    for task, data, rows in (("sft", chat_files[0], "packing rows"), ("dpo", chat_files[1], "pairs cut to sequences")):
+        out = tmp_path / f"default-{task}"
+        assert main([task, "--model", str(ckpt), "--data", str(data), "--out", str(out), "--steps", "1",
+                     "--batch-size", "2", "--threads", "1", "--eval-every", "0", "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert err.count("note:") == 1 and (f"mixlab {task}: note: --seq-len's default 512 is past the model's 256 "
+                                            f"positions; {rows} of 256 tokens\n") in err
+        assert json.loads((out / "finetune_config.json").read_text())["seq_len"] == 256
+    # A length given past it stays an error naming where it was given: the flag's a usage error (exit 2), the
+    # config file's the file's (exit 1)
+    assert main(["sft", "--model", str(ckpt), "--data", str(chat_files[0]), "--out", str(tmp_path / "y"),
+                 "--seq-len", "512"]) == 2
     assert ("seq_len 512 is beyond the model's context (max_seq_len 256); set --seq-len (seq_len in a config file) "
             "to 256 or less") in capsys.readouterr().err
+    (tmp_path / "long.toml").write_text("seq_len = 512\n")
+    assert main(["dpo", str(tmp_path / "long.toml"), "--model", str(ckpt), "--data", str(chat_files[1]), "--out",
+                 str(tmp_path / "y")]) == 1
+    assert f"{tmp_path / 'long.toml'}: seq_len 512 is beyond the model's context" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_pair_logps_equal_trl_collator_and_transformers(tmp_path: Path) -> None:

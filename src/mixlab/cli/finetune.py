@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
-from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, resume_arg, user_path
+from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, note, resume_arg, user_path
 from mixlab.errors import UsageError
 
 
@@ -44,6 +45,11 @@ def _run(args: argparse.Namespace, task: str) -> int:
         over["progress"] = False
     if args.merge:
         over["export_hf"] = True
+    # seq_len's default, where neither --seq-len nor the config file sets it, is lowered to a model of fewer
+    # positions (said once, as eval's --context is): 512 was refused on the demo's model of 256. A value given
+    # past the model's context stays the error check_fits makes of it.
+    given: set[str] = set()  # the settings the file or a flag set (load_settings fills it before `fits` runs)
+    lowered: list[int] = []  # the model's context, where the default was lowered to it
 
     def fits(cfg: FinetuneConfig) -> None:  # --seq-len and --tokenizer against the model, before the data is read
         if args.merge and not cfg.lora_rank:  # the flag's or the config file's rank
@@ -61,11 +67,20 @@ def _run(args: argparse.Namespace, task: str) -> int:
                                  f"split; leave out --ep (under torchrun, mixlab {task} then runs data parallel)")
             if E % args.ep:
                 raise UsageError(f"--ep {args.ep} must divide the number of experts ({E})")
+        if "seq_len" not in given and cfg.seq_len > mc.max_seq_len:
+            lowered[:] = [mc.max_seq_len]
+            cfg = dataclasses.replace(cfg, seq_len=mc.max_seq_len)
         check_fits(cfg, mc, resolve_tokenizer(cfg)[0])
         check_split(cfg.batch_size, world, what="fine-tuning")
 
     with flag_errors(args):
-        cfg = load_finetune_config(args.config, then=fits, **over)
+        cfg = load_finetune_config(args.config, then=fits, given=given, **over)
+    if lowered:
+        cfg = dataclasses.replace(cfg, seq_len=lowered[0])
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun: once, by rank 0
+            rows = "packing rows" if task == "sft" else "pairs cut to sequences"
+            note(task, f"--seq-len's default {FinetuneConfig.seq_len} is past the model's {lowered[0]} positions; "
+                       f"{rows} of {lowered[0]} tokens")
     par = None
     if world > 1 or args.fsdp or args.ep is not None:  # --fsdp alone: a world of one, as `mixlab train --fsdp`
         from mixlab.parallel.mesh import init
@@ -85,10 +100,12 @@ def _run(args: argparse.Namespace, task: str) -> int:
 
 
 # Where sft and dpo read a setting otherwise than train (packed conversations, or pairs).
-SFT_HELP = {"seq_len": "tokens per packed row (a longer conversation is cut)",
+SFT_HELP = {"seq_len": "tokens per packed row (a longer conversation is cut); the default is lowered to a model of "
+                      "fewer positions",
             "batch_size": "packed rows per micro-batch, each holding as many whole conversations as fit (under "
                           "torchrun: over all processes)"}
-DPO_HELP = {"seq_len": "tokens per sequence, prompt + reply (a longer pair is cut)",
+DPO_HELP = {"seq_len": "tokens per sequence, prompt + reply (a longer pair is cut); the default is lowered to a "
+                      "model of fewer positions",
             "batch_size": "preference pairs per micro-batch (under torchrun: over all processes)"}
 
 

@@ -213,11 +213,13 @@ def sharded(par: DataParallel | None) -> Sharded | None:
 
 
 def load_finetune_config(path: str | Path | None = None, *,
-                         then: Callable[[FinetuneConfig], object] | None = None, **overrides: Any) -> FinetuneConfig:
+                         then: Callable[[FinetuneConfig], object] | None = None, given: set[str] | None = None,
+                         **overrides: Any) -> FinetuneConfig:
     """A `FinetuneConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset),
-    checked (`check_finetune_config`, then `then`: `mixlab sft`'s model checks) as `load_settings` has it."""
+    checked (`check_finetune_config`, then `then`: `mixlab sft`'s model checks) as `load_settings` has it
+    (`given`: filled with the settings the file or an override set)."""
     return load_settings(FinetuneConfig, path, overrides, what="fine-tuning", check=check_finetune_config,
-                         then=then)
+                         then=then, given=given)
 
 
 def check_finetune_config(cfg: FinetuneConfig) -> FinetuneConfig:

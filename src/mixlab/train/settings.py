@@ -144,13 +144,18 @@ def read_settings(cls: type[T], path: str | Path | None, overrides: dict[str, An
 
 
 def load_settings(cls: type[T], path: str | Path | None, overrides: dict[str, Any], *, what: str,
-                  check: Callable[[T], T], then: Callable[[T], object] | None = None) -> T:
+                  check: Callable[[T], T], then: Callable[[T], object] | None = None,
+                  given: set[str] | None = None) -> T:
     """`check(cfg)` of the settings `read_settings` reads, then `then(cfg)` (a caller's further check:
     the commands' of the model they will build). A ConfigError on a setting (`setting_of`) the file set,
     that no override replaced, is the file's: a SettingsFileError naming it (`run.toml: training setting
     'lr' must be ...`; exit 1 from the command); one on an override's, a default's or none is left as it
-    is (the command line's: cli/train.py's `flag_errors` names the flag, exit 2)."""
+    is (the command line's: cli/train.py's `flag_errors` names the flag, exit 2). `given`, where passed, is
+    filled before `then` runs with the settings the file or an override set (the rest are defaults: `mixlab
+    sft` lowers seq_len's to a shorter model's context), so the file is read once."""
     cfg, from_file = read_settings(cls, path, overrides, what=what)  # its own errors name the file
+    if given is not None:
+        given.update(from_file, (k for k, v in overrides.items() if v is not None))
     try:
         cfg = check(cfg)
         if then is not None:
