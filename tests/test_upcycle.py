@@ -136,6 +136,22 @@ def test_a_training_run_is_refused_naming_its_model(dense, tmp_path):
         upcycle(run / "checkpoints" / "step_00000003", tmp_path / "out")
 
 
+def test_the_command_upcycles_a_dense_training_run_from_its_export(dense, tmp_path, capsys):
+    """`mixlab upcycle --from RUN` of a `mixlab train` run of a dense model failed ('its exported model is
+    RUN/hf'), where every command that reads a model takes a run as its hf/ (cli.model_path)."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000003" / "state.json").write_text("{}")
+    (run / "hf").symlink_to(dense[0])
+    assert cli_main(["upcycle", "--from", str(run), "--out", str(tmp_path / "moe"), "--experts", "4",
+                     "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'moe'}: 4 experts, top-2")
+    torch.testing.assert_close(hf_logits(tmp_path / "moe"), dense[1], atol=1e-5, rtol=0)
+    step = run / "checkpoints" / "step_00000003"  # no model: its error names the convert command
+    assert cli_main(["upcycle", "--from", str(step), "--out", str(tmp_path / "moe2")]) == 1
+    assert f"`mixlab convert {step} OUT`" in capsys.readouterr().err
+
+
 def test_noise_makes_experts_differ_and_logits_stay_close(dense, tmp_path):
     src, ref = dense
     dense_w = load_file(str(src / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]

@@ -171,9 +171,9 @@ def user_path(text: str) -> str:
 
 
 def model_path(text: str) -> str:
-    """argparse type of --model where a command runs the model (generate, chat, serve, eval, analyze):
-    `user_path`'s, with a training or fine-tuning run folder taken as its `hf/` export, the folder that
-    `sft` / `dpo --model`, `train --init-from`, `convert` and `info` read from a run
+    """argparse type of --model where a command runs the model (generate, chat, serve, eval, analyze) and of
+    upcycle's --from: `user_path`'s, with a training or fine-tuning run folder taken as its `hf/` export,
+    the folder that `sft` / `dpo --model`, `train --init-from`, `convert` and `info` read from a run
     (`checkpoints.resolve_weights`). A run without `hf/`, or one of its `checkpoints/step_*`, stays
     load_model's error, which names the `mixlab convert` command that writes it as a model."""
     from pathlib import Path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixlab.cli import add_quiet_arg, dtype_choice, non_negative, sampling, user_path
+from mixlab.cli import add_quiet_arg, dtype_choice, model_path, non_negative, sampling, user_path
 from mixlab.cli.model import shard_bytes
 from mixlab.errors import UsageError
 
@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("upcycle", help="make a Mixtral-style MoE from a dense Mistral/Llama checkpoint "
                                        "(sparse upcycling: every expert starts as the layer's FFN)")
-    p.add_argument("--from", type=user_path, dest="src", required=True, metavar="DENSE_DIR",
+    p.add_argument("--from", type=model_path, dest="src", required=True, metavar="DENSE_DIR",
                    help="dense checkpoint folder: transformers (MistralForCausalLM or LlamaForCausalLM) or "
-                        "Mistral format (params.json)")
+                        "Mistral format (params.json), or a mixlab train run of a dense model (its hf/ export)")
     p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
