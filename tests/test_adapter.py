@@ -328,6 +328,34 @@ def test_generate_with_an_adapter_merges_it_before_quantising(tiny: tuple[Path, 
     assert plain != generate(merge(m), [prompt], max_new_tokens=8)[0][:len(plain)]  # the adapter mattered
 
 
+def test_a_lora_run_folder_is_its_adapter_wherever_an_adapter_is_given(tiny: tuple[Path, Transformer], tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """`--adapter RUN` of a `mixlab sft --lora-rank` run (the folder it prints as 'run folder:') failed with
+    'not a PEFT adapter folder ...; a mixlab fine-tuning run keeps its adapter in RUN/adapter', as --model RUN
+    did before it read the run's hf/: the run is read as its adapter/ in generate, chat, serve, eval, convert
+    and serve's --lora-modules."""
+    import shutil
+
+    from mixlab.cli import build_parser, main
+
+    root, _ = tiny
+    run = tmp_path / "run"
+    shutil.copytree(root / "adapter", run / "adapter")
+    (run / "finetune_config.json").write_text("{}")
+    base, parser = str(root / "base"), build_parser()
+    for argv in (["generate", "--model", base, "--prompt", "a"], ["chat", "--model", base], ["serve", "--model", base],
+                 ["eval", "--model", base, "--data", "d.jsonl"], ["convert", base, str(tmp_path / "out")]):
+        assert parser.parse_args([*argv, "--adapter", str(run)]).adapter == str(run / "adapter"), argv[0]
+        assert parser.parse_args([*argv, "--adapter", str(root / "adapter")]).adapter == str(root / "adapter")
+    args = parser.parse_args(["serve", "--model", base, "--lora-modules", f"sql={run}"])
+    assert args.lora_modules == [("sql", str(run / "adapter"))]
+    flags = ["--model", base, "--prompt", "Bonjour", "--max-new-tokens", "6", "--dtype", "float32", "--quiet"]
+    assert main(["generate", *flags, "--adapter", str(root / "adapter")]) == 0
+    merged = capsys.readouterr().out
+    assert main(["generate", *flags, "--adapter", str(run)]) == 0
+    assert capsys.readouterr().out == merged
+
+
 def test_generate_ep_of_a_gguf_file_merges_an_adapter_and_warns_of_another_base(tiny: tuple[Path, Transformer],
                                                                                  tmp_path: Path) -> None:
     """`generate --ep` of a GGUF file loads it itself (not through load_model): an adapter over another

@@ -187,6 +187,19 @@ def model_path(text: str) -> str:
     return path
 
 
+def adapter_path(text: str) -> str:
+    """argparse type of --adapter (generate, chat, serve, eval, convert) and serve's --lora-modules DIR:
+    `user_path`'s, with a LoRA fine-tuning run folder (`mixlab sft --lora-rank`) taken as its `adapter/`, as
+    `model_path` takes a run as its `hf/`. Anything else is read_adapter's to judge."""
+    from pathlib import Path
+
+    path = user_path(text)
+    p = Path(path)
+    if p.is_dir() and not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
+        return os.path.join(path, "adapter")
+    return path
+
+
 # Commands that run over torchrun's processes (train; generate --ep) or refuse them with their own
 # reason (chat, serve and eval load through generate's `_load`; sft, dpo): any other would run once
 # per process, each writing the same output.

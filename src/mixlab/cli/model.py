@@ -9,7 +9,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from mixlab.cli import add_quiet_arg, dtype_choice, note, user_path
+from mixlab.cli import adapter_path, add_quiet_arg, dtype_choice, note, user_path
 from mixlab.config import PRESETS, ConfigError, ModelConfig, did_you_mean, get_preset, parse_bytes, suffix_of
 from mixlab.errors import UsageError
 
@@ -371,9 +371,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GGUF only: the vocabulary's SentencePiece model: mixtral (Mixtral's, from mistral-common), "
                         "a .model file or a folder holding one (default: the source's: a GGUF's, a folder's "
                         "tokenizer.model, or the one a trained model's data used; else mixtral)")
-    p.add_argument("--adapter", type=user_path, default=None, metavar="DIR",
-                   help="a PEFT LoRA adapter folder (as PEFT, TRL and mixlab sft / dpo write it) merged into the "
-                        "weights before they are written, as PEFT's merge_and_unload then save_pretrained")
+    p.add_argument("--adapter", type=adapter_path, default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter folder (as PEFT, TRL and mixlab sft / dpo write it; a LoRA run folder: "
+                        "its adapter/) merged into the weights before they are written, as PEFT's merge_and_unload "
+                        "then save_pretrained")
     p.add_argument("--dtype", type=dtype_choice("float32", "bfloat16", "float16"), default=None,
                    help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-gb", dest="max_shard_bytes", type=shard_bytes, default=None,

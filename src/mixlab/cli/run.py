@@ -15,7 +15,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mixlab.cli import add_quiet_arg, device_choice, dtype_choice, model_path, positive, sampling, user_path
+from mixlab.cli import (
+    adapter_path,
+    add_quiet_arg,
+    device_choice,
+    dtype_choice,
+    model_path,
+    positive,
+    sampling,
+    user_path,
+)
 from mixlab.config import suffix_of, usable_threads
 from mixlab.engine import Engine
 from mixlab.engine.runner import bytes_per_token
@@ -489,9 +498,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """How `_load` loads the model: --adapter, --dtype, --quant, --device, --threads and expert offloading
     (generate, chat, serve, eval)."""
     r = p.add_argument_group("runtime")
-    r.add_argument("--adapter", type=user_path, default=None, metavar="DIR",
+    r.add_argument("--adapter", type=adapter_path, default=None, metavar="DIR",
                    help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as PEFT, TRL "
-                        "and mixlab sft / dpo write it) merged into the weights (before --quant)")
+                        "and mixlab sft / dpo write it; a LoRA run folder: its adapter/) merged into the weights "
+                        "(before --quant)")
     r.add_argument("--dtype", type=dtype_choice("auto", "float32", "bfloat16", "float16", quant=True), default="auto",
                    help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
     r.add_argument("--quant", choices=["none", "int8", "int4"], default="none",

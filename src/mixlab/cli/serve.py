@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixlab.cli import model_path, positive, sampling, user_path
+from mixlab.cli import adapter_path, model_path, positive, sampling, user_path
 from mixlab.cli.run import _load, add_runtime_args, print_stats
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
@@ -50,7 +50,7 @@ def lora_module(text: str) -> tuple[str, str]:
         if not name or not path:
             raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=DIR (the adapter's name in the API, its PEFT "
                                              "folder)")
-    return name, user_path(path)
+    return name, adapter_path(path)
 
 
 def cache_line(total_bytes: int, slots: int, context: int, model_context: int, max_batch: int) -> str:
