@@ -559,8 +559,8 @@ def test_home_in_a_path_on_the_command_line_is_expanded(tiny_dir, tmp_path, monk
                 for sub_name, sub in a.choices.items():
                     walk(sub, f"{name} {sub_name}".strip())
             elif a.dest in paths or (a.dest == "json" and a.nargs == "?"):
-                # model_path: user_path's, a run folder read as its hf/ export
-                types = (user_path, model_path) if a.dest == "model" else (user_path,)
+                # model_path: user_path's, a run folder read as its hf/ export (upcycle's --from too)
+                types = (user_path, model_path) if a.dest in ("model", "src") else (user_path,)
                 assert a.type in types, f"mixlab {name} {a.dest}"
 
     walk(build_parser(), "")
