@@ -422,8 +422,17 @@ def config_from_header(h: GGUFHeader) -> ModelConfig:
 
 
 def _eog_ids(h: GGUFHeader, vocab: int) -> tuple[int, ...]:
-    """The ids besides EOS that llama.cpp ends generation at: `EOG_KEYS`' values, then the tokens of `EOG_TEXTS`."""
-    keyed = [_meta(h, k, int) for k in EOG_KEYS if k in h.metadata]
+    """The ids besides EOS that llama.cpp ends generation at: `EOG_KEYS`' values, then the tokens of `EOG_TEXTS`.
+    A keyed id outside the vocabulary is left out with a warning, as llama.cpp does ("bad special token")."""
+    keyed = []
+    for k in EOG_KEYS:
+        if k in h.metadata:
+            i = _meta(h, k, int)
+            if 0 <= i < vocab:
+                keyed.append(i)
+            else:
+                warnings.warn(f"{h.path}: metadata {k!r} = {i} is not a token id in [0, {vocab}); ignored, as "
+                              "llama.cpp ignores it", stacklevel=2)
     tokens = h.metadata.get("tokenizer.ggml.tokens")
     named = [i for i, t in enumerate(tokens[:vocab]) if t in EOG_TEXTS] if isinstance(tokens, list) else []
     return tuple(dict.fromkeys(keyed + named))
