@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,27 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       max_position_embeddings=64)
     hf_tokenizer_json(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def short_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared corpus's layout (its 8 text domains, chat/, LICENSES/, SOURCES.md) with each domain's
+    first 2 documents cut to 800 characters: `mixlab eval` on the corpus scored its first documents
+    whole, ~30,000 tokens through a 32,000-row output layer (most of this file's time), where ~200 a
+    domain (several windows of 32 or 64 each) check the same."""
+    root = tmp_path_factory.mktemp("corpus")
+    for path in sorted(CORPUS.rglob("*")):  # (the corpus is read-only: files copied, not their modes)
+        to = root / path.relative_to(CORPUS)
+        if path.is_dir():
+            to.mkdir()
+        elif path.suffix != ".jsonl":
+            shutil.copyfile(path, to)
+        else:
+            with path.open(encoding="utf-8") as f:
+                docs = [json.loads(next(f)) for _ in range(2)]
+            docs = [d | {"text": d["text"][:800]} if "text" in d else d for d in docs]
+            to.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    return root
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 40, 64])
@@ -125,9 +147,10 @@ def test_metrics_use_bytes_and_words_of_the_text(ckpt: Path) -> None:
     assert m["word_perplexity"] == pytest.approx(math.exp(s.nll / s.words))
 
 
-def test_cli_eval_on_the_corpus(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_eval_on_the_corpus(ckpt: Path, short_corpus: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
-    rc = main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "64",
+    rc = main(["eval", "--model", str(ckpt), "--data", str(short_corpus), "--max-docs", "1", "--context", "64",
                "--dtype", "fp32", "--json", str(out), "--quiet"])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -324,14 +347,15 @@ def test_eval_refuses_a_split_that_a_file_given_alone_is_not_of(ckpt: Path, tmp_
         assert json.loads(out.read_text())["settings"]["split"] == split
 
 
-def test_cli_eval_scores_a_batch_that_fits_in_memory(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_cli_eval_scores_a_batch_that_fits_in_memory(ckpt: Path, short_corpus: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """--batch-size beyond what the free memory holds (the windows of one long document are batched
     together: 100000 on a book asked for terabytes of logits) scores fewer at a time, says so, and
     gives the same numbers."""
     import mixlab.engine.runner as runner
 
-    argv = ["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "32",
+    argv = ["eval", "--model", str(ckpt), "--data", str(short_corpus), "--max-docs", "1", "--context", "32",
             "--dtype", "fp32", "--quiet", "--json"]
     assert main([*argv, str(tmp_path / "a.json"), "--batch-size", "2"]) == 0
     capsys.readouterr()
@@ -463,18 +487,19 @@ def test_cli_eval_json_under_a_file_is_refused_before_the_work(ckpt: Path, tmp_p
         capsys.readouterr().err
 
 
-def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_eval_says_when_it_clamps_the_context(ckpt: Path, short_corpus: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A --context past the model's positions is scored at the model's length, and said so."""
-    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "100",
+    assert main(["eval", "--model", str(ckpt), "--data", str(short_corpus), "--max-docs", "1", "--context", "100",
                  "--quiet", "--json"]) == 0  # --dtype auto: the one that ran is recorded
     assert json.loads(capsys.readouterr().out)["settings"]["dtype"] in ("bfloat16", "float32")
-    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--context", "100",
+    assert main(["eval", "--model", str(ckpt), "--data", str(short_corpus), "--max-docs", "1", "--context", "100",
                  "--dtype", "float32", "--quiet"]) == 0
     # the note began "note: ", without the "mixlab eval: " its warnings and errors have
     assert ("mixlab eval: note: --context 100 is past the model's 64 positions; scoring windows of 64"
             in capsys.readouterr().err)
     # the default 2048 is the model's 64 without a note: every small model printed "--context 2048 is past"
-    assert main(["eval", "--model", str(ckpt), "--data", str(CORPUS), "--max-docs", "1", "--dtype", "float32",
+    assert main(["eval", "--model", str(ckpt), "--data", str(short_corpus), "--max-docs", "1", "--dtype", "float32",
                  "--quiet", "--json"]) == 0
     got = capsys.readouterr()
     assert "note" not in got.err and json.loads(got.out)["settings"]["context"] == 64
