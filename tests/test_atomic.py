@@ -413,69 +413,48 @@ def test_the_loss_curve_plot_reads_a_run_still_writing_its_metrics(tmp_path):
         read_metrics(log)
 
 
-_DCP_CRASH = r"""
-import sys
-from pathlib import Path
-
-import torch
-
-from mixlab.config import get_preset
-from mixlab.model import Transformer
-from mixlab.parallel import checkpoint as pc
-from mixlab.parallel.mesh import init, shutdown
-from mixlab.train import checkpoints
-
-root = Path(sys.argv[1])
-layout = init(ep=1)
-try:
-    torch.manual_seed(0)
-    m = Transformer(get_preset("tiny-moe"))
-    m.init_weights(seed=0)
-    opt = torch.optim.AdamW(m.parameters())
-    m(torch.randint(0, 256, (1, 8))).sum().backward()
-    opt.step()
-    kw = dict(model=m, optimizer=opt, state={}, keep=3, layout=layout, expert_names=set())
-    (root / ".step_00000007.tmp-999999999-cd").mkdir(parents=True)  # a killed save of a step not written again
-    pc.save(root, step=1, **kw)
-    real = checkpoints.save_rng
-
-    def fail_after_the_shards(path):  # DCP has written its shards by now
-        real(path)
-        with open(path, "r+b") as f:
-            f.truncate(8)
-        raise OSError(28, "No space left on device (simulated)")
-
-    checkpoints.save_rng = fail_after_the_shards
-    try:
-        pc.save(root, step=2, **kw)
-        raise SystemExit("the save did not fail")
-    except OSError:
-        pass
-    checkpoints.save_rng = real
-    names = sorted(p.name for p in root.iterdir())
-    assert names == ["step_00000001"], names
-    assert checkpoints.latest(root).name == "step_00000001"
-    pc.save(root, step=2, **kw)
-    assert checkpoints.latest(root).name == "step_00000002"
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
-    print("ok")
-finally:
-    shutdown()
-"""
-
-
-def test_a_distributed_checkpoint_that_fails_after_its_shards_is_not_committed(tmp_path):
+def test_a_distributed_checkpoint_that_fails_after_its_shards_is_not_committed(tmp_path, monkeypatch):
     """parallel/checkpoint.py: DCP writes its shards into the temporary folder rank 0 made; the
     commit (state.json, manifest, rename) is rank 0's, so a failure before it leaves nothing. The
-    temporary of an earlier killed save is removed, whatever its step."""
-    import subprocess
-    import sys
+    temporary of an earlier killed save is removed, whatever its step. (A world of one, in this
+    process: `shutdown` ends it and its environment.)"""
+    from mixlab.parallel import checkpoint as pc
+    from mixlab.parallel.mesh import init, shutdown
+    from mixlab.train import checkpoints
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _DCP_CRASH, str(tmp_path / "ckpts")], capture_output=True, text=True,
-                       timeout=300, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "ckpts"
+    layout = init(ep=1)
+    try:
+        torch.manual_seed(0)
+        m = Transformer(get_preset("tiny-moe"))
+        m.init_weights(seed=0)
+        opt = torch.optim.AdamW(m.parameters())
+        m(torch.randint(0, 256, (1, 8))).sum().backward()
+        opt.step()
+        kw = dict(model=m, optimizer=opt, state={}, keep=3, layout=layout, expert_names=set())
+        (root / ".step_00000007.tmp-999999999-cd").mkdir(parents=True)  # a killed save of a step not written again
+        pc.save(root, step=1, **kw)
+        real = checkpoints.save_rng
+
+        def fail_after_the_shards(path):  # DCP has written its shards by now
+            real(path)
+            with open(path, "r+b") as f:
+                f.truncate(8)
+            raise OSError(28, "No space left on device (simulated)")
+
+        with monkeypatch.context() as fail, pytest.raises(OSError, match="simulated"):
+            fail.setattr(checkpoints, "save_rng", fail_after_the_shards)
+            pc.save(root, step=2, **kw)
+        names = sorted(p.name for p in root.iterdir())
+        assert names == ["step_00000001"], names
+        assert checkpoints.latest(root).name == "step_00000001"
+        pc.save(root, step=2, **kw)
+        assert checkpoints.latest(root).name == "step_00000002"
+        assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
+    finally:
+        shutdown()
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
