@@ -86,6 +86,29 @@ def run_groups(run: Job, groups: list[tuple[int, list[dict[str, Any]]]], *, time
     return time.perf_counter() - t0
 
 
+def cli(rank: int, job: dict[str, Any]) -> None:
+    """A job for `run_group`: `mixlab ARGV` (job["argv"]) as `torchrun -m mixlab ARGV` runs it in each
+    process, its main; what it printed and returned go to files `{job["out"]}.{rank}.out`, `.err` and
+    `.code`, read back by `cli_results`."""
+    import contextlib
+    import io
+
+    from mixlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(job["argv"])
+    for suffix, text in ((".out", out.getvalue()), (".err", err.getvalue()), (".code", str(code))):
+        Path(f"{job['out']}.{rank}{suffix}").write_text(text)
+
+
+def cli_results(out: Path | str, world: int = 2) -> tuple[list[int], str, str]:
+    """The exit codes of `cli`'s processes, and their stdout and stderr, each the ranks' in turn."""
+    read = [[Path(f"{out}.{rank}{suffix}").read_text() for suffix in (".code", ".out", ".err")]
+            for rank in range(world)]
+    return [int(r[0]) for r in read], "".join(r[1] for r in read), "".join(r[2] for r in read)
+
+
 def mixlab(args: list[str], *, nproc: int | None, script: Path | None = None,
            restarts: int = 0) -> subprocess.Popen[str]:
     """`torchrun --nproc-per-node N -m mixlab ARGS` on loopback (or `python -m mixlab ARGS`), this src;

@@ -360,39 +360,33 @@ def test_generate_ep_of_a_gguf_file_merges_an_adapter_and_warns_of_another_base(
                                                                                  tmp_path: Path) -> None:
     """`generate --ep` of a GGUF file loads it itself (not through load_model): an adapter over another
     local folder merged silently there; it is warned of, as load_model warns, and the tokens are one
-    process's over the merged model."""
-    import os
+    process's over the merged model. (Two processes forked from tests/processes.py's server, each
+    running `mixlab generate`'s main as torchrun's would, not a torchrun launch: 3 fresh interpreters
+    importing torch, most of this test's time.)"""
     import shutil
-    import socket
-    import subprocess
-    import sys
 
     pytest.importorskip("gguf")
     from mixlab.checkpoint.gguf import write_gguf
     from mixlab.tokenizer import load_tokenizer
+    from processes import cli, cli_results, run_group
 
     root, m = tiny
     write_gguf(load_model(root / "base"), tmp_path / "base.gguf", quant="f32")
     shutil.copytree(root / "adapter", tmp_path / "adapter")
     conf = tmp_path / "adapter" / "adapter_config.json"
     conf.write_text(json.dumps(json.loads(conf.read_text()) | {"base_model_name_or_path": str(root / "base")}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", str(port), "-m", "mixlab", "generate", "--model",
-                        str(tmp_path / "base.gguf"), "--adapter", str(tmp_path / "adapter"), "--ep", "2", "--prompt",
-                        "Bonjour", "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1"],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    warned = [ln for ln in r.stderr.splitlines() if ln.startswith("mixlab generate: warning: ")]
+    argv = ["generate", "--model", str(tmp_path / "base.gguf"), "--adapter", str(tmp_path / "adapter"), "--ep", "2",
+            "--prompt", "Bonjour", "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1"]
+    run_group(cli, [{"argv": argv, "out": str(tmp_path / "run")}])
+    codes, stdout, stderr = cli_results(tmp_path / "run")
+    assert codes == [0, 0], stderr[-3000:]
+    warned = [ln for ln in stderr.splitlines() if ln.startswith("mixlab generate: warning: ")]
     assert len(warned) == 2 and all(f"the adapter was trained over {root / 'base'}" in ln and
-                                    f"not {tmp_path / 'base.gguf'}" in ln for ln in warned), r.stderr[-3000:]
+                                    f"not {tmp_path / 'base.gguf'}" in ln for ln in warned), stderr[-3000:]
     tok = load_tokenizer()
     prompt = tok.encode("Bonjour")
     ids = [i for i in generate(merge(m), [prompt], max_new_tokens=6)[0] if i != tok.eos_id]
-    assert r.stdout == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
+    assert stdout == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
 
 
 def test_a_quantised_model_is_refused(adapter: Path) -> None:
