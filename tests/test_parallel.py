@@ -359,22 +359,25 @@ def test_ep_decoding_of_a_q4_0_gguf(tmp_path: Path) -> None:
     """`generate --model FILE.gguf --ep 2` on llama.cpp's Q4_0 file ended with 'expert parallelism needs
     plain float experts (w13, w2), not Int4Experts' (its Q4_0 experts load 4-bit); under --ep each process
     keeps its share int4, as stored, times exact float32 activations: the tokens of one process over the
-    dequantised model."""
+    dequantised model. (`mixlab generate`'s main in two processes forked from tests/processes.py's
+    server, as torchrun's would run it: the launch is what test_ep_decoding_equals_one_process checks.)"""
     from mixlab import generate, load_tokenizer, save_model
     from mixlab.checkpoint.gguf_read import load_gguf
     from mixlab.cli import main
     from mixlab.config import get_preset
     from mixlab.model import Transformer
+    from processes import cli, cli_results
 
     model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
     model.init_weights(std=0.3, seed=0)
     save_model(model, tmp_path / "model")
     gguf = tmp_path / "model.gguf"
     assert main(["convert", str(tmp_path / "model"), str(gguf), "--quant", "q4_0", "--quiet"]) == 0
-    p = _mixlab(["generate", "--model", str(gguf), "--prompt", "Bonjour", "--max-new-tokens", "6", "--dtype", "float32",
-                 "--threads", "1", "--ep", "2"], nproc=2)
-    out, err = p.communicate(timeout=TIMEOUT)
-    assert p.returncode == 0, err[-3000:]
+    argv = ["generate", "--model", str(gguf), "--prompt", "Bonjour", "--max-new-tokens", "6", "--dtype", "float32",
+            "--threads", "1", "--ep", "2"]
+    run_group(cli, [{"argv": argv, "out": str(tmp_path / "run")}], timeout=TIMEOUT)
+    codes, out, err = cli_results(tmp_path / "run")
+    assert codes == [0, 0], err[-3000:]
     tok = load_tokenizer()
     prompt = tok.encode("Bonjour")
     plain = load_gguf(gguf, dtype=torch.float32, keep_int4=False)
@@ -382,28 +385,37 @@ def test_ep_decoding_of_a_q4_0_gguf(tmp_path: Path) -> None:
     assert len(ids) > 1 and out == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n"
 
 
+def _rank1_samples_eos(rank: int, job: dict[str, Any]) -> None:
+    """`processes.cli`, with rank 1 sampling EOS at every step (a process whose draw differed)."""
+    import mixlab.engine.core as core
+    from processes import cli
+
+    if rank == 1:
+        core.sample_row = lambda *a, **k: 2  # type: ignore[assignment]  # EOS (a forked process of its own)
+    cli(rank, job)
+
+
 def test_ep_decoding_takes_rank_0_s_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each process samples from its own logits (another node's kernels may round differently) and,
     without --seed, its own draws: rank 1 here samples EOS at once, as a process whose draw differed.
     It stopped while rank 0 went on, which ended with 'another process of the run failed' (or waited
-    for the timeout); every process now continues with rank 0's token: one process's seeded text."""
+    for the timeout); every process now continues with rank 0's token: one process's seeded text.
+    (`mixlab generate`'s main in two processes forked from tests/processes.py's server, as torchrun's
+    would run it.)"""
     from mixlab import generate, load_tokenizer, save_model
     from mixlab.config import get_preset
     from mixlab.model import Transformer
+    from processes import cli_results
 
     monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")
     model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))
     model.init_weights(std=0.3, seed=0)
     save_model(model, tmp_path / "model")
-    script = tmp_path / "rank1_samples_eos.py"
-    script.write_text("import os, sys\nimport mixlab.engine.core as core\nfrom mixlab.cli import main\n"
-                      "if os.environ['RANK'] == '1':\n    core.sample_row = lambda *a, **k: 2  # EOS\n"
-                      "sys.exit(main(sys.argv[1:]))\n")
-    p = _mixlab(["generate", "--model", str(tmp_path / "model"), "--prompt", "Bonjour", "--max-new-tokens", "8",
-                 "--temperature", "1", "--seed", "3", "--dtype", "float32", "--threads", "1", "--ep", "2"],
-                nproc=2, script=script)
-    out, err = p.communicate(timeout=TIMEOUT)
-    assert p.returncode == 0, err[-3000:]
+    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "Bonjour", "--max-new-tokens", "8",
+            "--temperature", "1", "--seed", "3", "--dtype", "float32", "--threads", "1", "--ep", "2"]
+    run_group(_rank1_samples_eos, [{"argv": argv, "out": str(tmp_path / "run")}], timeout=TIMEOUT)
+    codes, out, err = cli_results(tmp_path / "run")
+    assert codes == [0, 0], err[-3000:]
     tok = load_tokenizer()
     prompt = tok.encode("Bonjour")
     ids = [i for i in generate(model, [prompt], max_new_tokens=8, temperature=1.0, seed=3)[0] if i != tok.eos_id]
@@ -443,35 +455,35 @@ def test_ep_decoding_loads_the_weights_on_the_process_s_gpu(tmp_path: Path, monk
     assert events == [("init", "cuda"), ("load", gpu)]
 
 
-_EP_ROWS = """import json, sys
-import torch
-from mixlab import generate_stream, load_tokenizer
-from mixlab.engine import Engine
-from mixlab.parallel.expert import load_expert_parallel, rank0_token
-from mixlab.parallel.mesh import init, shutdown
+def _ep_rows_job(rank: int, job: dict[str, Any]) -> None:
+    """Each of `EP_ROWS_RUNS` over the model of job["model"] read split in two (`load_expert_parallel`):
+    its own `Engine` (rank 0's tokens for every process), the prompts at once; rank 0 writes the rows."""
+    from mixlab import generate_stream, load_tokenizer
+    from mixlab.engine import Engine
+    from mixlab.parallel.expert import load_expert_parallel, rank0_token
+    from mixlab.parallel.mesh import init
 
-model = load_expert_parallel(sys.argv[1], init(ep=2), dtype="float32")
-tok = load_tokenizer()
-prompts, runs = json.loads(sys.argv[3])
-got = {}
-for name, kw in runs.items():
-    out = got[name] = [[] for _ in prompts]
-    engine = Engine(model, tok, max_batch=4, sync_token=rank0_token(torch.device("cpu")))
-    for step in generate_stream(model, prompts, engine=engine, **kw):
-        for row, t in zip(out, step.tokens):
-            row += [] if t is None else [t]
-if torch.distributed.get_rank() == 0:
-    open(sys.argv[2], "w").write(json.dumps(got))
-shutdown()
-"""
+    model = load_expert_parallel(job["model"], init(ep=2), dtype="float32")
+    tok = load_tokenizer()
+    got = {}
+    for name, kw in EP_ROWS_RUNS.items():
+        out = got[name] = [[] for _ in job["prompts"]]
+        engine = Engine(model, tok, max_batch=4, sync_token=rank0_token(torch.device("cpu")))
+        for step in generate_stream(model, job["prompts"], engine=engine, **kw):
+            for row, t in zip(out, step.tokens, strict=True):
+                row += [] if t is None else [t]
+    if rank == 0:
+        Path(job["out"]).write_text(json.dumps(got))
+
+
 EP_ROWS_RUNS = {"greedy": {"max_new_tokens": 10, "stop": [899, 7020]},
                 "sampled": {"max_new_tokens": 8, "temperature": 1.0, "seed": 5}}
 
 
 @pytest.fixture(scope="module")
 def ep_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[list[int]], dict[str, Any]]:
-    """The model, the prompts, and each of `EP_ROWS_RUNS`' rows as two processes decoded them (one
-    torchrun: each run its own `Engine` over the same split model)."""
+    """The model, the prompts, and each of `EP_ROWS_RUNS`' rows as two processes decoded them (one group
+    of processes: each run its own `Engine` over the same split model)."""
     from mixlab import load_tokenizer, save_model
     from mixlab.config import get_preset
     from mixlab.model import Transformer
@@ -482,12 +494,8 @@ def ep_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[list[in
     save_model(model, root / "model")
     tok = load_tokenizer()
     prompts = [tok.encode(t) for t in ("Bonjour, le monde", "Hi", "def f(x):\n    return x * 2 + 1")]
-    script = root / "ep_rows.py"
-    script.write_text(_EP_ROWS)
-    p = _mixlab([str(root / "model"), str(root / "out.json"), json.dumps([prompts, EP_ROWS_RUNS])], nproc=2,
-                script=script)
-    _, err = p.communicate(timeout=TIMEOUT)
-    assert p.returncode == 0, err[-3000:]
+    run_group(_ep_rows_job, [{"model": str(root / "model"), "prompts": prompts, "out": str(root / "out.json")}],
+              timeout=TIMEOUT)
     return model, prompts, json.loads((root / "out.json").read_text())
 
 
@@ -560,15 +568,32 @@ def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
                           "launch it with `torchrun --nproc-per-node 2 -m mixlab ...`"),
 ])
 def test_a_bad_layout_is_one_line_printed_once(small_data: Path, tmp_path: Path, nproc: int | None,
-                                               flags: list[str], message: str) -> None:
+                                               flags: list[str], message: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun, rank 0 alone prints the line; in one process (`nproc` None: `python -m mixlab`
+    is `sys.exit(main())`, so its main is called here, without a process of its own) the exit code is
+    main's."""
+    from mixlab.cli import main
+
     foreign = tmp_path / "foreign"
     (foreign / "hf").mkdir(parents=True)
     (foreign / "hf" / "notes.txt").write_text("mine")  # the export could not replace it: refused up front
     flags, message = [f.format(foreign=foreign) for f in flags], message.format(foreign=foreign)
-    p = _mixlab(_train_args(small_data, tmp_path / "run", *flags), nproc=nproc)
-    _, err = p.communicate(timeout=TIMEOUT)
     code = 1 if "holds files" in message else 2  # a bad folder; else a bad flag (torchrun exits 1 for any)
-    assert p.returncode == code if nproc is None else p.returncode != 0 and f"(exitcode: {code})" in err, err[-3000:]
+    if nproc is None:
+        threads = torch.get_num_threads()  # (--threads 1, were it reached, would stay set in this process)
+        try:
+            got = main(_train_args(small_data, tmp_path / "run", *flags))
+        except SystemExit as e:  # argparse's usage errors
+            got = e.code
+        finally:
+            torch.set_num_threads(threads)
+        err = capsys.readouterr().err
+        assert got == code, err[-3000:]
+    else:
+        p = _mixlab(_train_args(small_data, tmp_path / "run", *flags), nproc=nproc)
+        _, err = p.communicate(timeout=TIMEOUT)
+        assert p.returncode != 0 and f"(exitcode: {code})" in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("mixlab train:")]
     assert len(lines) == 1 and lines[0].startswith(message), err[-3000:]
     assert "[rank" not in err, err[-3000:]  # no worker's traceback
@@ -626,21 +651,30 @@ def test_a_run_folder_a_process_does_not_share_is_refused(small_data: Path, tmp_
     assert not (tmp_path / "run").exists() and not (tmp_path / "node1" / "run" / "checkpoints").exists()
 
 
+def _rank1_lists_no_checkpoints(rank: int, job: dict[str, Any]) -> None:
+    """`processes.cli`, with rank 1 listing no checkpoint (a node's stale view of the folder)."""
+    from processes import cli
+
+    if rank == 1:
+        checkpoints.list_checkpoints = lambda root: []  # type: ignore[assignment]  # a forked process of its own
+    cli(rank, job)
+
+
 def test_a_stale_listing_of_the_checkpoints_on_one_node_does_not_hang_the_end(small_data: Path, tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Whether the end of a run saves a checkpoint was decided by each process from a listing of
     checkpoints/: a node whose listing was stale (NFS caches folders; rank 1 here sees none) began a
     save at the last step that rank 0, seeing that step's checkpoint, never joined, and the run hung
-    until the process group's timeout. Every process now decides from the steps it saved."""
+    until the process group's timeout. Every process now decides from the steps it saved. (`mixlab
+    train`'s main in two processes forked from tests/processes.py's server, as torchrun's would run it.)"""
+    from processes import cli_results
+
     monkeypatch.setenv("MIXLAB_DIST_TIMEOUT", "60")  # the old code's hang, bounded
-    script = tmp_path / "stale.py"
-    script.write_text("import os, sys\nfrom mixlab.cli import main\nfrom mixlab.train import checkpoints\n"
-                      "if os.environ['RANK'] == '1':\n    checkpoints.list_checkpoints = lambda root: []\n"
-                      "sys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "run"
-    p = _mixlab(_train_args(small_data, out, "--ep", "2", "--ckpt-every", "1"), nproc=2, script=script)
-    _, err = p.communicate(timeout=TIMEOUT)
-    assert p.returncode == 0, err[-3000:]
+    run_group(_rank1_lists_no_checkpoints, [{"argv": _train_args(small_data, out, "--ep", "2", "--ckpt-every", "1"),
+                                             "out": str(tmp_path / "log")}], timeout=TIMEOUT)
+    codes, _, err = cli_results(tmp_path / "log")
+    assert codes == [0, 0], err[-3000:]
     assert [c.name for c in checkpoints.list_checkpoints(out / "checkpoints")] == ["step_00000001", "step_00000002"]
     assert (out / "hf" / "config.json").is_file()
 
@@ -673,64 +707,53 @@ def test_processes_that_would_resume_different_checkpoints_are_refused(small_dat
                      "every process with the same command, config and data"], err[-3000:]
 
 
-_CUDA_RNG = r"""
-import sys
-from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-
-from mixlab.config import get_preset
-from mixlab.model import Transformer
-from mixlab.parallel import checkpoint as pc
-from mixlab.parallel.mesh import init, shutdown
-
-root = Path(sys.argv[1])
-layout = init(ep=1)
-try:
-    m = Transformer(get_preset("tiny-moe"))
-    m.init_weights(seed=0)
-    opt = torch.optim.AdamW(m.parameters())
-    m(torch.randint(0, 256, (1, 8))).sum().backward()
-    opt.step()
-    kw = dict(model=m, optimizer=opt, layout=layout, expert_names=set())
-    gpu_state, restored = torch.arange(16, dtype=torch.uint8), []
-    # A GPU's generator, faked: a run on CUDA draws its router jitter there
-    import torch.distributed.checkpoint as dcp
-
-    def off_the_gpu(f):  # DCP itself runs as on this CPU-only machine
-        def run(*a, **k):
-            torch.cuda.is_available = lambda: False
-            try:
-                return f(*a, **k)
-            finally:
-                torch.cuda.is_available = lambda: True
-        return run
-
-    dcp.save, dcp.load = off_the_gpu(dcp.save), off_the_gpu(dcp.load)
-    torch.cuda.is_available = lambda: True
-    torch.cuda.is_initialized = lambda: True
-    torch.cuda.get_rng_state = lambda *a: gpu_state.clone()
-    torch.cuda.set_rng_state = lambda t, *a: restored.append(t)
-    ckpt = pc.save(root, step=1, state={}, keep=3, **kw)
-    assert torch.equal(load_file(str(ckpt / "rng.safetensors"))["torch_cuda"], gpu_state)
-    pc.load(ckpt, **kw)
-    assert len(restored) == 1 and torch.equal(restored[0], gpu_state), restored
-    print("ok")
-finally:
-    shutdown()
-"""
-
-
-def test_a_sharded_checkpoint_keeps_the_gpu_generator(tmp_path: Path) -> None:
+def test_a_sharded_checkpoint_keeps_the_gpu_generator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sharded run's checkpoint kept only the CPU generator (a one-process checkpoint keeps the
     GPU's too), so a run on CUDA with router jitter (drawn on the GPU) did not resume as it would
-    have gone on. The GPU's generator is faked here (a world of one, in its own process)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
-    r = subprocess.run([sys.executable, "-c", _CUDA_RNG, str(tmp_path / "ckpts")], capture_output=True, text=True,
-                       timeout=TIMEOUT, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    have gone on. The GPU's generator is faked here (a world of one, in this process: the fakes are
+    undone before `shutdown` ends it and its environment)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+    from mixlab.parallel import checkpoint as pc
+    from mixlab.parallel.mesh import init, shutdown
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    layout = init(ep=1)
+    try:
+        m = Transformer(get_preset("tiny-moe"))
+        m.init_weights(seed=0)
+        opt = torch.optim.AdamW(m.parameters())
+        m(torch.randint(0, 256, (1, 8))).sum().backward()
+        opt.step()
+        kw: dict[str, Any] = dict(model=m, optimizer=opt, layout=layout, expert_names=set())
+        gpu_state, restored = torch.arange(16, dtype=torch.uint8), []
+
+        def off_the_gpu(f: Any) -> Any:  # DCP itself runs as on this CPU-only machine
+            def run(*a: Any, **k: Any) -> Any:
+                torch.cuda.is_available = lambda: False  # type: ignore[method-assign]
+                try:
+                    return f(*a, **k)
+                finally:
+                    torch.cuda.is_available = lambda: True  # type: ignore[method-assign]
+            return run
+
+        with monkeypatch.context() as fake:  # A GPU's generator, faked: a run on CUDA draws its router jitter there
+            fake.setattr(dcp, "save", off_the_gpu(dcp.save))
+            fake.setattr(dcp, "load", off_the_gpu(dcp.load))
+            fake.setattr(torch.cuda, "is_available", lambda: True)
+            fake.setattr(torch.cuda, "is_initialized", lambda: True)
+            fake.setattr(torch.cuda, "get_rng_state", lambda *a: gpu_state.clone())
+            fake.setattr(torch.cuda, "set_rng_state", lambda t, *a: restored.append(t))
+            ckpt = pc.save(tmp_path / "ckpts", step=1, state={}, keep=3, **kw)
+            assert torch.equal(load_file(str(ckpt / "rng.safetensors"))["torch_cuda"], gpu_state)
+            pc.load(ckpt, **kw)
+        assert len(restored) == 1 and torch.equal(restored[0], gpu_state), restored
+    finally:
+        shutdown()
 
 
 def test_a_checkpoint_one_rank_cannot_write_is_one_line(small_data: Path, tmp_path: Path) -> None:
