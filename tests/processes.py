@@ -97,7 +97,10 @@ def cli(rank: int, job: dict[str, Any]) -> None:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(job["argv"])
+        try:
+            code = main(job["argv"])
+        except SystemExit as e:  # argparse's usage errors (2), as the process would exit
+            code = e.code if isinstance(e.code, int) else 1
     for suffix, text in ((".out", out.getvalue()), (".err", err.getvalue()), (".code", str(code))):
         Path(f"{job['out']}.{rank}{suffix}").write_text(text)
 
