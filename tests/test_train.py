@@ -920,6 +920,34 @@ def test_init_from_errors(dataset: Path, tmp_path: Path) -> None:
         _cfg(dataset, tmp_path, data_offset=-1)
 
 
+def test_the_seq_len_default_is_lowered_to_a_shorter_models_context(dataset: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`mixlab train --init-from` a model of 64 positions was refused ('seq_len 256 is beyond the model's
+    context') though no length was set: the default (256) is lowered to the context, said once on stderr as
+    sft's is, and recorded; a length given past it, as the flag or in the config file, stays an error."""
+    from mixlab.cli import main
+
+    train(_cfg(dataset, tmp_path / "a", steps=1, export_hf=True))  # TINY: max_seq_len 64
+    hf, out = tmp_path / "a" / "hf", tmp_path / "b"
+    fast = ["--data", str(dataset), "--init-from", str(hf), "--steps", "1", "--batch-size", "2", "--threads", "1",
+            "--eval-every", "0", "--ckpt-every", "0", "--quiet"]
+    capsys.readouterr()
+    assert main(["train", *fast, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and ("mixlab train: note: --seq-len's default 256 is past the model's 64 positions; "
+                                        "training rows of 64 tokens\n") in err
+    assert json.loads((out / "train_config.json").read_text())["seq_len"] == 64
+    assert main(["train", *fast, "--out", str(tmp_path / "c"), "--seq-len", "128"]) == 2
+    assert ("seq_len 128 is beyond the model's context (max_seq_len 64); set --seq-len (seq_len in a config file) "
+            "to 64 or less") in capsys.readouterr().err
+    (tmp_path / "long.toml").write_text("seq_len = 128\n")
+    assert main(["train", str(tmp_path / "long.toml"), *fast, "--out", str(tmp_path / "c")]) == 1
+    assert f"{tmp_path / 'long.toml'}: seq_len 128 is beyond the model's context" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main(["train", *fast, "--out", str(tmp_path / "d"), "--seq-len", "32"]) == 0  # one it holds: no note
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_init_from_a_model_of_another_tokenizer_is_refused(dataset: Path, tmp_path: Path) -> None:
     """Weights trained with one tokenizer, trained further on data another wrote (`data prepare`'s default
     `bytes` under a Mixtral-tokenizer model), ran without a word when the model's vocabulary covered the

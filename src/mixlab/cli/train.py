@@ -23,6 +23,7 @@ from mixlab.cli import (
     fraction,
     names,
     non_negative,
+    note,
     positive,
     resume_arg,
     user_path,
@@ -155,20 +156,36 @@ def stopped(result: Any) -> int:
 def train_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.data import TokenDataset
     from mixlab.train.loop import TrainConfig, build_model_config, eval_line, load_train_config, train
-    from mixlab.train.settings import check_split
+    from mixlab.train.settings import check_context, check_split
+
+    # seq_len's default (256), where neither --seq-len nor the config file sets it, is lowered to a model of fewer
+    # positions (--init-from's, or --set max_seq_len=...), said once, as sft's and eval's --context are: it was
+    # refused ('seq_len 256 is beyond the model's context'), though the user had set no length. A value given past
+    # the model's context stays check_context's error.
+    given: set[str] = set()  # the settings the file or a flag set (load_settings fills it before `model_config` runs)
+    lowered: list[int] = []  # the model's context, where the default was lowered to it
 
     def model_config(cfg: TrainConfig) -> None:  # the one train builds: --set against --init-from, ...
         world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each process reads its rows of a batch
         check_split(cfg.batch_size, world, what="training")
         if cfg.data:
-            build_model_config(cfg, TokenDataset(cfg.data))
+            mc = build_model_config(cfg, TokenDataset(cfg.data), check_len=False)
+            if "seq_len" not in given and cfg.seq_len > mc.max_seq_len:
+                lowered[:] = [mc.max_seq_len]
+                cfg = dataclasses.replace(cfg, seq_len=mc.max_seq_len)
+            check_context(cfg.seq_len, mc)
 
     if args.ep is not None:  # before the dataset is read, as generate's
         from mixlab.parallel.mesh import check_ep
 
         check_ep(args.ep)
     with flag_errors(args):
-        cfg = load_train_config(args.config, then=model_config, **_overrides(args))
+        cfg = load_train_config(args.config, then=model_config, given=given, **_overrides(args))
+    if lowered:
+        cfg = dataclasses.replace(cfg, seq_len=lowered[0])
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun: once, by rank 0
+            note("train", f"--seq-len's default {TrainConfig.seq_len} is past the model's {lowered[0]} positions; "
+                          f"training rows of {lowered[0]} tokens")
     if not cfg.data:
         raise UsageError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
     par = _parallel(args, cfg.device, cfg.compile)
@@ -202,7 +219,8 @@ def demo_cmd(args: argparse.Namespace) -> int:
 # What each numeric run-setting flag of train / sft / dpo sets; its default is read off the config class.
 SETTING_HELP = {
     "data_offset": "training windows to skip first, to continue the stream an earlier run stopped in",
-    "seq_len": "tokens per training row", "batch_size": "rows per micro-batch over all processes",
+    "seq_len": "tokens per training row; the default is lowered to a model of fewer positions",
+    "batch_size": "rows per micro-batch over all processes",
     "grad_accum": "micro-batches per optimizer step", "steps": "optimizer steps", "lr": "peak learning rate",
     "warmup": "linear warm-up steps before the cosine decay", "clip": "gradient clipping by global norm; 0: off",
     "weight_decay": "AdamW weight decay on matrices", "seed": "data order and initialisation",

@@ -125,10 +125,12 @@ RUN_ONLY = {"data", "out", "eval_every", "eval_windows", "ckpt_every", "keep", "
 
 
 def load_train_config(path: str | Path | None = None, *, then: Callable[[TrainConfig], object] | None = None,
-                      **overrides: Any) -> TrainConfig:
+                      given: set[str] | None = None, **overrides: Any) -> TrainConfig:
     """A `TrainConfig` from a JSON or TOML file (keys = field names), then `overrides` (None = unset),
-    checked (`check_train_config`, then `then`: `mixlab train`'s model config) as `load_settings` has it."""
-    return load_settings(TrainConfig, path, overrides, what="training", check=check_train_config, then=then)
+    checked (`check_train_config`, then `then`: `mixlab train`'s model config) as `load_settings` has it
+    (`given`: filled with the settings the file or an override set)."""
+    return load_settings(TrainConfig, path, overrides, what="training", check=check_train_config, then=then,
+                         given=given)
 
 
 def check_train_config(cfg: TrainConfig) -> TrainConfig:
@@ -150,10 +152,11 @@ def check_train_config(cfg: TrainConfig) -> TrainConfig:
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 
 
-def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, dataset: TokenDataset, *, check_len: bool = True) -> ModelConfig:
     """The preset (or checkpoint config) with overrides; vocabulary and BOS/EOS from the dataset.
     With `init_from`, the starting checkpoint's config (its vocabulary must cover the dataset's, and
-    the tokenizer it names be the dataset's: `check_same_tokenizer`)."""
+    the tokenizer it names be the dataset's: `check_same_tokenizer`). `check_len`: cfg.seq_len checked
+    against the model's context (`check_context`; `mixlab train` checks it after lowering its default)."""
     over = dict(cfg.model_overrides)
     moe_over = over.pop("moe", None)
     if moe_over is not None and not isinstance(moe_over, dict):
@@ -220,7 +223,8 @@ def build_model_config(cfg: TrainConfig, dataset: TokenDataset) -> ModelConfig:
     except ConfigError as e:  # a field out of range (`config field 'dim' must be ...`, as ModelConfig says it)
         e.setting = "model_overrides"
         raise
-    check_context(cfg.seq_len, mc)
+    if check_len:
+        check_context(cfg.seq_len, mc)
     return mc
 
 
