@@ -1324,7 +1324,21 @@ def test_data_that_leaves_nothing_to_train_on_is_an_error(ckpt: Path, chat_files
     with pytest.raises(DataError, match=r"long.jsonl: no held-out conversation has an assistant token within its "
                                         r"first seq_len \+ 1 = 65 tokens"):
         finetune(_cfg(ckpt, chat_files[0], tmp_path / "c", valid_data=str(long)))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # At the model's context (256), raising seq_len was advice the next run refused: the context is said instead
+    over = tmp_path / "over.jsonl"
+    over.write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 300},
+                                             {"role": "assistant", "content": "y"}]}) + "\n")
+    with pytest.raises(DataError, match=r"over.jsonl: no conversation has an assistant token within its first "
+                                        r"seq_len \+ 1 = 257 tokens, so there is nothing to train on; the model's "
+                                        r"context is 256 positions, so seq_len \(--seq-len\) cannot be raised: "
+                                        r"shorten what comes before the replies$"):
+        finetune(_cfg(ckpt, over, tmp_path / "f", seq_len=256, valid_data=str(chat_files[0])))
+    with pytest.raises(DataError, match=r"over.jsonl: no held-out conversation has an assistant token within its "
+                                        r"first seq_len \+ 1 = 257 tokens, so the evaluation would measure nothing; "
+                                        r"the model's context is 256 positions, so seq_len \(--seq-len\) cannot be "
+                                        r"raised: hold out other conversations$"):
+        finetune(_cfg(ckpt, chat_files[0], tmp_path / "g", seq_len=256, valid_data=str(over)))
+    assert not any((tmp_path / d).exists() for d in "abcfg")
     # Every reply of weight 0 (mistral-finetune's context-only message): nothing to train, not a seq_len problem.
     zero = tmp_path / "zero.jsonl"
     zero.write_text(json.dumps({"messages": [{"role": "user", "content": "x"},
@@ -1353,6 +1367,12 @@ def test_conversations_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
                                          r"nothing \(first: .*chat.jsonl:3\); raise --seq-len"):
         train, _ = _data(cfg, get_tokenizer("bytes"))
     assert len(train) == 4
+    # seq_len at the model's context (a row reads seq_len + 1 tokens, feeds seq_len): it cannot be raised
+    with pytest.warns(UserWarning, match=r"\(first: .*chat.jsonl:3\); the model's context is 32 positions, so they "
+                                         r"cannot be kept whole$"):
+        _data(cfg, get_tokenizer("bytes"), context=32)
+    with pytest.warns(UserWarning, match=r"; raise --seq-len to keep them whole$"):  # below it: it can
+        _data(cfg, get_tokenizer("bytes"), context=33)
 
 
 def test_a_held_out_file_that_is_the_training_file_is_warned_about(tmp_path: Path) -> None:
@@ -1394,6 +1414,9 @@ def test_pairs_cut_to_seq_len_are_counted(tmp_path: Path) -> None:
                                          r"their end, </s> included\); raise --seq-len to keep them whole$"):
         train, _ = _data(cfg, get_tokenizer("bytes"))
     assert len(train) == 4
+    with pytest.warns(UserWarning, match=r"</s> included\); the model's context is 32 positions, so they cannot be "
+                                         r"kept whole$"):
+        _data(cfg, get_tokenizer("bytes"), context=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _data(dataclasses.replace(cfg, seq_len=64), get_tokenizer("bytes"))

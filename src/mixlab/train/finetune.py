@@ -560,7 +560,16 @@ class FinetuneResult:
     out: Path
 
 
-def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any]]:
+def _data(cfg: FinetuneConfig, tok: TrainTokenizer, *, context: int | None = None) -> tuple[list[Any], list[Any]]:
+    """The training and held-out examples of `cfg`'s files, checked. `context`: the model's max_seq_len; where
+    seq_len already is it, the advice on cut examples says so instead of telling to raise --seq-len."""
+    # A row reads seq_len + 1 tokens and feeds seq_len of them: check_context bounds seq_len, not seq_len + 1, by the
+    # context. At it, "raise --seq-len" was advice the next run refused.
+    at_limit = context is not None and cfg.seq_len >= context
+    raise_it = (f"the model's context is {context} positions, so seq_len (--seq-len) cannot be raised" if at_limit
+                else "raise seq_len (--seq-len)")
+    keep = (f"the model's context is {context} positions, so they cannot be kept whole" if at_limit
+            else "raise --seq-len to keep them whole")
     read: Callable[[str, TrainTokenizer], list[Any]] = sft.read_sft if cfg.task == "sft" else dpo.read_pairs
     items: list[Any] = read(cfg.data, tok)
     if cfg.max_examples:
@@ -585,13 +594,15 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
     # assistant token anywhere, the run would train on nothing (loss 0) without a word.
     if cfg.task == "sft" and not any(any(ex.train[1: cfg.seq_len + 1]) for ex in train):
         raise DataError(f"{cfg.data}: no conversation has an assistant token within its first seq_len + 1 = "
-                        f"{cfg.seq_len + 1} tokens, so there is nothing to train on; raise seq_len (--seq-len)")
+                        f"{cfg.seq_len + 1} tokens, so there is nothing to train on; {raise_it}"
+                        + (": shorten what comes before the replies" if at_limit else ""))
     # The same for the held-out ones: their evaluation reported eval_loss 0.0000 over 0 tokens.
     if cfg.task == "sft" and cfg.eval_every > 0 and valid and not any(any(ex.train[1: cfg.seq_len + 1])
                                                                       for ex in valid):
         raise DataError(f"{cfg.valid_data or cfg.data}: no held-out conversation has an assistant token within its "
-                        f"first seq_len + 1 = {cfg.seq_len + 1} tokens, so the evaluation would measure nothing; raise "
-                        "seq_len (--seq-len), or hold out other conversations")
+                        f"first seq_len + 1 = {cfg.seq_len + 1} tokens, so the evaluation would measure nothing; "
+                        f"{raise_it}"
+                        + (": hold out other conversations" if at_limit else ", or hold out other conversations"))
     if cfg.task == "sft":  # some cut: say how many, and how many of those lose every trained token
         cut = [ex for ex in train if len(ex.ids) > cfg.seq_len + 1]
         if cut:
@@ -599,8 +610,7 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
             lost = f"; {len(empty)} of them keep no assistant token and train nothing (first: {empty[0].where})" \
                 if empty else ""
             warnings.warn(f"{cfg.data}: {len(cut)} of {len(train)} training conversations are longer than "
-                          f"seq_len + 1 = {cfg.seq_len + 1} tokens and are cut to it{lost}; raise --seq-len to "
-                          "keep them whole", stacklevel=3)
+                          f"seq_len + 1 = {cfg.seq_len + 1} tokens and are cut to it{lost}; {keep}", stacklevel=3)
     if cfg.task == "dpo":
         # A pair whose replies are the same text (a tie, as in UltraFeedback's binarised rows) has h = 0 and no
         # gradient (dpo.py): it only dilutes the mean loss; all of them trained nothing, without a word.
@@ -619,7 +629,7 @@ def _data(cfg: FinetuneConfig, tok: TrainTokenizer) -> tuple[list[Any], list[Any
             ends = sum(len(dpo.fit(p.prompt, r, L)[1]) < len(r) for p in cut for r in (p.chosen, p.rejected))
             warnings.warn(f"{cfg.data}: {len(cut)} of {len(train)} training pairs are longer than seq_len + 1 = {L} "
                           f"tokens and are cut to it (the prompt's start goes first; {ends} of their replies lose "
-                          "their end, </s> included); raise --seq-len to keep them whole", stacklevel=3)
+                          f"their end, </s> included); {keep}", stacklevel=3)
     return train, valid
 
 
@@ -693,7 +703,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, ckpt_root: Path, newest: Path | No
     with warnings.catch_warnings():
         if not main:  # rank 0 says it once
             warnings.simplefilter("ignore")
-        train_items, valid_items = _data(cfg, tok)
+        train_items, valid_items = _data(cfg, tok, context=mc.max_seq_len)
     data_fp = _fingerprint(train_items)  # the loader position in a checkpoint means something only for these
     if par is not None:  # before any other collective: processes started apart would hang or train apart
         par.check_same({k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_PROCESS}
