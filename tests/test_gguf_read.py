@@ -535,17 +535,19 @@ def test_a_type_nothing_dequantises_is_refused_before_reading(tmp_path, monkeypa
 
 
 def test_a_quantised_type_without_the_gguf_package_says_to_install_it(tmp_path, monkeypatch):
-    """Without the gguf extra, a type other than mixlab's own five (llama.cpp's Q4_0 files keep
-    output.weight at Q6_K) was 'unknown ggml type 14 (at byte ...)': it now says to install it."""
+    """Without the gguf extra, a type other than mixlab's own (IQ4_NL, say: Q6_K, which llama.cpp's
+    Q4_0 files keep output.weight at, is one of them now) was 'unknown ggml type 20 (at byte ...)':
+    it now says to install it."""
     path = write_gguf(_model("dense"), tmp_path / "m.gguf", quant="f32")
     raw = bytearray(path.read_bytes())
     name = b"output.weight"
     at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4 + 16  # past the rank and two dims
-    struct.pack_into("<I", raw, at, int(gguf.GGMLQuantizationType.Q6_K))  # a valid Q6_K header, its data cut short
+    struct.pack_into("<I", raw, at, int(gguf.GGMLQuantizationType.IQ4_NL))  # a valid header, its data cut short
     path.write_bytes(bytes(raw))
     monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(CheckpointError, match=r"m.gguf: tensor 'output.weight' has ggml type 14, which mixlab reads "
-                                              r"through the gguf package: pip install 'mixlab\[gguf\]'"):
+    with pytest.raises(CheckpointError, match=r"m.gguf: tensor 'output.weight' has ggml type 20, which mixlab reads "
+                                              r"through the gguf package: pip install 'mixlab\[gguf\]' "
+                                              r"\(without it: F32, F16, Q4_0, Q8_0, BF16, Q4_1, .*, Q6_K\)"):
         load_model(path)
 
 
