@@ -126,7 +126,7 @@ def _k_scale_min(s_B12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K / Q5_K's eight 6-bit scales and mins [B, 8] from 12 bytes: for j < 4, scale j and min j
     are the low 6 bits of bytes j and j + 4; for j >= 4, their low 4 bits are byte j + 4's low and
     high nibble, their high 2 bits the top bits of bytes j - 4 and j."""
-    d, m, md = s_B12[:, 0:4], s_B12[:, 4:8], s_B12[:, 8:12]
+    d, m, md = s_B12.contiguous().view(-1, 3, 4).unbind(1)  # a copy of 12 bytes a block: the ops below are faster on it
     sc = torch.cat([d & 0x3F, (md & 0xF) | (d >> 6) << 4], 1)
     mn = torch.cat([m & 0x3F, (md >> 4) | (m >> 6) << 4], 1)
     return sc, mn
