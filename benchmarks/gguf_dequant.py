@@ -9,6 +9,11 @@ of `--rounds` rounds is reported. torch runs on `--threads` threads; numpy's is 
 the setting. Both outputs are checked equal first.
 
     .venv/bin/python benchmarks/gguf_dequant.py --mb 200 --rounds 3 --threads 2
+
+`--model DIR`: instead, a whole `load_model` of a Q4_K_M file (a random Mixtral-shaped MoE, width
+1024, 8 experts, 4 layers, Mixtral's vocabulary: 0.17B parameters, quantised by llama-cpp-python's
+`llama_model_quantize`; made once in DIR), the old way (gguf-py, as before `gguf_dequant`) and the new
+back to back: seconds and MB of file a second.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,16 +55,75 @@ def run(raw: np.ndarray, ttype: int, convert: Callable[[np.ndarray], torch.Tenso
     return time.perf_counter() - t0
 
 
+def q4_k_m_file(folder: Path) -> Path:
+    """The `--model` file, made once."""
+    import ctypes
+
+    import llama_cpp
+
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.config import MoEConfig, get_preset
+    from mixlab.model import Transformer
+
+    dst = folder / "moe-q4_k_m.gguf"
+    if dst.exists():
+        return dst
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = get_preset("tiny-moe").replace(vocab_size=32000, dim=1024, ffn_dim=1024, n_heads=8, n_kv_heads=2,
+                                         head_dim=128, n_layers=4, sliding_window=None,
+                                         moe=MoEConfig(num_experts=8, top_k=2))
+    model = Transformer(cfg)
+    model.init_weights(std=0.02, seed=0)
+    src = write_gguf(model.eval(), folder / "moe-f32.gguf", quant="f32")
+    del model
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    src.unlink()
+    return dst
+
+
+def whole_load(folder: Path, rounds: int) -> None:
+    from unittest import mock
+
+    from mixlab.checkpoint import gguf_read, load_model
+
+    path = q4_k_m_file(folder)
+    h = gguf_read.read_header(path)
+    by: dict[str, int] = {}
+    for t in h.tensors.values():
+        by[t.type_name] = by.get(t.type_name, 0) + t.nbytes
+    mb = path.stat().st_size / 1e6
+    print(f"{path.name}: {mb:.0f} MB (" + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in sorted(by.items())) + ")")
+    path.read_bytes()  # into the page cache for both
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for _ in range(rounds):
+        for way in ("old", "new"):
+            with mock.patch.object(gguf_read.gguf_dequant, "BLOCKS", {} if way == "old" else gguf_dequant.BLOCKS):
+                t0 = time.perf_counter()
+                model = load_model(path)
+                times[way].append(time.perf_counter() - t0)
+            del model
+    for way, ts in times.items():
+        s = statistics.median(ts)
+        print(f"load_model, {way} ({'gguf-py' if way == 'old' else 'gguf_dequant'}): {s:.2f} s "
+              f"({', '.join(f'{t:.2f}' for t in ts)}), {mb / s:.0f} MB/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=200.0, help="MB of blocks per type")
     p.add_argument("--rounds", type=positive, default=3)
     p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--types", default=",".join(n for n, _, _ in gguf_dequant.BLOCKS.values()))
+    p.add_argument("--model", type=Path, help="time load_model of a Q4_K_M file made once in this folder")
     args = p.parse_args()
     import gguf
 
     torch.set_num_threads(args.threads)
+    if args.model:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds}")
+        return whole_load(args.model, args.rounds)
     ids = {n: t for t, (n, _, _) in gguf_dequant.BLOCKS.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.mb:g} MB a type, "
           f"median of {args.rounds}")

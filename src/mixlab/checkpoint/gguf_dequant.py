@@ -66,8 +66,10 @@ def _with_high(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 
 
 def _fifth_bits32(qh_B4: torch.Tensor) -> torch.Tensor:
-    """Q5_0 / Q5_1's 32 fifth bits: value i takes bit i of the little-endian uint32, bit i % 8 of byte i // 8."""
-    return _bits(qh_B4, list(range(8)), 1).transpose(1, 2).reshape(-1, 32)  # [B, 4 bytes, 8 bits] -> [B, 32]
+    """Q5_0 / Q5_1's 32 fifth bits [B, 32]: value i takes bit i of the little-endian uint32 (read in the
+    machine's order, little-endian as on x86 and ARM; bit 31 of a negative int32 shifts in ones, masked)."""
+    word = qh_B4.contiguous().view(torch.int32)  # [B, 1]
+    return ((word >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)
 
 
 def _affine(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None, *, less: int = 0,
