@@ -1,12 +1,13 @@
 """GGUF dequantisation speed: MB of file a second per ggml type, the `gguf` package's numpy
 `quants.dequantize` (what a GGUF load ran before) against mixlab's torch code (`gguf_dequant`).
 
-Each type: `--mb` MB of random blocks (finite float16 scales, as a quantiser writes them) converted
-the way `_Reader.floats_into` converts a tensor: `CHUNK` bytes of float32 at a time, copied into
-their place (one chunk-sized buffer here, so that the measure is the conversion and not the page
-faults of a fresh weight, the same for both). Old and new run back to back in each round; the median
-of `--rounds` rounds is reported. torch runs on `--threads` threads; numpy's is one thread whatever
-the setting. Both outputs are checked equal first.
+Each type: `--mb` MB of random blocks (finite float16 scales, as a quantiser writes them) in rows of
+`--row` values (Mixtral's width, 4096: gguf-py converts 16 rows per numpy call, so rows of one block
+would slow it 16x), converted the way `_Reader.floats_into` converts a tensor: `CHUNK` bytes of
+float32 at a time (whole rows), copied into their place (one chunk-sized buffer here, so that the
+measure is the conversion and not the page faults of a fresh weight, the same for both). Old and new
+run back to back in each round; the median of `--rounds` rounds is reported. torch runs on
+`--threads` threads; numpy's is one thread whatever the setting. Both outputs are checked equal first.
 
     .venv/bin/python benchmarks/gguf_dequant.py --mb 200 --rounds 3 --threads 2
 
@@ -43,11 +44,13 @@ def blocks(ttype: int, mb: float, rng: np.random.Generator) -> np.ndarray:
     return raw
 
 
-def run(raw: np.ndarray, ttype: int, convert: Callable[[np.ndarray], torch.Tensor]) -> float:
-    """Seconds to convert all of `raw` a chunk at a time into a float32 chunk buffer."""
+def run(raw: np.ndarray, ttype: int, convert: Callable[[np.ndarray], torch.Tensor], row: int) -> float:
+    """Seconds to convert all of `raw` a chunk of whole rows of `row` values at a time into a float32
+    chunk buffer."""
     _, block, size = gguf_dequant.BLOCKS[ttype]
-    per = max(1, CHUNK // (4 * block))  # blocks a chunk
-    out = torch.empty(per * block)
+    raw = raw[: len(raw) // (row // block) * (row // block)].reshape(-1, row // block * size)
+    per = max(1, CHUNK // (4 * row))  # rows a chunk
+    out = torch.empty(per * row)
     t0 = time.perf_counter()
     for lo in range(0, len(raw), per):
         x = convert(raw[lo : lo + per])
@@ -115,6 +118,7 @@ def main() -> None:
     p.add_argument("--mb", type=float, default=200.0, help="MB of blocks per type")
     p.add_argument("--rounds", type=positive, default=3)
     p.add_argument("--threads", type=positive, default=2)
+    p.add_argument("--row", type=positive, default=4096, help="values a row (a multiple of 256)")
     p.add_argument("--types", default=",".join(n for n, _, _ in gguf_dequant.BLOCKS.values()))
     p.add_argument("--model", type=Path, help="time load_model of a Q4_K_M file made once in this folder")
     args = p.parse_args()
@@ -125,11 +129,14 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds}")
         return whole_load(args.model, args.rounds)
     ids = {n: t for t, (n, _, _) in gguf_dequant.BLOCKS.items()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.mb:g} MB a type, "
-          f"median of {args.rounds}")
+    if args.row % 256:
+        p.error(f"--row {args.row}: not a multiple of 256 (whole K-quant blocks a row)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.mb:g} MB a type in rows of "
+          f"{args.row}, median of {args.rounds}")
     print(f"{'type':6} {'numpy MB/s':>11} {'torch MB/s':>11} {'x':>6}")
     for name in args.types.split(","):
         ttype = ids[name]
+        block = gguf_dequant.BLOCKS[ttype][1]
         raw = blocks(ttype, args.mb, np.random.default_rng(ttype))
         qtype = gguf.GGMLQuantizationType(ttype)
 
@@ -139,12 +146,12 @@ def main() -> None:
         def new(b: np.ndarray, t: int = ttype) -> torch.Tensor:
             return gguf_dequant.dequantize(torch.from_numpy(b), t)
 
-        sample = raw[:512]
+        sample = raw[:512].reshape(-1, args.row // block * raw.shape[1])
         assert torch.equal(old(sample), new(sample)), name
         times: dict[str, list[float]] = {"old": [], "new": []}
         for _ in range(args.rounds):
-            times["old"].append(run(raw, ttype, old))
-            times["new"].append(run(raw, ttype, new))
+            times["old"].append(run(raw, ttype, old, args.row))
+            times["new"].append(run(raw, ttype, new, args.row))
         o, n = (raw.nbytes / 1e6 / statistics.median(times[k]) for k in ("old", "new"))
         print(f"{name:6} {o:11.1f} {n:11.1f} {n / o:6.1f}", flush=True)
 

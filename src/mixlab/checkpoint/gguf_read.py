@@ -20,7 +20,7 @@ and mixlab's own `write_gguf` write them) become a mixlab `Transformer`:
   table, is dequantised);
 - Q8_0 is dequantised exactly (int8 x f16 is exact in float32); the K-quants of the common Q4_K_M /
   Q5_K_M / Q6_K files (Q2_K to Q6_K) and Q4_1, Q5_0, Q5_1 by mixlab's torch code (`gguf_dequant`: equal
-  to llama.cpp's values bit for bit, ~10x numpy's speed); every other type through the `gguf`
+  to llama.cpp's values bit for bit, 1.5-3.4x numpy's speed); every other type through the `gguf`
   package's `quants.dequantize`; a type it has no dequantisation for (Q8_1, F64, the integer types)
   is refused, naming the tensor, before any tensor is read.
 The q and k rows are put back from llama.cpp's adjacent-pairs rotary layout to mixlab's rotate-half
@@ -518,7 +518,7 @@ class _Reader:
             blocks = raw.reshape(-1, 34)
             d = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
             x = torch.from_numpy((blocks[:, 2:].view(np.int8).astype(np.float32) * d).reshape(-1))
-        elif t.type in gguf_dequant.BLOCKS:  # K-quants, Q4_1, Q5_0, Q5_1: ~10x the gguf package's numpy
+        elif t.type in gguf_dequant.BLOCKS:  # K-quants, Q4_1, Q5_0, Q5_1: 1.5-3.4x the gguf package's numpy
             x = gguf_dequant.dequantize(torch.from_numpy(raw), t.type)
         else:  # a type `_readable` accepted (checked before any tensor is read)
             from gguf import GGMLQuantizationType
