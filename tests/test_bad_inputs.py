@@ -594,9 +594,8 @@ def test_an_error_is_the_flag_s_or_the_file_s_by_which_set_its_setting(tmp_path,
     """Whose error a refused setting is comes from where its value came from, as the file and the flags are
     read (it was decided by checking again without the file, then without the flags): a value the file and
     a flag both give is the flag's; so is a check naming a flag's setting whose other half the file set
-    (--freeze-router over the file's router target); a default the file's model refuses is the command
-    line's, as it is without a file (seq_len 512 past the model's context: it was the file's, which set no
-    seq_len)."""
+    (--freeze-router over the file's router target); a flag's value the file's model refuses is the command
+    line's (--seq-len 512 past the model's context; seq_len's default is lowered to it instead)."""
     monkeypatch.chdir(tmp_path)
     short = _tiny(tmp_path / "short", vocab=512, max_seq_len=256)
     (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
@@ -606,7 +605,7 @@ def test_an_error_is_the_flag_s_or_the_file_s_by_which_set_its_setting(tmp_path,
             ("train", 'device = "bogus"', ["--device", "bogus"], "training setting 'device' (--device): unknown"),
             ("sft", 'lora_rank = 2\nlora_targets = "router"', ["--freeze-router", "--model", "m"],
              "fine-tuning setting 'freeze_router' (--freeze-router) keeps the router fixed"),
-            ("sft", f'model = "{short}"\ntokenizer = "bytes"', [],
+            ("sft", f'model = "{short}"\ntokenizer = "bytes"', ["--seq-len", "512"],
              "error: seq_len 512 is beyond the model's context (max_seq_len 256); set --seq-len")):
         (tmp_path / "c.toml").write_text(toml + "\n")
         code, line = _code([command, "c.toml", "--data", "chat.jsonl", "--out", "o", *flags], capsys)
