@@ -586,7 +586,6 @@ def read_json_object(f: Path) -> dict[str, Any]:
     return d
 
 
-
 def with_generation_config(config: ModelConfig, folder: Path) -> ModelConfig:
     """`config` (read from `folder`'s config.json) with the eos_token_id of the folder's generation_config.json
     as `generation_eos_ids`, where it has one: transformers' generate takes that file's, an id or a list, in
@@ -604,6 +603,7 @@ def with_generation_config(config: ModelConfig, folder: Path) -> ModelConfig:
         raise ConfigError(f"{f}: field 'eos_token_id' must be a token id or a non-empty list of token ids in "
                           f"[0, vocab_size={config.vocab_size}), got {v!r}")
     return config.replace(generation_eos_ids=tuple(ids))
+
 
 def _tiny(**kw: Any) -> ModelConfig:
     base: dict[str, Any] = dict(

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
-from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, note, resume_arg, user_path
+from mixlab.cli import add_quiet_arg, add_resume_args, dtype_choice, resume_arg, user_path
 from mixlab.errors import UsageError
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
-    from mixlab.cli.train import flag_errors, run_processes, stopped
+    from mixlab.cli.train import SeqLenDefault, flag_errors, run_processes, stopped
     from mixlab.train.checkpoints import init_config
     from mixlab.train.finetune import (
         FinetuneConfig,
@@ -45,11 +44,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
         over["progress"] = False
     if args.merge:
         over["export_hf"] = True
-    # seq_len's default, where neither --seq-len nor the config file sets it, is lowered to a model of fewer
-    # positions (said once, as eval's --context is): 512 was refused on the demo's model of 256. A value given
-    # past the model's context stays the error check_fits makes of it.
-    given: set[str] = set()  # the settings the file or a flag set (load_settings fills it before `fits` runs)
-    lowered: list[int] = []  # the model's context, where the default was lowered to it
+    seq = SeqLenDefault(task, "packing rows" if task == "sft" else "pairs cut to sequences")
 
     def fits(cfg: FinetuneConfig) -> None:  # --seq-len and --tokenizer against the model, before the data is read
         if args.merge and not cfg.lora_rank:  # the flag's or the config file's rank
@@ -67,20 +62,12 @@ def _run(args: argparse.Namespace, task: str) -> int:
                                  f"split; leave out --ep (under torchrun, mixlab {task} then runs data parallel)")
             if E % args.ep:
                 raise UsageError(f"--ep {args.ep} must divide the number of experts ({E})")
-        if "seq_len" not in given and cfg.seq_len > mc.max_seq_len:
-            lowered[:] = [mc.max_seq_len]
-            cfg = dataclasses.replace(cfg, seq_len=mc.max_seq_len)
+        cfg = seq.fit(cfg, mc.max_seq_len)
         check_fits(cfg, mc, resolve_tokenizer(cfg)[0])
         check_split(cfg.batch_size, world, what="fine-tuning")
 
     with flag_errors(args):
-        cfg = load_finetune_config(args.config, then=fits, given=given, **over)
-    if lowered:
-        cfg = dataclasses.replace(cfg, seq_len=lowered[0])
-        if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun: once, by rank 0
-            rows = "packing rows" if task == "sft" else "pairs cut to sequences"
-            note(task, f"--seq-len's default {FinetuneConfig.seq_len} is past the model's {lowered[0]} positions; "
-                       f"{rows} of {lowered[0]} tokens")
+        cfg = seq.apply(load_finetune_config(args.config, then=fits, given=seq.given, **over))
     par = None
     if world > 1 or args.fsdp or args.ep is not None:  # --fsdp alone: a world of one, as `mixlab train --fsdp`
         from mixlab.parallel.mesh import init

@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from mixlab.cli import (
     _finite,
@@ -153,39 +153,57 @@ def stopped(result: Any) -> int:
     return 128 + int(result.stopped_by)
 
 
+_S = TypeVar("_S", bound=Any)  # TrainConfig or FinetuneConfig (imported late: start-up)
+
+
+class SeqLenDefault:
+    """seq_len's default (train's 256, sft's / dpo's 512), where neither the flag nor the config file sets it,
+    lowered to a model of fewer positions, said once (as eval's --context is): it was refused ("seq_len 256 is
+    beyond the model's context", the demo's model of 256 under sft's 512), though no length had been set. A
+    value given past the model's context stays the settings check's error. `given` goes to load_settings,
+    which fills it before the command's check calls `fit`; `apply` then lowers the loaded settings."""
+
+    def __init__(self, command: str, rows: str) -> None:
+        self.command, self.rows = command, rows  # rows: what a sequence of seq_len tokens is, in the note
+        self.given: set[str] = set()  # the settings the file or a flag set
+        self.context: int | None = None  # the model's, where the default was lowered to it
+
+    def fit(self, cfg: _S, context: int) -> _S:
+        """`cfg` with the default seq_len lowered to `context` where it is past it (remembered for `apply`)."""
+        if "seq_len" in self.given or cfg.seq_len <= context:
+            return cfg
+        self.context = context
+        return dataclasses.replace(cfg, seq_len=context)
+
+    def apply(self, cfg: _S) -> _S:
+        if self.context is None:
+            return cfg
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun: once, by rank 0
+            note(self.command, f"--seq-len's default {cfg.seq_len} is past the model's {self.context} "
+                               f"positions; {self.rows} of {self.context} tokens")
+        return dataclasses.replace(cfg, seq_len=self.context)
+
+
 def train_cmd(args: argparse.Namespace) -> int:
     from mixlab.train.data import TokenDataset
     from mixlab.train.loop import TrainConfig, build_model_config, eval_line, load_train_config, train
     from mixlab.train.settings import check_context, check_split
 
-    # seq_len's default (256), where neither --seq-len nor the config file sets it, is lowered to a model of fewer
-    # positions (--init-from's, or --set max_seq_len=...), said once, as sft's and eval's --context are: it was
-    # refused ('seq_len 256 is beyond the model's context'), though the user had set no length. A value given past
-    # the model's context stays check_context's error.
-    given: set[str] = set()  # the settings the file or a flag set (load_settings fills it before `model_config` runs)
-    lowered: list[int] = []  # the model's context, where the default was lowered to it
+    seq = SeqLenDefault("train", "training rows")
 
     def model_config(cfg: TrainConfig) -> None:  # the one train builds: --set against --init-from, ...
         world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each process reads its rows of a batch
         check_split(cfg.batch_size, world, what="training")
         if cfg.data:
             mc = build_model_config(cfg, TokenDataset(cfg.data), check_len=False)
-            if "seq_len" not in given and cfg.seq_len > mc.max_seq_len:
-                lowered[:] = [mc.max_seq_len]
-                cfg = dataclasses.replace(cfg, seq_len=mc.max_seq_len)
-            check_context(cfg.seq_len, mc)
+            check_context(seq.fit(cfg, mc.max_seq_len).seq_len, mc)
 
     if args.ep is not None:  # before the dataset is read, as generate's
         from mixlab.parallel.mesh import check_ep
 
         check_ep(args.ep)
     with flag_errors(args):
-        cfg = load_train_config(args.config, then=model_config, given=given, **_overrides(args))
-    if lowered:
-        cfg = dataclasses.replace(cfg, seq_len=lowered[0])
-        if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun: once, by rank 0
-            note("train", f"--seq-len's default {TrainConfig.seq_len} is past the model's {lowered[0]} positions; "
-                          f"training rows of {lowered[0]} tokens")
+        cfg = seq.apply(load_train_config(args.config, then=model_config, given=seq.given, **_overrides(args)))
     if not cfg.data:
         raise UsageError("no dataset: pass --data DIR (a folder written by `mixlab data prepare`)")
     par = _parallel(args, cfg.device, cfg.compile)
