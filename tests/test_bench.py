@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from mixlab.cli.benchmark import BenchPlan, run_bench, sustained_bandwidth
 
@@ -29,6 +30,39 @@ def test_bench_runs_end_to_end_on_a_tiny_preset(tmp_path):
         assert f"## {section}" in text
     assert "B=2 | mixlab" in text and "T=16 | transformers-eager" in text
     assert list(tmp_path.iterdir()) == []  # temporary checkpoints are removed
+
+
+def test_q4_k_m_peers_run_llama_cpps_own_file_in_both(tmp_path):
+    """`--peers q4_k_m`: a Q4_K_M file made by llama.cpp's quantiser, decoded by llama.cpp and by mixlab
+    with every matrix int4 (as `generate --model FILE --quant int4`); no other llama.cpp file is run."""
+    pytest.importorskip("llama_cpp")
+    plan = BenchPlan.quick()
+    plan.reps, plan.peers, plan.prefill, plan.moe_tokens, plan.decode_batch = 1, ("q4_k_m",), (), (), (1,)
+    report = run_bench(plan, log=lambda s: None, workdir=tmp_path)
+    assert {r.peer for r in report.rows} == {"llama.cpp-q4_k_m", "mixlab-q4_k_m"}
+    assert "mixlab-q4_k_m ÷ this" in report.format()
+
+
+def test_a_q4_k_m_file_is_measured_by_its_matrices_bytes(tmp_path):
+    """The roofline of a mixed file (Q4_K, Q6_K) counts its matrices' bytes per weight: between Q4_K's
+    4.5 bits and Q6_K's 6.5625 (the embedding, router and norms left out)."""
+    pytest.importorskip("llama_cpp")
+    from conftest import gguf_test_model
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.cli.benchmark import _int4_of_gguf, _llama_quantize, _matrix_bytes_per_weight
+    from mixlab.model import Transformer
+    from mixlab.model.inference import is_quantised
+    from mixlab.ops.quant import Int4Linear
+
+    cfg = gguf_test_model("moe").config.replace(dim=256, ffn_dim=256, head_dim=64, n_layers=1)  # K-quant rows
+    small = Transformer(cfg)
+    small.init_weights(std=0.1, seed=0)
+    src = write_gguf(small.eval(), tmp_path / "m.gguf", quant="f32")
+    path = _llama_quantize(src, tmp_path / "m-q4_k_m.gguf", 2, "Q4_K_M")
+    assert 4.5 / 8 < _matrix_bytes_per_weight(path) < 6.5625 / 8
+    model = _int4_of_gguf(path)
+    assert is_quantised(model) and isinstance(model.output, Int4Linear)
+    assert not [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def test_a_dense_preset_is_refused():

@@ -23,10 +23,10 @@ def _peers(s: str) -> tuple[str, ...]:
     from mixlab.cli.benchmark import BenchPlan
 
     names = tuple(s.split(","))
-    unknown = [n for n in names if n not in BenchPlan.peers]
+    known = BenchPlan.peers + BenchPlan.optional_peers
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(map(repr, unknown))}; "
-                                         f"known: {','.join(BenchPlan.peers)}")
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(map(repr, unknown))}; known: {','.join(known)}")
     return names
 
 
@@ -87,7 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens through one MoE layer (default 1,32,512,4096; --quick: 1,16; none: skip)")
     p.add_argument("--peers", type=_peers, default=None,
                    help="comma-separated subset of mixlab,mixlab-packed,mixlab-int8,mixlab-int4,"
-                        "mixlab-int4-exact,transformers,llama.cpp")
+                        "mixlab-int4-exact,transformers,llama.cpp (the default: all of them), and q4_k_m: a Q4_K_M "
+                        "file of the same weights made by llama.cpp's quantiser, run by llama.cpp and by mixlab "
+                        "(every matrix int4)")
     p.add_argument("--out", type=user_path, default=None, help="also write the markdown report to this file")
     add_quiet_arg(p)
     p.set_defaults(func=bench)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import platform
 import statistics
@@ -86,7 +87,7 @@ class Report:
         out += [f"- note: {n}" for n in self.notes]
         for section in dict.fromkeys(r.section for r in self.rows):
             rows = [r for r in self.rows if r.section == section]
-            ours = [p for p in ("mixlab", "mixlab-int8", "mixlab-int4", "mixlab-int4-exact")
+            ours = [p for p in ("mixlab", "mixlab-int8", "mixlab-int4", "mixlab-int4-exact", "mixlab-q4_k_m")
                     if any(r.peer == p for r in rows)]
             header = ["case", "peer", rows[0].unit, "of limit", *(f"{p} ÷ this" for p in ours)]
             out += ["", f"## {section}", "", "| " + " | ".join(header) + " |",
@@ -336,19 +337,37 @@ class LlamaCppPeer(Peer):
         self.llm.close()
 
 
-def _llama_quantize(src: Path, dst: Path, threads: int) -> Path:
-    """A Q4_0 GGUF of `src` made by llama.cpp's quantiser (`llama_model_quantize`), every matrix Q4_0."""
+def _llama_quantize(src: Path, dst: Path, threads: int, ftype: str = "Q4_0") -> Path:
+    """A GGUF of `src` made by llama.cpp's quantiser (`llama_model_quantize`): Q4_0 with every matrix Q4_0
+    (`pure`), or another of its types with llama.cpp's own mix (Q4_K_M: Q4_K, some matrices Q6_K)."""
     import ctypes
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
-    params.pure = True
+    params.pure = ftype == "Q4_0"
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize failed on {src}")
     return dst
+
+
+def _matrix_bytes_per_weight(path: Path) -> float:
+    """Bytes per weight of the matrices a GGUF file's decoding streams (attention, experts, output; not the
+    embedding), averaged over their weights: one figure for a mix of types (Q4_K_M's Q4_K and Q6_K)."""
+    from mixlab.checkpoint.gguf_read import read_header
+
+    mats = [t for name, t in read_header(path).tensors.items() if len(t.shape) >= 2 and name != "token_embd.weight"
+            and not name.endswith("ffn_gate_inp.weight")]  # the router: float32, counted apart
+    return sum(t.nbytes for t in mats) / sum(math.prod(t.shape) for t in mats)
+
+
+def _int4_of_gguf(path: Path) -> Transformer:
+    """A quantised GGUF file as `mixlab generate --model FILE --quant int4` runs it: every matrix int4."""
+    from mixlab.checkpoint import load_model
+
+    return prepare_for_inference(load_model(path, dtype="bfloat16"), quant="int4")
 
 
 def _transformers_model(folder: Path, threads: int) -> Any | None:
@@ -376,6 +395,9 @@ class BenchPlan:
     moe_tokens: tuple[int, ...] = (1, 32, 512, 4096)
     peers: tuple[str, ...] = ("mixlab", "mixlab-packed", "mixlab-int8", "mixlab-int4", "mixlab-int4-exact",
                               "transformers", "llama.cpp")
+    # not run by default: a Q4_K_M file (llama.cpp's common download) of the same weights, read by llama.cpp
+    # and by mixlab (as int4: each matrix rounded a second time)
+    optional_peers: tuple[str, ...] = ("q4_k_m",)
     seed: int = 0
     limit_mib: int = 1024  # size of the bandwidth probe
     limit_n: int = 2048  # size of the matmul probe
@@ -470,7 +492,7 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
             else:
                 peers += [TransformersPeer(hf, "eager"), TransformersPeer(hf, "grouped_mm")]
             (root / "hf" / "model.safetensors").unlink(missing_ok=True)
-        if "llama.cpp" in plan.peers:
+        if "llama.cpp" in plan.peers or "q4_k_m" in plan.peers:
             try:
                 import llama_cpp  # noqa: F401
 
@@ -486,13 +508,25 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
                     # bf16 and q8_0 written by mixlab; q4_0 made from the bf16 file by llama.cpp's own
                     # quantiser (`_llama_quantize`) with `pure`: every matrix Q4_0, as mixlab-int4 holds it
                     # (without `pure` llama.cpp would store the output matrix as Q6_K), router and norms f32.
-                    for quant, elem in (("bf16", 2.0), ("q8_0", 34 / 32), ("q4_0", 18 / 32)):
+                    # Q4_K_M (`q4_k_m`): llama.cpp's own mix, its file also loaded by mixlab as int4.
+                    quants = [("bf16", 2.0)]
+                    if "llama.cpp" in plan.peers:
+                        quants += [("q8_0", 34 / 32), ("q4_0", 18 / 32)]
+                    if "q4_k_m" in plan.peers:
+                        quants.append(("q4_k_m", 0.0))
+                    for quant, elem in quants:
                         log(f"writing GGUF {quant} ...")
-                        if quant == "q4_0":
-                            path = _llama_quantize(root / "m-bf16.gguf", root / "m-q4_0.gguf", plan.threads)
+                        if quant in ("q4_0", "q4_k_m"):
+                            path = _llama_quantize(root / "m-bf16.gguf", root / f"m-{quant}.gguf", plan.threads,
+                                                   quant.upper())
                         else:
                             path = write_gguf(model, root / f"m-{quant}.gguf", quant=quant)
-                        peers.append(LlamaCppPeer(path, f"llama.cpp-{quant}", plan.threads, n_ctx, elem))
+                        if quant == "bf16" and "llama.cpp" not in plan.peers:
+                            continue  # only the file the quantiser reads
+                        peers.append(LlamaCppPeer(path, f"llama.cpp-{quant}", plan.threads, n_ctx,
+                                                  elem or _matrix_bytes_per_weight(path)))
+                        if quant == "q4_k_m":  # the same file in mixlab: every matrix int4 (18 bytes per 32)
+                            peers.append(MixlabPeer(_int4_of_gguf(path), "mixlab-q4_k_m", 18 / 32))
                     report.notes.append("llama.cpp decode runs at batch 1 only (llama-cpp-python's Llama API "
                                         "decodes one sequence)")
         _bench_prefill(plan, cfg, peers, report, log)
