@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -50,8 +51,20 @@ def _byte_spm(path: Path) -> Path:
     return path
 
 
-class LlamaCppModel(nn.Module):
-    """Enough of a mixlab model for `mixlab.eval.perplexity`: logits of a batch through llama.cpp."""
+class LogitsModel(nn.Module):
+    """Enough of a mixlab model for `mixlab.eval.perplexity.score_batch`, over a `forward` that gives
+    the logits of every position: `forward_output` hands them on as the "hidden states", and `output`
+    (the head score_batch applies to the rows it scores) is the identity."""
+
+    def forward_output(self, tokens_BT: torch.Tensor, logits: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(hidden_BTD=self(tokens_BT))
+
+    def output(self, logits_RV: torch.Tensor) -> torch.Tensor:
+        return logits_RV
+
+
+class LlamaCppModel(LogitsModel):
+    """Logits of a batch through llama.cpp."""
 
     def __init__(self, path: Path, config: object, threads: int) -> None:
         import llama_cpp
@@ -71,9 +84,8 @@ class LlamaCppModel(nn.Module):
         return torch.stack(out)
 
 
-class NativeDecodeModel(nn.Module):
-    """Enough of a mixlab model for `mixlab.eval.perplexity`: the logits of each row, one native
-    decoding step per token (a fresh cache per row)."""
+class NativeDecodeModel(LogitsModel):
+    """The logits of each row, one native decoding step per token (a fresh cache per row)."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -93,24 +105,31 @@ class NativeDecodeModel(nn.Module):
         return torch.stack(out)
 
 
-def llama_cpp_columns(base: nn.Module, cfg: object, threads: int, run: Callable[[str, nn.Module], None]) -> None:
+def llama_cpp_columns(base: nn.Module, cfg: object, threads: int, run: Callable[[str, nn.Module], None],
+                      kquant: bool = False) -> None:
     """Score llama.cpp's Q8_0 and Q4_0 of `base`: mixlab's F32 GGUF quantised by llama.cpp's own
-    `llama_model_quantize` (default parameters), logits through llama-cpp-python."""
+    `llama_model_quantize` (default parameters), logits through llama-cpp-python. `kquant`: also its
+    Q4_K_M, and that file read by mixlab, dequantised (its exact values) and as `--quant int4` loads it
+    (every matrix rounded a second time, to int4 in groups of 32)."""
     import llama_cpp
 
+    from mixlab.checkpoint import load_model
     from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.model.inference import prepare_for_inference
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         f32 = write_gguf(base, root / "m-f32.gguf", quant="f32", tokenizer=_byte_spm(root / "bytes.model"))
-        for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
-                            ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+        for name in ("Q8_0", "Q4_0", *(("Q4_K_M",) if kquant else ())):
             params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.nthread = ftype, threads
-            out = root / f"m-{ftype}.gguf"
+            params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}"), threads
+            out = root / f"m-{name}.gguf"
             if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
                 raise RuntimeError(f"llama_model_quantize failed for {name}")
-            run(name, LlamaCppModel(out, cfg, threads))
+            run(f"llama.cpp {name}", LlamaCppModel(out, cfg, threads))
+            if name == "Q4_K_M":
+                run("mixlab Q4_K_M dequantised", load_model(out, dtype="float32"))
+                run("mixlab Q4_K_M as int4", prepare_for_inference(load_model(out, dtype="float32"), quant="int4"))
 
 
 def main() -> int:
@@ -137,6 +156,9 @@ def main() -> int:
                          "activations (exact) and with activations rounded to int8 per 32 (the default, as "
                          "llama.cpp's Q4_0 x Q8_0 dot products): what the faster rounding costs")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's Q8_0 and Q4_0 columns")
+    ap.add_argument("--kquant", action="store_true",
+                    help="also llama.cpp's Q4_K_M, and mixlab reading that file: dequantised, and as int4 "
+                         "(`--quant int4`: rounded again; needs a model whose rows fit K-quant's 256-weight blocks)")
     args = ap.parse_args()
     if args.out:  # refused now, not after the run
         try:
@@ -168,7 +190,7 @@ def main() -> int:
             run(f"int4 decode, {mode} activations",
                 NativeDecodeModel(prepare_for_inference(copy.deepcopy(base), quant="int4", int4_activations=mode)))
     if not args.no_llama_cpp:
-        llama_cpp_columns(base, cfg, args.threads, run)
+        llama_cpp_columns(base, cfg, args.threads, run, kquant=args.kquant)
     domains = sorted(results["float32"]["domains"])  # type: ignore[arg-type]
     print("| domain | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
