@@ -13,7 +13,7 @@ import json
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,8 @@ from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig, as_path, suffix_of, with_generation_config
 from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
-from mixlab.model.inference import inference_format
+from mixlab.model.inference import inference_format, int4_names
+from mixlab.ops.quant import INT4_GROUPS, quantize_int4
 
 __all__ = ["CheckpointError", "adapter_factors", "describe", "from_state_dict", "load_model", "load_state",
            "merge_adapter", "meta_model", "save_model", "to_state_dict"]
@@ -198,17 +199,24 @@ def load_state(
     the stored dtype holding most bytes) on `device`. All checks happen before any data is read."""
     root = Path(path)
     _, table, infos = plan(root, config)
-    return _read_state(table, infos, dtype=dtype, device=device)
+    return _read_state(table, infos, dtype=dtype, device=device)[0]
 
 
 def _is_experts(r: Rule) -> bool:
     return ".ffn.experts." in r.ours
 
 
+Int4 = dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (packed codes, float16 scales)
+
+
 def _read_state(table: list[Rule], infos: dict[str, TensorInfo], *, dtype: torch.dtype | None,
-                device: str | torch.device, experts: bool = True) -> dict[str, torch.Tensor]:
+                device: str | torch.device, experts: bool = True, int4: Collection[str] = (),
+                group: int = 32) -> tuple[dict[str, torch.Tensor], Int4]:
+    """(the float weights, the int4 ones): each weight `int4` names (`int4_names`) is quantised as soon
+    as it is read, so that only one weight's floats exist at a time; a tied head's from the embeddings."""
     want = dtype or _stored_dtype(table, infos)
     state: dict[str, torch.Tensor] = {}
+    quantised: Int4 = {}
     with TensorReader(infos) as reader:
         for r in table:
             if not experts and _is_experts(r):
@@ -219,9 +227,14 @@ def _read_state(table: list[Rule], infos: dict[str, TensorInfo], *, dtype: torch
                 if not all_finite(view):
                     warnings.warn(f"{infos[name].file}: tensor {name!r} holds NaN or Inf values; the model's "
                                   "outputs will be NaN", stacklevel=2)
-            state[r.ours] = t
+            if r.ours in int4:
+                quantised[r.ours] = quantize_int4(t, group)
+            else:
+                state[r.ours] = t
         _refuse_untied_head(table, infos, state, reader)
-    return state
+    if "output.weight" in int4 and "output.weight" not in quantised:  # tied: the embeddings, quantised
+        quantised["output.weight"] = quantize_int4(state["tok_embeddings.weight"], group)
+    return state, quantised
 
 
 def _refuse_untied_head(table: list[Rule], infos: dict[str, TensorInfo], state: dict[str, torch.Tensor],
@@ -276,13 +289,27 @@ def meta_model(config: ModelConfig) -> Transformer:
         return Transformer(config)
 
 
-def _assign(config: ModelConfig, state: dict[str, torch.Tensor], *, strict: bool = True) -> Transformer:
-    """The model holding the tensors of `state` (mixlab's names) themselves, not copies."""
+def _assign(config: ModelConfig, state: dict[str, torch.Tensor], *, strict: bool = True,
+            int4: Int4 | None = None) -> Transformer:
+    """The model holding the tensors of `state` (mixlab's names) themselves, not copies; the weights of
+    `int4` in int4 modules (`keep_int4_modules`: `Int4Linear`, `Int4Experts`)."""
     model = meta_model(config)
-    if config.tie_embeddings:
+    if int4:
+        from mixlab.checkpoint.gguf_read import keep_int4_modules
+
+        keep_int4_modules(model, int4)
+    tied = config.tie_embeddings and "output.weight" not in (int4 or {})  # an int4 head is a copy
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, assign=True, strict=strict)
-    if config.tie_embeddings:
+    if not int4:
+        model.load_state_dict(state, assign=True, strict=strict)
+    else:  # the int4 modules' buffers are set already: strict= asks that nothing else is left unset
+        extra = model.load_state_dict(state, assign=True, strict=False).unexpected_keys
+        unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if strict and (extra or unset):  # a bug, not a file problem: every tensor was planned
+            raise RuntimeError(f"int4 load: unexpected {extra[:5]}, unset {unset[:5]}")
+        model.requires_grad_(False)
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     return model
 
@@ -354,6 +381,8 @@ def load_model(
     policy: str | None = None,
     prefetch: bool | None = None,
     adapter: str | Path | None = None,
+    quant: str | None = None,
+    group: int | None = None,
 ) -> Transformer:
     """Load a checkpoint folder (transformers or Mistral format) or a llama.cpp GGUF file
     (`checkpoint/gguf_read.py`: Q4_0 matrices stay int4) into a mixlab `Transformer`.
@@ -371,6 +400,15 @@ def load_model(
 
     `adapter`: a PEFT LoRA adapter folder merged into the weights (`checkpoint/adapter.py`), so
     `prepare_for_inference(quant=)` quantises the merged weights.
+
+    `quant="int4"` (groups of `group` inputs: 32 (default), 64 or 128): each matrix int4 covers is
+    quantised as soon as it is read, so a whole model's floats never exist: peak memory is the int4
+    model plus one weight's floats (Mixtral 8x7B: ~26 GB, where loading bf16 first takes 93 GB). The
+    model equals `prepare_for_inference(load_model(path, dtype=dtype), quant="int4", group=group)`
+    bit for bit before its native decoder is attached, whatever the source (a GGUF file's K-quants
+    are dequantised and rounded again, its Q4_0 matrices kept as stored, in groups of 32 only);
+    `prepare_for_inference(model)` then attaches it. With `max_memory` the expert cache holds int4
+    experts. Not with `adapter` (merged into float weights: load without quant, prepare after).
     """
     from mixlab.config import parse_bytes
     from mixlab.ops.offload import POLICIES
@@ -386,6 +424,17 @@ def load_model(
                          "experts; pass max_memory= too (e.g. max_memory='4GB')")
     policy = "lru" if policy is None else policy
     prefetch = True if prefetch is None else prefetch
+    if quant not in (None, "int4"):
+        raise ValueError(f"quant={quant!r}: load_model quantises to 'int4' as it reads (or None); for int8, load "
+                         "without quant, then prepare_for_inference(model, quant='int8')")
+    if group is not None and quant != "int4":  # it would be ignored
+        raise ValueError(f"group={group!r} sets int4's inputs per scale: pass quant='int4' with it")
+    group = 32 if group is None else group
+    if group not in INT4_GROUPS:
+        raise ValueError(f"group={group!r}: int4's inputs per scale are one of {', '.join(map(str, INT4_GROUPS))}")
+    if quant is not None and adapter is not None:
+        raise ValueError("quant= does not combine with adapter=: the adapter is merged into float weights; load "
+                         "with adapter= and without quant, then prepare_for_inference(model, quant='int4')")
     if max_memory is not None:
         max_memory = parse_bytes(max_memory, what="max_memory")
         if policy not in POLICIES:
@@ -404,7 +453,7 @@ def load_model(
         if config is not None:
             raise ValueError("config= does not apply to GGUF files: their metadata is the config")
         model = load_gguf(root, dtype=parse_dtype(dtype), device=dev, max_memory=max_memory, policy=policy,
-                          prefetch=prefetch)
+                          prefetch=prefetch, quant=quant, group=group)
         return model if peft is None else merge_adapter(model, peft)
     config = folder_config(root, config)
     want = parse_dtype(dtype)
@@ -414,8 +463,9 @@ def load_model(
 
         check_offloadable(config, root, dev)
     _, table, infos = plan(root, config)
-    state = _read_state(table, infos, dtype=want, device=dev, experts=not offload)
-    model = _assign(config, state, strict=not offload)
+    int4 = int4_names(meta_model(config), group=group) if quant else set()  # widths checked before reading
+    state, quantised = _read_state(table, infos, dtype=want, device=dev, experts=not offload, int4=int4, group=group)
+    model = _assign(config, state, strict=not offload, int4=quantised)
     if offload:
         from mixlab.checkpoint.offload import SafetensorsSource, offload_experts
         from mixlab.ops.offload import SlotFormat
@@ -424,10 +474,13 @@ def load_model(
         layers: dict[str, Rule] = {r.ours: r for r in table if _is_experts(r)}
         tables = [(layers[f"layers.{i}.ffn.experts.w13"], layers[f"layers.{i}.ffn.experts.w2"])
                   for i in range(config.n_layers)]
-        fmt = SlotFormat("plain", want or _stored_dtype(table, infos))
+        floats = want or _stored_dtype(table, infos)
+        fmt = SlotFormat("int4", floats, group) if quant else SlotFormat("plain", floats)
         offload_experts(model, SafetensorsSource(infos, tables, config), max_memory=max_memory, fmt=fmt,
                         policy=policy, prefetch=prefetch)
         model.requires_grad_(False)
+        if quant:  # offloaded int4 products take exact activations (as prepare_for_inference sets them)
+            model.int4_activations = "float32"
     return (model if peft is None else merge_adapter(model, peft)).eval()
 
 

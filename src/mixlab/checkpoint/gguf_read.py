@@ -792,18 +792,27 @@ def read_gguf_pieces(h: GGUFHeader, pieces: dict[str, tuple[torch.Tensor, tuple[
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
               max_memory: int | None = None, policy: str = "lru", prefetch: bool = True,
-              keep_int4: bool = True) -> Any:
+              keep_int4: bool = True, quant: str | None = None, group: int = 32) -> Any:
     """A mixlab `Transformer` from a GGUF file (see the module docstring); eval mode. Matrices stored
     as Q4_0 are int4 modules (`Int4Linear`, int4 expert buffers), or with `keep_int4=False` floats
     (dequantised: a plain model that saves and trains, as `mixlab convert` needs); everything else is
     float in `dtype` (default: the float type of most matrix elements, a quantised one's float32). `max_memory`: the
     experts stay in the file, read on demand into an expert cache of that many bytes
-    (`mixlab.checkpoint.offload`)."""
+    (`mixlab.checkpoint.offload`). `quant="int4"`: every other matrix int4 covers is quantised (groups of
+    `group`) as soon as it is read (`load_model`'s)."""
     from mixlab.checkpoint import meta_model
+    from mixlab.model.inference import int4_names
+    from mixlab.ops.quant import quantize_int4
 
     h = read_header(path)
     cfg = config_from_header(h)
     plan = _plan(h, cfg)
+    quantise: set[str] = set()
+    if quant == "int4":
+        if keep_int4 and _int4_names(plan) and group != 32:  # prepare_for_inference's refusal, before reading
+            raise ValueError(f"{h.path} holds Q4_0 (int4) matrices in groups of 32, kept as stored; quant='int4' "
+                             f"converts its float matrices in the same groups, not {group}: pass group=32")
+        quantise = int4_names(meta_model(cfg), group=group) - (_int4_names(plan) if keep_int4 else set())
     offload = max_memory is not None
     if offload:
         from mixlab.checkpoint.offload import check_offloadable
@@ -821,13 +830,20 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
                 q, s = _read_int4(reader, cfg, parts, kind)
                 int4[name] = q.to(device), s.to(device)
                 continue
-            state[name] = _float_weight(reader, cfg, parts, kind, want).to(device)
+            x = _float_weight(reader, cfg, parts, kind, want).to(device)
+            if name in quantise:  # rounded now: one weight's floats at a time
+                int4[name] = quantize_int4(x, group)
+            else:
+                state[name] = x
     finally:
         reader.close()
+    if "output.weight" in quantise and cfg.tie_embeddings:  # the embeddings, quantised
+        int4["output.weight"] = quantize_int4(state["tok_embeddings.weight"], group)
 
     model = meta_model(cfg)
     keep_int4_modules(model, int4)  # swap the float modules / parameters for int4 ones
-    if cfg.tie_embeddings:
+    tied = cfg.tie_embeddings and "output.weight" not in int4
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=False)
     if offload:
@@ -836,12 +852,15 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
 
         assert max_memory is not None
         source = GGUFSource(h, cfg)
-        fmt = SlotFormat("int4", want, 32) if source.int4() else SlotFormat("plain", want)
+        fmt = (SlotFormat("int4", want, 32) if source.int4() else SlotFormat("int4", want, group) if quant
+               else SlotFormat("plain", want))
         offload_experts(model, source, max_memory=max_memory, fmt=fmt, policy=policy, prefetch=prefetch)
+        if quant:  # offloaded int4 products take exact activations (as prepare_for_inference sets them)
+            model.int4_activations = "float32"
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:  # a bug, not a file problem: every tensor was planned
         raise RuntimeError(f"GGUF load left tensors unset: {missing[:5]}")
-    if cfg.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     if int4 or offload:
         model.requires_grad_(False)

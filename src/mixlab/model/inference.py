@@ -110,6 +110,17 @@ def _check_int4_widths(model: Transformer, group: int) -> None:
                              f"{bad[0]} (the groups: {', '.join(map(str, INT4_GROUPS))}); the model is unchanged")
 
 
+def int4_names(model: Transformer, *, group: int = 32) -> set[str]:
+    """The weights `quantize_model_int4(model, group=group)` makes int4, by name: each float linear's
+    `...weight`, each float experts' `...experts.w13` / `.w2`; after its width checks (a ValueError
+    naming the first module). `model` may be on the meta device: what `load_model(quant="int4")`
+    quantises as it reads each weight."""
+    _check_int4_widths(model, group)
+    names = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return names | {f"{name}.experts.{w}" for name, m in model.named_modules()
+                    if isinstance(m, MoEBlock) and type(m.experts) is Experts for w in ("w13", "w2")}
+
+
 def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
     """Int4 weight-only quantisation (groups of `group` inputs) of every matrix except embedding and
     router, in place. Matrices already int4 (loaded from a GGUF Q4_0 file) are left as they are.

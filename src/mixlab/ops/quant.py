@@ -51,21 +51,37 @@ INT4_GROUPS = (32, 64, 128)
 QK = 32  # the nibble-layout chunk (Q4_0's block)
 
 
+QUANT_CHUNK = 4 << 20  # float32 bytes of rows rounded at a time: temporaries a chunk's, not a tensor's
+
+
 def quantize_int4(w_XD: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 `[..., X, D/2]`, float16 scales `[..., X, D/G]`) with llama.cpp Q4_0's rounding
-    (`quantize_row_q4_0_ref`): at G = 32 the bytes are those of a Q4_0 tensor."""
+    (`quantize_row_q4_0_ref`): at G = 32 the bytes are those of a Q4_0 tensor. Rounded a few MB of
+    rows at a time (`QUANT_CHUNK`; each group is rounded alone, so the bytes are the same): a whole
+    Mixtral expert tensor's float32 temporaries took ~4x its size."""
     if group not in INT4_GROUPS:
         raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, not {group}")
     *lead, X, D = w_XD.shape
     if D % group:
         raise ValueError(f"int4 with groups of {group} needs a multiple of {group} inputs per row, not {D}")
-    w = w_XD.detach().float().reshape(*lead, X, D // group, group)
+    w_RD = w_XD.detach().reshape(-1, D)  # R: every row of every leading index
+    q_RDh = torch.empty(w_RD.shape[0], D // 2, dtype=torch.uint8, device=w_RD.device)
+    s_RG = torch.empty(w_RD.shape[0], D // group, dtype=torch.float16, device=w_RD.device)
+    step = max(1, QUANT_CHUNK // (4 * D))
+    for lo in range(0, w_RD.shape[0], step):
+        q_RDh[lo : lo + step], s_RG[lo : lo + step] = _quantize_int4_rows(w_RD[lo : lo + step], group)
+    return q_RDh.reshape(*lead, X, D // 2), s_RG.reshape(*lead, X, D // group)
+
+
+def _quantize_int4_rows(w_RD: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    R, D = w_RD.shape
+    w = w_RD.float().reshape(R, D // group, group)
     at = w.abs().argmax(dim=-1, keepdim=True)
-    d = torch.gather(w, -1, at) / -8.0  # [..., X, D/G, 1]
+    d = torch.gather(w, -1, at) / -8.0  # [R, D/G, 1]
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    q = torch.clamp(torch.floor(w * inv + 8.5), max=15).to(torch.uint8).reshape(*lead, X, D // QK, 2, QK // 2)
+    q = torch.clamp(torch.floor(w * inv + 8.5), max=15).to(torch.uint8).reshape(R, D // QK, 2, QK // 2)
     packed = q[..., 0, :] | (q[..., 1, :] << 4)  # low nibble: input j of the chunk; high: input j + 16
-    return packed.reshape(*lead, X, D // 2).contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
+    return packed.reshape(R, D // 2), d.squeeze(-1).to(torch.float16)
 
 
 def unpack_int4(q_XDh: torch.Tensor) -> torch.Tensor:
