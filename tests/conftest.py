@@ -175,6 +175,36 @@ def gguf_test_model(kind: str):
     return model.eval()
 
 
+def kquant_source(folder: Path) -> Path:
+    """A random MoE (Mixtral's vocabulary, width 256: K-quant blocks fit; one layer) as an f32 GGUF
+    file in `folder`, for llama.cpp's quantiser (`llama_quantize`)."""
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.model import Transformer
+
+    cfg = gguf_test_model("moe").config.replace(dim=256, ffn_dim=256, head_dim=64, n_layers=1)
+    model = Transformer(cfg)
+    model.init_weights(std=0.1, seed=0)
+    with torch.no_grad():
+        model.layers[0].ffn.gate.weight.mul_(10)  # decisive routing, as gguf_test_model's
+    return write_gguf(model.eval(), folder / "m-f32.gguf", quant="f32")
+
+
+def llama_quantize(src: Path, ftype: str) -> Path:
+    """`src` quantised by llama.cpp's own quantiser (llama-cpp-python) to `ftype` ("Q4_K_M", "Q4_0", ...),
+    beside it as m-FTYPE.gguf (made once)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    dst = src.with_name(f"m-{ftype}.gguf")
+    if not dst.exists():
+        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    return dst
+
+
 def metric(url: str, name: str) -> float:
     """The value of the sample `name` (with its labels) in a server's `/metrics` at `url`."""
     import httpx

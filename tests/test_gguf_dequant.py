@@ -6,7 +6,6 @@ logits on the same weights."""
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import gguf_test_model
+from conftest import kquant_source, llama_quantize
 from mixlab.checkpoint import gguf_read, load_model
 from mixlab.checkpoint.gguf import write_gguf
 
@@ -85,26 +84,10 @@ FTYPES = {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "Q2_K": {"Q2_K
 
 @pytest.fixture(scope="module")
 def f32_file(tmp_path_factory):
-    """A random MoE (Mixtral's vocabulary, width 256, one layer) as an f32 GGUF file."""
-    model = gguf_test_model("moe")
-    cfg = model.config.replace(dim=256, ffn_dim=256, head_dim=64, n_layers=1)
-    from mixlab.model import Transformer
-
-    model = Transformer(cfg)
-    model.init_weights(std=0.1, seed=0)
-    with torch.no_grad():
-        model.layers[0].ffn.gate.weight.mul_(10)  # decisive routing, as gguf_test_model's
-    return write_gguf(model.eval(), tmp_path_factory.mktemp("kq") / "m-f32.gguf", quant="f32")
+    return kquant_source(tmp_path_factory.mktemp("kq"))
 
 
-def _quantize(src: Path, ftype: str) -> Path:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = 2
-    dst = src.with_name(f"m-{ftype}.gguf")
-    if not dst.exists():
-        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-    return dst
+_quantize = llama_quantize
 
 
 @pytest.mark.parametrize("ftype", sorted(FTYPES))

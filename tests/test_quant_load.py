@@ -1,0 +1,251 @@
+"""`load_model(path, quant="int4")`: each matrix quantised as soon as it is read equals loading floats
+and then `prepare_for_inference(quant="int4")`, bit for bit, from every source (transformers and
+Mistral folders, GGUF files: f32, llama.cpp's K-quants and Q4_0); its refusals; `generate --quant int4`
+loading this way; and the peak memory it saves, measured in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hf_mistral, hf_mixtral, kquant_source, llama_quantize
+from mixlab import generate, load_model, load_tokenizer, save_model
+from mixlab.checkpoint.gguf_read import _int4_names, _plan, config_from_header, read_header
+from mixlab.cli import main
+from mixlab.config import MoEConfig, get_preset
+from mixlab.model import Transformer
+from mixlab.model.formats import Int4Experts
+from mixlab.model.inference import prepare_for_inference, quantize_model_int4
+from mixlab.ops.quant import Int4Linear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _two_step(path: Path, group: int = 32, **kw: object) -> Transformer:
+    """What `quant="int4"` must equal: the floats loaded, then quantised (prepare_for_inference's
+    conversion, before it attaches the native decoder)."""
+    return quantize_model_int4(load_model(path, **kw), group=group).requires_grad_(False)
+
+
+def _assert_same(got: Transformer, want: Transformer) -> None:
+    """The same modules, and every tensor of the state dict equal in dtype and bits."""
+    assert [(n, type(m)) for n, m in got.named_modules()] == [(n, type(m)) for n, m in want.named_modules()]
+    a, b = got.state_dict(), want.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert not any(p.requires_grad for p in got.parameters())
+    assert not got.training
+
+
+def _tiny(preset: str = "tiny-moe", **kw: object) -> Transformer:
+    model = Transformer(get_preset(preset).replace(**kw))
+    model.init_weights(std=0.3, seed=0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """name -> a checkpoint folder: transformers Mixtral and Mistral (float32, sharded), a tied Mixtral,
+    a Mistral-format folder, transformers >= 5's fused experts in bfloat16."""
+    root = tmp_path_factory.mktemp("folders")
+    out = {"mixtral": hf_mixtral(root / "mixtral"), "mistral": hf_mistral(root / "mistral"),
+           "tied": hf_mixtral(root / "tied", tie_word_embeddings=True)}
+    model = _tiny()
+    save_model(model, root / "consolidated", fmt="mistral")
+    save_model(model, root / "fused", fmt="hf-fused", dtype="bfloat16", max_shard_bytes=40_000)  # several shards
+    out.update(consolidated=root / "consolidated", fused=root / "fused")
+    assert len(list((root / "fused").glob("*.safetensors"))) > 1
+    return out
+
+
+@pytest.mark.parametrize(("name", "dtype", "group"), [
+    ("mixtral", None, 32), ("mixtral", "bfloat16", 32), ("mistral", None, 32), ("tied", "bfloat16", 32),
+    ("consolidated", None, 64), ("fused", None, 32), ("fused", "float32", 64)])
+def test_a_folder_loads_int4_equal_to_loading_floats_then_quantising(folders, name, dtype, group):
+    got = load_model(folders[name], dtype=dtype, quant="int4", group=group)
+    want = _two_step(folders[name], group, dtype=dtype)
+    _assert_same(got, want)
+    assert isinstance(got.output, Int4Linear) and isinstance(got.layers[0].attn.wqkv, Int4Linear)
+    assert got.tok_embeddings.weight.dtype == (torch.bfloat16 if name == "fused" and dtype is None
+                                               else torch.float32 if dtype is None else getattr(torch, dtype))
+
+
+def test_generate_gives_the_same_tokens_and_prepare_attaches_the_native_decoder(folders):
+    got = prepare_for_inference(load_model(folders["mixtral"], quant="int4"), quant="int4")
+    want = prepare_for_inference(load_model(folders["mixtral"]), quant="int4")
+    assert (got.native_decoder is None) == (want.native_decoder is None)
+    prompts = [[1, 5, 9, 33], [1, 70, 2]]
+    assert generate(got, prompts, max_new_tokens=10) == generate(want, prompts, max_new_tokens=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mixes int4 and float matrices" warning: every matrix is int4
+        prepare_for_inference(load_model(folders["mixtral"], quant="int4"))
+
+
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_offloaded_experts_are_cached_int4_and_the_resident_matrices_loaded_int4(folders, source, tmp_path):
+    """max_memory with quant: the expert cache is int4 from the start (as prepare_for_inference makes
+    it), the linears int4 as read; the tokens are the two-step path's."""
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.model.formats import expert_cache
+
+    pytest.importorskip("gguf") if source == "gguf" else None
+    path = folders["mixtral"] if source == "folder" else write_gguf(_tiny(vocab_size=32000), tmp_path / "m.gguf",
+                                                                     quant="f32")
+    got = load_model(path, quant="int4", max_memory="1MB")
+    cache = expert_cache(got)
+    assert cache is not None and (cache.fmt.kind, cache.fmt.group) == ("int4", 32)
+    assert isinstance(got.layers[0].attn.wqkv, Int4Linear) and got.int4_activations == "float32"
+    want = prepare_for_inference(load_model(path, max_memory="1MB"), quant="int4")
+    assert expert_cache(want).fmt == cache.fmt
+    for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    got = prepare_for_inference(got, quant="int4")
+    prompts = [[1, 5, 9, 33]]
+    assert generate(got, prompts, max_new_tokens=8) == generate(want, prompts, max_new_tokens=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF files: f32, and llama.cpp's own quantiser's Q4_K_M (K-quants dequantised, then rounded to int4)
+# and Q4_0 (kept as stored; its Q6_K output rounded to int4)
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    f32 = kquant_source(tmp_path_factory.mktemp("qload"))
+    return {"F32": f32, "Q4_K_M": llama_quantize(f32, "Q4_K_M"), "Q4_0": llama_quantize(f32, "Q4_0")}
+
+
+@pytest.mark.parametrize(("ftype", "dtype", "group"), [
+    ("F32", None, 64), ("Q4_K_M", None, 32), ("Q4_K_M", "bfloat16", 128), ("Q4_0", None, 32)])
+def test_a_gguf_loads_int4_equal_to_loading_floats_then_quantising(gguf_files, ftype, dtype, group):
+    path = gguf_files[ftype]
+    h = read_header(path)
+    types = {t.type_name for t in h.tensors.values()}
+    assert {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q4_0": {"Q4_0", "Q6_K"}, "F32": set()}[ftype] <= types
+    got = load_model(path, dtype=dtype, quant="int4", group=group)
+    _assert_same(got, _two_step(path, group, dtype=dtype))
+    assert all(isinstance(m, Int4Linear) for m in (got.output, got.layers[0].attn.wqkv, got.layers[0].attn.wo))
+    assert isinstance(got.layers[0].ffn.experts, Int4Experts)
+    if ftype == "Q4_0":  # the stored bytes kept: nothing rounded twice
+        kept = _int4_names(_plan(h, config_from_header(h)))
+        assert "layers.0.ffn.experts.w13" in kept and "output.weight" not in kept
+        plain = load_model(path)  # Q4_0 kept int4 without quant too
+        assert torch.equal(plain.layers[0].ffn.experts.w13, got.layers[0].ffn.experts.w13)
+    prompts = [[1, 415, 2936, 9060]]
+    want = prepare_for_inference(_two_step(path, group, dtype=dtype))
+    assert generate(prepare_for_inference(got), prompts, max_new_tokens=6) == generate(want, prompts,
+                                                                                      max_new_tokens=6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals: one line naming the argument, before anything is read
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(quant="int8"), r"quant='int8': load_model quantises to 'int4' as it reads \(or None\); for int8, load "
+                         r"without quant, then prepare_for_inference\(model, quant='int8'\)"),
+    (dict(quant="q4_0"), r"quant='q4_0': load_model quantises to 'int4'"),
+    (dict(group=64), r"group=64 sets int4's inputs per scale: pass quant='int4' with it"),
+    (dict(quant="int4", group=48), r"group=48: int4's inputs per scale are one of 32, 64, 128"),
+    (dict(quant="int4", group=128), r"int4 with groups of 128 needs a multiple of 128 inputs per row; "
+                                    r"layers.0.attn.wqkv has 64"),
+])
+def test_bad_quant_arguments_are_refused_by_name(folders, kw, match, monkeypatch):
+    from mixlab.checkpoint import io
+
+    monkeypatch.setattr(io.TensorReader, "read_into", lambda *a, **k: pytest.fail("read before refusing"))
+    with pytest.raises(ValueError, match=match):
+        load_model(folders["mixtral"], **kw)
+
+
+def test_quant_with_an_adapter_is_refused(folders, tmp_path):
+    with pytest.raises(ValueError, match=r"quant= does not combine with adapter=: the adapter is merged into float "
+                                         r"weights; load with adapter= and without quant, then prepare_for_inference"):
+        load_model(folders["mixtral"], quant="int4", adapter=tmp_path / "adapter")
+
+
+def test_a_q4_0_gguf_in_other_groups_is_refused_as_prepare_refuses_it(gguf_files):
+    with pytest.raises(ValueError, match=r"holds Q4_0 \(int4\) matrices in groups of 32, kept as stored; "
+                                         r"quant='int4' converts its float matrices in the same groups, not 64: "
+                                         r"pass group=32"):
+        load_model(gguf_files["Q4_0"], quant="int4", group=64)
+    with pytest.raises(ValueError, match=r"groups of 32 .* not 64: pass group=32"):  # the two-step path's
+        prepare_for_inference(load_model(gguf_files["Q4_0"]), quant="int4", group=64)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI
+
+
+def test_generate_quant_int4_loads_int4_and_prints_the_same_text(folders, tmp_path, capsys, monkeypatch):
+    import mixlab.checkpoint as checkpoint
+
+    path = tmp_path / "m"
+    save_model(_tiny(vocab_size=32000), path)
+    asked = []
+    real = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: asked.append(k.get("quant")) or real(*a, **k))
+    args = ["generate", "--model", str(path), "--prompt", "Bonjour, le monde", "--max-new-tokens", "10",
+            "--dtype", "float32", "--quant", "int4", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert asked == ["int4"]
+    tok = load_tokenizer()
+    prompt = tok.encode("Bonjour, le monde")
+    ids = generate(prepare_for_inference(real(path), quant="int4"), [prompt], max_new_tokens=10)[0]
+    ids = [i for i in ids if i != tok.eos_id]
+    assert out == tok.decode(prompt + ids)[len(tok.decode(prompt)) :] + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak memory, in fresh processes: the int4 model plus one weight's floats, not the whole model's floats
+
+# The peak read as VmHWM: a fresh process's getrusage ru_maxrss starts at its parent's (Linux keeps it over
+# fork and exec), here pytest's, which holds models larger than the one loaded.
+_PEAK = """
+import json, sys, torch
+from mixlab import load_model
+from mixlab.model.inference import prepare_for_inference
+def hwm():
+    return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+torch.set_num_threads(1)
+before = hwm()
+if sys.argv[2] == "at-load":
+    model = load_model(sys.argv[1], quant="int4")
+else:
+    model = prepare_for_inference(load_model(sys.argv[1]), quant="int4", decoder=False)
+print(json.dumps(hwm() - before))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
+def test_loading_int4_peaks_at_the_int4_model_not_its_floats(tmp_path):
+    """A 370 MB float32 MoE (4 layers of 8 experts, 512 x 1792): loading then quantising peaks above its
+    float size; quantising each weight as read, below half of it."""
+    model = Transformer(get_preset("tiny-moe").replace(dim=512, ffn_dim=1792, n_layers=4, n_heads=8, n_kv_heads=2,
+                                                       head_dim=64, vocab_size=2048, moe=MoEConfig(8, 2)))
+    model.init_weights(std=0.02, seed=0)
+    floats = sum(p.numel() * 4 for p in model.parameters())
+    save_model(model, tmp_path / "m")
+    del model
+
+    def peak(how: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "m"), how], capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(json.loads(out.stdout))
+
+    two_step, at_load = peak("two-step"), peak("at-load")
+    assert floats > 300e6 and two_step > floats
+    # the int4 model (~14% of the floats) + one expert tensor (17%) + rounding temporaries
+    assert at_load < floats / 2 and at_load < two_step / 2, (at_load, two_step, floats)
