@@ -25,8 +25,9 @@ Shape legend: E experts, F expert FFN width, D width, H query heads, G kv heads,
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,41 +53,76 @@ def rope_permute(w_XD: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w_XD.reshape(n_heads, 2, Hd // 2, D).transpose(1, 2).reshape(X, D)
 
 
-def _tensors(model: torch.nn.Module, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor, bool]]:
-    """(GGUF name, tensor, may be quantised) in llama.cpp's names, mixlab's values."""
+Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # floats, or int4's (packed codes, scales)
+
+
+def _rows(w: Weight, f: Callable[[torch.Tensor], Any]) -> Any:
+    """`f` of a float weight, or `f` of an int4 weight's codes and scales, paired: a row operation
+    (split, chunk, rotary permutation) applies to both alike."""
+    if isinstance(w, torch.Tensor):
+        return f(w)
+    codes, scales = f(w[0]), f(w[1])
+    return list(zip(codes, scales, strict=True)) if isinstance(codes, tuple | list) else (codes, scales)
+
+
+def _tensors(model: torch.nn.Module, config: ModelConfig) -> Iterator[tuple[str, Weight, bool]]:
+    """(GGUF name, weight, may be quantised) in llama.cpp's names, mixlab's values; an int4 weight
+    (`Int4Linear`, `Int4Experts`: uint8 codes) as its (codes, scales)."""
     state = model.state_dict()
+
+    def get(name: str) -> Weight:
+        t = state[name]
+        if t.dtype != torch.uint8:
+            return t
+        return t, state[name.removesuffix(".weight") + ".scale" if name.endswith(".weight") else name + "_scale"]
+
     q, kv = config.q_dim, config.kv_dim
     yield "token_embd.weight", state["tok_embeddings.weight"], True
     for i in range(config.n_layers):
         p, b = f"layers.{i}.", f"blk.{i}."
         yield b + "attn_norm.weight", state[p + "attn_norm.weight"], False
-        wq, wk, wv = state[p + "attn.wqkv.weight"].split([q, kv, kv], dim=0)
-        yield b + "attn_q.weight", rope_permute(wq, config.n_heads), True
-        yield b + "attn_k.weight", rope_permute(wk, config.n_kv_heads), True
+        wq, wk, wv = _rows(get(p + "attn.wqkv.weight"), lambda t: t.split([q, kv, kv], dim=0))
+        yield b + "attn_q.weight", _rows(wq, lambda t: rope_permute(t, config.n_heads)), True
+        yield b + "attn_k.weight", _rows(wk, lambda t: rope_permute(t, config.n_kv_heads)), True
         yield b + "attn_v.weight", wv, True
-        yield b + "attn_output.weight", state[p + "attn.wo.weight"], True
+        yield b + "attn_output.weight", get(p + "attn.wo.weight"), True
         yield b + "ffn_norm.weight", state[p + "ffn_norm.weight"], False
         if config.moe is not None:
             yield b + "ffn_gate_inp.weight", state[p + "ffn.gate.weight"], False
-            w1, w3 = state[p + "ffn.experts.w13"].chunk(2, dim=1)  # [E, F, D] each
+            w1, w3 = _rows(get(p + "ffn.experts.w13"), lambda t: t.chunk(2, dim=1))  # [E, F, D] each
             yield b + "ffn_gate_exps.weight", w1, True
             yield b + "ffn_up_exps.weight", w3, True
-            yield b + "ffn_down_exps.weight", state[p + "ffn.experts.w2"], True
+            yield b + "ffn_down_exps.weight", get(p + "ffn.experts.w2"), True
         else:
-            w1, w3 = state[p + "ffn.w13.weight"].chunk(2, dim=0)
+            w1, w3 = _rows(get(p + "ffn.w13.weight"), lambda t: t.chunk(2, dim=0))
             yield b + "ffn_gate.weight", w1, True
             yield b + "ffn_up.weight", w3, True
-            yield b + "ffn_down.weight", state[p + "ffn.w2.weight"], True
+            yield b + "ffn_down.weight", get(p + "ffn.w2.weight"), True
     yield "output_norm.weight", state["norm.weight"], False
     if not config.tie_embeddings:  # llama.cpp reuses token_embd when output.weight is absent
-        yield "output.weight", state["output.weight"], True
+        yield "output.weight", get("output.weight"), True
 
 
-def _encode(t: torch.Tensor, qtype: object) -> np.ndarray:
-    """The bytes llama.cpp reads for tensor `t` stored as `qtype` (a GGMLQuantizationType)."""
+def _shape(w: Weight) -> tuple[int, ...]:
+    """The weight's float shape (an int4 weight's codes hold two inputs a byte)."""
+    if isinstance(w, torch.Tensor):
+        return tuple(w.shape)
+    return (*w[0].shape[:-1], 2 * w[0].shape[-1])
+
+
+def _encode(w: Weight, qtype: object) -> np.ndarray:
+    """The bytes llama.cpp reads for weight `w` stored as `qtype` (a GGMLQuantizationType); an int4
+    weight (groups of 32: Q4_0's layout, `mixlab.ops.quant`) as its Q4_0 blocks, each scale then its
+    16 code bytes, as stored (nothing rounded again)."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
+    if not isinstance(w, torch.Tensor):
+        codes, scales = (x.detach().cpu() for x in w)
+        blocks = torch.cat([scales.contiguous().view(torch.uint8).reshape(*scales.shape, 2),
+                            codes.reshape(*scales.shape, 16)], dim=-1)
+        return blocks.numpy().reshape(-1)
+    t = w
     if qtype == Q.BF16 and t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(np.uint16)  # exact: no round trip through f32
     a = t.detach().float().contiguous().numpy()
@@ -198,7 +234,9 @@ def write_gguf(
 
     `quant`: how matrices are stored: "f32", "f16", "bf16", "q8_0" (llama.cpp's 8-bit blocks of 32
     with one f16 scale each) or "q4_0" (4-bit blocks of 32: mixlab's int4 at groups of 32, byte for
-    byte); a matrix whose rows are not a multiple of 32 falls back to f16.
+    byte); a matrix whose rows are not a multiple of 32 falls back to f16. A model holding int4
+    weights in groups of 32 (`load_model(..., quant="int4")`, a Q4_0 GGUF's) is written as q4_0, its
+    int4 matrices' bytes as they are (what q4_0 makes of their floats), its float ones rounded.
     `tokenizer`: a SentencePiece model file (default: Mixtral's, from mistral-common). An existing
     file is replaced only if it is a GGUF file (or `overwrite`); a folder or a source is refused
     before anything is written (mixlab.atomic). `progress`: a bar of the tensors written, where stderr
@@ -209,16 +247,22 @@ def write_gguf(
     from gguf import LlamaFileType as FT
 
     from mixlab.checkpoint import refuse_adapters
-    from mixlab.model.inference import inference_format
+    from mixlab.model.inference import _int4_groups, inference_format
 
     if quant not in QUANTS:
         raise ValueError(f"unknown GGUF quantisation {quant!r}; expected one of {', '.join(QUANTS)}")
     refuse_adapters(model, "cannot write as GGUF")
     prepared = inference_format(model)
-    if prepared is not None:  # its state_dict holds packed bytes / scales, not the matrices written below
+    if prepared == "int4" and quant == "q4_0":  # Q4_0 blocks are int4 in groups of 32, byte for byte
+        groups = _int4_groups(model)  # type: ignore[arg-type]
+        if groups != {32}:
+            raise ValueError(f"cannot write int4 weights in groups of {max(groups)} as q4_0, whose blocks are 32 "
+                             "inputs: load the model with group=32 (the default)")
+    elif prepared is not None:  # its state_dict holds packed bytes / scales, not the matrices written below
+        q4 = " (int4 weights are written as q4_0 only)" if prepared == "int4" else ""
         raise ValueError(f"cannot write a model with {prepared} inference weights (prepared for inference, or "
-                         "loaded from a Q4_0 GGUF) as GGUF: write it before prepare_for_inference, load it again "
-                         "from its checkpoint, or convert a GGUF with `mixlab convert` (which dequantises)")
+                         f"loaded from a Q4_0 GGUF) as GGUF{q4}: write it before prepare_for_inference, load it "
+                         "again from its checkpoint, or convert a GGUF with `mixlab convert` (which dequantises)")
     config: ModelConfig = model.config  # type: ignore[assignment]
     dst = Path(path)
     if suffix_of(dst) != ".gguf":
@@ -235,16 +279,17 @@ def write_gguf(
     w = gguf_writer(config, name=name, file_type=int(ftype), tokenizer=tokenizer)
 
     # Tensor infos first (sizes are known without converting anything), then the data, streamed.
-    plan: list[tuple[str, torch.Tensor, object]] = []
+    plan: list[tuple[str, Weight, object]] = []
     unblocked: list[tuple[str, int]] = []
     for tname, t, quantisable in _tensors(model, config):
-        tq = qtype if quantisable and t.ndim >= 2 else Q.F32
-        if tq in (Q.Q8_0, Q.Q4_0) and t.shape[-1] % 32:
+        shape = _shape(t)
+        tq = qtype if quantisable and len(shape) >= 2 else Q.F32
+        if tq in (Q.Q8_0, Q.Q4_0) and shape[-1] % 32:
             tq = Q.F16
-            unblocked.append((tname, t.shape[-1]))
+            unblocked.append((tname, shape[-1]))
         block, type_size = gguf.GGML_QUANT_SIZES[tq]
-        nbytes = t.numel() // block * type_size
-        w.add_tensor_info(tname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=tq)
+        nbytes = math.prod(shape) // block * type_size
+        w.add_tensor_info(tname, shape, np.dtype(np.float32), nbytes, raw_dtype=tq)
         plan.append((tname, t, tq))
     if unblocked:  # as llama.cpp's quantiser does, but said
         warnings.warn(f"{len(unblocked)} matrices have rows that are not a multiple of 32 ({unblocked[0][0]}: "
@@ -259,7 +304,7 @@ def write_gguf(
 
             for _tname, t, tq_ in tqdm(plan, desc=f"writing {dst}", unit="tensor", leave=False,
                                        disable=None if progress else True):  # terminal only
-                w.write_tensor_data(_encode(t.detach().cpu(), tq_))
+                w.write_tensor_data(_encode(t.detach().cpu() if isinstance(t, torch.Tensor) else t, tq_))
         finally:
             w.close()
     return dst

@@ -269,21 +269,27 @@ def convert(args: argparse.Namespace) -> int:
                       writes=None if args.to == "gguf" else "checkpoint")
     if peft is not None:  # an adapter over another base: said for every source (a GGUF, a checkpoint too)
         warn_other_base(src, peft)
+    # q4_0 from a model loaded int4, each matrix rounded as it is read (write_gguf writes its bytes: the same
+    # file, without the floats of the whole model in memory); floats for an adapter to merge, or where some
+    # matrix's rows are not whole blocks of 32 (stored f16)
+    int4 = (args.to == "gguf" and args.quant in ("q4_0", "int4") and peft is None
+            and not (training and checkpoints.is_step(src)) and _whole_q4_blocks(src, gguf_src))
+    quant = "int4" if int4 else None
     if gguf_src:
         from mixlab.checkpoint.gguf_read import load_gguf
         from mixlab.dtypes import parse_dtype
 
-        # Q4_0 matrices dequantised: an int4 model would not save (and would write a broken GGUF)
-        model = load_gguf(args.src, dtype=parse_dtype(args.dtype), keep_int4=False)
+        # else Q4_0 matrices dequantised: an int4 model saves only as q4_0
+        model = load_gguf(args.src, dtype=parse_dtype(args.dtype), keep_int4=int4, quant=quant)
     elif training:
         if checkpoints.is_step(src):  # the float32 weights, and the tokenizer the run's export names
             model = checkpoints.load_init(src, checkpoints.init_config(src))
             data = checkpoints.validate(src, checksums=False).get("data")  # load_init checked every byte
             extra = checkpoints.data_file(data) if data else {}
         else:
-            model = load_model(src, dtype=args.dtype)
+            model = load_model(src, dtype=args.dtype, quant=quant)
     else:
-        model = load_model(args.src, dtype=args.dtype)
+        model = load_model(args.src, dtype=args.dtype, quant=quant)
     if peft is not None:
         merge_adapter(model, peft)
     merged = f", {args.adapter} merged" if args.adapter is not None else ""
@@ -317,6 +323,15 @@ def convert(args: argparse.Namespace) -> int:
                    progress=not args.quiet)
     print(f"wrote {args.dst} ({args.to}{f', from {src}' if src != Path(args.src) else ''}{merged})")
     return 0
+
+
+def _whole_q4_blocks(src: Path, gguf_src: bool) -> bool:
+    """Whether every matrix int4 covers in the model at `src` has rows of whole Q4_0 blocks (32 inputs)."""
+    from mixlab.checkpoint import folder_config
+    from mixlab.checkpoint.gguf_read import config_from_header, read_header
+
+    c = config_from_header(read_header(src)) if gguf_src else folder_config(src)
+    return all(n % 32 == 0 for n in (c.dim, c.q_dim, c.ffn_dim))
 
 
 def _one_mistral_tokenizer(files: list[Path], tmp: Path) -> list[Path]:
