@@ -249,3 +249,46 @@ def test_loading_int4_peaks_at_the_int4_model_not_its_floats(tmp_path):
     assert floats > 300e6 and two_step > floats
     # the int4 model (~14% of the floats) + one expert tensor (17%) + rounding temporaries
     assert at_load < floats / 2 and at_load < two_step / 2, (at_load, two_step, floats)
+
+
+# ------------------------------------------------------------------------------------------------
+# convert --quant q4_0 / int4: the model loaded int4, its bytes written as they are (the same file)
+
+
+@pytest.mark.parametrize("source", ["folder", "Q4_K_M", "Q4_0"])
+def test_convert_to_q4_0_loads_int4_and_writes_the_file_the_floats_gave(source, gguf_files, tmp_path, monkeypatch,
+                                                                        capsys):
+    import mixlab.checkpoint as checkpoint
+    from mixlab.checkpoint import gguf_read
+    from mixlab.cli import model as cli_model
+
+    if source == "folder":
+        src = tmp_path / "m"
+        save_model(_tiny(vocab_size=32000), src)
+    else:
+        src = gguf_files[source]
+    asked: list[object] = []
+    for module, name in ((checkpoint, "load_model"), (gguf_read, "load_gguf")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=real, **k: asked.append(k.get("quant")) or _f(*a, **k))
+    assert main(["convert", str(src), str(tmp_path / "int4.gguf"), "--quant", "int4", "--quiet"]) == 0
+    assert asked == ["int4"]
+    monkeypatch.setattr(cli_model, "_whole_q4_blocks", lambda *a: False)  # the float load, as before
+    assert main(["convert", str(src), str(tmp_path / "floats.gguf"), "--quant", "q4_0", "--quiet"]) == 0
+    assert asked == ["int4", None]
+    assert (tmp_path / "int4.gguf").read_bytes() == (tmp_path / "floats.gguf").read_bytes()
+
+
+def test_write_gguf_takes_int4_weights_as_q4_0_only(folders, tmp_path):
+    from mixlab.checkpoint.gguf import write_gguf
+
+    pytest.importorskip("gguf")
+    path = tmp_path / "m"
+    save_model(_tiny(vocab_size=32000), path)
+    with pytest.raises(ValueError, match=r"int4 inference weights .* as GGUF \(int4 weights are written as q4_0 "
+                                         r"only\)"):
+        write_gguf(load_model(path, quant="int4"), tmp_path / "x.gguf", quant="bf16")
+    with pytest.raises(ValueError, match=r"cannot write int4 weights in groups of 64 as q4_0, whose blocks are 32 "
+                                         r"inputs: load the model with group=32"):
+        write_gguf(load_model(path, quant="int4", group=64), tmp_path / "x.gguf", quant="q4_0")
+    assert not (tmp_path / "x.gguf").exists()
