@@ -231,6 +231,7 @@ def _read_state(table: list[Rule], infos: dict[str, TensorInfo], *, dtype: torch
                 quantised[r.ours] = quantize_int4(t, group)
             else:
                 state[r.ours] = t
+            del t  # a quantised weight's floats go now, not once the next weight is allocated
         _refuse_untied_head(table, infos, state, reader)
     if "output.weight" in int4 and "output.weight" not in quantised:  # tied: the embeddings, quantised
         quantised["output.weight"] = quantize_int4(state["tok_embeddings.weight"], group)

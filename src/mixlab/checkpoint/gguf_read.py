@@ -835,6 +835,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
                 int4[name] = quantize_int4(x, group)
             else:
                 state[name] = x
+            del x  # a quantised weight's floats go now, not once the next weight is allocated
     finally:
         reader.close()
     if "output.weight" in quantise and cfg.tie_embeddings:  # the embeddings, quantised
