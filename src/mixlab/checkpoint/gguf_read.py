@@ -22,7 +22,9 @@ and mixlab's own `write_gguf` write them) become a mixlab `Transformer`:
   Q5_K_M / Q6_K files (Q2_K to Q6_K) and Q4_1, Q5_0, Q5_1 by mixlab's torch code (`gguf_dequant`: equal
   to llama.cpp's values bit for bit, 1.5-3.4x numpy's speed); every other type through the `gguf`
   package's `quants.dequantize`; a type it has no dequantisation for (Q8_1, F64, the integer types)
-  is refused, naming the tensor, before any tensor is read.
+  is refused, naming the tensor, before any tensor is read;
+- with `quant="int4"` (`load_model`'s), every matrix not kept as Q4_0 is rounded to int4 as soon as it
+  is read (a K-quant's values rounded a second time).
 The q and k rows are put back from llama.cpp's adjacent-pairs rotary layout to mixlab's rotate-half
 layout (the inverse of `gguf.rope_permute`). The tokenizer comes from the metadata
 (`mixlab.tokenizer.load_tokenizer("model.gguf")`): a SentencePiece model is rebuilt from the
