@@ -404,7 +404,7 @@ def load_model(
 
     `quant="int4"` (groups of `group` inputs: 32 (default), 64 or 128): each matrix int4 covers is
     quantised as soon as it is read, so a whole model's floats never exist: peak memory is the int4
-    model plus one weight's floats (Mixtral 8x7B: ~28 GB in bf16, where loading floats first took 93 GB). The
+    model plus one weight's floats (Mixtral 8x7B: ~27 GB in bf16, where loading floats first took 93 GB). The
     model equals `prepare_for_inference(load_model(path, dtype=dtype), quant="int4", group=group)`
     bit for bit before its native decoder is attached, whatever the source (a GGUF file's K-quants
     are dequantised and rounded again, its Q4_0 matrices kept as stored, in groups of 32 only);
