@@ -129,7 +129,8 @@ def llama_cpp_columns(base: nn.Module, cfg: object, threads: int, run: Callable[
             run(f"llama.cpp {name}", LlamaCppModel(out, cfg, threads))
             if name == "Q4_K_M":
                 run("mixlab Q4_K_M dequantised", load_model(out, dtype="float32"))
-                run("mixlab Q4_K_M as int4", prepare_for_inference(load_model(out, dtype="float32"), quant="int4"))
+                run("mixlab Q4_K_M as int4", prepare_for_inference(load_model(out, dtype="float32", quant="int4"),
+                                                                    quant="int4"))
 
 
 def main() -> int:

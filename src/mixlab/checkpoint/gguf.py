@@ -247,14 +247,14 @@ def write_gguf(
     from gguf import LlamaFileType as FT
 
     from mixlab.checkpoint import refuse_adapters
-    from mixlab.model.inference import _int4_groups, inference_format
+    from mixlab.model.inference import inference_format, int4_groups
 
     if quant not in QUANTS:
         raise ValueError(f"unknown GGUF quantisation {quant!r}; expected one of {', '.join(QUANTS)}")
     refuse_adapters(model, "cannot write as GGUF")
     prepared = inference_format(model)
     if prepared == "int4" and quant == "q4_0":  # Q4_0 blocks are int4 in groups of 32, byte for byte
-        groups = _int4_groups(model)  # type: ignore[arg-type]
+        groups = int4_groups(model)  # type: ignore[arg-type]
         if groups != {32}:
             raise ValueError(f"cannot write int4 weights in groups of {max(groups)} as q4_0, whose blocks are 32 "
                              "inputs: load the model with group=32 (the default)")

@@ -367,7 +367,7 @@ def _int4_of_gguf(path: Path) -> Transformer:
     """A quantised GGUF file as `mixlab generate --model FILE --quant int4` runs it: every matrix int4."""
     from mixlab.checkpoint import load_model
 
-    return prepare_for_inference(load_model(path, dtype="bfloat16"), quant="int4")
+    return prepare_for_inference(load_model(path, dtype="bfloat16", quant="int4"), quant="int4")
 
 
 def _transformers_model(folder: Path, threads: int) -> Any | None:

@@ -155,7 +155,7 @@ def is_quantised(model: Transformer) -> bool:
     return any(isinstance(m, Int4Experts | Int4Linear) for m in model.modules())
 
 
-def _int4_groups(model: Transformer) -> set[int]:
+def int4_groups(model: Transformer) -> set[int]:
     """The group sizes of the int4 weights `model` already holds (a GGUF Q4_0 file: {32})."""
     groups = {m.group for m in model.modules() if isinstance(m, Int4Linear)}
     groups |= {2 * m.w13.shape[-1] // m.w13_scale.shape[-1] for m in model.modules() if isinstance(m, Int4Experts)}
@@ -200,7 +200,7 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     prepared = inference_format(model)
     if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)):
         raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
-    if quant == "int4" and (held := _int4_groups(model)) and held != {group}:  # one group for the native step
+    if quant == "int4" and (held := int4_groups(model)) and held != {group}:  # one group for the native step
         raise ValueError(f"this model already holds int4 weights in groups of {', '.join(map(str, sorted(held)))} "
                          f"(GGUF Q4_0: 32); quant='int4' converts its float matrices in the same groups, not "
                          f"{group}: pass group={min(held)}")
