@@ -45,6 +45,22 @@ def test_mixtral_published_sizes():
     assert p.memory["KV cache (bfloat16)"] == 32768 * 131072
 
 
+def test_loading_peaks_are_planned_and_decide_whether_it_fits():
+    """An int4 load holds the int4 weights and one stacked w13 in --dtype (`load_model(quant="int4")`:
+    ~28.3 GB for Mixtral; measured 27.3 GB from a bf16 folder, BENCHMARKS.md "Loading as int4"); an int8
+    load holds every float first. A device between the run's total and the load's peak does not fit."""
+    w13 = 8 * 2 * 14336 * 4096
+    p = plan(MIXTRAL, mode="infer", quant="int4")
+    assert p.load_peak == p.memory["weights (int4)"] + 2 * w13 and p.total < p.load_peak < 28.5 * GB
+    assert "| peak while loading | 28.34 |" in p.table() and p.as_dict()["load_peak"] == p.load_peak
+    assert not plan(MIXTRAL, mode="infer", quant="int4", device_mem=int(28 * GB)).fits  # its total (27.16) would
+    assert plan(MIXTRAL, mode="infer", quant="int4", device_mem=int(29 * GB)).fits
+    int8 = plan(MIXTRAL, mode="infer", quant="int8", device_mem=int(64 * GB))
+    assert int8.load_peak > 93.4 * GB and not int8.fits and int8.total < 64 * GB
+    assert "rounds each matrix as it is read" in int8.notes[-1]
+    assert plan(MIXTRAL, mode="infer").load_peak == 0  # plain weights: loading holds what the run holds
+
+
 def test_mixtral_training_states_are_16_bytes_per_parameter():
     """ZeRO (arXiv 1910.02054 §3.1): mixed-precision Adam holds 16 bytes per parameter; sharded with
     EP=8 and FSDP on 8 devices, the devices together hold exactly that (747 GB), no more."""

@@ -170,6 +170,7 @@ class Plan:
     memory: dict[str, float] = field(default_factory=dict)  # bytes per device
     comm: dict[str, float] = field(default_factory=dict)  # bytes sent per device per step
     notes: list[str] = field(default_factory=list)
+    load_peak: float = 0.0  # inference: bytes held while the weights load, before the cache exists
 
     @property
     def total(self) -> float:
@@ -177,7 +178,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.device_mem
+        return max(self.total, self.load_peak) <= self.device_mem
 
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "devices": self.devices, "ep": self.ep, "dp": self.dp, "fsdp": self.fsdp,
@@ -186,7 +187,7 @@ class Plan:
                 "lora_rank": self.lora_rank, "lora_targets": list(self.lora_targets),
                 "lora_base_dtype": self.lora_base_dtype,
                 "params": self.params.__dict__, "memory": self.memory, "total": self.total, "fits": self.fits,
-                "comm": self.comm, "notes": self.notes}
+                "comm": self.comm, "notes": self.notes, "load_peak": self.load_peak}
 
     def table(self) -> str:
         """A Markdown table of the per-device memory and communication."""
@@ -206,8 +207,10 @@ class Plan:
         lines += [f"| {k} | {v / GB:,.2f} |" for k, v in self.memory.items()]
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"| **total** | **{self.total / GB:,.2f}** |")
-        lines.append(f"| device memory ({verdict}; headroom {(self.device_mem - self.total) / GB:,.2f}) | "
-                     f"{self.device_mem / GB:,.2f} |")
+        if self.load_peak > self.total:  # what loading holds for a moment, more than the run itself
+            lines.append(f"| peak while loading | {self.load_peak / GB:,.2f} |")
+        headroom = self.device_mem - max(self.total, self.load_peak)
+        lines.append(f"| device memory ({verdict}; headroom {headroom / GB:,.2f}) | {self.device_mem / GB:,.2f} |")
         if self.comm:
             lines += ["", "| sent per device | MB |", "|---|---:|"]
             lines += [f"| {k} | {v / 1e6:,.1f} |" for k, v in self.comm.items()]
@@ -336,6 +339,22 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             if quant == "int8":  # one scale per output row, in --dtype (as prepare_for_inference stores it)
                 weights += _int8_rows(config, ep) * w_b
         pl.memory[f"weights ({quant or dtype})"] = weights
+        # Loading: int4 rounds each matrix as it is read (`load_model(quant="int4")`, one process), so it holds
+        # the int4 model and the largest weight's floats (a layer's stacked w13). int8, and int4 under --ep, are
+        # quantised once every float is loaded, a layer at a time: the floats, one w13 quantised, and int8's
+        # float32 copy of it (`quantize_int8`; int4 rounds a few MB of rows at a time).
+        w13 = config.moe.num_experts // ep * 2 * config.ffn_dim * D if config.moe else 2 * config.ffn_dim * D
+        floats = (local_dense + local_experts) * w_b
+        if quant == "int4" and ep == 1:
+            pl.load_peak = weights + w13 * w_b
+            pl.notes.append(f"loading holds the int4 weights and one weight's {dtype} ({w13 * w_b / GB:,.2f} GB: "
+                            "a layer's stacked w13), each matrix rounded as it is read")
+        elif quant is not None:
+            pl.load_peak = floats + w13 * (QUANT_BITS[quant] / 8 + (4 if quant == "int8" else 0))
+            how = "each process's share" if ep > 1 else "the whole model"
+            pl.notes.append(f"loading holds {how} in {dtype} ({floats / GB:,.2f} GB) before quantising it to "
+                            f"{quant}" + (": --quant int4 in one process rounds each matrix as it is read" if
+                                          quant == "int4" else "; --quant int4 rounds each matrix as it is read"))
         pl.memory["KV cache (bfloat16)" if w_b == 2 else f"KV cache ({dtype})"] = \
             batch * seq * config.kv_cache_bytes_per_token(w_b)
         chunk = min(seq, 512)  # prefill runs in chunks (mixlab.generate)
