@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import struct
 import sys
@@ -111,21 +110,16 @@ def llama_cpp_columns(base: nn.Module, cfg: object, threads: int, run: Callable[
     `llama_model_quantize` (default parameters), logits through llama-cpp-python. `kquant`: also its
     Q4_K_M, and that file read by mixlab, dequantised (its exact values) and as `--quant int4` loads it
     (every matrix rounded a second time, to int4 in groups of 32)."""
-    import llama_cpp
-
     from mixlab.checkpoint import load_model
     from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.cli.benchmark import llama_quantize
     from mixlab.model.inference import prepare_for_inference
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         f32 = write_gguf(base, root / "m-f32.gguf", quant="f32", tokenizer=_byte_spm(root / "bytes.model"))
         for name in ("Q8_0", "Q4_0", *(("Q4_K_M",) if kquant else ())):
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}"), threads
-            out = root / f"m-{name}.gguf"
-            if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-                raise RuntimeError(f"llama_model_quantize failed for {name}")
+            out = llama_quantize(f32, root / f"m-{name}.gguf", name, threads=threads)
             run(f"llama.cpp {name}", LlamaCppModel(out, cfg, threads))
             if name == "Q4_K_M":
                 run("mixlab Q4_K_M dequantised", load_model(out, dtype="float32"))

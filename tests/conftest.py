@@ -190,19 +190,12 @@ def kquant_source(folder: Path) -> Path:
 
 
 def llama_quantize(src: Path, ftype: str) -> Path:
-    """`src` quantised by llama.cpp's own quantiser (llama-cpp-python) to `ftype` ("Q4_K_M", "Q4_0", ...),
-    beside it as m-FTYPE.gguf (made once)."""
-    import ctypes
+    """`src` quantised by llama.cpp's own quantiser to `ftype` ("Q4_K_M", "Q4_0", ...) with its mix of
+    types, beside it as m-FTYPE.gguf (made once)."""
+    from mixlab.cli.benchmark import llama_quantize as quantize
 
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = 2
     dst = src.with_name(f"m-{ftype}.gguf")
-    if not dst.exists():
-        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-    return dst
+    return dst if dst.exists() else quantize(src, dst, ftype)
 
 
 def metric(url: str, name: str) -> float:

@@ -49,7 +49,7 @@ def test_a_q4_k_m_file_is_measured_by_its_matrices_bytes(tmp_path):
     pytest.importorskip("llama_cpp")
     from conftest import gguf_test_model
     from mixlab.checkpoint.gguf import write_gguf
-    from mixlab.cli.benchmark import _int4_of_gguf, _llama_quantize, _matrix_bytes_per_weight
+    from mixlab.cli.benchmark import _int4_of_gguf, _matrix_bytes_per_weight, llama_quantize
     from mixlab.model import Transformer
     from mixlab.model.inference import is_quantised
     from mixlab.ops.quant import Int4Linear
@@ -58,7 +58,7 @@ def test_a_q4_k_m_file_is_measured_by_its_matrices_bytes(tmp_path):
     small = Transformer(cfg)
     small.init_weights(std=0.1, seed=0)
     src = write_gguf(small.eval(), tmp_path / "m.gguf", quant="f32")
-    path = _llama_quantize(src, tmp_path / "m-q4_k_m.gguf", 2, "Q4_K_M")
+    path = llama_quantize(src, tmp_path / "m-q4_k_m.gguf", "Q4_K_M")
     assert 4.5 / 8 < _matrix_bytes_per_weight(path) < 6.5625 / 8
     model = _int4_of_gguf(path)
     assert is_quantised(model) and isinstance(model.output, Int4Linear)

@@ -337,9 +337,10 @@ class LlamaCppPeer(Peer):
         self.llm.close()
 
 
-def _llama_quantize(src: Path, dst: Path, threads: int, ftype: str = "Q4_0") -> Path:
-    """A GGUF of `src` made by llama.cpp's quantiser (`llama_model_quantize`): Q4_0 with every matrix Q4_0
-    (`pure`), or another of its types with llama.cpp's own mix (Q4_K_M: Q4_K, some matrices Q6_K)."""
+def llama_quantize(src: Path, dst: Path, ftype: str, *, threads: int = 2, pure: bool = False) -> Path:
+    """A GGUF of `src` made by llama.cpp's own quantiser (`llama_model_quantize`, llama-cpp-python) as
+    `ftype` ("Q4_0", "Q4_K_M", ...): with llama.cpp's mix of types for it (Q4_K_M: Q4_K, some matrices
+    Q5_K / Q6_K / Q8_0; Q4_0: the output matrix wider), or with `pure` every matrix `ftype`."""
     import ctypes
 
     import llama_cpp
@@ -347,9 +348,9 @@ def _llama_quantize(src: Path, dst: Path, threads: int, ftype: str = "Q4_0") -> 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
-    params.pure = ftype == "Q4_0"
+    params.pure = pure
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed on {src}")
+        raise RuntimeError(f"llama_model_quantize failed on {src} ({ftype})")
     return dst
 
 
@@ -506,25 +507,25 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
                     n_ctx = max(max(plan.prefill, default=0),
                                 plan.decode_prompt + plan.decode_steps * (plan.reps + 2)) + 16
                     # bf16 and q8_0 written by mixlab; q4_0 made from the bf16 file by llama.cpp's own
-                    # quantiser (`_llama_quantize`) with `pure`: every matrix Q4_0, as mixlab-int4 holds it
-                    # (without `pure` llama.cpp would store the output matrix as Q6_K), router and norms f32.
+                    # quantiser (`llama_quantize`) with `pure`: every matrix Q4_0, as mixlab-int4 holds it
+                    # (without `pure` llama.cpp would store the output matrix as Q6_K), router and norms f32; each
+                    # peer's roofline counts its file's bytes per matrix weight.
                     # Q4_K_M (`q4_k_m`): llama.cpp's own mix, its file also loaded by mixlab as int4.
-                    quants = [("bf16", 2.0)]
+                    log("writing GGUF bf16 ...")
+                    bf16 = write_gguf(model, root / "m-bf16.gguf", quant="bf16")  # what the quantiser reads
+                    files: list[tuple[str, Path]] = []
                     if "llama.cpp" in plan.peers:
-                        quants += [("q8_0", 34 / 32), ("q4_0", 18 / 32)]
+                        log("writing GGUF q8_0, q4_0 ...")
+                        files += [("bf16", bf16), ("q8_0", write_gguf(model, root / "m-q8_0.gguf", quant="q8_0")),
+                                  ("q4_0", llama_quantize(bf16, root / "m-q4_0.gguf", "Q4_0", threads=plan.threads,
+                                                          pure=True))]
                     if "q4_k_m" in plan.peers:
-                        quants.append(("q4_k_m", 0.0))
-                    for quant, elem in quants:
-                        log(f"writing GGUF {quant} ...")
-                        if quant in ("q4_0", "q4_k_m"):
-                            path = _llama_quantize(root / "m-bf16.gguf", root / f"m-{quant}.gguf", plan.threads,
-                                                   quant.upper())
-                        else:
-                            path = write_gguf(model, root / f"m-{quant}.gguf", quant=quant)
-                        if quant == "bf16" and "llama.cpp" not in plan.peers:
-                            continue  # only the file the quantiser reads
+                        log("writing GGUF q4_k_m ...")
+                        files.append(("q4_k_m", llama_quantize(bf16, root / "m-q4_k_m.gguf", "Q4_K_M",
+                                                               threads=plan.threads)))
+                    for quant, path in files:
                         peers.append(LlamaCppPeer(path, f"llama.cpp-{quant}", plan.threads, n_ctx,
-                                                  elem or _matrix_bytes_per_weight(path)))
+                                                  _matrix_bytes_per_weight(path)))
                         if quant == "q4_k_m":  # the same file in mixlab: every matrix int4 (18 bytes per 32)
                             peers.append(MixlabPeer(_int4_of_gguf(path), "mixlab-q4_k_m", 18 / 32))
                     report.notes.append("llama.cpp decode runs at batch 1 only (llama-cpp-python's Llama API "
