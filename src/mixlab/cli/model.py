@@ -327,11 +327,16 @@ def convert(args: argparse.Namespace) -> int:
 
 def _whole_q4_blocks(src: Path, gguf_src: bool) -> bool:
     """Whether every matrix int4 covers in the model at `src` has rows of whole Q4_0 blocks (32 inputs)."""
-    from mixlab.checkpoint import folder_config
+    from mixlab.checkpoint import folder_config, meta_model
     from mixlab.checkpoint.gguf_read import config_from_header, read_header
+    from mixlab.model.inference import int4_names
 
     c = config_from_header(read_header(src)) if gguf_src else folder_config(src)
-    return all(n % 32 == 0 for n in (c.dim, c.q_dim, c.ffn_dim))
+    try:
+        int4_names(meta_model(c), group=32)  # quantize_model_int4's own width check
+    except ValueError:
+        return False
+    return True
 
 
 def _one_mistral_tokenizer(files: list[Path], tmp: Path) -> list[Path]:
