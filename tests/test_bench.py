@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mixlab.cli.benchmark import BenchPlan, run_bench, sustained_bandwidth
+from mixlab.model import Transformer
 
 
 def test_bench_runs_end_to_end_on_a_tiny_preset(tmp_path):
@@ -32,14 +33,20 @@ def test_bench_runs_end_to_end_on_a_tiny_preset(tmp_path):
     assert list(tmp_path.iterdir()) == []  # temporary checkpoints are removed
 
 
-def test_q4_k_m_peers_run_llama_cpps_own_file_in_both(tmp_path):
+def test_q4_k_m_peers_run_llama_cpps_own_file_in_both(tmp_path, monkeypatch):
     """`--peers q4_k_m`: a Q4_K_M file made by llama.cpp's quantiser, decoded by llama.cpp and by mixlab
     with every matrix int4 (as `generate --model FILE --quant int4`); no other llama.cpp file is run."""
     pytest.importorskip("llama_cpp")
     plan = BenchPlan.quick()
     plan.reps, plan.peers, plan.prefill, plan.moe_tokens, plan.decode_batch = 1, ("q4_k_m",), (), (), (1,)
+    plan.layers = 1  # (--layers: the preset's first layer only, the model every peer runs)
+    import mixlab.cli.benchmark as benchmark
+
+    built = []
+    monkeypatch.setattr(benchmark, "Transformer", lambda cfg: built.append(cfg) or Transformer(cfg))
     report = run_bench(plan, log=lambda s: None, workdir=tmp_path)
     assert {r.peer for r in report.rows} == {"llama.cpp-q4_k_m", "mixlab-q4_k_m"}
+    assert [c.n_layers for c in built] == [1] and report.settings["preset"].startswith("tiny-moe (first 1 layers)")
     assert "mixlab-q4_k_m ÷ this" in report.format()
 
 
@@ -50,7 +57,6 @@ def test_a_q4_k_m_file_is_measured_by_its_matrices_bytes(tmp_path):
     from conftest import gguf_test_model
     from mixlab.checkpoint.gguf import write_gguf
     from mixlab.cli.benchmark import _int4_of_gguf, _matrix_bytes_per_weight, llama_quantize
-    from mixlab.model import Transformer
     from mixlab.model.inference import is_quantised
     from mixlab.ops.quant import Int4Linear
 
@@ -122,6 +128,7 @@ def test_sustained_bandwidth_reads_on_and_ignores_the_slow_start():
     # a flag's value: exit 2 (it exited 1, a failed run, once the plan ran)
     (["--preset", "mixtral-8x7"], "--preset: unknown preset 'mixtral-8x7' (did you mean 'mixtral-8x7b'?)"),
     (["--preset", "tiny-dense"], "--preset: preset 'tiny-dense' is dense; the benchmark needs an MoE preset: mini-moe"),
+    (["--layers", "0"], "--layers: expected an integer >= 1, got 0"),
 ])
 def test_bench_refuses_bad_arguments_before_measuring(argv, said, capsys):
     from mixlab.cli import main
@@ -130,6 +137,13 @@ def test_bench_refuses_bad_arguments_before_measuring(argv, said, capsys):
         main(["bench", "--quick", *argv])
     assert e.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_more_layers_than_the_preset_has_are_refused_before_measuring(capsys):
+    from mixlab.cli import main
+
+    assert main(["bench", "--quick", "--layers", "3"]) == 2  # a flag's value (tiny-moe has 2 layers)
+    assert capsys.readouterr().err == "mixlab bench: error: --layers 3: preset 'tiny-moe' has 2 layers\n"
 
 
 def test_bench_progress_is_on_stderr_and_quiet_drops_it(monkeypatch, capsys):

@@ -7,6 +7,7 @@ import sys
 
 from mixlab import atomic
 from mixlab.cli import add_quiet_arg, positive, user_path
+from mixlab.errors import UsageError
 
 
 def ints(s: str) -> tuple[int, ...]:
@@ -54,6 +55,12 @@ def bench(args: argparse.Namespace) -> int:
     plan.threads = usable_threads(args.threads)
     if args.reps is not None:
         plan.reps = args.reps
+    if args.layers is not None:
+        from mixlab.config import get_preset
+
+        if args.layers > (most := get_preset(plan.preset).n_layers):
+            raise UsageError(f"--layers {args.layers}: preset {plan.preset!r} has {most} layers")
+        plan.layers = args.layers
     for name in ("prefill", "decode_batch", "moe_tokens"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
@@ -75,6 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "as a fraction of this machine's limits")
     p.add_argument("--preset", type=_moe_preset, default=None,
                    help="MoE preset (default mini-moe; tiny-moe with --quick)")
+    p.add_argument("--layers", type=positive, default=None,
+                   help="the preset's first N layers only (default: all): --preset mixtral-8x7b --layers 1 is a "
+                        "slice of Mixtral's own widths (~4 GB in bf16), each layer's bytes against each peer's "
+                        "cost per layer as in the whole model")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny preset, few sizes, 2 repetitions")
     p.add_argument("--threads", type=positive, default=2, help="CPU threads for every peer (default 2)")
     p.add_argument("--reps", type=positive, default=None,

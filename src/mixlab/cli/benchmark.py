@@ -404,6 +404,7 @@ class BenchPlan:
     limit_n: int = 2048  # size of the matmul probe
     flush_mib: int = 256  # read between MoE-layer calls to evict the layer from the CPU caches
     vocab_size: int | None = None  # override the preset's (llama.cpp needs the tokenizer's 32000)
+    layers: int | None = None  # the preset's first N layers: a wide model's slice that fits in memory
 
     @classmethod
     def quick(cls, preset: str = "tiny-moe") -> BenchPlan:
@@ -440,11 +441,14 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
     cfg = get_preset(plan.preset)
     if plan.vocab_size is not None:
         cfg = cfg.replace(vocab_size=plan.vocab_size)
+    if plan.layers is not None:
+        cfg = cfg.replace(n_layers=plan.layers)
     if cfg.moe is None:
         raise ValueError(f"preset {plan.preset!r} is dense; the benchmark needs an MoE preset")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     settings: dict[str, Any] = {
-        "preset": f"{plan.preset} ({cfg.param_counts()['total'] / 1e6:,.0f}M parameters, "
+        "preset": f"{plan.preset}{f' (first {plan.layers} layers)' if plan.layers is not None else ''} "
+                  f"({cfg.param_counts()['total'] / 1e6:,.0f}M parameters, "
                   f"{cfg.param_counts()['active'] / 1e6:,.0f}M active)",
         "dtype": "bfloat16 (int8 weight-only for mixlab-int8, q8_0 for llama.cpp-q8_0; int4 at groups of 32 "
                  "for mixlab-int4 (activations rounded to int8 per 32, as llama.cpp-q4_0 does) and "
