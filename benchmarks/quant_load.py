@@ -122,11 +122,11 @@ def quality(folder: Path, gguf: Path) -> None:
 
     from mixlab import load_model
     from mixlab.checkpoint import gguf_read
-    from mixlab.model.inference import int4_names
+    from mixlab.model.inference import quant_names
     from mixlab.ops.quant import dequantize_int4, quantize_int4
 
     model = load_model(folder)
-    original, names = model.state_dict(), int4_names(model)
+    original, names = model.state_dict(), quant_names(model, "int4")
     h = gguf_read.read_header(gguf)
     cfg = gguf_read.config_from_header(h)
     plan = {name: (parts, kind) for name, parts, kind in gguf_read._plan(h, cfg)}

@@ -1,7 +1,8 @@
-"""`load_model(path, quant="int4")`: each matrix quantised as soon as it is read equals loading floats
-and then `prepare_for_inference(quant="int4")`, bit for bit, from every source (transformers and
-Mistral folders, GGUF files: f32, llama.cpp's K-quants and Q4_0); its refusals; `generate --quant int4`
-loading this way; and the peak memory it saves, measured in subprocesses."""
+"""`load_model(path, quant="int4" / "int8")`: each matrix quantised as soon as it is read equals loading
+floats and then `prepare_for_inference(quant=)`, bit for bit, from every source (transformers and
+Mistral folders, GGUF files: f32, bf16, Q8_0, llama.cpp's K-quants and Q4_0, which int8 refuses); its
+refusals; `generate --quant int4 / int8` loading this way; and the peak memory it saves, measured in
+subprocesses."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from mixlab.checkpoint.gguf_read import _int4_names, _plan, config_from_header, 
 from mixlab.cli import main
 from mixlab.config import MoEConfig, get_preset
 from mixlab.model import Transformer
-from mixlab.model.formats import Int4Experts
-from mixlab.model.inference import prepare_for_inference, quantize_model_int4
-from mixlab.ops.quant import Int4Linear
+from mixlab.model.formats import Int4Experts, Int8Experts
+from mixlab.model.inference import prepare_for_inference, quantize_model_int4, quantize_model_int8
+from mixlab.ops.quant import Int4Linear, Int8Linear
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,11 @@ def _two_step(path: Path, group: int = 32, **kw: object) -> Transformer:
     """What `quant="int4"` must equal: the floats loaded, then quantised (prepare_for_inference's
     conversion, before it attaches the native decoder)."""
     return quantize_model_int4(load_model(path, **kw), group=group).requires_grad_(False)
+
+
+def _two_step8(path: Path, **kw: object) -> Transformer:
+    """What `quant="int8"` must equal (prepare_for_inference's conversion, before native attach)."""
+    return quantize_model_int8(load_model(path, **kw)).requires_grad_(False)
 
 
 def _assert_same(got: Transformer, want: Transformer) -> None:
@@ -122,7 +128,8 @@ def gguf_files(tmp_path_factory):
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
     f32 = kquant_source(tmp_path_factory.mktemp("qload"))
-    return {"F32": f32, "Q4_K_M": llama_quantize(f32, "Q4_K_M"), "Q4_0": llama_quantize(f32, "Q4_0")}
+    return {"F32": f32, "Q4_K_M": llama_quantize(f32, "Q4_K_M"), "Q4_0": llama_quantize(f32, "Q4_0"),
+            "Q8_0": llama_quantize(f32, "Q8_0"), "BF16": llama_quantize(f32, "BF16")}
 
 
 @pytest.mark.parametrize(("ftype", "dtype", "group"), [
@@ -152,10 +159,10 @@ def test_a_gguf_loads_int4_equal_to_loading_floats_then_quantising(gguf_files, f
 
 
 @pytest.mark.parametrize(("kw", "match"), [
-    (dict(quant="int8"), r"quant='int8': load_model quantises to 'int4' as it reads \(or None\); for int8, load "
-                         r"without quant, then prepare_for_inference\(model, quant='int8'\)"),
-    (dict(quant="q4_0"), r"quant='q4_0': load_model quantises to 'int4'"),
-    (dict(group=64), r"group=64 sets int4's inputs per scale: pass quant='int4' with it"),
+    (dict(quant="q4_0"), r"quant='q4_0': load_model quantises to 'int8' or 'int4' as it reads \(or None\)$"),
+    (dict(group=64), r"group=64 sets int4's inputs per scale: pass quant='int4' with it$"),
+    (dict(quant="int8", group=32), r"group=32 sets int4's inputs per scale: pass quant='int4' with it \(int8 has "
+                                   r"one scale per row\)$"),
     (dict(quant="int4", group=48), r"group=48: int4's inputs per scale are one of 32, 64, 128"),
     (dict(quant="int4", group=128), r"int4 with groups of 128 needs a multiple of 128 inputs per row; "
                                     r"layers.0.attn.wqkv has 64"),
@@ -187,7 +194,8 @@ def test_a_q4_0_gguf_in_other_groups_is_refused_as_prepare_refuses_it(gguf_files
 # The CLI
 
 
-def test_generate_quant_int4_loads_int4_and_prints_the_same_text(folders, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_generate_quant_loads_quantised_and_prints_the_same_text(folders, tmp_path, capsys, monkeypatch, quant):
     import mixlab.checkpoint as checkpoint
 
     path = tmp_path / "m"
@@ -196,13 +204,13 @@ def test_generate_quant_int4_loads_int4_and_prints_the_same_text(folders, tmp_pa
     real = checkpoint.load_model
     monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: asked.append(k.get("quant")) or real(*a, **k))
     args = ["generate", "--model", str(path), "--prompt", "Bonjour, le monde", "--max-new-tokens", "10",
-            "--dtype", "float32", "--quant", "int4", "--quiet"]
+            "--dtype", "float32", "--quant", quant, "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert asked == ["int4"]
+    assert asked == [quant]
     tok = load_tokenizer()
     prompt = tok.encode("Bonjour, le monde")
-    ids = generate(prepare_for_inference(real(path), quant="int4"), [prompt], max_new_tokens=10)[0]
+    ids = generate(prepare_for_inference(real(path), quant=quant), [prompt], max_new_tokens=10)[0]
     ids = [i for i in ids if i != tok.eos_id]
     assert out == tok.decode(prompt + ids)[len(tok.decode(prompt)) :] + "\n"
 
@@ -310,3 +318,73 @@ def test_write_gguf_takes_int4_weights_as_q4_0_only(folders, tmp_path):
                                          r"inputs: load the model with group=32"):
         write_gguf(load_model(path, quant="int4", group=64), tmp_path / "x.gguf", quant="q4_0")
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# int8: the same hook (`quantize_weight`), row scales in the embeddings' dtype
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("mixtral", None), ("mistral", "bfloat16"), ("tied", None),
+                                             ("consolidated", None), ("fused", None)])
+def test_a_folder_loads_int8_equal_to_loading_floats_then_quantising(folders, name, dtype):
+    got = load_model(folders[name], dtype=dtype, quant="int8")
+    _assert_same(got, _two_step8(folders[name], dtype=dtype))
+    assert isinstance(got.output, Int8Linear) and isinstance(got.layers[0].attn.wqkv, Int8Linear)
+    if name != "mistral":
+        assert isinstance(got.layers[0].ffn.experts, Int8Experts)
+    floats = got.tok_embeddings.weight.dtype  # the scales' dtype: bf16 for the bf16 folder, or as asked
+    assert floats == (torch.bfloat16 if name == "fused" or dtype else torch.float32)
+    assert got.output.scale.dtype == floats and got.layers[0].attn.wqkv.weight.dtype == torch.int8
+
+
+@pytest.mark.parametrize("ftype", ["F32", "BF16", "Q8_0", "Q4_K_M"])
+def test_a_gguf_loads_int8_equal_to_loading_floats_then_quantising(gguf_files, ftype):
+    path = gguf_files[ftype]
+    types = {t.type_name for t in read_header(path).tensors.values()}
+    assert {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q8_0": {"Q8_0"}, "BF16": {"BF16"}, "F32": set()}[ftype] <= types
+    got = load_model(path, quant="int8")
+    _assert_same(got, _two_step8(path))
+    assert isinstance(got.layers[0].ffn.experts, Int8Experts) and isinstance(got.output, Int8Linear)
+
+
+def test_int8_loaded_attaches_natively_and_decodes_the_two_step_tokens(folders):
+    got = prepare_for_inference(load_model(folders["mixtral"], dtype="bfloat16", quant="int8"), quant="int8")
+    want = prepare_for_inference(load_model(folders["mixtral"], dtype="bfloat16"), quant="int8")
+    assert (got.native_decoder is None) == (want.native_decoder is None)
+    prompts = [[1, 5, 9, 33], [1, 70, 2]]
+    assert generate(got, prompts, max_new_tokens=10) == generate(want, prompts, max_new_tokens=10)
+    # without quant= it is still "already prepared" (as a prepared int8 model is), with the way out named
+    with pytest.raises(ValueError, match=r"already prepared for inference \(int8 weights\); prepare a plain model "
+                                         r"\(or pass quant='int8': a model loaded with quant='int8'\)$"):
+        prepare_for_inference(load_model(folders["mixtral"], quant="int8"))
+    with pytest.raises(ValueError, match=r"already prepared for inference \(int8 weights\)"):
+        prepare_for_inference(load_model(folders["mixtral"], quant="int8"), quant="int4")
+
+
+def test_a_q4_0_gguf_is_refused_int8_as_prepare_refuses_it(gguf_files, monkeypatch):
+    from mixlab.checkpoint import gguf_read
+
+    with pytest.raises(ValueError, match=r"this model already holds int4 weights; int8 applies to float models"):
+        prepare_for_inference(load_model(gguf_files["Q4_0"]), quant="int8")  # the two-step path's
+    monkeypatch.setattr(gguf_read._Reader, "floats_into", lambda *a, **k: pytest.fail("read before refusing"))
+    with pytest.raises(ValueError, match=r"m-Q4_0.gguf: this model already holds int4 weights; int8 applies to "
+                                         r"float models \(its Q4_0 matrices are kept as stored\): pass "
+                                         r"quant='int4' \(its float matrices made int4 too\) or none$"):
+        load_model(gguf_files["Q4_0"], quant="int8")
+
+
+def test_offloaded_experts_are_cached_int8_and_the_resident_matrices_loaded_int8(folders):
+    """max_memory with quant="int8": the cache holds int8 experts from the start, the linears are int8
+    as read; prepare_for_inference(quant="int8") keeps both; the tokens are the two-step path's."""
+    from mixlab.model.formats import expert_cache
+
+    got = load_model(folders["mixtral"], quant="int8", max_memory="1MB")
+    cache = expert_cache(got)
+    assert cache is not None and cache.fmt.kind == "int8" and isinstance(got.layers[0].attn.wqkv, Int8Linear)
+    want = prepare_for_inference(load_model(folders["mixtral"], max_memory="1MB"), quant="int8")
+    assert expert_cache(want).fmt == cache.fmt
+    for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    got = prepare_for_inference(got, quant="int8")
+    prompts = [[1, 5, 9, 33]]
+    assert generate(got, prompts, max_new_tokens=8) == generate(want, prompts, max_new_tokens=8)

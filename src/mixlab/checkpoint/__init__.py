@@ -41,8 +41,15 @@ from mixlab.checkpoint.keymaps import FORMATS, Rule, detect_format, rules
 from mixlab.config import ConfigError, ModelConfig, as_path, suffix_of, with_generation_config
 from mixlab.dtypes import dtype_name, parse_dtype
 from mixlab.model import Transformer
-from mixlab.model.inference import inference_format, int4_names
-from mixlab.ops.quant import INT4_GROUPS, quantize_int4
+from mixlab.model.inference import (
+    QUANTS,
+    Quantised,
+    inference_format,
+    keep_quantised_modules,
+    quant_names,
+    quantize_weight,
+)
+from mixlab.ops.quant import INT4_GROUPS
 
 __all__ = ["CheckpointError", "adapter_factors", "describe", "from_state_dict", "load_model", "load_state",
            "merge_adapter", "meta_model", "save_model", "to_state_dict"]
@@ -206,17 +213,15 @@ def _is_experts(r: Rule) -> bool:
     return ".ffn.experts." in r.ours
 
 
-Int4 = dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (packed codes, float16 scales)
-
-
 def _read_state(table: list[Rule], infos: dict[str, TensorInfo], *, dtype: torch.dtype | None,
-                device: str | torch.device, experts: bool = True, int4: Collection[str] = (),
-                group: int = 32) -> tuple[dict[str, torch.Tensor], Int4]:
-    """(the float weights, the int4 ones): each weight `int4` names (`int4_names`) is quantised as soon
+                device: str | torch.device, experts: bool = True, quant: str | None = None,
+                quantise: Collection[str] = (), group: int = 32) -> tuple[dict[str, torch.Tensor], Quantised]:
+    """(the float weights, the quantised ones): each weight `quantise` names (`quant_names`) is
+    quantised to `quant` (`quantize_weight`; int8's scales in the dtype loaded, the embeddings') as soon
     as it is read, so that only one weight's floats exist at a time; a tied head's from the embeddings."""
     want = dtype or _stored_dtype(table, infos)
     state: dict[str, torch.Tensor] = {}
-    quantised: Int4 = {}
+    quantised: Quantised = {}
     with TensorReader(infos) as reader:
         for r in table:
             if not experts and _is_experts(r):
@@ -227,14 +232,15 @@ def _read_state(table: list[Rule], infos: dict[str, TensorInfo], *, dtype: torch
                 if not all_finite(view):
                     warnings.warn(f"{infos[name].file}: tensor {name!r} holds NaN or Inf values; the model's "
                                   "outputs will be NaN", stacklevel=2)
-            if r.ours in int4:
-                quantised[r.ours] = quantize_int4(t, group)
+            if quant is not None and r.ours in quantise:
+                quantised[r.ours] = quantize_weight(t, quant, group=group, scale_dtype=want)
             else:
                 state[r.ours] = t
             del t  # a quantised weight's floats go now, not once the next weight is allocated
         _refuse_untied_head(table, infos, state, reader)
-    if "output.weight" in int4 and "output.weight" not in quantised:  # tied: the embeddings, quantised
-        quantised["output.weight"] = quantize_int4(state["tok_embeddings.weight"], group)
+    if quant is not None and "output.weight" in quantise and "output.weight" not in quantised:  # tied
+        quantised["output.weight"] = quantize_weight(state["tok_embeddings.weight"], quant, group=group,
+                                                     scale_dtype=want)  # the embeddings, quantised
     return state, quantised
 
 
@@ -291,24 +297,22 @@ def meta_model(config: ModelConfig) -> Transformer:
 
 
 def _assign(config: ModelConfig, state: dict[str, torch.Tensor], *, strict: bool = True,
-            int4: Int4 | None = None) -> Transformer:
+            quantised: Quantised | None = None) -> Transformer:
     """The model holding the tensors of `state` (mixlab's names) themselves, not copies; the weights of
-    `int4` in int4 modules (`keep_int4_modules`: `Int4Linear`, `Int4Experts`)."""
+    `quantised` in quantised modules (`keep_quantised_modules`: `Int8Linear`, `Int4Experts`, ...)."""
     model = meta_model(config)
-    if int4:
-        from mixlab.checkpoint.gguf_read import keep_int4_modules
-
-        keep_int4_modules(model, int4)
-    tied = config.tie_embeddings and "output.weight" not in (int4 or {})  # an int4 head is a copy
+    if quantised:
+        keep_quantised_modules(model, quantised)
+    tied = config.tie_embeddings and "output.weight" not in (quantised or {})  # a quantised head is a copy
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
-    if not int4:
+    if not quantised:
         model.load_state_dict(state, assign=True, strict=strict)
-    else:  # the int4 modules' buffers are set already: strict= asks that nothing else is left unset
+    else:  # the quantised modules' buffers are set already: strict= asks that nothing else is left unset
         extra = model.load_state_dict(state, assign=True, strict=False).unexpected_keys
         unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if strict and (extra or unset):  # a bug, not a file problem: every tensor was planned
-            raise RuntimeError(f"int4 load: unexpected {extra[:5]}, unset {unset[:5]}")
+            raise RuntimeError(f"quantised load: unexpected {extra[:5]}, unset {unset[:5]}")
         model.requires_grad_(False)
     if tied:
         model.output.weight = model.tok_embeddings.weight
@@ -402,14 +406,17 @@ def load_model(
     `adapter`: a PEFT LoRA adapter folder merged into the weights (`checkpoint/adapter.py`), so
     `prepare_for_inference(quant=)` quantises the merged weights.
 
-    `quant="int4"` (groups of `group` inputs: 32 (default), 64 or 128): each matrix int4 covers is
-    quantised as soon as it is read, so a whole model's floats never exist: peak memory is the int4
-    model plus one weight's floats (Mixtral 8x7B: ~27 GB in bf16, where loading floats first took 93 GB). The
-    model equals `prepare_for_inference(load_model(path, dtype=dtype), quant="int4", group=group)`
-    bit for bit before its native decoder is attached, whatever the source (a GGUF file's K-quants
-    are dequantised and rounded again, its Q4_0 matrices kept as stored, in groups of 32 only);
-    `prepare_for_inference(model)` then attaches it. With `max_memory` the expert cache holds int4
-    experts. Not with `adapter` (merged into float weights: load without quant, prepare after).
+    `quant="int8"` or `"int4"` (groups of `group` inputs: 32 (default), 64 or 128): each matrix the
+    format covers (all but the embeddings and routers) is quantised as soon as it is read, so a whole
+    model's floats never exist: peak memory is the quantised model plus one weight's floats (Mixtral
+    8x7B in bf16: ~27 GB as int4, ~48 GB as int8, where loading floats first took 93 GB). The model
+    equals `prepare_for_inference(load_model(path, dtype=dtype), quant=quant, group=group)` bit for
+    bit before its native decoder is attached (int8's row scales in the embeddings' dtype), whatever
+    the source (a GGUF file's K-quants are dequantised and rounded again, its Q4_0 matrices kept as
+    stored, in groups of 32 only; int8 refuses a file holding them, as prepare_for_inference does);
+    `prepare_for_inference(model, quant=quant)` then attaches it. With `max_memory` the expert cache
+    holds experts in that format. Not with `adapter` (merged into float weights: load without quant,
+    prepare after).
     """
     from mixlab.config import parse_bytes
     from mixlab.ops.offload import POLICIES
@@ -425,17 +432,17 @@ def load_model(
                          "experts; pass max_memory= too (e.g. max_memory='4GB')")
     policy = "lru" if policy is None else policy
     prefetch = True if prefetch is None else prefetch
-    if quant not in (None, "int4"):
-        raise ValueError(f"quant={quant!r}: load_model quantises to 'int4' as it reads (or None); for int8, load "
-                         "without quant, then prepare_for_inference(model, quant='int8')")
+    if quant not in (None, *QUANTS):
+        raise ValueError(f"quant={quant!r}: load_model quantises to 'int8' or 'int4' as it reads (or None)")
     if group is not None and quant != "int4":  # it would be ignored
-        raise ValueError(f"group={group!r} sets int4's inputs per scale: pass quant='int4' with it")
+        raise ValueError(f"group={group!r} sets int4's inputs per scale: pass quant='int4' with it"
+                         + (" (int8 has one scale per row)" if quant == "int8" else ""))
     group = 32 if group is None else group
     if group not in INT4_GROUPS:
         raise ValueError(f"group={group!r}: int4's inputs per scale are one of {', '.join(map(str, INT4_GROUPS))}")
     if quant is not None and adapter is not None:
         raise ValueError("quant= does not combine with adapter=: the adapter is merged into float weights; load "
-                         "with adapter= and without quant, then prepare_for_inference(model, quant='int4')")
+                         f"with adapter= and without quant, then prepare_for_inference(model, quant={quant!r})")
     if max_memory is not None:
         max_memory = parse_bytes(max_memory, what="max_memory")
         if policy not in POLICIES:
@@ -464,9 +471,10 @@ def load_model(
 
         check_offloadable(config, root, dev)
     _, table, infos = plan(root, config)
-    int4 = int4_names(meta_model(config), group=group) if quant else set()  # widths checked before reading
-    state, quantised = _read_state(table, infos, dtype=want, device=dev, experts=not offload, int4=int4, group=group)
-    model = _assign(config, state, strict=not offload, int4=quantised)
+    quantise = quant_names(meta_model(config), quant, group=group) if quant else set()  # int4's widths: checked now
+    state, quantised = _read_state(table, infos, dtype=want, device=dev, experts=not offload, quant=quant,
+                                   quantise=quantise, group=group)
+    model = _assign(config, state, strict=not offload, quantised=quantised)
     if offload:
         from mixlab.checkpoint.offload import SafetensorsSource, offload_experts
         from mixlab.ops.offload import SlotFormat
@@ -476,11 +484,11 @@ def load_model(
         tables = [(layers[f"layers.{i}.ffn.experts.w13"], layers[f"layers.{i}.ffn.experts.w2"])
                   for i in range(config.n_layers)]
         floats = want or _stored_dtype(table, infos)
-        fmt = SlotFormat("int4", floats, group) if quant else SlotFormat("plain", floats)
+        fmt = SlotFormat(quant or "plain", floats, group)  # the cache's, as prepare_for_inference(quant=) sets it
         offload_experts(model, SafetensorsSource(infos, tables, config), max_memory=max_memory, fmt=fmt,
                         policy=policy, prefetch=prefetch)
         model.requires_grad_(False)
-        if quant:  # offloaded int4 products take exact activations (as prepare_for_inference sets them)
+        if quant == "int4":  # offloaded int4 products take exact activations (as prepare_for_inference sets them)
             model.int4_activations = "float32"
     return (model if peft is None else merge_adapter(model, peft)).eval()
 

@@ -24,7 +24,8 @@ and mixlab's own `write_gguf` write them) become a mixlab `Transformer`:
   package's `quants.dequantize`; a type it has no dequantisation for (Q8_1, F64, the integer types)
   is refused, naming the tensor, before any tensor is read;
 - with `quant="int4"` (`load_model`'s), every matrix not kept as Q4_0 is rounded to int4 as soon as it
-  is read (a K-quant's values rounded a second time).
+  is read (a K-quant's values rounded a second time); with `quant="int8"` every matrix of a file
+  without Q4_0 ones is rounded to int8 as it is read.
 The q and k rows are put back from llama.cpp's adjacent-pairs rotary layout to mixlab's rotate-half
 layout (the inverse of `gguf.rope_permute`). The tokenizer comes from the metadata
 (`mixlab.tokenizer.load_tokenizer("model.gguf")`): a SentencePiece model is rebuilt from the
@@ -724,34 +725,6 @@ def _read_int4(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], kind:
     return q, s
 
 
-def keep_int4_modules(model: Any, int4: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Swap the float modules of `model` holding the weights `int4` names for int4 ones holding
-    `int4[name]` = (packed codes, scales): `Int4Linear`, `Int4Experts` (both of a layer's expert
-    weights at once)."""
-    from mixlab.model.formats import Int4Experts
-    from mixlab.model.moe import MoEBlock
-    from mixlab.ops.quant import Int4Linear
-
-    for name, (q, s) in int4.items():
-        owner_name, attr = name.rsplit(".", 1)
-        if attr == "weight":  # a linear
-            parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
-            setattr(model.get_submodule(parent_name), child, Int4Linear.from_packed(q, s))
-        elif attr == "w13":  # stacked experts: w13 and w2 together
-            block = model.get_submodule(owner_name.removesuffix(".experts"))
-            assert isinstance(block, MoEBlock)
-            q2, s2 = int4[owner_name + ".w2"]
-            block.experts = Int4Experts(q, s, q2, s2)
-    model.int4_activations = model.int4_activations  # the new int4 modules take the model's mode
-
-
-def int4_buffers(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed codes and scales of weight `name` of `model`, kept int4 (`keep_int4_modules`)."""
-    owner_name, attr = name.rsplit(".", 1)
-    owner = model.get_submodule(owner_name)
-    return getattr(owner, attr), getattr(owner, "scale" if attr == "weight" else f"{attr}_scale")
-
-
 def read_gguf_pieces(h: GGUFHeader, pieces: dict[str, tuple[torch.Tensor, tuple[slice, ...]]],
                      int4: dict[str, tuple[torch.Tensor, torch.Tensor, slice]] | None = None) -> None:
     """Fill each `pieces[name] = (dest, index)` with `whole[index]` of weight `name` (mixlab's name) of
@@ -800,21 +773,25 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     (dequantised: a plain model that saves and trains, as `mixlab convert` needs); everything else is
     float in `dtype` (default: the float type of most matrix elements, a quantised one's float32). `max_memory`: the
     experts stay in the file, read on demand into an expert cache of that many bytes
-    (`mixlab.checkpoint.offload`). `quant="int4"`: every other matrix int4 covers is quantised (groups of
-    `group`) as soon as it is read (`load_model`'s)."""
+    (`mixlab.checkpoint.offload`). `quant="int8"` / `"int4"`: every other matrix the format covers is
+    quantised (int4: groups of `group`) as soon as it is read (`load_model`'s); int8 refuses a file
+    whose Q4_0 matrices are kept int4, as prepare_for_inference refuses its model."""
     from mixlab.checkpoint import meta_model
-    from mixlab.model.inference import int4_names
-    from mixlab.ops.quant import quantize_int4
+    from mixlab.model.inference import keep_quantised_modules, quant_names, quantize_weight
 
     h = read_header(path)
     cfg = config_from_header(h)
     plan = _plan(h, cfg)
     quantise: set[str] = set()
-    if quant == "int4":
-        if keep_int4 and _int4_names(plan) and group != 32:  # prepare_for_inference's refusal, before reading
-            raise ValueError(f"{h.path} holds Q4_0 (int4) matrices in groups of 32, kept as stored; quant='int4' "
-                             f"converts its float matrices in the same groups, not {group}: pass group=32")
-        quantise = int4_names(meta_model(cfg), group=group) - (_int4_names(plan) if keep_int4 else set())
+    kept = _int4_names(plan) if keep_int4 else set()
+    if quant == "int8" and kept:  # prepare_for_inference's refusal, before reading
+        raise ValueError(f"{h.path}: this model already holds int4 weights; int8 applies to float models (its Q4_0 "
+                         "matrices are kept as stored): pass quant='int4' (its float matrices made int4 too) or none")
+    if quant == "int4" and kept and group != 32:
+        raise ValueError(f"{h.path} holds Q4_0 (int4) matrices in groups of 32, kept as stored; quant='int4' "
+                         f"converts its float matrices in the same groups, not {group}: pass group=32")
+    if quant is not None:
+        quantise = quant_names(meta_model(cfg), quant, group=group) - kept
     offload = max_memory is not None
     if offload:
         from mixlab.checkpoint.offload import check_offloadable
@@ -824,28 +801,28 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     want = dtype or _default_dtype(h)
     reader = _Reader(h)
     state: dict[str, torch.Tensor] = {}
-    int4: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    as_int4 = _int4_names(plan) if keep_int4 else set()
+    quantised: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for name, parts, kind in plan:
-            if name in as_int4:
+            if name in kept:
                 q, s = _read_int4(reader, cfg, parts, kind)
-                int4[name] = q.to(device), s.to(device)
+                quantised[name] = q.to(device), s.to(device)
                 continue
             x = _float_weight(reader, cfg, parts, kind, want).to(device)
-            if name in quantise:  # rounded now: one weight's floats at a time
-                int4[name] = quantize_int4(x, group)
+            if quant is not None and name in quantise:  # rounded now: one weight's floats at a time
+                quantised[name] = quantize_weight(x, quant, group=group, scale_dtype=want)
             else:
                 state[name] = x
             del x  # a quantised weight's floats go now, not once the next weight is allocated
     finally:
         reader.close()
-    if "output.weight" in quantise and cfg.tie_embeddings:  # the embeddings, quantised
-        int4["output.weight"] = quantize_int4(state["tok_embeddings.weight"], group)
+    if quant is not None and "output.weight" in quantise and cfg.tie_embeddings:  # the embeddings, quantised
+        quantised["output.weight"] = quantize_weight(state["tok_embeddings.weight"], quant, group=group,
+                                                     scale_dtype=want)
 
     model = meta_model(cfg)
-    keep_int4_modules(model, int4)  # swap the float modules / parameters for int4 ones
-    tied = cfg.tie_embeddings and "output.weight" not in int4
+    keep_quantised_modules(model, quantised)  # swap the float modules / parameters for quantised ones
+    tied = cfg.tie_embeddings and "output.weight" not in quantised
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=False)
@@ -855,17 +832,16 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
 
         assert max_memory is not None
         source = GGUFSource(h, cfg)
-        fmt = (SlotFormat("int4", want, 32) if source.int4() else SlotFormat("int4", want, group) if quant
-               else SlotFormat("plain", want))
+        fmt = SlotFormat("int4", want, 32) if source.int4() else SlotFormat(quant or "plain", want, group)
         offload_experts(model, source, max_memory=max_memory, fmt=fmt, policy=policy, prefetch=prefetch)
-        if quant:  # offloaded int4 products take exact activations (as prepare_for_inference sets them)
+        if quant == "int4":  # offloaded int4 products take exact activations (as prepare_for_inference sets them)
             model.int4_activations = "float32"
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:  # a bug, not a file problem: every tensor was planned
         raise RuntimeError(f"GGUF load left tensors unset: {missing[:5]}")
     if tied:
         model.output.weight = model.tok_embeddings.weight
-    if int4 or offload:
+    if quantised or offload:
         model.requires_grad_(False)
     return model.eval()
 

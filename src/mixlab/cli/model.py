@@ -329,11 +329,11 @@ def _whole_q4_blocks(src: Path, gguf_src: bool) -> bool:
     """Whether every matrix int4 covers in the model at `src` has rows of whole Q4_0 blocks (32 inputs)."""
     from mixlab.checkpoint import folder_config, meta_model
     from mixlab.checkpoint.gguf_read import config_from_header, read_header
-    from mixlab.model.inference import int4_names
+    from mixlab.model.inference import quant_names
 
     c = config_from_header(read_header(src)) if gguf_src else folder_config(src)
     try:
-        int4_names(meta_model(c), group=32)  # quantize_model_int4's own width check
+        quant_names(meta_model(c), "int4", group=32)  # quantize_model_int4's own width check
     except ValueError:
         return False
     return True

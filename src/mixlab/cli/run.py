@@ -90,16 +90,18 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     # Under --ep the model is built split, each process reading its experts only (a folder's or a GGUF
     # file's, Q4_0 matrices kept int4 as one process keeps them, an --adapter merged into them).
     quant = None if args.quant == "none" else args.quant
+    # where --quant is applied below, each matrix is quantised as it is read (peak: the quantised model plus
+    # one weight's floats, not every float); an --adapter is merged into the floats first, then quantised
+    at_load = quant is not None and adapter is None and (layout is not None or str(args.device) == "cpu")
     if layout is not None and layout.ep > 1:
         from mixlab.parallel.expert import load_expert_parallel
 
-        model = load_expert_parallel(args.model, layout, dtype=dtype, device=device, adapter=adapter)
-    else:  # an --adapter is merged before --quant quantises the weights
-        # int4 where it is applied below: each matrix quantised as read (peak: the int4 model, not its floats)
-        at_load = quant == "int4" and adapter is None and (layout is not None or str(args.device) == "cpu")
+        model = load_expert_parallel(args.model, layout, dtype=dtype, device=device, adapter=adapter,
+                                     quant=quant if at_load else None)
+    else:
         with _told_as_flag("max_memory", "--max-memory"):
             model = load_model(args.model, dtype=dtype, device=device, adapter=adapter, **offload,
-                               quant="int4" if at_load else None)
+                               quant=quant if at_load else None)
     if layout is not None:  # --ep: each process quantises its own experts; PyTorch's kernels, no native decoder
         if quant is not None:  # (it would bypass the MoE layers' all-to-all)
             model = prepare_for_inference(model, quant=quant, int4_activations=acts, decoder=False)

@@ -40,7 +40,9 @@ from mixlab.model.transformer import Transformer, check_model
 from mixlab.ops import registry
 from mixlab.ops.linear import InferenceLinear, can_pack
 from mixlab.ops.offload import ExpertCache, SlotFormat
-from mixlab.ops.quant import INT4_GROUPS, Int4Linear, Int8Linear
+from mixlab.ops.quant import INT4_GROUPS, Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+QUANTS = ("int8", "int4")
 
 
 def _replace_linears(model: Transformer, make: type[nn.Module], **kw: object) -> None:
@@ -86,10 +88,11 @@ def quant_of(model: nn.Module, asked: str) -> str:
 
 
 def quantize_model_int8(model: Transformer) -> Transformer:
-    """Int8 weight-only quantisation of every matrix except embedding and router, in place."""
+    """Int8 weight-only quantisation of every matrix except embedding and router, in place, the row
+    scales in the embeddings' dtype. Matrices already int8 (`load_model(quant="int8")`) are left as they are."""
     act_dtype = model.tok_embeddings.weight.dtype
     for block in model.modules():
-        if isinstance(block, MoEBlock):
+        if isinstance(block, MoEBlock) and not isinstance(block.experts, Int8Experts):
             block.experts = Int8Experts.quantize(_plain_experts(block), scale_dtype=act_dtype)
     _replace_linears(model, Int8Linear, scale_dtype=act_dtype)
     return model.eval()
@@ -110,15 +113,58 @@ def _check_int4_widths(model: Transformer, group: int) -> None:
                              f"{bad[0]} (the groups: {', '.join(map(str, INT4_GROUPS))}); the model is unchanged")
 
 
-def int4_names(model: Transformer, *, group: int = 32) -> set[str]:
-    """The weights `quantize_model_int4(model, group=group)` makes int4, by name: each float linear's
-    `...weight`, each float experts' `...experts.w13` / `.w2`; after its width checks (a ValueError
-    naming the first module). `model` may be on the meta device: what `load_model(quant="int4")`
-    quantises as it reads each weight."""
-    _check_int4_widths(model, group)
+def quant_names(model: Transformer, quant: str, *, group: int = 32) -> set[str]:
+    """The weights `prepare_for_inference(model, quant=quant, group=group)` quantises, by name: each
+    float linear's `...weight`, each float experts' `...experts.w13` / `.w2` (not the embeddings nor the
+    routers); int4's after its width checks (a ValueError naming the first module). `model` may be on
+    the meta device: what `load_model(quant=)` quantises as it reads each weight (`quantize_weight`)."""
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantisation {quant!r}; expected 'int8' or 'int4'")
+    if quant == "int4":
+        _check_int4_widths(model, group)
     names = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     return names | {f"{name}.experts.{w}" for name, m in model.named_modules()
                     if isinstance(m, MoEBlock) and type(m.experts) is Experts for w in ("w13", "w2")}
+
+
+Quantised = dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (codes, scales)
+
+
+def quantize_weight(w: torch.Tensor, quant: str, *, group: int = 32,
+                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of one weight (a linear's `[X, D]` or stacked experts' `[E, X, D]`) as
+    `prepare_for_inference(quant=)` stores it: int8 with row scales in `scale_dtype` (the embeddings'
+    dtype, `quantize_model_int8`'s), or packed int4 with float16 scales per `group` inputs."""
+    if quant == "int8":
+        q, s = quantize_int8(w)
+        return q, s.to(scale_dtype)
+    return quantize_int4(w, group)
+
+
+def keep_quantised_modules(model: Transformer, weights: Quantised) -> None:
+    """Swap the float modules of `model` holding the weights `weights` names for quantised ones
+    holding `weights[name]` = (codes, scales), int8 or packed int4 by the codes' dtype (`quantize_weight`,
+    a GGUF file's Q4_0): `Int8Linear` / `Int4Linear`, `Int8Experts` / `Int4Experts` (both of a layer's
+    expert weights at once)."""
+    for name, (q, s) in weights.items():
+        owner_name, attr = name.rsplit(".", 1)
+        int8 = q.dtype == torch.int8
+        if attr == "weight":  # a linear
+            parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
+            linear = Int8Linear.from_quantised(q, s) if int8 else Int4Linear.from_packed(q, s)
+            setattr(model.get_submodule(parent_name), child, linear)
+        elif attr == "w13":  # stacked experts: w13 and w2 together
+            block = model.get_submodule(owner_name.removesuffix(".experts"))
+            assert isinstance(block, MoEBlock)
+            block.experts = (Int8Experts if int8 else Int4Experts)(q, s, *weights[owner_name + ".w2"])
+    model.int4_activations = model.int4_activations  # the new int4 modules take the model's mode
+
+
+def quantised_buffers(model: Transformer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes and scales of weight `name` of `model`, kept quantised (`keep_quantised_modules`)."""
+    owner_name, attr = name.rsplit(".", 1)
+    owner = model.get_submodule(owner_name)
+    return getattr(owner, attr), getattr(owner, "scale" if attr == "weight" else f"{attr}_scale")
 
 
 def quantize_model_int4(model: Transformer, *, group: int = 32) -> Transformer:
@@ -147,9 +193,6 @@ def pack_model(model: Transformer, *, packed: bool = True) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-QUANTS = ("int8", "int4")
-
-
 def is_quantised(model: Transformer) -> bool:
     """Whether some matrix of `model` already holds int4 weights (e.g. loaded from a GGUF Q4_0 file)."""
     return any(isinstance(m, Int4Experts | Int4Linear) for m in model.modules())
@@ -171,8 +214,9 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     int4, `quant=`) weights when the native kernels are available, else (or with `packed=True`)
     oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
     int4 weights (a GGUF Q4_0 file) keeps them; with `quant="int4"` its float matrices become int4
-    too, in the same groups (another `group` is refused), else they stay as they are. Any other
-    prepared model is refused. `int4_activations`: how int4 weights multiply activations in every
+    too, in the same groups (another `group` is refused), else they stay as they are. A model
+    holding int8 weights (`load_model(quant="int8")`) takes `quant="int8"`: they stay as they are. Any
+    other prepared model is refused. `int4_activations`: how int4 weights multiply activations in every
     path (native decoding and PyTorch's pass), "int8" (rounded to int8 per block of 32, as llama.cpp
     does; the default, fast) or "float32" (exact; what offloaded experts always do, so "int8" is
     refused for them); see `mixlab.model.native`. `decoder=False`: no native whole-model decoder is
@@ -198,8 +242,11 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
                          "(model = mixlab.train.lora.merge(model)), then prepare that")
     cache = expert_cache(model)
     prepared = inference_format(model)
-    if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)):
-        raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
+    held_int8 = prepared == "int8" and quant == "int8"  # loaded int8 (`load_model(quant="int8")`): attached now
+    if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)) and not held_int8:
+        hint = " (or pass quant='int8': a model loaded with quant='int8')" if prepared == "int8" else ""
+        raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain "
+                         f"model{hint}")
     if quant == "int4" and (held := int4_groups(model)) and held != {group}:  # one group for the native step
         raise ValueError(f"this model already holds int4 weights in groups of {', '.join(map(str, sorted(held)))} "
                          f"(GGUF Q4_0: 32); quant='int4' converts its float matrices in the same groups, not "
@@ -254,7 +301,8 @@ def _prepare_offloaded(model: Transformer, cache: ExpertCache, *, quant: str | N
                        group: int) -> Transformer:
     """`prepare_for_inference` for a model whose experts are offloaded: the cache's slots take the
     format, the linears are converted as for a resident model."""
-    if any(isinstance(m, Int8Linear | InferenceLinear) for m in model.modules()):
+    held_int8 = quant == "int8" and cache.fmt.kind == "int8"  # loaded int8 (`load_model(quant="int8")`)
+    if any(isinstance(m, InferenceLinear) or (isinstance(m, Int8Linear) and not held_int8) for m in model.modules()):
         raise ValueError("the model is already prepared for inference; prepare a freshly loaded model")
     if quant == "int8" and is_quantised(model):
         raise ValueError("this model already holds int4 weights; int8 applies to float models")
@@ -269,7 +317,8 @@ def _prepare_offloaded(model: Transformer, cache: ExpertCache, *, quant: str | N
         if quant == "int4":
             _replace_linears(model, Int4Linear, group=group)
     elif quant == "int8":
-        cache.set_format(SlotFormat("int8", act_dtype))
+        if not held_int8:
+            cache.set_format(SlotFormat("int8", act_dtype))
         _replace_linears(model, Int8Linear, scale_dtype=act_dtype)
     elif quant == "int4":
         cache.set_format(SlotFormat("int4", act_dtype, group))

@@ -34,13 +34,24 @@ from torch import nn
 
 from mixlab.ops import registry
 
+QUANT_CHUNK = 4 << 20  # float32 bytes of rows rounded at a time: temporaries a chunk's, not a tensor's
+
 
 def quantize_int8(w_XD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_XD int8, s_X) with w ≈ q * s[:, None]; works on stacked weights `[..., X, D]` too."""
-    w = w_XD.detach().float()
-    s = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / s[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, s
+    """(q_XD int8, s_X float32) with w ≈ q * s[:, None]; works on stacked weights `[..., X, D]` too.
+    Rounded a few MB of rows at a time (`QUANT_CHUNK`; each row is rounded alone, so the bytes are the
+    same): a whole Mixtral w13's float32 temporaries took ~3x its float32 size (11 GB)."""
+    *lead, X, D = w_XD.shape
+    w_RD = w_XD.detach().reshape(-1, D)  # R: every row of every leading index
+    q_RD = torch.empty(w_RD.shape, dtype=torch.int8, device=w_RD.device)
+    s_R = torch.empty(w_RD.shape[0], dtype=torch.float32, device=w_RD.device)
+    step = max(1, QUANT_CHUNK // (4 * max(D, 1)))
+    for lo in range(0, w_RD.shape[0], step):
+        w = w_RD[lo : lo + step].float()
+        s = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+        q_RD[lo : lo + step] = torch.round(w / s[:, None]).clamp(-127, 127)
+        s_R[lo : lo + step] = s
+    return q_RD.reshape(*lead, X, D), s_R.reshape(*lead, X)
 
 
 def dequantize_int8(q_XD: torch.Tensor, s_X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,9 +60,6 @@ def dequantize_int8(q_XD: torch.Tensor, s_X: torch.Tensor, dtype: torch.dtype) -
 
 INT4_GROUPS = (32, 64, 128)
 QK = 32  # the nibble-layout chunk (Q4_0's block)
-
-
-QUANT_CHUNK = 4 << 20  # float32 bytes of rows rounded at a time: temporaries a chunk's, not a tensor's
 
 
 def quantize_int4(w_XD: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,19 +164,32 @@ def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor, *, ac
 
 
 class Int8Linear(nn.Module):
-    """A bias-free `nn.Linear` replacement holding int8 weights and per-row scales (inference only)."""
+    """A bias-free `nn.Linear` replacement holding int8 weights and per-row scales (inference only).
+    Built from a float linear (`Int8Linear(lin, scale_dtype=torch.bfloat16)`) or from quantised data
+    (`Int8Linear.from_quantised`: a weight rounded as it was read, `load_model(quant="int8")`)."""
 
-    def __init__(self, linear: nn.Linear, *, scale_dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Linear | None = None, *, scale_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.weight: torch.Tensor
+        self.scale: torch.Tensor
+        if linear is None:
+            return
         if linear.bias is not None:
             raise ValueError("Int8Linear supports bias-free linears only")
         q, s = quantize_int8(linear.weight)
-        self.in_features: int = linear.in_features
-        self.out_features: int = linear.out_features
-        self.weight: torch.Tensor
-        self.scale: torch.Tensor
+        self._set(q, s.to(scale_dtype))
+
+    def _set(self, q: torch.Tensor, s: torch.Tensor) -> None:
+        self.out_features: int = q.shape[0]
+        self.in_features: int = q.shape[1]
         self.register_buffer("weight", q)
-        self.register_buffer("scale", s.to(scale_dtype))
+        self.register_buffer("scale", s)
+
+    @classmethod
+    def from_quantised(cls, q_XD: torch.Tensor, s_X: torch.Tensor) -> Int8Linear:
+        m = cls()
+        m._set(q_XD, s_X)
+        return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.scale)

@@ -130,18 +130,22 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
 
 def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch.dtype | None = None,
                          device: str | torch.device = "cpu", adapter: str | Path | None = None,
-                         keep_int4: bool = True) -> Transformer:
-    """`load_model(path, dtype=, device=, adapter=)` then `apply_expert_parallel(model, layout)`,
-    without ever holding the whole model: built and split on the meta device, then only this
+                         keep_int4: bool = True, quant: str | None = None, group: int = 32) -> Transformer:
+    """`load_model(path, dtype=, device=, adapter=, quant=, group=)` then `apply_expert_parallel(model,
+    layout)`, without ever holding the whole model: built and split on the meta device, then only this
     process's tensors allocated in `dtype` (default: as stored, as `load_model`) on `device` and
     filled straight from the files, its experts' elements only (a transformers or Mistral folder:
     `train.checkpoints.read_pieces`, `load_model`'s key maps, conversion and NaN / Inf warnings; a
     GGUF file: `gguf_read.read_gguf_pieces`, its Q4_0 matrices kept int4 as `load_gguf` keeps them,
     this process's experts' bytes as they are, or with `keep_int4=False` dequantised). `adapter`:
     a PEFT LoRA adapter folder merged into this process's tensors, its expert factors narrowed to
-    this process's experts (`merge_adapter(experts=)`). The split model's MoE layers run the
-    experts' own `forward` (any format: `prepare_for_inference(quant=, decoder=False)` quantises
-    each process's share after the load)."""
+    this process's experts (`merge_adapter(experts=)`). `quant` ("int8" / "int4", groups of `group`):
+    each matrix of this process's share that the format covers is read into one float temporary and
+    quantised at once (`quantize_weight`), as `load_model(quant=)` does: the process holds its share
+    quantised plus one weight's floats, never its share's floats; each quantised tensor is the slice of
+    one process's (quantisation is per row or group). The split model's MoE layers run the experts'
+    own `forward` (any format: `prepare_for_inference(quant=, decoder=False)` quantises each process's
+    float share after the load, and leaves one loaded quantised as it is)."""
     from mixlab.checkpoint import (
         _stored_dtype,
         folder_config,
@@ -155,19 +159,25 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
     from mixlab.checkpoint.gguf_read import (
         _default_dtype,
         config_from_header,
-        int4_buffers,
         int4_weights,
-        keep_int4_modules,
         read_gguf_pieces,
         read_header,
     )
     from mixlab.config import as_path, suffix_of
     from mixlab.dtypes import parse_dtype
+    from mixlab.model.inference import keep_quantised_modules, quant_names, quantised_buffers, quantize_weight
+    from mixlab.ops.quant import INT4_GROUPS
     from mixlab.parallel.train import DistributedTraining
     from mixlab.train.checkpoints import Piece, read_pieces
 
     root = as_path(path, what="load_expert_parallel's path")
     dev = parse_device(device)
+    if quant not in (None, "int8", "int4"):
+        raise ValueError(f"quant={quant!r}: expected None, 'int8' or 'int4'")
+    if quant == "int4" and group not in INT4_GROUPS:
+        raise ValueError(f"group={group!r}: int4's inputs per scale are one of {', '.join(map(str, INT4_GROUPS))}")
+    if quant is not None and adapter is not None:  # load_model's refusal
+        raise ValueError("quant= does not combine with adapter=: the adapter is merged into float weights")
     peft = None if adapter is None else read_adapter(adapter)  # a wrong adapter is told before a long load
     if peft is not None:
         warn_other_base(root, peft)
@@ -182,30 +192,63 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
         config = folder_config(root)
         _, table, infos = plan(root, config)
         stored = _stored_dtype(table, infos)
+    if quant == "int8" and int4:  # load_gguf's refusal (prepare_for_inference's), before anything is read
+        raise ValueError(f"{root}: this model already holds int4 weights; int8 applies to float models (its Q4_0 "
+                         "matrices are kept as stored): pass quant='int4' (its float matrices made int4 too) or none")
+    if quant == "int4" and int4 and group != 32:
+        raise ValueError(f"{root} holds Q4_0 (int4) matrices in groups of 32, kept as stored; quant='int4' "
+                         f"converts its float matrices in the same groups, not {group}: pass group=32")
+    quantise = quant_names(meta_model(config), quant, group=group) - set(int4) if quant else set()
+    want = parse_dtype(dtype) or stored
     model = meta_model(config)
     par = DistributedTraining(layout)  # its `piece`: which experts this process's tensors hold
     par.parallelize(model)
-    model.to(dtype=parse_dtype(dtype) or stored)
+    model.to(dtype=want)
     L = config.moe.num_experts // layout.ep if config.moe else 0  # a dense model only with --ep 1
     mine = slice(layout.ep_rank * L, (layout.ep_rank + 1) * L)
-    # Weights kept int4 (a GGUF file's Q4_0 matrices): int4 modules of this process's shapes, allocated below.
-    local = {name: [(L, *shape[1:]) if ".experts." in name else shape for shape in shapes]
-             for name, shapes in int4.items()}
-    keep_int4_modules(model, {name: (torch.empty(q, dtype=torch.uint8, device="meta"),
-                                     torch.empty(s, dtype=torch.float16, device="meta"))
-                              for name, (q, s) in local.items()})
+    # Quantised weights (a GGUF file's Q4_0 matrices, those `quant` rounds as read): modules of this
+    # process's shapes on the meta device, allocated by `to_empty` below.
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}  # experts [L, ...]
+    meta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
+        name: (torch.empty((L, *q[1:]) if ".experts." in name else q, dtype=torch.uint8, device="meta"),
+               torch.empty((L, *s[1:]) if ".experts." in name else s, dtype=torch.float16, device="meta"))
+        for name, (q, s) in int4.items()}
+    for name in quantise:
+        *lead, D = shapes[name]
+        meta[name] = ((torch.empty(shapes[name], dtype=torch.int8, device="meta"),
+                       torch.empty(lead, dtype=want, device="meta")) if quant == "int8" else
+                      (torch.empty((*lead, D // 2), dtype=torch.uint8, device="meta"),
+                       torch.empty((*lead, D // group), dtype=torch.float16, device="meta")))
+    keep_quantised_modules(model, meta)
     model.to_empty(device=dev)
-    if config.tie_embeddings:  # to_empty gives each module its own tensor
+    if config.tie_embeddings and "output.weight" not in meta:  # to_empty gives each module its own tensor
         model.output.weight = model.tok_embeddings.weight
     pieces: dict[str, Piece] = {name: (p, par.piece(name, p)) for name, p in model.named_parameters()}
     if gguf:
-        codes = {name: (*int4_buffers(model, name), mine) for name in int4}
+        codes = {name: (*quantised_buffers(model, name), mine) for name in int4}
         read_gguf_pieces(header, pieces, codes)
     else:
         read_pieces(root, table, infos, pieces)
+    with torch.no_grad():
+        for name in sorted(quantise):  # each read into one float temporary, then quantised into its buffers
+            assert quant is not None
+            if config.tie_embeddings and name == "output.weight":  # a tied head: the embeddings, quantised
+                floats = model.tok_embeddings.weight
+            else:
+                floats = torch.empty(shapes[name], dtype=want, device=dev)
+                one = {name: (floats, par.piece(name, floats))}
+                if gguf:
+                    read_gguf_pieces(header, one)
+                else:
+                    read_pieces(root, table, infos, one)
+            # set_: the buffers hold the new tensors themselves (to_empty's, never written, are freed)
+            for dest, t in zip(quantised_buffers(model, name), quantize_weight(floats, quant, group=group,
+                                                                                scale_dtype=want), strict=True):
+                dest.set_(t)  # type: ignore[call-overload]
+            del floats  # before the next one is allocated
     if peft is not None:
         merge_adapter(model, peft, experts=range(mine.start, mine.stop) if L else None)
-    if int4:  # as load_gguf's int4 model: inference only
+    if meta:  # as load_gguf's int4 model, load_model(quant=)'s: inference only
         model.requires_grad_(False)
     return model.eval()
 
