@@ -202,8 +202,36 @@ def _acts_job(rank: int, job: dict[str, Any]) -> None:
         Path(job["text"]).write_text(out.getvalue())
 
 
+def _at_load_job(rank: int, job: dict[str, Any]) -> None:
+    """For each source and quant: `load_expert_parallel(quant=)` (each matrix of the share quantised as
+    it is read) holds the modules and tensors, bit for bit, that the split float load then
+    `prepare_for_inference(quant=, decoder=False)` held (what `generate --ep --quant` ran before); rank 0
+    writes both models' greedy tokens to `job["out"]`."""
+    from mixlab.model.inference import prepare_for_inference
+    from mixlab.parallel.expert import load_expert_parallel, rank0_token
+    from mixlab.parallel.mesh import init
+    from mixlab.tokenizer import load_tokenizer
+
+    layout = init(ep=2)
+    tok = load_tokenizer()
+    tokens = {}
+    for src, quant in job["sources"]:
+        got = load_expert_parallel(src, layout, dtype="float32", quant=quant)
+        want = prepare_for_inference(load_expert_parallel(src, layout, dtype="float32"), quant=quant, decoder=False)
+        assert [(n, type(m)) for n, m in got.named_modules()] == [(n, type(m)) for n, m in want.named_modules()]
+        a, b = got.state_dict(), want.state_dict()
+        assert a.keys() == b.keys() and not any(p.requires_grad for p in got.parameters()), (src, quant)
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), (src, quant, rank, name)
+        sync = rank0_token(got.tok_embeddings.weight.device)
+        tokens[f"{src} {quant}"] = [_greedy(m, tok, job["prompt"], sync)[0] for m in (got, want)]
+    if rank == 0:
+        Path(job["out"]).write_text(json.dumps(tokens))
+
+
 def _job(rank: int, job: dict[str, Any]) -> None:
-    {"compare": _compare_job, "memory": _memory_job, "quant": _quant_job, "acts": _acts_job}[job["kind"]](rank, job)
+    {"compare": _compare_job, "memory": _memory_job, "quant": _quant_job, "acts": _acts_job,
+     "at_load": _at_load_job}[job["kind"]](rank, job)
 
 
 @pytest.mark.slow  # 2 processes: ~20 s on 2 busy cores
@@ -239,6 +267,33 @@ def test_ep_quantised_experts_equal_one_process_s(tmp_path: Path, monkeypatch: p
            if i != tok.eos_id]
     printed = (tmp_path / "out").read_text()
     assert len(ids) > 1 and printed == tok.decode(prompt + ids)[len(tok.decode(prompt)):] + "\n", sources[-1]
+
+
+def test_ep_quant_rounds_each_process_s_matrices_as_read(tmp_path: Path) -> None:
+    """`generate --ep 2 --quant int8 / int4` loaded each process's float share, then quantised it: each
+    process now rounds each matrix of its share as it reads it (`load_expert_parallel(quant=)`, one
+    weight's floats at a time), into the same modules and tensors, bit for bit, with the same greedy
+    tokens: a folder (tied embeddings: the head quantised from them) and, where gguf is installed, a
+    Q4_0 file (its Q4_0 matrices kept, the others made int4) and an F32 one (int8)."""
+    from mixlab.config import get_preset
+    from mixlab.model import Transformer
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, sliding_window=None, tie_embeddings=True))
+    model.init_weights(std=0.1, seed=0)
+    save_model(model, tmp_path / "tied")
+    sources = [(str(tmp_path / "tied"), "int8"), (str(tmp_path / "tied"), "int4")]
+    if importlib.util.find_spec("gguf") is not None:
+        from mixlab.checkpoint.gguf import write_gguf
+
+        untied = _tiny_moe()
+        sources += [(str(write_gguf(untied, tmp_path / "q4_0.gguf", quant="q4_0")), "int4"),
+                    (str(write_gguf(untied, tmp_path / "f32.gguf", quant="f32")), "int8")]
+    run_group(_job, [{"kind": "at_load", "sources": sources, "prompt": [1, 415, 2936, 9060],
+                      "out": str(tmp_path / "out")}])
+    tokens = json.loads((tmp_path / "out").read_text())
+    assert len(tokens) == len(sources)
+    for key, (got, want) in tokens.items():
+        assert got == want and len(got) == 8, key
 
 
 @pytest.mark.slow  # 2 processes: ~20 s on 2 busy cores

@@ -229,20 +229,21 @@ def hwm():
 torch.set_num_threads(1)
 before = hwm()
 if sys.argv[2] == "at-load":
-    model = load_model(sys.argv[1], quant="int4")
+    model = load_model(sys.argv[1], quant=sys.argv[3])
 else:
-    model = prepare_for_inference(load_model(sys.argv[1]), quant="int4", decoder=False)
+    model = prepare_for_inference(load_model(sys.argv[1]), quant=sys.argv[3], decoder=False)
 print(json.dumps(hwm() - before))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
-@pytest.mark.parametrize("source", ["folder", pytest.param("gguf", marks=pytest.mark.slow)])
-def test_loading_int4_peaks_at_the_int4_model_not_its_floats(source, tmp_path):
+@pytest.mark.parametrize(("source", "quant"), [("folder", "int4"), pytest.param("gguf", "int4", marks=pytest.mark.slow),
+                                               pytest.param("folder", "int8", marks=pytest.mark.slow)])
+def test_loading_quantised_peaks_at_the_quantised_model_not_its_floats(source, quant, tmp_path):
     """A 370 MB float32 MoE (4 layers of 8 experts, 512 x 1792; a GGUF: Mixtral's vocabulary, 500 MB):
     loading then quantising peaks above its float size; quantising each weight as read saves more than
-    half of it (it holds the int4 model, 14% of the floats, one weight's floats, 12-17%, and a GGUF's
-    float32 embeddings and header)."""
+    half of it (it holds the int4 model, 14% of the floats, or the int8 one, 25%, one weight's floats,
+    12-17%, and a GGUF's float32 embeddings and header)."""
     cfg = get_preset("tiny-moe").replace(dim=512, ffn_dim=1792, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64,
                                          vocab_size=2048 if source == "folder" else 32000, moe=MoEConfig(8, 2))
     model = Transformer(cfg)
@@ -258,7 +259,7 @@ def test_loading_int4_peaks_at_the_int4_model_not_its_floats(source, tmp_path):
     del model
 
     # both ways at once, each in its own process (VmHWM is a process's own): the test takes one load's time
-    runs = {how: subprocess.Popen([sys.executable, "-c", _PEAK, str(path), how], stdout=subprocess.PIPE,
+    runs = {how: subprocess.Popen([sys.executable, "-c", _PEAK, str(path), how, quant], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
             for how in ("two-step", "at-load")}
 
@@ -388,3 +389,19 @@ def test_offloaded_experts_are_cached_int8_and_the_resident_matrices_loaded_int8
     got = prepare_for_inference(got, quant="int8")
     prompts = [[1, 5, 9, 33]]
     assert generate(got, prompts, max_new_tokens=8) == generate(want, prompts, max_new_tokens=8)
+
+
+def test_quantize_int8_in_chunks_gives_the_whole_tensor_s_rounding(monkeypatch):
+    """quantize_int8 rounds a few rows at a time (a whole Mixtral w13's float32 temporaries were ~11 GB):
+    each row alone, so the codes and scales are those of the whole-tensor formula, bit for bit."""
+    from mixlab.ops import quant
+
+    monkeypatch.setattr(quant, "QUANT_CHUNK", 4 * 96 * 5)  # 5 rows of 96 at a time: chunks cross experts
+    w = (torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(0)) * 0.3).to(torch.bfloat16)
+    w[1, 2] = 0  # a zero row: the clamped scale
+    q, s = quant.quantize_int8(w)
+    f = w.float()
+    s_want = f.abs().amax(-1).clamp(min=1e-12) / 127.0
+    assert s.dtype == torch.float32 and torch.equal(s, s_want)
+    assert q.dtype == torch.int8 and torch.equal(q, torch.round(f / s_want[..., None]).clamp(-127, 127).to(torch.int8))
+    assert q.abs().max() == 127 and not q[1, 2].any()
