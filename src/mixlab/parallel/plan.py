@@ -339,22 +339,16 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
             if quant == "int8":  # one scale per output row, in --dtype (as prepare_for_inference stores it)
                 weights += _int8_rows(config, ep) * w_b
         pl.memory[f"weights ({quant or dtype})"] = weights
-        # Loading: int4 rounds each matrix as it is read (`load_model(quant="int4")`, one process), so it holds
-        # the int4 model and the largest weight's floats (a layer's stacked w13). int8, and int4 under --ep, are
-        # quantised once every float is loaded, a layer at a time: the floats, one w13 quantised, and int8's
-        # float32 copy of it (`quantize_int8`; int4 rounds a few MB of rows at a time).
+        # Loading: --quant rounds each matrix as it is read (`load_model(quant=)`; under --ep each process its
+        # share's, `load_expert_parallel(quant=)`), so a process holds the quantised weights and the largest
+        # weight's floats (a layer's stacked w13, its share's under --ep); quantisation's float32 temporaries
+        # are a few MB of rows (`ops.quant.QUANT_CHUNK`).
         w13 = config.moe.num_experts // ep * 2 * config.ffn_dim * D if config.moe else 2 * config.ffn_dim * D
-        floats = (local_dense + local_experts) * w_b
-        if quant == "int4" and ep == 1:
+        if quant is not None:
             pl.load_peak = weights + w13 * w_b
-            pl.notes.append(f"loading holds the int4 weights and one weight's {dtype} ({w13 * w_b / GB:,.2f} GB: "
-                            "a layer's stacked w13), each matrix rounded as it is read")
-        elif quant is not None:
-            pl.load_peak = floats + w13 * (QUANT_BITS[quant] / 8 + (4 if quant == "int8" else 0))
-            how = "each process's share" if ep > 1 else "the whole model"
-            pl.notes.append(f"loading holds {how} in {dtype} ({floats / GB:,.2f} GB) before quantising it to "
-                            f"{quant}" + (": --quant int4 in one process rounds each matrix as it is read" if
-                                          quant == "int4" else "; --quant int4 rounds each matrix as it is read"))
+            pl.notes.append(f"loading holds the {quant} weights and one weight's {dtype} ({w13 * w_b / GB:,.2f} GB: "
+                            f"{'its share of ' if ep > 1 else ''}a layer's stacked w13), each matrix rounded as it "
+                            "is read")
         pl.memory["KV cache (bfloat16)" if w_b == 2 else f"KV cache ({dtype})"] = \
             batch * seq * config.kv_cache_bytes_per_token(w_b)
         chunk = min(seq, 512)  # prefill runs in chunks (mixlab.generate)
