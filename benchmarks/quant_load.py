@@ -1,6 +1,6 @@
-"""Peak memory and time of loading a model as int4: floats first, then `prepare_for_inference(quant="int4")`
-(the two-step path `--quant int4` took before), against `load_model(path, quant="int4")`, which rounds
-each matrix as soon as it is read.
+"""Peak memory and time of loading a model as int4 or int8 (`--quant`): floats first, then
+`prepare_for_inference(quant=)` (the two-step path `--quant int4` / `int8` took before), against
+`load_model(path, quant=)`, which rounds each matrix as soon as it is read.
 
 The model: Mixtral-wide layers (D 4096, F 14336, 8 experts, 32 heads, 8 KV heads, Mixtral's vocabulary
 of 32,000), `--layers` of them (default 1: 1.7B parameters), with random weights, written once in
@@ -13,6 +13,7 @@ peak is VmHWM (ru_maxrss would start at this process's), minus what the process 
 The two ways alternate, `--rounds` times; the medians are reported.
 
     .venv/bin/python benchmarks/quant_load.py --layers 1 --rounds 3
+    .venv/bin/python benchmarks/quant_load.py --layers 1 --rounds 3 --quant int8
     .venv/bin/python benchmarks/quant_load.py --layers 1 --quality   # the second rounding's cost
 
 `--quality`: instead, how far from the original (bf16) weights each way's are: the Q4_K_M file as stored,
@@ -40,9 +41,9 @@ torch.set_num_threads(int(sys.argv[3]))
 base = hwm()
 t0 = time.perf_counter()
 if sys.argv[2] == "at-load":
-    model = load_model(sys.argv[1], quant="int4")
+    model = load_model(sys.argv[1], quant=sys.argv[4])
 else:
-    model = prepare_for_inference(load_model(sys.argv[1]), quant="int4", decoder=False)
+    model = prepare_for_inference(load_model(sys.argv[1]), quant=sys.argv[4], decoder=False)
 seconds = time.perf_counter() - t0
 held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 print(json.dumps({"seconds": seconds, "peak": hwm() - base, "model": held}))
@@ -104,10 +105,10 @@ def warm(path: Path) -> None:
                 pass
 
 
-def load(path: Path, how: str, threads: int) -> dict:
+def load(path: Path, how: str, threads: int, quant: str) -> dict:
     warm(path)
-    out = subprocess.run([sys.executable, "-c", _LOAD, str(path), how, str(threads)], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run([sys.executable, "-c", _LOAD, str(path), how, str(threads), quant], capture_output=True,
+                         text=True, check=False)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout)
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quant", choices=["int4", "int8"], default="int4")
     ap.add_argument("--workdir", type=Path, default=Path("/work/runs/quant-load"))
     ap.add_argument("--quality", action="store_true", help="instead: the weights' rounding errors")
     args = ap.parse_args()
@@ -171,18 +173,19 @@ def main() -> None:
         quality(folder, gguf)
         return
     params = sum(t.numel() for t in meta_model(mixtral_layers(args.layers)).parameters())
-    print(f"{args.layers} Mixtral-wide layer(s), {params / 1e9:.2f}B parameters, {args.threads} threads")
+    print(f"{args.layers} Mixtral-wide layer(s), {params / 1e9:.2f}B parameters, {args.threads} threads, "
+          f"{args.quant}")
     for name, path in (("transformers folder, bf16", folder), ("Q4_K_M GGUF (float32)", gguf)):
         runs: dict[str, list[dict]] = {"two-step": [], "at-load": []}
         for _ in range(args.rounds):
             for how in runs:
-                runs[how].append(load(path, how, args.threads))
+                runs[how].append(load(path, how, args.threads, args.quant))
         for how, rs in runs.items():
             peak = statistics.median(r["peak"] for r in rs) / 1e9
             secs = statistics.median(r["seconds"] for r in rs)
             peaks = ", ".join(f"{r['peak'] / 1e9:.2f}" for r in rs)
             times = ", ".join(f"{r['seconds']:.1f}" for r in rs)
-            print(f"{name}: {how:8s} peak {peak:5.2f} GB ({peaks}), {secs:5.1f} s ({times}); the int4 model "
+            print(f"{name}: {how:8s} peak {peak:5.2f} GB ({peaks}), {secs:5.1f} s ({times}); the {args.quant} model "
                   f"{rs[0]['model'] / 1e9:.2f} GB")
 
 

@@ -348,7 +348,7 @@ def test_a_gguf_loads_int8_equal_to_loading_floats_then_quantising(gguf_files, f
     assert isinstance(got.layers[0].ffn.experts, Int8Experts) and isinstance(got.output, Int8Linear)
 
 
-def test_int8_loaded_attaches_natively_and_decodes_the_two_step_tokens(folders):
+def test_int8_loaded_attaches_natively_and_decodes_the_two_step_tokens(folders, tmp_path):
     got = prepare_for_inference(load_model(folders["mixtral"], dtype="bfloat16", quant="int8"), quant="int8")
     want = prepare_for_inference(load_model(folders["mixtral"], dtype="bfloat16"), quant="int8")
     assert (got.native_decoder is None) == (want.native_decoder is None)
@@ -360,6 +360,8 @@ def test_int8_loaded_attaches_natively_and_decodes_the_two_step_tokens(folders):
         prepare_for_inference(load_model(folders["mixtral"], quant="int8"))
     with pytest.raises(ValueError, match=r"already prepared for inference \(int8 weights\)"):
         prepare_for_inference(load_model(folders["mixtral"], quant="int8"), quant="int4")
+    with pytest.raises(ValueError, match=r"int8 inference weights \(prepared for inference, loaded with quant=, "):
+        save_model(load_model(folders["mixtral"], quant="int8"), tmp_path / "x")
 
 
 def test_a_q4_0_gguf_is_refused_int8_as_prepare_refuses_it(gguf_files, monkeypatch):

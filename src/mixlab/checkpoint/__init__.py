@@ -532,8 +532,9 @@ def _plain(model: Transformer, fmt: str, *, what: str) -> Transformer:
                          "(load_model(..., max_memory=)): load it without max_memory, or copy its checkpoint")
     if prepared is not None:
         raise ValueError(f"cannot save (or name in a checkpoint format) a model with {prepared} inference weights "
-                         "(prepared for inference, or loaded from a Q4_0 GGUF): save it before prepare_for_inference, "
-                         "load it again from its checkpoint, or convert a GGUF with `mixlab convert` (dequantising)")
+                         "(prepared for inference, loaded with quant=, or from a Q4_0 GGUF): save it before "
+                         "prepare_for_inference, load it again from its checkpoint without quant=, or convert a GGUF "
+                         "with `mixlab convert` (dequantising)")
     return model
 
 
