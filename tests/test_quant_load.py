@@ -376,15 +376,23 @@ def test_a_q4_0_gguf_is_refused_int8_as_prepare_refuses_it(gguf_files, monkeypat
         load_model(gguf_files["Q4_0"], quant="int8")
 
 
-def test_offloaded_experts_are_cached_int8_and_the_resident_matrices_loaded_int8(folders):
-    """max_memory with quant="int8": the cache holds int8 experts from the start, the linears are int8
-    as read; prepare_for_inference(quant="int8") keeps both; the tokens are the two-step path's."""
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_offloaded_experts_are_cached_int8_and_the_resident_matrices_loaded_int8(folders, source, tmp_path):
+    """max_memory with quant="int8": the cache holds int8 experts from the start (scales in the floats'
+    dtype), the linears are int8 as read; prepare_for_inference(quant="int8") keeps both; the tokens are
+    the two-step path's."""
+    from mixlab.checkpoint.gguf import write_gguf
     from mixlab.model.formats import expert_cache
 
-    got = load_model(folders["mixtral"], quant="int8", max_memory="1MB")
+    pytest.importorskip("gguf") if source == "gguf" else None
+    path = folders["mixtral"] if source == "folder" else write_gguf(_tiny(vocab_size=32000), tmp_path / "m.gguf",
+                                                                     quant="bf16")
+    got = load_model(path, quant="int8", max_memory="1MB")
     cache = expert_cache(got)
     assert cache is not None and cache.fmt.kind == "int8" and isinstance(got.layers[0].attn.wqkv, Int8Linear)
-    want = prepare_for_inference(load_model(folders["mixtral"], max_memory="1MB"), quant="int8")
+    assert cache.fmt.dtype == got.tok_embeddings.weight.dtype == (torch.float32 if source == "folder" else
+                                                                  torch.bfloat16)
+    want = prepare_for_inference(load_model(path, max_memory="1MB"), quant="int8")
     assert expert_cache(want).fmt == cache.fmt
     for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
