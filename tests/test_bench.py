@@ -47,7 +47,17 @@ def test_q4_k_m_peers_run_llama_cpps_own_file_in_both(tmp_path, monkeypatch):
     report = run_bench(plan, log=lambda s: None, workdir=tmp_path)
     assert {r.peer for r in report.rows} == {"llama.cpp-q4_k_m", "mixlab-q4_k_m"}
     assert [c.n_layers for c in built] == [1] and report.settings["preset"].startswith("tiny-moe (first 1 layers)")
+    assert not any("one layer" in n for n in report.notes)  # no prefill asked: nothing to warn of
     assert "mixlab-q4_k_m ÷ this" in report.format()
+
+
+def test_a_one_layer_prefill_is_reported_as_measuring_little(tmp_path):
+    plan = BenchPlan.quick()
+    plan.reps, plan.peers, plan.prefill, plan.moe_tokens, plan.decode_batch = 1, ("mixlab",), (8,), (), ()
+    plan.layers = 1
+    report = run_bench(plan, log=lambda s: None, workdir=tmp_path)
+    assert [r.case for r in report.rows] == ["P=8"]
+    assert any(n.startswith("one layer: the prefill's layer is also its last") for n in report.notes)
 
 
 def test_a_q4_k_m_file_is_measured_by_its_matrices_bytes(tmp_path):

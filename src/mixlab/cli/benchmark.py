@@ -460,6 +460,9 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
     }
     log("measuring machine limits ...")
     report = Report(settings, measure_limits(reps=plan.reps, mib=plan.limit_mib, n=plan.limit_n))
+    if cfg.n_layers == 1 and plan.prefill:  # mixlab and llama.cpp alike skip the last layer's other rows
+        report.notes.append("one layer: the prefill's layer is also its last, whose MoE block every peer but "
+                            "transformers runs for the last position only; --layers 2 or more to measure it")
 
     log(f"building {plan.preset} with random weights (bf16) ...")
     with torch.device("meta"):  # allocate straight in bf16: no float32 copy of the whole model
