@@ -139,10 +139,11 @@ def test_weight_formats_are_module_types() -> None:
     assert all(type(b.ffn.experts) is Int8Experts for b in int8.layers)
     assert int8.layers[0].ffn.experts.w13.dtype == torch.int8
     assert set(dict(int8.layers[0].ffn.experts.named_buffers())) == {"w13", "w13_scale", "w2", "w2_scale"}
+    assert prepare_for_inference(int8) is int8 and inference_format(int8) == "int8"  # kept, as held int4 is
+    with pytest.raises(ValueError, match="int4_activations='float32' applies to int4 weights"):
+        prepare_for_inference(int8, int4_activations="float32")  # a refusal leaves the model as it was
     with pytest.raises(ValueError, match="already prepared"):
-        prepare_for_inference(int8)
-    with pytest.raises(ValueError, match="already prepared"):  # a refusal leaves the model as it was
-        prepare_for_inference(int8, int4_activations="float32")
+        prepare_for_inference(int8, quant="int4")
     assert getattr(int8, "int4_activations", None) is None
     if can_pack(torch.empty(2, 2)):
         packed = prepare_for_inference(copy.deepcopy(model), packed=True)

@@ -354,10 +354,10 @@ def test_int8_loaded_attaches_natively_and_decodes_the_two_step_tokens(folders, 
     assert (got.native_decoder is None) == (want.native_decoder is None)
     prompts = [[1, 5, 9, 33], [1, 70, 2]]
     assert generate(got, prompts, max_new_tokens=10) == generate(want, prompts, max_new_tokens=10)
-    # without quant= it is still "already prepared" (as a prepared int8 model is), with the way out named
-    with pytest.raises(ValueError, match=r"already prepared for inference \(int8 weights\); prepare a plain model "
-                                         r"\(or pass quant='int8': a model loaded with quant='int8'\)$"):
-        prepare_for_inference(load_model(folders["mixtral"], quant="int8"))
+    # without quant= its int8 weights stay too, as a Q4_0 file's int4 ones do
+    plain = prepare_for_inference(load_model(folders["mixtral"], dtype="bfloat16", quant="int8"))
+    assert (plain.native_decoder is None) == (want.native_decoder is None)
+    assert generate(plain, prompts, max_new_tokens=10) == generate(want, prompts, max_new_tokens=10)
     with pytest.raises(ValueError, match=r"already prepared for inference \(int8 weights\)"):
         prepare_for_inference(load_model(folders["mixtral"], quant="int8"), quant="int4")
     with pytest.raises(ValueError, match=r"int8 inference weights \(prepared for inference, loaded with quant=, "):

@@ -215,14 +215,14 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
     int4 weights (a GGUF Q4_0 file) keeps them; with `quant="int4"` its float matrices become int4
     too, in the same groups (another `group` is refused), else they stay as they are. A model
-    holding int8 weights (`load_model(quant="int8")`) takes `quant="int8"`: they stay as they are. Any
-    other prepared model is refused. `int4_activations`: how int4 weights multiply activations in every
-    path (native decoding and PyTorch's pass), "int8" (rounded to int8 per block of 32, as llama.cpp
-    does; the default, fast) or "float32" (exact; what offloaded experts always do, so "int8" is
-    refused for them); see `mixlab.model.native`. `decoder=False`: no native whole-model decoder is
-    attached (expert parallelism: each process holds a share of the experts and its MoE layers
-    exchange rows by all-to-all in PyTorch's forward, which the decoder would bypass); without one,
-    float weights are packed."""
+    holding int8 weights (`load_model(quant="int8")`, or prepared with `quant="int8"` before) keeps
+    them, with `quant=None` or `"int8"`. Any other prepared model is refused. `int4_activations`: how
+    int4 weights multiply activations in every path (native decoding and PyTorch's pass), "int8"
+    (rounded to int8 per block of 32, as llama.cpp does; the default, fast) or "float32" (exact; what
+    offloaded experts always do, so "int8" is refused for them); see `mixlab.model.native`.
+    `decoder=False`: no native whole-model decoder is attached (expert parallelism: each process holds a
+    share of the experts and its MoE layers exchange rows by all-to-all in PyTorch's forward, which the
+    decoder would bypass); without one, float weights are packed."""
     check_model(model)
     if quant not in (None, *QUANTS):
         raise ValueError(f"unknown quantisation {quant!r}; expected None, 'int8' or 'int4'")
@@ -242,11 +242,11 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
                          "(model = mixlab.train.lora.merge(model)), then prepare that")
     cache = expert_cache(model)
     prepared = inference_format(model)
+    if cache is None and prepared == "int8" and quant is None:  # held int8 weights stay, as held int4 ones do
+        quant = "int8"
     held_int8 = prepared == "int8" and quant == "int8"  # loaded int8 (`load_model(quant="int8")`): attached now
     if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)) and not held_int8:
-        hint = " (or pass quant='int8': a model loaded with quant='int8')" if prepared == "int8" else ""
-        raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain "
-                         f"model{hint}")
+        raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")
     if quant == "int4" and (held := int4_groups(model)) and held != {group}:  # one group for the native step
         raise ValueError(f"this model already holds int4 weights in groups of {', '.join(map(str, sorted(held)))} "
                          f"(GGUF Q4_0: 32); quant='int4' converts its float matrices in the same groups, not "
