@@ -9,6 +9,7 @@ with its sys.path, and `_worker` gives it the caller's environment (the server's
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing
 import os
 import socket
@@ -49,6 +50,7 @@ def _worker(rank: int, world: int, port: int, run: Job, jobs: list[dict[str, Any
     os.environ.update(env, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    faulthandler.enable()  # a crash (a SIGSEGV once, in test_sharded_memory) prints its Python stack
     from mixlab.parallel.mesh import shutdown
 
     try:
