@@ -159,7 +159,7 @@ def test_a_gguf_loads_int4_equal_to_loading_floats_then_quantising(gguf_files, f
 
 
 @pytest.mark.parametrize(("kw", "match"), [
-    (dict(quant="q4_0"), r"quant='q4_0': load_model quantises to 'int8' or 'int4' as it reads \(or None\)$"),
+    (dict(quant="q4_0"), r"quant='q4_0': expected 'int8' or 'int4' \(each matrix rounded as it is read\) or None$"),
     (dict(group=64), r"group=64 sets int4's inputs per scale: pass quant='int4' with it$"),
     (dict(quant="int8", group=32), r"group=32 sets int4's inputs per scale: pass quant='int4' with it \(int8 has "
                                    r"one scale per row\)$"),
@@ -379,8 +379,8 @@ def test_a_q4_0_gguf_is_refused_int8_as_prepare_refuses_it(gguf_files, monkeypat
 @pytest.mark.parametrize("source", ["folder", "gguf"])
 def test_offloaded_experts_are_cached_int8_and_the_resident_matrices_loaded_int8(folders, source, tmp_path):
     """max_memory with quant="int8": the cache holds int8 experts from the start (scales in the floats'
-    dtype), the linears are int8 as read; prepare_for_inference(quant="int8") keeps both; the tokens are
-    the two-step path's."""
+    dtype), the linears are int8 as read; prepare_for_inference keeps both; the tokens are the two-step
+    path's."""
     from mixlab.checkpoint.gguf import write_gguf
     from mixlab.model.formats import expert_cache
 
@@ -396,7 +396,8 @@ def test_offloaded_experts_are_cached_int8_and_the_resident_matrices_loaded_int8
     assert expert_cache(want).fmt == cache.fmt
     for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
-    got = prepare_for_inference(got, quant="int8")
+    got = prepare_for_inference(got)  # without quant= too: the held int8 stays (it said "already prepared")
+    assert expert_cache(got).fmt == cache.fmt and isinstance(got.layers[0].attn.wqkv, Int8Linear)
     prompts = [[1, 5, 9, 33]]
     assert generate(got, prompts, max_new_tokens=8) == generate(want, prompts, max_new_tokens=8)
 

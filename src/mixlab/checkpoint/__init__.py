@@ -209,6 +209,23 @@ def load_state(
     return _read_state(table, infos, dtype=dtype, device=device)[0]
 
 
+def check_quant_args(quant: str | None, group: int | None, adapter: object) -> int:
+    """The int4 group `load_model(quant=, group=, adapter=)` quantises with (32 unless given), after its
+    refusals, one line each (`load_expert_parallel` takes the same arguments)."""
+    if quant not in (None, *QUANTS):
+        raise ValueError(f"quant={quant!r}: expected 'int8' or 'int4' (each matrix rounded as it is read) or None")
+    if group is not None and quant != "int4":  # it would be ignored
+        raise ValueError(f"group={group!r} sets int4's inputs per scale: pass quant='int4' with it"
+                         + (" (int8 has one scale per row)" if quant == "int8" else ""))
+    group = 32 if group is None else group
+    if group not in INT4_GROUPS:
+        raise ValueError(f"group={group!r}: int4's inputs per scale are one of {', '.join(map(str, INT4_GROUPS))}")
+    if quant is not None and adapter is not None:
+        raise ValueError("quant= does not combine with adapter=: the adapter is merged into float weights; load "
+                         f"with adapter= and without quant, then prepare_for_inference(model, quant={quant!r})")
+    return group
+
+
 def _is_experts(r: Rule) -> bool:
     return ".ffn.experts." in r.ours
 
@@ -432,17 +449,7 @@ def load_model(
                          "experts; pass max_memory= too (e.g. max_memory='4GB')")
     policy = "lru" if policy is None else policy
     prefetch = True if prefetch is None else prefetch
-    if quant not in (None, *QUANTS):
-        raise ValueError(f"quant={quant!r}: load_model quantises to 'int8' or 'int4' as it reads (or None)")
-    if group is not None and quant != "int4":  # it would be ignored
-        raise ValueError(f"group={group!r} sets int4's inputs per scale: pass quant='int4' with it"
-                         + (" (int8 has one scale per row)" if quant == "int8" else ""))
-    group = 32 if group is None else group
-    if group not in INT4_GROUPS:
-        raise ValueError(f"group={group!r}: int4's inputs per scale are one of {', '.join(map(str, INT4_GROUPS))}")
-    if quant is not None and adapter is not None:
-        raise ValueError("quant= does not combine with adapter=: the adapter is merged into float weights; load "
-                         f"with adapter= and without quant, then prepare_for_inference(model, quant={quant!r})")
+    group = check_quant_args(quant, group, adapter)
     if max_memory is not None:
         max_memory = parse_bytes(max_memory, what="max_memory")
         if policy not in POLICIES:

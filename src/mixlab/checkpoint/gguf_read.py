@@ -725,6 +725,17 @@ def _read_int4(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], kind:
     return q, s
 
 
+def check_quant_over_q4_0(path: Path, holds_q4_0: bool, quant: str | None, group: int) -> None:
+    """prepare_for_inference's refusals of `quant` for a file whose Q4_0 matrices are kept int4 (in groups
+    of 32), told before anything is read (`load_gguf`, `load_expert_parallel`)."""
+    if holds_q4_0 and quant == "int8":
+        raise ValueError(f"{path}: this model already holds int4 weights; int8 applies to float models (its Q4_0 "
+                         "matrices are kept as stored): pass quant='int4' (its float matrices made int4 too) or none")
+    if holds_q4_0 and quant == "int4" and group != 32:
+        raise ValueError(f"{path} holds Q4_0 (int4) matrices in groups of 32, kept as stored; quant='int4' "
+                         f"converts its float matrices in the same groups, not {group}: pass group=32")
+
+
 def read_gguf_pieces(h: GGUFHeader, pieces: dict[str, tuple[torch.Tensor, tuple[slice, ...]]],
                      int4: dict[str, tuple[torch.Tensor, torch.Tensor, slice]] | None = None) -> None:
     """Fill each `pieces[name] = (dest, index)` with `whole[index]` of weight `name` (mixlab's name) of
@@ -784,12 +795,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
     plan = _plan(h, cfg)
     quantise: set[str] = set()
     kept = _int4_names(plan) if keep_int4 else set()
-    if quant == "int8" and kept:  # prepare_for_inference's refusal, before reading
-        raise ValueError(f"{h.path}: this model already holds int4 weights; int8 applies to float models (its Q4_0 "
-                         "matrices are kept as stored): pass quant='int4' (its float matrices made int4 too) or none")
-    if quant == "int4" and kept and group != 32:
-        raise ValueError(f"{h.path} holds Q4_0 (int4) matrices in groups of 32, kept as stored; quant='int4' "
-                         f"converts its float matrices in the same groups, not {group}: pass group=32")
+    check_quant_over_q4_0(h.path, bool(kept), quant, group)
     if quant is not None:
         quantise = quant_names(meta_model(cfg), quant, group=group) - kept
     offload = max_memory is not None

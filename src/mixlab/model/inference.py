@@ -242,8 +242,8 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
                          "(model = mixlab.train.lora.merge(model)), then prepare that")
     cache = expert_cache(model)
     prepared = inference_format(model)
-    if cache is None and prepared == "int8" and quant is None:  # held int8 weights stay, as held int4 ones do
-        quant = "int8"
+    if quant is None and (cache.fmt.kind if cache is not None else prepared) == "int8":  # held int8 weights
+        quant = "int8"  # stay, as held int4 ones do
     held_int8 = prepared == "int8" and quant == "int8"  # loaded int8 (`load_model(quant="int8")`): attached now
     if cache is None and prepared is not None and not (prepared == "int4" and is_quantised(model)) and not held_int8:
         raise ValueError(f"the model is already prepared for inference ({prepared} weights); prepare a plain model")

@@ -130,7 +130,7 @@ def apply_expert_parallel(model: Transformer, layout: Layout) -> None:
 
 def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch.dtype | None = None,
                          device: str | torch.device = "cpu", adapter: str | Path | None = None,
-                         keep_int4: bool = True, quant: str | None = None, group: int = 32) -> Transformer:
+                         keep_int4: bool = True, quant: str | None = None, group: int | None = None) -> Transformer:
     """`load_model(path, dtype=, device=, adapter=, quant=, group=)` then `apply_expert_parallel(model,
     layout)`, without ever holding the whole model: built and split on the meta device, then only this
     process's tensors allocated in `dtype` (default: as stored, as `load_model`) on `device` and
@@ -148,6 +148,7 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
     float share after the load, and leaves one loaded quantised as it is)."""
     from mixlab.checkpoint import (
         _stored_dtype,
+        check_quant_args,
         folder_config,
         merge_adapter,
         meta_model,
@@ -158,6 +159,7 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
     )
     from mixlab.checkpoint.gguf_read import (
         _default_dtype,
+        check_quant_over_q4_0,
         config_from_header,
         int4_weights,
         read_gguf_pieces,
@@ -166,18 +168,12 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
     from mixlab.config import as_path, suffix_of
     from mixlab.dtypes import parse_dtype
     from mixlab.model.inference import keep_quantised_modules, quant_names, quantised_buffers, quantize_weight
-    from mixlab.ops.quant import INT4_GROUPS
     from mixlab.parallel.train import DistributedTraining
     from mixlab.train.checkpoints import Piece, read_pieces
 
     root = as_path(path, what="load_expert_parallel's path")
     dev = parse_device(device)
-    if quant not in (None, "int8", "int4"):
-        raise ValueError(f"quant={quant!r}: expected None, 'int8' or 'int4'")
-    if quant == "int4" and group not in INT4_GROUPS:
-        raise ValueError(f"group={group!r}: int4's inputs per scale are one of {', '.join(map(str, INT4_GROUPS))}")
-    if quant is not None and adapter is not None:  # load_model's refusal
-        raise ValueError("quant= does not combine with adapter=: the adapter is merged into float weights")
+    group = check_quant_args(quant, group, adapter)  # load_model's refusals
     peft = None if adapter is None else read_adapter(adapter)  # a wrong adapter is told before a long load
     if peft is not None:
         warn_other_base(root, peft)
@@ -192,12 +188,7 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
         config = folder_config(root)
         _, table, infos = plan(root, config)
         stored = _stored_dtype(table, infos)
-    if quant == "int8" and int4:  # load_gguf's refusal (prepare_for_inference's), before anything is read
-        raise ValueError(f"{root}: this model already holds int4 weights; int8 applies to float models (its Q4_0 "
-                         "matrices are kept as stored): pass quant='int4' (its float matrices made int4 too) or none")
-    if quant == "int4" and int4 and group != 32:
-        raise ValueError(f"{root} holds Q4_0 (int4) matrices in groups of 32, kept as stored; quant='int4' "
-                         f"converts its float matrices in the same groups, not {group}: pass group=32")
+    check_quant_over_q4_0(root, bool(int4), quant, group)  # load_gguf's refusals, before anything is read
     quantise = quant_names(meta_model(config), quant, group=group) - set(int4) if quant else set()
     want = parse_dtype(dtype) or stored
     model = meta_model(config)
@@ -213,12 +204,12 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
         name: (torch.empty((L, *q[1:]) if ".experts." in name else q, dtype=torch.uint8, device="meta"),
                torch.empty((L, *s[1:]) if ".experts." in name else s, dtype=torch.float16, device="meta"))
         for name, (q, s) in int4.items()}
-    for name in quantise:
+    for name in quantise:  # the layout `quantize_weight` gives, from one row on the meta device
+        assert quant is not None
         *lead, D = shapes[name]
-        meta[name] = ((torch.empty(shapes[name], dtype=torch.int8, device="meta"),
-                       torch.empty(lead, dtype=want, device="meta")) if quant == "int8" else
-                      (torch.empty((*lead, D // 2), dtype=torch.uint8, device="meta"),
-                       torch.empty((*lead, D // group), dtype=torch.float16, device="meta")))
+        q1, s1 = quantize_weight(torch.empty(1, D, dtype=want, device="meta"), quant, group=group, scale_dtype=want)
+        meta[name] = (torch.empty((*lead, *q1.shape[1:]), dtype=q1.dtype, device="meta"),
+                      torch.empty((*lead, *s1.shape[1:]), dtype=s1.dtype, device="meta"))
     keep_quantised_modules(model, meta)
     model.to_empty(device=dev)
     if config.tie_embeddings and "output.weight" not in meta:  # to_empty gives each module its own tensor
