@@ -559,7 +559,6 @@ def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize(("nproc", "flags", "message"), [
     (2, ["--ep", "3"], "mixlab train: error: --ep 3 must divide the number of processes (2)"),
-    (2, ["--ep", "0"], "mixlab train: error: --ep 0: the expert-parallel size must be at least 1"),
     (2, ["--batch-size", "3"], "mixlab train: error: training setting 'batch_size' (--batch-size) must be a multiple "
                                "of the number of processes (2), got 3"),
     (2, ["--ep", "2", "--out", "{foreign}"], "mixlab train: error: {foreign}/hf: holds files mixlab did not write"),
@@ -602,9 +601,7 @@ def test_a_bad_layout_is_one_line_printed_once(small_data: Path, tmp_path: Path,
 @pytest.mark.parametrize(("flags", "message"), [
     (["--seed", "{rank}"], "(seed): rank 1 has seed = 1, rank 0 0;"),
     (["--ep", "{rank_plus_1}"], "(--ep): rank 1 has --ep = 2, rank 0 1;"),
-    (["--set", "dim={rank_plus_1}6"],
-     "(model.hidden_size, model_overrides): rank 1 has model.hidden_size = 26, rank 0 16;"),
-])
+])  # (a model shape given apart goes through the seed's comparison: the test below)
 def test_processes_started_differently_are_refused(small_data: Path, tmp_path: Path, flags: list[str], message: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Each node's torchrun starts its processes from that node's command line and files. Processes
@@ -622,6 +619,34 @@ def test_processes_started_differently_are_refused(small_data: Path, tmp_path: P
     assert lines == [f"mixlab train: error: the processes of this run were started differently {message} start "
                      "every process with the same command, config and data"], err[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+class _Compared(Exception):
+    pass
+
+
+class _RecordingWorld:
+    """Rank 0 of two processes up to the run's first collective, keeping what it would compare."""
+
+    rank, world, is_main = 0, 2, True
+    values: dict[str, Any] = {}
+
+    def check_same(self, values: dict[str, Any]) -> None:
+        _RecordingWorld.values = values
+        raise _Compared
+
+
+def test_processes_compare_the_model_shape_and_the_settings(small_data: Path, tmp_path: Path) -> None:
+    """What the processes of a run compare before the first step (the torchrun case above shows a
+    difference refused): a model shape given apart (`--set dim=...` on one node) is among it, with
+    each setting but the per-process ones."""
+    cfg = load_train_config(None, **_cfg(small_data, tmp_path / "run", model_overrides=TINY | {"dim": 48}))
+    with pytest.raises(_Compared):
+        train(cfg, parallel=_RecordingWorld())  # type: ignore[arg-type]
+    got = _RecordingWorld.values
+    assert got["model.hidden_size"] == 48 and got["model_overrides"]["dim"] == 48
+    assert got["seed"] == cfg.seed and got["model.moe"]["num_experts"] == TINY["moe"]["num_experts"]
+    assert "threads" not in got and "the data (tokenizer, token counts)" in got
 
 
 def test_a_run_folder_a_process_does_not_share_is_refused(small_data: Path, tmp_path: Path,
