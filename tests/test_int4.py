@@ -365,7 +365,7 @@ def test_int4_linear_without_the_kernels_follows_the_mode(mode, monkeypatch):
     monkeypatch.setenv("MIXLAB_NATIVE", "0")
     g = torch.Generator().manual_seed(5)
     lin = Int4Linear(torch.nn.Linear(256, 40, bias=False), group=32)
-    lin.int8_activations = mode == "int8"
+    lin.act8 = mode == "int8"
     x = torch.randn(3, 256, generator=g)
     w = dequantize_int4(lin.weight, lin.scale, torch.float32)
     want = (round_activations_q8(x) if mode == "int8" else x) @ w.T

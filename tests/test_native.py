@@ -238,6 +238,92 @@ def test_int8_native_decoding_equals_the_dequantised_model(preset):
     torch.testing.assert_close(_native_decode(model, tokens, 5), _recompute(deq, tokens, 5), atol=1e-4, rtol=1e-4)
 
 
+# int8 weights x int8 activations (`int8_activations="int8"`, decode.c MX_I8_A8): the activations
+# rounded per block of 32 as int4's are (`round_activations_q8`), integer dot products, then the row scale.
+
+
+def _block_scaled(rows: int, D: int, g: torch.Generator) -> torch.Tensor:
+    """Activations whose blocks of 32 have different magnitudes, the first block of row 0 all zero
+    (unless it is the only one)."""
+    x = torch.randn(rows, D, generator=g) * torch.rand(rows, D // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
+    if D > 32:
+        x[0, :32] = 0.0
+    return x
+
+
+# 1024, 1056: batch 1's four-row kernel over whole blocks of 64 and a last block of 32; 74 rows: four
+# at a time and the rest; 17 vectors: the 4-vector tiles and a partial one, past MX_A8_ROWS (16)
+@pytest.mark.parametrize("D", [32, 96, 1024, 1056])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_native_int8_int8_activations_equal_the_rounded_reference(D, rows):
+    g = torch.Generator().manual_seed(rows * 1000 + D)
+    q, s = quantize_int8(torch.randn(74, D, generator=g))
+    q[0, :5] = -128  # a code quantize_int8 never makes: the kernels' sums still exact
+    x = _block_scaled(rows, D, g)
+    from mixlab.ops.quant import round_activations_q8
+
+    ref = (round_activations_q8(x).double() @ q.double().T * s.double()).float()
+    got = native.linear(x, q, s, act8=True)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(native.gemv(q, x[-1], s, act8=True), ref[-1], atol=1e-4, rtol=1e-4)
+    assert float((got - native.linear(x, q, s)).abs().max()) > 1e-4  # the rounding is there
+
+
+@pytest.mark.parametrize(("D", "rows", "tokens"), [(1024, 70, 100), (3584, 50, 24), (96, 9, 5)])
+def test_native_int8_int8_activations_many_tokens_equal_one_at_a_time_bit_for_bit(D, rows, tokens):
+    """A token's outputs are the same bits alone (batch 1's kernel), in groups of 3 and among many (a
+    prompt chunk): what lets batched steps equal single-request runs."""
+    g = torch.Generator().manual_seed(D + tokens)
+    q, s = quantize_int8(torch.randn(rows, D, generator=g))
+    x = _block_scaled(tokens, D, g)
+    many = native.linear(x, q, s, act8=True)
+    assert torch.equal(many, torch.stack([native.gemv(q, x[j], s, act8=True) for j in range(tokens)]))
+    assert torch.equal(many, torch.cat([native.linear(x[j:j + 3], q, s, act8=True) for j in range(0, tokens, 3)]))
+
+
+def test_int8_activations_need_rows_of_a_multiple_of_32():
+    q, s = quantize_int8(torch.randn(8, 48))
+    with pytest.raises(ValueError, match="int8 activations need a multiple of 32 inputs per row, not 48"):
+        native.linear(torch.randn(2, 48), q, s, act8=True)
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
+def test_int8_int8_activations_native_steps_equal_the_pytorch_pass(preset):
+    """With int8_activations="int8" the native batch-1 steps and PyTorch's pass (a prefill through the
+    model's forward, which rounds each int8 product's input: `rounds_activations`) compute the same
+    products: logits within float32 summation order, the same greedy tokens. They are not "float32"'s."""
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for mode in ("int8", "float32"):
+        m = prepare_for_inference(_model(preset=preset), quant="int8", int8_activations=mode)
+        dec = m.native_decoder
+        assert dec is not None and dec.act8 == (mode == "int8") and m.int8_activations == mode
+        caches = [KVCache(m.config, batch_size=1, max_len=12, dtype=torch.float32) for _ in range(2)]
+        with torch.inference_mode():
+            want = m(tokens, cache=caches[0])[0, 6:]  # PyTorch's pass over all 12 tokens
+            m(tokens[:, :6], cache=caches[1])
+            got = torch.cat([dec.step(int(tokens[0, t]), t, caches[1]) for t in range(6, 12)])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        out[mode] = got
+    assert float((out["int8"] - out["float32"]).abs().max()) > 1e-3
+    # the default is exact float32 activations, today's behaviour
+    default = prepare_for_inference(_model(preset=preset), quant="int8")
+    assert default.native_decoder is not None and not default.native_decoder.act8
+
+
+def test_int8_activations_is_checked():
+    with pytest.raises(ValueError, match="int8_activations must be one of int8, float32, not 'int4'"):
+        prepare_for_inference(_model(), quant="int8", int8_activations="int4")
+    for quant in (None, "int4"):  # it would do nothing
+        model = _model()
+        with pytest.raises(ValueError, match=r"int8_activations='int8' applies to int8 weights: pass quant='int8'"):
+            prepare_for_inference(model, quant=quant, int8_activations="int8")
+        assert model.int8_activations is None
+    with pytest.raises(ValueError, match=r"int8_activations='int8' .* multiples of 32, not dim 48"):
+        prepare_for_inference(_model(dim=48, head_dim=16), quant="int8", int8_activations="int8")
+
+
 def test_generate_takes_the_native_path_and_agrees_with_pytorch():
     model = _model()
     reference = copy.deepcopy(model)

@@ -36,8 +36,9 @@ def _model(preset: str = "tiny-moe", quant: str | None = None, act: str = "float
     model = Transformer(cfg).eval().requires_grad_(False)
     model.init_weights(std=0.5, seed=0)  # peaked, varied next-token distributions
     if quant is not None:
-        prepare_for_inference(model, quant=quant, int4_activations=act if quant == "int4" else None)
-        assert model.native_decoder is not None
+        prepare_for_inference(model, quant=quant, int4_activations=act if quant == "int4" else None,
+                              int8_activations=act if quant == "int8" else None)
+        assert model.native_decoder is not None and model.native_decoder.act8 == (act == "int8")
     return model
 
 
@@ -138,6 +139,12 @@ def test_int4_with_int8_activations_equals_single_runs():
     """int4 weights x int8-rounded activations (the default): the batched
     step rounds each row as the batch-1 step does."""
     _compare(_model(quant="int4", act="int8"), 17, steps=3, peers=("single",))
+
+
+def test_int8_with_int8_activations_equals_single_runs():
+    """int8 weights x int8-rounded activations (`int8_activations="int8"`, MX_I8_A8): the batched
+    step rounds each row as the batch-1 step does."""
+    _compare(_model(quant="int8", act="int8"), 17, steps=3, peers=("single",))
 
 
 def test_bf16_batched_step_is_close_to_single_runs():
@@ -397,6 +404,10 @@ def test_mixed_steps_quantised(quant):
 
 def test_mixed_steps_int4_int8_activations_equal_single_runs():
     _mixed(_model(quant="int4", act="int8"), 5, steps=8, seed=5, peers=("single",))
+
+
+def test_mixed_steps_int8_int8_activations_equal_single_runs():
+    _mixed(_model(quant="int8", act="int8"), 5, steps=8, seed=5, peers=("single",))
 
 
 def test_mixed_steps_bf16_close_to_single_runs():

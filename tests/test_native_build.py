@@ -306,13 +306,13 @@ def test_switches_from_the_environment_take_the_usual_spellings(monkeypatch: pyt
 
 def _bits_of_a_build(cc: str, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """What decode.c built by `cc` computes (in its own library, cache `$MIXLAB_CACHE`): int4 x int8
-    products (100 tokens in panels, one token) and the native decoding steps of a float32 and an
-    int4 model (int8 activations, the default)."""
+    and int8 x int8 products (100 tokens, one token) and the native decoding steps of a float32, an
+    int4 (int8 activations, the default) and an int8 model with int8 activations."""
     from mixlab.cache import KVCache
     from mixlab.config import get_preset
     from mixlab.model import Transformer
     from mixlab.model.inference import prepare_for_inference
-    from mixlab.ops.quant import quantize_int4
+    from mixlab.ops.quant import quantize_int4, quantize_int8
 
     monkeypatch.setenv("CC", cc)
     lib, simd = native.load_library(native.build())
@@ -324,12 +324,16 @@ def _bits_of_a_build(cc: str, monkeypatch: pytest.MonkeyPatch) -> list[torch.Ten
     q, s = quantize_int4(torch.randn(40, 1120, generator=g), 32)
     x = torch.randn(100, 1120, generator=g)
     out = [native.linear(x, q, s, act8=True), native.gemv(q, x[7], s, act8=True)]
+    q8, s8 = quantize_int8(torch.randn(40, 1120, generator=g))
+    q8[0, :3] = -128  # |w| = 128 without VNNI: still no saturation
+    out += [native.linear(x, q8, s8, act8=True), native.gemv(q8, x[7], s8, act8=True)]
     model = Transformer(get_preset("tiny-moe"))
     model.init_weights(seed=0, std=0.1)
     tokens = torch.randint(0, 256, (1, 10), generator=g)
-    for quant in (None, "int4"):
-        m = prepare_for_inference(copy.deepcopy(model).eval(), quant=quant)
-        assert m.native_decoder is not None and m.native_decoder.act8 == (quant == "int4")
+    for quant in (None, "int4", "int8"):
+        m = prepare_for_inference(copy.deepcopy(model).eval(), quant=quant,
+                                  int8_activations="int8" if quant == "int8" else None)
+        assert m.native_decoder is not None and m.native_decoder.act8 == (quant is not None)
         cache = KVCache(m.config, batch_size=1, max_len=10, dtype=torch.float32)
         with torch.inference_mode():
             m(tokens[:, :4], cache=cache)
@@ -355,9 +359,10 @@ def test_gcc_and_clang_builds_compute_the_same_bits(tmp_path, monkeypatch):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 SIMD flags")
 def test_a_cpu_without_avx512_vnni_rounds_int4_activations_to_the_same_bits(tmp_path, monkeypatch):
     """A CPU with AVX-512 but no VNNI (Skylake-SP/X), simulated by a library built without it: int4
-    models still multiply int8-rounded activations (their `int4_activations`), in the same integer
-    sums from AVX512-BW, so the same bits as with VNNI. Its native steps multiplied exact float32
-    activations instead: other logits than the same model's elsewhere. The library with VNNI is the
+    models still multiply int8-rounded activations (their `int4_activations`; int8 models in
+    `int8_activations="int8"`), in the same integer sums from AVX512-BW, so the same bits as with
+    VNNI. Its native steps multiplied exact float32 activations instead: other logits than the same
+    model's elsewhere. The library with VNNI is the
     one every other test runs (the cache's, built once: a build of its own was a second compile)."""
     with_vnni = _bits_of_a_build(CC, monkeypatch)
     monkeypatch.setenv("MIXLAB_CACHE", str(tmp_path))

@@ -50,8 +50,21 @@ class _QuantizedExperts(ExpertsBase):
         self.register_buffer("w2", w2)
         self.register_buffer("w2_scale", w2_scale)
 
+        # its model's int4 / int8_activations is "int8" (`Transformer` sets it): `rounds_activations`
+        self.act8 = False
+
     def weights(self) -> ExpertWeights:
         return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale)
+
+    def mix(self, x_TD: torch.Tensor, routing: Routing, impl: str) -> torch.Tensor:
+        """`ExpertsBase.mix`; with activations rounded to int8 (`rounds_activations`) always dispatch ->
+        `forward` -> combine, whose products round them: the whole-layer kernels (`decode`, `native`,
+        `reference`) multiply exact ones, and the second product's input (the SwiGLU's output) exists
+        only inside them, so no rounding before dispatch could stand in. Without the native kernels
+        `auto` runs `sorted` for more than one token anyway, so the rounding is all that "int8" adds
+        to PyTorch's pass: int4 mini-moe's forward at 1 thread takes 1.00-1.01x "float32"'s time for
+        one token, 1.00-1.03x for 64 and 512 (in-process A/B by CPU time, two processes)."""
+        return super().mix(x_TD, routing, "sorted" if rounds_activations(self) else impl)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, {self.FORMAT}"
@@ -63,6 +76,11 @@ class Int8Experts(_QuantizedExperts):
 
     CODE_DTYPE = torch.int8
     FORMAT = "int8 weight-only"
+
+    def forward(self, xs_ND: torch.Tensor, counts: list[int], *, grouped: bool = False) -> torch.Tensor:
+        if not rounds_activations(self):
+            return super().forward(xs_ND, counts, grouped=grouped)
+        return expert_segments(xs_ND, counts, self.w13, self.w2, self.w13_scale, self.w2_scale, act8=True)
 
     @classmethod
     def quantize(cls, experts: Experts, *, scale_dtype: torch.dtype) -> Int8Experts:
@@ -97,21 +115,6 @@ class Int4Experts(_QuantizedExperts):
 
     CODE_DTYPE = torch.uint8
     FORMAT = "int4 group-wise"
-
-    def __init__(self, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor) -> None:
-        super().__init__(w13, w13_scale, w2, w2_scale)
-        # its model's int4_activations is "int8" (`Transformer.int4_activations` sets it): `rounds_activations`
-        self.int8_activations = False
-
-    def mix(self, x_TD: torch.Tensor, routing: Routing, impl: str) -> torch.Tensor:
-        """`ExpertsBase.mix`; with activations rounded to int8 (`rounds_activations`) always dispatch ->
-        `forward` -> combine, whose products round them: the whole-layer kernels (`decode`, `native`,
-        `reference`) multiply exact ones, and the second product's input (the SwiGLU's output) exists
-        only inside them, so no rounding before dispatch could stand in. Without the native kernels
-        `auto` runs `sorted` for more than one token anyway, so the rounding is all that "int8" adds
-        to PyTorch's pass: int4 mini-moe's forward at 1 thread takes 1.00-1.01x "float32"'s time for
-        one token, 1.00-1.03x for 64 and 512 (in-process A/B by CPU time, two processes)."""
-        return super().mix(x_TD, routing, "sorted" if rounds_activations(self) else impl)
 
     def forward(self, xs_ND: torch.Tensor, counts: list[int], *, grouped: bool = False) -> torch.Tensor:
         return expert_segments(xs_ND, counts, self.w13, self.w2, self.w13_scale, self.w2_scale,

@@ -95,6 +95,7 @@ def quantize_model_int8(model: Transformer) -> Transformer:
         if isinstance(block, MoEBlock) and not isinstance(block.experts, Int8Experts):
             block.experts = Int8Experts.quantize(_plain_experts(block), scale_dtype=act_dtype)
     _replace_linears(model, Int8Linear, scale_dtype=act_dtype)
+    model.int8_activations = model.int8_activations  # the new int8 modules take the model's mode
     return model.eval()
 
 
@@ -158,6 +159,7 @@ def keep_quantised_modules(model: Transformer, weights: Quantised) -> None:
             assert isinstance(block, MoEBlock)
             block.experts = (Int8Experts if int8 else Int4Experts)(q, s, *weights[owner_name + ".w2"])
     model.int4_activations = model.int4_activations  # the new int4 modules take the model's mode
+    model.int8_activations = model.int8_activations  # and the int8 ones
 
 
 def quantised_buffers(model: Transformer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +211,8 @@ def int4_groups(model: Transformer) -> set[int]:
 
 
 def prepare_for_inference(model: Transformer, *, quant: str | None = None, packed: bool | None = None,
-                          group: int = 32, int4_activations: str | None = None, decoder: bool = True) -> Transformer:
+                          group: int = 32, int4_activations: str | None = None, int8_activations: str | None = None,
+                          decoder: bool = True) -> Transformer:
     """The fast CPU inference form of `model`, in place: native batch-1 decoding on plain (or int8 /
     int4, `quant=`) weights when the native kernels are available, else (or with `packed=True`)
     oneDNN-packed weights. `group`: inputs per int4 scale (32, 64 or 128). A model that already holds
@@ -220,6 +223,8 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     int4 weights multiply activations in every path (native decoding and PyTorch's pass), "int8"
     (rounded to int8 per block of 32, as llama.cpp does; the default, fast) or "float32" (exact; what
     offloaded experts always do, so "int8" is refused for them); see `mixlab.model.native`.
+    `int8_activations`: the same for int8 weights, "float32" (exact; the default) or "int8" (as
+    llama.cpp's Q8_0 x Q8_0: faster where int8 is compute-bound, e.g. at Mixtral's widths).
     `decoder=False`: no native whole-model decoder is attached (expert parallelism: each process holds a
     share of the experts and its MoE layers exchange rows by all-to-all in PyTorch's forward, which the
     decoder would bypass); without one, float weights are packed."""
@@ -234,6 +239,9 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
         if int4_activations not in native.INT4_ACTIVATIONS:
             raise ValueError(f"int4_activations must be one of {', '.join(native.INT4_ACTIVATIONS)}, "
                              f"not {int4_activations!r}")
+    if int8_activations is not None and int8_activations not in native.INT8_ACTIVATIONS:
+        raise ValueError(f"int8_activations must be one of {', '.join(native.INT8_ACTIVATIONS)}, "
+                         f"not {int8_activations!r}")
     # An adapter model's linears are not `nn.Linear`s and its experts are parametrised: no format
     # would convert them (int8 said "already prepared", the default failed inside the native decoder).
     adapter = next((name for name, _ in model.named_parameters() if name.endswith(("lora_A", "lora_B"))), None)
@@ -257,8 +265,22 @@ def prepare_for_inference(model: Transformer, *, quant: str | None = None, packe
     if cache is not None and int4_activations == "int8":  # it would be ignored: no native whole-model step
         raise ValueError("int4_activations='int8' applies to resident models: offloaded experts run per-layer "
                          "kernels that multiply exact float32 activations (what 'float32' gives a resident model)")
+    if int8_activations is not None and quant != "int8":  # it would do nothing
+        raise ValueError(f"int8_activations={int8_activations!r} applies to int8 weights: pass quant='int8' "
+                         "(--quant int8), or a model holding them (load_model(quant='int8'))")
+    if cache is not None and int8_activations == "int8":  # as int4's: no native whole-model step
+        raise ValueError("int8_activations='int8' applies to resident models: offloaded experts run per-layer "
+                         "kernels that multiply exact float32 activations (what 'float32' gives a resident model)")
+    if int8_activations == "int8":  # rounded per block of 32: every product's input width
+        cfg = model.config
+        widths = {"dim": cfg.dim, "n_heads * head_dim": cfg.n_heads * cfg.head_dim, "ffn_dim": cfg.ffn_dim}
+        if bad := [f"{k} {v}" for k, v in widths.items() if v % 32]:
+            raise ValueError(f"int8_activations='int8' rounds activations per block of 32 inputs: needs widths "
+                             f"that are multiples of 32, not {', '.join(bad)}")
     if int4_activations is not None:  # set once the model is known to be preparable
         model.int4_activations = int4_activations
+    if int8_activations is not None:
+        model.int8_activations = int8_activations
     # The engine's decoder over the unprepared weights (an earlier `generate`) would keep them alive
     # once they are converted: the prepared model gets its own.
     native.forget_shared(model)
@@ -329,6 +351,7 @@ def _prepare_offloaded(model: Transformer, cache: ExpertCache, *, quant: str | N
             _replace_linears(model, InferenceLinear, packed=not native_ok and can_pack(model.output.weight))
     if is_quantised(model):  # no native step rounds activations: exact ones, as the offloaded experts take
         model.int4_activations = "float32"
+    model.int8_activations = "float32"  # the same for int8 (its default)
     cache.check()
     registry.prepare_native()  # the per-layer kernels on the cache's slots
     return model.eval().requires_grad_(False)

@@ -16,11 +16,11 @@ from torch import nn
 
 from mixlab.cache import KVCache
 from mixlab.config import ModelConfig
-from mixlab.model.formats import Int4Experts
+from mixlab.model.formats import Int4Experts, Int8Experts
 from mixlab.model.layers import Attention, DenseFFN, RMSNorm, attention_mask, rope_cos_sin
 from mixlab.model.moe import MoEBlock, Routing
 from mixlab.ops.moe import check_impl
-from mixlab.ops.quant import Int4Linear
+from mixlab.ops.quant import Int4Linear, Int8Linear
 
 if TYPE_CHECKING:
     from mixlab.model.native import NativeDecoder
@@ -168,13 +168,14 @@ class Transformer(nn.Module):
         # Set by `prepare_for_inference` when the native kernels decode this model (model/native.py).
         self.native_decoder: NativeDecoder | None = None
         self.int4_activations = None  # the default ("int8"), for every int4 module (the property below)
+        self.int8_activations = None  # the default ("float32"), for every int8 module
 
     @property
     def int4_activations(self) -> str | None:
         """How int4 weights multiply activations: "int8" (None: the default) rounded per block of 32
         (`mixlab.ops.quant.round_activations_q8`), or "float32" exact ones
         (`model.native.INT4_ACTIVATIONS`), in every path, with or without the native kernels. Setting
-        it sets every int4 module's `int8_activations` (`Int4Linear`, `Int4Experts`), so that
+        it sets every int4 module's `act8` (`Int4Linear`, `Int4Experts`), so that
         PyTorch's pass multiplies what the native steps multiply, at any row count."""
         return self._int4_activations
 
@@ -183,7 +184,21 @@ class Transformer(nn.Module):
         self._int4_activations = mode
         for m in self.modules():
             if isinstance(m, Int4Linear | Int4Experts):
-                m.int8_activations = mode != "float32"
+                m.act8 = mode != "float32"
+
+    @property
+    def int8_activations(self) -> str | None:
+        """How int8 weights multiply activations: "float32" (None: the default) exact, or "int8"
+        rounded per block of 32 as int4's are (llama.cpp's Q8_0 x Q8_0), in every path, with or without
+        the native kernels. Setting it sets every int8 module's `act8` (`Int8Linear`, `Int8Experts`)."""
+        return self._int8_activations
+
+    @int8_activations.setter
+    def int8_activations(self, mode: str | None) -> None:
+        self._int8_activations = mode
+        for m in self.modules():
+            if isinstance(m, Int8Linear | Int8Experts):
+                m.act8 = mode == "int8"
 
     def init_weights(self, *, std: float = 0.02, seed: int | None = None) -> None:
         """Random initialisation for training from scratch: normal(0, std); output projections

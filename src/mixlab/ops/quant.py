@@ -119,7 +119,8 @@ def round_activations_q8(x_ND: torch.Tensor) -> torch.Tensor:
     """`x` (float32, last dimension a multiple of 32) rounded as the native int4 x int8 kernels round
     activations (decode.c `quant_a8`, llama.cpp's Q8_0): per block of 32 inputs, d = max|x| / 127 and
     x ≈ d * round-to-even(x * (127 / max|x|)), all in float32. What `int4_activations="int8"`
-    decoding multiplies the int4 weights by; the error per input is at most d / 2."""
+    (`int8_activations="int8"`) decoding multiplies the int4 (int8) weights by; the error per input is
+    at most d / 2."""
     xb = x_ND.float().reshape(*x_ND.shape[:-1], -1, 32)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax != 0, 127 / amax, torch.zeros_like(amax))
@@ -127,13 +128,15 @@ def round_activations_q8(x_ND: torch.Tensor) -> torch.Tensor:
 
 
 def rounds_activations(m: nn.Module) -> bool:
-    """Whether int4 module `m` (`Int4Linear`, `Int4Experts`) multiplies its weights by activations
-    rounded to int8 (`round_activations_q8`): whenever its model's `int4_activations` is "int8" (the
-    default), as the model's native steps then do on any AVX-512 CPU (with or without VNNI) and as
-    llama.cpp's Q4_0 x Q8_0 always does; so PyTorch's pass (a forward, long steps, adapters' steps)
-    computes the products those steps compute, and a model's numerics never depend on whether the
-    native kernels are loaded (`MIXLAB_NATIVE=0`, no compiler, before `native.load()`) or the CPU."""
-    return bool(getattr(m, "int8_activations", False))
+    """Whether int4 or int8 module `m` (`Int4Linear`, `Int4Experts`, `Int8Linear`, `Int8Experts`)
+    multiplies its weights by activations rounded to int8 (`round_activations_q8`; its flag `act8`):
+    whenever its model's `int4_activations` (int4; "int8" by default) or `int8_activations` (int8;
+    "float32" by default) is "int8", as the model's native steps then do on any AVX-512 CPU (with or
+    without VNNI) and as llama.cpp's Q4_0 / Q8_0 x Q8_0 always do; so PyTorch's pass (a forward, long
+    steps, adapters' steps) computes the products those steps compute, and a model's numerics never
+    depend on whether the native kernels are loaded (`MIXLAB_NATIVE=0`, no compiler, before
+    `native.load()`) or the CPU."""
+    return bool(getattr(m, "act8", False))
 
 
 def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor, *, act8: bool = False) -> torch.Tensor:
@@ -148,9 +151,13 @@ def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor, *, 
 
 
 def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor, *, act8: bool = False) -> torch.Tensor:
-    """x @ (q * s).T without materialising the bf16 weight when x has few rows (`act8`: int4's)."""
+    """x @ (q * s).T without materialising the bf16 weight when x has few rows (int4 weights:
+    `int4_linear`). `act8`: x's rows rounded to int8 per block of 32 first (`round_activations_q8`),
+    then multiplied exactly; the native MX_I8_A8 steps sum the same products in integers."""
     if q_XD.dtype == torch.uint8:
         return int4_linear(x_ND, q_XD, s_X, act8=act8)
+    if act8:
+        x_ND = round_activations_q8(x_ND).to(x_ND.dtype)
     impl = registry.linear_impl(x_ND, q_XD, s_X)
     if impl == "native":
         return torch.ops.mixlab.linear(x_ND, q_XD, s_X)
@@ -172,6 +179,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.weight: torch.Tensor
         self.scale: torch.Tensor
+        # its model's int8_activations is "int8" (`Transformer.int8_activations` sets it): `rounds_activations`
+        self.act8 = False
         if linear is None:
             return
         if linear.bias is not None:
@@ -192,7 +201,7 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.scale)
+        return int8_linear(x, self.weight, self.scale, act8=rounds_activations(self))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
@@ -208,7 +217,7 @@ class Int4Linear(nn.Module):
         self.weight: torch.Tensor
         self.scale: torch.Tensor
         # its model's int4_activations is "int8" (`Transformer.int4_activations` sets it): `rounds_activations`
-        self.int8_activations = False
+        self.act8 = False
         if linear is None:
             return
         if linear.bias is not None:

@@ -52,19 +52,24 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
-# rounded to int8, MX_Q4_32_A8 + log2(group / 32)).
-F32, BF16, I8, Q4_32, Q4_32_A8 = 0, 1, 2, 3, 6
+# rounded to int8, MX_Q4_32_A8 + log2(group / 32); int8 with them, I8_A8).
+F32, BF16, I8, Q4_32, Q4_32_A8, I8_A8 = 0, 1, 2, 3, 6, 9
 TYPE_CODES = {torch.float32: F32, torch.bfloat16: BF16, torch.int8: I8}
 INT4_GROUPS = (32, 64, 128)
 
 
 def type_code(w: torch.Tensor, scale: torch.Tensor | None = None, *, act8: bool = False) -> int:
     """mixlab.h's type of weight `w`: its dtype's, or for int4 (uint8, float16 group scales) the
-    MX_Q4_* of its group size (`act8`: MX_Q4_*_A8, activations rounded to int8 per block of 32,
-    `mixlab.ops.quant.round_activations_q8`)."""
+    MX_Q4_* of its group size. `act8` (int4 and int8): MX_Q4_*_A8 / MX_I8_A8, activations rounded to
+    int8 per block of 32 (`mixlab.ops.quant.round_activations_q8`)."""
+    if w.dtype == torch.int8 and act8:
+        if w.shape[-1] % 32:
+            raise ValueError(f"int8 weights times int8 activations need a multiple of 32 inputs per row, "
+                             f"not {w.shape[-1]}")
+        return I8_A8
     if w.dtype != torch.uint8:
         return TYPE_CODES[w.dtype]
     if scale is None or scale.dtype != torch.float16:
@@ -440,7 +445,7 @@ def _check_weight(what: str, w: torch.Tensor, scale: torch.Tensor | None, D: int
 def gemv(w_XD: torch.Tensor, x_D: torch.Tensor, scale_X: torch.Tensor | None = None, *,
          act8: bool = False) -> torch.Tensor:
     """y = w @ x with the native kernel (float32 out): float32, bf16, int8 (+ float32 row scales) or
-    int4 (uint8 + float16 group scales; `act8`: x rounded to int8 per block of 32) weights."""
+    int4 (uint8 + float16 group scales) weights; `act8` (int4, int8): x rounded to int8 per block of 32."""
     lib = _need()
     X, D = w_XD.shape
     _check_weight("gemv", w_XD, scale_X, x_D.numel())
@@ -470,7 +475,7 @@ MAX_ROWS = 16
 def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None, *,
            act8: bool = False) -> torch.Tensor:
     """x @ w.T (times the row scales for int8 weights) for a few rows: each weight row read once.
-    `act8` (int4 weights): the rows of x rounded to int8 per block of 32 (MX_Q4_*_A8).
+    `act8` (int4 and int8 weights): the rows of x rounded to int8 per block of 32 (MX_Q4_*_A8, MX_I8_A8).
     The kernel itself; callers use the operator `torch.ops.mixlab.linear` (`ops.py`)."""
     lib = _need()
     lead, X, D = x_ND.shape[:-1], w_XD.shape[0], x_ND.shape[-1]

@@ -99,6 +99,8 @@ static inline int64_t elem_size(int t) { return t == MX_F32 ? 4 : t == MX_BF16 ?
 /* int4 weights (MX_Q4_*): the group size, and float16 scales to float32. */
 static inline int is_q4(int t) { return t >= MX_Q4_32 && t <= MX_Q4_128_A8; }
 static inline int is_q4a8(int t) { return t >= MX_Q4_32_A8 && t <= MX_Q4_128_A8; } /* int8 activations */
+/* weights whose activations are rounded to int8 (`quant_act8`): int4's in their nibble layout, int8's in order */
+static inline int is_a8(int t) { return is_q4a8(t) || t == MX_I8_A8; }
 static inline int64_t q4_group(int t) { return (int64_t)32 << ((t - MX_Q4_32) % 3); }
 
 static inline float f16_to_f32(uint16_t h) {
@@ -307,6 +309,9 @@ typedef struct { /* one activation vector in that layout; Kp = K rounded up to 1
     int32_t* corr; /* [Kp / 8]: per 128 inputs, 16 lanes: -8 x (sum of the 8 codes the lane multiplies) */
     float* d;      /* [Kp / 8]: per 128 inputs, 16 lanes: the block scale of the lane's chunk */
 } a8vec;
+/* For int8 weights (MX_I8_A8, `quant_a8n`) the same struct holds the codes in input order, and per
+   lane of four inputs (Kp / 4 lanes: 16 per 64 inputs) corr = -128 x the sum of its four codes and
+   d = its block's scale. Either layout takes at most 3 Kp bytes (`a8_make`). */
 
 static inline int64_t a8_kp(int64_t K) { return (K + 127) & ~(int64_t)127; }
 
@@ -357,15 +362,61 @@ static void quant_a8(const float* x, int64_t K, a8vec a) {
     }
 }
 
+/* `quant_a8`'s rounding in input order, for int8 weights (MX_I8_A8); K a multiple of 32. */
+static void quant_a8n(const float* x, int64_t K, a8vec a) {
+    const int64_t Kp = a8_kp(K);
+    for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
+        const int64_t l0 = k0 / 4; /* the block's first lane */
+        if (k0 >= K) { /* padding past the end: zero codes, sums and scales */
+            memset(a.q + k0, 0, 32);
+            for (int u = 0; u < 8; u++) a.corr[l0 + u] = 0, a.d[l0 + u] = 0.f;
+            continue;
+        }
+#if defined(__AVX512F__)
+        const __m512 v0 = _mm512_loadu_ps(x + k0), v1 = _mm512_loadu_ps(x + k0 + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const __m512 id = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)); /* MXCSR: to nearest, ties even */
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        _mm_storeu_si128((__m128i*)(void*)(a.q + k0), _mm512_cvtepi32_epi8(q0)); /* |q| <= 127 */
+        _mm_storeu_si128((__m128i*)(void*)(a.q + k0 + 16), _mm512_cvtepi32_epi8(q1));
+        int32_t q[32];
+        _mm512_storeu_si512(q, q0);
+        _mm512_storeu_si512(q + 16, q1);
+#else
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        int32_t q[32];
+        for (int i = 0; i < 32; i++) q[i] = (int32_t)nearbyintf(x[k0 + i] * id), a.q[k0 + i] = (int8_t)q[i];
+#endif
+        for (int u = 0; u < 8; u++)
+            a.corr[l0 + u] = -128 * (q[4 * u] + q[4 * u + 1] + q[4 * u + 2] + q[4 * u + 3]), a.d[l0 + u] = amax / 127.f;
+    }
+}
+
+/* The int8 rounding of activation vector x [K] that weights of type wt multiply (`is_a8`). */
+static void quant_act8(int wt, const float* x, int64_t K, a8vec a) {
+    if (wt == MX_I8_A8) quant_a8n(x, K, a);
+    else quant_a8(x, K, a);
+}
+
+/* An activation vector's rounding at `at` (3 Kp bytes, `a8vec`'s two layouts). */
+static a8vec a8_make(char* at, int64_t K) {
+    const int64_t Kp = a8_kp(K);
+    const a8vec a = {(int8_t*)at, (int32_t*)(void*)(at + Kp), (float*)(void*)(at + 2 * Kp)};
+    return a;
+}
+
 /* M activation rows quantised into one of this thread's two buffers (`slot` 0: `a8_rows`'; 1: the
    pinned rows', `a8_pin`), grown as needed and kept for the thread's lifetime; null when memory runs out. */
-static a8vec* a8_round(int slot, const float* X, int64_t M, int64_t K) {
+static a8vec* a8_round(int slot, int wt, const float* X, int64_t M, int64_t K) {
     static _Thread_local char* buf[2];
     static _Thread_local size_t cap[2];
     static _Thread_local a8vec* rows[2];
     static _Thread_local int64_t nrows[2];
     const int64_t Kp = a8_kp(K);
-    const size_t per = (size_t)Kp + (size_t)Kp / 8 * 8, need = per * (size_t)M + 64;
+    const size_t per = 3 * (size_t)Kp, need = per * (size_t)M + 64;
     if (need > cap[slot]) {
         free(buf[slot]);
         cap[slot] = need * 2;
@@ -380,8 +431,8 @@ static a8vec* a8_round(int slot, const float* X, int64_t M, int64_t K) {
     }
     char* at = (char*)(((uintptr_t)buf[slot] + 63) & ~(uintptr_t)63);
     for (int64_t j = 0; j < M; j++) {
-        a8vec a = {(int8_t*)at, (int32_t*)(void*)(at + Kp), (float*)(void*)(at + Kp + Kp / 2)};
-        quant_a8(X + j * K, K, a);
+        const a8vec a = a8_make(at, K);
+        quant_act8(wt, X + j * K, K, a);
         rows[slot][j] = a;
         at += per;
     }
@@ -392,6 +443,7 @@ static a8vec* a8_round(int slot, const float* X, int64_t M, int64_t K) {
 static _Thread_local struct {
     const float* X;
     int64_t M, K;
+    int nat; /* the rows' layout: int8 weights' (MX_I8_A8) or int4's */
     a8vec* rows;
 } a8_pinned;
 
@@ -399,9 +451,9 @@ static _Thread_local struct {
    these (or a run of them) instead of rounding again. An expert's gate/up product with adapters runs
    in chunks of LORA_CHUNK outputs, each a `gemm_rows` call: rounding a prompt's rows in every chunk
    cost more than the adapters' updates (the int4 512-token prefill under rank 16, 1.23x the base). */
-static void a8_pin(const float* X, int64_t M, int64_t K) {
-    a8_pinned.rows = a8_round(1, X, M, K);
-    a8_pinned.X = X, a8_pinned.M = M, a8_pinned.K = K;
+static void a8_pin(int wt, const float* X, int64_t M, int64_t K) {
+    a8_pinned.rows = a8_round(1, wt, X, M, K);
+    a8_pinned.X = X, a8_pinned.M = M, a8_pinned.K = K, a8_pinned.nat = wt == MX_I8_A8;
 }
 
 static void a8_unpin(void) { a8_pinned.rows = 0; }
@@ -410,11 +462,11 @@ static void a8_unpin(void) { a8_pinned.rows = 0; }
    them, else rounded now into this thread's buffer. `gemm_rows` calls this on every call, so each
    thread rounds the vectors it multiplies itself (K / 32 short vector loops: small next to reading
    the rows); null when memory runs out. */
-static a8vec* a8_rows(const float* X, int64_t M, int64_t K) {
+static a8vec* a8_rows(int wt, const float* X, int64_t M, int64_t K) {
     const float* P = a8_pinned.X;
-    if (a8_pinned.rows && K == a8_pinned.K && X >= P && X + M * K <= P + a8_pinned.M * K && (X - P) % K == 0)
+    if (a8_pinned.rows && K == a8_pinned.K && a8_pinned.nat == (wt == MX_I8_A8) && X >= P && X + M * K <= P + a8_pinned.M * K && (X - P) % K == 0)
         return a8_pinned.rows + (X - P) / K;
-    return a8_round(0, X, M, K);
+    return a8_round(0, wt, X, M, K);
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -490,11 +542,11 @@ static inline void dotq_q4a8(const uint8_t* w, const uint16_t* s, const a8vec* x
 #endif
 }
 
-#if defined(MX_A8_SIMD)
-#define MX_HI4(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), m4)
 #ifndef MX_Q4_PREFETCH
 #define MX_Q4_PREFETCH 16384
 #endif
+#if defined(MX_A8_SIMD)
+#define MX_HI4(b) _mm512_and_si512(_mm512_srli_epi16((b), 4), m4)
 /* Four consecutive int4 rows (w: rows of K / 2 bytes, s: their scales, K / G each) against one
    activation vector (batch-1 decoding): `dotq_q4a8`'s arithmetic, with the activation's codes, sums
    and scales loaded once per 128 inputs for the four rows, four independent accumulator chains, and
@@ -550,6 +602,78 @@ static inline void dotq_q4a8_rows4(const uint8_t* w, const uint16_t* s, const a8
 }
 #undef MX_HI4
 #endif
+
+/* int8 weights x int8 activations (MX_I8_A8): R <= 4 rows (w, ld bytes apart) against Q <= 4 vectors
+   xa rounded by `quant_a8n`; out[i * 4 + q] = row i . xa[q] before the row's scale. Per 64 inputs
+   and (row, vector): with VNNI, `vpdpbusd` of the weights xor 0x80 (w + 128 as unsigned bytes)
+   by the signed codes, started from corr = -128 x the lane's code sum, gives each lane's exact
+   sum of four w x x; without it (AVX512-BW) |w| times x negated where w < 0 (llama.cpp's
+   `sign_epi8` trick), `maddubs` then `madd`: pairs of at most 128 x 127 products, never saturated,
+   so the same int32 lanes. Then one float fmadd by the lane's block scale into one accumulator per
+   (row, vector), summed by `hsum`: each output's operations and their order are the same whatever R,
+   Q or the rows and vectors around it, so batch-1 decoding, a few tokens and a prompt chunk give a
+   token the same bits. `next`: R == 4 rows ahead to prefetch (4 x 64 bytes per 64 inputs), or null.
+   ~4 vector instructions per 64 weights and vector where MX_I8 takes 12 (widen, convert, fmadd per 16). */
+static inline __attribute__((always_inline)) void tile_i8a8(const int8_t* w, int64_t ld, int64_t K, const int R,
+                                                            const a8vec* xa, const int Q, const char* next,
+                                                            float* out) {
+#if defined(MX_A8_SIMD)
+    __m512 acc[4][4];
+    for (int i = 0; i < R; i++)
+        for (int q = 0; q < Q; q++) acc[i][q] = _mm512_setzero_ps();
+#if defined(__AVX512VNNI__)
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+#else
+    const __m512i ones = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
+#endif
+    for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
+        __m512i wv[4];
+#if !defined(__AVX512VNNI__)
+        __mmask64 neg[4];
+#endif
+        for (int i = 0; i < R; i++) {
+            if (next) _mm_prefetch(next + k * 4 + i * 64, _MM_HINT_T0);
+            const __m512i b = _mm512_maskz_loadu_epi8(mk, w + i * ld + k); /* zeros past K: padded codes are 0 */
+#if defined(__AVX512VNNI__)
+            wv[i] = _mm512_xor_si512(b, flip);
+#else
+            wv[i] = _mm512_abs_epi8(b), neg[i] = _mm512_movepi8_mask(b);
+#endif
+        }
+        for (int q = 0; q < Q; q++) {
+            const __m512i x = _mm512_loadu_si512(xa[q].q + k);
+            const __m512 d = _mm512_loadu_ps(xa[q].d + k / 4);
+#if defined(__AVX512VNNI__)
+            const __m512i corr = _mm512_loadu_si512(xa[q].corr + k / 4);
+#endif
+            for (int i = 0; i < R; i++) {
+#if defined(__AVX512VNNI__)
+                const __m512i t = _mm512_dpbusd_epi32(corr, wv[i], x);
+#else
+                const __m512i sx = _mm512_mask_sub_epi8(x, neg[i], zero, x);
+                const __m512i t = _mm512_madd_epi16(_mm512_maddubs_epi16(wv[i], sx), ones);
+#endif
+                acc[i][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), d, acc[i][q]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int q = 0; q < Q; q++) out[i * 4 + q] = hsum(acc[i][q]);
+#else
+    (void)next;
+    for (int i = 0; i < R; i++)
+        for (int q = 0; q < Q; q++) {
+            float sum = 0.f;
+            for (int64_t l = 0; l < K / 4; l++) {
+                int32_t t = 0;
+                for (int b = 0; b < 4; b++) t += w[i * ld + 4 * l + b] * xa[q].q[4 * l + b];
+                sum += (float)t * xa[q].d[l];
+            }
+            out[i * 4 + q] = sum;
+        }
+#endif
+}
 
 /* The same row against four vectors (rows j..j+3 of a matrix with leading dimension ld): one read
    of the weights serves four tokens. out[q] = w . x_q. */
@@ -799,11 +923,54 @@ typedef struct {
     int64_t r0;
 } seg;
 
-/* Y[j, r] = W[r, :] . xa[j] for int4 weights (MX_Q4_*_A8) and M <= MX_A8_ROWS activation vectors
+/* `gemm_rows_a8` for int8 weights (MX_I8_A8): four rows at a time against up to four vectors, the
+   rows past the last four one at a time (`tile_i8a8`, the same bits), times each row's scale. Batch
+   1 prefetches as `dotq_q4a8_rows4` does (MX_Q4_PREFETCH bytes ahead, into `then` past r1). */
+static void gemm_rows_i8a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ldy, int64_t r0, int64_t r1,
+                           const seg* then) {
+    const int64_t K = m.K;
+    const int8_t* W = (const int8_t*)m.w;
+    const int64_t ahead = (MX_Q4_PREFETCH + 4 * K - 1) / (4 * K) * (4 * K), end = r1 * K;
+    float out[16];
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const char* next = 0;
+        if (M == 1) {
+            const int64_t o = r * K + ahead; /* the prefetched group's first byte in m */
+            next = o < end || !then ? (const char*)m.w + o : (const char*)then->m.w + then->r0 * then->m.K + (o - end);
+        }
+        for (int64_t j = 0; j < M; j += 4) {
+            switch (M - j < 4 ? M - j : 4) {
+            case 1: tile_i8a8(W + r * K, K, K, 4, xa + j, 1, next, out); break;
+            case 2: tile_i8a8(W + r * K, K, K, 4, xa + j, 2, 0, out); break;
+            case 3: tile_i8a8(W + r * K, K, K, 4, xa + j, 3, 0, out); break;
+            default: tile_i8a8(W + r * K, K, K, 4, xa + j, 4, 0, out);
+            }
+            for (int i = 0; i < 4; i++)
+                for (int64_t q = 0; q < 4 && j + q < M; q++) Y[(j + q) * ldy + r + i] = out[i * 4 + q] * m.scale[r + i];
+        }
+    }
+    for (; r < r1; r++)
+        for (int64_t j = 0; j < M; j += 4) {
+            switch (M - j < 4 ? M - j : 4) {
+            case 1: tile_i8a8(W + r * K, K, K, 1, xa + j, 1, 0, out); break;
+            case 2: tile_i8a8(W + r * K, K, K, 1, xa + j, 2, 0, out); break;
+            case 3: tile_i8a8(W + r * K, K, K, 1, xa + j, 3, 0, out); break;
+            default: tile_i8a8(W + r * K, K, K, 1, xa + j, 4, 0, out);
+            }
+            for (int64_t q = 0; q < 4 && j + q < M; q++) Y[(j + q) * ldy + r] = out[q] * m.scale[r];
+        }
+}
+
+/* Y[j, r] = W[r, :] . xa[j] for int4 weights (MX_Q4_*_A8; int8: MX_I8_A8) and M <= MX_A8_ROWS activation vectors
    already rounded to int8 (`quant_a8`), rows r in [r0, r1) (Y's leading dimension ldy); `then`
    (batch 1, may be null): the range that follows, see `seg`. */
 static void gemm_rows_a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t ldy, int64_t r0, int64_t r1,
                          const seg* then) {
+    if (m.wt == MX_I8_A8) {
+        gemm_rows_i8a8(m, xa, M, Y, ldy, r0, r1, then);
+        return;
+    }
     const int64_t K = m.K, G = q4_group(m.wt);
     int64_t r = r0;
 #if defined(MX_A8_SIMD)
@@ -969,7 +1136,7 @@ __attribute__((noinline)) static int64_t gemm_panels_a8(mat m, const float* X, i
                                                         int64_t r0, int64_t r1) {
     const int64_t K = m.K, G = q4_group(m.wt), nb = a8_kp(K) / 128;
     char* P = (char*)thread_buf(1, MX_A8P * nb * MX_A8B / 2);
-    const a8vec* xa = P ? a8_rows(X, M, K) : 0;
+    const a8vec* xa = P ? a8_rows(m.wt, X, M, K) : 0;
     if (!xa) return r0;
     int64_t r = r0;
     for (; r + MX_A8P <= r1; r += MX_A8P) {
@@ -1280,10 +1447,10 @@ static void gemm_rows_few(mat m, const float* X, const uint16_t* XB, int64_t M, 
     }
 #endif
     if (m.wt == MX_BF16 && M >= 2 && r == r0) r = tiles_bf16(m, XB, M, Y, ldy, r0, r1);
-    if (is_q4a8(m.wt)) {
+    if (is_a8(m.wt)) {
         for (int64_t j0 = 0; j0 < M; j0 += MX_A8_ROWS) { /* activations rounded MX_A8_ROWS rows at a time */
             const int64_t Mj = M - j0 < MX_A8_ROWS ? M - j0 : MX_A8_ROWS;
-            const a8vec* xa = a8_rows(X + j0 * K, Mj, K);
+            const a8vec* xa = a8_rows(m.wt, X + j0 * K, Mj, K);
             if (!xa) return; /* out of memory: cannot happen for sane K (a few KB per row) */
             gemm_rows_a8(m, xa, Mj, Y + j0 * ldy, ldy, r, r1, 0);
         }
@@ -1841,13 +2008,7 @@ typedef struct {
 } priv;
 
 static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
-static inline size_t a8_bytes(int64_t K) { return (size_t)a8_kp(K) * 2; } /* q [Kp], corr and d [Kp / 8] */
-
-static a8vec a8_at(char* at, int64_t K) {
-    const int64_t Kp = a8_kp(K);
-    const a8vec a = {(int8_t*)at, (int32_t*)(void*)(at + Kp), (float*)(void*)(at + Kp + Kp / 2)};
-    return a;
-}
+static inline size_t a8_bytes(int64_t K) { return (size_t)a8_kp(K) * 3; } /* `a8_make` */
 
 static size_t priv_bytes(const mx_model* m) {
     const int64_t D = m->D, K = m->K;
@@ -1863,9 +2024,9 @@ static priv priv_at(char* at, const mx_model* m) { /* `at` 64-byte aligned, priv
     p.chosen = (int32_t*)(void*)at, at += al64(K * 4);
     p.mix = (float*)(void*)at, at += al64(K * 4);
     p.aa = (a8vec*)(void*)at, at += al64(K * sizeof(a8vec));
-    p.ha = a8_at(at, D), at += al64(a8_bytes(D));
-    p.atta = a8_at(at, m->H * m->Hd), at += al64(a8_bytes(m->H * m->Hd));
-    for (int64_t k = 0; k < K; k++) p.aa[k] = a8_at(at, m->F), at += al64(a8_bytes(m->F));
+    p.ha = a8_make(at, D), at += al64(a8_bytes(D));
+    p.atta = a8_make(at, m->H * m->Hd), at += al64(a8_bytes(m->H * m->Hd));
+    for (int64_t k = 0; k < K; k++) p.aa[k] = a8_make(at, m->F), at += al64(a8_bytes(m->F));
     return p;
 }
 
@@ -1880,7 +2041,7 @@ typedef struct {
 /* y[r] = W[r, :] . a for rows r in [r0, r1); `then`: the range this thread multiplies next (int4
    prefetches its first rows; may be null). */
 static void act_rows(mat m, act a, float* y, int64_t r0, int64_t r1, const seg* then) {
-    if (is_q4a8(m.wt)) gemm_rows_a8(m, a.xa, 1, y, 0, r0, r1, then);
+    if (is_a8(m.wt)) gemm_rows_a8(m, a.xa, 1, y, 0, r0, r1, then);
     else gemv_rows(m, a.x, a.xb, y, r0, r1);
 }
 
@@ -1923,12 +2084,12 @@ static void attn_head(const mx_model* m, const mx_layer* ly, const mx_bufs* b, i
 static void attn_block(team* tm, const priv* p, const mx_model* m, const mx_layer* ly, const mx_bufs* b,
                        int64_t pos, const int64_t* cache_pos, int64_t C, int64_t slot, int64_t n,
                        const float* cos_, const float* sin_) {
-    const int bf = m->wt == MX_BF16, a8 = is_q4a8(m->wt);
+    const int bf = m->wt == MX_BF16, a8 = is_a8(m->wt);
     const int64_t D = m->D, Hd = m->Hd, G = m->G, QD = m->H * Hd, R = m->H / G;
     const mat mqkv = {m->wt, ly->wqkv, ly->wqkv_scale, D}, mo = {m->wt, ly->wo, ly->wo_scale, QD};
     int64_t lo, hi;
     rmsnorm(b->x, ly->attn_norm, m->eps, D, p->h, bf ? p->hb : 0);
-    if (a8) quant_a8(p->h, D, p->ha);
+    if (a8) quant_act8(m->wt, p->h, D, p->ha);
     const act h = {p->h, p->hb, &p->ha};
     my_rows(tm, D, &lo, &hi); /* this thread's rows of wo */
     const seg so = {mo, lo};
@@ -1948,7 +2109,7 @@ static void attn_block(team* tm, const priv* p, const mx_model* m, const mx_laye
         for (int64_t g = tm->t; g < G; g += tm->nt) attn_head(m, ly, b, g, pos, cache_pos, C, slot, n, cos_, sin_);
     }
     sync_team(tm);
-    if (a8) quant_a8(b->att, QD, p->atta);
+    if (a8) quant_act8(m->wt, b->att, QD, p->atta);
     const act att = {b->att, b->attb, &p->atta};
     act_rows(mo, att, b->o, lo, hi, 0); /* what follows depends on the router */
     for (int64_t i = lo; i < hi; i++) b->x[i] += b->o[i];
@@ -1960,7 +2121,7 @@ static void attn_block(team* tm, const priv* p, const mx_model* m, const mx_laye
    this thread multiplies after the block (`seg`). Ends with a barrier. */
 static void ffn_block(team* tm, const priv* p, const mx_model* m, const mx_layer* ly, const mx_bufs* b,
                       int32_t* chosen, float* mix, const seg* then) {
-    const int bf = m->wt == MX_BF16, a8 = is_q4a8(m->wt);
+    const int bf = m->wt == MX_BF16, a8 = is_a8(m->wt);
     const int64_t D = m->D, F = m->F, K = m->K;
     const mat m13 = {m->wt, ly->w13, ly->w13_scale, D}, m2 = {m->wt, ly->w2, ly->w2_scale, F};
     int64_t lo, hi;
@@ -1979,7 +2140,7 @@ static void ffn_block(team* tm, const priv* p, const mx_model* m, const mx_layer
     }
     if (tm->t == 0)
         for (int64_t k = 0; k < K; k++) chosen[k] = p->chosen[k], mix[k] = p->mix[k];
-    if (a8) quant_a8(p->h, D, p->ha);
+    if (a8) quant_act8(m->wt, p->h, D, p->ha);
     const act h = {p->h, p->hb, &p->ha};
     /* Each thread computes gate rows [lo, hi) and the matching up rows [F + lo, F + hi) of every
        chosen expert, so it applies SiLU to its own rows without waiting for the others. */
@@ -1999,7 +2160,7 @@ static void ffn_block(team* tm, const priv* p, const mx_model* m, const mx_layer
     /* Down projection: each thread owns rows [dlo, dhi) of every expert, then mixes them into x. */
     lo = dlo, hi = dhi;
     for (int64_t k = 0; k < K; k++) {
-        if (a8) quant_a8(b->a + k * F, F, p->aa[k]);
+        if (a8) quant_act8(m->wt, b->a + k * F, F, p->aa[k]);
         const act ak = {b->a + k * F, bf ? b->ab + k * F : 0, &p->aa[k]};
         const seg down = {mat_at(m2, p->chosen[k + 1 < K ? k + 1 : 0] * D), lo};
         act_rows(mat_at(m2, p->chosen[k] * D), ak, b->y + k * D, lo, hi, k + 1 < K ? &down : then);
@@ -2064,7 +2225,7 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
             ffn_block(&tm, &p, m, &m->layers[l], b, b->chosen + l * m->K, b->mix + l * m->K, &then);
         }
         rmsnorm(b->x, m->out_norm, m->eps, m->D, p.h, m->wt == MX_BF16 ? p.hb : 0);
-        if (is_q4a8(m->wt)) quant_a8(p.h, m->D, p.ha);
+        if (is_a8(m->wt)) quant_act8(m->wt, p.h, m->D, p.ha);
         const act h = {p.h, p.hb, &p.ha};
         act_rows(mout, h, logits, lo, hi, 0);
         if (b->top) {
@@ -2334,7 +2495,7 @@ static void moe_team(team* tm, const moe_job* j) {
         const int64_t s0 = start[e], n = start[e + 1] - s0;
         if (n == 0) continue;
         const mat e13 = mat_at(j->m13, e * 2 * F);
-        if (is_q4a8(e13.wt)) a8_pin(xs + s0 * D, n, D); /* once for the gate, the up and every chunk */
+        if (is_a8(e13.wt)) a8_pin(e13.wt, xs + s0 * D, n, D); /* once for the gate, the up and every chunk */
         /* with adapters, in chunks of LORA_CHUNK outputs: the updates and the SwiGLU then read the
            chunk of g the product has just written from the caches (a prompt's pairs: megabytes) */
         const int64_t step = j->lora13 ? LORA_CHUNK : (hi > lo ? hi - lo : 1);

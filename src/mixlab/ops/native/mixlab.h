@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 8
+#define MX_ABI_VERSION 9
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -45,16 +45,22 @@ enum {
     MX_Q4_32_A8 = 6,
     MX_Q4_64_A8 = 7,
     MX_Q4_128_A8 = 8,
+    /* int8 weights as MX_I8 (rows of K int8 codes, one float32 scale per row), multiplied by
+       activations rounded to int8 as above (per block of 32, natural input order) with integer dot
+       products: what llama.cpp's Q8_0 x Q8_0 does; about 3x less work per weight than MX_I8, whose
+       widening of each weight to float32 cannot keep up with the memory at Mixtral's widths. Rows
+       of K a multiple of 32. Not exact (the activations' rounding): decode.c `dot_i8a8`. */
+    MX_I8_A8 = 9,
 };
 
 /* What `mx_simd` (compiled in) and `mx_cpu_features` (this CPU, detected at run time) report. */
 enum {
     MX_SIMD_AVX512 = 1,      /* AVX-512F (+BW/VL): float32 and int8 kernels */
     MX_SIMD_AVX512_BF16 = 2, /* AVX512-BF16: bf16 kernels */
-    MX_SIMD_AVX512_VNNI = 4, /* AVX512-VNNI: `vpdpbusd` in the int4 x int8 kernels (MX_Q4_*_A8) */
+    MX_SIMD_AVX512_VNNI = 4, /* AVX512-VNNI: `vpdpbusd` in the int x int8 kernels (MX_Q4_*_A8, MX_I8_A8) */
 };
 
-typedef struct { /* one layer's weights; scales are NULL unless wt == MX_I8; router NULL when dense */
+typedef struct { /* one layer's weights; scales are NULL for float weights; router NULL when dense */
     const float* attn_norm;
     const void* wqkv;
     const float* wqkv_scale;
