@@ -5,6 +5,8 @@ predicted once, bytes counted from the original text (BENCHMARKS.md, "Quantisati
     python benchmarks/bpb.py --model RUN_OR_CHECKPOINT --data ../shared/corpus --max-docs 8 --out bpb.json
     python benchmarks/bpb.py --model RUN_OR_CHECKPOINT --data ../shared/corpus --max-docs 1 --max-bytes 2048 \\
         --int4-decode --no-llama-cpp      # what int4 decoding's int8-rounded activations cost
+    python benchmarks/bpb.py --model RUN_OR_CHECKPOINT --data ../shared/corpus --max-docs 3 \
+        --int8-activations --no-llama-cpp # and int8's (`int8_activations="int8"`)
 
 The model is the corpus-trained byte-level MoE (vocabulary 259). llama.cpp needs a vocabulary in the
 GGUF file: a SentencePiece model of the byte tokenizer's 259 pieces (pad/unknown, BOS, EOS, 256
@@ -150,6 +152,10 @@ def main() -> int:
                     help="also score int4 as native batch-1 decoding computes it, token by token, with float32 "
                          "activations (exact) and with activations rounded to int8 per 32 (the default, as "
                          "llama.cpp's Q4_0 x Q8_0 dot products): what the faster rounding costs")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="also score int8 weights times activations rounded to int8 per 32 (`int8_activations="
+                         "'int8'`, as llama.cpp's Q8_0 x Q8_0), through PyTorch's pass, which rounds each product's "
+                         "input as the native steps do (tests/test_native.py): what that rounding costs int8")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's Q8_0 and Q4_0 columns")
     ap.add_argument("--kquant", action="store_true",
                     help="also llama.cpp's Q4_K_M, and mixlab reading that file: dequantised, and as int4 "
@@ -179,6 +185,8 @@ def main() -> int:
     run("float32", base)
     run("bf16", copy.deepcopy(base).to(torch.bfloat16))
     run("int8", prepare_for_inference(copy.deepcopy(base), quant="int8"))
+    if args.int8_activations:
+        run("int8, int8 activations", prepare_for_inference(copy.deepcopy(base), quant="int8", int8_activations="int8"))
     run("int4", prepare_for_inference(copy.deepcopy(base), quant="int4"))
     if args.int4_decode:
         for mode in ("float32", "int8"):

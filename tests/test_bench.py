@@ -258,3 +258,14 @@ def test_help_states_the_plan_defaults():
         want = [getattr(plan, name) for plan in (full, quick)]
         shown = [str(v) if isinstance(v, int) else ",".join(map(str, v)) for v in want]
         assert f"default {shown[0]}" in helps[name] and f"--quick: {shown[1]}" in helps[name], (name, helps[name])
+
+
+def test_int8_act8_peer_decodes_int8_weights_with_int8_activations(tmp_path):
+    """`--peers mixlab-int8-act8`: int8 weights times int8-rounded activations (`int8_activations="int8"`),
+    beside mixlab-int8's float32 activations, with a column of ratios to it."""
+    plan = BenchPlan.quick()
+    plan.reps, plan.peers, plan.prefill, plan.moe_tokens, plan.decode_batch = 1, ("mixlab-int8", "mixlab-int8-act8"), \
+        (), (), (1,)
+    report = run_bench(plan, log=lambda s: None, workdir=tmp_path)
+    assert {r.peer for r in report.rows} == {"mixlab-int8", "mixlab-int8-act8"}
+    assert "mixlab-int8-act8 ÷ this" in report.format()

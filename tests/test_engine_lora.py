@@ -410,7 +410,7 @@ def _native_steps_equal_the_pytorch_pass(base: Transformer, factors: dict, steps
 
 
 @pytest.mark.parametrize(("dense", "threads", "quant"), [(False, None, None), (True, None, None), (False, 3, None),
-                                                    (False, None, "int4"), (False, 3, "int4")])
+                                                    (False, None, "int4"), (False, 3, "int4"), (False, None, "int8")])
 def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool, threads: int | None,
                                                      quant: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps with rows under adapters run in the one native call (`mx_decode_batch` with the LoRA
@@ -419,8 +419,8 @@ def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool
     rank, experts alone, attention alone), prompt chunks beside decoding tokens, logits of every row,
     the last or none. A dense model's FFN too, and 3 threads (each thread's own rows of the work
     buffer). And an int4 base whose activations are rounded to int8 (the default `int4_activations`),
-    whose PyTorch pass rounds them as the native step does. The adapters move the logits far more
-    than that."""
+    whose PyTorch pass rounds them as the native step does; an int8 base with int8_activations="int8"
+    likewise. The adapters move the logits far more than that."""
     from mixlab.engine.runner import Item
 
     _native_or_skip(torch.float32)
@@ -453,7 +453,7 @@ def test_native_adapter_steps_equal_the_pytorch_pass(tmp_path: Path, dense: bool
     if quant is not None:
         from mixlab.model.inference import prepare_for_inference
 
-        base = prepare_for_inference(base, quant=quant)
+        base = prepare_for_inference(base, quant=quant, int8_activations="int8" if quant == "int8" else None)
         assert base.native_decoder is not None and base.native_decoder.act8
     assert _native_steps_equal_the_pytorch_pass(base, factors, steps) == set("abcd")
 

@@ -281,6 +281,28 @@ def test_native_int8_int8_activations_many_tokens_equal_one_at_a_time_bit_for_bi
     assert torch.equal(many, torch.cat([native.linear(x[j:j + 3], q, s, act8=True) for j in range(0, tokens, 3)]))
 
 
+def test_int8_linear_follows_the_mode_with_and_without_the_kernels(monkeypatch):
+    """An `Int8Linear` with `act8` (its model's int8_activations="int8") multiplies x rounded to int8 per
+    block of 32, natively (MX_I8_A8) or, without the kernels (MIXLAB_NATIVE=0), in PyTorch: the same
+    products within float32 summation order; without `act8` the exact ones."""
+    from mixlab.ops.quant import Int8Linear, dequantize_int8, round_activations_q8
+
+    g = torch.Generator().manual_seed(5)
+    lin = Int8Linear(torch.nn.Linear(256, 40, bias=False))
+    x = torch.randn(3, 256, generator=g)
+    w = dequantize_int8(lin.weight, lin.scale, torch.float32)
+    for act8 in (True, False):
+        lin.act8 = act8
+        want = (round_activations_q8(x) if act8 else x) @ w.T
+        with_kernels = lin(x)
+        with monkeypatch.context() as m:
+            m.setenv("MIXLAB_NATIVE", "0")
+            without = lin(x)
+        torch.testing.assert_close(with_kernels, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(without, want, atol=1e-5, rtol=1e-5)
+    assert float((round_activations_q8(x) @ w.T - x @ w.T).abs().max()) > 1e-3
+
+
 def test_int8_activations_need_rows_of_a_multiple_of_32():
     q, s = quantize_int8(torch.randn(8, 48))
     with pytest.raises(ValueError, match="int8 activations need a multiple of 32 inputs per row, not 48"):
@@ -322,6 +344,25 @@ def test_int8_activations_is_checked():
         assert model.int8_activations is None
     with pytest.raises(ValueError, match=r"int8_activations='int8' .* multiples of 32, not dim 48"):
         prepare_for_inference(_model(dim=48, head_dim=16), quant="int8", int8_activations="int8")
+
+
+def test_cli_int8_activations_flag(tmp_path):
+    import argparse
+
+    from mixlab import save_model
+    from mixlab.cli.run import _load, register
+    from mixlab.errors import UsageError
+
+    model = Transformer(get_preset("tiny-moe").replace(vocab_size=32000, max_seq_len=128))  # Mixtral's vocabulary
+    model.init_weights(seed=0, std=0.1)
+    save_model(model, tmp_path)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    base = ["generate", "--model", str(tmp_path), "--prompt", "x", "--dtype", "float32"]
+    loaded, _ = _load(parser.parse_args([*base, "--quant", "int8", "--int8-activations", "int8"]))
+    assert loaded.int8_activations == "int8" and loaded.native_decoder is not None and loaded.native_decoder.act8
+    with pytest.raises(UsageError, match="--int8-activations int8 applies to int8 weights: pass --quant int8"):
+        _load(parser.parse_args([*base, "--quant", "int4", "--int8-activations", "int8"]))
 
 
 def test_generate_takes_the_native_path_and_agrees_with_pytorch():

@@ -100,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated subset of mixlab,mixlab-packed,mixlab-int8,mixlab-int4,"
                         "mixlab-int4-exact,transformers,llama.cpp (the default: all of them), and q4_k_m: a Q4_K_M "
                         "file of the same weights made by llama.cpp's quantiser, run by llama.cpp and by mixlab "
-                        "(every matrix int4)")
+                        "(every matrix int4), and mixlab-int8-act8: int8 weights times activations rounded to int8 "
+                        "(--int8-activations int8)")
     p.add_argument("--out", type=user_path, default=None, help="also write the markdown report to this file")
     add_quiet_arg(p)
     p.set_defaults(func=bench)

@@ -87,7 +87,8 @@ class Report:
         out += [f"- note: {n}" for n in self.notes]
         for section in dict.fromkeys(r.section for r in self.rows):
             rows = [r for r in self.rows if r.section == section]
-            ours = [p for p in ("mixlab", "mixlab-int8", "mixlab-int4", "mixlab-int4-exact", "mixlab-q4_k_m")
+            ours = [p for p in ("mixlab", "mixlab-int8", "mixlab-int8-act8", "mixlab-int4", "mixlab-int4-exact",
+                                "mixlab-q4_k_m")
                     if any(r.peer == p for r in rows)]
             header = ["case", "peer", rows[0].unit, "of limit", *(f"{p} ÷ this" for p in ours)]
             out += ["", f"## {section}", "", "| " + " | ".join(header) + " |",
@@ -397,8 +398,8 @@ class BenchPlan:
     peers: tuple[str, ...] = ("mixlab", "mixlab-packed", "mixlab-int8", "mixlab-int4", "mixlab-int4-exact",
                               "transformers", "llama.cpp")
     # not run by default: a Q4_K_M file (llama.cpp's common download) of the same weights, read by llama.cpp
-    # and by mixlab (as int4: each matrix rounded a second time)
-    optional_peers: tuple[str, ...] = ("q4_k_m",)
+    # and by mixlab (as int4: each matrix rounded a second time); int8 weights times int8-rounded activations
+    optional_peers: tuple[str, ...] = ("q4_k_m", "mixlab-int8-act8")
     seed: int = 0
     limit_mib: int = 1024  # size of the bandwidth probe
     limit_n: int = 2048  # size of the matmul probe
@@ -450,7 +451,9 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
         "preset": f"{plan.preset}{f' (first {plan.layers} layers)' if plan.layers is not None else ''} "
                   f"({cfg.param_counts()['total'] / 1e6:,.0f}M parameters, "
                   f"{cfg.param_counts()['active'] / 1e6:,.0f}M active)",
-        "dtype": "bfloat16 (int8 weight-only for mixlab-int8, q8_0 for llama.cpp-q8_0; int4 at groups of 32 "
+        "dtype": "bfloat16 (int8 weight-only for mixlab-int8 (float32 activations) and mixlab-int8-act8 "
+                 "(activations rounded to int8 per 32, as llama.cpp-q8_0 does), q8_0 for llama.cpp-q8_0; int4 at "
+                 "groups of 32 "
                  "for mixlab-int4 (activations rounded to int8 per 32, as llama.cpp-q4_0 does) and "
                  "mixlab-int4-exact (float32 activations))",
         "threads": plan.threads, "repetitions": f"median of {plan.reps} after warm-up, peers interleaved",
@@ -482,6 +485,9 @@ def run_bench(plan: BenchPlan, *, log: Callable[[str], None] = print, workdir: s
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), packed=True), "mixlab-packed"))
     if "mixlab-int8" in plan.peers:
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int8"), "mixlab-int8", 1.0))
+    if "mixlab-int8-act8" in plan.peers:  # the same weights times int8-rounded activations (Q8_0 x Q8_0)
+        int8 = prepare_for_inference(copy.deepcopy(model), quant="int8", int8_activations="int8")
+        peers.append(MixlabPeer(int8, "mixlab-int8-act8", 1.0))
     if "mixlab-int4" in plan.peers:  # groups of 32: Q4_0's 18 bytes per 32 weights; int8 activations
         peers.append(MixlabPeer(prepare_for_inference(copy.deepcopy(model), quant="int4"), "mixlab-int4", 18 / 32))
     if "mixlab-int4-exact" in plan.peers:  # the same weights times float32 activations (exact)

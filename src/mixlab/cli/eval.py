@@ -47,7 +47,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from mixlab.eval.data import documents
     from mixlab.eval.perplexity import evaluate_texts
     from mixlab.model.inference import quant_of
-    from mixlab.model.native import int4_activations
+    from mixlab.model.native import int4_activations, int8_activations
 
     asked = 2048 if args.context is None else args.context  # a shorter model takes the default quietly
     if asked < 1:
@@ -94,6 +94,7 @@ def evaluate(args: argparse.Namespace) -> int:
     report.settings.update(model=str(args.model), adapter=str(adapter[0]) if adapter else None,
                            data=str(args.data), split=split, dtype=dtype, quant=quant,
                            int4_activations=int4_activations(model) if quant == "int4" else None,
+                           int8_activations=int8_activations(model) if quant == "int8" else None,
                            tokenizer=str(tok.path), domains=args.domains, max_docs=args.max_docs)
     result = report.to_json()
     rows = [(d, s.metrics()) for d, s in report.domains.items()] + [("overall", report.overall().metrics())]

@@ -71,6 +71,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         gguf = f" ({args.model} holds no Q4_0 matrices)" if suffix_of(args.model) == ".gguf" else ""
         raise UsageError(f"--int4-activations {args.int4_activations} applies to int4 weights{gguf}: pass --quant "
                          "int4 too (or a GGUF Q4_0 model)")
+    acts8 = getattr(args, "int8_activations", None)
+    if acts8 is not None and args.quant != "int8":  # it would do nothing
+        raise UsageError(f"--int8-activations {acts8} applies to int8 weights: pass --quant int8 too")
+    if offload and acts8 == "int8":
+        raise UsageError("--int8-activations int8 does not combine with --max-memory: offloaded experts run "
+                         "per-layer kernels that multiply exact float32 activations (as --int8-activations float32)")
     if offload and acts == "int8":  # a resident model's native decoding mode
         raise UsageError("--int4-activations int8 does not combine with --max-memory: offloaded experts run "
                          "per-layer kernels that multiply exact float32 activations (as --int4-activations float32)")
@@ -104,14 +110,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
                                quant=quant if at_load else None)
     if layout is not None:  # --ep: each process quantises its own experts; PyTorch's kernels, no native decoder
         if quant is not None:  # (it would bypass the MoE layers' all-to-all)
-            model = prepare_for_inference(model, quant=quant, int4_activations=acts, decoder=False)
+            model = prepare_for_inference(model, quant=quant, int4_activations=acts, int8_activations=acts8,
+                                          decoder=False)
         elif acts is not None:  # a Q4_0 GGUF file's int4 matrices, kept as read
             model.int4_activations = acts
         # PyTorch's int4 products round activations as the native steps do (the model's int4_activations,
         # "int8" by default: `ops.quant.rounds_activations`): the tokens of one process's run in either mode
     elif str(args.device) == "cpu":  # pre-packed (or int8) weights for fast CPU decoding
         with _told_as_flag("max_memory", "--max-memory"):  # the expert cache's budget, checked in its format
-            model = prepare_for_inference(model, quant=quant, int4_activations=acts)
+            model = prepare_for_inference(model, quant=quant, int4_activations=acts, int8_activations=acts8)
     if tok is None:
         tok = model_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
@@ -514,6 +521,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--int4-activations", choices=["int8", "float32"], default=None,
                    help="int4 decoding: activations rounded to int8 per block of 32 as llama.cpp does "
                         "(default, fast) or float32 (exact)")
+    r.add_argument("--int8-activations", choices=["int8", "float32"], default=None,
+                   help="int8 weights (--quant int8): activations float32 (default, exact) or rounded to int8 per "
+                        "block of 32 as llama.cpp's Q8_0 does (faster where int8 is compute-bound)")
     r.add_argument("--device", type=device_choice, default="cpu", help="cpu (default), cuda or cuda:N")
     r.add_argument("--threads", type=positive, default=None, help="CPU threads for torch (default: torch's)")
     add_offload_args(p)

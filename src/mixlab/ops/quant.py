@@ -152,15 +152,16 @@ def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor, *, 
 
 def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor, *, act8: bool = False) -> torch.Tensor:
     """x @ (q * s).T without materialising the bf16 weight when x has few rows (int4 weights:
-    `int4_linear`). `act8`: x's rows rounded to int8 per block of 32 first (`round_activations_q8`),
-    then multiplied exactly; the native MX_I8_A8 steps sum the same products in integers."""
+    `int4_linear`). `act8`: x's rows rounded to int8 per block of 32 (`round_activations_q8`): by the
+    native kernel (MX_I8_A8, the native steps' integer products) where it runs, else first, then
+    multiplied exactly (the same products, summed in another order)."""
     if q_XD.dtype == torch.uint8:
         return int4_linear(x_ND, q_XD, s_X, act8=act8)
-    if act8:
-        x_ND = round_activations_q8(x_ND).to(x_ND.dtype)
     impl = registry.linear_impl(x_ND, q_XD, s_X)
     if impl == "native":
-        return torch.ops.mixlab.linear(x_ND, q_XD, s_X)
+        return torch.ops.mixlab.linear(x_ND, q_XD, s_X, act8)
+    if act8:
+        x_ND = round_activations_q8(x_ND).to(x_ND.dtype)
     lead = x_ND.shape[:-1]
     x2 = x_ND.reshape(-1, x_ND.shape[-1])
     if impl == "int8pack":

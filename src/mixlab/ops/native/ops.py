@@ -31,14 +31,16 @@ from mixlab.ops import native
 # whose eager dispatch costs less than `custom_op`'s (BENCHMARKS.md); decode_step, once per token,
 # uses `custom_op` for its handling of mutated arguments.
 _LIB = torch.library.Library("mixlab", "DEF")
-_LIB.define("linear(Tensor x_ND, Tensor w_XD, Tensor? scale_X=None) -> Tensor")
+_LIB.define("linear(Tensor x_ND, Tensor w_XD, Tensor? scale_X=None, bool act8=False) -> Tensor")
 _LIB.define("moe(Tensor x_TD, Tensor w13_E2FD, Tensor w2_EDF, Tensor idx_TK, Tensor weight_TK, "
             "Tensor? w13_scale_E2F=None, Tensor? w2_scale_ED=None) -> Tensor")
 
 
-def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (times the row scales of int8 weights) for a few rows, each weight row read once."""
-    return native.linear(x_ND, w_XD, scale_X)
+def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None,
+           act8: bool = False) -> torch.Tensor:
+    """x @ w.T (times the row scales of int8 weights) for a few rows, each weight row read once
+    (`act8`: x rounded to int8 per block of 32, integer products: `native.linear`)."""
+    return native.linear(x_ND, w_XD, scale_X, act8=act8)
 
 
 def moe(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
@@ -53,7 +55,7 @@ _LIB.impl("moe", moe, "CPU")
 
 
 @torch.library.register_fake("mixlab::linear", lib=_LIB)
-def _(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> torch.Tensor:
+def _(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None, act8: bool = False) -> torch.Tensor:
     return x_ND.new_empty(*x_ND.shape[:-1], w_XD.shape[0])
 
 
