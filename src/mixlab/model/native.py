@@ -108,9 +108,10 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 INT4_ACTIVATIONS = ("int8", "float32")
 DEFAULT_INT4_ACTIVATIONS = "int8"
 # The same choice for int8 weights (`int8_activations`; MX_I8_A8: llama.cpp's Q8_0 x Q8_0): "int8" is
-# ~3x less work per weight than widening each to float32, which is what held int8 at ~60% of the
-# memory's speed at Mixtral's widths. Default "float32", the exact products int8 has always had:
-# docs/serving.md gives the measured cost in bits per byte that keeps "int8" a choice for int8.
+# ~3x less work per weight than widening each to float32, which is what held int8 batch-1 decoding at
+# ~60% of the memory's speed at Mixtral's widths, and costs no measurable bits per byte. Default
+# "float32", the exact products int8 has always had, because "int8" is slower in the engine's steps of
+# many sequences, where a bf16 model's int8 rows run as bf16 (docs/serving.md, "int8 weights").
 INT8_ACTIVATIONS = INT4_ACTIVATIONS
 DEFAULT_INT8_ACTIVATIONS = "float32"
 
