@@ -933,7 +933,7 @@ static void gemm_rows_i8a8(mat m, const a8vec* xa, int64_t M, float* Y, int64_t 
     const int64_t K = m.K;
     const int8_t* W = (const int8_t*)m.w;
     const int64_t ahead = (MX_Q4_PREFETCH + 4 * K - 1) / (4 * K) * (4 * K), end = r1 * K;
-    float out[16];
+    float out[16] = {0.f}; /* (every element read is written first; GCC cannot see it) */
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
         const int64_t o = r * K + ahead; /* the prefetched group's first byte in m */
