@@ -194,6 +194,19 @@ def test_int8_activations_are_refused_for_offloaded_int4(ckpt, capsys):
     assert rc == 2 and "--int4-activations int8 does not combine with --max-memory" in capsys.readouterr().err
 
 
+def test_int8_activations_are_refused_for_offloaded_int8(ckpt, capsys):
+    """The same for int8 weights' int8_activations: "int8" refused (before any conversion), "float32"
+    (their default, what offloaded experts do) accepted."""
+    model = load_model(ckpt, max_memory="1GB")
+    with pytest.raises(ValueError, match="int8_activations='int8' applies to resident models"):
+        prepare_for_inference(model, quant="int8", int8_activations="int8")
+    assert model.int8_activations is None and expert_cache(model).fmt.kind == "plain"  # type: ignore[union-attr]
+    prepare_for_inference(model, quant="int8", int8_activations="float32")
+    rc = main(["generate", "--model", str(ckpt), "--prompt", "x", "--max-new-tokens", "2", "--max-memory", "1GB",
+               "--quant", "int8", "--int8-activations", "int8"])
+    assert rc == 2 and "--int8-activations int8 does not combine with --max-memory" in capsys.readouterr().err
+
+
 def test_int4_experts_of_an_odd_width_are_refused_at_preparation(tmp_path):
     """An ffn_dim that int4's groups do not divide: refused by `prepare_for_inference`, as for
     resident experts, not by the first forward pass that reads an expert in."""
