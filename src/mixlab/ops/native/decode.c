@@ -464,7 +464,8 @@ static void a8_unpin(void) { a8_pinned.rows = 0; }
    the rows); null when memory runs out. */
 static a8vec* a8_rows(int wt, const float* X, int64_t M, int64_t K) {
     const float* P = a8_pinned.X;
-    if (a8_pinned.rows && K == a8_pinned.K && a8_pinned.nat == (wt == MX_I8_A8) && X >= P && X + M * K <= P + a8_pinned.M * K && (X - P) % K == 0)
+    if (a8_pinned.rows && K == a8_pinned.K && a8_pinned.nat == (wt == MX_I8_A8) && X >= P
+        && X + M * K <= P + a8_pinned.M * K && (X - P) % K == 0)
         return a8_pinned.rows + (X - P) / K;
     return a8_round(0, wt, X, M, K);
 }
