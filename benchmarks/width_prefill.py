@@ -15,7 +15,8 @@ matmul peak measured in the same run) counts exactly that work.
 
 `--quant int4`: mixlab's int4 (groups of 32, activations rounded to int8) against llama.cpp's Q4_0 made
 from the bf16 file by its own quantiser (every matrix Q4_0); `--quant int8`: mixlab's int8 against the
-Q8_0 file mixlab writes. The limit stays the bf16 matmul peak (the work, not its arithmetic).
+Q8_0 file mixlab writes (`--quant int8-act8`: with `int8_activations="int8"`). The limit stays the bf16
+matmul peak (the work, not its arithmetic).
 
     .venv/bin/python benchmarks/width_prefill.py --layers 2 --prompts 128 512 --reps 5
     .venv/bin/python benchmarks/width_prefill.py --layers 2 --prompts 128 512 --reps 5 --quant int4
@@ -77,8 +78,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quant", choices=["bf16", "int8", "int4"], default="bf16",
-                    help="mixlab's weights, against llama.cpp's bf16 / Q8_0 / Q4_0 file (default bf16)")
+    ap.add_argument("--quant", choices=["bf16", "int8", "int8-act8", "int4"], default="bf16",
+                    help="mixlab's weights, against llama.cpp's bf16 / Q8_0 / Q8_0 / Q4_0 file (default bf16; "
+                         "int8-act8: int8 with int8_activations='int8')")
     ap.add_argument("--workdir", default=None, help="where the GGUF file is written (default: the temp folder)")
     args = ap.parse_args()
     if args.layers < 2:
@@ -99,14 +101,15 @@ def main() -> None:
     model.eval()
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="mixlab-width-") as tmp:
         path = write_gguf(model, Path(tmp) / "m-bf16.gguf", quant="bf16")
-        if args.quant == "int8":
+        if args.quant.startswith("int8"):
             path.unlink()
             path = write_gguf(model, Path(tmp) / "m-q8_0.gguf", quant="q8_0")
         elif args.quant == "int4":  # every matrix Q4_0, as mixlab's int4 holds it
             path = llama_quantize(path, Path(tmp) / "m-q4_0.gguf", "Q4_0", threads=args.threads, pure=True)
-        theirs = {"bf16": "llama.cpp-bf16", "int8": "llama.cpp-q8_0", "int4": "llama.cpp-q4_0"}[args.quant]
-        quant = None if args.quant == "bf16" else args.quant
-        prepared = prepare_for_inference(model, quant=quant)
+        theirs = {"bf16": "llama.cpp-bf16", "int4": "llama.cpp-q4_0"}.get(args.quant, "llama.cpp-q8_0")
+        quant = None if args.quant == "bf16" else args.quant[:4]
+        prepared = prepare_for_inference(model, quant=quant,
+                                         int8_activations="int8" if args.quant == "int8-act8" else None)
         peers: list[Peer] = [EnginePeer(prepared, f"mixlab-{args.quant} (engine)"),
                              MixlabPeer(prepared, f"mixlab-{args.quant} (forward pass)"),
                              LlamaCppPeer(path, theirs, args.threads, max(args.prompts) + 16, 2.0)]
