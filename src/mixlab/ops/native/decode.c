@@ -316,7 +316,32 @@ typedef struct { /* one activation vector in that layout; Kp = K rounded up to 1
 static inline int64_t a8_kp(int64_t K) { return (K + 127) & ~(int64_t)127; }
 
 /* The rounding of one block of 32: d = max|x| / 127, q = round-to-nearest-even(x * (127 / max|x|)),
-   zeros for an all-zero block (mixlab.ops.quant.round_activations_q8 computes the same floats). */
+   zeros for an all-zero block (mixlab.ops.quant.round_activations_q8 computes the same floats). The
+   codes go to q[32] and, as bytes, the first 16 to `first` and the last 16 to `last`; returns d.
+   Both layouts below (`quant_a8`, `quant_a8n`) round through it, so int4's and int8's roundings of a
+   vector are the same numbers. */
+static inline float round_block32(const float* x, int8_t* first, int8_t* last, int32_t q[32]) {
+#if defined(__AVX512F__)
+    const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const __m512 id = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)); /* MXCSR: to nearest, ties even */
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+    _mm_storeu_si128((__m128i*)(void*)first, _mm512_cvtepi32_epi8(q0)); /* |q| <= 127 */
+    _mm_storeu_si128((__m128i*)(void*)last, _mm512_cvtepi32_epi8(q1));
+    _mm512_storeu_si512(q, q0);
+    _mm512_storeu_si512(q + 16, q1);
+#else
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float id = amax != 0.f ? 127.f / amax : 0.f;
+    for (int i = 0; i < 32; i++) q[i] = (int32_t)nearbyintf(x[i] * id);
+    for (int i = 0; i < 16; i++) first[i] = (int8_t)q[i], last[i] = (int8_t)q[16 + i];
+#endif
+    return amax / 127.f;
+}
+
+/* Activation vector x [K] rounded for int4 weights (MX_Q4_*_A8), in the nibble layout of `a8vec`. */
 static void quant_a8(const float* x, int64_t K, a8vec a) {
     const int64_t Kp = a8_kp(K);
     for (int64_t c = 0; c < Kp / 128; c++) {
@@ -330,34 +355,13 @@ static void quant_a8(const float* x, int64_t K, a8vec a) {
                 for (int u = 0; u < 4; u++) a.corr[l0 + u] = 0, a.d[l0 + u] = 0.f;
                 continue;
             }
-#if defined(__AVX512F__)
-            const __m512 v0 = _mm512_loadu_ps(x + k0), v1 = _mm512_loadu_ps(x + k0 + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-            const __m512 id = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
-            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)); /* MXCSR: to nearest, ties even */
-            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-            _mm_storeu_si128((__m128i*)(void*)(lo + j * 16), _mm512_cvtepi32_epi8(q0)); /* |q| <= 127 */
-            _mm_storeu_si128((__m128i*)(void*)(hi + j * 16), _mm512_cvtepi32_epi8(q1));
-            /* lane u of the dot product multiplies codes 4u..4u+3 of both halves: sum each four */
-            __m512i t = _mm512_add_epi32(q0, q1);
-            t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_CDAB));
-            t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
-            int32_t sums[16];
-            _mm512_storeu_si512(sums, t);
-            for (int u = 0; u < 4; u++) a.corr[l0 + u] = -8 * sums[4 * u], a.d[l0 + u] = amax / 127.f;
-#else
-            float amax = 0.f;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
-            const float id = amax != 0.f ? 127.f / amax : 0.f;
             int32_t q[32];
-            for (int i = 0; i < 32; i++) q[i] = (int32_t)nearbyintf(x[k0 + i] * id);
-            for (int i = 0; i < 16; i++) lo[j * 16 + i] = (int8_t)q[i], hi[j * 16 + i] = (int8_t)q[16 + i];
-            for (int u = 0; u < 4; u++) {
+            const float d = round_block32(x + k0, lo + j * 16, hi + j * 16, q);
+            for (int u = 0; u < 4; u++) { /* lane u multiplies codes 4u..4u+3 of both halves */
                 int32_t sum = 0;
                 for (int b = 0; b < 4; b++) sum += q[4 * u + b] + q[16 + 4 * u + b];
-                a.corr[l0 + u] = -8 * sum, a.d[l0 + u] = amax / 127.f;
+                a.corr[l0 + u] = -8 * sum, a.d[l0 + u] = d;
             }
-#endif
         }
     }
 }
@@ -372,26 +376,10 @@ static void quant_a8n(const float* x, int64_t K, a8vec a) {
             for (int u = 0; u < 8; u++) a.corr[l0 + u] = 0, a.d[l0 + u] = 0.f;
             continue;
         }
-#if defined(__AVX512F__)
-        const __m512 v0 = _mm512_loadu_ps(x + k0), v1 = _mm512_loadu_ps(x + k0 + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const __m512 id = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
-        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)); /* MXCSR: to nearest, ties even */
-        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-        _mm_storeu_si128((__m128i*)(void*)(a.q + k0), _mm512_cvtepi32_epi8(q0)); /* |q| <= 127 */
-        _mm_storeu_si128((__m128i*)(void*)(a.q + k0 + 16), _mm512_cvtepi32_epi8(q1));
         int32_t q[32];
-        _mm512_storeu_si512(q, q0);
-        _mm512_storeu_si512(q + 16, q1);
-#else
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
-        const float id = amax != 0.f ? 127.f / amax : 0.f;
-        int32_t q[32];
-        for (int i = 0; i < 32; i++) q[i] = (int32_t)nearbyintf(x[k0 + i] * id), a.q[k0 + i] = (int8_t)q[i];
-#endif
+        const float d = round_block32(x + k0, a.q + k0, a.q + k0 + 16, q);
         for (int u = 0; u < 8; u++)
-            a.corr[l0 + u] = -128 * (q[4 * u] + q[4 * u + 1] + q[4 * u + 2] + q[4 * u + 3]), a.d[l0 + u] = amax / 127.f;
+            a.corr[l0 + u] = -128 * (q[4 * u] + q[4 * u + 1] + q[4 * u + 2] + q[4 * u + 3]), a.d[l0 + u] = d;
     }
 }
 
