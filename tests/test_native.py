@@ -303,6 +303,32 @@ def test_int8_linear_follows_the_mode_with_and_without_the_kernels(monkeypatch):
     assert float((round_activations_q8(x) @ w.T - x @ w.T).abs().max()) > 1e-3
 
 
+def test_many_int8_rows_with_int8_activations_run_natively_against_float32_ones(monkeypatch):
+    """A prompt's rows (100) through an `Int8Linear` with `act8`: float32 activations take the native
+    integer tiles (faster than a float32 GEMM of the dequantised weight), never `F.linear`, within
+    float32 summation order of the rounded reference; bf16 ones keep dequantise-then-GEMM (AVX512-BF16
+    GEMMs are as fast there)."""
+    from mixlab.ops import quant, registry
+    from mixlab.ops.quant import Int8Linear, dequantize_int8, round_activations_q8
+
+    if not native.fast(torch.int8):
+        pytest.skip("native int8 kernels not vectorised here")
+    lin = Int8Linear(torch.nn.Linear(256, 40, bias=False))
+    lin.act8 = True
+    x = torch.randn(100, 256, generator=torch.Generator().manual_seed(6))
+    assert registry.linear_impl(x, lin.weight, lin.scale, act8=True) == "native"
+    assert registry.linear_impl(x.bfloat16(), lin.weight, lin.scale, act8=True) == "int8"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("F.linear ran")
+
+    want = round_activations_q8(x) @ dequantize_int8(lin.weight, lin.scale, torch.float32).T
+    with torch.inference_mode(), monkeypatch.context() as m:
+        m.setattr(quant.F, "linear", refuse)
+        got = lin(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_int8_activations_need_rows_of_a_multiple_of_32():
     q, s = quantize_int8(torch.randn(8, 48))
     with pytest.raises(ValueError, match="int8 activations need a multiple of 32 inputs per row, not 48"):

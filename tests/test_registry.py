@@ -94,6 +94,19 @@ def test_choices():
     assert c("linear", tokens=4, **{**kw, "fmt": "strided"}) == "torch"
     int8 = {**kw, "fmt": "int8", "dtype": torch.int8, "act_dtype": torch.bfloat16}
     assert c("linear", tokens=registry.NATIVE_MAX_ROWS + 1, **int8) == "int8"
+    # int4 x int8 activations: the native kernel for any number of rows (panels for many)
+    int4 = {**kw, "fmt": "int4", "dtype": torch.uint8, "act_dtype": torch.bfloat16}
+    big = 512
+    native4 = native.fast(torch.uint8)
+    assert c("linear", tokens=big, act8=True, **int4) == ("native" if native4 else "int4")
+    assert c("linear", tokens=big, **int4) == "int4"  # float activations: no many-row kernel
+    assert c("linear", tokens=big, act8=True, **{**int4, "training": True}) == "int4"
+    assert c("linear", tokens=big, act8=True, **{**int4, "device": "cuda"}) == "int4"
+    # int8 x int8 activations: native for many rows against float32 activations, not bf16 ones
+    assert c("linear", tokens=big, act8=True, **{**int8, "act_dtype": torch.float32}) == (
+        "native" if native.fast(torch.int8) else "int8")
+    assert c("linear", tokens=big, act8=True, **int8) == "int8"
+    assert c("linear", tokens=big, **{**int8, "act_dtype": torch.float32}) == "int8"
     assert c("moe", tokens=3, **{**kw, "training": True}) == "sorted"
     assert c("moe", tokens=1, **{**kw, "fmt": "packed"}) == "decode"
     assert c("moe", tokens=registry.NATIVE_MAX_TOKENS + 1, **kw) == "sorted"

@@ -10,8 +10,15 @@ int8 halves the bytes of bf16.
 `int8_linear` runs the kernel `mixlab.ops.registry` picks by the number of rows: for a few rows
 (decoding) the native kernel (or, without it, torch's fused `aten._weight_int8pack_mm`) reads int8
 and scales on the fly; for many rows (prefill) the matmul is compute-bound, so the weight is
-dequantised once to the activation dtype for the bf16 GEMM. Batch-1 decoding of a prepared model
+dequantised once to the activation dtype for the bf16 GEMM (but for activations rounded to int8,
+`act8`, against float32 ones: the native integer tiles beat float32 GEMMs). Batch-1 decoding of a prepared model
 runs the whole step natively instead (`mixlab.model.native`).
+
+`int4_linear` with activations rounded to int8 (`act8`, a model's default `int4_activations="int8"`)
+runs the native int4 x int8 kernel for any number of rows once the kernels are loaded (for many rows
+integer register tiles over unpacked panels: the native steps' own products), so a prepared model's
+forward over a prompt never rebuilds a float weight; with exact float activations (`"float32"`), or
+without the kernels, many rows dequantise per call, then GEMM.
 
 Int4: llama.cpp's Q4_0 arithmetic with groups of G = 32, 64 or 128 inputs. A group's scale is
 d = m / -8, m its element of largest magnitude (sign kept), and w ≈ (q - 8) * d with q in [0, 15].
@@ -140,13 +147,15 @@ def rounds_activations(m: nn.Module) -> bool:
 
 
 def int4_linear(x_ND: torch.Tensor, q_XDh: torch.Tensor, s_XG: torch.Tensor, *, act8: bool = False) -> torch.Tensor:
-    """x @ dequantize_int4(q, s).T: the native kernel for a few rows where available, else the
+    """x @ dequantize_int4(q, s).T: the native kernel where the registry picks it, else the
     dequantised weight through PyTorch's matmul (correct everywhere; the weight is rebuilt per call).
-    `act8`: x's rows rounded to int8 per block of 32 first (`round_activations_q8`)."""
+    `act8`: x's rows rounded to int8 per block of 32 (`round_activations_q8`): by the native kernel
+    (MX_Q4_*_A8: integer products, the native steps' own, for any number of rows) where it runs,
+    else first, then multiplied exactly. Without act8 the native kernel takes a few rows only."""
+    if registry.linear_impl(x_ND, q_XDh, s_XG, act8=act8) == "native":
+        return torch.ops.mixlab.linear(x_ND, q_XDh, s_XG, act8)
     if act8:
         x_ND = round_activations_q8(x_ND).to(x_ND.dtype)
-    if registry.linear_impl(x_ND, q_XDh, s_XG) == "native":
-        return torch.ops.mixlab.linear(x_ND, q_XDh, s_XG)
     return F.linear(x_ND, dequantize_int4(q_XDh, s_XG, x_ND.dtype))
 
 
@@ -157,7 +166,7 @@ def int8_linear(x_ND: torch.Tensor, q_XD: torch.Tensor, s_X: torch.Tensor, *, ac
     multiplied exactly (the same products, summed in another order)."""
     if q_XD.dtype == torch.uint8:
         return int4_linear(x_ND, q_XD, s_X, act8=act8)
-    impl = registry.linear_impl(x_ND, q_XD, s_X)
+    impl = registry.linear_impl(x_ND, q_XD, s_X, act8=act8)
     if impl == "native":
         return torch.ops.mixlab.linear(x_ND, q_XD, s_X, act8)
     if act8:

@@ -7,7 +7,9 @@ format modules) and none second-guesses it; `linear_impl`, `moe_impl` and `decod
 five facts off the tensors at hand.
 
 Operations and what they can get:
-- `linear` (x @ w.T): `native` (`torch.ops.mixlab.linear`: few rows, each weight row read once),
+- `linear` (x @ w.T): `native` (`torch.ops.mixlab.linear`: few rows, each weight row read once; any
+  number of rows for int4 weights times activations rounded to int8, `act8`, whose kernel runs many
+  rows in integer register tiles, `gemm_panels_a8`),
   `packed` (oneDNN's linear on a packed weight), `int8pack` (torch's fused int8 matrix-vector
   kernel), `int8` / `int4` (dequantise, then GEMM), `torch` (`F.linear`).
 - `moe` (the experts of a layer): `triton` (CUDA: `mixlab.ops.triton_moe`, differentiable),
@@ -80,16 +82,33 @@ def native_ready(dtype: torch.dtype) -> bool:
 
 
 def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, training: bool,
-           act_dtype: torch.dtype | None = None, experts: int = 0) -> str:
+           act_dtype: torch.dtype | None = None, experts: int = 0, act8: bool = False) -> str:
     """The implementation of `op` for weights of format `fmt` and `dtype` on `device`, for `tokens`
     rows or tokens, with (`training`) or without gradients. `act_dtype`: the activations' dtype
     (linear only; torch's int8 kernel takes float32 and bf16). `experts` (moe only): how many
-    experts the weights stack (the native kernel takes up to `native.MAX_EXPERTS`)."""
+    experts the weights stack (the native kernel takes up to `native.MAX_EXPERTS`). `act8` (linear
+    only): int4 / int8 weights times activations rounded to int8 per block of 32."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     native_ok = (device == "cpu" and not training and fmt in ("plain", "int8", "int4") and native_ready(dtype))
     if op == "linear":
         if native_ok and tokens <= NATIVE_MAX_ROWS:
+            return "native"
+        # int4 x int8 activations: from `big_min_tokens` rows the kernel runs integer register tiles
+        # over unpacked panels (`gemm_panels_a8`), the native steps' bits; dequantise-then-GEMM rebuilds
+        # the float weight on every call (mini-moe's forward, 1 thread: 4-6x faster at 32 tokens,
+        # 1.8-3x at 512). The float-activation int4 kernel (act8 off) has no panels: many rows stay
+        # with dequantise-then-GEMM.
+        if native_ok and fmt == "int4" and act8:
+            return "native"
+        # int8 x int8 activations (MX_I8_A8, 4x4 integer tiles, no panels): 2-7x faster than
+        # dequantise-then-GEMM against float32 activations at 32-128 rows, ~1.5x at 512 (float32 GEMMs;
+        # 4096x1024 and 1024x4096 matrices, 2 shared cores), but not against bf16 ones (AVX512-BF16
+        # GEMMs level or faster from 64 rows). Float activations' int8 kernel (MX_I8) has no many-row
+        # tiles (4-10x slower than bf16 GEMMs from 128 rows, 1.5x than float32 ones at 512): those
+        # stay with dequantise-then-GEMM. (`native_ok` is false for training: the kernels have no
+        # autograd; off CPU; without the loaded kernels.)
+        if native_ok and fmt == "int8" and act8 and act_dtype == torch.float32:
             return "native"
         if fmt == "packed":
             return "packed"
@@ -118,10 +137,12 @@ def _training(*ts: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def linear_impl(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None) -> str:
+def linear_impl(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None = None, *,
+                act8: bool = False) -> str:
     """`choose("linear", ...)` for these tensors."""
     return choose("linear", device=x_ND.device.type, fmt=weight_format(w_XD, scale_X), dtype=w_XD.dtype,
-                  tokens=x_ND.shape[:-1].numel(), training=_training(x_ND, w_XD), act_dtype=x_ND.dtype)
+                  tokens=x_ND.shape[:-1].numel(), training=_training(x_ND, w_XD), act_dtype=x_ND.dtype,
+                  act8=act8)
 
 
 def moe_impl(x_TD: torch.Tensor, w13_E2FD: torch.Tensor, w13_scale_E2F: torch.Tensor | None = None) -> str:
