@@ -244,10 +244,12 @@ def test_ep_quantised_experts_equal_one_process_s(tmp_path: Path, monkeypatch: p
     quantised experts; the logits equal one process's forward to float32 rounding, not bit for bit
     (1.5e-6 of 4 here): the products are the same, their sums' order is not (an expert multiplies
     every process's rows at once, twice the rows here, and one process picks a whole-layer kernel),
-    and the tokens printed are one process's running PyTorch's kernels (the native steps' differ
-    here: the file's Q4_0 token embedding puts the first normed rows on int4's grid, where rounding
-    them to int8 meets exact ties that a last-bit difference in the norm breaks either way, 1.8e-2
-    in a logprob; a folder's int4 model: test_ep_int4_activations_in_either_mode_...)."""
+    and the tokens printed are one process's running the kernels each --ep process runs: PyTorch's
+    pass, whose int4 products take the native int4 x int8 kernel at any row count, with no native
+    decoder (the native steps' differ here, and so does PyTorch's pass without the kernels,
+    MIXLAB_NATIVE=0: the file's Q4_0 token embedding puts the first normed rows on int4's grid, where
+    rounding them to int8 meets exact ties that a last-bit difference in the norm breaks either way,
+    1.8e-2 in a logprob; a folder's int4 model: test_ep_int4_activations_in_either_mode_...)."""
     from mixlab import generate, load_tokenizer
 
     model = _tiny_moe()
@@ -262,7 +264,8 @@ def test_ep_quantised_experts_equal_one_process_s(tmp_path: Path, monkeypatch: p
     run_group(_job, [{"kind": "quant", "sources": sources, "out": str(tmp_path / "out")}])
     tok = load_tokenizer()
     prompt = tok.encode("Bonjour, le monde")
-    monkeypatch.setenv("MIXLAB_NATIVE", "0")
+    for where in ("mixlab.generate", "mixlab.engine.runner"):  # no native decoder, as under --ep
+        monkeypatch.setattr(importlib.import_module(where), "shared_decoder", lambda model: None)
     ids = [i for i in generate(_one_process_quantised(*sources[-1]), [prompt], max_new_tokens=8)[0]
            if i != tok.eos_id]
     printed = (tmp_path / "out").read_text()
