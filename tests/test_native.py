@@ -329,6 +329,36 @@ def test_many_int8_rows_with_int8_activations_run_natively_against_float32_ones(
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [2, 30, 100])
+def test_int8_rows_times_bf16_activations_run_natively_as_bf16(rows, monkeypatch):
+    """int8 weights times exact bf16 activations (a bf16 model's `Int8Linear`, int8_activations
+    "float32") up to INT8_A16_MAX_ROWS rows: the native kernel multiplies the rows as bf16 (decode.c's
+    `act16`, panels from 64 rows at this width), never building a bf16 copy of the weight, as a bf16
+    model's engine step does: within bf16's rounding of the weights (the panels hold code x scale in
+    bf16; fewer rows multiply the exact codes) and of the output."""
+    from mixlab.ops import quant, registry
+    from mixlab.ops.quant import Int8Linear
+
+    if not (native.fast(torch.int8) and native.fast(torch.bfloat16)):
+        pytest.skip("native int8 x bf16 kernels need AVX512-BF16")
+    lin = Int8Linear(torch.nn.Linear(256, 72, bias=False), scale_dtype=torch.bfloat16)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(7)).bfloat16()
+    assert rows <= registry.INT8_A16_MAX_ROWS and registry.linear_impl(x, lin.weight, lin.scale) == "native"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("F.linear ran")
+
+    with torch.inference_mode(), monkeypatch.context() as m:
+        m.setattr(quant.F, "linear", refuse)
+        got = lin(x)
+    w = lin.weight.float() * lin.scale.float()[:, None]
+    exact = x.float() @ w.T
+    bound = (x.float().abs() @ w.abs().T + exact.abs()) * 2 ** -8  # bf16 weights, bf16 output
+    assert got.dtype == torch.bfloat16
+    assert bool(((got.float() - exact).abs() <= bound).all())
+    assert float((got.float() - exact).abs().max()) > 0  # not compared with itself
+
+
 def test_int8_activations_need_rows_of_a_multiple_of_32():
     q, s = quantize_int8(torch.randn(8, 48))
     with pytest.raises(ValueError, match="int8 activations need a multiple of 32 inputs per row, not 48"):

@@ -93,7 +93,12 @@ def test_choices():
     assert c("linear", tokens=4, **{**kw, "fmt": "packed"}) == "packed"
     assert c("linear", tokens=4, **{**kw, "fmt": "strided"}) == "torch"
     int8 = {**kw, "fmt": "int8", "dtype": torch.int8, "act_dtype": torch.bfloat16}
-    assert c("linear", tokens=registry.NATIVE_MAX_ROWS + 1, **int8) == "int8"
+    assert c("linear", tokens=registry.INT8_A16_MAX_ROWS + 1, **int8) == "int8"
+    # int8 x exact bf16 activations: native (as bf16, panels) up to INT8_A16_MAX_ROWS rows where AVX512-BF16 is
+    a16 = "native" if native.fast(torch.int8) and native.fast(torch.bfloat16) else "int8"
+    assert c("linear", tokens=registry.INT8_A16_MAX_ROWS, **int8) == a16
+    assert c("linear", tokens=registry.INT8_A16_MAX_ROWS, **{**int8, "act_dtype": torch.float32}) == "int8"
+    assert c("linear", tokens=registry.INT8_A16_MAX_ROWS, **{**int8, "training": True}) == "int8"
     # int4 x int8 activations: the native kernel for any number of rows (panels for many)
     int4 = {**kw, "fmt": "int4", "dtype": torch.uint8, "act_dtype": torch.bfloat16}
     big = 512

@@ -10,8 +10,10 @@ int8 halves the bytes of bf16.
 `int8_linear` runs the kernel `mixlab.ops.registry` picks by the number of rows: for a few rows
 (decoding) the native kernel (or, without it, torch's fused `aten._weight_int8pack_mm`) reads int8
 and scales on the fly; for many rows (prefill) the matmul is compute-bound, so the weight is
-dequantised once to the activation dtype for the bf16 GEMM (but for activations rounded to int8,
-`act8`, against float32 ones: the native integer tiles beat float32 GEMMs). Batch-1 decoding of a prepared model
+dequantised once to the activation dtype for the bf16 GEMM, but where the native kernel wins: bf16
+activations up to `registry.INT8_A16_MAX_ROWS` rows (the int8 rows multiplied as bf16 in panels, no
+bf16 copy of the weight: a prompt's per-expert slices at Mixtral's widths) and activations rounded
+to int8 (`act8`) against float32 ones (integer tiles beat float32 GEMMs). Batch-1 decoding of a prepared model
 runs the whole step natively instead (`mixlab.model.native`).
 
 `int4_linear` with activations rounded to int8 (`act8`, a model's default `int4_activations="int8"`)

@@ -9,7 +9,8 @@ five facts off the tensors at hand.
 Operations and what they can get:
 - `linear` (x @ w.T): `native` (`torch.ops.mixlab.linear`: few rows, each weight row read once; any
   number of rows for int4 weights times activations rounded to int8, `act8`, whose kernel runs many
-  rows in integer register tiles, `gemm_panels_a8`),
+  rows in integer register tiles, `gemm_panels_a8`; up to INT8_A16_MAX_ROWS rows of bf16 activations
+  for int8 weights, multiplied as bf16 in panels),
   `packed` (oneDNN's linear on a packed weight), `int8pack` (torch's fused int8 matrix-vector
   kernel), `int8` / `int4` (dequantise, then GEMM), `torch` (`F.linear`).
 - `moe` (the experts of a layer): `triton` (CUDA: `mixlab.ops.triton_moe`, differentiable),
@@ -51,6 +52,8 @@ NATIVE_MAX_STEP_TOKENS = 512
 # Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
 # that does not block for many rows).
 INT8PACK_MAX_ROWS = 8
+# Up to this many rows int8 weights times bf16 activations run natively as bf16 (`choose`).
+INT8_A16_MAX_ROWS = 128
 
 FORMATS = ("plain", "packed", "int8", "int4", "strided")
 OPS = ("linear", "moe", "decode_step", "decode_batch")
@@ -109,6 +112,15 @@ def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, t
         # stay with dequantise-then-GEMM. (`native_ok` is false for training: the kernels have no
         # autograd; off CPU; without the loaded kernels.)
         if native_ok and fmt == "int8" and act8 and act_dtype == torch.float32:
+            return "native"
+        # int8 weights times exact bf16 activations: the native kernel multiplies the int8 rows as bf16
+        # (decode.c's `act16`, panels from `big_min_tokens` rows: what a bf16 model's engine step runs),
+        # with no bf16 copy of the weight. That copy is what costs at Mixtral's widths, where a prompt's
+        # per-expert slices have few rows: a 28672x4096 w13 (a 4096x14336 w2) at 32 rows 3.9x (4.0x)
+        # faster, 128 rows 1.9x (1.8x), 512 level; mini-moe's forward level at 32 and 512 tokens, 1.1-1.5x
+        # at 128 (2 shared cores / 1 thread). Beyond INT8_A16_MAX_ROWS the GEMM.
+        if (native_ok and fmt == "int8" and not act8 and act_dtype == torch.bfloat16
+                and tokens <= INT8_A16_MAX_ROWS and native_ready(torch.bfloat16)):
             return "native"
         if fmt == "packed":
             return "packed"

@@ -52,7 +52,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32); int8 with them, I8_A8).
@@ -161,7 +161,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mx_decode_batch": (None, [_P, _P, _I]),  # model, batch, threads
     "mx_gemv": (None, [_I, _P, _P, _I64, _I64, _P, _P, _P, _I]),
     # wt w scale N K M X XB Y threads
-    "mx_linear": (None, [_I, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I]),
+    "mx_linear": (None, [_I, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I, _I]),
     "mx_moe": (None, [_P, _I]),
     "mx_pack_bf16": (None, [_P, _I64, _I64, _P, _I]),  # w N K P threads
     # w P N K M X XB Y threads
@@ -476,6 +476,8 @@ def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None 
            act8: bool = False) -> torch.Tensor:
     """x @ w.T (times the row scales for int8 weights) for a few rows: each weight row read once.
     `act8` (int4 and int8 weights): the rows of x rounded to int8 per block of 32 (MX_Q4_*_A8, MX_I8_A8).
+    int8 weights times bf16 x (without act8) multiply as bf16 (decode.c's `act16`: exact, x being bf16
+    already), in panels for many rows, as a bf16 model's engine step does.
     The kernel itself; callers use the operator `torch.ops.mixlab.linear` (`ops.py`)."""
     lib = _need()
     lead, X, D = x_ND.shape[:-1], w_XD.shape[0], x_ND.shape[-1]
@@ -484,10 +486,11 @@ def linear(x_ND: torch.Tensor, w_XD: torch.Tensor, scale_X: torch.Tensor | None 
     w = w_XD.contiguous()
     M = x.shape[0]
     y = torch.empty(M, X, dtype=torch.float32)
-    xb = torch.empty(M * D if w.dtype == torch.bfloat16 else 0, dtype=torch.int16)
+    act16 = w.dtype == torch.int8 and not act8 and x_ND.dtype == torch.bfloat16 and D % 32 == 0
+    xb = torch.empty(M * D if w.dtype == torch.bfloat16 or act16 else 0, dtype=torch.int16)
     s = scale_arg(w, scale_X)
     lib.mx_linear(type_code(w, scale_X, act8=act8), w.data_ptr(), _ptr(s), X, D, M, x.data_ptr(), xb.data_ptr(),
-                  y.data_ptr(), torch.get_num_threads())
+                  y.data_ptr(), int(act16), torch.get_num_threads())
     return y.to(x_ND.dtype).reshape(*lead, X)
 
 

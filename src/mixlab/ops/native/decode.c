@@ -2226,9 +2226,10 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
 }
 
 /* Y [M, N] = X [M, K] @ W.T for a few rows (batched decoding): each weight row is read once for all
-   M rows of X. XB: room for X rounded to bf16 (bf16 weights). M = 1 is a matrix-vector product. */
+   M rows of X. XB: room for X rounded to bf16 (bf16 weights, int8 ones with `act16`). M = 1 is a
+   matrix-vector product. */
 static void linear_rows(mat m, int64_t N, int64_t M, const float* X, uint16_t* XB, float* Y, int nt) {
-    if (m.wt == MX_BF16) round_to_bf16(X, XB, M * m.K);
+    if (m.wt == MX_BF16 || m.act16) round_to_bf16(X, XB, M * m.K);
     barrier_t bar = {0, 0};
 #pragma omp parallel num_threads(nt)
     {
@@ -2240,8 +2241,8 @@ static void linear_rows(mat m, int64_t N, int64_t M, const float* X, uint16_t* X
 }
 
 void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
-               uint16_t* XB, float* Y, int nt) {
-    linear_rows((mat){wt, w, w_scale, K}, N, M, X, XB, Y, nt);
+               uint16_t* XB, float* Y, int act16, int nt) {
+    linear_rows((mat){wt, w, w_scale, K, act16 && wt == MX_I8}, N, M, X, XB, Y, nt);
 }
 
 void mx_pack_bf16(const void* w, int64_t N, int64_t K, void* P, int nt) {

@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 9
+#define MX_ABI_VERSION 10
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -191,8 +191,10 @@ void mx_decode_step(const mx_model* m, const mx_bufs* b, int64_t token, int64_t 
    consecutive positions; every dense weight read once for all T tokens, each chosen expert once for
    the tokens that chose it; writes logits [R, V] (the rows asked for) and chosen [L, T, K]. */
 void mx_decode_batch(const mx_model* m, const mx_batch* p, int nt);
+/* `act16` (int8 weights, MX_I8): X rounded to bf16 (XB) and the int8 rows multiplied as bf16, as a
+   bf16 model's engine step does (`mat.act16`: panels for many rows); exact for X already bf16. */
 void mx_linear(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, int64_t M, const float* X,
-               uint16_t* XB, float* Y, int nt);
+               uint16_t* XB, float* Y, int act16, int nt);
 void mx_moe(const mx_moe_args* p, int nt);
 /* P = the N rows of bf16 matrix w [N, K] in 32-row panels (N % 32 == 0, K % 32 == 0): panel r / 32
    holds rows r..r+31 as P[(r / 32) * 32 K + (k / 2) * 64 + 2 (r % 32) + (k % 2)], so that one
