@@ -180,31 +180,21 @@ def test_budget_too_small_for_any_format_is_refused_at_load(ckpt):
         load_model(ckpt, max_memory=least)(TOKENS)  # (it was range()'s 'arg 3 must not be zero')
 
 
-def test_int8_activations_are_refused_for_offloaded_int4(ckpt, capsys):
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_int8_activations_are_refused_for_offloaded_experts(ckpt, capsys, quant):
     """Offloaded experts have no native whole-model step, whose int8 activations int4_activations
-    chooses: asking for them is refused (it was ignored, and the tokens differed from the resident
-    model's); "float32", what they do, is accepted."""
+    (int8_activations) chooses: asking for them is refused before any conversion (it was ignored, and
+    the tokens differed from the resident model's); "float32", what they do, is accepted."""
+    setting = f"{quant}_activations"
     model = load_model(ckpt, max_memory="1GB")
-    with pytest.raises(ValueError, match="int4_activations='int8' applies to resident models"):
-        prepare_for_inference(model, quant="int4", int4_activations="int8")
-    assert model.int4_activations is None and expert_cache(model).fmt.kind == "plain"  # type: ignore[union-attr]
-    prepare_for_inference(model, quant="int4", int4_activations="float32")
+    with pytest.raises(ValueError, match=f"{setting}='int8' applies to resident models"):
+        prepare_for_inference(model, quant=quant, **{setting: "int8"})
+    assert getattr(model, setting) is None and expert_cache(model).fmt.kind == "plain"  # type: ignore[union-attr]
+    prepare_for_inference(model, quant=quant, **{setting: "float32"})
+    flag = f"--{quant}-activations"
     rc = main(["generate", "--model", str(ckpt), "--prompt", "x", "--max-new-tokens", "2", "--max-memory", "1GB",
-               "--quant", "int4", "--int4-activations", "int8"])
-    assert rc == 2 and "--int4-activations int8 does not combine with --max-memory" in capsys.readouterr().err
-
-
-def test_int8_activations_are_refused_for_offloaded_int8(ckpt, capsys):
-    """The same for int8 weights' int8_activations: "int8" refused (before any conversion), "float32"
-    (their default, what offloaded experts do) accepted."""
-    model = load_model(ckpt, max_memory="1GB")
-    with pytest.raises(ValueError, match="int8_activations='int8' applies to resident models"):
-        prepare_for_inference(model, quant="int8", int8_activations="int8")
-    assert model.int8_activations is None and expert_cache(model).fmt.kind == "plain"  # type: ignore[union-attr]
-    prepare_for_inference(model, quant="int8", int8_activations="float32")
-    rc = main(["generate", "--model", str(ckpt), "--prompt", "x", "--max-new-tokens", "2", "--max-memory", "1GB",
-               "--quant", "int8", "--int8-activations", "int8"])
-    assert rc == 2 and "--int8-activations int8 does not combine with --max-memory" in capsys.readouterr().err
+               "--quant", quant, flag, "int8"])
+    assert rc == 2 and f"{flag} int8 does not combine with --max-memory" in capsys.readouterr().err
 
 
 def test_int4_experts_of_an_odd_width_are_refused_at_preparation(tmp_path):
