@@ -118,6 +118,12 @@ def test_choices():
     assert c("moe", tokens=3, experts=native.MAX_EXPERTS, **kw) == ("native" if loaded else "sorted")
     assert c("moe", tokens=3, experts=native.MAX_EXPERTS + 1, **kw) == "sorted"  # decode.c's arrays hold 256
     assert c("moe", tokens=3, **{**kw, "device": "meta"}) == "sorted"
+    # int8 experts times bf16 activations: the sorted segments (their products native as bf16), one token aside
+    e8 = {**kw, "fmt": "int8", "dtype": torch.int8, "act_dtype": torch.bfloat16}
+    assert c("moe", tokens=3, **e8) == "sorted"
+    assert c("moe", tokens=1, **e8) == ("native" if native.fast(torch.int8) else "decode")
+    exact = "native" if native.fast(torch.int8) else "sorted"
+    assert c("moe", tokens=3, **{**e8, "act_dtype": torch.float32}) == exact
     assert c("decode_step", tokens=2, **kw) == "torch"
     with pytest.raises(ValueError, match="unknown weight format 'nf4'"):
         c("linear", tokens=1, **{**kw, "fmt": "nf4"})
