@@ -83,10 +83,22 @@ def main() -> None:
                          "int8-act8: int8 with int8_activations='int8')")
     ap.add_argument("--workdir", default=None, help="where the GGUF file is written (default: the temp folder)")
     args = ap.parse_args()
-    if args.layers < 2:
-        ap.error("--layers must be at least 2: one layer is its own last, run for the last position only")
+    try:
+        preset = get_preset(args.preset)
+    except (KeyError, ValueError) as e:
+        ap.error(f"--preset {args.preset}: {e}")
+    if not 2 <= args.layers <= preset.n_layers:
+        ap.error(f"--layers must be 2 to {preset.n_layers} ({args.preset}'s layers), not {args.layers}: one layer is "
+                 "its own last, run for the last position only")
+    for flag, values in (("--prompts", args.prompts), ("--reps", [args.reps]), ("--threads", [args.threads])):
+        if min(values) < 1:
+            ap.error(f"{flag} must be at least 1, not {min(values)}")
+    if args.workdir is not None and not Path(args.workdir).is_dir():
+        ap.error(f"--workdir {args.workdir}: not a folder")
+    if preset.moe is None:
+        ap.error(f"--preset {args.preset} is dense: the benchmark needs an MoE preset")
     torch.set_num_threads(args.threads)
-    cfg = get_preset(args.preset).replace(n_layers=args.layers)
+    cfg = preset.replace(n_layers=args.layers)
     print(f"cpu: {_cpu_name()}, {os.cpu_count()} logical CPUs; threads {args.threads}; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("versions:", ", ".join(f"{k} {v}" for k, v in _versions().items()))

@@ -49,7 +49,7 @@ enum {
        activations rounded to int8 as above (per block of 32, natural input order) with integer dot
        products: what llama.cpp's Q8_0 x Q8_0 does; about 3x less work per weight than MX_I8, whose
        widening of each weight to float32 cannot keep up with the memory at Mixtral's widths. Rows
-       of K a multiple of 32. Not exact (the activations' rounding): decode.c `dot_i8a8`. */
+       of K a multiple of 32. Not exact (the activations' rounding): decode.c `tile_i8a8`. */
     MX_I8_A8 = 9,
 };
 
