@@ -215,6 +215,98 @@ def test_generate_quant_loads_quantised_and_prints_the_same_text(folders, tmp_pa
     assert out == tok.decode(prompt + ids)[len(tok.decode(prompt)) :] + "\n"
 
 
+def test_file_quant_is_the_format_nearest_a_gguf_files_own(gguf_files):
+    from mixlab.checkpoint.gguf_read import file_quant
+
+    q5, q6 = llama_quantize(gguf_files["F32"], "Q5_K_M"), llama_quantize(gguf_files["F32"], "Q6_K")
+    got = {k: file_quant(read_header(p)) for k, p in [*gguf_files.items(), ("Q5_K_M", q5), ("Q6_K", q6)]}
+    assert got == {"F32": (None, "F32"), "BF16": (None, "BF16"), "Q4_K_M": ("int4", "Q4_K"),
+                   "Q4_0": ("int4", "Q4_0"), "Q8_0": ("int8", "Q8_0"), "Q5_K_M": ("int8", "Q5_K"),
+                   "Q6_K": ("int8", "Q6_K")}
+
+
+def test_info_and_plan_say_the_format_a_gguf_file_runs_as(gguf_files, capsys):
+    assert main(["info", str(gguf_files["Q4_K_M"])]) == 0
+    assert "runs as:           int4 (generate / chat / serve / eval's --quant auto, for its Q4_K matrices)" in \
+        capsys.readouterr().out
+    assert main(["info", str(gguf_files["F32"])]) == 0
+    assert "runs as" not in capsys.readouterr().out
+    assert main(["plan", str(gguf_files["Q8_0"]), "--mode", "infer", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["quant"] == "int8" and "planned as int8: the matrices of" in err, err
+
+
+@pytest.mark.parametrize(("ftype", "flags", "kind", "said"), [
+    ("Q4_K_M", [], Int4Experts, "holds Q4_K matrices: loading them as int4 (--quant auto; --quant none loads floats)"),
+    ("Q8_0", [], Int8Experts, "holds Q8_0 matrices: loading them as int8"),
+    ("Q4_K_M", ["--quant", "none"], None, None),
+    ("F32", [], None, None),
+])
+def test_generate_runs_a_quantised_gguf_in_its_own_format_by_default(gguf_files, capsys, ftype, flags, kind, said):
+    """--quant auto (the default): a Q4_K_M file was dequantised to floats (a Mixtral's 93 GB in bf16 where
+    the file takes 26) unless the user knew to pass --quant int4."""
+    from mixlab.cli import _build_parser_interruptible, _parse_args
+    from mixlab.cli.run import _load
+    from mixlab.model.moe import Experts
+
+    args = _parse_args(_build_parser_interruptible(), [
+        "generate", "--model", str(gguf_files[ftype]), "--prompt", "x", "--dtype", "float32", *flags])
+    model, _ = _load(args)
+    err = capsys.readouterr().err
+    assert isinstance(model.layers[0].ffn.experts, kind or Experts)
+    assert (said in err) if said else "--quant auto" not in err, err
+    if kind is Int4Experts:  # the same model as --quant int4 asked for
+        args = _parse_args(_build_parser_interruptible(), [
+            "generate", "--model", str(gguf_files[ftype]), "--prompt", "x", "--dtype", "float32", "--quant", "int4"])
+        _assert_same(model, _load(args)[0])
+
+
+def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files, tmp_path, capsys, monkeypatch):
+    """It was read until the kernel killed the process (a bf16 Mixtral: 93 GB); now one line says what the
+    weights need, what is free, and which formats fit."""
+    import mixlab.checkpoint as checkpoint
+    import mixlab.engine.runner as runner
+    from mixlab.cli import run
+    from mixlab.config import format_bytes
+
+    path = tmp_path / "m"
+    save_model(_tiny(vocab_size=32000), path)
+    cfg = run._checked_config(path)
+    assert cfg is not None
+    floats, int8, int4 = (run.memory_needed(path, cfg, "float32", q) for q in (None, "int8", "int4"))
+    assert floats and int8 and int4 and int4 < int8 < floats
+    monkeypatch.setattr(run, "swap_free", lambda: 1000)
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    cases = [((int8 + int4) // 2, ["--quant", "int4 (~"], ["--quant int8"]),
+             (floats - 2000, ["--quant int8 (~", "--quant int4 (~"], []),
+             (int4 // 2, [], ["--quant int"])]
+    for ram, said, unsaid in cases:
+        monkeypatch.setattr(runner, "available_memory", lambda ram=ram: ram)
+        rc = main(["generate", "--model", str(path), "--prompt", "x", "--dtype", "float32", "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{path}: its weights need at least {format_bytes(floats)} as float32, but " in err, err
+        assert f"{format_bytes(ram)} of memory is available and 1.00 KB of swap: pass " in err, err
+        assert all(s in err for s in [*said, "--max-memory SIZE (the experts stay on disk"]), err
+        assert not any(s in err for s in unsaid), err
+    # a dense model has no experts to leave on disk
+    save_model(_tiny("tiny-dense", vocab_size=32000), tmp_path / "dense")
+    rc = main(["generate", "--model", str(tmp_path / "dense"), "--prompt", "x", "--dtype", "float32", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "of swap: it needs a machine with more memory" in err and "--max-memory" not in err, err
+    # what fits loads (here: the int4 need fits, asked for)
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "available_memory", lambda: int4 + 10)
+    monkeypatch.setattr(run, "swap_free", lambda: 0)
+    assert main(["generate", "--model", str(path), "--prompt", "x", "--max-new-tokens", "2", "--dtype", "float32",
+                 "--quant", "int4", "--quiet"]) == 0
+    # a GGUF file's own format: a Q4_K_M one is planned as int4 (what --quant auto loads)
+    q4km = gguf_files["Q4_K_M"]
+    cfg = run._checked_config(q4km)
+    assert cfg is not None and run.memory_needed(q4km, cfg, "float32", "int4") < run.memory_needed(q4km, cfg,
+                                                                                                   "float32", None)
+
+
 # ------------------------------------------------------------------------------------------------
 # Peak memory, in fresh processes: the int4 model plus one weight's floats, not the whole model's floats
 

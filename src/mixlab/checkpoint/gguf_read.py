@@ -661,6 +661,26 @@ def _default_dtype(h: GGUFHeader) -> torch.dtype:
     return {F16: torch.float16, BF16: torch.bfloat16, F32: torch.float32}[max(by, key=lambda k: by[k])]
 
 
+def file_quant(h: GGUFHeader) -> tuple[str | None, str]:
+    """The weight format nearest the file's own that mixlab runs natively, never coarser (what the
+    CLI's `--quant auto` loads it as), and the ggml type it follows. That type is the one holding most
+    matrix elements, not counting the embedding, the output matrix and the routers. A float type gives
+    None (floats); a type of at most 5 bits a weight (Q4_0, Q4_1, Q4_K, Q3_K, Q2_K, IQ4_XS, ...) gives
+    "int4"; more (Q5_*, Q6_K, Q8_0) gives "int8". So Q4_K_M files run as int4 and Q5_K_M, Q6_K and
+    Q8_0 files as int8."""
+    by: dict[int, int] = {}
+    for name, t in h.tensors.items():
+        if len(t.shape) >= 2 and name not in ("token_embd.weight", "output.weight") and "ffn_gate_inp" not in name:
+            by[t.type] = by.get(t.type, 0) + math.prod(t.shape)
+    if not by:
+        return None, "F32"
+    top = max(by, key=lambda k: by[k])
+    name, block, size = _type_table().get(top, (str(top), 1, 4))
+    if block == 1:  # F32 / F16 / BF16 (and plain types no loader writes)
+        return None, name
+    return ("int4" if size * 8 <= 5 * block else "int8"), name
+
+
 def _joined_shape(parts: list[GGUFTensor], kind: str) -> list[int]:
     """The shape of a weight of `_plan`: its parts joined along dim 0 (dim 1 for stacked experts)."""
     cat = 1 if kind == "experts" else 0

@@ -123,7 +123,7 @@ def info(args: argparse.Namespace) -> int:
     if adapter is not None:
         return _adapter_info(adapter, args.json)
     name, cfg = _config(args.model)  # arithmetic on the config only: no weights are allocated
-    stored = None
+    stored = runs_as = None
     from mixlab.train.checkpoints import describe_step, is_step
 
     if Path(name).is_dir() and is_step(Path(name)):
@@ -139,13 +139,16 @@ def info(args: argparse.Namespace) -> int:
             f"{dtype_name(DTYPES[k]) if k in DTYPES else k} {v:,} bytes" for k, v in d.bytes_by_dtype.items())
     elif suffix_of(args.model) == ".gguf":  # its tensors checked as load_model checks them
         from mixlab.checkpoint.gguf_read import describe as describe_gguf
+        from mixlab.checkpoint.gguf_read import file_quant, read_header
 
         stored = describe_gguf(args.model)
+        auto, ftype = file_quant(read_header(args.model))
+        runs_as = f"{auto} (generate / chat / serve / eval's --quant auto, for its {ftype} matrices)" if auto else None
     counts = cfg.param_counts()
     if args.json:  # the same facts for scripts (`mixlab info DIR --json | jq .parameters.active`)
         print(json.dumps({"model": name, "config": dataclasses.asdict(cfg), "parameters": counts,
                           "kv_cache_bytes_per_token": {"bf16": cfg.kv_cache_bytes_per_token(2)},
-                          "stored": stored}, indent=1))
+                          "stored": stored, **({"runs_as": runs_as} if runs_as else {})}, indent=1))
         return 0
     kind = f"MoE, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}" if cfg.moe else "dense"
     window = f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""
@@ -163,6 +166,8 @@ def info(args: argparse.Namespace) -> int:
           f"{_binary(cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len)} at full context")
     if stored:
         print(f"stored:            {stored}")
+    if runs_as:
+        print(f"runs as:           {runs_as}")
     return 0
 
 

@@ -18,15 +18,14 @@ def plan_cmd(args: argparse.Namespace) -> int:
     _, cfg = _config(args.model)
     quant = args.quant or "none"
     if args.quant is None and args.mode == "infer" and suffix_of(args.model) == ".gguf":
-        from mixlab.checkpoint.gguf_read import Q4_0, read_header
+        from mixlab.checkpoint.gguf_read import file_quant, read_header
 
-        # load_model keeps a GGUF's Q4_0 matrices 4-bit (llama.cpp's Q4_0 files: all but the embedding / output)
-        mats = [t for n, t in read_header(args.model).tensors.items() if len(t.shape) >= 2
-                and n not in ("token_embd.weight", "output.weight") and "ffn_gate_inp" not in n]
-        if mats and all(t.type == Q4_0 for t in mats):
-            quant = "int4"
-            note("plan", f"planned as int4: the matrices of {args.model} are Q4_0, kept 4-bit when loaded "
-                         "(--quant none plans them as floats)")
+        # as generate / chat / serve / eval load it (their --quant auto): a Q4_0 / Q4_K_M file as int4, ...
+        auto, ftype = file_quant(read_header(args.model))
+        if auto is not None:
+            quant = auto
+            note("plan", f"planned as {auto}: the matrices of {args.model} are {ftype}, loaded as {auto} by "
+                         "generate, chat, serve and eval (--quant none plans them as floats)")
     try:  # plan's ValueErrors are its arguments', the flags here: a usage error (exit 2), naming the flag
         p = plan(cfg, mode=args.mode, devices=args.devices, ep=args.ep,
                  device_mem=parse_bytes(args.device_mem, what="--device-mem"),
@@ -62,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    metavar="{float32,bfloat16,float16}",
                    help="training: autocast dtype (master weights stay float32); inference: weight dtype")
     p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
-                   help="inference weight format (default none; int4 for a GGUF file whose matrices are Q4_0)")
+                   help="inference weight format (default none; a quantised GGUF file: the format generate loads it "
+                        "as, int4 for Q4_0 / Q4_K_M files, int8 for Q5_K_M / Q6_K / Q8_0)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="training: keep only each block's input, recomputing the rest in the backward pass")
     p.add_argument("--lora-rank", type=positive, default=0,

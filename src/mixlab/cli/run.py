@@ -25,7 +25,7 @@ from mixlab.cli import (
     sampling,
     user_path,
 )
-from mixlab.config import suffix_of, usable_threads
+from mixlab.config import ModelConfig, suffix_of, usable_threads
 from mixlab.engine import Engine
 from mixlab.engine.runner import bytes_per_token
 from mixlab.errors import UsageError
@@ -49,6 +49,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         raise UsageError(f"torchrun started {world} processes, but mixlab {args.command} runs in one (it takes no "
                          "--ep): run it without torchrun")
 
+    resolve_quant(args)
     if args.threads is not None:
         torch.set_num_threads(usable_threads(args.threads))
     dtype = args.dtype
@@ -96,6 +97,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
     # Under --ep the model is built split, each process reading its experts only (a folder's or a GGUF
     # file's, Q4_0 matrices kept int4 as one process keeps them, an --adapter merged into them).
     quant = None if args.quant == "none" else args.quant
+    if getattr(args, "quant_auto", None):  # told once the flags have passed their checks
+        from mixlab.cli import note
+
+        note(args.command, f"{Path(args.model).name} holds {args.quant_auto} matrices: loading them as {quant} "
+                           f"(--quant auto; --quant none loads floats)")
+    if layout is None and not offload and str(args.device) == "cpu":
+        check_memory(args.model, dtype, None if adapter is not None else quant)
     # where --quant is applied below, each matrix is quantised as it is read (peak: the quantised model plus
     # one weight's floats, not every float); an --adapter is merged into the floats first, then quantised
     at_load = quant is not None and adapter is None and (layout is not None or str(args.device) == "cpu")
@@ -131,6 +139,109 @@ def _load(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
         except ValueError as e:
             raise _structured_error(args.structured_flag, structured.kind, e) from None
     return model, tok
+
+
+def resolve_quant(args: argparse.Namespace) -> None:
+    """--quant auto (the default) as what it stands for, in `args.quant`: none, except for a quantised
+    GGUF file on the CPU, which runs in the format nearest its own (`gguf_read.file_quant`: int4 for
+    Q4_0 / Q4_K_M files, int8 for Q5_K_M / Q6_K / Q8_0 ones); `args.quant_auto` names the file's type
+    where auto chose a format. Idempotent."""
+    if getattr(args, "quant", None) != "auto":
+        return
+    args.quant, args.quant_auto = "none", None
+    path = Path(args.model)
+    if str(args.device) != "cpu" or suffix_of(path) != ".gguf" or not path.is_file():
+        return
+    from mixlab.checkpoint.gguf_read import file_quant, read_header
+
+    quant, ftype = file_quant(read_header(path))
+    if quant is not None:
+        args.quant, args.quant_auto = quant, ftype
+
+
+def quant_flag(args: argparse.Namespace) -> str:
+    """The flag that set the weights' format, as a message names it: `--quant int4`, or where --quant
+    auto chose it, `--quant auto (int4 for X.gguf's Q4_K matrices)`."""
+    if getattr(args, "quant_auto", None):
+        return f"--quant auto ({args.quant} for {Path(args.model).name}'s {args.quant_auto} matrices)"
+    return f"--quant {args.quant}"
+
+
+def _checked_config(path: str | Path) -> ModelConfig | None:
+    """The config of the model at `path`, its weights' names and shapes checked against it from the
+    headers alone, as the load checks them first (a config.json claiming a million layers is that
+    error, not a size); None when `_config` cannot read it (the load then says why)."""
+    from mixlab.cli.model import _config
+
+    try:
+        name, cfg = _config(str(path))
+    except Exception:  # noqa: BLE001 - what the path is, the load itself says
+        return None
+    from mixlab.train.checkpoints import is_training
+
+    if suffix_of(name) == ".gguf" and Path(name).is_file():
+        from mixlab.checkpoint.gguf_read import _plan, read_header
+
+        _plan(read_header(name), cfg)
+    elif Path(name).is_dir() and not is_training(Path(path)):
+        from mixlab.checkpoint import plan
+
+        plan(Path(name), cfg)
+    return cfg
+
+
+def memory_needed(path: str | Path, cfg: ModelConfig, dtype: str | None, quant: str | None) -> int:
+    """A lower bound of the bytes loading the model at `path` (of config `cfg`) holds: `mixlab plan
+    --mode infer`'s weights in their final format, or while `quant` rounds each matrix as it is read,
+    those plus one weight's floats; no KV cache. `dtype` None (as stored) counts 2 bytes a float; a
+    GGUF file's Q4_0 matrices stay int4."""
+    from mixlab.parallel.plan import plan
+
+    if quant is None and _holds_int4(Path(path)):
+        quant = "int4"
+    p = plan(cfg, mode="infer", dtype=dtype if dtype in ("float32", "float16") else "bfloat16", quant=quant, seq=1)
+    weights = sum(v for k, v in p.memory.items() if k.startswith("weights"))
+    return int(max(weights, p.load_peak))
+
+
+def swap_free() -> int:
+    """Free swap space in bytes (Linux's SwapFree), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("SwapFree:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def check_memory(path: str | Path, dtype: str | None, quant: str | None) -> None:
+    """Refuse, before reading a byte of weights, a model whose weights alone cannot fit in the memory
+    available (RAM and free swap): the load would end in the kernel's out-of-memory kill, minutes in.
+    The one line says the formats that would fit, and expert offloading."""
+    from mixlab.config import format_bytes
+    from mixlab.engine.runner import available_memory
+
+    ram, swap = available_memory(), swap_free()
+    cfg = _checked_config(path) if ram else None
+    if cfg is None:
+        return
+    need = memory_needed(path, cfg, dtype, quant)
+    if need <= ram + swap:
+        return
+    fits = []
+    for q in ("int8", "int4"):
+        other = memory_needed(path, cfg, dtype, q)
+        if q != quant and other < need and other <= ram + swap:
+            fits.append(f"--quant {q} (~{format_bytes(other)})")
+    if cfg.moe is not None:
+        fits.append("--max-memory SIZE (the experts stay on disk, read into a cache of SIZE bytes)")
+    if not fits:
+        fits.append("a machine with more memory")
+    raise UsageError(f"{path}: its weights need at least {format_bytes(need)} as {quant or dtype or 'stored'}, but "
+                     f"{format_bytes(ram)} of memory is available and {format_bytes(swap)} of swap: "
+                     f"{'pass ' if fits[0].startswith('--') else 'it needs '}{' or '.join(fits)}")
 
 
 def _holds_int4(path: Path) -> bool:
@@ -516,8 +627,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "(before --quant)")
     r.add_argument("--dtype", type=dtype_choice("auto", "float32", "bfloat16", "float16", quant=True), default="auto",
                    help="float32, bfloat16 or float16 (default auto: bfloat16 where the CPU supports it)")
-    r.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
-                   help="weight-only quantisation: int8 (per row) or int4 (groups of 32, Q4_0's arithmetic)")
+    r.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto",
+                   help="weight-only quantisation: int8 (per row) or int4 (groups of 32, Q4_0's arithmetic); auto "
+                        "(default): none, except a quantised GGUF file on the CPU: int4 for files of at most 5 bits a "
+                        "weight (Q4_0, Q4_K_M, ...), int8 for Q5_K_M, Q6_K and Q8_0 ones")
     r.add_argument("--int4-activations", choices=["int8", "float32"], default=None,
                    help="int4 decoding: activations rounded to int8 per block of 32 as llama.cpp does "
                         "(default, fast) or float32 (exact)")

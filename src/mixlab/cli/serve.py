@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mixlab.cli import adapter_path, model_path, positive, sampling, user_path
-from mixlab.cli.run import _load, add_runtime_args, print_stats
+from mixlab.cli.run import _load, add_runtime_args, print_stats, quant_flag, resolve_quant
 from mixlab.config import format_bytes, parse_bytes
 from mixlab.dtypes import dtype_name
 from mixlab.errors import CheckpointError, UsageError
@@ -132,6 +132,7 @@ def serve(args: argparse.Namespace) -> int:
               "address can use the model", file=sys.stderr)
     check_address(args.host, args.port)
     name = args.served_model_name or served_name(args.model)
+    resolve_quant(args)  # --quant auto: what the checks below see
     _check_engine_flags(args)
     adapters = _read_lora_modules(args.lora_modules or [], name)  # before the long load
     model, tok = _load(args)
@@ -232,14 +233,14 @@ def _check_engine_flags(args: argparse.Namespace) -> None:
     if args.batch_invariant:  # the native kernels' invariant arithmetic runs bf16 or float32 weights, resident
         if args.pack_weights == "yes":
             raise UsageError("--pack-weights yes has no use with --batch-invariant (its steps never read the panels)")
-        other = (f"--quant {args.quant}" if args.quant != "none" else "--dtype float16" if args.dtype == "float16"
+        other = (quant_flag(args) if args.quant != "none" else "--dtype float16" if args.dtype == "float16"
                  else "--max-memory (offloaded experts: no whole-model step)" if args.max_memory is not None else None)
         if other is not None:
             raise UsageError(f"--batch-invariant does not combine with {other}: its steps run the native kernels' "
                              "invariant arithmetic over resident bf16 or float32 weights only")
     if args.pack_weights != "yes":
         return
-    other = (f"--quant {args.quant} (its matrices {args.quant})" if args.quant != "none"
+    other = (f"{quant_flag(args)} (its matrices {args.quant})" if args.quant != "none"
              else f"--dtype {args.dtype} (its weights {args.dtype})" if args.dtype in ("float32", "float16")
              else "--max-memory (offloaded experts: no native decoder)" if args.max_memory is not None else None)
     if other is not None:
