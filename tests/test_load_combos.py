@@ -224,6 +224,20 @@ def test_serve_pairs_that_cannot_work_are_refused_before_the_load(root: Path, fl
     assert rc == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
 
 
+def test_serve_names_the_format_quant_auto_chose_when_refusing(root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A Q4_0 file runs as int4 without --quant (auto); a refusal says so, and how to get floats."""
+    import mixlab.cli.serve
+
+    _no_load(monkeypatch)
+    monkeypatch.setattr(mixlab.cli.serve, "check_address", lambda host, port: None)
+    rc = main(["serve", "--model", str(root / "moe" / "q4_0.gguf"), "--port", "0", "--batch-invariant"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("--batch-invariant does not combine with --quant auto (int4 for q4_0.gguf's Q4_0 matrices)" in err
+            and err.rstrip().endswith("(--quant none loads the file's floats)")), err
+
+
 def test_serve_refuses_pack_weights_over_what_only_the_load_tells(root: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """A Q4_0 GGUF's int4 matrices leave no bf16 weights for the panels: told once loaded, naming the flag."""

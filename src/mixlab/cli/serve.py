@@ -236,8 +236,9 @@ def _check_engine_flags(args: argparse.Namespace) -> None:
         other = (quant_flag(args) if args.quant != "none" else "--dtype float16" if args.dtype == "float16"
                  else "--max-memory (offloaded experts: no whole-model step)" if args.max_memory is not None else None)
         if other is not None:
+            floats = " (--quant none loads the file's floats)" if getattr(args, "quant_auto", None) else ""
             raise UsageError(f"--batch-invariant does not combine with {other}: its steps run the native kernels' "
-                             "invariant arithmetic over resident bf16 or float32 weights only")
+                             f"invariant arithmetic over resident bf16 or float32 weights only{floats}")
     if args.pack_weights != "yes":
         return
     other = (f"{quant_flag(args)} (its matrices {args.quant})" if args.quant != "none"
