@@ -197,11 +197,32 @@ def memory_needed(path: str | Path, cfg: ModelConfig, dtype: str | None, quant: 
     GGUF file's Q4_0 matrices stay int4."""
     from mixlab.parallel.plan import plan
 
-    if quant is None and _holds_int4(Path(path)):
-        quant = "int4"
-    p = plan(cfg, mode="infer", dtype=dtype if dtype in ("float32", "float16") else "bfloat16", quant=quant, seq=1)
+    kept = _holds_int4(Path(path))  # Q4_0 matrices: copied as stored, no weight's floats while loading
+    p = plan(cfg, mode="infer", dtype=dtype if dtype in ("float32", "float16") else "bfloat16",
+             quant="int4" if kept and quant is None else quant, seq=1)
     weights = sum(v for k, v in p.memory.items() if k.startswith("weights"))
-    return int(max(weights, p.load_peak))
+    return int(weights if kept else max(weights, p.load_peak))
+
+
+def _cache_that_fits(cfg: ModelConfig, need: int, dtype: str | None, quant: str | None, free: int) -> str | None:
+    """An expert cache budget (--max-memory, as the flag reads it: "18.3GB") that leaves room in `free`
+    bytes for the rest of the model (`need` less its experts), the KV cache (the engine's default
+    budget: 2 GiB at most) and ~15% for the run, rounded down to a tenth of its unit; None for a
+    dense model or where not even one token's experts of a layer (top-k) would fit."""
+    import torch
+
+    from mixlab.ops.offload import SlotFormat
+
+    if cfg.moe is None:
+        return None
+    fmt = SlotFormat(quant or "plain", torch.float32 if dtype == "float32" else torch.bfloat16)
+    one = fmt.expert_bytes(cfg.dim, cfg.ffn_dim)
+    resident = need - cfg.n_layers * cfg.moe.num_experts * one
+    kv = min(2**31, cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len)  # the engine's default KV budget at most
+    cache = 0.85 * free - resident - kv
+    unit, size = next(((u, n) for u, n in (("GB", 1e9), ("MB", 1e6)) if cache >= n), ("KB", 1e3))
+    tenths = int(cache / size * 10)
+    return f"{tenths / 10:g}{unit}" if tenths * size / 10 >= cfg.moe.top_k * one else None
 
 
 def swap_free() -> int:
@@ -235,8 +256,10 @@ def check_memory(path: str | Path, dtype: str | None, quant: str | None) -> None
         other = memory_needed(path, cfg, dtype, q)
         if q != quant and other < need and other <= ram + swap:
             fits.append(f"--quant {q} (~{format_bytes(other)})")
-    if cfg.moe is not None:
-        fits.append("--max-memory SIZE (the experts stay on disk, read into a cache of SIZE bytes)")
+    cache = _cache_that_fits(cfg, need, dtype, quant, ram + swap)
+    if cache:
+        fits.append(f"--max-memory {cache} (the experts stay on disk, read on demand into a cache of that many "
+                    "bytes)")
     if not fits:
         fits.append("a machine with more memory")
     raise UsageError(f"{path}: its weights need at least {format_bytes(need)} as {quant or dtype or 'stored'}, but "
