@@ -49,7 +49,23 @@ def _q4_0(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     return out.reshape(-1)
 
 
-def write_random_q4(path: Path, preset: str) -> int:
+def _q4_k(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random Q4_K bytes for a tensor of `shape`: super-blocks of 256 weights in 144 bytes (float16 d
+    and dmin, 12 bytes of 6-bit scales and mins, 128 nibble bytes), w = d x sc x q - dmin x m. Each
+    scale byte is 0x11 x k (k in 1..3), which makes every sub-block's min equal its scale, and dmin =
+    7.5 d, so w = d x sc x (q - 7.5): mean 0; d of random sign, as `_q4_0`'s scales."""
+    rows = int(np.prod(shape[:-1]))
+    blocks = shape[-1] // 256
+    out = rng.integers(0, 256, size=(rows, blocks, 144), dtype=np.uint8)
+    out[..., 4:16] = (0x11 * rng.integers(1, 4, size=(rows, blocks))).astype(np.uint8)[..., None]
+    sign = rng.integers(0, 2, size=(rows, blocks)) * 2 - 1
+    d = (0.0001 * sign * (1 + 0.25 * rng.standard_normal((rows, blocks)))).astype(np.float16)
+    out[..., :2] = d.view(np.uint8).reshape(rows, blocks, 2)
+    out[..., 2:4] = (7.5 * d.astype(np.float32)).astype(np.float16).view(np.uint8).reshape(rows, blocks, 2)
+    return out.reshape(-1)
+
+
+def write_random_q4(path: Path, preset: str, ftype: str = "q4_0") -> int:
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -59,16 +75,18 @@ def write_random_q4(path: Path, preset: str) -> int:
     c = get_preset(preset)
     assert c.moe is not None
     D, F, E, V, q, kv = c.dim, c.ffn_dim, c.moe.num_experts, c.vocab_size, c.q_dim, c.kv_dim
-    w = gguf_writer(c, name=f"random {preset} q4_0", file_type=int(gguf.LlamaFileType.MOSTLY_Q4_0))
-    plan: list[tuple[str, tuple[int, ...], object]] = [("token_embd.weight", (V, D), Q.Q4_0)]
+    ft = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M}[ftype]
+    w = gguf_writer(c, name=f"random {preset} {ftype}", file_type=int(ft))
+    Q4 = Q.Q4_0 if ftype == "q4_0" else Q.Q4_K
+    plan: list[tuple[str, tuple[int, ...], object]] = [("token_embd.weight", (V, D), Q4)]
     for i in range(c.n_layers):
         b = f"blk.{i}."
-        plan += [(b + "attn_norm.weight", (D,), Q.F32), (b + "attn_q.weight", (q, D), Q.Q4_0),
-                 (b + "attn_k.weight", (kv, D), Q.Q4_0), (b + "attn_v.weight", (kv, D), Q.Q4_0),
-                 (b + "attn_output.weight", (D, q), Q.Q4_0), (b + "ffn_norm.weight", (D,), Q.F32),
-                 (b + "ffn_gate_inp.weight", (E, D), Q.F32), (b + "ffn_gate_exps.weight", (E, F, D), Q.Q4_0),
-                 (b + "ffn_up_exps.weight", (E, F, D), Q.Q4_0), (b + "ffn_down_exps.weight", (E, D, F), Q.Q4_0)]
-    plan += [("output_norm.weight", (D,), Q.F32), ("output.weight", (V, D), Q.Q4_0)]
+        plan += [(b + "attn_norm.weight", (D,), Q.F32), (b + "attn_q.weight", (q, D), Q4),
+                 (b + "attn_k.weight", (kv, D), Q4), (b + "attn_v.weight", (kv, D), Q4),
+                 (b + "attn_output.weight", (D, q), Q4), (b + "ffn_norm.weight", (D,), Q.F32),
+                 (b + "ffn_gate_inp.weight", (E, D), Q.F32), (b + "ffn_gate_exps.weight", (E, F, D), Q4),
+                 (b + "ffn_up_exps.weight", (E, F, D), Q4), (b + "ffn_down_exps.weight", (E, D, F), Q4)]
+    plan += [("output_norm.weight", (D,), Q.F32), ("output.weight", (V, D), Q4)]
     for name, shape, qt in plan:
         block, size = gguf.GGML_QUANT_SIZES[qt]  # type: ignore[index]
         w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) // block * size, raw_dtype=qt)
@@ -80,6 +98,8 @@ def write_random_q4(path: Path, preset: str) -> int:
     for name, shape, qt in plan:
         if qt == Q.Q4_0:
             data = _q4_0(shape, rng)
+        elif qt == Q.Q4_K:
+            data = _q4_k(shape, rng)
         elif name.endswith("norm.weight"):
             data = np.ones(shape, dtype=np.float32)
         else:
@@ -104,8 +124,9 @@ def decode(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = prepare_for_inference(load_model(args.path, dtype="bfloat16", max_memory=args.budget,
-                                             policy=args.policy, prefetch=not args.no_prefetch))
+    quant = "int4" if args.ftype == "q4_k" else None  # as `mixlab generate`'s --quant auto runs a Q4_K file
+    model = prepare_for_inference(load_model(args.path, dtype="bfloat16", max_memory=args.budget, quant=quant,
+                                             policy=args.policy, prefetch=not args.no_prefetch), quant=quant)
     load_s = time.perf_counter() - t0
     cache = expert_cache(model)
     assert cache is not None
@@ -147,6 +168,9 @@ def main() -> None:
     ap.add_argument("--prefetch-always", action="store_true",
                     help="read every guess (by default only while a read fits in the compute between two layers)")
     ap.add_argument("--keep", action="store_true", help="keep the file (and reuse it if present)")
+    ap.add_argument("--ftype", default="q4_0", choices=["q4_0", "q4_k"],
+                    help="the file's matrices: Q4_0 (kept int4: experts read as stored) or Q4_K (as in Q4_K_M "
+                         "downloads: experts dequantised and rounded to int4 as read)")
     ap.add_argument("--decode-only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     try:  # now, not after minutes of writing the file
@@ -159,18 +183,18 @@ def main() -> None:
         return
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"random-{args.preset}-q4_0.gguf"
+    path = folder / f"random-{args.preset}-{args.ftype}.gguf"
     try:
         if not path.exists():
             t0 = time.perf_counter()
-            size = write_random_q4(path, args.preset)
+            size = write_random_q4(path, args.preset, args.ftype)
             dt = time.perf_counter() - t0
             print(f"wrote {path} ({size / 1e9:.2f} GB) in {dt:.0f} s ({size / dt / 1e9:.2f} GB/s); "
                   f"writer peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB", flush=True)
         with open(path, "rb") as f:  # every run starts cold, a reused file too (--keep)
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         cmd = [sys.executable, __file__, "--decode-only", str(path), "--budget", args.budget, "--tokens",
-               str(args.tokens), "--threads", str(args.threads), "--policy", args.policy]
+               str(args.tokens), "--threads", str(args.threads), "--policy", args.policy, "--ftype", args.ftype]
         if args.no_prefetch:
             cmd.append("--no-prefetch")
         if args.prefetch_always:
