@@ -294,6 +294,14 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files,
         cache = re.search(r"--max-memory (\S+) \(the experts stay on disk, read on demand into a cache", err)
         if cache:  # a budget that leaves room for the rest of the model
             assert 0 < parse_bytes(cache.group(1), what="--max-memory") < ram - (floats - experts), err
+    # analyze loads floats, and takes neither flag: the sizes alone
+    (tmp_path / "notes.txt").write_text("plain text")
+    monkeypatch.setattr(runner, "available_memory", lambda: int4 // 2)
+    rc = main(["analyze", "--model", str(path), "--data", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "r"),
+               "--dtype", "float32", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "its weights need at least" in err and "it needs a machine with more memory" in err, err
+    assert "--quant" not in err and not (tmp_path / "r").exists(), err
     # a dense model has no experts to leave on disk
     save_model(_tiny("tiny-dense", vocab_size=32000), tmp_path / "dense")
     rc = main(["generate", "--model", str(tmp_path / "dense"), "--prompt", "x", "--dtype", "float32", "--quiet"])

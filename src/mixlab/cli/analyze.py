@@ -41,6 +41,10 @@ def analyze(args: argparse.Namespace) -> int:
         raise UsageError(f"--seq-len must be >= 2 (windows of one token have no consecutive pair), got {args.seq_len}")
     tokenizer = load_analysis_tokenizer(args.model, path=args.tokenizer)
     check_vocabulary(tokenizer, config.vocab_size)
+    if str(args.device) == "cpu":  # its floats whole, before minutes of reading (a Mixtral's: 93 GB in bf16)
+        from mixlab.cli.run import check_memory
+
+        check_memory(args.model, args.dtype, None, flags=False)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     seq_len = min(args.seq_len or 512, model.config.max_seq_len)  # the default quietly lowered, as eval's --context
     if args.seq_len is not None and seq_len < args.seq_len:  # as `mixlab eval --context`

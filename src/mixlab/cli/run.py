@@ -237,10 +237,11 @@ def swap_free() -> int:
     return 0
 
 
-def check_memory(path: str | Path, dtype: str | None, quant: str | None) -> None:
+def check_memory(path: str | Path, dtype: str | None, quant: str | None, *, flags: bool = True) -> None:
     """Refuse, before reading a byte of weights, a model whose weights alone cannot fit in the memory
     available (RAM and free swap): the load would end in the kernel's out-of-memory kill, minutes in.
-    The one line says the formats that would fit, and expert offloading."""
+    The one line says the formats that would fit, and expert offloading (`flags` False: a command
+    without --quant and --max-memory, whose line says only the sizes)."""
     from mixlab.config import format_bytes
     from mixlab.engine.runner import available_memory
 
@@ -252,11 +253,11 @@ def check_memory(path: str | Path, dtype: str | None, quant: str | None) -> None
     if need <= ram + swap:
         return
     fits = []
-    for q in ("int8", "int4"):
+    for q in ("int8", "int4") if flags else ():
         other = memory_needed(path, cfg, dtype, q)
         if q != quant and other < need and other <= ram + swap:
             fits.append(f"--quant {q} (~{format_bytes(other)})")
-    cache = _cache_that_fits(cfg, need, dtype, quant, ram + swap)
+    cache = _cache_that_fits(cfg, need, dtype, quant, ram + swap) if flags else None
     if cache:
         fits.append(f"--max-memory {cache} (the experts stay on disk, read on demand into a cache of that many "
                     "bytes)")
