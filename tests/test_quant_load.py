@@ -225,6 +225,18 @@ def test_file_quant_is_the_format_nearest_a_gguf_files_own(gguf_files):
                    "Q6_K": ("int8", "Q6_K")}
 
 
+def test_file_quant_gives_way_where_int4_cannot_hold_every_matrix(tmp_path):
+    """An FFN of 48 inputs is no whole group of 32: int4 of every matrix was refused after the load."""
+    from mixlab.checkpoint.gguf import write_gguf
+    from mixlab.checkpoint.gguf_read import file_quant
+
+    model = _tiny(vocab_size=32000, ffn_dim=48)
+    write_gguf(model, tmp_path / "q4_0.gguf", quant="q4_0")
+    write_gguf(_tiny(vocab_size=32000), tmp_path / "whole.gguf", quant="q4_0")
+    assert file_quant(read_header(tmp_path / "q4_0.gguf")) == (None, "Q4_0")  # its Q4_0 kept, the rest floats
+    assert file_quant(read_header(tmp_path / "whole.gguf")) == ("int4", "Q4_0")
+
+
 def test_info_and_plan_say_the_format_a_gguf_file_runs_as(gguf_files, capsys):
     assert main(["info", str(gguf_files["Q4_K_M"])]) == 0
     assert "runs as:           int4 (generate / chat / serve / eval's --quant auto, for its Q4_K matrices)" in \

@@ -667,7 +667,8 @@ def file_quant(h: GGUFHeader) -> tuple[str | None, str]:
     matrix elements, not counting the embedding, the output matrix and the routers. A float type gives
     None (floats); a type of at most 5 bits a weight (Q4_0, Q4_1, Q4_K, Q3_K, Q2_K, IQ4_XS, ...) gives
     "int4"; more (Q5_*, Q6_K, Q8_0) gives "int8". So Q4_K_M files run as int4 and Q5_K_M, Q6_K and
-    Q8_0 files as int8."""
+    Q8_0 files as int8. Where some matrix's inputs are not whole groups of 32 (small test models), int4
+    gives way: to None for a file whose Q4_0 matrices stay int4 as stored, else to int8."""
     by: dict[int, int] = {}
     for name, t in h.tensors.items():
         if len(t.shape) >= 2 and name not in ("token_embd.weight", "output.weight") and "ffn_gate_inp" not in name:
@@ -678,7 +679,14 @@ def file_quant(h: GGUFHeader) -> tuple[str | None, str]:
     name, block, size = _type_table().get(top, (str(top), 1, 4))
     if block == 1:  # F32 / F16 / BF16 (and plain types no loader writes)
         return None, name
-    return ("int4" if size * 8 <= 5 * block else "int8"), name
+    if size * 8 > 5 * block:
+        return "int8", name
+    cfg = config_from_header(h)
+    if all(k % 32 == 0 for k in (cfg.dim, cfg.ffn_dim, cfg.q_dim)):  # every matrix's inputs: whole groups of 32
+        return "int4", name
+    # int4 cannot hold them all: a Q4_0 file keeps its Q4_0 matrices int4 anyway (int8 is refused beside
+    # them) and the others as floats; anything else is held at int8
+    return (None if _int4_names(_plan(h, cfg)) else "int8"), name
 
 
 def _joined_shape(parts: list[GGUFTensor], kind: str) -> list[int]:
