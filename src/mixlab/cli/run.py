@@ -227,14 +227,9 @@ def _cache_that_fits(cfg: ModelConfig, need: int, dtype: str | None, quant: str 
 
 def swap_free() -> int:
     """Free swap space in bytes (Linux's SwapFree), or 0 when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("SwapFree:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    from mixlab.engine.runner import meminfo
+
+    return meminfo("SwapFree")
 
 
 def check_memory(path: str | Path, dtype: str | None, quant: str | None, *, flags: bool = True) -> None:

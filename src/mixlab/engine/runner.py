@@ -254,16 +254,21 @@ def _adapted_ffn(block: Block, li: int, x_1ND: torch.Tensor, ad: StepAdapters,
     return (x_ND + combine(ys_nD, weight_NK, d, x_ND.dtype))[None], routing
 
 
-def available_memory() -> int:
-    """Bytes of memory available for new allocations (Linux's MemAvailable), or 0 when unknown."""
+def meminfo(key: str) -> int:
+    """A field of Linux's /proc/meminfo in bytes (`MemAvailable`, `SwapFree`, ...), or 0 when unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def available_memory() -> int:
+    """Bytes of memory available for new allocations (Linux's MemAvailable), or 0 when unknown."""
+    return meminfo("MemAvailable")
 
 
 class Runner:
