@@ -450,6 +450,10 @@ def load_model(
     policy = "lru" if policy is None else policy
     prefetch = True if prefetch is None else prefetch
     group = check_quant_args(quant, group, adapter)
+    if quant == "int4" and dev.type == "cpu":  # inference preparation at load time: the native kernels round
+        from mixlab.ops import registry  # int4 and dequantise K-quants (the same bytes, ~10x PyTorch's speed)
+
+        registry.prepare_native()
     if max_memory is not None:
         max_memory = parse_bytes(max_memory, what="max_memory")
         if policy not in POLICIES:

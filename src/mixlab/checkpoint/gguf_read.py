@@ -522,7 +522,7 @@ class _Reader:
             d = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
             x = torch.from_numpy((blocks[:, 2:].view(np.int8).astype(np.float32) * d).reshape(-1))
         elif t.type in gguf_dequant.BLOCKS:  # K-quants, Q4_1, Q5_0, Q5_1: 1.5-3.4x the gguf package's numpy
-            x = gguf_dequant.dequantize(torch.from_numpy(raw), t.type)
+            x = _dequantize(torch.from_numpy(raw), t.type)
         else:  # a type `_readable` accepted (checked before any tensor is read)
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
@@ -530,6 +530,16 @@ class _Reader:
             row_bytes = t.nbytes // math.prod(t.shape[:-1])
             x = torch.from_numpy(dequantize(raw.reshape(-1, row_bytes), GGMLQuantizationType(t.type)).reshape(-1))
         return x.reshape(t.shape)
+
+
+def _dequantize(raw: torch.Tensor, ttype: int) -> torch.Tensor:
+    """`gguf_dequant.dequantize`, by the native kernels where they are loaded and take the type (Q4_K,
+    Q5_K, Q6_K: `native.dequantize`, the same bits, 3-4x faster on one thread)."""
+    from mixlab.ops import native
+
+    if ttype in native.DEQUANT_TYPES and native.library() is not None:
+        return native.dequantize(raw, ttype)
+    return gguf_dequant.dequantize(raw, ttype)
 
 
 @functools.cache

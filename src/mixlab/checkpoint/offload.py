@@ -189,8 +189,10 @@ class GGUFSource:
         reader = _Reader.__new__(_Reader)  # its conversions, over this source's descriptor
         reader.h, reader.fds = self.h, self.files.fds
         dt = fmt.dtype  # the model's float dtype, as load_gguf reads resident experts
-        w13 = torch.cat([reader.floats(gate, dt), reader.floats(up, dt)], 1)
-        fmt.fill(slot, w13[0], reader.floats(down, dt)[0])
+        w13 = torch.empty(2 * self.F, gate.shape[-1], dtype=dt)  # gate's rows, then up's (no torch.cat copy)
+        reader.floats_into(gate, w13[: self.F])
+        reader.floats_into(up, w13[self.F :])
+        fmt.fill(slot, w13, reader.floats(down, dt)[0])
         return n
 
     def _raw(self, t: object, pause: Pause | None = None) -> torch.Tensor:

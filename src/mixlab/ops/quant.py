@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlab.ops import registry
+from mixlab.ops import native, registry
 
 QUANT_CHUNK = 4 << 20  # float32 bytes of rows rounded at a time: temporaries a chunk's, not a tensor's
 
@@ -73,15 +73,22 @@ QK = 32  # the nibble-layout chunk (Q4_0's block)
 
 def quantize_int4(w_XD: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 `[..., X, D/2]`, float16 scales `[..., X, D/G]`) with llama.cpp Q4_0's rounding
-    (`quantize_row_q4_0_ref`): at G = 32 the bytes are those of a Q4_0 tensor. Rounded a few MB of
-    rows at a time (`QUANT_CHUNK`; each group is rounded alone, so the bytes are the same): a whole
-    Mixtral expert tensor's float32 temporaries took ~4x its size."""
+    (`quantize_row_q4_0_ref`): at G = 32 the bytes are those of a Q4_0 tensor. CPU float32 / bf16
+    weights go to the native kernel once it is loaded (`native.quantize_int4`: the same bytes, tested
+    against `_quantize_int4_rows`, the reference); else rounded a few MB of rows at a time
+    (`QUANT_CHUNK`; each group is rounded alone, so the bytes are the same): a whole Mixtral expert
+    tensor's float32 temporaries took ~4x its size."""
     if group not in INT4_GROUPS:
         raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, not {group}")
     *lead, X, D = w_XD.shape
     if D % group:
         raise ValueError(f"int4 with groups of {group} needs a multiple of {group} inputs per row, not {D}")
     w_RD = w_XD.detach().reshape(-1, D)  # R: every row of every leading index
+    if native.library() is not None and w_RD.device.type == "cpu" and w_RD.dtype in (torch.float32, torch.bfloat16):
+        # the same bytes (decode.c `mx_quantize_q4`), ~15x faster and without temporaries: an offloaded
+        # Q4_K_M expert's int4 rounding took 0.8 s in the code below (BENCHMARKS.md, "Expert offloading")
+        q_RDh, s_RG = native.quantize_int4(w_RD.contiguous(), group)
+        return q_RDh.reshape(*lead, X, D // 2), s_RG.reshape(*lead, X, D // group)
     q_RDh = torch.empty(w_RD.shape[0], D // 2, dtype=torch.uint8, device=w_RD.device)
     s_RG = torch.empty(w_RD.shape[0], D // group, dtype=torch.float16, device=w_RD.device)
     step = max(1, QUANT_CHUNK // (4 * D))

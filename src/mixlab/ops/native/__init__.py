@@ -1,7 +1,8 @@
 """The native CPU decoding kernels of `decode.c`: built on request, loaded with ctypes, checked.
 
 Nothing here builds or loads anything by itself. `load()` does, and only these callers ask for it:
-inference preparation (`mixlab.model.inference.prepare_for_inference`), the engine's `Runner` (so
+inference preparation (`mixlab.model.inference.prepare_for_inference`, and `load_model(quant="int4")`,
+whose int4 rounding and K-quant dequantisation then run here), the engine's `Runner` (so
 `generate`, `chat` and `serve`), `mixlab bench`, the ahead-of-time build (`python -m
 mixlab.ops.native`, `mixlab build-kernels`) and tests. Until then `library()` is None
 and every kernel choice (`mixlab.ops.registry`) takes PyTorch's kernels, so loading a model and
@@ -52,7 +53,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 10
+ABI_VERSION = 11
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32); int8 with them, I8_A8).
@@ -166,6 +167,8 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mx_pack_bf16": (None, [_P, _I64, _I64, _P, _I]),  # w N K P threads
     # w P N K M X XB Y threads
     "mx_linear_packed": (None, [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I]),
+    "mx_quantize_q4": (None, [_I, _P, _I64, _I64, _I64, _P, _P, _I]),  # xt x R D G q s threads
+    "mx_dequantize": (_I, [_I, _P, _I64, _P, _I]),  # ggml type, blocks, B, y, threads
 }
 
 _lib: ctypes.CDLL | None = None
@@ -581,3 +584,40 @@ def moe(
                    f32[3].data_ptr(), i32[0].data_ptr(), i32[1].data_ptr())
     lib.mx_moe(ctypes.byref(args), torch.get_num_threads())
     return out.to(x_TD.dtype)
+
+
+def quantize_int4(w_RD: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of float32 or bf16 values (contiguous, on the CPU) as int4: (packed uint8 [R, D/2],
+    float16 scales [R, D/G]), `mx_quantize_q4`'s bytes, equal to `mixlab.ops.quant._quantize_int4_rows`'
+    (which callers reach through `mixlab.ops.quant.quantize_int4`)."""
+    lib = _need()
+    R, D = w_RD.shape
+    if (w_RD.dtype not in (torch.float32, torch.bfloat16) or w_RD.device.type != "cpu" or not w_RD.is_contiguous()
+            or group not in INT4_GROUPS or D % group):
+        raise ValueError(f"native quantize_int4 needs contiguous CPU float32 or bf16 rows of a multiple of a "
+                         f"group of {INT4_GROUPS}, not {w_RD.dtype} {tuple(w_RD.shape)} on {w_RD.device} in groups "
+                         f"of {group}")
+    q = torch.empty(R, D // 2, dtype=torch.uint8)
+    s = torch.empty(R, D // group, dtype=torch.float16)
+    lib.mx_quantize_q4(TYPE_CODES[w_RD.dtype], w_RD.data_ptr(), R, D, group, q.data_ptr(), s.data_ptr(),
+                       torch.get_num_threads())
+    return q, s
+
+
+# ggml's block types `mx_dequantize` takes (mixlab.h MX_GGML_*): Q4_K, Q5_K, Q6_K -> bytes per 256 values
+DEQUANT_TYPES = {12: 144, 13: 176, 14: 210}
+
+
+def dequantize(raw: torch.Tensor, ttype: int) -> torch.Tensor:
+    """Whole blocks of ggml K-quant type `ttype` (a key of `DEQUANT_TYPES`), as bytes (uint8, any shape),
+    as float32 [number of values]: `mx_dequantize`'s, equal to `mixlab.checkpoint.gguf_dequant.dequantize`."""
+    lib = _need()
+    size = DEQUANT_TYPES.get(ttype)
+    if size is None or raw.dtype != torch.uint8 or raw.numel() % size:
+        raise ValueError(f"native dequantize takes whole blocks (uint8) of ggml types {sorted(DEQUANT_TYPES)}, not "
+                         f"{raw.numel()} {raw.dtype} elements of type {ttype}")
+    raw = raw.contiguous()
+    B = raw.numel() // size
+    y = torch.empty(B * 256, dtype=torch.float32)
+    lib.mx_dequantize(ttype, raw.data_ptr(), B, y.data_ptr(), torch.get_num_threads())
+    return y

@@ -3006,3 +3006,178 @@ void mx_gemv(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, 
         gemv_rows(m, x, xb, y, lo, hi);
     }
 }
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Weight conversion: int4 quantisation and K-quant dequantisation (mixlab.h `mx_quantize_q4`,
+   `mx_dequantize`). What reading a Q4_K_M file into int4 does per weight (an offloaded expert's
+   read, `load_model(quant="int4")`): both bit for bit the PyTorch references they replace
+   (`mixlab.ops.quant._quantize_int4_rows`, `mixlab.checkpoint.gguf_dequant`), so a model's bytes
+   never depend on whether the kernels are loaded. */
+
+/* float32 -> float16, round to nearest even (as PyTorch's `.to(torch.float16)` and F16C): overflow
+   to infinity, subnormals rounded in float arithmetic (exact: a power-of-two scaling, then rint). */
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u | (uint16_t)((a >> 13) & 0x3ffu); /* NaN stays NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520: rounds past 65504 */
+    if (a >= 0x38800000u) {                      /* a normal float16: round at bit 13, rebias */
+        const uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
+        return sign | (uint16_t)(r >> 13);
+    }
+    return sign | (uint16_t)nearbyintf(fabsf(f) * 16777216.0f); /* subnormal (1024: the least normal) */
+}
+
+/* A code as PyTorch's float -> uint8 conversion gives it on x86 (truncation to int32, then its low
+   byte; NaN and out-of-range values are int32's "indefinite" 0x80000000, so 0): what
+   `_quantize_int4_rows` computes for a group whose scale is subnormal (1/d infinite). */
+static inline uint8_t q4_code(float v) {
+    return (v > -2147483648.0f && v < 2147483648.0f) ? (uint8_t)(int32_t)v : 0;
+}
+
+/* One group of G (32, 64, 128) float32 values: llama.cpp's quantize_row_q4_0_ref rounding, as
+   mixlab.ops.quant: m the first element of largest |x| (the first NaN if any, as torch's argmax),
+   d = m / -8, q = min(15, floor(x / d + 8.5)) with x / d as x * (1 / d) (0 where d == 0); bytes of
+   each chunk of 32: input j low nibble, j + 16 high; the scale as float16. */
+#if defined(__AVX512F__) && !defined(MX_CONVERT_PORTABLE) /* the portable loops: tests build them with this */
+#define MX_CONVERT_AVX512 1
+#endif
+static void quantize_group(const float* x, int64_t G, uint8_t* q, uint16_t* s) {
+    int64_t at = 0;
+#if MX_CONVERT_AVX512
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t j = 0; j < G; j += 16) {
+        const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(x + j), abs_mask));
+        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, a);
+    }
+    if (!nan) {
+        const __m512 amax = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        for (int64_t j = 0; j < G; j += 16) {
+            const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(x + j), abs_mask));
+            const __mmask16 eq = _mm512_cmp_ps_mask(a, amax, _CMP_EQ_OQ);
+            if (eq) {
+                at = j + __builtin_ctz(eq);
+                break;
+            }
+        }
+    } else
+#endif
+    {
+        float amax = -1.0f;
+        for (int64_t j = 0; j < G; j++) {
+            const float a = fabsf(x[j]);
+            if (a != a) { /* NaN: torch's argmax takes the first */
+                at = j;
+                break;
+            }
+            if (a > amax) amax = a, at = j;
+        }
+    }
+    const float d = x[at] / -8.0f, inv = d == 0.0f ? 0.0f : 1.0f / d;
+    *s = f32_to_f16(d);
+    for (int64_t c = 0; c < G; c += 32, q += 16) {
+#if MX_CONVERT_AVX512
+        const __m512 vinv = _mm512_set1_ps(inv), half = _mm512_set1_ps(8.5f), fifteen = _mm512_set1_ps(15.0f);
+        __m512i code[2];
+        for (int h = 0; h < 2; h++) {
+            __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(x + c + 16 * h), vinv), half);
+            t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            code[h] = _mm512_cvttps_epi32(_mm512_min_ps(fifteen, t)); /* min(15, NaN) stays NaN: 0 */
+        }
+        _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(_mm512_or_si512(code[0], _mm512_slli_epi32(code[1], 4))));
+#else
+        for (int j = 0; j < 16; j++) {
+            float lo = floorf(x[c + j] * inv + 8.5f), hi = floorf(x[c + j + 16] * inv + 8.5f);
+            lo = 15.0f < lo ? 15.0f : lo; /* NaN stays NaN, as torch.clamp */
+            hi = 15.0f < hi ? 15.0f : hi;
+            q[j] = (uint8_t)(q4_code(lo) | (uint8_t)(q4_code(hi) << 4));
+        }
+#endif
+    }
+}
+
+void mx_quantize_q4(int xt, const void* x, int64_t R, int64_t D, int64_t G, uint8_t* q, uint16_t* s, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        float buf[128]; /* a bf16 group widened (exactly) to float32 */
+        for (int64_t g = 0; g < D / G; g++) {
+            const float* xg = (const float*)x + r * D + g * G;
+            if (xt == MX_BF16) {
+                const uint16_t* b = (const uint16_t*)x + r * D + g * G;
+                for (int64_t j = 0; j < G; j++) buf[j] = bf16_to_f32(b[j]);
+                xg = buf;
+            }
+            quantize_group(xg, G, q + r * (D / 2) + g * (G / 2), s + r * (D / G) + g);
+        }
+    }
+}
+
+/* Q4_K / Q5_K's scale and min of sub-block j (6 bits each, packed in 12 bytes): for j < 4 the low 6
+   bits of bytes j and j + 4; else byte j + 4's low / high nibble, with the top 2 bits of bytes
+   j - 4 / j as bits 4-5. */
+static inline void k_scale_min(int j, const uint8_t* sc, float* d, float* m) {
+    if (j < 4) {
+        *d = (float)(sc[j] & 63), *m = (float)(sc[j + 4] & 63);
+    } else {
+        *d = (float)((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4));
+        *m = (float)((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4));
+    }
+}
+
+/* One 256-value super-block (ggml-common.h's layouts; gguf_dequant's docstring). Q4_K: d, dmin (f16),
+   12 scale bytes, 128 bytes of nibbles (sub-block 2i: the low nibbles of bytes 32i.., 2i + 1 the high);
+   Q5_K: with 32 bytes of fifth bits (sub-block j: bit j) before the nibbles. y = (d sc) q - (dmin m). */
+static void deq_q45_k(const uint8_t* b, float* y, int five) {
+    uint16_t h[2];
+    memcpy(h, b, 4);
+    const float d = f16_to_f32(h[0]), dmin = f16_to_f32(h[1]);
+    const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+    for (int i = 0; i < 4; i++, qs += 32) {
+        for (int half = 0; half < 2; half++, y += 32) {
+            const int j = 2 * i + half;
+            float s, m;
+            k_scale_min(j, sc, &s, &m);
+            const float d1 = d * s, m1 = dmin * m;
+            for (int l = 0; l < 32; l++) {
+                const int q = (half ? qs[l] >> 4 : qs[l] & 0xF) + (five ? ((qh[l] >> j) & 1) << 4 : 0);
+                y[l] = d1 * (float)q - m1;
+            }
+        }
+    }
+}
+
+/* Q6_K: 128 bytes of low nibbles, 64 of 2-bit high parts, sixteen int8 scales, d (f16); per half of
+   128 values, value 32 k + l (k < 4) takes nibble (k & 1 ? 32 + l : l) of the half's 64 bytes (low for
+   k < 2) and bits 2k of high byte l; y = (d sc) (q - 32), sc per 16 values. */
+static void deq_q6_k(const uint8_t* b, float* y) {
+    uint16_t h;
+    memcpy(&h, b + 208, 2);
+    const float d = f16_to_f32(h);
+    const int8_t* sc = (const int8_t*)(b + 192);
+    for (int n = 0; n < 2; n++, y += 128) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        for (int k = 0; k < 4; k++) {
+            for (int l = 0; l < 32; l++) {
+                const int low = k & 2 ? ql[32 * (k & 1) + l] >> 4 : ql[32 * (k & 1) + l] & 0xF;
+                const int q = (low | ((qh[l] >> (2 * k)) & 3) << 4) - 32;
+                y[32 * k + l] = (d * (float)sc[8 * n + 2 * k + l / 16]) * (float)q;
+            }
+        }
+    }
+}
+
+int mx_dequantize(int type, const uint8_t* x, int64_t B, float* y, int nt) {
+    const int64_t size = type == MX_GGML_Q4_K ? 144 : type == MX_GGML_Q5_K ? 176 : type == MX_GGML_Q6_K ? 210 : 0;
+    if (!size) return -1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < B; i++) {
+        if (type == MX_GGML_Q6_K) deq_q6_k(x + i * size, y + i * 256);
+        else deq_q45_k(x + i * size, y + i * 256, type == MX_GGML_Q5_K);
+    }
+    return 0;
+}
