@@ -113,6 +113,9 @@ def test_dequantize_k_quants_equals_the_reference(ttype, threads):
     assert got.dtype == torch.float32 and got.shape == want.shape == (1001 * 256,), name
     assert torch.isfinite(want).all() and (want != 0).float().mean() > 0.5
     assert torch.equal(got.view(torch.int32), want.view(torch.int32)), name
+    into = torch.full((1001, 256), 3.0, dtype=torch.bfloat16)  # written in place, rounded as PyTorch's copy_
+    assert native.dequantize(torch.from_numpy(raw), ttype, out=into) is into
+    assert torch.equal(into.view(-1).view(torch.int16), want.to(torch.bfloat16).view(torch.int16)), name
 
 
 def test_native_dequantize_refuses_partial_blocks_and_other_types():
@@ -120,6 +123,11 @@ def test_native_dequantize_refuses_partial_blocks_and_other_types():
         native.dequantize(torch.zeros(145, dtype=torch.uint8), 12)
     with pytest.raises(ValueError, match=r"not 22 torch.uint8 elements of type 6"):
         native.dequantize(torch.zeros(22, dtype=torch.uint8), 6)  # Q5_0: the PyTorch code's
+    with pytest.raises(ValueError, match=r"writes 256 values into a contiguous CPU float32 or bf16 tensor, not "
+                                         r"torch.float16 \(256,\)"):
+        native.dequantize(torch.zeros(144, dtype=torch.uint8), 12, out=torch.empty(256, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"not torch.float32 \(16, 8\) on cpu"):
+        native.dequantize(torch.zeros(144, dtype=torch.uint8), 12, out=torch.empty(16, 16)[:, :8])
 
 
 @pytest.mark.slow
@@ -139,12 +147,14 @@ def test_portable_loops_equal_the_reference(tmp_path, monkeypatch, threads):
 
 
 def test_offloaded_q4_k_m_expert_slots_equal_the_pytorch_path(tmp_path, monkeypatch):
-    """An offloaded Q4_K_M file's experts (Q4_K and Q6_K blocks) read into int4 slots (`GGUFSource.read`:
-    K-quant dequantisation, bf16, int4 rounding) by the native kernels hold the bytes the PyTorch path
-    (`MIXLAB_NATIVE=0`) writes, in groups of 32 and 128."""
+    """An offloaded Q4_K_M file's experts (Q4_K and Q6_K blocks) read into int4 slots by
+    `GGUFSource.read` (chunks of rows: native K-quant dequantisation straight to bf16, native int4
+    rounding) hold the bytes of the PyTorch path as it was (`MIXLAB_NATIVE=0`: each matrix dequantised
+    whole to float32, then bf16, then `SlotFormat.fill`), in groups of 32 and 128; int8 and plain
+    slots too (chunked against whole)."""
     pytest.importorskip("llama_cpp")
     from conftest import kquant_source, llama_quantize
-    from mixlab.checkpoint.gguf_read import config_from_header, read_header
+    from mixlab.checkpoint.gguf_read import _Reader, config_from_header, read_header
     from mixlab.checkpoint.offload import GGUFSource
     from mixlab.ops.offload import Slot, SlotFormat
 
@@ -156,27 +166,37 @@ def test_offloaded_q4_k_m_expert_slots_equal_the_pytorch_path(tmp_path, monkeypa
     calls: dict[str, int] = {"quantize_int4": 0, "dequantize": 0}
     for name in calls:
         real = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _n=name, _f=real: calls.__setitem__(_n, calls[_n] + 1) or _f(*a))
 
-    def slots(fmt: SlotFormat) -> list[torch.Tensor]:
-        out = []
-        for layer in range(cfg.n_layers):
-            for e in range(cfg.moe.num_experts):
-                shapes = fmt.shapes(cfg.dim, cfg.ffn_dim)
-                slot = Slot(*(torch.full(s, 7, dtype=d) for s, d in shapes.values()))
-                src.read(layer, e, fmt, slot)
-                out += [t.view(torch.uint8) for t in slot if t is not None]
-        return out
+        def spy(*a, _n=name, _f=real, **k):  # type: ignore[no-untyped-def]
+            calls[_n] += 1
+            return _f(*a, **k)
+
+        monkeypatch.setattr(native, name, spy)
+    reader = _Reader.__new__(_Reader)
+    reader.h, reader.fds = src.h, src.files.fds
+
+    def empty(fmt: SlotFormat) -> Slot:
+        parts = {k: torch.full(s, 7, dtype=d) for k, (s, d) in fmt.shapes(cfg.dim, cfg.ffn_dim).items()}
+        return Slot(parts["w13"], parts["w2"], parts.get("w13_scale"), parts.get("w2_scale"))
+
+    def as_bytes(slot: Slot) -> list[torch.Tensor]:
+        return [t.view(torch.uint8) for t in slot if t is not None]
 
     try:
-        for group in (32, 128):
-            fmt = SlotFormat("int4", torch.bfloat16, group)
-            got = slots(fmt)
-            assert calls["quantize_int4"] and calls["dequantize"]
-            with monkeypatch.context() as m:
-                m.setenv("MIXLAB_NATIVE", "0")
-                want = slots(fmt)
-            for a, b in zip(got, want, strict=True):
-                assert torch.equal(a, b)
+        for fmt in (SlotFormat("int4", torch.bfloat16, 32), SlotFormat("int4", torch.bfloat16, 128),
+                    SlotFormat("int8", torch.bfloat16), SlotFormat("plain", torch.float32)):
+            for layer in range(cfg.n_layers):
+                for e in range(cfg.moe.num_experts):
+                    got = empty(fmt)
+                    src.read(layer, e, fmt, got)
+                    with monkeypatch.context() as m:
+                        m.setenv("MIXLAB_NATIVE", "0")
+                        gate, up, down = (t.experts(e, e + 1) for t in src.layers[layer])
+                        want = empty(fmt)
+                        w13 = torch.cat([reader.floats(gate, fmt.dtype), reader.floats(up, fmt.dtype)], 1)
+                        fmt.fill(want, w13[0], reader.floats(down, fmt.dtype)[0])
+                    for a, b in zip(as_bytes(got), as_bytes(want), strict=True):
+                        assert torch.equal(a, b), (fmt, layer, e)
+            assert calls["dequantize"] and (calls["quantize_int4"] or fmt.kind != "int4")
     finally:
         src.close()

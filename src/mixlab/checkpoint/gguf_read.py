@@ -497,9 +497,15 @@ class _Reader:
             self.raw(t, rows_XD.view(torch.uint8).view(-1).numpy())
             return out
         step = max(1, CHUNK // (4 * t.shape[-1]))
+        direct = _native_dequant(t.type, out)
         for lo in range(0, rows_XD.shape[0], step):
             hi = min(lo + step, rows_XD.shape[0])
-            rows_XD[lo:hi].copy_(self._as_floats(t.rows(lo, hi)))
+            if direct:  # no float32 temporary: the kernel writes out's rows in its dtype (`native.dequantize`)
+                from mixlab.ops import native
+
+                native.dequantize(torch.from_numpy(self.raw(t.rows(lo, hi))), t.type, out=rows_XD[lo:hi])
+            else:
+                rows_XD[lo:hi].copy_(self._as_floats(t.rows(lo, hi)))
         return out
 
     def _as_floats(self, t: GGUFTensor) -> torch.Tensor:
@@ -532,14 +538,23 @@ class _Reader:
         return x.reshape(t.shape)
 
 
-def _dequantize(raw: torch.Tensor, ttype: int) -> torch.Tensor:
-    """`gguf_dequant.dequantize`, by the native kernels where they are loaded and take the type (Q4_K,
-    Q5_K, Q6_K: `native.dequantize`, the same bits, 3-4x faster on one thread)."""
+def _native_dequant(ttype: int, out: torch.Tensor | None = None) -> bool:
+    """Whether the native kernels dequantise `ttype` (into `out`): loaded, and a type they take (Q4_K,
+    Q5_K, Q6_K: `native.dequantize`, the same bits as `gguf_dequant`, 3-4x faster on one thread); `out`
+    contiguous float32 or bf16 on the CPU."""
     from mixlab.ops import native
 
-    if ttype in native.DEQUANT_TYPES and native.library() is not None:
-        return native.dequantize(raw, ttype)
-    return gguf_dequant.dequantize(raw, ttype)
+    if ttype not in native.DEQUANT_TYPES or native.library() is None:
+        return False
+    return out is None or (out.dtype in (torch.float32, torch.bfloat16) and out.device.type == "cpu"
+                           and out.is_contiguous())
+
+
+def _dequantize(raw: torch.Tensor, ttype: int) -> torch.Tensor:
+    """`gguf_dequant.dequantize`, by the native kernels where they take the type (`_native_dequant`)."""
+    from mixlab.ops import native
+
+    return native.dequantize(raw, ttype) if _native_dequant(ttype) else gguf_dequant.dequantize(raw, ttype)
 
 
 @functools.cache

@@ -9,9 +9,10 @@ mmap: the files' pages never count in the process's memory):
   (transformers v5 `gate_up_proj` `[E, 2F, D]`: one expert is one contiguous slice);
 - GGUF: `ffn_{gate,up,down}_exps` `[E, F, D]`, E the slowest dimension, so an expert is one slice
   of each; Q4_0 experts stay int4 (scales and nibbles split apart, as `load_gguf` does), other
-  types are read as floats.
+  types are converted to floats a chunk of rows at a time and put in the slot's format.
 A slot of the cache's format is filled straight from the file when the stored bytes are that format
-(same float dtype, or Q4_0 into int4 groups of 32), else through one temporary per expert.
+(same float dtype, or Q4_0 into int4 groups of 32), else through one temporary per expert
+(safetensors) or per chunk of rows (GGUF).
 Prefetch reads come in chunks of `CHUNK` bytes with the cache's `pause` called after each, so that
 a demand read never queues behind a whole guessed expert.
 
@@ -184,16 +185,33 @@ class GGUFSource:
                 s.view(torch.uint8).view(rows, nb, 2).copy_(blocks[..., :2])
                 q.view(rows, nb, 16).copy_(blocks[..., 2:])
             return n
-        if pause is not None:  # other types read whole (no chunks): only a chance to stand aside first
+        if pause is not None:
             pause(0)
         reader = _Reader.__new__(_Reader)  # its conversions, over this source's descriptor
         reader.h, reader.fds = self.h, self.files.fds
-        dt = fmt.dtype  # the model's float dtype, as load_gguf reads resident experts
-        w13 = torch.empty(2 * self.F, gate.shape[-1], dtype=dt)  # gate's rows, then up's (no torch.cat copy)
-        reader.floats_into(gate, w13[: self.F])
-        reader.floats_into(up, w13[self.F :])
-        fmt.fill(slot, w13, reader.floats(down, dt)[0])
+        # Other types: converted a chunk of rows at a time (at most CHUNK bytes of file) into a buffer kept
+        # per thread, in the model's float dtype (as load_gguf reads resident experts), and rounded
+        # straight into the slot: a whole expert's floats (352 MB for Mixtral in bf16) were fresh memory
+        # on every read, their page faults costing more than the native conversions themselves.
+        for t, which, at in ((gate, "w13", 0), (up, "w13", self.F), (down, "w2", 0)):
+            rows, D = t.shape[-2], t.shape[-1]
+            step = max(1, CHUNK // (t.nbytes // rows))
+            buf = self._floats(step * D, fmt.dtype)
+            for lo in range(0, rows, step):
+                part = t.rows(lo, min(lo + step, rows))
+                x = buf[: part.shape[0] * D].view(part.shape[0], D)
+                reader.floats_into(part, x)
+                fmt.fill_rows(slot, which, at + lo, x)
+                if pause is not None:
+                    pause(part.nbytes)
         return n
+
+    def _floats(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A float buffer of at least `numel` elements of `dtype`, kept per reading thread."""
+        buf: torch.Tensor | None = getattr(self._buffers, "floats", None)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._buffers.floats = torch.empty(numel, dtype=dtype)
+        return buf
 
     def _raw(self, t: object, pause: Pause | None = None) -> torch.Tensor:
         """The bytes of `t`, in a buffer kept per reading thread (a fresh one per read costs its page faults)."""

@@ -106,20 +106,22 @@ class SlotFormat:
     def fill(self, slot: Slot, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> None:
         """Write one expert given as float matrices into `slot` (quantising as this format says,
         exactly as the resident formats quantise their stacked weights, row by row)."""
-        w13, w2 = w13_2FD.to(self.dtype), w2_DF.to(self.dtype)
+        self.fill_rows(slot, "w13", 0, w13_2FD)
+        self.fill_rows(slot, "w2", 0, w2_DF)
+
+    def fill_rows(self, slot: Slot, which: str, lo: int, rows_RD: torch.Tensor) -> None:
+        """Write float rows `rows_RD` as rows lo.. of the slot's `which` ("w13" or "w2"): `fill` a few
+        rows at a time (each row is quantised alone, so the bytes are the same), what a source that
+        converts an expert in chunks calls (`GGUFSource.read`: no float copy of a whole expert)."""
+        w, s = (slot.w13, slot.w13_scale) if which == "w13" else (slot.w2, slot.w2_scale)
+        x, hi = rows_RD.to(self.dtype), lo + rows_RD.shape[0]
         if self.kind == "plain":
-            slot.w13.copy_(w13)
-            slot.w2.copy_(w2)
+            w[lo:hi].copy_(x)
             return
-        assert slot.w13_scale is not None and slot.w2_scale is not None
-        if self.kind == "int8":
-            (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
-        else:
-            (q13, s13), (q2, s2) = quantize_int4(w13, self.group), quantize_int4(w2, self.group)
-        slot.w13.copy_(q13)
-        slot.w13_scale.copy_(s13)
-        slot.w2.copy_(q2)
-        slot.w2_scale.copy_(s2)
+        assert s is not None
+        q, sc = quantize_int8(x) if self.kind == "int8" else quantize_int4(x, self.group)
+        w[lo:hi].copy_(q)
+        s[lo:hi].copy_(sc)
 
 
 class Slot(NamedTuple):

@@ -168,7 +168,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     # w P N K M X XB Y threads
     "mx_linear_packed": (None, [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I]),
     "mx_quantize_q4": (None, [_I, _P, _I64, _I64, _I64, _P, _P, _I]),  # xt x R D G q s threads
-    "mx_dequantize": (_I, [_I, _P, _I64, _P, _I]),  # ggml type, blocks, B, y, threads
+    "mx_dequantize": (_I, [_I, _P, _I64, _I, _P, _I]),  # ggml type, blocks, B, yt, y, threads
 }
 
 _lib: ctypes.CDLL | None = None
@@ -608,9 +608,11 @@ def quantize_int4(w_RD: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
 DEQUANT_TYPES = {12: 144, 13: 176, 14: 210}
 
 
-def dequantize(raw: torch.Tensor, ttype: int) -> torch.Tensor:
+def dequantize(raw: torch.Tensor, ttype: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Whole blocks of ggml K-quant type `ttype` (a key of `DEQUANT_TYPES`), as bytes (uint8, any shape),
-    as float32 [number of values]: `mx_dequantize`'s, equal to `mixlab.checkpoint.gguf_dequant.dequantize`."""
+    as float32 [number of values]: `mx_dequantize`'s, equal to `mixlab.checkpoint.gguf_dequant.dequantize`.
+    `out`: written there instead (a contiguous CPU float32 or bf16 tensor of that many elements, any
+    shape); bf16 gets the float32 values rounded as PyTorch's `copy_` rounds them (a NaN's payload apart)."""
     lib = _need()
     size = DEQUANT_TYPES.get(ttype)
     if size is None or raw.dtype != torch.uint8 or raw.numel() % size:
@@ -618,6 +620,11 @@ def dequantize(raw: torch.Tensor, ttype: int) -> torch.Tensor:
                          f"{raw.numel()} {raw.dtype} elements of type {ttype}")
     raw = raw.contiguous()
     B = raw.numel() // size
-    y = torch.empty(B * 256, dtype=torch.float32)
-    lib.mx_dequantize(ttype, raw.data_ptr(), B, y.data_ptr(), torch.get_num_threads())
-    return y
+    if out is None:
+        out = torch.empty(B * 256, dtype=torch.float32)
+    elif (out.dtype not in (torch.float32, torch.bfloat16) or out.device.type != "cpu" or not out.is_contiguous()
+          or out.numel() != B * 256):
+        raise ValueError(f"native dequantize writes {B * 256} values into a contiguous CPU float32 or bf16 tensor, "
+                         f"not {out.dtype} {tuple(out.shape)} on {out.device}")
+    lib.mx_dequantize(ttype, raw.data_ptr(), B, TYPE_CODES[out.dtype], out.data_ptr(), torch.get_num_threads())
+    return out

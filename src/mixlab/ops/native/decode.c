@@ -3055,16 +3055,14 @@ static void quantize_group(const float* x, int64_t G, uint8_t* q, uint16_t* s) {
         nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
         vmax = _mm512_max_ps(vmax, a);
     }
-    if (!nan) {
+    if (!nan) { /* the first lane equal to the maximum, without a branch per piece (they mispredicted) */
         const __m512 amax = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        uint64_t eq[2] = {0, 0}; /* G <= 128 lanes */
         for (int64_t j = 0; j < G; j += 16) {
             const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(x + j), abs_mask));
-            const __mmask16 eq = _mm512_cmp_ps_mask(a, amax, _CMP_EQ_OQ);
-            if (eq) {
-                at = j + __builtin_ctz(eq);
-                break;
-            }
+            eq[j >> 6] |= (uint64_t)_mm512_cmp_ps_mask(a, amax, _CMP_EQ_OQ) << (j & 63);
         }
+        at = eq[0] ? __builtin_ctzll(eq[0]) : 64 + __builtin_ctzll(eq[1]);
     } else
 #endif
     {
@@ -3079,7 +3077,11 @@ static void quantize_group(const float* x, int64_t G, uint8_t* q, uint16_t* s) {
         }
     }
     const float d = x[at] / -8.0f, inv = d == 0.0f ? 0.0f : 1.0f / d;
+#if MX_CONVERT_AVX512 && defined(__F16C__)
+    *s = (uint16_t)_mm_cvtsi128_si32(_mm_cvtps_ph(_mm_set_ss(d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
     *s = f32_to_f16(d);
+#endif
     for (int64_t c = 0; c < G; c += 32, q += 16) {
 #if MX_CONVERT_AVX512
         const __m512 vinv = _mm512_set1_ps(inv), half = _mm512_set1_ps(8.5f), fifteen = _mm512_set1_ps(15.0f);
@@ -3171,13 +3173,16 @@ static void deq_q6_k(const uint8_t* b, float* y) {
     }
 }
 
-int mx_dequantize(int type, const uint8_t* x, int64_t B, float* y, int nt) {
+int mx_dequantize(int type, const uint8_t* x, int64_t B, int yt, void* y, int nt) {
     const int64_t size = type == MX_GGML_Q4_K ? 144 : type == MX_GGML_Q5_K ? 176 : type == MX_GGML_Q6_K ? 210 : 0;
-    if (!size) return -1;
+    if (!size || (yt != MX_F32 && yt != MX_BF16)) return -1;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < B; i++) {
-        if (type == MX_GGML_Q6_K) deq_q6_k(x + i * size, y + i * 256);
-        else deq_q45_k(x + i * size, y + i * 256, type == MX_GGML_Q5_K);
+        float buf[256]; /* bf16 out: the float32 values, then rounded (as PyTorch's copy_ rounds them) */
+        float* out = yt == MX_F32 ? (float*)y + i * 256 : buf;
+        if (type == MX_GGML_Q6_K) deq_q6_k(x + i * size, out);
+        else deq_q45_k(x + i * size, out, type == MX_GGML_Q5_K);
+        if (yt == MX_BF16) round_to_bf16(buf, (uint16_t*)y + i * 256, 256);
     }
     return 0;
 }

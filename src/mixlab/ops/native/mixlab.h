@@ -210,10 +210,11 @@ void mx_gemv(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, 
    `mx_quantize_q4`: R rows of D values of type xt (MX_F32 or MX_BF16) to int4 (MX_Q4_*'s layout) with
    groups of G (32, 64, 128; D % G == 0): q [R, D / 2] codes, s [R, D / G] float16 scales
    (mixlab.ops.quant.quantize_int4). `mx_dequantize`: B blocks of a ggml K-quant type (ggml's type ids
-   below) to float32 y [B, 256] (llama.cpp's dequantize_row_*, mixlab.checkpoint.gguf_dequant); -1 for a
-   type it does not take, else 0. */
+   below) to y [B, 256] of type yt (MX_F32: llama.cpp's dequantize_row_*, mixlab.checkpoint.gguf_dequant;
+   MX_BF16: those rounded to nearest even, as PyTorch rounds them; a NaN's payload may differ); -1 for
+   a type it does not take, else 0. */
 enum { MX_GGML_Q4_K = 12, MX_GGML_Q5_K = 13, MX_GGML_Q6_K = 14 };
 void mx_quantize_q4(int xt, const void* x, int64_t R, int64_t D, int64_t G, uint8_t* q, uint16_t* s, int nt);
-int mx_dequantize(int type, const uint8_t* x, int64_t B, float* y, int nt);
+int mx_dequantize(int type, const uint8_t* x, int64_t B, int yt, void* y, int nt);
 
 #endif
