@@ -7,8 +7,8 @@ for the "torch" runs), torch and native back to back in each round.
   ("dequantise"), then `quantize_int4` of w13 and w2 ("int4"); and read into an int4 slot (groups of
   32) as `GGUFSource.read` reads it now (chunks of rows, a buffer kept per thread).
 - `--layers N`: the first N layers' expert weights read as `load_model(FILE, quant="int4")` reads them
-  (`_float_weight` in the file's float dtype, float32 for a quantised file, then `quantize_weight`):
-  MB of file a second.
+  (`gguf_read._quantised_experts`: one expert's floats at a time in the file's float dtype, float32 for
+  a quantised file, rounded to int4): MB of file a second.
 - `--model FILE`: a whole `load_model(FILE, quant="int4")` (a small Q4_K_M file: a 26 GB Mixtral's int4
   model does not fit a 24 GB machine): seconds and MB of file a second.
 
@@ -73,30 +73,27 @@ def expert_read(path: Path) -> dict[str, float]:
 
 
 def layers_read(path: Path, n: int) -> tuple[float, int]:
-    """Seconds and file bytes of the first `n` layers' experts read as load_gguf(quant="int4") reads them."""
+    """Seconds and file bytes of the first `n` layers' experts read as load_gguf(quant="int4") reads them
+    (`_quantised_experts`: one expert's floats at a time, rounded to int4)."""
     from mixlab.checkpoint.gguf_read import (
         _default_dtype,
-        _float_weight,
         _plan,
+        _quantised_experts,
         _Reader,
         config_from_header,
         read_header,
     )
-    from mixlab.model.inference import quantize_weight
 
     h = read_header(path)
     cfg = config_from_header(h)
     want = _default_dtype(h)
-    todo = [(name, parts, kind) for name, parts, kind in _plan(h, cfg)
-            if kind == "experts" and int(name.split(".")[1]) < n]
+    todo = [parts for name, parts, kind in _plan(h, cfg) if kind == "experts" and int(name.split(".")[1]) < n]
     reader = _Reader(h)
     try:
         t0 = time.perf_counter()
-        for _, parts, kind in todo:
-            x = _float_weight(reader, cfg, parts, kind, want)
-            quantize_weight(x, "int4", group=32, scale_dtype=want)
-            del x
-        return time.perf_counter() - t0, sum(t.nbytes for _, parts, _ in todo for t in parts)
+        for parts in todo:
+            _quantised_experts(reader, cfg, parts, want, "int4", 32)
+        return time.perf_counter() - t0, sum(t.nbytes for parts in todo for t in parts)
     finally:
         reader.close()
 

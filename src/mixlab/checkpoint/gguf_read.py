@@ -744,6 +744,27 @@ def _float_weight(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], ki
     return x.to(dtype)
 
 
+def _quantised_experts(reader: _Reader, cfg: ModelConfig, parts: list[GGUFTensor], dtype: torch.dtype, quant: str,
+                       group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_weight(_float_weight(...))` of a stacked experts weight, one expert at a time through
+    one float buffer (the same bytes: an expert's rows are rounded alone): the whole stack's fresh
+    float32 (3.8 GB for a Mixtral w13) cost more in page faults than the native conversions."""
+    from mixlab.model.inference import quantize_weight
+
+    E = parts[0].shape[0]
+    buf = torch.empty(_joined_shape([t.experts(0, 1) for t in parts], "experts"), dtype=dtype)
+    out: tuple[torch.Tensor, torch.Tensor] | None = None
+    for e in range(E):
+        x = _float_weight(reader, cfg, [t.experts(e, e + 1) for t in parts], "experts", dtype, out=buf)
+        q, s = quantize_weight(x, quant, group=group, scale_dtype=dtype)
+        if out is None:
+            out = (q.new_empty(E, *q.shape[1:]), s.new_empty(E, *s.shape[1:]))
+        out[0][e : e + 1].copy_(q)
+        out[1][e : e + 1].copy_(s)
+    assert out is not None
+    return out
+
+
 def int4_weights(h: GGUFHeader) -> dict[str, tuple[torch.Size, torch.Size]]:
     """The weights `load_gguf` keeps int4 (mixlab's names): the shapes of their packed codes and
     float16 scales (stacked experts: all of them). The file is checked against its config first."""
@@ -866,6 +887,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
             if name in kept:
                 q, s = _read_int4(reader, cfg, parts, kind)
                 quantised[name] = q.to(device), s.to(device)
+                continue
+            if quant is not None and name in quantise and kind == "experts" and torch.device(device).type == "cpu":
+                quantised[name] = _quantised_experts(reader, cfg, parts, want, quant, group)
                 continue
             x = _float_weight(reader, cfg, parts, kind, want).to(device)
             if quant is not None and name in quantise:  # rounded now: one weight's floats at a time
