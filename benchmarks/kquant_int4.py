@@ -8,7 +8,7 @@ for the "torch" runs), torch and native back to back in each round.
   32) as `GGUFSource.read` reads it now (chunks of rows, a buffer kept per thread).
 - `--layers N`: the first N layers' expert weights read as `load_model(FILE, quant="int4")` reads them
   (`gguf_read._quantised_experts`: one expert's floats at a time in the file's float dtype, float32 for
-  a quantised file, rounded to int4): MB of file a second.
+  a quantised file, rounded to int4): MB of file a second (`--cold`: the file's pages dropped first).
 - `--model FILE`: a whole `load_model(FILE, quant="int4")` (a small Q4_K_M file: a 26 GB Mixtral's int4
   model does not fit a 24 GB machine): seconds and MB of file a second.
 
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--file", type=Path, help="a GGUF file whose experts are K-quants (full_size.py --ftype q4_k)")
     p.add_argument("--layers", type=int, default=0, help="also time the first N layers' experts read as int4")
     p.add_argument("--model", type=Path, help="also time a whole load_model(MODEL, quant='int4')")
+    p.add_argument("--cold", action="store_true", help="drop the file from the page cache before each --layers read")
     p.add_argument("--rounds", type=positive, default=3)
     p.add_argument("--threads", type=positive, default=2)
     a = p.parse_args()
@@ -133,6 +134,10 @@ def main() -> None:
                   + "  (totals " + ", ".join(f"{r['total']:.3f}" for r in rs) + ")")
         for mode in ("torch", "native") if a.layers else ():
             _mode(mode)
+            if a.cold:  # as full_size.py starts cold: the file's pages dropped (clean pages: no write-back)
+                fd = os.open(a.file, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
             s, nbytes = layers_read(a.file, a.layers)
             print(f"{a.layers} layers' experts as int4, {mode}: {s:.1f} s, {nbytes / 1e6 / s:.0f} MB of file/s "
                   f"(the whole file at this rate: {a.file.stat().st_size / (nbytes / s) / 60:.1f} min)")
