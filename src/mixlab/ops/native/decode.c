@@ -3163,11 +3163,16 @@ static void deq_q6_k(const uint8_t* b, float* y) {
     const int8_t* sc = (const int8_t*)(b + 192);
     for (int n = 0; n < 2; n++, y += 128) {
         const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-        for (int k = 0; k < 4; k++) {
-            for (int l = 0; l < 32; l++) {
-                const int low = k & 2 ? ql[32 * (k & 1) + l] >> 4 : ql[32 * (k & 1) + l] & 0xF;
-                const int q = (low | ((qh[l] >> (2 * k)) & 3) << 4) - 32;
-                y[32 * k + l] = (d * (float)sc[8 * n + 2 * k + l / 16]) * (float)q;
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) { /* loops over 16 values with one scale, constant shifts: vectorised */
+            const uint8_t* lo = ql + 32 * (k & 1);
+            const int shift = k & 2 ? 4 : 0;
+            for (int h = 0; h < 2; h++) {
+                const float dl = d * (float)sc[8 * n + 2 * k + h];
+                for (int l = 16 * h; l < 16 * h + 16; l++) {
+                    const int q = (((lo[l] >> shift) & 0xF) | ((qh[l] >> (2 * k)) & 3) << 4) - 32;
+                    y[32 * k + l] = dl * (float)q;
+                }
             }
         }
     }
