@@ -68,6 +68,20 @@ def test_quantize_int4_equals_the_reference(dtype, group, threads):
     _assert_int4_equal(native.quantize_int4(w, group), want)
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_quantize_int4_of_nan_groups_equals_the_reference(group):
+    """A NaN takes its group's scale (the first NaN, as torch's argmax; codes 0) and leaves the
+    other groups' bytes alone: the 16-group pass (groups of 32) falls back to one group at a time."""
+    w = _hard_rows(8, 1024, group, torch.float32, seed=3)
+    w[1, 5] = w[4, 700] = float("nan")
+    w[4, 703] = -float("nan")
+    got, want = native.quantize_int4(w, group), _quantize_int4_rows(w, group)
+    assert torch.equal(got[0], want[0])
+    nan = want[1].isnan()
+    assert nan.sum() == 2 and torch.equal(got[1].isnan(), nan)
+    assert torch.equal(got[1][~nan].view(torch.int16), want[1][~nan].view(torch.int16))
+
+
 def test_quantize_int4_takes_the_native_kernel_and_gives_the_same_bytes(monkeypatch):
     """`quantize_int4` on stacked CPU weights goes to `native.quantize_int4` once the kernels are
     loaded, and `MIXLAB_NATIVE=0` (the PyTorch code, in chunks) gives the same bytes; non-contiguous
