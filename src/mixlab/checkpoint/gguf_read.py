@@ -540,7 +540,7 @@ class _Reader:
 
 def _native_dequant(ttype: int, out: torch.Tensor | None = None) -> bool:
     """Whether the native kernels dequantise `ttype` (into `out`): loaded, and a type they take (Q4_K,
-    Q5_K, Q6_K: `native.dequantize`, the same bits as `gguf_dequant`, 3-4x faster on one thread); `out`
+    Q5_K, Q6_K: `native.dequantize`, the same bits as `gguf_dequant`, 3-8x faster on one thread); `out`
     contiguous float32 or bf16 on the CPU."""
     from mixlab.ops import native
 
