@@ -98,6 +98,20 @@ def test_quantize_int4_takes_the_native_kernel_and_gives_the_same_bytes(monkeypa
     _assert_int4_equal(got, want)
 
 
+def test_the_registry_chooses_the_conversions():
+    """Rounding to int4 and dequantising K-quants go native only once loaded, on the CPU, for float32 /
+    bf16 and the types the kernels take (Q4_K 12, Q5_K 13, Q6_K 14); the registry says it, not callers."""
+    from mixlab.ops import registry
+
+    assert registry.convert_impl("quantize_int4", device="cpu", dtype=torch.bfloat16) == "native"
+    assert registry.convert_impl("quantize_int4", device="cuda", dtype=torch.bfloat16) == "torch"
+    assert registry.convert_impl("quantize_int4", device="cpu", dtype=torch.float16) == "torch"
+    assert registry.convert_impl("dequantize", device="cpu", dtype=torch.float32, ggml_type=14) == "native"
+    assert registry.convert_impl("dequantize", device="cpu", dtype=torch.float32, ggml_type=2) == "torch"  # Q4_0
+    with pytest.raises(ValueError, match="unknown conversion 'pack'"):
+        registry.convert_impl("pack", device="cpu", dtype=torch.float32)
+
+
 def test_native_quantize_int4_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match=r"contiguous CPU float32 or bf16 rows .* not torch.float16 \(4, 64\)"):
         native.quantize_int4(torch.zeros(4, 64, dtype=torch.float16), 32)

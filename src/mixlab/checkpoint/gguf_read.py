@@ -542,12 +542,12 @@ def _native_dequant(ttype: int, out: torch.Tensor | None = None) -> bool:
     """Whether the native kernels dequantise `ttype` (into `out`): loaded, and a type they take (Q4_K,
     Q5_K, Q6_K: `native.dequantize`, the same bits as `gguf_dequant`, 3-8x faster on one thread); `out`
     contiguous float32 or bf16 on the CPU."""
-    from mixlab.ops import native
+    from mixlab.ops import registry
 
-    if ttype not in native.DEQUANT_TYPES or native.library() is None:
-        return False
-    return out is None or (out.dtype in (torch.float32, torch.bfloat16) and out.device.type == "cpu"
-                           and out.is_contiguous())
+    if out is None:
+        return registry.convert_impl("dequantize", device="cpu", dtype=torch.float32, ggml_type=ttype) == "native"
+    return out.is_contiguous() and registry.convert_impl("dequantize", device=out.device.type, dtype=out.dtype,
+                                                         ggml_type=ttype) == "native"
 
 
 def _dequantize(raw: torch.Tensor, ttype: int) -> torch.Tensor:

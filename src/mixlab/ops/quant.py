@@ -84,7 +84,7 @@ def quantize_int4(w_XD: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, to
     if D % group:
         raise ValueError(f"int4 with groups of {group} needs a multiple of {group} inputs per row, not {D}")
     w_RD = w_XD.detach().reshape(-1, D)  # R: every row of every leading index
-    if native.library() is not None and w_RD.device.type == "cpu" and w_RD.dtype in (torch.float32, torch.bfloat16):
+    if registry.convert_impl("quantize_int4", device=w_RD.device.type, dtype=w_RD.dtype) == "native":
         # the same bytes (decode.c `mx_quantize_q4`), ~10x faster and without temporaries: an offloaded
         # Q4_K_M expert's int4 rounding took 0.8 s in the code below (BENCHMARKS.md, "Expert offloading")
         q_RDh, s_RG = native.quantize_int4(w_RD.contiguous(), group)

@@ -26,6 +26,8 @@ The native kernels are chosen only once they are loaded (`mixlab.ops.native.load
 preparation calls), for inference, on CPU, where this CPU vectorises their weight type. Nothing
 here builds or loads them, so a forward pass on a model nobody prepared never starts a compiler.
 
+Weight conversions (rounding to int4, dequantising GGUF K-quants) are chosen by `convert_impl`.
+
 Weight formats (`fmt`): `plain` (a contiguous float or int8 tensor), `packed` (oneDNN's blocked
 layout), `int8` (int8 with one scale per output row), `int4` (packed 4-bit, uint8, with float16
 scales per group of inputs: `mixlab.ops.quant`), `strided` (a plain tensor that is not contiguous:
@@ -182,6 +184,20 @@ def decode_impl(tokens_BT: torch.Tensor, weight: torch.Tensor) -> str:
     whose matrices look like `weight` (its output projection)."""
     return choose("decode_step", device=tokens_BT.device.type, fmt=weight_format(weight), dtype=weight.dtype,
                   tokens=tokens_BT.numel(), training=_training(weight))
+
+
+def convert_impl(kind: str, *, device: str, dtype: torch.dtype, ggml_type: int | None = None) -> str:
+    """The implementation of a weight conversion (loading, offloading, preparation; no forward pass):
+    `quantize_int4` (float weights rounded to int4, `ops.quant.quantize_int4`) or `dequantize` (a GGUF
+    tensor of `ggml_type` read as floats of `dtype`). `native` (decode.c `mx_quantize_q4` /
+    `mx_dequantize`: the same bytes as the PyTorch code, ~10x / 3-8x faster) once the kernels are
+    loaded, on the CPU, for float32 / bf16 (and the K-quant types Q4_K, Q5_K, Q6_K), else `torch`."""
+    if kind not in ("quantize_int4", "dequantize"):
+        raise ValueError(f"unknown conversion {kind!r}; expected quantize_int4 or dequantize")
+    ok = native.library() is not None and device == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    if kind == "dequantize":
+        ok = ok and ggml_type in native.DEQUANT_TYPES
+    return "native" if ok else "torch"
 
 
 def prepare_native() -> bool:
