@@ -287,7 +287,7 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files,
     save_model(_tiny(vocab_size=32000, ffn_dim=2048), path)
     cfg = run._checked_config(path)
     assert cfg is not None
-    floats, int8, int4 = (run.memory_needed(path, cfg, "float32", q) for q in (None, "int8", "int4"))
+    floats, int8, int4 = (run.memory_needed(cfg, "float32", q) for q in (None, "int8", "int4"))
     assert floats and int8 and int4 and int4 < int8 < floats
     experts = 4 * 2 * 3 * 64 * 2048 * 4  # E x L x (w1, w2, w3) x D x F, float32 bytes
     monkeypatch.setattr(run, "swap_free", lambda: 1000)
@@ -325,11 +325,10 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files,
     monkeypatch.setattr(run, "swap_free", lambda: 0)
     assert main(["generate", "--model", str(path), "--prompt", "x", "--max-new-tokens", "2", "--dtype", "float32",
                  "--quant", "int4", "--quiet"]) == 0
-    # a GGUF file's own format: a Q4_K_M one is planned as int4 (what --quant auto loads)
-    q4km = gguf_files["Q4_K_M"]
-    cfg = run._checked_config(q4km)
-    assert cfg is not None and run.memory_needed(q4km, cfg, "float32", "int4") < run.memory_needed(q4km, cfg,
-                                                                                                   "float32", None)
+    # a Q4_0 file's int4 matrices are copied as stored: no weight's floats while loading, as rounding has
+    cfg = run._checked_config(gguf_files["Q4_0"])
+    assert cfg is not None and run._holds_int4(gguf_files["Q4_0"])
+    assert run.memory_needed(cfg, "float32", None, kept=True) < run.memory_needed(cfg, "float32", "int4")
 
 
 # ------------------------------------------------------------------------------------------------

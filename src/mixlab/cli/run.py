@@ -190,14 +190,13 @@ def _checked_config(path: str | Path) -> ModelConfig | None:
     return cfg
 
 
-def memory_needed(path: str | Path, cfg: ModelConfig, dtype: str | None, quant: str | None) -> int:
-    """A lower bound of the bytes loading the model at `path` (of config `cfg`) holds: `mixlab plan
-    --mode infer`'s weights in their final format, or while `quant` rounds each matrix as it is read,
-    those plus one weight's floats; no KV cache. `dtype` None (as stored) counts 2 bytes a float; a
-    GGUF file's Q4_0 matrices stay int4."""
+def memory_needed(cfg: ModelConfig, dtype: str | None, quant: str | None, *, kept: bool = False) -> int:
+    """A lower bound of the bytes loading a model of config `cfg` holds: `mixlab plan --mode infer`'s
+    weights in their final format, or while `quant` rounds each matrix as it is read, those plus one
+    weight's floats; no KV cache. `dtype` None (as stored) counts 2 bytes a float. `kept`: a GGUF file
+    whose Q4_0 matrices stay int4 (copied as stored: no weight's floats while loading)."""
     from mixlab.parallel.plan import plan
 
-    kept = _holds_int4(Path(path))  # Q4_0 matrices: copied as stored, no weight's floats while loading
     p = plan(cfg, mode="infer", dtype=dtype if dtype in ("float32", "float16") else "bfloat16",
              quant="int4" if kept and quant is None else quant, seq=1)
     weights = sum(v for k, v in p.memory.items() if k.startswith("weights"))
@@ -244,12 +243,13 @@ def check_memory(path: str | Path, dtype: str | None, quant: str | None, *, flag
     cfg = _checked_config(path) if ram else None
     if cfg is None:
         return
-    need = memory_needed(path, cfg, dtype, quant)
+    kept = _holds_int4(Path(path))  # (the header read once)
+    need = memory_needed(cfg, dtype, quant, kept=kept)
     if need <= ram + swap:
         return
     fits = []
     for q in ("int8", "int4") if flags else ():
-        other = memory_needed(path, cfg, dtype, q)
+        other = memory_needed(cfg, dtype, q, kept=kept)
         if q != quant and other < need and other <= ram + swap:
             fits.append(f"--quant {q} (~{format_bytes(other)})")
     cache = _cache_that_fits(cfg, need, dtype, quant, ram + swap) if flags else None
