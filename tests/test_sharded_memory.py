@@ -54,6 +54,11 @@ def _job(rank: int, job: dict[str, Any]) -> None:
     from mixlab.train import loop
 
     out = Path(job["out"])
+    # Traced from before the process group's threads exist, and never stopped (the process ends with
+    # os._exit): Python 3.11's tracemalloc.stop() frees its traceback buffer under a thread that waits
+    # for the GIL inside its allocation hook, which then writes through NULL (CPython gh-128679, fixed
+    # in 3.12.9 / 3.13.2), the rare segfault this test once had in a thread with no Python frame.
+    tracemalloc.start()
     par = DistributedTraining(init(ep=1, fsdp=True))
     config = ModelConfig(**CONFIG, moe=MoEConfig(num_experts=4, top_k=2, jitter=0.0))
 
@@ -74,12 +79,12 @@ def _job(rank: int, job: dict[str, Any]) -> None:
     save = dcp.save
 
     def measured(*a: Any, **kw: Any) -> Any:  # DCP's part of the save (not the manifest's hashing: 8 MiB)
-        tracemalloc.start()
+        live = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
         try:
             return save(*a, **kw)
         finally:
-            peaks.append(tracemalloc.get_traced_memory()[1])
-            tracemalloc.stop()
+            peaks.append(tracemalloc.get_traced_memory()[1] - live)
 
     dcp.save = measured
     try:
