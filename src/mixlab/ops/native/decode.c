@@ -3206,25 +3206,33 @@ static inline void k_scale_min(int j, const uint8_t* sc, float* d, float* m) {
 
 /* One 256-value super-block (ggml-common.h's layouts; gguf_dequant's docstring). Q4_K: d, dmin (f16),
    12 scale bytes, 128 bytes of nibbles (sub-block 2i: the low nibbles of bytes 32i.., 2i + 1 the high);
-   Q5_K: with 32 bytes of fifth bits (sub-block j: bit j) before the nibbles. y = (d sc) q - (dmin m). */
-static void deq_q45_k(const uint8_t* b, float* y, int five) {
+   Q5_K: with 32 bytes of fifth bits (sub-block j: bit j) before the nibbles. y = (d sc) q - (dmin m).
+   Inlined into one copy per type, each sub-block's loop with constant shifts: both GCC and clang
+   vectorise that (clang left the shared copy's loops scalar: Q4_K 2.7x slower). */
+static inline __attribute__((always_inline)) void deq_q45_k(const uint8_t* b, float* y, const int five) {
     uint16_t h[2];
     memcpy(h, b, 4);
     const float d = f16_to_f32(h[0]), dmin = f16_to_f32(h[1]);
     const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
-    for (int i = 0; i < 4; i++, qs += 32) {
-        for (int half = 0; half < 2; half++, y += 32) {
-            const int j = 2 * i + half;
-            float s, m;
-            k_scale_min(j, sc, &s, &m);
-            const float d1 = d * s, m1 = dmin * m;
-            for (int l = 0; l < 32; l++) {
-                const int q = (half ? qs[l] >> 4 : qs[l] & 0xF) + (five ? ((qh[l] >> j) & 1) << 4 : 0);
-                y[l] = d1 * (float)q - m1;
-            }
+    for (int i = 0; i < 4; i++, qs += 32, y += 64) {
+        float s, m;
+        k_scale_min(2 * i, sc, &s, &m);
+        const float d0 = d * s, m0 = dmin * m;
+        k_scale_min(2 * i + 1, sc, &s, &m);
+        const float d1 = d * s, m1 = dmin * m;
+        for (int l = 0; l < 32; l++) {
+            const int q = (qs[l] & 0xF) + (five ? ((qh[l] >> (2 * i)) & 1) << 4 : 0);
+            y[l] = d0 * (float)q - m0;
+        }
+        for (int l = 0; l < 32; l++) {
+            const int q = (qs[l] >> 4) + (five ? ((qh[l] >> (2 * i + 1)) & 1) << 4 : 0);
+            y[32 + l] = d1 * (float)q - m1;
         }
     }
 }
+
+static void deq_q4_k(const uint8_t* b, float* y) { deq_q45_k(b, y, 0); }
+static void deq_q5_k(const uint8_t* b, float* y) { deq_q45_k(b, y, 1); }
 
 /* Q6_K: 128 bytes of low nibbles, 64 of 2-bit high parts, sixteen int8 scales, d (f16); per half of
    128 values, value 32 k + l (k < 4) takes nibble (k & 1 ? 32 + l : l) of the half's 64 bytes (low for
@@ -3259,7 +3267,8 @@ int mx_dequantize(int type, const uint8_t* x, int64_t B, int yt, void* y, int nt
         float buf[256]; /* bf16 out: the float32 values, then rounded (as PyTorch's copy_ rounds them) */
         float* out = yt == MX_F32 ? (float*)y + i * 256 : buf;
         if (type == MX_GGML_Q6_K) deq_q6_k(x + i * size, out);
-        else deq_q45_k(x + i * size, out, type == MX_GGML_Q5_K);
+        else if (type == MX_GGML_Q5_K) deq_q5_k(x + i * size, out);
+        else deq_q4_k(x + i * size, out);
         if (yt == MX_BF16) round_to_bf16(buf, (uint16_t*)y + i * 256, 256);
     }
     return 0;
