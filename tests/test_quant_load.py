@@ -279,24 +279,24 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files,
     import re
 
     import mixlab.checkpoint as checkpoint
-    import mixlab.engine.runner as runner
     from mixlab.cli import run
+    from mixlab.model import memory
     from mixlab.config import format_bytes, parse_bytes
 
     path = tmp_path / "m"  # experts most of the weights, as in Mixtral (97%): here 2/3
     save_model(_tiny(vocab_size=32000, ffn_dim=2048), path)
     cfg = run._checked_config(path)
     assert cfg is not None
-    floats, int8, int4 = (run.memory_needed(cfg, "float32", q) for q in (None, "int8", "int4"))
+    floats, int8, int4 = (memory.weights_needed(cfg, "float32", q) for q in (None, "int8", "int4"))
     assert floats and int8 and int4 and int4 < int8 < floats
     experts = 4 * 2 * 3 * 64 * 2048 * 4  # E x L x (w1, w2, w3) x D x F, float32 bytes
-    monkeypatch.setattr(run, "swap_free", lambda: 1000)
+    monkeypatch.setattr(memory, "swap_free", lambda: 1000)
     monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
     cases = [((int8 + int4) // 2, ["pass --quant int4 (~"], ["--quant int8", "--max-memory"]),
              (floats - 2000, ["pass --quant int8 (~", " or --quant int4 (~", " or --max-memory "], []),
              (int4 // 2, ["it needs a machine with more memory"], ["--quant", "--max-memory"])]
     for ram, said, unsaid in cases:
-        monkeypatch.setattr(runner, "available_memory", lambda ram=ram: ram)
+        monkeypatch.setattr(memory, "available_memory", lambda ram=ram: ram)
         rc = main(["generate", "--model", str(path), "--prompt", "x", "--dtype", "float32", "--quiet"])
         err = capsys.readouterr().err
         assert rc == 2 and len(err.strip().splitlines()) == 1, err
@@ -308,7 +308,7 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files,
             assert 0 < parse_bytes(cache.group(1), what="--max-memory") < ram - (floats - experts), err
     # analyze loads floats, and takes neither flag: the sizes alone
     (tmp_path / "notes.txt").write_text("plain text")
-    monkeypatch.setattr(runner, "available_memory", lambda: int4 // 2)
+    monkeypatch.setattr(memory, "available_memory", lambda: int4 // 2)
     rc = main(["analyze", "--model", str(path), "--data", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "r"),
                "--dtype", "float32", "--quiet"])
     err = capsys.readouterr().err
@@ -321,14 +321,51 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files,
     assert rc == 2 and "of swap: it needs a machine with more memory" in err and "--max-memory" not in err, err
     # what fits loads (here: the int4 need fits, asked for)
     monkeypatch.undo()
-    monkeypatch.setattr(runner, "available_memory", lambda: int4 + 10)
-    monkeypatch.setattr(run, "swap_free", lambda: 0)
+    monkeypatch.setattr(memory, "available_memory", lambda: int4 + 10)
+    monkeypatch.setattr(memory, "swap_free", lambda: 0)
     assert main(["generate", "--model", str(path), "--prompt", "x", "--max-new-tokens", "2", "--dtype", "float32",
                  "--quant", "int4", "--quiet"]) == 0
     # a Q4_0 file's int4 matrices are copied as stored: no weight's floats while loading, as rounding has
     cfg = run._checked_config(gguf_files["Q4_0"])
     assert cfg is not None and run._holds_int4(gguf_files["Q4_0"])
-    assert run.memory_needed(cfg, "float32", None, kept=True) < run.memory_needed(cfg, "float32", "int4")
+    assert memory.weights_needed(cfg, "float32", None, kept=True) < memory.weights_needed(cfg, "float32", "int4")
+
+
+def test_load_model_refuses_weights_that_cannot_fit_in_the_apis_words(gguf_files, tmp_path, monkeypatch):
+    """`mixlab.load_model` makes the commands' check itself (`model.memory.shortfall`): a notebook's
+    load_model of a model larger than the machine was the kernel's out-of-memory kill. The error is a
+    MemoryError too, and names the arguments that fit; what fits loads."""
+    from mixlab.config import format_bytes
+    from mixlab.errors import NotEnoughMemoryError
+    from mixlab.model import memory
+
+    path = tmp_path / "m"
+    save_model(_tiny(vocab_size=32000, ffn_dim=2048), path)  # float32, as stored
+    cfg = load_model(path).config
+    floats, int4 = memory.weights_needed(cfg, "float32", None), memory.weights_needed(cfg, "float32", "int4")
+    monkeypatch.setattr(memory, "swap_free", lambda: 0)
+    monkeypatch.setattr(memory, "available_memory", lambda: floats - 1000)
+    with pytest.raises(MemoryError) as e:
+        load_model(path)
+    assert isinstance(e.value, NotEnoughMemoryError), e.value
+    said = str(e.value)
+    assert said.startswith(f"{path}: its weights need at least {format_bytes(floats)} as float32, but "), said
+    assert "load it with quant='int8' (~" in said and " or quant='int4' (~" in said, said
+    assert "max_memory='" in said and "(the experts stay on disk" in said, said
+    assert "--" not in said, said  # the API's words, not the command's flags
+    load_model(path, quant="int4")  # fits
+    load_model(path, max_memory="8MB")  # offloaded: the experts are not counted
+    monkeypatch.setattr(memory, "available_memory", lambda: memory.weights_needed(cfg, "bfloat16", None) - 1)
+    with pytest.raises(NotEnoughMemoryError, match="as bfloat16"):  # a dtype asked for is counted as asked
+        load_model(path, dtype="bfloat16")
+    # a GGUF file: its K-quant matrices load as float32 by default (`load_gguf` checks too)
+    q4k = gguf_files["Q4_K_M"]
+    gcfg = config_from_header(read_header(q4k))
+    need = memory.weights_needed(gcfg, "float32", None)
+    monkeypatch.setattr(memory, "available_memory", lambda: need - 1)
+    with pytest.raises(NotEnoughMemoryError, match=f"need at least {format_bytes(need)} as float32"):
+        load_model(q4k)
+    load_model(q4k, quant="int4")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ class OutputError(MixlabError):
     source, or is of the wrong kind (a folder where a file is expected, ...)."""
 
 
+class NotEnoughMemoryError(MixlabError, MemoryError):
+    """A model whose weights cannot fit in the memory available, refused before a byte of them is read
+    (the load would end in the kernel's out-of-memory kill); the message names the sizes and what fits."""
+
+
 class GenerationError(MixlabError):
     """Generation cannot continue (for example, the model produced NaN logits)."""
 
@@ -55,5 +60,6 @@ class TrainingError(MixlabError):
     """Training cannot continue (for example, a non-finite loss)."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "GenerationError", "MixlabError", "OutputError",
+__all__ = ["CheckpointError", "ConfigError", "DataError", "GenerationError", "MixlabError", "NotEnoughMemoryError",
+           "OutputError",
            "SettingsFileError", "TrainingError", "UsageError"]

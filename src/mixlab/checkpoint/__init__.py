@@ -49,6 +49,7 @@ from mixlab.model.inference import (
     quant_names,
     quantize_weight,
 )
+from mixlab.model.memory import refuse_if_short
 from mixlab.ops.quant import INT4_GROUPS
 
 __all__ = ["CheckpointError", "adapter_factors", "describe", "from_state_dict", "load_model", "load_state",
@@ -483,6 +484,8 @@ def load_model(
         check_offloadable(config, root, dev)
     _, table, infos = plan(root, config)
     quantise = quant_names(meta_model(config), quant, group=group) if quant else set()  # int4's widths: checked now
+    if dev.type == "cpu" and not offload:  # one that cannot fit: refused now, not killed minutes in
+        refuse_if_short(str(root), config, dtype_name(want or _stored_dtype(table, infos)), quant)
     state, quantised = _read_state(table, infos, dtype=want, device=dev, experts=not offload, quant=quant,
                                    quantise=quantise, group=group)
     model = _assign(config, state, strict=not offload, quantised=quantised)

@@ -675,7 +675,7 @@ def _check_finite(h: GGUFHeader, parts: list[GGUFTensor], x: torch.Tensor) -> No
                       "model's outputs will be NaN", stacklevel=4)
 
 
-def _default_dtype(h: GGUFHeader) -> torch.dtype:
+def default_dtype(h: GGUFHeader) -> torch.dtype:
     """The float type of most of the file's matrix elements, a quantised matrix's counting as float32
     (what it dequantises to): a q8_0 / q4_0 file whose few matrices blocks do not fit are f16 (as
     llama.cpp's quantiser and `write_gguf` store them) loads in float32, not all in float16."""
@@ -878,7 +878,12 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
 
         check_offloadable(cfg, h.path, device)
         plan = [p for p in plan if p[2] != "experts"]
-    want = dtype or _default_dtype(h)
+    want = dtype or default_dtype(h)
+    if torch.device(device).type == "cpu" and not offload:  # one that cannot fit: refused now, not killed minutes in
+        from mixlab.dtypes import dtype_name
+        from mixlab.model.memory import refuse_if_short
+
+        refuse_if_short(str(h.path), cfg, dtype_name(want), quant, kept=bool(kept))
     reader = _Reader(h)
     state: dict[str, torch.Tensor] = {}
     quantised: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

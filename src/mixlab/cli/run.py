@@ -190,77 +190,42 @@ def _checked_config(path: str | Path) -> ModelConfig | None:
     return cfg
 
 
-def memory_needed(cfg: ModelConfig, dtype: str | None, quant: str | None, *, kept: bool = False) -> int:
-    """A lower bound of the bytes loading a model of config `cfg` holds: `mixlab plan --mode infer`'s
-    weights in their final format, or while `quant` rounds each matrix as it is read, those plus one
-    weight's floats; no KV cache. `dtype` None (as stored) counts 2 bytes a float. `kept`: a GGUF file
-    whose Q4_0 matrices stay int4 (copied as stored: no weight's floats while loading)."""
-    from mixlab.parallel.plan import plan
-
-    p = plan(cfg, mode="infer", dtype=dtype if dtype in ("float32", "float16") else "bfloat16",
-             quant="int4" if kept and quant is None else quant, seq=1)
-    weights = sum(v for k, v in p.memory.items() if k.startswith("weights"))
-    return int(weights if kept else max(weights, p.load_peak))
-
-
-def _cache_that_fits(cfg: ModelConfig, need: int, dtype: str | None, quant: str | None, free: int) -> str | None:
-    """An expert cache budget (--max-memory, as the flag reads it: "18.3GB") that leaves room in `free`
-    bytes for the rest of the model (`need` less its experts), the KV cache (the engine's default
-    budget: 2 GiB at most) and ~15% for the run, rounded down to a tenth of its unit; None for a
-    dense model or where not even one token's experts of a layer (top-k) would fit."""
-    import torch
-
-    from mixlab.ops.offload import SlotFormat
-
-    if cfg.moe is None:
-        return None
-    fmt = SlotFormat(quant or "plain", torch.float32 if dtype == "float32" else torch.bfloat16)
-    one = fmt.expert_bytes(cfg.dim, cfg.ffn_dim)
-    resident = need - cfg.n_layers * cfg.moe.num_experts * one
-    kv = min(2**31, cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len)  # the engine's default KV budget at most
-    cache = 0.85 * free - resident - kv
-    unit, size = next(((u, n) for u, n in (("GB", 1e9), ("MB", 1e6)) if cache >= n), ("KB", 1e3))
-    tenths = int(cache / size * 10)
-    return f"{tenths / 10:g}{unit}" if tenths * size / 10 >= cfg.moe.top_k * one else None
-
-
-def swap_free() -> int:
-    """Free swap space in bytes (Linux's SwapFree), or 0 when unknown."""
-    from mixlab.engine.runner import meminfo
-
-    return meminfo("SwapFree")
-
-
 def check_memory(path: str | Path, dtype: str | None, quant: str | None, *, flags: bool = True) -> None:
     """Refuse, before reading a byte of weights, a model whose weights alone cannot fit in the memory
-    available (RAM and free swap): the load would end in the kernel's out-of-memory kill, minutes in.
-    The one line says the formats that would fit, and expert offloading (`flags` False: a command
-    without --quant and --max-memory, whose line says only the sizes)."""
+    available (RAM and free swap): the load would end in the kernel's out-of-memory kill, minutes in
+    (`model.memory.shortfall`; `load_model` makes the same check, in the API's words). The one line says
+    the formats that would fit, and expert offloading (`flags` False: a command without --quant and
+    --max-memory, whose line says only the sizes)."""
     from mixlab.config import format_bytes
-    from mixlab.engine.runner import available_memory
+    from mixlab.model.memory import available_memory, shortfall
 
-    ram, swap = available_memory(), swap_free()
-    cfg = _checked_config(path) if ram else None
+    cfg = _checked_config(path) if available_memory() else None
     if cfg is None:
         return
-    kept = _holds_int4(Path(path))  # (the header read once)
-    need = memory_needed(cfg, dtype, quant, kept=kept)
-    if need <= ram + swap:
+    short = shortfall(cfg, _loaded_dtype(Path(path), dtype), quant, kept=_holds_int4(Path(path)),
+                      alternatives=flags)
+    if short is None:
         return
-    fits = []
-    for q in ("int8", "int4") if flags else ():
-        other = memory_needed(cfg, dtype, q, kept=kept)
-        if q != quant and other < need and other <= ram + swap:
-            fits.append(f"--quant {q} (~{format_bytes(other)})")
-    cache = _cache_that_fits(cfg, need, dtype, quant, ram + swap) if flags else None
-    if cache:
-        fits.append(f"--max-memory {cache} (the experts stay on disk, read on demand into a cache of that many "
-                    "bytes)")
+    fits = [f"--quant {q} (~{format_bytes(n)})" for q, n in short.formats.items()]
+    if short.cache:
+        fits.append(f"--max-memory {short.cache} (the experts stay on disk, read on demand into a cache of that "
+                    "many bytes)")
     if not fits:
         fits.append("a machine with more memory")
-    raise UsageError(f"{path}: its weights need at least {format_bytes(need)} as {quant or dtype or 'stored'}, but "
-                     f"{format_bytes(ram)} of memory is available and {format_bytes(swap)} of swap: "
+    raise UsageError(f"{path}: its weights need at least {format_bytes(short.need)} as {quant or dtype or 'stored'}, "
+                     f"but {format_bytes(short.ram)} of memory is available and {format_bytes(short.swap)} of swap: "
                      f"{'pass ' if fits[0].startswith('--') else 'it needs '}{' or '.join(fits)}")
+
+
+def _loaded_dtype(path: Path, dtype: str | None) -> str | None:
+    """The float dtype the load gives the weights of the model at `path`: `dtype`, else a GGUF file's
+    (`gguf_read.default_dtype`: a quantised file's float32); None for a folder's as stored."""
+    if dtype is not None or suffix_of(path) != ".gguf" or path.is_dir():
+        return dtype
+    from mixlab.checkpoint.gguf_read import default_dtype, read_header
+    from mixlab.dtypes import dtype_name
+
+    return dtype_name(default_dtype(read_header(path)))
 
 
 def _holds_int4(path: Path) -> bool:

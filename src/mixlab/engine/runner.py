@@ -72,6 +72,7 @@ from mixlab.engine.cuda_graphs import GraphedDecode
 from mixlab.engine.sampling import row_argmax
 from mixlab.model.inference import inference_format
 from mixlab.model.layers import apply_rope, attention_mask, rope_cos_sin, training_sdpa
+from mixlab.model.memory import available_memory
 from mixlab.model.moe import MoEBlock, Routing
 from mixlab.model.native import LoraTable, NativeDecoder, shared_decoder
 from mixlab.model.transformer import Block, Transformer
@@ -252,23 +253,6 @@ def _adapted_ffn(block: Block, li: int, x_1ND: torch.Tensor, ad: StepAdapters,
         return x_ND[None], routing
     ys_nD = torch.cat(ys) if len(ys) > 1 else ys[0]
     return (x_ND + combine(ys_nD, weight_NK, d, x_ND.dtype))[None], routing
-
-
-def meminfo(key: str) -> int:
-    """A field of Linux's /proc/meminfo in bytes (`MemAvailable`, `SwapFree`, ...), or 0 when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def available_memory() -> int:
-    """Bytes of memory available for new allocations (Linux's MemAvailable), or 0 when unknown."""
-    return meminfo("MemAvailable")
 
 
 class Runner:

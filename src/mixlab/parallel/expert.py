@@ -158,9 +158,9 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
         warn_other_base,
     )
     from mixlab.checkpoint.gguf_read import (
-        _default_dtype,
         check_quant_over_q4_0,
         config_from_header,
+        default_dtype,
         int4_weights,
         read_gguf_pieces,
         read_header,
@@ -182,7 +182,7 @@ def load_expert_parallel(path: str | Path, layout: Layout, *, dtype: str | torch
     if gguf:
         header = read_header(root)
         config = config_from_header(header)
-        stored = _default_dtype(header)
+        stored = default_dtype(header)
         int4 = int4_weights(header) if keep_int4 else {}
     else:
         config = folder_config(root)

@@ -69,65 +69,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from mixlab.config import ModelConfig
 from mixlab.dtypes import DTYPES
+from mixlab.model.memory import QUANT_BITS, ParamSplit, count_params, inference_weights, is_expert_param
 
 if TYPE_CHECKING:
     from mixlab.train.lora import LoraConfig
 
 GB = 1e9
+INT4_GROUP = 32  # a LoRA run's int4 base: a float16 scale per 32 inputs
 PLAN_DTYPES = ("float32", "bfloat16", "float16")
-QUANT_BITS = {"int8": 8.0, "int4": 4.5}
-INT4_GROUP = 32
-
-
-@dataclass(frozen=True)
-class ParamSplit:
-    """Exact parameter counts of the model built on the meta device."""
-
-    total: int
-    experts: int  # stacked expert weights [E, ...] (sharded by expert parallelism)
-    dense: int  # everything else
-    block_dense: int  # one transformer block's non-expert weights (FSDP gathers a block at a time)
-    block_experts: int  # one block's expert weights
-    embedding: int  # tok_embeddings (kept unquantised)
-    router: int
-    norms: int
-
-
-def is_expert_param(p: torch.Tensor, config: ModelConfig) -> bool:
-    """Stacked expert weights: 3-D with the experts first (`w13 [E, 2F, D]`, `w2 [E, D, F]`)."""
-    return config.moe is not None and p.dim() == 3 and p.shape[0] == config.moe.num_experts
-
-
-def count_params(config: ModelConfig) -> ParamSplit:
-    from mixlab.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    seen: set[int] = set()
-    total = experts = embedding = router = norms = 0
-    for name, p in model.named_parameters():  # tied weights appear once
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = p.numel()
-        total += n
-        if is_expert_param(p, config):
-            experts += n
-        elif name.startswith("tok_embeddings"):
-            embedding += n
-        elif p.dim() == 1:
-            norms += n
-        elif ".gate." in name or name.endswith(("router.weight", "gate.weight")):
-            router += n
-    block = model.layers[0]
-    block_experts = sum(p.numel() for p in block.parameters() if is_expert_param(p, config))
-    block_dense = sum(p.numel() for p in block.parameters()) - block_experts
-    return ParamSplit(total=total, experts=experts, dense=total - experts, block_dense=block_dense,
-                      block_experts=block_experts, embedding=embedding, router=router, norms=norms)
 
 
 def activation_elements_per_token(config: ModelConfig) -> int:
@@ -327,26 +278,15 @@ def plan(config: ModelConfig, *, mode: str, devices: int = 1, device_mem: int = 
                             "or optimizer-state offload (not implemented here)")
     else:
         w_b = DTYPES[dtype].itemsize
-        local_dense = ps.dense
-        local_experts = ps.experts / ep
-        if quant is None:
-            weights = (local_dense + local_experts) * w_b
-        else:
-            bits = QUANT_BITS[quant]
-            keep = ps.embedding + ps.router + ps.norms  # stay in --dtype
-            qdense = local_dense - keep
-            weights = keep * w_b + (qdense + local_experts) * bits / 8
-            if quant == "int8":  # one scale per output row, in --dtype (as prepare_for_inference stores it)
-                weights += _int8_rows(config, ep) * w_b
+        weights, floats = inference_weights(config, dtype, quant, ep=ep, params=ps)
         pl.memory[f"weights ({quant or dtype})"] = weights
         # Loading: --quant rounds each matrix as it is read (`load_model(quant=)`; under --ep each process its
         # share's, `load_expert_parallel(quant=)`), so a process holds the quantised weights and the largest
         # weight's floats (a layer's stacked w13, its share's under --ep); quantisation's float32 temporaries
         # are a few MB of rows (`ops.quant.QUANT_CHUNK`).
-        w13 = config.moe.num_experts // ep * 2 * config.ffn_dim * D if config.moe else 2 * config.ffn_dim * D
         if quant is not None:
-            pl.load_peak = weights + w13 * w_b
-            pl.notes.append(f"loading holds the {quant} weights and one weight's {dtype} ({w13 * w_b / GB:,.2f} GB: "
+            pl.load_peak = weights + floats
+            pl.notes.append(f"loading holds the {quant} weights and one weight's {dtype} ({floats / GB:,.2f} GB: "
                             f"{'its share of ' if ep > 1 else ''}a layer's stacked w13), each matrix rounded as it "
                             "is read")
         pl.memory["KV cache (bfloat16)" if w_b == 2 else f"KV cache ({dtype})"] = \
@@ -454,16 +394,6 @@ def _lora_memory(pl: Plan, config: ModelConfig, lora: LoraConfig) -> None:
     # the experts' pieces and their stack (backward of `unbind`)
     largest = max((E * X * In for _, E, X, In, ws in mats if ws), default=0)
     pl.memory["transient: the largest expert matrix, twice in float32"] = 2 * 4 * largest
-
-
-def _int8_rows(config: ModelConfig, ep: int) -> float:
-    """Output rows of the int8 matrices per device (one scale each)."""
-    rows_attn = config.q_dim + 2 * config.kv_dim + config.dim
-    if config.moe is not None:
-        rows_ffn = config.moe.num_experts / ep * (2 * config.ffn_dim + config.dim)
-    else:
-        rows_ffn = 2 * config.ffn_dim + config.dim
-    return config.n_layers * (rows_attn + rows_ffn) + config.vocab_size
 
 
 __all__ = ["GB", "Plan", "ParamSplit", "activation_elements_per_token", "count_params", "is_expert_param", "plan"]

@@ -23,8 +23,8 @@ from mixlab.checkpoint import parse_device
 from mixlab.checkpoint.io import CheckpointError
 from mixlab.config import ConfigError, ModelConfig, did_you_mean, format_bytes, suffix_of
 from mixlab.dtypes import full_name
-from mixlab.engine.runner import available_memory
 from mixlab.errors import SettingsFileError
+from mixlab.model.memory import available_memory
 
 T = TypeVar("T")
 # transformers' TrainingArguments, TRL's and PEFT's names for the settings mixlab calls otherwise (a TRL
