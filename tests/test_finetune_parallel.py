@@ -119,10 +119,15 @@ def _records(out: Path) -> list[dict[str, Any]]:
 
 
 def _same_tensors(a: Path, b: Path) -> None:
+    """The same tensors up to float32 summation order: the two processes' gradients are all-reduced, one
+    process sums them in one pass. AdamW divides each element's step by its own gradient's scale, so an
+    element whose gradient is near 0 turns that rounding into a visible share of the learning rate: on an
+    Intel Xeon host one of 2,048 lora_B elements of the DPO run ended 1.5e-6 apart (2e-4 of its value)
+    after 4 steps at lr 3e-3. A wrong gradient scale or a lost shard moves every element by ~lr."""
     want, got = load_file(str(a)), load_file(str(b))
     assert want.keys() == got.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def _tree(out: Path) -> list[str]:
