@@ -280,8 +280,8 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files,
 
     import mixlab.checkpoint as checkpoint
     from mixlab.cli import run
-    from mixlab.model import memory
     from mixlab.config import format_bytes, parse_bytes
+    from mixlab.model import memory
 
     path = tmp_path / "m"  # experts most of the weights, as in Mixtral (97%): here 2/3
     save_model(_tiny(vocab_size=32000, ffn_dim=2048), path)
@@ -350,7 +350,7 @@ def test_load_model_refuses_weights_that_cannot_fit_in_the_apis_words(gguf_files
     assert isinstance(e.value, NotEnoughMemoryError), e.value
     said = str(e.value)
     assert said.startswith(f"{path}: its weights need at least {format_bytes(floats)} as float32, but "), said
-    assert "load it with quant='int8' (~" in said and " or quant='int4' (~" in said, said
+    assert "load it with quant='int8' (~" in said and f" or quant='int4' (~{format_bytes(int4)})" in said, said
     assert "max_memory='" in said and "(the experts stay on disk" in said, said
     assert "--" not in said, said  # the API's words, not the command's flags
     load_model(path, quant="int4")  # fits
