@@ -28,6 +28,15 @@ if native.load() is None:
 if not native.fast(torch.float32):
     pytest.skip("no AVX-512: mixlab keeps PyTorch's kernels here", allow_module_level=True)
 
+_AMX = registry.amx  # torch's check on this CPU
+
+
+@pytest.fixture(autouse=True)
+def _native_steps_on_any_cpu(monkeypatch):
+    """These tests are about the native step, which on a CPU with AMX the registry leaves to PyTorch's
+    GEMMs for bf16 steps of more than AMX_MAX_STEP_TOKENS tokens: here it runs them on every CPU."""
+    monkeypatch.setattr(registry, "amx", lambda: False)
+
 CHUNK = 4  # prefill chunk: a windowed slot holds window + CHUNK - 1 positions
 
 
@@ -185,6 +194,22 @@ def test_engine_uses_it_and_equals_single_runs():
     assert [[o.token_id for o in h if o.token_id is not None] for h in handles] == singles
     assert max(len(items) for items in calls) == len(prompts)
     assert any(len(items) > 1 and any(len(it.tokens) > 1 for it in items) for items in calls)  # mixed steps
+
+
+def test_on_an_amx_cpu_bf16_steps_of_many_tokens_take_pytorchs_gemms(monkeypatch):
+    """Where oneDNN's bf16 GEMMs run on AMX tiles, a step of more than AMX_MAX_STEP_TOKENS tokens of a bf16
+    model runs the PyTorch pass (a 512-token prompt 4.4x faster there); elsewhere, and for other weights,
+    the native call up to NATIVE_MAX_STEP_TOKENS."""
+    kw = dict(device="cpu", fmt="plain", dtype=torch.bfloat16, training=False)
+    monkeypatch.setattr(registry, "native_ready", lambda dtype: True)
+    for amx, most in ((True, registry.AMX_MAX_STEP_TOKENS), (False, registry.NATIVE_MAX_STEP_TOKENS)):
+        monkeypatch.setattr(registry, "amx", lambda amx=amx: amx)
+        assert registry.choose("decode_batch", tokens=most, **kw) == "native"
+        assert registry.choose("decode_batch", tokens=most + 1, **kw) == "torch"
+    assert registry.AMX_MAX_STEP_TOKENS < registry.NATIVE_MAX_STEP_TOKENS
+    for other in ({"dtype": torch.float32}, {"fmt": "int4"}, {"fmt": "int8"}):  # no AMX GEMM for them here
+        assert registry.choose("decode_batch", tokens=registry.NATIVE_MAX_STEP_TOKENS, **{**kw, **other}) == "native"
+    assert isinstance(_AMX(), bool)  # torch's own check, as asked on this CPU
 
 
 def test_registry_and_bad_input():
