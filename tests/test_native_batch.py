@@ -197,18 +197,23 @@ def test_engine_uses_it_and_equals_single_runs():
 
 
 def test_on_an_amx_cpu_bf16_steps_of_many_tokens_take_pytorchs_gemms(monkeypatch):
-    """Where oneDNN's bf16 GEMMs run on AMX tiles, a step of more than AMX_MAX_STEP_TOKENS tokens of a bf16
-    model runs the PyTorch pass (a 512-token prompt 4.4x faster there); elsewhere, and for other weights,
-    the native call up to NATIVE_MAX_STEP_TOKENS."""
-    kw = dict(device="cpu", fmt="plain", dtype=torch.bfloat16, training=False)
+    """Where oneDNN's bf16 GEMMs run on AMX tiles, a step of more tokens than AMX_MAX_STEP_TOKENS gives its
+    weights' dtype (bf16; int8, dequantised to bf16 there) runs the PyTorch pass (a 512-token prompt 4.4x /
+    2x faster there); elsewhere, and for int4 weights or float32 activations, the native call up to
+    NATIVE_MAX_STEP_TOKENS."""
+    kw = dict(device="cpu", fmt="plain", training=False, act_dtype=torch.bfloat16)
     monkeypatch.setattr(registry, "native_ready", lambda dtype: True)
-    for amx, most in ((True, registry.AMX_MAX_STEP_TOKENS), (False, registry.NATIVE_MAX_STEP_TOKENS)):
-        monkeypatch.setattr(registry, "amx", lambda amx=amx: amx)
-        assert registry.choose("decode_batch", tokens=most, **kw) == "native"
-        assert registry.choose("decode_batch", tokens=most + 1, **kw) == "torch"
-    assert registry.AMX_MAX_STEP_TOKENS < registry.NATIVE_MAX_STEP_TOKENS
-    for other in ({"dtype": torch.float32}, {"fmt": "int4"}, {"fmt": "int8"}):  # no AMX GEMM for them here
+    for dtype in (torch.bfloat16, torch.int8):
+        for amx, most in ((True, registry.AMX_MAX_STEP_TOKENS[dtype]), (False, registry.NATIVE_MAX_STEP_TOKENS)):
+            monkeypatch.setattr(registry, "amx", lambda amx=amx: amx)
+            assert registry.choose("decode_batch", tokens=most, dtype=dtype, **kw) == "native"
+            assert registry.choose("decode_batch", tokens=most + 1, dtype=dtype, **kw) == "torch"
+        assert registry.AMX_MAX_STEP_TOKENS[dtype] < registry.NATIVE_MAX_STEP_TOKENS
+    monkeypatch.setattr(registry, "amx", lambda: True)
+    for other in ({"dtype": torch.uint8}, {"dtype": torch.float32, "act_dtype": torch.float32},
+                  {"dtype": torch.int8, "act_dtype": torch.float32}):  # no AMX GEMM for them
         assert registry.choose("decode_batch", tokens=registry.NATIVE_MAX_STEP_TOKENS, **{**kw, **other}) == "native"
+    assert registry.choose("decode_batch", tokens=65, dtype=torch.bfloat16, **{**kw, "act_dtype": None}) == "torch"
     assert isinstance(_AMX(), bool)  # torch's own check, as asked on this CPU
 
 

@@ -20,8 +20,9 @@ Operations and what they can get:
   (`torch.ops.mixlab.decode_step`) or `torch` (the model's forward pass).
 - `decode_batch` (an engine step of `tokens` tokens through the whole model: one decoding token
   per sequence and prompt chunks): `native` (`torch.ops.mixlab.decode_batch`, up to
-  NATIVE_MAX_STEP_TOKENS tokens; for bf16 weights on a CPU with AMX, whose GEMMs oneDNN runs on the
-  tile unit, up to AMX_MAX_STEP_TOKENS) or `torch` (the engine's batched PyTorch pass).
+  NATIVE_MAX_STEP_TOKENS tokens; with bf16 activations on a CPU with AMX, whose bf16 GEMMs oneDNN runs
+  on the tile unit, up to AMX_MAX_STEP_TOKENS by the weights' dtype) or `torch` (the engine's batched
+  PyTorch pass).
 
 The native kernels are chosen only once they are loaded (`mixlab.ops.native.load`, which inference
 preparation calls), for inference, on CPU, where this CPU vectorises their weight type. Nothing
@@ -55,11 +56,15 @@ NATIVE_MAX_TOKENS = 64
 # compute-bound (bf16 mini-moe, 2 threads; BENCHMARKS.md "Mixed steps").
 NATIVE_MAX_STEP_TOKENS = 512
 # On a CPU with AMX (Intel Xeon from Sapphire Rapids on) oneDNN runs PyTorch's bf16 GEMMs on the tile
-# unit (2.3 TFLOP/s on 2 cores, against ~0.4-0.9 for AVX-512 here): the PyTorch pass then takes an
-# engine step of a 128-token prompt chunk 2.0x faster than the native call, 256 tokens 3.1x, 512 4.4x,
-# while up to 64 tokens, decoding steps and mixed ones included, the native call stays 1.06-1.22x
-# faster (bf16 mini-moe, 2 threads, an Intel Xeon host; BENCHMARKS.md "An Intel Xeon host with AMX").
-AMX_MAX_STEP_TOKENS = 64
+# unit (2.3-2.6 TFLOP/s on 2 cores, against ~0.4-0.9 for AVX-512 here), so with bf16 activations a
+# step of many prompt tokens runs faster on the engine's PyTorch pass. By the weights' dtype, the most
+# tokens the native call keeps there: bf16 64 (128-token prompts prefill 2.0x faster on the PyTorch
+# pass, 512 4.4x; up to 64 tokens, decoding and mixed steps included, the native call 1.0-1.2x faster),
+# int8 128 (its prompt's matrices dequantised to bf16 for the GEMM: 192 tokens 1.14x, 512 2.05x
+# faster; 128 and fewer native 1.1x). int4 stays native (its int8-activation kernels 1.1-1.2x faster
+# than dequantising at 64-512 tokens). mini-moe, 2 threads, an Intel Xeon host; BENCHMARKS.md
+# "An Intel Xeon host with AMX".
+AMX_MAX_STEP_TOKENS = {torch.bfloat16: 64, torch.int8: 128}
 # Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
 # that does not block for many rows).
 INT8PACK_MAX_ROWS = 8
@@ -171,8 +176,9 @@ def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, t
     if op == "decode_step":
         return "native" if native_ok and tokens == 1 else "torch"
     if op == "decode_batch":
-        most = (AMX_MAX_STEP_TOKENS if device == "cpu" and fmt == "plain" and dtype == torch.bfloat16 and amx()
-                else NATIVE_MAX_STEP_TOKENS)
+        most = NATIVE_MAX_STEP_TOKENS
+        if device == "cpu" and (act_dtype or dtype) == torch.bfloat16 and dtype in AMX_MAX_STEP_TOKENS and amx():
+            most = AMX_MAX_STEP_TOKENS[dtype]  # PyTorch's GEMMs on AMX tiles: see AMX_MAX_STEP_TOKENS
         return "native" if native_ok and 1 <= tokens <= most else "torch"
     raise ValueError(f"unknown operation {op!r}; expected one of {', '.join(OPS)}")
 
