@@ -10,25 +10,14 @@ int4 (groups of 32); one thread, medians of `--reps`. For comparing compilers (`
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from mixlab.cli.benchmark import _median_time
 from mixlab.ops import native
 
 # ggml type -> (name, bytes per 256 values, offsets of its float16 scales)
 TYPES = {12: ("Q4_K", 144, (0, 2)), 13: ("Q5_K", 176, (0, 2)), 14: ("Q6_K", 210, (208,))}
-
-
-def _median(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -47,10 +36,11 @@ def main() -> None:
         raw = torch.randint(0, 256, (blocks, size), dtype=torch.uint8, generator=g)
         for o in at:
             raw[:, o:o + 2] = scale
-        ms = _median(lambda raw=raw, t=t: native.dequantize(raw, t, out), args.reps) * 1e3
+        ms = _median_time(lambda raw=raw, t=t: native.dequantize(raw, t, out), args.reps) * 1e3
         print(f"dequantise {name} -> bf16: {ms:.0f} ms")
     w = torch.randn(14336, 4096, generator=g).to(torch.bfloat16)
-    print(f"round bf16 -> int4 (groups of 32): {_median(lambda: native.quantize_int4(w, 32), args.reps) * 1e3:.0f} ms")
+    ms = _median_time(lambda: native.quantize_int4(w, 32), args.reps) * 1e3
+    print(f"round bf16 -> int4 (groups of 32): {ms:.0f} ms")
 
 
 if __name__ == "__main__":
