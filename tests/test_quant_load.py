@@ -331,7 +331,7 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_the_load(gguf_files,
     assert memory.weights_needed(cfg, "float32", None, kept=True) < memory.weights_needed(cfg, "float32", "int4")
 
 
-def test_load_model_refuses_weights_that_cannot_fit_in_the_apis_words(gguf_files, tmp_path, monkeypatch):
+def test_load_model_refuses_weights_that_cannot_fit_in_the_apis_words(gguf_files, tmp_path, monkeypatch, capsys):
     """`mixlab.load_model` makes the commands' check itself (`model.memory.shortfall`): a notebook's
     load_model of a model larger than the machine was the kernel's out-of-memory kill. The error is a
     MemoryError too, and names the arguments that fit; what fits loads."""
@@ -366,6 +366,12 @@ def test_load_model_refuses_weights_that_cannot_fit_in_the_apis_words(gguf_files
     with pytest.raises(NotEnoughMemoryError, match=f"need at least {format_bytes(need)} as float32"):
         load_model(q4k)
     load_model(q4k, quant="int4")
+    # a command that loads without its own check (convert holds the floats) says the sizes, not quant=
+    rc = main(["convert", str(q4k), str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"need at least {format_bytes(need)} as float32" in err and "it needs a machine with more memory" in err
+    assert "quant=" not in err and "max_memory" not in err and not (tmp_path / "out").exists(), err
 
 
 # ------------------------------------------------------------------------------------------------

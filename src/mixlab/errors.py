@@ -49,7 +49,13 @@ class OutputError(MixlabError):
 
 class NotEnoughMemoryError(MixlabError, MemoryError):
     """A model whose weights cannot fit in the memory available, refused before a byte of them is read
-    (the load would end in the kernel's out-of-memory kill); the message names the sizes and what fits."""
+    (the load would end in the kernel's out-of-memory kill); the message names the sizes and the API's
+    arguments that fit. `sizes`: the message's first part, the sizes alone (what a command without
+    those arguments says)."""
+
+    def __init__(self, message: str, *, sizes: str | None = None) -> None:
+        super().__init__(message)
+        self.sizes = sizes or message
 
 
 class GenerationError(MixlabError):

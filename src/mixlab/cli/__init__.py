@@ -21,7 +21,7 @@ import time
 import warnings
 from typing import Any, NoReturn
 
-from mixlab.errors import UsageError
+from mixlab.errors import NotEnoughMemoryError, UsageError
 
 MODULES = ("mixlab.cli.model", "mixlab.cli.run", "mixlab.cli.upcycle", "mixlab.cli.analyze", "mixlab.cli.train",
            "mixlab.cli.bench", "mixlab.cli.parallel", "mixlab.cli.eval", "mixlab.cli.serve", "mixlab.cli.finetune")
@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank:
             time.sleep(PEER_GRACE_S)
         where = f"rank {rank}: " if rank else ""
-        say(f"mixlab {command}: error: {where}{e}")
+        # load_model's refusal names the API's arguments (quant=, max_memory=): a command says the sizes (those
+        # that take --quant / --max-memory name the flags that fit first, in `run.check_memory`)
+        told = f"{e.sizes}: it needs a machine with more memory" if isinstance(e, NotEnoughMemoryError) else e
+        say(f"mixlab {command}: error: {where}{told}")
         return 2 if isinstance(e, UsageError) else 1
     except RuntimeError as e:
         if rank is None or not _lost_peer(e):

@@ -207,7 +207,8 @@ def refuse_if_short(what: str, config: ModelConfig, dtype: str | None, quant: st
     if short.cache and offloadable:
         fits.append(f"max_memory={short.cache!r} (the experts stay on disk, read on demand into a cache of that many "
                     "bytes)")
+    sizes = (f"{what}: its weights need at least {format_bytes(short.need)} as {quant or dtype or 'stored'}, but "
+             f"{format_bytes(short.ram)} of memory is available and {format_bytes(short.swap)} of swap")
     raise NotEnoughMemoryError(
-        f"{what}: its weights need at least {format_bytes(short.need)} as {quant or dtype or 'stored'}, but "
-        f"{format_bytes(short.ram)} of memory is available and {format_bytes(short.swap)} of swap: "
-        + (f"load it with {' or '.join(fits)}" if fits else "it needs a machine with more memory"))
+        sizes + ": " + (f"load it with {' or '.join(fits)}" if fits else "it needs a machine with more memory"),
+        sizes=sizes)
