@@ -202,8 +202,8 @@ def check_memory(path: str | Path, dtype: str | None, quant: str | None, *, flag
     cfg = _checked_config(path) if available_memory() else None
     if cfg is None:
         return
-    short = shortfall(cfg, _loaded_dtype(Path(path), dtype), quant, kept=_holds_int4(Path(path)),
-                      alternatives=flags)
+    dtype = _loaded_dtype(Path(path), dtype)
+    short = shortfall(cfg, dtype, quant, kept=_holds_int4(Path(path)), alternatives=flags)
     if short is None:
         return
     fits = [f"--quant {q} (~{format_bytes(n)})" for q, n in short.formats.items()]
