@@ -67,5 +67,4 @@ class TrainingError(MixlabError):
 
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "GenerationError", "MixlabError", "NotEnoughMemoryError",
-           "OutputError",
-           "SettingsFileError", "TrainingError", "UsageError"]
+           "OutputError", "SettingsFileError", "TrainingError", "UsageError"]

@@ -56,12 +56,12 @@ NATIVE_MAX_TOKENS = 64
 # compute-bound (bf16 mini-moe, 2 threads; BENCHMARKS.md "Mixed steps").
 NATIVE_MAX_STEP_TOKENS = 512
 # On a CPU with AMX (Intel Xeon from Sapphire Rapids on) oneDNN runs PyTorch's bf16 GEMMs on the tile
-# unit (2.3-2.6 TFLOP/s on 2 cores, against ~0.4-0.9 for AVX-512 here), so with bf16 activations a
+# unit (2.3-2.7 TFLOP/s on 2 cores, against ~0.4-0.9 for AVX-512 here), so with bf16 activations a
 # step of many prompt tokens runs faster on the engine's PyTorch pass. By the weights' dtype, the most
 # tokens the native call keeps there: bf16 64 (128-token prompts prefill 2.0x faster on the PyTorch
 # pass, 512 4.4x; up to 64 tokens, decoding and mixed steps included, the native call 1.0-1.2x faster),
 # int8 128 (its prompt's matrices dequantised to bf16 for the GEMM: 192 tokens 1.14x, 512 2.05x
-# faster; 128 and fewer native 1.1x). int4 stays native (its int8-activation kernels 1.1-1.2x faster
+# faster, 2.25x in the registry's own run; 128 and fewer native 1.0-1.1x). int4 stays native (its int8-activation kernels 1.1-1.2x faster
 # than dequantising at 64-512 tokens). mini-moe, 2 threads, an Intel Xeon host; BENCHMARKS.md
 # "An Intel Xeon host with AMX".
 AMX_MAX_STEP_TOKENS = {torch.bfloat16: 64, torch.int8: 128}
