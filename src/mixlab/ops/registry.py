@@ -60,9 +60,9 @@ NATIVE_MAX_STEP_TOKENS = 512
 # step of many prompt tokens runs faster on the engine's PyTorch pass. By the weights' dtype, the most
 # tokens the native call keeps there: bf16 64 (128-token prompts prefill 2.0x faster on the PyTorch
 # pass, 512 4.4x; up to 64 tokens, decoding and mixed steps included, the native call 1.0-1.2x faster),
-# int8 128 (its prompt's matrices dequantised to bf16 for the GEMM: 192 tokens 1.14x, 512 2.05x
-# faster, 2.25x in the registry's own run; 128 and fewer native 1.0-1.1x). int4 stays native (its int8-activation kernels 1.1-1.2x faster
-# than dequantising at 64-512 tokens). mini-moe, 2 threads, an Intel Xeon host; BENCHMARKS.md
+# int8 128 (its prompt's matrices dequantised to bf16 for the GEMM: 192 tokens 1.14x, 512 2.05-2.25x
+# faster; 128 and fewer native 1.0-1.1x). int4 stays native (its int8-activation kernels 1.1-1.2x
+# faster than dequantising at 64-512 tokens). mini-moe, 2 threads, an Intel Xeon host; BENCHMARKS.md
 # "An Intel Xeon host with AMX".
 AMX_MAX_STEP_TOKENS = {torch.bfloat16: 64, torch.int8: 128}
 # Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
