@@ -1166,7 +1166,10 @@ def _final_weights_equal(got: Path, want: Path) -> None:
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
-MULTINODE = ("--steps", "6", "--log-every", "1", "--ckpt-every", "1", "--keep", "10", "--deterministic")
+# 12 steps: the restart test kills a worker once 2 checkpoints exist, and with 6 a fast host (an Intel
+# Xeon) had ended the run by then: its healthy node's agent closed the rendezvous the other one then
+# restarted into (RendezvousClosedError, after a 300 s exit barrier).
+MULTINODE = ("--steps", "12", "--log-every", "1", "--ckpt-every", "1", "--keep", "12", "--deterministic")
 
 
 @pytest.fixture(scope="module")
@@ -1187,7 +1190,7 @@ def test_two_nodes_train_as_one_process(small_data: Path, tmp_path: Path, one_pr
     errs = _finish(_two_nodes(_train_args(small_data, out, *MULTINODE, "--ep", "2")), TIMEOUT)
     assert (out / "hf" / "config.json").is_file(), "\n".join(e[-2000:] for e in errs)
     _assert_close_runs(_history(out / "metrics.jsonl"), _history(one_process_run / "metrics.jsonl"))
-    assert checkpoints.validate(out / "checkpoints" / "step_00000006")["world"] == 2
+    assert checkpoints.validate(out / "checkpoints" / "step_00000012")["world"] == 2
     _final_weights_equal(out, one_process_run)
 
 
@@ -1216,7 +1219,7 @@ def test_two_nodes_restart_after_a_lost_worker_and_end_as_one_process(small_data
         errs = _finish(nodes, TIMEOUT)
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(e[-3000:] for e in errs)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s for s in steps if s] == list(range(1, 7))  # each step once: the restart went on, not over
+    assert [s for s in steps if s] == list(range(1, 13))  # each step once: the restart went on, not over
     _assert_close_runs(_history(out / "metrics.jsonl"), _history(one_process_run / "metrics.jsonl"))
     _final_weights_equal(out, one_process_run)
 
