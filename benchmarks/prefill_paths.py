@@ -13,6 +13,7 @@ throughput of PyTorch's GEMM (512 x 4096 x 4096) in the same run.
 
     .venv/bin/python benchmarks/prefill_paths.py --preset mini-moe --prompts 64 128 512 2000 --reps 5
     .venv/bin/python benchmarks/prefill_paths.py --quant int4
+    .venv/bin/python benchmarks/prefill_paths.py --preset mixtral-8x7b --layers 2 --prompts 64 128 512 --reps 3
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def gemm_gflops(dtype: torch.dtype, reps: int = 10) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mini-moe")
+    ap.add_argument("--layers", type=int, default=None, help="the preset's first N layers (Mixtral's widths: 2)")
     ap.add_argument("--prompts", type=int, nargs="+", default=[64, 128, 512, 2000])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -51,6 +53,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = mixlab.get_preset(args.preset)
+    if args.layers:
+        cfg = cfg.replace(n_layers=args.layers)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device="cpu")
@@ -60,7 +64,8 @@ def main() -> None:
         from mixlab.model.inference import prepare_for_inference
 
         model = prepare_for_inference(model, quant=args.quant)
-    what = f"{args.preset} bfloat16" + (f" {args.quant}" if args.quant else "")
+    what = f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''} bfloat16" + (
+        f" {args.quant}" if args.quant else "")
     print(f"# benchmarks/prefill_paths.py: {what}, {args.threads} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}; registry.amx() = {registry.amx()}")
     print(f"PyTorch GEMM 512x4096x4096: bf16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s, "

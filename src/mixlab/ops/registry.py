@@ -63,7 +63,8 @@ NATIVE_MAX_STEP_TOKENS = 512
 # int8 128 (its prompt's matrices dequantised to bf16 for the GEMM: 192 tokens 1.14x, 512 2.05-2.25x
 # faster; 128 and fewer native 1.0-1.1x). int4 stays native (its int8-activation kernels 1.1-1.2x
 # faster than dequantising at 64-512 tokens). mini-moe, 2 threads, an Intel Xeon host; BENCHMARKS.md
-# "An Intel Xeon host with AMX".
+# "An Intel Xeon host with AMX". At Mixtral's widths (2 of its layers) bf16 crosses over at ~48 tokens
+# (512: 5.7x faster on the PyTorch pass): 64 leaves up to ~10-45% there for 48-64-token steps.
 AMX_MAX_STEP_TOKENS = {torch.bfloat16: 64, torch.int8: 128}
 # Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
 # that does not block for many rows).
