@@ -202,8 +202,15 @@ def check_memory(path: str | Path, dtype: str | None, quant: str | None, *, flag
     cfg = _checked_config(path) if available_memory() else None
     if cfg is None:
         return
-    dtype = _loaded_dtype(Path(path), dtype)
-    short = shortfall(cfg, dtype, quant, kept=_holds_int4(Path(path)), alternatives=flags)
+    kept = False
+    if suffix_of(path) == ".gguf" and Path(path).is_file():  # its header read once for both facts
+        from mixlab.checkpoint.gguf_read import default_dtype, int4_weights, read_header
+        from mixlab.dtypes import dtype_name
+
+        h = read_header(path)
+        kept = bool(int4_weights(h))  # Q4_0 matrices copied as stored
+        dtype = dtype or dtype_name(default_dtype(h))  # as the load gives it: a quantised file's float32
+    short = shortfall(cfg, dtype, quant, kept=kept, alternatives=flags)
     if short is None:
         return
     fits = [f"--quant {q} (~{format_bytes(n)})" for q, n in short.formats.items()]
@@ -215,17 +222,6 @@ def check_memory(path: str | Path, dtype: str | None, quant: str | None, *, flag
     raise UsageError(f"{path}: its weights need at least {format_bytes(short.need)} as {quant or dtype or 'stored'}, "
                      f"but {format_bytes(short.ram)} of memory is available and {format_bytes(short.swap)} of swap: "
                      f"{'pass ' if fits[0].startswith('--') else 'it needs '}{' or '.join(fits)}")
-
-
-def _loaded_dtype(path: Path, dtype: str | None) -> str | None:
-    """The float dtype the load gives the weights of the model at `path`: `dtype`, else a GGUF file's
-    (`gguf_read.default_dtype`: a quantised file's float32); None for a folder's as stored."""
-    if dtype is not None or suffix_of(path) != ".gguf" or path.is_dir():
-        return dtype
-    from mixlab.checkpoint.gguf_read import default_dtype, read_header
-    from mixlab.dtypes import dtype_name
-
-    return dtype_name(default_dtype(read_header(path)))
 
 
 def _holds_int4(path: Path) -> bool:

@@ -134,19 +134,12 @@ def swap_free() -> int:
     return meminfo("SwapFree")
 
 
-def budget_text(n: float) -> str:
-    """A byte count rounded down to a tenth of its unit, as `parse_bytes` reads it: "18.3GB"."""
-    unit, size = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6)) if n >= s), ("KB", 1e3))
-    return f"{int(n / size * 10) / 10:g}{unit}"
-
-
 def expert_cache_that_fits(config: ModelConfig, need: int, dtype: str | None, quant: str | None,
                            free: int) -> str | None:
-    """An expert cache budget (`max_memory`, as `budget_text` writes it) that leaves room in `free`
-    bytes for the rest of the model (`need` less its experts), the KV cache (the engine's default
-    budget: 2 GiB at most) and ~15% for the run; None for a dense model or where not even one token's
-    experts of a layer (top-k) would fit."""
-    from mixlab.config import parse_bytes
+    """An expert cache budget (`max_memory`, as `parse_bytes` reads it: "18.3GB", rounded down to a tenth
+    of its unit) that leaves room in `free` bytes for the rest of the model (`need` less its experts), the
+    KV cache (the engine's default budget: 2 GiB at most) and ~15% for the run; None for a dense model or
+    where not even one token's experts of a layer (top-k) would fit."""
     from mixlab.ops.offload import SlotFormat
 
     if config.moe is None:
@@ -156,10 +149,9 @@ def expert_cache_that_fits(config: ModelConfig, need: int, dtype: str | None, qu
     resident = need - config.n_layers * config.moe.num_experts * one
     kv = min(2**31, config.kv_cache_bytes_per_token(2) * config.max_seq_len)  # the engine's default KV budget
     cache = 0.85 * free - resident - kv
-    if cache < config.moe.top_k * one:
-        return None
-    text = budget_text(cache)
-    return text if parse_bytes(text, what="max_memory") >= config.moe.top_k * one else None
+    unit, size = next(((u, n) for u, n in (("GB", 1e9), ("MB", 1e6)) if cache >= n), ("KB", 1e3))
+    tenths = int(cache / size * 10)
+    return f"{tenths / 10:g}{unit}" if tenths * size / 10 >= config.moe.top_k * one else None
 
 
 @dataclass
@@ -192,11 +184,10 @@ def shortfall(config: ModelConfig, dtype: str | None, quant: str | None, *, kept
     return short
 
 
-def refuse_if_short(what: str, config: ModelConfig, dtype: str | None, quant: str | None, *, kept: bool = False,
-                    offloadable: bool = True) -> None:
+def refuse_if_short(what: str, config: ModelConfig, dtype: str | None, quant: str | None, *,
+                    kept: bool = False) -> None:
     """`NotEnoughMemoryError` for `load_model` (and `load_gguf`) where the weights of `config` cannot fit
-    (`shortfall`), naming the arguments that would fit: `quant=` formats and, where `offloadable`, a
-    `max_memory=` expert cache."""
+    (`shortfall`), naming the arguments that would fit: `quant=` formats and a `max_memory=` expert cache."""
     from mixlab.config import format_bytes
     from mixlab.errors import NotEnoughMemoryError
 
@@ -204,7 +195,7 @@ def refuse_if_short(what: str, config: ModelConfig, dtype: str | None, quant: st
     if short is None:
         return
     fits = [f"quant={q!r} (~{format_bytes(n)})" for q, n in short.formats.items()]
-    if short.cache and offloadable:
+    if short.cache:
         fits.append(f"max_memory={short.cache!r} (the experts stay on disk, read on demand into a cache of that many "
                     "bytes)")
     sizes = (f"{what}: its weights need at least {format_bytes(short.need)} as {quant or dtype or 'stored'}, but "
