@@ -168,6 +168,9 @@ def main() -> None:
     ap.add_argument("--panels", action="store_true",
                     help="also run each variant reading the bf16 weights' 32-row panels (NAME+panels: "
                          "`NativeDecoder.pack`, `native.linear_packed`)")
+    ap.add_argument("--no-amx", default="", metavar="NAMES",
+                    help="comma-separated variants whose panels stay off AMX's tile unit (the others use it where "
+                         "the CPU allows, as `native.load` does)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true",
                     help="time the cases by the process's CPU time, not the wall clock (a shared machine; --threads 1)")
@@ -194,6 +197,7 @@ def main() -> None:
                 libs[name] = native.load_library(out)
             except native.NativeABIError as e:
                 raise SystemExit(f"variant {name}: {e}") from None
+            libs[name][0].mx_amx(0 if name in args.no_amx.split(",") else 1)
     g = torch.Generator().manual_seed(0)
     cases = kernel_cases([c for c in args.cases.split(",") if c], g)
     batches = [int(b) for b in args.engine.split(",") if b]

@@ -609,14 +609,27 @@ def test_native_bf16_panels_equal_matmul(K):
             torch.testing.assert_close(native.linear(x, w), ref, atol=4e-5 * K / 1024, rtol=1e-5)
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("K", [64, 1024, 3584])
-def test_bf16_weights_kept_in_panels_equal_matmul(K):
+def test_bf16_weights_kept_in_panels_equal_matmul(K, amx):
     """bf16 weights kept a second time in 32-row panels (`pack_bf16`, what `NativeDecoder.pack`
     makes): the layout is mixlab.h's (checked element by element), and `linear_packed` (whole panels
-    from them: the streaming kernels, tokens in even chunks of at most 12; the rows outside whole
-    panels from the plain rows) == the float32 product of the bf16-rounded activations, for every
-    token count 1-13 and past several 12-token tiles, with 1 and 2 threads (row ranges that start
-    and end inside a panel: 2 threads split 96 rows at 48, 160 at 80)."""
+    from them: the streaming kernels, tokens in even chunks of at most 12, or on AMX's tile unit in
+    groups of up to 32 as one or two tiles of tokens; the rows outside whole panels from the plain
+    rows) == the float32 product of the bf16-rounded activations, for every token count 1-17 and
+    past several tiles, with 1 and 2 threads (row ranges that start and end inside a panel: 2
+    threads split 96 rows at 48, 160 at 80). On AMX each token's outputs from the panels are the
+    same bits alone and among others."""
+    was = native.amx()
+    try:
+        if native.amx(amx) != amx:
+            pytest.skip("no AMX tile unit (or no permission for it)")
+        _panels_equal_matmul(K, amx)
+    finally:
+        native.amx(was)
+
+
+def _panels_equal_matmul(K: int, amx: bool) -> None:
     g = torch.Generator().manual_seed(K)
     w = torch.randn(64, K, generator=g).bfloat16()
     P = native.pack_bf16(w)
@@ -629,11 +642,14 @@ def test_bf16_weights_kept_in_panels_equal_matmul(K):
             torch.set_num_threads(nt)
             w = torch.randn(N, K, generator=g).bfloat16()
             P = native.pack_bf16(w)
-            for M in (*range(1, 14), 24, 25, 40):
+            for M in (*range(1, 18), 24, 25, 32, 33, 40, 65):
                 x = torch.randn(M, K, generator=g)
                 ref = x.bfloat16().float() @ w.float().T
                 got = native.linear_packed(x, w, P)
                 torch.testing.assert_close(got, ref, atol=4e-5 * max(1.0, K / 1024), rtol=1e-5)
+                if amx and nt == 1 and M in (5, 17, 33):  # every row in a whole panel
+                    for i in (0, M // 2, M - 1):
+                        assert torch.equal(native.linear_packed(x[i : i + 1], w, P)[0], got[i])
     finally:
         torch.set_num_threads(threads)
 

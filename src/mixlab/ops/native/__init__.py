@@ -53,7 +53,7 @@ SOURCES = (HERE / "mixlab.h", HERE / "decode.c")
 SOURCE = HERE / "decode.c"  # the file that is compiled; it includes mixlab.h
 
 # mixlab.h's MX_ABI_VERSION: bump both when a structure, enum or entry point changes.
-ABI_VERSION = 11
+ABI_VERSION = 12
 
 # Element types as mixlab.h numbers them (int4: MX_Q4_32 + log2(group / 32); with activations
 # rounded to int8, MX_Q4_32_A8 + log2(group / 32); int8 with them, I8_A8).
@@ -161,6 +161,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mx_decode_step": (None, [_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I]),
     "mx_decode_batch": (None, [_P, _P, _I]),  # model, batch, threads
     "mx_gemv": (None, [_I, _P, _P, _I64, _I64, _P, _P, _P, _I]),
+    "mx_amx": (_I, [_I]),  # want: 1 on, 0 off, -1 ask
     # wt w scale N K M X XB Y threads
     "mx_linear": (None, [_I, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I, _I]),
     "mx_moe": (None, [_P, _I]),
@@ -405,7 +406,19 @@ def load() -> ctypes.CDLL | None:
         _failed = str(e)
         warnings.warn(f"mixlab: native kernels unavailable ({e}); PyTorch kernels run instead", stacklevel=2)
         return None
+    _lib.mx_amx(1 if env_on("MIXLAB_AMX") else 0)
     return _lib
+
+
+def amx(on: bool | None = None) -> bool:
+    """Whether the engine step's bf16 panels (`pack_bf16`) run on AMX's tile unit (an Intel Xeon's,
+    Linux; `decode.c`'s `mx_amx`), where they stream the weights at the memory's speed for 1 to 16
+    tokens; turned on by `load` where this CPU and kernel allow it, unless `MIXLAB_AMX=0`. `on`
+    switches it (tests, A/B benchmarks; True only where it is allowed). False without the kernels."""
+    lib = library()
+    if lib is None:
+        return False
+    return bool(lib.mx_amx(-1 if on is None else int(on)))
 
 
 def library() -> ctypes.CDLL | None:

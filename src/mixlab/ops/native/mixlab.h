@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #ifndef MX_ABI_VERSION
-#define MX_ABI_VERSION 11
+#define MX_ABI_VERSION 12
 #endif
 
 /* Element types of weights (`wt`), caches (`ct`) and embeddings (`et`). */
@@ -203,6 +203,9 @@ void mx_moe(const mx_moe_args* p, int nt);
 void mx_pack_bf16(const void* w, int64_t N, int64_t K, void* P, int nt);
 void mx_linear_packed(const void* w, const void* P, int64_t N, int64_t K, int64_t M, const float* X, uint16_t* XB,
                       float* Y, int nt);
+/* Whether the bf16 panels run on AMX's tile unit (Intel Xeon, Linux): `want` 1 turns it on where
+   this CPU, this build and the kernel allow, 0 off, -1 only asks; returns 1 when on. */
+int mx_amx(int want);
 void mx_gemv(int wt, const void* w, const float* w_scale, int64_t N, int64_t K, const float* x, uint16_t* xb,
              float* y, int nt);
 
