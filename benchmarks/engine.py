@@ -371,8 +371,10 @@ def mixed_section(model: Transformer, args: argparse.Namespace) -> None:
         k.copy_(torch.randn(k.shape, generator=g) * 0.5)
     C = runner.capacity
     runner.pos_SC.copy_(torch.arange(C).expand_as(runner.pos_SC))
-    saved = registry.NATIVE_MAX_STEP_TOKENS
-    registry.NATIVE_MAX_STEP_TOKENS = 1 << 30  # time the native step past the registry's limit too
+    saved = registry.NATIVE_MAX_STEP_TOKENS, registry.AMX_MAX_STEP_TOKENS, registry.AMX_PANELS_MAX_STEP_TOKENS
+    # time the native step past the registry's limits too
+    registry.NATIVE_MAX_STEP_TOKENS = registry.AMX_PANELS_MAX_STEP_TOKENS = 1 << 30
+    registry.AMX_MAX_STEP_TOKENS = dict.fromkeys(saved[1], 1 << 30)
     print("\none engine step: native (one call) vs the PyTorch pass, same items, "
           f"{args.reps} interleaved rounds of {args.steps} steps, medians")
     print("| step | tokens | native ms | PyTorch ms | speed-up |\n|---|---|---|---|---|")
@@ -396,7 +398,7 @@ def mixed_section(model: Transformer, args: argparse.Namespace) -> None:
             nat, ref = statistics.median(times["native"]) * 1e3, statistics.median(times["torch"]) * 1e3
             print(f"| {label} | {n_dec + n_chunk} | {nat:.1f} | {ref:.1f} | {ref / nat:.2f}x |")
     finally:
-        registry.NATIVE_MAX_STEP_TOKENS = saved
+        registry.NATIVE_MAX_STEP_TOKENS, registry.AMX_MAX_STEP_TOKENS, registry.AMX_PANELS_MAX_STEP_TOKENS = saved
 
 
 SECTIONS = ("decode", "batch1", "arrivals", "long", "mixed")

@@ -615,7 +615,7 @@ def test_bf16_weights_kept_in_panels_equal_matmul(K, amx):
     """bf16 weights kept a second time in 32-row panels (`pack_bf16`, what `NativeDecoder.pack`
     makes): the layout is mixlab.h's (checked element by element), and `linear_packed` (whole panels
     from them: the streaming kernels, tokens in even chunks of at most 12, or on AMX's tile unit in
-    groups of up to 32 as one or two tiles of tokens; the rows outside whole panels from the plain
+    groups of 32 per panel, then the rest as one or two tiles of tokens; the rows outside whole panels from the plain
     rows) == the float32 product of the bf16-rounded activations, for every token count 1-17 and
     past several tiles, with 1 and 2 threads (row ranges that start and end inside a panel: 2
     threads split 96 rows at 48, 160 at 80). On AMX each token's outputs from the panels are the

@@ -199,7 +199,8 @@ def test_engine_uses_it_and_equals_single_runs():
 def test_on_an_amx_cpu_bf16_steps_of_many_tokens_take_pytorchs_gemms(monkeypatch):
     """Where oneDNN's bf16 GEMMs run on AMX tiles, a step of more tokens than AMX_MAX_STEP_TOKENS gives its
     weights' dtype (bf16; int8, dequantised to bf16 there) runs the PyTorch pass (a 512-token prompt 4.4x /
-    2x faster there); elsewhere, and for int4 weights or float32 activations, the native call up to
+    2x faster there), or than AMX_PANELS_MAX_STEP_TOKENS where the native step reads bf16 panels on the
+    tiles too; elsewhere, and for int4 weights or float32 activations, the native call up to
     NATIVE_MAX_STEP_TOKENS."""
     kw = dict(device="cpu", fmt="plain", training=False, act_dtype=torch.bfloat16)
     monkeypatch.setattr(registry, "native_ready", lambda dtype: True)
@@ -215,6 +216,16 @@ def test_on_an_amx_cpu_bf16_steps_of_many_tokens_take_pytorchs_gemms(monkeypatch
         assert registry.choose("decode_batch", tokens=registry.NATIVE_MAX_STEP_TOKENS, **{**kw, **other}) == "native"
     assert registry.choose("decode_batch", tokens=65, dtype=torch.bfloat16, **{**kw, "act_dtype": None}) == "torch"
     assert isinstance(_AMX(), bool)  # torch's own check, as asked on this CPU
+    # bf16 weights kept in panels that the native step reads on the tile unit too: up to
+    # AMX_PANELS_MAX_STEP_TOKENS native; not without AMX in the native kernels, nor for int8
+    amx_most = registry.AMX_MAX_STEP_TOKENS
+    assert amx_most[torch.bfloat16] < registry.AMX_PANELS_MAX_STEP_TOKENS < registry.NATIVE_MAX_STEP_TOKENS
+    for tiles, dtype, most in ((True, torch.bfloat16, registry.AMX_PANELS_MAX_STEP_TOKENS),
+                               (False, torch.bfloat16, amx_most[torch.bfloat16]),
+                               (True, torch.int8, amx_most[torch.int8])):
+        monkeypatch.setattr(native, "amx", lambda on=None, tiles=tiles: tiles)
+        assert registry.choose("decode_batch", tokens=most, dtype=dtype, panels=True, **kw) == "native"
+        assert registry.choose("decode_batch", tokens=most + 1, dtype=dtype, panels=True, **kw) == "torch"
 
 
 def test_registry_and_bad_input():
@@ -449,9 +460,9 @@ def test_mixed_steps_bf16_close_to_single_runs(amx):
     """bf16 weights and cache: the native mixed step and the batch-1 native step keep a float32
     residual stream and round the same matmul inputs to bf16, so they agree to float32 summation
     order (the PyTorch pass keeps a bf16 residual stream: further off, ~0.7 on these logits). On
-    AMX's tile unit the mixed step's panels sum each tile's products in the hardware's own way (closer
-    to the exact sum than the AVX-512 kernels: test_native.py's panel test), so a bf16 rounding of an activation or a cached key can land one unit (2^-8) apart further on:
-    logits within 1e-2 of each row's scale (measured 3.5e-3), the same experts and greedy tokens."""
+    AMX's tile unit the mixed step's panels sum each tile's products in the hardware's own way, so a
+    bf16 rounding of an activation or a cached key can land one unit (2^-8) apart further on: logits
+    within 1e-2 of each row's scale (measured 3.5e-3), the same experts and greedy tokens."""
     if not native.fast(torch.bfloat16):
         pytest.skip("no AVX512-BF16")
     was = native.amx()

@@ -536,7 +536,8 @@ class Runner:
         n_tokens = sum(len(it.tokens) for it in items)
         if dec is None or (not invariant and registry.choose(
                 "decode_batch", device=self.device.type, tokens=n_tokens, training=False,
-                fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype, act_dtype=self.dtype) != "native"):
+                fmt=registry.weight_format(dec.weight), dtype=dec.weight.dtype, act_dtype=self.dtype,
+                panels=bool(dec.panels())) != "native"):
             return None
         lora, adapter = None, None
         if any(it.adapter is not None for it in items):

@@ -21,7 +21,8 @@ Operations and what they can get:
 - `decode_batch` (an engine step of `tokens` tokens through the whole model: one decoding token
   per sequence and prompt chunks): `native` (`torch.ops.mixlab.decode_batch`, up to
   NATIVE_MAX_STEP_TOKENS tokens; with bf16 activations on a CPU with AMX, whose bf16 GEMMs oneDNN runs
-  on the tile unit, up to AMX_MAX_STEP_TOKENS by the weights' dtype) or `torch` (the engine's batched
+  on the tile unit, up to AMX_MAX_STEP_TOKENS by the weights' dtype, or AMX_PANELS_MAX_STEP_TOKENS
+  where the native step reads bf16 panels on the tile unit too) or `torch` (the engine's batched
   PyTorch pass).
 
 The native kernels are chosen only once they are loaded (`mixlab.ops.native.load`, which inference
@@ -66,6 +67,12 @@ NATIVE_MAX_STEP_TOKENS = 512
 # "An Intel Xeon host with AMX". At Mixtral's widths (2 of its layers) bf16 crosses over at ~48 tokens
 # (512: 5.7x faster on the PyTorch pass): 64 leaves up to ~10-45% there for 48-64-token steps.
 AMX_MAX_STEP_TOKENS = {torch.bfloat16: 64, torch.int8: 128}
+# Where the engine's decoder keeps its bf16 weights in panels (`NativeDecoder.pack`) and the native
+# step reads those on the tile unit too (`native.amx()`), the native call keeps bf16 steps of up to
+# this many tokens: against the PyTorch pass 2.4x faster at 64 tokens, 1.3x at 128, 1.1x at 256,
+# 0.86x at 512 (one engine step, mini-moe, 2 threads, an Intel Xeon host; BENCHMARKS.md "AMX in
+# the native kernels").
+AMX_PANELS_MAX_STEP_TOKENS = 256
 # Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
 # that does not block for many rows).
 INT8PACK_MAX_ROWS = 8
@@ -112,13 +119,14 @@ def native_ready(dtype: torch.dtype) -> bool:
 
 
 def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, training: bool,
-           act_dtype: torch.dtype | None = None, experts: int = 0, act8: bool = False) -> str:
+           act_dtype: torch.dtype | None = None, experts: int = 0, act8: bool = False, panels: bool = False) -> str:
     """The implementation of `op` for weights of format `fmt` and `dtype` on `device`, for `tokens`
     rows or tokens, with (`training`) or without gradients. `act_dtype`: the activations' dtype
     (torch's int8 kernel takes float32 and bf16; int8 experts times bf16 ones run `sorted`).
     `experts` (moe only): how many experts the weights stack (the native kernel takes up to
     `native.MAX_EXPERTS`). `act8` (linear only): int4 / int8 weights times activations rounded to
-    int8 per block of 32."""
+    int8 per block of 32. `panels` (decode_batch only): the native step reads bf16 weights kept in
+    32-row panels (`NativeDecoder.pack`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     native_ok = (device == "cpu" and not training and fmt in ("plain", "int8", "int4") and native_ready(dtype))
@@ -180,6 +188,8 @@ def choose(op: str, *, device: str, fmt: str, dtype: torch.dtype, tokens: int, t
         most = NATIVE_MAX_STEP_TOKENS
         if device == "cpu" and (act_dtype or dtype) == torch.bfloat16 and dtype in AMX_MAX_STEP_TOKENS and amx():
             most = AMX_MAX_STEP_TOKENS[dtype]  # PyTorch's GEMMs on AMX tiles: see AMX_MAX_STEP_TOKENS
+            if panels and dtype == torch.bfloat16 and native.amx():
+                most = AMX_PANELS_MAX_STEP_TOKENS  # and the native step's panels on them too
         return "native" if native_ok and 1 <= tokens <= most else "torch"
     raise ValueError(f"unknown operation {op!r}; expected one of {', '.join(OPS)}")
 

@@ -1358,21 +1358,30 @@ static void amx_panel32x2(const uint16_t* P, const uint16_t* x, const uint16_t* 
     _tile_stored(3, Y2 + 16, ldy * 4);
 }
 
-/* `gemm_packed` on the tile unit: the tokens in groups of up to 32 (as even as can be), each group
-   one pass over the panels. The tiles are configured on entry and released on return: PyTorch's
-   oneDNN kernels run on the same threads between steps with tile configurations of their own. */
+/* `gemm_packed` on the tile unit: the tokens in groups of 32 (two tiles of 16) that each panel meets
+   in turn while it sits in L1/L2, then the rest (up to 31: one or two tiles, as even as can be) in a
+   second pass over the panels. The tiles are configured for each pass and released on return:
+   PyTorch's oneDNN kernels run on the same threads between steps with tile configurations of their
+   own. */
 static void gemm_packed_amx(mat m, const uint16_t* XB, int64_t M, float* Y, int64_t ldy, int64_t a, int64_t b) {
-    const int64_t K = m.K, ng = (M + 31) / 32;
-    for (int64_t g = 0, j = 0; g < ng; g++) {
-        const int64_t n = (M - j) / (ng - g);
-        const int Q1 = n > 16 ? (int)((n + 1) / 2) : (int)n, Q2 = (int)(n - Q1);
+    const int64_t K = m.K, full = M / 32 * 32, rest = M - full;
+    if (full) {
+        amx_config(16, 16);
+        for (int64_t r = a; r < b; r += 32)
+            for (int64_t j = 0; j < full; j += 32)
+                amx_panel32x2(m.packed + r * K, XB + j * K, XB + (j + 16) * K, K, Y + j * ldy + r,
+                              Y + (j + 16) * ldy + r, ldy);
+    }
+    if (rest) {
+        const int Q1 = rest > 16 ? (int)(rest + 1) / 2 : (int)rest, Q2 = (int)rest - Q1;
+        const uint16_t* X = XB + full * K;
+        float* Yr = Y + full * ldy;
         amx_config(Q1, Q2);
         for (int64_t r = a; r < b; r += 32) {
             const uint16_t* P = m.packed + r * K;
-            if (Q2) amx_panel32x2(P, XB + j * K, XB + (j + Q1) * K, K, Y + j * ldy + r, Y + (j + Q1) * ldy + r, ldy);
-            else amx_panel32(P, XB + j * K, K, Y + j * ldy + r, ldy);
+            if (Q2) amx_panel32x2(P, X, X + Q1 * K, K, Yr + r, Yr + Q1 * ldy + r, ldy);
+            else amx_panel32(P, X, K, Yr + r, ldy);
         }
-        j += n;
     }
     _tile_release();
 }
