@@ -1291,7 +1291,8 @@ static const packed_fn PACKED32[MX_BIG_Q + 1] = {
    output is a float32 sum over k in the order the AVX-512 kernels keep (k pairs one after the
    other), so a token's numbers do not depend on the others in its tile. Linux asks the kernel for the
    tile state once (`mx_amx`); without it, or off Linux or an AMX build, nothing here runs. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && defined(__x86_64__)
+#if (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__)) && \
+    defined(__linux__) && defined(__x86_64__) /* GCC's names, clang's */
 #define MX_AMX 1
 long syscall(long number, ...); /* <unistd.h>'s, which -std=c11 hides */
 static int amx_on = 0; /* set by `mx_amx` before any step, read by every thread */
@@ -1386,24 +1387,6 @@ static void gemm_packed_amx(mat m, const uint16_t* XB, int64_t M, float* Y, int6
     _tile_release();
 }
 #endif
-
-/* Whether the bf16 panels run on AMX's tile unit: `want` 1 asks for it (Linux's permission for the
-   tile state, once per process), 0 turns it off, -1 only asks. 1 when on. */
-int mx_amx(int want) {
-#if defined(MX_AMX)
-    static int granted = -1; /* -1 not asked yet */
-    if (want == 1 && granted < 0) {
-        unsigned a, b, c, d; /* cpuid leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE */
-        const int cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
-        granted = cpu && syscall(158 /* SYS_arch_prctl */, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    }
-    if (want >= 0) amx_on = want == 1 && granted == 1;
-    return amx_on;
-#else
-    (void)want;
-    return 0;
-#endif
-}
 
 /* Rows [a, b) (multiples of 32) of a matrix kept in panels against M bf16 tokens XB: each panel
    against the tokens in ceil(M / MX_BIG_Q) chunks as even as can be (16 tokens as 8 + 8, not
@@ -3097,6 +3080,24 @@ int64_t mx_offsetof(int which, int field) {
     for (int i = 0; i < field; i++)
         if (t[i] < 0) return -1;
     return t[field];
+}
+
+/* Whether the bf16 panels run on AMX's tile unit: `want` 1 asks for it (Linux's permission for the
+   tile state, once per process), 0 turns it off, -1 only asks. 1 when on. */
+int mx_amx(int want) {
+#if defined(MX_AMX)
+    static int granted = -1; /* -1 not asked yet */
+    if (want == 1 && granted < 0) {
+        unsigned a, b, c, d; /* cpuid leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE */
+        const int cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
+        granted = cpu && syscall(158 /* SYS_arch_prctl */, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    }
+    if (want >= 0) amx_on = want == 1 && granted == 1;
+    return amx_on;
+#else
+    (void)want;
+    return 0;
+#endif
 }
 
 /* What this build vectorises (MX_SIMD_*). Without them the portable loops are correct but slower
