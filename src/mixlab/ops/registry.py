@@ -69,9 +69,9 @@ NATIVE_MAX_STEP_TOKENS = 512
 AMX_MAX_STEP_TOKENS = {torch.bfloat16: 64, torch.int8: 128}
 # Where the engine's decoder keeps its bf16 weights in panels (`NativeDecoder.pack`) and the native
 # step reads those on the tile unit too (`native.amx()`), the native call keeps bf16 steps of up to
-# this many tokens: against the PyTorch pass 2.4x faster at 64 tokens, 1.3x at 128, 1.1x at 256,
-# 0.86x at 512 (one engine step, mini-moe, 2 threads, an Intel Xeon host; BENCHMARKS.md "AMX in
-# the native kernels").
+# this many tokens: against the PyTorch pass 2.4-2.5x faster at 64 tokens, 1.3-1.4x at 128, 1.1-1.2x
+# at 256, 0.86-0.91x at 512 (one engine step, mini-moe, 2 threads, an Intel Xeon host, two runs;
+# BENCHMARKS.md "AMX in the native kernels").
 AMX_PANELS_MAX_STEP_TOKENS = 256
 # Above this many rows dequantise-then-GEMM beats torch's int8 matrix-vector kernel (a GEMV at heart
 # that does not block for many rows).
