@@ -1288,9 +1288,10 @@ static const packed_fn PACKED32[MX_BIG_Q + 1] = {
    at once, and the step's weights stream at the memory's speed at any count of them: C harness on
    an Intel Xeon (2 threads, 1 GB of panels on 2 MiB pages, K = 1024 and 3584) 32-38 GB/s from 1 to
    16 tokens, where `packed32x*` streamed 31 at 1 token, 29-30 at 2-4, 26 at 8, 20 at 12. Each
-   output is a float32 sum over k in the order the AVX-512 kernels keep (k pairs one after the
-   other), so a token's numbers do not depend on the others in its tile. Linux asks the kernel for the
-   tile state once (`mx_amx`); without it, or off Linux or an AMX build, nothing here runs. */
+   output is the tile unit's own float32 sum over k of one token's row and one weight row (closer to
+   the exact sum than the AVX-512 kernels' and not the same bits), so a token's numbers do not depend
+   on the others in its tile. The process asks Linux for the tile state once (`mx_amx`); without it,
+   or off Linux or an AMX build, nothing here runs. */
 #if (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__)) && \
     defined(__linux__) && defined(__x86_64__) /* GCC's names, clang's */
 #define MX_AMX 1
@@ -1303,9 +1304,9 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed)) tile_config;
 
-/* Tiles 0-3 accumulate (16 weight rows each), 4-5 hold tokens, 6-7 weights. With Q2 = 0: tokens
-   j..j+Q1 against two half panels, two k steps in flight (C 0-1, tokens 4-5); else two groups of
-   tokens (Q1 and Q2 rows: C 0-1 and 2-3, tokens 4 and 5) against one k step. */
+/* Tiles 0-3 accumulate (16 weight rows each), 4-5 hold tokens, 6-7 the two half panels. With
+   Q2 = 0: Q1 tokens (tile 4) into tiles 0-1; else two groups of tokens (Q1 and Q2 rows: tiles 4
+   and 5) into tiles 0-1 and 2-3. */
 static void amx_config(int Q1, int Q2) {
     tile_config c;
     memset(&c, 0, sizeof c);
