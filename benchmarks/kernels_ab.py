@@ -182,6 +182,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if native.load() is None or native.compiler() is None:
         raise SystemExit("native kernels unavailable (MIXLAB_NATIVE=0 or no C compiler)")
+    names = [spec.partition("=")[0] for spec in args.variants]
+    unknown = [n for n in args.no_amx.split(",") if n and n not in names]
+    if unknown:
+        raise SystemExit(f"--no-amx names {', '.join(unknown)}, not a variant ({', '.join(names)})")
     libs = {}
     with tempfile.TemporaryDirectory(prefix="mixlab-kernels-ab-") as tmp:
         for spec in args.variants:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -627,6 +629,24 @@ def test_bf16_weights_kept_in_panels_equal_matmul(K, amx):
         _panels_equal_matmul(K, amx)
     finally:
         native.amx(was)
+
+
+def test_amx_switch():
+    """`native.amx()` asks, `amx(False)` / `amx(True)` switch (True only where the CPU and Linux allow
+    the tile unit), anything else is refused by name; `MIXLAB_AMX=0` keeps a fresh process off it."""
+    was = native.amx()
+    try:
+        assert native.amx(False) is False and native.amx() is False
+        assert native.amx(True) == was or not was
+    finally:
+        native.amx(was)
+    with pytest.raises(TypeError, match=r"amx\(on='yes'\): expected True, False or None"):
+        native.amx("yes")  # type: ignore[arg-type]
+    code = "from mixlab.ops import native; native.load(); print(native.amx())"
+    for env, want in (("0", "False"), ("1", str(was))):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MIXLAB_AMX": env},
+                             capture_output=True, text=True, timeout=120, check=True)
+        assert out.stdout.strip() == want, (env, out.stderr)
 
 
 def _panels_equal_matmul(K: int, amx: bool) -> None:

@@ -415,6 +415,8 @@ def amx(on: bool | None = None) -> bool:
     Linux; `decode.c`'s `mx_amx`), where they stream the weights at the memory's speed for 1 to 16
     tokens; turned on by `load` where this CPU and kernel allow it, unless `MIXLAB_AMX=0`. `on`
     switches it (tests, A/B benchmarks; True only where it is allowed). False without the kernels."""
+    if on is not None and not isinstance(on, bool):
+        raise TypeError(f"amx(on={on!r}): expected True, False or None (only ask)")
     lib = library()
     if lib is None:
         return False
