@@ -1318,10 +1318,16 @@ static void amx_config(int Q1, int Q2) {
     _tile_loadconfig(&c);
 }
 
-/* Y[q, 0..32) = panel P . x_q for Q <= 16 tokens (x: rows of K bf16, K % 32 == 0). */
-static void amx_panel32(const uint16_t* P, const uint16_t* x, int64_t K, float* Y, int64_t ldy) {
-    _tile_zero(0);
+/* Y[q, 0..32) = panel P . x_q for the Q1 <= 16 tokens of x (rows of K bf16, K % 32 == 0), and with x2
+   (not NULL) Y2[q, 0..32) = P . x2_q for its Q2 <= 16 tokens too: up to 32 tokens per visit. */
+static void amx_panel32(const uint16_t* P, const uint16_t* x, const uint16_t* x2, int64_t K, float* Y, float* Y2,
+                        int64_t ldy) {
+    _tile_zero(0); /* tile numbers are immediates */
     _tile_zero(1);
+    if (x2) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
     for (int64_t k = 0; k < K; k += 32) {
         const char* pf = (const char*)(P + k * 32) + MX_PACKED_PF; /* 32 k: 2 KB of the panel */
         for (int c = 0; c < 2048; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
@@ -1330,34 +1336,18 @@ static void amx_panel32(const uint16_t* P, const uint16_t* x, int64_t K, float* 
         _tile_loadd(7, P + k * 32 + 32, 128);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
+        if (x2) {
+            _tile_loadd(5, x2 + k, K * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
     }
     _tile_stored(0, Y, ldy * 4);
     _tile_stored(1, Y + 16, ldy * 4);
-}
-
-/* The same for two groups of tokens at once (x, Q1 rows, and x2, Q2 rows: up to 32 tokens). */
-static void amx_panel32x2(const uint16_t* P, const uint16_t* x, const uint16_t* x2, int64_t K, float* Y,
-                          float* Y2, int64_t ldy) {
-    _tile_zero(0); /* tile numbers are immediates */
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t k = 0; k < K; k += 32) {
-        const char* pf = (const char*)(P + k * 32) + MX_PACKED_PF;
-        for (int c = 0; c < 2048; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
-        _tile_loadd(4, x + k, K * 2);
-        _tile_loadd(5, x2 + k, K * 2);
-        _tile_loadd(6, P + k * 32, 128);
-        _tile_loadd(7, P + k * 32 + 32, 128);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+    if (x2) {
+        _tile_stored(2, Y2, ldy * 4);
+        _tile_stored(3, Y2 + 16, ldy * 4);
     }
-    _tile_stored(0, Y, ldy * 4);
-    _tile_stored(1, Y + 16, ldy * 4);
-    _tile_stored(2, Y2, ldy * 4);
-    _tile_stored(3, Y2 + 16, ldy * 4);
 }
 
 /* `gemm_packed` on the tile unit: the tokens in groups of 32 (two tiles of 16) that each panel meets
@@ -1371,19 +1361,16 @@ static void gemm_packed_amx(mat m, const uint16_t* XB, int64_t M, float* Y, int6
         amx_config(16, 16);
         for (int64_t r = a; r < b; r += 32)
             for (int64_t j = 0; j < full; j += 32)
-                amx_panel32x2(m.packed + r * K, XB + j * K, XB + (j + 16) * K, K, Y + j * ldy + r,
-                              Y + (j + 16) * ldy + r, ldy);
+                amx_panel32(m.packed + r * K, XB + j * K, XB + (j + 16) * K, K, Y + j * ldy + r,
+                            Y + (j + 16) * ldy + r, ldy);
     }
     if (rest) {
         const int Q1 = rest > 16 ? (int)(rest + 1) / 2 : (int)rest, Q2 = (int)rest - Q1;
         const uint16_t* X = XB + full * K;
         float* Yr = Y + full * ldy;
         amx_config(Q1, Q2);
-        for (int64_t r = a; r < b; r += 32) {
-            const uint16_t* P = m.packed + r * K;
-            if (Q2) amx_panel32x2(P, X, X + Q1 * K, K, Yr + r, Yr + Q1 * ldy + r, ldy);
-            else amx_panel32(P, X, K, Yr + r, ldy);
-        }
+        for (int64_t r = a; r < b; r += 32)
+            amx_panel32(m.packed + r * K, X, Q2 ? X + Q1 * K : NULL, K, Yr + r, Q2 ? Yr + Q1 * ldy + r : NULL, ldy);
     }
     _tile_release();
 }
